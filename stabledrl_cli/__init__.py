@@ -1,0 +1,11 @@
+"""stabledrl: a flight recorder and what-if simulator for RL training of (diffusion) LMs.
+
+The public API (CONTRACT in design.md): `Recorder`, `open_run`, `replay`, `get_policy`,
+`PolicyBatch`, `log_policy_batch`.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,27 @@
+"""Device selection shared by replay, the example trainer and capture."""
+
+from __future__ import annotations
+
+import torch
+
+from stabledrl_cli.errors import UsageError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; `cuda` without a GPU is a usage error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"unknown device {device!r}; valid: {', '.join(DEVICE_CHOICES)}") from exc

@@ -1,0 +1,22 @@
+"""Shared `Annotated` option aliases, so every command spells them the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stabledrl_cli.cli._output import OutputFormat
+
+RunArg = Annotated[Path, typer.Argument(help="Run directory or .h5 archive.", show_default=False)]
+PolicyOpt = Annotated[
+    list[str] | None,
+    typer.Option("--policy", "-p", help="Policy spec NAME or NAME:key=value,... (repeatable)."),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto | cpu | cuda (auto: cuda, then mps, then cpu).")
+]
+FormatOpt = Annotated[
+    OutputFormat, typer.Option("--format", "-f", help="table (human) or json (data on stdout).")
+]

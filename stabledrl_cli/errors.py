@@ -1,0 +1,35 @@
+"""Domain errors. Each carries the exit code of the CONTRACT in design.md.
+
+0 ok; 1 a check failed (gate tripped); 2 usage error; 3 unreadable or corrupt input.
+Library code raises these; `cli/app.py` turns them into one line on stderr and the exit code.
+"""
+
+from __future__ import annotations
+
+
+class StabledrlError(Exception):
+    """Base class of every error the tool reports to a user."""
+
+    exit_code: int = 1
+
+
+class GateFailed(StabledrlError):
+    """A CI gate tripped (`stabledrl check`)."""
+
+    exit_code = 1
+
+
+class UsageError(StabledrlError, ValueError):
+    """A bad spec, option or argument: the caller's mistake (exit 2)."""
+
+    exit_code = 2
+
+
+class InputError(StabledrlError):
+    """A run, step or report that is missing, unreadable, corrupt or of a wrong version (exit 3)."""
+
+    exit_code = 3
+
+
+class MissingExtraError(UsageError):
+    """An optional extra is not installed; the message carries the install command."""
