@@ -1,0 +1,142 @@
+"""Cost of gradient-geometry capture against one optimizer step, on the example's model.
+
+    python benchmarks/geometry_cost.py [--repeats 5] [--threads 1] [--seqs 64] [--chunk 16]
+                                       [--batched]
+
+The model is the built-in example's `TinyDiffusionLM` (2 bidirectional blocks, d=64, vocab 13,
+12 positions, ~100k parameters) with 64 sequences of the sort task scored by the sequence
+ELBO (one mask sample). One optimizer step = forward + backward + clip_grad_norm_ + AdamW.
+Each capture is timed on the same batch; the table prints the median wall time over
+`--repeats` runs (after one warm-up), its ratio to the optimizer step, and the bytes the
+capture adds to a step file (float32). Token-unit rows score the 5 completion tokens of
+each sequence (320 units) under the same mask, through a per-row function (`--batched` adds
+the whole-batch `BatchLogp` form, which pays a backward pass of the batch per unit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from stabledrl_cli.capture.geometry import (
+    BatchLogp,
+    GeometryConfig,
+    capture_geometry,
+    covered_parameters,
+)
+from stabledrl_cli.example import ModelConfig, SortTask, TinyDiffusionLM, draw_mask, token_logp
+from stabledrl_cli.example import unit_logp as example_unit_logp
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: lazy imports, allocator, Omega memo
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--seqs", type=int, default=64, help="sequences per step")
+    parser.add_argument("--chunk", type=int, default=16, help="GeometryConfig.chunk_size")
+    parser.add_argument(
+        "--batched", action="store_true", help="also time token units through BatchLogp (slow)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    gen = torch.Generator().manual_seed(0)
+    task = SortTask()
+    model = TinyDiffusionLM(ModelConfig(seq_len=task.seq_len))
+    model.reset_parameters(gen)
+    prompts = task.sample_prompts(args.seqs, gen)
+    tokens = torch.cat([prompts, task.answers(prompts)], dim=1)
+    sample = draw_mask(args.seqs, task.prompt_len, task.length, "elbo", gen)
+    coef = torch.randn(args.seqs, generator=gen) / args.seqs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def optimizer_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        logp = (sample.weights * token_logp(model, tokens, sample.noise_mask)).sum(dim=1)
+        (-(coef * logp).sum()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    def seq_unit(call, tok, noise, weights):
+        return example_unit_logp(model, call.params, tok, noise, weights)
+
+    seq_inputs = (tokens, sample.noise_mask, sample.weights)
+    # Token units: the completion positions of every sequence, same mask (320 units for 64).
+    completion = slice(task.prompt_len, task.seq_len)
+
+    def token_rows(call, tok, noise):  # per row: the sequence's 5 completion tokens
+        return token_logp(call, tok[None], noise[None])[0, completion]
+
+    def token_batch(call, tok, noise):  # the whole batch at once: [U]
+        return token_logp(call, tok, noise)[:, completion].reshape(-1)
+
+    tok_inputs = (tokens, sample.noise_mask)
+    n_tokens = args.seqs * task.length
+
+    step_s = median_seconds(optimizer_step, args.repeats)
+    cases = [
+        ("gram", "sequence", seq_unit, seq_inputs, GeometryConfig(kind="gram")),
+        ("sketch exact k=64", "sequence", seq_unit, seq_inputs,
+         GeometryConfig(kind="sketch", k=64, method="exact")),
+        ("sketch exact k=256", "sequence", seq_unit, seq_inputs,
+         GeometryConfig(kind="sketch", k=256, method="exact")),
+        ("sketch jvp k=32", "sequence", seq_unit, seq_inputs,
+         GeometryConfig(kind="sketch", k=32, method="jvp")),
+        ("sketch jvp k=64", "sequence", seq_unit, seq_inputs,
+         GeometryConfig(kind="sketch", k=64, method="jvp")),
+        ("gram", "token", token_rows, tok_inputs, GeometryConfig(kind="gram")),
+        ("sketch exact k=256", "token", token_rows, tok_inputs,
+         GeometryConfig(kind="sketch", k=256, method="exact")),
+        ("sketch jvp k=64", "token", token_rows, tok_inputs,
+         GeometryConfig(kind="sketch", k=64, method="jvp")),
+    ]  # fmt: skip
+    if args.batched:
+        cases.append(
+            ("gram BatchLogp", "token", BatchLogp(token_batch), tok_inputs,
+             GeometryConfig(kind="gram"))
+        )  # fmt: skip
+    covered = covered_parameters(model, GeometryConfig())
+    print(
+        f"model: {n_params} parameters ({sum(p.numel() for _, p in covered)} covered), "
+        f"{args.seqs} sequences, {n_tokens} completion tokens, threads={args.threads}, "
+        f"repeats={args.repeats}, chunk_size={args.chunk}"
+    )
+    print(f"optimizer step (fwd+bwd+clip+AdamW): {step_s * 1e3:.1f} ms")
+    print(f"{'capture':<20} {'unit':<9} {'U':>5} {'ms':>9} {'x step':>8} {'bytes/step':>11}")
+    before = torch.random.get_rng_state()
+    for name, unit, fn, inputs, config in cases:
+        arrays: dict[str, torch.Tensor] = {}
+
+        config = dataclasses.replace(config, chunk_size=args.chunk)
+
+        def run(fn=fn, inputs=inputs, config=config, arrays=arrays) -> None:
+            arrays.update(capture_geometry(model, fn, inputs, config, step=0))
+
+        seconds = median_seconds(run, args.repeats)
+        stored = sum(t.numel() * t.element_size() for t in arrays.values())
+        n_units = next(iter(arrays.values())).shape[0]
+        print(
+            f"{name:<20} {unit:<9} {n_units:>5} {seconds * 1e3:>9.1f} "
+            f"{seconds / step_s:>8.1f} {stored:>11}"
+        )
+    assert torch.equal(torch.random.get_rng_state(), before), "capture consumed the global RNG"
+
+
+if __name__ == "__main__":
+    main()
