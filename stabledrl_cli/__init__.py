@@ -6,6 +6,14 @@ The public API (CONTRACT in design.md): `Recorder`, `open_run`, `replay`, `get_p
 
 from __future__ import annotations
 
+from stabledrl_cli.policies import Policy, PolicyBatch, Weights, get_policy
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "Policy",
+    "PolicyBatch",
+    "Weights",
+    "__version__",
+    "get_policy",
+]

@@ -15,7 +15,9 @@ from stabledrl_cli.cli._output import err
 from stabledrl_cli.errors import StabledrlError
 
 # name -> module under stabledrl_cli.cli exposing `command`. A new command is one file + one line.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "policies": "policies",
+}
 
 
 def _debug() -> bool:

@@ -1,0 +1,43 @@
+"""Advantage normalization from per-sequence rewards and groups (`adv=` of every policy).
+
+- center: r_i - mean_g(r)                   (Dr.GRPO; StableDRL's code)
+- zscore: (r_i - mean_g) / (std_g + 1e-4)    (TRL scale_rewards="group"; std is torch.std's
+  unbiased estimate, as TRL computes it, and 0 for a group of one, whose advantage is then 0)
+- rloo:   r_i - mean of the other members of g (0 for a group of one: there is no baseline)
+
+Statistics run over every sequence of the reward array, scored or not: a group's baseline is
+a property of its rewards, not of which tokens a mask kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ADV_MODES = ("recorded", "center", "zscore", "rloo")
+
+# TRL's epsilon in (r - mean) / (std + 1e-4): keeps a zero-variance group finite.
+ZSCORE_EPS = 1e-4
+
+
+def recompute_advantages(
+    reward: torch.Tensor, seq_group: torch.Tensor, n_groups: int, mode: str
+) -> torch.Tensor:
+    """reward: [N], seq_group: [N] dense group index -> advantages [N]."""
+    zeros = torch.zeros(n_groups, dtype=reward.dtype, device=reward.device)
+    count = zeros.index_add(0, seq_group, torch.ones_like(reward))
+    total = zeros.index_add(0, seq_group, reward)
+    mean = total / count.clamp(min=1.0)
+    centered = reward - mean[seq_group]
+    if mode == "center":
+        return centered
+    if mode == "zscore":
+        sq = zeros.index_add(0, seq_group, centered * centered)
+        var = sq / (count - 1.0).clamp(min=1.0)
+        std = torch.where(count > 1, var.sqrt(), torch.zeros_like(var))
+        return centered / (std[seq_group] + ZSCORE_EPS)
+    if mode == "rloo":
+        n = count[seq_group]
+        others = (total[seq_group] - reward) / (n - 1.0).clamp(min=1.0)
+        # reward * 0 rather than zeros: a NaN reward in a group of one stays visible.
+        return torch.where(n > 1, reward - others, reward * 0.0)
+    raise ValueError(f"unknown advantage mode {mode!r}; valid: {', '.join(ADV_MODES)}")

@@ -1,0 +1,358 @@
+"""One optimizer step's arrays, as given (`PolicyBatch`) and as every policy consumes them
+(`PreparedBatch`: flat tensors on one device, dense indices, the ratio and segment sums).
+
+`prepare` runs once per step; a replay then evaluates every policy on the same prepared batch,
+so the ratio, the per-sequence means and the recomputed advantages are computed once.
+
+Shapes and defaults of `PolicyBatch`:
+- `logp`, `logp_old`: [T] (flat) or [B, L]; `[B, L]` is flattened row-major and every output
+  is [T] = [B * L] in that order.
+- `advantages`: same shape as `logp`, or [B] (one per row) with [B, L] `logp`.
+- `mask`: same shape as `logp`, nonzero = scored; default all ones. Unscored tokens get
+  `coef = 0` whatever their values (padding may hold anything).
+- `seq_id`: [T] (or [B, L]) integer sequence of each token. Default: the row index for
+  [B, L] input; for flat input each token is its own sequence, which is what runs recorded
+  with `unit: sequence` give (one entry per sequence). When `group_id` or `reward` is given,
+  seq_id indexes them and must lie in [0, N); otherwise any integers, densified in sorted order.
+- `group_id`: [N] per sequence; default: one group.
+- `reward`: [N] per sequence (needed by `adv=center|zscore|rloo`).
+- `logp_ref`, `loss_weight`, `loss_scale`: same shape as `logp`.
+- `unit`: "token" or "sequence" (what one entry is; see design.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+
+from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.policies._advantages import ADV_MODES, recompute_advantages
+
+UNITS = ("token", "sequence")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyBatch:
+    """One step's arrays: torch tensors (any device) or numpy arrays."""
+
+    logp: Any
+    """log pi_theta of each scored unit: [T] or [B, L]."""
+    logp_old: Any
+    """log pi_old (the sampler, or its recompute): same shape as logp."""
+    advantages: Any
+    """Per token (same shape as logp) or per row ([B] with [B, L] logp)."""
+    mask: Any = None
+    """Nonzero = scored; default all ones."""
+    seq_id: Any = None
+    """[T] sequence of each token; default row index ([B, L]) or one sequence a token (flat)."""
+    group_id: Any = None
+    """[N] group (prompt) of each sequence; default one group."""
+    logp_ref: Any = None
+    """log pi_ref, for the KL term (beta > 0)."""
+    reward: Any = None
+    """[N] reward of each sequence, for adv=center|zscore|rloo."""
+    loss_weight: Any = None
+    """Per-token multiplier the run applied to each token's term; default 1."""
+    loss_scale: Any = None
+    """Per-token normalizer the run actually used (agg=recorded)."""
+    unit: str = "token"
+    """What one entry is: "token", or "sequence" for sequence-level likelihood estimators."""
+
+
+def _as_tensor(value: Any, name: str, device: torch.device | None) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+    elif isinstance(value, np.ndarray) or np.isscalar(value) or isinstance(value, (list, tuple)):
+        tensor = torch.as_tensor(np.asarray(value))
+    else:
+        raise InputError(f"{name}: expected a torch tensor or numpy array, got {type(value)!r}")
+    return tensor if device is None else tensor.to(device)
+
+
+def _compute_dtype(logp: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    if logp.is_floating_point():
+        # At least float32: half-precision ratios overflow at log r ~ 11.
+        return torch.promote_types(logp.dtype, torch.float32)
+    return torch.float32
+
+
+@dataclass(eq=False)
+class PreparedBatch:
+    """Flat tensors on one device and dtype, dense indices, and shared derived quantities.
+
+    Token arrays are [T]; per-sequence arrays are [N] over dense sequence ids (sequences without
+    scored tokens included, flagged by `seq_live`); per-group arrays are [G].
+    """
+
+    logp: torch.Tensor
+    logp_old: torch.Tensor
+    advantages_recorded: torch.Tensor
+    mask: torch.Tensor
+    """[T] bool, scored tokens."""
+    seq: torch.Tensor
+    """[T] int64 dense sequence index in [0, n_seq)."""
+    seq_group: torch.Tensor
+    """[N] int64 dense group index in [0, n_groups_total)."""
+    n_seq: int
+    n_groups_total: int
+    logp_ref: torch.Tensor | None = None
+    reward: torch.Tensor | None = None
+    """[N] per sequence, or None."""
+    loss_weight: torch.Tensor | None = None
+    loss_scale: torch.Tensor | None = None
+    has_group_id: bool = False
+    unit: str = "token"
+    _adv_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.logp.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.logp.dtype
+
+    @property
+    def num_tokens(self) -> int:
+        return self.logp.shape[0]
+
+    def fields_present(self) -> set[str]:
+        names = {"logp_ref", "reward", "loss_weight", "loss_scale"}
+        present = {name for name in names if getattr(self, name) is not None}
+        if self.has_group_id:
+            present.add("group_id")
+        return present
+
+    # --- shared per-token quantities -------------------------------------------------------
+    @cached_property
+    def log_ratio(self) -> torch.Tensor:
+        """[T] log r = logp - logp_old."""
+        return self.logp - self.logp_old
+
+    @cached_property
+    def ratio(self) -> torch.Tensor:
+        """[T] r = exp(log r), unclamped: an overflow to inf is a finding, not a nuisance."""
+        return torch.exp(self.log_ratio)
+
+    @cached_property
+    def weight(self) -> torch.Tensor:
+        """[T] loss_weight, or ones."""
+        if self.loss_weight is None:
+            return torch.ones_like(self.logp)
+        return self.loss_weight
+
+    @cached_property
+    def finite_inputs(self) -> torch.Tensor:
+        """[T] bool: logp, logp_old and loss_weight are finite (advantages are checked apart)."""
+        finite = torch.isfinite(self.logp) & torch.isfinite(self.logp_old)
+        if self.loss_weight is not None:
+            finite &= torch.isfinite(self.loss_weight)
+        return finite
+
+    # --- segment sums ------------------------------------------------------------------------
+    def seq_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """[T] -> [N]: sum over the scored tokens of each sequence (unscored ones never enter)."""
+        masked = torch.where(self.mask, values, torch.zeros((), dtype=values.dtype))
+        out = torch.zeros(self.n_seq, dtype=values.dtype, device=values.device)
+        return out.index_add_(0, self.seq, masked)
+
+    def group_sum(self, per_seq: torch.Tensor) -> torch.Tensor:
+        """[N] -> [G]: sum over the sequences of each group."""
+        out = torch.zeros(self.n_groups_total, dtype=per_seq.dtype, device=per_seq.device)
+        return out.index_add_(0, self.seq_group, per_seq)
+
+    @cached_property
+    def seq_len(self) -> torch.Tensor:
+        """[N] number of scored tokens of each sequence (0 for all-masked ones)."""
+        return self.seq_sum(torch.ones_like(self.logp))
+
+    @cached_property
+    def seq_live(self) -> torch.Tensor:
+        """[N] bool: the sequence has at least one scored token."""
+        return self.seq_len > 0
+
+    @cached_property
+    def seq_len_tokens(self) -> torch.Tensor:
+        """[T] |y_i| of each token's sequence, clamped to >= 1."""
+        return self.seq_len.clamp(min=1.0)[self.seq]
+
+    @cached_property
+    def num_live_seqs(self) -> torch.Tensor:
+        """0-d N: sequences with at least one scored token, clamped to >= 1."""
+        return self.seq_live.sum().to(self.dtype).clamp(min=1.0)
+
+    @cached_property
+    def num_scored(self) -> torch.Tensor:
+        """0-d Z: scored tokens, clamped to >= 1."""
+        return self.mask.sum().to(self.dtype).clamp(min=1.0)
+
+    @cached_property
+    def group_live_seqs(self) -> torch.Tensor:
+        """[G] number of live sequences of each group."""
+        return self.group_sum(self.seq_live.to(self.dtype))
+
+    @cached_property
+    def group_live(self) -> torch.Tensor:
+        """[G] bool: the group has at least one scored token."""
+        return self.group_live_seqs > 0
+
+    @cached_property
+    def num_live_groups(self) -> torch.Tensor:
+        """0-d: groups with at least one scored token, clamped to >= 1."""
+        return self.group_live.sum().to(self.dtype).clamp(min=1.0)
+
+    @cached_property
+    def seq_mean_log_ratio(self) -> torch.Tensor:
+        """[N] mean of log r over each sequence's scored tokens (GSPO's log s_i, StableDRL's
+        log w_i); 0 for all-masked sequences (they never reach a coefficient)."""
+        return self.seq_sum(self.log_ratio) / self.seq_len.clamp(min=1.0)
+
+    # --- advantages --------------------------------------------------------------------------
+    def advantages(self, mode: str = "recorded") -> torch.Tensor:
+        """[T] advantages under `mode` (recorded | center | zscore | rloo), cached per mode."""
+        if mode not in self._adv_cache:
+            if mode == "recorded":
+                self._adv_cache[mode] = self.advantages_recorded
+            elif mode in ADV_MODES:
+                if self.reward is None:
+                    raise UsageError(
+                        f"adv={mode} recomputes advantages from per-sequence rewards, "
+                        "but this batch has no `reward`"
+                    )
+                per_seq = recompute_advantages(
+                    self.reward, self.seq_group, self.n_groups_total, mode
+                )
+                self._adv_cache[mode] = per_seq[self.seq]
+            else:
+                raise UsageError(f"unknown adv mode {mode!r}; valid: {', '.join(ADV_MODES)}")
+        return self._adv_cache[mode]
+
+
+def _flat_like(
+    value: Any, name: str, shape: torch.Size, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor | None:
+    if value is None:
+        return None
+    tensor = _as_tensor(value, name, device)
+    if tuple(tensor.shape) != tuple(shape) and tensor.numel() == int(np.prod(shape)):
+        tensor = tensor.reshape(shape)
+    if tuple(tensor.shape) != tuple(shape):
+        raise InputError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+    return tensor.to(dtype).reshape(-1)
+
+
+def _dense_index(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    uniques, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    return inverse.to(torch.int64), int(uniques.numel())
+
+
+def prepare(
+    batch: PolicyBatch, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> PreparedBatch:
+    """Flatten, move and index one step's arrays once, for every policy.
+
+    device: default the device of `logp` (cpu for numpy). dtype: default the floating dtype of
+    `logp`, promoted to at least float32. Raises InputError on inconsistent shapes or ids and
+    UsageError on an unknown unit.
+    """
+    if isinstance(batch, PreparedBatch):
+        return batch
+    if batch.unit not in UNITS:
+        raise UsageError(f"unknown unit {batch.unit!r}; valid: {', '.join(UNITS)}")
+    target = torch.device(device) if device is not None else None
+    logp_raw = _as_tensor(batch.logp, "logp", target)
+    if logp_raw.ndim not in (1, 2):
+        raise InputError(f"logp must be [T] or [B, L], got shape {tuple(logp_raw.shape)}")
+    dev = logp_raw.device
+    ctype = _compute_dtype(logp_raw, dtype)
+    shape = logp_raw.shape
+    num_tokens = int(logp_raw.numel())
+    logp = logp_raw.to(ctype).reshape(-1)
+    logp_old = _flat_like(batch.logp_old, "logp_old", shape, dev, ctype)
+
+    adv = _as_tensor(batch.advantages, "advantages", dev).to(ctype)
+    if len(shape) == 2 and adv.ndim == 1 and adv.shape[0] == shape[0]:
+        adv = adv[:, None].expand(shape)
+    elif adv.ndim == 0:
+        adv = adv.expand(shape)
+    if tuple(adv.shape) != tuple(shape) and adv.numel() == num_tokens:
+        adv = adv.reshape(shape)
+    if tuple(adv.shape) != tuple(shape):
+        raise InputError(
+            f"advantages has shape {tuple(adv.shape)}; expected {tuple(shape)}"
+            + (f" or ({shape[0]},)" if len(shape) == 2 else "")
+        )
+    adv = adv.reshape(-1)
+
+    if batch.mask is None:
+        mask = torch.ones(num_tokens, dtype=torch.bool, device=dev)
+    else:
+        mask_t = _as_tensor(batch.mask, "mask", dev)
+        if mask_t.numel() != num_tokens:
+            raise InputError(f"mask has shape {tuple(mask_t.shape)}, expected {tuple(shape)}")
+        mask = mask_t.reshape(-1) != 0
+
+    group_raw = None if batch.group_id is None else _as_tensor(batch.group_id, "group_id", dev)
+    reward = None if batch.reward is None else _as_tensor(batch.reward, "reward", dev).to(ctype)
+    for name, arr in (("group_id", group_raw), ("reward", reward)):
+        if arr is not None and arr.ndim != 1:
+            raise InputError(f"{name} must be [N] (one per sequence), got {tuple(arr.shape)}")
+    if group_raw is not None and reward is not None and group_raw.shape != reward.shape:
+        raise InputError(
+            f"group_id has {group_raw.shape[0]} entries but reward has {reward.shape[0]}"
+        )
+    per_seq_len = (
+        group_raw.shape[0]
+        if group_raw is not None
+        else (reward.shape[0] if reward is not None else None)
+    )
+
+    if batch.seq_id is not None:
+        seq_raw = _as_tensor(batch.seq_id, "seq_id", dev)
+        if seq_raw.numel() != num_tokens:
+            raise InputError(f"seq_id has {seq_raw.numel()} entries, expected {num_tokens}")
+        seq_raw = seq_raw.reshape(-1).to(torch.int64)
+    elif len(shape) == 2:
+        seq_raw = torch.arange(shape[0], device=dev).repeat_interleave(shape[1])
+    else:
+        seq_raw = torch.arange(num_tokens, device=dev)
+
+    if per_seq_len is not None:
+        if num_tokens and (int(seq_raw.min()) < 0 or int(seq_raw.max()) >= per_seq_len):
+            raise InputError(
+                f"seq_id must index the {per_seq_len} per-sequence entries of group_id/reward; "
+                f"got ids in [{int(seq_raw.min())}, {int(seq_raw.max())}]"
+            )
+        seq, n_seq = seq_raw, per_seq_len
+    elif batch.seq_id is None:
+        seq, n_seq = seq_raw, (shape[0] if len(shape) == 2 else num_tokens)
+    else:
+        seq, n_seq = _dense_index(seq_raw)
+
+    if group_raw is not None:
+        seq_group, n_groups = _dense_index(group_raw)
+    else:
+        seq_group, n_groups = torch.zeros(n_seq, dtype=torch.int64, device=dev), 1
+
+    return PreparedBatch(
+        logp=logp,
+        logp_old=logp_old,
+        advantages_recorded=adv,
+        mask=mask,
+        seq=seq,
+        seq_group=seq_group,
+        n_seq=n_seq,
+        n_groups_total=n_groups,
+        logp_ref=_flat_like(batch.logp_ref, "logp_ref", shape, dev, ctype),
+        reward=reward,
+        loss_weight=_flat_like(batch.loss_weight, "loss_weight", shape, dev, ctype),
+        loss_scale=_flat_like(batch.loss_scale, "loss_scale", shape, dev, ctype),
+        has_group_id=group_raw is not None,
+        unit=batch.unit,
+    )

@@ -1,0 +1,57 @@
+"""GSPO: the PPO rule on a sequence ratio (TRL `importance_sampling_level="sequence"`).
+
+s_i = exp(mean over scored t of log r_t), broadcast to the sequence's tokens; each token's term
+is `min(s_i A_t, clip(s_i) A_t)` aggregated as TRL's `grpo` loss (seq-mean-token-mean, fixed):
+J = sum_i sum_{t in i} w_t min(s_i A_t, clip(s_i) A_t) / (N |y_i|).
+Since d s_i / d logp_t = s_i / |y_i|, the token coefficient is
+coef_t = (s_i / |y_i|) * sum_{u in i, kept} w_u A_u / (N |y_i|), i.e. s_i A_i / (N |y_i|) for a
+per-sequence advantage, and 0 for the whole sequence when its clip binds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stabledrl_cli.policies._base import Policy, PolicyTerms, keep_times
+from stabledrl_cli.policies._batch import PreparedBatch
+from stabledrl_cli.policies._config import BaseConfig, check_min
+
+
+@dataclass(frozen=True, kw_only=True)
+class GSPOConfig(BaseConfig):
+    eps_low: float = 3e-4
+    """Lower clip of the sequence ratio: 1 - eps_low (GSPO paper 3e-4)."""
+    eps_high: float = 4e-4
+    """Upper clip of the sequence ratio: 1 + eps_high (GSPO paper 4e-4)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_min("eps_low", self.eps_low, 0.0, strict=False)
+        check_min("eps_high", self.eps_high, 0.0, strict=False)
+
+
+class GSPOPolicy(Policy):
+    Config = GSPOConfig
+    family = "sequence-clip"
+
+    def norm(self, prep: PreparedBatch) -> torch.Tensor:
+        return prep.num_live_seqs * prep.seq_len_tokens
+
+    def _policy_terms(
+        self, prep: PreparedBatch, adv: torch.Tensor, norm: torch.Tensor
+    ) -> PolicyTerms:
+        cfg = self.config
+        low, high = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+        seq_ratio = torch.exp(prep.seq_mean_log_ratio)[prep.seq]
+        value = torch.minimum(seq_ratio * adv, torch.clamp(seq_ratio, low, high) * adv)
+        discarded = ((adv > 0) & (seq_ratio > high)) | ((adv < 0) & (seq_ratio < low))
+        scale = prep.weight / norm
+        zero = torch.zeros((), dtype=prep.dtype, device=prep.device)
+        objective = torch.where(prep.mask, scale * value, zero).sum()
+        kept = prep.seq_sum(keep_times(~discarded, scale * adv))[prep.seq]
+        coef = seq_ratio * kept / prep.seq_len_tokens
+        return PolicyTerms(
+            coef=coef, objective=objective, discarded=discarded, clipped=torch.zeros_like(discarded)
+        )

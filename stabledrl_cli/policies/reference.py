@@ -1,0 +1,33 @@
+"""The two references of the catalogue, under the same aggregation as any policy.
+
+- `is`: plain importance sampling, J = sum_t r_t A_t / norm_t: nothing clipped or discarded. The
+  reference for "how much gradient was thrown away".
+- `reinforce` (verl `gpg`): J = sum_t A_t logp_t / norm_t, coef = A / norm, no ratio at all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stabledrl_cli.policies._base import TokenPolicy
+from stabledrl_cli.policies._batch import PreparedBatch
+from stabledrl_cli.policies._config import AggConfig
+
+
+class ISPolicy(TokenPolicy):
+    Config = AggConfig
+    family = "reference"
+
+    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor):
+        value = prep.ratio * adv
+        never = torch.zeros_like(prep.mask)
+        return value, value, never, never
+
+
+class ReinforcePolicy(TokenPolicy):
+    Config = AggConfig
+    family = "reference"
+
+    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor):
+        never = torch.zeros_like(prep.mask)
+        return adv * prep.logp, adv, never, never

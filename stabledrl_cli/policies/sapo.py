@@ -1,0 +1,53 @@
+"""SAPO (TRL `loss_type="sapo"`): a soft, smooth gate instead of a hard clip.
+
+f(r) = sigmoid(tau (r - 1)) * 4 / tau, per token term f(r) A, tau = tau_pos for A > 0 and
+tau_neg otherwise; coef = A * 4 s (1 - s) * r with s = sigmoid(tau (r - 1)). It never zeroes a
+gradient by rule (only float underflow of s (1 - s) can). `clipped` marks the tokens whose gate
+removed more than half of the importance-sampling weight: 4 s (1 - s) < 1/2, i.e.
+tau |r - 1| > 1.763 (SAPO has no hard band; this is its soft analogue of "the clip binds").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stabledrl_cli.policies._base import TokenPolicy
+from stabledrl_cli.policies._batch import PreparedBatch
+from stabledrl_cli.policies._config import AggConfig, check_min
+
+# The gate 4 s (1 - s) is 1 at r = 1; below this it has removed over half of r's weight.
+CLIPPED_GATE = 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class SAPOConfig(AggConfig):
+    tau_pos: float = 1.0
+    """Gate temperature for A > 0: larger = narrower trust region."""
+    tau_neg: float = 1.05
+    """Gate temperature for A <= 0 (slightly narrower: negative updates are riskier)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_min("tau_pos", self.tau_pos, 0.0, strict=True)
+        check_min("tau_neg", self.tau_neg, 0.0, strict=True)
+
+
+class SAPOPolicy(TokenPolicy):
+    Config = SAPOConfig
+    family = "soft-gate"
+
+    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor):
+        cfg = self.config
+        ratio = prep.ratio
+        tau = torch.where(
+            adv > 0, torch.full_like(ratio, cfg.tau_pos), torch.full_like(ratio, cfg.tau_neg)
+        )
+        x = tau * (ratio - 1.0)
+        # s (1 - s) as sigmoid(x) sigmoid(-x): no cancellation in 1 - s when s rounds to 1.
+        gate = 4.0 * torch.sigmoid(x) * torch.sigmoid(-x)
+        value = torch.sigmoid(x) * 4.0 / tau * adv
+        dvalue = adv * gate * ratio
+        clipped = gate < CLIPPED_GATE
+        return value, dvalue, torch.zeros_like(clipped), clipped

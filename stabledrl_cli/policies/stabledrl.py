@@ -1,0 +1,124 @@
+"""StableDRL (arXiv:2603.06743; public code `networks/llada_svpo.py::compute_loss_spg`,
+`use_snis=true`): unconditional clipping, then self-normalization.
+
+level=seq (default), per sequence i of group g:
+  log w_i = min(mean_{t in i} log r_t, log c)       (whatever the sign of A; detached)
+  w~_i    = softmax of log w over the live sequences of g (norm=group) or of the step (batch)
+  J       = (1 / n_groups) sum_g sum_{i in g} w~_i ELBO_i(A),
+            ELBO_i(A) = sum_{t in i} w_t A_t logp_t / |y_i|
+  coef_t  = w~_i A_t w_t / (n_groups |y_i|)          (n_groups = 1 for norm=batch)
+level=token (token units only): log w_t = min(log r_t, log c), softmax over the scored tokens of
+the group (or step), coef_t = w~_t A_t w_t / n_groups.
+
+Here w_t is loss_weight. n_groups counts groups with at least one scored token; all-masked
+sequences take no share. It never discards; tokens whose log-weight the clip lowered are
+`clipped`. norm_t (the REINFORCE-equivalent normalizer) is n_groups |G_g| |y_i| (seq, group),
+N |y_i| (seq, batch), n_groups Z_g (token, group) or Z (token, batch), so that coef / (A / norm)
+is the share times the size of the normalization set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.policies._base import Policy, PolicyTerms
+from stabledrl_cli.policies._batch import PreparedBatch
+from stabledrl_cli.policies._config import BaseConfig, check_min
+
+
+@dataclass(frozen=True, kw_only=True)
+class StableDRLConfig(BaseConfig):
+    c: float = 5.0
+    """Ceiling of the importance weight, applied whatever the sign of A (c > 1)."""
+    level: Literal["seq", "token"] = "seq"
+    """Weight per sequence (mean log-ratio) or per token (token units only)."""
+    norm: Literal["group", "batch"] = "group"
+    """Self-normalize within each group and average over groups, or once over the step."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_min("c", self.c, 1.0, strict=True)
+
+
+def segment_softmax(
+    log_w: torch.Tensor, index: torch.Tensor, live: torch.Tensor, n_segments: int
+) -> torch.Tensor:
+    """Softmax of log_w within each segment over the live entries; dead entries get 0.
+
+    log_w, index, live: [M]; a segment with no live entry yields no weights (never NaN from it).
+    """
+    neg_inf = torch.full((), -math.inf, dtype=log_w.dtype, device=log_w.device)
+    log_w = torch.where(live, log_w, neg_inf)
+    seg_max = torch.full((n_segments,), -math.inf, dtype=log_w.dtype, device=log_w.device)
+    seg_max = seg_max.scatter_reduce(0, index, log_w, reduce="amax", include_self=True)
+    seg_count = torch.zeros(n_segments, dtype=log_w.dtype, device=log_w.device)
+    seg_live = seg_count.index_add(0, index, live.to(log_w.dtype)) > 0
+    seg_max = torch.where(seg_live, seg_max, torch.zeros_like(seg_max))
+    expw = torch.exp(log_w - seg_max[index])
+    total = torch.zeros(n_segments, dtype=log_w.dtype, device=log_w.device)
+    total = total.index_add(0, index, expw)
+    share = expw / total[index]
+    return torch.where(live, share, torch.zeros_like(share))
+
+
+class StableDRLPolicy(Policy):
+    Config = StableDRLConfig
+    family = "self-normalized"
+
+    def required_fields(self, unit: str = "token") -> set[str]:
+        # Missing group_id means one group (the public code's per-process batch is one prompt).
+        if self.config.level == "token" and unit == "sequence":
+            raise UsageError(
+                f"{self.spec}: level=token needs token units, but this run was recorded with "
+                "unit: sequence; use level=seq"
+            )
+        return super().required_fields(unit)
+
+    def _segments(self, prep: PreparedBatch) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """-> (group index of each sequence [N], number of segments, n_groups 0-d)."""
+        if self.config.norm == "group":
+            return prep.seq_group, prep.n_groups_total, prep.num_live_groups
+        zeros = torch.zeros_like(prep.seq_group)
+        return zeros, 1, torch.ones((), dtype=prep.dtype, device=prep.device)
+
+    def norm(self, prep: PreparedBatch) -> torch.Tensor:
+        seg_of_seq, n_seg, n_groups = self._segments(prep)
+        if self.config.level == "seq":
+            live = prep.seq_live.to(prep.dtype)
+            seg_size = torch.zeros(n_seg, dtype=prep.dtype, device=prep.device)
+            seg_size = seg_size.index_add(0, seg_of_seq, live).clamp(min=1.0)
+            return n_groups * seg_size[seg_of_seq][prep.seq] * prep.seq_len_tokens
+        seg_tokens = torch.zeros(n_seg, dtype=prep.dtype, device=prep.device)
+        seg_tokens = seg_tokens.index_add(0, seg_of_seq, prep.seq_len).clamp(min=1.0)
+        return n_groups * seg_tokens[seg_of_seq][prep.seq]
+
+    def _policy_terms(
+        self, prep: PreparedBatch, adv: torch.Tensor, norm: torch.Tensor
+    ) -> PolicyTerms:
+        cfg = self.config
+        seg_of_seq, n_seg, n_groups = self._segments(prep)
+        log_c = math.log(cfg.c)
+        if cfg.level == "seq":
+            mean_log_ratio = prep.seq_mean_log_ratio
+            share = segment_softmax(
+                torch.clamp(mean_log_ratio, max=log_c), seg_of_seq, prep.seq_live, n_seg
+            )[prep.seq]
+            clipped = (mean_log_ratio > log_c)[prep.seq]
+            per_token = share / prep.seq_len_tokens
+        else:
+            share = segment_softmax(
+                torch.clamp(prep.log_ratio, max=log_c), seg_of_seq[prep.seq], prep.mask, n_seg
+            )
+            clipped = prep.log_ratio > log_c
+            per_token = share
+        coef = per_token * adv * prep.weight / n_groups
+        zero = torch.zeros((), dtype=prep.dtype, device=prep.device)
+        objective = torch.where(prep.mask, coef * prep.logp, zero).sum()
+        return PolicyTerms(
+            coef=coef, objective=objective, discarded=torch.zeros_like(clipped), clipped=clipped
+        )

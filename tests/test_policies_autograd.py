@@ -1,0 +1,592 @@
+"""Each policy's coef and objective against torch.autograd of its surrogate objective.
+
+The references below are written here, in the frameworks' own form (TRL `_compute_loss`, verl
+`compute_policy_loss_*`, StableDRL's `compute_loss_spg`), with torch ops and Python loops over
+groups; nothing of the package is imported for them. The package is only the thing under test.
+Aggregation follows policies.md: N counts sequences with at least one scored token (TRL's grpo
+`.mean()` over rows would also count all-masked rows).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from stabledrl_cli import PolicyBatch, get_policy
+
+F64 = torch.float64
+
+# row layout: scored length, advantage, group. Covers: both signs and 0, single-token rows,
+# an all-masked row alone in its group, a group of one, several groups.
+ROWS = [
+    (6, 1.0, 0),
+    (1, -0.5, 0),
+    (0, 0.7, 5),
+    (6, -1.5, 1),
+    (4, 0.0, 1),
+    (5, 2.0, 2),
+    (6, -0.8, 3),
+    (2, 0.3, 3),
+    (1, 1.1, 4),
+    (6, -0.2, 4),
+]
+L = 7
+
+
+def exact_log_ratio(a: float) -> float:
+    """A log-ratio whose torch.exp is exactly a in float64 (a is then exactly on the bound).
+
+    StableDRL clips in log space (log w vs log c): its bounds are given as ("log", c)."""
+    if isinstance(a, tuple):
+        return math.log(a[1])
+    lr = math.log(a)
+    for _ in range(8):
+        if torch.exp(torch.tensor(lr, dtype=F64)).item() == a:
+            return lr
+        lr = math.nextafter(lr, math.inf if torch.exp(torch.tensor(lr, dtype=F64)) < a else -1)
+    raise AssertionError(f"no float64 log-ratio gives exactly {a}")
+
+
+def make_batch(seed: int, bounds: tuple[float, ...] = (), far: bool = True) -> dict:
+    """[B, L] float64 arrays with random masks, log-ratios near 1, far out and at `bounds`."""
+    gen = torch.Generator().manual_seed(seed)
+    b = len(ROWS)
+    mask = torch.zeros(b, L, dtype=F64)
+    for i, (n, _, _) in enumerate(ROWS):
+        mask[i, torch.randperm(L, generator=gen)[:n]] = 1.0
+    logp = -torch.rand(b, L, generator=gen, dtype=F64) * 3.0
+    log_ratio = torch.randn(b, L, generator=gen, dtype=F64) * 0.15
+    if far:
+        pick = torch.rand(b, L, generator=gen) < 0.3
+        wide = (torch.rand(b, L, generator=gen, dtype=F64) - 0.5) * 12.0
+        log_ratio = torch.where(pick, wide, log_ratio)
+        log_ratio[6, :] = torch.where(mask[6] > 0, torch.tensor(50.0, dtype=F64), log_ratio[6])
+        log_ratio[0, -1] = -50.0
+    adv = torch.tensor([a for _, a, _ in ROWS], dtype=F64)
+    # Inject exact bounds on scored tokens of rows with A > 0 (0, 5) and A < 0 (3, 9).
+    for k, a in enumerate(bounds):
+        lr = exact_log_ratio(a)
+        for row in (0, 5, 3, 9):
+            pos = torch.nonzero(mask[row]).flatten()
+            j = pos[k % len(pos)]
+            logp[row, j] = 0.0
+            log_ratio[row, j] = lr
+    logp_old = logp - log_ratio
+    for row in (0, 5, 3, 9):
+        for j in torch.nonzero(logp[row] == 0.0).flatten():
+            logp_old[row, j] = -log_ratio[row, j]
+    return {
+        "logp": logp,
+        "logp_old": logp_old,
+        "adv": adv,
+        "mask": mask,
+        "group": torch.tensor([g for _, _, g in ROWS]),
+        "logp_ref": logp + torch.randn(b, L, generator=gen, dtype=F64) * 0.3,
+        "weight": torch.rand(b, L, generator=gen, dtype=F64)
+        * (torch.rand(b, L, generator=gen) > 0.2),
+        "loss_scale": 1.0 + torch.rand(b, L, generator=gen, dtype=F64) * 20.0,
+        "reward": torch.rand(b, generator=gen, dtype=F64).round(decimals=1),
+    }
+
+
+# ---- the references ------------------------------------------------------------------------
+def aggregate(term, mask, agg="token-mean", max_len=None, loss_scale=None):
+    """TRL / verl loss aggregation of a [B, L] per-token objective (policies.md normalizers)."""
+    live = (mask.sum(-1) > 0).sum().clamp(min=1)
+    if agg == "token-mean":
+        return (term * mask).sum() / mask.sum().clamp(min=1)
+    if agg == "seq-mean-token-mean":
+        return ((term * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / live
+    if agg == "seq-mean-token-sum":
+        return (term * mask).sum() / live
+    if agg == "constant":
+        return (term * mask).sum() / (live * max_len)
+    if agg == "recorded":
+        return (term * mask / loss_scale).sum()
+    raise AssertionError(agg)
+
+
+def ref_ppo(r, adv, eps_low=0.2, eps_high=0.2, **_):
+    return torch.min(r * adv, torch.clamp(r, 1 - eps_low, 1 + eps_high) * adv)
+
+
+def ref_dual_clip(r, adv, eps_low=0.2, eps_high=0.2, c=3.0, **_):
+    # verl: pg_losses3 = -A c; clip_pg_losses2 = min(pg_losses3, clip_pg_losses1) for A < 0.
+    loss1 = -torch.min(r * adv, torch.clamp(r, 1 - eps_low, 1 + eps_high) * adv)
+    loss = torch.where(adv < 0, torch.min(-adv * c, loss1), loss1)
+    return -loss
+
+
+def ref_two_sided(r, adv, eps_low=0.2, eps_high=0.2, delta=4.0, **_):
+    coef_2 = torch.clamp(r, 1 - eps_low, 1 + eps_high)
+    coef_1 = torch.clamp(r, max=delta)
+    return torch.min(coef_1 * adv, coef_2 * adv)
+
+
+def ref_cispo(r, adv, logp, cap=None, eps_low=None, eps_high=None, **_):
+    if eps_low is None:
+        w = torch.clamp(r, max=cap if cap is not None else 5.0)
+    else:
+        w = torch.clamp(r, 1 - eps_low, 1 + eps_high)
+    return w.detach() * adv * logp
+
+
+def ref_sapo(r, adv, tau_pos=1.0, tau_neg=1.05, **_):
+    tau = torch.where(adv > 0, torch.tensor(tau_pos, dtype=F64), torch.tensor(tau_neg, dtype=F64))
+    return torch.sigmoid(tau * (r - 1)) * 4 / tau * adv
+
+
+def ref_is(r, adv, **_):
+    return r * adv
+
+
+def ref_reinforce(r, adv, logp, **_):
+    return adv * logp
+
+
+TOKEN_REFS = {
+    "ppo": ref_ppo,
+    "dual-clip": ref_dual_clip,
+    "two-sided": ref_two_sided,
+    "cispo": ref_cispo,
+    "sapo": ref_sapo,
+    "is": ref_is,
+    "reinforce": ref_reinforce,
+}
+
+
+def ref_gspo(logp, logp_old, adv, mask, eps_low=3e-4, eps_high=4e-4, **_):
+    # TRL: log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    log_ratio = logp - logp_old
+    log_s = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    s = torch.exp(log_s)
+    term = torch.min(s * adv, torch.clamp(s, 1 - eps_low, 1 + eps_high) * adv)
+    return term
+
+
+def ref_stabledrl(logp, logp_old, adv, mask, group, weight, c=5.0, level="seq", norm="group"):
+    """compute_loss_spg with use_snis: detached clipped log-weights, softmax per group."""
+    segments = group if norm == "group" else torch.zeros_like(group)
+    n_groups = 0
+    total = torch.zeros((), dtype=F64)
+    for g in segments.unique().tolist():
+        rows = torch.nonzero((segments == g) & (mask.sum(-1) > 0)).flatten()
+        if len(rows) == 0:
+            continue
+        n_groups += 1
+        m = mask[rows]
+        if level == "seq":
+            length = m.sum(-1)
+            log_w = (((logp - logp_old)[rows] * m).sum(-1) / length).clamp(max=math.log(c))
+            w = torch.softmax(log_w.detach(), dim=0)
+            elbo = (weight[rows] * adv[rows] * logp[rows] * m).sum(-1) / length
+            total = total + (w * elbo).sum()
+        else:
+            sel = m > 0
+            log_w = (logp - logp_old)[rows][sel].clamp(max=math.log(c))
+            w = torch.softmax(log_w.detach(), dim=0)
+            total = total + (w * (weight[rows] * adv[rows] * logp[rows])[sel]).sum()
+    return total / (max(n_groups, 1) if norm == "group" else 1)
+
+
+def kl_k3(logp, logp_ref):
+    return torch.exp(logp_ref - logp) - (logp_ref - logp) - 1
+
+
+# ---- the harness -----------------------------------------------------------------------------
+def reference_objective(name, params, data, logp, adv_tokens, weight):
+    """J of the policy `name` with `params` over [B, L] data, differentiable in logp."""
+    mask, logp_old = data["mask"], data["logp_old"]
+    r = torch.exp(logp - logp_old)
+    agg = params.get("agg", "token-mean")
+    agg_kw = {"agg": agg, "max_len": params.get("max_len"), "loss_scale": data["loss_scale"]}
+    if name == "gspo":
+        agg_kw = {"agg": "seq-mean-token-mean"}
+        term = ref_gspo(logp, logp_old, adv_tokens, mask, **params)
+    elif name == "stabledrl":
+        j = ref_stabledrl(logp, logp_old, adv_tokens, mask, data["group"], weight, **params)
+        return j
+    else:
+        term = TOKEN_REFS[name](r, adv_tokens, logp=logp, **params)
+    j = aggregate(term * weight, mask, **agg_kw)
+    beta = params.get("beta", 0.0)
+    if beta:
+        j = j - beta * aggregate(kl_k3(logp, data["logp_ref"]) * weight, mask, **agg_kw)
+    return j
+
+
+def check_against_autograd(spec, name, params, data, *, weight=None, adv_tokens=None, **extra):
+    """Runs the package and the reference; returns (weights, autograd grad [T])."""
+    b = data["logp"].shape[0]
+    if adv_tokens is None:
+        adv_tokens = data["adv"][:, None].expand(b, L)
+    lw = torch.ones_like(data["logp"]) if weight is None else weight
+    logp = data["logp"].clone().requires_grad_(True)
+    ref_params = {k: v for k, v in params.items() if k not in ("adv",)}
+    j = reference_objective(name, ref_params, data, logp, adv_tokens, lw)
+    (grad,) = torch.autograd.grad(j, logp)
+    batch = PolicyBatch(
+        logp=data["logp"],
+        logp_old=data["logp_old"],
+        advantages=extra.pop("advantages", data["adv"]),
+        mask=data["mask"],
+        group_id=data["group"],
+        logp_ref=data["logp_ref"],
+        loss_weight=weight,
+        loss_scale=data["loss_scale"],
+        **extra,
+    )
+    w = get_policy(spec).weights(batch)
+    assert w.coef.dtype == F64
+    assert_close(w.coef, grad.flatten(), rtol=1e-9, atol=1e-12)
+    assert_close(w.objective, j.detach(), rtol=1e-9, atol=1e-12)
+    return w, grad.flatten()
+
+
+CASES = [
+    # spec, reference name, reference params, exact bounds present in the batch
+    ("ppo", "ppo", {}, (0.8, 1.2)),
+    ("grpo", "ppo", {"agg": "seq-mean-token-mean"}, (0.8, 1.2)),
+    ("dapo", "ppo", {"eps_high": 0.28}, (0.8, 1.28)),
+    ("dual-clip", "dual-clip", {"c": 3.0}, (0.8, 1.2)),
+    ("two-sided:delta=4", "two-sided", {"delta": 4.0}, (0.8, 1.2, 4.0)),
+    ("gspo", "gspo", {}, (0.9997, 1.0004)),
+    ("cispo", "cispo", {}, (4.0,)),
+    ("cispo:cap=4", "cispo", {"cap": 4.0}, (4.0,)),
+    ("cispo:eps_low=0.2,eps_high=0.28", "cispo", {"eps_low": 0.2, "eps_high": 0.28}, (0.8, 1.28)),
+    ("sapo", "sapo", {}, ()),
+    ("is", "is", {}, ()),
+    ("reinforce", "reinforce", {}, ()),
+    ("stabledrl", "stabledrl", {}, (("log", 5.0),)),
+    ("stabledrl:norm=batch", "stabledrl", {"norm": "batch"}, (("log", 5.0),)),
+    ("stabledrl:level=token", "stabledrl", {"level": "token"}, (("log", 5.0),)),
+    (
+        "stabledrl:level=token,norm=batch",
+        "stabledrl",
+        {"level": "token", "norm": "batch"},
+        (("log", 5.0),),
+    ),
+]
+NO_UNDERFLOW = {"ppo", "dual-clip", "two-sided", "gspo", "cispo", "is", "reinforce", "stabledrl"}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("spec", "name", "params", "bounds"), CASES, ids=[c[0] for c in CASES])
+def test_coef_and_objective_match_autograd(spec, name, params, bounds, seed):
+    data = make_batch(seed, bounds)
+    w, grad = check_against_autograd(spec, name, params, data)
+    mask = data["mask"].flatten() > 0
+    adv = data["adv"][:, None].expand(-1, L).flatten()
+    eligible = mask & (adv != 0)
+    if name in NO_UNDERFLOW:
+        # beta = 0 and no underflow: the rule's discards are exactly the zero gradients.
+        assert torch.equal(w.discarded, (grad == 0) & eligible)
+    assert not w.discarded[~eligible].any() and not w.clipped[~eligible].any()
+    assert torch.all(w.coef[~mask] == 0)
+    assert int(w.nonfinite) == 0
+
+
+BOUND_CASES = [c for c in CASES if c[3]]
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "params", "bounds"), BOUND_CASES, ids=[c[0] for c in BOUND_CASES]
+)
+def test_ratios_exactly_on_a_bound_are_not_clipped(spec, name, params, bounds):
+    data = make_batch(3, bounds)
+    w, _ = check_against_autograd(spec, name, params, data)
+    mask = data["mask"].flatten() > 0
+    exact = torch.tensor([exact_log_ratio(a) for a in bounds], dtype=F64)
+
+    def on_bounds(data):
+        return torch.isin((data["logp"] - data["logp_old"]).flatten(), exact)
+
+    r = torch.exp(data["logp"] - data["logp_old"]).flatten()
+    on_bound = mask & on_bounds(data)
+    if name in ("gspo", "stabledrl"):
+        # sequence-level rules: only single-token sequences sit exactly on the bound.
+        single = torch.tensor([n == 1 for n, _, _ in ROWS]).repeat_interleave(L)
+        on_bound &= single
+        # rows 1 (A < 0) and 8 (A > 0) are single-token: lower bound on 1, upper on 8.
+        for k, a in enumerate(bounds):
+            for row in (1, 8) if len(bounds) == 1 else ((1,) if k == 0 else (8,)):
+                j = torch.nonzero(data["mask"][row]).flatten()[0]
+                data["logp"][row, j] = 0.0
+                data["logp_old"][row, j] = -exact_log_ratio(a)
+        w, _ = check_against_autograd(spec, name, params, data)
+        on_bound = mask & single & on_bounds(data)
+    if name == "two-sided":
+        # r == delta sits beyond 1 + eps_high, where A > 0 is discarded by the PPO rule itself.
+        on_bound &= ~((data["adv"][:, None].expand(-1, L).flatten() > 0) & (r > 1.2))
+    assert on_bound.sum() >= 2
+    assert not w.discarded[on_bound].any()
+    assert not w.clipped[on_bound].any()
+    if name not in ("gspo", "stabledrl", "reinforce"):
+        adv = data["adv"][:, None].expand(-1, L).flatten()
+        ppo_like = name in ("ppo", "dual-clip", "two-sided")
+        expected = r * adv if ppo_like else torch.clamp(r, max=4.0) * adv
+        if ppo_like or name == "cispo":
+            assert_close(w.coef[on_bound] * w.norm[on_bound], expected[on_bound])
+
+
+def test_dual_clip_ratio_exactly_at_c_keeps_r_a():
+    """At r == c the contract's bound rule gives r A (autograd of verl's max splits the tie)."""
+    data = make_batch(4, (4.0,), far=False)
+    w = get_policy("dual-clip:c=4").weights(
+        PolicyBatch(
+            logp=data["logp"], logp_old=data["logp_old"], advantages=data["adv"], mask=data["mask"]
+        )
+    )
+    r = torch.exp(data["logp"] - data["logp_old"]).flatten()
+    adv = data["adv"][:, None].expand(-1, L).flatten()
+    at_c = (data["mask"].flatten() > 0) & (r == 4.0) & (adv < 0)
+    assert at_c.sum() >= 2
+    assert not w.discarded[at_c].any()
+    assert_close(w.coef[at_c], (r * adv / data["mask"].sum())[at_c])
+    above = (data["mask"].flatten() > 0) & (r > 4.0) & (adv < 0)
+    assert torch.all(w.discarded[above])
+
+
+EXPECTED_CLIPPED = {
+    "cispo": lambda r, lr_seq, adv: r > 5.0,
+    "cispo:cap=4": lambda r, lr_seq, adv: r > 4.0,
+    "cispo:eps_low=0.2,eps_high=0.28": lambda r, lr_seq, adv: (r < 0.8) | (r > 1.28),
+    "sapo": lambda r, lr_seq, adv: (
+        4
+        * torch.sigmoid(torch.where(adv > 0, 1.0, 1.05) * (r - 1))
+        * torch.sigmoid(-torch.where(adv > 0, 1.0, 1.05) * (r - 1))
+        < 0.5
+    ),
+    "stabledrl": lambda r, lr_seq, adv: lr_seq > math.log(5.0),
+    "stabledrl:level=token": lambda r, lr_seq, adv: torch.log(r) > math.log(5.0),
+}
+
+
+@pytest.mark.parametrize("spec", list(EXPECTED_CLIPPED))
+def test_clipped_sets(spec):
+    data = make_batch(5, ())
+    mask = data["mask"]
+    w = get_policy(spec).weights(
+        PolicyBatch(
+            logp=data["logp"],
+            logp_old=data["logp_old"],
+            advantages=data["adv"],
+            mask=mask,
+            group_id=data["group"],
+        )
+    )
+    log_ratio = data["logp"] - data["logp_old"]
+    lr_seq = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    r = torch.exp(log_ratio)
+    adv = data["adv"][:, None].expand(-1, L)
+    expected = EXPECTED_CLIPPED[spec](r, lr_seq.expand(-1, L), adv) & (mask > 0) & (adv != 0)
+    assert torch.equal(w.clipped, expected.flatten())
+    assert expected.any() and not w.discarded.any()
+
+
+@pytest.mark.parametrize(
+    ("spec", "params"),
+    [
+        ("ppo:agg=token-mean", {"agg": "token-mean"}),
+        ("ppo:agg=seq-mean-token-mean", {"agg": "seq-mean-token-mean"}),
+        ("ppo:agg=seq-mean-token-sum", {"agg": "seq-mean-token-sum"}),
+        ("ppo:agg=constant,max_len=16", {"agg": "constant", "max_len": 16}),
+        ("ppo:agg=recorded", {"agg": "recorded"}),
+        ("sapo:agg=seq-mean-token-sum", {"agg": "seq-mean-token-sum"}),
+        ("is:agg=constant,max_len=8", {"agg": "constant", "max_len": 8}),
+        ("cispo:agg=recorded", {"agg": "recorded"}),
+        ("reinforce:agg=seq-mean-token-mean", {"agg": "seq-mean-token-mean"}),
+    ],
+)
+def test_aggregations(spec, params):
+    name = spec.split(":")[0]
+    check_against_autograd(spec, name, params, make_batch(6, (0.8, 1.2)))
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "params"),
+    [
+        ("grpo:beta=0.04", "ppo", {"agg": "seq-mean-token-mean", "beta": 0.04}),
+        ("dual-clip:beta=0.1", "dual-clip", {"beta": 0.1}),
+        ("gspo:beta=0.04", "gspo", {"beta": 0.04}),
+        ("sapo:beta=0.2", "sapo", {"beta": 0.2}),
+        ("cispo:beta=0.1,agg=recorded", "cispo", {"beta": 0.1, "agg": "recorded"}),
+        ("reinforce:beta=0.1", "reinforce", {"beta": 0.1}),
+    ],
+)
+def test_kl_term(spec, name, params):
+    w, grad = check_against_autograd(spec, name, params, make_batch(7, (0.8, 1.2)))
+    # A KL term can keep a discarded token's coef non-zero: discards come from the rule.
+    if name in ("ppo", "dual-clip", "gspo"):
+        assert w.discarded.any()
+        assert (grad[w.discarded] != 0).any()
+
+
+def test_stabledrl_kl_term():
+    data = make_batch(7, ())
+    logp = data["logp"].clone().requires_grad_(True)
+    mask, lw = data["mask"], torch.ones_like(data["logp"])
+    adv = data["adv"][:, None].expand(-1, L)
+    beta = 0.05
+    j = ref_stabledrl(logp, data["logp_old"], adv, mask, data["group"], lw)
+    kl = kl_k3(logp, data["logp_ref"]) * mask
+    # norm_t = n_groups |G_g| |y_i| over live sequences and groups.
+    live = mask.sum(-1) > 0
+    sizes = {g: int(((data["group"] == g) & live).sum()) for g in data["group"].tolist()}
+    n_groups = sum(1 for s in sizes.values() if s > 0)
+    for i in range(len(ROWS)):
+        if live[i]:
+            j = j - beta * kl[i].sum() / (n_groups * sizes[int(data["group"][i])] * mask[i].sum())
+    (grad,) = torch.autograd.grad(j, logp)
+    w = get_policy(f"stabledrl:beta={beta}").weights(
+        PolicyBatch(
+            logp=data["logp"],
+            logp_old=data["logp_old"],
+            advantages=data["adv"],
+            mask=mask,
+            group_id=data["group"],
+            logp_ref=data["logp_ref"],
+        )
+    )
+    assert_close(w.coef, grad.flatten(), rtol=1e-9, atol=1e-12)
+    assert_close(w.objective, j.detach(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "params"),
+    [
+        ("ppo", "ppo", {}),
+        ("gspo", "gspo", {}),
+        ("stabledrl", "stabledrl", {}),
+        ("stabledrl:level=token", "stabledrl", {"level": "token"}),
+        ("sapo:agg=seq-mean-token-mean", "sapo", {"agg": "seq-mean-token-mean"}),
+    ],
+)
+def test_loss_weight(spec, name, params):
+    data = make_batch(8, (0.8, 1.2))
+    check_against_autograd(spec, name, params, data, weight=data["weight"])
+    assert (data["weight"] == 0).any()
+
+
+def _ref_advantages(reward, group, mode):
+    out = torch.zeros_like(reward)
+    for g in group.unique().tolist():
+        idx = torch.nonzero(group == g).flatten()
+        r = reward[idx]
+        n = len(idx)
+        if mode == "center":
+            out[idx] = r - r.mean()
+        elif mode == "zscore":
+            std = r.std() if n > 1 else torch.tensor(0.0, dtype=F64)
+            out[idx] = (r - r.mean()) / (std + 1e-4)
+        else:
+            out[idx] = torch.stack(
+                [r[k] - (r.sum() - r[k]) / (n - 1) if n > 1 else r[k] * 0 for k in range(n)]
+            )
+    return out
+
+
+@pytest.mark.parametrize("mode", ["center", "zscore", "rloo"])
+@pytest.mark.parametrize(("spec", "name"), [("grpo", "ppo"), ("stabledrl", "stabledrl")])
+def test_advantage_recomputation(mode, spec, name):
+    data = make_batch(9, (0.8, 1.2))
+    adv = _ref_advantages(data["reward"], data["group"], mode)
+    params = {"agg": "seq-mean-token-mean"} if spec == "grpo" else {}
+    w, _ = check_against_autograd(
+        f"{spec}:adv={mode}",
+        name,
+        params,
+        data,
+        adv_tokens=adv[:, None].expand(-1, L),
+        reward=data["reward"],
+    )
+    assert_close(w.advantages, adv[:, None].expand(-1, L).flatten())
+
+
+@pytest.mark.parametrize("spec", ["grpo", "dapo", "gspo", "sapo", "stabledrl", "cispo", "is"])
+def test_flat_and_numpy_inputs_agree_with_2d(spec):
+    data = make_batch(10, (0.8, 1.2))
+    two_d = get_policy(spec).weights(
+        PolicyBatch(
+            logp=data["logp"],
+            logp_old=data["logp_old"],
+            advantages=data["adv"],
+            mask=data["mask"],
+            group_id=data["group"],
+        )
+    )
+    b = len(ROWS)
+    flat_all = PolicyBatch(
+        logp=data["logp"].flatten(),
+        logp_old=data["logp_old"].flatten(),
+        advantages=data["adv"][:, None].expand(b, L).flatten(),
+        mask=data["mask"].flatten(),
+        seq_id=torch.arange(b).repeat_interleave(L),
+        group_id=data["group"],
+    )
+    assert_close(get_policy(spec).weights(flat_all).coef, two_d.coef)
+    # Only the scored tokens, flat: the masked positions were never part of the objective.
+    keep = data["mask"].flatten() > 0
+    flat_scored = PolicyBatch(
+        logp=data["logp"].flatten()[keep],
+        logp_old=data["logp_old"].flatten()[keep],
+        advantages=data["adv"][:, None].expand(b, L).flatten()[keep],
+        seq_id=torch.arange(b).repeat_interleave(L)[keep],
+        group_id=data["group"],
+    )
+    w = get_policy(spec).weights(flat_scored)
+    assert_close(w.coef, two_d.coef[keep])
+    assert_close(w.objective, two_d.objective)
+    as_numpy = PolicyBatch(
+        logp=data["logp"].numpy(),
+        logp_old=data["logp_old"].numpy(),
+        advantages=data["adv"].numpy(),
+        mask=data["mask"].numpy().astype(np.uint8),
+        group_id=data["group"].numpy(),
+    )
+    w_np = get_policy(spec).weights(as_numpy)
+    assert isinstance(w_np.coef, torch.Tensor) and w_np.coef.device.type == "cpu"
+    assert_close(w_np.coef, two_d.coef)
+
+
+def test_float32_input_stays_float32_and_half_is_promoted():
+    data = make_batch(11, ())
+    for dtype, expected in ((torch.float32, torch.float32), (torch.float16, torch.float32)):
+        w = get_policy("grpo").weights(
+            PolicyBatch(
+                logp=data["logp"].to(dtype),
+                logp_old=data["logp_old"].to(dtype),
+                advantages=data["adv"].to(dtype),
+                mask=data["mask"],
+            )
+        )
+        assert w.coef.dtype == expected and w.objective.dtype == expected
+
+
+def test_sequence_units_each_entry_is_a_sequence():
+    """unit: sequence runs give one entry a sequence: flat, no seq_id, group_id per entry."""
+    gen = torch.Generator().manual_seed(12)
+    logp = -torch.rand(8, generator=gen, dtype=F64) * 5
+    log_ratio = torch.tensor([0.1, 2.5, -0.3, 0.0, 3.0, -1.0, 0.4, 0.2], dtype=F64)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.0, 1.0], dtype=F64)
+    group = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    batch = PolicyBatch(
+        logp=logp, logp_old=logp - log_ratio, advantages=adv, group_id=group, unit="sequence"
+    )
+    w = get_policy("stabledrl").weights(batch)
+    expected = torch.zeros(8, dtype=F64)
+    for g in range(3):
+        idx = group == g
+        share = torch.softmax(log_ratio[idx].clamp(max=math.log(5)), 0)
+        expected[idx] = share * adv[idx] / 3
+    assert_close(w.coef, expected)
+    assert torch.equal(w.clipped, (log_ratio > math.log(5)) & (adv != 0))
+    from stabledrl_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="level=token"):
+        get_policy("stabledrl:level=token").weights(batch)
+    assert get_policy("stabledrl:level=token").required_fields("token") == set()

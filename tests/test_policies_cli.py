@@ -1,0 +1,98 @@
+"""`stabledrl policies`: the table, `--format json`, `-p` specs, and exit 2 on a bad spec."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.policies import REGISTRY, STANDARD_CATALOGUE
+
+runner = CliRunner()
+
+
+def test_table_lists_every_policy_with_formula_and_source():
+    result = runner.invoke(app, ["policies"])
+    assert result.exit_code == 0, result.output
+    for name in REGISTRY:
+        assert name in result.stdout
+    assert "min(r A, clip(r, 1-eps_low, 1+eps_high) A)" in result.stdout
+    assert "delta=(required)" in result.stdout
+    assert "eps_high=0.28" in result.stdout
+    assert "arXiv:2603.06743" in result.stdout
+
+
+def test_json_is_data_on_stdout():
+    result = runner.invoke(app, ["policies", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    rows = {row["name"]: row for row in data["policies"]}
+    assert list(rows) == list(REGISTRY)
+    assert rows["dapo"]["params"]["eps_high"] == 0.28
+    assert rows["grpo"]["params"]["agg"] == "seq-mean-token-mean"
+    assert rows["two-sided"]["required"] == ["delta"]
+    assert rows["two-sided"]["params"]["delta"] is None
+    assert rows["stabledrl"]["family"] == "self-normalized"
+    assert all(row["formula"] and row["source"] for row in data["policies"])
+    assert data["standard_catalogue"] == STANDARD_CATALOGUE
+
+
+def test_policy_option_resolves_specs():
+    result = runner.invoke(
+        app, ["policies", "-p", "ppo:eps_low=0.1", "-p", "cispo:eps_high=0.28", "-f", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["policies"]
+    assert [row["spec"] for row in rows] == [
+        "ppo:eps_low=0.1,eps_high=0.1",
+        "cispo:eps_low=0.2,eps_high=0.28",
+    ]
+    assert rows[0]["params"]["eps_high"] == 0.1
+    table = runner.invoke(app, ["policies", "-p", "stabledrl:c=3"])
+    assert table.exit_code == 0 and "stabledrl:c=3" in table.stdout
+
+
+def test_bad_spec_exits_2_with_one_line_naming_the_choices():
+    result = runner.invoke(app, ["policies", "-p", "ppo:eps_lo=0.1"])
+    assert result.exit_code == 2
+    assert "valid keys: eps_low, eps_high" in " ".join(result.stderr.split())
+    assert result.stdout == ""
+
+
+def test_bad_spec_exit_code_through_a_real_process():
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    env.pop("STABLEDRL_DEBUG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "policies", "-p", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "unknown policy 'nope'; valid: ppo, grpo, dapo" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stabledrl_cli",
+            "policies",
+            "-p",
+            "two-sided:delta=4",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["policies"][0]["params"]["delta"] == 4.0

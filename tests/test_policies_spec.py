@@ -1,0 +1,143 @@
+"""Spec parsing: names, keys, types, ranges, canonical specs, required batch fields."""
+
+from __future__ import annotations
+
+import pytest
+
+from stabledrl_cli import get_policy
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.policies import REGISTRY, STANDARD_CATALOGUE, catalogue
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nope", "unknown policy 'nope'; valid: ppo, grpo, dapo, dual-clip, two-sided, gspo"),
+        ("ppo:eps=0.2", "unknown key 'eps' for policy 'ppo'; valid keys: eps_low, eps_high, agg"),
+        ("gspo:agg=token-mean", "valid keys: eps_low, eps_high, beta, adv"),
+        ("ppo:eps_low=abc", "eps_low expects a number, got 'abc'"),
+        ("ppo:agg=mean", "agg must be one of token-mean, seq-mean-token-mean, seq-mean-token-sum"),
+        ("ppo:adv=whiten", "adv must be one of recorded, center, zscore, rloo"),
+        ("stabledrl:level=word", "level must be one of seq, token"),
+        ("ppo:agg=constant,max_len=1.5", "max_len expects an integer"),
+        ("ppo:eps_low=-0.1", "eps_low must be a finite number >= 0"),
+        ("dapo:eps_high=-0.01", "eps_high must be a finite number >= 0"),
+        ("gspo:eps_low=-1e-4", "eps_low must be a finite number >= 0"),
+        ("ppo:beta=-1", "beta must be a finite number >= 0"),
+        ("ppo:beta=nan", "beta expects a finite number"),
+        ("dual-clip:c=1", "c must be a finite number > 1"),
+        ("stabledrl:c=0.5", "c must be a finite number > 1"),
+        ("two-sided", "delta is required for two-sided, e.g. two-sided:delta=4"),
+        ("two-sided:delta=1.2", "delta must be > 1 + eps_high = 1.2"),
+        ("two-sided:eps_high=0.5,delta=1.4", "delta must be > 1 + eps_high = 1.5"),
+        ("cispo:cap=5,eps_high=0.2", "give cap (TRL form) or eps_low/eps_high (verl form)"),
+        ("cispo:cap=0", "cap must be a finite number > 0"),
+        ("sapo:tau_neg=0", "tau_neg must be a finite number > 0"),
+        ("ppo:agg=constant", "agg=constant needs max_len"),
+        ("ppo:max_len=10", "max_len only applies to agg=constant"),
+        ("ppo:eps_low", "is not key=value"),
+        ("ppo:eps_low=0.1,eps_low=0.2", "given twice"),
+        ("", "empty policy spec"),
+    ],
+)
+def test_bad_specs_raise_one_usage_error_naming_the_choices(spec, message):
+    with pytest.raises(UsageError) as info:
+        get_policy(spec)
+    assert message in str(info.value)
+    assert info.value.exit_code == 2
+    assert "\n" not in str(info.value)
+
+
+def test_defaults_follow_the_table():
+    assert get_policy("ppo").params == {
+        "eps_low": 0.2,
+        "eps_high": 0.2,
+        "agg": "token-mean",
+        "max_len": None,
+        "beta": 0.0,
+        "adv": "recorded",
+    }
+    assert get_policy("grpo").params["agg"] == "seq-mean-token-mean"
+    assert get_policy("dapo").params | {} == {
+        "eps_low": 0.2,
+        "eps_high": 0.28,
+        "agg": "token-mean",
+        "max_len": None,
+        "beta": 0.0,
+        "adv": "recorded",
+    }
+    assert get_policy("dual-clip").params["c"] == 3.0
+    assert get_policy("two-sided:delta=4").params["delta"] == 4.0
+    assert get_policy("gspo").params == {
+        "eps_low": 3e-4,
+        "eps_high": 4e-4,
+        "beta": 0.0,
+        "adv": "recorded",
+    }
+    assert get_policy("cispo").params["cap"] == 5.0
+    verl = get_policy("cispo:eps_high=0.28").params
+    assert (verl["cap"], verl["eps_low"], verl["eps_high"]) == (None, 0.2, 0.28)
+    assert get_policy("sapo").params["tau_pos"] == 1.0
+    assert get_policy("sapo").params["tau_neg"] == 1.05
+    assert get_policy("stabledrl").params == {
+        "c": 5.0,
+        "level": "seq",
+        "norm": "group",
+        "beta": 0.0,
+        "adv": "recorded",
+    }
+    assert get_policy("ppo:eps_low=0.3").params["eps_high"] == 0.3
+    for name in ("is", "reinforce"):
+        assert get_policy(name).params["agg"] == "token-mean"
+
+
+@pytest.mark.parametrize(
+    ("spec", "canonical"),
+    [
+        ("grpo", "grpo"),
+        (" ppo : eps_high = 0.28 ", "ppo:eps_high=0.28"),
+        ("ppo:eps_high=0.2", "ppo"),
+        ("ppo:beta=0.04,eps_low=0.1", "ppo:eps_low=0.1,eps_high=0.1,beta=0.04"),
+        ("two-sided:delta=4.0", "two-sided:delta=4"),
+        ("cispo:eps_low=0.2", "cispo:eps_low=0.2,eps_high=0.2"),
+        ("stabledrl:norm=batch,c=3", "stabledrl:c=3,norm=batch"),
+        ("ppo:agg=constant,max_len=1024", "ppo:agg=constant,max_len=1024"),
+        ("gspo:eps_high=1e-3", "gspo:eps_high=0.001"),
+    ],
+)
+def test_canonical_spec_round_trips(spec, canonical):
+    policy = get_policy(spec)
+    assert policy.spec == canonical
+    again = get_policy(policy.spec)
+    assert again.params == policy.params and again.name == policy.name
+
+
+def test_catalogue_and_standard_specs():
+    assert list(REGISTRY) == [e.name for e in catalogue()]
+    assert set(REGISTRY) == {
+        "ppo",
+        "grpo",
+        "dapo",
+        "dual-clip",
+        "two-sided",
+        "gspo",
+        "cispo",
+        "sapo",
+        "is",
+        "reinforce",
+        "stabledrl",
+    }
+    for spec in STANDARD_CATALOGUE:
+        policy = get_policy(spec)
+        assert policy.formula and policy.source and policy.family
+    assert get_policy(get_policy("grpo")).spec == "grpo"
+
+
+def test_required_fields():
+    assert get_policy("grpo").required_fields() == set()
+    assert get_policy("grpo:beta=0.1").required_fields() == {"logp_ref"}
+    assert get_policy("stabledrl:adv=center").required_fields() == {"reward", "group_id"}
+    assert get_policy("cispo:agg=recorded").required_fields() == {"loss_scale"}
+    assert get_policy("stabledrl").required_fields("sequence") == set()
+    with pytest.raises(UsageError, match="unit: sequence"):
+        get_policy("stabledrl:level=token").required_fields("sequence")
