@@ -13,7 +13,7 @@ from rich.console import Console
 
 # Consoles resolve sys.stdout / sys.stderr at print time, so CliRunner captures them.
 out = Console(soft_wrap=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class OutputFormat(str, Enum):
