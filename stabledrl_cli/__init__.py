@@ -6,6 +6,7 @@ The public API (CONTRACT in design.md): `Recorder`, `open_run`, `replay`, `get_p
 
 from __future__ import annotations
 
+from stabledrl_cli.dump import Recorder, open_run
 from stabledrl_cli.policies import Policy, PolicyBatch, Weights, get_policy
 
 __version__ = "0.1.0"
@@ -13,7 +14,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Policy",
     "PolicyBatch",
+    "Recorder",
     "Weights",
     "__version__",
     "get_policy",
+    "open_run",
 ]

@@ -16,6 +16,7 @@ from stabledrl_cli.errors import StabledrlError
 
 # name -> module under stabledrl_cli.cli exposing `command`. A new command is one file + one line.
 COMMANDS: dict[str, str] = {
+    "inspect": "inspect",
     "policies": "policies",
 }
 

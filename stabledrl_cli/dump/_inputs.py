@@ -1,0 +1,209 @@
+"""`log_step` inputs -> flat numpy arrays of the stored dtypes, checked, with a clear error.
+
+Accepts torch tensors on any device (moved to the CPU once, no copy when already there) or
+numpy arrays / lists. Shapes: flat [T], or [B, L] with an optional mask [B, L]; [B, L] is
+flattened row-major over ALL positions (masked ones kept with mask = 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from stabledrl_cli.dump._schema import FIELDS, STANDARD_SCALARS
+from stabledrl_cli.errors import UsageError
+
+_FLOAT_KINDS = "f"
+_INT_KINDS = "iu"
+
+
+def to_numpy(value: Any, field: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        if value.dtype in (torch.bfloat16,):
+            value = value.float()  # numpy has no bfloat16
+        return value.cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value)
+    except Exception as exc:
+        raise UsageError(f"{field}: cannot be read as an array ({exc})") from None
+
+
+def _float_array(array: np.ndarray, field: str, dtype: str = "float32") -> np.ndarray:
+    if array.dtype.kind not in _FLOAT_KINDS:
+        raise UsageError(f"{field}: expected a floating dtype, got {array.dtype}")
+    return array.astype(dtype, copy=False)
+
+
+def _int_array(array: np.ndarray, field: str, dtype: str) -> np.ndarray:
+    if array.dtype.kind not in _INT_KINDS:
+        raise UsageError(f"{field}: expected an integer dtype, got {array.dtype}")
+    if array.size:
+        info = np.iinfo(dtype)
+        low, high = array.min(), array.max()
+        if low < 0:
+            raise UsageError(f"{field}: ids must be >= 0, got {low}")
+        if high > info.max:
+            raise UsageError(f"{field}: id {high} does not fit {dtype}")
+    return array.astype(dtype, copy=False)
+
+
+def _mask_array(array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind not in "biuf":
+        raise UsageError(f"mask: expected bool or numeric 0/1, got {array.dtype}")
+    if array.dtype.kind != "b" and array.size and not np.isin(array, (0, 1)).all():
+        raise UsageError("mask: values must be 0 or 1")
+    return array.astype("uint8", copy=False)
+
+
+def _scalar(value: Any, field: str) -> float:
+    if isinstance(value, torch.Tensor | np.ndarray):
+        count = value.numel() if isinstance(value, torch.Tensor) else value.size
+        if count != 1:
+            raise UsageError(f"{field}: expected a scalar, got {count} values")
+        value = value.item()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{field}: expected a number, got {type(value).__name__}") from None
+
+
+def _nonfinite_count(array: np.ndarray, mask: np.ndarray) -> int:
+    return int(np.count_nonzero(~np.isfinite(array[mask.astype(bool)])))
+
+
+def build_step(
+    *,
+    unit: str,
+    step: int,
+    arrays: dict[str, Any],
+    scalars: dict[str, Any],
+    user_scalars: dict[str, Any] | None,
+    num_params: int | None,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Checks and converts one step. Returns (tensors by field, scalars by name).
+
+    `arrays` holds every array keyword of `log_step` (None where absent); `scalars` the scalar
+    keywords. Per-token fields come out [T], per-sequence ones [N] with N = max(seq_id) + 1.
+    """
+    for name in ("logp", "logp_old", "advantages"):
+        if arrays.get(name) is None:
+            raise UsageError(f"{name}: required")
+    given = {k: to_numpy(v, k) for k, v in arrays.items() if v is not None}
+    logp = _float_array(given.pop("logp"), "logp")
+    two_d = logp.ndim == 2
+    if logp.ndim not in (1, 2):
+        raise UsageError(f"logp: expected shape [T] or [B, L], got {list(logp.shape)}")
+    shape = logp.shape
+
+    def token_field(name: str, array: np.ndarray) -> np.ndarray:
+        if name == "advantages" and two_d and array.shape in ((shape[0],), (shape[0], 1)):
+            array = np.broadcast_to(array.reshape(shape[0], 1), shape)
+        if array.shape != shape:
+            raise UsageError(
+                f"{name}: shape {list(array.shape)} does not match logp's {list(shape)}"
+            )
+        return array.reshape(-1)
+
+    tensors: dict[str, np.ndarray] = {"logp": logp.reshape(-1)}
+    for name in ("logp_old", "advantages", "logp_ref", "logp_rollout", "loss_weight", "loss_scale"):
+        if name in given:
+            tensors[name] = token_field(name, _float_array(given.pop(name), name))
+    num_tokens = tensors["logp"].shape[0]
+    if "mask" in given:
+        tensors["mask"] = token_field("mask", _mask_array(given.pop("mask")))
+    else:
+        tensors["mask"] = np.ones(num_tokens, dtype="uint8")
+
+    if "seq_id" in given:
+        tensors["seq_id"] = token_field(
+            "seq_id", _int_array(given.pop("seq_id"), "seq_id", "int32")
+        )
+    elif two_d:
+        tensors["seq_id"] = np.repeat(np.arange(shape[0], dtype="int32"), shape[1])
+    elif unit == "sequence":
+        tensors["seq_id"] = np.arange(num_tokens, dtype="int32")
+    else:
+        raise UsageError("seq_id: required for flat per-token arrays (or pass [B, L] arrays)")
+    seq_id = tensors["seq_id"]
+    if unit == "sequence" and np.unique(seq_id).size != seq_id.size:
+        raise UsageError("seq_id: unit 'sequence' records one entry per sequence; ids repeat")
+    num_sequences = int(seq_id.max()) + 1 if seq_id.size else 0
+
+    def sequence_field(name: str, array: np.ndarray, *, rows: bool = False) -> np.ndarray:
+        if array.ndim != 1 and not (rows and array.ndim == 2):
+            raise UsageError(f"{name}: expected shape [N], got {list(array.shape)}")
+        if array.shape[0] != num_sequences:
+            raise UsageError(
+                f"{name}: {array.shape[0]} entries, but seq_id implies {num_sequences} "
+                "sequences (N = max(seq_id) + 1); an id is out of range or missing"
+            )
+        return array
+
+    if "group_id" in given:
+        group_id = _int_array(given.pop("group_id"), "group_id", "int32")
+        tensors["group_id"] = sequence_field("group_id", group_id)
+    if "reward" in given:
+        tensors["reward"] = sequence_field("reward", _float_array(given.pop("reward"), "reward"))
+    if "token_ids" in given:
+        token_ids = _int_array(given.pop("token_ids"), "token_ids", "int64")
+        tensors["token_ids"] = sequence_field("token_ids", token_ids, rows=True)
+
+    sketch_scale = scalars.get("unit_grad_sketch_scale")
+    if sketch_scale is None and user_scalars:
+        sketch_scale = user_scalars.get("unit_grad_sketch_scale")
+    if "unit_grad_gram" in given:
+        gram = _float_array(given.pop("unit_grad_gram"), "unit_grad_gram")
+        if gram.shape != (num_tokens, num_tokens):
+            raise UsageError(
+                f"unit_grad_gram: expected [U, U] = [{num_tokens}, {num_tokens}], "
+                f"got {list(gram.shape)}"
+            )
+        tensors["unit_grad_gram"] = gram
+    if "unit_grad_sketch" in given:
+        sketch = given.pop("unit_grad_sketch")
+        if sketch.dtype == np.float16:
+            if sketch_scale is None:
+                raise UsageError(
+                    "unit_grad_sketch: float16 needs the per-step scale unit_grad_sketch_scale"
+                )
+        else:
+            sketch = _float_array(sketch, "unit_grad_sketch")
+        if sketch.ndim != 2 or sketch.shape[0] != num_tokens:
+            raise UsageError(
+                f"unit_grad_sketch: expected [U, k] with U = {num_tokens}, got {list(sketch.shape)}"
+            )
+        tensors["unit_grad_sketch"] = sketch
+    if "param_grad_norm" in given:
+        norms = _float_array(given.pop("param_grad_norm"), "param_grad_norm").reshape(-1)
+        if num_params is not None and norms.shape[0] != num_params:
+            raise UsageError(
+                f"param_grad_norm: {norms.shape[0]} entries, but param_names has {num_params}"
+            )
+        tensors["param_grad_norm"] = norms
+    if given:
+        raise UsageError(f"unknown array fields: {', '.join(sorted(given))}")
+    assert set(tensors) <= set(FIELDS)
+
+    out: dict[str, float] = {"step": float(step)}
+    for name, value in scalars.items():
+        if value is not None:
+            out[name] = _scalar(value, name)
+    for name, value in (user_scalars or {}).items():
+        if not isinstance(name, str) or not name or name.startswith("_"):
+            raise UsageError(f"scalars: name {name!r} must be a non-empty string not starting '_'")
+        if name in STANDARD_SCALARS and name != "unit_grad_sketch_scale":
+            raise UsageError(f"scalars: {name!r} is a standard scalar; pass it as {name}=")
+        out[name] = _scalar(value, f"scalars[{name!r}]")
+    if "reward_mean" not in out and "reward" in tensors and tensors["reward"].size:
+        out["reward_mean"] = float(tensors["reward"].mean(dtype=np.float64))
+    mask = tensors["mask"]
+    nonfinite = sum(_nonfinite_count(tensors[n], mask) for n in ("logp", "logp_old", "advantages"))
+    nonfinite += sum(1 for n in ("loss", "grad_norm") if n in out and not math.isfinite(out[n]))
+    out["nonfinite"] = float(nonfinite)
+    return tensors, out

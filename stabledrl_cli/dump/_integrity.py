@@ -1,0 +1,68 @@
+"""What a reader found wrong with a run: each finding a kind, a step, a path and a sentence."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+FINDING_KINDS = {
+    "torn": "a step file shorter than its header says (a write cut short); skipped",
+    "temporary": "a temporary file: a step in flight, or left by a killed writer; skipped",
+    "unreadable": "a step file that fails to parse or its checksum; skipped",
+    "missing_rank": "a step with some ranks' files missing; skipped",
+    "gap": "step numbers missing between recorded ones",
+    "unknown_file": "a file in steps/ that is not a step file; ignored",
+}
+
+
+class RunIntegrityWarning(UserWarning):
+    """A step a reader skipped while iterating (the same fact is in `run.integrity`)."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str
+    step: int | None
+    path: str | None
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class IntegrityReport:
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def of_kind(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "findings": [f.to_dict() for f in self.findings]}
+
+
+def gap_findings(steps: list[int]) -> list[Finding]:
+    """Missing step numbers, against the smallest stride between recorded steps.
+
+    A run that records every 10th step has stride 10 and no gaps; steps: sorted, unique.
+    """
+    if len(steps) < 2:
+        return []
+    array = np.asarray(steps, dtype=np.int64)
+    diffs = np.diff(array)
+    stride = int(diffs.min())
+    findings = []
+    for index in np.flatnonzero(diffs > stride):
+        first, last = int(array[index]) + stride, int(array[index + 1]) - stride
+        missing = (last - first) // stride + 1
+        span = f"step {first}" if missing == 1 else f"steps {first}..{last}"
+        findings.append(
+            Finding("gap", first, None, f"{span} missing ({missing} step(s), stride {stride})")
+        )
+    return findings

@@ -1,0 +1,163 @@
+"""The run format v1: names, dtypes and layout shared by the writer and the reader.
+
+A run is a directory:
+    manifest.json                          run-level facts (see `build_manifest`)
+    steps/step-00000042.safetensors        one optimizer step (world_size 1)
+    steps/step-00000042.rank-0001.safetensors   one rank's part of a step (world_size > 1)
+
+Arrays are safetensors tensors; per-step scalars live in the safetensors metadata as strings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from stabledrl_cli.errors import InputError, UsageError
+
+RUN_KIND = "stabledrl-run"
+FORMAT_VERSION = "1.0"
+FORMAT_MAJOR, FORMAT_MINOR = 1, 0
+MANIFEST_NAME = "manifest.json"
+STEPS_DIR = "steps"
+UNITS = ("token", "sequence")
+
+STEP_FILE_RE = re.compile(r"^step-(\d{8,})(?:\.rank-(\d{4,}))?\.safetensors$")
+# Temporary names start with a dot so that no glob for finished steps ever matches them.
+TEMP_FILE_RE = re.compile(r"^\.step-(\d{8,})(?:\.rank-(\d{4,}))?\.safetensors\.tmp-\d+$")
+
+
+def step_file_name(step: int, rank: int, world_size: int) -> str:
+    """`step-00000042.safetensors`, or with `.rank-0001` when the run has several ranks."""
+    if world_size > 1:
+        return f"step-{step:08d}.rank-{rank:04d}.safetensors"
+    return f"step-{step:08d}.safetensors"
+
+
+def temp_file_name(final_name: str, pid: int) -> str:
+    return f".{final_name}.tmp-{pid}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FieldSpec:
+    """One array of a step file."""
+
+    name: str
+    per: str
+    """token: [T]; sequence: [N] (or [N, k] for token_ids); unit_pairs: [U, U];
+    unit_rows: [U, k]; param: [P] (names in the manifest)."""
+    dtype: str
+    """The stored dtype (numpy name); floats of other widths are cast to it."""
+    required: bool = False
+
+
+FIELDS: dict[str, FieldSpec] = {
+    spec.name: spec
+    for spec in (
+        FieldSpec(name="logp", per="token", dtype="float32", required=True),
+        FieldSpec(name="logp_old", per="token", dtype="float32", required=True),
+        FieldSpec(name="advantages", per="token", dtype="float32", required=True),
+        FieldSpec(name="mask", per="token", dtype="uint8", required=True),
+        FieldSpec(name="seq_id", per="token", dtype="int32", required=True),
+        FieldSpec(name="logp_ref", per="token", dtype="float32"),
+        FieldSpec(name="logp_rollout", per="token", dtype="float32"),
+        FieldSpec(name="loss_weight", per="token", dtype="float32"),
+        FieldSpec(name="loss_scale", per="token", dtype="float32"),
+        FieldSpec(name="group_id", per="sequence", dtype="int32"),
+        FieldSpec(name="reward", per="sequence", dtype="float32"),
+        FieldSpec(name="token_ids", per="sequence", dtype="int64"),
+        FieldSpec(name="unit_grad_gram", per="unit_pairs", dtype="float32"),
+        # float16 is allowed too, with the per-step scalar `unit_grad_sketch_scale`.
+        FieldSpec(name="unit_grad_sketch", per="unit_rows", dtype="float32"),
+        FieldSpec(name="param_grad_norm", per="param", dtype="float32"),
+    )
+}
+
+# Per-step scalars, stored as strings in the safetensors metadata. Read back as floats.
+STANDARD_SCALARS = (
+    "step",
+    "inner_step",
+    "loss",
+    "grad_norm",
+    "grad_norm_clipped",
+    "grad_norm_covered",
+    "lr",
+    "reward_mean",
+    "nonfinite",
+    "wall_time",
+    "unit_grad_sketch_scale",
+)
+# Bookkeeping in the same metadata; user scalars may not start with "_".
+META_FORMAT = "_format_version"
+META_RANK = "_rank"
+META_WORLD_SIZE = "_world_size"
+META_NUM_TOKENS = "_num_tokens"
+META_NUM_SEQUENCES = "_num_sequences"
+META_SCORED_TOKENS = "_scored_tokens"
+META_CRC_HEADER = "_crc32_header"
+META_CRC_DATA = "_crc32_data"
+
+
+def parse_version(text: Any, what: str) -> tuple[int, int]:
+    """ "1.0" -> (1, 0); anything else is corrupt input."""
+    match = re.fullmatch(r"(\d+)\.(\d+)", str(text))
+    if match is None:
+        raise InputError(f"{what}: malformed format version {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_readable_version(text: Any, what: str) -> tuple[int, int]:
+    """A newer major version is refused; a newer minor is read, its new fields ignored."""
+    major, minor = parse_version(text, what)
+    if major > FORMAT_MAJOR:
+        raise InputError(
+            f"{what}: run format {major}.{minor} is newer than this tool reads "
+            f"({FORMAT_MAJOR}.x); upgrade stabledrl"
+        )
+    if major < FORMAT_MAJOR:
+        raise InputError(f"{what}: run format {major}.{minor} is not supported")
+    return major, minor
+
+
+def _spec_value(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, float):
+        text = repr(value)
+    elif isinstance(value, (int, str)):
+        text = str(value)
+    else:
+        raise UsageError(
+            f"policy_params[{key!r}] must be a number, bool or string, got {type(value).__name__}"
+        )
+    if not text or any(c in text for c in ",:= "):
+        raise UsageError(f"policy_params[{key!r}] = {text!r} cannot go into a spec string")
+    return text
+
+
+def policy_spec(name: str, params: dict[str, Any] | None) -> str:
+    """The canonical spec string: `NAME` or `NAME:key=value,...` with keys sorted.
+
+    >>> policy_spec("grpo", {"eps_low": 0.2})
+    'grpo:eps_low=0.2'
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+        raise UsageError(f"policy name {name!r} must be a non-empty word such as 'grpo'")
+    params = params or {}
+    for key in params:
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_]+", key):
+            raise UsageError(f"policy_params key {key!r} must be a word such as 'eps_low'")
+    if not params:
+        return name
+    return name + ":" + ",".join(f"{k}={_spec_value(k, params[k])}" for k in sorted(params))
+
+
+def json_checked(value: Any, what: str) -> Any:
+    """Refuses values that JSON cannot hold, naming the argument."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{what} must be JSON-serializable: {exc}") from None
+    return value

@@ -1,0 +1,1 @@
+"""Replay: stream a recorded run through policies; collapse detectors; observed behaviour."""

@@ -1,0 +1,117 @@
+"""Collapse detectors shared by `inspect` (the recorded run) and replay (each policy).
+
+Rules and defaults are design.md's "Collapse". numpy in, numpy out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+# Observed collapse: W = max(MIN_WINDOW, steps / WINDOW_DIVISOR). Ten steps at least, so a few
+# noisy rewards cannot make a collapse; one twentieth of the run, so W scales with its length.
+MIN_WINDOW = 10
+WINDOW_DIVISOR = 20
+
+
+def collapse_window(num_steps: int) -> int:
+    """W of the observed-collapse rule for a run of `num_steps` recorded steps."""
+    return max(MIN_WINDOW, num_steps // WINDOW_DIVISOR)
+
+
+def rolling_mean(values: np.ndarray, window: int, min_periods: int | None = None) -> np.ndarray:
+    """Trailing mean over `window` values: out[i] = mean(values[i - window + 1 : i + 1]).
+
+    values: [S]. Where fewer than `min_periods` (default: `window`) values precede, NaN. A
+    non-finite value makes every window that holds it NaN (propagated, not hidden).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    min_periods = window if min_periods is None else min_periods
+    n = values.shape[0]
+    out = np.full(n, np.nan)
+    if n == 0:
+        return out
+    finite = np.isfinite(values)
+    sums = np.concatenate(([0.0], np.cumsum(np.where(finite, values, 0.0))))
+    bad = np.concatenate(([0], np.cumsum(~finite)))
+    index = np.arange(n)
+    start = np.maximum(index - window + 1, 0)
+    count = index + 1 - start
+    means = (sums[index + 1] - sums[start]) / count
+    has_bad = (bad[index + 1] - bad[start]) > 0
+    ok = count >= min_periods
+    out[ok] = np.where(has_bad[ok], np.nan, means[ok])
+    return out
+
+
+def spike_flags(
+    values: np.ndarray, factor: float = 10.0, history: int = 20, min_history: int = 5
+) -> np.ndarray:
+    """values: [S] -> [S] bool: value > factor x median of the previous `history` finite values.
+
+    Needs `min_history` finite values before it; non-finite values are never spikes (they are
+    counted as non-finite) and are left out of the history.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    flags = np.zeros(values.shape[0], dtype=bool)
+    finite_index = np.flatnonzero(np.isfinite(values))
+    finite = values[finite_index]
+    if finite.shape[0] <= min_history:
+        return flags
+    medians = np.full(finite.shape[0], np.nan)
+    # Short histories (fewer than `history` values before) one by one; full ones vectorized.
+    for k in range(min_history, min(history, finite.shape[0])):
+        medians[k] = np.median(finite[:k])
+    if finite.shape[0] > history:
+        windows = sliding_window_view(finite[:-1], history)  # windows[j] = finite[j : j + history]
+        medians[history:] = np.median(windows, axis=1)
+    checked = ~np.isnan(medians)
+    flags[finite_index[checked]] = finite[checked] > factor * medians[checked]
+    return flags
+
+
+def observed_reward_collapse(
+    steps: np.ndarray, rewards: np.ndarray, reward_range: tuple[float, float] | None = None
+) -> int | None:
+    """The first step of observed reward collapse, or None (design.md "Collapse").
+
+    steps, rewards: [S] (per recorded step, e.g. the `reward_mean` scalar). With
+    W = max(10, S / 20) and m the rolling mean of reward - floor over W steps (floor =
+    reward_range[0], else min(rewards)): the first step where m falls below half of its best
+    value so far and stays below that level for 2W steps, or to the end of the run.
+    """
+    steps = np.asarray(steps)
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if steps.shape != rewards.shape:
+        raise ValueError(f"steps {steps.shape} and rewards {rewards.shape} differ in shape")
+    order = np.argsort(steps, kind="stable")
+    steps, rewards = steps[order], rewards[order]
+    n = rewards.shape[0]
+    window = collapse_window(n)
+    if n < window or not np.isfinite(rewards).any():
+        return None
+    floor = reward_range[0] if reward_range is not None else float(np.nanmin(rewards))
+    level = rolling_mean(rewards - floor, window)
+    best = np.fmax.accumulate(level)  # NaN until the first full window; NaN never wins
+    threshold = 0.5 * best
+    # "Stays below for 2W steps or to the end": the largest level over [i, i + 2W), cut at the
+    # end of the run. NaN counts as not below (+inf), so a non-finite stretch breaks a collapse.
+    span = 2 * window
+    padded = np.concatenate((np.where(np.isnan(level), np.inf, level), np.full(span - 1, -np.inf)))
+    ahead_max = sliding_window_view(padded, span).max(axis=1)
+    collapsed = (best > 0) & np.isfinite(level) & (ahead_max < threshold)
+    hits = np.flatnonzero(collapsed)
+    return int(steps[hits[0]]) if hits.size else None
+
+
+def drift_flags(net_push: np.ndarray, window: int, threshold: float) -> np.ndarray:
+    """net_push: [S] -> [S] bool: the trailing mean of net_push over `window` steps is below
+    `threshold` (design.md "Collapse": drift, the early warning beside collapse).
+
+    A step is flagged only once a full window precedes it (so a few noisy first steps cannot
+    flag); a window holding a non-finite value is not flagged (the step is `nonfinite`).
+    """
+    means = rolling_mean(net_push, window)
+    return np.isfinite(means) & (means < threshold)

@@ -1,0 +1,64 @@
+"""A recording process for the crash and live-read tests.
+
+    python tests/_record_worker.py OUT --steps N [--async-writes --queue-size Q] [--sleep S]
+
+Records steps 0..N-1 with `Recorder`, each built by `make_step(seed, step)`, and prints each
+step number to stdout (flushed) once `log_step` has returned for it. The tests regenerate the
+same arrays from the seed to check what was read back, bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def make_step(seed: int, step: int, batch: int = 8, length: int = 512) -> dict:
+    """Deterministic arrays of one step: [B, L] token arrays with a ragged mask."""
+    rng = np.random.default_rng([seed, step])
+    logp = -rng.exponential(1.0, size=(batch, length)).astype(np.float32)
+    lengths = rng.integers(1, length + 1, size=batch)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.uint8)
+    return {
+        "logp": logp,
+        "logp_old": (logp + rng.normal(0.0, 0.05, size=logp.shape)).astype(np.float32),
+        "advantages": rng.normal(size=batch).astype(np.float32),
+        "mask": mask,
+        "group_id": (np.arange(batch) // 4).astype(np.int32),
+        "reward": rng.uniform(size=batch).astype(np.float32),
+        "grad_norm": float(rng.uniform(0.5, 2.0)),
+        "loss": float(rng.normal()),
+        "inner_step": step % 2,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--async-writes", action="store_true")
+    parser.add_argument("--queue-size", type=int, default=8)
+    args = parser.parse_args()
+
+    from stabledrl_cli import Recorder
+
+    with Recorder(
+        args.out,
+        policy="grpo",
+        meta={"seed": args.seed},
+        async_writes=args.async_writes,
+        queue_size=args.queue_size,
+    ) as rec:
+        for step in range(args.steps):
+            rec.log_step(step, **make_step(args.seed, step))
+            print(step, flush=True)
+            if args.sleep:
+                time.sleep(args.sleep)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,488 @@
+"""Recorder -> open_run round trips, refusals, input validation, versions, integrity."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import stabledrl_cli as sd
+from stabledrl_cli.dump import RunIntegrityWarning
+from stabledrl_cli.errors import InputError, UsageError
+
+
+def _token_batch(seed: int, batch: int = 3, length: int = 5) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(batch, length, generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, 3:] = False
+    mask[2, 1:] = False
+    return {
+        "logp": logp,
+        "logp_old": logp - 0.1 * torch.rand(batch, length, generator=gen),
+        "advantages": torch.randn(batch, generator=gen),
+        "mask": mask,
+    }
+
+
+def test_token_round_trip_exact(tmp_path):
+    path = tmp_path / "run"
+    inputs = [_token_batch(seed) for seed in range(3)]
+    with sd.Recorder(
+        path,
+        policy="ppo",
+        policy_params={"eps_low": 0.2, "eps_high": 0.28, "agg": "token-mean"},
+        meta={"model": "tiny", "seed": 7},
+        estimator={"mask_scheme": "random", "mc_samples": 2},
+        reward_range=(0, 1),
+    ) as rec:
+        for step, batch in zip((0, 1, 5), inputs, strict=True):
+            rec.log_step(
+                step,
+                **batch,
+                group_id=np.array([0, 0, 1]),
+                reward=np.array([1.0, 0.0, 0.5]),
+                logp_ref=batch["logp"].double() - 0.5,
+                grad_norm=torch.tensor(1.5),
+                loss=-0.25,
+                lr=3e-6,
+                inner_step=0,
+                scalars={"kl": 0.125, "entropy": 2.0},
+            )
+
+    run = sd.open_run(path)
+    manifest = run.manifest
+    assert manifest["format_version"] == "1.0" and manifest["tool_version"] == sd.__version__
+    assert run.policy_spec == "ppo:agg=token-mean,eps_high=0.28,eps_low=0.2"
+    assert manifest["policy"]["name"] == "ppo"
+    assert manifest["policy"]["params"] == {"eps_low": 0.2, "eps_high": 0.28, "agg": "token-mean"}
+    assert manifest["meta"] == {"model": "tiny", "seed": 7}
+    assert manifest["estimator"] == {"mask_scheme": "random", "mc_samples": 2}
+    assert run.unit == "token" and run.reward_range == (0.0, 1.0) and run.geometry is None
+    assert manifest["world_size"] == 1
+    assert run.step_numbers == [0, 1, 5] and len(run) == 3
+
+    steps = list(run)
+    assert [s.step for s in steps] == [0, 1, 5]
+    for step, batch in zip(steps, inputs, strict=True):
+        assert step.fields == {
+            "logp", "logp_old", "advantages", "mask", "seq_id", "group_id", "reward", "logp_ref",
+        }  # fmt: skip
+        assert step.num_tokens == 15 and step.num_sequences == 3 and step.num_scored_tokens == 9
+        assert torch.equal(step["logp"], batch["logp"].reshape(-1))
+        assert torch.equal(step["logp_old"], batch["logp_old"].reshape(-1))
+        expected_adv = batch["advantages"][:, None].expand(3, 5).reshape(-1)
+        assert torch.equal(step["advantages"], expected_adv)
+        assert torch.equal(step["mask"], batch["mask"].reshape(-1).to(torch.uint8))
+        assert torch.equal(step["seq_id"], torch.arange(3, dtype=torch.int32).repeat_interleave(5))
+        assert torch.equal(step["logp_ref"], (batch["logp"].double() - 0.5).float().reshape(-1))
+        assert step["group_id"].dtype == torch.int32
+        assert step["group_id"].tolist() == [0, 0, 1]
+        assert step["reward"].tolist() == [1.0, 0.0, 0.5]
+        assert step.get("loss_weight") is None and "loss_weight" not in step
+        scalars = step.scalars
+        assert scalars["grad_norm"] == 1.5 and scalars["loss"] == -0.25 and scalars["lr"] == 3e-6
+        assert scalars["kl"] == 0.125 and scalars["entropy"] == 2.0
+        assert scalars["reward_mean"] == 0.5  # defaults to reward.mean()
+        assert scalars["inner_step"] == 0.0 and scalars["nonfinite"] == 0.0
+        assert scalars["step"] == float(step.step) and "wall_time" in scalars
+    with pytest.raises(KeyError, match="loss_weight"):
+        steps[0]["loss_weight"]
+    assert run.step(5).step == 5
+    steps_, values = run.scalar_series("kl")
+    assert steps_.tolist() == [0, 1, 5] and values.tolist() == [0.125] * 3
+    assert [(f.kind, f.step) for f in run.integrity.findings] == [("gap", 2)]  # steps 2..4
+
+
+def test_flat_numpy_input_and_nonfinite_count(tmp_path):
+    path = tmp_path / "run"
+    logp = np.array([-1.0, np.nan, -0.5, -np.inf, -2.0], dtype=np.float64)
+    mask = np.array([1, 1, 1, 0, 1], dtype=np.int64)  # the -inf sits on a padding position
+    with sd.Recorder(path) as rec:
+        rec.log_step(
+            3,
+            logp=logp,
+            logp_old=np.zeros(5, dtype=np.float32),
+            advantages=np.ones(5, dtype=np.float16),
+            mask=mask,
+            seq_id=np.array([0, 0, 1, 1, 2], dtype=np.int64),
+            loss=float("nan"),
+        )
+    step = sd.open_run(path).step(3)
+    assert step["logp"].dtype == torch.float32
+    np.testing.assert_array_equal(step["logp"].numpy(), logp.astype(np.float32))
+    assert step["seq_id"].tolist() == [0, 0, 1, 1, 2] and step["mask"].tolist() == [1, 1, 1, 0, 1]
+    assert step.num_sequences == 3
+    # the NaN logp on a scored token and the NaN loss; the masked -inf is padding
+    assert step.scalars["nonfinite"] == 2.0
+    assert np.isnan(step.scalars["loss"])
+
+
+def test_sequence_unit_round_trip(tmp_path):
+    path = tmp_path / "run"
+    elbo = torch.tensor([-3.0, -2.5, -4.0, -1.0])
+    with sd.Recorder(
+        path, policy="stabledrl", policy_params={"c": 5.0}, unit="sequence",
+        estimator={"mask": "independent", "mc_samples": 4},
+    ) as rec:  # fmt: skip
+        rec.log_step(
+            0,
+            logp=elbo,
+            logp_old=elbo + 0.3,
+            advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]),
+            group_id=torch.tensor([0, 0, 1, 1]),
+            reward=torch.tensor([1.0, 0.0, 1.0, 0.0]),
+            unit_grad_sketch=torch.arange(8, dtype=torch.float16).reshape(4, 2),
+            unit_grad_sketch_scale=0.5,
+            grad_norm_covered=2.0,
+        )
+    run = sd.open_run(path)
+    assert run.unit == "sequence" and run.policy_spec == "stabledrl:c=5.0"
+    step = run.step(0)
+    assert step["seq_id"].tolist() == [0, 1, 2, 3]  # defaults to arange for unit sequence
+    assert torch.equal(step["logp"], elbo) and torch.equal(step["logp_old"], elbo + 0.3)
+    assert step["unit_grad_sketch"].dtype == torch.float16
+    assert step["unit_grad_sketch"].float().reshape(-1).tolist() == list(range(8))
+    assert step.scalars["unit_grad_sketch_scale"] == 0.5
+    assert step.scalars["grad_norm_covered"] == 2.0 and step.num_sequences == 4
+
+
+def test_geometry_and_param_norms(tmp_path):
+    path = tmp_path / "run"
+    geometry = {"kind": "gram", "params": ["lm_head.weight"], "every": 1}
+    gram = np.eye(4, dtype=np.float64) * 2.0
+    with sd.Recorder(path, geometry=geometry, param_names=["a", "b"]) as rec:
+        rec.log_step(
+            0, logp=np.zeros(4, np.float32), logp_old=np.zeros(4, np.float32),
+            advantages=np.ones(4, np.float32), seq_id=np.array([0, 0, 1, 1]),
+            unit_grad_gram=gram, param_grad_norm=np.array([1.0, 2.0]),
+        )  # fmt: skip
+    run = sd.open_run(path)
+    assert run.geometry == geometry and run.manifest["param_names"] == ["a", "b"]
+    step = run.step(0)
+    assert step["unit_grad_gram"].dtype == torch.float32
+    assert torch.equal(step["unit_grad_gram"], torch.eye(4) * 2.0)
+    assert step["param_grad_norm"].tolist() == [1.0, 2.0]
+
+
+def test_refuses_to_overwrite_unless_told(tmp_path):
+    path = tmp_path / "run"
+    with sd.Recorder(path) as rec:
+        rec.log_step(0, **_token_batch(0))
+        rec.log_step(1, **_token_batch(1))
+    with pytest.raises(UsageError, match="overwrite=True"):
+        sd.Recorder(path)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("x")
+    with pytest.raises(UsageError, match="not empty"):
+        sd.Recorder(other)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="not a directory"):
+        sd.Recorder(tmp_path / "file")
+    with sd.Recorder(path, overwrite=True, policy="dapo") as rec:
+        rec.log_step(7, **_token_batch(2))
+    run = sd.open_run(path)
+    assert run.step_numbers == [7] and run.policy_spec == "dapo"
+
+
+def _flat(n: int = 4) -> dict:
+    return {
+        "logp": np.zeros(n, np.float32),
+        "logp_old": np.zeros(n, np.float32),
+        "advantages": np.ones(n, np.float32),
+        "seq_id": np.array([0, 0, 1, 1][:n]),
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"logp_old": np.zeros(3, np.float32)}, "logp_old"),
+        ({"advantages": np.ones(5, np.float32)}, "advantages"),
+        ({"logp": np.zeros(4, np.int64)}, "logp"),
+        ({"seq_id": np.array([0.0, 0.0, 1.0, 1.0])}, "seq_id"),
+        ({"seq_id": np.array([0, 0, -1, 1])}, "seq_id"),
+        ({"seq_id": None}, "seq_id"),
+        ({"mask": np.array([0, 1, 2, 1])}, "mask"),
+        ({"mask": np.ones(3)}, "mask"),
+        ({"group_id": np.array([0, 1, 2])}, "group_id"),
+        ({"group_id": np.array([0, -1])}, "group_id"),
+        ({"reward": np.array([1.0])}, "reward"),
+        ({"reward": np.array([1, 0])}, "reward"),
+        ({"logp_ref": np.zeros(2, np.float32)}, "logp_ref"),
+        ({"unit_grad_gram": np.eye(3, dtype=np.float32)}, "unit_grad_gram"),
+        ({"unit_grad_sketch": np.zeros((4, 2), np.float16)}, "unit_grad_sketch"),
+        ({"unit_grad_sketch": np.zeros((3, 2), np.float32)}, "unit_grad_sketch"),
+        ({"loss": "high"}, "loss"),
+        ({"grad_norm": np.ones(2)}, "grad_norm"),
+        ({"scalars": {"_crc": 1.0}}, "scalars"),
+        ({"scalars": {"loss": 1.0}}, "scalars"),
+        ({"logp_old": None}, "logp_old"),
+    ],
+)
+def test_log_step_validation_names_the_field(tmp_path, change, field):
+    with sd.Recorder(tmp_path / "run") as rec:
+        with pytest.raises(UsageError, match=field):
+            rec.log_step(0, **{**_flat(), **change})
+        rec.log_step(0, **_flat())  # a refused step leaves the recorder usable
+    assert sd.open_run(tmp_path / "run").step_numbers == [0]
+
+
+def test_step_numbers_and_constructor_are_checked(tmp_path):
+    with sd.Recorder(tmp_path / "run", param_names=["a"]) as rec:
+        rec.log_step(4, **_flat())
+        with pytest.raises(UsageError, match="must increase"):
+            rec.log_step(4, **_flat())
+        with pytest.raises(UsageError, match="step must be"):
+            rec.log_step(-1, **_flat())
+        with pytest.raises(UsageError, match="param_grad_norm"):
+            rec.log_step(5, **_flat(), param_grad_norm=np.ones(2))
+    with pytest.raises(UsageError, match="closed"):
+        rec.log_step(9, **_flat())
+    for kwargs, word in [
+        ({"unit": "word"}, "unit"),
+        ({"rank": 2, "world_size": 2}, "rank"),
+        ({"reward_range": (1, 0)}, "reward_range"),
+        ({"policy_params": {"eps": [1]}}, "policy_params"),
+        ({"meta": {"x": object()}}, "meta"),
+        ({"policy": "a:b"}, "policy"),
+    ]:
+        with pytest.raises(UsageError, match=word):
+            sd.Recorder(tmp_path / f"bad-{word}", **kwargs)
+
+
+def test_async_writes_round_trip(tmp_path):
+    path = tmp_path / "run"
+    inputs = [_token_batch(seed) for seed in range(20)]
+    with sd.Recorder(path, async_writes=True, queue_size=2) as rec:
+        for step, batch in enumerate(inputs):
+            rec.log_step(step, **batch)
+            batch["logp"].fill_(0.0)  # the caller reuses its buffers at once: a snapshot was taken
+    run = sd.open_run(path)
+    assert run.step_numbers == list(range(20))
+    for step in run:
+        assert not torch.all(step["logp"] == 0.0)
+        assert torch.equal(step["logp_old"], inputs[step.step]["logp_old"].reshape(-1))
+
+
+def test_open_run_refuses_non_runs(tmp_path):
+    with pytest.raises(InputError, match="no such run"):
+        sd.open_run(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"no manifest\.json"):
+        sd.open_run(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(InputError, match="unreadable manifest"):
+        sd.open_run(bad)
+    (bad / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(InputError, match="not a run"):
+        sd.open_run(bad)
+    report = tmp_path / "report.h5"
+    with h5py.File(report, "w") as handle:
+        handle.attrs["kind"] = "stabledrl-replay-report"
+    with pytest.raises(InputError, match="not a run"):
+        sd.open_run(report)
+    (tmp_path / "text.txt").write_text("hello")
+    with pytest.raises(InputError, match="not a run"):
+        sd.open_run(tmp_path / "text.txt")
+
+
+def _rewrite_manifest(path, **changes):
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.update(changes)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_version_newer_major_refused_newer_minor_read(tmp_path):
+    path = tmp_path / "run"
+    with sd.Recorder(path) as rec:
+        rec.log_step(0, **_flat())
+    _rewrite_manifest(path, format_version="2.0")
+    with pytest.raises(InputError, match="newer"):
+        sd.open_run(path)
+    _rewrite_manifest(path, format_version="1.9", some_future_field={"x": 1})
+    # A 1.9 step file: an extra tensor and extra metadata, written through the same encoder.
+    from stabledrl_cli.dump._stfile import encode_step, read_header, write_atomic
+
+    step_path = path / "steps" / "step-00000001.safetensors"
+    header = read_header(path / "steps" / "step-00000000.safetensors", deep=True)
+    metadata = {k: v for k, v in header.metadata.items() if not k.startswith("_crc32")}
+    metadata.update({"_format_version": "1.9", "future_note": "text", "future_scalar": "2.5"})
+    tensors = {**{k: v for k, v in _flat().items()}, "future_array": np.ones(3, np.float32)}
+    tensors["seq_id"] = tensors["seq_id"].astype(np.int32)
+    tensors["mask"] = np.ones(4, np.uint8)
+    write_atomic(step_path, encode_step(tensors, metadata))
+    run = sd.open_run(path)
+    assert run.format_version == (1, 9) and run.step_numbers == [0, 1]
+    step = run.step(1)
+    assert "future_array" not in step.fields and step.scalars["future_scalar"] == 2.5
+    assert "future_note" not in step.scalars
+    assert run.integrity.ok
+    # A step file of a newer major inside an old run: reported and skipped, not read.
+    metadata["_format_version"] = "2.0"
+    write_atomic(step_path, encode_step(tensors, metadata))
+    assert run.step_numbers == [0]
+    assert [f.kind for f in run.integrity.findings] == ["unreadable"]
+
+
+def _record(path, steps) -> None:
+    with sd.Recorder(path) as rec:
+        for step in steps:
+            rec.log_step(step, **_token_batch(step), reward=np.array([0.0, 1.0, 0.5]), loss=0.5)
+
+
+def test_corrupt_files_are_reported_and_skipped(tmp_path):
+    path = tmp_path / "run"
+    _record(path, range(8))
+    steps_dir = path / "steps"
+    good = (steps_dir / "step-00000000.safetensors").read_bytes()
+
+    truncated = steps_dir / "step-00000002.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+    flipped = steps_dir / "step-00000003.safetensors"
+    data = bytearray(flipped.read_bytes())
+    data[-3] ^= 0x10  # one bit of the last tensor's data
+    flipped.write_bytes(bytes(data))
+    header_flip = steps_dir / "step-00000004.safetensors"
+    text = header_flip.read_bytes()
+    header_flip.write_bytes(text.replace(b'"loss":"0.5"', b'"loss":"0.7"', 1))
+    assert header_flip.read_bytes() != text
+    (steps_dir / "step-00000005.safetensors").unlink()  # a gap
+    (steps_dir / ".step-00000008.safetensors.tmp-999").write_bytes(good[: len(good) // 2])
+    (steps_dir / "step-00000009.safetensors").write_bytes(good[:5])
+    (steps_dir / "notes.txt").write_text("hi")
+
+    run = sd.open_run(path)
+    # Headers are checked on listing: the truncated files and the header flip are not listed.
+    assert run.step_numbers == [0, 1, 3, 6, 7]
+    with pytest.warns(RunIntegrityWarning, match="step 3"):
+        read = [s.step for s in run]
+    assert read == [0, 1, 6, 7]  # the data flip is found when the data is read
+    assert run.step_numbers == [0, 1, 6, 7]  # and remembered while the file is unchanged
+    kinds = {(f.kind, f.step) for f in run.integrity.findings}
+    assert kinds == {
+        ("torn", 2),
+        ("unreadable", 3),
+        ("unreadable", 4),
+        ("gap", 5),
+        ("temporary", 8),
+        ("torn", 9),
+        ("unknown_file", None),
+    }
+    assert not run.integrity.ok
+    with pytest.raises(InputError, match="step 3"):
+        run.step(3)
+    with pytest.raises(InputError, match="step 2"):
+        run.step(2)
+    with pytest.raises(InputError, match="no step 5"):
+        run.step(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run.scalar_series("loss")[0].tolist() == [0, 1, 6, 7]
+    # verify=False trusts the data: the flipped step reads, with the flipped value.
+    unverified = sd.open_run(path, verify=False)
+    assert [s.step for s in unverified] == [0, 1, 3, 6, 7]
+
+
+def test_gaps_follow_the_recording_stride(tmp_path):
+    path = tmp_path / "run"
+    _record(path, [0, 10, 20, 50, 60])
+    findings = sd.open_run(path).integrity.findings
+    assert [(f.kind, f.step) for f in findings] == [("gap", 30)]
+    assert "steps 30..40" in findings[0].message
+
+
+def test_multi_rank_step_joins_ranks(tmp_path):
+    path = tmp_path / "run"
+    recorders = [sd.Recorder(path, world_size=2, rank=r) for r in (0, 1)]
+    for step in range(2):
+        for rank, rec in enumerate(recorders):
+            rec.log_step(
+                step,
+                logp=torch.full((2, 3), -1.0 - rank),
+                logp_old=torch.full((2, 3), -1.0),
+                advantages=torch.tensor([1.0, -1.0]),
+                group_id=np.array([0, 0]),
+                reward=np.array([1.0, 0.0]) if rank == 0 else np.array([1.0, 1.0]),
+                loss=float(rank),
+                grad_norm=3.0,
+            )
+    for rec in recorders:
+        rec.close()
+    assert sorted(os.listdir(path / "steps"))[:2] == [
+        "step-00000000.rank-0000.safetensors",
+        "step-00000000.rank-0001.safetensors",
+    ]
+    run = sd.open_run(path)
+    step = run.step(1)
+    assert step.num_tokens == 12 and step.num_sequences == 4
+    assert step["seq_id"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert step["group_id"].tolist() == [0, 0, 1, 1]
+    assert step["logp"].tolist() == [-1.0] * 6 + [-2.0] * 6
+    assert step.scalars["reward_mean"] == 0.75 and step.scalars["loss"] == 0.5
+    assert step.scalars["grad_norm"] == 3.0
+    (path / "steps" / "step-00000001.rank-0001.safetensors").unlink()
+    assert run.step_numbers == [0]
+    assert [(f.kind, f.step) for f in run.integrity.findings] == [("missing_rank", 1)]
+
+
+def test_multi_rank_sketches_join_and_gram_is_left_out(tmp_path):
+    path = tmp_path / "run"
+    for rank, scale in ((0, 0.5), (1, 2.0)):
+        with sd.Recorder(path, world_size=2, rank=rank, unit="sequence") as rec:
+            rec.log_step(
+                0,
+                logp=np.zeros(2, np.float32),
+                logp_old=np.zeros(2, np.float32),
+                advantages=np.ones(2, np.float32),
+                unit_grad_sketch=np.full((2, 3), 4.0, np.float16),
+                unit_grad_sketch_scale=scale,
+                unit_grad_gram=np.eye(2, dtype=np.float32),
+            )
+    step = sd.open_run(path).step(0)
+    assert "unit_grad_gram" not in step.fields  # the cross-rank entries were never recorded
+    sketch = step["unit_grad_sketch"]
+    assert sketch.dtype == torch.float32
+    assert sketch[:, 0].tolist() == [2.0, 2.0, 8.0, 8.0]  # each rank dequantized by its scale
+    assert "unit_grad_sketch_scale" not in step.scalars
+
+
+def test_bfloat16_and_token_ids(tmp_path):
+    path = tmp_path / "run"
+    logp = torch.tensor([[-1.0, -0.5], [-0.25, -2.0]], dtype=torch.bfloat16)
+    with sd.Recorder(path) as rec:
+        rec.log_step(
+            0,
+            logp=logp,
+            logp_old=logp,
+            advantages=torch.tensor([1.0, -1.0], dtype=torch.float64),
+            token_ids=torch.tensor([[11, 12], [13, 14]]),
+        )
+    step = sd.open_run(path).step(0)
+    assert step["logp"].tolist() == [-1.0, -0.5, -0.25, -2.0]
+    assert step["token_ids"].dtype == torch.int64 and step["token_ids"].shape == (2, 2)
+
+
+def test_async_writer_failure_reaches_the_caller(tmp_path, monkeypatch):
+    from stabledrl_cli.dump import _writer
+
+    def failing_write(final, parts):
+        raise OSError(28, "No space left on device")
+
+    rec = sd.Recorder(tmp_path / "run", async_writes=True, queue_size=1)
+    monkeypatch.setattr(_writer, "write_atomic", failing_write)
+    rec.log_step(0, **_flat())
+    with pytest.raises(OSError, match="No space left"):
+        rec.flush()
+    with pytest.raises(OSError, match="No space left"):
+        rec.log_step(1, **_flat())
+    with pytest.raises(OSError, match="No space left"):
+        rec.close()

@@ -1,0 +1,157 @@
+"""`stabledrl inspect` through CliRunner, and once as a real process for its exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """60 steps: reward 0.8 then 0.05 from step 40, a grad-norm spike at 25, a NaN at 33."""
+    path = tmp_path / "run"
+    gen = torch.Generator().manual_seed(3)
+    with sd.Recorder(
+        path,
+        policy="grpo",
+        policy_params={"eps_low": 0.2},
+        meta={"model": "tiny-mdlm"},
+        estimator={"mc_samples": 2},
+        reward_range=(0.0, 1.0),
+    ) as rec:
+        for step in range(60):
+            logp = -torch.rand(4, 8, generator=gen)
+            mask = torch.ones(4, 8)
+            mask[:, 8 - step % 3 :] = 0  # 32, 28 or 24 scored tokens
+            logp_old = logp + 0.05 * torch.randn(4, 8, generator=gen)
+            if step == 33:
+                logp_old[1, 1] = float("inf")
+            rec.log_step(
+                step,
+                logp=logp,
+                logp_old=logp_old,
+                advantages=torch.randn(4, generator=gen),
+                mask=mask,
+                group_id=np.array([0, 0, 1, 1]),
+                reward=torch.full((4,), 0.8 if step < 40 else 0.05),
+                grad_norm=40.0 if step == 25 else 1.0,
+                inner_step=step % 2,
+                scalars={"kl": 0.01},
+            )
+    return path
+
+
+def _json(args: list[str]) -> dict:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_inspect_json(run_dir):
+    data = _json(["inspect", str(run_dir), "--format", "json"])
+    assert data["run"] == str(run_dir)
+    assert data["format_version"] == "1.0" and data["tool_version"] == sd.__version__
+    assert data["policy"]["spec"] == "grpo:eps_low=0.2" and data["unit"] == "token"
+    assert data["meta"] == {"model": "tiny-mdlm"} and data["estimator"] == {"mc_samples": 2}
+    assert data["reward_range"] == [0.0, 1.0] and data["world_size"] == 1
+    assert (data["steps"], data["first_step"], data["last_step"]) == (60, 0, 59)
+    assert data["tokens_per_step"] == {"min": 24, "median": 28.0, "max": 32}
+    assert data["fields"] == sorted(
+        ["advantages", "group_id", "logp", "logp_old", "mask", "reward", "seq_id"]
+    )
+    assert "kl" in data["scalars"] and "grad_norm" in data["scalars"]
+    on_disk = sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
+    assert data["size_bytes"] == on_disk
+    assert data["integrity"] == {"ok": True, "findings": []}
+    observed = data["observed"]
+    assert observed["first_reward_collapse"] == 45
+    assert observed["recorded_spike_steps"] == [25] and observed["nonfinite_steps"] == [33]
+    assert 0.03 < observed["noise_floor_logratio_std"] < 0.07  # the 0.05 noise we put in
+    assert observed["reward_curve"]["first"] == pytest.approx(0.8)
+
+
+def test_inspect_table(run_dir):
+    result = runner.invoke(app, ["inspect", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    for expected in (
+        "grpo:eps_low=0.2",
+        "min 24, median 28, max 32",
+        "Integrity: ok",
+        "first reward collapse",
+        "step 45",
+        "meta.model",
+    ):
+        assert expected in text, expected
+    assert result.stderr == ""
+
+
+def test_corrupt_step_is_a_finding_not_a_failure(run_dir):
+    victim = run_dir / "steps" / "step-00000010.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0x01
+    victim.write_bytes(bytes(data))
+    (run_dir / "steps" / "step-00000020.safetensors").write_bytes(b"")
+    result = runner.invoke(app, ["inspect", str(run_dir), "-f", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["steps"] == 58
+    assert [(f["kind"], f["step"]) for f in data["integrity"]["findings"]] == [
+        ("unreadable", 10),
+        ("torn", 20),
+    ]
+    assert data["integrity"]["ok"] is False
+    table = runner.invoke(app, ["inspect", str(run_dir)])
+    assert table.exit_code == 0 and "2 finding(s)" in table.stdout
+    assert "data checksum mismatch" in table.stdout
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_run", "corrupt_manifest", "newer_major"])
+def test_bad_runs_exit_3_with_one_line(tmp_path, run_dir, case):
+    target = tmp_path / "missing"
+    if case == "not_a_run":
+        target = tmp_path / "plain"
+        target.mkdir()
+    elif case == "corrupt_manifest":
+        target = run_dir
+        (run_dir / "manifest.json").write_text('{"format": "stabledrl-run", "form')
+    elif case == "newer_major":
+        target = run_dir
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        manifest["format_version"] = "2.1"
+        (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["inspect", str(target), "--format", "json"])
+    assert result.exit_code == 3
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and "error:" in result.stderr
+
+
+def test_exit_code_in_a_real_process(tmp_path):
+    """The error map end to end: exit 3, one line on stderr, nothing on stdout, no traceback."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    missing = subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "inspect", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert missing.returncode == 3
+    assert missing.stdout == "" and "Traceback" not in missing.stderr
+    assert missing.stderr.strip() == f"error: no such run: {tmp_path / 'nope'}"

@@ -1,0 +1,167 @@
+"""Detectors on synthetic curves, and `observe` on a recorded run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import stabledrl_cli as sd
+from stabledrl_cli.replay.detectors import (
+    collapse_window,
+    observed_reward_collapse,
+    rolling_mean,
+    spike_flags,
+)
+from stabledrl_cli.replay.observed import observe
+
+
+def _noisy(curve: np.ndarray, seed: int = 0, scale: float = 0.02) -> np.ndarray:
+    return curve + np.random.default_rng(seed).normal(0.0, scale, size=curve.shape)
+
+
+def test_rolling_mean_matches_a_loop():
+    values = np.random.default_rng(0).normal(size=50)
+    got = rolling_mean(values, 7)
+    for i in range(50):
+        want = values[i - 6 : i + 1].mean() if i >= 6 else np.nan
+        np.testing.assert_allclose(got[i], want, equal_nan=True)
+    partial = rolling_mean(values, 7, min_periods=1)
+    np.testing.assert_allclose(partial[2], values[:3].mean())
+    with_nan = values.copy()
+    with_nan[10] = np.nan
+    out = rolling_mean(with_nan, 3)
+    assert np.isnan(out[10:13]).all() and np.isfinite(out[13])
+
+
+def test_spike_flags_rule():
+    values = np.ones(30)
+    values[3] = 50.0  # fewer than min_history (5) values before it: not judged
+    values[12] = 10.0  # exactly 10 x the median: not above it
+    values[15] = 10.5
+    values[20] = np.nan  # non-finite: not a spike, left out of the history
+    values[25] = np.inf
+    flags = spike_flags(values)
+    assert np.flatnonzero(flags).tolist() == [15]
+    # The history is the previous 20 finite values: a long high stretch becomes the norm.
+    level = np.concatenate((np.ones(30), np.full(30, 20.0)))
+    flagged = np.flatnonzero(spike_flags(level)).tolist()
+    assert flagged == list(range(30, 40))  # until 20 x 20.0 outweighs the 1.0s in the median
+    assert not spike_flags(np.ones(5)).any()
+    assert spike_flags(np.array([])).shape == (0,)
+
+
+def test_collapse_window():
+    assert collapse_window(50) == 10 and collapse_window(1000) == 50
+
+
+def test_clean_collapse_found_near_the_drop():
+    steps = np.arange(300)
+    curve = np.where(steps < 200, np.minimum(0.1 + steps / 100, 0.8), 0.05)
+    found = observed_reward_collapse(steps, _noisy(curve), reward_range=(0.0, 1.0))
+    window = collapse_window(300)
+    assert found is not None and 200 <= found < 200 + window
+    # The rolling mean must have crossed half of its best there, and not before.
+    level = rolling_mean(_noisy(curve), window)
+    assert level[found] < 0.5 * np.nanmax(level[:found])
+    assert observed_reward_collapse(steps, _noisy(curve)) is not None  # floor = the run's min
+
+
+def test_slow_drift_is_not_a_collapse():
+    steps = np.arange(400)
+    curve = np.linspace(0.8, 0.5, 400)  # loses 3/8 of the reward: never halves it
+    assert observed_reward_collapse(steps, _noisy(curve), reward_range=(0.0, 1.0)) is None
+    ramp_then_drift = np.concatenate((np.linspace(0.1, 0.8, 100), np.linspace(0.8, 0.5, 300)))
+    assert observed_reward_collapse(steps, _noisy(ramp_then_drift)) is None  # floor 0.1
+
+
+def test_recovery_before_2w_is_not_a_collapse():
+    steps = np.arange(300)
+    window = collapse_window(300)  # 15
+    curve = np.full(300, 0.8)
+    curve[150 : 150 + window] = 0.0  # the rolling mean dips below half for < 2W steps
+    assert observed_reward_collapse(steps, curve, reward_range=(0.0, 1.0)) is None
+    longer = np.full(300, 0.8)
+    longer[150 : 150 + 3 * window] = 0.0  # below half for more than 2W steps
+    assert observed_reward_collapse(steps, longer, reward_range=(0.0, 1.0)) is not None
+
+
+def test_drop_at_the_end_that_lasts_to_the_end_is_a_collapse():
+    steps = np.arange(200)
+    curve = np.full(200, 0.8)
+    curve[-12:] = 0.0  # fewer than 2W steps left, but it never recovers
+    found = observed_reward_collapse(steps, curve, reward_range=(0.0, 1.0))
+    assert found is not None and found >= 188
+
+
+def test_negative_rewards_measured_from_the_floor():
+    steps = np.arange(200)
+    curve = np.where(steps < 120, np.minimum(-0.9 + steps / 60, -0.1), -0.95)
+    found = observed_reward_collapse(steps, _noisy(curve), reward_range=(-1.0, 0.0))
+    assert found is not None and 120 <= found < 130
+    assert observed_reward_collapse(steps, _noisy(curve)) is not None
+    # Rewards all below zero that only wobble: measured from the floor, no collapse.
+    wobble = -0.5 + 0.05 * np.sin(steps / 7.0)
+    assert observed_reward_collapse(steps, wobble, reward_range=(-1.0, 0.0)) is None
+
+
+def test_collapse_edge_cases():
+    assert observed_reward_collapse(np.arange(5), np.ones(5)) is None  # shorter than W
+    assert observed_reward_collapse(np.arange(50), np.zeros(50)) is None  # flat at the floor
+    shuffled = np.random.default_rng(0).permutation(300)
+    curve = np.where(np.arange(300) < 200, 0.8, 0.05)
+    in_order = observed_reward_collapse(np.arange(300), curve, (0.0, 1.0))
+    assert observed_reward_collapse(shuffled, curve[shuffled], (0.0, 1.0)) == in_order
+    with pytest.raises(ValueError, match="shape"):
+        observed_reward_collapse(np.arange(3), np.zeros(4))
+
+
+def test_observe_a_recorded_run(tmp_path):
+    path = tmp_path / "run"
+    gen = torch.Generator().manual_seed(0)
+    logratios = []
+    with sd.Recorder(path, reward_range=(0.0, 1.0)) as rec:
+        for step in range(60):
+            logp = -torch.rand(4, 8, generator=gen)
+            noise = 0.05 * torch.randn(4, 8, generator=gen)
+            mask = torch.ones(4, 8)
+            mask[:, 6:] = 0
+            inner = step % 2
+            if step == 33:
+                noise[0, 0] = float("nan")
+            if inner == 0:
+                scored = (-noise)[mask.bool()]
+                logratios.append(scored[torch.isfinite(scored)].double())
+            reward = 0.8 if step < 40 else 0.05
+            rec.log_step(
+                step,
+                logp=logp,
+                logp_old=logp + noise,
+                advantages=torch.randn(4, generator=gen),
+                mask=mask,
+                reward=torch.full((4,), reward),
+                grad_norm=40.0 if step == 25 else 1.0 + 0.01 * step,
+                inner_step=inner,
+            )
+    observed = observe(sd.open_run(path))
+    assert observed.first_reward_collapse == 45  # 10-step mean: (4 x 0.8 + 6 x 0.05) / 10 < 0.4
+    assert observed.recorded_spike_steps == [25]
+    assert observed.nonfinite_steps == [33]
+    reference = torch.cat(logratios)
+    assert observed.noise_floor_units == reference.numel()
+    assert observed.noise_floor_logratio_std == pytest.approx(reference.std(correction=0).item())
+    curve = observed.to_dict()["reward_curve"]
+    assert curve["window"] == 10
+    assert curve["first"] == pytest.approx(0.8) and curve["best"] == pytest.approx(0.8)
+    assert curve["last"] == pytest.approx(0.05)
+
+
+def test_observe_without_rewards_or_inner_steps(tmp_path):
+    path = tmp_path / "run"
+    with sd.Recorder(path) as rec:
+        rec.log_step(
+            0, logp=np.zeros(3), logp_old=np.zeros(3), advantages=np.ones(3), seq_id=[0, 0, 1]
+        )
+    observed = observe(sd.open_run(path)).to_dict()
+    assert observed["first_reward_collapse"] is None and observed["reward_curve"] is None
+    assert observed["noise_floor_logratio_std"] is None and observed["recorded_spike_steps"] == []
