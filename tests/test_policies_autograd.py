@@ -115,7 +115,9 @@ def ref_ppo(r, adv, eps_low=0.2, eps_high=0.2, **_):
 
 
 def ref_dual_clip(r, adv, eps_low=0.2, eps_high=0.2, c=3.0, **_):
-    # verl: pg_losses3 = -A c; clip_pg_losses2 = min(pg_losses3, clip_pg_losses1) for A < 0.
+    # verl: ratio = exp(clamp(log r, -20, 20)); pg_losses3 = -A c;
+    # clip_pg_losses2 = min(pg_losses3, clip_pg_losses1) for A < 0.
+    r = torch.exp(torch.clamp(torch.log(r), min=-20.0, max=20.0))
     loss1 = -torch.min(r * adv, torch.clamp(r, 1 - eps_low, 1 + eps_high) * adv)
     loss = torch.where(adv < 0, torch.min(-adv * c, loss1), loss1)
     return -loss

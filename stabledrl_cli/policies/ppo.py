@@ -54,6 +54,9 @@ class PPOPolicy(TokenPolicy):
         return value, dvalue, discarded, torch.zeros_like(discarded)
 
 
+VERL_LOG_RATIO_CLAMP = 20.0
+
+
 @dataclass(frozen=True, kw_only=True)
 class DualClipConfig(ClipConfig):
     c: float = 3.0
@@ -65,18 +68,22 @@ class DualClipConfig(ClipConfig):
 
 
 class DualClipPolicy(TokenPolicy):
-    """verl: for A < 0, `max(min(r A, clip(r) A), c A)`. At r == c exactly the term keeps r A
-    (the bound rule; autograd of the max splits the tie and would give r A / 2)."""
+    """verl: for A < 0, `max(min(r A, clip(r) A), c A)`, with r = exp(clamp(log r, -20, 20)).
+    At r == c exactly the term keeps r A (the bound rule; autograd of the max splits the tie
+    and would give r A / 2)."""
 
     Config = DualClipConfig
     family = "ppo-clip"
 
     def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor):
         cfg = self.config
-        ratio = prep.ratio
+        # verl clamps log r to [-20, 20] before exp so the ratio cannot overflow; the clamp
+        # also zeroes the gradient of the tokens outside it.
+        outside = prep.log_ratio.abs() > VERL_LOG_RATIO_CLAMP
+        ratio = torch.exp(prep.log_ratio.clamp(-VERL_LOG_RATIO_CLAMP, VERL_LOG_RATIO_CLAMP))
         value, discarded = ppo_terms(ratio, adv, cfg.eps_low, cfg.eps_high)
         value = torch.where(adv < 0, torch.maximum(value, cfg.c * adv), value)
-        discarded = discarded | ((adv < 0) & (ratio > cfg.c))
+        discarded = discarded | ((adv < 0) & (ratio > cfg.c)) | outside
         dvalue = keep_times(~discarded, ratio * adv)
         return value, dvalue, discarded, torch.zeros_like(discarded)
 
