@@ -59,6 +59,13 @@ def _format_scalar(value: float) -> str:
     return repr(float(value))  # round-trips exactly; 'nan' and 'inf' parse back with float()
 
 
+def _now() -> float:
+    """Wall-clock seconds, or SOURCE_DATE_EPOCH when set, so a recording can be reproduced byte
+    for byte (the reproducible-builds convention)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    return float(epoch) if epoch else time.time()
+
+
 class _Writer(threading.Thread):
     """Writes queued (path, parts) in order; keeps the first error for the caller."""
 
@@ -134,7 +141,9 @@ class Recorder:
             "format": RUN_KIND,
             "format_version": FORMAT_VERSION,
             "tool_version": _tool_version(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.fromtimestamp(_now(), _dt.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
             "meta": json_checked(dict(meta or {}), "meta"),
             "policy": {
                 "spec": policy_spec(policy, policy_params),
@@ -272,7 +281,7 @@ class Recorder:
             user_scalars=scalars,
             num_params=self._num_params,
         )
-        values.setdefault("wall_time", time.time())
+        values.setdefault("wall_time", _now())
         metadata = {name: _format_scalar(v) for name, v in values.items()}
         ids = tensors["seq_id"]
         metadata.update({

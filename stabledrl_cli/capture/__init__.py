@@ -1,0 +1,7 @@
+"""Getting data out of training: the `record -- CMD` bootstrap (`log_policy_batch`)."""
+
+from __future__ import annotations
+
+from stabledrl_cli.capture.bootstrap import log_policy_batch
+
+__all__ = ["log_policy_batch"]

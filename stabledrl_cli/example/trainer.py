@@ -1,0 +1,467 @@
+"""The built-in example: RL on a tiny masked diffusion LM, recorded step by step.
+
+Algorithm (GRPO-style, as StableDRL's code runs it on LLaDA), simplified to fit a CPU minute:
+1. Pretrain the model briefly on noisy sorted answers, so rewards start in between.
+2. Each rollout: P prompts x G completions by iterative unmasking; reward = fraction correct;
+   group-relative advantages A_i = r_i - mean(group) (no std division).
+3. The old log-likelihood is computed once at rollout time, under its own mask sample.
+4. mu inner iterations: score the same sequences under a mask (a fresh independent one for
+   `unit=sequence`, which is StableDRL's code and puts masking noise in the ratio; the rollout's
+   mask for `--same-mask` and for `unit=token`), ask the catalogue policy for dJ/dlogp, and
+   minimise `-(coef.detach() * logp).sum()`; clip the grad norm; AdamW.
+5. Optional gradient geometry (`geometry=GeometryConfig(...)`): after the backward and before
+   `optimizer.step()`, the per-unit gradients of exactly the logp that the loss used (same
+   tokens, noise masks and weights, same parameters) give the Gram matrix or sketch of the
+   step, and `grad_norm_covered` is the pre-clip norm over the covered parameters. The loss's
+   gradient is -sum_u coef_u grad(logp_u), so sqrt(coef^T K coef) is that norm.
+Simplifications: one mask sample per estimate, digits-only sampling, no KL, no reference model.
+
+All randomness of training comes from one `torch.Generator` seeded with `seed` (CPU):
+a seed gives bit-identical recorded arrays on CPU. Nothing else may draw from it: the
+geometry's sketch matrix has its own generator, and a Gram draws nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from stabledrl_cli.capture.geometry import (
+    GeometryConfig,
+    capture_geometry,
+    covered_grad_norm,
+    covered_parameters,
+)
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.example._model import ModelConfig, TinyDiffusionLM
+from stabledrl_cli.example.estimator import (
+    EstimatorConfig,
+    MaskSample,
+    draw_mask,
+    sequence_logp,
+    token_logp,
+    unit_logp,
+)
+from stabledrl_cli.example.generate import generate
+from stabledrl_cli.example.pretrain import pretrain
+from stabledrl_cli.example.task import VOCAB_SIZE, SortTask
+
+UNITS = ("sequence", "token")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExampleConfig:
+    seed: int = 0
+    """Seeds the one training generator (init, pretraining, prompts, sampling, masks)."""
+    steps: int = 400
+    """RL optimizer steps (rollouts = ceil(steps / mu))."""
+    lr: float = 1e-4
+    """AdamW learning rate of the RL phase (constant)."""
+    policy: str = "grpo"
+    """Catalogue spec that makes the loss."""
+    estimator: str = "llada"
+    """`llada` (1/t-weighted, the default: it shows the instability most clearly) or `elbo`."""
+    same_mask: bool = False
+    """Sequence unit: old and new ELBO under the same mask (the control)."""
+    unit: str = "sequence"
+    """`sequence` (one ELBO per sequence) or `token` (per-token log-probs, shared mask)."""
+    group_size: int = 8
+    """G: completions per prompt."""
+    prompts_per_rollout: int = 8
+    """Prompts per rollout batch (64 sequences with G = 8)."""
+    mu: int = 4
+    """Inner optimizer steps per rollout batch."""
+    max_grad_norm: float = 1.0
+    """clip_grad_norm_ bound; its pre-clip return value is the recorded grad_norm."""
+    skip_nonfinite: bool = True
+    """Skip the optimizer update when the grad norm is not finite (verl, AReaL; TRL does not).
+    Without it a non-finite step poisons the weights and the run stops there."""
+    pretrain_steps: int = 100
+    """Masked-diffusion pretraining steps before RL."""
+    pretrain_lr: float = 6e-4
+    """Pretraining AdamW learning rate (tuned so the starting reward is ~0.6-0.7)."""
+    pretrain_batch: int = 32
+    """Pretraining batch size."""
+    pretrain_noise: float = 0.3
+    """Fraction of pretraining target digits replaced by random digits."""
+    digits: int = 5
+    """Digits to sort."""
+
+    def __post_init__(self) -> None:
+        problems = [
+            (self.steps < 1, f"--steps must be >= 1, got {self.steps}"),
+            (not (self.lr > 0 and math.isfinite(self.lr)), f"--lr must be > 0, got {self.lr}"),
+            (
+                not (self.max_grad_norm > 0),
+                f"--max-grad-norm must be > 0, got {self.max_grad_norm}",
+            ),
+            (
+                min(self.mu, self.group_size, self.prompts_per_rollout, self.digits) < 1,
+                "mu, group_size, prompts_per_rollout and digits must be >= 1",
+            ),
+            (
+                self.unit not in UNITS,
+                f"--unit must be one of {', '.join(UNITS)}, got {self.unit!r}",
+            ),
+        ]
+        for failed, message in problems:
+            if failed:
+                raise UsageError(message)
+        EstimatorConfig(kind=self.estimator, same_mask=self.same_mask)
+        if self.unit == "token" and self.estimator == "llada":
+            raise UsageError(
+                "--estimator llada is a sequence-level estimator (1/t weights a sum over the "
+                "sequence); use it with --unit sequence"
+            )
+
+    @property
+    def estimator_config(self) -> EstimatorConfig:
+        return EstimatorConfig(
+            kind=self.estimator, same_mask=self.same_mask or self.unit == "token"
+        )
+
+
+@dataclass
+class StepInfo:
+    """What one optimizer step produced, handed to `on_step` observers (CPU tensors)."""
+
+    step: int
+    inner_step: int
+    rollout: int
+    reward_mean: float
+    grad_norm: float
+    loss: float
+    arrays: dict[str, torch.Tensor] = field(repr=False)
+    coef: torch.Tensor = field(repr=False)
+    grad_norm_covered: float | None = None
+    """Pre-clip norm over the geometry's covered parameters (None without geometry)."""
+    geometry: dict[str, Any] = field(default_factory=dict, repr=False)
+    """The step's recorded geometry (`unit_grad_gram` or `unit_grad_sketch`, CPU), or {}."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    start_reward: float
+    final_reward: float
+    wall_seconds: float
+    rl_seconds: float
+    nonfinite_steps: int
+    """Steps whose grad norm or loss was not finite (recorded; their update skipped by default)."""
+    diverged_at: int | None
+    """The step after which the weights were not finite (the run stopped there), or None."""
+    num_parameters: int
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1000.0 * self.rl_seconds / max(self.steps, 1)
+
+
+def _model_config(config: ExampleConfig) -> ModelConfig:
+    return ModelConfig(vocab_size=VOCAB_SIZE, seq_len=SortTask(length=config.digits).seq_len)
+
+
+def geometry_manifest(config: ExampleConfig, geometry: GeometryConfig) -> dict[str, Any]:
+    """The manifest's `geometry` entry for an example run: settings, Omega recipe, covered
+    parameters (names and sizes from a parameter-free copy of the model on the meta device)."""
+    with torch.device("meta"):
+        skeleton = TinyDiffusionLM(_model_config(config))
+    covered = covered_parameters(skeleton, geometry)
+    return geometry.to_manifest(
+        [name for name, _ in covered], [p.numel() for _, p in covered], unit=config.unit
+    )
+
+
+def check_geometry(geometry: GeometryConfig | None) -> None:
+    """Usage errors for geometry settings the run format cannot store."""
+    if geometry is not None and geometry.kind == "gram" and geometry.storage_dtype != "float32":
+        raise UsageError(
+            "float16 geometry storage is for sketches (unit_grad_sketch_scale); a Gram matrix "
+            "is stored as float32"
+        )
+
+
+def recorder_kwargs(
+    config: ExampleConfig, policy: Any, geometry: GeometryConfig | None = None
+) -> dict[str, Any]:
+    """Everything the Recorder's manifest needs to describe an example run."""
+    check_geometry(geometry)
+    return {
+        "policy": policy.name,
+        # None means "not set" (e.g. max_len without agg=constant); the manifest takes values only.
+        "policy_params": {k: v for k, v in policy.params.items() if v is not None},
+        "unit": config.unit,
+        "estimator": config.estimator_config.manifest(),
+        "reward_range": (0.0, 1.0),
+        "meta": {
+            "source": "stabledrl built-in example (sort digits, tiny masked diffusion LM)",
+            "policy_spec": policy.spec,
+            "example_config": asdict(config),
+            "reward": "fraction of completion positions correct",
+        },
+        "geometry": geometry_manifest(config, geometry) if geometry is not None else None,
+    }
+
+
+def geometry_unit_fn(unit: str, prompt_len: int) -> Callable[..., torch.Tensor]:
+    """The per-row log-likelihood that `capture_geometry` differentiates, for one sequence.
+
+    Inputs of a row: tokens [L] int64, noise_mask [L] bool, weights [L] float32 (the step's
+    mask sample). Sequence unit -> 0-d ELBO estimate (the same arithmetic as `sequence_logp`);
+    token unit -> [L_c] log-probs of the completion positions (as `token_logp` in `train`).
+    """
+    if unit == "sequence":
+
+        def sequence_unit(call: Any, tokens: torch.Tensor, noise_mask: torch.Tensor,
+                          weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
+            return unit_logp(call.model, call.params, tokens, noise_mask, weights)
+
+        return sequence_unit
+
+    def token_units(call: Any, tokens: torch.Tensor, noise_mask: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        return token_logp(call, tokens[None], noise_mask[None])[0, prompt_len:]
+
+    return token_units
+
+
+def _step_geometry(
+    model: torch.nn.Module,
+    geometry: GeometryConfig | None,
+    unit_fn: Callable[..., torch.Tensor],
+    inputs: tuple[torch.Tensor, ...],
+    step: int,
+) -> dict[str, Any]:
+    """The step's geometry as `log_step` keywords (CPU arrays, a float scale), or {}."""
+    if geometry is None:
+        return {}
+    captured = capture_geometry(model, unit_fn, inputs, geometry, step)
+    return {k: (v.cpu() if v.ndim else float(v)) for k, v in captured.items()}
+
+
+def _rollout_arrays(
+    config: ExampleConfig,
+    reward: torch.Tensor,
+    advantages: torch.Tensor,
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    score_mask: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Per-unit arrays in the recorded layout (flat, row-major).
+
+    Sequence unit: one entry per sequence. Token unit: the completion positions of every
+    sequence, [B * L_c], with mask = the hidden positions that the estimator scored.
+    """
+    n = reward.shape[0]
+    group_id = torch.arange(n, device=reward.device) // config.group_size
+    if config.unit == "sequence":
+        seq_id = torch.arange(n, device=reward.device)
+        mask = torch.ones(n, dtype=torch.uint8, device=reward.device)
+        per_unit_adv = advantages
+    else:
+        width = logp.shape[1]
+        seq_id = torch.arange(n, device=reward.device).repeat_interleave(width)
+        mask = score_mask.reshape(-1).to(torch.uint8)
+        per_unit_adv = advantages.repeat_interleave(width)
+        logp, logp_old = logp.reshape(-1), logp_old.reshape(-1)
+    return {
+        "logp": logp,
+        "logp_old": logp_old,
+        "advantages": per_unit_adv,
+        "mask": mask,
+        "seq_id": seq_id.to(torch.int32),
+        "group_id": group_id.to(torch.int32),
+        "reward": reward,
+    }
+
+
+def policy_loss(
+    policy: Any, arrays: dict[str, torch.Tensor], unit: str
+) -> tuple[torch.Tensor, Any]:
+    """The example's loss: `-(coef.detach() * logp).sum()` with coef = dJ/dlogp from `policy`.
+
+    arrays: the recorded layout (`logp` [T] still attached to the graph). Its gradient is
+    -sum_u coef_u grad(logp_u): the catalogue's update, whatever the policy.
+    Returns (loss, the policy's weights).
+    """
+    from stabledrl_cli.policies import PolicyBatch
+
+    weights = policy.weights(
+        PolicyBatch(
+            logp=arrays["logp"].detach(),
+            logp_old=arrays["logp_old"],
+            advantages=arrays["advantages"],
+            mask=arrays["mask"],
+            seq_id=arrays["seq_id"],
+            group_id=arrays["group_id"],
+            reward=arrays["reward"],
+            unit=unit,
+        )
+    )
+    return -(weights.coef.detach() * arrays["logp"]).sum(), weights
+
+
+def train(
+    config: ExampleConfig,
+    *,
+    recorder: Any | None = None,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    geometry: GeometryConfig | None = None,
+) -> TrainResult:
+    """Pretrain, then run `config.steps` RL optimizer steps, logging each to `recorder`.
+
+    geometry: record each step's gradient geometry and `grad_norm_covered` (None or kind
+    "none": neither). It draws nothing from the training generator: the same seed gives the
+    same run with and without it.
+    """
+    from stabledrl_cli.policies import get_policy
+
+    check_geometry(geometry)
+    if geometry is not None and geometry.kind == "none":
+        geometry = None
+    device = torch.device(device)
+    policy = get_policy(config.policy)
+    estimator = config.estimator_config
+    task = SortTask(length=config.digits)
+    started = time.perf_counter()
+    rng = torch.Generator().manual_seed(config.seed)  # the one training RNG (see module doc)
+
+    model = TinyDiffusionLM(_model_config(config))
+    model.reset_parameters(rng)
+    model.to(device)
+    if geometry is not None:
+        covered_parameters(model, geometry)  # a pattern that matches nothing fails now
+    unit_fn = geometry_unit_fn(config.unit, task.prompt_len)
+    if on_phase is not None:
+        on_phase("pretrain")
+    pretrain(
+        model,
+        task,
+        steps=config.pretrain_steps,
+        batch_size=config.pretrain_batch,
+        lr=config.pretrain_lr,
+        noise=config.pretrain_noise,
+        generator=rng,
+        device=device,
+    )
+    if on_phase is not None:
+        on_phase("rl")
+    rl_started = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    n_seq = config.prompts_per_rollout * config.group_size
+    prompt_len, width = task.prompt_len, task.length
+
+    def estimate(tokens: torch.Tensor, sample: MaskSample) -> torch.Tensor:
+        """[B] sequence ELBOs, or [B, L_c] per-token log-probs (token unit)."""
+        mask_sample = MaskSample(sample.noise_mask.to(device), sample.weights.to(device))
+        if config.unit == "sequence":
+            return sequence_logp(model, tokens, mask_sample)
+        return token_logp(model, tokens, mask_sample.noise_mask)[:, prompt_len:]
+
+    rewards_seen: list[float] = []
+    nonfinite = 0
+    diverged_at: int | None = None
+    step = 0
+    rollout = 0
+    while step < config.steps:
+        prompts = task.sample_prompts(config.prompts_per_rollout, rng)
+        prompts = prompts.repeat_interleave(config.group_size, dim=0).to(device)
+        completions = generate(model, prompts, width, rng)
+        tokens = torch.cat([prompts, completions], dim=1)
+        reward = task.reward(prompts, completions)
+        group_mean = reward.view(-1, config.group_size).mean(dim=1, keepdim=True)
+        advantages = (reward.view(-1, config.group_size) - group_mean).reshape(-1)
+        old_sample = draw_mask(n_seq, prompt_len, width, estimator.kind, rng)
+        with torch.no_grad():
+            logp_old = estimate(tokens, old_sample)
+
+        for inner_step in range(config.mu):
+            if step >= config.steps:
+                break
+            if estimator.same_mask:
+                sample = old_sample
+            else:
+                sample = draw_mask(n_seq, prompt_len, width, estimator.kind, rng)
+            logp = estimate(tokens, sample)
+            score_mask = sample.noise_mask[:, prompt_len:].to(device)
+            arrays = _rollout_arrays(config, reward, advantages, logp, logp_old, score_mask)
+            surrogate, weights = policy_loss(policy, arrays, config.unit)
+            coef = weights.coef.detach()
+            optimizer.zero_grad(set_to_none=True)
+            surrogate.backward()
+            covered_norm = covered_grad_norm(model, geometry) if geometry is not None else None
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            clip_scale = min(1.0, config.max_grad_norm / (grad_norm + 1e-6))
+            # On the parameters and inputs this backward used, before the optimizer moves them.
+            step_geometry = _step_geometry(
+                model,
+                geometry,
+                unit_fn,
+                (tokens, sample.noise_mask.to(device), sample.weights.to(device)),
+                step,
+            )
+            if math.isfinite(grad_norm) or not config.skip_nonfinite:
+                optimizer.step()
+
+            loss = -float(weights.objective)
+            reward_mean = float(reward.mean())
+            if not math.isfinite(grad_norm) or not math.isfinite(loss):
+                nonfinite += 1
+            rewards_seen.append(reward_mean)
+            cpu_arrays = {k: v.detach().cpu() for k, v in arrays.items()}
+            if recorder is not None:
+                recorder.log_step(
+                    step,
+                    **cpu_arrays,
+                    grad_norm=grad_norm,
+                    grad_norm_clipped=grad_norm * clip_scale,
+                    loss=loss,
+                    lr=config.lr,
+                    inner_step=inner_step,
+                    grad_norm_covered=covered_norm,
+                    **step_geometry,
+                    scalars={"rollout": rollout, "surrogate_loss": float(surrogate.detach())},
+                )
+            if on_step is not None:
+                on_step(
+                    StepInfo(
+                        step=step,
+                        inner_step=inner_step,
+                        rollout=rollout,
+                        reward_mean=reward_mean,
+                        grad_norm=grad_norm,
+                        loss=loss,
+                        arrays=cpu_arrays,
+                        coef=coef.cpu(),
+                        grad_norm_covered=covered_norm,
+                        geometry=step_geometry,
+                    )
+                )
+            step += 1
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                diverged_at = step - 1
+                break
+        rollout += 1
+        if diverged_at is not None:
+            break
+
+    finished = time.perf_counter()
+    window = max(1, len(rewards_seen) // 10)
+    return TrainResult(
+        steps=step,
+        start_reward=sum(rewards_seen[:window]) / window,
+        final_reward=sum(rewards_seen[-window:]) / window,
+        wall_seconds=finished - started,
+        rl_seconds=finished - rl_started,
+        nonfinite_steps=nonfinite,
+        diverged_at=diverged_at,
+        num_parameters=model.num_parameters(),
+    )

@@ -1,0 +1,128 @@
+"""`stabledrl record -- CMD`: the run directory, the child's log_policy_batch, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import stabledrl_cli as sd
+
+    steps = int(sys.argv[1])
+    rng = np.random.default_rng(0)
+    for step in range(steps):
+        logp = rng.normal(size=8).astype("float32")
+        ok = sd.log_policy_batch(
+            step,
+            logp=logp,
+            logp_old=logp + 0.1,
+            advantages=rng.normal(size=8).astype("float32"),
+            seq_id=np.repeat(np.arange(4), 2).astype("int32"),
+            group_id=np.array([0, 0, 1, 1], dtype="int32"),
+            reward=np.array([1.0, 0.0, 0.5, 0.5], dtype="float32"),
+            grad_norm=1.5,
+            loss=0.25,
+            inner_step=step % 2,
+        )
+        print("logged" if ok else "not logged", flush=True)
+    if len(sys.argv) > 2:
+        # A bad call: recording must warn once and never raise.
+        print(sd.log_policy_batch(steps, logp=np.zeros(3), logp_old=np.zeros(2), advantages=1))
+        print(sd.log_policy_batch(steps + 1, logp=np.zeros(3), logp_old=np.zeros(3),
+                                  advantages=np.zeros(3)))
+        print("training continues", flush=True)
+        sys.exit(int(sys.argv[2]))
+    """
+)
+
+
+def _record(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    # The package's root first on the child's path: the wrapped script runs from its own folder.
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "PYTHONPATH": path, **(env or {})}
+    full_env.pop("STABLEDRL_RUN_DIR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "record", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def script(tmp_path: Path) -> Path:
+    path = tmp_path / "train.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def test_record_wraps_a_command_and_its_steps_land_in_the_run(tmp_path, script):
+    out = tmp_path / "run"
+    result = _record("--out", str(out), "-p", "grpo", "--", sys.executable, str(script), "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("logged") == 3 and "not logged" not in result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["policy"]["name"] == "grpo"
+    names = sorted(p.name for p in (out / "steps").iterdir())
+    assert names == [f"step-{i:08d}.safetensors" for i in range(3)]
+
+
+def test_a_failing_log_call_warns_once_and_the_commands_exit_code_passes_through(tmp_path, script):
+    out = tmp_path / "run"
+    result = _record("--out", str(out), "-p", "grpo", "--", sys.executable, str(script), "2", "7")
+    assert result.returncode == 7
+    assert "training continues" in result.stdout
+    assert result.stdout.splitlines()[-3:-1] == ["False", "False"]
+    assert result.stderr.count("stabledrl: warning:") == 1
+    assert len(list((out / "steps").iterdir())) == 2
+
+
+def test_without_a_policy_the_child_warns_and_records_nothing(tmp_path, script):
+    out = tmp_path / "run"
+    result = _record("--out", str(out), "--", sys.executable, str(script), "2")
+    assert result.returncode == 0
+    assert result.stdout.count("not logged") == 2
+    assert result.stderr.count("stabledrl: warning:") == 1 and "STABLEDRL_POLICY" in result.stderr
+
+
+def test_a_missing_binary_is_one_line_and_exit_2(tmp_path):
+    result = _record("--out", str(tmp_path / "run"), "--", "no-such-binary-stabledrl-test")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "no-such-binary" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_non_empty_out_needs_force_and_force_is_passed_to_the_child(tmp_path, script):
+    out = tmp_path / "run"
+    first = _record("--out", str(out), "-p", "grpo", "--", sys.executable, str(script), "2")
+    assert first.returncode == 0
+    refused = CliRunner().invoke(
+        app, ["record", "--out", str(out), "-p", "grpo", "--", sys.executable, str(script), "1"]
+    )
+    assert refused.exit_code == 2 and "--force" in refused.output
+    forced = _record(
+        "--out", str(out), "--force", "-p", "grpo", "--", sys.executable, str(script), "1"
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert sorted(p.name for p in (out / "steps").iterdir()) == ["step-00000000.safetensors"]
+
+
+def test_a_bad_policy_spec_is_a_usage_error_before_the_command_runs(tmp_path, script):
+    args = ["record", "--out", str(tmp_path / "r"), "-p", "nope", "--", sys.executable, str(script)]
+    result = CliRunner().invoke(app, [*args, "1"])
+    assert result.exit_code == 2 and "unknown policy" in result.output
+    assert "logged" not in result.output
