@@ -6,10 +6,12 @@ The public API (CONTRACT in design.md): `Recorder`, `open_run`, `replay`, `get_p
 
 from __future__ import annotations
 
+__version__ = "0.1.0"
+
+from stabledrl_cli.capture import log_policy_batch
 from stabledrl_cli.dump import Recorder, open_run
 from stabledrl_cli.policies import Policy, PolicyBatch, Weights, get_policy
-
-__version__ = "0.1.0"
+from stabledrl_cli.replay.engine import replay
 
 __all__ = [
     "Policy",
@@ -18,5 +20,7 @@ __all__ = [
     "Weights",
     "__version__",
     "get_policy",
+    "log_policy_batch",
     "open_run",
+    "replay",
 ]

@@ -86,8 +86,10 @@ class GeometryConfig:
     """"float32", or "float16" always with a per-step scale (plain float16 overflows on spikes)."""
     max_gram_units: int = 2048
     """Above this many units a requested gram is captured as a sketch (K is O(U^2))."""
-    chunk_size: int = 16
-    """Units per vmap chunk (per-unit gradients); Omega columns per chunk (JVP sketch)."""
+    chunk_size: int = 64
+    """Units per vmap chunk (per-unit gradients); Omega columns per chunk (JVP sketch).
+    64 measured faster than 16 on the example (benchmarks/geometry_cost.py); it bounds memory
+    at chunk_size x P floats of per-unit gradients."""
 
     def __post_init__(self) -> None:
         if self.kind not in GEOMETRY_KINDS:
@@ -318,7 +320,7 @@ def per_unit_gradients(
     unit_logp: UnitFn,
     unit_inputs: Sequence[Any],
     covered: Sequence[tuple[str, torch.Tensor]],
-    chunk_size: int = 16,
+    chunk_size: int = 64,
 ) -> torch.Tensor:
     """Per-unit gradients of the unit log-likelihoods over the covered parameters.
 
@@ -412,7 +414,7 @@ def jvp_sketch(
     *,
     seed: int,
     k: int,
-    chunk_size: int = 16,
+    chunk_size: int = 64,
 ) -> torch.Tensor:
     """S = G Omega / sqrt(k) by forward-mode JVPs, never forming G: `[U, k]` float32.
 

@@ -10,14 +10,19 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from stabledrl_cli.cli._output import err
 from stabledrl_cli.errors import StabledrlError
 
 # name -> module under stabledrl_cli.cli exposing `command`. A new command is one file + one line.
 COMMANDS: dict[str, str] = {
+    "record": "record",
     "inspect": "inspect",
     "policies": "policies",
+    "replay": "replay",
+    "pack": "pack",
+    "check": "check",
 }
 
 
@@ -49,7 +54,7 @@ def _mapped(command: Callable[..., Any]) -> Callable[..., Any]:
             if _debug():
                 raise
             code, message = _exit_code_for(exc)
-            err.print(f"[bold red]error:[/] {message}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
             raise typer.Exit(code) from None
 
     return wrapper

@@ -24,6 +24,8 @@ _LIST_LIMIT = 20  # step lists longer than this are cut in the table (JSON has t
 
 
 def _size_on_disk(path: Path) -> int:
+    if path.is_file():  # an .h5 archive
+        return path.stat().st_size
     total = 0
     for root, _dirs, files in os.walk(path):
         for name in files:

@@ -1,7 +1,9 @@
-"""The on-disk run format (v1): `Recorder` writes a run directory, `open_run` reads it."""
+"""The on-disk run format (v1): `Recorder` writes a run directory, `pack_run` packs it into one
+HDF5 file, `open_run` reads either."""
 
 from __future__ import annotations
 
+from stabledrl_cli.dump._archive import PackSummary, pack_run
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, RunIntegrityWarning
 from stabledrl_cli.dump._reader import Run, Step, open_run
 from stabledrl_cli.dump._schema import FIELDS, FORMAT_VERSION, RUN_KIND
@@ -13,9 +15,11 @@ __all__ = [
     "RUN_KIND",
     "Finding",
     "IntegrityReport",
+    "PackSummary",
     "Recorder",
     "Run",
     "RunIntegrityWarning",
     "Step",
     "open_run",
+    "pack_run",
 ]

@@ -402,24 +402,15 @@ class DirectoryRun(Run):
         return IntegrityReport(findings)
 
 
-def _open_archive(path: Path) -> Run:
-    """An HDF5 file: a packed run (not readable yet) or some other kind (a replay report)."""
-    import h5py
+def _open_archive(path: Path, *, verify: bool) -> Run:
+    """An HDF5 file: a run packed by `stabledrl pack`, else InputError (e.g. a replay report)."""
+    from stabledrl_cli.dump._archive import open_archive  # imports this module
 
-    try:
-        with h5py.File(path, "r") as handle:
-            kind = handle.attrs.get("kind")
-    except OSError as exc:
-        raise InputError(f"{path}: unreadable HDF5 file ({exc})") from None
-    if isinstance(kind, bytes):
-        kind = kind.decode(errors="replace")
-    if kind != RUN_KIND:
-        raise InputError(f"{path} is not a run (HDF5 kind {kind!r}, expected {RUN_KIND!r})")
-    raise InputError(f"{path}: reading packed .h5 runs is not supported by this version yet")
+    return open_archive(path, verify=verify)
 
 
 def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
-    """Opens a run directory (or, later, a packed .h5 archive) for lazy reading.
+    """Opens a run directory or a packed .h5 archive (`stabledrl pack`) for lazy reading.
 
     Raises InputError (exit 3) for a missing path, a non-run, or a newer major format version.
     `verify=False` skips the data checksum when arrays are read (headers are always checked).
@@ -435,5 +426,5 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     except OSError as exc:
         raise InputError(f"cannot read {run_path}: {exc.strerror or exc}") from None
     if signature == _HDF5_SIGNATURE:
-        return _open_archive(run_path)
+        return _open_archive(run_path, verify=verify)
     raise InputError(f"{run_path} is not a run (expected a run directory or a .h5 archive)")

@@ -1,0 +1,49 @@
+"""`stabledrl pack RUN OUT.h5`: the whole run in one HDF5 file that every command reads.
+
+Exit codes: 0 packed (a run with integrity findings is packed too: its readable steps, with the
+findings carried into the archive and named on stderr); 2 OUT exists without --force, or its
+directory is missing; 3 a missing, non-run or unreadable RUN.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stabledrl_cli.cli._options import FormatOpt, RunArg
+from stabledrl_cli.cli._output import OutputFormat, err, out, print_json
+from stabledrl_cli.dump import open_run
+from stabledrl_cli.dump._archive import pack_run
+
+
+def command(
+    run: RunArg,
+    archive: Annotated[
+        Path, typer.Argument(help="The .h5 file to write.", show_default=False, metavar="OUT.h5")
+    ],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+    output_format: FormatOpt = OutputFormat.table,
+) -> None:
+    """Pack a run into one HDF5 file (chunked, compressed); open_run, replay and check read it."""
+    opened = open_run(run)
+    summary = pack_run(opened, archive, force=force)
+    if summary.findings:
+        kinds = sorted({f.kind for f in summary.findings})
+        err.print(
+            f"warning: {run} has {len(summary.findings)} integrity finding(s) "
+            f"({', '.join(kinds)}); packed its {summary.steps} readable steps and carried the "
+            "findings into the archive (stabledrl inspect shows them)",
+            highlight=False,
+        )
+    if output_format is OutputFormat.json:
+        print_json(summary.to_dict())
+        return
+    ratio = summary.source_bytes / summary.archive_bytes if summary.archive_bytes else 0.0
+    out.print(
+        f"packed {summary.steps} steps ({summary.tokens} {opened.unit}s) of {summary.source} into "
+        f"{summary.out}: {summary.source_bytes / 1e6:.2f} MB -> "
+        f"{summary.archive_bytes / 1e6:.2f} MB ({ratio:.1f}x)",
+        highlight=False,
+    )

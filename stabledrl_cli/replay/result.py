@@ -1,0 +1,155 @@
+"""What a replay returns: `ReplayResult` (one a run) holding `PolicyResult`s (one a policy).
+
+`to_dict()` is design.md's "Replay output" JSON contract (every key present, null where not
+computable; NaN and inf become null when printed); `to_json()` prints it. Extensions beside the
+contract's keys: per policy `summary.update_norm_approximate` and `summary.detail` (top
+sequences of flagged steps, with `--detail`); per step `discarded_pos`, `discarded_neg`,
+`discarded_mass_frac` and `objective`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Per-step keys of the JSON contract, in its order, then the extensions.
+STEP_KEYS = (
+    "step",
+    "tokens",
+    "discarded",
+    "discard_frac",
+    "clipped",
+    "geometry",
+    "update_norm",
+    "clip_scale",
+    "cosine_to_own",
+    "weight_max",
+    "ess_frac",
+    "net_push",
+    "spike",
+    "nonfinite",
+    "drift",
+    "collapsed",
+    "discarded_pos",
+    "discarded_neg",
+    "discarded_mass_frac",
+    "objective",
+)
+NULLABLE_STEP_KEYS = frozenset(
+    {"cosine_to_own", "ess_frac", "weight_max", "update_norm", "clip_scale", "net_push"}
+)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN / inf -> None (JSON has neither); numpy scalars -> Python numbers."""
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+@dataclass
+class PolicyResult:
+    """One policy replayed over a run.
+
+    `series`: per-step arrays [S] keyed by STEP_KEYS (numbers; `geometry` strings), aligned with
+    `ReplayResult.step_numbers`. `summary`: the contract's summary keys.
+    """
+
+    name: str
+    spec: str
+    params: dict[str, Any]
+    own: bool
+    best: bool
+    summary: dict[str, Any]
+    series: dict[str, np.ndarray] = field(repr=False)
+    detail: dict[int, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+    """step -> top sequences of that flagged step (with `--detail`)."""
+
+    @property
+    def steps(self) -> list[dict[str, Any]]:
+        """Per-step rows (dicts with STEP_KEYS) over the reported range."""
+        count = len(self.series["step"])
+        return [{key: _item(self.series[key][i]) for key in STEP_KEYS} for i in range(count)]
+
+    def to_dict(self) -> dict[str, Any]:
+        summary = dict(self.summary)
+        if self.detail:
+            summary["detail"] = {str(k): v for k, v in sorted(self.detail.items())}
+        return {
+            "name": self.name,
+            "spec": self.spec,
+            "params": dict(self.params),
+            "own": self.own,
+            "best": self.best,
+            "summary": summary,
+            "steps": self.steps,
+        }
+
+
+def _item(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclass
+class ReplayResult:
+    """A replay of one run: every policy, and the run's observed behaviour beside them."""
+
+    run: str
+    steps: int
+    """Steps replayed (the whole run; `--steps` restricts only the per-step rows)."""
+    geometry: str
+    geometry_coverage: float
+    policies: list[PolicyResult]
+    observed: dict[str, Any]
+    run_policy_spec: str | None = None
+    step_range: tuple[int | None, int | None] = (None, None)
+
+    def policy(self, spec: str) -> PolicyResult:
+        """The result of the policy with this canonical spec (KeyError lists the specs)."""
+        for p in self.policies:
+            if p.spec == spec:
+                return p
+        raise KeyError(
+            f"no policy {spec!r} in this replay; it has {[p.spec for p in self.policies]}"
+        )
+
+    @property
+    def own(self) -> PolicyResult | None:
+        return next((p for p in self.policies if p.own), None)
+
+    @property
+    def best(self) -> PolicyResult | None:
+        return next((p for p in self.policies if p.best), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON contract, NaN and inf already mapped to null."""
+        return _json_safe({
+            "run": self.run,
+            "steps": self.steps,
+            "geometry": self.geometry,
+            "geometry_coverage": self.geometry_coverage,
+            "policies": [p.to_dict() for p in self.policies],
+            "observed": {
+                "first_reward_collapse": self.observed.get("first_reward_collapse"),
+                "recorded_spike_steps": list(self.observed.get("recorded_spike_steps", [])),
+                "noise_floor_logratio_std": self.observed.get("noise_floor_logratio_std"),
+            },
+        })  # fmt: skip
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)

@@ -1,0 +1,410 @@
+"""`stabledrl check`: absolute gates, baseline regressions, the baseline file, JUnit XML."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.replay import engine
+from stabledrl_cli.replay.gate import (
+    BASELINE_SCHEMA,
+    POLICY_METRICS,
+    Tolerance,
+    load_baseline,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICIES = ["-p", "grpo", "-p", "is", "-p", "stabledrl"]
+runner = CliRunner()
+
+
+def _make_run(path: Path, *, collapse: bool, nan_step: int | None = None) -> Path:
+    """40 steps, seeded. One token's old log-prob is 6 nats lower at steps 25 and 33, so the
+    unclipped IS update spikes there (grpo clips it away). With `collapse`, the reward drops
+    from 0.8 to 0.05 at step 20 (observed collapse at 25); `nan_step` puts a NaN log-prob in."""
+    gen = torch.Generator().manual_seed(0)
+    with sd.Recorder(path, policy="grpo", reward_range=(0.0, 1.0)) as rec:
+        for step in range(40):
+            logp = -torch.rand(4, 8, generator=gen) - 0.5
+            logp_old = logp + 0.02 * torch.randn(4, 8, generator=gen)
+            if step in (25, 33):
+                logp_old[0, 3] -= 6.0
+            if step == nan_step:
+                logp[2, 2] = float("nan")
+            reward = 0.05 if collapse and step >= 20 else 0.8
+            rec.log_step(
+                step,
+                logp=logp,
+                logp_old=logp_old,
+                advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]),
+                group_id=np.array([0, 0, 1, 1]),
+                reward=torch.full((4,), reward) + 0.01 * torch.rand(4, generator=gen),
+                grad_norm=1.0,
+                loss=0.1,
+            )
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("check")
+    return {
+        "steady": _make_run(base / "steady", collapse=False),
+        "collapsing": _make_run(base / "collapsing", collapse=True, nan_step=36),
+    }
+
+
+@pytest.fixture(scope="module")
+def baseline(runs, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("baseline") / "steady.baseline.json"
+    result = runner.invoke(
+        app, ["check", str(runs["steady"]), *POLICIES, "--write-baseline", str(path)]
+    )
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def _check(*args: str) -> tuple[int, dict, str]:
+    result = runner.invoke(app, ["check", *args, "--format", "json"])
+    data = json.loads(result.stdout) if result.stdout.strip() else {}
+    return result.exit_code, data, result.stderr
+
+
+def _gate(data: dict, policy: str | None, gate: str) -> dict:
+    return next(g for g in data["gates"] if g["policy"] == policy and g["gate"] == gate)
+
+
+def _edit(path: Path, out: Path, edit) -> Path:
+    data = json.loads(path.read_text())
+    edit(data)
+    out.write_text(json.dumps(data))
+    return out
+
+
+# --- the baseline file -------------------------------------------------------------------------
+def test_written_baseline_holds_todays_figures(runs, baseline):
+    data = json.loads(baseline.read_text())
+    assert data["schema"] == BASELINE_SCHEMA and data["version"] == 1
+    assert data["run"]["path"] == str(runs["steady"]) and data["run"]["steps"] == 40
+    assert data["replay"] == {
+        "spike_factor": engine.DEFAULT_SPIKE_FACTOR,
+        "window": engine.DEFAULT_WINDOW,
+        "drift_threshold": engine.DEFAULT_DRIFT_THRESHOLD,
+    }
+    assert data["observed"]["first_reward_collapse"]["value"] is None
+    assert list(data["policies"]) == ["grpo", "is", "stabledrl"]
+    is_ = data["policies"]["is"]
+    assert set(is_) == set(POLICY_METRICS)
+    assert is_["collapsed_steps"] == {
+        "value": 2, "worse": "higher", "abs_tol": 0.0, "rel_tol": 0.1, "first": 25
+    }  # fmt: skip
+    replayed = sd.replay(runs["steady"], ["is"], device="cpu").policies[0].summary
+    assert is_["update_norm_max"]["value"] == replayed["update_norm_max"]
+    assert is_["discard_frac"]["value"] == 0
+    assert data["policies"]["grpo"]["discard_frac"]["value"] == pytest.approx(0.0016, abs=1e-4)
+
+
+def test_baseline_is_deterministic(runs, baseline, tmp_path):
+    again = tmp_path / "again.json"
+    result = runner.invoke(
+        app, ["check", str(runs["steady"]), *POLICIES, "--write-baseline", str(again)]
+    )
+    assert result.exit_code == 0, result.output
+    first, second = json.loads(baseline.read_text()), json.loads(again.read_text())
+    first.pop("created")
+    second.pop("created")
+    assert first == second
+
+
+def test_check_against_own_baseline_passes(runs, baseline):
+    code, data, stderr = _check(str(runs["steady"]), "--baseline", str(baseline))
+    assert code == 0, stderr
+    assert data["ok"] and data["tripped"] == 0 and data["policies"] == ["grpo", "is", "stabledrl"]
+    assert data["gates_checked"] == 1 + 3 * len(POLICY_METRICS)
+    assert "check passed" in stderr
+    table = runner.invoke(app, ["check", str(runs["steady"]), "--baseline", str(baseline)])
+    assert table.exit_code == 0 and "baseline.update_norm_max" in table.stdout
+
+
+def test_regressions_trip_and_are_all_named(runs, baseline, tmp_path):
+    def tighten(data):
+        data["policies"]["is"]["collapsed_steps"].update(value=1, rel_tol=0.0)
+        data["policies"]["grpo"]["discard_frac"].update(value=0.001, abs_tol=0.0, rel_tol=0.1)
+        data["policies"]["stabledrl"]["update_norm_median"]["value"] = 0.2  # looser: passes
+
+    edited = _edit(baseline, tmp_path / "tight.json", tighten)
+    code, data, stderr = _check(str(runs["steady"]), "--baseline", str(edited))
+    assert code == 1 and not data["ok"] and data["tripped"] == 2
+    collapsed = _gate(data, "is", "baseline.collapsed_steps")
+    assert not collapsed["ok"] and collapsed["figure"] == 2 and collapsed["limit"] == 1
+    discard = _gate(data, "grpo", "baseline.discard_frac")
+    assert not discard["ok"] and discard["limit"] == pytest.approx(0.0011)
+    assert _gate(data, "stabledrl", "baseline.update_norm_median")["ok"]
+    assert "2 of 16 gates tripped" in stderr
+    assert "is baseline.collapsed_steps: collapsed_steps 2, baseline 1: above the limit 1" in stderr
+    assert "grpo baseline.discard_frac" in stderr
+
+
+def test_strict_also_fails_on_an_improvement(runs, baseline, tmp_path):
+    def loosen(data):
+        data["policies"]["is"]["collapsed_steps"]["value"] = 5  # today: 2, better
+
+    edited = _edit(baseline, tmp_path / "loose.json", loosen)
+    code, data, _ = _check(str(runs["steady"]), "--baseline", str(edited))
+    assert code == 0 and data["ok"]
+    code, data, stderr = _check(str(runs["steady"]), "--baseline", str(edited), "--strict")
+    assert code == 1
+    tripped = [g for g in data["gates"] if not g["ok"]]
+    assert [(g["policy"], g["gate"]) for g in tripped] == [("is", "baseline.collapsed_steps")]
+    assert "better than the baseline beyond its tolerance" in tripped[0]["message"]
+    assert "--strict fails on it" in stderr
+    code, _, _ = _check(str(runs["steady"]), "--baseline", str(baseline), "--strict")
+    assert code == 0
+
+
+def test_strict_baseline_has_noise_tolerances_and_is_two_sided(runs, tmp_path):
+    golden = tmp_path / "golden.json"
+    result = runner.invoke(
+        app, ["check", str(runs["steady"]), *POLICIES, "--write-baseline", str(golden), "--strict"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(golden.read_text())
+    assert data["strict"] is True
+    assert data["observed"]["first_reward_collapse"]["abs_tol"] == 0
+    metrics = data["policies"]["is"]
+    assert (metrics["collapsed_steps"]["abs_tol"], metrics["collapsed_steps"]["rel_tol"]) == (0, 0)
+    assert (metrics["update_norm_max"]["abs_tol"], metrics["update_norm_max"]["rel_tol"]) == (
+        0,
+        1e-4,
+    )
+    code, _, _ = _check(str(runs["steady"]), "--baseline", str(golden))
+    assert code == 0
+    improved = _edit(
+        golden,
+        tmp_path / "improved.json",
+        lambda d: d["policies"]["is"]["collapsed_steps"].update(value=3),
+    )
+    code, data, _ = _check(str(runs["steady"]), "--baseline", str(improved))  # no --strict flag
+    assert code == 1
+    assert [g["gate"] for g in data["gates"] if not g["ok"]] == ["baseline.collapsed_steps"]
+
+
+def test_a_detector_change_fails_until_the_baseline_is_rewritten(runs, baseline, monkeypatch):
+    real = engine.drift_flags
+    monkeypatch.setattr(
+        engine, "drift_flags", lambda net_push, window, threshold: real(net_push, 5, threshold + 1)
+    )
+    code, data, _ = _check(str(runs["steady"]), "--baseline", str(baseline))
+    assert code == 1
+    tripped = {(g["policy"], g["gate"]) for g in data["gates"] if not g["ok"]}
+    assert ("grpo", "baseline.drift_steps") in tripped
+    assert all(gate == "baseline.drift_steps" for _, gate in tripped)
+
+
+def test_observed_collapse_is_compared(runs, baseline):
+    code, data, _ = _check(str(runs["collapsing"]), "--baseline", str(baseline))
+    assert code == 1
+    observed = _gate(data, None, "baseline.observed.first_reward_collapse")
+    assert not observed["ok"] and observed["figure"] == 25
+    assert observed["message"] == (
+        "observed.first_reward_collapse 25, baseline none: any figure but none fails"
+    )
+
+
+def test_policy_missing_from_the_check_is_a_tripped_gate(runs, baseline):
+    code, data, stderr = _check(str(runs["steady"]), "--baseline", str(baseline), "-p", "grpo")
+    assert code == 1 and data["policies"] == ["grpo"]
+    missing = [g for g in data["gates"] if g["gate"] == "baseline.present"]
+    assert [g["policy"] for g in missing] == ["is", "stabledrl"]
+    assert "'is' is in the baseline but was not checked" in stderr
+
+
+def test_replay_settings_come_from_the_baseline(runs, baseline, tmp_path):
+    code, _, stderr = _check(str(runs["steady"]), "--baseline", str(baseline), "--window", "7")
+    assert code == 2 and "differs from the baseline's" in stderr
+    same = str(engine.DEFAULT_WINDOW)
+    code, _, _ = _check(str(runs["steady"]), "--baseline", str(baseline), "--window", same)
+    assert code == 0
+    # A baseline written with other settings is replayed with them.
+    edited = _edit(baseline, tmp_path / "w5.json", lambda d: d["replay"].update(window=5))
+    code, data, _ = _check(str(runs["steady"]), "--baseline", str(edited))
+    assert data["replay"]["window"] == 5
+
+
+# --- absolute gates ----------------------------------------------------------------------------
+def test_absolute_gates(runs):
+    code, data, stderr = _check(
+        str(runs["collapsing"]), *POLICIES, "--max-collapsed", "1", "--max-nonfinite", "0",
+        "--max-discard-frac", "0.001",
+    )  # fmt: skip
+    assert code == 1
+    assert data["gates_checked"] == 9
+    collapsed = _gate(data, "is", "max_collapsed")
+    assert not collapsed["ok"] and collapsed["figure"] == 3
+    assert "3 collapsed steps, limit 1 (steps 25, 33, 36)" in collapsed["message"]
+    assert _gate(data, "grpo", "max_collapsed")["ok"]  # step 36 only
+    assert all(not _gate(data, p, "max_nonfinite")["ok"] for p in ("grpo", "is", "stabledrl"))
+    assert not _gate(data, "grpo", "max_discard_frac")["ok"]
+    assert _gate(data, "stabledrl", "max_discard_frac")["ok"]
+    assert "is max_collapsed: 3 collapsed steps, limit 1" in stderr
+    code, data, _ = _check(str(runs["steady"]), "-p", "stabledrl", "--max-collapsed", "0")
+    assert code == 0 and data["ok"]
+
+
+def test_usage_errors(runs, tmp_path):
+    code, _, stderr = _check(str(runs["steady"]))
+    assert code == 2 and "nothing to check" in stderr
+    code, _, stderr = _check(str(runs["steady"]), "--max-discard-frac", "1.5")
+    assert code == 2 and "--max-discard-frac" in stderr
+    code, _, stderr = _check(str(runs["steady"]), "--max-collapsed", "0", "-p", "nope")
+    assert code == 2 and "nope" in stderr
+    code, _, stderr = _check(
+        str(runs["steady"]), "--max-collapsed", "0", "--junit", str(tmp_path / "no/x.xml")
+    )
+    assert code == 2 and "does not exist" in stderr
+    code, _, stderr = _check(str(tmp_path / "missing"), "--max-collapsed", "0")
+    assert code == 3
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(version=2), "baseline version 2 is newer than this tool reads"),
+        (lambda d: d.update(version="1"), "version must be an integer"),
+        (lambda d: d.update(schema="other"), "not a stabledrl baseline"),
+        (lambda d: d["replay"].pop("window"), "replay.window is missing"),
+        (lambda d: d["policies"]["is"]["discard_frac"].pop("value"), "is.discard_frac has no"),
+        (
+            lambda d: d["policies"]["is"]["discard_frac"].update(worse="sideways"),
+            "worse must be 'higher' or 'lower'",
+        ),
+        (
+            lambda d: d["policies"]["is"]["discard_frac"].update(abs_tol="0.1"),
+            "abs_tol must be a finite number",
+        ),
+        (lambda d: d["policies"]["is"].update(speed={"value": 1}), "unknown metric 'speed'"),
+        (lambda d: d["policies"].update({"nope:x=1": {}}), "policy 'nope:x=1'"),
+        (lambda d: d["observed"].update(other={"value": 1}), "unknown observed metric"),
+        (lambda d: d.update(strict="yes"), "'strict' must be true or false"),
+    ],
+)
+def test_malformed_baselines_exit_3_naming_the_problem(runs, baseline, tmp_path, edit, message):
+    edited = _edit(baseline, tmp_path / "bad.json", edit)
+    code, data, stderr = _check(str(runs["steady"]), "--baseline", str(edited))
+    assert code == 3 and data == {}
+    assert message in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_unreadable_baselines_exit_3(runs, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    code, _, stderr = _check(str(runs["steady"]), "--baseline", str(broken))
+    assert code == 3 and "not valid JSON" in stderr
+    code, _, stderr = _check(str(runs["steady"]), "--baseline", str(tmp_path / "none.json"))
+    assert code == 3 and "no such baseline" in stderr
+
+
+def test_baseline_accepts_hand_written_specs_and_null_values(runs, baseline, tmp_path):
+    def rename(data):
+        data["policies"]["grpo:eps_low=0.2"] = data["policies"].pop("grpo")
+        data["policies"]["is"]["update_norm_max"]["value"] = None  # infinity: anything passes
+
+    edited = _edit(baseline, tmp_path / "hand.json", rename)
+    assert "grpo" in load_baseline(edited).policies  # canonical spec: eps_low=0.2 is the default
+    code, data, _ = _check(str(runs["steady"]), "--baseline", str(edited))
+    assert code == 0, data
+    assert _gate(data, "is", "baseline.update_norm_max")["limit"] is None
+
+
+def test_tolerance_rule():
+    higher = Tolerance(value=5.0, worse="higher", abs_tol=1.0, rel_tol=0.1)
+    assert higher.limit() == 6.5
+    assert not higher.tripped(6.5) and higher.tripped(6.51) and not higher.tripped(0.0)
+    assert higher.tripped(None) and higher.tripped(math.nan)  # infinity, NaN: worse
+    lower = Tolerance(value=100.0, worse="lower", abs_tol=10.0)
+    assert lower.limit() == 90.0 and lower.tripped(89.0) and not lower.tripped(None)
+    never = Tolerance(value=None, worse="lower", abs_tol=10.0)
+    assert never.tripped(500.0) and not never.tripped(None)
+    unbounded = Tolerance(value=None, worse="higher")
+    assert not unbounded.tripped(1e30) and not unbounded.tripped(None)
+    assert higher.improved(3.4) and not higher.improved(3.5) and not higher.improved(9.0)
+    assert lower.improved(111.0) and not lower.improved(110.0)
+    assert never.improved(None) is False and unbounded.improved(5.0)
+    assert Tolerance(value=30.0, worse="lower").improved(None)  # a collapse that went away
+
+
+# --- JUnit XML ---------------------------------------------------------------------------------
+def test_junit_report(runs, baseline, tmp_path):
+    junit = tmp_path / "check.xml"
+    result = runner.invoke(
+        app,
+        ["check", str(runs["collapsing"]), "--baseline", str(baseline), "--max-nonfinite", "0",
+         "--junit", str(junit)],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    root = ET.parse(junit).getroot()
+    assert root.tag == "testsuites"
+    (suite,) = root.findall("testsuite")
+    assert suite.get("name") == f"stabledrl check {runs['collapsing']}"
+    cases = suite.findall("testcase")
+    failed = [c for c in cases if c.find("failure") is not None]
+    assert int(suite.get("tests")) == len(cases) == 1 + 3 * (len(POLICY_METRICS) + 1)
+    assert int(suite.get("failures")) == len(failed) == int(root.get("failures")) > 0
+    names = {(c.get("classname"), c.get("name")) for c in cases}
+    assert ("stabledrl.is", "max_nonfinite") in names
+    assert ("stabledrl.run", "baseline.observed.first_reward_collapse") in names
+    nonfinite = next(
+        c for c in cases if (c.get("classname"), c.get("name")) == ("stabledrl.is", "max_nonfinite")
+    )
+    failure = nonfinite.find("failure")
+    assert failure.get("message") == "1 steps with a non-finite update, limit 0"
+    assert failure.text.startswith("figure 1, limit 0")
+    passed = next(c for c in cases if c.find("failure") is None)
+    assert passed.find("system-out") is not None
+
+
+def test_exit_codes_in_a_real_process(runs, baseline):
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "stabledrl_cli", "check", *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+
+    tripped = run(str(runs["collapsing"]), "--baseline", str(baseline))
+    assert tripped.returncode == 1 and "check failed" in tripped.stderr
+    assert "Traceback" not in tripped.stderr
+
+
+def test_committed_fixture_baselines_are_valid():
+    """.ci/run checks each fixture against these; here: they parse, and cover the catalogue
+    with the engine's current default settings (else a default change went unrecorded)."""
+    from stabledrl_cli.policies import STANDARD_CATALOGUE, get_policy
+
+    fixtures = sorted(p.parent for p in (ROOT / "fixtures").glob("*/manifest.json"))
+    assert fixtures, "no fixture runs"
+    for run in fixtures:
+        path = ROOT / "fixtures" / f"{run.name}.baseline.json"
+        assert path.is_file(), f"{path} is missing: see fixtures/README.md"
+        loaded = load_baseline(path)
+        assert loaded.run["path"] == f"fixtures/{run.name}"
+        assert loaded.replay == {
+            "spike_factor": engine.DEFAULT_SPIKE_FACTOR,
+            "window": engine.DEFAULT_WINDOW,
+            "drift_threshold": engine.DEFAULT_DRIFT_THRESHOLD,
+        }
+        assert loaded.strict, "fixture baselines are written with --strict"
+        catalogue = {get_policy(s).spec for s in STANDARD_CATALOGUE}
+        assert catalogue <= set(loaded.policies)

@@ -1,0 +1,405 @@
+"""`stabledrl pack`: the HDF5 archive holds the whole run, and every reader sees the same run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import RunIntegrityWarning, _archive, open_run, pack_run
+from stabledrl_cli.errors import InputError, UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_RUNS = sorted(p.parent for p in (ROOT / "fixtures").glob("*/manifest.json"))
+runner = CliRunner()
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def rich_run(tmp_path_factory) -> Path:
+    """24 steps with every kind of field, some only on some steps (seeded, deterministic).
+
+    Token counts vary by step; logp_ref on every step, loss_weight on even steps only; gram on
+    steps < 8, a float16 sketch with its scale on 8..15, none after; token_ids [N, k] with k
+    varying; param_grad_norm; a NaN loss at step 5, a grad-norm spike at 12, a user scalar
+    only on odd steps.
+    """
+    path = tmp_path_factory.mktemp("pack") / "run"
+    gen = torch.Generator().manual_seed(7)
+    names = [f"layer{i}.weight" for i in range(5)]
+    with sd.Recorder(
+        path,
+        policy="grpo",
+        policy_params={"eps_low": 0.2},
+        reward_range=(0.0, 1.0),
+        param_names=names,
+        geometry={"kind": "mixed", "note": "test"},
+    ) as rec:
+        for step in range(STEPS):
+            rows, cols = 4, 6 + step % 3
+            logp = -torch.rand(rows, cols, generator=gen)
+            mask = torch.ones(rows, cols)
+            mask[:, -1] = step % 2
+            units = rows * cols
+            extra = {}
+            if step % 2 == 0:
+                extra["loss_weight"] = torch.rand(rows, cols, generator=gen)
+            if step < 8:
+                grads = torch.randn(units, 5, generator=gen)
+                extra["unit_grad_gram"] = grads @ grads.T
+            elif step < 16:
+                extra["unit_grad_sketch"] = torch.randn(units, 4, generator=gen).half()
+                extra["unit_grad_sketch_scale"] = 0.5 + step / 10
+            rec.log_step(
+                step,
+                logp=logp,
+                logp_old=logp + 0.05 * torch.randn(rows, cols, generator=gen),
+                logp_ref=logp - 0.01,
+                advantages=torch.randn(rows, generator=gen),
+                mask=mask,
+                group_id=np.array([0, 0, 1, 1]),
+                reward=torch.rand(rows, generator=gen),
+                token_ids=torch.randint(0, 50, (rows, 3 + step % 4), generator=gen),
+                param_grad_norm=torch.rand(5, generator=gen),
+                grad_norm=30.0 if step == 12 else 1.0 + step / 100,
+                grad_norm_covered=1.0,
+                loss=float("nan") if step == 5 else 0.1 * step,
+                inner_step=step % 2,
+                scalars={"kl": 0.01 * step} if step % 2 else None,
+                **extra,
+            )
+    return path
+
+
+@pytest.fixture(scope="module")
+def rich_archive(rich_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("archive") / "run.h5"
+    pack_run(open_run(rich_run), out)
+    return out
+
+
+def _same_scalars(a: dict[str, float], b: dict[str, float]) -> bool:
+    return a.keys() == b.keys() and all(
+        (math.isnan(a[k]) and math.isnan(b[k])) or a[k] == b[k] for k in a
+    )
+
+
+def test_archive_reads_back_every_array_and_scalar(rich_run, rich_archive):
+    source, archive = open_run(rich_run), open_run(rich_archive)
+    assert type(archive).__name__ == "ArchiveRun"
+    assert archive.manifest == source.manifest
+    assert archive.unit == source.unit and archive.policy_spec == source.policy_spec
+    assert archive.geometry == source.geometry and archive.reward_range == source.reward_range
+    assert archive.step_numbers == source.step_numbers == list(range(STEPS))
+    assert archive.integrity.ok
+    for a, b in zip(source.steps(), archive.steps(), strict=True):
+        assert (a.step, a.fields, a.num_tokens) == (b.step, b.fields, b.num_tokens)
+        assert (a.num_sequences, a.num_scored_tokens) == (b.num_sequences, b.num_scored_tokens)
+        assert _same_scalars(a.scalars, b.scalars)
+        for name in a.fields:
+            x, y = a[name], b[name]
+            assert x.dtype == y.dtype and x.shape == y.shape, name
+            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+    step = archive.step(9)
+    assert step["unit_grad_sketch"].dtype == torch.float16
+    assert "loss_weight" not in step and "unit_grad_gram" not in step
+    assert step["token_ids"].shape == (4, 3 + 9 % 4)
+    with pytest.raises(KeyError, match="no field 'loss_weight'"):
+        step["loss_weight"]
+    with pytest.raises(InputError, match="no step 99"):
+        archive.step(99)
+    for name in ("loss", "kl", "grad_norm"):
+        (s1, v1), (s2, v2) = source.scalar_series(name), archive.scalar_series(name)
+        np.testing.assert_array_equal(s1, s2)
+        np.testing.assert_array_equal(v1, v2)  # NaN == NaN for assert_array_equal
+
+
+def test_archive_layout(rich_archive):
+    with h5py.File(rich_archive, "r") as handle:
+        assert handle.attrs["kind"] == "stabledrl-run"
+        assert "manifest" in handle and "manifest" not in handle.attrs
+        assert json.loads(handle["manifest"][()])["policy"]["spec"] == "grpo:eps_low=0.2"
+        offsets = handle["tokens/step_offsets"][()]
+        assert offsets.shape == (STEPS + 1,) and offsets[0] == 0
+        assert (
+            offsets[-1]
+            == handle["tokens/logp"].shape[0]
+            == sum(4 * (6 + s % 3) for s in range(STEPS))
+        )
+        assert handle["sequences/step_offsets"][-1] == 4 * STEPS
+        for name in ("tokens/logp", "sequences/reward", "ragged/unit_grad_sketch/data"):
+            assert handle[name].chunks is not None and handle[name].compression == "gzip"
+        assert handle["ragged/unit_grad_sketch/data"].dtype == np.float16
+        assert handle["ragged/unit_grad_gram/shape"][3].tolist() == [4 * 6, 4 * 6]
+        assert handle["present/loss_weight"][()].tolist() == [1, 0] * (STEPS // 2)
+        assert handle["scalars_recorded/kl"][()].tolist() == [0, 1] * (STEPS // 2)
+        assert math.isnan(handle["scalars/loss"][5]) and handle["scalars_recorded/loss"][5]
+
+
+def _replay_json(run) -> dict:
+    data = json.loads(sd.replay(run, device="cpu").to_json())
+    data.pop("run")
+    return data
+
+
+def test_replay_of_archive_is_identical(rich_run, rich_archive):
+    direct = _replay_json(rich_run)
+    assert direct["geometry"] == "mixed"
+    assert _replay_json(rich_archive) == direct
+
+
+@pytest.mark.parametrize("fixture", FIXTURE_RUNS, ids=lambda p: p.name)
+def test_fixture_pack_replays_identically(fixture, tmp_path):
+    out = tmp_path / f"{fixture.name}.h5"
+    result = runner.invoke(app, ["pack", str(fixture), str(out)])
+    assert result.exit_code == 0, result.output
+    assert _replay_json(out) == _replay_json(fixture)
+
+
+def _cli_json(args: list[str]) -> dict:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_inspect_replay_and_cli_read_the_archive(rich_run, rich_archive):
+    direct = _cli_json(["inspect", str(rich_run), "--format", "json"])
+    packed = _cli_json(["inspect", str(rich_archive), "--format", "json"])
+    for data in (direct, packed):
+        data.pop("run")
+        data.pop("size_bytes")
+    assert packed == direct
+    replayed = _cli_json(
+        ["replay", str(rich_archive), "-p", "grpo", "-f", "json", "--device", "cpu"]
+    )
+    assert replayed["run"] == str(rich_archive) and replayed["steps"] == STEPS
+
+
+def test_pack_cli_json_summary_and_refuses_overwrite(rich_run, tmp_path):
+    out = tmp_path / "run.h5"
+    data = _cli_json(["pack", str(rich_run), str(out), "--format", "json"])
+    assert data["steps"] == STEPS and data["out"] == str(out) and data["integrity"]["ok"]
+    assert data["archive_bytes"] == out.stat().st_size
+    before = out.read_bytes()
+    again = runner.invoke(app, ["pack", str(rich_run), str(out)])
+    assert again.exit_code == 2 and "--force" in again.stderr
+    assert out.read_bytes() == before
+    forced = runner.invoke(app, ["pack", str(rich_run), str(out), "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert "packed 24 steps" in forced.stdout
+    missing_dir = runner.invoke(app, ["pack", str(rich_run), str(tmp_path / "no" / "x.h5")])
+    assert missing_dir.exit_code == 2 and "does not exist" in missing_dir.stderr
+    to_dir = runner.invoke(app, ["pack", str(rich_run), str(tmp_path)])
+    assert to_dir.exit_code == 2 and "is a directory" in to_dir.stderr
+    no_run = runner.invoke(app, ["pack", str(tmp_path / "nope"), str(tmp_path / "y.h5")])
+    assert no_run.exit_code == 3 and "no such run" in no_run.stderr
+
+
+def test_failed_pack_leaves_no_file_under_the_target(rich_run, tmp_path, monkeypatch):
+    calls = []
+    real_add = _archive._Packer.add
+
+    def add_then_fail(self, step, where):
+        calls.append(step.step)
+        if len(calls) == 3:
+            raise OSError("disk full (simulated)")
+        real_add(self, step, where)
+
+    monkeypatch.setattr(_archive._Packer, "add", add_then_fail)
+    out = tmp_path / "run.h5"
+    with pytest.raises(OSError, match="simulated"):
+        pack_run(open_run(rich_run), out)
+    assert calls == [0, 1, 2]
+    assert list(tmp_path.iterdir()) == []  # no target, and the temporary file is removed
+    # An existing archive is kept whole when a forced re-pack fails.
+    out.write_bytes(b"previous archive")
+    calls.clear()
+    with pytest.raises(OSError, match="simulated"):
+        pack_run(open_run(rich_run), out, force=True)
+    assert out.read_bytes() == b"previous archive"
+    assert [p.name for p in tmp_path.iterdir()] == ["run.h5"]
+
+
+_KILLED_WORKER = """
+import sys, time
+from stabledrl_cli.dump import _archive, open_run, pack_run
+real_add = _archive._Packer.add
+def add(self, step, where):
+    real_add(self, step, where)
+    if step.step == 5:
+        print("midway", flush=True)
+        time.sleep(600)
+_archive._Packer.add = add
+pack_run(open_run(sys.argv[1]), sys.argv[2])
+"""
+
+
+def test_killed_pack_leaves_no_file_under_the_target(rich_run, tmp_path):
+    out = tmp_path / "run.h5"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WORKER, str(rich_run), str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "midway"  # blocks until the pack is half done
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    assert not out.exists()
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".run.h5.tmp-")
+    # open_run never mistakes the half-written temporary file for the archive.
+    assert runner.invoke(app, ["inspect", str(out)]).exit_code == 3
+
+
+def test_pack_carries_integrity_findings(rich_run, tmp_path):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "steps").mkdir()
+    (damaged / "manifest.json").write_bytes((rich_run / "manifest.json").read_bytes())
+    for src in sorted((rich_run / "steps").iterdir())[:10]:
+        (damaged / "steps" / src.name).write_bytes(src.read_bytes())
+    torn = damaged / "steps" / "step-00000004.safetensors"
+    torn.write_bytes(torn.read_bytes()[:-50])
+    (damaged / "steps" / ".step-00000010.safetensors.tmp-99").write_bytes(b"partial")
+    out = tmp_path / "damaged.h5"
+    result = runner.invoke(app, ["pack", str(damaged), str(out)])
+    assert result.exit_code == 0, result.output
+    assert "2 integrity finding(s) (temporary, torn)" in result.stderr
+    archive = open_run(out)
+    assert archive.step_numbers == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    kinds = [(f.kind, f.step) for f in archive.integrity.findings]
+    assert kinds == [("torn", 4), ("temporary", 10)]
+    inspected = _cli_json(["inspect", str(out), "--format", "json"])
+    assert [f["kind"] for f in inspected["integrity"]["findings"]] == ["torn", "temporary"]
+
+
+def test_corrupt_archive_chunk_is_a_finding_and_its_steps_are_skipped(rich_run, tmp_path):
+    out = tmp_path / "run.h5"
+    pack_run(open_run(rich_run), out)
+    with h5py.File(out, "r") as handle:
+        info = handle["tokens/logp_old"].id.get_chunk_info(0)
+    with open(out, "r+b") as fh:  # flip bytes inside the first chunk of logp_old
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(b"\xff\x00\xff\x00")
+    archive = open_run(out)
+    findings = archive.integrity.findings
+    assert [f.kind for f in findings] == ["unreadable"] and "tokens/logp_old" in findings[0].path
+    assert archive.step_numbers == []  # one small chunk holds every step's logp_old
+    fresh = open_run(out)
+    with pytest.warns(RunIntegrityWarning, match="checksum"):
+        assert list(fresh.steps()) == []
+    with pytest.raises(InputError, match="unreadable"):
+        open_run(out).step(3)
+
+
+def test_open_run_refuses_reports_and_other_hdf5(tmp_path, rich_run):
+    report = tmp_path / "report.h5"
+    with h5py.File(report, "w") as handle:
+        handle.attrs["kind"] = "stabledrl-replay-report"
+    with pytest.raises(InputError, match="is a replay report, not a run"):
+        open_run(report)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as handle:
+        handle.create_dataset("x", data=[1, 2])
+    result = runner.invoke(app, ["inspect", str(other)])
+    assert result.exit_code == 3 and "not a run" in result.stderr
+    newer = tmp_path / "newer.h5"
+    pack_run(open_run(rich_run), newer)
+    with h5py.File(newer, "r+") as handle:
+        handle.attrs["format_version"] = "2.0"
+    result = runner.invoke(app, ["replay", str(newer)])
+    assert result.exit_code == 3 and "newer than this tool reads" in result.stderr
+    broken = tmp_path / "broken.h5"
+    pack_run(open_run(rich_run), broken)
+    with h5py.File(broken, "r+") as handle:
+        del handle["steps/step"]
+    result = runner.invoke(app, ["inspect", str(broken)])
+    assert result.exit_code == 3 and "corrupt run archive" in result.stderr
+    missing = tmp_path / "missing.h5"
+    pack_run(open_run(rich_run), missing)
+    with h5py.File(missing, "r+") as handle:
+        del handle["tokens/logp"]
+    with pytest.raises(InputError, match="corrupt run archive \\(no dataset tokens/logp\\)"):
+        open_run(missing)
+
+
+def test_large_manifest_and_multi_rank_run(tmp_path):
+    path = tmp_path / "ranks"
+    names = [f"model.layers.{i}.mlp.weight.with.a.long.name" for i in range(3000)]  # > 64 KiB
+    recorders = [sd.Recorder(path, world_size=2, rank=r, param_names=names) for r in (0, 1)]
+    for step in range(3):
+        for rank, rec in enumerate(recorders):
+            rec.log_step(
+                step,
+                logp=torch.full((2, 3), -1.0 - rank),
+                logp_old=torch.full((2, 3), -1.0),
+                advantages=torch.tensor([1.0, -1.0]),
+                group_id=np.array([0, 0]),
+                reward=np.array([1.0, float(rank)]),
+                unit_grad_sketch=torch.ones(6, 2).half(),
+                unit_grad_sketch_scale=2.0 + rank,
+                loss=float(rank),
+            )
+    for rec in recorders:
+        rec.close()
+    assert len(json.dumps(open_run(path).manifest)) > 65536
+    out = tmp_path / "ranks.h5"
+    pack_run(open_run(path), out)
+    source, archive = open_run(path), open_run(out)
+    assert archive.manifest["param_names"] == names
+    for a, b in zip(source.steps(), archive.steps(), strict=True):
+        assert a.fields == b.fields and _same_scalars(a.scalars, b.scalars)
+        for name in a.fields:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    assert archive.step(1)["seq_id"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert archive.step(1)["unit_grad_sketch"].dtype == torch.float32
+
+
+def test_pack_run_rejects_existing_target_in_python(rich_run, tmp_path):
+    out = tmp_path / "x.h5"
+    out.write_bytes(b"")
+    with pytest.raises(UsageError, match="already exists"):
+        pack_run(open_run(rich_run), out)
+
+
+def test_empty_run_packs(tmp_path):
+    path = tmp_path / "empty"
+    sd.Recorder(path).close()
+    out = tmp_path / "empty.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pack_run(open_run(path), out)
+    archive = open_run(out)
+    assert archive.step_numbers == [] and archive.integrity.ok and list(archive.steps()) == []
+    assert os.path.getsize(out) > 0
+
+
+def test_check_reads_the_archive_like_the_directory(rich_run, rich_archive, tmp_path):
+    baseline = tmp_path / "rich.baseline.json"
+    args = ["-p", "grpo", "-p", "is", "--device", "cpu"]
+    written = runner.invoke(app, ["check", str(rich_run), *args, "--write-baseline", str(baseline)])
+    assert written.exit_code == 0, written.output
+    gates = ["--baseline", str(baseline), "--max-collapsed", "0", "--format", "json"]
+    direct = runner.invoke(app, ["check", str(rich_run), *args, *gates])
+    packed = runner.invoke(app, ["check", str(rich_archive), *args, *gates])
+    assert direct.exit_code == packed.exit_code
+    assert json.loads(packed.stdout)["gates"] == json.loads(direct.stdout)["gates"]
+    assert all(g["ok"] for g in json.loads(packed.stdout)["gates"] if g["gate"] != "max_collapsed")

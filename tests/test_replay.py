@@ -1,0 +1,405 @@
+"""`stabledrl replay`: the engine, its indicators and detectors, the CLI and its exit codes.
+
+Runs are small and synthetic, recorded with the real Recorder in a tmp dir; the fixture facts
+(a degrading grpo run vs stabledrl) are tests/test_replay_fixtures.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.errors import InputError
+from stabledrl_cli.policies import STANDARD_CATALOGUE, PolicyBatch, get_policy
+from stabledrl_cli.replay.detectors import drift_flags
+from stabledrl_cli.replay.engine import ReplayConfig, parse_step_range, replay_run
+from stabledrl_cli.replay.report import REPORT_KIND, read_hdf5
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+SUMMARY_KEYS = {
+    "tokens", "discarded", "discard_frac", "discarded_pos", "discarded_neg",
+    "discarded_mass_frac", "clipped", "update_norm_median", "update_norm_max",
+    "cosine_to_own_median", "spike_steps", "drift_steps", "collapsed_steps", "first_collapse",
+    "lead_steps", "fidelity", "loss_parity",
+}  # fmt: skip
+STEP_KEYS = {
+    "step", "tokens", "discarded", "discard_frac", "clipped", "geometry", "update_norm",
+    "clip_scale", "cosine_to_own", "weight_max", "ess_frac", "net_push", "spike", "nonfinite",
+    "drift", "collapsed",
+}  # fmt: skip
+
+N_SEQ, GROUP, DIM = 16, 8, 6
+
+
+def _step_arrays(rng: np.random.Generator, step: int, *, spike_at: int | None, noise: float):
+    """One sequence-unit step: N sequences in groups of GROUP, features x_u for geometry."""
+    reward = rng.random(N_SEQ).astype(np.float32)
+    group = np.arange(N_SEQ) // GROUP
+    adv = reward - np.array([reward[group == g].mean() for g in group], dtype=np.float32)
+    logp_old = (-5.0 + rng.normal(size=N_SEQ)).astype(np.float32)
+    logp = (logp_old + noise * rng.normal(size=N_SEQ)).astype(np.float32)
+    if spike_at is not None and step == spike_at:
+        worst = int(np.argmin(adv))  # a negative-advantage sequence whose ratio explodes
+        logp[worst] = logp_old[worst] + 6.0
+    features = rng.normal(size=(N_SEQ, DIM)).astype(np.float32)
+    return {
+        "logp": logp,
+        "logp_old": logp_old,
+        "advantages": adv.astype(np.float32),
+        "mask": np.ones(N_SEQ, np.uint8),
+        "seq_id": np.arange(N_SEQ, dtype=np.int32),
+        "group_id": group.astype(np.int32),
+        "reward": reward,
+    }, features
+
+
+def record_run(
+    path: Path,
+    *,
+    steps: int = 12,
+    policy: str = "grpo",
+    seed: int = 0,
+    spike_at: int | None = None,
+    nan_at: int | None = None,
+    geometry: str | None = None,
+    sketch_k: int = 4096,
+    drop: tuple[str, ...] = (),
+    noise: float = 0.1,
+) -> Path:
+    """A synthetic sequence-unit run. The unit log-likelihood is linear in the parameters,
+    logp_u = x_u . theta, so grad_u = x_u exactly: the gram is X X^T, and the recorded
+    grad_norm_covered is the real norm of the own policy's update (autograd)."""
+    rng = np.random.default_rng(seed)
+    own = get_policy(policy)
+    with sd.Recorder(path, policy=own.name, policy_params={}, unit="sequence",
+                     reward_range=(0.0, 1.0)) as rec:  # fmt: skip
+        for step in range(steps):
+            arrays, features = _step_arrays(rng, step, spike_at=spike_at, noise=noise)
+            if nan_at is not None and step == nan_at:
+                arrays["logp"][3] = np.nan
+            weights = own.weights(PolicyBatch(**arrays, unit="sequence"))
+            theta = torch.zeros(DIM, dtype=torch.float64, requires_grad=True)
+            unit_logp = torch.from_numpy(features).double() @ theta
+            surrogate = -(weights.coef.detach().double() * unit_logp).sum()
+            (grad,) = torch.autograd.grad(surrogate, theta)
+            extra = {}
+            if geometry == "gram":
+                extra["unit_grad_gram"] = features @ features.T
+            elif geometry == "sketch":
+                omega = np.random.default_rng(1234 + step).normal(size=(DIM, sketch_k))
+                extra["unit_grad_sketch"] = (features @ omega / math.sqrt(sketch_k)).astype(
+                    np.float32
+                )
+            if geometry is not None:
+                extra["grad_norm_covered"] = float(grad.norm())
+            for name in drop:
+                arrays.pop(name)
+            rec.log_step(
+                step,
+                **arrays,
+                **extra,
+                grad_norm=float(grad.norm()),
+                loss=-float(weights.objective),
+                reward_mean=float(arrays.get("reward", np.zeros(1)).mean()),
+                inner_step=step % 2,
+            )
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> Path:
+    return record_run(tmp_path_factory.mktemp("replay") / "run", steps=30, spike_at=22)
+
+
+def _json(args: list[str]) -> dict:
+    result = runner.invoke(app, ["replay", *args, "--format", "json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+# --- the JSON contract ---------------------------------------------------------------------------
+def test_default_replays_own_policy_plus_catalogue_in_contract_shape(plain_run):
+    data = _json([str(plain_run)])
+    assert set(data) == {"run", "steps", "geometry", "geometry_coverage", "policies", "observed"}
+    assert data["steps"] == 30 and data["geometry"] == "coef" and data["geometry_coverage"] == 0
+    specs = [p["spec"] for p in data["policies"]]
+    catalogue = [get_policy(s).spec for s in STANDARD_CATALOGUE]
+    assert specs == catalogue  # own (grpo) first, and deduplicated against the catalogue
+    assert [p["own"] for p in data["policies"]].count(True) == 1 and data["policies"][0]["own"]
+    assert [p["best"] for p in data["policies"]].count(True) == 1
+    for p in data["policies"]:
+        assert set(p) == {"name", "spec", "params", "own", "best", "summary", "steps"}
+        assert set(p["summary"]) >= SUMMARY_KEYS
+        assert len(p["steps"]) == 30
+        for row in p["steps"]:
+            assert set(row) >= STEP_KEYS
+            assert row["cosine_to_own"] is None  # no geometry
+        assert p["summary"]["fidelity"] is None
+    assert set(data["observed"]) == {
+        "first_reward_collapse", "recorded_spike_steps", "noise_floor_logratio_std",
+    }  # fmt: skip
+    own = data["policies"][0]["summary"]
+    assert own["loss_parity"] is not None and own["loss_parity"] < 1e-5
+    assert all(p["summary"]["loss_parity"] is None for p in data["policies"][1:])
+
+
+def test_with_policies_replays_exactly_those_and_marks_own(plain_run):
+    data = _json([str(plain_run), "-p", "stabledrl", "-p", "ppo:agg=seq-mean-token-mean",
+                  "-p", "stabledrl"])  # fmt: skip
+    assert [p["spec"] for p in data["policies"]] == ["stabledrl", "ppo:agg=seq-mean-token-mean"]
+    assert [p["own"] for p in data["policies"]] == [False, False]  # ppo:... is not named grpo
+    data = _json([str(plain_run), "-p", "dapo", "-p", "grpo:eps_low=0.2"])
+    assert [p["own"] for p in data["policies"]] == [False, True]
+
+
+def test_api_returns_the_cli_results(plain_run):
+    cli = _json([str(plain_run), "-p", "grpo", "-p", "cispo"])
+    result = sd.replay(plain_run, ["grpo", "cispo"], device="cpu")
+    assert json.loads(result.to_json()) == cli
+    assert (
+        result.own.spec == "grpo"
+        and result.policy("cispo").summary == cli["policies"][1]["summary"]
+    )
+
+
+# --- indicators --------------------------------------------------------------------------------
+def test_indicators_by_hand(tmp_path):
+    path = record_run(tmp_path / "run", steps=3, noise=0.5, seed=3)
+    result = sd.replay(path, ["reinforce", "is", "grpo"], device="cpu")
+    step = sd.open_run(path).step(1)
+    logr = (step["logp"] - step["logp_old"]).double().numpy()
+    adv = step["advantages"].double().numpy()
+    ratio, eligible = np.exp(logr), adv != 0
+    rows = {p.spec: p.steps[1] for p in result.policies}
+    assert rows["reinforce"]["net_push"] == pytest.approx(0.0, abs=1e-6)
+    assert rows["reinforce"]["weight_max"] == pytest.approx(1.0)
+    assert rows["reinforce"]["ess_frac"] == pytest.approx(1.0)
+    assert rows["is"]["weight_max"] == pytest.approx(ratio[eligible].max(), rel=1e-5)
+    w = ratio[eligible]
+    assert rows["is"]["ess_frac"] == pytest.approx(w.sum() ** 2 / (w.size * (w * w).sum()), 1e-5)
+    # grpo: w = r unless its conditional clip discards the token (then 0).
+    discarded = eligible & (((adv > 0) & (ratio > 1.2)) | ((adv < 0) & (ratio < 0.8)))
+    w = np.where(discarded, 0.0, ratio)[eligible]
+    assert rows["grpo"]["discarded"] == int(discarded.sum())
+    assert rows["grpo"]["ess_frac"] == pytest.approx(w.sum() ** 2 / (w.size * (w * w).sum()), 1e-5)
+    ref = adv[eligible]  # grpo's norm is N * 1 for every sequence: it cancels in net_push
+    push = ((w * ref).sum() - ref.sum()) / np.abs(ref).sum()
+    assert rows["grpo"]["net_push"] == pytest.approx(push, rel=1e-4, abs=1e-6)
+    # coef proxy: update_norm = ||coef||
+    coef = get_policy("grpo").weights(PolicyBatch(
+        logp=step["logp"], logp_old=step["logp_old"], advantages=step["advantages"],
+        mask=step["mask"], seq_id=step["seq_id"], group_id=step["group_id"],
+        reward=step["reward"], unit="sequence",
+    )).coef  # fmt: skip
+    assert rows["grpo"]["update_norm"] == pytest.approx(float(coef.norm()), rel=1e-5)
+
+
+def test_drift_flags_needs_a_full_window_below_threshold():
+    net = np.array([0.0, -0.5, -0.5, -0.5, np.nan, -0.5, -0.5, -0.5])
+    flags = drift_flags(net, window=3, threshold=-0.2)
+    # window [0, -.5, -.5] = -0.33 < -0.2 at index 2; NaN windows are not flagged.
+    assert flags.tolist() == [False, False, True, True, False, False, False, True]
+
+
+def test_spike_flagged_for_grpo_not_for_stabledrl(plain_run):
+    result = sd.replay(plain_run, ["grpo", "stabledrl", "reinforce"], device="cpu")
+    spikes = {p.spec: p.summary["spike_steps"] for p in result.policies}
+    assert spikes["grpo"] == [22]
+    assert spikes["stabledrl"] == [] and spikes["reinforce"] == []
+    grpo = result.policy("grpo")
+    assert grpo.summary["collapsed_steps"] == [22] and grpo.summary["first_collapse"] == 22
+    assert grpo.steps[22]["weight_max"] > 100  # exp(6): the unbounded A < 0 ratio
+    assert result.best.spec != "grpo"
+
+
+def test_max_grad_norm_sets_clip_scale_but_spikes_use_the_preclip_norm(plain_run):
+    base = sd.replay(plain_run, ["grpo"], device="cpu").policy("grpo")
+    clipped = sd.replay(plain_run, ["grpo"], device="cpu", max_grad_norm=0.01).policy("grpo")
+    assert clipped.summary["spike_steps"] == base.summary["spike_steps"] == [22]
+    for row in clipped.steps:
+        expected = min(1.0, 0.01 / (row["update_norm"] + 1e-6))
+        assert row["clip_scale"] == pytest.approx(expected)
+    assert all(row["clip_scale"] == 1.0 for row in base.steps)
+
+
+def test_nonfinite_step_is_replayed_and_flagged(tmp_path):
+    path = record_run(tmp_path / "run", steps=8, nan_at=5)
+    data = _json([str(path)])
+    for p in data["policies"]:
+        row = p["steps"][5]
+        assert row["nonfinite"] and row["collapsed"] and row["update_norm"] is None
+        assert 5 in p["summary"]["collapsed_steps"]
+        assert not any(r["nonfinite"] for i, r in enumerate(p["steps"]) if i != 5)
+
+
+# --- chunks and devices ------------------------------------------------------------------------
+def test_chunk_size_does_not_change_results(plain_run):
+    results = [
+        sd.replay(plain_run, ["grpo", "stabledrl", "gspo"], device="cpu", chunk_size=size)
+        for size in (1, 7, 64)
+    ]
+    first = results[0].to_dict()
+    for other in results[1:]:
+        assert other.to_dict() == first
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu(plain_run):  # pragma: no cover - no GPU on CI
+    cpu = sd.replay(plain_run, ["grpo", "stabledrl"], device="cpu")
+    gpu = sd.replay(plain_run, ["grpo", "stabledrl"], device="cuda")
+    for a, b in zip(cpu.policies, gpu.policies, strict=True):
+        np.testing.assert_allclose(a.series["update_norm"], b.series["update_norm"], rtol=1e-4)
+
+
+# --- geometry ----------------------------------------------------------------------------------
+def test_gram_geometry_gives_exact_norms_fidelity_and_cosine(tmp_path):
+    path = record_run(tmp_path / "run", steps=10, geometry="gram", noise=0.5)
+    data = _json([str(path), "-p", "grpo", "-p", "stabledrl", "-p", "is"])
+    assert data["geometry"] == "gram" and data["geometry_coverage"] == 1.0
+    own = data["policies"][0]
+    assert own["own"] and own["summary"]["fidelity"] < 1e-5
+    assert all(abs(r["cosine_to_own"] - 1.0) < 1e-5 for r in own["steps"])
+    others = data["policies"][1]["steps"]
+    assert all(r["cosine_to_own"] is not None and -1 <= r["cosine_to_own"] <= 1 for r in others)
+    grpo_is = data["policies"][2]
+    assert grpo_is["summary"]["discarded_mass_frac"] == 0.0
+    assert 0 < own["summary"]["discarded_mass_frac"] < 1
+
+
+def test_sketch_geometry_approximates_the_norms(tmp_path):
+    path = record_run(tmp_path / "run", steps=6, geometry="sketch", sketch_k=4096)
+    data = _json([str(path), "-p", "grpo"])
+    assert data["geometry"] == "sketch"
+    assert data["policies"][0]["summary"]["fidelity"] < 0.1  # relative error ~ 1/sqrt(2k)
+
+
+# --- outputs -----------------------------------------------------------------------------------
+def test_table_marks_own_and_best_and_says_counterfactual(plain_run):
+    result = runner.invoke(app, ["replay", str(plain_run), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "grpo (own)" in result.stdout and "(best)" in result.stdout
+    assert "proxy" in result.stdout and "one-step counterfactual" in result.stdout
+
+
+def test_steps_range_and_detail(plain_run):
+    data = _json([str(plain_run), "-p", "grpo", "--steps", "20:25", "--detail"])
+    grpo = data["policies"][0]
+    assert [r["step"] for r in grpo["steps"]] == [20, 21, 22, 23, 24]
+    assert grpo["summary"]["spike_steps"] == [22]  # the summary covers the whole run
+    top = grpo["summary"]["detail"]["22"]
+    assert top and top[0]["advantage"] < 0 and top[0]["log_ratio"] == pytest.approx(6.0, 0.05)
+    assert set(top[0]) == {"seq_id", "group", "reward", "advantage", "log_ratio", "contribution"}
+    table = runner.invoke(
+        app, ["replay", str(plain_run), "-p", "grpo", "--steps", "21:23", "--detail"]
+    )
+    assert table.exit_code == 0 and "step 22: sequences contributing most" in table.stdout
+
+
+def test_hdf5_report_and_open_run_refuses_it(plain_run, tmp_path):
+    out = tmp_path / "report.h5"
+    result = runner.invoke(
+        app, ["replay", str(plain_run), "-p", "grpo", "-p", "stabledrl", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    report = read_hdf5(out)
+    assert report["attrs"]["kind"] == REPORT_KIND
+    assert report["attrs"]["run"] == str(plain_run)
+    assert report["attrs"]["run_policy_spec"].startswith("grpo")
+    grpo = report["policies"][0]
+    assert grpo["attrs"]["spec"] == "grpo" and json.loads(grpo["attrs"]["params"])["eps_low"] == 0.2
+    assert grpo["update_norm"].shape == (30,) and grpo["spike"][22] == 1
+    with pytest.raises(InputError, match="not a run"):
+        sd.open_run(out)
+    again = runner.invoke(app, ["replay", str(out)])
+    assert again.exit_code == 3 and "not a run" in again.stderr
+
+
+# --- bad input ---------------------------------------------------------------------------------
+def test_missing_field_for_a_requested_policy_exits_3_naming_it(tmp_path):
+    path = record_run(tmp_path / "run", steps=3, drop=("reward", "group_id"))
+    ok = runner.invoke(app, ["replay", str(path), "-p", "grpo", "--format", "json"])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(app, ["replay", str(path), "-p", "grpo:adv=center"])
+    assert bad.exit_code == 3
+    assert "'reward'" in bad.stderr and "grpo:adv=center" in bad.stderr and "step 0" in bad.stderr
+    assert "Traceback" not in bad.output
+
+
+def test_mismatched_array_lengths_exit_3(tmp_path):
+    from stabledrl_cli.dump._stfile import encode_step, read_header, write_atomic
+
+    path = record_run(tmp_path / "run", steps=3)
+    step_path = path / "steps" / "step-00000001.safetensors"
+    header = read_header(step_path, deep=True)
+    metadata = {k: v for k, v in header.metadata.items() if not k.startswith("_crc32")}
+    step = sd.open_run(path).step(1)
+    tensors = {name: step[name].numpy() for name in step.fields}
+    tensors["logp_old"] = tensors["logp_old"][:-1]
+    write_atomic(step_path, encode_step(tensors, metadata))
+    result = runner.invoke(app, ["replay", str(path), "-p", "grpo"])
+    assert result.exit_code == 3
+    assert "mismatched" in result.stderr and "step 1" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_wrong_format_version_exits_3(tmp_path):
+    path = record_run(tmp_path / "run", steps=2)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = "2.0"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["replay", str(path)])
+    assert result.exit_code == 3 and "newer" in result.stderr
+
+
+def test_bad_options_exit_2(plain_run):
+    for args in (["-p", "nosuch"], ["-p", "grpo:zzz=1"], ["--steps", "x:y"], ["--window", "0"]):
+        result = runner.invoke(app, ["replay", str(plain_run), *args])
+        assert result.exit_code == 2, (args, result.output)
+    assert parse_step_range("3:") == (3, None) and parse_step_range(":7") == (None, 7)
+
+
+def test_exit_codes_in_a_real_process(plain_run, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NO_COLOR": "1"}
+    cmd = [sys.executable, "-m", "stabledrl_cli", "replay"]
+    missing = subprocess.run([*cmd, str(tmp_path / "nope")], capture_output=True, text=True,
+                             env=env, cwd=REPO)  # fmt: skip
+    assert missing.returncode == 3 and "no such run" in missing.stderr
+    assert "Traceback" not in missing.stderr and missing.stdout == ""
+    bad = subprocess.run([*cmd, str(plain_run), "-p", "nosuch"], capture_output=True, text=True,
+                         env=env, cwd=REPO)  # fmt: skip
+    assert bad.returncode == 2 and "unknown policy" in bad.stderr
+
+
+def test_config_validation():
+    with pytest.raises(Exception, match="chunk-size"):
+        ReplayConfig(chunk_size=0)
+    with pytest.raises(Exception, match="empty"):
+        ReplayConfig(step_range=(5, 5))
+
+
+def test_replay_run_accepts_an_opened_run(plain_run):
+    run = sd.open_run(plain_run)
+    result = replay_run(run, ["reinforce"], config=ReplayConfig(device="cpu"))
+    assert result.steps == 30 and result.policies[0].summary["drift_steps"] == []
+
+
+def test_drift_flagged_for_grpo_on_noisy_ratios_not_for_reinforce(tmp_path):
+    path = record_run(tmp_path / "run", steps=12, noise=0.8, seed=5)
+    result = sd.replay(path, ["grpo", "reinforce"], device="cpu", window=4, drift_threshold=-0.05)
+    grpo, reinforce = result.policy("grpo"), result.policy("reinforce")
+    assert np.mean(grpo.series["net_push"]) < -0.05
+    assert grpo.summary["drift_steps"] and grpo.summary["drift_steps"][0] >= 3
+    assert reinforce.summary["drift_steps"] == []
