@@ -41,7 +41,7 @@ def encode_step(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> lis
     header.setdefault("__metadata__", {})
     header["__metadata__"][META_CRC_DATA] = f"{zlib.crc32(data):08x}"
     header["__metadata__"][META_CRC_HEADER] = _canonical_crc(header)
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()  # stable bytes
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
     return [struct.pack("<Q", len(text)), text, data]
 
