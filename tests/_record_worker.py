@@ -1,15 +1,19 @@
 """A recording process for the crash and live-read tests.
 
     python tests/_record_worker.py OUT --steps N [--async-writes --queue-size Q] [--sleep S]
+                                   [--stall-at K]
 
 Records steps 0..N-1 with `Recorder`, each built by `make_step(seed, step)`, and prints each
 step number to stdout (flushed) once `log_step` has returned for it. The tests regenerate the
-same arrays from the seed to check what was read back, bit for bit.
+same arrays from the seed to check what was read back, bit for bit. With `--stall-at K` the
+write of step K stops half-way through its data, prints "stalled" and waits to be killed: a
+crash in the middle of a write, at a known place.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -34,6 +38,21 @@ def make_step(seed: int, step: int, batch: int = 8, length: int = 512) -> dict:
     }
 
 
+def stall_in_the_next_large_write() -> None:
+    """The next os.write of more than 4 KiB (a step file's data) writes half, then hangs."""
+    real_write = os.write
+
+    def write(fd: int, data: bytes) -> int:
+        if len(data) <= 4096:
+            return real_write(fd, data)
+        real_write(fd, bytes(data[: len(data) // 2]))
+        print("stalled", flush=True)
+        while True:
+            time.sleep(60)
+
+    os.write = write
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -42,6 +61,7 @@ def main() -> None:
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--async-writes", action="store_true")
     parser.add_argument("--queue-size", type=int, default=8)
+    parser.add_argument("--stall-at", type=int, default=None)
     args = parser.parse_args()
 
     from stabledrl_cli import Recorder
@@ -54,6 +74,8 @@ def main() -> None:
         queue_size=args.queue_size,
     ) as rec:
         for step in range(args.steps):
+            if step == args.stall_at:
+                stall_in_the_next_large_write()
             rec.log_step(step, **make_step(args.seed, step))
             print(step, flush=True)
             if args.sleep:

@@ -241,14 +241,22 @@ def test_step_numbers_and_constructor_are_checked(tmp_path):
             rec.log_step(4, **_flat())
         with pytest.raises(UsageError, match="step must be"):
             rec.log_step(-1, **_flat())
+        for not_a_step in (True, 5.0, "5"):
+            with pytest.raises(UsageError, match="step must be"):
+                rec.log_step(not_a_step, **_flat())
+        rec.log_step(np.int64(5), **_flat())  # numpy and 0-d torch integers are steps
+        rec.log_step(torch.tensor(6), **_flat())
         with pytest.raises(UsageError, match="param_grad_norm"):
-            rec.log_step(5, **_flat(), param_grad_norm=np.ones(2))
+            rec.log_step(7, **_flat(), param_grad_norm=np.ones(2))
     with pytest.raises(UsageError, match="closed"):
         rec.log_step(9, **_flat())
     for kwargs, word in [
         ({"unit": "word"}, "unit"),
         ({"rank": 2, "world_size": 2}, "rank"),
         ({"reward_range": (1, 0)}, "reward_range"),
+        ({"reward_range": (0, float("inf"))}, "reward_range"),
+        ({"reward_range": ("low", 1)}, "reward_range"),
+        ({"reward_range": (0,)}, "reward_range"),
         ({"policy_params": {"eps": [1]}}, "policy_params"),
         ({"meta": {"x": object()}}, "meta"),
         ({"policy": "a:b"}, "policy"),
@@ -331,6 +339,34 @@ def test_version_newer_major_refused_newer_minor_read(tmp_path):
     write_atomic(step_path, encode_step(tensors, metadata))
     assert run.step_numbers == [0]
     assert [f.kind for f in run.integrity.findings] == ["unreadable"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"reward_range": "0..1"}, "reward_range"),
+        ({"reward_range": [0]}, "reward_range"),
+        ({"reward_range": [None, None]}, "reward_range"),
+        ({"reward_range": [1, 0]}, "reward_range"),
+        ({"meta": [1, 2]}, "meta"),
+        ({"estimator": "random"}, "estimator"),
+        ({"policy": 5}, "policy"),
+        ({"policy": {"spec": 5}}, "policy"),
+        ({"geometry": "gram"}, "geometry"),
+        ({"param_names": [1]}, "param_names"),
+        ({"unit": "word"}, "unit"),
+        ({"world_size": 0}, "world_size"),
+        ({"world_size": True}, "world_size"),
+    ],
+)
+def test_manifest_field_of_the_wrong_type_is_corrupt_input(tmp_path, changes, field):
+    path = tmp_path / "run"
+    with sd.Recorder(path) as rec:
+        rec.log_step(0, **_flat())
+    _rewrite_manifest(path, **changes)
+    with pytest.raises(InputError, match=f"corrupt manifest: {field} must be") as info:
+        sd.open_run(path)
+    assert info.value.exit_code == 3 and "\n" not in str(info.value)
 
 
 def _record(path, steps) -> None:

@@ -91,6 +91,27 @@ def test_kill_9_sync_keeps_every_completed_step(tmp_path):
     assert len(readable) - len(printed) in (0, 1)
 
 
+def test_kill_9_mid_write_keeps_completed_steps_and_reports_the_torn_one(tmp_path):
+    """Killed half-way through writing step 5's data: steps 0..4 read back bit for bit, and
+    step 5 is reported as the temporary file it was being written to, never read."""
+    path = tmp_path / "run"
+    proc = _start(path, "--steps", "100", "--stall-at", "5")
+    lines = []
+    while not lines or lines[-1] != "stalled":
+        line = proc.stdout.readline()
+        assert line, f"worker ended early: {proc.stderr.read()}"
+        lines.append(line.strip())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert lines == ["0", "1", "2", "3", "4", "stalled"]
+    assert _check_after_crash(path, must_have=[0, 1, 2, 3, 4]) == [0, 1, 2, 3, 4]
+    findings = sd.open_run(path).integrity.findings
+    assert [(f.kind, f.step) for f in findings] == [("temporary", 5)]
+    torn = Path(findings[0].path)
+    assert torn.name.startswith(".step-00000005.safetensors.tmp-")
+    assert 0 < torn.stat().st_size < (path / "steps" / "step-00000004.safetensors").stat().st_size
+
+
 def test_kill_9_async_loses_at_most_queue_size_plus_one(tmp_path):
     queue_size = 2
     path = tmp_path / "run"

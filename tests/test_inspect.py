@@ -120,12 +120,30 @@ def test_corrupt_step_is_a_finding_not_a_failure(run_dir):
     assert "data checksum mismatch" in table.stdout
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_run", "corrupt_manifest", "newer_major"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "not_a_run",
+        "plain_file",
+        "corrupt_manifest",
+        "wrong_manifest_field",
+        "newer_major",
+    ],
+)
 def test_bad_runs_exit_3_with_one_line(tmp_path, run_dir, case):
     target = tmp_path / "missing"
     if case == "not_a_run":
         target = tmp_path / "plain"
         target.mkdir()
+    elif case == "plain_file":
+        target = tmp_path / "notes.txt"
+        target.write_text("not a run")
+    elif case == "wrong_manifest_field":
+        target = run_dir
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        manifest["reward_range"] = "0..1"
+        (run_dir / "manifest.json").write_text(json.dumps(manifest))
     elif case == "corrupt_manifest":
         target = run_dir
         (run_dir / "manifest.json").write_text('{"format": "stabledrl-run", "form')
@@ -134,10 +152,12 @@ def test_bad_runs_exit_3_with_one_line(tmp_path, run_dir, case):
         manifest = json.loads((run_dir / "manifest.json").read_text())
         manifest["format_version"] = "2.1"
         (run_dir / "manifest.json").write_text(json.dumps(manifest))
-    result = runner.invoke(app, ["inspect", str(target), "--format", "json"])
-    assert result.exit_code == 3
-    assert result.stdout == ""
-    assert len(result.stderr.strip().splitlines()) == 1 and "error:" in result.stderr
+    for fmt in ("json", "table"):
+        result = runner.invoke(app, ["inspect", str(target), "--format", fmt])
+        assert result.exit_code == 3, result.stderr
+        assert result.stdout == ""
+        assert len(result.stderr.strip().splitlines()) == 1 and "error:" in result.stderr
+        assert "internal error" not in result.stderr
 
 
 def test_exit_code_in_a_real_process(tmp_path):

@@ -133,6 +133,13 @@ def test_catalogue_and_standard_specs():
     assert get_policy(get_policy("grpo")).spec == "grpo"
 
 
+def test_every_policy_class_documents_its_formula_and_source():
+    for entry in catalogue():
+        doc = entry.cls.__dict__.get("__doc__") or ""
+        assert doc.count("`") >= 2 and "A" in doc, entry.name  # a formula, in backticks
+        assert any(s in doc for s in ("TRL", "verl", "arXiv", "importance sampling")), entry.name
+
+
 def test_required_fields():
     assert get_policy("grpo").required_fields() == set()
     assert get_policy("grpo:beta=0.1").required_fields() == {"logp_ref"}

@@ -1,13 +1,13 @@
 """`stabledrl inspect RUN`: what was recorded, its integrity, and what the run observably did.
 
 Exit codes: 0 (a corrupt or torn step is a finding, not fatal), 3 for a missing run, a path
-that is not a run, an unreadable manifest or a newer major format version.
+that is not a run, an unreadable manifest, a manifest field of the wrong type, or a newer major
+format version.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,19 +21,6 @@ from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
 from stabledrl_cli.replay.observed import observe
 
 _LIST_LIMIT = 20  # step lists longer than this are cut in the table (JSON has them all)
-
-
-def _size_on_disk(path: Path) -> int:
-    if path.is_file():  # an .h5 archive
-        return path.stat().st_size
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_size
-            except OSError:
-                continue  # a temporary file renamed while we walked
-    return total
 
 
 def summarize(run: Run) -> dict[str, Any]:
@@ -68,7 +55,7 @@ def summarize(run: Run) -> dict[str, Any]:
         "tokens_per_step": tokens,
         "fields": sorted(set().union(*(s.fields for s in headers))),
         "scalars": sorted(set().union(*(s.scalars for s in headers))),
-        "size_bytes": _size_on_disk(run.path),
+        "size_bytes": run.size_bytes,
         "integrity": integrity.to_dict(),
         "observed": observed.to_dict(),
     }
@@ -101,7 +88,12 @@ def _print_tables(data: dict[str, Any]) -> None:
         ("reward range", str(data["reward_range"]) if data["reward_range"] else "not given"),
         ("world size", str(data["world_size"])),
         ("geometry", str(data["geometry"]) if data["geometry"] else "none"),
-        ("steps", f"{data['steps']} ({data['first_step']}..{data['last_step']})"),
+        (
+            "steps",
+            f"{data['steps']} ({data['first_step']}..{data['last_step']})"
+            if data["steps"]
+            else "0",
+        ),
         (
             f"scored {data['unit']}s / step",
             f"min {tokens['min']}, median {tokens['median']:g}, max {tokens['max']}"

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, RunIntegrityWarning
-from stabledrl_cli.dump._reader import Run, Step
+from stabledrl_cli.dump._reader import Run, Step, size_on_disk
 from stabledrl_cli.dump._schema import (
     FIELDS,
     FORMAT_VERSION,
@@ -155,29 +155,49 @@ class ArchiveRun(Run):
             name: (handle[f"ragged/{name}/step_offsets"][()], handle[f"ragged/{name}/shape"][()])
             for name in handle.get("ragged", {})
         }
-        present = {name: handle[f"present/{name}"][()].astype(bool) for name in handle["present"]}
-        self._fields = [
-            {name for name, mask in present.items() if mask[i] and name in FIELDS}
-            for i in range(len(self._numbers))
-        ]
+        # Per-step facts stay columns ([S] arrays), turned into a Step's set and dict only when
+        # that step is loaded: a long archive costs a few bytes a step, not a dict a step.
+        self._present = {
+            name: handle[f"present/{name}"][()].astype(bool)
+            for name in handle["present"]
+            if name in FIELDS
+        }
         count = len(self._numbers)
-        for name in set().union(*self._fields):
+        for name, mask in self._present.items():
+            if not mask.any():
+                continue
             group = "tokens" if name in TOKEN_FIELDS else "sequences"
             where = f"ragged/{name}/data" if name in RAGGED_FIELDS else f"{group}/{name}"
             if where not in handle or (name in RAGGED_FIELDS and name not in self._ragged):
                 raise InputError(f"{path}: corrupt run archive (no dataset {where})")
+        recorded = handle.get("scalars_recorded", {})
+        self._scalar_values = {
+            name: handle[f"scalars/{name}"][()] for name in sorted(handle.get("scalars", {}))
+        }
+        self._scalar_recorded = {
+            name: recorded[name][()].astype(bool) for name in self._scalar_values
+        }
         offsets = [*self._offsets.values(), *(o for o, _ in self._ragged.values())]
+        per_step = [
+            *self._counts.values(),
+            *self._present.values(),
+            *self._scalar_values.values(),
+            *self._scalar_recorded.values(),
+        ]
         if any(o.shape != (count + 1,) for o in offsets) or any(
-            c.shape != (count,) for c in self._counts.values()
+            c.shape != (count,) for c in per_step
         ):
             raise InputError(f"{path}: corrupt run archive (index lengths do not match the steps)")
-        recorded = handle.get("scalars_recorded", {})
-        values = {name: handle[f"scalars/{name}"][()] for name in handle.get("scalars", {})}
-        flags = {name: recorded[name][()].astype(bool) for name in values}
-        self._scalars = [
-            {name: float(values[name][i]) for name in sorted(values) if flags[name][i]}
-            for i in range(len(self._numbers))
-        ]
+
+    def _fields_of(self, index: int) -> set[str]:
+        return {name for name, mask in self._present.items() if mask[index]}
+
+    def _scalars_of(self, index: int) -> dict[str, float]:
+        return {
+            name: float(values[index])
+            for name, values in self._scalar_values.items()
+            if self._scalar_recorded[name][index]
+        }
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -205,7 +225,7 @@ class ArchiveRun(Run):
         if index in self._verified or index in self._bad:
             return {}
         try:
-            arrays = {name: self.read_field(index, name) for name in sorted(self._fields[index])}
+            arrays = {name: self.read_field(index, name) for name in sorted(self._fields_of(index))}
         except OSError as exc:
             self._bad[index] = StepFileError("unreadable", f"archive data checksum failed: {exc}")
             return {}
@@ -222,8 +242,8 @@ class ArchiveRun(Run):
         counts = {name: int(self._counts[name][index]) for name in STEP_COUNTS}
         return ArchiveStep(
             step=n,
-            scalars=dict(self._scalars[index]),
-            fields=set(self._fields[index]),
+            scalars=self._scalars_of(index),
+            fields=self._fields_of(index),
             num_tokens=counts["num_tokens"],
             num_sequences=counts["num_sequences"],
             num_scored_tokens=counts["num_scored_tokens"],
@@ -248,16 +268,17 @@ class ArchiveRun(Run):
 
     def scalar_series_many(self, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """From the scalar datasets (no per-step objects)."""
+        readable = np.ones(len(self._numbers), dtype=bool)
+        readable[list(self._bad)] = False
         result = {}
         for name in names:
-            keep = [
-                i
-                for i in range(len(self._numbers))
-                if i not in self._bad and name in self._scalars[i]
-            ]
+            if name not in self._scalar_values:
+                result[name] = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
+                continue
+            keep = readable & self._scalar_recorded[name]
             result[name] = (
                 self._numbers[keep].astype(np.int64),
-                np.array([self._scalars[i][name] for i in keep], dtype=np.float64),
+                self._scalar_values[name][keep].astype(np.float64),
             )
         return result
 
@@ -482,19 +503,6 @@ class PackSummary:
         }
 
 
-def _size_of(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_size
-            except OSError:
-                continue
-    return total
-
-
 def _check_target(out: Path, force: bool) -> None:
     if out.is_dir():
         raise UsageError(f"{out} is a directory; give the archive's file name, e.g. {out}/run.h5")
@@ -543,7 +551,7 @@ def pack_run(run: Run, out: str | os.PathLike[str], *, force: bool = False) -> P
         out=str(target),
         steps=len(packer.numbers),
         tokens=packer.offsets["tokens"][-1],
-        source_bytes=_size_of(Path(run.path)),
+        source_bytes=size_on_disk(Path(run.path)),
         archive_bytes=target.stat().st_size,
         findings=list(integrity.findings),
     )

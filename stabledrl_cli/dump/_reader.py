@@ -48,13 +48,28 @@ from stabledrl_cli.dump._schema import (
     STEP_FILE_RE,
     STEPS_DIR,
     TEMP_FILE_RE,
-    UNITS,
+    check_manifest,
     check_readable_version,
 )
 from stabledrl_cli.dump._stfile import StepFileError, StepHeader, read_header
 from stabledrl_cli.errors import InputError
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def size_on_disk(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory (one renamed away meanwhile, e.g. a
+    temporary step file of a live run, is skipped)."""
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
 
 
 def _parse_scalars(metadata: dict[str, str]) -> dict[str, float]:
@@ -184,6 +199,11 @@ class Run(ABC):
     def geometry(self) -> dict[str, Any] | None:
         return self.manifest.get("geometry")
 
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on disk: the archive file, or every file under the run directory."""
+        return size_on_disk(self.path)
+
     def __len__(self) -> int:
         return len(self.step_numbers)
 
@@ -256,12 +276,9 @@ class DirectoryRun(Run):
             raise InputError(f"{manifest_path}: unreadable manifest ({exc})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != RUN_KIND:
             raise InputError(f"{path} is not a run: {MANIFEST_NAME} is not a {RUN_KIND} manifest")
-        self.format_version = check_readable_version(manifest.get("format_version"), str(path))
-        world_size = manifest.get("world_size")
-        if manifest.get("unit") not in UNITS or not isinstance(world_size, int) or world_size < 1:
-            raise InputError(f"{manifest_path}: corrupt manifest (unit or world_size)")
+        self.format_version = check_manifest(manifest, str(manifest_path))
         self._manifest = manifest
-        self.world_size = world_size
+        self.world_size: int = manifest["world_size"]
         # path -> (stat key, deep checked, header or error): unchanged files are checked once.
         self._checked: dict[Path, tuple[tuple[int, int, int], bool, Any]] = {}
         self._listing = _Listing()
@@ -426,5 +443,7 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     except OSError as exc:
         raise InputError(f"cannot read {run_path}: {exc.strerror or exc}") from None
     if signature == _HDF5_SIGNATURE:
-        return _open_archive(run_path, verify=verify)
+        archive = _open_archive(run_path, verify=verify)
+        check_manifest(archive.manifest, f"{run_path} (manifest)")
+        return archive
     raise InputError(f"{run_path} is not a run (expected a run directory or a .h5 archive)")

@@ -121,6 +121,46 @@ def check_readable_version(text: Any, what: str) -> tuple[int, int]:
     return major, minor
 
 
+def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
+    """Checks the manifest fields a reader relies on; returns the format version.
+
+    A newer major version, or a field of the wrong type, raises InputError naming the field
+    (exit 3). Fields this version does not know (a newer minor's) are left alone.
+    """
+    version = check_readable_version(manifest.get("format_version"), where)
+
+    def corrupt(name: str, expected: str) -> InputError:
+        value = json.dumps(manifest.get(name))
+        value = value if len(value) <= 60 else value[:57] + "..."
+        return InputError(f"{where}: corrupt manifest: {name} must be {expected}, got {value}")
+
+    if manifest.get("unit") not in UNITS:
+        raise corrupt("unit", " or ".join(UNITS))
+    world_size = manifest.get("world_size")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise corrupt("world_size", "an integer >= 1")
+    for name in ("meta", "estimator", "policy", "geometry"):
+        if not isinstance(manifest.get(name), dict | None):
+            raise corrupt(name, "an object or null")
+    if not isinstance((manifest.get("policy") or {}).get("spec"), str | None):
+        raise corrupt("policy", "an object whose spec is a string")
+    reward_range = manifest.get("reward_range")
+    if reward_range is not None:
+        numbers = (
+            isinstance(reward_range, list)
+            and len(reward_range) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in reward_range)
+        )
+        if not (numbers and reward_range[0] < reward_range[1]):
+            raise corrupt("reward_range", "null or [low, high] with low < high")
+    param_names = manifest.get("param_names")
+    if param_names is not None and not (
+        isinstance(param_names, list) and all(isinstance(n, str) for n in param_names)
+    ):
+        raise corrupt("param_names", "null or a list of strings")
+    return version
+
+
 def _spec_value(key: str, value: Any) -> str:
     if isinstance(value, bool):
         text = "true" if value else "false"

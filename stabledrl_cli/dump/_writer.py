@@ -15,6 +15,8 @@ from __future__ import annotations
 import atexit
 import datetime as _dt
 import json
+import math
+import operator
 import os
 import queue
 import threading
@@ -64,6 +66,28 @@ def _now() -> float:
     for byte (the reproducible-builds convention)."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     return float(epoch) if epoch else time.time()
+
+
+def _checked_reward_range(value: Any) -> tuple[float, float]:
+    """(low, high), two finite numbers with low < high, else UsageError."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        low = high = math.nan
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise UsageError(f"reward_range must be (low, high), finite, low < high; got {value!r}")
+    return low, high
+
+
+def _step_number(value: Any) -> int:
+    """An int >= 0 (a numpy or 0-d torch integer is fine), else UsageError."""
+    try:
+        step = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        step = None
+    if step is None or step < 0:
+        raise UsageError(f"step must be an int >= 0, got {value!r}")
+    return step
 
 
 class _Writer(threading.Thread):
@@ -125,12 +149,7 @@ class Recorder:
         if not (isinstance(queue_size, int) and queue_size >= 1):
             raise UsageError(f"queue_size must be an int >= 1, got {queue_size!r}")
         if reward_range is not None:
-            low, high = (float(v) for v in reward_range)
-            if not low < high:
-                raise UsageError(
-                    f"reward_range must be (low, high) with low < high, got {reward_range}"
-                )
-            reward_range = (low, high)
+            reward_range = _checked_reward_range(reward_range)
         if param_names is not None and not all(isinstance(n, str) for n in param_names):
             raise UsageError("param_names must be a list of strings")
         self.path = Path(path)
@@ -242,8 +261,7 @@ class Recorder:
         if self._closed:
             raise UsageError("log_step on a closed Recorder")
         self._raise_writer_error()
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise UsageError(f"step must be an int >= 0, got {step!r}")
+        step = _step_number(step)
         if self._last_step is not None and step <= self._last_step:
             raise UsageError(
                 f"step {step} does not follow step {self._last_step}; steps must increase"

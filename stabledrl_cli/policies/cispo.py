@@ -51,6 +51,10 @@ class CISPOConfig(AggConfig):
 
 
 class CISPOPolicy(TokenPolicy):
+    """CISPO (MiniMax-M1 arXiv:2506.13585): `sg(w) A logp / norm`, w = min(r, cap) (TRL
+    `loss_type="cispo"`) or clamp(r, 1-eps_low, 1+eps_high) (verl `compute_policy_loss_cispo`).
+    Never discards; bounded weights are `clipped`."""
+
     Config = CISPOConfig
     family = "clipped-is"
 

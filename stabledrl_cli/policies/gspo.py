@@ -33,6 +33,10 @@ class GSPOConfig(BaseConfig):
 
 
 class GSPOPolicy(Policy):
+    """GSPO (arXiv:2507.18071; TRL importance_sampling_level="sequence"): per token
+    `min(s_i A, clip(s_i, 1-eps_low, 1+eps_high) A) / (N |y_i|)`, s_i = exp(mean_t log r_t);
+    a sequence whose clip binds is discarded whole."""
+
     Config = GSPOConfig
     family = "sequence-clip"
 

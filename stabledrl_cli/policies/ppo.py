@@ -44,6 +44,11 @@ def ppo_terms(
 
 
 class PPOPolicy(TokenPolicy):
+    """PPO conditional clip, per token `min(r A, clip(r, 1-eps_low, 1+eps_high) A) / norm`
+    (TRL `GRPOTrainer._compute_loss`, verl `compute_policy_loss_vanilla`). Discards
+    A > 0 with r > 1+eps_high and A < 0 with r < 1-eps_low; A < 0 with r > 1+eps_high keeps
+    the unbounded weight r |A|."""
+
     Config = ClipConfig
     family = "ppo-clip"
 

@@ -15,6 +15,9 @@ from stabledrl_cli.policies._config import AggConfig
 
 
 class ISPolicy(TokenPolicy):
+    """Plain importance sampling, `r A / norm`: nothing clipped or discarded; the reference
+    for the gradient other policies throw away."""
+
     Config = AggConfig
     family = "reference"
 
@@ -25,6 +28,9 @@ class ISPolicy(TokenPolicy):
 
 
 class ReinforcePolicy(TokenPolicy):
+    """REINFORCE / GPG (verl `compute_policy_loss_gpg`): `A logp / norm`, coef = A / norm,
+    no ratio."""
+
     Config = AggConfig
     family = "reference"
 

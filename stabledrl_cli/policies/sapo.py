@@ -35,6 +35,9 @@ class SAPOConfig(AggConfig):
 
 
 class SAPOPolicy(TokenPolicy):
+    """SAPO (TRL `loss_type="sapo"`): `sigmoid(tau (r-1)) 4/tau A / norm`, tau = tau_pos for
+    A > 0 else tau_neg; coef = 4 s (1-s) r A / norm. Never discards by rule."""
+
     Config = SAPOConfig
     family = "soft-gate"
 

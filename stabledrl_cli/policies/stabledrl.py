@@ -67,6 +67,10 @@ def segment_softmax(
 
 
 class StableDRLPolicy(Policy):
+    """StableDRL (arXiv:2603.06743; `networks/llada_svpo.py::compute_loss_spg`, use_snis):
+    `mean_g sum_i softmax_g(min(mean_t log r_t, log c)) A_i ELBO_i`. Clips whatever the sign
+    of A, self-normalizes within each group; never discards."""
+
     Config = StableDRLConfig
     family = "self-normalized"
 
