@@ -383,9 +383,18 @@ def test_exit_codes_in_a_real_process(runs, baseline):
             cwd=ROOT,
         )
 
+    holds = run(str(runs["steady"]), "--baseline", str(baseline))
+    assert holds.returncode == 0 and "check passed" in holds.stderr
     tripped = run(str(runs["collapsing"]), "--baseline", str(baseline))
     assert tripped.returncode == 1 and "check failed" in tripped.stderr
-    assert "Traceback" not in tripped.stderr
+    usage = run(str(runs["steady"]))  # no gate given
+    assert usage.returncode == 2 and "nothing to check" in usage.stderr
+    missing = run(str(runs["steady"].parent / "nope"), "--baseline", str(baseline))
+    assert missing.returncode == 3 and "no such run" in missing.stderr
+    for done in (holds, tripped, usage, missing):
+        assert "Traceback" not in done.stderr
+    for done in (usage, missing):
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
 
 
 def test_committed_fixture_baselines_are_valid():

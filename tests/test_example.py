@@ -29,6 +29,16 @@ from stabledrl_cli.example.trainer import _rollout_arrays, policy_loss, train
 TASK = SortTask()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """A 100k-parameter model gains nothing from intra-op threads, and two threads on two
+    shared cores measured several times slower here (OpenMP spin-waits under contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(seed: int = 0) -> TinyDiffusionLM:
     model = TinyDiffusionLM(ModelConfig(seq_len=TASK.seq_len))
     model.reset_parameters(torch.Generator().manual_seed(seed))
@@ -194,6 +204,17 @@ def test_bad_configs_are_usage_errors():
         ExampleConfig(estimator="nope")
     with pytest.raises(UsageError):
         ExampleConfig(steps=0)
+
+
+def test_token_unit_manifest_says_old_and_new_share_the_mask_and_no_weights():
+    from stabledrl_cli.example.trainer import recorder_kwargs
+    from stabledrl_cli.policies import get_policy
+
+    config = ExampleConfig(unit="token", estimator="elbo")
+    estimator = recorder_kwargs(config, get_policy("grpo"))["estimator"]
+    assert estimator["same_mask"] is True and estimator["weighting"].startswith("none")
+    sequence = recorder_kwargs(ExampleConfig(), get_policy("grpo"))["estimator"]
+    assert sequence["same_mask"] is False and "1/(t*L_c)" in sequence["weighting"]
 
 
 def _steps_of(run_dir):

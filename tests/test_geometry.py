@@ -377,6 +377,8 @@ def test_bad_config_and_inputs_are_usage_errors(model):
         GeometryConfig(k=0)
     with pytest.raises(UsageError, match="seed"):
         GeometryConfig(seed=-1)
+    with pytest.raises(UsageError, match="a Gram matrix is stored as float32"):
+        GeometryConfig(kind="gram", storage_dtype="float16")
     assert GeometryConfig(params=["head.*"]).params == ("head.*",)
 
     tokens, masked, mask = make_batch()

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -29,6 +30,7 @@ from stabledrl_cli.example import (
     generate,
     sequence_logp,
     token_logp,
+    trainer,
 )
 from stabledrl_cli.example.trainer import (
     ExampleConfig,
@@ -45,8 +47,20 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
 )
 
-# Short runs: 8 RL steps = 2 rollouts of mu = 4, after a brief pretraining.
-SHORT = {"steps": 8, "pretrain_steps": 20, "seed": 3}
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """A 100k-parameter model gains nothing from intra-op threads, and two threads on two
+    shared cores measured 2.5x slower for this file (OpenMP spin-waits under contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Short runs: 4 RL steps = 2 rollouts of mu = 2, after a brief pretraining (geometry and its
+# fidelity do not depend on how good the model is, only on the model and the batch).
+SHORT = {"steps": 4, "mu": 2, "pretrain_steps": 5, "seed": 3}
 GRAM_TOL = 1e-3  # the issue's bound for `gram` (float32 per-unit gradients, float64 product)
 SKETCH_TOL = 0.10  # k = 256: relative error ~ 1/sqrt(2k) = 4.4% per step
 
@@ -70,15 +84,20 @@ def runs(tmp_path_factory):
     }
 
 
-def test_geometry_draws_nothing_from_the_training_rng(runs):
-    (_, plain), (_, gram) = runs["plain"], runs["gram"]
-    assert len(plain) == len(gram) == SHORT["steps"]
-    for a, b in zip(plain, gram, strict=True):
+@pytest.mark.parametrize(
+    ("name", "key", "shape"),
+    [("gram", "unit_grad_gram", (64, 64)), ("sketch", "unit_grad_sketch", (64, 256))],
+)
+def test_geometry_draws_nothing_from_the_training_rng(runs, name, key, shape):
+    (_, plain), (_, recorded) = runs["plain"], runs[name]
+    assert len(plain) == len(recorded) == SHORT["steps"]
+    assert [a.inner_step for a in plain] == [0, 1, 0, 1]  # two rollouts
+    for a, b in zip(plain, recorded, strict=True):
         assert a.reward_mean == b.reward_mean and a.grad_norm == b.grad_norm
-        for key in ("logp", "logp_old", "advantages", "reward", "mask"):
-            assert torch.equal(a.arrays[key], b.arrays[key]), (a.step, key)
+        for array in ("logp", "logp_old", "advantages", "reward", "mask"):
+            assert torch.equal(a.arrays[array], b.arrays[array]), (a.step, array)
         assert a.geometry == {} and a.grad_norm_covered is None
-        assert b.geometry["unit_grad_gram"].shape == (64, 64)
+        assert b.geometry[key].shape == shape  # 64 sequence units
 
 
 def test_gram_replay_reproduces_the_recorded_grad_norm(runs):
@@ -111,10 +130,11 @@ def test_sketch_k256_replay_is_within_ten_percent(runs):
 def test_replay_mixes_token_unit_steps_with_and_without_geometry(tmp_path):
     geometry = GeometryConfig(kind="gram", every=2)
     path, infos = _record(
-        tmp_path, "token", geometry, steps=4, pretrain_steps=5, unit="token", estimator="elbo"
-    )
+        tmp_path, "token", geometry, unit="token", estimator="elbo", prompts_per_rollout=2,
+        group_size=4,
+    )  # fmt: skip
     assert [bool(i.geometry) for i in infos] == [True, False, True, False]
-    assert infos[0].geometry["unit_grad_gram"].shape == (320, 320)  # 64 sequences x 5 tokens
+    assert infos[0].geometry["unit_grad_gram"].shape == (40, 40)  # 8 sequences x 5 tokens
     result = sd.replay(path, ["grpo"], device="cpu")
     assert result.geometry == "mixed" and result.geometry_coverage == 0.5
     own = result.own
@@ -124,6 +144,7 @@ def test_replay_mixes_token_unit_steps_with_and_without_geometry(tmp_path):
 
 
 # --- one example batch: every catalogue policy against autograd ------------------------------
+@functools.cache  # shared by the tests below; they only read it (and set .grad)
 def _example_batch(unit: str, seed: int = 5):
     """A model after brief pretraining and one rollout batch scored like `train` does.
 
@@ -217,7 +238,11 @@ def test_jvp_sketch_equals_the_exact_sketch_on_one_step():
 
 
 # --- the CLI ------------------------------------------------------------------------------------
-def test_record_cli_sketch_float16_on_selected_parameters(tmp_path):
+def test_record_cli_sketch_float16_on_selected_parameters(tmp_path, monkeypatch):
+    # The CLI's defaults with a 5-step pretraining (the CLI has no option for it): seconds less.
+    monkeypatch.setattr(
+        trainer, "ExampleConfig", functools.partial(ExampleConfig, pretrain_steps=5)
+    )
     out = tmp_path / "run"
     args = ["record", "--out", str(out), "--steps", "2", "--device", "cpu", "--geometry",
             "sketch", "--geometry-k", "64", "--geometry-params", "head.*", "--geometry-seed",

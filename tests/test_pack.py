@@ -23,7 +23,8 @@ from stabledrl_cli.dump import RunIntegrityWarning, _archive, open_run, pack_run
 from stabledrl_cli.errors import InputError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE_RUNS = sorted(p.parent for p in (ROOT / "fixtures").glob("*/manifest.json"))
+# Named, not globbed: a checkout that lost a committed fixture fails instead of collecting less.
+FIXTURE_RUNS = [ROOT / "fixtures" / "grpo", ROOT / "fixtures" / "stabledrl"]
 runner = CliRunner()
 STEPS = 24
 

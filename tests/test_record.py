@@ -48,19 +48,27 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _record(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    # The package's root first on the child's path: the wrapped script runs from its own folder.
+def _child_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The environment a wrapped command sees: the package's root first on its path (the
+    script runs from its own folder), and no run directory inherited from outside."""
     root = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "PYTHONPATH": path, **(env or {})}
-    full_env.pop("STABLEDRL_RUN_DIR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "record", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=120,
-    )
+    monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.delenv("STABLEDRL_RUN_DIR", raising=False)
+    return {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+
+
+def _record(monkeypatch, capfd, *args: str):
+    """`stabledrl record ARGS` in-process (CliRunner); the wrapped command is a real child
+    process, whose stdout/stderr are read at the file-descriptor level.
+
+    Returns (exit code, record's own stderr, the child's stdout, the child's stderr).
+    """
+    _child_env(monkeypatch)
+    capfd.readouterr()
+    result = CliRunner().invoke(app, ["record", *args])
+    child = capfd.readouterr()
+    return result.exit_code, result.stderr, child.out, child.err
 
 
 @pytest.fixture
@@ -70,55 +78,67 @@ def script(tmp_path: Path) -> Path:
     return path
 
 
-def test_record_wraps_a_command_and_its_steps_land_in_the_run(tmp_path, script):
+def test_record_wraps_a_command_and_a_non_empty_out_needs_force(
+    tmp_path, script, monkeypatch, capfd
+):
     out = tmp_path / "run"
-    result = _record("--out", str(out), "-p", "grpo", "--", sys.executable, str(script), "3")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("logged") == 3 and "not logged" not in result.stdout
+    code, _, child_out, child_err = _record(
+        monkeypatch, capfd, "--out", str(out), "-p", "grpo", "--", sys.executable, str(script), "3"
+    )
+    assert code == 0, child_err
+    assert child_out.count("logged") == 3 and "not logged" not in child_out
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["policy"]["name"] == "grpo"
     names = sorted(p.name for p in (out / "steps").iterdir())
     assert names == [f"step-{i:08d}.safetensors" for i in range(3)]
 
+    command = ["--", sys.executable, str(script), "1"]
+    code, stderr, child_out, _ = _record(
+        monkeypatch, capfd, "--out", str(out), "-p", "grpo", *command
+    )
+    assert code == 2 and "--force" in stderr and child_out == ""  # refused before it runs
+    code, _, _, child_err = _record(
+        monkeypatch, capfd, "--out", str(out), "--force", "-p", "grpo", *command
+    )
+    assert code == 0, child_err
+    assert sorted(p.name for p in (out / "steps").iterdir()) == ["step-00000000.safetensors"]
 
-def test_a_failing_log_call_warns_once_and_the_commands_exit_code_passes_through(tmp_path, script):
+
+def test_a_failing_log_call_warns_once_and_the_commands_exit_code_passes_through(
+    tmp_path, script, monkeypatch
+):
+    # A real `stabledrl record` process: its exit code is the wrapped command's.
     out = tmp_path / "run"
-    result = _record("--out", str(out), "-p", "grpo", "--", sys.executable, str(script), "2", "7")
+    result = subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "record", "--out", str(out), "-p", "grpo",
+         "--", sys.executable, str(script), "2", "7"],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
+    )  # fmt: skip
     assert result.returncode == 7
     assert "training continues" in result.stdout
     assert result.stdout.splitlines()[-3:-1] == ["False", "False"]
     assert result.stderr.count("stabledrl: warning:") == 1
+    assert "exited with code 7" in result.stderr
     assert len(list((out / "steps").iterdir())) == 2
 
 
-def test_without_a_policy_the_child_warns_and_records_nothing(tmp_path, script):
+def test_without_a_policy_the_child_warns_and_records_nothing(tmp_path, script, monkeypatch, capfd):
     out = tmp_path / "run"
-    result = _record("--out", str(out), "--", sys.executable, str(script), "2")
-    assert result.returncode == 0
-    assert result.stdout.count("not logged") == 2
-    assert result.stderr.count("stabledrl: warning:") == 1 and "STABLEDRL_POLICY" in result.stderr
+    code, stderr, child_out, child_err = _record(
+        monkeypatch, capfd, "--out", str(out), "--", sys.executable, str(script), "2"
+    )
+    assert code == 0
+    assert child_out.count("not logged") == 2
+    assert child_err.count("stabledrl: warning:") == 1 and "STABLEDRL_POLICY" in child_err
+    assert "recorded nothing" in stderr
 
 
 def test_a_missing_binary_is_one_line_and_exit_2(tmp_path):
-    result = _record("--out", str(tmp_path / "run"), "--", "no-such-binary-stabledrl-test")
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "no-such-binary" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_a_non_empty_out_needs_force_and_force_is_passed_to_the_child(tmp_path, script):
     out = tmp_path / "run"
-    first = _record("--out", str(out), "-p", "grpo", "--", sys.executable, str(script), "2")
-    assert first.returncode == 0
-    refused = CliRunner().invoke(
-        app, ["record", "--out", str(out), "-p", "grpo", "--", sys.executable, str(script), "1"]
-    )
-    assert refused.exit_code == 2 and "--force" in refused.output
-    forced = _record(
-        "--out", str(out), "--force", "-p", "grpo", "--", sys.executable, str(script), "1"
-    )
-    assert forced.returncode == 0, forced.stderr
-    assert sorted(p.name for p in (out / "steps").iterdir()) == ["step-00000000.safetensors"]
+    result = CliRunner().invoke(app, ["record", "--out", str(out), "--", "no-such-binary-sdrl"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and "no-such-binary" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
 
 
 def test_a_bad_policy_spec_is_a_usage_error_before_the_command_runs(tmp_path, script):

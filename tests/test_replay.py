@@ -75,9 +75,11 @@ def record_run(
     spike_at: int | None = None,
     nan_at: int | None = None,
     geometry: str | None = None,
+    geometry_every: int = 1,
     sketch_k: int = 4096,
     drop: tuple[str, ...] = (),
     noise: float = 0.1,
+    feature_scale: float = 1.0,
 ) -> Path:
     """A synthetic sequence-unit run. The unit log-likelihood is linear in the parameters,
     logp_u = x_u . theta, so grad_u = x_u exactly: the gram is X X^T, and the recorded
@@ -88,6 +90,7 @@ def record_run(
                      reward_range=(0.0, 1.0)) as rec:  # fmt: skip
         for step in range(steps):
             arrays, features = _step_arrays(rng, step, spike_at=spike_at, noise=noise)
+            features = features * np.float32(feature_scale)  # gradient norms, x feature_scale
             if nan_at is not None and step == nan_at:
                 arrays["logp"][3] = np.nan
             weights = own.weights(PolicyBatch(**arrays, unit="sequence"))
@@ -96,14 +99,16 @@ def record_run(
             surrogate = -(weights.coef.detach().double() * unit_logp).sum()
             (grad,) = torch.autograd.grad(surrogate, theta)
             extra = {}
-            if geometry == "gram":
+            # geometry_every > 1: the steps in between have none (a "mixed" run)
+            step_geometry = geometry if step % geometry_every == 0 else None
+            if step_geometry == "gram":
                 extra["unit_grad_gram"] = features @ features.T
-            elif geometry == "sketch":
+            elif step_geometry == "sketch":
                 omega = np.random.default_rng(1234 + step).normal(size=(DIM, sketch_k))
                 extra["unit_grad_sketch"] = (features @ omega / math.sqrt(sketch_k)).astype(
                     np.float32
                 )
-            if geometry is not None:
+            if step_geometry is not None:
                 extra["grad_norm_covered"] = float(grad.norm())
             for name in drop:
                 arrays.pop(name)
@@ -169,6 +174,9 @@ def test_api_returns_the_cli_results(plain_run):
     cli = _json([str(plain_run), "-p", "grpo", "-p", "cispo"])
     result = sd.replay(plain_run, ["grpo", "cispo"], device="cpu")
     assert json.loads(result.to_json()) == cli
+    # The JSON is printed row by row; it is exactly json.dumps of the whole contract dict.
+    for indent in (2, None):
+        assert result.to_json(indent) == json.dumps(result.to_dict(), indent=indent)
     assert (
         result.own.spec == "grpo"
         and result.policy("cispo").summary == cli["policies"][1]["summary"]
@@ -243,6 +251,13 @@ def test_nonfinite_step_is_replayed_and_flagged(tmp_path):
         assert row["nonfinite"] and row["collapsed"] and row["update_norm"] is None
         assert 5 in p["summary"]["collapsed_steps"]
         assert not any(r["nonfinite"] for i, r in enumerate(p["steps"]) if i != 5)
+    # The NaN step's top sequences carry NaN figures: null in the JSON and the HDF5 report.
+    out = tmp_path / "report.h5"
+    args = [str(path), "-p", "grpo", "--steps", "4:7", "--detail", "--out", str(out)]
+    detail = _json(args)["policies"][0]["summary"]["detail"]["5"]
+    assert detail[0]["seq_id"] == 3 and detail[0]["log_ratio"] is None
+    summary = json.loads(read_hdf5(out)["policies"][0]["attrs"]["summary"])
+    assert summary["detail"]["5"] == detail
 
 
 # --- chunks and devices ------------------------------------------------------------------------
@@ -277,6 +292,45 @@ def test_gram_geometry_gives_exact_norms_fidelity_and_cosine(tmp_path):
     grpo_is = data["policies"][2]
     assert grpo_is["summary"]["discarded_mass_frac"] == 0.0
     assert 0 < own["summary"]["discarded_mass_frac"] < 1
+
+
+def test_mixed_geometry_reports_every_key_and_labels_each_step(tmp_path):
+    path = record_run(tmp_path / "run", steps=10, geometry="gram", geometry_every=2, noise=0.5)
+    data = _json([str(path), "-p", "grpo", "-p", "stabledrl"])
+    assert data["geometry"] == "mixed" and data["geometry_coverage"] == 0.5
+    own, other = data["policies"]
+    assert own["own"] and not other["own"] and [own["best"], other["best"]].count(True) == 1
+    for p in data["policies"]:
+        assert set(p["summary"]) >= SUMMARY_KEYS
+        assert [r["geometry"] for r in p["steps"]] == ["gram", "coef"] * 5
+        for row in p["steps"]:
+            assert set(row) >= STEP_KEYS
+            # cosine needs geometry: a number on gram steps, null on coef steps
+            assert (row["cosine_to_own"] is None) == (row["geometry"] == "coef")
+    # fidelity is measured on the steps with geometry only (coef norms are not grad norms)
+    assert own["summary"]["fidelity"] < 1e-5 and other["summary"]["fidelity"] is None
+    table = runner.invoke(app, ["replay", str(path), "-p", "grpo", "--device", "cpu"])
+    assert table.exit_code == 0 and "geometry mixed (coverage 50%)" in table.stdout
+    assert "norm med*" in table.stdout and "a proxy in other units" in table.stdout
+
+
+def test_mixed_geometry_spikes_compare_like_with_like(tmp_path):
+    # Gradient norms 100x the coefficient norms, geometry on every 4th step: compared with the
+    # proxy norms of the steps between, every geometry step would look like a spike.
+    path = record_run(tmp_path / "run", steps=40, geometry="gram", geometry_every=4,
+                      feature_scale=100.0)  # fmt: skip
+    result = sd.replay(path, ["reinforce", "stabledrl"], device="cpu")
+    for p in result.policies:
+        norms, kinds = p.series["update_norm"], p.series["geometry"]
+        assert np.median(norms[kinds == "gram"]) > 20 * np.median(norms[kinds == "coef"])
+        assert p.summary["spike_steps"] == []
+
+
+def test_cuda_without_a_gpu_is_a_usage_error(plain_run, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(app, ["replay", str(plain_run), "-p", "grpo", "--device", "cuda"])
+    assert result.exit_code == 2 and "no CUDA device" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
 
 
 def test_sketch_geometry_approximates_the_norms(tmp_path):

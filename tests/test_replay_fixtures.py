@@ -19,11 +19,13 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def _fixture(policy_name: str) -> Path:
+    """The committed fixture run of `policy_name`: a missing one fails (fixtures are committed,
+    so a test that skipped here would pass on a checkout that lost them)."""
     for manifest in sorted(FIXTURES.glob("*/manifest.json")):
         data = json.loads(manifest.read_text())
         if (data.get("policy") or {}).get("name") == policy_name:
             return manifest.parent
-    pytest.skip(f"no {policy_name} run under {FIXTURES} (record them: see fixtures/README.md)")
+    pytest.fail(f"no {policy_name} run under {FIXTURES} (record them: see fixtures/README.md)")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,8 @@ def test_grpo_flags_before_the_observed_collapse_or_drifts(degrading):
     early_spike = bool(spikes) and (collapse is None or min(spikes) <= collapse)
     assert early_spike or grpo.summary["drift_steps"]
     if collapse is not None:
-        assert grpo.summary["lead_steps"] is not None and grpo.summary["lead_steps"] > 0
+        first_flag = min(_flagged(grpo))
+        assert grpo.summary["lead_steps"] == collapse - first_flag > 0
 
 
 def test_stabledrl_flags_fewer_or_none(degrading):

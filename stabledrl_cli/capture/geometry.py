@@ -83,7 +83,8 @@ class GeometryConfig:
     method: str = "auto"
     """Sketch: "exact" (per-unit grads @ Omega), "jvp", or "auto" (exact while [U, P] fits)."""
     storage_dtype: str = "float32"
-    """"float32", or "float16" always with a per-step scale (plain float16 overflows on spikes)."""
+    """"float32", or "float16" for sketches only, always with a per-step scale (plain float16
+    overflows on spike steps; the run format has no Gram scale)."""
     max_gram_units: int = 2048
     """Above this many units a requested gram is captured as a sketch (K is O(U^2))."""
     chunk_size: int = 64
@@ -104,6 +105,12 @@ class GeometryConfig:
             raise UsageError(
                 f"unknown geometry storage dtype {self.storage_dtype!r}; "
                 f"valid: {', '.join(STORAGE_DTYPES)}"
+            )
+        if self.kind == "gram" and self.storage_dtype != "float32":
+            # The run format has a per-step scale for sketches only (unit_grad_sketch_scale).
+            raise UsageError(
+                "float16 geometry storage is for sketches (unit_grad_sketch_scale); a Gram matrix "
+                "is stored as float32"
             )
         for name in ("every", "k", "max_gram_units", "chunk_size"):
             value = getattr(self, name)

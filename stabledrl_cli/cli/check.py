@@ -57,15 +57,15 @@ def _print_table(results: list[Any], run: str) -> None:
     table = Table(title=f"stabledrl check {run}", title_justify="left")
     for column in ("policy", "gate", "status", "figure", "limit", "detail"):
         table.add_column(column, overflow="fold")
-    from stabledrl_cli.replay.gate import _fmt
+    from stabledrl_cli.replay.gate import format_figure
 
     for r in results:
         table.add_row(
             r.policy or "(run)",
             r.gate,
             "ok" if r.ok else "FAILED",
-            _fmt(r.figure) if r.figure is not None else "n/a",
-            _fmt(r.limit) if r.limit is not None else "n/a",
+            format_figure(r.figure) if r.figure is not None else "n/a",
+            format_figure(r.limit) if r.limit is not None else "n/a",
             r.message,
         )
     out.print(table)
@@ -73,7 +73,7 @@ def _print_table(results: list[Any], run: str) -> None:
 
 def _print_figures(result: Any) -> None:
     """Today's figures per policy (what --write-baseline records)."""
-    from stabledrl_cli.replay.gate import POLICY_METRICS, _fmt
+    from stabledrl_cli.replay.gate import POLICY_METRICS, format_figure
 
     collapse = result.observed.get("first_reward_collapse")
     table = Table(
@@ -85,7 +85,7 @@ def _print_figures(result: Any) -> None:
     for name in POLICY_METRICS:
         table.add_column(name, justify="right")
     for p in result.policies:
-        table.add_row(p.spec, *(_fmt(rule.measure(p)) for rule in POLICY_METRICS.values()))
+        table.add_row(p.spec, *(format_figure(rule.measure(p)) for rule in POLICY_METRICS.values()))
     out.print(table)
 
 

@@ -141,7 +141,8 @@ def _run_example(
     summary = Table(title="stabledrl record: built-in example", show_header=False)
     summary.add_row("policy", policy.spec)
     summary.add_row(
-        "estimator", f"{config.estimator}, unit {config.unit}, same mask {config.same_mask}"
+        "estimator",
+        f"{config.estimator}, unit {config.unit}, same mask {config.estimator_config.same_mask}",
     )
     if geometry is not None:
         every = f", every {geometry.every} steps" if geometry.every > 1 else ""

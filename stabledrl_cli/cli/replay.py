@@ -7,13 +7,14 @@ policy needs). Steps with NaN or inf are replayed and flagged, not refused.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, PolicyOpt, RunArg
-from stabledrl_cli.cli._output import OutputFormat, err, out, print_json, progress_enabled
+from stabledrl_cli.cli._output import OutputFormat, err, out, progress_enabled
 from stabledrl_cli.errors import UsageError
 
 
@@ -105,7 +106,11 @@ def command(
         plot_replay(result, plot, opened)
         err.print(f"wrote {plot}", highlight=False)
     if output_format is OutputFormat.json:
-        print_json(result.to_dict())
+        # Piece by piece: a long run's per-step rows are never all held as Python objects.
+        for piece in result.iter_json():
+            sys.stdout.write(piece)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
         return
     if detail or steps is not None:
         print_detail(result, out)

@@ -177,26 +177,19 @@ def geometry_manifest(config: ExampleConfig, geometry: GeometryConfig) -> dict[s
     )
 
 
-def check_geometry(geometry: GeometryConfig | None) -> None:
-    """Usage errors for geometry settings the run format cannot store."""
-    if geometry is not None and geometry.kind == "gram" and geometry.storage_dtype != "float32":
-        raise UsageError(
-            "float16 geometry storage is for sketches (unit_grad_sketch_scale); a Gram matrix "
-            "is stored as float32"
-        )
-
-
 def recorder_kwargs(
     config: ExampleConfig, policy: Any, geometry: GeometryConfig | None = None
 ) -> dict[str, Any]:
     """Everything the Recorder's manifest needs to describe an example run."""
-    check_geometry(geometry)
+    estimator = config.estimator_config.manifest()
+    if config.unit == "token":  # each scored position is a unit: its own log-prob, no weights
+        estimator["weighting"] = "none (per-token log-prob of each hidden position)"
     return {
         "policy": policy.name,
         # None means "not set" (e.g. max_len without agg=constant); the manifest takes values only.
         "policy_params": {k: v for k, v in policy.params.items() if v is not None},
         "unit": config.unit,
-        "estimator": config.estimator_config.manifest(),
+        "estimator": estimator,
         "reward_range": (0.0, 1.0),
         "meta": {
             "source": "stabledrl built-in example (sort digits, tiny masked diffusion LM)",
@@ -323,7 +316,6 @@ def train(
     """
     from stabledrl_cli.policies import get_policy
 
-    check_geometry(geometry)
     if geometry is not None and geometry.kind == "none":
         geometry = None
     device = torch.device(device)

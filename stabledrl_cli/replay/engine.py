@@ -356,7 +356,13 @@ def _series(
     col = {name: data[:, i] for name, i in COLUMN.items()}
     update_norm = col["update_norm"]
     nonfinite = ~np.isfinite(update_norm) | (col["nonfinite_coefs"] > 0)
-    spike = spike_flags(update_norm, factor=config.spike_factor)
+    # Norms from recorded geometry and coefficient norms (the proxy) are in different units
+    # (on the example, ~13x apart): in a mixed run each step's spike history holds only steps
+    # measured the same way, else every geometry step among proxy steps would be a "spike".
+    measured = np.array([kind != "coef" for kind in kinds], dtype=bool)
+    spike = np.zeros(update_norm.shape[0], dtype=bool)
+    for same in (measured, ~measured):
+        spike[same] = spike_flags(update_norm[same], factor=config.spike_factor)
     drift = drift_flags(col["net_push"], config.window, config.drift_threshold)
     if config.max_grad_norm is None:
         clip_scale = np.where(np.isfinite(update_norm), 1.0, np.nan)

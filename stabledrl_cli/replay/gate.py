@@ -210,7 +210,8 @@ class Gates:
 
 
 # --- the baseline file ------------------------------------------------------------------------
-def _fmt(value: float | None) -> str:
+def format_figure(value: float | None) -> str:
+    """A gate's figure for people: integers plain, floats to 4 digits, None as "never"."""
     if value is None or math.isinf(value):
         return "never" if value is None else ("inf" if value > 0 else "-inf")
     if float(value).is_integer() and abs(value) < 1e15:
@@ -442,18 +443,18 @@ def _regression(
     improved = strict and not tripped and tol.improved(figure)
     # null is infinity: for the observed collapse it means "no collapse".
     none = "none" if name.endswith("first_reward_collapse") else "inf"
-    shown = none if figure is None else _fmt(figure)
-    base = none if tol.value is None else _fmt(tol.value)
+    shown = none if figure is None else format_figure(figure)
+    base = none if tol.value is None else format_figure(tol.value)
     side = "above" if tol.worse == "higher" else "below"
     slack = f"abs_tol {tol.abs_tol:g}, rel_tol {tol.rel_tol:g}"
     if tol.value is None:
         rule = "any figure passes" if tol.worse == "higher" else f"any figure but {none} fails"
     elif tripped:
-        rule = f"{side} the limit {_fmt(tol.limit())} ({slack})"
+        rule = f"{side} the limit {format_figure(tol.limit())} ({slack})"
     elif improved:
         rule = f"better than the baseline beyond its tolerance ({slack}); --strict fails on it"
     else:
-        rule = f"fails {side} {_fmt(tol.limit())} ({slack})"
+        rule = f"fails {side} {format_figure(tol.limit())} ({slack})"
     return GateResult(
         policy=policy,
         gate=f"baseline.{name}",
@@ -529,7 +530,9 @@ def junit_xml(results: list[GateResult], run: str, *, seconds: float = 0.0) -> b
         case = ET.SubElement(suite, "testcase", classname=classname, name=r.gate, time="0")
         if not r.ok:
             failure = ET.SubElement(case, "failure", message=r.message, type="GateFailed")
-            failure.text = f"figure {_fmt(r.figure)}, limit {_fmt(r.limit)}: {r.message}"
+            failure.text = (
+                f"figure {format_figure(r.figure)}, limit {format_figure(r.limit)}: {r.message}"
+            )
         else:
             ET.SubElement(case, "system-out").text = r.message
     ET.indent(suites)

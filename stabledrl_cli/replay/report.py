@@ -51,18 +51,20 @@ def _lead_text(lead: int | None) -> str:
 
 def print_summary(result: ReplayResult, console: Console) -> None:
     """One row per policy, the run's own policy and the best one marked."""
-    proxy = result.geometry == "coef"
-    star = "*" if proxy else ""
+    captions = {
+        "coef": "* update norm = coefficient norm ||coef||, a proxy: the run recorded no "
+        "gradient geometry",
+        "mixed": f"* on the {1 - result.geometry_coverage:.0%} of steps without gradient "
+        "geometry, update norm = coefficient norm ||coef||, a proxy in other units (spikes "
+        "compare each step with steps of its own kind)",
+    }
+    caption = captions.get(result.geometry)
+    star = "*" if caption else ""
     table = Table(
         title=f"Replay of {result.run}: {result.steps} steps, geometry {result.geometry} "
         f"(coverage {result.geometry_coverage:.0%})",
         title_justify="left",
-        caption=(
-            "* update norm = coefficient norm ||coef||, a proxy: the run recorded no gradient "
-            "geometry"
-            if proxy
-            else None
-        ),
+        caption=caption,
         caption_justify="left",
     )
     for column in (
@@ -217,7 +219,8 @@ def write_hdf5(result: ReplayResult, path: str | os.PathLike[str]) -> Path:
             handle.attrs["steps"] = result.steps
             handle.attrs["geometry"] = result.geometry
             handle.attrs["geometry_coverage"] = result.geometry_coverage
-            handle.attrs["observed"] = json.dumps(result.to_dict()["observed"])
+            head = result.to_dict(steps=False)  # the contract's JSON-safe values, no step rows
+            handle.attrs["observed"] = json.dumps(head["observed"], allow_nan=False)
             handle.attrs["policy_specs"] = json.dumps([p.spec for p in result.policies])
             policies = handle.create_group("policies")
             for index, p in enumerate(result.policies):
@@ -227,7 +230,8 @@ def write_hdf5(result: ReplayResult, path: str | os.PathLike[str]) -> Path:
                 group.attrs["params"] = json.dumps(p.params)
                 group.attrs["own"] = p.own
                 group.attrs["best"] = p.best
-                group.attrs["summary"] = json.dumps(p.to_dict()["summary"], allow_nan=False)
+                summary = head["policies"][index]["summary"]  # NaN and inf (--detail) as null
+                group.attrs["summary"] = json.dumps(summary, allow_nan=False)
                 for key in STEP_KEYS:
                     values = _dataset_values(key, np.asarray(p.series[key]))
                     if values.dtype == object:

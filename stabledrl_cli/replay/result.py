@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,9 +39,6 @@ STEP_KEYS = (
     "discarded_neg",
     "discarded_mass_frac",
     "objective",
-)
-NULLABLE_STEP_KEYS = frozenset(
-    {"cosine_to_own", "ess_frac", "weight_max", "update_norm", "clip_scale", "net_push"}
 )
 
 
@@ -81,10 +79,20 @@ class PolicyResult:
     @property
     def steps(self) -> list[dict[str, Any]]:
         """Per-step rows (dicts with STEP_KEYS) over the reported range."""
-        count = len(self.series["step"])
-        return [{key: _item(self.series[key][i]) for key in STEP_KEYS} for i in range(count)]
+        return list(self.iter_steps())
 
-    def to_dict(self) -> dict[str, Any]:
+    def iter_steps(self) -> Iterator[dict[str, Any]]:
+        """The per-step rows one at a time, built from the columns `_ROW_BLOCK` steps at a
+        time: the rows are output, so only a block of them is ever held as Python objects."""
+        count = len(self.series["step"])
+        for start in range(0, count, _ROW_BLOCK):
+            block = [np.asarray(self.series[key][start : start + _ROW_BLOCK]).tolist()
+                     for key in STEP_KEYS]  # fmt: skip
+            for values in zip(*block, strict=True):
+                yield dict(zip(STEP_KEYS, values, strict=True))
+
+    def to_dict(self, *, steps: bool = True) -> dict[str, Any]:
+        """The policy's entry of the JSON contract (`steps=False`: without its per-step rows)."""
         summary = dict(self.summary)
         if self.detail:
             summary["detail"] = {str(k): v for k, v in sorted(self.detail.items())}
@@ -95,14 +103,8 @@ class PolicyResult:
             "own": self.own,
             "best": self.best,
             "summary": summary,
-            "steps": self.steps,
+            "steps": self.steps if steps else [],
         }
-
-
-def _item(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 @dataclass
@@ -136,14 +138,15 @@ class ReplayResult:
     def best(self) -> PolicyResult | None:
         return next((p for p in self.policies if p.best), None)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON contract, NaN and inf already mapped to null."""
+    def to_dict(self, *, steps: bool = True) -> dict[str, Any]:
+        """The JSON contract, NaN and inf already mapped to null (`steps=False`: every policy's
+        `steps` left empty)."""
         return _json_safe({
             "run": self.run,
             "steps": self.steps,
             "geometry": self.geometry,
             "geometry_coverage": self.geometry_coverage,
-            "policies": [p.to_dict() for p in self.policies],
+            "policies": [p.to_dict(steps=steps) for p in self.policies],
             "observed": {
                 "first_reward_collapse": self.observed.get("first_reward_collapse"),
                 "recorded_spike_steps": list(self.observed.get("recorded_spike_steps", [])),
@@ -151,5 +154,41 @@ class ReplayResult:
             },
         })  # fmt: skip
 
+    def iter_json(self, indent: int | None = 2) -> Iterator[str]:
+        """`to_json()` in pieces, the per-step rows serialized one at a time: printing a long
+        run's JSON never holds all its rows as Python objects (`to_dict()` does)."""
+        head = self.to_dict(steps=False)
+        for i, policy in enumerate(head["policies"]):
+            policy["steps"] = _ROWS_MARK.format(i)
+        text = json.dumps(head, indent=indent, allow_nan=False)
+        for i, policy in enumerate(self.policies):
+            before, text = text.split(json.dumps(_ROWS_MARK.format(i)), 1)
+            yield before
+            yield from _json_list(policy.iter_steps(), indent, depth=3)
+        yield text
+
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        """The JSON contract as text: json.dumps(self.to_dict(), indent=indent)."""
+        return "".join(self.iter_json(indent))
+
+
+# Rows are converted from the columns this many steps at a time.
+_ROW_BLOCK = 1024
+# Stands in for a policy's rows in the JSON head; a NUL cannot occur in any other string of it.
+_ROWS_MARK = "\0rows-of-policy-{}\0"
+
+
+def _json_list(rows: Iterator[dict[str, Any]], indent: int | None, depth: int) -> Iterator[str]:
+    """A JSON list of `rows`, as json.dumps would print it at nesting `depth`, row by row."""
+    if indent is None:
+        inner = outer = ""
+        separator = ", "
+    else:
+        inner, outer = "\n" + " " * (indent * (depth + 1)), "\n" + " " * (indent * depth)
+        separator = ","
+    first = True
+    for row in rows:
+        text = json.dumps(_json_safe(row), indent=indent, allow_nan=False)
+        yield ("[" if first else separator) + inner + text.replace("\n", inner)
+        first = False
+    yield "[]" if first else outer + "]"
