@@ -10,12 +10,13 @@ sequences of flagged steps, with `--detail`); per step `discarded_pos`, `discard
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from stabledrl_cli._json import json_safe
 
 # Per-step keys of the JSON contract, in its order, then the extensions.
 STEP_KEYS = (
@@ -40,22 +41,6 @@ STEP_KEYS = (
     "discarded_mass_frac",
     "objective",
 )
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN / inf -> None (JSON has neither); numpy scalars -> Python numbers."""
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 @dataclass
@@ -141,7 +126,7 @@ class ReplayResult:
     def to_dict(self, *, steps: bool = True) -> dict[str, Any]:
         """The JSON contract, NaN and inf already mapped to null (`steps=False`: every policy's
         `steps` left empty)."""
-        return _json_safe({
+        return json_safe({
             "run": self.run,
             "steps": self.steps,
             "geometry": self.geometry,
@@ -188,7 +173,7 @@ def _json_list(rows: Iterator[dict[str, Any]], indent: int | None, depth: int) -
         separator = ","
     first = True
     for row in rows:
-        text = json.dumps(_json_safe(row), indent=indent, allow_nan=False)
+        text = json.dumps(json_safe(row), indent=indent, allow_nan=False)
         yield ("[" if first else separator) + inner + text.replace("\n", inner)
         first = False
     yield "[]" if first else outer + "]"
