@@ -30,15 +30,22 @@ def _debug() -> bool:
     return os.environ.get("STABLEDRL_DEBUG", "") not in ("", "0")
 
 
+# An unexpected exception is a bug of the tool, not a tripped gate (1) nor bad input (3).
+INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h)
+
+
 def _exit_code_for(exc: BaseException) -> tuple[int, str]:
     """The ordered error map: domain errors first, then the OS's, then anything else."""
     if isinstance(exc, StabledrlError):
         return exc.exit_code, str(exc)
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
-        return 3, f"cannot read {exc.filename or exc}: {exc.strerror or exc}"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return 3, f"{exc.filename}: {exc.strerror or exc}"
     if isinstance(exc, KeyboardInterrupt):
         return 130, "interrupted"
-    return 1, f"internal error: {type(exc).__name__}: {exc} (set STABLEDRL_DEBUG=1 for a traceback)"
+    return INTERNAL_ERROR, (
+        f"internal error: {type(exc).__name__}: {exc} (a bug: rerun with --debug for the "
+        "traceback, and please report it)"
+    )
 
 
 def _mapped(command: Callable[..., Any]) -> Callable[..., Any]:
