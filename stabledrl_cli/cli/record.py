@@ -86,8 +86,9 @@ def _run_command(out: Path, cmd: list[str], force: bool, policy: str | None) -> 
 
 
 def _run_example(
-    out: Path, force: bool, config: object, device: str, geometry: object | None
+    out: Path, force: bool, config: object, device: str, geometry: object | None, threads: int
 ) -> None:
+    import torch
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -104,6 +105,7 @@ def _run_example(
 
     torch_device = resolve_device(device)
     policy = get_policy(config.policy)
+    torch.set_num_threads(threads)
     show = progress_enabled()
     progress = Progress(
         TextColumn("{task.description}"),
@@ -241,6 +243,15 @@ def command(
         ),
     ] = GeometryDtypeChoice.float32,
     device: DeviceOpt = "auto",
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="Example: CPU threads. 1 by default: the model is too small to gain from more, "
+            "and the arrays are then the same on any machine (the fixtures are made so).",
+        ),
+    ] = 1,
 ) -> None:
     """Train and record the built-in tiny dLLM RL example, or record `-- CMD ...`."""
     _check_out(out, force)
@@ -278,5 +289,5 @@ def command(
         max_grad_norm=max_grad_norm,
         skip_nonfinite=skip_nonfinite,
     )
-    _run_example(out, force, config, device, geometry_config)
+    _run_example(out, force, config, device, geometry_config, threads)
     sys.stderr.flush()
