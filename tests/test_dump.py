@@ -428,6 +428,33 @@ def test_corrupt_files_are_reported_and_skipped(tmp_path):
     assert [s.step for s in unverified] == [0, 1, 3, 6, 7]
 
 
+def test_a_bad_file_stays_out_until_it_changes(tmp_path):
+    path = tmp_path / "run"
+    _record(path, range(4))
+    step_file = path / "steps" / "step-00000002.safetensors"
+    original = step_file.read_bytes()
+    run = sd.open_run(path)
+    expected = run.step(2)["logp"].clone()
+    assert run.scalar_series("loss")[0].tolist() == [0, 1, 2, 3]
+
+    step_file.write_bytes(original[:-7])  # torn after it was checked and read
+    for _ in range(2):  # the remembered failure reads the same each time
+        assert run.step_numbers == [0, 1, 3]
+        with pytest.raises(InputError, match=r"step 2 is torn: .* the header needs"):
+            run.step(2)
+    assert [(f.kind, f.step) for f in run.integrity.findings] == [("torn", 2)]
+    assert run.scalar_series("loss")[0].tolist() == [0, 1, 3]
+
+    step_file.write_bytes(original)  # repaired: checked again, listed and read again
+    assert run.step_numbers == [0, 1, 2, 3]
+    assert run.integrity.ok
+    step = run.step(2)
+    assert torch.equal(step["logp"], expected)
+    assert step.scalars["loss"] == 0.5
+    assert (step.num_tokens, step.num_sequences) == (15, 3)
+    assert run.scalar_series("loss")[1].tolist() == [0.5] * 4
+
+
 def test_gaps_follow_the_recording_stride(tmp_path):
     path = tmp_path / "run"
     _record(path, [0, 10, 20, 50, 60])

@@ -51,7 +51,7 @@ from stabledrl_cli.dump._schema import (
     check_manifest,
     check_readable_version,
 )
-from stabledrl_cli.dump._stfile import StepFileError, StepHeader, read_header
+from stabledrl_cli.dump._stfile import StepFileError, read_header
 from stabledrl_cli.errors import InputError
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -98,6 +98,35 @@ def _merge_scalars(parts: list[dict[str, float]], sequences: list[int]) -> dict[
     return merged
 
 
+@dataclass(frozen=True, slots=True)
+class _HeaderRecord:
+    """What a step's Step is built from, kept per checked file instead of its parsed header
+    (a few hundred bytes, not a few KB): names are shared by files of the same layout."""
+
+    fields: frozenset[str]
+    """The file's tensors that are schema fields."""
+    scalar_names: tuple[str, ...]
+    scalar_values: tuple[float, ...]
+    num_tokens: int
+    num_sequences: int
+    num_scored_tokens: int
+
+    @property
+    def scalars(self) -> dict[str, float]:
+        return dict(zip(self.scalar_names, self.scalar_values, strict=True))
+
+
+@dataclass(slots=True)
+class _Checked:
+    """A step file's last check: its stat key, whether its data CRC was checked, and what it
+    gave (a record, or the (kind, message) of its StepFileError: the exception itself is not
+    kept, since its traceback would hold the checking frames)."""
+
+    key: tuple[int, int, int]
+    deep: bool
+    outcome: _HeaderRecord | tuple[str, str]
+
+
 @dataclass
 class Step:
     """One optimizer step, read lazily: arrays come from the file when indexed.
@@ -113,7 +142,8 @@ class Step:
     num_scored_tokens: int
     """Tokens with mask = 1."""
     paths: list[Path] = field(repr=False)
-    _headers: list[StepHeader] = field(repr=False)
+    _headers: list[_HeaderRecord] = field(repr=False)
+    """Per rank, what its file's header says (empty for an archive step)."""
 
     def __contains__(self, name: object) -> bool:
         return name in self.fields
@@ -140,7 +170,7 @@ class Step:
             return self._read(0, name)
         parts = [self._read(rank, name) for rank in range(len(self.paths))]
         if name == "seq_id":
-            offsets = np.cumsum([0] + [int(h.metadata[META_NUM_SEQUENCES]) for h in self._headers])
+            offsets = np.cumsum([0] + [h.num_sequences for h in self._headers])
             parts = [p + int(offsets[r]) for r, p in enumerate(parts)]
         elif name == "group_id":
             sizes = [int(p.max()) + 1 if p.numel() else 0 for p in parts]
@@ -148,7 +178,7 @@ class Step:
             parts = [p + int(offsets[r]) for r, p in enumerate(parts)]
         elif name == "unit_grad_sketch" and any(p.dtype == torch.float16 for p in parts):
             parts = [
-                p.float() * float(h.metadata.get("unit_grad_sketch_scale", "1.0"))
+                p.float() * h.scalars.get("unit_grad_sketch_scale", 1.0)
                 if p.dtype == torch.float16
                 else p
                 for p, h in zip(parts, self._headers, strict=True)
@@ -279,8 +309,11 @@ class DirectoryRun(Run):
         self.format_version = check_manifest(manifest, str(manifest_path))
         self._manifest = manifest
         self.world_size: int = manifest["world_size"]
-        # path -> (stat key, deep checked, header or error): unchanged files are checked once.
-        self._checked: dict[Path, tuple[tuple[int, int, int], bool, Any]] = {}
+        # file name -> its last check: an unchanged file is checked once (its data CRC once more
+        # when its arrays are first read). One small record a step: a long run reads in bounded
+        # memory.
+        self._checked: dict[str, _Checked] = {}
+        self._shared: dict[Any, Any] = {}  # field and scalar name tuples, one per layout
         self._listing = _Listing()
 
     @property
@@ -310,18 +343,31 @@ class DirectoryRun(Run):
                 listing.finals.setdefault(step, {})[rank] = steps_dir / name
         return listing
 
-    def _check(self, path: Path, *, deep: bool) -> StepHeader:
+    def _record(self, metadata: dict[str, str], tensors: dict[str, Any]) -> _HeaderRecord:
+        scalars = _parse_scalars(metadata)
+        names = tuple(scalars)
+        fields = frozenset(name for name in tensors if name in FIELDS)
+        return _HeaderRecord(
+            fields=self._shared.setdefault(fields, fields),
+            scalar_names=self._shared.setdefault(names, names),
+            scalar_values=tuple(scalars.values()),
+            num_tokens=int(metadata.get(META_NUM_TOKENS, 0)),
+            num_sequences=int(metadata.get(META_NUM_SEQUENCES, 0)),
+            num_scored_tokens=int(metadata.get(META_SCORED_TOKENS, 0)),
+        )
+
+    def _check(self, path: Path, *, deep: bool) -> _HeaderRecord:
         try:
             st = path.stat()
         except OSError as exc:
             raise StepFileError("unreadable", f"cannot stat: {exc.strerror or exc}") from None
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
-        cached = self._checked.get(path)
-        if cached is not None and cached[0] == key:
-            if isinstance(cached[2], StepFileError):
-                raise cached[2]
-            if cached[1] or not deep:
-                return cached[2]
+        cached = self._checked.get(path.name)
+        if cached is not None and cached.key == key:
+            if isinstance(cached.outcome, tuple):
+                raise StepFileError(*cached.outcome)
+            if cached.deep or not deep:
+                return cached.outcome
         try:
             header = read_header(path, deep=deep)
             version = header.metadata.get(META_FORMAT, "")
@@ -329,11 +375,22 @@ class DirectoryRun(Run):
                 check_readable_version(version, path.name)
             except InputError as exc:
                 raise StepFileError("unreadable", str(exc)) from None
+            record = self._record(header.metadata, header.tensors)
         except StepFileError as exc:
-            self._checked[path] = (key, True, exc)
+            self._checked[path.name] = _Checked(key, True, (exc.kind, str(exc)))
             raise
-        self._checked[path] = (key, deep, header)
-        return header
+        except ValueError as exc:  # a count that is not an integer
+            self._checked[path.name] = _Checked(key, True, ("unreadable", f"bad count: {exc}"))
+            raise StepFileError("unreadable", f"bad count: {exc}") from None
+        self._checked[path.name] = _Checked(key, deep, record)
+        return record
+
+    def _records(self, ranks: dict[int, Path], *, deep: bool) -> list[_HeaderRecord]:
+        """Every rank's record, in rank order; StepFileError for a missing or bad file."""
+        missing = [r for r in range(self.world_size) if r not in ranks]
+        if missing:
+            raise StepFileError("missing_rank", f"no file for rank(s) {missing}")
+        return [self._check(ranks[r], deep=deep and self.verify) for r in range(self.world_size)]
 
     def _try_step(
         self, n: int, *, deep: bool, ranks: dict[int, Path] | None = None
@@ -341,38 +398,37 @@ class DirectoryRun(Run):
         if ranks is None:
             # The listing that produced `n` (step_numbers lists before each pass), else a fresh one.
             ranks = self._listing.finals.get(n) or self._scan().finals.get(n, {})
-        missing = [r for r in range(self.world_size) if r not in ranks]
-        if missing:
-            return StepFileError("missing_rank", f"no file for rank(s) {missing}")
-        paths = [ranks[r] for r in range(self.world_size)]
         try:
-            headers = [self._check(p, deep=deep and self.verify) for p in paths]
+            records = self._records(ranks, deep=deep)
         except StepFileError as exc:
             return exc
-        fields = set.intersection(*(set(h.tensors) & set(FIELDS) for h in headers))
-        if len(paths) > 1:
+        fields = set(records[0].fields).intersection(*(r.fields for r in records[1:]))
+        if len(records) > 1:
             fields.discard("unit_grad_gram")
-        sequences = [int(h.metadata.get(META_NUM_SEQUENCES, 0)) for h in headers]
-        scalars = [_parse_scalars(h.metadata) for h in headers]
+        sequences = [r.num_sequences for r in records]
+        scalars = [r.scalars for r in records]
         return Step(
             step=n,
-            scalars=scalars[0] if len(paths) == 1 else _merge_scalars(scalars, sequences),
+            scalars=scalars[0] if len(records) == 1 else _merge_scalars(scalars, sequences),
             fields=fields,
-            num_tokens=sum(int(h.metadata.get(META_NUM_TOKENS, 0)) for h in headers),
+            num_tokens=sum(r.num_tokens for r in records),
             num_sequences=sum(sequences),
-            num_scored_tokens=sum(int(h.metadata.get(META_SCORED_TOKENS, 0)) for h in headers),
-            paths=paths,
-            _headers=headers,
+            num_scored_tokens=sum(r.num_scored_tokens for r in records),
+            paths=[ranks[r] for r in range(self.world_size)],
+            _headers=records,
         )
 
     @property
     def step_numbers(self) -> list[int]:
         listing = self._scan()
-        return [
-            n
-            for n in sorted(listing.finals)
-            if not isinstance(self._try_step(n, deep=False, ranks=listing.finals[n]), StepFileError)
-        ]
+        numbers = []
+        for n in sorted(listing.finals):
+            try:
+                self._records(listing.finals[n], deep=False)
+            except StepFileError:
+                continue
+            numbers.append(n)
+        return numbers
 
     def step(self, n: int) -> Step:
         if n not in self._listing.finals and n not in self._scan().finals:
