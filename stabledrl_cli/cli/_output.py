@@ -8,12 +8,27 @@ import sys
 from enum import Enum
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 from stabledrl_cli._json import json_safe
 
+# Piped or redirected tables keep their natural width up to this, instead of wrapping at 80.
+PIPE_WIDTH = 250
+
+
+class _DataConsole(Console):
+    """stdout: when it is not a terminal and COLUMNS is unset, tables are not squeezed to 80."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if not self.is_terminal and "COLUMNS" not in os.environ:
+            return ConsoleDimensions(max(size.width, PIPE_WIDTH), size.height)
+        return size
+
+
 # Consoles resolve sys.stdout / sys.stderr at print time, so CliRunner captures them.
-out = Console(soft_wrap=True)
+out = _DataConsole(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
