@@ -20,3 +20,24 @@ DeviceOpt = Annotated[
 FormatOpt = Annotated[
     OutputFormat, typer.Option("--format", "-f", help="table (human) or json (data on stdout).")
 ]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot", help="Draw update norms and reward per policy to this PNG (extra: plot)."
+    ),
+]
+WindowOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--window",
+        help="Drift: steps in the rolling mean of net_push (default: calibrated, or the "
+        "baseline's).",
+    ),
+]
+DriftThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--drift-threshold",
+        help="Drift: rolling mean of net_push below this (default: calibrated, or the baseline's).",
+    ),
+]

@@ -19,7 +19,15 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, PolicyOpt, RunArg
+from stabledrl_cli.cli._options import (
+    DeviceOpt,
+    DriftThresholdOpt,
+    FormatOpt,
+    PlotOpt,
+    PolicyOpt,
+    RunArg,
+    WindowOpt,
+)
 from stabledrl_cli.cli._output import OutputFormat, err, out, print_json
 from stabledrl_cli.errors import UsageError
 
@@ -117,10 +125,7 @@ def command(
     junit: Annotated[
         Path | None, typer.Option("--junit", help="Write a JUnit XML report (one case a gate).")
     ] = None,
-    plot: Annotated[
-        Path | None,
-        typer.Option("--plot", help="Draw update norms and reward per policy to this PNG."),
-    ] = None,
+    plot: PlotOpt = None,
     strict: Annotated[
         bool,
         typer.Option(
@@ -135,14 +140,8 @@ def command(
         float | None,
         typer.Option("--spike-factor", help="Spike threshold (default 10, or the baseline's)."),
     ] = None,
-    window: Annotated[
-        int | None,
-        typer.Option("--window", help="Drift window in steps (default, or the baseline's)."),
-    ] = None,
-    drift_threshold: Annotated[
-        float | None,
-        typer.Option("--drift-threshold", help="Drift threshold (default, or the baseline's)."),
-    ] = None,
+    window: WindowOpt = None,
+    drift_threshold: DriftThresholdOpt = None,
 ) -> None:
     """Gate a run for CI: exit 1 if a policy trips a limit or regresses against a baseline."""
     from stabledrl_cli.dump import open_run

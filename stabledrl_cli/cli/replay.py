@@ -13,7 +13,15 @@ from typing import Annotated
 
 import typer
 
-from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, PolicyOpt, RunArg
+from stabledrl_cli.cli._options import (
+    DeviceOpt,
+    DriftThresholdOpt,
+    FormatOpt,
+    PlotOpt,
+    PolicyOpt,
+    RunArg,
+    WindowOpt,
+)
 from stabledrl_cli.cli._output import OutputFormat, err, out, progress_enabled
 from stabledrl_cli.errors import UsageError
 
@@ -43,15 +51,8 @@ def command(
             help="Spike: update norm > this x the median of the previous 20 steps.",
         ),
     ] = 10.0,
-    window: Annotated[
-        int | None, typer.Option("--window", help="Steps in the rolling mean of net_push (drift).")
-    ] = None,
-    drift_threshold: Annotated[
-        float | None,
-        typer.Option(
-            "--drift-threshold", help="Drift: the rolling mean of net_push is below this."
-        ),
-    ] = None,
+    window: WindowOpt = None,
+    drift_threshold: DriftThresholdOpt = None,
     max_grad_norm: Annotated[
         float | None,
         typer.Option(
@@ -62,10 +63,7 @@ def command(
     chunk_size: Annotated[
         int, typer.Option("--chunk-size", help="Steps moved to the device at a time.")
     ] = 64,
-    plot: Annotated[
-        Path | None,
-        typer.Option("--plot", help="Draw update norms and reward per policy to this PNG."),
-    ] = None,
+    plot: PlotOpt = None,
 ) -> None:
     """Replay a recorded run through the policy catalogue (one-step counterfactuals)."""
     from stabledrl_cli.dump import open_run
