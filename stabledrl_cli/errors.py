@@ -1,7 +1,9 @@
-"""Domain errors. Each carries the exit code of the CONTRACT in design.md.
+"""Domain errors, each with its exit code (docs/exit-codes.md).
 
-0 ok; 1 a check failed (gate tripped); 2 usage error; 3 unreadable or corrupt input.
-Library code raises these; `cli/app.py` turns them into one line on stderr and the exit code.
+0 ok; 1 a check failed (gate tripped); 2 usage error; 3 unreadable or corrupt input; 4 an
+output could not be written (disk full, permission, missing directory). Library code raises
+these in the library's own terms (`window must be >= 1`, not a flag name); `cli/app.py` turns
+them into one line on stderr and the exit code.
 """
 
 from __future__ import annotations
@@ -11,12 +13,6 @@ class StabledrlError(Exception):
     """Base class of every error the tool reports to a user."""
 
     exit_code: int = 1
-
-
-class GateFailed(StabledrlError):
-    """A CI gate tripped (`stabledrl check`)."""
-
-    exit_code = 1
 
 
 class UsageError(StabledrlError, ValueError):
@@ -29,6 +25,12 @@ class InputError(StabledrlError):
     """A run, step or report that is missing, unreadable, corrupt or of a wrong version (exit 3)."""
 
     exit_code = 3
+
+
+class WriteError(StabledrlError):
+    """An output (a run, an archive, a report, a baseline) could not be written (exit 4)."""
+
+    exit_code = 4
 
 
 class MissingExtraError(UsageError):

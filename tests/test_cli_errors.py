@@ -7,7 +7,7 @@ import typer
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import INTERNAL_ERROR, _mapped
-from stabledrl_cli.errors import GateFailed, InputError, UsageError
+from stabledrl_cli.errors import InputError, UsageError, WriteError
 
 
 def _app_raising(exc: BaseException) -> typer.Typer:
@@ -24,9 +24,9 @@ def _app_raising(exc: BaseException) -> typer.Typer:
 @pytest.mark.parametrize(
     ("exc", "code", "text"),
     [
-        (GateFailed("gate x tripped"), 1, "gate x tripped"),
         (UsageError("bad spec"), 2, "bad spec"),
         (InputError("corrupt step"), 3, "corrupt step"),
+        (WriteError("out.json: cannot write it (no space left on device)"), 4, "no space left"),
         (PermissionError(errno.EACCES, "Permission denied", "/runs/x"), 3, "/runs/x"),
         (RuntimeError("kaput"), INTERNAL_ERROR, "internal error: RuntimeError: kaput"),
     ],

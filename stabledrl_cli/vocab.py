@@ -1,0 +1,58 @@
+"""Every closed vocabulary of the tool, once, as `Literal` types with their tuples.
+
+The library validates against these tuples; the CLI derives its choices from them; the docs
+list them. Nothing here imports torch, so the CLI can build its help from it at once.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Unit = Literal["token", "sequence"]
+"""What a recorded entry scores: a token, or a whole sequence (a dLLM ELBO under independent
+masks for old and new)."""
+UNITS: tuple[Unit, ...] = get_args(Unit)
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+"""Where replay and the example compute; auto: cuda, then mps, then cpu."""
+DEVICES: tuple[Device, ...] = get_args(Device)
+
+Estimator = Literal["llada", "elbo"]
+"""The built-in example's log-likelihood estimator: LLaDA's 1/t-weighted ELBO, or the mean
+ELBO."""
+ESTIMATORS: tuple[Estimator, ...] = get_args(Estimator)
+
+GeometryKind = Literal["gram", "sketch"]
+"""Recorded gradient geometry of a step's units: an exact Gram matrix, or a sketch."""
+GEOMETRY_KINDS: tuple[GeometryKind, ...] = get_args(GeometryKind)
+
+StepGeometryKind = Literal["gram", "sketch", "coef"]
+"""How a replayed step's update norm was measured (coef: the coefficient norm, a proxy)."""
+STEP_GEOMETRY_KINDS: tuple[StepGeometryKind, ...] = get_args(StepGeometryKind)
+
+RunGeometryKind = Literal["gram", "sketch", "coef", "mixed"]
+"""A replay's geometry over all its steps (mixed: some steps with geometry, some without)."""
+
+SketchMethod = Literal["auto", "exact", "jvp"]
+"""How a sketch is taken: from exact per-unit gradients, forward-mode JVPs, or auto."""
+SKETCH_METHODS: tuple[SketchMethod, ...] = get_args(SketchMethod)
+
+GeometryDtype = Literal["float32", "float16"]
+"""Storage dtype of recorded geometry (float16: sketches only, with a per-step scale)."""
+GEOMETRY_DTYPES: tuple[GeometryDtype, ...] = get_args(GeometryDtype)
+
+Agg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant", "recorded"]
+"""How a policy's per-token terms are reduced to one objective."""
+AGGS: tuple[Agg, ...] = get_args(Agg)
+
+AdvMode = Literal["recorded", "center", "zscore", "rloo"]
+"""Where a policy's advantages come from: as recorded, or recomputed from rewards per group."""
+ADV_MODES: tuple[AdvMode, ...] = get_args(AdvMode)
+
+OutputFormat = Literal["table", "json"]
+"""What a command prints on stdout: a human table, or the JSON contract."""
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = get_args(OutputFormat)
+
+Worse = Literal["higher", "lower"]
+"""The direction in which a gated figure is a regression."""
+WORSE: tuple[Worse, ...] = get_args(Worse)
