@@ -1,0 +1,93 @@
+"""The one policy-spec grammar: `NAME` or `NAME:key=value,key=value`.
+
+Ground floor: the run format (which records a spec) and the policy catalogue (which resolves
+one) both read and write specs through this module; it knows no policy. The canonical text of
+a spec has its keys sorted and each value in its shortest round-tripping form, so the same
+policy always reads the same in a manifest, a replay and a baseline.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from stabledrl_cli.errors import UsageError
+
+SPEC_SYNTAX = "NAME or NAME:key=value,key=value"
+SpecValue = str | int | float | bool
+_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_KEY = re.compile(r"[A-Za-z0-9_]+")
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'ppo:eps_low=0.1' -> ('ppo', {'eps_low': '0.1'}); raw values, not yet typed."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError(f"empty policy spec; expected {SPEC_SYNTAX}")
+    name, colon, rest = spec.strip().partition(":")
+    name = name.strip()
+    if not _NAME.fullmatch(name):
+        raise UsageError(f"bad policy spec {spec!r}: {name!r} is not a name; expected {SPEC_SYNTAX}")
+    raw: dict[str, str] = {}
+    if colon and not rest.strip():
+        raise UsageError(f"bad policy spec {spec!r}: nothing after ':'; expected {SPEC_SYNTAX}")
+    if rest.strip():
+        for part in rest.split(","):
+            key, sep, value = part.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not key or not value:
+                raise UsageError(
+                    f"bad policy spec {spec!r}: {part.strip()!r} is not key=value; "
+                    f"expected {SPEC_SYNTAX}"
+                )
+            if not _KEY.fullmatch(key):
+                raise UsageError(f"bad policy spec {spec!r}: {key!r} is not a key name")
+            if key in raw:
+                raise UsageError(f"bad policy spec {spec!r}: key {key!r} given twice")
+            raw[key] = value
+    return name, raw
+
+
+def format_value(value: SpecValue) -> str:
+    """Spec text of a parameter value; parsing it back gives the same value (1.0 -> '1')."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
+    return str(value)
+
+
+def format_spec(name: str, params: Mapping[str, SpecValue | None] | None = None) -> str:
+    """The canonical spec text: the name, then `key=value` with keys sorted (None values left
+    out). UsageError for a name, key or value that the grammar cannot carry.
+
+    >>> format_spec("grpo", {"eps_low": 0.2})
+    'grpo:eps_low=0.2'
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise UsageError(f"policy name {name!r} must be a non-empty word such as 'grpo'")
+    parts = []
+    for key in sorted(params or {}):
+        value = (params or {})[key]
+        if value is None:
+            continue
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
+            raise UsageError(f"policy parameter {key!r} must be a word such as 'eps_low'")
+        if not isinstance(value, (str, int, float, bool)):
+            raise UsageError(
+                f"policy parameter {key}={value!r} must be a number, bool or string, "
+                f"not {type(value).__name__}"
+            )
+        text = format_value(value)
+        if not text or any(c in text for c in ",:= "):
+            raise UsageError(f"policy parameter {key}={text!r} cannot go into a spec string")
+        parts.append(f"{key}={text}")
+    return name + (":" + ",".join(parts) if parts else "")
+
+
+def canonical_spec(spec: str) -> str:
+    """A spec's text in canonical form, values kept as written (`dapo: eps_high=0.28` ->
+    `dapo:eps_high=0.28`). The catalogue's `get_policy(spec).spec` goes further: it types
+    the values and drops those equal to the policy's defaults."""
+    name, raw = split_spec(spec)
+    return format_spec(name, raw)
