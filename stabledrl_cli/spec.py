@@ -26,7 +26,7 @@ def split_spec(spec: str) -> tuple[str, dict[str, str]]:
     name, colon, rest = spec.strip().partition(":")
     name = name.strip()
     if not _NAME.fullmatch(name):
-        raise UsageError(f"bad policy spec {spec!r}: {name!r} is not a name; expected {SPEC_SYNTAX}")
+        raise UsageError(f"bad policy spec {spec!r}: {name!r} is not a name ({SPEC_SYNTAX})")
     raw: dict[str, str] = {}
     if colon and not rest.strip():
         raise UsageError(f"bad policy spec {spec!r}: nothing after ':'; expected {SPEC_SYNTAX}")
