@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from stabledrl_cli.capture import _omega
 from stabledrl_cli.capture.geometry import (
     BatchLogp,
     GeometryConfig,
@@ -16,15 +17,13 @@ from stabledrl_cli.capture.geometry import (
     capture_geometry,
     covered_grad_norm,
     covered_parameters,
-    decode_geometry,
     encode_geometry,
     jvp_sketch,
     per_unit_gradients,
-    replayed_update_norm,
     sketch_from_gradients,
-    sketch_matrix,
 )
 from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.geometry import decode_geometry, replayed_update_norm
 
 # torch's own forward-AD decompositions still call torch.jit.script when first loaded.
 pytestmark = pytest.mark.filterwarnings(
@@ -32,6 +31,13 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 VOCAB, LENGTH, MASK_ID = 7, 5, 6
+
+
+def sketch_matrix(covered, seed: int, k: int) -> torch.Tensor:
+    """Omega as one `[P_covered, k]` float32 matrix (unscaled), from its per-parameter factors."""
+    numels = tuple(p.numel() for _, p in covered)
+    factors = _omega.omega_factors(seed, numels, k, covered[0][1].device)
+    return torch.cat([factors.rows(i) for i in range(len(numels))], dim=1).T.contiguous()
 
 
 class TinyLM(nn.Module):
@@ -269,7 +275,6 @@ def test_global_rng_untouched_and_omega_seeded(model):
     assert torch.equal(torch.random.get_rng_state(), before)
 
     first = sketch_matrix(covered, seed=9, k=40)
-    from stabledrl_cli.capture import _omega
 
     _omega.omega_factors.cache_clear()  # regenerate, not just return the memo
     torch.manual_seed(999)  # the global RNG plays no part

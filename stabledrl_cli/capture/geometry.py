@@ -42,24 +42,33 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from stabledrl_cli.capture._omega import OMEGA_BLOCK_ROWS, omega_factors
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.geometry import GRAM_KEY, SKETCH_KEY
+from stabledrl_cli.vocab import (
+    GEOMETRY_KINDS,
+    SKETCH_METHODS,
+    GeometryDtype,
+    GeometryKind,
+    SketchMethod,
+)
 
-GEOMETRY_KINDS = ("gram", "sketch", "none")
-SKETCH_METHODS = ("auto", "exact", "jvp")
-STORAGE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
+CaptureKind = GeometryKind | Literal["none"]
+"""What a run records: a gram, a sketch, or no geometry."""
+CAPTURE_KINDS: tuple[CaptureKind, ...] = (*GEOMETRY_KINDS, "none")
+STORAGE_DTYPES: dict[GeometryDtype, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+}
 # `auto` forms exact per-unit gradients while the float32 [U, P] matrix stays under 1 GiB;
 # beyond it the JVP path, whose memory does not grow with U * P.
 EXACT_SKETCH_BYTES = 1 << 30
-
-GRAM_KEY = "unit_grad_gram"
-SKETCH_KEY = "unit_grad_sketch"
 
 
 class GeometryWarning(UserWarning):
@@ -70,7 +79,7 @@ class GeometryWarning(UserWarning):
 class GeometryConfig:
     """What gradient geometry a run records, and how."""
 
-    kind: str = "none"
+    kind: CaptureKind = "none"
     """"gram" (exact U x U), "sketch" (U x k) or "none"."""
     every: int = 1
     """Capture on steps where step % every == 0."""
@@ -80,9 +89,9 @@ class GeometryConfig:
     """Omega seed; the same on every rank so sketches add across ranks."""
     params: tuple[str, ...] | None = None
     """Covered parameter name patterns (fnmatch, any may match), or None = all trainable."""
-    method: str = "auto"
+    method: SketchMethod = "auto"
     """Sketch: "exact" (per-unit grads @ Omega), "jvp", or "auto" (exact while [U, P] fits)."""
-    storage_dtype: str = "float32"
+    storage_dtype: GeometryDtype = "float32"
     """"float32", or "float16" for sketches only, always with a per-step scale (plain float16
     overflows on spike steps; the run format has no Gram scale)."""
     max_gram_units: int = 2048
@@ -93,9 +102,9 @@ class GeometryConfig:
     at chunk_size x P floats of per-unit gradients."""
 
     def __post_init__(self) -> None:
-        if self.kind not in GEOMETRY_KINDS:
+        if self.kind not in CAPTURE_KINDS:
             raise UsageError(
-                f"unknown geometry kind {self.kind!r}; valid: {', '.join(GEOMETRY_KINDS)}"
+                f"unknown geometry kind {self.kind!r}; valid: {', '.join(CAPTURE_KINDS)}"
             )
         if self.method not in SKETCH_METHODS:
             raise UsageError(
@@ -303,10 +312,11 @@ def _check_unit_inputs(unit_inputs: Sequence[Any]) -> int:
     """Per-unit inputs are tensors sharing dim 0 (the unit index); returns U."""
     if not unit_inputs or not all(isinstance(x, torch.Tensor) for x in unit_inputs):
         raise UsageError("per-unit inputs must be one or more tensors indexed by unit on dim 0")
-    sizes = {x.shape[0] if x.ndim else None for x in unit_inputs}
-    if len(sizes) != 1 or None in sizes:
+    sizes = {int(x.shape[0]) if x.ndim else None for x in unit_inputs}
+    size = next(iter(sizes)) if len(sizes) == 1 else None
+    if size is None:
         raise UsageError(f"per-unit inputs disagree on the number of units (dim 0): {sizes}")
-    return int(sizes.pop())
+    return size
 
 
 def _deterministic(call: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -379,7 +389,7 @@ def _units_per_row(
 def _batch_gradients(
     fm: _Functional, unit_logp: BatchLogp, inputs: Sequence[Any], chunk: int
 ) -> torch.Tensor:
-    values, vjp_fn = vjp(fm.units_fn(unit_logp, inputs), fm.params)
+    values, vjp_fn = vjp(fm.units_fn(unit_logp, inputs), fm.params)[:2]
     n_units = values.shape[0]
     out = torch.empty(n_units, sum(fm.numels), device=fm.device)
     for start in range(0, n_units, chunk):
@@ -390,14 +400,6 @@ def _batch_gradients(
         (grads,) = vmap(vjp_fn)(basis)
         out[start:stop] = fm.flatten(grads, stop - start)
     return out
-
-
-def sketch_matrix(covered: Sequence[tuple[str, torch.Tensor]], seed: int, k: int) -> torch.Tensor:
-    """Omega as one `[P_covered, k]` float32 matrix (unscaled). For tests and small models only."""
-    numels = tuple(p.numel() for _, p in covered)
-    device = covered[0][1].device
-    factors = omega_factors(seed, numels, k, device)
-    return torch.cat([factors.rows(i) for i in range(len(numels))], dim=1).T.contiguous()
 
 
 def sketch_from_gradients(
@@ -435,7 +437,8 @@ def jvp_sketch(
     factors = omega_factors(seed, tuple(fm.numels), k, fm.device)
 
     def column(tangents: dict[str, torch.Tensor]) -> torch.Tensor:
-        return jvp(units, (fm.params,), (tangents,))[1]
+        tangent_out: torch.Tensor = jvp(units, (fm.params,), (tangents,))[1]
+        return tangent_out
 
     def run() -> torch.Tensor:
         columns = []
@@ -472,22 +475,6 @@ def encode_geometry(
     amax = finite.max() if finite.numel() else torch.zeros((), device=values.device)
     scale = torch.where(amax > 0, amax, torch.ones_like(amax)).float()
     return (values / scale).to(torch.float16), scale
-
-
-def decode_geometry(
-    stored: torch.Tensor, scale: torch.Tensor | float | None = None
-) -> torch.Tensor:
-    """Stored geometry back to float32. float16 without its per-step scale is refused."""
-    if stored.dtype == torch.float16:
-        if scale is None:
-            raise InputError(
-                "float16 gradient geometry without its per-step scale: refusing to read it "
-                "(float16 overflows on spike steps)"
-            )
-        return stored.float() * torch.as_tensor(scale, dtype=torch.float32, device=stored.device)
-    if scale is not None:
-        return stored.float() * torch.as_tensor(scale, dtype=torch.float32, device=stored.device)
-    return stored.float()
 
 
 def capture_geometry(
@@ -585,32 +572,3 @@ def covered_grad_norm(model: nn.Module, config: GeometryConfig) -> float:
         return 0.0
     norms = torch.stack([torch.linalg.vector_norm(g.detach()).float() for g in grads])
     return float(torch.linalg.vector_norm(norms))
-
-
-def replayed_update_norm(
-    coef: torch.Tensor,
-    gram: torch.Tensor | None = None,
-    sketch: torch.Tensor | None = None,
-    scale: torch.Tensor | float | None = None,
-) -> torch.Tensor:
-    """The norm of sum_u coef_u grad_u from the recorded geometry.
-
-    coef: `[U]` or `[B, U]` (B policies at once); gram: `[U, U]` -> sqrt(c^T K c), a tiny
-    negative from rounding clamped at 0; sketch: `[U, k]` -> ||S^T c||. scale: the per-step
-    scale of float16 storage (required for float16). Returns `[]` or `[B]` float32 (computed
-    in float64 where the device has it). Non-finite inputs give non-finite norms.
-    """
-    if (gram is None) == (sketch is None):
-        raise UsageError("replayed_update_norm needs exactly one of gram or sketch")
-    geometry = decode_geometry(gram if gram is not None else sketch, scale)
-    coef = torch.as_tensor(coef, device=geometry.device)
-    wide = torch.float32 if geometry.device.type == "mps" else torch.float64
-    geometry, coef = geometry.to(wide), coef.to(wide)
-    if coef.shape[-1] != geometry.shape[0]:
-        raise UsageError(
-            f"coef has {coef.shape[-1]} units but the geometry has {geometry.shape[0]}"
-        )
-    if gram is not None:
-        quad = ((coef @ geometry) * coef).sum(-1)
-        return quad.clamp(min=0).sqrt().float()
-    return torch.linalg.vector_norm(coef @ geometry, dim=-1).float()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stabledrl_cli.capture.geometry import decode_geometry, replayed_update_norm
+from stabledrl_cli.geometry import decode_geometry, replayed_update_norm
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
 

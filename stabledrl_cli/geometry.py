@@ -1,0 +1,66 @@
+"""Read-side gradient geometry: stored geometry back to numbers, and update norms from it.
+
+A recorded step may hold the per-unit geometry of its update (docs/run-format.md): the Gram
+matrix K = G G^T (`unit_grad_gram: [U, U]`) or a sketch S = G Omega / sqrt(k)
+(`unit_grad_sketch: [U, k]`, float16 storage with its per-step scale
+`unit_grad_sketch_scale`). Capture (`capture/geometry.py`) writes them; replay reads them.
+Both stand on this module, which imports neither.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stabledrl_cli.errors import InputError, UsageError
+
+GRAM_KEY = "unit_grad_gram"
+"""The step field of an exact Gram matrix K: [U, U]."""
+SKETCH_KEY = "unit_grad_sketch"
+"""The step field of a sketch S: [U, k]."""
+SKETCH_SCALE_KEY = f"{SKETCH_KEY}_scale"
+"""The per-step scale of float16 sketch storage (a scalar of the step)."""
+
+
+def decode_geometry(
+    stored: torch.Tensor, scale: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """Stored geometry back to float32. float16 without its per-step scale is refused."""
+    if stored.dtype == torch.float16 and scale is None:
+        raise InputError(
+            "float16 gradient geometry without its per-step scale: refusing to read it "
+            "(float16 overflows on spike steps)"
+        )
+    if scale is not None:
+        return stored.float() * torch.as_tensor(scale, dtype=torch.float32, device=stored.device)
+    return stored.float()
+
+
+def replayed_update_norm(
+    coef: torch.Tensor,
+    gram: torch.Tensor | None = None,
+    sketch: torch.Tensor | None = None,
+    scale: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """The norm of sum_u coef_u grad_u from the recorded geometry.
+
+    coef: `[U]` or `[B, U]` (B policies at once); gram: `[U, U]` -> sqrt(c^T K c), a tiny
+    negative from rounding clamped at 0; sketch: `[U, k]` -> ||S^T c||. scale: the per-step
+    scale of float16 storage (required for float16). Returns `[]` or `[B]` float32 (computed
+    in float64 where the device has it). Non-finite inputs give non-finite norms.
+    """
+    stored = gram if gram is not None else sketch
+    if stored is None or (gram is not None and sketch is not None):
+        raise UsageError("replayed_update_norm needs exactly one of gram or sketch")
+    geometry = decode_geometry(stored, scale)
+    coef = torch.as_tensor(coef, device=geometry.device)
+    wide = torch.float32 if geometry.device.type == "mps" else torch.float64
+    geometry, coef = geometry.to(wide), coef.to(wide)
+    if coef.shape[-1] != geometry.shape[0]:
+        raise UsageError(
+            f"coef has {coef.shape[-1]} units but the geometry has {geometry.shape[0]}"
+        )
+    if gram is not None:
+        quad = ((coef @ geometry) * coef).sum(-1)
+        return quad.clamp(min=0).sqrt().float()
+    norm: torch.Tensor = torch.linalg.vector_norm(coef @ geometry, dim=-1)
+    return norm.float()
