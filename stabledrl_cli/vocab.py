@@ -56,3 +56,8 @@ OUTPUT_FORMATS: tuple[OutputFormat, ...] = get_args(OutputFormat)
 Worse = Literal["higher", "lower"]
 """The direction in which a gated figure is a regression."""
 WORSE: tuple[Worse, ...] = get_args(Worse)
+
+GroupIds = Literal["per_rank", "global"]
+"""What a multi-rank run's `group_id`s mean: numbered per rank (a reader offsets each rank's
+ids past the ranks before it), or global prompt-group ids shared by all ranks (left as is)."""
+GROUP_IDS: tuple[GroupIds, ...] = get_args(GroupIds)
