@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import warnings
@@ -13,7 +14,7 @@ import torch
 
 import stabledrl_cli as sd
 from stabledrl_cli.dump import RunIntegrityWarning
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.errors import InputError, UsageError, WriteError
 
 
 def _token_batch(seed: int, batch: int = 3, length: int = 5) -> dict:
@@ -142,7 +143,7 @@ def test_sequence_unit_round_trip(tmp_path):
             grad_norm_covered=2.0,
         )
     run = sd.open_run(path)
-    assert run.unit == "sequence" and run.policy_spec == "stabledrl:c=5.0"
+    assert run.unit == "sequence" and run.policy_spec == "stabledrl:c=5"
     step = run.step(0)
     assert step["seq_id"].tolist() == [0, 1, 2, 3]  # defaults to arange for unit sequence
     assert torch.equal(step["logp"], elbo) and torch.equal(step["logp_old"], elbo + 0.3)
@@ -257,7 +258,7 @@ def test_step_numbers_and_constructor_are_checked(tmp_path):
         ({"reward_range": (0, float("inf"))}, "reward_range"),
         ({"reward_range": ("low", 1)}, "reward_range"),
         ({"reward_range": (0,)}, "reward_range"),
-        ({"policy_params": {"eps": [1]}}, "policy_params"),
+        ({"policy_params": {"eps": [1]}}, "eps"),
         ({"meta": {"x": object()}}, "meta"),
         ({"policy": "a:b"}, "policy"),
     ]:
@@ -318,7 +319,8 @@ def test_version_newer_major_refused_newer_minor_read(tmp_path):
         sd.open_run(path)
     _rewrite_manifest(path, format_version="1.9", some_future_field={"x": 1})
     # A 1.9 step file: an extra tensor and extra metadata, written through the same encoder.
-    from stabledrl_cli.dump._stfile import encode_step, read_header, write_atomic
+    from stabledrl_cli._atomic import write_atomic
+    from stabledrl_cli.dump._stfile import encode_step, read_header
 
     step_path = path / "steps" / "step-00000001.safetensors"
     header = read_header(path / "steps" / "step-00000000.safetensors", deep=True)
@@ -535,17 +537,15 @@ def test_bfloat16_and_token_ids(tmp_path):
 
 
 def test_async_writer_failure_reaches_the_caller(tmp_path, monkeypatch):
-    from stabledrl_cli.dump import _writer
+    from stabledrl_cli import _atomic
 
-    def failing_write(final, parts):
-        raise OSError(28, "No space left on device")
+    def no_space(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     rec = sd.Recorder(tmp_path / "run", async_writes=True, queue_size=1)
-    monkeypatch.setattr(_writer, "write_atomic", failing_write)
+    monkeypatch.setattr(_atomic.os, "write", no_space)
     rec.log_step(0, **_flat())
-    with pytest.raises(OSError, match="No space left"):
-        rec.flush()
-    with pytest.raises(OSError, match="No space left"):
-        rec.log_step(1, **_flat())
-    with pytest.raises(OSError, match="No space left"):
-        rec.close()
+    for call in (rec.flush, lambda: rec.log_step(1, **_flat()), rec.close):
+        with pytest.raises(WriteError, match=r"step-00000000\.safetensors.*no space left on device"):
+            call()
+    assert os.listdir(tmp_path / "run" / "steps") == []  # the temporary file is removed

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.dump import RunIntegrityWarning, _archive, open_run, pack_run
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.dump import RunIntegrityWarning, _packer, open_run, pack_run
+from stabledrl_cli.errors import InputError, UsageError, WriteError
 
 ROOT = Path(__file__).resolve().parents[1]
 # Named, not globbed: a checkout that lost a committed fixture fails instead of collecting less.
@@ -211,7 +211,7 @@ def test_pack_cli_json_summary_and_refuses_overwrite(rich_run, tmp_path):
 
 def test_failed_pack_leaves_no_file_under_the_target(rich_run, tmp_path, monkeypatch):
     calls = []
-    real_add = _archive._Packer.add
+    real_add = _packer._Packer.add
 
     def add_then_fail(self, step, where):
         calls.append(step.step)
@@ -219,16 +219,16 @@ def test_failed_pack_leaves_no_file_under_the_target(rich_run, tmp_path, monkeyp
             raise OSError("disk full (simulated)")
         real_add(self, step, where)
 
-    monkeypatch.setattr(_archive._Packer, "add", add_then_fail)
+    monkeypatch.setattr(_packer._Packer, "add", add_then_fail)
     out = tmp_path / "run.h5"
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(WriteError, match=r"run\.h5: cannot write it \(disk full \(simulated"):
         pack_run(open_run(rich_run), out)
     assert calls == [0, 1, 2]
     assert list(tmp_path.iterdir()) == []  # no target, and the temporary file is removed
     # An existing archive is kept whole when a forced re-pack fails.
     out.write_bytes(b"previous archive")
     calls.clear()
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(WriteError, match="simulated"):
         pack_run(open_run(rich_run), out, force=True)
     assert out.read_bytes() == b"previous archive"
     assert [p.name for p in tmp_path.iterdir()] == ["run.h5"]
@@ -236,14 +236,14 @@ def test_failed_pack_leaves_no_file_under_the_target(rich_run, tmp_path, monkeyp
 
 _KILLED_WORKER = """
 import sys, time
-from stabledrl_cli.dump import _archive, open_run, pack_run
-real_add = _archive._Packer.add
+from stabledrl_cli.dump import _packer, open_run, pack_run
+real_add = _packer._Packer.add
 def add(self, step, where):
     real_add(self, step, where)
     if step.step == 5:
         print("midway", flush=True)
         time.sleep(600)
-_archive._Packer.add = add
+_packer._Packer.add = add
 pack_run(open_run(sys.argv[1]), sys.argv[2])
 """
 

@@ -3,9 +3,10 @@ HDF5 file, `open_run` reads either."""
 
 from __future__ import annotations
 
-from stabledrl_cli.dump._archive import PackSummary, pack_run
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, RunIntegrityWarning
-from stabledrl_cli.dump._reader import Run, Step, open_run
+from stabledrl_cli.dump._open import open_run
+from stabledrl_cli.dump._packer import PackSummary, pack_run
+from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import FIELDS, FORMAT_VERSION, RUN_KIND
 from stabledrl_cli.dump._writer import Recorder
 

@@ -8,19 +8,28 @@ flattened row-major over ALL positions (masked ones kept with mask = 0).
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from stabledrl_cli.dump._schema import FIELDS, STANDARD_SCALARS
 from stabledrl_cli.errors import UsageError
+from stabledrl_cli.vocab import Unit
+
+ArrayInput: TypeAlias = "torch.Tensor | npt.ArrayLike"
+"""An array `log_step` accepts: a torch tensor on any device, a numpy array, a list."""
+ScalarInput: TypeAlias = "float | int | torch.Tensor | np.generic | np.ndarray"
+"""A scalar `log_step` accepts: a number, or a one-element tensor or array."""
 
 _FLOAT_KINDS = "f"
 _INT_KINDS = "iu"
 
 
-def to_numpy(value: Any, field: str) -> np.ndarray:
+def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
+    """`value` as a numpy array (a tensor moved to the CPU; bfloat16 widened to float32)."""
     if isinstance(value, torch.Tensor):
         value = value.detach()
         if value.dtype in (torch.bfloat16,):
@@ -53,22 +62,22 @@ def _int_array(array: np.ndarray, field: str, dtype: str) -> np.ndarray:
     return array.astype(dtype, copy=False)
 
 
-def _mask_array(array: np.ndarray) -> np.ndarray:
+def _flag_array(array: np.ndarray, field: str) -> np.ndarray:
     if array.dtype.kind not in "biuf":
-        raise UsageError(f"mask: expected bool or numeric 0/1, got {array.dtype}")
+        raise UsageError(f"{field}: expected bool or numeric 0/1, got {array.dtype}")
     if array.dtype.kind != "b" and array.size and not np.isin(array, (0, 1)).all():
-        raise UsageError("mask: values must be 0 or 1")
+        raise UsageError(f"{field}: values must be 0 or 1")
     return array.astype("uint8", copy=False)
 
 
-def _scalar(value: Any, field: str) -> float:
+def _scalar(value: ScalarInput | object, field: str) -> float:
     if isinstance(value, torch.Tensor | np.ndarray):
         count = value.numel() if isinstance(value, torch.Tensor) else value.size
         if count != 1:
             raise UsageError(f"{field}: expected a scalar, got {count} values")
         value = value.item()
     try:
-        return float(value)
+        return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise UsageError(f"{field}: expected a number, got {type(value).__name__}") from None
 
@@ -79,11 +88,11 @@ def _nonfinite_count(array: np.ndarray, mask: np.ndarray) -> int:
 
 def build_step(
     *,
-    unit: str,
+    unit: Unit,
     step: int,
-    arrays: dict[str, Any],
-    scalars: dict[str, Any],
-    user_scalars: dict[str, Any] | None,
+    arrays: Mapping[str, ArrayInput | None],
+    scalars: Mapping[str, ScalarInput | None],
+    user_scalars: Mapping[str, ScalarInput] | None,
     num_params: int | None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Checks and converts one step. Returns (tensors by field, scalars by name).
@@ -116,7 +125,7 @@ def build_step(
             tensors[name] = token_field(name, _float_array(given.pop(name), name))
     num_tokens = tensors["logp"].shape[0]
     if "mask" in given:
-        tensors["mask"] = token_field("mask", _mask_array(given.pop("mask")))
+        tensors["mask"] = token_field("mask", _flag_array(given.pop("mask"), "mask"))
     else:
         tensors["mask"] = np.ones(num_tokens, dtype="uint8")
 
@@ -150,6 +159,12 @@ def build_step(
         tensors["group_id"] = sequence_field("group_id", group_id)
     if "reward" in given:
         tensors["reward"] = sequence_field("reward", _float_array(given.pop("reward"), "reward"))
+    if "micro_batch" in given:
+        micro_batch = _int_array(given.pop("micro_batch"), "micro_batch", "int32")
+        tensors["micro_batch"] = sequence_field("micro_batch", micro_batch)
+    if "group_split" in given:
+        group_split = _flag_array(given.pop("group_split"), "group_split")
+        tensors["group_split"] = sequence_field("group_split", group_split)
     if "token_ids" in given:
         token_ids = _int_array(given.pop("token_ids"), "token_ids", "int64")
         tensors["token_ids"] = sequence_field("token_ids", token_ids, rows=True)

@@ -1,4 +1,13 @@
-"""What a reader found wrong with a run: each finding a kind, a step, a path and a sentence."""
+"""What a reader found wrong with a run: each finding a kind, a step, a path and a sentence.
+
+Finding kinds:
+    torn          a step file shorter than its header says (a write cut short); skipped
+    temporary     a temporary file: a step in flight, or left by a killed writer; skipped
+    unreadable    a step file that fails to parse or its checksum; skipped
+    missing_rank  a step with some ranks' files missing; skipped
+    gap           step numbers missing between recorded ones
+    unknown_file  a file in steps/ that is not a step file of this run; ignored
+"""
 
 from __future__ import annotations
 
@@ -7,22 +16,24 @@ from typing import Any
 
 import numpy as np
 
-FINDING_KINDS = {
-    "torn": "a step file shorter than its header says (a write cut short); skipped",
-    "temporary": "a temporary file: a step in flight, or left by a killed writer; skipped",
-    "unreadable": "a step file that fails to parse or its checksum; skipped",
-    "missing_rank": "a step with some ranks' files missing; skipped",
-    "gap": "step numbers missing between recorded ones",
-    "unknown_file": "a file in steps/ that is not a step file; ignored",
-}
-
 
 class RunIntegrityWarning(UserWarning):
     """A step a reader skipped while iterating (the same fact is in `run.integrity`)."""
 
 
+class StepReadError(Exception):
+    """A step that cannot be trusted; `kind` is a finding kind: torn, unreadable or
+    missing_rank."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 @dataclass(frozen=True)
 class Finding:
+    """One fact about a run that a reader skips or reports (kinds in the module docstring)."""
+
     kind: str
     step: int | None
     path: str | None
@@ -34,14 +45,13 @@ class Finding:
 
 @dataclass(frozen=True)
 class IntegrityReport:
+    """Every finding of a run's full check; `ok` when there is none."""
+
     findings: list[Finding] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.findings
-
-    def of_kind(self, kind: str) -> list[Finding]:
-        return [f for f in self.findings if f.kind == kind]
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "findings": [f.to_dict() for f in self.findings]}
@@ -57,7 +67,7 @@ def gap_findings(steps: list[int]) -> list[Finding]:
     array = np.asarray(steps, dtype=np.int64)
     diffs = np.diff(array)
     stride = int(diffs.min())
-    findings = []
+    findings: list[Finding] = []
     for index in np.flatnonzero(diffs > stride):
         first, last = int(array[index]) + stride, int(array[index + 1]) - stride
         missing = (last - first) // stride + 1

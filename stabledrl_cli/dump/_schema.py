@@ -1,11 +1,27 @@
-"""The run format v1: names, dtypes and layout shared by the writer and the reader.
+"""The run format v1: names, dtypes and layout shared by the writer and the readers.
 
 A run is a directory:
-    manifest.json                          run-level facts (see `build_manifest`)
+    manifest.json                          run-level facts (below)
     steps/step-00000042.safetensors        one optimizer step (world_size 1)
     steps/step-00000042.rank-0001.safetensors   one rank's part of a step (world_size > 1)
 
-Arrays are safetensors tensors; per-step scalars live in the safetensors metadata as strings.
+Arrays are safetensors tensors (`FIELDS`); per-step scalars live in the safetensors metadata as
+strings (`STANDARD_SCALARS`, plus the user's own).
+
+Manifest fields: format ("stabledrl-run"), format_version, tool_version, created, meta,
+policy {spec, name, params} (spec in its canonical text), unit ("token" or "sequence"),
+estimator, reward_range (null or [low, high]), world_size, group_ids, geometry, param_names,
+fields (each field's per and dtype).
+
+group_ids (format 1.1; absent means "per_rank"): "per_rank" when each rank numbers its own
+prompt groups from 0 (a reader joining the ranks of a step offsets each rank's ids past the
+ranks before it), "global" when the ids are prompt-group ids shared by all ranks (a group
+split across ranks keeps one id; the join leaves them alone).
+
+Versions. A file records the oldest format version that describes it: 1.0, or 1.1 when it uses
+a 1.1 addition (the step fields `micro_batch` and `group_split`, or group_ids = "global"), so
+that a run without them reads as 1.0 everywhere. A reader refuses a newer major version and
+reads a newer minor one, ignoring the fields it does not know.
 """
 
 from __future__ import annotations
@@ -16,13 +32,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.vocab import GROUP_IDS, UNITS
 
 RUN_KIND = "stabledrl-run"
-FORMAT_VERSION = "1.0"
-FORMAT_MAJOR, FORMAT_MINOR = 1, 0
+FORMAT_VERSION = "1.1"
+"""The newest format version this tool reads and writes."""
+FORMAT_MAJOR = 1
+BASE_VERSION = "1.0"
+"""The version of a file that uses no 1.1 addition."""
 MANIFEST_NAME = "manifest.json"
 STEPS_DIR = "steps"
-UNITS = ("token", "sequence")
 
 STEP_FILE_RE = re.compile(r"^step-(\d{8,})(?:\.rank-(\d{4,}))?\.safetensors$")
 # Temporary names start with a dot so that no glob for finished steps ever matches them.
@@ -37,7 +56,13 @@ def step_file_name(step: int, rank: int, world_size: int) -> str:
 
 
 def temp_file_name(final_name: str, pid: int) -> str:
+    """The name a step file has while it is written (matches `TEMP_FILE_RE`)."""
     return f".{final_name}.tmp-{pid}"
+
+
+def written_version(extended: bool) -> str:
+    """The format version to record in a file: 1.1 if it uses a 1.1 addition, else 1.0."""
+    return FORMAT_VERSION if extended else BASE_VERSION
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +76,8 @@ class FieldSpec:
     dtype: str
     """The stored dtype (numpy name); floats of other widths are cast to it."""
     required: bool = False
+    ndim: int = 1
+    """1 for [T], [N] and [P]; 2 for token_ids [N, k] and the geometry fields."""
 
 
 FIELDS: dict[str, FieldSpec] = {
@@ -67,13 +94,19 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec(name="loss_scale", per="token", dtype="float32"),
         FieldSpec(name="group_id", per="sequence", dtype="int32"),
         FieldSpec(name="reward", per="sequence", dtype="float32"),
-        FieldSpec(name="token_ids", per="sequence", dtype="int64"),
-        FieldSpec(name="unit_grad_gram", per="unit_pairs", dtype="float32"),
+        # 1.1: the micro-batch of each sequence within the optimizer step (0, 1, ...).
+        FieldSpec(name="micro_batch", per="sequence", dtype="int32"),
+        # 1.1: 1 where the sequence's prompt group is split across optimizer steps or ranks.
+        FieldSpec(name="group_split", per="sequence", dtype="uint8"),
+        FieldSpec(name="token_ids", per="sequence", dtype="int64", ndim=2),
+        FieldSpec(name="unit_grad_gram", per="unit_pairs", dtype="float32", ndim=2),
         # float16 is allowed too, with the per-step scalar `unit_grad_sketch_scale`.
-        FieldSpec(name="unit_grad_sketch", per="unit_rows", dtype="float32"),
+        FieldSpec(name="unit_grad_sketch", per="unit_rows", dtype="float32", ndim=2),
         FieldSpec(name="param_grad_norm", per="param", dtype="float32"),
     )
 }
+EXTENSION_FIELDS = ("micro_batch", "group_split")
+"""Step fields added by format 1.1."""
 
 # Per-step scalars, stored as strings in the safetensors metadata. Read back as floats.
 STANDARD_SCALARS = (
@@ -136,6 +169,8 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
 
     if manifest.get("unit") not in UNITS:
         raise corrupt("unit", " or ".join(UNITS))
+    if manifest.get("group_ids", "per_rank") not in GROUP_IDS:
+        raise corrupt("group_ids", " or ".join(GROUP_IDS))
     world_size = manifest.get("world_size")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise corrupt("world_size", "an integer >= 1")
@@ -159,39 +194,6 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
     ):
         raise corrupt("param_names", "null or a list of strings")
     return version
-
-
-def _spec_value(key: str, value: Any) -> str:
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, float):
-        text = repr(value)
-    elif isinstance(value, (int, str)):
-        text = str(value)
-    else:
-        raise UsageError(
-            f"policy_params[{key!r}] must be a number, bool or string, got {type(value).__name__}"
-        )
-    if not text or any(c in text for c in ",:= "):
-        raise UsageError(f"policy_params[{key!r}] = {text!r} cannot go into a spec string")
-    return text
-
-
-def policy_spec(name: str, params: dict[str, Any] | None) -> str:
-    """The canonical spec string: `NAME` or `NAME:key=value,...` with keys sorted.
-
-    >>> policy_spec("grpo", {"eps_low": 0.2})
-    'grpo:eps_low=0.2'
-    """
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-        raise UsageError(f"policy name {name!r} must be a non-empty word such as 'grpo'")
-    params = params or {}
-    for key in params:
-        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_]+", key):
-            raise UsageError(f"policy_params key {key!r} must be a word such as 'eps_low'")
-    if not params:
-        return name
-    return name + ":" + ",".join(f"{k}={_spec_value(k, params[k])}" for k in sorted(params))
 
 
 def json_checked(value: Any, what: str) -> Any:

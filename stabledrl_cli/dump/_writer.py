@@ -8,13 +8,24 @@ queue of `queue_size` entries. On a crash (kill -9, power loss) at most `queue_s
 that `log_step` had returned for are lost: the ones waiting in the queue and the one being
 written. A step that is lost is lost whole: readers never see a partial file under a final
 name. `close()` (or leaving the `with` block) drains the queue.
+
+A failed write (a full disk, a read-only directory) raises WriteError (exit 4) naming the
+file, from `log_step` (synchronous) or from the next `log_step`, `flush` or `close` (async);
+its temporary file is removed and the steps written before it stay intact.
+
+Keywords of `Recorder` beyond the run's facts: `group_ids` ("per_rank", the default, or
+"global": the recorded group_ids are global prompt-group ids, see `_schema`), `overwrite`,
+`resume` and `resume_from` (how an existing directory is treated, see `_setup`).
+`log_step` takes every field of `_schema.FIELDS` as a keyword, among them (format 1.1) the
+per-sequence `micro_batch` (int [N], each sequence's micro-batch within the optimizer step)
+and `group_split` (bool or 0/1 [N], 1 where the sequence's prompt group is known to be split
+across optimizer steps or ranks).
 """
 
 from __future__ import annotations
 
 import atexit
 import datetime as _dt
-import json
 import math
 import operator
 import os
@@ -22,14 +33,16 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsIndex
 
-from stabledrl_cli.dump._inputs import build_step
+from stabledrl_cli._version import __version__
+from stabledrl_cli.dump._inputs import ArrayInput, ScalarInput, build_step
+from stabledrl_cli.dump._policy import PolicyLike, policy_entry
 from stabledrl_cli.dump._schema import (
+    EXTENSION_FIELDS,
     FIELDS,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
     META_FORMAT,
     META_NUM_SEQUENCES,
     META_NUM_TOKENS,
@@ -37,24 +50,16 @@ from stabledrl_cli.dump._schema import (
     META_SCORED_TOKENS,
     META_WORLD_SIZE,
     RUN_KIND,
-    STEP_FILE_RE,
     STEPS_DIR,
-    TEMP_FILE_RE,
-    UNITS,
     json_checked,
-    policy_spec,
     step_file_name,
+    written_version,
 )
-from stabledrl_cli.dump._stfile import encode_step, fsync_dir, write_atomic
-from stabledrl_cli.errors import UsageError
-
-_STOP = object()
-
-
-def _tool_version() -> str:
-    from stabledrl_cli import __version__
-
-    return __version__
+from stabledrl_cli.dump._setup import prepare_run
+from stabledrl_cli.dump._stfile import encode_step, write_step
+from stabledrl_cli.errors import UsageError, WriteError
+from stabledrl_cli.spec import SpecValue
+from stabledrl_cli.vocab import GROUP_IDS, UNITS, GroupIds, Unit
 
 
 def _format_scalar(value: float) -> str:
@@ -79,12 +84,14 @@ def _checked_reward_range(value: Any) -> tuple[float, float]:
     return low, high
 
 
-def _step_number(value: Any) -> int:
+def _step_number(value: object) -> int:
     """An int >= 0 (a numpy or 0-d torch integer is fine), else UsageError."""
-    try:
-        step = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        step = None
+    step = None
+    if isinstance(value, SupportsIndex) and not isinstance(value, bool):
+        try:
+            step = operator.index(value)
+        except TypeError:  # e.g. a float tensor
+            step = None
     if step is None or step < 0:
         raise UsageError(f"step must be an int >= 0, got {value!r}")
     return step
@@ -95,17 +102,18 @@ class _Writer(threading.Thread):
 
     def __init__(self, queue_size: int) -> None:
         super().__init__(name="stabledrl-recorder", daemon=True)
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self.queue: queue.Queue[tuple[Path, list[bytes]] | None] = queue.Queue(maxsize=queue_size)
+        """Steps to write, in order; None stops the thread."""
         self.error: BaseException | None = None
 
     def run(self) -> None:
         while True:
             item = self.queue.get()
             try:
-                if item is _STOP:
+                if item is None:
                     return
                 if self.error is None:
-                    write_atomic(*item)
+                    write_step(*item)
             except BaseException as exc:
                 self.error = exc
             finally:
@@ -113,23 +121,28 @@ class _Writer(threading.Thread):
 
 
 class Recorder:
-    """Records a training run, one optimizer step at a time (format v1, see design.md).
+    """Records a training run, one optimizer step at a time (format in docs/run-format.md).
 
-    >>> with Recorder("runs/mine", policy="grpo", policy_params={"eps_low": 0.2}) as rec:
+    >>> with Recorder("runs/mine", policy="dapo:eps_high=0.28") as rec:
     ...     rec.log_step(0, logp=logp, logp_old=logp_old, advantages=adv, mask=mask)
 
-    Refuses an existing non-empty directory unless `overwrite=True`, which removes the run's
-    own files (manifest and steps), nothing else. With `world_size > 1` every rank makes its
-    own Recorder on the same path; rank 0 writes the manifest, each rank its own step files.
+    policy: a spec string (more parameters may come in `policy_params`; a key given in both is
+    refused) or a resolved policy object with .name, .spec and .params (see `_policy`).
+    Refuses an existing non-empty directory unless `overwrite=True` (removes this recorder's
+    own step files and, on rank 0, rewrites the manifest) or `resume=True` (continues the run:
+    steps at or after `resume_from` are replaced, earlier ones kept and verified; see
+    `_setup`). With `world_size > 1` every rank makes its own Recorder on the same path;
+    rank 0 writes the manifest, each rank its own step files. `group_ids="global"` says that
+    the recorded group_ids are prompt-group ids shared by all ranks.
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
-        policy: str = "grpo",
-        policy_params: dict[str, Any] | None = None,
+        policy: str | PolicyLike = "grpo",
+        policy_params: Mapping[str, SpecValue] | None = None,
         meta: dict[str, Any] | None = None,
-        unit: str = "token",
+        unit: Unit = "token",
         estimator: dict[str, Any] | None = None,
         reward_range: tuple[float, float] | None = None,
         world_size: int = 1,
@@ -139,15 +152,26 @@ class Recorder:
         queue_size: int = 8,
         geometry: dict[str, Any] | None = None,
         param_names: list[str] | None = None,
+        group_ids: GroupIds = "per_rank",
+        resume: bool = False,
+        resume_from: int | None = None,
     ) -> None:
         if unit not in UNITS:
             raise UsageError(f"unit {unit!r} is not one of: {', '.join(UNITS)}")
+        if group_ids not in GROUP_IDS:
+            raise UsageError(f"group_ids {group_ids!r} is not one of: {', '.join(GROUP_IDS)}")
         if not (isinstance(world_size, int) and world_size >= 1):
             raise UsageError(f"world_size must be an int >= 1, got {world_size!r}")
         if not (isinstance(rank, int) and 0 <= rank < world_size):
             raise UsageError(f"rank must be in [0, {world_size}), got {rank!r}")
         if not (isinstance(queue_size, int) and queue_size >= 1):
             raise UsageError(f"queue_size must be an int >= 1, got {queue_size!r}")
+        if resume and overwrite:
+            raise UsageError("resume=True continues a run, overwrite=True replaces it: pick one")
+        if resume_from is not None and not resume:
+            raise UsageError("resume_from goes with resume=True")
+        if resume_from is not None:
+            resume_from = _step_number(resume_from)
         if reward_range is not None:
             reward_range = _checked_reward_range(reward_range)
         if param_names is not None and not all(isinstance(n, str) for n in param_names):
@@ -156,108 +180,79 @@ class Recorder:
         self.unit = unit
         self.world_size = world_size
         self.rank = rank
-        self.manifest: dict[str, Any] = {
+        manifest: dict[str, Any] = {
             "format": RUN_KIND,
-            "format_version": FORMAT_VERSION,
-            "tool_version": _tool_version(),
+            "format_version": written_version(group_ids == "global"),
+            "tool_version": __version__,
             "created": _dt.datetime.fromtimestamp(_now(), _dt.timezone.utc).isoformat(
                 timespec="seconds"
             ),
             "meta": json_checked(dict(meta or {}), "meta"),
-            "policy": {
-                "spec": policy_spec(policy, policy_params),
-                "name": policy,
-                "params": json_checked(dict(policy_params or {}), "policy_params"),
-            },
+            "policy": policy_entry(policy, policy_params),
             "unit": unit,
             "estimator": json_checked(dict(estimator or {}), "estimator"),
             "reward_range": list(reward_range) if reward_range is not None else None,
             "world_size": world_size,
+            "group_ids": group_ids,
             "geometry": json_checked(dict(geometry), "geometry") if geometry is not None else None,
             "param_names": list(param_names) if param_names is not None else None,
             "fields": {name: {"per": s.per, "dtype": s.dtype} for name, s in FIELDS.items()},
         }
+        self.manifest, self._last_step = prepare_run(
+            self.path,
+            manifest,
+            rank=rank,
+            world_size=world_size,
+            overwrite=overwrite,
+            resume=resume,
+            resume_from=resume_from,
+        )
+        if resume_from is not None:
+            self._last_step = resume_from - 1 if resume_from > 0 else None
         self._num_params = len(param_names) if param_names is not None else None
-        self._last_step: int | None = None
         self._closed = False
-        self._prepare(overwrite)
         self._writer: _Writer | None = None
         if async_writes:
             self._writer = _Writer(queue_size)
             self._writer.start()
             atexit.register(_close_at_exit, weakref.ref(self))
 
-    # -- set-up -----------------------------------------------------------------------------
-    def _step_files(self, steps: Path, *, any_rank: bool) -> list[str]:
-        """Step files (final or temporary) in `steps`: this rank's, or with `any_rank` all."""
-        if not steps.is_dir():
-            return []
-        names = []
-        for name in os.listdir(steps):
-            match = STEP_FILE_RE.match(name) or TEMP_FILE_RE.match(name)
-            if match is None:
-                continue
-            file_rank = int(match.group(2)) if match.group(2) is not None else 0
-            if any_rank or self.world_size == 1 or file_rank == self.rank:
-                names.append(name)
-        return names
-
-    def _prepare(self, overwrite: bool) -> None:
-        if self.path.exists() and not self.path.is_dir():
-            raise UsageError(f"{self.path} exists and is not a directory")
-        steps = self.path / STEPS_DIR
-        if not overwrite and self.path.is_dir():
-            # Other ranks may have made steps/ already: only what this rank would clobber counts.
-            others = [n for n in os.listdir(self.path) if n != STEPS_DIR] if self.rank == 0 else []
-            mine = self._step_files(steps, any_rank=False)
-            if others or mine:
-                raise UsageError(
-                    f"{self.path} already exists and is not empty ({(others + mine)[0]}); "
-                    "pass overwrite=True (record --force) to replace the run"
-                )
-        if overwrite:
-            # Rank 0 replaces the whole run; another rank only its own files.
-            for name in self._step_files(steps, any_rank=self.rank == 0):
-                (steps / name).unlink(missing_ok=True)
-        steps.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
-            text = json.dumps(self.manifest, indent=2, allow_nan=False) + "\n"
-            write_atomic(self.path / MANIFEST_NAME, [text.encode()])
-            fsync_dir(self.path.parent if self.path.parent != self.path else self.path)
-
     # -- recording ----------------------------------------------------------------------------
     def log_step(
         self,
         step: int,
         *,
-        logp: Any,
-        logp_old: Any,
-        advantages: Any,
-        mask: Any = None,
-        seq_id: Any = None,
-        group_id: Any = None,
-        reward: Any = None,
-        logp_ref: Any = None,
-        logp_rollout: Any = None,
-        loss_weight: Any = None,
-        loss_scale: Any = None,
-        unit_grad_gram: Any = None,
-        unit_grad_sketch: Any = None,
-        grad_norm_covered: Any = None,
-        param_grad_norm: Any = None,
-        token_ids: Any = None,
-        grad_norm: Any = None,
-        grad_norm_clipped: Any = None,
-        loss: Any = None,
-        lr: Any = None,
-        inner_step: Any = None,
-        reward_mean: Any = None,
-        unit_grad_sketch_scale: Any = None,
-        scalars: dict[str, float] | None = None,
+        logp: ArrayInput,
+        logp_old: ArrayInput,
+        advantages: ArrayInput,
+        mask: ArrayInput | None = None,
+        seq_id: ArrayInput | None = None,
+        group_id: ArrayInput | None = None,
+        reward: ArrayInput | None = None,
+        micro_batch: ArrayInput | None = None,
+        group_split: ArrayInput | None = None,
+        logp_ref: ArrayInput | None = None,
+        logp_rollout: ArrayInput | None = None,
+        loss_weight: ArrayInput | None = None,
+        loss_scale: ArrayInput | None = None,
+        unit_grad_gram: ArrayInput | None = None,
+        unit_grad_sketch: ArrayInput | None = None,
+        grad_norm_covered: ScalarInput | None = None,
+        param_grad_norm: ArrayInput | None = None,
+        token_ids: ArrayInput | None = None,
+        grad_norm: ScalarInput | None = None,
+        grad_norm_clipped: ScalarInput | None = None,
+        loss: ScalarInput | None = None,
+        lr: ScalarInput | None = None,
+        inner_step: ScalarInput | None = None,
+        reward_mean: ScalarInput | None = None,
+        unit_grad_sketch_scale: ScalarInput | None = None,
+        scalars: Mapping[str, ScalarInput] | None = None,
     ) -> None:
         """Records one optimizer step. Token arrays: [T], or [B, L] with mask [B, L] (then
-        seq_id defaults to the row, and advantages may be [B]). group_id, reward: [N].
-        Raises UsageError naming the field for a bad shape, dtype or id."""
+        seq_id defaults to the row, and advantages may be [B]). Per-sequence [N]: group_id,
+        reward, micro_batch (int >= 0), group_split (bool or 0/1). Raises UsageError naming the
+        field for a bad shape, dtype or id, WriteError if the file cannot be written."""
         if self._closed:
             raise UsageError("log_step on a closed Recorder")
         self._raise_writer_error()
@@ -277,6 +272,8 @@ class Recorder:
                 "seq_id": seq_id,
                 "group_id": group_id,
                 "reward": reward,
+                "micro_batch": micro_batch,
+                "group_split": group_split,
                 "logp_ref": logp_ref,
                 "logp_rollout": logp_rollout,
                 "loss_weight": loss_weight,
@@ -302,8 +299,9 @@ class Recorder:
         values.setdefault("wall_time", _now())
         metadata = {name: _format_scalar(v) for name, v in values.items()}
         ids = tensors["seq_id"]
+        extended = any(name in tensors for name in EXTENSION_FIELDS)
         metadata.update({
-            META_FORMAT: FORMAT_VERSION,
+            META_FORMAT: written_version(extended),
             META_RANK: str(self.rank),
             META_WORLD_SIZE: str(self.world_size),
             META_NUM_TOKENS: str(tensors["logp"].shape[0]),
@@ -313,7 +311,7 @@ class Recorder:
         final = self.path / STEPS_DIR / step_file_name(step, self.rank, self.world_size)
         parts = encode_step(tensors, metadata)
         if self._writer is None:
-            write_atomic(final, parts)
+            write_step(final, parts)
         else:
             self._writer.queue.put((final, parts))
         self._last_step = step
@@ -327,7 +325,8 @@ class Recorder:
     def _raise_writer_error(self) -> None:
         if self._writer is not None and self._writer.error is not None:
             exc = self._writer.error
-            raise OSError(f"recording to {self.path} failed: {exc}") from exc
+            message = str(exc) if isinstance(exc, WriteError) else f"{self.path}: {exc}"
+            raise WriteError(f"recording failed: {message}") from exc
 
     def close(self) -> None:
         """Drains the queue (async mode) and stops the writer. Idempotent."""
@@ -335,7 +334,7 @@ class Recorder:
             return
         self._closed = True
         if self._writer is not None:
-            self._writer.queue.put(_STOP)
+            self._writer.queue.put(None)
             self._writer.join()
             self._raise_writer_error()
 

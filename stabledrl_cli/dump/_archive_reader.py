@@ -1,0 +1,288 @@
+"""`ArchiveRun`: a run packed into one HDF5 file (layout in `_layout`), read with the Run API.
+
+Steps are read lazily: indexing a Step reads its slice of one dataset. Fletcher32 checksums
+catch corrupt bytes on every read; `integrity` reads every chunk once and reports the steps
+that a bad chunk touches, and those steps are skipped with a warning, as a corrupt step file
+of a run directory is. Archives without the 1.1 fields (micro_batch, group_split) read as
+before: their steps simply lack those fields.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError
+from stabledrl_cli.dump._layout import (
+    RAGGED_FIELDS,
+    REPLAY_REPORT_KIND,
+    SEQUENCE_FIELDS,
+    STEP_COUNTS,
+    TOKEN_FIELDS,
+    decode,
+)
+from stabledrl_cli.dump._run import Run, Step
+from stabledrl_cli.dump._schema import FIELDS, RUN_KIND, check_manifest, check_readable_version
+from stabledrl_cli.errors import InputError
+
+# HDF5's default chunk cache (1 MiB a dataset) holds a handful of chunks; steps are read in
+# order, so a larger one lets consecutive steps share decompressed chunks (a step's sketch
+# slice alone can be a few MiB).
+_CHUNK_CACHE_BYTES = 8 << 20
+
+
+@dataclass(eq=False, kw_only=True)
+class ArchiveStep(Step):
+    """A Step of a packed run: `step[name]` reads the step's slice of the archive."""
+
+    archive: ArchiveRun = field(repr=False)
+    index: int = field(repr=False)
+    """The step's position in the archive's [S] datasets."""
+    loaded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    """Arrays already read (and checked) when the step was loaded; each is handed out once."""
+
+    def _read(self, name: str) -> torch.Tensor:
+        if name in self.loaded:
+            return torch.from_numpy(self.loaded.pop(name))
+        try:
+            return torch.from_numpy(self.archive.read_field(self.index, name))
+        except OSError as exc:
+            raise InputError(
+                f"{self.archive.path}: cannot read {name} of step {self.step}: {exc}"
+            ) from None
+
+
+class ArchiveRun(Run):
+    """A run packed by `stabledrl pack` into one HDF5 file (layout in the module docstring)."""
+
+    def __init__(self, path: Path, *, verify: bool = True) -> None:
+        self.path = path
+        self.verify = verify
+        try:
+            self._file = h5py.File(path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
+        except OSError as exc:
+            raise InputError(f"{path}: unreadable HDF5 file ({exc})") from None
+        try:
+            self._load()
+        except InputError:
+            self._file.close()
+            raise
+        except (KeyError, ValueError, TypeError, OSError) as exc:
+            self._file.close()
+            raise InputError(f"{path}: corrupt run archive ({type(exc).__name__}: {exc})") from None
+        self._bad: dict[int, StepReadError] = {}  # step index -> why it cannot be read
+        self._verified: set[int] = set()
+        self._checked_all = False
+
+    def _load(self) -> None:
+        handle, path = self._file, self.path
+        kind = decode(handle.attrs.get("kind"))
+        if kind == REPLAY_REPORT_KIND:
+            raise InputError(f"{path} is a replay report, not a run (open it with read_hdf5)")
+        if kind != RUN_KIND:
+            raise InputError(f"{path} is not a run (HDF5 kind {kind!r}, expected {RUN_KIND!r})")
+        self.format_version = check_readable_version(
+            decode(handle.attrs.get("format_version")), str(path)
+        )
+        manifest = json.loads(decode(handle["manifest"][()]))
+        if not isinstance(manifest, dict) or manifest.get("format") != RUN_KIND:
+            raise InputError(f"{path}: corrupt run archive (its manifest is not a run manifest)")
+        check_manifest(manifest, f"{path} (manifest)")
+        self._manifest = manifest
+        self.world_size = int(manifest.get("world_size") or 1)
+        self._carried = [Finding(**f) for f in json.loads(decode(handle["integrity"][()]))]
+        self._numbers = handle["steps/step"][()].astype(np.int64)
+        self._counts = {name: handle[f"steps/{name}"][()] for name in STEP_COUNTS}
+        self._index_of = {int(n): i for i, n in enumerate(self._numbers)}
+        self._offsets = {
+            group: handle[f"{group}/step_offsets"][()] for group in ("tokens", "sequences")
+        }
+        self._ragged = {
+            name: (handle[f"ragged/{name}/step_offsets"][()], handle[f"ragged/{name}/shape"][()])
+            for name in handle.get("ragged", {})
+        }
+        # Per-step facts stay columns ([S] arrays), turned into a Step's set and dict only when
+        # that step is loaded: a long archive costs a few bytes a step, not a dict a step.
+        self._present = {
+            name: handle[f"present/{name}"][()].astype(bool)
+            for name in handle["present"]
+            if name in FIELDS
+        }
+        count = len(self._numbers)
+        for name, mask in self._present.items():
+            if not mask.any():
+                continue
+            group = "tokens" if name in TOKEN_FIELDS else "sequences"
+            where = f"ragged/{name}/data" if name in RAGGED_FIELDS else f"{group}/{name}"
+            if where not in handle or (name in RAGGED_FIELDS and name not in self._ragged):
+                raise InputError(f"{path}: corrupt run archive (no dataset {where})")
+        recorded = handle.get("scalars_recorded", {})
+        self._scalar_values = {
+            name: handle[f"scalars/{name}"][()] for name in sorted(handle.get("scalars", {}))
+        }
+        self._scalar_recorded = {
+            name: recorded[name][()].astype(bool) for name in self._scalar_values
+        }
+        offsets = [*self._offsets.values(), *(o for o, _ in self._ragged.values())]
+        per_step = [
+            *self._counts.values(),
+            *self._present.values(),
+            *self._scalar_values.values(),
+            *self._scalar_recorded.values(),
+        ]
+        if any(o.shape != (count + 1,) for o in offsets) or any(
+            c.shape != (count,) for c in per_step
+        ):
+            raise InputError(f"{path}: corrupt run archive (index lengths do not match the steps)")
+
+    def _fields_of(self, index: int) -> set[str]:
+        return {name for name, mask in self._present.items() if mask[index]}
+
+    def _scalars_of(self, index: int) -> dict[str, float]:
+        return {
+            name: float(values[index])
+            for name, values in self._scalar_values.items()
+            if self._scalar_recorded[name][index]
+        }
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._manifest
+
+    def close(self) -> None:
+        self._file.close()
+
+    # -- steps ---------------------------------------------------------------------------------
+    def read_field(self, index: int, name: str) -> np.ndarray:
+        """Step `index`'s array `name` from the archive (token [T], sequence [N], or ragged)."""
+        if name in TOKEN_FIELDS or name in SEQUENCE_FIELDS:
+            group = "tokens" if name in TOKEN_FIELDS else "sequences"
+            offsets = self._offsets[group]
+            part: np.ndarray = self._file[f"{group}/{name}"][offsets[index] : offsets[index + 1]]
+            return part
+        offsets, shapes = self._ragged[name]
+        flat: np.ndarray = self._file[f"ragged/{name}/data"][offsets[index] : offsets[index + 1]]
+        return flat.reshape(tuple(int(d) for d in shapes[index]))
+
+    def _verify(self, index: int) -> dict[str, np.ndarray]:
+        """Reads the step's every field once (Fletcher32 checks each chunk), or marks it bad.
+
+        Returns what it read, so the Step hands those arrays out instead of reading them
+        again ({} when the step was checked before)."""
+        if index in self._verified or index in self._bad:
+            return {}
+        try:
+            arrays = {name: self.read_field(index, name) for name in sorted(self._fields_of(index))}
+        except OSError as exc:
+            self._bad[index] = StepReadError("unreadable", f"archive data checksum failed: {exc}")
+            return {}
+        self._verified.add(index)
+        return arrays
+
+    def _has_step(self, n: int) -> bool:
+        return n in self._index_of
+
+    def _try_step(self, n: int, *, deep: bool) -> ArchiveStep | StepReadError:
+        index = self._index_of.get(n)
+        if index is None:
+            return StepReadError("unreadable", f"no step {n} in the archive")
+        loaded = self._verify(index) if deep and self.verify else {}
+        if index in self._bad:
+            return self._bad[index]
+        counts = {name: int(self._counts[name][index]) for name in STEP_COUNTS}
+        return ArchiveStep(
+            step=n,
+            scalars=self._scalars_of(index),
+            fields=self._fields_of(index),
+            num_tokens=counts["num_tokens"],
+            num_sequences=counts["num_sequences"],
+            num_scored_tokens=counts["num_scored_tokens"],
+            archive=self,
+            index=index,
+            loaded=loaded,
+        )
+
+    @property
+    def step_numbers(self) -> list[int]:
+        return [int(n) for i, n in enumerate(self._numbers) if i not in self._bad]
+
+    def scalar_series_many(self, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """From the scalar datasets (no per-step objects)."""
+        readable = np.ones(len(self._numbers), dtype=bool)
+        readable[list(self._bad)] = False
+        result = {}
+        for name in names:
+            if name not in self._scalar_values:
+                result[name] = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
+                continue
+            keep = readable & self._scalar_recorded[name]
+            result[name] = (
+                self._numbers[keep].astype(np.int64),
+                self._scalar_values[name][keep].astype(np.float64),
+            )
+        return result
+
+    # -- integrity -----------------------------------------------------------------------------
+    def _check_all_chunks(self) -> list[Finding]:
+        """Reads every chunk of every dataset; a bad one marks the steps whose data it holds."""
+        findings = []
+        datasets: list[tuple[str, h5py.Dataset]] = []
+        self._file.visititems(
+            lambda name, obj: (
+                datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
+        for name, dataset in datasets:
+            chunks = dataset.iter_chunks() if dataset.chunks else [()]
+            for chunk in chunks:
+                try:
+                    dataset[chunk]
+                except OSError as exc:
+                    hit = self._steps_of_chunk(name, chunk)
+                    for index in hit:
+                        self._bad.setdefault(
+                            index,
+                            StepReadError("unreadable", f"archive data checksum failed: {exc}"),
+                        )
+                    steps = [int(self._numbers[i]) for i in hit]
+                    where = f"steps {steps}" if steps else "run-level data"
+                    findings.append(
+                        Finding(
+                            "unreadable",
+                            steps[0] if steps else None,
+                            f"{self.path}:{name}",
+                            f"archive dataset {name}: a corrupt chunk ({where}): {exc}",
+                        )
+                    )
+        return findings
+
+    def _steps_of_chunk(self, name: str, chunk: tuple[slice, ...]) -> list[int]:
+        parts = name.split("/")
+        if not chunk or len(parts) < 2 or parts[-1] in ("step_offsets", "shape"):
+            return []
+        if parts[0] in ("tokens", "sequences"):
+            offsets = self._offsets[parts[0]]
+        elif parts[0] == "ragged" and parts[-1] == "data":
+            offsets = self._ragged[parts[1]][0]
+        else:
+            return []
+        start, stop = chunk[0].start, chunk[0].stop
+        return [
+            i for i in range(len(self._numbers)) if offsets[i] < stop and offsets[i + 1] > start
+        ]
+
+    @property
+    def integrity(self) -> IntegrityReport:
+        """The source run's findings as packed, plus any corrupt chunk of the archive itself."""
+        if not self._checked_all:
+            self._archive_findings = self._check_all_chunks()
+            self._checked_all = True
+        findings = [*self._carried, *self._archive_findings]
+        findings.sort(key=lambda f: (f.step if f.step is not None else -1, f.kind))
+        return IntegrityReport(findings)

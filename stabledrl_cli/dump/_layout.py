@@ -1,0 +1,56 @@
+"""The HDF5 archive of a run (`stabledrl pack`): its layout, shared by the packer and reader.
+
+Layout (every array dataset chunked, gzip with shuffle, Fletcher32):
+    attrs: kind = "stabledrl-run", format_version, tool_version, source (the packed path)
+    manifest                 the run's manifest.json as one JSON string dataset (an HDF5
+                             attribute fails past 64 KiB, a manifest with param_names can be
+                             larger)
+    integrity                JSON string: the source's integrity findings, carried over
+    steps/step               int64 [S]       step numbers, ascending
+    steps/num_tokens         int64 [S]       T of each step (also num_sequences,
+                             num_scored_tokens)
+    scalars/NAME             float64 [S]     one per-step scalar (NaN where not recorded)
+    scalars_recorded/NAME    uint8 [S]       1 where the step recorded it (a recorded NaN
+                             is a fact, not a gap)
+    tokens/step_offsets      int64 [S+1]     step i's tokens are [off[i], off[i+1])
+    tokens/NAME              [sum T]         per-token fields, concatenated
+    sequences/step_offsets   int64 [S+1]     the same for per-sequence [N] fields (group_id,
+    sequences/NAME           [sum N]         reward, and from 1.1 micro_batch, group_split)
+    ragged/NAME/data         flat            fields of other shapes (unit_grad_gram [U, U],
+    ragged/NAME/step_offsets int64 [S+1]     unit_grad_sketch [U, k], token_ids [N, k],
+    ragged/NAME/shape        int64 [S, ndim] param_grad_norm [P]), each with its own index
+    present/NAME             uint8 [S]       1 where the step has the field
+
+The archive's format_version follows the run format's rule: 1.1 when the packed run uses a 1.1
+addition, else 1.0. A multi-rank run is packed joined: one entry a step, ids already offset.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stabledrl_cli.dump._schema import FIELDS
+
+REPLAY_REPORT_KIND = "stabledrl-replay-report"
+"""The kind of a replay report (also HDF5); replay/ writes it, dump/ imports no replay."""
+TOKEN_FIELDS = tuple(name for name, spec in FIELDS.items() if spec.per == "token")
+SEQUENCE_FIELDS = tuple(
+    name for name, spec in FIELDS.items() if spec.per == "sequence" and spec.ndim == 1
+)
+RAGGED_FIELDS = tuple(n for n in FIELDS if n not in TOKEN_FIELDS and n not in SEQUENCE_FIELDS)
+STEP_COUNTS = ("num_tokens", "num_sequences", "num_scored_tokens")
+
+CHUNK_ELEMENTS = 1 << 15
+"""32 Ki elements (128 KiB of float32) a chunk: small enough that reading one step's slice
+decompresses little, large enough that gzip has something to work with."""
+COMPRESSION: dict[str, Any] = {
+    "compression": "gzip",
+    "compression_opts": 4,
+    "shuffle": True,
+    "fletcher32": True,
+}
+
+
+def decode(value: Any) -> Any:
+    """An HDF5 string attribute or dataset value as str (h5py may hand out bytes)."""
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value

@@ -1,0 +1,235 @@
+"""`pack_run`: a whole run into one HDF5 file (layout in `_layout`), written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from stabledrl_cli._atomic import atomic_path
+from stabledrl_cli._version import __version__
+from stabledrl_cli.dump._integrity import Finding, IntegrityReport, RunIntegrityWarning
+from stabledrl_cli.dump._layout import (
+    CHUNK_ELEMENTS,
+    COMPRESSION,
+    RAGGED_FIELDS,
+    SEQUENCE_FIELDS,
+    STEP_COUNTS,
+    TOKEN_FIELDS,
+)
+from stabledrl_cli.dump._run import Run, Step, size_on_disk
+from stabledrl_cli.dump._schema import EXTENSION_FIELDS, FIELDS, RUN_KIND, written_version
+from stabledrl_cli.errors import InputError, UsageError
+
+
+class _Column:
+    """A growing 1-D dataset: appended step by step, with fill where a step lacks the field."""
+
+    def __init__(self, group: h5py.Group, name: str, dtype: np.dtype, length: int) -> None:
+        self.name = name
+        self.dtype = np.dtype(dtype)
+        self.dataset = group.create_dataset(
+            name,
+            shape=(length,),
+            maxshape=(None,),
+            dtype=self.dtype,
+            chunks=(CHUNK_ELEMENTS,),
+            **COMPRESSION,
+        )
+        self.length = length
+
+    def append(self, values: np.ndarray | None, count: int) -> None:
+        """Writes `values` ([count], or None: leave `count` fill entries) at the end."""
+        start, self.length = self.length, self.length + count
+        self.dataset.resize((self.length,))
+        if values is None or count == 0:
+            return
+        if values.dtype != self.dtype:
+            if not np.can_cast(values.dtype, self.dtype, casting="safe"):
+                raise InputError(
+                    f"{self.name}: a step stores {values.dtype}, an earlier one {self.dtype}; "
+                    "a run archive keeps one dtype a field"
+                )
+            values = values.astype(self.dtype)
+        self.dataset[start : self.length] = values
+
+
+@dataclass
+class _Packer:
+    """Per-step bookkeeping of one pack, written as [S] datasets at the end."""
+
+    handle: h5py.File
+    numbers: list[int] = field(default_factory=list)
+    counts: dict[str, list[int]] = field(default_factory=lambda: {n: [] for n in STEP_COUNTS})
+    scalars: list[dict[str, float]] = field(default_factory=list)
+    fields: list[set[str]] = field(default_factory=list)
+    offsets: dict[str, list[int]] = field(default_factory=lambda: {"tokens": [0], "sequences": [0]})
+    columns: dict[str, _Column] = field(default_factory=dict)
+    ragged_offsets: dict[str, list[int]] = field(default_factory=dict)
+    ragged_shapes: dict[str, list[tuple[int, ...] | None]] = field(default_factory=dict)
+
+    def _column(self, group: str, name: str, dtype: np.dtype, length: int) -> _Column:
+        key = f"{group}/{name}"
+        if key not in self.columns:
+            self.columns[key] = _Column(self.handle.require_group(group), name, dtype, length)
+        return self.columns[key]
+
+    def add(self, step: Step, where: str) -> None:
+        arrays = {name: step[name].numpy() for name in sorted(step.fields)}
+        tokens, sequences = step.num_tokens, step.num_sequences
+        for group, names, count in (
+            ("tokens", TOKEN_FIELDS, tokens),
+            ("sequences", SEQUENCE_FIELDS, sequences),
+        ):
+            length = self.offsets[group][-1]
+            for name in names:
+                array = arrays.get(name)
+                if array is not None and array.shape != (count,):
+                    raise InputError(
+                        f"{where}: step {step.step}: {name} has shape {list(array.shape)}, "
+                        f"expected [{count}]; cannot pack it"
+                    )
+                if array is not None:
+                    self._column(group, name, array.dtype, length).append(array, count)
+                elif f"{group}/{name}" in self.columns:  # an optional field this step lacks
+                    self.columns[f"{group}/{name}"].append(None, count)
+            self.offsets[group].append(length + count)
+        for name in RAGGED_FIELDS:
+            array = arrays.get(name)
+            if array is None and name not in self.ragged_offsets:
+                continue
+            if array is not None and name not in self.ragged_offsets:
+                # The first step with it: earlier steps lack it.
+                self.ragged_offsets[name] = [0] * (len(self.numbers) + 1)
+                self.ragged_shapes[name] = [None] * len(self.numbers)
+                self._column(f"ragged/{name}", "data", array.dtype, 0)
+            size = 0 if array is None else array.size
+            flat = None if array is None else array.reshape(-1)
+            self.columns[f"ragged/{name}/data"].append(flat, size)
+            self.ragged_offsets[name].append(self.ragged_offsets[name][-1] + size)
+            self.ragged_shapes[name].append(None if array is None else array.shape)
+        self.numbers.append(step.step)
+        for name, value in zip(
+            STEP_COUNTS,
+            (tokens, sequences, step.num_scored_tokens),
+            strict=True,
+        ):
+            self.counts[name].append(int(value))
+        self.scalars.append(dict(step.scalars))
+        self.fields.append(set(step.fields))
+
+    def finish(self) -> None:
+        handle, count = self.handle, len(self.numbers)
+        steps = handle.require_group("steps")
+        steps.create_dataset("step", data=np.array(self.numbers, dtype=np.int64))
+        for name, values in self.counts.items():
+            steps.create_dataset(name, data=np.array(values, dtype=np.int64))
+        for group, offsets in self.offsets.items():
+            handle.require_group(group).create_dataset(
+                "step_offsets", data=np.array(offsets, dtype=np.int64)
+            )
+        for name, offsets in self.ragged_offsets.items():
+            group = handle.require_group(f"ragged/{name}")
+            group.create_dataset("step_offsets", data=np.array(offsets, dtype=np.int64))
+            shapes = self.ragged_shapes[name]
+            ndim = max(len(s) for s in shapes if s is not None)
+            table = np.zeros((count, ndim), dtype=np.int64)
+            for i, shape in enumerate(shapes):
+                if shape is not None:
+                    table[i] = shape
+            group.create_dataset("shape", data=table)
+        present = handle.require_group("present")
+        for name in FIELDS:
+            flags = np.array([name in f for f in self.fields], dtype=np.uint8)
+            if flags.any():
+                present.create_dataset(name, data=flags)
+        values, recorded = handle.require_group("scalars"), handle.require_group("scalars_recorded")
+        for name in sorted(set().union(*self.scalars)):
+            values.create_dataset(
+                name,
+                data=np.array([s.get(name, np.nan) for s in self.scalars], dtype=np.float64),
+            )
+            recorded.create_dataset(
+                name, data=np.array([name in s for s in self.scalars], dtype=np.uint8)
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackSummary:
+    """What `pack_run` wrote."""
+
+    source: str
+    out: str
+    steps: int
+    tokens: int
+    source_bytes: int
+    archive_bytes: int
+    findings: list[Finding]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.source,
+            "out": self.out,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "source_bytes": self.source_bytes,
+            "archive_bytes": self.archive_bytes,
+            "integrity": IntegrityReport(self.findings).to_dict(),
+        }
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory; give the archive's file name, e.g. {out}/run.h5")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out}: directory {out.parent} does not exist")
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to overwrite it")
+
+
+def pack_run(run: Run, out: str | os.PathLike[str], *, force: bool = False) -> PackSummary:
+    """Writes `run` (every readable step) into one HDF5 file at `out`, atomically.
+
+    The source's integrity findings (torn, corrupt or temporary step files, gaps) are carried
+    into the archive; the steps they name are not packed. UsageError (exit 2) if `out` exists
+    and not `force`; the target name is untouched until the archive is complete (written
+    under a temporary name beside it, then renamed: a killed pack leaves no file under the
+    target name). A failed write (a full disk) raises WriteError (exit 4), its temporary
+    file removed.
+    """
+    target = Path(out)
+    _check_target(target, force)
+    integrity = run.integrity  # full check first, so only trusted steps are packed
+    with atomic_path(target) as temp, h5py.File(temp, "w") as handle:
+        handle.attrs["kind"] = RUN_KIND
+        handle.attrs["tool_version"] = __version__
+        handle.attrs["source"] = str(run.path)
+        text = json.dumps(run.manifest, indent=2, allow_nan=False)
+        handle.create_dataset("manifest", data=text, dtype=h5py.string_dtype())
+        findings = json.dumps([f.to_dict() for f in integrity.findings])
+        handle.create_dataset("integrity", data=findings, dtype=h5py.string_dtype())
+        packer = _Packer(handle)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RunIntegrityWarning)  # already in `integrity`
+            for step in run.steps():
+                packer.add(step, str(run.path))
+        packer.finish()
+        extended = run.group_ids == "global" or any(
+            f"sequences/{name}" in packer.columns for name in EXTENSION_FIELDS
+        )
+        handle.attrs["format_version"] = written_version(extended)
+    return PackSummary(
+        source=str(run.path),
+        out=str(target),
+        steps=len(packer.numbers),
+        tokens=packer.offsets["tokens"][-1],
+        source_bytes=size_on_disk(Path(run.path)),
+        archive_bytes=target.stat().st_size,
+        findings=list(integrity.findings),
+    )

@@ -1,0 +1,82 @@
+"""The manifest's `policy` entry: {spec, name, params}, from what a Recorder is given.
+
+`Recorder(policy=...)` takes either a spec string in the one grammar of `stabledrl_cli.spec`
+(`"dapo:eps_high=0.28"`, optionally with more parameters in `policy_params`; a key given in
+both is refused), or any object with `.name`, `.spec` and `.params` (a `PolicyLike`, e.g. a
+catalogue policy): the manifest then stores exactly that object's spec, name and params. The
+stored spec is canonical text (`spec.format_spec`): keys sorted, values in shortest form.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from stabledrl_cli.dump._schema import json_checked
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.spec import SpecValue, format_spec, split_spec
+
+
+@runtime_checkable
+class PolicyLike(Protocol):
+    """A resolved policy, as the catalogue's are: its name, canonical spec and parameters."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def spec(self) -> str: ...
+
+    @property
+    def params(self) -> Mapping[str, Any]: ...
+
+
+def _typed(text: str) -> SpecValue:
+    """A spec value's text as the JSON value it reads as: bool, int, finite float, else str."""
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            value = kind(text)
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            return value
+    return text
+
+
+def policy_entry(
+    policy: str | PolicyLike, policy_params: Mapping[str, SpecValue] | None
+) -> dict[str, Any]:
+    """The manifest's policy entry; UsageError for a bad spec, a bad parameter, or a key given
+    both in the spec string and in `policy_params`."""
+    if isinstance(policy, str):
+        name, raw = split_spec(policy)
+        params: dict[str, Any] = {key: _typed(text) for key, text in raw.items()}
+        twice = sorted(set(params) & set(policy_params or {}))
+        if twice:
+            raise UsageError(
+                f"policy parameter {twice[0]!r} is given both in the spec {policy!r} and in "
+                "policy_params; give it once"
+            )
+        params.update(policy_params or {})
+        spec = format_spec(name, params)
+    elif isinstance(policy, PolicyLike):
+        if policy_params:
+            raise UsageError(
+                "policy_params go with a spec string; a policy object carries its own params"
+            )
+        name, spec, params = policy.name, policy.spec, dict(policy.params)
+        if not isinstance(name, str) or not isinstance(spec, str):
+            raise UsageError("a policy object's name and spec must be strings")
+    else:
+        raise UsageError(
+            "policy must be a spec string such as 'dapo:eps_high=0.28' or an object with "
+            f".name, .spec and .params, got {type(policy).__name__}"
+        )
+    return {
+        "spec": spec,
+        "name": name,
+        "params": json_checked(params, "policy_params"),
+    }

@@ -1,0 +1,195 @@
+"""The abstract run and step: what every reader of a recorded run offers, whatever holds it.
+
+A `Run` (a run directory, or a packed archive) lists its readable steps, hands out a `Step`
+per optimizer step, reports its integrity, and derives the rest from those: iteration that
+skips an untrustworthy step with a `RunIntegrityWarning`, header-only iteration, per-step
+scalar series. A `Step` knows its scalars, fields and counts at once; `step[name]` reads one
+array when it is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast, overload
+
+import numpy as np
+import torch
+
+from stabledrl_cli.dump._integrity import IntegrityReport, RunIntegrityWarning, StepReadError
+from stabledrl_cli.errors import InputError
+from stabledrl_cli.vocab import GroupIds, Unit
+
+_Default = TypeVar("_Default")
+
+
+def size_on_disk(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory (one renamed away meanwhile, e.g. a
+    temporary step file of a live run, is skipped)."""
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+@dataclass(eq=False, kw_only=True)
+class Step(ABC):
+    """One optimizer step, read lazily: `step[name]` -> a CPU torch.Tensor read when indexed
+    (token fields [T], sequence fields [N], token_ids [N, k], geometry [U, U] or [U, k])."""
+
+    step: int
+    scalars: dict[str, float]
+    fields: set[str]
+    num_tokens: int
+    num_sequences: int
+    num_scored_tokens: int
+    """Tokens with mask = 1."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.fields
+
+    @overload
+    def get(self, name: str) -> torch.Tensor | None: ...
+
+    @overload
+    def get(self, name: str, default: _Default) -> torch.Tensor | _Default: ...
+
+    def get(self, name: str, default: object = None) -> object:
+        """`step[name]`, or `default` when the step did not record the field."""
+        return self[name] if name in self.fields else default
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.fields:
+            raise KeyError(f"step {self.step} has no field {name!r}; it has: {sorted(self.fields)}")
+        return self._read(name)
+
+    @abstractmethod
+    def _read(self, name: str) -> torch.Tensor:
+        """The array `name` (a field of this step); InputError if it cannot be read."""
+
+
+class Run(ABC):
+    """A recorded run: a directory or an HDF5 archive, behind the same API."""
+
+    path: Path
+
+    @property
+    @abstractmethod
+    def manifest(self) -> dict[str, Any]:
+        """The run's manifest (fields in `stabledrl_cli.dump._schema`)."""
+
+    @property
+    @abstractmethod
+    def step_numbers(self) -> list[int]:
+        """Readable steps, ascending (checked as of now: a live run grows)."""
+
+    @property
+    @abstractmethod
+    def integrity(self) -> IntegrityReport:
+        """Every finding of a full check of the run (data checksums included)."""
+
+    @abstractmethod
+    def _has_step(self, n: int) -> bool:
+        """Whether the run holds step `n` at all (readable or not)."""
+
+    @abstractmethod
+    def _try_step(self, n: int, *, deep: bool) -> Step | StepReadError:
+        """Step `n`, or why it cannot be trusted; `deep` also checks its data."""
+
+    def step(self, n: int) -> Step:
+        """Step `n`; InputError if it is missing or corrupt."""
+        if not self._has_step(n):
+            raise InputError(f"{self.path}: no step {n}")
+        loaded = self._try_step(n, deep=True)
+        if isinstance(loaded, StepReadError):
+            raise InputError(f"{self.path}: step {n} is {loaded.kind}: {loaded}")
+        return loaded
+
+    @property
+    def unit(self) -> Unit:
+        return cast(Unit, self.manifest["unit"])
+
+    @property
+    def group_ids(self) -> GroupIds:
+        """How the run numbers its prompt groups across ranks (per_rank unless recorded)."""
+        return cast(GroupIds, self.manifest.get("group_ids", "per_rank"))
+
+    @property
+    def policy_spec(self) -> str | None:
+        policy = self.manifest.get("policy") or {}
+        spec = policy.get("spec") if isinstance(policy, dict) else None
+        return spec if isinstance(spec, str) else None
+
+    @property
+    def reward_range(self) -> tuple[float, float] | None:
+        value = self.manifest.get("reward_range")
+        return (float(value[0]), float(value[1])) if value else None
+
+    @property
+    def geometry(self) -> dict[str, Any] | None:
+        value = self.manifest.get("geometry")
+        return value if isinstance(value, dict) else None
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on disk: the archive file, or every file under the run directory."""
+        return size_on_disk(self.path)
+
+    def __len__(self) -> int:
+        return len(self.step_numbers)
+
+    def __iter__(self) -> Iterator[Step]:
+        return self.steps()
+
+    def steps(self, start: int | None = None, stop: int | None = None) -> Iterator[Step]:
+        """Steps with start <= step < stop, ascending; a corrupt one is skipped with a warning."""
+        for n in self.step_numbers:
+            if (start is not None and n < start) or (stop is not None and n >= stop):
+                continue
+            loaded = self._try_step(n, deep=True)
+            if isinstance(loaded, StepReadError):
+                warnings.warn(
+                    f"skipping step {n}: {loaded.kind}: {loaded}", RunIntegrityWarning, stacklevel=2
+                )
+                continue
+            yield loaded
+
+    def step_headers(self) -> Iterator[Step]:
+        """Every readable step from its header alone (scalars, fields, counts; no data read)."""
+        for n in self.step_numbers:
+            loaded = self._try_step(n, deep=False)
+            if not isinstance(loaded, StepReadError):
+                yield loaded
+
+    def scalar_series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps [S] int64, values [S] float64) of one per-step scalar, from headers only;
+        S counts the steps that recorded it."""
+        return self.scalar_series_many([name])[name]
+
+    def scalar_series_many(self, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """`scalar_series` of several scalars in one pass over the headers."""
+        pairs: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
+        for step in self.step_headers():
+            for name in names:
+                if name in step.scalars:
+                    pairs[name].append((step.step, step.scalars[name]))
+        return {
+            name: (
+                np.array([p[0] for p in found], dtype=np.int64),
+                np.array([p[1] for p in found], dtype=np.float64),
+            )
+            for name, found in pairs.items()
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"

@@ -1,0 +1,149 @@
+"""Readying a run directory for a Recorder: a new run, an overwritten one, or a resumed one.
+
+- New (the default): the directory must be absent or empty of what this recorder would write
+  (for rank 0: anything besides steps/; for every rank: its own step files).
+- `overwrite=True`: removes this recorder's own step files, never another rank's (with
+  world_size 1 every step file is its own); rank 0 writes a fresh manifest.
+- `resume=True`: continues the run in place. Its manifest must agree on unit, world_size,
+  group_ids and the policy spec (else UsageError); it is kept as it is. Of this rank's step
+  files, those at or after `resume_from` are removed (the resumed training writes them
+  again), those before it are kept and verified in full (data checksum: a corrupt one is
+  InputError), and temporary files left by a killed writer are removed.
+
+Any failure to write or remove a file is WriteError naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from stabledrl_cli._atomic import fsync_dir, write_atomic, write_error
+from stabledrl_cli.dump._integrity import StepReadError
+from stabledrl_cli.dump._schema import (
+    MANIFEST_NAME,
+    STEP_FILE_RE,
+    STEPS_DIR,
+    TEMP_FILE_RE,
+    check_manifest,
+)
+from stabledrl_cli.dump._stfile import read_header
+from stabledrl_cli.errors import InputError, UsageError
+
+_MUST_AGREE = ("unit", "world_size", "group_ids")
+
+
+def _own_step_files(steps: Path, rank: int, world_size: int) -> list[tuple[Path, int, bool]]:
+    """(path, step, is_temporary) of the step files this recorder owns: its rank's, or with
+    world_size 1 every step file."""
+    if not steps.is_dir():
+        return []
+    found = []
+    for name in sorted(os.listdir(steps)):
+        final, temp = STEP_FILE_RE.match(name), TEMP_FILE_RE.match(name)
+        match = final or temp
+        if match is None:
+            continue
+        file_rank = int(match.group(2)) if match.group(2) is not None else 0
+        if world_size == 1 or file_rank == rank:
+            found.append((steps / name, int(match.group(1)), temp is not None))
+    return found
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise UsageError(f"{path}: nothing to resume (no {MANIFEST_NAME})")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{manifest_path}: unreadable manifest (not a JSON object)")
+    check_manifest(manifest, str(manifest_path))
+    return manifest
+
+
+def _check_compatible(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
+    defaults = {"group_ids": "per_rank"}
+    for name in _MUST_AGREE:
+        was, now = old.get(name, defaults.get(name)), new.get(name, defaults.get(name))
+        if was != now:
+            raise UsageError(
+                f"cannot resume {path}: its {name} is {was!r}, this recorder's {now!r}"
+            )
+    was, now = (old.get("policy") or {}).get("spec"), new["policy"]["spec"]
+    if was != now:
+        raise UsageError(f"cannot resume {path}: its policy is {was!r}, this recorder's {now!r}")
+
+
+def _resume(
+    path: Path, manifest: dict[str, Any], rank: int, world_size: int, resume_from: int | None
+) -> tuple[dict[str, Any], int | None]:
+    existing = _read_manifest(path)
+    _check_compatible(existing, manifest, path)
+    last: int | None = None
+    for file, step, temporary in _own_step_files(path / STEPS_DIR, rank, world_size):
+        if temporary or (resume_from is not None and step >= resume_from):
+            _remove(file)
+            continue
+        try:
+            read_header(file, deep=True)
+        except StepReadError as exc:
+            raise InputError(
+                f"cannot resume {path}: step {step} ({file.name}) is {exc.kind}: {exc}; "
+                f"resume from step {step} or earlier"
+            ) from None
+        last = step if last is None else max(last, step)
+    return existing, last
+
+
+def prepare_run(
+    path: Path,
+    manifest: dict[str, Any],
+    *,
+    rank: int,
+    world_size: int,
+    overwrite: bool,
+    resume: bool,
+    resume_from: int | None,
+) -> tuple[dict[str, Any], int | None]:
+    """Readies `path` (module docstring). Returns the run's manifest (the existing one when
+    resuming) and the last step this rank already holds (None for a new run)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path} exists and is not a directory")
+    steps = path / STEPS_DIR
+    last: int | None = None
+    if resume:
+        manifest, last = _resume(path, manifest, rank, world_size, resume_from)
+    elif overwrite:
+        for file, _step, _temporary in _own_step_files(steps, rank, world_size):
+            _remove(file)
+    elif path.is_dir():
+        # Other ranks may have made steps/ already: only what this rank would clobber counts.
+        others = [n for n in os.listdir(path) if n != STEPS_DIR] if rank == 0 else []
+        mine = [file.name for file, _, _ in _own_step_files(steps, rank, world_size)]
+        if others or mine:
+            raise UsageError(
+                f"{path} already exists and is not empty ({(others + mine)[0]}); "
+                "pass overwrite=True (record --force) to replace the run, or resume=True "
+                "to continue it"
+            )
+    try:
+        steps.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(steps, exc) from None
+    if rank == 0 and not resume:
+        text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+        write_atomic(path / MANIFEST_NAME, text.encode())
+        fsync_dir(path.parent if path.parent != path else path)
+    return manifest, last
