@@ -546,6 +546,6 @@ def test_async_writer_failure_reaches_the_caller(tmp_path, monkeypatch):
     monkeypatch.setattr(_atomic.os, "write", no_space)
     rec.log_step(0, **_flat())
     for call in (rec.flush, lambda: rec.log_step(1, **_flat()), rec.close):
-        with pytest.raises(WriteError, match=r"step-00000000\.safetensors.*no space left on device"):
+        with pytest.raises(WriteError, match=r"step-0+\.safetensors.*no space left"):
             call()
     assert os.listdir(tmp_path / "run" / "steps") == []  # the temporary file is removed

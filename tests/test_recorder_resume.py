@@ -1,0 +1,150 @@
+"""Recorder(resume=True) continues a run in place; overwrite=True with several ranks removes
+only the recorder's own files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import stabledrl_cli as sd
+from stabledrl_cli.errors import InputError, UsageError
+
+
+def _batch(step: int) -> dict:
+    gen = torch.Generator().manual_seed(step)
+    return {
+        "logp": -torch.rand(2, 3, generator=gen),
+        "logp_old": -torch.rand(2, 3, generator=gen),
+        "advantages": torch.tensor([1.0, -1.0]),
+        "loss": float(step),
+    }
+
+
+def _record(path, steps, **kwargs) -> None:
+    with sd.Recorder(path, policy="dapo:eps_high=0.28", **kwargs) as rec:
+        for step in steps:
+            rec.log_step(step, **_batch(step))
+
+
+def _step_files(path) -> list[str]:
+    return sorted(os.listdir(path / "steps"))
+
+
+def test_resume_keeps_earlier_steps_and_replaces_later_ones(tmp_path):
+    path = tmp_path / "run"
+    _record(path, range(6))
+    manifest_before = (path / "manifest.json").read_bytes()
+    kept = (path / "steps" / "step-00000002.safetensors").read_bytes()
+    (path / "steps" / ".step-00000006.safetensors.tmp-4242").write_bytes(b"left by a kill")
+    with sd.Recorder(path, policy="dapo:eps_high=0.28", resume=True, resume_from=3) as rec:
+        assert _step_files(path) == [f"step-{n:08d}.safetensors" for n in range(3)]
+        with pytest.raises(UsageError, match="must increase"):
+            rec.log_step(2, **_batch(2))  # before the resume point
+        for step in (3, 4):
+            rec.log_step(step, **{**_batch(step), "loss": 100.0 + step})
+    run = sd.open_run(path)
+    assert run.step_numbers == [0, 1, 2, 3, 4] and run.integrity.ok
+    assert run.scalar_series("loss")[1].tolist() == [0.0, 1.0, 2.0, 103.0, 104.0]
+    assert (path / "steps" / "step-00000002.safetensors").read_bytes() == kept
+    assert (path / "manifest.json").read_bytes() == manifest_before  # kept as it was
+
+
+def test_resume_without_a_resume_point_appends(tmp_path):
+    path = tmp_path / "run"
+    _record(path, range(3))
+    with sd.Recorder(path, policy="dapo:eps_high=0.28", resume=True) as rec:
+        with pytest.raises(UsageError, match="does not follow step 2"):
+            rec.log_step(2, **_batch(2))
+        rec.log_step(3, **_batch(3))
+    assert sd.open_run(path).step_numbers == [0, 1, 2, 3]
+
+
+def test_resume_verifies_the_kept_steps(tmp_path):
+    path = tmp_path / "run"
+    _record(path, range(4))
+    victim = path / "steps" / "step-00000001.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"step 1 .* is unreadable: data checksum mismatch"):
+        sd.Recorder(path, policy="dapo:eps_high=0.28", resume=True, resume_from=3)
+    # Resuming at the corrupt step replaces it.
+    with sd.Recorder(path, policy="dapo:eps_high=0.28", resume=True, resume_from=1) as rec:
+        rec.log_step(1, **_batch(1))
+    assert sd.open_run(path).step_numbers == [0, 1] and sd.open_run(path).integrity.ok
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"policy": "grpo"}, "its policy is 'dapo:eps_high=0.28', this recorder's 'grpo'"),
+        ({"unit": "sequence"}, "its unit is 'token'"),
+        ({"world_size": 2}, "its world_size is 1"),
+        ({"group_ids": "global"}, "its group_ids is 'per_rank'"),
+    ],
+)
+def test_resume_refuses_an_incompatible_run(tmp_path, kwargs, message):
+    path = tmp_path / "run"
+    _record(path, range(2))
+    before = _step_files(path)
+    with pytest.raises(UsageError, match=message):
+        sd.Recorder(path, **{"policy": "dapo:eps_high=0.28", "resume": True, **kwargs})
+    assert _step_files(path) == before  # nothing removed
+
+
+def test_resume_refusals(tmp_path):
+    with pytest.raises(UsageError, match="nothing to resume"):
+        sd.Recorder(tmp_path / "new", resume=True)
+    with pytest.raises(UsageError, match="pick one"):
+        sd.Recorder(tmp_path / "new", resume=True, overwrite=True)
+    with pytest.raises(UsageError, match="resume_from goes with resume=True"):
+        sd.Recorder(tmp_path / "new", resume_from=3)
+    with pytest.raises(UsageError, match="resume=True to continue it"):
+        _record(tmp_path / "run", [0])
+        _record(tmp_path / "run", [0])
+
+
+def _ranked(path, rank: int, steps, **kwargs) -> None:
+    with sd.Recorder(path, world_size=2, rank=rank, **kwargs) as rec:
+        for step in steps:
+            rec.log_step(step, **_batch(step), group_id=np.array([0, 0]))
+
+
+def _files_of(path, rank: int) -> dict[str, bytes]:
+    names = [n for n in _step_files(path) if f".rank-{rank:04d}." in n]
+    return {n: (path / "steps" / n).read_bytes() for n in names}
+
+
+def test_overwrite_by_one_rank_leaves_the_other_ranks_files(tmp_path):
+    path = tmp_path / "run"
+    for rank in (0, 1):
+        _ranked(path, rank, range(3))
+    rank0 = {n: (path / "steps" / n).read_bytes() for n in _step_files(path) if "rank-0000" in n}
+    _ranked(path, 1, [5], overwrite=True)  # rank 1 starts over: only its own files go
+    assert {
+        n: (path / "steps" / n).read_bytes() for n in _step_files(path) if "rank-0000" in n
+    } == (rank0)
+    assert [n for n in _step_files(path) if "rank-0001" in n] == [
+        "step-00000005.rank-0001.safetensors"
+    ]
+    _ranked(path, 0, [5], overwrite=True)  # rank 0 rewrites the manifest, not rank 1's files
+    assert _step_files(path) == [
+        "step-00000005.rank-0000.safetensors",
+        "step-00000005.rank-0001.safetensors",
+    ]
+    run = sd.open_run(path)
+    assert run.step_numbers == [5] and run.integrity.ok
+
+
+def test_resume_with_two_ranks_touches_only_its_rank(tmp_path):
+    path = tmp_path / "run"
+    for rank in (0, 1):
+        _ranked(path, rank, range(4), policy="grpo")
+    _ranked(path, 1, [2, 3], policy="grpo", resume=True, resume_from=2)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    assert sd.open_run(path).step_numbers == [0, 1, 2, 3]
