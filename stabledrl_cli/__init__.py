@@ -1,17 +1,34 @@
 """stabledrl: a flight recorder and what-if simulator for RL training of (diffusion) LMs.
 
-The public API (CONTRACT in design.md): `Recorder`, `open_run`, `replay`, `get_policy`,
-`PolicyBatch`, `log_policy_batch`.
+The public API: `Recorder`, `open_run`, `replay`, `get_policy`, `Policy`, `PolicyBatch`,
+`Weights`, `log_policy_batch` and `__version__`. Each name is imported on first use (PEP 562),
+so `import stabledrl_cli`, `stabledrl --help` and `stabledrl policies` never import torch.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING
 
-from stabledrl_cli.capture import log_policy_batch
-from stabledrl_cli.dump import Recorder, open_run
-from stabledrl_cli.policies import Policy, PolicyBatch, Weights, get_policy
-from stabledrl_cli.replay.engine import replay
+from stabledrl_cli._version import __version__
+
+if TYPE_CHECKING:
+    from stabledrl_cli.capture import log_policy_batch
+    from stabledrl_cli.dump import Recorder, open_run
+    from stabledrl_cli.policies import Policy, PolicyBatch, Weights, get_policy
+    from stabledrl_cli.replay.engine import replay
+
+# Public name -> the module that defines it.
+_HOMES: dict[str, str] = {
+    "Policy": "stabledrl_cli.policies",
+    "PolicyBatch": "stabledrl_cli.policies",
+    "Recorder": "stabledrl_cli.dump",
+    "Weights": "stabledrl_cli.policies",
+    "get_policy": "stabledrl_cli.policies",
+    "log_policy_batch": "stabledrl_cli.capture",
+    "open_run": "stabledrl_cli.dump",
+    "replay": "stabledrl_cli.replay.engine",
+}
 
 __all__ = [
     "Policy",
@@ -24,3 +41,17 @@ __all__ = [
     "open_run",
     "replay",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Imports a public name's home module on first access, then caches the name here."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'stabledrl_cli' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

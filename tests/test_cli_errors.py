@@ -1,24 +1,35 @@
 """The one error map of the CLI: one stderr line and the documented exit code."""
 
+from __future__ import annotations
+
 import errno
+import os
+import subprocess
+import sys
+import types
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from stabledrl_cli.cli.app import INTERNAL_ERROR, _mapped
+from stabledrl_cli.cli import app as app_module
+from stabledrl_cli.cli.app import BROKEN_PIPE, INTERNAL_ERROR, CommandEntry, app
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 
 
-def _app_raising(exc: BaseException) -> typer.Typer:
-    app = typer.Typer()
+@pytest.fixture
+def failing(monkeypatch: pytest.MonkeyPatch):
+    """Registers a `fail` command raising the exception the test sets on the returned module."""
+    module = types.ModuleType("stabledrl_test_fail")
+    module.error = RuntimeError("unset")
 
-    def fail() -> None:
-        raise exc
+    def command(force: bool = False) -> None:
+        raise module.error
 
-    app.command("fail")(_mapped(fail))
-    app.command("ok")(_mapped(lambda: None))
-    return app
+    module.command = command
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(app_module.COMMANDS, "fail", CommandEntry(module.__name__, "Fails."))
+    monkeypatch.setattr(app_module, "_loaded", {})
+    return module
 
 
 @pytest.mark.parametrize(
@@ -31,15 +42,58 @@ def _app_raising(exc: BaseException) -> typer.Typer:
         (RuntimeError("kaput"), INTERNAL_ERROR, "internal error: RuntimeError: kaput"),
     ],
 )
-def test_errors_are_one_line_with_their_exit_code(exc, code, text):
-    result = CliRunner().invoke(_app_raising(exc), ["fail"])
+def test_errors_are_one_line_with_their_exit_code(failing, exc, code, text):
+    failing.error = exc
+    result = CliRunner().invoke(app, ["fail"])
     assert result.exit_code == code
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and text in lines[0]
     assert "Traceback" not in result.output
 
 
-def test_debug_shows_the_traceback(monkeypatch):
-    monkeypatch.setenv("STABLEDRL_DEBUG", "1")
-    result = CliRunner().invoke(_app_raising(RuntimeError("kaput")), ["fail"])
+@pytest.mark.parametrize(
+    "args", [["--debug", "fail"], ["fail", "--debug"], ["fail", "--force", "--debug"]]
+)
+def test_debug_anywhere_on_the_line_shows_the_traceback(failing, args):
+    failing.error = RuntimeError("kaput")
+    result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, RuntimeError)
+
+
+def test_debug_after_a_double_dash_belongs_to_the_wrapped_command(failing):
+    failing.error = RuntimeError("kaput")
+    assert app_module._hoist_debug(["record", "--", "train", "--debug"])[0] == "record"
+    result = CliRunner().invoke(app, ["fail", "--", "--debug"])
+    assert result.exit_code == 2 and not isinstance(result.exception, RuntimeError)
+
+
+def test_debug_from_the_environment(failing, monkeypatch):
+    failing.error = RuntimeError("kaput")
+    monkeypatch.setenv("STABLEDRL_DEBUG", "1")
+    assert isinstance(CliRunner().invoke(app, ["fail"]).exception, RuntimeError)
+
+
+def test_version():
+    from stabledrl_cli._version import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"stabledrl {__version__}"
+
+
+def test_a_closed_stdout_exits_quietly():
+    """`stabledrl policies --format json | true`: no traceback, no error line, exit 141."""
+    env = {**os.environ, "NO_COLOR": "1"}
+    env.pop("STABLEDRL_DEBUG", None)
+    for fmt in ("json", "table"):
+        proc = subprocess.run(
+            f"{sys.executable} -m stabledrl_cli policies --format {fmt} | true;"
+            ' echo "status=${PIPESTATUS[0]}" >&2',
+            shell=True,
+            executable="/bin/bash",
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        assert proc.stderr.splitlines() == [f"status={BROKEN_PIPE}"], proc.stderr

@@ -1,4 +1,8 @@
-"""Shared `Annotated` option aliases, so every command spells them the same way."""
+"""Shared `Annotated` option aliases, so every command spells them the same way.
+
+Choices come from the `Literal` types of `stabledrl_cli.vocab` (typer reads them); an option
+whose default is `None` falls back to the library's default.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Annotated
 import typer
 
 from stabledrl_cli.cli._output import OutputFormat
+from stabledrl_cli.vocab import Device
 
 RunArg = Annotated[Path, typer.Argument(help="Run directory or .h5 archive.", show_default=False)]
 PolicyOpt = Annotated[
@@ -15,7 +20,7 @@ PolicyOpt = Annotated[
     typer.Option("--policy", "-p", help="Policy spec NAME or NAME:key=value,... (repeatable)."),
 ]
 DeviceOpt = Annotated[
-    str, typer.Option("--device", help="auto | cpu | cuda (auto: cuda, then mps, then cpu).")
+    Device, typer.Option("--device", help="Where to compute (auto: cuda, then mps, then cpu).")
 ]
 FormatOpt = Annotated[
     OutputFormat, typer.Option("--format", "-f", help="table (human) or json (data on stdout).")

@@ -10,8 +10,6 @@ from typing import Any
 
 from rich.console import Console, ConsoleDimensions
 
-from stabledrl_cli._json import json_safe
-
 # Piped or redirected tables keep their natural width up to this, instead of wrapping at 80.
 PIPE_WIDTH = 250
 
@@ -19,12 +17,17 @@ PIPE_WIDTH = 250
 class _DataConsole(Console):
     """stdout: when it is not a terminal and COLUMNS is unset, tables are not squeezed to 80."""
 
-    @property
+    @property  # type: ignore[misc]  # read-only here: nothing sets a data console's size
     def size(self) -> ConsoleDimensions:
         size = super().size
         if not self.is_terminal and "COLUMNS" not in os.environ:
             return ConsoleDimensions(max(size.width, PIPE_WIDTH), size.height)
         return size
+
+    def on_broken_pipe(self) -> None:
+        """A reader closed stdout (`| head`): the CLI's error map exits quietly, not rich."""
+        self.quiet = True
+        raise BrokenPipeError
 
 
 # Consoles resolve sys.stdout / sys.stderr at print time, so CliRunner captures them.
@@ -38,6 +41,10 @@ class OutputFormat(str, Enum):
 
 
 def print_json(data: Any) -> None:
+    """`data` as indented JSON on stdout (numpy and non-finite values made JSON-safe)."""
+    # Imported here: json_safe imports numpy (~50 ms), which `--help` and tables never need.
+    from stabledrl_cli._json import json_safe
+
     sys.stdout.write(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
 

@@ -1,40 +1,69 @@
-"""The Typer app: one factory for shared settings, one registry of commands, one error map."""
+"""The Typer app: one factory for shared settings, one registry of commands, one error map.
+
+A command's module is imported only when that command runs (or its own help is asked for):
+the root help lists each command from its registry entry, so `stabledrl --help` imports
+neither torch nor any command module. A new command is one file + one line in `COMMANDS`.
+"""
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
+import typer.main
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
+from stabledrl_cli._version import __version__
 from stabledrl_cli.cli._output import err
 from stabledrl_cli.errors import StabledrlError
 
-# name -> module under stabledrl_cli.cli exposing `command`. A new command is one file + one line.
-COMMANDS: dict[str, str] = {
-    "record": "record",
-    "inspect": "inspect",
-    "policies": "policies",
-    "replay": "replay",
-    "pack": "pack",
-    "check": "check",
+
+@dataclass(frozen=True)
+class CommandEntry:
+    """One command: the module that defines its `command` function, and its one-line help."""
+
+    module: str
+    """Module exposing `command` (a Typer command function)."""
+    summary: str
+    """The command's line in `stabledrl --help` (and its short help everywhere)."""
+
+
+COMMANDS: dict[str, CommandEntry] = {
+    "record": CommandEntry(
+        "stabledrl_cli.cli.record", "Train and record the built-in example, or record -- CMD."
+    ),
+    "inspect": CommandEntry(
+        "stabledrl_cli.cli.inspect", "What a run holds: steps, fields, integrity, collapse."
+    ),
+    "policies": CommandEntry(
+        "stabledrl_cli.cli.policies", "The policy catalogue, or resolve specs given with -p."
+    ),
+    "replay": CommandEntry(
+        "stabledrl_cli.cli.replay", "Replay a run through policies: what each would have done."
+    ),
+    "pack": CommandEntry("stabledrl_cli.cli.pack", "Pack a run into one HDF5 archive."),
+    "check": CommandEntry(
+        "stabledrl_cli.cli.check", "Gate a run in CI against rules or a baseline (exit 1)."
+    ),
 }
 
-
-def _debug() -> bool:
-    return os.environ.get("STABLEDRL_DEBUG", "") not in ("", "0")
-
-
+DEBUG_ENV = "STABLEDRL_DEBUG"
 # An unexpected exception is a bug of the tool, not a tripped gate (1) nor bad input (3).
 INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h)
+# A reader that closed our stdout (`| head`): exit quietly, as a process killed by SIGPIPE.
+BROKEN_PIPE = 141  # 128 + SIGPIPE
+_DEBUG_FLAG = "--debug"
+_DEBUG_KEY = "stabledrl.debug"
 
 
-def _exit_code_for(exc: BaseException) -> tuple[int, str]:
+def exit_code_for(exc: BaseException) -> tuple[int, str]:
     """The ordered error map: domain errors first, then the OS's, then anything else."""
     if isinstance(exc, StabledrlError):
         return exc.exit_code, str(exc)
@@ -48,47 +77,148 @@ def _exit_code_for(exc: BaseException) -> tuple[int, str]:
     )
 
 
-def _mapped(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turns domain errors into one stderr line and an exit code, for CliRunner and the shell."""
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # not a real file (e.g. under CliRunner)
+        pass
 
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort, typer.TyperException):
+
+@contextmanager
+def mapped_errors(debug: bool) -> Iterator[None]:
+    """Turns any error into one stderr line and its exit code (`debug`: the traceback)."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, typer.TyperException):
+        raise
+    except BrokenPipeError:
+        _silence_stdout()
+        raise typer.Exit(BROKEN_PIPE) from None
+    except (Exception, KeyboardInterrupt) as exc:
+        if debug:
             raise
-        except (Exception, KeyboardInterrupt) as exc:
-            if _debug():
-                raise
-            code, message = _exit_code_for(exc)
-            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-            raise typer.Exit(code) from None
+        code, message = exit_code_for(exc)
+        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        raise typer.Exit(code) from None
 
-    return wrapper
+
+def _hoist_debug(args: Sequence[str]) -> list[str]:
+    """`--debug` anywhere before a bare `--` moves to the front, where the root parses it."""
+    end = args.index("--") if "--" in args else len(args)
+    found = [a for a in args[:end] if a == _DEBUG_FLAG]
+    rest = [a for a in args[:end] if a != _DEBUG_FLAG]
+    return found[:1] + rest + list(args[end:])
+
+
+def _plain_flags(params: list[Any]) -> None:
+    """Boolean flags take no value: no `<bool>` beside them in the help."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
+class Command(TyperCommand):
+    """A command whose help shows flags without a type."""
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:  # type: ignore[override]
+        params: list[Any] = super().get_params(ctx)
+        _plain_flags(params)
+        return params
+
+
+_loaded: dict[str, Any] = {}
+
+
+def load_command(name: str) -> Any:
+    """Imports the command's module and builds its click command (once)."""
+    if name not in _loaded:
+        entry = COMMANDS[name]
+        function = importlib.import_module(entry.module).command
+        single = typer.Typer(add_completion=False)
+        single.command(name, cls=Command, short_help=entry.summary)(function)
+        _loaded[name] = typer.main.get_command(single)
+    return _loaded[name]
+
+
+class LazyGroup(TyperGroup):
+    """The root: lists commands from `COMMANDS`, imports one only to run it or show its help;
+    hoists `--debug` from anywhere on the line; maps errors to exit codes."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        for name, entry in COMMANDS.items():
+            self.commands[name] = _loaded.get(name) or TyperCommand(
+                name, short_help=entry.summary, help=entry.summary
+            )
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:  # type: ignore[override]
+        params: list[Any] = super().get_params(ctx)
+        _plain_flags(params)
+        return params
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
+        hoisted = _hoist_debug(args)
+        ctx.meta[_DEBUG_KEY] = _DEBUG_FLAG in hoisted[:1]
+        result: list[str] = super().parse_args(ctx, hoisted)
+        return result
+
+    def resolve_command(  # type: ignore[override]
+        self, ctx: typer.Context, args: list[str]
+    ) -> tuple[str | None, Any, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        if name in COMMANDS:
+            command = load_command(name)
+        return name, command, rest
+
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
+        debug = bool(ctx.meta.get(_DEBUG_KEY)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        with mapped_errors(debug):
+            return super().invoke(ctx)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"stabledrl {__version__}")
+        raise typer.Exit()
 
 
 def create_app() -> typer.Typer:
+    """The `stabledrl` app: shared settings, the lazy command group, root options."""
     app = typer.Typer(
         name="stabledrl",
-        help="Flight recorder and what-if simulator for RL training of (diffusion) LMs.",
+        cls=LazyGroup,
+        help="Flight recorder and what-if simulator for RL training of (diffusion) LMs.\n\n"
+        "Record a run (stabledrl record), replay it through a catalogue of clipping and "
+        "normalization policies (stabledrl replay), gate it in CI (stabledrl check).",
         no_args_is_help=True,
         pretty_exceptions_enable=False,
-        add_completion=False,
+        add_completion=True,
         context_settings={"help_option_names": ["-h", "--help"]},
     )
 
     @app.callback()
     def _root(
         debug: Annotated[
-            bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")
+            bool,
+            typer.Option(
+                _DEBUG_FLAG,
+                help="Show tracebacks instead of one-line errors (anywhere on the line).",
+            ),
+        ] = False,
+        version: Annotated[
+            bool,
+            typer.Option(
+                "--version",
+                callback=_show_version,
+                is_eager=True,
+                help="Print the version and exit.",
+            ),
         ] = False,
     ) -> None:
-        if debug:
-            os.environ["STABLEDRL_DEBUG"] = "1"
+        """The root options; the debug switch is read by `LazyGroup` (see `_hoist_debug`)."""
 
-    for name, module in COMMANDS.items():
-        command = importlib.import_module(f"stabledrl_cli.cli.{module}").command
-        app.command(name)(_mapped(command))
     return app
 
 
@@ -96,6 +226,7 @@ app = create_app()
 
 
 def main() -> None:
+    """The `stabledrl` console script."""
     try:
         app(prog_name="stabledrl")
     except SystemExit as exc:

@@ -1,0 +1,46 @@
+"""Start-up: importing the package, the root help and `policies` never import torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PROBES = {
+    "import": "import stabledrl_cli",
+    "face names": "import stabledrl_cli as sd; sd.__version__; dir(sd)",
+    "root help": """
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        result = CliRunner().invoke(app, ["--help"])
+        assert result.exit_code == 0 and "replay" in result.stdout, result.output
+    """,
+    "policies": """
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        for args in (["policies"], ["policies", "-f", "json"], ["policies", "-p", "dapo"]):
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0 and "dapo" in result.stdout, result.output
+    """,
+}
+
+
+@pytest.mark.parametrize("name", list(PROBES))
+def test_torch_is_not_imported(name):
+    code = textwrap.dedent(PROBES[name]) + "\nimport sys\nprint('torch' in sys.modules)\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False", f"{name} imported torch"
+
+
+def test_public_names_still_resolve():
+    import stabledrl_cli as sd
+
+    for name in sd.__all__:
+        assert getattr(sd, name) is not None
+    with pytest.raises(AttributeError):
+        sd.no_such_name  # noqa: B018
