@@ -48,8 +48,8 @@ def test_policy_option_resolves_specs():
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["policies"]
     assert [row["spec"] for row in rows] == [
-        "ppo:eps_low=0.1,eps_high=0.1",
-        "cispo:eps_low=0.2,eps_high=0.28",
+        "ppo:eps_high=0.1,eps_low=0.1",
+        "cispo:eps_high=0.28,eps_low=0.2",
     ]
     assert rows[0]["params"]["eps_high"] == 0.1
     table = runner.invoke(app, ["policies", "-p", "stabledrl:c=3"])

@@ -6,65 +6,78 @@ it the place to validate a spec from the shell: a bad spec exits 2 with the vali
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 from rich.table import Table
 
 from stabledrl_cli.cli._options import FormatOpt, PolicyOpt
 from stabledrl_cli.cli._output import OutputFormat, out, print_json
-from stabledrl_cli.policies import STANDARD_CATALOGUE, catalogue, get_policy
-from stabledrl_cli.policies._base import format_value
+from stabledrl_cli.policies import STANDARD_CATALOGUE, PolicyEntry, catalogue, resolve_spec
+from stabledrl_cli.policies._config import ParamValue
+from stabledrl_cli.spec import SPEC_SYNTAX, format_value
+from stabledrl_cli.vocab import ADV_MODES, AGGS
 
 
-def _params_text(params: dict[str, Any], required: list[str]) -> str:
-    parts = [
-        f"{key}={'(required)' if key in required else format_value(value)}"
-        for key, value in params.items()
-        if value is not None or key in required
-    ]
+class PolicyRow(TypedDict):
+    """One row of `policies --format json` (a catalogue name, or a resolved spec)."""
+
+    name: str
+    spec: str
+    family: str
+    params: dict[str, ParamValue]
+    required: list[str]
+    keys: list[str]
+    formula: str
+    source: str
+
+
+def _params_text(params: dict[str, ParamValue], required: list[str]) -> str:
+    """`key=value` pairs joined by spaces; a required key without a value says so."""
+    parts = []
+    for key, value in params.items():
+        if key in required:
+            parts.append(f"{key}=(required)")
+        elif value is not None:
+            parts.append(f"{key}={format_value(value)}")
     return " ".join(parts)
 
 
-def _catalogue_rows() -> list[dict[str, Any]]:
-    rows = []
-    for entry in catalogue():
-        required = list(entry.cls.required_keys)
-        rows.append(
-            {
-                "name": entry.name,
-                "spec": entry.name,
-                "family": entry.family,
-                "params": entry.default_params(),
-                "required": required,
-                "keys": entry.keys,
-                "formula": entry.formula,
-                "source": entry.source,
-            }
-        )
-    return rows
+def _row(
+    entry: PolicyEntry, spec: str, params: dict[str, ParamValue], required: list[str]
+) -> PolicyRow:
+    return PolicyRow(
+        name=entry.name,
+        spec=spec,
+        family=entry.family,
+        params=params,
+        required=required,
+        keys=entry.keys,
+        formula=entry.formula,
+        source=entry.source,
+    )
 
 
-def _spec_rows(specs: list[str]) -> list[dict[str, Any]]:
+def _catalogue_rows() -> list[PolicyRow]:
+    return [_row(entry, entry.name, entry.defaults, list(entry.required)) for entry in catalogue()]
+
+
+def _spec_rows(specs: list[str]) -> list[PolicyRow]:
     rows = []
     for spec in specs:
-        policy = get_policy(spec)
-        rows.append(
-            {
-                "name": policy.name,
-                "spec": policy.spec,
-                "family": policy.family,
-                "params": policy.params,
-                "required": [],
-                "keys": list(policy.params),
-                "formula": policy.formula,
-                "source": policy.source,
-            }
-        )
+        entry, config = resolve_spec(spec)
+        rows.append(_row(entry, entry.spec_of(config), config.params(), []))
     return rows
 
 
 def command(policy: PolicyOpt = None, fmt: FormatOpt = OutputFormat.table) -> None:
-    """List the policy catalogue: name, family, defaults, formula and source."""
+    """List the policy catalogue: name, family, defaults, formula and source.
+
+    Examples:
+
+      stabledrl policies
+
+      stabledrl policies -p dapo -p "two-sided:delta=4" --format json
+    """
     rows = _spec_rows(policy) if policy else _catalogue_rows()
     if fmt == OutputFormat.json:
         print_json({"policies": rows, "standard_catalogue": STANDARD_CATALOGUE})
@@ -86,8 +99,8 @@ def command(policy: PolicyOpt = None, fmt: FormatOpt = OutputFormat.table) -> No
     out.print(table)
     if not policy:
         out.print(
-            "spec: NAME or NAME:key=value,...  every policy also takes beta (KL, needs logp_ref) "
-            "and adv=recorded|center|zscore|rloo; agg=token-mean|seq-mean-token-mean|"
-            "seq-mean-token-sum|constant (max_len)|recorded (loss_scale)",
+            f"spec: {SPEC_SYNTAX}.  Every policy also takes beta (KL, needs logp_ref) and "
+            f"adv={'|'.join(ADV_MODES)}; agg={'|'.join(AGGS)} "
+            "(constant needs max_len, recorded needs loss_scale)",
             highlight=False,
         )

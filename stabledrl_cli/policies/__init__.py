@@ -3,13 +3,18 @@
 `get_policy(spec).weights(batch)` returns, per token, the coefficient dJ/dlogp_t of the
 policy's surrogate objective, the tokens its rule discards or clips, and J itself. `prepare`
 computes the shared quantities once, so a replay evaluates every policy on one prepared batch.
-The math is policies.md; each family lives in its own module.
+The maths is docs/policies.md; each family lives in its own module.
+
+The catalogue's declarations (`REGISTRY`, configs, defaults, formulas, sources, `resolve_spec`)
+import no torch, so `stabledrl policies` starts fast; the computing names (`Policy`,
+`PolicyBatch`, `Weights`, `prepare`, ...) are imported on first use.
 """
 
 from __future__ import annotations
 
-from stabledrl_cli.policies._base import Policy, Weights
-from stabledrl_cli.policies._batch import PolicyBatch, PreparedBatch, prepare
+import importlib
+from typing import TYPE_CHECKING
+
 from stabledrl_cli.policies._registry import (
     REGISTRY,
     STANDARD_CATALOGUE,
@@ -17,7 +22,21 @@ from stabledrl_cli.policies._registry import (
     catalogue,
     get_policy,
     parse_spec,
+    resolve_spec,
 )
+
+if TYPE_CHECKING:
+    from stabledrl_cli.policies._base import Policy, Weights
+    from stabledrl_cli.policies._batch import PolicyBatch, PreparedBatch, prepare
+
+# Computing name -> its module (torch).
+_COMPUTE: dict[str, str] = {
+    "Policy": "stabledrl_cli.policies._base",
+    "Weights": "stabledrl_cli.policies._base",
+    "PolicyBatch": "stabledrl_cli.policies._batch",
+    "PreparedBatch": "stabledrl_cli.policies._batch",
+    "prepare": "stabledrl_cli.policies._batch",
+}
 
 __all__ = [
     "REGISTRY",
@@ -31,4 +50,15 @@ __all__ = [
     "get_policy",
     "parse_spec",
     "prepare",
+    "resolve_spec",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Imports a computing name's module (and torch) on first access."""
+    home = _COMPUTE.get(name)
+    if home is None:
+        raise AttributeError(f"module 'stabledrl_cli.policies' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import torch
 
-ADV_MODES = ("recorded", "center", "zscore", "rloo")
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.vocab import ADV_MODES, AdvMode
 
 # TRL's epsilon in (r - mean) / (std + 1e-4): keeps a zero-variance group finite.
 ZSCORE_EPS = 1e-4
 
 
 def recompute_advantages(
-    reward: torch.Tensor, seq_group: torch.Tensor, n_groups: int, mode: str
+    reward: torch.Tensor, seq_group: torch.Tensor, n_groups: int, mode: AdvMode
 ) -> torch.Tensor:
     """reward: [N], seq_group: [N] dense group index -> advantages [N]."""
     zeros = torch.zeros(n_groups, dtype=reward.dtype, device=reward.device)
@@ -40,4 +41,4 @@ def recompute_advantages(
         others = (total[seq_group] - reward) / (n - 1.0).clamp(min=1.0)
         # reward * 0 rather than zeros: a NaN reward in a group of one stays visible.
         return torch.where(n > 1, reward - others, reward * 0.0)
-    raise ValueError(f"unknown advantage mode {mode!r}; valid: {', '.join(ADV_MODES)}")
+    raise UsageError(f"adv must be one of {', '.join(ADV_MODES[1:])} to recompute; got {mode!r}")

@@ -1,4 +1,4 @@
-"""The policy contract: `Policy.weights(batch) -> Weights` (policies.md, "The contract").
+"""The policy contract: `Policy.weights(batch) -> Weights` (docs/policies.md, "The contract").
 
 A family module implements `_policy_terms`, the policy-gradient part of J; the base adds the
 KL term, zeroes unscored tokens, makes non-finite inputs visible in `coef`, and restricts
@@ -7,15 +7,15 @@ KL term, zeroes unscored tokens, makes non-finite inputs visible in `coef`, and 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
 
 import torch
 
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies._batch import PolicyBatch, PreparedBatch, prepare
-from stabledrl_cli.policies._config import COMMON_KEYS, AggConfig, BaseConfig, agg_norm
+from stabledrl_cli.policies._config import AggConfig, BaseConfig, ParamValue
+from stabledrl_cli.policies._registry import PolicyEntry
+from stabledrl_cli.vocab import Agg, Unit
 
 
 @dataclass(frozen=True)
@@ -49,71 +49,64 @@ class PolicyTerms:
     clipped: torch.Tensor
 
 
-def format_value(value: Any) -> str:
-    """Spec text of a parameter value; parsing it back gives the same value."""
-    if isinstance(value, float):
-        text = repr(value)
-        return text[:-2] if text.endswith(".0") else text
-    return str(value)
-
-
-def param_order(config_cls: type) -> list[str]:
-    """The config's own keys first, then the keys every policy shares."""
-    names = [f.name for f in dataclasses.fields(config_cls)]
-    return [n for n in names if n not in COMMON_KEYS] + [n for n in COMMON_KEYS if n in names]
+def agg_norm(prep: PreparedBatch, agg: Agg, max_len: int | None) -> torch.Tensor:
+    """[T] normalizer norm_t of each token under `agg` (docs/policies.md, Aggregation)."""
+    ones = torch.ones_like(prep.logp)
+    if agg == "token-mean":
+        return prep.num_scored * ones
+    if agg == "seq-mean-token-mean":
+        return prep.num_live_seqs * prep.seq_len_tokens
+    if agg == "seq-mean-token-sum":
+        return prep.num_live_seqs * ones
+    if agg == "constant":
+        assert max_len is not None  # AggConfig requires it
+        return prep.num_live_seqs * float(max_len) * ones
+    if prep.loss_scale is None:
+        raise UsageError("agg=recorded needs the recorded `loss_scale`, which this batch lacks")
+    return prep.loss_scale
 
 
 class Policy:
-    """A policy of the catalogue, bound to its parameters."""
+    """A policy of the catalogue, bound to its parameters: its entry (name, family, formula,
+    source, defaults) and its validated config. Built by `get_policy`."""
 
-    Config: ClassVar[type[BaseConfig]] = BaseConfig
-    family: ClassVar[str] = ""
-    required_keys: ClassVar[dict[str, str]] = {}
-    """Keys without a default (the spec must give them), each with an example value."""
+    config: BaseConfig
 
-    def __init__(
-        self,
-        config: BaseConfig,
-        *,
-        name: str,
-        formula: str = "",
-        source: str = "",
-        defaults: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, config: BaseConfig, entry: PolicyEntry) -> None:
         self.config = config
-        self.name = name
-        self.formula = formula
-        self.source = source
-        self._defaults = defaults if defaults is not None else {}
-        self._check_config()
-
-    def _check_config(self) -> None:
-        """Checks that need the policy, not just the config: the required keys."""
-        for key, example in self.required_keys.items():
-            if getattr(self.config, key) is None:
-                raise UsageError(
-                    f"{key} is required for {self.name}, e.g. {self.name}:{key}={example}"
-                )
+        self.entry = entry
 
     @property
-    def params(self) -> dict[str, Any]:
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def family(self) -> str:
+        return self.entry.family
+
+    @property
+    def formula(self) -> str:
+        return self.entry.formula
+
+    @property
+    def source(self) -> str:
+        return self.entry.source
+
+    @property
+    def params(self) -> dict[str, ParamValue]:
         """Every parameter, defaults filled, in display order."""
-        return {name: getattr(self.config, name) for name in param_order(type(self.config))}
+        return self.config.params()
 
     @property
     def spec(self) -> str:
-        """Canonical spec: the name plus each parameter that differs from the name's defaults."""
-        parts = [
-            f"{key}={format_value(value)}"
-            for key, value in self.params.items()
-            if value is not None and self._defaults.get(key) != value
-        ]
-        return self.name + (":" + ",".join(parts) if parts else "")
+        """Canonical spec: the name plus each parameter that differs from the name's defaults,
+        keys sorted (`stabledrl_cli.spec`)."""
+        return self.entry.spec_of(self.config)
 
     def __repr__(self) -> str:
         return f"Policy({self.spec!r})"
 
-    def required_fields(self, unit: str = "token") -> set[str]:
+    def required_fields(self, unit: Unit = "token") -> set[str]:
         """Batch fields needed beyond logp, logp_old, advantages, mask and seq_id."""
         needed: set[str] = set()
         if self.config.beta > 0:
@@ -172,12 +165,14 @@ class Policy:
         )
 
 
+TokenTerms = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""A token policy's (value [T], d value / d logp [T], discarded [T], clipped [T])."""
+
+
 class TokenPolicy(Policy):
     """A policy whose objective is a sum of per-token terms value_t * w_t / norm_t."""
 
-    def _token_terms(
-        self, prep: PreparedBatch, adv: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
         """-> (value [T], d value / d logp [T], discarded [T], clipped [T])."""
         raise NotImplementedError
 

@@ -17,11 +17,12 @@ Shapes and defaults of `PolicyBatch`:
 - `group_id`: [N] per sequence; default: one group.
 - `reward`: [N] per sequence (needed by `adv=center|zscore|rloo`).
 - `logp_ref`, `loss_weight`, `loss_scale`: same shape as `logp`.
-- `unit`: "token" or "sequence" (what one entry is; see design.md).
+- `unit`: "token" or "sequence" (what one entry is; see docs/run-format.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -30,40 +31,42 @@ import numpy as np
 import torch
 
 from stabledrl_cli.errors import InputError, UsageError
-from stabledrl_cli.policies._advantages import ADV_MODES, recompute_advantages
+from stabledrl_cli.policies._advantages import recompute_advantages
+from stabledrl_cli.vocab import ADV_MODES, UNITS, AdvMode, Unit
 
-UNITS = ("token", "sequence")
+ArrayLike = torch.Tensor | np.ndarray[Any, Any] | Sequence[float] | float
+"""What a batch field accepts: a torch tensor (any device), a numpy array, a list, a scalar."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class PolicyBatch:
     """One step's arrays: torch tensors (any device) or numpy arrays."""
 
-    logp: Any
+    logp: ArrayLike
     """log pi_theta of each scored unit: [T] or [B, L]."""
-    logp_old: Any
+    logp_old: ArrayLike
     """log pi_old (the sampler, or its recompute): same shape as logp."""
-    advantages: Any
+    advantages: ArrayLike
     """Per token (same shape as logp) or per row ([B] with [B, L] logp)."""
-    mask: Any = None
+    mask: ArrayLike | None = None
     """Nonzero = scored; default all ones."""
-    seq_id: Any = None
+    seq_id: ArrayLike | None = None
     """[T] sequence of each token; default row index ([B, L]) or one sequence a token (flat)."""
-    group_id: Any = None
+    group_id: ArrayLike | None = None
     """[N] group (prompt) of each sequence; default one group."""
-    logp_ref: Any = None
+    logp_ref: ArrayLike | None = None
     """log pi_ref, for the KL term (beta > 0)."""
-    reward: Any = None
+    reward: ArrayLike | None = None
     """[N] reward of each sequence, for adv=center|zscore|rloo."""
-    loss_weight: Any = None
+    loss_weight: ArrayLike | None = None
     """Per-token multiplier the run applied to each token's term; default 1."""
-    loss_scale: Any = None
+    loss_scale: ArrayLike | None = None
     """Per-token normalizer the run actually used (agg=recorded)."""
-    unit: str = "token"
+    unit: Unit = "token"
     """What one entry is: "token", or "sequence" for sequence-level likelihood estimators."""
 
 
-def _as_tensor(value: Any, name: str, device: torch.device | None) -> torch.Tensor:
+def _as_tensor(value: ArrayLike, name: str, device: torch.device | None) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         tensor = value.detach()
     elif isinstance(value, np.ndarray) or np.isscalar(value) or isinstance(value, (list, tuple)):
@@ -107,7 +110,7 @@ class PreparedBatch:
     loss_weight: torch.Tensor | None = None
     loss_scale: torch.Tensor | None = None
     has_group_id: bool = False
-    unit: str = "token"
+    unit: Unit = "token"
     _adv_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -214,7 +217,7 @@ class PreparedBatch:
         return self.seq_sum(self.log_ratio) / self.seq_len.clamp(min=1.0)
 
     # --- advantages --------------------------------------------------------------------------
-    def advantages(self, mode: str = "recorded") -> torch.Tensor:
+    def advantages(self, mode: AdvMode = "recorded") -> torch.Tensor:
         """[T] advantages under `mode` (recorded | center | zscore | rloo), cached per mode."""
         if mode not in self._adv_cache:
             if mode == "recorded":
@@ -235,7 +238,7 @@ class PreparedBatch:
 
 
 def _flat_like(
-    value: Any, name: str, shape: torch.Size, device: torch.device, dtype: torch.dtype
+    value: ArrayLike | None, name: str, shape: torch.Size, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor | None:
     if value is None:
         return None
@@ -275,6 +278,8 @@ def prepare(
     num_tokens = int(logp_raw.numel())
     logp = logp_raw.to(ctype).reshape(-1)
     logp_old = _flat_like(batch.logp_old, "logp_old", shape, dev, ctype)
+    if logp_old is None:
+        raise InputError("logp_old is required (the same shape as logp)")
 
     adv = _as_tensor(batch.advantages, "advantages", dev).to(ctype)
     if len(shape) == 2 and adv.ndim == 1 and adv.shape[0] == shape[0]:

@@ -1,8 +1,9 @@
-"""Config dataclasses shared by every policy: KL, advantage mode, aggregation.
+"""Every policy's parameters, as frozen keyword-only config dataclasses (no torch here).
 
-Every config is frozen and keyword-only; `__post_init__` validates, so a config built in code
-is as safe as one parsed from a spec. Choices are `Literal` types: the spec parser and the
-validators read them from the annotations, so error messages list them from one place.
+`__post_init__` validates, so a config built in code is as safe as one parsed from a spec.
+Choices are `Literal` types (`Agg`, `AdvMode` from `stabledrl_cli.vocab`): the spec parser and
+the validators read them from the annotations, so error messages list them from one place.
+The maths that uses each config lives in the family's compute module (docs/policies.md).
 """
 
 from __future__ import annotations
@@ -11,20 +12,19 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import torch
+from typing import Literal
 
 from stabledrl_cli.errors import UsageError
-
-Agg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant", "recorded"]
-AdvMode = Literal["recorded", "center", "zscore", "rloo"]
+from stabledrl_cli.vocab import AdvMode, Agg
 
 # Keys every policy takes; they are listed after the policy's own keys.
 COMMON_KEYS = ("agg", "max_len", "beta", "adv")
 
+ParamValue = str | int | float | bool | None
+"""A config field's value: a number, a choice, or None for unset."""
 
-def literal_choices(cls: type, name: str) -> tuple[Any, ...] | None:
+
+def literal_choices(cls: type, name: str) -> tuple[str, ...] | None:
     """The allowed values of a Literal-typed field, else None."""
     hint = typing.get_type_hints(cls)[name]
     if typing.get_origin(hint) is Literal:
@@ -40,6 +40,12 @@ def check_min(name: str, value: float | None, low: float, strict: bool) -> None:
     if not ok:
         op = ">" if strict else ">="
         raise UsageError(f"{name} must be a finite number {op} {low:g}, got {value!r}")
+
+
+def param_order(config_cls: type[BaseConfig]) -> list[str]:
+    """The config's own keys first, then the keys every policy shares."""
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    return [n for n in names if n not in COMMON_KEYS] + [n for n in COMMON_KEYS if n in names]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +64,10 @@ class BaseConfig:
             if choices is not None and value not in choices:
                 raise UsageError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
         check_min("beta", self.beta, 0.0, strict=False)
+
+    def params(self) -> dict[str, ParamValue]:
+        """Every parameter, defaults filled, in display order."""
+        return {name: getattr(self, name) for name in param_order(type(self))}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,19 +89,134 @@ class AggConfig(BaseConfig):
             raise UsageError("max_len only applies to agg=constant")
 
 
-def agg_norm(prep: Any, agg: str, max_len: int | None) -> torch.Tensor:
-    """[T] normalizer norm_t of each token under `agg` (policies.md, Aggregation)."""
-    ones = torch.ones_like(prep.logp)
-    if agg == "token-mean":
-        return prep.num_scored * ones
-    if agg == "seq-mean-token-mean":
-        return prep.num_live_seqs * prep.seq_len_tokens
-    if agg == "seq-mean-token-sum":
-        return prep.num_live_seqs * ones
-    if agg == "constant":
-        return prep.num_live_seqs * float(max_len) * ones
-    if agg == "recorded":
-        if prep.loss_scale is None:
-            raise UsageError("agg=recorded needs the recorded `loss_scale`, which this batch lacks")
-        return prep.loss_scale
-    raise UsageError(f"unknown agg {agg!r}; valid: {', '.join(typing.get_args(Agg))}")
+@dataclass(frozen=True, kw_only=True)
+class ClipConfig(AggConfig):
+    """PPO's conditional clip (ppo, grpo, dapo)."""
+
+    eps_low: float = 0.2
+    """Lower clip: the ratio's floor is 1 - eps_low (binds for A < 0)."""
+    eps_high: float | None = None
+    """Upper clip: the ratio's ceiling is 1 + eps_high (binds for A > 0); default eps_low."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eps_high is None:
+            object.__setattr__(self, "eps_high", self.eps_low)
+        check_min("eps_low", self.eps_low, 0.0, strict=False)
+        check_min("eps_high", self.eps_high, 0.0, strict=False)
+
+    @property
+    def high(self) -> float:
+        """eps_high, filled (never None after `__post_init__`)."""
+        return self.eps_low if self.eps_high is None else self.eps_high
+
+
+@dataclass(frozen=True, kw_only=True)
+class DualClipConfig(ClipConfig):
+    """verl's dual clip."""
+
+    c: float = 3.0
+    """Dual clip: for A < 0 the term is floored at c A, so r > c is discarded (c > 1)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_min("c", self.c, 1.0, strict=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TwoSidedConfig(ClipConfig):
+    """TRL's two-sided clip (`delta`)."""
+
+    delta: float | None = None
+    """Two-sided clip: r <- min(r, delta) in the unclipped branch (required, > 1 + eps_high;
+    INTELLECT-2 used 4)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.delta is not None and not self.delta > 1.0 + self.high:
+            raise UsageError(
+                f"delta must be > 1 + eps_high = {1.0 + self.high:g}, got {self.delta!r}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class GSPOConfig(BaseConfig):
+    """GSPO's clip of the sequence ratio (its aggregation is fixed)."""
+
+    eps_low: float = 3e-4
+    """Lower clip of the sequence ratio: 1 - eps_low (GSPO paper 3e-4)."""
+    eps_high: float = 4e-4
+    """Upper clip of the sequence ratio: 1 + eps_high (GSPO paper 4e-4)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_min("eps_low", self.eps_low, 0.0, strict=False)
+        check_min("eps_high", self.eps_high, 0.0, strict=False)
+
+
+# TRL's recommended absolute cap on the CISPO weight.
+CISPO_DEFAULT_CAP = 5.0
+# The verl form's floor when only eps_high is given.
+CISPO_DEFAULT_EPS_LOW = 0.2
+
+
+@dataclass(frozen=True, kw_only=True)
+class CISPOConfig(AggConfig):
+    """CISPO's bound on the importance weight: TRL's cap, or verl's band (by the keys given)."""
+
+    cap: float | None = None
+    """TRL form: absolute ceiling of the weight, w = min(r, cap); default 5.0."""
+    eps_low: float | None = None
+    """verl form: floor 1 - eps_low of the weight (default 0.2 once the verl form is chosen)."""
+    eps_high: float | None = None
+    """verl form: ceiling 1 + eps_high of the weight (default eps_low)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eps_low is None and self.eps_high is None:
+            if self.cap is None:
+                object.__setattr__(self, "cap", CISPO_DEFAULT_CAP)
+            check_min("cap", self.cap, 0.0, strict=True)
+            return
+        if self.cap is not None:
+            raise UsageError(
+                "give cap (TRL form) or eps_low/eps_high (verl form), not both; "
+                "valid keys: cap | eps_low, eps_high"
+            )
+        if self.eps_low is None:
+            object.__setattr__(self, "eps_low", CISPO_DEFAULT_EPS_LOW)
+        if self.eps_high is None:
+            object.__setattr__(self, "eps_high", self.eps_low)
+        check_min("eps_low", self.eps_low, 0.0, strict=False)
+        check_min("eps_high", self.eps_high, 0.0, strict=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SAPOConfig(AggConfig):
+    """SAPO's soft gate temperatures."""
+
+    tau_pos: float = 1.0
+    """Gate temperature for A > 0: larger = narrower trust region."""
+    tau_neg: float = 1.05
+    """Gate temperature for A <= 0 (slightly narrower: negative updates are riskier)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_min("tau_pos", self.tau_pos, 0.0, strict=True)
+        check_min("tau_neg", self.tau_neg, 0.0, strict=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StableDRLConfig(BaseConfig):
+    """StableDRL's unconditional clip and self-normalization."""
+
+    c: float = 5.0
+    """Ceiling of the importance weight, applied whatever the sign of A (c > 1)."""
+    level: Literal["seq", "token"] = "seq"
+    """Weight per sequence (mean log-ratio) or per token (token units only)."""
+    norm: Literal["group", "batch"] = "group"
+    """Self-normalize within each group and average over groups, or once over the step."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_min("c", self.c, 1.0, strict=True)

@@ -1,127 +1,182 @@
-"""The catalogue: a plain dict of names, each a policy class with its defaults, formula and
-source. `get_policy(spec)` is the one way in; a failed lookup lists the valid names or keys."""
+"""The catalogue: a plain dict of names, each declared with its config, defaults, formula and
+source (no torch here). `resolve_spec` types a spec against it; `get_policy(spec)` is the one
+way to a computing `Policy`, whose family module (and torch) it imports on first use. A failed
+lookup lists the valid names or keys."""
 
 from __future__ import annotations
 
+import importlib
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.policies._base import Policy, param_order
-from stabledrl_cli.policies._spec import convert_value, split_spec
-from stabledrl_cli.policies.cispo import CISPOPolicy
-from stabledrl_cli.policies.gspo import GSPOPolicy
-from stabledrl_cli.policies.ppo import DualClipPolicy, PPOPolicy, TwoSidedPolicy
-from stabledrl_cli.policies.reference import ISPolicy, ReinforcePolicy
-from stabledrl_cli.policies.sapo import SAPOPolicy
-from stabledrl_cli.policies.stabledrl import StableDRLPolicy
+from stabledrl_cli.policies._config import (
+    AggConfig,
+    BaseConfig,
+    CISPOConfig,
+    ClipConfig,
+    DualClipConfig,
+    GSPOConfig,
+    ParamValue,
+    SAPOConfig,
+    StableDRLConfig,
+    TwoSidedConfig,
+    param_order,
+)
+from stabledrl_cli.policies._spec import convert_value
+from stabledrl_cli.spec import format_spec, split_spec
+
+if TYPE_CHECKING:
+    from stabledrl_cli.policies._base import Policy
 
 
 @dataclass(frozen=True)
 class PolicyEntry:
-    """One name of the catalogue: a class, the defaults it overrides, and its documentation."""
+    """One name of the catalogue: its family, config, the defaults it overrides, documentation,
+    and where its computation lives."""
 
     name: str
-    cls: type[Policy]
+    family: str
+    config: type[BaseConfig]
+    compute: str
+    """`module:Class` of the computing `Policy` (imported on first use)."""
     formula: str
     source: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def family(self) -> str:
-        return self.cls.family
+    overrides: dict[str, ParamValue] = field(default_factory=dict)
+    """Defaults of this name that differ from the config's (e.g. grpo's agg)."""
+    required: dict[str, str] = field(default_factory=dict)
+    """Keys without a default (the spec must give them), each with an example value."""
 
     @property
     def keys(self) -> list[str]:
-        return param_order(self.cls.Config)
+        """Every key the spec of this name takes, in display order."""
+        return param_order(self.config)
 
-    def default_params(self) -> dict[str, Any]:
+    @cached_property
+    def defaults(self) -> dict[str, ParamValue]:
         """Every parameter of the bare name (None = unset, e.g. a required two-sided delta)."""
-        config = self.cls.Config(**self.overrides)
-        return {key: getattr(config, key) for key in self.keys}
+        return self.config(**self.overrides).params()  # type: ignore[arg-type]
 
-    def build(self, params: dict[str, Any]) -> Policy:
-        config = self.cls.Config(**{**self.overrides, **params})
-        return self.cls(
-            config,
-            name=self.name,
-            formula=self.formula,
-            source=self.source,
-            defaults=self.default_params(),
+    def make_config(self, params: dict[str, ParamValue]) -> BaseConfig:
+        """The config of this name with `params` given; UsageError on a bad or missing value."""
+        config = self.config(**{**self.overrides, **params})  # type: ignore[arg-type]
+        for key, example in self.required.items():
+            if getattr(config, key) is None:
+                raise UsageError(
+                    f"{key} is required for {self.name}, e.g. {self.name}:{key}={example}"
+                )
+        return config
+
+    def spec_of(self, config: BaseConfig) -> str:
+        """Canonical spec: the name plus each parameter that differs from the name's defaults."""
+        return format_spec(
+            self.name,
+            {k: v for k, v in config.params().items() if self.defaults.get(k) != v},
         )
+
+    def policy_class(self) -> type[Policy]:
+        """The computing class (imports its family module, and torch)."""
+        module, _, cls = self.compute.partition(":")
+        found: type[Policy] = getattr(importlib.import_module(module), cls)
+        return found
 
 
 _PPO_FORMULA = "min(r A, clip(r, 1-eps_low, 1+eps_high) A) / norm"
+_FAMILIES = "stabledrl_cli.policies"
 
 REGISTRY: dict[str, PolicyEntry] = {
     entry.name: entry
     for entry in (
         PolicyEntry(
             "ppo",
-            PPOPolicy,
+            "ppo-clip",
+            ClipConfig,
+            f"{_FAMILIES}.ppo:PPOPolicy",
             _PPO_FORMULA,
             "TRL GRPOTrainer._compute_loss; verl core_algos.compute_policy_loss_vanilla",
         ),
         PolicyEntry(
             "grpo",
-            PPOPolicy,
+            "ppo-clip",
+            ClipConfig,
+            f"{_FAMILIES}.ppo:PPOPolicy",
             _PPO_FORMULA + ", norm = N |y_i|",
             "TRL loss_type=grpo (DeepSeekMath GRPO)",
             {"agg": "seq-mean-token-mean"},
         ),
         PolicyEntry(
             "dapo",
-            PPOPolicy,
+            "ppo-clip",
+            ClipConfig,
+            f"{_FAMILIES}.ppo:PPOPolicy",
             _PPO_FORMULA + ", clip-higher eps_high=0.28, norm = Z",
             "DAPO arXiv:2503.14476; TRL loss_type=dapo",
             {"eps_high": 0.28, "agg": "token-mean"},
         ),
         PolicyEntry(
             "dual-clip",
-            DualClipPolicy,
+            "ppo-clip",
+            DualClipConfig,
+            f"{_FAMILIES}.ppo:DualClipPolicy",
             "A<0: max(min(r A, clip(r) A), c A); A>=0: min(r A, clip(r) A)",
             "verl compute_policy_loss_vanilla clip_ratio_c (dual-clip PPO, Ye et al. 2020)",
         ),
         PolicyEntry(
             "two-sided",
-            TwoSidedPolicy,
+            "ppo-clip",
+            TwoSidedConfig,
+            f"{_FAMILIES}.ppo:TwoSidedPolicy",
             "min(min(r, delta) A, clip(r, 1-eps_low, 1+eps_high) A) / norm",
             "TRL GRPOConfig.delta (INTELLECT-2)",
+            required={"delta": "4"},
         ),
         PolicyEntry(
             "gspo",
-            GSPOPolicy,
+            "sequence-clip",
+            GSPOConfig,
+            f"{_FAMILIES}.gspo:GSPOPolicy",
             "min(s_i A, clip(s_i) A) / (N |y_i|), s_i = exp(mean_t log r_t)",
             "GSPO arXiv:2507.18071; TRL importance_sampling_level=sequence",
         ),
         PolicyEntry(
             "cispo",
-            CISPOPolicy,
+            "clipped-is",
+            CISPOConfig,
+            f"{_FAMILIES}.cispo:CISPOPolicy",
             "sg(min(r, cap)) A logp / norm; verl form sg(clip(r, 1-eps_low, 1+eps_high))",
             "MiniMax-M1 arXiv:2506.13585; TRL loss_type=cispo; verl compute_policy_loss_cispo",
         ),
         PolicyEntry(
             "sapo",
-            SAPOPolicy,
+            "soft-gate",
+            SAPOConfig,
+            f"{_FAMILIES}.sapo:SAPOPolicy",
             "sigmoid(tau (r-1)) 4/tau A / norm, tau = tau_pos if A>0 else tau_neg",
             "TRL loss_type=sapo (Soft Adaptive Policy Optimization)",
         ),
         PolicyEntry(
             "is",
-            ISPolicy,
+            "reference",
+            AggConfig,
+            f"{_FAMILIES}.reference:ISPolicy",
             "r A / norm (no clipping)",
             "plain importance sampling: the reference for discarded gradient",
         ),
         PolicyEntry(
             "reinforce",
-            ReinforcePolicy,
+            "reference",
+            AggConfig,
+            f"{_FAMILIES}.reference:ReinforcePolicy",
             "A logp / norm (no ratio)",
             "verl core_algos.compute_policy_loss_gpg (GPG); REINFORCE",
         ),
         PolicyEntry(
             "stabledrl",
-            StableDRLPolicy,
+            "self-normalized",
+            StableDRLConfig,
+            f"{_FAMILIES}.stabledrl:StableDRLPolicy",
             "mean_g sum_i softmax_g(min(mean_t log r_t, log c)) A_i ELBO_i",
             "StableDRL arXiv:2603.06743; networks/llada_svpo.py::compute_loss_spg (use_snis)",
         ),
@@ -148,14 +203,14 @@ def catalogue() -> list[PolicyEntry]:
     return list(REGISTRY.values())
 
 
-def parse_spec(spec: str) -> tuple[PolicyEntry, dict[str, Any]]:
+def parse_spec(spec: str) -> tuple[PolicyEntry, dict[str, ParamValue]]:
     """-> (entry, typed parameters given); UsageError on an unknown name, key or a bad value."""
     name, raw = split_spec(spec)
     entry = REGISTRY.get(name)
     if entry is None:
         raise UsageError(f"unknown policy {name!r}; valid: {', '.join(REGISTRY)}")
-    hints = typing.get_type_hints(entry.cls.Config)
-    params: dict[str, Any] = {}
+    hints = typing.get_type_hints(entry.config)
+    params: dict[str, ParamValue] = {}
     for key, text in raw.items():
         if key not in entry.keys:
             raise UsageError(
@@ -168,12 +223,22 @@ def parse_spec(spec: str) -> tuple[PolicyEntry, dict[str, Any]]:
     return entry, params
 
 
-def get_policy(spec: str | Policy) -> Policy:
-    """`NAME` or `NAME:key=value,...` -> Policy. A Policy passes through unchanged."""
-    if isinstance(spec, Policy):
-        return spec
+def resolve_spec(spec: str) -> tuple[PolicyEntry, BaseConfig]:
+    """-> (entry, validated config) without importing torch; UsageError on any bad spec."""
     entry, params = parse_spec(spec)
     try:
-        return entry.build(params)
+        return entry, entry.make_config(params)
     except UsageError as exc:
         raise UsageError(f"policy spec {spec!r}: {exc}") from None
+
+
+def get_policy(spec: str | Policy) -> Policy:
+    """`NAME` or `NAME:key=value,...` -> Policy. A Policy passes through unchanged."""
+    if not isinstance(spec, str):
+        from stabledrl_cli.policies._base import Policy  # a Policy means torch is loaded
+
+        if isinstance(spec, Policy):
+            return spec
+        raise UsageError(f"a policy is a spec string or a Policy, not {type(spec).__name__}")
+    entry, config = resolve_spec(spec)
+    return entry.policy_class()(config, entry)

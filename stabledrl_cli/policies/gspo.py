@@ -10,26 +10,11 @@ per-sequence advantage, and 0 for the whole sequence when its clip binds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from stabledrl_cli.policies._base import Policy, PolicyTerms, keep_times
 from stabledrl_cli.policies._batch import PreparedBatch
-from stabledrl_cli.policies._config import BaseConfig, check_min
-
-
-@dataclass(frozen=True, kw_only=True)
-class GSPOConfig(BaseConfig):
-    eps_low: float = 3e-4
-    """Lower clip of the sequence ratio: 1 - eps_low (GSPO paper 3e-4)."""
-    eps_high: float = 4e-4
-    """Upper clip of the sequence ratio: 1 + eps_high (GSPO paper 4e-4)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_min("eps_low", self.eps_low, 0.0, strict=False)
-        check_min("eps_high", self.eps_high, 0.0, strict=False)
+from stabledrl_cli.policies._config import GSPOConfig
 
 
 class GSPOPolicy(Policy):
@@ -37,8 +22,7 @@ class GSPOPolicy(Policy):
     `min(s_i A, clip(s_i, 1-eps_low, 1+eps_high) A) / (N |y_i|)`, s_i = exp(mean_t log r_t);
     a sequence whose clip binds is discarded whole."""
 
-    Config = GSPOConfig
-    family = "sequence-clip"
+    config: GSPOConfig
 
     def norm(self, prep: PreparedBatch) -> torch.Tensor:
         return prep.num_live_seqs * prep.seq_len_tokens

@@ -1,5 +1,6 @@
 """PPO conditional clipping and its two bounded variants (TRL `_compute_loss`, verl
-`compute_policy_loss_vanilla`). GRPO and DAPO are PPO with other defaults (see _registry).
+`compute_policy_loss_vanilla`). GRPO and DAPO are PPO with other defaults (see _registry);
+the configs are in _config.
 
 Per token, `min(r A, clip(r, 1-eps_low, 1+eps_high) A)`: gradient r A on the unclipped branch,
 0 on the clipped one. Discard sets use strict inequalities: a ratio exactly on a bound keeps
@@ -8,29 +9,11 @@ its gradient r A (TRL's metrics compare strictly; autograd gives r A there).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from stabledrl_cli.errors import UsageError
-from stabledrl_cli.policies._base import TokenPolicy, keep_times
+from stabledrl_cli.policies._base import TokenPolicy, TokenTerms, keep_times
 from stabledrl_cli.policies._batch import PreparedBatch
-from stabledrl_cli.policies._config import AggConfig, check_min
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClipConfig(AggConfig):
-    eps_low: float = 0.2
-    """Lower clip: the ratio's floor is 1 - eps_low (binds for A < 0)."""
-    eps_high: float | None = None
-    """Upper clip: the ratio's ceiling is 1 + eps_high (binds for A > 0); default eps_low."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.eps_high is None:
-            object.__setattr__(self, "eps_high", self.eps_low)
-        check_min("eps_low", self.eps_low, 0.0, strict=False)
-        check_min("eps_high", self.eps_high, 0.0, strict=False)
+from stabledrl_cli.policies._config import ClipConfig, DualClipConfig, TwoSidedConfig
 
 
 def ppo_terms(
@@ -49,12 +32,11 @@ class PPOPolicy(TokenPolicy):
     A > 0 with r > 1+eps_high and A < 0 with r < 1-eps_low; A < 0 with r > 1+eps_high keeps
     the unbounded weight r |A|."""
 
-    Config = ClipConfig
-    family = "ppo-clip"
+    config: ClipConfig
 
-    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor):
+    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
         cfg = self.config
-        value, discarded = ppo_terms(prep.ratio, adv, cfg.eps_low, cfg.eps_high)
+        value, discarded = ppo_terms(prep.ratio, adv, cfg.eps_low, cfg.high)
         dvalue = keep_times(~discarded, prep.ratio * adv)
         return value, dvalue, discarded, torch.zeros_like(discarded)
 
@@ -62,63 +44,37 @@ class PPOPolicy(TokenPolicy):
 VERL_LOG_RATIO_CLAMP = 20.0
 
 
-@dataclass(frozen=True, kw_only=True)
-class DualClipConfig(ClipConfig):
-    c: float = 3.0
-    """Dual clip: for A < 0 the term is floored at c A, so r > c is discarded (c > 1)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_min("c", self.c, 1.0, strict=True)
-
-
 class DualClipPolicy(TokenPolicy):
     """verl: for A < 0, `max(min(r A, clip(r) A), c A)`, with r = exp(clamp(log r, -20, 20)).
     At r == c exactly the term keeps r A (the bound rule; autograd of the max splits the tie
     and would give r A / 2)."""
 
-    Config = DualClipConfig
-    family = "ppo-clip"
+    config: DualClipConfig
 
-    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor):
+    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
         cfg = self.config
         # verl clamps log r to [-20, 20] before exp so the ratio cannot overflow; the clamp
         # also zeroes the gradient of the tokens outside it.
         outside = prep.log_ratio.abs() > VERL_LOG_RATIO_CLAMP
         ratio = torch.exp(prep.log_ratio.clamp(-VERL_LOG_RATIO_CLAMP, VERL_LOG_RATIO_CLAMP))
-        value, discarded = ppo_terms(ratio, adv, cfg.eps_low, cfg.eps_high)
+        value, discarded = ppo_terms(ratio, adv, cfg.eps_low, cfg.high)
         value = torch.where(adv < 0, torch.maximum(value, cfg.c * adv), value)
         discarded = discarded | ((adv < 0) & (ratio > cfg.c)) | outside
         dvalue = keep_times(~discarded, ratio * adv)
         return value, dvalue, discarded, torch.zeros_like(discarded)
 
 
-@dataclass(frozen=True, kw_only=True)
-class TwoSidedConfig(ClipConfig):
-    delta: float | None = None
-    """Two-sided clip: r <- min(r, delta) in the unclipped branch (required, > 1 + eps_high;
-    INTELLECT-2 used 4)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.delta is not None and not self.delta > 1.0 + self.eps_high:
-            raise UsageError(
-                f"delta must be > 1 + eps_high = {1.0 + self.eps_high:g}, got {self.delta!r}"
-            )
-
-
 class TwoSidedPolicy(TokenPolicy):
     """TRL `delta` (INTELLECT-2): `min(min(r, delta) A, clip(r) A)`; discards A < 0, r > delta
     as well (TRL's clip metrics do not count these)."""
 
-    Config = TwoSidedConfig
-    family = "ppo-clip"
-    required_keys = {"delta": "4"}  # noqa: RUF012 (a ClassVar, read-only)
+    config: TwoSidedConfig
 
-    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor):
+    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
         cfg = self.config
+        assert cfg.delta is not None  # required: the catalogue refuses a spec without it
         ratio = prep.ratio
-        low, high = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+        low, high = 1.0 - cfg.eps_low, 1.0 + cfg.high
         capped = torch.clamp(ratio, max=cfg.delta)
         value = torch.minimum(capped * adv, torch.clamp(ratio, low, high) * adv)
         discarded = ((adv > 0) & (ratio > high)) | (

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from stabledrl_cli.policies._base import TokenPolicy
+from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
 from stabledrl_cli.policies._batch import PreparedBatch
-from stabledrl_cli.policies._config import AggConfig
 
 
 class ISPolicy(TokenPolicy):
     """Plain importance sampling, `r A / norm`: nothing clipped or discarded; the reference
     for the gradient other policies throw away."""
 
-    Config = AggConfig
-    family = "reference"
-
-    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor):
+    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
         value = prep.ratio * adv
         never = torch.zeros_like(prep.mask)
         return value, value, never, never
@@ -31,9 +27,6 @@ class ReinforcePolicy(TokenPolicy):
     """REINFORCE / GPG (verl `compute_policy_loss_gpg`): `A logp / norm`, coef = A / norm,
     no ratio."""
 
-    Config = AggConfig
-    family = "reference"
-
-    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor):
+    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
         never = torch.zeros_like(prep.mask)
         return adv * prep.logp, adv, never, never

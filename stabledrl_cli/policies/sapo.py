@@ -9,39 +9,23 @@ tau |r - 1| > 1.763 (SAPO has no hard band; this is its soft analogue of "the cl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from stabledrl_cli.policies._base import TokenPolicy
+from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
 from stabledrl_cli.policies._batch import PreparedBatch
-from stabledrl_cli.policies._config import AggConfig, check_min
+from stabledrl_cli.policies._config import SAPOConfig
 
 # The gate 4 s (1 - s) is 1 at r = 1; below this it has removed over half of r's weight.
 CLIPPED_GATE = 0.5
-
-
-@dataclass(frozen=True, kw_only=True)
-class SAPOConfig(AggConfig):
-    tau_pos: float = 1.0
-    """Gate temperature for A > 0: larger = narrower trust region."""
-    tau_neg: float = 1.05
-    """Gate temperature for A <= 0 (slightly narrower: negative updates are riskier)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_min("tau_pos", self.tau_pos, 0.0, strict=True)
-        check_min("tau_neg", self.tau_neg, 0.0, strict=True)
 
 
 class SAPOPolicy(TokenPolicy):
     """SAPO (TRL `loss_type="sapo"`): `sigmoid(tau (r-1)) 4/tau A / norm`, tau = tau_pos for
     A > 0 else tau_neg; coef = 4 s (1-s) r A / norm. Never discards by rule."""
 
-    Config = SAPOConfig
-    family = "soft-gate"
+    config: SAPOConfig
 
-    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor):
+    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
         cfg = self.config
         ratio = prep.ratio
         tau = torch.where(

@@ -20,29 +20,14 @@ is the share times the size of the normalization set.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies._base import Policy, PolicyTerms
 from stabledrl_cli.policies._batch import PreparedBatch
-from stabledrl_cli.policies._config import BaseConfig, check_min
-
-
-@dataclass(frozen=True, kw_only=True)
-class StableDRLConfig(BaseConfig):
-    c: float = 5.0
-    """Ceiling of the importance weight, applied whatever the sign of A (c > 1)."""
-    level: Literal["seq", "token"] = "seq"
-    """Weight per sequence (mean log-ratio) or per token (token units only)."""
-    norm: Literal["group", "batch"] = "group"
-    """Self-normalize within each group and average over groups, or once over the step."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_min("c", self.c, 1.0, strict=True)
+from stabledrl_cli.policies._config import StableDRLConfig
+from stabledrl_cli.vocab import Unit
 
 
 def segment_softmax(
@@ -71,10 +56,9 @@ class StableDRLPolicy(Policy):
     `mean_g sum_i softmax_g(min(mean_t log r_t, log c)) A_i ELBO_i`. Clips whatever the sign
     of A, self-normalizes within each group; never discards."""
 
-    Config = StableDRLConfig
-    family = "self-normalized"
+    config: StableDRLConfig
 
-    def required_fields(self, unit: str = "token") -> set[str]:
+    def required_fields(self, unit: Unit = "token") -> set[str]:
         # Missing group_id means one group (the public code's per-process batch is one prompt).
         if self.config.level == "token" and unit == "sequence":
             raise UsageError(
