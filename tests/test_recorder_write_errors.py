@@ -1,0 +1,98 @@
+"""A failed write of a run (a full disk, a refused permission) is WriteError (exit 4) naming the
+file; its temporary file is removed and the steps written before it stay intact."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+
+import stabledrl_cli as sd
+from stabledrl_cli import _atomic
+from stabledrl_cli.errors import WriteError
+
+
+def _flat(step: int) -> dict:
+    return {
+        "logp": np.full(4, -1.0 - step, np.float32),
+        "logp_old": np.zeros(4, np.float32),
+        "advantages": np.ones(4, np.float32),
+        "seq_id": np.array([0, 0, 1, 1]),
+    }
+
+
+def _fail_after(monkeypatch, calls: int, error: int) -> None:
+    """os.write in the atomic writer: the first `calls` calls write, then each fails."""
+    real_write, count = os.write, [0]
+
+    def write(fd: int, data: bytes) -> int:
+        count[0] += 1
+        if count[0] > calls:
+            raise OSError(error, os.strerror(error))
+        return real_write(fd, bytes(data)[: max(1, len(data) // 2)])  # short writes, too
+
+    monkeypatch.setattr(_atomic.os, "write", write)
+
+
+@pytest.mark.parametrize("async_writes", [False, True])
+def test_no_space_mid_step_is_a_write_error_and_leaves_no_temporary_file(
+    tmp_path, monkeypatch, async_writes
+):
+    path = tmp_path / "run"
+    rec = sd.Recorder(path, async_writes=async_writes)
+    for step in range(3):
+        rec.log_step(step, **_flat(step))
+    rec.flush()
+    _fail_after(monkeypatch, calls=2, error=errno.ENOSPC)  # part of step 3's bytes, then full
+    with pytest.raises(WriteError, match=r"step-00000003\.safetensors.*no space left on device"):
+        rec.log_step(3, **_flat(3))
+        rec.flush()
+    monkeypatch.undo()
+    if async_writes:
+        with pytest.raises(WriteError, match="no space left"):
+            rec.close()  # the writer thread's error is reported again
+    else:
+        rec.close()
+    assert sorted(os.listdir(path / "steps")) == [f"step-{n:08d}.safetensors" for n in range(3)]
+    run = sd.open_run(path)
+    assert run.step_numbers == [0, 1, 2] and run.integrity.ok
+    assert [s["logp"][0].item() for s in run] == [-1.0, -2.0, -3.0]
+
+
+def test_a_refused_permission_is_a_write_error_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "run"
+    rec = sd.Recorder(path)
+    rec.log_step(0, **_flat(0))
+    real_open = os.open
+
+    def refuse(file, flags, *args):
+        if flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(_atomic.os, "open", refuse)
+    with pytest.raises(
+        WriteError, match=r"step-00000001\.safetensors: .*Permission denied"
+    ) as info:
+        rec.log_step(1, **_flat(1))
+    assert info.value.exit_code == 4
+    monkeypatch.undo()
+    rec.log_step(2, **_flat(2))  # the recorder is still usable once the disk is
+    rec.close()
+    assert sd.open_run(path).step_numbers == [0, 2]
+    assert sorted(os.listdir(path / "steps")) == [
+        "step-00000000.safetensors",
+        "step-00000002.safetensors",
+    ]
+
+
+def test_an_unwritable_run_directory_is_a_write_error(tmp_path, monkeypatch):
+    def refuse(file, flags, *args):
+        raise OSError(errno.EROFS, "Read-only file system", str(file))
+
+    monkeypatch.setattr(_atomic.os, "open", refuse)
+    with pytest.raises(WriteError, match=r"manifest\.json: cannot write it \(Read-only file"):
+        sd.Recorder(tmp_path / "run")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["steps"]
