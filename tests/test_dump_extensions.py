@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -89,6 +90,8 @@ def test_two_rank_join_offsets_micro_batch_and_leaves_global_group_ids(tmp_path)
     assert manifest["group_ids"] == "global" and manifest["format_version"] == "1.1"
     archive = tmp_path / "global.h5"
     pack_run(sd.open_run(path), archive)
+    with h5py.File(archive, "r") as handle:
+        assert handle.attrs["format_version"] == "1.1"
     for run in (sd.open_run(path), sd.open_run(archive)):
         assert run.group_ids == "global"
         step = run.step(0)

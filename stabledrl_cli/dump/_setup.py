@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from stabledrl_cli._atomic import fsync_dir, write_atomic, write_error
+from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
     STEP_FILE_RE,
     STEPS_DIR,
     TEMP_FILE_RE,
-    check_manifest,
 )
 from stabledrl_cli.dump._stfile import read_header
 from stabledrl_cli.errors import InputError, UsageError
@@ -60,17 +60,9 @@ def _remove(path: Path) -> None:
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    manifest_path = path / MANIFEST_NAME
-    if not manifest_path.is_file():
+    if not (path / MANIFEST_NAME).is_file():
         raise UsageError(f"{path}: nothing to resume (no {MANIFEST_NAME})")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise InputError(f"{manifest_path}: unreadable manifest (not a JSON object)")
-    check_manifest(manifest, str(manifest_path))
-    return manifest
+    return DirectoryRun(path).manifest
 
 
 def _check_compatible(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
@@ -135,7 +127,7 @@ def prepare_run(
         if others or mine:
             raise UsageError(
                 f"{path} already exists and is not empty ({(others + mine)[0]}); "
-                "pass overwrite=True (record --force) to replace the run, or resume=True "
+                "pass overwrite=True to replace the run, or resume=True "
                 "to continue it"
             )
     try:
