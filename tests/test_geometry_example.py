@@ -112,7 +112,7 @@ def test_gram_replay_reproduces_the_recorded_grad_norm(runs):
     result = sd.replay(run, [run.policy_spec], device="cpu")
     assert result.geometry == "gram" and result.geometry_coverage == 1.0
     own = result.own
-    assert own is not None and own.summary["fidelity"] <= GRAM_TOL
+    assert own is not None and own.summary.fidelity <= GRAM_TOL
     norms = own.series["update_norm"]
     recorded = np.array([info.grad_norm_covered for info in infos])
     np.testing.assert_allclose(norms, recorded, rtol=GRAM_TOL)
@@ -122,7 +122,7 @@ def test_gram_replay_reproduces_the_recorded_grad_norm(runs):
 def test_sketch_k256_replay_is_within_ten_percent(runs):
     result = sd.replay(runs["sketch"][0], ["grpo"], device="cpu")
     assert result.geometry == "sketch" and result.geometry_coverage == 1.0
-    fidelity = result.own.summary["fidelity"]
+    fidelity = result.own.summary.fidelity
     # A sketch is approximate: an error of exactly 0 would mean it is not one.
     assert 0 < fidelity <= SKETCH_TOL
 
@@ -139,8 +139,8 @@ def test_replay_mixes_token_unit_steps_with_and_without_geometry(tmp_path):
     assert result.geometry == "mixed" and result.geometry_coverage == 0.5
     own = result.own
     assert list(own.series["geometry"]) == ["gram", "coef", "gram", "coef"]
-    assert own.summary["fidelity"] <= GRAM_TOL
-    assert own.summary["update_norm_approximate"] is False  # token units: exact
+    assert own.summary.fidelity <= GRAM_TOL
+    assert own.summary.update_norm_approximate is False  # token units: exact
 
 
 # --- one example batch: every catalogue policy against autograd ------------------------------
@@ -260,7 +260,7 @@ def test_record_cli_sketch_float16_on_selected_parameters(tmp_path, monkeypatch)
     assert step.scalars["unit_grad_sketch_scale"] > 0
     assert 0 < step.scalars["grad_norm_covered"] < step.scalars["grad_norm"]
     replayed = sd.replay(out, ["grpo"], device="cpu")
-    assert replayed.geometry == "sketch" and replayed.own.summary["fidelity"] is not None
+    assert replayed.geometry == "sketch" and replayed.own.summary.fidelity is not None
 
 
 @pytest.mark.parametrize(

@@ -162,6 +162,6 @@ def test_observe_without_rewards_or_inner_steps(tmp_path):
         rec.log_step(
             0, logp=np.zeros(3), logp_old=np.zeros(3), advantages=np.ones(3), seq_id=[0, 0, 1]
         )
-    observed = observe(sd.open_run(path)).to_dict()
-    assert observed["first_reward_collapse"] is None and observed["reward_curve"] is None
-    assert observed["noise_floor_logratio_std"] is None and observed["recorded_spike_steps"] == []
+    observed = observe(sd.open_run(path))
+    assert observed.first_reward_collapse is None and observed.reward_curve is None
+    assert observed.noise_floor_logratio_std is None and observed.recorded_spike_steps == []

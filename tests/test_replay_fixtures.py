@@ -39,19 +39,19 @@ def stable():
 
 
 def _flagged(p) -> set[int]:
-    return set(p.summary["collapsed_steps"]) | set(p.summary["drift_steps"])
+    return set(p.summary.collapsed_steps) | set(p.summary.drift_steps)
 
 
 def test_grpo_flags_before_the_observed_collapse_or_drifts(degrading):
     grpo = degrading.policy("grpo")
     assert grpo.own
-    collapse = degrading.observed["first_reward_collapse"]
-    spikes = grpo.summary["spike_steps"]
+    collapse = degrading.observed.first_reward_collapse
+    spikes = grpo.summary.spike_steps
     early_spike = bool(spikes) and (collapse is None or min(spikes) <= collapse)
-    assert early_spike or grpo.summary["drift_steps"]
+    assert early_spike or grpo.summary.drift_steps
     if collapse is not None:
         first_flag = min(_flagged(grpo))
-        assert grpo.summary["lead_steps"] == collapse - first_flag > 0
+        assert grpo.summary.lead_steps == collapse - first_flag > 0
 
 
 def test_stabledrl_flags_fewer_or_none(degrading):
@@ -73,5 +73,5 @@ def test_net_push_negative_for_grpo_near_zero_for_stabledrl(degrading):
 def test_stable_run_flags_no_collapse_for_its_own_policy(stable):
     own = stable.own
     assert own is not None and own.spec == "stabledrl"
-    assert own.summary["collapsed_steps"] == []
-    assert own.summary["drift_steps"] == []
+    assert own.summary.collapsed_steps == []
+    assert own.summary.drift_steps == []

@@ -1,12 +1,14 @@
 """Collapse detectors shared by `inspect` (the recorded run) and replay (each policy).
 
-Rules and defaults are design.md's "Collapse". numpy in, numpy out.
+Rules and defaults: docs/collapse.md. numpy in, numpy out.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from stabledrl_cli.replay.config import DEFAULT_SPIKE_FACTOR, SPIKE_HISTORY, SPIKE_MIN_HISTORY
 
 # Observed collapse: W = max(MIN_WINDOW, steps / WINDOW_DIVISOR). Ten steps at least, so a few
 # noisy rewards cannot make a collapse; one twentieth of the run, so W scales with its length.
@@ -47,7 +49,10 @@ def rolling_mean(values: np.ndarray, window: int, min_periods: int | None = None
 
 
 def spike_flags(
-    values: np.ndarray, factor: float = 10.0, history: int = 20, min_history: int = 5
+    values: np.ndarray,
+    factor: float = DEFAULT_SPIKE_FACTOR,
+    history: int = SPIKE_HISTORY,
+    min_history: int = SPIKE_MIN_HISTORY,
 ) -> np.ndarray:
     """values: [S] -> [S] bool: value > factor x median of the previous `history` finite values.
 
@@ -75,7 +80,7 @@ def spike_flags(
 def observed_reward_collapse(
     steps: np.ndarray, rewards: np.ndarray, reward_range: tuple[float, float] | None = None
 ) -> int | None:
-    """The first step of observed reward collapse, or None (design.md "Collapse").
+    """The first step of observed reward collapse, or None (docs/collapse.md).
 
     steps, rewards: [S] (per recorded step, e.g. the `reward_mean` scalar). With
     W = max(10, S / 20) and m the rolling mean of reward - floor over W steps (floor =
@@ -108,10 +113,11 @@ def observed_reward_collapse(
 
 def drift_flags(net_push: np.ndarray, window: int, threshold: float) -> np.ndarray:
     """net_push: [S] -> [S] bool: the trailing mean of net_push over `window` steps is below
-    `threshold` (design.md "Collapse": drift, the early warning beside collapse).
+    `threshold` (docs/collapse.md: drift, the early warning beside collapse).
 
     A step is flagged only once a full window precedes it (so a few noisy first steps cannot
     flag); a window holding a non-finite value is not flagged (the step is `nonfinite`).
     """
     means = rolling_mean(net_push, window)
-    return np.isfinite(means) & (means < threshold)
+    flags: np.ndarray = np.isfinite(means) & (means < threshold)
+    return flags

@@ -1,9 +1,9 @@
-"""Per-step indicators of every replayed policy on one prepared step (design.md "Replay output").
+"""Per-step indicators of every replayed policy on one prepared step (docs/replay-json.md).
 
 All policies of a step are measured at once: their coefficients are stacked to [P, T] and the
 update norms of the P policies (and of their importance-sampling references) come from one
 product with the step's gradient geometry. The result stays on the device as a [P, M] tensor
-(columns `METRICS`), so a chunk of steps syncs with the host once.
+(the device metrics of `columns.COLUMNS`), so a chunk of steps syncs with the host once.
 
 Indicators run over the eligible tokens (mask = 1, A != 0, and loss_weight != 0, where the
 REINFORCE reference A w / norm is defined). Effective weight w_t = coef_t / (A_t w_t / norm_t).
@@ -19,27 +19,28 @@ from dataclasses import dataclass
 
 import torch
 
-from stabledrl_cli.geometry import decode_geometry, replayed_update_norm
 from stabledrl_cli.errors import InputError
+from stabledrl_cli.geometry import decode_geometry, replayed_update_norm
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
+from stabledrl_cli.replay import columns
+from stabledrl_cli.vocab import StepGeometryKind
 
-METRICS = (
-    "tokens",
-    "discarded",
-    "discarded_pos",
-    "discarded_neg",
-    "clipped",
-    "discarded_mass",
-    "is_mass",
-    "update_norm",
-    "cosine_to_own",
-    "weight_max",
-    "ess_frac",
-    "net_push",
-    "nonfinite_coefs",
-    "objective",
-)
-COLUMN = {name: i for i, name in enumerate(METRICS)}
+
+@dataclass(frozen=True, kw_only=True)
+class TopSequence:
+    """One sequence behind a flagged step's update (`detail`)."""
+
+    seq_id: int
+    """As recorded."""
+    group: int | None
+    """Its group id; None when the run records none."""
+    reward: float | None
+    advantage: float
+    """Mean advantage over its scored entries."""
+    log_ratio: float
+    """Mean log r over its scored entries."""
+    contribution: float
+    """sum over its units of |coef_u| x ||grad_u|| (the coefficient alone without geometry)."""
 
 
 @dataclass
@@ -51,7 +52,7 @@ class StepGeometry:
     entries (token coefficients are summed per sequence).
     """
 
-    kind: str
+    kind: StepGeometryKind
     matrix: torch.Tensor | None = None
     per_sequence: bool = False
 
@@ -64,7 +65,8 @@ class StepGeometry:
         prep: PreparedBatch,
         step: int,
     ) -> StepGeometry:
-        stored, kind = (gram, "gram") if gram is not None else (sketch, "sketch")
+        kind: StepGeometryKind = "gram" if gram is not None else "sketch"
+        stored = gram if gram is not None else sketch
         if stored is None:
             return cls("coef")
         rows = stored.shape[0]
@@ -93,14 +95,16 @@ class StepGeometry:
 
     def norms(self, coef_units: torch.Tensor) -> torch.Tensor:
         """[R, U] -> [R] norm of sum_u c_u grad_u (the coefficient norm without geometry)."""
-        if self.kind == "coef":
-            return torch.linalg.vector_norm(coef_units.double(), dim=-1)
-        key = "gram" if self.kind == "gram" else "sketch"
-        return replayed_update_norm(coef_units, **{key: self.matrix}).double()
+        if self.matrix is None:
+            norm: torch.Tensor = torch.linalg.vector_norm(coef_units.double(), dim=-1)
+            return norm
+        if self.kind == "gram":
+            return replayed_update_norm(coef_units, gram=self.matrix).double()
+        return replayed_update_norm(coef_units, sketch=self.matrix).double()
 
     def inner(self, coef_units: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
         """[R, U], [U] -> [R] inner products of the updates; None without geometry."""
-        if self.kind == "coef":
+        if self.matrix is None:
             return None
         wide = torch.float32 if coef_units.device.type == "mps" else torch.float64
         matrix, c, o = self.matrix.to(wide), coef_units.to(wide), other.to(wide)
@@ -110,11 +114,12 @@ class StepGeometry:
 
     def unit_scale(self) -> torch.Tensor | None:
         """[U] ||grad_u||: sqrt(K_uu) or the sketch row norm; None without geometry."""
+        if self.matrix is None:
+            return None
         if self.kind == "gram":
             return torch.diagonal(self.matrix).clamp(min=0).sqrt()
-        if self.kind == "sketch":
-            return torch.linalg.vector_norm(self.matrix, dim=-1)
-        return None
+        norm: torch.Tensor = torch.linalg.vector_norm(self.matrix, dim=-1)
+        return norm
 
 
 def varies_within_sequence(coef: torch.Tensor, prep: PreparedBatch) -> torch.Tensor:
@@ -131,7 +136,7 @@ def varies_within_sequence(coef: torch.Tensor, prep: PreparedBatch) -> torch.Ten
 
 
 def policy_gradient_coef(policy: Policy, weights: Weights, prep: PreparedBatch) -> torch.Tensor:
-    """[T] coef without the KL term (beta > 0), policies.md's k3 estimator."""
+    """[T] coef without the KL term (beta > 0), the k3 estimator of docs/policies.md."""
     beta = getattr(policy.config, "beta", 0.0)
     if not beta:
         return weights.coef
@@ -148,7 +153,8 @@ def step_metrics(
     geometry: StepGeometry,
     own_index: int | None,
 ) -> torch.Tensor:
-    """-> [P, len(METRICS)] float64 on prep.device: one row a policy, columns `METRICS`."""
+    """-> [P, M] float64 on prep.device: one row a policy, one column a device metric
+    (`columns.device_metrics()`, in that order)."""
     zero = torch.zeros((), dtype=prep.dtype, device=prep.device)
     coef = torch.stack([w.coef for w in weights])  # [P, T]
     adv = torch.stack([w.advantages for w in weights])
@@ -199,7 +205,7 @@ def step_metrics(
     )
     push = torch.where(ref_abs > 0, push, torch.where(torch.isfinite(push), 0.0, push))
 
-    columns = {
+    computed = {
         "tokens": eligible.sum(-1),
         "discarded": discarded.sum(-1),
         "discarded_pos": (discarded & (adv > 0)).sum(-1),
@@ -215,7 +221,7 @@ def step_metrics(
         "nonfinite_coefs": torch.stack([w.nonfinite for w in weights]),
         "objective": torch.stack([w.objective for w in weights]),
     }
-    return torch.stack([columns[name].double() for name in METRICS], dim=1)
+    return torch.stack([computed[name].double() for name in columns.device_metrics()], dim=1)
 
 
 def top_sequences(
@@ -227,7 +233,7 @@ def top_sequences(
     group_id: torch.Tensor | None,
     reward: torch.Tensor | None,
     k: int = 5,
-) -> list[dict[str, float | int | None]]:
+) -> list[TopSequence]:
     """The k sequences contributing most to one policy's update of a step.
 
     Score of sequence i: sum over its units of |coef_u| * ||grad_u|| (||grad_u|| = sqrt(K_uu)
@@ -252,12 +258,14 @@ def top_sequences(
     for i in order.tolist():
         if not bool(prep.seq_live[i]):
             continue
-        rows.append({
-            "seq_id": int(raw[i]),
-            "group": int(group_id[i]) if group_id is not None else None,
-            "reward": float(reward[i]) if reward is not None else None,
-            "advantage": float(mean_adv[i]),
-            "log_ratio": float(prep.seq_mean_log_ratio[i]),
-            "contribution": float(score[i]),
-        })  # fmt: skip
+        rows.append(
+            TopSequence(
+                seq_id=int(raw[i]),
+                group=int(group_id[i]) if group_id is not None else None,
+                reward=float(reward[i]) if reward is not None else None,
+                advantage=float(mean_adv[i]),
+                log_ratio=float(prep.seq_mean_log_ratio[i]),
+                contribution=float(score[i]),
+            )
+        )
     return rows

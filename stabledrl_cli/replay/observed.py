@@ -3,20 +3,25 @@ the estimator's noise floor. `inspect` prints it; replay puts it beside its resu
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import InputError
+from stabledrl_cli.replay.config import DEFAULT_SPIKE_FACTOR
 from stabledrl_cli.replay.detectors import (
     collapse_window,
     observed_reward_collapse,
     rolling_mean,
     spike_flags,
 )
+
+NOISE_FLOOR_INNER_STEP = 0
+"""Steps recorded with this `inner_step` scalar are at theta == theta_old: their log r is pure
+estimator noise."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,20 +37,87 @@ class RewardCurve:
 
 @dataclass(frozen=True, kw_only=True)
 class Observed:
+    """The recorded run's own behaviour (docs/collapse.md)."""
+
     first_reward_collapse: int | None
-    """design.md's observed-collapse rule on `reward_mean`; None without one (or no rewards)."""
+    """The observed-collapse rule on `reward_mean`; None without one (or no rewards)."""
     recorded_spike_steps: list[int] = field(default_factory=list)
-    """Steps whose recorded pre-clip grad_norm is a spike (detectors.spike_flags)."""
+    """Steps whose recorded pre-clip grad_norm is a spike (detectors.spike_flags, with the
+    replay's spike factor)."""
     nonfinite_steps: list[int] = field(default_factory=list)
     """Steps whose recorded `nonfinite` count is > 0 (NaN or inf in the step's data)."""
     noise_floor_logratio_std: float | None = None
-    """std of logp - logp_old over the finite scored tokens of steps with inner_step 0."""
+    """std of logp - logp_old over the finite scored entries of steps with inner_step 0."""
     noise_floor_units: int = 0
     """How many scored units (tokens, or sequences for unit "sequence") it was measured on."""
     reward_curve: RewardCurve | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
+        """Every field, JSON-ready (NaN still to be mapped to null)."""
         return asdict(self)
+
+    def contract_dict(self) -> dict[str, object]:
+        """The `observed` entry of the replay JSON contract."""
+        return {
+            "first_reward_collapse": self.first_reward_collapse,
+            "recorded_spike_steps": list(self.recorded_spike_steps),
+            "noise_floor_logratio_std": self.noise_floor_logratio_std,
+        }
+
+
+class NoiseFloor:
+    """The pooled std of log r over steps, accumulated one step at a time (Chan et al.'s
+    pairwise update), so no step's arrays are kept."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._mean = 0.0
+        self._m2 = 0.0
+
+    def add(self, count: int, mean: float, m2: float) -> None:
+        """Pools one step's moments: its number of values, their mean and sum of squared
+        deviations."""
+        if count == 0:
+            return
+        delta = mean - self._mean
+        total = self.count + count
+        self._mean += delta * count / total
+        self._m2 += m2 + delta * delta * self.count * count / total
+        self.count = total
+
+    @property
+    def std(self) -> float | None:
+        """The pooled standard deviation; None before any value."""
+        return math.sqrt(self._m2 / self.count) if self.count else None
+
+
+def logratio_moments(
+    logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """[3] (count, mean, sum of squared deviations) of the finite log r = logp - logp_old over
+    the scored entries (mask [T] > 0; logp, logp_old [T]), on their device (float64 where the
+    device has it). Non-finite entries are left out: they are the run's `nonfinite_steps`."""
+    wide = torch.float32 if logp.device.type == "mps" else torch.float64
+    logratio = logp.reshape(-1).to(wide) - logp_old.reshape(-1).to(wide)
+    keep = mask.reshape(-1).bool() & torch.isfinite(logratio)
+    count = keep.sum().to(wide)
+    mean = torch.where(keep, logratio, 0.0).sum() / count.clamp(min=1.0)
+    m2 = torch.where(keep, (logratio - mean) ** 2, 0.0).sum()
+    return torch.stack([count, mean, m2])
+
+
+def noise_floor_of(run: Run) -> NoiseFloor:
+    """The noise floor read from the run's steps with inner_step 0, one step at a time."""
+    floor = NoiseFloor()
+    steps, inner = run.scalar_series("inner_step")
+    for n in steps[inner == NOISE_FLOOR_INNER_STEP]:
+        try:
+            step = run.step(int(n))
+        except InputError:
+            continue  # corrupt: reported by the integrity check
+        count, mean, m2 = logratio_moments(step["logp"], step["logp_old"], step["mask"]).tolist()
+        floor.add(int(count), mean, m2)
+    return floor
 
 
 def _reward_curve(rewards: np.ndarray, window: int) -> RewardCurve | None:
@@ -63,50 +135,29 @@ def _reward_curve(rewards: np.ndarray, window: int) -> RewardCurve | None:
     )
 
 
-def _noise_floor(run: Run, steps: list[int]) -> tuple[float | None, int]:
-    """Pooled std of log r over steps at theta == theta_old, one step in memory at a time."""
-    count, mean, m2 = 0, 0.0, 0.0
-    for n in steps:
-        try:
-            step = run.step(n)
-        except InputError:
-            continue  # corrupt: reported by the integrity check
-        scored = step["mask"].bool()
-        logratio = (step["logp"].double() - step["logp_old"].double())[scored]
-        logratio = logratio[torch.isfinite(logratio)]  # non-finite ones: in nonfinite_steps
-        k = int(logratio.numel())
-        if k == 0:
-            continue
-        batch_mean = float(logratio.mean())
-        batch_m2 = float(((logratio - batch_mean) ** 2).sum())
-        delta = batch_mean - mean
-        total = count + k
-        mean += delta * k / total
-        m2 += batch_m2 + delta * delta * count * k / total  # Chan et al.'s pairwise update
-        count = total
-    if count == 0:
-        return None, 0
-    return float(np.sqrt(m2 / count)), count
+def observe(
+    run: Run, *, spike_factor: float = DEFAULT_SPIKE_FACTOR, noise_floor: NoiseFloor | None = None
+) -> Observed:
+    """The observed behaviour of a recorded run, from its per-step scalars.
 
-
-def observe(run: Run) -> Observed:
-    """The observed behaviour of a recorded run, from its per-step scalars (and, for the noise
-    floor, the token arrays of steps recorded with inner_step 0)."""
-    series = run.scalar_series_many(["reward_mean", "grad_norm", "nonfinite", "inner_step"])
+    spike_factor: the spike rule's factor for the recorded grad norms (a replay passes its own).
+    noise_floor: the noise floor already accumulated over the run's steps with inner_step 0
+    (a replay's streaming pass does); None: read from those steps here.
+    """
+    series = run.scalar_series_many(["reward_mean", "grad_norm", "nonfinite"])
     reward_steps, rewards = series["reward_mean"]
     norm_steps, grad_norms = series["grad_norm"]
     count_steps, nonfinite = series["nonfinite"]
-    inner_steps, inner = series["inner_step"]
     window = collapse_window(rewards.size)
     collapse = observed_reward_collapse(reward_steps, rewards, run.reward_range)
-    spikes = norm_steps[spike_flags(grad_norms)]
+    spikes = norm_steps[spike_flags(grad_norms, factor=spike_factor)]
     bad = count_steps[~(nonfinite == 0)]  # NaN counts as non-finite too
-    floor, tokens = _noise_floor(run, [int(s) for s in inner_steps[inner == 0]])
+    floor = noise_floor if noise_floor is not None else noise_floor_of(run)
     return Observed(
         first_reward_collapse=collapse,
         recorded_spike_steps=[int(s) for s in spikes],
         nonfinite_steps=[int(s) for s in bad],
-        noise_floor_logratio_std=floor,
-        noise_floor_units=tokens,
+        noise_floor_logratio_std=floor.std,
+        noise_floor_units=floor.count,
         reward_curve=_reward_curve(rewards, window),
     )

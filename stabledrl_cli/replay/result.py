@@ -1,93 +1,154 @@
-"""What a replay returns: `ReplayResult` (one a run) holding `PolicyResult`s (one a policy).
+"""What a replay returns: `ReplayResult` (one a run) holding `PolicyResult`s (one a policy),
+each with its `PolicySummary` and its `StepSeries`.
 
-`to_dict()` is design.md's "Replay output" JSON contract (every key present, null where not
-computable; NaN and inf become null when printed); `to_json()` prints it. Extensions beside the
-contract's keys: per policy `summary.update_norm_approximate` and `summary.detail` (top
-sequences of flagged steps, with `--detail`); per step `discarded_pos`, `discarded_neg`,
-`discarded_mass_frac` and `objective`.
+`to_dict()` is the replay JSON contract (docs/replay-json.md: every key present, null where
+not computable; NaN and inf become null when printed); `to_json()` prints it. Extensions
+beside the contract's keys: per policy `summary.update_norm_approximate`, the whole-run
+figures of gated columns (`columns.Column.gate`) and `summary.detail` (top sequences of
+flagged steps, with `detail`); per step the reported columns after `collapsed`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
 from stabledrl_cli._json import json_safe
+from stabledrl_cli.replay.columns import ColumnArray
+from stabledrl_cli.replay.config import StepRange
+from stabledrl_cli.replay.metrics import TopSequence
+from stabledrl_cli.replay.observed import Observed
+from stabledrl_cli.vocab import RunGeometryKind
 
-# Per-step keys of the JSON contract, in its order, then the extensions.
-STEP_KEYS = (
-    "step",
-    "tokens",
-    "discarded",
-    "discard_frac",
-    "clipped",
-    "geometry",
-    "update_norm",
-    "clip_scale",
-    "cosine_to_own",
-    "weight_max",
-    "ess_frac",
-    "net_push",
-    "spike",
-    "nonfinite",
-    "drift",
-    "collapsed",
-    "discarded_pos",
-    "discarded_neg",
-    "discarded_mass_frac",
-    "objective",
-)
+JsonRow = dict[str, object]
+"""One JSON object of the contract, before NaN and inf become null."""
+
+
+@dataclass(frozen=True)
+class StepSeries:
+    """One policy's per-step columns: name -> [S], the reported columns of `columns.COLUMNS`
+    in their order (each column's meaning is declared there), aligned over the same steps."""
+
+    columns: dict[str, ColumnArray]
+
+    def __getitem__(self, name: str) -> ColumnArray:
+        return self.columns[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.columns
+
+    def __len__(self) -> int:
+        """The number of steps."""
+        return len(self.columns["step"]) if "step" in self.columns else 0
+
+    def select(self, keep: np.ndarray) -> StepSeries:
+        """The steps where `keep` ([S] bool) is true."""
+        return StepSeries({name: values[keep] for name, values in self.columns.items()})
+
+    def iter_rows(self) -> Iterator[JsonRow]:
+        """The per-step rows one at a time, built from the columns `_ROW_BLOCK` steps at a
+        time: the rows are output, so only a block of them is ever held as Python objects."""
+        names = list(self.columns)
+        for start in range(0, len(self), _ROW_BLOCK):
+            block = [self.columns[name][start : start + _ROW_BLOCK].tolist() for name in names]
+            for values in zip(*block, strict=True):
+                yield dict(zip(names, values, strict=True))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicySummary:
+    """One policy over the whole run (the `--steps` range restricts only the rows)."""
+
+    tokens: int
+    """Eligible entries (mask = 1, A != 0) over every step."""
+    discarded: int
+    """Eligible entries the policy's rule zeroes."""
+    discard_frac: float
+    """discarded / tokens (0 without tokens)."""
+    discarded_pos: int
+    """Discarded entries with A > 0."""
+    discarded_neg: int
+    """Discarded entries with A < 0."""
+    discarded_mass_frac: float | None
+    """Median over steps of the per-step discarded_mass_frac (None: no finite step)."""
+    clipped: int
+    """Eligible entries whose weight was bounded or rescaled."""
+    update_norm_median: float | None
+    """Median of the finite update norms (None: none finite)."""
+    update_norm_max: float | None
+    """Largest finite update norm (None: none finite)."""
+    cosine_to_own_median: float | None
+    """Median cosine to the own policy's update (None: no geometry, or no own policy)."""
+    spike_steps: list[int]
+    drift_steps: list[int]
+    collapsed_steps: list[int]
+    """Risk steps: nonfinite or spike."""
+    first_collapse: int | None
+    lead_steps: int | None
+    """Observed collapse step minus the first flagged (collapsed or drift) step."""
+    fidelity: float | None
+    """Own policy only: median relative error of update_norm against the recorded
+    grad_norm_covered, over steps with geometry."""
+    loss_parity: float | None
+    """Own policy only: median relative error of -objective against the recorded loss."""
+    update_norm_approximate: bool
+    """Some step's norm summed varying token coefficients into one sequence unit."""
+    column_figures: dict[str, float | None] = field(default_factory=dict)
+    """Whole-run figures of gated columns: `Column.figure` -> value (None: none finite)."""
+
+    def to_dict(self) -> JsonRow:
+        """The contract's summary keys in order, then the column figures."""
+        data: JsonRow = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name != "column_figures"
+        }
+        data.update(self.column_figures)
+        return data
 
 
 @dataclass
 class PolicyResult:
-    """One policy replayed over a run.
-
-    `series`: per-step arrays [S] keyed by STEP_KEYS (numbers; `geometry` strings), aligned with
-    `ReplayResult.step_numbers`. `summary`: the contract's summary keys.
-    """
+    """One policy replayed over a run."""
 
     name: str
     spec: str
-    params: dict[str, Any]
+    """Canonical policy spec."""
+    params: dict[str, object]
     own: bool
+    """The run's own policy (from its manifest)."""
     best: bool
-    summary: dict[str, Any]
-    series: dict[str, np.ndarray] = field(repr=False)
-    detail: dict[int, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
-    """step -> top sequences of that flagged step (with `--detail`)."""
+    """Fewest collapsed steps, then fewest drift steps, then the lowest discarded_mass_frac."""
+    summary: PolicySummary
+    series: StepSeries = field(repr=False)
+    """Per-step columns over the reported range."""
+    detail: dict[int, list[TopSequence]] = field(default_factory=dict, repr=False)
+    """step -> top sequences of that flagged step (with `detail`)."""
 
     @property
-    def steps(self) -> list[dict[str, Any]]:
-        """Per-step rows (dicts with STEP_KEYS) over the reported range."""
-        return list(self.iter_steps())
+    def steps(self) -> list[JsonRow]:
+        """Per-step rows over the reported range."""
+        return list(self.series.iter_rows())
 
-    def iter_steps(self) -> Iterator[dict[str, Any]]:
-        """The per-step rows one at a time, built from the columns `_ROW_BLOCK` steps at a
-        time: the rows are output, so only a block of them is ever held as Python objects."""
-        count = len(self.series["step"])
-        for start in range(0, count, _ROW_BLOCK):
-            block = [np.asarray(self.series[key][start : start + _ROW_BLOCK]).tolist()
-                     for key in STEP_KEYS]  # fmt: skip
-            for values in zip(*block, strict=True):
-                yield dict(zip(STEP_KEYS, values, strict=True))
-
-    def to_dict(self, *, steps: bool = True) -> dict[str, Any]:
-        """The policy's entry of the JSON contract (`steps=False`: without its per-step rows)."""
-        summary = dict(self.summary)
+    def summary_dict(self) -> JsonRow:
+        """The policy's `summary` entry, with `detail` when there is any."""
+        summary = self.summary.to_dict()
         if self.detail:
-            summary["detail"] = {str(k): v for k, v in sorted(self.detail.items())}
+            summary["detail"] = {
+                str(k): [asdict(s) for s in v] for k, v in sorted(self.detail.items())
+            }
+        return summary
+
+    def to_dict(self, *, steps: bool = True) -> JsonRow:
+        """The policy's entry of the JSON contract (`steps=False`: without its per-step rows)."""
         return {
             "name": self.name,
             "spec": self.spec,
             "params": dict(self.params),
             "own": self.own,
             "best": self.best,
-            "summary": summary,
+            "summary": self.summary_dict(),
             "steps": self.steps if steps else [],
         }
 
@@ -98,13 +159,14 @@ class ReplayResult:
 
     run: str
     steps: int
-    """Steps replayed (the whole run; `--steps` restricts only the per-step rows)."""
-    geometry: str
+    """Steps replayed (the whole run; `step_range` restricts only the per-step rows)."""
+    geometry: RunGeometryKind
     geometry_coverage: float
+    """Fraction of steps with recorded gradient geometry."""
     policies: list[PolicyResult]
-    observed: dict[str, Any]
+    observed: Observed
     run_policy_spec: str | None = None
-    step_range: tuple[int | None, int | None] = (None, None)
+    step_range: StepRange = (None, None)
 
     def policy(self, spec: str) -> PolicyResult:
         """The result of the policy with this canonical spec (KeyError lists the specs)."""
@@ -117,39 +179,42 @@ class ReplayResult:
 
     @property
     def own(self) -> PolicyResult | None:
+        """The run's own policy, when it was replayed."""
         return next((p for p in self.policies if p.own), None)
 
     @property
     def best(self) -> PolicyResult | None:
+        """The best policy (`PolicyResult.best`)."""
         return next((p for p in self.policies if p.best), None)
 
-    def to_dict(self, *, steps: bool = True) -> dict[str, Any]:
+    def to_dict(self, *, steps: bool = True) -> dict[str, object]:
         """The JSON contract, NaN and inf already mapped to null (`steps=False`: every policy's
         `steps` left empty)."""
-        return json_safe({
-            "run": self.run,
-            "steps": self.steps,
-            "geometry": self.geometry,
-            "geometry_coverage": self.geometry_coverage,
-            "policies": [p.to_dict(steps=steps) for p in self.policies],
-            "observed": {
-                "first_reward_collapse": self.observed.get("first_reward_collapse"),
-                "recorded_spike_steps": list(self.observed.get("recorded_spike_steps", [])),
-                "noise_floor_logratio_std": self.observed.get("noise_floor_logratio_std"),
-            },
-        })  # fmt: skip
+        data: dict[str, object] = json_safe(
+            {
+                "run": self.run,
+                "steps": self.steps,
+                "geometry": self.geometry,
+                "geometry_coverage": self.geometry_coverage,
+                "policies": [p.to_dict(steps=steps) for p in self.policies],
+                "observed": self.observed.contract_dict(),
+            }
+        )
+        return data
 
     def iter_json(self, indent: int | None = 2) -> Iterator[str]:
         """`to_json()` in pieces, the per-step rows serialized one at a time: printing a long
         run's JSON never holds all its rows as Python objects (`to_dict()` does)."""
         head = self.to_dict(steps=False)
-        for i, policy in enumerate(head["policies"]):
+        policies = head["policies"]
+        assert isinstance(policies, list)
+        for i, policy in enumerate(policies):
             policy["steps"] = _ROWS_MARK.format(i)
         text = json.dumps(head, indent=indent, allow_nan=False)
-        for i, policy in enumerate(self.policies):
+        for i, p in enumerate(self.policies):
             before, text = text.split(json.dumps(_ROWS_MARK.format(i)), 1)
             yield before
-            yield from _json_list(policy.iter_steps(), indent, depth=3)
+            yield from _json_list(p.series.iter_rows(), indent, depth=3)
         yield text
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -163,7 +228,7 @@ _ROW_BLOCK = 1024
 _ROWS_MARK = "\0rows-of-policy-{}\0"
 
 
-def _json_list(rows: Iterator[dict[str, Any]], indent: int | None, depth: int) -> Iterator[str]:
+def _json_list(rows: Iterator[JsonRow], indent: int | None, depth: int) -> Iterator[str]:
     """A JSON list of `rows`, as json.dumps would print it at nesting `depth`, row by row."""
     if indent is None:
         inner = outer = ""

@@ -1,0 +1,307 @@
+"""Every per-step column of a replay, declared once (docs/replay-json.md defines each).
+
+A `Column` says what a per-step figure is called (its JSON key and HDF5 dataset name), its
+type, what it means, and where it comes from: a device metric of `metrics.step_metrics`
+(`derive` None: computed on the device for every policy at once) or a host derivation from
+the columns before it (`derive`). The engine, the JSON rows, the HDF5 report, the per-step
+table and the gate all read `COLUMNS`; adding a metric is one declaration here plus its
+computation (in `step_metrics` for a device metric).
+
+The order of `COLUMNS` is the order of a step row in the JSON contract (the contract's keys,
+then the extensions). Unreported columns are intermediate device metrics that a derivation
+needs; they never leave the replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from stabledrl_cli.replay.config import CLIP_EPS, ReplayConfig
+from stabledrl_cli.replay.detectors import drift_flags, spike_flags
+from stabledrl_cli.vocab import StepGeometryKind, Worse
+
+ColumnKind = Literal["int", "float", "bool", "str"]
+"""A column's value type: int64, float64 (NaN where not computable), bool, or str."""
+DTYPES: dict[ColumnKind, type[np.generic]] = {
+    "int": np.int64,
+    "float": np.float64,
+    "bool": np.bool_,
+    "str": np.object_,
+}
+Aggregate = Literal["max", "median", "sum", "count"]
+"""How a gated column becomes one figure of the run: over its finite values (count: the
+steps where a bool column is true)."""
+CellFormat = Literal["int", "percent", "number", "number4"]
+"""How the per-step table shows a value: as is, as a percentage, to 3 or 4 digits."""
+
+ColumnArray = npt.NDArray[np.generic]
+"""One column over the steps: [S]."""
+
+
+@dataclass(frozen=True)
+class SeriesInputs:
+    """What a host derivation sees: one policy's columns so far (every device metric, and the
+    derived columns declared before it), the step numbers, each step's geometry, the config."""
+
+    values: Mapping[str, ColumnArray]
+    steps: npt.NDArray[np.int64]
+    geometry: tuple[StepGeometryKind, ...]
+    config: ReplayConfig
+
+    def float(self, name: str) -> npt.NDArray[np.float64]:
+        """Column `name` as float64 [S]."""
+        return np.asarray(self.values[name], dtype=np.float64)
+
+    def flag(self, name: str) -> npt.NDArray[np.bool_]:
+        """Column `name` as bool [S]."""
+        return np.asarray(self.values[name], dtype=np.bool_)
+
+
+Derive = Callable[[SeriesInputs], ColumnArray]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ColumnGate:
+    """A column's whole-run figure: reported in the policy summary as `NAME_AGGREGATE` and
+    gated by `check` against a baseline like the built-in figures."""
+
+    aggregate: Aggregate
+    worse: Worse
+    """The direction in which a change of the figure is a regression."""
+    abs_tol: float = 0.0
+    """Default absolute slack of a written baseline."""
+    rel_tol: float = 0.0
+    """Default relative slack of a written baseline."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TableCell:
+    """How the per-step table shows a column."""
+
+    header: str
+    format: CellFormat = "number"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Column:
+    """One per-step figure of every replayed policy."""
+
+    name: str
+    """JSON key of a step row, HDF5 dataset name, and the name derivations read it by."""
+    kind: ColumnKind
+    meaning: str
+    derive: Derive | None = None
+    """None: a device metric of `metrics.step_metrics` (one value a policy a step)."""
+    reported: bool = True
+    """False: an intermediate that derivations need, never output."""
+    table: TableCell | None = None
+    """Its cell in the per-step table (None: not shown there)."""
+    flag: bool = False
+    """A bool column listed in the per-step table's `flags` cell when true."""
+    gate: ColumnGate | None = None
+    """Its whole-run figure, summarized and gated (None: neither)."""
+
+    @property
+    def figure(self) -> str | None:
+        """The summary and gate name of its whole-run figure, or None."""
+        return None if self.gate is None else f"{self.name}_{self.gate.aggregate}"
+
+
+def ratio(num: npt.NDArray[np.float64], den: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """num / den elementwise; 0 where den is 0 (nothing to divide), NaN propagated."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = num / np.where(den == 0, 1.0, den)
+    return np.where(den == 0, np.where(np.isfinite(num), 0.0, np.nan), out)
+
+
+def _clip_scale(inputs: SeriesInputs) -> ColumnArray:
+    norm = inputs.float("update_norm")
+    bound = inputs.config.max_grad_norm
+    if bound is None:
+        return np.where(np.isfinite(norm), 1.0, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.minimum(1.0, bound / (norm + CLIP_EPS))
+
+
+def _spike(inputs: SeriesInputs) -> ColumnArray:
+    """Norms from recorded geometry and coefficient norms (the proxy) are in different units
+    (on the example, ~13x apart): in a mixed run each step's spike history holds only steps
+    measured the same way, else every geometry step among proxy steps would be a "spike"."""
+    norm = inputs.float("update_norm")
+    measured = np.array([kind != "coef" for kind in inputs.geometry], dtype=bool)
+    spike = np.zeros(norm.shape[0], dtype=bool)
+    for same in (measured, ~measured):
+        spike[same] = spike_flags(norm[same], factor=inputs.config.spike_factor)
+    return spike
+
+
+def _nonfinite(inputs: SeriesInputs) -> ColumnArray:
+    return ~np.isfinite(inputs.float("update_norm")) | (inputs.float("nonfinite_coefs") > 0)
+
+
+def _drift(inputs: SeriesInputs) -> ColumnArray:
+    config = inputs.config
+    return drift_flags(inputs.float("net_push"), config.window, config.drift_threshold)
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column(
+        name="step",
+        kind="int",
+        meaning="The recorded step number.",
+        derive=lambda inputs: inputs.steps,
+        table=TableCell(header="step", format="int"),
+    ),
+    Column(
+        name="tokens",
+        kind="int",
+        meaning="Eligible entries: mask = 1 and A != 0.",
+        table=TableCell(header="tokens", format="int"),
+    ),
+    Column(name="discarded", kind="int", meaning="Eligible entries the policy's rule zeroes."),
+    Column(
+        name="discard_frac",
+        kind="float",
+        meaning="discarded / tokens (0 without tokens).",
+        derive=lambda inputs: ratio(inputs.float("discarded"), inputs.float("tokens")),
+        table=TableCell(header="discard", format="percent"),
+    ),
+    Column(
+        name="clipped",
+        kind="int",
+        meaning="Eligible entries whose weight was bounded or rescaled, gradient kept.",
+        table=TableCell(header="clipped", format="int"),
+    ),
+    Column(
+        name="geometry",
+        kind="str",
+        meaning="How update_norm was measured: gram, sketch or coef (the coefficient norm).",
+        derive=lambda inputs: np.array(inputs.geometry, dtype=object),
+    ),
+    Column(
+        name="update_norm",
+        kind="float",
+        meaning="Norm of the replayed (pre-clip) update.",
+        table=TableCell(header="update norm", format="number4"),
+    ),
+    Column(
+        name="clip_scale",
+        kind="float",
+        meaning="min(1, max_grad_norm / update_norm): what clipping would apply (1 without it).",
+        derive=_clip_scale,
+        table=TableCell(header="clip scale"),
+    ),
+    Column(
+        name="cosine_to_own",
+        kind="float",
+        meaning="Cosine between this update and the run's own policy's (needs geometry).",
+        table=TableCell(header="cos own"),
+    ),
+    Column(
+        name="weight_max",
+        kind="float",
+        meaning="Largest effective weight: coef over the REINFORCE coefficient.",
+        table=TableCell(header="w max"),
+    ),
+    Column(
+        name="ess_frac",
+        kind="float",
+        meaning="Effective sample size of the weights over the eligible entries, in (0, 1].",
+        table=TableCell(header="ess"),
+    ),
+    Column(
+        name="net_push",
+        kind="float",
+        meaning="(sum coef - sum coef_reinforce) / sum |coef_reinforce|: REINFORCE sits at 0.",
+        table=TableCell(header="net push"),
+    ),
+    Column(
+        name="spike",
+        kind="bool",
+        meaning="update_norm above spike_factor x the median of the previous finite steps.",
+        derive=_spike,
+        flag=True,
+    ),
+    Column(
+        name="nonfinite",
+        kind="bool",
+        meaning="The replayed update is NaN or inf.",
+        derive=_nonfinite,
+        flag=True,
+    ),
+    Column(
+        name="drift",
+        kind="bool",
+        meaning="The rolling mean of net_push over window steps is below drift_threshold.",
+        derive=_drift,
+        flag=True,
+    ),
+    Column(
+        name="collapsed",
+        kind="bool",
+        meaning="A risk step: nonfinite or spike.",
+        derive=lambda inputs: inputs.flag("nonfinite") | inputs.flag("spike"),
+    ),
+    Column(name="discarded_pos", kind="int", meaning="Discarded entries with A > 0."),
+    Column(name="discarded_neg", kind="int", meaning="Discarded entries with A < 0."),
+    Column(
+        name="discarded_mass_frac",
+        kind="float",
+        meaning="Norm of the discarded part of the IS update over the norm of the IS update.",
+        derive=lambda inputs: ratio(inputs.float("discarded_mass"), inputs.float("is_mass")),
+    ),
+    Column(name="objective", kind="float", meaning="The policy's surrogate objective J."),
+    Column(
+        name="discarded_mass",
+        kind="float",
+        meaning="Norm of the discarded part of the IS update.",
+        reported=False,
+    ),
+    Column(name="is_mass", kind="float", meaning="Norm of the IS update.", reported=False),
+    Column(
+        name="nonfinite_coefs",
+        kind="float",
+        meaning="Scored entries whose coefficient is NaN or inf.",
+        reported=False,
+    ),
+)
+"""The registry: every per-step column, in the order of a JSON step row."""
+
+
+def device_metrics() -> tuple[str, ...]:
+    """The columns `step_metrics` computes on the device, in the order of its [P, M] rows."""
+    return tuple(c.name for c in COLUMNS if c.derive is None)
+
+
+def reported_columns() -> tuple[Column, ...]:
+    """The columns of a step row (JSON, HDF5, the policy's series), in order."""
+    return tuple(c for c in COLUMNS if c.reported)
+
+
+def gated_columns() -> tuple[Column, ...]:
+    """The columns with a whole-run figure (summary and gate)."""
+    return tuple(c for c in COLUMNS if c.gate is not None)
+
+
+def derive_series(
+    device: npt.NDArray[np.float64],
+    steps: npt.NDArray[np.int64],
+    geometry: tuple[StepGeometryKind, ...],
+    config: ReplayConfig,
+) -> dict[str, ColumnArray]:
+    """One policy's reported columns over the steps: device [S, M] (columns `device_metrics()`)
+    -> name -> [S], each of its declared type."""
+    values: dict[str, ColumnArray] = {name: device[:, i] for i, name in enumerate(device_metrics())}
+    inputs = SeriesInputs(values=values, steps=steps, geometry=geometry, config=config)
+    series: dict[str, ColumnArray] = {}
+    for column in COLUMNS:
+        raw = values[column.name] if column.derive is None else column.derive(inputs)
+        values[column.name] = np.asarray(raw).astype(DTYPES[column.kind], copy=False)
+        if column.reported:
+            series[column.name] = values[column.name]
+    return series

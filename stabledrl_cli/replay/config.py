@@ -1,0 +1,156 @@
+"""How a replay runs and what it flags: `ReplayConfig` and its calibrated defaults.
+
+Every default of a replay is declared here once; the CLI's options fall back to these
+(docs/collapse.md explains the rules they feed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.vocab import Device
+
+DEFAULT_CHUNK_SIZE = 64
+"""Steps read and moved to the device at a time."""
+DEFAULT_SPIKE_FACTOR = 10.0
+"""A spike is an update norm above 10x the median of the previous finite steps."""
+SPIKE_HISTORY = 20
+"""Previous finite steps whose median a spike is measured against."""
+SPIKE_MIN_HISTORY = 5
+"""Finite steps needed before a step can be judged a spike."""
+# Drift defaults, calibrated by benchmarks/calibrate_drift.py on the built-in example (elbo
+# and llada estimators, seeds 1-3, never the fixtures' seed 0, 400 steps). The lowest 50-step
+# rolling mean of net_push was <= -0.179 for independent-mask grpo (all six runs), >= -0.120
+# for stabledrl and >= -0.008 for same-mask grpo. 50 steps separates them with the widest gap
+# (10 and 20 separate too, with narrower ones); the threshold is the gap's midpoint.
+DEFAULT_WINDOW = 50
+"""Steps in the rolling mean of net_push that the drift detector tests."""
+DEFAULT_DRIFT_THRESHOLD = -0.15
+"""Drift: the rolling mean of net_push is below this."""
+DEFAULT_TOP_K = 5
+"""Sequences named per flagged step with `detail`."""
+CLIP_EPS = 1e-6
+"""torch.nn.utils.clip_grad_norm_'s epsilon: scale = max_norm / (norm + 1e-6)."""
+
+StepRange = tuple[int | None, int | None]
+"""(start, stop) meaning start <= step < stop; None: open on that side."""
+
+
+class ConfigError(UsageError):
+    """A replay or gate setting out of range (exit 2), naming the setting (`field`) so a
+    front end can name its own option for it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        """The setting's name, as the library spells it (`window`, `step_range`)."""
+        self.problem = problem
+        """What is wrong with it, without the name ("must be an integer >= 1")."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplayConfig:
+    """How a replay runs and what it flags."""
+
+    device: Device | str = "auto"
+    """auto | cpu | cuda | mps (auto: cuda, then mps, then cpu)."""
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    """Steps read and moved to the device at a time (bounds memory; results do not depend on it)."""
+    spike_factor: float = DEFAULT_SPIKE_FACTOR
+    """A spike: update_norm above this many times the median of the previous 20 finite steps.
+    The recorded run's grad-norm spikes (`Observed.recorded_spike_steps`) use it too."""
+    window: int = DEFAULT_WINDOW
+    """Steps in the rolling mean of net_push that the drift detector tests."""
+    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD
+    """Drift: the rolling mean of net_push is below this (REINFORCE sits at 0)."""
+    max_grad_norm: float | None = None
+    """clip_grad_norm_ bound for `clip_scale`; None: no clipping (clip_scale 1)."""
+    step_range: StepRange = (None, None)
+    """Per-step rows reported for start <= step < stop (the replay itself covers the run)."""
+    detail: bool = False
+    """Name the top sequences of each flagged step in the reported range."""
+    top_k: int = DEFAULT_TOP_K
+    """Sequences named per flagged step."""
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("chunk_size", "must be an integer >= 1", _positive_int(self.chunk_size)),
+            (
+                "spike_factor",
+                "must be a finite number > 1",
+                _finite(self.spike_factor) and self.spike_factor > 1,
+            ),
+            ("window", "must be an integer >= 1", _positive_int(self.window)),
+            ("drift_threshold", "must be finite", _finite(self.drift_threshold)),
+            (
+                "max_grad_norm",
+                "must be a finite number > 0",
+                self.max_grad_norm is None
+                or (_finite(self.max_grad_norm) and self.max_grad_norm > 0),
+            ),
+            ("top_k", "must be an integer >= 1", _positive_int(self.top_k)),
+        )
+        for field, problem, ok in checks:
+            if not ok:
+                raise ConfigError(field, problem)
+        start, stop = self.step_range
+        if start is not None and stop is not None and stop <= start:
+            raise ConfigError(
+                "step_range",
+                f"{format_step_range(self.step_range)} is empty (start <= step < stop)",
+            )
+
+
+def replay_config(
+    *,
+    device: Device | str = "auto",
+    chunk_size: int | None = None,
+    spike_factor: float | None = None,
+    window: int | None = None,
+    drift_threshold: float | None = None,
+    max_grad_norm: float | None = None,
+    step_range: StepRange = (None, None),
+    detail: bool = False,
+) -> ReplayConfig:
+    """A `ReplayConfig` in which None stands for the default of that setting."""
+    return ReplayConfig(
+        device=device,
+        chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
+        spike_factor=DEFAULT_SPIKE_FACTOR if spike_factor is None else spike_factor,
+        window=DEFAULT_WINDOW if window is None else window,
+        drift_threshold=DEFAULT_DRIFT_THRESHOLD if drift_threshold is None else drift_threshold,
+        max_grad_norm=max_grad_norm,
+        step_range=step_range,
+        detail=detail,
+    )
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_step_range(text: str | None) -> StepRange:
+    """'A:B' -> (A, B) meaning A <= step < B; either side may be empty ('100:', ':50'); 'A'
+    alone is the one step A. None or '' -> (None, None)."""
+    if text is None or text.strip() == "":
+        return None, None
+    start, sep, stop = text.partition(":")
+    try:
+        if not sep:
+            value = int(start)
+            return value, value + 1
+        return (int(start) if start.strip() else None, int(stop) if stop.strip() else None)
+    except ValueError:
+        raise ConfigError("step_range", f"expects A:B (A <= step < B), got {text!r}") from None
+
+
+def format_step_range(step_range: StepRange) -> str:
+    """(A, B) -> 'A:B', an open side left empty."""
+    start, stop = step_range
+    return f"{'' if start is None else start}:{'' if stop is None else stop}"

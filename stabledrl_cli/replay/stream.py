@@ -1,0 +1,261 @@
+"""The streaming pass of a replay: read steps, move them to the device, evaluate every policy.
+
+Per step, `prepare` runs once and every policy is evaluated on the prepared batch
+(`metrics.step_metrics`). Steps are read `chunk_size` at a time; each chunk's arrays go to
+the device in one transfer per field and its per-step results come back in one transfer,
+after which the chunk's arrays are dropped: memory holds one chunk of arrays plus
+O(steps x policies) scalars, whatever the run's length. Each step is computed on its own, so
+results do not depend on the chunk size. The same pass pools the noise floor of the steps
+recorded with inner_step 0, so the observed-run analysis never re-reads them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stabledrl_cli.dump import Run, Step
+from stabledrl_cli.errors import InputError
+from stabledrl_cli.geometry import GRAM_KEY, SKETCH_KEY, SKETCH_SCALE_KEY
+from stabledrl_cli.policies import Policy, PolicyBatch, PreparedBatch, prepare
+from stabledrl_cli.replay import columns
+from stabledrl_cli.replay.metrics import (
+    StepGeometry,
+    TopSequence,
+    step_metrics,
+    top_sequences,
+    varies_within_sequence,
+)
+from stabledrl_cli.replay.observed import NOISE_FLOOR_INNER_STEP, NoiseFloor, logratio_moments
+from stabledrl_cli.vocab import StepGeometryKind, Unit
+
+BASE_FIELDS = ("logp", "logp_old", "advantages", "mask", "seq_id")
+"""Fields every policy needs."""
+TOKEN_FIELDS = (*BASE_FIELDS, "logp_ref", "loss_weight", "loss_scale")
+"""Per-entry fields a replay reads when present (each as long as logp)."""
+SEQUENCE_FIELDS = ("group_id", "reward")
+"""Per-sequence fields a replay reads when present."""
+GEOMETRY_FIELDS = (GRAM_KEY, SKETCH_KEY)
+
+Arrays = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamedRun:
+    """What the streaming pass keeps: per-step scalars only."""
+
+    step_numbers: np.ndarray
+    """[S] int64."""
+    metrics: np.ndarray
+    """[S, P, M] float64: per step and policy, the device metrics (`columns.device_metrics()`)."""
+    geometry: tuple[StepGeometryKind, ...]
+    """[S] how each step's norms were measured."""
+    approximate: np.ndarray
+    """[P] bool: some step's norm summed varying token coefficients into one sequence unit."""
+    loss: np.ndarray
+    """[S] float64: the recorded loss (NaN where not recorded)."""
+    grad_norm_covered: np.ndarray
+    """[S] float64: the recorded norm over the covered parameters (NaN where not recorded)."""
+    noise_floor: NoiseFloor
+    """Log r moments pooled over the steps recorded with inner_step 0."""
+
+
+def check_step(step: Step, policies: Sequence[Policy], unit: Unit, where: str) -> None:
+    """InputError (exit 3) for a field a policy needs that the step lacks."""
+    for name in BASE_FIELDS:
+        if name not in step.fields:
+            raise InputError(f"{where}: step {step.step} has no {name!r}, which every policy needs")
+    for policy in policies:
+        missing = sorted(policy.required_fields(unit) - step.fields)
+        if missing:
+            names = ", ".join(repr(name) for name in missing)
+            raise InputError(
+                f"{where}: step {step.step} has no {names}, which policy {policy.spec!r} needs"
+            )
+
+
+def read_arrays(step: Step, where: str) -> Arrays:
+    """The step's arrays a replay uses (CPU), with their lengths checked."""
+    names = (*TOKEN_FIELDS, *SEQUENCE_FIELDS, *GEOMETRY_FIELDS)
+    arrays = {name: step[name] for name in names if name in step.fields}
+    length = arrays["logp"].reshape(-1).shape[0]
+    for name in TOKEN_FIELDS:
+        if name in arrays and arrays[name].reshape(-1).shape[0] != length:
+            raise InputError(
+                f"{where}: step {step.step}: {name} has {arrays[name].numel()} entries but logp "
+                f"has {length} (mismatched array lengths)"
+            )
+    present = [n for n in SEQUENCE_FIELDS if n in arrays]
+    if len(present) == 2 and arrays["group_id"].shape != arrays["reward"].shape:
+        raise InputError(
+            f"{where}: step {step.step}: group_id has {arrays['group_id'].numel()} entries but "
+            f"reward has {arrays['reward'].numel()} (mismatched array lengths)"
+        )
+    return arrays
+
+
+def to_device(chunk: list[Arrays], device: torch.device) -> None:
+    """Moves a chunk's arrays to the device with one transfer per field (in place)."""
+    if device.type == "cpu":
+        return
+    names = {name for arrays in chunk for name in arrays}
+    for name in names:
+        holders = [arrays for arrays in chunk if name in arrays]
+        if len({a[name].dtype for a in holders}) != 1:
+            for arrays in holders:
+                arrays[name] = arrays[name].to(device)
+            continue
+        shapes = [a[name].shape for a in holders]
+        flat = torch.cat([a[name].reshape(-1) for a in holders]).to(device, non_blocking=True)
+        pieces = torch.split(flat, [math.prod(s) for s in shapes])
+        for arrays, piece, shape in zip(holders, pieces, shapes, strict=True):
+            arrays[name] = piece.reshape(shape)
+
+
+def prepared(step: Step, arrays: Arrays, unit: Unit, where: str) -> PreparedBatch:
+    """The step's prepared batch; a bad step's InputError names the run and the step."""
+    batch = PolicyBatch(
+        logp=arrays["logp"].reshape(-1),
+        logp_old=arrays["logp_old"],
+        advantages=arrays["advantages"],
+        mask=arrays["mask"],
+        seq_id=arrays["seq_id"],
+        group_id=arrays.get("group_id"),
+        reward=arrays.get("reward"),
+        logp_ref=arrays.get("logp_ref"),
+        loss_weight=arrays.get("loss_weight"),
+        loss_scale=arrays.get("loss_scale"),
+        unit=unit,
+    )
+    try:
+        return prepare(batch)
+    except InputError as exc:
+        raise InputError(f"{where}: step {step.step}: {exc}") from None
+
+
+def step_geometry(step: Step, arrays: Arrays, prep: PreparedBatch, where: str) -> StepGeometry:
+    """The step's recorded gradient geometry on the device (kind "coef" without any)."""
+    scale = step.scalars.get(SKETCH_SCALE_KEY)
+    try:
+        return StepGeometry.from_arrays(
+            arrays.get(GRAM_KEY), arrays.get(SKETCH_KEY), scale, prep, step.step
+        )
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+
+
+def run_unit(run: Run) -> Unit:
+    """What the run's entries score (the reader has validated the manifest's unit)."""
+    return "sequence" if run.unit == "sequence" else "token"
+
+
+def _chunks(steps: Iterable[Step], size: int) -> Iterator[list[Step]]:
+    chunk: list[Step] = []
+    for step in steps:
+        chunk.append(step)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def stream_run(
+    run: Run,
+    policies: list[Policy],
+    own_index: int | None,
+    chunk_size: int,
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
+) -> StreamedRun:
+    """Every policy over every readable step of `run` (corrupt steps are skipped)."""
+    where, unit = str(run.path), run_unit(run)
+    numbers: list[int] = []
+    blocks: list[np.ndarray] = []
+    kinds: list[StepGeometryKind] = []
+    loss: list[float] = []
+    covered: list[float] = []
+    approximate = np.zeros(len(policies), dtype=bool)
+    floor = NoiseFloor()
+    for chunk in _chunks(run.steps(), chunk_size):
+        arrays = []
+        for step in chunk:
+            check_step(step, policies, unit, where)
+            arrays.append(read_arrays(step, where))
+        to_device(arrays, device)
+        rows, moments = [], []
+        for step, step_arrays in zip(chunk, arrays, strict=True):
+            prep = prepared(step, step_arrays, unit, where)
+            geometry = step_geometry(step, step_arrays, prep, where)
+            weights = [policy.weights(prep) for policy in policies]
+            rows.append(step_metrics(prep, policies, weights, geometry, own_index))
+            if geometry.per_sequence:
+                coef = torch.stack([w.coef for w in weights])
+                approximate |= varies_within_sequence(coef, prep).cpu().numpy()
+            if step.scalars.get("inner_step") == NOISE_FLOOR_INNER_STEP:
+                moments.append(
+                    logratio_moments(
+                        step_arrays["logp"], step_arrays["logp_old"], step_arrays["mask"]
+                    )
+                )
+            numbers.append(step.step)
+            kinds.append(geometry.kind)
+            loss.append(step.scalars.get("loss", math.nan))
+            covered.append(step.scalars.get("grad_norm_covered", math.nan))
+        blocks.append(torch.stack(rows).cpu().numpy())
+        if moments:
+            for count, mean, m2 in torch.stack(moments).cpu().tolist():
+                floor.add(int(count), mean, m2)
+        del arrays, rows, moments
+        if progress is not None:
+            progress(len(chunk))
+    metrics = (
+        np.concatenate(blocks)
+        if blocks
+        else np.zeros((0, len(policies), len(columns.device_metrics())), dtype=np.float64)
+    )
+    return StreamedRun(
+        step_numbers=np.array(numbers, dtype=np.int64),
+        metrics=metrics,
+        geometry=tuple(kinds),
+        approximate=approximate,
+        loss=np.array(loss, dtype=np.float64),
+        grad_norm_covered=np.array(covered, dtype=np.float64),
+        noise_floor=floor,
+    )
+
+
+def detail_pass(
+    run: Run,
+    policies: list[Policy],
+    flagged: dict[int, list[int]],
+    device: torch.device,
+    top_k: int,
+) -> list[dict[int, list[TopSequence]]]:
+    """Second pass over the flagged steps (step -> indices of the policies it flagged): per
+    policy, step -> its top sequences."""
+    where, unit = str(run.path), run_unit(run)
+    out: list[dict[int, list[TopSequence]]] = [{} for _ in policies]
+    for number in sorted(flagged):
+        step = run.step(number)
+        arrays = read_arrays(step, where)
+        to_device([arrays], device)
+        prep = prepared(step, arrays, unit, where)
+        geometry = step_geometry(step, arrays, prep, where)
+        for i in flagged[number]:
+            weights = policies[i].weights(prep)
+            out[i][number] = top_sequences(
+                prep,
+                weights.coef,
+                weights,
+                geometry,
+                arrays["seq_id"].reshape(-1),
+                arrays.get("group_id"),
+                arrays.get("reward"),
+                k=top_k,
+            )
+    return out

@@ -1,0 +1,129 @@
+"""A policy's whole-run summary from its per-step columns, and the choice of the best policy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from stabledrl_cli.replay import columns
+from stabledrl_cli.replay.columns import Aggregate, ColumnArray
+from stabledrl_cli.replay.config import StepRange
+from stabledrl_cli.replay.result import PolicySummary, StepSeries
+from stabledrl_cli.replay.stream import StreamedRun
+
+
+def _median(values: ColumnArray) -> float | None:
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(np.median(finite)) if finite.size else None
+
+
+def _relative_error(replayed: np.ndarray, recorded: np.ndarray) -> float | None:
+    ok = np.isfinite(replayed) & np.isfinite(recorded) & (recorded != 0)
+    if not ok.any():
+        return None
+    return float(np.median(np.abs(replayed[ok] - recorded[ok]) / np.abs(recorded[ok])))
+
+
+def aggregate(values: ColumnArray, how: Aggregate) -> float | None:
+    """A column's whole-run figure over its finite values (count: steps where it is true);
+    None where there is no finite value."""
+    if how == "count":
+        return float(np.count_nonzero(np.asarray(values, dtype=bool)))
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return None
+    if how == "max":
+        return float(finite.max())
+    if how == "median":
+        return float(np.median(finite))
+    return float(finite.sum())
+
+
+def summarize_policy(
+    series: StepSeries,
+    stream: StreamedRun,
+    *,
+    own: bool,
+    observed_collapse: int | None,
+    approximate: bool,
+) -> PolicySummary:
+    """One policy's summary over every step of `series` (the whole run)."""
+    steps = np.asarray(series["step"], dtype=np.int64)
+    tokens = int(np.sum(series["tokens"]))
+    discarded = int(np.sum(series["discarded"]))
+    norms = np.asarray(series["update_norm"], dtype=np.float64)
+    finite_norms = norms[np.isfinite(norms)]
+    collapsed = steps[np.asarray(series["collapsed"], dtype=bool)]
+    drift = np.asarray(series["drift"], dtype=bool)
+    flagged = steps[np.asarray(series["collapsed"], dtype=bool) | drift]
+    first_flag = int(flagged[0]) if flagged.size else None
+    fidelity = loss_parity = None
+    if own:
+        measured = np.array([kind != "coef" for kind in stream.geometry], dtype=bool)
+        if measured.any():
+            fidelity = _relative_error(norms[measured], stream.grad_norm_covered[measured])
+        objective = np.asarray(series["objective"], dtype=np.float64)
+        loss_parity = _relative_error(-objective, stream.loss)
+    figures = {
+        column.figure: aggregate(series[column.name], column.gate.aggregate)
+        for column in columns.gated_columns()
+        if column.figure is not None and column.gate is not None
+    }
+    return PolicySummary(
+        tokens=tokens,
+        discarded=discarded,
+        discard_frac=discarded / tokens if tokens else 0.0,
+        discarded_pos=int(np.sum(series["discarded_pos"])),
+        discarded_neg=int(np.sum(series["discarded_neg"])),
+        # Median over steps of the per-step fraction: a ratio of sums would let one step whose
+        # IS reference overflowed (r = exp(large)) outweigh every other step.
+        discarded_mass_frac=_median(series["discarded_mass_frac"]),
+        clipped=int(np.sum(series["clipped"])),
+        update_norm_median=float(np.median(finite_norms)) if finite_norms.size else None,
+        update_norm_max=float(finite_norms.max()) if finite_norms.size else None,
+        cosine_to_own_median=_median(series["cosine_to_own"]),
+        spike_steps=[int(s) for s in steps[np.asarray(series["spike"], dtype=bool)]],
+        drift_steps=[int(s) for s in steps[drift]],
+        collapsed_steps=[int(s) for s in collapsed],
+        first_collapse=int(collapsed[0]) if collapsed.size else None,
+        lead_steps=(
+            observed_collapse - first_flag
+            if observed_collapse is not None and first_flag is not None
+            else None
+        ),
+        fidelity=fidelity,
+        loss_parity=loss_parity,
+        update_norm_approximate=approximate,
+        column_figures=figures,
+    )
+
+
+def best_index(summaries: list[PolicySummary]) -> int | None:
+    """Fewest collapsed steps, then fewest drift steps, then the lowest discarded_mass_frac."""
+    if not summaries:
+        return None
+
+    def key(i: int) -> tuple[int, int, float]:
+        s = summaries[i]
+        mass = s.discarded_mass_frac
+        return (
+            len(s.collapsed_steps),
+            len(s.drift_steps),
+            mass if mass is not None and math.isfinite(mass) else math.inf,
+        )
+
+    return min(range(len(summaries)), key=key)
+
+
+def in_range(steps: np.ndarray, step_range: StepRange) -> np.ndarray:
+    """[S] bool: start <= step < stop."""
+    start, stop = step_range
+    keep = np.ones(steps.shape[0], dtype=bool)
+    if start is not None:
+        keep &= steps >= start
+    if stop is not None:
+        keep &= steps < stop
+    return keep
