@@ -16,13 +16,9 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.replay import engine
-from stabledrl_cli.replay.gate import (
-    BASELINE_SCHEMA,
-    POLICY_METRICS,
-    Tolerance,
-    load_baseline,
-)
+from stabledrl_cli.replay import columns, config
+from stabledrl_cli.replay.baseline import BASELINE_SCHEMA, Tolerance, load_baseline
+from stabledrl_cli.replay.figures import policy_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ["-p", "grpo", "-p", "is", "-p", "stabledrl"]
@@ -98,19 +94,19 @@ def test_written_baseline_holds_todays_figures(runs, baseline):
     assert data["schema"] == BASELINE_SCHEMA and data["version"] == 1
     assert data["run"]["path"] == str(runs["steady"]) and data["run"]["steps"] == 40
     assert data["replay"] == {
-        "spike_factor": engine.DEFAULT_SPIKE_FACTOR,
-        "window": engine.DEFAULT_WINDOW,
-        "drift_threshold": engine.DEFAULT_DRIFT_THRESHOLD,
+        "spike_factor": config.DEFAULT_SPIKE_FACTOR,
+        "window": config.DEFAULT_WINDOW,
+        "drift_threshold": config.DEFAULT_DRIFT_THRESHOLD,
     }
     assert data["observed"]["first_reward_collapse"]["value"] is None
     assert list(data["policies"]) == ["grpo", "is", "stabledrl"]
     is_ = data["policies"]["is"]
-    assert set(is_) == set(POLICY_METRICS)
+    assert set(is_) == set(policy_metrics())
     assert is_["collapsed_steps"] == {
         "value": 2, "worse": "higher", "abs_tol": 0.0, "rel_tol": 0.1, "first": 25
     }  # fmt: skip
     replayed = sd.replay(runs["steady"], ["is"], device="cpu").policies[0].summary
-    assert is_["update_norm_max"]["value"] == replayed["update_norm_max"]
+    assert is_["update_norm_max"]["value"] == replayed.update_norm_max
     assert is_["discard_frac"]["value"] == 0
     assert data["policies"]["grpo"]["discard_frac"]["value"] == pytest.approx(0.0016, abs=1e-4)
 
@@ -131,7 +127,7 @@ def test_check_against_own_baseline_passes(runs, baseline):
     code, data, stderr = _check(str(runs["steady"]), "--baseline", str(baseline))
     assert code == 0, stderr
     assert data["ok"] and data["tripped"] == 0 and data["policies"] == ["grpo", "is", "stabledrl"]
-    assert data["gates_checked"] == 1 + 3 * len(POLICY_METRICS)
+    assert data["gates_checked"] == 1 + 3 * len(policy_metrics())
     assert "check passed" in stderr
     table = runner.invoke(app, ["check", str(runs["steady"]), "--baseline", str(baseline)])
     assert table.exit_code == 0 and "baseline.update_norm_max" in table.stdout
@@ -201,9 +197,9 @@ def test_strict_baseline_has_noise_tolerances_and_is_two_sided(runs, tmp_path):
 
 
 def test_a_detector_change_fails_until_the_baseline_is_rewritten(runs, baseline, monkeypatch):
-    real = engine.drift_flags
+    real = columns.drift_flags
     monkeypatch.setattr(
-        engine, "drift_flags", lambda net_push, window, threshold: real(net_push, 5, threshold + 1)
+        columns, "drift_flags", lambda net_push, window, threshold: real(net_push, 5, threshold + 1)
     )
     code, data, _ = _check(str(runs["steady"]), "--baseline", str(baseline))
     assert code == 1
@@ -233,7 +229,7 @@ def test_policy_missing_from_the_check_is_a_tripped_gate(runs, baseline):
 def test_replay_settings_come_from_the_baseline(runs, baseline, tmp_path):
     code, _, stderr = _check(str(runs["steady"]), "--baseline", str(baseline), "--window", "7")
     assert code == 2 and "differs from the baseline's" in stderr
-    same = str(engine.DEFAULT_WINDOW)
+    same = str(config.DEFAULT_WINDOW)
     code, _, _ = _check(str(runs["steady"]), "--baseline", str(baseline), "--window", same)
     assert code == 0
     # A baseline written with other settings is replayed with them.
@@ -359,7 +355,7 @@ def test_junit_report(runs, baseline, tmp_path):
     assert suite.get("name") == f"stabledrl check {runs['collapsing']}"
     cases = suite.findall("testcase")
     failed = [c for c in cases if c.find("failure") is not None]
-    assert int(suite.get("tests")) == len(cases) == 1 + 3 * (len(POLICY_METRICS) + 1)
+    assert int(suite.get("tests")) == len(cases) == 1 + 3 * (len(policy_metrics()) + 1)
     assert int(suite.get("failures")) == len(failed) == int(root.get("failures")) > 0
     names = {(c.get("classname"), c.get("name")) for c in cases}
     assert ("stabledrl.is", "max_nonfinite") in names
@@ -409,10 +405,10 @@ def test_committed_fixture_baselines_are_valid():
         assert path.is_file(), f"{path} is missing: see fixtures/README.md"
         loaded = load_baseline(path)
         assert loaded.run["path"] == f"fixtures/{run.name}"
-        assert loaded.replay == {
-            "spike_factor": engine.DEFAULT_SPIKE_FACTOR,
-            "window": engine.DEFAULT_WINDOW,
-            "drift_threshold": engine.DEFAULT_DRIFT_THRESHOLD,
+        assert loaded.replay.to_dict() == {
+            "spike_factor": config.DEFAULT_SPIKE_FACTOR,
+            "window": config.DEFAULT_WINDOW,
+            "drift_threshold": config.DEFAULT_DRIFT_THRESHOLD,
         }
         assert loaded.strict, "fixture baselines are written with --strict"
         catalogue = {get_policy(s).spec for s in STANDARD_CATALOGUE}

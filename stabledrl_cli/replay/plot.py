@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from stabledrl_cli._atomic import atomic_path
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import MissingExtraError, UsageError
 from stabledrl_cli.replay.detectors import collapse_window, rolling_mean
-from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 
 INSTALL_COMMAND = "pip install 'stabledrl[plot]'"
 _WIDTH_IN = 11.0
@@ -31,23 +32,23 @@ _POLICY_HEIGHT_IN = 1.6
 _DPI = 110
 
 
-def require_matplotlib() -> Any:
-    """The matplotlib module; MissingExtraError (exit 2) with the install command if absent."""
+def require_matplotlib() -> None:
+    """MissingExtraError (exit 2) with the install command when matplotlib is absent."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401  (an optional extra: imported only when plotting)
     except ImportError:
         raise MissingExtraError(
-            f"--plot needs matplotlib, which is not installed: {INSTALL_COMMAND}"
+            f"a plot needs matplotlib, which is not installed: {INSTALL_COMMAND}"
         ) from None
-    return matplotlib
 
 
 def check_plot_path(path: str | os.PathLike[str]) -> Path:
+    """The plot's target: a .png in an existing directory (UsageError otherwise)."""
     target = Path(path)
     if target.suffix.lower() != ".png":
-        raise UsageError(f"--plot {target}: the plot is a PNG; give a file name ending in .png")
+        raise UsageError(f"{target}: a plot is a PNG; give a file name ending in .png")
     if not target.parent.is_dir():
-        raise UsageError(f"--plot {target}: directory {target.parent} does not exist")
+        raise UsageError(f"{target}: directory {target.parent} does not exist")
     return target
 
 
@@ -63,7 +64,7 @@ def _mark_collapse(ax: Any, collapse: int | None) -> None:
 
 def _reward_panel(ax: Any, result: ReplayResult, run: Run) -> None:
     steps, reward = _reward(run)
-    collapse = result.observed.get("first_reward_collapse")
+    collapse = result.observed.first_reward_collapse
     if steps.size:
         window = min(collapse_window(steps.size), steps.size)
         ax.plot(steps, reward, color="0.7", linewidth=0.8, label="reward_mean")
@@ -76,7 +77,7 @@ def _reward_panel(ax: Any, result: ReplayResult, run: Run) -> None:
         )
     else:
         ax.text(0.5, 0.5, "no reward recorded", transform=ax.transAxes, ha="center", va="center")
-    spikes = [s for s in result.observed.get("recorded_spike_steps", [])]
+    spikes = result.observed.recorded_spike_steps
     if spikes:
         ax.plot(
             spikes,
@@ -118,7 +119,11 @@ def _norm_limits(result: ReplayResult) -> tuple[float, float] | None:
 
 
 def _policy_panel(
-    ax: Any, policy: Any, collapse: int | None, limits: tuple[float, float] | None, proxy: bool
+    ax: Any,
+    policy: PolicyResult,
+    collapse: int | None,
+    limits: tuple[float, float] | None,
+    proxy: bool,
 ) -> None:
     series = policy.series
     steps = np.asarray(series["step"], dtype=np.int64)
@@ -151,8 +156,8 @@ def _policy_panel(
     summary = policy.summary
     tags = " ".join(t for t, on in (("[own]", policy.own), ("[best]", policy.best)) if on)
     ax.set_title(
-        f"{policy.spec} {tags}  collapsed {len(summary['collapsed_steps'])}, "
-        f"drift {len(summary['drift_steps'])}, discard_frac {summary['discard_frac']:.3g}",
+        f"{policy.spec} {tags}  collapsed {len(summary.collapsed_steps)}, "
+        f"drift {len(summary.drift_steps)}, discard_frac {summary.discard_frac:.3g}",
         loc="left",
         fontsize=9,
     )
@@ -178,7 +183,8 @@ def _runs(steps: np.ndarray, flags: np.ndarray) -> list[tuple[int, int]]:
 def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | None = None) -> Path:
     """Draws `result` (and `run`'s recorded reward; default: reopened from result.run) to a PNG.
 
-    Written to a temporary name and renamed. MissingExtraError (exit 2) without matplotlib.
+    Written atomically (WriteError when it cannot be). MissingExtraError (exit 2) without
+    matplotlib.
     """
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -201,7 +207,7 @@ def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | N
         height_ratios=[_REWARD_HEIGHT_IN] + [_POLICY_HEIGHT_IN] * count,
     )[:, 0]
     _reward_panel(axes[0], result, run)
-    collapse = result.observed.get("first_reward_collapse")
+    collapse = result.observed.first_reward_collapse
     limits = _norm_limits(result)
     for ax, policy in zip(axes[1:], result.policies, strict=True):
         _policy_panel(ax, policy, collapse, limits, proxy=result.geometry == "coef")
@@ -211,11 +217,6 @@ def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | N
         f"({result.steps} steps, geometry {result.geometry})",
         fontsize=10,
     )
-    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(target) as temp:
         fig.savefig(temp, format="png")
-        os.replace(temp, target)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise UsageError(f"--plot {target}: cannot write it ({exc.strerror or exc})") from None
     return target

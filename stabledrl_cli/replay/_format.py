@@ -1,0 +1,37 @@
+"""The one number formatter of replay's tables, gate messages and `inspect`."""
+
+from __future__ import annotations
+
+import math
+
+
+def format_number(
+    value: float | None, digits: int = 3, *, none: str = "n/a", integers: bool = False
+) -> str:
+    """`value` to `digits` significant digits; `none` for None, "n/a" for NaN, "inf"/"-inf";
+    with `integers`, a whole number plainly (25, not 25.0 or 2.5e+01)."""
+    if value is None:
+        return none
+    if math.isnan(value):
+        return "n/a"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if integers and float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.{digits}g}"
+
+
+def format_figure(value: float | None) -> str:
+    """A gate's figure: whole numbers plainly, others to 4 digits, None (infinity) as "never"."""
+    return format_number(value, 4, none="never", integers=True)
+
+
+def format_steps(
+    steps: list[int], limit: int, *, empty: str = "-", separator: str = ",", more: str = ""
+) -> str:
+    """Steps cut after `limit` of them: '3,5,8 (+12)' (with more=" more": '(+12 more)')."""
+    if not steps:
+        return empty
+    shown = separator.join(str(s) for s in steps[:limit])
+    rest = len(steps) - limit
+    return f"{shown} (+{rest}{more})" if rest > 0 else shown

@@ -1,0 +1,329 @@
+"""The baseline file of `stabledrl check`: reading, validating and writing it, and the replay
+settings a check against it uses.
+
+A baseline is versioned JSON, written by `stabledrl check RUN --write-baseline FILE` and
+editable by hand:
+
+    {"schema": "stabledrl-baseline", "version": 1, "created": "...", "tool_version": "0.1.0",
+     "strict": false,
+     "run": {"path": "fixtures/demo", "steps": 120, "policy": "grpo", "unit": "sequence"},
+     "replay": {"spike_factor": 10.0, "window": 20, "drift_threshold": -0.1},
+     "observed": {"first_reward_collapse": {"value": 87, "worse": "lower", "abs_tol": 10,
+                                            "rel_tol": 0.0}},
+     "policies": {"grpo": {"collapsed_steps": {"value": 3, "worse": "higher",
+                                               "abs_tol": 0, "rel_tol": 0.1}, ...}}}
+
+Each metric trips when today's figure is worse than `value` by more than
+`abs_tol + rel_tol * |value|` in the direction `worse` ("higher": a larger figure is worse;
+"lower": a smaller one). `null` stands for infinity: no observed collapse (never), or no
+finite update norm (every step non-finite). Other keys (e.g. `first`, the first flagged step)
+are notes for the reader and are not compared.
+
+A strict baseline (`"strict": true`, written with `strict`, for a project's own deterministic
+golden runs) has float-noise tolerances (counts exact, floats to 1e-4 relative), and a figure
+beyond its tolerance in the better direction trips too: any shift must be acknowledged by
+rewriting the baseline.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from stabledrl_cli._atomic import write_atomic
+from stabledrl_cli._version import __version__
+from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.policies import get_policy
+from stabledrl_cli.replay.config import (
+    DEFAULT_DRIFT_THRESHOLD,
+    DEFAULT_SPIKE_FACTOR,
+    DEFAULT_WINDOW,
+    ConfigError,
+)
+from stabledrl_cli.replay.detectors import collapse_window
+from stabledrl_cli.replay.figures import RUN_METRICS, STRICT_REL_TOL, policy_metrics
+from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.vocab import WORSE, Worse
+
+BASELINE_SCHEMA = "stabledrl-baseline"
+BASELINE_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplaySettings:
+    """The replay settings a baseline records: a check replays with them."""
+
+    spike_factor: float = DEFAULT_SPIKE_FACTOR
+    window: int = DEFAULT_WINDOW
+    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD
+
+    def to_dict(self) -> dict[str, float | int]:
+        """The baseline's `replay` entry."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tolerance:
+    """One baseline metric: its value, the direction of harm and the allowed slack."""
+
+    value: float | None
+    """None: infinity (never collapsed; no finite update norm)."""
+    worse: Worse
+    abs_tol: float = 0.0
+    rel_tol: float = 0.0
+
+    def limit(self) -> float:
+        """The worst figure that still passes."""
+        value = math.inf if self.value is None else self.value
+        if math.isinf(value):
+            return value
+        slack = self.abs_tol + self.rel_tol * abs(value)
+        return value + slack if self.worse == "higher" else value - slack
+
+    def tripped(self, figure: float | None) -> bool:
+        """Worse than the limit (None: infinity; NaN always trips)."""
+        current = math.inf if figure is None else figure
+        if math.isnan(current):
+            return True  # a figure that is not a number cannot be shown to be no worse
+        limit = self.limit()
+        return current > limit if self.worse == "higher" else current < limit
+
+    def improved(self, figure: float | None) -> bool:
+        """Better than `value` by more than the slack (what a strict check also fails on)."""
+        current = math.inf if figure is None else figure
+        value = math.inf if self.value is None else self.value
+        if math.isnan(current) or current == value:
+            return False
+        if math.isinf(value) or math.isinf(current):
+            return True  # from or to infinity: a change in kind (a collapse gone, norms finite)
+        slack = self.abs_tol + self.rel_tol * abs(value)
+        return current < value - slack if self.worse == "higher" else current > value + slack
+
+    def to_dict(self) -> dict[str, object]:
+        """The baseline file's entry (a whole value written as an integer)."""
+        data: dict[str, object] = asdict(self)
+        if self.value is not None and float(self.value).is_integer():
+            data["value"] = int(self.value)
+        return data
+
+
+@dataclass(frozen=True, kw_only=True)
+class Baseline:
+    """A parsed baseline file."""
+
+    path: str
+    run: dict[str, object]
+    """Notes on the run it was written from (path, steps, policy)."""
+    replay: ReplaySettings
+    observed: dict[str, Tolerance]
+    """Run-level metric -> tolerance."""
+    policies: dict[str, dict[str, Tolerance]]
+    """canonical spec -> metric -> tolerance."""
+    strict: bool = False
+    """A golden baseline: a figure beyond its tolerance in either direction trips."""
+
+
+def _number(data: dict[str, object], key: str, where: str) -> float:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{where}.{key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _tolerance(data: object, where: str, default_worse: Worse) -> Tolerance:
+    if not isinstance(data, dict):
+        raise InputError(f"{where} must be an object with value, worse, abs_tol, rel_tol")
+    if "value" not in data:
+        raise InputError(f"{where} has no 'value'")
+    worse = data.get("worse", default_worse)
+    if worse not in WORSE:
+        raise InputError(f"{where}.worse must be 'higher' or 'lower', got {worse!r}")
+    abs_tol = _number(data, "abs_tol", where) if "abs_tol" in data else 0.0
+    rel_tol = _number(data, "rel_tol", where) if "rel_tol" in data else 0.0
+    if abs_tol < 0 or rel_tol < 0:
+        raise InputError(f"{where}: abs_tol and rel_tol must be >= 0")
+    value = None if data["value"] is None else _number(data, "value", where)
+    return Tolerance(
+        value=value,
+        worse="higher" if worse == "higher" else "lower",
+        abs_tol=abs_tol,
+        rel_tol=rel_tol,
+    )
+
+
+def _read(path: str | os.PathLike[str]) -> dict[str, object]:
+    where = str(path)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"no such baseline: {where}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{where}: cannot read the baseline ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: the baseline is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("schema") != BASELINE_SCHEMA:
+        raise InputError(f"{where}: not a stabledrl baseline (schema is not {BASELINE_SCHEMA!r})")
+    version = data.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise InputError(f"{where}: baseline version must be an integer, got {version!r}")
+    if version > BASELINE_VERSION:
+        raise InputError(
+            f"{where}: baseline version {version} is newer than this tool reads "
+            f"({BASELINE_VERSION}); upgrade stabledrl"
+        )
+    if version < 1:
+        raise InputError(f"{where}: baseline version {version} is not supported")
+    return data
+
+
+def _settings(replay: object, where: str) -> ReplaySettings:
+    if not isinstance(replay, dict):
+        raise InputError(f"{where}: 'replay' (the replay settings) must be an object")
+    for key in ("spike_factor", "window", "drift_threshold"):
+        if key not in replay:
+            raise InputError(f"{where}: replay.{key} is missing")
+    window = _number(replay, "window", f"{where}: replay")
+    if not window.is_integer():
+        raise InputError(f"{where}: replay.window must be an integer")
+    return ReplaySettings(
+        spike_factor=_number(replay, "spike_factor", f"{where}: replay"),
+        window=int(window),
+        drift_threshold=_number(replay, "drift_threshold", f"{where}: replay"),
+    )
+
+
+def _policies(data: object, where: str) -> dict[str, dict[str, Tolerance]]:
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: 'policies' must be an object of spec -> metrics")
+    rules = policy_metrics()
+    policies: dict[str, dict[str, Tolerance]] = {}
+    for spec, metrics in data.items():
+        try:
+            canonical = get_policy(spec).spec
+        except UsageError as exc:
+            raise InputError(f"{where}: policy {spec!r}: {exc}") from None
+        if not isinstance(metrics, dict):
+            raise InputError(f"{where}: policies.{spec} must be an object of metric -> tolerance")
+        entry = {}
+        for name, tol in metrics.items():
+            rule = rules.get(name)
+            if rule is None:
+                raise InputError(
+                    f"{where}: policies.{spec}: unknown metric {name!r} (known: {', '.join(rules)})"
+                )
+            entry[name] = _tolerance(tol, f"{where}: policies.{spec}.{name}", rule.worse)
+        if canonical in policies:
+            raise InputError(f"{where}: policy {spec!r} appears twice (as {canonical!r})")
+        policies[canonical] = entry
+    return policies
+
+
+def load_baseline(path: str | os.PathLike[str]) -> Baseline:
+    """Reads and validates a baseline file; InputError (exit 3) names the first problem."""
+    where = str(path)
+    data = _read(path)
+    settings = _settings(data.get("replay"), where)
+    run = data.get("run", {})
+    if not isinstance(run, dict):
+        raise InputError(f"{where}: 'run' must be an object")
+    observed_data = data.get("observed", {})
+    if not isinstance(observed_data, dict):
+        raise InputError(f"{where}: 'observed' must be an object")
+    observed = {}
+    for name, entry in observed_data.items():
+        if name not in RUN_METRICS:
+            raise InputError(f"{where}: unknown observed metric {name!r} (known: {RUN_METRICS})")
+        observed[name] = _tolerance(entry, f"{where}: observed.{name}", "lower")
+    strict = data.get("strict", False)
+    if not isinstance(strict, bool):
+        raise InputError(f"{where}: 'strict' must be true or false, got {strict!r}")
+    return Baseline(
+        path=where,
+        run=run,
+        replay=settings,
+        observed=observed,
+        policies=_policies(data.get("policies"), where),
+        strict=strict,
+    )
+
+
+def check_settings(
+    baseline: Baseline | None,
+    *,
+    spike_factor: float | None = None,
+    window: int | None = None,
+    drift_threshold: float | None = None,
+) -> ReplaySettings:
+    """The settings a check replays with: the baseline's (so it compares like with like),
+    else the defaults, each overridden by a given value. A given value that contradicts the
+    baseline is a `ConfigError` naming the setting."""
+    given = {"spike_factor": spike_factor, "window": window, "drift_threshold": drift_threshold}
+    if baseline is None:
+        return ReplaySettings(
+            spike_factor=DEFAULT_SPIKE_FACTOR if spike_factor is None else spike_factor,
+            window=DEFAULT_WINDOW if window is None else window,
+            drift_threshold=DEFAULT_DRIFT_THRESHOLD if drift_threshold is None else drift_threshold,
+        )
+    recorded = baseline.replay.to_dict()
+    for key, value in given.items():
+        if value is not None and value != recorded[key]:
+            raise ConfigError(
+                key,
+                f"{value:g} differs from the baseline's {recorded[key]:g} ({baseline.path}); a "
+                "check compares like with like: drop it, or write a new baseline with it",
+            )
+    return baseline.replay
+
+
+def baseline_dict(
+    result: ReplayResult, settings: ReplaySettings, *, strict: bool = False
+) -> dict[str, object]:
+    """Today's figures as a baseline, ready for `write_baseline`: default tolerances, or with
+    `strict` a golden baseline (float-noise tolerances, and shifts either way trip)."""
+    collapse = result.observed.first_reward_collapse
+    policies: dict[str, object] = {}
+    for p in result.policies:
+        metrics: dict[str, object] = {}
+        for name, rule in policy_metrics().items():
+            if strict:
+                abs_tol, rel_tol = 0.0, 0.0 if rule.integer else STRICT_REL_TOL
+            else:
+                abs_tol, rel_tol = rule.abs_tol, rule.rel_tol
+            entry = Tolerance(
+                value=rule.measure(p.summary), worse=rule.worse, abs_tol=abs_tol, rel_tol=rel_tol
+            ).to_dict()
+            steps = {
+                "collapsed_steps": p.summary.collapsed_steps,
+                "drift_steps": p.summary.drift_steps,
+            }
+            if name in steps:
+                entry["first"] = steps[name][0] if steps[name] else None
+            metrics[name] = entry
+        policies[p.spec] = metrics
+    return {
+        "schema": BASELINE_SCHEMA,
+        "version": BASELINE_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tool_version": __version__,
+        "strict": strict,
+        "run": {"path": result.run, "steps": result.steps, "policy": result.run_policy_spec},
+        "replay": settings.to_dict(),
+        "observed": {
+            # The observed-collapse rule resolves a collapse to within its window W.
+            "first_reward_collapse": Tolerance(
+                value=None if collapse is None else float(collapse),
+                worse="lower",
+                abs_tol=0.0 if strict else float(collapse_window(result.steps)),
+            ).to_dict()
+        },
+        "policies": policies,
+    }
+
+
+def write_baseline(data: dict[str, object], path: str | os.PathLike[str]) -> Path:
+    """Writes a baseline (`baseline_dict`) atomically; WriteError when it cannot."""
+    return write_atomic(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())

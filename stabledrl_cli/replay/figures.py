@@ -1,0 +1,89 @@
+"""The figures a gate compares: how each is measured from a policy's summary, the direction
+in which it is worse, and the default slack of a written baseline."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from stabledrl_cli.replay import columns
+from stabledrl_cli.replay.result import PolicySummary
+from stabledrl_cli.vocab import Worse
+
+RUN_METRICS = ("first_reward_collapse",)
+"""Run-level figures of a baseline's `observed` entry."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricRule:
+    """How a baseline metric is measured and its default tolerance."""
+
+    worse: Worse
+    """The direction in which a change is a regression."""
+    abs_tol: float
+    """Absolute slack, in the metric's unit."""
+    rel_tol: float
+    """Relative slack, a fraction of the baseline value."""
+    measure: Callable[[PolicySummary], float | None]
+    """The figure from a policy's summary (None: infinity)."""
+    integer: bool = False
+    """A count: a strict baseline compares it exactly."""
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+# Default tolerances. Replays are deterministic on one CPU; across machines float noise moves
+# norms by ~1e-6 relative, so the slack below is for deliberate hand-loosening, not noise:
+# counts may grow by 10% (a flagged step more on a run with 10), a discard fraction by
+# 0.2 percentage points plus 5%, update norms by 5% (median) and 10% (max, a single step).
+BUILTIN_METRICS: dict[str, MetricRule] = {
+    "collapsed_steps": MetricRule(
+        worse="higher",
+        abs_tol=0.0,
+        rel_tol=0.1,
+        measure=lambda s: float(len(s.collapsed_steps)),
+        integer=True,
+    ),
+    "drift_steps": MetricRule(
+        worse="higher",
+        abs_tol=0.0,
+        rel_tol=0.1,
+        measure=lambda s: float(len(s.drift_steps)),
+        integer=True,
+    ),
+    "discard_frac": MetricRule(
+        worse="higher", abs_tol=0.002, rel_tol=0.05, measure=lambda s: _finite(s.discard_frac)
+    ),
+    "update_norm_median": MetricRule(
+        worse="higher", abs_tol=0.0, rel_tol=0.05, measure=lambda s: _finite(s.update_norm_median)
+    ),
+    "update_norm_max": MetricRule(
+        worse="higher", abs_tol=0.0, rel_tol=0.1, measure=lambda s: _finite(s.update_norm_max)
+    ),
+}
+STRICT_REL_TOL = 1e-4
+"""A strict (golden) baseline: counts exact, floats to 1e-4 relative. CPU replays repeat bit
+for bit; across CPUs and thread counts norms move by ~1e-6 relative, well inside it."""
+
+
+def _column_rule(figure: str, gate: columns.ColumnGate) -> MetricRule:
+    return MetricRule(
+        worse=gate.worse,
+        abs_tol=gate.abs_tol,
+        rel_tol=gate.rel_tol,
+        measure=lambda s: _finite(s.column_figures.get(figure)),
+        integer=gate.aggregate == "count",
+    )
+
+
+def policy_metrics() -> dict[str, MetricRule]:
+    """Every per-policy figure a baseline may hold: the built-in ones, then the whole-run
+    figures of gated columns (`columns.Column.gate`), in declaration order."""
+    rules = dict(BUILTIN_METRICS)
+    for column in columns.gated_columns():
+        if column.figure is not None and column.gate is not None:
+            rules[column.figure] = _column_rule(column.figure, column.gate)
+    return rules

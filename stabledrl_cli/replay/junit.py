@@ -1,0 +1,56 @@
+"""JUnit XML of a check's gates: one testsuite, one testcase per policy and gate, so CI
+systems show each gate as a test."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from stabledrl_cli._atomic import write_atomic
+from stabledrl_cli.replay._format import format_figure
+from stabledrl_cli.replay.gate import GateResult
+
+RUN_CLASS = "stabledrl.run"
+"""JUnit classname of run-level gates (a policy's is stabledrl.POLICY)."""
+
+
+def junit_xml(results: list[GateResult], run: str, *, seconds: float = 0.0) -> bytes:
+    """One testsuite, one testcase per policy and gate (classname stabledrl.POLICY)."""
+    failures = str(sum(not r.ok for r in results))
+    tests, time = str(len(results)), f"{seconds:.3f}"
+    suites = ET.Element(
+        "testsuites", name="stabledrl check", tests=tests, failures=failures, errors="0", time=time
+    )
+    suite = ET.SubElement(
+        suites,
+        "testsuite",
+        name=f"stabledrl check {run}",
+        tests=tests,
+        failures=failures,
+        errors="0",
+        skipped="0",
+        time=time,
+        timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    for r in results:
+        classname = RUN_CLASS if r.policy is None else f"stabledrl.{r.policy}"
+        case = ET.SubElement(suite, "testcase", classname=classname, name=r.gate, time="0")
+        if not r.ok:
+            failure = ET.SubElement(case, "failure", message=r.message, type="GateFailed")
+            failure.text = (
+                f"figure {format_figure(r.figure)}, limit {format_figure(r.limit)}: {r.message}"
+            )
+        else:
+            ET.SubElement(case, "system-out").text = r.message
+    ET.indent(suites)
+    text: bytes = ET.tostring(suites, encoding="utf-8", xml_declaration=True)
+    return text + b"\n"
+
+
+def write_junit(
+    results: list[GateResult], run: str, path: str | os.PathLike[str], *, seconds: float = 0.0
+) -> Path:
+    """Writes `junit_xml` atomically; WriteError when it cannot."""
+    return write_atomic(path, junit_xml(results, run, seconds=seconds))
