@@ -19,12 +19,14 @@ import torch
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli._json import json_safe
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies import STANDARD_CATALOGUE, PolicyBatch, get_policy
+from stabledrl_cli.replay.config import ReplayConfig, parse_step_range
 from stabledrl_cli.replay.detectors import drift_flags
-from stabledrl_cli.replay.engine import ReplayConfig, parse_step_range, replay_run
-from stabledrl_cli.replay.report import REPORT_KIND, read_hdf5
+from stabledrl_cli.replay.engine import replay_run
+from stabledrl_cli.replay.hdf5 import REPORT_KIND, read_hdf5
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +181,7 @@ def test_api_returns_the_cli_results(plain_run):
         assert result.to_json(indent) == json.dumps(result.to_dict(), indent=indent)
     assert (
         result.own.spec == "grpo"
-        and result.policy("cispo").summary == cli["policies"][1]["summary"]
+        and json_safe(result.policy("cispo").summary.to_dict()) == cli["policies"][1]["summary"]
     )
 
 
@@ -224,11 +226,11 @@ def test_drift_flags_needs_a_full_window_below_threshold():
 
 def test_spike_flagged_for_grpo_not_for_stabledrl(plain_run):
     result = sd.replay(plain_run, ["grpo", "stabledrl", "reinforce"], device="cpu")
-    spikes = {p.spec: p.summary["spike_steps"] for p in result.policies}
+    spikes = {p.spec: p.summary.spike_steps for p in result.policies}
     assert spikes["grpo"] == [22]
     assert spikes["stabledrl"] == [] and spikes["reinforce"] == []
     grpo = result.policy("grpo")
-    assert grpo.summary["collapsed_steps"] == [22] and grpo.summary["first_collapse"] == 22
+    assert grpo.summary.collapsed_steps == [22] and grpo.summary.first_collapse == 22
     assert grpo.steps[22]["weight_max"] > 100  # exp(6): the unbounded A < 0 ratio
     assert result.best.spec != "grpo"
 
@@ -236,7 +238,7 @@ def test_spike_flagged_for_grpo_not_for_stabledrl(plain_run):
 def test_max_grad_norm_sets_clip_scale_but_spikes_use_the_preclip_norm(plain_run):
     base = sd.replay(plain_run, ["grpo"], device="cpu").policy("grpo")
     clipped = sd.replay(plain_run, ["grpo"], device="cpu", max_grad_norm=0.01).policy("grpo")
-    assert clipped.summary["spike_steps"] == base.summary["spike_steps"] == [22]
+    assert clipped.summary.spike_steps == base.summary.spike_steps == [22]
     for row in clipped.steps:
         expected = min(1.0, 0.01 / (row["update_norm"] + 1e-6))
         assert row["clip_scale"] == pytest.approx(expected)
@@ -323,7 +325,7 @@ def test_mixed_geometry_spikes_compare_like_with_like(tmp_path):
     for p in result.policies:
         norms, kinds = p.series["update_norm"], p.series["geometry"]
         assert np.median(norms[kinds == "gram"]) > 20 * np.median(norms[kinds == "coef"])
-        assert p.summary["spike_steps"] == []
+        assert p.summary.spike_steps == []
 
 
 def test_cuda_without_a_gpu_is_a_usage_error(plain_run, monkeypatch):
@@ -438,8 +440,10 @@ def test_exit_codes_in_a_real_process(plain_run, tmp_path):
 
 
 def test_config_validation():
-    with pytest.raises(Exception, match="chunk-size"):
+    with pytest.raises(UsageError, match=r"^chunk_size must be an integer >= 1$"):
         ReplayConfig(chunk_size=0)
+    with pytest.raises(UsageError, match=r"^window must be an integer >= 1$"):
+        sd.replay(REPO / "fixtures" / "grpo", ["grpo"], window=0)
     with pytest.raises(Exception, match="empty"):
         ReplayConfig(step_range=(5, 5))
 
@@ -447,7 +451,7 @@ def test_config_validation():
 def test_replay_run_accepts_an_opened_run(plain_run):
     run = sd.open_run(plain_run)
     result = replay_run(run, ["reinforce"], config=ReplayConfig(device="cpu"))
-    assert result.steps == 30 and result.policies[0].summary["drift_steps"] == []
+    assert result.steps == 30 and result.policies[0].summary.drift_steps == []
 
 
 def test_drift_flagged_for_grpo_on_noisy_ratios_not_for_reinforce(tmp_path):
@@ -455,5 +459,5 @@ def test_drift_flagged_for_grpo_on_noisy_ratios_not_for_reinforce(tmp_path):
     result = sd.replay(path, ["grpo", "reinforce"], device="cpu", window=4, drift_threshold=-0.05)
     grpo, reinforce = result.policy("grpo"), result.policy("reinforce")
     assert np.mean(grpo.series["net_push"]) < -0.05
-    assert grpo.summary["drift_steps"] and grpo.summary["drift_steps"][0] >= 3
-    assert reinforce.summary["drift_steps"] == []
+    assert grpo.summary.drift_steps and grpo.summary.drift_steps[0] >= 3
+    assert reinforce.summary.drift_steps == []

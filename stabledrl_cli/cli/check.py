@@ -1,20 +1,21 @@
 """`stabledrl check RUN`: a CI gate on a recorded run's replay.
 
 Replays the run, then checks absolute gates (--max-collapsed, --max-discard-frac,
---max-nonfinite, per policy) and regressions against a baseline file (--baseline; schema in
-replay/gate.py and the README). Every gate is evaluated and printed, passed or tripped; then
-the exit code says whether any tripped.
+--max-nonfinite, per policy) and regressions against a baseline file (--baseline; the format
+in replay/baseline.py and the README). Every gate is evaluated and printed, passed or tripped;
+then the exit code says whether any tripped.
 
 Exit codes: 0 every gate holds; 1 a gate tripped (each named with its figure); 2 usage error
 (no gate given, a replay setting that contradicts the baseline, an unknown policy, plot extra
-missing); 3 bad input (a missing or corrupt run, a malformed baseline or one of a newer version).
+missing); 3 bad input (a missing or corrupt run, a malformed baseline or one of a newer
+version); 4 an output that cannot be written.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -29,71 +30,55 @@ from stabledrl_cli.cli._options import (
     WindowOpt,
 )
 from stabledrl_cli.cli._output import OutputFormat, err, out, print_json
+from stabledrl_cli.cli.replay import check_outputs, option_names
+from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import UsageError
+from stabledrl_cli.replay._format import format_figure
+from stabledrl_cli.replay.baseline import (
+    baseline_dict,
+    check_settings,
+    load_baseline,
+    write_baseline,
+)
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.engine import replay_run
+from stabledrl_cli.replay.figures import policy_metrics
+from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
+from stabledrl_cli.replay.junit import write_junit
+from stabledrl_cli.replay.plot import plot_replay
+from stabledrl_cli.replay.result import ReplayResult
 
 
-def _settings(
-    baseline: Any, spike_factor: float | None, window: int | None, drift: float | None
-) -> dict[str, Any]:
-    """Replay settings: the baseline's (so a check compares like with like), else the defaults;
-    an explicit option that contradicts the baseline is a usage error."""
-    from stabledrl_cli.replay.engine import (
-        DEFAULT_DRIFT_THRESHOLD,
-        DEFAULT_SPIKE_FACTOR,
-        DEFAULT_WINDOW,
-    )
-
-    given = {"spike_factor": spike_factor, "window": window, "drift_threshold": drift}
-    if baseline is None:
-        defaults = {
-            "spike_factor": DEFAULT_SPIKE_FACTOR,
-            "window": DEFAULT_WINDOW,
-            "drift_threshold": DEFAULT_DRIFT_THRESHOLD,
-        }
-        return {k: defaults[k] if v is None else v for k, v in given.items()}
-    for key, value in given.items():
-        if value is not None and value != baseline.replay[key]:
-            raise UsageError(
-                f"--{key.replace('_', '-')} {value:g} differs from the baseline's "
-                f"{baseline.replay[key]:g} ({baseline.path}); a check compares like with like: "
-                "drop the option, or write a new baseline with it"
-            )
-    return dict(baseline.replay)
-
-
-def _print_table(results: list[Any], run: str) -> None:
+def _print_table(results: list[GateResult], run: str) -> None:
     table = Table(title=f"stabledrl check {run}", title_justify="left")
     for column in ("policy", "gate", "status", "figure", "limit", "detail"):
         table.add_column(column, overflow="fold")
-    from stabledrl_cli.replay.gate import format_figure
-
     for r in results:
         table.add_row(
             r.policy or "(run)",
             r.gate,
             "ok" if r.ok else "FAILED",
-            format_figure(r.figure) if r.figure is not None else "n/a",
-            format_figure(r.limit) if r.limit is not None else "n/a",
+            "n/a" if r.figure is None else format_figure(r.figure),
+            "n/a" if r.limit is None else format_figure(r.limit),
             r.message,
         )
     out.print(table)
 
 
-def _print_figures(result: Any) -> None:
+def _print_figures(result: ReplayResult) -> None:
     """Today's figures per policy (what --write-baseline records)."""
-    from stabledrl_cli.replay.gate import POLICY_METRICS, format_figure
-
-    collapse = result.observed.get("first_reward_collapse")
+    collapse = result.observed.first_reward_collapse
     table = Table(
         title=f"figures of {result.run} (observed collapse: "
         f"{'none' if collapse is None else f'step {collapse}'})",
         title_justify="left",
     )
+    rules = policy_metrics()
     table.add_column("policy", overflow="fold")
-    for name in POLICY_METRICS:
+    for name in rules:
         table.add_column(name, justify="right")
     for p in result.policies:
-        table.add_row(p.spec, *(format_figure(rule.measure(p)) for rule in POLICY_METRICS.values()))
+        table.add_row(p.spec, *(format_figure(rule.measure(p.summary)) for rule in rules.values()))
     out.print(table)
 
 
@@ -118,7 +103,7 @@ def command(
             "--max-nonfinite", help="Fail if a policy has more steps with a non-finite update."
         ),
     ] = None,
-    write_baseline: Annotated[
+    write_baseline_path: Annotated[
         Path | None,
         typer.Option("--write-baseline", help="Record today's figures per policy to this file."),
     ] = None,
@@ -144,40 +129,33 @@ def command(
     drift_threshold: DriftThresholdOpt = None,
 ) -> None:
     """Gate a run for CI: exit 1 if a policy trips a limit or regresses against a baseline."""
-    from stabledrl_cli.dump import open_run
-    from stabledrl_cli.replay.engine import ReplayConfig, replay_run
-    from stabledrl_cli.replay.gate import (
-        Gates,
-        baseline_dict,
-        evaluate,
-        load_baseline,
-        write_json,
-        write_junit,
-    )
-
-    gates = Gates(
-        max_collapsed=max_collapsed, max_discard_frac=max_discard_frac, max_nonfinite=max_nonfinite
-    )
-    if baseline_path is None and not gates.any and write_baseline is None:
+    with option_names():
+        gates = Gates(
+            max_collapsed=max_collapsed,
+            max_discard_frac=max_discard_frac,
+            max_nonfinite=max_nonfinite,
+        )
+    if baseline_path is None and not gates.any and write_baseline_path is None:
         raise UsageError(
             "nothing to check: give --baseline FILE, a --max-collapsed / --max-discard-frac / "
             "--max-nonfinite limit, or --write-baseline FILE"
         )
-    for target in (write_baseline, junit):
-        if target is not None and not target.parent.is_dir():
-            raise UsageError(f"{target}: directory {target.parent} does not exist")
-    if plot is not None:
-        from stabledrl_cli.replay.plot import check_plot_path, require_matplotlib
-
-        check_plot_path(plot)
-        require_matplotlib()  # before the replay: a missing extra fails fast
+    check_outputs(plot, {"--write-baseline": write_baseline_path, "--junit": junit})
     baseline = load_baseline(baseline_path) if baseline_path is not None else None
-    settings = _settings(baseline, spike_factor, window, drift_threshold)
+    with option_names():
+        settings = check_settings(
+            baseline, spike_factor=spike_factor, window=window, drift_threshold=drift_threshold
+        )
+        config = ReplayConfig(
+            device=device,
+            spike_factor=settings.spike_factor,
+            window=settings.window,
+            drift_threshold=settings.drift_threshold,
+        )
     specs = list(policy) if policy else (list(baseline.policies) if baseline else None)
 
     opened = open_run(run)
     started = time.perf_counter()
-    config = ReplayConfig(device=device, **settings)
     result = replay_run(opened, specs, config=config)
     if baseline is not None and baseline.run.get("steps") not in (None, result.steps):
         err.print(
@@ -189,33 +167,32 @@ def command(
     results = evaluate(result, gates, baseline, strict=two_sided)
     seconds = time.perf_counter() - started
 
-    if write_baseline is not None:
-        write_json(baseline_dict(result, settings, strict=strict), write_baseline)
+    if write_baseline_path is not None:
+        write_baseline(baseline_dict(result, settings, strict=strict), write_baseline_path)
         err.print(
-            f"wrote baseline {write_baseline} ({len(result.policies)} policies)", highlight=False
+            f"wrote baseline {write_baseline_path} ({len(result.policies)} policies)",
+            highlight=False,
         )
     if junit is not None:
         write_junit(results, str(run), junit, seconds=seconds)
         err.print(f"wrote {junit}", highlight=False)
     if plot is not None:
-        from stabledrl_cli.replay.plot import plot_replay
-
         plot_replay(result, plot, opened)
         err.print(f"wrote {plot}", highlight=False)
 
     tripped = [r for r in results if not r.ok]
-    if output_format is OutputFormat.json:
+    if output_format == "json":
         print_json({
             "run": str(run),
             "ok": not tripped,
             "gates_checked": len(results),
             "tripped": len(tripped),
             "baseline": str(baseline_path) if baseline_path is not None else None,
-            "replay": settings,
+            "replay": settings.to_dict(),
             "policies": [p.spec for p in result.policies],
             "gates": [r.to_dict() for r in results],
             "wrote": {
-                "baseline": str(write_baseline) if write_baseline is not None else None,
+                "baseline": str(write_baseline_path) if write_baseline_path is not None else None,
                 "junit": str(junit) if junit is not None else None,
                 "plot": str(plot) if plot is not None else None,
             },

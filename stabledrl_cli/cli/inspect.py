@@ -8,72 +8,27 @@ format version.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 from rich.table import Table
 
+from stabledrl_cli._json import json_safe
 from stabledrl_cli.cli._options import FormatOpt, RunArg
 from stabledrl_cli.cli._output import OutputFormat, out, print_json
-from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.replay.observed import observe
+from stabledrl_cli.dump import open_run
+from stabledrl_cli.replay._format import format_number, format_steps
+from stabledrl_cli.replay.inspection import RunSummary, summarize
 
-_LIST_LIMIT = 20  # step lists longer than this are cut in the table (JSON has them all)
-
-
-def summarize(run: Run) -> dict[str, Any]:
-    """Everything `inspect` reports, as JSON-ready data."""
-    integrity = run.integrity  # checks every file in full first, so the rest reads trusted data
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RunIntegrityWarning)  # already in `integrity`
-        headers = list(run.step_headers())
-        observed = observe(run)
-    manifest = run.manifest
-    scored = np.array([s.num_scored_tokens for s in headers], dtype=np.int64)
-    tokens = (
-        {"min": int(scored.min()), "median": float(np.median(scored)), "max": int(scored.max())}
-        if scored.size
-        else None
-    )
-    return {
-        "run": str(run.path),
-        "format_version": manifest.get("format_version"),
-        "tool_version": manifest.get("tool_version"),
-        "created": manifest.get("created"),
-        "meta": manifest.get("meta") or {},
-        "policy": manifest.get("policy"),
-        "unit": run.unit,
-        "estimator": manifest.get("estimator") or {},
-        "reward_range": list(run.reward_range) if run.reward_range else None,
-        "world_size": manifest.get("world_size"),
-        "geometry": run.geometry,
-        "steps": len(headers),
-        "first_step": headers[0].step if headers else None,
-        "last_step": headers[-1].step if headers else None,
-        "tokens_per_step": tokens,
-        "fields": sorted(set().union(*(s.fields for s in headers))),
-        "scalars": sorted(set().union(*(s.scalars for s in headers))),
-        "size_bytes": run.size_bytes,
-        "integrity": integrity.to_dict(),
-        "observed": observed.to_dict(),
-    }
+LIST_LIMIT = 20
+"""Step lists longer than this are cut in the table (JSON has them all)."""
 
 
 def _steps_text(steps: list[int]) -> str:
-    if not steps:
-        return "none"
-    shown = ", ".join(str(s) for s in steps[:_LIST_LIMIT])
-    more = len(steps) - _LIST_LIMIT
-    return f"{shown} (+{more} more)" if more > 0 else shown
+    return format_steps(steps, LIST_LIMIT, empty="none", separator=", ", more=" more")
 
 
-def _number(value: float | None, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}g}"
-
-
-def _print_tables(data: dict[str, Any]) -> None:
+def _print_tables(summary: RunSummary) -> None:
+    data = json_safe(summary.to_dict())
     policy = data["policy"] or {}
     tokens = data["tokens_per_step"]
     run = Table(title=f"Run {data['run']}", show_header=False, title_justify="left")
@@ -133,8 +88,8 @@ def _print_tables(data: dict[str, Any]) -> None:
     table.add_column("value")
     table.add_row(
         "reward (rolling mean)",
-        f"first {_number(curve['first'])}, best {_number(curve['best'])}, "
-        f"last {_number(curve['last'])} (window {curve['window']})"
+        f"first {format_number(curve['first'], 4)}, best {format_number(curve['best'], 4)}, "
+        f"last {format_number(curve['last'], 4)} (window {curve['window']})"
         if curve
         else "no reward recorded",
     )
@@ -154,8 +109,8 @@ def _print_tables(data: dict[str, Any]) -> None:
 
 def command(run: RunArg, output_format: FormatOpt = OutputFormat.table) -> None:
     """Show what a run recorded, its integrity, and its observed behaviour."""
-    data = summarize(open_run(run))
-    if output_format is OutputFormat.json:
-        print_json(data)
+    summary = summarize(open_run(run))
+    if output_format == "json":
+        print_json(summary.to_dict())
     else:
-        _print_tables(data)
+        _print_tables(summary)

@@ -2,16 +2,20 @@
 
 Exit codes: 0 ok; 2 usage error (an unknown policy spec, a bad option); 3 bad input (a missing
 run, a wrong format version, arrays of mismatched lengths, a step missing a field a requested
-policy needs). Steps with NaN or inf are replayed and flagged, not refused.
+policy needs); 4 an output that cannot be written. Steps with NaN or inf are replayed and
+flagged, not refused.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from stabledrl_cli.cli._options import (
     DeviceOpt,
@@ -23,7 +27,62 @@ from stabledrl_cli.cli._options import (
     WindowOpt,
 )
 from stabledrl_cli.cli._output import OutputFormat, err, out, progress_enabled
+from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import UsageError
+from stabledrl_cli.replay.config import ConfigError, ReplayConfig, parse_step_range, replay_config
+from stabledrl_cli.replay.engine import replay_run
+from stabledrl_cli.replay.hdf5 import write_hdf5
+from stabledrl_cli.replay.plot import check_plot_path, plot_replay, require_matplotlib
+from stabledrl_cli.replay.report import print_detail, print_summary
+from stabledrl_cli.replay.result import ReplayResult
+
+FLAGS = {"step_range": "--steps"}
+"""Library setting -> its option, where the option is not --SETTING-WITH-DASHES."""
+
+
+@contextmanager
+def option_names() -> Iterator[None]:
+    """Turns a `ConfigError` (a setting named as the library spells it) into a usage error
+    naming the command's option."""
+    try:
+        yield
+    except ConfigError as exc:
+        flag = FLAGS.get(exc.field, "--" + exc.field.replace("_", "-"))
+        raise UsageError(f"{flag} {exc.problem}") from None
+
+
+def check_outputs(plot: Path | None, targets: dict[str, Path | None]) -> None:
+    """Before the replay: the output files' directories exist (targets: option -> path), and
+    a plot can be drawn (a missing extra fails fast, exit 2)."""
+    for flag, target in targets.items():
+        if target is not None and not target.parent.is_dir():
+            raise UsageError(f"{flag} {target}: directory {target.parent} does not exist")
+    if plot is not None:
+        try:
+            check_plot_path(plot)
+        except UsageError as exc:
+            raise UsageError(f"--plot {exc}") from None
+        require_matplotlib()
+
+
+def replay_with_progress(
+    run: Run, policies: Sequence[str] | None, config: ReplayConfig
+) -> ReplayResult:
+    """`replay_run` with a progress bar on stderr (when it is a terminal)."""
+    progress = Progress(
+        TextColumn("replaying"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not progress_enabled(),
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("replay", total=len(run))
+        return replay_run(
+            run, policies, config=config, progress=lambda n: progress.advance(task, n)
+        )
 
 
 def command(
@@ -45,12 +104,12 @@ def command(
         Path | None, typer.Option("--out", "-o", help="Write the per-step arrays to this .h5.")
     ] = None,
     spike_factor: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--spike-factor",
-            help="Spike: update norm > this x the median of the previous 20 steps.",
+            help="Spike: update norm > this x the median of the previous 20 steps (default 10).",
         ),
-    ] = 10.0,
+    ] = None,
     window: WindowOpt = None,
     drift_threshold: DriftThresholdOpt = None,
     max_grad_norm: Annotated[
@@ -61,49 +120,33 @@ def command(
         ),
     ] = None,
     chunk_size: Annotated[
-        int, typer.Option("--chunk-size", help="Steps moved to the device at a time.")
-    ] = 64,
+        int | None,
+        typer.Option("--chunk-size", help="Steps moved to the device at a time (default 64)."),
+    ] = None,
     plot: PlotOpt = None,
 ) -> None:
     """Replay a recorded run through the policy catalogue (one-step counterfactuals)."""
-    from stabledrl_cli.dump import open_run
-    from stabledrl_cli.replay.engine import (
-        DEFAULT_DRIFT_THRESHOLD,
-        DEFAULT_WINDOW,
-        ReplayConfig,
-        parse_step_range,
-        replay_run,
-    )
-    from stabledrl_cli.replay.report import print_detail, print_summary, write_hdf5
-
-    if out_path is not None and not out_path.parent.is_dir():
-        raise UsageError(f"--out {out_path}: directory {out_path.parent} does not exist")
-    if plot is not None:
-        from stabledrl_cli.replay.plot import check_plot_path, require_matplotlib
-
-        check_plot_path(plot)
-        require_matplotlib()  # before the replay: a missing extra fails fast (exit 2)
-    config = ReplayConfig(
-        device=device,
-        chunk_size=chunk_size,
-        spike_factor=spike_factor,
-        window=DEFAULT_WINDOW if window is None else window,
-        drift_threshold=DEFAULT_DRIFT_THRESHOLD if drift_threshold is None else drift_threshold,
-        max_grad_norm=max_grad_norm,
-        step_range=parse_step_range(steps),
-        detail=detail,
-    )
+    check_outputs(plot, {"--out": out_path})
+    with option_names():
+        config = replay_config(
+            device=device,
+            chunk_size=chunk_size,
+            spike_factor=spike_factor,
+            window=window,
+            drift_threshold=drift_threshold,
+            max_grad_norm=max_grad_norm,
+            step_range=parse_step_range(steps),
+            detail=detail,
+        )
     opened = open_run(run)
-    result = _replay_with_progress(opened, policy, config, replay_run)
+    result = replay_with_progress(opened, policy, config)
     if out_path is not None:
         write_hdf5(result, out_path)
         err.print(f"wrote {out_path}", highlight=False)
     if plot is not None:
-        from stabledrl_cli.replay.plot import plot_replay
-
         plot_replay(result, plot, opened)
         err.print(f"wrote {plot}", highlight=False)
-    if output_format is OutputFormat.json:
+    if output_format == "json":
         # Piece by piece: a long run's per-step rows are never all held as Python objects.
         for piece in result.iter_json():
             sys.stdout.write(piece)
@@ -113,28 +156,3 @@ def command(
     if detail or steps is not None:
         print_detail(result, out)
     print_summary(result, out)
-
-
-def _replay_with_progress(opened, policy, config, replay_run):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    progress = Progress(
-        TextColumn("replaying"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        disable=not progress_enabled(),
-        transient=True,
-    )
-    with progress:
-        task = progress.add_task("replay", total=len(opened))
-        return replay_run(
-            opened, policy, config=config, progress=lambda n: progress.advance(task, n)
-        )

@@ -1,0 +1,105 @@
+"""What `stabledrl inspect` reports about a run: what was recorded, its integrity, and what
+the run observably did (`observed.observe`)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from stabledrl_cli.dump import Run, RunIntegrityWarning
+from stabledrl_cli.replay.observed import Observed, observe
+
+
+@dataclass(frozen=True, kw_only=True)
+class EntryCounts:
+    """Scored entries per step over the run."""
+
+    min: int
+    median: float
+    max: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSummary:
+    """Everything `inspect` reports about a run."""
+
+    run: str
+    format_version: object
+    """The manifest's format version, as written."""
+    tool_version: object
+    """The stabledrl version that wrote the run, as written."""
+    created: object
+    meta: dict[str, object]
+    """The training script's free-form notes."""
+    policy: dict[str, object] | None
+    """The manifest's policy entry (name, params, spec)."""
+    unit: str
+    estimator: dict[str, object]
+    reward_range: list[float] | None
+    world_size: object
+    geometry: dict[str, object] | None
+    """The manifest's geometry entry; None without recorded geometry."""
+    steps: int
+    """Readable steps."""
+    first_step: int | None
+    last_step: int | None
+    tokens_per_step: EntryCounts | None
+    fields: list[str]
+    """Every array field some step holds."""
+    scalars: list[str]
+    """Every scalar some step holds."""
+    size_bytes: int
+    integrity: dict[str, object]
+    """{"ok": bool, "findings": [...]}: the full check of every file."""
+    observed: Observed
+
+    def to_dict(self) -> dict[str, object]:
+        """The `inspect --format json` object."""
+        return asdict(self)
+
+
+def _mapping(value: object) -> dict[str, object]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def summarize(run: Run) -> RunSummary:
+    """Everything `inspect` reports about `run` (the integrity check reads every file first,
+    so the rest reads trusted data)."""
+    integrity = run.integrity.to_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RunIntegrityWarning)  # already in `integrity`
+        headers = list(run.step_headers())
+        observed = observe(run)
+    manifest = run.manifest
+    scored = np.array([s.num_scored_tokens for s in headers], dtype=np.int64)
+    counts = (
+        EntryCounts(min=int(scored.min()), median=float(np.median(scored)), max=int(scored.max()))
+        if scored.size
+        else None
+    )
+    policy = manifest.get("policy")
+    geometry = run.geometry
+    return RunSummary(
+        run=str(run.path),
+        format_version=manifest.get("format_version"),
+        tool_version=manifest.get("tool_version"),
+        created=manifest.get("created"),
+        meta=_mapping(manifest.get("meta")),
+        policy=dict(policy) if isinstance(policy, dict) else None,
+        unit=run.unit,
+        estimator=_mapping(manifest.get("estimator")),
+        reward_range=list(run.reward_range) if run.reward_range else None,
+        world_size=manifest.get("world_size"),
+        geometry=dict(geometry) if geometry else None,
+        steps=len(headers),
+        first_step=headers[0].step if headers else None,
+        last_step=headers[-1].step if headers else None,
+        tokens_per_step=counts,
+        fields=sorted(set().union(*(s.fields for s in headers))),
+        scalars=sorted(set().union(*(s.scalars for s in headers))),
+        size_bytes=run.size_bytes,
+        integrity=integrity,
+        observed=observed,
+    )
