@@ -1,34 +1,54 @@
 """The built-in example: a tiny LLaDA-style masked diffusion LM trained with RL on a toy task.
 
 `stabledrl record --out DIR` runs it. `unit_logp` is the per-unit log-likelihood as a pure
-function of the model's parameters (for `torch.func`).
+function of the model's parameters (for `torch.func`). The settings (`ExampleConfig`,
+`EstimatorConfig`) import no torch; every other name imports its module on first use.
 """
 
 from __future__ import annotations
 
-from stabledrl_cli.example._model import ModelConfig, TinyDiffusionLM
-from stabledrl_cli.example.estimator import (
-    ESTIMATORS,
-    EstimatorConfig,
-    MaskSample,
-    draw_mask,
-    sequence_logp,
-    token_logp,
-    unit_logp,
-)
-from stabledrl_cli.example.generate import generate
-from stabledrl_cli.example.task import SortTask
-from stabledrl_cli.example.trainer import (
-    ExampleConfig,
-    StepInfo,
-    TrainResult,
-    policy_loss,
-    recorder_kwargs,
-    train,
-)
+import importlib
+from typing import TYPE_CHECKING
+
+from stabledrl_cli.example.config import EstimatorConfig, ExampleConfig
+
+if TYPE_CHECKING:
+    from stabledrl_cli.example._model import ModelConfig, TinyDiffusionLM
+    from stabledrl_cli.example.estimator import (
+        MaskSample,
+        draw_mask,
+        sequence_logp,
+        token_logp,
+        unit_logp,
+    )
+    from stabledrl_cli.example.sampler import generate
+    from stabledrl_cli.example.task import SortTask
+    from stabledrl_cli.example.trainer import (
+        StepInfo,
+        TrainResult,
+        policy_loss,
+        recorder_kwargs,
+        train,
+    )
+
+_HOMES: dict[str, str] = {
+    "ModelConfig": "stabledrl_cli.example._model",
+    "TinyDiffusionLM": "stabledrl_cli.example._model",
+    "MaskSample": "stabledrl_cli.example.estimator",
+    "draw_mask": "stabledrl_cli.example.estimator",
+    "sequence_logp": "stabledrl_cli.example.estimator",
+    "token_logp": "stabledrl_cli.example.estimator",
+    "unit_logp": "stabledrl_cli.example.estimator",
+    "generate": "stabledrl_cli.example.sampler",
+    "SortTask": "stabledrl_cli.example.task",
+    "StepInfo": "stabledrl_cli.example.trainer",
+    "TrainResult": "stabledrl_cli.example.trainer",
+    "policy_loss": "stabledrl_cli.example.trainer",
+    "recorder_kwargs": "stabledrl_cli.example.trainer",
+    "train": "stabledrl_cli.example.trainer",
+}
 
 __all__ = [
-    "ESTIMATORS",
     "EstimatorConfig",
     "ExampleConfig",
     "MaskSample",
@@ -46,3 +66,13 @@ __all__ = [
     "train",
     "unit_logp",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Imports a name's module (and torch) on first access."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'stabledrl_cli.example' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value

@@ -50,7 +50,8 @@ class _Block(nn.Module):
         scores = q @ k.transpose(-1, -2) / math.sqrt(head)
         attended = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, length, width)
         h = h + self.proj(attended)
-        return h + self.ff_out(F.gelu(self.ff_in(self.norm2(h))))
+        mlp: torch.Tensor = self.ff_out(F.gelu(self.ff_in(self.norm2(h))))
+        return h + mlp
 
 
 class TinyDiffusionLM(nn.Module):
@@ -81,7 +82,9 @@ class TinyDiffusionLM(nn.Module):
         h = self.tok_emb(tokens) + self.pos_emb[: tokens.shape[-1]]
         for block in self.blocks:
             h = block(h)
-        return self.head(self.norm(h))
+        logits: torch.Tensor = self.head(self.norm(h))
+        return logits
 
     def num_parameters(self) -> int:
+        """Every parameter's element count, summed."""
         return sum(p.numel() for p in self.parameters())

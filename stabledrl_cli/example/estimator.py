@@ -15,40 +15,17 @@ batched `token_logp` with the same arithmetic.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from stabledrl_cli.errors import UsageError
 from stabledrl_cli.example.task import MASK
+from stabledrl_cli.vocab import Estimator
 
-ESTIMATORS = ("elbo", "llada")
 LLADA_EPS = 1e-3  # LLaDA's floor on t: the mask probability is (1 - eps) t + eps, never 0.
-
-
-@dataclass(frozen=True, kw_only=True)
-class EstimatorConfig:
-    kind: str = "elbo"
-    """`elbo` (mean log-lik over hidden positions) or `llada` (1/t-weighted)."""
-    same_mask: bool = False
-    """Sequence unit: score old and new under the same mask (the control). Token unit: always."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in ESTIMATORS:
-            raise UsageError(f"unknown estimator {self.kind!r}; valid: {', '.join(ESTIMATORS)}")
-
-    def manifest(self) -> dict[str, object]:
-        """The settings the manifest records."""
-        return {
-            "kind": self.kind,
-            "mask_samples": 1,
-            "same_mask": self.same_mask,
-            "mask_scheme": "t~U(0,1) per sequence, each completion position hidden with prob t",
-            "weighting": "mean over hidden" if self.kind == "elbo" else "1/(t*L_c) (LLaDA)",
-        }
 
 
 @dataclass(frozen=True)
@@ -64,7 +41,7 @@ class MaskSample:
 
 
 def draw_mask(
-    n: int, prompt_len: int, completion_len: int, kind: str, generator: torch.Generator
+    n: int, prompt_len: int, completion_len: int, kind: Estimator, generator: torch.Generator
 ) -> MaskSample:
     """Draw one mask per sequence from `generator` (the training RNG)."""
     t = torch.rand(n, 1, generator=generator)
@@ -86,7 +63,9 @@ def draw_mask(
     return MaskSample(noise_mask=noise_mask, weights=weights)
 
 
-def token_logp(model: nn.Module, tokens: torch.Tensor, noise_mask: torch.Tensor) -> torch.Tensor:
+def token_logp(
+    model: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, noise_mask: torch.Tensor
+) -> torch.Tensor:
     """log p(tokens_l | tokens with hidden positions set to MASK), every position.
 
     tokens: [B, L] int64, noise_mask: [B, L] bool -> [B, L] float32. Positions that are not
@@ -112,7 +91,8 @@ def unit_logp(
     one-hot vector on that token. No dropout, no in-place ops: `vmap(grad(f))` works on it.
     """
     inputs = torch.where(noise_mask, torch.full_like(tokens, MASK), tokens)
-    logits = functional_call(model, dict(params), (inputs.unsqueeze(0),)).squeeze(0)
+    logits: torch.Tensor = functional_call(model, dict(params), (inputs.unsqueeze(0),))
+    logits = logits.squeeze(0)
     logp = logits.log_softmax(dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return (weights * logp).sum()
 

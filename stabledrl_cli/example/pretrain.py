@@ -39,7 +39,7 @@ def pretrain(
         logp = token_logp(model, tokens, noise_mask)
         loss = -(logp * noise_mask).sum() / noise_mask.sum()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         optimizer.step()
         loss_value = float(loss.detach())
     return loss_value

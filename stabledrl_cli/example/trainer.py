@@ -33,97 +33,26 @@ import torch
 
 from stabledrl_cli.capture.geometry import (
     GeometryConfig,
+    ModuleCall,
     capture_geometry,
     covered_grad_norm,
     covered_parameters,
 )
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.dump import Recorder
 from stabledrl_cli.example._model import ModelConfig, TinyDiffusionLM
+from stabledrl_cli.example.config import ExampleConfig
 from stabledrl_cli.example.estimator import (
-    EstimatorConfig,
     MaskSample,
     draw_mask,
     sequence_logp,
     token_logp,
     unit_logp,
 )
-from stabledrl_cli.example.generate import generate
 from stabledrl_cli.example.pretrain import pretrain
+from stabledrl_cli.example.sampler import generate
 from stabledrl_cli.example.task import VOCAB_SIZE, SortTask
-
-UNITS = ("sequence", "token")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ExampleConfig:
-    seed: int = 0
-    """Seeds the one training generator (init, pretraining, prompts, sampling, masks)."""
-    steps: int = 400
-    """RL optimizer steps (rollouts = ceil(steps / mu))."""
-    lr: float = 1e-4
-    """AdamW learning rate of the RL phase (constant)."""
-    policy: str = "grpo"
-    """Catalogue spec that makes the loss."""
-    estimator: str = "llada"
-    """`llada` (1/t-weighted, the default: it shows the instability most clearly) or `elbo`."""
-    same_mask: bool = False
-    """Sequence unit: old and new ELBO under the same mask (the control)."""
-    unit: str = "sequence"
-    """`sequence` (one ELBO per sequence) or `token` (per-token log-probs, shared mask)."""
-    group_size: int = 8
-    """G: completions per prompt."""
-    prompts_per_rollout: int = 8
-    """Prompts per rollout batch (64 sequences with G = 8)."""
-    mu: int = 4
-    """Inner optimizer steps per rollout batch."""
-    max_grad_norm: float = 1.0
-    """clip_grad_norm_ bound; its pre-clip return value is the recorded grad_norm."""
-    skip_nonfinite: bool = True
-    """Skip the optimizer update when the grad norm is not finite (verl, AReaL; TRL does not).
-    Without it a non-finite step poisons the weights and the run stops there."""
-    pretrain_steps: int = 100
-    """Masked-diffusion pretraining steps before RL."""
-    pretrain_lr: float = 6e-4
-    """Pretraining AdamW learning rate (tuned so the starting reward is ~0.6-0.7)."""
-    pretrain_batch: int = 32
-    """Pretraining batch size."""
-    pretrain_noise: float = 0.3
-    """Fraction of pretraining target digits replaced by random digits."""
-    digits: int = 5
-    """Digits to sort."""
-
-    def __post_init__(self) -> None:
-        problems = [
-            (self.steps < 1, f"--steps must be >= 1, got {self.steps}"),
-            (not (self.lr > 0 and math.isfinite(self.lr)), f"--lr must be > 0, got {self.lr}"),
-            (
-                not (self.max_grad_norm > 0),
-                f"--max-grad-norm must be > 0, got {self.max_grad_norm}",
-            ),
-            (
-                min(self.mu, self.group_size, self.prompts_per_rollout, self.digits) < 1,
-                "mu, group_size, prompts_per_rollout and digits must be >= 1",
-            ),
-            (
-                self.unit not in UNITS,
-                f"--unit must be one of {', '.join(UNITS)}, got {self.unit!r}",
-            ),
-        ]
-        for failed, message in problems:
-            if failed:
-                raise UsageError(message)
-        EstimatorConfig(kind=self.estimator, same_mask=self.same_mask)
-        if self.unit == "token" and self.estimator == "llada":
-            raise UsageError(
-                "--estimator llada is a sequence-level estimator (1/t weights a sum over the "
-                "sequence); use it with --unit sequence"
-            )
-
-    @property
-    def estimator_config(self) -> EstimatorConfig:
-        return EstimatorConfig(
-            kind=self.estimator, same_mask=self.same_mask or self.unit == "token"
-        )
+from stabledrl_cli.policies import Policy, PolicyBatch, Weights, get_policy
+from stabledrl_cli.vocab import Unit
 
 
 @dataclass
@@ -178,22 +107,20 @@ def geometry_manifest(config: ExampleConfig, geometry: GeometryConfig) -> dict[s
 
 
 def recorder_kwargs(
-    config: ExampleConfig, policy: Any, geometry: GeometryConfig | None = None
+    config: ExampleConfig, policy: Policy, geometry: GeometryConfig | None = None
 ) -> dict[str, Any]:
-    """Everything the Recorder's manifest needs to describe an example run."""
-    estimator = config.estimator_config.manifest()
+    """Everything the Recorder's manifest needs to describe an example run: the policy object
+    itself (the manifest stores its canonical spec, name and params), unit, estimator, meta."""
+    estimator: dict[str, Any] = dict(config.estimator_config.manifest())
     if config.unit == "token":  # each scored position is a unit: its own log-prob, no weights
         estimator["weighting"] = "none (per-token log-prob of each hidden position)"
     return {
-        "policy": policy.name,
-        # None means "not set" (e.g. max_len without agg=constant); the manifest takes values only.
-        "policy_params": {k: v for k, v in policy.params.items() if v is not None},
+        "policy": policy,
         "unit": config.unit,
         "estimator": estimator,
         "reward_range": (0.0, 1.0),
         "meta": {
             "source": "stabledrl built-in example (sort digits, tiny masked diffusion LM)",
-            "policy_spec": policy.spec,
             "example_config": asdict(config),
             "reward": "fraction of completion positions correct",
         },
@@ -201,7 +128,7 @@ def recorder_kwargs(
     }
 
 
-def geometry_unit_fn(unit: str, prompt_len: int) -> Callable[..., torch.Tensor]:
+def geometry_unit_fn(unit: Unit, prompt_len: int) -> Callable[..., torch.Tensor]:
     """The per-row log-likelihood that `capture_geometry` differentiates, for one sequence.
 
     Inputs of a row: tokens [L] int64, noise_mask [L] bool, weights [L] float32 (the step's
@@ -210,13 +137,13 @@ def geometry_unit_fn(unit: str, prompt_len: int) -> Callable[..., torch.Tensor]:
     """
     if unit == "sequence":
 
-        def sequence_unit(call: Any, tokens: torch.Tensor, noise_mask: torch.Tensor,
+        def sequence_unit(call: ModuleCall, tokens: torch.Tensor, noise_mask: torch.Tensor,
                           weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
             return unit_logp(call.model, call.params, tokens, noise_mask, weights)
 
         return sequence_unit
 
-    def token_units(call: Any, tokens: torch.Tensor, noise_mask: torch.Tensor,
+    def token_units(call: ModuleCall, tokens: torch.Tensor, noise_mask: torch.Tensor,
                     weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
         return token_logp(call, tokens[None], noise_mask[None])[0, prompt_len:]
 
@@ -274,16 +201,14 @@ def _rollout_arrays(
 
 
 def policy_loss(
-    policy: Any, arrays: dict[str, torch.Tensor], unit: str
-) -> tuple[torch.Tensor, Any]:
+    policy: Policy, arrays: dict[str, torch.Tensor], unit: Unit
+) -> tuple[torch.Tensor, Weights]:
     """The example's loss: `-(coef.detach() * logp).sum()` with coef = dJ/dlogp from `policy`.
 
     arrays: the recorded layout (`logp` [T] still attached to the graph). Its gradient is
     -sum_u coef_u grad(logp_u): the catalogue's update, whatever the policy.
     Returns (loss, the policy's weights).
     """
-    from stabledrl_cli.policies import PolicyBatch
-
     weights = policy.weights(
         PolicyBatch(
             logp=arrays["logp"].detach(),
@@ -302,7 +227,7 @@ def policy_loss(
 def train(
     config: ExampleConfig,
     *,
-    recorder: Any | None = None,
+    recorder: Recorder | None = None,
     device: torch.device | str = "cpu",
     on_step: Callable[[StepInfo], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
@@ -314,8 +239,6 @@ def train(
     "none": neither). It draws nothing from the training generator: the same seed gives the
     same run with and without it.
     """
-    from stabledrl_cli.policies import get_policy
-
     if geometry is not None and geometry.kind == "none":
         geometry = None
     device = torch.device(device)
@@ -388,7 +311,7 @@ def train(
             surrogate, weights = policy_loss(policy, arrays, config.unit)
             coef = weights.coef.detach()
             optimizer.zero_grad(set_to_none=True)
-            surrogate.backward()
+            torch.autograd.backward(surrogate)
             covered_norm = covered_grad_norm(model, geometry) if geometry is not None else None
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             clip_scale = min(1.0, config.max_grad_norm / (grad_norm + 1e-6))
