@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from stabledrl_cli.errors import UsageError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+from stabledrl_cli.vocab import DEVICES
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; `cuda` without a GPU is a usage error."""
+    """`auto` picks cuda, then mps, then cpu; `cuda` without a GPU is a usage error.
+
+    device: one of `vocab.DEVICES`, a torch device string such as "cuda:1", or a torch.device.
+    """
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -20,8 +22,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+        raise UsageError(f"device {device!r} was asked for, but torch sees no CUDA device")
     try:
         return torch.device(device)
     except RuntimeError as exc:
-        raise UsageError(f"unknown device {device!r}; valid: {', '.join(DEVICE_CHOICES)}") from exc
+        raise UsageError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}") from exc
