@@ -114,23 +114,58 @@ def test_a_failing_log_call_warns_once_and_the_commands_exit_code_passes_through
          "--", sys.executable, str(script), "2", "7"],
         capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
     )  # fmt: skip
-    assert result.returncode == 7
+    assert result.returncode == 7  # the command's own failing code wins over the recorder's
     assert "training continues" in result.stdout
+    assert "recording failed" in result.stderr
     assert result.stdout.splitlines()[-3:-1] == ["False", "False"]
     assert result.stderr.count("stabledrl: warning:") == 1
     assert "exited with code 7" in result.stderr
     assert len(list((out / "steps").iterdir())) == 2
 
 
-def test_without_a_policy_the_child_warns_and_records_nothing(tmp_path, script, monkeypatch, capfd):
+def test_without_a_policy_the_error_says_what_to_pass(tmp_path, script, monkeypatch, capfd):
     out = tmp_path / "run"
     code, stderr, child_out, child_err = _record(
         monkeypatch, capfd, "--out", str(out), "--", sys.executable, str(script), "2"
     )
-    assert code == 0
+    assert code == 2
     assert child_out.count("not logged") == 2
-    assert child_err.count("stabledrl: warning:") == 1 and "STABLEDRL_POLICY" in child_err
-    assert "recorded nothing" in stderr
+    assert child_err.count("stabledrl: warning:") == 1
+    assert "--policy grpo" in stderr and "policy='grpo'" in stderr
+    assert len(stderr.strip().splitlines()) == 2  # "recording ..." and the one error line
+
+
+def _record_process(out: Path, script: Path, monkeypatch, *args: str):
+    """A real `stabledrl record` process wrapping a real python child."""
+    return subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "record", "--out", str(out), *args,
+         "--", sys.executable, str(script)],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
+    )  # fmt: skip
+
+
+def test_a_command_that_records_no_step_fails_with_the_reason(tmp_path, monkeypatch):
+    script = tmp_path / "silent.py"
+    script.write_text("print('trained without logging')\n")
+    result = _record_process(tmp_path / "run", script, monkeypatch, "-p", "grpo")
+    assert result.returncode == 2, result.stderr
+    assert "trained without logging" in result.stdout
+    assert "recorded no step" in result.stderr and "log_policy_batch" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_failed_recorder_fails_record_even_when_the_command_succeeds(tmp_path, monkeypatch):
+    script = tmp_path / "bad.py"
+    script.write_text(
+        "import numpy as np, stabledrl_cli as sd\n"
+        "ok = sd.log_policy_batch(0, logp=np.zeros(3), logp_old=np.zeros(2), advantages=1)\n"
+        "print('logged' if ok else 'not logged')\n"
+    )
+    result = _record_process(tmp_path / "run", script, monkeypatch, "-p", "grpo")
+    assert result.stdout.strip() == "not logged"
+    assert result.returncode in (2, 3, 4), result.stderr  # the failure's own exit code
+    assert result.stderr.count("stabledrl: warning:") == 1  # the child's, once
+    assert "error: recording failed: log_policy_batch failed at step 0" in result.stderr
 
 
 def test_a_missing_binary_is_one_line_and_exit_2(tmp_path):

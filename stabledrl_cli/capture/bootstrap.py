@@ -1,10 +1,21 @@
 """The child side of `stabledrl record --out DIR -- CMD`: `log_policy_batch`.
 
-`record` exports STABLEDRL_RUN_DIR (and STABLEDRL_FORCE, STABLEDRL_POLICY when given) to the
-training command. Inside it, the first `log_policy_batch` call opens a Recorder on that
-directory; every call logs one step; the Recorder is closed at interpreter exit.
-Recording must never break training: any failure is reported once on stderr as a warning,
-and every later call is a no-op that returns False.
+`record` exports to the training command:
+- STABLEDRL_RUN_DIR: the run directory to write;
+- STABLEDRL_FORCE: "1" when --force was given (overwrite a non-empty directory);
+- STABLEDRL_POLICY: the --policy spec, when given;
+- STABLEDRL_STATUS_FILE: a file of `record`'s, where the child reports a recording failure.
+
+Inside the child, the first `log_policy_batch` call opens a Recorder on the run directory;
+every call logs one step; the Recorder is closed at interpreter exit. Recording must never
+break training: the first failure is reported once on stderr as a warning, every later call
+is a no-op that returns False, and training goes on.
+
+How the parent learns of a failure: `report_failure` appends one line `CODE<TAB>MESSAGE` to
+the status file (CODE is the exit code the failure maps to: 2 for a usage error such as a
+missing policy, 3 for bad input arrays, 4 for a run that could not be written). After the
+command exits, `record` reads that file: a reported failure, or a run with no step at all,
+makes it exit non-zero with the reason, unless the command's own non-zero exit code wins.
 """
 
 from __future__ import annotations
@@ -13,36 +24,68 @@ import atexit
 import os
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from stabledrl_cli.errors import InputError, StabledrlError, UsageError, WriteError
+
+if TYPE_CHECKING:
+    from stabledrl_cli.dump import Recorder
+    from stabledrl_cli.dump._policy import PolicyLike
 
 ENV_RUN_DIR = "STABLEDRL_RUN_DIR"
 ENV_FORCE = "STABLEDRL_FORCE"
 ENV_POLICY = "STABLEDRL_POLICY"
+ENV_STATUS_FILE = "STABLEDRL_STATUS_FILE"
+
+NO_POLICY = (
+    "no policy to record: pass one to `stabledrl record`, e.g. `--policy grpo`, or to the "
+    "first call, e.g. `log_policy_batch(step, policy='grpo', ...)`"
+)
 
 _lock = threading.Lock()
-_recorder: Any = None
+_recorder: Recorder | None = None
 _disabled = False
 
 
-def _warn_once(message: str) -> None:
+def report_failure(code: int, message: str) -> None:
+    """Tell the parent `record` that recording failed (a no-op outside `record -- CMD`)."""
+    path = os.environ.get(ENV_STATUS_FILE)
+    if not path:
+        return
+    line = f"{code}\t{' '.join(message.split())}\n"
+    try:
+        with open(path, "a", encoding="utf-8") as status:
+            status.write(line)
+    except OSError as exc:
+        sys.stderr.write(f"stabledrl: warning: cannot report to {path}: {exc}\n")
+
+
+def _fail_once(exc: BaseException, context: str) -> None:
     global _disabled
-    if not _disabled:
-        sys.stderr.write(f"stabledrl: warning: {message}; recording is off, training continues\n")
-        sys.stderr.flush()
+    if _disabled:
+        return
     _disabled = True
+    if isinstance(exc, StabledrlError):
+        code, reason = exc.exit_code, str(exc)
+    else:  # arrays the Recorder could not take are bad input
+        code, reason = InputError.exit_code, f"{type(exc).__name__}: {exc}"
+    message = f"{context}: {reason}"
+    sys.stderr.write(f"stabledrl: warning: {message}; recording is off, training continues\n")
+    sys.stderr.flush()
+    report_failure(code, message)
 
 
-def _open(policy: str | None, recorder_kwargs: dict[str, Any]) -> Any:
+def _open(policy: str | PolicyLike | None, recorder_kwargs: dict[str, Any]) -> Recorder:
     global _recorder
     if _recorder is not None:
         return _recorder
     run_dir = os.environ.get(ENV_RUN_DIR)
     if not run_dir:
-        raise RuntimeError(f"{ENV_RUN_DIR} is not set (run the script under `stabledrl record`)")
+        raise UsageError(f"{ENV_RUN_DIR} is not set (run the script under `stabledrl record`)")
     policy = policy or os.environ.get(ENV_POLICY)
     if not policy:
-        raise RuntimeError(f"no policy: pass policy= to log_policy_batch or set {ENV_POLICY}")
-    from stabledrl_cli.dump import Recorder
+        raise UsageError(NO_POLICY)
+    from stabledrl_cli.dump import Recorder  # the training script may never log a step
 
     force = os.environ.get(ENV_FORCE, "") not in ("", "0")
     _recorder = Recorder(run_dir, policy=policy, overwrite=force, **recorder_kwargs)
@@ -53,16 +96,17 @@ def _open(policy: str | None, recorder_kwargs: dict[str, Any]) -> Any:
 def log_policy_batch(
     step: int,
     *,
-    policy: str | None = None,
+    policy: str | PolicyLike | None = None,
     recorder_kwargs: dict[str, Any] | None = None,
     **fields: Any,
 ) -> bool:
     """Log one optimizer step to the run that `stabledrl record -- CMD` set up.
 
     `fields` are `Recorder.log_step`'s keyword arguments (logp, logp_old, advantages, mask,
-    seq_id, group_id, reward, grad_norm, loss, ...). `policy` (else STABLEDRL_POLICY) and
-    `recorder_kwargs` (policy_params, unit, estimator, meta, ...) are used by the first call,
-    which opens the Recorder. Returns True when the step was recorded. Never raises.
+    seq_id, group_id, reward, grad_norm, loss, ...). `policy` (a spec such as
+    "dapo:eps_high=0.28", or a catalogue policy; else STABLEDRL_POLICY) and `recorder_kwargs`
+    (unit, estimator, meta, ...) are used by the first call, which opens the Recorder.
+    Returns True when the step was recorded. Never raises.
     """
     if _disabled:
         return False
@@ -72,7 +116,7 @@ def log_policy_batch(
             recorder.log_step(step, **fields)
         return True
     except Exception as exc:
-        _warn_once(f"log_policy_batch failed at step {step}: {type(exc).__name__}: {exc}")
+        _fail_once(exc, f"log_policy_batch failed at step {step}")
         return False
 
 
@@ -85,4 +129,4 @@ def close() -> None:
         try:
             recorder.close()
         except Exception as exc:
-            _warn_once(f"closing the run failed: {type(exc).__name__}: {exc}")
+            _fail_once(WriteError(str(exc)) if isinstance(exc, OSError) else exc, "closing the run")

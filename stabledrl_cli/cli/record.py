@@ -1,4 +1,9 @@
-"""`stabledrl record`: train and record the built-in example, or wrap any training command."""
+"""`stabledrl record`: train and record the built-in example, or wrap any training command.
+
+The example's options default to None: an option not given takes `ExampleConfig`'s default
+(quoted in the help), so each default lives once, in the library. Its torch-heavy parts
+(trainer, Recorder, geometry) are imported when the example runs, so `record --help` is fast.
+"""
 
 from __future__ import annotations
 
@@ -6,47 +11,40 @@ import os
 import shutil
 import subprocess
 import sys
-from enum import Enum
+import tempfile
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
+from stabledrl_cli.capture.bootstrap import (
+    ENV_FORCE,
+    ENV_POLICY,
+    ENV_RUN_DIR,
+    ENV_STATUS_FILE,
+)
 from stabledrl_cli.cli._options import DeviceOpt
 from stabledrl_cli.cli._output import err, progress_enabled
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import StabledrlError, UsageError, WriteError
+from stabledrl_cli.example.config import ExampleConfig
+from stabledrl_cli.policies import resolve_spec
+from stabledrl_cli.vocab import Estimator, GeometryDtype, GeometryKind, SketchMethod, Unit
 
+if TYPE_CHECKING:
+    from stabledrl_cli.capture.geometry import GeometryConfig
+    from stabledrl_cli.example.trainer import StepInfo, TrainResult
+    from stabledrl_cli.policies import Policy
 
-class EstimatorChoice(str, Enum):
-    elbo = "elbo"
-    llada = "llada"
-
-
-class UnitChoice(str, Enum):
-    sequence = "sequence"
-    token = "token"
-
-
-class GeometryChoice(str, Enum):
-    gram = "gram"
-    sketch = "sketch"
-    none = "none"
-
-
-class SketchMethodChoice(str, Enum):
-    auto = "auto"
-    exact = "exact"
-    jvp = "jvp"
-
-
-class GeometryDtypeChoice(str, Enum):
-    float32 = "float32"
-    float16 = "float16"
-
-
-def _default_estimator(unit: UnitChoice) -> str:
-    """llada shows the instability most clearly (README table); it scores whole sequences."""
-    return "llada" if unit is UnitChoice.sequence else "elbo"
+DEFAULTS = ExampleConfig()
+EXAMPLE = "Built-in example"
+GEOMETRY = "Gradient geometry (built-in example)"
+NO_STEP = (
+    "the command recorded no step: call stabledrl_cli.log_policy_batch(step, ...) once per "
+    "optimizer step"
+)
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -56,47 +54,115 @@ def _check_out(out: Path, force: bool) -> None:
         raise UsageError(f"--out {out} is not empty; pass --force to overwrite it")
 
 
-def _run_command(out: Path, cmd: list[str], force: bool, policy: str | None) -> None:
-    """Run CMD with STABLEDRL_RUN_DIR exported; its exit code becomes ours."""
-    from stabledrl_cli.capture.bootstrap import ENV_FORCE, ENV_POLICY, ENV_RUN_DIR
+def _recorded_steps(out: Path) -> int:
+    """Step files the run holds (every rank's)."""
+    steps = out / "steps"
+    return len(list(steps.glob("step-*.safetensors"))) if steps.is_dir() else 0
 
+
+def _child_failures(status: Path) -> list[tuple[int, str]]:
+    """The (exit code, reason) lines the child's bootstrap reported."""
+    failures = []
+    for line in status.read_text(encoding="utf-8").splitlines():
+        code, _, reason = line.partition("\t")
+        if code.isdigit() and reason:
+            failures.append((int(code), reason))
+    return failures
+
+
+def _run_command(out: Path, cmd: list[str], force: bool, policy: str | None) -> None:
+    """Run CMD with the run directory exported; CMD's failing exit code becomes ours, else a
+    recording failure or a run without steps is an error (capture/bootstrap.py)."""
     if shutil.which(cmd[0]) is None:
         raise UsageError(f"command not found: {cmd[0]}")
     if policy is not None:
-        from stabledrl_cli.policies import get_policy
-
-        get_policy(policy)  # a bad spec is a usage error here, not a warning in the child
+        resolve_spec(policy)  # a bad spec is a usage error here, not a warning in the child
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env[ENV_RUN_DIR] = str(out.resolve())
-    env[ENV_FORCE] = "1" if force else "0"
-    if policy is not None:
-        env[ENV_POLICY] = policy
-    err.print(f"recording [bold]{' '.join(cmd)}[/] into {out}", highlight=False)
-    code = subprocess.call(cmd, env=env)
+    with tempfile.TemporaryDirectory(prefix="stabledrl-record-") as scratch:
+        status = Path(scratch) / "status"
+        status.touch()
+        env = dict(os.environ)
+        env[ENV_RUN_DIR] = str(out.resolve())
+        env[ENV_FORCE] = "1" if force else "0"
+        env[ENV_STATUS_FILE] = str(status)
+        if policy is not None:
+            env[ENV_POLICY] = policy
+        err.print(f"recording [bold]{' '.join(cmd)}[/] into {out}", highlight=False)
+        code = subprocess.call(cmd, env=env)
+        failures = _child_failures(status)
     if code != 0:
+        for _, reason in failures:
+            err.print(f"[yellow]warning:[/] recording failed: {reason}", highlight=False)
         err.print(f"the training command exited with code {code}", highlight=False)
-    if not (out / "manifest.json").is_file():
-        err.print(
-            "[yellow]warning:[/] the command recorded nothing "
-            "(call stabledrl_cli.log_policy_batch(step, ...) once per optimizer step)",
-            highlight=False,
-        )
-    raise typer.Exit(code)
+        raise typer.Exit(code)
+    if failures:
+        failure, reason = failures[0]
+        error = UsageError if failure == UsageError.exit_code else WriteError
+        raise _with_code(error(f"recording failed: {reason}"), failure)
+    if _recorded_steps(out) == 0:
+        raise UsageError(NO_STEP)
+
+
+def _with_code(error: StabledrlError, code: int) -> StabledrlError:
+    """The child's own exit code for its failure (the error map reads `exit_code`)."""
+    error.exit_code = code
+    return error
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("reward {task.fields[reward]:.3f}"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not progress_enabled(),
+    )
+
+
+def _summary(
+    config: ExampleConfig,
+    policy: Policy,
+    geometry: GeometryConfig | None,
+    result: TrainResult,
+    out: Path,
+) -> Table:
+    summary = Table(title="stabledrl record: built-in example", show_header=False)
+    summary.add_row("policy", policy.spec)
+    summary.add_row(
+        "estimator",
+        f"{config.estimator_kind}, unit {config.unit}, "
+        f"same mask {config.estimator_config.same_mask}",
+    )
+    if geometry is not None:
+        every = f", every {geometry.every} steps" if geometry.every > 1 else ""
+        k = f", k {geometry.k} ({geometry.method})" if geometry.kind == "sketch" else ""
+        summary.add_row("geometry", f"{geometry.kind}{k}{every}")
+    summary.add_row("steps", str(result.steps))
+    summary.add_row("reward (first 10%)", f"{result.start_reward:.3f}")
+    summary.add_row("final reward (last 10%)", f"{result.final_reward:.3f}")
+    if result.nonfinite_steps:
+        skipped = " (updates skipped)" if config.skip_nonfinite else ""
+        summary.add_row("non-finite steps", f"{result.nonfinite_steps}{skipped}")
+    if result.diverged_at is not None:
+        summary.add_row("diverged", f"weights not finite after step {result.diverged_at}: stopped")
+    summary.add_row("wall time", f"{result.wall_seconds:.1f} s")
+    summary.add_row("ms / RL step", f"{result.ms_per_step:.1f}")
+    summary.add_row("run", str(out))
+    return summary
 
 
 def _run_example(
-    out: Path, force: bool, config: object, device: str, geometry: object | None, threads: int
+    out: Path,
+    force: bool,
+    config: ExampleConfig,
+    device: str,
+    geometry: GeometryConfig | None,
+    threads: int,
 ) -> None:
+    # torch and the trainer load here, when the example runs (not for `record --help`).
     import torch
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.table import Table
 
     from stabledrl_cli._device import resolve_device
     from stabledrl_cli.dump import Recorder
@@ -106,20 +172,11 @@ def _run_example(
     torch_device = resolve_device(device)
     policy = get_policy(config.policy)
     torch.set_num_threads(threads)
-    show = progress_enabled()
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("reward {task.fields[reward]:.3f}"),
-        TimeRemainingColumn(),
-        console=err,
-        disable=not show,
-    )
+    progress = _progress()
     task_id = progress.add_task("pretraining", total=config.steps, reward=float("nan"))
     rewards: list[float] = []
 
-    def on_step(info: object) -> None:
+    def on_step(info: StepInfo) -> None:
         rewards.append(info.reward_mean)
         window = rewards[-20:]
         progress.update(task_id, advance=1, reward=sum(window) / len(window))
@@ -139,155 +196,211 @@ def _run_example(
             on_phase=on_phase,
             geometry=geometry,
         )
+    err.print(_summary(config, policy, geometry, result, out))
 
-    summary = Table(title="stabledrl record: built-in example", show_header=False)
-    summary.add_row("policy", policy.spec)
-    summary.add_row(
-        "estimator",
-        f"{config.estimator}, unit {config.unit}, same mask {config.estimator_config.same_mask}",
-    )
-    if geometry is not None:
-        every = f", every {geometry.every} steps" if geometry.every > 1 else ""
-        k = f", k {geometry.k} ({geometry.method})" if geometry.kind == "sketch" else ""
-        summary.add_row("geometry", f"{geometry.kind}{k}{every}")
-    summary.add_row("steps", str(result.steps))
-    summary.add_row("reward (first 10%)", f"{result.start_reward:.3f}")
-    summary.add_row("final reward (last 10%)", f"{result.final_reward:.3f}")
-    if result.nonfinite_steps:
-        skipped = " (updates skipped)" if config.skip_nonfinite else ""
-        summary.add_row("non-finite steps", f"{result.nonfinite_steps}{skipped}")
-    if result.diverged_at is not None:
-        summary.add_row("diverged", f"weights not finite after step {result.diverged_at}: stopped")
-    summary.add_row("wall time", f"{result.wall_seconds:.1f} s")
-    summary.add_row("ms / RL step", f"{result.ms_per_step:.1f}")
-    summary.add_row("run", str(out))
-    err.print(summary)
+
+def _default(name: str) -> str:
+    """`ExampleConfig`'s default of a field, for the help."""
+    return f"default {getattr(DEFAULTS, name)}"
 
 
 def command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
     cmd: Annotated[
         list[str] | None,
-        typer.Argument(help="A training command after `--`; without one, the built-in example."),
+        typer.Argument(
+            help="A training command after `--`; without one, the built-in example.",
+            metavar="-- CMD...",
+            show_default=False,
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty --out.")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Example: training seed.")] = 0,
-    steps: Annotated[int, typer.Option("--steps", help="Example: RL optimizer steps.")] = 400,
-    lr: Annotated[float, typer.Option("--lr", help="Example: AdamW learning rate.")] = 1e-4,
     policy: Annotated[
         str | None,
         typer.Option(
-            "--policy", "-p", help="Policy spec that makes the loss (example default: grpo)."
+            "--policy",
+            "-p",
+            help=f"Policy spec that makes the loss ({_default('policy')}); with -- CMD, the "
+            "policy the command's log_policy_batch records.",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed", help=f"Training seed ({_default('seed')}).", rich_help_panel=EXAMPLE
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps", help=f"RL optimizer steps ({_default('steps')}).", rich_help_panel=EXAMPLE
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr", help=f"AdamW learning rate ({_default('lr')}).", rich_help_panel=EXAMPLE
         ),
     ] = None,
     estimator: Annotated[
-        EstimatorChoice | None,
+        Estimator | None,
         typer.Option(
             "--estimator",
-            help="Example: log-likelihood estimator (default: llada for sequence units, "
-            "elbo for token units).",
-            show_default=False,
+            help="Log-likelihood estimator (default llada for sequence units, elbo for token "
+            "units).",
+            rich_help_panel=EXAMPLE,
         ),
     ] = None,
     same_mask: Annotated[
-        bool, typer.Option("--same-mask", help="Example: old and new ELBO share one mask.")
-    ] = False,
-    unit: Annotated[
-        UnitChoice, typer.Option("--unit", help="Example: what a recorded unit is.")
-    ] = UnitChoice.sequence,
-    max_grad_norm: Annotated[
-        float, typer.Option("--max-grad-norm", help="Example: clip_grad_norm_ bound.")
-    ] = 1.0,
-    skip_nonfinite: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--skip-nonfinite/--no-skip-nonfinite",
-            help="Example: skip the update of a step whose grad norm is not finite.",
-        ),
-    ] = True,
-    geometry: Annotated[
-        GeometryChoice,
-        typer.Option(
-            "--geometry",
-            help="Example: per-step gradient geometry of the units, for true update norms in "
-            "replay: gram (exact U x U) or sketch (U x k).",
-        ),
-    ] = GeometryChoice.none,
-    geometry_every: Annotated[
-        int, typer.Option("--geometry-every", help="Example: geometry on every Nth step only.")
-    ] = 1,
-    geometry_k: Annotated[int, typer.Option("--geometry-k", help="Example: sketch width k.")] = 256,
-    geometry_params: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--geometry-params",
-            help="Example: covered parameter names (fnmatch pattern, repeatable; default all).",
+            "--same-mask",
+            help="Old and new ELBO share one mask (the control).",
+            rich_help_panel=EXAMPLE,
             show_default=False,
         ),
     ] = None,
-    geometry_seed: Annotated[
-        int, typer.Option("--geometry-seed", help="Example: seed of the sketch matrix Omega.")
-    ] = 0,
-    geometry_method: Annotated[
-        SketchMethodChoice,
+    unit: Annotated[
+        Unit | None,
         typer.Option(
-            "--geometry-method",
-            help="Example: sketch from exact per-unit gradients, forward-mode JVPs, or auto.",
+            "--unit", help=f"What a recorded unit is ({_default('unit')}).", rich_help_panel=EXAMPLE
         ),
-    ] = SketchMethodChoice.auto,
-    geometry_dtype: Annotated[
-        GeometryDtypeChoice,
+    ] = None,
+    max_grad_norm: Annotated[
+        float | None,
         typer.Option(
-            "--geometry-dtype",
-            help="Example: geometry storage; float16 (sketch only) with a per-step scale.",
+            "--max-grad-norm",
+            help=f"clip_grad_norm_ bound ({_default('max_grad_norm')}).",
+            rich_help_panel=EXAMPLE,
         ),
-    ] = GeometryDtypeChoice.float32,
+    ] = None,
+    skip_nonfinite: Annotated[
+        bool | None,
+        typer.Option(
+            "--skip-nonfinite/--no-skip-nonfinite",
+            help="Skip the update of a step whose grad norm is not finite "
+            f"({_default('skip_nonfinite')}).",
+            rich_help_panel=EXAMPLE,
+            show_default=False,
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     threads: Annotated[
         int,
         typer.Option(
             "--threads",
             min=1,
-            help="Example: CPU threads. 1 by default: the model is too small to gain from more, "
-            "and the arrays are then the same on any machine (the fixtures are made so).",
+            help="CPU threads. 1: the model is too small to gain from more, and the arrays "
+            "are then the same on any machine (the fixtures are made so).",
+            rich_help_panel=EXAMPLE,
         ),
     ] = 1,
+    geometry: Annotated[
+        GeometryKind | None,
+        typer.Option(
+            "--geometry",
+            help="Per-step gradient geometry of the units, for true update norms in replay: "
+            "gram (exact U x U) or sketch (U x k). Default: none.",
+            rich_help_panel=GEOMETRY,
+        ),
+    ] = None,
+    geometry_every: Annotated[
+        int | None,
+        typer.Option(
+            "--geometry-every", help="Geometry on every Nth step only.", rich_help_panel=GEOMETRY
+        ),
+    ] = None,
+    geometry_k: Annotated[
+        int | None,
+        typer.Option("--geometry-k", help="Sketch width k.", rich_help_panel=GEOMETRY),
+    ] = None,
+    geometry_params: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--geometry-params",
+            help="Covered parameter names (fnmatch pattern, repeatable; default all).",
+            rich_help_panel=GEOMETRY,
+            show_default=False,
+        ),
+    ] = None,
+    geometry_seed: Annotated[
+        int | None,
+        typer.Option(
+            "--geometry-seed", help="Seed of the sketch matrix Omega.", rich_help_panel=GEOMETRY
+        ),
+    ] = None,
+    geometry_method: Annotated[
+        SketchMethod | None,
+        typer.Option(
+            "--geometry-method",
+            help="Sketch from exact per-unit gradients, forward-mode JVPs, or auto.",
+            rich_help_panel=GEOMETRY,
+        ),
+    ] = None,
+    geometry_dtype: Annotated[
+        GeometryDtype | None,
+        typer.Option(
+            "--geometry-dtype",
+            help="Geometry storage; float16 (sketch only) with a per-step scale.",
+            rich_help_panel=GEOMETRY,
+        ),
+    ] = None,
 ) -> None:
-    """Train and record the built-in tiny dLLM RL example, or record `-- CMD ...`."""
+    """Train and record the built-in tiny dLLM RL example, or record `-- CMD ...`.
+
+    Examples:
+
+      stabledrl record --out runs/demo --policy grpo --steps 160
+
+      stabledrl record --out runs/mine --policy dapo -- python train.py
+    """
     _check_out(out, force)
+    geometry_given = any(
+        option is not None
+        for option in (
+            geometry_every,
+            geometry_k,
+            geometry_params,
+            geometry_seed,
+            geometry_method,
+            geometry_dtype,
+        )
+    )
     if cmd:
-        if geometry is not GeometryChoice.none:
+        if geometry is not None or geometry_given:
             raise UsageError(
                 "--geometry records the built-in example; a training script passes "
                 "geometry to its Recorder (see stabledrl_cli.capture.geometry)"
             )
         _run_command(out, cmd, force, policy)
         return
-    from stabledrl_cli.capture.geometry import GeometryConfig
-    from stabledrl_cli.example.trainer import ExampleConfig
-
     geometry_config = None
-    if geometry is not GeometryChoice.none:
-        geometry_config = GeometryConfig(
-            kind=geometry.value,
-            every=geometry_every,
-            k=geometry_k,
-            seed=geometry_seed,
-            params=tuple(geometry_params) if geometry_params else None,
-            method=geometry_method.value,
-            storage_dtype=geometry_dtype.value,
-        )
+    if geometry is not None:
+        from stabledrl_cli.capture.geometry import GeometryConfig  # imports torch
 
+        base = GeometryConfig(kind=geometry)
+        geometry_config = replace(
+            base,
+            every=base.every if geometry_every is None else geometry_every,
+            k=base.k if geometry_k is None else geometry_k,
+            seed=base.seed if geometry_seed is None else geometry_seed,
+            params=tuple(geometry_params) if geometry_params else base.params,
+            method=base.method if geometry_method is None else geometry_method,
+            storage_dtype=base.storage_dtype if geometry_dtype is None else geometry_dtype,
+        )
+    elif geometry_given:
+        raise UsageError("the --geometry-* options need --geometry gram or --geometry sketch")
     config = ExampleConfig(
-        seed=seed,
-        steps=steps,
-        lr=lr,
-        policy=policy or "grpo",
-        estimator=estimator.value if estimator else _default_estimator(unit),
-        same_mask=same_mask,
-        unit=unit.value,
-        max_grad_norm=max_grad_norm,
-        skip_nonfinite=skip_nonfinite,
+        seed=DEFAULTS.seed if seed is None else seed,
+        steps=DEFAULTS.steps if steps is None else steps,
+        lr=DEFAULTS.lr if lr is None else lr,
+        policy=DEFAULTS.policy if policy is None else policy,
+        estimator=estimator,  # None: the library picks it by unit
+        same_mask=DEFAULTS.same_mask if same_mask is None else same_mask,
+        unit=DEFAULTS.unit if unit is None else unit,
+        max_grad_norm=DEFAULTS.max_grad_norm if max_grad_norm is None else max_grad_norm,
+        skip_nonfinite=DEFAULTS.skip_nonfinite if skip_nonfinite is None else skip_nonfinite,
     )
     _run_example(out, force, config, device, geometry_config, threads)
     sys.stderr.flush()
