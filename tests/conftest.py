@@ -1,4 +1,26 @@
+"""Shared test settings and fixtures: a stable terminal, the committed fixture runs, and their
+replays computed once per session (a fixture replay takes seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
 import pytest
+
+# TEMPORARY (helper B, see /work/helpers/requests.md): until the package face keeps
+# `stabledrl_cli.replay` (the function) from being shadowed by the subpackage.
+import stabledrl_cli
+import stabledrl_cli.replay
+
+if not callable(stabledrl_cli.replay):
+    del stabledrl_cli.__dict__["replay"]
+
+from stabledrl_cli.replay.engine import replay
+from stabledrl_cli.replay.result import ReplayResult
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
 
 
 @pytest.fixture(autouse=True)
@@ -7,3 +29,31 @@ def _stable_terminal(monkeypatch):
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.delenv("STABLEDRL_DEBUG", raising=False)
+
+
+def fixture_run(policy_name: str) -> Path:
+    """The committed fixture run of `policy_name`: a missing one fails (fixtures are committed,
+    so a test that skipped here would pass on a checkout that lost them)."""
+    for manifest in sorted(FIXTURES.glob("*/manifest.json")):
+        data = json.loads(manifest.read_text())
+        if (data.get("policy") or {}).get("name") == policy_name:
+            return manifest.parent
+    pytest.fail(f"no {policy_name} run under {FIXTURES} (record them: see fixtures/README.md)")
+
+
+@pytest.fixture(scope="session")
+def grpo_fixture() -> Path:
+    """The committed grpo run of the built-in example, which degrades."""
+    return fixture_run("grpo")
+
+
+@pytest.fixture(scope="session")
+def grpo_fixture_replay(grpo_fixture) -> ReplayResult:
+    """grpo and stabledrl replayed over the degrading grpo fixture, once per session."""
+    return replay(grpo_fixture, ["grpo", "stabledrl"], device="cpu")
+
+
+@pytest.fixture(scope="session")
+def stabledrl_fixture_replay() -> ReplayResult:
+    """stabledrl and grpo replayed over the stable stabledrl fixture, once per session."""
+    return replay(fixture_run("stabledrl"), ["stabledrl", "grpo"], device="cpu")

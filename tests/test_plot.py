@@ -1,4 +1,5 @@
-"""`replay --plot` and `check --plot`: a real PNG from a fixture; the missing-extra path."""
+"""`replay --plot` and `check --plot`: a real PNG from a fixture's (shared) replay; the
+missing-extra path."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
+import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import MissingExtraError, UsageError
-from stabledrl_cli.replay.plot import INSTALL_COMMAND, require_matplotlib
+from stabledrl_cli.replay.plot import INSTALL_COMMAND, plot_replay, require_matplotlib
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "fixtures" / "grpo"  # collapses, with non-finite steps: every marker is drawn
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 runner = CliRunner()
 
@@ -26,12 +27,10 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def test_replay_plot_of_a_fixture_is_a_plausible_png(tmp_path):
+def test_replay_plot_of_a_fixture_is_a_plausible_png(grpo_fixture, grpo_fixture_replay, tmp_path):
+    # The grpo fixture collapses, with non-finite steps: every marker is drawn.
     out = tmp_path / "grpo.png"
-    args = ["replay", str(FIXTURE), "-p", "grpo", "-p", "stabledrl", "--device", "cpu"]
-    result = runner.invoke(app, [*args, "--plot", str(out)])
-    assert result.exit_code == 0, result.output
-    assert f"wrote {out}" in result.stderr
+    assert plot_replay(grpo_fixture_replay, out, sd.open_run(grpo_fixture)) == out
     width, height = _png_size(out)
     assert (width, height) == (1210, 594)  # 11 x (2.2 + 2 x 1.6) inches at 110 dpi
     assert 30_000 < out.stat().st_size < 2_000_000
@@ -46,46 +45,41 @@ def test_replay_plot_of_a_fixture_is_a_plausible_png(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["grpo.png"]  # no temporary file left
 
 
-def test_check_plot_writes_even_when_a_gate_trips(tmp_path):
+def test_check_plot_writes_even_when_a_gate_trips(grpo_fixture, tmp_path):
     out = tmp_path / "check.png"
     result = runner.invoke(
         app,
-        ["check", str(FIXTURE), "-p", "is", "--max-collapsed", "0", "--plot", str(out),
+        ["check", str(grpo_fixture), "-p", "is", "--max-collapsed", "0", "--plot", str(out),
          "--device", "cpu"],
     )  # fmt: skip
-    assert result.exit_code == 1
+    assert result.exit_code == 1 and f"wrote {out}" in result.stderr
     assert _png_size(out) == (1210, round((2.2 + 1.6) * 110))
 
 
 @pytest.mark.parametrize("command", ["replay", "check"])
-def test_missing_matplotlib_says_how_to_get_it(command, tmp_path, monkeypatch):
+def test_missing_matplotlib_says_how_to_get_it(command, grpo_fixture, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(MissingExtraError, match="stabledrl\\[plot\\]"):
         require_matplotlib()
     assert issubclass(MissingExtraError, UsageError)
     out = tmp_path / "x.png"
     extra = ["--max-collapsed", "0"] if command == "check" else []
-    result = runner.invoke(app, [command, str(FIXTURE), *extra, "--plot", str(out)])
+    result = runner.invoke(app, [command, str(grpo_fixture), *extra, "--plot", str(out)])
     assert result.exit_code == 2
     assert INSTALL_COMMAND == "pip install 'stabledrl[plot]'"
     assert INSTALL_COMMAND in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
 
 
-def test_plot_needs_a_png_name_in_an_existing_directory(tmp_path):
-    result = runner.invoke(app, ["replay", str(FIXTURE), "--plot", str(tmp_path / "x.svg")])
+def test_plot_needs_a_png_name_in_an_existing_directory(grpo_fixture, tmp_path):
+    result = runner.invoke(app, ["replay", str(grpo_fixture), "--plot", str(tmp_path / "x.svg")])
     assert result.exit_code == 2 and "ending in .png" in result.stderr
-    result = runner.invoke(app, ["replay", str(FIXTURE), "--plot", str(tmp_path / "no/x.png")])
+    result = runner.invoke(app, ["replay", str(grpo_fixture), "--plot", str(tmp_path / "no/x.png")])
     assert result.exit_code == 2 and "does not exist" in result.stderr
 
 
 def test_plot_of_a_run_with_nothing_finite(tmp_path):
     """Every update non-finite and no reward: the picture is still drawn, not a crash."""
-    import torch
-
-    import stabledrl_cli as sd
-    from stabledrl_cli.replay.plot import plot_replay
-
     with sd.Recorder(tmp_path / "run", policy="is") as rec:
         for step in range(6):
             rec.log_step(

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -23,10 +24,20 @@ from stabledrl_cli._json import json_safe
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies import STANDARD_CATALOGUE, PolicyBatch, get_policy
+from stabledrl_cli.replay import columns
+from stabledrl_cli.replay.baseline import (
+    baseline_dict,
+    check_settings,
+    load_baseline,
+    write_baseline,
+)
 from stabledrl_cli.replay.config import ReplayConfig, parse_step_range
 from stabledrl_cli.replay.detectors import drift_flags
 from stabledrl_cli.replay.engine import replay_run
-from stabledrl_cli.replay.hdf5 import REPORT_KIND, read_hdf5
+from stabledrl_cli.replay.gate import Gates, evaluate
+from stabledrl_cli.replay.hdf5 import REPORT_KIND, read_hdf5, write_hdf5
+from stabledrl_cli.replay.observed import observe
+from stabledrl_cli.replay.report import print_detail
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -37,11 +48,12 @@ SUMMARY_KEYS = {
     "cosine_to_own_median", "spike_steps", "drift_steps", "collapsed_steps", "first_collapse",
     "lead_steps", "fidelity", "loss_parity",
 }  # fmt: skip
-STEP_KEYS = {
+CONTRACT_STEP_KEYS = [
     "step", "tokens", "discarded", "discard_frac", "clipped", "geometry", "update_norm",
     "clip_scale", "cosine_to_own", "weight_max", "ess_frac", "net_push", "spike", "nonfinite",
     "drift", "collapsed",
-}  # fmt: skip
+]  # fmt: skip
+STEP_KEYS = set(CONTRACT_STEP_KEYS)
 
 N_SEQ, GROUP, DIM = 16, 8, 6
 
@@ -461,3 +473,62 @@ def test_drift_flagged_for_grpo_on_noisy_ratios_not_for_reinforce(tmp_path):
     assert np.mean(grpo.series["net_push"]) < -0.05
     assert grpo.summary.drift_steps and grpo.summary.drift_steps[0] >= 3
     assert reinforce.summary.drift_steps == []
+
+
+# --- the observed run beside the replay --------------------------------------------------------
+def test_observed_uses_the_replays_spike_factor_and_streamed_noise_floor(plain_run):
+    run = sd.open_run(plain_run)
+    default = sd.replay(plain_run, ["reinforce"], device="cpu")
+    lax = sd.replay(plain_run, ["reinforce"], device="cpu", spike_factor=1e6)
+    # The noise floor pooled during the streaming pass is what inspect reads from disk.
+    assert default.observed == observe(run)
+    assert default.observed.noise_floor_units > 0
+    assert default.observed.recorded_spike_steps == [22]  # the recorded grad norm spikes there
+    assert lax.observed == observe(run, spike_factor=1e6)
+    assert lax.observed.recorded_spike_steps == []
+
+
+# --- adding a column ---------------------------------------------------------------------------
+def test_a_new_column_is_one_declaration(plain_run, tmp_path, monkeypatch):
+    """A column declared in the registry (with its computation) reaches the JSON rows, the
+    summary, the HDF5 report, the per-step table and the gate, none of them edited."""
+    doubled = columns.Column(
+        name="doubled_norm",
+        kind="float",
+        meaning="2 x update_norm (a test column)",
+        derive=lambda inputs: 2.0 * inputs.float("update_norm"),
+        table=columns.TableCell(header="twice norm"),
+        gate=columns.ColumnGate(aggregate="max", worse="higher", rel_tol=0.1),
+    )
+    monkeypatch.setattr(columns, "COLUMNS", (*columns.COLUMNS, doubled))
+    result = sd.replay(plain_run, ["grpo", "stabledrl"], device="cpu")
+    data = json.loads(result.to_json())
+    grpo = data["policies"][0]
+    for row in grpo["steps"]:
+        assert list(row)[: len(CONTRACT_STEP_KEYS)] == CONTRACT_STEP_KEYS  # extended, not changed
+        assert list(row)[-1] == "doubled_norm"
+        assert row["doubled_norm"] == pytest.approx(2 * row["update_norm"])
+    assert grpo["summary"]["doubled_norm_max"] == pytest.approx(
+        2 * grpo["summary"]["update_norm_max"]
+    )
+
+    write_hdf5(result, tmp_path / "report.h5")
+    report = read_hdf5(tmp_path / "report.h5")["policies"][0]
+    np.testing.assert_allclose(report["doubled_norm"], 2 * report["update_norm"])
+
+    console = Console(record=True, width=200)
+    print_detail(result, console)
+    assert "twice norm" in console.export_text()
+
+    baseline = baseline_dict(result, check_settings(None))
+    figure = baseline["policies"]["grpo"]["doubled_norm_max"]
+    assert figure["value"] == pytest.approx(2 * grpo["summary"]["update_norm_max"])
+    assert (figure["worse"], figure["rel_tol"]) == ("higher", 0.1)
+    write_baseline(baseline, tmp_path / "baseline.json")
+    assert all(g.ok for g in evaluate(result, Gates(), load_baseline(tmp_path / "baseline.json")))
+    figure["value"] /= 2  # today's figure is now a regression
+    write_baseline(baseline, tmp_path / "tight.json")
+    tripped = [
+        g for g in evaluate(result, Gates(), load_baseline(tmp_path / "tight.json")) if not g.ok
+    ]
+    assert [(g.policy, g.gate) for g in tripped] == [("grpo", "baseline.doubled_norm_max")]

@@ -7,35 +7,18 @@ fixtures' seed is held out, so these tests check the calibration rather than res
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-import stabledrl_cli as sd
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-
-
-def _fixture(policy_name: str) -> Path:
-    """The committed fixture run of `policy_name`: a missing one fails (fixtures are committed,
-    so a test that skipped here would pass on a checkout that lost them)."""
-    for manifest in sorted(FIXTURES.glob("*/manifest.json")):
-        data = json.loads(manifest.read_text())
-        if (data.get("policy") or {}).get("name") == policy_name:
-            return manifest.parent
-    pytest.fail(f"no {policy_name} run under {FIXTURES} (record them: see fixtures/README.md)")
+@pytest.fixture
+def degrading(grpo_fixture_replay):
+    return grpo_fixture_replay
 
 
-@pytest.fixture(scope="module")
-def degrading():
-    return sd.replay(_fixture("grpo"), ["grpo", "stabledrl"], device="cpu")
-
-
-@pytest.fixture(scope="module")
-def stable():
-    return sd.replay(_fixture("stabledrl"), ["stabledrl", "grpo"], device="cpu")
+@pytest.fixture
+def stable(stabledrl_fixture_replay):
+    return stabledrl_fixture_replay
 
 
 def _flagged(p) -> set[int]:

@@ -29,7 +29,7 @@ from stabledrl_cli.cli._options import (
     RunArg,
     WindowOpt,
 )
-from stabledrl_cli.cli._output import OutputFormat, err, out, print_json
+from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli.replay import check_outputs, option_names
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import UsageError
@@ -119,7 +119,7 @@ def command(
             "--write-baseline, write float-noise tolerances.",
         ),
     ] = False,
-    output_format: FormatOpt = OutputFormat.table,
+    output_format: FormatOpt = "table",
     device: DeviceOpt = "auto",
     spike_factor: Annotated[
         float | None,

@@ -26,7 +26,7 @@ from stabledrl_cli.cli._options import (
     RunArg,
     WindowOpt,
 )
-from stabledrl_cli.cli._output import OutputFormat, err, out, progress_enabled
+from stabledrl_cli.cli._output import err, out, progress_enabled
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.replay.config import ConfigError, ReplayConfig, parse_step_range, replay_config
@@ -89,7 +89,7 @@ def command(
     run: RunArg,
     policy: PolicyOpt = None,
     device: DeviceOpt = "auto",
-    output_format: FormatOpt = OutputFormat.table,
+    output_format: FormatOpt = "table",
     steps: Annotated[
         str | None,
         typer.Option(
