@@ -11,8 +11,7 @@ from typing import Annotated
 
 import typer
 
-from stabledrl_cli.cli._output import OutputFormat
-from stabledrl_cli.vocab import Device
+from stabledrl_cli.vocab import Device, OutputFormat
 
 RunArg = Annotated[Path, typer.Argument(help="Run directory or .h5 archive.", show_default=False)]
 PolicyOpt = Annotated[

@@ -36,6 +36,9 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 class OutputFormat(str, Enum):
+    """Deprecated: `--format` is `vocab.OutputFormat` (plain strings) now; kept only until
+    check, inspect and replay default to "table" instead of `OutputFormat.table`."""
+
     table = "table"
     json = "json"
 

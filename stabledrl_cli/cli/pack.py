@@ -13,9 +13,9 @@ from typing import Annotated
 import typer
 
 from stabledrl_cli.cli._options import FormatOpt, RunArg
-from stabledrl_cli.cli._output import OutputFormat, err, out, print_json
-from stabledrl_cli.dump import open_run
-from stabledrl_cli.dump._archive import pack_run
+from stabledrl_cli.cli._output import err, out, print_json
+from stabledrl_cli.dump import open_run, pack_run
+from stabledrl_cli.errors import UsageError
 
 
 def command(
@@ -24,9 +24,16 @@ def command(
         Path, typer.Argument(help="The .h5 file to write.", show_default=False, metavar="OUT.h5")
     ],
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
-    output_format: FormatOpt = OutputFormat.table,
+    output_format: FormatOpt = "table",
 ) -> None:
-    """Pack a run into one HDF5 file (chunked, compressed); open_run, replay and check read it."""
+    """Pack a run into one HDF5 file (chunked, compressed); open_run, replay and check read it.
+
+    Example:
+
+      stabledrl pack runs/demo runs/demo.h5 && stabledrl replay runs/demo.h5
+    """
+    if archive.is_file() and not force:
+        raise UsageError(f"{archive} exists; pass --force to overwrite it")
     opened = open_run(run)
     summary = pack_run(opened, archive, force=force)
     if summary.findings:
@@ -37,7 +44,7 @@ def command(
             "findings into the archive (stabledrl inspect shows them)",
             highlight=False,
         )
-    if output_format is OutputFormat.json:
+    if output_format == "json":
         print_json(summary.to_dict())
         return
     ratio = summary.source_bytes / summary.archive_bytes if summary.archive_bytes else 0.0

@@ -11,7 +11,7 @@ from typing import TypedDict
 from rich.table import Table
 
 from stabledrl_cli.cli._options import FormatOpt, PolicyOpt
-from stabledrl_cli.cli._output import OutputFormat, out, print_json
+from stabledrl_cli.cli._output import out, print_json
 from stabledrl_cli.policies import STANDARD_CATALOGUE, PolicyEntry, catalogue, resolve_spec
 from stabledrl_cli.policies._config import ParamValue
 from stabledrl_cli.spec import SPEC_SYNTAX, format_value
@@ -69,7 +69,7 @@ def _spec_rows(specs: list[str]) -> list[PolicyRow]:
     return rows
 
 
-def command(policy: PolicyOpt = None, fmt: FormatOpt = OutputFormat.table) -> None:
+def command(policy: PolicyOpt = None, fmt: FormatOpt = "table") -> None:
     """List the policy catalogue: name, family, defaults, formula and source.
 
     Examples:
@@ -79,7 +79,7 @@ def command(policy: PolicyOpt = None, fmt: FormatOpt = OutputFormat.table) -> No
       stabledrl policies -p dapo -p "two-sided:delta=4" --format json
     """
     rows = _spec_rows(policy) if policy else _catalogue_rows()
-    if fmt == OutputFormat.json:
+    if fmt == "json":
         print_json({"policies": rows, "standard_catalogue": STANDARD_CATALOGUE})
         return
     table = Table(title="policies" if not policy else "policy specs", show_lines=False)
