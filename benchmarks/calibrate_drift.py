@@ -44,7 +44,7 @@ def record(
 ) -> Path:
     """Records one example run (reused when a complete one is already there)."""
     from stabledrl_cli.dump import Recorder, open_run
-    from stabledrl_cli.example.trainer import ExampleConfig, recorder_kwargs, train
+    from stabledrl_cli.example import ExampleConfig, recorder_kwargs, train
     from stabledrl_cli.policies import get_policy
 
     out = runs_dir / f"{estimator}-{arm}-seed{seed}-steps{steps}"
@@ -72,9 +72,8 @@ def own_net_push(path: Path) -> tuple[np.ndarray, int | None]:
     run = open_run(path)
     result = replay_run(run, [run.policy_spec], config=ReplayConfig(device="cpu"))
     own = next(p for p in result.policies if p.own)
-    return np.array([s["net_push"] for s in own.steps], dtype=np.float64), (
-        result.observed.get("first_reward_collapse")
-    )
+    net_push = np.asarray(own.series["net_push"], dtype=np.float64)
+    return net_push, result.observed.first_reward_collapse
 
 
 def main(argv: list[str] | None = None) -> int:

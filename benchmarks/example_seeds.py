@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from stabledrl_cli.example.trainer import ExampleConfig, StepInfo, train
+from stabledrl_cli.example import ExampleConfig, StepInfo, train
 from stabledrl_cli.policies import PolicyBatch, get_policy
 
 ARMS = (
