@@ -11,12 +11,15 @@ from typing import Annotated
 
 import typer
 
+from stabledrl_cli.spec import SPEC_SYNTAX
 from stabledrl_cli.vocab import Device, OutputFormat
 
 RunArg = Annotated[Path, typer.Argument(help="Run directory or .h5 archive.", show_default=False)]
 PolicyOpt = Annotated[
     list[str] | None,
-    typer.Option("--policy", "-p", help="Policy spec NAME or NAME:key=value,... (repeatable)."),
+    typer.Option(
+        "--policy", "-p", metavar="SPEC", help=f"Policy spec: {SPEC_SYNTAX} (repeatable)."
+    ),
 ]
 DeviceOpt = Annotated[
     Device, typer.Option("--device", help="Where to compute (auto: cuda, then mps, then cpu).")

@@ -220,6 +220,7 @@ def command(
         typer.Option(
             "--policy",
             "-p",
+            metavar="SPEC",
             help=f"Policy spec that makes the loss ({_default('policy')}); with -- CMD, the "
             "policy the command's log_policy_batch records.",
             show_default=False,
@@ -319,6 +320,7 @@ def command(
         list[str] | None,
         typer.Option(
             "--geometry-params",
+            metavar="PATTERN",
             help="Covered parameter names (fnmatch pattern, repeatable; default all).",
             rich_help_panel=GEOMETRY,
             show_default=False,
