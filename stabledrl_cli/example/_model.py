@@ -84,7 +84,3 @@ class TinyDiffusionLM(nn.Module):
             h = block(h)
         logits: torch.Tensor = self.head(self.norm(h))
         return logits
-
-    def num_parameters(self) -> int:
-        """Every parameter's element count, summed."""
-        return sum(p.numel() for p in self.parameters())

@@ -75,19 +75,26 @@ class StepInfo:
 
 @dataclass
 class TrainResult:
+    """What a training run did, for the summary `record` prints."""
+
     steps: int
+    """RL optimizer steps taken (fewer than asked when the weights diverged)."""
     start_reward: float
+    """Mean reward over the first 10% of the steps."""
     final_reward: float
+    """Mean reward over the last 10% of the steps."""
     wall_seconds: float
+    """Pretraining and RL, wall clock."""
     rl_seconds: float
+    """The RL phase alone, wall clock."""
     nonfinite_steps: int
     """Steps whose grad norm or loss was not finite (recorded; their update skipped by default)."""
     diverged_at: int | None
     """The step after which the weights were not finite (the run stopped there), or None."""
-    num_parameters: int
 
     @property
     def ms_per_step(self) -> float:
+        """Wall milliseconds per RL step."""
         return 1000.0 * self.rl_seconds / max(self.steps, 1)
 
 
@@ -378,5 +385,4 @@ def train(
         rl_seconds=finished - rl_started,
         nonfinite_steps=nonfinite,
         diverged_at=diverged_at,
-        num_parameters=model.num_parameters(),
     )

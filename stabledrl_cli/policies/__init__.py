@@ -21,7 +21,6 @@ from stabledrl_cli.policies._registry import (
     PolicyEntry,
     catalogue,
     get_policy,
-    parse_spec,
     resolve_spec,
 )
 
@@ -48,7 +47,6 @@ __all__ = [
     "Weights",
     "catalogue",
     "get_policy",
-    "parse_spec",
     "prepare",
     "resolve_spec",
 ]
