@@ -1,0 +1,226 @@
+"""One verl optimizer step, captured micro-batch by micro-batch from what `ppo_loss` used,
+then logged to a `Recorder`.
+
+`capture_micro_batch` reads a micro-batch's TensorDict (the padded response tensors verl's
+`ppo_loss` selects, plus `uid`, `token_level_scores`, `rollout_log_probs` and the global
+normalisers) and the model's log-probs; `StepLog` turns a step's micro-batches into one
+`Recorder.log_step` call. Token arrays keep each response's scored tokens (a response without
+any keeps its first position, unscored, so the sequence stays in the step).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tensordict import TensorDict  # type: ignore[import-untyped]
+from verl.utils import tensordict_utils as tu
+from verl.workers.utils.padding import no_padding_2_padding
+
+from stabledrl_cli.dump import Recorder
+from stabledrl_cli.integrations._verl_policy import agg_mode, token_loss_scale
+
+VERL_METRICS = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl")
+"""verl's per-micro-batch policy metrics (`actor/<name>`), recorded as the step's mean over
+micro-batches, as verl averages them, under the scalar names `verl_<name>`."""
+
+_OPTIONAL = {
+    "loss_weight": "rollout_is_weights",
+    "logp_ref": "ref_log_prob",
+    "logp_rollout": "rollout_log_probs",
+}
+"""Recorded field -> verl's key in the actor's batch."""
+
+
+@dataclass
+class MicroBatch:
+    """What verl's `ppo_loss` used for one micro-batch. Token arrays are [B, L] (L = the
+    padded response length); per-sequence values are [B]."""
+
+    logp: torch.Tensor
+    logp_old: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    """[B, L] bool, the response mask: the scored tokens."""
+    loss_scale: torch.Tensor
+    """[B, L] the normaliser of each token's term in the step's objective (all ranks)."""
+    uid: list[str]
+    """[B] verl's prompt-group id of each sequence."""
+    reward: torch.Tensor
+    """[B] sum of `token_level_scores` (NaN when absent)."""
+    loss: float
+    """verl's policy loss of the micro-batch, pg (+ kl_loss_coef * kl): a rank's losses sum to
+    dp_size times its share of the step's objective, so their mean over ranks is the step's."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """verl's VERL_METRICS of this micro-batch (absent where verl reports none)."""
+    optional: dict[str, torch.Tensor] = field(default_factory=dict)
+    """[B, L] loss_weight, logp_ref, logp_rollout, where the batch has them."""
+
+
+def _metric_value(value: Any) -> float:
+    """A verl `Metric` (one value per micro-batch), a tensor or a number -> float."""
+    values = getattr(value, "values", None)
+    if isinstance(values, list) and values:
+        value = values[-1]
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().item())
+    return float(value)
+
+
+def _non_tensor(data: TensorDict, key: str) -> Any:
+    return tu.get_non_tensor_data(data=data, key=key, default=None)
+
+
+def capture_micro_batch(
+    config: Any, model_output: Mapping[str, Any], data: TensorDict, metrics: Mapping[str, Any]
+) -> MicroBatch:
+    """The arrays of one micro-batch, detached on CPU (config: verl's ActorConfig; data: the
+    micro-batch's TensorDict; metrics: what `ppo_loss` returned)."""
+    log_prob = no_padding_2_padding(model_output["log_probs"].detach(), data)
+    names = ["response_mask", "old_log_probs", "advantages"]
+    names += [key for key in (*_OPTIONAL.values(), "token_level_scores") if key in data]
+    padded = data.select(*names).to_padded_tensor()
+    mask = padded["response_mask"].to(torch.bool).cpu()
+    loss_scale = token_loss_scale(
+        agg_mode(config),
+        mask,
+        batch_num_tokens=_non_tensor(data, "batch_num_tokens"),
+        global_batch_size=_non_tensor(data, "global_batch_size"),
+        loss_scale_factor=config.loss_scale_factor,
+    )
+    scores = padded.get("token_level_scores", None)
+    reward = (
+        scores.detach().float().sum(-1).cpu()
+        if scores is not None
+        else torch.full((mask.shape[0],), math.nan)
+    )
+    loss = _metric_value(metrics["actor/pg_loss"])
+    if config.use_kl_loss and "kl_loss" in metrics:
+        loss += float(config.kl_loss_coef) * _metric_value(metrics["kl_loss"])
+    return MicroBatch(
+        logp=log_prob.float().cpu(),
+        logp_old=padded["old_log_probs"].detach().float().cpu(),
+        advantages=padded["advantages"].detach().float().cpu(),
+        mask=mask,
+        loss_scale=loss_scale,
+        uid=[str(u) for u in data["uid"]] if "uid" in data else [""] * mask.shape[0],
+        reward=reward,
+        loss=loss,
+        metrics={
+            name: _metric_value(metrics[f"actor/{name}"])
+            for name in VERL_METRICS
+            if f"actor/{name}" in metrics
+        },
+        optional={
+            ours: padded[key].detach().float().cpu()
+            for ours, key in _OPTIONAL.items()
+            if key in padded
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Global prompt groups of one rollout: the same numbering on every data-parallel rank."""
+
+    index: dict[str, int]
+    """uid -> global group id (rank of the uid among the rollout's sorted uids)."""
+    size: dict[str, int]
+    """uid -> number of the group's sequences in the rollout, over all ranks."""
+
+    @classmethod
+    def of(cls, uids: list[str]) -> Groups:
+        """From every uid of the rollout (all ranks), one per sequence."""
+        size: dict[str, int] = {}
+        for uid in uids:
+            size[uid] = size.get(uid, 0) + 1
+        return cls({uid: i for i, uid in enumerate(sorted(size))}, size)
+
+
+def _kept(mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: the scored tokens, plus the first position of a row without any."""
+    kept = mask.clone()
+    kept[~mask.any(-1), 0] = True
+    return kept
+
+
+@dataclass
+class StepLog:
+    """The scalars of one optimizer step, beside its micro-batches."""
+
+    grad_norm: float
+    """Pre-clip norm that the engine's `optimizer_step()` returned."""
+    max_norm: float | None
+    """The clip threshold (`optim.clip_grad`)."""
+    lr: float | None
+    inner_step: int
+    """0 for the first update on a fresh rollout."""
+    scalars: dict[str, float] = field(default_factory=dict)
+
+    def write(
+        self, recorder: Recorder, step: int, micro: list[MicroBatch], groups: Groups | None
+    ) -> None:
+        """Logs the micro-batches as optimizer step `step` (groups: the rollout's, else the
+        step's own uids number the groups and none is marked split)."""
+        kept = [_kept(m.mask) for m in micro]
+
+        def tokens(rows: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([r[k] for r, k in zip(rows, kept, strict=True)])
+
+        sizes = [k.shape[0] for k in kept]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        seq_id = tokens(
+            [
+                torch.arange(start, start + k.shape[0])[:, None].expand_as(k)
+                for start, k in zip(starts, kept, strict=True)
+            ]
+        )
+        uids = [uid for m in micro for uid in m.uid]
+        groups = groups if groups is not None and all(u in groups.index for u in uids) else None
+        local = Groups.of(uids)
+        index = (groups or local).index
+        group_id = torch.tensor([index[u] for u in uids], dtype=torch.int64)
+        split = [groups is not None and local.size[u] < groups.size[u] for u in uids]
+        optional = {
+            name: tokens([m.optional[name] for m in micro])
+            for name in _OPTIONAL
+            if all(name in m.optional for m in micro)
+        }
+        scalars = dict(self.scalars)
+        for name in VERL_METRICS:
+            values = [m.metrics[name] for m in micro if name in m.metrics]
+            if values:
+                scalars[f"verl_{name}"] = sum(values) / len(values)
+        finite = math.isfinite(self.grad_norm)
+        scalars["update_skipped"] = 0.0 if finite else 1.0
+        clip = 1.0
+        if self.max_norm is not None and finite:
+            clip = min(1.0, self.max_norm / (self.grad_norm + 1e-6))
+        reward = torch.cat([m.reward for m in micro])
+        finite_rewards = reward[torch.isfinite(reward)]
+        recorder.log_step(
+            step,
+            logp=tokens([m.logp for m in micro]),
+            logp_old=tokens([m.logp_old for m in micro]),
+            advantages=tokens([m.advantages for m in micro]),
+            mask=tokens([m.mask for m in micro]),
+            seq_id=seq_id,
+            group_id=group_id,
+            reward=reward,
+            micro_batch=torch.cat(
+                [torch.full((n,), i, dtype=torch.int64) for i, n in enumerate(sizes)]
+            ),
+            group_split=torch.tensor(split, dtype=torch.uint8),
+            loss_scale=tokens([m.loss_scale for m in micro]),
+            grad_norm=self.grad_norm,
+            grad_norm_clipped=self.grad_norm * clip,
+            loss=sum(m.loss for m in micro),
+            lr=self.lr,
+            inner_step=self.inner_step,
+            reward_mean=float(finite_rewards.mean()) if finite_rewards.numel() else math.nan,
+            scalars=scalars,
+            **optional,
+        )

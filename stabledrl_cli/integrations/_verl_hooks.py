@@ -1,0 +1,208 @@
+"""The wrappers `install()` puts on verl's engine (`BaseEngine.train_batch`) and training
+worker (`TrainingWorker.train_mini_batch`), and the per-process `Session` they share.
+
+`train_batch` is one optimizer step: the wrapper hands the engine a loss function that calls
+verl's own `ppo_loss` and then captures the micro-batch, and shadows the engine's
+`optimizer_step` on the instance to read the pre-clip norm it returns; after the step it
+logs the micro-batches as one stabledrl step.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from tensordict import TensorDict  # type: ignore[import-untyped]
+from verl.utils import tensordict_utils as tu
+
+from stabledrl_cli.capture.bootstrap import report_failure
+from stabledrl_cli.dump import Recorder
+from stabledrl_cli.errors import InputError, StabledrlError
+from stabledrl_cli.integrations._verl_capture import (
+    Groups,
+    MicroBatch,
+    StepLog,
+    capture_micro_batch,
+)
+from stabledrl_cli.integrations._verl_policy import agg_mode, loss_mode, policy_for_actor_config
+
+LossFunction = Callable[..., Any]
+
+
+@dataclass
+class Session:
+    """This process's recording: where to write, and the state between optimizer steps."""
+
+    out: Path
+    overwrite: bool
+    recorder: Recorder | None = None
+    """Opened at the first recorded step (it needs the rank and the actor's config)."""
+    step: int = 0
+    """The next step number (this process's count of recorded optimizer steps)."""
+    inner_step: int = 0
+    """Updates since the current rollout arrived."""
+    groups: Groups | None = None
+    """The current rollout's prompt groups, when `train_mini_batch` gathered them."""
+    off: bool = False
+    originals: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    """verl's own methods, restored by `uninstall()`."""
+
+    def fail(self, exc: BaseException, context: str) -> None:
+        """Reports the first failure once (stderr and `stabledrl record`); recording stops."""
+        if self.off:
+            return
+        self.off = True
+        code = exc.exit_code if isinstance(exc, StabledrlError) else InputError.exit_code
+        reason = str(exc) if isinstance(exc, StabledrlError) else f"{type(exc).__name__}: {exc}"
+        message = f"{context}: {reason}"
+        sys.stderr.write(f"stabledrl: warning: {message}; recording is off, training continues\n")
+        sys.stderr.flush()
+        report_failure(code, message)
+
+    def close(self) -> None:
+        """Closes the Recorder (registered with atexit; safe to call twice)."""
+        recorder, self.recorder = self.recorder, None
+        if recorder is not None:
+            try:
+                recorder.close()
+            except Exception as exc:
+                self.fail(exc, "closing the verl run")
+
+    def open(self, engine: Any, config: Any, first: MicroBatch) -> Recorder:
+        """The Recorder of this data-parallel rank, opened on the first step."""
+        if self.recorder is None:
+            world_size = int(engine.get_data_parallel_size())
+            policy = policy_for_actor_config(config, response_width=first.mask.shape[-1])
+            self.recorder = Recorder(
+                self.out,
+                policy=policy.spec,
+                meta={
+                    "framework": "verl",
+                    "verl_version": importlib.metadata.version("verl"),
+                    "loss_mode": loss_mode(config),
+                    "loss_agg_mode": agg_mode(config),
+                    "loss": "verl's policy loss (pg + kl) of the rank; its mean over ranks is the step's",
+                },
+                world_size=world_size,
+                rank=int(engine.get_data_parallel_rank()) if world_size > 1 else 0,
+                overwrite=self.overwrite,
+                group_ids="global" if self.groups is not None or world_size == 1 else "per_rank",
+            )
+        return self.recorder
+
+
+def _is_actor_loss(loss_function: Any) -> bool:
+    """True for the actor's `functools.partial(ppo_loss, config=...)`."""
+    func = getattr(loss_function, "func", None)
+    return (
+        getattr(func, "__name__", "") == "ppo_loss"
+        and getattr(func, "__module__", "") == "verl.workers.utils.losses"
+        and "config" in getattr(loss_function, "keywords", {})
+    )
+
+
+def _learning_rate(engine: Any) -> float | None:
+    optimizer = getattr(engine, "optimizer", None)
+    groups = getattr(optimizer, "param_groups", None)
+    return float(groups[0]["lr"]) if groups else None
+
+
+def _clip_threshold(engine: Any) -> float | None:
+    value = getattr(getattr(engine, "optimizer_config", None), "clip_grad", None)
+    return float(value) if value is not None else None
+
+
+def train_batch_hook(session: Session) -> Callable[..., Any]:
+    """`BaseEngine.train_batch`, recording the actor's optimizer steps into `session`."""
+    original = session.originals["train_batch"]
+
+    @functools.wraps(original)
+    def train_batch(self: Any, data: TensorDict, loss_function: LossFunction) -> Any:
+        recording = not session.off and _is_actor_loss(loss_function)
+        if not (recording and self.is_mp_src_rank_with_outputs()):
+            return original(self, data, loss_function)
+        config = getattr(loss_function, "keywords", {})["config"]
+        micro: list[MicroBatch] = []
+        seen: dict[str, Any] = {}
+
+        def recording_loss(*args: Any, **kwargs: Any) -> Any:
+            result = loss_function(*args, **kwargs)
+            if "model_output" in kwargs and "data" in kwargs and not session.off:
+                try:
+                    micro.append(
+                        capture_micro_batch(
+                            config, kwargs["model_output"], kwargs["data"], result[1]
+                        )
+                    )
+                except Exception as exc:
+                    session.fail(exc, f"capturing a micro-batch of step {session.step}")
+            return result
+
+        step_fn = self.optimizer_step
+
+        def optimizer_step() -> Any:
+            seen["lr"] = _learning_rate(self)
+            grad_norm = step_fn()
+            seen["grad_norm"] = float(grad_norm)
+            return grad_norm
+
+        self.optimizer_step = optimizer_step
+        try:
+            outputs = original(self, data, recording_loss)
+        finally:
+            del self.optimizer_step
+        last = bool(tu.get_non_tensor_data(data=data, key="update_lr_scheduler", default=False))
+        if micro and "grad_norm" in seen and not session.off:
+            try:
+                log = StepLog(
+                    grad_norm=seen["grad_norm"],
+                    max_norm=_clip_threshold(self),
+                    lr=seen["lr"],
+                    inner_step=session.inner_step,
+                )
+                recorder = session.open(self, config, micro[0])
+                log.write(recorder, session.step, micro, session.groups)
+                session.step += 1
+            except Exception as exc:
+                session.fail(exc, f"recording step {session.step}")
+        session.inner_step = 0 if last else session.inner_step + 1
+        return outputs
+
+    return train_batch
+
+
+def _all_uids(uids: list[str], group: Any) -> list[str]:
+    """Every data-parallel rank's uids, in rank order (one all_gather_object)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return uids
+    if dist.get_world_size(group) == 1:
+        return uids
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, uids, group=group)
+    return [uid for rank_uids in gathered for uid in rank_uids]
+
+
+def train_mini_batch_hook(session: Session) -> Callable[..., Any]:
+    """`TrainingWorker.train_mini_batch`, numbering the rollout's prompt groups globally."""
+    original = session.originals["train_mini_batch"]
+
+    @functools.wraps(original)
+    def train_mini_batch(self: Any, data: TensorDict) -> Any:
+        engine = self.engine
+        if not session.off and "uid" in data and engine.is_mp_src_rank_with_outputs():
+            uids = [str(uid) for uid in data["uid"]]
+            try:
+                session.groups = Groups.of(_all_uids(uids, engine.get_data_parallel_group()))
+            except Exception as exc:
+                session.groups = None
+                session.fail(exc, "gathering the rollout's prompt groups")
+        session.inner_step = 0
+        return original(self, data)
+
+    return train_mini_batch

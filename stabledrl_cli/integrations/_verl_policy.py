@@ -1,0 +1,173 @@
+"""verl `ActorConfig` -> the catalogue policy that reproduces verl's policy loss, and the
+per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
+
+| verl actor config (`policy_loss.loss_mode`)  | policy spec                                       |
+|----------------------------------------------|---------------------------------------------------|
+| vanilla                                      | dual-clip:eps_low,eps_high,c=clip_ratio_c,agg     |
+| gspo (loss_agg_mode seq-mean-token-mean)     | gspo:eps_low,eps_high                             |
+| sapo                                         | sapo:tau_pos,tau_neg,agg=seq-mean-token-mean      |
+| cispo                                        | cispo:eps_low,eps_high,agg                        |
+| gpg                                          | reinforce:agg                                     |
+| use_kl_loss, kl_loss_type low_var_kl or k3   | every spec above gains beta=kl_loss_coef          |
+
+eps_low is `clip_ratio_low`, eps_high `clip_ratio_high` (each defaulting to `clip_ratio`).
+`loss_agg_mode` -> agg: token-mean -> token-mean; seq-mean-token-mean -> seq-mean-token-mean;
+seq-mean-token-sum -> seq-mean-token-sum; seq-mean-token-sum-norm -> constant with max_len =
+`loss_scale_factor` (else the response width); token-sum -> recorded (the catalogue has no
+plain sum). verl divides by the mini-batch's global token count, or by its configured
+sequence count `global_batch_size`: the catalogue's Z and N of the step's merged ranks. The
+normaliser verl used is recorded per token (`loss_scale`), so `agg=recorded` replays it
+exactly even where the two differ (a sequence without scored tokens counts in verl's N).
+verl clamps log r to [-20, 20] (vanilla, sapo, cispo), the GSPO log ratio at 10 and the k3
+KL at 10: the catalogue agrees while the ratios stay inside those clamps.
+
+Refused, one line each (the catalogue cannot express them, so recording them would be
+wrong): loss modes dppo_tv, dppo_kl, clip_cov, kl_cov, geo_mean, dro, bypass_mode and any
+user-registered one; gspo with another aggregation; KL types other than low_var_kl and k3
+(k1, abs, k2, the straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.integrations._trl_policy import MappedPolicy
+from stabledrl_cli.policies import get_policy
+from stabledrl_cli.spec import SpecValue
+
+LOSS_MODES = ("vanilla", "gspo", "sapo", "cispo", "gpg")
+"""verl loss modes the integration records."""
+
+AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+"""verl's `loss_agg_mode` values (core_algos.agg_loss)."""
+
+KL_TYPES = ("low_var_kl", "k3")
+"""verl KL types equal to the catalogue's k3 term (low_var_kl clamps it at 10)."""
+
+_SEQ_TOKEN_MEAN_EPS = 1e-8
+"""verl's seq-mean-token-mean divides each sequence's sum by its length + 1e-8."""
+
+
+def _refuse(reason: str) -> UsageError:
+    return UsageError(f"cannot record this verl run: {reason}")
+
+
+def loss_mode(config: Any) -> str:
+    """The actor's `policy_loss.loss_mode` (verl's default "vanilla")."""
+    return str(config.policy_loss.get("loss_mode", "vanilla"))
+
+
+def agg_mode(config: Any) -> str:
+    """The aggregation verl's loss really uses: sapo always aggregates seq-mean-token-mean."""
+    return "seq-mean-token-mean" if loss_mode(config) == "sapo" else str(config.loss_agg_mode)
+
+
+def _clip_range(config: Any) -> tuple[float, float]:
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
+    return float(low), float(high)
+
+
+def _aggregation(mode: str, config: Any, response_width: int) -> dict[str, SpecValue]:
+    if mode == "seq-mean-token-sum-norm":
+        factor = config.loss_scale_factor
+        return {"agg": "constant", "max_len": int(factor if factor is not None else response_width)}
+    if mode == "token-sum":
+        return {"agg": "recorded"}
+    return {"agg": mode}
+
+
+def _check_recordable(config: Any) -> None:
+    mode = loss_mode(config)
+    if mode not in LOSS_MODES:
+        raise _refuse(f"loss_mode {mode!r} is not one of {', '.join(LOSS_MODES)}")
+    if agg_mode(config) not in AGG_MODES:
+        raise _refuse(
+            f"loss_agg_mode {config.loss_agg_mode!r} is not one of {', '.join(AGG_MODES)}"
+        )
+    if mode == "gspo" and config.loss_agg_mode != "seq-mean-token-mean":
+        raise _refuse(
+            f"gspo with loss_agg_mode {config.loss_agg_mode!r}; the catalogue's gspo "
+            "aggregates seq-mean-token-mean only"
+        )
+    if float(config.entropy_coeff) != 0.0:
+        raise _refuse("the entropy bonus (entropy_coeff != 0) is not in the catalogue")
+    if config.use_kl_loss and config.kl_loss_type not in KL_TYPES:
+        raise _refuse(
+            f"kl_loss_type {config.kl_loss_type!r}; only {', '.join(KL_TYPES)} (k3) map to beta"
+        )
+
+
+def policy_for_actor_config(config: Any, response_width: int) -> MappedPolicy:
+    """The catalogue policy reproducing a verl 0.9 `ActorConfig` (table in the module
+    docstring). response_width: the padded response length (the horizon of
+    seq-mean-token-sum-norm without `loss_scale_factor`). UsageError, one line, for a
+    configuration the catalogue cannot express."""
+    _check_recordable(config)
+    mode = loss_mode(config)
+    eps_low, eps_high = _clip_range(config)
+    agg = _aggregation(agg_mode(config), config, response_width)
+    params: dict[str, SpecValue]
+    if mode == "vanilla":
+        c = float(config.get("clip_ratio_c", 3.0))
+        name, params = "dual-clip", {"eps_low": eps_low, "eps_high": eps_high, "c": c, **agg}
+    elif mode == "gspo":
+        name, params = "gspo", {"eps_low": eps_low, "eps_high": eps_high}
+    elif mode == "sapo":
+        tau = {"tau_pos": float(config.tau_pos), "tau_neg": float(config.tau_neg)}
+        name, params = "sapo", {**tau, **agg}
+    elif mode == "cispo":
+        name, params = "cispo", {"eps_low": eps_low, "eps_high": eps_high, **agg}
+    else:
+        name, params = "reinforce", dict(agg)
+    if config.use_kl_loss:
+        params["beta"] = float(config.kl_loss_coef)
+    mapped = MappedPolicy(name, params)
+    try:
+        get_policy(mapped.spec)
+    except UsageError as exc:
+        raise _refuse(str(exc)) from None
+    return mapped
+
+
+def token_loss_scale(
+    mode: str,
+    mask: torch.Tensor,
+    *,
+    batch_num_tokens: float | None,
+    global_batch_size: float | None,
+    loss_scale_factor: float | None,
+) -> torch.Tensor:
+    """[B, L] float64: the normaliser of each token's term in the step's objective over all
+    data-parallel ranks, as verl's `agg_loss` divides by it (mask: [B, L] the micro-batch's
+    response mask). verl multiplies each rank's loss by dp_size and the data-parallel gradient
+    averages over ranks: the two cancel, so a rank's loss is dp_size times its share
+    sum_t value_t / loss_scale_t. Without the global counts verl normalises by the
+    micro-batch's own (dp_size is then 1)."""
+    maskf = mask.to(torch.float64)
+    ones = torch.ones_like(maskf)
+    live = float((maskf.sum(-1) > 0).sum())
+    seqs = float(global_batch_size) if global_batch_size is not None else live
+    if mode == "token-mean":
+        tokens = float(batch_num_tokens) if batch_num_tokens is not None else float(maskf.sum())
+        return tokens * ones
+    if mode == "token-sum":
+        return ones
+    if mode == "seq-mean-token-sum":
+        return seqs * ones
+    if mode == "seq-mean-token-sum-norm":
+        horizon = float(loss_scale_factor) if loss_scale_factor is not None else mask.shape[-1]
+        return seqs * horizon * ones
+    if mode == "seq-mean-token-mean":
+        lengths = maskf.sum(-1, keepdim=True) + _SEQ_TOKEN_MEAN_EPS
+        return seqs * lengths.expand_as(maskf)
+    raise _refuse(f"loss_agg_mode {mode!r} is not one of {', '.join(AGG_MODES)}")

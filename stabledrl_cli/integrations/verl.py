@@ -1,0 +1,140 @@
+"""Record a verl actor's optimizer steps (verl 0.9.x, the engine workers).
+
+verl trains the actor in Ray worker processes: `install()` must run inside each of them. The
+clean way is Ray's per-worker setup hook, given to `ray.init` through verl's config:
+
+    python -m verl.trainer.main_ppo ... \\
+      +ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=$HOOK \\
+      +ray_kwargs.ray_init.runtime_env.env_vars.STABLEDRL_RUN_DIR=/abs/path/runs/mine
+
+with HOOK=stabledrl_cli.integrations.verl.install. Under `stabledrl record --out DIR --
+python -m verl.trainer.main_ppo ...` the run directory is already exported as
+$STABLEDRL_RUN_DIR (Ray's local workers inherit it) and the setup hook is the only addition;
+$STABLEDRL_FORCE=1 overwrites an existing run. Without a run directory `install()` does
+nothing, so the hook is harmless in every other process. In one process (a custom loop
+driving an engine) call `install(out=...)` before training.
+
+What is hooked, in the worker process:
+- `BaseEngine.train_batch`: one call is one optimizer step (zero_grad, forward/backward over
+  the micro-batches, `optimizer_step()`), i.e. one stabledrl step per (ppo epoch,
+  mini-batch). When its loss function is the actor's `ppo_loss`, each micro-batch's loss call
+  is wrapped: after verl's own loss, the tensors it used (`capture_micro_batch`) are taken,
+  and the engine's `optimizer_step()` is shadowed on the instance for the step to read the
+  pre-clip norm it returns (verl skips the update when it is not finite: `update_skipped`).
+  Critic, SFT and distillation losses pass through untouched.
+- `TrainingWorker.train_mini_batch`: once per rollout, the data-parallel ranks exchange their
+  `uid`s (one `all_gather_object`), so prompt groups get the same global id on every rank and
+  a group with members on another rank or in another mini-batch is marked `group_split`.
+
+Each data-parallel rank writes its own step files (rank = verl's data-parallel rank); only
+the rank that holds a model-parallel group's outputs records (sequence-parallel local rank 0
+under Ulysses). Recording never breaks training: a configuration the catalogue cannot
+express (`policy_for_actor_config`) or any recording failure is reported once on stderr
+(and to `stabledrl record`) and recording stops.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.metadata
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stabledrl_cli.capture.bootstrap import ENV_FORCE, ENV_RUN_DIR
+from stabledrl_cli.errors import MissingExtraError, UsageError
+from stabledrl_cli.integrations._verl_policy import LOSS_MODES, policy_for_actor_config
+
+if TYPE_CHECKING:
+    from stabledrl_cli.integrations._verl_hooks import Session
+
+__all__ = [
+    "LOSS_MODES",
+    "SUPPORTED_VERL",
+    "check_verl_version",
+    "install",
+    "installed",
+    "policy_for_actor_config",
+    "uninstall",
+]
+
+SUPPORTED_VERL = "0.9.x"
+"""The verl releases whose engine-worker methods the integration wraps."""
+
+_lock = threading.Lock()
+
+
+def check_verl_version() -> str:
+    """The installed verl version; MissingExtraError when verl is absent, UsageError when it is
+    outside SUPPORTED_VERL."""
+    try:
+        version = importlib.metadata.version("verl")
+    except importlib.metadata.PackageNotFoundError:
+        raise MissingExtraError(
+            "the verl integration needs verl: pip install -e '.[verl]'"
+        ) from None
+    if version.split(".")[:2] != ["0", "9"]:
+        raise UsageError(
+            f"the verl integration supports verl {SUPPORTED_VERL}; found verl {version}"
+        )
+    return version
+
+
+_session: Session | None = None
+
+
+def installed() -> bool:
+    """True when this process records verl's optimizer steps."""
+    return _session is not None
+
+
+def install(out: str | os.PathLike[str] | None = None, *, overwrite: bool | None = None) -> bool:
+    """Hooks verl's engine in this process (idempotent). out: the run directory, default
+    $STABLEDRL_RUN_DIR; without either this does nothing and returns False. overwrite: replace
+    an existing run (default $STABLEDRL_FORCE). Returns True when recording is installed.
+    Raises MissingExtraError / UsageError when verl is absent or not 0.9.x."""
+    global _session
+    target = out if out is not None else os.environ.get(ENV_RUN_DIR)
+    if not target:
+        return False
+    check_verl_version()
+    from verl.workers.engine.base import BaseEngine
+    from verl.workers.engine_workers import TrainingWorker
+
+    from stabledrl_cli.integrations._verl_hooks import (
+        Session,
+        train_batch_hook,
+        train_mini_batch_hook,
+    )
+
+    if overwrite is None:
+        overwrite = os.environ.get(ENV_FORCE, "") not in ("", "0")
+    with _lock:
+        if _session is not None:
+            return True
+        session = Session(Path(target), overwrite)
+        session.originals = {
+            "train_batch": BaseEngine.train_batch,
+            "train_mini_batch": TrainingWorker.train_mini_batch,
+        }
+        BaseEngine.train_batch = train_batch_hook(session)  # type: ignore[method-assign]
+        TrainingWorker.train_mini_batch = train_mini_batch_hook(session)  # type: ignore[method-assign]
+        _session = session
+    atexit.register(session.close)
+    return True
+
+
+def uninstall() -> None:
+    """Restores verl's methods and closes the run (a no-op when not installed)."""
+    global _session
+    with _lock:
+        session, _session = _session, None
+    if session is None:
+        return
+    from verl.workers.engine.base import BaseEngine
+    from verl.workers.engine_workers import TrainingWorker
+
+    BaseEngine.train_batch = session.originals["train_batch"]  # type: ignore[method-assign]
+    TrainingWorker.train_mini_batch = session.originals["train_mini_batch"]  # type: ignore[method-assign]
+    session.close()

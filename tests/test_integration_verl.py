@@ -1,0 +1,263 @@
+"""The verl integration against the real verl 0.9 package: verl's own `ppo_loss` is driven on
+TensorDicts built as verl's trainer builds them (DataProto -> left_right_2_no_padding ->
+mini-batches -> micro-batches), the capture records them, and the catalogue's own policy
+reproduces verl's loss (`compute_policy_loss_*` + `agg_loss`) and its clip fractions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+verl = pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
+
+from tensordict import TensorDict  # noqa: E402
+from verl import DataProto  # noqa: E402
+from verl.trainer.ppo import core_algos  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
+from verl.workers.engine.utils import prepare_micro_batches  # noqa: E402
+from verl.workers.utils.losses import ppo_loss  # noqa: E402
+from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding  # noqa: E402
+
+from stabledrl_cli.dump import Recorder, open_run  # noqa: E402
+from stabledrl_cli.errors import UsageError  # noqa: E402
+from stabledrl_cli.integrations._verl_capture import (  # noqa: E402
+    Groups,
+    MicroBatch,
+    StepLog,
+    capture_micro_batch,
+)
+from stabledrl_cli.integrations._verl_policy import (  # noqa: E402
+    agg_mode,
+    policy_for_actor_config,
+)
+from stabledrl_cli.policies import PolicyBatch, get_policy  # noqa: E402
+from stabledrl_cli.spec import format_spec  # noqa: E402
+
+PROMPT, RESPONSE = 4, 7
+
+
+def actor_config(**overrides: Any) -> ActorConfig:
+    """verl's own ActorConfig (strategy fsdp), with `policy_loss.loss_mode` as `loss_mode`."""
+    loss_mode = overrides.pop("loss_mode", "vanilla")
+    return ActorConfig(
+        strategy="fsdp",
+        rollout_n=3,
+        ppo_micro_batch_size_per_gpu=2,
+        policy_loss=PolicyLossConfig(loss_mode=loss_mode),
+        **overrides,
+    )
+
+
+def rollout(n_prompts: int = 4, group: int = 3, seed: int = 0, scale: float = 0.6) -> TensorDict:
+    """A rollout as verl's trainer hands it to `update_actor`: left-padded prompts, right-padded
+    responses, `uid` per prompt, token-level scores, old/ref/rollout log-probs and the model's
+    "true" current log-probs in `_logp` (what the fake forward returns), some ratios extreme."""
+    gen = torch.Generator().manual_seed(seed)
+    b = n_prompts * group
+    prompt_len = torch.randint(1, PROMPT + 1, (b,), generator=gen)
+    resp_len = torch.randint(1, RESPONSE + 1, (b,), generator=gen)
+    resp_len[1] = RESPONSE
+    pmask = (torch.arange(PROMPT)[None] >= PROMPT - prompt_len[:, None]).long()
+    rmask = (torch.arange(RESPONSE)[None] < resp_len[:, None]).long()
+    attention = torch.cat([pmask, rmask], 1)
+    prompts = torch.randint(3, 50, (b, PROMPT), generator=gen) * pmask
+    responses = torch.randint(3, 50, (b, RESPONSE), generator=gen) * rmask
+    logp = -torch.rand(b, RESPONSE, generator=gen) * 3 * rmask
+    log_ratio = torch.randn(b, RESPONSE, generator=gen) * scale
+    log_ratio[0, 0], log_ratio[2, 1], log_ratio[3, 0] = 2.5, -3.0, 1.4  # beyond c, below 1-eps
+    score = torch.zeros(b, RESPONSE)
+    score[torch.arange(b), resp_len - 1] = torch.randint(0, 2, (b,), generator=gen).float()
+    reward = score.sum(-1).view(n_prompts, group)
+    adv = ((reward - reward.mean(1, keepdim=True)) / (reward.std(1, keepdim=True) + 1e-6)).view(b)
+    adv[4] = -1.0
+    tensors = {
+        "prompts": prompts,
+        "responses": responses,
+        "input_ids": torch.cat([prompts, responses], 1),
+        "attention_mask": attention,
+        "position_ids": (attention.cumsum(1) - 1).clamp(min=0),
+        "response_mask": rmask,
+        "old_log_probs": (logp - log_ratio) * rmask,
+        "advantages": adv[:, None].expand(b, RESPONSE) * rmask,
+        "ref_log_prob": (logp - 0.3 * torch.randn(b, RESPONSE, generator=gen)) * rmask,
+        "rollout_log_probs": (logp - log_ratio - 0.05) * rmask,
+        "rollout_is_weights": (0.5 + torch.rand(b, RESPONSE, generator=gen)) * rmask,
+        "token_level_scores": score,
+        "_logp": logp,
+    }
+    uids = np.array([f"prompt-{i // group}" for i in range(b)], dtype=object)
+    data = DataProto.from_dict(tensors=tensors, non_tensors={"uid": uids})
+    return left_right_2_no_padding(data.to_tensordict())
+
+
+def micro_batches(
+    td: TensorDict, mini: int, micro: int, *, with_weights: bool = True
+) -> list[list[TensorDict]]:
+    """Mini-batches as `train_mini_batch` makes them, each split into micro-batches with the
+    global normalisers set as the FSDP engine sets them (one data-parallel rank)."""
+    if not with_weights:
+        td = td.exclude("rollout_is_weights")
+    steps = []
+    for mb in tu.make_iterator(td, mini_batch_size=mini, epochs=1, seed=0):
+        tu.assign_non_tensor(
+            mb,
+            global_batch_size=mini,
+            batch_num_tokens=int(mb["loss_mask"].sum()),
+            dp_size=1,
+            use_dynamic_bsz=False,
+            micro_batch_size_per_gpu=micro,
+        )
+        steps.append(prepare_micro_batches(mb)[0])
+    return steps
+
+
+def model_output(micro: TensorDict) -> dict[str, torch.Tensor]:
+    """What the engine's forward returns: log-probs over the unpadded sequence, nested, with the
+    response's log-probs where `no_padding_2_padding` reads them."""
+    lengths = micro["input_ids"].offsets().diff().tolist()
+    resp_len = micro["response_mask"].sum(-1).tolist()
+    rows = []
+    for i, (n, r) in enumerate(zip(lengths, resp_len, strict=True)):
+        row = torch.zeros(n)
+        row[n - r - 1 : n - 1] = micro["_logp"][i, :r]
+        rows.append(row)
+    values = torch.cat(rows)
+    offsets = torch.tensor([0, *lengths]).cumsum(0)
+    return {"log_probs": torch.nested.nested_tensor_from_jagged(values, offsets=offsets)}
+
+
+def record(
+    config: ActorConfig, steps: list[list[TensorDict]], out: Path
+) -> tuple[list[list[MicroBatch]], list[list[float]]]:
+    """Runs verl's `ppo_loss` on every micro-batch, captures it, logs each mini-batch as a
+    step; returns the captured micro-batches and verl's loss per micro-batch."""
+    captured, losses = [], []
+    groups = Groups.of([str(u) for mb in steps for m in mb for u in m["uid"]])
+    width = steps[0][0]["response_mask"].shape[-1]
+    policy = policy_for_actor_config(config, response_width=width)
+    with Recorder(out, policy=policy.spec, group_ids="global") as rec:
+        for n, mb in enumerate(steps):
+            micro, step_losses = [], []
+            for m in mb:
+                output = model_output(m)
+                loss, metrics = ppo_loss(config, output, m)
+                step_losses.append(float(loss))
+                micro.append(capture_micro_batch(config, output, m, metrics))
+            StepLog(grad_norm=1.5, max_norm=1.0, lr=1e-6, inner_step=n).write(rec, n, micro, groups)
+            captured.append(micro)
+            losses.append(step_losses)
+    return captured, losses
+
+
+def policy_batch(step: Any) -> PolicyBatch:
+    return PolicyBatch(
+        logp=step["logp"],
+        logp_old=step["logp_old"],
+        advantages=step["advantages"],
+        mask=step["mask"],
+        seq_id=step["seq_id"],
+        group_id=step["group_id"],
+        reward=step["reward"],
+        logp_ref=step.get("logp_ref"),
+        loss_weight=step.get("loss_weight"),
+        loss_scale=step.get("loss_scale"),
+    )
+
+
+def micro_batch_of(step: Any, index: int) -> PolicyBatch:
+    """The step's arrays restricted to one micro-batch's sequences."""
+    seqs = torch.nonzero(step["micro_batch"] == index).flatten()
+    tokens = torch.isin(step["seq_id"], seqs)
+    remap = torch.full((int(step["seq_id"].max()) + 1,), -1, dtype=torch.int64)
+    remap[seqs] = torch.arange(seqs.numel())
+
+    def opt(name: str) -> torch.Tensor | None:
+        value = step.get(name)
+        return None if value is None else value[tokens]
+
+    return PolicyBatch(
+        logp=step["logp"][tokens],
+        logp_old=step["logp_old"][tokens],
+        advantages=step["advantages"][tokens],
+        mask=step["mask"][tokens],
+        seq_id=remap[step["seq_id"][tokens].long()],
+        group_id=step["group_id"][seqs],
+        logp_ref=opt("logp_ref"),
+        loss_weight=opt("loss_weight"),
+        loss_scale=opt("loss_scale"),
+    )
+
+
+def verl_clipfracs(batch: PolicyBatch, config: ActorConfig) -> tuple[float, float]:
+    """The formula replay must implement, on recorded arrays, for one micro-batch:
+    r~ = exp(clamp(logp - logp_old, -20, 20)); over scored tokens (denominator: their count),
+    pg_clipfrac = mean[(A > 0 & r~ > 1+eps_high) | (A < 0 & r~ < 1-eps_low)] (vanilla, gspo with
+    the sequence ratio), mean[r~ outside [1-eps_low, 1+eps_high]] whatever A (cispo);
+    pg_clipfrac_lower = mean[A < 0 & r~ > c] (vanilla), 0 otherwise."""
+    mask = torch.as_tensor(batch.mask).bool()
+    log_r = (torch.as_tensor(batch.logp) - torch.as_tensor(batch.logp_old)).clamp(-20, 20)
+    ratio, adv = torch.exp(log_r), torch.as_tensor(batch.advantages)
+    low, high = 1 - config.clip_ratio_low, 1 + config.clip_ratio_high
+    n = mask.sum().clamp(min=1)
+    clip = ((adv > 0) & (ratio > high)) | ((adv < 0) & (ratio < low))
+    lower = (adv < 0) & (ratio > config.clip_ratio_c)
+    return float((clip & mask).sum() / n), float((lower & mask).sum() / n)
+
+
+def recorded_agg(spec: str) -> Any:
+    """The same policy with agg=recorded (verl's own normaliser, per micro-batch exact)."""
+    policy = get_policy(spec)
+    params = dict(policy.params)
+    if "agg" not in params:
+        return policy
+    params.update(agg="recorded", max_len=None)
+    return get_policy(format_spec(policy.name, {k: v for k, v in params.items() if v is not None}))
+
+
+CASES = [
+    pytest.param({}, id="vanilla-token-mean"),
+    pytest.param({"loss_agg_mode": "seq-mean-token-mean"}, id="vanilla-seq-mean-token-mean"),
+    pytest.param({"loss_agg_mode": "seq-mean-token-sum"}, id="vanilla-seq-mean-token-sum"),
+    pytest.param({"loss_agg_mode": "seq-mean-token-sum-norm"}, id="vanilla-token-sum-norm"),
+    pytest.param({"loss_agg_mode": "token-sum", "clip_ratio_high": 0.28}, id="vanilla-token-sum"),
+    pytest.param({"clip_ratio_c": 2.0, "clip_ratio_low": 0.1}, id="vanilla-c2"),
+    pytest.param({"use_kl_loss": True, "kl_loss_coef": 0.05}, id="vanilla-kl"),
+    pytest.param({"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-mean"}, id="gspo"),
+    pytest.param({"loss_mode": "sapo"}, id="sapo"),
+    pytest.param({"loss_mode": "cispo", "loss_agg_mode": "token-mean"}, id="cispo"),
+    pytest.param({"loss_mode": "gpg", "loss_agg_mode": "seq-mean-token-mean"}, id="gpg"),
+]
+
+
+@pytest.mark.parametrize("overrides", CASES)
+def test_own_policy_reproduces_verl_loss(overrides: dict[str, Any], tmp_path: Path) -> None:
+    config = actor_config(**overrides)
+    kl = config.use_kl_loss
+    steps = micro_batches(rollout(), mini=6, micro=2, with_weights=not kl)
+    captured, losses = record(config, steps, tmp_path / "run")
+    run = open_run(tmp_path / "run")
+    own = get_policy(run.policy_spec or "")
+    exact = recorded_agg(run.policy_spec or "")
+    assert run.step_numbers == [0, 1]
+    for n, step in enumerate(run):
+        verl_step = sum(losses[n])
+        # the named aggregation over the merged step, and agg=recorded (verl's own normaliser)
+        assert float(own.weights(policy_batch(step)).objective) == pytest.approx(
+            -verl_step, abs=1e-6
+        )
+        for index, loss in enumerate(losses[n]):
+            batch = micro_batch_of(step, index)
+            objective = float(exact.weights(batch).objective)
+            if exact.name == "gspo":  # fixed seq-mean-token-mean: N of the micro-batch, not verl's
+                objective *= len(torch.unique(torch.as_tensor(batch.seq_id))) / 6
+            assert objective == pytest.approx(-loss, abs=1e-6)
+        assert step.scalars["loss"] == pytest.approx(verl_step, abs=1e-6)
+        assert step.scalars["inner_step"] == n
+    assert sum(len(m) for m in captured) == 6
