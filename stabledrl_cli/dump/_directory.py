@@ -209,7 +209,9 @@ class DirectoryRun(Run):
                 listing.finals.setdefault(step, {})[rank] = steps_dir / name
         return listing
 
-    def _record(self, metadata: dict[str, str], tensors: dict[str, Any]) -> _HeaderRecord:
+    def _record(
+        self, metadata: dict[str, str], tensors: dict[str, tuple[str, tuple[int, ...]]]
+    ) -> _HeaderRecord:
         scalars = _parse_scalars(metadata)
         names = tuple(scalars)
         fields = frozenset(name for name in tensors if name in FIELDS)

@@ -29,10 +29,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.vocab import GROUP_IDS, UNITS
+
+_Json = TypeVar("_Json")
 
 RUN_KIND = "stabledrl-run"
 FORMAT_VERSION = "1.1"
@@ -133,7 +135,7 @@ META_CRC_HEADER = "_crc32_header"
 META_CRC_DATA = "_crc32_data"
 
 
-def parse_version(text: Any, what: str) -> tuple[int, int]:
+def parse_version(text: object, what: str) -> tuple[int, int]:
     """ "1.0" -> (1, 0); anything else is corrupt input."""
     match = re.fullmatch(r"(\d+)\.(\d+)", str(text))
     if match is None:
@@ -141,7 +143,7 @@ def parse_version(text: Any, what: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def check_readable_version(text: Any, what: str) -> tuple[int, int]:
+def check_readable_version(text: object, what: str) -> tuple[int, int]:
     """A newer major version is refused; a newer minor is read, its new fields ignored."""
     major, minor = parse_version(text, what)
     if major > FORMAT_MAJOR:
@@ -196,7 +198,7 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
     return version
 
 
-def json_checked(value: Any, what: str) -> Any:
+def json_checked(value: _Json, what: str) -> _Json:
     """Refuses values that JSON cannot hold, naming the argument."""
     try:
         json.dumps(value, allow_nan=False)

@@ -33,7 +33,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, SupportsIndex
 
@@ -73,7 +73,7 @@ def _now() -> float:
     return float(epoch) if epoch else time.time()
 
 
-def _checked_reward_range(value: Any) -> tuple[float, float]:
+def _checked_reward_range(value: Iterable[float]) -> tuple[float, float]:
     """(low, high), two finite numbers with low < high, else UsageError."""
     try:
         low, high = (float(v) for v in value)
