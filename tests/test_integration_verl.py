@@ -5,8 +5,6 @@ reproduces verl's loss (`compute_policy_loss_*` + `agg_loss`) and its clip fract
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
 from verl.workers.engine.utils import prepare_micro_batches  # noqa: E402
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
-from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding  # noqa: E402
+from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
 
 from stabledrl_cli.dump import Recorder, open_run  # noqa: E402
 from stabledrl_cli.errors import UsageError  # noqa: E402
@@ -33,10 +31,7 @@ from stabledrl_cli.integrations._verl_capture import (  # noqa: E402
     StepLog,
     capture_micro_batch,
 )
-from stabledrl_cli.integrations._verl_policy import (  # noqa: E402
-    agg_mode,
-    policy_for_actor_config,
-)
+from stabledrl_cli.integrations._verl_policy import policy_for_actor_config  # noqa: E402
 from stabledrl_cli.policies import PolicyBatch, get_policy  # noqa: E402
 from stabledrl_cli.spec import format_spec  # noqa: E402
 
@@ -195,19 +190,33 @@ def micro_batch_of(step: Any, index: int) -> PolicyBatch:
     )
 
 
-def verl_clipfracs(batch: PolicyBatch, config: ActorConfig) -> tuple[float, float]:
-    """The formula replay must implement, on recorded arrays, for one micro-batch:
-    r~ = exp(clamp(logp - logp_old, -20, 20)); over scored tokens (denominator: their count),
-    pg_clipfrac = mean[(A > 0 & r~ > 1+eps_high) | (A < 0 & r~ < 1-eps_low)] (vanilla, gspo with
-    the sequence ratio), mean[r~ outside [1-eps_low, 1+eps_high]] whatever A (cispo);
-    pg_clipfrac_lower = mean[A < 0 & r~ > c] (vanilla), 0 otherwise."""
-    mask = torch.as_tensor(batch.mask).bool()
-    log_r = (torch.as_tensor(batch.logp) - torch.as_tensor(batch.logp_old)).clamp(-20, 20)
-    ratio, adv = torch.exp(log_r), torch.as_tensor(batch.advantages)
+def verl_clipfracs(batch: PolicyBatch, config: ActorConfig, policy: str) -> tuple[float, float]:
+    """The formula replay must implement, on recorded arrays, for one micro-batch. Over its
+    scored tokens (the denominator is their count), with log r = logp - logp_old:
+    - dual-clip (vanilla): r~ = exp(clamp(log r, -20, 20));
+      pg_clipfrac = mean[(A > 0 & r~ > 1+eps_high) | (A < 0 & r~ < 1-eps_low)],
+      pg_clipfrac_lower = mean[A < 0 & r~ > c];
+    - gspo: the same pg_clipfrac on s~_i = exp(min(mean_{t in i} log r_t, 10)) broadcast to
+      the sequence's tokens; pg_clipfrac_lower = 0;
+    - cispo: pg_clipfrac = mean[r~ < 1-eps_low | r~ > 1+eps_high] whatever A (A = 0 tokens
+      count); pg_clipfrac_lower = 0. sapo reports 0 and 0; gpg reports neither."""
+    mask = torch.as_tensor(batch.mask).bool().reshape(-1)
+    log_r = (torch.as_tensor(batch.logp) - torch.as_tensor(batch.logp_old)).reshape(-1)
+    adv = torch.as_tensor(batch.advantages).reshape(-1)
     low, high = 1 - config.clip_ratio_low, 1 + config.clip_ratio_high
     n = mask.sum().clamp(min=1)
-    clip = ((adv > 0) & (ratio > high)) | ((adv < 0) & (ratio < low))
-    lower = (adv < 0) & (ratio > config.clip_ratio_c)
+    if policy == "gspo":
+        seq = torch.as_tensor(batch.seq_id).reshape(-1).long()
+        total = torch.zeros(int(seq.max()) + 1).index_add_(0, seq, torch.where(mask, log_r, 0.0))
+        count = torch.zeros_like(total).index_add_(0, seq, mask.float()).clamp(min=1)
+        ratio = torch.exp((total / count).clamp(max=10))[seq]
+    else:
+        ratio = torch.exp(log_r.clamp(-20, 20))
+    if policy == "cispo":
+        clip = (ratio < low) | (ratio > high)
+    else:
+        clip = ((adv > 0) & (ratio > high)) | ((adv < 0) & (ratio < low))
+    lower = (adv < 0) & (ratio > config.clip_ratio_c) if policy == "dual-clip" else clip & False
     return float((clip & mask).sum() / n), float((lower & mask).sum() / n)
 
 
@@ -261,3 +270,102 @@ def test_own_policy_reproduces_verl_loss(overrides: dict[str, Any], tmp_path: Pa
         assert step.scalars["loss"] == pytest.approx(verl_step, abs=1e-6)
         assert step.scalars["inner_step"] == n
     assert sum(len(m) for m in captured) == 6
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({}, id="vanilla"),
+        pytest.param({"clip_ratio_c": 1.5, "clip_ratio_high": 0.28}, id="vanilla-c1.5"),
+        pytest.param({"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-mean"}, id="gspo"),
+        pytest.param({"loss_mode": "cispo"}, id="cispo"),
+    ],
+)
+def test_clip_fractions_match_verl(overrides: dict[str, Any], tmp_path: Path) -> None:
+    """verl's pg_clipfrac / pg_clipfrac_lower of each micro-batch equal the fractions of our
+    Weights (vanilla, gspo) and the replay formula `verl_clipfracs` (all); the step records
+    their mean over micro-batches as verl averages them."""
+    config = actor_config(**overrides)
+    steps = micro_batches(rollout(scale=0.9), mini=6, micro=2)
+    captured, _ = record(config, steps, tmp_path / "run")
+    run = open_run(tmp_path / "run")
+    policy = recorded_agg(run.policy_spec or "")
+    lower_seen = 0.0
+    for step, micro in zip(run, captured, strict=True):
+        for index, m in enumerate(micro):
+            batch = micro_batch_of(step, index)
+            w = policy.weights(batch)
+            mask = torch.as_tensor(batch.mask).bool()
+            scored = mask.sum()
+            clipfrac, lower = verl_clipfracs(batch, config, policy.name)
+            assert clipfrac == pytest.approx(m.metrics["pg_clipfrac"], abs=1e-6)
+            assert lower == pytest.approx(m.metrics["pg_clipfrac_lower"], abs=1e-6)
+            lower_seen += lower
+            if policy.name != "cispo":  # cispo counts A = 0 tokens, which are never eligible
+                ratio = torch.exp(torch.as_tensor(batch.logp) - torch.as_tensor(batch.logp_old))
+                dual = w.discarded & (w.advantages < 0) & (ratio > 1)
+                dual &= policy.name == "dual-clip"  # gspo has no lower clip
+                assert float((w.discarded & ~dual).sum() / scored) == pytest.approx(clipfrac)
+                assert float(dual.sum() / scored) == pytest.approx(lower)
+        mean = sum(m.metrics["pg_clipfrac"] for m in micro) / len(micro)
+        assert step.scalars["verl_pg_clipfrac"] == pytest.approx(mean)
+    if policy.name == "dual-clip":
+        assert lower_seen > 0  # the dual clip did bind somewhere
+
+
+def test_replay_formula_on_extreme_ratios() -> None:
+    """|log r| > 20: verl clamps before exp, so the formula must clamp too."""
+    config = actor_config()
+    logp_old = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    logp = torch.tensor([[25.0, -25.0, 25.0, -25.0]])
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    mask = torch.ones(1, 4)
+    _, metrics = core_algos.compute_policy_loss_vanilla(
+        logp_old, logp, adv, mask, config=config.__class__(**{**_fields(config)})
+    )
+    batch = PolicyBatch(logp=logp, logp_old=logp_old, advantages=adv, mask=mask)
+    clipfrac, lower = verl_clipfracs(batch, config, "dual-clip")
+    assert (clipfrac, lower) == (metrics["actor/pg_clipfrac"], metrics["actor/pg_clipfrac_lower"])
+    assert (clipfrac, lower) == (0.5, 0.25)
+
+
+def _fields(config: ActorConfig) -> dict[str, Any]:
+    return {"strategy": config.strategy, "rollout_n": 3, "ppo_micro_batch_size_per_gpu": 2}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "spec"),
+    [
+        ({}, "dual-clip:agg=token-mean,c=3,eps_high=0.2,eps_low=0.2"),
+        (
+            {"clip_ratio_high": 0.28, "use_kl_loss": True, "kl_loss_coef": 0.01},
+            "dual-clip:agg=token-mean,beta=0.01,c=3,eps_high=0.28,eps_low=0.2",
+        ),
+        (
+            {"loss_agg_mode": "seq-mean-token-sum-norm", "loss_scale_factor": 512},
+            "dual-clip:agg=constant,c=3,eps_high=0.2,eps_low=0.2,max_len=512",
+        ),
+        ({"loss_agg_mode": "token-sum"}, "dual-clip:agg=recorded,c=3,eps_high=0.2,eps_low=0.2"),
+        ({"loss_mode": "sapo"}, "sapo:agg=seq-mean-token-mean,tau_neg=1.05,tau_pos=1"),
+        ({"loss_mode": "gpg"}, "reinforce:agg=token-mean"),
+    ],
+)
+def test_policy_mapping(overrides: dict[str, Any], spec: str) -> None:
+    assert policy_for_actor_config(actor_config(**overrides), response_width=7).spec == spec
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"loss_mode": "clip_cov"}, "loss_mode 'clip_cov' is not one of"),
+        ({"loss_mode": "gspo"}, "gspo with loss_agg_mode 'token-mean'"),
+        ({"entropy_coeff": 0.01}, "entropy bonus"),
+        ({"use_kl_loss": True, "kl_loss_type": "k1"}, "kl_loss_type 'k1'"),
+        ({"use_kl_loss": True, "kl_loss_type": "k3+"}, "kl_loss_type 'k3+'"),
+    ],
+)
+def test_refuses_what_the_catalogue_cannot_express(overrides: dict[str, Any], reason: str) -> None:
+    with pytest.raises(UsageError, match="cannot record this verl run") as info:
+        policy_for_actor_config(actor_config(**overrides), response_width=7)
+    assert reason in str(info.value)
+    assert "\n" not in str(info.value)
