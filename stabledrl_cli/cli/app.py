@@ -128,17 +128,19 @@ class Command(TyperCommand):
         return params
 
 
-_loaded: dict[str, Any] = {}
+_loaded: dict[str, Command] = {}
 
 
-def load_command(name: str) -> Any:
+def load_command(name: str) -> Command:
     """Imports the command's module and builds its click command (once)."""
     if name not in _loaded:
         entry = COMMANDS[name]
         function = importlib.import_module(entry.module).command
         single = typer.Typer(add_completion=False)
         single.command(name, cls=Command, short_help=entry.summary)(function)
-        _loaded[name] = typer.main.get_command(single)
+        command = typer.main.get_command(single)
+        assert isinstance(command, Command)  # one command, built with cls=Command
+        _loaded[name] = command
     return _loaded[name]
 
 

@@ -28,7 +28,7 @@ from stabledrl_cli.capture.bootstrap import (
 )
 from stabledrl_cli.cli._options import DeviceOpt
 from stabledrl_cli.cli._output import err, progress_enabled
-from stabledrl_cli.errors import StabledrlError, UsageError, WriteError
+from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.example.config import ExampleConfig
 from stabledrl_cli.policies import resolve_spec
 from stabledrl_cli.vocab import Estimator, GeometryDtype, GeometryKind, SketchMethod, Unit
@@ -56,8 +56,13 @@ def _check_out(out: Path, force: bool) -> None:
 
 def _recorded_steps(out: Path) -> int:
     """Step files the run holds (every rank's)."""
-    steps = out / "steps"
-    return len(list(steps.glob("step-*.safetensors"))) if steps.is_dir() else 0
+    # Imported here: the dump package imports torch, which `record --help` never needs.
+    from stabledrl_cli.dump._schema import STEP_FILE_RE, STEPS_DIR
+
+    steps = out / STEPS_DIR
+    if not steps.is_dir():
+        return 0
+    return sum(1 for path in steps.iterdir() if STEP_FILE_RE.match(path.name))
 
 
 def _child_failures(status: Path) -> list[tuple[int, str]]:
@@ -96,17 +101,13 @@ def _run_command(out: Path, cmd: list[str], force: bool, policy: str | None) -> 
         err.print(f"the training command exited with code {code}", highlight=False)
         raise typer.Exit(code)
     if failures:
-        failure, reason = failures[0]
-        error = UsageError if failure == UsageError.exit_code else WriteError
-        raise _with_code(error(f"recording failed: {reason}"), failure)
+        code, reason = failures[0]
+        error = {UsageError.exit_code: UsageError, InputError.exit_code: InputError}.get(
+            code, WriteError
+        )
+        raise error(f"recording failed: {reason}")
     if _recorded_steps(out) == 0:
         raise UsageError(NO_STEP)
-
-
-def _with_code(error: StabledrlError, code: int) -> StabledrlError:
-    """The child's own exit code for its failure (the error map reads `exit_code`)."""
-    error.exit_code = code
-    return error
 
 
 def _progress() -> Progress:
