@@ -246,6 +246,9 @@ def test_record_cli_runs_the_example_and_records_every_step(tmp_path):
         grad_norm, clipped = float(meta["grad_norm"]), float(meta["grad_norm_clipped"])
         assert grad_norm > 0 and clipped <= min(grad_norm, 1.0) + 1e-6
     assert "final reward" in result.output
+    # No terminal: progress is a line per tenth of the steps on stderr.
+    assert "RL (grpo) steps: 4/8 (50%), reward" in result.stderr
+    assert result.stderr.count("RL (grpo) steps:") == 8
 
     again = CliRunner().invoke(app, ["record", "--out", str(out), "--steps", "2"])
     assert again.exit_code == 2 and "--force" in again.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from enum import Enum
 from typing import Any
 
@@ -55,3 +56,27 @@ def print_json(data: Any) -> None:
 def progress_enabled() -> bool:
     """Progress bars only when stderr is a terminal (and never under CI)."""
     return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+class ProgressLines:
+    """Progress where no bar is drawn (no terminal, CI): a short stderr line each time the
+    work crosses a tenth of its total, and at least every `every_seconds` while it runs, so a
+    CI log shows life at a bounded rate (at most ten lines plus one per interval)."""
+
+    def __init__(self, what: str, total: int, every_seconds: float = 30.0) -> None:
+        self.what, self.total, self.every_seconds = what, max(total, 1), every_seconds
+        self._tenths = 0
+        self._last = time.monotonic()
+
+    def update(self, done: int, note: str = "") -> None:
+        """`done` of `total` units finished; `note` is appended (e.g. "reward 0.61")."""
+        tenths = min(10, done * 10 // self.total)
+        now = time.monotonic()
+        if tenths <= self._tenths and now - self._last < self.every_seconds:
+            return
+        self._tenths, self._last = max(tenths, self._tenths), now
+        detail = f", {note}" if note else ""
+        err.print(
+            f"{self.what}: {done}/{self.total} ({100 * done // self.total}%){detail}",
+            highlight=False,
+        )

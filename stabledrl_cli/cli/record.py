@@ -27,7 +27,7 @@ from stabledrl_cli.capture.bootstrap import (
     ENV_STATUS_FILE,
 )
 from stabledrl_cli.cli._options import DeviceOpt
-from stabledrl_cli.cli._output import err, progress_enabled
+from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.example.config import ExampleConfig
 from stabledrl_cli.policies import resolve_spec
@@ -175,15 +175,21 @@ def _run_example(
     torch.set_num_threads(threads)
     progress = _progress()
     task_id = progress.add_task("pretraining", total=config.steps, reward=float("nan"))
+    lines = None if progress_enabled() else ProgressLines(f"RL ({policy.spec}) steps", config.steps)
     rewards: list[float] = []
 
     def on_step(info: StepInfo) -> None:
         rewards.append(info.reward_mean)
         window = rewards[-20:]
-        progress.update(task_id, advance=1, reward=sum(window) / len(window))
+        reward = sum(window) / len(window)
+        progress.update(task_id, advance=1, reward=reward)
+        if lines is not None:
+            lines.update(len(rewards), f"reward {reward:.3f}")
 
     def on_phase(phase: str) -> None:
         progress.update(task_id, description=f"RL ({policy.spec})" if phase == "rl" else phase)
+        if lines is not None and phase == "pretrain":
+            err.print(f"pretraining ({config.pretrain_steps} steps)", highlight=False)
 
     with (
         Recorder(out, overwrite=force, **recorder_kwargs(config, policy, geometry)) as recorder,
