@@ -7,7 +7,7 @@ Algorithm (GRPO-style, as StableDRL's code runs it on LLaDA), simplified to fit 
 3. The old log-likelihood is computed once at rollout time, under its own mask sample.
 4. mu inner iterations: score the same sequences under a mask (a fresh independent one for
    `unit=sequence`, which is StableDRL's code and puts masking noise in the ratio; the rollout's
-   mask for `--same-mask` and for `unit=token`), ask the catalogue policy for dJ/dlogp, and
+   mask for `same_mask` and for `unit=token`), ask the catalogue policy for dJ/dlogp, and
    minimise `-(coef.detach() * logp).sum()`; clip the grad norm; AdamW.
 5. Optional gradient geometry (`geometry=GeometryConfig(...)`): after the backward and before
    `optimizer.step()`, the per-unit gradients of exactly the logp that the loss used (same
