@@ -437,6 +437,14 @@ def test_bad_options_exit_2(plain_run):
         result = runner.invoke(app, ["replay", str(plain_run), *args])
         assert result.exit_code == 2, (args, result.output)
     assert parse_step_range("3:") == (3, None) and parse_step_range(":7") == (None, 7)
+    # Library errors name the setting; the CLI names its option.
+    for args, message in (
+        (["--window", "0"], "--window must be an integer >= 1"),
+        (["--steps", "5:5"], "--steps 5:5 is empty"),
+        (["--spike-factor", "1"], "--spike-factor must be a finite number > 1"),
+    ):
+        result = runner.invoke(app, ["replay", str(plain_run), *args])
+        assert result.exit_code == 2 and message in result.stderr, (args, result.stderr)
 
 
 def test_exit_codes_in_a_real_process(plain_run, tmp_path):
