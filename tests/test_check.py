@@ -16,9 +16,11 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.errors import WriteError
 from stabledrl_cli.replay import columns, config
-from stabledrl_cli.replay.baseline import BASELINE_SCHEMA, Tolerance, load_baseline
+from stabledrl_cli.replay.baseline import BASELINE_SCHEMA, Tolerance, load_baseline, write_baseline
 from stabledrl_cli.replay.figures import policy_metrics
+from stabledrl_cli.replay.junit import write_junit
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ["-p", "grpo", "-p", "is", "-p", "stabledrl"]
@@ -300,6 +302,17 @@ def test_malformed_baselines_exit_3_naming_the_problem(runs, baseline, tmp_path,
     code, data, stderr = _check(str(runs["steady"]), "--baseline", str(edited))
     assert code == 3 and data == {}
     assert message in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_library_writers_raise_write_error(tmp_path):
+    """Baselines and JUnit go through the atomic writer: a failed write is a WriteError (exit 4)
+    naming the target, and leaves no temporary file behind."""
+    missing = tmp_path / "no" / "baseline.json"
+    with pytest.raises(WriteError, match=r"baseline\.json: cannot write it"):
+        write_baseline({"schema": BASELINE_SCHEMA}, missing)
+    with pytest.raises(WriteError, match=r"check\.xml: cannot write it"):
+        write_junit([], "run", tmp_path / "no" / "check.xml")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unreadable_baselines_exit_3(runs, tmp_path):

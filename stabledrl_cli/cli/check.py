@@ -40,7 +40,7 @@ from stabledrl_cli.replay.baseline import (
     load_baseline,
     write_baseline,
 )
-from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.config import DEFAULT_SPIKE_FACTOR, ReplayConfig
 from stabledrl_cli.replay.engine import replay_run
 from stabledrl_cli.replay.figures import policy_metrics
 from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
@@ -123,7 +123,10 @@ def command(
     device: DeviceOpt = "auto",
     spike_factor: Annotated[
         float | None,
-        typer.Option("--spike-factor", help="Spike threshold (default 10, or the baseline's)."),
+        typer.Option(
+            "--spike-factor",
+            help=f"Spike threshold (default {DEFAULT_SPIKE_FACTOR:g}, or the baseline's).",
+        ),
     ] = None,
     window: WindowOpt = None,
     drift_threshold: DriftThresholdOpt = None,

@@ -29,7 +29,15 @@ from stabledrl_cli.cli._options import (
 from stabledrl_cli.cli._output import err, out, progress_enabled
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.replay.config import ConfigError, ReplayConfig, parse_step_range, replay_config
+from stabledrl_cli.replay.config import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_SPIKE_FACTOR,
+    SPIKE_HISTORY,
+    ConfigError,
+    ReplayConfig,
+    parse_step_range,
+    replay_config,
+)
 from stabledrl_cli.replay.engine import replay_run
 from stabledrl_cli.replay.hdf5 import write_hdf5
 from stabledrl_cli.replay.plot import check_plot_path, plot_replay, require_matplotlib
@@ -107,7 +115,8 @@ def command(
         float | None,
         typer.Option(
             "--spike-factor",
-            help="Spike: update norm > this x the median of the previous 20 steps (default 10).",
+            help=f"Spike: update norm > this x the median of the previous {SPIKE_HISTORY} steps "
+            f"(default {DEFAULT_SPIKE_FACTOR:g}).",
         ),
     ] = None,
     window: WindowOpt = None,
@@ -121,7 +130,10 @@ def command(
     ] = None,
     chunk_size: Annotated[
         int | None,
-        typer.Option("--chunk-size", help="Steps moved to the device at a time (default 64)."),
+        typer.Option(
+            "--chunk-size",
+            help=f"Steps moved to the device at a time (default {DEFAULT_CHUNK_SIZE}).",
+        ),
     ] = None,
     plot: PlotOpt = None,
 ) -> None:
