@@ -1,0 +1,135 @@
+"""One optimizer step of a TRL run, gathered micro-batch by micro-batch, then logged.
+
+Framework-free: the trainer subclass (`_trl_trainer`) hands each micro-batch's tensors to
+`StepBuffer.add` and the step's scalars to `StepBuffer.log`. Recording never breaks training:
+the first failure is reported once on stderr and recording stops.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stabledrl_cli.dump import Recorder
+
+
+@dataclass
+class MicroBatch:
+    """What TRL's loss used for one micro-batch. Token arrays are [B, L] (L = completion
+    length of the micro-batch); per-sequence arrays are [B]."""
+
+    logp: torch.Tensor
+    logp_old: torch.Tensor
+    advantages: torch.Tensor
+    """[B, L] (TRL's [B] broadcast over the completion)."""
+    mask: torch.Tensor
+    """[B, L] completion_mask times tool_mask: the scored tokens."""
+    kept: torch.Tensor
+    """[B, L] bool, the completion's tokens (completion_mask): what is recorded."""
+    loss_scale: torch.Tensor
+    """[B, L] the normaliser of each token's term in the step's (all ranks') objective."""
+    group_id: torch.Tensor
+    reward: torch.Tensor
+    loss: float
+    """The micro-batch's returned (already accumulation-scaled) loss."""
+    loss_weight: torch.Tensor | None = None
+    logp_ref: torch.Tensor | None = None
+    logp_rollout: torch.Tensor | None = None
+
+
+def _flat(rows: list[torch.Tensor], kept: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenates the kept tokens of each micro-batch, row-major: [T]."""
+    return torch.cat([r[k] for r, k in zip(rows, kept, strict=True)])
+
+
+def _group_split(group_id: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N] uint8: 1 where the sequence's group has fewer than `group_size` sequences here."""
+    _, inverse, counts = torch.unique(group_id, return_inverse=True, return_counts=True)
+    split: torch.Tensor = counts[inverse] < group_size
+    return split.to(torch.uint8)
+
+
+class StepBuffer:
+    """Collects one optimizer step's micro-batches and logs them to a Recorder."""
+
+    def __init__(self, recorder: Recorder, group_size: int) -> None:
+        self.recorder = recorder
+        self.group_size = group_size
+        self.micro: list[MicroBatch] = []
+        self.inner_step = 0
+        self.failed = False
+        accepted = inspect.signature(recorder.log_step).parameters
+        self._optional = {name for name in ("micro_batch", "group_split") if name in accepted}
+
+    def warn(self, what: str, exc: BaseException) -> None:
+        """Reports the first failure on stderr and stops recording."""
+        if not self.failed:
+            sys.stderr.write(
+                f"stabledrl: warning: recording {what} failed: {type(exc).__name__}: {exc}; "
+                "recording is off, training continues\n"
+            )
+            sys.stderr.flush()
+        self.failed = True
+
+    def add(self, micro: MicroBatch, inner_step: int) -> None:
+        """One micro-batch (moved to CPU); the first of a step sets the step's inner_step."""
+        if not self.micro:
+            self.inner_step = inner_step
+        self.micro.append(micro)
+
+    def log(self, step: int, *, grad_norm: float, max_grad_norm: float, lr: float) -> None:
+        """Logs the gathered micro-batches as optimizer step `step`, then empties the buffer."""
+        micro, self.micro = self.micro, []
+        if not micro:
+            return
+        kept = [m.kept for m in micro]
+
+        def tokens(name: str) -> torch.Tensor | None:
+            rows = [getattr(m, name) for m in micro]
+            return None if rows[0] is None else _flat(rows, kept)
+
+        sizes = [m.kept.shape[0] for m in micro]
+        offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+        seq_id = torch.cat(
+            [
+                (torch.arange(n) + o).unsqueeze(1).expand_as(k)[k]
+                for n, o, k in zip(sizes, offsets.tolist(), kept, strict=True)
+            ]
+        )
+        group_id = torch.cat([m.group_id for m in micro])
+        reward = torch.cat([m.reward for m in micro])
+        extra: dict[str, Any] = {}
+        if "micro_batch" in self._optional:
+            extra["micro_batch"] = torch.cat(
+                [torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(sizes)]
+            )
+        if "group_split" in self._optional:
+            extra["group_split"] = _group_split(group_id, self.group_size)
+        clip = min(1.0, max_grad_norm / (grad_norm + 1e-6)) if max_grad_norm > 0 else 1.0
+        finite_rewards = reward[torch.isfinite(reward)]
+        self.recorder.log_step(
+            step,
+            logp=tokens("logp"),
+            logp_old=tokens("logp_old"),
+            advantages=tokens("advantages"),
+            mask=tokens("mask"),
+            seq_id=seq_id,
+            group_id=group_id,
+            reward=reward,
+            logp_ref=tokens("logp_ref"),
+            logp_rollout=tokens("logp_rollout"),
+            loss_weight=tokens("loss_weight"),
+            loss_scale=tokens("loss_scale"),
+            grad_norm=grad_norm,
+            grad_norm_clipped=grad_norm * clip if math.isfinite(grad_norm) else grad_norm,
+            loss=sum(m.loss for m in micro),
+            lr=lr,
+            inner_step=self.inner_step,
+            reward_mean=float(finite_rewards.mean()) if finite_rewards.numel() else math.nan,
+            **extra,
+        )

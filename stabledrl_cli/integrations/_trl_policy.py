@@ -1,0 +1,147 @@
+"""TRL `GRPOConfig` -> the catalogue policy that reproduces TRL's loss (docs/policies.md).
+
+| TRL config                                   | policy spec                                       |
+|----------------------------------------------|---------------------------------------------------|
+| loss_type="grpo"                             | grpo:eps_low,eps_high,agg=seq-mean-token-mean     |
+| loss_type="sapo"                             | sapo:tau_pos,tau_neg,agg=seq-mean-token-mean      |
+| loss_type="dr_grpo"                          | ppo:eps_low,eps_high,agg=constant,max_len=L       |
+| loss_type="bnpo"                             | ppo:eps_low,eps_high,agg=recorded                 |
+| loss_type="dapo"                             | dapo:eps_low,eps_high,agg=token-mean or recorded  |
+| loss_type="cispo"                            | cispo:cap=epsilon_high,agg=token-mean or recorded |
+| importance_sampling_level="sequence" (grpo)  | gspo:eps_low,eps_high                             |
+| delta (grpo, bnpo, dr_grpo, dapo)            | two-sided:delta,... (same agg)                    |
+| beta > 0                                     | every spec above gains beta                       |
+
+eps_low is TRL's `epsilon`, eps_high its `epsilon_high` (default `epsilon`); for cispo
+`epsilon_high` is the absolute cap. dapo and cispo divide by the generation batch's token
+count times gradient_accumulation_steps / steps_per_generation: that is the optimizer step's
+token count (token-mean) only when the two are equal; otherwise the run's own normaliser is
+replayed from the recorded `loss_scale` (agg=recorded), as for bnpo (a per-micro-batch token
+mean) and for any loss type with `mask_truncated_completions` (TRL counts the masked rows).
+
+Refused, one line each (the catalogue cannot express them, so recording them would be
+wrong): loss types vespo and luspo; sequence-level sampling with sapo or with delta; beta > 0
+with `use_bias_correction_kl` (the KL term times the ratio) or with any per-token weight (the
+entropy mask, the off-policy mask or vLLM importance sampling: TRL adds the KL term after
+weighting); the entropy bonus (`entropy_coef`, `use_adaptive_entropy`); an MoE router loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.policies import get_policy
+from stabledrl_cli.spec import SpecValue, format_spec
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+"""TRL loss types the integration records (and gspo: grpo with sequence-level sampling)."""
+
+_PPO_NAMES = {"grpo": "grpo", "bnpo": "ppo", "dr_grpo": "ppo", "dapo": "dapo"}
+
+
+@dataclass(frozen=True)
+class MappedPolicy:
+    """The run's policy: a catalogue name and its parameters."""
+
+    name: str
+    params: dict[str, SpecValue]
+
+    @property
+    def spec(self) -> str:
+        """The spec text, e.g. `grpo:agg=seq-mean-token-mean,eps_high=0.2,eps_low=0.2`."""
+        return format_spec(self.name, self.params)
+
+
+def _refuse(reason: str) -> UsageError:
+    return UsageError(f"cannot record this TRL run: {reason}")
+
+
+def uses_loss_weight(config: Any) -> bool:
+    """True when TRL multiplies per-token losses by a weight (recorded as `loss_weight`)."""
+    return bool(
+        config.top_entropy_quantile < 1.0
+        or config.off_policy_mask_threshold is not None
+        or (config.use_vllm and config.vllm_importance_sampling_correction)
+    )
+
+
+def _aggregation(config: Any) -> dict[str, SpecValue]:
+    """The `agg` (and `max_len`) that reproduces TRL's normaliser for this config."""
+    loss_type = config.loss_type
+    counts_rows = loss_type in ("grpo", "sapo", "dr_grpo")
+    if loss_type == "bnpo" or (counts_rows and config.mask_truncated_completions):
+        return {"agg": "recorded"}
+    if loss_type in ("grpo", "sapo"):
+        return {"agg": "seq-mean-token-mean"}
+    if loss_type == "dr_grpo":
+        return {"agg": "constant", "max_len": int(config.max_completion_length)}
+    same_window = config.gradient_accumulation_steps == config.steps_per_generation
+    return {"agg": "token-mean" if same_window else "recorded"}
+
+
+def _check_recordable(config: Any, aux_loss: bool) -> None:
+    loss_type = config.loss_type
+    if loss_type not in LOSS_TYPES:
+        raise _refuse(f"loss_type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    if config.entropy_coef != 0.0 or config.use_adaptive_entropy:
+        raise _refuse(
+            "the entropy bonus (entropy_coef, use_adaptive_entropy) is not in the catalogue"
+        )
+    if aux_loss:
+        raise _refuse("the MoE router loss (router_aux_loss_coef) is not in the catalogue")
+    if config.importance_sampling_level == "sequence":
+        if loss_type != "grpo":
+            raise _refuse(
+                f"sequence-level sampling (gspo) with loss_type {loss_type!r}; only 'grpo' maps"
+            )
+        if config.delta is not None:
+            raise _refuse("gspo (sequence-level sampling) has no two-sided delta in the catalogue")
+        if config.mask_truncated_completions:
+            raise _refuse(
+                "gspo with mask_truncated_completions (TRL counts the masked rows; gspo does not)"
+            )
+    if config.beta != 0.0:
+        if config.use_bias_correction_kl:
+            raise _refuse(
+                "beta > 0 with use_bias_correction_kl=True (KL times the ratio); set it to False"
+            )
+        if uses_loss_weight(config):
+            raise _refuse(
+                "beta > 0 with an entropy, off-policy or vLLM weight (TRL leaves the KL unweighted)"
+            )
+
+
+def policy_for_config(config: Any, *, aux_loss: bool = False) -> MappedPolicy:
+    """The catalogue policy reproducing a TRL 1.16 `GRPOConfig` (table in the module
+    docstring); UsageError, one line, for a configuration the catalogue cannot express."""
+    _check_recordable(config, aux_loss)
+    eps_low = float(config.epsilon)
+    eps_high = float(config.epsilon_high if config.epsilon_high is not None else config.epsilon)
+    params: dict[str, SpecValue]
+    loss_type = config.loss_type
+    if config.importance_sampling_level == "sequence":
+        name, params = "gspo", {"eps_low": eps_low, "eps_high": eps_high}
+    elif loss_type == "cispo":
+        name, params = "cispo", {"cap": eps_high, **_aggregation(config)}
+    elif loss_type == "sapo":
+        params = {
+            "tau_pos": float(config.sapo_temperature_pos),
+            "tau_neg": float(config.sapo_temperature_neg),
+            **_aggregation(config),
+        }
+        name = "sapo"
+    else:
+        name = _PPO_NAMES[loss_type]
+        params = {"eps_low": eps_low, "eps_high": eps_high, **_aggregation(config)}
+        if config.delta is not None:
+            name, params["delta"] = "two-sided", float(config.delta)
+    if config.beta != 0.0:
+        params["beta"] = float(config.beta)
+    mapped = MappedPolicy(name, params)
+    try:
+        get_policy(mapped.spec)
+    except UsageError as exc:
+        raise _refuse(str(exc)) from None
+    return mapped

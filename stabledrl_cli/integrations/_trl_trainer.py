@@ -1,0 +1,291 @@
+"""`RecordingGRPOTrainer`: `trl.GRPOTrainer` (1.16.x) that records every optimizer step.
+
+The overrides are minimal and call the parent; what each one reads (TRL's source, 1.16):
+- `_calculate_rewards`: the rewards of the generation batch, gathered over ranks;
+- `_generate_and_score_completions`: tags each row with its global prompt-group id and reward
+  (per-row tensors travel with the rows through TRL's shuffle and split);
+- `_compute_loss` (per micro-batch), with `_get_per_token_logps_and_entropies`,
+  `get_high_entropy_mask` and `get_off_policy_mask` read while it runs: the current log-probs,
+  the masks TRL multiplied into the loss, and TRL's normaliser;
+- `_get_grad_norm` (once per optimizer step, before `optimizer.step()`): the pre-clip norm;
+  the step is logged here as `state.global_step + 1`, the number `log_history` gives it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stabledrl_cli.capture.bootstrap import ENV_FORCE, ENV_RUN_DIR
+from stabledrl_cli.dump import Recorder
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
+from stabledrl_cli.integrations._trl_policy import policy_for_config, uses_loss_weight
+from stabledrl_cli.integrations.trl import check_trl_version
+
+GROUP_KEY = "stabledrl_group_id"
+REWARD_KEY = "stabledrl_reward"
+
+# TRL's own annotations are partial; the subclass treats its base as untyped.
+_GRPOTrainer: Any = importlib.import_module("trl").GRPOTrainer
+
+
+def run_dir(out: str | os.PathLike[str] | None, overwrite: bool) -> tuple[Path, bool]:
+    """(directory, overwrite): `out`, else $STABLEDRL_RUN_DIR (set by `stabledrl record`,
+    which also passes --force); UsageError when neither is there."""
+    if out is not None:
+        return Path(out), overwrite
+    env = os.environ.get(ENV_RUN_DIR)
+    if not env:
+        raise UsageError(
+            "RecordingGRPOTrainer needs a run directory: pass stabledrl_out=DIR, or run the "
+            "script under `stabledrl record --out DIR -- python train.py`"
+        )
+    return Path(env), overwrite or os.environ.get(ENV_FORCE, "") not in ("", "0")
+
+
+def _resume_step(trainer: Any, checkpoint: str | bool | None) -> int | None:
+    """The global_step of the checkpoint `train(resume_from_checkpoint=...)` resumes, else None."""
+    if checkpoint is None or checkpoint is False:
+        return None
+    if checkpoint is True:
+        trainer_utils: Any = importlib.import_module("transformers.trainer_utils")
+        checkpoint = trainer_utils.get_last_checkpoint(trainer.args.output_dir)
+        if checkpoint is None:
+            return None
+    state = json.loads((Path(str(checkpoint)) / "trainer_state.json").read_text())
+    return int(state["global_step"])
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", torch.float32)
+
+
+class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
+    """`trl.GRPOTrainer` that records each optimizer step into a run directory.
+
+    Arguments: those of `trl.GRPOTrainer`, plus `stabledrl_out` (the run directory; default
+    $STABLEDRL_RUN_DIR from `stabledrl record --out DIR -- ...`) and `stabledrl_overwrite`
+    (replace an existing run). Raises UsageError at construction when there is no run
+    directory or the configuration cannot be expressed by the catalogue.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        stabledrl_out: str | os.PathLike[str] | None = None,
+        stabledrl_overwrite: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.stabledrl_out, self._sd_overwrite = run_dir(stabledrl_out, stabledrl_overwrite)
+        super().__init__(*args, **kwargs)
+        self.stabledrl_policy = policy_for_config(self.args, aux_loss=self.aux_loss_enabled)
+        self._sd_buffer: StepBuffer | None = None
+        self._sd_seen: dict[str, torch.Tensor] | None = None
+        self._sd_rewards: torch.Tensor | None = None
+        self._sd_groups = 0
+
+    # -- the run ----------------------------------------------------------------------------
+    def _sd_open(self, resume_from_checkpoint: str | bool | None) -> StepBuffer:
+        policy = self.stabledrl_policy
+        args = self.args
+        meta = {
+            "source": "trl",
+            "trl_version": check_trl_version(),
+            "loss_type": args.loss_type,
+            "importance_sampling_level": args.importance_sampling_level,
+            "num_generations": args.num_generations,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "steps_per_generation": args.steps_per_generation,
+            "num_iterations": args.num_iterations,
+            "max_completion_length": args.max_completion_length,
+            "loss_scale": "per-token normaliser of the all-rank objective "
+            "(TRL's micro-batch normaliser times world size)",
+        }
+        kwargs: dict[str, Any] = {}
+        accepted = inspect.signature(Recorder).parameters
+        resume = _resume_step(self, resume_from_checkpoint)
+        if resume is not None:
+            if "resume" not in accepted:
+                raise UsageError("resuming a recorded run needs a Recorder with resume support")
+            kwargs.update(resume=True, resume_from=resume + 1)
+        if "group_ids" in accepted:
+            kwargs["group_ids"] = "global"
+        recorder = Recorder(
+            self.stabledrl_out,
+            policy=policy.name,
+            policy_params=dict(policy.params),
+            meta=meta,
+            world_size=self.accelerator.num_processes,
+            rank=self.accelerator.process_index,
+            overwrite=self._sd_overwrite and resume is None,
+            **kwargs,
+        )
+        return StepBuffer(recorder, group_size=self.num_generations)
+
+    def _sd_recording(self) -> bool:
+        return self._sd_buffer is not None and not self._sd_buffer.failed and self.model.training
+
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        """`GRPOTrainer.train`, recording into the run directory (continued on resume)."""
+        self._sd_buffer = self._sd_open(resume_from_checkpoint)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            buffer, self._sd_buffer = self._sd_buffer, None
+            try:
+                buffer.recorder.close()
+            except Exception as exc:
+                buffer.warn("the run's last steps", exc)
+
+    # -- rollout: groups and rewards --------------------------------------------------------
+    def _calculate_rewards(self, *args: Any, **kwargs: Any) -> Any:
+        rewards_per_func = super()._calculate_rewards(*args, **kwargs)
+        self._sd_rewards = rewards_per_func
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs: Any) -> Any:
+        output = super()._generate_and_score_completions(inputs)
+        if self._sd_recording() and self._sd_rewards is not None:
+            assert self._sd_buffer is not None
+            try:
+                self._sd_tag_rows(output, len(inputs))
+            except Exception as exc:
+                self._sd_buffer.warn("the rollout's groups and rewards", exc)
+        return output
+
+    def _sd_tag_rows(self, output: dict[str, Any], local_rows: int) -> None:
+        """Adds each local row's global group id and reward (TRL: global rows g*G..g*G+G-1
+        share a prompt; the rewards are gathered over ranks in rank order)."""
+        per_func = self._sd_rewards
+        assert per_func is not None
+        weights = self.reward_weights.to(per_func.device).unsqueeze(0)
+        rewards = (per_func * weights).nansum(dim=1)
+        rewards[torch.isnan(per_func).all(dim=1)] = torch.nan
+        start = self.accelerator.process_index * local_rows
+        rows = torch.arange(start, start + local_rows, device=per_func.device)
+        device = output["advantages"].device
+        output[GROUP_KEY] = (self._sd_groups + rows // self.num_generations).to(device)
+        output[REWARD_KEY] = rewards[rows].to(device)
+        self._sd_groups += per_func.shape[0] // self.num_generations
+        self._sd_rewards = None
+
+    # -- loss: per micro-batch --------------------------------------------------------------
+    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> Any:
+        result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._sd_seen is not None and "logp" not in self._sd_seen:
+            self._sd_seen["logp"] = result[0].detach()
+        return result
+
+    def get_high_entropy_mask(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        mask: torch.Tensor = super().get_high_entropy_mask(*args, **kwargs)
+        if self._sd_seen is not None:
+            self._sd_seen["entropy_mask"] = mask.detach()
+        return mask
+
+    def get_off_policy_mask(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        mask: torch.Tensor = super().get_off_policy_mask(*args, **kwargs)
+        if self._sd_seen is not None:
+            self._sd_seen["off_policy_mask"] = mask.detach()
+        return mask
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Any:
+        if not self._sd_recording():
+            return super()._compute_loss(model, inputs)
+        assert self._sd_buffer is not None
+        self._sd_seen = {}
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            seen, self._sd_seen = self._sd_seen, None
+        try:
+            generate_every = self.args.steps_per_generation * self.num_iterations
+            inner = (self._step % generate_every) // self.args.gradient_accumulation_steps
+            self._sd_buffer.add(self._sd_micro_batch(inputs, loss, seen), inner_step=inner)
+        except Exception as exc:
+            self._sd_buffer.warn("a micro-batch", exc)
+        return loss
+
+    def _sd_micro_batch(
+        self, inputs: dict[str, Any], loss: torch.Tensor, seen: dict[str, torch.Tensor]
+    ) -> MicroBatch:
+        """What `_compute_loss` used for this micro-batch, on CPU."""
+        logp = seen["logp"]
+        completion_mask = inputs["completion_mask"]
+        mask = (
+            completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        )
+        old = inputs.get("old_per_token_logps")
+        advantages = inputs["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        weight: torch.Tensor | None = None
+        if uses_loss_weight(self.args):
+            weight = torch.ones_like(logp)
+            for name in ("entropy_mask", "off_policy_mask"):
+                if name in seen:
+                    weight = weight * seen[name]
+            if self.use_vllm and self.vllm_importance_sampling_correction:
+                weight = weight * inputs["importance_sampling_ratio"]
+        ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+        rollout = inputs.get("sampling_per_token_logps")
+        return MicroBatch(
+            logp=_cpu(logp),
+            logp_old=_cpu(logp if old is None else old),
+            advantages=_cpu(advantages.expand_as(logp)),
+            mask=_cpu(mask),
+            kept=completion_mask.detach().bool().cpu(),
+            loss_scale=_cpu(self._sd_loss_scale(inputs, mask).expand_as(logp)),
+            group_id=inputs[GROUP_KEY].detach().cpu(),
+            reward=_cpu(inputs[REWARD_KEY]),
+            loss=float(loss.detach()),
+            loss_weight=None if weight is None else _cpu(weight.expand_as(logp)),
+            logp_ref=None if ref is None else _cpu(ref),
+            logp_rollout=None if rollout is None else _cpu(rollout),
+        )
+
+    def _sd_loss_scale(self, inputs: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
+        """[B, 1] or 0-d: TRL's normaliser of each token's term in this micro-batch (train
+        mode, `_compute_loss`), times the world size: DDP averages the ranks' gradients, so
+        this is the normaliser in the objective over all ranks."""
+        accumulation = float(self.current_gradient_accumulation_steps)
+        ranks = self.accelerator.num_processes
+        rows = mask.shape[0]
+        loss_type = self.loss_type
+        scale: torch.Tensor
+        if loss_type in ("grpo", "sapo"):
+            scale = accumulation * rows * mask.sum(-1, keepdim=True).clamp(min=1.0)
+        elif loss_type == "bnpo":
+            scale = accumulation * mask.sum().clamp(min=1.0)
+        elif loss_type == "dr_grpo":
+            scale = torch.tensor(accumulation * rows * self.max_completion_length)
+        else:  # dapo, cispo
+            items = inputs["num_items_in_batch"].clamp(min=1.0) / ranks
+            scale = items * accumulation / self.args.steps_per_generation
+        normaliser: torch.Tensor = (scale * ranks).to(torch.float32)
+        return normaliser
+
+    # -- optimizer step ---------------------------------------------------------------------
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self._sd_recording():
+            assert self._sd_buffer is not None
+            step = self.state.global_step + 1
+            try:
+                self._sd_buffer.log(
+                    step,
+                    grad_norm=float(norm),
+                    max_grad_norm=float(self.args.max_grad_norm),
+                    lr=float(self._get_learning_rate()),
+                )
+            except Exception as exc:
+                self._sd_buffer.warn(f"step {step}", exc)
+        return norm

@@ -1,0 +1,306 @@
+"""The TRL integration against a real `trl.GRPOTrainer` (1.16.x) on CPU.
+
+A tiny Qwen2 built from a config, a local word-level tokenizer and 8 prompts
+(tests/trl_scripts/tiny_grpo.py); num_iterations=2 so ratios move, and
+gradient_accumulation_steps (2) != steps_per_generation (4). For every loss type the run's own
+policy, replayed on the recorded steps, reproduces TRL's logged loss, and the recorded grad
+norm and step numbers are TRL's.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import stabledrl_cli as sd
+from stabledrl_cli.errors import MissingExtraError, UsageError
+from stabledrl_cli.integrations import trl as integration
+
+SCRIPTS = Path(__file__).parent / "trl_scripts"
+SKIP_REASON = "the TRL integration tests need trl 1.16 (pip install -e '.[trl]')"
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Any:
+    """The tiny-run helpers (imports trl, transformers and datasets)."""
+    pytest.importorskip("trl", reason=SKIP_REASON)
+    sys.path.insert(0, str(SCRIPTS))
+    import tiny_grpo
+
+    return tiny_grpo
+
+
+def _env() -> dict[str, str]:
+    """The environment for a child process: this checkout first, then the tiny helpers."""
+    root = Path(__file__).resolve().parents[1]
+    paths = [str(root), str(SCRIPTS), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    env.pop("STABLEDRL_RUN_DIR", None)
+    return env
+
+
+def _train(tiny: Any, out: Path, **config: Any) -> Any:
+    model = (
+        tiny.tiny_model_dir(str(out.parent / "model")) if config.get("beta") else tiny.tiny_model()
+    )
+    trainer = integration.RecordingGRPOTrainer(
+        model=model,
+        reward_funcs=tiny.count_b,
+        args=tiny.tiny_config(str(out.parent / "trl_out"), **config),
+        train_dataset=tiny.tiny_dataset(),
+        processing_class=tiny.tiny_tokenizer(),
+        stabledrl_out=out,
+    )
+    trainer.train()
+    return trainer
+
+
+def _logged(log_history: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {h["step"]: h for h in log_history if "loss" in h and "grad_norm" in h}
+
+
+def _assert_matches_trl(out: Path, spec: str, log_history: list[dict[str, Any]]) -> float:
+    """Steps, grad norms and loss of the recorded run equal TRL's log; returns loss_parity."""
+    logged = _logged(log_history)
+    run = sd.open_run(out)
+    assert run.policy_spec is not None
+    assert sd.get_policy(run.policy_spec).spec == sd.get_policy(spec).spec
+    assert run.step_numbers == sorted(logged)
+    for step in run:
+        assert step.scalars["grad_norm"] == logged[step.step]["grad_norm"]
+        assert step.scalars["lr"] == pytest.approx(logged[step.step]["learning_rate"], rel=1e-12)
+    result = sd.replay(out, [spec], device="cpu")
+    own = result.own
+    assert own is not None and own.spec == sd.get_policy(spec).spec
+    objective = dict(
+        zip(own.series["step"].tolist(), own.series["objective"].tolist(), strict=True)
+    )
+    for step, entry in logged.items():
+        assert -objective[step] == pytest.approx(entry["loss"], rel=1e-5, abs=1e-7)
+    parity = own.summary["loss_parity"]
+    assert parity is not None and parity < 1e-5
+    return float(parity)
+
+
+# -- the module without trl, and the version gate --------------------------------------------
+def test_missing_trl_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    def absent(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", absent)
+    with pytest.raises(MissingExtraError, match=r"pip install -e '\.\[trl\]'"):
+        integration.RecordingGRPOTrainer  # noqa: B018
+
+
+def test_other_trl_version_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.17.0")
+    with pytest.raises(UsageError, match=r"supports trl 1\.16\.x; found trl 1\.17\.0") as info:
+        integration.RecordingGRPOTrainer  # noqa: B018
+    assert "\n" not in str(info.value)
+
+
+def test_package_imports_without_trl() -> None:
+    code = (
+        "import sys; sys.modules['trl'] = None\n"
+        "import stabledrl_cli, stabledrl_cli.integrations.trl as m\n"
+        "print(m.policy_for_config.__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "trl" not in done.stderr
+
+
+# -- the config mapping ----------------------------------------------------------------------
+MAPPING = [
+    ({"loss_type": "grpo"}, "grpo:agg=seq-mean-token-mean,eps_high=0.2,eps_low=0.2"),
+    ({"loss_type": "bnpo"}, "ppo:agg=recorded,eps_high=0.2,eps_low=0.2"),
+    ({"loss_type": "dr_grpo"}, "ppo:agg=constant,eps_high=0.2,eps_low=0.2,max_len=6"),
+    ({"loss_type": "dapo", "epsilon_high": 0.28}, "dapo:agg=recorded,eps_high=0.28,eps_low=0.2"),
+    (
+        {"loss_type": "dapo", "gradient_accumulation_steps": 4},
+        "dapo:agg=token-mean,eps_high=0.2,eps_low=0.2",
+    ),
+    ({"loss_type": "cispo", "epsilon_high": 5.0}, "cispo:agg=recorded,cap=5"),
+    ({"loss_type": "sapo"}, "sapo:agg=seq-mean-token-mean,tau_neg=1.05,tau_pos=1"),
+    (
+        {"loss_type": "grpo", "importance_sampling_level": "sequence"},
+        "gspo:eps_high=0.2,eps_low=0.2",
+    ),
+    (
+        {"loss_type": "grpo", "delta": 1.5},
+        "two-sided:agg=seq-mean-token-mean,delta=1.5,eps_high=0.2,eps_low=0.2",
+    ),
+    (
+        {"loss_type": "grpo", "beta": 0.04, "use_bias_correction_kl": False},
+        "grpo:agg=seq-mean-token-mean,beta=0.04,eps_high=0.2,eps_low=0.2",
+    ),
+    (
+        {"loss_type": "grpo", "mask_truncated_completions": True},
+        "grpo:agg=recorded,eps_high=0.2,eps_low=0.2",
+    ),
+]
+
+
+@pytest.mark.parametrize(("config", "spec"), MAPPING)
+def test_config_maps_to_a_catalogue_spec(tiny: Any, config: dict[str, Any], spec: str) -> None:
+    mapped = integration.policy_for_config(tiny.tiny_config("unused", **config))
+    assert mapped.spec == spec
+    assert sd.get_policy(spec).spec  # a valid catalogue spec
+
+
+REFUSED = [
+    ({"loss_type": "vespo"}, "loss_type 'vespo'"),
+    ({"loss_type": "luspo", "importance_sampling_level": "sequence"}, "loss_type 'luspo'"),
+    ({"loss_type": "sapo", "importance_sampling_level": "sequence"}, "sequence-level"),
+    ({"loss_type": "grpo", "importance_sampling_level": "sequence", "delta": 2.0}, "delta"),
+    ({"loss_type": "grpo", "beta": 0.04}, "use_bias_correction_kl"),
+    (
+        {
+            "loss_type": "grpo",
+            "beta": 0.04,
+            "use_bias_correction_kl": False,
+            "top_entropy_quantile": 0.5,
+        },
+        "KL unweighted",
+    ),
+    ({"loss_type": "grpo", "entropy_coef": 0.01}, "entropy bonus"),
+    ({"loss_type": "grpo", "delta": 1.1}, "delta must be >"),
+]
+
+
+@pytest.mark.parametrize(("config", "reason"), REFUSED)
+def test_inexpressible_config_is_refused_in_one_line(
+    tiny: Any, config: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(UsageError, match="cannot record this TRL run") as info:
+        integration.policy_for_config(tiny.tiny_config("unused", **config))
+    assert reason in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_no_run_directory_is_a_usage_error(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("STABLEDRL_RUN_DIR", raising=False)
+    with pytest.raises(UsageError, match="stabledrl_out=DIR"):
+        integration.RecordingGRPOTrainer(
+            model=tiny.tiny_model(),
+            reward_funcs=tiny.count_b,
+            args=tiny.tiny_config(str(tmp_path / "trl_out")),
+            train_dataset=tiny.tiny_dataset(),
+            processing_class=tiny.tiny_tokenizer(),
+        )
+
+
+# -- parity with TRL, per loss type ----------------------------------------------------------
+PARITY = {
+    "grpo": {"loss_type": "grpo"},
+    "bnpo": {"loss_type": "bnpo"},
+    "dr_grpo": {"loss_type": "dr_grpo"},
+    "dapo": {"loss_type": "dapo", "epsilon_high": 0.28},
+    "dapo-token-mean": {"loss_type": "dapo", "gradient_accumulation_steps": 4},
+    "cispo": {"loss_type": "cispo", "epsilon_high": 1.05},
+    "sapo": {"loss_type": "sapo"},
+    "gspo": {"loss_type": "grpo", "importance_sampling_level": "sequence"},
+    "delta": {"loss_type": "dapo", "delta": 1.5},
+    "beta": {"loss_type": "grpo", "beta": 0.1, "use_bias_correction_kl": False},
+    "entropy-mask": {"loss_type": "dapo", "top_entropy_quantile": 0.5},
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY))
+def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None:
+    out = tmp_path / "run"
+    trainer = _train(tiny, out, **PARITY[case])
+    _assert_matches_trl(out, trainer.stabledrl_policy.spec, trainer.state.log_history)
+    step = sd.open_run(out).step(2)
+    assert step.scalars["inner_step"] == 1  # the second update on the same rollout
+    assert ("logp_ref" in step) == (case == "beta")
+    assert ("loss_weight" in step) == (case == "entropy-mask")
+
+
+def test_groups_rewards_and_advantages(tiny: Any, tmp_path: Path) -> None:
+    """Global group ids and rewards travel with TRL's shuffled rows: recomputing each group's
+    z-scored advantages from the recorded rewards gives the recorded advantages. Steps 1-2 are
+    the first pass over the one generation batch (steps 3-4 the second, num_iterations=2)."""
+    out = tmp_path / "run"
+    _train(tiny, out)
+    rows: dict[int, list[tuple[float, float]]] = {}
+    for step in sd.open_run(out).steps(1, 3):
+        seq_id, adv = step["seq_id"], step["advantages"]
+        for i, (group, reward) in enumerate(
+            zip(step["group_id"].tolist(), step["reward"].tolist(), strict=True)
+        ):
+            rows.setdefault(group, []).append((reward, float(adv[seq_id == i][0])))
+    assert sorted(rows) == list(range(4))  # one generation: 4 prompts
+    for members in rows.values():
+        assert len(members) == 4  # num_generations, whole across the steps
+        rewards = torch.tensor([r for r, _ in members])
+        expected = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+        assert torch.allclose(torch.tensor([a for _, a in members]), expected, atol=1e-5)
+
+
+def test_recording_failure_warns_once_and_training_continues(
+    tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(sd.Recorder, "log_step", broken)
+    trainer = _train(tiny, tmp_path / "run")
+    assert trainer.state.global_step == 4
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl:" in line]
+    assert len(warnings) == 1
+    assert "disk on fire" in warnings[0] and "training continues" in warnings[0]
+
+
+# -- the README snippet under `stabledrl record` ---------------------------------------------
+def test_readme_snippet_records_under_stabledrl_record(tiny: Any, tmp_path: Path) -> None:
+    shutil.copy(SCRIPTS / "snippet_train.py", tmp_path / "train.py")
+    cmd = [sys.executable, "-m", "stabledrl_cli", "record", "--out", "run", "--",
+           sys.executable, "train.py"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = sd.open_run(tmp_path / "run")
+    assert run.step_numbers == [1, 2, 3, 4]
+    assert run.policy_spec is not None  # TRL's default loss_type is dapo
+    assert sd.get_policy(run.policy_spec).spec == "dapo:eps_high=0.2,agg=recorded"
+
+
+# -- two ranks -------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_two_ranks_with_torchrun(tiny: Any, tmp_path: Path) -> None:
+    out, log = tmp_path / "run", tmp_path / "log.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(SCRIPTS / "ddp_train.py"), str(out), str(log)]  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = sorted(p.name for p in (out / "steps").iterdir())
+    assert names == [f"step-{s:08d}.rank-{r:04d}.safetensors" for s in (1, 2, 3, 4) for r in (0, 1)]
+    log_history = json.loads(log.read_text())
+    run = sd.open_run(out)
+    assert run.manifest["world_size"] == 2
+    _assert_matches_trl(out, run.policy_spec or "", log_history)
+    logged = _logged(log_history)
+    for step in run:  # the merged step: the ranks' mean loss is TRL's logged loss
+        assert step.scalars["loss"] == pytest.approx(logged[step.step]["loss"], rel=1e-6)
+        assert step.num_sequences == 8

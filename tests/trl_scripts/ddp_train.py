@@ -1,0 +1,37 @@
+"""Run under torchrun: the tiny GRPO run recorded on every rank (gloo on CPU).
+
+usage: torchrun --nproc_per_node 2 ddp_train.py RUN_DIR LOG_JSON [LOSS_TYPE]
+Rank 0 writes TRL's log_history to LOG_JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tiny_grpo import count_b, tiny_config, tiny_dataset, tiny_model, tiny_tokenizer
+
+from stabledrl_cli.integrations.trl import RecordingGRPOTrainer
+
+
+def main() -> None:
+    run_dir, log_json = sys.argv[1], Path(sys.argv[2])
+    loss_type = sys.argv[3] if len(sys.argv) > 3 else "grpo"
+    config = tiny_config(str(Path(run_dir).parent / "trl_out"), loss_type=loss_type,
+                         per_device_train_batch_size=2)  # fmt: skip
+    trainer = RecordingGRPOTrainer(
+        model=tiny_model(),
+        reward_funcs=count_b,
+        args=config,
+        train_dataset=tiny_dataset(),
+        processing_class=tiny_tokenizer(),
+        stabledrl_out=run_dir,
+    )
+    trainer.train()
+    if trainer.accelerator.process_index == 0:
+        log_json.write_text(json.dumps(trainer.state.log_history))
+
+
+if __name__ == "__main__":
+    main()
