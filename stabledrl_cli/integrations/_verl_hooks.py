@@ -87,7 +87,7 @@ class Session:
                     "verl_version": importlib.metadata.version("verl"),
                     "loss_mode": loss_mode(config),
                     "loss_agg_mode": agg_mode(config),
-                    "loss": "verl's policy loss (pg + kl) of the rank; its mean over ranks is the step's",
+                    "loss": "verl's policy loss (pg + kl) of a rank; the step's is their mean",
                 },
                 world_size=world_size,
                 rank=int(engine.get_data_parallel_rank()) if world_size > 1 else 0,

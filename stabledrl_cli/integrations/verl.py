@@ -40,7 +40,7 @@ import importlib.metadata
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stabledrl_cli.capture.bootstrap import ENV_FORCE, ENV_RUN_DIR
 from stabledrl_cli.errors import MissingExtraError, UsageError
@@ -100,7 +100,6 @@ def install(out: str | os.PathLike[str] | None = None, *, overwrite: bool | None
         return False
     check_verl_version()
     from verl.workers.engine.base import BaseEngine
-    from verl.workers.engine_workers import TrainingWorker
 
     from stabledrl_cli.integrations._verl_hooks import (
         Session,
@@ -114,12 +113,12 @@ def install(out: str | os.PathLike[str] | None = None, *, overwrite: bool | None
         if _session is not None:
             return True
         session = Session(Path(target), overwrite)
-        session.originals = {
-            "train_batch": BaseEngine.train_batch,
-            "train_mini_batch": TrainingWorker.train_mini_batch,
-        }
+        session.originals["train_batch"] = BaseEngine.train_batch
         BaseEngine.train_batch = train_batch_hook(session)  # type: ignore[method-assign]
-        TrainingWorker.train_mini_batch = train_mini_batch_hook(session)  # type: ignore[method-assign]
+        worker = _training_worker()
+        if worker is not None:
+            session.originals["train_mini_batch"] = worker.train_mini_batch
+            worker.train_mini_batch = train_mini_batch_hook(session)
         _session = session
     atexit.register(session.close)
     return True
@@ -133,8 +132,20 @@ def uninstall() -> None:
     if session is None:
         return
     from verl.workers.engine.base import BaseEngine
-    from verl.workers.engine_workers import TrainingWorker
 
     BaseEngine.train_batch = session.originals["train_batch"]  # type: ignore[method-assign]
-    TrainingWorker.train_mini_batch = session.originals["train_mini_batch"]  # type: ignore[method-assign]
+    worker = _training_worker()
+    if worker is not None and "train_mini_batch" in session.originals:
+        worker.train_mini_batch = session.originals["train_mini_batch"]
     session.close()
+
+
+def _training_worker() -> type[Any] | None:
+    """verl's `TrainingWorker`, or None where its module cannot be imported (it needs the
+    rollout server's packages, e.g. uvicorn, which a verl worker always has): without it the
+    engine is still recorded, with prompt groups numbered per rank."""
+    try:
+        from verl.workers.engine_workers import TrainingWorker
+    except ImportError:
+        return None
+    return TrainingWorker
