@@ -36,7 +36,10 @@ from stabledrl_cli.integrations._verl_capture import (  # noqa: E402
     StepLog,
     capture_micro_batch,
 )
-from stabledrl_cli.integrations._verl_policy import policy_for_actor_config  # noqa: E402
+from stabledrl_cli.integrations._verl_policy import (  # noqa: E402
+    explicit_spec,
+    policy_for_actor_config,
+)
 from stabledrl_cli.policies import PolicyBatch, get_policy  # noqa: E402
 from stabledrl_cli.spec import format_spec  # noqa: E402
 
@@ -142,7 +145,7 @@ def record(
     groups = Groups.of([str(u) for mb in steps for m in mb for u in m["uid"]])
     width = steps[0][0]["response_mask"].shape[-1]
     policy = policy_for_actor_config(config, response_width=width)
-    with Recorder(out, policy=policy.spec, group_ids="global") as rec:
+    with Recorder(out, policy=explicit_spec(policy), group_ids="global") as rec:
         for n, mb in enumerate(steps):
             micro, step_losses = [], []
             for m in mb:
@@ -356,7 +359,8 @@ def _fields(config: ActorConfig) -> dict[str, Any]:
     ],
 )
 def test_policy_mapping(overrides: dict[str, Any], spec: str) -> None:
-    assert policy_for_actor_config(actor_config(**overrides), response_width=7).spec == spec
+    policy = policy_for_actor_config(actor_config(**overrides), response_width=7)
+    assert explicit_spec(policy) == spec
 
 
 @pytest.mark.parametrize(
@@ -423,22 +427,26 @@ def test_engine_steps_are_recorded(engine_run: Any) -> None:
 
 
 def test_engine_loss_and_clip_fractions_match_verl(engine_run: Any) -> None:
-    """With the model's real log-probs, our own policy over the merged ranks gives verl's loss
-    (mean over ranks of each rank's micro-batch sum) and the recorded clip fraction verl's."""
+    """With the model's real log-probs, our own policy over the merged ranks gives verl's
+    logged pg_loss of each mini-batch, and the replay formula over the step's (rank,
+    micro-batch) cells gives verl's logged pg_clipfrac and pg_clipfrac_lower."""
     run, ranks = engine_run
     policy = get_policy(run.policy_spec or "")
+    config = actor_config()
     for n, step in enumerate(run.steps(0, 4)):
-        verl_loss = sum(sum(r["steps"][n]["pg_loss"]) for r in ranks) / len(ranks)
+        logged = ranks[0]["steps"][n]
         objective = float(policy.weights(policy_batch(step)).objective)
-        assert objective == pytest.approx(-verl_loss, abs=1e-6)
-        assert step.scalars["loss"] == pytest.approx(verl_loss, abs=1e-6)
-        group = step["group_id"]
-        assert int(group.max()) < 4 * len(ranks)  # global ids: one numbering over the ranks
-        clipfracs = ranks[0]["steps"][n]["pg_clipfrac"]
-        if len(ranks) == 1:  # the merged step's first scalar comes from rank 0
-            assert step.scalars["verl_pg_clipfrac"] == pytest.approx(
-                sum(clipfracs) / len(clipfracs), abs=1e-6
-            )
+        assert objective == pytest.approx(-logged["pg_loss"], abs=1e-6)
+        assert step.scalars["loss"] == pytest.approx(logged["pg_loss"], abs=1e-6)
+        cells = [
+            verl_clipfracs(micro_batch_of(step, int(i)), config, policy.name)
+            for i in torch.unique(step["micro_batch"])
+        ]
+        assert len(cells) > len(ranks) and len(cells) % len(ranks) == 0  # same count per rank
+        assert sum(c[0] for c in cells) / len(cells) == pytest.approx(logged["pg_clipfrac"])
+        lower = sum(c[1] for c in cells) / len(cells)
+        assert lower == pytest.approx(logged["pg_clipfrac_lower"])
+        assert int(step["group_id"].max()) < 4 * len(ranks)  # one numbering over the ranks
 
 
 def test_engine_groups_split_across_ranks_are_marked(engine_run: Any) -> None:

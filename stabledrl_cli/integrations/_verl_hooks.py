@@ -30,7 +30,12 @@ from stabledrl_cli.integrations._verl_capture import (
     StepLog,
     capture_micro_batch,
 )
-from stabledrl_cli.integrations._verl_policy import agg_mode, loss_mode, policy_for_actor_config
+from stabledrl_cli.integrations._verl_policy import (
+    agg_mode,
+    explicit_spec,
+    loss_mode,
+    policy_for_actor_config,
+)
 
 LossFunction = Callable[..., Any]
 
@@ -81,7 +86,7 @@ class Session:
             policy = policy_for_actor_config(config, response_width=first.mask.shape[-1])
             self.recorder = Recorder(
                 self.out,
-                policy=policy.spec,
+                policy=explicit_spec(policy),
                 meta={
                     "framework": "verl",
                     "verl_version": importlib.metadata.version("verl"),

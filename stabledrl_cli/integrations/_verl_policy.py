@@ -34,9 +34,8 @@ from typing import Any
 import torch
 
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.integrations._trl_policy import MappedPolicy
-from stabledrl_cli.policies import get_policy
-from stabledrl_cli.spec import SpecValue
+from stabledrl_cli.policies import Policy, get_policy
+from stabledrl_cli.spec import SpecValue, format_spec
 
 LOSS_MODES = ("vanilla", "gspo", "sapo", "cispo", "gpg")
 """verl loss modes the integration records."""
@@ -107,7 +106,7 @@ def _check_recordable(config: Any) -> None:
         )
 
 
-def policy_for_actor_config(config: Any, response_width: int) -> MappedPolicy:
+def policy_for_actor_config(config: Any, response_width: int) -> Policy:
     """The catalogue policy reproducing a verl 0.9 `ActorConfig` (table in the module
     docstring). response_width: the padded response length (the horizon of
     seq-mean-token-sum-norm without `loss_scale_factor`). UsageError, one line, for a
@@ -131,12 +130,25 @@ def policy_for_actor_config(config: Any, response_width: int) -> MappedPolicy:
         name, params = "reinforce", dict(agg)
     if config.use_kl_loss:
         params["beta"] = float(config.kl_loss_coef)
-    mapped = MappedPolicy(name, params)
     try:
-        get_policy(mapped.spec)
+        return get_policy(format_spec(name, params))
     except UsageError as exc:
         raise _refuse(str(exc)) from None
-    return mapped
+
+
+_UNSET = {"adv": "recorded", "beta": 0.0}
+"""Parameters whose default never depends on another: left out of `explicit_spec`."""
+
+
+def explicit_spec(policy: Policy) -> str:
+    """The policy's spec with its parameters written out (eps_high too when it equals a
+    default: the catalogue's canonical spec drops it, and eps_high defaults to eps_low)."""
+    params = {
+        key: value
+        for key, value in policy.params.items()
+        if value is not None and _UNSET.get(key, object()) != value
+    }
+    return format_spec(policy.name, params)
 
 
 def token_loss_scale(

@@ -13,6 +13,26 @@ from verl.plugin.platform.platform_base import PlatformBase
 from verl.plugin.platform.platform_manager import PlatformRegistry
 
 
+def _device_module() -> ModuleType:
+    """torch.cpu, plus the memory statistics verl reads from a device module (all 0)."""
+    module = ModuleType("verl_cpu_device")
+    module.__dict__.update(vars(torch.cpu))
+    for name in (
+        "max_memory_allocated",
+        "max_memory_reserved",
+        "memory_allocated",
+        "memory_reserved",
+    ):
+        setattr(module, name, lambda *args, **kwargs: 0)
+    module.mem_get_info = lambda *args, **kwargs: (0, 0)
+    module.get_device_name = lambda *args, **kwargs: "CPU"
+    module.empty_cache = lambda: None
+    return module
+
+
+_DEVICE = _device_module()
+
+
 @PlatformRegistry.register(platform="cpu")
 class PlatformCPU(PlatformBase):
     """Device "cpu", collectives on gloo."""
@@ -27,7 +47,7 @@ class PlatformCPU(PlatformBase):
 
     @property
     def device_module(self) -> ModuleType:
-        return torch.cpu
+        return _DEVICE
 
     def is_available(self) -> bool:
         return True

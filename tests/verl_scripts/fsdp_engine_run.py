@@ -1,19 +1,21 @@
-"""Drives verl 0.9's real FSDP2 engine on CPU (gloo) with the stabledrl hook installed.
+"""Drives verl 0.9's real `TrainingWorker` (FSDP2 engine) on CPU (gloo), hook installed.
 
     python fsdp_engine_run.py OUT RESULT.json            (one process)
     torchrun --nproc-per-node 2 fsdp_engine_run.py OUT RESULT.json
 
-A tiny random Llama is trained by `FSDPEngineWithLMHead.train_batch` with verl's own
-`ppo_loss`, over one rollout, 2 ppo epochs x 2 mini-batches; then a mini-batch with a NaN
-advantage (verl skips that update). The rollout's prompt groups are numbered the way the
-`TrainingWorker.train_mini_batch` hook numbers them (its module needs packages a CPU machine
-lacks). Each rank writes verl's own per-step metrics to RESULT.json (rank 0) or
+A tiny random Llama is trained through `TrainingWorker.train_mini_batch` with verl's own
+`ppo_loss` (what `ActorRolloutRefWorker.update_actor` calls): one rollout for 2 ppo epochs x
+2 mini-batches, then a mini-batch with a NaN advantage (verl skips that update). Each rank
+writes verl's own logged metrics of each mini-batch to RESULT.json (rank 0) or
 RESULT.json.rank<r>.
 
-Where CPU stops: verl falls back to the CUDA platform without an accelerator, so a CPU
-platform is registered through verl's plugin registry (cpu_platform); FlashAttention is
-replaced by sdpa (`override_config`); and verl's model build imports a class TRL 1.16 no
-longer has when TRL is installed, so that TRL probe is turned off here.
+Where CPU stops, and the stand-ins used here: verl falls back to the CUDA platform without an
+accelerator, so a CPU platform is registered through verl's plugin registry (cpu_platform)
+and the FSDP engine, registered for cuda/npu only, is selected with VERL_ENGINE_DEVICE;
+FlashAttention is replaced by sdpa (`override_config`); verl's model build imports a class
+that TRL 1.16 no longer has whenever TRL is installed, so that TRL probe is turned off; the
+worker runs outside Ray (it reads RANK, WORLD_SIZE and MASTER_* itself). Not run: Ray, the
+rollout (vLLM/SGLang need a GPU) and the trainer loop around `update_actor`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 os.environ["VERL_PLATFORM"] = "cpu"
+os.environ["VERL_ENGINE_DEVICE"] = "cuda"  # the FSDP engine registers for cuda/npu only
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 os.environ.setdefault("MASTER_PORT", "29533")
 os.environ.setdefault("RANK", "0")
@@ -46,13 +49,16 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from verl.trainer.config.config import CheckpointConfig  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
-from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig  # noqa: E402
-from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead  # noqa: E402
+from verl.workers.config import (  # noqa: E402
+    FSDPEngineConfig,
+    FSDPOptimizerConfig,
+    HFModelConfig,
+    TrainingWorkerConfig,
+)
+from verl.workers.engine_workers import TrainingWorker  # noqa: E402
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
 
-from stabledrl_cli.integrations import _verl_hooks  # noqa: E402
 from stabledrl_cli.integrations import verl as stabledrl_verl  # noqa: E402
-from stabledrl_cli.integrations._verl_capture import Groups  # noqa: E402
 
 monkey_patch.is_trl_available = lambda: False  # verl 0.9.1 + trl 1.16: see the docstring
 
@@ -76,16 +82,26 @@ def tiny_model(path: str) -> None:
     fast.save_pretrained(path)
 
 
-def engine(path: str) -> FSDPEngineWithLMHead:
+def worker(path: str) -> TrainingWorker:
+    """verl's own TrainingWorker (outside Ray: it reads RANK, WORLD_SIZE, MASTER_* itself)."""
     model = HFModelConfig(
         path=path, use_remove_padding=True, override_config={"attn_implementation": "sdpa"}
     )
-    config = FSDPEngineConfig(
-        strategy="fsdp2", use_torch_compile=False, model_dtype="fp32", micro_batch_size_per_gpu=2
+    config = TrainingWorkerConfig(
+        model_type="language_model",
+        model_config=model,
+        engine_config=FSDPEngineConfig(
+            strategy="fsdp2",
+            use_torch_compile=False,
+            model_dtype="fp32",
+            micro_batch_size_per_gpu=2,
+            max_token_len_per_gpu=24,  # dynamic batching: several micro-batches, reordered
+        ),
+        optimizer_config=FSDPOptimizerConfig(lr=1e-3, clip_grad=0.5),
+        checkpoint_config=CheckpointConfig(),
     )
-    optim = FSDPOptimizerConfig(lr=1e-3, clip_grad=0.5)
-    built = FSDPEngineWithLMHead(model, config, optim, CheckpointConfig())
-    built.initialize()
+    built = TrainingWorker(config)
+    built.reset()  # builds the model and optimizer
     return built
 
 
@@ -95,48 +111,41 @@ def main(out: str, result: str) -> None:
     if rank == 0:
         tiny_model(model_dir[0] or "")
     dist.broadcast_object_list(model_dir, src=0)
-    eng = engine(model_dir[0] or "")
     assert stabledrl_verl.install(out, overwrite=True)
-    session = stabledrl_verl._session
-    assert session is not None
+    actor = worker(model_dir[0] or "")
     config = actor_config()
-    loss = functools.partial(ppo_loss, config=config)
+    actor.set_loss_fn(functools.partial(ppo_loss, config=config))
     data = rollout(n_prompts=4 * world, seed=1).exclude("_logp")
     mine = tu.index_select_tensor_dict(data, torch.arange(rank, data.shape[0], world))
-    # what the train_mini_batch hook does once per rollout
-    session.groups = Groups.of(
-        _verl_hooks._all_uids([str(u) for u in mine["uid"]], eng.get_data_parallel_group())
-    )
-    mini, epochs = 6, 2
-    steps = []
-    batches = list(tu.make_iterator(mine, mini_batch_size=mini, epochs=epochs, seed=rank))
+    mini = 6
     bad = tu.index_select_tensor_dict(mine, torch.arange(mini))
     bad["advantages"][0, 0] = float("nan")
-    batches.append(bad)
-    for i, mb in enumerate(batches):
+    steps = []
+    for batch, epochs in ((mine, 2), (bad, 1)):
         tu.assign_non_tensor(
-            mb,
+            batch,
             global_batch_size=mini * world,
-            use_remove_padding=True,
-            use_dynamic_bsz=False,
-            micro_batch_size_per_gpu=2,
-            max_token_len_per_gpu=1000,
-            use_fused_kernels=False,
+            mini_batch_size=mini * world,
+            epochs=epochs,
+            seed=rank,
+            dataloader_kwargs={"shuffle": True},
             calculate_entropy=False,
             temperature=1.0,
-            update_lr_scheduler=i in (len(batches) - 2, len(batches) - 1),
         )
-        with eng.train_mode():
-            output = eng.train_batch(mb, loss_function=loss)
-        metrics = output["metrics"]
-        steps.append(
-            {
-                "grad_norm": float(metrics["grad_norm"]),
-                "pg_loss": [float(v) for v in metrics["actor/pg_loss"].values],
-                "pg_clipfrac": [float(v) for v in metrics["actor/pg_clipfrac"].values],
-                "pg_clipfrac_lower": [float(v) for v in metrics["actor/pg_clipfrac_lower"].values],
-            }
-        )
+        output = actor.train_mini_batch(batch)
+        metrics = tu.get(output, "metrics")
+        for n in range(len(metrics["grad_norm"])):
+            steps.append(
+                {  # verl's logged values of each mini-batch (optimizer step)
+                    name: float(metrics[key][n])
+                    for name, key in (
+                        ("grad_norm", "grad_norm"),
+                        ("pg_loss", "actor/pg_loss"),
+                        ("pg_clipfrac", "actor/pg_clipfrac"),
+                        ("pg_clipfrac_lower", "actor/pg_clipfrac_lower"),
+                    )
+                }
+            )
     stabledrl_verl.uninstall()
     target = result if rank == 0 else f"{result}.rank{rank}"
     Path(target).write_text(json.dumps({"rank": rank, "world": world, "steps": steps}))
