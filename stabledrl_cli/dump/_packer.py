@@ -190,7 +190,7 @@ def _check_target(out: Path, force: bool) -> None:
     if not out.parent.is_dir():
         raise UsageError(f"{out}: directory {out.parent} does not exist")
     if out.exists() and not force:
-        raise UsageError(f"{out} already exists; pass --force to overwrite it")
+        raise UsageError(f"{out} already exists; pass force=True to overwrite it")
 
 
 def pack_run(run: Run, out: str | os.PathLike[str], *, force: bool = False) -> PackSummary:
