@@ -459,3 +459,20 @@ def test_engine_groups_split_across_ranks_are_marked(engine_run: Any) -> None:
         assert torch.equal(split, counts[step["group_id"].long()] < 3)
     else:
         assert bool(split.all())  # every group has members on both ranks
+
+
+def test_ray_worker_setup_hook_installs_the_recorder(tmp_path: Path) -> None:
+    """`worker_process_setup_hook=stabledrl_cli.integrations.verl.install` runs install() in
+    each Ray worker: the engine is hooked there, not in the driver."""
+    script = Path(__file__).parent / "verl_scripts" / "ray_setup_hook.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["installed"] and seen["hooked"]
+    assert seen["pid"] != seen["driver_pid"]
