@@ -87,7 +87,7 @@ def _assert_matches_trl(out: Path, spec: str, log_history: list[dict[str, Any]])
     )
     for step, entry in logged.items():
         assert -objective[step] == pytest.approx(entry["loss"], rel=1e-5, abs=1e-7)
-    parity = own.summary["loss_parity"]
+    parity = own.summary.loss_parity
     assert parity is not None and parity < 1e-5
     return float(parity)
 
@@ -122,40 +122,27 @@ def test_package_imports_without_trl() -> None:
 
 # -- the config mapping ----------------------------------------------------------------------
 MAPPING = [
-    ({"loss_type": "grpo"}, "grpo:agg=seq-mean-token-mean,eps_high=0.2,eps_low=0.2"),
-    ({"loss_type": "bnpo"}, "ppo:agg=recorded,eps_high=0.2,eps_low=0.2"),
-    ({"loss_type": "dr_grpo"}, "ppo:agg=constant,eps_high=0.2,eps_low=0.2,max_len=6"),
-    ({"loss_type": "dapo", "epsilon_high": 0.28}, "dapo:agg=recorded,eps_high=0.28,eps_low=0.2"),
-    (
-        {"loss_type": "dapo", "gradient_accumulation_steps": 4},
-        "dapo:agg=token-mean,eps_high=0.2,eps_low=0.2",
-    ),
-    ({"loss_type": "cispo", "epsilon_high": 5.0}, "cispo:agg=recorded,cap=5"),
-    ({"loss_type": "sapo"}, "sapo:agg=seq-mean-token-mean,tau_neg=1.05,tau_pos=1"),
+    ({"loss_type": "grpo"}, "grpo"),
+    ({"loss_type": "bnpo"}, "ppo:agg=recorded"),
+    ({"loss_type": "dr_grpo"}, "ppo:agg=constant,max_len=6"),
+    ({"loss_type": "dapo", "epsilon_high": 0.28}, "dapo:agg=recorded"),
+    ({"loss_type": "dapo", "gradient_accumulation_steps": 4}, "dapo:eps_high=0.2"),
+    ({"loss_type": "cispo", "epsilon_high": 5.0}, "cispo:agg=recorded"),
+    ({"loss_type": "sapo"}, "sapo:agg=seq-mean-token-mean"),
     (
         {"loss_type": "grpo", "importance_sampling_level": "sequence"},
         "gspo:eps_high=0.2,eps_low=0.2",
     ),
-    (
-        {"loss_type": "grpo", "delta": 1.5},
-        "two-sided:agg=seq-mean-token-mean,delta=1.5,eps_high=0.2,eps_low=0.2",
-    ),
-    (
-        {"loss_type": "grpo", "beta": 0.04, "use_bias_correction_kl": False},
-        "grpo:agg=seq-mean-token-mean,beta=0.04,eps_high=0.2,eps_low=0.2",
-    ),
-    (
-        {"loss_type": "grpo", "mask_truncated_completions": True},
-        "grpo:agg=recorded,eps_high=0.2,eps_low=0.2",
-    ),
+    ({"loss_type": "grpo", "delta": 1.5}, "two-sided:agg=seq-mean-token-mean,delta=1.5"),
+    ({"loss_type": "grpo", "beta": 0.04, "use_bias_correction_kl": False}, "grpo:beta=0.04"),
+    ({"loss_type": "grpo", "mask_truncated_completions": True}, "grpo:agg=recorded"),
 ]
 
 
 @pytest.mark.parametrize(("config", "spec"), MAPPING)
 def test_config_maps_to_a_catalogue_spec(tiny: Any, config: dict[str, Any], spec: str) -> None:
     mapped = integration.policy_for_config(tiny.tiny_config("unused", **config))
-    assert mapped.spec == spec
-    assert sd.get_policy(spec).spec  # a valid catalogue spec
+    assert mapped.spec == sd.get_policy(spec).spec == spec
 
 
 REFUSED = [
@@ -225,6 +212,8 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
     _assert_matches_trl(out, trainer.stabledrl_policy.spec, trainer.state.log_history)
     step = sd.open_run(out).step(2)
     assert step.scalars["inner_step"] == 1  # the second update on the same rollout
+    accumulation = trainer.args.gradient_accumulation_steps
+    assert sorted(set(step["micro_batch"].tolist())) == list(range(accumulation))
     assert ("logp_ref" in step) == (case == "beta")
     assert ("loss_weight" in step) == (case == "entropy-mask")
 
@@ -242,6 +231,10 @@ def test_groups_rewards_and_advantages(tiny: Any, tmp_path: Path) -> None:
             zip(step["group_id"].tolist(), step["reward"].tolist(), strict=True)
         ):
             rows.setdefault(group, []).append((reward, float(adv[seq_id == i][0])))
+    run = sd.open_run(out)
+    assert run.group_ids == "global"
+    split = torch.cat([step["group_split"] for step in run.steps(1, 3)])
+    assert split.any()  # a group of 4 rows cut by the 2-step shuffle is marked, not hidden
     assert sorted(rows) == list(range(4))  # one generation: 4 prompts
     for members in rows.values():
         assert len(members) == 4  # num_generations, whole across the steps
@@ -273,8 +266,7 @@ def test_readme_snippet_records_under_stabledrl_record(tiny: Any, tmp_path: Path
     assert done.returncode == 0, done.stderr[-2000:]
     run = sd.open_run(tmp_path / "run")
     assert run.step_numbers == [1, 2, 3, 4]
-    assert run.policy_spec is not None  # TRL's default loss_type is dapo
-    assert sd.get_policy(run.policy_spec).spec == "dapo:eps_high=0.2,agg=recorded"
+    assert run.policy_spec == "dapo:agg=recorded,eps_high=0.2"  # TRL's default loss_type
 
 
 # -- two ranks -------------------------------------------------------------------------------
@@ -301,6 +293,34 @@ def test_two_ranks_with_torchrun(tiny: Any, tmp_path: Path) -> None:
     assert run.manifest["world_size"] == 2
     _assert_matches_trl(out, run.policy_spec or "", log_history)
     logged = _logged(log_history)
+    assert run.group_ids == "global"
     for step in run:  # the merged step: the ranks' mean loss is TRL's logged loss
         assert step.scalars["loss"] == pytest.approx(logged[step.step]["loss"], rel=1e-6)
         assert step.num_sequences == 8
+        assert set(step["group_id"].tolist()) <= set(range(4))  # global ids, not offset
+
+
+# -- resume ----------------------------------------------------------------------------------
+def test_resume_from_checkpoint_continues_the_run(tiny: Any, tmp_path: Path) -> None:
+    """A run checkpointed at step 2 and resumed: steps 1-2 kept, 3-4 replaced by the resumed
+    training's, and the replay still matches TRL's log of the resumed part."""
+    out = tmp_path / "run"
+    first = _train(tiny, out, save_strategy="steps", save_steps=2)
+    kept = {s.step: s.scalars["loss"] for s in sd.open_run(out).steps(1, 3)}
+    trainer = integration.RecordingGRPOTrainer(
+        model=tiny.tiny_model(),
+        reward_funcs=tiny.count_b,
+        args=tiny.tiny_config(str(tmp_path / "trl_out"), learning_rate=1e-2),
+        train_dataset=tiny.tiny_dataset(),
+        processing_class=tiny.tiny_tokenizer(),
+        stabledrl_out=out,
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "trl_out" / "checkpoint-2"))
+    run = sd.open_run(out)
+    assert run.step_numbers == [1, 2, 3, 4]
+    assert {s.step: s.scalars["loss"] for s in run.steps(1, 3)} == kept
+    resumed = _logged(trainer.state.log_history)  # steps 1-2 come from the checkpoint
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in run.steps(3, 5):
+        assert step.scalars["grad_norm"] == resumed[step.step]["grad_norm"]
+    assert first.state.log_history != trainer.state.log_history

@@ -2,20 +2,21 @@
 
 Framework-free: the trainer subclass (`_trl_trainer`) hands each micro-batch's tensors to
 `StepBuffer.add` and the step's scalars to `StepBuffer.log`. Recording never breaks training:
-the first failure is reported once on stderr and recording stops.
+the first failure is reported once on stderr (and to `stabledrl record`, which then exits
+non-zero) and recording stops.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from stabledrl_cli.capture.bootstrap import report_failure
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.errors import InputError, StabledrlError
 
 
 @dataclass
@@ -63,18 +64,17 @@ class StepBuffer:
         self.micro: list[MicroBatch] = []
         self.inner_step = 0
         self.failed = False
-        accepted = inspect.signature(recorder.log_step).parameters
-        self._optional = {name for name in ("micro_batch", "group_split") if name in accepted}
 
     def warn(self, what: str, exc: BaseException) -> None:
-        """Reports the first failure on stderr and stops recording."""
-        if not self.failed:
-            sys.stderr.write(
-                f"stabledrl: warning: recording {what} failed: {type(exc).__name__}: {exc}; "
-                "recording is off, training continues\n"
-            )
-            sys.stderr.flush()
+        """Reports the first failure on stderr and to `stabledrl record`; stops recording."""
+        if self.failed:
+            return
         self.failed = True
+        message = f"recording {what} failed: {type(exc).__name__}: {exc}"
+        sys.stderr.write(f"stabledrl: warning: {message}; recording is off, training continues\n")
+        sys.stderr.flush()
+        code = exc.exit_code if isinstance(exc, StabledrlError) else InputError.exit_code
+        report_failure(code, message)
 
     def add(self, micro: MicroBatch, inner_step: int) -> None:
         """One micro-batch (moved to CPU); the first of a step sets the step's inner_step."""
@@ -89,9 +89,11 @@ class StepBuffer:
             return
         kept = [m.kept for m in micro]
 
-        def tokens(name: str) -> torch.Tensor | None:
-            rows = [getattr(m, name) for m in micro]
-            return None if rows[0] is None else _flat(rows, kept)
+        def tokens(name: str) -> torch.Tensor:
+            return _flat([getattr(m, name) for m in micro], kept)
+
+        def optional(name: str) -> torch.Tensor | None:
+            return None if getattr(micro[0], name) is None else tokens(name)
 
         sizes = [m.kept.shape[0] for m in micro]
         offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0)
@@ -103,13 +105,9 @@ class StepBuffer:
         )
         group_id = torch.cat([m.group_id for m in micro])
         reward = torch.cat([m.reward for m in micro])
-        extra: dict[str, Any] = {}
-        if "micro_batch" in self._optional:
-            extra["micro_batch"] = torch.cat(
-                [torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(sizes)]
-            )
-        if "group_split" in self._optional:
-            extra["group_split"] = _group_split(group_id, self.group_size)
+        micro_batch = torch.cat(
+            [torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(sizes)]
+        )
         clip = min(1.0, max_grad_norm / (grad_norm + 1e-6)) if max_grad_norm > 0 else 1.0
         finite_rewards = reward[torch.isfinite(reward)]
         self.recorder.log_step(
@@ -121,9 +119,11 @@ class StepBuffer:
             seq_id=seq_id,
             group_id=group_id,
             reward=reward,
-            logp_ref=tokens("logp_ref"),
-            logp_rollout=tokens("logp_rollout"),
-            loss_weight=tokens("loss_weight"),
+            micro_batch=micro_batch,
+            group_split=_group_split(group_id, self.group_size),
+            logp_ref=optional("logp_ref"),
+            logp_rollout=optional("logp_rollout"),
+            loss_weight=optional("loss_weight"),
             loss_scale=tokens("loss_scale"),
             grad_norm=grad_norm,
             grad_norm_clipped=grad_norm * clip if math.isfinite(grad_norm) else grad_norm,
@@ -131,5 +131,4 @@ class StepBuffer:
             lr=lr,
             inner_step=self.inner_step,
             reward_mean=float(finite_rewards.mean()) if finite_rewards.numel() else math.nan,
-            **extra,
         )

@@ -28,30 +28,16 @@ weighting); the entropy bonus (`entropy_coef`, `use_adaptive_entropy`); an MoE r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.policies import get_policy
+from stabledrl_cli.policies import Policy, get_policy
 from stabledrl_cli.spec import SpecValue, format_spec
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 """TRL loss types the integration records (and gspo: grpo with sequence-level sampling)."""
 
 _PPO_NAMES = {"grpo": "grpo", "bnpo": "ppo", "dr_grpo": "ppo", "dapo": "dapo"}
-
-
-@dataclass(frozen=True)
-class MappedPolicy:
-    """The run's policy: a catalogue name and its parameters."""
-
-    name: str
-    params: dict[str, SpecValue]
-
-    @property
-    def spec(self) -> str:
-        """The spec text, e.g. `grpo:agg=seq-mean-token-mean,eps_high=0.2,eps_low=0.2`."""
-        return format_spec(self.name, self.params)
 
 
 def _refuse(reason: str) -> UsageError:
@@ -113,9 +99,10 @@ def _check_recordable(config: Any, aux_loss: bool) -> None:
             )
 
 
-def policy_for_config(config: Any, *, aux_loss: bool = False) -> MappedPolicy:
+def policy_for_config(config: Any, *, aux_loss: bool = False) -> Policy:
     """The catalogue policy reproducing a TRL 1.16 `GRPOConfig` (table in the module
-    docstring); UsageError, one line, for a configuration the catalogue cannot express."""
+    docstring; its `.spec` is canonical, e.g. `grpo` for TRL's grpo defaults); UsageError, one
+    line, for a configuration the catalogue cannot express."""
     _check_recordable(config, aux_loss)
     eps_low = float(config.epsilon)
     eps_high = float(config.epsilon_high if config.epsilon_high is not None else config.epsilon)
@@ -139,9 +126,7 @@ def policy_for_config(config: Any, *, aux_loss: bool = False) -> MappedPolicy:
             name, params["delta"] = "two-sided", float(config.delta)
     if config.beta != 0.0:
         params["beta"] = float(config.beta)
-    mapped = MappedPolicy(name, params)
     try:
-        get_policy(mapped.spec)
+        return get_policy(format_spec(name, params))
     except UsageError as exc:
         raise _refuse(str(exc)) from None
-    return mapped

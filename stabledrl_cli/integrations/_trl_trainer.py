@@ -14,7 +14,6 @@ The overrides are minimal and call the parent; what each one reads (TRL's source
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import os
 from pathlib import Path
@@ -108,24 +107,17 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
             "loss_scale": "per-token normaliser of the all-rank objective "
             "(TRL's micro-batch normaliser times world size)",
         }
-        kwargs: dict[str, Any] = {}
-        accepted = inspect.signature(Recorder).parameters
         resume = _resume_step(self, resume_from_checkpoint)
-        if resume is not None:
-            if "resume" not in accepted:
-                raise UsageError("resuming a recorded run needs a Recorder with resume support")
-            kwargs.update(resume=True, resume_from=resume + 1)
-        if "group_ids" in accepted:
-            kwargs["group_ids"] = "global"
         recorder = Recorder(
             self.stabledrl_out,
-            policy=policy.name,
-            policy_params=dict(policy.params),
+            policy=policy,
             meta=meta,
             world_size=self.accelerator.num_processes,
             rank=self.accelerator.process_index,
             overwrite=self._sd_overwrite and resume is None,
-            **kwargs,
+            group_ids="global",
+            resume=resume is not None,
+            resume_from=None if resume is None else resume + 1,
         )
         return StepBuffer(recorder, group_size=self.num_generations)
 

@@ -21,7 +21,7 @@ import importlib.metadata
 from typing import TYPE_CHECKING
 
 from stabledrl_cli.errors import MissingExtraError, UsageError
-from stabledrl_cli.integrations._trl_policy import LOSS_TYPES, MappedPolicy, policy_for_config
+from stabledrl_cli.integrations._trl_policy import LOSS_TYPES, policy_for_config
 
 if TYPE_CHECKING:
     from stabledrl_cli.integrations._trl_trainer import RecordingGRPOTrainer
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 __all__ = [
     "LOSS_TYPES",
     "SUPPORTED_TRL",
-    "MappedPolicy",
     "RecordingGRPOTrainer",
     "check_trl_version",
     "policy_for_config",

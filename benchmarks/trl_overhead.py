@@ -1,0 +1,95 @@
+"""Recording overhead of the TRL integration: optimizer-step time of `RecordingGRPOTrainer`
+over plain `trl.GRPOTrainer` on the tiny CPU run of the tests (tests/trl_scripts/tiny_grpo.py).
+
+A step's time runs from TRL's `on_step_begin` to `on_step_end`: generation (when due), every
+micro-batch's forward and backward, the optimizer update and, recorded, the step file written
+and fsynced. Recorded and plain runs alternate, --repeats of each; the figure is the median
+step time (first step of each run left out: it carries one-off warm-up) and their ratio.
+The tiny model makes the fixed per-step cost of writing a file as large as it will ever be
+relative to the step; a real model's steps are longer and the ratio closer to 1.
+
+    python benchmarks/trl_overhead.py                 # 3 repeats of 8 steps, dapo
+    python benchmarks/trl_overhead.py --repeats 5 --steps 12 --loss-type grpo
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "trl_scripts"))
+
+from tiny_grpo import (  # type: ignore[import-not-found]
+    count_b,
+    tiny_config,
+    tiny_dataset,
+    tiny_model,
+    tiny_tokenizer,
+)
+from trl.trainer.grpo_trainer import GRPOTrainer
+
+from stabledrl_cli.integrations.trl import RecordingGRPOTrainer
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step, on_step_begin to on_step_end."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.times: list[float] = []
+
+    def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.start = time.perf_counter()
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.times.append(time.perf_counter() - self.start)
+
+
+def step_times(recorded: bool, steps: int, loss_type: str, work: Path) -> list[float]:
+    """Step times of one tiny run (the first step left out)."""
+    timer = StepTimer()
+    kwargs: dict[str, Any] = {"stabledrl_out": work / "run", "stabledrl_overwrite": True}
+    trainer = (RecordingGRPOTrainer if recorded else GRPOTrainer)(
+        model=tiny_model(),
+        reward_funcs=count_b,
+        args=tiny_config(str(work / "trl_out"), max_steps=steps, loss_type=loss_type),
+        train_dataset=tiny_dataset(64),
+        processing_class=tiny_tokenizer(),
+        callbacks=[timer],
+        **(kwargs if recorded else {}),
+    )
+    trainer.train()
+    return timer.times[1:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--loss-type", default="dapo")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            for recorded in (False, True):
+                times[recorded] += step_times(recorded, args.steps, args.loss_type, Path(tmp))
+    plain, with_recording = statistics.median(times[False]), statistics.median(times[True])
+    print(f"tiny TRL run ({args.loss_type}, {args.repeats} x {args.steps} steps, "
+          f"{args.threads} thread(s)): median optimizer-step time")  # fmt: skip
+    print(f"  trl.GRPOTrainer        {plain * 1e3:8.1f} ms")
+    print(f"  RecordingGRPOTrainer   {with_recording * 1e3:8.1f} ms")
+    print(f"  ratio recorded/plain   {with_recording / plain:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
