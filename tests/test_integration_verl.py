@@ -5,12 +5,14 @@ reproduces verl's loss (`compute_policy_loss_*` + `agg_loss`) and its clip fract
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -24,12 +26,14 @@ from verl import DataProto  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
+from verl.workers.engine.base import BaseEngine  # noqa: E402
 from verl.workers.engine.utils import prepare_micro_batches  # noqa: E402
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
 
 from stabledrl_cli.dump import Recorder, open_run  # noqa: E402
 from stabledrl_cli.errors import UsageError  # noqa: E402
+from stabledrl_cli.integrations import verl as stabledrl_verl  # noqa: E402
 from stabledrl_cli.integrations._verl_capture import (  # noqa: E402
     Groups,
     MicroBatch,
@@ -476,3 +480,104 @@ def test_ray_worker_setup_hook_installs_the_recorder(tmp_path: Path) -> None:
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["installed"] and seen["hooked"]
     assert seen["pid"] != seen["driver_pid"]
+
+
+class StubEngine(BaseEngine):  # type: ignore[misc]
+    """Just enough of a verl engine for the hook: verl's own BaseEngine.train_batch drives it;
+    each micro-batch goes through the loss function it is given; the norm is fixed."""
+
+    def __init__(self, grad_norm: float = 0.7) -> None:
+        self.grad_norm = grad_norm
+        self.optimizer = SimpleNamespace(param_groups=[{"lr": 1e-5}])
+        self.optimizer_config = SimpleNamespace(clip_grad=1.0)
+
+    def optimizer_zero_grad(self) -> None:
+        return None
+
+    def forward_backward_batch(
+        self, data: TensorDict, loss_function: Any, forward_only: bool = False
+    ) -> dict[str, Any]:
+        tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(data["loss_mask"].sum()))
+        tu.assign_non_tensor(data, use_dynamic_bsz=False, micro_batch_size_per_gpu=2)
+        for micro in prepare_micro_batches(data)[0]:
+            loss_function(model_output=model_output(micro), data=micro, dp_group=None)
+        return {"metrics": {}}
+
+    def optimizer_step(self) -> float:
+        return self.grad_norm
+
+    def is_mp_src_rank_with_outputs(self) -> bool:
+        return True
+
+    def get_data_parallel_size(self) -> int:
+        return 1
+
+    def get_data_parallel_rank(self) -> int:
+        return 0
+
+
+@pytest.fixture
+def hooked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """install() on a fresh run directory; the status file `stabledrl record` would read."""
+    status = tmp_path / "status"
+    monkeypatch.setenv("STABLEDRL_STATUS_FILE", str(status))
+    assert stabledrl_verl.install(tmp_path / "run")
+    yield tmp_path / "run", status
+    stabledrl_verl.uninstall()
+
+
+def train(config: ActorConfig, loss: Any = None, grad_norm: float = 0.7, **rollout_kw: Any) -> Any:
+    """Two optimizer steps of the stub engine with verl's ppo_loss (or `loss`)."""
+    engine = StubEngine(grad_norm)
+    loss = loss or functools.partial(ppo_loss, config=config)
+    outputs = []
+    for mb in tu.make_iterator(rollout(**rollout_kw), mini_batch_size=6, epochs=1, seed=0):
+        tu.assign_non_tensor(mb, global_batch_size=6)
+        outputs.append(engine.train_batch(mb, loss_function=loss))
+    return outputs
+
+
+def test_hook_records_each_train_batch(hooked: Any) -> None:
+    run_dir, status = hooked
+    outputs = train(actor_config())
+    assert [o["metrics"]["grad_norm"] for o in outputs] == [0.7, 0.7]
+    stabledrl_verl.uninstall()
+    run = open_run(run_dir)
+    assert run.step_numbers == [0, 1]
+    assert run.step(1).scalars["grad_norm"] == pytest.approx(0.7)
+    assert run.step(1).scalars["lr"] == pytest.approx(1e-5)
+    assert not status.exists()
+
+
+def test_refused_config_warns_once_and_training_goes_on(
+    hooked: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir, status = hooked
+    outputs = train(actor_config(entropy_coeff=0.01))
+    assert len(outputs) == 2  # training went on
+    err = capsys.readouterr().err
+    assert err.count("stabledrl: warning:") == 1
+    assert "cannot record this verl run: the entropy bonus" in err
+    assert status.read_text().startswith("2\t")
+    assert not list((run_dir / "steps").glob("*.safetensors"))
+
+
+def test_kl_with_rollout_weights_is_refused(
+    hooked: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train(actor_config(use_kl_loss=True))
+    assert "the KL loss with rollout_is_weights" in capsys.readouterr().err
+
+
+def test_other_losses_pass_through(hooked: Any) -> None:
+    """Critic, SFT or any other loss function: not recorded, not touched."""
+    calls = []
+
+    def other_loss(model_output: Any, data: TensorDict, dp_group: Any = None) -> Any:
+        calls.append(data.shape[0])
+        return torch.tensor(0.0), {}
+
+    run_dir, _ = hooked
+    train(actor_config(), loss=other_loss)
+    assert calls == [2, 2, 2, 2, 2, 2]
+    assert not (run_dir / "steps").exists() or not list((run_dir / "steps").iterdir())

@@ -24,7 +24,9 @@ KL at 10: the catalogue agrees while the ratios stay inside those clamps.
 Refused, one line each (the catalogue cannot express them, so recording them would be
 wrong): loss modes dppo_tv, dppo_kl, clip_cov, kl_cov, geo_mean, dro, bypass_mode and any
 user-registered one; gspo with another aggregation; KL types other than low_var_kl and k3
-(k1, abs, k2, the straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`).
+(k1, abs, k2, the straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`); the
+KL loss together with rollout-correction weights (`rollout_is_weights`: verl weights the
+policy term only, the catalogue's loss_weight weights the KL term too; `check_batch`).
 """
 
 from __future__ import annotations
@@ -149,6 +151,15 @@ def explicit_spec(policy: Policy) -> str:
         if value is not None and _UNSET.get(key, object()) != value
     }
     return format_spec(policy.name, params)
+
+
+def check_batch(config: Any, has_rollout_weights: bool) -> None:
+    """UsageError, one line, for what only the batch shows the catalogue cannot express."""
+    if config.use_kl_loss and has_rollout_weights:
+        raise _refuse(
+            "the KL loss with rollout_is_weights (verl leaves the KL term unweighted, "
+            "the catalogue weights it by loss_weight)"
+        )
 
 
 def token_loss_scale(
