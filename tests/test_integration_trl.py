@@ -205,11 +205,36 @@ PARITY = {
 }
 
 
+TOKEN_CLIP = {"grpo", "bnpo", "dr_grpo", "dapo", "dapo-token-mean", "delta", "beta", "entropy-mask"}
+
+
+def _trl_clip_ratios(step: Any, eps_low: float, eps_high: float) -> dict[str, float]:
+    """TRL's clip_ratio/*_mean of one step from the recorded arrays: per micro-batch, masked
+    fractions over scored tokens (strict bounds), then their unweighted mean."""
+    ratio = torch.exp(step["logp"] - step["logp_old"])
+    adv, mask = step["advantages"], step["mask"].bool()
+    micro = step["micro_batch"][step["seq_id"].long()]
+    low = (ratio < 1 - eps_low) & (adv < 0)
+    high = (ratio > 1 + eps_high) & (adv > 0)
+    fractions: dict[str, list[float]] = {"low": [], "high": [], "region": []}
+    for k in micro.unique():
+        scored = mask & (micro == k)
+        for name, hit in (("low", low), ("high", high), ("region", low | high)):
+            fractions[name].append(float((hit & scored).sum() / scored.sum()))
+    return {f"clip_ratio/{n}_mean": sum(v) / len(v) for n, v in fractions.items()}
+
+
 @pytest.mark.parametrize("case", list(PARITY))
 def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None:
     out = tmp_path / "run"
     trainer = _train(tiny, out, **PARITY[case])
     _assert_matches_trl(out, trainer.stabledrl_policy.spec, trainer.state.log_history)
+    if case in TOKEN_CLIP:  # the recorded micro-batches reproduce TRL's own clip metrics
+        logged = _logged(trainer.state.log_history)
+        for step in sd.open_run(out):
+            ratios = _trl_clip_ratios(step, trainer.epsilon_low, trainer.epsilon_high)
+            for name, value in ratios.items():
+                assert value == pytest.approx(logged[step.step][name], abs=1e-6), name
     step = sd.open_run(out).step(2)
     assert step.scalars["inner_step"] == 1  # the second update on the same rollout
     accumulation = trainer.args.gradient_accumulation_steps
