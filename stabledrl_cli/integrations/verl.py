@@ -9,9 +9,11 @@ clean way is Ray's per-worker setup hook, given to `ray.init` through verl's con
 
 with HOOK=stabledrl_cli.integrations.verl.install. Under `stabledrl record --out DIR --
 python -m verl.trainer.main_ppo ...` the run directory is already exported as
-$STABLEDRL_RUN_DIR (Ray's local workers inherit it) and the setup hook is the only addition;
-$STABLEDRL_FORCE=1 overwrites an existing run. Without a run directory `install()` does
-nothing, so the hook is harmless in every other process. In one process (a custom loop
+$STABLEDRL_RUN_DIR (a local Ray cluster's workers inherit the driver's environment) and the
+setup hook is the only addition; $STABLEDRL_FORCE=1 overwrites an existing run. Steps are
+numbered by each process from 0, so a job resumed from a checkpoint needs a new directory or
+$STABLEDRL_FORCE=1. Without a run directory `install()` does nothing, so the hook is
+harmless in every other process. In one process (a custom loop
 driving an engine) call `install(out=...)` before training.
 
 What is hooked, in the worker process:
