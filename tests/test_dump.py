@@ -326,6 +326,7 @@ def test_version_newer_major_refused_newer_minor_read(tmp_path):
     header = read_header(path / "steps" / "step-00000000.safetensors", deep=True)
     metadata = {k: v for k, v in header.metadata.items() if not k.startswith("_crc32")}
     metadata.update({"_format_version": "1.9", "future_note": "text", "future_scalar": "2.5"})
+    metadata["step"] = "1.0"  # the header agrees with its file name
     tensors = {**{k: v for k, v in _flat().items()}, "future_array": np.ones(3, np.float32)}
     tensors["seq_id"] = tensors["seq_id"].astype(np.int32)
     tensors["mask"] = np.ones(4, np.uint8)

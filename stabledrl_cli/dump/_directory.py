@@ -20,8 +20,8 @@ from rank 0.
 
 from __future__ import annotations
 
-import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,19 +34,22 @@ from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadErro
 from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import (
     FIELDS,
+    MANIFEST_LIMIT,
     MANIFEST_NAME,
     META_FORMAT,
     META_NUM_SEQUENCES,
     META_NUM_TOKENS,
     META_SCORED_TOKENS,
-    RUN_KIND,
     STEP_FILE_RE,
+    STEP_LIMIT,
     STEPS_DIR,
     TEMP_FILE_RE,
+    canonical_step,
     check_manifest,
     check_readable_version,
+    parse_manifest,
 )
-from stabledrl_cli.dump._stfile import read_header
+from stabledrl_cli.dump._stfile import StepHeader, read_header
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.vocab import GroupIds
 
@@ -75,6 +78,48 @@ def _merge_scalars(parts: list[dict[str, float]], sequences: list[int]) -> dict[
         weighted = sum(p["reward_mean"] * n for p, n in zip(parts, sequences, strict=True))
         merged["reward_mean"] = float(weighted / sum(sequences))
     return merged
+
+
+_STORED_DTYPES = {"float32": "F32", "uint8": "U8", "int32": "I32", "int64": "I64"}
+
+
+def _count(metadata: dict[str, str], key: str) -> int:
+    try:
+        value = int(metadata.get(key, "0"))
+    except ValueError:
+        raise StepReadError("unreadable", f"{key} is not an integer") from None
+    if value < 0:
+        raise StepReadError("unreadable", f"{key} is negative")
+    return value
+
+
+def _check_fields(header: StepHeader, tokens: int, sequences: int) -> None:
+    """Every schema field has its dtype and a shape that agrees with the step's counts, and
+    the required fields are there; else StepReadError (the step is skipped, not the run)."""
+    for name, spec in FIELDS.items():
+        if name not in header.tensors:
+            if spec.required:
+                raise StepReadError("unreadable", f"required field {name} is missing")
+            continue
+        dtype, shape = header.tensors[name]
+        allowed = {_STORED_DTYPES[spec.dtype]} | ({"F16"} if name == "unit_grad_sketch" else set())
+        if dtype not in allowed:
+            raise StepReadError("unreadable", f"{name}: dtype {dtype}, expected {spec.dtype}")
+        expected: tuple[int | None, ...] = {
+            "token": (tokens,),
+            "sequence": (sequences,) if spec.ndim == 1 else (sequences, None),
+            "unit_pairs": (tokens, tokens),
+            "unit_rows": (tokens, None),
+            "param": (None,),
+        }[spec.per]
+        if len(shape) != len(expected) or any(
+            want is not None and got != want for got, want in zip(shape, expected, strict=True)
+        ):
+            raise StepReadError(
+                "unreadable",
+                f"{name}: shape {list(shape)} disagrees with the step's {tokens} tokens and "
+                f"{sequences} sequences",
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +199,52 @@ class DirectoryStep(Step):
 class _Listing:
     finals: dict[int, dict[int, Path]] = field(default_factory=dict)
     temps: list[tuple[int, Path]] = field(default_factory=list)
-    unknown: list[Path] = field(default_factory=list)
+    unknown: list[tuple[Path, str]] = field(default_factory=list)
+    """Files that are not step files of this run, each with why."""
+
+
+def _read_manifest_text(path: Path) -> bytes:
+    """The manifest's bytes: a regular file (a FIFO or device is never read), at most
+    `MANIFEST_LIMIT` + 1 bytes of it (`parse_manifest` refuses a longer one)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise InputError(f"{path}: not a regular file")
+            return fh.read(MANIFEST_LIMIT + 1)
+    except OSError as exc:
+        raise InputError(f"{path}: unreadable manifest ({exc.strerror or exc})") from None
+
+
+def _unknown_reason(name: str, regular: bool, world_size: int) -> str | None:
+    """Why a file in steps/ is not a finished step file of this run (None if it is one)."""
+    match = STEP_FILE_RE.match(name)
+    if match is None:
+        return "not a step file of this run"
+    if (match.group(2) is not None) != (world_size > 1):
+        return "a step file of a run with another world_size"
+    found = canonical_step(name)
+    if found is None:
+        return "a step file name not spelled as the writer spells it (or out of range)"
+    if found[1] >= world_size:
+        return f"rank {found[1]} >= the run's world_size {world_size}"
+    if not regular:
+        return "named like a step file but not a regular file (never opened)"
+    return None
+
+
+def _missing_ranks(ranks: dict[int, Path], world_size: int) -> str | None:
+    """'no file for rank(s) [...]' naming at most five, or None; O(files), not O(world_size)."""
+    if len(ranks) >= world_size:
+        return None
+    first: list[int] = []
+    rank = 0
+    while len(first) < 5 and rank < world_size:
+        if rank not in ranks:
+            first.append(rank)
+        rank += 1
+    more = world_size - len(ranks) - len(first)
+    return f"no file for rank(s) {first}" + (f" and {more} more" if more > 0 else "")
 
 
 class DirectoryRun(Run):
@@ -164,14 +254,9 @@ class DirectoryRun(Run):
         self.path = path
         self.verify = verify
         manifest_path = path / MANIFEST_NAME
-        if not manifest_path.is_file():
+        if not manifest_path.exists():
             raise InputError(f"{path} is not a run: it has no {MANIFEST_NAME}")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{manifest_path}: unreadable manifest ({exc})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != RUN_KIND:
-            raise InputError(f"{path} is not a run: {MANIFEST_NAME} is not a {RUN_KIND} manifest")
+        manifest = parse_manifest(_read_manifest_text(manifest_path), str(manifest_path))
         self.format_version = check_manifest(manifest, str(manifest_path))
         self._manifest = manifest
         self.world_size: int = manifest["world_size"]
@@ -190,41 +275,62 @@ class DirectoryRun(Run):
         self._listing = listing = _Listing()
         steps_dir = self.path / STEPS_DIR
         try:
-            names = sorted(os.listdir(steps_dir))
-        except FileNotFoundError:
+            with os.scandir(steps_dir) as entries:
+                found = sorted(((entry.name, entry) for entry in entries), key=lambda pair: pair[0])
+        except (FileNotFoundError, NotADirectoryError):
             return listing
-        for name in names:
-            final, temp = STEP_FILE_RE.match(name), TEMP_FILE_RE.match(name)
-            match = final or temp
-            ranked = match is not None and match.group(2) is not None
-            if match is None or ranked != (self.world_size > 1):
-                listing.unknown.append(steps_dir / name)
-                continue
-            step, rank = int(match.group(1)), int(match.group(2) or 0)
+        except OSError as exc:
+            raise InputError(f"{steps_dir}: cannot list it ({exc.strerror or exc})") from None
+        ranked_run = self.world_size > 1
+        for name, entry in found:
+            path = steps_dir / name
+            temp = TEMP_FILE_RE.match(name)
             if temp is not None:
-                listing.temps.append((step, steps_dir / name))
-            elif rank >= self.world_size:
-                listing.unknown.append(steps_dir / name)
-            else:
-                listing.finals.setdefault(step, {})[rank] = steps_dir / name
+                step = int(temp.group(1))
+                if (temp.group(2) is not None) == ranked_run and step <= STEP_LIMIT:
+                    listing.temps.append((step, path))
+                    continue
+            try:
+                regular = entry.is_file(follow_symlinks=False)
+            except OSError:
+                regular = False
+            reason = _unknown_reason(name, regular, self.world_size)
+            final = canonical_step(name)
+            if reason is not None or final is None:
+                listing.unknown.append((path, reason or "not a step file of this run"))
+                continue
+            listing.finals.setdefault(final[0], {})[final[1]] = path
         return listing
 
-    def _record(
-        self, metadata: dict[str, str], tensors: dict[str, tuple[str, tuple[int, ...]]]
-    ) -> _HeaderRecord:
+    def _record(self, header: StepHeader, step: int) -> _HeaderRecord:
+        """What the Step is built from; StepReadError for a header that disagrees with its
+        file name (step), with itself (counts, shapes, dtypes), or a step with no tokens."""
+        metadata = header.metadata
         scalars = _parse_scalars(metadata)
+        if "step" in scalars and scalars["step"] != float(step):
+            raise StepReadError(
+                "unreadable", f"its header says step {metadata['step']}, its file name {step}"
+            )
+        tokens = _count(metadata, META_NUM_TOKENS)
+        sequences = _count(metadata, META_NUM_SEQUENCES)
+        scored = _count(metadata, META_SCORED_TOKENS)
+        if tokens == 0 and self.world_size == 1:
+            raise StepReadError("unreadable", "the step has no tokens")
+        if scored > tokens:
+            raise StepReadError("unreadable", f"{scored} scored tokens of {tokens}")
+        _check_fields(header, tokens, sequences)
         names = tuple(scalars)
-        fields = frozenset(name for name in tensors if name in FIELDS)
+        fields = frozenset(name for name in header.tensors if name in FIELDS)
         return _HeaderRecord(
             fields=self._shared.setdefault(fields, fields),
             scalar_names=self._shared.setdefault(names, names),
             scalar_values=tuple(scalars.values()),
-            num_tokens=int(metadata.get(META_NUM_TOKENS, 0)),
-            num_sequences=int(metadata.get(META_NUM_SEQUENCES, 0)),
-            num_scored_tokens=int(metadata.get(META_SCORED_TOKENS, 0)),
+            num_tokens=tokens,
+            num_sequences=sequences,
+            num_scored_tokens=scored,
         )
 
-    def _check(self, path: Path, *, deep: bool) -> _HeaderRecord:
+    def _check(self, path: Path, step: int, *, deep: bool) -> _HeaderRecord:
         try:
             st = path.stat()
         except OSError as exc:
@@ -243,22 +349,19 @@ class DirectoryRun(Run):
                 check_readable_version(version, path.name)
             except InputError as exc:
                 raise StepReadError("unreadable", str(exc)) from None
-            record = self._record(header.metadata, header.tensors)
+            record = self._record(header, step)
         except StepReadError as exc:
             self._checked[path.name] = _Checked(key, True, (exc.kind, str(exc)))
             raise
-        except ValueError as exc:  # a count that is not an integer
-            self._checked[path.name] = _Checked(key, True, ("unreadable", f"bad count: {exc}"))
-            raise StepReadError("unreadable", f"bad count: {exc}") from None
         self._checked[path.name] = _Checked(key, deep, record)
         return record
 
-    def _records(self, ranks: dict[int, Path], *, deep: bool) -> list[_HeaderRecord]:
+    def _records(self, n: int, ranks: dict[int, Path], *, deep: bool) -> list[_HeaderRecord]:
         """Every rank's record, in rank order; StepReadError for a missing or bad file."""
-        missing = [r for r in range(self.world_size) if r not in ranks]
+        missing = _missing_ranks(ranks, self.world_size)
         if missing:
-            raise StepReadError("missing_rank", f"no file for rank(s) {missing}")
-        return [self._check(ranks[r], deep=deep and self.verify) for r in range(self.world_size)]
+            raise StepReadError("missing_rank", missing)
+        return [self._check(ranks[r], n, deep=deep and self.verify) for r in range(self.world_size)]
 
     def _try_step(
         self, n: int, *, deep: bool, ranks: dict[int, Path] | None = None
@@ -267,7 +370,7 @@ class DirectoryRun(Run):
             # The listing that produced `n` (step_numbers lists before each pass), else a fresh one.
             ranks = self._listing.finals.get(n) or self._scan().finals.get(n, {})
         try:
-            records = self._records(ranks, deep=deep)
+            records = self._records(n, ranks, deep=deep)
         except StepReadError as exc:
             return exc
         fields = set(records[0].fields).intersection(*(r.fields for r in records[1:]))
@@ -293,7 +396,7 @@ class DirectoryRun(Run):
         numbers = []
         for n in sorted(listing.finals):
             try:
-                self._records(listing.finals[n], deep=False)
+                self._records(n, listing.finals[n], deep=False)
             except StepReadError:
                 continue
             numbers.append(n)
@@ -308,14 +411,12 @@ class DirectoryRun(Run):
         listing = self._scan()
         findings: list[Finding] = []
         for n, ranks in sorted(listing.finals.items()):
-            missing = [r for r in range(self.world_size) if r not in ranks]
+            missing = _missing_ranks(ranks, self.world_size)
             if missing:
-                findings.append(
-                    Finding("missing_rank", n, None, f"step {n}: no file for rank(s) {missing}")
-                )
+                findings.append(Finding("missing_rank", n, None, f"step {n}: {missing}"))
             for path in ranks.values():
                 try:
-                    self._check(path, deep=True)
+                    self._check(path, n, deep=True)
                 except StepReadError as exc:
                     findings.append(Finding(exc.kind, n, str(path), f"step {n}: {exc.kind}: {exc}"))
         for n, path in listing.temps:
@@ -327,12 +428,8 @@ class DirectoryRun(Run):
                     f"step {n}: temporary file {path.name} (in flight, or left by a killed writer)",
                 )
             )
-        for path in listing.unknown:
-            findings.append(
-                Finding(
-                    "unknown_file", None, str(path), f"not a step file of this run: {path.name}"
-                )
-            )
+        for path, reason in listing.unknown:
+            findings.append(Finding("unknown_file", None, str(path), f"{path.name}: {reason}"))
         # Steps with any file (even a bad or temporary one) are reported as such, not as gaps.
         findings.extend(gap_findings(sorted(set(listing.finals) | {n for n, _ in listing.temps})))
         findings.sort(key=lambda f: (f.step if f.step is not None else -1, f.kind))

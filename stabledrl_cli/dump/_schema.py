@@ -45,6 +45,13 @@ BASE_VERSION = "1.0"
 MANIFEST_NAME = "manifest.json"
 STEPS_DIR = "steps"
 
+MANIFEST_LIMIT = 1 << 20
+"""Bytes a manifest may take (a manifest with param_names of a large model is ~100 KB)."""
+WORLD_SIZE_LIMIT = 4096
+"""The largest world_size a reader accepts: a larger one is a corrupt manifest."""
+STEP_LIMIT = (1 << 63) - 1
+"""The largest step number (int64): a longer one in a file name is not a step file."""
+
 STEP_FILE_RE = re.compile(r"^step-(\d{8,})(?:\.rank-(\d{4,}))?\.safetensors$")
 # Temporary names start with a dot so that no glob for finished steps ever matches them.
 TEMP_FILE_RE = re.compile(r"^\.step-(\d{8,})(?:\.rank-(\d{4,}))?\.safetensors\.tmp-\d+$")
@@ -55,6 +62,19 @@ def step_file_name(step: int, rank: int, world_size: int) -> str:
     if world_size > 1:
         return f"step-{step:08d}.rank-{rank:04d}.safetensors"
     return f"step-{step:08d}.safetensors"
+
+
+def canonical_step(name: str) -> tuple[int, int] | None:
+    """(step, rank) of a finished step file's name when it is the one spelling the writer uses
+    (`step_file_name`) of an int64 step; None for any other name (e.g. `step-000000001`)."""
+    match = STEP_FILE_RE.match(name)
+    if match is None:
+        return None
+    step, rank = int(match.group(1)), int(match.group(2) or 0)
+    if step > STEP_LIMIT:
+        return None
+    expected = step_file_name(step, rank, 2 if match.group(2) is not None else 1)
+    return (step, rank) if expected == name else None
 
 
 def temp_file_name(final_name: str, pid: int) -> str:
@@ -174,8 +194,12 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
     if manifest.get("group_ids", "per_rank") not in GROUP_IDS:
         raise corrupt("group_ids", " or ".join(GROUP_IDS))
     world_size = manifest.get("world_size")
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise corrupt("world_size", "an integer >= 1")
+    if (
+        isinstance(world_size, bool)
+        or not isinstance(world_size, int)
+        or not 1 <= world_size <= WORLD_SIZE_LIMIT
+    ):
+        raise corrupt("world_size", f"an integer in [1, {WORLD_SIZE_LIMIT}]")
     for name in ("meta", "estimator", "policy", "geometry"):
         if not isinstance(manifest.get(name), dict | None):
             raise corrupt(name, "an object or null")
@@ -196,6 +220,29 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
     ):
         raise corrupt("param_names", "null or a list of strings")
     return version
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_manifest(raw: bytes | str, where: str) -> dict[str, Any]:
+    """A manifest's text as a run manifest dict; InputError (exit 3) for one above
+    `MANIFEST_LIMIT` bytes, not strict JSON (NaN, Infinity), nested past the parser's depth,
+    or not a stabledrl-run object. Fields are checked by `check_manifest`."""
+    if len(raw) > MANIFEST_LIMIT:
+        raise InputError(
+            f"{where}: manifest of {len(raw)} bytes is larger than {MANIFEST_LIMIT} bytes"
+        )
+    try:
+        manifest = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise InputError(f"{where}: unreadable manifest (JSON nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{where}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != RUN_KIND:
+        raise InputError(f"{where}: not a run (not a {RUN_KIND} manifest)")
+    return manifest
 
 
 def json_checked(value: _Json, what: str) -> _Json:

@@ -12,7 +12,9 @@ name (`.step-....safetensors.tmp-PID`) that readers of a live run recognise as i
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -66,20 +68,88 @@ class StepHeader:
     data_len: int
 
 
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+"""safetensors' dtypes and their widths; any other dtype (a byte string, say) is unreadable."""
+
+
+def _tensor_entries(
+    header: dict[str, Any],
+) -> tuple[dict[str, tuple[str, tuple[int, ...]]], int]:
+    """Each tensor's (dtype, shape), and the data length they cover; StepReadError unless every
+    tensor has a known dtype, a shape whose bytes equal its extent, and the extents tile the
+    data buffer without gaps or overlaps (what safetensors' own reader assumes)."""
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    extents: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise StepReadError("unreadable", f"tensor {name!r}: entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPE_SIZES:
+            raise StepReadError("unreadable", f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise StepReadError("unreadable", f"tensor {name!r}: malformed shape or offsets")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
+            raise StepReadError(
+                "unreadable",
+                f"tensor {name!r}: {dtype} {shape} needs "
+                f"{math.prod(shape) * DTYPE_SIZES[dtype]} bytes, its extent has {end - begin}",
+            )
+        tensors[name] = (dtype, tuple(shape))
+        extents.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(extents):
+        if begin != position:
+            raise StepReadError("unreadable", f"tensor {name!r}: data extents overlap or gap")
+        position = end
+    return tensors, position
+
+
+def _check_metadata(metadata: object) -> dict[str, str]:
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise StepReadError("unreadable", "header metadata is not a map of strings")
+    return metadata
+
+
 def read_header(path: Path, *, deep: bool) -> StepHeader:
     """Parses and checks a step file's header; with `deep`, also the data CRC (reads it all).
 
+    Only a regular file is opened (never followed through a symlink, never a FIFO or device).
     Raises StepReadError: "torn" for a file shorter than its header says, "unreadable" else.
     """
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise StepReadError("unreadable", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        with open(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise StepReadError("unreadable", "not a regular file")
+            size = st.st_size
             prefix = fh.read(8)
             if len(prefix) < 8:
                 raise StepReadError("torn", f"{size} bytes, shorter than a safetensors header")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > _HEADER_LIMIT:
                 raise StepReadError("unreadable", f"header length {header_len} is not plausible")
+            if 8 + header_len > size:
+                raise StepReadError("torn", f"header cut at {size} of {8 + header_len} bytes")
             raw = fh.read(header_len)
             if len(raw) < header_len:
                 raise StepReadError(
@@ -87,6 +157,8 @@ def read_header(path: Path, *, deep: bool) -> StepHeader:
                 )
             try:
                 header = json.loads(raw)
+            except RecursionError:
+                raise StepReadError("unreadable", "header JSON nested too deeply") from None
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise StepReadError("unreadable", f"header is not JSON: {exc}") from None
             if not isinstance(header, dict):
@@ -97,13 +169,8 @@ def read_header(path: Path, *, deep: bool) -> StepHeader:
                 raise StepReadError("unreadable", "no header checksum (not a stabledrl step file)")
             if _canonical_crc(header) != expected:
                 raise StepReadError("unreadable", "header checksum mismatch")
-            tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-            data_len = 0
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                tensors[name] = (info["dtype"], tuple(int(d) for d in info["shape"]))
-                data_len = max(data_len, int(info["data_offsets"][1]))
+            metadata = _check_metadata(metadata)
+            tensors, data_len = _tensor_entries(header)
             data_start = 8 + header_len
             if size < data_start + data_len:
                 raise StepReadError(
@@ -119,7 +186,7 @@ def read_header(path: Path, *, deep: bool) -> StepHeader:
                     raise StepReadError("unreadable", "data checksum mismatch (corrupt bytes)")
     except OSError as exc:
         raise StepReadError("unreadable", f"cannot read: {exc.strerror or exc}") from None
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, RecursionError) as exc:
         raise StepReadError("unreadable", f"malformed header: {exc}") from None
     return StepHeader(
         tensors=tensors, metadata=dict(metadata), data_start=data_start, data_len=data_len
