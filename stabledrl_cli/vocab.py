@@ -61,3 +61,8 @@ GroupIds = Literal["per_rank", "global"]
 """What a multi-rank run's `group_id`s mean: numbered per rank (a reader offsets each rank's
 ids past the ranks before it), or global prompt-group ids shared by all ranks (left as is)."""
 GROUP_IDS: tuple[GroupIds, ...] = get_args(GroupIds)
+
+MetricGroup = Literal["trl", "verl", "counts"]
+"""Per-step columns a replay table shows only on request: TRL's clip ratios, verl's clip
+fractions, the scored and clipped counts."""
+METRIC_GROUPS: tuple[MetricGroup, ...] = get_args(MetricGroup)

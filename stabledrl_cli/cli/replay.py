@@ -43,6 +43,7 @@ from stabledrl_cli.replay.hdf5 import write_hdf5
 from stabledrl_cli.replay.plot import check_plot_path, plot_replay, require_matplotlib
 from stabledrl_cli.replay.report import print_detail, print_summary
 from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.vocab import METRIC_GROUPS, MetricGroup
 
 FLAGS = {"step_range": "--steps"}
 """Library setting -> its option, where the option is not --SETTING-WITH-DASHES."""
@@ -71,6 +72,17 @@ def check_outputs(plot: Path | None, targets: dict[str, Path | None]) -> None:
         except UsageError as exc:
             raise UsageError(f"--plot {exc}") from None
         require_matplotlib()
+
+
+def metric_groups(names: Sequence[str] | None) -> tuple[MetricGroup, ...]:
+    """The --metrics groups, each checked against the vocabulary (a usage error names it)."""
+    groups: list[MetricGroup] = []
+    for name in names or ():
+        group = next((g for g in METRIC_GROUPS if g == name), None)
+        if group is None:
+            raise UsageError(f"--metrics {name!r} is not one of {', '.join(METRIC_GROUPS)}")
+        groups.append(group)
+    return tuple(groups)
 
 
 def replay_with_progress(
@@ -136,6 +148,15 @@ def command(
         ),
     ] = None,
     plot: PlotOpt = None,
+    metrics: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metrics",
+            metavar="|".join(METRIC_GROUPS),
+            help="Add columns to the tables: trl (TRL's clip ratios), verl (verl's clip "
+            "fractions), counts (scored and clipped entries); repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Replay a recorded run through the policy catalogue (one-step counterfactuals)."""
     check_outputs(plot, {"--out": out_path})
@@ -165,6 +186,7 @@ def command(
         sys.stdout.write("\n")
         sys.stdout.flush()
         return
+    groups = metric_groups(metrics)
     if detail or steps is not None:
-        print_detail(result, out)
-    print_summary(result, out)
+        print_detail(result, out, groups)
+    print_summary(result, out, groups)

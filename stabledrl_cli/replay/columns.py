@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from stabledrl_cli.replay.config import CLIP_EPS, ReplayConfig
 from stabledrl_cli.replay.detectors import drift_flags, spike_flags
-from stabledrl_cli.vocab import StepGeometryKind, Worse
+from stabledrl_cli.vocab import MetricGroup, StepGeometryKind, Worse
 
 ColumnKind = Literal["int", "float", "bool", "str"]
 """A column's value type: int64, float64 (NaN where not computable), bool, or str."""
@@ -33,11 +33,22 @@ DTYPES: dict[ColumnKind, type[np.generic]] = {
     "bool": np.bool_,
     "str": np.object_,
 }
-Aggregate = Literal["max", "median", "sum", "count"]
-"""How a gated column becomes one figure of the run: over its finite values (count: the
-steps where a bool column is true)."""
+Aggregate = Literal["max", "median", "mean", "sum", "count"]
+"""How a column becomes one figure of the run: over its finite values (count: the steps where
+a bool column is true)."""
 CellFormat = Literal["int", "percent", "number", "number4"]
 """How the per-step table shows a value: as is, as a percentage, to 3 or 4 digits."""
+
+TRL_METRICS = (
+    "trl_clip_ratio_low_mean",
+    "trl_clip_ratio_high_mean",
+    "trl_clip_ratio_region_mean",
+    "trl_cispo_clip_ratio",
+)
+"""TRL's `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`,
+`cispo_clip_ratio`, in that order (computed by `framework.framework_metrics`)."""
+VERL_METRICS = ("verl_pg_clipfrac", "verl_pg_clipfrac_lower")
+"""verl's `actor/pg_clipfrac`, `actor/pg_clipfrac_lower` (computed by `framework`)."""
 
 ColumnArray = npt.NDArray[np.generic]
 """One column over the steps: [S]."""
@@ -105,6 +116,10 @@ class Column:
     """A bool column listed in the per-step table's `flags` cell when true."""
     gate: ColumnGate | None = None
     """Its whole-run figure, summarized and gated (None: neither)."""
+    summary: Aggregate | None = None
+    """Its whole-run figure in the policy summary under the column's own name, not gated."""
+    group: MetricGroup | None = None
+    """Shown in the tables only on request (`replay --metrics GROUP`); None: by default."""
 
     @property
     def figure(self) -> str | None:
@@ -257,6 +272,75 @@ COLUMNS: tuple[Column, ...] = (
     ),
     Column(name="objective", kind="float", meaning="The policy's surrogate objective J."),
     Column(
+        name="scored_tokens",
+        kind="int",
+        meaning="Scored entries: mask = 1 (A = 0 included).",
+        summary="sum",
+        group="counts",
+        table=TableCell(header="scored", format="int"),
+    ),
+    Column(
+        name="clipped_pos",
+        kind="int",
+        meaning="Clipped entries with A > 0.",
+        summary="sum",
+        group="counts",
+        table=TableCell(header="clip +A", format="int"),
+    ),
+    Column(
+        name="clipped_neg",
+        kind="int",
+        meaning="Clipped entries with A < 0.",
+        summary="sum",
+        group="counts",
+        table=TableCell(header="clip -A", format="int"),
+    ),
+    *(
+        Column(
+            name=name,
+            kind="float",
+            meaning=meaning,
+            summary="mean",
+            group="trl",
+            table=TableCell(header=header, format="percent"),
+        )
+        for name, header, meaning in zip(
+            TRL_METRICS,
+            ("trl low", "trl high", "trl region", "trl cispo"),
+            (
+                "TRL clip_ratio/low_mean: (r < 1 - eps_low) & (A < 0) over scored entries, "
+                "mean over micro-batches.",
+                "TRL clip_ratio/high_mean: (r > 1 + eps_high) & (A > 0) over scored entries, "
+                "mean over micro-batches.",
+                "TRL clip_ratio/region_mean: low or high, mean over micro-batches.",
+                "TRL cispo_clip_ratio: (r > cap) & (A > 0) over scored entries, mean over "
+                "micro-batches.",
+            ),
+            strict=True,
+        )
+    ),
+    *(
+        Column(
+            name=name,
+            kind="float",
+            meaning=meaning,
+            summary="mean",
+            group="verl",
+            table=TableCell(header=header, format="percent"),
+        )
+        for name, header, meaning in zip(
+            VERL_METRICS,
+            ("verl clipfrac", "verl lower"),
+            (
+                "verl pg_clipfrac: entries whose clip binds over scored entries, mean over "
+                "micro-batches.",
+                "verl pg_clipfrac_lower: (A < 0) & (r > c) over scored entries (dual-clip), "
+                "mean over micro-batches.",
+            ),
+            strict=True,
+        )
+    ),
+    Column(
         name="discarded_mass",
         kind="float",
         meaning="Norm of the discarded part of the IS update.",
@@ -286,6 +370,20 @@ def reported_columns() -> tuple[Column, ...]:
 def gated_columns() -> tuple[Column, ...]:
     """The columns with a whole-run figure (summary and gate)."""
     return tuple(c for c in COLUMNS if c.gate is not None)
+
+
+def summary_columns() -> tuple[Column, ...]:
+    """The columns with an ungated whole-run figure in the policy summary."""
+    return tuple(c for c in COLUMNS if c.summary is not None)
+
+
+def table_columns(groups: tuple[MetricGroup, ...] = ()) -> tuple[Column, ...]:
+    """The reported columns the per-step table shows: the default ones and those of `groups`."""
+    return tuple(
+        c
+        for c in reported_columns()
+        if c.table is not None and (c.group is None or c.group in groups)
+    )
 
 
 def derive_series(

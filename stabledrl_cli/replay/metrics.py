@@ -23,6 +23,7 @@ from stabledrl_cli.errors import InputError
 from stabledrl_cli.geometry import decode_geometry, replayed_update_norm
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
 from stabledrl_cli.replay import columns
+from stabledrl_cli.replay.framework import MicroBatches, framework_metrics
 from stabledrl_cli.vocab import StepGeometryKind
 
 
@@ -152,9 +153,11 @@ def step_metrics(
     weights: Sequence[Weights],
     geometry: StepGeometry,
     own_index: int | None,
+    micro: MicroBatches,
 ) -> torch.Tensor:
     """-> [P, M] float64 on prep.device: one row a policy, one column a device metric
-    (`columns.device_metrics()`, in that order)."""
+    (`columns.device_metrics()`, in that order). micro: the step's micro-batches (the
+    frameworks' clip metrics average over them)."""
     zero = torch.zeros((), dtype=prep.dtype, device=prep.device)
     coef = torch.stack([w.coef for w in weights])  # [P, T]
     adv = torch.stack([w.advantages for w in weights])
@@ -211,6 +214,9 @@ def step_metrics(
         "discarded_pos": (discarded & (adv > 0)).sum(-1),
         "discarded_neg": (discarded & (adv < 0)).sum(-1),
         "clipped": clipped.sum(-1),
+        "scored_tokens": scored.sum(-1),
+        "clipped_pos": (clipped & (adv > 0)).sum(-1),
+        "clipped_neg": (clipped & (adv < 0)).sum(-1),
         "discarded_mass": discarded_mass,
         "is_mass": is_mass,
         "update_norm": update_norm,
@@ -220,6 +226,7 @@ def step_metrics(
         "net_push": push,
         "nonfinite_coefs": torch.stack([w.nonfinite for w in weights]),
         "objective": torch.stack([w.objective for w in weights]),
+        **framework_metrics(prep, policies, weights, micro),
     }
     return torch.stack([computed[name].double() for name in columns.device_metrics()], dim=1)
 

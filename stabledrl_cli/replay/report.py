@@ -3,6 +3,9 @@ run, and with `--detail` or `--steps` the per-step rows and the flagged steps' s
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 from rich.console import Console
 from rich.table import Table
 
@@ -11,6 +14,7 @@ from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.columns import CellFormat
 from stabledrl_cli.replay.config import format_step_range
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
+from stabledrl_cli.vocab import MetricGroup
 
 LIST_LIMIT = 8
 """Step lists longer than this are cut in the table (JSON has them all)."""
@@ -37,8 +41,11 @@ def _marks(p: PolicyResult) -> list[str]:
     return [m for m, on in (("own", p.own), ("best", p.best)) if on]
 
 
-def print_summary(result: ReplayResult, console: Console) -> None:
-    """One row per policy, the run's own policy and the best one marked."""
+def print_summary(
+    result: ReplayResult, console: Console, metrics: Sequence[MetricGroup] = ()
+) -> None:
+    """One row per policy, the run's own policy and the best one marked; `metrics`: the
+    groups of on-request columns to add (their whole-run figures)."""
     caption = _CAPTIONS.get(result.geometry)
     if caption is not None:
         caption = caption.format(uncovered=1 - result.geometry_coverage)
@@ -51,9 +58,11 @@ def print_summary(result: ReplayResult, console: Console) -> None:
         caption_justify="left",
     )
     figures = [c.figure for c in columns.gated_columns() if c.figure is not None]
+    extra = [c for c in columns.summary_columns() if c.group in metrics and c.table is not None]
     headers = [
         "policy", "discard", "+A/-A", "mass", "clipped", f"norm med{star}", f"norm max{star}",
         "cos own", "spikes", "drift", "collapsed", "lead", *figures,
+        *(c.table.header for c in extra if c.table is not None),
     ]  # fmt: skip
     for header in headers:
         table.add_column(header, overflow="fold")
@@ -76,6 +85,11 @@ def print_summary(result: ReplayResult, console: Console) -> None:
             format_steps(s.collapsed_steps, LIST_LIMIT),
             _lead_text(s.lead_steps),
             *(format_number(s.column_figures.get(name)) for name in figures),
+            *(
+                _cell(s.column_figures.get(c.name), c.table.format)
+                for c in extra
+                if c.table is not None
+            ),
         )
     console.print(table)
     print_observed(result, console)
@@ -122,17 +136,20 @@ def print_observed(result: ReplayResult, console: Console) -> None:
 
 def _cell(value: object, how: CellFormat) -> str:
     if how == "int":
-        return str(value)
+        return "n/a" if value is None else str(value)
     number = value if isinstance(value, (int, float)) else None
     if how == "percent":
-        return "n/a" if number is None else f"{number:.1%}"
+        return "n/a" if number is None or math.isnan(number) else f"{number:.1%}"
     return format_number(number, 4 if how == "number4" else 3)
 
 
-def print_detail(result: ReplayResult, console: Console) -> None:
+def print_detail(
+    result: ReplayResult, console: Console, metrics: Sequence[MetricGroup] = ()
+) -> None:
     """Per-step rows of the reported range, one table a policy (cells and flags as declared
-    in `columns.COLUMNS`), then the flagged steps' top sequences."""
-    shown = [c for c in columns.reported_columns() if c.table is not None]
+    in `columns.COLUMNS`, with the on-request columns of `metrics`), then the flagged steps'
+    top sequences."""
+    shown = columns.table_columns(tuple(metrics))
     flags = [c.name for c in columns.reported_columns() if c.flag]
     span = format_step_range(result.step_range)
     for p in result.policies:

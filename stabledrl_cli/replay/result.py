@@ -97,7 +97,8 @@ class PolicySummary:
     update_norm_approximate: bool
     """Some step's norm summed varying token coefficients into one sequence unit."""
     column_figures: dict[str, float | None] = field(default_factory=dict)
-    """Whole-run figures of gated columns: `Column.figure` -> value (None: none finite)."""
+    """Whole-run figures of gated columns (`Column.figure` -> value) and of summary columns
+    (`Column.summary`: the column's name -> value); None: no finite value."""
 
     def to_dict(self) -> JsonRow:
         """The contract's summary keys in order, then the column figures."""

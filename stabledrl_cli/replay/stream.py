@@ -23,6 +23,7 @@ from stabledrl_cli.errors import InputError
 from stabledrl_cli.geometry import GRAM_KEY, SKETCH_KEY, SKETCH_SCALE_KEY
 from stabledrl_cli.policies import Policy, PolicyBatch, PreparedBatch, prepare
 from stabledrl_cli.replay import columns
+from stabledrl_cli.replay.framework import MicroBatches, micro_batches
 from stabledrl_cli.replay.metrics import (
     StepGeometry,
     TopSequence,
@@ -37,7 +38,7 @@ BASE_FIELDS = ("logp", "logp_old", "advantages", "mask", "seq_id")
 """Fields every policy needs."""
 TOKEN_FIELDS = (*BASE_FIELDS, "logp_ref", "loss_weight", "loss_scale")
 """Per-entry fields a replay reads when present (each as long as logp)."""
-SEQUENCE_FIELDS = ("group_id", "reward")
+SEQUENCE_FIELDS = ("group_id", "reward", "micro_batch")
 """Per-sequence fields a replay reads when present."""
 GEOMETRY_FIELDS = (GRAM_KEY, SKETCH_KEY)
 
@@ -90,11 +91,12 @@ def read_arrays(step: Step, where: str) -> Arrays:
                 f"has {length} (mismatched array lengths)"
             )
     present = [n for n in SEQUENCE_FIELDS if n in arrays]
-    if len(present) == 2 and arrays["group_id"].shape != arrays["reward"].shape:
-        raise InputError(
-            f"{where}: step {step.step}: group_id has {arrays['group_id'].numel()} entries but "
-            f"reward has {arrays['reward'].numel()} (mismatched array lengths)"
-        )
+    for name in present[1:]:
+        if arrays[name].shape != arrays[present[0]].shape:
+            raise InputError(
+                f"{where}: step {step.step}: {present[0]} has {arrays[present[0]].numel()} "
+                f"entries but {name} has {arrays[name].numel()} (mismatched array lengths)"
+            )
     return arrays
 
 
@@ -148,6 +150,17 @@ def step_geometry(step: Step, arrays: Arrays, prep: PreparedBatch, where: str) -
         raise InputError(f"{where}: {exc}") from None
 
 
+def step_micro_batches(step: Step, arrays: Arrays, prep: PreparedBatch, where: str) -> MicroBatches:
+    """The step's micro-batches (one without a recorded `micro_batch`)."""
+    return micro_batches(
+        prep,
+        arrays.get("micro_batch"),
+        arrays["seq_id"],
+        seq_is_raw="group_id" in arrays or "reward" in arrays,
+        where=f"{where}: step {step.step}",
+    )
+
+
 def run_unit(run: Run) -> Unit:
     """What the run's entries score (the reader has validated the manifest's unit)."""
     return "sequence" if run.unit == "sequence" else "token"
@@ -192,7 +205,8 @@ def stream_run(
             prep = prepared(step, step_arrays, unit, where)
             geometry = step_geometry(step, step_arrays, prep, where)
             weights = [policy.weights(prep) for policy in policies]
-            rows.append(step_metrics(prep, policies, weights, geometry, own_index))
+            micro = step_micro_batches(step, step_arrays, prep, where)
+            rows.append(step_metrics(prep, policies, weights, geometry, own_index, micro))
             if geometry.per_sequence:
                 coef = torch.stack([w.coef for w in weights])
                 approximate |= varies_within_sequence(coef, prep).cpu().numpy()

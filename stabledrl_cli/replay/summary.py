@@ -39,6 +39,8 @@ def aggregate(values: ColumnArray, how: Aggregate) -> float | None:
         return float(finite.max())
     if how == "median":
         return float(np.median(finite))
+    if how == "mean":
+        return float(finite.mean())
     return float(finite.sum())
 
 
@@ -72,6 +74,10 @@ def summarize_policy(
         for column in columns.gated_columns()
         if column.figure is not None and column.gate is not None
     }
+    for column in columns.summary_columns():
+        assert column.summary is not None
+        value = aggregate(series[column.name], column.summary)
+        figures[column.name] = int(value) if column.kind == "int" and value is not None else value
     return PolicySummary(
         tokens=tokens,
         discarded=discarded,

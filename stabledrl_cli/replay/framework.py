@@ -1,0 +1,199 @@
+"""The frameworks' own clip metrics of every replayed policy, each computed the framework's way
+(docs/replay-json.md defines every denominator).
+
+- TRL 1.16 (`GRPOTrainer._compute_loss`): `clip_ratio/low_mean` = (r < 1 - eps_low) & (A < 0),
+  `clip_ratio/high_mean` = (r > 1 + eps_high) & (A > 0), `clip_ratio/region_mean` = either
+  (grpo-family policies; r is min(r, delta) for two-sided, the sequence ratio for gspo), and
+  `cispo_clip_ratio` = (r > cap) & (A > 0) (cispo's TRL form). Each is a fraction over a
+  micro-batch's scored entries (mask = 1; A = 0 entries count in the denominator, which is
+  clamped to >= 1), over its rows for gspo (one value a sequence); TRL logs the unweighted
+  mean of the per-micro-batch values.
+- verl 0.9.1 (`core_algos.compute_policy_loss_vanilla`, `_gspo`, `_cispo`, `_sapo`):
+  `pg_clipfrac` and `pg_clipfrac_lower` over a micro-batch's scored entries (denominator
+  count + 1e-8), r = exp(clamp(log r, -20, 20)) (gspo: exp(min(mean log r of the sequence,
+  10))), averaged unweighted over the micro-batches. vanilla: (A > 0 & r > 1 + eps_high) |
+  (A < 0 & r < 1 - eps_low), lower (A < 0 & r > c) for dual-clip; cispo's verl form: r outside
+  [1 - eps_low, 1 + eps_high] whatever A, lower 0; sapo: 0 and 0 (what verl logs).
+
+A step without a recorded `micro_batch` is one micro-batch. A metric the framework does not
+log for a policy (no eps: is, reinforce, stabledrl; sapo in TRL) is NaN (null in the JSON).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from stabledrl_cli.errors import InputError
+from stabledrl_cli.policies import Policy, PreparedBatch, Weights
+from stabledrl_cli.policies._config import (
+    CISPOConfig,
+    ClipConfig,
+    DualClipConfig,
+    GSPOConfig,
+    SAPOConfig,
+    TwoSidedConfig,
+)
+from stabledrl_cli.replay.columns import TRL_METRICS, VERL_METRICS
+
+VERL_LOG_RATIO_CLAMP = 20.0
+"""verl clamps log r to [-20, 20] before exp (vanilla, cispo)."""
+VERL_SEQ_LOG_RATIO_MAX = 10.0
+"""verl clamps GSPO's sequence log ratio at 10."""
+VERL_MASKED_MEAN_EPS = 1e-8
+"""verl's masked_mean divides by mask.sum() + 1e-8."""
+
+
+@dataclass(frozen=True)
+class MicroBatches:
+    """A step's micro-batches: `seq_index` [N] int64, each sequence's micro-batch as a dense
+    index in [0, count)."""
+
+    seq_index: torch.Tensor
+    count: int
+
+
+def micro_batches(
+    prep: PreparedBatch,
+    micro_batch: torch.Tensor | None,
+    raw_seq_id: torch.Tensor,
+    *,
+    seq_is_raw: bool,
+    where: str,
+) -> MicroBatches:
+    """The step's micro-batches from its per-sequence `micro_batch` [N] (None: the whole step
+    is one). raw_seq_id: [T] the recorded seq_id; seq_is_raw: prep's sequence index is the
+    recorded seq_id (the step has group_id or reward), else a dense renumbering of it."""
+    if micro_batch is None:
+        zeros = torch.zeros(prep.n_seq, dtype=torch.int64, device=prep.device)
+        return MicroBatches(zeros, 1)
+    per_seq = micro_batch.reshape(-1).to(prep.device, torch.int64)
+    if seq_is_raw:
+        if per_seq.shape[0] != prep.n_seq:
+            raise InputError(
+                f"{where}: micro_batch has {per_seq.shape[0]} entries but the step has "
+                f"{prep.n_seq} sequences (mismatched array lengths)"
+            )
+    else:
+        raw = raw_seq_id.reshape(-1).to(prep.device, torch.int64)
+        if raw.numel() and int(raw.max()) >= per_seq.shape[0]:
+            raise InputError(
+                f"{where}: seq_id {int(raw.max())} has no entry in micro_batch "
+                f"({per_seq.shape[0]} entries)"
+            )
+        per_seq = torch.zeros(prep.n_seq, dtype=torch.int64, device=prep.device).scatter_(
+            0, prep.seq, per_seq[raw]
+        )
+    _, index = torch.unique(per_seq, return_inverse=True)
+    return MicroBatches(index, int(index.max()) + 1 if index.numel() else 1)
+
+
+def _token_fraction(
+    hit: torch.Tensor, prep: PreparedBatch, micro: MicroBatches, eps: float | None
+) -> torch.Tensor:
+    """0-d: the unweighted mean over micro-batches of sum(hit & mask) / count(mask) (hit [T]);
+    eps None: TRL's denominator clamp(min=1), else verl's + eps."""
+    token_mb = micro.seq_index[prep.seq]
+    zeros = torch.zeros(micro.count, dtype=torch.float64, device=prep.device)
+    num = zeros.index_add(0, token_mb, (hit & prep.mask).double())
+    den = zeros.index_add(0, token_mb, prep.mask.double())
+    frac = num / (den.clamp(min=1.0) if eps is None else den + eps)
+    return frac.mean()
+
+
+def _row_fraction(hit_seq: torch.Tensor, micro: MicroBatches) -> torch.Tensor:
+    """0-d: TRL's sequence-level mean: per micro-batch, hits over its rows (sequences)."""
+    zeros = torch.zeros(micro.count, dtype=torch.float64, device=hit_seq.device)
+    num = zeros.index_add(0, micro.seq_index, hit_seq.double())
+    ones = torch.ones(micro.seq_index.shape[0], dtype=torch.float64, device=hit_seq.device)
+    rows = zeros.index_add(0, micro.seq_index, ones)
+    return (num / rows.clamp(min=1.0)).mean()
+
+
+def _clip_hits(
+    ratio: torch.Tensor, adv: torch.Tensor, low: float, high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A < 0 & r < 1 - low, A > 0 & r > 1 + high), strict as both frameworks compare."""
+    return (ratio < 1.0 - low) & (adv < 0), (ratio > 1.0 + high) & (adv > 0)
+
+
+def _trl(
+    policy: Policy, w: Weights, prep: PreparedBatch, micro: MicroBatches
+) -> list[torch.Tensor]:
+    """[low, high, region, cispo] as 0-d tensors or NaN (not logged for this policy)."""
+    nan = torch.full((), math.nan, dtype=torch.float64, device=prep.device)
+    config = policy.config
+    adv = w.advantages
+    if isinstance(config, GSPOConfig):
+        seq_adv = prep.seq_sum(adv) / prep.seq_len.clamp(min=1.0)
+        low, high = _clip_hits(
+            torch.exp(prep.seq_mean_log_ratio), seq_adv, config.eps_low, config.eps_high
+        )
+        return [
+            _row_fraction(low, micro),
+            _row_fraction(high, micro),
+            _row_fraction(low | high, micro),
+            nan,
+        ]
+    if isinstance(config, ClipConfig):
+        ratio = prep.ratio
+        if isinstance(config, TwoSidedConfig) and config.delta is not None:
+            ratio = torch.clamp(ratio, max=config.delta)  # TRL clamps coef_1 before its metrics
+        low, high = _clip_hits(ratio, adv, config.eps_low, config.high)
+        return [
+            _token_fraction(low, prep, micro, None),
+            _token_fraction(high, prep, micro, None),
+            _token_fraction(low | high, prep, micro, None),
+            nan,
+        ]
+    if isinstance(config, CISPOConfig) and config.cap is not None:
+        hit = (prep.ratio > config.cap) & (adv > 0)
+        return [nan, nan, nan, _token_fraction(hit, prep, micro, None)]
+    return [nan, nan, nan, nan]
+
+
+def _verl(
+    policy: Policy, w: Weights, prep: PreparedBatch, micro: MicroBatches
+) -> list[torch.Tensor]:
+    """[pg_clipfrac, pg_clipfrac_lower] as 0-d tensors or NaN."""
+    nan = torch.full((), math.nan, dtype=torch.float64, device=prep.device)
+    zero = torch.zeros((), dtype=torch.float64, device=prep.device)
+    config = policy.config
+    adv = w.advantages
+    ratio = torch.exp(prep.log_ratio.clamp(-VERL_LOG_RATIO_CLAMP, VERL_LOG_RATIO_CLAMP))
+
+    def frac(hit: torch.Tensor) -> torch.Tensor:
+        return _token_fraction(hit, prep, micro, VERL_MASKED_MEAN_EPS)
+
+    if isinstance(config, GSPOConfig):
+        seq_ratio = torch.exp(prep.seq_mean_log_ratio.clamp(max=VERL_SEQ_LOG_RATIO_MAX))
+        low, high = _clip_hits(seq_ratio[prep.seq], adv, config.eps_low, config.eps_high)
+        return [frac(low | high), zero]
+    if isinstance(config, ClipConfig):
+        low, high = _clip_hits(ratio, adv, config.eps_low, config.high)
+        lower = frac((adv < 0) & (ratio > config.c)) if isinstance(config, DualClipConfig) else nan
+        return [frac(low | high), lower]
+    if isinstance(config, CISPOConfig) and config.eps_low is not None:
+        ceiling = 1.0 + (config.eps_low if config.eps_high is None else config.eps_high)
+        return [frac((ratio < 1.0 - config.eps_low) | (ratio > ceiling)), zero]
+    if isinstance(config, SAPOConfig):
+        return [zero, zero]
+    return [nan, nan]
+
+
+def framework_metrics(
+    prep: PreparedBatch,
+    policies: Sequence[Policy],
+    weights: Sequence[Weights],
+    micro: MicroBatches,
+) -> dict[str, torch.Tensor]:
+    """name (`TRL_METRICS`, `VERL_METRICS`) -> [P] float64 on prep.device."""
+    rows = [
+        _trl(p, w, prep, micro) + _verl(p, w, prep, micro)
+        for p, w in zip(policies, weights, strict=True)
+    ]
+    names = (*TRL_METRICS, *VERL_METRICS)
+    return {name: torch.stack([row[i].double() for row in rows]) for i, name in enumerate(names)}
