@@ -4,7 +4,9 @@ over plain `trl.GRPOTrainer` on the tiny CPU run of the tests (tests/trl_scripts
 A step's time runs from TRL's `on_step_begin` to `on_step_end`: generation (when due), every
 micro-batch's forward and backward, the optimizer update and, recorded, the step file written
 and fsynced. Recorded and plain runs alternate, --repeats of each; the figure is the median
-step time (first step of each run left out: it carries one-off warm-up) and their ratio.
+step time (first step of each run left out: it carries one-off warm-up) and their ratio, and
+the time spent in the integration's own code a step (less noisy than a ratio of two medians
+on a shared machine).
 The tiny model makes the fixed per-step cost of writing a file as large as it will ever be
 relative to the step; a real model's steps are longer and the ratio closer to 1.
 
@@ -36,7 +38,27 @@ from tiny_grpo import (  # type: ignore[import-not-found]
 )
 from trl.trainer.grpo_trainer import GRPOTrainer
 
+from stabledrl_cli.integrations._trl_capture import StepBuffer
 from stabledrl_cli.integrations.trl import RecordingGRPOTrainer
+
+RECORDING_TIME = [0.0]
+"""Seconds spent in the integration's own work (capture of micro-batches, step assembly and
+the write), summed over the recorded runs."""
+
+
+def _timed(function: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            RECORDING_TIME[0] += time.perf_counter() - start
+
+    return wrapper
+
+
+StepBuffer.log = _timed(StepBuffer.log)  # type: ignore[method-assign]
+RecordingGRPOTrainer._sd_micro_batch = _timed(RecordingGRPOTrainer._sd_micro_batch)  # type: ignore[method-assign]
 
 
 class StepTimer(TrainerCallback):
@@ -84,11 +106,14 @@ def main() -> None:
             for recorded in (False, True):
                 times[recorded] += step_times(recorded, args.steps, args.loss_type, Path(tmp))
     plain, with_recording = statistics.median(times[False]), statistics.median(times[True])
+    own = RECORDING_TIME[0] / (args.repeats * args.steps)
     print(f"tiny TRL run ({args.loss_type}, {args.repeats} x {args.steps} steps, "
           f"{args.threads} thread(s)): median optimizer-step time")  # fmt: skip
     print(f"  trl.GRPOTrainer        {plain * 1e3:8.1f} ms")
     print(f"  RecordingGRPOTrainer   {with_recording * 1e3:8.1f} ms")
     print(f"  ratio recorded/plain   {with_recording / plain:8.3f}")
+    print(f"  recording's own work   {own * 1e3:8.1f} ms a step (capture, assembly, write; "
+          f"{own / plain:.1%} of the plain median)")  # fmt: skip
 
 
 if __name__ == "__main__":
