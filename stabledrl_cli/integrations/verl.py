@@ -28,6 +28,11 @@ What is hooked, in the worker process:
   `uid`s (one `all_gather_object`), so prompt groups get the same global id on every rank and
   a group with members on another rank or in another mini-batch is marked `group_split`.
 
+Engines: exercised on verl's FSDP2 engine (tests/verl_scripts). Megatron, torchtitan and
+automodel call the loss function and `optimizer_step()` the same way but are untested here;
+Megatron also scales its loss by the number of micro-batches, which the recorded `loss`
+scalar does not undo.
+
 Each data-parallel rank writes its own step files (rank = verl's data-parallel rank); only
 the rank that holds a model-parallel group's outputs records (sequence-parallel local rank 0
 under Ulysses). Recording never breaks training: a configuration the catalogue cannot
