@@ -10,6 +10,7 @@ before: their steps simply lack those fields.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import h5py
 import numpy as np
 import torch
 
+from stabledrl_cli.dump._archive_checks import CRC_ATTR, check_objects, index_crc
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError
 from stabledrl_cli.dump._layout import (
     RAGGED_FIELDS,
@@ -28,13 +30,23 @@ from stabledrl_cli.dump._layout import (
     decode,
 )
 from stabledrl_cli.dump._run import Run, Step
-from stabledrl_cli.dump._schema import FIELDS, RUN_KIND, check_manifest, check_readable_version
+from stabledrl_cli.dump._schema import (
+    FIELDS,
+    MANIFEST_LIMIT,
+    RUN_KIND,
+    check_manifest,
+    check_readable_version,
+    parse_manifest,
+)
 from stabledrl_cli.errors import InputError
 
 # HDF5's default chunk cache (1 MiB a dataset) holds a handful of chunks; steps are read in
 # order, so a larger one lets consecutive steps share decompressed chunks (a step's sketch
 # slice alone can be a few MiB).
 _CHUNK_CACHE_BYTES = 8 << 20
+_INTEGRITY_LIMIT = 64 << 20
+"""Bytes of the carried integrity findings (a run with a million stray files has ~200 MB; such
+an archive is refused rather than parsed)."""
 
 
 @dataclass(eq=False, kw_only=True)
@@ -52,7 +64,7 @@ class ArchiveStep(Step):
             return torch.from_numpy(self.loaded.pop(name))
         try:
             return torch.from_numpy(self.archive.read_field(self.index, name))
-        except OSError as exc:
+        except (OSError, ValueError, TypeError) as exc:
             raise InputError(
                 f"{self.archive.path}: cannot read {name} of step {self.step}: {exc}"
             ) from None
@@ -64,21 +76,63 @@ class ArchiveRun(Run):
     def __init__(self, path: Path, *, verify: bool = True) -> None:
         self.path = path
         self.verify = verify
+        self._bad: dict[int, StepReadError] = {}  # step index -> why it cannot be read
+        self._load_findings: list[Finding] = []
+        self._verified: set[int] = set()
+        self._checked_all = False
+        self._checksummed = False
+        self._all_bad: str | None = None
+        """Why every step is bad (an index checksum failed), if one is."""
         try:
+            file_size = os.stat(path).st_size
             self._file = h5py.File(path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
         except OSError as exc:
             raise InputError(f"{path}: unreadable HDF5 file ({exc})") from None
         try:
+            check_objects(self._file, path, file_size)
             self._load()
         except InputError:
             self._file.close()
             raise
-        except (KeyError, ValueError, TypeError, OSError) as exc:
+        except (KeyError, ValueError, TypeError, OSError, RecursionError) as exc:
             self._file.close()
             raise InputError(f"{path}: corrupt run archive ({type(exc).__name__}: {exc})") from None
-        self._bad: dict[int, StepReadError] = {}  # step index -> why it cannot be read
-        self._verified: set[int] = set()
-        self._checked_all = False
+
+    def _text(self, name: str, limit: int) -> str:
+        """A JSON string dataset, its size capped and its checksum checked (if it has one)."""
+        dataset = self._file[name]
+        text = decode(dataset[()])
+        if not isinstance(text, str) or len(text) > limit:
+            raise InputError(f"{self.path}: corrupt run archive ({name} is not a bounded string)")
+        expected = decode(dataset.attrs.get(CRC_ATTR))
+        if expected is not None and expected != index_crc(text):
+            if name == "manifest":
+                raise InputError(f"{self.path}: corrupt run archive (manifest checksum mismatch)")
+            self._load_findings.append(
+                Finding("unreadable", None, f"{self.path}:{name}", f"{name}: checksum mismatch")
+            )
+        return text
+
+    def _index(self, name: str) -> np.ndarray:
+        """An index dataset read whole (its size was bounded by `check_objects`), its checksum
+        checked: a mismatch marks every step bad (its numbers, counts or scalars are not to be
+        trusted) and is a finding."""
+        dataset = self._file[name]
+        values: np.ndarray = dataset[()]
+        if self._checksummed:
+            expected = decode(dataset.attrs.get(CRC_ATTR))
+            if expected != index_crc(values):
+                why = "no checksum" if expected is None else "checksum mismatch"
+                self._load_findings.append(
+                    Finding(
+                        "unreadable",
+                        None,
+                        f"{self.path}:{name}",
+                        f"archive index {name}: {why}; every step is skipped",
+                    )
+                )
+                self._all_bad = f"archive index {name}: {why}"
+        return values
 
     def _load(self) -> None:
         handle, path = self._file, self.path
@@ -90,27 +144,37 @@ class ArchiveRun(Run):
         self.format_version = check_readable_version(
             decode(handle.attrs.get("format_version")), str(path)
         )
-        manifest = json.loads(decode(handle["manifest"][()]))
-        if not isinstance(manifest, dict) or manifest.get("format") != RUN_KIND:
-            raise InputError(f"{path}: corrupt run archive (its manifest is not a run manifest)")
+        manifest = parse_manifest(self._text("manifest", MANIFEST_LIMIT), f"{path} (manifest)")
         check_manifest(manifest, f"{path} (manifest)")
         self._manifest = manifest
         self.world_size = int(manifest.get("world_size") or 1)
-        self._carried = [Finding(**f) for f in json.loads(decode(handle["integrity"][()]))]
-        self._numbers = handle["steps/step"][()].astype(np.int64)
-        self._counts = {name: handle[f"steps/{name}"][()] for name in STEP_COUNTS}
-        self._index_of = {int(n): i for i, n in enumerate(self._numbers)}
+        carried = json.loads(self._text("integrity", _INTEGRITY_LIMIT))
+        self._carried = [Finding(**f) for f in carried]
+        self._checksummed = CRC_ATTR in handle["steps/step"].attrs
+        if not self._checksummed:
+            self._load_findings.append(
+                Finding(
+                    "unchecked",
+                    None,
+                    str(path),
+                    "archive written without index checksums (by an older stabledrl): its step "
+                    "numbers, counts and scalars are read unchecked; pack the run again",
+                )
+            )
+        self._numbers = self._index("steps/step").astype(np.int64)
+        self._counts = {name: self._index(f"steps/{name}") for name in STEP_COUNTS}
         self._offsets = {
-            group: handle[f"{group}/step_offsets"][()] for group in ("tokens", "sequences")
+            group: self._index(f"{group}/step_offsets") for group in ("tokens", "sequences")
         }
         self._ragged = {
-            name: (handle[f"ragged/{name}/step_offsets"][()], handle[f"ragged/{name}/shape"][()])
+            name: (self._index(f"ragged/{name}/step_offsets"), self._index(f"ragged/{name}/shape"))
             for name in handle.get("ragged", {})
+            if name in FIELDS
         }
         # Per-step facts stay columns ([S] arrays), turned into a Step's set and dict only when
         # that step is loaded: a long archive costs a few bytes a step, not a dict a step.
         self._present = {
-            name: handle[f"present/{name}"][()].astype(bool)
+            name: self._index(f"present/{name}").astype(bool)
             for name in handle["present"]
             if name in FIELDS
         }
@@ -124,11 +188,15 @@ class ArchiveRun(Run):
                 raise InputError(f"{path}: corrupt run archive (no dataset {where})")
         recorded = handle.get("scalars_recorded", {})
         self._scalar_values = {
-            name: handle[f"scalars/{name}"][()] for name in sorted(handle.get("scalars", {}))
+            name: self._index(f"scalars/{name}") for name in sorted(handle.get("scalars", {}))
         }
         self._scalar_recorded = {
-            name: recorded[name][()].astype(bool) for name in self._scalar_values
+            name: self._index(f"scalars_recorded/{name}").astype(bool)
+            for name in self._scalar_values
+            if name in recorded
         }
+        if set(self._scalar_recorded) != set(self._scalar_values):
+            raise InputError(f"{path}: corrupt run archive (scalars without scalars_recorded)")
         offsets = [*self._offsets.values(), *(o for o, _ in self._ragged.values())]
         per_step = [
             *self._counts.values(),
@@ -136,10 +204,67 @@ class ArchiveRun(Run):
             *self._scalar_values.values(),
             *self._scalar_recorded.values(),
         ]
-        if any(o.shape != (count + 1,) for o in offsets) or any(
-            c.shape != (count,) for c in per_step
+        if (
+            any(o.shape != (count + 1,) for o in offsets)
+            or any(c.shape != (count,) for c in per_step)
+            or any(t.ndim != 2 or t.shape[0] != count for _, t in self._ragged.values())
         ):
             raise InputError(f"{path}: corrupt run archive (index lengths do not match the steps)")
+        self._index_of = {int(n): i for i, n in enumerate(self._numbers)}
+        self._mark_inconsistent_steps()
+
+    def _mark_inconsistent_steps(self) -> None:
+        """Marks the steps whose index entries disagree with each other or with the data
+        datasets (a slice out of range, counts that disagree with offsets, a ragged shape that
+        does not match its slice, a repeated or negative step number); each is a finding."""
+        count, handle = len(self._numbers), self._file
+        reasons: dict[int, str] = {}
+
+        def mark(bad: np.ndarray, why: str) -> None:
+            for index in np.flatnonzero(bad):
+                reasons.setdefault(int(index), why)
+
+        if self._all_bad is not None:
+            mark(np.ones(count, dtype=bool), self._all_bad)
+        _, first = np.unique(self._numbers, return_index=True)
+        unique = np.zeros(count, dtype=bool)
+        unique[first] = True
+        mark(~unique, "its step number repeats an earlier step's")
+        mark(self._numbers < 0, "a negative step number")
+        for group, names, counts in (
+            ("tokens", TOKEN_FIELDS, self._counts["num_tokens"]),
+            ("sequences", SEQUENCE_FIELDS, self._counts["num_sequences"]),
+        ):
+            offsets = self._offsets[group].astype(np.int64)
+            lengths = [handle[f"{group}/{n}"].shape[0] for n in names if f"{group}/{n}" in handle]
+            end = min(lengths, default=0)
+            mark(
+                (offsets[:-1] < 0) | (offsets[1:] > end) | (np.diff(offsets) != counts),
+                f"its {group} offsets disagree with its counts or the data",
+            )
+        for name, (offsets, shapes) in self._ragged.items():
+            offsets = offsets.astype(np.int64)
+            end = handle[f"ragged/{name}/data"].shape[0]
+            sizes = np.prod(np.maximum(shapes, 0), axis=1, dtype=np.float64)
+            present = self._present.get(name, np.zeros(count, dtype=bool))
+            mark(
+                (offsets[:-1] < 0)
+                | (offsets[1:] > end)
+                | (np.diff(offsets) < 0)
+                | (present & ((shapes < 0).any(axis=1) | (sizes != np.diff(offsets)))),
+                f"its {name} shape does not match its data",
+            )
+        for index, why in sorted(reasons.items()):
+            self._bad[index] = StepReadError("unreadable", why)
+            if self._all_bad is None:
+                self._load_findings.append(
+                    Finding(
+                        "unreadable",
+                        int(self._numbers[index]),
+                        str(self.path),
+                        f"step {int(self._numbers[index])}: {why}",
+                    )
+                )
 
     def _fields_of(self, index: int) -> set[str]:
         return {name for name, mask in self._present.items() if mask[index]}
@@ -179,7 +304,7 @@ class ArchiveRun(Run):
             return {}
         try:
             arrays = {name: self.read_field(index, name) for name in sorted(self._fields_of(index))}
-        except OSError as exc:
+        except (OSError, ValueError, TypeError) as exc:
             self._bad[index] = StepReadError("unreadable", f"archive data checksum failed: {exc}")
             return {}
         self._verified.add(index)
@@ -268,7 +393,7 @@ class ArchiveRun(Run):
             return []
         if parts[0] in ("tokens", "sequences"):
             offsets = self._offsets[parts[0]]
-        elif parts[0] == "ragged" and parts[-1] == "data":
+        elif parts[0] == "ragged" and parts[-1] == "data" and parts[1] in self._ragged:
             offsets = self._ragged[parts[1]][0]
         else:
             return []
@@ -283,6 +408,6 @@ class ArchiveRun(Run):
         if not self._checked_all:
             self._archive_findings = self._check_all_chunks()
             self._checked_all = True
-        findings = [*self._carried, *self._archive_findings]
+        findings = [*self._carried, *self._load_findings, *self._archive_findings]
         findings.sort(key=lambda f: (f.step if f.step is not None else -1, f.kind))
         return IntegrityReport(findings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -14,6 +15,7 @@ import numpy as np
 
 from stabledrl_cli._atomic import atomic_path
 from stabledrl_cli._version import __version__
+from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, RunIntegrityWarning
 from stabledrl_cli.dump._layout import (
     CHUNK_ELEMENTS,
@@ -26,6 +28,81 @@ from stabledrl_cli.dump._layout import (
 from stabledrl_cli.dump._run import Run, Step, size_on_disk
 from stabledrl_cli.dump._schema import EXTENSION_FIELDS, FIELDS, RUN_KIND, written_version
 from stabledrl_cli.errors import InputError, UsageError
+
+
+class _GuardedFile(io.RawIOBase):
+    """The archive's temporary file as libhdf5 sees it (h5py's file-object driver): the first
+    failed write (a full disk) is kept in `error` and every later write is dropped, so libhdf5
+    never sees an I/O error. It would otherwise fail to close the file and crash the process
+    (a segfault) when the objects of the half-written file are freed; `pack_run` raises the
+    kept error once the file is closed, and the temporary file is removed."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._raw = open(path, "w+b")  # noqa: SIM115 -- closed by close()
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._raw.readinto(buffer)
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        if self.error is None:
+            try:
+                self._raw.write(data)
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self._raw.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return self._raw.tell() if size is None else size
+
+    def flush(self) -> None:
+        if self.error is None and not self._raw.closed:
+            try:
+                self._raw.flush()
+            except OSError as exc:
+                self.error = exc
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            try:
+                self._raw.close()
+            except OSError as exc:
+                self.error = self.error or exc
+        super().close()
+
+
+def _index_dataset(group: h5py.Group, name: str, values: np.ndarray) -> None:
+    """An index dataset (read whole by readers) with its checksum attribute."""
+    dataset = group.create_dataset(name, data=values)
+    dataset.attrs[CRC_ATTR] = index_crc(values)
+
+
+def _text_dataset(handle: h5py.File, name: str, text: str) -> None:
+    dataset = handle.create_dataset(name, data=text, dtype=h5py.string_dtype())
+    dataset.attrs[CRC_ATTR] = index_crc(text)
 
 
 class _Column:
@@ -127,36 +204,37 @@ class _Packer:
     def finish(self) -> None:
         handle, count = self.handle, len(self.numbers)
         steps = handle.require_group("steps")
-        steps.create_dataset("step", data=np.array(self.numbers, dtype=np.int64))
+        _index_dataset(steps, "step", np.array(self.numbers, dtype=np.int64))
         for name, values in self.counts.items():
-            steps.create_dataset(name, data=np.array(values, dtype=np.int64))
+            _index_dataset(steps, name, np.array(values, dtype=np.int64))
         for group, offsets in self.offsets.items():
-            handle.require_group(group).create_dataset(
-                "step_offsets", data=np.array(offsets, dtype=np.int64)
+            _index_dataset(
+                handle.require_group(group), "step_offsets", np.array(offsets, dtype=np.int64)
             )
         for name, offsets in self.ragged_offsets.items():
             group = handle.require_group(f"ragged/{name}")
-            group.create_dataset("step_offsets", data=np.array(offsets, dtype=np.int64))
+            _index_dataset(group, "step_offsets", np.array(offsets, dtype=np.int64))
             shapes = self.ragged_shapes[name]
             ndim = max(len(s) for s in shapes if s is not None)
             table = np.zeros((count, ndim), dtype=np.int64)
             for i, shape in enumerate(shapes):
                 if shape is not None:
                     table[i] = shape
-            group.create_dataset("shape", data=table)
+            _index_dataset(group, "shape", table)
         present = handle.require_group("present")
         for name in FIELDS:
             flags = np.array([name in f for f in self.fields], dtype=np.uint8)
             if flags.any():
-                present.create_dataset(name, data=flags)
+                _index_dataset(present, name, flags)
         values, recorded = handle.require_group("scalars"), handle.require_group("scalars_recorded")
         for name in sorted(set().union(*self.scalars)):
-            values.create_dataset(
+            _index_dataset(
+                values,
                 name,
-                data=np.array([s.get(name, np.nan) for s in self.scalars], dtype=np.float64),
+                np.array([s.get(name, np.nan) for s in self.scalars], dtype=np.float64),
             )
-            recorded.create_dataset(
-                name, data=np.array([name in s for s in self.scalars], dtype=np.uint8)
+            _index_dataset(
+                recorded, name, np.array([name in s for s in self.scalars], dtype=np.uint8)
             )
 
 
@@ -193,6 +271,33 @@ def _check_target(out: Path, force: bool) -> None:
         raise UsageError(f"{out} already exists; pass force=True to overwrite it")
 
 
+def _write_archive(
+    handle: h5py.File,
+    run: Run,
+    integrity: IntegrityReport,
+    manifest_text: str,
+    guarded: _GuardedFile,
+) -> _Packer:
+    handle.attrs["kind"] = RUN_KIND
+    handle.attrs["tool_version"] = __version__
+    handle.attrs["source"] = str(run.path)
+    _text_dataset(handle, "manifest", manifest_text)
+    _text_dataset(handle, "integrity", json.dumps([f.to_dict() for f in integrity.findings]))
+    packer = _Packer(handle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RunIntegrityWarning)  # already in `integrity`
+        for step in run.steps():
+            if guarded.error is not None:  # the disk is full: stop early, fail at the end
+                break
+            packer.add(step, str(run.path))
+    packer.finish()
+    extended = run.group_ids == "global" or any(
+        f"sequences/{name}" in packer.columns for name in EXTENSION_FIELDS
+    )
+    handle.attrs["format_version"] = written_version(extended)
+    return packer
+
+
 def pack_run(run: Run, out: str | os.PathLike[str], *, force: bool = False) -> PackSummary:
     """Writes `run` (every readable step) into one HDF5 file at `out`, atomically.
 
@@ -206,24 +311,19 @@ def pack_run(run: Run, out: str | os.PathLike[str], *, force: bool = False) -> P
     target = Path(out)
     _check_target(target, force)
     integrity = run.integrity  # full check first, so only trusted steps are packed
-    with atomic_path(target) as temp, h5py.File(temp, "w") as handle:
-        handle.attrs["kind"] = RUN_KIND
-        handle.attrs["tool_version"] = __version__
-        handle.attrs["source"] = str(run.path)
-        text = json.dumps(run.manifest, indent=2, allow_nan=False)
-        handle.create_dataset("manifest", data=text, dtype=h5py.string_dtype())
-        findings = json.dumps([f.to_dict() for f in integrity.findings])
-        handle.create_dataset("integrity", data=findings, dtype=h5py.string_dtype())
-        packer = _Packer(handle)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RunIntegrityWarning)  # already in `integrity`
-            for step in run.steps():
-                packer.add(step, str(run.path))
-        packer.finish()
-        extended = run.group_ids == "global" or any(
-            f"sequences/{name}" in packer.columns for name in EXTENSION_FIELDS
-        )
-        handle.attrs["format_version"] = written_version(extended)
+    try:
+        manifest_text = json.dumps(run.manifest, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{run.path}: its manifest cannot be written as JSON ({exc})") from None
+    with atomic_path(target) as temp:
+        guarded = _GuardedFile(temp)
+        try:
+            with h5py.File(guarded, "w") as handle:
+                packer = _write_archive(handle, run, integrity, manifest_text, guarded)
+        finally:
+            guarded.close()
+        if guarded.error is not None:
+            raise guarded.error
     return PackSummary(
         source=str(run.path),
         out=str(target),

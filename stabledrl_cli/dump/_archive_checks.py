@@ -1,0 +1,116 @@
+"""What an archive must be before anything in it is read: data, never pointers, and bounded.
+
+An HDF5 file can point elsewhere: a soft or external link, a dataset whose bytes live in
+another file (external storage, e.g. `/etc/passwd`), a virtual dataset mapping other files. A
+reader of such a file would read what it points at, and `pack` would copy it into its output.
+An HDF5 file can also declare more than it holds: a dataset of 10^9 elements stored as a
+fill value or as compressed zeros takes a few bytes on disk and gigabytes once read.
+
+`check_objects` walks every link of the file once and refuses (InputError, exit 3) any link
+that is not a hard link, any dataset with external or virtual storage, any dataset whose
+declared size exceeds what the file can hold (`DEFLATE_RATIO` times the file's size: gzip
+cannot expand more than that) and any dataset of an index (read whole) larger than the file
+itself, any chunk larger than `CHUNK_LIMIT`, and any array dataset of a non-numeric dtype.
+Index and scalar datasets carry a CRC32 (attribute `crc32`, `index_crc`) written by `pack`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from stabledrl_cli.errors import InputError
+
+CRC_ATTR = "crc32"
+"""The attribute holding an index dataset's checksum (`index_crc` of its values)."""
+TEXT_DATASETS = ("manifest", "integrity")
+"""The archive's JSON string datasets."""
+INDEX_GROUPS = ("steps", "scalars", "scalars_recorded", "present")
+DEFLATE_RATIO = 1100
+"""gzip's largest expansion is ~1032:1, so no honest dataset declares more than this many
+times the file's bytes."""
+CHUNK_LIMIT = 64 << 20
+"""Bytes of one chunk (pack writes 256 KiB ones): a larger one is not an archive of ours."""
+OBJECT_LIMIT = 100_000
+"""Links a run archive may hold (one with 100 user scalars holds a few hundred)."""
+
+
+def is_index(name: str) -> bool:
+    """Whether dataset `name` is read whole: `steps/*`, `scalars*/*`, `present/*`,
+    `*/step_offsets`, `ragged/*/shape`."""
+    parts = name.split("/")
+    return (
+        parts[0] in INDEX_GROUPS
+        or parts[-1] == "step_offsets"
+        or (parts[0] == "ragged" and parts[-1] == "shape")
+    )
+
+
+def index_crc(values: np.ndarray | str) -> str:
+    """CRC32 (8 hex digits) of an index dataset's values as little-endian bytes, or of a
+    string dataset's UTF-8 text."""
+    if isinstance(values, str):
+        return f"{zlib.crc32(values.encode('utf-8')):08x}"
+    array = np.ascontiguousarray(values)
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return f"{zlib.crc32(little.tobytes()):08x}"
+
+
+def _check_dataset(name: str, dataset: h5py.Dataset, path: Path, file_size: int) -> None:
+    def refuse(why: str) -> InputError:
+        return InputError(f"{path}: refused: dataset {name} {why}")
+
+    plist = dataset.id.get_create_plist()
+    if plist.get_external_count() > 0:
+        raise refuse("stores its bytes in another file (external storage)")
+    if plist.get_layout() == h5py.h5d.VIRTUAL:
+        raise refuse("is a virtual dataset (maps other files)")
+    declared = int(np.prod(dataset.shape, dtype=object)) * dataset.dtype.itemsize
+    if name in TEXT_DATASETS:
+        if dataset.shape != () or dataset.dtype.kind not in "OSU":
+            raise refuse("is not a string")
+        return
+    if dataset.dtype.kind not in "biuf":
+        raise refuse(f"has dtype {dataset.dtype} (numbers expected)")
+    bound = file_size if is_index(name) else DEFLATE_RATIO * file_size + (1 << 20)
+    if declared > bound:
+        raise refuse(f"declares {declared} bytes, more than a {file_size}-byte archive can hold")
+    if dataset.chunks is not None:
+        chunk = int(np.prod(dataset.chunks, dtype=object)) * dataset.dtype.itemsize
+        if chunk > CHUNK_LIMIT:
+            raise refuse(f"has {chunk}-byte chunks")
+
+
+def check_objects(handle: h5py.File, path: Path, file_size: int) -> None:
+    """Refuses (InputError naming the object) any pointer or unbounded dataset in the file
+    (module docstring); reads no dataset's values."""
+    count = 0
+    problem: list[InputError] = []
+
+    def visit(name: str, link: h5py.HardLink | h5py.SoftLink | h5py.ExternalLink) -> bool | None:
+        nonlocal count
+        count += 1
+        if count > OBJECT_LIMIT:
+            problem.append(InputError(f"{path}: refused: more than {OBJECT_LIMIT} objects"))
+            return True
+        if isinstance(link, h5py.ExternalLink):
+            problem.append(InputError(f"{path}: refused: {name} is an external link"))
+            return True
+        if not isinstance(link, h5py.HardLink):
+            problem.append(InputError(f"{path}: refused: {name} is a soft link"))
+            return True
+        target = handle[name]
+        if isinstance(target, h5py.Dataset):
+            try:
+                _check_dataset(name, target, path, file_size)
+            except InputError as exc:
+                problem.append(exc)
+                return True
+        return None
+
+    handle.visititems_links(visit)
+    if problem:
+        raise problem[0]
