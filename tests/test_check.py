@@ -99,6 +99,7 @@ def test_written_baseline_holds_todays_figures(runs, baseline):
         "spike_factor": config.DEFAULT_SPIKE_FACTOR,
         "window": config.DEFAULT_WINDOW,
         "drift_threshold": config.DEFAULT_DRIFT_THRESHOLD,
+        "collapse_window": config.DEFAULT_COLLAPSE_WINDOW,
     }
     assert data["observed"]["first_reward_collapse"]["value"] is None
     assert list(data["policies"]) == ["grpo", "is", "stabledrl"]
@@ -238,6 +239,15 @@ def test_replay_settings_come_from_the_baseline(runs, baseline, tmp_path):
     edited = _edit(baseline, tmp_path / "w5.json", lambda d: d["replay"].update(window=5))
     code, data, _ = _check(str(runs["steady"]), "--baseline", str(edited))
     assert data["replay"]["window"] == 5
+    # The observed-collapse window too: recorded in the baseline, checked against an option.
+    assert data["replay"]["collapse_window"] == config.DEFAULT_COLLAPSE_WINDOW
+    wide = _edit(baseline, tmp_path / "c20.json", lambda d: d["replay"].update(collapse_window=20))
+    code, data, _ = _check(str(runs["steady"]), "--baseline", str(wide))
+    assert data["replay"]["collapse_window"] == 20
+    code, _, stderr = _check(
+        str(runs["steady"]), "--baseline", str(wide), "--collapse-window", "10"
+    )
+    assert code == 2 and "--collapse-window 10 differs from the baseline's 20" in stderr
 
 
 # --- absolute gates ----------------------------------------------------------------------------
@@ -295,6 +305,8 @@ def test_usage_errors(runs, tmp_path):
         (lambda d: d["policies"].update({"nope:x=1": {}}), "policy 'nope:x=1'"),
         (lambda d: d["observed"].update(other={"value": 1}), "unknown observed metric"),
         (lambda d: d.update(strict="yes"), "'strict' must be true or false"),
+        (lambda d: d["replay"].update(window=1e30), "replay.window must be an integer in"),
+        (lambda d: d["replay"].update(collapse_window=0), "replay.collapse_window must be"),
     ],
 )
 def test_malformed_baselines_exit_3_naming_the_problem(runs, baseline, tmp_path, edit, message):
@@ -418,10 +430,12 @@ def test_committed_fixture_baselines_are_valid():
         assert path.is_file(), f"{path} is missing: see fixtures/README.md"
         loaded = load_baseline(path)
         assert loaded.run["path"] == f"fixtures/{run.name}"
+        # A baseline written before collapse_window was recorded means W = 10.
         assert loaded.replay.to_dict() == {
             "spike_factor": config.DEFAULT_SPIKE_FACTOR,
             "window": config.DEFAULT_WINDOW,
             "drift_threshold": config.DEFAULT_DRIFT_THRESHOLD,
+            "collapse_window": config.DEFAULT_COLLAPSE_WINDOW,
         }
         assert loaded.strict, "fixture baselines are written with --strict"
         catalogue = {get_policy(s).spec for s in STANDARD_CATALOGUE}

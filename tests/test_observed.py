@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import stabledrl_cli as sd
+from stabledrl_cli.replay.config import DEFAULT_COLLAPSE_WINDOW
 from stabledrl_cli.replay.detectors import (
     collapse_window,
     observed_reward_collapse,
@@ -51,15 +52,26 @@ def test_spike_flags_rule():
     assert spike_flags(np.array([])).shape == (0,)
 
 
-def test_collapse_window():
-    assert collapse_window(50) == 10 and collapse_window(1000) == 50
+def test_collapse_window_is_fixed_whatever_the_length():
+    assert collapse_window(50) == collapse_window(1000) == DEFAULT_COLLAPSE_WINDOW == 10
+
+
+def test_collapse_step_does_not_move_when_recorded_longer():
+    """The same trajectory recorded 160 and 400 steps long collapses at the same step."""
+    steps = np.arange(400)
+    curve = _noisy(np.where(steps < 100, np.minimum(0.1 + steps / 60, 0.8), 0.05))
+    short = observed_reward_collapse(steps[:160], curve[:160], reward_range=(0.0, 1.0))
+    long = observed_reward_collapse(steps, curve, reward_range=(0.0, 1.0))
+    assert short is not None and short == long
+    wide = observed_reward_collapse(steps, curve, reward_range=(0.0, 1.0), window=20)
+    assert wide is not None and wide != long  # the window is a setting: it moves with it
 
 
 def test_clean_collapse_found_near_the_drop():
     steps = np.arange(300)
     curve = np.where(steps < 200, np.minimum(0.1 + steps / 100, 0.8), 0.05)
     found = observed_reward_collapse(steps, _noisy(curve), reward_range=(0.0, 1.0))
-    window = collapse_window(300)
+    window = DEFAULT_COLLAPSE_WINDOW
     assert found is not None and 200 <= found < 200 + window
     # The rolling mean must have crossed half of its best there, and not before.
     level = rolling_mean(_noisy(curve), window)
@@ -77,7 +89,7 @@ def test_slow_drift_is_not_a_collapse():
 
 def test_recovery_before_2w_is_not_a_collapse():
     steps = np.arange(300)
-    window = collapse_window(300)  # 15
+    window = DEFAULT_COLLAPSE_WINDOW
     curve = np.full(300, 0.8)
     curve[150 : 150 + window] = 0.0  # the rolling mean dips below half for < 2W steps
     assert observed_reward_collapse(steps, curve, reward_range=(0.0, 1.0)) is None

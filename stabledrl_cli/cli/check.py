@@ -30,7 +30,7 @@ from stabledrl_cli.cli._options import (
     WindowOpt,
 )
 from stabledrl_cli.cli._output import err, out, print_json
-from stabledrl_cli.cli.replay import check_outputs, option_names
+from stabledrl_cli.cli.replay import CollapseWindowOpt, check_outputs, option_names
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.replay._format import format_figure
@@ -130,6 +130,7 @@ def command(
     ] = None,
     window: WindowOpt = None,
     drift_threshold: DriftThresholdOpt = None,
+    collapse_window: CollapseWindowOpt = None,
 ) -> None:
     """Gate a run for CI: exit 1 if a policy trips a limit or regresses against a baseline."""
     with option_names():
@@ -147,13 +148,18 @@ def command(
     baseline = load_baseline(baseline_path) if baseline_path is not None else None
     with option_names():
         settings = check_settings(
-            baseline, spike_factor=spike_factor, window=window, drift_threshold=drift_threshold
+            baseline,
+            spike_factor=spike_factor,
+            window=window,
+            drift_threshold=drift_threshold,
+            collapse_window=collapse_window,
         )
         config = ReplayConfig(
             device=device,
             spike_factor=settings.spike_factor,
             window=settings.window,
             drift_threshold=settings.drift_threshold,
+            collapse_window=settings.collapse_window,
         )
     specs = list(policy) if policy else (list(baseline.policies) if baseline else None)
 

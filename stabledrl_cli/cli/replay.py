@@ -31,6 +31,7 @@ from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.replay.config import (
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_COLLAPSE_WINDOW,
     DEFAULT_SPIKE_FACTOR,
     SPIKE_HISTORY,
     ConfigError,
@@ -45,6 +46,14 @@ from stabledrl_cli.replay.report import print_detail, print_summary
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.vocab import METRIC_GROUPS, MetricGroup
 
+CollapseWindowOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--collapse-window",
+        help="Observed collapse: steps in the rolling mean of the recorded reward (default "
+        f"{DEFAULT_COLLAPSE_WINDOW}, or the baseline's).",
+    ),
+]
 FLAGS = {"step_range": "--steps"}
 """Library setting -> its option, where the option is not --SETTING-WITH-DASHES."""
 
@@ -133,6 +142,7 @@ def command(
     ] = None,
     window: WindowOpt = None,
     drift_threshold: DriftThresholdOpt = None,
+    collapse_window: CollapseWindowOpt = None,
     max_grad_norm: Annotated[
         float | None,
         typer.Option(
@@ -168,6 +178,7 @@ def command(
             window=window,
             drift_threshold=drift_threshold,
             max_grad_norm=max_grad_norm,
+            collapse_window=collapse_window,
             step_range=parse_step_range(steps),
             detail=detail,
         )

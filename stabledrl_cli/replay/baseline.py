@@ -7,7 +7,8 @@ editable by hand:
     {"schema": "stabledrl-baseline", "version": 1, "created": "...", "tool_version": "0.1.0",
      "strict": false,
      "run": {"path": "fixtures/demo", "steps": 120, "policy": "grpo", "unit": "sequence"},
-     "replay": {"spike_factor": 10.0, "window": 20, "drift_threshold": -0.1},
+     "replay": {"spike_factor": 10.0, "window": 20, "drift_threshold": -0.1,
+                "collapse_window": 10},
      "observed": {"first_reward_collapse": {"value": 87, "worse": "lower", "abs_tol": 10,
                                             "rel_tol": 0.0}},
      "policies": {"grpo": {"collapsed_steps": {"value": 3, "worse": "higher",
@@ -39,12 +40,12 @@ from stabledrl_cli._version import __version__
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.config import (
+    DEFAULT_COLLAPSE_WINDOW,
     DEFAULT_DRIFT_THRESHOLD,
     DEFAULT_SPIKE_FACTOR,
     DEFAULT_WINDOW,
     ConfigError,
 )
-from stabledrl_cli.replay.detectors import collapse_window
 from stabledrl_cli.replay.figures import RUN_METRICS, STRICT_REL_TOL, policy_metrics
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.vocab import WORSE, Worse
@@ -60,6 +61,8 @@ class ReplaySettings:
     spike_factor: float = DEFAULT_SPIKE_FACTOR
     window: int = DEFAULT_WINDOW
     drift_threshold: float = DEFAULT_DRIFT_THRESHOLD
+    collapse_window: int = DEFAULT_COLLAPSE_WINDOW
+    """W of the observed-collapse rule (a baseline without it was written with 10)."""
 
     def to_dict(self) -> dict[str, float | int]:
         """The baseline's `replay` entry."""
@@ -186,14 +189,28 @@ def _settings(replay: object, where: str) -> ReplaySettings:
     for key in ("spike_factor", "window", "drift_threshold"):
         if key not in replay:
             raise InputError(f"{where}: replay.{key} is missing")
-    window = _number(replay, "window", f"{where}: replay")
-    if not window.is_integer():
-        raise InputError(f"{where}: replay.window must be an integer")
+    windows = {
+        key: _window(replay, key, where)
+        for key in ("window", "collapse_window")
+        if key in replay or key == "window"
+    }
     return ReplaySettings(
         spike_factor=_number(replay, "spike_factor", f"{where}: replay"),
-        window=int(window),
+        window=windows["window"],
         drift_threshold=_number(replay, "drift_threshold", f"{where}: replay"),
+        collapse_window=windows.get("collapse_window", DEFAULT_COLLAPSE_WINDOW),
     )
+
+
+MAX_WINDOW = 10**9
+"""The largest window a baseline may name (a larger one is a malformed baseline)."""
+
+
+def _window(replay: dict[str, object], key: str, where: str) -> int:
+    value = _number(replay, key, f"{where}: replay")
+    if not value.is_integer() or not 1 <= value <= MAX_WINDOW:
+        raise InputError(f"{where}: replay.{key} must be an integer in [1, {MAX_WINDOW:.0e}]")
+    return int(value)
 
 
 def _policies(data: object, where: str) -> dict[str, dict[str, Tolerance]]:
@@ -257,16 +274,23 @@ def check_settings(
     spike_factor: float | None = None,
     window: int | None = None,
     drift_threshold: float | None = None,
+    collapse_window: int | None = None,
 ) -> ReplaySettings:
     """The settings a check replays with: the baseline's (so it compares like with like),
     else the defaults, each overridden by a given value. A given value that contradicts the
     baseline is a `ConfigError` naming the setting."""
-    given = {"spike_factor": spike_factor, "window": window, "drift_threshold": drift_threshold}
+    given = {
+        "spike_factor": spike_factor,
+        "window": window,
+        "drift_threshold": drift_threshold,
+        "collapse_window": collapse_window,
+    }
     if baseline is None:
         return ReplaySettings(
             spike_factor=DEFAULT_SPIKE_FACTOR if spike_factor is None else spike_factor,
             window=DEFAULT_WINDOW if window is None else window,
             drift_threshold=DEFAULT_DRIFT_THRESHOLD if drift_threshold is None else drift_threshold,
+            collapse_window=DEFAULT_COLLAPSE_WINDOW if collapse_window is None else collapse_window,
         )
     recorded = baseline.replay.to_dict()
     for key, value in given.items():
@@ -317,7 +341,7 @@ def baseline_dict(
             "first_reward_collapse": Tolerance(
                 value=None if collapse is None else float(collapse),
                 worse="lower",
-                abs_tol=0.0 if strict else float(collapse_window(result.steps)),
+                abs_tol=0.0 if strict else float(settings.collapse_window),
             ).to_dict()
         },
         "policies": policies,

@@ -29,6 +29,10 @@ DEFAULT_WINDOW = 50
 """Steps in the rolling mean of net_push that the drift detector tests."""
 DEFAULT_DRIFT_THRESHOLD = -0.15
 """Drift: the rolling mean of net_push is below this."""
+DEFAULT_COLLAPSE_WINDOW = 10
+"""W of the observed-collapse rule: the rolling mean of the recorded reward over 10 steps. Fixed,
+never a function of the run's length, so a trajectory's collapse step does not move when it is
+recorded longer (ten steps, so a few noisy rewards cannot make a collapse)."""
 DEFAULT_TOP_K = 5
 """Sequences named per flagged step with `detail`."""
 CLIP_EPS = 1e-6
@@ -67,6 +71,8 @@ class ReplayConfig:
     """Drift: the rolling mean of net_push is below this (REINFORCE sits at 0)."""
     max_grad_norm: float | None = None
     """clip_grad_norm_ bound for `clip_scale`; None: no clipping (clip_scale 1)."""
+    collapse_window: int = DEFAULT_COLLAPSE_WINDOW
+    """W of the observed-collapse rule on the recorded reward (docs/collapse.md)."""
     step_range: StepRange = (None, None)
     """Per-step rows reported for start <= step < stop (the replay itself covers the run)."""
     detail: bool = False
@@ -84,6 +90,7 @@ class ReplayConfig:
             ),
             ("window", "must be an integer >= 1", _positive_int(self.window)),
             ("drift_threshold", "must be finite", _finite(self.drift_threshold)),
+            ("collapse_window", "must be an integer >= 1", _positive_int(self.collapse_window)),
             (
                 "max_grad_norm",
                 "must be a finite number > 0",
@@ -111,6 +118,7 @@ def replay_config(
     window: int | None = None,
     drift_threshold: float | None = None,
     max_grad_norm: float | None = None,
+    collapse_window: int | None = None,
     step_range: StepRange = (None, None),
     detail: bool = False,
 ) -> ReplayConfig:
@@ -122,6 +130,7 @@ def replay_config(
         window=DEFAULT_WINDOW if window is None else window,
         drift_threshold=DEFAULT_DRIFT_THRESHOLD if drift_threshold is None else drift_threshold,
         max_grad_norm=max_grad_norm,
+        collapse_window=DEFAULT_COLLAPSE_WINDOW if collapse_window is None else collapse_window,
         step_range=step_range,
         detail=detail,
     )

@@ -8,17 +8,19 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from stabledrl_cli.replay.config import DEFAULT_SPIKE_FACTOR, SPIKE_HISTORY, SPIKE_MIN_HISTORY
-
-# Observed collapse: W = max(MIN_WINDOW, steps / WINDOW_DIVISOR). Ten steps at least, so a few
-# noisy rewards cannot make a collapse; one twentieth of the run, so W scales with its length.
-MIN_WINDOW = 10
-WINDOW_DIVISOR = 20
+from stabledrl_cli.replay.config import (
+    DEFAULT_COLLAPSE_WINDOW,
+    DEFAULT_SPIKE_FACTOR,
+    SPIKE_HISTORY,
+    SPIKE_MIN_HISTORY,
+)
 
 
 def collapse_window(num_steps: int) -> int:
-    """W of the observed-collapse rule for a run of `num_steps` recorded steps."""
-    return max(MIN_WINDOW, num_steps // WINDOW_DIVISOR)
+    """The default W of the observed-collapse rule, the same for a run of any length
+    (`num_steps` does not change it; a replay's own W is `Observed.collapse_window`)."""
+    del num_steps
+    return DEFAULT_COLLAPSE_WINDOW
 
 
 def rolling_mean(values: np.ndarray, window: int, min_periods: int | None = None) -> np.ndarray:
@@ -78,12 +80,16 @@ def spike_flags(
 
 
 def observed_reward_collapse(
-    steps: np.ndarray, rewards: np.ndarray, reward_range: tuple[float, float] | None = None
+    steps: np.ndarray,
+    rewards: np.ndarray,
+    reward_range: tuple[float, float] | None = None,
+    window: int = DEFAULT_COLLAPSE_WINDOW,
 ) -> int | None:
     """The first step of observed reward collapse, or None (docs/collapse.md).
 
-    steps, rewards: [S] (per recorded step, e.g. the `reward_mean` scalar). With
-    W = max(10, S / 20) and m the rolling mean of reward - floor over W steps (floor =
+    steps, rewards: [S] (per recorded step, e.g. the `reward_mean` scalar). With W = `window`
+    (fixed: a trajectory's collapse step does not move when it is recorded longer) and m the
+    rolling mean of reward - floor over W steps (floor =
     reward_range[0], else min(rewards)): the first step where m falls below half of its best
     value so far and stays below that level for 2W steps, or to the end of the run.
     """
@@ -94,7 +100,6 @@ def observed_reward_collapse(
     order = np.argsort(steps, kind="stable")
     steps, rewards = steps[order], rewards[order]
     n = rewards.shape[0]
-    window = collapse_window(n)
     if n < window or not np.isfinite(rewards).any():
         return None
     floor = reward_range[0] if reward_range is not None else float(np.nanmin(rewards))

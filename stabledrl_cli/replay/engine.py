@@ -132,7 +132,12 @@ def replay_run(
         # Corrupt steps are skipped by the reader; `stabledrl inspect` reports them.
         warnings.simplefilter("ignore", RunIntegrityWarning)
         stream = stream_run(run, resolved, own_index, config.chunk_size, device, progress)
-        observed = observe(run, spike_factor=config.spike_factor, noise_floor=stream.noise_floor)
+        observed = observe(
+            run,
+            spike_factor=config.spike_factor,
+            collapse_window=config.collapse_window,
+            noise_floor=stream.noise_floor,
+        )
     series = [
         StepSeries(
             derive_series(stream.metrics[:, i, :], stream.step_numbers, stream.geometry, config)
@@ -191,6 +196,7 @@ def replay(
     window: int | None = None,
     drift_threshold: float | None = None,
     max_grad_norm: float | None = None,
+    collapse_window: int | None = None,
     step_range: StepRange = (None, None),
     detail: bool = False,
 ) -> ReplayResult:
@@ -208,6 +214,7 @@ def replay(
         window=window,
         drift_threshold=drift_threshold,
         max_grad_norm=max_grad_norm,
+        collapse_window=collapse_window,
         step_range=step_range,
         detail=detail,
     )

@@ -11,9 +11,8 @@ import torch
 
 from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.replay.config import DEFAULT_SPIKE_FACTOR
+from stabledrl_cli.replay.config import DEFAULT_COLLAPSE_WINDOW, DEFAULT_SPIKE_FACTOR
 from stabledrl_cli.replay.detectors import (
-    collapse_window,
     observed_reward_collapse,
     rolling_mean,
     spike_flags,
@@ -51,6 +50,8 @@ class Observed:
     noise_floor_units: int = 0
     """How many scored units (tokens, or sequences for unit "sequence") it was measured on."""
     reward_curve: RewardCurve | None = None
+    collapse_window: int = DEFAULT_COLLAPSE_WINDOW
+    """W of the observed-collapse rule it was found with."""
 
     def to_dict(self) -> dict[str, object]:
         """Every field, JSON-ready (NaN still to be mapped to null)."""
@@ -136,11 +137,16 @@ def _reward_curve(rewards: np.ndarray, window: int) -> RewardCurve | None:
 
 
 def observe(
-    run: Run, *, spike_factor: float = DEFAULT_SPIKE_FACTOR, noise_floor: NoiseFloor | None = None
+    run: Run,
+    *,
+    spike_factor: float = DEFAULT_SPIKE_FACTOR,
+    collapse_window: int = DEFAULT_COLLAPSE_WINDOW,
+    noise_floor: NoiseFloor | None = None,
 ) -> Observed:
     """The observed behaviour of a recorded run, from its per-step scalars.
 
     spike_factor: the spike rule's factor for the recorded grad norms (a replay passes its own).
+    collapse_window: W of the observed-collapse rule.
     noise_floor: the noise floor already accumulated over the run's steps with inner_step 0
     (a replay's streaming pass does); None: read from those steps here.
     """
@@ -148,8 +154,9 @@ def observe(
     reward_steps, rewards = series["reward_mean"]
     norm_steps, grad_norms = series["grad_norm"]
     count_steps, nonfinite = series["nonfinite"]
-    window = collapse_window(rewards.size)
-    collapse = observed_reward_collapse(reward_steps, rewards, run.reward_range)
+    collapse = observed_reward_collapse(
+        reward_steps, rewards, run.reward_range, window=collapse_window
+    )
     spikes = norm_steps[spike_flags(grad_norms, factor=spike_factor)]
     bad = count_steps[~(nonfinite == 0)]  # NaN counts as non-finite too
     floor = noise_floor if noise_floor is not None else noise_floor_of(run)
@@ -159,5 +166,6 @@ def observe(
         nonfinite_steps=[int(s) for s in bad],
         noise_floor_logratio_std=floor.std,
         noise_floor_units=floor.count,
-        reward_curve=_reward_curve(rewards, window),
+        reward_curve=_reward_curve(rewards, collapse_window),
+        collapse_window=collapse_window,
     )
