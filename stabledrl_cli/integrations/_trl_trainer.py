@@ -83,12 +83,12 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
         **kwargs: Any,
     ) -> None:
         self.stabledrl_out, self._sd_overwrite = run_dir(stabledrl_out, stabledrl_overwrite)
-        super().__init__(*args, **kwargs)
-        self.stabledrl_policy = policy_for_config(self.args, aux_loss=self.aux_loss_enabled)
         self._sd_buffer: StepBuffer | None = None
         self._sd_seen: dict[str, torch.Tensor] | None = None
         self._sd_rewards: torch.Tensor | None = None
         self._sd_groups = 0
+        super().__init__(*args, **kwargs)
+        self.stabledrl_policy = policy_for_config(self.args, aux_loss=self.aux_loss_enabled)
 
     # -- the run ----------------------------------------------------------------------------
     def _sd_open(self, resume_from_checkpoint: str | bool | None) -> StepBuffer:
