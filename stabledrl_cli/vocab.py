@@ -62,6 +62,11 @@ GroupIds = Literal["per_rank", "global"]
 ids past the ranks before it), or global prompt-group ids shared by all ranks (left as is)."""
 GROUP_IDS: tuple[GroupIds, ...] = get_args(GroupIds)
 
+OnWriteError = Literal["raise", "warn"]
+"""What a Recorder does when a step cannot be written: raise WriteError, or warn once on
+stderr, stop recording and note it in the manifest (`recording_stopped`)."""
+ON_WRITE_ERROR: tuple[OnWriteError, ...] = get_args(OnWriteError)
+
 MetricGroup = Literal["trl", "verl", "counts"]
 """Per-step columns a replay table shows only on request: TRL's clip ratios, verl's clip
 fractions, the scored and clipped counts."""

@@ -4,6 +4,7 @@ file; its temporary file is removed and the steps written before it stay intact.
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import numpy as np
@@ -96,3 +97,47 @@ def test_an_unwritable_run_directory_is_a_write_error(tmp_path, monkeypatch):
     with pytest.raises(WriteError, match=r"manifest\.json: cannot write it \(Read-only file"):
         sd.Recorder(tmp_path / "run")
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["steps"]
+
+
+@pytest.mark.parametrize("async_writes", [False, True])
+def test_warn_mode_stops_recording_once_and_notes_it_in_the_manifest(
+    tmp_path, monkeypatch, capsys, async_writes
+):
+    path = tmp_path / "run"
+    rec = sd.Recorder(path, async_writes=async_writes, on_write_error="warn")
+    rec.log_step(0, **_flat(0))
+    rec.flush()
+    real_write, failed = os.write, []
+
+    def full_once(fd: int, data: bytes) -> int:  # step 1's write fails, the manifest's works
+        if not failed:
+            failed.append(fd)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(_atomic.os, "write", full_once)
+    rec.log_step(1, **_flat(1))  # no exception: training goes on
+    rec.flush()
+    for step in range(2, 5):
+        rec.log_step(step, **_flat(step))  # recording stopped: ignored
+    rec.close()
+    err = capsys.readouterr().err
+    assert err.count("recording stopped") == 1 and "no space left on device" in err
+    manifest = json.loads((path / "manifest.json").read_text())
+    stopped = manifest["recording_stopped"]
+    assert stopped["rank"] == 0 and "no space left" in stopped["reason"]
+    assert stopped["step"] == (None if async_writes else 1)
+    run = sd.open_run(path)
+    assert run.step_numbers == [0] and run.integrity.ok
+
+
+def test_on_write_error_is_checked_and_a_step_without_tokens_is_refused(tmp_path):
+    from stabledrl_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="on_write_error"):
+        sd.Recorder(tmp_path / "a", on_write_error="ignore")
+    rec = sd.Recorder(tmp_path / "b")
+    empty = np.zeros(0, np.float32)
+    with pytest.raises(UsageError, match="at least one token"):
+        rec.log_step(0, logp=empty, logp_old=empty, advantages=empty, seq_id=np.zeros(0, int))
+    rec.close()

@@ -11,7 +11,8 @@ strings (`STANDARD_SCALARS`, plus the user's own).
 Manifest fields: format ("stabledrl-run"), format_version, tool_version, created, meta,
 policy {spec, name, params} (spec in its canonical text), unit ("token" or "sequence"),
 estimator, reward_range (null or [low, high]), world_size, group_ids, geometry, param_names,
-fields (each field's per and dtype).
+fields (each field's per and dtype), and, only when a Recorder with on_write_error="warn"
+stopped after a failed write, recording_stopped {step, rank, reason}.
 
 group_ids (format 1.1; absent means "per_rank"): "per_rank" when each rank numbers its own
 prompt groups from 0 (a reader joining the ranks of a step offsets each rank's ids past the

@@ -11,7 +11,12 @@ name. `close()` (or leaving the `with` block) drains the queue.
 
 A failed write (a full disk, a read-only directory) raises WriteError (exit 4) naming the
 file, from `log_step` (synchronous) or from the next `log_step`, `flush` or `close` (async);
-its temporary file is removed and the steps written before it stay intact.
+its temporary file is removed and the steps written before it stay intact. With
+`on_write_error="warn"` (what `record -- CMD` and the integrations pass: recording must never
+stop training) the first failure instead prints one warning on stderr, stops recording (later
+`log_step` calls return at once) and records in the manifest's `recording_stopped`
+({step, rank, reason}) that and why recording stopped (best effort: a full disk may refuse
+that too).
 
 Keywords of `Recorder` beyond the run's facts: `group_ids` ("per_rank", the default, or
 "global": the recorded group_ids are global prompt-group ids, see `_schema`), `overwrite`,
@@ -26,10 +31,12 @@ from __future__ import annotations
 
 import atexit
 import datetime as _dt
+import json
 import math
 import operator
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -37,12 +44,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, SupportsIndex
 
+from stabledrl_cli._atomic import write_atomic
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._inputs import ArrayInput, ScalarInput, build_step
 from stabledrl_cli.dump._policy import PolicyLike, policy_entry
 from stabledrl_cli.dump._schema import (
     EXTENSION_FIELDS,
     FIELDS,
+    MANIFEST_NAME,
     META_FORMAT,
     META_NUM_SEQUENCES,
     META_NUM_TOKENS,
@@ -59,7 +68,7 @@ from stabledrl_cli.dump._setup import prepare_run
 from stabledrl_cli.dump._stfile import encode_step, write_step
 from stabledrl_cli.errors import UsageError, WriteError
 from stabledrl_cli.spec import SpecValue
-from stabledrl_cli.vocab import GROUP_IDS, UNITS, GroupIds, Unit
+from stabledrl_cli.vocab import GROUP_IDS, ON_WRITE_ERROR, UNITS, GroupIds, OnWriteError, Unit
 
 
 def _format_scalar(value: float) -> str:
@@ -155,6 +164,7 @@ class Recorder:
         group_ids: GroupIds = "per_rank",
         resume: bool = False,
         resume_from: int | None = None,
+        on_write_error: OnWriteError = "raise",
     ) -> None:
         if unit not in UNITS:
             raise UsageError(f"unit {unit!r} is not one of: {', '.join(UNITS)}")
@@ -164,6 +174,10 @@ class Recorder:
             raise UsageError(f"world_size must be an int >= 1, got {world_size!r}")
         if not (isinstance(rank, int) and 0 <= rank < world_size):
             raise UsageError(f"rank must be in [0, {world_size}), got {rank!r}")
+        if on_write_error not in ON_WRITE_ERROR:
+            raise UsageError(
+                f"on_write_error {on_write_error!r} is not one of: {', '.join(ON_WRITE_ERROR)}"
+            )
         if not (isinstance(queue_size, int) and queue_size >= 1):
             raise UsageError(f"queue_size must be an int >= 1, got {queue_size!r}")
         if resume and overwrite:
@@ -210,6 +224,9 @@ class Recorder:
         if resume_from is not None:
             self._last_step = resume_from - 1 if resume_from > 0 else None
         self._num_params = len(param_names) if param_names is not None else None
+        self.on_write_error: OnWriteError = on_write_error
+        self.stopped: str | None = None
+        """Why recording stopped (on_write_error="warn" after a failed write), else None."""
         self._closed = False
         self._writer: _Writer | None = None
         if async_writes:
@@ -256,6 +273,8 @@ class Recorder:
         if self._closed:
             raise UsageError("log_step on a closed Recorder")
         self._raise_writer_error()
+        if self.stopped is not None:
+            return
         step = _step_number(step)
         if self._last_step is not None and step <= self._last_step:
             raise UsageError(
@@ -296,6 +315,8 @@ class Recorder:
             user_scalars=scalars,
             num_params=self._num_params,
         )
+        if tensors["logp"].shape[0] == 0 and self.world_size == 1:
+            raise UsageError("logp: a step needs at least one token")
         values.setdefault("wall_time", _now())
         metadata = {name: _format_scalar(v) for name, v in values.items()}
         ids = tensors["seq_id"]
@@ -311,7 +332,11 @@ class Recorder:
         final = self.path / STEPS_DIR / step_file_name(step, self.rank, self.world_size)
         parts = encode_step(tensors, metadata)
         if self._writer is None:
-            write_step(final, parts)
+            try:
+                write_step(final, parts)
+            except WriteError as exc:
+                self._write_failed(exc, step)
+                return
         else:
             self._writer.queue.put((final, parts))
         self._last_step = step
@@ -323,10 +348,33 @@ class Recorder:
         self._raise_writer_error()
 
     def _raise_writer_error(self) -> None:
-        if self._writer is not None and self._writer.error is not None:
+        if self._writer is not None and self._writer.error is not None and self.stopped is None:
             exc = self._writer.error
             message = str(exc) if isinstance(exc, WriteError) else f"{self.path}: {exc}"
-            raise WriteError(f"recording failed: {message}") from exc
+            self._write_failed(WriteError(f"recording failed: {message}"), None, cause=exc)
+
+    def _write_failed(
+        self, error: WriteError, step: int | None, cause: BaseException | None = None
+    ) -> None:
+        """Raises `error`, or (on_write_error="warn") warns once, stops recording and notes it
+        in the manifest."""
+        if self.on_write_error == "raise":
+            raise error from cause
+        self.stopped = str(error)
+        print(
+            f"stabledrl: warning: recording stopped, training goes on: {error}",
+            file=sys.stderr,
+            flush=True,
+        )
+        note = {"step": step, "rank": self.rank, "reason": str(error)}
+        try:
+            manifest_path = self.path / MANIFEST_NAME
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            manifest["recording_stopped"] = note
+            text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+            write_atomic(manifest_path, text.encode())
+        except (OSError, ValueError, WriteError):
+            pass  # best effort: the disk that refused the step may refuse this too
 
     def close(self) -> None:
         """Drains the queue (async mode) and stops the writer. Idempotent."""
