@@ -45,6 +45,8 @@ from stabledrl_cli.integrations._verl_policy import (  # noqa: E402
     policy_for_actor_config,
 )
 from stabledrl_cli.policies import PolicyBatch, get_policy  # noqa: E402
+from stabledrl_cli.replay.config import ReplayConfig  # noqa: E402
+from stabledrl_cli.replay.engine import replay_run  # noqa: E402
 from stabledrl_cli.spec import format_spec  # noqa: E402
 
 PROMPT, RESPONSE = 4, 7
@@ -295,13 +297,16 @@ def test_own_policy_reproduces_verl_loss(overrides: dict[str, Any], tmp_path: Pa
 )
 def test_clip_fractions_match_verl(overrides: dict[str, Any], tmp_path: Path) -> None:
     """verl's pg_clipfrac / pg_clipfrac_lower of each micro-batch equal the fractions of our
-    Weights (vanilla, gspo) and the replay formula `verl_clipfracs` (all); the step records
-    their mean over micro-batches as verl averages them."""
+    Weights (vanilla, gspo) and the formula `verl_clipfracs` (all); the step records their
+    mean over micro-batches as verl averages them, and `replay` recomputes that mean."""
     config = actor_config(**overrides)
     steps = micro_batches(rollout(scale=0.9), mini=6, micro=2)
     captured, _ = record(config, steps, tmp_path / "run")
     run = open_run(tmp_path / "run")
     policy = recorded_agg(run.policy_spec or "")
+    (replayed,) = replay_run(
+        run, [run.policy_spec or ""], config=ReplayConfig(device="cpu")
+    ).policies
     lower_seen = 0.0
     for step, micro in zip(run, captured, strict=True):
         for index, m in enumerate(micro):
@@ -310,8 +315,8 @@ def test_clip_fractions_match_verl(overrides: dict[str, Any], tmp_path: Path) ->
             mask = torch.as_tensor(batch.mask).bool()
             scored = mask.sum()
             clipfrac, lower = verl_clipfracs(batch, config, policy.name)
-            assert clipfrac == pytest.approx(m.metrics["pg_clipfrac"], abs=1e-6)
-            assert lower == pytest.approx(m.metrics["pg_clipfrac_lower"], abs=1e-6)
+            assert clipfrac == pytest.approx(m.metrics["actor/pg_clipfrac"], abs=1e-6)
+            assert lower == pytest.approx(m.metrics["actor/pg_clipfrac_lower"], abs=1e-6)
             lower_seen += lower
             if policy.name != "cispo":  # cispo counts A = 0 tokens, which are never eligible
                 ratio = torch.exp(torch.as_tensor(batch.logp) - torch.as_tensor(batch.logp_old))
@@ -319,8 +324,12 @@ def test_clip_fractions_match_verl(overrides: dict[str, Any], tmp_path: Path) ->
                 dual &= policy.name == "dual-clip"  # gspo has no lower clip
                 assert float((w.discarded & ~dual).sum() / scored) == pytest.approx(clipfrac)
                 assert float(dual.sum() / scored) == pytest.approx(lower)
-        mean = sum(m.metrics["pg_clipfrac"] for m in micro) / len(micro)
-        assert step.scalars["verl_pg_clipfrac"] == pytest.approx(mean)
+        mean = sum(m.metrics["actor/pg_clipfrac"] for m in micro) / len(micro)
+        assert step.scalars["actor/pg_clipfrac"] == pytest.approx(mean)
+        row = replayed.steps[step.step]
+        assert row["verl_pg_clipfrac"] == pytest.approx(mean, abs=1e-6)
+        lower = sum(m.metrics["actor/pg_clipfrac_lower"] for m in micro) / len(micro)
+        assert row["verl_pg_clipfrac_lower"] == pytest.approx(lower, abs=1e-6)
     if policy.name == "dual-clip":
         assert lower_seen > 0  # the dual clip did bind somewhere
 
@@ -451,6 +460,18 @@ def test_engine_loss_and_clip_fractions_match_verl(engine_run: Any) -> None:
         lower = sum(c[1] for c in cells) / len(cells)
         assert lower == pytest.approx(logged["pg_clipfrac_lower"])
         assert int(step["group_id"].max()) < 4 * len(ranks)  # one numbering over the ranks
+
+
+def test_replay_verl_metrics_equal_verls_logged_ones(engine_run: Any) -> None:
+    """`stabledrl replay`'s verl_pg_clipfrac / verl_pg_clipfrac_lower of the run's own policy
+    equal what verl logged for each optimizer step, on 1 and 2 ranks."""
+    run, ranks = engine_run
+    result = replay_run(run, [run.policy_spec or ""], config=ReplayConfig(device="cpu"))
+    (own,) = result.policies
+    for n in range(4):
+        logged, row = ranks[0]["steps"][n], own.steps[n]
+        assert row["verl_pg_clipfrac"] == pytest.approx(logged["pg_clipfrac"], abs=1e-6)
+        assert row["verl_pg_clipfrac_lower"] == pytest.approx(logged["pg_clipfrac_lower"], abs=1e-6)
 
 
 def test_engine_groups_split_across_ranks_are_marked(engine_run: Any) -> None:

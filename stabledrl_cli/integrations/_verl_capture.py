@@ -23,9 +23,10 @@ from verl.workers.utils.padding import no_padding_2_padding
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.integrations._verl_policy import agg_mode, token_loss_scale
 
-VERL_METRICS = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl")
-"""verl's per-micro-batch policy metrics (`actor/<name>`), recorded as the step's mean over
-micro-batches, as verl averages them, under the scalar names `verl_<name>`."""
+VERL_METRICS = ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl")
+"""verl's per-micro-batch policy metrics, recorded under verl's own names as the rank's mean
+over its micro-batches (verl logs the mean over ranks and micro-batches; replay recomputes
+the first two as `verl_pg_clipfrac`, `verl_pg_clipfrac_lower`)."""
 
 _OPTIONAL = {
     "loss_weight": "rollout_is_weights",
@@ -109,11 +110,7 @@ def capture_micro_batch(
         uid=[str(u) for u in data["uid"]] if "uid" in data else [""] * mask.shape[0],
         reward=reward,
         loss=loss,
-        metrics={
-            name: _metric_value(metrics[f"actor/{name}"])
-            for name in VERL_METRICS
-            if f"actor/{name}" in metrics
-        },
+        metrics={name: _metric_value(metrics[name]) for name in VERL_METRICS if name in metrics},
         optional={
             ours: padded[key].detach().float().cpu()
             for ours, key in _OPTIONAL.items()
@@ -193,7 +190,7 @@ class StepLog:
         for name in VERL_METRICS:
             values = [m.metrics[name] for m in micro if name in m.metrics]
             if values:
-                scalars[f"verl_{name}"] = sum(values) / len(values)
+                scalars[name] = sum(values) / len(values)
         finite = math.isfinite(self.grad_norm)
         scalars["update_skipped"] = 0.0 if finite else 1.0
         clip = 1.0
