@@ -202,7 +202,9 @@ def train_mini_batch_hook(session: Session) -> Callable[..., Any]:
     @functools.wraps(original)
     def train_mini_batch(self: Any, data: TensorDict) -> Any:
         engine = self.engine
-        if not session.off and "uid" in data and engine.is_mp_src_rank_with_outputs():
+        # The gather is a collective: every rank of the group joins it, even one whose
+        # recording is off, or the others would wait for it forever.
+        if "uid" in data and engine.is_mp_src_rank_with_outputs():
             uids = [str(uid) for uid in data["uid"]]
             try:
                 session.groups = Groups.of(_all_uids(uids, engine.get_data_parallel_group()))
