@@ -334,24 +334,27 @@ def test_clip_fractions_match_verl(overrides: dict[str, Any], tmp_path: Path) ->
         assert lower_seen > 0  # the dual clip did bind somewhere
 
 
-def test_replay_formula_on_extreme_ratios() -> None:
-    """|log r| > 20: verl clamps before exp, so the formula must clamp too."""
+def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
+    """|log r| > 20: verl clamps before exp, so the formula (and replay) must clamp too."""
     config = actor_config()
     logp_old = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
     logp = torch.tensor([[25.0, -25.0, 25.0, -25.0]])
     adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
     mask = torch.ones(1, 4)
-    _, metrics = core_algos.compute_policy_loss_vanilla(
-        logp_old, logp, adv, mask, config=config.__class__(**{**_fields(config)})
-    )
+    _, metrics = core_algos.compute_policy_loss_vanilla(logp_old, logp, adv, mask, config=config)
     batch = PolicyBatch(logp=logp, logp_old=logp_old, advantages=adv, mask=mask)
     clipfrac, lower = verl_clipfracs(batch, config, "dual-clip")
     assert (clipfrac, lower) == (metrics["actor/pg_clipfrac"], metrics["actor/pg_clipfrac_lower"])
     assert (clipfrac, lower) == (0.5, 0.25)
-
-
-def _fields(config: ActorConfig) -> dict[str, Any]:
-    return {"strategy": config.strategy, "rollout_n": 3, "ppo_micro_batch_size_per_gpu": 2}
+    spec = explicit_spec(policy_for_actor_config(config, response_width=4))
+    with Recorder(tmp_path / "run", policy=spec) as rec:
+        rec.log_step(0, logp=logp, logp_old=logp_old, advantages=adv, mask=mask)
+    result = replay_run(open_run(tmp_path / "run"), [spec], config=ReplayConfig(device="cpu"))
+    (row,) = result.policies
+    assert (row.steps[0]["verl_pg_clipfrac"], row.steps[0]["verl_pg_clipfrac_lower"]) == (
+        pytest.approx(0.5),
+        pytest.approx(0.25),
+    )
 
 
 @pytest.mark.parametrize(
