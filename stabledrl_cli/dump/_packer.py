@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -39,7 +40,8 @@ class _GuardedFile(io.RawIOBase):
 
     def __init__(self, path: Path) -> None:
         super().__init__()
-        self._raw = open(path, "w+b")  # noqa: SIM115 -- closed by close()
+        # Unbuffered: a buffered file would raise a deferred write error from seek or tell.
+        self._raw = open(path, "w+b", buffering=0)  # noqa: SIM115 -- closed by close()
         self.error: OSError | None = None
 
     def readable(self) -> bool:
@@ -55,13 +57,18 @@ class _GuardedFile(io.RawIOBase):
         return self._raw.readinto(buffer)
 
     def write(self, data: Any) -> int:
-        size = memoryview(data).nbytes
+        view = memoryview(data).cast("B")
         if self.error is None:
             try:
-                self._raw.write(data)
+                rest = view
+                while rest:
+                    written = self._raw.write(rest)
+                    if not written:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    rest = rest[written:]
             except OSError as exc:
                 self.error = exc
-        return size
+        return view.nbytes
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         return self._raw.seek(offset, whence)

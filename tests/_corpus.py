@@ -1,0 +1,456 @@
+# ruff: noqa: E501  (the CASES table keeps one case a line)
+"""The hostile-input corpus, built by code from a tiny good run (no committed binaries).
+
+Each `Case` makes one broken or crafted input under a temporary directory and says what
+`stabledrl COMMAND INPUT` must do with it: the exact exit code, and (for exit 0) the finding
+kind `inspect --format json` reports. `tests/test_hostile_inputs.py` runs every case;
+`benchmarks/fuzz_readers.py` starts from the same good files.
+
+Step files are rewritten with valid checksums (`rewrite_step`) where a case tests what lies
+behind the CRCs (a crafted file, not a corrupt one); archives are edited with h5py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+import stabledrl_cli as sd
+from stabledrl_cli.dump import open_run, pack_run
+from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
+from stabledrl_cli.dump._stfile import _canonical_crc
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def tiny_run(path: Path, *, steps: int = STEPS, world_size: int = 1) -> Path:
+    """A good run: `steps` steps of 4 sequences x 3 tokens with reward, group_id, token_ids."""
+    rng = np.random.default_rng(0)
+    for rank in range(world_size):
+        with sd.Recorder(
+            path, policy="grpo", reward_range=(0.0, 1.0), world_size=world_size, rank=rank
+        ) as rec:
+            for step in range(steps):
+                logp = -rng.random((4, 3)).astype(np.float32)
+                rec.log_step(
+                    step,
+                    logp=logp,
+                    logp_old=logp + 0.01,
+                    advantages=rng.standard_normal(4).astype(np.float32),
+                    mask=np.ones((4, 3)),
+                    group_id=np.array([0, 0, 1, 1]),
+                    reward=rng.random(4).astype(np.float32),
+                    token_ids=rng.integers(0, 50, (4, 3)),
+                    grad_norm=1.0 + step,
+                    loss=0.1 * step,
+                )
+    return path
+
+
+def step_path(run: Path, step: int) -> Path:
+    return run / "steps" / f"step-{step:08d}.safetensors"
+
+
+def read_step(path: Path) -> tuple[dict[str, Any], bytes]:
+    """A step file's header (parsed) and data buffer."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
+
+
+def rewrite_step(
+    path: Path, header: dict[str, Any], data: bytes, *, valid_crc: bool = True
+) -> None:
+    """Writes a step file from a header and data, with checksums that match (a crafted file
+    passes the CRCs, so the reader's other checks are what is tested)."""
+    meta = header.setdefault("__metadata__", {})
+    if valid_crc:
+        meta["_crc32_data"] = f"{zlib.crc32(data):08x}"
+        meta["_crc32_header"] = _canonical_crc(header)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def edit_header(run: Path, step: int, change: Callable[[dict[str, Any]], None]) -> Path:
+    path = step_path(run, step)
+    header, data = read_step(path)
+    change(header)
+    rewrite_step(path, header, data)
+    return run
+
+
+def edit_manifest(run: Path, change: Callable[[dict[str, Any]], Any]) -> Path:
+    manifest = json.loads((run / "manifest.json").read_text())
+    replaced = change(manifest)
+    text = replaced if isinstance(replaced, str) else json.dumps(manifest)
+    (run / "manifest.json").write_text(text)
+    return run
+
+
+def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 1 << bit
+    path.write_bytes(bytes(raw))
+
+
+def packed(tmp: Path) -> Path:
+    run = tiny_run(tmp / "run")
+    out = tmp / "run.h5"
+    pack_run(open_run(run), out)
+    return out
+
+
+def edit_archive(tmp: Path, change: Callable[[h5py.File], None]) -> Path:
+    out = packed(tmp)
+    with h5py.File(out, "r+") as handle:
+        change(handle)
+    return out
+
+
+def replace_dataset(handle: h5py.File, name: str, **create: Any) -> h5py.Dataset:
+    del handle[name]
+    return handle.create_dataset(name, **create)
+
+
+def flip_index(name: str, *, keep_crc: bool = True) -> Callable[[h5py.File], None]:
+    """Flips one bit of index dataset `name` (its stored CRC left as it was)."""
+
+    def change(handle: h5py.File) -> None:
+        dataset = handle[name]
+        values = dataset[()]
+        raw = bytearray(values.tobytes())
+        raw[min(len(raw) - 1, 9)] ^= 1
+        dataset[...] = np.frombuffer(bytes(raw), dtype=values.dtype).reshape(values.shape)
+        if not keep_crc:
+            dataset.attrs[CRC_ATTR] = index_crc(dataset[()])
+
+    return change
+
+
+def flip_data_chunk(tmp: Path) -> Path:
+    """One bit of tokens/logp's first compressed chunk flipped on disk (Fletcher32 sees it)."""
+    out = packed(tmp)
+    with h5py.File(out, "r") as handle:
+        info = handle["tokens/logp"].id.get_chunk_info(0)
+    flip_bit(out, info.byte_offset + info.size // 2)
+    return out
+
+
+def _strip_checksums(handle: h5py.File) -> None:
+    def strip(_name: str, obj: Any) -> None:
+        if CRC_ATTR in obj.attrs:
+            del obj.attrs[CRC_ATTR]
+
+    handle.visititems(strip)
+
+
+def _ragged_mismatch(handle: h5py.File) -> None:
+    shapes = handle["ragged/token_ids/shape"]
+    table = shapes[()]
+    table[1, 1] += 1
+    shapes[...] = table
+    shapes.attrs[CRC_ATTR] = index_crc(table)
+
+
+def _nan_manifest(handle: h5py.File) -> None:
+    manifest = json.loads(handle["manifest"][()].decode())
+    text = json.dumps(manifest).replace('"meta": {}', '"meta": {"x": NaN}')
+    replace_dataset(handle, "manifest", data=text, dtype=h5py.string_dtype())
+
+
+# -- step files ----------------------------------------------------------------------------------
+def truncations(run: Path) -> list[int]:
+    """Every boundary of a step file: 0, inside the length, the length, inside and at the end
+    of the header, inside the data, one byte short."""
+    header_len = 8 + struct.unpack("<Q", step_path(run, 1).read_bytes()[:8])[0]
+    size = step_path(run, 1).stat().st_size
+    return [
+        0,
+        4,
+        8,
+        9,
+        header_len - 1,
+        header_len,
+        header_len + 1,
+        (header_len + size) // 2,
+        size - 1,
+    ]
+
+
+def _truncate(at: int) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        run = tiny_run(tmp / "run")
+        with open(step_path(run, 1), "r+b") as fh:
+            fh.truncate(at)
+        return run
+
+    return make
+
+
+def _flip_step(where: str) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        run = tiny_run(tmp / "run")
+        path = step_path(run, 1)
+        header_len = 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+        flip_bit(path, 20 if where == "header" else header_len + 5, 3)
+        return run
+
+    return make
+
+
+def _in_steps(make_entry: Callable[[Path], None]) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        run = tiny_run(tmp / "run")
+        make_entry(run / "steps")
+        return run
+
+    return make
+
+
+def _set_meta(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(header: dict[str, Any]) -> None:
+        header["__metadata__"][key] = value
+
+    return change
+
+
+def _tensor(name: str, **entry: Any) -> Callable[[dict[str, Any]], None]:
+    def change(header: dict[str, Any]) -> None:
+        header[name].update(entry)
+
+    return change
+
+
+def _zero_tokens(run: Path) -> Path:
+    """Step 1 rewritten as a well-formed file with no tokens (what the Recorder refuses)."""
+    path = step_path(run, 1)
+    header, _ = read_step(path)
+    for name in [k for k in header if k != "__metadata__"]:
+        shape = header[name]["shape"]
+        header[name] = {
+            "dtype": header[name]["dtype"],
+            "shape": [0, *shape[1:]],
+            "data_offsets": [0, 0],
+        }
+    header["__metadata__"].update(_num_tokens="0", _num_sequences="0", _scored_tokens="0")
+    rewrite_step(path, header, b"")
+    return run
+
+
+def _nested_header(run: Path) -> Path:
+    text = b"[" * 100_000 + b"]" * 100_000
+    step_path(run, 1).write_bytes(struct.pack("<Q", len(text)) + text)
+    return run
+
+
+def _duplicate_spelling(run: Path) -> Path:
+    path = step_path(run, 1)
+    (path.parent / "step-000000001.safetensors").write_bytes(path.read_bytes())
+    return run
+
+
+def _mkfifo(steps: Path) -> None:
+    os.mkfifo(steps / "step-00000009.safetensors")
+
+
+def _symlink(target: str) -> Callable[[Path], None]:
+    def make(steps: Path) -> None:
+        (steps / "step-00000009.safetensors").symlink_to(target)
+
+    return make
+
+
+def _junk(steps: Path) -> None:
+    (steps / "notes.txt").write_text("hello")
+    (steps / "step-00000009.safetensors.bak").write_bytes(b"\0" * 100)
+    (steps / "step-x.safetensors").write_bytes(b"junk")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input and what a command must do with it."""
+
+    name: str
+    make: Callable[[Path], Path]
+    """Builds the input under a temporary directory; returns the path given to the command."""
+    command: str
+    """inspect, replay or pack (pack writes OUT beside the input)."""
+    code: int
+    finding: str | None = None
+    """The finding kind `inspect` must report (exit 0 cases)."""
+
+
+def _run_case(change: Callable[[Path], Path]) -> Callable[[Path], Path]:
+    return lambda tmp: change(tiny_run(tmp / "run"))
+
+
+def _archive_case(change: Callable[[h5py.File], None]) -> Callable[[Path], Path]:
+    return lambda tmp: edit_archive(tmp, change)
+
+
+def _huge_fill(name: str, elements: int) -> Callable[[h5py.File], None]:
+    """`name` replaced by a chunked, compressed dataset of `elements` never written: a few KB on
+    disk, `elements` x 8 bytes if read whole."""
+
+    def change(handle: h5py.File) -> None:
+        replace_dataset(
+            handle, name, shape=(elements,), dtype="i8", chunks=(1 << 15,), compression="gzip"
+        )
+
+    return change
+
+
+def _external_reward(handle: h5py.File) -> None:
+    count = handle["sequences/reward"].shape[0]
+    del handle["sequences/reward"]
+    handle.create_dataset(
+        "sequences/reward", shape=(count,), dtype="f4", external=[("/etc/passwd", 0, count * 4)]
+    )
+
+
+def _link(kind: str) -> Callable[[h5py.File], None]:
+    def change(handle: h5py.File) -> None:
+        del handle["sequences/reward"]
+        handle["sequences/reward"] = (
+            h5py.SoftLink("/tokens/logp")
+            if kind == "soft"
+            else h5py.ExternalLink("/etc/passwd", "/reward")
+        )
+
+    return change
+
+
+CASES: list[Case] = [
+    # Step files: the already-passing ones.
+    *(Case(f"torn_at_{i}", _truncate(i), "inspect", 0, "torn") for i in (0, 4, 8)),
+    Case("flip_in_header", _flip_step("header"), "inspect", 0, "unreadable"),
+    Case("flip_in_data", _flip_step("data"), "inspect", 0, "unreadable"),
+    Case("flip_in_data_replay", _flip_step("data"), "replay", 0),
+    Case("symlink_to_file", _in_steps(_symlink("/etc/passwd")), "inspect", 0, "unknown_file"),
+    Case("symlink_to_directory", _in_steps(_symlink("/tmp")), "inspect", 0, "unknown_file"),
+    Case("symlink_to_device", _in_steps(_symlink("/dev/zero")), "inspect", 0, "unknown_file"),
+    Case("symlink_to_device_replay", _in_steps(_symlink("/dev/zero")), "replay", 0),
+    Case("junk_files", _in_steps(_junk), "inspect", 0, "unknown_file"),
+    Case("manifest_world_size_string", _run_case(lambda r: edit_manifest(r, lambda m: m.update(world_size="2"))), "inspect", 3),
+    Case("manifest_unit_number", _run_case(lambda r: edit_manifest(r, lambda m: m.update(unit=5))), "inspect", 3),
+    Case("manifest_a_list", _run_case(lambda r: edit_manifest(r, lambda m: "[1, 2]")), "inspect", 3),
+    Case("manifest_not_json", _run_case(lambda r: edit_manifest(r, lambda m: "{nope")), "replay", 3),
+    # Step files: issue 13's rows.
+    Case("fifo_named_like_a_step", _in_steps(_mkfifo), "inspect", 0, "unknown_file"),
+    Case("fifo_named_like_a_step_replay", _in_steps(_mkfifo), "replay", 0),
+    Case("fifo_named_like_a_step_pack", _in_steps(_mkfifo), "pack", 0),
+    Case("step_number_of_20_digits", _in_steps(lambda s: (s / f"step-{'9' * 20}.safetensors").write_bytes(b"x")), "inspect", 0, "unknown_file"),
+    Case("step_in_two_spellings", _run_case(_duplicate_spelling), "inspect", 0, "unknown_file"),
+    Case("header_step_disagrees_with_name", _run_case(lambda r: edit_header(r, 1, _set_meta("step", "7.0"))), "inspect", 0, "unreadable"),
+    Case("non_string_metadata", _run_case(lambda r: edit_header(r, 1, _set_meta("loss", 1.5))), "inspect", 0, "unreadable"),
+    Case("non_string_metadata_replay", _run_case(lambda r: edit_header(r, 1, _set_meta("loss", {"a": 1}))), "replay", 0),
+    Case("dtype_disagrees_with_bytes", _run_case(lambda r: edit_header(r, 1, _tensor("logp", dtype="F64"))), "inspect", 0, "unreadable"),
+    Case("dtype_disagrees_with_bytes_replay", _run_case(lambda r: edit_header(r, 1, _tensor("logp", dtype="F64"))), "replay", 0),
+    Case("shape_disagrees_with_bytes", _run_case(lambda r: edit_header(r, 1, _tensor("logp", shape=[13]))), "inspect", 0, "unreadable"),
+    Case("shape_disagrees_with_counts_replay", _run_case(lambda r: edit_header(r, 1, _set_meta("_num_tokens", "11"))), "replay", 0),
+    Case("byte_string_dtype", _run_case(lambda r: edit_header(r, 1, _tensor("logp", dtype="STR"))), "inspect", 0, "unreadable"),
+    Case("field_of_the_wrong_dtype", _run_case(lambda r: edit_header(r, 1, _tensor("mask", dtype="I8"))), "replay", 0),
+    Case("zero_tokens", _run_case(_zero_tokens), "inspect", 0, "unreadable"),
+    Case("zero_tokens_replay", _run_case(_zero_tokens), "replay", 0),
+    Case("header_nested_deeply", _run_case(_nested_header), "inspect", 0, "unreadable"),
+    Case("manifest_nested_deeply", _run_case(lambda r: edit_manifest(r, lambda m: "[" * 100_000 + "]" * 100_000)), "inspect", 3),
+    Case("manifest_over_1_mb", _run_case(lambda r: edit_manifest(r, lambda m: m["meta"].update(x="y" * (1 << 20)))), "inspect", 3),
+    Case("manifest_with_nan_pack", _run_case(lambda r: edit_manifest(r, lambda m: json.dumps(m).replace('"meta": {}', '"meta": {"x": NaN}'))), "pack", 3),
+    Case("world_size_above_cap", _run_case(lambda r: edit_manifest(r, lambda m: m.update(world_size=10**9))), "replay", 3),
+    Case("world_size_above_rank_files", lambda tmp: edit_manifest(tiny_run(tmp / "run", world_size=2), lambda m: m.update(world_size=4000)), "inspect", 0, "missing_rank"),
+    # Archives.
+    Case("archive_huge_fill_step_index", _archive_case(_huge_fill("steps/step", 1 << 34)), "inspect", 3),
+    Case("archive_huge_fill_data", _archive_case(_huge_fill("tokens/logp", 1 << 34)), "inspect", 3),
+    Case("archive_external_storage_pack", _archive_case(_external_reward), "pack", 3),
+    Case("archive_external_storage", _archive_case(_external_reward), "replay", 3),
+    Case("archive_external_link", _archive_case(_link("external")), "pack", 3),
+    Case("archive_soft_link", _archive_case(_link("soft")), "inspect", 3),
+    Case("archive_flip_steps", _archive_case(flip_index("steps/step")), "inspect", 0, "unreadable"),
+    Case("archive_flip_counts", _archive_case(flip_index("steps/num_tokens")), "inspect", 0, "unreadable"),
+    Case("archive_flip_scalar", _archive_case(flip_index("scalars/grad_norm")), "inspect", 0, "unreadable"),
+    Case("archive_flip_recorded", _archive_case(flip_index("scalars_recorded/loss")), "inspect", 0, "unreadable"),
+    Case("archive_flip_offsets", _archive_case(flip_index("sequences/step_offsets")), "inspect", 0, "unreadable"),
+    Case("archive_flip_present", _archive_case(flip_index("present/reward")), "inspect", 0, "unreadable"),
+    Case("archive_flip_ragged_shape", _archive_case(flip_index("ragged/token_ids/shape")), "inspect", 0, "unreadable"),
+    Case("archive_ragged_shape_mismatch", _archive_case(_ragged_mismatch), "inspect", 0, "unreadable"),
+    Case("archive_ragged_shape_mismatch_replay", _archive_case(_ragged_mismatch), "replay", 0),
+    Case("archive_offsets_with_valid_crc", _archive_case(flip_index("tokens/step_offsets", keep_crc=False)), "inspect", 0, "unreadable"),
+    Case("archive_without_checksums", _archive_case(_strip_checksums), "inspect", 0, "unchecked"),
+    Case("archive_data_chunk_flip", flip_data_chunk, "inspect", 0, "unreadable"),
+    Case("archive_manifest_with_nan", _archive_case(_nan_manifest), "pack", 3),
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A command run in a child process: exit code, stderr, and the command's own cost (the
+    interpreter's imports excluded)."""
+
+    code: int
+    stderr: str
+    seconds: float
+    extra_rss_mb: float
+
+
+_CHILD = """
+import json, os, resource, sys, time
+import h5py, torch
+from stabledrl_cli.cli import app as app_module
+for name in ("inspect", "pack", "replay"):
+    app_module.load_command(name)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+code = 0
+try:
+    app_module.app(sys.argv[1:], prog_name="stabledrl")
+except SystemExit as exc:
+    code = exc.code or 0
+cost = {"seconds": time.perf_counter() - start,
+        "extra_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
+with open(os.environ["CORPUS_COST"], "w") as fh:
+    json.dump(cost, fh)
+sys.exit(code)
+"""
+
+ADDRESS_SPACE = 3 << 30
+"""The child's address-space cap: enough for the interpreter with torch (~1.2 GB mapped), far
+below what an unbounded read of a crafted archive asks for (tens of GB)."""
+
+
+def measure(args: list[str], cost_file: Path, *, timeout: float = 120) -> Measured:
+    """Runs `stabledrl ARGS` in a child under an address-space cap (RLIMIT_AS) and a timeout."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+    env = {**os.environ, "CORPUS_COST": str(cost_file), "NO_COLOR": "1", "COLUMNS": "200"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit,
+        env=env,
+    )
+    cost = json.loads(cost_file.read_text()) if cost_file.exists() else {}
+    return Measured(
+        code=proc.returncode,
+        stderr=proc.stderr,
+        seconds=float(cost.get("seconds", float("inf"))),
+        extra_rss_mb=float(cost.get("extra_rss_mb", float("inf"))),
+    )

@@ -1,0 +1,142 @@
+"""The hostile-input corpus (tests/_corpus.py): every crafted or broken input gets its exact
+exit code, one stderr line when it fails, the finding `inspect` reports when it does not, and
+a bounded cost; a sample runs in a real child process under an address-space cap."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _corpus import CASES, ROOT, Case, measure, packed, tiny_run
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+
+runner = CliRunner()
+CASE_SECONDS = 30.0
+"""Wall-clock bound of one case under CliRunner (each is well under a second of work; the
+bound leaves room for a loaded machine)."""
+
+
+def _args(case: Case, target: Path) -> list[str]:
+    if case.command == "pack":
+        return ["pack", str(target), str(target.parent / "out.h5")]
+    if case.command == "replay":
+        return ["replay", str(target), "-p", "grpo"]
+    return ["inspect", str(target)]
+
+
+def _assert_clean_failure(code: int, stderr: str, expected: int) -> None:
+    assert code == expected, stderr
+    if expected:
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert "Traceback" not in stderr and "internal error" not in stderr
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_corpus_case(case: Case, tmp_path: Path) -> None:
+    target = case.make(tmp_path)
+    start = time.perf_counter()
+    result = runner.invoke(app, _args(case, target))
+    assert time.perf_counter() - start < CASE_SECONDS
+    assert not isinstance(result.exception, AssertionError | RecursionError | MemoryError)
+    _assert_clean_failure(result.exit_code, result.stderr, case.code)
+    if case.command == "pack" and case.code:
+        assert not (target.parent / "out.h5").exists()
+    if case.finding is not None:
+        shown = runner.invoke(app, ["inspect", str(target), "--format", "json"])
+        assert shown.exit_code == 0, shown.stderr
+        kinds = {f["kind"] for f in json.loads(shown.stdout)["integrity"]["findings"]}
+        assert case.finding in kinds, kinds
+
+
+SAMPLE = (
+    "archive_huge_fill_step_index",
+    "archive_huge_fill_data",
+    "archive_external_storage_pack",
+    "manifest_nested_deeply",
+    "fifo_named_like_a_step_replay",
+)
+
+
+@pytest.mark.parametrize("name", SAMPLE)
+def test_sample_in_a_child_process_is_fast_and_small(name: str, tmp_path: Path) -> None:
+    """The crafted archive that made `inspect` allocate GBs exits 3 in < 1 s and < 300 MB
+    (RSS above the interpreter's own), under an address-space cap."""
+    case = next(c for c in CASES if c.name == name)
+    target = case.make(tmp_path)
+    measured = measure(_args(case, target), tmp_path / "cost.json")
+    _assert_clean_failure(measured.code, measured.stderr, case.code)
+    if case.code:
+        assert measured.seconds < 1.0
+    assert measured.extra_rss_mb < 300
+
+
+def test_pack_never_copies_a_local_file(tmp_path: Path) -> None:
+    case = next(c for c in CASES if c.name == "archive_external_storage_pack")
+    target = case.make(tmp_path)
+    result = runner.invoke(app, ["pack", str(target), str(tmp_path / "out.h5")])
+    assert result.exit_code == 3 and "external storage" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["run.h5"]
+
+
+@pytest.mark.parametrize("at", ["torn", "all"])
+def test_truncation_at_every_boundary_is_a_finding(tmp_path: Path, at: str) -> None:
+    from _corpus import step_path, truncations
+
+    import stabledrl_cli as sd
+
+    run = tiny_run(tmp_path / "run")
+    good = step_path(run, 1).read_bytes()
+    for size in truncations(run):
+        step_path(run, 1).write_bytes(good[:size])
+        opened = sd.open_run(run)
+        kinds = {f.kind for f in opened.integrity.findings}
+        assert opened.step_numbers == [0, 2, 3] and kinds & {"torn", "unreadable"}, size
+
+
+def test_pack_on_a_full_disk_is_a_write_error_not_a_crash(tmp_path: Path) -> None:
+    """A file-size limit makes the archive's writes fail as a full disk does: libhdf5 never
+    sees the error (pack keeps it), so no segfault: exit 4, one line, no temporary file."""
+    run = tiny_run(tmp_path / "run", steps=40)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "pack", str(run), str(out_dir / "run.h5")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=limit,
+        cwd=ROOT,
+    )
+    _assert_clean_failure(proc.returncode, proc.stderr, 4)
+    assert "run.h5: cannot write it" in proc.stderr
+    assert list(out_dir.iterdir()) == []
+
+
+def test_an_archive_index_flip_never_changes_a_number_silently(tmp_path: Path) -> None:
+    from _corpus import edit_archive, flip_index
+
+    import stabledrl_cli as sd
+
+    good = sd.open_run(packed(tmp_path / "good"))
+    losses = good.scalar_series("grad_norm")[1].tolist()
+    for name in ("steps/step", "scalars/grad_norm", "steps/num_tokens"):
+        tmp = tmp_path / name.replace("/", "_")
+        tmp.mkdir()
+        run = sd.open_run(edit_archive(tmp, flip_index(name)))
+        assert run.step_numbers == [] and not run.integrity.ok
+        steps, values = run.scalar_series("grad_norm")
+        assert steps.size == 0 and set(values.tolist()) <= set(losses)
