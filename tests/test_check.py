@@ -19,7 +19,7 @@ from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import WriteError
 from stabledrl_cli.replay import columns, config
 from stabledrl_cli.replay.baseline import BASELINE_SCHEMA, Tolerance, load_baseline, write_baseline
-from stabledrl_cli.replay.figures import policy_metrics
+from stabledrl_cli.replay.figures import RUN_METRICS, policy_metrics
 from stabledrl_cli.replay.junit import write_junit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +102,8 @@ def test_written_baseline_holds_todays_figures(runs, baseline):
         "collapse_window": config.DEFAULT_COLLAPSE_WINDOW,
     }
     assert data["observed"]["first_reward_collapse"]["value"] is None
+    assert list(data["observed"]) == ["first_reward_collapse", "collapse_warning_first_step"]
+    assert data["observed"]["collapse_warning_first_step"]["worse"] == "lower"
     assert list(data["policies"]) == ["grpo", "is", "stabledrl"]
     is_ = data["policies"]["is"]
     assert set(is_) == set(policy_metrics())
@@ -130,7 +132,7 @@ def test_check_against_own_baseline_passes(runs, baseline):
     code, data, stderr = _check(str(runs["steady"]), "--baseline", str(baseline))
     assert code == 0, stderr
     assert data["ok"] and data["tripped"] == 0 and data["policies"] == ["grpo", "is", "stabledrl"]
-    assert data["gates_checked"] == 1 + 3 * len(policy_metrics())
+    assert data["gates_checked"] == len(RUN_METRICS) + 3 * len(policy_metrics())
     assert "check passed" in stderr
     table = runner.invoke(app, ["check", str(runs["steady"]), "--baseline", str(baseline)])
     assert table.exit_code == 0 and "baseline.update_norm_max" in table.stdout
@@ -150,7 +152,7 @@ def test_regressions_trip_and_are_all_named(runs, baseline, tmp_path):
     discard = _gate(data, "grpo", "baseline.discard_frac")
     assert not discard["ok"] and discard["limit"] == pytest.approx(0.0011)
     assert _gate(data, "stabledrl", "baseline.update_norm_median")["ok"]
-    assert "2 of 16 gates tripped" in stderr
+    assert "2 of 17 gates tripped" in stderr
     assert "is baseline.collapsed_steps: collapsed_steps 2, baseline 1: above the limit 1" in stderr
     assert "grpo baseline.discard_frac" in stderr
 
@@ -380,7 +382,9 @@ def test_junit_report(runs, baseline, tmp_path):
     assert suite.get("name") == f"stabledrl check {runs['collapsing']}"
     cases = suite.findall("testcase")
     failed = [c for c in cases if c.find("failure") is not None]
-    assert int(suite.get("tests")) == len(cases) == 1 + 3 * (len(policy_metrics()) + 1)
+    assert (
+        int(suite.get("tests")) == len(cases) == len(RUN_METRICS) + 3 * (len(policy_metrics()) + 1)
+    )
     assert int(suite.get("failures")) == len(failed) == int(root.get("failures")) > 0
     names = {(c.get("classname"), c.get("name")) for c in cases}
     assert ("stabledrl.is", "max_nonfinite") in names

@@ -22,7 +22,8 @@ runner = CliRunner()
 
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
-    """60 steps: reward 0.8 then 0.05 from step 40, a grad-norm spike at 25, a NaN at 33."""
+    """60 steps: reward 0.8 then 0.05 from step 40, a grad-norm spike at 25, a NaN at 33, the
+    own-sample log-likelihood 1 nat lower from step 36."""
     path = tmp_path / "run"
     gen = torch.Generator().manual_seed(3)
     with sd.Recorder(
@@ -34,7 +35,7 @@ def run_dir(tmp_path) -> Path:
         reward_range=(0.0, 1.0),
     ) as rec:
         for step in range(60):
-            logp = -torch.rand(4, 8, generator=gen)
+            logp = -torch.rand(4, 8, generator=gen) - (1.0 if step >= 36 else 0.0)
             mask = torch.ones(4, 8)
             mask[:, 8 - step % 3 :] = 0  # 32, 28 or 24 scored tokens
             logp_old = logp + 0.05 * torch.randn(4, 8, generator=gen)
@@ -82,6 +83,10 @@ def test_inspect_json(run_dir):
     assert observed["recorded_spike_steps"] == [25] and observed["nonfinite_steps"] == [33]
     assert 0.03 < observed["noise_floor_logratio_std"] < 0.07  # the 0.05 noise we put in
     assert observed["reward_curve"]["first"] == pytest.approx(0.8)
+    # Measured at inner_step 0 (even steps): the mean of 3 falls > 0.5 nats at step 38.
+    warning = observed["collapse_warning"]
+    assert warning["first_step"] == 38 and warning["lead_steps"] == 45 - 38
+    assert warning["steps"][0] == 38 and all(s % 2 == 0 for s in warning["steps"])
 
 
 def test_inspect_table(run_dir):
@@ -94,6 +99,8 @@ def test_inspect_table(run_dir):
         "Integrity: ok",
         "first reward collapse",
         "step 45",
+        "collapse warning",
+        "first at step 38 (own-sample likelihood fell by > 0.5 nats",
         "meta.model",
     ):
         assert expected in text, expected

@@ -9,8 +9,11 @@ import torch
 import stabledrl_cli as sd
 from stabledrl_cli.replay.config import DEFAULT_COLLAPSE_WINDOW
 from stabledrl_cli.replay.detectors import (
+    collapse_warning,
     collapse_window,
     observed_reward_collapse,
+    own_likelihood,
+    own_likelihood_series,
     rolling_mean,
     spike_flags,
 )
@@ -126,6 +129,36 @@ def test_collapse_edge_cases():
     assert observed_reward_collapse(shuffled, curve[shuffled], (0.0, 1.0)) == in_order
     with pytest.raises(ValueError, match="shape"):
         observed_reward_collapse(np.arange(3), np.zeros(4))
+
+
+def test_own_likelihood_is_the_median_over_scored_finite_units():
+    logp_old = np.array([-1.0, -2.0, -3.0, np.nan, -100.0, np.inf])
+    mask = np.array([1, 1, 1, 1, 0, 1])
+    assert own_likelihood(logp_old, mask) == -2.0
+    assert np.isnan(own_likelihood(logp_old, np.zeros(6)))
+
+
+def test_own_likelihood_series_keeps_inner_step_0_or_every_step():
+    steps, values = np.array([3, 0, 1, 2]), np.array([3.0, 0.0, 1.0, 2.0])
+    kept = own_likelihood_series(steps, np.array([0.0, 0.0, 1.0, np.nan]), values)
+    assert kept[0].tolist() == [0, 3] and kept[1].tolist() == [0.0, 3.0]
+    every = own_likelihood_series(steps, np.full(4, np.nan), values)
+    assert every[0].tolist() == [0, 1, 2, 3]
+
+
+def test_collapse_warning_on_a_falling_mean():
+    steps = np.arange(0, 40, 2)
+    values = np.where(steps < 20, -1.0, -1.9)
+    # means of 3: -1 up to step 18; step 20: -1.3; step 22: -1.6 (drop 0.6 > 0.5) -> warns.
+    assert collapse_warning(steps, values, window=3, drop=0.5).tolist() == list(range(22, 40, 2))
+    assert collapse_warning(steps, values, window=3, drop=1.0).size == 0
+    assert collapse_warning(steps[:2], values[:2], window=3, drop=0.5).size == 0  # < window
+    rising = np.linspace(-3.0, -1.0, 20)
+    assert collapse_warning(steps, rising).size == 0  # a likelihood that rises never warns
+    gap = values.copy()
+    gap[12] = np.nan  # a NaN measurement makes its windows NaN: they do not warn
+    assert 24 not in collapse_warning(steps, gap, window=3, drop=0.5).tolist()
+    assert collapse_warning(np.array([], dtype=np.int64), np.array([])).size == 0
 
 
 def test_observe_a_recorded_run(tmp_path):

@@ -152,7 +152,15 @@ def _json(args: list[str]) -> dict:
 # --- the JSON contract ---------------------------------------------------------------------------
 def test_default_replays_own_policy_plus_catalogue_in_contract_shape(plain_run):
     data = _json([str(plain_run)])
-    assert set(data) == {"run", "steps", "geometry", "geometry_coverage", "policies", "observed"}
+    # The contract's keys in their order, then the extension `collapse_warning`.
+    assert list(data) == [
+        "run", "steps", "geometry", "geometry_coverage", "policies", "observed",
+        "collapse_warning",
+    ]  # fmt: skip
+    warning = data["collapse_warning"]
+    assert list(warning) == ["detector", "settings", "steps", "first_step", "lead_steps"]
+    assert warning["detector"] == "own_likelihood_drop"
+    assert warning["settings"] == {"window": 3, "drop": 0.5}
     assert data["steps"] == 30 and data["geometry"] == "coef" and data["geometry_coverage"] == 0
     specs = [p["spec"] for p in data["policies"]]
     catalogue = [get_policy(s).spec for s in STANDARD_CATALOGUE]
@@ -167,6 +175,7 @@ def test_default_replays_own_policy_plus_catalogue_in_contract_shape(plain_run):
             assert set(row) >= STEP_KEYS
             assert row["cosine_to_own"] is None  # no geometry
         assert p["summary"]["fidelity"] is None
+        assert p["summary"]["lead_steps"] is None  # a replay claims no lead time
     assert set(data["observed"]) == {
         "first_reward_collapse", "recorded_spike_steps", "noise_floor_logratio_std",
     }  # fmt: skip
@@ -244,7 +253,17 @@ def test_spike_flagged_for_grpo_not_for_stabledrl(plain_run):
     grpo = result.policy("grpo")
     assert grpo.summary.collapsed_steps == [22] and grpo.summary.first_collapse == 22
     assert grpo.steps[22]["weight_max"] > 100  # exp(6): the unbounded A < 0 ratio
-    assert result.best.spec != "grpo"
+    assert result.best is not None and result.best.spec != "grpo"
+
+
+def test_best_is_never_a_policy_with_risk_steps_nor_a_lone_policy(plain_run):
+    alone = sd.replay(plain_run, ["stabledrl"], device="cpu")
+    assert alone.best is None and not alone.policies[0].best  # nothing to compare with
+    risky = sd.replay(plain_run, ["grpo", "is"], device="cpu")  # both spike at step 22
+    assert all(p.summary.collapsed_steps for p in risky.policies) and risky.best is None
+    table = runner.invoke(app, ["replay", str(plain_run), "-p", "grpo", "--device", "cpu"])
+    assert "(best)" not in table.stdout and "best: fewest bias steps" in table.stdout
+    assert "risk" in table.stdout and "bias" in table.stdout
 
 
 def test_max_grad_norm_sets_clip_scale_but_spikes_use_the_preclip_norm(plain_run):

@@ -32,9 +32,20 @@ def test_grpo_flags_before_the_observed_collapse_or_drifts(degrading):
     spikes = grpo.summary.spike_steps
     early_spike = bool(spikes) and (collapse is None or min(spikes) <= collapse)
     assert early_spike or grpo.summary.drift_steps
-    if collapse is not None:
-        first_flag = min(_flagged(grpo))
-        assert grpo.summary.lead_steps == collapse - first_flag > 0
+    assert grpo.summary.lead_steps is None  # one-step risk flags claim no lead time
+    warning = degrading.observed.collapse_warning
+    if collapse is not None and warning.first_step is not None:
+        assert warning.lead_steps == collapse - warning.first_step
+
+
+def test_collapse_warning_on_the_fixtures(degrading, stable):
+    """The run-level warning: before the degrading run's observed collapse, and silent on
+    the stable run (the detector's calibration never saw these seed-0 fixtures)."""
+    warning = degrading.observed.collapse_warning
+    collapse = degrading.observed.first_reward_collapse
+    assert collapse is not None and warning.first_step is not None
+    assert warning.first_step < collapse and warning.lead_steps == collapse - warning.first_step
+    assert stable.observed.collapse_warning.steps == []
 
 
 def test_stabledrl_flags_fewer_or_none(degrading):

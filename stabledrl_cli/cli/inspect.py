@@ -85,7 +85,18 @@ def _observed_table(s: RunSummary) -> Table:
         else "no reward recorded",
     )
     collapse = obs.first_reward_collapse
-    table.add_row("first reward collapse", "none" if collapse is None else f"step {collapse}")
+    table.add_row(
+        "first reward collapse",
+        ("none" if collapse is None else f"step {collapse}") + f" (window {obs.collapse_window})",
+    )
+    warning = obs.collapse_warning
+    table.add_row(
+        "collapse warning",
+        "none"
+        if warning.first_step is None
+        else f"first at step {warning.first_step} (own-sample likelihood fell by > "
+        f"{warning.drop:g} nats; {len(warning.steps)} warning steps)",
+    )
     table.add_row("grad-norm spikes", _steps_text(obs.recorded_spike_steps))
     table.add_row("non-finite steps", _steps_text(obs.nonfinite_steps))
     floor = obs.noise_floor_logratio_std

@@ -46,7 +46,7 @@ from stabledrl_cli.replay.config import (
     DEFAULT_WINDOW,
     ConfigError,
 )
-from stabledrl_cli.replay.figures import RUN_METRICS, STRICT_REL_TOL, policy_metrics
+from stabledrl_cli.replay.figures import RUN_METRICS, STRICT_REL_TOL, policy_metrics, run_figure
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.vocab import WORSE, Worse
 
@@ -308,7 +308,6 @@ def baseline_dict(
 ) -> dict[str, object]:
     """Today's figures as a baseline, ready for `write_baseline`: default tolerances, or with
     `strict` a golden baseline (float-noise tolerances, and shifts either way trip)."""
-    collapse = result.observed.first_reward_collapse
     policies: dict[str, object] = {}
     for p in result.policies:
         metrics: dict[str, object] = {}
@@ -337,12 +336,13 @@ def baseline_dict(
         "run": {"path": result.run, "steps": result.steps, "policy": result.run_policy_spec},
         "replay": settings.to_dict(),
         "observed": {
-            # The observed-collapse rule resolves a collapse to within its window W.
-            "first_reward_collapse": Tolerance(
-                value=None if collapse is None else float(collapse),
+            # Both run-level steps resolve to within the observed-collapse window W.
+            name: Tolerance(
+                value=run_figure(name, result),
                 worse="lower",
                 abs_tol=0.0 if strict else float(settings.collapse_window),
             ).to_dict()
+            for name in RUN_METRICS
         },
         "policies": policies,
     }

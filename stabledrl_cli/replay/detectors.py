@@ -11,6 +11,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,
     DEFAULT_SPIKE_FACTOR,
+    DEFAULT_WARNING_DROP,
+    DEFAULT_WARNING_WINDOW,
     SPIKE_HISTORY,
     SPIKE_MIN_HISTORY,
 )
@@ -126,3 +128,47 @@ def drift_flags(net_push: np.ndarray, window: int, threshold: float) -> np.ndarr
     means = rolling_mean(net_push, window)
     flags: np.ndarray = np.isfinite(means) & (means < threshold)
     return flags
+
+
+def own_likelihood(logp_old: np.ndarray, mask: np.ndarray) -> float:
+    """One step's measurement for the collapse warning: the median of `logp_old` (the policy's
+    log-likelihood of its own fresh samples at rollout time) over the scored units (mask [U]
+    != 0) whose value is finite; NaN without any. logp_old, mask: [U]."""
+    values = np.asarray(logp_old, dtype=np.float64).reshape(-1)
+    keep = (np.asarray(mask).reshape(-1) != 0) & np.isfinite(values)
+    return float(np.median(values[keep])) if keep.any() else float("nan")
+
+
+def own_likelihood_series(
+    steps: np.ndarray, inner_step: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The collapse warning's measurements: (steps, values) of the steps whose `inner_step` is
+    0 (the first update on a fresh rollout), or of every step when none records inner_step.
+
+    steps [S], inner_step [S] (NaN where the step records none), values [S] (`own_likelihood`
+    of each step) -> ([M] int64, [M] float64), in step order."""
+    steps = np.asarray(steps, dtype=np.int64)
+    inner = np.asarray(inner_step, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    keep = inner == 0 if np.isfinite(inner).any() else np.ones(steps.shape[0], dtype=bool)
+    order = np.argsort(steps[keep], kind="stable")
+    return steps[keep][order], values[keep][order]
+
+
+def collapse_warning(
+    steps: np.ndarray,
+    values: np.ndarray,
+    window: int = DEFAULT_WARNING_WINDOW,
+    drop: float = DEFAULT_WARNING_DROP,
+) -> np.ndarray:
+    """The steps whose measurement warns of a collapse (docs/collapse.md).
+
+    steps, values: [M] the measurements (`own_likelihood_series`). m_j = mean of the last
+    `window` values (NaN until `window` exist, or when one of them is NaN); measurement j warns
+    when max_{i <= j} m_i - m_j > drop. -> [K] int64 the steps that warn."""
+    steps = np.asarray(steps, dtype=np.int64)
+    means = rolling_mean(np.asarray(values, dtype=np.float64), window)
+    best = np.fmax.accumulate(means) if means.size else means  # NaN never wins
+    warns = np.isfinite(means) & (best - means > drop)
+    out: np.ndarray = steps[warns]
+    return out

@@ -136,7 +136,10 @@ def replay_run(
             run,
             spike_factor=config.spike_factor,
             collapse_window=config.collapse_window,
+            warning_window=config.warning_window,
+            warning_drop=config.warning_drop,
             noise_floor=stream.noise_floor,
+            likelihood=stream.likelihood,
         )
     series = [
         StepSeries(
@@ -149,7 +152,6 @@ def replay_run(
             s,
             stream,
             own=(i == own_index),
-            observed_collapse=observed.first_reward_collapse,
             approximate=bool(stream.approximate[i]),
         )
         for i, s in enumerate(series)

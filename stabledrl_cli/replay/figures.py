@@ -8,11 +8,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from stabledrl_cli.replay import columns
-from stabledrl_cli.replay.result import PolicySummary
+from stabledrl_cli.replay.result import PolicySummary, ReplayResult
 from stabledrl_cli.vocab import Worse
 
-RUN_METRICS = ("first_reward_collapse",)
-"""Run-level figures of a baseline's `observed` entry."""
+RUN_METRICS = ("first_reward_collapse", "collapse_warning_first_step")
+"""Run-level figures of a baseline's `observed` entry (each optional): the observed collapse
+step and the collapse warning's first step, each worse when lower, null meaning never."""
+
+
+def run_figure(name: str, result: ReplayResult) -> float | None:
+    """A run-level figure of `result` (None: never, i.e. infinity)."""
+    observed = result.observed
+    step = (
+        observed.first_reward_collapse
+        if name == "first_reward_collapse"
+        else observed.collapse_warning.first_step
+    )
+    return None if step is None else float(step)
 
 
 @dataclass(frozen=True, kw_only=True)

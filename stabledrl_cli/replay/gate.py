@@ -16,7 +16,7 @@ import numpy as np
 from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.baseline import Baseline, Tolerance
 from stabledrl_cli.replay.config import ConfigError
-from stabledrl_cli.replay.figures import policy_metrics
+from stabledrl_cli.replay.figures import RUN_METRICS, policy_metrics, run_figure
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 
 STEP_LIST_LIMIT = 10
@@ -124,8 +124,8 @@ def _regression(
 ) -> GateResult:
     tripped = tol.tripped(figure)
     improved = strict and not tripped and tol.improved(figure)
-    # null is infinity: for the observed collapse it means "no collapse".
-    none = "none" if name.endswith("first_reward_collapse") else "inf"
+    # null is infinity: for a run-level step (a collapse, a warning) it means "none".
+    none = "none" if name.split(".")[-1] in RUN_METRICS else "inf"
     shown = none if figure is None else format_figure(figure)
     base = none if tol.value is None else format_figure(tol.value)
     side = "above" if tol.worse == "higher" else "below"
@@ -157,9 +157,8 @@ def evaluate(
     a project's own golden runs, where any shift must be acknowledged by a new baseline)."""
     found: list[GateResult] = []
     if baseline is not None:
-        collapse = result.observed.first_reward_collapse
         for name, tol in baseline.observed.items():
-            figure = None if collapse is None else float(collapse)
+            figure = run_figure(name, result)
             found.append(_regression(None, f"observed.{name}", tol, figure, strict=strict))
     rules = policy_metrics()
     for p in result.policies:

@@ -2,7 +2,8 @@
 
 Per policy, one dataset per reported per-step column (`columns.COLUMNS`: the JSON's `steps`
 vocabulary; bool as uint8, str as UTF-8 strings), with the run, the policy specs, the
-contract's `observed` entry and each policy's summary as attributes, and the kind tag
+contract's `observed` and `collapse_warning` entries and each policy's summary as attributes,
+and the kind tag
 `stabledrl-replay-report`, which `open_run` refuses as not a run.
 """
 
@@ -43,6 +44,7 @@ def write_hdf5(result: ReplayResult, path: str | os.PathLike[str]) -> Path:
         handle.attrs["geometry"] = result.geometry
         handle.attrs["geometry_coverage"] = result.geometry_coverage
         handle.attrs["observed"] = _json(result.observed.contract_dict())
+        handle.attrs["collapse_warning"] = _json(result.observed.collapse_warning.to_dict())
         handle.attrs["policy_specs"] = json.dumps([p.spec for p in result.policies])
         policies = handle.create_group("policies")
         for index, p in enumerate(result.policies):

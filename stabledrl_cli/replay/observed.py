@@ -11,9 +11,17 @@ import torch
 
 from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.replay.config import DEFAULT_COLLAPSE_WINDOW, DEFAULT_SPIKE_FACTOR
+from stabledrl_cli.replay.config import (
+    DEFAULT_COLLAPSE_WINDOW,
+    DEFAULT_SPIKE_FACTOR,
+    DEFAULT_WARNING_DROP,
+    DEFAULT_WARNING_WINDOW,
+)
 from stabledrl_cli.replay.detectors import (
+    collapse_warning,
     observed_reward_collapse,
+    own_likelihood,
+    own_likelihood_series,
     rolling_mean,
     spike_flags,
 )
@@ -34,6 +42,70 @@ class RewardCurve:
     last: float
 
 
+WARNING_DETECTOR = "own_likelihood_drop"
+"""The collapse warning's detector (`detectors.collapse_warning`)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollapseWarning:
+    """The run-level collapse warning (docs/collapse.md): where the policy's likelihood of its
+    own fresh samples fell by more than `drop` nats below its best mean so far."""
+
+    detector: str = WARNING_DETECTOR
+    window: int = DEFAULT_WARNING_WINDOW
+    drop: float = DEFAULT_WARNING_DROP
+    steps: list[int] = field(default_factory=list)
+    """Steps whose measurement warns."""
+    first_step: int | None = None
+    lead_steps: int | None = None
+    """The observed collapse step minus `first_step` (None: either is missing)."""
+
+    def to_dict(self) -> dict[str, object]:
+        """The replay JSON's `collapse_warning` entry."""
+        return {
+            "detector": self.detector,
+            "settings": {"window": self.window, "drop": self.drop},
+            "steps": list(self.steps),
+            "first_step": self.first_step,
+            "lead_steps": self.lead_steps,
+        }
+
+
+class OwnLikelihood:
+    """The collapse warning's per-step measurements, gathered one step at a time."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.inner_step: list[float] = []
+        self.values: list[float] = []
+
+    @staticmethod
+    def wanted(inner_step: float | None) -> bool:
+        """A step whose inner_step is 0 or not recorded can be a measurement."""
+        return inner_step is None or inner_step == NOISE_FLOOR_INNER_STEP
+
+    def add(
+        self, step: int, inner_step: float | None, logp_old: np.ndarray, mask: np.ndarray
+    ) -> None:
+        """One step's measurement (`detectors.own_likelihood`; logp_old, mask: [U])."""
+        self.steps.append(step)
+        self.inner_step.append(math.nan if inner_step is None else inner_step)
+        self.values.append(own_likelihood(logp_old, mask))
+
+    def series(self) -> tuple[np.ndarray, np.ndarray]:
+        """The measurements ([M] steps, [M] values): `detectors.own_likelihood_series`."""
+        return own_likelihood_series(
+            np.array(self.steps, dtype=np.int64),
+            np.array(self.inner_step, dtype=np.float64),
+            np.array(self.values, dtype=np.float64),
+        )
+
+
+def host_array(values: torch.Tensor) -> np.ndarray:
+    """[U] float64 numpy copy of a CPU tensor of any dtype."""
+    return values.detach().reshape(-1).to("cpu", torch.float64).numpy()
+
+
 @dataclass(frozen=True, kw_only=True)
 class Observed:
     """The recorded run's own behaviour (docs/collapse.md)."""
@@ -52,6 +124,7 @@ class Observed:
     reward_curve: RewardCurve | None = None
     collapse_window: int = DEFAULT_COLLAPSE_WINDOW
     """W of the observed-collapse rule it was found with."""
+    collapse_warning: CollapseWarning = field(default_factory=CollapseWarning)
 
     def to_dict(self) -> dict[str, object]:
         """Every field, JSON-ready (NaN still to be mapped to null)."""
@@ -107,18 +180,23 @@ def logratio_moments(
     return torch.stack([count, mean, m2])
 
 
-def noise_floor_of(run: Run) -> NoiseFloor:
-    """The noise floor read from the run's steps with inner_step 0, one step at a time."""
-    floor = NoiseFloor()
-    steps, inner = run.scalar_series("inner_step")
-    for n in steps[inner == NOISE_FLOOR_INNER_STEP]:
+def measurements_of(run: Run) -> tuple[NoiseFloor, OwnLikelihood]:
+    """The noise floor and the own-sample likelihood read from the run's steps with inner_step
+    0 (every step for the likelihood when none records inner_step), one step at a time."""
+    floor, likelihood = NoiseFloor(), OwnLikelihood()
+    for header in run.step_headers():
+        inner = header.scalars.get("inner_step")
+        if not OwnLikelihood.wanted(inner):
+            continue
         try:
-            step = run.step(int(n))
+            step = run.step(header.step)
         except InputError:
             continue  # corrupt: reported by the integrity check
-        count, mean, m2 = logratio_moments(step["logp"], step["logp_old"], step["mask"]).tolist()
-        floor.add(int(count), mean, m2)
-    return floor
+        likelihood.add(step.step, inner, host_array(step["logp_old"]), host_array(step["mask"]))
+        if inner == NOISE_FLOOR_INNER_STEP:
+            moments = logratio_moments(step["logp"], step["logp_old"], step["mask"]).tolist()
+            floor.add(int(moments[0]), moments[1], moments[2])
+    return floor, likelihood
 
 
 def _reward_curve(rewards: np.ndarray, window: int) -> RewardCurve | None:
@@ -141,14 +219,18 @@ def observe(
     *,
     spike_factor: float = DEFAULT_SPIKE_FACTOR,
     collapse_window: int = DEFAULT_COLLAPSE_WINDOW,
+    warning_window: int = DEFAULT_WARNING_WINDOW,
+    warning_drop: float = DEFAULT_WARNING_DROP,
     noise_floor: NoiseFloor | None = None,
+    likelihood: OwnLikelihood | None = None,
 ) -> Observed:
     """The observed behaviour of a recorded run, from its per-step scalars.
 
     spike_factor: the spike rule's factor for the recorded grad norms (a replay passes its own).
     collapse_window: W of the observed-collapse rule.
-    noise_floor: the noise floor already accumulated over the run's steps with inner_step 0
-    (a replay's streaming pass does); None: read from those steps here.
+    warning_window, warning_drop: the collapse warning's settings.
+    noise_floor, likelihood: the noise floor and the own-sample likelihood already gathered
+    over the run's steps (a replay's streaming pass does); None: read from the steps here.
     """
     series = run.scalar_series_many(["reward_mean", "grad_norm", "nonfinite"])
     reward_steps, rewards = series["reward_mean"]
@@ -159,13 +241,24 @@ def observe(
     )
     spikes = norm_steps[spike_flags(grad_norms, factor=spike_factor)]
     bad = count_steps[~(nonfinite == 0)]  # NaN counts as non-finite too
-    floor = noise_floor if noise_floor is not None else noise_floor_of(run)
+    if noise_floor is None or likelihood is None:
+        noise_floor, likelihood = measurements_of(run)
+    warn_steps = collapse_warning(*likelihood.series(), window=warning_window, drop=warning_drop)
+    first = int(warn_steps[0]) if warn_steps.size else None
+    warning = CollapseWarning(
+        window=warning_window,
+        drop=warning_drop,
+        steps=[int(s) for s in warn_steps],
+        first_step=first,
+        lead_steps=collapse - first if collapse is not None and first is not None else None,
+    )
     return Observed(
         first_reward_collapse=collapse,
         recorded_spike_steps=[int(s) for s in spikes],
         nonfinite_steps=[int(s) for s in bad],
-        noise_floor_logratio_std=floor.std,
-        noise_floor_units=floor.count,
+        noise_floor_logratio_std=noise_floor.std,
+        noise_floor_units=noise_floor.count,
         reward_curve=_reward_curve(rewards, collapse_window),
         collapse_window=collapse_window,
+        collapse_warning=warning,
     )

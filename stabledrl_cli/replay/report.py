@@ -13,9 +13,16 @@ from stabledrl_cli.replay import columns
 from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.columns import CellFormat
 from stabledrl_cli.replay.config import format_step_range
+from stabledrl_cli.replay.observed import CollapseWarning
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.vocab import MetricGroup
 
+BEST_RULE = (
+    "best: fewest bias steps, then the lowest discarded mass, among policies without risk "
+    "steps; none when every policy has risk steps or one policy is replayed. risk = steps whose "
+    "one-step update is non-finite or spikes; bias = steps where net_push's rolling mean is low"
+)
+"""The legend line stating the rule that picks `best`."""
 LIST_LIMIT = 8
 """Step lists longer than this are cut in the table (JSON has them all)."""
 FOOTER = (
@@ -29,12 +36,6 @@ _CAPTIONS = {
     "coefficient norm ||coef||, a proxy in other units (spikes compare each step with steps "
     "of its own kind)",
 }
-
-
-def _lead_text(lead: int | None) -> str:
-    if lead is None:
-        return "-"
-    return f"{lead} early" if lead > 0 else ("0" if lead == 0 else f"{-lead} late")
 
 
 def _marks(p: PolicyResult) -> list[str]:
@@ -61,7 +62,7 @@ def print_summary(
     extra = [c for c in columns.summary_columns() if c.group in metrics and c.table is not None]
     headers = [
         "policy", "discard", "+A/-A", "mass", "clipped", f"norm med{star}", f"norm max{star}",
-        "cos own", "spikes", "drift", "collapsed", "lead", *figures,
+        "cos own", "spikes", "bias", "risk", *figures,
         *(c.table.header for c in extra if c.table is not None),
     ]  # fmt: skip
     for header in headers:
@@ -83,7 +84,6 @@ def print_summary(
             format_steps(s.spike_steps, LIST_LIMIT),
             str(len(s.drift_steps)),
             format_steps(s.collapsed_steps, LIST_LIMIT),
-            _lead_text(s.lead_steps),
             *(format_number(s.column_figures.get(name)) for name in figures),
             *(
                 _cell(s.column_figures.get(c.name), c.table.format)
@@ -106,12 +106,21 @@ def print_summary(
             f"relative error of -J vs the recorded loss), fidelity {format_number(s.fidelity)}"
             + (" (needs gradient geometry)" if s.fidelity is None else "")
         )
-    for line in (note, FOOTER):
+    for line in (note, BEST_RULE, FOOTER):
         console.print(line, highlight=False)
 
 
+def warning_text(warning: CollapseWarning, collapse: int | None) -> str:
+    """The collapse warning in one line, beside the observed collapse (no lead is claimed for
+    a policy's one-step risk flags)."""
+    fell = f"own-sample likelihood fell by > {warning.drop:g} nats"
+    head = "none" if warning.first_step is None else f"first at step {warning.first_step} ({fell})"
+    seen = "none" if collapse is None else f"at {collapse}"
+    return f"collapse warning: {head}; observed collapse {seen}"
+
+
 def print_observed(result: ReplayResult, console: Console) -> None:
-    """The recorded run's collapse, spikes and noise floor, and which policies flagged early."""
+    """The recorded run's collapse, spikes and noise floor, and the run's collapse warning."""
     obs = result.observed
     collapse = obs.first_reward_collapse
     console.print(
@@ -122,16 +131,7 @@ def print_observed(result: ReplayResult, console: Console) -> None:
         + f"; noise floor std log r: {format_number(obs.noise_floor_logratio_std)}",
         highlight=False,
     )
-    if collapse is not None:
-        early = [
-            f"{p.spec} ({p.summary.lead_steps} steps early)"
-            for p in result.policies
-            if p.summary.lead_steps is not None and p.summary.lead_steps > 0
-        ]
-        console.print(
-            "flag steps before the observed collapse: " + (", ".join(early) or "none"),
-            highlight=False,
-        )
+    console.print(warning_text(obs.collapse_warning, collapse), highlight=False)
 
 
 def _cell(value: object, how: CellFormat) -> str:

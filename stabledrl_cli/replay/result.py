@@ -5,7 +5,8 @@ each with its `PolicySummary` and its `StepSeries`.
 not computable; NaN and inf become null when printed); `to_json()` prints it. Extensions
 beside the contract's keys: per policy `summary.update_norm_approximate`, the whole-run
 figures of gated columns (`columns.Column.gate`) and `summary.detail` (top sequences of
-flagged steps, with `detail`); per step the reported columns after `collapsed`.
+flagged steps, with `detail`); per step the reported columns after `collapsed`; at the top
+level `collapse_warning` (the run-level warning, docs/collapse.md).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class PolicySummary:
     """Risk steps: nonfinite or spike."""
     first_collapse: int | None
     lead_steps: int | None
-    """Observed collapse step minus the first flagged (collapsed or drift) step."""
+    """Always None: a one-step replay claims no lead time (the run-level collapse warning
+    has one). Kept for the JSON contract."""
     fidelity: float | None
     """Own policy only: median relative error of update_norm against the recorded
     grad_norm_covered, over steps with geometry."""
@@ -120,7 +122,8 @@ class PolicyResult:
     own: bool
     """The run's own policy (from its manifest)."""
     best: bool
-    """Fewest collapsed steps, then fewest drift steps, then the lowest discarded_mass_frac."""
+    """`summary.best_index`: among the policies without risk (collapsed) steps, the fewest
+    drift steps, then the lowest discarded_mass_frac; never with one policy replayed."""
     summary: PolicySummary
     series: StepSeries = field(repr=False)
     """Per-step columns over the reported range."""
@@ -199,6 +202,7 @@ class ReplayResult:
                 "geometry_coverage": self.geometry_coverage,
                 "policies": [p.to_dict(steps=steps) for p in self.policies],
                 "observed": self.observed.contract_dict(),
+                "collapse_warning": self.observed.collapse_warning.to_dict(),
             }
         )
         return data

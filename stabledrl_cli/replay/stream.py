@@ -6,7 +6,9 @@ the device in one transfer per field and its per-step results come back in one t
 after which the chunk's arrays are dropped: memory holds one chunk of arrays plus
 O(steps x policies) scalars, whatever the run's length. Each step is computed on its own, so
 results do not depend on the chunk size. The same pass pools the noise floor of the steps
-recorded with inner_step 0, so the observed-run analysis never re-reads them.
+recorded with inner_step 0 and the collapse warning's measurements (the median own-sample
+log-likelihood, on the host before the transfer), so the observed-run analysis never re-reads
+them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ from stabledrl_cli.replay.metrics import (
     top_sequences,
     varies_within_sequence,
 )
-from stabledrl_cli.replay.observed import NOISE_FLOOR_INNER_STEP, NoiseFloor, logratio_moments
+from stabledrl_cli.replay.observed import (
+    NOISE_FLOOR_INNER_STEP,
+    NoiseFloor,
+    OwnLikelihood,
+    host_array,
+    logratio_moments,
+)
 from stabledrl_cli.vocab import StepGeometryKind, Unit
 
 BASE_FIELDS = ("logp", "logp_old", "advantages", "mask", "seq_id")
@@ -63,6 +71,8 @@ class StreamedRun:
     """[S] float64: the recorded norm over the covered parameters (NaN where not recorded)."""
     noise_floor: NoiseFloor
     """Log r moments pooled over the steps recorded with inner_step 0."""
+    likelihood: OwnLikelihood
+    """The collapse warning's measurements (steps with inner_step 0 or none recorded)."""
 
 
 def check_step(step: Step, policies: Sequence[Policy], unit: Unit, where: str) -> None:
@@ -193,12 +203,21 @@ def stream_run(
     loss: list[float] = []
     covered: list[float] = []
     approximate = np.zeros(len(policies), dtype=bool)
-    floor = NoiseFloor()
+    floor, likelihood = NoiseFloor(), OwnLikelihood()
     for chunk in _chunks(run.steps(), chunk_size):
         arrays = []
         for step in chunk:
             check_step(step, policies, unit, where)
-            arrays.append(read_arrays(step, where))
+            step_arrays = read_arrays(step, where)
+            inner = step.scalars.get("inner_step")
+            if OwnLikelihood.wanted(inner):
+                likelihood.add(
+                    step.step,
+                    inner,
+                    host_array(step_arrays["logp_old"]),
+                    host_array(step_arrays["mask"]),
+                )
+            arrays.append(step_arrays)
         to_device(arrays, device)
         rows, moments = [], []
         for step, step_arrays in zip(chunk, arrays, strict=True):
@@ -240,6 +259,7 @@ def stream_run(
         loss=np.array(loss, dtype=np.float64),
         grad_norm_covered=np.array(covered, dtype=np.float64),
         noise_floor=floor,
+        likelihood=likelihood,
     )
 
 

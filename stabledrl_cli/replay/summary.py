@@ -49,7 +49,6 @@ def summarize_policy(
     stream: StreamedRun,
     *,
     own: bool,
-    observed_collapse: int | None,
     approximate: bool,
 ) -> PolicySummary:
     """One policy's summary over every step of `series` (the whole run)."""
@@ -60,8 +59,6 @@ def summarize_policy(
     finite_norms = norms[np.isfinite(norms)]
     collapsed = steps[np.asarray(series["collapsed"], dtype=bool)]
     drift = np.asarray(series["drift"], dtype=bool)
-    flagged = steps[np.asarray(series["collapsed"], dtype=bool) | drift]
-    first_flag = int(flagged[0]) if flagged.size else None
     fidelity = loss_parity = None
     if own:
         measured = np.array([kind != "coef" for kind in stream.geometry], dtype=bool)
@@ -95,11 +92,7 @@ def summarize_policy(
         drift_steps=[int(s) for s in steps[drift]],
         collapsed_steps=[int(s) for s in collapsed],
         first_collapse=int(collapsed[0]) if collapsed.size else None,
-        lead_steps=(
-            observed_collapse - first_flag
-            if observed_collapse is not None and first_flag is not None
-            else None
-        ),
+        lead_steps=None,  # a one-step replay claims no lead time: only the collapse warning
         fidelity=fidelity,
         loss_parity=loss_parity,
         update_norm_approximate=approximate,
@@ -108,20 +101,19 @@ def summarize_policy(
 
 
 def best_index(summaries: list[PolicySummary]) -> int | None:
-    """Fewest collapsed steps, then fewest drift steps, then the lowest discarded_mass_frac."""
-    if not summaries:
+    """Among the policies without risk (collapsed) steps, the fewest drift (bias) steps, then
+    the lowest discarded_mass_frac; None when one policy is replayed or every one has risk
+    steps (a comparison needs two, and a policy that blew up is never best)."""
+    candidates = [i for i, s in enumerate(summaries) if not s.collapsed_steps]
+    if len(summaries) < 2 or not candidates:
         return None
 
-    def key(i: int) -> tuple[int, int, float]:
+    def key(i: int) -> tuple[int, float]:
         s = summaries[i]
         mass = s.discarded_mass_frac
-        return (
-            len(s.collapsed_steps),
-            len(s.drift_steps),
-            mass if mass is not None and math.isfinite(mass) else math.inf,
-        )
+        return (len(s.drift_steps), mass if mass is not None and math.isfinite(mass) else math.inf)
 
-    return min(range(len(summaries)), key=key)
+    return min(candidates, key=key)
 
 
 def in_range(steps: np.ndarray, step_range: StepRange) -> np.ndarray:
