@@ -425,21 +425,65 @@ def test_missing_field_for_a_requested_policy_exits_3_naming_it(tmp_path):
     assert "Traceback" not in bad.output
 
 
-def test_mismatched_array_lengths_exit_3(tmp_path):
+def _break_step(path: Path, number: int) -> None:
+    """Rewrites a step file with logp_old one entry short (a shape the header disagrees with)."""
     from stabledrl_cli.dump._stfile import encode_step, read_header, write_atomic
 
-    path = record_run(tmp_path / "run", steps=3)
-    step_path = path / "steps" / "step-00000001.safetensors"
+    step_path = path / "steps" / f"step-{number:08d}.safetensors"
     header = read_header(step_path, deep=True)
     metadata = {k: v for k, v in header.metadata.items() if not k.startswith("_crc32")}
-    step = sd.open_run(path).step(1)
+    step = sd.open_run(path).step(number)
     tensors = {name: step[name].numpy() for name in step.fields}
     tensors["logp_old"] = tensors["logp_old"][:-1]
     write_atomic(step_path, encode_step(tensors, metadata))
-    result = runner.invoke(app, ["replay", str(path), "-p", "grpo"])
-    assert result.exit_code == 3
-    assert "mismatched" in result.stderr and "step 1" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_mismatched_array_lengths_skip_the_step_and_say_so(tmp_path):
+    """A step whose arrays disagree in length is a finding: replay and check skip it, replay
+    the rest, and say on stderr how many steps were skipped and why."""
+    path = record_run(tmp_path / "run", steps=3)
+    _break_step(path, 1)
+    result = runner.invoke(app, ["replay", str(path), "-p", "grpo", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 unreadable step" in result.stderr and "step 1" in result.stderr
+    assert "logp_old" in result.stderr and "replayed 2" in result.stderr
+    check = runner.invoke(app, ["check", str(path), "--max-collapsed", "9", "--device", "cpu"])
+    assert check.exit_code == 0 and "skipped 1 unreadable step" in check.stderr
+    findings = sd.open_run(path).integrity.findings
+    assert sd.replay(path, ["grpo"], device="cpu").skipped == [f.message for f in findings]
+
+
+def _unreadable_run(tmp_path: Path) -> Path:
+    path = record_run(tmp_path / "run", steps=3)
+    for step_file in (path / "steps").iterdir():
+        step_file.write_bytes(step_file.read_bytes()[:50])  # every step torn
+    return path
+
+
+@pytest.mark.parametrize("command", ["replay", "check"])
+def test_zero_readable_steps_exit_3_naming_why(tmp_path, command):
+    path = _unreadable_run(tmp_path)
+    extra = ["--max-collapsed", "0"] if command == "check" else []
+    result = runner.invoke(app, [command, str(path), "-p", "grpo", "--device", "cpu", *extra])
+    assert result.exit_code == 3 and result.stdout == ""
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1
+    assert "no step could be read (3 step files were skipped: step 0: torn" in message
+    with pytest.raises(InputError, match="no step could be read"):
+        sd.replay(path, ["grpo"], device="cpu")
+
+
+def test_zero_readable_steps_exit_3_in_a_real_process(tmp_path):
+    path = _unreadable_run(tmp_path)
+    for args in (["replay", str(path)], ["check", str(path), "--max-collapsed", "0"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "stabledrl_cli", *args, "--device", "cpu"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 3, done.stderr
+        assert "no step could be read" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_wrong_format_version_exits_3(tmp_path):

@@ -7,8 +7,9 @@ then the exit code says whether any tripped.
 
 Exit codes: 0 every gate holds; 1 a gate tripped (each named with its figure); 2 usage error
 (no gate given, a replay setting that contradicts the baseline, an unknown policy, plot extra
-missing); 3 bad input (a missing or corrupt run, a malformed baseline or one of a newer
-version); 4 an output that cannot be written.
+missing); 3 bad input (a missing or corrupt run, a run with no readable step, a malformed
+baseline or one of a newer version); 4 an output that cannot be written. Unreadable step files
+are skipped with a line on stderr (how many, and why); a check never passes on zero steps.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ from stabledrl_cli.cli._options import (
     WindowOpt,
 )
 from stabledrl_cli.cli._output import err, out, print_json
-from stabledrl_cli.cli.replay import CollapseWindowOpt, check_outputs, option_names
+from stabledrl_cli.cli.replay import (
+    CollapseWindowOpt,
+    check_outputs,
+    note_skipped,
+    option_names,
+)
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.replay._format import format_figure
@@ -166,6 +172,7 @@ def command(
     opened = open_run(run)
     started = time.perf_counter()
     result = replay_run(opened, specs, config=config)
+    note_skipped(result)
     if baseline is not None and baseline.run.get("steps") not in (None, result.steps):
         err.print(
             f"note: {run} has {result.steps} steps, the baseline's run had "

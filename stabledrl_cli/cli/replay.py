@@ -2,8 +2,9 @@
 
 Exit codes: 0 ok; 2 usage error (an unknown policy spec, a bad option); 3 bad input (a missing
 run, a wrong format version, arrays of mismatched lengths, a step missing a field a requested
-policy needs); 4 an output that cannot be written. Steps with NaN or inf are replayed and
-flagged, not refused.
+policy needs, a run with no readable step); 4 an output that cannot be written. Steps with NaN
+or inf are replayed and flagged, not refused; unreadable step files are skipped, and a line on
+stderr says how many and why.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from stabledrl_cli.replay.config import (
     parse_step_range,
     replay_config,
 )
-from stabledrl_cli.replay.engine import replay_run
+from stabledrl_cli.replay.engine import REASONS_SHOWN, replay_run
 from stabledrl_cli.replay.hdf5 import write_hdf5
 from stabledrl_cli.replay.plot import check_plot_path, plot_replay, require_matplotlib
 from stabledrl_cli.replay.report import print_detail, print_summary
@@ -81,6 +82,21 @@ def check_outputs(plot: Path | None, targets: dict[str, Path | None]) -> None:
         except UsageError as exc:
             raise UsageError(f"--plot {exc}") from None
         require_matplotlib()
+
+
+def note_skipped(result: ReplayResult) -> None:
+    """A line on stderr when the reader skipped steps: how many, and the first reasons."""
+    if not result.skipped:
+        return
+    count = len(result.skipped)
+    shown = "; ".join(result.skipped[:REASONS_SHOWN])
+    more = "; ..." if count > REASONS_SHOWN else ""
+    noun = "step" if count == 1 else "steps"
+    err.print(
+        f"warning: skipped {count} unreadable {noun} of {result.run} ({shown}{more}); "
+        f"replayed {result.steps}; `stabledrl inspect` lists every finding",
+        highlight=False,
+    )
 
 
 def metric_groups(names: Sequence[str] | None) -> tuple[MetricGroup, ...]:
@@ -184,6 +200,7 @@ def command(
         )
     opened = open_run(run)
     result = replay_with_progress(opened, policy, config)
+    note_skipped(result)
     if out_path is not None:
         write_hdf5(result, out_path)
         err.print(f"wrote {out_path}", highlight=False)

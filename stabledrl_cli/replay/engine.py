@@ -19,7 +19,7 @@ import numpy as np
 
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
 from stabledrl_cli.replay.columns import derive_series
 from stabledrl_cli.replay.config import (
@@ -92,6 +92,31 @@ def resolve_policies(
     return policies, own_index
 
 
+REASONS_SHOWN = 3
+"""Reasons named in a message about skipped steps."""
+SKIPPED_KINDS = ("torn", "unreadable", "missing_rank")
+"""Integrity findings that mean a step the reader skips (docs/run-format.md)."""
+
+
+def skipped_reasons(run: Run) -> list[str]:
+    """One reason per step file the reader skips: the run's integrity findings of the kinds
+    `SKIPPED_KINDS` (those it skips at its header check never reach a replay's warnings)."""
+    return [f.message for f in run.integrity.findings if f.kind in SKIPPED_KINDS]
+
+
+def no_steps_message(run: Run, skipped: list[str]) -> str:
+    """Why a run yielded no readable step: how many step files were skipped, and the first
+    reasons (else any other integrity finding, e.g. only temporary files)."""
+    reasons = skipped or [f.message for f in run.integrity.findings]
+    if not reasons:
+        return f"{run.path}: the run has no steps"
+    shown = "; ".join(reasons[:REASONS_SHOWN]) + ("; ..." if len(reasons) > REASONS_SHOWN else "")
+    if not skipped:
+        return f"{run.path}: the run has no readable step ({shown})"
+    noun = "step file was" if len(skipped) == 1 else "step files were"
+    return f"{run.path}: no step could be read ({len(skipped)} {noun} skipped: {shown})"
+
+
 def _run_geometry(kinds: tuple[StepGeometryKind, ...]) -> tuple[RunGeometryKind, float]:
     """The run's geometry over its steps, and the fraction of steps with geometry."""
     distinct = set(kinds)
@@ -129,9 +154,12 @@ def replay_run(
     if first is not None:  # fail fast, before any step is read
         check_step(first, resolved, run_unit(run), str(run.path))
     with warnings.catch_warnings():
-        # Corrupt steps are skipped by the reader; `stabledrl inspect` reports them.
+        # Corrupt steps are skipped by the reader: counted below, named by `inspect`.
         warnings.simplefilter("ignore", RunIntegrityWarning)
         stream = stream_run(run, resolved, own_index, config.chunk_size, device, progress)
+        skipped = skipped_reasons(run)
+        if stream.step_numbers.size == 0:
+            raise InputError(no_steps_message(run, skipped))
         observed = observe(
             run,
             spike_factor=config.spike_factor,
@@ -185,6 +213,7 @@ def replay_run(
         observed=observed,
         run_policy_spec=run.policy_spec,
         step_range=config.step_range,
+        skipped=skipped,
     )
 
 

@@ -171,6 +171,8 @@ class ReplayResult:
     observed: Observed
     run_policy_spec: str | None = None
     step_range: StepRange = (None, None)
+    skipped: list[str] = field(default_factory=list)
+    """The reader's reason for each step it could not read and skipped (not in the JSON)."""
 
     def policy(self, spec: str) -> PolicyResult:
         """The result of the policy with this canonical spec (KeyError lists the specs)."""
