@@ -18,7 +18,13 @@ import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import WriteError
 from stabledrl_cli.replay import columns, config
-from stabledrl_cli.replay.baseline import BASELINE_SCHEMA, Tolerance, load_baseline, write_baseline
+from stabledrl_cli.replay.baseline import (
+    BASELINE_SCHEMA,
+    Tolerance,
+    baseline_text,
+    load_baseline,
+    write_baseline,
+)
 from stabledrl_cli.replay.figures import RUN_METRICS, policy_metrics
 from stabledrl_cli.replay.junit import write_junit
 
@@ -114,6 +120,35 @@ def test_written_baseline_holds_todays_figures(runs, baseline):
     assert is_["update_norm_max"]["value"] == replayed.update_norm_max
     assert is_["discard_frac"]["value"] == 0
     assert data["policies"]["grpo"]["discard_frac"]["value"] == pytest.approx(0.0016, abs=1e-4)
+
+
+def test_baseline_writes_floats_as_floats_and_counts_as_integers(runs, tmp_path):
+    """A whole-number float of huge magnitude stays a float (never a 30-digit integer); counts
+    and steps are integers."""
+    text = baseline_text({"value": 8.68e12, "big": 1e30, "count": 3, "frac": 0.25, "two": 2.0})
+    assert '"value": 8.68e+12' in text and '"big": 1e+30' in text
+    assert '"count": 3' in text and '"frac": 0.25' in text and '"two": 2.0' in text
+    assert json.loads(text) == {"value": 8.68e12, "big": 1e30, "count": 3, "frac": 0.25, "two": 2}
+    path = tmp_path / "b.json"
+    result = runner.invoke(
+        app, ["check", str(runs["collapsing"]), "-p", "grpo", "--write-baseline", str(path)]
+    )
+    assert result.exit_code == 0 and "(1 policy)" in result.stderr
+    grpo = json.loads(path.read_text())["policies"]["grpo"]
+    assert isinstance(grpo["collapsed_steps"]["value"], int)
+    raw = path.read_text()
+    assert not any(len(token) > 17 and token.isdigit() for token in raw.replace(",", " ").split())
+
+
+def test_gate_counts_agree_in_number(runs):
+    one = runner.invoke(
+        app, ["check", str(runs["steady"]), "-p", "stabledrl", "--max-collapsed", "0"]
+    )
+    assert "check passed: 1 gate holds" in one.stderr
+    two = runner.invoke(
+        app, ["check", str(runs["steady"]), "-p", "stabledrl", "-p", "is", "--max-collapsed", "9"]
+    )
+    assert "check passed: 2 gates hold" in two.stderr
 
 
 def test_baseline_is_deterministic(runs, baseline, tmp_path):

@@ -55,6 +55,13 @@ from stabledrl_cli.replay.plot import plot_replay
 from stabledrl_cli.replay.result import ReplayResult
 
 
+def counted(count: int, noun: str) -> str:
+    """'1 gate', '2 gates', '1 policy', '3 policies'."""
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count} {noun[:-1] + 'ies' if noun.endswith('y') else noun + 's'}"
+
+
 def _print_table(results: list[GateResult], run: str) -> None:
     table = Table(title=f"stabledrl check {run}", title_justify="left")
     for column in ("policy", "gate", "status", "figure", "limit", "detail"):
@@ -186,7 +193,7 @@ def command(
     if write_baseline_path is not None:
         write_baseline(baseline_dict(result, settings, strict=strict), write_baseline_path)
         err.print(
-            f"wrote baseline {write_baseline_path} ({len(result.policies)} policies)",
+            f"wrote baseline {write_baseline_path} ({counted(len(result.policies), 'policy')})",
             highlight=False,
         )
     if junit is not None:
@@ -218,9 +225,13 @@ def command(
     else:
         _print_figures(result)
     if tripped:
-        err.print(f"check failed: {len(tripped)} of {len(results)} gates tripped", highlight=False)
+        err.print(
+            f"check failed: {len(tripped)} of {counted(len(results), 'gate')} tripped",
+            highlight=False,
+        )
         for r in tripped:
             err.print(f"  {r.policy or '(run)'} {r.gate}: {r.message}", highlight=False)
         raise typer.Exit(1)
     if results:
-        err.print(f"check passed: {len(results)} gates hold", highlight=False)
+        hold = "holds" if len(results) == 1 else "hold"
+        err.print(f"check passed: {counted(len(results), 'gate')} {hold}", highlight=False)

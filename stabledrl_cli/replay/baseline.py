@@ -33,6 +33,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from stabledrl_cli._atomic import write_atomic
@@ -106,10 +107,11 @@ class Tolerance:
         slack = self.abs_tol + self.rel_tol * abs(value)
         return current < value - slack if self.worse == "higher" else current > value + slack
 
-    def to_dict(self) -> dict[str, object]:
-        """The baseline file's entry (a whole value written as an integer)."""
+    def to_dict(self, *, integer: bool = False) -> dict[str, object]:
+        """The baseline file's entry; `integer`: the value is a count or a step, written as an
+        integer (any other value stays a float, however whole: 8.68e12, never 13 digits)."""
         data: dict[str, object] = asdict(self)
-        if self.value is not None and float(self.value).is_integer():
+        if integer and self.value is not None and float(self.value).is_integer():
             data["value"] = int(self.value)
         return data
 
@@ -318,7 +320,7 @@ def baseline_dict(
                 abs_tol, rel_tol = rule.abs_tol, rule.rel_tol
             entry = Tolerance(
                 value=rule.measure(p.summary), worse=rule.worse, abs_tol=abs_tol, rel_tol=rel_tol
-            ).to_dict()
+            ).to_dict(integer=rule.integer)
             steps = {
                 "collapsed_steps": p.summary.collapsed_steps,
                 "drift_steps": p.summary.drift_steps,
@@ -341,13 +343,49 @@ def baseline_dict(
                 value=run_figure(name, result),
                 worse="lower",
                 abs_tol=0.0 if strict else float(settings.collapse_window),
-            ).to_dict()
+            ).to_dict(integer=True)
             for name in RUN_METRICS
         },
         "policies": policies,
     }
 
 
+EXPONENT_FROM = 1e6
+"""Floats of this magnitude or more are written with an exponent (8.68e+12)."""
+# Stands in for a float in the JSON text; a NUL cannot occur in any other string of it.
+_FLOAT_MARK = "\0float-{}\0"
+
+
+def _float_text(value: float) -> str:
+    """The shortest text of `value` that reads back exactly, with an exponent from 1e6 on."""
+    if abs(value) < EXPONENT_FROM:
+        return repr(value)
+    return f"{Decimal(repr(value)).normalize():e}"
+
+
+def baseline_text(data: dict[str, object]) -> str:
+    """A baseline as JSON text: integers plainly, every float as a float (a large one with an
+    exponent, never a 30-digit integer)."""
+    floats: list[float] = []
+
+    def mark(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: mark(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mark(v) for v in value]
+        if isinstance(value, float):
+            floats.append(value)
+            return _FLOAT_MARK.format(len(floats) - 1)
+        return value
+
+    text = json.dumps(mark(data), indent=2, allow_nan=False)
+    for i, value in enumerate(floats):
+        if not math.isfinite(value):
+            raise ValueError(f"a baseline cannot hold {value!r}")
+        text = text.replace(json.dumps(_FLOAT_MARK.format(i)), _float_text(value), 1)
+    return text + "\n"
+
+
 def write_baseline(data: dict[str, object], path: str | os.PathLike[str]) -> Path:
     """Writes a baseline (`baseline_dict`) atomically; WriteError when it cannot."""
-    return write_atomic(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
+    return write_atomic(path, baseline_text(data).encode())
