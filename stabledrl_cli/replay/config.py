@@ -135,6 +135,8 @@ def replay_config(
     drift_threshold: float | None = None,
     max_grad_norm: float | None = None,
     collapse_window: int | None = None,
+    warning_window: int | None = None,
+    warning_drop: float | None = None,
     step_range: StepRange = (None, None),
     detail: bool = False,
 ) -> ReplayConfig:
@@ -147,6 +149,8 @@ def replay_config(
         drift_threshold=DEFAULT_DRIFT_THRESHOLD if drift_threshold is None else drift_threshold,
         max_grad_norm=max_grad_norm,
         collapse_window=DEFAULT_COLLAPSE_WINDOW if collapse_window is None else collapse_window,
+        warning_window=DEFAULT_WARNING_WINDOW if warning_window is None else warning_window,
+        warning_drop=DEFAULT_WARNING_DROP if warning_drop is None else warning_drop,
         step_range=step_range,
         detail=detail,
     )

@@ -228,6 +228,8 @@ def replay(
     drift_threshold: float | None = None,
     max_grad_norm: float | None = None,
     collapse_window: int | None = None,
+    warning_window: int | None = None,
+    warning_drop: float | None = None,
     step_range: StepRange = (None, None),
     detail: bool = False,
 ) -> ReplayResult:
@@ -246,6 +248,8 @@ def replay(
         drift_threshold=drift_threshold,
         max_grad_norm=max_grad_norm,
         collapse_window=collapse_window,
+        warning_window=warning_window,
+        warning_drop=warning_drop,
         step_range=step_range,
         detail=detail,
     )
