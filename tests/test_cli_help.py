@@ -1,5 +1,6 @@
 """Help: the root lists every command from its registry line without importing it; each
-command's help renders at 80 columns with flags shown without a type."""
+command's help fits 80 and 120 columns with every option name whole, readable metavars, flags
+shown without a type, and usage examples."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from stabledrl_cli.cli.app import COMMANDS, app
+from stabledrl_cli.cli.app import COMMANDS, ROOT_EXAMPLES, app, load_command
+
+WIDTHS = (80, 120)
+UNREADABLE = ("<bool>", "<list", "<str>", "<int>", "<float>", "<path>", "{run}", "{")
+
+
+def _help(args: list[str], width: int) -> str:
+    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": str(width)})
+    assert result.exit_code == 0, result.output
+    return result.stdout
 
 
 def test_root_help_lists_every_command_without_importing_any():
@@ -28,23 +38,64 @@ def test_root_help_lists_every_command_without_importing_any():
     assert proc.stdout.strip() == "ok", proc.stderr
 
 
+@pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("name", list(COMMANDS))
-def test_each_command_has_help_at_80_columns(name):
-    result = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "80"})
-    assert result.exit_code == 0, result.output
-    assert "Usage:" in result.stdout and f"{name} [OPTIONS]" in result.stdout
-    assert "<bool>" not in result.stdout
-    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+def test_each_command_help_fits_with_every_option_name_whole(name, width):
+    text = _help([name], width)
+    assert text.startswith(f"Usage: stabledrl {name} [OPTIONS]")
+    assert max(len(line) for line in text.splitlines()) <= width
+    for marker in UNREADABLE:
+        assert marker not in text, marker
+    assert "…" not in text
+    words = set(text.replace(",", " ").split())
+    for param in load_command(name).params:
+        if getattr(param, "hidden", False):
+            continue
+        for option in (*param.opts, *getattr(param, "secondary_opts", ())):
+            if option.startswith("-"):
+                assert option in words, f"{option} is not shown whole"
 
 
-def test_root_options():
-    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "80"})
+@pytest.mark.parametrize("name", [n for n, entry in COMMANDS.items() if entry.examples])
+def test_each_command_help_ends_with_its_examples(name):
+    text = _help([name], 80)
+    examples = text.split("\nExamples:\n", 1)[1]
+    for example in COMMANDS[name].examples:
+        assert f"  {example}\n" in examples  # on one line, never rewrapped
+
+
+def test_every_command_has_a_usage_example():
+    for name, entry in COMMANDS.items():
+        has_docstring_examples = "Example" in (load_command(name).help or "")
+        assert entry.examples or has_docstring_examples, name
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_root_options_and_examples(width):
+    text = _help([], width)
     for option in ("--debug", "--version", "--install-completion", "-h"):
-        assert option in result.stdout
-    assert "<bool>" not in result.stdout
+        assert option in text
+    assert max(len(line) for line in text.splitlines()) <= width
+    assert all(example in text for example in ROOT_EXAMPLES)
+    assert "<bool>" not in text
+
+
+def test_metavars_are_readable():
+    text = _help(["replay"], 120)
+    for shown in ("RUN", "-p, --policy SPEC", "--device auto|cpu|cuda|mps", "--plot FILE.png",
+                  "--window N", "--spike-factor FLOAT", "-o, --out PATH"):  # fmt: skip
+        assert shown in text, shown
+    assert "Usage: stabledrl pack [OPTIONS] RUN OUT.h5" in _help(["pack"], 80)
+
+
+def test_debug_is_accepted_anywhere_on_the_line():
+    for args in (["--debug", "policies", "-p", "nope"], ["policies", "-p", "nope", "--debug"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code != 0 and result.exception is not None  # the traceback's error
+        assert not isinstance(result.exception, SystemExit)
 
 
 def test_record_groups_the_examples_options_in_their_own_panel():
-    result = CliRunner().invoke(app, ["record", "--help"], env={"COLUMNS": "100"})
-    assert "Built-in example" in result.stdout and "Example:" not in result.stdout
-    assert "(default 400)" in result.stdout  # quoted from ExampleConfig, not restated
+    text = _help(["record"], 100)
+    assert "\nBuilt-in example:\n" in text and "Example:" not in text
+    assert "(default 400)" in text  # quoted from ExampleConfig, not restated

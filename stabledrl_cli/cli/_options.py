@@ -30,13 +30,16 @@ FormatOpt = Annotated[
 PlotOpt = Annotated[
     Path | None,
     typer.Option(
-        "--plot", help="Draw update norms and reward per policy to this PNG (extra: plot)."
+        "--plot",
+        metavar="FILE.png",
+        help="Draw update norms and reward per policy to this PNG (extra: plot).",
     ),
 ]
 WindowOpt = Annotated[
     int | None,
     typer.Option(
         "--window",
+        metavar="N",
         help="Drift: steps in the rolling mean of net_push (default: calibrated, or the "
         "baseline's).",
     ),
@@ -45,6 +48,7 @@ DriftThresholdOpt = Annotated[
     float | None,
     typer.Option(
         "--drift-threshold",
+        metavar="X",
         help="Drift: rolling mean of net_push below this (default: calibrated, or the baseline's).",
     ),
 ]

@@ -18,9 +18,11 @@ from typing import Annotated, Any
 import typer
 import typer.main
 from rich.markup import escape
+from typer._click import Context, HelpFormatter, Parameter
 from typer.core import TyperCommand, TyperGroup
 
 from stabledrl_cli._version import __version__
+from stabledrl_cli.cli import _help
 from stabledrl_cli.cli._output import err
 from stabledrl_cli.errors import StabledrlError
 
@@ -33,6 +35,8 @@ class CommandEntry:
     """Module exposing `command` (a Typer command function)."""
     summary: str
     """The command's line in `stabledrl --help` (and its short help everywhere)."""
+    examples: tuple[str, ...] = ()
+    """Command lines shown under `Examples` in the command's help."""
 
 
 COMMANDS: dict[str, CommandEntry] = {
@@ -40,19 +44,44 @@ COMMANDS: dict[str, CommandEntry] = {
         "stabledrl_cli.cli.record", "Train and record the built-in example, or record -- CMD."
     ),
     "inspect": CommandEntry(
-        "stabledrl_cli.cli.inspect", "What a run holds: steps, fields, integrity, collapse."
+        "stabledrl_cli.cli.inspect",
+        "What a run holds: steps, fields, integrity, collapse.",
+        ("stabledrl inspect runs/demo", "stabledrl inspect runs/demo.h5 --format json"),
     ),
     "policies": CommandEntry(
-        "stabledrl_cli.cli.policies", "The policy catalogue, or resolve specs given with -p."
+        "stabledrl_cli.cli.policies",
+        "The policy catalogue, or resolve specs given with -p.",
+        ("stabledrl policies", "stabledrl policies -p dapo -p two-sided:delta=4 --format json"),
     ),
     "replay": CommandEntry(
-        "stabledrl_cli.cli.replay", "Replay a run through policies: what each would have done."
+        "stabledrl_cli.cli.replay",
+        "Replay a run through policies: what each would have done.",
+        (
+            "stabledrl replay runs/demo",
+            "stabledrl replay runs/demo -p grpo -p dapo --steps 100:200 --plot replay.png",
+        ),
     ),
-    "pack": CommandEntry("stabledrl_cli.cli.pack", "Pack a run into one HDF5 archive."),
+    "pack": CommandEntry(
+        "stabledrl_cli.cli.pack",
+        "Pack a run into one HDF5 archive.",
+        ("stabledrl pack runs/demo runs/demo.h5 && stabledrl replay runs/demo.h5",),
+    ),
     "check": CommandEntry(
-        "stabledrl_cli.cli.check", "Gate a run in CI against rules or a baseline (exit 1)."
+        "stabledrl_cli.cli.check",
+        "Gate a run in CI against rules or a baseline (exit 1).",
+        (
+            "stabledrl check runs/demo -p grpo --max-collapsed 0 --junit check.xml",
+            "stabledrl check runs/demo --write-baseline base.json  # then: -b base.json",
+        ),
     ),
 }
+
+ROOT_EXAMPLES = (
+    "stabledrl record --out runs/demo",
+    "stabledrl replay runs/demo",
+    "stabledrl check runs/demo --max-collapsed 0",
+)
+"""Shown under `Examples` in `stabledrl --help`."""
 
 DEBUG_ENV = "STABLEDRL_DEBUG"
 # An unexpected exception is a bug of the tool, not a tripped gate (1) nor bad input (3).
@@ -112,20 +141,25 @@ def _hoist_debug(args: Sequence[str]) -> list[str]:
     return found[:1] + rest + list(args[end:])
 
 
-def _plain_flags(params: list[Any]) -> None:
-    """Boolean flags take no value: no `<bool>` beside them in the help."""
-    for param in params:
-        if getattr(param, "is_flag", False) and param.metavar is None:
-            param.metavar = ""
-
-
 class Command(TyperCommand):
-    """A command whose help shows flags without a type."""
+    """A command whose help fits the terminal (`_help`): readable metavars, flags without a
+    type, options grouped by panel, the registry's examples last."""
 
-    def get_params(self, ctx: typer.Context) -> list[Any]:  # type: ignore[override]
-        params: list[Any] = super().get_params(ctx)
-        _plain_flags(params)
+    def get_params(self, ctx: Context) -> list[Parameter]:
+        params = super().get_params(ctx)
+        _help.prepare_params(params)
         return params
+
+    def collect_usage_pieces(self, ctx: Context) -> list[str]:
+        return _help.usage_pieces(ctx, self.get_params(ctx))
+
+    def format_options(self, ctx: Context, formatter: HelpFormatter) -> None:
+        _help.format_params(ctx, self.get_params(ctx), formatter)
+
+    def format_epilog(self, ctx: Context, formatter: HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        entry = COMMANDS.get(self.name or "")
+        _help.format_examples(entry.examples if entry else (), formatter)
 
 
 _loaded: dict[str, Command] = {}
@@ -136,7 +170,7 @@ def load_command(name: str) -> Command:
     if name not in _loaded:
         entry = COMMANDS[name]
         function = importlib.import_module(entry.module).command
-        single = typer.Typer(add_completion=False)
+        single = typer.Typer(add_completion=False, rich_markup_mode=None)
         single.command(name, cls=Command, short_help=entry.summary)(function)
         command = typer.main.get_command(single)
         assert isinstance(command, Command)  # one command, built with cls=Command
@@ -155,10 +189,20 @@ class LazyGroup(TyperGroup):
                 name, short_help=entry.summary, help=entry.summary
             )
 
-    def get_params(self, ctx: typer.Context) -> list[Any]:  # type: ignore[override]
-        params: list[Any] = super().get_params(ctx)
-        _plain_flags(params)
+    def get_params(self, ctx: Context) -> list[Parameter]:
+        params = super().get_params(ctx)
+        _help.prepare_params(params)
         return params
+
+    def format_options(self, ctx: Context, formatter: HelpFormatter) -> None:
+        _help.format_params(ctx, self.get_params(ctx), formatter)
+        _help.format_commands(
+            [(name, entry.summary) for name, entry in COMMANDS.items()], formatter
+        )
+
+    def format_epilog(self, ctx: Context, formatter: HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        _help.format_examples(ROOT_EXAMPLES, formatter)
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
         hoisted = _hoist_debug(args)
@@ -197,7 +241,11 @@ def create_app() -> typer.Typer:
         no_args_is_help=True,
         pretty_exceptions_enable=False,
         add_completion=True,
-        context_settings={"help_option_names": ["-h", "--help"]},
+        rich_markup_mode=None,
+        context_settings={
+            "help_option_names": ["-h", "--help"],
+            "max_content_width": _help.HELP_MAX_WIDTH,
+        },
     )
 
     @app.callback()

@@ -26,12 +26,7 @@ def command(
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
     output_format: FormatOpt = "table",
 ) -> None:
-    """Pack a run into one HDF5 file (chunked, compressed); open_run, replay and check read it.
-
-    Example:
-
-      stabledrl pack runs/demo runs/demo.h5 && stabledrl replay runs/demo.h5
-    """
+    """Pack a run into one HDF5 file (chunked, compressed); open_run, replay and check read it."""
     if archive.is_file() and not force:
         raise UsageError(f"{archive} exists; pass --force to overwrite it")
     opened = open_run(run)

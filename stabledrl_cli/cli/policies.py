@@ -70,14 +70,7 @@ def _spec_rows(specs: list[str]) -> list[PolicyRow]:
 
 
 def command(policy: PolicyOpt = None, fmt: FormatOpt = "table") -> None:
-    """List the policy catalogue: name, family, defaults, formula and source.
-
-    Examples:
-
-      stabledrl policies
-
-      stabledrl policies -p dapo -p "two-sided:delta=4" --format json
-    """
+    """List the policy catalogue: name, family, defaults, formula and source."""
     rows = _spec_rows(policy) if policy else _catalogue_rows()
     if fmt == "json":
         print_json({"policies": rows, "standard_catalogue": STANDARD_CATALOGUE})

@@ -1,0 +1,98 @@
+"""Help pages in the style of ruff and pytest: plain text wrapped to the terminal, so no option
+name is ever cut; readable metavars (INT, FLOAT, PATH, a|b|c) instead of `<list[str]>`; flags
+without a type; options grouped under their panel (`rich_help_panel`); usage examples last.
+
+The app's commands call these from their `format_*` hooks (`cli.app.Command`, `LazyGroup`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from typer._click import Context, HelpFormatter, Parameter
+from typer.core import TyperArgument, TyperOption
+
+HELP_MAX_WIDTH = 120
+"""Help wraps at the terminal width, but never wider than this (long lines read badly)."""
+OPTIONS_PANEL = "Options"
+
+
+_BARE_TYPES = {"int": "INT", "float": "FLOAT", "str": "TEXT", "bool": "BOOL"}
+
+
+def type_metavar(param: TyperOption | TyperArgument) -> str:
+    """A readable placeholder for one value of `param` (choices spelled out)."""
+    desc = param.type_descriptor
+    if desc.choices is not None:
+        return "|".join(str(choice) for choice in desc.choices)
+    if desc.is_path:
+        return {"directory": "DIR", "file": "FILE"}.get(desc.path_type, "PATH")
+    bare = param.bare_type().removeprefix("list[").removesuffix("]")
+    return _BARE_TYPES.get(bare, bare.upper())
+
+
+def prepare_params(params: Iterable[Parameter]) -> None:
+    """Flags take no value (no type beside them); every other parameter without a metavar gets
+    a readable one: an argument its name in capitals, an option its type's placeholder."""
+    for param in params:
+        if param.metavar is not None:
+            continue
+        if isinstance(param, TyperOption) and (param.is_flag or param.count):
+            param.metavar = ""
+        elif isinstance(param, TyperArgument):
+            param.metavar = (param.name or "arg").upper()
+        elif isinstance(param, TyperOption):
+            param.metavar = type_metavar(param)
+
+
+def argument_usage(param: TyperArgument) -> str:
+    """`RUN`, `[RUN]` when optional, `...` when it takes several values."""
+    name = param.metavar or (param.name or "arg").upper()
+    if param.nargs != 1 and not name.endswith("..."):
+        name += "..."
+    return name if param.required else f"[{name}]"
+
+
+def usage_pieces(ctx: Context, params: Sequence[Parameter]) -> list[str]:
+    """The usage line after the command's name: `[OPTIONS]`, then each argument."""
+    pieces = ["[OPTIONS]"] if any(isinstance(p, TyperOption) for p in params) else []
+    return pieces + [argument_usage(p) for p in params if isinstance(p, TyperArgument)]
+
+
+def _argument_record(param: TyperArgument) -> tuple[str, str]:
+    help_text = getattr(param, "help", None) or ""
+    return param.metavar or (param.name or "arg").upper(), help_text
+
+
+def format_params(ctx: Context, params: Sequence[Parameter], formatter: HelpFormatter) -> None:
+    """An `Arguments` section, then one section per panel (the unpanelled ones: `Options`),
+    each a two-column list that wraps its help and puts it under a long name."""
+    arguments = [_argument_record(p) for p in params if isinstance(p, TyperArgument)]
+    panels: dict[str, list[tuple[str, str]]] = {OPTIONS_PANEL: []}
+    for param in params:
+        record = param.get_help_record(ctx) if isinstance(param, TyperOption) else None
+        if record is not None:
+            panel = getattr(param, "rich_help_panel", None) or OPTIONS_PANEL
+            panels.setdefault(panel, []).append(record)
+    if arguments:
+        with formatter.section("Arguments"):
+            formatter.write_dl(arguments)
+    for panel, records in panels.items():
+        if records:
+            with formatter.section(panel):
+                formatter.write_dl(records)
+
+
+def format_commands(commands: Sequence[tuple[str, str]], formatter: HelpFormatter) -> None:
+    """The `Commands` section: each name with its whole summary (wrapped, never cut)."""
+    if commands:
+        with formatter.section("Commands"):
+            formatter.write_dl(list(commands))
+
+
+def format_examples(examples: Sequence[str], formatter: HelpFormatter) -> None:
+    """The `Examples` section: each command line as written (never rewrapped)."""
+    if examples:
+        with formatter.section("Examples"):
+            for example in examples:
+                formatter.write(f"{'':>{formatter.current_indent}}{example}\n")
