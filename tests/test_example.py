@@ -230,7 +230,7 @@ def _steps_of(run_dir):
 def test_record_cli_runs_the_example_and_records_every_step(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(
-        app, ["record", "--out", str(out), "--steps", "8", "--seed", "1", "--device", "cpu"]
+        app, ["record", "--out", str(out), "--rl-steps", "8", "--seed", "1", "--device", "cpu"]
     )
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
@@ -250,7 +250,7 @@ def test_record_cli_runs_the_example_and_records_every_step(tmp_path):
     assert "RL (grpo) steps: 4/8 (50%), reward" in result.stderr
     assert result.stderr.count("RL (grpo) steps:") == 8
 
-    again = CliRunner().invoke(app, ["record", "--out", str(out), "--steps", "2"])
+    again = CliRunner().invoke(app, ["record", "--out", str(out), "--rl-steps", "2"])
     assert again.exit_code == 2 and "--force" in again.output
 
 

@@ -161,12 +161,14 @@ def _run_example(
     device: str,
     geometry: GeometryConfig | None,
     threads: int,
+    checkpoint_every: int | None,
 ) -> None:
     # torch and the trainer load here, when the example runs (not for `record --help`).
     import torch
 
     from stabledrl_cli._device import resolve_device
     from stabledrl_cli.dump import Recorder
+    from stabledrl_cli.example.checkpoint import CheckpointPlan, checkpoints_dir, clear_checkpoints
     from stabledrl_cli.example.trainer import recorder_kwargs, train
     from stabledrl_cli.policies import get_policy
 
@@ -191,10 +193,14 @@ def _run_example(
         if lines is not None and phase == "pretrain":
             err.print(f"pretraining ({config.pretrain_steps} steps)", highlight=False)
 
+    plan = None
+    if checkpoint_every is not None:
+        plan = CheckpointPlan(directory=checkpoints_dir(out), every=checkpoint_every)
     with (
         Recorder(out, overwrite=force, **recorder_kwargs(config, policy, geometry)) as recorder,
         progress,
     ):
+        clear_checkpoints(out)  # a run recorded over another keeps none of its checkpoints
         result = train(
             config,
             recorder=recorder,
@@ -202,8 +208,24 @@ def _run_example(
             on_step=on_step,
             on_phase=on_phase,
             geometry=geometry,
+            checkpoints=plan,
         )
     err.print(_summary(config, policy, geometry, result, out))
+
+
+STEPS_DEPRECATED = (
+    "record --steps is deprecated: use --rl-steps (--steps is a step range in replay and check)"
+)
+
+
+def _deprecated_steps(rl_steps: int | None, steps: int | None) -> int | None:
+    """The step count from --rl-steps, or from the hidden --steps alias with one warning."""
+    if steps is None:
+        return rl_steps
+    if rl_steps is not None and rl_steps != steps:
+        raise UsageError("--steps is the old name of --rl-steps: give one of them")
+    err.print(f"[yellow]warning:[/] {STEPS_DEPRECATED}", highlight=False)
+    return steps
 
 
 def _default(name: str) -> str:
@@ -239,10 +261,27 @@ def command(
             "--seed", help=f"Training seed ({_default('seed')}).", rich_help_panel=EXAMPLE
         ),
     ] = None,
-    steps: Annotated[
+    rl_steps: Annotated[
         int | None,
         typer.Option(
-            "--steps", help=f"RL optimizer steps ({_default('steps')}).", rich_help_panel=EXAMPLE
+            "--rl-steps",
+            help=f"RL optimizer steps to train ({_default('steps')}).",
+            rich_help_panel=EXAMPLE,
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", hidden=True, help="Deprecated alias of --rl-steps."),
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(
+            "--checkpoint-every",
+            min=1,
+            metavar="N",
+            help="Save a checkpoint (model, AdamW state, RNG) into RUN/checkpoints at the first "
+            "rollout boundary at or after every N steps, for `stabledrl branch`. Default: none.",
+            rich_help_panel=EXAMPLE,
         ),
     ] = None,
     lr: Annotated[
@@ -360,10 +399,11 @@ def command(
 
     Examples:
 
-      stabledrl record --out runs/demo --policy grpo --steps 160
+      stabledrl record --out runs/demo --policy grpo --rl-steps 160 --checkpoint-every 40
 
       stabledrl record --out runs/mine --policy dapo -- python train.py
     """
+    rl_steps = _deprecated_steps(rl_steps, steps)
     _check_out(out, force)
     geometry_given = any(
         option is not None
@@ -377,6 +417,11 @@ def command(
         )
     )
     if cmd:
+        if checkpoint_every is not None:
+            raise UsageError(
+                "--checkpoint-every checkpoints the built-in example; a training script saves "
+                "its own checkpoints (docs/branching.md)"
+            )
         if geometry is not None or geometry_given:
             raise UsageError(
                 "--geometry records the built-in example; a training script passes "
@@ -402,7 +447,7 @@ def command(
         raise UsageError("the --geometry-* options need --geometry gram or --geometry sketch")
     config = ExampleConfig(
         seed=DEFAULTS.seed if seed is None else seed,
-        steps=DEFAULTS.steps if steps is None else steps,
+        steps=DEFAULTS.steps if rl_steps is None else rl_steps,
         lr=DEFAULTS.lr if lr is None else lr,
         policy=DEFAULTS.policy if policy is None else policy,
         estimator=estimator,  # None: the library picks it by unit
@@ -411,5 +456,5 @@ def command(
         max_grad_norm=DEFAULTS.max_grad_norm if max_grad_norm is None else max_grad_norm,
         skip_nonfinite=DEFAULTS.skip_nonfinite if skip_nonfinite is None else skip_nonfinite,
     )
-    _run_example(out, force, config, device, geometry_config, threads)
+    _run_example(out, force, config, device, geometry_config, threads, checkpoint_every)
     sys.stderr.flush()

@@ -14,6 +14,10 @@ Algorithm (GRPO-style, as StableDRL's code runs it on LLaDA), simplified to fit 
    tokens, noise masks and weights, same parameters) give the Gram matrix or sketch of the
    step, and `grad_norm_covered` is the pre-clip norm over the covered parameters. The loss's
    gradient is -sum_u coef_u grad(logp_u), so sqrt(coef^T K coef) is that norm.
+6. Optional checkpoints (`checkpoints=CheckpointPlan(...)`) at rollout boundaries, and resume
+   from one (`resume=`): pretraining is skipped, the model, AdamW state and generator state are
+   restored, and the loop continues at the checkpoint's step and rollout, bit for bit as the
+   original run went on under the same policy (example/checkpoint.py).
 Simplifications: one mask sample per estimate, digits-only sampling, no KL, no reference model.
 
 All randomness of training comes from one `torch.Generator` seeded with `seed` (CPU):
@@ -40,6 +44,12 @@ from stabledrl_cli.capture.geometry import (
 )
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.example._model import ModelConfig, TinyDiffusionLM
+from stabledrl_cli.example.checkpoint import (
+    CheckpointPlan,
+    TrainingState,
+    check_resumable,
+    save_checkpoint,
+)
 from stabledrl_cli.example.config import ExampleConfig
 from stabledrl_cli.example.estimator import (
     MaskSample,
@@ -207,6 +217,36 @@ def _rollout_arrays(
     }
 
 
+def _cpu(value: Any) -> Any:
+    """A state_dict's tensors moved to the CPU (nested dicts and lists followed)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu(v) for v in value)
+    return value
+
+
+def _training_state(
+    step: int,
+    rollout: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rng: torch.Generator,
+    config: ExampleConfig,
+) -> TrainingState:
+    """The loop's state at a rollout boundary, on the CPU."""
+    return TrainingState(
+        step=step,
+        rollout=rollout,
+        model=_cpu(model.state_dict()),
+        optimizer=_cpu(optimizer.state_dict()),
+        rng=rng.get_state(),
+        config=asdict(config),
+    )
+
+
 def policy_loss(
     policy: Policy, arrays: dict[str, torch.Tensor], unit: Unit
 ) -> tuple[torch.Tensor, Weights]:
@@ -239,15 +279,24 @@ def train(
     on_step: Callable[[StepInfo], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
     geometry: GeometryConfig | None = None,
+    checkpoints: CheckpointPlan | None = None,
+    resume: TrainingState | None = None,
 ) -> TrainResult:
-    """Pretrain, then run `config.steps` RL optimizer steps, logging each to `recorder`.
+    """Pretrain, then run RL optimizer steps up to step `config.steps`, logging each to
+    `recorder`.
 
     geometry: record each step's gradient geometry and `grad_norm_covered` (None or kind
     "none": neither). It draws nothing from the training generator: the same seed gives the
     same run with and without it.
+    checkpoints: write a checkpoint at the first rollout boundary at or after each multiple of
+    `checkpoints.every` (example/checkpoint.py).
+    resume: continue from a checkpoint instead of pretraining; `config` may differ from the
+    checkpoint's settings only in policy and steps (UsageError otherwise).
     """
     if geometry is not None and geometry.kind == "none":
         geometry = None
+    if resume is not None:
+        check_resumable(resume, asdict(config))
     device = torch.device(device)
     policy = get_policy(config.policy)
     estimator = config.estimator_config
@@ -261,23 +310,29 @@ def train(
     if geometry is not None:
         covered_parameters(model, geometry)  # a pattern that matches nothing fails now
     unit_fn = geometry_unit_fn(config.unit, task.prompt_len)
-    if on_phase is not None:
-        on_phase("pretrain")
-    pretrain(
-        model,
-        task,
-        steps=config.pretrain_steps,
-        batch_size=config.pretrain_batch,
-        lr=config.pretrain_lr,
-        noise=config.pretrain_noise,
-        generator=rng,
-        device=device,
-    )
+    if resume is None:
+        if on_phase is not None:
+            on_phase("pretrain")
+        pretrain(
+            model,
+            task,
+            steps=config.pretrain_steps,
+            batch_size=config.pretrain_batch,
+            lr=config.pretrain_lr,
+            noise=config.pretrain_noise,
+            generator=rng,
+            device=device,
+        )
+    else:
+        model.load_state_dict(resume.model)
+        rng.set_state(resume.rng)
     if on_phase is not None:
         on_phase("rl")
     rl_started = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
     n_seq = config.prompts_per_rollout * config.group_size
     prompt_len, width = task.prompt_len, task.length
 
@@ -291,9 +346,16 @@ def train(
     rewards_seen: list[float] = []
     nonfinite = 0
     diverged_at: int | None = None
-    step = 0
-    rollout = 0
+    step = 0 if resume is None else resume.step
+    rollout = 0 if resume is None else resume.rollout
+    due = 0 if checkpoints is None or resume is None else checkpoints.next_due(step)
     while step < config.steps:
+        if checkpoints is not None and step >= due:
+            save_checkpoint(
+                checkpoints.directory,
+                _training_state(step, rollout, model, optimizer, rng, config),
+            )
+            due = checkpoints.next_due(step)
         prompts = task.sample_prompts(config.prompts_per_rollout, rng)
         prompts = prompts.repeat_interleave(config.group_size, dim=0).to(device)
         completions = generate(model, prompts, width, rng)

@@ -1,0 +1,172 @@
+"""Checkpoints of the built-in example, for bit-exact resume and for `stabledrl branch`.
+
+Where: `RUN/checkpoints/step-XXXXXXXX.pt`, XXXXXXXX the optimizer step the checkpoint resumes
+at (the first step it has not taken yet).
+
+When: only at a rollout boundary (inner step 0, before the rollout's prompts are drawn). With
+`every = N`, a checkpoint is written at the first rollout boundary at or after each multiple
+of N (step 0, the end of pretraining, included). With the default mu = 4 and N a multiple of
+4, that is exactly every N steps. A boundary needs no rollout batch in the checkpoint: the
+batch (prompts, completions, old log-likelihoods) is drawn afresh from the restored
+generator, exactly as the original run drew it.
+
+What: the model's parameters, the AdamW state (moments and step counts), the one training
+generator's state, the step and rollout index, and the example's settings (`ExampleConfig`
+as a dict). Written with `torch.save` through `_atomic.write_atomic`; read with
+`torch.load(weights_only=True)`, which accepts tensors, numbers, strings, lists and dicts
+only: a checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stabledrl_cli._atomic import fsync_dir, write_atomic, write_error
+from stabledrl_cli.errors import InputError, UsageError
+
+CHECKPOINTS_DIR = "checkpoints"
+"""The run's sub-directory of checkpoints."""
+CHECKPOINT_RE = re.compile(r"^step-(\d{8})\.pt$")
+FORMAT = "stabledrl-example-checkpoint/1"
+"""The `format` key every checkpoint carries."""
+RESUMABLE_FIELDS_FREE = ("policy", "steps")
+"""ExampleConfig fields a resumed run may change; every other one must match the checkpoint."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingState:
+    """Everything the RL loop needs to continue at a rollout boundary."""
+
+    step: int
+    """The next optimizer step to take."""
+    rollout: int
+    """The next rollout's index."""
+    model: dict[str, torch.Tensor]
+    """The model's `state_dict()` (CPU)."""
+    optimizer: dict[str, Any]
+    """The AdamW `state_dict()` (moments and step counts, CPU tensors)."""
+    rng: torch.Tensor
+    """The training generator's `get_state()` (uint8)."""
+    config: dict[str, Any]
+    """`dataclasses.asdict(ExampleConfig)` of the run that wrote it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointPlan:
+    """Where and how often `train` writes checkpoints."""
+
+    directory: Path
+    every: int
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise UsageError(f"checkpoint interval must be an integer >= 1, got {self.every}")
+
+    def next_due(self, step: int) -> int:
+        """The multiple of `every` after the one a checkpoint at `step` satisfied."""
+        return (step // self.every + 1) * self.every
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    """RUN/checkpoints."""
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    """The file of the checkpoint that resumes at `step`."""
+    return directory / f"step-{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint of a run, ascending; [] without any."""
+    directory = checkpoints_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def clear_checkpoints(run_dir: str | Path) -> None:
+    """Removes a run's checkpoints (a run recorded again over it must not keep stale ones)."""
+    for _, path in list_checkpoints(run_dir):
+        try:
+            path.unlink()
+        except OSError as exc:
+            raise write_error(path, exc) from None
+
+
+def save_checkpoint(directory: Path, state: TrainingState) -> Path:
+    """Writes `state` atomically as `directory/step-XXXXXXXX.pt`; -> its path."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(directory, exc) from None
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "format": FORMAT,
+            "step": state.step,
+            "rollout": state.rollout,
+            "model": state.model,
+            "optimizer": state.optimizer,
+            "rng": state.rng,
+            "config": state.config,
+        },
+        buffer,
+    )
+    target = write_atomic(checkpoint_path(directory, state.step), buffer.getvalue())
+    fsync_dir(directory)
+    return target
+
+
+def load_checkpoint(path: str | Path) -> TrainingState:
+    """The state a checkpoint holds; InputError (exit 3) for a file that is not one."""
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such checkpoint") from None
+    except Exception as exc:  # torch raises many kinds for a file that is not a checkpoint
+        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise InputError(f"{path}: not a stabledrl example checkpoint (format {FORMAT})")
+    try:
+        return TrainingState(
+            step=int(data["step"]),
+            rollout=int(data["rollout"]),
+            model=dict(data["model"]),
+            optimizer=dict(data["optimizer"]),
+            rng=data["rng"],
+            config=dict(data["config"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: incomplete checkpoint ({exc})") from None
+
+
+def check_resumable(state: TrainingState, config: dict[str, Any]) -> None:
+    """UsageError unless `config` (asdict of an ExampleConfig) differs from the checkpoint's
+    settings only in `RESUMABLE_FIELDS_FREE`, and asks for more steps than it has taken."""
+    differing = sorted(
+        key
+        for key in set(state.config) | set(config)
+        if key not in RESUMABLE_FIELDS_FREE and state.config.get(key) != config.get(key)
+    )
+    if differing:
+        raise UsageError(
+            f"the checkpoint at step {state.step} was written with other settings "
+            f"({', '.join(differing)}); only policy and steps may change on resume"
+        )
+    if int(config["steps"]) <= state.step:
+        raise UsageError(
+            f"steps must be > {state.step} to resume at step {state.step}, got {config['steps']}"
+        )

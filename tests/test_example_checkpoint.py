@@ -1,0 +1,93 @@
+"""Checkpoints of the built-in example: written at rollout boundaries, read as data only, and a
+resume reproduces the original run's recorded arrays bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import Recorder, open_run
+from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.example import ExampleConfig
+from stabledrl_cli.example.checkpoint import (
+    CheckpointPlan,
+    checkpoints_dir,
+    list_checkpoints,
+    load_checkpoint,
+)
+from stabledrl_cli.example.trainer import recorder_kwargs, train
+from stabledrl_cli.policies import get_policy
+
+CONFIG = ExampleConfig(seed=2, steps=16, pretrain_steps=10)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _record(out: Path, config: ExampleConfig, **kwargs: object) -> None:
+    policy = get_policy(config.policy)
+    with Recorder(out, **recorder_kwargs(config, policy)) as recorder:
+        train(config, recorder=recorder, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_resume_at_step_k_reproduces_the_recorded_arrays_bit_for_bit(tmp_path):
+    original = tmp_path / "original"
+    _record(
+        original, CONFIG, checkpoints=CheckpointPlan(directory=checkpoints_dir(original), every=8)
+    )
+    assert [step for step, _ in list_checkpoints(original)] == [0, 8]
+
+    state = load_checkpoint(checkpoints_dir(original) / "step-00000008.pt")
+    assert (state.step, state.rollout) == (8, 2)  # a rollout boundary (mu = 4)
+    resumed = tmp_path / "resumed"
+    _record(resumed, CONFIG, resume=state)
+
+    a, b = open_run(original), open_run(resumed)
+    assert b.step_numbers == list(range(8, 16))
+    for n in b.step_numbers:
+        old, new = a.step(n), b.step(n)
+        timeless = {k: v for k, v in old.scalars.items() if k != "wall_time"}
+        assert timeless == {k: v for k, v in new.scalars.items() if k in timeless}
+        for name in ("logp", "logp_old", "advantages", "reward", "mask"):
+            assert torch.equal(old[name], new[name]), (n, name)
+
+
+def test_a_checkpoint_interval_off_the_rollout_grid_saves_at_the_next_boundary(tmp_path):
+    config = ExampleConfig(seed=2, steps=12, pretrain_steps=2)
+    train(config, checkpoints=CheckpointPlan(directory=tmp_path, every=5))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["step-00000000.pt", "step-00000008.pt"]  # 5 -> 8, 10 -> 12 = the end
+
+
+def test_resume_refuses_other_settings_and_reads_data_only(tmp_path):
+    config = ExampleConfig(seed=2, steps=4, pretrain_steps=2)
+    train(config, checkpoints=CheckpointPlan(directory=tmp_path, every=4))
+    state = load_checkpoint(tmp_path / "step-00000000.pt")
+    with pytest.raises(UsageError, match="lr"):
+        train(ExampleConfig(seed=2, steps=4, pretrain_steps=2, lr=1e-3), resume=state)
+    junk = tmp_path / "step-00000004.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a readable checkpoint"):
+        load_checkpoint(junk)
+
+
+def test_record_steps_is_a_deprecated_alias_of_rl_steps(tmp_path):
+    out = tmp_path / "run"
+    (out / "x").mkdir(parents=True)  # non-empty: refused after the warning, before training
+    result = CliRunner().invoke(app, ["record", "--out", str(out), "--steps", "2"])
+    assert result.exit_code == 2 and "--force" in result.stderr
+    assert result.stderr.count("deprecated") == 1 and "--rl-steps" in result.stderr
+    both = CliRunner().invoke(app, ["record", "--out", str(out), "--steps", "2", "--rl-steps", "3"])
+    assert both.exit_code == 2 and "give one of them" in both.stderr
+    help_text = CliRunner().invoke(app, ["record", "--help"], env={"COLUMNS": "200"}).output
+    assert "--rl-steps" in help_text and "--checkpoint-every" in help_text
+    assert "--steps " not in help_text
