@@ -1,0 +1,278 @@
+"""The labelled collapse benchmark: many runs of the built-in example, each labelled by the
+observed-collapse rule, and every detector scored on the held-out runs.
+
+Phase 1 (`record`) trains and records the grid below with `stabledrl record`, one process a
+run, skipping runs already in the cache; phase 2 (`evaluate`) labels every run and scores the
+detectors. The grid spans seeds, both estimators, five policies at the example's learning
+rate, and two controls that must never warn: a frozen run (lr 1e-9: the weights do not move)
+and a low-lr run (lr 1e-6: they move, too little to collapse).
+
+Seeds are split before anything is looked at: calibration seeds tune a detector's settings,
+held-out seeds score it. Seed 0 (the fixtures' seed) is always held out.
+
+    python benchmarks/collapse_suite.py record            # ~20 min on one core, resumable
+    python benchmarks/collapse_suite.py evaluate --json collapse_suite.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from stabledrl_cli.dump import Run, open_run
+from stabledrl_cli.replay.engine import replay
+from stabledrl_cli.replay.observed import observe
+
+CALIBRATION_SEEDS = (1, 2)
+HELD_OUT_SEEDS = (0, 3)
+ESTIMATORS = ("llada", "elbo")
+EXAMPLE_LR = 1e-4
+FROZEN_LR = 1e-9
+LOW_LR = 1e-6
+DEFAULT_STEPS = 400
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration of the grid, run once per seed and estimator."""
+
+    name: str
+    policy: str
+    lr: float
+    same_mask: bool = False
+    control: str | None = None
+    """"frozen" or "low-lr": a run that must not collapse and must not warn."""
+
+
+ARMS = (
+    Arm("grpo", "grpo", EXAMPLE_LR),
+    Arm("dapo", "dapo", EXAMPLE_LR),
+    Arm("stabledrl", "stabledrl", EXAMPLE_LR),
+    Arm("cispo", "cispo", EXAMPLE_LR),
+    Arm("grpo-same-mask", "grpo", EXAMPLE_LR, same_mask=True),
+    Arm("grpo-frozen", "grpo", FROZEN_LR, control="frozen"),
+    Arm("grpo-low-lr", "grpo", LOW_LR, control="low-lr"),
+)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    arm: Arm
+    seed: int
+    estimator: str
+    steps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm.name}_{self.estimator}_seed{self.seed}"
+
+    @property
+    def held_out(self) -> bool:
+        return self.seed in HELD_OUT_SEEDS
+
+
+def grid(steps: int) -> list[RunSpec]:
+    seeds = sorted(CALIBRATION_SEEDS + HELD_OUT_SEEDS)
+    return [
+        RunSpec(arm, seed, estimator, steps)
+        for arm, seed, estimator in itertools.product(ARMS, seeds, ESTIMATORS)
+    ]
+
+
+def record(spec: RunSpec, cache: Path) -> Path:
+    """Records one run into the cache (a finished run, marked by `.done`, is kept)."""
+    out = cache / spec.name
+    if (out / ".done").is_file():
+        return out
+    command = [
+        sys.executable, "-m", "stabledrl_cli", "record", "--out", str(out), "--force",
+        "--threads", "1",
+        "--seed", str(spec.seed), "--steps", str(spec.steps), "--lr", repr(spec.arm.lr),
+        "--policy", spec.arm.policy, "--estimator", spec.estimator,
+    ]  # fmt: skip
+    if spec.arm.same_mask:
+        command.append("--same-mask")
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    (out / ".done").write_text("ok\n")
+    return out
+
+
+# --- phase 2: label, detect, score -----------------------------------------------------------
+@dataclass(frozen=True)
+class Labelled:
+    """One recorded run, its label and where each detector first fired (None: never)."""
+
+    name: str
+    arm: str
+    seed: int
+    estimator: str
+    held_out: bool
+    control: str | None
+    collapse: int | None
+    """The observed-collapse rule's step (the label): None, the run did not collapse."""
+    first: dict[str, int | None]
+    """detector -> its first flagged step."""
+
+
+DETECTORS: dict[str, str] = {
+    "collapse_warning": "run-level collapse warning (own-sample likelihood drop)",
+    "recorded_spike": "a recorded grad-norm spike (10x the median of the previous 20)",
+    "recorded_nonfinite": "a recorded non-finite step",
+    "own_risk": "replay of the run's own policy: a risk step (non-finite or spike)",
+    "own_bias": "replay of the run's own policy: bias (rolling net_push below threshold)",
+}
+
+
+def _first(steps: Sequence[int]) -> int | None:
+    return int(steps[0]) if len(steps) else None
+
+
+def label(spec: RunSpec, run: Run) -> Labelled:
+    observed = observe(run)
+    own = replay(run, policies=[run.policy_spec or spec.arm.policy], device="cpu").policies[0]
+    first = {
+        "collapse_warning": observed.collapse_warning.first_step,
+        "recorded_spike": _first(observed.recorded_spike_steps),
+        "recorded_nonfinite": _first(observed.nonfinite_steps),
+        "own_risk": _first(own.summary.collapsed_steps),
+        "own_bias": _first(own.summary.drift_steps),
+    }
+    return Labelled(
+        name=spec.name,
+        arm=spec.arm.name,
+        seed=spec.seed,
+        estimator=spec.estimator,
+        held_out=spec.held_out,
+        control=spec.arm.control,
+        collapse=observed.first_reward_collapse,
+        first=first,
+    )
+
+
+@dataclass(frozen=True)
+class Score:
+    """A detector on a set of runs. A collapsing run counts as caught when the detector fired
+    at or before the observed collapse (a flag only after it is a miss); any flag on a run that
+    did not collapse is a false alarm."""
+
+    runs: int
+    collapsed: int
+    caught: int
+    false_alarms: int
+    false_alarms_frozen: int
+    false_alarms_low_lr: int
+    median_lead: float | None
+    """Median of (collapse step - first flag) over the caught runs."""
+
+    @property
+    def precision(self) -> float | None:
+        flagged = self.caught + self.false_alarms
+        return self.caught / flagged if flagged else None
+
+    @property
+    def recall(self) -> float | None:
+        return self.caught / self.collapsed if self.collapsed else None
+
+
+def score(runs: Sequence[Labelled], detector: str) -> Score:
+    caught, leads, false_alarms = 0, [], {"all": 0, "frozen": 0, "low-lr": 0}
+    for run in runs:
+        first = run.first[detector]
+        if run.collapse is not None:
+            if first is not None and first <= run.collapse:
+                caught += 1
+                leads.append(run.collapse - first)
+        elif first is not None:
+            false_alarms["all"] += 1
+            if run.control is not None:
+                false_alarms[run.control] += 1
+    return Score(
+        runs=len(runs),
+        collapsed=sum(run.collapse is not None for run in runs),
+        caught=caught,
+        false_alarms=false_alarms["all"],
+        false_alarms_frozen=false_alarms["frozen"],
+        false_alarms_low_lr=false_alarms["low-lr"],
+        median_lead=float(statistics.median(leads)) if leads else None,
+    )
+
+
+def _text(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_table(title: str, runs: Sequence[Labelled], write: Callable[[str], None]) -> None:
+    write(f"{title}: {len(runs)} runs, {sum(r.collapse is not None for r in runs)} collapsed")
+    write(f"{'detector':20} {'prec':>5} {'recall':>6} {'false':>5} {'frozen':>6} "
+          f"{'low-lr':>6} {'lead':>5}")  # fmt: skip
+    for detector in DETECTORS:
+        s = score(runs, detector)
+        write(f"{detector:20} {_text(s.precision):>5} {_text(s.recall):>6} {s.false_alarms:>5} "
+              f"{s.false_alarms_frozen:>6} {s.false_alarms_low_lr:>6} "
+              f"{_text(s.median_lead, 0):>5}")  # fmt: skip
+
+
+def evaluate(specs: Sequence[RunSpec], cache: Path) -> list[Labelled]:
+    labelled = []
+    for spec in specs:
+        path = cache / spec.name
+        if not (path / ".done").is_file():
+            raise SystemExit(f"{path}: not recorded; run `collapse_suite.py record` first")
+        labelled.append(label(spec, open_run(path)))
+    return labelled
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("phase", choices=("record", "evaluate"))
+    parser.add_argument("--cache", type=Path, default=Path("runs/collapse_suite"))
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    specs = grid(args.steps)
+    if args.phase == "record":
+        args.cache.mkdir(parents=True, exist_ok=True)
+        for i, spec in enumerate(specs, 1):
+            started = time.perf_counter()
+            record(spec, args.cache)
+            print(f"[{i}/{len(specs)}] {spec.name} {time.perf_counter() - started:.0f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return 0
+    runs = evaluate(specs, args.cache)
+    held = [r for r in runs if r.held_out]
+    calibration = [r for r in runs if not r.held_out]
+    print_table(f"held-out seeds {HELD_OUT_SEEDS}", held, print)
+    print()
+    print_table(f"calibration seeds {CALIBRATION_SEEDS}", calibration, print)
+    print()
+    for name, text in DETECTORS.items():
+        print(f"{name}: {text}")
+    if args.json is not None:
+        report = {
+            "calibration_seeds": list(CALIBRATION_SEEDS),
+            "held_out_seeds": list(HELD_OUT_SEEDS),
+            "steps": args.steps,
+            "detectors": DETECTORS,
+            "scores": {
+                split: {d: {**asdict(score(group, d)), "precision": score(group, d).precision,
+                            "recall": score(group, d).recall} for d in DETECTORS}
+                for split, group in (("held_out", held), ("calibration", calibration))
+            },
+            "runs": [asdict(r) for r in runs],
+        }  # fmt: skip
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
