@@ -74,7 +74,7 @@ def _assert_matches_trl(out: Path, spec: str, log_history: list[dict[str, Any]])
     logged = _logged(log_history)
     run = sd.open_run(out)
     assert run.policy_spec is not None
-    assert sd.get_policy(run.policy_spec).spec == sd.get_policy(spec).spec
+    assert run.policy_spec == sd.get_policy(spec).spec
     assert run.step_numbers == sorted(logged)
     for step in run:
         assert step.scalars["grad_norm"] == logged[step.step]["grad_norm"]

@@ -40,10 +40,7 @@ from stabledrl_cli.integrations._verl_capture import (  # noqa: E402
     StepLog,
     capture_micro_batch,
 )
-from stabledrl_cli.integrations._verl_policy import (  # noqa: E402
-    explicit_spec,
-    policy_for_actor_config,
-)
+from stabledrl_cli.integrations._verl_policy import policy_for_actor_config  # noqa: E402
 from stabledrl_cli.policies import PolicyBatch, get_policy  # noqa: E402
 from stabledrl_cli.replay.config import ReplayConfig  # noqa: E402
 from stabledrl_cli.replay.engine import replay_run  # noqa: E402
@@ -151,7 +148,7 @@ def record(
     groups = Groups.of([str(u) for mb in steps for m in mb for u in m["uid"]])
     width = steps[0][0]["response_mask"].shape[-1]
     policy = policy_for_actor_config(config, response_width=width)
-    with Recorder(out, policy=explicit_spec(policy), group_ids="global") as rec:
+    with Recorder(out, policy=policy, group_ids="global") as rec:
         for n, mb in enumerate(steps):
             micro, step_losses = [], []
             for m in mb:
@@ -346,7 +343,7 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
     clipfrac, lower = verl_clipfracs(batch, config, "dual-clip")
     assert (clipfrac, lower) == (metrics["actor/pg_clipfrac"], metrics["actor/pg_clipfrac_lower"])
     assert (clipfrac, lower) == (0.5, 0.25)
-    spec = explicit_spec(policy_for_actor_config(config, response_width=4))
+    spec = policy_for_actor_config(config, response_width=4).spec
     with Recorder(tmp_path / "run", policy=spec) as rec:
         rec.log_step(0, logp=logp, logp_old=logp_old, advantages=adv, mask=mask)
     result = replay_run(open_run(tmp_path / "run"), [spec], config=ReplayConfig(device="cpu"))
@@ -360,23 +357,26 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "spec"),
     [
-        ({}, "dual-clip:agg=token-mean,c=3,eps_high=0.2,eps_low=0.2"),
+        ({}, "dual-clip"),
+        ({"clip_ratio_low": 0.1, "clip_ratio_high": 0.2}, "dual-clip:eps_high=0.2,eps_low=0.1"),
         (
             {"clip_ratio_high": 0.28, "use_kl_loss": True, "kl_loss_coef": 0.01},
-            "dual-clip:agg=token-mean,beta=0.01,c=3,eps_high=0.28,eps_low=0.2",
+            "dual-clip:beta=0.01,eps_high=0.28",
         ),
         (
             {"loss_agg_mode": "seq-mean-token-sum-norm", "loss_scale_factor": 512},
-            "dual-clip:agg=constant,c=3,eps_high=0.2,eps_low=0.2,max_len=512",
+            "dual-clip:agg=constant,max_len=512",
         ),
-        ({"loss_agg_mode": "token-sum"}, "dual-clip:agg=recorded,c=3,eps_high=0.2,eps_low=0.2"),
-        ({"loss_mode": "sapo"}, "sapo:agg=seq-mean-token-mean,tau_neg=1.05,tau_pos=1"),
-        ({"loss_mode": "gpg"}, "reinforce:agg=token-mean"),
+        ({"loss_agg_mode": "token-sum"}, "dual-clip:agg=recorded"),
+        ({"loss_mode": "sapo"}, "sapo:agg=seq-mean-token-mean"),
+        ({"loss_mode": "gpg"}, "reinforce"),
     ],
 )
 def test_policy_mapping(overrides: dict[str, Any], spec: str) -> None:
+    """The mapped policy's canonical spec, which parses back to the same parameters."""
     policy = policy_for_actor_config(actor_config(**overrides), response_width=7)
-    assert explicit_spec(policy) == spec
+    assert policy.spec == spec
+    assert get_policy(spec).params == policy.params
 
 
 @pytest.mark.parametrize(

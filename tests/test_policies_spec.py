@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from stabledrl_cli import get_policy
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies import REGISTRY, STANDARD_CATALOGUE, catalogue
+from stabledrl_cli.spec import format_value
 
 
 @pytest.mark.parametrize(
@@ -149,3 +154,56 @@ def test_required_fields():
     assert get_policy("stabledrl").required_fields("sequence") == set()
     with pytest.raises(UsageError, match="unit: sequence"):
         get_policy("stabledrl:level=token").required_fields("sequence")
+
+
+def _value_strategy(entry, key):
+    """Spec text for one key of `entry`, drawn from its type (numbers near the usual ranges)."""
+    hint = typing.get_type_hints(entry.config)[key]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    kind = args[0]
+    if typing.get_origin(kind) is typing.Literal:
+        return st.sampled_from(typing.get_args(kind))
+    if kind is int:
+        return st.integers(1, 4096).map(str)
+    numbers = st.one_of(
+        st.sampled_from([0.0, 0.1, 0.2, 0.28, 1.0, 1.05, 3.0, 5.0]),
+        st.floats(0.0, 10.0, allow_nan=False).map(lambda x: round(x, 3)),
+    )
+    return numbers.map(format_value)
+
+
+@st.composite
+def valid_specs(draw):
+    """A random spec of any catalogue name that the catalogue accepts."""
+    entry = draw(st.sampled_from(catalogue()))
+    keys = draw(st.lists(st.sampled_from(entry.keys), unique=True, max_size=len(entry.keys)))
+    raw = {key: draw(_value_strategy(entry, key)) for key in keys}
+    if raw.get("agg") == "constant":
+        raw.setdefault("max_len", str(draw(st.integers(1, 4096))))
+    else:
+        raw.pop("max_len", None)
+    raw.update({key: example for key, example in entry.required.items() if key not in raw})
+    spec = entry.name + (":" + ",".join(f"{k}={v}" for k, v in raw.items()) if raw else "")
+    try:
+        get_policy(spec)
+    except UsageError:
+        assume(False)
+    return spec
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(valid_specs())
+def test_every_canonical_spec_round_trips(spec):
+    """Parsing a policy's canonical spec gives the same parameters, whatever was given."""
+    policy = get_policy(spec)
+    again = get_policy(policy.spec)
+    assert again.params == policy.params, (spec, policy.spec)
+    assert again.spec == policy.spec
+
+
+def test_explicit_default_that_another_key_moves_is_kept():
+    """eps_high defaults to eps_low: eps_high=0.2 next to eps_low=0.1 must survive."""
+    for spec in ("ppo:", "grpo:", "dual-clip:", "two-sided:delta=4,"):
+        policy = get_policy(f"{spec}eps_low=0.1,eps_high=0.2")
+        assert "eps_high=0.2" in policy.spec
+        assert get_policy(policy.spec).params["eps_high"] == 0.2

@@ -138,19 +138,10 @@ def policy_for_actor_config(config: Any, response_width: int) -> Policy:
         raise _refuse(str(exc)) from None
 
 
-_UNSET = {"adv": "recorded", "beta": 0.0}
-"""Parameters whose default never depends on another: left out of `explicit_spec`."""
-
-
 def explicit_spec(policy: Policy) -> str:
-    """The policy's spec with its parameters written out (eps_high too when it equals a
-    default: the catalogue's canonical spec drops it, and eps_high defaults to eps_low)."""
-    params = {
-        key: value
-        for key, value in policy.params.items()
-        if value is not None and _UNSET.get(key, object()) != value
-    }
-    return format_spec(policy.name, params)
+    """The policy's canonical spec (it round-trips: `get_policy(spec).params == policy.params`).
+    Kept for `_verl_hooks`, which can pass the `Policy` itself to the Recorder instead."""
+    return policy.spec
 
 
 def check_batch(config: Any, has_rollout_weights: bool) -> None:

@@ -70,11 +70,17 @@ class PolicyEntry:
         return config
 
     def spec_of(self, config: BaseConfig) -> str:
-        """Canonical spec: the name plus each parameter that differs from the name's defaults."""
-        return format_spec(
-            self.name,
-            {k: v for k, v in config.params().items() if self.defaults.get(k) != v},
-        )
+        """Canonical spec: the name plus each parameter that differs from the name's defaults
+        *given the others* (eps_high defaults to eps_low: `dual-clip:eps_low=0.1,eps_high=0.2`
+        keeps eps_high=0.2), so that parsing the spec gives `config` back."""
+        target = config.params()
+        given = {k: v for k, v in target.items() if self.defaults.get(k) != v}
+        while True:
+            implied = self.config(**{**self.overrides, **given}).params()  # type: ignore[arg-type]
+            missing = {k: v for k, v in target.items() if implied[k] != v and k not in given}
+            if not missing:
+                return format_spec(self.name, given)
+            given.update(missing)
 
     def policy_class(self) -> type[Policy]:
         """The computing class (imports its family module, and torch)."""
