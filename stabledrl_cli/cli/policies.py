@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from typing import TypedDict
 
+from rich.console import Group, RenderableType
+from rich.measure import Measurement
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 from stabledrl_cli.cli._options import FormatOpt, PolicyOpt
 from stabledrl_cli.cli._output import out, print_json
@@ -69,31 +73,69 @@ def _spec_rows(specs: list[str]) -> list[PolicyRow]:
     return rows
 
 
+_UNBOUNDED = 100_000
+
+
+def _table(rows: list[PolicyRow], specs: bool) -> Table:
+    """One row per policy; the parameters column is at least as wide as its longest
+    `key=value`, so a pair is never split."""
+    table = Table(title="policy specs" if specs else "policies", show_lines=False)
+    table.add_column("spec" if specs else "name", no_wrap=True)
+    table.add_column("family", no_wrap=True)
+    table.add_column("parameters" if specs else "defaults", overflow="fold")
+    table.add_column("formula", overflow="fold")
+    table.add_column("source", overflow="fold")
+    for row in rows:
+        table.add_row(
+            row["spec"] if specs else row["name"],
+            row["family"],
+            _params_text(row["params"], row["required"]),
+            row["formula"],
+            row["source"],
+        )
+    return table
+
+
+def _fits(rows: list[PolicyRow], specs: bool) -> bool:
+    """Whether the table fits the terminal with no word of any cell folded."""
+    unbounded = out.options.update(width=_UNBOUNDED)  # measured, not clamped to the terminal
+    return Measurement.get(out, unbounded, _table(rows, specs)).minimum <= out.width
+
+
+def _blocks(rows: list[PolicyRow], specs: bool) -> Group:
+    """The narrow layout: per policy its name and family, then one labelled line each for
+    its parameters, formula and source (wrapped between words, never inside a pair)."""
+    blocks: list[RenderableType] = [Text("policy specs" if specs else "policies", style="italic")]
+    for row in rows:
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True, style="dim")
+        grid.add_column(overflow="fold")
+        grid.add_row(
+            "parameters" if specs else "defaults", _params_text(row["params"], row["required"])
+        )
+        grid.add_row("formula", row["formula"])
+        grid.add_row("source", row["source"])
+        heading = Text.assemble(
+            (row["spec"] if specs else row["name"], "bold"), "  ", row["family"]
+        )
+        blocks.append(Group(heading, Padding(grid, (0, 0, 0, 2))))
+    return Group(*blocks)
+
+
 def command(policy: PolicyOpt = None, fmt: FormatOpt = "table") -> None:
     """List the policy catalogue: name, family, defaults, formula and source."""
     rows = _spec_rows(policy) if policy else _catalogue_rows()
     if fmt == "json":
         print_json({"policies": rows, "standard_catalogue": STANDARD_CATALOGUE})
         return
-    table = Table(title="policies" if not policy else "policy specs", show_lines=False)
-    table.add_column("name" if not policy else "spec", no_wrap=True)
-    table.add_column("family", no_wrap=True)
-    table.add_column("defaults" if not policy else "parameters", overflow="fold")
-    table.add_column("formula", overflow="fold")
-    table.add_column("source", overflow="fold")
-    for row in rows:
-        table.add_row(
-            row["name"] if not policy else row["spec"],
-            row["family"],
-            _params_text(row["params"], row["required"]),
-            row["formula"],
-            row["source"],
-        )
-    out.print(table)
+    out.print(
+        _table(rows, bool(policy)) if _fits(rows, bool(policy)) else _blocks(rows, bool(policy))
+    )
     if not policy:
         out.print(
             f"spec: {SPEC_SYNTAX}.  Every policy also takes beta (KL, needs logp_ref) and "
             f"adv={'|'.join(ADV_MODES)}; agg={'|'.join(AGGS)} "
             "(constant needs max_len, recorded needs loss_scale)",
             highlight=False,
+            soft_wrap=False,
         )
