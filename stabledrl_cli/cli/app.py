@@ -66,6 +66,14 @@ COMMANDS: dict[str, CommandEntry] = {
         "Pack a run into one HDF5 archive.",
         ("stabledrl pack runs/demo runs/demo.h5 && stabledrl replay runs/demo.h5",),
     ),
+    "branch": CommandEntry(
+        "stabledrl_cli.cli.branch",
+        "Re-train the example from a checkpoint under policies: did each collapse?",
+        (
+            "stabledrl record --out runs/demo --rl-steps 160 --checkpoint-every 40",
+            "stabledrl branch runs/demo --at 80 -p grpo -p stabledrl --format json",
+        ),
+    ),
     "check": CommandEntry(
         "stabledrl_cli.cli.check",
         "Gate a run in CI against rules or a baseline (exit 1).",

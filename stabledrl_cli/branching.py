@@ -1,0 +1,309 @@
+"""Branch replays: re-train from a recorded run's checkpoint under another policy, as ground
+truth for what a one-step replay only estimates (docs/branching.md).
+
+A one-step replay says what a policy's update would do to each recorded batch. A branch
+measures what the policy does to the trajectory: it restores the run's checkpoint at (or
+nearest before) a step, trains on under the policy, records the branch as a run of its own,
+and judges it with the observed-collapse rule over the branch's whole trajectory (the
+original's steps before the branch point, then the branch's).
+
+The protocol, for the built-in example today and for users' own trainers later: a branch is
+asked for with environment variables, which a trainer honours at start-up.
+
+- STABLEDRL_RESUME_CHECKPOINT: the checkpoint file to resume from (its format is the
+  trainer's own; the built-in example's is described in `stabledrl_cli.example.checkpoint`).
+- STABLEDRL_POLICY_OVERRIDE: the catalogue spec to train with from the checkpoint on,
+  instead of the run's own policy (e.g. `dapo:eps_high=0.28`).
+- STABLEDRL_RUN_DIR: the branch's run directory to record into (the same variable
+  `stabledrl record -- CMD` sets: `log_policy_batch` records there).
+- STABLEDRL_BRANCH_AT: the optimizer step the checkpoint resumes at (the branch's first step).
+- STABLEDRL_BRANCH_STEPS: how many optimizer steps to train from there.
+
+`BranchRequest.from_env(os.environ)` reads them (None when no resume is asked for);
+`BranchRequest.to_env()` writes them. `stabledrl branch` builds the request of each branch,
+passes it through `to_env` and `from_env`, and hands it to the built-in example
+(`stabledrl_cli.example.branch.train_branch`): the one code path an integration will share.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from stabledrl_cli.capture.bootstrap import ENV_RUN_DIR
+from stabledrl_cli.errors import InputError, UsageError
+
+ENV_RESUME_CHECKPOINT = "STABLEDRL_RESUME_CHECKPOINT"
+ENV_POLICY_OVERRIDE = "STABLEDRL_POLICY_OVERRIDE"
+ENV_BRANCH_AT = "STABLEDRL_BRANCH_AT"
+ENV_BRANCH_STEPS = "STABLEDRL_BRANCH_STEPS"
+BRANCHES_DIR = "branches"
+"""A run's sub-directory of branch runs (`RUN/branches/POLICY@STEP`)."""
+NO_CHECKPOINTS = (
+    "{run}: the run has no checkpoints to branch from; record it with --checkpoint-every N "
+    "(e.g. stabledrl record --out RUN --checkpoint-every 40)"
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BranchRequest:
+    """One branch: resume `checkpoint` at step `at`, train `steps` steps under `policy`,
+    record into `run_dir`."""
+
+    checkpoint: Path
+    policy: str
+    run_dir: Path
+    at: int
+    steps: int
+
+    def __post_init__(self) -> None:
+        if self.at < 0:
+            raise UsageError(f"the branch step must be >= 0, got {self.at}")
+        if self.steps < 1:
+            raise UsageError(f"a branch must train >= 1 step, got {self.steps}")
+
+    def to_env(self) -> dict[str, str]:
+        """The protocol's environment variables for this request."""
+        return {
+            ENV_RESUME_CHECKPOINT: str(self.checkpoint),
+            ENV_POLICY_OVERRIDE: self.policy,
+            ENV_RUN_DIR: str(self.run_dir),
+            ENV_BRANCH_AT: str(self.at),
+            ENV_BRANCH_STEPS: str(self.steps),
+        }
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> BranchRequest | None:
+        """The request the environment makes, or None when it asks for no resume.
+
+        UsageError when STABLEDRL_RESUME_CHECKPOINT is set but another variable is missing or
+        not an integer where one is needed.
+        """
+        checkpoint = env.get(ENV_RESUME_CHECKPOINT)
+        if not checkpoint:
+            return None
+        wanted = (ENV_POLICY_OVERRIDE, ENV_RUN_DIR, ENV_BRANCH_AT, ENV_BRANCH_STEPS)
+        missing = [name for name in wanted if not env.get(name)]
+        if missing:
+            raise UsageError(f"{ENV_RESUME_CHECKPOINT} is set but {', '.join(missing)} is not")
+        numbers = {}
+        for name in (ENV_BRANCH_AT, ENV_BRANCH_STEPS):
+            try:
+                numbers[name] = int(env[name])
+            except ValueError:
+                raise UsageError(f"{name} must be an integer, got {env[name]!r}") from None
+        return cls(
+            checkpoint=Path(checkpoint),
+            policy=env[ENV_POLICY_OVERRIDE],
+            run_dir=Path(env[ENV_RUN_DIR]),
+            at=numbers[ENV_BRANCH_AT],
+            steps=numbers[ENV_BRANCH_STEPS],
+        )
+
+
+def branch_dir(base: Path, policy: str, at: int) -> Path:
+    """`base/POLICY@STEP`: the run directory of the branch of `policy` at step `at`."""
+    return base / f"{policy}@{at}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BranchOutcome:
+    """One branch beside what the one-step replay said about its policy."""
+
+    policy: str
+    """The canonical spec the branch trained with."""
+    run: Path
+    """The branch's run directory."""
+    steps: int
+    """Optimizer steps the branch recorded."""
+    first_reward_collapse: int | None
+    """The observed-collapse rule over the branch's trajectory (the original's steps before
+    the branch point, then the branch's); None: it held."""
+    final_reward: float | None
+    """Mean reward_mean over the branch's last 10% of steps (None: no finite reward)."""
+    replay_collapsed_steps: list[int] = field(default_factory=list)
+    """The one-step replay's risk steps (non-finite or spike) of this policy on the original
+    run's recorded batches, from the branch point on."""
+    replay_drift_steps: list[int] = field(default_factory=list)
+    """The one-step replay's drift steps, from the branch point on."""
+
+    @property
+    def collapsed(self) -> bool:
+        """Whether the branch collapsed (observed-collapse rule)."""
+        return self.first_reward_collapse is not None
+
+    @property
+    def replay_flagged(self) -> bool:
+        """Whether the one-step replay flagged any risk step from the branch point on."""
+        return bool(self.replay_collapsed_steps)
+
+    def to_dict(self) -> dict[str, object]:
+        """The branch's entry of `stabledrl branch --format json`."""
+        return {
+            "policy": self.policy,
+            "run": str(self.run),
+            "steps": self.steps,
+            "collapsed": self.collapsed,
+            "first_reward_collapse": self.first_reward_collapse,
+            "final_reward": self.final_reward,
+            "replay": {
+                "collapsed_steps": list(self.replay_collapsed_steps),
+                "drift_steps": list(self.replay_drift_steps),
+                "flagged": self.replay_flagged,
+            },
+            "agree": self.collapsed == self.replay_flagged,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class BranchReport:
+    """`stabledrl branch`'s result: where the branches start and how each went."""
+
+    run: Path
+    requested_at: int
+    at: int
+    """The checkpoint's step: the branches' first step."""
+    steps: int
+    original_first_reward_collapse: int | None
+    branches: list[BranchOutcome]
+
+    def to_dict(self) -> dict[str, object]:
+        """`stabledrl branch --format json`."""
+        return {
+            "run": str(self.run),
+            "requested_at": self.requested_at,
+            "at": self.at,
+            "steps": self.steps,
+            "original": {"first_reward_collapse": self.original_first_reward_collapse},
+            "branches": [b.to_dict() for b in self.branches],
+        }
+
+
+def checkpoint_for(run_dir: Path, at: int) -> tuple[int, Path]:
+    """The run's checkpoint at `at`, or the nearest one before it.
+
+    InputError (exit 3) for a run without checkpoints; UsageError when all are after `at`.
+    """
+    from stabledrl_cli.example.checkpoint import list_checkpoints  # imports torch
+
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise InputError(NO_CHECKPOINTS.format(run=run_dir))
+    before = [(step, path) for step, path in found if step <= at]
+    if not before:
+        raise UsageError(
+            f"{run_dir}: no checkpoint at or before step {at} (first at {found[0][0]})"
+        )
+    return before[-1]
+
+
+def _trajectory_collapse(
+    original: tuple[np.ndarray, np.ndarray],
+    branch: tuple[np.ndarray, np.ndarray],
+    at: int,
+    reward_range: tuple[float, float] | None,
+) -> int | None:
+    """The observed-collapse rule over the original's steps < `at`, then the branch's."""
+    from stabledrl_cli.replay.detectors import observed_reward_collapse
+
+    keep = original[0] < at
+    steps = np.concatenate([original[0][keep], branch[0]])
+    rewards = np.concatenate([original[1][keep], branch[1]])
+    return observed_reward_collapse(steps, rewards, reward_range)
+
+
+def _final_reward(rewards: np.ndarray) -> float | None:
+    finite = rewards[np.isfinite(rewards)]
+    if not finite.size:
+        return None
+    tail = finite[-max(1, finite.size // 10) :]
+    return float(tail.mean())
+
+
+def run_branches(
+    run_dir: Path,
+    *,
+    at: int,
+    policies: Sequence[str],
+    steps: int | None = None,
+    out: Path | None = None,
+    force: bool = False,
+    device: str = "cpu",
+    on_branch: Callable[[BranchRequest], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> BranchReport:
+    """Trains one branch of the built-in example per policy from `run_dir`'s checkpoint at
+    (or nearest before) `at`, and sets each beside the one-step replay of its policy.
+
+    steps: steps per branch (None: to the end of the original run). out: where the branch
+    runs go (default RUN/branches). on_branch: called before each branch trains; on_step: with
+    each branch step's number.
+    """
+    from stabledrl_cli.dump import open_run
+    from stabledrl_cli.example.branch import train_branch
+    from stabledrl_cli.policies import get_policy
+    from stabledrl_cli.replay.engine import replay
+
+    if not policies:
+        raise UsageError("name at least one policy to branch with")
+    at_step, checkpoint = checkpoint_for(run_dir, at)
+    original = open_run(run_dir)
+    end = max(original.step_numbers, default=at_step) + 1
+    count = end - at_step if steps is None else steps
+    specs = list(dict.fromkeys(get_policy(spec).spec for spec in policies))
+    base = run_dir / BRANCHES_DIR if out is None else out
+    requests = [
+        BranchRequest(
+            checkpoint=checkpoint,
+            policy=spec,
+            run_dir=branch_dir(base, spec, at_step),
+            at=at_step,
+            steps=count,
+        )
+        for spec in specs
+    ]
+    if not force:
+        taken = [r.run_dir for r in requests if r.run_dir.exists() and any(r.run_dir.iterdir())]
+        if taken:
+            raise UsageError(f"{taken[0]} is not empty; pass force to overwrite the branches")
+    original_rewards = original.scalar_series("reward_mean")
+    outcomes = []
+    replayed = replay(original, policies=specs, device=device)
+    for request in requests:
+        if on_branch is not None:
+            on_branch(request)
+        honoured = BranchRequest.from_env(request.to_env())
+        assert honoured is not None  # to_env always sets the checkpoint
+        train_branch(honoured, force=force, device=device, on_step=on_step)
+        branch_rewards = open_run(request.run_dir).scalar_series("reward_mean")
+        summary = replayed.policy(request.policy).summary
+        outcomes.append(
+            BranchOutcome(
+                policy=request.policy,
+                run=request.run_dir,
+                steps=int(branch_rewards[0].size),
+                first_reward_collapse=_trajectory_collapse(
+                    original_rewards, branch_rewards, at_step, original.reward_range
+                ),
+                final_reward=_final_reward(branch_rewards[1]),
+                replay_collapsed_steps=[s for s in summary.collapsed_steps if s >= at_step],
+                replay_drift_steps=[s for s in summary.drift_steps if s >= at_step],
+            )
+        )
+    return BranchReport(
+        run=run_dir,
+        requested_at=at,
+        at=at_step,
+        steps=count,
+        original_first_reward_collapse=replayed.observed.first_reward_collapse,
+        branches=outcomes,
+    )
+
+
+def request_from_environment() -> BranchRequest | None:
+    """The branch this process is asked to train (`BranchRequest.from_env(os.environ)`)."""
+    return BranchRequest.from_env(os.environ)

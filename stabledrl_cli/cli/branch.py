@@ -1,0 +1,159 @@
+"""`stabledrl branch RUN --at STEP -p POLICY ...`: re-train the built-in example from the run's
+checkpoint under each policy, record each branch, and say whether it collapsed beside what the
+one-step replay said about that policy (stabledrl_cli.branching, docs/branching.md).
+
+Exit codes: 0; 2 for a bad spec, a step before the first checkpoint, or branch runs that exist
+without --force; 3 for a run without checkpoints (record it with --checkpoint-every N).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from stabledrl_cli.branching import BranchReport, BranchRequest, run_branches
+from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, RunArg
+from stabledrl_cli.cli._output import ProgressLines, err, out, print_json, progress_enabled
+from stabledrl_cli.errors import InputError
+from stabledrl_cli.replay._format import format_steps
+
+LIST_LIMIT = 8
+"""Step lists longer than this are cut in the table (JSON has them all)."""
+
+
+def _table(report: BranchReport) -> Table:
+    moved = (
+        f" (nearest checkpoint to {report.requested_at})"
+        if report.at != report.requested_at
+        else ""
+    )
+    original = report.original_first_reward_collapse
+    table = Table(
+        title=f"Branches of {report.run} at step {report.at}{moved}, {report.steps} steps each; "
+        f"the original run {'held' if original is None else f'collapsed at step {original}'}",
+        title_justify="left",
+    )
+    for column in ("policy", "branch", "replay risk steps", "replay drift steps", "agree"):
+        table.add_column(column, overflow="fold")
+    for b in report.branches:
+        outcome = "held" if not b.collapsed else f"collapsed at {b.first_reward_collapse}"
+        reward = f", reward {b.final_reward:.3f}" if b.final_reward is not None else ""
+        table.add_row(
+            b.policy,
+            outcome + reward,
+            format_steps(b.replay_collapsed_steps, LIST_LIMIT, empty="none"),
+            format_steps(b.replay_drift_steps, LIST_LIMIT, empty="none"),
+            "yes" if b.collapsed == b.replay_flagged else "no",
+        )
+    return table
+
+
+LEGEND = (
+    "branch: the observed-collapse rule over the original's steps before the branch point "
+    "and the branch's after it (final reward: its last 10% of steps). replay risk/drift "
+    "steps: the one-step replay of the policy on the original's recorded batches, from the "
+    "branch point on. agree: a replay risk step exactly when the branch collapsed."
+)
+
+
+class _BranchProgress:
+    """A bar per branch in a terminal; else a line per tenth of a branch's steps on stderr."""
+
+    def __init__(self) -> None:
+        self.bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            disable=not progress_enabled(),
+        )
+        self._task: TaskID | None = None
+        self._first = 0
+        self._lines: ProgressLines | None = None
+
+    def start(self, request: BranchRequest) -> None:
+        """A branch is about to train."""
+        what = f"branch {request.policy}@{request.at}"
+        self._first = request.at
+        self._task = self.bars.add_task(what, total=request.steps)
+        if not progress_enabled():
+            err.print(f"{what}: {request.steps} steps into {request.run_dir}", highlight=False)
+            self._lines = ProgressLines(what, request.steps)
+
+    def advance(self, step: int) -> None:
+        """The branch recorded `step`."""
+        done = step - self._first + 1
+        if self._task is not None:
+            self.bars.update(self._task, completed=done)
+        if self._lines is not None:
+            self._lines.update(done)
+
+
+def command(
+    run: RunArg,
+    at: Annotated[
+        int,
+        typer.Option(
+            "--at", min=0, help="Branch at the checkpoint at this step, or the nearest before."
+        ),
+    ],
+    policy: Annotated[
+        list[str],
+        typer.Option("--policy", "-p", metavar="SPEC", help="Policy of a branch (repeatable)."),
+    ],
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps",
+            min=1,
+            metavar="N",
+            help="Steps each branch trains (default: to the end of the original run).",
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", metavar="DIR", help="Where the branch runs go (default RUN/branches)."
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing branch runs.")] = False,
+    output_format: FormatOpt = "table",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Re-train the built-in example from RUN's checkpoint under each policy: did it collapse?
+
+    Each branch is recorded as a run (RUN/branches/POLICY@STEP, or under --out) and judged by
+    the observed-collapse rule, beside the one-step replay of its policy on RUN's batches.
+    """
+    if not run.is_dir():
+        raise InputError(f"{run}: not a run directory (branch reads the checkpoints in one)")
+    progress = _BranchProgress()
+    with progress.bars:
+        report = run_branches(
+            run,
+            at=at,
+            policies=policy,
+            steps=steps,
+            out=out_dir,
+            force=force,
+            device=device,
+            on_branch=progress.start,
+            on_step=progress.advance,
+        )
+    if output_format == "json":
+        print_json(report.to_dict())
+        return
+    out.print(_table(report))
+    out.print(LEGEND, highlight=False)

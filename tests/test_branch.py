@@ -1,0 +1,112 @@
+"""`stabledrl branch`: branches of the built-in example from a run's checkpoints, recorded as
+runs, judged beside the one-step replay; the environment protocol; exit 3 without checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stabledrl_cli.branching import (
+    ENV_BRANCH_AT,
+    ENV_RESUME_CHECKPOINT,
+    BranchRequest,
+)
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import Recorder, open_run
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.example import ExampleConfig
+from stabledrl_cli.example.checkpoint import CheckpointPlan, checkpoints_dir
+from stabledrl_cli.example.trainer import recorder_kwargs, train
+from stabledrl_cli.policies import get_policy
+
+
+def _record(out: Path, config: ExampleConfig, every: int | None) -> Path:
+    plan = None if every is None else CheckpointPlan(directory=checkpoints_dir(out), every=every)
+    with Recorder(out, **recorder_kwargs(config, get_policy(config.policy))) as recorder:
+        train(config, recorder=recorder, checkpoints=plan)
+    return out
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("branch") / "run"
+        yield _record(out, ExampleConfig(seed=3, steps=24, pretrain_steps=20), every=8)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_branch_records_each_policy_as_a_run_and_reports_it_beside_the_replay(recorded):
+    args = ["branch", str(recorded), "--at", "8", "-p", "grpo", "-p", "stabledrl"]
+    result = CliRunner().invoke(app, [*args, "--steps", "8", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["requested_at"], report["at"], report["steps"]) == (8, 8, 8)
+    assert set(report["original"]) == {"first_reward_collapse"}
+    assert [b["policy"] for b in report["branches"]] == ["grpo", "stabledrl"]
+    for entry in report["branches"]:
+        assert set(entry) == {
+            "policy", "run", "steps", "collapsed", "first_reward_collapse", "final_reward",
+            "replay", "agree",
+        }  # fmt: skip
+        assert set(entry["replay"]) == {"collapsed_steps", "drift_steps", "flagged"}
+        assert all(step >= 8 for step in entry["replay"]["collapsed_steps"])
+        assert entry["collapsed"] == (entry["first_reward_collapse"] is not None)
+        assert entry["agree"] == (entry["collapsed"] == entry["replay"]["flagged"])
+        run_dir = Path(entry["run"])
+        assert run_dir == recorded / "branches" / f"{entry['policy']}@8"
+        branch = open_run(run_dir)
+        assert branch.step_numbers == list(range(8, 16)) and entry["steps"] == 8
+        assert branch.policy_spec == entry["policy"]
+        assert branch.manifest["meta"]["branch"]["at"] == 8
+        assert branch.manifest["meta"]["example_config"]["policy"] == entry["policy"]
+
+    # The run's own policy from its checkpoint is the original run, bit for bit.
+    original, own = open_run(recorded), open_run(recorded / "branches" / "grpo@8")
+    for n in own.step_numbers:
+        assert torch.equal(original.step(n)["logp"], own.step(n)["logp"])
+
+    again = CliRunner().invoke(app, [*args, "--steps", "8"])
+    assert again.exit_code == 2 and "not empty" in again.stderr
+
+
+def test_the_protocol_round_trips_through_the_environment(tmp_path):
+    request = BranchRequest(
+        checkpoint=tmp_path / "step-00000008.pt",
+        policy="dapo:eps_high=0.28",
+        run_dir=tmp_path / "branch",
+        at=8,
+        steps=16,
+    )
+    env = request.to_env()
+    assert env["STABLEDRL_RUN_DIR"] == str(tmp_path / "branch")
+    assert env["STABLEDRL_POLICY_OVERRIDE"] == "dapo:eps_high=0.28"
+    assert BranchRequest.from_env(env) == request
+    assert BranchRequest.from_env({}) is None
+    with pytest.raises(UsageError, match="STABLEDRL_BRANCH_AT"):
+        BranchRequest.from_env({k: v for k, v in env.items() if k != ENV_BRANCH_AT})
+    with pytest.raises(UsageError, match="integer"):
+        BranchRequest.from_env({**env, ENV_BRANCH_AT: "eight"})
+    assert ENV_RESUME_CHECKPOINT in env
+
+
+def test_a_run_without_checkpoints_exits_3_saying_how_to_record_them(tmp_path):
+    run = _record(tmp_path / "plain", ExampleConfig(seed=3, steps=2, pretrain_steps=1), None)
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    result = subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "branch", str(run), "--at", "0", "-p", "grpo"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--checkpoint-every" in lines[0]
+    assert not (run / "branches").exists()
