@@ -6,10 +6,21 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from typing import Any
 
 from rich.console import Console, ConsoleDimensions
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 # Piped or redirected tables keep their natural width up to this, instead of wrapping at 80.
 PIPE_WIDTH = 250
@@ -80,3 +91,40 @@ class ProgressLines:
             f"{self.what}: {done}/{self.total} ({100 * done // self.total}%){detail}",
             highlight=False,
         )
+
+
+Advance = Callable[[int], None]
+"""Reports `n` more units of work done."""
+
+
+@contextmanager
+def progress(what: str, total: int | None) -> Iterator[Advance]:
+    """Progress of `total` units of work (None: unknown) while the block runs; yields `advance`.
+
+    In a terminal: a bar on stderr (a spinner when `total` is unknown), gone when done. Without
+    one (a pipe, CI): `ProgressLines`, a short stderr line per tenth and at least every 30 s
+    (nothing when `total` is unknown: there is no fraction to report).
+    """
+    if progress_enabled():
+        columns = (
+            (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+             TimeRemainingColumn())
+            if total is not None
+            else (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        )  # fmt: skip
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task(what, total=total)
+            yield lambda n: bar.advance(task, n)
+        return
+    if total is None:
+        yield lambda n: None
+        return
+    lines = ProgressLines(what, total)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        lines.update(done)
+
+    yield advance

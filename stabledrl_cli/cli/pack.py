@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from stabledrl_cli.cli._options import FormatOpt, RunArg
-from stabledrl_cli.cli._output import err, out, print_json
+from stabledrl_cli.cli._output import err, out, print_json, progress
 from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.errors import UsageError
 
@@ -30,7 +30,8 @@ def command(
     if archive.is_file() and not force:
         raise UsageError(f"{archive} exists; pass --force to overwrite it")
     opened = open_run(run)
-    summary = pack_run(opened, archive, force=force)
+    with progress(f"packing {len(opened)} steps", None):  # pack_run reports no progress yet
+        summary = pack_run(opened, archive, force=force)
     if summary.findings:
         kinds = sorted({f.kind for f in summary.findings})
         err.print(

@@ -1,0 +1,49 @@
+"""Progress on stderr: a bar in a terminal; without one a line per tenth of the work and at
+least every 30 s (a bounded rate a CI log can hold); nothing on stdout."""
+
+from __future__ import annotations
+
+import pytest
+
+from stabledrl_cli.cli import _output
+from stabledrl_cli.cli._output import ProgressLines, progress
+
+
+@pytest.fixture
+def no_terminal(monkeypatch):
+    monkeypatch.setattr(_output, "progress_enabled", lambda: False)
+
+
+def test_without_a_terminal_a_line_per_tenth(no_terminal, capsys):
+    with progress("replay", 1000) as advance:
+        for _ in range(500):
+            advance(2)
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == ""
+    assert len(lines) == 10
+    assert lines[0] == "replay: 100/1000 (10%)" and lines[-1] == "replay: 1000/1000 (100%)"
+
+
+def test_without_a_terminal_a_line_at_least_every_interval(no_terminal, capsys, monkeypatch):
+    clock = iter(float(t) for t in range(0, 10_000, 40))  # 40 s between updates
+    monkeypatch.setattr(_output.time, "monotonic", lambda: next(clock))
+    lines = ProgressLines("check", 1000)
+    for done in range(1, 6):
+        lines.update(done)  # far below a tenth, but 40 s apart
+    assert len(capsys.readouterr().err.splitlines()) == 5
+
+
+def test_unknown_total_without_a_terminal_is_silent(no_terminal, capsys):
+    with progress("pack", None) as advance:
+        advance(1)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("total", [50, None])
+def test_in_a_terminal_a_transient_bar(monkeypatch, capsys, total):
+    monkeypatch.setattr(_output, "progress_enabled", lambda: True)
+    with progress("replay", total) as advance:
+        for _ in range(50):
+            advance(1)
+    assert capsys.readouterr().out == ""
