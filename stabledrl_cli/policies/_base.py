@@ -189,6 +189,12 @@ class TokenPolicy(Policy):
 
 
 def keep_times(keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """value where keep, else 0 * value: a zeroed term stays 0 but an inf or NaN one turns NaN,
-    as autograd's 0 * local-derivative does in training."""
-    return keep.to(value.dtype) * value
+    """value where keep, else exactly 0: a zeroed term stays 0 even where value overflowed to
+    inf (a discarded token with r = inf has the coefficient 0, not 0 * inf = NaN). Non-finite
+    *inputs* still show: `Policy.weights` turns their coefficient into NaN."""
+    return torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device))
+
+
+def ratio_times(ratio: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    """[T] r A, exactly 0 where A = 0 even if r overflowed to inf (the term is 0 there)."""
+    return keep_times(adv != 0, ratio * adv)

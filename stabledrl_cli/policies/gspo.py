@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from stabledrl_cli.policies._base import Policy, PolicyTerms, keep_times
+from stabledrl_cli.policies._base import Policy, PolicyTerms, keep_times, ratio_times
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import GSPOConfig
 
@@ -33,13 +33,14 @@ class GSPOPolicy(Policy):
         cfg = self.config
         low, high = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
         seq_ratio = torch.exp(prep.seq_mean_log_ratio)[prep.seq]
-        value = torch.minimum(seq_ratio * adv, torch.clamp(seq_ratio, low, high) * adv)
+        value = torch.minimum(ratio_times(seq_ratio, adv), torch.clamp(seq_ratio, low, high) * adv)
         discarded = ((adv > 0) & (seq_ratio > high)) | ((adv < 0) & (seq_ratio < low))
         scale = prep.weight / norm
         zero = torch.zeros((), dtype=prep.dtype, device=prep.device)
         objective = torch.where(prep.mask, scale * value, zero).sum()
         kept = prep.seq_sum(keep_times(~discarded, scale * adv))[prep.seq]
-        coef = seq_ratio * kept / prep.seq_len_tokens
+        # 0 for a discarded sequence even when s_i overflowed (never 0 * inf).
+        coef = keep_times(kept != 0, seq_ratio * kept / prep.seq_len_tokens)
         return PolicyTerms(
             coef=coef, objective=objective, discarded=discarded, clipped=torch.zeros_like(discarded)
         )

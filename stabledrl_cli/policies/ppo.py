@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from stabledrl_cli.policies._base import TokenPolicy, TokenTerms, keep_times
+from stabledrl_cli.policies._base import TokenPolicy, TokenTerms, keep_times, ratio_times
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import ClipConfig, DualClipConfig, TwoSidedConfig
 
@@ -21,7 +21,7 @@ def ppo_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (value of min(r A, clip(r) A), discarded by the conditional clip)."""
     low, high = 1.0 - eps_low, 1.0 + eps_high
-    value = torch.minimum(ratio * adv, torch.clamp(ratio, low, high) * adv)
+    value = torch.minimum(ratio_times(ratio, adv), torch.clamp(ratio, low, high) * adv)
     discarded = ((adv > 0) & (ratio > high)) | ((adv < 0) & (ratio < low))
     return value, discarded
 
@@ -37,7 +37,7 @@ class PPOPolicy(TokenPolicy):
     def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
         cfg = self.config
         value, discarded = ppo_terms(prep.ratio, adv, cfg.eps_low, cfg.high)
-        dvalue = keep_times(~discarded, prep.ratio * adv)
+        dvalue = keep_times(~discarded, ratio_times(prep.ratio, adv))
         return value, dvalue, discarded, torch.zeros_like(discarded)
 
 
@@ -80,5 +80,6 @@ class TwoSidedPolicy(TokenPolicy):
         discarded = ((adv > 0) & (ratio > high)) | (
             (adv < 0) & ((ratio < low) | (ratio > cfg.delta))
         )
-        dvalue = keep_times(~discarded, ratio * adv)
+        # r A only where the indicator keeps it: an overflowed r never meets a zero there.
+        dvalue = keep_times(~discarded, ratio_times(ratio, adv))
         return value, dvalue, discarded, torch.zeros_like(discarded)

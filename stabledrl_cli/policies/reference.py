@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
+from stabledrl_cli.policies._base import TokenPolicy, TokenTerms, ratio_times
 from stabledrl_cli.policies._batch import PreparedBatch
 
 
@@ -18,7 +18,7 @@ class ISPolicy(TokenPolicy):
     for the gradient other policies throw away."""
 
     def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
-        value = prep.ratio * adv
+        value = ratio_times(prep.ratio, adv)
         never = torch.zeros_like(prep.mask)
         return value, value, never, never
 

@@ -9,7 +9,10 @@ tau |r - 1| > 1.763 (SAPO has no hard band; this is its soft analogue of "the cl
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
 from stabledrl_cli.policies._batch import PreparedBatch
@@ -32,9 +35,11 @@ class SAPOPolicy(TokenPolicy):
             adv > 0, torch.full_like(ratio, cfg.tau_pos), torch.full_like(ratio, cfg.tau_neg)
         )
         x = tau * (ratio - 1.0)
-        # s (1 - s) as sigmoid(x) sigmoid(-x): no cancellation in 1 - s when s rounds to 1.
-        gate = 4.0 * torch.sigmoid(x) * torch.sigmoid(-x)
+        # The gate 4 s (1 - s) and the coefficient 4 s (1 - s) r A in log space: as r grows,
+        # s (1 - s) underflows and r overflows, but their product tends to 0 (never 0 * inf).
+        log_gate = math.log(4.0) + F.logsigmoid(x) + F.logsigmoid(-x)
+        gate = torch.exp(log_gate)
         value = torch.sigmoid(x) * 4.0 / tau * adv
-        dvalue = adv * gate * ratio
+        dvalue = adv * torch.exp(log_gate + prep.log_ratio)
         clipped = gate < CLIPPED_GATE
         return value, dvalue, torch.zeros_like(clipped), clipped
