@@ -22,7 +22,9 @@ asked for with environment variables, which a trainer honours at start-up.
 `BranchRequest.from_env(os.environ)` reads them (None when no resume is asked for);
 `BranchRequest.to_env()` writes them. `stabledrl branch` builds the request of each branch,
 passes it through `to_env` and `from_env`, and hands it to the built-in example
-(`stabledrl_cli.example.branch.train_branch`): the one code path an integration will share.
+(`stabledrl_cli.example.branch.train_branch`), which `python -m stabledrl_cli.example` runs on
+the request of its own environment: one code path for the CLI and for a process honouring the
+variables. The user-facing description is docs/branching.md.
 """
 
 from __future__ import annotations

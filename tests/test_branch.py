@@ -110,3 +110,22 @@ def test_a_run_without_checkpoints_exits_3_saying_how_to_record_them(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--checkpoint-every" in lines[0]
     assert not (run / "branches").exists()
+
+
+def test_the_example_honours_the_environment_in_a_process_of_its_own(recorded, tmp_path):
+    request = BranchRequest(
+        checkpoint=checkpoints_dir(recorded) / "step-00000016.pt",
+        policy="cispo",
+        run_dir=tmp_path / "cispo@16",
+        at=16,
+        steps=2,
+    )
+    env = {**os.environ, **request.to_env()}
+    command = [sys.executable, "-m", "stabledrl_cli.example"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    branch = open_run(request.run_dir)
+    assert branch.step_numbers == [16, 17] and branch.policy_spec == get_policy("cispo").spec
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("STABLEDRL_")}
+    refused = subprocess.run(command, capture_output=True, text=True, env=bare, timeout=120)
+    assert refused.returncode == 2 and ENV_RESUME_CHECKPOINT in refused.stderr
