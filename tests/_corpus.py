@@ -150,6 +150,32 @@ def flip_data_chunk(tmp: Path) -> Path:
     return out
 
 
+def _name_not_utf8(tmp: Path) -> Path:
+    """A link name with a byte that is not UTF-8 (found by benchmarks/fuzz_readers.py: h5py
+    raised it out of the link visit as a SystemError)."""
+    out = packed(tmp)
+    out.write_bytes(out.read_bytes().replace(b"logp_old", b"\xffogp_old"))
+    return out
+
+
+def _break_btree(which: int) -> Callable[[Path], Path]:
+    """The signature of the archive's `which`-th B-tree node broken (found by the fuzzer: a
+    corrupt chunk index raised out of the integrity check's walk). Node 0 indexes the root
+    group (the archive cannot be listed: exit 3), node 2 tokens/logp's chunks (its steps are
+    findings)."""
+
+    def make(tmp: Path) -> Path:
+        out = packed(tmp)
+        raw = out.read_bytes()
+        at = -1
+        for _ in range(which + 1):
+            at = raw.index(b"TREE", at + 1)
+        out.write_bytes(raw[:at] + b"XREE" + raw[at + 4 :])
+        return out
+
+    return make
+
+
 def _strip_checksums(handle: h5py.File) -> None:
     def strip(_name: str, obj: Any) -> None:
         if CRC_ATTR in obj.attrs:
@@ -392,6 +418,10 @@ CASES: list[Case] = [
     Case("archive_without_checksums", _archive_case(_strip_checksums), "inspect", 0, "unchecked"),
     Case("archive_data_chunk_flip", flip_data_chunk, "inspect", 0, "unreadable"),
     Case("archive_manifest_with_nan", _archive_case(_nan_manifest), "pack", 3),
+    Case("archive_link_name_not_utf8", _name_not_utf8, "inspect", 3),
+    Case("archive_group_btree_broken", _break_btree(0), "inspect", 3),
+    Case("archive_chunk_btree_broken", _break_btree(2), "inspect", 0, "unreadable"),
+    Case("archive_chunk_btree_broken_pack", _break_btree(2), "pack", 0),
 ]  # fmt: skip
 
 

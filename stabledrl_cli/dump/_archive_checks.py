@@ -34,6 +34,9 @@ DEFLATE_RATIO = 1100
 times the file's bytes."""
 CHUNK_LIMIT = 64 << 20
 """Bytes of one chunk (pack writes 256 KiB ones): a larger one is not an archive of ours."""
+H5_ERRORS = (OSError, KeyError, ValueError, TypeError, IndexError, RuntimeError, RecursionError)
+"""What h5py raises for a corrupt file (besides a plain OSError, depending on where libhdf5
+notices)."""
 OBJECT_LIMIT = 100_000
 """Links a run archive may hold (one with 100 user scalars holds a few hundred)."""
 
@@ -84,10 +87,11 @@ def _check_dataset(name: str, dataset: h5py.Dataset, path: Path, file_size: int)
             raise refuse(f"has {chunk}-byte chunks")
 
 
-def check_objects(handle: h5py.File, path: Path, file_size: int) -> None:
+def check_objects(handle: h5py.File, path: Path, file_size: int) -> list[str]:
     """Refuses (InputError naming the object) any pointer or unbounded dataset in the file
-    (module docstring); reads no dataset's values."""
+    (module docstring); reads no dataset's values. Returns the datasets' names."""
     count = 0
+    datasets: list[str] = []
     problem: list[InputError] = []
 
     def visit(name: str, link: h5py.HardLink | h5py.SoftLink | h5py.ExternalLink) -> bool | None:
@@ -102,15 +106,24 @@ def check_objects(handle: h5py.File, path: Path, file_size: int) -> None:
         if not isinstance(link, h5py.HardLink):
             problem.append(InputError(f"{path}: refused: {name} is a soft link"))
             return True
-        target = handle[name]
-        if isinstance(target, h5py.Dataset):
-            try:
+        try:
+            target = handle[name]
+            if isinstance(target, h5py.Dataset):
                 _check_dataset(name, target, path, file_size)
-            except InputError as exc:
-                problem.append(exc)
-                return True
+                datasets.append(name)
+        except InputError as exc:
+            problem.append(exc)
+            return True
+        except H5_ERRORS as exc:  # a corrupt object header: raised out of the visit, it
+            # would surface as a SystemError
+            problem.append(InputError(f"{path}: corrupt run archive ({name}: {exc})"))
+            return True
         return None
 
-    handle.visititems_links(visit)
+    try:
+        handle.visititems_links(visit)
+    except (SystemError, *H5_ERRORS) as exc:  # h5py failing to decode a corrupt link name
+        raise InputError(f"{path}: corrupt run archive ({type(exc).__name__})") from None
     if problem:
         raise problem[0]
+    return datasets

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import torch
 
-from stabledrl_cli.dump._archive_checks import CRC_ATTR, check_objects, index_crc
+from stabledrl_cli.dump._archive_checks import CRC_ATTR, H5_ERRORS, check_objects, index_crc
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError
 from stabledrl_cli.dump._layout import (
     RAGGED_FIELDS,
@@ -49,6 +49,18 @@ _INTEGRITY_LIMIT = 64 << 20
 an archive is refused rather than parsed)."""
 
 
+def _is_finding(value: object) -> bool:
+    """Whether a carried finding has Finding's fields with their types."""
+    return (
+        isinstance(value, dict)
+        and set(value) == {"kind", "step", "path", "message"}
+        and isinstance(value["kind"], str)
+        and isinstance(value["message"], str)
+        and isinstance(value["path"], str | None)
+        and (value["step"] is None or type(value["step"]) is int)
+    )
+
+
 @dataclass(eq=False, kw_only=True)
 class ArchiveStep(Step):
     """A Step of a packed run: `step[name]` reads the step's slice of the archive."""
@@ -64,7 +76,7 @@ class ArchiveStep(Step):
             return torch.from_numpy(self.loaded.pop(name))
         try:
             return torch.from_numpy(self.archive.read_field(self.index, name))
-        except (OSError, ValueError, TypeError) as exc:
+        except H5_ERRORS as exc:
             raise InputError(
                 f"{self.archive.path}: cannot read {name} of step {self.step}: {exc}"
             ) from None
@@ -86,15 +98,15 @@ class ArchiveRun(Run):
         try:
             file_size = os.stat(path).st_size
             self._file = h5py.File(path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
-        except OSError as exc:
+        except H5_ERRORS as exc:
             raise InputError(f"{path}: unreadable HDF5 file ({exc})") from None
         try:
-            check_objects(self._file, path, file_size)
+            self._datasets = check_objects(self._file, path, file_size)
             self._load()
         except InputError:
             self._file.close()
             raise
-        except (KeyError, ValueError, TypeError, OSError, RecursionError) as exc:
+        except H5_ERRORS as exc:
             self._file.close()
             raise InputError(f"{path}: corrupt run archive ({type(exc).__name__}: {exc})") from None
 
@@ -149,6 +161,8 @@ class ArchiveRun(Run):
         self._manifest = manifest
         self.world_size = int(manifest.get("world_size") or 1)
         carried = json.loads(self._text("integrity", _INTEGRITY_LIMIT))
+        if not isinstance(carried, list) or not all(_is_finding(f) for f in carried):
+            raise InputError(f"{path}: corrupt run archive (integrity is not a list of findings)")
         self._carried = [Finding(**f) for f in carried]
         self._checksummed = CRC_ATTR in handle["steps/step"].attrs
         if not self._checksummed:
@@ -304,7 +318,7 @@ class ArchiveRun(Run):
             return {}
         try:
             arrays = {name: self.read_field(index, name) for name in sorted(self._fields_of(index))}
-        except (OSError, ValueError, TypeError) as exc:
+        except H5_ERRORS as exc:
             self._bad[index] = StepReadError("unreadable", f"archive data checksum failed: {exc}")
             return {}
         self._verified.add(index)
@@ -355,37 +369,38 @@ class ArchiveRun(Run):
 
     # -- integrity -----------------------------------------------------------------------------
     def _check_all_chunks(self) -> list[Finding]:
-        """Reads every chunk of every dataset; a bad one marks the steps whose data it holds."""
+        """Reads every chunk of every dataset; a bad one marks the steps whose data it holds
+        (a dataset that cannot even be opened or listed: every step it holds)."""
         findings = []
-        datasets: list[tuple[str, h5py.Dataset]] = []
-        self._file.visititems(
-            lambda name, obj: (
-                datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None
-            )
-        )
-        for name, dataset in datasets:
-            chunks = dataset.iter_chunks() if dataset.chunks else [()]
+        for name in self._datasets:
+            try:
+                dataset = self._file[name]
+                chunks = list(dataset.iter_chunks()) if dataset.chunks else [()]
+            except H5_ERRORS as exc:
+                findings.append(self._bad_chunk(name, (slice(0, None),), exc))
+                continue
             for chunk in chunks:
                 try:
                     dataset[chunk]
-                except OSError as exc:
-                    hit = self._steps_of_chunk(name, chunk)
-                    for index in hit:
-                        self._bad.setdefault(
-                            index,
-                            StepReadError("unreadable", f"archive data checksum failed: {exc}"),
-                        )
-                    steps = [int(self._numbers[i]) for i in hit]
-                    where = f"steps {steps}" if steps else "run-level data"
-                    findings.append(
-                        Finding(
-                            "unreadable",
-                            steps[0] if steps else None,
-                            f"{self.path}:{name}",
-                            f"archive dataset {name}: a corrupt chunk ({where}): {exc}",
-                        )
-                    )
+                except H5_ERRORS as exc:
+                    findings.append(self._bad_chunk(name, chunk, exc))
         return findings
+
+    def _bad_chunk(self, name: str, chunk: tuple[slice, ...], exc: BaseException) -> Finding:
+        """Marks the steps whose data `chunk` of dataset `name` holds; their finding."""
+        hit = self._steps_of_chunk(name, chunk)
+        for index in hit:
+            self._bad.setdefault(
+                index, StepReadError("unreadable", f"archive data checksum failed: {exc}")
+            )
+        steps = [int(self._numbers[i]) for i in hit]
+        where = f"steps {steps}" if steps else "run-level data"
+        return Finding(
+            "unreadable",
+            steps[0] if steps else None,
+            f"{self.path}:{name}",
+            f"archive dataset {name}: a corrupt chunk ({where}): {exc}",
+        )
 
     def _steps_of_chunk(self, name: str, chunk: tuple[slice, ...]) -> list[int]:
         parts = name.split("/")
@@ -397,7 +412,8 @@ class ArchiveRun(Run):
             offsets = self._ragged[parts[1]][0]
         else:
             return []
-        start, stop = chunk[0].start, chunk[0].stop
+        start = chunk[0].start or 0
+        stop = np.iinfo(np.int64).max if chunk[0].stop is None else chunk[0].stop
         return [
             i for i in range(len(self._numbers)) if offsets[i] < stop and offsets[i + 1] > start
         ]

@@ -1,0 +1,114 @@
+"""Random step files and random archives through the readers: nothing but InputError or
+findings comes out (the long-running version is benchmarks/fuzz_readers.py)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _corpus import packed, read_step, rewrite_step, step_path, tiny_run
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from fuzz_readers import exercise
+
+from stabledrl_cli.dump import RunIntegrityWarning
+
+FAST = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A good 3-step run and a good archive, copied per example."""
+    work = tmp_path_factory.mktemp("fuzz")
+    run = tiny_run(work / "run", steps=3)
+    return {"run": run, "header": read_step(step_path(run, 1)), "archive": packed(work / "a")}
+
+
+def _through_the_reader(seeds: dict[str, Any], write: Any, *, archive: bool = False) -> None:
+    with tempfile.TemporaryDirectory() as work:
+        if archive:
+            target = Path(work) / "run.h5"
+            target.write_bytes(write)
+            out: Path | None = Path(work) / "again.h5"
+        else:
+            target = Path(shutil.copytree(seeds["run"], Path(work) / "run"))
+            write(step_path(target, 1))
+            out = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RunIntegrityWarning)
+            exercise(target, out)  # raises anything but InputError
+
+
+@FAST
+@given(data=st.binary(max_size=2048))
+def test_random_bytes_as_a_step_file(seeds: dict[str, Any], data: bytes) -> None:
+    _through_the_reader(seeds, lambda path: path.write_bytes(data))
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+TENSOR_ENTRIES = st.fixed_dictionaries({
+    "dtype": st.sampled_from(["F32", "F64", "U8", "I32", "I64", "F16", "STR"]) | JSON_VALUES,
+    "shape": st.lists(st.integers(-2, 20), max_size=3) | JSON_VALUES,
+    "data_offsets": st.lists(st.integers(-8, 400), min_size=2, max_size=2) | JSON_VALUES,
+})  # fmt: skip
+
+
+@FAST
+@given(
+    tensors=st.dictionaries(
+        st.sampled_from(["logp", "logp_old", "advantages", "mask", "seq_id", "reward", "x"]),
+        TENSOR_ENTRIES,
+        max_size=4,
+    ),
+    metadata=st.dictionaries(
+        st.sampled_from(["step", "loss", "_num_tokens", "_num_sequences", "_format_version", "x"]),
+        st.text(max_size=6) | JSON_VALUES,
+        max_size=4,
+    ),
+    data=st.binary(max_size=400),
+)
+def test_random_headers_with_valid_checksums(
+    seeds: dict[str, Any], tensors: dict[str, Any], metadata: dict[str, Any], data: bytes
+) -> None:
+    """A crafted header passes the CRCs: the reader's own checks must hold."""
+    good, _ = seeds["header"]
+
+    def write(path: Path) -> None:
+        header = {**{k: v for k, v in good.items() if k not in tensors}, **tensors}
+        header["__metadata__"] = {**good["__metadata__"], **metadata}
+        rewrite_step(path, header, data)
+
+    _through_the_reader(seeds, write)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    edits=st.lists(
+        st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=6
+    ),
+    cut=st.none() | st.floats(0.05, 1.0),
+)
+def test_random_edits_of_an_archive(
+    seeds: dict[str, Any], edits: list[tuple[float, int]], cut: float | None
+) -> None:
+    raw = bytearray(seeds["archive"].read_bytes())
+    for where, value in edits:
+        raw[int(where * len(raw))] = value
+    if cut is not None:
+        del raw[int(cut * len(raw)) :]
+    _through_the_reader(seeds, bytes(raw), archive=True)
