@@ -22,6 +22,7 @@ from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.example import ExampleConfig
+from stabledrl_cli.example.__main__ import main as example_main
 from stabledrl_cli.example.checkpoint import CheckpointPlan, checkpoints_dir
 from stabledrl_cli.example.trainer import recorder_kwargs, train
 from stabledrl_cli.policies import get_policy
@@ -47,7 +48,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_branch_records_each_policy_as_a_run_and_reports_it_beside_the_replay(recorded):
     args = ["branch", str(recorded), "--at", "8", "-p", "grpo", "-p", "stabledrl"]
-    result = CliRunner().invoke(app, [*args, "--steps", "8", "--format", "json"])
+    result = CliRunner().invoke(app, [*args, "--rl-steps", "8", "--format", "json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert (report["requested_at"], report["at"], report["steps"]) == (8, 8, 8)
@@ -75,7 +76,7 @@ def test_branch_records_each_policy_as_a_run_and_reports_it_beside_the_replay(re
     for n in own.step_numbers:
         assert torch.equal(original.step(n)["logp"], own.step(n)["logp"])
 
-    again = CliRunner().invoke(app, [*args, "--steps", "8"])
+    again = CliRunner().invoke(app, [*args, "--rl-steps", "8"])
     assert again.exit_code == 2 and "not empty" in again.stderr
 
 
@@ -126,6 +127,9 @@ def test_the_example_honours_the_environment_in_a_process_of_its_own(recorded, t
     assert result.returncode == 0, result.stderr
     branch = open_run(request.run_dir)
     assert branch.step_numbers == [16, 17] and branch.policy_spec == get_policy("cispo").spec
-    bare = {k: v for k, v in os.environ.items() if not k.startswith("STABLEDRL_")}
-    refused = subprocess.run(command, capture_output=True, text=True, env=bare, timeout=120)
-    assert refused.returncode == 2 and ENV_RESUME_CHECKPOINT in refused.stderr
+
+
+def test_the_example_without_a_branch_request_says_what_to_set(monkeypatch, capsys):
+    monkeypatch.delenv(ENV_RESUME_CHECKPOINT, raising=False)
+    assert example_main() == 2
+    assert ENV_RESUME_CHECKPOINT in capsys.readouterr().err

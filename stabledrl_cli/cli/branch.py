@@ -23,7 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from stabledrl_cli.branching import BranchReport, BranchRequest, run_branches
-from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, RunArg
+from stabledrl_cli.cli._options import DeviceOpt, FormatOpt
 from stabledrl_cli.cli._output import ProgressLines, err, out, print_json, progress_enabled
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay._format import format_steps
@@ -102,7 +102,14 @@ class _BranchProgress:
 
 
 def command(
-    run: RunArg,
+    run: Annotated[
+        Path,
+        typer.Argument(
+            metavar="RUN",
+            help="Run directory recorded with --checkpoint-every.",
+            show_default=False,
+        ),
+    ],
     at: Annotated[
         int,
         typer.Option(
@@ -113,13 +120,14 @@ def command(
         list[str],
         typer.Option("--policy", "-p", metavar="SPEC", help="Policy of a branch (repeatable)."),
     ],
-    steps: Annotated[
+    rl_steps: Annotated[
         int | None,
         typer.Option(
-            "--steps",
+            "--rl-steps",
             min=1,
             metavar="N",
-            help="Steps each branch trains (default: to the end of the original run).",
+            help="RL optimizer steps each branch trains, as record's --rl-steps (default: to the "
+            "end of the original run).",
         ),
     ] = None,
     out_dir: Annotated[
@@ -145,7 +153,7 @@ def command(
             run,
             at=at,
             policies=policy,
-            steps=steps,
+            steps=rl_steps,
             out=out_dir,
             force=force,
             device=device,

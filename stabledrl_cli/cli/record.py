@@ -399,7 +399,7 @@ def command(
 
     Examples:
 
-      stabledrl record --out runs/demo --policy grpo --rl-steps 160 --checkpoint-every 40
+      stabledrl record --out runs/demo --rl-steps 160 --checkpoint-every 40
 
       stabledrl record --out runs/mine --policy dapo -- python train.py
     """
