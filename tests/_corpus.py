@@ -418,6 +418,7 @@ CASES: list[Case] = [
     Case("archive_without_checksums", _archive_case(_strip_checksums), "inspect", 0, "unchecked"),
     Case("archive_data_chunk_flip", flip_data_chunk, "inspect", 0, "unreadable"),
     Case("archive_manifest_with_nan", _archive_case(_nan_manifest), "pack", 3),
+    Case("archive_path_is_a_fifo", lambda tmp: (os.mkfifo(tmp / "run.h5"), tmp / "run.h5")[1], "inspect", 3),
     Case("archive_link_name_not_utf8", _name_not_utf8, "inspect", 3),
     Case("archive_group_btree_broken", _break_btree(0), "inspect", 3),
     Case("archive_chunk_btree_broken", _break_btree(2), "inspect", 0, "unreadable"),

@@ -6,7 +6,10 @@ Finding kinds:
     unreadable    a step file that fails to parse or its checksum; skipped
     missing_rank  a step with some ranks' files missing; skipped
     gap           step numbers missing between recorded ones
-    unknown_file  a file in steps/ that is not a step file of this run; ignored
+    unknown_file  a file in steps/ that is not a step file of this run (a stray file, a second
+                  spelling of a step number, a symlink, FIFO or device named like a step);
+                  never opened
+    unchecked     an archive packed before index checksums: its indexes are read unchecked
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from stabledrl_cli.dump._archive_reader import ArchiveRun
@@ -26,7 +27,10 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     if run_path.is_dir():
         return DirectoryRun(run_path, verify=verify)
     try:
-        with open(run_path, "rb") as fh:
+        fd = os.open(run_path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
+        with open(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise InputError(f"{run_path} is not a run (not a directory nor a regular file)")
             signature = fh.read(len(_HDF5_SIGNATURE))
     except OSError as exc:
         raise InputError(f"cannot read {run_path}: {exc.strerror or exc}") from None

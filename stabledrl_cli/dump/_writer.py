@@ -59,6 +59,7 @@ from stabledrl_cli.dump._schema import (
     META_SCORED_TOKENS,
     META_WORLD_SIZE,
     RUN_KIND,
+    STEP_LIMIT,
     STEPS_DIR,
     json_checked,
     step_file_name,
@@ -101,8 +102,8 @@ def _step_number(value: object) -> int:
             step = operator.index(value)
         except TypeError:  # e.g. a float tensor
             step = None
-    if step is None or step < 0:
-        raise UsageError(f"step must be an int >= 0, got {value!r}")
+    if step is None or not 0 <= step <= STEP_LIMIT:
+        raise UsageError(f"step must be an int in [0, 2**63 - 1], got {value!r}")
     return step
 
 
