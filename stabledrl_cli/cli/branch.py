@@ -139,6 +139,15 @@ def command(
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing branch runs.")] = False,
     output_format: FormatOpt = "table",
     device: DeviceOpt = "cpu",
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="CPU threads (as record's: with 1, a branch under the run's own policy "
+            "reproduces the run's arrays bit for bit).",
+        ),
+    ] = 1,
 ) -> None:
     """Re-train the built-in example from RUN's checkpoint under each policy: did it collapse?
 
@@ -147,6 +156,9 @@ def command(
     """
     if not run.is_dir():
         raise InputError(f"{run}: not a run directory (branch reads the checkpoints in one)")
+    import torch  # here, not for `branch --help`
+
+    torch.set_num_threads(threads)
     progress = _BranchProgress()
     with progress.bars:
         report = run_branches(
