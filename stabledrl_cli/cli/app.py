@@ -41,7 +41,12 @@ class CommandEntry:
 
 COMMANDS: dict[str, CommandEntry] = {
     "record": CommandEntry(
-        "stabledrl_cli.cli.record", "Train and record the built-in example, or record -- CMD."
+        "stabledrl_cli.cli.record",
+        "Train and record the built-in example, or record -- CMD.",
+        (
+            "stabledrl record --out runs/demo --rl-steps 160 --checkpoint-every 40",
+            "stabledrl record --out runs/mine --policy dapo -- python train.py",
+        ),
     ),
     "inspect": CommandEntry(
         "stabledrl_cli.cli.inspect",
@@ -68,7 +73,7 @@ COMMANDS: dict[str, CommandEntry] = {
     ),
     "branch": CommandEntry(
         "stabledrl_cli.cli.branch",
-        "Re-train the example from a checkpoint under policies: did each collapse?",
+        "Re-train from a checkpoint under each policy: did it collapse?",
         (
             "stabledrl record --out runs/demo --rl-steps 160 --checkpoint-every 40",
             "stabledrl branch runs/demo --at 80 -p grpo -p stabledrl --format json",

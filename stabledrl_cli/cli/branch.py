@@ -8,23 +8,16 @@ without --force; 3 for a run without checkpoints (record it with --checkpoint-ev
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from stabledrl_cli.branching import BranchReport, BranchRequest, run_branches
 from stabledrl_cli.cli._options import DeviceOpt, FormatOpt
-from stabledrl_cli.cli._output import ProgressLines, err, out, print_json, progress_enabled
+from stabledrl_cli.cli._output import Advance, err, out, print_json, progress, progress_enabled
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay._format import format_steps
 
@@ -67,38 +60,26 @@ LEGEND = (
 )
 
 
-class _BranchProgress:
-    """A bar per branch in a terminal; else a line per tenth of a branch's steps on stderr."""
+class _BranchProgress(ExitStack):
+    """Progress of one branch after the other (`cli._output.progress`: a bar in a terminal,
+    a stderr line per tenth of the steps without one)."""
 
     def __init__(self) -> None:
-        self.bars = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            disable=not progress_enabled(),
-        )
-        self._task: TaskID | None = None
-        self._first = 0
-        self._lines: ProgressLines | None = None
+        super().__init__()
+        self._advance: Advance | None = None
 
     def start(self, request: BranchRequest) -> None:
-        """A branch is about to train."""
+        """A branch is about to train: the previous one's progress ends, its own begins."""
+        self.close()
         what = f"branch {request.policy}@{request.at}"
-        self._first = request.at
-        self._task = self.bars.add_task(what, total=request.steps)
         if not progress_enabled():
             err.print(f"{what}: {request.steps} steps into {request.run_dir}", highlight=False)
-            self._lines = ProgressLines(what, request.steps)
+        self._advance = self.enter_context(progress(what, request.steps))
 
     def advance(self, step: int) -> None:
-        """The branch recorded `step`."""
-        done = step - self._first + 1
-        if self._task is not None:
-            self.bars.update(self._task, completed=done)
-        if self._lines is not None:
-            self._lines.update(done)
+        """The branch recorded one more step."""
+        if self._advance is not None:
+            self._advance(1)
 
 
 def command(
@@ -159,8 +140,7 @@ def command(
     import torch  # here, not for `branch --help`
 
     torch.set_num_threads(threads)
-    progress = _BranchProgress()
-    with progress.bars:
+    with _BranchProgress() as branches:
         report = run_branches(
             run,
             at=at,
@@ -169,8 +149,8 @@ def command(
             out=out_dir,
             force=force,
             device=device,
-            on_branch=progress.start,
-            on_step=progress.advance,
+            on_branch=branches.start,
+            on_step=branches.advance,
         )
     if output_format == "json":
         print_json(report.to_dict())

@@ -395,14 +395,7 @@ def command(
         ),
     ] = None,
 ) -> None:
-    """Train and record the built-in tiny dLLM RL example, or record `-- CMD ...`.
-
-    Examples:
-
-      stabledrl record --out runs/demo --rl-steps 160 --checkpoint-every 40
-
-      stabledrl record --out runs/mine --policy dapo -- python train.py
-    """
+    """Train and record the built-in tiny dLLM RL example, or record `-- CMD ...`."""
     rl_steps = _deprecated_steps(rl_steps, steps)
     _check_out(out, force)
     geometry_given = any(
