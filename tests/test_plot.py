@@ -3,6 +3,9 @@ missing-extra path."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 import struct
 import sys
 from pathlib import Path
@@ -15,7 +18,8 @@ from typer.testing import CliRunner
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import MissingExtraError, UsageError
-from stabledrl_cli.replay.plot import INSTALL_COMMAND, plot_replay, require_matplotlib
+from stabledrl_cli.policies import STANDARD_CATALOGUE
+from stabledrl_cli.replay.plot import INSTALL_COMMAND, grid_shape, plot_replay, require_matplotlib
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 runner = CliRunner()
@@ -27,22 +31,48 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+def _height(policies: int) -> int:
+    """The figure's height in pixels for this many policy panels (title 0.5 in, legend
+    0.55 in, reward 2 in, 1.5 in a row of panels, footnote 0.7 in, at 100 dpi)."""
+    rows, _ = grid_shape(policies)
+    return round((0.5 + 0.55 + 2.0 + 1.5 * rows + 0.7) * 100)
+
+
+def _share(rgb: np.ndarray, colour: tuple[float, float, float], tol: float = 0.06) -> int:
+    """Pixels within `tol` of `colour` in every channel."""
+    return int((np.abs(rgb - np.asarray(colour)) < tol).all(axis=-1).sum())
+
+
 def test_replay_plot_of_a_fixture_is_a_plausible_png(grpo_fixture, grpo_fixture_replay, tmp_path):
-    # The grpo fixture collapses, with non-finite steps: every marker is drawn.
+    # The grpo fixture collapses, with spikes, risk and bias steps: every mark is drawn.
     out = tmp_path / "grpo.png"
     assert plot_replay(grpo_fixture_replay, out, sd.open_run(grpo_fixture)) == out
     width, height = _png_size(out)
-    assert (width, height) == (1210, 594)  # 11 x (2.2 + 2 x 1.6) inches at 110 dpi
+    assert (width, height) == (1400, _height(2))  # two policies side by side
     assert 30_000 < out.stat().st_size < 2_000_000
+    import matplotlib.colors
     import matplotlib.image
 
     pixels = matplotlib.image.imread(out)
     assert pixels.shape[:2] == (height, width)
     rgb = pixels[..., :3]
     assert rgb.std() > 0.05  # not a blank canvas
-    red = (rgb[..., 0] > 0.7) & (rgb[..., 1] < 0.3) & (rgb[..., 2] < 0.3)
-    assert red.sum() > 50  # spike, collapse markers and the observed-collapse line are drawn
+    for name in ("tab:red", "tab:purple", "tab:orange", "tab:blue", "tab:green"):
+        # observed collapse, risk ticks, spikes, norms, collapse warning: each its own colour
+        assert _share(rgb, matplotlib.colors.to_rgb(name)) > 20, name
+    bias = 0.7 + 0.3 * np.asarray(matplotlib.colors.to_rgb("gold"))  # 30% gold over white
+    assert _share(rgb, tuple(bias)) > 1000  # grpo's bias steps are shaded
     assert [p.name for p in tmp_path.iterdir()] == ["grpo.png"]  # no temporary file left
+
+
+def test_the_default_catalogue_fits_in_1200_pixels(grpo_fixture, grpo_fixture_replay, tmp_path):
+    count = len(STANDARD_CATALOGUE)
+    policies = [grpo_fixture_replay.policies[i % 2] for i in range(count)]
+    many = dataclasses.replace(grpo_fixture_replay, policies=policies)
+    out = plot_replay(many, tmp_path / "all.png", sd.open_run(grpo_fixture))
+    assert _png_size(out) == (1400, _height(count)) and _height(count) <= 1200
+    assert grid_shape(count) == (math.ceil(count / 2), 2)
+    assert grid_shape(1) == (1, 1) and grid_shape(13) == (5, 3) and grid_shape(30) == (10, 3)
 
 
 def test_check_plot_writes_even_when_a_gate_trips(grpo_fixture, tmp_path):
@@ -53,20 +83,20 @@ def test_check_plot_writes_even_when_a_gate_trips(grpo_fixture, tmp_path):
          "--device", "cpu"],
     )  # fmt: skip
     assert result.exit_code == 1 and f"wrote {out}" in result.stderr
-    assert _png_size(out) == (1210, round((2.2 + 1.6) * 110))
+    assert _png_size(out) == (1400, _height(1))
 
 
 @pytest.mark.parametrize("command", ["replay", "check"])
 def test_missing_matplotlib_says_how_to_get_it(command, grpo_fixture, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    with pytest.raises(MissingExtraError, match="stabledrl\\[plot\\]"):
+    with pytest.raises(MissingExtraError, match=re.escape("pip install -e '.[plot]'")):
         require_matplotlib()
     assert issubclass(MissingExtraError, UsageError)
     out = tmp_path / "x.png"
     extra = ["--max-collapsed", "0"] if command == "check" else []
     result = runner.invoke(app, [command, str(grpo_fixture), *extra, "--plot", str(out)])
     assert result.exit_code == 2
-    assert INSTALL_COMMAND == "pip install 'stabledrl[plot]'"
+    assert INSTALL_COMMAND == "pip install -e '.[plot]'"  # from a checkout: not published
     assert INSTALL_COMMAND in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
 
@@ -91,4 +121,4 @@ def test_plot_of_a_run_with_nothing_finite(tmp_path):
     result = sd.replay(tmp_path / "run", ["is"], device="cpu")
     assert np.isnan(result.policies[0].series["update_norm"]).all()
     out = plot_replay(result, tmp_path / "nan.png")
-    assert _png_size(out) == (1210, round((2.2 + 1.6) * 110))
+    assert _png_size(out) == (1400, _height(1))

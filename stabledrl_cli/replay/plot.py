@@ -1,35 +1,65 @@
-"""`--plot FILE.png`: a replay as one picture, on a shared step axis.
+"""`--plot FILE.png`: a replay as one picture that compares the policies.
 
-Top panel: the recorded reward (per step, and its rolling mean over the observed-collapse
-window W), with the recorded grad-norm spikes. Then one panel per policy: the replayed update
-norm on a log scale shared by the panels (so magnitudes compare), spikes (red triangles),
-non-finite updates (black crosses at the top edge: a log axis cannot show NaN or inf),
-collapsed steps (red ticks along the bottom) and drift (shaded). The observed collapse is a
-dashed vertical line through every panel.
+On top, across the figure: the recorded reward (per step, and its rolling mean over the
+observed-collapse window W), the recorded grad-norm spikes and non-finite steps, the observed
+collapse and the run's collapse warning. Below, one small panel per policy (two columns, three
+past 12 policies), all on the same step axis: the replayed update norm divided by that policy's
+own median, on a log scale fitted to that policy alone (so a bounded policy's wiggles are as
+visible as an unbounded one's blow-ups; the raw median is in the panel's title). Each panel
+marks spikes, non-finite updates (at the top edge, never clipped: a log axis cannot show NaN),
+risk steps (ticks along the bottom), bias steps (shaded) and the observed collapse. One legend
+for the whole figure sits above the panels, outside the data; the footnote says what `[own]`
+and `[best]` mean. The default catalogue fits in about 1100 px of height.
 
-matplotlib is an optional extra (`pip install 'stabledrl[plot]'`), imported here only, with
-the Agg backend (no display; the object API, so no global pyplot state is touched).
+matplotlib is an optional extra (`pip install -e '.[plot]'` in a checkout), imported here
+only, with the Agg backend (no display; the object API, so no global pyplot state is touched).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from stabledrl_cli._atomic import atomic_path
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import MissingExtraError, UsageError
-from stabledrl_cli.replay.detectors import collapse_window, rolling_mean
+from stabledrl_cli.replay.detectors import rolling_mean
+from stabledrl_cli.replay.report import BEST_RULE
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 
-INSTALL_COMMAND = "pip install 'stabledrl[plot]'"
-_WIDTH_IN = 11.0
-_REWARD_HEIGHT_IN = 2.2
-_POLICY_HEIGHT_IN = 1.6
-_DPI = 110
+INSTALL_COMMAND = "pip install -e '.[plot]'"
+"""How to get the extra (the package installs from a checkout; it is not published)."""
+OWN_NOTE = "[own]: the policy the run was trained with."
+
+_WIDTH_IN = 14.0
+_DPI = 100
+_HEAD_IN = 0.5  # the title
+_LEGEND_IN = 0.55  # the figure's legend, a row of its own above the panels
+_REWARD_IN = 2.0
+_PANEL_IN = 1.5
+_FOOT_IN = 0.7  # the x label and the [own]/[best] note
+_PAD = 8  # points between a panel and its title, clear of the marks on the top edge
+_MAX_ROWS = 6  # policy rows before a third column is used
+
+# One colour per meaning, the same in every panel and in the legend.
+_REWARD = "0.6"
+_REWARD_MEAN = "black"
+_NORM = "tab:blue"
+_SPIKE = "tab:orange"
+_NONFINITE = "black"
+_RISK = "tab:purple"
+_BIAS = "gold"
+_COLLAPSE = "tab:red"
+_WARNING = "tab:green"
+
+Steps = npt.NDArray[np.int64]
+Flags = npt.NDArray[np.bool_]
 
 
 def require_matplotlib() -> None:
@@ -52,121 +82,60 @@ def check_plot_path(path: str | os.PathLike[str]) -> Path:
     return target
 
 
-def _reward(run: Run) -> tuple[np.ndarray, np.ndarray]:
-    """(steps [S], reward_mean [S]) as recorded."""
-    return run.scalar_series("reward_mean")
+def grid_shape(count: int) -> tuple[int, int]:
+    """(rows, columns) of the policy panels: two columns (one for a single policy), a third
+    once two would need more than `_MAX_ROWS` rows."""
+    columns = 1 if count <= 1 else 2 if count <= 2 * _MAX_ROWS else 3
+    return max(1, math.ceil(count / columns)), columns
 
 
-def _mark_collapse(ax: Any, collapse: int | None) -> None:
+def _marks_at_edge(ax: Any, steps: Steps, edge: float, **style: Any) -> None:
+    """Markers at `steps` on the top (edge 1) or bottom (edge 0) of the panel, not clipped."""
+    if steps.size:
+        ax.plot(steps, np.full(steps.size, edge), linestyle="none",
+                transform=ax.get_xaxis_transform(), clip_on=False, zorder=5,
+                **style)  # fmt: skip
+
+
+def _mark_run_events(ax: Any, result: ReplayResult) -> None:
+    """The observed collapse (dashed red) and the collapse warning (dash-dot green)."""
+    collapse = result.observed.first_reward_collapse
     if collapse is not None:
-        ax.axvline(collapse, color="tab:red", linestyle="--", linewidth=1.2, alpha=0.8)
+        ax.axvline(collapse, color=_COLLAPSE, linestyle="--", linewidth=1.2, alpha=0.9)
+    warning = result.observed.collapse_warning.first_step
+    if warning is not None:
+        ax.axvline(warning, color=_WARNING, linestyle="-.", linewidth=1.2, alpha=0.9)
 
 
 def _reward_panel(ax: Any, result: ReplayResult, run: Run) -> None:
-    steps, reward = _reward(run)
-    collapse = result.observed.first_reward_collapse
+    steps, reward = run.scalar_series("reward_mean")
     if steps.size:
-        window = min(collapse_window(steps.size), steps.size)
-        ax.plot(steps, reward, color="0.7", linewidth=0.8, label="reward_mean")
-        ax.plot(
-            steps,
-            rolling_mean(reward, window),
-            color="tab:blue",
-            linewidth=1.6,
-            label=f"rolling mean (W={window})",
-        )
+        window = min(result.observed.collapse_window, steps.size)
+        ax.plot(steps, reward, color=_REWARD, linewidth=0.8)
+        ax.plot(steps, rolling_mean(reward, window), color=_REWARD_MEAN, linewidth=1.6)
     else:
         ax.text(0.5, 0.5, "no reward recorded", transform=ax.transAxes, ha="center", va="center")
-    spikes = result.observed.recorded_spike_steps
-    if spikes:
-        ax.plot(
-            spikes,
-            np.full(len(spikes), 1.0),
-            linestyle="none",
-            marker="v",
-            color="tab:orange",
-            transform=ax.get_xaxis_transform(),
-            clip_on=False,
-            label="recorded grad-norm spike",
-        )
-    _mark_collapse(ax, collapse)
-    if collapse is not None:
-        ax.plot(
-            [], [], color="tab:red", linestyle="--", label=f"observed collapse (step {collapse})"
-        )
-    title = "recorded reward" + (
-        f": observed collapse at step {collapse}"
-        if collapse is not None
-        else ": no observed collapse"
-    )
-    ax.set_title(f"{Path(result.run).name}  {title}", loc="left", fontsize=10)
+    observed = result.observed
+    _marks_at_edge(ax, np.asarray(observed.recorded_spike_steps, dtype=np.int64), 1.0,
+                   marker="v", color=_SPIKE, markersize=6)  # fmt: skip
+    _marks_at_edge(ax, np.asarray(observed.nonfinite_steps, dtype=np.int64), 1.0,
+                   marker="x", color=_NONFINITE, markersize=6)  # fmt: skip
+    _mark_run_events(ax, result)
+    events = [
+        f"observed collapse at step {observed.first_reward_collapse}"
+        if observed.first_reward_collapse is not None
+        else "no observed collapse",
+    ]
+    warning = observed.collapse_warning
+    if warning.first_step is not None:
+        lead = f", {warning.lead_steps} steps ahead" if warning.lead_steps is not None else ""
+        events.append(f"collapse warning from step {warning.first_step}{lead}")
+    ax.set_title("recorded reward: " + "; ".join(events), loc="left", fontsize=10, pad=_PAD)
     ax.set_ylabel("reward")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower left", fontsize=7, frameon=False, ncol=4)
     ax.grid(alpha=0.3)
 
 
-def _norm_limits(result: ReplayResult) -> tuple[float, float] | None:
-    """One log y-range for every policy panel, so magnitudes compare across panels."""
-    norms = np.concatenate(
-        [np.asarray(p.series["update_norm"], dtype=np.float64) for p in result.policies]
-        or [np.zeros(0)]
-    )
-    positive = norms[np.isfinite(norms) & (norms > 0)]
-    if positive.size == 0:
-        return None
-    return float(positive.min()) / 1.5, float(positive.max()) * 2.0
-
-
-def _policy_panel(
-    ax: Any,
-    policy: PolicyResult,
-    collapse: int | None,
-    limits: tuple[float, float] | None,
-    proxy: bool,
-) -> None:
-    series = policy.series
-    steps = np.asarray(series["step"], dtype=np.int64)
-    norm = np.asarray(series["update_norm"], dtype=np.float64)
-    spike = np.asarray(series["spike"], dtype=bool)
-    nonfinite = np.asarray(series["nonfinite"], dtype=bool) | ~np.isfinite(norm)
-    collapsed = np.asarray(series["collapsed"], dtype=bool)
-    drift = np.asarray(series["drift"], dtype=bool)
-    shown = np.isfinite(norm) & (norm > 0)  # a log axis shows positive finite values only
-    ax.plot(steps[shown], norm[shown], color="tab:blue", linewidth=1.0, label="update norm")
-    if spike.any():
-        hit = spike & shown
-        ax.plot(steps[hit], norm[hit], linestyle="none", marker="^", color="tab:red",
-                markersize=6, label="spike")  # fmt: skip
-    if nonfinite.any():
-        ax.plot(steps[nonfinite], np.full(int(nonfinite.sum()), 0.97), linestyle="none",
-                marker="x", color="black", transform=ax.get_xaxis_transform(),
-                label="non-finite update")  # fmt: skip
-    if collapsed.any():
-        ax.plot(steps[collapsed], np.full(int(collapsed.sum()), 0.02), linestyle="none",
-                marker="|", markersize=10, color="tab:red", transform=ax.get_xaxis_transform(),
-                label="collapsed step")  # fmt: skip
-    for i, (start, stop) in enumerate(_runs(steps, drift)):
-        ax.axvspan(start - 0.5, stop + 0.5, color="tab:orange", alpha=0.15, linewidth=0,
-                   label="drift" if i == 0 else None)  # fmt: skip
-    _mark_collapse(ax, collapse)
-    if limits is not None:
-        ax.set_yscale("log")
-        ax.set_ylim(*limits)
-    summary = policy.summary
-    tags = " ".join(t for t, on in (("[own]", policy.own), ("[best]", policy.best)) if on)
-    ax.set_title(
-        f"{policy.spec} {tags}  collapsed {len(summary.collapsed_steps)}, "
-        f"drift {len(summary.drift_steps)}, discard_frac {summary.discard_frac:.3g}",
-        loc="left",
-        fontsize=9,
-    )
-    ax.set_ylabel("coef norm (proxy)" if proxy else "update norm")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=7, frameon=False, ncol=5)
-
-
-def _runs(steps: np.ndarray, flags: np.ndarray) -> list[tuple[int, int]]:
+def _spans(steps: Steps, flags: Flags) -> list[tuple[int, int]]:
     """Consecutive flagged entries as (first step, last step) spans."""
     spans: list[tuple[int, int]] = []
     start = None
@@ -178,6 +147,95 @@ def _runs(steps: np.ndarray, flags: np.ndarray) -> list[tuple[int, int]]:
             spans.append((int(steps[start]), int(steps[end])))
             start = None
     return spans
+
+
+def _relative_limits(ratio: npt.NDArray[np.float64]) -> tuple[float, float]:
+    """A log y-range around this policy's own values, never narrower than 0.5x to 2x."""
+    low, high = min(float(ratio.min()), 0.5), max(float(ratio.max()), 2.0)
+    return low / 1.4, high * 1.4
+
+
+def _policy_title(policy: PolicyResult, median: float | None) -> str:
+    summary = policy.summary
+    tags = "".join(t for t, on in ((" [own]", policy.own), (" [best]", policy.best)) if on)
+    scale = f"median {median:.3g}" if median is not None else "no finite update"
+    return (
+        f"{policy.spec}{tags}   risk {len(summary.collapsed_steps)} · bias "
+        f"{len(summary.drift_steps)} · discarded {summary.discard_frac:.0%}   ({scale})"
+    )
+
+
+def _policy_panel(ax: Any, policy: PolicyResult, result: ReplayResult) -> None:
+    series = policy.series
+    steps = np.asarray(series["step"], dtype=np.int64)
+    norm = np.asarray(series["update_norm"], dtype=np.float64)
+    nonfinite = np.asarray(series["nonfinite"], dtype=bool) | ~np.isfinite(norm)
+    shown = np.isfinite(norm) & (norm > 0)  # a log axis shows positive finite values only
+    median = float(np.median(norm[shown])) if shown.any() else None
+    if median is not None:
+        ratio = norm / median
+        # NaN breaks the line at steps it cannot show, instead of bridging them.
+        ax.plot(steps, np.where(shown, ratio, np.nan), color=_NORM, linewidth=1.0)
+        spike = np.asarray(series["spike"], dtype=bool) & shown
+        ax.plot(steps[spike], ratio[spike], linestyle="none", marker="^", color=_SPIKE,
+                markersize=5, zorder=4)  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_ylim(*_relative_limits(ratio[shown]))
+    _marks_at_edge(ax, steps[nonfinite], 1.0, marker="x", color=_NONFINITE, markersize=6)
+    collapsed = np.asarray(series["collapsed"], dtype=bool)
+    _marks_at_edge(ax, steps[collapsed], 0.0, marker="|", color=_RISK, markersize=9)
+    for start, stop in _spans(steps, np.asarray(series["drift"], dtype=bool)):
+        ax.axvspan(start - 0.5, stop + 0.5, color=_BIAS, alpha=0.3, linewidth=0)
+    _mark_run_events(ax, result)
+    ax.set_title(_policy_title(policy, median), loc="left", fontsize=9, pad=_PAD)
+    ax.set_ylabel("× median")
+    ax.grid(alpha=0.3)
+
+
+def _legend_handles(result: ReplayResult) -> list[Any]:
+    """One entry per mark used anywhere in the figure, in reading order."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    def line(colour: str, label: str, **style: Any) -> Any:
+        return Line2D([], [], color=colour, label=label, **style)
+
+    def mark(colour: str, marker: str, label: str) -> Any:
+        return line(colour, label, marker=marker, markersize=8, linestyle="none")
+
+    handles: list[Any] = [
+        line(_REWARD, "reward per step", linewidth=0.8),
+        line(_REWARD_MEAN, f"reward, rolling mean (W={result.observed.collapse_window})",
+             linewidth=1.6),
+        line(_NORM, "update norm / policy's median", linewidth=1.0),
+        mark(_SPIKE, "^", "spike (replayed ▲, recorded ▼)"),
+        mark(_NONFINITE, "x", "non-finite step (top edge)"),
+        mark(_RISK, "|", "risk step: spike or non-finite"),
+        Patch(color=_BIAS, alpha=0.3, label="bias step: net_push rolling mean low (drift)"),
+        line(_COLLAPSE, "observed collapse", linestyle="--"),
+    ]  # fmt: skip
+    if result.observed.collapse_warning.first_step is not None:
+        handles.append(line(_WARNING, "collapse warning (first step)", linestyle="-."))
+    return handles
+
+
+def _footnote(result: ReplayResult) -> str:
+    proxy = (
+        "  Update norms are coefficient norms (a proxy): the run recorded no gradient geometry."
+        if result.geometry == "coef"
+        else ""
+    )
+    text = f"step\n{OWN_NOTE}  [{BEST_RULE[: len('best')]}]{BEST_RULE[len('best') :]}.{proxy}"
+    return "\n".join(textwrap.fill(line, 190) for line in text.splitlines())
+
+
+def _steps_range(result: ReplayResult, run_steps: Steps) -> tuple[float, float] | None:
+    """The x-range every panel shares: the policies' steps, else the recorded reward's."""
+    steps = [np.asarray(p.series["step"], dtype=np.int64) for p in result.policies]
+    every = np.concatenate([*steps, run_steps]) if steps or run_steps.size else run_steps
+    if every.size == 0:
+        return None
+    return float(every.min()) - 1.0, float(every.max()) + 1.0
 
 
 def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | None = None) -> Path:
@@ -192,31 +250,35 @@ def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | N
 
     target = check_plot_path(path)
     run = run if run is not None else open_run(result.run)
-    count = len(result.policies)
-    fig = Figure(
-        figsize=(_WIDTH_IN, _REWARD_HEIGHT_IN + _POLICY_HEIGHT_IN * count),
-        dpi=_DPI,
-        layout="constrained",
-    )
+    rows, columns = grid_shape(len(result.policies))
+    height = _HEAD_IN + _LEGEND_IN + _REWARD_IN + _PANEL_IN * rows + _FOOT_IN
+    fig = Figure(figsize=(_WIDTH_IN, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(
-        count + 1,
-        1,
-        sharex=True,
-        squeeze=False,
-        height_ratios=[_REWARD_HEIGHT_IN] + [_POLICY_HEIGHT_IN] * count,
-    )[:, 0]
-    _reward_panel(axes[0], result, run)
-    collapse = result.observed.first_reward_collapse
-    limits = _norm_limits(result)
-    for ax, policy in zip(axes[1:], result.policies, strict=True):
-        _policy_panel(ax, policy, collapse, limits, proxy=result.geometry == "coef")
-    axes[-1].set_xlabel("step")
-    fig.suptitle(
-        "stabledrl replay: one-step counterfactuals on the recorded batches "
-        f"({result.steps} steps, geometry {result.geometry})",
-        fontsize=10,
+    grid = fig.add_gridspec(
+        2 + rows, columns, height_ratios=[_LEGEND_IN, _REWARD_IN] + [_PANEL_IN] * rows
     )
+    legend_ax = fig.add_subplot(grid[0, :])
+    legend_ax.axis("off")
+    legend_ax.legend(handles=_legend_handles(result), loc="center", ncol=5, fontsize=8,
+                     frameon=False)  # fmt: skip
+    reward_ax = fig.add_subplot(grid[1, :])
+    _reward_panel(reward_ax, result, run)
+    for i, policy in enumerate(result.policies):
+        row, column = divmod(i, columns)
+        ax = fig.add_subplot(grid[2 + row, column], sharex=reward_ax)
+        _policy_panel(ax, policy, result)
+        below = i + columns < len(result.policies)
+        ax.tick_params(labelbottom=not below)
+    reward_ax.tick_params(labelbottom=not result.policies)
+    limits = _steps_range(result, run.scalar_series("reward_mean")[0].astype(np.int64))
+    if limits is not None:
+        reward_ax.set_xlim(*limits)
+    fig.suptitle(
+        f"stabledrl replay of {Path(result.run).name}: what each policy's update would have "
+        f"been on the recorded batches ({result.steps} steps, geometry {result.geometry})",
+        fontsize=12,
+    )
+    fig.supxlabel(_footnote(result), fontsize=8)
     with atomic_path(target) as temp:
         fig.savefig(temp, format="png")
     return target
