@@ -26,7 +26,7 @@ from stabledrl_cli.dump import Recorder
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
 from stabledrl_cli.integrations._trl_policy import policy_for_config, uses_loss_weight
-from stabledrl_cli.integrations.trl import check_trl_version
+from stabledrl_cli.integrations._trl_version import check_trl_version
 
 GROUP_KEY = "stabledrl_group_id"
 REWARD_KEY = "stabledrl_reward"

@@ -17,11 +17,10 @@ TRL version a UsageError naming the supported range.
 
 from __future__ import annotations
 
-import importlib.metadata
 from typing import TYPE_CHECKING
 
-from stabledrl_cli.errors import MissingExtraError, UsageError
 from stabledrl_cli.integrations._trl_policy import LOSS_TYPES, policy_for_config
+from stabledrl_cli.integrations._trl_version import SUPPORTED_TRL, check_trl_version
 
 if TYPE_CHECKING:
     from stabledrl_cli.integrations._trl_trainer import RecordingGRPOTrainer
@@ -33,21 +32,6 @@ __all__ = [
     "check_trl_version",
     "policy_for_config",
 ]
-
-SUPPORTED_TRL = "1.16.x"
-"""The TRL releases whose private GRPOTrainer methods the integration overrides."""
-
-
-def check_trl_version() -> str:
-    """The installed TRL version; MissingExtraError when TRL is absent, UsageError when it is
-    outside SUPPORTED_TRL."""
-    try:
-        version = importlib.metadata.version("trl")
-    except importlib.metadata.PackageNotFoundError:
-        raise MissingExtraError("the TRL integration needs trl: pip install -e '.[trl]'") from None
-    if version.split(".")[:2] != ["1", "16"]:
-        raise UsageError(f"the TRL integration supports trl {SUPPORTED_TRL}; found trl {version}")
-    return version
 
 
 def __getattr__(name: str) -> type:
