@@ -41,9 +41,22 @@ GeometryDtype = Literal["float32", "float16"]
 """Storage dtype of recorded geometry (float16: sketches only, with a per-step scale)."""
 GEOMETRY_DTYPES: tuple[GeometryDtype, ...] = get_args(GeometryDtype)
 
-Agg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant", "recorded"]
-"""How a policy's per-token terms are reduced to one objective."""
+Agg = Literal[
+    "token-mean",
+    "token-sum",
+    "micro-token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "constant",
+    "recorded",
+]
+"""How a policy's per-token terms are reduced to one objective (docs/policies.md)."""
 AGGS: tuple[Agg, ...] = get_args(Agg)
+
+Rows = Literal["scored", "all"]
+"""Which sequences a sequence mean counts: those with a scored token, or every row."""
+ROWS: tuple[Rows, ...] = get_args(Rows)
 
 AdvMode = Literal["recorded", "center", "zscore", "rloo"]
 """Where a policy's advantages come from: as recorded, or recomputed from rewards per group."""

@@ -94,17 +94,33 @@ def make_batch(seed: int, bounds: tuple[float, ...] = (), far: bool = True) -> d
 
 
 # ---- the references ------------------------------------------------------------------------
-def aggregate(term, mask, agg="token-mean", max_len=None, loss_scale=None):
+MICRO = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+"""The micro-batch of each row (its three micro-batches hold 3, 3 and 4 rows)."""
+
+
+def aggregate(term, mask, agg="token-mean", max_len=None, loss_scale=None, rows="scored"):
     """TRL / verl loss aggregation of a [B, L] per-token objective (policies.md normalizers)."""
-    live = (mask.sum(-1) > 0).sum().clamp(min=1)
+    n_seq = (mask.sum(-1) > 0).sum().clamp(min=1) if rows == "scored" else mask.shape[0]
     if agg == "token-mean":
         return (term * mask).sum() / mask.sum().clamp(min=1)
+    if agg == "token-sum":
+        return (term * mask).sum()
+    if agg == "micro-token-mean":  # TRL bnpo: each micro-batch's token mean, / K
+        parts = [aggregate(term[k == MICRO], mask[k == MICRO]) for k in MICRO.unique()]
+        return sum(parts) / len(parts)
     if agg == "seq-mean-token-mean":
-        return ((term * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / live
+        return ((term * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_seq
     if agg == "seq-mean-token-sum":
-        return (term * mask).sum() / live
+        return (term * mask).sum() / n_seq
+    if agg == "seq-mean-token-sum-norm":  # verl: / global_batch_size / horizon of the micro-batch
+        total = torch.zeros((), dtype=F64)
+        for k in MICRO.unique():
+            part = mask[k == MICRO]
+            horizon = max_len if max_len is not None else part.sum(-1).max().clamp(min=1)
+            total = total + (term[k == MICRO] * part).sum() / horizon
+        return total / n_seq
     if agg == "constant":
-        return (term * mask).sum() / (live * max_len)
+        return (term * mask).sum() / (n_seq * max_len)
     if agg == "recorded":
         return (term * mask / loss_scale).sum()
     raise AssertionError(agg)
@@ -170,28 +186,33 @@ def ref_gspo(logp, logp_old, adv, mask, eps_low=3e-4, eps_high=4e-4, **_):
     return term
 
 
-def ref_stabledrl(logp, logp_old, adv, mask, group, weight, c=5.0, level="seq", norm="group"):
-    """compute_loss_spg with use_snis: detached clipped log-weights, softmax per group."""
+def ref_stabledrl(
+    logp, logp_old, adv, mask, group, weight, c=5.0, level="seq", norm="group", rows="scored"
+):
+    """compute_loss_spg with use_snis: detached clipped log-weights, softmax per group
+    (rows=all: a row without scored tokens has log w = 0, as in the public code)."""
     segments = group if norm == "group" else torch.zeros_like(group)
     n_groups = 0
     total = torch.zeros((), dtype=F64)
     for g in segments.unique().tolist():
-        rows = torch.nonzero((segments == g) & (mask.sum(-1) > 0)).flatten()
-        if len(rows) == 0:
+        scored = mask.sum(-1) > 0
+        members = (segments == g) & (scored | torch.tensor(rows == "all"))
+        idx = torch.nonzero(members).flatten()
+        if len(idx) == 0:
             continue
         n_groups += 1
-        m = mask[rows]
+        m = mask[idx]
         if level == "seq":
-            length = m.sum(-1)
-            log_w = (((logp - logp_old)[rows] * m).sum(-1) / length).clamp(max=math.log(c))
+            length = m.sum(-1).clamp(min=1)
+            log_w = (((logp - logp_old)[idx] * m).sum(-1) / length).clamp(max=math.log(c))
             w = torch.softmax(log_w.detach(), dim=0)
-            elbo = (weight[rows] * adv[rows] * logp[rows] * m).sum(-1) / length
+            elbo = (weight[idx] * adv[idx] * logp[idx] * m).sum(-1) / length
             total = total + (w * elbo).sum()
         else:
             sel = m > 0
-            log_w = (logp - logp_old)[rows][sel].clamp(max=math.log(c))
+            log_w = (logp - logp_old)[idx][sel].clamp(max=math.log(c))
             w = torch.softmax(log_w.detach(), dim=0)
-            total = total + (w * (weight[rows] * adv[rows] * logp[rows])[sel]).sum()
+            total = total + (w * (weight[idx] * adv[idx] * logp[idx])[sel]).sum()
     return total / (max(n_groups, 1) if norm == "group" else 1)
 
 
@@ -205,9 +226,14 @@ def reference_objective(name, params, data, logp, adv_tokens, weight):
     mask, logp_old = data["mask"], data["logp_old"]
     r = torch.exp(logp - logp_old)
     agg = params.get("agg", "token-mean")
-    agg_kw = {"agg": agg, "max_len": params.get("max_len"), "loss_scale": data["loss_scale"]}
+    agg_kw = {
+        "agg": agg,
+        "max_len": params.get("max_len"),
+        "loss_scale": data["loss_scale"],
+        "rows": params.get("rows", "scored"),
+    }
     if name == "gspo":
-        agg_kw = {"agg": "seq-mean-token-mean"}
+        agg_kw = {"agg": "seq-mean-token-mean", "rows": params.get("rows", "scored")}
         term = ref_gspo(logp, logp_old, adv_tokens, mask, **params)
     elif name == "stabledrl":
         j = ref_stabledrl(logp, logp_old, adv_tokens, mask, data["group"], weight, **params)
@@ -260,7 +286,8 @@ CASES = [
     ("cispo", "cispo", {}, (4.0,)),
     ("cispo:cap=4", "cispo", {"cap": 4.0}, (4.0,)),
     ("cispo:eps_low=0.2,eps_high=0.28", "cispo", {"eps_low": 0.2, "eps_high": 0.28}, (0.8, 1.28)),
-    ("sapo", "sapo", {}, ()),
+    ("sapo", "sapo", {"agg": "seq-mean-token-mean"}, ()),
+    ("sapo:agg=token-mean", "sapo", {}, ()),
     ("is", "is", {}, ()),
     ("reinforce", "reinforce", {}, ()),
     ("stabledrl", "stabledrl", {}, (("log", 5.0),)),
@@ -415,7 +442,7 @@ def test_aggregations(spec, params):
         ("grpo:beta=0.04", "ppo", {"agg": "seq-mean-token-mean", "beta": 0.04}),
         ("dual-clip:beta=0.1", "dual-clip", {"beta": 0.1}),
         ("gspo:beta=0.04", "gspo", {"beta": 0.04}),
-        ("sapo:beta=0.2", "sapo", {"beta": 0.2}),
+        ("sapo:beta=0.2", "sapo", {"agg": "seq-mean-token-mean", "beta": 0.2}),
         ("cispo:beta=0.1,agg=recorded", "cispo", {"beta": 0.1, "agg": "recorded"}),
         ("reinforce:beta=0.1", "reinforce", {"beta": 0.1}),
     ],
@@ -475,19 +502,21 @@ def test_loss_weight(spec, name, params):
 
 
 def _ref_advantages(reward, group, mode):
+    """verl's estimators: a group of one has mean 0 and std 1 (so A = r_i)."""
     out = torch.zeros_like(reward)
     for g in group.unique().tolist():
         idx = torch.nonzero(group == g).flatten()
         r = reward[idx]
         n = len(idx)
+        mean = r.mean() if n > 1 else torch.tensor(0.0, dtype=F64)
         if mode == "center":
-            out[idx] = r - r.mean()
+            out[idx] = r - mean
         elif mode == "zscore":
-            std = r.std() if n > 1 else torch.tensor(0.0, dtype=F64)
-            out[idx] = (r - r.mean()) / (std + 1e-4)
+            std = r.std() if n > 1 else torch.tensor(1.0, dtype=F64)
+            out[idx] = (r - mean) / (std + 1e-4)
         else:
             out[idx] = torch.stack(
-                [r[k] - (r.sum() - r[k]) / (n - 1) if n > 1 else r[k] * 0 for k in range(n)]
+                [r[k] - (r.sum() - r[k]) / (n - 1) if n > 1 else r[k] for k in range(n)]
             )
     return out
 
@@ -592,3 +621,65 @@ def test_sequence_units_each_entry_is_a_sequence():
     with pytest.raises(UsageError, match="level=token"):
         get_policy("stabledrl:level=token").weights(batch)
     assert get_policy("stabledrl:level=token").required_fields("token") == set()
+
+
+AGG_CASES = [
+    ("ppo:agg=token-sum", "ppo", {"agg": "token-sum"}),
+    ("ppo:agg=micro-token-mean", "ppo", {"agg": "micro-token-mean"}),
+    ("ppo:agg=seq-mean-token-sum-norm", "ppo", {"agg": "seq-mean-token-sum-norm"}),
+    (
+        "ppo:agg=seq-mean-token-sum-norm,max_len=9",
+        "ppo",
+        {"agg": "seq-mean-token-sum-norm", "max_len": 9},
+    ),
+    ("grpo:rows=all", "ppo", {"agg": "seq-mean-token-mean", "rows": "all"}),
+    ("sapo:rows=all,beta=0.1", "sapo", {"agg": "seq-mean-token-mean", "rows": "all", "beta": 0.1}),
+    ("ppo:agg=seq-mean-token-sum,rows=all", "ppo", {"agg": "seq-mean-token-sum", "rows": "all"}),
+    (
+        "is:agg=constant,max_len=8,rows=all",
+        "is",
+        {"agg": "constant", "max_len": 8, "rows": "all"},
+    ),
+    ("gspo:rows=all", "gspo", {"rows": "all"}),
+    ("stabledrl:rows=all", "stabledrl", {"rows": "all"}),
+    ("stabledrl:rows=all,norm=batch", "stabledrl", {"rows": "all", "norm": "batch"}),
+]
+
+
+@pytest.mark.parametrize(("spec", "name", "params"), AGG_CASES, ids=[c[0] for c in AGG_CASES])
+def test_aggregations_and_rows_match_autograd(spec, name, params):
+    """The per-micro-batch aggregations (micro_batch given per row) and rows=all."""
+    data = make_batch(4, (0.8, 1.2))
+    w, _ = check_against_autograd(spec, name, params, data, micro_batch=MICRO)
+    assert int(w.nonfinite) == 0
+
+
+def test_micro_batch_aggregations_without_micro_batch_are_one_micro_batch():
+    data = make_batch(5)
+    batch = {
+        "logp": data["logp"],
+        "logp_old": data["logp_old"],
+        "advantages": data["adv"],
+        "mask": data["mask"],
+    }
+    one = get_policy("ppo:agg=micro-token-mean").weights(PolicyBatch(**batch))
+    same = get_policy("ppo").weights(PolicyBatch(**batch))
+    assert_close(one.coef, same.coef, rtol=0, atol=0)
+
+
+def test_singleton_groups_follow_verl():
+    """A group of one: mean 0 and std 1 (verl's GRPO and RLOO estimators), so A = r_i."""
+    reward = torch.tensor([1.0, 0.0, 0.5, 0.7], dtype=F64)
+    batch = PolicyBatch(
+        logp=torch.zeros(4, dtype=F64),
+        logp_old=torch.zeros(4, dtype=F64),
+        advantages=torch.zeros(4, dtype=F64),
+        reward=reward,
+        group_id=torch.tensor([0, 0, 1, 2]),
+    )
+    center = get_policy("is:adv=center").weights(batch).advantages
+    assert center.tolist() == [0.5, -0.5, 0.5, 0.7]
+    rloo = get_policy("is:adv=rloo").weights(batch).advantages
+    assert rloo.tolist() == [1.0, -1.0, 0.5, 0.7]
+    zscore = get_policy("is:adv=zscore").weights(batch).advantages
+    assert_close(zscore[2:], reward[2:] / (1.0 + 1e-4))

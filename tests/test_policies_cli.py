@@ -15,7 +15,8 @@ from stabledrl_cli.policies import REGISTRY, STANDARD_CATALOGUE
 runner = CliRunner()
 
 
-def test_table_lists_every_policy_with_formula_and_source():
+def test_table_lists_every_policy_with_formula_and_source(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # wide enough that no formula wraps
     result = runner.invoke(app, ["policies"])
     assert result.exit_code == 0, result.output
     for name in REGISTRY:
@@ -24,6 +25,15 @@ def test_table_lists_every_policy_with_formula_and_source():
     assert "delta=(required)" in result.stdout
     assert "eps_high=0.28" in result.stdout
     assert "arXiv:2603.06743" in result.stdout
+    assert "seq-mean-token-mean as TRL and verl" in result.stdout  # sapo's conventions
+    assert "a group of one has mean 0 and std 1" in result.stdout
+
+
+def test_narrow_terminal_shows_conventions_per_policy(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    result = runner.invoke(app, ["policies"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("conventions") >= len(REGISTRY)
 
 
 def test_json_is_data_on_stdout():
@@ -38,6 +48,8 @@ def test_json_is_data_on_stdout():
     assert rows["two-sided"]["params"]["delta"] is None
     assert rows["stabledrl"]["family"] == "self-normalized"
     assert all(row["formula"] and row["source"] for row in data["policies"])
+    assert all(row["conventions"] for row in data["policies"])
+    assert "verl" in data["conventions"]
     assert data["standard_catalogue"] == STANDARD_CATALOGUE
 
 

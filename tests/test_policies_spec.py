@@ -19,9 +19,9 @@ from stabledrl_cli.spec import format_value
     [
         ("nope", "unknown policy 'nope'; valid: ppo, grpo, dapo, dual-clip, two-sided, gspo"),
         ("ppo:eps=0.2", "unknown key 'eps' for policy 'ppo'; valid keys: eps_low, eps_high, agg"),
-        ("gspo:agg=token-mean", "valid keys: eps_low, eps_high, beta, adv"),
+        ("gspo:agg=token-mean", "valid keys: eps_low, eps_high, rows, beta, adv"),
         ("ppo:eps_low=abc", "eps_low expects a number, got 'abc'"),
-        ("ppo:agg=mean", "agg must be one of token-mean, seq-mean-token-mean, seq-mean-token-sum"),
+        ("ppo:agg=mean", "agg must be one of token-mean, token-sum, micro-token-mean"),
         ("ppo:adv=whiten", "adv must be one of recorded, center, zscore, rloo"),
         ("stabledrl:level=word", "level must be one of seq, token"),
         ("ppo:agg=constant,max_len=1.5", "max_len expects an integer"),
@@ -39,7 +39,10 @@ from stabledrl_cli.spec import format_value
         ("cispo:cap=0", "cap must be a finite number > 0"),
         ("sapo:tau_neg=0", "tau_neg must be a finite number > 0"),
         ("ppo:agg=constant", "agg=constant needs max_len"),
-        ("ppo:max_len=10", "max_len only applies to agg=constant"),
+        ("ppo:max_len=10", "max_len only applies to agg=constant or agg=seq-mean-token-sum-norm"),
+        ("ppo:rows=all", "rows=all only applies to sequence means"),
+        ("ppo:rows=some", "rows must be one of scored, all"),
+        ("stabledrl:level=token,rows=all", "rows=all applies to level=seq"),
         ("ppo:eps_low", "is not key=value"),
         ("ppo:eps_low=0.1,eps_low=0.2", "given twice"),
         ("", "empty policy spec"),
@@ -59,6 +62,7 @@ def test_defaults_follow_the_table():
         "eps_high": 0.2,
         "agg": "token-mean",
         "max_len": None,
+        "rows": "scored",
         "beta": 0.0,
         "adv": "recorded",
     }
@@ -68,6 +72,7 @@ def test_defaults_follow_the_table():
         "eps_high": 0.28,
         "agg": "token-mean",
         "max_len": None,
+        "rows": "scored",
         "beta": 0.0,
         "adv": "recorded",
     }
@@ -76,6 +81,7 @@ def test_defaults_follow_the_table():
     assert get_policy("gspo").params == {
         "eps_low": 3e-4,
         "eps_high": 4e-4,
+        "rows": "scored",
         "beta": 0.0,
         "adv": "recorded",
     }
@@ -84,10 +90,12 @@ def test_defaults_follow_the_table():
     assert (verl["cap"], verl["eps_low"], verl["eps_high"]) == (None, 0.2, 0.28)
     assert get_policy("sapo").params["tau_pos"] == 1.0
     assert get_policy("sapo").params["tau_neg"] == 1.05
+    assert get_policy("sapo").params["agg"] == "seq-mean-token-mean"  # TRL and verl
     assert get_policy("stabledrl").params == {
         "c": 5.0,
         "level": "seq",
         "norm": "group",
+        "rows": "scored",
         "beta": 0.0,
         "adv": "recorded",
     }

@@ -1,4 +1,4 @@
-"""`stabledrl policies`: the catalogue (name, family, defaults, formula, source).
+"""`stabledrl policies`: the catalogue (name, family, defaults, formula, source, conventions).
 
 With `-p SPEC` (repeatable) it shows just those specs with every parameter resolved, which makes
 it the place to validate a spec from the shell: a bad spec exits 2 with the valid choices.
@@ -16,10 +16,16 @@ from rich.text import Text
 
 from stabledrl_cli.cli._options import FormatOpt, PolicyOpt
 from stabledrl_cli.cli._output import out, print_json
-from stabledrl_cli.policies import STANDARD_CATALOGUE, PolicyEntry, catalogue, resolve_spec
+from stabledrl_cli.policies import (
+    CONVENTIONS,
+    STANDARD_CATALOGUE,
+    PolicyEntry,
+    catalogue,
+    resolve_spec,
+)
 from stabledrl_cli.policies._config import ParamValue
 from stabledrl_cli.spec import SPEC_SYNTAX, format_value
-from stabledrl_cli.vocab import ADV_MODES, AGGS
+from stabledrl_cli.vocab import ADV_MODES, AGGS, ROWS
 
 
 class PolicyRow(TypedDict):
@@ -33,6 +39,7 @@ class PolicyRow(TypedDict):
     keys: list[str]
     formula: str
     source: str
+    conventions: str
 
 
 def _params_text(params: dict[str, ParamValue], required: list[str]) -> str:
@@ -58,6 +65,7 @@ def _row(
         keys=entry.keys,
         formula=entry.formula,
         source=entry.source,
+        conventions=entry.conventions,
     )
 
 
@@ -85,6 +93,7 @@ def _table(rows: list[PolicyRow], specs: bool) -> Table:
     table.add_column("parameters" if specs else "defaults", overflow="fold")
     table.add_column("formula", overflow="fold")
     table.add_column("source", overflow="fold")
+    table.add_column("conventions", overflow="fold")
     for row in rows:
         table.add_row(
             row["spec"] if specs else row["name"],
@@ -92,6 +101,7 @@ def _table(rows: list[PolicyRow], specs: bool) -> Table:
             _params_text(row["params"], row["required"]),
             row["formula"],
             row["source"],
+            row["conventions"],
         )
     return table
 
@@ -104,7 +114,7 @@ def _fits(rows: list[PolicyRow], specs: bool) -> bool:
 
 def _blocks(rows: list[PolicyRow], specs: bool) -> Group:
     """The narrow layout: per policy its name and family, then one labelled line each for
-    its parameters, formula and source (wrapped between words, never inside a pair)."""
+    its parameters, formula, source and conventions (wrapped between words, never inside a pair)."""
     blocks: list[RenderableType] = [Text("policy specs" if specs else "policies", style="italic")]
     for row in rows:
         grid = Table.grid(padding=(0, 2))
@@ -115,6 +125,7 @@ def _blocks(rows: list[PolicyRow], specs: bool) -> Group:
         )
         grid.add_row("formula", row["formula"])
         grid.add_row("source", row["source"])
+        grid.add_row("conventions", row["conventions"])
         heading = Text.assemble(
             (row["spec"] if specs else row["name"], "bold"), "  ", row["family"]
         )
@@ -123,10 +134,12 @@ def _blocks(rows: list[PolicyRow], specs: bool) -> Group:
 
 
 def command(policy: PolicyOpt = None, fmt: FormatOpt = "table") -> None:
-    """List the policy catalogue: name, family, defaults, formula and source."""
+    """List the policy catalogue: name, family, defaults, formula, source and conventions."""
     rows = _spec_rows(policy) if policy else _catalogue_rows()
     if fmt == "json":
-        print_json({"policies": rows, "standard_catalogue": STANDARD_CATALOGUE})
+        print_json(
+            {"policies": rows, "standard_catalogue": STANDARD_CATALOGUE, "conventions": CONVENTIONS}
+        )
         return
     out.print(
         _table(rows, bool(policy)) if _fits(rows, bool(policy)) else _blocks(rows, bool(policy))
@@ -135,7 +148,8 @@ def command(policy: PolicyOpt = None, fmt: FormatOpt = "table") -> None:
         out.print(
             f"spec: {SPEC_SYNTAX}.  Every policy also takes beta (KL, needs logp_ref) and "
             f"adv={'|'.join(ADV_MODES)}; agg={'|'.join(AGGS)} "
-            "(constant needs max_len, recorded needs loss_scale)",
+            f"(constant needs max_len, recorded needs loss_scale); rows={'|'.join(ROWS)}",
             highlight=False,
             soft_wrap=False,
         )
+        out.print(f"conventions: {CONVENTIONS}", highlight=False, soft_wrap=False)

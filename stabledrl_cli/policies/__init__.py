@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from stabledrl_cli.policies._registry import (
+    CONVENTIONS,
     REGISTRY,
     STANDARD_CATALOGUE,
     PolicyEntry,
@@ -38,6 +39,7 @@ _COMPUTE: dict[str, str] = {
 }
 
 __all__ = [
+    "CONVENTIONS",
     "REGISTRY",
     "STANDARD_CATALOGUE",
     "Policy",

@@ -2,8 +2,12 @@
 
 - center: r_i - mean_g(r)                   (Dr.GRPO; StableDRL's code)
 - zscore: (r_i - mean_g) / (std_g + 1e-4)    (TRL scale_rewards="group"; std is torch.std's
-  unbiased estimate, as TRL computes it, and 0 for a group of one, whose advantage is then 0)
-- rloo:   r_i - mean of the other members of g (0 for a group of one: there is no baseline)
+  unbiased estimate, as TRL computes it)
+- rloo:   r_i - mean of the other members of g
+
+A group of one (a singleton) has no baseline: as verl's `compute_grpo_outcome_advantage` and
+`compute_rloo_outcome_advantage` do, its mean is 0 and its std 1, so A = r_i (center, rloo)
+and r_i / (1 + 1e-4) (zscore). TRL never forms one (num_generations >= 2).
 
 Statistics run over every sequence of the reward array, scored or not: a group's baseline is
 a property of its rewards, not of which tokens a mask kept.
@@ -27,18 +31,18 @@ def recompute_advantages(
     zeros = torch.zeros(n_groups, dtype=reward.dtype, device=reward.device)
     count = zeros.index_add(0, seq_group, torch.ones_like(reward))
     total = zeros.index_add(0, seq_group, reward)
-    mean = total / count.clamp(min=1.0)
+    shared = count > 1
+    mean = torch.where(shared, total / count.clamp(min=1.0), zeros)
     centered = reward - mean[seq_group]
     if mode == "center":
         return centered
     if mode == "zscore":
         sq = zeros.index_add(0, seq_group, centered * centered)
         var = sq / (count - 1.0).clamp(min=1.0)
-        std = torch.where(count > 1, var.sqrt(), torch.zeros_like(var))
+        std = torch.where(shared, var.sqrt(), torch.ones_like(var))
         return centered / (std[seq_group] + ZSCORE_EPS)
     if mode == "rloo":
         n = count[seq_group]
         others = (total[seq_group] - reward) / (n - 1.0).clamp(min=1.0)
-        # reward * 0 rather than zeros: a NaN reward in a group of one stays visible.
-        return torch.where(n > 1, reward - others, reward * 0.0)
+        return torch.where(n > 1, reward - others, reward)
     raise UsageError(f"adv must be one of {', '.join(ADV_MODES[1:])} to recompute; got {mode!r}")

@@ -15,7 +15,7 @@ from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies._batch import PolicyBatch, PreparedBatch, prepare
 from stabledrl_cli.policies._config import AggConfig, BaseConfig, ParamValue
 from stabledrl_cli.policies._registry import PolicyEntry
-from stabledrl_cli.vocab import Agg, Unit
+from stabledrl_cli.vocab import Rows, Unit
 
 
 @dataclass(frozen=True)
@@ -49,18 +49,38 @@ class PolicyTerms:
     clipped: torch.Tensor
 
 
-def agg_norm(prep: PreparedBatch, agg: Agg, max_len: int | None) -> torch.Tensor:
-    """[T] normalizer norm_t of each token under `agg` (docs/policies.md, Aggregation)."""
+def num_sequences(prep: PreparedBatch, rows: Rows) -> torch.Tensor:
+    """0-d N of a sequence mean: sequences with a scored token, or every row."""
+    return prep.num_live_seqs if rows == "scored" else prep.num_rows
+
+
+def agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
+    """[T] normalizer norm_t of each token under `config.agg` (docs/policies.md, Aggregation)."""
+    agg = config.agg
     ones = torch.ones_like(prep.logp)
     if agg == "token-mean":
         return prep.num_scored * ones
+    if agg == "token-sum":
+        return ones
+    if agg == "micro-token-mean":
+        # Z_k K: each micro-batch's own token mean, averaged over the K micro-batches.
+        tokens = prep.micro_sum(prep.seq_len).clamp(min=1.0)
+        return (tokens * float(prep.num_micro))[prep.seq_micro][prep.seq]
+    n_seq = num_sequences(prep, config.rows)
     if agg == "seq-mean-token-mean":
-        return prep.num_live_seqs * prep.seq_len_tokens
+        return n_seq * prep.seq_len_tokens
     if agg == "seq-mean-token-sum":
-        return prep.num_live_seqs * ones
+        return n_seq * ones
     if agg == "constant":
-        assert max_len is not None  # AggConfig requires it
-        return prep.num_live_seqs * float(max_len) * ones
+        assert config.max_len is not None  # AggConfig requires it
+        return n_seq * float(config.max_len) * ones
+    if agg == "seq-mean-token-sum-norm":
+        if config.max_len is not None:
+            return n_seq * float(config.max_len) * ones
+        # verl's horizon loss_mask.shape[-1]: the longest response of each micro-batch.
+        horizon = torch.zeros(prep.num_micro, dtype=prep.dtype, device=prep.device)
+        horizon = horizon.scatter_reduce(0, prep.seq_micro, prep.seq_len, reduce="amax")
+        return n_seq * horizon.clamp(min=1.0)[prep.seq_micro][prep.seq]
     if prep.loss_scale is None:
         raise UsageError("agg=recorded needs the recorded `loss_scale`, which this batch lacks")
     return prep.loss_scale
@@ -120,7 +140,7 @@ class Policy:
     def norm(self, prep: PreparedBatch) -> torch.Tensor:
         """[T] norm_t of this policy's aggregation."""
         assert isinstance(self.config, AggConfig)
-        return agg_norm(prep, self.config.agg, self.config.max_len)
+        return agg_norm(prep, self.config)
 
     def _policy_terms(
         self, prep: PreparedBatch, adv: torch.Tensor, norm: torch.Tensor

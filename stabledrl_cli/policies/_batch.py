@@ -16,6 +16,9 @@ Shapes and defaults of `PolicyBatch`:
   seq_id indexes them and must lie in [0, N); otherwise any integers, densified in sorted order.
 - `group_id`: [N] per sequence; default: one group.
 - `reward`: [N] per sequence (needed by `adv=center|zscore|rloo`).
+- `micro_batch`: [N] per sequence, the micro-batch of the optimizer step it was in (any
+  integers); default: the step is one micro-batch (`agg=micro-token-mean` and
+  `agg=seq-mean-token-sum-norm` normalize per micro-batch).
 - `logp_ref`, `loss_weight`, `loss_scale`: same shape as `logp`.
 - `unit`: "token" or "sequence" (what one entry is; see docs/run-format.md).
 """
@@ -62,6 +65,8 @@ class PolicyBatch:
     """Per-token multiplier the run applied to each token's term; default 1."""
     loss_scale: ArrayLike | None = None
     """Per-token normalizer the run actually used (agg=recorded)."""
+    micro_batch: ArrayLike | None = None
+    """[N] micro-batch of each sequence within the step; default one micro-batch."""
     unit: Unit = "token"
     """What one entry is: "token", or "sequence" for sequence-level likelihood estimators."""
 
@@ -109,6 +114,8 @@ class PreparedBatch:
     """[N] per sequence, or None."""
     loss_weight: torch.Tensor | None = None
     loss_scale: torch.Tensor | None = None
+    micro_batch: torch.Tensor | None = None
+    """[N] int64 dense micro-batch index of each sequence in [0, n_micro), or None."""
     has_group_id: bool = False
     unit: Unit = "token"
     _adv_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -189,6 +196,28 @@ class PreparedBatch:
     def num_live_seqs(self) -> torch.Tensor:
         """0-d N: sequences with at least one scored token, clamped to >= 1."""
         return self.seq_live.sum().to(self.dtype).clamp(min=1.0)
+
+    @cached_property
+    def num_rows(self) -> torch.Tensor:
+        """0-d: every sequence of the step, scored or not (TRL's rows), clamped to >= 1."""
+        return torch.tensor(float(max(self.n_seq, 1)), dtype=self.dtype, device=self.device)
+
+    @cached_property
+    def seq_micro(self) -> torch.Tensor:
+        """[N] micro-batch index of each sequence (all 0 without a recorded `micro_batch`)."""
+        if self.micro_batch is None:
+            return torch.zeros(self.n_seq, dtype=torch.int64, device=self.device)
+        return self.micro_batch
+
+    @cached_property
+    def num_micro(self) -> int:
+        """K: micro-batches of the step (distinct `micro_batch` values; 1 without them)."""
+        return 1 if self.micro_batch is None else int(self.micro_batch.max()) + 1
+
+    def micro_sum(self, per_seq: torch.Tensor) -> torch.Tensor:
+        """[N] -> [K]: sum over the sequences of each micro-batch."""
+        out = torch.zeros(self.num_micro, dtype=per_seq.dtype, device=per_seq.device)
+        return out.index_add_(0, self.seq_micro, per_seq)
 
     @cached_property
     def num_scored(self) -> torch.Tensor:
@@ -305,18 +334,24 @@ def prepare(
 
     group_raw = None if batch.group_id is None else _as_tensor(batch.group_id, "group_id", dev)
     reward = None if batch.reward is None else _as_tensor(batch.reward, "reward", dev).to(ctype)
-    for name, arr in (("group_id", group_raw), ("reward", reward)):
-        if arr is not None and arr.ndim != 1:
-            raise InputError(f"{name} must be [N] (one per sequence), got {tuple(arr.shape)}")
-    if group_raw is not None and reward is not None and group_raw.shape != reward.shape:
-        raise InputError(
-            f"group_id has {group_raw.shape[0]} entries but reward has {reward.shape[0]}"
-        )
-    per_seq_len = (
-        group_raw.shape[0]
-        if group_raw is not None
-        else (reward.shape[0] if reward is not None else None)
+    micro_raw = (
+        None if batch.micro_batch is None else _as_tensor(batch.micro_batch, "micro_batch", dev)
     )
+    per_seq = {
+        name: arr
+        for name, arr in (("group_id", group_raw), ("reward", reward), ("micro_batch", micro_raw))
+        if arr is not None
+    }
+    for name, arr in per_seq.items():
+        if arr.ndim != 1:
+            raise InputError(f"{name} must be [N] (one per sequence), got {tuple(arr.shape)}")
+    lengths = {name: int(arr.shape[0]) for name, arr in per_seq.items()}
+    if len(set(lengths.values())) > 1:
+        raise InputError(
+            "per-sequence arrays disagree in length: "
+            + ", ".join(f"{name} has {n} entries" for name, n in lengths.items())
+        )
+    per_seq_len = next(iter(lengths.values()), None)
 
     if batch.seq_id is not None:
         seq_raw = _as_tensor(batch.seq_id, "seq_id", dev)
@@ -331,7 +366,8 @@ def prepare(
     if per_seq_len is not None:
         if num_tokens and (int(seq_raw.min()) < 0 or int(seq_raw.max()) >= per_seq_len):
             raise InputError(
-                f"seq_id must index the {per_seq_len} per-sequence entries of group_id/reward; "
+                f"seq_id must index the {per_seq_len} per-sequence entries of "
+                f"{'/'.join(lengths)}; "
                 f"got ids in [{int(seq_raw.min())}, {int(seq_raw.max())}]"
             )
         seq, n_seq = seq_raw, per_seq_len
@@ -358,6 +394,7 @@ def prepare(
         reward=reward,
         loss_weight=_flat_like(batch.loss_weight, "loss_weight", shape, dev, ctype),
         loss_scale=_flat_like(batch.loss_scale, "loss_scale", shape, dev, ctype),
+        micro_batch=None if micro_raw is None else _dense_index(micro_raw)[0],
         has_group_id=group_raw is not None,
         unit=batch.unit,
     )

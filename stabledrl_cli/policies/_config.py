@@ -15,10 +15,20 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.vocab import AdvMode, Agg
+from stabledrl_cli.vocab import AdvMode, Agg, Rows
+
+# Aggregations that divide by a count of sequences N (the ones `rows` applies to).
+SEQUENCE_MEAN_AGGS: tuple[Agg, ...] = (
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "constant",
+)
+# Aggregations that take max_len (required by constant, optional for the verl horizon).
+MAX_LEN_AGGS: tuple[Agg, ...] = ("constant", "seq-mean-token-sum-norm")
 
 # Keys every policy takes; they are listed after the policy's own keys.
-COMMON_KEYS = ("agg", "max_len", "beta", "adv")
+COMMON_KEYS = ("agg", "max_len", "rows", "beta", "adv")
 
 ParamValue = str | int | float | bool | None
 """A config field's value: a number, a choice, or None for unset."""
@@ -56,6 +66,10 @@ class BaseConfig:
     """Weight of the k3 KL penalty towards logp_ref (needs logp_ref); 0 turns it off."""
     adv: AdvMode = "recorded"
     """Advantages as recorded, or recomputed from per-sequence rewards within groups."""
+    rows: Rows = "scored"
+    """Sequences a sequence mean counts (and, for stabledrl, the softmax's members): those with
+    a scored token, or every row (TRL's `.mean()` over rows; verl's `global_batch_size`;
+    StableDRL's public code, where a row without scored tokens has log w = 0)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -75,18 +89,23 @@ class AggConfig(BaseConfig):
     """Keys of the policies whose normalizer is one of the `agg` kinds."""
 
     agg: Agg = "token-mean"
-    """Normalizer of each token's term: Z, N*|y_i|, N, N*max_len, or the recorded loss_scale."""
+    """Normalizer of each token's term (docs/policies.md, Aggregation): Z, 1, Z_k K, N |y_i|,
+    N, N H, N max_len, or the recorded loss_scale."""
     max_len: int | None = None
-    """L_max of agg=constant (Dr.GRPO's configured maximum completion length)."""
+    """L_max of agg=constant (Dr.GRPO's configured maximum completion length); the horizon H
+    of agg=seq-mean-token-sum-norm (verl's loss_scale_factor; default per micro-batch)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.agg == "constant":
-            if self.max_len is None:
-                raise UsageError("agg=constant needs max_len (an int >= 1)")
-            check_min("max_len", self.max_len, 1, strict=False)
-        elif self.max_len is not None:
-            raise UsageError("max_len only applies to agg=constant")
+        if self.agg == "constant" and self.max_len is None:
+            raise UsageError("agg=constant needs max_len (an int >= 1)")
+        if self.max_len is not None and self.agg not in MAX_LEN_AGGS:
+            raise UsageError(f"max_len only applies to agg={' or agg='.join(MAX_LEN_AGGS)}")
+        check_min("max_len", self.max_len, 1, strict=False)
+        if self.rows == "all" and self.agg not in SEQUENCE_MEAN_AGGS:
+            raise UsageError(
+                f"rows=all only applies to sequence means (agg={'|'.join(SEQUENCE_MEAN_AGGS)})"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,3 +239,8 @@ class StableDRLConfig(BaseConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_min("c", self.c, 1.0, strict=True)
+        if self.rows == "all" and self.level == "token":
+            raise UsageError(
+                "rows=all applies to level=seq (a row without scored tokens has "
+                "log w = 0); level=token weighs scored tokens only"
+            )

@@ -48,6 +48,9 @@ class PolicyEntry:
     """Defaults of this name that differ from the config's (e.g. grpo's agg)."""
     required: dict[str, str] = field(default_factory=dict)
     """Keys without a default (the spec must give them), each with an example value."""
+    conventions: str = ""
+    """Where this name's defaults follow one source and differ from another (docs/policies.md,
+    Conventions), with the knob that selects the other."""
 
     @property
     def keys(self) -> list[str]:
@@ -90,6 +93,15 @@ class PolicyEntry:
 
 
 _PPO_FORMULA = "min(r A, clip(r, 1-eps_low, 1+eps_high) A) / norm"
+_ROWS = (
+    "N counts rows with a scored token (rows=scored, verl without global_batch_size; "
+    "TRL's mean over rows and verl's global_batch_size: rows=all)"
+)
+CONVENTIONS = (
+    "adv=center|zscore|rloo: a group of one has mean 0 and std 1, so A = r_i (verl); "
+    "rows=scored by default; agg=micro-token-mean and seq-mean-token-sum-norm per micro-batch"
+)
+"""The conventions every policy shares (docs/policies.md, Conventions)."""
 _FAMILIES = "stabledrl_cli.policies"
 
 REGISTRY: dict[str, PolicyEntry] = {
@@ -102,6 +114,7 @@ REGISTRY: dict[str, PolicyEntry] = {
             f"{_FAMILIES}.ppo:PPOPolicy",
             _PPO_FORMULA,
             "TRL GRPOTrainer._compute_loss; verl core_algos.compute_policy_loss_vanilla",
+            conventions="Z of the step (verl token-mean); strict clip bounds; r unclamped",
         ),
         PolicyEntry(
             "grpo",
@@ -111,6 +124,7 @@ REGISTRY: dict[str, PolicyEntry] = {
             _PPO_FORMULA + ", norm = N |y_i|",
             "TRL loss_type=grpo (DeepSeekMath GRPO)",
             {"agg": "seq-mean-token-mean"},
+            conventions=_ROWS,
         ),
         PolicyEntry(
             "dapo",
@@ -120,6 +134,8 @@ REGISTRY: dict[str, PolicyEntry] = {
             _PPO_FORMULA + ", clip-higher eps_high=0.28, norm = Z",
             "DAPO arXiv:2503.14476; TRL loss_type=dapo",
             {"eps_high": 0.28, "agg": "token-mean"},
+            conventions="Z of the optimizer step (TRL: of the generation batch, the same when "
+            "gradient_accumulation_steps = steps_per_generation, else agg=recorded)",
         ),
         PolicyEntry(
             "dual-clip",
@@ -128,6 +144,7 @@ REGISTRY: dict[str, PolicyEntry] = {
             f"{_FAMILIES}.ppo:DualClipPolicy",
             "A<0: max(min(r A, clip(r) A), c A); A>=0: min(r A, clip(r) A)",
             "verl compute_policy_loss_vanilla clip_ratio_c (dual-clip PPO, Ye et al. 2020)",
+            conventions="log r clamped to [-20, 20] as verl; r = c keeps r A",
         ),
         PolicyEntry(
             "two-sided",
@@ -137,6 +154,7 @@ REGISTRY: dict[str, PolicyEntry] = {
             "min(min(r, delta) A, clip(r, 1-eps_low, 1+eps_high) A) / norm",
             "TRL GRPOConfig.delta (INTELLECT-2)",
             required={"delta": "4"},
+            conventions="A < 0 with r > delta is discarded (TRL's clip metrics do not count it)",
         ),
         PolicyEntry(
             "gspo",
@@ -145,6 +163,7 @@ REGISTRY: dict[str, PolicyEntry] = {
             f"{_FAMILIES}.gspo:GSPOPolicy",
             "min(s_i A, clip(s_i) A) / (N |y_i|), s_i = exp(mean_t log r_t)",
             "GSPO arXiv:2507.18071; TRL importance_sampling_level=sequence",
+            conventions=_ROWS + "; sequence log-ratio unclamped (verl clamps it at 10)",
         ),
         PolicyEntry(
             "cispo",
@@ -153,6 +172,8 @@ REGISTRY: dict[str, PolicyEntry] = {
             f"{_FAMILIES}.cispo:CISPOPolicy",
             "sg(min(r, cap)) A logp / norm; verl form sg(clip(r, 1-eps_low, 1+eps_high))",
             "MiniMax-M1 arXiv:2506.13585; TRL loss_type=cispo; verl compute_policy_loss_cispo",
+            conventions="cap alone: TRL's absolute cap; eps_low/eps_high: verl's band; "
+            "log r unclamped (verl clamps it at 20)",
         ),
         PolicyEntry(
             "sapo",
@@ -160,7 +181,11 @@ REGISTRY: dict[str, PolicyEntry] = {
             SAPOConfig,
             f"{_FAMILIES}.sapo:SAPOPolicy",
             "sigmoid(tau (r-1)) 4/tau A / norm, tau = tau_pos if A>0 else tau_neg",
-            "TRL loss_type=sapo (Soft Adaptive Policy Optimization)",
+            "TRL loss_type=sapo (Soft Adaptive Policy Optimization); verl loss_mode=sapo",
+            {"agg": "seq-mean-token-mean"},
+            conventions="seq-mean-token-mean as TRL and verl; "
+            + _ROWS
+            + "; log r unclamped (verl clamps it at 20)",
         ),
         PolicyEntry(
             "is",
@@ -169,6 +194,7 @@ REGISTRY: dict[str, PolicyEntry] = {
             f"{_FAMILIES}.reference:ISPolicy",
             "r A / norm (no clipping)",
             "plain importance sampling: the reference for discarded gradient",
+            conventions="infinite only where r |A| overflows the dtype",
         ),
         PolicyEntry(
             "reinforce",
@@ -177,6 +203,7 @@ REGISTRY: dict[str, PolicyEntry] = {
             f"{_FAMILIES}.reference:ReinforcePolicy",
             "A logp / norm (no ratio)",
             "verl core_algos.compute_policy_loss_gpg (GPG); REINFORCE",
+            conventions="no ratio; Z of the step (verl token-mean)",
         ),
         PolicyEntry(
             "stabledrl",
@@ -185,6 +212,8 @@ REGISTRY: dict[str, PolicyEntry] = {
             f"{_FAMILIES}.stabledrl:StableDRLPolicy",
             "mean_g sum_i softmax_g(min(mean_t log r_t, log c)) A_i ELBO_i",
             "StableDRL arXiv:2603.06743; networks/llada_svpo.py::compute_loss_spg (use_snis)",
+            conventions="rows=scored: a row without scored tokens leaves the softmax (the "
+            "public code gives it log w = 0: rows=all); groups averaged (norm=group)",
         ),
     )
 }

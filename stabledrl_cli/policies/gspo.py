@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from stabledrl_cli.policies._base import Policy, PolicyTerms, keep_times, ratio_times
+from stabledrl_cli.policies._base import (
+    Policy,
+    PolicyTerms,
+    keep_times,
+    num_sequences,
+    ratio_times,
+)
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import GSPOConfig
 
@@ -25,7 +31,7 @@ class GSPOPolicy(Policy):
     config: GSPOConfig
 
     def norm(self, prep: PreparedBatch) -> torch.Tensor:
-        return prep.num_live_seqs * prep.seq_len_tokens
+        return num_sequences(prep, self.config.rows) * prep.seq_len_tokens
 
     def _policy_terms(
         self, prep: PreparedBatch, adv: torch.Tensor, norm: torch.Tensor

@@ -67,17 +67,27 @@ class StableDRLPolicy(Policy):
             )
         return super().required_fields(unit)
 
+    def _members(self, prep: PreparedBatch) -> torch.Tensor:
+        """[N] bool: the sequences the softmax runs over (rows=all: an unscored one too, with
+        log w = 0, as the public code gives it)."""
+        if self.config.rows == "scored":
+            return prep.seq_live
+        return torch.ones_like(prep.seq_live)
+
     def _segments(self, prep: PreparedBatch) -> tuple[torch.Tensor, int, torch.Tensor]:
         """-> (group index of each sequence [N], number of segments, n_groups 0-d)."""
         if self.config.norm == "group":
-            return prep.seq_group, prep.n_groups_total, prep.num_live_groups
+            if self.config.rows == "scored":
+                return prep.seq_group, prep.n_groups_total, prep.num_live_groups
+            n_groups = torch.tensor(float(prep.n_groups_total), dtype=prep.dtype)
+            return prep.seq_group, prep.n_groups_total, n_groups.to(prep.device)
         zeros = torch.zeros_like(prep.seq_group)
         return zeros, 1, torch.ones((), dtype=prep.dtype, device=prep.device)
 
     def norm(self, prep: PreparedBatch) -> torch.Tensor:
         seg_of_seq, n_seg, n_groups = self._segments(prep)
         if self.config.level == "seq":
-            live = prep.seq_live.to(prep.dtype)
+            live = self._members(prep).to(prep.dtype)
             seg_size = torch.zeros(n_seg, dtype=prep.dtype, device=prep.device)
             seg_size = seg_size.index_add(0, seg_of_seq, live).clamp(min=1.0)
             return n_groups * seg_size[seg_of_seq][prep.seq] * prep.seq_len_tokens
@@ -94,7 +104,7 @@ class StableDRLPolicy(Policy):
         if cfg.level == "seq":
             mean_log_ratio = prep.seq_mean_log_ratio
             share = segment_softmax(
-                torch.clamp(mean_log_ratio, max=log_c), seg_of_seq, prep.seq_live, n_seg
+                torch.clamp(mean_log_ratio, max=log_c), seg_of_seq, self._members(prep), n_seg
             )[prep.seq]
             clipped = (mean_log_ratio > log_c)[prep.seq]
             per_token = share / prep.seq_len_tokens
