@@ -176,6 +176,19 @@ def _break_btree(which: int) -> Callable[[Path], Path]:
     return make
 
 
+def _heap_free_space_zero(tmp: Path) -> Path:
+    """The global heap's free-space object given size 0 (found by the fuzzer): libhdf5 then
+    spins forever, GIL held, reading any string attribute."""
+    out = packed(tmp)
+    raw = bytearray(out.read_bytes())
+    at = raw.index(b"GCOL") + 16
+    while struct.unpack("<H", raw[at : at + 2])[0] != 0:
+        at += 16 + (struct.unpack("<Q", raw[at + 8 : at + 16])[0] + 7) // 8 * 8
+    raw[at + 8 : at + 16] = struct.pack("<Q", 0)
+    out.write_bytes(bytes(raw))
+    return out
+
+
 def _strip_checksums(handle: h5py.File) -> None:
     def strip(_name: str, obj: Any) -> None:
         if CRC_ATTR in obj.attrs:
@@ -420,6 +433,7 @@ CASES: list[Case] = [
     Case("archive_manifest_with_nan", _archive_case(_nan_manifest), "pack", 3),
     Case("archive_path_is_a_fifo", lambda tmp: (os.mkfifo(tmp / "run.h5"), tmp / "run.h5")[1], "inspect", 3),
     Case("archive_link_name_not_utf8", _name_not_utf8, "inspect", 3),
+    Case("archive_heap_that_hangs_libhdf5", _heap_free_space_zero, "inspect", 3),
     Case("archive_group_btree_broken", _break_btree(0), "inspect", 3),
     Case("archive_chunk_btree_broken", _break_btree(2), "inspect", 0, "unreadable"),
     Case("archive_chunk_btree_broken_pack", _break_btree(2), "pack", 0),

@@ -17,6 +17,7 @@ from _corpus import CASES, ROOT, Case, measure, packed, tiny_run
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import _archive_checks
 
 runner = CliRunner()
 CASE_SECONDS = 30.0
@@ -40,8 +41,13 @@ def _assert_clean_failure(code: int, stderr: str, expected: int) -> None:
     assert "Traceback" not in stderr and "internal error" not in stderr
 
 
+PROBE_SECONDS = 5.0
+"""The archive probe's limit in these tests (a hang costs this long, an honest read ms)."""
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_corpus_case(case: Case, tmp_path: Path) -> None:
+def test_corpus_case(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_archive_checks, "PROBE_SECONDS", PROBE_SECONDS)
     target = case.make(tmp_path)
     start = time.perf_counter()
     result = runner.invoke(app, _args(case, target))

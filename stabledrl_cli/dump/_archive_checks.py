@@ -12,10 +12,20 @@ declared size exceeds what the file can hold (`DEFLATE_RATIO` times the file's s
 cannot expand more than that) and any dataset of an index (read whole) larger than the file
 itself, any chunk larger than `CHUNK_LIMIT`, and any array dataset of a non-numeric dtype.
 Index and scalar datasets carry a CRC32 (attribute `crc32`, `index_crc`) written by `pack`.
+
+libhdf5 itself can loop forever or crash on a crafted file (a global heap whose free-space
+object has size 0 makes reading any string attribute spin with the GIL held: no signal or
+thread can stop it). So `probe` first reads the archive's metadata (every link, every
+attribute, the manifest and integrity texts) in a forked child under a time limit: a child
+that hangs or dies refuses the archive (InputError), and only then does the process itself
+read it.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 import zlib
 from pathlib import Path
 
@@ -37,6 +47,9 @@ CHUNK_LIMIT = 64 << 20
 H5_ERRORS = (OSError, KeyError, ValueError, TypeError, IndexError, RuntimeError, RecursionError)
 """What h5py raises for a corrupt file (besides a plain OSError, depending on where libhdf5
 notices)."""
+PROBE_SECONDS = 20.0
+"""How long the forked child may take to read an archive's metadata (an honest one: well
+under a second)."""
 OBJECT_LIMIT = 100_000
 """Links a run archive may hold (one with 100 user scalars holds a few hundred)."""
 
@@ -127,3 +140,54 @@ def check_objects(handle: h5py.File, path: Path, file_size: int) -> list[str]:
     if problem:
         raise problem[0]
     return datasets
+
+
+def _read_metadata(path: Path) -> None:
+    """Everything libhdf5 parses before a reader trusts the file: links, attributes, texts."""
+    with h5py.File(path, "r") as handle:
+
+        def visit(name: str, link: object) -> None:
+            if isinstance(link, h5py.HardLink):
+                dict(handle[name].attrs.items())
+
+        dict(handle.attrs.items())
+        handle.visititems_links(visit)
+        for name in TEXT_DATASETS:
+            if name in handle:
+                handle[name][()]
+
+
+def probe(path: Path, seconds: float | None = None) -> None:
+    """Reads the archive's metadata in a forked child (module docstring); InputError if the
+    child does not finish within `seconds` (default `PROBE_SECONDS`) or is killed by a signal.
+    Python errors in the child are left to the caller's own read to report. Without fork
+    (Windows) this does nothing."""
+    if not hasattr(os, "fork"):
+        return
+    limit = PROBE_SECONDS if seconds is None else seconds
+    pid = os.fork()
+    if pid == 0:  # the child: read, then leave without running any exit handler
+        try:
+            _read_metadata(path)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + limit
+    delay = 0.001
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise InputError(
+                f"{path}: refused: reading its HDF5 metadata did not finish in {limit:g} s "
+                "(a corrupt or crafted archive)"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    if os.WIFSIGNALED(status):
+        raise InputError(
+            f"{path}: refused: reading its HDF5 metadata crashed libhdf5 "
+            f"(signal {os.WTERMSIG(status)}; a corrupt or crafted archive)"
+        )

@@ -19,7 +19,13 @@ import h5py
 import numpy as np
 import torch
 
-from stabledrl_cli.dump._archive_checks import CRC_ATTR, H5_ERRORS, check_objects, index_crc
+from stabledrl_cli.dump._archive_checks import (
+    CRC_ATTR,
+    H5_ERRORS,
+    check_objects,
+    index_crc,
+    probe,
+)
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError
 from stabledrl_cli.dump._layout import (
     RAGGED_FIELDS,
@@ -95,6 +101,7 @@ class ArchiveRun(Run):
         self._checksummed = False
         self._all_bad: str | None = None
         """Why every step is bad (an index checksum failed), if one is."""
+        probe(path)
         try:
             file_size = os.stat(path).st_size
             self._file = h5py.File(path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
