@@ -140,7 +140,7 @@ def fuzz_atheris(target: Target, seconds: float, corpus: Path) -> None:
             sys.argv[0],
             f"-max_total_time={int(seconds)}",
             f"-max_len={max(4096, 2 * len(target.seed))}",
-            "-timeout=20",
+            "-timeout=60",  # above the archive probe's 20 s limit
             "-rss_limit_mb=3072",
             f"-artifact_prefix={corpus}/{target.kind}-",
             str(seeds),

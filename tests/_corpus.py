@@ -189,6 +189,16 @@ def _heap_free_space_zero(tmp: Path) -> Path:
     return out
 
 
+def _named_datatype(handle: h5py.File) -> None:
+    """A committed datatype where a data dataset belongs (found by the fuzzer)."""
+    handle["tokens/loss_weight"] = np.dtype("f4")
+
+
+def _group_for_dataset(handle: h5py.File) -> None:
+    del handle["steps/num_tokens"]
+    handle.create_group("steps/num_tokens")
+
+
 def _strip_checksums(handle: h5py.File) -> None:
     def strip(_name: str, obj: Any) -> None:
         if CRC_ATTR in obj.attrs:
@@ -433,6 +443,8 @@ CASES: list[Case] = [
     Case("archive_manifest_with_nan", _archive_case(_nan_manifest), "pack", 3),
     Case("archive_path_is_a_fifo", lambda tmp: (os.mkfifo(tmp / "run.h5"), tmp / "run.h5")[1], "inspect", 3),
     Case("archive_link_name_not_utf8", _name_not_utf8, "inspect", 3),
+    Case("archive_named_datatype", _archive_case(_named_datatype), "inspect", 3),
+    Case("archive_group_where_a_dataset_belongs", _archive_case(_group_for_dataset), "replay", 3),
     Case("archive_heap_that_hangs_libhdf5", _heap_free_space_zero, "inspect", 3),
     Case("archive_group_btree_broken", _break_btree(0), "inspect", 3),
     Case("archive_chunk_btree_broken", _break_btree(2), "inspect", 0, "unreadable"),

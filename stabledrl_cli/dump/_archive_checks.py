@@ -44,9 +44,18 @@ DEFLATE_RATIO = 1100
 times the file's bytes."""
 CHUNK_LIMIT = 64 << 20
 """Bytes of one chunk (pack writes 256 KiB ones): a larger one is not an archive of ours."""
-H5_ERRORS = (OSError, KeyError, ValueError, TypeError, IndexError, RuntimeError, RecursionError)
-"""What h5py raises for a corrupt file (besides a plain OSError, depending on where libhdf5
-notices)."""
+H5_ERRORS = (
+    OSError,
+    KeyError,
+    ValueError,
+    TypeError,
+    IndexError,
+    AttributeError,
+    RuntimeError,
+    RecursionError,
+)
+"""What h5py raises for a corrupt file, depending on where libhdf5 notices (AttributeError: a
+group where a dataset belongs)."""
 PROBE_SECONDS = 20.0
 """How long the forked child may take to read an archive's metadata (an honest one: well
 under a second)."""
@@ -124,6 +133,8 @@ def check_objects(handle: h5py.File, path: Path, file_size: int) -> list[str]:
             if isinstance(target, h5py.Dataset):
                 _check_dataset(name, target, path, file_size)
                 datasets.append(name)
+            elif not isinstance(target, h5py.Group):
+                raise InputError(f"{path}: refused: {name} is neither a group nor a dataset")
         except InputError as exc:
             problem.append(exc)
             return True
