@@ -79,6 +79,22 @@ def _assert_matches_trl(out: Path, spec: str, log_history: list[dict[str, Any]])
     for step in run:
         assert step.scalars["grad_norm"] == logged[step.step]["grad_norm"]
         assert step.scalars["lr"] == pytest.approx(logged[step.step]["learning_rate"], rel=1e-12)
+    policy = sd.get_policy(spec)
+    for step in run:  # the plain spec on the recorded arrays, micro-batches included
+        batch = sd.PolicyBatch(
+            logp=step["logp"],
+            logp_old=step["logp_old"],
+            advantages=step["advantages"],
+            mask=step["mask"],
+            seq_id=step["seq_id"],
+            group_id=step["group_id"],
+            logp_ref=step.get("logp_ref"),
+            loss_weight=step.get("loss_weight"),
+            loss_scale=step.get("loss_scale"),
+            micro_batch=step["micro_batch"],
+        )
+        objective = float(policy.weights(batch).objective)
+        assert -objective == pytest.approx(logged[step.step]["loss"], rel=1e-5, abs=1e-7)
     result = sd.replay(out, [spec], device="cpu")
     own = result.own
     assert own is not None and own.spec == sd.get_policy(spec).spec
@@ -123,19 +139,31 @@ def test_package_imports_without_trl() -> None:
 # -- the config mapping ----------------------------------------------------------------------
 MAPPING = [
     ({"loss_type": "grpo"}, "grpo"),
-    ({"loss_type": "bnpo"}, "ppo:agg=recorded"),
+    ({"loss_type": "bnpo"}, "ppo:agg=micro-token-mean"),
     ({"loss_type": "dr_grpo"}, "ppo:agg=constant,max_len=6"),
     ({"loss_type": "dapo", "epsilon_high": 0.28}, "dapo:agg=recorded"),
     ({"loss_type": "dapo", "gradient_accumulation_steps": 4}, "dapo:eps_high=0.2"),
     ({"loss_type": "cispo", "epsilon_high": 5.0}, "cispo:agg=recorded"),
-    ({"loss_type": "sapo"}, "sapo:agg=seq-mean-token-mean"),
+    ({"loss_type": "sapo"}, "sapo"),
     (
         {"loss_type": "grpo", "importance_sampling_level": "sequence"},
         "gspo:eps_high=0.2,eps_low=0.2",
     ),
     ({"loss_type": "grpo", "delta": 1.5}, "two-sided:agg=seq-mean-token-mean,delta=1.5"),
     ({"loss_type": "grpo", "beta": 0.04, "use_bias_correction_kl": False}, "grpo:beta=0.04"),
-    ({"loss_type": "grpo", "mask_truncated_completions": True}, "grpo:agg=recorded"),
+    ({"loss_type": "grpo", "mask_truncated_completions": True}, "grpo:rows=all"),
+    (
+        {"loss_type": "dr_grpo", "mask_truncated_completions": True},
+        "ppo:agg=constant,max_len=6,rows=all",
+    ),
+    (
+        {
+            "loss_type": "grpo",
+            "importance_sampling_level": "sequence",
+            "mask_truncated_completions": True,
+        },
+        "gspo:eps_high=0.2,eps_low=0.2,rows=all",
+    ),
 ]
 
 

@@ -174,6 +174,7 @@ def policy_batch(step: Any) -> PolicyBatch:
         logp_ref=step.get("logp_ref"),
         loss_weight=step.get("loss_weight"),
         loss_scale=step.get("loss_scale"),
+        micro_batch=step["micro_batch"],
     )
 
 
@@ -237,7 +238,7 @@ def recorded_agg(spec: str) -> Any:
     params = dict(policy.params)
     if "agg" not in params:
         return policy
-    params.update(agg="recorded", max_len=None)
+    params.update(agg="recorded", max_len=None, rows="scored")
     return get_policy(format_spec(policy.name, {k: v for k, v in params.items() if v is not None}))
 
 
@@ -365,10 +366,19 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
         ),
         (
             {"loss_agg_mode": "seq-mean-token-sum-norm", "loss_scale_factor": 512},
-            "dual-clip:agg=constant,max_len=512",
+            "dual-clip:agg=seq-mean-token-sum-norm,max_len=512,rows=all",
         ),
-        ({"loss_agg_mode": "token-sum"}, "dual-clip:agg=recorded"),
-        ({"loss_mode": "sapo"}, "sapo:agg=seq-mean-token-mean"),
+        (
+            {"loss_agg_mode": "seq-mean-token-sum-norm"},
+            "dual-clip:agg=seq-mean-token-sum-norm,max_len=7,rows=all",
+        ),
+        ({"loss_agg_mode": "seq-mean-token-mean"}, "dual-clip:agg=seq-mean-token-mean,rows=all"),
+        ({"loss_agg_mode": "token-sum"}, "dual-clip:agg=token-sum"),
+        ({"loss_mode": "sapo"}, "sapo:rows=all"),
+        (
+            {"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-mean"},
+            "gspo:eps_high=0.2,eps_low=0.2,rows=all",
+        ),
         ({"loss_mode": "gpg"}, "reinforce"),
     ],
 )

@@ -5,19 +5,23 @@
 | loss_type="grpo"                             | grpo:eps_low,eps_high,agg=seq-mean-token-mean     |
 | loss_type="sapo"                             | sapo:tau_pos,tau_neg,agg=seq-mean-token-mean      |
 | loss_type="dr_grpo"                          | ppo:eps_low,eps_high,agg=constant,max_len=L       |
-| loss_type="bnpo"                             | ppo:eps_low,eps_high,agg=recorded                 |
+| loss_type="bnpo"                             | ppo:eps_low,eps_high,agg=micro-token-mean         |
 | loss_type="dapo"                             | dapo:eps_low,eps_high,agg=token-mean or recorded  |
 | loss_type="cispo"                            | cispo:cap=epsilon_high,agg=token-mean or recorded |
 | importance_sampling_level="sequence" (grpo)  | gspo:eps_low,eps_high                             |
 | delta (grpo, bnpo, dr_grpo, dapo)            | two-sided:delta,... (same agg)                    |
+| mask_truncated_completions (grpo, sapo, ...) | the same spec with rows=all                       |
 | beta > 0                                     | every spec above gains beta                       |
 
 eps_low is TRL's `epsilon`, eps_high its `epsilon_high` (default `epsilon`); for cispo
-`epsilon_high` is the absolute cap. dapo and cispo divide by the generation batch's token
+`epsilon_high` is the absolute cap. bnpo's per-micro-batch token mean reads the recorded
+`micro_batch`. grpo, sapo and dr_grpo average over every row of a micro-batch: the catalogue's
+default counts rows with a scored token, the same unless `mask_truncated_completions` empties
+a row, so that case maps to rows=all. dapo and cispo divide by the generation batch's token
 count times gradient_accumulation_steps / steps_per_generation: that is the optimizer step's
-token count (token-mean) only when the two are equal; otherwise the run's own normaliser is
-replayed from the recorded `loss_scale` (agg=recorded), as for bnpo (a per-micro-batch token
-mean) and for any loss type with `mask_truncated_completions` (TRL counts the masked rows).
+token count (token-mean) only when the two are equal; otherwise it is a number the step does
+not contain, and the run's own normaliser is replayed from the recorded `loss_scale`
+(agg=recorded).
 
 Refused, one line each (the catalogue cannot express them, so recording them would be
 wrong): loss types vespo and luspo; sequence-level sampling with sapo or with delta; beta > 0
@@ -56,13 +60,13 @@ def uses_loss_weight(config: Any) -> bool:
 def _aggregation(config: Any) -> dict[str, SpecValue]:
     """The `agg` (and `max_len`) that reproduces TRL's normaliser for this config."""
     loss_type = config.loss_type
-    counts_rows = loss_type in ("grpo", "sapo", "dr_grpo")
-    if loss_type == "bnpo" or (counts_rows and config.mask_truncated_completions):
-        return {"agg": "recorded"}
+    rows: dict[str, SpecValue] = {"rows": "all"} if config.mask_truncated_completions else {}
+    if loss_type == "bnpo":
+        return {"agg": "micro-token-mean"}
     if loss_type in ("grpo", "sapo"):
-        return {"agg": "seq-mean-token-mean"}
+        return {"agg": "seq-mean-token-mean", **rows}
     if loss_type == "dr_grpo":
-        return {"agg": "constant", "max_len": int(config.max_completion_length)}
+        return {"agg": "constant", "max_len": int(config.max_completion_length), **rows}
     same_window = config.gradient_accumulation_steps == config.steps_per_generation
     return {"agg": "token-mean" if same_window else "recorded"}
 
@@ -84,10 +88,6 @@ def _check_recordable(config: Any, aux_loss: bool) -> None:
             )
         if config.delta is not None:
             raise _refuse("gspo (sequence-level sampling) has no two-sided delta in the catalogue")
-        if config.mask_truncated_completions:
-            raise _refuse(
-                "gspo with mask_truncated_completions (TRL counts the masked rows; gspo does not)"
-            )
     if config.beta != 0.0:
         if config.use_bias_correction_kl:
             raise _refuse(
@@ -110,6 +110,8 @@ def policy_for_config(config: Any, *, aux_loss: bool = False) -> Policy:
     loss_type = config.loss_type
     if config.importance_sampling_level == "sequence":
         name, params = "gspo", {"eps_low": eps_low, "eps_high": eps_high}
+        if config.mask_truncated_completions:
+            params["rows"] = "all"
     elif loss_type == "cispo":
         name, params = "cispo", {"cap": eps_high, **_aggregation(config)}
     elif loss_type == "sapo":

@@ -4,20 +4,20 @@ per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
 | verl actor config (`policy_loss.loss_mode`)  | policy spec                                       |
 |----------------------------------------------|---------------------------------------------------|
 | vanilla                                      | dual-clip:eps_low,eps_high,c=clip_ratio_c,agg     |
-| gspo (loss_agg_mode seq-mean-token-mean)     | gspo:eps_low,eps_high                             |
-| sapo                                         | sapo:tau_pos,tau_neg,agg=seq-mean-token-mean      |
+| gspo (loss_agg_mode seq-mean-token-mean)     | gspo:eps_low,eps_high,rows=all                    |
+| sapo                                         | sapo:tau_pos,tau_neg,rows=all                     |
 | cispo                                        | cispo:eps_low,eps_high,agg                        |
 | gpg                                          | reinforce:agg                                     |
 | use_kl_loss, kl_loss_type low_var_kl or k3   | every spec above gains beta=kl_loss_coef          |
 
 eps_low is `clip_ratio_low`, eps_high `clip_ratio_high` (each defaulting to `clip_ratio`).
-`loss_agg_mode` -> agg: token-mean -> token-mean; seq-mean-token-mean -> seq-mean-token-mean;
-seq-mean-token-sum -> seq-mean-token-sum; seq-mean-token-sum-norm -> constant with max_len =
-`loss_scale_factor` (else the response width); token-sum -> recorded (the catalogue has no
-plain sum). verl divides by the mini-batch's global token count, or by its configured
-sequence count `global_batch_size`: the catalogue's Z and N of the step's merged ranks. The
-normaliser verl used is recorded per token (`loss_scale`), so `agg=recorded` replays it
-exactly even where the two differ (a sequence without scored tokens counts in verl's N).
+`loss_agg_mode` -> agg of the same name (token-mean, token-sum, seq-mean-token-mean,
+seq-mean-token-sum, seq-mean-token-sum-norm; the last with max_len = `loss_scale_factor`, else
+the padded response width verl divides by, `loss_mask.shape[-1]`). verl
+divides by the mini-batch's global token count, or by its configured sequence count
+`global_batch_size`: the catalogue's Z, and N with rows=all (every sequence, scored or not),
+of the step's merged ranks. The normaliser verl used is also recorded per token
+(`loss_scale`), so `agg=recorded` replays it exactly whatever the batch.
 verl clamps log r to [-20, 20] (vanilla, sapo, cispo), the GSPO log ratio at 10 and the k3
 KL at 10: the catalogue agrees while the ratios stay inside those clamps.
 
@@ -78,13 +78,19 @@ def _clip_range(config: Any) -> tuple[float, float]:
     return float(low), float(high)
 
 
+_SEQUENCE_MEANS = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
 def _aggregation(mode: str, config: Any, response_width: int) -> dict[str, SpecValue]:
+    """agg (and rows, max_len) of a verl loss_agg_mode: sequence means count every sequence
+    of the mini-batch (verl's global_batch_size)."""
+    params: dict[str, SpecValue] = {"agg": mode}
+    if mode in _SEQUENCE_MEANS:
+        params["rows"] = "all"
     if mode == "seq-mean-token-sum-norm":
         factor = config.loss_scale_factor
-        return {"agg": "constant", "max_len": int(factor if factor is not None else response_width)}
-    if mode == "token-sum":
-        return {"agg": "recorded"}
-    return {"agg": mode}
+        params["max_len"] = int(factor if factor is not None else response_width)
+    return params
 
 
 def _check_recordable(config: Any) -> None:
@@ -111,8 +117,9 @@ def _check_recordable(config: Any) -> None:
 def policy_for_actor_config(config: Any, response_width: int) -> Policy:
     """The catalogue policy reproducing a verl 0.9 `ActorConfig` (table in the module
     docstring). response_width: the padded response length (the horizon of
-    seq-mean-token-sum-norm without `loss_scale_factor`). UsageError, one line, for a
-    configuration the catalogue cannot express."""
+    seq-mean-token-sum-norm without `loss_scale_factor`; a flat recording keeps scored tokens
+    only, so the padded width is not in the step). UsageError, one line, for a configuration
+    the catalogue cannot express."""
     _check_recordable(config)
     mode = loss_mode(config)
     eps_low, eps_high = _clip_range(config)
@@ -122,7 +129,7 @@ def policy_for_actor_config(config: Any, response_width: int) -> Policy:
         c = float(config.get("clip_ratio_c", 3.0))
         name, params = "dual-clip", {"eps_low": eps_low, "eps_high": eps_high, "c": c, **agg}
     elif mode == "gspo":
-        name, params = "gspo", {"eps_low": eps_low, "eps_high": eps_high}
+        name, params = "gspo", {"eps_low": eps_low, "eps_high": eps_high, "rows": "all"}
     elif mode == "sapo":
         tau = {"tau_pos": float(config.tau_pos), "tau_neg": float(config.tau_neg)}
         name, params = "sapo", {**tau, **agg}
