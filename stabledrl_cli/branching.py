@@ -7,21 +7,8 @@ nearest before) a step, trains on under the policy, records the branch as a run 
 and judges it with the observed-collapse rule over the branch's whole trajectory (the
 original's steps before the branch point, then the branch's).
 
-The protocol, for the built-in example today and for users' own trainers later: a branch is
-asked for with environment variables, which a trainer honours at start-up.
-
-- STABLEDRL_RESUME_CHECKPOINT: the checkpoint file to resume from (its format is the
-  trainer's own; the built-in example's is described in `stabledrl_cli.example.checkpoint`).
-- STABLEDRL_POLICY_OVERRIDE: the catalogue spec to train with from the checkpoint on,
-  instead of the run's own policy (e.g. `dapo:eps_high=0.28`).
-- STABLEDRL_RUN_DIR: the branch's run directory to record into (the same variable
-  `stabledrl record -- CMD` sets: `log_policy_batch` records there).
-- STABLEDRL_BRANCH_AT: the optimizer step the checkpoint resumes at (the branch's first step).
-- STABLEDRL_BRANCH_STEPS: how many optimizer steps to train from there.
-
-`BranchRequest.from_env(os.environ)` reads them (None when no resume is asked for);
-`BranchRequest.to_env()` writes them. `stabledrl branch` builds the request of each branch,
-passes it through `to_env` and `from_env`, and hands it to the built-in example
+The request of each branch travels through the branch protocol's environment variables
+(`stabledrl_cli.capture.branch_protocol`: `to_env`, then `from_env`) into the built-in example
 (`stabledrl_cli.example.branch.train_branch`), which `python -m stabledrl_cli.example` runs on
 the request of its own environment: one code path for the CLI and for a process honouring the
 variables. The user-facing description is docs/branching.md.
@@ -29,87 +16,25 @@ variables. The user-facing description is docs/branching.md.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from stabledrl_cli.capture.bootstrap import ENV_RUN_DIR
+from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, BranchRequest, branch_dir
+from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.example.branch import train_branch
+from stabledrl_cli.example.checkpoint import list_checkpoints
+from stabledrl_cli.policies import get_policy
+from stabledrl_cli.replay.detectors import observed_reward_collapse
+from stabledrl_cli.replay.engine import replay
 
-ENV_RESUME_CHECKPOINT = "STABLEDRL_RESUME_CHECKPOINT"
-ENV_POLICY_OVERRIDE = "STABLEDRL_POLICY_OVERRIDE"
-ENV_BRANCH_AT = "STABLEDRL_BRANCH_AT"
-ENV_BRANCH_STEPS = "STABLEDRL_BRANCH_STEPS"
-BRANCHES_DIR = "branches"
-"""A run's sub-directory of branch runs (`RUN/branches/POLICY@STEP`)."""
 NO_CHECKPOINTS = (
     "{run}: the run has no checkpoints to branch from; record it with --checkpoint-every N "
     "(e.g. stabledrl record --out RUN --checkpoint-every 40)"
 )
-
-
-@dataclass(frozen=True, kw_only=True)
-class BranchRequest:
-    """One branch: resume `checkpoint` at step `at`, train `steps` steps under `policy`,
-    record into `run_dir`."""
-
-    checkpoint: Path
-    policy: str
-    run_dir: Path
-    at: int
-    steps: int
-
-    def __post_init__(self) -> None:
-        if self.at < 0:
-            raise UsageError(f"the branch step must be >= 0, got {self.at}")
-        if self.steps < 1:
-            raise UsageError(f"a branch must train >= 1 step, got {self.steps}")
-
-    def to_env(self) -> dict[str, str]:
-        """The protocol's environment variables for this request."""
-        return {
-            ENV_RESUME_CHECKPOINT: str(self.checkpoint),
-            ENV_POLICY_OVERRIDE: self.policy,
-            ENV_RUN_DIR: str(self.run_dir),
-            ENV_BRANCH_AT: str(self.at),
-            ENV_BRANCH_STEPS: str(self.steps),
-        }
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> BranchRequest | None:
-        """The request the environment makes, or None when it asks for no resume.
-
-        UsageError when STABLEDRL_RESUME_CHECKPOINT is set but another variable is missing or
-        not an integer where one is needed.
-        """
-        checkpoint = env.get(ENV_RESUME_CHECKPOINT)
-        if not checkpoint:
-            return None
-        wanted = (ENV_POLICY_OVERRIDE, ENV_RUN_DIR, ENV_BRANCH_AT, ENV_BRANCH_STEPS)
-        missing = [name for name in wanted if not env.get(name)]
-        if missing:
-            raise UsageError(f"{ENV_RESUME_CHECKPOINT} is set but {', '.join(missing)} is not")
-        numbers = {}
-        for name in (ENV_BRANCH_AT, ENV_BRANCH_STEPS):
-            try:
-                numbers[name] = int(env[name])
-            except ValueError:
-                raise UsageError(f"{name} must be an integer, got {env[name]!r}") from None
-        return cls(
-            checkpoint=Path(checkpoint),
-            policy=env[ENV_POLICY_OVERRIDE],
-            run_dir=Path(env[ENV_RUN_DIR]),
-            at=numbers[ENV_BRANCH_AT],
-            steps=numbers[ENV_BRANCH_STEPS],
-        )
-
-
-def branch_dir(base: Path, policy: str, at: int) -> Path:
-    """`base/POLICY@STEP`: the run directory of the branch of `policy` at step `at`."""
-    return base / f"{policy}@{at}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,8 +115,6 @@ def checkpoint_for(run_dir: Path, at: int) -> tuple[int, Path]:
 
     InputError (exit 3) for a run without checkpoints; UsageError when all are after `at`.
     """
-    from stabledrl_cli.example.checkpoint import list_checkpoints  # imports torch
-
     found = list_checkpoints(run_dir)
     if not found:
         raise InputError(NO_CHECKPOINTS.format(run=run_dir))
@@ -210,8 +133,6 @@ def _trajectory_collapse(
     reward_range: tuple[float, float] | None,
 ) -> int | None:
     """The observed-collapse rule over the original's steps < `at`, then the branch's."""
-    from stabledrl_cli.replay.detectors import observed_reward_collapse
-
     keep = original[0] < at
     steps = np.concatenate([original[0][keep], branch[0]])
     rewards = np.concatenate([original[1][keep], branch[1]])
@@ -245,11 +166,6 @@ def run_branches(
     runs go (default RUN/branches). on_branch: called before each branch trains; on_step: with
     each branch step's number.
     """
-    from stabledrl_cli.dump import open_run
-    from stabledrl_cli.example.branch import train_branch
-    from stabledrl_cli.policies import get_policy
-    from stabledrl_cli.replay.engine import replay
-
     if not policies:
         raise UsageError("name at least one policy to branch with")
     at_step, checkpoint = checkpoint_for(run_dir, at)
@@ -304,8 +220,3 @@ def run_branches(
         original_first_reward_collapse=replayed.observed.first_reward_collapse,
         branches=outcomes,
     )
-
-
-def request_from_environment() -> BranchRequest | None:
-    """The branch this process is asked to train (`BranchRequest.from_env(os.environ)`)."""
-    return BranchRequest.from_env(os.environ)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from stabledrl_cli.branching import (
+from stabledrl_cli.capture.branch_protocol import (
     ENV_BRANCH_AT,
     ENV_RESUME_CHECKPOINT,
     BranchRequest,

@@ -15,7 +15,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from stabledrl_cli.branching import BranchReport, BranchRequest, run_branches
+from stabledrl_cli.branching import BranchReport, run_branches
+from stabledrl_cli.capture.branch_protocol import BranchRequest
 from stabledrl_cli.cli._options import DeviceOpt, FormatOpt
 from stabledrl_cli.cli._output import Advance, err, out, print_json, progress, progress_enabled
 from stabledrl_cli.errors import InputError

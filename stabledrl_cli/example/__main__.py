@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from stabledrl_cli.branching import ENV_RESUME_CHECKPOINT, request_from_environment
+from stabledrl_cli.capture.branch_protocol import ENV_RESUME_CHECKPOINT, request_from_environment
 from stabledrl_cli.errors import StabledrlError
 from stabledrl_cli.example.branch import train_branch
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from stabledrl_cli._device import resolve_device
-from stabledrl_cli.branching import BranchRequest
+from stabledrl_cli.capture.branch_protocol import BranchRequest
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.example.checkpoint import load_checkpoint

@@ -1,0 +1,101 @@
+"""The branch protocol: how a trainer is asked to train one branch of a recorded run.
+
+A branch is asked for with environment variables, which a trainer honours at start-up (the
+built-in example does, through `stabledrl_cli.example.branch.train_branch`; an integration can
+honour them for users' own trainers):
+
+- STABLEDRL_RESUME_CHECKPOINT: the checkpoint file to resume from (its format is the
+  trainer's own; the built-in example's is described in `stabledrl_cli.example.checkpoint`).
+- STABLEDRL_POLICY_OVERRIDE: the catalogue spec to train with from the checkpoint on,
+  instead of the run's own policy (e.g. `dapo:eps_high=0.28`).
+- STABLEDRL_RUN_DIR: the branch's run directory to record into (the same variable
+  `stabledrl record -- CMD` sets: `log_policy_batch` records there).
+- STABLEDRL_BRANCH_AT: the optimizer step the checkpoint resumes at (the branch's first step).
+- STABLEDRL_BRANCH_STEPS: how many optimizer steps to train from there.
+
+`BranchRequest.from_env(os.environ)` reads them (None when no resume is asked for);
+`BranchRequest.to_env()` writes them. docs/branching.md describes it for users.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from stabledrl_cli.capture.bootstrap import ENV_RUN_DIR
+from stabledrl_cli.errors import UsageError
+
+ENV_RESUME_CHECKPOINT = "STABLEDRL_RESUME_CHECKPOINT"
+ENV_POLICY_OVERRIDE = "STABLEDRL_POLICY_OVERRIDE"
+ENV_BRANCH_AT = "STABLEDRL_BRANCH_AT"
+ENV_BRANCH_STEPS = "STABLEDRL_BRANCH_STEPS"
+BRANCHES_DIR = "branches"
+"""A run's sub-directory of branch runs (`RUN/branches/POLICY@STEP`)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BranchRequest:
+    """One branch: resume `checkpoint` at step `at`, train `steps` steps under `policy`,
+    record into `run_dir`."""
+
+    checkpoint: Path
+    policy: str
+    run_dir: Path
+    at: int
+    steps: int
+
+    def __post_init__(self) -> None:
+        if self.at < 0:
+            raise UsageError(f"the branch step must be >= 0, got {self.at}")
+        if self.steps < 1:
+            raise UsageError(f"a branch must train >= 1 step, got {self.steps}")
+
+    def to_env(self) -> dict[str, str]:
+        """The protocol's environment variables for this request."""
+        return {
+            ENV_RESUME_CHECKPOINT: str(self.checkpoint),
+            ENV_POLICY_OVERRIDE: self.policy,
+            ENV_RUN_DIR: str(self.run_dir),
+            ENV_BRANCH_AT: str(self.at),
+            ENV_BRANCH_STEPS: str(self.steps),
+        }
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> BranchRequest | None:
+        """The request the environment makes, or None when it asks for no resume.
+
+        UsageError when STABLEDRL_RESUME_CHECKPOINT is set but another variable is missing or
+        not an integer where one is needed.
+        """
+        checkpoint = env.get(ENV_RESUME_CHECKPOINT)
+        if not checkpoint:
+            return None
+        wanted = (ENV_POLICY_OVERRIDE, ENV_RUN_DIR, ENV_BRANCH_AT, ENV_BRANCH_STEPS)
+        missing = [name for name in wanted if not env.get(name)]
+        if missing:
+            raise UsageError(f"{ENV_RESUME_CHECKPOINT} is set but {', '.join(missing)} is not")
+        numbers = {}
+        for name in (ENV_BRANCH_AT, ENV_BRANCH_STEPS):
+            try:
+                numbers[name] = int(env[name])
+            except ValueError:
+                raise UsageError(f"{name} must be an integer, got {env[name]!r}") from None
+        return cls(
+            checkpoint=Path(checkpoint),
+            policy=env[ENV_POLICY_OVERRIDE],
+            run_dir=Path(env[ENV_RUN_DIR]),
+            at=numbers[ENV_BRANCH_AT],
+            steps=numbers[ENV_BRANCH_STEPS],
+        )
+
+
+def branch_dir(base: Path, policy: str, at: int) -> Path:
+    """`base/POLICY@STEP`: the run directory of the branch of `policy` at step `at`."""
+    return base / f"{policy}@{at}"
+
+
+def request_from_environment() -> BranchRequest | None:
+    """The branch this process is asked to train (`BranchRequest.from_env(os.environ)`)."""
+    return BranchRequest.from_env(os.environ)
