@@ -10,8 +10,15 @@ and a low-lr run (lr 1e-6: they move, too little to collapse).
 Seeds are split before anything is looked at: calibration seeds tune a detector's settings,
 held-out seeds score it. Seed 0 (the fixtures' seed) is always held out.
 
+Phase 3 (`branches`) asks the ground truth of "would another policy have held": it records
+grpo runs with checkpoints, re-trains each from two checkpoints before its collapse under
+every policy (`stabledrl_cli.branching.run_branches`, what `stabledrl branch` runs), observes
+whether each branch collapsed, and counts how often the one-step replay's flags of that policy
+on the recorded batches (from the branch point on) agree with the branch's outcome.
+
     python benchmarks/collapse_suite.py record            # ~20 min on one core, resumable
     python benchmarks/collapse_suite.py evaluate --json collapse_suite.json
+    python benchmarks/collapse_suite.py branches --json branches.json   # ~10 min
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from stabledrl_cli.branching import BranchOutcome, run_branches
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.replay.engine import replay
 from stabledrl_cli.replay.observed import observe
@@ -96,7 +104,7 @@ def record(spec: RunSpec, cache: Path) -> Path:
     command = [
         sys.executable, "-m", "stabledrl_cli", "record", "--out", str(out), "--force",
         "--threads", "1",
-        "--seed", str(spec.seed), "--steps", str(spec.steps), "--lr", repr(spec.arm.lr),
+        "--seed", str(spec.seed), "--rl-steps", str(spec.steps), "--lr", repr(spec.arm.lr),
         "--policy", spec.arm.policy, "--estimator", spec.estimator,
     ]  # fmt: skip
     if spec.arm.same_mask:
@@ -232,9 +240,104 @@ def evaluate(specs: Sequence[RunSpec], cache: Path) -> list[Labelled]:
     return labelled
 
 
+# --- phase 3: branches as ground truth ---------------------------------------------------------
+BRANCH_RUNS = tuple(
+    RunSpec(ARMS[0], seed, estimator, 240) for seed in HELD_OUT_SEEDS for estimator in ESTIMATORS
+)
+BRANCH_AT = (40, 80)
+BRANCH_POLICIES = ("grpo", "dapo", "cispo", "sapo", "stabledrl")
+CHECKPOINT_EVERY = 40
+
+
+def record_with_checkpoints(spec: RunSpec, cache: Path) -> Path:
+    """A run of the grid recorded with checkpoints (kept when already done)."""
+    out = cache / f"{spec.name}_ckpt"
+    if (out / ".done").is_file():
+        return out
+    command = [
+        sys.executable, "-m", "stabledrl_cli", "record", "--out", str(out), "--force",
+        "--threads", "1", "--seed", str(spec.seed), "--rl-steps", str(spec.steps),
+        "--lr", repr(spec.arm.lr), "--policy", spec.arm.policy, "--estimator", spec.estimator,
+        "--checkpoint-every", str(CHECKPOINT_EVERY),
+    ]  # fmt: skip
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    (out / ".done").write_text("ok\n")
+    return out
+
+
+@dataclass(frozen=True)
+class BranchRow:
+    run: str
+    at: int
+    policy: str
+    collapsed: bool
+    risk_flagged: bool
+    bias_flagged: bool
+
+
+def branch_rows(cache: Path) -> list[BranchRow]:
+    rows = []
+    for spec in BRANCH_RUNS:
+        run_dir = record_with_checkpoints(spec, cache)
+        for at in BRANCH_AT:
+            report = run_branches(run_dir, at=at, policies=BRANCH_POLICIES, force=True)
+            outcome: BranchOutcome
+            for outcome in report.branches:
+                rows.append(
+                    BranchRow(
+                        run=run_dir.name,
+                        at=report.at,
+                        policy=outcome.policy,
+                        collapsed=outcome.collapsed,
+                        risk_flagged=outcome.replay_flagged,
+                        bias_flagged=bool(outcome.replay_drift_steps),
+                    )
+                )
+            print(f"{run_dir.name} @ {report.at}: "
+                  + ", ".join(f"{o.policy} {'collapsed' if o.collapsed else 'held'}"
+                              for o in report.branches), file=sys.stderr, flush=True)  # fmt: skip
+    return rows
+
+
+def agreement(rows: Sequence[BranchRow], flag: Callable[[BranchRow], bool]) -> dict[str, int]:
+    """The confusion counts of a one-step flag against the branch outcome."""
+    return {
+        "flagged_collapsed": sum(flag(r) and r.collapsed for r in rows),
+        "flagged_held": sum(flag(r) and not r.collapsed for r in rows),
+        "clear_collapsed": sum(not flag(r) and r.collapsed for r in rows),
+        "clear_held": sum(not flag(r) and not r.collapsed for r in rows),
+    }
+
+
+def print_branches(rows: Sequence[BranchRow], write: Callable[[str], None]) -> dict[str, object]:
+    flags: dict[str, Callable[[BranchRow], bool]] = {
+        "risk": lambda r: r.risk_flagged,
+        "bias": lambda r: r.bias_flagged,
+        "risk or bias": lambda r: r.risk_flagged or r.bias_flagged,
+    }
+    write(f"branches: {len(rows)} ({sum(r.collapsed for r in rows)} collapsed)")
+    write(f"{'one-step flag':14} {'agree':>6} {'flag+coll':>9} {'flag+held':>9} "
+          f"{'clear+coll':>10} {'clear+held':>10}")  # fmt: skip
+    summary: dict[str, object] = {}
+    for name, flag in flags.items():
+        counts = agreement(rows, flag)
+        agree = (counts["flagged_collapsed"] + counts["clear_held"]) / len(rows) if rows else 0.0
+        summary[name] = {**counts, "agreement": agree}
+        write(f"{name:14} {agree:>6.2f} {counts['flagged_collapsed']:>9} "
+              f"{counts['flagged_held']:>9} {counts['clear_collapsed']:>10} "
+              f"{counts['clear_held']:>10}")  # fmt: skip
+    write("")
+    for policy in BRANCH_POLICIES:
+        mine = [r for r in rows if r.policy.split(":")[0] == policy]
+        write(f"  {policy:10} collapsed {sum(r.collapsed for r in mine)}/{len(mine)}, "
+              f"risk-flagged {sum(r.risk_flagged for r in mine)}/{len(mine)}")  # fmt: skip
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=("record", "evaluate"))
+    parser.add_argument("phase", choices=("record", "evaluate", "branches"))
     parser.add_argument("--cache", type=Path, default=Path("runs/collapse_suite"))
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--json", type=Path, default=None)
@@ -247,6 +350,16 @@ def main(argv: list[str] | None = None) -> int:
             record(spec, args.cache)
             print(f"[{i}/{len(specs)}] {spec.name} {time.perf_counter() - started:.0f} s",
                   file=sys.stderr, flush=True)  # fmt: skip
+        return 0
+    if args.phase == "branches":
+        args.cache.mkdir(parents=True, exist_ok=True)
+        rows = branch_rows(args.cache)
+        summary = print_branches(rows, print)
+        if args.json is not None:
+            report = {"runs": [s.name for s in BRANCH_RUNS], "at": list(BRANCH_AT),
+                      "policies": list(BRANCH_POLICIES), "agreement": summary,
+                      "branches": [asdict(r) for r in rows]}  # fmt: skip
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
         return 0
     runs = evaluate(specs, args.cache)
     held = [r for r in runs if r.held_out]
