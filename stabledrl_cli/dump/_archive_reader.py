@@ -108,6 +108,7 @@ class ArchiveRun(Run):
         except H5_ERRORS as exc:
             raise InputError(f"{path}: unreadable HDF5 file ({exc})") from None
         try:
+            self._check_kind()
             self._datasets = check_objects(self._file, path, file_size)
             self._load()
         except InputError:
@@ -153,7 +154,8 @@ class ArchiveRun(Run):
                 self._all_bad = f"archive index {name}: {why}"
         return values
 
-    def _load(self) -> None:
+    def _check_kind(self) -> None:
+        """A run archive of a readable version, else InputError (a replay report named)."""
         handle, path = self._file, self.path
         kind = decode(handle.attrs.get("kind"))
         if kind == REPLAY_REPORT_KIND:
@@ -163,6 +165,9 @@ class ArchiveRun(Run):
         self.format_version = check_readable_version(
             decode(handle.attrs.get("format_version")), str(path)
         )
+
+    def _load(self) -> None:
+        handle, path = self._file, self.path
         manifest = parse_manifest(self._text("manifest", MANIFEST_LIMIT), f"{path} (manifest)")
         check_manifest(manifest, f"{path} (manifest)")
         self._manifest = manifest
