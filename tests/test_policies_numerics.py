@@ -30,6 +30,12 @@ SPECS = [
     "stabledrl:level=token",
     "stabledrl:norm=batch",
     "is:agg=constant,max_len=4",
+    "ppo:agg=token-sum",
+    "ppo:agg=micro-token-mean",
+    "dual-clip:agg=seq-mean-token-sum-norm",
+    "grpo:rows=all",
+    "gspo:rows=all",
+    "stabledrl:rows=all",
 ]
 
 # Families whose coefficient has an unbounded branch (r A with no bound on r).

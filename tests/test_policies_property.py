@@ -25,6 +25,12 @@ SPECS = [
     "stabledrl:norm=batch",
     "grpo:agg=seq-mean-token-sum",
     "is:agg=constant,max_len=4",
+    "ppo:agg=token-sum",
+    "ppo:agg=micro-token-mean",
+    "dual-clip:agg=seq-mean-token-sum-norm",
+    "grpo:rows=all",
+    "gspo:rows=all",
+    "stabledrl:rows=all",
 ]
 
 
