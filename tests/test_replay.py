@@ -342,7 +342,7 @@ def test_mixed_geometry_reports_every_key_and_labels_each_step(tmp_path):
             assert (row["cosine_to_own"] is None) == (row["geometry"] == "coef")
     # fidelity is measured on the steps with geometry only (coef norms are not grad norms)
     assert own["summary"]["fidelity"] < 1e-5 and other["summary"]["fidelity"] is None
-    table = runner.invoke(app, ["replay", str(path), "-p", "grpo", "--device", "cpu"])
+    table = runner.invoke(app, ["replay", str(path), "-p", "grpo", "--wide", "--device", "cpu"])
     assert table.exit_code == 0 and "geometry mixed (coverage 50%)" in table.stdout
     assert "norm med*" in table.stdout and "a proxy in other units" in table.stdout
 
@@ -588,7 +588,7 @@ def test_a_new_column_is_one_declaration(plain_run, tmp_path, monkeypatch):
     np.testing.assert_allclose(report["doubled_norm"], 2 * report["update_norm"])
 
     console = Console(record=True, width=200)
-    print_detail(result, console)
+    print_detail(result, console, wide=True)
     assert "twice norm" in console.export_text()
 
     baseline = baseline_dict(result, check_settings(None))

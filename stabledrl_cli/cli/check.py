@@ -36,6 +36,7 @@ from stabledrl_cli.cli.replay import (
     check_outputs,
     note_skipped,
     option_names,
+    replay_with_progress,
 )
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import UsageError
@@ -47,11 +48,11 @@ from stabledrl_cli.replay.baseline import (
     write_baseline,
 )
 from stabledrl_cli.replay.config import DEFAULT_SPIKE_FACTOR, ReplayConfig
-from stabledrl_cli.replay.engine import replay_run
 from stabledrl_cli.replay.figures import policy_metrics
 from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
 from stabledrl_cli.replay.junit import write_junit
 from stabledrl_cli.replay.plot import plot_replay
+from stabledrl_cli.replay.report import print_whole
 from stabledrl_cli.replay.result import ReplayResult
 
 
@@ -62,12 +63,17 @@ def counted(count: int, noun: str) -> str:
     return f"{count} {noun[:-1] + 'ies' if noun.endswith('y') else noun + 's'}"
 
 
+_BORDERS = 1  # the table's left edge; each column adds its right edge and padding
+_CELL_PADDING = 3
+_MIN_DETAIL = 12
+
+
 def _print_table(results: list[GateResult], run: str) -> None:
-    table = Table(title=f"stabledrl check {run}", title_justify="left")
-    for column in ("policy", "gate", "status", "figure", "limit", "detail"):
-        table.add_column(column, overflow="fold")
-    for r in results:
-        table.add_row(
+    """One line per gate at any width: nothing wraps; the policy, gate, status, figure and
+    limit are shown whole and the detail (every tripped gate's is also on stderr, whole) takes
+    what is left, cut with an ellipsis on a narrow terminal."""
+    rows = [
+        (
             r.policy or "(run)",
             r.gate,
             "ok" if r.ok else "FAILED",
@@ -75,6 +81,18 @@ def _print_table(results: list[GateResult], run: str) -> None:
             "n/a" if r.limit is None else format_figure(r.limit),
             r.message,
         )
+        for r in results
+    ]
+    table = Table(title=f"stabledrl check {run}", title_justify="left")
+    used = _BORDERS
+    for i, column in enumerate(("policy", "gate", "status", "figure", "limit")):
+        whole = max([len(column), *(len(row[i]) for row in rows)])
+        table.add_column(column, no_wrap=True, min_width=whole)
+        used += whole + _CELL_PADDING
+    detail = max(_MIN_DETAIL, out.width - used - _CELL_PADDING)
+    table.add_column("detail", no_wrap=True, overflow="ellipsis", max_width=detail)
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
 
 
@@ -87,12 +105,12 @@ def _print_figures(result: ReplayResult) -> None:
         title_justify="left",
     )
     rules = policy_metrics()
-    table.add_column("policy", overflow="fold")
+    table.add_column("policy", no_wrap=True)
     for name in rules:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", no_wrap=True)
     for p in result.policies:
         table.add_row(p.spec, *(format_figure(rule.measure(p.summary)) for rule in rules.values()))
-    out.print(table)
+    print_whole(table, out)
 
 
 def command(
@@ -178,7 +196,7 @@ def command(
 
     opened = open_run(run)
     started = time.perf_counter()
-    result = replay_run(opened, specs, config=config)
+    result = replay_with_progress(opened, specs, config)
     note_skipped(result)
     if baseline is not None and baseline.run.get("steps") not in (None, result.steps):
         err.print(

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from stabledrl_cli.cli._options import (
     DeviceOpt,
@@ -27,7 +26,7 @@ from stabledrl_cli.cli._options import (
     RunArg,
     WindowOpt,
 )
-from stabledrl_cli.cli._output import err, out, progress_enabled
+from stabledrl_cli.cli._output import err, out, progress
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.replay.config import (
@@ -37,6 +36,7 @@ from stabledrl_cli.replay.config import (
     SPIKE_HISTORY,
     ConfigError,
     ReplayConfig,
+    format_step_range,
     parse_step_range,
     replay_config,
 )
@@ -113,20 +113,21 @@ def metric_groups(names: Sequence[str] | None) -> tuple[MetricGroup, ...]:
 def replay_with_progress(
     run: Run, policies: Sequence[str] | None, config: ReplayConfig
 ) -> ReplayResult:
-    """`replay_run` with a progress bar on stderr (when it is a terminal)."""
-    progress = Progress(
-        TextColumn("replaying"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        disable=not progress_enabled(),
-        transient=True,
-    )
-    with progress:
-        task = progress.add_task("replay", total=len(run))
-        return replay_run(
-            run, policies, config=config, progress=lambda n: progress.advance(task, n)
+    """`replay_run` with its progress on stderr: a bar in a terminal, a line per tenth (at
+    least every 30 s) without one."""
+    with progress("replaying", len(run)) as advance:
+        return replay_run(run, policies, config=config, progress=advance)
+
+
+def note_empty_range(result: ReplayResult) -> None:
+    """A line on stderr when `--steps` selects no step of the run."""
+    if result.step_range == (None, None) or not result.policies:
+        return
+    if len(result.policies[0].series) == 0:
+        err.print(
+            f"warning: --steps {format_step_range(result.step_range)} selects no step of "
+            f"{result.run} ({result.steps} steps replayed); no per-step rows",
+            highlight=False,
         )
 
 
@@ -138,7 +139,9 @@ def command(
     steps: Annotated[
         str | None,
         typer.Option(
-            "--steps", help="Per-step rows for A:B (A <= step < B; either side optional)."
+            "--steps",
+            metavar="A:B",
+            help="Per-step rows for A:B (A <= step < B; either side optional).",
         ),
     ] = None,
     detail: Annotated[
@@ -183,6 +186,18 @@ def command(
             "fractions), counts (scored and clipped entries); repeatable.",
         ),
     ] = None,
+    wide: Annotated[
+        bool,
+        typer.Option(
+            "--wide", help="Every column of the tables (default: the few that fit 80 columns)."
+        ),
+    ] = False,
+    legend: Annotated[
+        bool,
+        typer.Option(
+            "--legend/--no-legend", help="A line per column under each table, and the best rule."
+        ),
+    ] = True,
 ) -> None:
     """Replay a recorded run through the policy catalogue (one-step counterfactuals)."""
     check_outputs(plot, {"--out": out_path})
@@ -201,6 +216,7 @@ def command(
     opened = open_run(run)
     result = replay_with_progress(opened, policy, config)
     note_skipped(result)
+    note_empty_range(result)
     if out_path is not None:
         write_hdf5(result, out_path)
         err.print(f"wrote {out_path}", highlight=False)
@@ -216,5 +232,5 @@ def command(
         return
     groups = metric_groups(metrics)
     if detail or steps is not None:
-        print_detail(result, out, groups)
-    print_summary(result, out, groups)
+        print_detail(result, out, groups, wide=wide, legend=legend)
+    print_summary(result, out, groups, wide=wide, legend=legend)

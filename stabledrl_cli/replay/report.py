@@ -4,9 +4,11 @@ run, and with `--detail` or `--steps` the per-step rows and the flagged steps' s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from stabledrl_cli.replay import columns
@@ -38,15 +40,154 @@ _CAPTIONS = {
 }
 
 
+OWN_NOTE = "marked own: the policy the run was trained with, best: by the rule below"
+
+
 def _marks(p: PolicyResult) -> list[str]:
     return [m for m, on in (("own", p.own), ("best", p.best)) if on]
 
 
+def _policy_cell(p: PolicyResult) -> str:
+    marks = _marks(p)
+    if p.summary.update_norm_approximate:
+        marks.append("approx. norm")
+    return p.spec + (f" ({', '.join(marks)})" if marks else "")
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.1%}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SummaryColumn:
+    """One column of the per-policy summary table: its header, how its cell is made from a
+    policy's result, and its legend line: `how` applied to the per-step columns `sources`,
+    whose meanings come from their declarations in `columns.COLUMNS` (one source for the
+    table, its legend and docs/replay-json.md)."""
+
+    header: str
+    cell: Callable[[PolicyResult], str]
+    how: str
+    """What the cell holds of its sources, e.g. "median over steps"."""
+    sources: tuple[str, ...] = ()
+    compact: bool = False
+    """Shown in the default view (the rest with `wide`)."""
+    numeric: bool = True
+    """Never wrapped (a number or step list is shown whole or shortened, never broken)."""
+
+    def legend(self) -> str:
+        """`header: how (source: its meaning; ...)`."""
+        meanings = "; ".join(f"{name}: {_MEANINGS[name].rstrip('.')}" for name in self.sources)
+        return f"{self.header}: {self.how}" + (f" ({meanings})" if meanings else "")
+
+
+_MEANINGS = {c.name: c.meaning for c in columns.COLUMNS}
+
+
+def _first(steps: list[int]) -> str:
+    return str(steps[0]) if steps else "-"
+
+
+SUMMARY_COLUMNS: tuple[SummaryColumn, ...] = (
+    SummaryColumn(header="policy", cell=_policy_cell, how=f"the policy spec, {OWN_NOTE}",
+                  compact=True, numeric=False),
+    SummaryColumn(header="discard", cell=lambda p: _percent(p.summary.discard_frac),
+                  how="over the run", sources=("discard_frac",), compact=True),
+    SummaryColumn(header="+A/-A",
+                  cell=lambda p: f"{p.summary.discarded_pos}/{p.summary.discarded_neg}",
+                  how="run totals, A > 0 / A < 0", sources=("discarded_pos", "discarded_neg")),
+    SummaryColumn(header="mass", cell=lambda p: _percent(p.summary.discarded_mass_frac),
+                  how="median over steps", sources=("discarded_mass_frac",)),
+    SummaryColumn(header="clipped", cell=lambda p: str(p.summary.clipped),
+                  how="run total", sources=("clipped",)),
+    SummaryColumn(header="norm med", cell=lambda p: format_number(p.summary.update_norm_median),
+                  how="median over the finite steps", sources=("update_norm",)),
+    SummaryColumn(header="norm max", cell=lambda p: format_number(p.summary.update_norm_max),
+                  how="the largest finite value", sources=("update_norm",)),
+    SummaryColumn(header="cos own",
+                  cell=lambda p: format_number(p.summary.cosine_to_own_median),
+                  how="median over steps", sources=("cosine_to_own",)),
+    SummaryColumn(header="spikes", cell=lambda p: format_steps(p.summary.spike_steps, LIST_LIMIT),
+                  how=f"the steps flagged (first {LIST_LIMIT})", sources=("spike",)),
+    SummaryColumn(header="bias", cell=lambda p: str(len(p.summary.drift_steps)),
+                  how="how many steps are flagged", sources=("drift",), compact=True),
+    SummaryColumn(header="risk", cell=lambda p: str(len(p.summary.collapsed_steps)),
+                  how="how many steps are flagged", sources=("collapsed",), compact=True),
+    SummaryColumn(header="first risk", cell=lambda p: _first(p.summary.collapsed_steps),
+                  how="the first step flagged", sources=("collapsed",), compact=True),
+    SummaryColumn(header="risk steps",
+                  cell=lambda p: format_steps(p.summary.collapsed_steps, LIST_LIMIT),
+                  how=f"the steps flagged (first {LIST_LIMIT})", sources=("collapsed",)),
+)  # fmt: skip
+"""The summary table's built-in columns, in order (gated and on-request columns follow)."""
+
+
+def _figure_column(column: columns.Column) -> SummaryColumn:
+    """A gated column's whole-run figure (`Column.figure`), shown with `wide`."""
+    figure, gate = column.figure, column.gate
+    assert figure is not None and gate is not None
+
+    def cell(p: PolicyResult) -> str:
+        return format_number(p.summary.column_figures.get(figure))
+
+    return SummaryColumn(header=figure, cell=cell, how=f"{gate.aggregate} over steps",
+                         sources=(column.name,))  # fmt: skip
+
+
+def _extra_column(column: columns.Column) -> SummaryColumn:
+    """An on-request (`--metrics`) column's whole-run figure, shown in either view."""
+    assert column.table is not None
+    how_cell: CellFormat = column.table.format
+
+    def cell(p: PolicyResult) -> str:
+        return _cell(p.summary.column_figures.get(column.name), how_cell)
+
+    return SummaryColumn(header=column.table.header, cell=cell, compact=True,
+                         how=f"{column.summary} over steps", sources=(column.name,))  # fmt: skip
+
+
+def summary_columns(
+    metrics: Sequence[MetricGroup] = (), *, wide: bool = False
+) -> list[SummaryColumn]:
+    """The summary table's columns: the compact view (which policy, how much discarded, did it
+    blow up and when) or, with `wide`, every one; then the `metrics` groups' columns."""
+    shown = [c for c in SUMMARY_COLUMNS if wide or c.compact]
+    if wide:
+        shown += [_figure_column(c) for c in columns.gated_columns() if c.figure is not None]
+    extra = [c for c in columns.summary_columns() if c.group in metrics and c.table is not None]
+    return shown + [_extra_column(c) for c in extra]
+
+
+def print_whole(table: Table, console: Console) -> None:
+    """`table` at the console's width when it fits whole, else at its natural width (a table
+    too wide for the terminal overflows it rather than cut or break a cell)."""
+    unbounded = console.options.update(width=_UNBOUNDED)
+    natural = Measurement.get(console, unbounded, table).maximum
+    if natural > console.width:
+        table.width = natural
+    console.print(table, crop=False)
+
+
+_UNBOUNDED = 100_000
+
+
+def print_legend(lines: Sequence[str], console: Console) -> None:
+    """Legend lines under a table, wrapped to the console (never cut)."""
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=False, style="dim")
+
+
 def print_summary(
-    result: ReplayResult, console: Console, metrics: Sequence[MetricGroup] = ()
+    result: ReplayResult,
+    console: Console,
+    metrics: Sequence[MetricGroup] = (),
+    *,
+    wide: bool = False,
+    legend: bool = True,
 ) -> None:
-    """One row per policy, the run's own policy and the best one marked; `metrics`: the
-    groups of on-request columns to add (their whole-run figures)."""
+    """One line per policy, the run's own policy and the best one marked (`wide`: every
+    column; `metrics`: the groups of on-request columns to add); under it, unless `legend` is
+    False, one legend line per column shown and the rule that picks `best`."""
     caption = _CAPTIONS.get(result.geometry)
     if caption is not None:
         caption = caption.format(uncovered=1 - result.geometry_coverage)
@@ -58,40 +199,20 @@ def print_summary(
         caption=caption,
         caption_justify="left",
     )
-    figures = [c.figure for c in columns.gated_columns() if c.figure is not None]
-    extra = [c for c in columns.summary_columns() if c.group in metrics and c.table is not None]
-    headers = [
-        "policy", "discard", "+A/-A", "mass", "clipped", f"norm med{star}", f"norm max{star}",
-        "cos own", "spikes", "bias", "risk", *figures,
-        *(c.table.header for c in extra if c.table is not None),
-    ]  # fmt: skip
-    for header in headers:
-        table.add_column(header, overflow="fold")
-    for p in result.policies:
-        s = p.summary
-        marks = _marks(p)
-        if s.update_norm_approximate:
-            marks.append("approx. norm")
-        table.add_row(
-            p.spec + (f" ({', '.join(marks)})" if marks else ""),
-            f"{s.discard_frac:.1%}",
-            f"{s.discarded_pos}/{s.discarded_neg}",
-            "n/a" if s.discarded_mass_frac is None else f"{s.discarded_mass_frac:.1%}",
-            str(s.clipped),
-            format_number(s.update_norm_median),
-            format_number(s.update_norm_max),
-            format_number(s.cosine_to_own_median),
-            format_steps(s.spike_steps, LIST_LIMIT),
-            str(len(s.drift_steps)),
-            format_steps(s.collapsed_steps, LIST_LIMIT),
-            *(format_number(s.column_figures.get(name)) for name in figures),
-            *(
-                _cell(s.column_figures.get(c.name), c.table.format)
-                for c in extra
-                if c.table is not None
-            ),
-        )
-    console.print(table)
+    shown = summary_columns(metrics, wide=wide)
+    rows = [[column.cell(p) for column in shown] for p in result.policies]
+    for i, column in enumerate(shown):
+        header = column.header + (star if "update_norm" in column.sources else "")
+        if column.numeric:  # never narrower than its widest cell: a number is never cut
+            whole = max([len(header), *(len(row[i]) for row in rows)])
+            table.add_column(header, no_wrap=True, min_width=whole, justify="right")
+        else:
+            table.add_column(header, no_wrap=True, overflow="ellipsis")
+    for row in rows:
+        table.add_row(*row)
+    print_whole(table, console)
+    if legend:
+        print_legend([c.legend() for c in shown] + [BEST_RULE], console)
     print_observed(result, console)
     own = result.own
     if own is None:
@@ -106,8 +227,9 @@ def print_summary(
             f"relative error of -J vs the recorded loss), fidelity {format_number(s.fidelity)}"
             + (" (needs gradient geometry)" if s.fidelity is None else "")
         )
-    for line in (note, BEST_RULE, FOOTER):
-        console.print(line, highlight=False)
+    hidden = "" if wide else "  More columns: --wide."
+    for line in (note, FOOTER + hidden):
+        console.print(line, highlight=False, soft_wrap=False)
 
 
 def warning_text(warning: CollapseWarning, collapse: int | None) -> str:
@@ -130,8 +252,9 @@ def print_observed(result: ReplayResult, console: Console) -> None:
         + format_steps(obs.recorded_spike_steps, LIST_LIMIT)
         + f"; noise floor std log r: {format_number(obs.noise_floor_logratio_std)}",
         highlight=False,
+        soft_wrap=False,
     )
-    console.print(warning_text(obs.collapse_warning, collapse), highlight=False)
+    console.print(warning_text(obs.collapse_warning, collapse), highlight=False, soft_wrap=False)
 
 
 def _cell(value: object, how: CellFormat) -> str:
@@ -143,29 +266,55 @@ def _cell(value: object, how: CellFormat) -> str:
     return format_number(number, 4 if how == "number4" else 3)
 
 
+def detail_legend(shown: Sequence[columns.Column], flags: Sequence[str]) -> list[str]:
+    """The per-step table's legend: one line per column shown, from its declaration."""
+    lines = [
+        (c.table.header if c.table.header == c.name else f"{c.table.header} ({c.name})")
+        + f": {c.meaning.rstrip('.')}"
+        for c in shown
+        if c.table is not None
+    ]
+    flagged = "; ".join(f"{name}: {_MEANINGS[name].rstrip('.')}" for name in flags)
+    return [*lines, f"flags: {flagged}"]
+
+
+COMPACT_STEP_COLUMNS = ("step", "discard_frac", "update_norm", "net_push")
+"""The per-step table's columns without `wide` (then the on-request ones, and the flags)."""
+
+
 def print_detail(
-    result: ReplayResult, console: Console, metrics: Sequence[MetricGroup] = ()
+    result: ReplayResult,
+    console: Console,
+    metrics: Sequence[MetricGroup] = (),
+    *,
+    wide: bool = False,
+    legend: bool = True,
 ) -> None:
     """Per-step rows of the reported range, one table a policy (cells and flags as declared
-    in `columns.COLUMNS`, with the on-request columns of `metrics`), then the flagged steps'
-    top sequences."""
-    shown = columns.table_columns(tuple(metrics))
+    in `columns.COLUMNS`: `COMPACT_STEP_COLUMNS`, or every one with `wide`, and the on-request
+    columns of `metrics`; numbers never wrapped), then the flagged steps' top sequences;
+    unless `legend` is False, the columns' legend."""
+    shown = [
+        c
+        for c in columns.table_columns(tuple(metrics))
+        if c.table is not None and (wide or c.group is not None or c.name in COMPACT_STEP_COLUMNS)
+    ]
     flags = [c.name for c in columns.reported_columns() if c.flag]
     span = format_step_range(result.step_range)
     for p in result.policies:
         marks = _marks(p)
         table = Table(
-            title=f"{p.spec}{' [' + ', '.join(marks) + ']' if marks else ''}: steps {span}",
+            title=f"{p.spec}{' (' + ', '.join(marks) + ')' if marks else ''}: steps {span}",
             title_justify="left",
         )
         for column in shown:
             assert column.table is not None
-            table.add_column(column.table.header)
-        table.add_column("flags")
+            table.add_column(column.table.header, no_wrap=True, justify="right")
+        table.add_column("flags", no_wrap=True)
         for row in p.series.iter_rows():
             cells = [_cell(row[c.name], c.table.format) for c in shown if c.table is not None]
             table.add_row(*cells, ",".join(name for name in flags if row[name]) or "-")
-        console.print(table)
+        print_whole(table, console)
         for number, seqs in sorted(p.detail.items()):
             top = Table(
                 title=f"{p.spec} step {number}: sequences contributing most", title_justify="left"
@@ -182,3 +331,5 @@ def print_detail(
                     format_number(seq.contribution),
                 )
             console.print(top)
+    if legend and result.policies:
+        print_legend(detail_legend(shown, flags), console)
