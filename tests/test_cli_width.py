@@ -49,3 +49,75 @@ def test_policies_is_a_table_when_wide_and_blocks_when_narrow():
     assert "┃ name" in _run(["policies"], 250)
     narrow = _run(["policies"], 80)
     assert "┃" not in narrow and re.search(r"\n  defaults +eps_low=0\.2 eps_high=0\.2", narrow)
+
+
+POLICIES = ["-p", "grpo", "-p", "two-sided:delta=4", "-p", "cispo"]
+
+
+@pytest.fixture(scope="module")
+def grpo_figures(grpo_fixture) -> dict[str, list[str]]:
+    """Each policy's cells of the default view, from the replay's JSON."""
+    data = json.loads(_run(["replay", str(grpo_fixture), *POLICIES, "-f", "json"], 250))
+    cells = {}
+    for p in data["policies"]:
+        s = p["summary"]
+        risk = s["collapsed_steps"]
+        cells[p["spec"]] = [
+            f"{s['discard_frac']:.1%}", str(len(s["drift_steps"])), str(len(risk)),
+            str(risk[0]) if risk else "-",
+        ]  # fmt: skip
+    return cells
+
+
+def _row(text: str, spec: str) -> str:
+    rows = [line for line in text.splitlines() if line.startswith(f"│ {spec} ")]
+    assert len(rows) == 1, f"{spec}: {len(rows)} table lines"
+    return rows[0]
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_replay_default_view_fits_one_line_a_policy(grpo_fixture, grpo_figures, width):
+    text = _run(["replay", str(grpo_fixture), *POLICIES, "--device", "cpu"], width)
+    assert max(len(line) for line in text.splitlines()) <= width
+    for spec, cells in grpo_figures.items():
+        words = _row(text, spec).replace("│", " ").split()
+        assert all(cell in words for cell in cells), (spec, cells, words)
+    assert "first risk: the first step flagged" in text  # the legend, a line per column
+    assert "best: fewest bias steps" in text
+
+
+def test_replay_wide_and_no_legend(grpo_fixture, grpo_figures):
+    text = _run(["replay", str(grpo_fixture), *POLICIES, "--wide", "--no-legend"], 80)
+    assert "norm max" in text and "cos own" in text
+    for spec, cells in grpo_figures.items():  # overflowing the terminal, never cut nor wrapped
+        words = _row(text, spec).replace("│", " ").split()
+        assert all(cell in words for cell in cells) and "…" not in _row(text, spec)
+    assert "best: fewest bias steps" not in text and "first risk: the first" not in text
+
+
+def test_replay_warns_on_an_empty_step_range(grpo_fixture):
+    result = runner.invoke(
+        app, ["replay", str(grpo_fixture), "-p", "grpo", "--steps", "1000:2000"],
+        env={"COLUMNS": "80"},
+    )  # fmt: skip
+    assert result.exit_code == 0
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: --steps 1000:2000 selects no step of "
+        f"{grpo_fixture} (160 steps replayed); no per-step rows"
+    ]
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_check_prints_one_line_a_gate(grpo_fixture, width):
+    args = ["check", str(grpo_fixture), *POLICIES, "--max-collapsed", "0",
+            "--max-discard-frac", "0.5", "--device", "cpu"]  # fmt: skip
+    result = runner.invoke(app, args, env={"COLUMNS": str(width)})
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= width
+    gates = [line for line in lines if line.startswith("│ ")]
+    assert len(gates) == 6  # 3 policies x 2 gates, one line each
+    for line in gates:
+        status = line.replace("│", " ").split()
+        assert "ok" in status or "FAILED" in status
