@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-from tensordict import TensorDict  # type: ignore[import-untyped]
+from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 
 from stabledrl_cli.capture.bootstrap import report_failure

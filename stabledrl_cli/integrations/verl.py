@@ -121,7 +121,7 @@ def install(out: str | os.PathLike[str] | None = None, *, overwrite: bool | None
             return True
         session = Session(Path(target), overwrite)
         session.originals["train_batch"] = BaseEngine.train_batch
-        BaseEngine.train_batch = train_batch_hook(session)  # type: ignore[method-assign]
+        BaseEngine.train_batch = train_batch_hook(session)
         worker = _training_worker()
         if worker is not None:
             session.originals["train_mini_batch"] = worker.train_mini_batch
@@ -140,7 +140,7 @@ def uninstall() -> None:
         return
     from verl.workers.engine.base import BaseEngine
 
-    BaseEngine.train_batch = session.originals["train_batch"]  # type: ignore[method-assign]
+    BaseEngine.train_batch = session.originals["train_batch"]
     worker = _training_worker()
     if worker is not None and "train_mini_batch" in session.originals:
         worker.train_mini_batch = session.originals["train_mini_batch"]
@@ -155,4 +155,5 @@ def _training_worker() -> type[Any] | None:
         from verl.workers.engine_workers import TrainingWorker
     except ImportError:
         return None
-    return TrainingWorker
+    worker: type[Any] = TrainingWorker
+    return worker
