@@ -44,7 +44,6 @@ NO_POLICY = (
 
 _lock = threading.Lock()
 _recorder: Recorder | None = None
-_disabled = False
 
 
 def report_failure(code: int, message: str) -> None:
@@ -60,19 +59,41 @@ def report_failure(code: int, message: str) -> None:
         sys.stderr.write(f"stabledrl: warning: cannot report to {path}: {exc}\n")
 
 
-def _fail_once(exc: BaseException, context: str) -> None:
-    global _disabled
-    if _disabled:
-        return
-    _disabled = True
-    if isinstance(exc, StabledrlError):
-        code, reason = exc.exit_code, str(exc)
-    else:  # arrays the Recorder could not take are bad input
-        code, reason = InputError.exit_code, f"{type(exc).__name__}: {exc}"
-    message = f"{context}: {reason}"
-    sys.stderr.write(f"stabledrl: warning: {message}; recording is off, training continues\n")
-    sys.stderr.flush()
-    report_failure(code, message)
+class RecordingFailure:
+    """Recording must never break the training it observes: the first failure of a recording
+    is reported once, as a warning on stderr and to the parent `stabledrl record`
+    (`report_failure`); from then on recording is off and training goes on. `log_policy_batch`,
+    the TRL integration and the verl integration all report through one of these."""
+
+    def __init__(self) -> None:
+        self.off = False
+
+    def fail(self, exc: BaseException, context: str) -> None:
+        """Warns once and tells `stabledrl record`; recording is off from now on. A tool
+        error keeps its exit code; anything else the Recorder could not take is bad input."""
+        if self.off:
+            return
+        self.off = True
+        if isinstance(exc, StabledrlError):
+            code, reason = exc.exit_code, str(exc)
+        else:
+            code, reason = InputError.exit_code, f"{type(exc).__name__}: {exc}"
+        message = f"{context}: {reason}"
+        sys.stderr.write(f"stabledrl: warning: {message}; recording is off, training continues\n")
+        sys.stderr.flush()
+        report_failure(code, message)
+
+    def stopped(self, reason: str | None, context: str) -> bool:
+        """After a `log_step`: when the Recorder stopped itself (`on_write_error="warn"`: it
+        has warned already and noted it in the manifest), recording is off and `stabledrl
+        record` is told, with no second warning. -> whether recording is off."""
+        if reason is not None and not self.off:
+            self.off = True
+            report_failure(WriteError.exit_code, f"{context}: {reason}")
+        return self.off
+
+
+_failure = RecordingFailure()
 
 
 def _open(policy: str | PolicyLike | None, recorder_kwargs: dict[str, Any]) -> Recorder:
@@ -88,6 +109,7 @@ def _open(policy: str | PolicyLike | None, recorder_kwargs: dict[str, Any]) -> R
     from stabledrl_cli.dump import Recorder  # the training script may never log a step
 
     force = os.environ.get(ENV_FORCE, "") not in ("", "0")
+    recorder_kwargs.setdefault("on_write_error", "warn")  # a full disk never stops training
     _recorder = Recorder(run_dir, policy=policy, overwrite=force, **recorder_kwargs)
     atexit.register(close)
     return _recorder
@@ -108,15 +130,15 @@ def log_policy_batch(
     (unit, estimator, meta, ...) are used by the first call, which opens the Recorder.
     Returns True when the step was recorded. Never raises.
     """
-    if _disabled:
+    if _failure.off:
         return False
     try:
         with _lock:
             recorder = _open(policy, dict(recorder_kwargs or {}))
             recorder.log_step(step, **fields)
-        return True
+        return not _failure.stopped(recorder.stopped, f"recording stopped at step {step}")
     except Exception as exc:
-        _fail_once(exc, f"log_policy_batch failed at step {step}")
+        _failure.fail(exc, f"log_policy_batch failed at step {step}")
         return False
 
 
@@ -129,4 +151,6 @@ def close() -> None:
         try:
             recorder.close()
         except Exception as exc:
-            _fail_once(WriteError(str(exc)) if isinstance(exc, OSError) else exc, "closing the run")
+            _failure.fail(
+                WriteError(str(exc)) if isinstance(exc, OSError) else exc, "closing the run"
+            )

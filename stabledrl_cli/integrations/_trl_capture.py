@@ -9,14 +9,12 @@ non-zero) and recording stops.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from stabledrl_cli.capture.bootstrap import report_failure
+from stabledrl_cli.capture.bootstrap import RecordingFailure
 from stabledrl_cli.dump import Recorder
-from stabledrl_cli.errors import InputError, StabledrlError
 
 
 @dataclass
@@ -63,18 +61,16 @@ class StepBuffer:
         self.group_size = group_size
         self.micro: list[MicroBatch] = []
         self.inner_step = 0
-        self.failed = False
+        self.failure = RecordingFailure()
+
+    @property
+    def failed(self) -> bool:
+        """Whether recording is off (after its first failure)."""
+        return self.failure.off
 
     def warn(self, what: str, exc: BaseException) -> None:
         """Reports the first failure on stderr and to `stabledrl record`; stops recording."""
-        if self.failed:
-            return
-        self.failed = True
-        message = f"recording {what} failed: {type(exc).__name__}: {exc}"
-        sys.stderr.write(f"stabledrl: warning: {message}; recording is off, training continues\n")
-        sys.stderr.flush()
-        code = exc.exit_code if isinstance(exc, StabledrlError) else InputError.exit_code
-        report_failure(code, message)
+        self.failure.fail(exc, f"recording {what} failed")
 
     def add(self, micro: MicroBatch, inner_step: int) -> None:
         """One micro-batch (moved to CPU); the first of a step sets the step's inner_step."""
@@ -132,3 +128,4 @@ class StepBuffer:
             inner_step=self.inner_step,
             reward_mean=float(finite_rewards.mean()) if finite_rewards.numel() else math.nan,
         )
+        self.failure.stopped(self.recorder.stopped, f"recording step {step}")

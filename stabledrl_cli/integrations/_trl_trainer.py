@@ -116,6 +116,7 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
             rank=self.accelerator.process_index,
             overwrite=self._sd_overwrite and resume is None,
             group_ids="global",
+            on_write_error="warn",
             resume=resume is not None,
             resume_from=None if resume is None else resume + 1,
         )

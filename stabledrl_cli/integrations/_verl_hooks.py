@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +20,8 @@ import torch.distributed as dist
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 
-from stabledrl_cli.capture.bootstrap import report_failure
+from stabledrl_cli.capture.bootstrap import RecordingFailure
 from stabledrl_cli.dump import Recorder
-from stabledrl_cli.errors import InputError, StabledrlError
 from stabledrl_cli.integrations._verl_capture import (
     Groups,
     MicroBatch,
@@ -55,21 +53,18 @@ class Session:
     """Updates since the current rollout arrived."""
     groups: Groups | None = None
     """The current rollout's prompt groups, when `train_mini_batch` gathered them."""
-    off: bool = False
+    failure: RecordingFailure = field(default_factory=RecordingFailure)
     originals: dict[str, Callable[..., Any]] = field(default_factory=dict)
     """verl's own methods, restored by `uninstall()`."""
 
     def fail(self, exc: BaseException, context: str) -> None:
         """Reports the first failure once (stderr and `stabledrl record`); recording stops."""
-        if self.off:
-            return
-        self.off = True
-        code = exc.exit_code if isinstance(exc, StabledrlError) else InputError.exit_code
-        reason = str(exc) if isinstance(exc, StabledrlError) else f"{type(exc).__name__}: {exc}"
-        message = f"{context}: {reason}"
-        sys.stderr.write(f"stabledrl: warning: {message}; recording is off, training continues\n")
-        sys.stderr.flush()
-        report_failure(code, message)
+        self.failure.fail(exc, context)
+
+    @property
+    def off(self) -> bool:
+        """Whether recording is off (after its first failure)."""
+        return self.failure.off
 
     def close(self) -> None:
         """Closes the Recorder (registered with atexit; safe to call twice)."""
@@ -100,6 +95,7 @@ class Session:
                 rank=int(engine.get_data_parallel_rank()) if world_size > 1 else 0,
                 overwrite=self.overwrite,
                 group_ids="global" if self.groups is not None or world_size == 1 else "per_rank",
+                on_write_error="warn",
             )
         return self.recorder
 
@@ -175,6 +171,7 @@ def train_batch_hook(session: Session) -> Callable[..., Any]:
                 )
                 recorder = session.open(self, config, micro[0])
                 log.write(recorder, session.step, micro, session.groups)
+                session.failure.stopped(recorder.stopped, f"recording step {session.step}")
                 session.step += 1
             except Exception as exc:
                 session.fail(exc, f"recording step {session.step}")
