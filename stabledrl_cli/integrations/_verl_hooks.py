@@ -31,7 +31,6 @@ from stabledrl_cli.integrations._verl_capture import (
 from stabledrl_cli.integrations._verl_policy import (
     agg_mode,
     check_batch,
-    explicit_spec,
     loss_mode,
     policy_for_actor_config,
 )
@@ -83,7 +82,7 @@ class Session:
             check_batch(config, has_rollout_weights="loss_weight" in first.optional)
             self.recorder = Recorder(
                 self.out,
-                policy=explicit_spec(policy),
+                policy=policy,
                 meta={
                     "framework": "verl",
                     "verl_version": importlib.metadata.version("verl"),

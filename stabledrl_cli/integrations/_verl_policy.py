@@ -145,12 +145,6 @@ def policy_for_actor_config(config: Any, response_width: int) -> Policy:
         raise _refuse(str(exc)) from None
 
 
-def explicit_spec(policy: Policy) -> str:
-    """The policy's canonical spec (it round-trips: `get_policy(spec).params == policy.params`).
-    Kept for `_verl_hooks`, which can pass the `Policy` itself to the Recorder instead."""
-    return policy.spec
-
-
 def check_batch(config: Any, has_rollout_weights: bool) -> None:
     """UsageError, one line, for what only the batch shows the catalogue cannot express."""
     if config.use_kl_loss and has_rollout_weights:

@@ -141,6 +141,7 @@ def prepared(step: Step, arrays: Arrays, unit: Unit, where: str) -> PreparedBatc
         logp_ref=arrays.get("logp_ref"),
         loss_weight=arrays.get("loss_weight"),
         loss_scale=arrays.get("loss_scale"),
+        micro_batch=arrays.get("micro_batch"),
         unit=unit,
     )
     try:
