@@ -49,10 +49,22 @@ def _run_table(s: RunSummary) -> Table:
         ("scalars", ", ".join(s.scalars) or "none"),
         ("size on disk", f"{s.size_bytes / 1e6:.2f} MB"),
     ]
-    rows += [(f"meta.{k}", v if isinstance(v, str) else json.dumps(v)) for k, v in s.meta.items()]
+    rows += [(f"meta.{k}", _shortened(v)) for k, v in s.meta.items()]
     for row in rows:
         table.add_row(*row)
     return table
+
+
+META_SHOWN = 200
+"""Characters of a meta value the table shows (`--format json` has it whole)."""
+
+
+def _shortened(value: object) -> str:
+    """A meta value as text, cut at META_SHOWN characters: a multi-MB value never prints whole."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    if len(text) <= META_SHOWN:
+        return text
+    return f"{text[:META_SHOWN]}... ({len(text):,} characters; --format json has it whole)"
 
 
 def _print_integrity(s: RunSummary) -> None:
