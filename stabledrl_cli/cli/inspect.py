@@ -29,8 +29,8 @@ def _steps_text(steps: list[int]) -> str:
 def _run_table(s: RunSummary) -> Table:
     counts = s.tokens_per_step
     table = Table(title=f"Run {s.run}", show_header=False, title_justify="left")
-    table.add_column("what", style="bold")
-    table.add_column("value")
+    table.add_column("what", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")  # a long spec folds, never cut
     rows = [
         ("format", f"v{s.format_version} (written by stabledrl {s.tool_version})"),
         ("created", str(s.created)),
@@ -39,7 +39,7 @@ def _run_table(s: RunSummary) -> Table:
         ("estimator", ", ".join(f"{k}={v}" for k, v in s.estimator.items()) or "not given"),
         ("reward range", str(s.reward_range) if s.reward_range else "not given"),
         ("world size", str(s.world_size)),
-        ("geometry", str(s.geometry) if s.geometry else "none"),
+        ("geometry", _geometry_text(s.geometry) if s.geometry else "none"),
         ("steps", f"{s.steps} ({s.first_step}..{s.last_step})" if s.steps else "0"),
         (
             f"scored {s.unit}s / step",
@@ -53,6 +53,24 @@ def _run_table(s: RunSummary) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _geometry_text(geometry: dict[str, object]) -> str:
+    """The manifest's geometry entry in one line (kind, cadence, storage, coverage); the
+    covered parameter list is in `--format json`."""
+    parts = [str(geometry.get("kind", "?"))]
+    every = geometry.get("every")
+    if isinstance(every, int) and every > 1:
+        parts.append(f"every {every} steps")
+    sketch = geometry.get("sketch")
+    if geometry.get("kind") == "sketch" and isinstance(sketch, dict) and "k" in sketch:
+        parts.append(f"k={sketch['k']}")
+    if "storage_dtype" in geometry:
+        parts.append(str(geometry["storage_dtype"]))
+    covered, numel = geometry.get("covered"), geometry.get("covered_numel")
+    if isinstance(covered, list) and isinstance(numel, int):
+        parts.append(f"{len(covered)} tensors, {numel:,} parameters covered")
+    return ", ".join(parts)
 
 
 META_SHOWN = 200
