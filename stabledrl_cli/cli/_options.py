@@ -32,7 +32,8 @@ PlotOpt = Annotated[
     typer.Option(
         "--plot",
         metavar="FILE.png",
-        help="Draw update norms and reward per policy to this PNG (extra: plot).",
+        help="Draw the reward and each policy's update norms to this PNG (needs the plot "
+        "extra).",,
     ),
 ]
 WindowOpt = Annotated[

@@ -51,6 +51,7 @@ CollapseWindowOpt = Annotated[
     int | None,
     typer.Option(
         "--collapse-window",
+        metavar="N",
         help="Observed collapse: steps in the rolling mean of the recorded reward (default "
         f"{DEFAULT_COLLAPSE_WINDOW}, or the baseline's).",
     ),
