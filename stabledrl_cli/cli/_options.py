@@ -32,8 +32,7 @@ PlotOpt = Annotated[
     typer.Option(
         "--plot",
         metavar="FILE.png",
-        help="Draw the reward and each policy's update norms to this PNG (needs the plot "
-        "extra).",,
+        help="Draw the reward and each policy's update norms to this PNG (needs the plot extra).",
     ),
 ]
 WindowOpt = Annotated[
