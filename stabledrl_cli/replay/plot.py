@@ -8,8 +8,8 @@ own median, on a log scale fitted to that policy alone (so a bounded policy's wi
 visible as an unbounded one's blow-ups; the raw median is in the panel's title). Each panel
 marks spikes, non-finite updates (at the top edge, never clipped: a log axis cannot show NaN),
 risk steps (ticks along the bottom), bias steps (shaded) and the observed collapse. One legend
-for the whole figure sits above the panels, outside the data; the footnote says what `[own]`
-and `[best]` mean. The default catalogue fits in about 1100 px of height.
+for the whole figure sits above the panels, outside the data; the footnote says what `(own)`
+and `(best)` mean (as in replay's table). The default catalogue fits in about 1100 px of height.
 
 matplotlib is an optional extra (`pip install -e '.[plot]'` in a checkout), imported here
 only, with the Agg backend (no display; the object API, so no global pyplot state is touched).
@@ -35,7 +35,7 @@ from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 
 INSTALL_COMMAND = "pip install -e '.[plot]'"
 """How to get the extra (the package installs from a checkout; it is not published)."""
-OWN_NOTE = "[own]: the policy the run was trained with."
+OWN_NOTE = "(own): the policy the run was trained with. (best) is picked by the rule:"
 
 _WIDTH_IN = 14.0
 _DPI = 100
@@ -43,7 +43,7 @@ _HEAD_IN = 0.5  # the title
 _LEGEND_IN = 0.55  # the figure's legend, a row of its own above the panels
 _REWARD_IN = 2.0
 _PANEL_IN = 1.5
-_FOOT_IN = 0.7  # the x label and the [own]/[best] note
+_FOOT_IN = 0.7  # the x label and the (own)/(best) note
 _PAD = 8  # points between a panel and its title, clear of the marks on the top edge
 _MAX_ROWS = 6  # policy rows before a third column is used
 
@@ -157,7 +157,7 @@ def _relative_limits(ratio: npt.NDArray[np.float64]) -> tuple[float, float]:
 
 def _policy_title(policy: PolicyResult, median: float | None) -> str:
     summary = policy.summary
-    tags = "".join(t for t, on in ((" [own]", policy.own), (" [best]", policy.best)) if on)
+    tags = "".join(t for t, on in ((" (own)", policy.own), (" (best)", policy.best)) if on)
     scale = f"median {median:.3g}" if median is not None else "no finite update"
     return (
         f"{policy.spec}{tags}   risk {len(summary.collapsed_steps)} · bias "
@@ -225,7 +225,7 @@ def _footnote(result: ReplayResult) -> str:
         if result.geometry == "coef"
         else ""
     )
-    text = f"step\n{OWN_NOTE}  [{BEST_RULE[: len('best')]}]{BEST_RULE[len('best') :]}.{proxy}"
+    text = f"step\n{OWN_NOTE} {BEST_RULE}.{proxy}"
     return "\n".join(textwrap.fill(line, 190) for line in text.splitlines())
 
 
