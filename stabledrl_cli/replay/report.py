@@ -40,7 +40,11 @@ _CAPTIONS = {
 }
 
 
-OWN_NOTE = "marked own: the policy the run was trained with, best: by the rule below"
+MARK_NOTES = {
+    "own": "(own) marks the policy the run was trained with",
+    "best": "(best) the one the rule below picks",
+}
+"""The policy column's legend, for the marks the table shows."""
 
 
 def _marks(p: PolicyResult) -> list[str]:
@@ -89,7 +93,7 @@ def _first(steps: list[int]) -> str:
 
 
 SUMMARY_COLUMNS: tuple[SummaryColumn, ...] = (
-    SummaryColumn(header="policy", cell=_policy_cell, how=f"the policy spec, {OWN_NOTE}",
+    SummaryColumn(header="policy", cell=_policy_cell, how="the policy spec",
                   compact=True, numeric=False),
     SummaryColumn(header="discard", cell=lambda p: _percent(p.summary.discard_frac),
                   how="over the run", sources=("discard_frac",), compact=True),
@@ -212,7 +216,12 @@ def print_summary(
         table.add_row(*row)
     print_whole(table, console)
     if legend:
-        print_legend([c.legend() for c in shown] + [BEST_RULE], console)
+        marks = {m for p in result.policies for m in _marks(p)}
+        notes = "; ".join(note for mark, note in MARK_NOTES.items() if mark in marks)
+        lines = [
+            c.legend() + (f"; {notes}" if c.header == "policy" and notes else "") for c in shown
+        ]
+        print_legend([*lines, BEST_RULE], console)
     print_observed(result, console)
     own = result.own
     if own is None:
