@@ -81,11 +81,19 @@ class SummaryColumn:
 
     def legend(self) -> str:
         """`header: how (source: its meaning; ...)`."""
-        meanings = "; ".join(f"{name}: {_MEANINGS[name].rstrip('.')}" for name in self.sources)
+        meanings = "; ".join(f"{name}: {_clause(_MEANINGS[name])}" for name in self.sources)
         return f"{self.header}: {self.how}" + (f" ({meanings})" if meanings else "")
 
 
 _MEANINGS = {c.name: c.meaning for c in columns.COLUMNS}
+
+
+def _clause(meaning: str) -> str:
+    """A declared meaning inside a legend line: no final period, a lower-case start (unless
+    the first word is an acronym such as "IS")."""
+    text = meaning.rstrip(".")
+    first = text.split(" ", 1)[0]
+    return text if len(first) > 1 and first.isupper() else text[:1].lower() + text[1:]
 
 
 def _first(steps: list[int]) -> str:
