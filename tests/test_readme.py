@@ -1,0 +1,92 @@
+"""The README's runnable blocks run as written: the TRL snippet is the one a test records
+with, and the CI recipe and the GitHub Actions steps (all but the install) pass, in order,
+with `examples/train_logged.py` as the user's `train.py`."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+SNIPPET_SCRIPT = ROOT / "tests" / "trl_scripts" / "snippet_train.py"
+TRAIN_SCRIPT = ROOT / "examples" / "train_logged.py"
+
+
+def block_after(marker: str) -> str:
+    """The fenced code block right after `<!-- test: MARKER -->` in the README."""
+    text = README.read_text(encoding="utf-8")
+    found = re.search(rf"<!-- test: {re.escape(marker)} -->\n```[a-z]*\n(.*?)\n```", text, re.S)
+    assert found, f"README has no code block marked {marker!r}"
+    return found.group(1)
+
+
+def workflow_steps(yaml_text: str) -> list[str]:
+    """The shell commands of the workflow's `run:` steps, in order (a `run: |` block joined)."""
+    commands: list[str] = []
+    lines = yaml_text.splitlines()
+    i = 0
+    while i < len(lines):
+        found = re.match(r"^(\s*)(?:- )?run: (.*)$", lines[i])
+        i += 1
+        if not found:
+            continue
+        indent, value = len(found.group(1)), found.group(2)
+        if value.strip() != "|":
+            commands.append(value)
+            continue
+        block = []
+        while i < len(lines) and (not lines[i].strip() or _indent(lines[i]) > indent):
+            block.append(lines[i].strip())
+            i += 1
+        commands.append("\n".join(line for line in block if line))
+    return commands
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def run_shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("STABLEDRL_DEBUG", None)
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", command],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_trl_snippet_is_the_one_a_test_records_with() -> None:
+    script = SNIPPET_SCRIPT.read_text(encoding="utf-8")
+    marked = re.search(r"# --- README snippet -+\n(.*?)\n# --- end of README snippet", script, re.S)
+    assert marked, "the TRL snippet script lost its README markers"
+    assert block_after("trl-snippet").strip() == marked.group(1).strip()
+
+
+def test_the_ci_recipe_and_the_github_workflow_run_as_written(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the workflow's --plot needs the plot extra")
+    shutil.copy(TRAIN_SCRIPT, tmp_path / "train.py")
+    recipe = run_shell(block_after("ci-recipe"), tmp_path)
+    assert recipe.returncode == 0, recipe.stderr
+    assert (tmp_path / "ci" / "stability.baseline.json").is_file()
+
+    steps = workflow_steps(block_after("github-actions"))
+    install, *rest = steps
+    assert install.startswith("pip install"), install
+    assert len(rest) == 2, rest
+    for command in rest:
+        result = run_shell(command, tmp_path)
+        assert result.returncode == 0, f"{command}\n{result.stderr}"
+    assert (tmp_path / "reports" / "stability.xml").read_text().count("<testcase") > 0
+    assert (tmp_path / "reports" / "stability.png").stat().st_size > 0
