@@ -19,6 +19,9 @@ on the recorded batches (from the branch point on) agree with the branch's outco
     python benchmarks/collapse_suite.py record            # ~20 min on one core, resumable
     python benchmarks/collapse_suite.py evaluate --json collapse_suite.json
     python benchmarks/collapse_suite.py branches --json branches.json   # ~10 min
+
+The README's figures are `benchmarks/results/collapse_suite.json` and
+`benchmarks/results/collapse_branches.json`, written by the last two commands.
 """
 
 from __future__ import annotations
@@ -96,19 +99,17 @@ def grid(steps: int) -> list[RunSpec]:
     ]
 
 
-def record(spec: RunSpec, cache: Path) -> Path:
+def record(spec: RunSpec, cache: Path, *, suffix: str = "", extra: Sequence[str] = ()) -> Path:
     """Records one run into the cache (a finished run, marked by `.done`, is kept)."""
-    out = cache / spec.name
+    out = cache / f"{spec.name}{suffix}"
     if (out / ".done").is_file():
         return out
     command = [
         sys.executable, "-m", "stabledrl_cli", "record", "--out", str(out), "--force",
-        "--threads", "1",
-        "--seed", str(spec.seed), "--rl-steps", str(spec.steps), "--lr", repr(spec.arm.lr),
-        "--policy", spec.arm.policy, "--estimator", spec.estimator,
+        "--threads", "1", "--seed", str(spec.seed), "--rl-steps", str(spec.steps),
+        "--lr", repr(spec.arm.lr), "--policy", spec.arm.policy, "--estimator", spec.estimator,
+        *(["--same-mask"] if spec.arm.same_mask else []), *extra,
     ]  # fmt: skip
-    if spec.arm.same_mask:
-        command.append("--same-mask")
     env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
     (out / ".done").write_text("ok\n")
@@ -249,23 +250,6 @@ BRANCH_POLICIES = ("grpo", "dapo", "cispo", "sapo", "stabledrl")
 CHECKPOINT_EVERY = 40
 
 
-def record_with_checkpoints(spec: RunSpec, cache: Path) -> Path:
-    """A run of the grid recorded with checkpoints (kept when already done)."""
-    out = cache / f"{spec.name}_ckpt"
-    if (out / ".done").is_file():
-        return out
-    command = [
-        sys.executable, "-m", "stabledrl_cli", "record", "--out", str(out), "--force",
-        "--threads", "1", "--seed", str(spec.seed), "--rl-steps", str(spec.steps),
-        "--lr", repr(spec.arm.lr), "--policy", spec.arm.policy, "--estimator", spec.estimator,
-        "--checkpoint-every", str(CHECKPOINT_EVERY),
-    ]  # fmt: skip
-    env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-    (out / ".done").write_text("ok\n")
-    return out
-
-
 @dataclass(frozen=True)
 class BranchRow:
     run: str
@@ -279,7 +263,9 @@ class BranchRow:
 def branch_rows(cache: Path) -> list[BranchRow]:
     rows = []
     for spec in BRANCH_RUNS:
-        run_dir = record_with_checkpoints(spec, cache)
+        run_dir = record(
+            spec, cache, suffix="_ckpt", extra=("--checkpoint-every", str(CHECKPOINT_EVERY))
+        )
         for at in BRANCH_AT:
             report = run_branches(run_dir, at=at, policies=BRANCH_POLICIES, force=True)
             outcome: BranchOutcome
