@@ -19,6 +19,9 @@ Shapes and defaults of `PolicyBatch`:
 - `micro_batch`: [N] per sequence, the micro-batch of the optimizer step it was in (any
   integers); default: the step is one micro-batch (`agg=micro-token-mean` and
   `agg=seq-mean-token-sum-norm` normalize per micro-batch).
+- `group_split`: [N] per sequence, nonzero where the sequence's prompt group is known to be
+  split across optimizer steps or ranks: `adv=center|zscore|rloo` refuses to recompute a
+  baseline from such a group's part (it would silently treat one group as two).
 - `logp_ref`, `loss_weight`, `loss_scale`: same shape as `logp`.
 - `unit`: "token" or "sequence" (what one entry is; see docs/run-format.md).
 """
@@ -67,6 +70,8 @@ class PolicyBatch:
     """Per-token normalizer the run actually used (agg=recorded)."""
     micro_batch: ArrayLike | None = None
     """[N] micro-batch of each sequence within the step; default one micro-batch."""
+    group_split: ArrayLike | None = None
+    """[N] nonzero where the sequence's group is split across steps or ranks."""
     unit: Unit = "token"
     """What one entry is: "token", or "sequence" for sequence-level likelihood estimators."""
 
@@ -116,6 +121,8 @@ class PreparedBatch:
     loss_scale: torch.Tensor | None = None
     micro_batch: torch.Tensor | None = None
     """[N] int64 dense micro-batch index of each sequence in [0, n_micro), or None."""
+    split_sequences: int = 0
+    """Sequences whose prompt group is split across steps or ranks (recorded `group_split`)."""
     has_group_id: bool = False
     unit: Unit = "token"
     _adv_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -257,6 +264,13 @@ class PreparedBatch:
                         f"adv={mode} recomputes advantages from per-sequence rewards, "
                         "but this batch has no `reward`"
                     )
+                if self.split_sequences:
+                    raise UsageError(
+                        f"adv={mode} recomputes each prompt group's baseline, but "
+                        f"{self.split_sequences} sequences of this step belong to groups split "
+                        "across steps or ranks (group_split): their baselines would come from "
+                        "part of a group; replay them with adv=recorded"
+                    )
                 per_seq = recompute_advantages(
                     self.reward, self.seq_group, self.n_groups_total, mode
                 )
@@ -264,6 +278,16 @@ class PreparedBatch:
             else:
                 raise UsageError(f"unknown adv mode {mode!r}; valid: {', '.join(ADV_MODES)}")
         return self._adv_cache[mode]
+
+
+def _split_count(group_split: ArrayLike | None, n_seq: int, device: torch.device) -> int:
+    """How many sequences are marked in `group_split` ([N]); 0 without it."""
+    if group_split is None:
+        return 0
+    flags = _as_tensor(group_split, "group_split", device).reshape(-1)
+    if flags.numel() != n_seq:
+        raise InputError(f"group_split has {flags.numel()} entries, expected {n_seq}")
+    return int((flags != 0).sum())
 
 
 def _flat_like(
@@ -395,6 +419,7 @@ def prepare(
         loss_weight=_flat_like(batch.loss_weight, "loss_weight", shape, dev, ctype),
         loss_scale=_flat_like(batch.loss_scale, "loss_scale", shape, dev, ctype),
         micro_batch=None if micro_raw is None else _dense_index(micro_raw)[0],
+        split_sequences=_split_count(batch.group_split, n_seq, dev),
         has_group_id=group_raw is not None,
         unit=batch.unit,
     )

@@ -46,7 +46,7 @@ BASE_FIELDS = ("logp", "logp_old", "advantages", "mask", "seq_id")
 """Fields every policy needs."""
 TOKEN_FIELDS = (*BASE_FIELDS, "logp_ref", "loss_weight", "loss_scale")
 """Per-entry fields a replay reads when present (each as long as logp)."""
-SEQUENCE_FIELDS = ("group_id", "reward", "micro_batch")
+SEQUENCE_FIELDS = ("group_id", "reward", "micro_batch", "group_split")
 """Per-sequence fields a replay reads when present."""
 GEOMETRY_FIELDS = (GRAM_KEY, SKETCH_KEY)
 
@@ -142,6 +142,7 @@ def prepared(step: Step, arrays: Arrays, unit: Unit, where: str) -> PreparedBatc
         loss_weight=arrays.get("loss_weight"),
         loss_scale=arrays.get("loss_scale"),
         micro_batch=arrays.get("micro_batch"),
+        group_split=arrays.get("group_split"),
         unit=unit,
     )
     try:
