@@ -236,6 +236,14 @@ PARITY = {
 TOKEN_CLIP = {"grpo", "bnpo", "dr_grpo", "dapo", "dapo-token-mean", "delta", "beta", "entropy-mask"}
 
 
+TRL_METRICS = {
+    "trl_clip_ratio_low_mean": "clip_ratio/low_mean",
+    "trl_clip_ratio_high_mean": "clip_ratio/high_mean",
+    "trl_clip_ratio_region_mean": "clip_ratio/region_mean",
+}
+"""Replay's column -> the name TRL logs it under."""
+
+
 def _trl_clip_ratios(step: Any, eps_low: float, eps_high: float) -> dict[str, float]:
     """TRL's clip_ratio/*_mean of one step from the recorded arrays: per micro-batch, masked
     fractions over scored tokens (strict bounds), then their unweighted mean."""
@@ -263,6 +271,20 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
             ratios = _trl_clip_ratios(step, trainer.epsilon_low, trainer.epsilon_high)
             for name, value in ratios.items():
                 assert value == pytest.approx(logged[step.step][name], abs=1e-6), name
+        # ... and so does replay's own TRL metrics of the run's own policy, step by step
+        own = sd.replay(out, policies=[trainer.stabledrl_policy.spec], device="cpu").own
+        assert own is not None
+        for column, name in TRL_METRICS.items():
+            for number, value in zip(own.series["step"], own.series[column], strict=True):
+                assert value == pytest.approx(logged[int(number)][name], abs=1e-6), column
+    if case == "cispo":  # TRL logs cispo's own clip ratio instead
+        logged = _logged(trainer.state.log_history)
+        own = sd.replay(out, policies=[trainer.stabledrl_policy.spec], device="cpu").own
+        assert own is not None
+        for number, value in zip(
+            own.series["step"], own.series["trl_cispo_clip_ratio"], strict=True
+        ):
+            assert value == pytest.approx(logged[int(number)]["cispo_clip_ratio"], abs=1e-6)
     step = sd.open_run(out).step(2)
     assert step.scalars["inner_step"] == 1  # the second update on the same rollout
     accumulation = trainer.args.gradient_accumulation_steps
