@@ -3,10 +3,14 @@ least every 30 s (a bounded rate a CI log can hold); nothing on stdout."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from typer.testing import CliRunner
 
 from stabledrl_cli.cli import _output
 from stabledrl_cli.cli._output import ProgressLines, progress
+from stabledrl_cli.cli.app import app
 
 
 @pytest.fixture
@@ -47,3 +51,12 @@ def test_in_a_terminal_a_transient_bar(monkeypatch, capsys, total):
         for _ in range(50):
             advance(1)
     assert capsys.readouterr().out == ""
+
+
+def test_pack_reports_progress_without_a_terminal(tmp_path: Path) -> None:
+    """Under CI (no terminal) `pack` prints a line per tenth of the steps, on stderr."""
+    fixture = Path(__file__).resolve().parent.parent / "fixtures" / "grpo"
+    result = CliRunner().invoke(app, ["pack", str(fixture), str(tmp_path / "grpo.h5")])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("packing: ")]
+    assert 1 <= len(lines) <= 11 and lines[-1] == "packing: 160/160 (100%)"

@@ -30,8 +30,8 @@ def command(
     if archive.is_file() and not force:
         raise UsageError(f"{archive} exists; pass --force to overwrite it")
     opened = open_run(run)
-    with progress(f"packing {len(opened)} steps", None):  # pack_run reports no progress yet
-        summary = pack_run(opened, archive, force=force)
+    with progress("packing", len(opened)) as advance:
+        summary = pack_run(opened, archive, force=force, progress=advance)
     if summary.findings:
         kinds = sorted({f.kind for f in summary.findings})
         err.print(

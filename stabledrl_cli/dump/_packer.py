@@ -7,6 +7,7 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,7 @@ def _write_archive(
     integrity: IntegrityReport,
     manifest_text: str,
     guarded: _GuardedFile,
+    progress: Callable[[int], None] | None,
 ) -> _Packer:
     handle.attrs["kind"] = RUN_KIND
     handle.attrs["tool_version"] = __version__
@@ -297,6 +299,8 @@ def _write_archive(
             if guarded.error is not None:  # the disk is full: stop early, fail at the end
                 break
             packer.add(step, str(run.path))
+            if progress is not None:
+                progress(1)
     packer.finish()
     extended = run.group_ids == "global" or any(
         f"sequences/{name}" in packer.columns for name in EXTENSION_FIELDS
@@ -305,8 +309,16 @@ def _write_archive(
     return packer
 
 
-def pack_run(run: Run, out: str | os.PathLike[str], *, force: bool = False) -> PackSummary:
+def pack_run(
+    run: Run,
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> PackSummary:
     """Writes `run` (every readable step) into one HDF5 file at `out`, atomically.
+
+    progress: called with 1 after each step is packed.
 
     The source's integrity findings (torn, corrupt or temporary step files, gaps) are carried
     into the archive; the steps they name are not packed. UsageError (exit 2) if `out` exists
@@ -326,7 +338,7 @@ def pack_run(run: Run, out: str | os.PathLike[str], *, force: bool = False) -> P
         guarded = _GuardedFile(temp)
         try:
             with h5py.File(guarded, "w") as handle:
-                packer = _write_archive(handle, run, integrity, manifest_text, guarded)
+                packer = _write_archive(handle, run, integrity, manifest_text, guarded, progress)
         finally:
             guarded.close()
         if guarded.error is not None:
