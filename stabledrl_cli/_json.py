@@ -3,10 +3,13 @@ flags carry the fact), numpy scalars become Python numbers."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 import numpy as np
+
+from stabledrl_cli.errors import InputError
 
 
 def json_safe(value: Any) -> Any:
@@ -22,3 +25,20 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_strict(raw: bytes | str, where: str, what: str) -> object:
+    """Strict JSON (no NaN or Infinity) of an input file; InputError (exit 3) naming `where`
+    and `what` for text that is not JSON or nests past the parser's depth."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise InputError(
+            f"{where}: unreadable {what}: not valid JSON (nested too deeply)"
+        ) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{where}: unreadable {what}: not valid JSON ({exc})") from None

@@ -5,6 +5,7 @@ a bounded cost; a sample runs in a real child process under an address-space cap
 from __future__ import annotations
 
 import json
+import re
 import resource
 import signal
 import subprocess
@@ -33,10 +34,14 @@ def _args(case: Case, target: Path) -> list[str]:
     return ["inspect", str(target)]
 
 
+PROGRESS_LINE = re.compile(r"^[a-z]+: \d+/\d+ \(\d+%\)$")
+"""What a command prints on stderr without a terminal to show life (`cli._output.progress`)."""
+
+
 def _assert_clean_failure(code: int, stderr: str, expected: int) -> None:
     assert code == expected, stderr
     if expected:
-        lines = stderr.strip().splitlines()
+        lines = [line for line in stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
         assert len(lines) == 1 and lines[0].startswith("error:"), stderr
     assert "Traceback" not in stderr and "internal error" not in stderr
 

@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.vocab import GROUP_IDS, UNITS
 
@@ -223,10 +224,6 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
     return version
 
 
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_manifest(raw: bytes | str, where: str) -> dict[str, Any]:
     """A manifest's text as a run manifest dict; InputError (exit 3) for one above
     `MANIFEST_LIMIT` bytes, not strict JSON (NaN, Infinity), nested past the parser's depth,
@@ -235,12 +232,7 @@ def parse_manifest(raw: bytes | str, where: str) -> dict[str, Any]:
         raise InputError(
             f"{where}: manifest of {len(raw)} bytes is larger than {MANIFEST_LIMIT} bytes"
         )
-    try:
-        manifest = json.loads(raw, parse_constant=_no_constant)
-    except RecursionError:
-        raise InputError(f"{where}: unreadable manifest (JSON nested too deeply)") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"{where}: unreadable manifest ({exc})") from None
+    manifest = parse_strict(raw, where, "manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != RUN_KIND:
         raise InputError(f"{where}: not a run (not a {RUN_KIND} manifest)")
     return manifest

@@ -37,6 +37,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from stabledrl_cli._atomic import write_atomic
+from stabledrl_cli._json import parse_strict
 from stabledrl_cli._version import __version__
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies import get_policy
@@ -160,16 +161,22 @@ def _tolerance(data: object, where: str, default_worse: Worse) -> Tolerance:
     )
 
 
+BASELINE_LIMIT = 16 * 1024 * 1024
+"""Bytes a baseline file may have (a real one is a few KB): a larger file is refused unread."""
+
+
 def _read(path: str | os.PathLike[str]) -> dict[str, object]:
     where = str(path)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        size = Path(path).stat().st_size
+        if size > BASELINE_LIMIT:
+            raise InputError(f"{where}: baseline of {size} bytes is larger than {BASELINE_LIMIT}")
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise InputError(f"no such baseline: {where}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise InputError(f"{where}: cannot read the baseline ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{where}: the baseline is not valid JSON ({exc})") from None
+    data = parse_strict(raw, where, "baseline")
     if not isinstance(data, dict) or data.get("schema") != BASELINE_SCHEMA:
         raise InputError(f"{where}: not a stabledrl baseline (schema is not {BASELINE_SCHEMA!r})")
     version = data.get("version")
