@@ -7,11 +7,7 @@ The example's options default to None: an option not given takes `ExampleConfig`
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -20,17 +16,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from stabledrl_cli.capture.bootstrap import (
-    ENV_FORCE,
-    ENV_POLICY,
-    ENV_RUN_DIR,
-    ENV_STATUS_FILE,
-)
 from stabledrl_cli.cli._options import DeviceOpt
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
-from stabledrl_cli.errors import InputError, UsageError, WriteError
+from stabledrl_cli.cli._wrap import run_command
+from stabledrl_cli.errors import UsageError
 from stabledrl_cli.example.config import ExampleConfig
-from stabledrl_cli.policies import resolve_spec
 from stabledrl_cli.vocab import Estimator, GeometryDtype, GeometryKind, SketchMethod, Unit
 
 if TYPE_CHECKING:
@@ -41,10 +31,6 @@ if TYPE_CHECKING:
 DEFAULTS = ExampleConfig()
 EXAMPLE = "Built-in example"
 GEOMETRY = "Gradient geometry (built-in example)"
-NO_STEP = (
-    "the command recorded no step: call stabledrl_cli.log_policy_batch(step, ...) once per "
-    "optimizer step"
-)
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -52,62 +38,6 @@ def _check_out(out: Path, force: bool) -> None:
         raise UsageError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UsageError(f"--out {out} is not empty; pass --force to overwrite it")
-
-
-def _recorded_steps(out: Path) -> int:
-    """Step files the run holds (every rank's)."""
-    # Imported here: the dump package imports torch, which `record --help` never needs.
-    from stabledrl_cli.dump._schema import STEP_FILE_RE, STEPS_DIR
-
-    steps = out / STEPS_DIR
-    if not steps.is_dir():
-        return 0
-    return sum(1 for path in steps.iterdir() if STEP_FILE_RE.match(path.name))
-
-
-def _child_failures(status: Path) -> list[tuple[int, str]]:
-    """The (exit code, reason) lines the child's bootstrap reported."""
-    failures = []
-    for line in status.read_text(encoding="utf-8").splitlines():
-        code, _, reason = line.partition("\t")
-        if code.isdigit() and reason:
-            failures.append((int(code), reason))
-    return failures
-
-
-def _run_command(out: Path, cmd: list[str], force: bool, policy: str | None) -> None:
-    """Run CMD with the run directory exported; CMD's failing exit code becomes ours, else a
-    recording failure or a run without steps is an error (capture/bootstrap.py)."""
-    if shutil.which(cmd[0]) is None:
-        raise UsageError(f"command not found: {cmd[0]}")
-    if policy is not None:
-        resolve_spec(policy)  # a bad spec is a usage error here, not a warning in the child
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="stabledrl-record-") as scratch:
-        status = Path(scratch) / "status"
-        status.touch()
-        env = dict(os.environ)
-        env[ENV_RUN_DIR] = str(out.resolve())
-        env[ENV_FORCE] = "1" if force else "0"
-        env[ENV_STATUS_FILE] = str(status)
-        if policy is not None:
-            env[ENV_POLICY] = policy
-        err.print(f"recording [bold]{' '.join(cmd)}[/] into {out}", highlight=False)
-        code = subprocess.call(cmd, env=env)
-        failures = _child_failures(status)
-    if code != 0:
-        for _, reason in failures:
-            err.print(f"[yellow]warning:[/] recording failed: {reason}", highlight=False)
-        err.print(f"the training command exited with code {code}", highlight=False)
-        raise typer.Exit(code)
-    if failures:
-        code, reason = failures[0]
-        error = {UsageError.exit_code: UsageError, InputError.exit_code: InputError}.get(
-            code, WriteError
-        )
-        raise error(f"recording failed: {reason}")
-    if _recorded_steps(out) == 0:
-        raise UsageError(NO_STEP)
 
 
 def _progress() -> Progress:
@@ -420,7 +350,7 @@ def command(
                 "--geometry records the built-in example; a training script passes "
                 "geometry to its Recorder (see stabledrl_cli.capture.geometry)"
             )
-        _run_command(out, cmd, force, policy)
+        run_command(out, cmd, force, policy)
         return
     geometry_config = None
     if geometry is not None:

@@ -1,0 +1,86 @@
+"""`stabledrl record --out DIR -- CMD`, the parent side: run a training command with the run
+directory exported to it, then turn what happened into one exit code. The command's own
+failing exit code wins; otherwise a recording failure its bootstrap reported
+(capture/bootstrap.py, through the status file) or a run without any step is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import typer
+
+from stabledrl_cli.capture.bootstrap import (
+    ENV_FORCE,
+    ENV_POLICY,
+    ENV_RUN_DIR,
+    ENV_STATUS_FILE,
+)
+from stabledrl_cli.cli._output import err
+from stabledrl_cli.errors import InputError, UsageError, WriteError
+from stabledrl_cli.policies import resolve_spec
+
+NO_STEP = (
+    "the command recorded no step: call stabledrl_cli.log_policy_batch(step, ...) once per "
+    "optimizer step"
+)
+
+
+def _recorded_steps(out: Path) -> int:
+    """Step files the run holds (every rank's)."""
+    # Imported here: the dump package imports torch, which `record --help` never needs.
+    from stabledrl_cli.dump._schema import STEP_FILE_RE, STEPS_DIR
+
+    steps = out / STEPS_DIR
+    if not steps.is_dir():
+        return 0
+    return sum(1 for path in steps.iterdir() if STEP_FILE_RE.match(path.name))
+
+
+def _child_failures(status: Path) -> list[tuple[int, str]]:
+    """The (exit code, reason) lines the child's bootstrap reported."""
+    failures = []
+    for line in status.read_text(encoding="utf-8").splitlines():
+        code, _, reason = line.partition("\t")
+        if code.isdigit() and reason:
+            failures.append((int(code), reason))
+    return failures
+
+
+def run_command(out: Path, cmd: list[str], force: bool, policy: str | None) -> None:
+    """Run CMD with the run directory exported; CMD's failing exit code becomes ours, else a
+    recording failure or a run without steps is an error (capture/bootstrap.py)."""
+    if shutil.which(cmd[0]) is None:
+        raise UsageError(f"command not found: {cmd[0]}")
+    if policy is not None:
+        resolve_spec(policy)  # a bad spec is a usage error here, not a warning in the child
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="stabledrl-record-") as scratch:
+        status = Path(scratch) / "status"
+        status.touch()
+        env = dict(os.environ)
+        env[ENV_RUN_DIR] = str(out.resolve())
+        env[ENV_FORCE] = "1" if force else "0"
+        env[ENV_STATUS_FILE] = str(status)
+        if policy is not None:
+            env[ENV_POLICY] = policy
+        err.print(f"recording [bold]{' '.join(cmd)}[/] into {out}", highlight=False)
+        code = subprocess.call(cmd, env=env)
+        failures = _child_failures(status)
+    if code != 0:
+        for _, reason in failures:
+            err.print(f"[yellow]warning:[/] recording failed: {reason}", highlight=False)
+        err.print(f"the training command exited with code {code}", highlight=False)
+        raise typer.Exit(code)
+    if failures:
+        code, reason = failures[0]
+        error = {UsageError.exit_code: UsageError, InputError.exit_code: InputError}.get(
+            code, WriteError
+        )
+        raise error(f"recording failed: {reason}")
+    if _recorded_steps(out) == 0:
+        raise UsageError(NO_STEP)
