@@ -373,6 +373,12 @@ def test_two_ranks_with_torchrun(tiny: Any, tmp_path: Path) -> None:
         assert step.scalars["loss"] == pytest.approx(logged[step.step]["loss"], rel=1e-6)
         assert step.num_sequences == 8
         assert set(step["group_id"].tolist()) <= set(range(4))  # global ids, not offset
+    # replay's TRL metrics of the merged run pool each micro-batch call over the ranks, as TRL
+    own = sd.replay(out, policies=[run.policy_spec or ""], device="cpu").own
+    assert own is not None
+    for column, name in TRL_METRICS.items():
+        for number, value in zip(own.series["step"], own.series[column], strict=True):
+            assert value == pytest.approx(logged[int(number)][name], abs=1e-6), column
 
 
 # -- resume ----------------------------------------------------------------------------------

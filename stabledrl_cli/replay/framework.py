@@ -15,8 +15,11 @@
   (A < 0 & r < 1 - eps_low), lower (A < 0 & r > c) for dual-clip; cispo's verl form: r outside
   [1 - eps_low, 1 + eps_high] whatever A, lower 0; sapo: 0 and 0 (what verl logs).
 
-A step without a recorded `micro_batch` is one micro-batch. A metric the framework does not
-log for a policy (no eps: is, reinforce, stabledrl; sapo in TRL) is NaN (null in the JSON).
+A step without a recorded `micro_batch` is one micro-batch. In a step joined from several ranks,
+TRL's metrics pool each micro-batch call over the ranks (TRL sums the counts across ranks
+before dividing) while verl's average each rank's micro-batches on their own. A metric the
+framework does not log for a policy (no eps: is, reinforce, stabledrl; sapo in TRL) is NaN (null
+in the JSON).
 """
 
 from __future__ import annotations
@@ -50,10 +53,24 @@ VERL_MASKED_MEAN_EPS = 1e-8
 @dataclass(frozen=True)
 class MicroBatches:
     """A step's micro-batches: `seq_index` [N] int64, each sequence's micro-batch as a dense
-    index in [0, count)."""
+    index in [0, count): a (rank, micro-batch) cell of a joined multi-rank step.
+    `pooled_index` [N] in [0, pooled_count): the micro-batch call it belongs to, across ranks
+    (TRL sums a call's counts over the ranks before it divides)."""
 
     seq_index: torch.Tensor
     count: int
+    pooled_index: torch.Tensor
+    pooled_count: int
+
+
+def _pooled(index: torch.Tensor, count: int, ranks: int) -> MicroBatches:
+    """Cells of a step joined from `ranks` ranks, each rank's micro-batches numbered after the
+    ranks before it (the run format's join): with the same K micro-batches on every rank, cell
+    r * K + k is call k. Otherwise (uneven ranks) each cell counts as its own call."""
+    if ranks > 1 and count % ranks == 0:
+        calls = count // ranks
+        return MicroBatches(index, count, index % calls, calls)
+    return MicroBatches(index, count, index, count)
 
 
 def micro_batches(
@@ -63,13 +80,15 @@ def micro_batches(
     *,
     seq_is_raw: bool,
     where: str,
+    ranks: int = 1,
 ) -> MicroBatches:
     """The step's micro-batches from its per-sequence `micro_batch` [N] (None: the whole step
     is one). raw_seq_id: [T] the recorded seq_id; seq_is_raw: prep's sequence index is the
-    recorded seq_id (the step has group_id or reward), else a dense renumbering of it."""
+    recorded seq_id (the step has group_id or reward), else a dense renumbering of it; ranks:
+    how many ranks' files the step joins."""
     if micro_batch is None:
         zeros = torch.zeros(prep.n_seq, dtype=torch.int64, device=prep.device)
-        return MicroBatches(zeros, 1)
+        return MicroBatches(zeros, 1, zeros, 1)
     per_seq = micro_batch.reshape(-1).to(prep.device, torch.int64)
     if seq_is_raw:
         if per_seq.shape[0] != prep.n_seq:
@@ -88,16 +107,20 @@ def micro_batches(
             0, prep.seq, per_seq[raw]
         )
     _, index = torch.unique(per_seq, return_inverse=True)
-    return MicroBatches(index, int(index.max()) + 1 if index.numel() else 1)
+    return _pooled(index, int(index.max()) + 1 if index.numel() else 1, ranks)
 
 
 def _token_fraction(
     hit: torch.Tensor, prep: PreparedBatch, micro: MicroBatches, eps: float | None
 ) -> torch.Tensor:
     """0-d: the unweighted mean over micro-batches of sum(hit & mask) / count(mask) (hit [T]);
-    eps None: TRL's denominator clamp(min=1), else verl's + eps."""
-    token_mb = micro.seq_index[prep.seq]
-    zeros = torch.zeros(micro.count, dtype=torch.float64, device=prep.device)
+    eps None: TRL's way (a call's counts summed over ranks, denominator clamp(min=1)), else
+    verl's (each rank's micro-batch on its own, denominator + eps)."""
+    seq_index, count = (
+        (micro.pooled_index, micro.pooled_count) if eps is None else (micro.seq_index, micro.count)
+    )
+    token_mb = seq_index[prep.seq]
+    zeros = torch.zeros(count, dtype=torch.float64, device=prep.device)
     num = zeros.index_add(0, token_mb, (hit & prep.mask).double())
     den = zeros.index_add(0, token_mb, prep.mask.double())
     frac = num / (den.clamp(min=1.0) if eps is None else den + eps)
@@ -105,11 +128,11 @@ def _token_fraction(
 
 
 def _row_fraction(hit_seq: torch.Tensor, micro: MicroBatches) -> torch.Tensor:
-    """0-d: TRL's sequence-level mean: per micro-batch, hits over its rows (sequences)."""
-    zeros = torch.zeros(micro.count, dtype=torch.float64, device=hit_seq.device)
-    num = zeros.index_add(0, micro.seq_index, hit_seq.double())
-    ones = torch.ones(micro.seq_index.shape[0], dtype=torch.float64, device=hit_seq.device)
-    rows = zeros.index_add(0, micro.seq_index, ones)
+    """0-d: TRL's sequence-level mean: per micro-batch call, hits over its rows (sequences)."""
+    zeros = torch.zeros(micro.pooled_count, dtype=torch.float64, device=hit_seq.device)
+    num = zeros.index_add(0, micro.pooled_index, hit_seq.double())
+    ones = torch.ones(micro.pooled_index.shape[0], dtype=torch.float64, device=hit_seq.device)
+    rows = zeros.index_add(0, micro.pooled_index, ones)
     return (num / rows.clamp(min=1.0)).mean()
 
 

@@ -162,14 +162,17 @@ def step_geometry(step: Step, arrays: Arrays, prep: PreparedBatch, where: str) -
         raise InputError(f"{where}: {exc}") from None
 
 
-def step_micro_batches(step: Step, arrays: Arrays, prep: PreparedBatch, where: str) -> MicroBatches:
-    """The step's micro-batches (one without a recorded `micro_batch`)."""
+def step_micro_batches(
+    step: Step, arrays: Arrays, prep: PreparedBatch, where: str, ranks: int
+) -> MicroBatches:
+    """The step's micro-batches (one without a recorded `micro_batch`), over `ranks` ranks."""
     return micro_batches(
         prep,
         arrays.get("micro_batch"),
         arrays["seq_id"],
         seq_is_raw="group_id" in arrays or "reward" in arrays,
         where=f"{where}: step {step.step}",
+        ranks=ranks,
     )
 
 
@@ -199,6 +202,7 @@ def stream_run(
 ) -> StreamedRun:
     """Every policy over every readable step of `run` (corrupt steps are skipped)."""
     where, unit = str(run.path), run_unit(run)
+    ranks = int(run.manifest.get("world_size", 1))
     numbers: list[int] = []
     blocks: list[np.ndarray] = []
     kinds: list[StepGeometryKind] = []
@@ -226,7 +230,7 @@ def stream_run(
             prep = prepared(step, step_arrays, unit, where)
             geometry = step_geometry(step, step_arrays, prep, where)
             weights = [policy.weights(prep) for policy in policies]
-            micro = step_micro_batches(step, step_arrays, prep, where)
+            micro = step_micro_batches(step, step_arrays, prep, where, ranks)
             rows.append(step_metrics(prep, policies, weights, geometry, own_index, micro))
             if geometry.per_sequence:
                 coef = torch.stack([w.coef for w in weights])
