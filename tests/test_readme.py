@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from stabledrl_cli.replay.report import BEST_RULE
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 SNIPPET_SCRIPT = ROOT / "tests" / "trl_scripts" / "snippet_train.py"
@@ -65,6 +67,11 @@ def run_shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=300,
     )
+
+
+def test_the_best_rule_reads_the_same_in_the_readme_as_in_the_tool() -> None:
+    readme = " ".join(README.read_text(encoding="utf-8").split())
+    assert " ".join(BEST_RULE.split()) in readme
 
 
 def test_the_trl_snippet_is_the_one_a_test_records_with() -> None:

@@ -43,7 +43,7 @@ from stabledrl_cli.replay.config import (
 from stabledrl_cli.replay.engine import REASONS_SHOWN, replay_run
 from stabledrl_cli.replay.hdf5 import write_hdf5
 from stabledrl_cli.replay.plot import check_plot_path, plot_replay, require_matplotlib
-from stabledrl_cli.replay.report import print_detail, print_summary
+from stabledrl_cli.replay.report import BEST_RULE, print_detail, print_summary
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.vocab import METRIC_GROUPS, MetricGroup
 
@@ -235,3 +235,9 @@ def command(
     if detail or steps is not None:
         print_detail(result, out, groups, wide=wide, legend=legend)
     print_summary(result, out, groups, wide=wide, legend=legend)
+
+
+command.__doc__ = (
+    "Replay a recorded run through the policy catalogue (one-step counterfactuals).\n\n"
+    f"The table marks (own) the run's own policy, and (best) by this rule. {BEST_RULE}."
+)
