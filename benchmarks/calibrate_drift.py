@@ -1,7 +1,7 @@
 """Calibrate replay's drift detector (`--drift-threshold`, `--window`) on the built-in example.
 
 Drift: the rolling mean of a policy's `net_push` over `window` steps falls below a threshold
-(design.md "Collapse"). The threshold is chosen on seeds of the built-in example that are NOT
+(docs/collapse.md). The threshold is chosen on seeds of the built-in example that are NOT
 the fixtures' seed (0): the fixtures are the held-out test (tests/test_replay_fixtures.py).
 
 Arms, each the run's own policy replayed on its own run:

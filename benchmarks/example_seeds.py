@@ -8,7 +8,7 @@ prints, per run and as a mean over seeds:
 - bypass: fraction of sequences at inner_step 0 with A < 0 and r > 1.2 (what conditional
   clipping lets through unbounded);
 - net: median over steps of (sum coef - sum coef_reinforce) / sum |coef_reinforce|, REINFORCE
-  under the same aggregation (seq-mean-token-mean), i.e. design.md's net_push;
+  under the same aggregation (seq-mean-token-mean), i.e. replay's net_push (docs/replay-json.md);
 - spikes: recorded grad norms > 10x the median of the previous 20 steps (needs 5);
 - nonfinite: steps with a non-finite grad norm or loss (their update is skipped).
 - net is the median over steps (a few huge ratios make the mean meaningless under `llada`;

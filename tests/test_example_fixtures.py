@@ -48,7 +48,7 @@ def test_fixtures_are_small_and_share_everything_but_the_policy():
 def test_grpo_fixture_collapses_and_stabledrl_holds():
     grpo_start, grpo_end = _window_means(_rewards("grpo"))
     sdrl_start, sdrl_end = _window_means(_rewards("stabledrl"))
-    # Observed-collapse rule of design.md: below half of the best rolling mean (floor 0).
+    # Observed-collapse rule of docs/collapse.md: below half of the best rolling mean (floor 0).
     assert grpo_end < 0.5 * grpo_start, (grpo_start, grpo_end)
     assert sdrl_end > sdrl_start, (sdrl_start, sdrl_end)
     grpo_norms = open_run(FIXTURES / "grpo").scalar_series("grad_norm")[1]

@@ -3,7 +3,7 @@
 The references below are written here, in the frameworks' own form (TRL `_compute_loss`, verl
 `compute_policy_loss_*`, StableDRL's `compute_loss_spg`), with torch ops and Python loops over
 groups; nothing of the package is imported for them. The package is only the thing under test.
-Aggregation follows policies.md: N counts sequences with at least one scored token (TRL's grpo
+Aggregation follows docs/policies.md: N counts sequences with at least one scored token (TRL's grpo
 `.mean()` over rows would also count all-masked rows).
 """
 
@@ -99,7 +99,7 @@ MICRO = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
 
 
 def aggregate(term, mask, agg="token-mean", max_len=None, loss_scale=None, rows="scored"):
-    """TRL / verl loss aggregation of a [B, L] per-token objective (policies.md normalizers)."""
+    """TRL / verl loss aggregation of a [B, L] per-token objective (docs/policies.md normalizers)."""
     n_seq = (mask.sum(-1) > 0).sum().clamp(min=1) if rows == "scored" else mask.shape[0]
     if agg == "token-mean":
         return (term * mask).sum() / mask.sum().clamp(min=1)
