@@ -99,7 +99,7 @@ MICRO = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
 
 
 def aggregate(term, mask, agg="token-mean", max_len=None, loss_scale=None, rows="scored"):
-    """TRL / verl loss aggregation of a [B, L] per-token objective (docs/policies.md normalizers)."""
+    """TRL / verl loss aggregation of a [B, L] per-token objective (docs/policies.md)."""
     n_seq = (mask.sum(-1) > 0).sum().clamp(min=1) if rows == "scored" else mask.shape[0]
     if agg == "token-mean":
         return (term * mask).sum() / mask.sum().clamp(min=1)
