@@ -7,9 +7,9 @@ so `import stabledrl_cli`, `stabledrl --help` and `stabledrl policies` never imp
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from stabledrl_cli._lazy import lazy_getattr
 from stabledrl_cli._version import __version__
 
 if TYPE_CHECKING:
@@ -43,14 +43,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    """Imports a public name's home module on first access, then caches the name here."""
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'stabledrl_cli' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _HOMES, globals())
 
 
 def __dir__() -> list[str]:

@@ -7,9 +7,9 @@ function of the model's parameters (for `torch.func`). The settings (`ExampleCon
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from stabledrl_cli._lazy import lazy_getattr
 from stabledrl_cli.example.config import EstimatorConfig, ExampleConfig
 
 if TYPE_CHECKING:
@@ -68,11 +68,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    """Imports a name's module (and torch) on first access."""
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'stabledrl_cli.example' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _HOMES, globals())

@@ -12,9 +12,9 @@ import no torch, so `stabledrl policies` starts fast; the computing names (`Poli
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from stabledrl_cli._lazy import lazy_getattr
 from stabledrl_cli.policies._registry import (
     CONVENTIONS,
     REGISTRY,
@@ -54,11 +54,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    """Imports a computing name's module (and torch) on first access."""
-    home = _COMPUTE.get(name)
-    if home is None:
-        raise AttributeError(f"module 'stabledrl_cli.policies' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _COMPUTE, globals())
