@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -121,3 +122,14 @@ def test_check_prints_one_line_a_gate(grpo_fixture, width):
     for line in gates:
         status = line.replace("│", " ").split()
         assert "ok" in status or "FAILED" in status
+
+
+def test_a_long_run_path_never_widens_a_table(grpo_fixture, tmp_path):
+    """The title names the run; wherever the run lives, the table still fits 80 columns."""
+    run = tmp_path / ("a-directory-name-long-enough-to-overflow-a-title-line" * 2) / "grpo"
+    shutil.copytree(grpo_fixture, run)
+    replay = _run(["replay", str(run), *POLICIES, "--device", "cpu"], 80)
+    assert max(len(line) for line in replay.splitlines()) <= 80
+    result = runner.invoke(app, ["check", str(run), *POLICIES, "--max-collapsed", "0",
+                                 "--device", "cpu"], env={"COLUMNS": "80"})  # fmt: skip
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80

@@ -52,7 +52,7 @@ from stabledrl_cli.replay.figures import policy_metrics
 from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
 from stabledrl_cli.replay.junit import write_junit
 from stabledrl_cli.replay.plot import plot_replay
-from stabledrl_cli.replay.report import print_whole
+from stabledrl_cli.replay.report import print_title, print_whole
 from stabledrl_cli.replay.result import ReplayResult
 
 
@@ -93,6 +93,7 @@ def _print_table(results: list[GateResult], run: str) -> None:
     table.add_column("detail", no_wrap=True, overflow="ellipsis", max_width=detail)
     for row in rows:
         table.add_row(*row)
+    print_title(table, out)
     out.print(table)
 
 

@@ -170,9 +170,19 @@ def summary_columns(
     return shown + [_extra_column(c) for c in extra]
 
 
+def print_title(table: Table, console: Console) -> None:
+    """Prints `table`'s title as a line of text wrapped to the console, and takes it off the
+    table: a title as long as a run's path must never widen the table it names."""
+    if table.title is not None:
+        console.print(table.title, highlight=False, soft_wrap=False)
+        table.title = None
+
+
 def print_whole(table: Table, console: Console) -> None:
     """`table` at the console's width when it fits whole, else at its natural width (a table
-    too wide for the terminal overflows it rather than cut or break a cell)."""
+    too wide for the terminal overflows it rather than cut or break a cell). Its title is text:
+    printed above it, wrapped to the console, so a long run path never widens the table."""
+    print_title(table, console)
     unbounded = console.options.update(width=_UNBOUNDED)
     natural = Measurement.get(console, unbounded, table).maximum
     if natural > console.width:
