@@ -1,0 +1,320 @@
+"""Adaptive grad-norm guards, replayed as a "what if" over a run's recorded grad norms.
+
+A guard sees one optimizer step at a time (its pre-clip grad norm, and its loss) and decides
+what it would have done to that step's gradient: nothing, scale it down (clip), or skip the
+update. Replaying a guard over a recorded run says which steps it would have clipped or
+skipped and by how much; `update` is also what an in-process guard calls before
+`optimizer.step()`. Nothing here imports torch.
+
+- `zclip` (ZClip, arXiv:2504.02507; bluorion-com/ZClip `zclip/zclip.py`): exponential moving
+  averages of the norm's mean and variance, started from the first `warmup` norms. A norm whose
+  z-score z = (g - mean) / (std + eps) exceeds `z_thresh` is clipped to
+  mean + z_thresh std / (z / z_thresh) (`clip=adaptive`) or to the mean (`clip=mean`), times
+  `clip_factor`; `max_norm` adds a fixed ceiling. The averages then take the clipped norm.
+- `skip-step` (OLMo-core 3.0 `SkipStepOptimizer.get_step_factor`): over the previous `window`
+  steps, a step whose loss or grad norm exceeds the window's mean by more than `sigma`
+  standard deviations (unbiased) is skipped; no step is skipped before window // 2 steps
+  (at least 2) have been seen, the current one included.
+
+One deviation from both sources, on purpose: a non-finite grad norm or loss is reported as
+`nonfinite` (the recorder's trainers skip such steps) and is kept out of the statistics. In
+the sources it would enter them and disable (ZClip: forever) or trip (OLMo: for a window) the
+guard, which says nothing about the rule itself.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.spec import SPEC_SYNTAX, format_spec, split_spec
+
+GuardAction = Literal["none", "clip", "skip", "nonfinite"]
+"""What a guard does to one step's gradient."""
+GUARD_ACTIONS: tuple[GuardAction, ...] = get_args(GuardAction)
+
+ZClipMode = Literal["adaptive", "mean"]
+ZCLIP_MODES: tuple[ZClipMode, ...] = get_args(ZClipMode)
+
+DEFAULT_GUARDS = ("zclip", "skip-step")
+"""The guards a replay reports when none is named."""
+
+
+@dataclass(frozen=True)
+class GuardDecision:
+    """One step, as a guard would have treated it."""
+
+    action: GuardAction
+    scale: float
+    """Factor on the step's gradient: 1 (none), threshold / norm (clip), 0 (skip, nonfinite)."""
+    z: float | None
+    """The z-score the rule compared (for skip-step the larger of loss and norm, signed: only
+    an excess counts); None while the guard is still collecting its statistics."""
+    threshold: float | None
+    """The norm a clip brings the gradient down to; None for other actions."""
+
+
+_NONE = GuardDecision("none", 1.0, None, None)
+
+
+class ZClip:
+    """ZClip's EMA z-score clip of the grad norm (see the module docstring)."""
+
+    name = "zclip"
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup: int = 25,
+        clip: ZClipMode = "adaptive",
+        clip_factor: float = 1.0,
+        max_norm: float | None = None,
+        eps: float = 1e-6,
+    ) -> None:
+        _check(0.0 < alpha < 1.0, f"alpha must be in (0, 1), got {alpha!r}")
+        _check(z_thresh > 0.0 and math.isfinite(z_thresh), f"z_thresh must be > 0: {z_thresh!r}")
+        _check(warmup >= 1, f"warmup must be an integer >= 1, got {warmup!r}")
+        _check(clip in ZCLIP_MODES, f"clip must be one of {', '.join(ZCLIP_MODES)}: {clip!r}")
+        _check(clip_factor > 0.0, f"clip_factor must be > 0, got {clip_factor!r}")
+        _check(max_norm is None or max_norm > 0.0, f"max_norm must be > 0, got {max_norm!r}")
+        self.alpha, self.z_thresh, self.warmup = alpha, z_thresh, warmup
+        self.clip, self.clip_factor, self.max_norm, self.eps = clip, clip_factor, max_norm, eps
+        self._buffer: list[float] = []
+        self.mean: float | None = None
+        self.var: float | None = None
+
+    def update(self, grad_norm: float, loss: float | None = None) -> GuardDecision:
+        """The decision for the next step (loss is not used by ZClip)."""
+        if not math.isfinite(grad_norm):
+            return GuardDecision("nonfinite", 0.0, None, None)
+        if self.mean is None or self.var is None:
+            self._buffer.append(grad_norm)
+            if len(self._buffer) >= self.warmup:
+                self.mean = sum(self._buffer) / len(self._buffer)
+                self.var = sum((x - self.mean) ** 2 for x in self._buffer) / len(self._buffer)
+                self._buffer = []
+            return self._ceiling(grad_norm, None, None)
+        std = math.sqrt(self.var)
+        z = (grad_norm - self.mean) / (std + self.eps)
+        clip_to: float | None = None
+        if z > self.z_thresh:
+            if self.clip == "adaptive":
+                clip_to = (self.mean + self.z_thresh * std / (z / self.z_thresh)) * self.clip_factor
+            else:
+                clip_to = self.mean
+        effective = clip_to if clip_to is not None else grad_norm
+        self.mean = self.alpha * self.mean + (1.0 - self.alpha) * effective
+        self.var = self.alpha * self.var + (1.0 - self.alpha) * (effective - self.mean) ** 2
+        return self._ceiling(grad_norm, clip_to, z)
+
+    def _ceiling(self, grad_norm: float, clip_to: float | None, z: float | None) -> GuardDecision:
+        limit = clip_to if clip_to is not None else math.inf
+        if self.max_norm is not None:
+            limit = min(limit, self.max_norm)
+        if grad_norm > limit:
+            return GuardDecision("clip", limit / grad_norm, z, limit)
+        return GuardDecision("none", 1.0, z, None)
+
+
+class SkipStep:
+    """OLMo-core's skip-step rule on the loss and the grad norm (see the module docstring)."""
+
+    name = "skip-step"
+
+    def __init__(self, *, window: int = 128, sigma: float = 6.0) -> None:
+        _check(window >= 6, f"window must be an integer >= 6, got {window!r}")
+        _check(sigma > 0.0 and math.isfinite(sigma), f"sigma must be > 0, got {sigma!r}")
+        self.window, self.sigma = window, sigma
+        self.min_history = max(2, window // 2)
+        self._norms: deque[float] = deque(maxlen=window)
+        self._losses: deque[float] = deque(maxlen=window)
+
+    def update(self, grad_norm: float, loss: float | None = None) -> GuardDecision:
+        """The decision for the next step; without a loss, the grad norm alone decides."""
+        if not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(loss)):
+            return GuardDecision("nonfinite", 0.0, None, None)
+        scores = [_z(grad_norm, self._norms, self.min_history)]
+        if loss is not None:
+            scores.append(_z(loss, self._losses, self.min_history))
+            self._losses.append(loss)
+        self._norms.append(grad_norm)
+        known = [z for z in scores if z is not None]
+        if not known:
+            return _NONE
+        worst = max(known)
+        if worst > self.sigma:
+            return GuardDecision("skip", 0.0, worst, None)
+        return GuardDecision("none", 1.0, worst, None)
+
+
+def _z(value: float, history: Iterable[float], min_history: int) -> float | None:
+    """(value - mean) / std over the history (unbiased std), None while it is too short; a
+    constant history gives +-inf for any excess or shortfall (OLMo compares value - mean with
+    sigma std = 0)."""
+    past = list(history)
+    if len(past) + 1 < min_history:
+        return None
+    mean, std = statistics.fmean(past), statistics.stdev(past)
+    if std == 0.0:
+        return 0.0 if value == mean else math.copysign(math.inf, value - mean)
+    return (value - mean) / std
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+Guard = ZClip | SkipStep
+
+_PARAMS: dict[str, dict[str, type]] = {
+    "zclip": {
+        "alpha": float,
+        "z_thresh": float,
+        "warmup": int,
+        "clip": str,
+        "clip_factor": float,
+        "max_norm": float,
+    },
+    "skip-step": {"window": int, "sigma": float},
+}
+
+
+def make_guard(spec: str) -> Guard:
+    """`zclip`, `zclip:z_thresh=3`, `skip-step:window=64,sigma=4` -> a fresh guard;
+    UsageError naming the bad name, key or value."""
+    name, raw = split_spec(spec)
+    keys = _PARAMS.get(name)
+    if keys is None:
+        raise UsageError(f"unknown guard {name!r}; valid: {', '.join(_PARAMS)}")
+    params: dict[str, float | int | str] = {}
+    for key, text in raw.items():
+        kind = keys.get(key)
+        if kind is None:
+            raise UsageError(f"unknown key {key!r} for guard {name!r}; valid: {', '.join(keys)}")
+        try:
+            params[key] = kind(text)
+        except ValueError:
+            raise UsageError(
+                f"guard {spec!r}: {key} must be {kind.__name__}, got {text!r}"
+            ) from None
+    if name == "zclip":
+        return ZClip(**params)  # type: ignore[arg-type]
+    return SkipStep(**params)  # type: ignore[arg-type]
+
+
+def guard_spec(guard: Guard) -> str:
+    """The canonical spec of a guard: its name and every parameter that is not the default."""
+    defaults = make_guard(guard.name)
+    given = {
+        key: getattr(guard, key)
+        for key in _PARAMS[guard.name]
+        if getattr(guard, key) != getattr(defaults, key)
+    }
+    return format_spec(guard.name, given)
+
+
+@dataclass(frozen=True)
+class GuardedStep:
+    """A step a guard would have acted on."""
+
+    step: int
+    action: GuardAction
+    grad_norm: float
+    scale: float
+    z: float | None
+    threshold: float | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "step": self.step,
+            "action": self.action,
+            "grad_norm": self.grad_norm if math.isfinite(self.grad_norm) else None,
+            "scale": self.scale,
+            "z": self.z if self.z is None or math.isfinite(self.z) else None,
+            "threshold": self.threshold,
+        }
+
+
+@dataclass(frozen=True)
+class GuardReport:
+    """What one guard would have done over a run."""
+
+    spec: str
+    steps_seen: int
+    acted: list[GuardedStep] = field(default_factory=list)
+
+    def count(self, action: GuardAction) -> int:
+        """Steps the guard would have treated with `action`."""
+        return sum(1 for s in self.acted if s.action == action)
+
+    @property
+    def removed_norm(self) -> float:
+        """sum over clipped and skipped finite steps of grad_norm (1 - scale): how much update
+        norm the guard takes away (before the optimizer's own clip)."""
+        return sum(
+            s.grad_norm * (1.0 - s.scale) for s in self.acted if s.action in ("clip", "skip")
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "guard": self.spec,
+            "steps": self.steps_seen,
+            "clipped": self.count("clip"),
+            "skipped": self.count("skip"),
+            "nonfinite": self.count("nonfinite"),
+            "removed_norm": self.removed_norm,
+            "acted": [s.to_dict() for s in self.acted],
+        }
+
+
+def replay_guards(
+    steps: Iterable[int],
+    grad_norms: Iterable[float],
+    losses: Mapping[int, float] | None,
+    specs: Iterable[str] = DEFAULT_GUARDS,
+) -> list[GuardReport]:
+    """Runs each guard over the recorded (step, grad_norm) series in step order; `losses`
+    (step -> loss) feeds skip-step where a step has one. -> one report a guard."""
+    series = sorted(zip(steps, grad_norms, strict=True))
+    reports = []
+    for spec in specs:
+        guard = make_guard(spec)
+        acted = []
+        for step, norm in series:
+            loss = None if losses is None else losses.get(step)
+            decision = guard.update(float(norm), None if loss is None else float(loss))
+            if decision.action != "none":
+                acted.append(
+                    GuardedStep(
+                        step=int(step),
+                        action=decision.action,
+                        grad_norm=float(norm),
+                        scale=decision.scale,
+                        z=decision.z,
+                        threshold=decision.threshold,
+                    )
+                )
+        reports.append(GuardReport(spec=guard_spec(guard), steps_seen=len(series), acted=acted))
+    return reports
+
+
+__all__ = [
+    "DEFAULT_GUARDS",
+    "GUARD_ACTIONS",
+    "SPEC_SYNTAX",
+    "GuardDecision",
+    "GuardReport",
+    "GuardedStep",
+    "SkipStep",
+    "ZClip",
+    "make_guard",
+    "replay_guards",
+]

@@ -1,0 +1,153 @@
+"""Grad-norm guards replayed over recorded norms: ZClip against the real `zclip` package, the
+skip-step rule against OLMo-core's `get_step_factor`, and the replay report."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.replay.guards import SkipStep, ZClip, make_guard, replay_guards
+
+
+def norms_with_spikes(n: int = 200, seed: int = 0) -> list[float]:
+    rng = random.Random(seed)
+    values = [1.0 + 0.1 * rng.gauss(0.0, 1.0) for _ in range(n)]
+    for i in (40, 41, 90, 150):
+        values[i] *= 12.0
+    return values
+
+
+def real_zclip_thresholds(norms: list[float], **kwargs: object) -> list[float | None]:
+    """What the real ZClip clips each norm to (None: not clipped), driving its `step` with a
+    one-parameter model whose gradient has exactly that norm."""
+    zclip = pytest.importorskip("zclip", reason="zclip is not installed (pip install -e '.[dev]')")
+    guard = zclip.ZClip(max_grad_norm=None, **kwargs)
+    param = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    model = torch.nn.Module()
+    model.p = param
+    out: list[float | None] = []
+    for norm in norms:
+        param.grad = torch.tensor([norm], dtype=torch.float64)
+        guard.step(model)
+        after = float(param.grad.abs())
+        out.append(after if after < norm * (1 - 1e-12) else None)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        ({}, {}),
+        (
+            {"z_thresh": 2.0, "alpha": 0.9, "warmup": 10},
+            {"z_thresh": 2.0, "alpha": 0.9, "warmup_steps": 10},
+        ),
+        ({"clip": "mean"}, {"clip_option": "mean"}),
+        ({"clip_factor": 0.7}, {"clip_factor": 0.7}),
+    ],
+)
+def test_zclip_matches_the_zclip_package(ours: dict, theirs: dict) -> None:
+    norms = norms_with_spikes()
+    expected = real_zclip_thresholds(norms, **theirs)
+    guard = ZClip(**ours)
+    got = []
+    for norm in norms:
+        decision = guard.update(norm)
+        got.append(decision.threshold if decision.action == "clip" else None)
+    assert [g is None for g in got] == [e is None for e in expected]
+    assert sum(e is not None for e in expected) >= 3
+    for g, e in zip(got, expected, strict=True):
+        if e is not None:
+            # the package scales the gradient by clip / (norm + 1e-6): relative 1e-6
+            assert g == pytest.approx(e, rel=1e-5)
+
+
+def olmo_skips(losses: list[float], norms: list[float], window: int, sigma: float) -> list[bool]:
+    """OLMo-core 3.0's SkipStepOptimizer.get_step_factor, step by step, in torch as it is
+    written there (the package itself cannot be installed beside this project: its
+    cached-path dependency pins rich < 14)."""
+    skipped = []
+    hist_l: list[torch.Tensor] = []
+    hist_g: list[torch.Tensor] = []
+    for loss, norm in zip(losses, norms, strict=True):
+        hist_l.append(torch.tensor(loss))
+        hist_g.append(torch.tensor(norm))
+        hist_l, hist_g = hist_l[-(window + 1) :], hist_g[-(window + 1) :]
+        if len(hist_l) < max(2, window // 2):
+            skipped.append(False)
+            continue
+        l_std, l_mean = torch.std_mean(torch.stack(hist_l[:-1]))
+        g_std, g_mean = torch.std_mean(torch.stack(hist_g[:-1]))
+        ok = bool(
+            torch.logical_and(
+                (hist_l[-1] - l_mean) <= sigma * l_std, (hist_g[-1] - g_mean) <= sigma * g_std
+            )
+        )
+        skipped.append(not ok)
+    return skipped
+
+
+@pytest.mark.parametrize(("window", "sigma"), [(128, 6.0), (32, 3.0), (6, 2.0)])
+def test_skip_step_matches_olmo_core(window: int, sigma: float) -> None:
+    norms = norms_with_spikes(300, seed=window)
+    rng = random.Random(1)
+    losses = [2.0 - 0.002 * i + 0.05 * rng.gauss(0.0, 1.0) for i in range(300)]
+    losses[200] += 3.0  # a loss spike with an ordinary grad norm
+    expected = olmo_skips(losses, norms, window, sigma)
+    guard = SkipStep(window=window, sigma=sigma)
+    got = [guard.update(n, loss).action == "skip" for n, loss in zip(norms, losses, strict=True)]
+    assert got == expected
+    assert any(expected)
+
+
+def test_nonfinite_norms_are_reported_and_kept_out_of_the_statistics() -> None:
+    norms = norms_with_spikes()
+    with_nan = [*norms[:60], math.nan, math.inf, *norms[60:]]
+    clean = [r.to_dict() for r in replay_guards(range(len(norms)), norms, None)]
+    dirty = replay_guards(range(len(with_nan)), with_nan, None)
+    assert [d.count("nonfinite") for d in dirty] == [2, 2]
+    for report, base in zip(dirty, clean, strict=True):
+        kept = [a for a in report.to_dict()["acted"] if a["action"] != "nonfinite"]
+        assert [a["scale"] for a in kept] == [a["scale"] for a in base["acted"]]
+
+
+def test_replay_report_counts_and_removed_norm() -> None:
+    norms = norms_with_spikes()
+    losses = {i: 1.0 for i in range(len(norms))}
+    zclip, skip = replay_guards(range(len(norms)), norms, losses)
+    assert zclip.spec == "zclip" and skip.spec == "skip-step"
+    assert {s.step for s in zclip.acted} >= {40, 90, 150}
+    assert zclip.removed_norm == pytest.approx(
+        sum(s.grad_norm * (1 - s.scale) for s in zclip.acted)
+    )
+    # 40 and 41 fall before window // 2 steps; at 150 the three spikes in its window have
+    # widened the window's std enough to let the fourth through.
+    assert {s.step for s in skip.acted} == {90}
+    assert all(s.scale == 0.0 for s in skip.acted)
+    data = skip.to_dict()
+    assert data["skipped"] == 1 and data["steps"] == len(norms)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("zclap", "unknown guard 'zclap'"),
+        ("zclip:alpha=1.5", "alpha must be in (0, 1)"),
+        ("zclip:warmup=two", "warmup must be int"),
+        ("skip-step:window=3", "window must be an integer >= 6"),
+        ("skip-step:z=3", "unknown key 'z'"),
+        ("zclip:clip=max", "clip must be one of adaptive, mean"),
+    ],
+)
+def test_bad_guard_specs(spec: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make_guard(spec)
+
+
+def test_canonical_guard_spec() -> None:
+    (report,) = replay_guards([0], [1.0], None, ["zclip:z_thresh=3,alpha=0.97"])
+    assert report.spec == "zclip:z_thresh=3"
