@@ -58,6 +58,12 @@ Rows = Literal["scored", "all"]
 """Which sequences a sequence mean counts: those with a scored token, or every row."""
 ROWS: tuple[Rows, ...] = get_args(Rows)
 
+RolloutIS = Literal["off", "token-truncate", "token-mask", "sequence-truncate", "sequence-mask"]
+"""A policy's rollout correction: the weight w = pi_old / pi_rollout per token or per sequence
+(product), truncated to [tis_min, tis_max] or zeroed outside it (TRL's
+vllm_importance_sampling_mode, verl's rollout_is and IcePop)."""
+ROLLOUT_IS: tuple[RolloutIS, ...] = get_args(RolloutIS)
+
 AdvMode = Literal["recorded", "center", "zscore", "rloo"]
 """Where a policy's advantages come from: as recorded, or recomputed from rewards per group."""
 ADV_MODES: tuple[AdvMode, ...] = get_args(AdvMode)

@@ -56,6 +56,10 @@ def test_bad_specs_raise_one_usage_error_naming_the_choices(spec, message):
     assert "\n" not in str(info.value)
 
 
+NO_TIS = {"tis": "off", "tis_min": None, "tis_max": None}
+"""The rollout-correction keys every policy takes, off by default."""
+
+
 def test_defaults_follow_the_table():
     assert get_policy("ppo").params == {
         "eps_low": 0.2,
@@ -65,6 +69,7 @@ def test_defaults_follow_the_table():
         "rows": "scored",
         "beta": 0.0,
         "adv": "recorded",
+        **NO_TIS,
     }
     assert get_policy("grpo").params["agg"] == "seq-mean-token-mean"
     assert get_policy("dapo").params | {} == {
@@ -75,6 +80,7 @@ def test_defaults_follow_the_table():
         "rows": "scored",
         "beta": 0.0,
         "adv": "recorded",
+        **NO_TIS,
     }
     assert get_policy("dual-clip").params["c"] == 3.0
     assert get_policy("two-sided:delta=4").params["delta"] == 4.0
@@ -84,6 +90,7 @@ def test_defaults_follow_the_table():
         "rows": "scored",
         "beta": 0.0,
         "adv": "recorded",
+        **NO_TIS,
     }
     assert get_policy("cispo").params["cap"] == 5.0
     verl = get_policy("cispo:eps_high=0.28").params
@@ -98,6 +105,7 @@ def test_defaults_follow_the_table():
         "rows": "scored",
         "beta": 0.0,
         "adv": "recorded",
+        **NO_TIS,
     }
     assert get_policy("ppo:eps_low=0.3").params["eps_high"] == 0.3
     for name in ("is", "reinforce"):
@@ -140,6 +148,12 @@ def test_catalogue_and_standard_specs():
         "is",
         "reinforce",
         "stabledrl",
+        "gpg",
+        "gppo",
+        "clip-cov",
+        "kl-cov",
+        "gmpo",
+        "dppo",
     }
     for spec in STANDARD_CATALOGUE:
         policy = get_policy(spec)
@@ -157,6 +171,7 @@ def test_every_policy_class_documents_its_formula_and_source():
 def test_required_fields():
     assert get_policy("grpo").required_fields() == set()
     assert get_policy("grpo:beta=0.1").required_fields() == {"logp_ref"}
+    assert get_policy("dppo:tis=sequence-mask").required_fields() == {"logp_rollout"}
     assert get_policy("stabledrl:adv=center").required_fields() == {"reward", "group_id"}
     assert get_policy("cispo:agg=recorded").required_fields() == {"loss_scale"}
     assert get_policy("stabledrl").required_fields("sequence") == set()

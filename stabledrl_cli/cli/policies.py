@@ -25,7 +25,7 @@ from stabledrl_cli.policies import (
 )
 from stabledrl_cli.policies._config import ParamValue
 from stabledrl_cli.spec import SPEC_SYNTAX, format_value
-from stabledrl_cli.vocab import ADV_MODES, AGGS, ROWS
+from stabledrl_cli.vocab import ADV_MODES, AGGS, ROLLOUT_IS, ROWS
 
 
 class PolicyRow(TypedDict):
@@ -148,7 +148,8 @@ def command(policy: PolicyOpt = None, fmt: FormatOpt = "table") -> None:
         out.print(
             f"spec: {SPEC_SYNTAX}.  Every policy also takes beta (KL, needs logp_ref) and "
             f"adv={'|'.join(ADV_MODES)}; agg={'|'.join(AGGS)} "
-            f"(constant needs max_len, recorded needs loss_scale); rows={'|'.join(ROWS)}",
+            f"(constant needs max_len, recorded needs loss_scale); rows={'|'.join(ROWS)}; "
+            f"tis={'|'.join(ROLLOUT_IS)} with tis_min, tis_max (needs logp_rollout)",
             highlight=False,
             soft_wrap=False,
         )

@@ -15,6 +15,7 @@ from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies._batch import PolicyBatch, PreparedBatch, prepare
 from stabledrl_cli.policies._config import AggConfig, BaseConfig, ParamValue
 from stabledrl_cli.policies._registry import PolicyEntry
+from stabledrl_cli.policies._rollout import rollout_corrected
 from stabledrl_cli.vocab import Rows, Unit
 
 
@@ -135,6 +136,8 @@ class Policy:
             needed |= {"reward", "group_id"}
         if isinstance(self.config, AggConfig) and self.config.agg == "recorded":
             needed.add("loss_scale")
+        if self.config.tis != "off":
+            needed.add("logp_rollout")
         return needed
 
     def norm(self, prep: PreparedBatch) -> torch.Tensor:
@@ -156,6 +159,8 @@ class Policy:
                 f"policy {self.spec!r} needs batch field(s) {', '.join(sorted(missing))}, "
                 "which this batch lacks"
             )
+        recorded = prep
+        prep = rollout_corrected(prep, self.config)
         adv = prep.advantages(self.config.adv)
         norm = self.norm(prep)
         terms = self._policy_terms(prep, adv, norm)
@@ -165,7 +170,8 @@ class Policy:
             assert prep.logp_ref is not None
             delta = prep.logp_ref - prep.logp
             kl = torch.exp(delta) - delta - 1.0
-            scale = self.config.beta * prep.weight / norm
+            # The KL term keeps the recorded weight: TRL and verl leave it uncorrected.
+            scale = self.config.beta * recorded.weight / norm
             coef = coef + scale * (torch.exp(delta) - 1.0)
             objective = objective - torch.where(prep.mask, scale * kl, zero).sum()
         coef = torch.where(prep.mask, coef, zero)
@@ -174,9 +180,12 @@ class Policy:
         hidden = prep.mask & ~(prep.finite_inputs & torch.isfinite(adv)) & torch.isfinite(coef)
         coef = torch.where(hidden, torch.full_like(coef, float("nan")), coef)
         eligible = prep.mask & (adv != 0)
+        discarded = terms.discarded
+        if prep is not recorded:  # a token the rollout correction's mask zeroed is discarded
+            discarded = discarded | ((prep.weight == 0) & (recorded.weight != 0))
         return Weights(
             coef=coef,
-            discarded=terms.discarded & eligible,
+            discarded=discarded & eligible,
             clipped=terms.clipped & eligible,
             objective=objective,
             norm=norm,

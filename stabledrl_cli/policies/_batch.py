@@ -62,6 +62,8 @@ class PolicyBatch:
     """[N] group (prompt) of each sequence; default one group."""
     logp_ref: ArrayLike | None = None
     """log pi_ref, for the KL term (beta > 0)."""
+    logp_rollout: ArrayLike | None = None
+    """log pi of the rollout engine (vLLM, SGLang), for the rollout correction (tis=...)."""
     reward: ArrayLike | None = None
     """[N] reward of each sequence, for adv=center|zscore|rloo."""
     loss_weight: ArrayLike | None = None
@@ -115,6 +117,7 @@ class PreparedBatch:
     n_seq: int
     n_groups_total: int
     logp_ref: torch.Tensor | None = None
+    logp_rollout: torch.Tensor | None = None
     reward: torch.Tensor | None = None
     """[N] per sequence, or None."""
     loss_weight: torch.Tensor | None = None
@@ -140,7 +143,7 @@ class PreparedBatch:
         return self.logp.shape[0]
 
     def fields_present(self) -> set[str]:
-        names = {"logp_ref", "reward", "loss_weight", "loss_scale"}
+        names = {"logp_ref", "logp_rollout", "reward", "loss_weight", "loss_scale"}
         present = {name for name in names if getattr(self, name) is not None}
         if self.has_group_id:
             present.add("group_id")
@@ -415,6 +418,7 @@ def prepare(
         n_seq=n_seq,
         n_groups_total=n_groups,
         logp_ref=_flat_like(batch.logp_ref, "logp_ref", shape, dev, ctype),
+        logp_rollout=_flat_like(batch.logp_rollout, "logp_rollout", shape, dev, ctype),
         reward=reward,
         loss_weight=_flat_like(batch.loss_weight, "loss_weight", shape, dev, ctype),
         loss_scale=_flat_like(batch.loss_scale, "loss_scale", shape, dev, ctype),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.vocab import AdvMode, Agg, Rows
+from stabledrl_cli.vocab import AdvMode, Agg, RolloutIS, Rows
 
 # Aggregations that divide by a count of sequences N (the ones `rows` applies to).
 SEQUENCE_MEAN_AGGS: tuple[Agg, ...] = (
@@ -28,9 +28,12 @@ SEQUENCE_MEAN_AGGS: tuple[Agg, ...] = (
 MAX_LEN_AGGS: tuple[Agg, ...] = ("constant", "seq-mean-token-sum-norm")
 
 # Keys every policy takes; they are listed after the policy's own keys.
-COMMON_KEYS = ("agg", "max_len", "rows", "beta", "adv")
+COMMON_KEYS = ("agg", "max_len", "rows", "beta", "adv", "tis", "tis_min", "tis_max")
 
 ParamValue = str | int | float | bool | None
+
+TIS_DEFAULT_MAX = 2.0
+"""verl's rollout_is_threshold default."""
 """A config field's value: a number, a choice, or None for unset."""
 
 
@@ -71,6 +74,15 @@ class BaseConfig:
     a scored token, or every row (TRL's `.mean()` over rows; verl's `global_batch_size`;
     StableDRL's public code, where a row without scored tokens has log w = 0)."""
 
+    tis: RolloutIS = "off"
+    """Rollout correction (needs logp_rollout): each token's weight is multiplied by
+    w = exp(logp_old - logp_rollout), per token or per sequence (exp of the sum), truncated to
+    [tis_min, tis_max] or zeroed outside it. Replays a run recorded without a correction."""
+    tis_min: float | None = None
+    """Lower bound of w (truncate: clamp; mask: zero below it; default none)."""
+    tis_max: float | None = None
+    """Upper bound of w (default 2.0 once tis is on: verl's rollout_is_threshold)."""
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             choices = literal_choices(type(self), f.name)
@@ -78,6 +90,18 @@ class BaseConfig:
             if choices is not None and value not in choices:
                 raise UsageError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
         check_min("beta", self.beta, 0.0, strict=False)
+        if self.tis == "off":
+            if self.tis_min is not None or self.tis_max is not None:
+                raise UsageError(
+                    "tis_min and tis_max apply with tis=token-truncate|token-mask|"
+                    "sequence-truncate|sequence-mask"
+                )
+        elif self.tis_max is None:
+            object.__setattr__(self, "tis_max", TIS_DEFAULT_MAX)
+        check_min("tis_min", self.tis_min, 0.0, strict=False)
+        check_min("tis_max", self.tis_max, 0.0, strict=True)
+        if self.tis_min is not None and self.tis_max is not None and self.tis_min >= self.tis_max:
+            raise UsageError(f"tis_min must be < tis_max, got {self.tis_min!r} >= {self.tis_max!r}")
 
     def params(self) -> dict[str, ParamValue]:
         """Every parameter, defaults filled, in display order."""
@@ -244,3 +268,88 @@ class StableDRLConfig(BaseConfig):
                 "rows=all applies to level=seq (a row without scored tokens has "
                 "log w = 0); level=token weighs scored tokens only"
             )
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPPOConfig(ClipConfig):
+    """GPPO's clip bounds (the PPO clip whose clipped tokens keep a bounded gradient)."""
+
+
+def _check_ratio(ratio: float) -> None:
+    check_min("ratio", ratio, 0.0, strict=True)
+    if not ratio <= 1.0:
+        raise UsageError(f"ratio must be <= 1, got {ratio!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipCovConfig(ClipConfig):
+    """Clip-Cov's random selection among tokens of high advantage-logp covariance."""
+
+    ratio: float = 0.0002
+    """Fraction of the scored tokens selected (at least one): verl `clip_cov_ratio`."""
+    lb: float = 1.0
+    """Only tokens with covariance in (lb, ub) are candidates (verl `clip_cov_lb`)."""
+    ub: float = 5.0
+    """Upper bound of the candidates' covariance (verl `clip_cov_ub`)."""
+    seed: int = 0
+    """Seed of the random choice among the candidates (with the step's shape)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_ratio(self.ratio)
+        if not self.lb < self.ub:
+            raise UsageError(f"lb must be < ub, got lb={self.lb!r}, ub={self.ub!r}")
+        check_min("seed", self.seed, 0, strict=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KLCovConfig(AggConfig):
+    """KL-Cov's penalty on the tokens of highest advantage-logp covariance."""
+
+    ratio: float = 0.0002
+    """Fraction of the scored tokens penalised (at least one): verl `kl_cov_ratio`."""
+    kl_coef: float = 0.1
+    """Weight of |log r| on the selected tokens (verl `ppo_kl_coef`)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_ratio(self.ratio)
+        check_min("kl_coef", self.kl_coef, 0.0, strict=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GMPOConfig(BaseConfig):
+    """GMPO's clip of each token's log-ratio before the geometric mean."""
+
+    eps_low: float = 0.4
+    """Lower clip of log r: -eps_low (GMPO's (e^-0.4, e^0.4); verl uses its clip_ratio)."""
+    eps_high: float = 0.4
+    """Upper clip of log r: eps_high."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_min("eps_low", self.eps_low, 0.0, strict=False)
+        check_min("eps_high", self.eps_high, 0.0, strict=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPPOConfig(AggConfig):
+    """DPPO's trust region on the probability (tv) or its binary KL (kl)."""
+
+    divergence: Literal["tv", "kl"] = "tv"
+    """tv: p - p_old must stay within [-delta_low, delta_high]; kl: the binary KL of (p_old,
+    p) within delta on the side the advantage pushes."""
+    delta_low: float = 0.2
+    """Bound against a decrease of p (A < 0): verl `clip_ratio_low`."""
+    delta_high: float | None = None
+    """Bound against an increase of p (A > 0): verl `clip_ratio_high`; default delta_low."""
+    c: float = 3.0
+    """Truncation of the detached ratio, min(r, c) (verl `clip_ratio_c`, 3 in ActorConfig)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.delta_high is None:
+            object.__setattr__(self, "delta_high", self.delta_low)
+        check_min("delta_low", self.delta_low, 0.0, strict=False)
+        check_min("delta_high", self.delta_high, 0.0, strict=False)
+        check_min("c", self.c, 0.0, strict=True)

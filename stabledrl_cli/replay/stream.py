@@ -44,7 +44,7 @@ from stabledrl_cli.vocab import StepGeometryKind, Unit
 
 BASE_FIELDS = ("logp", "logp_old", "advantages", "mask", "seq_id")
 """Fields every policy needs."""
-TOKEN_FIELDS = (*BASE_FIELDS, "logp_ref", "loss_weight", "loss_scale")
+TOKEN_FIELDS = (*BASE_FIELDS, "logp_ref", "logp_rollout", "loss_weight", "loss_scale")
 """Per-entry fields a replay reads when present (each as long as logp)."""
 SEQUENCE_FIELDS = ("group_id", "reward", "micro_batch", "group_split")
 """Per-sequence fields a replay reads when present."""
@@ -139,6 +139,7 @@ def prepared(step: Step, arrays: Arrays, unit: Unit, where: str) -> PreparedBatc
         group_id=arrays.get("group_id"),
         reward=arrays.get("reward"),
         logp_ref=arrays.get("logp_ref"),
+        logp_rollout=arrays.get("logp_rollout"),
         loss_weight=arrays.get("loss_weight"),
         loss_scale=arrays.get("loss_scale"),
         micro_batch=arrays.get("micro_batch"),

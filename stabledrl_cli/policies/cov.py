@@ -1,0 +1,79 @@
+"""Clip-Cov and KL-Cov (The Entropy Mechanism of RL for Reasoning LMs, arXiv:2505.22617;
+verl `compute_policy_loss_clip_cov` / `_kl_cov`): act on the few tokens whose centred
+advantage times centred logp, cov_t = (A_t - mean A) (logp_t - mean logp) over the step's
+scored tokens, is largest: the tokens that drive entropy collapse.
+
+- clip-cov: PPO's clip (no dual clip), plus: among the tokens the clip leaves alone whose
+  cov_t lies in (lb, ub), max(1, int(ratio x scored)) chosen at random lose their gradient
+  (discarded). The draw is a function of `seed` and the step's shape (its token and scored
+  counts), made on the CPU: a replay is reproducible on any device, and the seed is in the
+  spec. It is not the training run's own draw (verl uses torch's global generator).
+- kl-cov: plain importance sampling r A, minus kl_coef |log r| on the max(1, int(ratio x
+  scored)) tokens of largest cov_t (clipped: their gradient is penalised, r A - kl_coef
+  sign(log r)).
+verl takes both means over each micro-batch; here they are over the optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stabledrl_cli.policies._base import TokenPolicy, TokenTerms, keep_times, ratio_times
+from stabledrl_cli.policies._batch import PreparedBatch
+from stabledrl_cli.policies._config import ClipCovConfig, KLCovConfig
+from stabledrl_cli.policies.ppo import ppo_terms
+
+
+def covariance(prep: PreparedBatch, adv: torch.Tensor) -> torch.Tensor:
+    """[T] (A - mean A)(logp - mean logp), means over the scored tokens."""
+    scored = prep.mask.to(prep.dtype)
+    count = scored.sum().clamp(min=1.0)
+    mean_adv = (adv * scored).sum() / count
+    mean_logp = (torch.where(prep.mask, prep.logp, 0.0)).sum() / count
+    return (adv - mean_adv) * (prep.logp - mean_logp)
+
+
+def selection_size(prep: PreparedBatch, ratio: float) -> int:
+    """max(1, int(ratio x scored tokens)): verl's clip_num / k_percent_nums."""
+    return max(1, int(ratio * int(prep.mask.sum())))
+
+
+class ClipCovPolicy(TokenPolicy):
+    """Clip-Cov (verl `clip_cov`): PPO's `min(r A, clip(r) A) / norm`, and a random max(1,
+    ratio x scored) of the unclipped tokens with lb < cov < ub are discarded."""
+
+    config: ClipCovConfig
+
+    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
+        cfg = self.config
+        value, clipped_by_rule = ppo_terms(prep.ratio, adv, cfg.eps_low, cfg.high)
+        cov = covariance(prep, adv)
+        candidates = prep.mask & ~clipped_by_rule & (cov > cfg.lb) & (cov < cfg.ub)
+        index = torch.nonzero(candidates.cpu()).flatten()
+        shape_key = prep.num_tokens * 1_000_003 + int(prep.mask.sum())
+        generator = torch.Generator().manual_seed((cfg.seed * 2_654_435_761 + shape_key) % 2**63)
+        chosen_index = index[torch.randperm(index.numel(), generator=generator)]
+        chosen_index = chosen_index[: selection_size(prep, cfg.ratio)].to(prep.device)
+        chosen = torch.zeros_like(prep.mask).index_fill_(0, chosen_index, True)
+        discarded = clipped_by_rule | chosen
+        dvalue = keep_times(~discarded, ratio_times(prep.ratio, adv))
+        return keep_times(~chosen, value), dvalue, discarded, torch.zeros_like(discarded)
+
+
+class KLCovPolicy(TokenPolicy):
+    """KL-Cov (verl `kl_cov`): `r A / norm`, minus kl_coef |log r| / norm on the max(1, ratio x
+    scored) tokens of largest covariance (clipped)."""
+
+    config: KLCovConfig
+
+    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
+        cfg = self.config
+        cov = covariance(prep, adv)
+        ranked = torch.where(prep.mask, cov, torch.full_like(cov, -torch.inf))
+        top = torch.topk(ranked, min(selection_size(prep, cfg.ratio), prep.num_tokens)).indices
+        chosen = torch.zeros_like(prep.mask).index_fill_(0, top, True) & prep.mask
+        log_ratio = prep.log_ratio
+        is_value = ratio_times(prep.ratio, adv)
+        value = torch.where(chosen, is_value - cfg.kl_coef * log_ratio.abs(), is_value)
+        dvalue = torch.where(chosen, is_value - cfg.kl_coef * torch.sign(log_ratio), is_value)
+        return value, dvalue, torch.zeros_like(chosen), chosen

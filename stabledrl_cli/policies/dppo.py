@@ -1,0 +1,55 @@
+"""DPPO, a trust region on the probability itself (arXiv:2602.04879; verl `dppo_tv`,
+`dppo_kl`; prime-rl's probability-difference masks).
+
+J = sum_t sg(min(r, c)) A logp valid_t / norm_t: a REINFORCE term weighted by the truncated,
+detached ratio, kept only where the token's probability p = exp(logp) has not left the trust
+region in the direction the advantage pushes it:
+- tv: A > 0 needs p - p_old <= delta_high, A <= 0 needs p - p_old >= -delta_low;
+- kl: the binary KL, p_old log(p_old / p) + (1 - p_old) log((1 - p_old + 1e-8) / (1 - p +
+  1e-8)), must stay <= delta_high (A > 0) or delta_low (A <= 0), unless p moved the other way.
+Tokens outside are discarded; tokens whose ratio was truncated at c are clipped. As in verl,
+log r is clamped to [-20, 20] before exp.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stabledrl_cli.policies._base import TokenPolicy, TokenTerms, keep_times
+from stabledrl_cli.policies._batch import PreparedBatch
+from stabledrl_cli.policies._config import DPPOConfig
+from stabledrl_cli.policies.ppo import VERL_LOG_RATIO_CLAMP
+
+
+def binary_kl(logp_old: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """[T] KL(Bernoulli(p_old) || Bernoulli(p)), verl's form with its 1e-8 guards."""
+    p_old, p = torch.exp(logp_old), torch.exp(logp)
+    return p_old * (logp_old - logp) + (1.0 - p_old) * torch.log(
+        (1.0 - p_old + 1e-8) / (1.0 - p + 1e-8)
+    )
+
+
+class DPPOPolicy(TokenPolicy):
+    """DPPO-Binary-TV / -KL (verl `compute_policy_loss_dppo_tv` / `_dppo_kl`):
+    `sg(min(r, c)) A logp valid / norm`; tokens whose probability left the trust region in the
+    advantage's direction are discarded."""
+
+    config: DPPOConfig
+
+    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
+        cfg = self.config
+        assert cfg.delta_high is not None  # filled by the config
+        clamp = VERL_LOG_RATIO_CLAMP
+        ratio = torch.exp(prep.log_ratio.clamp(-clamp, clamp))
+        weight = torch.clamp(ratio, max=cfg.c)
+        if cfg.divergence == "tv":
+            moved = torch.exp(prep.logp) - torch.exp(prep.logp_old)
+            valid = torch.where(adv > 0, moved <= cfg.delta_high, moved >= -cfg.delta_low)
+        else:
+            kl = binary_kl(prep.logp_old, prep.logp)
+            up = prep.logp >= prep.logp_old
+            down = prep.logp <= prep.logp_old
+            valid = torch.where(adv > 0, (kl <= cfg.delta_high) | down, (kl <= cfg.delta_low) | up)
+        dvalue = keep_times(valid, weight * adv)
+        value = keep_times(valid, dvalue * prep.logp)
+        return value, dvalue, ~valid, valid & (ratio > cfg.c)

@@ -1,0 +1,58 @@
+"""GMPO, geometric-mean policy optimization (arXiv:2507.20673; verl `loss_mode=geo_mean`).
+
+Each token's log-ratio x_t is clipped on the side its advantage would exploit,
+x'_t = sgn(A) min(sgn(A) x_t, sgn(A) clamp(x_t, -eps_low, eps_high)); a sequence's ratio is
+the geometric mean s_i = exp(sum_t x'_t / (|y_i| + 1e-8)) and its advantage the mean
+A_i = sum_t A_t / (|y_i| + 1e-8); J = mean over rows of A_i s_i g_i, with g_i the geometric
+mean of the sequence's loss weights (verl aggregates its rollout weights so). Hence
+coef_t = A_i s_i g_i kept_t / (N (|y_i| + 1e-8)): tokens with A > 0 and x > eps_high, or
+A < 0 and x < -eps_low, are discarded. N counts every row (torch.mean over the batch, as
+verl: rows=all), or the scored rows with rows=scored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stabledrl_cli.policies._base import Policy, PolicyTerms, keep_times, num_sequences
+from stabledrl_cli.policies._batch import PreparedBatch
+from stabledrl_cli.policies._config import GMPOConfig
+
+_LENGTH_GUARD = 1e-8  # verl's response_mask_sum + 1e-8
+_WEIGHT_GUARD = 1e-10  # verl's log(rollout_is_weights + 1e-10)
+
+
+class GMPOPolicy(Policy):
+    """GMPO (arXiv:2507.20673; verl `compute_policy_loss_geo_mean`): mean over rows of
+    A_i exp(mean_t clipped log r_t); the clip binds on the side the advantage exploits."""
+
+    config: GMPOConfig
+
+    def norm(self, prep: PreparedBatch) -> torch.Tensor:
+        length = prep.seq_len[prep.seq] + _LENGTH_GUARD
+        return num_sequences(prep, self.config.rows) * length
+
+    def _policy_terms(
+        self, prep: PreparedBatch, adv: torch.Tensor, norm: torch.Tensor
+    ) -> PolicyTerms:
+        cfg = self.config
+        x = prep.log_ratio
+        sign = torch.sign(adv)
+        clamped = x.clamp(-cfg.eps_low, cfg.eps_high)
+        x_clipped = sign * torch.minimum(sign * x, sign * clamped)
+        length = prep.seq_len + _LENGTH_GUARD
+        seq_ratio = torch.exp(prep.seq_sum(x_clipped) / length)
+        seq_adv = prep.seq_sum(adv) / length
+        if prep.loss_weight is None:
+            seq_weight = torch.ones_like(seq_ratio)
+        else:
+            seq_weight = torch.exp(prep.seq_sum(torch.log(prep.weight + _WEIGHT_GUARD)) / length)
+        n_rows = num_sequences(prep, cfg.rows)
+        per_seq = keep_times(seq_adv != 0, seq_adv * seq_ratio) * seq_weight
+        objective = per_seq.sum() / n_rows
+        discarded = ((adv > 0) & (x > cfg.eps_high)) | ((adv < 0) & (x < -cfg.eps_low))
+        kept = (sign != 0) & ~discarded
+        coef = keep_times(kept, per_seq[prep.seq] / norm)
+        return PolicyTerms(
+            coef=coef, objective=objective, discarded=discarded, clipped=torch.zeros_like(kept)
+        )

@@ -1,0 +1,282 @@
+"""The newer policies (gppo, clip-cov, kl-cov, gmpo, dppo, gpg, the rollout correction tis=...)
+against the real thing: verl's own loss functions and rollout-correction weights, with torch
+autograd of verl's loss giving the coefficient. GPPO, which verl does not have, against
+autograd of Klear-Reasoner's surrogate as its repository writes it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from stabledrl_cli import PolicyBatch, get_policy
+from stabledrl_cli.errors import UsageError
+
+F64 = torch.float64
+B, L = 8, 9
+
+
+def batch(seed: int, spread: float = 0.6) -> dict[str, torch.Tensor]:
+    """[B, L] float64: probabilities of every size (so the DPPO bounds bind both ways),
+    log-ratios near 0 and some far out, per-row advantages of both signs and 0, ragged masks
+    with one all-masked row, and a rollout engine's log-probs near logp_old."""
+    gen = torch.Generator().manual_seed(seed)
+    logp_old = torch.log(torch.rand(B, L, generator=gen, dtype=F64).clamp(min=1e-3))
+    log_ratio = torch.randn(B, L, generator=gen, dtype=F64) * spread
+    logp = logp_old + log_ratio
+    adv = torch.randn(B, generator=gen, dtype=F64)
+    adv[2] = 0.0
+    mask = (torch.rand(B, L, generator=gen) < 0.8).to(F64)
+    mask[5] = 0.0
+    mask[:, 0] = torch.where(torch.arange(B) == 5, 0.0, 1.0).to(F64)
+    rollout = logp_old + torch.randn(B, L, generator=gen, dtype=F64) * 0.5
+    return {
+        "logp": logp,
+        "logp_old": logp_old,
+        "adv": adv[:, None].expand(B, L).clone(),
+        "mask": mask,
+        "rollout": rollout,
+    }
+
+
+def ours(spec: str, data: dict[str, torch.Tensor], **extra: Any) -> Any:
+    return get_policy(spec).weights(
+        PolicyBatch(
+            logp=data["logp"],
+            logp_old=data["logp_old"],
+            advantages=data["adv"],
+            mask=data["mask"],
+            **extra,
+        )
+    )
+
+
+# ---- verl ------------------------------------------------------------------------------------
+VERL_CASES = [
+    # (verl loss_mode, ActorConfig overrides, policy_loss overrides, our spec)
+    ("gpg", {}, {}, "gpg"),
+    ("geo_mean", {"clip_ratio": 0.4, "clip_ratio_low": 0.4, "clip_ratio_high": 0.4}, {}, "gmpo"),
+    (
+        "geo_mean",
+        {"clip_ratio_low": 0.1, "clip_ratio_high": 0.3},
+        {},
+        "gmpo:eps_low=0.1,eps_high=0.3",
+    ),
+    ("dppo_tv", {}, {}, "dppo"),
+    (
+        "dppo_tv",
+        {"clip_ratio_low": 0.05, "clip_ratio_high": 0.1, "clip_ratio_c": 2.0},
+        {},
+        "dppo:delta_low=0.05,delta_high=0.1,c=2",
+    ),
+    (
+        "dppo_kl",
+        {"clip_ratio_low": 0.05, "clip_ratio_high": 0.02},
+        {},
+        "dppo:divergence=kl,delta_low=0.05,delta_high=0.02",
+    ),
+    ("kl_cov", {}, {"kl_cov_ratio": 0.1}, "kl-cov:ratio=0.1"),
+    ("kl_cov", {}, {"kl_cov_ratio": 0.02, "ppo_kl_coef": 1.0}, "kl-cov:ratio=0.02,kl_coef=1"),
+    # ratio 1 selects every candidate: verl's random draw then has one outcome.
+    (
+        "clip_cov",
+        {},
+        {"clip_cov_ratio": 1.0, "clip_cov_lb": 0.0, "clip_cov_ub": 5.0},
+        "clip-cov:ratio=1,lb=0,ub=5",
+    ),
+    (
+        "clip_cov",
+        {"clip_ratio_high": 0.28},
+        {"clip_cov_ratio": 1.0, "clip_cov_lb": -0.5, "clip_cov_ub": 0.2},
+        "clip-cov:ratio=1,lb=-0.5,ub=0.2,eps_high=0.28",
+    ),
+]
+
+
+def verl_loss_and_grad(
+    mode: str,
+    actor: dict[str, Any],
+    loss: dict[str, Any],
+    data: dict[str, torch.Tensor],
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
+    from verl.trainer.ppo import core_algos
+    from verl.workers.config import ActorConfig, PolicyLossConfig
+
+    config = ActorConfig(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=B,
+        policy_loss=PolicyLossConfig(loss_mode=mode, **loss),
+        **actor,
+    )
+    logp = data["logp"].clone().requires_grad_(True)
+    fn = core_algos.get_policy_loss_fn(mode)
+    value, metrics = fn(
+        old_log_prob=data["logp_old"],
+        log_prob=logp,
+        advantages=data["adv"],
+        response_mask=data["mask"],
+        loss_agg_mode="token-mean",
+        config=config,
+        rollout_is_weights=rollout_is_weights,
+    )
+    (grad,) = torch.autograd.grad(value, logp)
+    return value.detach(), grad, metrics
+
+
+@pytest.mark.parametrize(
+    ("mode", "actor", "loss", "spec"), VERL_CASES, ids=[c[3] for c in VERL_CASES]
+)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_objective_and_coef_equal_verl_autograd(mode, actor, loss, spec, seed):
+    data = batch(seed)
+    value, grad, _ = verl_loss_and_grad(mode, actor, loss, data)
+    weights = ours(spec, data)
+    assert_close(weights.objective, -value, rtol=1e-9, atol=1e-12)
+    mask = data["mask"].reshape(-1) > 0
+    assert_close(weights.coef[mask], -grad.reshape(-1)[mask], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_discarded_and_clipped_match_verl_clip_fractions(seed):
+    data = batch(seed, spread=0.9)
+    mask = data["mask"].reshape(-1) > 0
+    scored = float(mask.sum())
+    # verl counts every scored token (A = 0 takes the A < 0 side; its masked mean adds 1e-8
+    # to the count); ours count eligible ones
+    # (A != 0): a tiny negative advantage makes every token eligible on the same side.
+    nudged = {**data, "adv": data["adv"] - (data["adv"] == 0) * 1e-30}
+    for mode, spec in (("dppo_tv", "dppo"), ("dppo_kl", "dppo:divergence=kl")):
+        _, _, metrics = verl_loss_and_grad(mode, {}, {}, data)
+        w = ours(spec, nudged)
+        assert float(w.discarded[mask].sum()) / scored == pytest.approx(
+            metrics["actor/pg_clipfrac"], abs=1e-7
+        )
+        assert float(w.clipped[mask].sum()) / scored == pytest.approx(
+            metrics["actor/pg_clipfrac_lower"], abs=1e-7
+        )
+        assert w.discarded[mask].any()
+
+
+@pytest.mark.parametrize(
+    ("mode", "spec"),
+    [("gpg", "gpg"), ("dppo_tv", "dppo"), ("kl_cov", "kl-cov:ratio=0.1"), ("geo_mean", "gmpo")],
+)
+@pytest.mark.parametrize(
+    ("level", "threshold", "tis"),
+    [
+        ("token", 2.0, "token-truncate"),
+        ("token", 1.5, "token-truncate,tis_max=1.5"),
+        ("sequence", 3.0, "sequence-truncate,tis_max=3"),
+        ("token", "0.5_2.0", "token-mask,tis_min=0.5"),
+        ("sequence", "0.2_5.0", "sequence-mask,tis_min=0.2,tis_max=5"),
+    ],
+)
+def test_rollout_correction_equals_verl(mode, spec, level, threshold, tis):
+    pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_weights
+
+    data = batch(3)
+    is_weights, _ = compute_rollout_correction_weights(
+        log_ratio=data["logp_old"] - data["rollout"],
+        response_mask=data["mask"],
+        rollout_is=level,
+        rollout_is_threshold=threshold,
+    )
+    loss = {"kl_cov_ratio": 0.1} if mode == "kl_cov" else {}
+    actor = {"clip_ratio": 0.4, "clip_ratio_low": 0.4, "clip_ratio_high": 0.4}
+    value, grad, _ = verl_loss_and_grad(
+        mode, actor if mode == "geo_mean" else {}, loss, data, rollout_is_weights=is_weights
+    )
+    sep = "," if ":" in spec else ":"
+    weights = ours(f"{spec}{sep}tis={tis}", data, logp_rollout=data["rollout"])
+    mask = data["mask"].reshape(-1) > 0
+    # verl clamps the log-ratio at +-20 before exp and adds 1e-10 inside gmpo's log: tolerance
+    assert_close(weights.objective, -value, rtol=1e-8, atol=1e-10)
+    assert_close(weights.coef[mask], -grad.reshape(-1)[mask], rtol=1e-8, atol=1e-10)
+    if "mask" in tis and mode != "geo_mean":
+        zeroed = (is_weights.reshape(-1) == 0) & mask & (data["adv"].reshape(-1) != 0)
+        assert zeroed.any()
+        assert bool(weights.discarded[zeroed].all())
+
+
+# ---- GPPO ------------------------------------------------------------------------------------
+def klear_gppo_loss(logp, logp_old, adv, mask, eps_low=0.2, eps_high=0.2):
+    """Kwai-Klear/KlearReasoner `compute_policy_loss` (gradient-preserving clip), without its
+    dual clip, aggregated token-mean."""
+    ratio = torch.exp(logp - logp_old)
+    pg_losses1 = -adv * ratio
+    pg_losses2 = -adv * torch.clamp(
+        ratio, (1 - eps_low) / ratio.detach() * ratio, (1 + eps_high) / ratio.detach() * ratio
+    )
+    return (torch.maximum(pg_losses1, pg_losses2) * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("params", [{}, {"eps_low": 0.1, "eps_high": 0.28}])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gppo_matches_autograd_of_its_surrogate(params, seed):
+    data = batch(seed, spread=0.5)
+    logp = data["logp"].clone().requires_grad_(True)
+    loss = klear_gppo_loss(logp, data["logp_old"], data["adv"], data["mask"], **params)
+    (grad,) = torch.autograd.grad(loss, logp)
+    spec = "gppo" + ("" if not params else ":" + ",".join(f"{k}={v}" for k, v in params.items()))
+    weights = ours(spec, data)
+    mask = data["mask"].reshape(-1) > 0
+    assert_close(weights.objective, -loss.detach(), rtol=1e-9, atol=1e-12)
+    assert_close(weights.coef[mask], -grad.reshape(-1)[mask], rtol=1e-9, atol=1e-12)
+    assert not weights.discarded.any()
+    assert weights.clipped.any()
+    # PPO discards exactly the tokens GPPO keeps with a bounded gradient
+    ppo = ours("ppo" + spec[4:], data)
+    assert torch.equal(ppo.discarded, weights.clipped)
+
+
+# ---- reproducibility and refusals ------------------------------------------------------------
+def test_clip_cov_draw_is_reproducible_and_seeded():
+    data = batch(4, spread=0.3)
+    data["adv"] = data["adv"] + (data["adv"] == 0) * 0.5  # every scored token eligible
+    spec = "clip-cov:ratio=0.05,lb=-5,ub=5"
+    first, again = ours(spec, data), ours(spec, data)
+    other = ours(spec + ",seed=7", data)
+    assert torch.equal(first.discarded, again.discarded)
+    assert torch.equal(first.coef, again.coef)
+    assert not torch.equal(first.discarded, other.discarded)
+    ppo = ours("ppo", data)
+    chosen = first.discarded & ~ppo.discarded
+    assert int(chosen.sum()) == max(1, int(0.05 * int(data["mask"].sum())))
+
+
+def test_tis_needs_logp_rollout_and_valid_bounds():
+    data = batch(0)
+    with pytest.raises(UsageError, match="logp_rollout"):
+        ours("grpo:tis=token-truncate", data)
+    for spec, message in (
+        ("grpo:tis_max=3", "tis_min and tis_max apply with tis="),
+        ("grpo:tis=token-mask,tis_min=3,tis_max=2", "tis_min must be < tis_max"),
+        ("grpo:tis=sideways", "tis must be one of"),
+        ("kl-cov:ratio=0", "ratio must be a finite number > 0"),
+        ("clip-cov:lb=5,ub=1", "lb must be < ub"),
+        ("dppo:divergence=js", "divergence must be one of tv, kl"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            get_policy(spec)
+
+
+def test_tis_leaves_the_kl_term_uncorrected():
+    data = batch(1)
+    ref = data["logp"] + 0.1
+    plain = ours("grpo:beta=0.04", data, logp_ref=ref)
+    corrected = ours(
+        "grpo:beta=0.04,tis=token-truncate,tis_max=1e-9",
+        data,
+        logp_ref=ref,
+        logp_rollout=data["rollout"],
+    )
+    # a near-zero cap removes the policy-gradient part, never the KL part
+    kl_only = ours("grpo:beta=0.04", {**data, "adv": torch.zeros_like(data["adv"])}, logp_ref=ref)
+    assert_close(corrected.coef, kl_only.coef, rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(plain.coef, corrected.coef)
