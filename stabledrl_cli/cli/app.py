@@ -66,6 +66,14 @@ COMMANDS: dict[str, CommandEntry] = {
             "stabledrl replay runs/demo -p grpo -p dapo --steps 100:200 --plot replay.png",
         ),
     ),
+    "tune": CommandEntry(
+        "stabledrl_cli.cli.tune",
+        "Sweep clip settings over a run: discarded gradient vs risk.",
+        (
+            "stabledrl tune runs/demo -p 'dapo:eps_high=0.2..0.5:8'",
+            "stabledrl tune runs/demo -p 'stabledrl:c=1.5..20:log8' --plot front.png",
+        ),
+    ),
     "pack": CommandEntry(
         "stabledrl_cli.cli.pack",
         "Pack a run into one HDF5 archive.",

@@ -1,0 +1,110 @@
+"""`stabledrl tune RUN -p SWEEP ...`: which clip setting would have served this run best.
+
+Every setting of the sweeps (stabledrl_cli.tune.grid) is replayed over the run in one
+streamed pass (all settings together on each chunk, as a replay of several policies), then
+ranked by discarded gradient against risk steps (stabledrl_cli.tune.front). Exit codes: 0
+ok; 2 usage error (a bad sweep, too many settings, plot extra missing); 3 bad input (as
+replay); 4 an output that cannot be written.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, PlotOpt, RunArg
+from stabledrl_cli.cli._output import err, out, print_json
+from stabledrl_cli.cli.replay import check_outputs, note_skipped, replay_with_progress
+from stabledrl_cli.dump import open_run
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.engine import own_policy
+from stabledrl_cli.replay.report import print_whole
+from stabledrl_cli.tune.front import SettingFigures, TuneReport, percent, rank
+from stabledrl_cli.tune.grid import SWEEP_SYNTAX, expand_all
+
+SweepOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--policy",
+        "-p",
+        metavar="SWEEP",
+        help=f"A policy spec whose values may be grids: {SWEEP_SYNTAX} (repeatable; the "
+        "keys of one spec sweep as a product).",
+    ),
+]
+
+
+def _row(s: SettingFigures, report: TuneReport) -> list[str]:
+    mark = "*" if s is report.recommended else ("f" if s.on_front else "")
+    return [
+        mark,
+        s.spec if s.tuned else f"{s.spec} (own)",
+        str(len(s.risk_steps)),
+        f"{s.nonfinite_steps}/{s.spike_steps}/{s.drift_steps}",
+        percent(s.discarded_mass),
+        f"{100 * s.discard_frac:.1f}%",
+    ]
+
+
+def _print_table(report: TuneReport) -> None:
+    table = Table(
+        title=f"tune {report.run}: {report.steps} steps, "
+        f"{sum(s.tuned for s in report.settings)} settings",
+        title_justify="left",
+    )
+    for name, justify in (
+        ("", "left"),
+        ("setting", "left"),
+        ("risk", "right"),
+        ("nf/spk/bias", "right"),
+        ("disc. grad", "right"),
+        ("disc. tok", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for setting in report.settings:
+        table.add_row(*_row(setting, report))
+    print_whole(table, out)
+    out.print(
+        "* recommended, f on the front. risk: steps whose update is non-finite, spikes or "
+        "drifts; disc. grad: median share of the IS update discarded per step; disc. tok: "
+        "discarded eligible tokens.",
+        highlight=False,
+    )
+    if report.recommended is not None:
+        out.print(f"recommended: {report.recommended.spec}: {report.evidence}", highlight=False)
+
+
+def command(
+    run: RunArg,
+    sweeps: SweepOpt,
+    device: DeviceOpt = "auto",
+    output_format: FormatOpt = "table",
+    plot: PlotOpt = None,
+    keep_own: Annotated[
+        bool,
+        typer.Option("--own/--no-own", help="Replay the run's own policy beside, as a reference."),
+    ] = True,
+) -> None:
+    """Sweep policy parameters over a run; rank settings by discarded gradient and risk."""
+    settings = expand_all(sweeps)
+    check_outputs(plot, {})
+    opened = open_run(run)
+    specs = list(settings)
+    own = own_policy(opened) if keep_own else None
+    if own is not None and own.spec not in specs:
+        specs.append(own.spec)
+    err.print(f"tuning {len(settings)} settings over {opened.path}", highlight=False)
+    result = replay_with_progress(opened, specs, ReplayConfig(device=device))
+    note_skipped(result)
+    report = rank(result, settings)
+    if plot is not None:
+        from stabledrl_cli.tune.plot import plot_front
+
+        plot_front(report, plot)
+        err.print(f"wrote {plot}", highlight=False)
+    if output_format == "json":
+        print_json(report.to_dict())
+    else:
+        _print_table(report)

@@ -1,0 +1,114 @@
+"""Sweep specs: a policy spec whose values may be grids.
+
+    NAME:key=LOW..HIGH:N       N values evenly spaced from LOW to HIGH (both included)
+    NAME:key=LOW..HIGH:logN    N values evenly spaced in log from LOW to HIGH (LOW > 0)
+                               (grid values are rounded to 4 significant digits)
+    NAME:key=A|B|C             the values listed
+    NAME:key=VALUE             one value
+
+Several keys of one spec sweep together as a product: `ppo:eps_low=0.1..0.3:3,eps_high=
+0.2..0.4:3` is 9 settings. Every setting is checked against the catalogue (a bad value is a
+usage error naming the setting) and named by its canonical spec; settings that are the same
+policy after rounding (an integer key) or defaults count once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import typing
+from collections.abc import Sequence
+
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.policies import REGISTRY, resolve_spec
+from stabledrl_cli.spec import format_spec, format_value
+
+MAX_SETTINGS = 4096
+"""The most settings one tune evaluates (their per-step rows are held for the whole run)."""
+MAX_POINTS = 1024
+"""The most values one grid may have."""
+SWEEP_SYNTAX = "NAME:key=LOW..HIGH:N, key=LOW..HIGH:logN, key=A|B|C or key=VALUE"
+_RANGE = re.compile(r"^(?P<low>[^.][^:]*?)\.\.(?P<high>[^:]+):(?P<log>log)?(?P<n>\d+)$")
+
+
+def _number(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{where}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise UsageError(f"{where}: {text!r} is not a finite number")
+    return value
+
+
+def grid_values(text: str, where: str) -> list[str]:
+    """One key's value text -> the values it sweeps, as spec text."""
+    match = _RANGE.match(text)
+    if match is None:
+        values = [part.strip() for part in text.split("|")]
+        if any(not v for v in values):
+            raise UsageError(f"{where}: empty value in {text!r}; expected {SWEEP_SYNTAX}")
+        return values
+    low = _number(match["low"], where)
+    high = _number(match["high"], where)
+    count = int(match["n"])
+    if not 2 <= count <= MAX_POINTS:
+        raise UsageError(f"{where}: a grid takes 2 to {MAX_POINTS} points, got {count}")
+    if not low < high:
+        raise UsageError(f"{where}: a grid runs from low to high, got {text!r}")
+    if match["log"]:
+        if low <= 0:
+            raise UsageError(f"{where}: a log grid needs low > 0, got {text!r}")
+        points = [low * (high / low) ** (i / (count - 1)) for i in range(count)]
+    else:
+        points = [low + (high - low) * i / (count - 1) for i in range(count)]
+    points[-1] = high
+    return [format_value(float(f"{p:.4g}")) for p in points]
+
+
+def _integer_keys(name: str) -> set[str]:
+    hints = typing.get_type_hints(REGISTRY[name].config)
+    return {key for key, hint in hints.items() if int in typing.get_args(hint) or hint is int}
+
+
+def expand(sweep: str) -> list[str]:
+    """One sweep spec -> the canonical specs of its settings, in grid order."""
+    name, colon, rest = sweep.strip().partition(":")
+    name = name.strip()
+    if name not in REGISTRY:
+        raise UsageError(f"unknown policy {name!r} in {sweep!r}; valid: {', '.join(REGISTRY)}")
+    keys: list[str] = []
+    axes: list[list[str]] = []
+    if colon:
+        for part in rest.split(","):
+            key, sep, value = part.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not key or not value:
+                raise UsageError(f"bad sweep {sweep!r}: {part.strip()!r}; expected {SWEEP_SYNTAX}")
+            if key in keys:
+                raise UsageError(f"bad sweep {sweep!r}: key {key!r} given twice")
+            values = grid_values(value, f"sweep {sweep!r}, {key}")
+            if key in _integer_keys(name):
+                values = list(dict.fromkeys(str(round(float(v))) for v in values))
+            keys.append(key)
+            axes.append(values)
+    total = math.prod(len(a) for a in axes)
+    if total > MAX_SETTINGS:
+        raise UsageError(f"sweep {sweep!r} has {total} settings; at most {MAX_SETTINGS}")
+    specs = []
+    for combo in itertools.product(*axes):
+        text = format_spec(name, dict(zip(keys, combo, strict=True)))
+        entry, config = resolve_spec(text)
+        specs.append(entry.spec_of(config))
+    return list(dict.fromkeys(specs))
+
+
+def expand_all(sweeps: Sequence[str]) -> list[str]:
+    """Every sweep's settings, in order, each policy once."""
+    specs = list(dict.fromkeys(s for sweep in sweeps for s in expand(sweep)))
+    if not specs:
+        raise UsageError(f"no setting to tune: give -p SWEEP ({SWEEP_SYNTAX})")
+    if len(specs) > MAX_SETTINGS:
+        raise UsageError(f"{len(specs)} settings in all; at most {MAX_SETTINGS}")
+    return specs

@@ -1,0 +1,59 @@
+"""The front of a tune as a PNG: discarded gradient against risk steps, one point a setting."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from stabledrl_cli._atomic import atomic_path
+from stabledrl_cli.replay.plot import require_matplotlib
+from stabledrl_cli.tune.front import TuneReport
+
+
+def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
+    """Draws every setting (x: risk steps, y: median discarded gradient), the front as a line
+    and the recommendation circled. Written atomically. MissingExtraError without matplotlib."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    for tuned, colour, label in ((True, "tab:blue", "setting"), (False, "tab:grey", "own")):
+        points = [
+            (len(s.risk_steps), s.mass_key * 100)
+            for s in report.settings
+            if s.tuned == tuned and math.isfinite(s.mass_key)
+        ]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.scatter(xs, ys, s=18, color=colour, label=label, zorder=2)
+    front = sorted(
+        (len(s.risk_steps), s.mass_key * 100)
+        for s in report.settings
+        if s.on_front and math.isfinite(s.mass_key)
+    )
+    if front:
+        ax.plot(*zip(*front, strict=True), color="tab:orange", label="front", zorder=1)
+    best = report.recommended
+    if best is not None and math.isfinite(best.mass_key):
+        ax.scatter(
+            [len(best.risk_steps)],
+            [best.mass_key * 100],
+            s=160,
+            facecolors="none",
+            edgecolors="tab:red",
+            label=f"recommended: {best.spec}",
+            zorder=3,
+        )
+    ax.set_xlabel("risk steps (non-finite, spike or bias)")
+    ax.set_ylabel("discarded gradient, median per step (%)")
+    ax.set_title(f"stabledrl tune: {Path(report.run).name} ({report.steps} steps)")
+    ax.legend(fontsize=8)
+    target = Path(path)
+    with atomic_path(target) as temp:
+        fig.savefig(temp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return target
