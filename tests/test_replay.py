@@ -24,20 +24,21 @@ from stabledrl_cli._json import json_safe
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies import STANDARD_CATALOGUE, PolicyBatch, get_policy
-from stabledrl_cli.replay import columns
+from stabledrl_cli.replay import columns, engine, stream
 from stabledrl_cli.replay.baseline import (
     baseline_dict,
     check_settings,
     load_baseline,
     write_baseline,
 )
-from stabledrl_cli.replay.config import ReplayConfig, parse_step_range
+from stabledrl_cli.replay.config import ReplayConfig, parse_size, parse_step_range
 from stabledrl_cli.replay.detectors import drift_flags
 from stabledrl_cli.replay.engine import replay_run
 from stabledrl_cli.replay.gate import Gates, evaluate
 from stabledrl_cli.replay.hdf5 import REPORT_KIND, read_hdf5, write_hdf5
 from stabledrl_cli.replay.observed import observe
 from stabledrl_cli.replay.report import print_detail
+from stabledrl_cli.replay.stream import array_bytes, read_arrays
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -152,11 +153,12 @@ def _json(args: list[str]) -> dict:
 # --- the JSON contract ---------------------------------------------------------------------------
 def test_default_replays_own_policy_plus_catalogue_in_contract_shape(plain_run):
     data = _json([str(plain_run)])
-    # The contract's keys in their order, then the extension `collapse_warning`.
+    # The contract's keys in their order, then the extensions `collapse_warning` and `threads`.
     assert list(data) == [
         "run", "steps", "geometry", "geometry_coverage", "policies", "observed",
-        "collapse_warning",
+        "collapse_warning", "threads",
     ]  # fmt: skip
+    assert data["threads"] == 1
     warning = data["collapse_warning"]
     assert list(warning) == ["detector", "settings", "steps", "first_step", "lead_steps"]
     assert warning["detector"] == "own_likelihood_drop"
@@ -302,6 +304,58 @@ def test_chunk_size_does_not_change_results(plain_run):
     first = results[0].to_dict()
     for other in results[1:]:
         assert other.to_dict() == first
+
+
+def test_memory_budget_bounds_each_chunk_and_does_not_change_results(plain_run, monkeypatch):
+    step_bytes = array_bytes(read_arrays(next(iter(sd.open_run(plain_run).steps())), "run"))
+    chunks: list[int] = []
+    moved = stream.to_device
+
+    def counting(chunk, device):
+        chunks.append(len(chunk))
+        moved(chunk, device)
+
+    monkeypatch.setattr(stream, "to_device", counting)
+    budgeted = sd.replay(plain_run, ["grpo", "gspo"], device="cpu", memory_budget=3 * step_bytes)
+    assert chunks and max(chunks) == 3 and sum(chunks) == 30
+    chunks.clear()
+    capped = sd.replay(
+        plain_run, ["grpo", "gspo"], device="cpu", memory_budget=3 * step_bytes, chunk_size=2
+    )
+    assert max(chunks) == 2
+    chunks.clear()
+    whole = sd.replay(plain_run, ["grpo", "gspo"], device="cpu", memory_budget=2**40)
+    assert chunks == [30]
+    assert budgeted.to_dict() == capped.to_dict() == whole.to_dict()
+
+
+def test_threads_are_set_for_the_replay_then_restored(plain_run):
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    result = sd.replay(plain_run, ["grpo"], device="cpu", threads=2)
+    assert result.threads == 2 and json.loads(result.to_json())["threads"] == 2
+    assert torch.get_num_threads() == before
+    with engine.torch_threads(3):
+        seen.append(torch.get_num_threads())
+    assert seen == [3] and torch.get_num_threads() == before
+    result = CliRunner().invoke(app, ["replay", str(plain_run), "-p", "grpo", "--threads", "0"])
+    assert result.exit_code == 2 and "--threads must be an integer >= 1" in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("64M", 64 * 2**20), ("1g", 2**30), ("512KiB", 512 * 2**10), ("4096", 4096)]
+)
+def test_memory_budget_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1M", "lots", "1X", "nan"])
+def test_bad_memory_budget_is_a_usage_error(plain_run, text):
+    with pytest.raises(UsageError, match=r"^memory_budget expects a size"):
+        parse_size(text)
+    result = CliRunner().invoke(app, ["replay", str(plain_run), "--memory-budget", text])
+    assert result.exit_code == 2
+    assert "--memory-budget expects a size" in result.output
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, DEFAULT_THREADS
 from stabledrl_cli.spec import SPEC_SYNTAX
 from stabledrl_cli.vocab import Device, OutputFormat
 
@@ -50,5 +51,31 @@ DriftThresholdOpt = Annotated[
         "--drift-threshold",
         metavar="X",
         help="Drift: rolling mean of net_push below this (default: calibrated, or the baseline's).",
+    ),
+]
+ChunkSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--chunk-size",
+        metavar="N",
+        help="At most N steps moved to the device at a time (default: as --memory-budget allows).",
+    ),
+]
+MemoryBudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-budget",
+        metavar="SIZE",
+        help="Step arrays held and moved to the device at a time, e.g. 256M or 1G (default "
+        f"{DEFAULT_MEMORY_BUDGET // 2**20}M).",
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        metavar="N",
+        help=f"CPU threads of the computation (default {DEFAULT_THREADS}: the same figures on "
+        "any machine).",
     ),
 ]

@@ -18,25 +18,28 @@ from typing import Annotated
 import typer
 
 from stabledrl_cli.cli._options import (
+    ChunkSizeOpt,
     DeviceOpt,
     DriftThresholdOpt,
     FormatOpt,
+    MemoryBudgetOpt,
     PlotOpt,
     PolicyOpt,
     RunArg,
+    ThreadsOpt,
     WindowOpt,
 )
 from stabledrl_cli.cli._output import err, out, progress
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.replay.config import (
-    DEFAULT_CHUNK_SIZE,
     DEFAULT_COLLAPSE_WINDOW,
     DEFAULT_SPIKE_FACTOR,
     SPIKE_HISTORY,
     ConfigError,
     ReplayConfig,
     format_step_range,
+    parse_size,
     parse_step_range,
     replay_config,
 )
@@ -170,13 +173,9 @@ def command(
             help="clip_grad_norm_ bound for clip_scale (spikes use the pre-clip norm).",
         ),
     ] = None,
-    chunk_size: Annotated[
-        int | None,
-        typer.Option(
-            "--chunk-size",
-            help=f"Steps moved to the device at a time (default {DEFAULT_CHUNK_SIZE}).",
-        ),
-    ] = None,
+    chunk_size: ChunkSizeOpt = None,
+    memory_budget: MemoryBudgetOpt = None,
+    threads: ThreadsOpt = None,
     plot: PlotOpt = None,
     metrics: Annotated[
         list[str] | None,
@@ -206,6 +205,8 @@ def command(
         config = replay_config(
             device=device,
             chunk_size=chunk_size,
+            memory_budget=None if memory_budget is None else parse_size(memory_budget),
+            threads=threads,
             spike_factor=spike_factor,
             window=window,
             drift_threshold=drift_threshold,

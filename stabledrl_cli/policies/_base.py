@@ -55,8 +55,21 @@ def num_sequences(prep: PreparedBatch, rows: Rows) -> torch.Tensor:
     return prep.num_live_seqs if rows == "scored" else prep.num_rows
 
 
+def seq_mean_token_mean_norm(prep: PreparedBatch, rows: Rows) -> torch.Tensor:
+    """[T] N |y_i|, the normalizer of a sequence mean of token means (shared per step)."""
+    key = ("seq_mean_token_mean", rows)
+    return prep.memo(key, lambda: num_sequences(prep, rows) * prep.seq_len_tokens)
+
+
 def agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
-    """[T] normalizer norm_t of each token under `config.agg` (docs/policies.md, Aggregation)."""
+    """[T] normalizer norm_t of each token under `config.agg` (docs/policies.md, Aggregation),
+    computed once per step and aggregation: policies of the same aggregation share the tensor
+    (a replay's metrics share their REINFORCE references through it)."""
+    key = ("agg_norm", config.agg, config.rows, config.max_len)
+    return prep.memo(key, lambda: _agg_norm(prep, config))
+
+
+def _agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
     agg = config.agg
     ones = torch.ones_like(prep.logp)
     if agg == "token-mean":
@@ -69,7 +82,7 @@ def agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
         return (tokens * float(prep.num_micro))[prep.seq_micro][prep.seq]
     n_seq = num_sequences(prep, config.rows)
     if agg == "seq-mean-token-mean":
-        return n_seq * prep.seq_len_tokens
+        return seq_mean_token_mean_norm(prep, config.rows)
     if agg == "seq-mean-token-sum":
         return n_seq * ones
     if agg == "constant":
@@ -165,7 +178,6 @@ class Policy:
         norm = self.norm(prep)
         terms = self._policy_terms(prep, adv, norm)
         coef, objective = terms.coef, terms.objective
-        zero = torch.zeros((), dtype=prep.dtype, device=prep.device)
         if self.config.beta > 0:
             assert prep.logp_ref is not None
             delta = prep.logp_ref - prep.logp
@@ -173,13 +185,15 @@ class Policy:
             # The KL term keeps the recorded weight: TRL and verl leave it uncorrected.
             scale = self.config.beta * recorded.weight / norm
             coef = coef + scale * (torch.exp(delta) - 1.0)
-            objective = objective - torch.where(prep.mask, scale * kl, zero).sum()
-        coef = torch.where(prep.mask, coef, zero)
+            objective = objective - masked_sum(prep.mask, scale * kl)
+        coef = keep_times(prep.mask, coef)
         # A non-finite input must show in coef even where the rule bounded or zeroed its term
         # (an inf ratio past a clip, REINFORCE ignoring the ratio): training would see it too.
-        hidden = prep.mask & ~(prep.finite_inputs & torch.isfinite(adv)) & torch.isfinite(coef)
-        coef = torch.where(hidden, torch.full_like(coef, float("nan")), coef)
-        eligible = prep.mask & (adv != 0)
+        unsafe = prep.nonfinite_inputs(self.config.adv)
+        if unsafe is not None:
+            hidden = unsafe & torch.isfinite(coef)
+            coef = torch.where(hidden, torch.full_like(coef, float("nan")), coef)
+        eligible = prep.eligible(self.config.adv)
         discarded = terms.discarded
         if prep is not recorded:  # a token the rollout correction's mask zeroed is discarded
             discarded = discarded | ((prep.weight == 0) & (recorded.weight != 0))
@@ -190,7 +204,7 @@ class Policy:
             objective=objective,
             norm=norm,
             advantages=adv,
-            nonfinite=(prep.mask & ~torch.isfinite(coef)).sum(),
+            nonfinite=count_nonfinite(coef, prep.mask),
         )
 
 
@@ -209,21 +223,56 @@ class TokenPolicy(Policy):
         self, prep: PreparedBatch, adv: torch.Tensor, norm: torch.Tensor
     ) -> PolicyTerms:
         value, dvalue, discarded, clipped = self._token_terms(prep, adv)
-        scale = prep.weight / norm
-        zero = torch.zeros((), dtype=prep.dtype, device=prep.device)
-        objective = torch.where(prep.mask, scale * value, zero).sum()
+        scale = prep.weight_over(norm)
+        objective = masked_sum(prep.mask, scale * value)
         return PolicyTerms(
             coef=scale * dvalue, objective=objective, discarded=discarded, clipped=clipped
         )
 
 
+def as_bytes(flags: torch.Tensor) -> torch.Tensor:
+    """A bool tensor viewed as uint8 0/1 (no copy): products with it are several times faster
+    on the CPU than with the bool tensor itself."""
+    return flags.view(torch.uint8)
+
+
 def keep_times(keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """value where keep, else exactly 0: a zeroed term stays 0 even where value overflowed to
     inf (a discarded token with r = inf has the coefficient 0, not 0 * inf = NaN). Non-finite
-    *inputs* still show: `Policy.weights` turns their coefficient into NaN."""
+    *inputs* still show: `Policy.weights` turns their coefficient into NaN.
+
+    On the CPU, where `torch.where` is several times slower than a product, this is
+    `value * keep` whenever that product is finite everywhere (then it equals the `where`,
+    up to the sign of a zero): a finite sum proves it, else the `where` runs."""
+    if value.device.type == "cpu":
+        product = value * as_bytes(keep)
+        if bool(torch.isfinite(product.sum())):
+            return product
     return torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device))
 
 
+def masked_sum(keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """0-d sum of value over keep ([T] each), entries outside keep never entering (an inf
+    there is not 0 * inf); a product and one sum on the CPU when that sum is finite."""
+    if value.device.type == "cpu":
+        total = (value * as_bytes(keep)).sum()
+        if bool(torch.isfinite(total)):
+            return total
+    return torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device)).sum()
+
+
+def count_nonfinite(coef: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """0-d int64: entries of mask whose coef is NaN or inf (a finite sum proves there are none,
+    on the CPU, without a pass of isfinite)."""
+    if coef.device.type == "cpu" and bool(torch.isfinite(coef.sum())):
+        return torch.zeros((), dtype=torch.int64)
+    return (mask & ~torch.isfinite(coef)).sum()
+
+
 def ratio_times(ratio: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-    """[T] r A, exactly 0 where A = 0 even if r overflowed to inf (the term is 0 there)."""
-    return keep_times(adv != 0, ratio * adv)
+    """[T] r A, exactly 0 where A = 0 even if r overflowed to inf (the term is 0 there). A
+    finite product is that already (r A = 0 where A = 0): the CPU skips the comparison then."""
+    product = ratio * adv
+    if product.device.type == "cpu" and bool(torch.isfinite(product.sum())):
+        return product
+    return keep_times(adv != 0, product)

@@ -28,7 +28,7 @@ Shapes and defaults of `PolicyBatch`:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -129,6 +129,8 @@ class PreparedBatch:
     has_group_id: bool = False
     unit: Unit = "token"
     _adv_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False)
+    """Per-step shared tensors (`memo`); a `dataclasses.replace` copy starts its own."""
 
     @property
     def device(self) -> torch.device:
@@ -160,6 +162,12 @@ class PreparedBatch:
         """[T] r = exp(log r), unclamped: an overflow to inf is a finding, not a nuisance."""
         return torch.exp(self.log_ratio)
 
+    def clamped_ratio(self, bound: float) -> torch.Tensor:
+        """[T] exp(clamp(log r, -bound, bound)) (verl's overflow guard), once per step and bound."""
+        return self.memo(
+            ("clamped_ratio", bound), lambda: torch.exp(self.log_ratio.clamp(-bound, bound))
+        )
+
     @cached_property
     def weight(self) -> torch.Tensor:
         """[T] loss_weight, or ones."""
@@ -174,6 +182,48 @@ class PreparedBatch:
         if self.loss_weight is not None:
             finite &= torch.isfinite(self.loss_weight)
         return finite
+
+    def memo(self, key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`build()` once per step and key: what several policies share (a normalizer)."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        value: torch.Tensor = self._memo[key]
+        return value
+
+    def weight_over(self, norm: torch.Tensor) -> torch.Tensor:
+        """[T] w_t / norm_t, once per step and normalizer (policies sharing an aggregation
+        share its `norm` tensor)."""
+        key = ("weight_over", id(norm))
+        held = self._memo.get(key)
+        if held is None or held[0] is not norm:
+            held = (norm, self.weight / norm)  # holds norm: its id stays its own
+            self._memo[key] = held
+        scale: torch.Tensor = held[1]
+        return scale
+
+    def eligible(self, mode: AdvMode = "recorded") -> torch.Tensor:
+        """[T] bool: scored with a non-zero advantage under `mode` (cached per mode)."""
+        return self.memo(("eligible", mode), lambda: self.mask & (self.advantages(mode) != 0))
+
+    def nonfinite_inputs(self, mode: AdvMode = "recorded") -> torch.Tensor | None:
+        """[T] bool: scored tokens with a non-finite logp, logp_old, loss_weight or advantage
+        under `mode`; None when there is none (known on the CPU: finite sums prove it without
+        a pass of isfinite; elsewhere the mask is always returned, so no step syncs)."""
+        key = ("nonfinite_inputs", mode)
+        if key not in self._memo:
+            adv = self.advantages(mode)
+            sources = [self.logp, self.logp_old, adv]
+            if self.loss_weight is not None:
+                sources.append(self.loss_weight)
+            cpu = self.device.type == "cpu"
+            unsafe: torch.Tensor | None = None
+            if not (cpu and all(bool(torch.isfinite(t.sum())) for t in sources)):
+                unsafe = self.mask & ~(self.finite_inputs & torch.isfinite(adv))
+                if cpu and not bool(unsafe.any()):
+                    unsafe = None
+            self._memo[key] = unsafe
+        held: torch.Tensor | None = self._memo[key]
+        return held
 
     # --- segment sums ------------------------------------------------------------------------
     def seq_sum(self, values: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,9 @@ from stabledrl_cli.policies._base import (
     Policy,
     PolicyTerms,
     keep_times,
-    num_sequences,
+    masked_sum,
     ratio_times,
+    seq_mean_token_mean_norm,
 )
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import GSPOConfig
@@ -31,7 +32,7 @@ class GSPOPolicy(Policy):
     config: GSPOConfig
 
     def norm(self, prep: PreparedBatch) -> torch.Tensor:
-        return num_sequences(prep, self.config.rows) * prep.seq_len_tokens
+        return seq_mean_token_mean_norm(prep, self.config.rows)
 
     def _policy_terms(
         self, prep: PreparedBatch, adv: torch.Tensor, norm: torch.Tensor
@@ -41,9 +42,8 @@ class GSPOPolicy(Policy):
         seq_ratio = torch.exp(prep.seq_mean_log_ratio)[prep.seq]
         value = torch.minimum(ratio_times(seq_ratio, adv), torch.clamp(seq_ratio, low, high) * adv)
         discarded = ((adv > 0) & (seq_ratio > high)) | ((adv < 0) & (seq_ratio < low))
-        scale = prep.weight / norm
-        zero = torch.zeros((), dtype=prep.dtype, device=prep.device)
-        objective = torch.where(prep.mask, scale * value, zero).sum()
+        scale = prep.weight_over(norm)
+        objective = masked_sum(prep.mask, scale * value)
         kept = prep.seq_sum(keep_times(~discarded, scale * adv))[prep.seq]
         # 0 for a discarded sequence even when s_i overflowed (never 0 * inf).
         coef = keep_times(kept != 0, seq_ratio * kept / prep.seq_len_tokens)

@@ -56,7 +56,7 @@ class DualClipPolicy(TokenPolicy):
         # verl clamps log r to [-20, 20] before exp so the ratio cannot overflow; the clamp
         # also zeroes the gradient of the tokens outside it.
         outside = prep.log_ratio.abs() > VERL_LOG_RATIO_CLAMP
-        ratio = torch.exp(prep.log_ratio.clamp(-VERL_LOG_RATIO_CLAMP, VERL_LOG_RATIO_CLAMP))
+        ratio = prep.clamped_ratio(VERL_LOG_RATIO_CLAMP)
         value, discarded = ppo_terms(ratio, adv, cfg.eps_low, cfg.high)
         value = torch.where(adv < 0, torch.maximum(value, cfg.c * adv), value)
         discarded = discarded | ((adv < 0) & (ratio > cfg.c)) | outside

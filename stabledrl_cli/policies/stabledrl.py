@@ -24,7 +24,7 @@ import math
 import torch
 
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.policies._base import Policy, PolicyTerms
+from stabledrl_cli.policies._base import Policy, PolicyTerms, masked_sum
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import StableDRLConfig
 from stabledrl_cli.vocab import Unit
@@ -85,6 +85,10 @@ class StableDRLPolicy(Policy):
         return zeros, 1, torch.ones((), dtype=prep.dtype, device=prep.device)
 
     def norm(self, prep: PreparedBatch) -> torch.Tensor:
+        cfg = self.config
+        return prep.memo(("stabledrl", cfg.level, cfg.norm, cfg.rows), lambda: self._norm(prep))
+
+    def _norm(self, prep: PreparedBatch) -> torch.Tensor:
         seg_of_seq, n_seg, n_groups = self._segments(prep)
         if self.config.level == "seq":
             live = self._members(prep).to(prep.dtype)
@@ -115,8 +119,7 @@ class StableDRLPolicy(Policy):
             clipped = prep.log_ratio > log_c
             per_token = share
         coef = per_token * adv * prep.weight / n_groups
-        zero = torch.zeros((), dtype=prep.dtype, device=prep.device)
-        objective = torch.where(prep.mask, coef * prep.logp, zero).sum()
+        objective = masked_sum(prep.mask, coef * prep.logp)
         return PolicyTerms(
             coef=coef, objective=objective, discarded=torch.zeros_like(clipped), clipped=clipped
         )

@@ -12,8 +12,12 @@ from dataclasses import dataclass
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.vocab import Device
 
-DEFAULT_CHUNK_SIZE = 64
-"""Steps read and moved to the device at a time."""
+DEFAULT_MEMORY_BUDGET = 64 * 2**20
+"""Bytes of step arrays read and moved to the device at a time (a chunk closes at the step
+that reaches it; a step larger than the budget is a chunk of its own)."""
+DEFAULT_THREADS = 1
+"""CPU threads of a replay's tensor operations: one by default, so a replay's figures and its
+speed do not depend on the machine's core count or on what else runs on it."""
 DEFAULT_SPIKE_FACTOR = 10.0
 """A spike is an update norm above 10x the median of the previous finite steps."""
 SPIKE_HISTORY = 20
@@ -66,8 +70,13 @@ class ReplayConfig:
 
     device: Device | str = "auto"
     """auto | cpu | cuda | mps (auto: cuda, then mps, then cpu)."""
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    """Steps read and moved to the device at a time (bounds memory; results do not depend on it)."""
+    chunk_size: int | None = None
+    """At most this many steps read and moved to the device at a time; None: as many as fit
+    `memory_budget` (results do not depend on the chunking)."""
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    """Bytes of step arrays read and moved to the device at a time (bounds memory)."""
+    threads: int = DEFAULT_THREADS
+    """CPU threads of the tensor operations (torch's intra-op threads) during the replay."""
     spike_factor: float = DEFAULT_SPIKE_FACTOR
     """A spike: update_norm above this many times the median of the previous 20 finite steps.
     The recorded run's grad-norm spikes (`Observed.recorded_spike_steps`) use it too."""
@@ -92,7 +101,13 @@ class ReplayConfig:
 
     def __post_init__(self) -> None:
         checks = (
-            ("chunk_size", "must be an integer >= 1", _positive_int(self.chunk_size)),
+            (
+                "chunk_size",
+                "must be an integer >= 1",
+                self.chunk_size is None or _positive_int(self.chunk_size),
+            ),
+            ("memory_budget", "must be an integer >= 1", _positive_int(self.memory_budget)),
+            ("threads", "must be an integer >= 1", _positive_int(self.threads)),
             (
                 "spike_factor",
                 "must be a finite number > 1",
@@ -130,6 +145,8 @@ def replay_config(
     *,
     device: Device | str = "auto",
     chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    threads: int | None = None,
     spike_factor: float | None = None,
     window: int | None = None,
     drift_threshold: float | None = None,
@@ -143,7 +160,9 @@ def replay_config(
     """A `ReplayConfig` in which None stands for the default of that setting."""
     return ReplayConfig(
         device=device,
-        chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
+        chunk_size=chunk_size,
+        memory_budget=DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget,
+        threads=DEFAULT_THREADS if threads is None else threads,
         spike_factor=DEFAULT_SPIKE_FACTOR if spike_factor is None else spike_factor,
         window=DEFAULT_WINDOW if window is None else window,
         drift_threshold=DEFAULT_DRIFT_THRESHOLD if drift_threshold is None else drift_threshold,
@@ -183,3 +202,23 @@ def format_step_range(step_range: StepRange) -> str:
     """(A, B) -> 'A:B', an open side left empty."""
     start, stop = step_range
     return f"{'' if start is None else start}:{'' if stop is None else stop}"
+
+
+SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+"""Suffixes of a byte size (binary multiples; a trailing B or iB is allowed)."""
+
+
+def parse_size(text: str, field: str = "memory_budget") -> int:
+    """'256M' -> 268435456: bytes, with an optional K, M, G or T suffix (powers of 1024;
+    'MB' and 'MiB' mean the same). ConfigError naming `field` on anything else."""
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = cleaned, ""
+    if cleaned and cleaned[-1] in SIZE_UNITS:
+        number, unit = cleaned[:-1], cleaned[-1]
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0) or value * SIZE_UNITS[unit] < 1:
+        raise ConfigError(field, f"expects a size such as 256M or 1G, got {text!r}")
+    return int(value * SIZE_UNITS[unit])

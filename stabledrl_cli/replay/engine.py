@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
+import torch
 
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
@@ -136,6 +138,19 @@ def _flagged_steps(series: list[StepSeries], keep: np.ndarray) -> dict[int, list
     return flagged
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op CPU threads set to `count` for the block, then restored: a replay's
+    figures do not depend on the machine's cores (reductions split across threads sum in
+    another order) and a shared machine is not oversubscribed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def replay_run(
     run: Run,
     policies: Sequence[str | Policy] | None = None,
@@ -156,7 +171,16 @@ def replay_run(
     with warnings.catch_warnings():
         # Corrupt steps are skipped by the reader: counted below, named by `inspect`.
         warnings.simplefilter("ignore", RunIntegrityWarning)
-        stream = stream_run(run, resolved, own_index, config.chunk_size, device, progress)
+        with torch_threads(config.threads):
+            stream = stream_run(
+                run,
+                resolved,
+                own_index,
+                device,
+                chunk_size=config.chunk_size,
+                memory_budget=config.memory_budget,
+                progress=progress,
+            )
         skipped = skipped_reasons(run)
         if stream.step_numbers.size == 0:
             raise InputError(no_steps_message(run, skipped))
@@ -190,7 +214,9 @@ def replay_run(
     if config.detail:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RunIntegrityWarning)
-            details = detail_pass(run, resolved, _flagged_steps(series, keep), device, config.top_k)
+            with torch_threads(config.threads):
+                flagged = _flagged_steps(series, keep)
+                details = detail_pass(run, resolved, flagged, device, config.top_k)
     geometry, coverage = _run_geometry(stream.geometry)
     return ReplayResult(
         run=str(run.path),
@@ -214,6 +240,7 @@ def replay_run(
         run_policy_spec=run.policy_spec,
         step_range=config.step_range,
         skipped=skipped,
+        threads=config.threads,
     )
 
 
@@ -223,6 +250,8 @@ def replay(
     *,
     device: str = "auto",
     chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    threads: int | None = None,
     spike_factor: float | None = None,
     window: int | None = None,
     drift_threshold: float | None = None,
@@ -243,6 +272,8 @@ def replay(
     config = replay_config(
         device=device,
         chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        threads=threads,
         spike_factor=spike_factor,
         window=window,
         drift_threshold=drift_threshold,

@@ -40,10 +40,9 @@ from stabledrl_cli.policies._config import (
     SAPOConfig,
     TwoSidedConfig,
 )
+from stabledrl_cli.policies.ppo import VERL_LOG_RATIO_CLAMP
 from stabledrl_cli.replay.columns import TRL_METRICS, VERL_METRICS
 
-VERL_LOG_RATIO_CLAMP = 20.0
-"""verl clamps log r to [-20, 20] before exp (vanilla, cispo)."""
 VERL_SEQ_LOG_RATIO_MAX = 10.0
 """verl clamps GSPO's sequence log ratio at 10."""
 VERL_MASKED_MEAN_EPS = 1e-8
@@ -119,6 +118,10 @@ def _token_fraction(
     seq_index, count = (
         (micro.pooled_index, micro.pooled_count) if eps is None else (micro.seq_index, micro.count)
     )
+    if count == 1:
+        num = (hit & prep.mask).sum().double()
+        den = prep.memo(("scored_count",), lambda: prep.mask.sum().double())
+        return num / (den.clamp(min=1.0) if eps is None else den + eps)
     token_mb = seq_index[prep.seq]
     zeros = torch.zeros(count, dtype=torch.float64, device=prep.device)
     num = zeros.index_add(0, token_mb, (hit & prep.mask).double())
@@ -186,7 +189,7 @@ def _verl(
     zero = torch.zeros((), dtype=torch.float64, device=prep.device)
     config = policy.config
     adv = w.advantages
-    ratio = torch.exp(prep.log_ratio.clamp(-VERL_LOG_RATIO_CLAMP, VERL_LOG_RATIO_CLAMP))
+    ratio = prep.clamped_ratio(VERL_LOG_RATIO_CLAMP)
 
     def frac(hit: torch.Tensor) -> torch.Tensor:
         return _token_fraction(hit, prep, micro, VERL_MASKED_MEAN_EPS)

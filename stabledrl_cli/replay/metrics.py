@@ -22,6 +22,7 @@ import torch
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.geometry import decode_geometry, replayed_update_norm
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
+from stabledrl_cli.policies._base import as_bytes, keep_times
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.framework import MicroBatches, framework_metrics
 from stabledrl_cli.vocab import StepGeometryKind
@@ -144,7 +145,77 @@ def policy_gradient_coef(policy: Policy, weights: Weights, prep: PreparedBatch) 
     assert prep.logp_ref is not None
     delta = prep.logp_ref - prep.logp
     kl = beta * prep.weight / weights.norm * (torch.exp(delta) - 1.0)
-    return torch.where(prep.mask, weights.coef - kl, 0.0)
+    return keep_times(prep.mask, weights.coef - kl)
+
+
+def _sum64(values: torch.Tensor) -> torch.Tensor:
+    """0-d float64 sum of a [T] tensor (a float64 accumulator, no float64 copy kept)."""
+    return torch.sum(values, dtype=torch.float64)
+
+
+class References:
+    """What every policy of one advantage and normalizer shares in a step: the eligible and
+    counted tokens, the REINFORCE reference A w / norm and the IS reference r A w / norm."""
+
+    def __init__(self, prep: PreparedBatch, adv: torch.Tensor, norm: torch.Tensor) -> None:
+        scored = prep.mask
+        self.eligible = scored & (adv != 0)
+        self.counted = self.eligible
+        if prep.loss_weight is not None:
+            self.counted = self.eligible & (prep.loss_weight != 0)
+        self.positive = self.eligible & (adv > 0)
+        self.negative = self.eligible & (adv < 0)
+        weighted = adv if prep.loss_weight is None else adv * prep.loss_weight
+        self.reinforce = keep_times(self.counted, weighted / norm)
+        """[T] A w / norm on counted tokens, else 0."""
+        ratio_weighted = prep.ratio * adv
+        if prep.loss_weight is not None:
+            ratio_weighted = ratio_weighted * prep.loss_weight
+        self.coef_is = keep_times(scored, ratio_weighted / norm)
+        """[T] r A w / norm on scored tokens, else 0."""
+        self.safe_ref = self.reinforce + as_bytes(~self.counted)
+        """[T] the REINFORCE reference on counted tokens, else 1 (a safe divisor)."""
+        self.n_counted = self.counted.sum().double()
+        self.reinforce_sum = _sum64(self.reinforce)
+        self.reinforce_abs = _sum64(self.reinforce.abs())
+        self.is_abs = self.coef_is.abs()
+        self.is_mass = _sum64(self.is_abs)
+        self.tokens = self.eligible.sum()
+        self.scored = scored.sum()
+
+
+def _weight_max(w: torch.Tensor, refs: References, sum_w: torch.Tensor) -> torch.Tensor:
+    """0-d float64 max of w [T] over the counted tokens (w is 0 elsewhere); NaN when a weight
+    is NaN or no token is counted."""
+    if w.device.type == "cpu" and not bool(torch.isnan(sum_w)):
+        # No NaN (the sum would be NaN). A positive max, or one over every token, is theirs.
+        top = w.amax()
+        if bool(refs.n_counted > 0) and (bool(top > 0) or bool(refs.n_counted == w.numel())):
+            return top.double()
+    neg_inf = torch.full((), -math.inf, dtype=w.dtype, device=w.device)
+    top = torch.where(refs.counted, w, neg_inf).amax().double()
+    # amax ignores NaN ordering on some backends: make a NaN weight show.
+    top = torch.where(torch.isnan(w).any(), math.nan, top)
+    return torch.where(refs.n_counted > 0, top, math.nan)
+
+
+def _weight_indicators(
+    pg: torch.Tensor, refs: References
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """0-d float64 (weight_max, ess_frac, net_push) of one policy's coefficients pg [T]."""
+    w = keep_times(refs.counted, pg) / refs.safe_ref
+    wide = w.double()  # one row, transient: squares of float32 values are exact in float64
+    sum_w, sum_w2 = wide.sum(), (wide * wide).sum()
+    del wide
+    n_counted = refs.n_counted
+    ess = torch.where(sum_w2 != 0, sum_w * sum_w / (n_counted * sum_w2), math.nan)
+    ess = torch.where(torch.isnan(sum_w2), math.nan, ess)
+    ref_abs = refs.reinforce_abs
+    push = (_sum64(keep_times(refs.counted, pg)) - refs.reinforce_sum) / torch.where(
+        ref_abs > 0, ref_abs, 1.0
+    )
+    push = torch.where(ref_abs > 0, push, torch.where(torch.isfinite(push), 0.0, push))
+    return _weight_max(w, refs, sum_w), ess, push
 
 
 def step_metrics(
@@ -157,73 +228,72 @@ def step_metrics(
 ) -> torch.Tensor:
     """-> [P, M] float64 on prep.device: one row a policy, one column a device metric
     (`columns.device_metrics()`, in that order). micro: the step's micro-batches (the
-    frameworks' clip metrics average over them)."""
-    zero = torch.zeros((), dtype=prep.dtype, device=prep.device)
-    coef = torch.stack([w.coef for w in weights])  # [P, T]
-    adv = torch.stack([w.advantages for w in weights])
-    norm = torch.stack([w.norm for w in weights])
-    discarded = torch.stack([w.discarded for w in weights])
-    clipped = torch.stack([w.clipped for w in weights])
-    pg = torch.stack(
-        [policy_gradient_coef(p, w, prep) for p, w in zip(policies, weights, strict=True)]
-    )
+    frameworks' clip metrics average over them).
 
-    scored = prep.mask.expand_as(coef)
-    eligible = scored & (adv != 0)
-    counted = eligible & (prep.weight != 0)
-    reinforce = torch.where(counted, adv * prep.weight / norm, zero)
-    coef_is = torch.where(scored, prep.ratio * adv * prep.weight / norm, zero)
-    coef_is_discarded = torch.where(discarded, coef_is, zero)
-
-    units = geometry.units(torch.cat([coef, coef_is_discarded, coef_is]), prep)
-    n = coef.shape[0]
-    norms = geometry.norms(units)
-    update_norm, discarded_mass, is_mass = norms[:n], norms[n : 2 * n], norms[2 * n :]
-    if geometry.kind == "coef":
-        is_abs = coef_is.abs().double()
-        discarded_mass = torch.where(discarded, is_abs, 0.0).sum(-1)
-        is_mass = is_abs.sum(-1)
+    The references of each distinct (advantages, normalizer) pair are computed once: the
+    policies of one aggregation share them. Token arrays stay at the batch's dtype; sums use
+    float64 accumulators. Without recorded geometry no [3P, T] block is built."""
+    n = len(weights)
+    shared: dict[tuple[int, int], int] = {}
+    distinct: list[References] = []
+    for w in weights:
+        key = (id(w.advantages), id(w.norm))
+        if key not in shared:
+            shared[key] = len(distinct)
+            distinct.append(References(prep, w.advantages, w.norm))
+    group = [shared[(id(w.advantages), id(w.norm))] for w in weights]
+    refs = [distinct[g] for g in group]
+    pgs = [policy_gradient_coef(p, w, prep) for p, w in zip(policies, weights, strict=True)]
 
     cosine = torch.full((n,), math.nan, dtype=torch.float64, device=prep.device)
-    if own_index is not None:
-        inner = geometry.inner(units[:n], units[own_index])
-        if inner is not None:
-            denom = update_norm * update_norm[own_index]
-            cosine = torch.where(denom > 0, inner.double() / denom, math.nan)
+    if geometry.kind == "coef":
+        update_norm = torch.stack(
+            [torch.linalg.vector_norm(w.coef, dtype=torch.float64) for w in weights]
+        )
+        discarded_mass = torch.stack(
+            [_sum64(keep_times(w.discarded, r.is_abs)) for w, r in zip(weights, refs, strict=True)]
+        )
+        is_mass = torch.stack([r.is_mass for r in refs])
+    else:
+        rows = [w.coef for w in weights]
+        rows += [keep_times(w.discarded, r.coef_is) for w, r in zip(weights, refs, strict=True)]
+        rows += [r.coef_is for r in distinct]
+        units = geometry.units(torch.stack(rows), prep)
+        del rows
+        norms = geometry.norms(units)
+        update_norm, discarded_mass = norms[:n], norms[n : 2 * n]
+        is_mass = norms[2 * n :][torch.tensor(group, device=norms.device)]
+        if own_index is not None:
+            inner = geometry.inner(units[:n], units[own_index])
+            if inner is not None:
+                denom = update_norm * update_norm[own_index]
+                cosine = torch.where(denom > 0, inner.double() / denom, math.nan)
 
-    safe_ref = torch.where(counted, reinforce, 1.0)
-    w = torch.where(counted, pg / safe_ref, zero).double()
-    n_counted = counted.sum(-1).double()
-    neg_inf = torch.full((), -math.inf, dtype=torch.float64, device=prep.device)
-    weight_max = torch.where(counted, w, neg_inf).amax(-1)
-    # amax ignores NaN ordering on some backends: make a NaN weight show in weight_max.
-    weight_max = torch.where(torch.isnan(w).any(-1), math.nan, weight_max)
-    weight_max = torch.where(n_counted > 0, weight_max, math.nan)
-    sum_w, sum_w2 = w.sum(-1), (w * w).sum(-1)
-    ess = torch.where(sum_w2 != 0, sum_w * sum_w / (n_counted * sum_w2), math.nan)
-    ess = torch.where(torch.isnan(sum_w2), math.nan, ess)
-    ref_abs = reinforce.abs().double().sum(-1)
-    push = (torch.where(counted, pg, zero).double().sum(-1) - reinforce.double().sum(-1)) / (
-        torch.where(ref_abs > 0, ref_abs, 1.0)
-    )
-    push = torch.where(ref_abs > 0, push, torch.where(torch.isfinite(push), 0.0, push))
-
+    indicators = [_weight_indicators(pg, r) for pg, r in zip(pgs, refs, strict=True)]
     computed = {
-        "tokens": eligible.sum(-1),
-        "discarded": discarded.sum(-1),
-        "discarded_pos": (discarded & (adv > 0)).sum(-1),
-        "discarded_neg": (discarded & (adv < 0)).sum(-1),
-        "clipped": clipped.sum(-1),
-        "scored_tokens": scored.sum(-1),
-        "clipped_pos": (clipped & (adv > 0)).sum(-1),
-        "clipped_neg": (clipped & (adv < 0)).sum(-1),
+        "tokens": torch.stack([r.tokens for r in refs]),
+        "discarded": torch.stack([w.discarded.sum() for w in weights]),
+        "discarded_pos": torch.stack(
+            [(w.discarded & r.positive).sum() for w, r in zip(weights, refs, strict=True)]
+        ),
+        "discarded_neg": torch.stack(
+            [(w.discarded & r.negative).sum() for w, r in zip(weights, refs, strict=True)]
+        ),
+        "clipped": torch.stack([w.clipped.sum() for w in weights]),
+        "scored_tokens": torch.stack([r.scored for r in refs]),
+        "clipped_pos": torch.stack(
+            [(w.clipped & r.positive).sum() for w, r in zip(weights, refs, strict=True)]
+        ),
+        "clipped_neg": torch.stack(
+            [(w.clipped & r.negative).sum() for w, r in zip(weights, refs, strict=True)]
+        ),
         "discarded_mass": discarded_mass,
         "is_mass": is_mass,
         "update_norm": update_norm,
         "cosine_to_own": cosine,
-        "weight_max": weight_max,
-        "ess_frac": ess,
-        "net_push": push,
+        "weight_max": torch.stack([i[0] for i in indicators]),
+        "ess_frac": torch.stack([i[1] for i in indicators]),
+        "net_push": torch.stack([i[2] for i in indicators]),
         "nonfinite_coefs": torch.stack([w.nonfinite for w in weights]),
         "objective": torch.stack([w.objective for w in weights]),
         **framework_metrics(prep, policies, weights, micro),

@@ -173,6 +173,8 @@ class ReplayResult:
     step_range: StepRange = (None, None)
     skipped: list[str] = field(default_factory=list)
     """The reader's reason for each step it could not read and skipped (not in the JSON)."""
+    threads: int = 1
+    """CPU threads the replay computed with (`ReplayConfig.threads`)."""
 
     def policy(self, spec: str) -> PolicyResult:
         """The result of the policy with this canonical spec (KeyError lists the specs)."""
@@ -205,6 +207,7 @@ class ReplayResult:
                 "policies": [p.to_dict(steps=steps) for p in self.policies],
                 "observed": self.observed.contract_dict(),
                 "collapse_warning": self.observed.collapse_warning.to_dict(),
+                "threads": self.threads,
             }
         )
         return data

@@ -1,10 +1,11 @@
 """The streaming pass of a replay: read steps, move them to the device, evaluate every policy.
 
 Per step, `prepare` runs once and every policy is evaluated on the prepared batch
-(`metrics.step_metrics`). Steps are read `chunk_size` at a time; each chunk's arrays go to
-the device in one transfer per field and its per-step results come back in one transfer,
-after which the chunk's arrays are dropped: memory holds one chunk of arrays plus
-O(steps x policies) scalars, whatever the run's length. Each step is computed on its own, so
+(`metrics.step_metrics`). Steps are read in chunks of at most `memory_budget` bytes of arrays
+(and at most `chunk_size` steps when given); each chunk's arrays go to the device in one
+transfer per field and its per-step results come back in one transfer, after which the
+chunk's arrays are dropped: memory holds one chunk of arrays plus O(steps x policies) scalars,
+whatever the run's length. Each step is computed on its own, so
 results do not depend on the chunk size. The same pass pools the noise floor of the steps
 recorded with inner_step 0 and the collapse warning's measurements (the median own-sample
 log-likelihood, on the host before the transfer), so the observed-run analysis never re-reads
@@ -14,7 +15,7 @@ them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from stabledrl_cli.errors import InputError
 from stabledrl_cli.geometry import GRAM_KEY, SKETCH_KEY, SKETCH_SCALE_KEY
 from stabledrl_cli.policies import Policy, PolicyBatch, PreparedBatch, prepare
 from stabledrl_cli.replay import columns
+from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET
 from stabledrl_cli.replay.framework import MicroBatches, micro_batches
 from stabledrl_cli.replay.metrics import (
     StepGeometry,
@@ -182,26 +184,58 @@ def run_unit(run: Run) -> Unit:
     return "sequence" if run.unit == "sequence" else "token"
 
 
-def _chunks(steps: Iterable[Step], size: int) -> Iterator[list[Step]]:
-    chunk: list[Step] = []
-    for step in steps:
-        chunk.append(step)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def array_bytes(arrays: Arrays) -> int:
+    """Bytes held by a step's arrays."""
+    return sum(a.numel() * a.element_size() for a in arrays.values())
+
+
+def _read_chunks(
+    run: Run,
+    policies: Sequence[Policy],
+    likelihood: OwnLikelihood,
+    chunk_size: int | None,
+    memory_budget: int,
+) -> Iterator[tuple[list[Step], list[Arrays]]]:
+    """The run's readable steps and their arrays (CPU), a chunk at a time: a chunk closes at
+    the step that brings its arrays to `memory_budget` bytes, or to `chunk_size` steps. Feeds
+    the collapse warning's measurements on the way (on the host, before any transfer)."""
+    where, unit = str(run.path), run_unit(run)
+    steps: list[Step] = []
+    arrays: list[Arrays] = []
+    held = 0
+    for step in run.steps():
+        check_step(step, policies, unit, where)
+        step_arrays = read_arrays(step, where)
+        inner = step.scalars.get("inner_step")
+        if OwnLikelihood.wanted(inner):
+            likelihood.add(
+                step.step,
+                inner,
+                host_array(step_arrays["logp_old"]),
+                host_array(step_arrays["mask"]),
+            )
+        steps.append(step)
+        arrays.append(step_arrays)
+        held += array_bytes(step_arrays)
+        if held >= memory_budget or len(steps) == chunk_size:
+            yield steps, arrays
+            steps, arrays, held = [], [], 0
+    if steps:
+        yield steps, arrays
 
 
 def stream_run(
     run: Run,
     policies: list[Policy],
     own_index: int | None,
-    chunk_size: int,
     device: torch.device,
+    *,
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: Callable[[int], None] | None = None,
 ) -> StreamedRun:
-    """Every policy over every readable step of `run` (corrupt steps are skipped)."""
+    """Every policy over every readable step of `run` (corrupt steps are skipped), read in
+    chunks of at most `memory_budget` bytes of arrays (and `chunk_size` steps, when given)."""
     where, unit = str(run.path), run_unit(run)
     ranks = int(run.manifest.get("world_size", 1))
     numbers: list[int] = []
@@ -211,20 +245,7 @@ def stream_run(
     covered: list[float] = []
     approximate = np.zeros(len(policies), dtype=bool)
     floor, likelihood = NoiseFloor(), OwnLikelihood()
-    for chunk in _chunks(run.steps(), chunk_size):
-        arrays = []
-        for step in chunk:
-            check_step(step, policies, unit, where)
-            step_arrays = read_arrays(step, where)
-            inner = step.scalars.get("inner_step")
-            if OwnLikelihood.wanted(inner):
-                likelihood.add(
-                    step.step,
-                    inner,
-                    host_array(step_arrays["logp_old"]),
-                    host_array(step_arrays["mask"]),
-                )
-            arrays.append(step_arrays)
+    for chunk, arrays in _read_chunks(run, policies, likelihood, chunk_size, memory_budget):
         to_device(arrays, device)
         rows, moments = [], []
         for step, step_arrays in zip(chunk, arrays, strict=True):
