@@ -34,6 +34,7 @@ from stabledrl_cli.dump._layout import (
     STEP_COUNTS,
     TOKEN_FIELDS,
     decode,
+    scalar_name,
 )
 from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import (
@@ -213,13 +214,16 @@ class ArchiveRun(Run):
             if where not in handle or (name in RAGGED_FIELDS and name not in self._ragged):
                 raise InputError(f"{path}: corrupt run archive (no dataset {where})")
         recorded = handle.get("scalars_recorded", {})
+        stored = {
+            scalar_name(name, self.format_version): name for name in handle.get("scalars", {})
+        }
         self._scalar_values = {
-            name: self._index(f"scalars/{name}") for name in sorted(handle.get("scalars", {}))
+            name: self._index(f"scalars/{stored[name]}") for name in sorted(stored)
         }
         self._scalar_recorded = {
-            name: self._index(f"scalars_recorded/{name}").astype(bool)
+            name: self._index(f"scalars_recorded/{stored[name]}").astype(bool)
             for name in self._scalar_values
-            if name in recorded
+            if stored[name] in recorded
         }
         if set(self._scalar_recorded) != set(self._scalar_values):
             raise InputError(f"{path}: corrupt run archive (scalars without scalars_recorded)")

@@ -15,7 +15,8 @@ and left alone when it is "global" (ids shared by all ranks). `unit_grad_sketch`
 concatenated (float16 parts are scaled to float32 first); `unit_grad_gram` is left out (the
 cross-rank entries were never recorded); `param_grad_norm` is rank 0's. Scalars: `nonfinite`
 is summed, `reward_mean` weighted by sequences, `loss` averaged over ranks, the rest taken
-from rank 0.
+from rank 0. A step where some rank recorded no batch (a scalar step, format 1.2) joins as a
+scalar step: a batch with a rank missing is not the step's batch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from safetensors import safe_open
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError, gap_findings
 from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import (
+    BATCH_FIELDS,
     FIELDS,
     MANIFEST_LIMIT,
     MANIFEST_NAME,
@@ -40,6 +42,7 @@ from stabledrl_cli.dump._schema import (
     META_NUM_SEQUENCES,
     META_NUM_TOKENS,
     META_SCORED_TOKENS,
+    SCALAR_STEP_VERSION,
     STEP_FILE_RE,
     STEP_LIMIT,
     STEPS_DIR,
@@ -93,12 +96,13 @@ def _count(metadata: dict[str, str], key: str) -> int:
     return value
 
 
-def _check_fields(header: StepHeader, tokens: int, sequences: int) -> None:
+def _check_fields(header: StepHeader, tokens: int, sequences: int, *, scalar: bool) -> None:
     """Every schema field has its dtype and a shape that agrees with the step's counts, and
-    the required fields are there; else StepReadError (the step is skipped, not the run)."""
+    the required fields are there (none for a scalar step); else StepReadError (the step is
+    skipped, not the run)."""
     for name, spec in FIELDS.items():
         if name not in header.tensors:
-            if spec.required:
+            if spec.required and not scalar:
                 raise StepReadError("unreadable", f"required field {name} is missing")
             continue
         dtype, shape = header.tensors[name]
@@ -302,9 +306,10 @@ class DirectoryRun(Run):
             listing.finals.setdefault(final[0], {})[final[1]] = path
         return listing
 
-    def _record(self, header: StepHeader, step: int) -> _HeaderRecord:
+    def _record(self, header: StepHeader, step: int, version: tuple[int, int]) -> _HeaderRecord:
         """What the Step is built from; StepReadError for a header that disagrees with its
-        file name (step), with itself (counts, shapes, dtypes), or a step with no tokens."""
+        file name (step), with itself (counts, shapes, dtypes), or a step with no tokens (a
+        scalar step, with no batch field at all, has none: from format 1.2 on)."""
         metadata = header.metadata
         scalars = _parse_scalars(metadata)
         if "step" in scalars and scalars["step"] != float(step):
@@ -314,11 +319,16 @@ class DirectoryRun(Run):
         tokens = _count(metadata, META_NUM_TOKENS)
         sequences = _count(metadata, META_NUM_SEQUENCES)
         scored = _count(metadata, META_SCORED_TOKENS)
-        if tokens == 0 and self.world_size == 1:
+        scalar = version >= SCALAR_STEP_VERSION and not any(
+            name in header.tensors for name in BATCH_FIELDS
+        )
+        if scalar and tokens + sequences + scored > 0:
+            raise StepReadError("unreadable", "a step without a batch counts tokens")
+        if tokens == 0 and self.world_size == 1 and not scalar:
             raise StepReadError("unreadable", "the step has no tokens")
         if scored > tokens:
             raise StepReadError("unreadable", f"{scored} scored tokens of {tokens}")
-        _check_fields(header, tokens, sequences)
+        _check_fields(header, tokens, sequences, scalar=scalar)
         names = tuple(scalars)
         fields = frozenset(name for name in header.tensors if name in FIELDS)
         return _HeaderRecord(
@@ -346,10 +356,10 @@ class DirectoryRun(Run):
             header = read_header(path, deep=deep)
             version = header.metadata.get(META_FORMAT, "")
             try:
-                check_readable_version(version, path.name)
+                parsed = check_readable_version(version, path.name)
             except InputError as exc:
                 raise StepReadError("unreadable", str(exc)) from None
-            record = self._record(header, step)
+            record = self._record(header, step, parsed)
         except StepReadError as exc:
             self._checked[path.name] = _Checked(key, True, (exc.kind, str(exc)))
             raise
@@ -376,15 +386,16 @@ class DirectoryRun(Run):
         fields = set(records[0].fields).intersection(*(r.fields for r in records[1:]))
         if len(records) > 1:
             fields.discard("unit_grad_gram")
-        sequences = [r.num_sequences for r in records]
+        batch = "logp" in fields  # else a scalar step (module docstring)
+        sequences = [r.num_sequences if batch else 0 for r in records]
         scalars = [r.scalars for r in records]
         return DirectoryStep(
             step=n,
             scalars=scalars[0] if len(records) == 1 else _merge_scalars(scalars, sequences),
-            fields=fields,
-            num_tokens=sum(r.num_tokens for r in records),
+            fields=fields if batch else fields - set(BATCH_FIELDS),
+            num_tokens=sum(r.num_tokens for r in records) if batch else 0,
             num_sequences=sum(sequences),
-            num_scored_tokens=sum(r.num_scored_tokens for r in records),
+            num_scored_tokens=sum(r.num_scored_tokens for r in records) if batch else 0,
             paths=[ranks[r] for r in range(self.world_size)],
             records=records,
             group_ids=self.group_ids,

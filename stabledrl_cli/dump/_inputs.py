@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from stabledrl_cli.dump._schema import FIELDS, STANDARD_SCALARS
+from stabledrl_cli.dump._schema import BATCH_FIELDS, FIELDS, SERIES_SCALARS, STANDARD_SCALARS
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.vocab import Unit
 
@@ -99,11 +99,39 @@ def build_step(
 
     `arrays` holds every array keyword of `log_step` (None where absent); `scalars` the scalar
     keywords. Per-token fields come out [T], per-sequence ones [N] with N = max(seq_id) + 1.
+    A step given no batch array at all (`BATCH_FIELDS`) is a scalar step: only its scalars and
+    `param_grad_norm`; given some batch arrays, logp, logp_old and advantages are required.
     """
-    for name in ("logp", "logp_old", "advantages"):
-        if arrays.get(name) is None:
-            raise UsageError(f"{name}: required")
     given = {k: to_numpy(v, k) for k, v in arrays.items() if v is not None}
+    if any(name in given for name in BATCH_FIELDS):
+        sketch_scaled = scalars.get("unit_grad_sketch_scale") is not None or (
+            (user_scalars or {}).get("unit_grad_sketch_scale") is not None
+        )
+        tensors = _batch_tensors(unit, given, sketch_scaled=sketch_scaled)
+    else:
+        tensors = {}
+    if "param_grad_norm" in given:
+        norms = _float_array(given.pop("param_grad_norm"), "param_grad_norm").reshape(-1)
+        if num_params is not None and norms.shape[0] != num_params:
+            raise UsageError(
+                f"param_grad_norm: {norms.shape[0]} entries, but param_names has {num_params}"
+            )
+        tensors["param_grad_norm"] = norms
+    if given:
+        raise UsageError(f"unknown array fields: {', '.join(sorted(given))}")
+    assert set(tensors) <= set(FIELDS)
+    values = _step_scalars(step, scalars, user_scalars, tensors)
+    return tensors, values
+
+
+def _batch_tensors(
+    unit: Unit, given: dict[str, np.ndarray], *, sketch_scaled: bool
+) -> dict[str, np.ndarray]:
+    """The policy batch's arrays (removed from `given`), checked and converted; `sketch_scaled`
+    says whether the step has the scale a float16 sketch needs."""
+    for name in ("logp", "logp_old", "advantages"):
+        if name not in given:
+            raise UsageError(f"{name}: required")
     logp = _float_array(given.pop("logp"), "logp")
     two_d = logp.ndim == 2
     if logp.ndim not in (1, 2):
@@ -169,9 +197,6 @@ def build_step(
         token_ids = _int_array(given.pop("token_ids"), "token_ids", "int64")
         tensors["token_ids"] = sequence_field("token_ids", token_ids, rows=True)
 
-    sketch_scale = scalars.get("unit_grad_sketch_scale")
-    if sketch_scale is None and user_scalars:
-        sketch_scale = user_scalars.get("unit_grad_sketch_scale")
     if "unit_grad_gram" in given:
         gram = _float_array(given.pop("unit_grad_gram"), "unit_grad_gram")
         if gram.shape != (num_tokens, num_tokens):
@@ -183,7 +208,7 @@ def build_step(
     if "unit_grad_sketch" in given:
         sketch = given.pop("unit_grad_sketch")
         if sketch.dtype == np.float16:
-            if sketch_scale is None:
+            if not sketch_scaled:
                 raise UsageError(
                     "unit_grad_sketch: float16 needs the per-step scale unit_grad_sketch_scale"
                 )
@@ -194,17 +219,16 @@ def build_step(
                 f"unit_grad_sketch: expected [U, k] with U = {num_tokens}, got {list(sketch.shape)}"
             )
         tensors["unit_grad_sketch"] = sketch
-    if "param_grad_norm" in given:
-        norms = _float_array(given.pop("param_grad_norm"), "param_grad_norm").reshape(-1)
-        if num_params is not None and norms.shape[0] != num_params:
-            raise UsageError(
-                f"param_grad_norm: {norms.shape[0]} entries, but param_names has {num_params}"
-            )
-        tensors["param_grad_norm"] = norms
-    if given:
-        raise UsageError(f"unknown array fields: {', '.join(sorted(given))}")
-    assert set(tensors) <= set(FIELDS)
+    return tensors
 
+
+def _step_scalars(
+    step: int,
+    scalars: Mapping[str, ScalarInput | None],
+    user_scalars: Mapping[str, ScalarInput] | None,
+    tensors: dict[str, np.ndarray],
+) -> dict[str, float]:
+    """The step's scalars: the keywords, the user's own, reward_mean and nonfinite derived."""
     out: dict[str, float] = {"step": float(step)}
     for name, value in scalars.items():
         if value is not None:
@@ -214,11 +238,17 @@ def build_step(
             raise UsageError(f"scalars: name {name!r} must be a non-empty string not starting '_'")
         if name in STANDARD_SCALARS and name != "unit_grad_sketch_scale":
             raise UsageError(f"scalars: {name!r} is a standard scalar; pass it as {name}=")
+        if name in SERIES_SCALARS and name in out:
+            raise UsageError(f"scalars: {name!r} is given twice (as {name}= and in scalars=)")
         out[name] = _scalar(value, f"scalars[{name!r}]")
     if "reward_mean" not in out and "reward" in tensors and tensors["reward"].size:
         out["reward_mean"] = float(tensors["reward"].mean(dtype=np.float64))
-    mask = tensors["mask"]
-    nonfinite = sum(_nonfinite_count(tensors[n], mask) for n in ("logp", "logp_old", "advantages"))
+    nonfinite = 0
+    if "mask" in tensors:
+        mask = tensors["mask"]
+        nonfinite = sum(
+            _nonfinite_count(tensors[n], mask) for n in ("logp", "logp_old", "advantages")
+        )
     nonfinite += sum(1 for n in ("loss", "grad_norm") if n in out and not math.isfinite(out[n]))
     out["nonfinite"] = float(nonfinite)
-    return tensors, out
+    return out

@@ -21,12 +21,19 @@ Layout (every array dataset chunked, gzip with shuffle, Fletcher32):
     ragged/NAME/shape        int64 [S, ndim] param_grad_norm [P]), each with its own index
     present/NAME             uint8 [S]       1 where the step has the field
 
-The archive's format_version follows the run format's rule: 1.1 when the packed run uses a 1.1
-addition, else 1.0. A multi-rank run is packed joined: one entry a step, ids already offset.
+A scalar's dataset name is its name with "%" and "/" written %25 and %2F (and a name "." or
+".." written %2E, %2E%2E), since HDF5 reads "/" as a path (format 1.2; an older archive holds
+no such name and is read as it is).
+
+The archive's format_version follows the run format's rule: 1.2 when the packed run uses a 1.2
+addition (a scalar step: no batch field present, counts 0; a null policy or a source in the
+manifest), else 1.1 when it uses a 1.1 addition, else 1.0. A multi-rank run is packed joined:
+one entry a step, ids already offset.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from stabledrl_cli.dump._schema import FIELDS
@@ -54,3 +61,26 @@ COMPRESSION: dict[str, Any] = {
 def decode(value: Any) -> Any:
     """An HDF5 string attribute or dataset value as str (h5py may hand out bytes)."""
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+SCALAR_ESCAPE_VERSION = (1, 2)
+"""The first archive version whose scalar dataset names are escaped (module docstring)."""
+
+
+def scalar_dataset_name(name: str) -> str:
+    """A scalar's name as an HDF5 dataset name (module docstring)."""
+    if name in (".", ".."):
+        return "%2E" * len(name)
+    return name.replace("%", "%25").replace("/", "%2F")
+
+
+def needs_escape(name: str) -> bool:
+    """Whether `scalar_dataset_name` changes `name` (an archive holding one says 1.2)."""
+    return scalar_dataset_name(name) != name
+
+
+def scalar_name(dataset: str, version: tuple[int, int]) -> str:
+    """The scalar's name back from its dataset name in an archive of `version`."""
+    if version < SCALAR_ESCAPE_VERSION:
+        return dataset
+    return re.sub(r"%(25|2F|2E)", lambda m: {"25": "%", "2F": "/", "2E": "."}[m.group(1)], dataset)

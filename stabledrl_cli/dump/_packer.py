@@ -26,6 +26,8 @@ from stabledrl_cli.dump._layout import (
     SEQUENCE_FIELDS,
     STEP_COUNTS,
     TOKEN_FIELDS,
+    needs_escape,
+    scalar_dataset_name,
 )
 from stabledrl_cli.dump._run import Run, Step, size_on_disk
 from stabledrl_cli.dump._schema import EXTENSION_FIELDS, FIELDS, RUN_KIND, written_version
@@ -236,13 +238,14 @@ class _Packer:
                 _index_dataset(present, name, flags)
         values, recorded = handle.require_group("scalars"), handle.require_group("scalars_recorded")
         for name in sorted(set().union(*self.scalars)):
+            stored = scalar_dataset_name(name)
             _index_dataset(
                 values,
-                name,
+                stored,
                 np.array([s.get(name, np.nan) for s in self.scalars], dtype=np.float64),
             )
             _index_dataset(
-                recorded, name, np.array([name in s for s in self.scalars], dtype=np.uint8)
+                recorded, stored, np.array([name in s for s in self.scalars], dtype=np.uint8)
             )
 
 
@@ -305,7 +308,14 @@ def _write_archive(
     extended = run.group_ids == "global" or any(
         f"sequences/{name}" in packer.columns for name in EXTENSION_FIELDS
     )
-    handle.attrs["format_version"] = written_version(extended)
+    manifest = run.manifest
+    uses_1_2 = (
+        manifest.get("policy") is None
+        or manifest.get("source") is not None
+        or any("logp" not in fields for fields in packer.fields)
+        or any(needs_escape(name) for name in set().union(*packer.scalars))
+    )
+    handle.attrs["format_version"] = written_version(extended, uses_1_2)
     return packer
 
 

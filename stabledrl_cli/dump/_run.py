@@ -58,6 +58,12 @@ class Step(ABC):
     def __contains__(self, name: object) -> bool:
         return name in self.fields
 
+    @property
+    def is_scalar(self) -> bool:
+        """Whether the step has no policy batch (format 1.2): only scalars, and perhaps
+        param_grad_norm. Replay has nothing to replay on such a step."""
+        return "logp" not in self.fields
+
     @overload
     def get(self, name: str) -> torch.Tensor | None: ...
 

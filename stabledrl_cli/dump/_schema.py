@@ -11,16 +11,24 @@ strings (`STANDARD_SCALARS`, plus the user's own).
 Manifest fields: format ("stabledrl-run"), format_version, tool_version, created, meta,
 policy {spec, name, params} (spec in its canonical text), unit ("token" or "sequence"),
 estimator, reward_range (null or [low, high]), world_size, group_ids, geometry, param_names,
-fields (each field's per and dtype), and, only when a Recorder with on_write_error="warn"
-stopped after a failed write, recording_stopped {step, rank, reason}.
+fields (each field's per and dtype), source (format 1.2, optional: where the run came from, an
+object with at least a string `kind`, e.g. {"kind": "import", "format": ..., "file": ...}), and,
+only when a Recorder with on_write_error="warn" stopped after a failed write,
+recording_stopped {step, rank, reason}. policy may be null (format 1.2): the run's policy is
+not known (an imported log, an optimizer-hook recording).
+
+Scalar steps (format 1.2): a step file may hold no token, sequence or geometry array at all
+(only, optionally, `param_grad_norm`): its scalars are the whole step. Such a step has no
+policy batch; `Step.is_scalar` says so, and replay has nothing to replay on it.
 
 group_ids (format 1.1; absent means "per_rank"): "per_rank" when each rank numbers its own
 prompt groups from 0 (a reader joining the ranks of a step offsets each rank's ids past the
 ranks before it), "global" when the ids are prompt-group ids shared by all ranks (a group
 split across ranks keeps one id; the join leaves them alone).
 
-Versions. A file records the oldest format version that describes it: 1.0, or 1.1 when it uses
-a 1.1 addition (the step fields `micro_batch` and `group_split`, or group_ids = "global"), so
+Versions. A file records the oldest format version that describes it: 1.0, 1.1 when it uses
+a 1.1 addition (the step fields `micro_batch` and `group_split`, or group_ids = "global"), 1.2
+when it uses a 1.2 addition (a scalar step; a null policy or a `source` in the manifest), so
 that a run without them reads as 1.0 everywhere. A reader refuses a newer major version and
 reads a newer minor one, ignoring the fields it does not know.
 """
@@ -39,11 +47,13 @@ from stabledrl_cli.vocab import GROUP_IDS, UNITS
 _Json = TypeVar("_Json")
 
 RUN_KIND = "stabledrl-run"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 """The newest format version this tool reads and writes."""
 FORMAT_MAJOR = 1
 BASE_VERSION = "1.0"
-"""The version of a file that uses no 1.1 addition."""
+"""The version of a file that uses no 1.1 or 1.2 addition."""
+SCALAR_STEP_VERSION = (1, 2)
+"""The first version in which a step file may hold no policy batch (a scalar step)."""
 MANIFEST_NAME = "manifest.json"
 STEPS_DIR = "steps"
 
@@ -84,9 +94,12 @@ def temp_file_name(final_name: str, pid: int) -> str:
     return f".{final_name}.tmp-{pid}"
 
 
-def written_version(extended: bool) -> str:
-    """The format version to record in a file: 1.1 if it uses a 1.1 addition, else 1.0."""
-    return FORMAT_VERSION if extended else BASE_VERSION
+def written_version(uses_1_1: bool, uses_1_2: bool = False) -> str:
+    """The format version to record in a file: 1.2 if it uses a 1.2 addition, else 1.1 if it
+    uses a 1.1 addition, else 1.0."""
+    if uses_1_2:
+        return "1.2"
+    return "1.1" if uses_1_1 else BASE_VERSION
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +144,10 @@ FIELDS: dict[str, FieldSpec] = {
 }
 EXTENSION_FIELDS = ("micro_batch", "group_split")
 """Step fields added by format 1.1."""
+SCALAR_STEP_FIELDS = ("param_grad_norm",)
+"""The only fields a scalar step (format 1.2) may hold; any other field makes a policy batch."""
+BATCH_FIELDS = tuple(name for name in FIELDS if name not in SCALAR_STEP_FIELDS)
+"""The fields of a step's policy batch (token, sequence and geometry arrays)."""
 
 # Per-step scalars, stored as strings in the safetensors metadata. Read back as floats.
 STANDARD_SCALARS = (
@@ -145,6 +162,17 @@ STANDARD_SCALARS = (
     "nonfinite",
     "wall_time",
     "unit_grad_sketch_scale",
+)
+# 1.2: standard names with one meaning for the scalars that optimizer hooks and imported logs
+# record (units in docs/run-format.md). Given as `log_step` keywords or in `scalars=`.
+SERIES_SCALARS = (
+    "entropy",
+    "kl",
+    "clip_frac",
+    "clip_frac_low",
+    "clip_frac_high",
+    "step_time",
+    "nonfinite_grads",
 )
 # Bookkeeping in the same metadata; user scalars may not start with "_".
 META_FORMAT = "_format_version"
@@ -202,11 +230,14 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
         or not 1 <= world_size <= WORLD_SIZE_LIMIT
     ):
         raise corrupt("world_size", f"an integer in [1, {WORLD_SIZE_LIMIT}]")
-    for name in ("meta", "estimator", "policy", "geometry"):
+    for name in ("meta", "estimator", "policy", "geometry", "source"):
         if not isinstance(manifest.get(name), dict | None):
             raise corrupt(name, "an object or null")
     if not isinstance((manifest.get("policy") or {}).get("spec"), str | None):
         raise corrupt("policy", "an object whose spec is a string")
+    source = manifest.get("source")
+    if source is not None and not isinstance(source.get("kind"), str):
+        raise corrupt("source", "null or an object whose kind is a string")
     reward_range = manifest.get("reward_range")
     if reward_range is not None:
         numbers = (

@@ -73,7 +73,7 @@ def _check_compatible(old: dict[str, Any], new: dict[str, Any], path: Path) -> N
             raise UsageError(
                 f"cannot resume {path}: its {name} is {was!r}, this recorder's {now!r}"
             )
-    was, now = (old.get("policy") or {}).get("spec"), new["policy"]["spec"]
+    was, now = (old.get("policy") or {}).get("spec"), (new.get("policy") or {}).get("spec")
     if was != now:
         raise UsageError(f"cannot resume {path}: its policy is {was!r}, this recorder's {now!r}")
 

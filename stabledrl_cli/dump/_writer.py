@@ -19,12 +19,15 @@ stop training) the first failure instead prints one warning on stderr, stops rec
 that too).
 
 Keywords of `Recorder` beyond the run's facts: `group_ids` ("per_rank", the default, or
-"global": the recorded group_ids are global prompt-group ids, see `_schema`), `overwrite`,
-`resume` and `resume_from` (how an existing directory is treated, see `_setup`).
+"global": the recorded group_ids are global prompt-group ids, see `_schema`), `source` (format
+1.2: where the run came from, e.g. {"kind": "import", ...}), `overwrite`, `resume` and
+`resume_from` (how an existing directory is treated, see `_setup`). `policy=None` (format 1.2)
+records that the run's policy is not known.
 `log_step` takes every field of `_schema.FIELDS` as a keyword, among them (format 1.1) the
 per-sequence `micro_batch` (int [N], each sequence's micro-batch within the optimizer step)
 and `group_split` (bool or 0/1 [N], 1 where the sequence's prompt group is known to be split
-across optimizer steps or ranks).
+across optimizer steps or ranks). A `log_step` with no batch array at all writes a scalar step
+(format 1.2): its scalars, and `param_grad_norm` if given.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, SupportsIndex
+
+import numpy as np
 
 from stabledrl_cli._atomic import write_atomic
 from stabledrl_cli._version import __version__
@@ -137,7 +142,9 @@ class Recorder:
     ...     rec.log_step(0, logp=logp, logp_old=logp_old, advantages=adv, mask=mask)
 
     policy: a spec string (more parameters may come in `policy_params`; a key given in both is
-    refused) or a resolved policy object with .name, .spec and .params (see `_policy`).
+    refused), a resolved policy object with .name, .spec and .params (see `_policy`), or None
+    when the run's policy is not known (a run of scalar steps, format 1.2). source: where the
+    run came from, a JSON object with a string "kind" (format 1.2), or None.
     Refuses an existing non-empty directory unless `overwrite=True` (removes this recorder's
     own step files and, on rank 0, rewrites the manifest) or `resume=True` (continues the run:
     steps at or after `resume_from` are replaced, earlier ones kept and verified; see
@@ -149,7 +156,7 @@ class Recorder:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        policy: str | PolicyLike = "grpo",
+        policy: str | PolicyLike | None = "grpo",
         policy_params: Mapping[str, SpecValue] | None = None,
         meta: dict[str, Any] | None = None,
         unit: Unit = "token",
@@ -166,6 +173,7 @@ class Recorder:
         resume: bool = False,
         resume_from: int | None = None,
         on_write_error: OnWriteError = "raise",
+        source: dict[str, Any] | None = None,
     ) -> None:
         if unit not in UNITS:
             raise UsageError(f"unit {unit!r} is not one of: {', '.join(UNITS)}")
@@ -191,19 +199,27 @@ class Recorder:
             reward_range = _checked_reward_range(reward_range)
         if param_names is not None and not all(isinstance(n, str) for n in param_names):
             raise UsageError("param_names must be a list of strings")
+        if source is not None and not (
+            isinstance(source, dict) and isinstance(source.get("kind"), str) and source["kind"]
+        ):
+            raise UsageError(f"source must be a dict with a non-empty string kind, got {source!r}")
+        if policy is None and policy_params:
+            raise UsageError("policy_params go with a policy; policy=None records none")
         self.path = Path(path)
         self.unit = unit
         self.world_size = world_size
         self.rank = rank
         manifest: dict[str, Any] = {
             "format": RUN_KIND,
-            "format_version": written_version(group_ids == "global"),
+            "format_version": written_version(
+                group_ids == "global", policy is None or source is not None
+            ),
             "tool_version": __version__,
             "created": _dt.datetime.fromtimestamp(_now(), _dt.timezone.utc).isoformat(
                 timespec="seconds"
             ),
             "meta": json_checked(dict(meta or {}), "meta"),
-            "policy": policy_entry(policy, policy_params),
+            "policy": policy_entry(policy, policy_params) if policy is not None else None,
             "unit": unit,
             "estimator": json_checked(dict(estimator or {}), "estimator"),
             "reward_range": list(reward_range) if reward_range is not None else None,
@@ -213,6 +229,8 @@ class Recorder:
             "param_names": list(param_names) if param_names is not None else None,
             "fields": {name: {"per": s.per, "dtype": s.dtype} for name, s in FIELDS.items()},
         }
+        if source is not None:
+            manifest["source"] = json_checked(dict(source), "source")
         self.manifest, self._last_step = prepare_run(
             self.path,
             manifest,
@@ -240,9 +258,9 @@ class Recorder:
         self,
         step: int,
         *,
-        logp: ArrayInput,
-        logp_old: ArrayInput,
-        advantages: ArrayInput,
+        logp: ArrayInput | None = None,
+        logp_old: ArrayInput | None = None,
+        advantages: ArrayInput | None = None,
         mask: ArrayInput | None = None,
         seq_id: ArrayInput | None = None,
         group_id: ArrayInput | None = None,
@@ -265,12 +283,21 @@ class Recorder:
         inner_step: ScalarInput | None = None,
         reward_mean: ScalarInput | None = None,
         unit_grad_sketch_scale: ScalarInput | None = None,
+        entropy: ScalarInput | None = None,
+        kl: ScalarInput | None = None,
+        clip_frac: ScalarInput | None = None,
+        clip_frac_low: ScalarInput | None = None,
+        clip_frac_high: ScalarInput | None = None,
+        step_time: ScalarInput | None = None,
+        nonfinite_grads: ScalarInput | None = None,
         scalars: Mapping[str, ScalarInput] | None = None,
     ) -> None:
         """Records one optimizer step. Token arrays: [T], or [B, L] with mask [B, L] (then
         seq_id defaults to the row, and advantages may be [B]). Per-sequence [N]: group_id,
-        reward, micro_batch (int >= 0), group_split (bool or 0/1). Raises UsageError naming the
-        field for a bad shape, dtype or id, WriteError if the file cannot be written."""
+        reward, micro_batch (int >= 0), group_split (bool or 0/1). With no batch array at all
+        the step is a scalar step (its scalars, and param_grad_norm [P] if given); with some,
+        logp, logp_old and advantages are required. Raises UsageError naming the field for a
+        missing field, a bad shape, dtype or id, WriteError if the file cannot be written."""
         if self._closed:
             raise UsageError("log_step on a closed Recorder")
         self._raise_writer_error()
@@ -312,23 +339,32 @@ class Recorder:
                 "reward_mean": reward_mean,
                 "grad_norm_covered": grad_norm_covered,
                 "unit_grad_sketch_scale": unit_grad_sketch_scale,
+                "entropy": entropy,
+                "kl": kl,
+                "clip_frac": clip_frac,
+                "clip_frac_low": clip_frac_low,
+                "clip_frac_high": clip_frac_high,
+                "step_time": step_time,
+                "nonfinite_grads": nonfinite_grads,
             },
             user_scalars=scalars,
             num_params=self._num_params,
         )
-        if tensors["logp"].shape[0] == 0 and self.world_size == 1:
+        scalar_step = "logp" not in tensors
+        if not scalar_step and tensors["logp"].shape[0] == 0 and self.world_size == 1:
             raise UsageError("logp: a step needs at least one token")
         values.setdefault("wall_time", _now())
         metadata = {name: _format_scalar(v) for name, v in values.items()}
-        ids = tensors["seq_id"]
+        ids = tensors.get("seq_id", np.zeros(0, dtype="int32"))
+        mask = tensors.get("mask", np.zeros(0, dtype="uint8"))
         extended = any(name in tensors for name in EXTENSION_FIELDS)
         metadata.update({
-            META_FORMAT: written_version(extended),
+            META_FORMAT: written_version(extended, scalar_step),
             META_RANK: str(self.rank),
             META_WORLD_SIZE: str(self.world_size),
-            META_NUM_TOKENS: str(tensors["logp"].shape[0]),
+            META_NUM_TOKENS: str(mask.shape[0]),
             META_NUM_SEQUENCES: str(int(ids.max()) + 1 if ids.size else 0),
-            META_SCORED_TOKENS: str(int(tensors["mask"].sum(dtype="int64"))),
+            META_SCORED_TOKENS: str(int(mask.sum(dtype="int64"))),
         })  # fmt: skip
         final = self.path / STEPS_DIR / step_file_name(step, self.rank, self.world_size)
         parts = encode_step(tensors, metadata)
