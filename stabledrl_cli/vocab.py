@@ -86,6 +86,11 @@ OnWriteError = Literal["raise", "warn"]
 stderr, stop recording and note it in the manifest (`recording_stopped`)."""
 ON_WRITE_ERROR: tuple[OnWriteError, ...] = get_args(OnWriteError)
 
+ImportFormat = Literal["trainer_state", "jsonl", "csv", "tfevents"]
+"""Logs `stabledrl import` reads: transformers' trainer_state.json, JSON lines, CSV as trackers
+export it, TensorBoard event files."""
+IMPORT_FORMATS: tuple[ImportFormat, ...] = get_args(ImportFormat)
+
 MetricGroup = Literal["trl", "verl", "counts"]
 """Per-step columns a replay table shows only on request: TRL's clip ratios, verl's clip
 fractions, the scored and clipped counts."""

@@ -48,6 +48,14 @@ COMMANDS: dict[str, CommandEntry] = {
             "stabledrl record --out runs/mine --policy dapo -- python train.py",
         ),
     ),
+    "import": CommandEntry(
+        "stabledrl_cli.cli.import_",
+        "Import a logged run (trainer_state.json, JSONL, CSV, TensorBoard).",
+        (
+            "stabledrl import outputs/trainer_state.json --out runs/logged",
+            "stabledrl import runs/tb/ --out runs/tb-run --format json",
+        ),
+    ),
     "inspect": CommandEntry(
         "stabledrl_cli.cli.inspect",
         "What a run holds: steps, fields, integrity, collapse.",

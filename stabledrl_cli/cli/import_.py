@@ -1,0 +1,111 @@
+"""`stabledrl import SRC --out RUN`: a run that was only logged, as a scalar run.
+
+Exit codes: 0 imported; 2 RUN holds a run and --force was not given, or a bad option; 3 SRC is
+missing, unreadable, of an unknown format, malformed, past a bound, or has no training step;
+4 RUN could not be written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from stabledrl_cli.cli._options import FormatOpt
+from stabledrl_cli.cli._output import err, out, print_json
+from stabledrl_cli.importers import ImportSummary, import_log
+from stabledrl_cli.vocab import ImportFormat
+
+_LISTED = 6
+"""Names listed in a table line before `and N more`."""
+
+
+def command(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="The log: trainer_state.json (or its directory), a .jsonl or .csv file, a "
+            "TensorBoard event file or a directory of them.",
+            show_default=False,
+            metavar="SRC",
+        ),
+    ],
+    run: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="The run directory to write.", metavar="RUN"),
+    ],
+    format_in: Annotated[
+        ImportFormat | None,
+        typer.Option("--format-in", help="The log's format (default: from its name and content)."),
+    ] = None,
+    step_key: Annotated[
+        str | None,
+        typer.Option(
+            "--step-key",
+            metavar="NAME",
+            help="jsonl or csv: the key or column holding the step (default: step, "
+            "global_step, train/global_step, trainer/global_step, Step or _step).",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace RUN if it holds a run.")] = False,
+    output_format: FormatOpt = "table",
+) -> None:
+    """Import a logged run (TRL/transformers trainer_state.json, JSON lines, CSV, TensorBoard)
+    as a scalar run that inspect and check read: known metrics under the run's standard names,
+    the others kept as extra scalars."""
+    summary = import_log(
+        source, run, log_format=format_in, step_key=step_key, overwrite=force
+    )
+    for warning in summary.warnings:
+        err.print(f"warning: {warning}", highlight=False)
+    if output_format == "json":
+        print_json(summary.to_dict())
+        return
+    _print_table(summary)
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:_LISTED])
+    return shown + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
+
+
+def _print_table(summary: ImportSummary) -> None:
+    out.print(
+        f"imported {summary.steps} steps ({summary.first_step}..{summary.last_step}) of "
+        f"{summary.source} ({summary.format}) into {summary.out}",
+        highlight=False,
+    )
+    table = Table("scalar", "from", "steps", "non-finite", box=None, pad_edge=False)
+    for standard, name in summary.mapped.items():
+        table.add_row(
+            standard, name, str(summary.counts.get(standard, 0)),
+            str(summary.nonfinite.get(standard, 0)),
+        )  # fmt: skip
+    out.print(table)
+    lines = []
+    if summary.extra:
+        lines.append(f"kept {len(summary.extra)} other metrics: {_names(list(summary.extra.values()))}")
+    left_out = {n: why for n, why in summary.not_imported.items() if why != "bookkeeping"}
+    if left_out:
+        lines.append(f"left out {len(left_out)} ({_reasons(left_out)}): {_names(list(left_out))}")
+    if summary.skipped_rows:
+        rows = ", ".join(f"{n} {why}" for why, n in sorted(summary.skipped_rows.items()))
+        lines.append(f"skipped rows: {rows}")
+    if summary.non_numeric:
+        lines.append(
+            f"dropped {sum(summary.non_numeric.values())} non-numeric values of "
+            f"{_names(sorted(summary.non_numeric))}"
+        )
+    if summary.replaced:
+        lines.append(f"{summary.replaced} values replaced by a later row of the same step")
+    for line in lines:
+        out.print(line, highlight=False)
+
+
+def _reasons(left_out: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for why in left_out.values():
+        counts[why] = counts.get(why, 0) + 1
+    return ", ".join(f"{n} {why}" for why, n in sorted(counts.items()))

@@ -1,0 +1,101 @@
+"""A log's steps written as a scalar run, and the summary of what went where."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stabledrl_cli.dump._schema import SERIES_SCALARS, STANDARD_SCALARS
+from stabledrl_cli.dump._writer import Recorder
+from stabledrl_cli.importers._names import NameMap, map_names
+from stabledrl_cli.importers._table import StepTable
+from stabledrl_cli.vocab import ImportFormat
+
+
+@dataclass
+class ImportSummary:
+    """What `import_log` read and wrote."""
+
+    source: str
+    format: ImportFormat
+    out: str
+    steps: int
+    first_step: int
+    last_step: int
+    mapped: dict[str, str]
+    """Standard scalar -> the logged name it was read from."""
+    extra: dict[str, str]
+    """Logged name -> the extra scalar it was kept as."""
+    counts: dict[str, int]
+    """Scalar of the run -> steps that have it."""
+    nonfinite: dict[str, int]
+    """Scalar of the run -> steps where it is NaN or infinite (only those with any)."""
+    skipped_rows: dict[str, int]
+    """Why rows were skipped -> how many."""
+    not_imported: dict[str, str]
+    """Logged name left out -> why (bookkeeping, eval, summary, not a scalar)."""
+    non_numeric: dict[str, int]
+    """Logged name -> values dropped because they are not numbers."""
+    replaced: int
+    """Values replaced by a later row of the same step."""
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `import --format json` object."""
+        return dict(self.__dict__)
+
+
+def write_scalar_run(
+    table: StepTable,
+    out: str | os.PathLike[str],
+    *,
+    log_format: ImportFormat,
+    source: Path,
+    overwrite: bool,
+) -> ImportSummary:
+    """Writes `table`'s steps to a new run at `out` (a scalar step each, policy unknown)."""
+    mapping = map_names(table.names, (*STANDARD_SCALARS, *SERIES_SCALARS))
+    origin = {
+        "kind": "import",
+        "format": log_format,
+        "file": source.name,
+        "mapped": {standard: name for name, standard in mapping.standard.items()},
+    }
+    counts: dict[str, int] = {}
+    nonfinite: dict[str, int] = {}
+    with Recorder(out, policy=None, source=origin, overwrite=overwrite) as recorder:
+        for step in sorted(table.steps):
+            standard, extra = _split(table.steps[step], mapping)
+            for name, value in (*standard.items(), *extra.items()):
+                counts[name] = counts.get(name, 0) + 1
+                if not math.isfinite(value):
+                    nonfinite[name] = nonfinite.get(name, 0) + 1
+            recorder.log_step(step, **standard, scalars=extra or None)
+    ordered = sorted(table.steps)
+    return ImportSummary(
+        source=str(source),
+        format=log_format,
+        out=str(out),
+        steps=len(ordered),
+        first_step=ordered[0],
+        last_step=ordered[-1],
+        mapped=origin["mapped"],
+        extra=dict(mapping.extra),
+        counts=counts,
+        nonfinite=nonfinite,
+        skipped_rows=dict(table.skipped_rows),
+        not_imported=dict(table.not_imported),
+        non_numeric=dict(table.non_numeric),
+        replaced=table.replaced,
+        warnings=list(table.warnings),
+    )
+
+
+def _split(row: dict[str, float], mapping: NameMap) -> tuple[dict[str, float], dict[str, float]]:
+    """A step's values as (standard scalars, extra scalars), under their run names."""
+    standard = {mapping.standard[n]: v for n, v in row.items() if n in mapping.standard}
+    extra = {mapping.extra[n]: v for n, v in row.items() if n in mapping.extra}
+    return standard, extra

@@ -1,0 +1,80 @@
+"""CSV as experiment trackers export it: a header, a step column, one column per metric, empty
+cells where a metric was not logged at that step.
+
+The delimiter is the header's most frequent of `,`, tab and `;`. The step column is the first
+of `STEP_KEYS` in the header (or the one given). W&B's chart export (`<run> - <metric>` columns,
+with `__MIN`/`__MAX` envelope columns) loses the `<run> - ` part when every metric column has
+the same one. TensorBoard's per-tag export (`Wall time,Step,Value`) names its one metric after
+the file (`run-X-tag-train_loss.csv` -> `train_loss`). A row with more cells than the header is
+an InputError naming its line; a short row has empty trailing cells.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+from stabledrl_cli.errors import InputError
+from stabledrl_cli.importers._files import LINE_LIMIT, text_lines
+from stabledrl_cli.importers._names import STEP_KEYS
+from stabledrl_cli.importers._table import METRIC_LIMIT, StepTable
+
+_DELIMITERS = (",", "\t", ";")
+_TENSORBOARD_HEADER = ["Wall time", "Step", "Value"]
+
+
+def read_csv(path: Path, step_key: str | None = None) -> StepTable:
+    """The steps of a CSV log (InputError when it is not one)."""
+    lines = text_lines(path)
+    first = next(lines, None)
+    if first is None:
+        raise InputError(f"{path}: empty file")
+    delimiter = max(_DELIMITERS, key=first[1].count)
+    rows = csv.reader(_joined(first, lines), delimiter=delimiter, strict=True)
+    try:
+        header = [name.strip() for name in next(rows)]
+        if len(header) > METRIC_LIMIT + len(STEP_KEYS) + 8:
+            raise InputError(f"{path}: {len(header)} columns, more than a log holds")
+        names = _metric_names(header, path)
+        key = step_key if step_key is not None else next((k for k in STEP_KEYS if k in names), None)
+        if key is None or key not in names:
+            raise InputError(
+                f"{path}: no step column (one of {', '.join(STEP_KEYS)}; or pass --step-key)"
+            )
+        column = names.index(key)
+        table = StepTable(str(path))
+        for cells in rows:
+            if not any(cell.strip() for cell in cells):
+                continue
+            if len(cells) > len(names):
+                raise InputError(
+                    f"{path}: line {rows.line_num}: {len(cells)} cells, the header has "
+                    f"{len(names)}"
+                )
+            values = {n: c.strip() for i, (n, c) in enumerate(zip(names, cells)) if i != column}
+            table.add(cells[column].strip() if column < len(cells) else None, values)
+    except csv.Error as exc:
+        raise InputError(f"{path}: line {rows.line_num}: not CSV ({exc})") from None
+    return table
+
+
+def _joined(first: tuple[int, str, bool], rest: Iterator[tuple[int, str, bool]]) -> Iterator[str]:
+    """Lines for the csv module, newline kept (a quoted cell may span lines)."""
+    yield first[1] + "\n"
+    for _, text, _ in rest:
+        yield text + "\n"
+
+
+def _metric_names(header: list[str], path: Path) -> list[str]:
+    """The header's names: W&B's `<run> - ` prefix dropped; TensorBoard's Value named."""
+    if header == _TENSORBOARD_HEADER:
+        stem = path.stem
+        return ["Wall time", "Step", stem.split("-tag-", 1)[1] if "-tag-" in stem else stem]
+    if len(set(header)) != len(header):
+        raise InputError(f"{path}: the header repeats a column name")
+    metrics = [n for n in header if n not in STEP_KEYS]
+    prefixes = {n.split(" - ", 1)[0] for n in metrics if " - " in n}
+    if len(prefixes) == 1 and all(" - " in n for n in metrics):
+        return [n.split(" - ", 1)[1] if " - " in n else n for n in header]
+    return header

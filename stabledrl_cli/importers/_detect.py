@@ -1,0 +1,56 @@
+"""Which kind of log a path is, from its name and its first bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stabledrl_cli.errors import InputError
+from stabledrl_cli.importers._crc32c import masked_crc32c
+from stabledrl_cli.importers._files import checked_size, open_binary
+from stabledrl_cli.importers._tfevents import EVENT_PATTERN
+from stabledrl_cli.vocab import ImportFormat
+
+TRAINER_STATE = "trainer_state.json"
+_SNIFF = 4096
+_SUFFIXES: dict[str, ImportFormat] = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
+
+
+def log_path(path: Path, log_format: ImportFormat | None) -> Path:
+    """The file or directory to read: a directory holding trainer_state.json stands for it."""
+    if path.is_dir() and log_format in (None, "trainer_state") and (path / TRAINER_STATE).is_file():
+        return path / TRAINER_STATE
+    return path
+
+
+def detect_format(path: Path) -> ImportFormat:
+    """The format of the log at `path` (after `log_path`); InputError when it cannot tell."""
+    if path.is_dir():
+        if any(path.glob(EVENT_PATTERN)):
+            return "tfevents"
+        raise InputError(
+            f"{path}: a directory without {TRAINER_STATE} or {EVENT_PATTERN} files"
+        )
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    if path.name == TRAINER_STATE:
+        return "trainer_state"
+    if "tfevents" in path.name:
+        return "tfevents"
+    if path.suffix.lower() in _SUFFIXES:
+        return _SUFFIXES[path.suffix.lower()]
+    checked_size(path)
+    with open_binary(path) as handle:
+        head = handle.read(_SNIFF)
+    if len(head) >= 12 and masked_crc32c(head[:8]) == int.from_bytes(head[8:12], "little"):
+        return "tfevents"
+    first = head.lstrip(b"\xef\xbb\xbf \t\r\n").split(b"\n", 1)[0]
+    if first.startswith(b"{"):  # one object per line, or one document over many lines
+        return "jsonl" if first.rstrip().endswith(b"}") else "trainer_state"
+    if any(d in first for d in (b",", b"\t", b";")):
+        return "csv"
+    raise InputError(f"{path}: cannot tell what kind of log this is; pass --format-in")

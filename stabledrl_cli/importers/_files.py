@@ -1,0 +1,65 @@
+"""Bounded reading of a log file: its size is checked before a byte is read, lines have a
+length limit, and text must be UTF-8. Every refusal is an InputError (exit 3) naming the file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from stabledrl_cli.errors import InputError
+
+INPUT_LIMIT = 1 << 30
+"""Largest log imported (bytes; a TensorBoard directory's files together)."""
+DOCUMENT_LIMIT = 128 << 20
+"""Largest single JSON document (trainer_state.json) parsed at once (bytes)."""
+LINE_LIMIT = 1 << 20
+"""Longest line of a JSON-lines or CSV log (bytes)."""
+
+
+def checked_size(path: Path, limit: int = INPUT_LIMIT) -> int:
+    """The size of regular file `path`, refused past `limit` before it is read."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file")
+    if info.st_size > limit:
+        raise InputError(f"{path}: {info.st_size} bytes, over the {limit >> 20} MiB import limit")
+    return info.st_size
+
+
+def open_binary(path: Path) -> BinaryIO:
+    """`path` opened for reading, an InputError when it cannot be."""
+    try:
+        return path.open("rb")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def decoded(raw: bytes, where: str) -> str:
+    """UTF-8 text (a leading byte-order mark dropped), else an InputError: binary data."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"{where}: not UTF-8 text (binary data?)") from None
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str, bool]]:
+    """(line number from 1, text without its newline, whether a newline ended it) of a text
+    log, each line at most LINE_LIMIT bytes."""
+    checked_size(path)
+    with open_binary(path) as handle:
+        number = 0
+        while True:
+            raw = handle.readline(LINE_LIMIT + 1)
+            if not raw:
+                return
+            number += 1
+            ended = raw.endswith(b"\n")
+            if len(raw) - ended > LINE_LIMIT:
+                raise InputError(f"{path}: line {number} is longer than {LINE_LIMIT >> 20} MiB")
+            if b"\0" in raw:
+                raise InputError(f"{path}: line {number} holds a NUL byte (binary data?)")
+            yield number, decoded(raw, f"{path}: line {number}").rstrip("\r\n"), ended

@@ -1,0 +1,55 @@
+"""JSON lines: one object per line, each a logged row with a step key.
+
+The step key is the first of `STEP_KEYS` the first row has (or the one given). A row may hold
+its metrics at the top level or, as verl's file logger writes them, under `data`
+(`{"step": 3, "data": {...}}`). Blank lines are ignored; a line that is not a JSON object is
+an InputError naming it, except an unfinished last line (no newline: a writer was stopped),
+which is ignored with a warning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from stabledrl_cli._json import parse_strict
+from stabledrl_cli.errors import InputError
+from stabledrl_cli.importers._files import text_lines
+from stabledrl_cli.importers._names import STEP_KEYS
+from stabledrl_cli.importers._table import StepTable
+
+
+def read_jsonl(path: Path, step_key: str | None = None) -> StepTable:
+    """The steps of a JSON-lines log (InputError when it is not one)."""
+    table = StepTable(str(path))
+    key = step_key
+    for number, text, ended in text_lines(path):
+        if not text.strip():
+            continue
+        where = f"{path}: line {number}"
+        try:
+            row = parse_strict(text, where, "JSON line", allow_nan=True)
+        except InputError:
+            if ended:
+                raise
+            table.warnings.append(f"{where}: unfinished last line ignored")
+            break
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: not a JSON object")
+        values = _flattened(row)
+        if key is None:
+            key = next((k for k in STEP_KEYS if k in values), None)
+            if key is None:
+                raise InputError(
+                    f"{where}: no step key (one of {', '.join(STEP_KEYS)}; or pass --step-key)"
+                )
+        table.add(values.pop(key, None), values)
+    return table
+
+
+def _flattened(row: dict[str, Any]) -> dict[str, Any]:
+    """verl's `{"step": s, "data": {...}}` as one flat row; any other row as it is."""
+    data = row.get("data")
+    if isinstance(data, dict) and all(k in ("step", "data") for k in row):
+        return {**data, **{k: v for k, v in row.items() if k != "data"}}
+    return row

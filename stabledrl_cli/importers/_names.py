@@ -1,0 +1,139 @@
+"""Which logged metric becomes which scalar of a run (docs/importing.md has the table).
+
+A logged name is looked up after a tracker's `train/` prefix is removed. Known names map to the
+run format's standard scalars; each standard scalar lists its sources in order of preference,
+and one run takes the first one its log has (the others are kept as extra scalars, so two
+meanings never share a name). Names that are not metrics (the step, the epoch, timestamps),
+evaluation metrics and a trainer's end-of-training summary are not imported. Everything else
+is kept as an extra scalar under its own name, sanitised.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+STANDARD_SOURCES: dict[str, tuple[str, ...]] = {
+    # TRL `reward`: mean total reward of the generation batch; verl `critic/score/mean`: mean
+    # sequence score; `critic/rewards/mean` is that score minus the in-reward KL penalty when
+    # use_kl_in_reward is on (the same number when it is off), hence only a fallback.
+    "reward_mean": ("reward", "critic/score/mean", "critic/rewards/mean"),
+    # The whole training loss of the step (TRL `loss`, verl `actor/loss`).
+    "loss": ("loss", "actor/loss"),
+    # Pre-clip global gradient norm (transformers' clip_grad_norm_ result; verl's engine's).
+    "grad_norm": ("grad_norm", "actor/grad_norm"),
+    "lr": ("learning_rate", "actor/lr", "lr"),
+    "entropy": ("entropy", "actor/entropy"),
+    # KL to the reference policy (TRL `kl`; verl's KL loss term `actor/kl_loss`). verl's
+    # `actor/ppo_kl` is the KL to the rollout policy: another quantity, kept as an extra.
+    "kl": ("kl", "actor/kl_loss"),
+    # Tokens whose clipped term won (A > 0 and r > 1 + eps_high, or A < 0 and r < 1 - eps_low):
+    # TRL's region, verl's pg_clipfrac (pg_losses2 > pg_losses1 is the same condition).
+    "clip_frac": ("clip_ratio/region_mean", "actor/pg_clipfrac"),
+    # TRL's low and high sides. verl's `actor/pg_clipfrac_lower` is the dual-clip bound
+    # (A < 0 and r > clip_ratio_c), not the low side: kept as an extra.
+    "clip_frac_low": ("clip_ratio/low_mean",),
+    "clip_frac_high": ("clip_ratio/high_mean",),
+    "step_time": ("step_time", "timing_s/step", "perf/time_per_step"),
+}
+"""Standard scalar -> the logged names that carry it, most preferred first."""
+
+TRACKER_PREFIXES = ("train/",)
+"""Removed before a name is looked up (what the W&B and TensorBoard callbacks prepend)."""
+
+STEP_KEYS = ("step", "global_step", "train/global_step", "trainer/global_step", "Step", "_step")
+"""Columns or keys that may hold the step, most preferred first (W&B's `_step` counts log calls,
+so the trainer's own step is preferred)."""
+
+BOOKKEEPING = frozenset({
+    *STEP_KEYS, "epoch", "train/epoch", "_runtime", "_timestamp", "timestamp", "wall_time",
+    "Wall time", "time", "total_flos",
+})  # fmt: skip
+"""Logged names that are not metrics of a step."""
+
+SUMMARY = frozenset({
+    "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss",
+})  # fmt: skip
+"""transformers' end-of-training summary (one row after the last step)."""
+
+EVAL_PREFIXES = ("eval_", "eval/", "val/", "val-core/", "val-aux/", "test/", "validation/")
+"""Evaluation metrics (transformers `eval_*`, trackers' `eval/*`, verl's `val-core/*`)."""
+
+NAME_LIMIT = 256
+"""Longest metric name imported (characters, after sanitising)."""
+
+Skip = Literal["bookkeeping", "eval", "summary", "not a scalar"]
+"""Why a logged name is not imported."""
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/@+:]")
+
+
+def lookup_name(name: str) -> str:
+    """`name` without a tracker prefix (`train/loss` -> `loss`)."""
+    for prefix in TRACKER_PREFIXES:
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def skip_reason(name: str) -> Skip | None:
+    """Why a logged name is not imported, or None when it is a training metric."""
+    if name in BOOKKEEPING:
+        return "bookkeeping"
+    if name in SUMMARY:
+        return "summary"
+    if name.startswith(EVAL_PREFIXES):
+        return "eval"
+    return None
+
+
+def sanitise(name: str) -> str:
+    """A logged name as an extra scalar's name: letters, digits and `_.-/@+:` kept, any other
+    character `_`; empty path parts dropped; no leading `_` (reserved by the run format)."""
+    parts = [_UNSAFE.sub("_", part.strip()) for part in name.split("/")]
+    return "/".join(p for p in parts if p).lstrip("_") or "metric"
+
+
+@dataclass
+class NameMap:
+    """Where each logged metric goes: a standard scalar or an extra one."""
+
+    standard: dict[str, str] = field(default_factory=dict)
+    """Logged name -> standard scalar."""
+    extra: dict[str, str] = field(default_factory=dict)
+    """Logged name -> extra scalar name."""
+
+    def target(self, name: str) -> str:
+        """The scalar a logged name is written as."""
+        return self.standard.get(name) or self.extra[name]
+
+
+def map_names(names: Iterable[str], reserved: Iterable[str]) -> NameMap:
+    """Maps the training metrics of one log (names in first-seen order).
+
+    reserved: names an extra scalar may not take (the run format's standard scalars); an extra
+    whose sanitised name is taken gets a suffix `.2`, `.3`, ...
+    """
+    ordered = list(dict.fromkeys(names))
+    by_lookup: dict[str, list[str]] = {}
+    for name in ordered:
+        by_lookup.setdefault(lookup_name(name), []).append(name)
+    mapping = NameMap()
+    for standard, sources in STANDARD_SOURCES.items():
+        found = next((by_lookup[s][0] for s in sources if s in by_lookup), None)
+        if found is not None:
+            mapping.standard[found] = standard
+    taken = set(reserved) | set(STANDARD_SOURCES)
+    for name in ordered:
+        if name in mapping.standard:
+            continue
+        base = sanitise(lookup_name(name))[:NAME_LIMIT]
+        candidate, n = base, 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{base}.{n}"
+        taken.add(candidate)
+        mapping.extra[name] = candidate
+    return mapping

@@ -1,0 +1,136 @@
+"""The steps of a log, gathered row by row from any reader, within fixed bounds.
+
+A row is one logged record: a step and some named values. Rows with the same step merge, metric
+by metric; when two rows give one metric at one step, the later row wins (a resumed run logs
+the steps after its checkpoint again) and the replaced cells are counted. A value is a number
+(NaN and infinities are kept: finding them is the point), missing (an empty cell, a JSON
+null), or not numeric (a string, a bool, a list: dropped and counted). A row whose step is not
+an integer in [0, 2**63 - 1] is skipped; so is a row left with no training metric (an
+evaluation row, transformers' end-of-training summary, an empty row). Each bound below is an
+InputError (exit 3) when a log passes it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from stabledrl_cli.dump._schema import STEP_LIMIT
+from stabledrl_cli.errors import InputError
+from stabledrl_cli.importers._names import NAME_LIMIT, Skip, skip_reason
+
+STEP_COUNT_LIMIT = 100_000
+"""Most steps one import writes (each is a durable file in the run directory)."""
+METRIC_LIMIT = 1_000
+"""Most distinct metric names in one log."""
+CELL_LIMIT = 2_000_000
+"""Most values held at once (bounds memory: about 100 bytes each)."""
+
+RowSkip = Skip | str
+
+
+@dataclass
+class StepTable:
+    """The training metrics of a log by step, and what was left out and why."""
+
+    where: str
+    """The log's name, for messages."""
+    steps: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Step -> logged name -> value."""
+    names: dict[str, None] = field(default_factory=dict)
+    """Training metric names in first-seen order."""
+    skipped_rows: Counter[str] = field(default_factory=Counter)
+    """Reason -> rows skipped ("bad step", "eval", "summary", "no metrics")."""
+    not_imported: dict[str, Skip] = field(default_factory=dict)
+    """Logged names left out -> why (bookkeeping, eval, summary)."""
+    non_numeric: Counter[str] = field(default_factory=Counter)
+    """Logged name -> values dropped because they are not numbers."""
+    replaced: int = 0
+    """Values replaced by a later row of the same step."""
+    cells: int = 0
+    warnings: list[str] = field(default_factory=list)
+    """Notes for the user (e.g. an unfinished last record ignored)."""
+
+    def add(self, step: object, values: Mapping[str, object]) -> None:
+        """Adds one logged row (its step as logged; its values as parsed by the reader)."""
+        number = _step_number(step)
+        if number is None:
+            self.skipped_rows["bad step"] += 1
+            return
+        kept: dict[str, float] = {}
+        reasons: set[str] = set()
+        for name, raw in values.items():
+            reason = skip_reason(name)
+            if reason is not None:
+                self.not_imported.setdefault(name, reason)
+                reasons.add(reason)
+                continue
+            if raw is None or raw == "":
+                continue
+            value = _number(raw)
+            if value is None:
+                self.non_numeric[name] += 1
+                continue
+            kept[name] = value
+        if not kept:
+            reason = "eval" if "eval" in reasons else "summary" if "summary" in reasons else ""
+            self.skipped_rows[reason or "no metrics"] += 1
+            return
+        self._merge(number, kept)
+
+    def _merge(self, step: int, kept: dict[str, float]) -> None:
+        row = self.steps.get(step)
+        if row is None:
+            if len(self.steps) >= STEP_COUNT_LIMIT:
+                raise InputError(f"{self.where}: more than {STEP_COUNT_LIMIT} steps")
+            row = self.steps[step] = {}
+        for name in kept:
+            if name not in self.names:
+                if len(name) > NAME_LIMIT:
+                    raise InputError(
+                        f"{self.where}: a metric name longer than {NAME_LIMIT} characters"
+                    )
+                if len(self.names) >= METRIC_LIMIT:
+                    raise InputError(f"{self.where}: more than {METRIC_LIMIT} metric names")
+                self.names[name] = None
+            if name in row:
+                self.replaced += 1
+            else:
+                self.cells += 1
+        if self.cells > CELL_LIMIT:
+            raise InputError(f"{self.where}: more than {CELL_LIMIT} values")
+        row.update(kept)
+
+
+def _step_number(step: object) -> int | None:
+    """An integer step in [0, STEP_LIMIT] (an integral float or numeric text is fine)."""
+    if isinstance(step, bool):
+        return None
+    if isinstance(step, str):
+        step = _number(step)
+    if isinstance(step, float):
+        if not (math.isfinite(step) and step.is_integer()):
+            return None
+        step = int(step)
+    if isinstance(step, int) and 0 <= step <= STEP_LIMIT:
+        return step
+    return None
+
+
+def _number(raw: object) -> float | None:
+    """A logged value as a float, None when it is not a number."""
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, (int, float)):
+        try:
+            return float(raw)
+        except OverflowError:  # an integer past a double's range
+            return math.copysign(math.inf, raw)
+    if isinstance(raw, str) and len(raw) <= 64:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            return None
+    return None

@@ -1,0 +1,33 @@
+"""transformers' `trainer_state.json` (TRL writes the same file): its `log_history`.
+
+Each entry of `log_history` is one logged row with its `step` (the optimizer step). Evaluation
+rows (`eval_*` metrics) and the end-of-training summary (`train_runtime`, `train_loss`, ...)
+are skipped; NaN and Infinity, which Python's JSON writer emits, are read as such.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stabledrl_cli._json import parse_strict
+from stabledrl_cli.errors import InputError
+from stabledrl_cli.importers._files import DOCUMENT_LIMIT, checked_size, open_binary
+from stabledrl_cli.importers._table import StepTable
+
+
+def read_trainer_state(path: Path) -> StepTable:
+    """The steps of a trainer_state.json (InputError when it is not one)."""
+    checked_size(path, DOCUMENT_LIMIT)
+    with open_binary(path) as handle:
+        raw = handle.read(DOCUMENT_LIMIT + 1)
+    document = parse_strict(raw, str(path), "trainer_state.json", allow_nan=True)
+    history = document.get("log_history") if isinstance(document, dict) else None
+    if not isinstance(history, list):
+        raise InputError(f"{path}: not a trainer_state.json (no log_history list)")
+    table = StepTable(str(path))
+    for entry in history:
+        if not isinstance(entry, dict):
+            table.skipped_rows["not an object"] += 1
+            continue
+        table.add(entry.get("step"), entry)
+    return table

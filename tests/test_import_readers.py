@@ -1,0 +1,434 @@
+"""The log readers of `stabledrl import`: what each reads, and what each refuses.
+
+TensorBoard files are written by real writers (torch.utils.tensorboard, and tensorboard's own
+protos and record writer for tensor-valued scalars); bad files are crafted byte by byte.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+
+from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.importers import detect_format, read_log
+from stabledrl_cli.importers._crc32c import crc32c, masked_crc32c
+from stabledrl_cli.importers._names import map_names, sanitise
+from stabledrl_cli.importers._table import StepTable
+
+tensorboard = pytest.importorskip("tensorboard", reason="needs tensorboard (the dev extra)")
+
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2  # noqa: E402
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import (  # noqa: E402
+    masked_crc32c as reference_masked_crc32c,
+)
+from tensorboard.summary.writer.record_writer import RecordWriter  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+
+def _jsonl(path: Path, rows: list[object]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _events(path: Path, events: list[event_pb2.Event]) -> Path:
+    with path.open("wb") as handle:
+        writer = RecordWriter(handle)
+        for event in events:
+            writer.write(event.SerializeToString())
+    return path
+
+
+def _record(data: bytes) -> bytes:
+    length = struct.pack("<Q", len(data))
+    return (
+        length
+        + struct.pack("<I", reference_masked_crc32c(length))
+        + data
+        + struct.pack("<I", reference_masked_crc32c(data))
+    )
+
+
+def _tensor_event(step: int, tag: str, tensor: tensor_pb2.TensorProto, plugin: str = "") -> bytes:
+    value = summary_pb2.Summary.Value(tag=tag, tensor=tensor)
+    if plugin:
+        value.metadata.plugin_data.plugin_name = plugin
+    return event_pb2.Event(step=step, summary=summary_pb2.Summary(value=[value])).SerializeToString()
+
+
+# -- CRC and names ----------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 63, 64, 1000])
+def test_crc32c_equals_tensorboards(size: int) -> None:
+    data = bytes((i * 37 + 11) % 256 for i in range(size))
+    assert masked_crc32c(data) == reference_masked_crc32c(data)
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+
+
+def test_names_map_trl_and_verl_and_keep_meanings_apart() -> None:
+    trl = map_names(
+        ["reward", "loss", "grad_norm", "learning_rate", "entropy", "kl",
+         "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean",
+         "clip_ratio/low_min", "clip_ratio/high_max", "step_time"],
+        reserved=(),
+    )  # fmt: skip
+    assert trl.standard == {
+        "reward": "reward_mean", "loss": "loss", "grad_norm": "grad_norm",
+        "learning_rate": "lr", "entropy": "entropy", "kl": "kl",
+        "clip_ratio/region_mean": "clip_frac", "clip_ratio/low_mean": "clip_frac_low",
+        "clip_ratio/high_mean": "clip_frac_high", "step_time": "step_time",
+    }  # fmt: skip
+    assert trl.extra == {"clip_ratio/low_min": "clip_ratio/low_min",
+                         "clip_ratio/high_max": "clip_ratio/high_max"}  # fmt: skip
+    verl = map_names(
+        ["critic/rewards/mean", "critic/score/mean", "actor/pg_clipfrac",
+         "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/kl_loss", "actor/grad_norm",
+         "actor/lr", "actor/loss", "actor/entropy", "timing_s/step"],
+        reserved=(),
+    )  # fmt: skip
+    assert verl.standard == {
+        "critic/score/mean": "reward_mean", "actor/pg_clipfrac": "clip_frac",
+        "actor/kl_loss": "kl", "actor/grad_norm": "grad_norm", "actor/lr": "lr",
+        "actor/loss": "loss", "actor/entropy": "entropy", "timing_s/step": "step_time",
+    }  # fmt: skip
+    # the dual-clip bound is not TRL's low side; the KL to the rollout is not the KL to the ref
+    assert set(verl.extra) == {"critic/rewards/mean", "actor/pg_clipfrac_lower", "actor/ppo_kl"}
+
+
+def test_names_tracker_prefix_and_collisions() -> None:
+    mapping = map_names(["train/loss", "loss", "train/my metric", "lr2", "nonfinite"], ("nonfinite",))
+    assert mapping.standard == {"train/loss": "loss"}
+    assert mapping.extra == {
+        "loss": "loss.2",
+        "train/my metric": "my_metric",
+        "lr2": "lr2",
+        "nonfinite": "nonfinite.2",
+    }
+    assert sanitise("_runtime") == "runtime"
+    assert sanitise("a//b\n/ c ") == "a/b/c"
+    assert sanitise("///") == "metric"
+
+
+# -- the table's rules --------------------------------------------------------------------------
+def test_table_rules() -> None:
+    table = StepTable("log")
+    table.add(1, {"loss": 1.0, "epoch": 0.1, "x": "oops"})
+    table.add("2", {"loss": "nan", "grad_norm": float("inf")})
+    table.add(2.0, {"loss": 3.0})  # a later row of step 2 wins
+    table.add(2.5, {"loss": 1.0})
+    table.add(-1, {"loss": 1.0})
+    table.add(True, {"loss": 1.0})
+    table.add(3, {"eval_loss": 1.0, "epoch": 1.0})
+    table.add(4, {"train_runtime": 1.0, "train_loss": 0.5})
+    table.add(5, {"epoch": 1.0, "x": None, "y": ""})
+    assert table.steps == {1: {"loss": 1.0}, 2: {"loss": 3.0, "grad_norm": math.inf}}
+    assert table.replaced == 1
+    assert table.skipped_rows == {"bad step": 3, "eval": 1, "summary": 1, "no metrics": 1}
+    assert table.non_numeric == {"x": 1}
+    assert table.not_imported == {
+        "epoch": "bookkeeping", "eval_loss": "eval", "train_runtime": "summary",
+        "train_loss": "summary",
+    }  # fmt: skip
+
+
+def test_table_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stabledrl_cli.importers import _table
+
+    monkeypatch.setattr(_table, "STEP_COUNT_LIMIT", 3)
+    table = StepTable("log")
+    for step in range(3):
+        table.add(step, {"loss": 1.0})
+    with pytest.raises(InputError, match="more than 3 steps"):
+        table.add(3, {"loss": 1.0})
+    monkeypatch.setattr(_table, "METRIC_LIMIT", 2)
+    with pytest.raises(InputError, match="more than 2 metric names"):
+        StepTable("log").add(0, {"a": 1, "b": 2, "c": 3})
+    with pytest.raises(InputError, match="longer than 256"):
+        StepTable("log").add(0, {"a" * 300: 1})
+
+
+# -- trainer_state.json -----------------------------------------------------------------------
+def test_trainer_state_reads_nan_and_skips_eval_and_summary(tmp_path: Path) -> None:
+    state = tmp_path / "trainer_state.json"
+    state.write_text(
+        '{"global_step": 3, "log_history": ['
+        '{"loss": 0.5, "grad_norm": NaN, "step": 1, "epoch": 0.1},'
+        '{"loss": 0.4, "grad_norm": Infinity, "step": 2},'
+        '{"eval_loss": 0.3, "eval_runtime": 1.0, "step": 2},'
+        '{"train_runtime": 9.0, "train_loss": 0.45, "total_flos": 0.0, "step": 2}, 7]}'
+    )
+    path, found, table = read_log(tmp_path)  # the directory stands for its trainer_state.json
+    assert (path, found) == (state, "trainer_state")
+    assert math.isnan(table.steps[1]["grad_norm"]) and table.steps[2]["grad_norm"] == math.inf
+    assert table.skipped_rows == {"eval": 1, "summary": 1, "not an object": 1}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[1, 2]", "no log_history"),
+        ('{"log_history": 3}', "no log_history"),
+        ('{"log_history": [' * 100_000, "nested too deeply|not valid JSON"),
+        ("\x00\x01binary", "not valid JSON"),
+    ],
+)
+def test_trainer_state_refusals(tmp_path: Path, text: str, message: str) -> None:
+    state = tmp_path / "trainer_state.json"
+    state.write_text(text)
+    with pytest.raises(InputError, match=message):
+        read_log(state)
+
+
+# -- JSON lines -------------------------------------------------------------------------------
+def test_jsonl_flat_and_verl_file_logger(tmp_path: Path) -> None:
+    flat = _jsonl(tmp_path / "a.jsonl", [{"_step": 0, "train/reward": 1}, {"_step": 1, "x": [1]}])
+    _, found, table = read_log(flat)
+    assert found == "jsonl" and table.steps == {0: {"train/reward": 1.0}}
+    assert table.non_numeric == {"x": 1} and table.skipped_rows == {"no metrics": 1}
+    verl = _jsonl(
+        tmp_path / "verl.log",
+        [{"step": 1, "data": {"critic/score/mean": 0.5, "actor/grad_norm": None}},
+         {"step": 2, "data": {"critic/score/mean": 0.7, "val-core/acc": 0.9}}],
+    )  # fmt: skip
+    _, found, table = read_log(verl)
+    assert found == "jsonl"
+    assert table.steps == {1: {"critic/score/mean": 0.5}, 2: {"critic/score/mean": 0.7}}
+    assert table.not_imported["val-core/acc"] == "eval"
+
+
+def test_jsonl_step_key_and_unfinished_last_line(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iteration": 4, "loss": 1}\n\n{"iteration": 5, "loss": 2}\n{"iteration": 6, "lo')
+    with pytest.raises(InputError, match="no step key"):
+        read_log(log)
+    _, _, table = read_log(log, step_key="iteration")
+    assert table.steps == {4: {"loss": 1.0}, 5: {"loss": 2.0}}
+    assert table.warnings == [f"{log}: line 4: unfinished last line ignored"]
+    with pytest.raises(UsageError, match="step key"):
+        read_log(log, "tfevents", step_key="iteration")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"step": 1, "loss": 1}\nnot json\n{"step": 2}\n', "line 2: unreadable JSON line"),
+        (b'{"step": 1}\n[1, 2]\n', "line 2: not a JSON object"),
+        (b'{"step": 1, "loss": 1}\n\xff\xfe\x00junk\n', "line 2"),
+        (b'{"step": 1, "loss": "' + b"x" * (2 << 20) + b'"}\n', "longer than 1 MiB"),
+        (b"[" * 200_000 + b"\n", "nested too deeply|not valid JSON"),
+    ],
+    ids=["not-json", "not-object", "binary", "huge-line", "deep"],
+)
+def test_jsonl_hostile(tmp_path: Path, content: bytes, message: str) -> None:
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        read_log(log)
+
+
+def test_a_sparse_10_gb_file_is_refused_unread(tmp_path: Path) -> None:
+    for name in ("big.jsonl", "big.csv", "events.out.tfevents.1.host", "trainer_state.json"):
+        big = tmp_path / name
+        with big.open("wb") as handle:
+            handle.truncate(10 << 30)  # claims 10 GB, holds nothing on disk
+        with pytest.raises(InputError, match="import limit"):
+            read_log(big)
+
+
+# -- CSV --------------------------------------------------------------------------------------
+def test_csv_tracker_export(tmp_path: Path) -> None:
+    log = tmp_path / "export.csv"
+    log.write_text(
+        "\ufeffStep,train/reward,train/grad_norm,eval/loss,note\n"
+        "1,0.5,1.0,,a\n"
+        "2,,2.0,0.3,\n"
+        "3,nan,inf,,\n"
+        "\n"
+        "4.0,0.7\n"
+    )
+    _, found, table = read_log(log)
+    assert found == "csv"
+    assert table.steps[1] == {"train/reward": 0.5, "train/grad_norm": 1.0}
+    assert table.steps[2] == {"train/grad_norm": 2.0}
+    assert math.isnan(table.steps[3]["train/reward"])
+    assert table.steps[4] == {"train/reward": 0.7}
+    assert table.non_numeric == {"note": 1}
+    assert table.not_imported == {"eval/loss": "eval"}
+
+
+def test_csv_wandb_chart_and_tensorboard_exports(tmp_path: Path) -> None:
+    chart = tmp_path / "wandb.csv"
+    chart.write_text(
+        "Step,run-7 - train/reward,run-7 - train/reward__MIN,run-7 - train/reward__MAX\n"
+        "10,0.5,0.4,0.6\n"
+    )
+    _, _, table = read_log(chart)
+    assert table.steps == {
+        10: {"train/reward": 0.5, "train/reward__MIN": 0.4, "train/reward__MAX": 0.6}
+    }
+    per_tag = tmp_path / "run-.-tag-kl.csv"
+    per_tag.write_text("Wall time,Step,Value\n1700000000.5,3,0.25\n")
+    _, _, table = read_log(per_tag)
+    assert table.steps == {3: {"kl": 0.25}}
+    semicolons = tmp_path / "log.csv"
+    semicolons.write_text("global_step;loss\n1;2,5\n2;3\n")
+    _, _, table = read_log(semicolons)
+    assert table.steps == {2: {"loss": 3.0}} and table.non_numeric == {"loss": 1}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"loss,lr\n1,2\n", "no step column"),
+        (b"step,loss\n1,2,3\n", "line 2: 3 cells"),
+        (b"step,loss,loss\n1,2,3\n", "repeats a column"),
+        (b"step,loss\n1,2\n\x00\x01\x02\n", "NUL byte"),
+        (b"step,loss\n1,\xff\xfe\n", "not UTF-8"),
+        (b"step,loss\n1," + b"9" * (2 << 20) + b"\n", "longer than 1 MiB"),
+        (b'step,loss\n1,"' + b"x\n" * 100_000 + b'"\n', "not CSV"),
+        (b"", "empty file"),
+    ],
+    ids=["no-step", "long-row", "repeat", "nul", "binary", "huge-line", "huge-cell", "empty"],
+)
+def test_csv_hostile(tmp_path: Path, content: bytes, message: str) -> None:
+    log = tmp_path / "log.csv"
+    log.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        read_log(log)
+
+
+# -- TensorBoard ------------------------------------------------------------------------------
+def test_tensorboard_from_torch_summary_writer(tmp_path: Path) -> None:
+    import numpy as np
+
+    with SummaryWriter(str(tmp_path)) as writer:
+        for step in range(4):
+            writer.add_scalar("train/loss", 1.0 / (step + 1), step)
+            writer.add_scalar("train/reward", float(step), step, new_style=True)
+            writer.add_scalar("eval/loss", 2.0, step)
+        writer.add_scalar("train/grad_norm", float("nan"), 3)
+        writer.add_histogram("weights", np.arange(10.0), 0)
+        writer.add_text("args", "lr=1", 0)
+    assert detect_format(tmp_path) == "tfevents"
+    _, found, table = read_log(tmp_path)
+    assert found == "tfevents"
+    assert sorted(table.steps) == [0, 1, 2, 3]
+    assert table.steps[1] == {"train/loss": 0.5, "train/reward": 1.0}
+    assert math.isnan(table.steps[3]["train/grad_norm"])
+    assert table.not_imported["eval/loss"] == "eval"
+    assert table.not_imported["weights"] == "not a scalar"
+    assert table.not_imported["args/text_summary"] == "not a scalar"
+
+
+def test_tensorboard_tensor_scalars_of_every_dtype(tmp_path: Path) -> None:
+    def tensor(**fields: object) -> tensor_pb2.TensorProto:
+        return tensor_pb2.TensorProto(**fields)  # type: ignore[arg-type]
+
+    records = [
+        _tensor_event(1, "f", tensor(dtype=1, float_val=[0.5]), "scalars"),
+        _tensor_event(1, "d", tensor(dtype=2, double_val=[0.25])),
+        _tensor_event(1, "i", tensor(dtype=3, int_val=[-3])),
+        _tensor_event(1, "q", tensor(dtype=9, int64_val=[1 << 40])),
+        _tensor_event(1, "h", tensor(dtype=19, half_val=[0x3C00])),  # 1.0 in half
+        _tensor_event(1, "bf", tensor(dtype=14, half_val=[0x3FC0])),  # 1.5 in bfloat16
+        _tensor_event(1, "c", tensor(dtype=1, tensor_content=struct.pack("<f", 2.5))),
+        _tensor_event(1, "v", tensor(dtype=1, float_val=[1, 2], tensor_shape={"dim": [{"size": 2}]})),
+        _tensor_event(1, "s", tensor(dtype=7, string_val=[b"x"])),
+        _tensor_event(1, "p", tensor(dtype=1, float_val=[9.0]), "histograms"),
+    ]
+    log = tmp_path / "events.out.tfevents.1.host"
+    log.write_bytes(b"".join(_record(r) for r in records))
+    _, _, table = read_log(log)
+    assert table.steps == {
+        1: {"f": 0.5, "d": 0.25, "i": -3.0, "q": float(1 << 40), "h": 1.0, "bf": 1.5, "c": 2.5}
+    }
+    assert {n for n, why in table.not_imported.items() if why == "not a scalar"} == {"v", "s", "p"}
+
+
+def test_tensorboard_later_file_wins_and_negative_steps_skip(tmp_path: Path) -> None:
+    def event(step: int, value: float) -> event_pb2.Event:
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag="loss", simple_value=value)])
+        return event_pb2.Event(step=step, summary=summary)
+
+    _events(tmp_path / "events.out.tfevents.1.a", [event_pb2.Event(file_version="brain.Event:2"),
+                                                  event(1, 1.0), event(2, 2.0)])  # fmt: skip
+    _events(tmp_path / "events.out.tfevents.2.a", [event(2, 5.0), event(-1, 1.0)])
+    (tmp_path / "notes.txt").write_text("not an event file")
+    _, _, table = read_log(tmp_path)
+    assert table.steps == {1: {"loss": 1.0}, 2: {"loss": 5.0}}
+    assert table.replaced == 1 and table.skipped_rows == {"bad step": 1}
+
+
+def _good_record() -> bytes:
+    return _record(_tensor_event(1, "loss", tensor_pb2.TensorProto(dtype=1, float_val=[1.0])))
+
+
+def _bad_length_crc() -> bytes:
+    record = bytearray(_good_record())
+    record[8] ^= 0xFF
+    return bytes(record)
+
+
+def _bad_data_crc() -> bytes:
+    record = bytearray(_good_record())
+    record[-1] ^= 0xFF
+    return bytes(record)
+
+
+def _claims(length: int) -> bytes:
+    header = struct.pack("<Q", length)
+    return header + struct.pack("<I", reference_masked_crc32c(header)) + b"\0" * 64
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (_bad_length_crc(), "length checksum mismatch"),
+        (_good_record() + _bad_data_crc(), "data checksum mismatch"),
+        (_claims(10 << 30), "claims 10737418240 bytes"),
+        (_record(b"\xff" * 20), "varint longer than 10 bytes"),
+        (_record(b"\x2a\xff\xff\xff\x0f"), "runs past the end"),
+        (_record(b"\x0b\x0c"), "wire type 3"),
+        (_record(b"\x00\x01"), "field number 0"),
+        (_record(b"\x2a\x04\x0a\x02\x0a\x50"), "runs past the end"),
+        (_record(b"\x2a\x05\x0a\x03\x15\x00\x00"), "runs past the end"),
+    ],
+    ids=["length-crc", "data-crc", "10GB", "varint", "past-end", "group", "field0", "nested",
+         "fixed32"],
+)  # fmt: skip
+def test_tensorboard_crafted_files(tmp_path: Path, content: bytes, message: str) -> None:
+    log = tmp_path / "events.out.tfevents.1.host"
+    log.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        read_log(log)
+
+
+def test_tensorboard_unfinished_last_record_is_ignored(tmp_path: Path) -> None:
+    log = tmp_path / "events.out.tfevents.1.host"
+    log.write_bytes(_good_record() + _good_record()[:30])
+    _, _, table = read_log(log)
+    assert table.steps == {1: {"loss": 1.0}}
+    offset = len(_good_record())
+    assert table.warnings == [f"{log}: unfinished last record ignored (byte {offset})"]
+
+
+def test_detect_formats_by_content(tmp_path: Path) -> None:
+    cases = {
+        "a": b'{\n  "log_history": []\n}\n',
+        "b": b'{"step": 1}\n',
+        "c": b"step,loss\n1,2\n",
+        "d": _good_record(),
+    }
+    found = {}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        found[name] = detect_format(tmp_path / name)
+    assert found == {"a": "trainer_state", "b": "jsonl", "c": "csv", "d": "tfevents"}
+    (tmp_path / "e").write_bytes(b"\x00\x01\x02 hello")
+    with pytest.raises(InputError, match="--format-in"):
+        detect_format(tmp_path / "e")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="a directory without"):
+        detect_format(tmp_path / "empty")
