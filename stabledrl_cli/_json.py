@@ -31,9 +31,7 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_strict(
-    raw: bytes | str, where: str, what: str, *, allow_nan: bool = False
-) -> object:
+def parse_strict(raw: bytes | str, where: str, what: str, *, allow_nan: bool = False) -> object:
     """Strict JSON (no NaN or Infinity unless `allow_nan`: Python's own writers emit them) of an
     input file; InputError (exit 3) naming `where` and `what` for text that is not JSON or nests
     past the parser's depth."""

@@ -56,7 +56,8 @@ def _tensor_event(step: int, tag: str, tensor: tensor_pb2.TensorProto, plugin: s
     value = summary_pb2.Summary.Value(tag=tag, tensor=tensor)
     if plugin:
         value.metadata.plugin_data.plugin_name = plugin
-    return event_pb2.Event(step=step, summary=summary_pb2.Summary(value=[value])).SerializeToString()
+    event = event_pb2.Event(step=step, summary=summary_pb2.Summary(value=[value]))
+    return event.SerializeToString()
 
 
 # -- CRC and names ----------------------------------------------------------------------------
@@ -98,7 +99,8 @@ def test_names_map_trl_and_verl_and_keep_meanings_apart() -> None:
 
 
 def test_names_tracker_prefix_and_collisions() -> None:
-    mapping = map_names(["train/loss", "loss", "train/my metric", "lr2", "nonfinite"], ("nonfinite",))
+    names = ["train/loss", "loss", "train/my metric", "lr2", "nonfinite"]
+    mapping = map_names(names, ("nonfinite",))
     assert mapping.standard == {"train/loss": "loss"}
     assert mapping.extra == {
         "loss": "loss.2",
@@ -200,7 +202,7 @@ def test_jsonl_flat_and_verl_file_logger(tmp_path: Path) -> None:
 
 def test_jsonl_step_key_and_unfinished_last_line(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
-    log.write_text('{"iteration": 4, "loss": 1}\n\n{"iteration": 5, "loss": 2}\n{"iteration": 6, "lo')
+    log.write_text('{"iteration": 4, "loss": 1}\n\n{"iteration": 5, "loss": 2}\n{"iteration": 6')
     with pytest.raises(InputError, match="no step key"):
         read_log(log)
     _, _, table = read_log(log, step_key="iteration")
@@ -334,7 +336,9 @@ def test_tensorboard_tensor_scalars_of_every_dtype(tmp_path: Path) -> None:
         _tensor_event(1, "h", tensor(dtype=19, half_val=[0x3C00])),  # 1.0 in half
         _tensor_event(1, "bf", tensor(dtype=14, half_val=[0x3FC0])),  # 1.5 in bfloat16
         _tensor_event(1, "c", tensor(dtype=1, tensor_content=struct.pack("<f", 2.5))),
-        _tensor_event(1, "v", tensor(dtype=1, float_val=[1, 2], tensor_shape={"dim": [{"size": 2}]})),
+        _tensor_event(
+            1, "v", tensor(dtype=1, float_val=[1, 2], tensor_shape={"dim": [{"size": 2}]})
+        ),
         _tensor_event(1, "s", tensor(dtype=7, string_val=[b"x"])),
         _tensor_event(1, "p", tensor(dtype=1, float_val=[9.0]), "histograms"),
     ]
@@ -349,8 +353,8 @@ def test_tensorboard_tensor_scalars_of_every_dtype(tmp_path: Path) -> None:
 
 def test_tensorboard_later_file_wins_and_negative_steps_skip(tmp_path: Path) -> None:
     def event(step: int, value: float) -> event_pb2.Event:
-        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag="loss", simple_value=value)])
-        return event_pb2.Event(step=step, summary=summary)
+        value_ = summary_pb2.Summary.Value(tag="loss", simple_value=value)
+        return event_pb2.Event(step=step, summary=summary_pb2.Summary(value=[value_]))
 
     _events(tmp_path / "events.out.tfevents.1.a", [event_pb2.Event(file_version="brain.Event:2"),
                                                   event(1, 1.0), event(2, 2.0)])  # fmt: skip

@@ -18,7 +18,7 @@ from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.importers import ImportSummary, import_log
 from stabledrl_cli.vocab import ImportFormat
 
-_LISTED = 6
+_LISTED = 4
 """Names listed in a table line before `and N more`."""
 
 
@@ -55,9 +55,7 @@ def command(
     """Import a logged run (TRL/transformers trainer_state.json, JSON lines, CSV, TensorBoard)
     as a scalar run that inspect and check read: known metrics under the run's standard names,
     the others kept as extra scalars."""
-    summary = import_log(
-        source, run, log_format=format_in, step_key=step_key, overwrite=force
-    )
+    summary = import_log(source, run, log_format=format_in, step_key=step_key, overwrite=force)
     for warning in summary.warnings:
         err.print(f"warning: {warning}", highlight=False)
     if output_format == "json":
@@ -76,6 +74,7 @@ def _print_table(summary: ImportSummary) -> None:
         f"imported {summary.steps} steps ({summary.first_step}..{summary.last_step}) of "
         f"{summary.source} ({summary.format}) into {summary.out}",
         highlight=False,
+        soft_wrap=False,
     )
     table = Table("scalar", "from", "steps", "non-finite", box=None, pad_edge=False)
     for standard, name in summary.mapped.items():
@@ -86,7 +85,8 @@ def _print_table(summary: ImportSummary) -> None:
     out.print(table)
     lines = []
     if summary.extra:
-        lines.append(f"kept {len(summary.extra)} other metrics: {_names(list(summary.extra.values()))}")
+        kept = list(summary.extra.values())
+        lines.append(f"kept {len(kept)} other metrics as extra scalars: {_names(kept)}")
     left_out = {n: why for n, why in summary.not_imported.items() if why != "bookkeeping"}
     if left_out:
         lines.append(f"left out {len(left_out)} ({_reasons(left_out)}): {_names(list(left_out))}")
@@ -101,7 +101,7 @@ def _print_table(summary: ImportSummary) -> None:
     if summary.replaced:
         lines.append(f"{summary.replaced} values replaced by a later row of the same step")
     for line in lines:
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, soft_wrap=False)  # wrapped at the terminal's width
 
 
 def _reasons(left_out: dict[str, str]) -> str:

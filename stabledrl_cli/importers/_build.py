@@ -58,12 +58,8 @@ def write_scalar_run(
 ) -> ImportSummary:
     """Writes `table`'s steps to a new run at `out` (a scalar step each, policy unknown)."""
     mapping = map_names(table.names, (*STANDARD_SCALARS, *SERIES_SCALARS))
-    origin = {
-        "kind": "import",
-        "format": log_format,
-        "file": source.name,
-        "mapped": {standard: name for name, standard in mapping.standard.items()},
-    }
+    mapped = {standard: name for name, standard in mapping.standard.items()}
+    origin = {"kind": "import", "format": log_format, "file": source.name, "mapped": mapped}
     counts: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
     with Recorder(out, policy=None, source=origin, overwrite=overwrite) as recorder:
@@ -82,7 +78,7 @@ def write_scalar_run(
         steps=len(ordered),
         first_step=ordered[0],
         last_step=ordered[-1],
-        mapped=origin["mapped"],
+        mapped=mapped,
         extra=dict(mapping.extra),
         counts=counts,
         nonfinite=nonfinite,

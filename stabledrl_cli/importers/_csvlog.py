@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.importers._files import LINE_LIMIT, text_lines
+from stabledrl_cli.importers._files import text_lines
 from stabledrl_cli.importers._names import STEP_KEYS
 from stabledrl_cli.importers._table import METRIC_LIMIT, StepTable
 
@@ -49,10 +49,10 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
                 continue
             if len(cells) > len(names):
                 raise InputError(
-                    f"{path}: line {rows.line_num}: {len(cells)} cells, the header has "
-                    f"{len(names)}"
+                    f"{path}: line {rows.line_num}: {len(cells)} cells, the header has {len(names)}"
                 )
-            values = {n: c.strip() for i, (n, c) in enumerate(zip(names, cells)) if i != column}
+            values = {n: c.strip() for i, (n, c) in enumerate(zip(names, cells, strict=False))
+                      if i != column}  # fmt: skip
             table.add(cells[column].strip() if column < len(cells) else None, values)
     except csv.Error as exc:
         raise InputError(f"{path}: line {rows.line_num}: not CSV ({exc})") from None

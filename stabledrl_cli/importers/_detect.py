@@ -32,9 +32,7 @@ def detect_format(path: Path) -> ImportFormat:
     if path.is_dir():
         if any(path.glob(EVENT_PATTERN)):
             return "tfevents"
-        raise InputError(
-            f"{path}: a directory without {TRAINER_STATE} or {EVENT_PATTERN} files"
-        )
+        raise InputError(f"{path}: a directory without {TRAINER_STATE} or {EVENT_PATTERN} files")
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     if path.name == TRAINER_STATE:

@@ -75,8 +75,8 @@ class StepTable:
                 continue
             kept[name] = value
         if not kept:
-            reason = "eval" if "eval" in reasons else "summary" if "summary" in reasons else ""
-            self.skipped_rows[reason or "no metrics"] += 1
+            why = next((r for r in ("eval", "summary") if r in reasons), "no metrics")
+            self.skipped_rows[why] += 1
             return
         self._merge(number, kept)
 

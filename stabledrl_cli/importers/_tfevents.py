@@ -29,8 +29,8 @@ from stabledrl_cli.importers._proto import (
     FIXED64,
     LENGTH,
     VARINT,
-    ProtoError,
     Field,
+    ProtoError,
     fields,
     first_element,
     float32,
@@ -226,9 +226,9 @@ def _scalar_tensor(tensor: memoryview) -> float | None:
     bits = first_element(raw[val_field], element)
     if bits is None:
         return None
-    return _from_bits(dtype, bits) if element != VARINT or dtype in (_BFLOAT16, _HALF) else (
-        float(signed64(bits))
-    )
+    if element == VARINT and dtype not in (_BFLOAT16, _HALF):
+        return float(signed64(bits))
+    return _from_bits(dtype, bits)
 
 
 def _from_bits(dtype: int, bits: int) -> float:

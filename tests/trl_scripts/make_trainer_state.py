@@ -1,7 +1,8 @@
 """A real tiny TRL GRPOTrainer run on CPU and its trainer_state.json (what `stabledrl import`
 reads). The committed fixture fixtures/imports/trl_trainer_state.json comes from
 
-    PYTHONPATH=. python tests/trl_scripts/make_trainer_state.py fixtures/imports/trl_trainer_state.json
+    PYTHONPATH=. python tests/trl_scripts/make_trainer_state.py \
+        fixtures/imports/trl_trainer_state.json
 
 (a large learning rate, so the tiny policy degenerates within the run: its reward collapses
 and its gradient norm spikes; TRL logs every step's reward with steps_per_generation = 2).

@@ -1,0 +1,160 @@
+"""`stabledrl import` end to end, on the trainer_state.json of a real tiny TRL run.
+
+fixtures/imports/trl_trainer_state.json comes from tests/trl_scripts/make_trainer_state.py (a
+real GRPOTrainer on CPU); with trl installed, a fresh run checks the import still maps every
+metric TRL logs. The imported run is then inspected and gated like a recorded one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.importers import STANDARD_SOURCES
+
+ROOT = Path(__file__).resolve().parents[1]
+TRL_STATE = ROOT / "fixtures" / "imports" / "trl_trainer_state.json"
+SCRIPTS = Path(__file__).parent / "trl_scripts"
+runner = CliRunner()
+
+
+def _import(*args: str) -> dict[str, Any]:
+    result = runner.invoke(app, ["import", *args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    summary: dict[str, Any] = json.loads(result.stdout)
+    return summary
+
+
+def _training_rows(state: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {row["step"]: row for row in state["log_history"] if "loss" in row}
+
+
+def _assert_maps_every_metric(summary: dict[str, Any], state: dict[str, Any]) -> None:
+    """Every metric TRL logged on a training row is a standard or an extra scalar."""
+    logged = {k for row in _training_rows(state).values() for k in row} - {"step", "epoch"}
+    assert logged == set(summary["mapped"].values()) | set(summary["extra"])
+    for standard in STANDARD_SOURCES:  # TRL logs every standard scalar
+        assert standard in summary["mapped"], standard
+
+
+def test_trl_trainer_state_imports_every_metric_and_value(tmp_path: Path) -> None:
+    state = json.loads(TRL_STATE.read_text())
+    summary = _import(str(TRL_STATE), "--out", str(tmp_path / "run"))
+    _assert_maps_every_metric(summary, state)
+    assert summary["mapped"]["clip_frac"] == "clip_ratio/region_mean"
+    assert summary["skipped_rows"] == {"summary": 1}
+    rows = _training_rows(state)
+    run = sd.open_run(tmp_path / "run")
+    assert run.step_numbers == sorted(rows)
+    assert run.policy_spec is None
+    assert run.manifest["source"]["format"] == "trainer_state"
+    assert run.manifest["source"]["file"] == TRL_STATE.name
+    for step in run:
+        assert step.is_scalar
+        row = rows[step.step]
+        for standard, name in summary["mapped"].items():
+            if name in row:
+                assert step.scalars[standard] == row[name], (step.step, standard)
+            else:
+                assert standard not in step.scalars
+        for name, extra in summary["extra"].items():
+            if name in row:
+                assert step.scalars[extra] == row[name]
+
+
+def test_a_fresh_trl_run_still_maps_every_metric(tmp_path: Path) -> None:
+    """The committed fixture is what TRL logs today: same metric names, all mapped."""
+    pytest.importorskip("trl", reason="needs trl 1.16 (pip install -e '.[trl]')")
+    sys.path.insert(0, str(SCRIPTS))
+    import make_trainer_state
+
+    state = make_trainer_state.trainer_state(tmp_path, max_steps=4)
+    (tmp_path / "fresh.json").write_text(json.dumps(state))
+    summary = _import(str(tmp_path / "fresh.json"), "--format-in", "trainer_state",
+                      "--out", str(tmp_path / "run"))  # fmt: skip
+    _assert_maps_every_metric(summary, state)
+    committed = json.loads(TRL_STATE.read_text())
+    names = {k for row in _training_rows(committed).values() for k in row}
+    assert {k for row in _training_rows(state).values() for k in row} == names
+
+
+def test_table_output_and_force(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ["import", str(TRL_STATE), "--out", str(run)]
+    result = runner.invoke(app, args, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("imported ")
+    assert any(line.split()[:2] == ["clip_frac", "clip_ratio/region_mean"] for line in lines)
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2, again.output
+    forced = runner.invoke(app, [*args, "--force"])
+    assert forced.exit_code == 0
+
+
+def test_other_formats_land_under_the_same_names(tmp_path: Path) -> None:
+    (tmp_path / "log.csv").write_text(
+        "train/global_step,train/reward,train/grad_norm,actor/pg_clipfrac,my metric\n"
+        "1,0.5,1.5,0.1,7\n2,0.6,,0.2,8\n"
+    )
+    summary = _import(str(tmp_path / "log.csv"), "--out", str(tmp_path / "csv"))
+    assert summary["mapped"] == {
+        "reward_mean": "train/reward", "grad_norm": "train/grad_norm",
+        "clip_frac": "actor/pg_clipfrac",
+    }  # fmt: skip
+    assert summary["extra"] == {"my metric": "my_metric"}
+    assert summary["counts"]["grad_norm"] == 1
+    run = sd.open_run(tmp_path / "csv")
+    assert [s.scalars["clip_frac"] for s in run] == [0.1, 0.2]
+    assert [s.scalars["my_metric"] for s in run] == [7.0, 8.0]
+
+
+def test_nonfinite_values_are_kept_and_counted(tmp_path: Path) -> None:
+    (tmp_path / "log.jsonl").write_text(
+        '{"step": 1, "loss": 1.0, "grad_norm": 2.0}\n'
+        '{"step": 2, "loss": NaN, "grad_norm": Infinity}\n'
+    )
+    summary = _import(str(tmp_path / "log.jsonl"), "--out", str(tmp_path / "run"))
+    assert summary["nonfinite"] == {"loss": 1, "grad_norm": 1}
+    second = list(sd.open_run(tmp_path / "run"))[1]
+    assert math.isnan(second.scalars["loss"]) and second.scalars["grad_norm"] == math.inf
+    assert second.scalars["nonfinite"] == 2
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "import", *args],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_exit_codes_in_a_real_process(tmp_path: Path) -> None:
+    bad = tmp_path / "events.out.tfevents.1.host"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"\x00" * 40)
+    cases = {
+        "missing": ([str(tmp_path / "nope.jsonl")], 3),
+        "crafted": ([str(bad)], 3),
+        "no steps": ([str(tmp_path / "empty.jsonl")], 3),
+        "bad format": ([str(TRL_STATE), "--format-in", "yaml"], 2),
+    }
+    (tmp_path / "empty.jsonl").write_text('{"step": 1, "epoch": 1}\n')
+    for name, (args, code) in cases.items():
+        done = _cli(*args, "--out", str(tmp_path / name))
+        assert done.returncode == code, (name, done.stderr)
+        assert done.stdout == "" and "Traceback" not in done.stderr, name
+        if code == 3:
+            assert len(done.stderr.strip().splitlines()) == 1, name
+    done = _cli(str(TRL_STATE), "--out", str(tmp_path / "ok"))
+    assert done.returncode == 0, done.stderr
+    again = _cli(str(TRL_STATE), "--out", str(tmp_path / "ok"))
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
