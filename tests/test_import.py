@@ -1,7 +1,7 @@
 """`stabledrl import` end to end, on the trainer_state.json of a real tiny TRL run.
 
-fixtures/imports/trl_trainer_state.json comes from tests/trl_scripts/make_trainer_state.py (a
-real GRPOTrainer on CPU); with trl installed, a fresh run checks the import still maps every
+fixtures/imports/trl-lr*/trainer_state.json come from tests/trl_scripts/make_trainer_state.py
+(a real GRPOTrainer on CPU); with trl installed, a fresh run checks the import still maps every
 metric TRL logs. The imported run is then inspected and gated like a recorded one.
 """
 
@@ -22,7 +22,10 @@ from stabledrl_cli.cli.app import app
 from stabledrl_cli.importers import STANDARD_SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
-TRL_STATE = ROOT / "fixtures" / "imports" / "trl_trainer_state.json"
+TRL_STATE = ROOT / "fixtures" / "imports" / "trl-lr0.2" / "trainer_state.json"
+"""A real tiny TRL run that learns its task, its gradient norm spiking on the way."""
+TRL_COLLAPSED = ROOT / "fixtures" / "imports" / "trl-lr0.3" / "trainer_state.json"
+"""The same run at a larger learning rate: its reward collapses."""
 SCRIPTS = Path(__file__).parent / "trl_scripts"
 runner = CliRunner()
 
@@ -158,3 +161,53 @@ def test_exit_codes_in_a_real_process(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     again = _cli(str(TRL_STATE), "--out", str(tmp_path / "ok"))
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
+
+
+def _sparse(path: Path) -> Path:
+    with path.open("wb") as handle:
+        handle.truncate(10 << 30)  # claims 10 GB, holds nothing on disk
+    return path
+
+
+def _claims_10_gb(path: Path) -> Path:
+    from stabledrl_cli.importers._crc32c import masked_crc32c
+
+    header = (10 << 30).to_bytes(8, "little")
+    path.write_bytes(header + masked_crc32c(header).to_bytes(4, "little") + b"\0" * 100)
+    return path
+
+
+def _junk(path: Path) -> Path:
+    path.write_bytes(bytes((i * 7919 + 13) % 256 for i in range(1 << 20)))
+    return path
+
+
+def _huge_line(path: Path) -> Path:
+    path.write_bytes(b"step,loss\n1," + b"9" * (64 << 20) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (_sparse, "big.jsonl"),
+        (_sparse, "events.out.tfevents.1.host"),
+        (_claims_10_gb, "events.out.tfevents.2.host"),
+        (_junk, "junk.jsonl"),
+        (_junk, "junk.csv"),
+        (_huge_line, "huge.csv"),
+    ],
+    ids=["sparse-jsonl", "sparse-tfevents", "record-10GB", "junk-jsonl", "junk-csv", "huge-line"],
+)
+def test_hostile_logs_fail_fast_and_small(make: Any, name: str, tmp_path: Path) -> None:
+    """Exit 3, one line, in a child under an address-space cap: < 2 s and < 100 MB."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _corpus import measure
+
+    target = make(tmp_path / name)
+    measured = measure(["import", str(target), "--out", str(tmp_path / "run")], tmp_path / "c")
+    assert measured.code == 3, measured.stderr
+    assert len(measured.stderr.strip().splitlines()) == 1 and "Traceback" not in measured.stderr
+    assert measured.seconds < 2.0
+    assert measured.extra_rss_mb < 100
+    assert not (tmp_path / "run").exists()

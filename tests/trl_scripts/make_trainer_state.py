@@ -1,11 +1,15 @@
 """A real tiny TRL GRPOTrainer run on CPU and its trainer_state.json (what `stabledrl import`
-reads). The committed fixture fixtures/imports/trl_trainer_state.json comes from
+reads). The committed fixtures come from:
 
-    PYTHONPATH=. python tests/trl_scripts/make_trainer_state.py \
-        fixtures/imports/trl_trainer_state.json
+    cd tests/trl_scripts
+    python make_trainer_state.py ../../fixtures/imports/trl-lr0.2/trainer_state.json \
+        learning_rate=0.2
+    python make_trainer_state.py ../../fixtures/imports/trl-lr0.3/trainer_state.json
 
-(a large learning rate, so the tiny policy degenerates within the run: its reward collapses
-and its gradient norm spikes; TRL logs every step's reward with steps_per_generation = 2).
+At lr 0.2 the tiny policy learns the task (reward 0.38 -> 6, the maximum) and its gradient
+norm spikes on the way (steps 23-25); at lr 0.3 it degenerates at once and its reward
+collapses to 0 (observed collapse at step 21). TRL logs the reward every other step
+(num_iterations = 2 reuses each generation), the other metrics every step.
 """
 
 from __future__ import annotations
