@@ -15,6 +15,7 @@ from rich.table import Table
 
 from stabledrl_cli.cli._options import FormatOpt
 from stabledrl_cli.cli._output import err, out, print_json
+from stabledrl_cli.errors import UsageError
 from stabledrl_cli.importers import ImportSummary, import_log
 from stabledrl_cli.vocab import ImportFormat
 
@@ -55,6 +56,8 @@ def command(
     """Import a logged run (TRL/transformers trainer_state.json, JSON lines, CSV, TensorBoard)
     as a scalar run that inspect and check read: known metrics under the run's standard names,
     the others kept as extra scalars."""
+    if not force and run.is_dir() and any(run.iterdir()):
+        raise UsageError(f"{run} exists and is not empty; pass --force to replace the run in it")
     summary = import_log(source, run, log_format=format_in, step_key=step_key, overwrite=force)
     for warning in summary.warnings:
         err.print(f"warning: {warning}", highlight=False)
