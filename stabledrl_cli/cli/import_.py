@@ -79,7 +79,9 @@ def _print_table(summary: ImportSummary) -> None:
         highlight=False,
         soft_wrap=False,
     )
-    table = Table("scalar", "from", "steps", "non-finite", box=None, pad_edge=False)
+    table = Table("scalar", "from", box=None, pad_edge=False)
+    table.add_column("steps", justify="right")
+    table.add_column("non-finite", justify="right")
     for standard, name in summary.mapped.items():
         table.add_row(
             standard, name, str(summary.counts.get(standard, 0)),
