@@ -95,3 +95,8 @@ MetricGroup = Literal["trl", "verl", "counts"]
 """Per-step columns a replay table shows only on request: TRL's clip ratios, verl's clip
 fractions, the scored and clipped counts."""
 METRIC_GROUPS: tuple[MetricGroup, ...] = get_args(MetricGroup)
+
+DiffKind = Literal["arrays", "inputs", "logprobs", "scalars"]
+"""What `diff` compares of a step: every array bit for bit, the inputs exactly, the
+log-probabilities and the training scalars within a tolerance."""
+DIFF_KINDS: tuple[DiffKind, ...] = get_args(DiffKind)

@@ -103,6 +103,14 @@ COMMANDS: dict[str, CommandEntry] = {
             "stabledrl check runs/demo --write-baseline base.json  # then: -b base.json",
         ),
     ),
+    "diff": CommandEntry(
+        "stabledrl_cli.cli.diff",
+        "Where two runs first part: inputs, log-probs, scalars.",
+        (
+            "stabledrl diff runs/before runs/after",
+            "stabledrl diff runs/demo runs/resumed --until 120 --format json",
+        ),
+    ),
 }
 
 ROOT_EXAMPLES = (

@@ -159,6 +159,10 @@ class NoiseFloor:
         self._m2 += m2 + delta * delta * self.count * count / total
         self.count = total
 
+    def merge(self, other: NoiseFloor) -> None:
+        """Pools another floor's values (e.g. of later steps) into this one."""
+        self.add(other.count, other._mean, other._m2)
+
     @property
     def std(self) -> float | None:
         """The pooled standard deviation; None before any value."""

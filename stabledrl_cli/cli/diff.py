@@ -1,0 +1,157 @@
+"""`stabledrl diff RUN_A RUN_B`: where two runs first part (docs/diff.md).
+
+Exit codes: 0 the runs do not part before --until (identical, within tolerance, or parting
+only at or after it; without --until, they never part); 1 they part before --until (without
+it: at all); 2 usage error (a negative tolerance or context); 3 a missing or corrupt run, or two
+runs that share no step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+
+from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, RunArg
+from stabledrl_cli.cli._output import err, out, print_json
+from stabledrl_cli.dump import RunIntegrityWarning, open_run
+from stabledrl_cli.replay._format import format_number
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.diff import (
+    DEFAULT_ATOL,
+    DEFAULT_CONTEXT,
+    DEFAULT_RTOL,
+    DiffResult,
+    Parting,
+    diff_runs,
+)
+from stabledrl_cli.vocab import DiffKind
+
+KIND_NAMES: dict[DiffKind, str] = {
+    "arrays": "arrays",
+    "inputs": "inputs",
+    "logprobs": "log-probs",
+    "scalars": "scalars",
+}
+
+
+def _ranges_text(ranges: list[tuple[int, int]]) -> str:
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in ranges)
+
+
+def _parting_lines(name: str, parting: Parting | None, compared: int) -> list[str]:
+    if parting is None:
+        return [f"{name:<11} equal on all {compared} compared steps"]
+    return [f"{name:<11} part at step {parting.step}"] + [
+        f"{'':<13}{d.field}: {d.what}" for d in parting.fields
+    ]
+
+
+def _cell(value: float | bool | None, *, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "RISK" if value else "ok"
+    return f"{100 * value:.1f}%" if percent else format_number(value)
+
+
+def _print_table(result: DiffResult, until: int | None) -> None:
+    out.print(f"stabledrl diff {result.run_a} {result.run_b}", highlight=False)
+    lines = [
+        f"steps: A {result.steps_a}, B {result.steps_b}, both {result.common} "
+        f"(compared {result.compared})",
+    ]
+    if result.only_a:
+        lines.append(f"only in A: {_ranges_text(result.only_a)}")
+    if result.only_b:
+        lines.append(f"only in B: {_ranges_text(result.only_b)}")
+    for kind, name in KIND_NAMES.items():
+        lines += _parting_lines(name, result.first[kind], result.compared)
+    if result.identical:
+        verdict = "identical: every array of every step equal, bit for bit"
+    elif result.parted_at is None:
+        verdict = "they never part"
+        if result.first["arrays"] is None:
+            verdict += ": every step both hold equal, bit for bit"
+        else:
+            verdict += f" (within atol {result.atol:g}, rtol {result.rtol:g})"
+    else:
+        verdict = f"parted at step {result.parted_at}"
+        if until is not None:
+            verdict += f" ({'before' if result.parted_at < until else 'at or after'} {until})"
+    lines.append(verdict)
+    for line in lines:
+        out.print(line, highlight=False)
+    if not result.around:
+        return
+    specs = result.own_policy
+    table = Table(
+        title=f"around step {result.parted_at if result.parted_at is not None else ''}: "
+        f"discard and risk of each run's own policy (A {specs['a'] or 'n/a'}, "
+        f"B {specs['b'] or 'n/a'})",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+    )
+    for header in ("step", *(f"{h} {side}" for h in ("rew", "gnorm", "disc", "risk")
+                             for side in ("A", "B"))):  # fmt: skip
+        table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
+    for row in result.around:
+        cells = [str(row.step)]
+        for name in ("reward_mean", "grad_norm", "discard_frac", "risk"):
+            for side in (row.a, row.b):
+                cells.append(_cell(side.get(name), percent=name == "discard_frac"))
+        table.add_row(*cells)
+    out.print(table.title, highlight=False)
+    table.title = None
+    out.print(table)
+
+
+def command(
+    run_a: RunArg,
+    run_b: RunArg,
+    until: Annotated[
+        int | None,
+        typer.Option(
+            "--until",
+            metavar="STEP",
+            help="Exit 1 only when the runs part before STEP (default: at any step).",
+        ),
+    ] = None,
+    atol: Annotated[
+        float,
+        typer.Option("--atol", help="Absolute tolerance of log-probs and scalars."),
+    ] = DEFAULT_ATOL,
+    rtol: Annotated[
+        float,
+        typer.Option("--rtol", help="Relative tolerance of log-probs and scalars."),
+    ] = DEFAULT_RTOL,
+    context: Annotated[
+        int,
+        typer.Option("--context", metavar="N", help="Steps shown before and after the parting."),
+    ] = DEFAULT_CONTEXT,
+    output_format: FormatOpt = "table",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Where two runs first part: inputs, log-probs, scalars, and the figures around it."""
+    first, second = open_run(run_a), open_run(run_b)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RunIntegrityWarning)
+        result = diff_runs(
+            first, second, atol=atol, rtol=rtol, context=context, config=ReplayConfig(device=device)
+        )
+    for warning in caught:
+        err.print(f"warning: {warning.message}", highlight=False)
+    parted = result.parted_before(until)
+    if output_format == "json":
+        data = result.to_dict()
+        data["until"] = until
+        data["parted_before_until"] = parted
+        print_json(data)
+    else:
+        _print_table(result, until)
+    if parted:
+        raise typer.Exit(1)

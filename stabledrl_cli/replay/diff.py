@@ -1,0 +1,344 @@
+"""Where two runs part: `diff_runs` aligns two runs by step number and finds the first step at
+which they differ, per kind of difference (docs/diff.md).
+
+The runs are compared step by step, one field of one step of each run in memory at a time, in
+ascending order of the steps both hold, until every kind has parted (or the steps run out):
+
+- `arrays`: every array of the step, bit for bit (a field only one of the two has differs);
+- `inputs`: what training fed the loss (`INPUT_FIELDS`), exactly;
+- `logprobs`: the log-probabilities (`LOGP_FIELDS`), within a tolerance;
+- `scalars`: the step's training scalars (`SCALAR_NAMES`), within the same tolerance.
+
+Two values a, b (a from run A, b from run B) agree within the tolerance when
+|a - b| <= atol + rtol * |b|, or both are NaN, or both are the same infinity. The runs *part*
+at the first step where inputs, log-probabilities or scalars differ; steps only one run holds
+are listed, not counted as parting. Around the parting step the figures of each run are set
+side by side: reward and grad norm as recorded, discard fraction and risk of the run's own
+policy replayed (`follow.OwnReplay`, over the run's steps up to the last one shown).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
+from stabledrl_cli.dump._schema import STANDARD_SCALARS
+from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.engine import own_policy
+from stabledrl_cli.replay.follow import OwnReplay
+from stabledrl_cli.vocab import DIFF_KINDS, DiffKind
+
+INPUT_FIELDS = (
+    "token_ids",
+    "reward",
+    "advantages",
+    "group_id",
+    "mask",
+    "seq_id",
+    "micro_batch",
+    "group_split",
+    "loss_weight",
+)
+"""What training fed the loss, compared exactly."""
+LOGP_FIELDS = ("logp", "logp_old", "logp_ref", "logp_rollout")
+"""Log-probabilities, compared within the tolerance."""
+SCALAR_NAMES = tuple(
+    name for name in STANDARD_SCALARS if name not in ("step", "wall_time", "unit_grad_sketch_scale")
+)
+"""Training scalars compared within the tolerance: the standard ones but the step number, the
+clock and a sketch's storage scale (a run's own scalars are not compared)."""
+DEFAULT_ATOL = 1e-6
+"""Absolute tolerance of log-probabilities and scalars."""
+DEFAULT_RTOL = 1e-5
+"""Relative tolerance of log-probabilities and scalars (float32 sums reordered, e.g. by another
+thread count, move the example's values by about 1e-7 relative)."""
+DEFAULT_CONTEXT = 3
+"""Steps shown before and after the parting step."""
+FIELDS_SHOWN = 6
+"""Differing fields described per kind."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FieldDifference:
+    """How one field (or scalar) differs at a step."""
+
+    field: str
+    what: str
+    """In words: 'only in A', 'float32[64] vs float32[32]', '3 of 64 differ, first at 5, max
+    |a-b| 0.01' (the index of the first differing entry in the flattened array)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Parting:
+    """The first step at which one kind of difference shows, and what differs there."""
+
+    step: int
+    fields: list[FieldDifference]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SideBySide:
+    """One step's figures in each run (None where a run lacks the step or the figure)."""
+
+    step: int
+    a: dict[str, float | bool | None]
+    b: dict[str, float | bool | None]
+
+
+FIGURES = ("reward_mean", "grad_norm", "discard_frac", "risk")
+"""The figures set side by side: recorded reward and pre-clip grad norm, the own policy's
+replayed discard fraction and risk (a spike or non-finite update)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffResult:
+    """Where two runs part (the `diff --format json` document, docs/diff.md)."""
+
+    run_a: str
+    run_b: str
+    atol: float
+    rtol: float
+    steps_a: int
+    steps_b: int
+    common: int
+    """Steps both runs hold."""
+    compared: int
+    """Common steps compared (the comparison stops once every kind has parted)."""
+    only_a: list[tuple[int, int]]
+    """Steps only run A holds, as inclusive ranges [first, last]."""
+    only_b: list[tuple[int, int]]
+    first: dict[DiffKind, Parting | None]
+    """Per kind, the first step where it differs (None: never, over the compared steps)."""
+    parted_at: int | None
+    """The first step where inputs, log-probabilities or scalars differ (None: they never do)."""
+    own_policy: dict[str, str | None]
+    """The own policy replayed for each run ("a", "b"), None when not in the catalogue."""
+    around: list[SideBySide] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        """Every common step bit for bit equal, and no step in one run only."""
+        return self.first["arrays"] is None and not self.only_a and not self.only_b
+
+    def parted_before(self, until: int | None) -> bool:
+        """They part before step `until` (None: at any step)."""
+        return self.parted_at is not None and (until is None or self.parted_at < until)
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON document (NaN still to be mapped to null)."""
+        data = asdict(self)
+        data["first"] = {kind: data["first"][kind] for kind in self.first}
+        data["only_a"] = [list(r) for r in self.only_a]
+        data["only_b"] = [list(r) for r in self.only_b]
+        data["identical"] = self.identical
+        return data
+
+
+def _ranges(numbers: list[int]) -> list[tuple[int, int]]:
+    """Ascending numbers as inclusive ranges of consecutive ones: [1,2,3,7] -> [(1,3), (7,7)]."""
+    out: list[tuple[int, int]] = []
+    for n in numbers:
+        if out and n == out[-1][1] + 1:
+            out[-1] = (out[-1][0], n)
+        else:
+            out.append((n, n))
+    return out
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.") + str(list(t.shape))
+
+
+def _entries(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> str | None:
+    """None when a and b agree (exactly with atol = rtol = 0; NaN agrees with NaN), else how
+    they differ, in words."""
+    if a.shape != b.shape or a.dtype.is_floating_point != b.dtype.is_floating_point:
+        return f"{_shape(a)} vs {_shape(b)}"
+    x, y = a.reshape(-1), b.reshape(-1)
+    gaps: np.ndarray | None = None
+    if x.dtype.is_floating_point:
+        x64, y64 = x.to(torch.float64).numpy(), y.to(torch.float64).numpy()
+        bad = ~np.isclose(x64, y64, rtol=rtol, atol=atol, equal_nan=True)
+        with np.errstate(invalid="ignore"):
+            gaps = np.abs(x64 - y64)[bad]
+    else:
+        bad = (x != y).numpy()
+    count = int(np.count_nonzero(bad))
+    if count == 0:
+        return None
+    detail = f"{count} of {x.numel()} differ, first at {int(np.flatnonzero(bad)[0])}"
+    if gaps is not None and np.isfinite(gaps).any():
+        detail += f", max |a-b| {float(gaps[np.isfinite(gaps)].max()):.4g}"
+    return detail
+
+
+def _scalar_text(value: float | None) -> str:
+    return "absent" if value is None else f"{value:.6g}"
+
+
+def _kind(name: str) -> DiffKind:
+    """The kind of difference a differing array makes (beyond `arrays`)."""
+    if name in INPUT_FIELDS:
+        return "inputs"
+    if name in LOGP_FIELDS:
+        return "logprobs"
+    return "arrays"
+
+
+@dataclass
+class _Comparison:
+    """The steps compared so far and the first parting per kind."""
+
+    atol: float
+    rtol: float
+    first: dict[DiffKind, Parting | None] = field(default_factory=lambda: dict.fromkeys(DIFF_KINDS))
+    compared: int = 0
+
+    @property
+    def done(self) -> bool:
+        return all(p is not None for p in self.first.values())
+
+    def _array(self, name: str, a: Step, b: Step) -> tuple[str | None, str | None]:
+        """(how the field's bits differ, how its values differ beyond its kind's tolerance):
+        None where they do not."""
+        if name not in a.fields or name not in b.fields:
+            what = "only in A" if name in a.fields else "only in B"
+            return what, what
+        x, y = a[name], b[name]
+        if _bitwise_equal(x, y):
+            return None, None
+        tolerant = _kind(name) == "logprobs"
+        values = _entries(x, y, self.atol if tolerant else 0.0, self.rtol if tolerant else 0.0)
+        exact = _entries(x, y, 0.0, 0.0) if tolerant else values
+        bits = exact or (
+            f"{_shape(x)} vs {_shape(y)}" if x.dtype != y.dtype else "same values, other bits"
+        )
+        return bits, values
+
+    def add(self, a: Step, b: Step) -> None:
+        """Compares one step of each run, field by field."""
+        found: dict[DiffKind, list[FieldDifference]] = {kind: [] for kind in DIFF_KINDS}
+        for name in sorted(a.fields | b.fields):
+            bits, values = self._array(name, a, b)
+            if bits is not None:
+                found["arrays"].append(FieldDifference(field=name, what=bits))
+            if values is not None and _kind(name) != "arrays":
+                found[_kind(name)].append(FieldDifference(field=name, what=values))
+        for name in SCALAR_NAMES:
+            x, y = a.scalars.get(name), b.scalars.get(name)
+            if x is None and y is None:
+                continue
+            if x is None or y is None or not bool(np.isclose(x, y, self.rtol, self.atol, True)):
+                what = f"{_scalar_text(x)} vs {_scalar_text(y)}"
+                found["scalars"].append(FieldDifference(field=name, what=what))
+        for kind, differences in found.items():
+            if differences and self.first[kind] is None:
+                self.first[kind] = Parting(step=a.step, fields=differences[:FIELDS_SHOWN])
+        self.compared += 1
+
+
+def _pairs(a: Run, b: Run, common: list[int]) -> Iterator[tuple[Step, Step]]:
+    """Each common step read from both runs (a step either run cannot read is skipped)."""
+    for n in common:
+        try:
+            yield a.step(n), b.step(n)
+        except InputError as exc:
+            warnings.warn(f"skipping step {n}: {exc}", RunIntegrityWarning, stacklevel=2)
+
+
+def _figures(
+    run: Run, steps: list[int], config: ReplayConfig
+) -> dict[int, dict[str, float | bool | None]]:
+    """step -> FIGURES of `run` at `steps` (its own policy replayed over the run's steps up to
+    the last of them)."""
+    follower = OwnReplay(run, config)
+    follower.extend([n for n in run.step_numbers if n <= steps[-1]])
+    series = follower.series()
+    index = {int(n): i for i, n in enumerate(series.get("step", []))}
+    wanted = set(steps)
+    out: dict[int, dict[str, float | bool | None]] = {}
+    for header in run.step_headers():
+        if header.step not in wanted:
+            continue
+        i = index.get(header.step)
+        out[header.step] = {
+            "reward_mean": header.scalars.get("reward_mean"),
+            "grad_norm": header.scalars.get("grad_norm"),
+            "discard_frac": None if i is None else float(series["discard_frac"][i]),
+            "risk": None if i is None else bool(series["collapsed"][i]),
+        }
+    return out
+
+
+def diff_runs(
+    a: Run,
+    b: Run,
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    context: int = DEFAULT_CONTEXT,
+    config: ReplayConfig | None = None,
+) -> DiffResult:
+    """Where runs `a` and `b` part (module docstring). InputError when they share no step."""
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{name} must be a finite number >= 0, got {value}")
+    if context < 0:
+        raise UsageError(f"context must be >= 0, got {context}")
+    config = config or ReplayConfig()
+    steps_a, steps_b = a.step_numbers, b.step_numbers
+    in_b = set(steps_b)
+    common = [n for n in steps_a if n in in_b]
+    if not common:
+        raise InputError(f"{a.path} and {b.path} share no step: nothing to compare")
+    comparison = _Comparison(atol=atol, rtol=rtol)
+    for step_a, step_b in _pairs(a, b, common):
+        comparison.add(step_a, step_b)
+        if comparison.done:
+            break
+    first = comparison.first
+    parted = [p.step for kind, p in first.items() if kind != "arrays" and p is not None]
+    parted_at = min(parted) if parted else None
+    focus = parted_at if parted_at is not None else getattr(first["arrays"], "step", None)
+    around: list[SideBySide] = []
+    if focus is not None:
+        at = common.index(focus)
+        shown = common[max(0, at - context) : at + context + 1]
+        figures_a, figures_b = _figures(a, shown, config), _figures(b, shown, config)
+        empty = dict.fromkeys(FIGURES)
+        around = [
+            SideBySide(step=n, a=figures_a.get(n, empty), b=figures_b.get(n, empty)) for n in shown
+        ]
+    in_a = set(steps_a)
+    return DiffResult(
+        run_a=str(a.path),
+        run_b=str(b.path),
+        atol=atol,
+        rtol=rtol,
+        steps_a=len(steps_a),
+        steps_b=len(steps_b),
+        common=len(common),
+        compared=comparison.compared,
+        only_a=_ranges([n for n in steps_a if n not in in_b]),
+        only_b=_ranges([n for n in steps_b if n not in in_a]),
+        first=first,
+        parted_at=parted_at,
+        own_policy={
+            "a": getattr(own_policy(a), "spec", None),
+            "b": getattr(own_policy(b), "spec", None),
+        },
+        around=around,
+    )

@@ -1,0 +1,237 @@
+"""`stabledrl diff`: where two real recorded runs of the built-in example part.
+
+Same seed twice: identical. Another seed: the inputs part at step 0. A resume from a checkpoint
+under the run's own policy: equal on every step it holds. A branch under another policy: the
+scalars (loss, grad norm) part at the branch point, the log-probs one step later. A doctored
+log-prob: the runs part exactly there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _corpus import read_step, rewrite_step, step_path
+from conftest import fixture_run
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import Recorder, open_run
+from stabledrl_cli.example import ExampleConfig
+from stabledrl_cli.example.checkpoint import CheckpointPlan, checkpoints_dir, load_checkpoint
+from stabledrl_cli.example.trainer import recorder_kwargs, train
+from stabledrl_cli.policies import get_policy
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.diff import FIGURES, diff_runs
+
+CONFIG = ExampleConfig(seed=2, steps=12, pretrain_steps=10)
+CPU = ReplayConfig(device="cpu")
+
+
+def _record(out: Path, config: ExampleConfig, **kwargs: object) -> Path:
+    policy = get_policy(config.policy)
+    with Recorder(out, **recorder_kwargs(config, policy)) as recorder:
+        train(config, recorder=recorder, **kwargs)  # type: ignore[arg-type]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Fresh example runs: the original (checkpoints every 4 steps), its twin (same seed), one
+    of another seed, a resume at step 4 under its own policy, a branch at 4 under stabledrl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("diff")
+    try:
+        original = _record(
+            root / "original",
+            CONFIG,
+            checkpoints=CheckpointPlan(directory=checkpoints_dir(root / "original"), every=4),
+        )
+        state = load_checkpoint(checkpoints_dir(original) / "step-00000004.pt")
+        other = ExampleConfig(seed=3, steps=12, pretrain_steps=10)
+        branch = ExampleConfig(seed=2, steps=12, pretrain_steps=10, policy="stabledrl")
+        return {
+            "original": original,
+            "twin": _record(root / "twin", CONFIG),
+            "seed3": _record(root / "seed3", other),
+            "resumed": _record(root / "resumed", CONFIG, resume=state),
+            "branch": _record(root / "branch", branch, resume=state),
+        }
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _diff(a: Path, b: Path, **kwargs: object):
+    return diff_runs(open_run(a), open_run(b), config=CPU, **kwargs)  # type: ignore[arg-type]
+
+
+def _cli(*args: object) -> tuple[int, dict]:
+    result = CliRunner().invoke(app, ["diff", *map(str, args), "--device", "cpu", "-f", "json"])
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_the_same_seed_twice_is_identical(runs):
+    result = _diff(runs["original"], runs["twin"])
+    assert result.identical and result.parted_at is None
+    assert result.compared == result.common == 12
+    assert all(p is None for p in result.first.values())
+    assert result.around == []
+    code, data = _cli(runs["original"], runs["twin"])
+    assert code == 0 and data["identical"] and data["parted_at"] is None
+
+
+def test_another_seed_parts_at_step_0_in_its_inputs(runs):
+    result = _diff(runs["original"], runs["seed3"])
+    assert result.parted_at == 0
+    inputs = result.first["inputs"]
+    assert inputs is not None and inputs.step == 0
+    assert {"reward", "advantages"} & {d.field for d in inputs.fields}
+    assert result.compared == 1  # every kind parted at the first step: nothing more read
+    assert [row.step for row in result.around] == [0, 1, 2, 3]
+    code, data = _cli(runs["original"], runs["seed3"])
+    assert code == 1 and data["parted_before_until"]
+    assert data["first"]["inputs"]["step"] == 0
+
+
+def test_a_resume_under_its_own_policy_matches_its_original(runs):
+    result = _diff(runs["original"], runs["resumed"])
+    assert result.parted_at is None and result.first["arrays"] is None
+    assert result.only_a == [(0, 3)] and result.only_b == []
+    assert result.common == 8 and not result.identical  # steps 0-3 are in the original only
+    code, data = _cli(runs["original"], runs["resumed"], "--until", 12)
+    assert code == 0 and data["only_a"] == [[0, 3]]
+
+
+def test_a_branch_under_another_policy_parts_at_the_branch_point(runs):
+    result = _diff(runs["original"], runs["branch"])
+    # Same parameters and batch at step 4: inputs and log-probs equal, the update differs.
+    assert result.parted_at == 4
+    scalars = result.first["scalars"]
+    assert scalars is not None and scalars.step == 4
+    assert {"loss", "grad_norm"} <= {d.field for d in scalars.fields}
+    logprobs = result.first["logprobs"]
+    assert logprobs is not None and logprobs.step == 5
+    assert result.own_policy == {"a": "grpo", "b": "stabledrl"}
+    assert [row.step for row in result.around] == [4, 5, 6, 7]
+    for row in result.around:
+        assert set(row.a) == set(FIGURES) == set(row.b)
+        assert (
+            row.a["reward_mean"] == open_run(runs["original"]).step(row.step).scalars["reward_mean"]
+        )
+    assert _cli(runs["original"], runs["branch"], "--until", 4)[0] == 0  # parts at 4, not before
+    assert _cli(runs["original"], runs["branch"], "--until", 5)[0] == 1
+
+
+def _doctor_logp(run: Path, step: int, index: int, delta: float) -> None:
+    """Adds `delta` to logp[index] of a step, the file rewritten with valid checksums."""
+    path = step_path(run, step)
+    header, data = read_step(path)
+    start = header["logp"]["data_offsets"][0] + 4 * index
+    (value,) = struct.unpack("<f", data[start : start + 4])
+    patched = data[:start] + struct.pack("<f", value + delta) + data[start + 4 :]
+    rewrite_step(path, header, patched)
+
+
+def test_a_doctored_log_prob_parts_exactly_there(runs, tmp_path):
+    doctored = tmp_path / "doctored"
+    shutil.copytree(runs["original"], doctored)
+    _doctor_logp(doctored, 7, 5, 1e-3)
+    result = _diff(runs["original"], doctored)
+    assert result.parted_at == 7 and result.first["inputs"] is None
+    logprobs = result.first["logprobs"]
+    assert logprobs is not None and logprobs.step == 7
+    [difference] = logprobs.fields
+    assert difference.field == "logp" and difference.what.startswith("1 of 64 differ, first at 5")
+    assert [row.step for row in result.around] == [4, 5, 6, 7, 8, 9, 10]
+    assert result.first["arrays"] is not None and result.first["arrays"].step == 7
+    # Within tolerance the log-probs agree; the bits still differ.
+    loose = _diff(runs["original"], doctored, atol=1e-2)
+    assert loose.parted_at is None and loose.first["arrays"] is not None
+    assert _cli(runs["original"], doctored, "--until", 7)[0] == 0
+    assert _cli(runs["original"], doctored, "--until", 8)[0] == 1
+    assert _cli(runs["original"], doctored, "--atol", 1e-2)[0] == 0
+
+
+def test_the_table_reads_at_80_columns(runs, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    result = CliRunner().invoke(
+        app, ["diff", str(runs["original"]), str(runs["branch"]), "--device", "cpu"]
+    )
+    assert result.exit_code == 1
+    text = result.stdout
+    assert "parted at step 4" in text and "scalars     part at step 4" in text
+    assert "log-probs   part at step 5" in text
+    assert "(A grpo, B stabledrl)" in text
+    assert max(len(line) for line in text.splitlines()[-6:]) <= 80
+
+
+def test_the_fixtures_part_at_step_0_in_their_scalars():
+    result = diff_runs(
+        open_run(fixture_run("grpo")), open_run(fixture_run("stabledrl")), config=CPU, context=1
+    )
+    # Same seed and batch at step 0, another policy's update: loss and grad norm part first.
+    assert result.parted_at == 0
+    assert result.first["scalars"] is not None and result.first["scalars"].step == 0
+    assert result.first["inputs"] is not None and result.first["inputs"].step > 0
+    row0 = result.around[0]
+    assert row0.a["discard_frac"] != row0.b["discard_frac"]
+    assert np.isclose(row0.a["grad_norm"], 64.9191589)  # type: ignore[arg-type]
+
+
+def _subprocess(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_exit_codes_in_a_real_process(runs, tmp_path):
+    a, b = str(runs["original"]), str(runs["branch"])
+    assert _subprocess("diff", a, str(runs["twin"]), "--device", "cpu").returncode == 0
+    assert _subprocess("diff", a, b, "--device", "cpu").returncode == 1
+    assert _subprocess("diff", a, b, "--until", "4", "--device", "cpu").returncode == 0
+    negative = _subprocess("diff", a, b, "--atol", "-1")
+    assert negative.returncode == 2 and "atol" in negative.stderr
+    missing = _subprocess("diff", a, str(tmp_path / "nope"))
+    assert missing.returncode == 3 and "no such run" in missing.stderr
+    apart = tmp_path / "apart"
+    with Recorder(apart, policy="grpo") as rec:
+        rec.log_step(99, logp=np.zeros((1, 2)), logp_old=np.zeros((1, 2)), advantages=np.ones(1))
+    disjoint = _subprocess("diff", a, str(apart))
+    assert disjoint.returncode == 3 and "share no step" in disjoint.stderr
+    assert disjoint.stderr.count("\n") == 1
+
+
+def test_two_fresh_records_of_one_seed_are_identical(tmp_path):
+    """`stabledrl record` twice with one seed (threads 1): every array equal, bit for bit."""
+    outs = [tmp_path / name for name in ("first", "second")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "stabledrl_cli", "record", "--rl-steps", "6", "--seed", "5"]
+    records = [
+        subprocess.Popen(
+            [*command, "--device", "cpu", "--out", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        for out in outs
+    ]
+    assert [p.wait(timeout=300) for p in records] == [0, 0]
+    done = _subprocess("diff", *map(str, outs), "--until", "6", "--format", "json")
+    assert done.returncode == 0
+    data = json.loads(done.stdout)
+    assert data["identical"] and data["compared"] == 6
