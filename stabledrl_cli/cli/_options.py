@@ -79,3 +79,18 @@ ThreadsOpt = Annotated[
         "any machine).",
     ),
 ]
+MaxCollapsedOpt = Annotated[
+    int | None,
+    typer.Option("--max-collapsed", help="Fail if a policy has more collapsed steps."),
+]
+MaxDiscardFracOpt = Annotated[
+    float | None,
+    typer.Option("--max-discard-frac", help="Fail if a policy discards a larger fraction."),
+]
+MaxNonfiniteOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-nonfinite", help="Fail if a policy has more steps with a non-finite update."
+    ),
+]
+"""`check`'s absolute gates (`replay.gate.Gates`), shared by `watch --once`."""

@@ -111,6 +111,14 @@ COMMANDS: dict[str, CommandEntry] = {
             "stabledrl diff runs/demo runs/resumed --until 120 --format json",
         ),
     ),
+    "watch": CommandEntry(
+        "stabledrl_cli.cli.watch",
+        "Follow a run while it is written; --once for cron or CI.",
+        (
+            "stabledrl watch runs/demo",
+            "stabledrl watch runs/demo --once --max-collapsed 0",
+        ),
+    ),
 }
 
 ROOT_EXAMPLES = (

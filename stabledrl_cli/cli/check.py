@@ -25,6 +25,9 @@ from stabledrl_cli.cli._options import (
     DeviceOpt,
     DriftThresholdOpt,
     FormatOpt,
+    MaxCollapsedOpt,
+    MaxDiscardFracOpt,
+    MaxNonfiniteOpt,
     PlotOpt,
     PolicyOpt,
     RunArg,
@@ -121,20 +124,9 @@ def command(
         typer.Option("--baseline", "-b", help="Fail on a regression against this baseline file."),
     ] = None,
     policy: PolicyOpt = None,
-    max_collapsed: Annotated[
-        int | None,
-        typer.Option("--max-collapsed", help="Fail if a policy has more collapsed steps."),
-    ] = None,
-    max_discard_frac: Annotated[
-        float | None,
-        typer.Option("--max-discard-frac", help="Fail if a policy discards a larger fraction."),
-    ] = None,
-    max_nonfinite: Annotated[
-        int | None,
-        typer.Option(
-            "--max-nonfinite", help="Fail if a policy has more steps with a non-finite update."
-        ),
-    ] = None,
+    max_collapsed: MaxCollapsedOpt = None,
+    max_discard_frac: MaxDiscardFracOpt = None,
+    max_nonfinite: MaxNonfiniteOpt = None,
     write_baseline_path: Annotated[
         Path | None,
         typer.Option("--write-baseline", help="Record today's figures per policy to this file."),

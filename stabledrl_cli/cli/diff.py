@@ -18,7 +18,7 @@ from rich.table import Table
 from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, RunArg
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.dump import RunIntegrityWarning, open_run
-from stabledrl_cli.replay._format import format_number
+from stabledrl_cli.replay._format import format_cell
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.diff import (
     DEFAULT_ATOL,
@@ -48,14 +48,6 @@ def _parting_lines(name: str, parting: Parting | None, compared: int) -> list[st
     return [f"{name:<11} part at step {parting.step}"] + [
         f"{'':<13}{d.field}: {d.what}" for d in parting.fields
     ]
-
-
-def _cell(value: float | bool | None, *, percent: bool = False) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "RISK" if value else "ok"
-    return f"{100 * value:.1f}%" if percent else format_number(value)
 
 
 def _print_table(result: DiffResult, until: int | None) -> None:
@@ -103,7 +95,9 @@ def _print_table(result: DiffResult, until: int | None) -> None:
         cells = [str(row.step)]
         for name in ("reward_mean", "grad_norm", "discard_frac", "risk"):
             for side in (row.a, row.b):
-                cells.append(_cell(side.get(name), percent=name == "discard_frac"))
+                cells.append(
+                    format_cell(side.get(name), percent=name == "discard_frac", yes="RISK", no="ok")
+                )
         table.add_row(*cells)
     out.print(table.title, highlight=False)
     table.title = None

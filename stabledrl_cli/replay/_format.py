@@ -35,3 +35,15 @@ def format_steps(
     shown = separator.join(str(s) for s in steps[:limit])
     rest = len(steps) - limit
     return f"{shown} (+{rest}{more})" if rest > 0 else shown
+
+
+def format_cell(
+    value: float | bool | None, *, percent: bool = False, yes: str = "yes", no: str = ""
+) -> str:
+    """A table cell: "-" for None, `yes`/`no` for a flag, a fraction as "12.5%" (`percent`),
+    else `format_number`."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return yes if value else no
+    return f"{100 * value:.1f}%" if percent else format_number(value)

@@ -33,9 +33,15 @@ from stabledrl_cli.replay.config import (
     replay_config,
 )
 from stabledrl_cli.replay.metrics import TopSequence
-from stabledrl_cli.replay.observed import observe
+from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult, StepSeries
-from stabledrl_cli.replay.stream import check_step, detail_pass, run_unit, stream_run
+from stabledrl_cli.replay.stream import (
+    StreamedRun,
+    check_step,
+    detail_pass,
+    run_unit,
+    stream_run,
+)
 from stabledrl_cli.replay.summary import best_index, in_range, summarize_policy
 from stabledrl_cli.vocab import RunGeometryKind, StepGeometryKind
 
@@ -193,6 +199,21 @@ def replay_run(
             noise_floor=stream.noise_floor,
             likelihood=stream.likelihood,
         )
+    return replay_result(run, resolved, own_index, stream, observed, skipped, config)
+
+
+def replay_result(
+    run: Run,
+    resolved: list[Policy],
+    own_index: int | None,
+    stream: StreamedRun,
+    observed: Observed,
+    skipped: list[str],
+    config: ReplayConfig,
+) -> ReplayResult:
+    """The replay of the `resolved` policies from their streaming pass over `run` (`stream`)
+    and the run's observed behaviour: per-step columns, summaries, the best policy, and the
+    detail pass when `config.detail`."""
     series = [
         StepSeries(
             derive_series(stream.metrics[:, i, :], stream.step_numbers, stream.geometry, config)
@@ -214,8 +235,9 @@ def replay_run(
     if config.detail:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RunIntegrityWarning)
+            flagged = _flagged_steps(series, keep)
+            device = resolve_device(config.device)
             with torch_threads(config.threads):
-                flagged = _flagged_steps(series, keep)
                 details = detail_pass(run, resolved, flagged, device, config.top_k)
     geometry, coverage = _run_geometry(stream.geometry)
     return ReplayResult(

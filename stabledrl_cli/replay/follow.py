@@ -11,19 +11,29 @@ the point two runs part.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stabledrl_cli._device import resolve_device
-from stabledrl_cli.dump import IntegrityReport, Run, RunIntegrityWarning, Step
+from stabledrl_cli.dump import IntegrityReport, Run, RunIntegrityWarning, Step, open_run
 from stabledrl_cli.dump._integrity import StepReadError
+from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay.columns import ColumnArray, derive_series, device_metrics
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.engine import own_policy
+from stabledrl_cli.replay.engine import (
+    no_steps_message,
+    own_policy,
+    replay_result,
+    skipped_reasons,
+    torch_threads,
+)
 from stabledrl_cli.replay.observed import (
     NoiseFloor,
     Observed,
@@ -31,8 +41,9 @@ from stabledrl_cli.replay.observed import (
     measurements_of,
     observe,
 )
-from stabledrl_cli.replay.stream import stream_run
-from stabledrl_cli.vocab import StepGeometryKind
+from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.replay.stream import StreamedRun, stream_run
+from stabledrl_cli.vocab import ALERT_KINDS, AlertKind, StepGeometryKind
 
 
 class StepSubset(Run):
@@ -66,8 +77,8 @@ class StepSubset(Run):
 class OwnReplay:
     """The run's own policy (its manifest's spec) replayed over the steps added so far.
 
-    Without an own policy in the catalogue (a custom spec), `policy` is None and the columns
-    are empty; the collapse warning's measurements are still gathered.
+    Without an own policy in the catalogue (a custom spec), `policy` is None: no policy is
+    replayed, and the collapse warning's measurements are still gathered.
     """
 
     def __init__(self, run: Run, config: ReplayConfig | None = None) -> None:
@@ -78,8 +89,15 @@ class OwnReplay:
         self._steps: list[int] = []
         self._blocks: list[np.ndarray] = []
         self._geometry: list[StepGeometryKind] = []
-        self.likelihood = OwnLikelihood()
-        self.noise_floor = NoiseFloor()
+        self._loss: list[np.ndarray] = []
+        self._covered: list[np.ndarray] = []
+        self._approximate = np.zeros(self._width, dtype=bool)
+        self._likelihood = OwnLikelihood()
+        self._floor = NoiseFloor()
+
+    @property
+    def _width(self) -> int:
+        return 0 if self.policy is None else 1
 
     @property
     def steps(self) -> list[int]:
@@ -87,8 +105,9 @@ class OwnReplay:
         return list(self._steps)
 
     def extend(self, numbers: Sequence[int]) -> list[int]:
-        """Replays the run's steps `numbers` (each after every step replayed so far); returns
-        those read (a corrupt one is skipped). InputError for a step a policy cannot read."""
+        """Replays the run's steps `numbers` that come after every step replayed so far;
+        returns those read (a corrupt one is skipped). InputError for a step the policy cannot
+        read."""
         last = self._steps[-1] if self._steps else None
         new = sorted(n for n in set(numbers) if last is None or n > last)
         if not new:
@@ -98,48 +117,287 @@ class OwnReplay:
             warnings.simplefilter("ignore", RunIntegrityWarning)
             if self.policy is None:
                 floor, gathered = measurements_of(subset)
-                read = [h.step for h in subset.step_headers()]
+                headers = list(subset.step_headers())
+                read = [h.step for h in headers]
+                self._geometry.extend("coef" for _ in read)
+                self._loss.append(np.array([h.scalars.get("loss", np.nan) for h in headers]))
+                self._covered.append(np.full(len(read), np.nan))
             else:
-                streamed = stream_run(
-                    subset, [self.policy], 0, self.config.chunk_size, self._device
-                )
+                with torch_threads(self.config.threads):
+                    streamed = stream_run(
+                        subset,
+                        [self.policy],
+                        0,
+                        self._device,
+                        chunk_size=self.config.chunk_size,
+                        memory_budget=self.config.memory_budget,
+                    )
                 floor, gathered = streamed.noise_floor, streamed.likelihood
                 read = [int(n) for n in streamed.step_numbers]
                 self._blocks.append(streamed.metrics)
                 self._geometry.extend(streamed.geometry)
+                self._loss.append(streamed.loss)
+                self._covered.append(streamed.grad_norm_covered)
+                self._approximate |= streamed.approximate
         self._steps.extend(read)
         for step, inner, value in zip(
             gathered.steps, gathered.inner_step, gathered.values, strict=True
         ):
-            self.likelihood.steps.append(step)
-            self.likelihood.inner_step.append(inner)
-            self.likelihood.values.append(value)
-        self.noise_floor.merge(floor)
+            self._likelihood.steps.append(step)
+            self._likelihood.inner_step.append(inner)
+            self._likelihood.values.append(value)
+        self._floor.merge(floor)
         return read
+
+    def stream(self) -> StreamedRun:
+        """What the replay's streaming pass over the steps replayed so far would have kept."""
+        empty = np.zeros((0, self._width, len(device_metrics())), dtype=np.float64)
+        return StreamedRun(
+            step_numbers=np.array(self._steps, dtype=np.int64),
+            metrics=np.concatenate(self._blocks) if self._blocks else empty,
+            geometry=tuple(self._geometry),
+            approximate=self._approximate.copy(),
+            loss=np.concatenate(self._loss) if self._loss else np.zeros(0),
+            grad_norm_covered=np.concatenate(self._covered) if self._covered else np.zeros(0),
+            noise_floor=self._floor,
+            likelihood=self._likelihood,
+        )
 
     def series(self) -> dict[str, ColumnArray]:
         """The own policy's reported columns over the steps replayed so far (name -> [S]);
         {} without an own policy."""
         if self.policy is None:
             return {}
-        metrics = (
-            np.concatenate(self._blocks)
-            if self._blocks
-            else np.zeros((0, 1, len(device_metrics())), dtype=np.float64)
+        stream = self.stream()
+        return derive_series(
+            stream.metrics[:, 0, :], stream.step_numbers, stream.geometry, self.config
         )
-        steps = np.array(self._steps, dtype=np.int64)
-        return derive_series(metrics[:, 0, :], steps, tuple(self._geometry), self.config)
 
     def observed(self) -> Observed:
         """The recorded run's own behaviour (reward collapse, recorded spikes, the collapse
-        warning) over its steps as listed now, with the measurements gathered so far."""
+        warning) over the steps replayed so far."""
         config = self.config
         return observe(
-            self.run,
+            StepSubset(self.run, self._steps),
             spike_factor=config.spike_factor,
             collapse_window=config.collapse_window,
             warning_window=config.warning_window,
             warning_drop=config.warning_drop,
-            noise_floor=self.noise_floor,
-            likelihood=self.likelihood,
+            noise_floor=self._floor,
+            likelihood=self._likelihood,
+        )
+
+    def result(self) -> ReplayResult:
+        """The replay of the own policy over the steps replayed so far, as `replay_run` gives
+        it for those steps (what `check`'s gates read). InputError before any step."""
+        if not self._steps:
+            raise InputError(no_steps_message(self.run, skipped_reasons(self.run)))
+        policies = [self.policy] if self.policy is not None else []
+        return replay_result(
+            self.run,
+            policies,
+            0 if policies else None,
+            self.stream(),
+            self.observed(),
+            skipped_reasons(self.run),
+            self.config,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Alert:
+    """Something a watcher saw happen, once per kind and step."""
+
+    kind: AlertKind
+    step: int
+    message: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepRow:
+    """One step as a watcher shows it: recorded reward and grad norm, the own policy's
+    replayed discard fraction and flags (None where not known)."""
+
+    step: int
+    reward_mean: float | None
+    grad_norm: float | None
+    discard_frac: float | None
+    risk: bool | None
+    drift: bool | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class WatchState:
+    """What a watcher knows of a run now (docs/watch.md)."""
+
+    run: str
+    waiting: str | None
+    """Why nothing is known yet (no manifest, no step), or None."""
+    steps: int
+    last_step: int | None
+    own_policy: str | None
+    recent: list[StepRow]
+    """The last steps, ascending."""
+    risk_steps: list[int]
+    drift_steps: list[int]
+    nonfinite_steps: list[int]
+    """Recorded non-finite steps."""
+    collapse_warning: int | None
+    """The collapse warning's first step."""
+    first_reward_collapse: int | None
+    alerts: list[Alert]
+    """Every alert so far, in the order seen."""
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _flag_steps(series: dict[str, ColumnArray], name: str) -> list[int]:
+    if not series:
+        return []
+    flags = np.asarray(series[name], dtype=bool)
+    return [int(n) for n in np.asarray(series["step"])[flags]]
+
+
+class RunWatcher:
+    """Follows a run as it is written: each `poll` replays the steps that landed since the
+    last one (a step file still under its temporary name is not listed yet) and returns the
+    new alerts. A path with no manifest yet is waited for."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], config: ReplayConfig | None = None, *, recent: int = 10
+    ) -> None:
+        self.path = Path(path)
+        self.config = config or ReplayConfig()
+        self.recent = recent
+        self.replay: OwnReplay | None = None
+        self._waiting: str | None = f"waiting for {self.path / 'manifest.json'}"
+        self._alerts: list[Alert] = []
+        self._seen: set[tuple[str, int]] = set()
+
+    def _open(self) -> OwnReplay | None:
+        if self.replay is None:
+            if not (self.path / "manifest.json").exists() and not self.path.is_file():
+                return None
+            self.replay = OwnReplay(open_run(self.path), self.config)
+        return self.replay
+
+    def poll(self) -> list[Alert]:
+        """Replays the new steps; -> the alerts they raised. InputError for a run that cannot
+        be read (a corrupt manifest, a step the own policy cannot read)."""
+        replay = self._open()
+        if replay is None:
+            return []
+        replay.extend(replay.run.step_numbers)
+        if not replay.steps:
+            self._waiting = f"waiting for the first step of {self.path}"
+            return []
+        self._waiting = None
+        return self._raise(self._candidates(replay))
+
+    def _candidates(self, replay: OwnReplay) -> list[Alert]:
+        series = replay.series()
+        observed = replay.observed()
+        found: list[Alert] = []
+        spec = replay.policy.spec if replay.policy is not None else "the own policy"
+        spikes = set(_flag_steps(series, "spike"))
+        for step in _flag_steps(series, "collapsed"):
+            what = "an update norm spike" if step in spikes else "a non-finite update"
+            found.append(Alert(kind="risk", step=step, message=f"{spec} replayed: {what}"))
+        for step in observed.nonfinite_steps:
+            found.append(
+                Alert(kind="nonfinite", step=step, message="the step recorded NaN or inf values")
+            )
+        drift = _flag_steps(series, "drift")
+        for step in drift:
+            if step - 1 not in drift:
+                found.append(
+                    Alert(kind="drift", step=step, message=f"{spec} replayed: bias (drift) begins")
+                )
+        warning = observed.collapse_warning.first_step
+        if warning is not None:
+            found.append(
+                Alert(
+                    kind="collapse_warning",
+                    step=warning,
+                    message=f"own-sample likelihood {observed.collapse_warning.drop:g}+ nats "
+                    "below its best",
+                )
+            )
+        collapse = observed.first_reward_collapse
+        if collapse is not None:
+            found.append(
+                Alert(
+                    kind="reward_collapse",
+                    step=collapse,
+                    message=f"observed reward collapse (as of step {replay.steps[-1]})",
+                )
+            )
+        return found
+
+    def _raise(self, candidates: list[Alert]) -> list[Alert]:
+        new = []
+        for alert in sorted(candidates, key=lambda a: (a.step, ALERT_KINDS.index(a.kind))):
+            key = (alert.kind, alert.step)
+            if alert.kind in ("collapse_warning", "reward_collapse"):
+                key = (alert.kind, -1)  # once per run
+            if key not in self._seen:
+                self._seen.add(key)
+                new.append(alert)
+        self._alerts.extend(new)
+        return new
+
+    def state(self) -> WatchState:
+        """What is known now."""
+        replay = self.replay
+        if replay is None or not replay.steps:
+            return WatchState(
+                run=str(self.path),
+                waiting=self._waiting,
+                steps=0,
+                last_step=None,
+                own_policy=None if replay is None else getattr(replay.policy, "spec", None),
+                recent=[],
+                risk_steps=[],
+                drift_steps=[],
+                nonfinite_steps=[],
+                collapse_warning=None,
+                first_reward_collapse=None,
+                alerts=list(self._alerts),
+            )
+        series = replay.series()
+        observed = replay.observed()
+        shown = replay.steps[-self.recent :] if self.recent > 0 else []
+        index = {n: i for i, n in enumerate(replay.steps)}
+        headers = {h.step: h for h in StepSubset(replay.run, shown).step_headers()}
+        rows = []
+        for n in shown:
+            i, header = index[n], headers.get(n)
+            scalars = header.scalars if header is not None else {}
+            rows.append(
+                StepRow(
+                    step=n,
+                    reward_mean=scalars.get("reward_mean"),
+                    grad_norm=scalars.get("grad_norm"),
+                    discard_frac=float(series["discard_frac"][i]) if series else None,
+                    risk=bool(series["collapsed"][i]) if series else None,
+                    drift=bool(series["drift"][i]) if series else None,
+                )
+            )
+        return WatchState(
+            run=str(self.path),
+            waiting=None,
+            steps=len(replay.steps),
+            last_step=replay.steps[-1],
+            own_policy=getattr(replay.policy, "spec", None),
+            recent=rows,
+            risk_steps=_flag_steps(series, "collapsed"),
+            drift_steps=_flag_steps(series, "drift"),
+            nonfinite_steps=list(observed.nonfinite_steps),
+            collapse_warning=observed.collapse_warning.first_step,
+            first_reward_collapse=observed.first_reward_collapse,
+            alerts=list(self._alerts),
         )

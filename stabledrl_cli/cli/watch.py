@@ -1,0 +1,203 @@
+"""`stabledrl watch RUN`: follow a run while it is written (docs/watch.md).
+
+Live: a rich view on stderr, refreshed as steps land (polled every --interval seconds), and one
+stderr line per new alert. `--once`: the current state on stdout (table or --format json) and
+the exit code of the gates (`check`'s absolute gates on the run's own policy).
+
+Exit codes: 0 every gate holds (or none is given); 1 a gate tripped (--once, or when
+--until-idle ends the watch); 2 usage error; 3 a missing or corrupt run (--once), or a run
+whose steps cannot be replayed; 130 stopped with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from stabledrl_cli.cli._options import (
+    DeviceOpt,
+    FormatOpt,
+    MaxCollapsedOpt,
+    MaxDiscardFracOpt,
+    MaxNonfiniteOpt,
+    RunArg,
+)
+from stabledrl_cli.cli._output import err, out, print_json
+from stabledrl_cli.cli.check import counted
+from stabledrl_cli.cli.replay import option_names
+from stabledrl_cli.dump import open_run
+from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.replay._format import format_cell, format_steps
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.follow import Alert, RunWatcher, WatchState
+from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
+
+STEPS_LISTED = 8
+"""Steps named per list in the view (JSON has them all)."""
+INTERRUPTED = 130
+
+
+def _alert_line(alert: Alert) -> str:
+    return f"alert: step {alert.step}: {alert.kind}: {alert.message}"
+
+
+def _steps(steps: list[int]) -> str:
+    return format_steps(steps, STEPS_LISTED, empty="none", separator=", ", more=" more")
+
+
+def _view(state: WatchState) -> Group:
+    """The state as a few lines and a table of the last steps."""
+    if state.waiting is not None:
+        return Group(Text(f"stabledrl watch {state.run}"), Text(state.waiting))
+    policy = state.own_policy or "not in the catalogue: no replay"
+
+    def at(step: int | None) -> str:
+        return "none" if step is None else f"step {step}"
+
+    lines = [
+        f"stabledrl watch {state.run}",
+        f"steps: {state.steps} (last {state.last_step}); own policy: {policy}",
+        f"risk steps: {_steps(state.risk_steps)}",
+        f"drift steps: {_steps(state.drift_steps)}",
+        f"recorded non-finite: {_steps(state.nonfinite_steps)}",
+        f"collapse warning: {at(state.collapse_warning)}; "
+        f"reward collapse: {at(state.first_reward_collapse)}",
+    ]
+    table = Table(show_edge=False)
+    for header in ("step", "reward", "grad norm", "discard", "risk", "drift"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for row in state.recent:
+        table.add_row(
+            str(row.step),
+            format_cell(row.reward_mean),
+            format_cell(row.grad_norm),
+            format_cell(row.discard_frac, percent=True),
+            format_cell(row.risk),
+            format_cell(row.drift),
+        )
+    return Group(*(Text(line) for line in lines), table)
+
+
+def _gates(watcher: RunWatcher, gates: Gates) -> list[GateResult]:
+    """`check`'s absolute gates on the own policy replayed over the steps seen so far."""
+    if not gates.any or watcher.replay is None:
+        return []
+    return evaluate(watcher.replay.result(), gates, None)
+
+
+def _report_gates(results: list[GateResult]) -> int:
+    tripped = [r for r in results if not r.ok]
+    for r in tripped:
+        err.print(f"gate tripped: {r.policy or '(run)'} {r.gate}: {r.message}", highlight=False)
+    if results and not tripped:
+        hold = "holds" if len(results) == 1 else "hold"
+        err.print(f"gates passed: {counted(len(results), 'gate')} {hold}", highlight=False)
+    return 1 if tripped else 0
+
+
+def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
+    watcher.poll()
+    state = watcher.state()
+    if state.steps == 0:
+        raise InputError(f"{state.run}: the run has no readable step yet")
+    for alert in state.alerts:
+        err.print(_alert_line(alert), highlight=False)
+    results = _gates(watcher, gates)
+    if output_format == "json":
+        data = state.to_dict()
+        data["gates"] = [r.to_dict() for r in results]
+        data["ok"] = all(r.ok for r in results)
+        print_json(data)
+    else:
+        out.print(_view(state), highlight=False)
+    return _report_gates(results)
+
+
+def _end_view() -> None:
+    """Off a terminal, the live view is printed once when it stops, without its last newline."""
+    if not err.is_terminal:
+        err.line()
+
+
+def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: float | None) -> int:
+    last_change = time.monotonic()
+    seen = -1
+    try:
+        with Live(_view(watcher.state()), console=err, auto_refresh=False) as live:
+            while True:
+                for alert in watcher.poll():
+                    live.console.print(_alert_line(alert), highlight=False)
+                state = watcher.state()
+                live.update(_view(state), refresh=True)
+                now = time.monotonic()
+                if state.steps != seen:
+                    seen, last_change = state.steps, now
+                elif until_idle is not None and now - last_change >= until_idle:
+                    break
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        _end_view()
+        err.print(f"stopped ({counted(watcher.state().steps, 'step')} seen)", highlight=False)
+        return INTERRUPTED
+    _end_view()
+    if watcher.state().steps == 0:
+        raise InputError(f"{watcher.path}: no step landed within {until_idle:g} s")
+    err.print(f"idle for {until_idle:g} s: stopped ({counted(seen, 'step')} seen)", highlight=False)
+    return _report_gates(_gates(watcher, gates))
+
+
+def command(
+    run: RunArg,
+    once: Annotated[
+        bool,
+        typer.Option("--once", help="Print the current state and exit with the gates' code."),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", metavar="SECONDS", help="Seconds between polls.")
+    ] = 2.0,
+    until_idle: Annotated[
+        float | None,
+        typer.Option(
+            "--until-idle",
+            metavar="SECONDS",
+            help="Stop when no new step landed for this long (then exit with the gates' code).",
+        ),
+    ] = None,
+    recent: Annotated[
+        int, typer.Option("--recent", metavar="N", help="Last steps shown in the view.")
+    ] = 10,
+    max_collapsed: MaxCollapsedOpt = None,
+    max_discard_frac: MaxDiscardFracOpt = None,
+    max_nonfinite: MaxNonfiniteOpt = None,
+    output_format: FormatOpt = "table",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Follow a run while it is written: reward, grad norm, the own policy's discard and risk."""
+    with option_names():
+        gates = Gates(
+            max_collapsed=max_collapsed,
+            max_discard_frac=max_discard_frac,
+            max_nonfinite=max_nonfinite,
+        )
+    if not interval > 0:
+        raise UsageError(f"--interval must be > 0, got {interval:g}")
+    if until_idle is not None and not until_idle >= 0:
+        raise UsageError(f"--until-idle must be >= 0, got {until_idle:g}")
+    if recent < 0:
+        raise UsageError(f"--recent must be >= 0, got {recent}")
+    if output_format == "json" and not once:
+        raise UsageError("--format json needs --once (the live view is on stderr)")
+    watcher = RunWatcher(run, ReplayConfig(device=device), recent=recent)
+    if once:
+        open_run(run)  # a missing path or a non-run: its own error, at once
+        code = _once(watcher, gates, output_format)
+    else:
+        code = _follow(watcher, gates, interval, until_idle)
+    if code:
+        raise typer.Exit(code)
