@@ -100,3 +100,14 @@ DiffKind = Literal["arrays", "inputs", "logprobs", "scalars"]
 """What `diff` compares of a step: every array bit for bit, the inputs exactly, the
 log-probabilities and the training scalars within a tolerance."""
 DIFF_KINDS: tuple[DiffKind, ...] = get_args(DiffKind)
+
+AlertKind = Literal["risk", "nonfinite", "drift", "collapse_warning", "reward_collapse"]
+"""What `watch` alerts on: a risk step of the run's own policy replayed (a spike or a
+non-finite update), a recorded non-finite step, the start of a drift stretch, the collapse
+warning, the observed reward collapse."""
+ALERT_KINDS: tuple[AlertKind, ...] = get_args(AlertKind)
+
+GuardMode = Literal["skip", "scale"]
+"""What an in-process guard (`stabledrl_cli.guard`) does to a step it flags: skip its update,
+or scale its gradient down."""
+GUARD_MODES: tuple[GuardMode, ...] = get_args(GuardMode)

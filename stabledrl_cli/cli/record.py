@@ -21,7 +21,14 @@ from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.example.config import ExampleConfig
-from stabledrl_cli.vocab import Estimator, GeometryDtype, GeometryKind, SketchMethod, Unit
+from stabledrl_cli.vocab import (
+    Estimator,
+    GeometryDtype,
+    GeometryKind,
+    GuardMode,
+    SketchMethod,
+    Unit,
+)
 
 if TYPE_CHECKING:
     from stabledrl_cli.capture.geometry import GeometryConfig
@@ -92,6 +99,8 @@ def _run_example(
     geometry: GeometryConfig | None,
     threads: int,
     checkpoint_every: int | None,
+    guard_mode: GuardMode | None,
+    guard_rule: str | None,
 ) -> None:
     # torch and the trainer load here, when the example runs (not for `record --help`).
     import torch
@@ -100,10 +109,15 @@ def _run_example(
     from stabledrl_cli.dump import Recorder
     from stabledrl_cli.example.checkpoint import CheckpointPlan, checkpoints_dir, clear_checkpoints
     from stabledrl_cli.example.trainer import recorder_kwargs, train
+    from stabledrl_cli.guard import Guard
     from stabledrl_cli.policies import get_policy
 
     torch_device = resolve_device(device)
     policy = get_policy(config.policy)
+    guard = Guard(guard_mode, guard_rule, policy) if guard_mode is not None else None
+    kwargs = recorder_kwargs(config, policy, geometry)
+    if guard is not None:
+        kwargs["meta"]["guard"] = guard.manifest_note()
     torch.set_num_threads(threads)
     progress = _progress()
     task_id = progress.add_task("pretraining", total=config.steps, reward=float("nan"))
@@ -127,7 +141,7 @@ def _run_example(
     if checkpoint_every is not None:
         plan = CheckpointPlan(directory=checkpoints_dir(out), every=checkpoint_every)
     with (
-        Recorder(out, overwrite=force, **recorder_kwargs(config, policy, geometry)) as recorder,
+        Recorder(out, overwrite=force, **kwargs) as recorder,
         progress,
     ):
         clear_checkpoints(out)  # a run recorded over another keeps none of its checkpoints
@@ -139,8 +153,16 @@ def _run_example(
             on_phase=on_phase,
             geometry=geometry,
             checkpoints=plan,
+            guard=guard,
         )
     err.print(_summary(config, policy, geometry, result, out))
+    if guard is not None:
+        counts = guard.counts
+        err.print(
+            f"guard ({guard.mode}, {guard.manifest_note()['rule']}): {counts['skip']} steps "
+            f"skipped, {counts['scale']} scaled (recorded as guard_action)",
+            highlight=False,
+        )
 
 
 STEPS_DEPRECATED = (
@@ -273,6 +295,24 @@ def command(
             rich_help_panel=EXAMPLE,
         ),
     ] = 1,
+    guard: Annotated[
+        GuardMode | None,
+        typer.Option(
+            "--guard",
+            help="Guard each step before optimizer.step(): skip or scale down a flagged one "
+            "(stabledrl_cli.guard; default: off).",
+            rich_help_panel=EXAMPLE,
+        ),
+    ] = None,
+    guard_rule: Annotated[
+        str | None,
+        typer.Option(
+            "--guard-rule",
+            metavar="SPEC",
+            help="The guard's grad-norm rule (default skip-step for skip, zclip for scale).",
+            rich_help_panel=EXAMPLE,
+        ),
+    ] = None,
     geometry: Annotated[
         GeometryKind | None,
         typer.Option(
@@ -379,5 +419,9 @@ def command(
         max_grad_norm=DEFAULTS.max_grad_norm if max_grad_norm is None else max_grad_norm,
         skip_nonfinite=DEFAULTS.skip_nonfinite if skip_nonfinite is None else skip_nonfinite,
     )
-    _run_example(out, force, config, device, geometry_config, threads, checkpoint_every)
+    if guard_rule is not None and guard is None:
+        raise UsageError("--guard-rule needs --guard skip or --guard scale")
+    _run_example(
+        out, force, config, device, geometry_config, threads, checkpoint_every, guard, guard_rule
+    )
     sys.stderr.flush()

@@ -61,6 +61,7 @@ from stabledrl_cli.example.estimator import (
 from stabledrl_cli.example.pretrain import pretrain
 from stabledrl_cli.example.sampler import generate
 from stabledrl_cli.example.task import VOCAB_SIZE, SortTask
+from stabledrl_cli.guard import Guard
 from stabledrl_cli.policies import Policy, PolicyBatch, Weights, get_policy
 from stabledrl_cli.vocab import Unit
 
@@ -281,6 +282,7 @@ def train(
     geometry: GeometryConfig | None = None,
     checkpoints: CheckpointPlan | None = None,
     resume: TrainingState | None = None,
+    guard: Guard | None = None,
 ) -> TrainResult:
     """Pretrain, then run RL optimizer steps up to step `config.steps`, logging each to
     `recorder`.
@@ -292,6 +294,8 @@ def train(
     `checkpoints.every` (example/checkpoint.py).
     resume: continue from a checkpoint instead of pretraining; `config` may differ from the
     checkpoint's settings only in policy and steps (UsageError otherwise).
+    guard: asked before each `optimizer.step()` (stabledrl_cli.guard): a step it skips is not
+    taken, a step it scales has its gradient scaled; each decision is in the step's scalars.
     """
     if geometry is not None and geometry.kind == "none":
         geometry = None
@@ -392,7 +396,11 @@ def train(
                 (tokens, sample.noise_mask.to(device), sample.weights.to(device)),
                 step,
             )
-            if math.isfinite(grad_norm) or not config.skip_nonfinite:
+            decision = guard.before_step(grad_norm=grad_norm) if guard is not None else None
+            guarded = decision is not None and decision.skip
+            if decision is not None and not guarded:
+                decision.apply(params, applied=clip_scale)
+            if (math.isfinite(grad_norm) or not config.skip_nonfinite) and not guarded:
                 optimizer.step()
 
             loss = -float(weights.objective)
@@ -412,7 +420,11 @@ def train(
                     inner_step=inner_step,
                     grad_norm_covered=covered_norm,
                     **step_geometry,
-                    scalars={"rollout": rollout, "surrogate_loss": float(surrogate.detach())},
+                    scalars={
+                        "rollout": rollout,
+                        "surrogate_loss": float(surrogate.detach()),
+                        **(Guard.scalars(decision) if decision is not None else {}),
+                    },
                 )
             if on_step is not None:
                 on_step(

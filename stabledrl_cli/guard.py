@@ -1,0 +1,153 @@
+"""An in-process guard: skip or down-weight an optimizer step the detectors flag, before
+`optimizer.step()` (docs/guard.md).
+
+>>> guard = Guard(mode="skip", policy="grpo")           # off unless you make one
+>>> norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+>>> decision = guard.before_step(grad_norm=norm, batch=batch)
+>>> if not decision.skip:
+...     decision.apply(params)
+...     optimizer.step()
+>>> recorder.log_step(step, ..., grad_norm=norm, scalars=guard.scalars(decision))
+
+The rule, in order (every rule is fed on every step, so its statistics see the whole run):
+
+1. The grad-norm rule (`rule`, a guard spec of `replay.guards`): `skip-step` (OLMo-core's: a
+   norm more than `sigma` = 6 standard deviations above the mean of the previous `window` = 128
+   steps, once half a window is seen) by default for mode `skip`; `zclip` (ZClip's EMA z-score
+   clip) by default for mode `scale`. A non-finite grad norm (or loss) is always skipped.
+2. The batch rule, when a `policy` and a `batch` are given: the policy's coefficients on the
+   batch (its replayed update, `Policy.weights`) hold a NaN or inf on a scored entry: the update
+   would be non-finite, a risk step (docs/collapse.md): skipped.
+
+Mode `skip` skips a step any rule flags. Mode `scale` multiplies a clipped step's gradient by the
+rule's scale (threshold / norm) and skips a step the rule skips.
+
+Every decision is recorded when the integration logs `scalars(decision)` with the step:
+`guard_action` (0 none, 1 scale, 2 skip), `guard_scale` (the factor on the pre-clip gradient:
+1, in (0, 1), or 0) and `guard_z` (the rule's z-score, NaN while it gathers statistics); and
+`manifest_note()` goes into the run's `meta.guard` (the mode, rules and codes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.policies import Policy, PolicyBatch, get_policy, prepare
+from stabledrl_cli.replay.guards import guard_spec, make_guard
+from stabledrl_cli.vocab import GUARD_MODES, GuardMode
+
+Action = Literal["none", "scale", "skip"]
+"""What a guard did to one step."""
+ACTION_CODES: dict[Action, int] = {"none": 0, "scale": 1, "skip": 2}
+"""`guard_action` as recorded (step scalars are numbers)."""
+DEFAULT_RULES: dict[GuardMode, str] = {"skip": "skip-step", "scale": "zclip"}
+"""The grad-norm rule of each mode when none is given."""
+SCALARS = ("guard_action", "guard_scale", "guard_z")
+"""The step scalars `Guard.scalars` records."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the guard asks of one step."""
+
+    action: Action
+    scale: float
+    """The factor on the step's pre-clip gradient: 1 (none), in (0, 1) (scale), 0 (skip)."""
+    reason: str
+    """Why, in words ("" for none)."""
+    z: float | None = None
+    """The grad-norm rule's z-score (None while it gathers statistics)."""
+
+    @property
+    def skip(self) -> bool:
+        """Do not call `optimizer.step()` for this step."""
+        return self.action == "skip"
+
+    def apply(self, parameters: Iterable[torch.Tensor], *, applied: float = 1.0) -> None:
+        """Scales the parameters' gradients (in place) to `scale` of their pre-clip size, given
+        that they already carry the factor `applied` (e.g. clip_grad_norm_'s
+        min(1, max_norm / norm)); never scales up, and does nothing unless `action` is scale."""
+        if self.action != "scale" or self.scale >= applied:
+            return
+        factor = self.scale / applied
+        with torch.no_grad():
+            for p in parameters:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
+
+class Guard:
+    """Flags a step before `optimizer.step()` (rule in the module docstring).
+
+    mode: skip | scale. rule: a grad-norm guard spec (`skip-step`, `skip-step:window=64`,
+    `zclip:z_thresh=3`; default per mode, `DEFAULT_RULES`). policy: the run's own policy (a
+    spec or a Policy), for the batch rule; None: no batch rule.
+    """
+
+    def __init__(
+        self, mode: GuardMode = "skip", rule: str | None = None, policy: str | Policy | None = None
+    ) -> None:
+        if mode not in GUARD_MODES:
+            raise UsageError(f"unknown guard mode {mode!r}; valid: {', '.join(GUARD_MODES)}")
+        self.mode: GuardMode = mode
+        self.rule = make_guard(rule or DEFAULT_RULES[mode])
+        self.policy = get_policy(policy) if isinstance(policy, str) else policy
+        self.counts: dict[Action, int] = dict.fromkeys(ACTION_CODES, 0)
+
+    def before_step(
+        self, *, grad_norm: float, loss: float | None = None, batch: PolicyBatch | None = None
+    ) -> Decision:
+        """The decision for the step whose pre-clip gradient norm is `grad_norm` (loss: its loss,
+        which the skip-step rule also watches; batch: its batch, for the batch rule)."""
+        ruled = self.rule.update(float(grad_norm), None if loss is None else float(loss))
+        decision = Decision("none", 1.0, "", ruled.z)
+        if ruled.action == "nonfinite":
+            decision = Decision("skip", 0.0, "non-finite grad norm or loss", None)
+        elif ruled.action == "skip":
+            decision = Decision("skip", 0.0, f"{self.rule.name}: z {ruled.z:.3g}", ruled.z)
+        elif ruled.action == "clip":
+            why = f"{self.rule.name}: z {ruled.z:.3g}" if ruled.z is not None else "ceiling"
+            if self.mode == "scale":
+                decision = Decision("scale", ruled.scale, why, ruled.z)
+            else:
+                decision = Decision("skip", 0.0, why, ruled.z)
+        if batch is not None and self.policy is not None and decision.action != "skip":
+            bad = self._nonfinite_coefficients(batch)
+            if bad:
+                decision = Decision(
+                    "skip", 0.0, f"{self.policy.spec}: {bad} non-finite coefficients", ruled.z
+                )
+        self.counts[decision.action] += 1
+        return decision
+
+    def _nonfinite_coefficients(self, batch: PolicyBatch) -> int:
+        assert self.policy is not None
+        with torch.no_grad():
+            prepared = prepare(batch)
+            coef = self.policy.weights(prepared).coef.reshape(-1)
+            return int((~torch.isfinite(coef) & prepared.mask.reshape(-1)).sum())
+
+    @staticmethod
+    def scalars(decision: Decision) -> dict[str, float]:
+        """The step scalars that record `decision` (`SCALARS`)."""
+        return {
+            "guard_action": float(ACTION_CODES[decision.action]),
+            "guard_scale": decision.scale,
+            "guard_z": math.nan if decision.z is None else decision.z,
+        }
+
+    def manifest_note(self) -> dict[str, object]:
+        """The run's `meta.guard`: mode, rules and what the recorded scalars mean."""
+        return {
+            "mode": self.mode,
+            "rule": guard_spec(self.rule),
+            "policy": None if self.policy is None else self.policy.spec,
+            "scalars": list(SCALARS),
+            "actions": {str(code): action for action, code in ACTION_CODES.items()},
+        }

@@ -1,0 +1,166 @@
+"""`stabledrl_cli.guard`: the in-process guard skips or scales a flagged step, and every
+decision is recorded; wired into the built-in example (`record --guard`)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import Recorder, open_run
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.example import ExampleConfig
+from stabledrl_cli.example.trainer import recorder_kwargs, train
+from stabledrl_cli.guard import ACTION_CODES, SCALARS, Guard
+from stabledrl_cli.policies import PolicyBatch, get_policy
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.diff import diff_runs
+from stabledrl_cli.replay.guards import replay_guards
+
+NORMS = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 50.0, 1.0]
+"""A steady grad norm with one spike at index 6."""
+
+
+def test_skip_mode_skips_the_spike_and_nothing_else():
+    guard = Guard(mode="skip", rule="skip-step:window=6,sigma=6")
+    decisions = [guard.before_step(grad_norm=n) for n in NORMS]
+    assert [d.action for d in decisions] == ["none"] * 6 + ["skip", "none"]
+    spike = decisions[6]
+    assert spike.skip and spike.scale == 0.0 and spike.z is not None and spike.z > 6
+    assert spike.reason.startswith("skip-step: z ")
+    assert guard.counts == {"none": 7, "scale": 0, "skip": 1}
+    assert Guard.scalars(spike) == {"guard_action": 2.0, "guard_scale": 0.0, "guard_z": spike.z}
+    assert math.isnan(Guard.scalars(decisions[0])["guard_z"])  # still gathering statistics
+    nonfinite = guard.before_step(grad_norm=math.inf)
+    assert nonfinite.skip and nonfinite.z is None and "non-finite" in nonfinite.reason
+
+
+def test_scale_mode_scales_the_spike_down_to_the_threshold():
+    guard = Guard(mode="scale", rule="zclip:warmup=5")
+    decisions = [guard.before_step(grad_norm=n) for n in NORMS]
+    spike = decisions[6]
+    assert [d.action for d in decisions[:6]] == ["none"] * 6
+    assert spike.action == "scale" and 0.0 < spike.scale < 0.1 and not spike.skip
+    # Its gradient ends at scale x the pre-clip gradient, whatever clip_grad_norm_ applied.
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.grad = torch.full((3,), 50.0 / math.sqrt(3))
+    clip_scale = 1.0 / 50.0  # clip_grad_norm_(max_norm=1) left the norm at 1
+    param.grad.mul_(clip_scale)
+    spike.apply([param], applied=clip_scale)
+    assert float(param.grad.norm()) == pytest.approx(min(clip_scale, spike.scale) * 50.0)
+    before = param.grad.clone()
+    spike.apply([param], applied=spike.scale / 2)  # never scales up
+    assert torch.equal(param.grad, before)
+
+
+def test_the_batch_rule_skips_a_non_finite_update_of_the_own_policy():
+    guard = Guard(mode="scale", policy="grpo")
+    logp = torch.tensor([-1.0, -2.0, float("nan"), -1.5])
+    batch = PolicyBatch(
+        logp=logp,
+        logp_old=torch.tensor([-1.0, -2.0, -1.0, -1.5]),
+        advantages=torch.tensor([1.0, -1.0, 1.0, -1.0]),
+        seq_id=torch.arange(4),
+        unit="sequence",
+    )
+    decision = guard.before_step(grad_norm=1.0, batch=batch)
+    assert decision.skip and decision.reason == "grpo: 1 non-finite coefficients"
+    fine = PolicyBatch(
+        logp=torch.tensor([-1.0, -2.0, -1.0, -1.5]),
+        logp_old=torch.tensor([-1.0, -2.0, -1.0, -1.5]),
+        advantages=torch.tensor([1.0, -1.0, 1.0, -1.0]),
+        seq_id=torch.arange(4),
+        unit="sequence",
+    )
+    assert guard.before_step(grad_norm=1.0, batch=fine).action == "none"
+
+
+def test_bad_settings_are_usage_errors():
+    with pytest.raises(UsageError, match="unknown guard mode"):
+        Guard(mode="off")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="unknown guard"):
+        Guard(rule="nope")
+
+
+CONFIG = ExampleConfig(seed=2, steps=12, pretrain_steps=10)
+RULE = "skip-step:sigma=2,window=6"
+
+
+def _record(out, guard: Guard | None):
+    torch.set_num_threads(1)
+    policy = get_policy(CONFIG.policy)
+    kwargs = recorder_kwargs(CONFIG, policy)
+    if guard is not None:
+        kwargs["meta"]["guard"] = guard.manifest_note()
+    with Recorder(out, **kwargs) as recorder:
+        train(CONFIG, recorder=recorder, guard=guard)
+    return open_run(out)
+
+
+def test_the_example_skips_a_flagged_step_and_records_it(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        plain = _record(tmp_path / "plain", None)
+        guarded = _record(tmp_path / "guarded", Guard(mode="skip", rule=RULE))
+    finally:
+        torch.set_num_threads(threads)
+    assert guarded.manifest["meta"]["guard"] == {
+        "mode": "skip",
+        "rule": RULE,
+        "policy": None,
+        "scalars": list(SCALARS),
+        "actions": {"0": "none", "1": "scale", "2": "skip"},
+    }
+    headers = list(guarded.step_headers())
+    assert all(set(SCALARS) <= set(h.scalars) for h in headers)
+    skipped = [h.step for h in headers if h.scalars["guard_action"] == ACTION_CODES["skip"]]
+    assert skipped and skipped[0] < 11
+    for h in headers:
+        skip = h.step in skipped
+        assert h.scalars["guard_scale"] == (0.0 if skip else 1.0)
+        if skip:  # a spike by the rule: more than sigma standard deviations above the window
+            assert h.scalars["guard_z"] > 2
+    # The rule replayed over the recorded grad norms flags the same steps.
+    steps, norms = guarded.scalar_series("grad_norm")
+    [report] = replay_guards(steps, norms, None, [RULE])
+    assert [s.step for s in report.acted if s.action == "skip"] == skipped
+    # A skipped update leaves the parameters as they were: the runs are equal through the
+    # first skipped step (same batch, same grad norm) and part at the next one.
+    first = skipped[0]
+    result = diff_runs(plain, guarded, config=ReplayConfig(device="cpu"))
+    assert result.parted_at == first + 1
+    assert result.first["logprobs"] is not None and result.first["logprobs"].step == first + 1
+    assert not {"guard_action", "guard_scale"} & set(plain.step(0).scalars)
+
+
+def test_record_guard_scale_records_each_decision(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        ["record", "--out", str(out), "--rl-steps", "6", "--device", "cpu", "--guard", "scale",
+         "--guard-rule", "zclip:warmup=2,z_thresh=0.5"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run = open_run(out)
+    note = run.manifest["meta"]["guard"]
+    assert note["mode"] == "scale" and note["rule"] == "zclip:warmup=2,z_thresh=0.5"
+    assert note["policy"] == "grpo"
+    actions = np.array([h.scalars["guard_action"] for h in run.step_headers()])
+    scales = np.array([h.scalars["guard_scale"] for h in run.step_headers()])
+    assert set(actions.tolist()) <= {0.0, 1.0} and len(actions) == 6
+    assert np.all((scales < 1.0) == (actions == 1.0))
+    assert f"{int((actions == 1).sum())} scaled (recorded as guard_action)" in result.stderr
+    inspected = CliRunner().invoke(app, ["inspect", str(out), "--format", "json"])
+    assert "guard_action" in json.loads(inspected.stdout)["scalars"]
+
+
+def test_record_guard_rule_needs_guard(tmp_path):
+    result = CliRunner().invoke(
+        app, ["record", "--out", str(tmp_path / "r"), "--guard-rule", "zclip"]
+    )
+    assert result.exit_code == 2 and "--guard-rule needs --guard" in result.stderr
