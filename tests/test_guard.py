@@ -149,7 +149,7 @@ def test_record_guard_scale_records_each_decision(tmp_path):
     run = open_run(out)
     note = run.manifest["meta"]["guard"]
     assert note["mode"] == "scale" and note["rule"] == "zclip:warmup=2,z_thresh=0.5"
-    assert note["policy"] == "grpo"
+    assert note["policy"] is None  # the example passes no batch: the grad-norm rule alone
     actions = np.array([h.scalars["guard_action"] for h in run.step_headers()])
     scales = np.array([h.scalars["guard_scale"] for h in run.step_headers()])
     assert set(actions.tolist()) <= {0.0, 1.0} and len(actions) == 6

@@ -114,7 +114,7 @@ def _run_example(
 
     torch_device = resolve_device(device)
     policy = get_policy(config.policy)
-    guard = Guard(guard_mode, guard_rule, policy) if guard_mode is not None else None
+    guard = Guard(guard_mode, guard_rule) if guard_mode is not None else None
     kwargs = recorder_kwargs(config, policy, geometry)
     if guard is not None:
         kwargs["meta"]["guard"] = guard.manifest_note()
