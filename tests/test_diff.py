@@ -24,7 +24,7 @@ from conftest import fixture_run
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.dump import Recorder, open_run
+from stabledrl_cli.dump import Recorder, open_run, pack_run
 from stabledrl_cli.example import ExampleConfig
 from stabledrl_cli.example.checkpoint import CheckpointPlan, checkpoints_dir, load_checkpoint
 from stabledrl_cli.example.trainer import recorder_kwargs, train
@@ -185,6 +185,13 @@ def test_the_fixtures_part_at_step_0_in_their_scalars():
     row0 = result.around[0]
     assert row0.a["discard_frac"] != row0.b["discard_frac"]
     assert np.isclose(row0.a["grad_norm"], 64.9191589)  # type: ignore[arg-type]
+
+
+def test_a_run_and_its_packed_archive_are_identical(grpo_fixture, tmp_path):
+    archive = tmp_path / "grpo.h5"
+    pack_run(open_run(grpo_fixture), archive)
+    result = diff_runs(open_run(grpo_fixture), open_run(archive), config=CPU)
+    assert result.identical and result.compared == 160
 
 
 def _subprocess(*args: str) -> subprocess.CompletedProcess[str]:
