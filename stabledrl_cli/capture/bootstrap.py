@@ -7,6 +7,9 @@
 - STABLEDRL_STATUS_FILE: a file of `record`'s, where the child reports a recording failure.
 
 Inside the child, the first `log_policy_batch` call opens a Recorder on the run directory;
+under a launcher that sets torch.distributed's RANK and WORLD_SIZE (torchrun, accelerate,
+deepspeed) it records as that rank, each rank writing its own step files (`recorder_kwargs`
+may still pass `rank` and `world_size`);
 every call logs one step; the Recorder is closed at interpreter exit. Recording must never
 break training: the first failure is reported once on stderr as a warning, every later call
 is a no-op that returns False, and training goes on.
@@ -36,6 +39,8 @@ ENV_RUN_DIR = "STABLEDRL_RUN_DIR"
 ENV_FORCE = "STABLEDRL_FORCE"
 ENV_POLICY = "STABLEDRL_POLICY"
 ENV_STATUS_FILE = "STABLEDRL_STATUS_FILE"
+ENV_TORCH_RANK = "RANK"
+ENV_TORCH_WORLD_SIZE = "WORLD_SIZE"
 
 NO_POLICY = (
     "no policy to record: pass one to `stabledrl record`, e.g. `--policy grpo`, or to the "
@@ -96,6 +101,20 @@ class RecordingFailure:
 _failure = RecordingFailure()
 
 
+def _launcher_rank() -> dict[str, int]:
+    """{"rank", "world_size"} from torch.distributed's RANK and WORLD_SIZE (set by torchrun),
+    else {} (one process). A value that is not an integer is a UsageError."""
+    rank, world_size = os.environ.get(ENV_TORCH_RANK), os.environ.get(ENV_TORCH_WORLD_SIZE)
+    if rank is None or world_size is None:
+        return {}
+    try:
+        return {"rank": int(rank), "world_size": int(world_size)}
+    except ValueError:
+        raise UsageError(
+            f"{ENV_TORCH_RANK}={rank!r} and {ENV_TORCH_WORLD_SIZE}={world_size!r} must be integers"
+        ) from None
+
+
 def _open(policy: str | PolicyLike | None, recorder_kwargs: dict[str, Any]) -> Recorder:
     global _recorder
     if _recorder is not None:
@@ -110,6 +129,8 @@ def _open(policy: str | PolicyLike | None, recorder_kwargs: dict[str, Any]) -> R
 
     force = os.environ.get(ENV_FORCE, "") not in ("", "0")
     recorder_kwargs.setdefault("on_write_error", "warn")  # a full disk never stops training
+    for name, value in _launcher_rank().items():
+        recorder_kwargs.setdefault(name, value)
     _recorder = Recorder(run_dir, policy=policy, overwrite=force, **recorder_kwargs)
     atexit.register(close)
     return _recorder

@@ -97,8 +97,8 @@ def note_skipped(result: ReplayResult) -> None:
     more = "; ..." if count > REASONS_SHOWN else ""
     noun = "step" if count == 1 else "steps"
     err.print(
-        f"warning: skipped {count} unreadable {noun} of {result.run} ({shown}{more}); "
-        f"replayed {result.steps}; `stabledrl inspect` lists every finding",
+        f"warning: skipped {count} unreadable or incomplete {noun} of {result.run} "
+        f"({shown}{more}); replayed {result.steps}; `stabledrl inspect` lists every finding",
         highlight=False,
     )
 

@@ -238,7 +238,8 @@ def _unknown_reason(name: str, regular: bool, world_size: int) -> str | None:
 
 
 def _missing_ranks(ranks: dict[int, Path], world_size: int) -> str | None:
-    """'no file for rank(s) [...]' naming at most five, or None; O(files), not O(world_size)."""
+    """'incomplete, no file for rank(s) [...]' naming at most five, or None (a rank that died,
+    or is still writing the step); O(files), not O(world_size)."""
     if len(ranks) >= world_size:
         return None
     first: list[int] = []
@@ -248,7 +249,7 @@ def _missing_ranks(ranks: dict[int, Path], world_size: int) -> str | None:
             first.append(rank)
         rank += 1
     more = world_size - len(ranks) - len(first)
-    return f"no file for rank(s) {first}" + (f" and {more} more" if more > 0 else "")
+    return f"incomplete, no file for rank(s) {first}" + (f" and {more} more" if more > 0 else "")
 
 
 class DirectoryRun(Run):
