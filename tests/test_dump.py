@@ -153,6 +153,26 @@ def test_sequence_unit_round_trip(tmp_path):
     assert step.scalars["grad_norm_covered"] == 2.0 and step.num_sequences == 4
 
 
+def test_strided_and_broadcast_inputs_are_recorded_as_their_values(tmp_path):
+    """A column view x[:, 0], a broadcast (stride 0) tensor and a reversed numpy view are
+    stored as the values they show, not as the memory they point into."""
+    path = tmp_path / "run"
+    table = torch.arange(24, dtype=torch.float32).reshape(6, 4)
+    with sd.Recorder(path, policy="reinforce:agg=recorded", unit="sequence") as rec:
+        rec.log_step(
+            0,
+            logp=table[:, 0],
+            logp_old=table[:, 1],
+            advantages=np.arange(6, dtype=np.float32)[::-1],
+            loss_scale=torch.tensor(7.0).expand(6),
+        )
+    step = sd.open_run(path).step(0)
+    assert step["logp"].tolist() == [0.0, 4.0, 8.0, 12.0, 16.0, 20.0]
+    assert step["logp_old"].tolist() == [1.0, 5.0, 9.0, 13.0, 17.0, 21.0]
+    assert step["advantages"].tolist() == [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
+    assert step["loss_scale"].tolist() == [7.0] * 6
+
+
 def test_geometry_and_param_norms(tmp_path):
     path = tmp_path / "run"
     geometry = {"kind": "gram", "params": ["lm_head.weight"], "every": 1}

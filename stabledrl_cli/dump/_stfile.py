@@ -41,7 +41,9 @@ def _canonical_crc(header: dict[str, Any]) -> str:
 
 def encode_step(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> list[bytes]:
     """The file's bytes as parts: length, header, data."""
-    raw = st_save(tensors, metadata=metadata)
+    # safetensors writes an array's buffer as it lies in memory, whatever its strides: a
+    # column x[:, 0] or a broadcast value would be stored as the wrong numbers.
+    raw = st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
     (header_len,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + header_len])
     data = raw[8 + header_len :]
