@@ -3,13 +3,23 @@ skip-step rule against OLMo-core's `get_step_factor`, and the replay report."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from stabledrl_cli._json import json_safe
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import UsageError
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.engine import replay_run
 from stabledrl_cli.replay.guards import SkipStep, ZClip, make_guard, replay_guards
 
 
@@ -151,3 +161,45 @@ def test_bad_guard_specs(spec: str, message: str) -> None:
 def test_canonical_guard_spec() -> None:
     (report,) = replay_guards([0], [1.0], None, ["zclip:z_thresh=3,alpha=0.97"])
     assert report.spec == "zclip:z_thresh=3"
+
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def test_replay_reports_the_guards_on_the_recorded_norms():
+    run = open_run(FIXTURES / "grpo")
+    result = replay_run(run, ["grpo"], config=ReplayConfig(device="cpu"))
+    steps, norms = run.scalar_series("grad_norm")
+    loss_steps, losses = run.scalar_series("loss")
+    expected = replay_guards(
+        steps, norms, dict(zip(loss_steps.tolist(), losses.tolist(), strict=True))
+    )
+    data = result.to_dict()
+    assert data["guards"] == json_safe([r.to_dict() for r in expected])
+    zclip, skip = data["guards"]
+    # the fixture's collapse: its 10^6 grad-norm spikes are clipped by ZClip, skipped by OLMo
+    assert 80 in [a["step"] for a in zclip["acted"] if a["action"] == "clip"]
+    assert 80 in [a["step"] for a in skip["acted"] if a["action"] == "skip"]
+    assert zclip["nonfinite"] == 4
+
+
+def test_replay_cli_guard_option():
+    runner = CliRunner()
+    base = ["replay", str(FIXTURES / "stabledrl"), "-p", "stabledrl", "--device", "cpu"]
+    custom = runner.invoke(app, [*base, "--guard", "zclip:z_thresh=4", "--format", "json"])
+    assert custom.exit_code == 0, custom.output
+    assert [g["guard"] for g in json.loads(custom.stdout)["guards"]] == ["zclip:z_thresh=4"]
+    none = runner.invoke(app, [*base, "--guard", "none", "--format", "json"])
+    assert json.loads(none.stdout)["guards"] == []
+    table = runner.invoke(app, base)
+    assert "guards on the recorded grad norms: zclip would" in table.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", *base, "--guard", "zclap"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "error: unknown guard 'zclap'; valid: zclip, skip-step"
+    ]

@@ -176,6 +176,15 @@ def command(
     chunk_size: ChunkSizeOpt = None,
     memory_budget: MemoryBudgetOpt = None,
     threads: ThreadsOpt = None,
+    guard: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--guard",
+            metavar="SPEC",
+            help="Adaptive grad-norm guard replayed over the recorded norms: zclip[:key=v,..] "
+            "or skip-step[:window=N,sigma=S] (repeatable; default both; none: no guard).",
+        ),
+    ] = None,
     plot: PlotOpt = None,
     metrics: Annotated[
         list[str] | None,
@@ -214,6 +223,7 @@ def command(
             collapse_window=collapse_window,
             step_range=parse_step_range(steps),
             detail=detail,
+            guards=None if guard is None else tuple(g for g in guard if g != "none"),
         )
     opened = open_run(run)
     result = replay_with_progress(opened, policy, config)

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from stabledrl_cli.errors import UsageError
+from stabledrl_cli.replay.guards import DEFAULT_GUARDS, make_guard
 from stabledrl_cli.vocab import Device
 
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
@@ -96,6 +97,8 @@ class ReplayConfig:
     """Per-step rows reported for start <= step < stop (the replay itself covers the run)."""
     detail: bool = False
     """Name the top sequences of each flagged step in the reported range."""
+    guards: tuple[str, ...] = DEFAULT_GUARDS
+    """Adaptive grad-norm guards replayed over the recorded grad norms (replay/guards.py)."""
     top_k: int = DEFAULT_TOP_K
     """Sequences named per flagged step."""
 
@@ -133,6 +136,8 @@ class ReplayConfig:
         for field, problem, ok in checks:
             if not ok:
                 raise ConfigError(field, problem)
+        for spec in self.guards:
+            make_guard(spec)  # a bad guard spec is a usage error naming it
         start, stop = self.step_range
         if start is not None and stop is not None and stop <= start:
             raise ConfigError(
@@ -156,6 +161,7 @@ def replay_config(
     warning_drop: float | None = None,
     step_range: StepRange = (None, None),
     detail: bool = False,
+    guards: tuple[str, ...] | None = None,
 ) -> ReplayConfig:
     """A `ReplayConfig` in which None stands for the default of that setting."""
     return ReplayConfig(
@@ -172,6 +178,7 @@ def replay_config(
         warning_drop=DEFAULT_WARNING_DROP if warning_drop is None else warning_drop,
         step_range=step_range,
         detail=detail,
+        guards=DEFAULT_GUARDS if guards is None else guards,
     )
 
 

@@ -198,6 +198,7 @@ def replay_run(
             warning_drop=config.warning_drop,
             noise_floor=stream.noise_floor,
             likelihood=stream.likelihood,
+            guards=config.guards,
         )
     return replay_result(run, resolved, own_index, stream, observed, skipped, config)
 

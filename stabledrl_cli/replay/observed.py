@@ -4,6 +4,7 @@ the estimator's noise floor. `inspect` prints it; replay puts it beside its resu
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -25,6 +26,7 @@ from stabledrl_cli.replay.detectors import (
     rolling_mean,
     spike_flags,
 )
+from stabledrl_cli.replay.guards import DEFAULT_GUARDS, GuardReport, replay_guards
 
 NOISE_FLOOR_INNER_STEP = 0
 """Steps recorded with this `inner_step` scalar are at theta == theta_old: their log r is pure
@@ -125,6 +127,8 @@ class Observed:
     collapse_window: int = DEFAULT_COLLAPSE_WINDOW
     """W of the observed-collapse rule it was found with."""
     collapse_warning: CollapseWarning = field(default_factory=CollapseWarning)
+    guards: list[GuardReport] = field(default_factory=list)
+    """What each adaptive grad-norm guard would have done to the recorded steps (guards.py)."""
 
     def to_dict(self) -> dict[str, object]:
         """Every field, JSON-ready (NaN still to be mapped to null)."""
@@ -227,6 +231,7 @@ def observe(
     warning_drop: float = DEFAULT_WARNING_DROP,
     noise_floor: NoiseFloor | None = None,
     likelihood: OwnLikelihood | None = None,
+    guards: Sequence[str] = DEFAULT_GUARDS,
 ) -> Observed:
     """The observed behaviour of a recorded run, from its per-step scalars.
 
@@ -235,8 +240,9 @@ def observe(
     warning_window, warning_drop: the collapse warning's settings.
     noise_floor, likelihood: the noise floor and the own-sample likelihood already gathered
     over the run's steps (a replay's streaming pass does); None: read from the steps here.
+    guards: the grad-norm guards replayed over the recorded grad_norm (and loss) series.
     """
-    series = run.scalar_series_many(["reward_mean", "grad_norm", "nonfinite"])
+    series = run.scalar_series_many(["reward_mean", "grad_norm", "nonfinite", "loss"])
     reward_steps, rewards = series["reward_mean"]
     norm_steps, grad_norms = series["grad_norm"]
     count_steps, nonfinite = series["nonfinite"]
@@ -265,4 +271,10 @@ def observe(
         reward_curve=_reward_curve(rewards, collapse_window),
         collapse_window=collapse_window,
         collapse_warning=warning,
+        guards=replay_guards(
+            norm_steps,
+            grad_norms,
+            dict(zip(series["loss"][0].tolist(), series["loss"][1].tolist(), strict=True)),
+            guards,
+        ),
     )

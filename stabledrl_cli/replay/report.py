@@ -15,6 +15,7 @@ from stabledrl_cli.replay import columns
 from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.columns import CellFormat
 from stabledrl_cli.replay.config import format_step_range
+from stabledrl_cli.replay.guards import GuardAction, GuardReport
 from stabledrl_cli.replay.observed import CollapseWarning
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.vocab import MetricGroup
@@ -282,6 +283,28 @@ def print_observed(result: ReplayResult, console: Console) -> None:
         soft_wrap=False,
     )
     console.print(warning_text(obs.collapse_warning, collapse), highlight=False, soft_wrap=False)
+    if obs.guards:
+        console.print(guards_text(obs.guards), highlight=False, soft_wrap=False)
+
+
+def guards_text(reports: Sequence[GuardReport]) -> str:
+    """One line: which recorded steps each adaptive guard would have clipped or skipped."""
+    verbs: tuple[tuple[GuardAction, str], ...] = (
+        ("clip", "clip"),
+        ("skip", "skip"),
+        ("nonfinite", "drop"),
+    )
+    parts = []
+    for report in reports:
+        acted = [
+            verb
+            + " "
+            + format_steps([s.step for s in report.acted if s.action == action], LIST_LIMIT)
+            for action, verb in verbs
+            if report.count(action)
+        ]
+        parts.append(f"{report.spec} would " + (", ".join(acted) if acted else "act on none"))
+    return "guards on the recorded grad norms: " + "; ".join(parts)
 
 
 def _cell(value: object, how: CellFormat) -> str:

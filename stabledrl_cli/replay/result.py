@@ -207,6 +207,7 @@ class ReplayResult:
                 "policies": [p.to_dict(steps=steps) for p in self.policies],
                 "observed": self.observed.contract_dict(),
                 "collapse_warning": self.observed.collapse_warning.to_dict(),
+                "guards": [g.to_dict() for g in self.observed.guards],
                 "threads": self.threads,
             }
         )
