@@ -20,7 +20,7 @@ from stabledrl_cli.cli.replay import check_outputs, note_skipped, replay_with_pr
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import own_policy
-from stabledrl_cli.replay.report import print_whole
+from stabledrl_cli.replay.report import print_legend, print_whole
 from stabledrl_cli.tune.front import SettingFigures, TuneReport, percent, rank
 from stabledrl_cli.tune.grid import SWEEP_SYNTAX, expand_all
 
@@ -66,14 +66,22 @@ def _print_table(report: TuneReport) -> None:
     for setting in report.settings:
         table.add_row(*_row(setting, report))
     print_whole(table, out)
-    out.print(
-        "* recommended, f on the front. risk: steps whose update is non-finite, spikes or "
-        "drifts; disc. grad: median share of the IS update discarded per step; disc. tok: "
-        "discarded eligible tokens.",
-        highlight=False,
+    print_legend(
+        [
+            "* recommended, f on the front (no other setting has fewer risk steps and less "
+            "discarded gradient)",
+            "risk: steps whose replayed update is non-finite, spikes or drifts (nf/spk/bias)",
+            "disc. grad: median share of the IS update discarded per step; disc. tok: "
+            "discarded eligible tokens",
+        ],
+        out,
     )
     if report.recommended is not None:
-        out.print(f"recommended: {report.recommended.spec}: {report.evidence}", highlight=False)
+        out.print(
+            f"recommended: {report.recommended.spec}: {report.evidence}",
+            highlight=False,
+            soft_wrap=False,
+        )
 
 
 def command(
