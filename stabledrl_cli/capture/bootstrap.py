@@ -1,4 +1,5 @@
-"""The child side of `stabledrl record --out DIR -- CMD`: `log_policy_batch`.
+"""The child side of `stabledrl record --out DIR -- CMD`: `log_policy_batch`, and the run that
+it and the optimizer hooks (`optimizer_hooks`) write together.
 
 `record` exports to the training command:
 - STABLEDRL_RUN_DIR: the run directory to write;
@@ -6,13 +7,24 @@
 - STABLEDRL_POLICY: the --policy spec, when given;
 - STABLEDRL_STATUS_FILE: a file of `record`'s, where the child reports a recording failure.
 
-Inside the child, the first `log_policy_batch` call opens a Recorder on the run directory;
-under a launcher that sets torch.distributed's RANK and WORLD_SIZE (torchrun, accelerate,
-deepspeed) it records as that rank, each rank writing its own step files (`recorder_kwargs`
-may still pass `rank` and `world_size`);
-every call logs one step; the Recorder is closed at interpreter exit. Recording must never
-break training: the first failure is reported once on stderr as a warning, every later call
-is a no-op that returns False, and training goes on.
+Inside the child, the first step to write opens a Recorder on the run directory; it is closed
+at interpreter exit. Under a launcher that sets torch.distributed's RANK and WORLD_SIZE
+(torchrun, accelerate, deepspeed) it records as that rank, each rank writing its own step
+files (`recorder_kwargs` may still pass `rank` and `world_size`).
+
+A step comes from `log_policy_batch` (a policy batch), from the optimizer hooks (an optimizer
+step's scalars), or from both: the pairing rule is that
+`log_policy_batch(n, ...)` and the hooks' optimizer step n (the n-th `step()` of the run's
+optimizer, counted from 0) are one step, whichever comes first. The first half is written at
+once; the second rewrites the step's file with both halves (a field given by both is taken
+from `log_policy_batch`). A half whose step number is not the last step's starts a new step.
+One exception: a run opened by the hooks with no policy known (no --policy) waits for the
+next event before writing its first step, so that a policy batch logged just after the first
+optimizer step still gives the run its policy.
+
+Recording must never break training: the first failure is reported once on stderr as a
+warning, recording is off from then on (`log_policy_batch` returns False at once, the hooks
+are removed), and training goes on.
 
 How the parent learns of a failure: `report_failure` appends one line `CODE<TAB>MESSAGE` to
 the status file (CODE is the exit code the failure maps to: 2 for a usage error such as a
@@ -27,6 +39,7 @@ import atexit
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stabledrl_cli.errors import InputError, StabledrlError, UsageError, WriteError
@@ -100,6 +113,9 @@ class RecordingFailure:
 
 _failure = RecordingFailure()
 
+HOOKS_SOURCE = {"kind": "optimizer-hooks"}
+"""The manifest's `source` of a run that the optimizer hooks opened."""
+
 
 def _launcher_rank() -> dict[str, int]:
     """{"rank", "world_size"} from torch.distributed's RANK and WORLD_SIZE (set by torchrun),
@@ -115,15 +131,50 @@ def _launcher_rank() -> dict[str, int]:
         ) from None
 
 
-def _open(policy: str | PolicyLike | None, recorder_kwargs: dict[str, Any]) -> Recorder:
+@dataclass
+class _Step:
+    """A step being written: its number and its two halves (Recorder.log_step keywords)."""
+
+    number: Any
+    batch: dict[str, Any] | None = None
+    hooks: dict[str, Any] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """Both halves as one set of log_step keywords; the batch's win, scalars merged."""
+        hooks, batch = dict(self.hooks or {}), dict(self.batch or {})
+        scalars = {**(hooks.pop("scalars", None) or {}), **(batch.pop("scalars", None) or {})}
+        merged = {**hooks, **batch}
+        if scalars:
+            merged["scalars"] = scalars
+        return merged
+
+
+_last: _Step | None = None
+"""The last step written (its halves are kept until the next step starts)."""
+_held: _Step | None = None
+"""A first hook step waiting for the run's policy (module docstring)."""
+_integration = False
+"""Whether an integration records this process (`integration_records`)."""
+
+
+def _open(
+    policy: str | PolicyLike | None,
+    recorder_kwargs: dict[str, Any],
+    *,
+    batch: bool,
+    hooks: bool,
+) -> Recorder:
+    """The run's Recorder, opened by the first step to write: a step with a policy `batch`
+    needs a policy; one with the `hooks`' half marks the run's source and writes its steps
+    from the Recorder's thread (`async_writes`)."""
     global _recorder
     if _recorder is not None:
         return _recorder
     run_dir = os.environ.get(ENV_RUN_DIR)
     if not run_dir:
         raise UsageError(f"{ENV_RUN_DIR} is not set (run the script under `stabledrl record`)")
-    policy = policy or os.environ.get(ENV_POLICY)
-    if not policy:
+    policy = policy or os.environ.get(ENV_POLICY) or None
+    if policy is None and batch:
         raise UsageError(NO_POLICY)
     from stabledrl_cli.dump import Recorder  # the training script may never log a step
 
@@ -131,9 +182,30 @@ def _open(policy: str | PolicyLike | None, recorder_kwargs: dict[str, Any]) -> R
     recorder_kwargs.setdefault("on_write_error", "warn")  # a full disk never stops training
     for name, value in _launcher_rank().items():
         recorder_kwargs.setdefault(name, value)
+    if hooks:
+        recorder_kwargs.setdefault("source", HOOKS_SOURCE)
+        recorder_kwargs.setdefault("async_writes", True)  # the training thread never waits
     _recorder = Recorder(run_dir, policy=policy, overwrite=force, **recorder_kwargs)
     atexit.register(close)
     return _recorder
+
+
+def _write(step: _Step, recorder: Recorder, *, replace: bool) -> bool:
+    """Logs the step (a rewrite of the last one when `replace`); False when recording is off."""
+    global _last
+    _last = step
+    log = recorder.rewrite_step if replace else recorder.log_step
+    log(step.number, **step.fields())
+    return not _failure.stopped(recorder.stopped, f"recording stopped at step {step.number}")
+
+
+def _release_held(policy: str | PolicyLike | None, recorder_kwargs: dict[str, Any]) -> None:
+    """Writes the held first hook step, if any, opening the run (with `policy`, if any)."""
+    global _held
+    held, _held = _held, None
+    if held is not None:
+        recorder = _open(policy, recorder_kwargs, batch=held.batch is not None, hooks=True)
+        _write(held, recorder, replace=False)
 
 
 def log_policy_batch(
@@ -148,29 +220,89 @@ def log_policy_batch(
     `fields` are `Recorder.log_step`'s keyword arguments (logp, logp_old, advantages, mask,
     seq_id, group_id, reward, grad_norm, loss, ...). `policy` (a spec such as
     "dapo:eps_high=0.28", or a catalogue policy; else STABLEDRL_POLICY) and `recorder_kwargs`
-    (unit, estimator, meta, ...) are used by the first call, which opens the Recorder.
+    (unit, estimator, meta, ...) are used by the call that opens the Recorder. Under the
+    optimizer hooks, step n is merged with the n-th optimizer step (module docstring).
     Returns True when the step was recorded. Never raises.
     """
     if _failure.off:
         return False
     try:
         with _lock:
-            recorder = _open(policy, dict(recorder_kwargs or {}))
-            recorder.log_step(step, **fields)
-        return not _failure.stopped(recorder.stopped, f"recording stopped at step {step}")
+            kwargs = dict(recorder_kwargs or {})
+            if _held is not None and _held.number == step:
+                _held.batch = fields
+                _release_held(policy, kwargs)
+                return not _failure.off
+            _release_held(policy, kwargs)
+            recorder = _open(policy, kwargs, batch=True, hooks=False)
+            if _last is not None and _last.number == step and _last.batch is None:
+                _last.batch = fields
+                return _write(_last, recorder, replace=True)
+            return _write(_Step(step, batch=fields), recorder, replace=False)
     except Exception as exc:
         _failure.fail(exc, f"log_policy_batch failed at step {step}")
         return False
 
 
+def log_hook_step(step: int, fields: dict[str, Any]) -> None:
+    """Records the optimizer hooks' step `step` (Recorder.log_step keywords), paired with a
+    `log_policy_batch` of the same number (module docstring). Never raises."""
+    global _held
+    if not hooks_wanted():
+        return
+    try:
+        with _lock:
+            if _recorder is None and _held is None and not os.environ.get(ENV_POLICY):
+                _held = _Step(step, hooks=fields)
+                return
+            _release_held(None, {})
+            recorder = _open(None, {}, batch=False, hooks=True)
+            if _last is not None and _last.number == step and _last.hooks is None:
+                _last.hooks = fields
+                _write(_last, recorder, replace=True)
+            else:
+                _write(_Step(step, hooks=fields), recorder, replace=False)
+    except Exception as exc:
+        _failure.fail(exc, f"recording optimizer step {step}")
+
+
+def integration_records() -> None:
+    """An integration (TRL, verl) records this process's steps itself: the optimizer hooks
+    stand down here, so that they never write step files beside its own."""
+    global _integration
+    _integration = True
+
+
+def hooks_wanted() -> bool:
+    """Whether the optimizer hooks should record in this process."""
+    return not _failure.off and not _integration
+
+
+def hooks_installed() -> None:
+    """Called once the optimizer hooks are in: the held step (if any) is written at exit."""
+    atexit.register(close)
+
+
+def hook_failed(exc: BaseException, context: str) -> None:
+    """The optimizer hooks failed: warn once, recording off (RecordingFailure)."""
+    _failure.fail(exc, context)
+
+
 def close() -> None:
-    """Close the Recorder (registered with atexit; safe to call twice)."""
+    """Write a held step, close the Recorder (registered with atexit; safe to call twice)."""
     global _recorder
+    if not _failure.off:
+        try:
+            with _lock:
+                _release_held(None, {})
+        except Exception as exc:
+            _failure.fail(exc, "recording the last optimizer step")
     with _lock:
         recorder, _recorder = _recorder, None
     if recorder is not None:
         try:
             recorder.close()
+            _failure.stopped(recorder.stopped, "recording stopped at the end of the run")
         except Exception as exc:
             _failure.fail(
                 WriteError(str(exc)) if isinstance(exc, OSError) else exc, "closing the run"

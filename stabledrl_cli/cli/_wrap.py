@@ -2,6 +2,10 @@
 directory exported to it, then turn what happened into one exit code. The command's own
 failing exit code wins; otherwise a recording failure its bootstrap reported
 (capture/bootstrap.py, through the status file) or a run without any step is an error.
+
+With the optimizer hooks on (the default), the directory holding the sitecustomize of
+capture/_site/ goes first on the command's PYTHONPATH: every Python process of the command
+(a torchrun's ranks too) installs the hooks when it imports torch (capture/optimizer_hooks.py).
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ from stabledrl_cli.cli._output import err
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.policies import resolve_spec
 
+SITE_DIR = Path(__file__).resolve().parents[1] / "capture" / "_site"
+"""The directory of the sitecustomize that installs the optimizer hooks in the command."""
+
 NO_STEP = (
-    "the command recorded no step: call stabledrl_cli.log_policy_batch(step, ...) once per "
-    "optimizer step"
+    "the command recorded no step: no torch optimizer.step() ran in a Python process of the "
+    "command (the optimizer hooks record those; not with --no-optimizer-hooks, `python -I`, "
+    "`-E` or `-S`) and it never called stabledrl_cli.log_policy_batch(step, ...)"
 )
 
 
@@ -51,9 +59,18 @@ def _child_failures(status: Path) -> list[tuple[int, str]]:
     return failures
 
 
-def run_command(out: Path, cmd: list[str], force: bool, policy: str | None) -> None:
-    """Run CMD with the run directory exported; CMD's failing exit code becomes ours, else a
-    recording failure or a run without steps is an error (capture/bootstrap.py)."""
+def _with_hooks(env: dict[str, str]) -> None:
+    """Puts the hooks' sitecustomize first on the command's PYTHONPATH."""
+    paths = [str(SITE_DIR), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+
+
+def run_command(
+    out: Path, cmd: list[str], force: bool, policy: str | None, optimizer_hooks: bool = True
+) -> None:
+    """Run CMD with the run directory exported (and, with `optimizer_hooks`, the hooks'
+    sitecustomize on its path); CMD's failing exit code becomes ours, else a recording failure
+    or a run without steps is an error (capture/bootstrap.py)."""
     if shutil.which(cmd[0]) is None:
         raise UsageError(f"command not found: {cmd[0]}")
     if policy is not None:
@@ -68,6 +85,8 @@ def run_command(out: Path, cmd: list[str], force: bool, policy: str | None) -> N
         env[ENV_STATUS_FILE] = str(status)
         if policy is not None:
             env[ENV_POLICY] = policy
+        if optimizer_hooks:
+            _with_hooks(env)
         err.print(f"recording [bold]{' '.join(cmd)}[/] into {out}", highlight=False)
         code = subprocess.call(cmd, env=env)
         failures = _child_failures(status)

@@ -284,6 +284,14 @@ def command(
             show_default=False,
         ),
     ] = None,
+    optimizer_hooks: Annotated[
+        bool,
+        typer.Option(
+            "--optimizer-hooks/--no-optimizer-hooks",
+            help="With -- CMD: record every torch optimizer.step() of the command (grad "
+            "norms, lr, step time; docs/recording.md), beside its log_policy_batch calls.",
+        ),
+    ] = True,
     device: DeviceOpt = "auto",
     threads: Annotated[
         int,
@@ -365,7 +373,13 @@ def command(
         ),
     ] = None,
 ) -> None:
-    """Train and record the built-in tiny dLLM RL example, or record `-- CMD ...`."""
+    """Train and record the built-in tiny dLLM RL example, or record `-- CMD ...`.
+
+    A command is recorded two ways, alone or together: every torch optimizer.step() of its
+    Python processes becomes a scalar step (grad norms, lr, step time; no code change), and
+    each stabledrl_cli.log_policy_batch(step, ...) call records a policy batch, merged into
+    optimizer step number `step` (docs/recording.md).
+    """
     rl_steps = _deprecated_steps(rl_steps, steps)
     _check_out(out, force)
     geometry_given = any(
@@ -390,7 +404,7 @@ def command(
                 "--geometry records the built-in example; a training script passes "
                 "geometry to its Recorder (see stabledrl_cli.capture.geometry)"
             )
-        run_command(out, cmd, force, policy)
+        run_command(out, cmd, force, policy, optimizer_hooks)
         return
     geometry_config = None
     if geometry is not None:

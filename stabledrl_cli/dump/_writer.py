@@ -247,6 +247,7 @@ class Recorder:
         self.stopped: str | None = None
         """Why recording stopped (on_write_error="warn" after a failed write), else None."""
         self._closed = False
+        self._rewriting = False
         self._writer: _Writer | None = None
         if async_writes:
             self._writer = _Writer(queue_size)
@@ -304,7 +305,9 @@ class Recorder:
         if self.stopped is not None:
             return
         step = _step_number(step)
-        if self._last_step is not None and step <= self._last_step:
+        if self._rewriting and step != self._last_step:
+            raise UsageError(f"rewrite_step rewrites the last step ({self._last_step}), not {step}")
+        if self._last_step is not None and step <= self._last_step and not self._rewriting:
             raise UsageError(
                 f"step {step} does not follow step {self._last_step}; steps must increase"
             )
@@ -377,6 +380,16 @@ class Recorder:
         else:
             self._writer.queue.put((final, parts))
         self._last_step = step
+
+    def rewrite_step(self, step: int, **fields: Any) -> None:
+        """Records the last step logged (same number) again, with `fields` (log_step's
+        keywords) as its whole content: its file is replaced atomically. `record`'s optimizer
+        hooks use it to add the second half of a step (capture/bootstrap.py)."""
+        self._rewriting = True
+        try:
+            self.log_step(step, **fields)
+        finally:
+            self._rewriting = False
 
     def flush(self) -> None:
         """Waits until every queued step is durable (a no-op for synchronous writes)."""

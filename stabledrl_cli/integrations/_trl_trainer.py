@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from stabledrl_cli.capture.bootstrap import ENV_FORCE, ENV_RUN_DIR
+from stabledrl_cli.capture.bootstrap import ENV_FORCE, ENV_RUN_DIR, integration_records
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
@@ -83,6 +83,7 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
         **kwargs: Any,
     ) -> None:
         self.stabledrl_out, self._sd_overwrite = run_dir(stabledrl_out, stabledrl_overwrite)
+        integration_records()  # the optimizer hooks of `stabledrl record` stand down
         self._sd_buffer: StepBuffer | None = None
         self._sd_seen: dict[str, torch.Tensor] | None = None
         self._sd_rewards: torch.Tensor | None = None

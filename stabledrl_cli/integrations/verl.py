@@ -49,7 +49,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stabledrl_cli.capture.bootstrap import ENV_FORCE, ENV_RUN_DIR
+from stabledrl_cli.capture.bootstrap import ENV_FORCE, ENV_RUN_DIR, integration_records
 from stabledrl_cli.errors import MissingExtraError, UsageError
 from stabledrl_cli.integrations._verl_policy import LOSS_MODES, policy_for_actor_config
 
@@ -127,6 +127,7 @@ def install(out: str | os.PathLike[str] | None = None, *, overwrite: bool | None
             session.originals["train_mini_batch"] = worker.train_mini_batch
             worker.train_mini_batch = train_mini_batch_hook(session)
         _session = session
+    integration_records()  # the optimizer hooks of `stabledrl record` stand down
     atexit.register(session.close)
     return True
 

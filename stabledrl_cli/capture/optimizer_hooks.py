@@ -1,0 +1,376 @@
+"""Records every `optimizer.step()` of a PyTorch script that never imports stabledrl: the
+optimizer hooks of `stabledrl record -- CMD` (docs/recording.md).
+
+`install()` registers torch's global optimizer step hooks
+(`torch.optim.optimizer.register_optimizer_step_pre_hook` / `_post_hook`) and wraps
+`torch.nn.utils.clip_grad_norm_`; the sitecustomize that `record` puts on the child's
+PYTHONPATH calls it once the child has imported torch.
+
+Which steps. The first optimizer that steps is the run's optimizer: each of its `step()` calls
+is one recorded step, numbered 0, 1, 2, ... in this process (a run's steps, like a rank's).
+Another optimizer's steps since the run optimizer's previous step are summarised in the next
+recorded step as `optimizer_<i>/...` scalars (i: the order in which the optimizers first
+stepped; the run's is 0). When the run's optimizer is garbage-collected, the next optimizer
+that steps becomes the run's optimizer and the numbering goes on.
+
+What each step records (all gradient norms are L2, taken before clipping):
+- grad_norm: what `clip_grad_norm_` returned when the script clipped this optimizer's
+  parameters since its previous step (the root-sum-of-squares of the returned norms when it
+  clipped several disjoint sets), else the norm of all its gradients, computed here;
+- nonfinite_grads: parameters whose gradient holds a NaN or an inf;
+- lr: the first parameter group's learning rate; step_time: wall seconds from the end of the
+  previous `step()` to the end of this one (absent on the first step);
+- with several parameter groups, `grad_norm/group_<g>` and `lr/group_<g>` for each group;
+- `grad_norm/module/<name>` for the `TOP_MODULES` modules with the largest gradient norm
+  (a module's norm is over the parameters it holds itself; names come from the optimizer's
+  named parameters, else from the `torch.nn.Module` objects alive at the first step);
+- per other optimizer i: `optimizer_<i>/grad_norm`, `optimizer_<i>/lr`,
+  `optimizer_<i>/nonfinite_grads` (of its last step) and `optimizer_<i>/steps`.
+
+Recording never breaks training: a failure here warns once, turns recording off (the hooks
+are removed) and is reported to `record` (bootstrap.RecordingFailure).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import math
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.utils
+import torch.nn.utils.clip_grad
+from torch.optim.optimizer import (
+    Optimizer,
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+from torch.utils.hooks import RemovableHandle
+
+from stabledrl_cli.capture import bootstrap
+
+TOP_MODULES = 5
+"""How many modules' gradient norms each step records (the largest at that step)."""
+PENDING_CLIPS = 8
+"""clip_grad_norm_ results kept for an optimizer step to claim (the oldest are dropped)."""
+
+
+def gradient_norms(grads: list[torch.Tensor]) -> list[float]:
+    """The L2 norm of each gradient (any shapes), accumulated in float32 (float64 for float64
+    gradients), as Python floats: one host sync per device and dtype."""
+    by_kind: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
+    for i, grad in enumerate(grads):
+        by_kind.setdefault((grad.device, grad.dtype, grad.is_sparse), []).append(i)
+    out = [0.0] * len(grads)
+    for (_, dtype, sparse), indices in by_kind.items():
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        tensors = [grads[i] for i in indices]
+        if sparse:
+            tensors = [t.coalesce().values() for t in tensors]
+        norms = torch._foreach_norm(tensors, 2, dtype=wide)
+        for i, value in zip(indices, torch.stack(norms).tolist(), strict=True):
+            out[i] = value
+    return out
+
+
+def _root_sum_squares(values: Iterable[float]) -> float:
+    return math.sqrt(sum(v * v for v in values))
+
+
+@dataclass
+class _Clip:
+    """One clip_grad_norm_ call: its parameters' pre-clip gradient norms and its result."""
+
+    norms: dict[int, float]
+    """id(parameter) -> the L2 norm of its gradient before clipping."""
+    total: torch.Tensor | float
+
+
+@dataclass
+class _Stats:
+    """One optimizer step's gradient statistics (taken in the pre-hook)."""
+
+    grad_norm: float
+    nonfinite: int
+    lrs: list[float | None]
+    """Each group's learning rate (None for a group without one)."""
+    group_norms: list[float]
+    module_norms: list[tuple[str, float]]
+
+
+@dataclass
+class _View:
+    """What the hooks keep about one optimizer."""
+
+    index: int
+    names: dict[int, str] | None = None
+    shape: tuple[int, ...] = ()
+    ids: frozenset[int] = frozenset()
+    pending: _Stats | None = None
+    last_end: float | None = None
+    steps_since_run_step: int = 0
+    last: _Stats | None = None
+
+
+@dataclass
+class _State:
+    """The hooks' state in this process."""
+
+    handles: list[RemovableHandle] = field(default_factory=list)
+    views: weakref.WeakKeyDictionary[Optimizer, _View] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
+    run_optimizer: weakref.ref[Optimizer] | None = None
+    optimizers_seen: int = 0
+    next_step: int = 0
+    clips: list[_Clip] = field(default_factory=list)
+    on: bool = False
+
+
+_state = _State()
+
+
+def install() -> None:
+    """Registers the global optimizer hooks and wraps clip_grad_norm_ (idempotent). A failure
+    warns once and leaves training alone."""
+    if _state.on or not bootstrap.hooks_wanted():
+        return
+    try:
+        _state.handles = [
+            register_optimizer_step_pre_hook(_pre_hook),
+            register_optimizer_step_post_hook(_post_hook),
+        ]
+        wrapped = _wrap_clip(torch.nn.utils.clip_grad.clip_grad_norm_)
+        torch.nn.utils.clip_grad.clip_grad_norm_ = wrapped
+        torch.nn.utils.clip_grad_norm_ = wrapped
+        _state.on = True
+        bootstrap.hooks_installed()
+    except Exception as exc:
+        _fail(exc, "installing the optimizer hooks")
+
+
+def uninstall() -> None:
+    """Removes the optimizer hooks; the clip_grad_norm_ wrapper stays, as a pass-through."""
+    _state.on = False
+    for handle in _state.handles:
+        handle.remove()
+    _state.handles = []
+    _state.clips.clear()
+
+
+def _fail(exc: BaseException, context: str) -> None:
+    uninstall()
+    bootstrap.hook_failed(exc, context)
+
+
+def _wrap_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(original)
+    def clip_grad_norm_(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if not _state.on:
+            return original(*args, **kwargs)
+        keyword = "parameters" in kwargs
+        given = kwargs["parameters"] if keyword else args[0]
+        params = [given] if isinstance(given, torch.Tensor) else list(given)
+        if keyword:
+            kwargs["parameters"] = params
+        else:
+            args = (params, *args[1:])
+        try:
+            with_grad = [p for p in params if p.grad is not None]
+            norms = gradient_norms([p.grad for p in with_grad if p.grad is not None])
+            seen = dict(zip(map(id, with_grad), norms, strict=True))
+        except Exception as exc:
+            _fail(exc, "reading the gradients in clip_grad_norm_")
+            return original(*args, **kwargs)
+        total = original(*args, **kwargs)
+        if seen:
+            _state.clips.append(_Clip(norms=seen, total=total))
+            del _state.clips[:-PENDING_CLIPS]
+        return total
+
+    return clip_grad_norm_
+
+
+def _view(optimizer: Optimizer) -> _View:
+    view = _state.views.get(optimizer)
+    if view is None:
+        view = _View(index=_state.optimizers_seen)
+        _state.optimizers_seen += 1
+        _state.views[optimizer] = view
+    shape = tuple(len(group["params"]) for group in optimizer.param_groups)
+    if shape != view.shape:
+        view.shape = shape
+        view.ids = frozenset(id(p) for group in optimizer.param_groups for p in group["params"])
+        view.names = None
+    return view
+
+
+def _param_names(optimizer: Optimizer) -> dict[int, str]:
+    """id(parameter) -> its qualified name: from the optimizer's named parameter groups, else
+    from the root `torch.nn.Module` objects alive now (a module no other module holds)."""
+    names: dict[int, str] = {}
+    for group in optimizer.param_groups:
+        for name, param in zip(group.get("param_names", ()), group["params"], strict=False):
+            names[id(param)] = name
+    if names:
+        return names
+    modules = [obj for obj in gc.get_objects() if issubclass(type(obj), torch.nn.Module)]
+    children = {id(child) for module in modules for child in module.children()}
+    for module in modules:
+        if id(module) not in children:
+            for name, param in module.named_parameters():
+                names.setdefault(id(param), name)
+    return names
+
+
+def _take_clip(view: _View) -> tuple[float | None, dict[int, float]]:
+    """(pre-clip norm, id(parameter) -> pre-clip gradient norm) of the clip_grad_norm_ calls
+    on this optimizer's parameters since its last step, which are consumed; (None, {}) when
+    there was none."""
+    mine = [clip for clip in _state.clips if next(iter(clip.norms)) in view.ids]
+    if not mine:
+        return None, {}
+    _state.clips[:] = [clip for clip in _state.clips if all(clip is not m for m in mine)]
+    norms: dict[int, float] = {}
+    for clip in mine:
+        norms.update(clip.norms)
+    totals = [float(clip.total) for clip in mine]
+    return (totals[0] if len(totals) == 1 else _root_sum_squares(totals)), norms
+
+
+def _module_norms(
+    params: list[torch.Tensor], norms: list[float], names: dict[int, str]
+) -> list[tuple[str, float]]:
+    """The TOP_MODULES (module name, gradient norm) with the largest norms, non-finite first."""
+    squares: dict[str, float] = {}
+    for param, norm in zip(params, norms, strict=True):
+        name = names.get(id(param))
+        if name is not None:
+            module = name.rpartition(".")[0] or name
+            squares[module] = squares.get(module, 0.0) + norm * norm
+    finite = sorted(
+        ((m, math.sqrt(s)) for m, s in squares.items() if math.isfinite(s)),
+        key=lambda item: (-item[1], item[0]),
+    )
+    nonfinite = sorted((m, math.sqrt(s)) for m, s in squares.items() if not math.isfinite(s))
+    return (nonfinite + finite)[:TOP_MODULES]
+
+
+def _stats(optimizer: Optimizer, view: _View) -> _Stats:
+    """The step's gradient statistics, before the optimizer touches the gradients."""
+    groups: list[int] = []
+    params: list[torch.Tensor] = []
+    for g, group in enumerate(optimizer.param_groups):
+        for param in group["params"]:
+            if param.grad is not None:
+                groups.append(g)
+                params.append(param)
+    clipped, seen = _take_clip(view)
+    missing = [p for p in params if id(p) not in seen]
+    if missing:
+        computed = gradient_norms([p.grad for p in missing if p.grad is not None])
+        seen.update(zip(map(id, missing), computed, strict=True))
+    norms = [seen[id(p)] for p in params]
+    nonfinite = sum(
+        1
+        for param, norm in zip(params, norms, strict=True)
+        if not math.isfinite(norm)
+        and param.grad is not None
+        and not bool(torch.isfinite(param.grad).all())
+    )
+    group_squares = [0.0] * len(optimizer.param_groups)
+    for g, norm in zip(groups, norms, strict=True):
+        group_squares[g] += norm * norm
+    if view.names is None:
+        view.names = _param_names(optimizer)
+    return _Stats(
+        grad_norm=clipped if clipped is not None else _root_sum_squares(norms),
+        nonfinite=nonfinite,
+        lrs=[float(g["lr"]) if "lr" in g else None for g in optimizer.param_groups],
+        group_norms=[math.sqrt(s) for s in group_squares],
+        module_norms=_module_norms(params, norms, view.names),
+    )
+
+
+def _pre_hook(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    if not _state.on:
+        return
+    if not bootstrap.hooks_wanted():
+        uninstall()
+        return
+    try:
+        view = _view(optimizer)
+        view.pending = _stats(optimizer, view)
+    except Exception as exc:
+        _fail(exc, "reading the gradients before optimizer.step()")
+
+
+def _is_run_optimizer(optimizer: Optimizer) -> bool:
+    run = _state.run_optimizer() if _state.run_optimizer is not None else None
+    if run is None:
+        _state.run_optimizer = weakref.ref(optimizer)
+        return True
+    return run is optimizer
+
+
+def _post_hook(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    if not _state.on:
+        return
+    step = _state.next_step
+    try:
+        view = _view(optimizer)
+        stats, view.pending = view.pending, None
+        end = time.perf_counter()
+        step_time = end - view.last_end if view.last_end is not None else None
+        view.last_end = end
+        if stats is None:
+            return
+        if not _is_run_optimizer(optimizer):
+            view.last = stats
+            view.steps_since_run_step += 1
+            return
+        fields = _step_fields(stats, step_time)
+        _state.next_step += 1
+    except Exception as exc:
+        _fail(exc, f"recording optimizer step {step}")
+        return
+    bootstrap.log_hook_step(step, fields)
+    if not bootstrap.hooks_wanted():
+        uninstall()
+
+
+def _step_fields(stats: _Stats, step_time: float | None) -> dict[str, Any]:
+    """Recorder.log_step keywords of a run step: its own statistics, and the other
+    optimizers' since the previous run step (which are consumed)."""
+    scalars: dict[str, float] = {}
+    if len(stats.lrs) > 1:
+        for g, (norm, lr) in enumerate(zip(stats.group_norms, stats.lrs, strict=True)):
+            scalars[f"grad_norm/group_{g}"] = norm
+            if lr is not None:
+                scalars[f"lr/group_{g}"] = lr
+    for module, norm in stats.module_norms:
+        scalars[f"grad_norm/module/{module}"] = norm
+    for view in _state.views.values():
+        if view.last is not None and view.steps_since_run_step:
+            prefix = f"optimizer_{view.index}"
+            scalars[f"{prefix}/grad_norm"] = view.last.grad_norm
+            if view.last.lrs[0] is not None:
+                scalars[f"{prefix}/lr"] = view.last.lrs[0]
+            scalars[f"{prefix}/nonfinite_grads"] = float(view.last.nonfinite)
+            scalars[f"{prefix}/steps"] = float(view.steps_since_run_step)
+            view.steps_since_run_step = 0
+    fields: dict[str, Any] = {
+        "grad_norm": stats.grad_norm,
+        "nonfinite_grads": stats.nonfinite,
+        "scalars": scalars,
+    }
+    if stats.lrs[0] is not None:
+        fields["lr"] = stats.lrs[0]
+    if step_time is not None:
+        fields["step_time"] = step_time
+    return fields

@@ -1,0 +1,250 @@
+"""`stabledrl record -- python train.py` of a script that never imports stabledrl: every
+optimizer.step() is recorded by the optimizer hooks (docs/recording.md), and the recorded
+values are the ones the script computes itself."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import open_run
+
+# Steps 0-1 plain, 2-4 clipped, a NaN gradient at step 4; two parameter groups; a second
+# optimizer ("critic") that steps after the model's. The script writes what it computed.
+SCRIPT = textwrap.dedent(
+    """
+    import json, math, sys
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    critic = torch.nn.Linear(6, 1)
+    optimizer = torch.optim.AdamW([
+        {"params": model[0].parameters(), "lr": 1e-3},
+        {"params": model[2].parameters(), "lr": 3e-3},
+    ])
+    critic_optimizer = torch.optim.SGD(critic.parameters(), lr=0.5)
+    seen = []
+    for step in range(5):
+        x = torch.randn(16, 6)
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        if step == 4:
+            model[2].weight.grad[0, 0] = float("nan")
+        norms = {name: p.grad.double().norm().item() for name, p in model.named_parameters()}
+        groups = [math.sqrt(sum(norms[f"{m}.{k}"] ** 2 for k in ("weight", "bias")))
+                  for m in (0, 2)]
+        if step >= 2:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1).item()
+        else:
+            grad_norm = math.sqrt(sum(n * n for n in norms.values()))
+        optimizer.step()
+        critic_optimizer.zero_grad()
+        critic(x).pow(2).mean().backward()
+        critic_norm = math.sqrt(sum(p.grad.double().norm().item() ** 2
+                                    for p in critic.parameters()))
+        critic_optimizer.step()
+        seen.append({"grad_norm": grad_norm, "groups": groups, "critic": critic_norm,
+                     "nonfinite": sum(not math.isfinite(n) for n in norms.values())})
+    json.dump({"steps": seen}, open(sys.argv[1], "w"))
+    print("trained", flush=True)
+    """
+)
+
+
+def _env() -> dict[str, str]:
+    """A wrapped command's environment: the package's root on its path, no inherited run."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STABLEDRL_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {**env, "NO_COLOR": "1", "COLUMNS": "200"}
+
+
+def _record(*args: str) -> subprocess.CompletedProcess[str]:
+    """A real `stabledrl record ARGS` process."""
+    return subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "record", *args],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )  # fmt: skip
+
+
+def close(recorded: float, computed: float) -> bool:
+    return math.isclose(recorded, computed, rel_tol=1e-6) or (
+        math.isnan(recorded) and math.isnan(computed)
+    )
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One recording of SCRIPT: (run directory, what the script computed)."""
+    tmp = tmp_path_factory.mktemp("hooks")
+    script, computed = tmp / "train.py", tmp / "computed.json"
+    script.write_text(SCRIPT)
+    result = _record("--out", str(tmp / "run"), "--", sys.executable, str(script), str(computed))
+    assert result.returncode == 0, result.stderr
+    assert "trained" in result.stdout
+    return tmp / "run", json.loads(computed.read_text())
+
+
+def test_every_step_of_a_script_that_never_imports_stabledrl_is_recorded(plain_run):
+    run_dir, _ = plain_run
+    assert "stabledrl" not in SCRIPT
+    run = open_run(run_dir)
+    assert run.step_numbers == [0, 1, 2, 3, 4]
+    assert run.policy_spec is None
+    assert run.manifest["source"] == {"kind": "optimizer-hooks"}
+    assert all(run.step(n).is_scalar for n in run.step_numbers)
+
+
+def test_recorded_norms_equal_what_the_script_computed(plain_run):
+    run_dir, computed = plain_run
+    run = open_run(run_dir)
+    for n, mine in enumerate(computed["steps"]):
+        scalars = run.step(n).scalars
+        # clip_grad_norm_'s own return value on steps 2-4, the norm of the gradients before
+        assert close(scalars["grad_norm"], mine["grad_norm"]), (n, scalars)
+        for g in (0, 1):
+            assert close(scalars[f"grad_norm/group_{g}"], mine["groups"][g]), (n, g)
+        assert scalars["lr/group_0"] == 1e-3 and scalars["lr/group_1"] == 3e-3
+        assert scalars["lr"] == 1e-3
+        assert scalars["nonfinite_grads"] == mine["nonfinite"]
+        assert close(scalars["grad_norm/module/0"], mine["groups"][0])
+        assert close(scalars["grad_norm/module/2"], mine["groups"][1])
+        assert ("step_time" in scalars) == (n > 0)
+        assert n == 0 or scalars["step_time"] > 0
+        if n > 0:  # the critic's step after the model's step n - 1
+            assert scalars["optimizer_1/steps"] == 1
+            assert close(scalars["optimizer_1/grad_norm"], computed["steps"][n - 1]["critic"])
+            assert scalars["optimizer_1/lr"] == 0.5
+    assert computed["steps"][4]["nonfinite"] == 1  # the NaN step is recorded, not raised
+    assert math.isnan(run.step(4).scalars["grad_norm"])
+
+
+def test_inspect_shows_a_run_of_optimizer_steps(plain_run):
+    run_dir, _ = plain_run
+    result = CliRunner().invoke(app, ["inspect", str(run_dir), "--format", "json"])
+    assert result.exit_code == 0, result.output
+
+
+MIXED = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import torch
+    import stabledrl_cli as sd
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def batch(step):
+        logp = np.full((2, 3), -1.0 - step, dtype="float32")
+        policy = {"policy": "grpo"} if sys.argv[1] == "script" else {}
+        return dict(logp=logp, logp_old=logp, advantages=np.ones(2, dtype="float32"),
+                    loss=float(step), scalars={"mine": 10.0 + step}, **policy)
+
+    for step in range(4):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).sum().backward()
+        before = step >= 2  # steps 2-3: the batch is logged before the step it drives
+        if before:
+            assert sd.log_policy_batch(step, **batch(step))
+        optimizer.step()
+        if not before:  # steps 0-1: after it
+            assert sd.log_policy_batch(step, **batch(step))
+    print("trained", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("policy_from", ["record", "script"])
+def test_a_logged_batch_and_its_optimizer_step_share_one_step_file(tmp_path, policy_from):
+    """The policy from `record --policy`, or from the script's first call, which comes after
+    the first optimizer step (the hooks' first step waits for it)."""
+    script = tmp_path / "train.py"
+    script.write_text(MIXED)
+    policy = ["--policy", "dapo"] if policy_from == "record" else []
+    run_dir = tmp_path / "run"
+    result = _record("--out", str(run_dir), *policy, "--", sys.executable, str(script),
+                     policy_from)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    run = open_run(run_dir)
+    assert run.step_numbers == [0, 1, 2, 3]
+    assert run.policy_spec == ("dapo" if policy_from == "record" else "grpo")
+    for n in range(4):
+        step = run.step(n)
+        assert not step.is_scalar
+        assert step.scalars["loss"] == n and step.scalars["mine"] == 10.0 + n  # the batch's
+        assert step.scalars["lr"] == 0.1 and step.scalars["grad_norm"] > 0  # the hooks'
+        assert float(step.get("logp")[0]) == -1.0 - n
+
+
+def test_a_script_without_torch_is_untouched_and_an_existing_sitecustomize_still_runs(
+    tmp_path,
+):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import os\nos.environ['USER_SITE_RAN'] = '1'\n")
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os, sys\n"
+        "print(os.environ.get('USER_SITE_RAN'), 'torch' in sys.modules, flush=True)\n"
+    )
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(site)])
+    result = subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "record", "--out", str(tmp_path / "run"), "--",
+         sys.executable, str(script)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.stdout.split() == ["1", "False"]
+    assert result.returncode == 2
+    assert "recorded no step" in result.stderr and "log_policy_batch" in result.stderr
+    assert "Error in sitecustomize" not in result.stderr
+
+
+def test_no_optimizer_hooks_records_nothing_from_optimizer_steps(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch\n"
+        "p = torch.nn.Parameter(torch.ones(2))\n"
+        "o = torch.optim.SGD([p], lr=0.1)\n"
+        "p.sum().backward(); o.step()\n"
+    )
+    args = ["--out", str(tmp_path / "run"), "--no-optimizer-hooks", "--"]
+    result = _record(*args, sys.executable, str(script))
+    assert result.returncode == 2 and "recorded no step" in result.stderr
+
+
+UNWRITABLE = textwrap.dedent(
+    """
+    import torch
+    p = torch.nn.Parameter(torch.ones(3))
+    o = torch.optim.SGD([p], lr=0.1)
+    for step in range(3):
+        o.zero_grad(); (p * p).sum().backward(); o.step()
+    print("trained", p.tolist(), flush=True)
+    """
+)
+
+
+def test_a_run_that_cannot_be_written_never_breaks_training(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(UNWRITABLE)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "steps").write_text("not a directory")  # the run's steps cannot be written
+    result = _record("--out", str(out), "--force", "--", sys.executable, str(script))
+    assert "trained" in result.stdout  # training ran to its end
+    assert result.stderr.count("recording is off, training continues") == 1
+    assert result.returncode in (3, 4), result.stderr
+    assert "recording failed" in result.stderr
