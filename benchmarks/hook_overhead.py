@@ -50,20 +50,23 @@ def loop(steps: int, clip: bool, times_file: Path) -> None:
     model = torch.nn.Sequential(*(Block(width) for _ in range(6)), torch.nn.Linear(width, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     inputs, targets = torch.randn(64, width), torch.randn(64, 1)
-    times = []
+    times, updates = [], []
     for _ in range(steps):
         start = time.perf_counter()
         loss = torch.nn.functional.mse_loss(model(inputs), targets)
         optimizer.zero_grad()
         loss.backward()
+        update = time.perf_counter()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        times.append(time.perf_counter() - start)
-    times_file.write_text(json.dumps(times))
+        end = time.perf_counter()
+        times.append(end - start)
+        updates.append(end - update)
+    times_file.write_text(json.dumps({"step": times, "update": updates}))
 
 
-def _run(recorded: bool, args: argparse.Namespace, work: Path) -> list[float]:
+def _run(recorded: bool, args: argparse.Namespace, work: Path) -> dict[str, list[float]]:
     times_file = work / "times.json"
     command = [sys.executable, __file__, "--loop", "--steps", str(args.steps),
                "--times", str(times_file)] + ([] if args.clip else ["--no-clip"])  # fmt: skip
@@ -73,8 +76,8 @@ def _run(recorded: bool, args: argparse.Namespace, work: Path) -> list[float]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
            os.environ.get("PYTHONPATH")]))}  # fmt: skip
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-    times: list[float] = json.loads(times_file.read_text())
-    return times[args.warmup :]
+    times: dict[str, list[float]] = json.loads(times_file.read_text())
+    return {kind: values[args.warmup :] for kind, values in times.items()}
 
 
 def main() -> None:
@@ -89,23 +92,30 @@ def main() -> None:
     if args.loop:
         loop(args.steps, args.clip, args.times)
         return
-    times: dict[bool, list[float]] = {False: [], True: []}
-    medians: dict[bool, list[float]] = {False: [], True: []}
+    times: dict[tuple[bool, str], list[float]] = {}
+    per_repeat: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             for recorded in (False, True):
                 kept = _run(recorded, args, Path(tmp))
-                times[recorded] += kept
-                medians[recorded].append(statistics.median(kept))
-    plain, recorded = statistics.median(times[False]), statistics.median(times[True])
+                for kind, values in kept.items():
+                    times.setdefault((recorded, kind), []).extend(values)
+                per_repeat[recorded].append(statistics.median(kept["step"]))
+    median = {key: statistics.median(values) for key, values in times.items()}
+    plain, recorded = median[False, "step"], median[True, "step"]
     clip = "clip_grad_norm_" if args.clip else "no clipping"
     print(f"6.3 M-parameter MLP, AdamW, {clip}, 1 thread, {args.repeats} x {args.steps} steps "
-          f"(first {args.warmup} left out): median step time")  # fmt: skip
-    print(f"  python loop.py                      {plain * 1e3:8.2f} ms")
-    print(f"  stabledrl record -- python loop.py  {recorded * 1e3:8.2f} ms")
-    print(f"  ratio recorded/plain                {recorded / plain:8.3f}")
-    per_run = [r / p for p, r in zip(medians[False], medians[True], strict=True)]
-    print(f"  per-repeat ratios                   {' '.join(f'{r:.3f}' for r in per_run)}")
+          f"(first {args.warmup} left out): median times")  # fmt: skip
+    print("                                        step    clip + optimizer.step()")
+    for label, key in (("python loop.py", False), ("stabledrl record -- python loop.py", True)):
+        step, update = median[key, "step"] * 1e3, median[key, "update"] * 1e3
+        print(f"  {label:36} {step:7.2f} ms {update:9.2f} ms")
+    print(f"  ratio recorded/plain (step)          {recorded / plain:7.3f}")
+    extra = median[True, "update"] - median[False, "update"]
+    print(f"  hooks' cost a step (update's growth)  {extra * 1e3:6.2f} ms = {extra / plain:.1%} of "
+          "the plain step")  # fmt: skip
+    ratios = [r / p for p, r in zip(per_repeat[False], per_repeat[True], strict=True)]
+    print(f"  per-repeat step ratios               {' '.join(f'{r:.3f}' for r in ratios)}")
 
 
 if __name__ == "__main__":

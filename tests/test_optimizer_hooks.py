@@ -248,3 +248,30 @@ def test_a_run_that_cannot_be_written_never_breaks_training(tmp_path):
     assert result.stderr.count("recording is off, training continues") == 1
     assert result.returncode in (3, 4), result.stderr
     assert "recording failed" in result.stderr
+
+
+def test_the_clip_wrapper_clips_exactly_as_torch_does():
+    """clip_grad_norm_ under the hooks is torch's own get_total_norm + clip_grads_with_norm_
+    (no second pass over the gradients): the same total and the same clipped gradients, bit
+    for bit, and each gradient's norm before clipping."""
+    import torch
+
+    from stabledrl_cli.capture.optimizer_hooks import clip_norms
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((5, 7), (3,), (2, 2, 2))]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for param, copy in zip(params, copies, strict=True):
+        param.grad = torch.randn_like(param) * 3
+        copy.grad = param.grad.clone()
+    before = [float(p.grad.norm()) for p in params]
+    measured = clip_norms(params, (1.0,), {})
+    assert measured is not None
+    total, norms, max_norm, foreach = measured
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach)
+    expected = torch.nn.utils.clip_grad.clip_grad_norm_(copies, 1.0)  # torch's own, unwrapped
+    assert torch.equal(total, expected)
+    assert all(torch.equal(p.grad, c.grad) for p, c in zip(params, copies, strict=True))
+    assert norms == pytest.approx(before, rel=1e-6)
+    assert clip_norms(params, (1.0, "inf"), {}) is None  # other norms: torch clips itself
+    assert clip_norms(params, (), {"max_norm": 1.0, "error_if_nonfinite": True}) is None

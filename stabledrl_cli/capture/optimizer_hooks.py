@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import math
 import time
 import weakref
@@ -60,6 +61,7 @@ PENDING_CLIPS = 8
 """clip_grad_norm_ results kept for an optimizer step to claim (the oldest are dropped)."""
 
 
+@torch.no_grad()
 def gradient_norms(grads: list[torch.Tensor]) -> list[float]:
     """The L2 norm of each gradient (any shapes), accumulated in float32 (float64 for float64
     gradients), as Python floats: one host sync per device and dtype."""
@@ -168,28 +170,75 @@ def _fail(exc: BaseException, context: str) -> None:
     bootstrap.hook_failed(exc, context)
 
 
+def _clip_signature(
+    parameters: list[torch.Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> None:
+    """The arguments of torch.nn.utils.clip_grad_norm_ (for binding a call)."""
+
+
+_CLIP_ARGUMENTS = inspect.signature(_clip_signature)
+
+
+def clip_norms(
+    parameters: list[torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, list[float], float, bool | None] | None:
+    """The first half of `clip_grad_norm_(parameters, *args, **kwargs)` as torch documents and
+    computes it (`get_total_norm`; the second half is `clip_grads_with_norm_`), keeping the
+    per-gradient norms: (total norm, each gradient's norm, max_norm, foreach). None outside
+    the common case (an L2 norm of plain dense gradients on one CPU or CUDA device in one
+    dtype, no error_if_nonfinite) or for arguments torch would refuse."""
+    try:
+        bound = _CLIP_ARGUMENTS.bind(parameters, *args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    options = bound.arguments
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if (
+        not hasattr(torch.nn.utils, "clip_grads_with_norm_")
+        or options["norm_type"] != 2.0
+        or options["error_if_nonfinite"]
+        or options["foreach"] is False
+        or not grads
+        or any(type(g) is not torch.Tensor or g.is_sparse for g in grads)
+        or grads[0].device.type not in ("cpu", "cuda")
+        or any(g.device != grads[0].device or g.dtype != grads[0].dtype for g in grads)
+    ):
+        return None
+    with torch.no_grad():
+        norms = torch.stack(torch._foreach_norm(grads, 2.0))
+        total = torch.linalg.vector_norm(norms, 2.0)
+    return total, norms.tolist(), options["max_norm"], options["foreach"]
+
+
 def _wrap_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     @functools.wraps(original)
     def clip_grad_norm_(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if not _state.on:
+        if not _state.on or not (args or "parameters" in kwargs):
             return original(*args, **kwargs)
         keyword = "parameters" in kwargs
-        given = kwargs["parameters"] if keyword else args[0]
+        given = kwargs.pop("parameters") if keyword else args[0]
         params = [given] if isinstance(given, torch.Tensor) else list(given)
-        if keyword:
-            kwargs["parameters"] = params
-        else:
-            args = (params, *args[1:])
+        rest = args if keyword else args[1:]
+        with_grad = [p for p in params if p.grad is not None]
         try:
-            with_grad = [p for p in params if p.grad is not None]
-            norms = gradient_norms([p.grad for p in with_grad if p.grad is not None])
-            seen = dict(zip(map(id, with_grad), norms, strict=True))
+            measured = clip_norms(params, rest, kwargs)
+            if measured is None:  # an uncommon call: measure here, torch clips
+                norms = gradient_norms([p.grad for p in with_grad if p.grad is not None])
         except Exception as exc:
             _fail(exc, "reading the gradients in clip_grad_norm_")
-            return original(*args, **kwargs)
-        total = original(*args, **kwargs)
-        if seen:
-            _state.clips.append(_Clip(norms=seen, total=total))
+            return original(params, *rest, **kwargs)
+        if measured is None:
+            total = original(params, *rest, **kwargs)
+        else:
+            total, norms, max_norm, foreach = measured
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach)
+        if with_grad:
+            _state.clips.append(_Clip(dict(zip(map(id, with_grad), norms, strict=True)), total))
             del _state.clips[:-PENDING_CLIPS]
         return total
 
