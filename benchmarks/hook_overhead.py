@@ -8,7 +8,9 @@ A step is timed from the forward pass to the end of `optimizer.step()`, which is
 hooks do their work (the pre-hook's gradient norms, the post-hook's step record; the step
 files are written by the Recorder's own thread). Plain and recorded runs alternate, --repeats
 of each; each run's first --warmup steps are left out. The figure is the ratio of the median
-step times over all kept steps of each kind, in one run of this benchmark.
+step times over all kept steps of each kind, in one run of this benchmark; beside it, the
+median of the repeats' own ratios (steadier when the machine's load drifts) and the growth
+of the clip + optimizer.step() part of a step, where the hooks' own work lies.
 
     python benchmarks/hook_overhead.py                    # 5 repeats of 40 steps
     python benchmarks/hook_overhead.py --repeats 7 --steps 60 --no-clip
@@ -116,6 +118,7 @@ def main() -> None:
           "the plain step")  # fmt: skip
     ratios = [r / p for p, r in zip(per_repeat[False], per_repeat[True], strict=True)]
     print(f"  per-repeat step ratios               {' '.join(f'{r:.3f}' for r in ratios)}")
+    print(f"  median per-repeat ratio              {statistics.median(ratios):7.3f}")
 
 
 if __name__ == "__main__":
