@@ -12,6 +12,10 @@ step times over all kept steps of each kind, in one run of this benchmark; besid
 median of the repeats' own ratios (steadier when the machine's load drifts) and the growth
 of the clip + optimizer.step() part of a step, where the hooks' own work lies.
 
+Then, in one process (--paired-steps), the same loop in blocks of --block steps with the
+hooks installed and removed in turn, recording into a scratch run as under `record`: a
+machine whose load drifts slows both kinds alike, so this ratio is the steadier figure.
+
     python benchmarks/hook_overhead.py                    # 5 repeats of 40 steps
     python benchmarks/hook_overhead.py --repeats 7 --steps 60 --no-clip
 """
@@ -27,12 +31,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def loop(steps: int, clip: bool, times_file: Path) -> None:
-    """The plain training loop (never imports stabledrl); writes its step times as JSON."""
+def _model_and_data() -> tuple[Any, Any, Any, Any]:
+    """(model, AdamW, inputs, targets) of the benchmark's loop."""
     import torch
 
     torch.set_num_threads(1)
@@ -51,21 +56,56 @@ def loop(steps: int, clip: bool, times_file: Path) -> None:
     width = 512
     model = torch.nn.Sequential(*(Block(width) for _ in range(6)), torch.nn.Linear(width, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    inputs, targets = torch.randn(64, width), torch.randn(64, 1)
+    return model, optimizer, torch.randn(64, width), torch.randn(64, 1)
+
+
+def _step(model: Any, optimizer: Any, inputs: Any, targets: Any, clip: bool) -> tuple[float, float]:
+    """One training step: (its seconds, the seconds of its clip + optimizer.step() part)."""
+    import torch
+
+    start = time.perf_counter()
+    loss = torch.nn.functional.mse_loss(model(inputs), targets)
+    optimizer.zero_grad()
+    loss.backward()
+    update = time.perf_counter()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    end = time.perf_counter()
+    return end - start, end - update
+
+
+def loop(steps: int, clip: bool, times_file: Path) -> None:
+    """The plain training loop (never imports stabledrl); writes its step times as JSON."""
+    model, optimizer, inputs, targets = _model_and_data()
     times, updates = [], []
     for _ in range(steps):
-        start = time.perf_counter()
-        loss = torch.nn.functional.mse_loss(model(inputs), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        update = time.perf_counter()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        end = time.perf_counter()
-        times.append(end - start)
-        updates.append(end - update)
+        step, update = _step(model, optimizer, inputs, targets, clip)
+        times.append(step)
+        updates.append(update)
     times_file.write_text(json.dumps({"step": times, "update": updates}))
+
+
+def paired(steps: int, block: int, clip: bool, work: Path) -> tuple[list[float], list[float]]:
+    """In one process, blocks of `block` steps with the hooks installed and removed in turn
+    (load drift cancels): (step times without, step times with)."""
+    os.environ.update({"STABLEDRL_RUN_DIR": str(work / "paired"), "STABLEDRL_FORCE": "1"})
+    from stabledrl_cli.capture import bootstrap, optimizer_hooks
+
+    model, optimizer, inputs, targets = _model_and_data()
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(steps):
+        hooked = (i // block) % 2 == 1
+        if hooked:
+            optimizer_hooks.install()
+        else:
+            optimizer_hooks.uninstall()
+        step, _ = _step(model, optimizer, inputs, targets, clip)
+        if i % block:  # the first step of a block carries the switch
+            times[hooked].append(step)
+    optimizer_hooks.uninstall()
+    bootstrap.close()
+    return times
 
 
 def _run(recorded: bool, args: argparse.Namespace, work: Path) -> dict[str, list[float]]:
@@ -88,6 +128,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--paired-steps", type=int, default=200)
+    parser.add_argument("--block", type=int, default=5)
     parser.add_argument("--loop", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--times", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -119,6 +161,14 @@ def main() -> None:
     ratios = [r / p for p, r in zip(per_repeat[False], per_repeat[True], strict=True)]
     print(f"  per-repeat step ratios               {' '.join(f'{r:.3f}' for r in ratios)}")
     print(f"  median per-repeat ratio              {statistics.median(ratios):7.3f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        without, with_hooks = paired(args.paired_steps, args.block, args.clip, Path(tmp))
+    plain, hooked = statistics.median(without), statistics.median(with_hooks)
+    print(f"one process, blocks of {args.block} steps with and without the hooks in turn "
+          f"({args.paired_steps} steps, first of a block left out): median step time")  # fmt: skip
+    print(f"  without the hooks                    {plain * 1e3:7.2f} ms")
+    print(f"  with the hooks                       {hooked * 1e3:7.2f} ms")
+    print(f"  ratio with/without                   {hooked / plain:7.3f}")
 
 
 if __name__ == "__main__":

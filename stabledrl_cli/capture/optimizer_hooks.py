@@ -131,6 +131,7 @@ class _State:
     optimizers_seen: int = 0
     next_step: int = 0
     clips: list[_Clip] = field(default_factory=list)
+    clip_wrapper: Callable[..., torch.Tensor] | None = None
     on: bool = False
 
 
@@ -138,8 +139,8 @@ _state = _State()
 
 
 def install() -> None:
-    """Registers the global optimizer hooks and wraps clip_grad_norm_ (idempotent). A failure
-    warns once and leaves training alone."""
+    """Registers the global optimizer hooks and wraps clip_grad_norm_ (once; idempotent; again
+    after `uninstall`). A failure warns once and leaves training alone."""
     if _state.on or not bootstrap.hooks_wanted():
         return
     try:
@@ -147,11 +148,12 @@ def install() -> None:
             register_optimizer_step_pre_hook(_pre_hook),
             register_optimizer_step_post_hook(_post_hook),
         ]
-        wrapped = _wrap_clip(torch.nn.utils.clip_grad.clip_grad_norm_)
-        torch.nn.utils.clip_grad.clip_grad_norm_ = wrapped
-        torch.nn.utils.clip_grad_norm_ = wrapped
+        if _state.clip_wrapper is None:
+            _state.clip_wrapper = _wrap_clip(torch.nn.utils.clip_grad.clip_grad_norm_)
+            torch.nn.utils.clip_grad.clip_grad_norm_ = _state.clip_wrapper
+            torch.nn.utils.clip_grad_norm_ = _state.clip_wrapper
+            bootstrap.hooks_installed()
         _state.on = True
-        bootstrap.hooks_installed()
     except Exception as exc:
         _fail(exc, "installing the optimizer hooks")
 
