@@ -18,9 +18,9 @@ step's scalars), or from both: the pairing rule is that
 optimizer, counted from 0) are one step, whichever comes first. The first half is written at
 once; the second rewrites the step's file with both halves (a field given by both is taken
 from `log_policy_batch`). A half whose step number is not the last step's starts a new step.
-One exception: a run opened by the hooks with no policy known (no --policy) waits for the
-next event before writing its first step, so that a policy batch logged just after the first
-optimizer step still gives the run its policy.
+One exception: the hooks' first step waits for the next event (a batch, the next optimizer
+step, or the end of the process) before it opens the run, so that a policy batch logged just
+after the first optimizer step still opens it with its policy and recorder_kwargs.
 
 Recording must never break training: the first failure is reported once on stderr as a
 warning, recording is off from then on (`log_policy_batch` returns False at once, the hooks
@@ -152,7 +152,7 @@ class _Step:
 _last: _Step | None = None
 """The last step written (its halves are kept until the next step starts)."""
 _held: _Step | None = None
-"""A first hook step waiting for the run's policy (module docstring)."""
+"""The hooks' first step, waiting for the next event to open the run (module docstring)."""
 _integration = False
 """Whether an integration records this process (`integration_records`)."""
 
@@ -252,7 +252,7 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
         return
     try:
         with _lock:
-            if _recorder is None and _held is None and not os.environ.get(ENV_POLICY):
+            if _recorder is None and _held is None:
                 _held = _Step(step, hooks=fields)
                 return
             _release_held(None, {})
