@@ -14,7 +14,10 @@ of the clip + optimizer.step() part of a step, where the hooks' own work lies.
 
 Then, in one process (--paired-steps), the same loop in blocks of --block steps with the
 hooks installed and removed in turn, recording into a scratch run as under `record`: a
-machine whose load drifts slows both kinds alike, so this ratio is the steadier figure.
+machine whose load drifts slows both kinds alike, so this ratio is the steadier figure; and
+the time spent in the hooks' own code (pre-hook: norms, groups, modules; post-hook: the step
+record handed to the Recorder), the least noisy figure. With clip_grad_norm_, the hooks
+compute it as torch does (get_total_norm, clip_grads_with_norm_), at torch's own cost.
 
     python benchmarks/hook_overhead.py                    # 5 repeats of 40 steps
     python benchmarks/hook_overhead.py --repeats 7 --steps 60 --no-clip
@@ -86,13 +89,40 @@ def loop(steps: int, clip: bool, times_file: Path) -> None:
     times_file.write_text(json.dumps({"step": times, "update": updates}))
 
 
+HOOK_TIME = [0.0]
+"""Seconds spent in the optimizer hooks' pre- and post-hook, summed (the paired run)."""
+OWN_TIMES: list[float] = []
+"""The hooks' own seconds in each kept step with the hooks (the paired run)."""
+FIRST_STEP = [0.0]
+"""The hooks' own seconds in their first step (module names looked up once)."""
+
+
+def _timed(function: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            HOOK_TIME[0] += time.perf_counter() - start
+
+    return wrapper
+
+
 def paired(steps: int, block: int, clip: bool, work: Path) -> tuple[list[float], list[float]]:
     """In one process, blocks of `block` steps with the hooks installed and removed in turn
     (load drift cancels): (step times without, step times with)."""
     os.environ.update({"STABLEDRL_RUN_DIR": str(work / "paired"), "STABLEDRL_FORCE": "1"})
     from stabledrl_cli.capture import bootstrap, optimizer_hooks
 
+    # The hooks' own work (before they are registered, so that torch calls the timed ones).
+    optimizer_hooks._pre_hook = _timed(optimizer_hooks._pre_hook)  # type: ignore[method-assign]
+    optimizer_hooks._post_hook = _timed(optimizer_hooks._post_hook)  # type: ignore[method-assign]
+
     model, optimizer, inputs, targets = _model_and_data()
+    optimizer_hooks.install()
+    start = HOOK_TIME[0]
+    _step(model, optimizer, inputs, targets, clip)  # the first: module names are looked up
+    FIRST_STEP[0] = HOOK_TIME[0] - start
     times: tuple[list[float], list[float]] = ([], [])
     for i in range(steps):
         hooked = (i // block) % 2 == 1
@@ -100,9 +130,12 @@ def paired(steps: int, block: int, clip: bool, work: Path) -> tuple[list[float],
             optimizer_hooks.install()
         else:
             optimizer_hooks.uninstall()
+        start = HOOK_TIME[0]
         step, _ = _step(model, optimizer, inputs, targets, clip)
         if i % block:  # the first step of a block carries the switch
             times[hooked].append(step)
+            if hooked:
+                OWN_TIMES.append(HOOK_TIME[0] - start)
     optimizer_hooks.uninstall()
     bootstrap.close()
     return times
@@ -169,6 +202,10 @@ def main() -> None:
     print(f"  without the hooks                    {plain * 1e3:7.2f} ms")
     print(f"  with the hooks                       {hooked * 1e3:7.2f} ms")
     print(f"  ratio with/without                   {hooked / plain:7.3f}")
+    own = statistics.median(OWN_TIMES)
+    print(f"  the hooks' own work (pre + post)     {own * 1e3:7.2f} ms a step = {own / plain:.2%}"
+          " of the step without")  # fmt: skip
+    print(f"  the same, first step (names found)   {FIRST_STEP[0] * 1e3:7.2f} ms, once")
 
 
 if __name__ == "__main__":
