@@ -241,3 +241,32 @@ def test_counts_json_summary_hdf5_and_table(tmp_path):
     assert "trl region" in wide and "verl clipfrac" in wide and "clip +A" not in wide
     bad = runner.invoke(app, [*args, "--metrics", "nope"])
     assert bad.exit_code == 2 and "--metrics 'nope'" in bad.output
+
+
+@pytest.mark.parametrize("spec", ["grpo", "dapo", "dual-clip", "cispo:eps_low=0.2,eps_high=0.2"])
+def test_verl_fractions_with_ratios_past_the_clamp_equal_verls_clamped_ratio(spec):
+    """The shared hits use the step's own ratio where verl's clamp at e^+-20 moves no ratio
+    across a bound: ratios far past the clamp must count as verl's clamped ones do."""
+    from stabledrl_cli.policies import PolicyBatch, prepare
+    from stabledrl_cli.replay.framework import framework_metrics, micro_batches
+
+    log_ratio = torch.tensor([-30.0, -21.0, -0.5, 0.0, 0.1, 0.5, 1.2, 21.0, 30.0, 90.0])
+    adv = torch.tensor([1.0, -1.0, -2.0, 1.0, 0.0, 1.0, -1.0, -1.0, 1.0, -1.0])
+    mask = torch.tensor([1, 1, 1, 1, 1, 0, 1, 1, 1, 1])
+    prep = prepare(PolicyBatch(logp=log_ratio, logp_old=torch.zeros(10), advantages=adv, mask=mask))
+    policy = get_policy(spec)
+    micro = micro_batches(prep, None, torch.arange(10), seq_is_raw=False, where="test")
+    got = framework_metrics(prep, [policy], [policy.weights(prep)], micro)
+    config = policy.config
+    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
+    scored = mask.bool()
+    if spec == "cispo:eps_low=0.2,eps_high=0.2":
+        hit = (ratio < 0.8) | (ratio > 1.2)
+    else:
+        hit = ((ratio < 1 - config.eps_low) & (adv < 0)) | ((ratio > 1 + config.high) & (adv > 0))
+    den = scored.sum().item() + 1e-8
+    expected = (hit & scored).sum().item() / den
+    assert got[VERL_METRICS[0]].item() == pytest.approx(expected, rel=1e-12)
+    if spec == "dual-clip":
+        lower = ((adv < 0) & (ratio > config.c) & scored).sum().item() / den
+        assert got[VERL_METRICS[1]].item() == pytest.approx(lower, rel=1e-12)

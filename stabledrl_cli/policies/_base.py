@@ -236,6 +236,14 @@ def as_bytes(flags: torch.Tensor) -> torch.Tensor:
     return flags.view(torch.uint8)
 
 
+def count(flags: torch.Tensor) -> torch.Tensor:
+    """0-d int64: True entries of a bool tensor (summed as bytes into int32 where that cannot
+    overflow: many times faster on the CPU than a bool sum)."""
+    if flags.numel() < 2**31:
+        return as_bytes(flags).sum(dtype=torch.int32).long()
+    return flags.sum()
+
+
 def keep_times(keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """value where keep, else exactly 0: a zeroed term stays 0 even where value overflowed to
     inf (a discarded token with r = inf has the coefficient 0, not 0 * inf = NaN). Non-finite

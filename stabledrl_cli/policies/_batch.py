@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ import torch
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies._advantages import recompute_advantages
 from stabledrl_cli.vocab import ADV_MODES, UNITS, AdvMode, Unit
+
+_T = TypeVar("_T")
 
 ArrayLike = torch.Tensor | np.ndarray[Any, Any] | Sequence[float] | float
 """What a batch field accepts: a torch tensor (any device), a numpy array, a list, a scalar."""
@@ -183,27 +185,40 @@ class PreparedBatch:
             finite &= torch.isfinite(self.loss_weight)
         return finite
 
-    def memo(self, key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def memo(self, key: Hashable, build: Callable[[], _T]) -> _T:
         """`build()` once per step and key: what several policies share (a normalizer)."""
         if key not in self._memo:
             self._memo[key] = build()
-        value: torch.Tensor = self._memo[key]
+        value: _T = self._memo[key]
+        return value
+
+    def memo_of(self, name: str, tensor: torch.Tensor, build: Callable[[], _T]) -> _T:
+        """`build()` once per step for this very tensor (by identity: the memo holds the
+        tensor, so its id cannot pass to another while the step lives)."""
+        key = (name, id(tensor))
+        held = self._memo.get(key)
+        if held is None or held[0] is not tensor:
+            held = (tensor, build())
+            self._memo[key] = held
+        value: _T = held[1]
         return value
 
     def weight_over(self, norm: torch.Tensor) -> torch.Tensor:
         """[T] w_t / norm_t, once per step and normalizer (policies sharing an aggregation
         share its `norm` tensor)."""
-        key = ("weight_over", id(norm))
-        held = self._memo.get(key)
-        if held is None or held[0] is not norm:
-            held = (norm, self.weight / norm)  # holds norm: its id stays its own
-            self._memo[key] = held
-        scale: torch.Tensor = held[1]
-        return scale
+        return self.memo_of("weight_over", norm, lambda: self.weight / norm)
+
+    def signs(self, adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[T] bool each, once per step and advantages tensor: scored tokens with A != 0
+        (eligible), with A > 0 and with A < 0."""
+        mask = self.mask
+        return self.memo_of(
+            "signs", adv, lambda: (mask & (adv != 0), mask & (adv > 0), mask & (adv < 0))
+        )
 
     def eligible(self, mode: AdvMode = "recorded") -> torch.Tensor:
         """[T] bool: scored with a non-zero advantage under `mode` (cached per mode)."""
-        return self.memo(("eligible", mode), lambda: self.mask & (self.advantages(mode) != 0))
+        return self.signs(self.advantages(mode))[0]
 
     def nonfinite_inputs(self, mode: AdvMode = "recorded") -> torch.Tensor | None:
         """[T] bool: scored tokens with a non-finite logp, logp_old, loss_weight or advantage

@@ -9,6 +9,7 @@ The maths that uses each config lives in the family's compute module (docs/polic
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass
@@ -37,9 +38,15 @@ TIS_DEFAULT_MAX = 2.0
 """A config field's value: a number, a choice, or None for unset."""
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, object]:
+    """A config class's resolved annotations (resolved once: every config checks them)."""
+    return typing.get_type_hints(cls)
+
+
 def literal_choices(cls: type, name: str) -> tuple[str, ...] | None:
     """The allowed values of a Literal-typed field, else None."""
-    hint = typing.get_type_hints(cls)[name]
+    hint = _type_hints(cls)[name]
     if typing.get_origin(hint) is Literal:
         return typing.get_args(hint)
     return None

@@ -58,7 +58,8 @@ class DualClipPolicy(TokenPolicy):
         outside = prep.log_ratio.abs() > VERL_LOG_RATIO_CLAMP
         ratio = prep.clamped_ratio(VERL_LOG_RATIO_CLAMP)
         value, discarded = ppo_terms(ratio, adv, cfg.eps_low, cfg.high)
-        value = torch.where(adv < 0, torch.maximum(value, cfg.c * adv), value)
+        # max(., c A) only binds for A < 0: for A >= 0 the term is >= 0 = c min(A, 0).
+        value = torch.maximum(value, cfg.c * torch.clamp(adv, max=0.0))
         discarded = discarded | ((adv < 0) & (ratio > cfg.c)) | outside
         dvalue = keep_times(~discarded, ratio * adv)
         return value, dvalue, discarded, torch.zeros_like(discarded)

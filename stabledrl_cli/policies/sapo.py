@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
+from stabledrl_cli.policies._base import TokenPolicy, TokenTerms, as_bytes
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import SAPOConfig
 
@@ -31,9 +31,9 @@ class SAPOPolicy(TokenPolicy):
     def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
         cfg = self.config
         ratio = prep.ratio
-        tau = torch.where(
-            adv > 0, torch.full_like(ratio, cfg.tau_pos), torch.full_like(ratio, cfg.tau_neg)
-        )
+        # tau_pos where A > 0, else tau_neg: a sum of two products with 0/1 flags is exact.
+        positive = as_bytes(adv > 0).to(ratio.dtype)
+        tau = positive * cfg.tau_pos + (1 - positive) * cfg.tau_neg
         x = tau * (ratio - 1.0)
         # The gate 4 s (1 - s) and the coefficient 4 s (1 - s) r A in log space: as r grows,
         # s (1 - s) underflows and r overflows, but their product tends to 0 (never 0 * inf).

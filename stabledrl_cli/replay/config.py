@@ -13,9 +13,10 @@ from stabledrl_cli.errors import UsageError
 from stabledrl_cli.replay.guards import DEFAULT_GUARDS, make_guard
 from stabledrl_cli.vocab import Device
 
-DEFAULT_MEMORY_BUDGET = 64 * 2**20
+DEFAULT_MEMORY_BUDGET = 16 * 2**20
 """Bytes of step arrays read and moved to the device at a time (a chunk closes at the step
-that reaches it; a step larger than the budget is a chunk of its own)."""
+that reaches it; a step larger than the budget is a chunk of its own). Reading steps one at a
+time is no slower on the CPU; a larger budget batches the transfers to a GPU."""
 DEFAULT_THREADS = 1
 """CPU threads of a replay's tensor operations: one by default, so a replay's figures and its
 speed do not depend on the machine's core count or on what else runs on it."""

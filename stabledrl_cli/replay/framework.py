@@ -32,6 +32,7 @@ import torch
 
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
+from stabledrl_cli.policies._base import count as tally
 from stabledrl_cli.policies._config import (
     CISPOConfig,
     ClipConfig,
@@ -115,15 +116,15 @@ def _token_fraction(
     """0-d: the unweighted mean over micro-batches of sum(hit & mask) / count(mask) (hit [T]);
     eps None: TRL's way (a call's counts summed over ranks, denominator clamp(min=1)), else
     verl's (each rank's micro-batch on its own, denominator + eps)."""
-    seq_index, count = (
+    seq_index, cells = (
         (micro.pooled_index, micro.pooled_count) if eps is None else (micro.seq_index, micro.count)
     )
-    if count == 1:
-        num = (hit & prep.mask).sum().double()
-        den = prep.memo(("scored_count",), lambda: prep.mask.sum().double())
+    if cells == 1:
+        num = tally(hit & prep.mask).double()
+        den = prep.memo(("scored_count",), lambda: tally(prep.mask).double())
         return num / (den.clamp(min=1.0) if eps is None else den + eps)
     token_mb = seq_index[prep.seq]
-    zeros = torch.zeros(count, dtype=torch.float64, device=prep.device)
+    zeros = torch.zeros(cells, dtype=torch.float64, device=prep.device)
     num = zeros.index_add(0, token_mb, (hit & prep.mask).double())
     den = zeros.index_add(0, token_mb, prep.mask.double())
     frac = num / (den.clamp(min=1.0) if eps is None else den + eps)
@@ -140,10 +141,30 @@ def _row_fraction(hit_seq: torch.Tensor, micro: MicroBatches) -> torch.Tensor:
 
 
 def _clip_hits(
-    ratio: torch.Tensor, adv: torch.Tensor, low: float, high: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A < 0 & r < 1 - low, A > 0 & r > 1 + high), strict as both frameworks compare."""
-    return (ratio < 1.0 - low) & (adv < 0), (ratio > 1.0 + high) & (adv > 0)
+    prep: PreparedBatch, ratio: torch.Tensor, adv: torch.Tensor, low: float, high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A < 0 & r < 1 - low, A > 0 & r > 1 + high, either), strict as both frameworks compare;
+    once per step for the step's own ratio (TRL's and verl's metrics ask for the same)."""
+
+    def hits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        below = (ratio < 1.0 - low) & (adv < 0)
+        above = (ratio > 1.0 + high) & (adv > 0)
+        return below, above, below | above
+
+    if ratio is not prep.ratio:
+        return hits()
+    return prep.memo_of(f"clip_hits:{low!r}:{high!r}", adv, hits)
+
+
+def _verl_ratio(prep: PreparedBatch, *bounds: float) -> torch.Tensor:
+    """verl's ratio exp(clamp(log r, -20, 20)) for comparisons with `bounds`: the step's own
+    ratio when every bound lies well inside (e^-20, e^20), where the clamp moves no ratio
+    across a bound (both hit the same tokens), so TRL's and verl's hits are computed once."""
+    inside = all(
+        2 * math.exp(-VERL_LOG_RATIO_CLAMP) < b < 0.5 * math.exp(VERL_LOG_RATIO_CLAMP)
+        for b in bounds
+    )
+    return prep.ratio if inside else prep.clamped_ratio(VERL_LOG_RATIO_CLAMP)
 
 
 def _trl(
@@ -155,24 +176,24 @@ def _trl(
     adv = w.advantages
     if isinstance(config, GSPOConfig):
         seq_adv = prep.seq_sum(adv) / prep.seq_len.clamp(min=1.0)
-        low, high = _clip_hits(
-            torch.exp(prep.seq_mean_log_ratio), seq_adv, config.eps_low, config.eps_high
+        low, high, either = _clip_hits(
+            prep, torch.exp(prep.seq_mean_log_ratio), seq_adv, config.eps_low, config.eps_high
         )
         return [
             _row_fraction(low, micro),
             _row_fraction(high, micro),
-            _row_fraction(low | high, micro),
+            _row_fraction(either, micro),
             nan,
         ]
     if isinstance(config, ClipConfig):
         ratio = prep.ratio
         if isinstance(config, TwoSidedConfig) and config.delta is not None:
             ratio = torch.clamp(ratio, max=config.delta)  # TRL clamps coef_1 before its metrics
-        low, high = _clip_hits(ratio, adv, config.eps_low, config.high)
+        low, high, either = _clip_hits(prep, ratio, adv, config.eps_low, config.high)
         return [
             _token_fraction(low, prep, micro, None),
             _token_fraction(high, prep, micro, None),
-            _token_fraction(low | high, prep, micro, None),
+            _token_fraction(either, prep, micro, None),
             nan,
         ]
     if isinstance(config, CISPOConfig) and config.cap is not None:
@@ -189,21 +210,25 @@ def _verl(
     zero = torch.zeros((), dtype=torch.float64, device=prep.device)
     config = policy.config
     adv = w.advantages
-    ratio = prep.clamped_ratio(VERL_LOG_RATIO_CLAMP)
 
     def frac(hit: torch.Tensor) -> torch.Tensor:
         return _token_fraction(hit, prep, micro, VERL_MASKED_MEAN_EPS)
 
     if isinstance(config, GSPOConfig):
         seq_ratio = torch.exp(prep.seq_mean_log_ratio.clamp(max=VERL_SEQ_LOG_RATIO_MAX))
-        low, high = _clip_hits(seq_ratio[prep.seq], adv, config.eps_low, config.eps_high)
-        return [frac(low | high), zero]
+        _, _, either = _clip_hits(prep, seq_ratio[prep.seq], adv, config.eps_low, config.eps_high)
+        return [frac(either), zero]
     if isinstance(config, ClipConfig):
-        low, high = _clip_hits(ratio, adv, config.eps_low, config.high)
+        bounds = [1.0 - config.eps_low, 1.0 + config.high]
+        if isinstance(config, DualClipConfig):
+            bounds.append(config.c)
+        ratio = _verl_ratio(prep, *bounds)
+        _, _, either = _clip_hits(prep, ratio, adv, config.eps_low, config.high)
         lower = frac((adv < 0) & (ratio > config.c)) if isinstance(config, DualClipConfig) else nan
-        return [frac(low | high), lower]
+        return [frac(either), lower]
     if isinstance(config, CISPOConfig) and config.eps_low is not None:
         ceiling = 1.0 + (config.eps_low if config.eps_high is None else config.eps_high)
+        ratio = _verl_ratio(prep, 1.0 - config.eps_low, ceiling)
         return [frac((ratio < 1.0 - config.eps_low) | (ratio > ceiling)), zero]
     if isinstance(config, SAPOConfig):
         return [zero, zero]

@@ -22,7 +22,7 @@ import torch
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.geometry import decode_geometry, replayed_update_norm
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
-from stabledrl_cli.policies._base import as_bytes, keep_times
+from stabledrl_cli.policies._base import as_bytes, count, keep_times
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.framework import MicroBatches, framework_metrics
 from stabledrl_cli.vocab import StepGeometryKind
@@ -159,12 +159,10 @@ class References:
 
     def __init__(self, prep: PreparedBatch, adv: torch.Tensor, norm: torch.Tensor) -> None:
         scored = prep.mask
-        self.eligible = scored & (adv != 0)
+        self.eligible, self.positive, self.negative = prep.signs(adv)
         self.counted = self.eligible
         if prep.loss_weight is not None:
             self.counted = self.eligible & (prep.loss_weight != 0)
-        self.positive = self.eligible & (adv > 0)
-        self.negative = self.eligible & (adv < 0)
         weighted = adv if prep.loss_weight is None else adv * prep.loss_weight
         self.reinforce = keep_times(self.counted, weighted / norm)
         """[T] A w / norm on counted tokens, else 0."""
@@ -175,13 +173,13 @@ class References:
         """[T] r A w / norm on scored tokens, else 0."""
         self.safe_ref = self.reinforce + as_bytes(~self.counted)
         """[T] the REINFORCE reference on counted tokens, else 1 (a safe divisor)."""
-        self.n_counted = self.counted.sum().double()
+        self.n_counted = count(self.counted).double()
         self.reinforce_sum = _sum64(self.reinforce)
         self.reinforce_abs = _sum64(self.reinforce.abs())
         self.is_abs = self.coef_is.abs()
         self.is_mass = _sum64(self.is_abs)
-        self.tokens = self.eligible.sum()
-        self.scored = scored.sum()
+        self.tokens = count(self.eligible)
+        self.scored = count(scored)
 
 
 def _weight_max(w: torch.Tensor, refs: References, sum_w: torch.Tensor) -> torch.Tensor:
@@ -203,7 +201,8 @@ def _weight_indicators(
     pg: torch.Tensor, refs: References
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """0-d float64 (weight_max, ess_frac, net_push) of one policy's coefficients pg [T]."""
-    w = keep_times(refs.counted, pg) / refs.safe_ref
+    pg_counted = keep_times(refs.counted, pg)
+    w = pg_counted / refs.safe_ref
     wide = w.double()  # one row, transient: squares of float32 values are exact in float64
     sum_w, sum_w2 = wide.sum(), (wide * wide).sum()
     del wide
@@ -211,9 +210,7 @@ def _weight_indicators(
     ess = torch.where(sum_w2 != 0, sum_w * sum_w / (n_counted * sum_w2), math.nan)
     ess = torch.where(torch.isnan(sum_w2), math.nan, ess)
     ref_abs = refs.reinforce_abs
-    push = (_sum64(keep_times(refs.counted, pg)) - refs.reinforce_sum) / torch.where(
-        ref_abs > 0, ref_abs, 1.0
-    )
+    push = (_sum64(pg_counted) - refs.reinforce_sum) / torch.where(ref_abs > 0, ref_abs, 1.0)
     push = torch.where(ref_abs > 0, push, torch.where(torch.isfinite(push), 0.0, push))
     return _weight_max(w, refs, sum_w), ess, push
 
@@ -272,20 +269,20 @@ def step_metrics(
     indicators = [_weight_indicators(pg, r) for pg, r in zip(pgs, refs, strict=True)]
     computed = {
         "tokens": torch.stack([r.tokens for r in refs]),
-        "discarded": torch.stack([w.discarded.sum() for w in weights]),
+        "discarded": torch.stack([count(w.discarded) for w in weights]),
         "discarded_pos": torch.stack(
-            [(w.discarded & r.positive).sum() for w, r in zip(weights, refs, strict=True)]
+            [count(w.discarded & r.positive) for w, r in zip(weights, refs, strict=True)]
         ),
         "discarded_neg": torch.stack(
-            [(w.discarded & r.negative).sum() for w, r in zip(weights, refs, strict=True)]
+            [count(w.discarded & r.negative) for w, r in zip(weights, refs, strict=True)]
         ),
-        "clipped": torch.stack([w.clipped.sum() for w in weights]),
+        "clipped": torch.stack([count(w.clipped) for w in weights]),
         "scored_tokens": torch.stack([r.scored for r in refs]),
         "clipped_pos": torch.stack(
-            [(w.clipped & r.positive).sum() for w, r in zip(weights, refs, strict=True)]
+            [count(w.clipped & r.positive) for w, r in zip(weights, refs, strict=True)]
         ),
         "clipped_neg": torch.stack(
-            [(w.clipped & r.negative).sum() for w, r in zip(weights, refs, strict=True)]
+            [count(w.clipped & r.negative) for w, r in zip(weights, refs, strict=True)]
         ),
         "discarded_mass": discarded_mass,
         "is_mass": is_mass,
