@@ -17,6 +17,10 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 """Where replay and the example compute; auto: cuda, then mps, then cpu."""
 DEVICES: tuple[Device, ...] = get_args(Device)
 
+ReplayEngine = Literal["local", "ray"]
+"""Where replay's streaming pass runs: this process, or the workers of a Ray cluster."""
+REPLAY_ENGINES: tuple[ReplayEngine, ...] = get_args(ReplayEngine)
+
 Estimator = Literal["llada", "elbo"]
 """The built-in example's log-likelihood estimator: LLaDA's 1/t-weighted ELBO, or the mean
 ELBO."""

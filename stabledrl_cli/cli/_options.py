@@ -16,6 +16,14 @@ from stabledrl_cli.spec import SPEC_SYNTAX
 from stabledrl_cli.vocab import Device, OutputFormat
 
 RunArg = Annotated[Path, typer.Argument(help="Run directory or .h5 archive.", show_default=False)]
+RunSourceArg = Annotated[
+    str,
+    typer.Argument(
+        help="Run directory or .h5 archive, a path or an fsspec URL (memory://, file://, s3://...).",
+        show_default=False,
+        metavar="RUN",
+    ),
+]
 PolicyOpt = Annotated[
     list[str] | None,
     typer.Option(

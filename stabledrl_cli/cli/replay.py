@@ -25,7 +25,7 @@ from stabledrl_cli.cli._options import (
     MemoryBudgetOpt,
     PlotOpt,
     PolicyOpt,
-    RunArg,
+    RunSourceArg,
     ThreadsOpt,
     WindowOpt,
 )
@@ -43,12 +43,13 @@ from stabledrl_cli.replay.config import (
     parse_step_range,
     replay_config,
 )
-from stabledrl_cli.replay.engine import REASONS_SHOWN, replay_run
+from stabledrl_cli.replay.engine import REASONS_SHOWN, Engine, LocalEngine, replay_run
 from stabledrl_cli.replay.hdf5 import write_hdf5
 from stabledrl_cli.replay.plot import check_plot_path, plot_replay, require_matplotlib
+from stabledrl_cli.replay.ray_engine import RayEngine, require_ray
 from stabledrl_cli.replay.report import BEST_RULE, print_detail, print_summary
 from stabledrl_cli.replay.result import ReplayResult
-from stabledrl_cli.vocab import METRIC_GROUPS, MetricGroup
+from stabledrl_cli.vocab import METRIC_GROUPS, MetricGroup, ReplayEngine
 
 CollapseWindowOpt = Annotated[
     int | None,
@@ -114,13 +115,27 @@ def metric_groups(names: Sequence[str] | None) -> tuple[MetricGroup, ...]:
     return tuple(groups)
 
 
+def replay_engine(engine: ReplayEngine, workers: int | None, address: str | None) -> Engine:
+    """The --engine's engine: --workers without --engine ray is a usage error, and so is
+    --engine ray without ray installed (--ray-address, which RAY_ADDRESS may set, is ignored
+    by the local engine)."""
+    if engine == "local":
+        if workers is not None:
+            raise UsageError("--workers needs --engine ray")
+        return LocalEngine()
+    if workers is not None and workers < 1:
+        raise UsageError("--workers must be an integer >= 1")
+    require_ray()
+    return RayEngine(address=address, workers=workers)
+
+
 def replay_with_progress(
-    run: Run, policies: Sequence[str] | None, config: ReplayConfig
+    run: Run, policies: Sequence[str] | None, config: ReplayConfig, engine: Engine | None = None
 ) -> ReplayResult:
     """`replay_run` with its progress on stderr: a bar in a terminal, a line per tenth (at
     least every 30 s) without one."""
     with progress("replaying", len(run)) as advance:
-        return replay_run(run, policies, config=config, progress=advance)
+        return replay_run(run, policies, config=config, progress=advance, engine=engine)
 
 
 def note_empty_range(result: ReplayResult) -> None:
@@ -136,7 +151,7 @@ def note_empty_range(result: ReplayResult) -> None:
 
 
 def command(
-    run: RunArg,
+    run: RunSourceArg,
     policy: PolicyOpt = None,
     device: DeviceOpt = "auto",
     output_format: FormatOpt = "table",
@@ -207,6 +222,32 @@ def command(
             "--legend/--no-legend", help="A line per column under each table, and the best rule."
         ),
     ] = True,
+    engine: Annotated[
+        ReplayEngine,
+        typer.Option(
+            "--engine",
+            help="Where steps are computed: this process, or the workers of a Ray cluster "
+            "(needs the ray extra); the results are the same.",
+        ),
+    ] = "local",
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            metavar="N",
+            help="--engine ray: shards computed at once (default: the cluster's CPUs).",
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            metavar="ADDR",
+            envvar="RAY_ADDRESS",
+            help="--engine ray: the cluster to join (default: a local one started for this "
+            "replay).",
+        ),
+    ] = None,
 ) -> None:
     """Replay a recorded run through the policy catalogue (one-step counterfactuals)."""
     check_outputs(plot, {"--out": out_path})
@@ -225,8 +266,9 @@ def command(
             detail=detail,
             guards=None if guard is None else tuple(g for g in guard if g != "none"),
         )
+    chosen = replay_engine(engine, workers, ray_address)
     opened = open_run(run)
-    result = replay_with_progress(opened, policy, config)
+    result = replay_with_progress(opened, policy, config, chosen)
     note_skipped(result)
     note_empty_range(result)
     if out_path is not None:

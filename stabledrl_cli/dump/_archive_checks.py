@@ -28,6 +28,7 @@ import signal
 import time
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import h5py
 import numpy as np
@@ -153,9 +154,9 @@ def check_objects(handle: h5py.File, path: Path, file_size: int) -> list[str]:
     return datasets
 
 
-def _read_metadata(path: Path) -> None:
+def _read_metadata(source: Path | BinaryIO) -> None:
     """Everything libhdf5 parses before a reader trusts the file: links, attributes, texts."""
-    with h5py.File(path, "r") as handle:
+    with h5py.File(source, "r") as handle:
 
         def visit(name: str, link: object) -> None:
             if isinstance(link, h5py.HardLink):
@@ -168,18 +169,19 @@ def _read_metadata(path: Path) -> None:
                 handle[name][()]
 
 
-def probe(path: Path, seconds: float | None = None) -> None:
+def probe(path: Path, seconds: float | None = None, *, fileobj: BinaryIO | None = None) -> None:
     """Reads the archive's metadata in a forked child (module docstring); InputError if the
     child does not finish within `seconds` (default `PROBE_SECONDS`) or is killed by a signal.
     Python errors in the child are left to the caller's own read to report. Without fork
-    (Windows) this does nothing."""
+    (Windows) this does nothing. fileobj: the archive as a binary file object (read through
+    fsspec), `path` then only names it."""
     if not hasattr(os, "fork"):
         return
     limit = PROBE_SECONDS if seconds is None else seconds
     pid = os.fork()
     if pid == 0:  # the child: read, then leave without running any exit handler
         try:
-            _read_metadata(path)
+            _read_metadata(path if fileobj is None else fileobj)
         finally:
             os._exit(0)
     deadline = time.monotonic() + limit

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
@@ -92,7 +92,16 @@ class ArchiveStep(Step):
 class ArchiveRun(Run):
     """A run packed by `stabledrl pack` into one HDF5 file (layout in the module docstring)."""
 
-    def __init__(self, path: Path, *, verify: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        verify: bool = True,
+        fileobj: BinaryIO | None = None,
+        size: int | None = None,
+    ) -> None:
+        """fileobj, size: the archive as a binary file object of `size` bytes (read through
+        fsspec, `dump._remote`); `path` then only names it."""
         self.path = path
         self.verify = verify
         self._bad: dict[int, StepReadError] = {}  # step index -> why it cannot be read
@@ -102,10 +111,11 @@ class ArchiveRun(Run):
         self._checksummed = False
         self._all_bad: str | None = None
         """Why every step is bad (an index checksum failed), if one is."""
-        probe(path)
+        probe(path, fileobj=fileobj)
         try:
-            file_size = os.stat(path).st_size
-            self._file = h5py.File(path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
+            file_size = os.stat(path).st_size if size is None else size
+            source = path if fileobj is None else fileobj
+            self._file = h5py.File(source, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
         except H5_ERRORS as exc:
             raise InputError(f"{path}: unreadable HDF5 file ({exc})") from None
         try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,8 @@ class DirectoryStep(Step):
     records: list[_HeaderRecord] = field(repr=False)
     """Per rank, what its file's header says."""
     group_ids: GroupIds = field(default="per_rank", repr=False)
+    reader: Callable[[Path, str], torch.Tensor] = field(repr=False)
+    """(file, name) -> the array: `DirectoryRun._tensor` of the run it came from."""
 
     def _read(self, name: str) -> torch.Tensor:
         if len(self.paths) == 1:
@@ -172,9 +175,7 @@ class DirectoryStep(Step):
 
     def _read_rank(self, rank: int, name: str) -> torch.Tensor:
         try:
-            with safe_open(str(self.paths[rank]), framework="pt") as handle:
-                tensor: torch.Tensor = handle.get_tensor(name)
-                return tensor
+            return self.reader(self.paths[rank], name)
         except Exception as exc:
             raise InputError(f"{self.paths[rank]}: cannot read {name}: {exc}") from None
 
@@ -259,9 +260,9 @@ class DirectoryRun(Run):
         self.path = path
         self.verify = verify
         manifest_path = path / MANIFEST_NAME
-        if not manifest_path.exists():
-            raise InputError(f"{path} is not a run: it has no {MANIFEST_NAME}")
-        manifest = parse_manifest(_read_manifest_text(manifest_path), str(manifest_path))
+        if not self._exists(manifest_path):
+            raise InputError(f"{self.location} is not a run: it has no {MANIFEST_NAME}")
+        manifest = parse_manifest(self._manifest_bytes(manifest_path), str(manifest_path))
         self.format_version = check_manifest(manifest, str(manifest_path))
         self._manifest = manifest
         self.world_size: int = manifest["world_size"]
@@ -276,18 +277,51 @@ class DirectoryRun(Run):
     def manifest(self) -> dict[str, Any]:
         return self._manifest
 
+    # -- storage: what a run read from elsewhere (dump/_remote.py) does its own way ------------
+    def _exists(self, path: Path) -> bool:
+        return path.exists()
+
+    def _manifest_bytes(self, path: Path) -> bytes:
+        return _read_manifest_text(path)
+
+    def _entries(self, directory: Path) -> list[tuple[str, bool]]:
+        """(name, whether it is a regular file, not a link) of each entry, sorted by name;
+        FileNotFoundError or NotADirectoryError when there is no such directory."""
+        with os.scandir(directory) as entries:
+            found = sorted(entries, key=lambda entry: entry.name)
+        listed = []
+        for entry in found:
+            try:
+                regular = entry.is_file(follow_symlinks=False)
+            except OSError:
+                regular = False
+            listed.append((entry.name, regular))
+        return listed
+
+    def _file_key(self, path: Path) -> tuple[int, int, int]:
+        """What changes when the file does (inode, size, mtime); OSError if it is gone."""
+        st = path.stat()
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _header(self, path: Path, *, deep: bool) -> StepHeader:
+        return read_header(path, deep=deep)
+
+    def _tensor(self, path: Path, name: str) -> torch.Tensor:
+        with safe_open(str(path), framework="pt") as handle:
+            tensor: torch.Tensor = handle.get_tensor(name)
+            return tensor
+
     def _scan(self) -> _Listing:
         self._listing = listing = _Listing()
         steps_dir = self.path / STEPS_DIR
         try:
-            with os.scandir(steps_dir) as entries:
-                found = sorted(((entry.name, entry) for entry in entries), key=lambda pair: pair[0])
+            found = self._entries(steps_dir)
         except (FileNotFoundError, NotADirectoryError):
             return listing
         except OSError as exc:
             raise InputError(f"{steps_dir}: cannot list it ({exc.strerror or exc})") from None
         ranked_run = self.world_size > 1
-        for name, entry in found:
+        for name, regular in found:
             path = steps_dir / name
             temp = TEMP_FILE_RE.match(name)
             if temp is not None:
@@ -295,10 +329,6 @@ class DirectoryRun(Run):
                 if (temp.group(2) is not None) == ranked_run and step <= STEP_LIMIT:
                     listing.temps.append((step, path))
                     continue
-            try:
-                regular = entry.is_file(follow_symlinks=False)
-            except OSError:
-                regular = False
             reason = _unknown_reason(name, regular, self.world_size)
             final = canonical_step(name)
             if reason is not None or final is None:
@@ -343,10 +373,9 @@ class DirectoryRun(Run):
 
     def _check(self, path: Path, step: int, *, deep: bool) -> _HeaderRecord:
         try:
-            st = path.stat()
+            key = self._file_key(path)
         except OSError as exc:
             raise StepReadError("unreadable", f"cannot stat: {exc.strerror or exc}") from None
-        key = (st.st_ino, st.st_size, st.st_mtime_ns)
         cached = self._checked.get(path.name)
         if cached is not None and cached.key == key:
             if isinstance(cached.outcome, tuple):
@@ -354,7 +383,7 @@ class DirectoryRun(Run):
             if cached.deep or not deep:
                 return cached.outcome
         try:
-            header = read_header(path, deep=deep)
+            header = self._header(path, deep=deep)
             version = header.metadata.get(META_FORMAT, "")
             try:
                 parsed = check_readable_version(version, path.name)
@@ -400,6 +429,7 @@ class DirectoryRun(Run):
             paths=[ranks[r] for r in range(self.world_size)],
             records=records,
             group_ids=self.group_ids,
+            reader=self._tensor,
         )
 
     @property

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast, overload
@@ -88,6 +88,8 @@ class Run(ABC):
     """A recorded run: a directory or an HDF5 archive, behind the same API."""
 
     path: Path
+    verify: bool = True
+    """Whether a step's data checksum is checked when its arrays are read."""
 
     @property
     @abstractmethod
@@ -120,6 +122,17 @@ class Run(ABC):
         if isinstance(loaded, StepReadError):
             raise InputError(f"{self.path}: step {n} is {loaded.kind}: {loaded}")
         return loaded
+
+    @property
+    def location(self) -> str:
+        """Where the run was opened from, as given: its path, or its URL (fsspec)."""
+        return str(self.path)
+
+    @property
+    def source(self) -> str:
+        """What `open_run` opens this run from in another process (an absolute path here; a
+        URL for a run read through fsspec)."""
+        return str(self.path.absolute())
 
     @property
     def unit(self) -> Unit:
@@ -159,9 +172,16 @@ class Run(ABC):
 
     def steps(self, start: int | None = None, stop: int | None = None) -> Iterator[Step]:
         """Steps with start <= step < stop, ascending; a corrupt one is skipped with a warning."""
-        for n in self.step_numbers:
-            if (start is not None and n < start) or (stop is not None and n >= stop):
-                continue
+        yield from self.steps_of(
+            n
+            for n in self.step_numbers
+            if (start is None or n >= start) and (stop is None or n < stop)
+        )
+
+    def steps_of(self, numbers: Iterable[int]) -> Iterator[Step]:
+        """The steps of these numbers, in their order (e.g. a shard of a listing made
+        elsewhere); one missing or corrupt is skipped with a warning."""
+        for n in numbers:
             loaded = self._try_step(n, deep=True)
             if isinstance(loaded, StepReadError):
                 warnings.warn(

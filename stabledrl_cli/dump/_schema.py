@@ -64,6 +64,8 @@ WORLD_SIZE_LIMIT = 4096
 STEP_LIMIT = (1 << 63) - 1
 """The largest step number (int64): a longer one in a file name is not a step file."""
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+"""The first bytes of an HDF5 file (a packed run)."""
 STEP_FILE_RE = re.compile(r"^step-(\d{8,})(?:\.rank-(\d{4,}))?\.safetensors$")
 # Temporary names start with a dot so that no glob for finished steps ever matches them.
 TEMP_FILE_RE = re.compile(r"^\.step-(\d{8,})(?:\.rank-(\d{4,}))?\.safetensors\.tmp-\d+$")

@@ -19,7 +19,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from safetensors.numpy import save as st_save
@@ -28,7 +28,7 @@ from stabledrl_cli._atomic import write_atomic
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import META_CRC_DATA, META_CRC_HEADER, temp_file_name
 
-_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on the header size
+HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on the header size
 _CHUNK = 1 << 22
 
 
@@ -143,49 +143,53 @@ def read_header(path: Path, *, deep: bool) -> StepHeader:
             st = os.fstat(fh.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise StepReadError("unreadable", "not a regular file")
-            size = st.st_size
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise StepReadError("torn", f"{size} bytes, shorter than a safetensors header")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > _HEADER_LIMIT:
-                raise StepReadError("unreadable", f"header length {header_len} is not plausible")
-            if 8 + header_len > size:
-                raise StepReadError("torn", f"header cut at {size} of {8 + header_len} bytes")
-            raw = fh.read(header_len)
-            if len(raw) < header_len:
-                raise StepReadError(
-                    "torn", f"header cut at {8 + len(raw)} of {8 + header_len} bytes"
-                )
-            try:
-                header = json.loads(raw)
-            except RecursionError:
-                raise StepReadError("unreadable", "header JSON nested too deeply") from None
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise StepReadError("unreadable", f"header is not JSON: {exc}") from None
-            if not isinstance(header, dict):
-                raise StepReadError("unreadable", "header is not a JSON object")
-            metadata = header.get("__metadata__") or {}
-            expected = metadata.get(META_CRC_HEADER) if isinstance(metadata, dict) else None
-            if expected is None:
-                raise StepReadError("unreadable", "no header checksum (not a stabledrl step file)")
-            if _canonical_crc(header) != expected:
-                raise StepReadError("unreadable", "header checksum mismatch")
-            metadata = _check_metadata(metadata)
-            tensors, data_len = _tensor_entries(header)
-            data_start = 8 + header_len
-            if size < data_start + data_len:
-                raise StepReadError(
-                    "torn", f"{size} bytes, the header needs {data_start + data_len}"
-                )
-            if size > data_start + data_len:
-                raise StepReadError("unreadable", f"{size - data_start - data_len} trailing bytes")
-            if deep:
-                crc = 0
-                while chunk := fh.read(_CHUNK):
-                    crc = zlib.crc32(chunk, crc)
-                if f"{crc:08x}" != metadata.get(META_CRC_DATA):
-                    raise StepReadError("unreadable", "data checksum mismatch (corrupt bytes)")
+            return parse_header(fh, st.st_size, deep=deep)
+    except OSError as exc:
+        raise StepReadError("unreadable", f"cannot read: {exc.strerror or exc}") from None
+
+
+def parse_header(fh: BinaryIO, size: int, *, deep: bool) -> StepHeader:
+    """`read_header`'s checks on a step file of `size` bytes open at its start (any binary
+    file object: a local file, an fsspec one, bytes in memory)."""
+    try:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise StepReadError("torn", f"{size} bytes, shorter than a safetensors header")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > HEADER_LIMIT:
+            raise StepReadError("unreadable", f"header length {header_len} is not plausible")
+        if 8 + header_len > size:
+            raise StepReadError("torn", f"header cut at {size} of {8 + header_len} bytes")
+        raw = fh.read(header_len)
+        if len(raw) < header_len:
+            raise StepReadError("torn", f"header cut at {8 + len(raw)} of {8 + header_len} bytes")
+        try:
+            header = json.loads(raw)
+        except RecursionError:
+            raise StepReadError("unreadable", "header JSON nested too deeply") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StepReadError("unreadable", f"header is not JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise StepReadError("unreadable", "header is not a JSON object")
+        metadata = header.get("__metadata__") or {}
+        expected = metadata.get(META_CRC_HEADER) if isinstance(metadata, dict) else None
+        if expected is None:
+            raise StepReadError("unreadable", "no header checksum (not a stabledrl step file)")
+        if _canonical_crc(header) != expected:
+            raise StepReadError("unreadable", "header checksum mismatch")
+        metadata = _check_metadata(metadata)
+        tensors, data_len = _tensor_entries(header)
+        data_start = 8 + header_len
+        if size < data_start + data_len:
+            raise StepReadError("torn", f"{size} bytes, the header needs {data_start + data_len}")
+        if size > data_start + data_len:
+            raise StepReadError("unreadable", f"{size - data_start - data_len} trailing bytes")
+        if deep:
+            crc = 0
+            while chunk := fh.read(_CHUNK):
+                crc = zlib.crc32(chunk, crc)
+            if f"{crc:08x}" != metadata.get(META_CRC_DATA):
+                raise StepReadError("unreadable", "data checksum mismatch (corrupt bytes)")
     except OSError as exc:
         raise StepReadError("unreadable", f"cannot read: {exc.strerror or exc}") from None
     except (KeyError, TypeError, ValueError, IndexError, RecursionError) as exc:

@@ -15,6 +15,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -49,6 +50,8 @@ __all__ = [
     "DEFAULT_DRIFT_THRESHOLD",
     "DEFAULT_SPIKE_FACTOR",
     "DEFAULT_WINDOW",
+    "Engine",
+    "LocalEngine",
     "ReplayConfig",
     "ReplayResult",
     "own_policy",
@@ -117,12 +120,12 @@ def no_steps_message(run: Run, skipped: list[str]) -> str:
     reasons (else any other integrity finding, e.g. only temporary files)."""
     reasons = skipped or [f.message for f in run.integrity.findings]
     if not reasons:
-        return f"{run.path}: the run has no steps"
+        return f"{run.location}: the run has no steps"
     shown = "; ".join(reasons[:REASONS_SHOWN]) + ("; ..." if len(reasons) > REASONS_SHOWN else "")
     if not skipped:
-        return f"{run.path}: the run has no readable step ({shown})"
+        return f"{run.location}: the run has no readable step ({shown})"
     noun = "step file was" if len(skipped) == 1 else "step files were"
-    return f"{run.path}: no step could be read ({len(skipped)} {noun} skipped: {shown})"
+    return f"{run.location}: no step could be read ({len(skipped)} {noun} skipped: {shown})"
 
 
 def _run_geometry(kinds: tuple[StepGeometryKind, ...]) -> tuple[RunGeometryKind, float]:
@@ -157,36 +160,69 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+class Engine(Protocol):
+    """Where a replay's streaming pass runs: this process (`LocalEngine`) or a cluster
+    (`ray_engine.RayEngine`). Every run-level figure is computed from what it returns."""
+
+    def stream(
+        self,
+        run: Run,
+        policies: list[Policy],
+        own_index: int | None,
+        config: ReplayConfig,
+        progress: Callable[[int], None] | None,
+    ) -> StreamedRun:
+        """Every policy over every readable step of `run`: `stream.stream_run`'s result."""
+        ...
+
+
+class LocalEngine:
+    """The streaming pass in this process, on `config.device`."""
+
+    def stream(
+        self,
+        run: Run,
+        policies: list[Policy],
+        own_index: int | None,
+        config: ReplayConfig,
+        progress: Callable[[int], None] | None,
+    ) -> StreamedRun:
+        """`stream.stream_run` over the whole run."""
+        device = resolve_device(config.device)
+        return stream_run(
+            run,
+            policies,
+            own_index,
+            device,
+            chunk_size=config.chunk_size,
+            memory_budget=config.memory_budget,
+            progress=progress,
+        )
+
+
 def replay_run(
     run: Run,
     policies: Sequence[str | Policy] | None = None,
     *,
     config: ReplayConfig | None = None,
     progress: Callable[[int], None] | None = None,
+    engine: Engine | None = None,
 ) -> ReplayResult:
     """Replays every step of `run` under each policy (None: own + the standard catalogue).
 
-    progress: called with the number of steps done after each chunk.
+    progress: called with the number of steps done after each chunk (or shard).
+    engine: where the streaming pass runs (None: `LocalEngine`); the result does not depend on it.
     """
     config = config or ReplayConfig()
-    device = resolve_device(config.device)
     resolved, own_index = resolve_policies(run, policies)
     first = next(iter(run.step_headers()), None)
     if first is not None:  # fail fast, before any step is read
-        check_step(first, resolved, run_unit(run), str(run.path))
+        check_step(first, resolved, run_unit(run), run.location)
     with warnings.catch_warnings():
         # Corrupt steps are skipped by the reader: counted below, named by `inspect`.
         warnings.simplefilter("ignore", RunIntegrityWarning)
         with torch_threads(config.threads):
-            stream = stream_run(
-                run,
-                resolved,
-                own_index,
-                device,
-                chunk_size=config.chunk_size,
-                memory_budget=config.memory_budget,
-                progress=progress,
-            )
+            stream = (engine or LocalEngine()).stream(run, resolved, own_index, config, progress)
         skipped = skipped_reasons(run)
         if stream.step_numbers.size == 0:
             raise InputError(no_steps_message(run, skipped))
@@ -242,7 +278,7 @@ def replay_result(
                 details = detail_pass(run, resolved, flagged, device, config.top_k)
     geometry, coverage = _run_geometry(stream.geometry)
     return ReplayResult(
-        run=str(run.path),
+        run=run.location,
         steps=int(stream.step_numbers.shape[0]),
         geometry=geometry,
         geometry_coverage=coverage,
@@ -284,12 +320,14 @@ def replay(
     warning_drop: float | None = None,
     step_range: StepRange = (None, None),
     detail: bool = False,
+    engine: Engine | None = None,
 ) -> ReplayResult:
     """`stabledrl replay` as a function: the same results as the CLI, as Python objects.
 
-    run: a run directory or archive (or an opened Run); policies: specs (None: the run's own
-    policy plus the standard catalogue); the other arguments are `ReplayConfig`'s (None: its
-    default). `.to_json()` of the result prints the JSON contract.
+    run: a run directory, archive or URL (or an opened Run); policies: specs (None: the run's
+    own policy plus the standard catalogue); engine: where the streaming pass runs (None: this
+    process; `ray_engine.RayEngine()`: a Ray cluster); the other arguments are
+    `ReplayConfig`'s (None: its default). `.to_json()` of the result prints the JSON contract.
     """
     opened = run if isinstance(run, Run) else open_run(run)
     config = replay_config(
@@ -307,4 +345,4 @@ def replay(
         step_range=step_range,
         detail=detail,
     )
-    return replay_run(opened, policies, config=config)
+    return replay_run(opened, policies, config=config, engine=engine)

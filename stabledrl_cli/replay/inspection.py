@@ -82,7 +82,7 @@ def summarize(run: Run) -> RunSummary:
     policy = manifest.get("policy")
     geometry = run.geometry
     return RunSummary(
-        run=str(run.path),
+        run=run.location,
         format_version=manifest.get("format_version"),
         tool_version=manifest.get("tool_version"),
         created=manifest.get("created"),

@@ -94,6 +94,12 @@ class OwnLikelihood:
         self.inner_step.append(math.nan if inner_step is None else inner_step)
         self.values.append(own_likelihood(logp_old, mask))
 
+    def extend(self, later: OwnLikelihood) -> None:
+        """Appends the measurements gathered over the steps after this one's."""
+        self.steps.extend(later.steps)
+        self.inner_step.extend(later.inner_step)
+        self.values.extend(later.values)
+
     def series(self) -> tuple[np.ndarray, np.ndarray]:
         """The measurements ([M] steps, [M] values): `detectors.own_likelihood_series`."""
         return own_likelihood_series(
@@ -144,24 +150,28 @@ class Observed:
 
 
 class NoiseFloor:
-    """The pooled std of log r over steps, accumulated one step at a time (Chan et al.'s
-    pairwise update), so no step's arrays are kept."""
+    """The pooled std of log r over steps, gathered one step at a time: each step's moments
+    are kept (three numbers) and pooled in step order (Chan et al.'s pairwise update), so no
+    step's arrays are kept and floors gathered over consecutive parts of a run join exactly."""
 
     def __init__(self) -> None:
-        self.count = 0
-        self._mean = 0.0
-        self._m2 = 0.0
+        self.parts: list[tuple[int, float, float]] = []
+        """Per step: (values, their mean, sum of squared deviations), in step order."""
 
     def add(self, count: int, mean: float, m2: float) -> None:
-        """Pools one step's moments: its number of values, their mean and sum of squared
+        """One step's moments: its number of values, their mean and sum of squared
         deviations."""
-        if count == 0:
-            return
-        delta = mean - self._mean
-        total = self.count + count
-        self._mean += delta * count / total
-        self._m2 += m2 + delta * delta * self.count * count / total
-        self.count = total
+        if count:
+            self.parts.append((count, mean, m2))
+
+    def extend(self, later: NoiseFloor) -> None:
+        """Appends the steps of a floor gathered over the steps after this one's."""
+        self.parts.extend(later.parts)
+
+    @property
+    def count(self) -> int:
+        """Values pooled."""
+        return sum(part[0] for part in self.parts)
 
     def merge(self, other: NoiseFloor) -> None:
         """Pools another floor's values (e.g. of later steps) into this one."""
@@ -170,7 +180,14 @@ class NoiseFloor:
     @property
     def std(self) -> float | None:
         """The pooled standard deviation; None before any value."""
-        return math.sqrt(self._m2 / self.count) if self.count else None
+        total, pooled_mean, pooled_m2 = 0, 0.0, 0.0
+        for count, mean, m2 in self.parts:
+            delta = mean - pooled_mean
+            pooled_total = total + count
+            pooled_mean += delta * count / pooled_total
+            pooled_m2 += m2 + delta * delta * total * count / pooled_total
+            total = pooled_total
+        return math.sqrt(pooled_m2 / total) if total else None
 
 
 def logratio_moments(

@@ -15,7 +15,7 @@ them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,15 +195,17 @@ def _read_chunks(
     likelihood: OwnLikelihood,
     chunk_size: int | None,
     memory_budget: int,
+    shard: Iterable[Step] | None = None,
 ) -> Iterator[tuple[list[Step], list[Arrays]]]:
-    """The run's readable steps and their arrays (CPU), a chunk at a time: a chunk closes at
-    the step that brings its arrays to `memory_budget` bytes, or to `chunk_size` steps. Feeds
-    the collapse warning's measurements on the way (on the host, before any transfer)."""
-    where, unit = str(run.path), run_unit(run)
+    """The run's readable steps (or `shard`'s) and their arrays (CPU), a chunk at a time: a
+    chunk closes at the step that brings its arrays to `memory_budget` bytes, or to
+    `chunk_size` steps. Feeds the collapse warning's measurements on the way (on the host,
+    before any transfer)."""
+    where, unit = run.location, run_unit(run)
     steps: list[Step] = []
     arrays: list[Arrays] = []
     held = 0
-    for step in run.steps():
+    for step in run.steps() if shard is None else shard:
         check_step(step, policies, unit, where)
         step_arrays = read_arrays(step, where)
         inner = step.scalars.get("inner_step")
@@ -233,10 +235,12 @@ def stream_run(
     chunk_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: Callable[[int], None] | None = None,
+    steps: Iterable[Step] | None = None,
 ) -> StreamedRun:
-    """Every policy over every readable step of `run` (corrupt steps are skipped), read in
-    chunks of at most `memory_budget` bytes of arrays (and `chunk_size` steps, when given)."""
-    where, unit = str(run.path), run_unit(run)
+    """Every policy over every readable step of `run` (corrupt steps are skipped), or over
+    `steps` only (a shard of it, `replay.shards`), read in chunks of at most `memory_budget`
+    bytes of arrays (and `chunk_size` steps, when given)."""
+    where, unit = run.location, run_unit(run)
     ranks = int(run.manifest.get("world_size", 1))
     numbers: list[int] = []
     blocks: list[np.ndarray] = []
@@ -245,7 +249,8 @@ def stream_run(
     covered: list[float] = []
     approximate = np.zeros(len(policies), dtype=bool)
     floor, likelihood = NoiseFloor(), OwnLikelihood()
-    for chunk, arrays in _read_chunks(run, policies, likelihood, chunk_size, memory_budget):
+    chunks = _read_chunks(run, policies, likelihood, chunk_size, memory_budget, steps)
+    for chunk, arrays in chunks:
         to_device(arrays, device)
         rows, moments = [], []
         for step, step_arrays in zip(chunk, arrays, strict=True):
@@ -300,7 +305,7 @@ def detail_pass(
 ) -> list[dict[int, list[TopSequence]]]:
     """Second pass over the flagged steps (step -> indices of the policies it flagged): per
     policy, step -> its top sequences."""
-    where, unit = str(run.path), run_unit(run)
+    where, unit = run.location, run_unit(run)
     out: list[dict[int, list[TopSequence]]] = [{} for _ in policies]
     for number in sorted(flagged):
         step = run.step(number)

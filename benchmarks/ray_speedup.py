@@ -1,0 +1,131 @@
+"""The Ray engine's speed-up: a catalogue replay on 2 local Ray workers against 1, and against
+the local engine, in one run.
+
+Synthesizes a token run with the Recorder (--steps steps of --sequences sequences x --tokens
+tokens), then replays it with the default catalogue: locally, then on a local Ray cluster of 1
+CPU, then of 2 CPUs (each cluster started once; one untimed replay first, so the workers have
+imported torch). Every replay uses 1 torch thread (a worker per CPU), and every sharded
+replay's JSON is checked equal to the local one. Prints the median wall time of --repeats
+replays of each, the ratios, and the cluster start-up time (paid once per `replay --engine
+ray` that starts its own cluster; not paid when joining a running one).
+
+    python benchmarks/ray_speedup.py                      # 48 steps x 64 x 256 tokens
+    python benchmarks/ray_speedup.py --steps 96 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def synthesize(path: Path, steps: int, sequences: int, tokens: int, seed: int = 0) -> None:
+    """A token-unit grpo run: groups of 8 sequences, every 4th step at inner_step 0."""
+    from stabledrl_cli.dump import Recorder
+
+    rng = np.random.default_rng(seed)
+    group = (np.arange(sequences) // 8).astype(np.int32)
+    with Recorder(path, policy="grpo", reward_range=(0.0, 1.0)) as rec:
+        for step in range(steps):
+            reward = rng.random(sequences).astype(np.float32)
+            means = np.array([reward[group == g].mean() for g in group], dtype=np.float32)
+            logp_old = (-2 * rng.random((sequences, tokens))).astype(np.float32)
+            rec.log_step(
+                step,
+                logp=(logp_old + 0.1 * rng.normal(size=(sequences, tokens))).astype(np.float32),
+                logp_old=logp_old,
+                advantages=reward - means,
+                mask=rng.random((sequences, tokens)) > 0.1,
+                group_id=group,
+                reward=reward,
+                grad_norm=float(rng.random()),
+                loss=0.0,
+                reward_mean=float(reward.mean()),
+                inner_step=step % 4,
+            )
+
+
+def timed(fn, repeats: int) -> tuple[float, str]:
+    """(median seconds over `repeats` calls, the JSON of the last)."""
+    seconds, text = [], ""
+    for _ in range(repeats):
+        start = time.perf_counter()
+        text = fn()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--sequences", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import ray
+
+    from stabledrl_cli.replay.engine import replay
+    from stabledrl_cli.replay.ray_engine import RayEngine
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        synthesize(run, args.steps, args.sequences, args.tokens)
+        settings = {"device": "cpu", "chunk_size": args.chunk_size}
+        local_s, local_json = timed(lambda: replay(run, **settings).to_json(), args.repeats)
+        rows = [("local engine (1 process)", local_s)]
+        startup = {}
+        for workers in (1, 2):
+            start = time.perf_counter()
+            ray.init(
+                address="local",
+                num_cpus=workers,
+                include_dashboard=False,
+                logging_level=logging.ERROR,
+                log_to_driver=False,
+            )
+            startup[workers] = time.perf_counter() - start
+            engine = RayEngine(workers=workers)
+
+            def sharded(engine: RayEngine = engine) -> str:
+                return replay(run, **settings, engine=engine).to_json()
+
+            sharded()  # warm-up: the workers import torch
+            seconds, text = timed(sharded, args.repeats)
+            assert text == local_json, "a sharded replay's JSON differs from the local one"
+            rows.append((f"ray engine, {workers} worker{'s' if workers > 1 else ''}", seconds))
+            ray.shutdown()
+
+    tokens = args.steps * args.sequences * args.tokens
+    print(
+        f"catalogue replay of {args.steps} steps x {args.sequences} sequences x {args.tokens} "
+        f"tokens ({tokens / 1e6:.1f}M tokens), chunk {args.chunk_size}, 1 torch thread a "
+        f"worker; median of {args.repeats}"
+    )
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"{'engine':<28} {'seconds':>8} {'Mtok/s':>7}")
+    for name, seconds in rows:
+        print(f"{name:<28} {seconds:8.2f} {tokens / seconds / 1e6:7.2f}")
+    ray1, ray2 = rows[1][1], rows[2][1]
+    print(f"speed-up, 2 workers against 1: {ray1 / ray2:.2f}x")
+    print(f"speed-up, 2 workers against the local engine: {local_s / ray2:.2f}x")
+    print(
+        f"cluster start-up (once per replay that starts its own): "
+        f"{startup[1]:.1f} s (1 CPU), {startup[2]:.1f} s (2 CPUs)"
+    )
+    print("every sharded replay's JSON equals the local one: yes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Runs read in place through fsspec URLs: `memory://`, `file://`, `s3://` (with s3fs), any
+filesystem fsspec knows, without copying the run first.
+
+A run directory (`RemoteRun`) is read as a local one (`DirectoryRun`: the same listing rules,
+header and data checksums, joins and findings); only the storage calls differ. The steps/
+folder is listed once a pass, each step file's header is read with a ranged read, and its
+whole bytes are read once when its data is used: the data checksum is checked on those bytes
+and its arrays are parsed from them. A packed `.h5` is read by h5py through an fsspec file
+object (`open_archive`).
+
+What a URL may name (docs/trust.md): exactly one filesystem and a path on it. Chained URLs
+(`simplecache::s3://...`) and the `reference://` filesystem, whose JSON maps paths to other
+URLs, are refused; a link inside the run is never followed (an entry that is not a regular
+file is a finding, never read); nothing read from a run names another location.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_tensors
+
+from stabledrl_cli.dump._archive_reader import ArchiveRun
+from stabledrl_cli.dump._directory import DirectoryRun
+from stabledrl_cli.dump._integrity import StepReadError
+from stabledrl_cli.dump._run import Run
+from stabledrl_cli.dump._schema import HDF5_SIGNATURE, MANIFEST_LIMIT
+from stabledrl_cli.dump._stfile import HEADER_LIMIT, StepHeader, parse_header
+from stabledrl_cli.errors import InputError, MissingExtraError, UsageError
+
+URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)(://|::)")
+"""A URL: a scheme, then `://` (or `::`, fsspec's chaining); a Windows drive letter has one
+colon and no slashes."""
+REFUSED_PROTOCOLS = frozenset({"reference"})
+"""Filesystems whose files point to other locations."""
+_OPEN_FILES = 4
+"""Step files whose parsed arrays are kept between reads (at least two per rank)."""
+KEPT_BYTES = 128 << 20
+"""Bytes of checked step files kept for their arrays' first read (a replay checks a chunk of
+steps, then reads them; past this, the oldest files are read again)."""
+
+
+def is_url(text: str) -> bool:
+    """Whether `text` is a URL (`scheme://...`) rather than a local path."""
+    return URL_RE.match(text) is not None
+
+
+def url_filesystem(url: str) -> tuple[Any, str]:
+    """-> (the fsspec filesystem, the path on it) of a run URL.
+
+    UsageError (exit 2): a chained or refused URL, an unknown scheme, a scheme whose package
+    is not installed (MissingExtraError, naming it)."""
+    match = URL_RE.match(url)
+    if match is None:
+        raise UsageError(f"{url!r} is not a URL")
+    protocol = match.group(1).lower()
+    if "::" in url:
+        raise UsageError(f"{url}: chained URLs are not read; give the run's own URL")
+    if protocol in REFUSED_PROTOCOLS:
+        raise UsageError(f"{url}: {protocol}:// maps paths to other URLs; give the run's own URL")
+    try:
+        import fsspec
+        from fsspec.core import url_to_fs
+    except ImportError:
+        raise MissingExtraError(f"{url}: reading URLs needs fsspec: pip install fsspec") from None
+    if protocol not in fsspec.available_protocols():
+        raise UsageError(f"{url}: unknown URL scheme {protocol}://")
+    try:
+        fs, root = url_to_fs(url)
+    except ImportError as exc:
+        raise MissingExtraError(f"{url}: {protocol}:// needs a package: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{url}: {exc}") from None
+    return fs, str(root)
+
+
+def _file_key(info: dict[str, Any]) -> tuple[int, int, int]:
+    """What changes when a file does: its size and its modification stamp (mtime, ETag...)."""
+    stamp = next((info[k] for k in ("mtime", "LastModified", "ETag", "created") if k in info), "")
+    return (0, int(info.get("size") or 0), zlib.crc32(str(stamp).encode()))
+
+
+def _regular(info: dict[str, Any]) -> bool:
+    return info.get("type") == "file" and not info.get("islink")
+
+
+class RemoteRun(DirectoryRun):
+    """A run directory read through fsspec (module docstring). `path` is the path on the
+    filesystem, used only to name files; `location` and `source` are the URL."""
+
+    def __init__(self, url: str, fs: Any, root: str, *, verify: bool = True) -> None:
+        self.url = url
+        self.fs = fs
+        self._infos: dict[str, dict[str, Any]] = {}
+        """File path -> what the last listing said of it."""
+        self._arrays: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._bytes: OrderedDict[str, bytes] = OrderedDict()
+        super().__init__(Path(root), verify=verify)
+
+    @property
+    def location(self) -> str:
+        return self.url
+
+    @property
+    def source(self) -> str:
+        return self.url
+
+    @property
+    def size_bytes(self) -> int:
+        found = self.fs.find(str(self.path), detail=True)
+        return sum(int(info.get("size") or 0) for info in found.values())
+
+    def _info(self, path: Path) -> dict[str, Any]:
+        info = self._infos.get(str(path))
+        if info is None:
+            info = self.fs.info(str(path))
+            self._infos[str(path)] = info
+        return info
+
+    def _exists(self, path: Path) -> bool:
+        try:
+            return bool(self.fs.exists(str(path)))
+        except OSError:
+            return False
+
+    def _manifest_bytes(self, path: Path) -> bytes:
+        try:
+            if not _regular(self.fs.info(str(path))):
+                raise InputError(f"{self.url}/{path.name}: not a regular file")
+            data: bytes = self.fs.cat_file(str(path), start=0, end=MANIFEST_LIMIT + 1)
+        except OSError as exc:
+            raise InputError(f"{self.url}: unreadable manifest ({exc})") from None
+        return data
+
+    def _entries(self, directory: Path) -> list[tuple[str, bool]]:
+        if not self.fs.isdir(str(directory)):
+            raise FileNotFoundError(str(directory))
+        listed = []
+        for info in self.fs.ls(str(directory), detail=True):
+            name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
+            self._infos[str(directory / name)] = info
+            listed.append((name, _regular(info)))
+        return sorted(listed)
+
+    def _file_key(self, path: Path) -> tuple[int, int, int]:
+        return _file_key(self._info(path))
+
+    def _header(self, path: Path, *, deep: bool) -> StepHeader:
+        try:
+            if deep:
+                data = self._read_all(path)
+                return parse_header(io.BytesIO(data), len(data), deep=True)
+            size = int(self._info(path).get("size") or 0)
+            head: bytes = self.fs.cat_file(str(path), start=0, end=8)
+            if len(head) == 8:
+                (length,) = struct.unpack("<Q", head)
+                if length <= HEADER_LIMIT and 8 + length <= size:
+                    head += self.fs.cat_file(str(path), start=8, end=8 + length)
+            return parse_header(io.BytesIO(head), size, deep=False)
+        except OSError as exc:
+            raise StepReadError("unreadable", f"cannot read: {exc}") from None
+
+    def _read_all(self, path: Path) -> bytes:
+        """The file's bytes, read once: kept until its arrays are parsed (`_tensor`), the
+        oldest forgotten past `KEPT_BYTES` (a replay checks a chunk of steps, then reads it)."""
+        data = self._bytes.get(str(path))
+        if data is None:
+            data = self.fs.cat_file(str(path))
+            self._bytes[str(path)] = data
+            kept = sum(len(b) for b in self._bytes.values())
+            while kept > KEPT_BYTES and len(self._bytes) > 1:
+                kept -= len(self._bytes.popitem(last=False)[1])
+        return data
+
+    def _tensor(self, path: Path, name: str) -> torch.Tensor:
+        """Each array is handed out once: its file is parsed on the first read of any of its
+        arrays (from the bytes its check read, else read now)."""
+        key = str(path)
+        arrays = self._arrays.get(key)
+        if arrays is None or name not in arrays:
+            data = self._bytes.pop(key) if key in self._bytes else self.fs.cat_file(key)
+            arrays = load_tensors(data)
+            self._arrays[key] = arrays
+            while len(self._arrays) > max(_OPEN_FILES, 2 * self.world_size):
+                self._arrays.popitem(last=False)
+        tensor = arrays.pop(name)
+        if not arrays:
+            del self._arrays[key]
+        return tensor
+
+
+class RemoteArchiveRun(ArchiveRun):
+    """A packed .h5 read by h5py through an fsspec file object; `location` and `source` are
+    the URL."""
+
+    def __init__(self, url: str, fs: Any, root: str, size: int, *, verify: bool = True) -> None:
+        self.url = url
+        self._size = size
+        super().__init__(Path(root), verify=verify, fileobj=fs.open(root, "rb"), size=size)
+
+    @property
+    def location(self) -> str:
+        return self.url
+
+    @property
+    def source(self) -> str:
+        return self.url
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
+
+def open_url(url: str, *, verify: bool = True) -> Run:
+    """The run (a directory or a packed .h5) at an fsspec URL; InputError (exit 3) for a
+    missing run or one that is neither, UsageError (exit 2) for a URL that cannot be read at
+    all."""
+    fs, root = url_filesystem(url)
+    try:
+        found = fs.info(root)
+        if found.get("type") == "directory":
+            return RemoteRun(url, fs, root, verify=verify)
+        signature = fs.cat_file(root, start=0, end=len(HDF5_SIGNATURE)) if _regular(found) else b""
+    except FileNotFoundError:
+        raise InputError(f"no such run: {url}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {url}: {exc}") from None
+    if signature == HDF5_SIGNATURE:
+        return RemoteArchiveRun(url, fs, root, int(found.get("size") or 0), verify=verify)
+    raise InputError(f"{url} is not a run (expected a run directory or a .h5 archive)")

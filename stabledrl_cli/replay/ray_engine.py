@@ -1,0 +1,190 @@
+"""The Ray engine: a replay's streaming pass sharded across the workers of a Ray cluster.
+
+`RayEngine().stream(...)` cuts the run's listing into shards (`shards.plan_shards`), runs
+`shards.stream_shard` on each as a Ray task (one CPU each; one GPU each on `cuda`), and joins
+the shards' per-step rows in step order (`shards.merge_streams`); `engine.replay_run` then
+computes everything run-level on the driver, as for a local replay, so the result is the local
+one byte for byte. A worker that dies mid-shard (killed, out of memory, its node lost) is
+replaced and its shard computed again from the start by Ray (`SHARD_RETRIES` times): a shard's
+rows are taken once, from the attempt that finished. An error of the tool itself in a shard
+(a corrupt step, a missing field) is not retried: it is raised on the driver as it would be
+locally, and the other shards are cancelled.
+
+Every worker opens the run from its `Run.source`: the same path on every node (a shared file
+system) or a URL every node can read (fsspec, `docs/scaling.md`), and needs the same stabledrl
+version (a shard refuses another).
+
+`ray` is an optional extra (`pip install -e '.[ray]'`); it is imported only when the engine
+runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, TypeVar
+
+from stabledrl_cli.dump import Run
+from stabledrl_cli.errors import MissingExtraError, StabledrlError, UsageError
+from stabledrl_cli.policies import Policy
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.shards import ShardTask, merge_streams, plan_shards, stream_shard
+from stabledrl_cli.replay.stream import StreamedRun
+
+INSTALL_HINT = "pip install -e '.[ray]'"
+SHARDS_PER_WORKER = 4
+"""Shards per worker: enough to even out uneven steps, few enough that a shard's start-up (opening
+the run, importing torch once per worker) stays small."""
+SHARD_RETRIES = 3
+"""Times Ray computes a shard again after the worker computing it died."""
+
+Task = TypeVar("Task")
+Rows = TypeVar("Rows")
+
+
+def require_ray() -> ModuleType:
+    """The `ray` module; MissingExtraError (exit 2) with the install command without it."""
+    try:
+        import ray
+    except ImportError:
+        raise MissingExtraError(f"the Ray engine needs ray: {INSTALL_HINT}") from None
+    module: ModuleType = ray
+    return module
+
+
+@dataclass
+class RayEngine:
+    """A replay's streaming pass on a Ray cluster (module docstring).
+
+    address: the cluster to join (None: `RAY_ADDRESS`, else a local cluster of `workers`
+    CPUs started for this replay and stopped after it; "auto": the local node's running one).
+    workers: shards computed at once (None: the cluster's CPUs).
+    shard_fn: what a worker runs on a shard (`shards.stream_shard`).
+    """
+
+    address: str | None = None
+    workers: int | None = None
+    shard_fn: Callable[[ShardTask], StreamedRun] = field(default=stream_shard, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and (
+            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
+        ):
+            raise UsageError(f"workers must be an integer >= 1, got {self.workers!r}")
+
+    def stream(
+        self,
+        run: Run,
+        policies: list[Policy],
+        own_index: int | None,
+        config: ReplayConfig,
+        progress: Callable[[int], None] | None,
+    ) -> StreamedRun:
+        """Every policy over every readable step of `run`, shard by shard on the cluster."""
+        ray = require_ray()
+        with _cluster(ray, self.address, self.workers) as workers:
+            shards = plan_shards(run.step_numbers, workers * SHARDS_PER_WORKER, config.chunk_size)
+            tasks = [
+                ShardTask(
+                    source=run.source,
+                    verify=run.verify,
+                    policies=tuple(policies),
+                    own_index=own_index,
+                    steps=steps,
+                    chunk_size=config.chunk_size,
+                    memory_budget=config.memory_budget,
+                    device=str(config.device),
+                    threads=config.threads,
+                )
+                for steps in shards
+            ]
+            gpus = 1 if str(config.device).startswith("cuda") else 0
+            if gpus and not ray.cluster_resources().get("GPU"):
+                raise UsageError("device cuda was asked for, but the Ray cluster has no GPU")
+            # Meanwhile the driver checks the run (the steps a reader skips, which the replay
+            # reports): a local replay's pass leaves that cached, here no step was read yet.
+            checking = threading.Thread(target=_check_run, args=(run,), daemon=True)
+            checking.start()
+            parts = map_shards(ray, self.shard_fn, tasks, [len(s) for s in shards], progress, gpus)
+            checking.join()
+        return merge_streams(parts, len(policies))
+
+
+def _check_run(run: Run) -> None:
+    """`run.integrity`, computed once and cached by the run; an error is left to the caller's
+    own call to raise."""
+    try:
+        run.integrity  # noqa: B018
+    except Exception:
+        return
+
+
+@contextlib.contextmanager
+def _cluster(ray: ModuleType, address: str | None, workers: int | None) -> Iterator[int]:
+    """Joins (or starts) the cluster: -> the shards to compute at once; leaves only a cluster
+    it joined. Meanwhile stdout is stderr: Ray prints its notes (a worker died, a task is
+    retried) on stdout, which holds the replay's data."""
+    with contextlib.redirect_stdout(sys.stderr):
+        started = False
+        if not ray.is_initialized():
+            address = address or os.environ.get("RAY_ADDRESS") or None
+            options: dict[str, Any] = {
+                "include_dashboard": False,
+                "logging_level": logging.ERROR,
+                "log_to_driver": False,
+            }
+            if address is None:  # a new cluster, even beside one that `ray start` left running
+                address = "local"
+                options["num_cpus"] = workers or os.cpu_count() or 1
+            try:
+                ray.init(address=address, **options)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = "a new local cluster" if address == "local" else address
+                raise UsageError(f"cannot start or join the Ray cluster ({where}): {exc}") from None
+            started = True
+        try:
+            yield workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def map_shards(
+    ray: ModuleType,
+    fn: Callable[[Task], Rows],
+    tasks: Sequence[Task],
+    sizes: Sequence[int],
+    progress: Callable[[int], None] | None = None,
+    gpus: int = 0,
+) -> list[Rows]:
+    """`fn` over `tasks` as Ray tasks, -> their results in task order; `progress(sizes[i])` as
+    task i finishes. A task whose worker died is retried (`SHARD_RETRIES`); the tool's own error
+    in one is raised here (the others cancelled), as it would be by a local run."""
+    remote = ray.remote(fn).options(
+        num_cpus=1, num_gpus=gpus, max_retries=SHARD_RETRIES, retry_exceptions=False
+    )
+    refs = [remote.remote(task) for task in tasks]
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: dict[int, Rows] = {}
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            i = index[done[0]]
+            results[i] = ray.get(done[0])
+            if progress is not None:
+                progress(sizes[i])
+    except ray.exceptions.RayTaskError as exc:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, StabledrlError):
+            raise cause from None
+        raise
+    return [results[i] for i in range(len(tasks))]

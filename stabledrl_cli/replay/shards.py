@@ -1,0 +1,122 @@
+"""A replay's streaming pass in shards: any process computes a shard's per-step rows
+(`stream_shard`), and the shards' rows join back into the run's (`merge_streams`).
+
+A shard is a contiguous run of step numbers from one listing of the run, with the run's source
+(a path or URL every worker can open), the policies and the settings the rows depend on. A
+step's row depends on the step alone, never on the chunk it is read in (`stream`), and each
+worker computes with the driver's thread count; a shard still starts on a multiple of
+`--chunk-size` when one is given (`plan_shards`). Workers compute per-step rows only; the
+driver derives every run-level
+figure (summaries, detectors, the collapse warning) from the joined rows with the local
+replay's own code, so a sharded replay's result is a local replay's, byte for byte. A sweep of
+many policy settings shards the same way: a task carries any list of policies.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stabledrl_cli._device import resolve_device
+from stabledrl_cli._version import __version__
+from stabledrl_cli.dump import RunIntegrityWarning, open_run
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.policies import Policy
+from stabledrl_cli.replay import columns
+from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood
+from stabledrl_cli.replay.stream import StreamedRun, stream_run
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardTask:
+    """Everything a worker needs to compute one shard's per-step rows."""
+
+    source: str
+    """The run's `Run.source` (a path or URL the worker opens)."""
+    verify: bool
+    """Check each step's data checksum (as the driver's run does)."""
+    policies: tuple[Policy, ...]
+    own_index: int | None
+    steps: tuple[int, ...]
+    """Step numbers, ascending, from the driver's listing."""
+    chunk_size: int | None
+    memory_budget: int
+    device: str
+    threads: int
+    """torch's intra-op threads (`ReplayConfig.threads`): sums may differ between counts."""
+    version: str = __version__
+    """The driver's stabledrl version: a worker running another refuses the shard."""
+
+
+def plan_shards(
+    numbers: Sequence[int], shards: int, chunk_size: int | None = None
+) -> list[tuple[int, ...]]:
+    """`numbers` (a run's steps, ascending) cut into at most `shards` contiguous shards, as
+    even as can be, each of whole chunks of `chunk_size` steps (counted from the first) when
+    given."""
+    chunk_size = chunk_size or 1
+    chunks = [tuple(numbers[i : i + chunk_size]) for i in range(0, len(numbers), chunk_size)]
+    count = min(max(shards, 1), len(chunks))
+    bounds = [i * len(chunks) // count for i in range(count + 1)] if count else [0]
+    return [
+        tuple(n for chunk in chunks[start:stop] for n in chunk)
+        for start, stop in itertools.pairwise(bounds)
+    ]
+
+
+def stream_shard(task: ShardTask) -> StreamedRun:
+    """One shard's per-step rows, computed where this runs (a Ray worker); corrupt steps are
+    skipped, as a local replay skips them."""
+    if task.version != __version__:
+        raise UsageError(
+            f"a worker runs stabledrl {__version__}, the driver {task.version}: install the "
+            "same version on every node"
+        )
+    torch.set_num_threads(task.threads)
+    run = open_run(task.source, verify=task.verify)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RunIntegrityWarning)
+        return stream_run(
+            run,
+            list(task.policies),
+            task.own_index,
+            resolve_device(task.device),
+            chunk_size=task.chunk_size,
+            memory_budget=task.memory_budget,
+            steps=run.steps_of(task.steps),
+        )
+
+
+def merge_streams(parts: Sequence[StreamedRun], policies: int) -> StreamedRun:
+    """The run's rows from its shards' (in step order): what `stream_run` gives over all of
+    them."""
+    floor, likelihood = NoiseFloor(), OwnLikelihood()
+    for part in parts:
+        floor.extend(part.noise_floor)
+        likelihood.extend(part.likelihood)
+    blocks = [part.metrics for part in parts if part.metrics.shape[0]]
+
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([np.zeros(0), *(getattr(part, name) for part in parts)])
+
+    return StreamedRun(
+        step_numbers=np.concatenate(
+            [np.zeros(0, dtype=np.int64), *(part.step_numbers for part in parts)]
+        ),
+        metrics=np.concatenate(blocks)
+        if blocks
+        else np.zeros((0, policies, len(columns.device_metrics())), dtype=np.float64),
+        geometry=tuple(kind for part in parts for kind in part.geometry),
+        approximate=np.logical_or.reduce(
+            [np.zeros(policies, dtype=bool), *(part.approximate for part in parts)]
+        ),
+        loss=joined("loss"),
+        grad_norm_covered=joined("grad_norm_covered"),
+        noise_floor=floor,
+        likelihood=likelihood,
+    )

@@ -1,0 +1,220 @@
+"""`replay --engine ray`: steps sharded across the workers of a local Ray cluster (2 CPUs, one
+cluster for the module: Ray starts slowly) give the local replay's JSON byte for byte, and a
+worker that dies mid-shard costs a retry of its shard, never a lost or doubled step.
+
+Without ray installed, the cluster tests skip (saying so); the missing-extra ones still run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import open_run
+from stabledrl_cli.errors import InputError
+from stabledrl_cli.replay.config import replay_config
+from stabledrl_cli.replay.engine import replay, replay_run
+from stabledrl_cli.replay.ray_engine import RayEngine
+from stabledrl_cli.replay.shards import ShardTask, plan_shards, stream_shard
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+NO_RAY = "ray is not installed (pip install -e '.[ray]'): the Ray engine's tests need it"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster of 2 CPUs for the module's tests."""
+    ray = pytest.importorskip("ray", reason=NO_RAY)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+def synthetic_run(path: Path, *, steps: int = 23) -> Path:
+    """A 2-rank token run with sketches on every third step, a NaN step, noise-floor steps
+    (inner_step 0) every other step, and step 9's data corrupted (skipped by the reader)."""
+    rng = np.random.default_rng(7)
+    for rank in range(2):
+        with sd.Recorder(
+            path, policy="grpo", reward_range=(0.0, 1.0), world_size=2, rank=rank
+        ) as rec:
+            for step in range(steps):
+                logp = -rng.random((4, 5)).astype(np.float32) * 3
+                logp_old = logp + rng.normal(scale=0.2, size=(4, 5)).astype(np.float32)
+                if step == 12 and rank == 1:
+                    logp[1, 2] = np.nan
+                extra = {}
+                if step % 3 == 0:
+                    extra["unit_grad_sketch"] = rng.normal(size=(20, 8)).astype(np.float32)
+                rec.log_step(
+                    step,
+                    logp=logp,
+                    logp_old=logp_old,
+                    advantages=rng.standard_normal(4).astype(np.float32),
+                    mask=(rng.random((4, 5)) > 0.2),
+                    group_id=np.array([0, 0, 1, 1]),
+                    reward=rng.random(4).astype(np.float32),
+                    grad_norm=1.0 + step % 5,
+                    loss=0.1 * step,
+                    inner_step=step % 2,
+                    **extra,
+                )
+    victim = path / "steps" / "step-00000009.rank-0000.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    return synthetic_run(tmp_path_factory.mktemp("ray") / "run")
+
+
+def test_plan_shards_are_contiguous_whole_chunks_covering_each_step_once():
+    numbers = [0, 1, 2, 4, 5, 8, 9, 10, 11, 15]
+    shards = plan_shards(numbers, 3, chunk_size=3)
+    assert [n for shard in shards for n in shard] == numbers
+    assert len(shards) == 3
+    for shard in shards[:-1]:
+        assert len(shard) % 3 == 0
+    assert plan_shards(numbers, 50, chunk_size=4) == [(0, 1, 2, 4), (5, 8, 9, 10), (11, 15)]
+    assert plan_shards([], 4, chunk_size=2) == []
+
+
+def test_fixture_replay_is_the_local_json_byte_for_byte(cluster, grpo_fixture, grpo_fixture_replay):
+    sharded = replay(grpo_fixture, ["grpo", "stabledrl"], device="cpu", engine=RayEngine(workers=2))
+    assert sharded.to_json() == grpo_fixture_replay.to_json()
+
+
+def test_synthetic_replay_is_the_local_json_byte_for_byte(cluster, synthetic):
+    settings = {"device": "cpu", "chunk_size": 2, "detail": True}
+    local = replay(synthetic, **settings)
+    sharded = replay(synthetic, **settings, engine=RayEngine(workers=2))
+    assert local.steps == 22 and len(local.skipped) == 1  # step 9 skipped, alike
+    assert len(plan_shards(open_run(synthetic).step_numbers, 8, 2)) == 8  # more shards than CPUs
+    assert sharded.to_json() == local.to_json()
+    assert sharded.skipped == local.skipped
+    assert local.observed.noise_floor_units > 0 and local.observed.nonfinite_steps == [12]
+
+
+def test_workers_read_a_run_through_its_url(cluster, synthetic):
+    """Each worker opens the run from the driver's URL (fsspec), not from a copy."""
+    url = synthetic.absolute().as_uri()
+    local = replay(synthetic, ["grpo"], device="cpu", chunk_size=3)
+    sharded = replay(url, ["grpo"], device="cpu", chunk_size=3, engine=RayEngine(workers=2))
+    assert sharded.run == url
+    assert dataclasses.replace(sharded, run=local.run).to_json() == local.to_json()
+
+
+def test_a_worker_dying_mid_shard_retries_that_shard_only(cluster, synthetic, tmp_path):
+    """The worker computing the second shard reads a step of it, then exits: Ray computes
+    that shard again; every step is replayed once."""
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+    opened = open_run(synthetic)
+    listed = opened.step_numbers
+    victim = plan_shards(listed, 8, 2)[1][0]
+
+    def dying_shard(task: ShardTask):
+        log = attempts / f"shard-{task.steps[0]}"
+        first = not log.exists()
+        with log.open("a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        if task.steps[0] == victim and first:
+            run = open_run(task.source)
+            next(run.steps_of(task.steps))  # mid-shard: a step read, no rows returned
+            os._exit(1)
+        return stream_shard(task)
+
+    done: list[int] = []
+    local = replay(synthetic, ["grpo", "stabledrl"], device="cpu", chunk_size=2)
+    config = replay_config(device="cpu", chunk_size=2)
+    sharded = replay_run(
+        opened,
+        ["grpo", "stabledrl"],
+        config=config,
+        progress=done.append,
+        engine=RayEngine(workers=2, shard_fn=dying_shard),
+    )
+    tries = {log.name: log.read_text().split() for log in attempts.iterdir()}
+    assert len(tries) == 8
+    retried = tries.pop(f"shard-{victim}")
+    assert len(retried) == 2 and retried[0] != retried[1]  # a new worker took it over
+    assert all(len(pids) == 1 for pids in tries.values())
+    assert sum(done) == len(listed) == 23  # progress counted each shard once
+    assert sharded.steps == 22  # step 9 skipped
+    assert sharded.to_json() == local.to_json()
+
+
+def test_an_error_in_a_shard_is_the_local_error(cluster, tmp_path):
+    """A step deep in the run lacking a field a policy needs: the same InputError as locally."""
+    path = tmp_path / "run"
+    with sd.Recorder(path, policy="grpo") as rec:
+        for step in range(8):
+            extra = {"group_id": np.array([0, 0, 1, 1]), "reward": np.array([1.0, 0, 1, 0])}
+            if step == 6:
+                extra = {}
+            rec.log_step(
+                step,
+                logp=-np.ones((4, 2), np.float32),
+                logp_old=-np.ones((4, 2), np.float32),
+                advantages=np.array([1.0, -1.0, 0.5, -0.5], np.float32),
+                **extra,
+            )
+    spec = "grpo:adv=center"
+    with pytest.raises(InputError) as local:
+        replay(path, [spec], device="cpu", chunk_size=2)
+    with pytest.raises(InputError) as sharded:
+        replay(path, [spec], device="cpu", chunk_size=2, engine=RayEngine(workers=2))
+    assert str(sharded.value) == str(local.value)
+    assert "step 6 has no" in str(local.value)
+
+
+def test_cli_engine_ray_prints_the_local_json(cluster, synthetic):
+    args = ["replay", str(synthetic), "-p", "grpo", "--format", "json", "--device", "cpu"]
+    local = runner.invoke(app, [*args, "--chunk-size", "3"])
+    sharded = runner.invoke(app, [*args, "--chunk-size", "3", "--engine", "ray", "--workers", "2"])
+    assert local.exit_code == 0 and sharded.exit_code == 0, sharded.output
+    assert sharded.stdout == local.stdout
+    assert json.loads(sharded.stdout)["steps"] == 22
+
+
+def test_workers_without_engine_ray_is_a_usage_error(tmp_path):
+    result = runner.invoke(app, ["replay", str(tmp_path), "--workers", "2"])
+    assert result.exit_code == 2
+    assert "--workers needs --engine ray" in result.stderr
+
+
+def test_engine_ray_without_ray_says_how_to_install_it_exit_2(synthetic):
+    """A real process in which `import ray` fails: one stderr line with the install command."""
+    code = (
+        "import sys; sys.modules['ray'] = None; "
+        "from stabledrl_cli.cli.app import main; "
+        f"sys.argv = ['stabledrl', 'replay', {str(synthetic)!r}, '--engine', 'ray']; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install -e '.[ray]'" in lines[0], done.stderr
+    assert done.stdout == ""
