@@ -113,7 +113,10 @@ def main() -> None:
         f"tokens ({tokens / 1e6:.1f}M tokens), chunk {args.chunk_size}, 1 torch thread a "
         f"worker; median of {args.repeats}"
     )
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+        f"load average at the end {os.getloadavg()[0]:.1f} (other processes share the CPUs)"
+    )
     print(f"{'engine':<28} {'seconds':>8} {'Mtok/s':>7}")
     for name, seconds in rows:
         print(f"{name:<28} {seconds:8.2f} {tokens / seconds / 1e6:7.2f}")

@@ -360,11 +360,23 @@ def test_bad_memory_budget_is_a_usage_error(plain_run, text):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_matches_cpu(plain_run):  # pragma: no cover - no GPU on CI
-    cpu = sd.replay(plain_run, ["grpo", "stabledrl"], device="cpu")
-    gpu = sd.replay(plain_run, ["grpo", "stabledrl"], device="cuda")
+@pytest.mark.parametrize("geometry", [None, "gram", "sketch"])
+def test_cuda_matches_cpu(tmp_path, geometry):  # pragma: no cover - no GPU on CI
+    """The catalogue (the fused pass: shared references and normalizers) on CUDA gives the CPU
+    replay's every per-step column, with and without recorded geometry."""
+    path = record_run(tmp_path / "run", steps=16, spike_at=11, nan_at=5, geometry=geometry)
+    cpu = sd.replay(path, device="cpu")
+    gpu = sd.replay(path, device="cuda")
+    assert [p.spec for p in gpu.policies] == [p.spec for p in cpu.policies]
     for a, b in zip(cpu.policies, gpu.policies, strict=True):
-        np.testing.assert_allclose(a.series["update_norm"], b.series["update_norm"], rtol=1e-4)
+        assert list(b.series.columns) == list(a.series.columns)
+        for name, values in a.series.columns.items():
+            if np.asarray(values).dtype.kind == "f":
+                np.testing.assert_allclose(
+                    b.series[name], values, rtol=1e-4, atol=1e-6, err_msg=f"{a.spec} {name}"
+                )
+            else:
+                np.testing.assert_array_equal(b.series[name], values, err_msg=f"{a.spec} {name}")
 
 
 # --- geometry ----------------------------------------------------------------------------------
