@@ -146,7 +146,7 @@ class OwnReplay:
             self._likelihood.steps.append(step)
             self._likelihood.inner_step.append(inner)
             self._likelihood.values.append(value)
-        self._floor.merge(floor)
+        self._floor.extend(floor)
         return read
 
     def stream(self) -> StreamedRun:

@@ -173,10 +173,6 @@ class NoiseFloor:
         """Values pooled."""
         return sum(part[0] for part in self.parts)
 
-    def merge(self, other: NoiseFloor) -> None:
-        """Pools another floor's values (e.g. of later steps) into this one."""
-        self.add(other.count, other._mean, other._m2)
-
     @property
     def std(self) -> float | None:
         """The pooled standard deviation; None before any value."""
