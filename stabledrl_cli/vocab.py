@@ -80,6 +80,11 @@ Worse = Literal["higher", "lower"]
 """The direction in which a gated figure is a regression."""
 WORSE: tuple[Worse, ...] = get_args(Worse)
 
+SeriesStat = Literal["first", "last", "min", "max", "mean", "median"]
+"""A whole-run statistic of a recorded scalar series (over its finite values), as a baseline's
+`recorded` section gates it."""
+SERIES_STATS: tuple[SeriesStat, ...] = get_args(SeriesStat)
+
 GroupIds = Literal["per_rank", "global"]
 """What a multi-rank run's `group_id`s mean: numbered per rank (a reader offsets each rank's
 ids past the ranks before it), or global prompt-group ids shared by all ranks (left as is)."""

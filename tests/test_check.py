@@ -29,6 +29,9 @@ from stabledrl_cli.replay.figures import RUN_METRICS, policy_metrics
 from stabledrl_cli.replay.junit import write_junit
 
 ROOT = Path(__file__).resolve().parents[1]
+RECORDED_GATES = 4
+"""A written baseline's `recorded` gates of these runs: grad_norm median and max, reward_mean
+mean and last."""
 POLICIES = ["-p", "grpo", "-p", "is", "-p", "stabledrl"]
 runner = CliRunner()
 
@@ -108,8 +111,22 @@ def test_written_baseline_holds_todays_figures(runs, baseline):
         "collapse_window": config.DEFAULT_COLLAPSE_WINDOW,
     }
     assert data["observed"]["first_reward_collapse"]["value"] is None
-    assert list(data["observed"]) == ["first_reward_collapse", "collapse_warning_first_step"]
+    assert list(data["observed"]) == list(RUN_METRICS)
     assert data["observed"]["collapse_warning_first_step"]["worse"] == "lower"
+    assert data["observed"]["spike_steps"] == {
+        "value": 0, "worse": "higher", "abs_tol": 0.0, "rel_tol": 0.1
+    }  # fmt: skip
+    assert data["recorded"] == {
+        "reward_mean": {
+            stat: {"value": pytest.approx(0.805, abs=0.005), "worse": "lower", "abs_tol": 0.01,
+                   "rel_tol": 0.1}
+            for stat in ("mean", "last")
+        },
+        "grad_norm": {
+            stat: {"value": 1.0, "worse": "higher", "abs_tol": 0.0, "rel_tol": 0.25}
+            for stat in ("median", "max")
+        },
+    }  # fmt: skip
     assert list(data["policies"]) == ["grpo", "is", "stabledrl"]
     is_ = data["policies"]["is"]
     assert set(is_) == set(policy_metrics())
@@ -133,7 +150,7 @@ def test_baseline_writes_floats_as_floats_and_counts_as_integers(runs, tmp_path)
     result = runner.invoke(
         app, ["check", str(runs["collapsing"]), "-p", "grpo", "--write-baseline", str(path)]
     )
-    assert result.exit_code == 0 and "(1 policy)" in result.stderr
+    assert result.exit_code == 0 and "(1 policy, 2 recorded series)" in result.stderr
     grpo = json.loads(path.read_text())["policies"]["grpo"]
     assert isinstance(grpo["collapsed_steps"]["value"], int)
     raw = path.read_text()
@@ -167,7 +184,7 @@ def test_check_against_own_baseline_passes(runs, baseline):
     code, data, stderr = _check(str(runs["steady"]), "--baseline", str(baseline))
     assert code == 0, stderr
     assert data["ok"] and data["tripped"] == 0 and data["policies"] == ["grpo", "is", "stabledrl"]
-    assert data["gates_checked"] == len(RUN_METRICS) + 3 * len(policy_metrics())
+    assert data["gates_checked"] == len(RUN_METRICS) + RECORDED_GATES + 3 * len(policy_metrics())
     assert "check passed" in stderr
     table = runner.invoke(app, ["check", str(runs["steady"]), "--baseline", str(baseline)])
     assert table.exit_code == 0 and "baseline.update_norm_max" in table.stdout
@@ -187,7 +204,7 @@ def test_regressions_trip_and_are_all_named(runs, baseline, tmp_path):
     discard = _gate(data, "grpo", "baseline.discard_frac")
     assert not discard["ok"] and discard["limit"] == pytest.approx(0.0011)
     assert _gate(data, "stabledrl", "baseline.update_norm_median")["ok"]
-    assert "2 of 17 gates tripped" in stderr
+    assert "2 of 23 gates tripped" in stderr
     assert "is baseline.collapsed_steps: collapsed_steps 2, baseline 1: above the limit 1" in stderr
     assert "grpo baseline.discard_frac" in stderr
 
@@ -294,7 +311,10 @@ def test_absolute_gates(runs):
         "--max-discard-frac", "0.001",
     )  # fmt: skip
     assert code == 1
-    assert data["gates_checked"] == 9
+    assert data["gates_checked"] == 10  # 3 gates a policy, and the run's non-finite steps
+    run_nonfinite = _gate(data, None, "max_nonfinite")
+    assert not run_nonfinite["ok"] and run_nonfinite["figure"] == 1
+    assert "1 non-finite recorded step, limit 0 (steps 36)" in run_nonfinite["message"]
     collapsed = _gate(data, "is", "max_collapsed")
     assert not collapsed["ok"] and collapsed["figure"] == 3
     assert "3 collapsed steps, limit 1 (steps 25, 33, 36)" in collapsed["message"]
@@ -418,7 +438,9 @@ def test_junit_report(runs, baseline, tmp_path):
     cases = suite.findall("testcase")
     failed = [c for c in cases if c.find("failure") is not None]
     assert (
-        int(suite.get("tests")) == len(cases) == len(RUN_METRICS) + 3 * (len(policy_metrics()) + 1)
+        int(suite.get("tests"))
+        == len(cases)
+        == len(RUN_METRICS) + RECORDED_GATES + 1 + 3 * (len(policy_metrics()) + 1)
     )
     assert int(suite.get("failures")) == len(failed) == int(root.get("failures")) > 0
     names = {(c.get("classname"), c.get("name")) for c in cases}

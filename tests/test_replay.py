@@ -153,11 +153,11 @@ def _json(args: list[str]) -> dict:
 # --- the JSON contract ---------------------------------------------------------------------------
 def test_default_replays_own_policy_plus_catalogue_in_contract_shape(plain_run):
     data = _json([str(plain_run)])
-    # The contract's keys in their order, then the extensions `collapse_warning`, `guards`
-    # and `threads`.
+    # The contract's keys in their order, then the extensions `collapse_warning`, `guards`,
+    # `threads` and `scalar_steps`.
     assert list(data) == [
         "run", "steps", "geometry", "geometry_coverage", "policies", "observed",
-        "collapse_warning", "guards", "threads",
+        "collapse_warning", "guards", "threads", "scalar_steps",
     ]  # fmt: skip
     assert data["threads"] == 1
     warning = data["collapse_warning"]

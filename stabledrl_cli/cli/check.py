@@ -1,20 +1,25 @@
 """`stabledrl check RUN`: a CI gate on a recorded run's replay.
 
-Replays the run, then checks absolute gates (--max-collapsed, --max-discard-frac,
---max-nonfinite, per policy) and regressions against a baseline file (--baseline; the format
-in replay/baseline.py and the README). Every gate is evaluated and printed, passed or tripped;
-then the exit code says whether any tripped.
+Replays the run, then checks absolute gates (per policy: --max-collapsed, --max-discard-frac,
+--max-nonfinite; on the recorded run: --fail-on-collapse, --max-spikes, --max-nonfinite) and
+regressions against a baseline file (--baseline; the format in replay/baseline.py and the
+README), whose `recorded` section gates the run's recorded scalar series. A scalar run (no
+policy batch: an imported log, an optimizer-hook recording) is not replayed: its run-level
+gates and baseline sections are checked alone. Every gate is evaluated and printed, passed or
+tripped; then the exit code says whether any tripped.
 
 Exit codes: 0 every gate holds; 1 a gate tripped (each named with its figure); 2 usage error
 (no gate given, a replay setting that contradicts the baseline, an unknown policy, plot extra
-missing); 3 bad input (a missing or corrupt run, a run with no readable step, a malformed
-baseline or one of a newer version); 4 an output that cannot be written. Unreadable step files
-are skipped with a line on stderr (how many, and why); a check never passes on zero steps.
+missing, a policy gate or --policy or --plot on a scalar run); 3 bad input (a missing or
+corrupt run, a run with no readable step, a malformed baseline or one of a newer version);
+4 an output that cannot be written. Unreadable step files are skipped with a line on stderr
+(how many, and why); a check never passes on zero steps.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +39,7 @@ from stabledrl_cli.cli._options import (
     WindowOpt,
 )
 from stabledrl_cli.cli._output import err, out, print_json
+from stabledrl_cli.cli.inspect import series_table
 from stabledrl_cli.cli.replay import (
     CollapseWindowOpt,
     check_outputs,
@@ -41,8 +47,8 @@ from stabledrl_cli.cli.replay import (
     option_names,
     replay_with_progress,
 )
-from stabledrl_cli.dump import open_run
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
+from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.baseline import (
     baseline_dict,
@@ -51,10 +57,13 @@ from stabledrl_cli.replay.baseline import (
     write_baseline,
 )
 from stabledrl_cli.replay.config import DEFAULT_SPIKE_FACTOR, ReplayConfig
+from stabledrl_cli.replay.engine import no_steps_message, skipped_reasons
 from stabledrl_cli.replay.figures import policy_metrics
 from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
 from stabledrl_cli.replay.junit import write_junit
+from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.plot import plot_replay
+from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
 from stabledrl_cli.replay.report import print_title, print_whole
 from stabledrl_cli.replay.result import ReplayResult
 
@@ -100,6 +109,20 @@ def _print_table(results: list[GateResult], run: str) -> None:
     out.print(table)
 
 
+def _print_recorded(recorded: RecordedRun) -> None:
+    """A scalar run's figures (what --write-baseline records): the observed behaviour, then
+    the recorded series."""
+    observed = recorded.observed
+    collapse = observed.first_reward_collapse
+    out.print(
+        f"observed collapse: {'none' if collapse is None else f'step {collapse}'}; "
+        f"grad-norm spikes: {len(observed.recorded_spike_steps)}; "
+        f"non-finite steps: {len(observed.nonfinite_steps)}",
+        highlight=False,
+    )
+    out.print(series_table(recorded.series, f"recorded series of {recorded.run}"))
+
+
 def _print_figures(result: ReplayResult) -> None:
     """Today's figures per policy (what --write-baseline records)."""
     collapse = result.observed.first_reward_collapse
@@ -117,6 +140,46 @@ def _print_figures(result: ReplayResult) -> None:
     print_whole(table, out)
 
 
+def _is_scalar_run(run: Run) -> bool:
+    """Whether the run has readable steps and none holds a policy batch."""
+    scalar = None
+    for header in run.step_headers():
+        if not header.is_scalar:
+            return False
+        scalar = True
+    return bool(scalar)
+
+
+def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) -> Observed:
+    """The observed behaviour of a scalar run (nothing to replay); UsageError for an option
+    that needs replayed policies, InputError for a run with no readable step."""
+    if policy_options:
+        raise UsageError(
+            f"{run.path} is a scalar run (per-step scalars only, no policy batch): "
+            f"{', '.join(policy_options)} need(s) replayed policies; gate it with "
+            "--baseline, --max-spikes, --max-nonfinite or --fail-on-collapse"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RunIntegrityWarning)  # counted below
+        skipped = skipped_reasons(run)
+        if skipped:
+            noun = "step" if len(skipped) == 1 else "steps"
+            err.print(
+                f"warning: skipped {len(skipped)} unreadable {noun} of {run.path} "
+                f"({skipped[0]}); `stabledrl inspect` lists every finding",
+                highlight=False,
+            )
+        if not run.step_numbers:
+            raise InputError(no_steps_message(run, skipped))
+        return observe(
+            run,
+            spike_factor=config.spike_factor,
+            collapse_window=config.collapse_window,
+            warning_window=config.warning_window,
+            warning_drop=config.warning_drop,
+        )
+
+
 def command(
     run: RunArg,
     baseline_path: Annotated[
@@ -127,6 +190,16 @@ def command(
     max_collapsed: MaxCollapsedOpt = None,
     max_discard_frac: MaxDiscardFracOpt = None,
     max_nonfinite: MaxNonfiniteOpt = None,
+    max_spikes: Annotated[
+        int | None,
+        typer.Option("--max-spikes", help="Fail if the recorded grad norm has more spikes."),
+    ] = None,
+    fail_on_collapse: Annotated[
+        bool,
+        typer.Option(
+            "--fail-on-collapse", help="Fail if the recorded reward collapsed (observed rule)."
+        ),
+    ] = False,
     write_baseline_path: Annotated[
         Path | None,
         typer.Option("--write-baseline", help="Record today's figures per policy to this file."),
@@ -162,11 +235,13 @@ def command(
             max_collapsed=max_collapsed,
             max_discard_frac=max_discard_frac,
             max_nonfinite=max_nonfinite,
+            max_spikes=max_spikes,
+            fail_on_collapse=fail_on_collapse,
         )
     if baseline_path is None and not gates.any and write_baseline_path is None:
         raise UsageError(
             "nothing to check: give --baseline FILE, a --max-collapsed / --max-discard-frac / "
-            "--max-nonfinite limit, or --write-baseline FILE"
+            "--max-nonfinite / --max-spikes limit, --fail-on-collapse, or --write-baseline FILE"
         )
     check_outputs(plot, {"--write-baseline": write_baseline_path, "--junit": junit})
     baseline = load_baseline(baseline_path) if baseline_path is not None else None
@@ -189,28 +264,43 @@ def command(
 
     opened = open_run(run)
     started = time.perf_counter()
-    result = replay_with_progress(opened, specs, config)
-    note_skipped(result)
-    if baseline is not None and baseline.run.get("steps") not in (None, result.steps):
+    result: ReplayResult | None = None
+    if _is_scalar_run(opened):
+        policy_options = gates.policy_gates + (["--policy"] if policy else [])
+        observed = _scalar_observed(opened, config, policy_options + (["--plot"] if plot else []))
+    else:
+        result = replay_with_progress(opened, specs, config)
+        note_skipped(result)
+        observed = result.observed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RunIntegrityWarning)
+        recorded = recorded_run(opened, observed)
+    steps = result.steps if result is not None else recorded.steps
+    if baseline is not None and baseline.run.get("steps") not in (None, steps):
         err.print(
-            f"note: {run} has {result.steps} steps, the baseline's run had "
+            f"note: {run} has {steps} steps, the baseline's run had "
             f"{baseline.run['steps']}: step counts are compared as they are",
             highlight=False,
         )
     two_sided = strict or (baseline is not None and baseline.strict)
-    results = evaluate(result, gates, baseline, strict=two_sided)
+    results = evaluate(result, gates, baseline, strict=two_sided, recorded=recorded)
     seconds = time.perf_counter() - started
+    policies = result.policies if result is not None else []
 
     if write_baseline_path is not None:
-        write_baseline(baseline_dict(result, settings, strict=strict), write_baseline_path)
+        written = baseline_dict(result, settings, strict=strict, recorded=recorded)
+        write_baseline(written, write_baseline_path)
+        series = written.get("recorded")
+        count = len(series) if isinstance(series, dict) else 0
         err.print(
-            f"wrote baseline {write_baseline_path} ({counted(len(result.policies), 'policy')})",
+            f"wrote baseline {write_baseline_path} ({counted(len(policies), 'policy')}, "
+            f"{count} recorded series)",
             highlight=False,
         )
     if junit is not None:
         write_junit(results, str(run), junit, seconds=seconds)
         err.print(f"wrote {junit}", highlight=False)
-    if plot is not None:
+    if plot is not None and result is not None:
         plot_replay(result, plot, opened)
         err.print(f"wrote {plot}", highlight=False)
 
@@ -223,7 +313,9 @@ def command(
             "tripped": len(tripped),
             "baseline": str(baseline_path) if baseline_path is not None else None,
             "replay": settings.to_dict(),
-            "policies": [p.spec for p in result.policies],
+            "scalar_run": result is None,
+            "steps": steps,
+            "policies": [p.spec for p in policies],
             "gates": [r.to_dict() for r in results],
             "wrote": {
                 "baseline": str(write_baseline_path) if write_baseline_path is not None else None,
@@ -233,8 +325,10 @@ def command(
         })  # fmt: skip
     elif results:
         _print_table(results, str(run))
-    else:
+    elif result is not None:
         _print_figures(result)
+    else:
+        _print_recorded(recorded)
     if tripped:
         err.print(
             f"check failed: {len(tripped)} of {counted(len(results), 'gate')} tripped",

@@ -1,4 +1,5 @@
-"""`stabledrl inspect RUN`: what was recorded, its integrity, and what the run observably did.
+"""`stabledrl inspect RUN`: what was recorded, its integrity, what the run observably did, and
+its recorded series (any run, a scalar run of per-step scalars only included).
 
 Exit codes: 0 (a corrupt or torn step is a finding, not fatal), 3 for a missing run, a path
 that is not a run, an unreadable manifest, a manifest field of the wrong type, or a newer major
@@ -17,6 +18,7 @@ from stabledrl_cli.cli._output import out, print_json
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.inspection import RunSummary, summarize
+from stabledrl_cli.replay.recorded import SeriesStats
 
 LIST_LIMIT = 20
 """Step lists longer than this are cut in the table (JSON has them all)."""
@@ -34,16 +36,19 @@ def _run_table(s: RunSummary) -> Table:
     rows = [
         ("format", f"v{s.format_version} (written by stabledrl {s.tool_version})"),
         ("created", str(s.created)),
-        ("policy", str((s.policy or {}).get("spec"))),
+        ("policy", str((s.policy or {}).get("spec", "not known"))),
+        ("source", _source_text(s.source) if s.source else "recorded in the training loop"),
         ("unit", s.unit),
         ("estimator", ", ".join(f"{k}={v}" for k, v in s.estimator.items()) or "not given"),
         ("reward range", str(s.reward_range) if s.reward_range else "not given"),
         ("world size", str(s.world_size)),
         ("geometry", _geometry_text(s.geometry) if s.geometry else "none"),
-        ("steps", f"{s.steps} ({s.first_step}..{s.last_step})" if s.steps else "0"),
+        ("steps", _steps_row(s)),
         (
             f"scored {s.unit}s / step",
-            f"min {counts.min}, median {counts.median:g}, max {counts.max}" if counts else "n/a",
+            f"min {counts.min}, median {counts.median:g}, max {counts.max}"
+            if counts
+            else "n/a (no policy batch)",
         ),
         ("fields", ", ".join(s.fields) or "none"),
         ("scalars", ", ".join(s.scalars) or "none"),
@@ -52,6 +57,44 @@ def _run_table(s: RunSummary) -> Table:
     rows += [(f"meta.{k}", _shortened(v)) for k, v in s.meta.items()]
     for row in rows:
         table.add_row(*row)
+    return table
+
+
+def _source_text(source: dict[str, object]) -> str:
+    """The manifest's source entry in one line: its kind, then its other keys."""
+    rest = ", ".join(f"{k}={v}" for k, v in source.items() if k != "kind")
+    return f"{source.get('kind')}" + (f" ({rest})" if rest else "")
+
+
+def _steps_row(s: RunSummary) -> str:
+    if not s.steps:
+        return "0"
+    text = f"{s.steps} ({s.first_step}..{s.last_step})"
+    if s.scalar_steps == s.steps:
+        return f"{text}, scalars only: nothing to replay"
+    if s.scalar_steps:
+        return f"{text}, {s.scalar_steps} of them scalars only"
+    return text
+
+
+def series_table(series: dict[str, SeriesStats], title: str) -> Table:
+    """One row per recorded scalar: steps, first, last, min, max (finite values; the number
+    of non-finite ones beside the step count)."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("scalar", overflow="fold")
+    table.add_column("steps", justify="right", no_wrap=True)
+    for name in ("first", "last", "min", "max"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for name, stats in series.items():
+        bad = f" ({stats.nonfinite} non-finite)" if stats.nonfinite else ""
+        table.add_row(
+            name,
+            f"{stats.steps}{bad}",
+            *(
+                "n/a" if value is None else format_number(value, 4)
+                for value in (stats.first, stats.last, stats.min, stats.max)
+            ),
+        )
     return table
 
 
@@ -148,3 +191,5 @@ def command(run: RunArg, output_format: FormatOpt = "table") -> None:
         out.print(_run_table(summary))
         _print_integrity(summary)
         out.print(_observed_table(summary))
+        if summary.series:
+            out.print(series_table(summary.series, "Recorded series (finite values)"))

@@ -90,7 +90,16 @@ def check_outputs(plot: Path | None, targets: dict[str, Path | None]) -> None:
 
 
 def note_skipped(result: ReplayResult) -> None:
-    """A line on stderr when the reader skipped steps: how many, and the first reasons."""
+    """A line on stderr when the reader skipped steps: how many, and the first reasons; and
+    one when the run has scalar steps, which hold nothing to replay."""
+    if result.scalar_steps:
+        noun = "step has" if result.scalar_steps == 1 else "steps have"
+        err.print(
+            f"note: {result.scalar_steps} {noun} no policy batch (per-step scalars only) and "
+            f"{'was' if result.scalar_steps == 1 else 'were'} not replayed; replayed "
+            f"{result.steps}",
+            highlight=False,
+        )
     if not result.skipped:
         return
     count = len(result.skipped)

@@ -10,9 +10,21 @@ editable by hand:
      "replay": {"spike_factor": 10.0, "window": 20, "drift_threshold": -0.1,
                 "collapse_window": 10},
      "observed": {"first_reward_collapse": {"value": 87, "worse": "lower", "abs_tol": 10,
-                                            "rel_tol": 0.0}},
+                                            "rel_tol": 0.0},
+                  "spike_steps": {"value": 2, "worse": "higher", "abs_tol": 0, "rel_tol": 0.1}},
+     "recorded": {"clip_frac": {"mean": {"value": 0.12, "worse": "higher", "abs_tol": 0.01,
+                                         "rel_tol": 0.1}}},
      "policies": {"grpo": {"collapsed_steps": {"value": 3, "worse": "higher",
                                                "abs_tol": 0, "rel_tol": 0.1}, ...}}}
+
+`observed` holds run-level figures of the recorded run: the steps `first_reward_collapse` and
+`collapse_warning_first_step` (worse lower) and the counts `spike_steps` (recorded grad-norm
+spikes) and `nonfinite_steps` (worse higher). `recorded` (optional) gates the run's recorded
+scalar series, any of them: name -> statistic (first, last, min, max, mean, median over the
+finite values) -> tolerance; `worse` may be left out for the standard scalars that have a
+direction (`recorded.SERIES_RULES`) and must be given for any other. A series the baseline names
+that the run did not record (or recorded with no finite value) trips. `policies` may be empty:
+a run without a policy batch (an imported log) is gated on `observed` and `recorded` alone.
 
 Each metric trips when today's figure is worse than `value` by more than
 `abs_tol + rel_tol * |value|` in the direction `worse` ("higher": a larger figure is worse;
@@ -32,7 +44,7 @@ import datetime as _dt
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
@@ -48,9 +60,17 @@ from stabledrl_cli.replay.config import (
     DEFAULT_WINDOW,
     ConfigError,
 )
-from stabledrl_cli.replay.figures import RUN_METRICS, STRICT_REL_TOL, policy_metrics, run_figure
+from stabledrl_cli.replay.figures import (
+    RUN_COUNTS,
+    RUN_METRICS,
+    RUN_WORSE,
+    STRICT_REL_TOL,
+    policy_metrics,
+    run_figure,
+)
+from stabledrl_cli.replay.recorded import SERIES_RULES, RecordedRun, observed_of
 from stabledrl_cli.replay.result import ReplayResult
-from stabledrl_cli.vocab import WORSE, Worse
+from stabledrl_cli.vocab import SERIES_STATS, WORSE, SeriesStat, Worse
 
 BASELINE_SCHEMA = "stabledrl-baseline"
 BASELINE_VERSION = 1
@@ -129,6 +149,8 @@ class Baseline:
     """Run-level metric -> tolerance."""
     policies: dict[str, dict[str, Tolerance]]
     """canonical spec -> metric -> tolerance."""
+    recorded: dict[str, dict[SeriesStat, Tolerance]] = field(default_factory=dict)
+    """recorded scalar -> statistic -> tolerance."""
     strict: bool = False
     """A golden baseline: a figure beyond its tolerance in either direction trips."""
 
@@ -140,11 +162,15 @@ def _number(data: dict[str, object], key: str, where: str) -> float:
     return float(value)
 
 
-def _tolerance(data: object, where: str, default_worse: Worse) -> Tolerance:
+def _tolerance(data: object, where: str, default_worse: Worse | None) -> Tolerance:
     if not isinstance(data, dict):
         raise InputError(f"{where} must be an object with value, worse, abs_tol, rel_tol")
     if "value" not in data:
         raise InputError(f"{where} has no 'value'")
+    if default_worse is None and "worse" not in data:
+        raise InputError(
+            f'{where} has no \'worse\' ("higher" or "lower": which way is a regression)'
+        )
     worse = data.get("worse", default_worse)
     if worse not in WORSE:
         raise InputError(f"{where}.worse must be 'higher' or 'lower', got {worse!r}")
@@ -248,6 +274,30 @@ def _policies(data: object, where: str) -> dict[str, dict[str, Tolerance]]:
     return policies
 
 
+def _recorded(data: object, where: str) -> dict[str, dict[SeriesStat, Tolerance]]:
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: 'recorded' must be an object of scalar -> statistics")
+    recorded: dict[str, dict[SeriesStat, Tolerance]] = {}
+    for name, stats in data.items():
+        if not isinstance(stats, dict):
+            raise InputError(
+                f"{where}: recorded.{name} must be an object of statistic -> tolerance"
+            )
+        rule = SERIES_RULES.get(name)
+        entry: dict[SeriesStat, Tolerance] = {}
+        for stat, tol in stats.items():
+            known = next((s for s in SERIES_STATS if s == stat), None)
+            if known is None:
+                raise InputError(
+                    f"{where}: recorded.{name}: unknown statistic {stat!r} "
+                    f"(known: {', '.join(SERIES_STATS)})"
+                )
+            worse = rule.worse if rule is not None else None
+            entry[known] = _tolerance(tol, f"{where}: recorded.{name}.{stat}", worse)
+        recorded[name] = entry
+    return recorded
+
+
 def load_baseline(path: str | os.PathLike[str]) -> Baseline:
     """Reads and validates a baseline file; InputError (exit 3) names the first problem."""
     where = str(path)
@@ -263,7 +313,7 @@ def load_baseline(path: str | os.PathLike[str]) -> Baseline:
     for name, entry in observed_data.items():
         if name not in RUN_METRICS:
             raise InputError(f"{where}: unknown observed metric {name!r} (known: {RUN_METRICS})")
-        observed[name] = _tolerance(entry, f"{where}: observed.{name}", "lower")
+        observed[name] = _tolerance(entry, f"{where}: observed.{name}", RUN_WORSE[name])
     strict = data.get("strict", False)
     if not isinstance(strict, bool):
         raise InputError(f"{where}: 'strict' must be true or false, got {strict!r}")
@@ -273,6 +323,7 @@ def load_baseline(path: str | os.PathLike[str]) -> Baseline:
         replay=settings,
         observed=observed,
         policies=_policies(data.get("policies"), where),
+        recorded=_recorded(data.get("recorded", {}), where),
         strict=strict,
     )
 
@@ -312,13 +363,53 @@ def check_settings(
     return baseline.replay
 
 
+def _observed_entry(name: str, figure: float | None, *, window: int, strict: bool) -> Tolerance:
+    """A run-level figure's entry: steps resolve to within the observed-collapse window W,
+    counts may grow by 10%."""
+    if name in RUN_COUNTS:
+        return Tolerance(value=figure, worse="higher", rel_tol=0.0 if strict else 0.1)
+    return Tolerance(value=figure, worse="lower", abs_tol=0.0 if strict else float(window))
+
+
+def _recorded_entries(recorded: RecordedRun, *, strict: bool) -> dict[str, object]:
+    """The `recorded` section: each standard scalar the run recorded, its rule's statistics."""
+    section: dict[str, object] = {}
+    for name, rule in SERIES_RULES.items():
+        stats = recorded.series.get(name)
+        if stats is None:
+            continue
+        entries = {}
+        for stat in rule.stats:
+            value = stats.stat(stat)
+            if value is None:
+                continue
+            entries[stat] = Tolerance(
+                value=value,
+                worse=rule.worse,
+                abs_tol=0.0 if strict else rule.abs_tol,
+                rel_tol=STRICT_REL_TOL if strict else rule.rel_tol,
+            ).to_dict()
+        if entries:
+            section[name] = entries
+    return section
+
+
 def baseline_dict(
-    result: ReplayResult, settings: ReplaySettings, *, strict: bool = False
+    result: ReplayResult | None,
+    settings: ReplaySettings,
+    *,
+    strict: bool = False,
+    recorded: RecordedRun | None = None,
 ) -> dict[str, object]:
     """Today's figures as a baseline, ready for `write_baseline`: default tolerances, or with
-    `strict` a golden baseline (float-noise tolerances, and shifts either way trip)."""
+    `strict` a golden baseline (float-noise tolerances, and shifts either way trip).
+
+    result: the replay (None for a run without a policy batch: no policy entries);
+    recorded: the run's recorded series (None: no `recorded` section; required without a
+    replay)."""
+    observed = observed_of(result, recorded)
     policies: dict[str, object] = {}
-    for p in result.policies:
+    for p in result.policies if result is not None else []:
         metrics: dict[str, object] = {}
         for name, rule in policy_metrics().items():
             if strict:
@@ -336,23 +427,26 @@ def baseline_dict(
                 entry["first"] = steps[name][0] if steps[name] else None
             metrics[name] = entry
         policies[p.spec] = metrics
+    if result is not None:
+        run = {"path": result.run, "steps": result.steps, "policy": result.run_policy_spec}
+    else:
+        assert recorded is not None
+        run = {"path": recorded.run, "steps": recorded.steps, "policy": recorded.policy}
     return {
         "schema": BASELINE_SCHEMA,
         "version": BASELINE_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tool_version": __version__,
         "strict": strict,
-        "run": {"path": result.run, "steps": result.steps, "policy": result.run_policy_spec},
+        "run": run,
         "replay": settings.to_dict(),
         "observed": {
-            # Both run-level steps resolve to within the observed-collapse window W.
-            name: Tolerance(
-                value=run_figure(name, result),
-                worse="lower",
-                abs_tol=0.0 if strict else float(settings.collapse_window),
+            name: _observed_entry(
+                name, run_figure(name, observed), window=settings.collapse_window, strict=strict
             ).to_dict(integer=True)
             for name in RUN_METRICS
         },
+        **({"recorded": _recorded_entries(recorded, strict=strict)} if recorded else {}),
         "policies": policies,
     }
 

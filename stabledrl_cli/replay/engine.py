@@ -7,6 +7,10 @@ policy on every step; the per-step columns (`columns.COLUMNS`) are derived from 
 the detectors (docs/collapse.md): spikes on the pre-clip `update_norm`, drift on the rolling
 mean of `net_push`. With `detail`, a second pass re-reads the flagged steps of the reported
 range to name the sequences behind them.
+
+Scalar steps (format 1.2: per-step scalars, no policy batch) hold nothing to replay: a mixed
+run's are skipped and counted (`ReplayResult.scalar_steps`), and a run of scalar steps only is
+refused (`NothingToReplay`, exit 3): `inspect` shows it and `check` gates its recorded series.
 """
 
 from __future__ import annotations
@@ -128,6 +132,20 @@ def no_steps_message(run: Run, skipped: list[str]) -> str:
     return f"{run.location}: no step could be read ({len(skipped)} {noun} skipped: {shown})"
 
 
+class NothingToReplay(InputError):
+    """A run whose readable steps hold no policy batch (a scalar run): exit 3."""
+
+
+def nothing_to_replay(run: Run, steps: int) -> NothingToReplay:
+    """The one-line refusal for a scalar run of `steps` steps."""
+    noun = "step" if steps == 1 else "steps"
+    return NothingToReplay(
+        f"{run.path}: nothing to replay: a scalar run ({steps} {noun} of per-step scalars, "
+        "no policy batch); `stabledrl inspect` shows it and `stabledrl check` gates its "
+        "recorded series"
+    )
+
+
 def _run_geometry(kinds: tuple[StepGeometryKind, ...]) -> tuple[RunGeometryKind, float]:
     """The run's geometry over its steps, and the fraction of steps with geometry."""
     distinct = set(kinds)
@@ -215,9 +233,17 @@ def replay_run(
     """
     config = config or ReplayConfig()
     resolved, own_index = resolve_policies(run, policies)
-    first = next(iter(run.step_headers()), None)
+    headers = 0
+    first = None
+    for header in run.step_headers():
+        headers += 1
+        if not header.is_scalar:
+            first = header
+            break
     if first is not None:  # fail fast, before any step is read
         check_step(first, resolved, run_unit(run), run.location)
+    elif headers:
+        raise nothing_to_replay(run, len(run.step_numbers))
     with warnings.catch_warnings():
         # Corrupt steps are skipped by the reader: counted below, named by `inspect`.
         warnings.simplefilter("ignore", RunIntegrityWarning)
@@ -300,6 +326,7 @@ def replay_result(
         step_range=config.step_range,
         skipped=skipped,
         threads=config.threads,
+        scalar_steps=stream.scalar_steps,
     )
 
 

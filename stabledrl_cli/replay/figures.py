@@ -8,17 +8,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from stabledrl_cli.replay import columns
-from stabledrl_cli.replay.result import PolicySummary, ReplayResult
+from stabledrl_cli.replay.observed import Observed
+from stabledrl_cli.replay.result import PolicySummary
 from stabledrl_cli.vocab import Worse
 
-RUN_METRICS = ("first_reward_collapse", "collapse_warning_first_step")
-"""Run-level figures of a baseline's `observed` entry (each optional): the observed collapse
-step and the collapse warning's first step, each worse when lower, null meaning never."""
+RUN_STEPS = ("first_reward_collapse", "collapse_warning_first_step")
+"""Run-level steps of a baseline's `observed` entry: the observed collapse step and the
+collapse warning's first step, each worse when lower, null meaning never."""
+RUN_COUNTS = ("spike_steps", "nonfinite_steps")
+"""Run-level counts of a baseline's `observed` entry, from the recorded series: steps whose
+recorded grad_norm is a spike, and non-finite steps; each worse when higher."""
+RUN_METRICS = (*RUN_STEPS, *RUN_COUNTS)
+"""Every figure a baseline's `observed` entry may hold (each optional)."""
+RUN_WORSE: dict[str, Worse] = {
+    **dict.fromkeys(RUN_STEPS, "lower"),
+    **dict.fromkeys(RUN_COUNTS, "higher"),
+}
 
 
-def run_figure(name: str, result: ReplayResult) -> float | None:
-    """A run-level figure of `result` (None: never, i.e. infinity)."""
-    observed = result.observed
+def run_figure(name: str, observed: Observed) -> float | None:
+    """A run-level figure of the recorded run (None: never, i.e. infinity)."""
+    if name == "spike_steps":
+        return float(len(observed.recorded_spike_steps))
+    if name == "nonfinite_steps":
+        return float(len(observed.nonfinite_steps))
     step = (
         observed.first_reward_collapse
         if name == "first_reward_collapse"

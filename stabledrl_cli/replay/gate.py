@@ -3,7 +3,14 @@
 
 A policy in the baseline that the check did not replay (a policy list that leaves it out, or
 a spec the catalogue renamed) is a tripped gate `baseline.present`: CI must not pass by
-silently checking less than the baseline covers.
+silently checking less than the baseline covers. So is a recorded series the baseline gates
+that the run did not record.
+
+Run-level gates read the recorded run (`recorded.RecordedRun`), so a run without a policy batch
+(an imported log, an optimizer-hook recording) is gated too: --fail-on-collapse (the observed
+reward collapse), --max-spikes (recorded grad-norm spikes), --max-nonfinite (non-finite
+recorded steps; per policy, steps with a non-finite replayed update), and the baseline's
+`observed` and `recorded` sections.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ import numpy as np
 from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.baseline import Baseline, Tolerance
 from stabledrl_cli.replay.config import ConfigError
-from stabledrl_cli.replay.figures import RUN_METRICS, policy_metrics, run_figure
+from stabledrl_cli.replay.figures import RUN_STEPS, policy_metrics, run_figure
+from stabledrl_cli.replay.observed import Observed
+from stabledrl_cli.replay.recorded import RecordedRun, observed_of
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 
 STEP_LIST_LIMIT = 10
@@ -53,12 +62,18 @@ class Gates:
     max_discard_frac: float | None = None
     """Largest discard fraction allowed per policy."""
     max_nonfinite: int | None = None
-    """Steps with a non-finite replayed update allowed per policy."""
+    """Steps with a non-finite replayed update allowed per policy, and non-finite recorded
+    steps allowed in the run."""
+    max_spikes: int | None = None
+    """Steps whose recorded grad_norm is a spike allowed in the run."""
+    fail_on_collapse: bool = False
+    """Trip when the recorded reward collapsed (the observed-collapse rule)."""
 
     def __post_init__(self) -> None:
         for name, value in (
             ("max_collapsed", self.max_collapsed),
             ("max_nonfinite", self.max_nonfinite),
+            ("max_spikes", self.max_spikes),
         ):
             if value is not None and value < 0:
                 raise ConfigError(name, f"must be >= 0, got {value}")
@@ -69,9 +84,105 @@ class Gates:
     @property
     def any(self) -> bool:
         """Some gate is set."""
-        return any(
-            v is not None for v in (self.max_collapsed, self.max_discard_frac, self.max_nonfinite)
+        return self.fail_on_collapse or any(
+            v is not None
+            for v in (
+                self.max_collapsed,
+                self.max_discard_frac,
+                self.max_nonfinite,
+                self.max_spikes,
+            )
         )
+
+    @property
+    def policy_gates(self) -> list[str]:
+        """The set gates that need replayed policies (their option names)."""
+        return [
+            f"--{name.replace('_', '-')}"
+            for name, value in (
+                ("max_collapsed", self.max_collapsed),
+                ("max_discard_frac", self.max_discard_frac),
+            )
+            if value is not None
+        ]
+
+
+def _steps_shown(steps: list[int]) -> str:
+    shown = ", ".join(str(s) for s in steps[:STEP_LIST_LIMIT])
+    return shown + (", ..." if len(steps) > STEP_LIST_LIMIT else "")
+
+
+def _count_gate(gate: str, steps: list[int], limit: int, what: str) -> GateResult:
+    """A run-level gate on how many steps are flagged; `what` qualifies "step(s)"."""
+    return GateResult(
+        policy=None,
+        gate=gate,
+        ok=len(steps) <= limit,
+        figure=float(len(steps)),
+        limit=float(limit),
+        message=f"{len(steps)} {what} step{'' if len(steps) == 1 else 's'}, limit {limit}"
+        + (f" (steps {_steps_shown(steps)})" if steps else ""),
+    )
+
+
+def _run_absolute(observed: Observed, gates: Gates) -> list[GateResult]:
+    found = []
+    if gates.fail_on_collapse:
+        collapse = observed.first_reward_collapse
+        found.append(
+            GateResult(
+                policy=None,
+                gate="reward_collapse",
+                ok=collapse is None,
+                figure=math.inf if collapse is None else float(collapse),
+                limit=math.inf,
+                message="the recorded reward did not collapse"
+                if collapse is None
+                else f"the recorded reward collapsed at step {collapse} "
+                f"(window {observed.collapse_window})",
+            )
+        )
+    if gates.max_spikes is not None:
+        found.append(
+            _count_gate(
+                "max_spikes", observed.recorded_spike_steps, gates.max_spikes, "grad-norm spike"
+            )
+        )
+    if gates.max_nonfinite is not None:
+        found.append(
+            _count_gate(
+                "max_nonfinite",
+                observed.nonfinite_steps,
+                gates.max_nonfinite,
+                "non-finite recorded",
+            )
+        )
+    return found
+
+
+def _recorded_regressions(
+    recorded: RecordedRun | None, baseline: Baseline, *, strict: bool
+) -> list[GateResult]:
+    found = []
+    series = recorded.series if recorded is not None else {}
+    for name, stats in baseline.recorded.items():
+        for stat, tol in stats.items():
+            figure = series[name].stat(stat) if name in series else None
+            if figure is None:
+                found.append(
+                    GateResult(
+                        policy=None,
+                        gate="baseline.present",
+                        ok=False,
+                        figure=None,
+                        limit=None,
+                        message=f"recorded series {name!r} is in the baseline but the run "
+                        + ("has no finite value of it" if name in series else "did not record it"),
+                    )
+                )
+                continue
+            found.append(_regression(None, f"recorded.{name}.{stat}", tol, figure, strict=strict))
+    return found
 
 
 def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
@@ -79,8 +190,7 @@ def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
     summary = p.summary
     if gates.max_collapsed is not None:
         steps = summary.collapsed_steps
-        shown = ", ".join(str(s) for s in steps[:STEP_LIST_LIMIT])
-        shown += ", ..." if len(steps) > STEP_LIST_LIMIT else ""
+        shown = _steps_shown(steps)
         found.append(
             GateResult(
                 policy=p.spec,
@@ -125,7 +235,7 @@ def _regression(
     tripped = tol.tripped(figure)
     improved = strict and not tripped and tol.improved(figure)
     # null is infinity: for a run-level step (a collapse, a warning) it means "none".
-    none = "none" if name.split(".")[-1] in RUN_METRICS else "inf"
+    none = "none" if name.split(".")[-1] in RUN_STEPS else "inf"
     shown = none if figure is None else format_figure(figure)
     base = none if tol.value is None else format_figure(tol.value)
     side = "above" if tol.worse == "higher" else "below"
@@ -149,19 +259,32 @@ def _regression(
 
 
 def evaluate(
-    result: ReplayResult, gates: Gates, baseline: Baseline | None, *, strict: bool = False
+    result: ReplayResult | None,
+    gates: Gates,
+    baseline: Baseline | None,
+    *,
+    strict: bool = False,
+    recorded: RecordedRun | None = None,
 ) -> list[GateResult]:
-    """Every gate of every policy, passed or tripped, in a stable order.
+    """Every gate, passed or tripped, in a stable order: the run's, then each policy's.
 
+    result: the replay (None for a run without a policy batch: no policy is checked, and a
+    policy the baseline names trips `baseline.present`); recorded: the run's recorded series
+    and observed behaviour (None: the replay's observed behaviour, and no recorded series).
     strict: a baseline figure that moved beyond its tolerance in either direction trips (for
     a project's own golden runs, where any shift must be acknowledged by a new baseline)."""
+    observed = observed_of(result, recorded)
     found: list[GateResult] = []
     if baseline is not None:
         for name, tol in baseline.observed.items():
-            figure = run_figure(name, result)
+            figure = run_figure(name, observed)
             found.append(_regression(None, f"observed.{name}", tol, figure, strict=strict))
+    found.extend(_run_absolute(observed, gates))
+    if baseline is not None:
+        found.extend(_recorded_regressions(recorded, baseline, strict=strict))
+    policies = result.policies if result is not None else []
     rules = policy_metrics()
-    for p in result.policies:
+    for p in policies:
         found.extend(_absolute(p, gates))
         if baseline is None:
             continue
@@ -169,7 +292,7 @@ def evaluate(
             figure = rules[name].measure(p.summary)
             found.append(_regression(p.spec, name, tol, figure, strict=strict))
     if baseline is not None:
-        replayed = {p.spec for p in result.policies}
+        replayed = {p.spec for p in policies}
         for spec in baseline.policies:
             if spec not in replayed:
                 found.append(

@@ -41,6 +41,7 @@ def write_hdf5(result: ReplayResult, path: str | os.PathLike[str]) -> Path:
         handle.attrs["run"] = result.run
         handle.attrs["run_policy_spec"] = result.run_policy_spec or ""
         handle.attrs["steps"] = result.steps
+        handle.attrs["scalar_steps"] = result.scalar_steps
         handle.attrs["geometry"] = result.geometry
         handle.attrs["geometry_coverage"] = result.geometry_coverage
         handle.attrs["observed"] = _json(result.observed.contract_dict())

@@ -1,5 +1,6 @@
-"""What `stabledrl inspect` reports about a run: what was recorded, its integrity, and what
-the run observably did (`observed.observe`)."""
+"""What `stabledrl inspect` reports about a run: what was recorded, its integrity, what the
+run observably did (`observed.observe`) and its recorded series (`recorded.recorded_run`).
+A scalar run (no policy batch: an imported log, an optimizer-hook recording) reads the same."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from stabledrl_cli.dump import Run, RunIntegrityWarning
 from stabledrl_cli.replay.observed import Observed, observe
+from stabledrl_cli.replay.recorded import SeriesStats, recorded_run
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,7 +36,9 @@ class RunSummary:
     meta: dict[str, object]
     """The training script's free-form notes."""
     policy: dict[str, object] | None
-    """The manifest's policy entry (name, params, spec)."""
+    """The manifest's policy entry (name, params, spec); None when the policy is not known."""
+    source: dict[str, object] | None
+    """Where the run came from (the manifest's `source`: an import, optimizer hooks), if given."""
     unit: str
     estimator: dict[str, object]
     reward_range: list[float] | None
@@ -43,9 +47,12 @@ class RunSummary:
     """The manifest's geometry entry; None without recorded geometry."""
     steps: int
     """Readable steps."""
+    scalar_steps: int
+    """Of those, steps without a policy batch (per-step scalars only)."""
     first_step: int | None
     last_step: int | None
     tokens_per_step: EntryCounts | None
+    """Over the steps that hold a policy batch; None without one."""
     fields: list[str]
     """Every array field some step holds."""
     scalars: list[str]
@@ -54,6 +61,9 @@ class RunSummary:
     integrity: dict[str, object]
     """{"ok": bool, "findings": [...]}: the full check of every file."""
     observed: Observed
+    series: dict[str, SeriesStats]
+    """Every recorded scalar (but step and wall_time) over the run: count, first, last, min,
+    max, mean, median of its finite values, and how many were not finite."""
 
     def to_dict(self) -> dict[str, object]:
         """The `inspect --format json` object."""
@@ -72,8 +82,9 @@ def summarize(run: Run) -> RunSummary:
         warnings.simplefilter("ignore", RunIntegrityWarning)  # already in `integrity`
         headers = list(run.step_headers())
         observed = observe(run)
+        recorded = recorded_run(run, observed)
     manifest = run.manifest
-    scored = np.array([s.num_scored_tokens for s in headers], dtype=np.int64)
+    scored = np.array([s.num_scored_tokens for s in headers if not s.is_scalar], dtype=np.int64)
     counts = (
         EntryCounts(min=int(scored.min()), median=float(np.median(scored)), max=int(scored.max()))
         if scored.size
@@ -88,12 +99,14 @@ def summarize(run: Run) -> RunSummary:
         created=manifest.get("created"),
         meta=_mapping(manifest.get("meta")),
         policy=dict(policy) if isinstance(policy, dict) else None,
+        source=recorded.source,
         unit=run.unit,
         estimator=_mapping(manifest.get("estimator")),
         reward_range=list(run.reward_range) if run.reward_range else None,
         world_size=manifest.get("world_size"),
         geometry=dict(geometry) if geometry else None,
         steps=len(headers),
+        scalar_steps=recorded.scalar_steps,
         first_step=headers[0].step if headers else None,
         last_step=headers[-1].step if headers else None,
         tokens_per_step=counts,
@@ -102,4 +115,5 @@ def summarize(run: Run) -> RunSummary:
         size_bytes=run.size_bytes,
         integrity=integrity,
         observed=observed,
+        series=recorded.series,
     )

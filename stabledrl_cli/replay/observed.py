@@ -28,6 +28,8 @@ from stabledrl_cli.replay.detectors import (
 )
 from stabledrl_cli.replay.guards import DEFAULT_GUARDS, GuardReport, replay_guards
 
+NONFINITE_COUNTS = ("nonfinite", "nonfinite_grads")
+"""The recorded counts that make a step non-finite when above 0."""
 NOISE_FLOOR_INNER_STEP = 0
 """Steps recorded with this `inner_step` scalar are at theta == theta_old: their log r is pure
 estimator noise."""
@@ -124,7 +126,8 @@ class Observed:
     """Steps whose recorded pre-clip grad_norm is a spike (detectors.spike_flags, with the
     replay's spike factor)."""
     nonfinite_steps: list[int] = field(default_factory=list)
-    """Steps whose recorded `nonfinite` count is > 0 (NaN or inf in the step's data)."""
+    """Steps whose recorded `nonfinite` or `nonfinite_grads` count is > 0 (NaN or inf in the
+    step's data, or in some parameter's gradient)."""
     noise_floor_logratio_std: float | None = None
     """std of logp - logp_old over the finite scored entries of steps with inner_step 0."""
     noise_floor_units: int = 0
@@ -203,11 +206,12 @@ def logratio_moments(
 
 def measurements_of(run: Run) -> tuple[NoiseFloor, OwnLikelihood]:
     """The noise floor and the own-sample likelihood read from the run's steps with inner_step
-    0 (every step for the likelihood when none records inner_step), one step at a time."""
+    0 (every step for the likelihood when none records inner_step), one step at a time; scalar
+    steps (no policy batch) have neither."""
     floor, likelihood = NoiseFloor(), OwnLikelihood()
     for header in run.step_headers():
         inner = header.scalars.get("inner_step")
-        if not OwnLikelihood.wanted(inner):
+        if header.is_scalar or not OwnLikelihood.wanted(inner):
             continue
         try:
             step = run.step(header.step)
@@ -255,15 +259,19 @@ def observe(
     over the run's steps (a replay's streaming pass does); None: read from the steps here.
     guards: the grad-norm guards replayed over the recorded grad_norm (and loss) series.
     """
-    series = run.scalar_series_many(["reward_mean", "grad_norm", "nonfinite", "loss"])
+    series = run.scalar_series_many(["reward_mean", "grad_norm", "loss", *NONFINITE_COUNTS])
     reward_steps, rewards = series["reward_mean"]
     norm_steps, grad_norms = series["grad_norm"]
-    count_steps, nonfinite = series["nonfinite"]
+    bad = np.union1d(
+        *(
+            steps[~(counts == 0)]
+            for steps, counts in (series["nonfinite"], series["nonfinite_grads"])
+        )
+    )  # a NaN count counts as non-finite too
     collapse = observed_reward_collapse(
         reward_steps, rewards, run.reward_range, window=collapse_window
     )
     spikes = norm_steps[spike_flags(grad_norms, factor=spike_factor)]
-    bad = count_steps[~(nonfinite == 0)]  # NaN counts as non-finite too
     if noise_floor is None or likelihood is None:
         noise_floor, likelihood = measurements_of(run)
     warn_steps = collapse_warning(*likelihood.series(), window=warning_window, drop=warning_drop)

@@ -175,6 +175,8 @@ class ReplayResult:
     """The reader's reason for each step it could not read and skipped (not in the JSON)."""
     threads: int = 1
     """CPU threads the replay computed with (`ReplayConfig.threads`)."""
+    scalar_steps: int = 0
+    """Steps without a policy batch (per-step scalars only, format 1.2), not replayed."""
 
     def policy(self, spec: str) -> PolicyResult:
         """The result of the policy with this canonical spec (KeyError lists the specs)."""
@@ -209,6 +211,7 @@ class ReplayResult:
                 "collapse_warning": self.observed.collapse_warning.to_dict(),
                 "guards": [g.to_dict() for g in self.observed.guards],
                 "threads": self.threads,
+                "scalar_steps": self.scalar_steps,
             }
         )
         return data

@@ -75,6 +75,8 @@ class StreamedRun:
     """Log r moments pooled over the steps recorded with inner_step 0."""
     likelihood: OwnLikelihood
     """The collapse warning's measurements (steps with inner_step 0 or none recorded)."""
+    scalar_steps: int = 0
+    """Steps without a policy batch (format 1.2): skipped, nothing to replay on them."""
 
 
 def check_step(step: Step, policies: Sequence[Policy], unit: Unit, where: str) -> None:
@@ -195,17 +197,22 @@ def _read_chunks(
     likelihood: OwnLikelihood,
     chunk_size: int | None,
     memory_budget: int,
+    scalar_steps: list[int],
     shard: Iterable[Step] | None = None,
 ) -> Iterator[tuple[list[Step], list[Arrays]]]:
-    """The run's readable steps (or `shard`'s) and their arrays (CPU), a chunk at a time: a
-    chunk closes at the step that brings its arrays to `memory_budget` bytes, or to
-    `chunk_size` steps. Feeds the collapse warning's measurements on the way (on the host,
-    before any transfer)."""
+    """The run's readable steps (or `shard`'s) that hold a policy batch and their arrays (CPU),
+    a chunk at a time: a chunk closes at the step that brings its arrays to `memory_budget`
+    bytes, or to `chunk_size` steps. Feeds the collapse warning's measurements on the way (on
+    the host, before any transfer); appends the number of each scalar step (no batch) to
+    `scalar_steps`."""
     where, unit = run.location, run_unit(run)
     steps: list[Step] = []
     arrays: list[Arrays] = []
     held = 0
     for step in run.steps() if shard is None else shard:
+        if step.is_scalar:
+            scalar_steps.append(step.step)
+            continue
         check_step(step, policies, unit, where)
         step_arrays = read_arrays(step, where)
         inner = step.scalars.get("inner_step")
@@ -249,7 +256,8 @@ def stream_run(
     covered: list[float] = []
     approximate = np.zeros(len(policies), dtype=bool)
     floor, likelihood = NoiseFloor(), OwnLikelihood()
-    chunks = _read_chunks(run, policies, likelihood, chunk_size, memory_budget, steps)
+    scalar_steps: list[int] = []
+    chunks = _read_chunks(run, policies, likelihood, chunk_size, memory_budget, scalar_steps, steps)
     for chunk, arrays in chunks:
         to_device(arrays, device)
         rows, moments = [], []
@@ -293,6 +301,7 @@ def stream_run(
         grad_norm_covered=np.array(covered, dtype=np.float64),
         noise_floor=floor,
         likelihood=likelihood,
+        scalar_steps=len(scalar_steps),
     )
 
 

@@ -1,0 +1,139 @@
+"""What a run recorded per step, as series: each scalar's whole-run statistics, beside the
+run's observed behaviour (`observed.observe`). `inspect` shows them, `check` gates them (the
+baseline's `recorded` section); they need no policy batch, so a scalar run (an imported log,
+an optimizer-hook recording) has them too.
+
+A series statistic is taken over the finite values of the steps that recorded the scalar:
+first, last, min, max, mean, median (None when there is none); `nonfinite` counts the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from stabledrl_cli.dump import Run
+from stabledrl_cli.replay.observed import Observed
+from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.vocab import SeriesStat, Worse
+
+BOOKKEEPING_SCALARS = ("step", "wall_time")
+"""Scalars every step has that say nothing about training: not summarized."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeriesStats:
+    """One recorded scalar over the run."""
+
+    steps: int
+    """Steps that recorded it."""
+    nonfinite: int
+    """Of those, steps where it is NaN or inf."""
+    first: float | None
+    last: float | None
+    min: float | None
+    max: float | None
+    mean: float | None
+    median: float | None
+
+    def stat(self, name: SeriesStat) -> float | None:
+        """One statistic by name (None: no finite value)."""
+        value: float | None = getattr(self, name)
+        return value
+
+
+def series_stats(values: np.ndarray) -> SeriesStats:
+    """values: [S] float64, one per step that recorded the scalar, in step order."""
+    finite = values[np.isfinite(values)]
+    some = finite.size > 0
+    return SeriesStats(
+        steps=int(values.size),
+        nonfinite=int(values.size - finite.size),
+        first=float(finite[0]) if some else None,
+        last=float(finite[-1]) if some else None,
+        min=float(finite.min()) if some else None,
+        max=float(finite.max()) if some else None,
+        mean=float(finite.mean()) if some else None,
+        median=float(np.median(finite)) if some else None,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordedRun:
+    """A run's recorded series and observed behaviour: what `check` gates without replaying."""
+
+    run: str
+    policy: str | None
+    """The run's policy spec (None: not known)."""
+    source: dict[str, object] | None
+    """Where the run came from (the manifest's `source`), if recorded."""
+    steps: int
+    """Readable steps, scalar steps included."""
+    scalar_steps: int
+    """Steps without a policy batch (format 1.2)."""
+    observed: Observed
+    series: dict[str, SeriesStats]
+    """scalar name -> its statistics, for every recorded scalar but `BOOKKEEPING_SCALARS`."""
+
+    @property
+    def is_scalar_run(self) -> bool:
+        """No step holds a policy batch: there is nothing to replay."""
+        return self.steps > 0 and self.scalar_steps == self.steps
+
+    def series_dict(self) -> dict[str, dict[str, object]]:
+        """The series as JSON-ready dicts (None for no finite value)."""
+        return {name: asdict(stats) for name, stats in self.series.items()}
+
+
+def recorded_run(run: Run, observed: Observed) -> RecordedRun:
+    """`run`'s recorded series from its step headers (no array is read), with `observed`."""
+    headers = list(run.step_headers())
+    names = sorted(set().union(*(h.scalars for h in headers)) - set(BOOKKEEPING_SCALARS))
+    series = run.scalar_series_many(names)
+    source = run.manifest.get("source")
+    return RecordedRun(
+        run=str(run.path),
+        policy=run.policy_spec,
+        source=dict(source) if isinstance(source, dict) else None,
+        steps=len(headers),
+        scalar_steps=sum(1 for h in headers if h.is_scalar),
+        observed=observed,
+        series={name: series_stats(series[name][1]) for name in names},
+    )
+
+
+def observed_of(result: ReplayResult | None, recorded: RecordedRun | None) -> Observed:
+    """The run's observed behaviour: the recorded series' own, else the replay's; ValueError
+    without either."""
+    if recorded is not None:
+        return recorded.observed
+    if result is not None:
+        return result.observed
+    raise ValueError("a check needs a replay or the run's recorded series")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeriesRule:
+    """A standard scalar's direction of harm and the statistics a written baseline gates."""
+
+    worse: Worse
+    stats: tuple[SeriesStat, ...]
+    abs_tol: float
+    rel_tol: float
+
+
+# What `check --write-baseline` records for the standard scalars a run has (docs/run-format.md).
+# A baseline may gate any recorded scalar by hand, naming its `worse`. Slack: a recorded
+# series is one run's noise, so means and medians may move by 10%, a maximum (one step) by 25%;
+# fractions also by one percentage point.
+SERIES_RULES: dict[str, SeriesRule] = {
+    "reward_mean": SeriesRule(worse="lower", stats=("mean", "last"), abs_tol=0.01, rel_tol=0.1),
+    "grad_norm": SeriesRule(worse="higher", stats=("median", "max"), abs_tol=0.0, rel_tol=0.25),
+    "clip_frac": SeriesRule(worse="higher", stats=("mean", "max"), abs_tol=0.01, rel_tol=0.1),
+    "clip_frac_low": SeriesRule(worse="higher", stats=("mean", "max"), abs_tol=0.01, rel_tol=0.1),
+    "clip_frac_high": SeriesRule(worse="higher", stats=("mean", "max"), abs_tol=0.01, rel_tol=0.1),
+    "entropy": SeriesRule(worse="lower", stats=("mean", "last"), abs_tol=0.0, rel_tol=0.1),
+    "kl": SeriesRule(worse="higher", stats=("mean", "max"), abs_tol=0.0, rel_tol=0.25),
+    "step_time": SeriesRule(worse="higher", stats=("median",), abs_tol=0.0, rel_tol=0.25),
+}

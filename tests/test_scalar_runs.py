@@ -1,0 +1,289 @@
+"""Scalar runs (per-step scalars, no policy batch): replay refuses them (exit 3) and skips the
+scalar steps of a mixed run; inspect shows them; check gates their recorded series (spikes,
+non-finite steps, the observed reward collapse, regressions against a baseline's `recorded`
+section); the committed fixture baselines are gated unchanged by .ci/run."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import pack_run
+from stabledrl_cli.replay.baseline import load_baseline
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+STEPS = 60
+
+
+def _scalar_run(
+    path: Path,
+    *,
+    collapse: bool = False,
+    spike: bool = False,
+    nonfinite: bool = False,
+    clip: float = 0.1,
+) -> Path:
+    """60 imported-looking steps: reward 0.8 (0.05 from step 30 with `collapse`), grad norm
+    about 1 (40 at step 40 with `spike`), clip fractions near `clip`, a NaN grad norm and two
+    parameters with non-finite gradients at step 50 with `nonfinite`."""
+    gen = np.random.default_rng(0)
+    source = {"kind": "import", "format": "jsonl", "file": "log.jsonl"}
+    with sd.Recorder(path, policy=None, source=source, reward_range=(0.0, 1.0)) as rec:
+        for step in range(STEPS):
+            reward = 0.05 if collapse and step >= 30 else 0.8
+            norm = 1.0 + 0.05 * gen.random()
+            if spike and step == 40:
+                norm = 40.0
+            bad = nonfinite and step == 50
+            rec.log_step(
+                step,
+                reward_mean=reward + 0.01 * gen.random(),
+                grad_norm=math.nan if bad else norm,
+                loss=0.5,
+                lr=1e-5,
+                clip_frac=clip + 0.01 * gen.random(),
+                clip_frac_low=clip / 2,
+                clip_frac_high=clip / 2,
+                entropy=1.2,
+                nonfinite_grads=2 if bad else 0,
+                scalars={"clip_ratio/region_mean": clip},
+            )
+    return path
+
+
+def _batch_step(rec: sd.Recorder, step: int) -> None:
+    gen = torch.Generator().manual_seed(step)
+    logp = -torch.rand(2, 4, generator=gen) - 0.5
+    rec.log_step(
+        step,
+        logp=logp,
+        logp_old=logp + 0.01,
+        advantages=torch.tensor([1.0, -1.0]),
+        reward=[1.0, 0.0],
+        grad_norm=1.0,
+    )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def _gates(data: dict) -> dict[str, dict]:
+    return {f"{g['policy'] or '(run)'} {g['gate']}": g for g in data["gates"]}
+
+
+def test_replay_refuses_a_scalar_run_with_one_line_and_exit_3(tmp_path):
+    run = _scalar_run(tmp_path / "run")
+    proc = _cli("replay", str(run), "-p", "grpo")
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and proc.stdout == ""
+    assert "nothing to replay: a scalar run (60 steps" in lines[0]
+    assert "stabledrl inspect" in lines[0] and "stabledrl check" in lines[0]
+
+
+def test_replay_skips_and_counts_the_scalar_steps_of_a_mixed_run(tmp_path):
+    mixed, batches = tmp_path / "mixed", tmp_path / "batches"
+    with sd.Recorder(mixed) as rec, sd.Recorder(batches) as only:
+        for step in range(6):
+            if step % 3 == 2:
+                rec.log_step(step, grad_norm=2.0, step_time=0.1)
+            else:
+                _batch_step(rec, step)
+                _batch_step(only, step)
+    result = runner.invoke(app, ["replay", str(mixed), "-p", "grpo", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["steps"] == 4 and data["scalar_steps"] == 2
+    assert "2 steps have no policy batch" in result.stderr
+    reference = json.loads(
+        runner.invoke(app, ["replay", str(batches), "-p", "grpo", "--format", "json"]).stdout
+    )
+    assert reference["scalar_steps"] == 0
+    for row, expected in zip(
+        data["policies"][0]["steps"], reference["policies"][0]["steps"], strict=True
+    ):
+        assert row["step"] == expected["step"] and row["update_norm"] == expected["update_norm"]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_inspect_json_of_a_scalar_run(tmp_path, packed):
+    run = _scalar_run(tmp_path / "run", collapse=True, spike=True, nonfinite=True)
+    if packed:
+        pack_run(sd.open_run(run), tmp_path / "run.h5")
+        run = tmp_path / "run.h5"
+    result = runner.invoke(app, ["inspect", str(run), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["steps"] == data["scalar_steps"] == STEPS
+    assert data["policy"] is None and data["source"]["kind"] == "import"
+    assert data["fields"] == [] and data["integrity"]["ok"]
+    observed = data["observed"]
+    assert observed["first_reward_collapse"] is not None
+    assert 30 <= observed["first_reward_collapse"] <= 40
+    assert observed["recorded_spike_steps"] == [40]
+    assert observed["nonfinite_steps"] == [50]
+    clip = data["series"]["clip_frac"]
+    assert clip["steps"] == STEPS and 0.1 <= clip["min"] <= clip["max"] <= 0.11
+    assert data["series"]["grad_norm"]["nonfinite"] == 1
+    assert data["series"]["grad_norm"]["max"] == 40.0
+    assert data["series"]["clip_ratio/region_mean"]["first"] == 0.1
+    assert "step" not in data["series"] and "wall_time" not in data["series"]
+
+
+def test_inspect_table_of_a_scalar_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    run = _scalar_run(tmp_path / "run", spike=True)
+    result = runner.invoke(app, ["inspect", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "scalars only: nothing to replay" in result.stdout
+    assert "import (format=jsonl, file=log.jsonl)" in result.stdout
+    assert "Recorded series" in result.stdout and "clip_frac_high" in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+
+
+def test_check_gates_a_scalar_run_without_a_baseline(tmp_path):
+    healthy = _scalar_run(tmp_path / "healthy")
+    sick = _scalar_run(tmp_path / "sick", collapse=True, spike=True, nonfinite=True)
+    gates = ["--max-spikes", "0", "--max-nonfinite", "0", "--fail-on-collapse", "--format", "json"]
+    passed = runner.invoke(app, ["check", str(healthy), *gates])
+    assert passed.exit_code == 0, passed.output
+    data = json.loads(passed.stdout)
+    assert data["ok"] and data["scalar_run"] and data["policies"] == []
+    assert set(_gates(data)) == {"(run) reward_collapse", "(run) max_spikes", "(run) max_nonfinite"}
+    failed = _cli("check", str(sick), *gates)
+    assert failed.returncode == 1, failed.stderr
+    tripped = {name for name, g in _gates(json.loads(failed.stdout)).items() if not g["ok"]}
+    assert tripped == {"(run) reward_collapse", "(run) max_spikes", "(run) max_nonfinite"}
+    assert "1 grad-norm spike step, limit 0 (steps 40)" in failed.stderr
+
+
+def test_check_with_a_baseline_passes_and_trips_on_a_scalar_run(tmp_path):
+    healthy = _scalar_run(tmp_path / "healthy")
+    baseline = tmp_path / "baseline.json"
+    wrote = runner.invoke(app, ["check", str(healthy), "--write-baseline", str(baseline)])
+    assert wrote.exit_code == 0, wrote.output
+    assert "recorded series of" in wrote.stdout
+    data = json.loads(baseline.read_text())
+    assert data["policies"] == {} and data["run"]["policy"] is None
+    assert data["observed"]["spike_steps"]["value"] == 0
+    assert data["observed"]["nonfinite_steps"]["value"] == 0
+    assert data["observed"]["first_reward_collapse"]["value"] is None
+    assert set(data["recorded"]) == {
+        "reward_mean",
+        "grad_norm",
+        "clip_frac",
+        "clip_frac_low",
+        "clip_frac_high",
+        "entropy",
+    }
+    assert data["recorded"]["clip_frac"]["mean"]["worse"] == "higher"
+    load_baseline(baseline)  # what it writes, it reads
+
+    same = runner.invoke(app, ["check", str(healthy), "--baseline", str(baseline)])
+    assert same.exit_code == 0, same.output
+    sick = _scalar_run(tmp_path / "sick", collapse=True, spike=True, nonfinite=True, clip=0.3)
+    proc = _cli("check", str(sick), "--baseline", str(baseline), "--format", "json")
+    assert proc.returncode == 1, proc.stderr
+    tripped = {name for name, g in _gates(json.loads(proc.stdout)).items() if not g["ok"]}
+    assert {
+        "(run) baseline.observed.first_reward_collapse",
+        "(run) baseline.observed.spike_steps",
+        "(run) baseline.observed.nonfinite_steps",
+        "(run) baseline.recorded.clip_frac.mean",
+        "(run) baseline.recorded.clip_frac.max",
+        "(run) baseline.recorded.clip_frac_high.mean",
+        "(run) baseline.recorded.reward_mean.last",
+    } <= tripped
+    assert "(run) baseline.recorded.entropy.mean" not in tripped
+
+
+def test_only_a_clip_fraction_regression_trips(tmp_path):
+    baseline = tmp_path / "baseline.json"
+    runner.invoke(
+        app, ["check", str(_scalar_run(tmp_path / "a")), "--write-baseline", str(baseline)]
+    )
+    worse = _scalar_run(tmp_path / "b", clip=0.2)
+    proc = _cli("check", str(worse), "--baseline", str(baseline), "--format", "json")
+    assert proc.returncode == 1
+    tripped = {name for name, g in _gates(json.loads(proc.stdout)).items() if not g["ok"]}
+    assert tripped == {
+        f"(run) baseline.recorded.{name}.{stat}"
+        for name in ("clip_frac", "clip_frac_low", "clip_frac_high")
+        for stat in ("mean", "max")
+    }
+
+
+def test_a_hand_written_recorded_gate_on_any_scalar(tmp_path):
+    run = _scalar_run(tmp_path / "run")
+    baseline = tmp_path / "baseline.json"
+    entry = {"value": 0.05, "worse": "higher", "abs_tol": 0.0, "rel_tol": 0.0}
+    baseline.write_text(
+        json.dumps(
+            {
+                "schema": "stabledrl-baseline",
+                "version": 1,
+                "replay": {"spike_factor": 10.0, "window": 20, "drift_threshold": -0.1},
+                "recorded": {"clip_ratio/region_mean": {"max": entry}, "missing": {"last": entry}},
+                "policies": {"grpo": {}},
+            }
+        )
+    )
+    proc = _cli("check", str(run), "--baseline", str(baseline), "--format", "json")
+    assert proc.returncode == 1
+    gates = json.loads(proc.stdout)["gates"]
+    assert [(g["policy"], g["gate"], g["ok"]) for g in gates] == [
+        (None, "baseline.recorded.clip_ratio/region_mean.max", False),
+        (None, "baseline.present", False),
+        ("grpo", "baseline.present", False),
+    ]
+    assert "did not record it" in gates[1]["message"]
+
+
+@pytest.mark.parametrize(
+    ("recorded", "message"),
+    [
+        ({"my_metric": {"max": {"value": 1.0}}}, "recorded.my_metric.max has no 'worse'"),
+        ({"clip_frac": {"p99": {"value": 1.0}}}, "unknown statistic 'p99'"),
+        ({"clip_frac": [1]}, "recorded.clip_frac must be an object"),
+    ],
+)
+def test_a_malformed_recorded_section_is_exit_3(tmp_path, recorded, message):
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(
+        json.dumps(
+            {
+                "schema": "stabledrl-baseline",
+                "version": 1,
+                "replay": {"spike_factor": 10.0, "window": 20, "drift_threshold": -0.1},
+                "recorded": recorded,
+                "policies": {},
+            }
+        )
+    )
+    result = runner.invoke(app, ["check", str(_scalar_run(tmp_path / "r")), "-b", str(baseline)])
+    assert result.exit_code == 3 and message in result.stderr
+
+
+def test_a_policy_gate_on_a_scalar_run_is_a_usage_error(tmp_path):
+    run = _scalar_run(tmp_path / "run")
+    result = runner.invoke(app, ["check", str(run), "--max-collapsed", "0"])
+    assert result.exit_code == 2
+    assert "scalar run" in result.stderr and "--max-collapsed" in result.stderr
