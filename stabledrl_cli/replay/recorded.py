@@ -135,5 +135,6 @@ SERIES_RULES: dict[str, SeriesRule] = {
     "clip_frac_high": SeriesRule(worse="higher", stats=("mean", "max"), abs_tol=0.01, rel_tol=0.1),
     "entropy": SeriesRule(worse="lower", stats=("mean", "last"), abs_tol=0.0, rel_tol=0.1),
     "kl": SeriesRule(worse="higher", stats=("mean", "max"), abs_tol=0.0, rel_tol=0.25),
-    "step_time": SeriesRule(worse="higher", stats=("median",), abs_tol=0.0, rel_tol=0.25),
+    # Machine-dependent: a direction for a hand-written gate, but never written by default.
+    "step_time": SeriesRule(worse="higher", stats=(), abs_tol=0.0, rel_tol=0.25),
 }
