@@ -13,7 +13,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
 
 # Steps 0-1 plain, 2-4 clipped, a NaN gradient at step 4; two parameter groups; a second
@@ -125,6 +127,16 @@ def test_recorded_norms_equal_what_the_script_computed(plain_run):
             assert scalars["optimizer_1/lr"] == 0.5
     assert computed["steps"][4]["nonfinite"] == 1  # the NaN step is recorded, not raised
     assert math.isnan(run.step(4).scalars["grad_norm"])
+
+
+def test_inspect_shows_a_run_of_optimizer_steps(plain_run):
+    run_dir, _ = plain_run
+    result = CliRunner().invoke(app, ["inspect", str(run_dir), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["steps"] == data["scalar_steps"] == 5 and data["policy"] is None
+    assert 4 in data["observed"]["nonfinite_steps"]
+    assert data["series"]["grad_norm"]["nonfinite"] == 1
 
 
 MIXED = textwrap.dedent(
