@@ -119,4 +119,5 @@ def merge_streams(parts: Sequence[StreamedRun], policies: int) -> StreamedRun:
         grad_norm_covered=joined("grad_norm_covered"),
         noise_floor=floor,
         likelihood=likelihood,
+        scalar_steps=sum(part.scalar_steps for part in parts),
     )
