@@ -178,3 +178,13 @@ def test_missing_run_is_exit_3(tmp_path):
     )
     assert proc.returncode == 3
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ray_engine_gives_the_local_json():
+    pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
+    args = ["tune", str(FIXTURES / "stabledrl"), "-p", "stabledrl:c=2..8:log3", "--device",
+            "cpu", "--format", "json"]  # fmt: skip
+    local = CliRunner().invoke(app, args)
+    sharded = CliRunner().invoke(app, [*args, "--engine", "ray", "--workers", "2"])
+    assert local.exit_code == 0 and sharded.exit_code == 0, sharded.output
+    assert json.loads(sharded.stdout) == json.loads(local.stdout)

@@ -13,7 +13,7 @@ import typer
 
 from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, DEFAULT_THREADS
 from stabledrl_cli.spec import SPEC_SYNTAX
-from stabledrl_cli.vocab import Device, OutputFormat
+from stabledrl_cli.vocab import Device, OutputFormat, ReplayEngine
 
 RunArg = Annotated[Path, typer.Argument(help="Run directory or .h5 archive.", show_default=False)]
 RunSourceArg = Annotated[
@@ -102,3 +102,28 @@ MaxNonfiniteOpt = Annotated[
     ),
 ]
 """`check`'s absolute gates (`replay.gate.Gates`), shared by `watch --once`."""
+EngineOpt = Annotated[
+    ReplayEngine,
+    typer.Option(
+        "--engine",
+        help="Where steps are computed: this process, or the workers of a Ray cluster "
+        "(needs the ray extra); the results are the same.",
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        metavar="N",
+        help="--engine ray: shards computed at once (default: the cluster's CPUs).",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        metavar="ADDR",
+        envvar="RAY_ADDRESS",
+        help="--engine ray: the cluster to join (default: a local one started for this run).",
+    ),
+]

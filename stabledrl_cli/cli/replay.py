@@ -21,13 +21,16 @@ from stabledrl_cli.cli._options import (
     ChunkSizeOpt,
     DeviceOpt,
     DriftThresholdOpt,
+    EngineOpt,
     FormatOpt,
     MemoryBudgetOpt,
     PlotOpt,
     PolicyOpt,
+    RayAddressOpt,
     RunSourceArg,
     ThreadsOpt,
     WindowOpt,
+    WorkersOpt,
 )
 from stabledrl_cli.cli._output import err, out, progress
 from stabledrl_cli.dump import Run, open_run
@@ -231,32 +234,9 @@ def command(
             "--legend/--no-legend", help="A line per column under each table, and the best rule."
         ),
     ] = True,
-    engine: Annotated[
-        ReplayEngine,
-        typer.Option(
-            "--engine",
-            help="Where steps are computed: this process, or the workers of a Ray cluster "
-            "(needs the ray extra); the results are the same.",
-        ),
-    ] = "local",
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers",
-            metavar="N",
-            help="--engine ray: shards computed at once (default: the cluster's CPUs).",
-        ),
-    ] = None,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(
-            "--ray-address",
-            metavar="ADDR",
-            envvar="RAY_ADDRESS",
-            help="--engine ray: the cluster to join (default: a local one started for this "
-            "replay).",
-        ),
-    ] = None,
+    engine: EngineOpt = "local",
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Replay a recorded run through the policy catalogue (one-step counterfactuals)."""
     check_outputs(plot, {"--out": out_path})

@@ -9,16 +9,31 @@ replay); 4 an output that cannot be written.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, PlotOpt, RunArg
+from stabledrl_cli.cli._options import (
+    DeviceOpt,
+    EngineOpt,
+    FormatOpt,
+    RayAddressOpt,
+    RunSourceArg,
+    ThreadsOpt,
+    WorkersOpt,
+)
 from stabledrl_cli.cli._output import err, out, print_json
-from stabledrl_cli.cli.replay import check_outputs, note_skipped, replay_with_progress
+from stabledrl_cli.cli.replay import (
+    check_outputs,
+    note_skipped,
+    option_names,
+    replay_engine,
+    replay_with_progress,
+)
 from stabledrl_cli.dump import open_run
-from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.config import replay_config
 from stabledrl_cli.replay.engine import own_policy
 from stabledrl_cli.replay.report import print_legend, print_whole
 from stabledrl_cli.tune.front import SettingFigures, TuneReport, percent, rank
@@ -85,26 +100,41 @@ def _print_table(report: TuneReport) -> None:
 
 
 def command(
-    run: RunArg,
+    run: RunSourceArg,
     sweeps: SweepOpt,
     device: DeviceOpt = "auto",
     output_format: FormatOpt = "table",
-    plot: PlotOpt = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            metavar="FILE.png",
+            help="Draw the settings' discarded gradient against risk steps, the front and the "
+            "recommendation (needs the plot extra).",
+        ),
+    ] = None,
     keep_own: Annotated[
         bool,
         typer.Option("--own/--no-own", help="Replay the run's own policy beside, as a reference."),
     ] = True,
+    threads: ThreadsOpt = None,
+    engine: EngineOpt = "local",
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Sweep policy parameters over a run; rank settings by discarded gradient and risk."""
     settings = expand_all(sweeps)
     check_outputs(plot, {})
+    chosen = replay_engine(engine, workers, ray_address)
     opened = open_run(run)
     specs = list(settings)
     own = own_policy(opened) if keep_own else None
     if own is not None and own.spec not in specs:
         specs.append(own.spec)
-    err.print(f"tuning {len(settings)} settings over {opened.path}", highlight=False)
-    result = replay_with_progress(opened, specs, ReplayConfig(device=device))
+    err.print(f"tuning {len(settings)} settings over {run}", highlight=False)
+    with option_names():
+        config = replay_config(device=device, threads=threads)
+    result = replay_with_progress(opened, specs, config, chosen)
     note_skipped(result)
     report = rank(result, settings)
     if plot is not None:
