@@ -211,3 +211,60 @@ def test_hostile_logs_fail_fast_and_small(make: Any, name: str, tmp_path: Path) 
     assert measured.seconds < 2.0
     assert measured.extra_rss_mb < 100
     assert not (tmp_path / "run").exists()
+
+
+def _inspect(run: Path) -> dict[str, Any]:
+    result = runner.invoke(app, ["inspect", str(run), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def test_inspect_finds_the_observed_collapse_and_the_spikes(tmp_path: Path) -> None:
+    _import(str(TRL_COLLAPSED), "--out", str(tmp_path / "collapsed"))
+    _import(str(TRL_STATE), "--out", str(tmp_path / "spiky"))
+    collapsed = _inspect(tmp_path / "collapsed")["observed"]
+    assert collapsed["first_reward_collapse"] == 21
+    spiky = _inspect(tmp_path / "spiky")["observed"]
+    assert spiky["first_reward_collapse"] is None
+    assert spiky["recorded_spike_steps"] == [23, 24, 25]
+
+
+def _doctored(state: dict[str, Any], out: Path) -> Path:
+    """The log with its clip ratios tripled from step 31 on (a policy that clips more)."""
+    doctored = json.loads(json.dumps(state))
+    for row in doctored["log_history"]:
+        if row.get("step", 0) > 30 and "clip_ratio/region_mean" in row:
+            for key in ("clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"):
+                row[key] = min(1.0, 3 * row[key] + 0.2)
+    out.write_text(json.dumps(doctored))
+    return out
+
+
+def _check(*args: str) -> tuple[int, dict[str, Any]]:
+    result = runner.invoke(app, ["check", *args, "--format", "json"])
+    assert result.exit_code in (0, 1), result.output
+    report: dict[str, Any] = json.loads(result.stdout)
+    return result.exit_code, report
+
+
+def _failed(report: dict[str, Any]) -> set[str]:
+    return {gate["gate"] for gate in report["gates"] if not gate["ok"]}
+
+
+def test_check_gates_an_imported_run_against_its_baseline(tmp_path: Path) -> None:
+    run, baseline = tmp_path / "run", tmp_path / "base.json"
+    _import(str(TRL_STATE), "--out", str(run))
+    code, _ = _check(str(run), "--write-baseline", str(baseline))
+    assert code == 0
+    code, report = _check(str(run), "-b", str(baseline))
+    assert code == 0, _failed(report)
+    state = json.loads(TRL_STATE.read_text())
+    _import(str(_doctored(state, tmp_path / "doctored.json")), "--out", str(tmp_path / "doc"))
+    code, report = _check(str(tmp_path / "doc"), "-b", str(baseline))
+    assert code == 1
+    assert any("clip_frac" in name for name in _failed(report)), _failed(report)
+    _import(str(TRL_COLLAPSED), "--out", str(tmp_path / "collapsed"))
+    code, report = _check(str(tmp_path / "collapsed"), "-b", str(baseline))
+    assert code == 1
+    assert any("collapse" in name or "reward" in name for name in _failed(report))
