@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -188,3 +189,17 @@ def test_ray_engine_gives_the_local_json():
     sharded = CliRunner().invoke(app, [*args, "--engine", "ray", "--workers", "2"])
     assert local.exit_code == 0 and sharded.exit_code == 0, sharded.output
     assert json.loads(sharded.stdout) == json.loads(local.stdout)
+
+
+@pytest.mark.parametrize("fixture", ["grpo", "stabledrl"])
+def test_lean_replay_ranks_as_the_full_one(fixture):
+    """tune replays lean (no framework metrics, weight indicators or split counts): the
+    figures it ranks by are those of a full replay."""
+    specs = ["dapo", "stabledrl:c=3", "gppo", "kl-cov:ratio=0.01", "grpo"]
+    run = open_run(FIXTURES / fixture)
+    full = replay_run(run, specs, config=ReplayConfig(device="cpu"))
+    lean = replay_run(run, specs, config=ReplayConfig(device="cpu", lean=True))
+    assert rank(lean, specs).to_dict() == rank(full, specs).to_dict()
+    for a, b in zip(full.policies, lean.policies, strict=True):
+        for name in ("update_norm", "net_push", "discarded_mass_frac", "discard_frac"):
+            np.testing.assert_array_equal(a.series[name], b.series[name], err_msg=name)

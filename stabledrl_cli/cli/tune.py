@@ -9,6 +9,7 @@ replay); 4 an output that cannot be written.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -133,7 +134,7 @@ def command(
         specs.append(own.spec)
     err.print(f"tuning {len(settings)} settings over {run}", highlight=False)
     with option_names():
-        config = replay_config(device=device, threads=threads)
+        config = replace(replay_config(device=device, threads=threads), lean=True)
     result = replay_with_progress(opened, specs, config, chosen)
     note_skipped(result)
     report = rank(result, settings)

@@ -98,6 +98,10 @@ class ReplayConfig:
     """Per-step rows reported for start <= step < stop (the replay itself covers the run)."""
     detail: bool = False
     """Name the top sequences of each flagged step in the reported range."""
+    lean: bool = False
+    """Leave out the per-step columns a ranking does not read, as `tune` does: the frameworks'
+    clip metrics, weight_max and ess_frac are NaN, the clipped and per-sign discarded counts 0;
+    every other column is unchanged."""
     guards: tuple[str, ...] = DEFAULT_GUARDS
     """Adaptive grad-norm guards replayed over the recorded grad norms (replay/guards.py)."""
     top_k: int = DEFAULT_TOP_K

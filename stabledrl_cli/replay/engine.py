@@ -215,6 +215,7 @@ class LocalEngine:
             chunk_size=config.chunk_size,
             memory_budget=config.memory_budget,
             progress=progress,
+            lean=config.lean,
         )
 
 

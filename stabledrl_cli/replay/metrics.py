@@ -14,7 +14,7 @@ how the policy weighs the policy-gradient term, and the KL term is the same for 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,7 @@ from stabledrl_cli.geometry import decode_geometry, replayed_update_norm
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
 from stabledrl_cli.policies._base import as_bytes, count, keep_times
 from stabledrl_cli.replay import columns
+from stabledrl_cli.replay.columns import TRL_METRICS, VERL_METRICS
 from stabledrl_cli.replay.framework import MicroBatches, framework_metrics
 from stabledrl_cli.vocab import StepGeometryKind
 
@@ -209,10 +210,14 @@ def _weight_indicators(
     n_counted = refs.n_counted
     ess = torch.where(sum_w2 != 0, sum_w * sum_w / (n_counted * sum_w2), math.nan)
     ess = torch.where(torch.isnan(sum_w2), math.nan, ess)
+    return _weight_max(w, refs, sum_w), ess, _net_push(pg_counted, refs)
+
+
+def _net_push(pg_counted: torch.Tensor, refs: References) -> torch.Tensor:
+    """0-d float64 net_push of one policy's counted coefficients [T] (docs/replay-json.md)."""
     ref_abs = refs.reinforce_abs
     push = (_sum64(pg_counted) - refs.reinforce_sum) / torch.where(ref_abs > 0, ref_abs, 1.0)
-    push = torch.where(ref_abs > 0, push, torch.where(torch.isfinite(push), 0.0, push))
-    return _weight_max(w, refs, sum_w), ess, push
+    return torch.where(ref_abs > 0, push, torch.where(torch.isfinite(push), 0.0, push))
 
 
 def step_metrics(
@@ -222,10 +227,14 @@ def step_metrics(
     geometry: StepGeometry,
     own_index: int | None,
     micro: MicroBatches,
+    *,
+    lean: bool = False,
 ) -> torch.Tensor:
     """-> [P, M] float64 on prep.device: one row a policy, one column a device metric
     (`columns.device_metrics()`, in that order). micro: the step's micro-batches (the
-    frameworks' clip metrics average over them).
+    frameworks' clip metrics average over them). lean: what `tune` does not read is left
+    out: the frameworks' clip metrics, weight_max and ess_frac (NaN), the clipped counts and
+    the per-sign discarded counts (0).
 
     The references of each distinct (advantages, normalizer) pair are computed once: the
     policies of one aggregation share them. Token arrays stay at the batch's dtype; sums use
@@ -266,24 +275,34 @@ def step_metrics(
                 denom = update_norm * update_norm[own_index]
                 cosine = torch.where(denom > 0, inner.double() / denom, math.nan)
 
-    indicators = [_weight_indicators(pg, r) for pg, r in zip(pgs, refs, strict=True)]
+    if lean:
+        nan = torch.full((), math.nan, dtype=torch.float64, device=prep.device)
+        indicators = [
+            (nan, nan, _net_push(keep_times(r.counted, pg), r))
+            for pg, r in zip(pgs, refs, strict=True)
+        ]
+        frameworks = {name: nan.expand(n) for name in (*TRL_METRICS, *VERL_METRICS)}
+    else:
+        indicators = [_weight_indicators(pg, r) for pg, r in zip(pgs, refs, strict=True)]
+        frameworks = framework_metrics(prep, policies, weights, micro)
+    pairs = list(zip(weights, refs, strict=True))
+    zeros = torch.zeros(n, dtype=torch.float64, device=prep.device)
+
+    def split(mask_of: Callable[[Weights], torch.Tensor], side: str) -> torch.Tensor:
+        """[P] counts of a policy set on one side of A (left 0 when lean)."""
+        if lean:
+            return zeros
+        return torch.stack([count(mask_of(w) & getattr(r, side)) for w, r in pairs])
+
     computed = {
         "tokens": torch.stack([r.tokens for r in refs]),
         "discarded": torch.stack([count(w.discarded) for w in weights]),
-        "discarded_pos": torch.stack(
-            [count(w.discarded & r.positive) for w, r in zip(weights, refs, strict=True)]
-        ),
-        "discarded_neg": torch.stack(
-            [count(w.discarded & r.negative) for w, r in zip(weights, refs, strict=True)]
-        ),
-        "clipped": torch.stack([count(w.clipped) for w in weights]),
+        "discarded_pos": split(lambda w: w.discarded, "positive"),
+        "discarded_neg": split(lambda w: w.discarded, "negative"),
+        "clipped": zeros if lean else torch.stack([count(w.clipped) for w in weights]),
         "scored_tokens": torch.stack([r.scored for r in refs]),
-        "clipped_pos": torch.stack(
-            [count(w.clipped & r.positive) for w, r in zip(weights, refs, strict=True)]
-        ),
-        "clipped_neg": torch.stack(
-            [count(w.clipped & r.negative) for w, r in zip(weights, refs, strict=True)]
-        ),
+        "clipped_pos": split(lambda w: w.clipped, "positive"),
+        "clipped_neg": split(lambda w: w.clipped, "negative"),
         "discarded_mass": discarded_mass,
         "is_mass": is_mass,
         "update_norm": update_norm,
@@ -293,7 +312,7 @@ def step_metrics(
         "net_push": torch.stack([i[2] for i in indicators]),
         "nonfinite_coefs": torch.stack([w.nonfinite for w in weights]),
         "objective": torch.stack([w.objective for w in weights]),
-        **framework_metrics(prep, policies, weights, micro),
+        **frameworks,
     }
     return torch.stack([computed[name].double() for name in columns.device_metrics()], dim=1)
 

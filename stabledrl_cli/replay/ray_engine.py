@@ -99,6 +99,7 @@ class RayEngine:
                     steps=steps,
                     chunk_size=config.chunk_size,
                     memory_budget=config.memory_budget,
+                    lean=config.lean,
                     device=str(config.device),
                     threads=config.threads,
                 )

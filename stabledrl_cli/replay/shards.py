@@ -46,6 +46,7 @@ class ShardTask:
     """Step numbers, ascending, from the driver's listing."""
     chunk_size: int | None
     memory_budget: int
+    lean: bool
     device: str
     threads: int
     """torch's intra-op threads (`ReplayConfig.threads`): sums may differ between counts."""
@@ -88,6 +89,7 @@ def stream_shard(task: ShardTask) -> StreamedRun:
             resolve_device(task.device),
             chunk_size=task.chunk_size,
             memory_budget=task.memory_budget,
+            lean=task.lean,
             steps=run.steps_of(task.steps),
         )
 

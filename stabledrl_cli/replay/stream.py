@@ -243,6 +243,7 @@ def stream_run(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: Callable[[int], None] | None = None,
     steps: Iterable[Step] | None = None,
+    lean: bool = False,
 ) -> StreamedRun:
     """Every policy over every readable step of `run` (corrupt steps are skipped), or over
     `steps` only (a shard of it, `replay.shards`), read in chunks of at most `memory_budget`
@@ -266,7 +267,9 @@ def stream_run(
             geometry = step_geometry(step, step_arrays, prep, where)
             weights = [policy.weights(prep) for policy in policies]
             micro = step_micro_batches(step, step_arrays, prep, where, ranks)
-            rows.append(step_metrics(prep, policies, weights, geometry, own_index, micro))
+            rows.append(
+                step_metrics(prep, policies, weights, geometry, own_index, micro, lean=lean)
+            )
             if geometry.per_sequence:
                 coef = torch.stack([w.coef for w in weights])
                 approximate |= varies_within_sequence(coef, prep).cpu().numpy()
