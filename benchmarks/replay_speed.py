@@ -1,131 +1,351 @@
-"""Replay throughput and memory: steps/s and peak memory for a short and a long run.
+"""Replay speed and memory against the read floor, on synthetic runs of given shapes.
 
-Synthesizes one run of --steps steps with the Recorder (sequence units, --sequences a step,
-like the built-in example's 64), then replays the first 500 steps (a copy holding only them)
-and all of it, each in a fresh subprocess so peak RSS is that replay's alone; then prints the
-JSON (every per-step row) to /dev/null as `replay --format json` does. Memory must not grow
-with the run's length beyond the output itself: O(steps x policies) scalars, kept as columns.
-`--traced` adds tracemalloc's peak of Python allocations (slower, and its bookkeeping inflates
-RSS, so compare RSS without it).
+    python benchmarks/replay_speed.py                        # the README's shapes, 3 repeats
+    python benchmarks/replay_speed.py --shape 20,64,512 --shape 10,64,512,128 --repeats 1
+    python benchmarks/replay_speed.py --format json > replay_speed.json
 
-    python benchmarks/replay_speed.py                    # 500 vs 2000 steps, 10 policies
-    python benchmarks/replay_speed.py --steps 4000 --device cuda
+Each `--shape STEPS,SEQS,LEN[,K]` is a run written by the project's Recorder (realistic values,
+`synthetic_runs.py`; K adds a k=K gradient sketch per token), built once and cached under
+`--cache` (with its packed `.h5`) by shape and seed. For each run and each source (the run
+directory and its `.h5`), each task runs `--repeats` times, each time in a fresh subprocess
+(so its peak RSS, /proc's VmHWM, is its own); the table shows the median wall time of the task
+itself (imports excluded), throughput in M positions/s (masked positions included), the ratio
+to the read floor (the directory's, of the same run), the ratio of the `.h5` to the directory
+for the same task, and the median peak RSS. Tasks:
+
+- floor: `open_run`, then every step's every tensor loaded and copied (`step[name].clone()`),
+  through the same reader a replay uses: the time to just read the data.
+- one: `replay(run, ["grpo"])`, one policy.
+- catalogue: `replay(run)`, the run's own policy and the standard catalogue.
+
+Then `log_step`: per shape, the median time of a synchronous `Recorder.log_step` of one step
+(its checks, CRCs, write, fsync, rename, directory fsync) against a raw `safetensors` save of
+the same arrays with the same durability (write, fsync, rename, fsync the directory),
+alternated step by step, `--log-steps` of each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import resource
-import shutil
+import platform
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from synthetic_runs import Shape, cached_run, step_arrays
 
-
-def synthesize(path: Path, steps: int, sequences: int, seed: int = 0) -> None:
-    from stabledrl_cli.dump import Recorder
-
-    rng = np.random.default_rng(seed)
-    group = (np.arange(sequences) // 8).astype(np.int32)
-    with Recorder(path, policy="grpo", unit="sequence", reward_range=(0.0, 1.0),
-                  overwrite=True) as rec:  # fmt: skip
-        for step in range(steps):
-            reward = rng.random(sequences).astype(np.float32)
-            means = np.array([reward[group == g].mean() for g in group], dtype=np.float32)
-            logp_old = (-5 + rng.normal(size=sequences)).astype(np.float32)
-            rec.log_step(
-                step,
-                logp=(logp_old + 0.5 * rng.normal(size=sequences)).astype(np.float32),
-                logp_old=logp_old,
-                advantages=reward - means,
-                seq_id=np.arange(sequences, dtype=np.int32),
-                group_id=group,
-                reward=reward,
-                grad_norm=float(rng.random()),
-                loss=0.0,
-                reward_mean=float(reward.mean()),
-            )
+TASKS = ("floor", "one", "catalogue")
+SOURCES = ("dir", "h5")
+DEFAULT_SHAPES = ("200,256,1024", "2000,64,512", "50,64,512,128")
+WIDTH = 80
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory (VmHWM: its own, not its parent's before exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
-def measure(path: str, device: str, chunk_size: int, traced: bool) -> dict[str, float]:
-    """One replay (run in a child process): wall time and peak RSS of the replay (and with
-    `traced`, tracemalloc's peak), then peak RSS once its JSON is printed."""
+# -- child side -------------------------------------------------------------------------------
+def read_floor(path: str) -> dict[str, Any]:
+    """Every tensor of every step loaded and copied, through the reader a replay uses."""
+    from stabledrl_cli.dump import open_run
+
+    run = open_run(path)
+    tokens = nbytes = 0
+    for step in run.steps():
+        for name in sorted(step.fields):
+            nbytes += step[name].clone().nbytes
+        tokens += step.num_tokens
+    return {"tokens": tokens, "bytes": nbytes}
+
+
+def run_task(task: str, path: str, device: str) -> dict[str, Any]:
+    """One task (module docstring) in this process: its wall time, peak RSS and facts."""
+    import torch
+
+    from stabledrl_cli._device import resolve_device
     from stabledrl_cli.replay.engine import replay
 
-    if traced:
-        tracemalloc.start()
     started = time.perf_counter()
-    result = replay(path, device=device, chunk_size=chunk_size)
+    if task == "floor":
+        facts = read_floor(path)
+    else:
+        result = replay(path, ["grpo"] if task == "one" else None, device=device)
+        facts = {"steps": result.steps, "policies": len(result.policies)}
     seconds = time.perf_counter() - started
-    traced_peak = tracemalloc.get_traced_memory()[1] / 2**20 if traced else math.nan
-    replay_rss = _peak_rss_mb()
-    with open(os.devnull, "w") as sink:
-        for piece in result.iter_json():
-            sink.write(piece)
     return {
-        "steps": result.steps,
-        "policies": len(result.policies),
+        **facts,
         "seconds": seconds,
-        "steps_per_s": result.steps / seconds,
-        "peak_rss_mb": replay_rss,
-        "traced_peak_mb": traced_peak,
-        "json_peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": _peak_rss_mb(),
+        "device": str(resolve_device(device)),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     }
+
+
+def log_step_cost(shape: Shape, seed: int, count: int, where: Path) -> dict[str, Any]:
+    """Median seconds of `Recorder.log_step` and of a raw safetensors save of the same arrays
+    with the same fsyncs, alternated (`count` of each)."""
+    from safetensors.numpy import save_file
+
+    from stabledrl_cli._atomic import fsync_dir, fsync_file
+    from stabledrl_cli.dump import Recorder
+    from stabledrl_cli.dump._inputs import build_step
+
+    arrays = step_arrays(shape, seed, 0)
+    tensor_keys = {k: v for k, v in arrays.items() if isinstance(v, np.ndarray)}
+    scalar_keys = {k: v for k, v in arrays.items() if not isinstance(v, np.ndarray)}
+    flat, scalars = build_step(
+        unit="token", step=0, arrays=tensor_keys, scalars=scalar_keys, user_scalars=None,
+        num_params=None,
+    )  # fmt: skip
+    metadata = {name: repr(value) for name, value in scalars.items()}
+    raw_dir = where / "raw"
+    raw_dir.mkdir()
+    recorded, raw = [], []
+    with Recorder(where / "run", policy="grpo", unit="token") as recorder:
+        for step in range(count):
+            started = time.perf_counter()
+            recorder.log_step(step, **arrays)  # type: ignore[arg-type]
+            recorded.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            final, temp = raw_dir / f"step-{step:08d}.safetensors", raw_dir / f".tmp-{step}"
+            save_file(flat, str(temp), metadata=metadata)
+            fsync_file(temp)
+            os.replace(temp, final)
+            fsync_dir(raw_dir)
+            raw.append(time.perf_counter() - started)
+    log_step_s, raw_s = statistics.median(recorded), statistics.median(raw)
+    return {
+        "shape": shape.name,
+        "bytes": sum(a.nbytes for a in flat.values()),
+        "log_step_ms": 1000 * log_step_s,
+        "raw_save_ms": 1000 * raw_s,
+        "ratio": log_step_s / raw_s,
+    }
+
+
+# -- parent side ------------------------------------------------------------------------------
+def _child(args: list[str]) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"child {args} failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    memory_kb = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gb": round(memory_kb / 2**20, 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+    }
+
+
+def measure_run(
+    shape: Shape, paths: dict[str, Path], args: argparse.Namespace, log: Any
+) -> dict[str, Any]:
+    """Every (source, task) of one run: repeats, medians, ratios."""
+    rows: list[dict[str, Any]] = []
+    for source in args.sources:
+        for task in args.tasks:
+            samples = []
+            for repeat in range(args.repeats):
+                log(f"{shape.name} {source} {task} ({repeat + 1}/{args.repeats})")
+                threads = ["--threads", str(args.threads)] if args.threads else []
+                samples.append(
+                    _child([task, str(paths[source]), "--device", args.device, *threads])
+                )
+            seconds = statistics.median(s["seconds"] for s in samples)
+            rows.append({
+                "source": source,
+                "task": task,
+                "seconds": [s["seconds"] for s in samples],
+                "median_s": seconds,
+                "mtok_per_s": shape.tokens / seconds / 1e6,
+                "peak_rss_mb": statistics.median(s["peak_rss_mb"] for s in samples),
+                "policies": samples[0].get("policies"),
+                "device": samples[0]["device"],
+                "threads": samples[0]["threads"],
+                "torch": samples[0]["torch"],
+            })  # fmt: skip
+    by_key = {(r["source"], r["task"]): r for r in rows}
+    floor = by_key.get(("dir", "floor"))
+    for row in rows:
+        row["x_floor"] = row["median_s"] / floor["median_s"] if floor else None
+        same_dir = by_key.get(("dir", row["task"]))
+        row["x_dir"] = (
+            row["median_s"] / same_dir["median_s"] if same_dir and row["source"] != "dir" else None
+        )
+    return {
+        "shape": shape.name,
+        "steps": shape.steps,
+        "sequences": shape.sequences,
+        "length": shape.length,
+        "sketch_k": shape.sketch_k,
+        "positions": shape.tokens,
+        "bytes": {source: _size(path) for source, path in paths.items()},
+        "rows": rows,
+    }
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as text of at most `WIDTH` columns."""
+    first = next((row for run in report["runs"] for row in run["rows"]), None)
+    lines = [
+        f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+        f"{report['machine']['memory_gb']} GB, {report['machine']['os']}",
+    ]
+    if first is not None:
+        lines.append(
+            f"device {first['device']}, dtype float32, torch {first['torch']} "
+            f"({first['threads']} threads), median of {report['repeats']}"
+        )
+    header = (
+        f"{'run':<18} {'src':<3} {'task':<9} {'median s':>9} {'Mpos/s':>7} "
+        f"{'x floor':>7} {'x dir':>6} {'RSS MB':>7}"
+    )
+    lines += [header, "-" * len(header)]
+    for run in report["runs"]:
+        for row in run["rows"]:
+            lines.append(
+                f"{run['shape']:<18} {row['source']:<3} {row['task']:<9} "
+                f"{row['median_s']:>9.2f} {row['mtok_per_s']:>7.1f} "
+                f"{_ratio(row['x_floor']):>7} {_ratio(row['x_dir']):>6} "
+                f"{row['peak_rss_mb']:>7.0f}"
+            )
+    if report["log_step"]:
+        header = (
+            f"{'log_step of one step':<24} {'MB':>7} {'log_step ms':>12} {'raw save ms':>12} "
+            f"{'ratio':>6}"
+        )
+        lines += ["", header, "-" * len(header)]
+        for row in report["log_step"]:
+            lines.append(
+                f"{row['shape']:<24} {row['bytes'] / 2**20:>7.1f} {row['log_step_ms']:>12.1f} "
+                f"{row['raw_save_ms']:>12.1f} {row['ratio']:>6.2f}"
+            )
+    assert all(len(line) <= WIDTH for line in lines[1:]), "table wider than 80 columns"
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--short", type=int, default=500)
-    parser.add_argument("--sequences", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/stabledrl-replay-speed"))
-    parser.add_argument("--traced", action="store_true", help="also measure with tracemalloc")
-    parser.add_argument("--child", nargs=1, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--shape",
+        action="append",
+        type=Shape.parse,
+        metavar="STEPS,SEQS,LEN[,K]",
+        help=f"a run to measure (repeatable; default {' '.join(DEFAULT_SHAPES)})",
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, help="torch threads in each task (default: torch's)")
+    parser.add_argument(
+        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "stabledrl-bench"
+    )
+    parser.add_argument(
+        "--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS)
+    )
+    parser.add_argument("--sources", default=",".join(SOURCES), help="dir,h5 or one of them")
+    parser.add_argument(
+        "--log-steps", type=int, default=20, help="log_step samples a shape (0: skip)"
+    )
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child-log-step", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.child[0], args.device, args.chunk_size, args.traced)))
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        print(json.dumps(run_task(args.child[0], args.child[1], args.device)))
         return 0
+    shapes = args.shape or [Shape.parse(s) for s in DEFAULT_SHAPES]
+    if args.child_log_step:
+        with tempfile.TemporaryDirectory(dir=args.cache) as where:
+            cost = log_step_cost(Shape.parse(args.child_log_step[0]), args.seed,
+                                 int(args.child_log_step[1]), Path(where))  # fmt: skip
+        print(json.dumps(cost))
+        return 0
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    args.sources = [s for s in args.sources.split(",") if s]
+    if not set(args.tasks) <= set(TASKS) or not set(args.sources) <= set(SOURCES):
+        parser.error(f"--tasks: a subset of {','.join(TASKS)}; --sources: of {','.join(SOURCES)}")
 
-    long_run, short_run = args.dir / f"long-{args.steps}", args.dir / f"short-{args.short}"
-    if not (long_run / "manifest.json").is_file():
-        started = time.perf_counter()
-        synthesize(long_run, args.steps, args.sequences)
-        print(f"synthesized {long_run} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    if not (short_run / "manifest.json").is_file():
-        (short_run / "steps").mkdir(parents=True)
-        shutil.copy(long_run / "manifest.json", short_run / "manifest.json")
-        for step in range(args.short):
-            name = f"step-{step:08d}.safetensors"
-            shutil.copy(long_run / "steps" / name, short_run / "steps" / name)
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
-    print(f"| steps | policies | seconds | steps/s | peak RSS MB | traced peak MB | "
-          f"peak RSS with JSON MB | (device {args.device}, chunk {args.chunk_size}) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for run in (short_run, long_run):
-        child = subprocess.run(
-            [sys.executable, __file__, "--child", str(run), "--device", args.device,
-             "--chunk-size", str(args.chunk_size), *(["--traced"] if args.traced else [])],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        m = json.loads(child.stdout.strip().splitlines()[-1])
-        print(
-            f"| {m['steps']} | {m['policies']} | {m['seconds']:.1f} | {m['steps_per_s']:.0f} | "
-            f"{m['peak_rss_mb']:.0f} | {m['traced_peak_mb']:.1f} | {m['json_peak_rss_mb']:.0f} | |"
-        )
+    args.cache.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "command": " ".join(["python", "benchmarks/replay_speed.py", *(argv or sys.argv[1:])]),
+        "repeats": args.repeats,
+        "runs": [],
+        "log_step": [],
+    }
+    for shape in shapes:
+        directory, archive = cached_run(shape, args.seed, args.cache, log)
+        paths = {"dir": directory, "h5": archive}
+        report["runs"].append(measure_run(shape, paths, args, log))
+    for shape in shapes if args.log_steps else ():
+        log(f"log_step {shape.name}")
+        report["log_step"].append(_child_log_step(shape, args))
+    print(json.dumps(report, indent=2) if args.format == "json" else table(report))
     return 0
+
+
+def _child_log_step(shape: Shape, args: argparse.Namespace) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--cache", str(args.cache), "--seed", str(args.seed),
+         "--child-log-step", shape.name.replace("+k", ","), str(args.log_steps)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"log_step child failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 if __name__ == "__main__":
