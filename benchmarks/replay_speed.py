@@ -3,15 +3,17 @@
     python benchmarks/replay_speed.py                        # the README's shapes, 3 repeats
     python benchmarks/replay_speed.py --shape 20,64,512 --shape 10,64,512,128 --repeats 1
     python benchmarks/replay_speed.py --format json > replay_speed.json
+    python benchmarks/replay_speed.py --clock cpu_seconds     # ratios of CPU time
 
 Each `--shape STEPS,SEQS,LEN[,K]` is a run written by the project's Recorder (realistic values,
 `synthetic_runs.py`; K adds a k=K gradient sketch per token), built once and cached under
 `--cache` (with its packed `.h5`) by shape and seed. For each run and each source (the run
 directory and its `.h5`), each task runs `--repeats` times, each time in a fresh subprocess
-(so its peak RSS, /proc's VmHWM, is its own); the table shows the median wall time of the task
-itself (imports excluded), throughput in M positions/s (masked positions included), the ratio
-to the read floor (the directory's, of the same run), the ratio of the `.h5` to the directory
-for the same task, and the median peak RSS. Tasks:
+(so its peak RSS, /proc's VmHWM, is its own); the table shows the median wall and CPU time of
+the task itself (imports excluded), throughput in M positions/s (masked positions included),
+the ratio to the read floor (the directory's, of the same run), the ratio of the `.h5` to the
+directory for the same task, and the median peak RSS. Ratios and Mpos/s divide `--clock` time:
+wall (default), or the task's CPU time, steadier on a shared machine. Tasks:
 
 - floor: `open_run`, then every step's every tensor loaded and copied (`step[name].clone()`),
   through the same reader a replay uses: the time to just read the data.
@@ -30,10 +32,12 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -77,6 +81,7 @@ def run_task(task: str, path: str, device: str) -> dict[str, Any]:
     from stabledrl_cli._device import resolve_device
     from stabledrl_cli.replay.engine import replay
 
+    before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     if task == "floor":
         facts = read_floor(path)
@@ -84,9 +89,11 @@ def run_task(task: str, path: str, device: str) -> dict[str, Any]:
         result = replay(path, ["grpo"] if task == "one" else None, device=device)
         facts = {"steps": result.steps, "policies": len(result.policies)}
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
     return {
         **facts,
         "seconds": seconds,
+        "cpu_seconds": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
         "peak_rss_mb": _peak_rss_mb(),
         "device": str(resolve_device(device)),
         "threads": torch.get_num_threads(),
@@ -185,11 +192,14 @@ def measure_run(
                 samples.append(
                     _child([task, str(paths[source]), "--device", args.device, *threads])
                 )
-            seconds = statistics.median(s["seconds"] for s in samples)
+            seconds = statistics.median(s[args.clock] for s in samples)
             rows.append({
                 "source": source,
                 "task": task,
                 "seconds": [s["seconds"] for s in samples],
+                "cpu_seconds": [s["cpu_seconds"] for s in samples],
+                "median_wall_s": statistics.median(s["seconds"] for s in samples),
+                "median_cpu_s": statistics.median(s["cpu_seconds"] for s in samples),
                 "median_s": seconds,
                 "mtok_per_s": shape.tokens / seconds / 1e6,
                 "peak_rss_mb": statistics.median(s["peak_rss_mb"] for s in samples),
@@ -231,25 +241,28 @@ def _ratio(value: float | None) -> str:
 def table(report: dict[str, Any]) -> str:
     """The report as text of at most `WIDTH` columns."""
     first = next((row for run in report["runs"] for row in run["rows"]), None)
-    lines = [
+    prose = (
         f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
-        f"{report['machine']['memory_gb']} GB, {report['machine']['os']}",
-    ]
+        f"{report['machine']['memory_gb']} GB, {report['machine']['os']}."
+    )
     if first is not None:
-        lines.append(
-            f"device {first['device']}, dtype float32, torch {first['torch']} "
-            f"({first['threads']} threads), median of {report['repeats']}"
+        prose += (
+            f" Device {first['device']}, dtype float32, torch {first['torch']} "
+            f"({first['threads']} threads); medians of {report['repeats']}, ratios of "
+            f"{report['clock']} time."
         )
+    lines = textwrap.wrap(prose, WIDTH)
     header = (
-        f"{'run':<18} {'src':<3} {'task':<9} {'median s':>9} {'Mpos/s':>7} "
+        f"{'run':<17} {'src':<3} {'task':<9} {'wall s':>8} {'cpu s':>8} {'Mpos/s':>7} "
         f"{'x floor':>7} {'x dir':>6} {'RSS MB':>7}"
     )
     lines += [header, "-" * len(header)]
     for run in report["runs"]:
         for row in run["rows"]:
             lines.append(
-                f"{run['shape']:<18} {row['source']:<3} {row['task']:<9} "
-                f"{row['median_s']:>9.2f} {row['mtok_per_s']:>7.1f} "
+                f"{run['shape']:<17} {row['source']:<3} {row['task']:<9} "
+                f"{row['median_wall_s']:>8.2f} {row['median_cpu_s']:>8.2f} "
+                f"{row['mtok_per_s']:>7.1f} "
                 f"{_ratio(row['x_floor']):>7} {_ratio(row['x_dir']):>6} "
                 f"{row['peak_rss_mb']:>7.0f}"
             )
@@ -264,7 +277,7 @@ def table(report: dict[str, Any]) -> str:
                 f"{row['shape']:<24} {row['bytes'] / 2**20:>7.1f} {row['log_step_ms']:>12.1f} "
                 f"{row['raw_save_ms']:>12.1f} {row['ratio']:>6.2f}"
             )
-    assert all(len(line) <= WIDTH for line in lines[1:]), "table wider than 80 columns"
+    assert all(len(line) <= WIDTH for line in lines), "table wider than 80 columns"
     return "\n".join(lines)
 
 
@@ -292,6 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         "--log-steps", type=int, default=20, help="log_step samples a shape (0: skip)"
     )
     parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument(
+        "--clock",
+        choices=("seconds", "cpu_seconds"),
+        default="seconds",
+        help="what Mpos/s and the ratios divide: wall time, or the task's CPU time (steadier "
+        "on a shared machine; with several torch threads it adds them up)",
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-log-step", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -322,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "command": " ".join(["python", "benchmarks/replay_speed.py", *(argv or sys.argv[1:])]),
         "repeats": args.repeats,
+        "clock": "wall" if args.clock == "seconds" else "cpu",
         "runs": [],
         "log_step": [],
     }
