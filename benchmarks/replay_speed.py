@@ -48,7 +48,7 @@ from synthetic_runs import Shape, cached_run, step_arrays
 
 TASKS = ("floor", "one", "catalogue")
 SOURCES = ("dir", "h5")
-DEFAULT_SHAPES = ("200,256,1024", "2000,64,512", "50,64,512,128")
+DEFAULT_SHAPES = ("200,256,1024", "2000,64,512", "50,64,512,128", "2000,8,64")
 WIDTH = 80
 
 
@@ -75,7 +75,7 @@ def read_floor(path: str) -> dict[str, Any]:
     return {"tokens": tokens, "bytes": nbytes}
 
 
-def run_task(task: str, path: str, device: str) -> dict[str, Any]:
+def run_task(task: str, path: str, device: str, threads: int | None) -> dict[str, Any]:
     """One task (module docstring) in this process: its wall time, peak RSS and facts."""
     import torch
 
@@ -87,17 +87,17 @@ def run_task(task: str, path: str, device: str) -> dict[str, Any]:
     if task == "floor":
         facts = read_floor(path)
     else:
-        result = replay(path, ["grpo"] if task == "one" else None, device=device)
-        facts = {"steps": result.steps, "policies": len(result.policies)}
+        result = replay(path, ["grpo"] if task == "one" else None, device=device, threads=threads)
+        facts = {"steps": result.steps, "policies": len(result.policies), "threads": result.threads}
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {
+        "threads": torch.get_num_threads(),
         **facts,
         "seconds": seconds,
         "cpu_seconds": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
         "peak_rss_mb": _peak_rss_mb(),
         "device": str(resolve_device(device)),
-        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
 
@@ -193,6 +193,7 @@ def measure_run(
                     _child([task, str(paths[source]), "--device", args.device, *threads])
                 )
             seconds = statistics.median(s[args.clock] for s in samples)
+            log(f"{shape.name} {source} {task}: {[round(s[args.clock], 2) for s in samples]} s")
             rows.append({
                 "source": source,
                 "task": task,
@@ -247,8 +248,8 @@ def table(report: dict[str, Any]) -> str:
     )
     if first is not None:
         prose += (
-            f" Device {first['device']}, dtype float32, torch {first['torch']} "
-            f"({first['threads']} threads); medians of {report['repeats']}, ratios of "
+            f" Device {first['device']}, dtype float32, torch {first['torch']}, replay on "
+            f"{report['replay_threads']} thread(s); medians of {report['repeats']}, ratios of "
             f"{report['clock']} time."
         )
     lines = textwrap.wrap(prose, WIDTH)
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, help="torch threads in each task (default: torch's)")
+    parser.add_argument("--threads", type=int, help="replay's --threads (default: replay's own, 1)")
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "stabledrl-bench"
     )
@@ -316,11 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child-log-step", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        print(json.dumps(run_task(args.child[0], args.child[1], args.device)))
+        print(json.dumps(run_task(args.child[0], args.child[1], args.device, args.threads)))
         return 0
     shapes = args.shape or [Shape.parse(s) for s in DEFAULT_SHAPES]
     if args.child_log_step:
@@ -353,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes if args.log_steps else ():
         log(f"log_step {shape.name}")
         report["log_step"].append(_child_log_step(shape, args))
+    replays = [r for run in report["runs"] for r in run["rows"] if r["task"] != "floor"]
+    report["replay_threads"] = replays[0]["threads"] if replays else args.threads
     print(json.dumps(report, indent=2) if args.format == "json" else table(report))
     return 0
 
