@@ -3,7 +3,8 @@
     python benchmarks/replay_speed.py                        # the README's shapes, 3 repeats
     python benchmarks/replay_speed.py --shape 20,64,512 --shape 10,64,512,128 --repeats 1
     python benchmarks/replay_speed.py --format json > replay_speed.json
-    python benchmarks/replay_speed.py --clock cpu_seconds     # ratios of CPU time
+    python benchmarks/replay_speed.py --clock cpu             # ratios of CPU time
+    python benchmarks/replay_speed.py --render replay_speed.json --clock cpu
 
 Each `--shape STEPS,SEQS,LEN[,K]` is a run written by the project's Recorder (realistic values,
 `synthetic_runs.py`; K adds a k=K gradient sketch per token), built once and cached under
@@ -192,8 +193,7 @@ def measure_run(
                 samples.append(
                     _child([task, str(paths[source]), "--device", args.device, *threads])
                 )
-            seconds = statistics.median(s[args.clock] for s in samples)
-            log(f"{shape.name} {source} {task}: {[round(s[args.clock], 2) for s in samples]} s")
+            log(f"{shape.name} {source} {task}: {[round(s['seconds'], 2) for s in samples]} s")
             rows.append({
                 "source": source,
                 "task": task,
@@ -201,22 +201,12 @@ def measure_run(
                 "cpu_seconds": [s["cpu_seconds"] for s in samples],
                 "median_wall_s": statistics.median(s["seconds"] for s in samples),
                 "median_cpu_s": statistics.median(s["cpu_seconds"] for s in samples),
-                "median_s": seconds,
-                "mtok_per_s": shape.tokens / seconds / 1e6,
                 "peak_rss_mb": statistics.median(s["peak_rss_mb"] for s in samples),
                 "policies": samples[0].get("policies"),
                 "device": samples[0]["device"],
                 "threads": samples[0]["threads"],
                 "torch": samples[0]["torch"],
             })  # fmt: skip
-    by_key = {(r["source"], r["task"]): r for r in rows}
-    floor = by_key.get(("dir", "floor"))
-    for row in rows:
-        row["x_floor"] = row["median_s"] / floor["median_s"] if floor else None
-        same_dir = by_key.get(("dir", row["task"]))
-        row["x_dir"] = (
-            row["median_s"] / same_dir["median_s"] if same_dir and row["source"] != "dir" else None
-        )
     return {
         "shape": shape.name,
         "steps": shape.steps,
@@ -227,6 +217,23 @@ def measure_run(
         "bytes": {source: _size(path) for source, path in paths.items()},
         "rows": rows,
     }
+
+
+def add_ratios(report: dict[str, Any], clock: str) -> None:
+    """Each row's throughput and ratios (to the directory's read floor, and of the `.h5` to
+    the directory), of the median wall or CPU time (`clock`: "wall" or "cpu")."""
+    report["clock"] = clock
+    for run in report["runs"]:
+        rows = run["rows"]
+        for row in rows:
+            row["median_s"] = row[f"median_{clock}_s"]
+            row["mtok_per_s"] = run["positions"] / row["median_s"] / 1e6
+        by_key = {(r["source"], r["task"]): r for r in rows}
+        floor = by_key.get(("dir", "floor"))
+        for row in rows:
+            row["x_floor"] = row["median_s"] / floor["median_s"] if floor else None
+            same = by_key.get(("dir", row["task"]))
+            row["x_dir"] = row["median_s"] / same["median_s"] if same and row is not same else None
 
 
 def _size(path: Path) -> int:
@@ -307,9 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--format", choices=("table", "json"), default="table")
     parser.add_argument(
+        "--render", type=Path, help="print the table of an earlier --format json report"
+    )
+    parser.add_argument(
         "--clock",
-        choices=("seconds", "cpu_seconds"),
-        default="seconds",
+        choices=("wall", "cpu"),
+        default="wall",
         help="what Mpos/s and the ratios divide: wall time, or the task's CPU time (steadier "
         "on a shared machine; with several torch threads it adds them up)",
     )
@@ -318,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(run_task(args.child[0], args.child[1], args.device, args.threads)))
+        return 0
+    if args.render:
+        earlier = json.loads(args.render.read_text())
+        add_ratios(earlier, args.clock)
+        print(table(earlier))
         return 0
     shapes = args.shape or [Shape.parse(s) for s in DEFAULT_SHAPES]
     if args.child_log_step:
@@ -339,7 +354,6 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "command": " ".join(["python", "benchmarks/replay_speed.py", *(argv or sys.argv[1:])]),
         "repeats": args.repeats,
-        "clock": "wall" if args.clock == "seconds" else "cpu",
         "runs": [],
         "log_step": [],
     }
@@ -352,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         report["log_step"].append(_child_log_step(shape, args))
     replays = [r for run in report["runs"] for r in run["rows"] if r["task"] != "floor"]
     report["replay_threads"] = replays[0]["threads"] if replays else args.threads
+    add_ratios(report, args.clock)
     print(json.dumps(report, indent=2) if args.format == "json" else table(report))
     return 0
 
