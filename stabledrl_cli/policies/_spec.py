@@ -11,7 +11,7 @@ from typing import Literal
 from stabledrl_cli.errors import UsageError
 
 
-def _base_type(hint: object) -> object:
+def base_type(hint: object) -> object:
     """float | None -> float; Literal stays as is."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -21,7 +21,7 @@ def _base_type(hint: object) -> object:
 
 def convert_value(key: str, text: str, hint: object) -> str | int | float:
     """Types one spec value; a wrong type raises UsageError naming what was expected."""
-    kind = _base_type(hint)
+    kind = base_type(hint)
     if typing.get_origin(kind) is Literal:
         choices = typing.get_args(kind)
         if text not in choices:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies import REGISTRY, resolve_spec
+from stabledrl_cli.policies._spec import base_type
 from stabledrl_cli.spec import format_spec, format_value
 
 MAX_SETTINGS = 4096
@@ -69,7 +70,7 @@ def grid_values(text: str, where: str) -> list[str]:
 
 def _integer_keys(name: str) -> set[str]:
     hints = typing.get_type_hints(REGISTRY[name].config)
-    return {key for key, hint in hints.items() if int in typing.get_args(hint) or hint is int}
+    return {key for key, hint in hints.items() if base_type(hint) is int}
 
 
 def expand(sweep: str) -> list[str]:
