@@ -49,7 +49,10 @@ def write_error(target: Path, exc: OSError) -> WriteError:
 
 
 def write_atomic(
-    target: str | os.PathLike[str], parts: bytes | Iterable[bytes], *, temp: Path | None = None
+    target: str | os.PathLike[str],
+    parts: bytes | Iterable[bytes | memoryview],
+    *,
+    temp: Path | None = None,
 ) -> Path:
     """Writes `parts` to `target` atomically and durably (module docstring); -> the target.
 

@@ -3,7 +3,8 @@
 safetensors has no checksum, so a flipped bit in the data would be read back silently. The
 writer adds two to the metadata: `_crc32_header` over the canonical header JSON (without the
 two CRC keys), so scalars can be read and trusted from the header alone, and `_crc32_data`
-over the data buffer. The data buffer is safetensors' own; only the header is re-emitted.
+over the data buffer. The file is laid out as safetensors' own writer lays it out (the same
+bytes as `safetensors.numpy.save` plus the CRCs), its data written straight from the arrays.
 
 A step file is written by `write_step` through the tool's one atomic writer, under a temporary
 name (`.step-....safetensors.tmp-PID`) that readers of a live run recognise as in flight.
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from safetensors.numpy import save as st_save
 
 from stabledrl_cli._atomic import write_atomic
 from stabledrl_cli.dump._integrity import StepReadError
@@ -39,23 +39,58 @@ def _canonical_crc(header: dict[str, Any]) -> str:
     return f"{zlib.crc32(text.encode()):08x}"
 
 
-def encode_step(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> list[bytes]:
-    """The file's bytes as parts: length, header, data."""
-    # safetensors writes an array's buffer as it lies in memory, whatever its strides: a
-    # column x[:, 0] or a broadcast value would be stored as the wrong numbers.
-    raw = st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
-    (header_len,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + header_len])
-    data = raw[8 + header_len :]
-    header.setdefault("__metadata__", {})
-    header["__metadata__"][META_CRC_DATA] = f"{zlib.crc32(data):08x}"
-    header["__metadata__"][META_CRC_HEADER] = _canonical_crc(header)
+_DTYPE_CODES = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16",
+    "float16": "F16", "int32": "I32", "uint32": "U32", "float32": "F32", "float64": "F64",
+    "int64": "I64", "uint64": "U64",
+}  # fmt: skip
+"""numpy dtypes -> safetensors dtypes (the ones a step file can hold)."""
+_DTYPE_ORDER = ("BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
+                "I64", "U64")  # fmt: skip
+"""safetensors' own dtype order: its writer lays tensors out from the last of these (widest)
+to the first, by name within a dtype, so each tensor's bytes are aligned to its width."""
+
+
+def encode_step(
+    tensors: dict[str, np.ndarray], metadata: dict[str, str], *, snapshot: bool = False
+) -> list[bytes | memoryview]:
+    """The file's bytes as parts: length, header, then each tensor's bytes, laid out as
+    safetensors' own writer does (the same bytes as `safetensors.numpy.save` plus the CRCs).
+
+    The tensors' parts are views of the arrays (nothing is copied) unless `snapshot`: then
+    they are copies, so the caller may change its arrays before the parts are written."""
+    entries = []
+    for name, array in tensors.items():
+        code = _DTYPE_CODES.get(array.dtype.name)
+        if code is None:
+            raise ValueError(f"{name}: dtype {array.dtype} cannot be stored")
+        little = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
+        flat = little.reshape(-1).view(np.uint8)
+        entries.append((-_DTYPE_ORDER.index(code), name, code, list(array.shape), flat))
+    entries.sort(key=lambda entry: entry[:2])
+    header: dict[str, Any] = {}
+    data: list[bytes | memoryview] = []
+    position = crc = 0
+    for _, name, code, shape, flat in entries:
+        part = (flat.copy() if snapshot else flat).data
+        header[name] = {
+            "dtype": code,
+            "shape": shape,
+            "data_offsets": [position, position + part.nbytes],
+        }
+        position += part.nbytes
+        crc = zlib.crc32(part, crc)
+        data.append(part)
+    meta = dict(metadata)
+    meta[META_CRC_DATA] = f"{crc:08x}"
+    header["__metadata__"] = meta
+    meta[META_CRC_HEADER] = _canonical_crc(header)
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()  # stable bytes
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
-    return [struct.pack("<Q", len(text)), text, data]
+    return [struct.pack("<Q", len(text)), text, *data]
 
 
-def write_step(final: Path, parts: list[bytes]) -> None:
+def write_step(final: Path, parts: list[bytes | memoryview]) -> None:
     """Writes a step file atomically and durably; WriteError naming it if that fails."""
     write_atomic(final, parts, temp=final.with_name(temp_file_name(final.name, os.getpid())))
 

@@ -117,7 +117,9 @@ class _Writer(threading.Thread):
 
     def __init__(self, queue_size: int) -> None:
         super().__init__(name="stabledrl-recorder", daemon=True)
-        self.queue: queue.Queue[tuple[Path, list[bytes]] | None] = queue.Queue(maxsize=queue_size)
+        self.queue: queue.Queue[tuple[Path, list[bytes | memoryview]] | None] = queue.Queue(
+            maxsize=queue_size
+        )
         """Steps to write, in order; None stops the thread."""
         self.error: BaseException | None = None
 
@@ -370,7 +372,7 @@ class Recorder:
             META_SCORED_TOKENS: str(int(mask.sum(dtype="int64"))),
         })  # fmt: skip
         final = self.path / STEPS_DIR / step_file_name(step, self.rank, self.world_size)
-        parts = encode_step(tensors, metadata)
+        parts = encode_step(tensors, metadata, snapshot=self._writer is not None)
         if self._writer is None:
             try:
                 write_step(final, parts)

@@ -1,0 +1,79 @@
+"""The step file encoder: safetensors' own layout byte for byte (plus the two CRCs), read back
+by safetensors itself, and a snapshot of the caller's arrays when the write comes later."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save as st_save
+
+import stabledrl_cli as sd
+from stabledrl_cli._atomic import write_atomic
+from stabledrl_cli.dump._schema import META_CRC_DATA, META_CRC_HEADER
+from stabledrl_cli.dump._stfile import _canonical_crc, encode_step
+
+
+def _tensors() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "logp": rng.random(10).astype(np.float32),
+        "mask": np.array([1, 0] * 5, dtype=np.uint8),
+        "seq_id": np.repeat(np.arange(2, dtype=np.int32), 5),
+        "reward": rng.random(2).astype(np.float32),
+        "group_id": np.zeros(2, dtype=np.int32),
+        "token_ids": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "unit_grad_sketch": rng.random((10, 3)).astype(np.float16),
+        "param_grad_norm": np.zeros(0, dtype=np.float32),
+    }
+
+
+def _through_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """safetensors' own file of `tensors`, with the two CRCs added to its header."""
+    raw = st_save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    data = raw[8 + length :]
+    header["__metadata__"][META_CRC_DATA] = f"{zlib.crc32(data):08x}"
+    header["__metadata__"][META_CRC_HEADER] = _canonical_crc(header)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def test_encoded_bytes_are_safetensors_own_plus_the_checksums(tmp_path):
+    tensors, metadata = _tensors(), {"step": "3.0", "loss": "0.5"}
+    encoded = b"".join(bytes(part) for part in encode_step(tensors, metadata))
+    assert encoded == _through_safetensors(tensors, metadata)
+    path = write_atomic(tmp_path / "step.safetensors", encode_step(tensors, metadata))
+    with safe_open(str(path), framework="np") as handle:
+        assert set(handle.keys()) == set(tensors)
+        for name, array in tensors.items():
+            assert np.array_equal(handle.get_tensor(name), array), name
+        assert handle.metadata()["loss"] == "0.5"
+
+
+def test_strided_inputs_are_recorded_with_their_values(tmp_path):
+    """A view with strides (every other entry) is written as its values, not as the memory
+    under it."""
+    base = -np.arange(8, dtype=np.float32)
+    with sd.Recorder(tmp_path / "run", unit="sequence") as rec:
+        rec.log_step(0, logp=base[::2], logp_old=base[1::2], advantages=np.ones(4, np.float32))
+    step = sd.open_run(tmp_path / "run").step(0)
+    assert step["logp"].tolist() == [0.0, -2.0, -4.0, -6.0]
+    assert step["logp_old"].tolist() == [-1.0, -3.0, -5.0, -7.0]
+
+
+def test_async_log_step_writes_the_arrays_as_they_were_at_the_call(tmp_path):
+    logp = np.full(4, -1.0, dtype=np.float32)
+    with sd.Recorder(tmp_path / "run", unit="sequence", async_writes=True) as rec:
+        for step in range(3):
+            rec.log_step(step, logp=logp, logp_old=logp, advantages=np.ones(4, np.float32))
+            logp -= 1.0  # the caller reuses its buffer at once
+    run = sd.open_run(tmp_path / "run")
+    assert [float(s["logp"][0]) for s in run.steps()] == [-1.0, -2.0, -3.0]
+    assert torch.equal(run.step(2)["logp_old"], torch.full((4,), -3.0))
