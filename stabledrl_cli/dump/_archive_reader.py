@@ -111,6 +111,7 @@ class ArchiveRun(Run):
         self._checksummed = False
         self._all_bad: str | None = None
         """Why every step is bad (an index checksum failed), if one is."""
+        self._open: dict[str, h5py.Dataset] = {}
         probe(path, fileobj=fileobj)
         try:
             file_size = os.stat(path).st_size if size is None else size
@@ -321,18 +322,27 @@ class ArchiveRun(Run):
         return self._manifest
 
     def close(self) -> None:
+        self._open.clear()
         self._file.close()
 
     # -- steps ---------------------------------------------------------------------------------
+    def _dataset(self, where: str) -> h5py.Dataset:
+        """The data dataset `where`, opened once and kept open (its chunk cache then serves
+        consecutive steps); at most one per field of the schema."""
+        dataset = self._open.get(where)
+        if dataset is None:
+            dataset = self._open[where] = self._file[where]
+        return dataset
+
     def read_field(self, index: int, name: str) -> np.ndarray:
         """Step `index`'s array `name` from the archive (token [T], sequence [N], or ragged)."""
         if name in TOKEN_FIELDS or name in SEQUENCE_FIELDS:
             group = "tokens" if name in TOKEN_FIELDS else "sequences"
             offsets = self._offsets[group]
-            part: np.ndarray = self._file[f"{group}/{name}"][offsets[index] : offsets[index + 1]]
+            part: np.ndarray = self._dataset(f"{group}/{name}")[offsets[index] : offsets[index + 1]]
             return part
         offsets, shapes = self._ragged[name]
-        flat: np.ndarray = self._file[f"ragged/{name}/data"][offsets[index] : offsets[index + 1]]
+        flat: np.ndarray = self._dataset(f"ragged/{name}/data")[offsets[index] : offsets[index + 1]]
         return flat.reshape(tuple(int(d) for d in shapes[index]))
 
     def _verify(self, index: int) -> dict[str, np.ndarray]:

@@ -1,11 +1,13 @@
 """A run directory read lazily: `DirectoryRun` and its `DirectoryStep`.
 
-Steps are read with safetensors' `safe_open`, one file at a time. Every access lists the
-directory again, so a run that is still being written grows under the reader; files under a
-temporary name are in flight (or left by a killed writer) and never read. A step file is
-checked before use: its header (parse, size, header CRC) whenever it is listed, its data CRC
-when its arrays are read (`verify=True`, the default). A torn or corrupt file is reported in
-`run.integrity` and skipped with a `RunIntegrityWarning`, never a crash.
+Every access lists the directory again (or reuses the last listing while the directory is
+unchanged), so a run that is still being written grows under the reader; files under a
+temporary name are in flight (or left by a killed writer) and never read.
+A step file is checked before use: its header (parse, size, header CRC) whenever it is listed,
+its data CRC when its step is loaded (`verify=True`, the default). Loading a step reads its
+file whole in one read (header, data, CRC); its arrays are then views of that buffer (a file
+whose check was cached is read whole at the first array asked for). A torn or corrupt file is
+reported in `run.integrity` and skipped with a `RunIntegrityWarning`, never a crash.
 
 Multi-rank runs (world_size > 1): a step joins the ranks' files in rank order. Token arrays and
 per-sequence arrays are concatenated; `seq_id` of rank r is offset by the number of sequences
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError, gap_findings
 from stabledrl_cli.dump._run import Run, Step
@@ -53,7 +55,7 @@ from stabledrl_cli.dump._schema import (
     check_readable_version,
     parse_manifest,
 )
-from stabledrl_cli.dump._stfile import StepHeader, read_header
+from stabledrl_cli.dump._stfile import FileKey, StepHeader, file_key, read_header
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.vocab import GroupIds
 
@@ -151,9 +153,11 @@ class _Checked:
     gave (a record, or the (kind, message) of its StepReadError: the exception itself is not
     kept, since its traceback would hold the checking frames)."""
 
-    key: tuple[int, int, int]
+    key: FileKey
     deep: bool
     outcome: _HeaderRecord | tuple[str, str]
+    header_crc: int = 0
+    """`StepHeader.header_crc` of the checked header (a later full read skips its checks)."""
 
 
 @dataclass(eq=False, kw_only=True)
@@ -164,19 +168,47 @@ class DirectoryStep(Step):
     """One file per rank, in rank order."""
     records: list[_HeaderRecord] = field(repr=False)
     """Per rank, what its file's header says."""
+    keys: list[FileKey] = field(repr=False)
+    """Per rank, the key of the file its record was checked from."""
+    header_crcs: list[int] = field(repr=False)
+    """Per rank, the CRC of the header bytes checked (a later read of the file skips its
+    checks when they are the same bytes)."""
+    files: list[StepHeader | None] = field(repr=False)
+    """Per rank, the file's header and data buffer once read (None until then)."""
+    loader: Callable[[Path, int], StepHeader] = field(repr=False)
+    """(file, its header CRC) -> the file read whole: `DirectoryRun._load` of the run."""
     group_ids: GroupIds = field(default="per_rank", repr=False)
-    reader: Callable[[Path, str], torch.Tensor] = field(repr=False)
-    """(file, name) -> the array: `DirectoryRun._tensor` of the run it came from."""
+    handed: set[tuple[int, str]] = field(default_factory=set, repr=False)
+    """(rank, name) of the arrays handed out as views of the rank's buffer; asking for one
+    again reads the file anew (a caller may have changed the first in place)."""
 
     def _read(self, name: str) -> torch.Tensor:
         if len(self.paths) == 1:
             return self._read_rank(0, name)
         return self._joined(name)
 
+    def _file(self, rank: int) -> StepHeader:
+        """The rank's file read whole: the one the record was checked from."""
+        loaded = self.files[rank]
+        if loaded is None:
+            path = self.paths[rank]
+            try:
+                loaded = self.loader(path, self.header_crcs[rank])
+            except StepReadError as exc:
+                raise InputError(f"{path}: cannot read it: {exc}") from None
+            if loaded.key != self.keys[rank] or loaded.header_crc != self.header_crcs[rank]:
+                raise InputError(f"{path}: changed since it was checked; open the run again")
+            self.files[rank] = loaded
+        return loaded
+
     def _read_rank(self, rank: int, name: str) -> torch.Tensor:
+        if (rank, name) in self.handed:
+            self.files[rank] = None
+            self.handed = {(r, n) for r, n in self.handed if r != rank}
+        self.handed.add((rank, name))
         try:
-            return self.reader(self.paths[rank], name)
-        except Exception as exc:
+            return torch.from_numpy(self._file(rank).array(name))
+        except ValueError as exc:  # offsets past the buffer: the file is not what was checked
             raise InputError(f"{self.paths[rank]}: cannot read {name}: {exc}") from None
 
     def _joined(self, name: str) -> torch.Tensor:
@@ -198,6 +230,11 @@ class DirectoryStep(Step):
                 for p, r in zip(parts, self.records, strict=True)
             ]
         return torch.cat(parts)
+
+
+_SETTLED_NS = 2_000_000_000
+"""How long before a listing the steps directory must have last changed for the listing to be
+reused (far above any filesystem's timestamp granularity)."""
 
 
 @dataclass
@@ -272,6 +309,8 @@ class DirectoryRun(Run):
         self._checked: dict[str, _Checked] = {}
         self._shared: dict[Any, Any] = {}  # field and scalar name tuples, one per layout
         self._listing = _Listing()
+        self._listed_stamp: object | None = None
+        """`_stamp` of the steps directory when `_listing` was made, if it can be reused."""
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -298,22 +337,42 @@ class DirectoryRun(Run):
             listed.append((entry.name, regular))
         return listed
 
-    def _file_key(self, path: Path) -> tuple[int, int, int]:
-        """What changes when the file does (inode, size, mtime); OSError if it is gone."""
-        st = path.stat()
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+    def _stamp(self, directory: Path) -> object | None:
+        """What changes whenever the directory's entries do, or None when no stamp can be
+        trusted now (then it is listed again). Here its inode and modification time, once that
+        time is older than `_SETTLED_NS` (a file added within the clock's granularity after a
+        listing can leave the time as it was)."""
+        try:
+            st = os.stat(directory)
+        except OSError:
+            return None
+        if time.time_ns() - st.st_mtime_ns <= _SETTLED_NS:
+            return None
+        return (st.st_ino, st.st_mtime_ns)
 
-    def _header(self, path: Path, *, deep: bool) -> StepHeader:
-        return read_header(path, deep=deep)
+    def _file_key(self, path: Path) -> FileKey:
+        """What changes when the file does; OSError if it is gone."""
+        return file_key(path.stat())
 
-    def _tensor(self, path: Path, name: str) -> torch.Tensor:
-        with safe_open(str(path), framework="pt") as handle:
-            tensor: torch.Tensor = handle.get_tensor(name)
-            return tensor
+    def _header(
+        self, path: Path, *, deep: bool, keep: bool = False, known: int | None = None
+    ) -> StepHeader:
+        """`parse_header` of the file (its arguments), `key` filled in; StepReadError."""
+        return read_header(path, deep=deep, keep_data=keep, known=known)
+
+    def _load(self, path: Path, known: int) -> StepHeader:
+        """The file read whole, its header not checked again if its CRC is `known`."""
+        return self._header(path, deep=False, keep=True, known=known)
 
     def _scan(self) -> _Listing:
-        self._listing = listing = _Listing()
+        """The steps directory's files, sorted into finals, temporaries and unknown ones; the
+        last listing again while the directory's `_stamp` is the same."""
         steps_dir = self.path / STEPS_DIR
+        stamp = self._stamp(steps_dir)
+        if stamp is not None and stamp == self._listed_stamp:
+            return self._listing
+        self._listing = listing = _Listing()
+        self._listed_stamp = None
         try:
             found = self._entries(steps_dir)
         except (FileNotFoundError, NotADirectoryError):
@@ -335,6 +394,7 @@ class DirectoryRun(Run):
                 listing.unknown.append((path, reason or "not a step file of this run"))
                 continue
             listing.finals.setdefault(final[0], {})[final[1]] = path
+        self._listed_stamp = stamp
         return listing
 
     def _record(self, header: StepHeader, step: int, version: tuple[int, int]) -> _HeaderRecord:
@@ -371,37 +431,53 @@ class DirectoryRun(Run):
             num_scored_tokens=scored,
         )
 
-    def _check(self, path: Path, step: int, *, deep: bool) -> _HeaderRecord:
+    def _check(
+        self, path: Path, step: int, *, deep: bool, keep: bool = False
+    ) -> tuple[_HeaderRecord, _Checked, StepHeader | None]:
+        """The file's record and check, checked (in full with `deep`) unless a check of the
+        file as it is now is cached; with `keep`, the header and data read by a check made now
+        (the step then never reads its file again)."""
         try:
             key = self._file_key(path)
         except OSError as exc:
             raise StepReadError("unreadable", f"cannot stat: {exc.strerror or exc}") from None
         cached = self._checked.get(path.name)
+        known = None
         if cached is not None and cached.key == key:
             if isinstance(cached.outcome, tuple):
                 raise StepReadError(*cached.outcome)
             if cached.deep or not deep:
-                return cached.outcome
+                return cached.outcome, cached, None
+            known = cached.header_crc
         try:
-            header = self._header(path, deep=deep)
-            version = header.metadata.get(META_FORMAT, "")
-            try:
-                parsed = check_readable_version(version, path.name)
-            except InputError as exc:
-                raise StepReadError("unreadable", str(exc)) from None
-            record = self._record(header, step, parsed)
+            header = self._header(path, deep=deep, keep=keep, known=known)
+            key = header.key
+            if cached is not None and known == header.header_crc:
+                record = cached.outcome
+                assert not isinstance(record, tuple)
+            else:
+                version = header.metadata.get(META_FORMAT, "")
+                try:
+                    parsed = check_readable_version(version, path.name)
+                except InputError as exc:
+                    raise StepReadError("unreadable", str(exc)) from None
+                record = self._record(header, step, parsed)
         except StepReadError as exc:
             self._checked[path.name] = _Checked(key, True, (exc.kind, str(exc)))
             raise
-        self._checked[path.name] = _Checked(key, deep, record)
-        return record
+        checked = self._checked[path.name] = _Checked(key, deep, record, header.header_crc)
+        return record, checked, header if keep else None
 
-    def _records(self, n: int, ranks: dict[int, Path], *, deep: bool) -> list[_HeaderRecord]:
-        """Every rank's record, in rank order; StepReadError for a missing or bad file."""
+    def _records(
+        self, n: int, ranks: dict[int, Path], *, deep: bool, keep: bool = False
+    ) -> list[tuple[_HeaderRecord, _Checked, StepHeader | None]]:
+        """Every rank's (record, check, file read now or None), in rank order; StepReadError
+        for a missing or bad file."""
         missing = _missing_ranks(ranks, self.world_size)
         if missing:
             raise StepReadError("missing_rank", missing)
-        return [self._check(ranks[r], n, deep=deep and self.verify) for r in range(self.world_size)]
+        deep = deep and self.verify
+        return [self._check(ranks[r], n, deep=deep, keep=keep) for r in range(self.world_size)]
 
     def _try_step(
         self, n: int, *, deep: bool, ranks: dict[int, Path] | None = None
@@ -410,9 +486,10 @@ class DirectoryRun(Run):
             # The listing that produced `n` (step_numbers lists before each pass), else a fresh one.
             ranks = self._listing.finals.get(n) or self._scan().finals.get(n, {})
         try:
-            records = self._records(n, ranks, deep=deep)
+            checked = self._records(n, ranks, deep=deep, keep=deep)
         except StepReadError as exc:
             return exc
+        records = [record for record, _, _ in checked]
         fields = set(records[0].fields).intersection(*(r.fields for r in records[1:]))
         if len(records) > 1:
             fields.discard("unit_grad_gram")
@@ -428,8 +505,11 @@ class DirectoryRun(Run):
             num_scored_tokens=sum(r.num_scored_tokens for r in records) if batch else 0,
             paths=[ranks[r] for r in range(self.world_size)],
             records=records,
+            keys=[check.key for _, check, _ in checked],
+            header_crcs=[check.header_crc for _, check, _ in checked],
+            files=[loaded for _, _, loaded in checked],
+            loader=self._load,
             group_ids=self.group_ids,
-            reader=self._tensor,
         )
 
     @property

@@ -3,9 +3,10 @@ filesystem fsspec knows, without copying the run first.
 
 A run directory (`RemoteRun`) is read as a local one (`DirectoryRun`: the same listing rules,
 header and data checksums, joins and findings); only the storage calls differ. The steps/
-folder is listed once a pass, each step file's header is read with a ranged read, and its
-whole bytes are read once when its data is used: the data checksum is checked on those bytes
-and its arrays are parsed from them. A packed `.h5` is read by h5py through an fsspec file
+folder is listed on every access (a store has no directory time to tell a listing still
+holds), each step file's header is read with a ranged read, and its whole bytes are read once
+when its step is loaded: the data checksum is checked on those bytes and its arrays are views
+of them. A packed `.h5` is read by h5py through an fsspec file
 object (`open_archive`).
 
 What a URL may name (docs/trust.md): exactly one filesystem and a path on it. Chained URLs
@@ -20,19 +21,16 @@ import io
 import re
 import struct
 import zlib
-from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import torch
-from safetensors.torch import load as load_tensors
 
 from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._run import Run
 from stabledrl_cli.dump._schema import HDF5_SIGNATURE, MANIFEST_LIMIT
-from stabledrl_cli.dump._stfile import HEADER_LIMIT, StepHeader, parse_header
+from stabledrl_cli.dump._stfile import HEADER_LIMIT, FileKey, StepHeader, parse_header
 from stabledrl_cli.errors import InputError, MissingExtraError, UsageError
 
 URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)(://|::)")
@@ -40,11 +38,6 @@ URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)(://|::)")
 colon and no slashes."""
 REFUSED_PROTOCOLS = frozenset({"reference"})
 """Filesystems whose files point to other locations."""
-_OPEN_FILES = 4
-"""Step files whose parsed arrays are kept between reads (at least two per rank)."""
-KEPT_BYTES = 128 << 20
-"""Bytes of checked step files kept for their arrays' first read (a replay checks a chunk of
-steps, then reads them; past this, the oldest files are read again)."""
 
 
 def is_url(text: str) -> bool:
@@ -81,7 +74,7 @@ def url_filesystem(url: str) -> tuple[Any, str]:
     return fs, str(root)
 
 
-def _file_key(info: dict[str, Any]) -> tuple[int, int, int]:
+def _file_key(info: dict[str, Any]) -> FileKey:
     """What changes when a file does: its size and its modification stamp (mtime, ETag...)."""
     stamp = next((info[k] for k in ("mtime", "LastModified", "ETag", "created") if k in info), "")
     return (0, int(info.get("size") or 0), zlib.crc32(str(stamp).encode()))
@@ -100,8 +93,6 @@ class RemoteRun(DirectoryRun):
         self.fs = fs
         self._infos: dict[str, dict[str, Any]] = {}
         """File path -> what the last listing said of it."""
-        self._arrays: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
-        self._bytes: OrderedDict[str, bytes] = OrderedDict()
         super().__init__(Path(root), verify=verify)
 
     @property
@@ -149,51 +140,35 @@ class RemoteRun(DirectoryRun):
             listed.append((name, _regular(info)))
         return sorted(listed)
 
-    def _file_key(self, path: Path) -> tuple[int, int, int]:
+    def _stamp(self, directory: Path) -> object | None:
+        return None
+
+    def _file_key(self, path: Path) -> FileKey:
         return _file_key(self._info(path))
 
-    def _header(self, path: Path, *, deep: bool) -> StepHeader:
+    def _header(
+        self, path: Path, *, deep: bool, keep: bool = False, known: int | None = None
+    ) -> StepHeader:
+        """The whole file in one read with `deep` or `keep`, else its header by ranged reads;
+        `key` is what the listing said of the file."""
         try:
-            if deep:
-                data = self._read_all(path)
-                return parse_header(io.BytesIO(data), len(data), deep=True)
+            key = self._file_key(path)
+            if deep or keep:
+                data = self.fs.cat_file(str(path))
+                header = parse_header(
+                    io.BytesIO(data), len(data), deep=deep, keep_data=keep, known=known
+                )
+                return replace(header, key=key)
             size = int(self._info(path).get("size") or 0)
             head: bytes = self.fs.cat_file(str(path), start=0, end=8)
             if len(head) == 8:
                 (length,) = struct.unpack("<Q", head)
                 if length <= HEADER_LIMIT and 8 + length <= size:
                     head += self.fs.cat_file(str(path), start=8, end=8 + length)
-            return parse_header(io.BytesIO(head), size, deep=False)
+            header = parse_header(io.BytesIO(head), size, deep=False, known=known)
+            return replace(header, key=key)
         except OSError as exc:
             raise StepReadError("unreadable", f"cannot read: {exc}") from None
-
-    def _read_all(self, path: Path) -> bytes:
-        """The file's bytes, read once: kept until its arrays are parsed (`_tensor`), the
-        oldest forgotten past `KEPT_BYTES` (a replay checks a chunk of steps, then reads it)."""
-        data = self._bytes.get(str(path))
-        if data is None:
-            data = self.fs.cat_file(str(path))
-            self._bytes[str(path)] = data
-            kept = sum(len(b) for b in self._bytes.values())
-            while kept > KEPT_BYTES and len(self._bytes) > 1:
-                kept -= len(self._bytes.popitem(last=False)[1])
-        return data
-
-    def _tensor(self, path: Path, name: str) -> torch.Tensor:
-        """Each array is handed out once: its file is parsed on the first read of any of its
-        arrays (from the bytes its check read, else read now)."""
-        key = str(path)
-        arrays = self._arrays.get(key)
-        if arrays is None or name not in arrays:
-            data = self._bytes.pop(key) if key in self._bytes else self.fs.cat_file(key)
-            arrays = load_tensors(data)
-            self._arrays[key] = arrays
-            while len(self._arrays) > max(_OPEN_FILES, 2 * self.world_size):
-                self._arrays.popitem(last=False)
-        tensor = arrays.pop(name)
-        if not arrays:
-            del self._arrays[key]
-        return tensor
 
 
 class RemoteArchiveRun(ArchiveRun):

@@ -18,7 +18,7 @@ import os
 import stat
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -95,14 +95,44 @@ def write_step(final: Path, parts: list[bytes | memoryview]) -> None:
     write_atomic(final, parts, temp=final.with_name(temp_file_name(final.name, os.getpid())))
 
 
+FileKey = tuple[int, int, int]
+"""What changes when a file does: (inode, size, mtime in ns) of a local file; a step file
+replaced or rewritten gets another key."""
+
+
+def file_key(st: os.stat_result) -> FileKey:
+    """The key of a local file from its stat."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @dataclass(frozen=True)
 class StepHeader:
-    """What a step file's header says: tensor dtypes and shapes, and the metadata strings."""
+    """What a step file's header says: tensor dtypes and shapes, and the metadata strings;
+    with `keep_data`, the data buffer too (read in the same open)."""
 
     tensors: dict[str, tuple[str, tuple[int, ...]]]
     metadata: dict[str, str]
     data_start: int
     data_len: int
+    offsets: dict[str, int] = field(default_factory=dict)
+    """Each tensor's first byte within the data buffer."""
+    key: FileKey = (0, 0, 0)
+    """The file's key when it was read (`read_header`: of the open file; else the storage's)."""
+    header_crc: int = 0
+    """CRC32 of the header's bytes as read (`parse_header`'s `known`)."""
+    data: bytearray | None = None
+    """The data buffer (`data_len` bytes), when read with `keep_data`."""
+
+    def array(self, name: str) -> np.ndarray:
+        """Tensor `name` of the kept data buffer as a numpy array (a view when aligned)."""
+        assert self.data is not None
+        dtype_name, shape = self.tensors[name]
+        dtype = np.dtype(_NUMPY_DTYPES[dtype_name]).newbyteorder("<")
+        begin = self.offsets[name]
+        array = np.frombuffer(self.data, dtype=dtype, count=math.prod(shape), offset=begin)
+        if begin % dtype.itemsize:
+            array = array.copy()  # torch wants aligned memory
+        return array.reshape(shape)
 
 
 DTYPE_SIZES = {
@@ -112,14 +142,21 @@ DTYPE_SIZES = {
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
 """safetensors' dtypes and their widths; any other dtype (a byte string, say) is unreadable."""
+_NUMPY_DTYPES = {
+    "U8": "u1", "I8": "i1", "I16": "i2", "U16": "u2", "F16": "f2", "I32": "i4",
+    "U32": "u4", "F32": "f4", "I64": "i8", "U64": "u8", "F64": "f8", "BOOL": "?",
+}  # fmt: skip
+"""The safetensors dtypes numpy reads (the schema's fields use some of them)."""
 
 
-def _tensor_entries(
-    header: dict[str, Any],
-) -> tuple[dict[str, tuple[str, tuple[int, ...]]], int]:
-    """Each tensor's (dtype, shape), and the data length they cover; StepReadError unless every
-    tensor has a known dtype, a shape whose bytes equal its extent, and the extents tile the
-    data buffer without gaps or overlaps (what safetensors' own reader assumes)."""
+_Layout = tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, int], int]
+"""Each tensor's (dtype, shape), its first byte, and the data length they cover."""
+
+
+def _tensor_entries(header: dict[str, Any]) -> _Layout:
+    """The header's layout; StepReadError unless every tensor has a known dtype, a shape whose
+    bytes equal its extent, and the extents tile the data buffer without gaps or overlaps
+    (what safetensors' own reader assumes)."""
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     extents: list[tuple[int, int, str]] = []
     for name, info in header.items():
@@ -152,7 +189,7 @@ def _tensor_entries(
         if begin != position:
             raise StepReadError("unreadable", f"tensor {name!r}: data extents overlap or gap")
         position = end
-    return tensors, position
+    return tensors, {name: begin for begin, _, name in extents}, position
 
 
 def _check_metadata(metadata: object) -> dict[str, str]:
@@ -163,8 +200,31 @@ def _check_metadata(metadata: object) -> dict[str, str]:
     return metadata
 
 
-def read_header(path: Path, *, deep: bool) -> StepHeader:
-    """Parses and checks a step file's header; with `deep`, also the data CRC (reads it all).
+def _read_exactly(fh: BinaryIO, size: int) -> bytearray:
+    """`size` bytes from `fh` into one buffer; StepReadError("torn") if the file ends first."""
+    data = bytearray(size)
+    view, got = memoryview(data), 0
+    while got < size:
+        count = fh.readinto(view[got:])  # type: ignore[attr-defined]  # every binary file has it
+        if not count:
+            raise StepReadError("torn", f"data cut at {got} of {size} bytes")
+        got += count
+    return data
+
+
+def _known_layout(header: dict[str, Any]) -> _Layout:
+    """`_tensor_entries` of a header already checked (byte for byte the same), unchecked."""
+    entries = {name: info for name, info in header.items() if name != "__metadata__"}
+    tensors = {name: (info["dtype"], tuple(info["shape"])) for name, info in entries.items()}
+    offsets = {name: info["data_offsets"][0] for name, info in entries.items()}
+    end = max((info["data_offsets"][1] for info in entries.values()), default=0)
+    return tensors, offsets, end
+
+
+def read_header(
+    path: Path, *, deep: bool, keep_data: bool = False, known: int | None = None
+) -> StepHeader:
+    """`parse_header` of a local step file, in one open; its `key` is the open file's.
 
     Only a regular file is opened (never followed through a symlink, never a FIFO or device).
     Raises StepReadError: "torn" for a file shorter than its header says, "unreadable" else.
@@ -178,14 +238,23 @@ def read_header(path: Path, *, deep: bool) -> StepHeader:
             st = os.fstat(fh.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise StepReadError("unreadable", "not a regular file")
-            return parse_header(fh, st.st_size, deep=deep)
+            header = parse_header(fh, st.st_size, deep=deep, keep_data=keep_data, known=known)
     except OSError as exc:
         raise StepReadError("unreadable", f"cannot read: {exc.strerror or exc}") from None
+    return replace(header, key=file_key(st))
 
 
-def parse_header(fh: BinaryIO, size: int, *, deep: bool) -> StepHeader:
-    """`read_header`'s checks on a step file of `size` bytes open at its start (any binary
-    file object: a local file, an fsspec one, bytes in memory)."""
+def parse_header(
+    fh: BinaryIO, size: int, *, deep: bool, keep_data: bool = False, known: int | None = None
+) -> StepHeader:
+    """Parses and checks the header of a step file of `size` bytes open at its start (any
+    binary file object: a local file, an fsspec one, bytes in memory); with `deep`, also the
+    data CRC (reads it all); with `keep_data`, keeps the data buffer in the result (one read).
+    `known`: the `header_crc` of this file's header when it was checked before: a header with
+    the same bytes is not checked again.
+
+    Raises StepReadError: "torn" for a file shorter than its header says, "unreadable" else.
+    """
     try:
         prefix = fh.read(8)
         if len(prefix) < 8:
@@ -198,31 +267,40 @@ def parse_header(fh: BinaryIO, size: int, *, deep: bool) -> StepHeader:
         raw = fh.read(header_len)
         if len(raw) < header_len:
             raise StepReadError("torn", f"header cut at {8 + len(raw)} of {8 + header_len} bytes")
+        header_crc = zlib.crc32(raw)
         try:
             header = json.loads(raw)
         except RecursionError:
             raise StepReadError("unreadable", "header JSON nested too deeply") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise StepReadError("unreadable", f"header is not JSON: {exc}") from None
-        if not isinstance(header, dict):
-            raise StepReadError("unreadable", "header is not a JSON object")
-        metadata = header.get("__metadata__") or {}
-        expected = metadata.get(META_CRC_HEADER) if isinstance(metadata, dict) else None
-        if expected is None:
-            raise StepReadError("unreadable", "no header checksum (not a stabledrl step file)")
-        if _canonical_crc(header) != expected:
-            raise StepReadError("unreadable", "header checksum mismatch")
-        metadata = _check_metadata(metadata)
-        tensors, data_len = _tensor_entries(header)
+        if header_crc == known:
+            metadata = header["__metadata__"]
+            tensors, offsets, data_len = _known_layout(header)
+        else:
+            if not isinstance(header, dict):
+                raise StepReadError("unreadable", "header is not a JSON object")
+            metadata = header.get("__metadata__") or {}
+            expected = metadata.get(META_CRC_HEADER) if isinstance(metadata, dict) else None
+            if expected is None:
+                raise StepReadError("unreadable", "no header checksum (not a stabledrl step file)")
+            if _canonical_crc(header) != expected:
+                raise StepReadError("unreadable", "header checksum mismatch")
+            metadata = _check_metadata(metadata)
+            tensors, offsets, data_len = _tensor_entries(header)
         data_start = 8 + header_len
         if size < data_start + data_len:
             raise StepReadError("torn", f"{size} bytes, the header needs {data_start + data_len}")
         if size > data_start + data_len:
             raise StepReadError("unreadable", f"{size - data_start - data_len} trailing bytes")
+        data = _read_exactly(fh, data_len) if keep_data else None
         if deep:
-            crc = 0
-            while chunk := fh.read(_CHUNK):
-                crc = zlib.crc32(chunk, crc)
+            if data is not None:
+                crc = zlib.crc32(data)
+            else:
+                crc = 0
+                while chunk := fh.read(_CHUNK):
+                    crc = zlib.crc32(chunk, crc)
             if f"{crc:08x}" != metadata.get(META_CRC_DATA):
                 raise StepReadError("unreadable", "data checksum mismatch (corrupt bytes)")
     except OSError as exc:
@@ -230,5 +308,11 @@ def parse_header(fh: BinaryIO, size: int, *, deep: bool) -> StepHeader:
     except (KeyError, TypeError, ValueError, IndexError, RecursionError) as exc:
         raise StepReadError("unreadable", f"malformed header: {exc}") from None
     return StepHeader(
-        tensors=tensors, metadata=dict(metadata), data_start=data_start, data_len=data_len
+        tensors=tensors,
+        metadata=dict(metadata),
+        data_start=data_start,
+        data_len=data_len,
+        offsets=offsets,
+        header_crc=header_crc,
+        data=data,
     )

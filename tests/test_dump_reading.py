@@ -1,0 +1,179 @@
+"""How the readers touch the disk: a step file opened once, archive datasets opened once, arrays
+that do not alias each other, and a file changed after its check refused rather than misread."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import stabledrl_cli as sd
+from stabledrl_cli.dump import _stfile, pack_run
+from stabledrl_cli.errors import InputError
+
+
+def _record(path, steps=3, sequences=4, length=6):
+    rng = np.random.default_rng(0)
+    with sd.Recorder(path, policy="grpo", unit="token") as rec:
+        for step in range(steps):
+            logp_old = -rng.random((sequences, length)).astype(np.float32)
+            rec.log_step(
+                step,
+                logp=logp_old + 0.01,
+                logp_old=logp_old,
+                advantages=rng.normal(size=sequences).astype(np.float32),
+                mask=np.ones((sequences, length), dtype=bool),
+                group_id=np.arange(sequences) // 2,
+                reward=rng.random(sequences).astype(np.float32),
+                loss=0.5,
+            )
+    return path
+
+
+def _every_array(run):
+    return [{name: step[name].clone() for name in sorted(step.fields)} for step in run.steps()]
+
+
+def test_a_pass_over_a_listed_run_opens_each_step_file_once(tmp_path, monkeypatch):
+    path = _record(tmp_path / "run")
+    opened = []
+    real_open = os.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file).endswith(".safetensors"):
+            opened.append(os.path.basename(file))
+        return real_open(file, *args, **kwargs)
+
+    run = sd.open_run(path)
+    assert run.step_numbers == [0, 1, 2]  # the listing has read each header
+    monkeypatch.setattr(_stfile.os, "open", counting_open)
+    arrays = _every_array(run)
+    assert len(arrays) == 3 and all("logp" in a and "reward" in a for a in arrays)
+    assert sorted(opened) == [f"step-{n:08d}.safetensors" for n in range(3)]
+
+
+def test_arrays_read_once_per_load_equal_what_was_recorded(tmp_path):
+    """Directory and archive give the same arrays, and a step whose check is cached (a second
+    pass) reads its file again, whole, with the same values."""
+    path = _record(tmp_path / "run")
+    pack_run(sd.open_run(path), tmp_path / "run.h5")
+    run = sd.open_run(path)
+    first, second = _every_array(run), _every_array(run)
+    archived = _every_array(sd.open_run(tmp_path / "run.h5"))
+    for a, b, c in zip(first, second, archived, strict=True):
+        assert set(a) == set(b) == set(c)
+        for name in a:
+            assert torch.equal(a[name], b[name]) and torch.equal(a[name], c[name]), name
+
+
+def test_changing_a_handed_out_array_changes_no_later_read(tmp_path):
+    run = sd.open_run(_record(tmp_path / "run"))
+    step = next(iter(run.steps()))
+    logp = step["logp"]
+    expected = logp.clone()
+    logp.mul_(0)
+    assert torch.equal(step["logp"], expected)
+    assert torch.equal(step["logp_old"] + 0.01, expected)
+
+
+def test_a_file_replaced_after_its_check_is_refused_not_misread(tmp_path):
+    path = _record(tmp_path / "run")
+    other = _record(tmp_path / "other", sequences=5)
+    run = sd.open_run(path)
+    _every_array(run)  # checked in full: the next load of step 0 does not read its file
+    step = run.step(0)
+    name = "step-00000000.safetensors"
+    os.replace(other / "steps" / name, path / "steps" / name)
+    with pytest.raises(InputError, match="changed since it was checked"):
+        step["logp"]
+    assert run.step(0).num_sequences == 5  # opened again: the new file, checked anew
+
+
+def test_archive_opens_each_dataset_once_per_run(tmp_path, monkeypatch):
+    path = _record(tmp_path / "run", steps=4)
+    pack_run(sd.open_run(path), tmp_path / "run.h5")
+    run = sd.open_run(tmp_path / "run.h5")
+    opened = []
+    real_getitem = h5py.Group.__getitem__
+
+    def counting_getitem(self, name):
+        opened.append(name)
+        return real_getitem(self, name)
+
+    monkeypatch.setattr(h5py.Group, "__getitem__", counting_getitem)
+    arrays = _every_array(run)
+    _every_array(run)
+    assert len(arrays) == 4
+    data = [name for name in opened if name.startswith(("tokens/", "sequences/", "ragged/"))]
+    assert sorted(data) == sorted(set(data))
+    assert {"tokens/logp", "sequences/reward"} <= set(data)
+
+
+def _count_listings(monkeypatch):
+    from stabledrl_cli.dump import _directory
+
+    listed = []
+    real_scandir = os.scandir
+
+    def counting_scandir(path):
+        listed.append(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(_directory.os, "scandir", counting_scandir)
+    return listed
+
+
+def test_an_unchanged_run_is_listed_once_and_a_new_step_is_seen(tmp_path, monkeypatch):
+    path = _record(tmp_path / "run")
+    settled = time.time_ns() - 10_000_000_000
+    os.utime(path / "steps", ns=(settled, settled))
+    listed = _count_listings(monkeypatch)
+    run = sd.open_run(path)
+    for _ in range(3):
+        assert run.step_numbers == [0, 1, 2]
+        assert len(_every_array(run)) == 3
+    assert len(listed) == 1
+    with sd.Recorder(path, policy="grpo", unit="token", resume=True) as rec:
+        rec.log_step(3, logp=[-1.0], logp_old=[-1.0], advantages=[1.0], seq_id=[0])
+    assert run.step_numbers == [0, 1, 2, 3]
+    assert len(listed) == 2
+
+
+def test_a_directory_changed_moments_ago_is_listed_on_every_pass(tmp_path, monkeypatch):
+    """Within the clock's granularity a new file can leave the directory's time unchanged, so
+    a listing is only reused once the directory has settled."""
+    path = _record(tmp_path / "run")
+    recent = time.time_ns() + 60_000_000_000  # however slow this test runs, not yet settled
+    os.utime(path / "steps", ns=(recent, recent))
+    listed = _count_listings(monkeypatch)
+    run = sd.open_run(path)
+    for _ in range(3):
+        assert run.step_numbers == [0, 1, 2]
+    assert len(listed) == 3
+
+
+def test_a_remote_file_replaced_under_a_loaded_step_is_refused_not_misread(tmp_path):
+    """Through fsspec, an array asked for again reads its file again: a file replaced on the
+    store since the step was loaded is refused (its header is not the one checked)."""
+    fsspec = pytest.importorskip("fsspec")
+    path = _record(tmp_path / "run")
+    other = _record(tmp_path / "other", sequences=5)
+    memory = fsspec.filesystem("memory")
+    root = f"/readers-{os.getpid()}-{time.time_ns()}/run"
+    memory.pipe(f"{root}/manifest.json", (path / "manifest.json").read_bytes())
+    for file in sorted((path / "steps").iterdir()):
+        memory.pipe(f"{root}/steps/{file.name}", file.read_bytes())
+    run = sd.open_run(f"memory://{root.lstrip('/')}")
+    step = run.step(0)
+    expected = step["logp"].clone()
+    assert torch.equal(step["logp_old"] + 0.01, expected)
+    name = "step-00000000.safetensors"
+    memory.pipe(f"{root}/steps/{name}", (other / "steps" / name).read_bytes())
+    with pytest.raises(InputError, match="changed since it was checked"):
+        step["logp"]
+    assert run.step_numbers == [0, 1, 2]  # a new pass lists the store again
+    assert run.step(0).num_sequences == 5  # and checks the new file
