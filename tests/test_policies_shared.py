@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stabledrl_cli.policies import STANDARD_CATALOGUE, PolicyBatch, get_policy, prepare
-from stabledrl_cli.policies._base import count_nonfinite, keep_times, masked_sum, ratio_times
+from stabledrl_cli.policies._masked import count_nonfinite, keep_times, masked_sum, ratio_times
 
 SPECS = [
     *STANDARD_CATALOGUE,

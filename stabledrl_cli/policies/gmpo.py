@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from stabledrl_cli.policies._base import Policy, PolicyTerms, keep_times, num_sequences
+from stabledrl_cli.policies._base import Policy, PolicyTerms, num_sequences
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import GMPOConfig
+from stabledrl_cli.policies._masked import keep_times
 
 _LENGTH_GUARD = 1e-8  # verl's response_mask_sum + 1e-8
 _WEIGHT_GUARD = 1e-10  # verl's log(rollout_is_weights + 1e-10)

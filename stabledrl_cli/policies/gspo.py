@@ -12,16 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from stabledrl_cli.policies._base import (
-    Policy,
-    PolicyTerms,
-    keep_times,
-    masked_sum,
-    ratio_times,
-    seq_mean_token_mean_norm,
-)
+from stabledrl_cli.policies._base import Policy, PolicyTerms, seq_mean_token_mean_norm
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import GSPOConfig
+from stabledrl_cli.policies._masked import keep_times, masked_sum, ratio_times
 
 
 class GSPOPolicy(Policy):

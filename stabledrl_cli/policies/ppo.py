@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from stabledrl_cli.policies._base import TokenPolicy, TokenTerms, keep_times, ratio_times
+from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import ClipConfig, DualClipConfig, TwoSidedConfig
+from stabledrl_cli.policies._masked import keep_times, ratio_times
 
 
 def ppo_terms(

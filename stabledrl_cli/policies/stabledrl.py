@@ -24,9 +24,10 @@ import math
 import torch
 
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.policies._base import Policy, PolicyTerms, masked_sum
+from stabledrl_cli.policies._base import Policy, PolicyTerms
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import StableDRLConfig
+from stabledrl_cli.policies._masked import masked_sum
 from stabledrl_cli.vocab import Unit
 
 

@@ -32,7 +32,6 @@ import torch
 
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
-from stabledrl_cli.policies._base import count as tally
 from stabledrl_cli.policies._config import (
     CISPOConfig,
     ClipConfig,
@@ -41,6 +40,7 @@ from stabledrl_cli.policies._config import (
     SAPOConfig,
     TwoSidedConfig,
 )
+from stabledrl_cli.policies._masked import count as tally
 from stabledrl_cli.policies.ppo import VERL_LOG_RATIO_CLAMP
 from stabledrl_cli.replay.columns import TRL_METRICS, VERL_METRICS
 
