@@ -49,7 +49,9 @@ from synthetic_runs import Shape, cached_run, step_arrays
 
 TASKS = ("floor", "one", "catalogue")
 SOURCES = ("dir", "h5")
-DEFAULT_SHAPES = ("200,256,1024", "2000,64,512", "50,64,512,128", "2000,8,64")
+DEFAULT_SHAPES = (
+    "200,256,1024", "20,256,1024", "2000,64,512", "50,64,512", "50,64,512,128", "2000,8,64"
+)  # fmt: skip
 WIDTH = 80
 
 
@@ -99,8 +101,19 @@ def run_task(task: str, path: str, device: str, threads: int | None) -> dict[str
         "cpu_seconds": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
         "peak_rss_mb": _peak_rss_mb(),
         "device": str(resolve_device(device)),
+        "dtype": _compute_dtype(path),
         "torch": torch.__version__,
     }
+
+
+def _compute_dtype(path: str) -> str:
+    """The dtype a replay computes in: the first step's logp dtype, at least float32."""
+    import torch
+
+    from stabledrl_cli.dump import open_run
+
+    logp = next(iter(open_run(path).steps()))["logp"]
+    return str(torch.promote_types(logp.dtype, torch.float32)).removeprefix("torch.")
 
 
 def log_step_cost(shape: Shape, seed: int, count: int, where: Path) -> dict[str, Any]:
@@ -185,6 +198,7 @@ def measure_run(
     """Every (source, task) of one run: repeats, medians, ratios."""
     rows: list[dict[str, Any]] = []
     for source in args.sources:
+        _warm(paths[source])
         for task in args.tasks:
             samples = []
             for repeat in range(args.repeats):
@@ -204,6 +218,7 @@ def measure_run(
                 "peak_rss_mb": statistics.median(s["peak_rss_mb"] for s in samples),
                 "policies": samples[0].get("policies"),
                 "device": samples[0]["device"],
+                "dtype": samples[0]["dtype"],
                 "threads": samples[0]["threads"],
                 "torch": samples[0]["torch"],
             })  # fmt: skip
@@ -217,6 +232,31 @@ def measure_run(
         "bytes": {source: _size(path) for source, path in paths.items()},
         "rows": rows,
     }
+
+
+def _warm(path: Path) -> None:
+    """Reads every file of a run once, so that each task starts from a warm page cache."""
+    for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(file, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+
+
+def memory_scaling(report: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    """(shorter run, 10x longer run, peak RSS of each) of the catalogue from the directory,
+    for every pair of runs of one step shape whose step counts differ tenfold."""
+    peaks = {
+        run["shape"]: (run["steps"], (run["sequences"], run["length"], run["sketch_k"]), row)
+        for run in report["runs"]
+        for row in run["rows"]
+        if row["source"] == "dir" and row["task"] == "catalogue"
+    }
+    return [
+        (short, long, peaks[short][2]["peak_rss_mb"], peaks[long][2]["peak_rss_mb"])
+        for short in peaks
+        for long in peaks
+        if peaks[short][1] == peaks[long][1] and peaks[long][0] == 10 * peaks[short][0]
+    ]
 
 
 def add_ratios(report: dict[str, Any], clock: str) -> None:
@@ -255,7 +295,8 @@ def table(report: dict[str, Any]) -> str:
     )
     if first is not None:
         prose += (
-            f" Device {first['device']}, dtype float32, torch {first['torch']}, replay on "
+            f" Device {first['device']}, dtype {first.get('dtype', 'float32')}, "
+            f"torch {first['torch']}, replay on "
             f"{report['replay_threads']} thread(s); medians of {report['repeats']}, ratios of "
             f"{report['clock']} time."
         )
@@ -274,6 +315,12 @@ def table(report: dict[str, Any]) -> str:
                 f"{_ratio(row['x_floor']):>7} {_ratio(row['x_dir']):>6} "
                 f"{row['peak_rss_mb']:>7.0f}"
             )
+    for short, long, short_mb, long_mb in memory_scaling(report):
+        lines += textwrap.wrap(
+            f"Peak memory of the catalogue from {long}: {long_mb:.0f} MB, "
+            f"{long_mb / short_mb:.2f}x that from the 10x shorter {short} ({short_mb:.0f} MB).",
+            WIDTH,
+        )
     if report["log_step"]:
         header = (
             f"{'log_step of one step':<24} {'MB':>7} {'log_step ms':>12} {'raw save ms':>12} "
