@@ -38,7 +38,7 @@ import torch
 
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies._advantages import recompute_advantages
-from stabledrl_cli.policies._masked import keep_times
+from stabledrl_cli.policies._masked import finite_sum, keep_times
 from stabledrl_cli.vocab import ADV_MODES, UNITS, AdvMode, Unit
 
 _T = TypeVar("_T")
@@ -233,7 +233,7 @@ class PreparedBatch:
                 sources.append(self.loss_weight)
             cpu = self.device.type == "cpu"
             unsafe: torch.Tensor | None = None
-            if not (cpu and all(bool(torch.isfinite(t.sum())) for t in sources)):
+            if not (cpu and all(finite_sum(t) for t in sources)):
                 unsafe = self.mask & ~(self.finite_inputs & torch.isfinite(adv))
                 if cpu and not bool(unsafe.any()):
                     unsafe = None

@@ -7,6 +7,9 @@ finite sum, and a device path that never syncs with the host.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -17,12 +20,25 @@ def as_bytes(flags: torch.Tensor) -> torch.Tensor:
     return flags.view(torch.uint8)
 
 
+def finite_sum(values: torch.Tensor) -> bool:
+    """Whether the sum of a CPU tensor is finite (then no entry is NaN or inf, and no product
+    with it overflowed): one vectorized sum read on the host."""
+    return math.isfinite(float(values.sum()))
+
+
 def count(flags: torch.Tensor) -> torch.Tensor:
     """0-d int64: True entries of a bool tensor. On the CPU numpy counts them (five times
     faster than any torch reduction of a bool tensor there); elsewhere a sum, no sync."""
     if flags.device.type == "cpu":
         return torch.tensor(int(np.count_nonzero(flags.numpy())))
     return flags.sum()
+
+
+def counts(flags: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[n] int64: True entries of each bool tensor, `count` of each in one tensor."""
+    if flags and flags[0].device.type == "cpu":
+        return torch.tensor([np.count_nonzero(f.numpy()) for f in flags], dtype=torch.int64)
+    return torch.stack([count(f) for f in flags])
 
 
 def keep_times(keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -35,7 +51,7 @@ def keep_times(keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     up to the sign of a zero): a finite sum proves it, else the `where` runs."""
     if value.device.type == "cpu":
         product = value * as_bytes(keep)
-        if bool(torch.isfinite(product.sum())):
+        if finite_sum(product):
             return product
     return torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device))
 
@@ -45,7 +61,7 @@ def masked_sum(keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     there is not 0 * inf); a product and one sum on the CPU when that sum is finite."""
     if value.device.type == "cpu":
         total = (value * as_bytes(keep)).sum()
-        if bool(torch.isfinite(total)):
+        if math.isfinite(float(total)):
             return total
     return torch.where(keep, value, torch.zeros((), dtype=value.dtype, device=value.device)).sum()
 
@@ -53,7 +69,7 @@ def masked_sum(keep: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 def count_nonfinite(coef: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """0-d int64: entries of mask whose coef is NaN or inf (a finite sum proves there are none,
     on the CPU, without a pass of isfinite)."""
-    if coef.device.type == "cpu" and bool(torch.isfinite(coef.sum())):
+    if coef.device.type == "cpu" and finite_sum(coef):
         return torch.zeros((), dtype=torch.int64)
     return (mask & ~torch.isfinite(coef)).sum()
 
@@ -62,6 +78,6 @@ def ratio_times(ratio: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
     """[T] r A, exactly 0 where A = 0 even if r overflowed to inf (the term is 0 there). A
     finite product is that already (r A = 0 where A = 0): the CPU skips the comparison then."""
     product = ratio * adv
-    if product.device.type == "cpu" and bool(torch.isfinite(product.sum())):
+    if product.device.type == "cpu" and finite_sum(product):
         return product
     return keep_times(adv != 0, product)

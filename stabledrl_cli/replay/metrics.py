@@ -22,7 +22,7 @@ import torch
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.geometry import decode_geometry, replayed_update_norm
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
-from stabledrl_cli.policies._masked import as_bytes, count, keep_times
+from stabledrl_cli.policies._masked import as_bytes, count, counts, keep_times
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.columns import TRL_METRICS, VERL_METRICS
 from stabledrl_cli.replay.framework import MicroBatches, framework_metrics
@@ -300,14 +300,14 @@ def step_metrics(
         """[P] counts of a policy set on one side of A (left 0 when lean)."""
         if lean:
             return zeros
-        return torch.stack([count(mask_of(w) & getattr(r, side)) for w, r in pairs])
+        return counts([mask_of(w) & getattr(r, side) for w, r in pairs])
 
     computed = {
         "tokens": torch.stack([r.tokens for r in refs]),
-        "discarded": torch.stack([count(w.discarded) for w in weights]),
+        "discarded": counts([w.discarded for w in weights]),
         "discarded_pos": split(lambda w: w.discarded, "positive"),
         "discarded_neg": split(lambda w: w.discarded, "negative"),
-        "clipped": zeros if lean else torch.stack([count(w.clipped) for w in weights]),
+        "clipped": zeros if lean else counts([w.clipped for w in weights]),
         "scored_tokens": torch.stack([r.scored for r in refs]),
         "clipped_pos": split(lambda w: w.clipped, "positive"),
         "clipped_neg": split(lambda w: w.clipped, "negative"),
