@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stabledrl_cli._memory import release_freed_memory
 from stabledrl_cli.dump import Run, Step
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.geometry import GRAM_KEY, SKETCH_KEY, SKETCH_SCALE_KEY
@@ -53,6 +54,9 @@ SEQUENCE_FIELDS = ("group_id", "reward", "micro_batch", "group_split")
 GEOMETRY_FIELDS = (GRAM_KEY, SKETCH_KEY)
 
 Arrays = dict[str, torch.Tensor]
+
+RELEASE_AFTER = 4
+"""Free heap memory, in memory budgets, past which a chunk's end returns it to the system."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -287,9 +291,12 @@ def stream_run(
         if moments:
             for count, mean, m2 in torch.stack(moments).cpu().tolist():
                 floor.add(int(count), mean, m2)
-        del arrays, rows, moments
+        done = len(chunk)
+        # The chunk's steps hold their files' buffers: dropped before the next chunk is read.
+        del chunk, arrays, rows, moments, step, step_arrays, prep, geometry, weights, micro
+        release_freed_memory(keep=RELEASE_AFTER * memory_budget)
         if progress is not None:
-            progress(len(chunk))
+            progress(done)
     metrics = (
         np.concatenate(blocks)
         if blocks

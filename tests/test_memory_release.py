@@ -1,0 +1,54 @@
+"""Freed heap memory goes back to the system between a replay's chunks (glibc's malloc_trim).
+
+Each case runs in a fresh interpreter, whose heap starts in a known state."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from stabledrl_cli._memory import _glibc
+
+pytestmark = pytest.mark.skipif(_glibc() is None, reason="not glibc: nothing to release")
+
+SCENARIO = """
+import torch
+from stabledrl_cli._memory import release_freed_memory
+
+def anonymous_kb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
+
+raise_threshold = torch.ones(1 << 20)  # freed, it raises glibc's threshold for using mmap
+del raise_threshold
+keep, big = [], []
+for _ in range(64):  # 64 MB of 1 MB tensors, each followed by a small one that outlives it
+    block = torch.empty(1 << 18)
+    block.fill_(1.0)
+    big.append(block)
+    keep.append(torch.ones(4))
+del big  # holes the heap cannot give back by shrinking its top
+before = anonymous_kb()
+release_freed_memory(keep=KEEP)
+print(before - anonymous_kb())
+"""
+
+
+def _released_kb(keep: int) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", SCENARIO.replace("KEEP", str(keep))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(done.stdout.split()[-1])
+
+
+def test_release_returns_the_holes_to_the_system() -> None:
+    assert _released_kb(keep=0) > 32 * 1024
+
+
+def test_release_waits_until_enough_is_free() -> None:
+    assert abs(_released_kb(keep=1 << 40)) < 4 * 1024
