@@ -17,7 +17,8 @@ directory for the same task, and the median peak RSS. Ratios and Mpos/s divide `
 wall (default), or the task's CPU time, steadier on a shared machine. Tasks:
 
 - floor: `open_run`, then every step's every tensor loaded and copied (`step[name].clone()`),
-  through the same reader a replay uses: the time to just read the data.
+  through the same reader a replay uses, on as many threads as the replay: the time to just
+  read the data.
 - one: `replay(run, ["grpo"])`, one policy.
 - catalogue: `replay(run)`, the run's own policy and the standard catalogue.
 
@@ -85,6 +86,7 @@ def run_task(task: str, path: str, device: str, threads: int | None) -> dict[str
     from stabledrl_cli._device import resolve_device
     from stabledrl_cli.replay.engine import replay
 
+    torch.set_num_threads(threads or 1)  # the floor reads on the threads a replay computes on
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     if task == "floor":
