@@ -53,14 +53,24 @@ def replayed_update_norm(
         raise UsageError("replayed_update_norm needs exactly one of gram or sketch")
     geometry = decode_geometry(stored, scale)
     coef = torch.as_tensor(coef, device=geometry.device)
-    wide = torch.float32 if geometry.device.type == "mps" else torch.float64
+    wide = wide_dtype(geometry.device)
     geometry, coef = geometry.to(wide), coef.to(wide)
     if coef.shape[-1] != geometry.shape[0]:
         raise UsageError(
             f"coef has {coef.shape[-1]} units but the geometry has {geometry.shape[0]}"
         )
-    if gram is not None:
-        quad = ((coef @ geometry) * coef).sum(-1)
-        return quad.clamp(min=0).sqrt().float()
-    norm: torch.Tensor = torch.linalg.vector_norm(coef @ geometry, dim=-1)
-    return norm.float()
+    return update_norms(coef @ geometry, coef, gram=gram is not None).float()
+
+
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """float64, where the device has it (not on Apple's MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def update_norms(products: torch.Tensor, coef: torch.Tensor, *, gram: bool) -> torch.Tensor:
+    """Norms of the updates sum_u c_u grad_u from `products` = coef @ geometry: sqrt(c^T K c)
+    with a Gram matrix (a tiny negative from rounding clamped at 0), ||S^T c|| with a sketch."""
+    if gram:
+        return (products * coef).sum(-1).clamp(min=0).sqrt()
+    norm: torch.Tensor = torch.linalg.vector_norm(products, dim=-1)
+    return norm

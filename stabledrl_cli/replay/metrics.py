@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.geometry import decode_geometry, replayed_update_norm
+from stabledrl_cli.geometry import decode_geometry, update_norms, wide_dtype
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
 from stabledrl_cli.policies._masked import as_bytes, count, counts, keep_times
 from stabledrl_cli.replay import columns
@@ -99,24 +100,31 @@ class StepGeometry:
         out = torch.zeros(coef.shape[0], prep.n_seq, dtype=coef.dtype, device=coef.device)
         return out.index_add_(1, prep.seq, masked)
 
-    def norms(self, coef_units: torch.Tensor) -> torch.Tensor:
-        """[R, U] -> [R] norm of sum_u c_u grad_u (the coefficient norm without geometry)."""
-        if self.matrix is None:
-            norm: torch.Tensor = torch.linalg.vector_norm(coef_units.double(), dim=-1)
-            return norm
-        if self.kind == "gram":
-            return replayed_update_norm(coef_units, gram=self.matrix).double()
-        return replayed_update_norm(coef_units, sketch=self.matrix).double()
-
-    def inner(self, coef_units: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
-        """[R, U], [U] -> [R] inner products of the updates; None without geometry."""
+    @cached_property
+    def wide(self) -> torch.Tensor | None:
+        """The matrix in the device's wide float (`geometry.wide_dtype`), made once a step."""
         if self.matrix is None:
             return None
-        wide = torch.float32 if coef_units.device.type == "mps" else torch.float64
-        matrix, c, o = self.matrix.to(wide), coef_units.to(wide), other.to(wide)
-        if self.kind == "gram":
-            return (c @ matrix) @ o
-        return (c @ matrix) @ (matrix.T @ o)
+        return self.matrix.to(wide_dtype(self.matrix.device))
+
+    def measure(
+        self, coef_units: torch.Tensor, own: int | None, rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[R, U] -> ([R] float64 norms of sum_u c_u grad_u, [rows] inner products of the first
+        `rows` updates with update `own`, or None without geometry or `own`). Both come from one
+        product coef @ matrix; without geometry the norms are coefficient norms."""
+        if self.wide is None:
+            norm: torch.Tensor = torch.linalg.vector_norm(coef_units.double(), dim=-1)
+            return norm, None
+        coef = coef_units.to(self.wide.dtype)
+        products = coef @ self.wide
+        gram = self.kind == "gram"
+        # Rounded through float32 like `replayed_update_norm`, so both give the same figure.
+        norms = update_norms(products, coef, gram=gram).float().double()
+        if own is None:
+            return norms, None
+        other = coef[own] if gram else products[own]
+        return norms, products[:rows] @ other
 
     def unit_scale(self) -> torch.Tensor | None:
         """[U] ||grad_u||: sqrt(K_uu) or the sketch row norm; None without geometry."""
@@ -274,14 +282,12 @@ def step_metrics(
         rows += [r.coef_is for r in distinct]
         units = geometry.units(torch.stack(rows), prep)
         del rows
-        norms = geometry.norms(units)
+        norms, inner = geometry.measure(units, own_index, n)
         update_norm, discarded_mass = norms[:n], norms[n : 2 * n]
         is_mass = norms[2 * n :][torch.tensor(group, device=norms.device)]
-        if own_index is not None:
-            inner = geometry.inner(units[:n], units[own_index])
-            if inner is not None:
-                denom = update_norm * update_norm[own_index]
-                cosine = torch.where(denom > 0, inner.double() / denom, math.nan)
+        if inner is not None and own_index is not None:
+            denom = update_norm * update_norm[own_index]
+            cosine = torch.where(denom > 0, inner.double() / denom, math.nan)
 
     if lean:
         nan = torch.full((), math.nan, dtype=torch.float64, device=prep.device)
