@@ -31,7 +31,8 @@ def decode_geometry(
             "(float16 overflows on spike steps)"
         )
     if scale is not None:
-        return stored.float() * torch.as_tensor(scale, dtype=torch.float32, device=stored.device)
+        factor = torch.as_tensor(scale, dtype=torch.float32, device=stored.device)
+        return stored.to(torch.float32, copy=True).mul_(factor)
     return stored.float()
 
 
@@ -46,14 +47,14 @@ def replayed_update_norm(
     coef: `[U]` or `[B, U]` (B policies at once); gram: `[U, U]` -> sqrt(c^T K c), a tiny
     negative from rounding clamped at 0; sketch: `[U, k]` -> ||S^T c||. scale: the per-step
     scale of float16 storage (required for float16). Returns `[]` or `[B]` float32 (computed
-    in float64 where the device has it). Non-finite inputs give non-finite norms.
+    in `product_dtype`). Non-finite inputs give non-finite norms.
     """
     stored = gram if gram is not None else sketch
     if stored is None or (gram is not None and sketch is not None):
         raise UsageError("replayed_update_norm needs exactly one of gram or sketch")
     geometry = decode_geometry(stored, scale)
     coef = torch.as_tensor(coef, device=geometry.device)
-    wide = wide_dtype(geometry.device)
+    wide = product_dtype(geometry.device, gram=gram is not None)
     geometry, coef = geometry.to(wide), coef.to(wide)
     if coef.shape[-1] != geometry.shape[0]:
         raise UsageError(
@@ -62,9 +63,11 @@ def replayed_update_norm(
     return update_norms(coef @ geometry, coef, gram=gram is not None).float()
 
 
-def wide_dtype(device: torch.device) -> torch.dtype:
-    """float64, where the device has it (not on Apple's MPS)."""
-    return torch.float32 if device.type == "mps" else torch.float64
+def product_dtype(device: torch.device, *, gram: bool) -> torch.dtype:
+    """What coef @ geometry is computed in: float64 for a Gram matrix, where the device has it
+    (not on Apple's MPS; c^T K c may cancel); float32 for a sketch, whose float16 storage and
+    sketching error (about 1/sqrt(k)) leave nothing for float64 products to add but time."""
+    return torch.float64 if gram and device.type != "mps" else torch.float32
 
 
 def update_norms(products: torch.Tensor, coef: torch.Tensor, *, gram: bool) -> torch.Tensor:

@@ -21,7 +21,7 @@ from functools import cached_property
 import torch
 
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.geometry import decode_geometry, update_norms, wide_dtype
+from stabledrl_cli.geometry import decode_geometry, product_dtype, update_norms
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
 from stabledrl_cli.policies._masked import as_bytes, count, counts, keep_times
 from stabledrl_cli.replay import columns
@@ -101,11 +101,12 @@ class StepGeometry:
         return out.index_add_(1, prep.seq, masked)
 
     @cached_property
-    def wide(self) -> torch.Tensor | None:
-        """The matrix in the device's wide float (`geometry.wide_dtype`), made once a step."""
+    def product_matrix(self) -> torch.Tensor | None:
+        """The matrix in the dtype its products are computed in (`geometry.product_dtype`),
+        made once a step."""
         if self.matrix is None:
             return None
-        return self.matrix.to(wide_dtype(self.matrix.device))
+        return self.matrix.to(product_dtype(self.matrix.device, gram=self.kind == "gram"))
 
     def measure(
         self, coef_units: torch.Tensor, own: int | None, rows: int
@@ -113,11 +114,11 @@ class StepGeometry:
         """[R, U] -> ([R] float64 norms of sum_u c_u grad_u, [rows] inner products of the first
         `rows` updates with update `own`, or None without geometry or `own`). Both come from one
         product coef @ matrix; without geometry the norms are coefficient norms."""
-        if self.wide is None:
+        if self.product_matrix is None:
             norm: torch.Tensor = torch.linalg.vector_norm(coef_units.double(), dim=-1)
             return norm, None
-        coef = coef_units.to(self.wide.dtype)
-        products = coef @ self.wide
+        coef = coef_units.to(self.product_matrix.dtype)
+        products = coef @ self.product_matrix
         gram = self.kind == "gram"
         # Rounded through float32 like `replayed_update_norm`, so both give the same figure.
         norms = update_norms(products, coef, gram=gram).float().double()
