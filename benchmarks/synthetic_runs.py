@@ -11,7 +11,8 @@ per-step scale. Step s draws from its own generator (seed, s): a run with a sket
 same log-probs, rewards and advantages as the run without one.
 
 `cached_run` builds a run once per (shape, seed, generator version) under a cache directory,
-packs it into `run.h5` beside it, and finds both on the next call.
+packs it into `run.h5` beside it (`pack`'s default compression; packed again when that
+changes), and finds both on the next call.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import numpy as np
 
 GENERATOR_VERSION = 1
 """Bumped whenever the generator's output changes, so stale cached runs are rebuilt."""
+ARCHIVE = "fast"
+"""How the cached `run.h5` is packed (`pack_run`'s default compression)."""
 GROUP_SIZE = 8
 
 
@@ -116,6 +119,12 @@ def cached_run(shape: Shape, seed: int, cache: Path, log: object = None) -> tupl
     home = cache / shape.key(seed)
     run, archive, done = home / "run", home / "run.h5", home / "done.json"
     if done.is_file():
+        facts = json.loads(done.read_text())
+        if facts.get("archive") != ARCHIVE:
+            if callable(log):
+                log(f"packing {shape.name} (seed {seed}) again: {ARCHIVE} compression")
+            pack_run(open_run(run), archive, force=True, compression=ARCHIVE)
+            done.write_text(json.dumps({**facts, "archive": ARCHIVE}))
         return run, archive
     if home.exists():
         shutil.rmtree(home)
@@ -123,6 +132,8 @@ def cached_run(shape: Shape, seed: int, cache: Path, log: object = None) -> tupl
     if callable(log):
         log(f"building {shape.name} (seed {seed}) in {home}")
     build_run(shape, seed, run)
-    pack_run(open_run(run), archive)
-    done.write_text(json.dumps({"shape": shape.name, "seed": seed, "pid": os.getpid()}))
+    pack_run(open_run(run), archive, compression=ARCHIVE)
+    done.write_text(
+        json.dumps({"shape": shape.name, "seed": seed, "pid": os.getpid(), "archive": ARCHIVE})
+    )
     return run, archive

@@ -21,6 +21,11 @@ ReplayEngine = Literal["local", "ray"]
 """Where replay's streaming pass runs: this process, or the workers of a Ray cluster."""
 REPLAY_ENGINES: tuple[ReplayEngine, ...] = get_args(ReplayEngine)
 
+PackCompression = Literal["fast", "small"]
+"""How `pack` compresses an archive's data: fast (only the fields that deflate halves, so a
+replay reads it near the directory's speed), or small (every field gzip with shuffle)."""
+PACK_COMPRESSIONS: tuple[PackCompression, ...] = get_args(PackCompression)
+
 Estimator = Literal["llada", "elbo"]
 """The built-in example's log-likelihood estimator: LLaDA's 1/t-weighted ELBO, or the mean
 ELBO."""

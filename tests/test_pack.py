@@ -142,7 +142,11 @@ def test_archive_layout(rich_archive):
         )
         assert handle["sequences/step_offsets"][-1] == 4 * STEPS
         for name in ("tokens/logp", "sequences/reward", "ragged/unit_grad_sketch/data"):
-            assert handle[name].chunks is not None and handle[name].compression == "gzip"
+            assert handle[name].chunks is not None and handle[name].fletcher32
+        # pack's default, "fast": a field that deflate halves (a mask of runs) is compressed,
+        # high-entropy floats are stored as they are
+        assert handle["tokens/mask"].compression == "gzip" and not handle["tokens/mask"].shuffle
+        assert handle["tokens/logp"].compression is None
         assert handle["ragged/unit_grad_sketch/data"].dtype == np.float16
         assert handle["ragged/unit_grad_gram/shape"][3].tolist() == [4 * 6, 4 * 6]
         assert handle["present/loss_weight"][()].tolist() == [1, 0] * (STEPS // 2)
@@ -160,6 +164,39 @@ def test_replay_of_archive_is_identical(rich_run, rich_archive):
     direct = _replay_json(rich_run)
     assert direct["geometry"] == "mixed"
     assert _replay_json(rich_archive) == direct
+
+
+def _data_datasets(handle: h5py.File) -> list[h5py.Dataset]:
+    found: list[h5py.Dataset] = []
+    for group in ("tokens", "sequences", "ragged"):
+        handle[group].visititems(
+            lambda name, obj: (
+                found.append(obj) if isinstance(obj, h5py.Dataset) and obj.chunks else None
+            )
+        )
+    return found
+
+
+def test_small_compression_gzips_every_field_and_replays_identically(rich_run, tmp_path):
+    out = tmp_path / "small.h5"
+    result = runner.invoke(app, ["pack", str(rich_run), str(out), "--compression", "small"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(out, "r") as handle:
+        datasets = _data_datasets(handle)
+        assert len(datasets) > 10
+        for dataset in datasets:
+            assert dataset.compression == "gzip" and dataset.shuffle and dataset.fletcher32
+    assert _replay_json(out) == _replay_json(rich_run)
+
+
+def test_an_unknown_compression_is_a_usage_error(rich_run, tmp_path):
+    result = runner.invoke(
+        app, ["pack", str(rich_run), str(tmp_path / "a.h5"), "--compression", "zip"]
+    )
+    assert result.exit_code == 2 and "zip" in result.stderr
+    with pytest.raises(UsageError, match="compression 'zip'"):
+        pack_run(open_run(rich_run), tmp_path / "b.h5", compression="zip")  # type: ignore[arg-type]
+    assert not (tmp_path / "a.h5").exists() and not (tmp_path / "b.h5").exists()
 
 
 @pytest.mark.parametrize("fixture", FIXTURE_RUNS, ids=lambda p: p.name)

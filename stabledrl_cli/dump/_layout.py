@@ -1,6 +1,6 @@
 """The HDF5 archive of a run (`stabledrl pack`): its layout, shared by the packer and reader.
 
-Layout (every array dataset chunked, gzip with shuffle, Fletcher32):
+Layout (every array dataset chunked, with Fletcher32 checksums; compressed as `FILTERS` says):
     attrs: kind = "stabledrl-run", format_version, tool_version, source (the packed path)
     manifest                 the run's manifest.json as one JSON string dataset (an HDF5
                              attribute fails past 64 KiB, a manifest with param_names can be
@@ -50,12 +50,17 @@ STEP_COUNTS = ("num_tokens", "num_sequences", "num_scored_tokens")
 CHUNK_ELEMENTS = 1 << 15
 """32 Ki elements (128 KiB of float32) a chunk: small enough that reading one step's slice
 decompresses little, large enough that gzip has something to work with."""
-COMPRESSION: dict[str, Any] = {
-    "compression": "gzip",
-    "compression_opts": 4,
-    "shuffle": True,
-    "fletcher32": True,
+FILTERS: dict[str, dict[str, Any]] = {
+    "small": {"compression": "gzip", "compression_opts": 4, "shuffle": True, "fletcher32": True},
+    "deflated": {"compression": "gzip", "compression_opts": 1, "fletcher32": True},
+    "plain": {"fletcher32": True},
 }
+"""HDF5 filters of a data dataset: every one under `pack --compression small` (the smallest
+archive; gzip's inflate and HDF5's unshuffle make reading it ~3.8x the directory's floor);
+under `fast`, "deflated" for a field whose first values a level-1 deflate halves (runs: masks,
+ids, per-sequence values repeated per token, which then inflate at memory speed), "plain" for
+the rest (log-probabilities and sketches: high-entropy floats that gzip shrinks by a fifth at
+twice the read time). A reader needs none of this: HDF5 records each dataset's filters."""
 
 
 def decode(value: Any) -> Any:
