@@ -48,6 +48,31 @@ def write_error(target: Path, exc: OSError) -> WriteError:
     return WriteError(f"{target}: cannot write it ({reason})")
 
 
+_GATHERED = 1 << 16
+"""Parts shorter than this are gathered into one write (a step file of small arrays is one
+system call, not one a tensor); longer ones are written from where they lie."""
+
+
+def _write_all(fd: int, parts: Iterable[bytes | memoryview]) -> None:
+    """Every byte of `parts`, in order (the short ones gathered, `_GATHERED`)."""
+    gathered = bytearray()
+    for part in parts:
+        view = memoryview(part).cast("B")
+        if view.nbytes < _GATHERED:
+            gathered += view
+            continue
+        _write_view(fd, gathered)
+        gathered = bytearray()
+        _write_view(fd, view)
+    _write_view(fd, gathered)
+
+
+def _write_view(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def write_atomic(
     target: str | os.PathLike[str],
     parts: bytes | Iterable[bytes | memoryview],
@@ -65,10 +90,7 @@ def write_atomic(
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            for part in chunks:
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view) :]
+            _write_all(fd, chunks)
             os.fsync(fd)
         finally:
             os.close(fd)

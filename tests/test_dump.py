@@ -124,6 +124,14 @@ def test_flat_numpy_input_and_nonfinite_count(tmp_path):
     assert np.isnan(step.scalars["loss"])
 
 
+def test_finite_values_whose_sum_overflows_are_not_counted_nonfinite(tmp_path):
+    """log_step counts non-finite values from a sum first; a sum that overflows is no proof."""
+    big = np.array([-3e38, -3e38, -1.0], dtype=np.float32)
+    with sd.Recorder(tmp_path / "run", unit="sequence") as rec:
+        rec.log_step(0, logp=big, logp_old=big, advantages=np.ones(3, np.float32))
+    assert sd.open_run(tmp_path / "run").step(0).scalars["nonfinite"] == 0.0
+
+
 def test_sequence_unit_round_trip(tmp_path):
     path = tmp_path / "run"
     elbo = torch.tensor([-3.0, -2.5, -4.0, -1.0])

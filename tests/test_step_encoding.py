@@ -8,12 +8,14 @@ import struct
 import zlib
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.numpy import save as st_save
 
 import stabledrl_cli as sd
 from stabledrl_cli._atomic import write_atomic
+from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._schema import META_CRC_DATA, META_CRC_HEADER
 from stabledrl_cli.dump._stfile import _canonical_crc, encode_step
 
@@ -77,3 +79,28 @@ def test_async_log_step_writes_the_arrays_as_they_were_at_the_call(tmp_path):
     run = sd.open_run(tmp_path / "run")
     assert [float(s["logp"][0]) for s in run.steps()] == [-1.0, -2.0, -3.0]
     assert torch.equal(run.step(2)["logp_old"], torch.full((4,), -3.0))
+
+
+def test_the_checksum_is_zlibs_crc32_whichever_library_computes_it():
+    """`_crc.crc32` (ISA-L's when the isal extra is installed) gives zlib's values, chained."""
+    data = np.random.default_rng(1).random(100_003).astype(np.float32).tobytes()
+    assert crc32(data) == zlib.crc32(data)
+    assert crc32(memoryview(data)[777:], crc32(data[:777])) == zlib.crc32(data)
+    isal_zlib = pytest.importorskip("isal.isal_zlib")
+    assert crc32 is isal_zlib.crc32
+
+
+def test_write_atomic_writes_short_and_long_parts_in_order(tmp_path):
+    """Short parts are gathered into one write, long ones written where they lie: the file is
+    every part, in order."""
+    long = np.arange(40_000, dtype=np.float32)
+    parts = [
+        b"ab",
+        memoryview(long),
+        b"",
+        np.arange(5, dtype=np.int64).data,
+        long[::-1].copy().data,
+        b"z",
+    ]
+    path = write_atomic(tmp_path / "parts.bin", parts)
+    assert path.read_bytes() == b"".join(bytes(part) for part in parts)

@@ -83,6 +83,11 @@ def _scalar(value: ScalarInput | object, field: str) -> float:
 
 
 def _nonfinite_count(array: np.ndarray, mask: np.ndarray) -> int:
+    """Non-finite entries of `array` where `mask` is set; a finite sum of the whole array
+    (the common case, one vectorized pass) means there is none."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(array.sum()):
+            return 0
     return int(np.count_nonzero(~np.isfinite(array[mask.astype(bool)])))
 
 

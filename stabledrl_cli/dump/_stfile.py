@@ -17,7 +17,6 @@ import math
 import os
 import stat
 import struct
-import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,6 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from stabledrl_cli._atomic import write_atomic
+from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import META_CRC_DATA, META_CRC_HEADER, temp_file_name
 
@@ -36,15 +36,15 @@ def _canonical_crc(header: dict[str, Any]) -> str:
     meta = {k: v for k, v in header.get("__metadata__", {}).items() if not k.startswith("_crc32")}
     body = dict(header, __metadata__=meta)
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return f"{zlib.crc32(text.encode()):08x}"
+    return f"{crc32(text.encode()):08x}"
 
 
 _DTYPE_CODES = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16",
-    "float16": "F16", "int32": "I32", "uint32": "U32", "float32": "F32", "float64": "F64",
-    "int64": "I64", "uint64": "U64",
+    ("b", 1): "BOOL", ("u", 1): "U8", ("i", 1): "I8", ("i", 2): "I16", ("u", 2): "U16",
+    ("f", 2): "F16", ("i", 4): "I32", ("u", 4): "U32", ("f", 4): "F32", ("f", 8): "F64",
+    ("i", 8): "I64", ("u", 8): "U64",
 }  # fmt: skip
-"""numpy dtypes -> safetensors dtypes (the ones a step file can hold)."""
+"""numpy dtypes (kind, width) -> safetensors dtypes (the ones a step file can hold)."""
 _DTYPE_ORDER = ("BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
                 "I64", "U64")  # fmt: skip
 """safetensors' own dtype order: its writer lays tensors out from the last of these (widest)
@@ -61,10 +61,13 @@ def encode_step(
     they are copies, so the caller may change its arrays before the parts are written."""
     entries = []
     for name, array in tensors.items():
-        code = _DTYPE_CODES.get(array.dtype.name)
+        dtype = array.dtype
+        code = _DTYPE_CODES.get((dtype.kind, dtype.itemsize))
         if code is None:
-            raise ValueError(f"{name}: dtype {array.dtype} cannot be stored")
-        little = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
+            raise ValueError(f"{name}: dtype {dtype} cannot be stored")
+        little = np.ascontiguousarray(array)
+        if dtype.str[0] == ">":
+            little = little.astype(dtype.newbyteorder("<"))
         flat = little.reshape(-1).view(np.uint8)
         entries.append((-_DTYPE_ORDER.index(code), name, code, list(array.shape), flat))
     entries.sort(key=lambda entry: entry[:2])
@@ -79,7 +82,7 @@ def encode_step(
             "data_offsets": [position, position + part.nbytes],
         }
         position += part.nbytes
-        crc = zlib.crc32(part, crc)
+        crc = crc32(part, crc)
         data.append(part)
     meta = dict(metadata)
     meta[META_CRC_DATA] = f"{crc:08x}"
@@ -267,7 +270,7 @@ def parse_header(
         raw = fh.read(header_len)
         if len(raw) < header_len:
             raise StepReadError("torn", f"header cut at {8 + len(raw)} of {8 + header_len} bytes")
-        header_crc = zlib.crc32(raw)
+        header_crc = crc32(raw)
         try:
             header = json.loads(raw)
         except RecursionError:
@@ -296,11 +299,11 @@ def parse_header(
         data = _read_exactly(fh, data_len) if keep_data else None
         if deep:
             if data is not None:
-                crc = zlib.crc32(data)
+                crc = crc32(data)
             else:
                 crc = 0
                 while chunk := fh.read(_CHUNK):
-                    crc = zlib.crc32(chunk, crc)
+                    crc = crc32(chunk, crc)
             if f"{crc:08x}" != metadata.get(META_CRC_DATA):
                 raise StepReadError("unreadable", "data checksum mismatch (corrupt bytes)")
     except OSError as exc:

@@ -101,8 +101,8 @@ def _checked_reward_range(value: Iterable[float]) -> tuple[float, float]:
 
 def _step_number(value: object) -> int:
     """An int >= 0 (a numpy or 0-d torch integer is fine), else UsageError."""
-    step = None
-    if isinstance(value, SupportsIndex) and not isinstance(value, bool):
+    step = value if type(value) is int else None
+    if step is None and isinstance(value, SupportsIndex) and not isinstance(value, bool):
         try:
             step = operator.index(value)
         except TypeError:  # e.g. a float tensor
@@ -369,7 +369,7 @@ class Recorder:
             META_WORLD_SIZE: str(self.world_size),
             META_NUM_TOKENS: str(mask.shape[0]),
             META_NUM_SEQUENCES: str(int(ids.max()) + 1 if ids.size else 0),
-            META_SCORED_TOKENS: str(int(mask.sum(dtype="int64"))),
+            META_SCORED_TOKENS: str(np.count_nonzero(mask)),
         })  # fmt: skip
         final = self.path / STEPS_DIR / step_file_name(step, self.rank, self.world_size)
         parts = encode_step(tensors, metadata, snapshot=self._writer is not None)
