@@ -198,7 +198,7 @@ def probe(path: Path, seconds: float | None = None, *, fileobj: BinaryIO | None 
                 "(a corrupt or crafted archive)"
             )
         time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+        delay = min(delay * 2, 0.005)
     if os.WIFSIGNALED(status):
         raise InputError(
             f"{path}: refused: reading its HDF5 metadata crashed libhdf5 "

@@ -112,6 +112,9 @@ class ArchiveRun(Run):
         self._all_bad: str | None = None
         """Why every step is bad (an index checksum failed), if one is."""
         self._open: dict[str, h5py.Dataset] = {}
+        self._read_chunks: dict[str, set[int]] = {}
+        """Per data dataset, the chunks a step's read has decoded (their Fletcher32 checked):
+        the integrity check does not read them again."""
         probe(path, fileobj=fileobj)
         try:
             file_size = os.stat(path).st_size if size is None else size
@@ -334,15 +337,25 @@ class ArchiveRun(Run):
             dataset = self._open[where] = self._file[where]
         return dataset
 
+    def _slice(self, where: str, begin: int, end: int) -> np.ndarray:
+        """Entries [begin, end) of the data dataset `where`; the chunks read are noted."""
+        dataset = self._dataset(where)
+        part: np.ndarray = dataset[begin:end]
+        if end > begin and dataset.chunks:
+            size = dataset.chunks[0]
+            self._read_chunks.setdefault(where, set()).update(
+                range(begin // size, (end - 1) // size + 1)
+            )
+        return part
+
     def read_field(self, index: int, name: str) -> np.ndarray:
         """Step `index`'s array `name` from the archive (token [T], sequence [N], or ragged)."""
         if name in TOKEN_FIELDS or name in SEQUENCE_FIELDS:
             group = "tokens" if name in TOKEN_FIELDS else "sequences"
             offsets = self._offsets[group]
-            part: np.ndarray = self._dataset(f"{group}/{name}")[offsets[index] : offsets[index + 1]]
-            return part
+            return self._slice(f"{group}/{name}", offsets[index], offsets[index + 1])
         offsets, shapes = self._ragged[name]
-        flat: np.ndarray = self._dataset(f"ragged/{name}/data")[offsets[index] : offsets[index + 1]]
+        flat = self._slice(f"ragged/{name}/data", offsets[index], offsets[index + 1])
         return flat.reshape(tuple(int(d) for d in shapes[index]))
 
     def _verify(self, index: int) -> dict[str, np.ndarray]:
@@ -405,17 +418,23 @@ class ArchiveRun(Run):
 
     # -- integrity -----------------------------------------------------------------------------
     def _check_all_chunks(self) -> list[Finding]:
-        """Reads every chunk of every dataset; a bad one marks the steps whose data it holds
-        (a dataset that cannot even be opened or listed: every step it holds)."""
+        """Reads every chunk of every dataset that no step's read has decoded already; a bad
+        one marks the steps whose data it holds (a dataset that cannot even be opened or
+        listed: every step it holds)."""
         findings = []
         for name in self._datasets:
             try:
                 dataset = self._file[name]
-                chunks = list(dataset.iter_chunks()) if dataset.chunks else [()]
+                chunks: list[tuple[slice, ...]] = (
+                    list(dataset.iter_chunks()) if dataset.chunks else [()]
+                )
             except H5_ERRORS as exc:
                 findings.append(self._bad_chunk(name, (slice(0, None),), exc))
                 continue
+            read = self._read_chunks.get(name, set())
             for chunk in chunks:
+                if read and chunk[0].start // dataset.chunks[0] in read:
+                    continue
                 try:
                     dataset[chunk]
                 except H5_ERRORS as exc:
