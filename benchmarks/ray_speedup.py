@@ -7,9 +7,7 @@ CPU, then of 2 CPUs (each cluster started once; one untimed replay first, so the
 imported torch). Every replay uses 1 torch thread (a worker per CPU), and every sharded
 replay's JSON is checked equal to the local one. Prints the median wall time of --repeats
 replays of each, the ratios, and the cluster start-up time (paid once per `replay --engine
-ray` that starts its own cluster; not paid when joining a running one). Last, this machine's own
-ceiling: 2 processes running a pure CPU loop each, against 1 running both loops (virtual
-CPUs may share a core: no engine's 2 workers can beat that figure here).
+ray` that starts its own cluster; not paid when joining a running one).
 
     python benchmarks/ray_speedup.py                      # 160 steps x 128 x 1024 tokens
     python benchmarks/ray_speedup.py --steps 48 --sequences 64 --tokens 256 --repeats 5
@@ -57,30 +55,6 @@ def synthesize(path: Path, steps: int, sequences: int, tokens: int, seed: int = 
                 reward_mean=float(reward.mean()),
                 inner_step=step % 4,
             )
-
-
-def _spin(n: int) -> int:
-    total = 0
-    for i in range(n):
-        total += i * i
-    return total
-
-
-def parallel_ceiling(n: int = 10_000_000) -> float:
-    """How much faster 2 processes do 2 units of pure CPU work than 1 process does 1 each
-    after the other: what this machine's CPUs allow any 2-worker engine at best."""
-    import multiprocessing
-
-    start = time.perf_counter()
-    _spin(n)
-    _spin(n)
-    alone = time.perf_counter() - start
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        pool.map(_spin, [1000, 1000])  # started
-        start = time.perf_counter()
-        pool.map(_spin, [n, n])
-        together = time.perf_counter() - start
-    return alone / together
 
 
 def timed(fn, repeats: int) -> tuple[float, str]:
@@ -151,10 +125,6 @@ def main() -> None:
         print(f"{name:<28} {seconds:8.2f} {tokens / seconds / 1e6:7.2f}")
     ray1, ray2 = rows[1][1], rows[2][1]
     print(f"speed-up, 2 workers against 1: {ray1 / ray2:.2f}x")
-    print(
-        f"this machine's ceiling for 2 processes (a pure CPU loop on each): "
-        f"{parallel_ceiling():.2f}x"
-    )
     print(f"speed-up, 2 workers against the local engine: {local_s / ray2:.2f}x")
     print(
         f"cluster start-up (once per replay that starts its own): "
