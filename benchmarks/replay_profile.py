@@ -1,0 +1,102 @@
+"""Where a replay's compute goes: torch's profiler over the streaming pass of a synthetic run.
+
+    python benchmarks/replay_profile.py                          # 8 steps of 200,256,1024
+    python benchmarks/replay_profile.py --shape 50,64,512,128 --policies grpo --top 8
+
+Reads `--steps` steps of the run of `--shape` (built and cached as `replay_speed.py` does),
+then computes each step as a replay's pass does (prepare, every policy's weights, the step's
+metrics) on one thread: once untimed, three times timed (the least CPU time is shown: a shared
+machine only adds), once under torch's profiler. Prints the positions a step, the top-level
+tensor operations a step and their mean time, the CPU time a step without the profiler and
+the time to read a step, and the call sites in `stabledrl_cli` that spend
+the most operator time, with their operations a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from synthetic_runs import Shape, cached_run
+from torch.profiler import ProfilerActivity, profile
+
+from stabledrl_cli.dump import open_run
+from stabledrl_cli.replay import stream
+from stabledrl_cli.replay.engine import resolve_policies
+from stabledrl_cli.replay.metrics import step_metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=Shape.parse, default=Shape.parse("200,256,1024"))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--policies", help="comma-separated specs (default: the catalogue)")
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "stabledrl-bench"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    directory, _ = cached_run(args.shape, args.seed, args.cache)
+    run = open_run(directory)
+    policies, own = resolve_policies(run, args.policies.split(",") if args.policies else None)
+    started = time.perf_counter()
+    steps = []
+    for step in run.steps():
+        if len(steps) == args.steps:
+            break
+        steps.append((step, stream.read_arrays(step, run.location)))
+    read_ms = (time.perf_counter() - started) / len(steps) * 1e3
+
+    def compute() -> None:
+        for step, arrays in steps:
+            prep = stream.prepared(step, arrays, "token", run.location)
+            geometry = stream.step_geometry(step, arrays, prep, run.location)
+            weights = [policy.weights(prep) for policy in policies]
+            micro = stream.step_micro_batches(step, arrays, prep, run.location, 1)
+            step_metrics(prep, policies, weights, geometry, own, micro)
+
+    compute()
+    samples = []
+    for _ in range(3):
+        cpu = time.process_time()
+        compute()
+        samples.append((time.process_time() - cpu) / len(steps) * 1e3)
+    cpu_ms = min(samples)
+    verbose = torch._C._profiler._ExperimentalConfig(verbose=True)
+    with profile(
+        activities=[ProfilerActivity.CPU], with_stack=True, experimental_config=verbose
+    ) as profiled:
+        compute()
+    top_level = [
+        e
+        for e in profiled.events()
+        if e.name.startswith("aten::")
+        and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+    ]
+    spent: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+    for event in top_level:
+        ours = [frame for frame in event.stack or () if "stabledrl_cli" in frame]
+        site = ours[0].split("stabledrl_cli/")[-1] if ours else "(elsewhere)"
+        spent[site] += event.cpu_time_total
+        calls[site] += 1
+    n = len(steps)
+    total_us = sum(e.cpu_time_total for e in top_level)
+    print(f"{args.shape.name}: {steps[0][0].num_tokens} positions a step, {len(policies)} "
+          f"policies, {n} steps, 1 thread")  # fmt: skip
+    print(f"read: {read_ms:.1f} ms a step; compute: {cpu_ms:.1f} ms of CPU a step")
+    print(f"top-level tensor operations: {len(top_level) / n:.0f} a step, "
+          f"{total_us / len(top_level):.1f} us each under the profiler")  # fmt: skip
+    print(f"{'ms/step':>8} {'ops/step':>8}  call site (operator time under the profiler)")
+    for site, micros in spent.most_common(args.top):
+        print(f"{micros / 1e3 / n:8.2f} {calls[site] / n:8.0f}  {site[:60]}")
+
+
+if __name__ == "__main__":
+    main()
