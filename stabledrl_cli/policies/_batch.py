@@ -255,12 +255,14 @@ class PreparedBatch:
         return length if torch.equal(self.seq.view(n, length), rows) else None
 
     def seq_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """[T] -> [N]: sum over the scored tokens of each sequence (unscored ones never enter)."""
+        """[..., T] -> [..., N]: sum over the scored tokens of each sequence (unscored ones never
+        enter), for each row of leading dimensions (several policies' coefficients at once)."""
         masked = keep_times(self.mask, values)
+        lead = masked.shape[:-1]
         if self.row_length is not None:
-            return masked.view(self.n_seq, self.row_length).sum(dim=1)
-        out = torch.zeros(self.n_seq, dtype=values.dtype, device=values.device)
-        return out.index_add_(0, self.seq, masked)
+            return masked.view(*lead, self.n_seq, self.row_length).sum(dim=-1)
+        out = torch.zeros(*lead, self.n_seq, dtype=values.dtype, device=values.device)
+        return out.index_add_(-1, self.seq, masked)
 
     def group_sum(self, per_seq: torch.Tensor) -> torch.Tensor:
         """[N] -> [G]: sum over the sequences of each group."""

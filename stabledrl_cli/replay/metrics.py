@@ -92,31 +92,21 @@ class StepGeometry:
 
     def units(self, coef: torch.Tensor, prep: PreparedBatch) -> torch.Tensor:
         """[P, T] token coefficients -> [P, U] unit coefficients of the geometry."""
-        if not self.per_sequence:
-            return coef
-        masked = keep_times(prep.mask, coef)
-        if prep.row_length is not None:
-            return masked.view(coef.shape[0], prep.n_seq, prep.row_length).sum(dim=2)
-        out = torch.zeros(coef.shape[0], prep.n_seq, dtype=coef.dtype, device=coef.device)
-        return out.index_add_(1, prep.seq, masked)
+        return prep.seq_sum(coef) if self.per_sequence else coef
 
     @cached_property
-    def product_matrix(self) -> torch.Tensor | None:
-        """The matrix in the dtype its products are computed in (`geometry.product_dtype`),
-        made once a step."""
-        if self.matrix is None:
-            return None
+    def product_matrix(self) -> torch.Tensor:
+        """The recorded matrix in the dtype its products are computed in
+        (`geometry.product_dtype`), made once a step (a step with geometry only)."""
+        assert self.matrix is not None
         return self.matrix.to(product_dtype(self.matrix.device, gram=self.kind == "gram"))
 
     def measure(
         self, coef_units: torch.Tensor, own: int | None, rows: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[R, U] -> ([R] float64 norms of sum_u c_u grad_u, [rows] inner products of the first
-        `rows` updates with update `own`, or None without geometry or `own`). Both come from one
-        product coef @ matrix; without geometry the norms are coefficient norms."""
-        if self.product_matrix is None:
-            norm: torch.Tensor = torch.linalg.vector_norm(coef_units.double(), dim=-1)
-            return norm, None
+        """[R, U] of a step with geometry -> ([R] float64 norms of sum_u c_u grad_u, [rows] inner
+        products of the first `rows` updates with update `own`, or None without `own`). Both
+        come from one product coef @ matrix."""
         coef = coef_units.to(self.product_matrix.dtype)
         products = coef @ self.product_matrix
         gram = self.kind == "gram"
