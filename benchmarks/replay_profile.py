@@ -4,12 +4,12 @@
     python benchmarks/replay_profile.py --shape 50,64,512,128 --policies grpo --top 8
 
 Reads `--steps` steps of the run of `--shape` (built and cached as `replay_speed.py` does),
-then computes each step as a replay's pass does (prepare, every policy's weights, the step's
-metrics) on one thread: once untimed, three times timed (the least CPU time is shown: a shared
-machine only adds), once under torch's profiler. Prints the positions a step, the top-level
-tensor operations a step and their mean time, the CPU time a step without the profiler and
-the time to read a step, and the call sites in `stabledrl_cli` that spend
-the most operator time, with their operations a step.
+then runs a replay's streaming pass over them (`replay.stream.stream_run`, reading included,
+from the page cache) on one thread: once untimed, three times timed (the least CPU time is
+shown: a shared machine only adds), once under torch's profiler. Prints the positions a step,
+the time to read a step, the pass's CPU time a step without the profiler, the top-level
+tensor operations a step and their mean time, and the call sites in `stabledrl_cli` that
+spend the most operator time, with their operations a step.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from torch.profiler import ProfilerActivity, profile
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.replay import stream
 from stabledrl_cli.replay.engine import resolve_policies
-from stabledrl_cli.replay.metrics import step_metrics
 
 
 def main() -> None:
@@ -50,16 +49,13 @@ def main() -> None:
     for step in run.steps():
         if len(steps) == args.steps:
             break
-        steps.append((step, stream.read_arrays(step, run.location)))
+        stream.read_arrays(step, run.location)
+        steps.append(step)
     read_ms = (time.perf_counter() - started) / len(steps) * 1e3
+    device = torch.device("cpu")
 
     def compute() -> None:
-        for step, arrays in steps:
-            prep = stream.prepared(step, arrays, "token", run.location)
-            geometry = stream.step_geometry(step, arrays, prep, run.location)
-            weights = [policy.weights(prep) for policy in policies]
-            micro = stream.step_micro_batches(step, arrays, prep, run.location, 1)
-            step_metrics(prep, policies, weights, geometry, own, micro)
+        stream.stream_run(run, policies, own, device, steps=steps)
 
     compute()
     samples = []
@@ -88,9 +84,9 @@ def main() -> None:
         calls[site] += 1
     n = len(steps)
     total_us = sum(e.cpu_time_total for e in top_level)
-    print(f"{args.shape.name}: {steps[0][0].num_tokens} positions a step, {len(policies)} "
+    print(f"{args.shape.name}: {steps[0].num_tokens} positions a step, {len(policies)} "
           f"policies, {n} steps, 1 thread")  # fmt: skip
-    print(f"read: {read_ms:.1f} ms a step; compute: {cpu_ms:.1f} ms of CPU a step")
+    print(f"read: {read_ms:.1f} ms a step; the pass: {cpu_ms:.1f} ms of CPU a step")
     print(f"top-level tensor operations: {len(top_level) / n:.0f} a step, "
           f"{total_us / len(top_level):.1f} us each under the profiler")  # fmt: skip
     print(f"{'ms/step':>8} {'ops/step':>8}  call site (operator time under the profiler)")
