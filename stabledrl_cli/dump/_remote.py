@@ -84,16 +84,10 @@ def _regular(info: dict[str, Any]) -> bool:
     return info.get("type") == "file" and not info.get("islink")
 
 
-class RemoteRun(DirectoryRun):
-    """A run directory read through fsspec (module docstring). `path` is the path on the
-    filesystem, used only to name files; `location` and `source` are the URL."""
+class _AtUrl:
+    """A run read through fsspec: named by its URL (`location` and `source`)."""
 
-    def __init__(self, url: str, fs: Any, root: str, *, verify: bool = True) -> None:
-        self.url = url
-        self.fs = fs
-        self._infos: dict[str, dict[str, Any]] = {}
-        """File path -> what the last listing said of it."""
-        super().__init__(Path(root), verify=verify)
+    url: str
 
     @property
     def location(self) -> str:
@@ -102,6 +96,18 @@ class RemoteRun(DirectoryRun):
     @property
     def source(self) -> str:
         return self.url
+
+
+class RemoteRun(_AtUrl, DirectoryRun):
+    """A run directory read through fsspec (module docstring). `path` is the path on the
+    filesystem, used only to name files."""
+
+    def __init__(self, url: str, fs: Any, root: str, *, verify: bool = True) -> None:
+        self.url = url
+        self.fs = fs
+        self._infos: dict[str, dict[str, Any]] = {}
+        """File path -> what the last listing said of it."""
+        super().__init__(Path(root), verify=verify)
 
     @property
     def size_bytes(self) -> int:
@@ -171,22 +177,13 @@ class RemoteRun(DirectoryRun):
             raise StepReadError("unreadable", f"cannot read: {exc}") from None
 
 
-class RemoteArchiveRun(ArchiveRun):
-    """A packed .h5 read by h5py through an fsspec file object; `location` and `source` are
-    the URL."""
+class RemoteArchiveRun(_AtUrl, ArchiveRun):
+    """A packed .h5 read by h5py through an fsspec file object."""
 
     def __init__(self, url: str, fs: Any, root: str, size: int, *, verify: bool = True) -> None:
         self.url = url
         self._size = size
         super().__init__(Path(root), verify=verify, fileobj=fs.open(root, "rb"), size=size)
-
-    @property
-    def location(self) -> str:
-        return self.url
-
-    @property
-    def source(self) -> str:
-        return self.url
 
     @property
     def size_bytes(self) -> int:
