@@ -48,29 +48,51 @@ def write_error(target: Path, exc: OSError) -> WriteError:
     return WriteError(f"{target}: cannot write it ({reason})")
 
 
-_GATHERED = 1 << 16
-"""Parts shorter than this are gathered into one write (a step file of small arrays is one
-system call, not one a tensor); longer ones are written from where they lie."""
+def _iov_max() -> int:
+    """The most buffers one `os.writev` takes here (POSIX guarantees at least 16)."""
+    try:
+        return max(16, os.sysconf("SC_IOV_MAX"))
+    except (ValueError, OSError):
+        return 16
+
+
+_IOV_MAX = _iov_max()
+
+
+_BATCH = 1 << 20
+"""Bytes one system call writes at most, unless a single part is longer: shorter parts are
+handed over together (a step file of small arrays is one `os.writev`, not one write a tensor,
+and nothing is copied); a long part is written by itself (on the project's test VM, multi-MB
+writes made the fsync after them slower than per-tensor writes)."""
 
 
 def _write_all(fd: int, parts: Iterable[bytes | memoryview]) -> None:
-    """Every byte of `parts`, in order (the short ones gathered, `_GATHERED`)."""
-    gathered = bytearray()
+    """Every byte of `parts`, in order, in batches of `_BATCH` bytes."""
+    batch: list[memoryview] = []
+    size = 0
     for part in parts:
         view = memoryview(part).cast("B")
-        if view.nbytes < _GATHERED:
-            gathered += view
-            continue
-        _write_view(fd, gathered)
-        gathered = bytearray()
-        _write_view(fd, view)
-    _write_view(fd, gathered)
+        if size and size + view.nbytes > _BATCH:
+            _write_views(fd, batch)
+            batch, size = [], 0
+        batch.append(view)
+        size += view.nbytes
+    _write_views(fd, batch)
 
 
-def _write_view(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _write_views(fd: int, views: list[memoryview]) -> None:
+    """Every byte of `views`, in order: `os.writev` of at most `_IOV_MAX` of them at a time,
+    resumed where a short write stopped."""
+    views = [view for view in views if view.nbytes]
+    while views:
+        written = os.writev(fd, views[:_IOV_MAX])
+        done = 0
+        while done < len(views) and written >= views[done].nbytes:
+            written -= views[done].nbytes
+            done += 1
+        views = views[done:]
+        if written:
+            views[0] = views[0][written:]
 
 
 def write_atomic(
@@ -84,7 +106,7 @@ def write_atomic(
     temp: the temporary name to use (default `temp_name(target)`); step files use their own
     pattern so that readers of a live run recognise them as in flight.
     """
-    final = Path(target)
+    final = target if isinstance(target, Path) else Path(target)
     chunks = [parts] if isinstance(parts, (bytes, bytearray, memoryview)) else parts
     tmp = temp if temp is not None else temp_name(final)
     try:

@@ -39,18 +39,19 @@ def make_step(seed: int, step: int, batch: int = 8, length: int = 512) -> dict:
 
 
 def stall_in_the_next_large_write() -> None:
-    """The next os.write of more than 4 KiB (a step file's data) writes half, then hangs."""
-    real_write = os.write
+    """The next os.writev of more than 4 KiB (a step file's data) writes half, then hangs."""
+    real_writev = os.writev
 
-    def write(fd: int, data: bytes) -> int:
+    def writev(fd: int, buffers: list[memoryview]) -> int:
+        data = b"".join(buffers)
         if len(data) <= 4096:
-            return real_write(fd, data)
-        real_write(fd, bytes(data[: len(data) // 2]))
+            return real_writev(fd, buffers)
+        os.write(fd, data[: len(data) // 2])
         print("stalled", flush=True)
         while True:
             time.sleep(60)
 
-    os.write = write
+    os.writev = writev
 
 
 def main() -> None:

@@ -568,11 +568,11 @@ def test_bfloat16_and_token_ids(tmp_path):
 def test_async_writer_failure_reaches_the_caller(tmp_path, monkeypatch):
     from stabledrl_cli import _atomic
 
-    def no_space(fd, data):
+    def no_space(fd, buffers):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     rec = sd.Recorder(tmp_path / "run", async_writes=True, queue_size=1)
-    monkeypatch.setattr(_atomic.os, "write", no_space)
+    monkeypatch.setattr(_atomic.os, "writev", no_space)
     rec.log_step(0, **_flat())
     for call in (rec.flush, lambda: rec.log_step(1, **_flat()), rec.close):
         with pytest.raises(WriteError, match=r"step-0+\.safetensors.*no space left"):

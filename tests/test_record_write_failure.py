@@ -18,19 +18,19 @@ CHILD = textwrap.dedent(
     import torch
     import stabledrl_cli as sd
 
-    real_write = os.write
+    real_writev = os.writev
 
-    def full_disk(fd, data):
+    def full_disk(fd, buffers):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     for step in range(8):
         if step == 3:
-            os.write = full_disk  # the disk fills up before step 3 is written
+            os.writev = full_disk  # the disk fills up before step 3 is written
         logp = torch.full((4, 3), -1.0)
         sd.log_policy_batch(step, policy="grpo", logp=logp, logp_old=logp,
                             advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]),
                             mask=torch.ones(4, 3, dtype=torch.uint8), grad_norm=1.0, loss=0.0)
-    os.write = real_write
+    os.writev = real_writev
     print("trained 8 steps")
     """
 )

@@ -25,16 +25,17 @@ def _flat(step: int) -> dict:
 
 
 def _fail_after(monkeypatch, calls: int, error: int) -> None:
-    """os.write in the atomic writer: the first `calls` calls write, then each fails."""
+    """os.writev in the atomic writer: the first `calls` calls write, then each fails."""
     real_write, count = os.write, [0]
 
-    def write(fd: int, data: bytes) -> int:
+    def writev(fd: int, buffers: list[memoryview]) -> int:
         count[0] += 1
         if count[0] > calls:
             raise OSError(error, os.strerror(error))
-        return real_write(fd, bytes(data)[: max(1, len(data) // 2)])  # short writes, too
+        data = b"".join(buffers)
+        return real_write(fd, data[: max(1, len(data) // 2)])  # short writes, too
 
-    monkeypatch.setattr(_atomic.os, "write", write)
+    monkeypatch.setattr(_atomic.os, "writev", writev)
 
 
 @pytest.mark.parametrize("async_writes", [False, True])
@@ -107,15 +108,15 @@ def test_warn_mode_stops_recording_once_and_notes_it_in_the_manifest(
     rec = sd.Recorder(path, async_writes=async_writes, on_write_error="warn")
     rec.log_step(0, **_flat(0))
     rec.flush()
-    real_write, failed = os.write, []
+    real_writev, failed = os.writev, []
 
-    def full_once(fd: int, data: bytes) -> int:  # step 1's write fails, the manifest's works
+    def full_once(fd: int, buffers: list[memoryview]) -> int:  # step 1 fails, the manifest not
         if not failed:
             failed.append(fd)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(fd, data)
+        return real_writev(fd, buffers)
 
-    monkeypatch.setattr(_atomic.os, "write", full_once)
+    monkeypatch.setattr(_atomic.os, "writev", full_once)
     rec.log_step(1, **_flat(1))  # no exception: training goes on
     rec.flush()
     for step in range(2, 5):
