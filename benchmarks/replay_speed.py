@@ -5,6 +5,7 @@
     python benchmarks/replay_speed.py --format json > replay_speed.json
     python benchmarks/replay_speed.py --clock cpu             # ratios of CPU time
     python benchmarks/replay_speed.py --render replay_speed.json --clock cpu
+    python benchmarks/replay_speed.py --tasks "" --log-steps 80   # only log_step's cost
 
 Each `--shape STEPS,SEQS,LEN[,K]` is a run written by the project's Recorder (realistic values,
 `synthetic_runs.py`; K adds a k=K gradient sketch per token), built once and cached under
@@ -307,7 +308,8 @@ def table(report: dict[str, Any]) -> str:
         f"{'run':<17} {'src':<3} {'task':<9} {'wall s':>8} {'cpu s':>8} {'Mpos/s':>7} "
         f"{'x floor':>7} {'x dir':>6} {'RSS MB':>7}"
     )
-    lines += [header, "-" * len(header)]
+    if report["runs"]:
+        lines += [header, "-" * len(header)]
     for run in report["runs"]:
         for row in run["rows"]:
             lines.append(
@@ -331,8 +333,8 @@ def table(report: dict[str, Any]) -> str:
         lines += ["", header, "-" * len(header)]
         for row in report["log_step"]:
             lines.append(
-                f"{row['shape']:<24} {row['bytes'] / 2**20:>7.1f} {row['log_step_ms']:>12.1f} "
-                f"{row['raw_save_ms']:>12.1f} {row['ratio']:>6.2f}"
+                f"{row['shape']:<24} {row['bytes'] / 2**20:>7.1f} {row['log_step_ms']:>12.2f} "
+                f"{row['raw_save_ms']:>12.2f} {row['ratio']:>6.2f}"
             )
     assert all(len(line) <= WIDTH for line in lines), "table wider than 80 columns"
     return "\n".join(lines)
@@ -406,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
         "log_step": [],
     }
-    for shape in shapes:
+    for shape in shapes if args.tasks else ():  # --tasks "": only log_step, no run is built
         directory, archive = cached_run(shape, args.seed, args.cache, log)
         paths = {"dir": directory, "h5": archive}
         report["runs"].append(measure_run(shape, paths, args, log))

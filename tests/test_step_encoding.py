@@ -4,6 +4,7 @@ by safetensors itself, and a snapshot of the caller's arrays when the write come
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from safetensors.numpy import save as st_save
 
 import stabledrl_cli as sd
+from stabledrl_cli import _atomic
 from stabledrl_cli._atomic import write_atomic
 from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._schema import META_CRC_DATA, META_CRC_HEADER
@@ -31,6 +33,7 @@ def _tensors() -> dict[str, np.ndarray]:
         "token_ids": np.arange(6, dtype=np.int64).reshape(2, 3),
         "unit_grad_sketch": rng.random((10, 3)).astype(np.float16),
         "param_grad_norm": np.zeros(0, dtype=np.float32),
+        "no_rows": np.zeros((0, 3), dtype=np.float16),
     }
 
 
@@ -57,6 +60,20 @@ def test_encoded_bytes_are_safetensors_own_plus_the_checksums(tmp_path):
         for name, array in tensors.items():
             assert np.array_equal(handle.get_tensor(name), array), name
         assert handle.metadata()["loss"] == "0.5"
+
+
+def test_big_endian_and_strided_arrays_are_stored_as_their_little_endian_values():
+    """safetensors stores little-endian, contiguous bytes: a big-endian or strided array is
+    written as the same values, byte for byte what its little-endian copy gives."""
+    tensors, metadata = _tensors(), {"step": "0.0"}
+    odd = {
+        name: array.astype(array.dtype.newbyteorder(">")) if array.dtype.itemsize > 1 else array
+        for name, array in tensors.items()
+    }
+    odd["logp"] = np.repeat(odd["logp"], 2)[::2]  # big-endian and strided
+    for snapshot in (False, True):
+        encoded = b"".join(bytes(part) for part in encode_step(odd, metadata, snapshot=snapshot))
+        assert encoded == _through_safetensors(tensors, metadata)
 
 
 def test_strided_inputs_are_recorded_with_their_values(tmp_path):
@@ -91,8 +108,7 @@ def test_the_checksum_is_zlibs_crc32_whichever_library_computes_it():
 
 
 def test_write_atomic_writes_short_and_long_parts_in_order(tmp_path):
-    """Short parts are gathered into one write, long ones written where they lie: the file is
-    every part, in order."""
+    """Every part, in order, empty ones included, handed over in one writev."""
     long = np.arange(40_000, dtype=np.float32)
     parts = [
         b"ab",
@@ -104,3 +120,20 @@ def test_write_atomic_writes_short_and_long_parts_in_order(tmp_path):
     ]
     path = write_atomic(tmp_path / "parts.bin", parts)
     assert path.read_bytes() == b"".join(bytes(part) for part in parts)
+
+
+def test_write_atomic_resumes_short_writes_and_splits_long_lists_of_parts(tmp_path, monkeypatch):
+    """A writev that takes fewer bytes than given (the kernel may) or fewer buffers than the
+    list holds (IOV_MAX) is continued where it stopped: the file is still every part."""
+    real_writev, calls = os.writev, []
+
+    def stingy_writev(fd: int, buffers: list[memoryview]) -> int:
+        calls.append(len(buffers))
+        return real_writev(fd, [bytes(b"".join(buffers)[:7])])
+
+    monkeypatch.setattr(_atomic, "_IOV_MAX", 3)
+    monkeypatch.setattr(_atomic.os, "writev", stingy_writev)
+    parts = [bytes([n]) * n for n in range(12)]
+    path = write_atomic(tmp_path / "parts.bin", parts)
+    assert path.read_bytes() == b"".join(parts)
+    assert max(calls) == 3 and len(calls) == -(-sum(range(12)) // 7)

@@ -26,6 +26,8 @@ ScalarInput: TypeAlias = "float | int | torch.Tensor | np.generic | np.ndarray"
 
 _FLOAT_KINDS = "f"
 _INT_KINDS = "iu"
+_INT_MAX = {"int32": 2**31 - 1, "int64": 2**63 - 1}
+"""The largest id each stored integer dtype holds."""
 
 
 def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
@@ -53,11 +55,10 @@ def _int_array(array: np.ndarray, field: str, dtype: str) -> np.ndarray:
     if array.dtype.kind not in _INT_KINDS:
         raise UsageError(f"{field}: expected an integer dtype, got {array.dtype}")
     if array.size:
-        info = np.iinfo(dtype)
         low, high = array.min(), array.max()
         if low < 0:
             raise UsageError(f"{field}: ids must be >= 0, got {low}")
-        if high > info.max:
+        if high > _INT_MAX[dtype]:
             raise UsageError(f"{field}: id {high} does not fit {dtype}")
     return array.astype(dtype, copy=False)
 
@@ -82,13 +83,15 @@ def _scalar(value: ScalarInput | object, field: str) -> float:
         raise UsageError(f"{field}: expected a number, got {type(value).__name__}") from None
 
 
-def _nonfinite_count(array: np.ndarray, mask: np.ndarray) -> int:
-    """Non-finite entries of `array` where `mask` is set; a finite sum of the whole array
-    (the common case, one vectorized pass) means there is none."""
+def _nonfinite_count(arrays: list[np.ndarray], mask: np.ndarray) -> int:
+    """Non-finite entries of `arrays` where `mask` is set; a finite sum of a whole array
+    (the common case, one vectorized pass) means it has none."""
+    count = 0
     with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(array.sum()):
-            return 0
-    return int(np.count_nonzero(~np.isfinite(array[mask.astype(bool)])))
+        for array in arrays:
+            if not np.isfinite(np.add.reduce(array, axis=None)):
+                count += int(np.count_nonzero(~np.isfinite(array[mask.astype(bool)])))
+    return count
 
 
 def build_step(
@@ -145,7 +148,7 @@ def _batch_tensors(
 
     def token_field(name: str, array: np.ndarray) -> np.ndarray:
         if name == "advantages" and two_d and array.shape in ((shape[0],), (shape[0], 1)):
-            array = np.broadcast_to(array.reshape(shape[0], 1), shape)
+            return np.repeat(array.reshape(-1), shape[1])  # each row's advantage, per token
         if array.shape != shape:
             raise UsageError(
                 f"{name}: shape {list(array.shape)} does not match logp's {list(shape)}"
@@ -247,13 +250,12 @@ def _step_scalars(
             raise UsageError(f"scalars: {name!r} is given twice (as {name}= and in scalars=)")
         out[name] = _scalar(value, f"scalars[{name!r}]")
     if "reward_mean" not in out and "reward" in tensors and tensors["reward"].size:
-        out["reward_mean"] = float(tensors["reward"].mean(dtype=np.float64))
+        reward = tensors["reward"]
+        out["reward_mean"] = float(np.add.reduce(reward, axis=None, dtype=np.float64)) / reward.size
     nonfinite = 0
     if "mask" in tensors:
-        mask = tensors["mask"]
-        nonfinite = sum(
-            _nonfinite_count(tensors[n], mask) for n in ("logp", "logp_old", "advantages")
-        )
+        batch = [tensors[n] for n in ("logp", "logp_old", "advantages")]
+        nonfinite = _nonfinite_count(batch, tensors["mask"])
     nonfinite += sum(1 for n in ("loss", "grad_norm") if n in out and not math.isfinite(out[n]))
     out["nonfinite"] = float(nonfinite)
     return out

@@ -17,6 +17,7 @@ import math
 import os
 import stat
 import struct
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -32,10 +33,14 @@ HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on the header size
 _CHUNK = 1 << 22
 
 
+_HEADER_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+"""The header's one JSON form (sorted keys, no spaces, ASCII): as written, and as its CRC
+covers it (without the two CRC keys). One encoder, built once, for every header."""
+
+
 def _canonical_crc(header: dict[str, Any]) -> str:
     meta = {k: v for k, v in header.get("__metadata__", {}).items() if not k.startswith("_crc32")}
-    body = dict(header, __metadata__=meta)
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    text = _HEADER_JSON.encode(dict(header, __metadata__=meta))
     return f"{crc32(text.encode()):08x}"
 
 
@@ -49,6 +54,9 @@ _DTYPE_ORDER = ("BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "
                 "I64", "U64")  # fmt: skip
 """safetensors' own dtype order: its writer lays tensors out from the last of these (widest)
 to the first, by name within a dtype, so each tensor's bytes are aligned to its width."""
+_DTYPE_RANK = {code: rank for rank, code in enumerate(_DTYPE_ORDER)}
+_LITTLE_ENDIAN = {"<", "|"} | ({"="} if sys.byteorder == "little" else set())
+"""numpy's byte-order marks of data already stored little-endian, as safetensors stores it."""
 
 
 def encode_step(
@@ -65,20 +73,21 @@ def encode_step(
         code = _DTYPE_CODES.get((dtype.kind, dtype.itemsize))
         if code is None:
             raise ValueError(f"{name}: dtype {dtype} cannot be stored")
-        little = np.ascontiguousarray(array)
-        if dtype.str[0] == ">":
-            little = little.astype(dtype.newbyteorder("<"))
-        flat = little.reshape(-1).view(np.uint8)
-        entries.append((-_DTYPE_ORDER.index(code), name, code, list(array.shape), flat))
+        if dtype.byteorder not in _LITTLE_ENDIAN:
+            array = array.astype(dtype.newbyteorder("<"))
+        entries.append((-_DTYPE_RANK[code], name, code, array))
     entries.sort(key=lambda entry: entry[:2])
     header: dict[str, Any] = {}
     data: list[bytes | memoryview] = []
     position = crc = 0
-    for _, name, code, shape, flat in entries:
-        part = (flat.copy() if snapshot else flat).data
+    for _, name, code, array in entries:
+        stored = np.ascontiguousarray(array)
+        if snapshot:
+            stored = stored.copy()
+        part = stored.reshape(-1).data.cast("B")
         header[name] = {
             "dtype": code,
-            "shape": shape,
+            "shape": list(array.shape),
             "data_offsets": [position, position + part.nbytes],
         }
         position += part.nbytes
@@ -88,7 +97,7 @@ def encode_step(
     meta[META_CRC_DATA] = f"{crc:08x}"
     header["__metadata__"] = meta
     meta[META_CRC_HEADER] = _canonical_crc(header)
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()  # stable bytes
+    text = _HEADER_JSON.encode(header).encode()  # stable bytes
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
     return [struct.pack("<Q", len(text)), text, *data]
 

@@ -208,6 +208,7 @@ class Recorder:
         if policy is None and policy_params:
             raise UsageError("policy_params go with a policy; policy=None records none")
         self.path = Path(path)
+        self._steps_dir = self.path / STEPS_DIR
         self.unit = unit
         self.world_size = world_size
         self.rank = rank
@@ -371,7 +372,7 @@ class Recorder:
             META_NUM_SEQUENCES: str(int(ids.max()) + 1 if ids.size else 0),
             META_SCORED_TOKENS: str(np.count_nonzero(mask)),
         })  # fmt: skip
-        final = self.path / STEPS_DIR / step_file_name(step, self.rank, self.world_size)
+        final = self._steps_dir / step_file_name(step, self.rank, self.world_size)
         parts = encode_step(tensors, metadata, snapshot=self._writer is not None)
         if self._writer is None:
             try:
