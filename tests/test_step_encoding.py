@@ -137,3 +137,19 @@ def test_write_atomic_resumes_short_writes_and_splits_long_lists_of_parts(tmp_pa
     path = write_atomic(tmp_path / "parts.bin", parts)
     assert path.read_bytes() == b"".join(parts)
     assert max(calls) == 3 and len(calls) == -(-sum(range(12)) // 7)
+
+
+def test_write_atomic_batches_short_parts_and_writes_a_long_one_alone(tmp_path, monkeypatch):
+    """Parts go to the kernel together up to `_BATCH` bytes a call; a longer part by itself."""
+    real_writev, calls = os.writev, []
+
+    def recording_writev(fd: int, buffers: list[memoryview]) -> int:
+        calls.append([len(buffer) for buffer in buffers])
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(_atomic, "_BATCH", 8)
+    monkeypatch.setattr(_atomic.os, "writev", recording_writev)
+    parts = [b"a" * 3, b"b" * 5, b"c" * 20, b"d" * 2, b"e" * 2]
+    path = write_atomic(tmp_path / "parts.bin", parts)
+    assert path.read_bytes() == b"".join(parts)
+    assert calls == [[3, 5], [20], [2, 2]]
