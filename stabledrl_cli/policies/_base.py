@@ -80,7 +80,7 @@ def _agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
     if agg == "micro-token-mean":
         # Z_k K: each micro-batch's own token mean, averaged over the K micro-batches.
         tokens = prep.micro_sum(prep.seq_len).clamp(min=1.0)
-        return (tokens * float(prep.num_micro))[prep.seq_micro][prep.seq]
+        return prep.per_token((tokens * float(prep.num_micro))[prep.seq_micro])
     n_seq = num_sequences(prep, config.rows)
     if agg == "seq-mean-token-mean":
         return seq_mean_token_mean_norm(prep, config.rows)
@@ -95,7 +95,7 @@ def _agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
         # verl's horizon loss_mask.shape[-1]: the longest response of each micro-batch.
         horizon = torch.zeros(prep.num_micro, dtype=prep.dtype, device=prep.device)
         horizon = horizon.scatter_reduce(0, prep.seq_micro, prep.seq_len, reduce="amax")
-        return n_seq * horizon.clamp(min=1.0)[prep.seq_micro][prep.seq]
+        return n_seq * prep.per_token(horizon.clamp(min=1.0)[prep.seq_micro])
     if prep.loss_scale is None:
         raise UsageError("agg=recorded needs the recorded `loss_scale`, which this batch lacks")
     return prep.loss_scale

@@ -264,6 +264,13 @@ class PreparedBatch:
         out = torch.zeros(*lead, self.n_seq, dtype=values.dtype, device=values.device)
         return out.index_add_(-1, self.seq, masked)
 
+    def per_token(self, per_seq: torch.Tensor) -> torch.Tensor:
+        """[N] -> [T]: each token's sequence's value (a broadcast copy of the [N, L] layout on a
+        padded batch, several times faster than gathering by `seq`)."""
+        if self.row_length is not None:
+            return per_seq[:, None].expand(self.n_seq, self.row_length).reshape(-1)
+        return per_seq[self.seq]
+
     def group_sum(self, per_seq: torch.Tensor) -> torch.Tensor:
         """[N] -> [G]: sum over the sequences of each group."""
         out = torch.zeros(self.n_groups_total, dtype=per_seq.dtype, device=per_seq.device)
@@ -282,7 +289,7 @@ class PreparedBatch:
     @cached_property
     def seq_len_tokens(self) -> torch.Tensor:
         """[T] |y_i| of each token's sequence, clamped to >= 1."""
-        return self.seq_len.clamp(min=1.0)[self.seq]
+        return self.per_token(self.seq_len.clamp(min=1.0))
 
     @cached_property
     def num_live_seqs(self) -> torch.Tensor:
@@ -359,7 +366,7 @@ class PreparedBatch:
                 per_seq = recompute_advantages(
                     self.reward, self.seq_group, self.n_groups_total, mode
                 )
-                self._adv_cache[mode] = per_seq[self.seq]
+                self._adv_cache[mode] = self.per_token(per_seq)
             else:
                 raise UsageError(f"unknown adv mode {mode!r}; valid: {', '.join(ADV_MODES)}")
         return self._adv_cache[mode]

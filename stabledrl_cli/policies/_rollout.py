@@ -32,7 +32,7 @@ def rollout_weight(prep: PreparedBatch, config: BaseConfig) -> torch.Tensor:
     diff = torch.nan_to_num(prep.logp_old - prep.logp_rollout, nan=0.0)
     diff = torch.where(prep.mask, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
     if config.tis.startswith("sequence"):
-        diff = prep.seq_sum(diff)[prep.seq]
+        diff = prep.per_token(prep.seq_sum(diff))
     weight = torch.exp(diff)
     low = -math.inf if config.tis_min is None else config.tis_min
     high = math.inf if config.tis_max is None else config.tis_max

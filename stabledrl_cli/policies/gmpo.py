@@ -30,7 +30,7 @@ class GMPOPolicy(Policy):
     config: GMPOConfig
 
     def norm(self, prep: PreparedBatch) -> torch.Tensor:
-        length = prep.seq_len[prep.seq] + _LENGTH_GUARD
+        length = prep.per_token(prep.seq_len) + _LENGTH_GUARD
         return num_sequences(prep, self.config.rows) * length
 
     def _policy_terms(
@@ -53,7 +53,7 @@ class GMPOPolicy(Policy):
         objective = per_seq.sum() / n_rows
         discarded = ((adv > 0) & (x > cfg.eps_high)) | ((adv < 0) & (x < -cfg.eps_low))
         kept = (sign != 0) & ~discarded
-        coef = keep_times(kept, per_seq[prep.seq] / norm)
+        coef = keep_times(kept, prep.per_token(per_seq) / norm)
         return PolicyTerms(
             coef=coef, objective=objective, discarded=discarded, clipped=torch.zeros_like(kept)
         )

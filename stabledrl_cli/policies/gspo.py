@@ -33,12 +33,12 @@ class GSPOPolicy(Policy):
     ) -> PolicyTerms:
         cfg = self.config
         low, high = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
-        seq_ratio = torch.exp(prep.seq_mean_log_ratio)[prep.seq]
+        seq_ratio = prep.per_token(torch.exp(prep.seq_mean_log_ratio))
         value = torch.minimum(ratio_times(seq_ratio, adv), torch.clamp(seq_ratio, low, high) * adv)
         discarded = ((adv > 0) & (seq_ratio > high)) | ((adv < 0) & (seq_ratio < low))
         scale = prep.weight_over(norm)
         objective = masked_sum(prep.mask, scale * value)
-        kept = prep.seq_sum(keep_times(~discarded, scale * adv))[prep.seq]
+        kept = prep.per_token(prep.seq_sum(keep_times(~discarded, scale * adv)))
         # 0 for a discarded sequence even when s_i overflowed (never 0 * inf).
         coef = keep_times(kept != 0, seq_ratio * kept / prep.seq_len_tokens)
         return PolicyTerms(

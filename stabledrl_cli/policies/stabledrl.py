@@ -95,10 +95,10 @@ class StableDRLPolicy(Policy):
             live = self._members(prep).to(prep.dtype)
             seg_size = torch.zeros(n_seg, dtype=prep.dtype, device=prep.device)
             seg_size = seg_size.index_add(0, seg_of_seq, live).clamp(min=1.0)
-            return n_groups * seg_size[seg_of_seq][prep.seq] * prep.seq_len_tokens
+            return n_groups * prep.per_token(seg_size[seg_of_seq]) * prep.seq_len_tokens
         seg_tokens = torch.zeros(n_seg, dtype=prep.dtype, device=prep.device)
         seg_tokens = seg_tokens.index_add(0, seg_of_seq, prep.seq_len).clamp(min=1.0)
-        return n_groups * seg_tokens[seg_of_seq][prep.seq]
+        return n_groups * prep.per_token(seg_tokens[seg_of_seq])
 
     def _policy_terms(
         self, prep: PreparedBatch, adv: torch.Tensor, norm: torch.Tensor
@@ -108,14 +108,16 @@ class StableDRLPolicy(Policy):
         log_c = math.log(cfg.c)
         if cfg.level == "seq":
             mean_log_ratio = prep.seq_mean_log_ratio
-            share = segment_softmax(
-                torch.clamp(mean_log_ratio, max=log_c), seg_of_seq, self._members(prep), n_seg
-            )[prep.seq]
-            clipped = (mean_log_ratio > log_c)[prep.seq]
+            share = prep.per_token(
+                segment_softmax(
+                    torch.clamp(mean_log_ratio, max=log_c), seg_of_seq, self._members(prep), n_seg
+                )
+            )
+            clipped = prep.per_token(mean_log_ratio > log_c)
             per_token = share / prep.seq_len_tokens
         else:
             share = segment_softmax(
-                torch.clamp(prep.log_ratio, max=log_c), seg_of_seq[prep.seq], prep.mask, n_seg
+                torch.clamp(prep.log_ratio, max=log_c), prep.per_token(seg_of_seq), prep.mask, n_seg
             )
             clipped = prep.log_ratio > log_c
             per_token = share

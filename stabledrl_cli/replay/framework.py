@@ -123,7 +123,7 @@ def _token_fraction(
         num = tally(hit & prep.mask).double()
         den = prep.memo(("scored_count",), lambda: tally(prep.mask).double())
         return num / (den.clamp(min=1.0) if eps is None else den + eps)
-    token_mb = seq_index[prep.seq]
+    token_mb = prep.per_token(seq_index)
     zeros = torch.zeros(cells, dtype=torch.float64, device=prep.device)
     num = zeros.index_add(0, token_mb, (hit & prep.mask).double())
     den = zeros.index_add(0, token_mb, prep.mask.double())
@@ -216,7 +216,9 @@ def _verl(
 
     if isinstance(config, GSPOConfig):
         seq_ratio = torch.exp(prep.seq_mean_log_ratio.clamp(max=VERL_SEQ_LOG_RATIO_MAX))
-        _, _, either = _clip_hits(prep, seq_ratio[prep.seq], adv, config.eps_low, config.eps_high)
+        _, _, either = _clip_hits(
+            prep, prep.per_token(seq_ratio), adv, config.eps_low, config.eps_high
+        )
         return [frac(either), zero]
     if isinstance(config, ClipConfig):
         bounds = [1.0 - config.eps_low, 1.0 + config.high]
