@@ -1,16 +1,31 @@
-"""Freed memory handed back to the operating system between a replay's chunks.
+"""Freed memory kept for reuse during a replay, and handed back to the operating system between
+its chunks.
 
-glibc serves a replay's large, short-lived tensors from its heap once they have been freed a
-few times; the holes the small long-lived objects leave between them are never returned, so
-without a trim the resident memory creeps up to a multiple of what a chunk holds. `malloc_trim`
-returns every free page (not only the heap's top). Elsewhere than glibc it does nothing.
+A replay allocates and frees tensors of a step's size hundreds of times a step. By default
+glibc maps each one above its mmap threshold afresh and gives the top of its heap back as soon
+as it is free, so every tensor's pages fault in again: a third of a large replay's time went to
+the kernel. `heap_kept` serves them from the heap and keeps the freed pages; without trims the
+holes the small long-lived objects leave between them would creep the resident memory up to a
+multiple of what a chunk holds, so `release_freed_memory` returns every free page (not only the
+heap's top) once enough lies free. Elsewhere than glibc both do nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+"""glibc's documented default of both thresholds."""
+HEAP_SERVED = 32 * 1024 * 1024
+"""Allocations below this come from the heap inside `heap_kept` (glibc's own dynamic ceiling
+for its mmap threshold on 64-bit systems)."""
+_NEVER_TRIM = 2**31 - 1
 
 
 class _MallInfo2(ctypes.Structure):
@@ -29,6 +44,7 @@ def _glibc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         libc.mallinfo2.restype = _MallInfo2
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     except (OSError, AttributeError, TypeError):
         return None
     return libc
@@ -40,4 +56,24 @@ def release_freed_memory(keep: int) -> None:
     is used again, so it waits until the holes are worth it."""
     libc = _glibc()
     if libc is not None and libc.mallinfo2().fordblks > keep:
+        libc.malloc_trim(0)
+
+
+@contextmanager
+def heap_kept() -> Iterator[None]:
+    """Inside: allocations below `HEAP_SERVED` come from the heap, and freed memory stays there
+    until `release_freed_memory` (no page faults when the next step reuses it). On exit glibc's
+    default thresholds are back (fixed: its dynamic adjustment of them stays off) and the free
+    pages are returned."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, HEAP_SERVED)
+    libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
         libc.malloc_trim(0)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stabledrl_cli._memory import release_freed_memory
+from stabledrl_cli._memory import heap_kept, release_freed_memory
 from stabledrl_cli.dump import Run, Step
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.geometry import GRAM_KEY, SKETCH_KEY, SKETCH_SCALE_KEY
@@ -55,7 +55,7 @@ GEOMETRY_FIELDS = (GRAM_KEY, SKETCH_KEY)
 
 Arrays = dict[str, torch.Tensor]
 
-RELEASE_AFTER = 4
+RELEASE_AFTER = 8
 """Free heap memory, in memory budgets, past which a chunk's end returns it to the system."""
 
 
@@ -263,40 +263,41 @@ def stream_run(
     floor, likelihood = NoiseFloor(), OwnLikelihood()
     scalar_steps: list[int] = []
     chunks = _read_chunks(run, policies, likelihood, chunk_size, memory_budget, scalar_steps, steps)
-    for chunk, arrays in chunks:
-        to_device(arrays, device)
-        rows, moments = [], []
-        for step, step_arrays in zip(chunk, arrays, strict=True):
-            prep = prepared(step, step_arrays, unit, where)
-            geometry = step_geometry(step, step_arrays, prep, where)
-            weights = [policy.weights(prep) for policy in policies]
-            micro = step_micro_batches(step, step_arrays, prep, where, ranks)
-            rows.append(
-                step_metrics(prep, policies, weights, geometry, own_index, micro, lean=lean)
-            )
-            if geometry.per_sequence:
-                coef = torch.stack([w.coef for w in weights])
-                approximate |= varies_within_sequence(coef, prep).cpu().numpy()
-            if step.scalars.get("inner_step") == NOISE_FLOOR_INNER_STEP:
-                moments.append(
-                    logratio_moments(
-                        step_arrays["logp"], step_arrays["logp_old"], step_arrays["mask"]
-                    )
+    with heap_kept():
+        for chunk, arrays in chunks:
+            to_device(arrays, device)
+            rows, moments = [], []
+            for step, step_arrays in zip(chunk, arrays, strict=True):
+                prep = prepared(step, step_arrays, unit, where)
+                geometry = step_geometry(step, step_arrays, prep, where)
+                weights = [policy.weights(prep) for policy in policies]
+                micro = step_micro_batches(step, step_arrays, prep, where, ranks)
+                rows.append(
+                    step_metrics(prep, policies, weights, geometry, own_index, micro, lean=lean)
                 )
-            numbers.append(step.step)
-            kinds.append(geometry.kind)
-            loss.append(step.scalars.get("loss", math.nan))
-            covered.append(step.scalars.get("grad_norm_covered", math.nan))
-        blocks.append(torch.stack(rows).cpu().numpy())
-        if moments:
-            for count, mean, m2 in torch.stack(moments).cpu().tolist():
-                floor.add(int(count), mean, m2)
-        done = len(chunk)
-        # The chunk's steps hold their files' buffers: dropped before the next chunk is read.
-        del chunk, arrays, rows, moments, step, step_arrays, prep, geometry, weights, micro
-        release_freed_memory(keep=RELEASE_AFTER * memory_budget)
-        if progress is not None:
-            progress(done)
+                if geometry.per_sequence:
+                    coef = torch.stack([w.coef for w in weights])
+                    approximate |= varies_within_sequence(coef, prep).cpu().numpy()
+                if step.scalars.get("inner_step") == NOISE_FLOOR_INNER_STEP:
+                    moments.append(
+                        logratio_moments(
+                            step_arrays["logp"], step_arrays["logp_old"], step_arrays["mask"]
+                        )
+                    )
+                numbers.append(step.step)
+                kinds.append(geometry.kind)
+                loss.append(step.scalars.get("loss", math.nan))
+                covered.append(step.scalars.get("grad_norm_covered", math.nan))
+            blocks.append(torch.stack(rows).cpu().numpy())
+            if moments:
+                for count, mean, m2 in torch.stack(moments).cpu().tolist():
+                    floor.add(int(count), mean, m2)
+            done = len(chunk)
+            # The chunk's steps hold their files' buffers: dropped before the next chunk is read.
+            del chunk, arrays, rows, moments, step, step_arrays, prep, geometry, weights, micro
+            release_freed_memory(keep=RELEASE_AFTER * memory_budget)
+            if progress is not None:
+                progress(done)
     metrics = (
         np.concatenate(blocks)
         if blocks
