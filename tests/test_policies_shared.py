@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from stabledrl_cli.policies import STANDARD_CATALOGUE, PolicyBatch, get_policy, prepare
-from stabledrl_cli.policies._masked import count_nonfinite, keep_times, masked_sum, ratio_times
+from stabledrl_cli.policies._masked import (
+    above,
+    below,
+    count_nonfinite,
+    keep_times,
+    masked_sum,
+    ratio_times,
+)
 
 SPECS = [
     *STANDARD_CATALOGUE,
@@ -65,6 +72,19 @@ def test_shortcuts_equal_where_and_fall_back_on_non_finite_values():
     mask = torch.tensor([True, True, False])
     assert count_nonfinite(torch.tensor([1.0, 2.0, 0.0]), mask).item() == 0
     assert count_nonfinite(torch.tensor([math.nan, math.inf, 0.0]), mask).item() == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_comparisons_equal_torchs_own(dtype):
+    values = torch.tensor(
+        [1.2, 0.8, 1.0 + 0.2, math.nextafter(1.2, 2.0), math.nan, math.inf, -math.inf, 0.0, -0.0],
+        dtype=dtype,
+    )
+    strided = torch.stack([values, -values], dim=1)[:, 1]  # not contiguous
+    for tensor in (values, strided):
+        for bound in (1.2, 0.8, 1.0 + 0.2, 0.0, -0.0, math.inf, -math.inf, 1e-45):
+            assert torch.equal(above(tensor, bound), tensor > bound), (tensor, bound)
+            assert torch.equal(below(tensor, bound), tensor < bound), (tensor, bound)
 
 
 def test_nonfinite_inputs_are_known_without_a_pass_when_every_sum_is_finite():

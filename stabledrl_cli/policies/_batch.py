@@ -38,7 +38,7 @@ import torch
 
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies._advantages import recompute_advantages
-from stabledrl_cli.policies._masked import finite_sum, keep_times
+from stabledrl_cli.policies._masked import above, below, finite_sum, keep_times
 from stabledrl_cli.vocab import ADV_MODES, UNITS, AdvMode, Unit
 
 _T = TypeVar("_T")
@@ -214,7 +214,9 @@ class PreparedBatch:
         (eligible), with A > 0 and with A < 0."""
         mask = self.mask
         return self.memo_of(
-            "signs", adv, lambda: (mask & (adv != 0), mask & (adv > 0), mask & (adv < 0))
+            "signs",
+            adv,
+            lambda: (mask & (adv != 0), mask & above(adv, 0.0), mask & below(adv, 0.0)),
         )
 
     def eligible(self, mode: AdvMode = "recorded") -> torch.Tensor:

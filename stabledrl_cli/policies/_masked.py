@@ -8,7 +8,7 @@ finite sum, and a device path that never syncs with the host.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,33 @@ def as_bytes(flags: torch.Tensor) -> torch.Tensor:
     """A bool tensor viewed as uint8 0/1 (no copy): products with it are several times faster
     on the CPU than with the bool tensor itself."""
     return flags.view(torch.uint8)
+
+
+def above(values: torch.Tensor, bound: float) -> torch.Tensor:
+    """[...] bool values > bound, compared in values' dtype as torch compares a tensor with a
+    number (NaN is above nothing). On the CPU numpy compares (six times faster than torch's
+    comparisons to bool there); elsewhere torch."""
+    return _compare(values, bound, np.greater, torch.gt)
+
+
+def below(values: torch.Tensor, bound: float) -> torch.Tensor:
+    """[...] bool values < bound (as `above`)."""
+    return _compare(values, bound, np.less, torch.lt)
+
+
+def _compare(
+    values: torch.Tensor,
+    bound: float,
+    host: Callable[[np.ndarray, np.generic], np.ndarray],
+    device: Callable[[torch.Tensor, float], torch.Tensor],
+) -> torch.Tensor:
+    if values.device.type == "cpu" and values.dtype in _HOST_COMPARED:
+        array = values.numpy()
+        return torch.from_numpy(host(array, array.dtype.type(bound)))
+    return device(values, bound)
+
+
+_HOST_COMPARED = (torch.float32, torch.float64)
 
 
 def finite_sum(values: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ import torch
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import BaseConfig
+from stabledrl_cli.policies._masked import above, below
 
 
 def rollout_weight(prep: PreparedBatch, config: BaseConfig) -> torch.Tensor:
@@ -38,7 +39,7 @@ def rollout_weight(prep: PreparedBatch, config: BaseConfig) -> torch.Tensor:
     high = math.inf if config.tis_max is None else config.tis_max
     if config.tis.endswith("truncate"):
         return weight.clamp(min=None if config.tis_min is None else low, max=high)
-    outside = (weight < low) | (weight > high)
+    outside = below(weight, low) | above(weight, high)
     return torch.where(outside, torch.zeros((), dtype=weight.dtype, device=weight.device), weight)
 
 

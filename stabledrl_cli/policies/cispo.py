@@ -13,6 +13,7 @@ import torch
 from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import CISPOConfig
+from stabledrl_cli.policies._masked import above, below
 
 
 class CISPOPolicy(TokenPolicy):
@@ -27,12 +28,12 @@ class CISPOPolicy(TokenPolicy):
         ratio = prep.ratio
         if cfg.cap is not None:
             weight = torch.clamp(ratio, max=cfg.cap)
-            clipped = ratio > cfg.cap
+            clipped = above(ratio, cfg.cap)
         else:
             assert cfg.eps_low is not None and cfg.eps_high is not None  # the verl form
             low, high = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
             weight = torch.clamp(ratio, low, high)
-            clipped = (ratio < low) | (ratio > high)
+            clipped = below(ratio, low) | above(ratio, high)
         dvalue = weight * adv
         value = dvalue * prep.logp
         return value, dvalue, torch.zeros_like(clipped), clipped

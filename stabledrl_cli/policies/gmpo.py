@@ -17,7 +17,7 @@ import torch
 from stabledrl_cli.policies._base import Policy, PolicyTerms, num_sequences
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import GMPOConfig
-from stabledrl_cli.policies._masked import keep_times
+from stabledrl_cli.policies._masked import above, below, keep_times
 
 _LENGTH_GUARD = 1e-8  # verl's response_mask_sum + 1e-8
 _WEIGHT_GUARD = 1e-10  # verl's log(rollout_is_weights + 1e-10)
@@ -51,7 +51,9 @@ class GMPOPolicy(Policy):
         n_rows = num_sequences(prep, cfg.rows)
         per_seq = keep_times(seq_adv != 0, seq_adv * seq_ratio) * seq_weight
         objective = per_seq.sum() / n_rows
-        discarded = ((adv > 0) & (x > cfg.eps_high)) | ((adv < 0) & (x < -cfg.eps_low))
+        discarded = (above(adv, 0.0) & above(x, cfg.eps_high)) | (
+            below(adv, 0.0) & below(x, -cfg.eps_low)
+        )
         kept = (sign != 0) & ~discarded
         coef = keep_times(kept, prep.per_token(per_seq) / norm)
         return PolicyTerms(

@@ -15,7 +15,7 @@ import torch
 from stabledrl_cli.policies._base import Policy, PolicyTerms, seq_mean_token_mean_norm
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import GSPOConfig
-from stabledrl_cli.policies._masked import keep_times, masked_sum, ratio_times
+from stabledrl_cli.policies._masked import above, below, keep_times, masked_sum, ratio_times
 
 
 class GSPOPolicy(Policy):
@@ -35,7 +35,9 @@ class GSPOPolicy(Policy):
         low, high = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
         seq_ratio = prep.per_token(torch.exp(prep.seq_mean_log_ratio))
         value = torch.minimum(ratio_times(seq_ratio, adv), torch.clamp(seq_ratio, low, high) * adv)
-        discarded = ((adv > 0) & (seq_ratio > high)) | ((adv < 0) & (seq_ratio < low))
+        discarded = (above(adv, 0.0) & above(seq_ratio, high)) | (
+            below(adv, 0.0) & below(seq_ratio, low)
+        )
         scale = prep.weight_over(norm)
         objective = masked_sum(prep.mask, scale * value)
         kept = prep.per_token(prep.seq_sum(keep_times(~discarded, scale * adv)))

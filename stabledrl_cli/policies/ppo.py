@@ -14,7 +14,7 @@ import torch
 from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import ClipConfig, DualClipConfig, TwoSidedConfig
-from stabledrl_cli.policies._masked import keep_times, ratio_times
+from stabledrl_cli.policies._masked import above, below, keep_times, ratio_times
 
 
 def ppo_terms(
@@ -23,7 +23,7 @@ def ppo_terms(
     """-> (value of min(r A, clip(r) A), discarded by the conditional clip)."""
     low, high = 1.0 - eps_low, 1.0 + eps_high
     value = torch.minimum(ratio_times(ratio, adv), torch.clamp(ratio, low, high) * adv)
-    discarded = ((adv > 0) & (ratio > high)) | ((adv < 0) & (ratio < low))
+    discarded = (above(adv, 0.0) & above(ratio, high)) | (below(adv, 0.0) & below(ratio, low))
     return value, discarded
 
 
@@ -56,12 +56,12 @@ class DualClipPolicy(TokenPolicy):
         cfg = self.config
         # verl clamps log r to [-20, 20] before exp so the ratio cannot overflow; the clamp
         # also zeroes the gradient of the tokens outside it.
-        outside = prep.log_ratio.abs() > VERL_LOG_RATIO_CLAMP
+        outside = above(prep.log_ratio.abs(), VERL_LOG_RATIO_CLAMP)
         ratio = prep.clamped_ratio(VERL_LOG_RATIO_CLAMP)
         value, discarded = ppo_terms(ratio, adv, cfg.eps_low, cfg.high)
         # max(., c A) only binds for A < 0: for A >= 0 the term is >= 0 = c min(A, 0).
         value = torch.maximum(value, cfg.c * torch.clamp(adv, max=0.0))
-        discarded = discarded | ((adv < 0) & (ratio > cfg.c)) | outside
+        discarded = discarded | (below(adv, 0.0) & above(ratio, cfg.c)) | outside
         dvalue = keep_times(~discarded, ratio * adv)
         return value, dvalue, discarded, torch.zeros_like(discarded)
 
@@ -79,8 +79,8 @@ class TwoSidedPolicy(TokenPolicy):
         low, high = 1.0 - cfg.eps_low, 1.0 + cfg.high
         capped = torch.clamp(ratio, max=cfg.delta)
         value = torch.minimum(capped * adv, torch.clamp(ratio, low, high) * adv)
-        discarded = ((adv > 0) & (ratio > high)) | (
-            (adv < 0) & ((ratio < low) | (ratio > cfg.delta))
+        discarded = (above(adv, 0.0) & above(ratio, high)) | (
+            below(adv, 0.0) & (below(ratio, low) | above(ratio, cfg.delta))
         )
         # r A only where the indicator keeps it: an overflowed r never meets a zero there.
         dvalue = keep_times(~discarded, ratio_times(ratio, adv))

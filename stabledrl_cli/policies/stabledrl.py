@@ -27,7 +27,7 @@ from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies._base import Policy, PolicyTerms
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import StableDRLConfig
-from stabledrl_cli.policies._masked import masked_sum
+from stabledrl_cli.policies._masked import above, masked_sum
 from stabledrl_cli.vocab import Unit
 
 
@@ -119,7 +119,7 @@ class StableDRLPolicy(Policy):
             share = segment_softmax(
                 torch.clamp(prep.log_ratio, max=log_c), prep.per_token(seg_of_seq), prep.mask, n_seg
             )
-            clipped = prep.log_ratio > log_c
+            clipped = above(prep.log_ratio, log_c)
             per_token = share
         coef = per_token * adv * prep.weight / n_groups
         objective = masked_sum(prep.mask, coef * prep.logp)

@@ -40,6 +40,7 @@ from stabledrl_cli.policies._config import (
     SAPOConfig,
     TwoSidedConfig,
 )
+from stabledrl_cli.policies._masked import above, below
 from stabledrl_cli.policies._masked import count as tally
 from stabledrl_cli.policies.ppo import VERL_LOG_RATIO_CLAMP
 from stabledrl_cli.replay.columns import TRL_METRICS, VERL_METRICS
@@ -147,9 +148,9 @@ def _clip_hits(
     once per step for the step's own ratio (TRL's and verl's metrics ask for the same)."""
 
     def hits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        below = (ratio < 1.0 - low) & (adv < 0)
-        above = (ratio > 1.0 + high) & (adv > 0)
-        return below, above, below | above
+        lower = below(ratio, 1.0 - low) & below(adv, 0.0)
+        upper = above(ratio, 1.0 + high) & above(adv, 0.0)
+        return lower, upper, lower | upper
 
     if ratio is not prep.ratio:
         return hits()
@@ -197,7 +198,7 @@ def _trl(
             nan,
         ]
     if isinstance(config, CISPOConfig) and config.cap is not None:
-        hit = (prep.ratio > config.cap) & (adv > 0)
+        hit = above(prep.ratio, config.cap) & above(adv, 0.0)
         return [nan, nan, nan, _token_fraction(hit, prep, micro, None)]
     return [nan, nan, nan, nan]
 
@@ -226,12 +227,16 @@ def _verl(
             bounds.append(config.c)
         ratio = _verl_ratio(prep, *bounds)
         _, _, either = _clip_hits(prep, ratio, adv, config.eps_low, config.high)
-        lower = frac((adv < 0) & (ratio > config.c)) if isinstance(config, DualClipConfig) else nan
+        lower = (
+            frac(below(adv, 0.0) & above(ratio, config.c))
+            if isinstance(config, DualClipConfig)
+            else nan
+        )
         return [frac(either), lower]
     if isinstance(config, CISPOConfig) and config.eps_low is not None:
         ceiling = 1.0 + (config.eps_low if config.eps_high is None else config.eps_high)
         ratio = _verl_ratio(prep, 1.0 - config.eps_low, ceiling)
-        return [frac((ratio < 1.0 - config.eps_low) | (ratio > ceiling)), zero]
+        return [frac(below(ratio, 1.0 - config.eps_low) | above(ratio, ceiling)), zero]
     if isinstance(config, SAPOConfig):
         return [zero, zero]
     return [nan, nan]
