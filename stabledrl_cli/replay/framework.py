@@ -116,7 +116,16 @@ def _token_fraction(
 ) -> torch.Tensor:
     """0-d: the unweighted mean over micro-batches of sum(hit & mask) / count(mask) (hit [T]);
     eps None: TRL's way (a call's counts summed over ranks, denominator clamp(min=1)), else
-    verl's (each rank's micro-batch on its own, denominator + eps)."""
+    verl's (each rank's micro-batch on its own, denominator + eps). Once per step for a hit
+    tensor: policies of the same bounds share their hits (`_clip_hits`) and so their fraction."""
+    return prep.memo_of(
+        f"token_fraction:{eps!r}", hit, lambda: _counted_fraction(hit, prep, micro, eps)
+    )
+
+
+def _counted_fraction(
+    hit: torch.Tensor, prep: PreparedBatch, micro: MicroBatches, eps: float | None
+) -> torch.Tensor:
     seq_index, cells = (
         (micro.pooled_index, micro.pooled_count) if eps is None else (micro.seq_index, micro.count)
     )
