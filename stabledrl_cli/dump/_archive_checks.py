@@ -16,17 +16,21 @@ Index and scalar datasets carry a CRC32 (attribute `crc32`, `index_crc`) written
 libhdf5 itself can loop forever or crash on a crafted file (a global heap whose free-space
 object has size 0 makes reading any string attribute spin with the GIL held: no signal or
 thread can stop it). So `probe` first reads the archive's metadata (every link, every
-attribute, the manifest and integrity texts) in a forked child under a time limit: a child
-that hangs or dies refuses the archive (InputError), and only then does the process itself
-read it.
+attribute, the manifest and integrity texts) in a forked child under a time limit, running
+`check_objects` there: a child that hangs or dies refuses the archive (InputError), and only
+then does the process itself read it. The child hands back what `check_objects` found, with
+the file's identity, so that the reader does not walk the same file's objects twice.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import signal
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -112,7 +116,8 @@ def _check_dataset(name: str, dataset: h5py.Dataset, path: Path, file_size: int)
 
 def check_objects(handle: h5py.File, path: Path, file_size: int) -> list[str]:
     """Refuses (InputError naming the object) any pointer or unbounded dataset in the file
-    (module docstring); reads no dataset's values. Returns the datasets' names."""
+    (module docstring); reads every object's attributes but no dataset's values. Returns the
+    datasets' names."""
     count = 0
     datasets: list[str] = []
     problem: list[InputError] = []
@@ -131,6 +136,7 @@ def check_objects(handle: h5py.File, path: Path, file_size: int) -> list[str]:
             return True
         try:
             target = handle[name]
+            dict(target.attrs.items())  # parsed here, in the probe's child first
             if isinstance(target, h5py.Dataset):
                 _check_dataset(name, target, path, file_size)
                 datasets.append(name)
@@ -154,53 +160,155 @@ def check_objects(handle: h5py.File, path: Path, file_size: int) -> list[str]:
     return datasets
 
 
-def _read_metadata(source: Path | BinaryIO) -> None:
-    """Everything libhdf5 parses before a reader trusts the file: links, attributes, texts."""
-    with h5py.File(source, "r") as handle:
+@dataclass(frozen=True)
+class Probed:
+    """What the probe's child found: the names `check_objects` returned, or its refusal, and
+    the identity of the file it read (`file_identity`). Neither names nor refusal when the
+    child could not tell (a Python error: the reader's own checks report it) or did not run."""
 
-        def visit(name: str, link: object) -> None:
-            if isinstance(link, h5py.HardLink):
-                dict(handle[name].attrs.items())
+    datasets: list[str] | None = None
+    refusal: str | None = None
+    identity: tuple[int, ...] | None = None
 
-        dict(handle.attrs.items())
-        handle.visititems_links(visit)
-        for name in TEXT_DATASETS:
-            if name in handle:
-                handle[name][()]
+    def objects(self, handle: h5py.File, path: Path, file_size: int) -> list[str]:
+        """`check_objects(handle, path, file_size)`, from the child's walk when it read this
+        very file (same identity), else walked here."""
+        if self.identity is None or self.identity != file_identity(handle):
+            return check_objects(handle, path, file_size)
+        if self.refusal is not None:
+            raise InputError(self.refusal)
+        if self.datasets is None:
+            return check_objects(handle, path, file_size)
+        return self.datasets
 
 
-def probe(path: Path, seconds: float | None = None, *, fileobj: BinaryIO | None = None) -> None:
-    """Reads the archive's metadata in a forked child (module docstring); InputError if the
-    child does not finish within `seconds` (default `PROBE_SECONDS`) or is killed by a signal.
-    Python errors in the child are left to the caller's own read to report. Without fork
-    (Windows) this does nothing. fileobj: the archive as a binary file object (read through
-    fsspec), `path` then only names it."""
+def file_identity(handle: h5py.File) -> tuple[int, ...] | None:
+    """(device, inode, size, mtime, ctime) of the file an open local archive reads; None for
+    one read through a file object."""
+    if handle.driver != "sec2":
+        return None
+    found = os.fstat(handle.id.get_vfd_handle())
+    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+
+
+def _child_report(source: Path | BinaryIO, path: Path, file_size: int) -> bytes:
+    """The child's reading of everything libhdf5 parses before a reader trusts the file (links,
+    attributes, texts) with `check_objects`, as one JSON line; b"" after a Python error."""
+    try:
+        with h5py.File(source, "r") as handle:
+            dict(handle.attrs.items())
+            identity = file_identity(handle)
+            try:
+                report: dict[str, object] = {"datasets": check_objects(handle, path, file_size)}
+            except InputError as exc:
+                report = {"refusal": str(exc)}
+            else:
+                for name in TEXT_DATASETS:
+                    if name in handle:
+                        handle[name][()]
+    except (SystemError, *H5_ERRORS):
+        return b""
+    return json.dumps({**report, "identity": identity}).encode() + b"\n"
+
+
+def _parse_report(data: bytes) -> Probed | None:
+    """The child's complete report, or None (cut short: it died while writing it)."""
+    if not data.endswith(b"\n"):
+        return None
+    report = json.loads(data)
+    identity = report.get("identity")
+    return Probed(
+        datasets=report.get("datasets"),
+        refusal=report.get("refusal"),
+        identity=None if identity is None else tuple(identity),
+    )
+
+
+def _read_until_eof(fd: int, deadline: float) -> bytes | None:
+    """Everything written to pipe `fd` until its writer closes it, or None at `deadline`."""
+    parts: list[bytes] = []
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(max(1, round(remaining * 1000))):
+            return None
+        part = os.read(fd, 1 << 16)
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+
+
+_UNREAPED: set[int] = set()
+"""Probe children that had handed back their report but were still exiting: reaped by the
+next probe (as `subprocess` reaps its finished children)."""
+
+
+def _wait(pid: int, options: int) -> tuple[int, int]:
+    """`os.waitpid`, a child reaped elsewhere (SIGCHLD ignored) counting as exited."""
+    try:
+        return os.waitpid(pid, options)
+    except ChildProcessError:
+        return pid, 0
+
+
+def _reap_finished() -> None:
+    for pid in list(_UNREAPED):
+        if _wait(pid, os.WNOHANG)[0]:
+            _UNREAPED.discard(pid)
+
+
+def probe(
+    path: Path, file_size: int, seconds: float | None = None, *, fileobj: BinaryIO | None = None
+) -> Probed:
+    """Reads the archive's metadata and runs `check_objects` in a forked child (module
+    docstring); InputError if the child does not finish within `seconds` (default
+    `PROBE_SECONDS`) or is killed by a signal. Returns what the child found (Python errors in
+    the child are left to the caller's own read to report). The parent waits on a pipe the
+    child closes once its report is written, not on its exit. Without fork (Windows) this
+    reads nothing and returns an empty `Probed`. fileobj: the archive as a binary file object
+    (read through fsspec), `path` then only names it."""
     if not hasattr(os, "fork"):
-        return
+        return Probed()
+    _reap_finished()
     limit = PROBE_SECONDS if seconds is None else seconds
+    read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: read, then leave without running any exit handler
+    if pid == 0:  # the child: report, then leave without running any exit handler
         try:
-            _read_metadata(path if fileobj is None else fileobj)
+            os.close(read_end)
+            report = _child_report(path if fileobj is None else fileobj, path, file_size)
+            view = memoryview(report)
+            while view:
+                view = view[os.write(write_end, view) :]
+            os.close(write_end)
         finally:
             os._exit(0)
-    deadline = time.monotonic() + limit
-    delay = 0.001
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise InputError(
-                f"{path}: refused: reading its HDF5 metadata did not finish in {limit:g} s "
-                "(a corrupt or crafted archive)"
-            )
-        time.sleep(delay)
-        delay = min(delay * 2, 0.005)
+    os.close(write_end)
+    try:
+        data = _read_until_eof(read_end, time.monotonic() + limit)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        _wait(pid, 0)
+        raise
+    finally:
+        os.close(read_end)
+    if data is None:
+        os.kill(pid, signal.SIGKILL)
+        _wait(pid, 0)
+        raise InputError(
+            f"{path}: refused: reading its HDF5 metadata did not finish in {limit:g} s "
+            "(a corrupt or crafted archive)"
+        )
+    probed = _parse_report(data)
+    if probed is not None:  # finished: its exit need not be waited for
+        if not _wait(pid, os.WNOHANG)[0]:
+            _UNREAPED.add(pid)
+        return probed
+    _, status = _wait(pid, 0)
     if os.WIFSIGNALED(status):
         raise InputError(
             f"{path}: refused: reading its HDF5 metadata crashed libhdf5 "
             f"(signal {os.WTERMSIG(status)}; a corrupt or crafted archive)"
         )
+    return Probed()

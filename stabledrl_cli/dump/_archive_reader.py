@@ -22,7 +22,6 @@ import torch
 from stabledrl_cli.dump._archive_checks import (
     CRC_ATTR,
     H5_ERRORS,
-    check_objects,
     index_crc,
     probe,
 )
@@ -54,6 +53,13 @@ _CHUNK_CACHE_BYTES = 1 << 20
 _INTEGRITY_LIMIT = 64 << 20
 """Bytes of the carried integrity findings (a run with a million stray files has ~200 MB; such
 an archive is refused rather than parsed)."""
+
+
+def _chunk_count(dataset: h5py.Dataset) -> int | None:
+    """Chunks of a chunked one-dimensional dataset (None for any other)."""
+    if dataset.chunks is None or dataset.ndim != 1:
+        return None
+    return -(-int(dataset.shape[0]) // int(dataset.chunks[0]))
 
 
 def _is_finding(value: object) -> bool:
@@ -115,16 +121,22 @@ class ArchiveRun(Run):
         self._read_chunks: dict[str, set[int]] = {}
         """Per data dataset, the chunks a step's read has decoded (their Fletcher32 checked):
         the integrity check does not read them again."""
-        probe(path, fileobj=fileobj)
+        self._read_whole: set[str] = set()
+        """The index and text datasets read whole when the archive was opened: the integrity
+        check does not read them again either."""
         try:
             file_size = os.stat(path).st_size if size is None else size
+        except OSError as exc:
+            raise InputError(f"{path}: unreadable HDF5 file ({exc})") from None
+        probed = probe(path, file_size, fileobj=fileobj)
+        try:
             source = path if fileobj is None else fileobj
             self._file = h5py.File(source, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
         except H5_ERRORS as exc:
             raise InputError(f"{path}: unreadable HDF5 file ({exc})") from None
         try:
             self._check_kind()
-            self._datasets = check_objects(self._file, path, file_size)
+            self._datasets = probed.objects(self._file, path, file_size)
             self._load()
         except InputError:
             self._file.close()
@@ -137,6 +149,7 @@ class ArchiveRun(Run):
         """A JSON string dataset, its size capped and its checksum checked (if it has one)."""
         dataset = self._file[name]
         text = decode(dataset[()])
+        self._read_whole.add(name)
         if not isinstance(text, str) or len(text) > limit:
             raise InputError(f"{self.path}: corrupt run archive ({name} is not a bounded string)")
         expected = decode(dataset.attrs.get(CRC_ATTR))
@@ -154,6 +167,7 @@ class ArchiveRun(Run):
         trusted) and is a finding."""
         dataset = self._file[name]
         values: np.ndarray = dataset[()]
+        self._read_whole.add(name)
         if self._checksummed:
             expected = decode(dataset.attrs.get(CRC_ATTR))
             if expected != index_crc(values):
@@ -418,20 +432,24 @@ class ArchiveRun(Run):
 
     # -- integrity -----------------------------------------------------------------------------
     def _check_all_chunks(self) -> list[Finding]:
-        """Reads every chunk of every dataset that no step's read has decoded already; a bad
-        one marks the steps whose data it holds (a dataset that cannot even be opened or
-        listed: every step it holds)."""
+        """Reads every chunk of every dataset that was not read already (an index or text read
+        whole at opening, a chunk a step's read decoded); a bad one marks the steps whose data
+        it holds (a dataset that cannot even be opened or listed: every step it holds)."""
         findings = []
         for name in self._datasets:
+            if name in self._read_whole:
+                continue
+            read = self._read_chunks.get(name, set())
             try:
                 dataset = self._file[name]
+                if read and len(read) == _chunk_count(dataset):
+                    continue
                 chunks: list[tuple[slice, ...]] = (
                     list(dataset.iter_chunks()) if dataset.chunks else [()]
                 )
             except H5_ERRORS as exc:
                 findings.append(self._bad_chunk(name, (slice(0, None),), exc))
                 continue
-            read = self._read_chunks.get(name, set())
             for chunk in chunks:
                 if read and chunk[0].start // dataset.chunks[0] in read:
                     continue

@@ -1,0 +1,157 @@
+"""The archive probe (`dump._archive_checks.probe`): its forked child reads the metadata and
+walks the objects once for the reader; a child that hangs, dies or is cut short refuses the
+archive; a file swapped after the probe is walked again by the reader; no child is left."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+from _corpus import packed
+
+import stabledrl_cli as sd
+from stabledrl_cli.dump import _archive_checks
+from stabledrl_cli.errors import InputError
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the probe forks")
+
+
+def _probe(path: Path, seconds: float | None = None) -> _archive_checks.Probed:
+    return _archive_checks.probe(path, path.stat().st_size, seconds)
+
+
+@pytest.fixture
+def walks_here(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Paths that `check_objects` walked in this process (the probe's child's walks are lost
+    with the child)."""
+    walked: list[str] = []
+    real = _archive_checks.check_objects
+
+    def counting(handle: h5py.File, path: Path, file_size: int) -> list[str]:
+        walked.append(str(path))
+        return real(handle, path, file_size)
+
+    monkeypatch.setattr(_archive_checks, "check_objects", counting)
+    return walked
+
+
+def test_the_reader_takes_the_childs_walk(tmp_path: Path, walks_here: list[str]) -> None:
+    archive = packed(tmp_path)
+    run = sd.open_run(archive)
+    assert walks_here == []
+    with h5py.File(archive, "r") as handle:
+        expected = _archive_checks.check_objects(handle, archive, archive.stat().st_size)
+    assert sorted(run._datasets) == sorted(expected) and "tokens/logp" in expected
+
+
+def test_a_file_swapped_after_the_probe_is_walked_by_the_reader(
+    tmp_path: Path, walks_here: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child's walk is of the file it read; a different file under the same name (another
+    inode) is walked again, and refused if it points elsewhere."""
+    honest = packed(tmp_path / "honest")
+    crafted = packed(tmp_path / "crafted")
+    with h5py.File(crafted, "r+") as handle:
+        del handle["sequences/reward"]
+        handle["sequences/reward"] = h5py.SoftLink("/tokens/logp")
+    target = tmp_path / "run.h5"
+    shutil.copy(honest, target)
+    real_probe = _archive_checks.probe
+
+    def probe_then_swap(*args: object, **kwargs: object) -> _archive_checks.Probed:
+        probed = real_probe(*args, **kwargs)  # type: ignore[arg-type]
+        os.replace(tmp_path / "swap.h5", target)
+        return probed
+
+    monkeypatch.setattr("stabledrl_cli.dump._archive_reader.probe", probe_then_swap)
+    shutil.copy(honest, tmp_path / "swap.h5")
+    sd.open_run(target)
+    assert walks_here == [str(target)]
+    shutil.copy(crafted, tmp_path / "swap.h5")
+    with pytest.raises(InputError, match="sequences/reward is a soft link"):
+        sd.open_run(target)
+
+
+def test_a_refusal_found_by_the_child_is_the_readers_own(tmp_path: Path) -> None:
+    archive = packed(tmp_path)
+    with h5py.File(archive, "r+") as handle:
+        del handle["sequences/reward"]
+        handle["sequences/reward"] = h5py.ExternalLink("/etc/passwd", "/reward")
+    probed = _probe(archive)
+    assert probed.datasets is None
+    assert probed.refusal == f"{archive}: refused: sequences/reward is an external link"
+    with pytest.raises(InputError) as refused:
+        sd.open_run(archive)
+    assert str(refused.value) == probed.refusal
+
+
+def test_a_child_that_hangs_is_killed_and_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = packed(tmp_path)
+    monkeypatch.setattr(_archive_checks, "_child_report", lambda *args: time.sleep(60))
+    started = time.monotonic()
+    with pytest.raises(InputError, match=r"did not finish in 0\.5 s"):
+        _probe(archive, 0.5)
+    assert time.monotonic() - started < 10
+
+
+def test_a_child_that_dies_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = packed(tmp_path)
+
+    def crash(*args: object) -> bytes:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return b""
+
+    monkeypatch.setattr(_archive_checks, "_child_report", crash)
+    with pytest.raises(InputError, match=r"crashed libhdf5 \(signal 9;"):
+        _probe(archive)
+
+
+@pytest.mark.parametrize("report", ["none", "cut_short"])
+def test_a_child_without_a_whole_report_leaves_the_walk_to_the_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, walks_here: list[str], report: str
+) -> None:
+    """A Python error in the child (no report) or a report without its end: the reader walks
+    the file itself."""
+    archive = packed(tmp_path)
+    real = _archive_checks._child_report
+    monkeypatch.setattr(
+        _archive_checks,
+        "_child_report",
+        lambda *args: b"" if report == "none" else real(*args)[:-1],
+    )
+    assert _probe(archive) == _archive_checks.Probed()
+    sd.open_run(archive)
+    assert walks_here == [str(archive)]
+
+
+def test_no_probe_child_is_left_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader goes on once the child's report is in; a child still exiting then is reaped
+    by the next probe."""
+    archive = packed(tmp_path)
+    forked: list[int] = []
+    real_fork = os.fork
+
+    def recording_fork() -> int:
+        pid = real_fork()
+        if pid:
+            forked.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", recording_fork)
+    for _ in range(3):
+        sd.open_run(archive).close()
+    deadline = time.monotonic() + 10
+    while _archive_checks._UNREAPED and time.monotonic() < deadline:
+        time.sleep(0.01)
+        _archive_checks._reap_finished()
+    assert len(forked) == 3 and not _archive_checks._UNREAPED
+    for pid in forked:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
