@@ -89,27 +89,41 @@ def index_crc(values: np.ndarray | str) -> str:
     return f"{zlib.crc32(little.tobytes()):08x}"
 
 
-def _check_dataset(name: str, dataset: h5py.Dataset, path: Path, file_size: int) -> None:
+class _Held:
+    """A low-level object as h5py's attribute reader sees it (it reads only `.id`)."""
+
+    def __init__(self, oid: h5py.h5o.ObjectID) -> None:
+        self.id = oid
+
+
+def attributes(oid: h5py.h5o.ObjectID) -> h5py.AttributeManager:
+    """The attributes of a low-level object, read as `h5py.Dataset.attrs` reads them."""
+    return h5py.AttributeManager(_Held(oid))
+
+
+def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, path: Path, file_size: int) -> None:
     def refuse(why: str) -> InputError:
         return InputError(f"{path}: refused: dataset {name} {why}")
 
-    plist = dataset.id.get_create_plist()
+    plist = dataset.get_create_plist()
     if plist.get_external_count() > 0:
         raise refuse("stores its bytes in another file (external storage)")
-    if plist.get_layout() == h5py.h5d.VIRTUAL:
+    layout = plist.get_layout()
+    if layout == h5py.h5d.VIRTUAL:
         raise refuse("is a virtual dataset (maps other files)")
-    declared = int(np.prod(dataset.shape, dtype=object)) * dataset.dtype.itemsize
+    dtype = dataset.dtype
+    declared = int(np.prod(dataset.shape, dtype=object)) * dtype.itemsize
     if name in TEXT_DATASETS:
-        if dataset.shape != () or dataset.dtype.kind not in "OSU":
+        if dataset.shape != () or dtype.kind not in "OSU":
             raise refuse("is not a string")
         return
-    if dataset.dtype.kind not in "biuf":
-        raise refuse(f"has dtype {dataset.dtype} (numbers expected)")
+    if dtype.kind not in "biuf":
+        raise refuse(f"has dtype {dtype} (numbers expected)")
     bound = file_size if is_index(name) else DEFLATE_RATIO * file_size + (1 << 20)
     if declared > bound:
         raise refuse(f"declares {declared} bytes, more than a {file_size}-byte archive can hold")
-    if dataset.chunks is not None:
-        chunk = int(np.prod(dataset.chunks, dtype=object)) * dataset.dtype.itemsize
+    if layout == h5py.h5d.CHUNKED:
+        chunk = int(np.prod(plist.get_chunk(), dtype=object)) * dtype.itemsize
         if chunk > CHUNK_LIMIT:
             raise refuse(f"has {chunk}-byte chunks")
 
@@ -117,30 +131,35 @@ def _check_dataset(name: str, dataset: h5py.Dataset, path: Path, file_size: int)
 def check_objects(handle: h5py.File, path: Path, file_size: int) -> list[str]:
     """Refuses (InputError naming the object) any pointer or unbounded dataset in the file
     (module docstring); reads every object's attributes but no dataset's values. Returns the
-    datasets' names."""
+    datasets' names. Walks with h5py's low-level calls (a third of the high-level ones' time)."""
     count = 0
     datasets: list[str] = []
     problem: list[InputError] = []
 
-    def visit(name: str, link: h5py.HardLink | h5py.SoftLink | h5py.ExternalLink) -> bool | None:
+    def visit(raw: bytes, link: h5py.h5l.LinkInfo) -> bool | None:
         nonlocal count
         count += 1
         if count > OBJECT_LIMIT:
             problem.append(InputError(f"{path}: refused: more than {OBJECT_LIMIT} objects"))
             return True
-        if isinstance(link, h5py.ExternalLink):
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            problem.append(InputError(f"{path}: corrupt run archive (a link name is not UTF-8)"))
+            return True
+        if link.type == h5py.h5l.TYPE_EXTERNAL:
             problem.append(InputError(f"{path}: refused: {name} is an external link"))
             return True
-        if not isinstance(link, h5py.HardLink):
+        if link.type != h5py.h5l.TYPE_HARD:
             problem.append(InputError(f"{path}: refused: {name} is a soft link"))
             return True
         try:
-            target = handle[name]
-            dict(target.attrs.items())  # parsed here, in the probe's child first
-            if isinstance(target, h5py.Dataset):
+            target = h5py.h5o.open(handle.id, raw)
+            dict(attributes(target).items())  # parsed here, in the probe's child first
+            if isinstance(target, h5py.h5d.DatasetID):
                 _check_dataset(name, target, path, file_size)
                 datasets.append(name)
-            elif not isinstance(target, h5py.Group):
+            elif not isinstance(target, h5py.h5g.GroupID):
                 raise InputError(f"{path}: refused: {name} is neither a group nor a dataset")
         except InputError as exc:
             problem.append(exc)
@@ -152,8 +171,8 @@ def check_objects(handle: h5py.File, path: Path, file_size: int) -> list[str]:
         return None
 
     try:
-        handle.visititems_links(visit)
-    except (SystemError, *H5_ERRORS) as exc:  # h5py failing to decode a corrupt link name
+        handle.id.links.visit(visit, info=True)
+    except (SystemError, *H5_ERRORS) as exc:  # libhdf5 failing to walk a corrupt group
         raise InputError(f"{path}: corrupt run archive ({type(exc).__name__})") from None
     if problem:
         raise problem[0]
