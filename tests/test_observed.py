@@ -17,7 +17,7 @@ from stabledrl_cli.replay.detectors import (
     rolling_mean,
     spike_flags,
 )
-from stabledrl_cli.replay.observed import observe
+from stabledrl_cli.replay.observed import host_array, observe
 
 
 def _noisy(curve: np.ndarray, seed: int = 0, scale: float = 0.02) -> np.ndarray:
@@ -136,6 +136,28 @@ def test_own_likelihood_is_the_median_over_scored_finite_units():
     mask = np.array([1, 1, 1, 1, 0, 1])
     assert own_likelihood(logp_old, mask) == -2.0
     assert np.isnan(own_likelihood(logp_old, np.zeros(6)))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("size", [1, 2, 7, 1000, 1001])
+def test_own_likelihood_equals_numpys_median_of_the_float64_values(dtype, size):
+    rng = np.random.default_rng(size)
+    logp_old = (rng.standard_normal(size) - 2.0).astype(dtype)
+    logp_old[rng.random(size) < 0.1] = np.nan
+    logp_old[rng.random(size) < 0.05] = -np.inf
+    mask = rng.random(size) < 0.8
+    kept = logp_old.astype(np.float64)[mask & np.isfinite(logp_old)]
+    expected = float(np.median(kept)) if kept.size else float("nan")
+    got = own_likelihood(logp_old, mask)
+    assert got == expected or (np.isnan(got) and np.isnan(expected))
+
+
+def test_host_array_views_numpys_dtypes_and_widens_bfloat16():
+    values = torch.tensor([[-1.5, 2.25], [0.0, -3.0]])
+    view = host_array(values)
+    assert view.shape == (4,) and np.shares_memory(view, values.numpy())
+    widened = host_array(values.to(torch.bfloat16))
+    assert widened.dtype == np.float32 and widened.tolist() == [-1.5, 2.25, 0.0, -3.0]
 
 
 def test_own_likelihood_series_keeps_inner_step_0_or_every_step():

@@ -134,9 +134,16 @@ def own_likelihood(logp_old: np.ndarray, mask: np.ndarray) -> float:
     """One step's measurement for the collapse warning: the median of `logp_old` (the policy's
     log-likelihood of its own fresh samples at rollout time) over the scored units (mask [U]
     != 0) whose value is finite; NaN without any. logp_old, mask: [U]."""
-    values = np.asarray(logp_old, dtype=np.float64).reshape(-1)
-    keep = (np.asarray(mask).reshape(-1) != 0) & np.isfinite(values)
-    return float(np.median(values[keep])) if keep.any() else float("nan")
+    values = np.asarray(logp_old).reshape(-1)
+    kept = values[(np.asarray(mask).reshape(-1) != 0) & np.isfinite(values)]
+    if not kept.size:
+        return float("nan")
+    # np.median's value, from a partition in the array's own dtype: no float64 copy, no sort.
+    middle = kept.size // 2
+    if kept.size % 2:
+        return float(np.partition(kept, middle)[middle])
+    low, high = np.partition(kept, [middle - 1, middle])[middle - 1 : middle + 1]
+    return (float(low) + float(high)) / 2
 
 
 def own_likelihood_series(

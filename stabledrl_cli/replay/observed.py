@@ -112,8 +112,13 @@ class OwnLikelihood:
 
 
 def host_array(values: torch.Tensor) -> np.ndarray:
-    """[U] float64 numpy copy of a CPU tensor of any dtype."""
-    return values.detach().reshape(-1).to("cpu", torch.float64).numpy()
+    """[U] numpy array of a tensor: a view of a CPU tensor whose dtype numpy has, else a
+    float32 copy on the host (exact for the half-precision types)."""
+    flat = values.detach().reshape(-1).cpu()
+    try:
+        return flat.numpy()
+    except TypeError:  # bfloat16 and kin, which numpy lacks
+        return flat.float().numpy()
 
 
 @dataclass(frozen=True, kw_only=True)
