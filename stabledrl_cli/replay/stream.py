@@ -55,7 +55,7 @@ GEOMETRY_FIELDS = (GRAM_KEY, SKETCH_KEY)
 
 Arrays = dict[str, torch.Tensor]
 
-RELEASE_AFTER = 8
+RELEASE_AFTER = 4
 """Free heap memory, in memory budgets, past which a chunk's end returns it to the system."""
 
 
