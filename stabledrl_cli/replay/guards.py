@@ -25,7 +25,6 @@ guard, which says nothing about the rule itself.
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -161,7 +160,11 @@ def _z(value: float, history: Iterable[float], min_history: int) -> float | None
     past = list(history)
     if len(past) + 1 < min_history:
         return None
-    mean, std = statistics.fmean(past), statistics.stdev(past)
+    # Float sums (math.fsum), not statistics.stdev's exact fractions: a replay takes a z-score
+    # a step, and those fractions cost a millisecond each on a 128-step window.
+    mean = math.fsum(past) / len(past)
+    spread = min(past) != max(past)
+    std = math.sqrt(math.fsum((x - mean) ** 2 for x in past) / (len(past) - 1)) if spread else 0.0
     if std == 0.0:
         return 0.0 if value == mean else math.copysign(math.inf, value - mean)
     return (value - mean) / std
