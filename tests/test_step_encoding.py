@@ -62,6 +62,26 @@ def test_encoded_bytes_are_safetensors_own_plus_the_checksums(tmp_path):
         assert handle.metadata()["loss"] == "0.5"
 
 
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {},
+        {"A": "1", "0": "2", "z": "3", "~": "4"},  # keys sorting before and after the CRCs
+        {"A": "1", "0": "2"},  # the CRCs last
+        {"\u00e9": "\u00fc", 'a"b': 'c"d', "back\\slash": "\\", "_x": "\n"},
+        {"loss": '"_crc32_data":"', "_crc32_e": "between the two CRC keys"},
+        {"_crc32_zz": "not covered by the header CRC", "step": "1.0"},
+        {META_CRC_DATA: "overwritten", META_CRC_HEADER: "overwritten"},
+    ],
+)
+def test_the_header_crc_is_the_canonical_one_whatever_the_metadata(metadata):
+    """The header CRC, computed from the header's own JSON text, is `_canonical_crc`'s: for
+    empty metadata, keys on either side of the CRC keys, escapes, and other `_crc32` keys."""
+    tensors = _tensors()
+    encoded = b"".join(bytes(part) for part in encode_step(tensors, metadata))
+    assert encoded == _through_safetensors(tensors, metadata)
+
+
 def test_big_endian_and_strided_arrays_are_stored_as_their_little_endian_values():
     """safetensors stores little-endian, contiguous bytes: a big-endian or strided array is
     written as the same values, byte for byte what its little-endian copy gives."""

@@ -95,11 +95,41 @@ def encode_step(
         data.append(part)
     meta = dict(metadata)
     meta[META_CRC_DATA] = f"{crc:08x}"
+    meta[META_CRC_HEADER] = _PLACEHOLDER
     header["__metadata__"] = meta
-    meta[META_CRC_HEADER] = _canonical_crc(header)
-    text = _HEADER_JSON.encode(header).encode()  # stable bytes
+    text = _with_header_crc(header, _HEADER_JSON.encode(header)).encode()  # stable bytes
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
     return [struct.pack("<Q", len(text)), text, *data]
+
+
+_PLACEHOLDER = "0" * 8
+"""The header CRC's place in the header's JSON until it is known (as wide as a CRC)."""
+
+
+def _with_header_crc(header: dict[str, Any], text: str) -> str:
+    """`text`, the header's JSON with `_PLACEHOLDER` as its CRC, with the CRC in its place.
+
+    The CRC covers the JSON without the keys that start with "_crc32" (`_canonical_crc`).
+    When the two CRC entries are the only such keys (a step's own metadata has no other),
+    sorted they are adjacent, and found once in `text` they are cut out of it instead of
+    encoding the header a second time.
+    """
+    meta = header["__metadata__"]
+    entries = f'"{META_CRC_DATA}":"{meta[META_CRC_DATA]}","{META_CRC_HEADER}":"{_PLACEHOLDER}"'
+    crc_keys = [key for key in meta if key.startswith("_crc32")]
+    if len(crc_keys) != 2 or text.count(entries) != 1:
+        meta[META_CRC_HEADER] = _canonical_crc(header)
+        return _HEADER_JSON.encode(header)
+    start = text.index(entries)
+    end = start + len(entries)
+    if text[end] == ",":
+        canonical = text[:start] + text[end + 1 :]
+    elif text[start - 1] == ",":
+        canonical = text[: start - 1] + text[end:]
+    else:  # the metadata holds nothing else
+        canonical = text[:start] + text[end:]
+    header_crc = meta[META_CRC_HEADER] = f"{crc32(canonical.encode()):08x}"
+    return text[: end - 1 - len(_PLACEHOLDER)] + header_crc + text[end - 1 :]
 
 
 def write_step(final: Path, parts: list[bytes | memoryview]) -> None:
