@@ -131,7 +131,7 @@ def log_step_cost(shape: Shape, seed: int, count: int, where: Path) -> dict[str,
     arrays = step_arrays(shape, seed, 0)
     tensor_keys = {k: v for k, v in arrays.items() if isinstance(v, np.ndarray)}
     scalar_keys = {k: v for k, v in arrays.items() if not isinstance(v, np.ndarray)}
-    flat, scalars = build_step(
+    flat, scalars, _ = build_step(
         unit="token", step=0, arrays=tensor_keys, scalars=scalar_keys, user_scalars=None,
         num_params=None,
     )  # fmt: skip

@@ -18,8 +18,14 @@ import stabledrl_cli as sd
 from stabledrl_cli import _atomic
 from stabledrl_cli._atomic import write_atomic
 from stabledrl_cli.dump._crc import crc32
-from stabledrl_cli.dump._schema import META_CRC_DATA, META_CRC_HEADER
-from stabledrl_cli.dump._stfile import _canonical_crc, encode_step
+from stabledrl_cli.dump._schema import (
+    META_CRC_DATA,
+    META_CRC_HEADER,
+    META_NUM_SEQUENCES,
+    META_NUM_TOKENS,
+    META_SCORED_TOKENS,
+)
+from stabledrl_cli.dump._stfile import _canonical_crc, encode_step, read_header
 
 
 def _tensors() -> dict[str, np.ndarray]:
@@ -173,3 +179,27 @@ def test_write_atomic_batches_short_parts_and_writes_a_long_one_alone(tmp_path, 
     path = write_atomic(tmp_path / "parts.bin", parts)
     assert path.read_bytes() == b"".join(parts)
     assert calls == [[3, 5], [20], [2, 2]]
+
+
+def test_the_recorded_counts_match_the_arrays(tmp_path):
+    """_num_tokens, _num_sequences (max(seq_id) + 1) and _scored_tokens, for each way of giving
+    a step: [B, L] arrays (ids are the rows), flat arrays with ids, unit sequence, a scalar
+    step, and a rank's step without tokens."""
+    logp = np.full((4, 3), -1.0, np.float32)
+    with sd.Recorder(tmp_path / "token", unit="token", world_size=2) as rec:
+        rec.log_step(0, logp=logp, logp_old=logp, advantages=np.ones(4, np.float32),
+                     mask=np.tri(4, 3, dtype=bool))  # fmt: skip
+        rec.log_step(1, logp=logp[0], logp_old=logp[0], advantages=logp[0],
+                     seq_id=np.array([0, 2, 2]))  # fmt: skip
+        rec.log_step(2, loss=0.5)
+        empty = np.zeros((2, 0), np.float32)
+        rec.log_step(3, logp=empty, logp_old=empty, advantages=np.ones(2, np.float32))
+    with sd.Recorder(tmp_path / "sequence", unit="sequence") as rec:
+        rec.log_step(0, logp=logp[:, 0], logp_old=logp[:, 0], advantages=logp[:, 0])
+    counts = []
+    for run in ("token", "sequence"):
+        for path in sorted((tmp_path / run / "steps").iterdir()):
+            meta = read_header(path, deep=True).metadata
+            counts.append(tuple(int(meta[k]) for k in (META_NUM_TOKENS, META_NUM_SEQUENCES,
+                                                       META_SCORED_TOKENS)))  # fmt: skip
+    assert counts == [(12, 4, 9), (3, 3, 3), (0, 0, 0), (0, 0, 0), (4, 4, 4)]

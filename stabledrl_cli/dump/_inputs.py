@@ -24,6 +24,7 @@ ArrayInput: TypeAlias = "torch.Tensor | npt.ArrayLike"
 ScalarInput: TypeAlias = "float | int | torch.Tensor | np.generic | np.ndarray"
 """A scalar `log_step` accepts: a number, or a one-element tensor or array."""
 
+_FIELD_NAMES = frozenset(FIELDS)
 _FLOAT_KINDS = "f"
 _INT_KINDS = "iu"
 _INT_MAX = {"int32": 2**31 - 1, "int64": 2**63 - 1}
@@ -102,8 +103,9 @@ def build_step(
     scalars: Mapping[str, ScalarInput | None],
     user_scalars: Mapping[str, ScalarInput] | None,
     num_params: int | None,
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Checks and converts one step. Returns (tensors by field, scalars by name).
+) -> tuple[dict[str, np.ndarray], dict[str, float], int]:
+    """Checks and converts one step. Returns (tensors by field, scalars by name, N: the number
+    of sequences, 0 for a scalar step).
 
     `arrays` holds every array keyword of `log_step` (None where absent); `scalars` the scalar
     keywords. Per-token fields come out [T], per-sequence ones [N] with N = max(seq_id) + 1.
@@ -115,9 +117,9 @@ def build_step(
         sketch_scaled = scalars.get("unit_grad_sketch_scale") is not None or (
             (user_scalars or {}).get("unit_grad_sketch_scale") is not None
         )
-        tensors = _batch_tensors(unit, given, sketch_scaled=sketch_scaled)
+        tensors, num_sequences = _batch_tensors(unit, given, sketch_scaled=sketch_scaled)
     else:
-        tensors = {}
+        tensors, num_sequences = {}, 0
     if "param_grad_norm" in given:
         norms = _float_array(given.pop("param_grad_norm"), "param_grad_norm").reshape(-1)
         if num_params is not None and norms.shape[0] != num_params:
@@ -127,16 +129,16 @@ def build_step(
         tensors["param_grad_norm"] = norms
     if given:
         raise UsageError(f"unknown array fields: {', '.join(sorted(given))}")
-    assert set(tensors) <= set(FIELDS)
+    assert _FIELD_NAMES.issuperset(tensors)
     values = _step_scalars(step, scalars, user_scalars, tensors)
-    return tensors, values
+    return tensors, values, num_sequences
 
 
 def _batch_tensors(
     unit: Unit, given: dict[str, np.ndarray], *, sketch_scaled: bool
-) -> dict[str, np.ndarray]:
-    """The policy batch's arrays (removed from `given`), checked and converted; `sketch_scaled`
-    says whether the step has the scale a float16 sketch needs."""
+) -> tuple[dict[str, np.ndarray], int]:
+    """The policy batch's arrays (removed from `given`), checked and converted, and its number
+    of sequences; `sketch_scaled` says whether the step has the scale a float16 sketch needs."""
     for name in ("logp", "logp_old", "advantages"):
         if name not in given:
             raise UsageError(f"{name}: required")
@@ -166,19 +168,19 @@ def _batch_tensors(
         tensors["mask"] = np.ones(num_tokens, dtype="uint8")
 
     if "seq_id" in given:
-        tensors["seq_id"] = token_field(
-            "seq_id", _int_array(given.pop("seq_id"), "seq_id", "int32")
-        )
+        seq_id = token_field("seq_id", _int_array(given.pop("seq_id"), "seq_id", "int32"))
+        num_sequences = int(seq_id.max()) + 1 if seq_id.size else 0
     elif two_d:
-        tensors["seq_id"] = np.repeat(np.arange(shape[0], dtype="int32"), shape[1])
+        seq_id = np.repeat(np.arange(shape[0], dtype="int32"), shape[1])
+        num_sequences = shape[0] if seq_id.size else 0  # the rows' ids, 0 to B - 1
     elif unit == "sequence":
-        tensors["seq_id"] = np.arange(num_tokens, dtype="int32")
+        seq_id = np.arange(num_tokens, dtype="int32")
+        num_sequences = num_tokens
     else:
         raise UsageError("seq_id: required for flat per-token arrays (or pass [B, L] arrays)")
-    seq_id = tensors["seq_id"]
+    tensors["seq_id"] = seq_id
     if unit == "sequence" and np.unique(seq_id).size != seq_id.size:
         raise UsageError("seq_id: unit 'sequence' records one entry per sequence; ids repeat")
-    num_sequences = int(seq_id.max()) + 1 if seq_id.size else 0
 
     def sequence_field(name: str, array: np.ndarray, *, rows: bool = False) -> np.ndarray:
         if array.ndim != 1 and not (rows and array.ndim == 2):
@@ -227,7 +229,7 @@ def _batch_tensors(
                 f"unit_grad_sketch: expected [U, k] with U = {num_tokens}, got {list(sketch.shape)}"
             )
         tensors["unit_grad_sketch"] = sketch
-    return tensors
+    return tensors, num_sequences
 
 
 def _step_scalars(

@@ -314,7 +314,7 @@ class Recorder:
             raise UsageError(
                 f"step {step} does not follow step {self._last_step}; steps must increase"
             )
-        tensors, values = build_step(
+        tensors, values, num_sequences = build_step(
             unit=self.unit,
             step=step,
             arrays={
@@ -361,14 +361,14 @@ class Recorder:
             raise UsageError("logp: a step needs at least one token")
         values.setdefault("wall_time", _now())
         metadata = {name: _format_scalar(v) for name, v in values.items()}
-        ids, mask = tensors.get("seq_id"), tensors.get("mask")
+        mask = tensors.get("mask")
         extended = any(name in tensors for name in EXTENSION_FIELDS)
         metadata.update({
             META_FORMAT: written_version(extended, scalar_step),
             META_RANK: str(self.rank),
             META_WORLD_SIZE: str(self.world_size),
             META_NUM_TOKENS: str(mask.shape[0] if mask is not None else 0),
-            META_NUM_SEQUENCES: str(int(ids.max()) + 1 if ids is not None and ids.size else 0),
+            META_NUM_SEQUENCES: str(num_sequences),
             META_SCORED_TOKENS: str(np.count_nonzero(mask) if mask is not None else 0),
         })  # fmt: skip
         final = self._steps_dir / step_file_name(step, self.rank, self.world_size)
