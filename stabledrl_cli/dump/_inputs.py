@@ -25,6 +25,7 @@ ScalarInput: TypeAlias = "float | int | torch.Tensor | np.generic | np.ndarray"
 """A scalar `log_step` accepts: a number, or a one-element tensor or array."""
 
 _FIELD_NAMES = frozenset(FIELDS)
+_BATCH_FIELD_NAMES = frozenset(BATCH_FIELDS)
 _FLOAT_KINDS = "f"
 _INT_KINDS = "iu"
 _INT_MAX = {"int32": 2**31 - 1, "int64": 2**63 - 1}
@@ -90,7 +91,7 @@ def _nonfinite_count(arrays: list[np.ndarray], mask: np.ndarray) -> int:
     count = 0
     with np.errstate(over="ignore", invalid="ignore"):
         for array in arrays:
-            if not np.isfinite(np.add.reduce(array, axis=None)):
+            if not math.isfinite(np.add.reduce(array, axis=None)):
                 count += int(np.count_nonzero(~np.isfinite(array[mask.astype(bool)])))
     return count
 
@@ -113,7 +114,7 @@ def build_step(
     `param_grad_norm`; given some batch arrays, logp, logp_old and advantages are required.
     """
     given = {k: to_numpy(v, k) for k, v in arrays.items() if v is not None}
-    if any(name in given for name in BATCH_FIELDS):
+    if not _BATCH_FIELD_NAMES.isdisjoint(given):
         sketch_scaled = scalars.get("unit_grad_sketch_scale") is not None or (
             (user_scalars or {}).get("unit_grad_sketch_scale") is not None
         )

@@ -110,14 +110,13 @@ def _with_header_crc(header: dict[str, Any], text: str) -> str:
     """`text`, the header's JSON with `_PLACEHOLDER` as its CRC, with the CRC in its place.
 
     The CRC covers the JSON without the keys that start with "_crc32" (`_canonical_crc`).
-    When the two CRC entries are the only such keys (a step's own metadata has no other),
-    sorted they are adjacent, and found once in `text` they are cut out of it instead of
-    encoding the header a second time.
+    When the two CRC keys are the only such keys (the text holds `"_crc32` twice: a step's own
+    metadata has no other), sorted they are adjacent, and found once in `text` they are cut
+    out of it instead of encoding the header a second time.
     """
     meta = header["__metadata__"]
     entries = f'"{META_CRC_DATA}":"{meta[META_CRC_DATA]}","{META_CRC_HEADER}":"{_PLACEHOLDER}"'
-    crc_keys = [key for key in meta if key.startswith("_crc32")]
-    if len(crc_keys) != 2 or text.count(entries) != 1:
+    if text.count('"_crc32') != 2 or text.count(entries) != 1:
         meta[META_CRC_HEADER] = _canonical_crc(header)
         return _HEADER_JSON.encode(header)
     start = text.index(entries)
