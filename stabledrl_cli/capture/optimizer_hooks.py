@@ -3,8 +3,8 @@ optimizer hooks of `stabledrl record -- CMD` (docs/recording.md).
 
 `install()` registers torch's global optimizer step hooks
 (`torch.optim.optimizer.register_optimizer_step_pre_hook` / `_post_hook`) and wraps
-`torch.nn.utils.clip_grad_norm_`; the sitecustomize that `record` puts on the child's
-PYTHONPATH calls it once the child has imported torch.
+`torch.nn.utils.clip_grad_norm_` and `torch.amp.GradScaler.step`; the sitecustomize that
+`record` puts on the child's PYTHONPATH calls it once the child has imported torch.
 
 Which steps. The first optimizer that steps is the run's optimizer: each of its `step()` calls
 is one recorded step, numbered 0, 1, 2, ... in this process (a run's steps, like a rank's).
@@ -20,6 +20,9 @@ What each step records (all gradient norms are L2, taken before clipping):
 - nonfinite_grads: parameters whose gradient holds a NaN or an inf;
 - lr: the first parameter group's learning rate; step_time: wall seconds from the end of the
   previous `step()` to the end of this one (absent on the first step);
+- optimizer_skipped: 1 on a step a `torch.amp.GradScaler` skipped (its gradients held an inf
+  or a NaN, so `scaler.step()` left the parameters alone): the step is recorded all the same,
+  with the statistics of the unscaled gradients it found, and the numbering goes on;
 - with several parameter groups, `grad_norm/group_<g>` and `lr/group_<g>` for each group;
 - `grad_norm/module/<name>` for the `TOP_MODULES` modules with the largest gradient norm
   (a module's norm is over the parameters it holds itself; names come from the optimizer's
@@ -46,6 +49,7 @@ from typing import Any
 import torch
 import torch.nn.utils
 import torch.nn.utils.clip_grad
+from torch.amp.grad_scaler import GradScaler
 from torch.optim.optimizer import (
     Optimizer,
     register_optimizer_step_post_hook,
@@ -117,6 +121,8 @@ class _View:
     last_end: float | None = None
     steps_since_run_step: int = 0
     last: _Stats | None = None
+    steps_taken: int = 0
+    """Its `step()` calls that ran (the post-hook's count)."""
 
 
 @dataclass
@@ -132,6 +138,7 @@ class _State:
     next_step: int = 0
     clips: list[_Clip] = field(default_factory=list)
     clip_wrapper: Callable[..., torch.Tensor] | None = None
+    scaler_wrapper: Callable[..., float | None] | None = None
     on: bool = False
 
 
@@ -152,6 +159,8 @@ def install() -> None:
             _state.clip_wrapper = _wrap_clip(torch.nn.utils.clip_grad.clip_grad_norm_)
             torch.nn.utils.clip_grad.clip_grad_norm_ = _state.clip_wrapper
             torch.nn.utils.clip_grad_norm_ = _state.clip_wrapper
+            _state.scaler_wrapper = _wrap_scaler_step(GradScaler.step)
+            GradScaler.step = _state.scaler_wrapper  # type: ignore[method-assign]
             bootstrap.hooks_installed()
         _state.on = True
     except Exception as exc:
@@ -159,7 +168,8 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    """Removes the optimizer hooks; the clip_grad_norm_ wrapper stays, as a pass-through."""
+    """Removes the optimizer hooks; the clip_grad_norm_ and GradScaler.step wrappers stay, as
+    pass-throughs."""
     _state.on = False
     for handle in _state.handles:
         handle.remove()
@@ -245,6 +255,20 @@ def _wrap_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Ten
         return total
 
     return clip_grad_norm_
+
+
+def _wrap_scaler_step(original: Callable[..., float | None]) -> Callable[..., float | None]:
+    @functools.wraps(original)
+    def step(self: GradScaler, optimizer: Optimizer, *args: Any, **kwargs: Any) -> float | None:
+        view = _state.views.get(optimizer)
+        taken = view.steps_taken if view is not None else 0
+        result = original(self, optimizer, *args, **kwargs)
+        view = _state.views.get(optimizer)
+        if _state.on and (view.steps_taken if view is not None else 0) == taken:
+            _finish_step(optimizer, skipped=True)
+        return result
+
+    return step
 
 
 def _view(optimizer: Optimizer) -> _View:
@@ -370,12 +394,21 @@ def _is_run_optimizer(optimizer: Optimizer) -> bool:
 
 
 def _post_hook(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    if not _state.on:
-        return
+    if _state.on:
+        _finish_step(optimizer, skipped=False)
+
+
+def _finish_step(optimizer: Optimizer, *, skipped: bool) -> None:
+    """Records the step `optimizer` just took, or that a GradScaler `skipped` (no hook ran:
+    its statistics are taken now, from the unscaled gradients the scaler found)."""
     step = _state.next_step
     try:
         view = _view(optimizer)
-        stats, view.pending = view.pending, None
+        if skipped:
+            stats: _Stats | None = _stats(optimizer, view)
+        else:
+            view.steps_taken += 1
+            stats, view.pending = view.pending, None
         end = time.perf_counter()
         step_time = end - view.last_end if view.last_end is not None else None
         view.last_end = end
@@ -386,6 +419,8 @@ def _post_hook(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, An
             view.steps_since_run_step += 1
             return
         fields = _step_fields(stats, step_time)
+        if skipped:
+            fields["scalars"]["optimizer_skipped"] = 1.0
         _state.next_step += 1
     except Exception as exc:
         _fail(exc, f"recording optimizer step {step}")
