@@ -323,3 +323,54 @@ def test_a_step_the_grad_scaler_skips_is_recorded_as_skipped(tmp_path):
     assert scalars[2]["nonfinite_grads"] == 1 and math.isinf(scalars[2]["grad_norm"])
     assert scalars[2]["lr"] == 0.1
     assert all(math.isfinite(s["grad_norm"]) for s in (scalars[0], scalars[1], scalars[3]))
+
+
+# FSDP2 on 2 gloo ranks (CPU): DTensor gradients, clipped on steps 1-2; rank 0 writes the
+# whole-model norms it computed.
+FSDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    for layer in (model[0], model[2], model):
+        fully_shard(layer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    for step in range(3):
+        optimizer.zero_grad()
+        torch.manual_seed(step + 10 * dist.get_rank())
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+        whole = [p.grad.full_tensor() for p in model.parameters()]
+        seen.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in whole])).item())
+        if step:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+    if dist.get_rank() == 0:
+        json.dump(seen, open(sys.argv[1], "w"))
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_fsdp2_gradients_are_recorded_with_their_whole_norm(tmp_path):
+    script, computed = tmp_path / "train.py", tmp_path / "norms.json"
+    script.write_text(FSDP_SCRIPT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    result = _record(
+        "--out", str(tmp_path / "run"), "--", *torchrun, "--nproc-per-node", "2", str(script),
+        str(computed),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "recording failed" not in result.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2] and run.manifest["world_size"] == 2
+    for n, whole in enumerate(json.loads(computed.read_text())):
+        scalars = run.step(n).scalars
+        assert close(scalars["grad_norm"], whole), (n, scalars["grad_norm"], whole)
+        modules = [scalars[f"grad_norm/module/{m}"] for m in (0, 2)]
+        assert close(math.hypot(*modules), whole)
+        assert scalars["nonfinite_grads"] == 0

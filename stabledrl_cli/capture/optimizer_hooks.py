@@ -50,6 +50,7 @@ import torch
 import torch.nn.utils
 import torch.nn.utils.clip_grad
 from torch.amp.grad_scaler import GradScaler
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 from torch.optim.optimizer import (
     Optimizer,
     register_optimizer_step_post_hook,
@@ -68,10 +69,16 @@ PENDING_CLIPS = 8
 @torch.no_grad()
 def gradient_norms(grads: list[torch.Tensor]) -> list[float]:
     """The L2 norm of each gradient (any shapes), accumulated in float32 (float64 for float64
-    gradients), as Python floats: one host sync per device and dtype."""
+    gradients), as Python floats: one host sync per device and dtype. A DTensor gradient (FSDP2,
+    tensor parallelism) has the norm of the whole tensor: its shards' squared norms summed over
+    the mesh dimensions it is sharded on, one collective per mesh and placement."""
     by_kind: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
+    sharded: dict[tuple[Any, tuple[Placement, ...]], list[int]] = {}
     for i, grad in enumerate(grads):
-        by_kind.setdefault((grad.device, grad.dtype, grad.is_sparse), []).append(i)
+        if isinstance(grad, DTensor):
+            sharded.setdefault((grad.device_mesh, tuple(grad.placements)), []).append(i)
+        else:
+            by_kind.setdefault((grad.device, grad.dtype, grad.is_sparse), []).append(i)
     out = [0.0] * len(grads)
     for (_, dtype, sparse), indices in by_kind.items():
         wide = torch.float64 if dtype == torch.float64 else torch.float32
@@ -81,7 +88,33 @@ def gradient_norms(grads: list[torch.Tensor]) -> list[float]:
         norms = torch._foreach_norm(tensors, 2, dtype=wide)
         for i, value in zip(indices, torch.stack(norms).tolist(), strict=True):
             out[i] = value
+    for indices in sharded.values():
+        for i, value in zip(indices, _sharded_norms([grads[i] for i in indices]), strict=True):
+            out[i] = value
     return out
+
+
+def _sharded_norms(grads: list[torch.Tensor]) -> list[float]:
+    """Whole-tensor L2 norms of DTensor gradients of one mesh and placements (all ranks call
+    it in the same order, as they step the same optimizer)."""
+    first = grads[0]
+    assert isinstance(first, DTensor)
+    if any(isinstance(p, Partial) for p in first.placements):  # unreduced: reduce each first
+        whole = [g.full_tensor() for g in grads if isinstance(g, DTensor)]
+        return [float(torch.linalg.vector_norm(g.float())) for g in whole]
+    local = [g.to_local() for g in grads if isinstance(g, DTensor)]
+    squares = torch.stack(torch._foreach_norm(local, 2, dtype=torch.float32)).double() ** 2
+    summed = DTensor.from_local(
+        squares,
+        first.device_mesh,
+        [Partial() if isinstance(p, Shard) else Replicate() for p in first.placements],
+    ).full_tensor()
+    return summed.sqrt().tolist()
+
+
+def _value(norm: torch.Tensor | float) -> float:
+    """A norm as a Python float (a DTensor's whole value)."""
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 def _root_sum_squares(values: Iterable[float]) -> float:
@@ -314,8 +347,14 @@ def _take_clip(view: _View) -> tuple[float | None, dict[int, float]]:
     norms: dict[int, float] = {}
     for clip in mine:
         norms.update(clip.norms)
-    totals = [float(clip.total) for clip in mine]
+    totals = [_value(clip.total) for clip in mine]
     return (totals[0] if len(totals) == 1 else _root_sum_squares(totals)), norms
+
+
+def _holds_nonfinite(grad: torch.Tensor) -> bool:
+    """Whether a gradient with a non-finite norm holds a NaN or an inf (not a finite overflow);
+    a DTensor's norm is over all its shards, so only a NaN or inf can make it non-finite."""
+    return isinstance(grad, DTensor) or not bool(torch.isfinite(grad).all())
 
 
 def _module_norms(
@@ -354,9 +393,7 @@ def _stats(optimizer: Optimizer, view: _View) -> _Stats:
     nonfinite = sum(
         1
         for param, norm in zip(params, norms, strict=True)
-        if not math.isfinite(norm)
-        and param.grad is not None
-        and not bool(torch.isfinite(param.grad).all())
+        if not math.isfinite(norm) and param.grad is not None and _holds_nonfinite(param.grad)
     )
     group_squares = [0.0] * len(optimizer.param_groups)
     for g, norm in zip(groups, norms, strict=True):
