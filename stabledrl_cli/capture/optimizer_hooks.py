@@ -40,6 +40,7 @@ import functools
 import gc
 import inspect
 import math
+import sys
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -50,7 +51,6 @@ import torch
 import torch.nn.utils
 import torch.nn.utils.clip_grad
 from torch.amp.grad_scaler import GradScaler
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 from torch.optim.optimizer import (
     Optimizer,
     register_optimizer_step_post_hook,
@@ -73,10 +73,11 @@ def gradient_norms(grads: list[torch.Tensor]) -> list[float]:
     tensor parallelism) has the norm of the whole tensor: its shards' squared norms summed over
     the mesh dimensions it is sharded on, one collective per mesh and placement."""
     by_kind: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
-    sharded: dict[tuple[Any, tuple[Placement, ...]], list[int]] = {}
+    sharded: dict[tuple[Any, tuple[Any, ...]], list[int]] = {}
     for i, grad in enumerate(grads):
-        if isinstance(grad, DTensor):
-            sharded.setdefault((grad.device_mesh, tuple(grad.placements)), []).append(i)
+        if _is_dtensor(grad):
+            shard: Any = grad
+            sharded.setdefault((shard.device_mesh, tuple(shard.placements)), []).append(i)
         else:
             by_kind.setdefault((grad.device, grad.dtype, grad.is_sparse), []).append(i)
     out = [0.0] * len(grads)
@@ -94,27 +95,38 @@ def gradient_norms(grads: list[torch.Tensor]) -> list[float]:
     return out
 
 
-def _sharded_norms(grads: list[torch.Tensor]) -> list[float]:
+def _dtensors() -> Any:
+    """torch.distributed.tensor when the process has imported it (a script with DTensor
+    gradients has), else None: importing it here would cost every recorded process a second."""
+    return sys.modules.get("torch.distributed.tensor")
+
+
+def _is_dtensor(tensor: object) -> bool:
+    module = _dtensors()
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def _sharded_norms(grads: list[Any]) -> list[float]:
     """Whole-tensor L2 norms of DTensor gradients of one mesh and placements (all ranks call
     it in the same order, as they step the same optimizer)."""
+    dt = _dtensors()
     first = grads[0]
-    assert isinstance(first, DTensor)
-    if any(isinstance(p, Partial) for p in first.placements):  # unreduced: reduce each first
-        whole = [g.full_tensor() for g in grads if isinstance(g, DTensor)]
-        return [float(torch.linalg.vector_norm(g.float())) for g in whole]
-    local = [g.to_local() for g in grads if isinstance(g, DTensor)]
+    if any(isinstance(p, dt.Partial) for p in first.placements):  # unreduced: reduce each
+        return [float(torch.linalg.vector_norm(g.full_tensor().float())) for g in grads]
+    local = [g.to_local() for g in grads]
     squares = torch.stack(torch._foreach_norm(local, 2, dtype=torch.float32)).double() ** 2
-    summed = DTensor.from_local(
+    summed = dt.DTensor.from_local(
         squares,
         first.device_mesh,
-        [Partial() if isinstance(p, Shard) else Replicate() for p in first.placements],
+        [dt.Partial() if isinstance(p, dt.Shard) else dt.Replicate() for p in first.placements],
     ).full_tensor()
-    return summed.sqrt().tolist()
+    values: list[float] = summed.sqrt().tolist()
+    return values
 
 
-def _value(norm: torch.Tensor | float) -> float:
+def _value(norm: Any) -> float:
     """A norm as a Python float (a DTensor's whole value)."""
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return float(norm.full_tensor() if _is_dtensor(norm) else norm)
 
 
 def _root_sum_squares(values: Iterable[float]) -> float:
@@ -354,7 +366,7 @@ def _take_clip(view: _View) -> tuple[float | None, dict[int, float]]:
 def _holds_nonfinite(grad: torch.Tensor) -> bool:
     """Whether a gradient with a non-finite norm holds a NaN or an inf (not a finite overflow);
     a DTensor's norm is over all its shards, so only a NaN or inf can make it non-finite."""
-    return isinstance(grad, DTensor) or not bool(torch.isfinite(grad).all())
+    return _is_dtensor(grad) or not bool(torch.isfinite(grad).all())
 
 
 def _module_norms(
