@@ -3,11 +3,12 @@ its chunks.
 
 A replay allocates and frees tensors of a step's size hundreds of times a step. By default
 glibc maps each one above its mmap threshold afresh and gives the top of its heap back as soon
-as it is free, so every tensor's pages fault in again: a third of a large replay's time went to
-the kernel. `heap_kept` serves them from the heap and keeps the freed pages; without trims the
-holes the small long-lived objects leave between them would creep the resident memory up to a
-multiple of what a chunk holds, so `release_freed_memory` returns every free page (not only the
-heap's top) once enough lies free. Elsewhere than glibc both do nothing.
+as it is free, so every tensor's pages fault in again (2.3-2.8 s of system time in a 14-16 s
+catalogue replay of 262K-position steps). `heap_kept` serves them from the heap and keeps the
+freed pages; without trims the holes the small long-lived objects leave between them would
+creep the resident memory up to a multiple of what a chunk holds, so `release_freed_memory`
+returns every free page (not only the heap's top) once enough lies free. Elsewhere than glibc
+both do nothing.
 """
 
 from __future__ import annotations

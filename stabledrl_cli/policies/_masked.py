@@ -32,6 +32,10 @@ def below(values: torch.Tensor, bound: float) -> torch.Tensor:
     return _compare(values, bound, np.less, torch.lt)
 
 
+_HOST_COMPARED = (torch.float32, torch.float64)
+"""The dtypes numpy compares for `above` and `below` (it has no bfloat16)."""
+
+
 def _compare(
     values: torch.Tensor,
     bound: float,
@@ -42,9 +46,6 @@ def _compare(
         array = values.numpy()
         return torch.from_numpy(host(array, array.dtype.type(bound)))
     return device(values, bound)
-
-
-_HOST_COMPARED = (torch.float32, torch.float64)
 
 
 def finite_sum(values: torch.Tensor) -> bool:
