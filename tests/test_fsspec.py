@@ -1,12 +1,14 @@
 """Runs read in place through fsspec URLs (dump/_remote.py): a run directory and a packed .h5
-at `memory://` and `file://` URLs replay to the local path's JSON (only `run`, which names
-the URL, differs), each step file is read whole once, and hostile URLs are refused in one
-line with their exit code."""
+at `memory://` and `file://` URLs replay, check, inspect and diff to the local path's JSON
+(only `run`, which names the URL, differs), each step file is read whole once, and hostile
+URLs are refused in one line with their exit code by every command that reads a run (`pack`
+and `watch`, which take a local path only, refuse any URL in one line)."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -167,17 +169,27 @@ def _missing_package_scheme() -> str:
         ("memory://no/such/run", 3, "no such run: memory://no/such/run"),
     ],
 )
-def test_hostile_urls_one_line_and_exit_code(url, code, says):
-    result = runner.invoke(app, ["replay", url, "--device", "cpu"])
+@pytest.mark.parametrize("command", ["replay", "check", "inspect", "diff"])
+def test_hostile_urls_one_line_and_exit_code(run_dir, command, url, code, says):
+    result = runner.invoke(app, reading(command, url, run_dir))
     assert result.exit_code == code, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], result.stderr
+    assert result.stdout == ""
 
 
-def test_url_exit_codes_in_a_real_process(tmp_path):
+def reading(command: str, url: str, other: Path) -> list[str]:
+    """`command` reading the run at `url` (diff: against the run at `other`; check: with a
+    gate, which it needs before it opens the run)."""
+    extra = {"check": ["--max-spikes", "1"], "diff": [str(other)]}.get(command, [])
+    return [command, url, *extra]
+
+
+@pytest.mark.parametrize("command", ["replay", "check", "inspect", "diff"])
+def test_url_exit_codes_in_a_real_process(run_dir, tmp_path, command):
     for url, code in (("nope://x/run", 2), ((tmp_path / "missing").as_uri(), 3)):
         done = subprocess.run(
-            [sys.executable, "-m", "stabledrl_cli", "replay", url],
+            [sys.executable, "-m", "stabledrl_cli", *reading(command, url, run_dir)],
             capture_output=True,
             text=True,
             timeout=120,
@@ -187,9 +199,92 @@ def test_url_exit_codes_in_a_real_process(tmp_path):
         assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
 
 
-def test_a_file_url_that_is_not_a_run_exits_3(tmp_path):
+@pytest.mark.parametrize("command", ["replay", "check", "inspect", "diff"])
+def test_a_file_url_that_is_not_a_run_exits_3(run_dir, tmp_path, command):
     stray = tmp_path / "notes.txt"
     stray.write_text("hello")
-    result = runner.invoke(app, ["replay", stray.as_uri()])
+    result = runner.invoke(app, reading(command, stray.as_uri(), run_dir))
     assert result.exit_code == 3
-    assert "is not a run" in result.stderr
+    assert result.stderr.strip() == (
+        f"error: {stray.as_uri()} is not a run (expected a run directory or a .h5 archive)"
+    )
+
+
+def cli_json(args: list[str], code: int = 0) -> dict:
+    result = runner.invoke(app, [*args, "--format", "json"])
+    assert result.exit_code == code, result.output
+    return json.loads(result.stdout)
+
+
+def url_of(run: Path, scheme: str) -> str:
+    return to_memory(run) if scheme == "memory" else run.absolute().as_uri()
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_check_at_a_url_is_the_local_check(run_dir, tmp_path, scheme):
+    """A baseline written from the local path holds, --strict, on the run at a URL; the JSON
+    is the local one but for `run`; a tripped gate trips alike (exit 1)."""
+    baseline = tmp_path / "baseline.json"
+    gated = ["--device", "cpu", "-p", "grpo", "-p", "cispo"]
+    cli_json(["check", str(run_dir), *gated, "--write-baseline", str(baseline), "--strict"])
+    url = url_of(run_dir, scheme)
+    local = cli_json(["check", str(run_dir), "-b", str(baseline), "--device", "cpu"])
+    remote = cli_json(["check", url, "-b", str(baseline), "--device", "cpu"])
+    assert remote.pop("run") == url and local.pop("run") == str(run_dir)
+    assert remote == local and remote["ok"] and remote["steps"] == 8
+    tripped = ["--max-spikes", "0", "--max-discard-frac", "0", *gated]
+    local = cli_json(["check", str(run_dir), *tripped], code=1)
+    remote = cli_json(["check", url, *tripped], code=1)
+    assert remote.pop("run") == url and local.pop("run") == str(run_dir)
+    assert remote == local and remote["tripped"] > 0
+
+
+def without_locations(data: dict) -> dict:
+    """inspect's JSON with the run's location set aside: `run`, and each finding's path
+    (the path on the URL's filesystem) cut to its file name."""
+    data = dict(data, run=None)
+    findings = data["integrity"]["findings"]
+    for finding in findings:
+        finding["path"] = finding["path"] and Path(finding["path"]).name
+    return data
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_inspect_at_a_url_is_the_local_inspect(run_dir, scheme):
+    url = url_of(run_dir, scheme)
+    local = cli_json(["inspect", str(run_dir)])
+    remote = cli_json(["inspect", url])
+    assert remote["run"] == url
+    assert without_locations(remote) == without_locations(local)
+    assert [f["step"] for f in remote["integrity"]["findings"]] == [5]
+    table = runner.invoke(app, ["inspect", url])
+    assert table.exit_code == 0 and url in table.stdout and "checksum" in table.stdout
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_diff_of_urls_is_the_local_diff(run_dir, tmp_path, scheme):
+    """A URL against a path, and two URLs: the local diff's JSON but for the runs' names; a
+    run that parts from it parts at the same step (exit 1)."""
+    other = small_run(tmp_path / "other", steps=7, corrupt=False)
+    url, other_url = url_of(run_dir, scheme), url_of(other, scheme)
+    for a, b in ((url, str(run_dir)), (url, other_url)):
+        local_b = str(run_dir) if b == str(run_dir) else str(other)
+        local = cli_json(["diff", str(run_dir), local_b, "--device", "cpu"], code=int(b != local_b))
+        remote = cli_json(["diff", a, b, "--device", "cpu"], code=int(b != local_b))
+        assert (remote.pop("run_a"), remote.pop("run_b")) == (a, b)
+        del local["run_a"], local["run_b"]
+        assert remote == local
+    assert remote["parted_at"] == local["parted_at"] is not None
+
+
+@pytest.mark.parametrize(("command", "why"), [("pack", "source's path"), ("watch", "polls")])
+def test_local_only_commands_refuse_a_url_in_one_line(run_dir, tmp_path, command, why):
+    url = url_of(run_dir, "memory")
+    args = [command, url, str(tmp_path / "out.h5")] if command == "pack" else [command, url]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {url}: {command} takes a local path, not a URL (")
+    assert line.endswith("replay, check, inspect, diff and tune read a run at a URL")
+    assert why in line and result.stdout == ""
+    assert not (tmp_path / "out.h5").exists()

@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli.cli import replay as cli_replay
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import InputError
@@ -218,3 +220,32 @@ def test_engine_ray_without_ray_says_how_to_install_it_exit_2(synthetic):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install -e '.[ray]'" in lines[0], done.stderr
     assert done.stdout == ""
+
+
+def test_check_engine_ray_is_the_local_check(cluster, synthetic, tmp_path, monkeypatch):
+    """`check --engine ray` gates the replay its workers computed (each shard leaves a mark):
+    the local check's JSON and exit code."""
+    marks = tmp_path / "shards"
+    marks.mkdir()
+
+    def marked_shard(task: ShardTask):
+        (marks / f"shard-{task.steps[0]}").touch()
+        return stream_shard(task)
+
+    monkeypatch.setattr(cli_replay, "RayEngine", partial(RayEngine, shard_fn=marked_shard))
+    args = ["check", str(synthetic), "-p", "grpo", "-p", "stabledrl", "--device", "cpu"]
+    args += ["--max-nonfinite", "0", "--max-discard-frac", "0.5", "--format", "json"]
+    local = runner.invoke(app, args)
+    assert not any(marks.iterdir())
+    sharded = runner.invoke(app, [*args, "--engine", "ray", "--workers", "2"])
+    assert len(list(marks.iterdir())) >= 2
+    assert local.exit_code == sharded.exit_code == 1, sharded.output  # step 12 is non-finite
+    assert sharded.stdout == local.stdout
+    data = json.loads(sharded.stdout)
+    assert data["steps"] == 22 and data["gates_checked"] == 5 and data["tripped"] >= 1
+
+
+def test_check_workers_without_engine_ray_is_a_usage_error(synthetic):
+    result = runner.invoke(app, ["check", str(synthetic), "--max-spikes", "1", "--workers", "2"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --workers needs --engine ray"

@@ -15,7 +15,13 @@ from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, DEFAULT_THREADS
 from stabledrl_cli.spec import SPEC_SYNTAX
 from stabledrl_cli.vocab import Device, OutputFormat, ReplayEngine
 
-RunArg = Annotated[Path, typer.Argument(help="Run directory or .h5 archive.", show_default=False)]
+RunArg = Annotated[
+    str,
+    typer.Argument(
+        help="Run directory or .h5 archive, a local path.", show_default=False, metavar="RUN"
+    ),
+]
+"""A run read only at a local path (`cli._local.local_run` refuses a URL in one line)."""
 RunSourceArg = Annotated[
     str,
     typer.Argument(

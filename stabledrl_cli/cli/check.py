@@ -6,13 +6,15 @@ regressions against a baseline file (--baseline; the format in replay/baseline.p
 README), whose `recorded` section gates the run's recorded scalar series. A scalar run (no
 policy batch: an imported log, an optimizer-hook recording) is not replayed: its run-level
 gates and baseline sections are checked alone. Every gate is evaluated and printed, passed or
-tripped; then the exit code says whether any tripped.
+tripped; then the exit code says whether any tripped. The run is a path or an fsspec URL, and
+`--engine ray` shards the replay across a Ray cluster's workers, as `replay` does.
 
 Exit codes: 0 every gate holds; 1 a gate tripped (each named with its figure); 2 usage error
 (no gate given, a replay setting that contradicts the baseline, an unknown policy, plot extra
-missing, a policy gate or --policy or --plot on a scalar run); 3 bad input (a missing or
-corrupt run, a run with no readable step, a malformed baseline or one of a newer version);
-4 an output that cannot be written. Unreadable step files are skipped with a line on stderr
+missing, a policy gate or --policy or --plot on a scalar run, a URL that cannot be read at all,
+--engine ray without ray); 3 bad input (a missing or corrupt run, a URL with nothing there, a
+run with no readable step, a malformed baseline or one of a newer version); 4 an output that
+cannot be written. Unreadable step files are skipped with a line on stderr
 (how many, and why); a check never passes on zero steps.
 """
 
@@ -29,14 +31,17 @@ from rich.table import Table
 from stabledrl_cli.cli._options import (
     DeviceOpt,
     DriftThresholdOpt,
+    EngineOpt,
     FormatOpt,
     MaxCollapsedOpt,
     MaxDiscardFracOpt,
     MaxNonfiniteOpt,
     PlotOpt,
     PolicyOpt,
-    RunArg,
+    RayAddressOpt,
+    RunSourceArg,
     WindowOpt,
+    WorkersOpt,
 )
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli.inspect import series_table
@@ -45,6 +50,7 @@ from stabledrl_cli.cli.replay import (
     check_outputs,
     note_skipped,
     option_names,
+    replay_engine,
     replay_with_progress,
 )
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
@@ -155,7 +161,7 @@ def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) 
     that needs replayed policies, InputError for a run with no readable step."""
     if policy_options:
         raise UsageError(
-            f"{run.path} is a scalar run (per-step scalars only, no policy batch): "
+            f"{run.location} is a scalar run (per-step scalars only, no policy batch): "
             f"{', '.join(policy_options)} need(s) replayed policies; gate it with "
             "--baseline, --max-spikes, --max-nonfinite or --fail-on-collapse"
         )
@@ -165,7 +171,7 @@ def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) 
         if skipped:
             noun = "step" if len(skipped) == 1 else "steps"
             err.print(
-                f"warning: skipped {len(skipped)} unreadable {noun} of {run.path} "
+                f"warning: skipped {len(skipped)} unreadable {noun} of {run.location} "
                 f"({skipped[0]}); `stabledrl inspect` lists every finding",
                 highlight=False,
             )
@@ -181,7 +187,7 @@ def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) 
 
 
 def command(
-    run: RunArg,
+    run: RunSourceArg,
     baseline_path: Annotated[
         Path | None,
         typer.Option("--baseline", "-b", help="Fail on a regression against this baseline file."),
@@ -228,6 +234,9 @@ def command(
     window: WindowOpt = None,
     drift_threshold: DriftThresholdOpt = None,
     collapse_window: CollapseWindowOpt = None,
+    engine: EngineOpt = "local",
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Gate a run for CI: exit 1 if a policy trips a limit or regresses against a baseline."""
     with option_names():
@@ -261,6 +270,7 @@ def command(
             collapse_window=settings.collapse_window,
         )
     specs = list(policy) if policy else (list(baseline.policies) if baseline else None)
+    chosen = replay_engine(engine, workers, ray_address)
 
     opened = open_run(run)
     started = time.perf_counter()
@@ -269,7 +279,7 @@ def command(
         policy_options = gates.policy_gates + (["--policy"] if policy else [])
         observed = _scalar_observed(opened, config, policy_options + (["--plot"] if plot else []))
     else:
-        result = replay_with_progress(opened, specs, config)
+        result = replay_with_progress(opened, specs, config, chosen)
         note_skipped(result)
         observed = result.observed
     with warnings.catch_warnings():
@@ -298,7 +308,7 @@ def command(
             highlight=False,
         )
     if junit is not None:
-        write_junit(results, str(run), junit, seconds=seconds)
+        write_junit(results, run, junit, seconds=seconds)
         err.print(f"wrote {junit}", highlight=False)
     if plot is not None and result is not None:
         plot_replay(result, plot, opened)
@@ -307,7 +317,7 @@ def command(
     tripped = [r for r in results if not r.ok]
     if output_format == "json":
         print_json({
-            "run": str(run),
+            "run": run,
             "ok": not tripped,
             "gates_checked": len(results),
             "tripped": len(tripped),
@@ -324,7 +334,7 @@ def command(
             },
         })  # fmt: skip
     elif results:
-        _print_table(results, str(run))
+        _print_table(results, run)
     elif result is not None:
         _print_figures(result)
     else:

@@ -2,8 +2,9 @@
 
 Exit codes: 0 the runs do not part before --until (identical, within tolerance, or parting
 only at or after it; without --until, they never part); 1 they part before --until (without
-it: at all); 2 usage error (a negative tolerance or context); 3 a missing or corrupt run, or two
-runs that share no step.
+it: at all); 2 usage error (a negative tolerance or context, a URL that cannot be read at all);
+3 a missing or corrupt run (or a URL with nothing there), or two runs that share no step. Each
+run is a path or an fsspec URL.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, RunArg
+from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.dump import RunIntegrityWarning, open_run
 from stabledrl_cli.replay._format import format_cell
@@ -105,8 +106,8 @@ def _print_table(result: DiffResult, until: int | None) -> None:
 
 
 def command(
-    run_a: RunArg,
-    run_b: RunArg,
+    run_a: RunSourceArg,
+    run_b: RunSourceArg,
     until: Annotated[
         int | None,
         typer.Option(

@@ -1,9 +1,12 @@
 """`stabledrl inspect RUN`: what was recorded, its integrity, what the run observably did, and
 its recorded series (any run, a scalar run of per-step scalars only included).
 
-Exit codes: 0 (a corrupt or torn step is a finding, not fatal), 3 for a missing run, a path
-that is not a run, an unreadable manifest, a manifest field of the wrong type, or a newer major
-format version.
+The run is a path or an fsspec URL (`memory://`, `file://`, `s3://`...), read in place.
+
+Exit codes: 0 (a corrupt or torn step is a finding, not fatal); 2 for a URL that cannot be read
+at all (an unknown or refused scheme, a filesystem package not installed); 3 for a missing run
+(or a URL with nothing there), a path that is not a run, an unreadable manifest, a manifest
+field of the wrong type, or a newer major format version.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from stabledrl_cli.cli._options import FormatOpt, RunArg
+from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import out, print_json
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.replay._format import format_number, format_steps
@@ -182,7 +185,7 @@ def _observed_table(s: RunSummary) -> Table:
     return table
 
 
-def command(run: RunArg, output_format: FormatOpt = "table") -> None:
+def command(run: RunSourceArg, output_format: FormatOpt = "table") -> None:
     """Show what a run recorded, its integrity, and its observed behaviour."""
     summary = summarize(open_run(run))
     if output_format == "json":

@@ -2,7 +2,8 @@
 
 Exit codes: 0 packed (a run with integrity findings is packed too: its readable steps, with the
 findings carried into the archive and named on stderr); 2 OUT exists without --force, or its
-directory is missing; 3 a missing, non-run or unreadable RUN.
+directory is missing, or RUN is a URL (pack reads a local path); 3 a missing, non-run or
+unreadable RUN.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from stabledrl_cli.cli._local import local_run
 from stabledrl_cli.cli._options import FormatOpt, RunArg
 from stabledrl_cli.cli._output import err, out, print_json, progress
 from stabledrl_cli.dump import open_run, pack_run
@@ -41,7 +43,8 @@ def command(
     check read it."""
     if archive.is_file() and not force:
         raise UsageError(f"{archive} exists; pass --force to overwrite it")
-    opened = open_run(run)
+    path = local_run(run, "pack", "the archive records its source's path and size on disk")
+    opened = open_run(path)
     with progress("packing", len(opened)) as advance:
         summary = pack_run(opened, archive, force=force, progress=advance, compression=compression)
     if summary.findings:

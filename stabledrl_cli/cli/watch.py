@@ -5,8 +5,9 @@ stderr line per new alert. `--once`: the current state on stdout (table or --for
 the exit code of the gates (`check`'s absolute gates on the run's own policy).
 
 Exit codes: 0 every gate holds (or none is given); 1 a gate tripped (--once, or when
---until-idle ends the watch); 2 usage error; 3 a missing or corrupt run (--once), or a run
-whose steps cannot be replayed; 130 stopped with Ctrl-C.
+--until-idle ends the watch); 2 usage error (a URL among them: watch follows a local path);
+3 a missing or corrupt run (--once), or a run whose steps cannot be replayed; 130 stopped with
+Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from stabledrl_cli.cli._local import local_run
 from stabledrl_cli.cli._options import (
     DeviceOpt,
     FormatOpt,
@@ -193,9 +195,10 @@ def command(
         raise UsageError(f"--recent must be >= 0, got {recent}")
     if output_format == "json" and not once:
         raise UsageError("--format json needs --once (the live view is on stderr)")
-    watcher = RunWatcher(run, ReplayConfig(device=device), recent=recent)
+    path = local_run(run, "watch", "it polls a local directory while steps land in it")
+    watcher = RunWatcher(path, ReplayConfig(device=device), recent=recent)
     if once:
-        open_run(run)  # a missing path or a non-run: its own error, at once
+        open_run(path)  # a missing path or a non-run: its own error, at once
         code = _once(watcher, gates, output_format)
     else:
         code = _follow(watcher, gates, interval, until_idle)

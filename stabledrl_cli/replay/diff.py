@@ -303,7 +303,7 @@ def diff_runs(
     in_b = set(steps_b)
     common = [n for n in steps_a if n in in_b]
     if not common:
-        raise InputError(f"{a.path} and {b.path} share no step: nothing to compare")
+        raise InputError(f"{a.location} and {b.location} share no step: nothing to compare")
     comparison = _Comparison(atol=atol, rtol=rtol)
     for step_a, step_b in _pairs(a, b, common):
         comparison.add(step_a, step_b)
@@ -324,8 +324,8 @@ def diff_runs(
         ]
     in_a = set(steps_a)
     return DiffResult(
-        run_a=str(a.path),
-        run_b=str(b.path),
+        run_a=a.location,
+        run_b=b.location,
         atol=atol,
         rtol=rtol,
         steps_a=len(steps_a),

@@ -140,7 +140,7 @@ def nothing_to_replay(run: Run, steps: int) -> NothingToReplay:
     """The one-line refusal for a scalar run of `steps` steps."""
     noun = "step" if steps == 1 else "steps"
     return NothingToReplay(
-        f"{run.path}: nothing to replay: a scalar run ({steps} {noun} of per-step scalars, "
+        f"{run.location}: nothing to replay: a scalar run ({steps} {noun} of per-step scalars, "
         "no policy batch); `stabledrl inspect` shows it and `stabledrl check` gates its "
         "recorded series"
     )

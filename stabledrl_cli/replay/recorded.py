@@ -93,7 +93,7 @@ def recorded_run(run: Run, observed: Observed) -> RecordedRun:
     series = run.scalar_series_many(names)
     source = run.manifest.get("source")
     return RecordedRun(
-        run=str(run.path),
+        run=run.location,
         policy=run.policy_spec,
         source=dict(source) if isinstance(source, dict) else None,
         steps=len(headers),

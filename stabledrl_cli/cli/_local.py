@@ -1,0 +1,19 @@
+"""Commands that read a run only at a local path (`pack`, `watch`): a URL is refused in one
+line (exit 2) naming the commands that do read one, instead of being taken for a path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stabledrl_cli.dump._remote import is_url
+from stabledrl_cli.errors import UsageError
+
+URL_READERS = "replay, check, inspect, diff and tune read a run at a URL"
+
+
+def local_run(run: str, command: str, why: str) -> Path:
+    """`run` as a local path; UsageError when it is a URL (`why`: what `command` needs a
+    local run for)."""
+    if is_url(run):
+        raise UsageError(f"{run}: {command} takes a local path, not a URL ({why}); {URL_READERS}")
+    return Path(run)
