@@ -57,7 +57,7 @@ def _int_array(array: np.ndarray, field: str, dtype: str) -> np.ndarray:
     if array.dtype.kind not in _INT_KINDS:
         raise UsageError(f"{field}: expected an integer dtype, got {array.dtype}")
     if array.size:
-        low, high = array.min(), array.max()
+        low, high = np.minimum.reduce(array, axis=None), np.maximum.reduce(array, axis=None)
         if low < 0:
             raise UsageError(f"{field}: ids must be >= 0, got {low}")
         if high > _INT_MAX[dtype]:
@@ -151,7 +151,7 @@ def _batch_tensors(
 
     def token_field(name: str, array: np.ndarray) -> np.ndarray:
         if name == "advantages" and two_d and array.shape in ((shape[0],), (shape[0], 1)):
-            return np.repeat(array.reshape(-1), shape[1])  # each row's advantage, per token
+            return array.reshape(-1).repeat(shape[1])  # each row's advantage, per token
         if array.shape != shape:
             raise UsageError(
                 f"{name}: shape {list(array.shape)} does not match logp's {list(shape)}"
@@ -170,9 +170,9 @@ def _batch_tensors(
 
     if "seq_id" in given:
         seq_id = token_field("seq_id", _int_array(given.pop("seq_id"), "seq_id", "int32"))
-        num_sequences = int(seq_id.max()) + 1 if seq_id.size else 0
+        num_sequences = int(np.maximum.reduce(seq_id)) + 1 if seq_id.size else 0
     elif two_d:
-        seq_id = np.repeat(np.arange(shape[0], dtype="int32"), shape[1])
+        seq_id = np.arange(shape[0], dtype="int32").repeat(shape[1])
         num_sequences = shape[0] if seq_id.size else 0  # the rows' ids, 0 to B - 1
     elif unit == "sequence":
         seq_id = np.arange(num_tokens, dtype="int32")
