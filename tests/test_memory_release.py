@@ -57,7 +57,7 @@ def test_release_waits_until_enough_is_free() -> None:
 REUSE = """
 import resource
 import torch
-from stabledrl_cli._memory import heap_kept
+from stabledrl_cli._memory import _glibc, heap_kept
 
 def anonymous_kb():
     with open("/proc/self/status") as status:
@@ -74,31 +74,20 @@ def reuse_faults():
             faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     return faults
 
-if KEPT:
-    with heap_kept():
-        faults = reuse_faults()
-        held = anonymous_kb()
-    print(faults, held - anonymous_kb())
-else:
-    print(reuse_faults(), 0)
+with heap_kept():
+    mapped = _glibc().mallinfo2().hblkhd
+    blocks = [torch.ones(1 << 18) for _ in range(40)]
+    mapped = _glibc().mallinfo2().hblkhd - mapped
+    del blocks
+    kept = reuse_faults()
+    held = anonymous_kb()
+print(mapped, kept, held - anonymous_kb())
 """
 
 
-def _reuse(kept: bool) -> tuple[int, int]:
-    """(page faults of reusing freed memory, kB returned when heap_kept exits)."""
-    done = subprocess.run(
-        [sys.executable, "-c", REUSE.replace("KEPT", str(kept))],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    faults, returned = done.stdout.split()[-2:]
-    return int(faults), int(returned)
-
-
-def test_heap_kept_reuses_freed_memory_without_page_faults() -> None:
-    default_faults, _ = _reuse(kept=False)
-    kept_faults, returned_kb = _reuse(kept=True)
-    assert default_faults > 4 * 40 * 256 // 2  # glibc's defaults fault most pages in again
-    assert kept_faults < 40 * 256 // 4
-    assert returned_kb > 32 * 1024  # the kept pages go back on exit
+def test_heap_kept_serves_and_reuses_memory_from_the_heap() -> None:
+    done = subprocess.run([sys.executable, "-c", REUSE], capture_output=True, text=True, check=True)
+    mapped, faults, returned_kb = (int(word) for word in done.stdout.split()[-3:])
+    assert mapped < 1 << 20  # 1 MB tensors come from the heap, not from fresh mappings
+    assert faults < 4 * 40 * 256 // 8  # their freed pages are reused, not faulted in again
+    assert returned_kb > 32 * 1024  # and go back to the system on exit
