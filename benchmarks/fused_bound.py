@@ -18,15 +18,11 @@ fused into a few loops), with the compile time and both as multiples of the read
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from synthetic_runs import Shape, cached_run
-
-from stabledrl_cli.dump import open_run
+from synthetic_runs import add_step_options, open_cached
 
 Kernel = Callable[..., torch.Tensor]
 
@@ -76,18 +72,12 @@ def least_ms(work: Callable[[], object], steps: int, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", type=Shape.parse, default=Shape.parse("200,256,1024"))
-    parser.add_argument("--steps", type=int, default=8)
+    add_step_options(parser)
     parser.add_argument("--policies", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "stabledrl-bench"
-    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    directory, _ = cached_run(args.shape, args.seed, args.cache)
-    run = open_run(directory)
+    run = open_cached(args)
     names = ("logp", "logp_old", "advantages", "mask")
     chosen = [step for _, step in zip(range(args.steps), run.steps(), strict=False)]
 

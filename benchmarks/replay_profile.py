@@ -16,33 +16,24 @@ from __future__ import annotations
 
 import argparse
 import collections
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from synthetic_runs import Shape, cached_run
+from synthetic_runs import add_step_options, open_cached
 from torch.profiler import ProfilerActivity, profile
 
-from stabledrl_cli.dump import open_run
 from stabledrl_cli.replay import stream
 from stabledrl_cli.replay.engine import resolve_policies
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", type=Shape.parse, default=Shape.parse("200,256,1024"))
-    parser.add_argument("--steps", type=int, default=8)
+    add_step_options(parser)
     parser.add_argument("--policies", help="comma-separated specs (default: the catalogue)")
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "stabledrl-bench"
-    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    directory, _ = cached_run(args.shape, args.seed, args.cache)
-    run = open_run(directory)
+    run = open_cached(args)
     policies, own = resolve_policies(run, args.policies.split(",") if args.policies else None)
     started = time.perf_counter()
     steps = []

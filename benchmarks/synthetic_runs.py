@@ -17,13 +17,19 @@ changes), and finds both on the next call.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from stabledrl_cli.dump import Run
 
 GENERATOR_VERSION = 1
 """Bumped whenever the generator's output changes, so stale cached runs are rebuilt."""
@@ -137,3 +143,21 @@ def cached_run(shape: Shape, seed: int, cache: Path, log: object = None) -> tupl
         json.dumps({"shape": shape.name, "seed": seed, "pid": os.getpid(), "archive": ARCHIVE})
     )
     return run, archive
+
+
+def add_step_options(parser: argparse.ArgumentParser) -> None:
+    """--shape, --steps, --seed and --cache of a script that measures a few steps of one run."""
+    parser.add_argument("--shape", type=Shape.parse, default=Shape.parse("200,256,1024"))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "stabledrl-bench"
+    )
+
+
+def open_cached(args: argparse.Namespace) -> Run:
+    """The run directory of `add_step_options`' shape and seed, built once (`cached_run`)."""
+    from stabledrl_cli.dump import open_run
+
+    directory, _ = cached_run(args.shape, args.seed, args.cache)
+    return open_run(directory)
