@@ -168,6 +168,9 @@ def _sum64(values: torch.Tensor) -> torch.Tensor:
 def _squares64(values: torch.Tensor) -> torch.Tensor:
     """0-d float64 sum of squares of a [T] tensor, each square exact (float32 values widened to
     float64 a block at a time; a dot product of the widened block)."""
+    if values.numel() <= WIDE_BLOCK:
+        wide = values.double()
+        return torch.dot(wide, wide)
     total = torch.zeros((), dtype=torch.float64, device=values.device)
     for block in torch.split(values, WIDE_BLOCK):
         wide = block.double()
