@@ -39,6 +39,13 @@ def _land(source: Path, target: Path, steps: range) -> None:
         os.replace(temp, target / "steps" / name)
 
 
+def _land_manifest(source: Path, target: Path) -> None:
+    """Lands the manifest as a Recorder does: whole, by a rename (a watcher never reads half)."""
+    temp = target.parent / f"{target.name}.manifest.tmp"
+    shutil.copyfile(source / "manifest.json", temp)
+    os.replace(temp, target / "manifest.json")
+
+
 @pytest.fixture(scope="module")
 def grpo_replay(grpo_fixture):
     return replay_run(open_run(grpo_fixture), ["grpo"], config=CPU)
@@ -51,7 +58,7 @@ def test_a_watcher_follows_a_run_landing_step_by_step(grpo_fixture, grpo_replay,
     assert watcher.poll() == []
     assert "manifest.json" in (watcher.state().waiting or "")
 
-    shutil.copyfile(grpo_fixture / "manifest.json", live / "manifest.json")
+    _land_manifest(grpo_fixture, live)
     assert watcher.poll() == [] and "first step" in (watcher.state().waiting or "")
 
     # A step in flight (half a file under its temporary name) is never read.
@@ -176,7 +183,7 @@ def test_a_time_bounded_watch_follows_a_writer_until_idle(grpo_fixture, tmp_path
     live.mkdir()
 
     def writer() -> None:
-        shutil.copyfile(grpo_fixture / "manifest.json", live / "manifest.json")
+        _land_manifest(grpo_fixture, live)
         for n in range(60):
             _land(grpo_fixture, live, range(n, n + 1))
 
