@@ -27,14 +27,14 @@ def _probe(path: Path, seconds: float | None = None) -> _archive_checks.Probed:
 
 @pytest.fixture
 def walks_here(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Paths that `check_objects` walked in this process (the probe's child's walks are lost
-    with the child)."""
+    """Archives (as messages name them) that `check_objects` walked in this process (the
+    probe's child's walks are lost with the child)."""
     walked: list[str] = []
     real = _archive_checks.check_objects
 
-    def counting(handle: h5py.File, path: Path, file_size: int) -> list[str]:
-        walked.append(str(path))
-        return real(handle, path, file_size)
+    def counting(handle: h5py.File, where: str, file_size: int) -> list[str]:
+        walked.append(where)
+        return real(handle, where, file_size)
 
     monkeypatch.setattr(_archive_checks, "check_objects", counting)
     return walked
@@ -45,7 +45,7 @@ def test_the_reader_takes_the_childs_walk(tmp_path: Path, walks_here: list[str])
     run = sd.open_run(archive)
     assert walks_here == []
     with h5py.File(archive, "r") as handle:
-        expected = _archive_checks.check_objects(handle, archive, archive.stat().st_size)
+        expected = _archive_checks.check_objects(handle, str(archive), archive.stat().st_size)
     assert sorted(run._datasets) == sorted(expected) and "tokens/logp" in expected
 
 

@@ -1,8 +1,9 @@
 """Runs read in place through fsspec URLs (dump/_remote.py): a run directory and a packed .h5
 at `memory://` and `file://` URLs replay, check, inspect and diff to the local path's JSON
-(only `run`, which names the URL, differs), each step file is read whole once, and hostile
-URLs are refused in one line with their exit code by every command that reads a run (`pack`
-and `watch`, which take a local path only, refuse any URL in one line)."""
+(only `run`, which names the URL, differs), each step file is read whole once, messages and
+findings name a file by the URL as given, and hostile URLs are refused in one line with their
+exit code by every command that reads a run (`watch`, which takes a local path only, refuses
+any URL in one line). `pack` of a URL: test_fsspec_pack.py."""
 
 from __future__ import annotations
 
@@ -12,68 +13,24 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import fsspec
-import numpy as np
+import h5py
 import pytest
+from _fsspec_runs import count_whole_reads, small_run, to_memory
 from typer.testing import CliRunner
 
-import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.dump import open_run, pack_run
+from stabledrl_cli.dump import RunIntegrityWarning, open_run, pack_run
 from stabledrl_cli.dump._remote import RemoteRun
+from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import replay, replay_run
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = ["grpo", "stabledrl", "cispo"]
-
-
-def small_run(path: Path, *, world_size: int = 2, steps: int = 9, corrupt: bool = True) -> Path:
-    """A token run over `world_size` ranks with noise-floor steps, a sketch step, and (corrupt)
-    step 5's data corrupted on rank 0 (skipped by every reader)."""
-    rng = np.random.default_rng(3)
-    for rank in range(world_size):
-        with sd.Recorder(
-            path, policy="grpo", reward_range=(0.0, 1.0), world_size=world_size, rank=rank
-        ) as rec:
-            for step in range(steps):
-                logp = -rng.random((4, 6)).astype(np.float32) * 2
-                extra = {"unit_grad_sketch": rng.normal(size=(24, 4)).astype(np.float32)}
-                rec.log_step(
-                    step,
-                    logp=logp,
-                    logp_old=logp + rng.normal(scale=0.1, size=(4, 6)).astype(np.float32),
-                    advantages=rng.standard_normal(4).astype(np.float32),
-                    mask=rng.random((4, 6)) > 0.1,
-                    group_id=np.array([0, 0, 1, 1]),
-                    reward=rng.random(4).astype(np.float32),
-                    grad_norm=1.0 + step,
-                    loss=0.1 * step,
-                    inner_step=step % 2,
-                    **(extra if step == 4 else {}),
-                )
-    if corrupt:
-        victim = next((path / "steps").glob("step-00000005*"))
-        data = bytearray(victim.read_bytes())
-        data[-1] ^= 0xFF
-        victim.write_bytes(bytes(data))
-    return path
-
-
-def to_memory(local: Path) -> str:
-    """A copy of a run directory or file on fsspec's in-memory filesystem -> its URL."""
-    memory = fsspec.filesystem("memory")
-    root = f"/{uuid.uuid4().hex}/{local.name}"
-    if local.is_file():
-        memory.pipe(root, local.read_bytes())
-    for file in sorted(local.rglob("*")):
-        if file.is_file():
-            memory.pipe(f"{root}/{file.relative_to(local).as_posix()}", file.read_bytes())
-    return f"memory://{root.lstrip('/')}"
 
 
 @pytest.fixture(scope="module")
@@ -116,16 +73,8 @@ def test_archive_url_replays_to_the_local_json(run_dir, tmp_path, scheme):
 def test_each_step_file_is_read_whole_once(run_dir, local_replay, monkeypatch):
     """A replay reads each step file's bytes once (headers by ranged reads), the integrity
     check after the pass included."""
-    whole: list[str] = []
-    original = fsspec.implementations.memory.MemoryFileSystem.cat_file
-
-    def counting(self, path, start=None, end=None, **kwargs):
-        if start is None and end is None:
-            whole.append(path)
-        return original(self, path, start=start, end=end, **kwargs)
-
     url = to_memory(run_dir)
-    monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "cat_file", counting)
+    whole = count_whole_reads(monkeypatch)
     run = open_run(url)
     assert isinstance(run, RemoteRun)
     result = replay_run(run, POLICIES, config=ReplayConfig(device="cpu", chunk_size=4))
@@ -239,23 +188,30 @@ def test_check_at_a_url_is_the_local_check(run_dir, tmp_path, scheme):
     assert remote == local and remote["tripped"] > 0
 
 
-def without_locations(data: dict) -> dict:
-    """inspect's JSON with the run's location set aside: `run`, and each finding's path
-    (the path on the URL's filesystem) cut to its file name."""
+CORRUPT_FILE = "steps/step-00000005.rank-0000.safetensors"
+"""The file `small_run` corrupts, inside the run."""
+
+
+def without_locations(data: dict, location: str) -> dict:
+    """inspect's JSON with the run's location set aside: `run`, and the prefix `location`
+    of each finding's path (which must be there)."""
     data = dict(data, run=None)
-    findings = data["integrity"]["findings"]
-    for finding in findings:
-        finding["path"] = finding["path"] and Path(finding["path"]).name
+    for finding in data["integrity"]["findings"]:
+        assert finding["path"].startswith(location + "/"), finding
+        finding["path"] = finding["path"][len(location) :]
     return data
 
 
 @pytest.mark.parametrize("scheme", ["memory", "file"])
 def test_inspect_at_a_url_is_the_local_inspect(run_dir, scheme):
+    """The JSON of the local path's inspect, but that the run and each finding's file are
+    named by the URL as given (protocol included)."""
     url = url_of(run_dir, scheme)
     local = cli_json(["inspect", str(run_dir)])
     remote = cli_json(["inspect", url])
     assert remote["run"] == url
-    assert without_locations(remote) == without_locations(local)
+    assert [f["path"] for f in remote["integrity"]["findings"]] == [f"{url}/{CORRUPT_FILE}"]
+    assert without_locations(remote, url) == without_locations(local, str(run_dir))
     assert [f["step"] for f in remote["integrity"]["findings"]] == [5]
     table = runner.invoke(app, ["inspect", url])
     assert table.exit_code == 0 and url in table.stdout and "checksum" in table.stdout
@@ -277,14 +233,73 @@ def test_diff_of_urls_is_the_local_diff(run_dir, tmp_path, scheme):
     assert remote["parted_at"] == local["parted_at"] is not None
 
 
-@pytest.mark.parametrize(("command", "why"), [("pack", "source's path"), ("watch", "polls")])
-def test_local_only_commands_refuse_a_url_in_one_line(run_dir, tmp_path, command, why):
+def test_watch_refuses_a_url_in_one_line(run_dir):
     url = url_of(run_dir, "memory")
-    args = [command, url, str(tmp_path / "out.h5")] if command == "pack" else [command, url]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, ["watch", url])
     assert result.exit_code == 2, result.output
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"error: {url}: {command} takes a local path, not a URL (")
-    assert line.endswith("replay, check, inspect, diff and tune read a run at a URL")
-    assert why in line and result.stdout == ""
-    assert not (tmp_path / "out.h5").exists()
+    assert line.startswith(f"error: {url}: watch takes a local path, not a URL (")
+    assert line.endswith("replay, check, inspect, diff, tune and pack read a run at a URL")
+    assert "polls" in line and result.stdout == ""
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_step_messages_name_a_url_run_by_its_url(run_dir, scheme):
+    """The warning of a skipped step, `Run.step`'s errors and the integrity findings name the
+    run, or the step's file, by the URL as given (protocol included), never by its path on
+    the URL's filesystem."""
+    url = url_of(run_dir, scheme)
+    run = open_run(url)
+    why = "unreadable: data checksum mismatch (corrupt bytes)"
+    with pytest.warns(RunIntegrityWarning) as caught:
+        assert len(list(run.steps())) == 8
+    assert [str(w.message) for w in caught] == [f"{url}: skipping step 5: {why}"]
+    with pytest.raises(InputError) as corrupt:
+        run.step(5)
+    assert str(corrupt.value) == f"{url}: step 5 is {why}"
+    with pytest.raises(InputError) as missing:
+        run.step(50)
+    assert str(missing.value) == f"{url}: no step 50"
+    assert [(f.path, f.message) for f in run.integrity.findings] == [
+        (f"{url}/{CORRUPT_FILE}", f"step 5: {why}")
+    ]
+
+
+def test_a_step_file_gone_bad_under_a_url_run_is_named_by_its_url(tmp_path):
+    """A step file torn, or removed, after its header was checked: the error names the run
+    and the file by their URL, a store's own error (which names the path it was given)
+    included."""
+    url = to_memory(small_run(tmp_path / "run", world_size=1, steps=4, corrupt=False))
+    root = "/" + url.removeprefix("memory://")
+    memory = fsspec.filesystem("memory")
+    run = open_run(url)
+    headers = {step.step: step for step in run.step_headers()}  # checked from headers alone
+    torn = f"{root}/steps/step-00000001.safetensors"
+    memory.pipe(torn, memory.cat_file(torn)[:-50])
+    with pytest.raises(InputError) as error:
+        headers[1]["logp"]
+    assert str(error.value).startswith(f"{url}/steps/step-00000001.safetensors: cannot read it: ")
+    memory.rm(f"{root}/steps/step-00000002.safetensors")
+    with pytest.raises(InputError) as error:
+        run.step(2)
+    assert str(error.value) == (
+        f"{url}: step 2 is unreadable: cannot read: {url}/steps/step-00000002.safetensors"
+    )
+
+
+def test_archive_findings_at_a_url_name_it_by_its_url(tmp_path):
+    """A corrupt chunk of a packed .h5 at a URL: its finding and the step's error name the
+    archive by its URL."""
+    out = tmp_path / "run.h5"
+    pack_run(open_run(small_run(tmp_path / "run", world_size=1, corrupt=False)), out)
+    with h5py.File(out, "r") as handle:
+        info = handle["tokens/logp_old"].id.get_chunk_info(0)
+    data = bytearray(out.read_bytes())
+    data[info.byte_offset + info.size // 2] ^= 0xFF
+    out.write_bytes(bytes(data))
+    url = to_memory(out)
+    findings = open_run(url).integrity.findings
+    assert [(f.kind, f.path) for f in findings] == [("unreadable", f"{url}:tokens/logp_old")]
+    with pytest.raises(InputError) as error:
+        open_run(url).step(3)
+    assert str(error.value).startswith(f"{url}: step 3 is unreadable: ")

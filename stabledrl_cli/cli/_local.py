@@ -1,5 +1,5 @@
-"""Commands that read a run only at a local path (`pack`, `watch`): a URL is refused in one
-line (exit 2) naming the commands that do read one, instead of being taken for a path."""
+"""Commands that read a run only at a local path (`watch`): a URL is refused in one line
+(exit 2) naming the commands that do read one, instead of being taken for a path."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from stabledrl_cli.dump._remote import is_url
 from stabledrl_cli.errors import UsageError
 
-URL_READERS = "replay, check, inspect, diff and tune read a run at a URL"
+URL_READERS = "replay, check, inspect, diff, tune and pack read a run at a URL"
 
 
 def local_run(run: str, command: str, why: str) -> Path:

@@ -1,9 +1,12 @@
 """`stabledrl pack RUN OUT.h5`: the whole run in one HDF5 file that every command reads.
 
+RUN is a path or an fsspec URL (`memory://`, `file://`, `s3://`...), read in place; OUT.h5 is a
+local path.
+
 Exit codes: 0 packed (a run with integrity findings is packed too: its readable steps, with the
 findings carried into the archive and named on stderr); 2 OUT exists without --force, or its
-directory is missing, or RUN is a URL (pack reads a local path); 3 a missing, non-run or
-unreadable RUN.
+directory is missing, or OUT is a URL, or RUN is a URL that cannot be read (an unknown scheme,
+a missing package, a chained or `reference://` URL); 3 a missing, non-run or unreadable RUN.
 """
 
 from __future__ import annotations
@@ -13,18 +16,21 @@ from typing import Annotated
 
 import typer
 
-from stabledrl_cli.cli._local import local_run
-from stabledrl_cli.cli._options import FormatOpt, RunArg
+from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import err, out, print_json, progress
 from stabledrl_cli.dump import open_run, pack_run
+from stabledrl_cli.dump._remote import is_url
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.vocab import PackCompression
 
 
 def command(
-    run: RunArg,
+    run: RunSourceArg,
     archive: Annotated[
-        Path, typer.Argument(help="The .h5 file to write.", show_default=False, metavar="OUT.h5")
+        str,
+        typer.Argument(
+            help="The .h5 file to write, a local path.", show_default=False, metavar="OUT.h5"
+        ),
     ],
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
     compression: Annotated[
@@ -39,14 +45,16 @@ def command(
     ] = "fast",
     output_format: FormatOpt = "table",
 ) -> None:
-    """Pack a run into one HDF5 file (chunked, checksummed, compressed); open_run, replay and
-    check read it."""
-    if archive.is_file() and not force:
-        raise UsageError(f"{archive} exists; pass --force to overwrite it")
-    path = local_run(run, "pack", "the archive records its source's path and size on disk")
-    opened = open_run(path)
+    """Pack a run (a path or a URL) into one HDF5 file (chunked, checksummed, compressed);
+    open_run, replay and check read it."""
+    if is_url(archive):
+        raise UsageError(f"{archive}: pack writes OUT.h5 to a local path, not a URL")
+    target = Path(archive)
+    if target.is_file() and not force:
+        raise UsageError(f"{target} exists; pass --force to overwrite it")
+    opened = open_run(run)
     with progress("packing", len(opened)) as advance:
-        summary = pack_run(opened, archive, force=force, progress=advance, compression=compression)
+        summary = pack_run(opened, target, force=force, progress=advance, compression=compression)
     if summary.findings:
         kinds = sorted({f.kind for f in summary.findings})
         err.print(

@@ -101,9 +101,9 @@ def attributes(oid: h5py.h5o.ObjectID) -> h5py.AttributeManager:
     return h5py.AttributeManager(_Held(oid))
 
 
-def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, path: Path, file_size: int) -> None:
+def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, where: str, file_size: int) -> None:
     def refuse(why: str) -> InputError:
-        return InputError(f"{path}: refused: dataset {name} {why}")
+        return InputError(f"{where}: refused: dataset {name} {why}")
 
     plist = dataset.get_create_plist()
     if plist.get_external_count() > 0:
@@ -128,10 +128,11 @@ def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, path: Path, file_size
             raise refuse(f"has {chunk}-byte chunks")
 
 
-def check_objects(handle: h5py.File, path: Path, file_size: int) -> list[str]:
-    """Refuses (InputError naming the object) any pointer or unbounded dataset in the file
-    (module docstring); reads every object's attributes but no dataset's values. Returns the
-    datasets' names. Walks with h5py's low-level calls (a third of the high-level ones' time)."""
+def check_objects(handle: h5py.File, where: str, file_size: int) -> list[str]:
+    """Refuses (InputError naming `where`, the archive, and the object) any pointer or
+    unbounded dataset in the file (module docstring); reads every object's attributes but no
+    dataset's values. Returns the datasets' names. Walks with h5py's low-level calls (a third
+    of the high-level ones' time)."""
     count = 0
     datasets: list[str] = []
     problem: list[InputError] = []
@@ -140,40 +141,40 @@ def check_objects(handle: h5py.File, path: Path, file_size: int) -> list[str]:
         nonlocal count
         count += 1
         if count > OBJECT_LIMIT:
-            problem.append(InputError(f"{path}: refused: more than {OBJECT_LIMIT} objects"))
+            problem.append(InputError(f"{where}: refused: more than {OBJECT_LIMIT} objects"))
             return True
         try:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
-            problem.append(InputError(f"{path}: corrupt run archive (a link name is not UTF-8)"))
+            problem.append(InputError(f"{where}: corrupt run archive (a link name is not UTF-8)"))
             return True
         if link.type == h5py.h5l.TYPE_EXTERNAL:
-            problem.append(InputError(f"{path}: refused: {name} is an external link"))
+            problem.append(InputError(f"{where}: refused: {name} is an external link"))
             return True
         if link.type != h5py.h5l.TYPE_HARD:
-            problem.append(InputError(f"{path}: refused: {name} is a soft link"))
+            problem.append(InputError(f"{where}: refused: {name} is a soft link"))
             return True
         try:
             target = h5py.h5o.open(handle.id, raw)
             dict(attributes(target).items())  # parsed here, in the probe's child first
             if isinstance(target, h5py.h5d.DatasetID):
-                _check_dataset(name, target, path, file_size)
+                _check_dataset(name, target, where, file_size)
                 datasets.append(name)
             elif not isinstance(target, h5py.h5g.GroupID):
-                raise InputError(f"{path}: refused: {name} is neither a group nor a dataset")
+                raise InputError(f"{where}: refused: {name} is neither a group nor a dataset")
         except InputError as exc:
             problem.append(exc)
             return True
         except H5_ERRORS as exc:  # a corrupt object header: raised out of the visit, it
             # would surface as a SystemError
-            problem.append(InputError(f"{path}: corrupt run archive ({name}: {exc})"))
+            problem.append(InputError(f"{where}: corrupt run archive ({name}: {exc})"))
             return True
         return None
 
     try:
         handle.id.links.visit(visit, info=True)
     except (SystemError, *H5_ERRORS) as exc:  # libhdf5 failing to walk a corrupt group
-        raise InputError(f"{path}: corrupt run archive ({type(exc).__name__})") from None
+        raise InputError(f"{where}: corrupt run archive ({type(exc).__name__})") from None
     if problem:
         raise problem[0]
     return datasets
@@ -189,15 +190,15 @@ class Probed:
     refusal: str | None = None
     identity: tuple[int, ...] | None = None
 
-    def objects(self, handle: h5py.File, path: Path, file_size: int) -> list[str]:
-        """`check_objects(handle, path, file_size)`, from the child's walk when it read this
+    def objects(self, handle: h5py.File, where: str, file_size: int) -> list[str]:
+        """`check_objects(handle, where, file_size)`, from the child's walk when it read this
         very file (same identity), else walked here."""
         if self.identity is None or self.identity != file_identity(handle):
-            return check_objects(handle, path, file_size)
+            return check_objects(handle, where, file_size)
         if self.refusal is not None:
             raise InputError(self.refusal)
         if self.datasets is None:
-            return check_objects(handle, path, file_size)
+            return check_objects(handle, where, file_size)
         return self.datasets
 
 
@@ -210,7 +211,7 @@ def file_identity(handle: h5py.File) -> tuple[int, ...] | None:
     return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
 
 
-def _child_report(source: Path | BinaryIO, path: Path, file_size: int) -> bytes:
+def _child_report(source: Path | BinaryIO, where: str, file_size: int) -> bytes:
     """The child's reading of everything libhdf5 parses before a reader trusts the file (links,
     attributes, texts) with `check_objects`, as one JSON line; b"" after a Python error."""
     try:
@@ -218,7 +219,7 @@ def _child_report(source: Path | BinaryIO, path: Path, file_size: int) -> bytes:
             dict(handle.attrs.items())
             identity = file_identity(handle)
             try:
-                report: dict[str, object] = {"datasets": check_objects(handle, path, file_size)}
+                report: dict[str, object] = {"datasets": check_objects(handle, where, file_size)}
             except InputError as exc:
                 report = {"refusal": str(exc)}
             else:
@@ -278,7 +279,12 @@ def _reap_finished() -> None:
 
 
 def probe(
-    path: Path, file_size: int, seconds: float | None = None, *, fileobj: BinaryIO | None = None
+    path: Path,
+    file_size: int,
+    seconds: float | None = None,
+    *,
+    fileobj: BinaryIO | None = None,
+    where: str | None = None,
 ) -> Probed:
     """Reads the archive's metadata and runs `check_objects` in a forked child (module
     docstring); InputError if the child does not finish within `seconds` (default
@@ -286,17 +292,19 @@ def probe(
     the child are left to the caller's own read to report). The parent waits on a pipe the
     child closes once its report is written, not on its exit. Without fork (Windows) this
     reads nothing and returns an empty `Probed`. fileobj: the archive as a binary file object
-    (read through fsspec), `path` then only names it."""
+    (read through fsspec), read instead of `path`. where: how messages name the archive (by
+    default its path)."""
     if not hasattr(os, "fork"):
         return Probed()
     _reap_finished()
     limit = PROBE_SECONDS if seconds is None else seconds
+    where = str(path) if where is None else where
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report, then leave without running any exit handler
         try:
             os.close(read_end)
-            report = _child_report(path if fileobj is None else fileobj, path, file_size)
+            report = _child_report(path if fileobj is None else fileobj, where, file_size)
             view = memoryview(report)
             while view:
                 view = view[os.write(write_end, view) :]
@@ -316,7 +324,7 @@ def probe(
         os.kill(pid, signal.SIGKILL)
         _wait(pid, 0)
         raise InputError(
-            f"{path}: refused: reading its HDF5 metadata did not finish in {limit:g} s "
+            f"{where}: refused: reading its HDF5 metadata did not finish in {limit:g} s "
             "(a corrupt or crafted archive)"
         )
     probed = _parse_report(data)
@@ -327,7 +335,7 @@ def probe(
     _, status = _wait(pid, 0)
     if os.WIFSIGNALED(status):
         raise InputError(
-            f"{path}: refused: reading its HDF5 metadata crashed libhdf5 "
+            f"{where}: refused: reading its HDF5 metadata crashed libhdf5 "
             f"(signal {os.WTERMSIG(status)}; a corrupt or crafted archive)"
         )
     return Probed()

@@ -92,7 +92,7 @@ class ArchiveStep(Step):
             return torch.from_numpy(self.archive.read_field(self.index, name))
         except H5_ERRORS as exc:
             raise InputError(
-                f"{self.archive.path}: cannot read {name} of step {self.step}: {exc}"
+                f"{self.archive.location}: cannot read {name} of step {self.step}: {exc}"
             ) from None
 
 
@@ -108,7 +108,7 @@ class ArchiveRun(Run):
         size: int | None = None,
     ) -> None:
         """fileobj, size: the archive as a binary file object of `size` bytes (read through
-        fsspec, `dump._remote`); `path` then only names it."""
+        fsspec, `dump._remote`; messages then name it by its `location`)."""
         self.path = path
         self.verify = verify
         self._bad: dict[int, StepReadError] = {}  # step index -> why it cannot be read
@@ -125,26 +125,29 @@ class ArchiveRun(Run):
         self._read_whole: set[str] = set()
         """The index and text datasets read whole when the archive was opened: the integrity
         check does not read them again either."""
+        where = self.location
         try:
             file_size = os.stat(path).st_size if size is None else size
         except OSError as exc:
-            raise InputError(f"{path}: unreadable HDF5 file ({exc})") from None
-        probed = probe(path, file_size, fileobj=fileobj)
+            raise InputError(f"{where}: unreadable HDF5 file ({exc})") from None
+        probed = probe(path, file_size, fileobj=fileobj, where=where)
         try:
             source = path if fileobj is None else fileobj
             self._file = h5py.File(source, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
         except H5_ERRORS as exc:
-            raise InputError(f"{path}: unreadable HDF5 file ({exc})") from None
+            raise InputError(f"{where}: unreadable HDF5 file ({exc})") from None
         try:
             self._check_kind()
-            self._datasets = probed.objects(self._file, path, file_size)
+            self._datasets = probed.objects(self._file, where, file_size)
             self._load()
         except InputError:
             self._file.close()
             raise
         except H5_ERRORS as exc:
             self._file.close()
-            raise InputError(f"{path}: corrupt run archive ({type(exc).__name__}: {exc})") from None
+            raise InputError(
+                f"{where}: corrupt run archive ({type(exc).__name__}: {exc})"
+            ) from None
 
     def _text(self, name: str, limit: int) -> str:
         """A JSON string dataset, its size capped and its checksum checked (if it has one)."""
@@ -152,13 +155,17 @@ class ArchiveRun(Run):
         text = decode(dataset[()])
         self._read_whole.add(name)
         if not isinstance(text, str) or len(text) > limit:
-            raise InputError(f"{self.path}: corrupt run archive ({name} is not a bounded string)")
+            raise InputError(
+                f"{self.location}: corrupt run archive ({name} is not a bounded string)"
+            )
         expected = decode(dataset.attrs.get(CRC_ATTR))
         if expected is not None and expected != index_crc(text):
             if name == "manifest":
-                raise InputError(f"{self.path}: corrupt run archive (manifest checksum mismatch)")
+                raise InputError(
+                    f"{self.location}: corrupt run archive (manifest checksum mismatch)"
+                )
             self._load_findings.append(
-                Finding("unreadable", None, f"{self.path}:{name}", f"{name}: checksum mismatch")
+                Finding("unreadable", None, f"{self.location}:{name}", f"{name}: checksum mismatch")
             )
         return text
 
@@ -179,7 +186,7 @@ class ArchiveRun(Run):
                     Finding(
                         "unreadable",
                         None,
-                        f"{self.path}:{name}",
+                        f"{self.location}:{name}",
                         f"archive index {name}: {why}; every step is skipped",
                     )
                 )
@@ -188,25 +195,27 @@ class ArchiveRun(Run):
 
     def _check_kind(self) -> None:
         """A run archive of a readable version, else InputError (a replay report named)."""
-        handle, path = self._file, self.path
+        handle, location = self._file, self.location
         kind = decode(handle.attrs.get("kind"))
         if kind == REPLAY_REPORT_KIND:
-            raise InputError(f"{path} is a replay report, not a run (open it with read_hdf5)")
+            raise InputError(f"{location} is a replay report, not a run (open it with read_hdf5)")
         if kind != RUN_KIND:
-            raise InputError(f"{path} is not a run (HDF5 kind {kind!r}, expected {RUN_KIND!r})")
+            raise InputError(f"{location} is not a run (HDF5 kind {kind!r}, expected {RUN_KIND!r})")
         self.format_version = check_readable_version(
-            decode(handle.attrs.get("format_version")), str(path)
+            decode(handle.attrs.get("format_version")), location
         )
 
     def _load(self) -> None:
-        handle, path = self._file, self.path
-        manifest = parse_manifest(self._text("manifest", MANIFEST_LIMIT), f"{path} (manifest)")
-        check_manifest(manifest, f"{path} (manifest)")
+        handle, location = self._file, self.location
+        manifest = parse_manifest(self._text("manifest", MANIFEST_LIMIT), f"{location} (manifest)")
+        check_manifest(manifest, f"{location} (manifest)")
         self._manifest = manifest
         self.world_size = int(manifest.get("world_size") or 1)
         carried = json.loads(self._text("integrity", _INTEGRITY_LIMIT))
         if not isinstance(carried, list) or not all(_is_finding(f) for f in carried):
-            raise InputError(f"{path}: corrupt run archive (integrity is not a list of findings)")
+            raise InputError(
+                f"{location}: corrupt run archive (integrity is not a list of findings)"
+            )
         self._carried = [Finding(**f) for f in carried]
         self._checksummed = CRC_ATTR in handle["steps/step"].attrs
         if not self._checksummed:
@@ -214,7 +223,7 @@ class ArchiveRun(Run):
                 Finding(
                     "unchecked",
                     None,
-                    str(path),
+                    location,
                     "archive written without index checksums (by an older stabledrl): its step "
                     "numbers, counts and scalars are read unchecked; pack the run again",
                 )
@@ -243,7 +252,7 @@ class ArchiveRun(Run):
             group = "tokens" if name in TOKEN_FIELDS else "sequences"
             where = f"ragged/{name}/data" if name in RAGGED_FIELDS else f"{group}/{name}"
             if where not in handle or (name in RAGGED_FIELDS and name not in self._ragged):
-                raise InputError(f"{path}: corrupt run archive (no dataset {where})")
+                raise InputError(f"{location}: corrupt run archive (no dataset {where})")
         recorded = handle.get("scalars_recorded", {})
         stored = {
             scalar_name(name, self.format_version): name for name in handle.get("scalars", {})
@@ -257,7 +266,7 @@ class ArchiveRun(Run):
             if stored[name] in recorded
         }
         if set(self._scalar_recorded) != set(self._scalar_values):
-            raise InputError(f"{path}: corrupt run archive (scalars without scalars_recorded)")
+            raise InputError(f"{location}: corrupt run archive (scalars without scalars_recorded)")
         offsets = [*self._offsets.values(), *(o for o, _ in self._ragged.values())]
         per_step = [
             *self._counts.values(),
@@ -270,7 +279,9 @@ class ArchiveRun(Run):
             or any(c.shape != (count,) for c in per_step)
             or any(t.ndim != 2 or t.shape[0] != count for _, t in self._ragged.values())
         ):
-            raise InputError(f"{path}: corrupt run archive (index lengths do not match the steps)")
+            raise InputError(
+                f"{location}: corrupt run archive (index lengths do not match the steps)"
+            )
         self._index_of = {int(n): i for i, n in enumerate(self._numbers)}
         self._mark_inconsistent_steps()
 
@@ -324,7 +335,7 @@ class ArchiveRun(Run):
                     Finding(
                         "unreadable",
                         int(self._numbers[index]),
-                        str(self.path),
+                        self.location,
                         f"step {int(self._numbers[index])}: {why}",
                     )
                 )
@@ -476,7 +487,7 @@ class ArchiveRun(Run):
         return Finding(
             "unreadable",
             steps[0] if steps else None,
-            f"{self.path}:{name}",
+            f"{self.location}:{name}",
             f"archive dataset {name}: a corrupt chunk ({where}): {exc}",
         )
 

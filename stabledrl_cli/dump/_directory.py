@@ -177,6 +177,8 @@ class DirectoryStep(Step):
     """Per rank, the file's header and data buffer once read (None until then)."""
     loader: Callable[[Path, int], StepHeader] = field(repr=False)
     """(file, its header CRC) -> the file read whole: `DirectoryRun._load` of the run."""
+    named: Callable[[Path], str] = field(default=str, repr=False)
+    """How messages name a file: `DirectoryRun.named` of the run."""
     group_ids: GroupIds = field(default="per_rank", repr=False)
     handed: set[tuple[int, str]] = field(default_factory=set, repr=False)
     """(rank, name) of the arrays handed out as views of the rank's buffer; asking for one
@@ -195,9 +197,11 @@ class DirectoryStep(Step):
             try:
                 loaded = self.loader(path, self.header_crcs[rank])
             except StepReadError as exc:
-                raise InputError(f"{path}: cannot read it: {exc}") from None
+                raise InputError(f"{self.named(path)}: cannot read it: {exc}") from None
             if loaded.key != self.keys[rank] or loaded.header_crc != self.header_crcs[rank]:
-                raise InputError(f"{path}: changed since it was checked; open the run again")
+                raise InputError(
+                    f"{self.named(path)}: changed since it was checked; open the run again"
+                )
             self.files[rank] = loaded
         return loaded
 
@@ -209,7 +213,7 @@ class DirectoryStep(Step):
         try:
             return torch.from_numpy(self._file(rank).array(name))
         except ValueError as exc:  # offsets past the buffer: the file is not what was checked
-            raise InputError(f"{self.paths[rank]}: cannot read {name}: {exc}") from None
+            raise InputError(f"{self.named(self.paths[rank])}: cannot read {name}: {exc}") from None
 
     def _joined(self, name: str) -> torch.Tensor:
         if name == "param_grad_norm":
@@ -299,8 +303,8 @@ class DirectoryRun(Run):
         manifest_path = path / MANIFEST_NAME
         if not self._exists(manifest_path):
             raise InputError(f"{self.location} is not a run: it has no {MANIFEST_NAME}")
-        manifest = parse_manifest(self._manifest_bytes(manifest_path), str(manifest_path))
-        self.format_version = check_manifest(manifest, str(manifest_path))
+        manifest = parse_manifest(self._manifest_bytes(manifest_path), self.named(manifest_path))
+        self.format_version = check_manifest(manifest, self.named(manifest_path))
         self._manifest = manifest
         self.world_size: int = manifest["world_size"]
         # file name -> its last check: an unchanged file is checked once (its data CRC once more
@@ -317,6 +321,15 @@ class DirectoryRun(Run):
         return self._manifest
 
     # -- storage: what a run read from elsewhere (dump/_remote.py) does its own way ------------
+    def named(self, path: Path) -> str:
+        """How messages and findings name `path`, a file of this run: under the run's
+        `location` (here the path itself)."""
+        return str(path)
+
+    def _said(self, exc: OSError) -> str:
+        """What the filesystem said of a failed call, for a message."""
+        return exc.strerror or str(exc)
+
     def _exists(self, path: Path) -> bool:
         return path.exists()
 
@@ -378,7 +391,9 @@ class DirectoryRun(Run):
         except (FileNotFoundError, NotADirectoryError):
             return listing
         except OSError as exc:
-            raise InputError(f"{steps_dir}: cannot list it ({exc.strerror or exc})") from None
+            raise InputError(
+                f"{self.named(steps_dir)}: cannot list it ({self._said(exc)})"
+            ) from None
         ranked_run = self.world_size > 1
         for name, regular in found:
             path = steps_dir / name
@@ -440,7 +455,7 @@ class DirectoryRun(Run):
         try:
             key = self._file_key(path)
         except OSError as exc:
-            raise StepReadError("unreadable", f"cannot stat: {exc.strerror or exc}") from None
+            raise StepReadError("unreadable", f"cannot stat: {self._said(exc)}") from None
         cached = self._checked.get(path.name)
         known = None
         if cached is not None and cached.key == key:
@@ -509,6 +524,7 @@ class DirectoryRun(Run):
             header_crcs=[check.header_crc for _, check, _ in checked],
             files=[loaded for _, _, loaded in checked],
             loader=self._load,
+            named=self.named,
             group_ids=self.group_ids,
         )
 
@@ -540,18 +556,22 @@ class DirectoryRun(Run):
                 try:
                     self._check(path, n, deep=True)
                 except StepReadError as exc:
-                    findings.append(Finding(exc.kind, n, str(path), f"step {n}: {exc.kind}: {exc}"))
+                    findings.append(
+                        Finding(exc.kind, n, self.named(path), f"step {n}: {exc.kind}: {exc}")
+                    )
         for n, path in listing.temps:
             findings.append(
                 Finding(
                     "temporary",
                     n,
-                    str(path),
+                    self.named(path),
                     f"step {n}: temporary file {path.name} (in flight, or left by a killed writer)",
                 )
             )
         for path, reason in listing.unknown:
-            findings.append(Finding("unknown_file", None, str(path), f"{path.name}: {reason}"))
+            findings.append(
+                Finding("unknown_file", None, self.named(path), f"{path.name}: {reason}")
+            )
         # Steps with any file (even a bad or temporary one) are reported as such, not as gaps.
         findings.extend(gap_findings(sorted(set(listing.finals) | {n for n, _ in listing.temps})))
         findings.sort(key=lambda f: (f.step if f.step is not None else -1, f.kind))

@@ -30,7 +30,7 @@ from stabledrl_cli.dump._layout import (
     needs_escape,
     scalar_dataset_name,
 )
-from stabledrl_cli.dump._run import Run, Step, size_on_disk
+from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import EXTENSION_FIELDS, FIELDS, RUN_KIND, written_version
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.vocab import PACK_COMPRESSIONS, PackCompression
@@ -308,27 +308,30 @@ def _check_target(out: Path, force: bool) -> None:
 def _write_archive(
     handle: h5py.File,
     run: Run,
-    integrity: IntegrityReport,
     manifest_text: str,
     guarded: _GuardedFile,
     progress: Callable[[int], None] | None,
     compression: PackCompression,
-) -> _Packer:
+) -> tuple[_Packer, IntegrityReport]:
+    """Every readable step of `run` (each checked in full as it is read), then the run's
+    integrity report: its full check finds each step file checked already, so a file is read
+    once (a run at a URL is not fetched twice)."""
     handle.attrs["kind"] = RUN_KIND
     handle.attrs["tool_version"] = __version__
-    handle.attrs["source"] = str(run.path)
+    handle.attrs["source"] = run.location
     _text_dataset(handle, "manifest", manifest_text)
-    _text_dataset(handle, "integrity", json.dumps([f.to_dict() for f in integrity.findings]))
     packer = _Packer(handle, compression)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RunIntegrityWarning)  # already in `integrity`
+        warnings.simplefilter("ignore", RunIntegrityWarning)  # the integrity report names them
         for step in run.steps():
             if guarded.error is not None:  # the disk is full: stop early, fail at the end
                 break
-            packer.add(step, str(run.path))
+            packer.add(step, run.location)
             if progress is not None:
                 progress(1)
     packer.finish()
+    integrity = run.integrity
+    _text_dataset(handle, "integrity", json.dumps([f.to_dict() for f in integrity.findings]))
     extended = run.group_ids == "global" or any(
         f"sequences/{name}" in packer.columns for name in EXTENSION_FIELDS
     )
@@ -340,7 +343,7 @@ def _write_archive(
         or any(needs_escape(name) for name in set().union(*packer.scalars))
     )
     handle.attrs["format_version"] = written_version(extended, uses_1_2)
-    return packer
+    return packer, integrity
 
 
 def pack_run(
@@ -369,28 +372,29 @@ def pack_run(
         raise UsageError(f"compression {compression!r}: expected one of {list(PACK_COMPRESSIONS)}")
     target = Path(out)
     _check_target(target, force)
-    integrity = run.integrity  # full check first, so only trusted steps are packed
     try:
         manifest_text = json.dumps(run.manifest, indent=2, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"{run.path}: its manifest cannot be written as JSON ({exc})") from None
+        raise InputError(
+            f"{run.location}: its manifest cannot be written as JSON ({exc})"
+        ) from None
     with atomic_path(target) as temp:
         guarded = _GuardedFile(temp)
         try:
             with h5py.File(guarded, "w") as handle:
-                packer = _write_archive(
-                    handle, run, integrity, manifest_text, guarded, progress, compression
+                packer, integrity = _write_archive(
+                    handle, run, manifest_text, guarded, progress, compression
                 )
         finally:
             guarded.close()
         if guarded.error is not None:
             raise guarded.error
     return PackSummary(
-        source=str(run.path),
+        source=run.location,
         out=str(target),
         steps=len(packer.numbers),
         tokens=packer.offsets["tokens"][-1],
-        source_bytes=size_on_disk(Path(run.path)),
+        source_bytes=run.size_bytes,
         archive_bytes=target.stat().st_size,
         findings=list(integrity.findings),
     )

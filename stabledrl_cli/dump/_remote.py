@@ -80,6 +80,13 @@ def _file_key(info: dict[str, Any]) -> FileKey:
     return (0, int(info.get("size") or 0), zlib.crc32(str(stamp).encode()))
 
 
+def _said(exc: OSError, root: str, url: str) -> str:
+    """What the filesystem said of a failed call, `root` (the run's path on it) written as
+    `url`: a store's errors name the path they were given."""
+    text = exc.strerror or str(exc)
+    return text.replace(root, url.rstrip("/")) if root.strip("/") else text
+
+
 def _regular(info: dict[str, Any]) -> bool:
     return info.get("type") == "file" and not info.get("islink")
 
@@ -100,7 +107,8 @@ class _AtUrl:
 
 class RemoteRun(_AtUrl, DirectoryRun):
     """A run directory read through fsspec (module docstring). `path` is the path on the
-    filesystem, used only to name files."""
+    filesystem, where its files are read; messages and findings name each file by its URL
+    (`named`)."""
 
     def __init__(self, url: str, fs: Any, root: str, *, verify: bool = True) -> None:
         self.url = url
@@ -108,6 +116,15 @@ class RemoteRun(_AtUrl, DirectoryRun):
         self._infos: dict[str, dict[str, Any]] = {}
         """File path -> what the last listing said of it."""
         super().__init__(Path(root), verify=verify)
+
+    def named(self, path: Path) -> str:
+        """`path` (under the run's path on the filesystem) as a URL: the run's URL as given,
+        then the file's path inside the run."""
+        inside = path.relative_to(self.path).as_posix()
+        return self.url if inside == "." else f"{self.url.rstrip('/')}/{inside}"
+
+    def _said(self, exc: OSError) -> str:
+        return _said(exc, str(self.path), self.url)
 
     @property
     def size_bytes(self) -> int:
@@ -130,10 +147,12 @@ class RemoteRun(_AtUrl, DirectoryRun):
     def _manifest_bytes(self, path: Path) -> bytes:
         try:
             if not _regular(self.fs.info(str(path))):
-                raise InputError(f"{self.url}/{path.name}: not a regular file")
+                raise InputError(f"{self.named(path)}: not a regular file")
             data: bytes = self.fs.cat_file(str(path), start=0, end=MANIFEST_LIMIT + 1)
         except OSError as exc:
-            raise InputError(f"{self.url}: unreadable manifest ({exc})") from None
+            raise InputError(
+                f"{self.named(path)}: unreadable manifest ({self._said(exc)})"
+            ) from None
         return data
 
     def _entries(self, directory: Path) -> list[tuple[str, bool]]:
@@ -174,7 +193,7 @@ class RemoteRun(_AtUrl, DirectoryRun):
             header = parse_header(io.BytesIO(head), size, deep=False, known=known)
             return replace(header, key=key)
         except OSError as exc:
-            raise StepReadError("unreadable", f"cannot read: {exc}") from None
+            raise StepReadError("unreadable", f"cannot read: {self._said(exc)}") from None
 
 
 class RemoteArchiveRun(_AtUrl, ArchiveRun):
@@ -203,7 +222,7 @@ def open_url(url: str, *, verify: bool = True) -> Run:
     except FileNotFoundError:
         raise InputError(f"no such run: {url}") from None
     except OSError as exc:
-        raise InputError(f"cannot read {url}: {exc}") from None
+        raise InputError(f"cannot read {url}: {_said(exc, root, url)}") from None
     if signature == HDF5_SIGNATURE:
         return RemoteArchiveRun(url, fs, root, int(found.get("size") or 0), verify=verify)
     raise InputError(f"{url} is not a run (expected a run directory or a .h5 archive)")

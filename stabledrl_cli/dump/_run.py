@@ -117,10 +117,10 @@ class Run(ABC):
     def step(self, n: int) -> Step:
         """Step `n`; InputError if it is missing or corrupt."""
         if not self._has_step(n):
-            raise InputError(f"{self.path}: no step {n}")
+            raise InputError(f"{self.location}: no step {n}")
         loaded = self._try_step(n, deep=True)
         if isinstance(loaded, StepReadError):
-            raise InputError(f"{self.path}: step {n} is {loaded.kind}: {loaded}")
+            raise InputError(f"{self.location}: step {n} is {loaded.kind}: {loaded}")
         return loaded
 
     @property
@@ -185,7 +185,9 @@ class Run(ABC):
             loaded = self._try_step(n, deep=True)
             if isinstance(loaded, StepReadError):
                 warnings.warn(
-                    f"skipping step {n}: {loaded.kind}: {loaded}", RunIntegrityWarning, stacklevel=2
+                    f"{self.location}: skipping step {n}: {loaded.kind}: {loaded}",
+                    RunIntegrityWarning,
+                    stacklevel=2,
                 )
                 continue
             yield loaded
@@ -218,4 +220,4 @@ class Run(ABC):
         }
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r})"
+        return f"{type(self).__name__}({self.location!r})"

@@ -1,0 +1,71 @@
+"""Runs for the fsspec tests (test_fsspec*.py): a small multi-rank run with a corrupt step, and
+a copy of a run on fsspec's in-memory filesystem."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import fsspec
+import numpy as np
+
+import stabledrl_cli as sd
+
+
+def small_run(path: Path, *, world_size: int = 2, steps: int = 9, corrupt: bool = True) -> Path:
+    """A token run over `world_size` ranks with noise-floor steps, a sketch step, and (corrupt)
+    step 5's data corrupted on rank 0 (skipped by every reader)."""
+    rng = np.random.default_rng(3)
+    for rank in range(world_size):
+        with sd.Recorder(
+            path, policy="grpo", reward_range=(0.0, 1.0), world_size=world_size, rank=rank
+        ) as rec:
+            for step in range(steps):
+                logp = -rng.random((4, 6)).astype(np.float32) * 2
+                extra = {"unit_grad_sketch": rng.normal(size=(24, 4)).astype(np.float32)}
+                rec.log_step(
+                    step,
+                    logp=logp,
+                    logp_old=logp + rng.normal(scale=0.1, size=(4, 6)).astype(np.float32),
+                    advantages=rng.standard_normal(4).astype(np.float32),
+                    mask=rng.random((4, 6)) > 0.1,
+                    group_id=np.array([0, 0, 1, 1]),
+                    reward=rng.random(4).astype(np.float32),
+                    grad_norm=1.0 + step,
+                    loss=0.1 * step,
+                    inner_step=step % 2,
+                    **(extra if step == 4 else {}),
+                )
+    if corrupt:
+        victim = next((path / "steps").glob("step-00000005*"))
+        data = bytearray(victim.read_bytes())
+        data[-1] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    return path
+
+
+def to_memory(local: Path) -> str:
+    """A copy of a run directory or file on fsspec's in-memory filesystem -> its URL."""
+    memory = fsspec.filesystem("memory")
+    root = f"/{uuid.uuid4().hex}/{local.name}"
+    if local.is_file():
+        memory.pipe(root, local.read_bytes())
+    for file in sorted(local.rglob("*")):
+        if file.is_file():
+            memory.pipe(f"{root}/{file.relative_to(local).as_posix()}", file.read_bytes())
+    return f"memory://{root.lstrip('/')}"
+
+
+def count_whole_reads(monkeypatch) -> list[str]:
+    """From now on, the paths each whole-file read of fsspec's in-memory filesystem reads
+    (ranged reads are not counted)."""
+    whole: list[str] = []
+    original = fsspec.implementations.memory.MemoryFileSystem.cat_file
+
+    def counting(self, path, start=None, end=None, **kwargs):
+        if start is None and end is None:
+            whole.append(path)
+        return original(self, path, start=start, end=end, **kwargs)
+
+    monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "cat_file", counting)
+    return whole
