@@ -210,3 +210,17 @@ def test_pack_url_exit_codes_in_a_real_process(run_dir, tmp_path):
         else:
             assert json.loads(done.stdout)["run"] == run_dir.as_uri()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5"]
+
+
+def test_a_store_that_cannot_list_the_run_leaves_no_archive(run_dir, tmp_path, monkeypatch):
+    """The run's size is listed before the archive is written: a store whose listing fails
+    is one line naming the URL (exit 3), and no archive."""
+    url = to_memory(run_dir)
+
+    def refused(self, path, **kwargs):
+        raise PermissionError(f"access denied to {path}")
+
+    monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "find", refused)
+    result = runner.invoke(app, ["pack", url, str(tmp_path / "run.h5")])
+    assert one_error_line(result, 3) == f"error: {url}: cannot list it (access denied to {url})"
+    assert list(tmp_path.iterdir()) == []

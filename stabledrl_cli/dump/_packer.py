@@ -378,6 +378,7 @@ def pack_run(
         raise InputError(
             f"{run.location}: its manifest cannot be written as JSON ({exc})"
         ) from None
+    source_bytes = run.size_bytes  # before the archive: a store that cannot list leaves none
     with atomic_path(target) as temp:
         guarded = _GuardedFile(temp)
         try:
@@ -394,7 +395,7 @@ def pack_run(
         out=str(target),
         steps=len(packer.numbers),
         tokens=packer.offsets["tokens"][-1],
-        source_bytes=run.size_bytes,
+        source_bytes=source_bytes,
         archive_bytes=target.stat().st_size,
         findings=list(integrity.findings),
     )

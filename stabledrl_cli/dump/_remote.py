@@ -6,8 +6,11 @@ header and data checksums, joins and findings); only the storage calls differ. T
 folder is listed on every access (a store has no directory time to tell a listing still
 holds), each step file's header is read with a ranged read, and its whole bytes are read once
 when its step is loaded: the data checksum is checked on those bytes and its arrays are views
-of them. A packed `.h5` is read by h5py through an fsspec file
-object (`open_archive`).
+of them. A packed `.h5` is read by h5py through an fsspec file object (`RemoteArchiveRun`).
+
+A run at a URL is named by that URL as given, protocol included, wherever a message, warning
+or finding names it or one of its files (`memory://b/run/steps/step-00000005.safetensors`,
+never the path on the filesystem, `/b/run/steps/...`), a filesystem's own error included.
 
 What a URL may name (docs/trust.md): exactly one filesystem and a path on it. Chained URLs
 (`simplecache::s3://...`) and the `reference://` filesystem, whose JSON maps paths to other
@@ -128,7 +131,10 @@ class RemoteRun(_AtUrl, DirectoryRun):
 
     @property
     def size_bytes(self) -> int:
-        found = self.fs.find(str(self.path), detail=True)
+        try:
+            found = self.fs.find(str(self.path), detail=True)
+        except OSError as exc:
+            raise InputError(f"{self.url}: cannot list it ({self._said(exc)})") from None
         return sum(int(info.get("size") or 0) for info in found.values())
 
     def _info(self, path: Path) -> dict[str, Any]:
