@@ -2,17 +2,21 @@
 
 The runs are the committed grpo fixture (which degrades: risk steps, recorded non-finite
 steps, the collapse warning, the reward collapse), landed a few steps at a time, and the same
-steps re-recorded by a `Recorder` in a thread while the watch reads them.
+steps re-recorded by a `Recorder` in a thread while the watch reads them; and scalar runs
+(per-step scalars only, nothing to replay) written by a Recorder or recorded from a plain
+PyTorch script by `stabledrl record`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -22,8 +26,10 @@ from typer.testing import CliRunner
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.engine import replay_run
+from stabledrl_cli.replay.engine import NothingToReplay, replay_run
 from stabledrl_cli.replay.follow import RunWatcher
+from stabledrl_cli.replay.observed import observe
+from stabledrl_cli.replay.recorded import recorded_run
 
 CPU = ReplayConfig(device="cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +94,10 @@ def test_a_watcher_follows_a_run_landing_step_by_step(grpo_fixture, grpo_replay,
     assert [a.step for a in alerts if a.kind == "risk"] == expected.collapsed_steps
     assert [a.step for a in alerts if a.kind == "collapse_warning"] == [60]
     assert [a.step for a in alerts if a.kind == "nonfinite"] == [92, 93, 94, 95]
+    # The recorded grad-norm spikes are the replayed risk steps here: alerted once, as risk.
+    assert state.spike_steps == grpo_replay.observed.recorded_spike_steps
+    assert set(state.spike_steps) <= set(state.risk_steps)
+    assert [a for a in alerts if a.kind == "grad_norm_spike"] == []
     assert alerts == state.alerts
     row = state.recent[-1]
     assert row.discard_frac == pytest.approx(grpo_replay.policies[0].series["discard_frac"][-1])
@@ -243,3 +253,198 @@ def test_ctrl_c_stops_the_watch_cleanly(grpo_fixture, monkeypatch):
     result = CliRunner().invoke(app, ["watch", str(grpo_fixture), "--device", "cpu"])
     assert result.exit_code == 130 and calls["n"] == 1
     assert "stopped (160 steps seen)" in result.stderr and "Traceback" not in result.stderr
+
+
+def _scalar_step(recorder: Recorder, n: int) -> None:
+    """A scalar step (no policy batch): a steady grad norm, a spike at step 25, NaN at 12."""
+    norm = 1.0 + 0.1 * (n % 3)
+    recorder.log_step(
+        n,
+        grad_norm=math.nan if n == 12 else 500.0 if n == 25 else norm,
+        loss=0.5,
+        reward_mean=0.5,
+        lr=1e-3,
+    )
+
+
+def _scalar_run(path: Path, steps: Iterable[int], **kwargs: object) -> Path:
+    with Recorder(path, **kwargs) as recorder:  # type: ignore[arg-type]
+        for n in steps:
+            _scalar_step(recorder, n)
+    return path
+
+
+def test_a_watcher_follows_a_scalar_run_as_check_reads_it(tmp_path):
+    """Scalar steps (what `record`'s optimizer hooks or a Recorder given scalars alone write)
+    have nothing to replay: they are counted, their recorded scalars observed and alerted on."""
+    live = tmp_path / "live"
+    watcher = RunWatcher(live, CPU, recent=3)
+    with Recorder(live) as recorder:  # its own policy, grpo, never replayed: no batch
+        for start, stop in ((0, 10), (10, 20), (20, 30)):
+            for n in range(start, stop):
+                _scalar_step(recorder, n)
+            watcher.poll()
+            state = watcher.state()
+            assert state.waiting is None and state.steps == stop == state.scalar_steps
+            assert state.last_step == stop - 1 and state.replayed_steps == 0
+            assert [row.step for row in state.recent] == list(range(stop - 3, stop))
+            assert all(row.discard_frac is None and row.risk is None for row in state.recent)
+    whole = open_run(live)
+    observed = observe(whole)
+    assert state.own_policy == state.recorded_policy == "grpo"
+    assert state.spike_steps == observed.recorded_spike_steps == [25]
+    assert state.nonfinite_steps == observed.nonfinite_steps == [12]
+    assert state.risk_steps == state.drift_steps == []
+    assert [(a.kind, a.step) for a in state.alerts] == [("nonfinite", 12), ("grad_norm_spike", 25)]
+    assert state.recent[-1].grad_norm == pytest.approx(1.2)
+    assert watcher.replay is not None
+    with pytest.raises(NothingToReplay, match="nothing to replay: a scalar run"):
+        watcher.replay.result()
+    assert watcher.replay.recorded().series_dict() == recorded_run(whole, observed).series_dict()
+
+
+def test_a_scalar_step_that_gains_its_batch_is_replayed(grpo_fixture, grpo_replay, tmp_path):
+    """`record` writes an optimizer step first and rewrites it with the step's policy batch:
+    a watcher that read the step as a scalar step reads it again and replays it."""
+    scalars = _scalar_run(tmp_path / "scalars", (10, 40))
+    live = tmp_path / "live"
+    live.mkdir()
+    _land_manifest(grpo_fixture, live)
+    _land(grpo_fixture, live, range(10))
+    _land(scalars, live, range(10, 11))
+    watcher = RunWatcher(live, CPU)
+    watcher.poll()
+    state = watcher.state()
+    assert (state.steps, state.replayed_steps, state.scalar_steps) == (11, 10, 1)
+    _land(grpo_fixture, live, range(10, 40))  # step 10 rewritten with its batch
+    _land(scalars, live, range(40, 41))  # and step 40 is a scalar step so far
+    watcher.poll()
+    state = watcher.state()
+    assert (state.steps, state.replayed_steps, state.scalar_steps) == (41, 40, 1)
+    assert state.risk_steps == [s for s in grpo_replay.policies[0].summary.collapsed_steps
+                                if s < 40]  # fmt: skip
+
+
+def test_once_on_a_scalar_run_shows_and_gates_its_recorded_scalars(tmp_path):
+    run = _scalar_run(tmp_path / "run", range(30), policy=None)
+    result = CliRunner().invoke(app, ["watch", str(run), "--once", "--recent", "3"])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1:7] == [
+        "steps: 30 (last 29); own policy: none recorded: no replay",
+        "scalar steps: 30 of 30 (recorded scalars only, no policy batch to replay)",
+        "risk steps: - (nothing replayed)",
+        "drift steps: - (nothing replayed)",
+        "recorded grad-norm spikes: 25",
+        "recorded non-finite: 12",
+    ]
+    assert max(len(line) for line in lines[1:]) <= 80  # the first names the run
+    assert "alert: step 25: grad_norm_spike: recorded grad_norm > 10x its recent median" in (
+        result.stderr
+    )
+    code, data, stderr = _once(run, "--max-spikes", "0", "--max-nonfinite", "1")
+    check = CliRunner().invoke(
+        app, ["check", str(run), "--max-spikes", "0", "--max-nonfinite", "1", "-f", "json"]
+    )
+    assert code == 1 == check.exit_code and not data["ok"]
+    assert data["gates"] == json.loads(check.stdout)["gates"]
+    assert "gate tripped: (run) max_spikes: 1 grad-norm spike step, limit 0" in stderr
+    assert data["own_policy"] is None and data["recorded_policy"] is None
+    assert (data["steps"], data["scalar_steps"], data["replayed_steps"]) == (30, 30, 0)
+    assert data["spike_steps"] == [25] and data["nonfinite_steps"] == [12]
+    assert data["recent"][-1]["discard_frac"] is None
+    code, data, _ = _once(run, "--max-spikes", "1", "--fail-on-collapse")
+    assert code == 0 and data["ok"] and len(data["gates"]) == 2
+    refused = CliRunner().invoke(app, ["watch", str(run), "--once", "--max-collapsed", "0"])
+    assert refused.exit_code == 2
+    assert "--max-collapsed need(s) the own policy replayed, and the run names no policy" in (
+        refused.stderr
+    )
+
+
+SCRIPT = """\
+import torch
+
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+for step in range(30):
+    x = torch.randn(8, 4) * (1000.0 if step == 25 else 1.0)
+    optimizer.zero_grad()
+    (model(x) ** 2).mean().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+"""
+
+
+@pytest.fixture(scope="module")
+def recorded_script(tmp_path_factory) -> Path:
+    """A plain PyTorch script recorded by `stabledrl record -- python script.py`: scalar
+    steps of its optimizer, with a gradient spike at step 25 (clipped, so the next steps are
+    not)."""
+    folder = tmp_path_factory.mktemp("recorded")
+    script = folder / "train.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "record", "--out", str(folder / "run"), "--",
+         sys.executable, str(script)],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return folder / "run"
+
+
+def test_once_on_a_recorded_script_exits_with_the_gates_code(recorded_script):
+    run = str(recorded_script)
+    plain = _subprocess(run, "--once")
+    assert plain.returncode == 0, plain.stderr
+    assert "steps: 30 (last 29); own policy: none recorded: no replay" in plain.stdout
+    assert "recorded grad-norm spikes: 25" in plain.stdout
+    tripped = _subprocess(run, "--once", "--max-spikes", "0", "--max-nonfinite", "0")
+    assert tripped.returncode == 1
+    assert "gate tripped: (run) max_spikes: 1 grad-norm spike step, limit 0" in tripped.stderr
+    refused = _subprocess(run, "--once", "--max-discard-frac", "0.5")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+
+
+def test_a_watch_follows_a_scalar_run_while_it_gains_steps(tmp_path):
+    """A real `watch --until-idle` process sees the first steps of a Recorder's scalar run (its
+    alert for step 12 is on stderr), then the rest land; it stops once idle, with the gates'
+    code."""
+    live = tmp_path / "live"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "stabledrl_cli", "watch", str(live), "--until-idle", "5",
+         "--interval", "0.05", "--max-spikes", "0"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    lines: list[str] = []
+    seen_first = threading.Event()
+
+    def read() -> None:
+        assert watch.stderr is not None
+        for line in watch.stderr:
+            lines.append(line)
+            if line.startswith("alert: step 12: nonfinite"):
+                seen_first.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        with Recorder(live, policy=None) as recorder:
+            for n in range(20):
+                _scalar_step(recorder, n)
+            assert seen_first.wait(timeout=120), "".join(lines)
+            for n in range(20, 30):
+                _scalar_step(recorder, n)
+        code = watch.wait(timeout=120)
+    finally:
+        watch.kill()
+        reader.join(timeout=60)
+    stderr = "".join(lines)
+    assert code == 1, stderr
+    assert "alert: step 25: grad_norm_spike" in stderr
+    assert "idle for 5 s: stopped (30 steps seen)" in stderr
+    assert "gate tripped: (run) max_spikes: 1 grad-norm spike step, limit 0" in stderr
+    assert "Traceback" not in stderr

@@ -107,7 +107,17 @@ MaxNonfiniteOpt = Annotated[
         "--max-nonfinite", help="Fail if a policy has more steps with a non-finite update."
     ),
 ]
-"""`check`'s absolute gates (`replay.gate.Gates`), shared by `watch --once`."""
+MaxSpikesOpt = Annotated[
+    int | None,
+    typer.Option("--max-spikes", help="Fail if the recorded grad norm has more spikes."),
+]
+FailOnCollapseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fail-on-collapse", help="Fail if the recorded reward collapsed (observed rule)."
+    ),
+]
+"""`check`'s absolute gates (`replay.gate.Gates`), shared by `watch`."""
 EngineOpt = Annotated[
     ReplayEngine,
     typer.Option(

@@ -32,10 +32,12 @@ from stabledrl_cli.cli._options import (
     DeviceOpt,
     DriftThresholdOpt,
     EngineOpt,
+    FailOnCollapseOpt,
     FormatOpt,
     MaxCollapsedOpt,
     MaxDiscardFracOpt,
     MaxNonfiniteOpt,
+    MaxSpikesOpt,
     PlotOpt,
     PolicyOpt,
     RayAddressOpt,
@@ -196,16 +198,8 @@ def command(
     max_collapsed: MaxCollapsedOpt = None,
     max_discard_frac: MaxDiscardFracOpt = None,
     max_nonfinite: MaxNonfiniteOpt = None,
-    max_spikes: Annotated[
-        int | None,
-        typer.Option("--max-spikes", help="Fail if the recorded grad norm has more spikes."),
-    ] = None,
-    fail_on_collapse: Annotated[
-        bool,
-        typer.Option(
-            "--fail-on-collapse", help="Fail if the recorded reward collapsed (observed rule)."
-        ),
-    ] = False,
+    max_spikes: MaxSpikesOpt = None,
+    fail_on_collapse: FailOnCollapseOpt = False,
     write_baseline_path: Annotated[
         Path | None,
         typer.Option("--write-baseline", help="Record today's figures per policy to this file."),

@@ -2,12 +2,15 @@
 
 Live: a rich view on stderr, refreshed as steps land (polled every --interval seconds), and one
 stderr line per new alert. `--once`: the current state on stdout (table or --format json) and
-the exit code of the gates (`check`'s absolute gates on the run's own policy).
+the exit code of the gates (`check`'s absolute gates: on the run's own policy, and on the
+recorded run). A scalar run (per-step scalars only: an optimizer-hook recording, a Recorder
+given scalars alone) is followed as `check` treats it: its recorded scalars shown, alerted on
+and gated, nothing replayed.
 
 Exit codes: 0 every gate holds (or none is given); 1 a gate tripped (--once, or when
---until-idle ends the watch); 2 usage error (a URL among them: watch follows a local path);
-3 a missing or corrupt run (--once), or a run whose steps cannot be replayed; 130 stopped with
-Ctrl-C.
+--until-idle ends the watch); 2 usage error (a URL among them: watch follows a local path; a
+policy gate on a run the own policy did not replay); 3 a missing or corrupt run (--once), or a
+run whose steps cannot be replayed; 130 stopped with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from rich.text import Text
 from stabledrl_cli.cli._local import local_run
 from stabledrl_cli.cli._options import (
     DeviceOpt,
+    FailOnCollapseOpt,
     FormatOpt,
     MaxCollapsedOpt,
     MaxDiscardFracOpt,
     MaxNonfiniteOpt,
+    MaxSpikesOpt,
     RunArg,
 )
 from stabledrl_cli.cli._output import err, out, print_json
@@ -53,20 +58,38 @@ def _steps(steps: list[int]) -> str:
     return format_steps(steps, STEPS_LISTED, empty="none", separator=", ", more=" more")
 
 
+def _policy(state: WatchState) -> str:
+    if state.own_policy is not None:
+        return state.own_policy
+    if state.recorded_policy is None:
+        return "none recorded: no replay"
+    return f"{state.recorded_policy} (not in the catalogue: no replay)"
+
+
 def _view(state: WatchState) -> Group:
     """The state as a few lines and a table of the last steps."""
     if state.waiting is not None:
         return Group(Text(f"stabledrl watch {state.run}"), Text(state.waiting))
-    policy = state.own_policy or "not in the catalogue: no replay"
 
     def at(step: int | None) -> str:
         return "none" if step is None else f"step {step}"
 
+    def replayed(steps: list[int]) -> str:
+        return _steps(steps) if state.replayed_steps else "- (nothing replayed)"
+
     lines = [
         f"stabledrl watch {state.run}",
-        f"steps: {state.steps} (last {state.last_step}); own policy: {policy}",
-        f"risk steps: {_steps(state.risk_steps)}",
-        f"drift steps: {_steps(state.drift_steps)}",
+        f"steps: {state.steps} (last {state.last_step}); own policy: {_policy(state)}",
+    ]
+    if state.scalar_steps:
+        lines.append(
+            f"scalar steps: {state.scalar_steps} of {state.steps} (recorded scalars only, "
+            "no policy batch to replay)"
+        )
+    lines += [
+        f"risk steps: {replayed(state.risk_steps)}",
+        f"drift steps: {replayed(state.drift_steps)}",
+        f"recorded grad-norm spikes: {_steps(state.spike_steps)}",
         f"recorded non-finite: {_steps(state.nonfinite_steps)}",
         f"collapse warning: {at(state.collapse_warning)}; "
         f"reward collapse: {at(state.first_reward_collapse)}",
@@ -87,10 +110,27 @@ def _view(state: WatchState) -> Group:
 
 
 def _gates(watcher: RunWatcher, gates: Gates) -> list[GateResult]:
-    """`check`'s absolute gates on the own policy replayed over the steps seen so far."""
-    if not gates.any or watcher.replay is None:
+    """`check`'s absolute gates over the steps seen so far: the run-level ones on the recorded
+    run, the policy ones on the own policy replayed. UsageError for a policy gate when the own
+    policy replayed no step (as `check` refuses one on a scalar run)."""
+    replay = watcher.replay
+    if not gates.any or replay is None or not replay.seen:
         return []
-    return evaluate(watcher.replay.result(), gates, None)
+    if gates.policy_gates and not (replay.policy is not None and replay.steps):
+        if replay.policy is None:
+            why = (
+                f"the run's policy {replay.run.policy_spec!r} is not in the catalogue"
+                if replay.run.policy_spec is not None
+                else "the run names no policy"
+            )
+        else:
+            why = "it is a scalar run so far (per-step scalars only, no policy batch)"
+        raise UsageError(
+            f"{watcher.path}: {', '.join(gates.policy_gates)} need(s) the own policy replayed, "
+            f"and {why}; gate it with --max-spikes, --max-nonfinite or --fail-on-collapse"
+        )
+    result = replay.result() if replay.policy is not None and replay.steps else None
+    return evaluate(result, gates, None, recorded=replay.recorded())
 
 
 def _report_gates(results: list[GateResult]) -> int:
@@ -108,9 +148,9 @@ def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
     state = watcher.state()
     if state.steps == 0:
         raise InputError(f"{state.run}: the run has no readable step yet")
+    results = _gates(watcher, gates)
     for alert in state.alerts:
         err.print(_alert_line(alert), highlight=False)
-    results = _gates(watcher, gates)
     if output_format == "json":
         data = state.to_dict()
         data["gates"] = [r.to_dict() for r in results]
@@ -177,6 +217,8 @@ def command(
     max_collapsed: MaxCollapsedOpt = None,
     max_discard_frac: MaxDiscardFracOpt = None,
     max_nonfinite: MaxNonfiniteOpt = None,
+    max_spikes: MaxSpikesOpt = None,
+    fail_on_collapse: FailOnCollapseOpt = False,
     output_format: FormatOpt = "table",
     device: DeviceOpt = "auto",
 ) -> None:
@@ -186,6 +228,8 @@ def command(
             max_collapsed=max_collapsed,
             max_discard_frac=max_discard_frac,
             max_nonfinite=max_nonfinite,
+            max_spikes=max_spikes,
+            fail_on_collapse=fail_on_collapse,
         )
     if not interval > 0:
         raise UsageError(f"--interval must be > 0, got {interval:g}")

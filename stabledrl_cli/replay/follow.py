@@ -5,8 +5,10 @@ each step's geometry, the collapse warning's measurements) and adds new steps to
 replay's own streaming pass (`stream.stream_run` over just those steps, through
 `StepSubset`). Its columns are derived from everything replayed so far (`columns.derive_series`),
 so step n's spike, drift and risk flags equal those of a full replay of the steps up to n: each
-detector only looks back. `watch` follows a live run with it; `diff` replays the steps around
-the point two runs part.
+detector only looks back. A scalar step (per-step scalars only: an optimizer-hook recording, an
+imported log) has nothing to replay: it is read all the same, and its recorded scalars count in
+the run's observed behaviour, as in a replay of the whole run. `watch` follows a live run with
+it; `diff` replays the steps around the point two runs part.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from stabledrl_cli.replay.columns import ColumnArray, derive_series, device_metr
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import (
     no_steps_message,
+    nothing_to_replay,
     own_policy,
     replay_result,
     skipped_reasons,
@@ -41,6 +44,7 @@ from stabledrl_cli.replay.observed import (
     measurements_of,
     observe,
 )
+from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.stream import StreamedRun, stream_run
 from stabledrl_cli.vocab import ALERT_KINDS, AlertKind, StepGeometryKind
@@ -87,6 +91,8 @@ class OwnReplay:
         self.policy: Policy | None = own_policy(run)
         self._device = resolve_device(self.config.device)
         self._steps: list[int] = []
+        self._scalar: list[int] = []
+        self._tail: int | None = None
         self._blocks: list[np.ndarray] = []
         self._geometry: list[StepGeometryKind] = []
         self._loss: list[np.ndarray] = []
@@ -101,26 +107,39 @@ class OwnReplay:
 
     @property
     def steps(self) -> list[int]:
-        """Steps replayed so far, ascending."""
+        """Steps with a policy batch read so far (replayed, with an own policy), ascending."""
         return list(self._steps)
 
+    @property
+    def seen(self) -> list[int]:
+        """Every step read so far, ascending: those with a policy batch and the scalar steps
+        (per-step scalars only, nothing to replay), whose recorded scalars count all the same."""
+        tail = [] if self._tail is None else [self._tail]
+        return sorted(self._steps + self._scalar + tail)
+
     def extend(self, numbers: Sequence[int]) -> list[int]:
-        """Replays the run's steps `numbers` that come after every step replayed so far;
-        returns those read (a corrupt one is skipped). InputError for a step the policy cannot
-        read."""
-        last = self._steps[-1] if self._steps else None
+        """Reads the run's steps `numbers` that come after every step read so far and replays
+        those that hold a policy batch; returns the steps read (a corrupt one is skipped).
+        The last step read, when it is a scalar step, is read again by the next call: a
+        recording that adds a step's policy batch to its optimizer step rewrites the step's
+        file with both (docs/recording.md). InputError for a step the policy cannot read."""
+        final = self._steps + self._scalar
+        last = max(final) if final else None
         new = sorted(n for n in set(numbers) if last is None or n > last)
+        self._tail = None
         if not new:
             return []
-        subset = StepSubset(self.run, new)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RunIntegrityWarning)
+            headers = list(StepSubset(self.run, new).step_headers())
+            scalar = [h.step for h in headers if h.is_scalar]
+            batches = [h for h in headers if not h.is_scalar]
+            subset = StepSubset(self.run, [h.step for h in batches])
             if self.policy is None:
                 floor, gathered = measurements_of(subset)
-                headers = list(subset.step_headers())
-                read = [h.step for h in headers]
+                read = [h.step for h in batches]
                 self._geometry.extend("coef" for _ in read)
-                self._loss.append(np.array([h.scalars.get("loss", np.nan) for h in headers]))
+                self._loss.append(np.array([h.scalars.get("loss", np.nan) for h in batches]))
                 self._covered.append(np.full(len(read), np.nan))
             else:
                 with torch_threads(self.config.threads):
@@ -140,6 +159,9 @@ class OwnReplay:
                 self._covered.append(streamed.grad_norm_covered)
                 self._approximate |= streamed.approximate
         self._steps.extend(read)
+        if scalar and (not read or scalar[-1] > read[-1]):
+            self._tail = scalar.pop()
+        self._scalar.extend(scalar)
         for step, inner, value in zip(
             gathered.steps, gathered.inner_step, gathered.values, strict=True
         ):
@@ -147,7 +169,7 @@ class OwnReplay:
             self._likelihood.inner_step.append(inner)
             self._likelihood.values.append(value)
         self._floor.extend(floor)
-        return read
+        return sorted(read + scalar + ([] if self._tail is None else [self._tail]))
 
     def stream(self) -> StreamedRun:
         """What the replay's streaming pass over the steps replayed so far would have kept."""
@@ -175,10 +197,10 @@ class OwnReplay:
 
     def observed(self) -> Observed:
         """The recorded run's own behaviour (reward collapse, recorded spikes, the collapse
-        warning) over the steps replayed so far."""
+        warning) over the steps read so far, scalar steps included."""
         config = self.config
         return observe(
-            StepSubset(self.run, self._steps),
+            StepSubset(self.run, self.seen),
             spike_factor=config.spike_factor,
             collapse_window=config.collapse_window,
             warning_window=config.warning_window,
@@ -187,10 +209,20 @@ class OwnReplay:
             likelihood=self._likelihood,
         )
 
+    def recorded(self) -> RecordedRun:
+        """The recorded series of the steps read so far, with their observed behaviour: what
+        `check`'s run-level gates read."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RunIntegrityWarning)
+            return recorded_run(StepSubset(self.run, self.seen), self.observed())
+
     def result(self) -> ReplayResult:
         """The replay of the own policy over the steps replayed so far, as `replay_run` gives
-        it for those steps (what `check`'s gates read). InputError before any step."""
+        it for those steps (what `check`'s gates read). InputError before any step with a
+        policy batch (`NothingToReplay` after scalar steps only)."""
         if not self._steps:
+            if self.seen:
+                raise nothing_to_replay(self.run, len(self.seen))
             raise InputError(no_steps_message(self.run, skipped_reasons(self.run)))
         policies = [self.policy] if self.policy is not None else []
         return replay_result(
@@ -237,12 +269,22 @@ class WatchState:
     waiting: str | None
     """Why nothing is known yet (no manifest, no step), or None."""
     steps: int
+    """Steps read, scalar steps included."""
     last_step: int | None
     own_policy: str | None
+    """The own policy's spec (None: the run names none, or one not in the catalogue)."""
+    recorded_policy: str | None
+    """The policy spec the run's manifest names (None: none)."""
+    replayed_steps: int
+    """Steps the own policy replayed (0 without one, or on scalar steps only)."""
+    scalar_steps: int
+    """Steps without a policy batch: nothing to replay, their recorded scalars count."""
     recent: list[StepRow]
     """The last steps, ascending."""
     risk_steps: list[int]
     drift_steps: list[int]
+    spike_steps: list[int]
+    """Steps whose recorded grad_norm is a spike."""
     nonfinite_steps: list[int]
     """Recorded non-finite steps."""
     collapse_warning: int | None
@@ -292,7 +334,7 @@ class RunWatcher:
         if replay is None:
             return []
         replay.extend(replay.run.step_numbers)
-        if not replay.steps:
+        if not replay.seen:
             self._waiting = f"waiting for the first step of {self.path}"
             return []
         self._waiting = None
@@ -304,9 +346,18 @@ class RunWatcher:
         found: list[Alert] = []
         spec = replay.policy.spec if replay.policy is not None else "the own policy"
         spikes = set(_flag_steps(series, "spike"))
-        for step in _flag_steps(series, "collapsed"):
+        risk = _flag_steps(series, "collapsed")
+        for step in risk:
             what = "an update norm spike" if step in spikes else "a non-finite update"
             found.append(Alert(kind="risk", step=step, message=f"{spec} replayed: {what}"))
+        for step in sorted(set(observed.recorded_spike_steps) - set(risk)):  # once a step
+            found.append(
+                Alert(
+                    kind="grad_norm_spike",
+                    step=step,
+                    message=f"recorded grad_norm > {self.config.spike_factor:g}x its recent median",
+                )
+            )
         for step in observed.nonfinite_steps:
             found.append(
                 Alert(kind="nonfinite", step=step, message="the step recorded NaN or inf values")
@@ -333,7 +384,7 @@ class RunWatcher:
                 Alert(
                     kind="reward_collapse",
                     step=collapse,
-                    message=f"observed reward collapse (as of step {replay.steps[-1]})",
+                    message=f"observed reward collapse (as of step {replay.seen[-1]})",
                 )
             )
         return found
@@ -353,16 +404,23 @@ class RunWatcher:
     def state(self) -> WatchState:
         """What is known now."""
         replay = self.replay
-        if replay is None or not replay.steps:
+        policy = None if replay is None else getattr(replay.policy, "spec", None)
+        recorded = None if replay is None else replay.run.policy_spec
+        seen = [] if replay is None else replay.seen
+        if replay is None or not seen:
             return WatchState(
                 run=str(self.path),
                 waiting=self._waiting,
                 steps=0,
                 last_step=None,
-                own_policy=None if replay is None else getattr(replay.policy, "spec", None),
+                own_policy=policy,
+                recorded_policy=recorded,
+                replayed_steps=0,
+                scalar_steps=0,
                 recent=[],
                 risk_steps=[],
                 drift_steps=[],
+                spike_steps=[],
                 nonfinite_steps=[],
                 collapse_warning=None,
                 first_reward_collapse=None,
@@ -370,32 +428,36 @@ class RunWatcher:
             )
         series = replay.series()
         observed = replay.observed()
-        shown = replay.steps[-self.recent :] if self.recent > 0 else []
-        index = {n: i for i, n in enumerate(replay.steps)}
+        shown = seen[-self.recent :] if self.recent > 0 else []
+        index = {int(n): i for i, n in enumerate(series.get("step", []))}
         headers = {h.step: h for h in StepSubset(replay.run, shown).step_headers()}
         rows = []
         for n in shown:
-            i, header = index[n], headers.get(n)
+            i, header = index.get(n), headers.get(n)
             scalars = header.scalars if header is not None else {}
             rows.append(
                 StepRow(
                     step=n,
                     reward_mean=scalars.get("reward_mean"),
                     grad_norm=scalars.get("grad_norm"),
-                    discard_frac=float(series["discard_frac"][i]) if series else None,
-                    risk=bool(series["collapsed"][i]) if series else None,
-                    drift=bool(series["drift"][i]) if series else None,
+                    discard_frac=None if i is None else float(series["discard_frac"][i]),
+                    risk=None if i is None else bool(series["collapsed"][i]),
+                    drift=None if i is None else bool(series["drift"][i]),
                 )
             )
         return WatchState(
             run=str(self.path),
             waiting=None,
-            steps=len(replay.steps),
-            last_step=replay.steps[-1],
-            own_policy=getattr(replay.policy, "spec", None),
+            steps=len(seen),
+            last_step=seen[-1],
+            own_policy=policy,
+            recorded_policy=recorded,
+            replayed_steps=len(replay.steps) if series else 0,
+            scalar_steps=len(seen) - len(replay.steps),
             recent=rows,
             risk_steps=_flag_steps(series, "collapsed"),
             drift_steps=_flag_steps(series, "drift"),
+            spike_steps=list(observed.recorded_spike_steps),
             nonfinite_steps=list(observed.nonfinite_steps),
             collapse_warning=observed.collapse_warning.first_step,
             first_reward_collapse=observed.first_reward_collapse,
