@@ -19,6 +19,17 @@ def base_type(hint: object) -> object:
     return hint
 
 
+def finite_number(key: str, text: str) -> float:
+    """`text` as a finite float; UsageError naming `key` otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{key} expects a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise UsageError(f"{key} expects a finite number, got {text!r}")
+    return value
+
+
 def convert_value(key: str, text: str, hint: object) -> str | int | float:
     """Types one spec value; a wrong type raises UsageError naming what was expected."""
     kind = base_type(hint)
@@ -28,13 +39,7 @@ def convert_value(key: str, text: str, hint: object) -> str | int | float:
             raise UsageError(f"{key} must be one of {', '.join(choices)}; got {text!r}")
         return text
     if kind is float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise UsageError(f"{key} expects a number, got {text!r}") from None
-        if not math.isfinite(value):
-            raise UsageError(f"{key} expects a finite number, got {text!r}")
-        return value
+        return finite_number(key, text)
     if kind is int:
         try:
             return int(text)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies import REGISTRY, resolve_spec
-from stabledrl_cli.policies._spec import base_type
+from stabledrl_cli.policies._spec import base_type, finite_number
 from stabledrl_cli.spec import format_spec, format_value
 
 MAX_SETTINGS = 4096
@@ -33,16 +33,6 @@ SWEEP_SYNTAX = "NAME:key=LOW..HIGH:N, key=LOW..HIGH:logN, key=A|B|C or key=VALUE
 _RANGE = re.compile(r"^(?P<low>[^.][^:]*?)\.\.(?P<high>[^:]+):(?P<log>log)?(?P<n>\d+)$")
 
 
-def _number(text: str, where: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"{where}: {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise UsageError(f"{where}: {text!r} is not a finite number")
-    return value
-
-
 def grid_values(text: str, where: str) -> list[str]:
     """One key's value text -> the values it sweeps, as spec text."""
     match = _RANGE.match(text)
@@ -51,8 +41,8 @@ def grid_values(text: str, where: str) -> list[str]:
         if any(not v for v in values):
             raise UsageError(f"{where}: empty value in {text!r}; expected {SWEEP_SYNTAX}")
         return values
-    low = _number(match["low"], where)
-    high = _number(match["high"], where)
+    low = finite_number(where, match["low"])
+    high = finite_number(where, match["high"])
     count = int(match["n"])
     if not 2 <= count <= MAX_POINTS:
         raise UsageError(f"{where}: a grid takes 2 to {MAX_POINTS} points, got {count}")
