@@ -15,13 +15,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from stabledrl_cli._lazy import lazy_getattr
+from stabledrl_cli.policies._lookup import get_policy
 from stabledrl_cli.policies._registry import (
     CONVENTIONS,
     REGISTRY,
     STANDARD_CATALOGUE,
     PolicyEntry,
     catalogue,
-    get_policy,
     resolve_spec,
 )
 

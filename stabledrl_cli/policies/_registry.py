@@ -1,7 +1,7 @@
 """The catalogue: a plain dict of names, each declared with its config, defaults, formula and
-source (no torch here). `resolve_spec` types a spec against it; `get_policy(spec)` is the one
-way to a computing `Policy`, whose family module (and torch) it imports on first use. A failed
-lookup lists the valid names or keys."""
+source (no torch here). `resolve_spec` types a spec against it; `_lookup.get_policy(spec)` is
+the one way to a computing `Policy`, whose family module (and torch) `PolicyEntry.policy_class`
+imports on first use. A failed lookup lists the valid names or keys."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import importlib
 import typing
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import Any
 
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies._config import (
@@ -32,9 +32,6 @@ from stabledrl_cli.policies._config import (
 )
 from stabledrl_cli.policies._spec import convert_value
 from stabledrl_cli.spec import format_spec, split_spec
-
-if TYPE_CHECKING:
-    from stabledrl_cli.policies._base import Policy
 
 
 @dataclass(frozen=True)
@@ -90,10 +87,10 @@ class PolicyEntry:
                 return format_spec(self.name, given)
             given.update(missing)
 
-    def policy_class(self) -> type[Policy]:
-        """The computing class (imports its family module, and torch)."""
+    def policy_class(self) -> type[Any]:
+        """The computing class, a `Policy` subclass (imports its family module, and torch)."""
         module, _, cls = self.compute.partition(":")
-        found: type[Policy] = getattr(importlib.import_module(module), cls)
+        found: type[Any] = getattr(importlib.import_module(module), cls)
         return found
 
 
@@ -328,15 +325,3 @@ def resolve_spec(spec: str) -> tuple[PolicyEntry, BaseConfig]:
         return entry, entry.make_config(params)
     except UsageError as exc:
         raise UsageError(f"policy spec {spec!r}: {exc}") from None
-
-
-def get_policy(spec: str | Policy) -> Policy:
-    """`NAME` or `NAME:key=value,...` -> Policy. A Policy passes through unchanged."""
-    if not isinstance(spec, str):
-        from stabledrl_cli.policies._base import Policy  # a Policy means torch is loaded
-
-        if isinstance(spec, Policy):
-            return spec
-        raise UsageError(f"a policy is a spec string or a Policy, not {type(spec).__name__}")
-    entry, config = resolve_spec(spec)
-    return entry.policy_class()(config, entry)
