@@ -56,16 +56,18 @@ def finite_sum(values: torch.Tensor) -> bool:
 
 def count(flags: torch.Tensor) -> torch.Tensor:
     """0-d int64: True entries of a bool tensor. On the CPU numpy counts them (five times
-    faster than any torch reduction of a bool tensor there); elsewhere a sum, no sync."""
+    faster than any torch reduction of a bool tensor there, and the count wrapped through a 0-d
+    array: a third of `torch.tensor`'s cost on an int); elsewhere a sum, no sync."""
     if flags.device.type == "cpu":
-        return torch.tensor(int(np.count_nonzero(flags.numpy())))
+        return torch.from_numpy(np.array(np.count_nonzero(flags.numpy()), dtype=np.int64))
     return flags.sum()
 
 
 def counts(flags: Sequence[torch.Tensor]) -> torch.Tensor:
     """[n] int64: True entries of each bool tensor, `count` of each in one tensor."""
     if flags and flags[0].device.type == "cpu":
-        return torch.tensor([np.count_nonzero(f.numpy()) for f in flags], dtype=torch.int64)
+        tallies = [np.count_nonzero(f.numpy()) for f in flags]
+        return torch.from_numpy(np.array(tallies, dtype=np.int64))
     return torch.stack([count(f) for f in flags])
 
 
