@@ -212,38 +212,64 @@ class References:
         self.scored = count(scored)
 
 
-def _weight_max(w: torch.Tensor, refs: References, sum_w: torch.Tensor) -> torch.Tensor:
-    """0-d float64 max of w [T] over the counted tokens (w is 0 elsewhere); NaN when a weight
-    is NaN or no token is counted."""
-    if w.device.type == "cpu" and not bool(torch.isnan(sum_w)):
-        # No NaN (the sum would be NaN). A positive max, or one over every token, is theirs.
-        top = w.amax()
-        if bool(refs.n_counted > 0) and (bool(top > 0) or bool(refs.n_counted == w.numel())):
-            return top.double()
+def _counted_weights(pg: torch.Tensor, refs: References) -> tuple[torch.Tensor, torch.Tensor]:
+    """A policy's coefficients pg [T] -> (pg on the counted tokens, else 0; its weights w = that
+    over the REINFORCE reference), [T] each."""
+    pg_counted = keep_times(refs.counted, pg)
+    return pg_counted, pg_counted / refs.safe_ref
+
+
+def _counted_max(w: torch.Tensor, refs: References) -> torch.Tensor:
+    """0-d float64 max of w [T] over the counted tokens: NaN when a weight is NaN, -inf when no
+    token is counted."""
     neg_inf = torch.full((), -math.inf, dtype=w.dtype, device=w.device)
     top = torch.where(refs.counted, w, neg_inf).amax().double()
     # amax ignores NaN ordering on some backends: make a NaN weight show.
-    top = torch.where(torch.isnan(w).any(), math.nan, top)
-    return torch.where(refs.n_counted > 0, top, math.nan)
+    return torch.where(torch.isnan(w).any(), math.nan, top)
 
 
 def _weight_indicators(
-    pg: torch.Tensor, refs: References
+    pgs: Sequence[torch.Tensor], refs: Sequence[References]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """0-d float64 (weight_max, ess_frac, net_push) of one policy's coefficients pg [T]."""
-    pg_counted = keep_times(refs.counted, pg)
-    w = pg_counted / refs.safe_ref
-    sum_w, sum_w2 = _sum64(w), _squares64(w)
-    n_counted = refs.n_counted
+    """[P] float64 (weight_max, ess_frac, net_push) of the policies' coefficients pgs ([T] each;
+    refs: each policy's references). The sums are taken a policy at a time (its weights summed
+    while they are in the cache), the arithmetic on them for every policy at once. weight_max
+    is NaN where a weight is NaN or no token is counted."""
+    cpu = pgs[0].device.type == "cpu"
+    sums, squares, pushed, tops = [], [], [], []
+    for pg, r in zip(pgs, refs, strict=True):
+        pg_counted, w = _counted_weights(pg, r)
+        sums.append(_sum64(w))
+        squares.append(_squares64(w))
+        # On the CPU the plain max (checked below: w is 0 off the counted tokens); elsewhere
+        # the counted one, with no sync.
+        tops.append(w.amax().double() if cpu else _counted_max(w, r))
+        pushed.append(_sum64(pg_counted))
+    sum_w, sum_w2, top = torch.stack(sums), torch.stack(squares), torch.stack(tops)
+    n_counted = torch.stack([r.n_counted for r in refs])
+    if cpu:
+        # No NaN where the sum is not NaN. A positive max, or one over every token, is theirs.
+        numel = pgs[0].numel()
+        kept = ~torch.isnan(sum_w) & (n_counted > 0) & ((top > 0) | (n_counted == numel))
+        if not bool(kept.all()):
+            top = torch.stack(
+                [
+                    t if k else _counted_max(_counted_weights(pg, r)[1], r)
+                    for t, k, pg, r in zip(tops, kept.tolist(), pgs, refs, strict=True)
+                ]
+            )
+    weight_max = torch.where(n_counted > 0, top, math.nan)
     ess = torch.where(sum_w2 != 0, sum_w * sum_w / (n_counted * sum_w2), math.nan)
     ess = torch.where(torch.isnan(sum_w2), math.nan, ess)
-    return _weight_max(w, refs, sum_w), ess, _net_push(pg_counted, refs)
+    return weight_max, ess, _net_push(torch.stack(pushed), refs)
 
 
-def _net_push(pg_counted: torch.Tensor, refs: References) -> torch.Tensor:
-    """0-d float64 net_push of one policy's counted coefficients [T] (docs/replay-json.md)."""
-    ref_abs = refs.reinforce_abs
-    push = (_sum64(pg_counted) - refs.reinforce_sum) / torch.where(ref_abs > 0, ref_abs, 1.0)
+def _net_push(pushed: torch.Tensor, refs: Sequence[References]) -> torch.Tensor:
+    """[P] float64 net_push of the policies (docs/replay-json.md) from `pushed`, [P] float64 sums
+    of each policy's coefficients over its counted tokens."""
+    ref_abs = torch.stack([r.reinforce_abs for r in refs])
+    ref_sum = torch.stack([r.reinforce_sum for r in refs])
+    push = (pushed - ref_sum) / torch.where(ref_abs > 0, ref_abs, 1.0)
     return torch.where(ref_abs > 0, push, torch.where(torch.isfinite(push), 0.0, push))
 
 
@@ -299,14 +325,12 @@ def step_metrics(
             cosine = torch.where(denom > 0, inner.double() / denom, math.nan)
 
     if lean:
-        nan = torch.full((), math.nan, dtype=torch.float64, device=prep.device)
-        indicators = [
-            (nan, nan, _net_push(keep_times(r.counted, pg), r))
-            for pg, r in zip(pgs, refs, strict=True)
-        ]
-        frameworks = {name: nan.expand(n) for name in (*TRL_METRICS, *VERL_METRICS)}
+        nan = torch.full((n,), math.nan, dtype=torch.float64, device=prep.device)
+        pushed = [_sum64(keep_times(r.counted, pg)) for pg, r in zip(pgs, refs, strict=True)]
+        weight_max, ess_frac, net_push = nan, nan, _net_push(torch.stack(pushed), refs)
+        frameworks = {name: nan for name in (*TRL_METRICS, *VERL_METRICS)}
     else:
-        indicators = [_weight_indicators(pg, r) for pg, r in zip(pgs, refs, strict=True)]
+        weight_max, ess_frac, net_push = _weight_indicators(pgs, refs)
         frameworks = framework_metrics(prep, policies, weights, micro)
     pairs = list(zip(weights, refs, strict=True))
     zeros = torch.zeros(n, dtype=torch.float64, device=prep.device)
@@ -330,9 +354,9 @@ def step_metrics(
         "is_mass": is_mass,
         "update_norm": update_norm,
         "cosine_to_own": cosine,
-        "weight_max": torch.stack([i[0] for i in indicators]),
-        "ess_frac": torch.stack([i[1] for i in indicators]),
-        "net_push": torch.stack([i[2] for i in indicators]),
+        "weight_max": weight_max,
+        "ess_frac": ess_frac,
+        "net_push": net_push,
         "nonfinite_coefs": torch.stack([w.nonfinite for w in weights]),
         "objective": torch.stack([w.objective for w in weights]),
         **frameworks,
