@@ -129,16 +129,31 @@ def _counted_fraction(
     seq_index, cells = (
         (micro.pooled_index, micro.pooled_count) if eps is None else (micro.seq_index, micro.count)
     )
+    den = _scored_denominator(prep, seq_index, cells, eps)
     if cells == 1:
-        num = tally(hit & prep.mask).double()
-        den = prep.memo(("scored_count",), lambda: tally(prep.mask).double())
-        return num / (den.clamp(min=1.0) if eps is None else den + eps)
-    token_mb = prep.per_token(seq_index)
+        # The int64 count over the float64 denominator: the division widens it exactly.
+        return tally(hit & prep.mask) / den
     zeros = torch.zeros(cells, dtype=torch.float64, device=prep.device)
-    num = zeros.index_add(0, token_mb, (hit & prep.mask).double())
-    den = zeros.index_add(0, token_mb, prep.mask.double())
-    frac = num / (den.clamp(min=1.0) if eps is None else den + eps)
-    return frac.mean()
+    num = zeros.index_add(0, prep.per_token(seq_index), (hit & prep.mask).double())
+    return (num / den).mean()
+
+
+def _scored_denominator(
+    prep: PreparedBatch, seq_index: torch.Tensor, cells: int, eps: float | None
+) -> torch.Tensor:
+    """float64 scored entries of each of the `cells` micro-batches (`seq_index` [N]: each
+    sequence's), clamped to >= 1 (eps None, TRL) or plus eps (verl): 0-d with one cell, else
+    [cells]. Once per step, micro-batching and eps."""
+
+    def build() -> torch.Tensor:
+        if cells == 1:
+            den = tally(prep.mask).double()
+        else:
+            zeros = torch.zeros(cells, dtype=torch.float64, device=prep.device)
+            den = zeros.index_add(0, prep.per_token(seq_index), prep.mask.double())
+        return den.clamp(min=1.0) if eps is None else den + eps
+
+    return prep.memo_of(f"scored_denominator:{eps!r}", seq_index, build)
 
 
 def _row_fraction(hit_seq: torch.Tensor, micro: MicroBatches) -> torch.Tensor:
@@ -178,10 +193,10 @@ def _verl_ratio(prep: PreparedBatch, *bounds: float) -> torch.Tensor:
 
 
 def _trl(
-    policy: Policy, w: Weights, prep: PreparedBatch, micro: MicroBatches
+    policy: Policy, w: Weights, prep: PreparedBatch, micro: MicroBatches, nan: torch.Tensor
 ) -> list[torch.Tensor]:
-    """[low, high, region, cispo] as 0-d tensors or NaN (not logged for this policy)."""
-    nan = torch.full((), math.nan, dtype=torch.float64, device=prep.device)
+    """[low, high, region, cispo] as 0-d float64 tensors or `nan` (not logged for this
+    policy)."""
     config = policy.config
     adv = w.advantages
     if isinstance(config, GSPOConfig):
@@ -213,11 +228,14 @@ def _trl(
 
 
 def _verl(
-    policy: Policy, w: Weights, prep: PreparedBatch, micro: MicroBatches
+    policy: Policy,
+    w: Weights,
+    prep: PreparedBatch,
+    micro: MicroBatches,
+    nan: torch.Tensor,
+    zero: torch.Tensor,
 ) -> list[torch.Tensor]:
-    """[pg_clipfrac, pg_clipfrac_lower] as 0-d tensors or NaN."""
-    nan = torch.full((), math.nan, dtype=torch.float64, device=prep.device)
-    zero = torch.zeros((), dtype=torch.float64, device=prep.device)
+    """[pg_clipfrac, pg_clipfrac_lower] as 0-d float64 tensors, `zero` or `nan`."""
     config = policy.config
     adv = w.advantages
 
@@ -257,10 +275,15 @@ def framework_metrics(
     weights: Sequence[Weights],
     micro: MicroBatches,
 ) -> dict[str, torch.Tensor]:
-    """name (`TRL_METRICS`, `VERL_METRICS`) -> [P] float64 on prep.device."""
-    rows = [
-        _trl(p, w, prep, micro) + _verl(p, w, prep, micro)
+    """name (`TRL_METRICS`, `VERL_METRICS`) -> [P] float64 on prep.device (columns of one
+    [P, M] stack of every policy's 0-d values)."""
+    nan = torch.full((), math.nan, dtype=torch.float64, device=prep.device)
+    zero = torch.zeros((), dtype=torch.float64, device=prep.device)
+    values = [
+        value
         for p, w in zip(policies, weights, strict=True)
+        for value in _trl(p, w, prep, micro, nan) + _verl(p, w, prep, micro, nan, zero)
     ]
     names = (*TRL_METRICS, *VERL_METRICS)
-    return {name: torch.stack([row[i].double() for row in rows]) for i, name in enumerate(names)}
+    table = torch.stack(values).double().view(len(weights), len(names))
+    return dict(zip(names, table.unbind(1), strict=True))
