@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -25,6 +26,7 @@ SCRIPT = textwrap.dedent(
     import json, math, sys
     import torch
 
+    fsdp_imported = "torch.distributed.fsdp" in sys.modules
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     critic = torch.nn.Linear(6, 1)
@@ -56,7 +58,7 @@ SCRIPT = textwrap.dedent(
         seen.append({"grad_norm": grad_norm, "groups": groups, "critic": critic_norm,
                      "nonfinite": sum(not math.isfinite(n) for n in norms.values())})
     json.dump({"steps": seen}, open(sys.argv[1], "w"))
-    print("trained", flush=True)
+    print("trained", "fsdp" if fsdp_imported else "alone", flush=True)
     """
 )
 
@@ -91,7 +93,7 @@ def plain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     script.write_text(SCRIPT)
     result = _record("--out", str(tmp / "run"), "--", sys.executable, str(script), str(computed))
     assert result.returncode == 0, result.stderr
-    assert "trained" in result.stdout
+    assert "trained alone" in result.stdout  # installing the hooks imports no FSDP1
     return tmp / "run", json.loads(computed.read_text())
 
 
@@ -256,6 +258,20 @@ def test_a_run_that_cannot_be_written_never_breaks_training(tmp_path):
     assert "recording failed" in result.stderr
 
 
+def test_a_run_of_one_optimizer_step_ends_cleanly(tmp_path):
+    """Its only step is held until the process ends, then written: the child still exits 0
+    (the Recorder's h5py imported at exit crashed the interpreter's end)."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch\nmodel = torch.nn.Linear(3, 1)\n"
+        "optimizer = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "model(torch.randn(2, 3)).sum().backward()\noptimizer.step()\n"
+    )
+    result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script))
+    assert result.returncode == 0, result.stderr
+    assert open_run(tmp_path / "run").step_numbers == [0]
+
+
 def test_the_clip_wrapper_clips_exactly_as_torch_does():
     """clip_grad_norm_ under the hooks is torch's own get_total_norm + clip_grads_with_norm_
     (no second pass over the gradients): the same total and the same clipped gradients, bit
@@ -374,3 +390,110 @@ def test_fsdp2_gradients_are_recorded_with_their_whole_norm(tmp_path):
         modules = [scalars[f"grad_norm/module/{m}"] for m in (0, 2)]
         assert close(math.hypot(*modules), whole)
         assert scalars["nonfinite_grads"] == 0
+
+
+# FSDP1 (FullyShardedDataParallel, a nested instance and the root) on 2 gloo ranks (CPU):
+# FlatParameter shards (argv[2] "flat") or sharded views of the original parameters ("orig").
+# Steps 1-2 clip with the method model.clip_grad_norm_ (step 2 by the max norm), step 3 has a
+# NaN in rank 1's shard only. Each rank writes the whole-model L2 norm it gathered before
+# clipping (step 1: what the clip returned).
+FSDP1_SCRIPT = textwrap.dedent(
+    """
+    import json, math, sys
+    import torch, torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    dist.init_process_group("gloo")
+    rank, orig = dist.get_rank(), sys.argv[2] == "orig"
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    cpu = torch.device("cpu")
+    model[0] = FSDP(model[0], device_id=cpu, use_orig_params=orig)
+    model = FSDP(model, device_id=cpu, use_orig_params=orig)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    for step in range(4):
+        optimizer.zero_grad()
+        torch.manual_seed(step + 10 * rank)
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None and p.grad.numel()]
+        if step == 3 and rank == 1:
+            grads[0][0] = math.nan
+        local = sum(g.double().pow(2).sum() for g in grads)
+        dist.all_reduce(local)
+        whole = local.sqrt().item()
+        if step == 1:
+            returned = model.clip_grad_norm_(0.5).item()
+            assert math.isclose(returned, whole, rel_tol=1e-5), (returned, whole)
+            whole = returned
+        if step == 2:  # a max-norm clip: the L2 norm before it is recorded
+            model.clip_grad_norm_(0.01, norm_type=math.inf)
+        optimizer.step()
+        seen.append(whole)
+    json.dump(seen, open(f"{sys.argv[1]}.{rank}", "w"))
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.parametrize("params", ["flat", "orig"])
+def test_fsdp1_steps_are_recorded_with_the_whole_norm_on_every_rank(tmp_path, params):
+    script, computed = tmp_path / "train.py", tmp_path / "norms"
+    script.write_text(FSDP1_SCRIPT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    result = _record(
+        "--out", str(tmp_path / "run"), "--", *torchrun, "--nproc-per-node", "2", str(script),
+        str(computed), params,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "recording failed" not in result.stderr and "warning" not in result.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2, 3] and run.manifest["world_size"] == 2
+    for rank in (0, 1):
+        truth = json.loads(Path(f"{computed}.{rank}").read_text())
+        for n, whole in enumerate(truth):
+            with safe_open(run.step(n).paths[rank], "pt") as step_file:
+                scalars = {k: float(v) for k, v in step_file.metadata().items() if k[0] != "_"}
+            # step 1: what model.clip_grad_norm_ returned; else the norm gathered by hand
+            assert close(scalars["grad_norm"], whole), (rank, n, scalars["grad_norm"], whole)
+            modules = [scalars[f"grad_norm/module/{m}"] for m in (0, 2)]
+            assert close(math.hypot(*modules), whole), (rank, n, scalars)
+            assert scalars["nonfinite_grads"] == (n == 3), (rank, n)
+        assert math.isnan(truth[3])
+
+
+# Rank 1 stops recording at step 1 (a policy batch without a policy), rank 0 does not.
+FSDP1_STOP_SCRIPT = textwrap.dedent(
+    """
+    import datetime, sys
+    import torch, torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    import stabledrl_cli
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    torch.manual_seed(0)
+    model = FSDP(torch.nn.Linear(8, 4), device_id=torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):
+        optimizer.zero_grad()
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+        if step == 1 and dist.get_rank() == 1:
+            stabledrl_cli.log_policy_batch(step, logp=torch.zeros(3))
+        optimizer.step()
+    print("trained", dist.get_rank(), flush=True)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_an_fsdp1_rank_that_stops_recording_stops_the_others_without_a_hang(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(FSDP1_STOP_SCRIPT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    result = _record(
+        "--out", str(tmp_path / "run"), "--", *torchrun, "--nproc-per-node", "2", str(script)
+    )  # fmt: skip
+    assert "trained 0" in result.stdout and "trained 1" in result.stdout, result.stderr
+    assert result.returncode == 2, result.stderr  # rank 1's failure: no policy
+    assert "another rank stopped recording" in result.stderr
+    assert open_run(tmp_path / "run").step_numbers == [0]

@@ -253,6 +253,10 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
     try:
         with _lock:
             if _recorder is None and _held is None:
+                # Imported now, not when the held step is written at exit: h5py imported
+                # during the interpreter's exit crashes it (SIGSEGV in libhdf5's exit handler).
+                import stabledrl_cli.dump  # noqa: F401
+
                 _held = _Step(step, hooks=fields)
                 return
             _release_held(None, {})

@@ -4,7 +4,9 @@ optimizer hooks of `stabledrl record -- CMD` (docs/recording.md).
 `install()` registers torch's global optimizer step hooks
 (`torch.optim.optimizer.register_optimizer_step_pre_hook` / `_post_hook`) and wraps
 `torch.nn.utils.clip_grad_norm_` and `torch.amp.GradScaler.step`; the sitecustomize that
-`record` puts on the child's PYTHONPATH calls it once the child has imported torch.
+`record` puts on the child's PYTHONPATH calls it once the child has imported torch, and
+`wrap_fsdp` (FSDP1's `FullyShardedDataParallel.clip_grad_norm_`) once it has imported
+torch.distributed.fsdp.
 
 Which steps. The first optimizer that steps is the run's optimizer: each of its `step()` calls
 is one recorded step, numbered 0, 1, 2, ... in this process (a run's steps, like a rank's).
@@ -30,8 +32,12 @@ What each step records (all gradient norms are L2, taken before clipping):
 - per other optimizer i: `optimizer_<i>/grad_norm`, `optimizer_<i>/lr`,
   `optimizer_<i>/nonfinite_grads` (of its last step) and `optimizer_<i>/steps`.
 
+Sharded gradients count whole: a DTensor's (FSDP2) over its mesh, an FSDP1 shard's per
+original parameter over its process group (`_fsdp1`), so every rank records the same norms.
+
 Recording never breaks training: a failure here warns once, turns recording off (the hooks
-are removed) and is reported to `record` (bootstrap.RecordingFailure).
+are removed) and is reported to `record` (bootstrap.RecordingFailure). A process that makes
+FSDP1 collectives makes one more, flagged as its stop, so that all ranks stop together.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -58,7 +65,7 @@ from torch.optim.optimizer import (
 )
 from torch.utils.hooks import RemovableHandle
 
-from stabledrl_cli.capture import bootstrap
+from stabledrl_cli.capture import _fsdp1, bootstrap
 
 TOP_MODULES = 5
 """How many modules' gradient norms each step records (the largest at that step)."""
@@ -139,7 +146,14 @@ class _Clip:
 
     norms: dict[int, float]
     """id(parameter) -> the L2 norm of its gradient before clipping."""
-    total: torch.Tensor | float
+    total: torch.Tensor | float | None
+    """What it returned (None: not an L2 norm)."""
+    local: dict[int, list[float]] = field(default_factory=dict)
+    """id(FSDP1 shard) -> the local norms of its parts before clipping (`_fsdp1.Shard.parts`),
+    to be summed over the ranks at the step."""
+
+    def first(self) -> int:
+        return next(iter(self.norms or self.local))
 
 
 @dataclass
@@ -162,6 +176,8 @@ class _View:
     names: dict[int, str] | None = None
     shape: tuple[int, ...] = ()
     ids: frozenset[int] = frozenset()
+    shards: dict[int, _fsdp1.Shard] | None = None
+    """id(parameter) -> its FSDP1 Shard, for the parameters that are one (None: not looked)."""
     pending: _Stats | None = None
     last_end: float | None = None
     steps_since_run_step: int = 0
@@ -183,6 +199,10 @@ class _State:
     next_step: int = 0
     clips: list[_Clip] = field(default_factory=list)
     clip_wrapper: Callable[..., torch.Tensor] | None = None
+    fsdp_clip_wrapper: Callable[..., torch.Tensor] | None = None
+    collective: bool = False
+    """Steps of this process make FSDP1 collectives (`_fsdp1.reduce`): to stop, it first tells
+    the other ranks in the next one, so that none waits for it."""
     scaler_wrapper: Callable[..., float | None] | None = None
     on: bool = False
 
@@ -223,8 +243,20 @@ def uninstall() -> None:
 
 
 def _fail(exc: BaseException, context: str) -> None:
-    uninstall()
+    if isinstance(exc, _fsdp1.RankStopped):  # that rank reported its failure; this one stops
+        _state.collective = False
+        uninstall()
+        sys.stderr.write(f"stabledrl: warning: {context}: {exc}; recording is off here too\n")
+        return
     bootstrap.hook_failed(exc, context)
+    _stand_down()
+
+
+def _stand_down() -> None:
+    """Recording is off here: the hooks go, except in a process that makes FSDP1 collectives,
+    whose next step makes its last one to tell the other ranks (`_leave`)."""
+    if not _state.collective:
+        uninstall()
 
 
 def _clip_signature(
@@ -302,6 +334,50 @@ def _wrap_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Ten
     return clip_grad_norm_
 
 
+def wrap_fsdp(module: ModuleType) -> None:
+    """Wraps FullyShardedDataParallel.clip_grad_norm_ of FSDP1's module (torch.distributed.fsdp,
+    once the process has imported it: the sitecustomize waits for it); once, idempotent."""
+    if _state.fsdp_clip_wrapper is not None:
+        return
+    try:
+        fsdp = module.FullyShardedDataParallel
+        _state.fsdp_clip_wrapper = _wrap_fsdp_clip(fsdp.clip_grad_norm_)
+        fsdp.clip_grad_norm_ = _state.fsdp_clip_wrapper
+    except Exception as exc:
+        _fail(exc, "wrapping FullyShardedDataParallel.clip_grad_norm_")
+
+
+def _wrap_fsdp_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """FSDP1's `model.clip_grad_norm_(max_norm, norm_type=2.0)`: the local norms of its shards'
+    parts and of its other gradients are taken before it clips (summed over the ranks at the
+    step); the whole L2 norm it returns is the step's grad_norm. With no sharded parameter it
+    calls torch.nn.utils.clip_grad_norm_, which records itself."""
+
+    @functools.wraps(original)
+    def clip_grad_norm_(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not _state.on:
+            return original(self, *args, **kwargs)
+        try:
+            shards = _fsdp1.shards_of(self)
+            if not shards:
+                return original(self, *args, **kwargs)
+            params = [p for p in self.parameters() if p.grad is not None or id(p) in shards]
+            local = _local_norms([p for p in params if id(p) in shards], shards)
+            plain = [p for p in params if id(p) not in shards]
+            norms = gradient_norms([p.grad for p in plain if p.grad is not None])
+            norm_type = args[1] if len(args) > 1 else kwargs.get("norm_type", 2.0)
+        except Exception as exc:
+            _fail(exc, "reading the gradients in FullyShardedDataParallel.clip_grad_norm_")
+            return original(self, *args, **kwargs)
+        total = original(self, *args, **kwargs)
+        l2 = total if float(norm_type) == 2.0 else None
+        _state.clips.append(_Clip(dict(zip(map(id, plain), norms, strict=True)), l2, local))
+        del _state.clips[:-PENDING_CLIPS]
+        return total
+
+    return clip_grad_norm_
+
+
 def _wrap_scaler_step(original: Callable[..., float | None]) -> Callable[..., float | None]:
     @functools.wraps(original)
     def step(self: GradScaler, optimizer: Optimizer, *args: Any, **kwargs: Any) -> float | None:
@@ -327,6 +403,7 @@ def _view(optimizer: Optimizer) -> _View:
         view.shape = shape
         view.ids = frozenset(id(p) for group in optimizer.param_groups for p in group["params"])
         view.names = None
+        view.shards = None
     return view
 
 
@@ -344,23 +421,27 @@ def _param_names(optimizer: Optimizer) -> dict[int, str]:
     for module in modules:
         if id(module) not in children:
             for name, param in module.named_parameters():
-                names.setdefault(id(param), name)
+                names.setdefault(id(param), _fsdp1.clean_name(name))
     return names
 
 
-def _take_clip(view: _View) -> tuple[float | None, dict[int, float]]:
-    """(pre-clip norm, id(parameter) -> pre-clip gradient norm) of the clip_grad_norm_ calls
-    on this optimizer's parameters since its last step, which are consumed; (None, {}) when
-    there was none."""
-    mine = [clip for clip in _state.clips if next(iter(clip.norms)) in view.ids]
+def _take_clip(view: _View) -> tuple[float | None, dict[int, float], dict[int, list[float]]]:
+    """(pre-clip norm, id(parameter) -> pre-clip gradient norm, id(FSDP1 shard) -> pre-clip
+    local norms of its parts) of the clip_grad_norm_ calls on this optimizer's parameters
+    since its last step, which are consumed; (None, {}, {}) when there was none."""
+    mine = [clip for clip in _state.clips if clip.first() in view.ids]
     if not mine:
-        return None, {}
+        return None, {}, {}
     _state.clips[:] = [clip for clip in _state.clips if all(clip is not m for m in mine)]
     norms: dict[int, float] = {}
+    local: dict[int, list[float]] = {}
     for clip in mine:
         norms.update(clip.norms)
-    totals = [_value(clip.total) for clip in mine]
-    return (totals[0] if len(totals) == 1 else _root_sum_squares(totals)), norms
+        local.update(clip.local)
+    totals = [_value(clip.total) for clip in mine if clip.total is not None]
+    if not totals:
+        return None, norms, local
+    return (totals[0] if len(totals) == 1 else _root_sum_squares(totals)), norms, local
 
 
 def _holds_nonfinite(grad: torch.Tensor) -> bool:
@@ -369,13 +450,11 @@ def _holds_nonfinite(grad: torch.Tensor) -> bool:
     return _is_dtensor(grad) or not bool(torch.isfinite(grad).all())
 
 
-def _module_norms(
-    params: list[torch.Tensor], norms: list[float], names: dict[int, str]
-) -> list[tuple[str, float]]:
-    """The TOP_MODULES (module name, gradient norm) with the largest norms, non-finite first."""
+def _module_norms(named: Iterable[tuple[str | None, float]]) -> list[tuple[str, float]]:
+    """The TOP_MODULES (module name, gradient norm) with the largest norms, non-finite first,
+    from (parameter name or None, its gradient norm)."""
     squares: dict[str, float] = {}
-    for param, norm in zip(params, norms, strict=True):
-        name = names.get(id(param))
+    for name, norm in named:
         if name is not None:
             module = name.rpartition(".")[0] or name
             squares[module] = squares.get(module, 0.0) + norm * norm
@@ -389,45 +468,107 @@ def _module_norms(
 
 def _stats(optimizer: Optimizer, view: _View) -> _Stats:
     """The step's gradient statistics, before the optimizer touches the gradients."""
+    if view.shards is None:
+        every = [p for group in optimizer.param_groups for p in group["params"]]
+        view.shards = _fsdp1.optimizer_shards(every)
+    shards = view.shards
     groups: list[int] = []
     params: list[torch.Tensor] = []
     for g, group in enumerate(optimizer.param_groups):
         for param in group["params"]:
-            if param.grad is not None:
+            if param.grad is not None or id(param) in shards:
                 groups.append(g)
                 params.append(param)
-    clipped, seen = _take_clip(view)
-    missing = [p for p in params if id(p) not in seen]
+    clipped, seen, taken = _take_clip(view)
+    parts = _fsdp1_norms([p for p in params if id(p) in shards], shards, taken)
+    missing = [p for p in params if id(p) not in seen and id(p) not in parts]
     if missing:
         computed = gradient_norms([p.grad for p in missing if p.grad is not None])
         seen.update(zip(map(id, missing), computed, strict=True))
+    for key, held in parts.items():
+        seen[key] = _root_sum_squares(norm for _, norm in held)
     norms = [seen[id(p)] for p in params]
+    plain = [(p, norm) for p, norm in zip(params, norms, strict=True) if id(p) not in parts]
+    pieces = [piece for key in parts for piece in parts[key]]
     nonfinite = sum(
         1
-        for param, norm in zip(params, norms, strict=True)
+        for param, norm in plain
         if not math.isfinite(norm) and param.grad is not None and _holds_nonfinite(param.grad)
-    )
+    ) + sum(1 for _, norm in pieces if not math.isfinite(norm))
     group_squares = [0.0] * len(optimizer.param_groups)
     for g, norm in zip(groups, norms, strict=True):
         group_squares[g] += norm * norm
     if view.names is None:
         view.names = _param_names(optimizer)
+    names = view.names
     return _Stats(
         grad_norm=clipped if clipped is not None else _root_sum_squares(norms),
         nonfinite=nonfinite,
         lrs=[float(g["lr"]) if "lr" in g else None for g in optimizer.param_groups],
         group_norms=[math.sqrt(s) for s in group_squares],
-        module_norms=_module_norms(params, norms, view.names),
+        module_norms=_module_norms([*((names.get(id(p)), n) for p, n in plain), *pieces]),
     )
+
+
+def _local_norms(
+    params: list[torch.Tensor], shards: dict[int, _fsdp1.Shard]
+) -> dict[int, list[float]]:
+    """id(FSDP1 shard) -> the local gradient norms of its parts ([] without a gradient), all
+    measured together."""
+    parts = [shards[id(p)].parts(p) for p in params]
+    norms = iter(gradient_norms([part for held in parts for part in held]))
+    return {id(p): [next(norms) for _ in held] for p, held in zip(params, parts, strict=True)}
+
+
+def _fsdp1_norms(
+    params: list[torch.Tensor], shards: dict[int, _fsdp1.Shard], taken: dict[int, list[float]]
+) -> dict[int, list[tuple[str, float]]]:
+    """id(FSDP1 shard) -> (name, whole gradient norm) of each original parameter it holds part
+    of: local norms (`taken` before a clip, else now) summed over the ranks. The collective is
+    made even when the local norms fail, flagged as this rank's stop (`_fsdp1.reduce`)."""
+    if not params:
+        return {}
+    _state.collective = True
+    failure: Exception | None = None
+    try:
+        now = _local_norms([p for p in params if id(p) not in taken], shards)
+    except Exception as exc:
+        failure, now = exc, {}
+    local = [(shards[id(p)], taken.get(id(p)) or now.get(id(p), [])) for p in params]
+    whole = _fsdp1.reduce(local, stop=failure is not None)
+    if failure is not None:
+        _state.collective = False
+        raise failure
+    return {
+        id(param): list(zip(shard.names, norms, strict=True))
+        for param, (shard, _), norms in zip(params, local, whole, strict=True)
+    }
+
+
+def _leave(optimizer: Optimizer) -> None:
+    """The last step of a process that makes FSDP1 collectives and stopped recording: at the
+    next step of an optimizer that makes them, one last collective flagged as its stop (the
+    other ranks stop with it), then the hooks go."""
+    view = _state.views.get(optimizer)
+    if view is None or not view.shards:
+        return
+    _state.collective = False
+    try:
+        _fsdp1.reduce([(shard, []) for shard in view.shards.values()], stop=True)
+    finally:
+        uninstall()
 
 
 def _pre_hook(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     if not _state.on:
         return
-    if not bootstrap.hooks_wanted():
-        uninstall()
-        return
     try:
+        if not bootstrap.hooks_wanted():
+            if _state.collective:
+                _leave(optimizer)
+            else:
+                uninstall()
+            return
         view = _view(optimizer)
         view.pending = _stats(optimizer, view)
     except Exception as exc:
@@ -476,7 +617,7 @@ def _finish_step(optimizer: Optimizer, *, skipped: bool) -> None:
         return
     bootstrap.log_hook_step(step, fields)
     if not bootstrap.hooks_wanted():
-        uninstall()
+        _stand_down()
 
 
 def _step_fields(stats: _Stats, step_time: float | None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Put on a child's PYTHONPATH by `stabledrl record -- CMD`: installs the optimizer hooks
-(`stabledrl_cli.capture.optimizer_hooks`) the moment the child finishes importing torch, then
-runs the sitecustomize module this one hides, if there is one.
+(`stabledrl_cli.capture.optimizer_hooks`) the moment the child finishes importing torch, and
+their FSDP1 clip wrapper the moment it finishes importing torch.distributed.fsdp, then runs the
+sitecustomize module this one hides, if there is one.
 
 It imports nothing heavy: a child that never imports torch never imports torch or stabledrl
 because of it. A child interpreter that cannot import stabledrl warns once, when it imports
@@ -14,13 +15,14 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+_FSDP1 = "torch.distributed.fsdp"
 
 
-def _install_hooks() -> None:
+def _install_hooks(_torch: ModuleType) -> None:
     try:
         from stabledrl_cli.capture import optimizer_hooks
     except Exception as exc:
@@ -30,11 +32,15 @@ def _install_hooks() -> None:
         )
         return
     optimizer_hooks.install()
+    _when_imported(_FSDP1, optimizer_hooks.wrap_fsdp)
 
 
-class _TorchWatch(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when `torch` is imported, it lets the other finders find it and
-    runs `_install_hooks` once torch's own module has executed. One shot."""
+class _ImportWatch(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when module `name` is imported, it lets the other finders find it
+    and calls `then(module)` once the module has executed. One shot."""
+
+    def __init__(self, name: str, then: Callable[[ModuleType], None]) -> None:
+        self.name, self.then = name, then
 
     def find_spec(
         self,
@@ -42,21 +48,30 @@ class _TorchWatch(importlib.abc.MetaPathFinder):
         path: Sequence[str] | None,
         target: ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "torch":
+        if fullname != self.name:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(fullname)
         loader = spec.loader if spec is not None else None
         if loader is None:
             return spec
-        exec_module = loader.exec_module
+        exec_module, then = loader.exec_module, self.then
 
-        def exec_then_install(module: ModuleType) -> None:
+        def exec_then_call(module: ModuleType) -> None:
             exec_module(module)
-            _install_hooks()
+            then(module)
 
-        loader.exec_module = exec_then_install  # type: ignore[method-assign]
+        loader.exec_module = exec_then_call  # type: ignore[method-assign]
         return spec
+
+
+def _when_imported(name: str, then: Callable[[ModuleType], None]) -> None:
+    """`then(module)` now if the process has imported module `name`, else once it does."""
+    module = sys.modules.get(name)
+    if module is not None:
+        then(module)
+    else:
+        sys.meta_path.insert(0, _ImportWatch(name, then))
 
 
 def _chain() -> None:
@@ -74,8 +89,5 @@ def _chain() -> None:
         sys.modules.setdefault(__name__, me)
 
 
-if "torch" in sys.modules:
-    _install_hooks()
-else:
-    sys.meta_path.insert(0, _TorchWatch())
+_when_imported("torch", _install_hooks)
 _chain()
