@@ -480,7 +480,8 @@ FSDP1_STOP_SCRIPT = textwrap.dedent(
         if step == 1 and dist.get_rank() == 1:
             stabledrl_cli.log_policy_batch(step, logp=torch.zeros(3))
         optimizer.step()
-    print("trained", dist.get_rank(), flush=True)
+    sys.stdout.write(f"trained {dist.get_rank()}\\n")  # one write: the ranks share stdout
+    sys.stdout.flush()
     dist.destroy_process_group()
     """
 )
