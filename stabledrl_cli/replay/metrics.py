@@ -228,6 +228,13 @@ def _counted_max(w: torch.Tensor, refs: References) -> torch.Tensor:
     return torch.where(torch.isnan(w).any(), math.nan, top)
 
 
+def _quantities(values: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """`count` quantities of the P policies, listed one quantity after another (0-d float64
+    each) -> one [P] float64 tensor a quantity: views of one stack (a call, not one a
+    quantity)."""
+    return list(torch.stack(values).view(count, -1).unbind(0))
+
+
 def _weight_indicators(
     pgs: Sequence[torch.Tensor], refs: Sequence[References]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -236,7 +243,7 @@ def _weight_indicators(
     while they are in the cache), the arithmetic on them for every policy at once. weight_max
     is NaN where a weight is NaN or no token is counted."""
     cpu = pgs[0].device.type == "cpu"
-    sums, squares, pushed, tops = [], [], [], []
+    sums, squares, tops, pushed = [], [], [], []
     for pg, r in zip(pgs, refs, strict=True):
         pg_counted, w = _counted_weights(pg, r)
         sums.append(_sum64(w))
@@ -245,30 +252,37 @@ def _weight_indicators(
         # the counted one, with no sync.
         tops.append(w.amax().double() if cpu else _counted_max(w, r))
         pushed.append(_sum64(pg_counted))
-    sum_w, sum_w2, top = torch.stack(sums), torch.stack(squares), torch.stack(tops)
-    n_counted = torch.stack([r.n_counted for r in refs])
-    if cpu:
-        # No NaN where the sum is not NaN. A positive max, or one over every token, is theirs.
-        numel = pgs[0].numel()
-        kept = ~torch.isnan(sum_w) & (n_counted > 0) & ((top > 0) | (n_counted == numel))
-        if not bool(kept.all()):
-            top = torch.stack(
-                [
-                    t if k else _counted_max(_counted_weights(pg, r)[1], r)
-                    for t, k, pg, r in zip(tops, kept.tolist(), pgs, refs, strict=True)
-                ]
-            )
-    weight_max = torch.where(n_counted > 0, top, math.nan)
+    totals = [r.n_counted for r in refs] + [r.reinforce_sum for r in refs]
+    totals += [r.reinforce_abs for r in refs]
+    table = sums + squares + tops + pushed + totals
+    sum_w, sum_w2, top, pushed_sum, n_counted, ref_sum, ref_abs = _quantities(table, 7)
     ess = torch.where(sum_w2 != 0, sum_w * sum_w / (n_counted * sum_w2), math.nan)
     ess = torch.where(torch.isnan(sum_w2), math.nan, ess)
-    return weight_max, ess, _net_push(torch.stack(pushed), refs)
+    net_push = _net_push(pushed_sum, ref_sum, ref_abs)
+    if cpu:
+        # No NaN where the sum is not NaN. A positive max, or one over every token, is theirs
+        # (a policy at a time on the host, from one read of the sums).
+        numel = pgs[0].numel()
+        host = torch.stack([sum_w, n_counted, top]).tolist()
+        kept = [
+            not math.isnan(s) and n > 0 and (t > 0 or n == numel)
+            for s, n, t in zip(*host, strict=True)
+        ]
+        if all(kept):
+            return top, ess, net_push
+        top = torch.stack(
+            [
+                t if k else _counted_max(_counted_weights(pg, r)[1], r)
+                for t, k, pg, r in zip(tops, kept, pgs, refs, strict=True)
+            ]
+        )
+    return torch.where(n_counted > 0, top, math.nan), ess, net_push
 
 
-def _net_push(pushed: torch.Tensor, refs: Sequence[References]) -> torch.Tensor:
+def _net_push(pushed: torch.Tensor, ref_sum: torch.Tensor, ref_abs: torch.Tensor) -> torch.Tensor:
     """[P] float64 net_push of the policies (docs/replay-json.md) from `pushed`, [P] float64 sums
-    of each policy's coefficients over its counted tokens."""
-    ref_abs = torch.stack([r.reinforce_abs for r in refs])
-    ref_sum = torch.stack([r.reinforce_sum for r in refs])
+    of each policy's coefficients over its counted tokens, and the sums of its REINFORCE
+    reference and of its absolute value ([P] float64 each)."""
     push = (pushed - ref_sum) / torch.where(ref_abs > 0, ref_abs, 1.0)
     return torch.where(ref_abs > 0, push, torch.where(torch.isfinite(push), 0.0, push))
 
@@ -327,7 +341,8 @@ def step_metrics(
     if lean:
         nan = torch.full((n,), math.nan, dtype=torch.float64, device=prep.device)
         pushed = [_sum64(keep_times(r.counted, pg)) for pg, r in zip(pgs, refs, strict=True)]
-        weight_max, ess_frac, net_push = nan, nan, _net_push(torch.stack(pushed), refs)
+        pushed += [r.reinforce_sum for r in refs] + [r.reinforce_abs for r in refs]
+        weight_max, ess_frac, net_push = nan, nan, _net_push(*_quantities(pushed, 3))
         frameworks = {name: nan for name in (*TRL_METRICS, *VERL_METRICS)}
     else:
         weight_max, ess_frac, net_push = _weight_indicators(pgs, refs)
