@@ -25,11 +25,7 @@ def decode_geometry(
     stored: torch.Tensor, scale: torch.Tensor | float | None = None
 ) -> torch.Tensor:
     """Stored geometry back to float32. float16 without its per-step scale is refused."""
-    if stored.dtype == torch.float16 and scale is None:
-        raise InputError(
-            "float16 gradient geometry without its per-step scale: refusing to read it "
-            "(float16 overflows on spike steps)"
-        )
+    require_scale(stored, scale)
     if scale is not None:
         factor = torch.as_tensor(scale, dtype=torch.float32, device=stored.device)
         return stored.to(torch.float32, copy=True).mul_(factor)
@@ -52,15 +48,50 @@ def replayed_update_norm(
     stored = gram if gram is not None else sketch
     if stored is None or (gram is not None and sketch is not None):
         raise UsageError("replayed_update_norm needs exactly one of gram or sketch")
-    geometry = decode_geometry(stored, scale)
-    coef = torch.as_tensor(coef, device=geometry.device)
-    wide = product_dtype(geometry.device, gram=gram is not None)
-    geometry, coef = geometry.to(wide), coef.to(wide)
-    if coef.shape[-1] != geometry.shape[0]:
-        raise UsageError(
-            f"coef has {coef.shape[-1]} units but the geometry has {geometry.shape[0]}"
+    require_scale(stored, scale)
+    wide = product_dtype(stored.device, gram=gram is not None)
+    coef = torch.as_tensor(coef, device=stored.device).to(wide)
+    if coef.shape[-1] != stored.shape[0]:
+        raise UsageError(f"coef has {coef.shape[-1]} units but the geometry has {stored.shape[0]}")
+    products = geometry_product(coef, stored, scale)
+    return update_norms(products, coef, gram=gram is not None).float()
+
+
+PRODUCT_BLOCK_BYTES = 1 << 21
+"""Bytes of decoded geometry `geometry_product` holds at a time (2 MiB: a block is decoded
+and multiplied while it is in the cache; the whole decoded matrix is never built)."""
+
+
+def geometry_product(
+    coef: torch.Tensor, stored: torch.Tensor, scale: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """coef [R, U] @ the decoded geometry [U, k], in coef's dtype: the stored rows are widened
+    to that dtype a block at a time (`PRODUCT_BLOCK_BYTES`) and their partial products summed;
+    the per-step scale of float16 storage multiplies the [R, k] result (one pass over R x k
+    entries instead of U x k). A float16 sketch is never decoded whole: a replay's largest
+    per-step cost with a sketch was that decoding, not the product."""
+    require_scale(stored, scale)
+    rows = max(1, PRODUCT_BLOCK_BYTES // max(1, stored.shape[1] * coef.element_size()))
+    products: torch.Tensor | None = None
+    for start in range(0, stored.shape[0], rows):
+        block = stored[start : start + rows].to(coef.dtype)
+        part = coef[..., start : start + rows] @ block
+        products = part if products is None else products.add_(part)
+    if products is None:
+        products = coef @ stored.to(coef.dtype)
+    if scale is not None:
+        products = products * torch.as_tensor(scale, dtype=coef.dtype, device=coef.device)
+    return products
+
+
+def require_scale(stored: torch.Tensor, scale: torch.Tensor | float | None) -> None:
+    """InputError for float16 geometry without its per-step scale (float16 storage is only
+    readable with it)."""
+    if stored.dtype == torch.float16 and scale is None:
+        raise InputError(
+            "float16 gradient geometry without its per-step scale: refusing to read it "
+            "(float16 overflows on spike steps)"
         )
-    return update_norms(coef @ geometry, coef, gram=gram is not None).float()
 
 
 def product_dtype(device: torch.device, *, gram: bool) -> torch.dtype:

@@ -435,3 +435,43 @@ def test_manifest_entry():
     assert entry["sketch"]["adds_across_ranks"] and not entry["gram_adds_across_ranks"]
     assert entry["params"] == ["head.*"] and entry["unit"] == "sequence"
     assert "sketch" not in GeometryConfig().to_manifest(["w"], [1])
+
+
+def test_blocked_product_is_the_decoded_product_and_the_replays_norm(monkeypatch):
+    """geometry_product widens a stored sketch a block at a time (here 64 rows, the last block
+    40) and scales the product: the decoded matrix's product within float32 rounding, a NaN entry
+    reaching every product of its column; the replay's norms equal replayed_update_norm's."""
+    from stabledrl_cli import geometry
+    from stabledrl_cli.policies import PolicyBatch, prepare
+    from stabledrl_cli.replay.metrics import StepGeometry
+
+    generator = torch.Generator().manual_seed(3)
+    units, k = 1000, 12
+    dense = torch.randn(units, k, generator=generator) * 3.0e5
+    stored, scale = encode_geometry(dense, "float16")
+    coef = torch.randn(4, units, generator=generator)
+    monkeypatch.setattr(geometry, "PRODUCT_BLOCK_BYTES", 64 * k * 4)
+    expected = coef.double() @ decode_geometry(stored, scale).double()
+    products = geometry.geometry_product(coef, stored, scale)
+    assert products.dtype == torch.float32 and products.shape == (4, k)
+    torch.testing.assert_close(products.double(), expected, rtol=1e-5, atol=1e-5 * 3.0e5)
+    one = geometry.geometry_product(coef[1], stored, scale)  # a [U] coefficient vector
+    torch.testing.assert_close(one.double(), expected[1], rtol=1e-5, atol=1e-5 * 3.0e5)
+    gram, wide = dense[:50] @ dense[:50].T, coef[:, :50].double()
+    torch.testing.assert_close(geometry.geometry_product(wide, gram), wide @ gram.double())
+    poisoned = stored.clone()
+    poisoned[700, 5] = math.nan
+    hit = geometry.geometry_product(coef, poisoned, scale)
+    assert torch.isnan(hit[:, 5]).all() and torch.isfinite(hit[:, :5]).all()
+
+    batch = prepare(
+        PolicyBatch(
+            logp=torch.zeros(units),
+            logp_old=torch.zeros(units),
+            advantages=torch.ones(units),
+            unit="sequence",
+        )
+    )
+    step = StepGeometry.from_arrays(None, stored, float(scale), batch, step=0)
+    norms, _ = step.measure(coef, None, 4)
+    assert torch.equal(norms, replayed_update_norm(coef, sketch=stored, scale=scale).double())

@@ -21,7 +21,13 @@ from functools import cached_property
 import torch
 
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.geometry import decode_geometry, product_dtype, update_norms
+from stabledrl_cli.geometry import (
+    decode_geometry,
+    geometry_product,
+    product_dtype,
+    require_scale,
+    update_norms,
+)
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
 from stabledrl_cli.policies._masked import as_bytes, count, counts, keep_times
 from stabledrl_cli.replay import columns
@@ -51,13 +57,15 @@ class TopSequence:
 class StepGeometry:
     """A step's recorded gradient geometry on the device.
 
-    kind: "gram" (`matrix` [U, U]), "sketch" (`matrix` [U, k]) or "coef" (none: norms are
-    coefficient norms, a proxy). `per_sequence`: U counts sequences while the step has token
-    entries (token coefficients are summed per sequence).
+    kind: "gram" (`stored` [U, U]), "sketch" (`stored` [U, k]) or "coef" (none: norms are
+    coefficient norms, a proxy). `stored` is the matrix as recorded (float16 sketches with their
+    per-step `scale`). `per_sequence`: U counts sequences while the step has token entries
+    (token coefficients are summed per sequence).
     """
 
     kind: StepGeometryKind
-    matrix: torch.Tensor | None = None
+    stored: torch.Tensor | None = None
+    scale: float | None = None
     per_sequence: bool = False
 
     @classmethod
@@ -87,29 +95,29 @@ class StepGeometry:
                 f"step {step}: {kind} geometry has {rows} units but the step has "
                 f"{prep.num_tokens} entries and {prep.n_seq} sequences"
             )
-        matrix = decode_geometry(stored, scale).to(prep.device)
-        return cls(kind, matrix, per_sequence)
+        require_scale(stored, scale)
+        return cls(kind, stored.to(prep.device), scale, per_sequence)
 
     def units(self, coef: torch.Tensor, prep: PreparedBatch) -> torch.Tensor:
         """[P, T] token coefficients -> [P, U] unit coefficients of the geometry."""
         return prep.seq_sum(coef) if self.per_sequence else coef
 
     @cached_property
-    def product_matrix(self) -> torch.Tensor:
-        """The recorded matrix in the dtype its products are computed in
-        (`geometry.product_dtype`), made once a step (a step with geometry only)."""
-        assert self.matrix is not None
-        return self.matrix.to(product_dtype(self.matrix.device, gram=self.kind == "gram"))
+    def matrix(self) -> torch.Tensor | None:
+        """The recorded matrix decoded to float32 (`geometry.decode_geometry`), made on first
+        use: the streaming pass never needs it whole (`measure` decodes a block at a time)."""
+        return None if self.stored is None else decode_geometry(self.stored, self.scale)
 
     def measure(
         self, coef_units: torch.Tensor, own: int | None, rows: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[R, U] of a step with geometry -> ([R] float64 norms of sum_u c_u grad_u, [rows] inner
         products of the first `rows` updates with update `own`, or None without `own`). Both
-        come from one product coef @ matrix."""
-        coef = coef_units.to(self.product_matrix.dtype)
-        products = coef @ self.product_matrix
+        come from one product coef @ matrix (`geometry.geometry_product`)."""
+        assert self.stored is not None
         gram = self.kind == "gram"
+        coef = coef_units.to(product_dtype(self.stored.device, gram=gram))
+        products = geometry_product(coef, self.stored, self.scale)
         # Rounded through float32 like `replayed_update_norm`, so both give the same figure.
         norms = update_norms(products, coef, gram=gram).float().double()
         if own is None:
