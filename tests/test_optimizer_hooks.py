@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
 
-# Steps 0-1 plain, 2-4 clipped, a NaN gradient at step 4; two parameter groups; a second
-# optimizer ("critic") that steps after the model's. The script writes what it computed.
+# Steps 0-1 plain, 2-4 clipped (step 3 by the max norm), a NaN gradient at step 4; two
+# parameter groups; a second optimizer ("critic") that steps after the model's. The script
+# writes what it computed.
 SCRIPT = textwrap.dedent(
     """
     import json, math, sys
@@ -45,10 +46,11 @@ SCRIPT = textwrap.dedent(
         norms = {name: p.grad.double().norm().item() for name, p in model.named_parameters()}
         groups = [math.sqrt(sum(norms[f"{m}.{k}"] ** 2 for k in ("weight", "bias")))
                   for m in (0, 2)]
-        if step >= 2:
+        grad_norm = math.sqrt(sum(n * n for n in norms.values()))
+        if step == 3:  # a max-norm clip: the L2 norm before it is recorded
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1, norm_type=math.inf)
+        elif step >= 2:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1).item()
-        else:
-            grad_norm = math.sqrt(sum(n * n for n in norms.values()))
         optimizer.step()
         critic_optimizer.zero_grad()
         critic(x).pow(2).mean().backward()
@@ -112,7 +114,7 @@ def test_recorded_norms_equal_what_the_script_computed(plain_run):
     run = open_run(run_dir)
     for n, mine in enumerate(computed["steps"]):
         scalars = run.step(n).scalars
-        # clip_grad_norm_'s own return value on steps 2-4, the norm of the gradients before
+        # clip_grad_norm_'s own return value on steps 2 and 4, the norm of the gradients before
         assert close(scalars["grad_norm"], mine["grad_norm"]), (n, scalars)
         for g in (0, 1):
             assert close(scalars[f"grad_norm/group_{g}"], mine["groups"][g]), (n, g)
@@ -341,11 +343,12 @@ def test_a_step_the_grad_scaler_skips_is_recorded_as_skipped(tmp_path):
     assert all(math.isfinite(s["grad_norm"]) for s in (scalars[0], scalars[1], scalars[3]))
 
 
-# FSDP2 on 2 gloo ranks (CPU): DTensor gradients, clipped on steps 1-2; rank 0 writes the
-# whole-model norms it computed.
+# FSDP2 on 2 gloo ranks (CPU): DTensor gradients, clipped on steps 1-2 (step 2 by a 3-norm:
+# the L2 norm before it is recorded); rank 0 writes the whole-model norms it computed (step 1:
+# what the clip returned).
 FSDP_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, math, sys
     import torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -362,8 +365,12 @@ FSDP_SCRIPT = textwrap.dedent(
         model(torch.randn(4, 8)).pow(2).mean().backward()
         whole = [p.grad.full_tensor() for p in model.parameters()]
         seen.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in whole])).item())
-        if step:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        if step == 1:
+            returned = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5).full_tensor()
+            assert math.isclose(returned.item(), seen[-1], rel_tol=1e-6), (returned, seen)
+            seen[-1] = returned.item()
+        if step == 2:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01, norm_type=3.0)
         optimizer.step()
     if dist.get_rank() == 0:
         json.dump(seen, open(sys.argv[1], "w"))
@@ -498,3 +505,86 @@ def test_an_fsdp1_rank_that_stops_recording_stops_the_others_without_a_hang(tmp_
     assert result.returncode == 2, result.stderr  # rank 1's failure: no policy
     assert "another rank stopped recording" in result.stderr
     assert open_run(tmp_path / "run").step_numbers == [0]
+
+
+# FSDP2 on 2 gloo ranks (CPU) with a short collective timeout, clipped on steps 1 and 3; rank 1
+# stops recording at step argv[3]: "batch" (a policy batch without a policy, before the step)
+# or "hooks" (the hooks' own measuring fails inside optimizer.step()). Rank 0 writes the
+# whole parameters that training ended with.
+FSDP2_STOP_SCRIPT = textwrap.dedent(
+    """
+    import datetime, json, sys
+    import torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    import stabledrl_cli
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+    rank, how, stop_at = dist.get_rank(), sys.argv[2], int(sys.argv[3])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    for layer in (model[0], model[2], model):
+        fully_shard(layer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    foreach_norm = torch._foreach_norm
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("measuring failed")
+
+    for step in range(5):
+        optimizer.zero_grad()
+        torch.manual_seed(step + 10 * rank)
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+        stops = rank == 1 and step == stop_at
+        if stops and how == "batch":
+            stabledrl_cli.log_policy_batch(step, logp=torch.zeros(3))
+        if step in (1, 3):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        if stops and how == "hooks":
+            torch._foreach_norm = broken
+        optimizer.step()
+        torch._foreach_norm = foreach_norm
+    final = [p.full_tensor().tolist() for p in model.parameters()]
+    if rank == 0:
+        json.dump(final, open(sys.argv[1], "w"))
+    sys.stdout.write(f"trained {rank}\\n")  # one write: the ranks share stdout
+    sys.stdout.flush()
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_unrecorded(tmp_path_factory: pytest.TempPathFactory) -> list:
+    """The parameters FSDP2_STOP_SCRIPT trains without recording."""
+    tmp = tmp_path_factory.mktemp("fsdp2")
+    script, final = tmp / "train.py", tmp / "final.json"
+    script.write_text(FSDP2_STOP_SCRIPT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    result = subprocess.run(
+        [*torchrun, "--nproc-per-node", "2", str(script), str(final), "none", "-1"],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(final.read_text())
+
+
+@pytest.mark.parametrize(("how", "stop_at"), [("batch", 0), ("batch", 3), ("hooks", 2)])
+def test_an_fsdp2_rank_that_stops_recording_stops_the_others_without_a_hang(
+    tmp_path, fsdp2_unrecorded, how, stop_at
+):
+    script, final = tmp_path / "train.py", tmp_path / "final.json"
+    script.write_text(FSDP2_STOP_SCRIPT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    result = _record(
+        "--out", str(tmp_path / "run"), "--", *torchrun, "--nproc-per-node", "2", str(script),
+        str(final), how, str(stop_at),
+    )  # fmt: skip
+    assert "trained 0" in result.stdout and "trained 1" in result.stdout, result.stderr
+    assert "another rank stopped recording" in result.stderr
+    assert json.loads(final.read_text()) == fsdp2_unrecorded  # training is untouched
+    assert result.returncode == {"batch": 2, "hooks": 3}[how], result.stderr  # rank 1's failure
+    steps = tmp_path / "run" / "steps"
+    written = sorted(p.name for p in steps.iterdir()) if steps.exists() else []
+    # every step before the stop on both ranks, none after
+    names = [f"step-{n:08d}.rank-{r:04d}.safetensors" for n in range(stop_at) for r in (0, 1)]
+    assert written == names, result.stderr

@@ -1,12 +1,13 @@
 """FSDP1 (`torch.distributed.fsdp.FullyShardedDataParallel`) for the optimizer hooks: which of an
-optimizer's parameters are shards, and the whole gradient norm of each original parameter.
+optimizer's parameters are shards, and how the whole gradient norm of each original parameter
+is summed.
 
 Under a sharded strategy an optimizer holds, on each rank, this rank's shard of every
 `FlatParameter` (`use_orig_params=False`: one flattened parameter per FSDP instance, holding
 parts of several original parameters) or a flattened view of this rank's part of each original
 parameter (`use_orig_params=True`: empty on ranks that hold none of it). A gradient's local norm
 is a partial one: the whole norm of an original parameter sums its parts' squares over the
-handle's process group (`reduce`, one all_reduce per process group, float64).
+handle's process group (`Shard.reduction`, made by `_ranks.reduce`).
 
 Nothing here imports torch.distributed.fsdp: the module is looked up in `sys.modules`, where a
 script that uses FSDP1 has put it.
@@ -15,15 +16,15 @@ script that uses FSDP1 has put it.
 from __future__ import annotations
 
 import gc
-import math
 import sys
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from stabledrl_cli.capture._ranks import Reduction
 
 FSDP_MODULE = "torch.distributed.fsdp"
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -44,10 +45,9 @@ class Shard:
     """What one optimizer parameter holds of an FSDP1 instance's sharded FlatParameter on this
     rank: parts of one or more original parameters."""
 
-    group: Any
-    """The process group the FlatParameter is sharded over (a torch.distributed.ProcessGroup)."""
-    device: torch.device
-    """Where the group's collectives run (the FSDP instance's compute device)."""
+    reduction: Reduction
+    """A sum over the process group the FlatParameter is sharded over, on the FSDP instance's
+    compute device."""
     names: tuple[str, ...]
     """The original parameters' qualified names (wrapper segments removed)."""
     bounds: tuple[tuple[int, int], ...]
@@ -86,12 +86,12 @@ def shards_of(root: torch.nn.Module) -> dict[int, Shard]:
             else (0, 0)
             for info in flat._shard_param_infos
         ]
-        group, device = handle.process_group, handle.device
+        summed = Reduction(handle.device, ((handle.process_group, dist.ReduceOp.SUM),))
         if handle._use_orig_params:
             for param, name, (start, stop) in zip(flat._params, names, bounds, strict=True):
-                out[id(param)] = Shard(group, device, (name,), ((0, stop - start),))
+                out[id(param)] = Shard(summed, (name,), ((0, stop - start),))
         else:
-            out[id(flat)] = Shard(group, device, tuple(names), tuple(bounds))
+            out[id(flat)] = Shard(summed, tuple(names), tuple(bounds))
     _roots[root] = out
     return out
 
@@ -112,42 +112,3 @@ def optimizer_shards(params: Iterable[torch.Tensor]) -> dict[int, Shard]:
         if id(root) not in nested:
             found.update(shards_of(root))
     return {id(p): found[id(p)] for p in params if id(p) in found}
-
-
-class RankStopped(Exception):
-    """Another rank of a process group stopped recording: this one stops too, at the same
-    step, so that no rank waits for a collective the others no longer make."""
-
-
-def reduce(local: Sequence[tuple[Shard, list[float]]], *, stop: bool = False) -> list[list[float]]:
-    """Whole L2 norms of the original parameters from the local norms of their parts (each
-    optimizer parameter's Shard and `Shard.parts` norms, [] for no gradient): squares summed
-    in float64 over each Shard's process group, one all_reduce per group, in the order the
-    groups first appear (the same on every rank). Each vector carries a flag: `stop` tells
-    the other ranks that this one stops recording (it returns []); another rank's flag
-    raises RankStopped."""
-    by_group: dict[int, list[int]] = {}
-    for i, (shard, _) in enumerate(local):
-        by_group.setdefault(id(shard.group), []).append(i)
-    out: list[list[float]] = [[] for _ in local]
-    others_stopped = False
-    for indices in by_group.values():
-        squares: list[float] = []
-        for i in indices:
-            shard, norms = local[i]
-            squares += [norm * norm for norm in norms] if norms else [0.0] * len(shard.names)
-        shard = local[indices[0]][0]
-        vector = torch.tensor([*squares, float(stop)], dtype=torch.float64, device=shard.device)
-        dist.all_reduce(vector, group=shard.group)
-        values = vector.tolist()
-        others_stopped |= values[-1] > float(stop)
-        offset = 0
-        for i in indices:
-            count = len(local[i][0].names)
-            out[i] = [math.sqrt(v) for v in values[offset : offset + count]]
-            offset += count
-    if stop:
-        return []
-    if others_stopped:
-        raise RankStopped("another rank stopped recording")
-    return out

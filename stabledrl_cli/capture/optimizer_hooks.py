@@ -17,8 +17,9 @@ that steps becomes the run's optimizer and the numbering goes on.
 
 What each step records (all gradient norms are L2, taken before clipping):
 - grad_norm: what `clip_grad_norm_` returned when the script clipped this optimizer's
-  parameters since its previous step (the root-sum-of-squares of the returned norms when it
-  clipped several disjoint sets), else the norm of all its gradients, computed here;
+  parameters by their L2 norm since its previous step (the root-sum-of-squares of the
+  returned norms when it clipped several disjoint sets), else the norm of all its gradients,
+  computed here;
 - nonfinite_grads: parameters whose gradient holds a NaN or an inf;
 - lr: the first parameter group's learning rate; step_time: wall seconds from the end of the
   previous `step()` to the end of this one (absent on the first step);
@@ -33,11 +34,12 @@ What each step records (all gradient norms are L2, taken before clipping):
   `optimizer_<i>/nonfinite_grads` (of its last step) and `optimizer_<i>/steps`.
 
 Sharded gradients count whole: a DTensor's (FSDP2) over its mesh, an FSDP1 shard's per
-original parameter over its process group (`_fsdp1`), so every rank records the same norms.
+original parameter over its process group (`_norms`), so every rank records the same norms.
 
-Recording never breaks training: a failure here warns once, turns recording off (the hooks
-are removed) and is reported to `record` (bootstrap.RecordingFailure). A process that makes
-FSDP1 collectives makes one more, flagged as its stop, so that all ranks stop together.
+Recording never breaks training: a failure here warns once, turns recording off and is
+reported to `record` (bootstrap.RecordingFailure); the hooks are removed at the next step,
+once it has made that step's collective of a sharded run, flagged as this rank's stop, so
+that every rank stops recording at that step and none waits for the others (`_ranks`).
 """
 
 from __future__ import annotations
@@ -65,75 +67,13 @@ from torch.optim.optimizer import (
 )
 from torch.utils.hooks import RemovableHandle
 
-from stabledrl_cli.capture import _fsdp1, bootstrap
+from stabledrl_cli.capture import _fsdp1, _norms, bootstrap
+from stabledrl_cli.capture._ranks import RankStopped
 
 TOP_MODULES = 5
 """How many modules' gradient norms each step records (the largest at that step)."""
 PENDING_CLIPS = 8
 """clip_grad_norm_ results kept for an optimizer step to claim (the oldest are dropped)."""
-
-
-@torch.no_grad()
-def gradient_norms(grads: list[torch.Tensor]) -> list[float]:
-    """The L2 norm of each gradient (any shapes), accumulated in float32 (float64 for float64
-    gradients), as Python floats: one host sync per device and dtype. A DTensor gradient (FSDP2,
-    tensor parallelism) has the norm of the whole tensor: its shards' squared norms summed over
-    the mesh dimensions it is sharded on, one collective per mesh and placement."""
-    by_kind: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
-    sharded: dict[tuple[Any, tuple[Any, ...]], list[int]] = {}
-    for i, grad in enumerate(grads):
-        if _is_dtensor(grad):
-            shard: Any = grad
-            sharded.setdefault((shard.device_mesh, tuple(shard.placements)), []).append(i)
-        else:
-            by_kind.setdefault((grad.device, grad.dtype, grad.is_sparse), []).append(i)
-    out = [0.0] * len(grads)
-    for (_, dtype, sparse), indices in by_kind.items():
-        wide = torch.float64 if dtype == torch.float64 else torch.float32
-        tensors = [grads[i] for i in indices]
-        if sparse:
-            tensors = [t.coalesce().values() for t in tensors]
-        norms = torch._foreach_norm(tensors, 2, dtype=wide)
-        for i, value in zip(indices, torch.stack(norms).tolist(), strict=True):
-            out[i] = value
-    for indices in sharded.values():
-        for i, value in zip(indices, _sharded_norms([grads[i] for i in indices]), strict=True):
-            out[i] = value
-    return out
-
-
-def _dtensors() -> Any:
-    """torch.distributed.tensor when the process has imported it (a script with DTensor
-    gradients has), else None: importing it here would cost every recorded process a second."""
-    return sys.modules.get("torch.distributed.tensor")
-
-
-def _is_dtensor(tensor: object) -> bool:
-    module = _dtensors()
-    return module is not None and isinstance(tensor, module.DTensor)
-
-
-def _sharded_norms(grads: list[Any]) -> list[float]:
-    """Whole-tensor L2 norms of DTensor gradients of one mesh and placements (all ranks call
-    it in the same order, as they step the same optimizer)."""
-    dt = _dtensors()
-    first = grads[0]
-    if any(isinstance(p, dt.Partial) for p in first.placements):  # unreduced: reduce each
-        return [float(torch.linalg.vector_norm(g.full_tensor().float())) for g in grads]
-    local = [g.to_local() for g in grads]
-    squares = torch.stack(torch._foreach_norm(local, 2, dtype=torch.float32)).double() ** 2
-    summed = dt.DTensor.from_local(
-        squares,
-        first.device_mesh,
-        [dt.Partial() if isinstance(p, dt.Shard) else dt.Replicate() for p in first.placements],
-    ).full_tensor()
-    values: list[float] = summed.sqrt().tolist()
-    return values
-
-
-def _value(norm: Any) -> float:
-    """A norm as a Python float (a DTensor's whole value)."""
-    return float(norm.full_tensor() if _is_dtensor(norm) else norm)
 
 
 def _root_sum_squares(values: Iterable[float]) -> float:
@@ -145,15 +85,28 @@ class _Clip:
     """One clip_grad_norm_ call: its parameters' pre-clip gradient norms and its result."""
 
     norms: dict[int, float]
-    """id(parameter) -> the L2 norm of its gradient before clipping."""
+    """id(parameter) -> the L2 norm of its gradient before clipping (plain gradients)."""
     total: torch.Tensor | float | None
-    """What it returned (None: not an L2 norm)."""
+    """What it returned, when that is an L2 norm read without a collective (else None)."""
     local: dict[int, list[float]] = field(default_factory=dict)
-    """id(FSDP1 shard) -> the local norms of its parts before clipping (`_fsdp1.Shard.parts`),
-    to be summed over the ranks at the step."""
+    """id(sharded parameter) -> the local norms of its parts before clipping (an FSDP1 shard's
+    parts, a DTensor's local shard: `_norms.measure`), summed over the ranks at the step."""
+    summed: bool = False
+    """Its L2 result is summed at the step from its parameters' whole norms: reading the
+    DTensor it returned would be a collective of the hooks' own, which a rank that stopped
+    recording would not make."""
 
     def first(self) -> int:
         return next(iter(self.norms or self.local))
+
+    def l2(self, whole: dict[int, float]) -> float | None:
+        """Its L2 result (`whole`: id(parameter) -> whole gradient norm), or None."""
+        if self.total is not None:
+            return float(self.total)
+        if not self.summed:
+            return None
+        held = (whole[key] for key in self.local if key in whole)
+        return _root_sum_squares([*self.norms.values(), *held])
 
 
 @dataclass
@@ -200,9 +153,6 @@ class _State:
     clips: list[_Clip] = field(default_factory=list)
     clip_wrapper: Callable[..., torch.Tensor] | None = None
     fsdp_clip_wrapper: Callable[..., torch.Tensor] | None = None
-    collective: bool = False
-    """Steps of this process make FSDP1 collectives (`_fsdp1.reduce`): to stop, it first tells
-    the other ranks in the next one, so that none waits for it."""
     scaler_wrapper: Callable[..., float | None] | None = None
     on: bool = False
 
@@ -243,20 +193,13 @@ def uninstall() -> None:
 
 
 def _fail(exc: BaseException, context: str) -> None:
-    if isinstance(exc, _fsdp1.RankStopped):  # that rank reported its failure; this one stops
-        _state.collective = False
+    """Recording is off here: the hooks go at this rank's next step, after its last collective
+    (`_leave`); at once when another rank stopped (RankStopped)."""
+    if isinstance(exc, RankStopped):  # that rank reported its failure; this one stops
         uninstall()
         sys.stderr.write(f"stabledrl: warning: {context}: {exc}; recording is off here too\n")
         return
     bootstrap.hook_failed(exc, context)
-    _stand_down()
-
-
-def _stand_down() -> None:
-    """Recording is off here: the hooks go, except in a process that makes FSDP1 collectives,
-    whose next step makes its last one to tell the other ranks (`_leave`)."""
-    if not _state.collective:
-        uninstall()
 
 
 def _clip_signature(
@@ -270,6 +213,15 @@ def _clip_signature(
 
 
 _CLIP_ARGUMENTS = inspect.signature(_clip_signature)
+
+
+def _is_l2(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether `clip_grad_norm_(parameters, *args, **kwargs)` takes an L2 norm."""
+    try:
+        norm_type = _CLIP_ARGUMENTS.bind([], *args, **kwargs).arguments.get("norm_type", 2.0)
+        return float(norm_type) == 2.0
+    except (TypeError, ValueError):
+        return False
 
 
 def clip_norms(
@@ -307,7 +259,7 @@ def clip_norms(
 def _wrap_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     @functools.wraps(original)
     def clip_grad_norm_(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if not _state.on or not (args or "parameters" in kwargs):
+        if not _state.on or not bootstrap.hooks_wanted() or not (args or "parameters" in kwargs):
             return original(*args, **kwargs)
         keyword = "parameters" in kwargs
         given = kwargs.pop("parameters") if keyword else args[0]
@@ -316,18 +268,21 @@ def _wrap_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Ten
         with_grad = [p for p in params if p.grad is not None]
         try:
             measured = clip_norms(params, rest, kwargs)
-            if measured is None:  # an uncommon call: measure here, torch clips
-                norms = gradient_norms([p.grad for p in with_grad if p.grad is not None])
+            if measured is None:  # an uncommon call (DTensor gradients): measure, torch clips
+                norms, local = _norms.measure(with_grad, {})
         except Exception as exc:
             _fail(exc, "reading the gradients in clip_grad_norm_")
             return original(params, *rest, **kwargs)
         if measured is None:
             total = original(params, *rest, **kwargs)
+            l2 = _is_l2(rest, kwargs)
+            clip = _Clip(norms, total if l2 and not local else None, local, l2 and bool(local))
         else:
-            total, norms, max_norm, foreach = measured
+            total, listed, max_norm, foreach = measured
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach)
+            clip = _Clip(dict(zip(map(id, with_grad), listed, strict=True)), total)
         if with_grad:
-            _state.clips.append(_Clip(dict(zip(map(id, with_grad), norms, strict=True)), total))
+            _state.clips.append(clip)
             del _state.clips[:-PENDING_CLIPS]
         return total
 
@@ -355,23 +310,20 @@ def _wrap_fsdp_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torc
 
     @functools.wraps(original)
     def clip_grad_norm_(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not _state.on:
+        if not _state.on or not bootstrap.hooks_wanted():
             return original(self, *args, **kwargs)
         try:
             shards = _fsdp1.shards_of(self)
             if not shards:
                 return original(self, *args, **kwargs)
-            params = [p for p in self.parameters() if p.grad is not None or id(p) in shards]
-            local = _local_norms([p for p in params if id(p) in shards], shards)
-            plain = [p for p in params if id(p) not in shards]
-            norms = gradient_norms([p.grad for p in plain if p.grad is not None])
+            norms, local = _norms.measure(self.parameters(), shards)
             norm_type = args[1] if len(args) > 1 else kwargs.get("norm_type", 2.0)
         except Exception as exc:
             _fail(exc, "reading the gradients in FullyShardedDataParallel.clip_grad_norm_")
             return original(self, *args, **kwargs)
         total = original(self, *args, **kwargs)
         l2 = total if float(norm_type) == 2.0 else None
-        _state.clips.append(_Clip(dict(zip(map(id, plain), norms, strict=True)), l2, local))
+        _state.clips.append(_Clip(norms, l2, local))
         del _state.clips[:-PENDING_CLIPS]
         return total
 
@@ -425,29 +377,19 @@ def _param_names(optimizer: Optimizer) -> dict[int, str]:
     return names
 
 
-def _take_clip(view: _View) -> tuple[float | None, dict[int, float], dict[int, list[float]]]:
-    """(pre-clip norm, id(parameter) -> pre-clip gradient norm, id(FSDP1 shard) -> pre-clip
-    local norms of its parts) of the clip_grad_norm_ calls on this optimizer's parameters
-    since its last step, which are consumed; (None, {}, {}) when there was none."""
+def _take_clips(view: _View) -> list[_Clip]:
+    """The clip_grad_norm_ calls on this optimizer's parameters since its last step, which
+    are consumed."""
     mine = [clip for clip in _state.clips if clip.first() in view.ids]
-    if not mine:
-        return None, {}, {}
-    _state.clips[:] = [clip for clip in _state.clips if all(clip is not m for m in mine)]
-    norms: dict[int, float] = {}
-    local: dict[int, list[float]] = {}
-    for clip in mine:
-        norms.update(clip.norms)
-        local.update(clip.local)
-    totals = [_value(clip.total) for clip in mine if clip.total is not None]
-    if not totals:
-        return None, norms, local
-    return (totals[0] if len(totals) == 1 else _root_sum_squares(totals)), norms, local
+    if mine:
+        _state.clips[:] = [clip for clip in _state.clips if all(clip is not m for m in mine)]
+    return mine
 
 
 def _holds_nonfinite(grad: torch.Tensor) -> bool:
     """Whether a gradient with a non-finite norm holds a NaN or an inf (not a finite overflow);
     a DTensor's norm is over all its shards, so only a NaN or inf can make it non-finite."""
-    return _is_dtensor(grad) or not bool(torch.isfinite(grad).all())
+    return _norms.is_dtensor(grad) or not bool(torch.isfinite(grad).all())
 
 
 def _module_norms(named: Iterable[tuple[str | None, float]]) -> list[tuple[str, float]]:
@@ -466,8 +408,11 @@ def _module_norms(named: Iterable[tuple[str | None, float]]) -> list[tuple[str, 
     return (nonfinite + finite)[:TOP_MODULES]
 
 
-def _stats(optimizer: Optimizer, view: _View) -> _Stats:
-    """The step's gradient statistics, before the optimizer touches the gradients."""
+def _step_params(
+    optimizer: Optimizer, view: _View
+) -> tuple[list[int], list[torch.Tensor], dict[int, _fsdp1.Shard]]:
+    """(group index of each, the parameters a step measures, id -> FSDP1 Shard): those with a
+    gradient, and every FSDP1 shard (a rank that holds none of one still sums it)."""
     if view.shards is None:
         every = [p for group in optimizer.param_groups for p in group["params"]]
         view.shards = _fsdp1.optimizer_shards(every)
@@ -479,20 +424,48 @@ def _stats(optimizer: Optimizer, view: _View) -> _Stats:
             if param.grad is not None or id(param) in shards:
                 groups.append(g)
                 params.append(param)
-    clipped, seen, taken = _take_clip(view)
-    parts = _fsdp1_norms([p for p in params if id(p) in shards], shards, taken)
-    missing = [p for p in params if id(p) not in seen and id(p) not in parts]
-    if missing:
-        computed = gradient_norms([p.grad for p in missing if p.grad is not None])
-        seen.update(zip(map(id, missing), computed, strict=True))
-    for key, held in parts.items():
-        seen[key] = _root_sum_squares(norm for _, norm in held)
+    return groups, params, shards
+
+
+def _stats(optimizer: Optimizer, view: _View) -> _Stats:
+    """The step's gradient statistics, before the optimizer touches the gradients. The
+    step's collective is made even when measuring fails, flagged as this rank's stop, and the
+    hooks go (`_norms.whole_norms`)."""
+    groups, params, shards = _step_params(optimizer, view)
+    clips: list[_Clip] = []
+    seen: dict[int, float] = {}
+    local: dict[int, list[float]] = {}
+    failure: Exception | None = None
+    try:
+        clips = _take_clips(view)
+        for clip in clips:
+            seen.update(clip.norms)
+            local.update(clip.local)
+        missing = [
+            p for p in params if id(p) not in local and (id(p) in shards or id(p) not in seen)
+        ]
+        plain, held = _norms.measure(missing, shards)
+        seen.update(plain)
+        local.update(held)
+    except Exception as exc:
+        failure = exc
+    whole = _norms.whole_norms(params, shards, local, stop=failure is not None)
+    if failure is not None:
+        uninstall()
+        raise failure
+    parts = {
+        key: list(zip(shards[key].names, norms, strict=True))
+        for key, norms in whole.items()
+        if key in shards
+    }
+    for key, norms in whole.items():
+        seen[key] = _root_sum_squares(norms)
     norms = [seen[id(p)] for p in params]
-    plain = [(p, norm) for p, norm in zip(params, norms, strict=True) if id(p) not in parts]
+    plain_norms = [(p, n) for p, n in zip(params, norms, strict=True) if id(p) not in parts]
     pieces = [piece for key in parts for piece in parts[key]]
     nonfinite = sum(
         1
-        for param, norm in plain
+        for param, norm in plain_norms
         if not math.isfinite(norm) and param.grad is not None and _holds_nonfinite(param.grad)
     ) + sum(1 for _, norm in pieces if not math.isfinite(norm))
     group_squares = [0.0] * len(optimizer.param_groups)
@@ -501,76 +474,42 @@ def _stats(optimizer: Optimizer, view: _View) -> _Stats:
     if view.names is None:
         view.names = _param_names(optimizer)
     names = view.names
+    totals = [total for clip in clips if (total := clip.l2(seen)) is not None]
+    clipped = _root_sum_squares(totals) if len(totals) > 1 else next(iter(totals), None)
     return _Stats(
         grad_norm=clipped if clipped is not None else _root_sum_squares(norms),
         nonfinite=nonfinite,
         lrs=[float(g["lr"]) if "lr" in g else None for g in optimizer.param_groups],
         group_norms=[math.sqrt(s) for s in group_squares],
-        module_norms=_module_norms([*((names.get(id(p)), n) for p, n in plain), *pieces]),
+        module_norms=_module_norms([*((names.get(id(p)), n) for p, n in plain_norms), *pieces]),
     )
 
 
-def _local_norms(
-    params: list[torch.Tensor], shards: dict[int, _fsdp1.Shard]
-) -> dict[int, list[float]]:
-    """id(FSDP1 shard) -> the local gradient norms of its parts ([] without a gradient), all
-    measured together."""
-    parts = [shards[id(p)].parts(p) for p in params]
-    norms = iter(gradient_norms([part for held in parts for part in held]))
-    return {id(p): [next(norms) for _ in held] for p, held in zip(params, parts, strict=True)}
-
-
-def _fsdp1_norms(
-    params: list[torch.Tensor], shards: dict[int, _fsdp1.Shard], taken: dict[int, list[float]]
-) -> dict[int, list[tuple[str, float]]]:
-    """id(FSDP1 shard) -> (name, whole gradient norm) of each original parameter it holds part
-    of: local norms (`taken` before a clip, else now) summed over the ranks. The collective is
-    made even when the local norms fail, flagged as this rank's stop (`_fsdp1.reduce`)."""
-    if not params:
-        return {}
-    _state.collective = True
-    failure: Exception | None = None
-    try:
-        now = _local_norms([p for p in params if id(p) not in taken], shards)
-    except Exception as exc:
-        failure, now = exc, {}
-    local = [(shards[id(p)], taken.get(id(p)) or now.get(id(p), [])) for p in params]
-    whole = _fsdp1.reduce(local, stop=failure is not None)
-    if failure is not None:
-        _state.collective = False
-        raise failure
-    return {
-        id(param): list(zip(shard.names, norms, strict=True))
-        for param, (shard, _), norms in zip(params, local, whole, strict=True)
-    }
-
-
 def _leave(optimizer: Optimizer) -> None:
-    """The last step of a process that makes FSDP1 collectives and stopped recording: at the
-    next step of an optimizer that makes them, one last collective flagged as its stop (the
-    other ranks stop with it), then the hooks go."""
-    view = _state.views.get(optimizer)
-    if view is None or not view.shards:
-        return
-    _state.collective = False
+    """The first step after this rank stopped recording: the step's collective of a sharded
+    run, flagged as its stop (the other ranks stop with it, at this step), then the hooks
+    go."""
     try:
-        _fsdp1.reduce([(shard, []) for shard in view.shards.values()], stop=True)
+        _, params, shards = _step_params(optimizer, _view(optimizer))
+        _norms.whole_norms(params, shards, {}, stop=True)
     finally:
         uninstall()
+
+
+def _step_stats(optimizer: Optimizer) -> _Stats | None:
+    """The statistics of the step `optimizer` is about to take, or None when recording is off
+    here (`_leave`)."""
+    if not bootstrap.hooks_wanted():
+        _leave(optimizer)
+        return None
+    return _stats(optimizer, _view(optimizer))
 
 
 def _pre_hook(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     if not _state.on:
         return
     try:
-        if not bootstrap.hooks_wanted():
-            if _state.collective:
-                _leave(optimizer)
-            else:
-                uninstall()
-            return
-        view = _view(optimizer)
-        view.pending = _stats(optimizer, view)
+        _view(optimizer).pending = _step_stats(optimizer)
     except Exception as exc:
         _fail(exc, "reading the gradients before optimizer.step()")
 
@@ -595,7 +534,7 @@ def _finish_step(optimizer: Optimizer, *, skipped: bool) -> None:
     try:
         view = _view(optimizer)
         if skipped:
-            stats: _Stats | None = _stats(optimizer, view)
+            stats = _step_stats(optimizer)
         else:
             view.steps_taken += 1
             stats, view.pending = view.pending, None
@@ -616,8 +555,6 @@ def _finish_step(optimizer: Optimizer, *, skipped: bool) -> None:
         _fail(exc, f"recording optimizer step {step}")
         return
     bootstrap.log_hook_step(step, fields)
-    if not bootstrap.hooks_wanted():
-        _stand_down()
 
 
 def _step_fields(stats: _Stats, step_time: float | None) -> dict[str, Any]:
