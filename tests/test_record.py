@@ -135,6 +135,26 @@ def test_without_a_policy_the_error_says_what_to_pass(tmp_path, script, monkeypa
     assert len(stderr.strip().splitlines()) == 2  # "recording ..." and the one error line
 
 
+def test_square_brackets_in_the_command_and_a_failure_are_printed_as_they_are(
+    tmp_path, monkeypatch, capfd
+):
+    """Neither the command nor the child's failure is read as rich markup."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, numpy as np, stabledrl_cli as sd\n"
+        "sd.log_policy_batch(0, policy=sys.argv[1], logp=np.zeros(3))\n"
+        "sys.exit(5)\n"
+    )
+    command = [sys.executable, str(script), "[/bad]"]
+    code, stderr, _, child_err = _record(
+        monkeypatch, capfd, "--out", str(tmp_path / "run"), "--", *command
+    )
+    assert code == 5, stderr + child_err
+    assert f"recording {' '.join(command)} into" in stderr
+    assert "warning: recording failed: log_policy_batch failed at step 0" in stderr
+    assert "[/bad]" in stderr.splitlines()[1]
+
+
 def _record_process(out: Path, script: Path, monkeypatch, *args: str):
     """A real `stabledrl record` process wrapping a real python child."""
     return subprocess.run(

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from stabledrl_cli.capture.bootstrap import (
     ENV_FORCE,
@@ -87,12 +88,14 @@ def run_command(
             env[ENV_POLICY] = policy
         if optimizer_hooks:
             _with_hooks(env)
-        err.print(f"recording [bold]{' '.join(cmd)}[/] into {out}", highlight=False)
+        err.print(
+            f"recording [bold]{escape(' '.join(cmd))}[/] into {escape(str(out))}", highlight=False
+        )
         code = subprocess.call(cmd, env=env)
         failures = _child_failures(status)
     if code != 0:
         for _, reason in failures:
-            err.print(f"[yellow]warning:[/] recording failed: {reason}", highlight=False)
+            err.print(f"[yellow]warning:[/] recording failed: {escape(reason)}", highlight=False)
         err.print(f"the training command exited with code {code}", highlight=False)
         raise typer.Exit(code)
     if failures:
