@@ -80,8 +80,8 @@ MemoryBudgetOpt = Annotated[
     typer.Option(
         "--memory-budget",
         metavar="SIZE",
-        help="Step arrays held and moved to the device at a time, e.g. 256M or 1G (default "
-        f"{DEFAULT_MEMORY_BUDGET // 2**20}M).",
+        help="Step arrays held at a time (the chunk computed and the one read ahead, half "
+        f"each), e.g. 256M or 1G (default {DEFAULT_MEMORY_BUDGET // 2**20}M).",
     ),
 ]
 ThreadsOpt = Annotated[

@@ -14,9 +14,10 @@ from stabledrl_cli.replay.guards import DEFAULT_GUARDS, make_guard
 from stabledrl_cli.vocab import Device
 
 DEFAULT_MEMORY_BUDGET = 16 * 2**20
-"""Bytes of step arrays read and moved to the device at a time (a chunk closes at the step
-that reaches it; a step larger than the budget is a chunk of its own). Reading steps one at a
-time is no slower on the CPU; a larger budget batches the transfers to a GPU."""
+"""Bytes of step arrays held at a time: the chunk being computed and the chunk read ahead of it,
+half the budget each (a chunk closes at the step that reaches its half; a step larger than
+that is a chunk of its own). Reading steps one at a time is no slower on the CPU; a larger
+budget batches the transfers to a GPU."""
 DEFAULT_THREADS = 1
 """CPU threads of a replay's tensor operations: one by default, so a replay's figures and its
 speed do not depend on the machine's core count or on what else runs on it."""
@@ -76,7 +77,8 @@ class ReplayConfig:
     """At most this many steps read and moved to the device at a time; None: as many as fit
     `memory_budget` (results do not depend on the chunking)."""
     memory_budget: int = DEFAULT_MEMORY_BUDGET
-    """Bytes of step arrays read and moved to the device at a time (bounds memory)."""
+    """Bytes of step arrays held at a time (bounds memory): the chunk computed and the one read
+    ahead, half each."""
     threads: int = DEFAULT_THREADS
     """CPU threads of the tensor operations (torch's intra-op threads) during the replay."""
     spike_factor: float = DEFAULT_SPIKE_FACTOR

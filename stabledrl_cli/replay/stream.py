@@ -1,11 +1,12 @@
 """The streaming pass of a replay: read steps, move them to the device, evaluate every policy.
 
 Per step, `prepare` runs once and every policy is evaluated on the prepared batch
-(`metrics.step_metrics`). Steps are read in chunks of at most `memory_budget` bytes of arrays
-(and at most `chunk_size` steps when given); each chunk's arrays go to the device in one
+(`metrics.step_metrics`). Steps are read in chunks of at most half `memory_budget` bytes of
+arrays (and at most `chunk_size` steps when given), the next chunk on a thread of its own while
+the current one is computed (`read_ahead`); each chunk's arrays go to the device in one
 transfer per field and its per-step results come back in one transfer, after which the
-chunk's arrays are dropped: memory holds one chunk of arrays plus O(steps x policies) scalars,
-whatever the run's length. Each step is computed on its own, so
+chunk's arrays are dropped: memory holds two chunks of arrays (the budget) plus
+O(steps x policies) scalars, whatever the run's length. Each step is computed on its own, so
 results do not depend on the chunk size. The same pass pools the noise floor of the steps
 recorded with inner_step 0 and the collapse warning's measurements (the median own-sample
 log-likelihood, on the host before the transfer), so the observed-run analysis never re-reads
@@ -43,6 +44,7 @@ from stabledrl_cli.replay.observed import (
     host_array,
     logratio_moments,
 )
+from stabledrl_cli.replay.read_ahead import read_ahead
 from stabledrl_cli.vocab import StepGeometryKind, Unit
 
 BASE_FIELDS = ("logp", "logp_old", "advantages", "mask", "seq_id")
@@ -206,9 +208,9 @@ def _read_chunks(
 ) -> Iterator[tuple[list[Step], list[Arrays]]]:
     """The run's readable steps (or `shard`'s) that hold a policy batch and their arrays (CPU),
     a chunk at a time: a chunk closes at the step that brings its arrays to `memory_budget`
-    bytes, or to `chunk_size` steps. Feeds the collapse warning's measurements on the way (on
-    the host, before any transfer); appends the number of each scalar step (no batch) to
-    `scalar_steps`."""
+    bytes, or to `chunk_size` steps. Runs on the read-ahead thread. Feeds the collapse
+    warning's measurements on the way (on the host, before any transfer); appends the number
+    of each scalar step (no batch) to `scalar_steps`."""
     where, unit = run.location, run_unit(run)
     steps: list[Step] = []
     arrays: list[Arrays] = []
@@ -250,8 +252,8 @@ def stream_run(
     lean: bool = False,
 ) -> StreamedRun:
     """Every policy over every readable step of `run` (corrupt steps are skipped), or over
-    `steps` only (a shard of it, `replay.shards`), read in chunks of at most `memory_budget`
-    bytes of arrays (and `chunk_size` steps, when given)."""
+    `steps` only (a shard of it, `replay.shards`), read in chunks of at most half
+    `memory_budget` bytes of arrays (and `chunk_size` steps, when given), one chunk ahead."""
     where, unit = run.location, run_unit(run)
     ranks = int(run.manifest.get("world_size", 1))
     numbers: list[int] = []
@@ -262,7 +264,11 @@ def stream_run(
     approximate = np.zeros(len(policies), dtype=bool)
     floor, likelihood = NoiseFloor(), OwnLikelihood()
     scalar_steps: list[int] = []
-    chunks = _read_chunks(run, policies, likelihood, chunk_size, memory_budget, scalar_steps, steps)
+    # Half the budget a chunk: the chunk computed and the one read ahead share it.
+    chunk_budget = max(1, memory_budget // 2)
+    chunks = read_ahead(
+        _read_chunks(run, policies, likelihood, chunk_size, chunk_budget, scalar_steps, steps)
+    )
     with heap_kept():
         for chunk, arrays in chunks:
             to_device(arrays, device)
