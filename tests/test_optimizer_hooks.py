@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -507,33 +508,42 @@ def test_an_fsdp1_rank_that_stops_recording_stops_the_others_without_a_hang(tmp_
     assert open_run(tmp_path / "run").step_numbers == [0]
 
 
-# FSDP2 on 2 gloo ranks (CPU) with a short collective timeout, clipped on steps 1 and 3; rank 1
-# stops recording at step argv[3]: "batch" (a policy batch without a policy, before the step)
-# or "hooks" (the hooks' own measuring fails inside optimizer.step()). Rank 0 writes the
-# whole parameters that training ended with.
+# FSDP2 on 2 gloo ranks (CPU) with a short collective timeout, clipped on steps 1 and 3, the
+# model sharded over both ranks (argv[4] "fsdp") or replicated on both (HSDP, "hsdp": a 2 x 1
+# mesh). Rank 1 stops recording at step argv[3]: "batch" (a policy batch without a policy,
+# before the step) or "hooks" (the hooks' own measuring fails inside optimizer.step()).
+# Rank 0 writes each step's whole gradient norm before clipping and the final parameters.
 FSDP2_STOP_SCRIPT = textwrap.dedent(
     """
     import datetime, json, sys
     import torch, torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     import stabledrl_cli
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
     rank, how, stop_at = dist.get_rank(), sys.argv[2], int(sys.argv[3])
+    if sys.argv[4] == "hsdp":
+        mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (2,))
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     for layer in (model[0], model[2], model):
-        fully_shard(layer)
+        fully_shard(layer, mesh=mesh)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     foreach_norm = torch._foreach_norm
 
     def broken(*args, **kwargs):
         raise RuntimeError("measuring failed")
 
+    norms = []
     for step in range(5):
         optimizer.zero_grad()
         torch.manual_seed(step + 10 * rank)
         model(torch.randn(4, 8)).pow(2).mean().backward()
+        whole = torch.cat([p.grad.full_tensor().reshape(-1) for p in model.parameters()])
+        norms.append(whole.norm().item())
         stops = rank == 1 and step == stop_at
         if stops and how == "batch":
             stabledrl_cli.log_policy_batch(step, logp=torch.zeros(3))
@@ -545,46 +555,61 @@ FSDP2_STOP_SCRIPT = textwrap.dedent(
         torch._foreach_norm = foreach_norm
     final = [p.full_tensor().tolist() for p in model.parameters()]
     if rank == 0:
-        json.dump(final, open(sys.argv[1], "w"))
+        json.dump({"norms": norms, "final": final}, open(sys.argv[1], "w"))
     sys.stdout.write(f"trained {rank}\\n")  # one write: the ranks share stdout
     sys.stdout.flush()
     dist.destroy_process_group()
     """
 )
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
 @pytest.fixture(scope="module")
-def fsdp2_unrecorded(tmp_path_factory: pytest.TempPathFactory) -> list:
-    """The parameters FSDP2_STOP_SCRIPT trains without recording."""
-    tmp = tmp_path_factory.mktemp("fsdp2")
-    script, final = tmp / "train.py", tmp / "final.json"
-    script.write_text(FSDP2_STOP_SCRIPT)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    result = subprocess.run(
-        [*torchrun, "--nproc-per-node", "2", str(script), str(final), "none", "-1"],
-        capture_output=True, text=True, env=_env(), timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return json.loads(final.read_text())
+def fsdp2_unrecorded(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict]:
+    """layout -> what FSDP2_STOP_SCRIPT wrote when it trained without recording."""
+    runs: dict[str, dict] = {}
+
+    def unrecorded(layout: str) -> dict:
+        if layout not in runs:
+            tmp = tmp_path_factory.mktemp(layout)
+            script, out = tmp / "train.py", tmp / "out.json"
+            script.write_text(FSDP2_STOP_SCRIPT)
+            result = subprocess.run(
+                [*TORCHRUN, str(script), str(out), "none", "-1", layout],
+                capture_output=True, text=True, env=_env(), timeout=300,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            runs[layout] = json.loads(out.read_text())
+        return runs[layout]
+
+    return unrecorded
 
 
-@pytest.mark.parametrize(("how", "stop_at"), [("batch", 0), ("batch", 3), ("hooks", 2)])
+@pytest.mark.parametrize(
+    ("how", "stop_at", "layout"),
+    [("batch", 0, "fsdp"), ("batch", 3, "fsdp"), ("hooks", 2, "fsdp"), ("batch", 2, "hsdp")],
+)
 def test_an_fsdp2_rank_that_stops_recording_stops_the_others_without_a_hang(
-    tmp_path, fsdp2_unrecorded, how, stop_at
+    tmp_path, fsdp2_unrecorded, how, stop_at, layout
 ):
-    script, final = tmp_path / "train.py", tmp_path / "final.json"
+    script, out = tmp_path / "train.py", tmp_path / "out.json"
     script.write_text(FSDP2_STOP_SCRIPT)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     result = _record(
-        "--out", str(tmp_path / "run"), "--", *torchrun, "--nproc-per-node", "2", str(script),
-        str(final), how, str(stop_at),
+        "--out", str(tmp_path / "run"), "--", *TORCHRUN, str(script), str(out), how,
+        str(stop_at), layout,
     )  # fmt: skip
     assert "trained 0" in result.stdout and "trained 1" in result.stdout, result.stderr
     assert "another rank stopped recording" in result.stderr
-    assert json.loads(final.read_text()) == fsdp2_unrecorded  # training is untouched
     assert result.returncode == {"batch": 2, "hooks": 3}[how], result.stderr  # rank 1's failure
+    trained = json.loads(out.read_text())
+    assert trained["final"] == fsdp2_unrecorded(layout)["final"]  # training is untouched
     steps = tmp_path / "run" / "steps"
     written = sorted(p.name for p in steps.iterdir()) if steps.exists() else []
     # every step before the stop on both ranks, none after
     names = [f"step-{n:08d}.rank-{r:04d}.safetensors" for n in range(stop_at) for r in (0, 1)]
     assert written == names, result.stderr
+    for name in written:
+        with safe_open(steps / name, "pt") as step_file:
+            recorded = float(step_file.metadata()["grad_norm"])
+        whole = trained["norms"][int(name[5:13])]
+        assert close(recorded, whole), (name, recorded, whole)
