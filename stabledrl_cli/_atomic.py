@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from stabledrl_cli.errors import WriteError
@@ -24,7 +24,7 @@ def temp_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.tmp-{os.getpid()}")
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Makes a rename or a new file in directory `path` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -68,24 +68,30 @@ writes made the fsync after them slower than per-tensor writes)."""
 
 def _write_all(fd: int, parts: Iterable[bytes | memoryview]) -> None:
     """Every byte of `parts`, in order, in batches of `_BATCH` bytes."""
-    batch: list[memoryview] = []
+    batch: list[bytes | memoryview] = []
     size = 0
     for part in parts:
-        view = memoryview(part).cast("B")
-        if size and size + view.nbytes > _BATCH:
-            _write_views(fd, batch)
+        nbytes = len(part) if isinstance(part, (bytes, bytearray)) else memoryview(part).nbytes
+        if size and size + nbytes > _BATCH:
+            _write_batch(fd, batch, size)
             batch, size = [], 0
-        batch.append(view)
-        size += view.nbytes
-    _write_views(fd, batch)
+        if nbytes:
+            batch.append(part)
+            size += nbytes
+    _write_batch(fd, batch, size)
 
 
-def _write_views(fd: int, views: list[memoryview]) -> None:
-    """Every byte of `views`, in order: `os.writev` of at most `_IOV_MAX` of them at a time,
-    resumed where a short write stopped."""
-    views = [view for view in views if view.nbytes]
-    while views:
-        written = os.writev(fd, views[:_IOV_MAX])
+def _write_batch(fd: int, parts: list[bytes | memoryview], size: int) -> None:
+    """Every byte of `parts` (non-empty, `size` bytes in all), in order: `os.writev` of at
+    most `_IOV_MAX` of them at a time, resumed where a short write stopped."""
+    views: list[memoryview] | None = None
+    while size:
+        written = os.writev(fd, parts[:_IOV_MAX])
+        size -= written
+        if not size:
+            return
+        if views is None:  # byte views, to cut a part where a short write stopped in it
+            views = [memoryview(part).cast("B") for part in parts]
         done = 0
         while done < len(views) and written >= views[done].nbytes:
             written -= views[done].nbytes
@@ -93,6 +99,7 @@ def _write_views(fd: int, views: list[memoryview]) -> None:
         views = views[done:]
         if written:
             views[0] = views[0][written:]
+        parts = list(views)
 
 
 def write_atomic(
@@ -109,19 +116,29 @@ def write_atomic(
     final = target if isinstance(target, Path) else Path(target)
     chunks = [parts] if isinstance(parts, (bytes, bytearray, memoryview)) else parts
     tmp = temp if temp is not None else temp_name(final)
+    write_durably(str(final), str(tmp), str(final.parent), chunks)
+    return final
+
+
+def write_durably(
+    final: str, temp: str, directory: str, parts: Iterable[bytes | memoryview]
+) -> None:
+    """`write_atomic` of paths already spelled out as strings (no `Path` on a hot path):
+    `parts` written to `temp` and fsynced, `temp` renamed onto `final`, `directory` (the
+    directory of both) fsynced. WriteError naming `final` if that fails, `temp` removed."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(fd, chunks)
+            _write_all(fd, parts)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        os.replace(temp, final)
+        fsync_dir(directory)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_error(final, exc) from None
-    return final
+        with suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise write_error(Path(final), exc) from None
 
 
 @contextmanager

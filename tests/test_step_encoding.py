@@ -17,6 +17,7 @@ from safetensors.numpy import save as st_save
 import stabledrl_cli as sd
 from stabledrl_cli import _atomic
 from stabledrl_cli._atomic import write_atomic
+from stabledrl_cli.dump import _stfile
 from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._schema import (
     META_CRC_DATA,
@@ -26,6 +27,7 @@ from stabledrl_cli.dump._schema import (
     META_SCORED_TOKENS,
 )
 from stabledrl_cli.dump._stfile import _canonical_crc, encode_step, read_header
+from stabledrl_cli.errors import UsageError
 
 
 def _tensors() -> dict[str, np.ndarray]:
@@ -203,3 +205,53 @@ def test_the_recorded_counts_match_the_arrays(tmp_path):
             counts.append(tuple(int(meta[k]) for k in (META_NUM_TOKENS, META_NUM_SEQUENCES,
                                                        META_SCORED_TOKENS)))  # fmt: skip
     assert counts == [(12, 4, 9), (3, 3, 3), (0, 0, 0), (0, 0, 0), (4, 4, 4)]
+
+
+def test_steps_that_share_a_layout_are_each_encoded_as_safetensors_own():
+    """Steps of one layout (names, dtypes, shapes) reuse its header text: each step's bytes
+    are still safetensors' own plus its CRCs, with its own values and metadata, also after
+    other layouts came in between and after the kept layouts were cleared."""
+    rng = np.random.default_rng(2)
+    tensors = _tensors()
+    shapes = [(10,), (12,), (10,)] + [(n,) for n in range(1, _stfile._LAYOUTS_KEPT + 2)] + [(10,)]
+    for step, (length,) in enumerate(shapes):
+        tensors = dict(tensors, logp=rng.random(length).astype(np.float32))
+        metadata = {"step": f"{step}.0", "loss": repr(rng.random()), "Zz": "before the CRCs"}
+        encoded = b"".join(bytes(part) for part in encode_step(tensors, metadata))
+        assert encoded == _through_safetensors(tensors, metadata), step
+    assert len(_stfile._LAYOUTS) <= _stfile._LAYOUTS_KEPT
+
+
+def test_a_tensor_named_like_the_metadata_is_refused():
+    with pytest.raises(ValueError, match="__metadata__"):
+        encode_step({"__metadata__": np.zeros(2, np.float32)}, {})
+
+
+@pytest.mark.parametrize(
+    ("field", "ids", "message"),
+    [
+        ("seq_id", np.array([0, 2**31], np.int64), "id 2147483648 does not fit int32"),
+        ("seq_id", np.array([0, 2**31], np.uint32), "id 2147483648 does not fit int32"),
+        ("seq_id", np.array([0, -1], np.int8), "ids must be >= 0, got -1"),
+        ("seq_id", np.array([0, -1], np.int32), "ids must be >= 0, got -1"),
+        ("token_ids", np.array([[2**63]], np.uint64), "does not fit int64"),
+    ],
+)
+def test_ids_are_checked_whatever_their_integer_dtype(tmp_path, field, ids, message):
+    """An id below 0 or past the stored dtype is refused, from any integer dtype (an unsigned
+    dtype is not checked for negatives, a narrower one not for the top: they cannot hold
+    them)."""
+    logp = np.zeros(2, np.float32)
+    arrays = {"seq_id": np.array([0, 0])} if field == "token_ids" else {}
+    with sd.Recorder(tmp_path / "run") as rec, pytest.raises(UsageError, match=message):
+        rec.log_step(0, logp=logp, logp_old=logp, advantages=logp, **arrays, **{field: ids})
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.uint32, np.int64, np.uint64])
+def test_ids_of_any_integer_dtype_are_stored_as_int32(tmp_path, dtype):
+    logp = np.zeros(3, np.float32)
+    with sd.Recorder(tmp_path / "run") as rec:
+        ids = {"seq_id": np.array([0, 1, 1], dtype), "group_id": np.array([0, 0], dtype)}
+        rec.log_step(0, logp=logp, logp_old=logp, advantages=logp, **ids)
+    step = sd.open_run(tmp_path / "run").step(0)
+    assert step["seq_id"].tolist() == [0, 1, 1] and step["group_id"].tolist() == [0, 0]

@@ -28,7 +28,9 @@ _FIELD_NAMES = frozenset(FIELDS)
 _BATCH_FIELD_NAMES = frozenset(BATCH_FIELDS)
 _FLOAT_KINDS = "f"
 _INT_KINDS = "iu"
-_INT_MAX = {"int32": 2**31 - 1, "int64": 2**63 - 1}
+_INT_BITS = {"int32": 31, "int64": 63}
+"""The value bits of each stored integer dtype (its sign bit aside)."""
+_INT_MAX = {name: 2**bits - 1 for name, bits in _INT_BITS.items()}
 """The largest id each stored integer dtype holds."""
 
 
@@ -54,14 +56,18 @@ def _float_array(array: np.ndarray, field: str, dtype: str = "float32") -> np.nd
 
 
 def _int_array(array: np.ndarray, field: str, dtype: str) -> np.ndarray:
-    if array.dtype.kind not in _INT_KINDS:
+    kind, width = array.dtype.kind, array.dtype.itemsize
+    if kind not in _INT_KINDS:
         raise UsageError(f"{field}: expected an integer dtype, got {array.dtype}")
     if array.size:
-        low, high = np.minimum.reduce(array, axis=None), np.maximum.reduce(array, axis=None)
-        if low < 0:
-            raise UsageError(f"{field}: ids must be >= 0, got {low}")
-        if high > _INT_MAX[dtype]:
-            raise UsageError(f"{field}: id {high} does not fit {dtype}")
+        if kind == "i":  # unsigned ids are >= 0 by their dtype
+            low = np.minimum.reduce(array, axis=None)
+            if low < 0:
+                raise UsageError(f"{field}: ids must be >= 0, got {low}")
+        if width * 8 - (kind == "i") > _INT_BITS[dtype]:  # else every value of its dtype fits
+            high = np.maximum.reduce(array, axis=None)
+            if high > _INT_MAX[dtype]:
+                raise UsageError(f"{field}: id {high} does not fit {dtype}")
     return array.astype(dtype, copy=False)
 
 
@@ -74,6 +80,8 @@ def _flag_array(array: np.ndarray, field: str) -> np.ndarray:
 
 
 def _scalar(value: ScalarInput | object, field: str) -> float:
+    if type(value) is float:
+        return value
     if isinstance(value, torch.Tensor | np.ndarray):
         count = value.numel() if isinstance(value, torch.Tensor) else value.size
         if count != 1:
@@ -259,6 +267,8 @@ def _step_scalars(
     if "mask" in tensors:
         batch = [tensors[n] for n in ("logp", "logp_old", "advantages")]
         nonfinite = _nonfinite_count(batch, tensors["mask"])
-    nonfinite += sum(1 for n in ("loss", "grad_norm") if n in out and not math.isfinite(out[n]))
+    for name in ("loss", "grad_norm"):
+        if name in out and not math.isfinite(out[name]):
+            nonfinite += 1
     out["nonfinite"] = float(nonfinite)
     return out

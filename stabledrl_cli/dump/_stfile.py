@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from stabledrl_cli._atomic import write_atomic
+from stabledrl_cli._atomic import write_durably
 from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import META_CRC_DATA, META_CRC_HEADER, temp_file_name
@@ -67,57 +67,105 @@ def encode_step(
 
     The tensors' parts are views of the arrays (nothing is copied) unless `snapshot`: then
     they are copies, so the caller may change its arrays before the parts are written."""
-    entries = []
-    for name, array in tensors.items():
-        dtype = array.dtype
-        code = _DTYPE_CODES.get((dtype.kind, dtype.itemsize))
-        if code is None:
-            raise ValueError(f"{name}: dtype {dtype} cannot be stored")
-        if dtype.byteorder not in _LITTLE_ENDIAN:
-            array = array.astype(dtype.newbyteorder("<"))
-        entries.append((-_DTYPE_RANK[code], name, code, array))
-    entries.sort(key=lambda entry: entry[:2])
-    header: dict[str, Any] = {}
+    layout = _layout(tuple([(name, array.dtype, array.shape) for name, array in tensors.items()]))
     data: list[bytes | memoryview] = []
-    position = crc = 0
-    for _, name, code, array in entries:
+    crc = 0
+    for name, swapped in layout.order:
+        array = tensors[name]
+        if swapped:
+            array = array.astype(array.dtype.newbyteorder("<"))
         stored = np.ascontiguousarray(array)
         if snapshot:
             stored = stored.copy()
         part = stored.reshape(-1).data.cast("B")
-        header[name] = {
-            "dtype": code,
-            "shape": list(array.shape),
-            "data_offsets": [position, position + part.nbytes],
-        }
-        position += part.nbytes
         crc = crc32(part, crc)
         data.append(part)
     meta = dict(metadata)
-    meta[META_CRC_DATA] = f"{crc:08x}"
+    meta[META_CRC_DATA] = data_crc = f"{crc:08x}"
     meta[META_CRC_HEADER] = _PLACEHOLDER
-    header["__metadata__"] = meta
-    text = _with_header_crc(header, _HEADER_JSON.encode(header)).encode()  # stable bytes
-    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
-    return [struct.pack("<Q", len(text)), text, *data]
+    text = layout.head + _HEADER_JSON.encode(meta) + layout.tail
+    encoded = _with_header_crc(text, data_crc).encode()  # stable bytes
+    encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8 bytes
+    return [struct.pack("<Q", len(encoded)), encoded, *data]
+
+
+_FileLayoutKey = tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]
+"""Each tensor's (name, dtype, shape), in the caller's order."""
+
+
+@dataclass(frozen=True)
+class _FileLayout:
+    """What a step file's layout owes to its tensors' names, dtypes and shapes alone, so that
+    steps of one shape share it: the tensors' order in the file and the header's JSON around
+    its metadata object (each tensor's dtype, shape and data offsets)."""
+
+    order: tuple[tuple[str, bool], ...]
+    """(name, stored as its little-endian copy) of each tensor, in file order."""
+    head: str
+    """The header's JSON up to its metadata object: the entries that sort before it."""
+    tail: str
+    """The header's JSON after its metadata object."""
+
+
+_LAYOUTS: dict[_FileLayoutKey, _FileLayout] = {}
+_LAYOUTS_KEPT = 64
+"""Layouts kept for reuse (a run whose step shapes all differ clears them now and then)."""
+_METADATA_KEY = "__metadata__"
+
+
+def _layout(key: _FileLayoutKey) -> _FileLayout:
+    """The layout of tensors of `key`'s names, dtypes and shapes (made once, then reused)."""
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+            _LAYOUTS.clear()
+        layout = _LAYOUTS[key] = _new_layout(key)
+    return layout
+
+
+def _new_layout(key: _FileLayoutKey) -> _FileLayout:
+    entries = []
+    for name, dtype, shape in key:
+        code = _DTYPE_CODES.get((dtype.kind, dtype.itemsize))
+        if code is None:
+            raise ValueError(f"{name}: dtype {dtype} cannot be stored")
+        if name == _METADATA_KEY:
+            raise ValueError(f"{name}: the header's metadata has this name, a tensor cannot")
+        entries.append((-_DTYPE_RANK[code], name, code, shape, dtype))
+    entries.sort(key=lambda entry: entry[:2])
+    pieces: dict[str, str] = {}
+    order = []
+    position = 0
+    for _, name, code, shape, dtype in entries:
+        end = position + math.prod(shape) * dtype.itemsize
+        entry = {"dtype": code, "shape": list(shape), "data_offsets": [position, end]}
+        pieces[name] = f"{_HEADER_JSON.encode(name)}:{_HEADER_JSON.encode(entry)}"
+        order.append((name, dtype.byteorder not in _LITTLE_ENDIAN))
+        position = end
+    names = sorted([*pieces, _METADATA_KEY])  # the header's keys in its JSON's (sorted) order
+    at = names.index(_METADATA_KEY)
+    head = "{" + "".join(pieces[name] + "," for name in names[:at]) + f'"{_METADATA_KEY}":'
+    tail = "".join("," + pieces[name] for name in names[at + 1 :]) + "}"
+    return _FileLayout(order=tuple(order), head=head, tail=tail)
 
 
 _PLACEHOLDER = "0" * 8
 """The header CRC's place in the header's JSON until it is known (as wide as a CRC)."""
 
 
-def _with_header_crc(header: dict[str, Any], text: str) -> str:
-    """`text`, the header's JSON with `_PLACEHOLDER` as its CRC, with the CRC in its place.
+def _with_header_crc(text: str, data_crc: str) -> str:
+    """`text`, the header's JSON with `_PLACEHOLDER` as its CRC (and `data_crc` as the data's),
+    with the header CRC in its place.
 
     The CRC covers the JSON without the keys that start with "_crc32" (`_canonical_crc`).
     When the two CRC keys are the only such keys (the text holds `"_crc32` twice: a step's own
     metadata has no other), sorted they are adjacent, and found once in `text` they are cut
     out of it instead of encoding the header a second time.
     """
-    meta = header["__metadata__"]
-    entries = f'"{META_CRC_DATA}":"{meta[META_CRC_DATA]}","{META_CRC_HEADER}":"{_PLACEHOLDER}"'
+    entries = f'"{META_CRC_DATA}":"{data_crc}","{META_CRC_HEADER}":"{_PLACEHOLDER}"'
     if text.count('"_crc32') != 2 or text.count(entries) != 1:
-        meta[META_CRC_HEADER] = _canonical_crc(header)
+        header = json.loads(text)  # the same JSON again, from the same canonical encoder
+        header[_METADATA_KEY][META_CRC_HEADER] = _canonical_crc(header)
         return _HEADER_JSON.encode(header)
     start = text.index(entries)
     end = start + len(entries)
@@ -127,13 +175,19 @@ def _with_header_crc(header: dict[str, Any], text: str) -> str:
         canonical = text[: start - 1] + text[end:]
     else:  # the metadata holds nothing else
         canonical = text[:start] + text[end:]
-    header_crc = meta[META_CRC_HEADER] = f"{crc32(canonical.encode()):08x}"
+    header_crc = f"{crc32(canonical.encode()):08x}"
     return text[: end - 1 - len(_PLACEHOLDER)] + header_crc + text[end - 1 :]
 
 
-def write_step(final: Path, parts: list[bytes | memoryview]) -> None:
-    """Writes a step file atomically and durably; WriteError naming it if that fails."""
-    write_atomic(final, parts, temp=final.with_name(temp_file_name(final.name, os.getpid())))
+def write_step(directory: str, name: str, parts: list[bytes | memoryview]) -> None:
+    """Writes step file `name` into `directory` atomically and durably; WriteError naming it
+    if that fails."""
+    write_durably(
+        f"{directory}{os.sep}{name}",
+        f"{directory}{os.sep}{temp_file_name(name, os.getpid())}",
+        directory,
+        parts,
+    )
 
 
 FileKey = tuple[int, int, int]

@@ -77,15 +77,11 @@ from stabledrl_cli.spec import SpecValue
 from stabledrl_cli.vocab import GROUP_IDS, ON_WRITE_ERROR, UNITS, GroupIds, OnWriteError, Unit
 
 
-def _format_scalar(value: float) -> str:
-    return repr(float(value))  # round-trips exactly; 'nan' and 'inf' parse back with float()
-
-
-def _now() -> float:
-    """Wall-clock seconds, or SOURCE_DATE_EPOCH when set, so a recording can be reproduced byte
-    for byte (the reproducible-builds convention)."""
+def _fixed_time() -> float | None:
+    """SOURCE_DATE_EPOCH when set (the reproducible-builds convention): the time a recording
+    then gives every wall clock reading, so that it can be reproduced byte for byte."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    return float(epoch) if epoch else time.time()
+    return float(epoch) if epoch else None
 
 
 def _checked_reward_range(value: Iterable[float]) -> tuple[float, float]:
@@ -113,11 +109,11 @@ def _step_number(value: object) -> int:
 
 
 class _Writer(threading.Thread):
-    """Writes queued (path, parts) in order; keeps the first error for the caller."""
+    """Writes queued (directory, name, parts) in order; keeps the first error for the caller."""
 
     def __init__(self, queue_size: int) -> None:
         super().__init__(name="stabledrl-recorder", daemon=True)
-        self.queue: queue.Queue[tuple[Path, list[bytes | memoryview]] | None] = queue.Queue(
+        self.queue: queue.Queue[tuple[str, str, list[bytes | memoryview]] | None] = queue.Queue(
             maxsize=queue_size
         )
         """Steps to write, in order; None stops the thread."""
@@ -208,7 +204,8 @@ class Recorder:
         if policy is None and policy_params:
             raise UsageError("policy_params go with a policy; policy=None records none")
         self.path = Path(path)
-        self._steps_dir = self.path / STEPS_DIR
+        self._fixed_time = _fixed_time()
+        self._steps_dir = os.fspath(self.path / STEPS_DIR)
         self.unit = unit
         self.world_size = world_size
         self.rank = rank
@@ -218,7 +215,7 @@ class Recorder:
                 group_ids == "global", policy is None or source is not None
             ),
             "tool_version": __version__,
-            "created": _dt.datetime.fromtimestamp(_now(), _dt.timezone.utc).isoformat(
+            "created": _dt.datetime.fromtimestamp(self._now(), _dt.timezone.utc).isoformat(
                 timespec="seconds"
             ),
             "meta": json_checked(dict(meta or {}), "meta"),
@@ -359,10 +356,11 @@ class Recorder:
         scalar_step = "logp" not in tensors
         if not scalar_step and tensors["logp"].shape[0] == 0 and self.world_size == 1:
             raise UsageError("logp: a step needs at least one token")
-        values.setdefault("wall_time", _now())
-        metadata = {name: _format_scalar(v) for name, v in values.items()}
+        values.setdefault("wall_time", self._now())
+        # repr of a float round-trips exactly; 'nan' and 'inf' parse back with float()
+        metadata = {name: repr(value) for name, value in values.items()}
         mask = tensors.get("mask")
-        extended = any(name in tensors for name in EXTENSION_FIELDS)
+        extended = not tensors.keys().isdisjoint(EXTENSION_FIELDS)
         metadata.update({
             META_FORMAT: written_version(extended, scalar_step),
             META_RANK: str(self.rank),
@@ -371,17 +369,21 @@ class Recorder:
             META_NUM_SEQUENCES: str(num_sequences),
             META_SCORED_TOKENS: str(np.count_nonzero(mask) if mask is not None else 0),
         })  # fmt: skip
-        final = self._steps_dir / step_file_name(step, self.rank, self.world_size)
+        name = step_file_name(step, self.rank, self.world_size)
         parts = encode_step(tensors, metadata, snapshot=self._writer is not None)
         if self._writer is None:
             try:
-                write_step(final, parts)
+                write_step(self._steps_dir, name, parts)
             except WriteError as exc:
                 self._write_failed(exc, step)
                 return
         else:
-            self._writer.queue.put((final, parts))
+            self._writer.queue.put((self._steps_dir, name, parts))
         self._last_step = step
+
+    def _now(self) -> float:
+        """Wall-clock seconds, or SOURCE_DATE_EPOCH when it was set as the Recorder was made."""
+        return self._fixed_time if self._fixed_time is not None else time.time()
 
     def rewrite_step(self, step: int, **fields: Any) -> None:
         """Records the last step logged (same number) again, with `fields` (log_step's
