@@ -3,8 +3,9 @@ and fsynced, `os.replace` onto the final name, then the directory fsynced. A rea
 old file or the new one, never half of one, and a crash after the call returns cannot lose it.
 
 Every writer (step files, manifests, archives, reports, baselines, JUnit, plots) goes through
-`write_atomic` (bytes in hand) or `atomic_path` (a library such as h5py or matplotlib writes
-the temporary file itself). A failed write removes the temporary file and raises `WriteError`
+`write_atomic` (bytes in hand; `write_durably` is the same with the paths already spelled
+out, for step files) or `atomic_path` (a library such as h5py or matplotlib writes the
+temporary file itself). A failed write removes the temporary file and raises `WriteError`
 naming the target; "no space left on device" is named as such.
 """
 

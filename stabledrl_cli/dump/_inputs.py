@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +32,9 @@ _INT_BITS = {"int32": 31, "int64": 63}
 """The value bits of each stored integer dtype (its sign bit aside)."""
 _INT_MAX = {name: 2**bits - 1 for name, bits in _INT_BITS.items()}
 """The largest id each stored integer dtype holds."""
+_INT_DTYPES = {name: np.dtype(name) for name in _INT_BITS}
+_FLOAT32 = np.dtype("float32")
+_UINT8 = np.dtype("uint8")
 
 
 def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
@@ -49,10 +52,15 @@ def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
         raise UsageError(f"{field}: cannot be read as an array ({exc})") from None
 
 
-def _float_array(array: np.ndarray, field: str, dtype: str = "float32") -> np.ndarray:
+def _stored(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """`array` in `dtype`: itself when it already is (no numpy call), else converted."""
+    return array if array.dtype is dtype else array.astype(dtype, copy=False)
+
+
+def _float_array(array: np.ndarray, field: str) -> np.ndarray:
     if array.dtype.kind not in _FLOAT_KINDS:
         raise UsageError(f"{field}: expected a floating dtype, got {array.dtype}")
-    return array.astype(dtype, copy=False)
+    return _stored(array, _FLOAT32)
 
 
 def _int_array(array: np.ndarray, field: str, dtype: str) -> np.ndarray:
@@ -68,15 +76,17 @@ def _int_array(array: np.ndarray, field: str, dtype: str) -> np.ndarray:
             high = np.maximum.reduce(array, axis=None)
             if high > _INT_MAX[dtype]:
                 raise UsageError(f"{field}: id {high} does not fit {dtype}")
-    return array.astype(dtype, copy=False)
+    return _stored(array, _INT_DTYPES[dtype])
 
 
 def _flag_array(array: np.ndarray, field: str) -> np.ndarray:
     if array.dtype.kind not in "biuf":
         raise UsageError(f"{field}: expected bool or numeric 0/1, got {array.dtype}")
-    if array.dtype.kind != "b" and array.size and not np.isin(array, (0, 1)).all():
+    if array.dtype.kind == "b":
+        return array.view(_UINT8)  # numpy stores a bool as the byte 0 or 1: the same bytes
+    if array.size and not np.isin(array, (0, 1)).all():
         raise UsageError(f"{field}: values must be 0 or 1")
-    return array.astype("uint8", copy=False)
+    return _stored(array, _UINT8)
 
 
 def _scalar(value: ScalarInput | object, field: str) -> float:
