@@ -116,14 +116,25 @@ def test_strided_inputs_are_recorded_with_their_values(tmp_path):
 
 
 def test_async_log_step_writes_the_arrays_as_they_were_at_the_call(tmp_path):
+    """The caller's float arrays and its bool mask (stored through a view of its bytes) may
+    change as soon as log_step returns: each step holds them as they were at the call."""
     logp = np.full(4, -1.0, dtype=np.float32)
+    mask = np.ones(4, dtype=bool)
     with sd.Recorder(tmp_path / "run", unit="sequence", async_writes=True) as rec:
         for step in range(3):
-            rec.log_step(step, logp=logp, logp_old=logp, advantages=np.ones(4, np.float32))
-            logp -= 1.0  # the caller reuses its buffer at once
+            rec.log_step(
+                step, logp=logp, logp_old=logp, advantages=np.ones(4, np.float32), mask=mask
+            )
+            logp -= 1.0  # the caller reuses its buffers at once
+            mask[step] = False
     run = sd.open_run(tmp_path / "run")
     assert [float(s["logp"][0]) for s in run.steps()] == [-1.0, -2.0, -3.0]
     assert torch.equal(run.step(2)["logp_old"], torch.full((4,), -3.0))
+    assert [s["mask"].tolist() for s in run.steps()] == [
+        [1, 1, 1, 1],
+        [0, 1, 1, 1],
+        [0, 0, 1, 1],
+    ]
 
 
 def test_the_checksum_is_zlibs_crc32_whichever_library_computes_it():
