@@ -613,3 +613,130 @@ def test_an_fsdp2_rank_that_stops_recording_stops_the_others_without_a_hang(
             recorded = float(step_file.metadata()["grad_norm"])
         whole = trained["norms"][int(name[5:13])]
         assert close(recorded, whole), (name, recorded, whole)
+
+
+# A clip made of its two halves, get_total_norm + clip_grads_with_norm_, with one call per
+# module sharing the total (as accelerate and transformers clip gradients on several meshes),
+# max_norm far below the norm; step 1 calls it through torch.nn.utils, step 2 takes a max-norm
+# total. The script writes the total, each module's norm before the clip and the norm after.
+WITH_NORM_SCRIPT = textwrap.dedent(
+    """
+    import json, math, sys
+    import torch
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    def norm(params):
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    groups = [list(model[0].parameters()), list(model[2].parameters())]
+    seen = []
+    for step in range(3):
+        optimizer.zero_grad()
+        (model(torch.randn(16, 6)).pow(2).mean() * 100).backward()
+        modules = [norm(group) for group in groups]
+        if step == 2:
+            total = get_total_norm([p.grad for p in model.parameters()], norm_type=math.inf)
+        else:
+            total = torch.linalg.vector_norm(
+                torch.stack([get_total_norm([p.grad for p in group]) for group in groups]))
+        clip = torch.nn.utils.clip_grads_with_norm_ if step == 1 else clip_grads_with_norm_
+        for group in groups:
+            clip(group, 0.5, total)
+        seen.append({"total": total.item(), "modules": modules,
+                     "after": norm(model.parameters())})
+        optimizer.step()
+    json.dump(seen, open(sys.argv[1], "w"))
+    """
+)
+
+
+def test_a_clip_by_get_total_norm_and_clip_grads_with_norm_records_the_norm_before_it(
+    tmp_path,
+):
+    script, computed = tmp_path / "train.py", tmp_path / "norms.json"
+    script.write_text(WITH_NORM_SCRIPT)
+    result = _record(
+        "--out", str(tmp_path / "run"), "--", sys.executable, str(script), str(computed)
+    )
+    assert result.returncode == 0, result.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2]
+    for n, mine in enumerate(json.loads(computed.read_text())):
+        scalars = run.step(n).scalars
+        modules = [scalars[f"grad_norm/module/{m}"] for m in (0, 2)]
+        assert modules == pytest.approx(mine["modules"], rel=1e-6), (n, scalars)
+        before = math.hypot(*mine["modules"])
+        if n < 2:  # the L2 total it gave both calls, once
+            assert mine["after"] == pytest.approx(0.5, rel=1e-4)  # the script clipped
+            assert scalars["grad_norm"] == mine["total"] > 10, (n, scalars, mine)
+            assert close(mine["total"], before)
+        else:  # a max-norm total: the L2 norm before the clip
+            assert close(scalars["grad_norm"], before), (n, scalars)
+            assert mine["total"] < before and mine["after"] < before / 10
+
+
+# Real accelerate, one process: a DTensor parameter on a 1-rank gloo mesh beside plain ones,
+# so Accelerator.clip_grad_norm_ takes its multi-mesh path (get_total_norm per group, then
+# clip_grads_with_norm_ per group). The script writes what it returned and each module's
+# norm before the clip.
+ACCELERATE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch, torch.distributed as dist
+    from accelerate import Accelerator
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{sys.argv[2]}", rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+    first.weight = torch.nn.Parameter(distribute_tensor(first.weight.detach(), mesh, [Shard(0)]))
+    first.bias = torch.nn.Parameter(distribute_tensor(first.bias.detach(), mesh, [Replicate()]))
+    model = torch.nn.Sequential(first, second)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.01))
+
+    def norm(params):
+        whole = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in params]
+        return torch.linalg.vector_norm(torch.stack([g.norm() for g in whole])).item()
+
+    seen = []
+    for step in range(3):
+        optimizer.zero_grad()
+        x = distribute_tensor(torch.randn(16, 4), mesh, [Replicate()])
+        hidden = torch.tanh(torch.nn.functional.linear(x, first.weight, first.bias).to_local())
+        accelerator.backward(second(hidden).pow(2).mean() * 100)
+        assert {type(p.grad).__name__ for p in model.parameters()} == {"DTensor", "Tensor"}
+        modules = [norm(first.parameters()), norm(second.parameters())]
+        returned = accelerator.clip_grad_norm_(model.parameters(), 0.5)
+        seen.append({"returned": returned.item(), "modules": modules,
+                     "after": norm(model.parameters())})
+        optimizer.step()
+    json.dump(seen, open(sys.argv[1], "w"))
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_accelerates_multi_mesh_clip_is_recorded_with_the_norm_it_returned(tmp_path):
+    pytest.importorskip("accelerate", reason="needs accelerate (pip install -e '.[trl]')")
+    script, computed = tmp_path / "train.py", tmp_path / "norms.json"
+    script.write_text(ACCELERATE_SCRIPT)
+    result = _record(
+        "--out", str(tmp_path / "run"), "--", sys.executable, str(script), str(computed),
+        str(tmp_path / "store"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2]
+    for n, mine in enumerate(json.loads(computed.read_text())):
+        scalars = run.step(n).scalars
+        assert mine["after"] == pytest.approx(0.5, rel=1e-4)  # accelerate clipped
+        assert scalars["grad_norm"] == mine["returned"] > 1, (n, scalars, mine)
+        modules = [scalars[f"grad_norm/module/{m}"] for m in (0, 1)]
+        assert modules == pytest.approx(mine["modules"], rel=1e-6), (n, scalars)

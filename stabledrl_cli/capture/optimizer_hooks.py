@@ -3,10 +3,11 @@ optimizer hooks of `stabledrl record -- CMD` (docs/recording.md).
 
 `install()` registers torch's global optimizer step hooks
 (`torch.optim.optimizer.register_optimizer_step_pre_hook` / `_post_hook`) and wraps
-`torch.nn.utils.clip_grad_norm_` and `torch.amp.GradScaler.step`; the sitecustomize that
-`record` puts on the child's PYTHONPATH calls it once the child has imported torch, and
-`wrap_fsdp` (FSDP1's `FullyShardedDataParallel.clip_grad_norm_`) once it has imported
-torch.distributed.fsdp.
+`torch.nn.utils.clip_grad_norm_`, `torch.nn.utils.clip_grads_with_norm_` (with
+`get_total_norm`, for the norm type of its total) and `torch.amp.GradScaler.step`; the
+sitecustomize that `record` puts on the child's PYTHONPATH calls it once the child has
+imported torch, and `wrap_fsdp` (FSDP1's `FullyShardedDataParallel.clip_grad_norm_`) once it
+has imported torch.distributed.fsdp.
 
 Which steps. The first optimizer that steps is the run's optimizer: each of its `step()` calls
 is one recorded step, numbered 0, 1, 2, ... in this process (a run's steps, like a rank's).
@@ -18,8 +19,10 @@ that steps becomes the run's optimizer and the numbering goes on.
 What each step records (all gradient norms are L2, taken before clipping):
 - grad_norm: what `clip_grad_norm_` returned when the script clipped this optimizer's
   parameters by their L2 norm since its previous step (the root-sum-of-squares of the
-  returned norms when it clipped several disjoint sets), else the norm of all its gradients,
-  computed here;
+  returned norms when it clipped several disjoint sets), or the `total_norm` it gave
+  `clip_grads_with_norm_` (once, however many groups it clipped with it: accelerate's and
+  transformers' clip of gradients on several DTensor meshes), else the norm of all its
+  gradients, computed here;
 - nonfinite_grads: parameters whose gradient holds a NaN or an inf;
 - lr: the first parameter group's learning rate; step_time: wall seconds from the end of the
   previous `step()` to the end of this one (absent on the first step);
@@ -44,6 +47,7 @@ that every rank stops recording at that step and none waits for the others (`_ra
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import inspect
@@ -51,7 +55,7 @@ import math
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -82,12 +86,14 @@ def _root_sum_squares(values: Iterable[float]) -> float:
 
 @dataclass
 class _Clip:
-    """One clip_grad_norm_ call: its parameters' pre-clip gradient norms and its result."""
+    """One clip_grad_norm_ or clip_grads_with_norm_ call: its parameters' pre-clip gradient
+    norms and its total norm."""
 
     norms: dict[int, float]
     """id(parameter) -> the L2 norm of its gradient before clipping (plain gradients)."""
     total: torch.Tensor | float | None
-    """What it returned, when that is an L2 norm read without a collective (else None)."""
+    """What it returned (or was given), when that is an L2 norm read without a collective
+    (else None)."""
     local: dict[int, list[float]] = field(default_factory=dict)
     """id(sharded parameter) -> the local norms of its parts before clipping (an FSDP1 shard's
     parts, a DTensor's local shard: `_norms.measure`), summed over the ranks at the step."""
@@ -95,6 +101,9 @@ class _Clip:
     """Its L2 result is summed at the step from its parameters' whole norms: reading the
     DTensor it returned would be a collective of the hooks' own, which a rank that stopped
     recording would not make."""
+    shared: bool = False
+    """Its total is the total_norm given to clip_grads_with_norm_, which the calls clipping
+    each group of one clip share: a step counts each such total once."""
 
     def first(self) -> int:
         return next(iter(self.norms or self.local))
@@ -152,6 +161,12 @@ class _State:
     next_step: int = 0
     clips: list[_Clip] = field(default_factory=list)
     clip_wrapper: Callable[..., torch.Tensor] | None = None
+    torch_clipping: int = 0
+    """Depth of the hooks' own clip wrappers running torch's clip: the clip_grads_with_norm_
+    and get_total_norm calls made inside it are that clip's, already recorded."""
+    l2_total: bool | None = None
+    """Whether the latest get_total_norm call since the last step took an L2 norm (None:
+    none)."""
     fsdp_clip_wrapper: Callable[..., torch.Tensor] | None = None
     scaler_wrapper: Callable[..., float | None] | None = None
     on: bool = False
@@ -174,6 +189,8 @@ def install() -> None:
             _state.clip_wrapper = _wrap_clip(torch.nn.utils.clip_grad.clip_grad_norm_)
             torch.nn.utils.clip_grad.clip_grad_norm_ = _state.clip_wrapper
             torch.nn.utils.clip_grad_norm_ = _state.clip_wrapper
+            _wrap_utils("get_total_norm", _wrap_total_norm)
+            _wrap_utils("clip_grads_with_norm_", _wrap_clip_with_norm)
             _state.scaler_wrapper = _wrap_scaler_step(GradScaler.step)
             GradScaler.step = _state.scaler_wrapper  # type: ignore[method-assign]
             bootstrap.hooks_installed()
@@ -256,37 +273,161 @@ def clip_norms(
     return total, norms.tolist(), options["max_norm"], options["foreach"]
 
 
+@contextlib.contextmanager
+def _torch_clip() -> Iterator[None]:
+    """While one of the hooks' clip wrappers runs torch's clip (`_State.torch_clipping`)."""
+    _state.torch_clipping += 1
+    try:
+        yield
+    finally:
+        _state.torch_clipping -= 1
+
+
 def _wrap_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     @functools.wraps(original)
     def clip_grad_norm_(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if not _state.on or not bootstrap.hooks_wanted() or not (args or "parameters" in kwargs):
-            return original(*args, **kwargs)
-        keyword = "parameters" in kwargs
-        given = kwargs.pop("parameters") if keyword else args[0]
-        params = [given] if isinstance(given, torch.Tensor) else list(given)
-        rest = args if keyword else args[1:]
-        with_grad = [p for p in params if p.grad is not None]
-        try:
-            measured = clip_norms(params, rest, kwargs)
-            if measured is None:  # an uncommon call (DTensor gradients): measure, torch clips
-                norms, local = _norms.measure(with_grad, {})
-        except Exception as exc:
-            _fail(exc, "reading the gradients in clip_grad_norm_")
-            return original(params, *rest, **kwargs)
-        if measured is None:
-            total = original(params, *rest, **kwargs)
-            l2 = _is_l2(rest, kwargs)
-            clip = _Clip(norms, total if l2 and not local else None, local, l2 and bool(local))
-        else:
-            total, listed, max_norm, foreach = measured
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach)
-            clip = _Clip(dict(zip(map(id, with_grad), listed, strict=True)), total)
-        if with_grad:
-            _state.clips.append(clip)
-            del _state.clips[:-PENDING_CLIPS]
-        return total
+        with _torch_clip():
+            return _recorded_clip(original, args, kwargs)
 
     return clip_grad_norm_
+
+
+def _recorded_clip(
+    original: Callable[..., torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """`original(*args, **kwargs)` (torch's clip_grad_norm_), its clip recorded."""
+    if not _state.on or not bootstrap.hooks_wanted() or not (args or "parameters" in kwargs):
+        return original(*args, **kwargs)
+    keyword = "parameters" in kwargs
+    given = kwargs.pop("parameters") if keyword else args[0]
+    params = [given] if isinstance(given, torch.Tensor) else list(given)
+    rest = args if keyword else args[1:]
+    with_grad = [p for p in params if p.grad is not None]
+    try:
+        measured = clip_norms(params, rest, kwargs)
+        if measured is None:  # an uncommon call (DTensor gradients): measure, torch clips
+            norms, local = _norms.measure(with_grad, {})
+    except Exception as exc:
+        _fail(exc, "reading the gradients in clip_grad_norm_")
+        return original(params, *rest, **kwargs)
+    if measured is None:
+        total = original(params, *rest, **kwargs)
+        l2 = _is_l2(rest, kwargs)
+        clip = _Clip(norms, total if l2 and not local else None, local, l2 and bool(local))
+    else:
+        total, listed, max_norm, foreach = measured
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach)
+        clip = _Clip(dict(zip(map(id, with_grad), listed, strict=True)), total)
+    if with_grad:
+        _keep(clip)
+    return total
+
+
+def _keep(clip: _Clip) -> None:
+    """Keeps a clip for the next step of its parameters' optimizer to claim."""
+    _state.clips.append(clip)
+    del _state.clips[:-PENDING_CLIPS]
+
+
+def _wrap_utils(name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Wraps torch.nn.utils.`name` (and torch.nn.utils.clip_grad.`name`, in a torch that
+    defines it there under that name), when this torch has it."""
+    original = getattr(torch.nn.utils, name, None)
+    if original is None:
+        return
+    wrapper = wrap(original)
+    for module in (torch.nn.utils, torch.nn.utils.clip_grad):
+        if getattr(module, name, None) is original:
+            setattr(module, name, wrapper)
+
+
+def _total_norm_signature(
+    tensors: list[torch.Tensor],
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> None:
+    """The arguments of torch.nn.utils.get_total_norm (for binding a call)."""
+
+
+def _clip_with_norm_signature(
+    parameters: list[torch.Tensor],
+    max_norm: float,
+    total_norm: torch.Tensor,
+    foreach: bool | None = None,
+) -> None:
+    """The arguments of torch.nn.utils.clip_grads_with_norm_ (for binding a call)."""
+
+
+_TOTAL_NORM_ARGUMENTS = inspect.signature(_total_norm_signature)
+_CLIP_WITH_NORM_ARGUMENTS = inspect.signature(_clip_with_norm_signature)
+
+
+def _wrap_total_norm(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`get_total_norm(tensors, norm_type=2.0, ...)` notes whether its norm is L2: the total
+    a script then gives clip_grads_with_norm_ is its grad_norm only when it is."""
+
+    @functools.wraps(original)
+    def get_total_norm(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if _state.on and not _state.torch_clipping:
+            try:
+                bound = _TOTAL_NORM_ARGUMENTS.bind(*args, **kwargs)
+                _state.l2_total = float(bound.arguments.get("norm_type", 2.0)) == 2.0
+            except (TypeError, ValueError):
+                _state.l2_total = False
+        return original(*args, **kwargs)
+
+    return get_total_norm
+
+
+def _whole_value(total: object) -> torch.Tensor | float | None:
+    """A total norm's whole value without a collective: a plain one-element tensor or a
+    number, a DTensor's local tensor when it is replicated on every mesh dimension (as
+    accelerate gives it); None for any other (a Partial DTensor is whole only once reduced)."""
+    if isinstance(total, (int, float)):
+        return float(total)
+    if not isinstance(total, torch.Tensor):
+        return None
+    value = total
+    if _norms.is_dtensor(total):
+        dtensor: Any = total
+        if not all(p.is_replicate() for p in dtensor.placements):
+            return None
+        value = dtensor.to_local()
+    return value.detach() if value.numel() == 1 else None
+
+
+def _wrap_clip_with_norm(original: Callable[..., None]) -> Callable[..., None]:
+    """`clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None)`, the second half
+    of a clip whose first half is get_total_norm: its parameters' gradient norms are measured
+    before it clips (a DTensor's local shard, summed at the step: no collective here), and
+    total_norm, when the latest get_total_norm took an L2 norm and its whole value needs no
+    collective, is the step's grad_norm (once for all the calls given it); else the L2 norm
+    of the gradients it clipped, summed from those measures."""
+
+    @functools.wraps(original)
+    def clip_grads_with_norm_(*args: Any, **kwargs: Any) -> None:
+        if not _state.on or _state.torch_clipping or not bootstrap.hooks_wanted():
+            return original(*args, **kwargs)
+        try:
+            bound = _CLIP_WITH_NORM_ARGUMENTS.bind(*args, **kwargs)
+        except TypeError:
+            return original(*args, **kwargs)
+        given = bound.arguments["parameters"]
+        params = [given] if isinstance(given, torch.Tensor) else list(given)
+        bound.arguments["parameters"] = params
+        try:
+            with_grad = [p for p in params if p.grad is not None]
+            norms, local = _norms.measure(with_grad, {})
+            total = _whole_value(bound.arguments["total_norm"]) if _state.l2_total else None
+        except Exception as exc:
+            _fail(exc, "reading the gradients in clip_grads_with_norm_")
+            return original(*bound.args, **bound.kwargs)
+        original(*bound.args, **bound.kwargs)
+        if with_grad:
+            _keep(_Clip(norms, total, local, summed=total is None, shared=total is not None))
+
+    return clip_grads_with_norm_
 
 
 def wrap_fsdp(module: ModuleType) -> None:
@@ -321,10 +462,9 @@ def _wrap_fsdp_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torc
         except Exception as exc:
             _fail(exc, "reading the gradients in FullyShardedDataParallel.clip_grad_norm_")
             return original(self, *args, **kwargs)
-        total = original(self, *args, **kwargs)
-        l2 = total if float(norm_type) == 2.0 else None
-        _state.clips.append(_Clip(norms, l2, local))
-        del _state.clips[:-PENDING_CLIPS]
+        with _torch_clip():
+            total = original(self, *args, **kwargs)
+        _keep(_Clip(norms, total if float(norm_type) == 2.0 else None, local))
         return total
 
     return clip_grad_norm_
@@ -436,6 +576,7 @@ def _stats(optimizer: Optimizer, view: _View) -> _Stats:
     seen: dict[int, float] = {}
     local: dict[int, list[float]] = {}
     failure: Exception | None = None
+    _state.l2_total = None
     try:
         clips = _take_clips(view)
         for clip in clips:
@@ -474,7 +615,7 @@ def _stats(optimizer: Optimizer, view: _View) -> _Stats:
     if view.names is None:
         view.names = _param_names(optimizer)
     names = view.names
-    totals = [total for clip in clips if (total := clip.l2(seen)) is not None]
+    totals = _clip_totals(clips, seen)
     clipped = _root_sum_squares(totals) if len(totals) > 1 else next(iter(totals), None)
     return _Stats(
         grad_norm=clipped if clipped is not None else _root_sum_squares(norms),
@@ -483,6 +624,24 @@ def _stats(optimizer: Optimizer, view: _View) -> _Stats:
         group_norms=[math.sqrt(s) for s in group_squares],
         module_norms=_module_norms([*((names.get(id(p)), n) for p, n in plain_norms), *pieces]),
     )
+
+
+def _clip_totals(clips: list[_Clip], whole: dict[int, float]) -> list[float]:
+    """The L2 totals of a step's clips (`whole`: id(parameter) -> whole gradient norm), each
+    total that clip_grads_with_norm_ calls shared counted once."""
+    totals: list[float] = []
+    shared: set[float | None] = set()
+    for clip in clips:
+        total = clip.l2(whole)
+        if total is None:
+            continue
+        if clip.shared:
+            key = None if math.isnan(total) else total
+            if key in shared:
+                continue
+            shared.add(key)
+        totals.append(total)
+    return totals
 
 
 def _leave(optimizer: Optimizer) -> None:
