@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from stabledrl_cli.policies._base import TokenPolicy, TokenTerms
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import SAPOConfig
-from stabledrl_cli.policies._masked import above, as_values
+from stabledrl_cli.policies._masked import above, as_bytes
 
 # The gate 4 s (1 - s) is 1 at r = 1; below this it has removed over half of r's weight.
 CLIPPED_GATE = 0.5
@@ -33,7 +33,7 @@ class SAPOPolicy(TokenPolicy):
         cfg = self.config
         ratio = prep.ratio
         # tau_pos where A > 0, else tau_neg: a sum of two products with 0/1 flags is exact.
-        positive = as_values(above(adv, 0.0), ratio.dtype)
+        positive = as_bytes(above(adv, 0.0)).to(ratio.dtype)
         tau = positive * cfg.tau_pos + (1 - positive) * cfg.tau_neg
         x = tau * (ratio - 1.0)
         # The gate 4 s (1 - s) and the coefficient 4 s (1 - s) r A in log space: as r grows,

@@ -29,7 +29,7 @@ from stabledrl_cli.geometry import (
     update_norms,
 )
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
-from stabledrl_cli.policies._masked import as_values, count, counts, keep_times
+from stabledrl_cli.policies._masked import as_bytes, count, counts, keep_times
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.columns import TRL_METRICS, VERL_METRICS
 from stabledrl_cli.replay.framework import MicroBatches, framework_metrics
@@ -209,7 +209,7 @@ class References:
             ratio_weighted = ratio_weighted * prep.loss_weight
         self.coef_is = keep_times(scored, ratio_weighted / norm)
         """[T] r A w / norm on scored tokens, else 0."""
-        self.safe_ref = self.reinforce + as_values(~self.counted, self.reinforce.dtype)
+        self.safe_ref = self.reinforce + as_bytes(~self.counted)
         """[T] the REINFORCE reference on counted tokens, else 1 (a safe divisor)."""
         self.n_counted = count(self.counted).double()
         self.reinforce_sum = _sum64(self.reinforce)
