@@ -8,14 +8,6 @@ from pathlib import Path
 
 import pytest
 
-# TEMPORARY (helper B, see /work/helpers/requests.md): until the package face keeps
-# `stabledrl_cli.replay` (the function) from being shadowed by the subpackage.
-import stabledrl_cli
-import stabledrl_cli.replay
-
-if not callable(stabledrl_cli.replay):
-    del stabledrl_cli.__dict__["replay"]
-
 from stabledrl_cli.replay.engine import replay
 from stabledrl_cli.replay.result import ReplayResult
 

@@ -672,3 +672,17 @@ def test_a_new_column_is_one_declaration(plain_run, tmp_path, monkeypatch):
         g for g in evaluate(result, Gates(), load_baseline(tmp_path / "tight.json")) if not g.ok
     ]
     assert [(g.policy, g.gate) for g in tripped] == [("grpo", "baseline.doubled_norm_max")]
+
+
+def test_the_public_replay_is_callable_after_a_replay_module_is_imported():
+    """`import stabledrl_cli.replay.<module>` makes `stabledrl_cli.replay` the subpackage; it
+    is callable as the public function all the same (a fresh interpreter, nothing imported)."""
+    script = (
+        "import stabledrl_cli.replay.engine, stabledrl_cli as sd\n"
+        "from stabledrl_cli.replay import stream\n"
+        f"result = sd.replay({str(REPO / 'fixtures' / 'grpo')!r}, ['grpo'], device='cpu')\n"
+        "print(type(result).__name__, result.policies[0].spec)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ReplayResult", "grpo"]

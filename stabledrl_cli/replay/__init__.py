@@ -7,3 +7,26 @@ typed result and its JSON); `observed` and `inspection` (the recorded run itself
 collapse warning of `detectors`); `report` (tables), `hdf5`, `plot`; `baseline`, `figures`,
 `gate`, `junit` (CI checks).
 """
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stabledrl_cli.replay.result import ReplayResult
+
+
+class _ReplayPackage(types.ModuleType):
+    """This package, callable as `stabledrl_cli.replay(...)`: importing it (or any module in
+    it) makes `stabledrl_cli.replay` this package instead of the public function `replay`, so
+    calling it calls `engine.replay`, whichever of the two the name holds."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ReplayResult:
+        from stabledrl_cli.replay.engine import replay
+
+        return replay(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _ReplayPackage
