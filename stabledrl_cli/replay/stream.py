@@ -210,12 +210,12 @@ def _read_chunks(
     memory_budget: int,
     scalar_steps: list[int],
     shard: Iterable[Step] | None = None,
-) -> Iterator[tuple[list[Step], list[Arrays]]]:
-    """The run's readable steps (or `shard`'s) that hold a policy batch and their arrays (CPU),
-    a chunk at a time: a chunk closes at the step that brings its arrays to `memory_budget`
-    bytes, or to `chunk_size` steps. Runs on the read-ahead thread. Feeds the collapse
-    warning's measurements on the way (on the host, before any transfer); appends the number
-    of each scalar step (no batch) to `scalar_steps`."""
+) -> Iterator[tuple[list[Step], list[Arrays], int]]:
+    """The run's readable steps (or `shard`'s) that hold a policy batch, their arrays (CPU) and
+    the arrays' bytes, a chunk at a time: a chunk closes at the step that brings its arrays to
+    `memory_budget` bytes, or to `chunk_size` steps. Runs on the read-ahead thread. Feeds the
+    collapse warning's measurements on the way (on the host, before any transfer); appends the
+    number of each scalar step (no batch) to `scalar_steps`."""
     where, unit = run.location, run_unit(run)
     steps: list[Step] = []
     arrays: list[Arrays] = []
@@ -238,10 +238,10 @@ def _read_chunks(
         arrays.append(step_arrays)
         held += array_bytes(step_arrays)
         if held >= memory_budget or len(steps) == chunk_size:
-            yield steps, arrays
+            yield steps, arrays, held
             steps, arrays, held = [], [], 0
     if steps:
-        yield steps, arrays
+        yield steps, arrays, held
 
 
 def stream_run(
@@ -276,7 +276,7 @@ def stream_run(
     )
     computed = 0
     with heap_kept():
-        for chunk, arrays in chunks:
+        for chunk, arrays, held in chunks:
             to_device(arrays, device)
             rows, moments = [], []
             for step, step_arrays in zip(chunk, arrays, strict=True):
@@ -305,7 +305,7 @@ def stream_run(
                 for count, mean, m2 in torch.stack(moments).cpu().tolist():
                     floor.add(int(count), mean, m2)
             done = len(chunk)
-            computed += sum(array_bytes(a) for a in arrays)
+            computed += held
             # The chunk's steps hold their files' buffers: dropped before the next chunk is read.
             del chunk, arrays, rows, moments, step, step_arrays, prep, geometry, weights, micro
             if computed >= memory_budget:  # a budget's worth of steps since the last look
