@@ -67,10 +67,12 @@ SCRIPT = textwrap.dedent(
 
 
 def _env() -> dict[str, str]:
-    """A wrapped command's environment: the package's root on its path, no inherited run."""
-    root = str(Path(__file__).resolve().parents[1])
+    """A wrapped command's environment: the package's root and the tests' helpers on its path,
+    no inherited run."""
+    here = Path(__file__).resolve().parent  # the package's root, and distributed_exit here
     env = {k: v for k, v in os.environ.items() if not k.startswith("STABLEDRL_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    paths = (str(here.parent), str(here), os.environ.get("PYTHONPATH"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     return {**env, "NO_COLOR": "1", "COLUMNS": "200"}
 
 
@@ -351,6 +353,7 @@ FSDP_SCRIPT = textwrap.dedent(
     """
     import json, math, sys
     import torch, torch.distributed as dist
+    from distributed_exit import exit_without_finalizing
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo")
@@ -376,6 +379,7 @@ FSDP_SCRIPT = textwrap.dedent(
     if dist.get_rank() == 0:
         json.dump(seen, open(sys.argv[1], "w"))
     dist.destroy_process_group()
+    exit_without_finalizing()
     """
 )
 
@@ -409,6 +413,7 @@ FSDP1_SCRIPT = textwrap.dedent(
     """
     import json, math, sys
     import torch, torch.distributed as dist
+    from distributed_exit import exit_without_finalizing
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     dist.init_process_group("gloo")
@@ -440,6 +445,7 @@ FSDP1_SCRIPT = textwrap.dedent(
         seen.append(whole)
     json.dump(seen, open(f"{sys.argv[1]}.{rank}", "w"))
     dist.destroy_process_group()
+    exit_without_finalizing()
     """
 )
 
@@ -475,6 +481,7 @@ FSDP1_STOP_SCRIPT = textwrap.dedent(
     """
     import datetime, sys
     import torch, torch.distributed as dist
+    from distributed_exit import exit_without_finalizing
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     import stabledrl_cli
 
@@ -491,6 +498,7 @@ FSDP1_STOP_SCRIPT = textwrap.dedent(
     sys.stdout.write(f"trained {dist.get_rank()}\\n")  # one write: the ranks share stdout
     sys.stdout.flush()
     dist.destroy_process_group()
+    exit_without_finalizing()
     """
 )
 
@@ -517,6 +525,7 @@ FSDP2_STOP_SCRIPT = textwrap.dedent(
     """
     import datetime, json, sys
     import torch, torch.distributed as dist
+    from distributed_exit import exit_without_finalizing
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     import stabledrl_cli
@@ -559,6 +568,7 @@ FSDP2_STOP_SCRIPT = textwrap.dedent(
     sys.stdout.write(f"trained {rank}\\n")  # one write: the ranks share stdout
     sys.stdout.flush()
     dist.destroy_process_group()
+    exit_without_finalizing()
     """
 )
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -686,6 +696,7 @@ ACCELERATE_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import torch, torch.distributed as dist
+    from distributed_exit import exit_without_finalizing
     from accelerate import Accelerator
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -718,6 +729,7 @@ ACCELERATE_SCRIPT = textwrap.dedent(
         optimizer.step()
     json.dump(seen, open(sys.argv[1], "w"))
     dist.destroy_process_group()
+    exit_without_finalizing()
     """
 )
 

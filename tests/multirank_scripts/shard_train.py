@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,9 @@ import torch.distributed as dist
 from torch import nn
 
 import stabledrl_cli as sd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distributed_exit import exit_without_finalizing
 
 VOCAB, LENGTH, GROUPS, GROUP_SIZE, RANKS, INNER_STEPS, EPS = 8, 4, 3, 4, 2, 2, 0.2
 SHARD = GROUPS * GROUP_SIZE // RANKS
@@ -210,3 +214,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_finalizing()

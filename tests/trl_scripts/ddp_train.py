@@ -14,6 +14,9 @@ from tiny_grpo import count_b, tiny_config, tiny_dataset, tiny_model, tiny_token
 
 from stabledrl_cli.integrations.trl import RecordingGRPOTrainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distributed_exit import exit_without_finalizing
+
 
 def main() -> None:
     run_dir, log_json = sys.argv[1], Path(sys.argv[2])
@@ -35,3 +38,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_finalizing()

@@ -44,6 +44,7 @@ import torch.distributed as dist  # noqa: E402
 dist.init_process_group("gloo")
 
 import verl.models.transformers.monkey_patch as monkey_patch  # noqa: E402
+from distributed_exit import exit_without_finalizing  # noqa: E402
 from test_integration_verl import actor_config, rollout  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
@@ -154,3 +155,4 @@ def main(out: str, result: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    exit_without_finalizing()
