@@ -119,7 +119,9 @@ def test_a_failing_log_call_warns_once_and_the_commands_exit_code_passes_through
     assert "recording failed" in result.stderr
     assert result.stdout.splitlines()[-3:-1] == ["False", "False"]
     assert result.stderr.count("stabledrl: warning:") == 1
-    assert "exited with code 7" in result.stderr
+    assert f"exited with code 7; the run holds 2 step file(s): `stabledrl inspect {out}`" in (
+        result.stderr
+    )
     assert len(list((out / "steps").iterdir())) == 2
 
 

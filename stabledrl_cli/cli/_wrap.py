@@ -70,8 +70,9 @@ def run_command(
     out: Path, cmd: list[str], force: bool, policy: str | None, optimizer_hooks: bool = True
 ) -> None:
     """Run CMD with the run directory exported (and, with `optimizer_hooks`, the hooks'
-    sitecustomize on its path); CMD's failing exit code becomes ours, else a recording failure
-    or a run without steps is an error (capture/bootstrap.py)."""
+    sitecustomize on its path); CMD's failing exit code becomes ours (said with the number of
+    step files the run holds), else a recording failure or a run without steps is an error
+    (capture/bootstrap.py)."""
     if shutil.which(cmd[0]) is None:
         raise UsageError(f"command not found: {cmd[0]}")
     if policy is not None:
@@ -96,7 +97,12 @@ def run_command(
     if code != 0:
         for _, reason in failures:
             err.print(f"[yellow]warning:[/] recording failed: {escape(reason)}", highlight=False)
-        err.print(f"the training command exited with code {code}", highlight=False)
+        steps = _recorded_steps(out)
+        held = f"{steps} step file(s): `stabledrl inspect {out}`" if steps else "no step file"
+        err.print(
+            f"the training command exited with code {code}; the run holds {escape(held)}",
+            highlight=False,
+        )
         raise typer.Exit(code)
     if failures:
         code, reason = failures[0]
