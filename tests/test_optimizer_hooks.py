@@ -12,6 +12,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors import safe_open
@@ -82,6 +83,12 @@ def _record(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
         [sys.executable, "-m", "stabledrl_cli", "record", *args],
         capture_output=True, text=True, env=_env(), timeout=300, cwd=cwd,
     )  # fmt: skip
+
+
+def _rank_scalars(run: Any, step: int, rank: int) -> dict[str, float]:
+    """The scalars rank `rank` recorded at step `step` of a run (`open_run`)."""
+    with safe_open(run.step(step).paths[rank], "pt") as step_file:
+        return {k: float(v) for k, v in step_file.metadata().items() if k[0] != "_"}
 
 
 def close(recorded: float, computed: float) -> bool:
@@ -466,8 +473,7 @@ def test_fsdp1_steps_are_recorded_with_the_whole_norm_on_every_rank(tmp_path, pa
     for rank in (0, 1):
         truth = json.loads(Path(f"{computed}.{rank}").read_text())
         for n, whole in enumerate(truth):
-            with safe_open(run.step(n).paths[rank], "pt") as step_file:
-                scalars = {k: float(v) for k, v in step_file.metadata().items() if k[0] != "_"}
+            scalars = _rank_scalars(run, n, rank)
             # step 1: what model.clip_grad_norm_ returned; else the norm gathered by hand
             assert close(scalars["grad_norm"], whole), (rank, n, scalars["grad_norm"], whole)
             modules = [scalars[f"grad_norm/module/{m}"] for m in (0, 2)]
@@ -752,3 +758,220 @@ def test_accelerates_multi_mesh_clip_is_recorded_with_the_norm_it_returned(tmp_p
         assert scalars["grad_norm"] == mine["returned"] > 1, (n, scalars, mine)
         modules = [scalars[f"grad_norm/module/{m}"] for m in (0, 1)]
         assert modules == pytest.approx(mine["modules"], rel=1e-6), (n, scalars)
+
+
+# Three modules on a 2-rank CPU mesh (after `rank` and the process group): "replicated" holds
+# Replicate DTensor parameters fed each rank's own batch rows as a Shard(0) input, so torch
+# leaves their gradients Partial (summed over the ranks only when read whole), as in sequence
+# parallelism; "sharded" holds Shard(0) parameters fed the same input on both ranks (Shard(0)
+# gradients); "plain" holds plain tensors fed each rank's own data. `loss(step)` is a step's
+# loss, `placements()` each module's kinds of gradient.
+MODULES_ON_A_MESH = textwrap.dedent(
+    """
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"replicated": torch.nn.Linear(4, 8),
+                                 "sharded": torch.nn.Linear(4, 8), "plain": torch.nn.Linear(3, 1)})
+    for name, placement in (("replicated", Replicate()), ("sharded", Shard(0))):
+        for key, param in list(model[name].named_parameters()):
+            whole = distribute_tensor(param.detach(), mesh, [placement])
+            setattr(model[name], key, torch.nn.Parameter(whole))
+
+    def loss(step):
+        torch.manual_seed(step + 10 * rank)
+        rows = DTensor.from_local(torch.randn(4, 4), mesh, [Shard(0)])  # this rank's rows
+        mine = torch.randn(5, 3)
+        torch.manual_seed(100 + step)
+        same = distribute_tensor(torch.randn(6, 4), mesh, [Replicate()])
+        shared = (torch.tanh(model["replicated"](rows)).pow(2).mean()
+                  + torch.tanh(model["sharded"](same)).pow(2).mean())
+        return (shared.full_tensor() + model["plain"](mine).pow(2).mean()) * 10
+
+    def placements():
+        kinds = {name: {p.grad.placements[0] if isinstance(p.grad, DTensor) else p.grad
+                        for p in model[name].parameters()} for name in model}
+        return {name: sorted({type(k).__name__ for k in ks}) for name, ks in kinds.items()}
+    """
+)
+PLACEMENTS = {"replicated": ["Partial"], "sharded": ["Shard"], "plain": ["Tensor"]}
+
+
+# Real accelerate on 2 gloo ranks (torchrun, Accelerator(cpu=True): MULTI_CPU), with
+# MODULES_ON_A_MESH, "plain" wrapped in DDP by accelerate. accelerate 1.15's
+# Accelerator.clip_grad_norm_ then takes the path of _clip_grad_norm_dtensor_aware that every
+# rank runs together: one mesh group plus the plain group, so get_total_norm per group (the
+# mesh group's DTensor total made whole by full_tensor), their L2 norm as the total, and
+# clip_grads_with_norm_ once per group (the mesh group's total as a replicated DTensor). The
+# script counts those calls, and each rank writes what the clip returned, each module's whole
+# (full_tensor) norm before it, and the norm after it.
+ACCELERATE_RANKS_SCRIPT = (
+    textwrap.dedent(
+        """
+        import json, sys
+        import torch, torch.distributed as dist
+        from distributed_exit import exit_without_finalizing
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+        accelerator = Accelerator(cpu=True)
+        assert accelerator.distributed_type == DistributedType.MULTI_CPU
+        rank = accelerator.process_index
+        """
+    )
+    + MODULES_ON_A_MESH
+    + textwrap.dedent(
+        """
+        model["plain"], optimizer = accelerator.prepare(
+            model["plain"], torch.optim.SGD(model.parameters(), lr=0.01))
+        assert type(model["plain"]).__name__ == "DistributedDataParallel"
+        with_norm_calls = []
+        clip_with_norm = torch.nn.utils.clip_grads_with_norm_
+
+        def counted(*args, **kwargs):
+            with_norm_calls.append(1)
+            return clip_with_norm(*args, **kwargs)
+
+        torch.nn.utils.clip_grads_with_norm_ = counted
+
+        def norm(params):
+            whole = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                     for p in params]
+            return torch.linalg.vector_norm(torch.stack([g.norm() for g in whole])).item()
+
+        seen = []
+        for step in range(3):
+            optimizer.zero_grad()
+            accelerator.backward(loss(step))
+            modules = {name: norm(model[name].parameters()) for name in model}
+            with_norm_calls.clear()
+            returned = accelerator.clip_grad_norm_(model.parameters(), 0.5)
+            seen.append({"returned": returned.item(), "modules": modules, "grads": placements(),
+                         "with_norm_calls": len(with_norm_calls),
+                         "after": norm(model.parameters())})
+            optimizer.step()
+        json.dump(seen, open(f"{sys.argv[1]}.{rank}", "w"))
+        dist.destroy_process_group()
+        exit_without_finalizing()
+        """
+    )
+)
+
+
+def test_accelerates_clip_on_two_ranks_is_recorded_with_the_norm_it_returned(tmp_path):
+    pytest.importorskip("accelerate", reason="needs accelerate (pip install -e '.[trl]')")
+    script, computed = tmp_path / "train.py", tmp_path / "norms"
+    script.write_text(ACCELERATE_RANKS_SCRIPT)
+    result = _record("--out", str(tmp_path / "run"), "--", *TORCHRUN, str(script), str(computed))
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr.lower() and "recording failed" not in result.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2] and run.manifest["world_size"] == 2
+    names = {f"step-{n:08d}.rank-{r:04d}.safetensors" for n in range(3) for r in (0, 1)}
+    assert {p.name for p in (tmp_path / "run" / "steps").iterdir()} == names
+    for rank in (0, 1):
+        for n, mine in enumerate(json.loads(Path(f"{computed}.{rank}").read_text())):
+            assert mine["grads"] == PLACEMENTS and mine["with_norm_calls"] == 2  # its path
+            assert mine["after"] == pytest.approx(0.5, rel=1e-4)  # accelerate clipped
+            scalars = _rank_scalars(run, n, rank)
+            # exactly: the hooks read the very total accelerate gave clip_grads_with_norm_ and
+            # returned (a float32 tensor), and a float32 is a float64 exactly
+            assert scalars["grad_norm"] == mine["returned"] > 1, (rank, n, scalars, mine)
+            # approximately: the hooks sum float32 local norms in float64, the script takes
+            # float32 norms of the whole gradients
+            modules = {m: scalars[f"grad_norm/module/{m}"] for m in ("replicated", "sharded")}
+            modules["plain"] = scalars["grad_norm/module/plain.module"]
+            assert modules == pytest.approx(mine["modules"], rel=1e-6), (rank, n, scalars)
+            assert close(mine["returned"], math.sqrt(sum(v * v for v in modules.values())))
+            assert scalars["nonfinite_grads"] == 0
+
+
+# MODULES_ON_A_MESH on 2 gloo ranks, without DDP (each rank its own "plain" gradients): a
+# Partial gradient beside a Shard and a plain one at every step. Steps 1 and 3 clip with
+# torch.nn.utils.clip_grad_norm_ (step 1: the DTensor modules in one call and the plain one in
+# another; step 3: one call per module), max_norm far below the norm. Each rank writes each
+# module's norm before any clip, computed by hand (a Partial gradient's local tensors summed
+# over the ranks by all_reduce, a Shard one's squares summed), what each clip returned and the
+# norm after it.
+PARTIAL_SCRIPT = (
+    textwrap.dedent(
+        """
+        import json, sys
+        import torch, torch.distributed as dist
+        from distributed_exit import exit_without_finalizing
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        """
+    )
+    + MODULES_ON_A_MESH
+    + textwrap.dedent(
+        """
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+        def whole_norm(params):
+            squares = torch.zeros((), dtype=torch.float64)
+            for grad in (p.grad for p in params):
+                if not isinstance(grad, DTensor):
+                    squares += grad.double().pow(2).sum()
+                    continue
+                local = grad.to_local().double()
+                if grad.placements[0].is_partial():
+                    local = local.clone()
+                    dist.all_reduce(local)  # the reduced gradient: the ranks' local ones summed
+                    squares += local.pow(2).sum()
+                else:
+                    part = local.pow(2).sum()
+                    dist.all_reduce(part)
+                    squares += part
+            return squares.sqrt().item()
+
+        clips = {1: [["replicated", "sharded"], ["plain"]],
+                 3: [["replicated"], ["sharded"], ["plain"]]}
+        seen = []
+        for step in range(4):
+            optimizer.zero_grad()
+            loss(step).backward()
+            modules = {name: whole_norm(model[name].parameters()) for name in model}
+            returned = []
+            for names in clips.get(step, []):
+                params = [p for name in names for p in model[name].parameters()]
+                total = torch.nn.utils.clip_grad_norm_(params, 0.05)
+                whole = total.full_tensor() if isinstance(total, DTensor) else total
+                returned.append(whole.item())
+            seen.append({"grads": placements(), "modules": modules, "returned": returned,
+                         "after": whole_norm(model.parameters())})
+            optimizer.step()
+        json.dump(seen, open(f"{sys.argv[1]}.{rank}", "w"))
+        dist.destroy_process_group()
+        exit_without_finalizing()
+        """
+    )
+)
+
+
+def test_partial_dtensor_gradients_are_recorded_with_their_reduced_norm(tmp_path):
+    script, computed = tmp_path / "train.py", tmp_path / "norms"
+    script.write_text(PARTIAL_SCRIPT)
+    result = _record("--out", str(tmp_path / "run"), "--", *TORCHRUN, str(script), str(computed))
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr.lower() and "recording failed" not in result.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2, 3] and run.manifest["world_size"] == 2
+    for rank in (0, 1):
+        for n, mine in enumerate(json.loads(Path(f"{computed}.{rank}").read_text())):
+            assert mine["grads"] == PLACEMENTS, (rank, n)
+            scalars = _rank_scalars(run, n, rank)
+            modules = {m: scalars[f"grad_norm/module/{m}"] for m in PLACEMENTS}
+            # each module's norm before any clip (the plain one: this rank's own gradients)
+            assert modules == pytest.approx(mine["modules"], rel=1e-6), (rank, n, scalars)
+            whole = math.sqrt(sum(v * v for v in mine["modules"].values()))
+            assert close(scalars["grad_norm"], whole), (rank, n, scalars["grad_norm"], whole)
+            if mine["returned"]:  # torch's clips: what they returned, summed in squares
+                assert len(mine["returned"]) == {1: 2, 3: 3}[n]
+                assert close(scalars["grad_norm"], math.hypot(*mine["returned"]))
+                assert mine["after"] < whole / 10  # torch clipped
+            assert scalars["nonfinite_grads"] == 0

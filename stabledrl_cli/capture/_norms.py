@@ -6,7 +6,8 @@ Sharded gradients: an FSDP1 shard's (`_fsdp1.Shard`: parts of one or more origin
 summed over its process group) and a DTensor (FSDP2's `fully_shard`, tensor parallelism): its
 local shard, summed over the mesh dimensions it is sharded on. A DTensor with a Partial
 placement (not reduced yet) is reduced whole by DTensor itself, once the flagged collective
-has shown that every rank goes on.
+has shown that every rank goes on; a clip, which scales it in place before the step, first
+copies its local tensor (`unreduced_copies`), and the copy is reduced instead.
 
 Nothing here imports torch.distributed.tensor: it is looked up in `sys.modules`, where a script
 with DTensor gradients has put it (importing it would cost every recorded process a second).
@@ -37,6 +38,11 @@ def is_dtensor(tensor: object) -> bool:
     """Whether `tensor` is a DTensor (False at once in a process that never imported them)."""
     module = _dtensors()
     return module is not None and isinstance(tensor, module.DTensor)
+
+
+def _is_partial(grad: Any) -> bool:
+    """Whether a DTensor has a Partial placement (its ranks' local tensors sum to it)."""
+    return any(p.is_partial() for p in grad.placements)
 
 
 @torch.no_grad()
@@ -89,7 +95,7 @@ def sharding(param: torch.Tensor, shards: dict[int, Shard]) -> Sharding | None:
     grad: Any = param.grad
     if not is_dtensor(grad):
         return None
-    partial = any(p.is_partial() for p in grad.placements)
+    partial = _is_partial(grad)
     sharded = tuple(p.is_shard() and not partial for p in grad.placements)
     return Sharding(_mesh_reduction(grad.device_mesh, sharded), 0 if partial else 1, partial)
 
@@ -103,7 +109,7 @@ def _parts(param: torch.Tensor, shards: dict[int, Shard]) -> list[torch.Tensor] 
     grad: Any = param.grad
     if not is_dtensor(grad):
         return None
-    return [] if any(p.is_partial() for p in grad.placements) else [grad.to_local()]
+    return [] if _is_partial(grad) else [grad.to_local()]
 
 
 def measure(
@@ -127,19 +133,37 @@ def measure(
     )
 
 
+@torch.no_grad()
+def unreduced_copies(params: Iterable[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """id(parameter) -> a copy of its gradient, for each one that is a DTensor with a Partial
+    placement: a copy of its local tensor (no collective; its memory is held until the
+    step), to be reduced whole at the step (`whole_norms`) as it was before a clip."""
+    copies: dict[int, torch.Tensor] = {}
+    for param in params:
+        grad: Any = param.grad
+        if is_dtensor(grad) and _is_partial(grad):
+            copies[id(param)] = _dtensors().DTensor.from_local(
+                grad.to_local().clone(), grad.device_mesh, grad.placements,
+                shape=grad.shape, stride=grad.stride(),
+            )  # fmt: skip
+    return copies
+
+
 def whole_norms(
     params: list[torch.Tensor],
     shards: dict[int, Shard],
     local: dict[int, list[float]],
     *,
+    unreduced: dict[int, torch.Tensor] | None = None,
     stop: bool = False,
 ) -> dict[int, list[float]]:
     """id(parameter) -> the whole norms of its parts (an FSDP1 shard's original parameters, a
     DTensor's one), for the sharded ones among `params` (the same on every rank): their
     `local` norms (zeros for those missing) summed over the ranks in the step's collective
     (`_ranks.reduce`: RankStopped when another rank stopped); a Partial DTensor is then
-    reduced whole by DTensor. {} at once without a sharded parameter; {} when `stop` (this
-    rank's last collective, flagged)."""
+    reduced whole by DTensor: its copy in `unreduced` (taken before a clip:
+    `unreduced_copies`) when there is one, else its gradient. {} at once without a sharded
+    parameter; {} when `stop` (this rank's last collective, flagged)."""
     layout = [(p, how) for p in params if (how := sharding(p, shards)) is not None]
     if not layout:
         return {}
@@ -151,8 +175,9 @@ def whole_norms(
     if stop:
         return {}
     out = {id(p): norms for (p, _), norms in zip(layout, summed, strict=True)}
+    copies = unreduced or {}
     for param, how in layout:
         if how.partial:
-            grad: Any = param.grad
+            grad: Any = copies.get(id(param), param.grad)
             out[id(param)] = [float(torch.linalg.vector_norm(grad.full_tensor().float()))]
     return out

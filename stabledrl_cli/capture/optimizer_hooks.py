@@ -104,6 +104,9 @@ class _Clip:
     shared: bool = False
     """Its total is the total_norm given to clip_grads_with_norm_, which the calls clipping
     each group of one clip share: a step counts each such total once."""
+    unreduced: dict[int, torch.Tensor] = field(default_factory=dict)
+    """id(parameter) -> a copy of its Partial DTensor gradient before clipping
+    (`_norms.unreduced_copies`), reduced whole at the step instead of the clipped one."""
 
     def first(self) -> int:
         return next(iter(self.norms or self.local))
@@ -307,13 +310,15 @@ def _recorded_clip(
         measured = clip_norms(params, rest, kwargs)
         if measured is None:  # an uncommon call (DTensor gradients): measure, torch clips
             norms, local = _norms.measure(with_grad, {})
+            unreduced = _norms.unreduced_copies(with_grad)
     except Exception as exc:
         _fail(exc, "reading the gradients in clip_grad_norm_")
         return original(params, *rest, **kwargs)
     if measured is None:
         total = original(params, *rest, **kwargs)
         l2 = _is_l2(rest, kwargs)
-        clip = _Clip(norms, total if l2 and not local else None, local, l2 and bool(local))
+        whole = total if l2 and not local else None
+        clip = _Clip(norms, whole, local, l2 and bool(local), unreduced=unreduced)
     else:
         total, listed, max_norm, foreach = measured
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach)
@@ -419,13 +424,15 @@ def _wrap_clip_with_norm(original: Callable[..., None]) -> Callable[..., None]:
         try:
             with_grad = [p for p in params if p.grad is not None]
             norms, local = _norms.measure(with_grad, {})
+            unreduced = _norms.unreduced_copies(with_grad)
             total = _whole_value(bound.arguments["total_norm"]) if _state.l2_total else None
         except Exception as exc:
             _fail(exc, "reading the gradients in clip_grads_with_norm_")
             return original(*bound.args, **bound.kwargs)
         original(*bound.args, **bound.kwargs)
         if with_grad:
-            _keep(_Clip(norms, total, local, summed=total is None, shared=total is not None))
+            shared = total is not None
+            _keep(_Clip(norms, total, local, not shared, shared, unreduced))
 
     return clip_grads_with_norm_
 
@@ -575,6 +582,7 @@ def _stats(optimizer: Optimizer, view: _View) -> _Stats:
     clips: list[_Clip] = []
     seen: dict[int, float] = {}
     local: dict[int, list[float]] = {}
+    unreduced: dict[int, torch.Tensor] = {}
     failure: Exception | None = None
     _state.l2_total = None
     try:
@@ -582,6 +590,7 @@ def _stats(optimizer: Optimizer, view: _View) -> _Stats:
         for clip in clips:
             seen.update(clip.norms)
             local.update(clip.local)
+            unreduced.update(clip.unreduced)
         missing = [
             p for p in params if id(p) not in local and (id(p) in shards or id(p) not in seen)
         ]
@@ -590,7 +599,7 @@ def _stats(optimizer: Optimizer, view: _View) -> _Stats:
         local.update(held)
     except Exception as exc:
         failure = exc
-    whole = _norms.whole_norms(params, shards, local, stop=failure is not None)
+    whole = _norms.whole_norms(params, shards, local, unreduced=unreduced, stop=failure is not None)
     if failure is not None:
         uninstall()
         raise failure
