@@ -203,3 +203,46 @@ def test_a_bad_policy_spec_is_a_usage_error_before_the_command_runs(tmp_path, sc
     result = CliRunner().invoke(app, [*args, "1"])
     assert result.exit_code == 2 and "unknown policy" in result.output
     assert "logged" not in result.output
+
+
+# Three optimizer steps (recorded by the hooks, written by their writer thread), then an
+# object whose finalizer aborts the process: it runs when the interpreter clears the module at
+# exit, after the exit handlers, as torch's gloo teardown race does (tests/distributed_exit.py).
+ABORT_AT_EXIT_SCRIPT = textwrap.dedent(
+    """
+    import os
+    import torch
+
+    class AbortsWhenFinalized:
+        def __del__(self, abort=os.abort):  # the module's globals are gone by then
+            abort()
+
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        optimizer.step()
+    print("trained", flush=True)
+    held = AbortsWhenFinalized()
+    """
+)
+
+
+def test_a_command_that_aborts_at_the_interpreters_exit_keeps_every_finished_step(
+    tmp_path, monkeypatch
+):
+    script, out = tmp_path / "train.py", tmp_path / "run"
+    script.write_text(ABORT_AT_EXIT_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "record", "--out", str(out), "--",
+         sys.executable, str(script)],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
+    )  # fmt: skip
+    assert "trained" in result.stdout
+    assert result.returncode == 256 - 6, result.stderr  # SIGABRT, passed on
+    assert f"the run holds 3 step file(s): `stabledrl inspect {out}`" in result.stderr
+    shown = CliRunner().invoke(app, ["inspect", str(out), "--format", "json"])
+    assert shown.exit_code == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert report["steps"] == 3 and report["integrity"]["findings"] == [], report
