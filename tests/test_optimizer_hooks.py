@@ -897,13 +897,13 @@ def test_accelerates_clip_on_two_ranks_is_recorded_with_the_norm_it_returned(tmp
 PARTIAL_SCRIPT = (
     textwrap.dedent(
         """
-        import json, sys
+        import datetime, json, sys
         import torch, torch.distributed as dist
         from distributed_exit import exit_without_finalizing
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
         rank = dist.get_rank()
         """
     )
@@ -931,6 +931,7 @@ PARTIAL_SCRIPT = (
 
         clips = {1: [["replicated", "sharded"], ["plain"]],
                  3: [["replicated"], ["sharded"], ["plain"]]}
+        stop_at = int(sys.argv[2]) if len(sys.argv) > 2 else -1
         seen = []
         for step in range(4):
             optimizer.zero_grad()
@@ -942,9 +943,15 @@ PARTIAL_SCRIPT = (
                 total = torch.nn.utils.clip_grad_norm_(params, 0.05)
                 whole = total.full_tensor() if isinstance(total, DTensor) else total
                 returned.append(whole.item())
+            if rank == 1 and step == stop_at:  # after the clip: its Partial copies are held
+                import stabledrl_cli
+                stabledrl_cli.log_policy_batch(step, logp=torch.zeros(3))  # no policy: stops
             seen.append({"grads": placements(), "modules": modules, "returned": returned,
                          "after": whole_norm(model.parameters())})
             optimizer.step()
+        final = {name: (p.full_tensor() if isinstance(p, DTensor) else p).tolist()
+                 for name, p in model.named_parameters()}
+        seen.append({"final": final})
         json.dump(seen, open(f"{sys.argv[1]}.{rank}", "w"))
         dist.destroy_process_group()
         exit_without_finalizing()
@@ -962,7 +969,7 @@ def test_partial_dtensor_gradients_are_recorded_with_their_reduced_norm(tmp_path
     run = open_run(tmp_path / "run")
     assert run.step_numbers == [0, 1, 2, 3] and run.manifest["world_size"] == 2
     for rank in (0, 1):
-        for n, mine in enumerate(json.loads(Path(f"{computed}.{rank}").read_text())):
+        for n, mine in enumerate(json.loads(Path(f"{computed}.{rank}").read_text())[:-1]):
             assert mine["grads"] == PLACEMENTS, (rank, n)
             scalars = _rank_scalars(run, n, rank)
             modules = {m: scalars[f"grad_norm/module/{m}"] for m in PLACEMENTS}
@@ -975,3 +982,28 @@ def test_partial_dtensor_gradients_are_recorded_with_their_reduced_norm(tmp_path
                 assert close(scalars["grad_norm"], math.hypot(*mine["returned"]))
                 assert mine["after"] < whole / 10  # torch clipped
             assert scalars["nonfinite_grads"] == 0
+
+
+def test_a_rank_that_stops_recording_while_holding_partial_copies_stops_the_other(tmp_path):
+    # PARTIAL_SCRIPT with rank 1's recording stopped at step 3, after the clips copied its
+    # Partial gradients: both ranks stop there, neither waits, and training is untouched.
+    script, computed = tmp_path / "train.py", tmp_path / "norms"
+    script.write_text(PARTIAL_SCRIPT)
+    unrecorded = subprocess.run(
+        [*TORCHRUN, str(script), str(tmp_path / "alone")],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    assert unrecorded.returncode == 0, unrecorded.stderr
+    result = _record(
+        "--out", str(tmp_path / "run"), "--", *TORCHRUN, str(script), str(computed), "3"
+    )  # fmt: skip
+    assert "another rank stopped recording" in result.stderr
+    assert result.returncode == 2, result.stderr  # rank 1's log_policy_batch failure
+    for rank in (0, 1):
+        trained = json.loads(Path(f"{computed}.{rank}").read_text())[-1]
+        alone = json.loads(Path(f"{tmp_path / 'alone'}.{rank}").read_text())[-1]
+        assert trained == alone  # training is untouched
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2]  # every step before the stop on both ranks
+    names = sorted(p.name for p in (tmp_path / "run" / "steps").iterdir())
+    assert names == [f"step-{n:08d}.rank-{r:04d}.safetensors" for n in range(3) for r in (0, 1)]
