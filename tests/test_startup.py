@@ -1,4 +1,5 @@
-"""Start-up: importing the package, the root help and `policies` never import torch."""
+"""Start-up: importing the package, the root help, `policies`, `import` and `pack` (their help
+and their input checks), and a Recorder of numpy arrays never import torch."""
 
 from __future__ import annotations
 
@@ -16,6 +17,28 @@ PROBES = {
         from stabledrl_cli.cli.app import app
         result = CliRunner().invoke(app, ["--help"])
         assert result.exit_code == 0 and "replay" in result.stdout, result.output
+    """,
+    "import and pack, their help and a missing input": """
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        missing = {"import": ["/no/log", "--out", "/no/run"], "pack": ["/no/run", "/no/out.h5"]}
+        for command, args in missing.items():
+            result = CliRunner().invoke(app, [command, "--help"])
+            assert result.exit_code == 0 and "Usage" in result.stdout, result.output
+            result = CliRunner().invoke(app, [command, *args])
+            assert result.exit_code == 3, result.output
+    """,
+    "a Recorder of numpy arrays, and the headers of its run": """
+        import tempfile
+        import numpy as np
+        import stabledrl_cli as sd
+        path = tempfile.mkdtemp() + "/run"
+        with sd.Recorder(path, policy="grpo") as recorder:
+            zeros = np.zeros(8, "float32")
+            recorder.log_step(0, logp=zeros, logp_old=zeros, advantages=zeros + 1,
+                              seq_id=np.repeat(np.arange(4), 2).astype("int32"), loss=0.5)
+        run = sd.open_run(path)
+        assert run.step_numbers == [0] and run.step(0).scalars["loss"] == 0.5
     """,
     "policies": """
         from typer.testing import CliRunner

@@ -13,11 +13,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import h5py
 import numpy as np
-import torch
 
 from stabledrl_cli.dump._archive_checks import (
     CRC_ATTR,
@@ -36,7 +35,7 @@ from stabledrl_cli.dump._layout import (
     decode,
     scalar_name,
 )
-from stabledrl_cli.dump._run import Run, Step
+from stabledrl_cli.dump._run import Run, Step, as_tensor
 from stabledrl_cli.dump._schema import (
     FIELDS,
     MANIFEST_LIMIT,
@@ -46,6 +45,9 @@ from stabledrl_cli.dump._schema import (
     parse_manifest,
 )
 from stabledrl_cli.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 # Each open dataset's chunk cache: steps are read in order, so consecutive steps share at most
 # the chunk on their boundary (32K entries, up to 256 KiB); 1 MiB holds it with room to spare.
@@ -87,9 +89,9 @@ class ArchiveStep(Step):
 
     def _read(self, name: str) -> torch.Tensor:
         if name in self.loaded:
-            return torch.from_numpy(self.loaded.pop(name))
+            return as_tensor(self.loaded.pop(name))
         try:
-            return torch.from_numpy(self.archive.read_field(self.index, name))
+            return as_tensor(self.archive.read_field(self.index, name))
         except H5_ERRORS as exc:
             raise InputError(
                 f"{self.archive.location}: cannot read {name} of step {self.step}: {exc}"

@@ -29,13 +29,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError, gap_findings
-from stabledrl_cli.dump._run import Run, Step
+from stabledrl_cli.dump._run import Run, Step, as_tensor
 from stabledrl_cli.dump._schema import (
     BATCH_FIELDS,
     FIELDS,
@@ -58,6 +57,9 @@ from stabledrl_cli.dump._schema import (
 from stabledrl_cli.dump._stfile import FileKey, StepHeader, file_key, read_header
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.vocab import GroupIds
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _parse_scalars(metadata: dict[str, str]) -> dict[str, float]:
@@ -211,11 +213,13 @@ class DirectoryStep(Step):
             self.handed = {(r, n) for r, n in self.handed if r != rank}
         self.handed.add((rank, name))
         try:
-            return torch.from_numpy(self._file(rank).array(name))
+            return as_tensor(self._file(rank).array(name))
         except ValueError as exc:  # offsets past the buffer: the file is not what was checked
             raise InputError(f"{self.named(self.paths[rank])}: cannot read {name}: {exc}") from None
 
     def _joined(self, name: str) -> torch.Tensor:
+        import torch  # loaded by the parts' reads already (`as_tensor`)
+
         if name == "param_grad_norm":
             return self._read_rank(0, name)
         parts = [self._read_rank(rank, name) for rank in range(len(self.paths))]

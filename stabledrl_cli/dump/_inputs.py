@@ -8,16 +8,19 @@ flattened row-major over ALL positions (masked ones kept with mask = 0).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from stabledrl_cli.dump._schema import BATCH_FIELDS, FIELDS, SERIES_SCALARS, STANDARD_SCALARS
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.vocab import Unit
+
+if TYPE_CHECKING:
+    import torch
 
 ArrayInput: TypeAlias = "torch.Tensor | npt.ArrayLike"
 """An array `log_step` accepts: a torch tensor on any device, a numpy array, a list."""
@@ -37,11 +40,18 @@ _FLOAT32 = np.dtype("float32")
 _UINT8 = np.dtype("uint8")
 
 
+def _is_tensor(value: object) -> TypeGuard[torch.Tensor]:
+    """Whether `value` is a torch tensor: never when torch is not loaded (a Recorder given
+    numpy arrays does not load it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
     """`value` as a numpy array (a tensor moved to the CPU; bfloat16 widened to float32)."""
-    if isinstance(value, torch.Tensor):
+    if _is_tensor(value):
         value = value.detach()
-        if value.dtype in (torch.bfloat16,):
+        if value.dtype is sys.modules["torch"].bfloat16:
             value = value.float()  # numpy has no bfloat16
         return value.cpu().numpy()
     if isinstance(value, np.ndarray):
@@ -92,8 +102,8 @@ def _flag_array(array: np.ndarray, field: str) -> np.ndarray:
 def _scalar(value: ScalarInput | object, field: str) -> float:
     if type(value) is float:
         return value
-    if isinstance(value, torch.Tensor | np.ndarray):
-        count = value.numel() if isinstance(value, torch.Tensor) else value.size
+    if _is_tensor(value) or isinstance(value, np.ndarray):
+        count = value.numel() if _is_tensor(value) else value.size
         if count != 1:
             raise UsageError(f"{field}: expected a scalar, got {count} values")
         value = value.item()

@@ -15,16 +15,27 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import numpy as np
-import torch
 
 from stabledrl_cli.dump._integrity import IntegrityReport, RunIntegrityWarning, StepReadError
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.vocab import GroupIds, Unit
 
+if TYPE_CHECKING:
+    import torch
+
 _Default = TypeVar("_Default")
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A step's array as the CPU torch tensor `step[name]` hands out (no copy). torch is
+    imported here, at the first array read: listing or inspecting a run's headers, and the
+    commands' --help, never load it."""
+    import torch
+
+    return torch.from_numpy(array)
 
 
 def size_on_disk(path: Path) -> int:
