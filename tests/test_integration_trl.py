@@ -352,17 +352,35 @@ def _free_port() -> int:
         return port
 
 
+def _torchrun(script: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            str(SCRIPTS / script), *args]  # fmt: skip
+
+
+def _assert_step_files(out: Path) -> None:
+    names = sorted(p.name for p in (out / "steps").iterdir())
+    assert names == [f"step-{s:08d}.rank-{r:04d}.safetensors" for s in (1, 2, 3, 4) for r in (0, 1)]
+
+
+def _assert_trl_metrics(out: Path, spec: str, logged: dict[int, dict[str, Any]]) -> None:
+    """Replay's TRL metrics of the merged run pool each micro-batch call over the ranks, as
+    TRL does."""
+    own = sd.replay(out, policies=[spec], device="cpu").own
+    assert own is not None
+    for column, name in TRL_METRICS.items():
+        for number, value in zip(own.series["step"], own.series[column], strict=True):
+            assert value == pytest.approx(logged[int(number)][name], abs=1e-6), column
+
+
 def test_two_ranks_with_torchrun(tiny: Any, tmp_path: Path) -> None:
     out, log = tmp_path / "run", tmp_path / "log.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(SCRIPTS / "ddp_train.py"), str(out), str(log)]  # fmt: skip
+    cmd = _torchrun("ddp_train.py", str(out), str(log))
     done = subprocess.run(
         cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    names = sorted(p.name for p in (out / "steps").iterdir())
-    assert names == [f"step-{s:08d}.rank-{r:04d}.safetensors" for s in (1, 2, 3, 4) for r in (0, 1)]
+    _assert_step_files(out)
     log_history = json.loads(log.read_text())
     run = sd.open_run(out)
     assert run.manifest["world_size"] == 2
@@ -373,12 +391,56 @@ def test_two_ranks_with_torchrun(tiny: Any, tmp_path: Path) -> None:
         assert step.scalars["loss"] == pytest.approx(logged[step.step]["loss"], rel=1e-6)
         assert step.num_sequences == 8
         assert set(step["group_id"].tolist()) <= set(range(4))  # global ids, not offset
-    # replay's TRL metrics of the merged run pool each micro-batch call over the ranks, as TRL
-    own = sd.replay(out, policies=[run.policy_spec or ""], device="cpu").own
-    assert own is not None
-    for column, name in TRL_METRICS.items():
-        for number, value in zip(own.series["step"], own.series[column], strict=True):
-            assert value == pytest.approx(logged[int(number)][name], abs=1e-6), column
+    _assert_trl_metrics(out, run.policy_spec or "", logged)
+
+
+# -- two ranks, the model sharded by accelerate's FSDP2 plugin --------------------------------
+def _fsdp2_train(tmp_path: Path, *command: str) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """Runs `command` (ending with fsdp2_train.py's arguments); returns the process and what
+    rank 0 wrote, after checking the model really was sharded by FSDP2."""
+    done = subprocess.run(
+        command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown = json.loads((tmp_path / "shown.json").read_text())
+    assert shown["is_fsdp2"] and shown["dtensor_parameters"]
+    assert shown["model"] == "FSDPQwen2ForCausalLM"
+    return done, shown
+
+
+def test_fsdp2_two_ranks_record_trl_grad_norm_and_loss(tiny: Any, tmp_path: Path) -> None:
+    """DTensor gradients clipped by accelerate: each step's grad_norm is the float TRL logs
+    (both read the norm accelerate's clip returned, so they are equal, not close), and the
+    run's policy replays TRL's loss and clip ratios."""
+    out = tmp_path / "run"
+    _, shown = _fsdp2_train(tmp_path, *_torchrun("fsdp2_train.py", str(out), "shown.json"))
+    _assert_step_files(out)
+    run = sd.open_run(out)
+    assert run.manifest["world_size"] == 2
+    spec = run.policy_spec or ""
+    _assert_matches_trl(out, spec, shown["log_history"])
+    logged = _logged(shown["log_history"])
+    assert logged[1]["grad_norm"] > 1.0  # max_grad_norm: the norm recorded is the pre-clip one
+    assert run.step(1).scalars["grad_norm_clipped"] == pytest.approx(1.0, rel=1e-5)
+    _assert_trl_metrics(out, spec, logged)
+
+
+def test_fsdp2_two_ranks_under_stabledrl_record(tiny: Any, tmp_path: Path) -> None:
+    """Plain `trl.GRPOTrainer` under `stabledrl record`: the optimizer hooks record each step
+    (numbered from 0) with TRL's grad_norm, within float32 rounding (the hooks sum the
+    squares of the DTensor shards in float64, torch's clip in float32)."""
+    record = [sys.executable, "-m", "stabledrl_cli", "record", "--out", "run", "--"]
+    command = [*record, *_torchrun("fsdp2_train.py", "unused", "shown.json", "plain")]
+    done, shown = _fsdp2_train(tmp_path, *command)
+    assert "recording failed" not in done.stderr
+    logged = _logged(shown["log_history"])
+    run = sd.open_run(tmp_path / "run")
+    assert run.manifest["world_size"] == 2
+    assert run.step_numbers == [n - 1 for n in sorted(logged)]
+    for step in run:
+        trl = logged[step.step + 1]
+        assert step.scalars["grad_norm"] == pytest.approx(trl["grad_norm"], rel=1e-6)
+        assert step.scalars["lr"] == pytest.approx(trl["learning_rate"], rel=1e-12)
 
 
 # -- resume ----------------------------------------------------------------------------------

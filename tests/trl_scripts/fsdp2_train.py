@@ -1,0 +1,79 @@
+"""Run under torchrun: the tiny GRPO run with its model sharded by accelerate's FSDP2 plugin
+(TRL's `fsdp`/`fsdp_config` arguments), on CPU with gloo.
+
+usage: torchrun --nproc_per_node 2 fsdp2_train.py RUN_DIR OUT_JSON [plain]
+Records with RecordingGRPOTrainer into RUN_DIR, or with "plain" trains `trl.GRPOTrainer`
+(recorded by `stabledrl record`'s hooks). Rank 0 writes TRL's log_history and what the model
+became to OUT_JSON.
+
+accelerate (1.15) selects FSDP only on accelerator hosts: on CPU it keeps MULTI_CPU and wraps
+the model in DDP without saying so. The script therefore has accelerate's backend choice
+return what a GPU host gets (MULTI_GPU, here with gloo, the device kept on the CPU); the rest,
+the FSDP2 sharding (`fully_shard`), the DTensor gradients, accelerate's clip and TRL's
+logging, is the frameworks' own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import accelerate.state
+from accelerate.utils import DistributedType
+from tiny_grpo import count_b, tiny_config, tiny_dataset, tiny_model, tiny_tokenizer
+from torch.distributed.tensor import DTensor
+from trl import GRPOTrainer
+
+from stabledrl_cli.integrations.trl import RecordingGRPOTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distributed_exit import exit_without_finalizing
+
+
+def backend_of_a_gpu_host(*_: Any, **__: Any) -> tuple[str, DistributedType]:
+    """`PartialState._prepare_backend` as on a GPU host, with gloo."""
+    return "gloo", DistributedType.MULTI_GPU
+
+
+def main() -> None:
+    run_dir, out_json = sys.argv[1], Path(sys.argv[2])
+    plain = sys.argv[3:] == ["plain"]
+    os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+    accelerate.state.PartialState._prepare_backend = backend_of_a_gpu_host
+    config = tiny_config(
+        str(Path(run_dir).parent / "trl_out"),
+        per_device_train_batch_size=2,
+        use_cpu=False,
+        bf16=False,
+        fsdp=True,
+        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]},
+    )
+    parts: dict[str, Any] = {
+        "model": tiny_model(),
+        "reward_funcs": count_b,
+        "args": config,
+        "train_dataset": tiny_dataset(),
+        "processing_class": tiny_tokenizer(),
+    }
+    if plain:
+        trainer = GRPOTrainer(**parts)
+    else:
+        trainer = RecordingGRPOTrainer(**parts, stabledrl_out=run_dir)
+    trainer.train()
+    if trainer.accelerator.process_index == 0:
+        model = trainer.model_wrapped
+        shown = {
+            "log_history": trainer.state.log_history,
+            "is_fsdp2": trainer.accelerator.is_fsdp2,
+            "model": type(model).__name__,
+            "dtensor_parameters": all(isinstance(p, DTensor) for p in model.parameters()),
+        }
+        out_json.write_text(json.dumps(shown))
+
+
+if __name__ == "__main__":
+    main()
+    exit_without_finalizing()
