@@ -1,5 +1,6 @@
-"""Start-up: importing the package, the root help, `policies`, `import` and `pack` (their help
-and their input checks), and a Recorder of numpy arrays never import torch."""
+"""Start-up: importing the package, the root help, `policies`, the help of `replay`, `check`,
+`tune` and `inspect`, `import` and `pack` (their help and their input checks), and a Recorder
+of numpy arrays never import torch."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ PROBES = {
         from stabledrl_cli.cli.app import app
         result = CliRunner().invoke(app, ["--help"])
         assert result.exit_code == 0 and "replay" in result.stdout, result.output
+    """,
+    "replay, check, tune and inspect: their help": """
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        for command in ("replay", "check", "tune", "inspect"):
+            result = CliRunner().invoke(app, [command, "--help"])
+            assert result.exit_code == 0 and "Usage" in result.stdout, result.output
     """,
     "import and pack, their help and a missing input": """
         from typer.testing import CliRunner

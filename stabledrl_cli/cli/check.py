@@ -16,6 +16,8 @@ missing, a policy gate or --policy or --plot on a scalar run, a URL that cannot 
 run with no readable step, a malformed baseline or one of a newer version); 4 an output that
 cannot be written. Unreadable step files are skipped with a line on stderr
 (how many, and why); a check never passes on zero steps.
+
+The replay engine (torch) is imported where it runs: `--help` never loads torch.
 """
 
 from __future__ import annotations
@@ -65,7 +67,6 @@ from stabledrl_cli.replay.baseline import (
     write_baseline,
 )
 from stabledrl_cli.replay.config import DEFAULT_SPIKE_FACTOR, ReplayConfig
-from stabledrl_cli.replay.engine import no_steps_message, skipped_reasons
 from stabledrl_cli.replay.figures import policy_metrics
 from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
 from stabledrl_cli.replay.junit import write_junit
@@ -167,6 +168,8 @@ def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) 
             f"{', '.join(policy_options)} need(s) replayed policies; gate it with "
             "--baseline, --max-spikes, --max-nonfinite or --fail-on-collapse"
         )
+    from stabledrl_cli.replay.engine import no_steps_message, skipped_reasons
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RunIntegrityWarning)  # counted below
         skipped = skipped_reasons(run)

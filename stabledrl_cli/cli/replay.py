@@ -5,6 +5,9 @@ run, a wrong format version, arrays of mismatched lengths, a step missing a fiel
 policy needs, a run with no readable step); 4 an output that cannot be written. Steps with NaN
 or inf are replayed and flagged, not refused; unreadable step files are skipped, and a line on
 stderr says how many and why.
+
+The replay engines (torch) are imported where they run: `--help` and the checks of the
+options and the run never load torch (tests/test_startup.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -46,13 +49,14 @@ from stabledrl_cli.replay.config import (
     parse_step_range,
     replay_config,
 )
-from stabledrl_cli.replay.engine import REASONS_SHOWN, Engine, LocalEngine, replay_run
 from stabledrl_cli.replay.hdf5 import write_hdf5
 from stabledrl_cli.replay.plot import check_plot_path, plot_replay, require_matplotlib
-from stabledrl_cli.replay.ray_engine import RayEngine, require_ray
 from stabledrl_cli.replay.report import BEST_RULE, print_detail, print_summary
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.vocab import METRIC_GROUPS, MetricGroup, ReplayEngine
+
+if TYPE_CHECKING:
+    from stabledrl_cli.replay.engine import Engine
 
 CollapseWindowOpt = Annotated[
     int | None,
@@ -105,6 +109,8 @@ def note_skipped(result: ReplayResult) -> None:
         )
     if not result.skipped:
         return
+    from stabledrl_cli.replay.engine import REASONS_SHOWN
+
     count = len(result.skipped)
     shown = "; ".join(result.skipped[:REASONS_SHOWN])
     more = "; ..." if count > REASONS_SHOWN else ""
@@ -131,6 +137,9 @@ def replay_engine(engine: ReplayEngine, workers: int | None, address: str | None
     """The --engine's engine: --workers without --engine ray is a usage error, and so is
     --engine ray without ray installed (--ray-address, which RAY_ADDRESS may set, is ignored
     by the local engine)."""
+    from stabledrl_cli.replay.engine import LocalEngine
+    from stabledrl_cli.replay.ray_engine import RayEngine, require_ray
+
     if engine == "local":
         if workers is not None:
             raise UsageError("--workers needs --engine ray")
@@ -146,6 +155,8 @@ def replay_with_progress(
 ) -> ReplayResult:
     """`replay_run` with its progress on stderr: a bar in a terminal, a line per tenth (at
     least every 30 s) without one."""
+    from stabledrl_cli.replay.engine import replay_run
+
     with progress("replaying", len(run)) as advance:
         return replay_run(run, policies, config=config, progress=advance, engine=engine)
 

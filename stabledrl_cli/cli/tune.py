@@ -5,6 +5,8 @@ streamed pass (all settings together on each chunk, as a replay of several polic
 ranked by discarded gradient against risk steps (stabledrl_cli.tune.front). Exit codes: 0
 ok; 2 usage error (a bad sweep, too many settings, plot extra missing); 3 bad input (as
 replay); 4 an output that cannot be written.
+
+The replay engine (torch) is imported where it runs: `--help` never loads torch.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from stabledrl_cli.cli.replay import (
 )
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.replay.config import replay_config
-from stabledrl_cli.replay.engine import own_policy
 from stabledrl_cli.replay.report import print_legend, print_whole
 from stabledrl_cli.tune.front import SettingFigures, TuneReport, percent, rank
 from stabledrl_cli.tune.grid import SWEEP_SYNTAX, expand_all
@@ -124,6 +125,8 @@ def command(
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Sweep policy parameters over a run; rank settings by discarded gradient and risk."""
+    from stabledrl_cli.replay.engine import own_policy
+
     settings = expand_all(sweeps)
     check_outputs(plot, {})
     chosen = replay_engine(engine, workers, ray_address)

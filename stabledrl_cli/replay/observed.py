@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import InputError
@@ -27,6 +27,9 @@ from stabledrl_cli.replay.detectors import (
     spike_flags,
 )
 from stabledrl_cli.replay.guards import DEFAULT_GUARDS, GuardReport, replay_guards
+
+if TYPE_CHECKING:
+    import torch
 
 NONFINITE_COUNTS = ("nonfinite", "nonfinite_grads")
 """The recorded counts that make a step non-finite when above 0."""
@@ -200,6 +203,8 @@ def logratio_moments(
     """[3] (count, mean, sum of squared deviations) of the finite log r = logp - logp_old over
     the scored entries (mask [T] > 0; logp, logp_old [T]), on their device (float64 where the
     device has it). Non-finite entries are left out: they are the run's `nonfinite_steps`."""
+    import torch  # loaded with the arrays: `inspect` of a run's headers needs none
+
     wide = torch.float32 if logp.device.type == "mps" else torch.float64
     logratio = logp.reshape(-1).to(wide) - logp_old.reshape(-1).to(wide)
     keep = mask.reshape(-1).bool() & torch.isfinite(logratio)

@@ -14,15 +14,18 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stabledrl_cli._json import json_safe
 from stabledrl_cli.replay.columns import ColumnArray
 from stabledrl_cli.replay.config import StepRange
-from stabledrl_cli.replay.metrics import TopSequence
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.vocab import RunGeometryKind
+
+if TYPE_CHECKING:
+    from stabledrl_cli.replay.metrics import TopSequence
 
 JsonRow = dict[str, object]
 """One JSON object of the contract, before NaN and inf become null."""
