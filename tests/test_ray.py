@@ -21,10 +21,10 @@ import pytest
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
-from stabledrl_cli.cli import replay as cli_replay
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import InputError
+from stabledrl_cli.replay import ray_engine
 from stabledrl_cli.replay.config import replay_config
 from stabledrl_cli.replay.engine import replay, replay_run
 from stabledrl_cli.replay.ray_engine import RayEngine
@@ -232,7 +232,8 @@ def test_check_engine_ray_is_the_local_check(cluster, synthetic, tmp_path, monke
         (marks / f"shard-{task.steps[0]}").touch()
         return stream_shard(task)
 
-    monkeypatch.setattr(cli_replay, "RayEngine", partial(RayEngine, shard_fn=marked_shard))
+    # the CLI takes the engine class from its module when it runs
+    monkeypatch.setattr(ray_engine, "RayEngine", partial(RayEngine, shard_fn=marked_shard))
     args = ["check", str(synthetic), "-p", "grpo", "-p", "stabledrl", "--device", "cpu"]
     args += ["--max-nonfinite", "0", "--max-discard-frac", "0.5", "--format", "json"]
     local = runner.invoke(app, args)
