@@ -2,9 +2,10 @@
 
     python benchmarks/startup.py [--runs 7]
 
-Times `stabledrl --help`, `stabledrl policies` and `python -c "import stabledrl_cli"` (each a
-new interpreter, output discarded) and prints a table of median, min and max seconds, plus
-whether each imported torch. None of them should: torch alone takes about a second to import.
+Times `stabledrl --help`, `stabledrl policies`, the help of `replay` and `import`, and
+`python -c "import stabledrl_cli"` (each a new interpreter, output discarded) and prints a
+table of median, min and max seconds, plus whether each imported torch. None of them should:
+torch alone takes about a second to import.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ PY = sys.executable
 COMMANDS: dict[str, list[str]] = {
     "stabledrl --help": [PY, "-m", "stabledrl_cli", "--help"],
     "stabledrl policies": [PY, "-m", "stabledrl_cli", "policies"],
+    "stabledrl replay --help": [PY, "-m", "stabledrl_cli", "replay", "--help"],
+    "stabledrl import --help": [PY, "-m", "stabledrl_cli", "import", "--help"],
     "import stabledrl_cli": [PY, "-c", "import stabledrl_cli"],
     "import torch (yardstick)": [PY, "-c", "import torch"],
 }
