@@ -102,8 +102,8 @@ def _flag_array(array: np.ndarray, field: str) -> np.ndarray:
 def _scalar(value: ScalarInput | object, field: str) -> float:
     if type(value) is float:
         return value
-    if _is_tensor(value) or isinstance(value, np.ndarray):
-        count = value.numel() if _is_tensor(value) else value.size
+    if isinstance(value, np.ndarray) or _is_tensor(value):
+        count = value.size if isinstance(value, np.ndarray) else value.numel()
         if count != 1:
             raise UsageError(f"{field}: expected a scalar, got {count} values")
         value = value.item()
