@@ -1,6 +1,7 @@
 """Start-up: importing the package, the root help, `policies`, the help of `replay`, `check`,
-`tune` and `inspect`, `import` and `pack` (their help and their input checks), and a Recorder
-of numpy arrays never import torch."""
+`tune`, `inspect` and `diff`, `import` and `pack` (their help and their input checks), a Recorder
+of numpy arrays, `diff` of two runs that never part and `check` of a scalar run (and both
+refusing bad input) never import torch."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ PROBES = {
         result = CliRunner().invoke(app, ["--help"])
         assert result.exit_code == 0 and "replay" in result.stdout, result.output
     """,
-    "replay, check, tune and inspect: their help": """
+    "replay, check, tune, inspect and diff: their help": """
         from typer.testing import CliRunner
         from stabledrl_cli.cli.app import app
-        for command in ("replay", "check", "tune", "inspect"):
+        for command in ("replay", "check", "tune", "inspect", "diff"):
             result = CliRunner().invoke(app, [command, "--help"])
             assert result.exit_code == 0 and "Usage" in result.stdout, result.output
     """,
@@ -47,6 +48,40 @@ PROBES = {
                               seq_id=np.repeat(np.arange(4), 2).astype("int32"), loss=0.5)
         run = sd.open_run(path)
         assert run.step_numbers == [0] and run.step(0).scalars["loss"] == 0.5
+    """,
+    "diff of two runs that never part, and its refusals": """
+        import shutil, tempfile
+        import numpy as np
+        import stabledrl_cli as sd
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        home = tempfile.mkdtemp()
+        with sd.Recorder(home + "/a", policy="grpo") as recorder:
+            for step in range(3):
+                logp = np.linspace(-2, -1, 8, dtype="float32") + step
+                recorder.log_step(step, logp=logp, logp_old=logp - 0.01,
+                                  advantages=np.repeat([1.0, -1.0, 0.5, -0.5], 2),
+                                  seq_id=np.repeat(np.arange(4), 2).astype("int32"))
+        shutil.copytree(home + "/a", home + "/b")
+        same = CliRunner().invoke(app, ["diff", home + "/a", home + "/b", "-f", "json"])
+        assert same.exit_code == 0 and '"identical": true' in same.stdout, same.output
+        assert CliRunner().invoke(app, ["diff", home + "/a", home + "/none"]).exit_code == 3
+        bad = CliRunner().invoke(app, ["diff", home + "/a", home + "/b", "--atol", "-1"])
+        assert bad.exit_code == 2, bad.output
+    """,
+    "check of a scalar run, and of a missing run": """
+        import tempfile
+        import stabledrl_cli as sd
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        path = tempfile.mkdtemp() + "/run"
+        with sd.Recorder(path, policy=None) as recorder:
+            for step in range(20):
+                recorder.log_step(step, reward_mean=0.5, grad_norm=1.0 + step % 2)
+        gated = CliRunner().invoke(app, ["check", path, "--max-spikes", "0"])
+        assert gated.exit_code == 0, gated.output
+        missing = CliRunner().invoke(app, ["check", path + "-none", "--max-spikes", "0"])
+        assert missing.exit_code == 3, missing.output
     """,
     "policies": """
         from typer.testing import CliRunner

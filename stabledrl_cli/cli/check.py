@@ -75,6 +75,7 @@ from stabledrl_cli.replay.plot import plot_replay
 from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
 from stabledrl_cli.replay.report import print_title, print_whole
 from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.replay.run_facts import no_steps_message, skipped_reasons
 
 
 def counted(count: int, noun: str) -> str:
@@ -168,8 +169,6 @@ def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) 
             f"{', '.join(policy_options)} need(s) replayed policies; gate it with "
             "--baseline, --max-spikes, --max-nonfinite or --fail-on-collapse"
         )
-    from stabledrl_cli.replay.engine import no_steps_message, skipped_reasons
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RunIntegrityWarning)  # counted below
         skipped = skipped_reasons(run)

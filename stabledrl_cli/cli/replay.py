@@ -109,7 +109,7 @@ def note_skipped(result: ReplayResult) -> None:
         )
     if not result.skipped:
         return
-    from stabledrl_cli.replay.engine import REASONS_SHOWN
+    from stabledrl_cli.replay.run_facts import REASONS_SHOWN
 
     count = len(result.skipped)
     shown = "; ".join(result.skipped[:REASONS_SHOWN])
@@ -133,17 +133,17 @@ def metric_groups(names: Sequence[str] | None) -> tuple[MetricGroup, ...]:
     return tuple(groups)
 
 
-def replay_engine(engine: ReplayEngine, workers: int | None, address: str | None) -> Engine:
-    """The --engine's engine: --workers without --engine ray is a usage error, and so is
+def replay_engine(engine: ReplayEngine, workers: int | None, address: str | None) -> Engine | None:
+    """The --engine's engine, None for the local one (the replay's default, loading torch only
+    when a step is replayed): --workers without --engine ray is a usage error, and so is
     --engine ray without ray installed (--ray-address, which RAY_ADDRESS may set, is ignored
     by the local engine)."""
-    from stabledrl_cli.replay.engine import LocalEngine
-    from stabledrl_cli.replay.ray_engine import RayEngine, require_ray
-
     if engine == "local":
         if workers is not None:
             raise UsageError("--workers needs --engine ray")
-        return LocalEngine()
+        return None
+    from stabledrl_cli.replay.ray_engine import RayEngine, require_ray
+
     if workers is not None and workers < 1:
         raise UsageError("--workers must be an integer >= 1")
     require_ray()

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
@@ -35,7 +35,7 @@ from stabledrl_cli.dump._layout import (
     decode,
     scalar_name,
 )
-from stabledrl_cli.dump._run import Run, Step, as_tensor
+from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import (
     FIELDS,
     MANIFEST_LIMIT,
@@ -45,9 +45,6 @@ from stabledrl_cli.dump._schema import (
     parse_manifest,
 )
 from stabledrl_cli.errors import InputError
-
-if TYPE_CHECKING:
-    import torch
 
 # Each open dataset's chunk cache: steps are read in order, so consecutive steps share at most
 # the chunk on their boundary (32K entries, up to 256 KiB); 1 MiB holds it with room to spare.
@@ -87,11 +84,11 @@ class ArchiveStep(Step):
     loaded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     """Arrays already read (and checked) when the step was loaded; each is handed out once."""
 
-    def _read(self, name: str) -> torch.Tensor:
+    def _read(self, name: str) -> np.ndarray:
         if name in self.loaded:
-            return as_tensor(self.loaded.pop(name))
+            return self.loaded.pop(name)
         try:
-            return as_tensor(self.archive.read_field(self.index, name))
+            return self.archive.read_field(self.index, name)
         except H5_ERRORS as exc:
             raise InputError(
                 f"{self.archive.location}: cannot read {name} of step {self.step}: {exc}"

@@ -29,12 +29,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError, gap_findings
-from stabledrl_cli.dump._run import Run, Step, as_tensor
+from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import (
     BATCH_FIELDS,
     FIELDS,
@@ -57,9 +57,6 @@ from stabledrl_cli.dump._schema import (
 from stabledrl_cli.dump._stfile import FileKey, StepHeader, file_key, read_header
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.vocab import GroupIds
-
-if TYPE_CHECKING:
-    import torch
 
 
 def _parse_scalars(metadata: dict[str, str]) -> dict[str, float]:
@@ -186,7 +183,7 @@ class DirectoryStep(Step):
     """(rank, name) of the arrays handed out as views of the rank's buffer; asking for one
     again reads the file anew (a caller may have changed the first in place)."""
 
-    def _read(self, name: str) -> torch.Tensor:
+    def _read(self, name: str) -> np.ndarray:
         if len(self.paths) == 1:
             return self._read_rank(0, name)
         return self._joined(name)
@@ -207,19 +204,17 @@ class DirectoryStep(Step):
             self.files[rank] = loaded
         return loaded
 
-    def _read_rank(self, rank: int, name: str) -> torch.Tensor:
+    def _read_rank(self, rank: int, name: str) -> np.ndarray:
         if (rank, name) in self.handed:
             self.files[rank] = None
             self.handed = {(r, n) for r, n in self.handed if r != rank}
         self.handed.add((rank, name))
         try:
-            return as_tensor(self._file(rank).array(name))
+            return self._file(rank).array(name)
         except ValueError as exc:  # offsets past the buffer: the file is not what was checked
             raise InputError(f"{self.named(self.paths[rank])}: cannot read {name}: {exc}") from None
 
-    def _joined(self, name: str) -> torch.Tensor:
-        import torch  # loaded by the parts' reads already (`as_tensor`)
-
+    def _joined(self, name: str) -> np.ndarray:
         if name == "param_grad_norm":
             return self._read_rank(0, name)
         parts = [self._read_rank(rank, name) for rank in range(len(self.paths))]
@@ -227,17 +222,17 @@ class DirectoryStep(Step):
             offsets = np.cumsum([0] + [r.num_sequences for r in self.records])
             parts = [p + int(offsets[r]) for r, p in enumerate(parts)]
         elif name == "micro_batch" or (name == "group_id" and self.group_ids == "per_rank"):
-            sizes = [int(p.max()) + 1 if p.numel() else 0 for p in parts]
+            sizes = [int(p.max()) + 1 if p.size else 0 for p in parts]
             offsets = np.cumsum([0, *sizes])
             parts = [p + int(offsets[r]) for r, p in enumerate(parts)]
-        elif name == "unit_grad_sketch" and any(p.dtype == torch.float16 for p in parts):
+        elif name == "unit_grad_sketch" and any(p.dtype == np.float16 for p in parts):
             parts = [
-                p.float() * r.scalars.get("unit_grad_sketch_scale", 1.0)
-                if p.dtype == torch.float16
+                p.astype(np.float32) * np.float32(r.scalars.get("unit_grad_sketch_scale", 1.0))
+                if p.dtype == np.float16
                 else p
                 for p, r in zip(parts, self.records, strict=True)
             ]
-        return torch.cat(parts)
+        return np.concatenate(parts)
 
 
 _SETTLED_NS = 2_000_000_000

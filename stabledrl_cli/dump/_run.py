@@ -3,8 +3,8 @@
 A `Run` (a run directory, or a packed archive) lists its readable steps, hands out a `Step`
 per optimizer step, reports its integrity, and derives the rest from those: iteration that
 skips an untrustworthy step with a `RunIntegrityWarning`, header-only iteration, per-step
-scalar series. A `Step` knows its scalars, fields and counts at once; `step[name]` reads one
-array when it is asked for.
+scalar series. A `Step` knows its scalars, fields and counts at once; `step[name]` (a torch
+tensor) and `step.array(name)` (numpy) read one array when it is asked for.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def size_on_disk(path: Path) -> int:
 @dataclass(eq=False, kw_only=True)
 class Step(ABC):
     """One optimizer step, read lazily: `step[name]` -> a CPU torch.Tensor read when indexed
-    (token fields [T], sequence fields [N], token_ids [N, k], geometry [U, U] or [U, k])."""
+    (token fields [T], sequence fields [N], token_ids [N, k], geometry [U, U] or [U, k]);
+    `step.array(name)` -> the same values as a numpy array."""
 
     step: int
     scalars: dict[str, float]
@@ -86,12 +87,17 @@ class Step(ABC):
         return self[name] if name in self.fields else default
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        return as_tensor(self.array(name))
+
+    def array(self, name: str) -> np.ndarray:
+        """`step[name]` as the numpy array it is read into (no torch): KeyError for a field the
+        step did not record, InputError if it cannot be read."""
         if name not in self.fields:
             raise KeyError(f"step {self.step} has no field {name!r}; it has: {sorted(self.fields)}")
         return self._read(name)
 
     @abstractmethod
-    def _read(self, name: str) -> torch.Tensor:
+    def _read(self, name: str) -> np.ndarray:
         """The array `name` (a field of this step); InputError if it cannot be read."""
 
 

@@ -25,14 +25,12 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
 from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
 from stabledrl_cli.dump._schema import STANDARD_SCALARS
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.engine import own_policy
-from stabledrl_cli.replay.follow import OwnReplay
+from stabledrl_cli.replay.run_facts import own_spec
 from stabledrl_cli.vocab import DIFF_KINDS, DiffKind
 
 INPUT_FIELDS = (
@@ -152,34 +150,38 @@ def _ranges(numbers: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    return bool(np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)))
 
 
-def _shape(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.") + str(list(t.shape))
+def _shape(a: np.ndarray) -> str:
+    return f"{a.dtype}{list(a.shape)}"
 
 
-def _entries(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> str | None:
+def _is_float(a: np.ndarray) -> bool:
+    return bool(np.issubdtype(a.dtype, np.floating))
+
+
+def _entries(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> str | None:
     """None when a and b agree (exactly with atol = rtol = 0; NaN agrees with NaN), else how
     they differ, in words."""
-    if a.shape != b.shape or a.dtype.is_floating_point != b.dtype.is_floating_point:
+    if a.shape != b.shape or _is_float(a) != _is_float(b):
         return f"{_shape(a)} vs {_shape(b)}"
     x, y = a.reshape(-1), b.reshape(-1)
     gaps: np.ndarray | None = None
-    if x.dtype.is_floating_point:
-        x64, y64 = x.to(torch.float64).numpy(), y.to(torch.float64).numpy()
+    if _is_float(x):
+        x64, y64 = x.astype(np.float64), y.astype(np.float64)
         bad = ~np.isclose(x64, y64, rtol=rtol, atol=atol, equal_nan=True)
         with np.errstate(invalid="ignore"):
             gaps = np.abs(x64 - y64)[bad]
     else:
-        bad = (x != y).numpy()
+        bad = x != y
     count = int(np.count_nonzero(bad))
     if count == 0:
         return None
-    detail = f"{count} of {x.numel()} differ, first at {int(np.flatnonzero(bad)[0])}"
+    detail = f"{count} of {x.size} differ, first at {int(np.flatnonzero(bad)[0])}"
     if gaps is not None and np.isfinite(gaps).any():
         detail += f", max |a-b| {float(gaps[np.isfinite(gaps)].max()):.4g}"
     return detail
@@ -217,7 +219,7 @@ class _Comparison:
         if name not in a.fields or name not in b.fields:
             what = "only in A" if name in a.fields else "only in B"
             return what, what
-        x, y = a[name], b[name]
+        x, y = a.array(name), b.array(name)
         if _bitwise_equal(x, y):
             return None, None
         tolerant = _kind(name) == "logprobs"
@@ -264,6 +266,8 @@ def _figures(
 ) -> dict[int, dict[str, float | bool | None]]:
     """step -> FIGURES of `run` at `steps` (its own policy replayed over the run's steps up to
     the last of them)."""
+    from stabledrl_cli.replay.follow import OwnReplay  # torch: only for runs that part
+
     follower = OwnReplay(run, config)
     follower.extend([n for n in run.step_numbers if n <= steps[-1]])
     series = follower.series()
@@ -336,9 +340,6 @@ def diff_runs(
         only_b=_ranges([n for n in steps_b if n not in in_a]),
         first=first,
         parted_at=parted_at,
-        own_policy={
-            "a": getattr(own_policy(a), "spec", None),
-            "b": getattr(own_policy(b), "spec", None),
-        },
+        own_policy={"a": own_spec(a), "b": own_spec(b)},
         around=around,
     )

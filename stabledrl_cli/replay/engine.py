@@ -40,6 +40,7 @@ from stabledrl_cli.replay.config import (
 from stabledrl_cli.replay.metrics import TopSequence
 from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult, StepSeries
+from stabledrl_cli.replay.run_facts import no_steps_message, skipped_reasons
 from stabledrl_cli.replay.stream import (
     StreamedRun,
     check_step,
@@ -105,31 +106,6 @@ def resolve_policies(
     for policy in policies:
         policy.required_fields(run_unit(run))  # level=token on a sequence run: a usage error, now
     return policies, own_index
-
-
-REASONS_SHOWN = 3
-"""Reasons named in a message about skipped steps."""
-SKIPPED_KINDS = ("torn", "unreadable", "missing_rank")
-"""Integrity findings that mean a step the reader skips (docs/run-format.md)."""
-
-
-def skipped_reasons(run: Run) -> list[str]:
-    """One reason per step file the reader skips: the run's integrity findings of the kinds
-    `SKIPPED_KINDS` (those it skips at its header check never reach a replay's warnings)."""
-    return [f.message for f in run.integrity.findings if f.kind in SKIPPED_KINDS]
-
-
-def no_steps_message(run: Run, skipped: list[str]) -> str:
-    """Why a run yielded no readable step: how many step files were skipped, and the first
-    reasons (else any other integrity finding, e.g. only temporary files)."""
-    reasons = skipped or [f.message for f in run.integrity.findings]
-    if not reasons:
-        return f"{run.location}: the run has no steps"
-    shown = "; ".join(reasons[:REASONS_SHOWN]) + ("; ..." if len(reasons) > REASONS_SHOWN else "")
-    if not skipped:
-        return f"{run.location}: the run has no readable step ({shown})"
-    noun = "step file was" if len(skipped) == 1 else "step files were"
-    return f"{run.location}: no step could be read ({len(skipped)} {noun} skipped: {shown})"
 
 
 class NothingToReplay(InputError):

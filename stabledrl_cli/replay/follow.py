@@ -30,11 +30,9 @@ from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay.columns import ColumnArray, derive_series, device_metrics
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import (
-    no_steps_message,
     nothing_to_replay,
     own_policy,
     replay_result,
-    skipped_reasons,
     torch_threads,
 )
 from stabledrl_cli.replay.observed import (
@@ -46,6 +44,7 @@ from stabledrl_cli.replay.observed import (
 )
 from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
 from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.replay.run_facts import no_steps_message, skipped_reasons
 from stabledrl_cli.replay.stream import StreamedRun, stream_run
 from stabledrl_cli.vocab import ALERT_KINDS, AlertKind, StepGeometryKind
 

@@ -1,0 +1,49 @@
+"""What a recorded run says of itself before anything is replayed (no torch): its own policy's
+canonical spec, the step files its reader skips, and why a run yields no step at all.
+
+`check` on a scalar run, `diff` of two runs that never part and every command's refusal of an
+unreadable run use these without loading torch.
+"""
+
+from __future__ import annotations
+
+from stabledrl_cli.dump import Run
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.policies import resolve_spec
+
+REASONS_SHOWN = 3
+"""Reasons named in a message about skipped steps."""
+SKIPPED_KINDS = ("torn", "unreadable", "missing_rank")
+"""Integrity findings that mean a step the reader skips (docs/run-format.md)."""
+
+
+def own_spec(run: Run) -> str | None:
+    """The canonical spec of the run's own policy (its manifest's), or None when the manifest
+    names none or a policy the catalogue does not hold (a custom one)."""
+    spec = run.policy_spec
+    if not spec:
+        return None
+    try:
+        entry, config = resolve_spec(spec)
+    except UsageError:
+        return None
+    return entry.spec_of(config)
+
+
+def skipped_reasons(run: Run) -> list[str]:
+    """One reason per step file the reader skips: the run's integrity findings of the kinds
+    `SKIPPED_KINDS` (those it skips at its header check never reach a replay's warnings)."""
+    return [f.message for f in run.integrity.findings if f.kind in SKIPPED_KINDS]
+
+
+def no_steps_message(run: Run, skipped: list[str]) -> str:
+    """Why a run yielded no readable step: how many step files were skipped, and the first
+    reasons (else any other integrity finding, e.g. only temporary files)."""
+    reasons = skipped or [f.message for f in run.integrity.findings]
+    if not reasons:
+        return f"{run.location}: the run has no steps"
+    shown = "; ".join(reasons[:REASONS_SHOWN]) + ("; ..." if len(reasons) > REASONS_SHOWN else "")
+    if not skipped:
+        return f"{run.location}: the run has no readable step ({shown})"
+    noun = "step file was" if len(skipped) == 1 else "step files were"
+    return f"{run.location}: no step could be read ({len(skipped)} {noun} skipped: {shown})"
