@@ -1,7 +1,7 @@
 """Start-up: importing the package, the root help, `policies`, the help of `replay`, `check`,
-`tune`, `inspect` and `diff`, `import` and `pack` (their help and their input checks), a Recorder
-of numpy arrays, `diff` of two runs that never part and `check` of a scalar run (and both
-refusing bad input) never import torch."""
+`tune`, `inspect`, `diff` and `watch`, `import` and `pack` (their help and their input checks), a
+Recorder of numpy arrays, `diff` of two runs that never part and `check` of a scalar run (and
+the refusals of bad input by these and `watch`) never import torch."""
 
 from __future__ import annotations
 
@@ -20,12 +20,18 @@ PROBES = {
         result = CliRunner().invoke(app, ["--help"])
         assert result.exit_code == 0 and "replay" in result.stdout, result.output
     """,
-    "replay, check, tune, inspect and diff: their help": """
+    "replay, check, tune, inspect, diff and watch: their help": """
         from typer.testing import CliRunner
         from stabledrl_cli.cli.app import app
-        for command in ("replay", "check", "tune", "inspect", "diff"):
+        for command in ("replay", "check", "tune", "inspect", "diff", "watch"):
             result = CliRunner().invoke(app, [command, "--help"])
             assert result.exit_code == 0 and "Usage" in result.stdout, result.output
+    """,
+    "watch refusing a missing run and bad options": """
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        assert CliRunner().invoke(app, ["watch", "/no/run", "--once"]).exit_code == 3
+        assert CliRunner().invoke(app, ["watch", "/no/run", "--interval", "0"]).exit_code == 2
     """,
     "import and pack, their help and a missing input": """
         from typer.testing import CliRunner

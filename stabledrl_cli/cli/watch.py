@@ -16,7 +16,7 @@ run whose steps cannot be replayed; 130 stopped with Ctrl-C.
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Group
@@ -42,8 +42,10 @@ from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.follow import Alert, RunWatcher, WatchState
 from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
+
+if TYPE_CHECKING:
+    from stabledrl_cli.replay.follow import Alert, RunWatcher, WatchState
 
 STEPS_LISTED = 8
 """Steps named per list in the view (JSON has them all)."""
@@ -240,9 +242,12 @@ def command(
     if output_format == "json" and not once:
         raise UsageError("--format json needs --once (the live view is on stderr)")
     path = local_run(run, "watch", "it polls a local directory while steps land in it")
-    watcher = RunWatcher(path, ReplayConfig(device=device), recent=recent)
     if once:
         open_run(path)  # a missing path or a non-run: its own error, at once
+    from stabledrl_cli.replay.follow import RunWatcher  # torch: the own policy's replay
+
+    watcher = RunWatcher(path, ReplayConfig(device=device), recent=recent)
+    if once:
         code = _once(watcher, gates, output_format)
     else:
         code = _follow(watcher, gates, interval, until_idle)
