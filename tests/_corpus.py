@@ -464,8 +464,9 @@ class Measured:
 
 
 _CHILD = """
-import json, os, resource, sys, time
-import h5py, torch
+import importlib, json, os, resource, sys, time
+for module in os.environ["CORPUS_PRELOAD"].split():
+    importlib.import_module(module)
 from stabledrl_cli.cli import app as app_module
 for name in ("inspect", "pack", "replay"):
     app_module.load_command(name)
@@ -488,13 +489,22 @@ ADDRESS_SPACE = 3 << 30
 below what an unbounded read of a crafted archive asks for (tens of GB)."""
 
 
-def measure(args: list[str], cost_file: Path, *, timeout: float = 120) -> Measured:
-    """Runs `stabledrl ARGS` in a child under an address-space cap (RLIMIT_AS) and a timeout."""
+def measure(
+    args: list[str],
+    cost_file: Path,
+    *,
+    timeout: float = 120,
+    preload: tuple[str, ...] = ("h5py", "torch"),
+) -> Measured:
+    """Runs `stabledrl ARGS` in a child under an address-space cap (RLIMIT_AS) and a timeout.
+    The modules of `preload` are imported before the command's time and memory are measured
+    (a command that never loads torch, like `import`, needs none)."""
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
 
     env = {**os.environ, "CORPUS_COST": str(cost_file), "NO_COLOR": "1", "COLUMNS": "200"}
+    env["CORPUS_PRELOAD"] = " ".join(preload)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, *args],

@@ -205,7 +205,8 @@ def test_hostile_logs_fail_fast_and_small(make: Any, name: str, tmp_path: Path) 
     from _corpus import measure
 
     target = make(tmp_path / name)
-    measured = measure(["import", str(target), "--out", str(tmp_path / "run")], tmp_path / "c")
+    args = ["import", str(target), "--out", str(tmp_path / "run")]
+    measured = measure(args, tmp_path / "c", preload=())  # `import` never loads torch
     assert measured.code == 3, measured.stderr
     assert len(measured.stderr.strip().splitlines()) == 1 and "Traceback" not in measured.stderr
     assert measured.seconds < 2.0
