@@ -1,7 +1,8 @@
-"""Start-up: importing the package, the root help, `policies`, the help of `replay`, `check`,
-`tune`, `inspect`, `diff` and `watch`, `import` and `pack` (their help and their input checks), a
-Recorder of numpy arrays, `diff` of two runs that never part and `check` of a scalar run (and
-the refusals of bad input by these and `watch`) never import torch."""
+"""Start-up: none of these imports torch. Importing the package; the root help, `policies`,
+and the help of `replay`, `check`, `tune`, `inspect`, `diff` and `watch`; `import` and `pack`
+(their help and their input checks); a Recorder of numpy arrays, its run read back and
+inspected; `diff` of two runs that never part; `check` of a scalar run; and the refusals of
+bad input by these and `watch`."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ PROBES = {
             result = CliRunner().invoke(app, [command, *args])
             assert result.exit_code == 3, result.output
     """,
-    "a Recorder of numpy arrays, and the headers of its run": """
+    "a Recorder of numpy arrays, its run's headers and arrays, and inspect of it": """
         import tempfile
         import numpy as np
         import stabledrl_cli as sd
@@ -54,6 +55,11 @@ PROBES = {
                               seq_id=np.repeat(np.arange(4), 2).astype("int32"), loss=0.5)
         run = sd.open_run(path)
         assert run.step_numbers == [0] and run.step(0).scalars["loss"] == 0.5
+        assert run.step(0).array("logp").dtype == np.float32
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        shown = CliRunner().invoke(app, ["inspect", path, "-f", "json"])  # no inner step 0
+        assert shown.exit_code == 0 and '"steps": 1' in shown.stdout, shown.output
     """,
     "diff of two runs that never part, and its refusals": """
         import shutil, tempfile

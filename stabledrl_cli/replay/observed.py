@@ -227,7 +227,7 @@ def measurements_of(run: Run) -> tuple[NoiseFloor, OwnLikelihood]:
             step = run.step(header.step)
         except InputError:
             continue  # corrupt: reported by the integrity check
-        likelihood.add(step.step, inner, host_array(step["logp_old"]), host_array(step["mask"]))
+        likelihood.add(step.step, inner, step.array("logp_old"), step.array("mask"))
         if inner == NOISE_FLOOR_INNER_STEP:
             moments = logratio_moments(step["logp"], step["logp_old"], step["mask"]).tolist()
             floor.add(int(moments[0]), moments[1], moments[2])
