@@ -51,15 +51,17 @@ PROBES = {
         path = tempfile.mkdtemp() + "/run"
         with sd.Recorder(path, policy="grpo") as recorder:
             zeros = np.zeros(8, "float32")
-            recorder.log_step(0, logp=zeros, logp_old=zeros, advantages=zeros + 1,
-                              seq_id=np.repeat(np.arange(4), 2).astype("int32"), loss=0.5)
+            recorder.log_step(0, logp=zeros, logp_old=zeros - 0.1, advantages=zeros + 1,
+                              seq_id=np.repeat(np.arange(4), 2).astype("int32"), loss=0.5,
+                              inner_step=0)
         run = sd.open_run(path)
         assert run.step_numbers == [0] and run.step(0).scalars["loss"] == 0.5
         assert run.step(0).array("logp").dtype == np.float32
         from typer.testing import CliRunner
         from stabledrl_cli.cli.app import app
-        shown = CliRunner().invoke(app, ["inspect", path, "-f", "json"])  # no inner step 0
+        shown = CliRunner().invoke(app, ["inspect", path, "-f", "json"])
         assert shown.exit_code == 0 and '"steps": 1' in shown.stdout, shown.output
+        assert '"noise_floor_units": 8' in shown.stdout, shown.stdout  # its log r measured
     """,
     "diff of two runs that never part, and its refusals": """
         import shutil, tempfile

@@ -198,20 +198,19 @@ class NoiseFloor:
 
 
 def logratio_moments(
-    logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """[3] (count, mean, sum of squared deviations) of the finite log r = logp - logp_old over
-    the scored entries (mask [T] > 0; logp, logp_old [T]), on their device (float64 where the
-    device has it). Non-finite entries are left out: they are the run's `nonfinite_steps`."""
-    import torch  # loaded with the arrays: `inspect` of a run's headers needs none
-
-    wide = torch.float32 if logp.device.type == "mps" else torch.float64
-    logratio = logp.reshape(-1).to(wide) - logp_old.reshape(-1).to(wide)
-    keep = mask.reshape(-1).bool() & torch.isfinite(logratio)
-    count = keep.sum().to(wide)
-    mean = torch.where(keep, logratio, 0.0).sum() / count.clamp(min=1.0)
-    m2 = torch.where(keep, (logratio - mean) ** 2, 0.0).sum()
-    return torch.stack([count, mean, m2])
+    logp: np.ndarray, logp_old: np.ndarray, mask: np.ndarray
+) -> tuple[int, float, float]:
+    """(count, mean, sum of squared deviations) of the finite log r = logp - logp_old over the
+    scored entries (mask [U] nonzero; logp, logp_old [U]), in float64 on the host: the same
+    figure whatever device a replay computes on. Non-finite entries are left out: they are
+    the run's `nonfinite_steps`."""
+    logratio = logp.reshape(-1).astype(np.float64) - logp_old.reshape(-1).astype(np.float64)
+    kept = logratio[(mask.reshape(-1) != 0) & np.isfinite(logratio)]
+    if kept.size == 0:
+        return 0, 0.0, 0.0
+    mean = float(kept.mean())
+    deviations = kept - mean
+    return int(kept.size), mean, float(np.dot(deviations, deviations))
 
 
 def measurements_of(run: Run) -> tuple[NoiseFloor, OwnLikelihood]:
@@ -227,10 +226,10 @@ def measurements_of(run: Run) -> tuple[NoiseFloor, OwnLikelihood]:
             step = run.step(header.step)
         except InputError:
             continue  # corrupt: reported by the integrity check
-        likelihood.add(step.step, inner, step.array("logp_old"), step.array("mask"))
+        mask = step.array("mask")
+        likelihood.add(step.step, inner, step.array("logp_old"), mask)
         if inner == NOISE_FLOOR_INNER_STEP:
-            moments = logratio_moments(step["logp"], step["logp_old"], step["mask"]).tolist()
-            floor.add(int(moments[0]), moments[1], moments[2])
+            floor.add(*logratio_moments(step.array("logp"), step.array("logp_old"), mask))
     return floor, likelihood
 
 

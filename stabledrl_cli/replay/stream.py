@@ -9,8 +9,8 @@ chunk's arrays are dropped: memory holds two chunks of arrays (the budget) plus
 O(steps x policies) scalars, whatever the run's length. Each step is computed on its own, so
 results do not depend on the chunk size. The same pass pools the noise floor of the steps
 recorded with inner_step 0 and the collapse warning's measurements (the median own-sample
-log-likelihood, on the host before the transfer), so the observed-run analysis never re-reads
-them.
+log-likelihood), both on the host before the transfer, so the observed-run analysis never
+re-reads them.
 """
 
 from __future__ import annotations
@@ -206,6 +206,7 @@ def _read_chunks(
     run: Run,
     policies: Sequence[Policy],
     likelihood: OwnLikelihood,
+    floor: NoiseFloor,
     chunk_size: int | None,
     memory_budget: int,
     scalar_steps: list[int],
@@ -214,8 +215,8 @@ def _read_chunks(
     """The run's readable steps (or `shard`'s) that hold a policy batch, their arrays (CPU) and
     the arrays' bytes, a chunk at a time: a chunk closes at the step that brings its arrays to
     `memory_budget` bytes, or to `chunk_size` steps. Runs on the read-ahead thread. Feeds the
-    collapse warning's measurements on the way (on the host, before any transfer); appends the
-    number of each scalar step (no batch) to `scalar_steps`."""
+    collapse warning's measurements and the noise floor on the way (on the host, before any
+    transfer); appends the number of each scalar step (no batch) to `scalar_steps`."""
     where, unit = run.location, run_unit(run)
     steps: list[Step] = []
     arrays: list[Arrays] = []
@@ -228,12 +229,10 @@ def _read_chunks(
         step_arrays = read_arrays(step, where)
         inner = step.scalars.get("inner_step")
         if OwnLikelihood.wanted(inner):
-            likelihood.add(
-                step.step,
-                inner,
-                host_array(step_arrays["logp_old"]),
-                host_array(step_arrays["mask"]),
-            )
+            logp_old, mask = host_array(step_arrays["logp_old"]), host_array(step_arrays["mask"])
+            likelihood.add(step.step, inner, logp_old, mask)
+            if inner == NOISE_FLOOR_INNER_STEP:
+                floor.add(*logratio_moments(host_array(step_arrays["logp"]), logp_old, mask))
         steps.append(step)
         arrays.append(step_arrays)
         held += array_bytes(step_arrays)
@@ -272,13 +271,15 @@ def stream_run(
     # Half the budget a chunk: the chunk computed and the one read ahead share it.
     chunk_budget = max(1, memory_budget // 2)
     chunks = read_ahead(
-        _read_chunks(run, policies, likelihood, chunk_size, chunk_budget, scalar_steps, steps)
+        _read_chunks(
+            run, policies, likelihood, floor, chunk_size, chunk_budget, scalar_steps, steps
+        )
     )
     computed = 0
     with heap_kept():
         for chunk, arrays, held in chunks:
             to_device(arrays, device)
-            rows, moments = [], []
+            rows = []
             for step, step_arrays in zip(chunk, arrays, strict=True):
                 prep = prepared(step, step_arrays, unit, where)
                 geometry = step_geometry(step, step_arrays, prep, where)
@@ -290,24 +291,15 @@ def stream_run(
                 if geometry.per_sequence:
                     coef = torch.stack([w.coef for w in weights])
                     approximate |= varies_within_sequence(coef, prep).cpu().numpy()
-                if step.scalars.get("inner_step") == NOISE_FLOOR_INNER_STEP:
-                    moments.append(
-                        logratio_moments(
-                            step_arrays["logp"], step_arrays["logp_old"], step_arrays["mask"]
-                        )
-                    )
                 numbers.append(step.step)
                 kinds.append(geometry.kind)
                 loss.append(step.scalars.get("loss", math.nan))
                 covered.append(step.scalars.get("grad_norm_covered", math.nan))
             blocks.append(torch.stack(rows).cpu().numpy())
-            if moments:
-                for count, mean, m2 in torch.stack(moments).cpu().tolist():
-                    floor.add(int(count), mean, m2)
             done = len(chunk)
             computed += held
             # The chunk's steps hold their files' buffers: dropped before the next chunk is read.
-            del chunk, arrays, rows, moments, step, step_arrays, prep, geometry, weights, micro
+            del chunk, arrays, rows, step, step_arrays, prep, geometry, weights, micro
             if computed >= memory_budget:  # a budget's worth of steps since the last look
                 release_freed_memory(keep=RELEASE_AFTER * memory_budget)
                 computed = 0
