@@ -5,7 +5,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -578,3 +581,33 @@ def test_async_writer_failure_reaches_the_caller(tmp_path, monkeypatch):
         with pytest.raises(WriteError, match=r"step-0+\.safetensors.*no space left"):
             call()
     assert os.listdir(tmp_path / "run" / "steps") == []  # the temporary file is removed
+
+
+def test_per_rank_ids_that_outgrow_their_dtype_across_ranks_are_refused(tmp_path):
+    """Rank 0's group ids reach int32's top: numbered after them, rank 1's cannot be int32.
+    Reading the joined field is one InputError, and replay exits 3 with one line."""
+    path = tmp_path / "run"
+    recorders = [sd.Recorder(path, world_size=2, rank=r) for r in (0, 1)]
+    for rank, rec in enumerate(recorders):
+        rec.log_step(
+            0,
+            logp=np.full((2, 3), -1.0),
+            logp_old=np.full((2, 3), -1.0),
+            advantages=np.array([1.0, -1.0]),
+            group_id=np.array([2**31 - 1, 0]) if rank == 0 else np.array([0, 0]),
+            reward=np.array([1.0, 0.0]),
+        )
+        rec.close()
+    step = sd.open_run(path).step(0)
+    assert step.array("seq_id").tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    with pytest.raises(InputError, match="cannot join the ranks' group_id"):
+        step.array("group_id")
+    replayed = subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "replay", str(path), "-p", "grpo"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        check=False,
+    )
+    assert replayed.returncode == 3, replayed.stderr
+    assert replayed.stderr.count("\n") == 1 and "int32 range" in replayed.stderr

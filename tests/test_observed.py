@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from stabledrl_cli.replay.detectors import (
     rolling_mean,
     spike_flags,
 )
-from stabledrl_cli.replay.observed import host_array, observe
+from stabledrl_cli.replay.observed import host_array, logratio_moments, observe
 
 
 def _noisy(curve: np.ndarray, seed: int = 0, scale: float = 0.02) -> np.ndarray:
@@ -232,3 +234,16 @@ def test_observe_without_rewards_or_inner_steps(tmp_path):
     observed = observe(sd.open_run(path))
     assert observed.first_reward_collapse is None and observed.reward_curve is None
     assert observed.noise_floor_logratio_std is None and observed.recorded_spike_steps == []
+
+
+def test_logratio_moments_leave_out_non_finite_entries_silently():
+    """-inf - -inf, NaN and inf entries are left out of the noise floor, with no numpy warning
+    on stderr; a masked entry is left out too."""
+    logp = np.array([-np.inf, -1.0, np.nan, 0.0, -3.0, -0.5], dtype=np.float32)
+    logp_old = np.array([-np.inf, -2.0, 0.0, np.inf, -3.5, -0.5], dtype=np.float32)
+    mask = np.array([1, 1, 1, 1, 1, 0], dtype=bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        count, mean, m2 = logratio_moments(logp, logp_old, mask)
+    assert (count, mean, m2) == (2, 0.75, 0.125)
+    assert logratio_moments(logp[:1], logp_old[:1], mask[:1]) == (0, 0.0, 0.0)

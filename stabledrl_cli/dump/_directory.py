@@ -220,19 +220,31 @@ class DirectoryStep(Step):
         parts = [self._read_rank(rank, name) for rank in range(len(self.paths))]
         if name == "seq_id":
             offsets = np.cumsum([0] + [r.num_sequences for r in self.records])
-            parts = [p + int(offsets[r]) for r, p in enumerate(parts)]
+            parts = [self._shifted(p, int(offsets[r]), name) for r, p in enumerate(parts)]
         elif name == "micro_batch" or (name == "group_id" and self.group_ids == "per_rank"):
             sizes = [int(p.max()) + 1 if p.size else 0 for p in parts]
             offsets = np.cumsum([0, *sizes])
-            parts = [p + int(offsets[r]) for r, p in enumerate(parts)]
+            parts = [self._shifted(p, int(offsets[r]), name) for r, p in enumerate(parts)]
         elif name == "unit_grad_sketch" and any(p.dtype == np.float16 for p in parts):
-            parts = [
-                p.astype(np.float32) * np.float32(r.scalars.get("unit_grad_sketch_scale", 1.0))
-                if p.dtype == np.float16
-                else p
-                for p, r in zip(parts, self.records, strict=True)
-            ]
+            with np.errstate(all="ignore"):  # a scale that overflows gives inf, as in torch
+                parts = [
+                    p.astype(np.float32) * np.float32(r.scalars.get("unit_grad_sketch_scale", 1.0))
+                    if p.dtype == np.float16
+                    else p
+                    for p, r in zip(parts, self.records, strict=True)
+                ]
         return np.concatenate(parts)
+
+    def _shifted(self, ids: np.ndarray, offset: int, name: str) -> np.ndarray:
+        """A rank's ids numbered after the ranks before it (`offset` added, in their dtype);
+        InputError when the numbers outgrow that dtype."""
+        if ids.size and int(ids.max()) + offset > np.iinfo(ids.dtype).max:
+            raise InputError(
+                f"{self.named(self.paths[0])}: cannot join the ranks' {name}: numbered across "
+                f"{len(self.paths)} ranks, its ids pass the {ids.dtype} range"
+            )
+        shifted: np.ndarray = ids + ids.dtype.type(offset)
+        return shifted
 
 
 _SETTLED_NS = 2_000_000_000

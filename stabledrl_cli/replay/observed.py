@@ -204,7 +204,8 @@ def logratio_moments(
     scored entries (mask [U] nonzero; logp, logp_old [U]), in float64 on the host: the same
     figure whatever device a replay computes on. Non-finite entries are left out: they are
     the run's `nonfinite_steps`."""
-    logratio = logp.reshape(-1).astype(np.float64) - logp_old.reshape(-1).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # -inf - -inf is NaN, left out below
+        logratio = logp.reshape(-1).astype(np.float64) - logp_old.reshape(-1).astype(np.float64)
     kept = logratio[(mask.reshape(-1) != 0) & np.isfinite(logratio)]
     if kept.size == 0:
         return 0, 0.0, 0.0
