@@ -189,6 +189,26 @@ def _heap_free_space_zero(tmp: Path) -> Path:
     return out
 
 
+def _attribute_error_then_a_heap_that_hangs(tmp: Path) -> Path:
+    """Two faults (found by the fuzzer): the `source` attribute's string type claims 37889
+    bytes a character, so iterating the root's attributes raises; and a global heap object
+    after the attributes' strings is marked free with size 0, so reading an attribute by
+    name spins in libhdf5 forever, GIL held. The probe's child meets the first and must
+    refuse the archive: the reader's own read by name would meet the second."""
+    out = packed(tmp)
+    raw = bytearray(out.read_bytes())
+    marker = b"source\x00\x00\x19\x01\x01\x00\x10\x00\x00\x00\x10\x00\x00\x00\x01\x00\x00\x00"
+    at = raw.index(marker) + len(marker) - 4
+    raw[at : at + 4] = struct.pack("<I", 37889)
+    at = raw.index(b"GCOL") + 16
+    while struct.unpack("<H", raw[at : at + 2])[0] != 5:  # past the attributes' strings
+        at += 16 + (struct.unpack("<Q", raw[at + 8 : at + 16])[0] + 7) // 8 * 8
+    raw[at : at + 2] = b"\x00\x00"
+    raw[at + 8 : at + 16] = struct.pack("<Q", 0)
+    out.write_bytes(bytes(raw))
+    return out
+
+
 def _named_datatype(handle: h5py.File) -> None:
     """A committed datatype where a data dataset belongs (found by the fuzzer)."""
     handle["tokens/loss_weight"] = np.dtype("f4")
@@ -446,6 +466,7 @@ CASES: list[Case] = [
     Case("archive_named_datatype", _archive_case(_named_datatype), "inspect", 3),
     Case("archive_group_where_a_dataset_belongs", _archive_case(_group_for_dataset), "replay", 3),
     Case("archive_heap_that_hangs_libhdf5", _heap_free_space_zero, "inspect", 3),
+    Case("archive_attribute_error_then_a_heap_that_hangs", _attribute_error_then_a_heap_that_hangs, "inspect", 3),
     Case("archive_group_btree_broken", _break_btree(0), "inspect", 3),
     Case("archive_chunk_btree_broken", _break_btree(2), "inspect", 0, "unreadable"),
     Case("archive_chunk_btree_broken_pack", _break_btree(2), "pack", 0),

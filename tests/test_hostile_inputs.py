@@ -74,6 +74,7 @@ SAMPLE = (
     "archive_external_storage_pack",
     "manifest_nested_deeply",
     "fifo_named_like_a_step_replay",
+    "archive_attribute_error_then_a_heap_that_hangs",
 )
 
 

@@ -17,9 +17,11 @@ libhdf5 itself can loop forever or crash on a crafted file (a global heap whose 
 object has size 0 makes reading any string attribute spin with the GIL held: no signal or
 thread can stop it). So `probe` first reads the archive's metadata (every link, every
 attribute, the manifest and integrity texts) in a forked child under a time limit, running
-`check_objects` there: a child that hangs or dies refuses the archive (InputError), and only
-then does the process itself read it. The child hands back what `check_objects` found, with
-the file's identity, so that the reader does not walk the same file's objects twice.
+`check_objects` there: a child that hangs, dies or meets an h5py error refuses the archive
+(InputError), and only then does the process itself read it (its own reads take other paths
+through libhdf5, and a path past an error the child met can hang). The child hands back
+what `check_objects` found, with the file's identity, so that the reader does not walk the
+same file's objects twice.
 """
 
 from __future__ import annotations
@@ -184,11 +186,13 @@ def check_objects(handle: h5py.File, where: str, file_size: int) -> list[str]:
 class Probed:
     """What the probe's child found: the names `check_objects` returned, or its refusal, and
     the identity of the file it read (`file_identity`). Neither names nor refusal when the
-    child could not tell (a Python error: the reader's own checks report it) or did not run."""
+    child did not run."""
 
     datasets: list[str] | None = None
     refusal: str | None = None
     identity: tuple[int, ...] | None = None
+    error: str | None = None
+    """The refusal of an archive h5py could not read in the child (`probe` raises it)."""
 
     def objects(self, handle: h5py.File, where: str, file_size: int) -> list[str]:
         """`check_objects(handle, where, file_size)`, from the child's walk when it read this
@@ -213,9 +217,16 @@ def file_identity(handle: h5py.File) -> tuple[int, ...] | None:
 
 def _child_report(source: Path | BinaryIO, where: str, file_size: int) -> bytes:
     """The child's reading of everything libhdf5 parses before a reader trusts the file (links,
-    attributes, texts) with `check_objects`, as one JSON line; b"" after a Python error."""
+    attributes, texts) with `check_objects`, as one JSON line. An error of h5py is reported
+    (`error`) as the refusal the reader would make of it, and `probe` refuses the archive: the
+    reader's own read may take another path through the same damage, one that hangs (an
+    attribute read by name where iterating over the attributes failed)."""
     try:
-        with h5py.File(source, "r") as handle:
+        handle = h5py.File(source, "r")
+    except (SystemError, *H5_ERRORS) as exc:
+        return _line({"error": f"{where}: unreadable HDF5 file ({_one_line(exc)})"})
+    try:
+        with handle:
             dict(handle.attrs.items())
             identity = file_identity(handle)
             try:
@@ -226,9 +237,24 @@ def _child_report(source: Path | BinaryIO, where: str, file_size: int) -> bytes:
                 for name in TEXT_DATASETS:
                     if name in handle:
                         handle[name][()]
-    except (SystemError, *H5_ERRORS):
-        return b""
-    return json.dumps({**report, "identity": identity}).encode() + b"\n"
+    except (SystemError, *H5_ERRORS) as exc:
+        why = f"{type(exc).__name__}: {_one_line(exc)}"
+        return _line({"error": f"{where}: corrupt run archive ({why})"})
+    return _line({**report, "identity": identity})
+
+
+REASON_LIMIT = 300
+"""Characters of an h5py error kept in a refusal."""
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line, at most `REASON_LIMIT` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 3] + "..."
+
+
+def _line(report: dict[str, object]) -> bytes:
+    return json.dumps(report).encode() + b"\n"
 
 
 def _parse_report(data: bytes) -> Probed | None:
@@ -241,6 +267,7 @@ def _parse_report(data: bytes) -> Probed | None:
         datasets=report.get("datasets"),
         refusal=report.get("refusal"),
         identity=None if identity is None else tuple(identity),
+        error=report.get("error"),
     )
 
 
@@ -288,8 +315,9 @@ def probe(
 ) -> Probed:
     """Reads the archive's metadata and runs `check_objects` in a forked child (module
     docstring); InputError if the child does not finish within `seconds` (default
-    `PROBE_SECONDS`) or is killed by a signal. Returns what the child found (Python errors in
-    the child are left to the caller's own read to report). The parent waits on a pipe the
+    `PROBE_SECONDS`), is killed by a signal, or h5py fails to read the metadata there (as the
+    reader would refuse it: "unreadable HDF5 file" or "corrupt run archive"). Returns what the
+    child found otherwise. The parent waits on a pipe the
     child closes once its report is written, not on its exit. Without fork (Windows) this
     reads nothing and returns an empty `Probed`. fileobj: the archive as a binary file object
     (read through fsspec), read instead of `path`. where: how messages name the archive (by
@@ -331,6 +359,8 @@ def probe(
     if probed is not None:  # finished: its exit need not be waited for
         if not _wait(pid, os.WNOHANG)[0]:
             _UNREAPED.add(pid)
+        if probed.error is not None:
+            raise InputError(probed.error)
         return probed
     _, status = _wait(pid, 0)
     if os.WIFSIGNALED(status):
