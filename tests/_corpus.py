@@ -209,6 +209,30 @@ def _attribute_error_then_a_heap_that_hangs(tmp: Path) -> Path:
     return out
 
 
+def _stored_chunk(
+    field: str, *, size: int | None = None, address: int | None = None
+) -> Callable[[Path], Path]:
+    """The first chunk of `field` given another stored size or address in the chunk index
+    (a version-1 B-tree key: size, filter mask and offsets, 24 bytes before the address). A
+    chunk of 0 bytes made libhdf5 crash reading it (found by the fuzzer)."""
+
+    def make(tmp: Path) -> Path:
+        out = packed(tmp)
+        with h5py.File(out, "r") as handle:
+            info = handle[field].id.get_chunk_info(0)
+        raw = bytearray(out.read_bytes())
+        at = raw.index(struct.pack("<Q", info.byte_offset))
+        assert raw[at - 24 : at - 20] == struct.pack("<I", info.size)
+        if size is not None:
+            raw[at - 24 : at - 20] = struct.pack("<I", size)
+        if address is not None:
+            raw[at : at + 8] = struct.pack("<Q", address)
+        out.write_bytes(bytes(raw))
+        return out
+
+    return make
+
+
 def _named_datatype(handle: h5py.File) -> None:
     """A committed datatype where a data dataset belongs (found by the fuzzer)."""
     handle["tokens/loss_weight"] = np.dtype("f4")
@@ -467,6 +491,10 @@ CASES: list[Case] = [
     Case("archive_group_where_a_dataset_belongs", _archive_case(_group_for_dataset), "replay", 3),
     Case("archive_heap_that_hangs_libhdf5", _heap_free_space_zero, "inspect", 3),
     Case("archive_attribute_error_then_a_heap_that_hangs", _attribute_error_then_a_heap_that_hangs, "inspect", 3),
+    Case("archive_chunk_of_zero_bytes", _stored_chunk("sequences/reward", size=0), "inspect", 3),
+    Case("archive_chunk_of_zero_bytes_replay", _stored_chunk("tokens/logp", size=0), "replay", 3),
+    Case("archive_chunk_larger_than_it_can_be", _stored_chunk("tokens/mask", size=1 << 30), "inspect", 3),
+    Case("archive_chunk_past_the_end", _stored_chunk("tokens/logp", address=1 << 40), "inspect", 3),
     Case("archive_group_btree_broken", _break_btree(0), "inspect", 3),
     Case("archive_chunk_btree_broken", _break_btree(2), "inspect", 0, "unreadable"),
     Case("archive_chunk_btree_broken_pack", _break_btree(2), "pack", 0),

@@ -75,6 +75,7 @@ SAMPLE = (
     "manifest_nested_deeply",
     "fifo_named_like_a_step_replay",
     "archive_attribute_error_then_a_heap_that_hangs",
+    "archive_chunk_of_zero_bytes_replay",
 )
 
 

@@ -10,7 +10,9 @@ fill value or as compressed zeros takes a few bytes on disk and gigabytes once r
 that is not a hard link, any dataset with external or virtual storage, any dataset whose
 declared size exceeds what the file can hold (`DEFLATE_RATIO` times the file's size: gzip
 cannot expand more than that) and any dataset of an index (read whole) larger than the file
-itself, any chunk larger than `CHUNK_LIMIT`, and any array dataset of a non-numeric dtype.
+itself, any chunk larger than `CHUNK_LIMIT`, any stored chunk whose size or place in the
+chunk index is impossible (`_bad_stored_chunk`: libhdf5 crashes reading a chunk of 0 bytes),
+and any array dataset of a non-numeric dtype.
 Index and scalar datasets carry a CRC32 (attribute `crc32`, `index_crc`) written by `pack`.
 
 libhdf5 itself can loop forever or crash on a crafted file (a global heap whose free-space
@@ -128,6 +130,50 @@ def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, where: str, file_size
         chunk = int(np.prod(plist.get_chunk(), dtype=object)) * dtype.itemsize
         if chunk > CHUNK_LIMIT:
             raise refuse(f"has {chunk}-byte chunks")
+        bad = _bad_stored_chunk(dataset, plist, chunk, file_size)
+        if bad is not None:
+            raise refuse(bad)
+
+
+CHUNK_SLACK = 1 << 12
+"""Bytes a stored chunk may exceed its raw size by: deflate's worst case on a 256 KiB chunk
+(about 0.03%) and the 4-byte Fletcher32 checksum, with room to spare."""
+
+
+def _bad_stored_chunk(
+    dataset: h5py.h5d.DatasetID, plist: h5py.h5p.PropDCID, chunk: int, file_size: int
+) -> str | None:
+    """How one of the dataset's stored chunks is impossible, from the chunk index alone (no
+    data read), or None: a chunk of fewer bytes than its checksum (libhdf5 crashes reading
+    one of 0 bytes), more than its raw size allows, past the end of the file, or with its
+    filters skipped (its checksum among them). A chunk index that cannot be walked is left
+    to the reader, whose reads fail on it as findings."""
+    fletcher = any(
+        plist.get_filter(i)[0] == h5py.h5z.FILTER_FLETCHER32 for i in range(plist.get_nfilters())
+    )
+    smallest, largest = (4 if fletcher else 1), chunk + CHUNK_SLACK
+    found: list[str] = []
+
+    def check(info: h5py.h5d.StoreInfo) -> None:
+        if found:
+            return
+        at = f"its chunk at {info.chunk_offset}"
+        if info.filter_mask:
+            found.append(f"{at} skips its filters (mask {info.filter_mask})")
+        elif not smallest <= info.size <= largest:
+            found.append(f"{at} stores {info.size} bytes (expected {smallest} to {largest})")
+        elif info.byte_offset + info.size > file_size:
+            found.append(f"{at} lies past the end of the {file_size}-byte file")
+
+    try:
+        if hasattr(dataset, "chunk_iter"):
+            dataset.chunk_iter(check)
+        else:  # libhdf5 before 1.14: one lookup a chunk
+            for index in range(dataset.get_num_chunks()):
+                check(dataset.get_chunk_info(index))
+    except H5_ERRORS:
+        pass  # a broken chunk index: the reader meets it too, and skips the steps it holds
+    return found[0] if found else None
 
 
 def check_objects(handle: h5py.File, where: str, file_size: int) -> list[str]:
