@@ -157,13 +157,13 @@ def _bad_stored_chunk(
     def check(info: h5py.h5d.StoreInfo) -> None:
         if found:
             return
-        at = f"its chunk at {info.chunk_offset}"
+        at = f"has a chunk at {info.chunk_offset}"
         if info.filter_mask:
-            found.append(f"{at} skips its filters (mask {info.filter_mask})")
+            found.append(f"{at} that skips its filters (mask {info.filter_mask})")
         elif not smallest <= info.size <= largest:
-            found.append(f"{at} stores {info.size} bytes (expected {smallest} to {largest})")
+            found.append(f"{at} of {info.size} bytes (expected {smallest} to {largest})")
         elif info.byte_offset + info.size > file_size:
-            found.append(f"{at} lies past the end of the {file_size}-byte file")
+            found.append(f"{at} past the end of the {file_size}-byte file")
 
     try:
         if hasattr(dataset, "chunk_iter"):
