@@ -26,7 +26,7 @@ import torch
 
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
 from stabledrl_cli.replay.columns import derive_series
 from stabledrl_cli.replay.config import (
@@ -40,7 +40,7 @@ from stabledrl_cli.replay.config import (
 from stabledrl_cli.replay.metrics import TopSequence
 from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult, StepSeries
-from stabledrl_cli.replay.run_facts import no_steps_message, skipped_reasons
+from stabledrl_cli.replay.run_facts import no_steps_message, own_spec, skipped_reasons
 from stabledrl_cli.replay.stream import (
     StreamedRun,
     check_step,
@@ -67,15 +67,11 @@ __all__ = [
 
 
 def own_policy(run: Run) -> Policy | None:
-    """The run's own policy from its manifest, or None when the manifest's spec is not one of
-    the catalogue (a custom policy recorded by a training script)."""
-    spec = run.policy_spec
-    if not spec:
-        return None
-    try:
-        return get_policy(spec)
-    except UsageError:
-        return None
+    """The run's own policy from its manifest (`run_facts.own_spec`), or None when the
+    manifest names none or a spec the catalogue does not hold (a custom policy recorded by a
+    training script)."""
+    spec = own_spec(run)
+    return None if spec is None else get_policy(spec)
 
 
 def resolve_policies(
