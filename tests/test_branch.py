@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import run_cli
 from typer.testing import CliRunner
 
 from stabledrl_cli.capture.branch_protocol import (
@@ -102,11 +103,7 @@ def test_the_protocol_round_trips_through_the_environment(tmp_path):
 
 def test_a_run_without_checkpoints_exits_3_saying_how_to_record_them(tmp_path):
     run = _record(tmp_path / "plain", ExampleConfig(seed=3, steps=2, pretrain_steps=1), None)
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
-    result = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "branch", str(run), "--at", "0", "-p", "grpo"],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+    result = run_cli("branch", run, "--at", "0", "-p", "grpo")
     assert result.returncode == 3, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--checkpoint-every" in lines[0]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _cli import run_cli_together
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -457,21 +456,15 @@ def test_junit_report(runs, baseline, tmp_path):
 
 
 def test_exit_codes_in_a_real_process(runs, baseline):
-    def run(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "stabledrl_cli", "check", *args],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
-
-    holds = run(str(runs["steady"]), "--baseline", str(baseline))
+    holds, tripped, usage, missing = run_cli_together(
+        ["check", runs["steady"], "--baseline", baseline],
+        ["check", runs["collapsing"], "--baseline", baseline],
+        ["check", runs["steady"]],  # no gate given
+        ["check", runs["steady"].parent / "nope", "--baseline", baseline],
+    )
     assert holds.returncode == 0 and "check passed" in holds.stderr
-    tripped = run(str(runs["collapsing"]), "--baseline", str(baseline))
     assert tripped.returncode == 1 and "check failed" in tripped.stderr
-    usage = run(str(runs["steady"]))  # no gate given
     assert usage.returncode == 2 and "nothing to check" in usage.stderr
-    missing = run(str(runs["steady"].parent / "nope"), "--baseline", str(baseline))
     assert missing.returncode == 3 and "no such run" in missing.stderr
     for done in (holds, tripped, usage, missing):
         assert "Traceback" not in done.stderr

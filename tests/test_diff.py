@@ -9,16 +9,14 @@ log-prob: the runs part exactly there.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _cli import run_cli, run_cli_together
 from _corpus import read_step, rewrite_step, step_path
 from conftest import fixture_run
 from typer.testing import CliRunner
@@ -194,31 +192,22 @@ def test_a_run_and_its_packed_archive_are_identical(grpo_fixture, tmp_path):
     assert result.identical and result.compared == 160
 
 
-def _subprocess(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-
-
 def test_exit_codes_in_a_real_process(runs, tmp_path):
-    a, b = str(runs["original"]), str(runs["branch"])
-    assert _subprocess("diff", a, str(runs["twin"]), "--device", "cpu").returncode == 0
-    assert _subprocess("diff", a, b, "--device", "cpu").returncode == 1
-    assert _subprocess("diff", a, b, "--until", "4", "--device", "cpu").returncode == 0
-    negative = _subprocess("diff", a, b, "--atol", "-1")
-    assert negative.returncode == 2 and "atol" in negative.stderr
-    missing = _subprocess("diff", a, str(tmp_path / "nope"))
-    assert missing.returncode == 3 and "no such run" in missing.stderr
+    a, b = runs["original"], runs["branch"]
     apart = tmp_path / "apart"
     with Recorder(apart, policy="grpo") as rec:
         rec.log_step(99, logp=np.zeros((1, 2)), logp_old=np.zeros((1, 2)), advantages=np.ones(1))
-    disjoint = _subprocess("diff", a, str(apart))
+    twins, parted, until, negative, missing, disjoint = run_cli_together(
+        ["diff", a, runs["twin"], "--device", "cpu"],
+        ["diff", a, b, "--device", "cpu"],
+        ["diff", a, b, "--until", "4", "--device", "cpu"],
+        ["diff", a, b, "--atol", "-1"],
+        ["diff", a, tmp_path / "nope"],
+        ["diff", a, apart],
+    )
+    assert twins.returncode == 0 and parted.returncode == 1 and until.returncode == 0
+    assert negative.returncode == 2 and "atol" in negative.stderr
+    assert missing.returncode == 3 and "no such run" in missing.stderr
     assert disjoint.returncode == 3 and "share no step" in disjoint.stderr
     assert disjoint.stderr.count("\n") == 1
 
@@ -226,19 +215,11 @@ def test_exit_codes_in_a_real_process(runs, tmp_path):
 def test_two_fresh_records_of_one_seed_are_identical(tmp_path):
     """`stabledrl record` twice with one seed (threads 1): every array equal, bit for bit."""
     outs = [tmp_path / name for name in ("first", "second")]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = [sys.executable, "-m", "stabledrl_cli", "record", "--rl-steps", "6", "--seed", "5"]
-    records = [
-        subprocess.Popen(
-            [*command, "--device", "cpu", "--out", str(out)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
-        for out in outs
-    ]
-    assert [p.wait(timeout=300) for p in records] == [0, 0]
-    done = _subprocess("diff", *map(str, outs), "--until", "6", "--format", "json")
+    records = run_cli_together(
+        *(["record", "--rl-steps", 6, "--seed", 5, "--device", "cpu", "--out", o] for o in outs)
+    )
+    assert [done.returncode for done in records] == [0, 0], records[0].stderr
+    done = run_cli("diff", *outs, "--until", "6", "--format", "json")
     assert done.returncode == 0
     data = json.loads(done.stdout)
     assert data["identical"] and data["compared"] == 6

@@ -5,15 +5,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from _cli import run_cli
 
 import stabledrl_cli as sd
 from stabledrl_cli.dump import RunIntegrityWarning
@@ -602,12 +600,6 @@ def test_per_rank_ids_that_outgrow_their_dtype_across_ranks_are_refused(tmp_path
     assert step.array("seq_id").tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     with pytest.raises(InputError, match="cannot join the ranks' group_id"):
         step.array("group_id")
-    replayed = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "replay", str(path), "-p", "grpo"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-        check=False,
-    )
+    replayed = run_cli("replay", path, "-p", "grpo")
     assert replayed.returncode == 3, replayed.stderr
     assert replayed.stderr.count("\n") == 1 and "int32 range" in replayed.stderr

@@ -11,13 +11,12 @@ import dataclasses
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import fsspec
 import h5py
 import pytest
+from _cli import run_cli_together
 from _fsspec_runs import count_whole_reads, small_run, to_memory
 from typer.testing import CliRunner
 
@@ -136,14 +135,9 @@ def reading(command: str, url: str, other: Path) -> list[str]:
 
 @pytest.mark.parametrize("command", ["replay", "check", "inspect", "diff"])
 def test_url_exit_codes_in_a_real_process(run_dir, tmp_path, command):
-    for url, code in (("nope://x/run", 2), ((tmp_path / "missing").as_uri(), 3)):
-        done = subprocess.run(
-            [sys.executable, "-m", "stabledrl_cli", *reading(command, url, run_dir)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=REPO,
-        )
+    cases = (("nope://x/run", 2), ((tmp_path / "missing").as_uri(), 3))
+    runs = run_cli_together(*(reading(command, url, run_dir) for url, _ in cases))
+    for (_, code), done in zip(cases, runs, strict=True):
         assert done.returncode == code, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
 

@@ -7,14 +7,13 @@ one line on stderr with its exit code."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import fsspec
 import h5py
 import numpy as np
 import pytest
+from _cli import run_cli_together
 from _fsspec_runs import count_whole_reads, small_run, to_memory
 from typer.testing import CliRunner
 
@@ -191,19 +190,14 @@ def test_pack_url_exit_codes_in_a_real_process(run_dir, tmp_path):
     """In a real process: a file:// URL packs (exit 0) what its path packs; a missing one is
     exit 3, an unknown scheme or a URL as OUT exit 2, each in one line."""
     out = tmp_path / "run.h5"
-    for args, code in (
-        ([run_dir.as_uri(), str(out), "--format", "json"], 0),
-        ([(tmp_path / "missing").as_uri(), str(tmp_path / "a.h5")], 3),
-        (["nope://x/run", str(tmp_path / "b.h5")], 2),
+    cases = (
+        ([run_dir.as_uri(), out, "--format", "json"], 0),
+        ([(tmp_path / "missing").as_uri(), tmp_path / "a.h5"], 3),
+        (["nope://x/run", tmp_path / "b.h5"], 2),
         ([run_dir.as_uri(), "file:///tmp/out.h5"], 2),
-    ):
-        done = subprocess.run(
-            [sys.executable, "-m", "stabledrl_cli", "pack", *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=REPO,
-        )
+    )
+    runs = run_cli_together(*(["pack", *args] for args, _ in cases))
+    for (_, code), done in zip(cases, runs, strict=True):
         assert done.returncode == code, done.stderr
         if code:
             assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""

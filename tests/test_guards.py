@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import math
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _cli import run_cli
 from typer.testing import CliRunner
 
 from stabledrl_cli._json import json_safe
@@ -193,12 +192,7 @@ def test_replay_cli_guard_option():
     assert json.loads(none.stdout)["guards"] == []
     table = runner.invoke(app, base)
     assert "guards on the recorded grad norms: zclip would" in table.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", *base, "--guard", "zclap"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = run_cli(*base, "--guard", "zclap")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "error: unknown guard 'zclap'; valid: zclip, skip-step"

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _cli import run_cli, run_cli_together
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -134,13 +134,6 @@ def test_nonfinite_values_are_kept_and_counted(tmp_path: Path) -> None:
     assert second.scalars["nonfinite"] == 2
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "import", *args],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
-
-
 def test_exit_codes_in_a_real_process(tmp_path: Path) -> None:
     bad = tmp_path / "events.out.tfevents.1.host"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"\x00" * 40)
@@ -151,15 +144,17 @@ def test_exit_codes_in_a_real_process(tmp_path: Path) -> None:
         "bad format": ([str(TRL_STATE), "--format-in", "yaml"], 2),
     }
     (tmp_path / "empty.jsonl").write_text('{"step": 1, "epoch": 1}\n')
-    for name, (args, code) in cases.items():
-        done = _cli(*args, "--out", str(tmp_path / name))
+    runs = run_cli_together(
+        *(["import", *args, "--out", tmp_path / name] for name, (args, _) in cases.items()),
+        ["import", TRL_STATE, "--out", tmp_path / "ok"],
+    )
+    for (name, (_, code)), done in zip(cases.items(), runs[:-1], strict=True):
         assert done.returncode == code, (name, done.stderr)
         assert done.stdout == "" and "Traceback" not in done.stderr, name
         if code == 3:
             assert len(done.stderr.strip().splitlines()) == 1, name
-    done = _cli(str(TRL_STATE), "--out", str(tmp_path / "ok"))
-    assert done.returncode == 0, done.stderr
-    again = _cli(str(TRL_STATE), "--out", str(tmp_path / "ok"))
+    assert runs[-1].returncode == 0, runs[-1].stderr
+    again = run_cli("import", TRL_STATE, "--out", tmp_path / "ok")
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
 
 

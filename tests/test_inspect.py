@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _cli import run_cli
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -169,16 +167,7 @@ def test_bad_runs_exit_3_with_one_line(tmp_path, run_dir, case):
 
 def test_exit_code_in_a_real_process(tmp_path):
     """The error map end to end: exit 3, one line on stderr, nothing on stdout, no traceback."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    missing = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "inspect", str(tmp_path / "nope")],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    missing = run_cli("inspect", tmp_path / "nope")
     assert missing.returncode == 3
     assert missing.stdout == "" and "Traceback" not in missing.stderr
     assert missing.stderr.strip() == f"error: no such run: {tmp_path / 'nope'}"

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
+from _cli import run_cli_together
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -76,35 +74,11 @@ def test_bad_spec_exits_2_with_one_line_naming_the_choices():
 
 
 def test_bad_spec_exit_code_through_a_real_process():
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
-    env.pop("STABLEDRL_DEBUG", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "policies", "-p", "nope"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
+    proc, ok = run_cli_together(
+        ["policies", "-p", "nope"], ["policies", "-p", "two-sided:delta=4", "--format", "json"]
     )
     assert proc.returncode == 2
     assert "unknown policy 'nope'; valid: ppo, grpo, dapo" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
-    ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stabledrl_cli",
-            "policies",
-            "-p",
-            "two-sided:delta=4",
-            "--format",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["policies"][0]["params"]["delta"] == 4.0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli import run_cli_together
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -544,13 +544,10 @@ def test_zero_readable_steps_exit_3_naming_why(tmp_path, command):
 
 def test_zero_readable_steps_exit_3_in_a_real_process(tmp_path):
     path = _unreadable_run(tmp_path)
-    for args in (["replay", str(path)], ["check", str(path), "--max-collapsed", "0"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "stabledrl_cli", *args, "--device", "cpu"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+    for done in run_cli_together(
+        ["replay", path, "--device", "cpu"],
+        ["check", path, "--max-collapsed", "0", "--device", "cpu"],
+    ):
         assert done.returncode == 3, done.stderr
         assert "no step could be read" in done.stderr and "Traceback" not in done.stderr
 
@@ -580,14 +577,11 @@ def test_bad_options_exit_2(plain_run):
 
 
 def test_exit_codes_in_a_real_process(plain_run, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "NO_COLOR": "1"}
-    cmd = [sys.executable, "-m", "stabledrl_cli", "replay"]
-    missing = subprocess.run([*cmd, str(tmp_path / "nope")], capture_output=True, text=True,
-                             env=env, cwd=REPO)  # fmt: skip
+    missing, bad = run_cli_together(
+        ["replay", tmp_path / "nope"], ["replay", plain_run, "-p", "nosuch"]
+    )
     assert missing.returncode == 3 and "no such run" in missing.stderr
     assert "Traceback" not in missing.stderr and missing.stdout == ""
-    bad = subprocess.run([*cmd, str(plain_run), "-p", "nosuch"], capture_output=True, text=True,
-                         env=env, cwd=REPO)  # fmt: skip
     assert bad.returncode == 2 and "unknown policy" in bad.stderr
 
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _cli import run_cli
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -76,23 +75,13 @@ def _batch_step(rec: sd.Recorder, step: int) -> None:
     )
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-
-
 def _gates(data: dict) -> dict[str, dict]:
     return {f"{g['policy'] or '(run)'} {g['gate']}": g for g in data["gates"]}
 
 
 def test_replay_refuses_a_scalar_run_with_one_line_and_exit_3(tmp_path):
     run = _scalar_run(tmp_path / "run")
-    proc = _cli("replay", str(run), "-p", "grpo")
+    proc = run_cli("replay", str(run), "-p", "grpo")
     assert proc.returncode == 3, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and proc.stdout == ""
@@ -169,7 +158,7 @@ def test_check_gates_a_scalar_run_without_a_baseline(tmp_path):
     data = json.loads(passed.stdout)
     assert data["ok"] and data["scalar_run"] and data["policies"] == []
     assert set(_gates(data)) == {"(run) reward_collapse", "(run) max_spikes", "(run) max_nonfinite"}
-    failed = _cli("check", str(sick), *gates)
+    failed = run_cli("check", str(sick), *gates)
     assert failed.returncode == 1, failed.stderr
     tripped = {name for name, g in _gates(json.loads(failed.stdout)).items() if not g["ok"]}
     assert tripped == {"(run) reward_collapse", "(run) max_spikes", "(run) max_nonfinite"}
@@ -202,7 +191,7 @@ def test_check_with_a_baseline_passes_and_trips_on_a_scalar_run(tmp_path):
     same = runner.invoke(app, ["check", str(healthy), "--baseline", str(baseline)])
     assert same.exit_code == 0, same.output
     sick = _scalar_run(tmp_path / "sick", collapse=True, spike=True, nonfinite=True, clip=0.3)
-    proc = _cli("check", str(sick), "--baseline", str(baseline), "--format", "json")
+    proc = run_cli("check", str(sick), "--baseline", str(baseline), "--format", "json")
     assert proc.returncode == 1, proc.stderr
     tripped = {name for name, g in _gates(json.loads(proc.stdout)).items() if not g["ok"]}
     assert {
@@ -223,7 +212,7 @@ def test_only_a_clip_fraction_regression_trips(tmp_path):
         app, ["check", str(_scalar_run(tmp_path / "a")), "--write-baseline", str(baseline)]
     )
     worse = _scalar_run(tmp_path / "b", clip=0.2)
-    proc = _cli("check", str(worse), "--baseline", str(baseline), "--format", "json")
+    proc = run_cli("check", str(worse), "--baseline", str(baseline), "--format", "json")
     assert proc.returncode == 1
     tripped = {name for name, g in _gates(json.loads(proc.stdout)).items() if not g["ok"]}
     assert tripped == {
@@ -248,7 +237,7 @@ def test_a_hand_written_recorded_gate_on_any_scalar(tmp_path):
             }
         )
     )
-    proc = _cli("check", str(run), "--baseline", str(baseline), "--format", "json")
+    proc = run_cli("check", str(run), "--baseline", str(baseline), "--format", "json")
     assert proc.returncode == 1
     gates = json.loads(proc.stdout)["gates"]
     assert [(g["policy"], g["gate"], g["ok"]) for g in gates] == [

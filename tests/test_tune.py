@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli import run_cli_together
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -152,34 +151,18 @@ def test_cli_table_names_the_recommendation():
     assert "grpo (own)" in result.stdout
 
 
-@pytest.mark.parametrize(
-    ("args", "code", "message"),
-    [
-        (["-p", "stabledrl:c=0..2:log3"], 2, "a log grid needs low > 0"),
-        ([], 2, "Missing option"),
-    ],
-)
-def test_exit_codes_in_a_subprocess(args, code, message):
-    proc = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "tune", str(FIXTURES / "grpo"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
+def test_exit_codes_in_a_subprocess(tmp_path):
+    bad_grid, no_policy, missing = run_cli_together(
+        ["tune", FIXTURES / "grpo", "-p", "stabledrl:c=0..2:log3"],
+        ["tune", FIXTURES / "grpo"],
+        ["tune", tmp_path / "none", "-p", "grpo"],
     )
-    assert proc.returncode == code
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
-def test_missing_run_is_exit_3(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "tune", str(tmp_path / "none"), "-p", "grpo"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 3
-    assert len(proc.stderr.strip().splitlines()) == 1
+    for proc, message in ((bad_grid, "a log grid needs low > 0"), (no_policy, "Missing option")):
+        assert proc.returncode == 2
+        assert message in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert missing.returncode == 3
+    assert len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_ray_engine_gives_the_local_json():

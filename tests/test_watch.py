@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+from _cli import cli_command, cli_environment, run_cli, run_cli_together
 from conftest import fixture_run
 from typer.testing import CliRunner
 
@@ -32,7 +33,6 @@ from stabledrl_cli.replay.observed import observe
 from stabledrl_cli.replay.recorded import recorded_run
 
 CPU = ReplayConfig(device="cpu")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _land(source: Path, target: Path, steps: range) -> None:
@@ -215,30 +215,23 @@ def test_a_time_bounded_watch_follows_a_writer_until_idle(grpo_fixture, tmp_path
     assert "gate tripped: grpo max_collapsed" in result.stderr
 
 
-def _subprocess(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "watch", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-
-
 def test_exit_codes_in_a_real_process(grpo_fixture, tmp_path):
-    tripped = _subprocess(str(grpo_fixture), "--once", "--max-collapsed", "0", "--device", "cpu")
-    assert tripped.returncode == 1 and "risk steps: 29, 30, 31" in tripped.stdout
-    held = _subprocess(str(grpo_fixture), "--once", "--max-collapsed", "100", "--device", "cpu")
-    assert held.returncode == 0 and "gates passed: 1 gate holds" in held.stderr
-    missing = _subprocess(str(tmp_path / "nope"), "--once")
-    assert missing.returncode == 3 and missing.stderr.count("\n") == 1
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert _subprocess(str(empty), "--until-idle", "0.2", "--interval", "0.05").returncode == 3
-    assert _subprocess(str(grpo_fixture), "-f", "json").returncode == 2
-    assert _subprocess(str(grpo_fixture), "--interval", "0").returncode == 2
+    tripped, held, missing, idle, json_format, no_interval = run_cli_together(
+        ["watch", grpo_fixture, "--once", "--max-collapsed", "0", "--device", "cpu"],
+        ["watch", grpo_fixture, "--once", "--max-collapsed", "100", "--device", "cpu"],
+        ["watch", tmp_path / "nope", "--once"],
+        ["watch", empty, "--until-idle", "0.2", "--interval", "0.05"],
+        ["watch", grpo_fixture, "-f", "json"],
+        ["watch", grpo_fixture, "--interval", "0"],
+    )
+    assert tripped.returncode == 1 and "risk steps: 29, 30, 31" in tripped.stdout
+    assert held.returncode == 0 and "gates passed: 1 gate holds" in held.stderr
+    assert missing.returncode == 3 and missing.stderr.count("\n") == 1
+    assert idle.returncode == 3
+    assert json_format.returncode == 2
+    assert no_interval.returncode == 2
 
 
 def test_ctrl_c_stops_the_watch_cleanly(grpo_fixture, monkeypatch):
@@ -385,26 +378,23 @@ def recorded_script(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("recorded")
     script = folder / "train.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "record", "--out", str(folder / "run"), "--",
-         sys.executable, str(script)],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
-    )  # fmt: skip
+    done = run_cli("record", "--out", folder / "run", "--", sys.executable, script)
     assert done.returncode == 0, done.stderr
     return folder / "run"
 
 
 def test_once_on_a_recorded_script_exits_with_the_gates_code(recorded_script):
-    run = str(recorded_script)
-    plain = _subprocess(run, "--once")
+    run = recorded_script
+    plain, tripped, refused = run_cli_together(
+        ["watch", run, "--once"],
+        ["watch", run, "--once", "--max-spikes", "0", "--max-nonfinite", "0"],
+        ["watch", run, "--once", "--max-discard-frac", "0.5"],
+    )
     assert plain.returncode == 0, plain.stderr
     assert "steps: 30 (last 29); own policy: none recorded: no replay" in plain.stdout
     assert "recorded grad-norm spikes: 25" in plain.stdout
-    tripped = _subprocess(run, "--once", "--max-spikes", "0", "--max-nonfinite", "0")
     assert tripped.returncode == 1
     assert "gate tripped: (run) max_spikes: 1 grad-norm spike step, limit 0" in tripped.stderr
-    refused = _subprocess(run, "--once", "--max-discard-frac", "0.5")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
 
 
@@ -413,11 +403,9 @@ def test_a_watch_follows_a_scalar_run_while_it_gains_steps(tmp_path):
     alert for step 12 is on stderr), then the rest land; it stops once idle, with the gates'
     code."""
     live = tmp_path / "live"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     watch = subprocess.Popen(
-        [sys.executable, "-m", "stabledrl_cli", "watch", str(live), "--until-idle", "5",
-         "--interval", "0.05", "--max-spikes", "0"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+        cli_command("watch", live, "--until-idle", "5", "--interval", "0.05", "--max-spikes", "0"),
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=cli_environment(),
     )  # fmt: skip
     lines: list[str] = []
     seen_first = threading.Event()

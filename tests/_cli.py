@@ -1,0 +1,64 @@
+"""The command line in real processes, as a user runs it: exit codes, the streams, nothing
+mocked. Independent commands run at once (`run_cli_together`): each such process spends most of
+its life importing torch, so a test's batch of exit-code checks takes the time of its slowest
+command instead of their sum."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 300.0
+"""Seconds a command may take before its test fails."""
+
+
+def cli_command(*args: object) -> list[str]:
+    """`python -m stabledrl_cli ARGS...`, with this interpreter."""
+    return [sys.executable, "-m", "stabledrl_cli", *map(str, args)]
+
+
+def cli_environment() -> dict[str, str]:
+    """The test's environment, with this checkout first on the import path."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(ROOT) if not path else f"{ROOT}{os.pathsep}{path}"}
+
+
+def run_cli(
+    *args: object, cwd: Path = ROOT, timeout: float = TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """`stabledrl ARGS...` in a process of its own; its exit code and both streams."""
+    return run_cli_together(args, cwd=cwd, timeout=timeout)[0]
+
+
+def run_cli_together(
+    *commands: Sequence[object], cwd: Path = ROOT, timeout: float = TIMEOUT
+) -> list[subprocess.CompletedProcess[str]]:
+    """Each of `commands` (the arguments after `stabledrl`) in a process of its own, all at
+    once; their results in the same order. The commands must not depend on one another."""
+    started = [
+        subprocess.Popen(
+            cli_command(*command),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            env=cli_environment(),
+        )
+        for command in commands
+    ]
+    results = []
+    try:
+        for process in started:
+            out, err = process.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
