@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def run_cli_together(
     *commands: Sequence[object], cwd: Path = ROOT, timeout: float = TIMEOUT
 ) -> list[subprocess.CompletedProcess[str]]:
     """Each of `commands` (the arguments after `stabledrl`) in a process of its own, all at
-    once; their results in the same order. The commands must not depend on one another."""
+    once; their results in the same order. Each must finish within `timeout` seconds of the
+    start, as if run alone. The commands must not depend on one another."""
     started = [
         subprocess.Popen(
             cli_command(*command),
@@ -51,10 +53,11 @@ def run_cli_together(
         )
         for command in commands
     ]
+    deadline = time.monotonic() + timeout
     results = []
     try:
         for process in started:
-            out, err = process.communicate(timeout=timeout)
+            out, err = process.communicate(timeout=max(0.0, deadline - time.monotonic()))
             results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
     finally:
         for process in started:

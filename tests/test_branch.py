@@ -103,7 +103,7 @@ def test_the_protocol_round_trips_through_the_environment(tmp_path):
 
 def test_a_run_without_checkpoints_exits_3_saying_how_to_record_them(tmp_path):
     run = _record(tmp_path / "plain", ExampleConfig(seed=3, steps=2, pretrain_steps=1), None)
-    result = run_cli("branch", run, "--at", "0", "-p", "grpo")
+    result = run_cli("branch", run, "--at", "0", "-p", "grpo", timeout=120)
     assert result.returncode == 3, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--checkpoint-every" in lines[0]

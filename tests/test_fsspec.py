@@ -136,7 +136,7 @@ def reading(command: str, url: str, other: Path) -> list[str]:
 @pytest.mark.parametrize("command", ["replay", "check", "inspect", "diff"])
 def test_url_exit_codes_in_a_real_process(run_dir, tmp_path, command):
     cases = (("nope://x/run", 2), ((tmp_path / "missing").as_uri(), 3))
-    runs = run_cli_together(*(reading(command, url, run_dir) for url, _ in cases))
+    runs = run_cli_together(*(reading(command, url, run_dir) for url, _ in cases), timeout=120)
     for (_, code), done in zip(cases, runs, strict=True):
         assert done.returncode == code, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""

@@ -196,7 +196,7 @@ def test_pack_url_exit_codes_in_a_real_process(run_dir, tmp_path):
         (["nope://x/run", tmp_path / "b.h5"], 2),
         ([run_dir.as_uri(), "file:///tmp/out.h5"], 2),
     )
-    runs = run_cli_together(*(["pack", *args] for args, _ in cases))
+    runs = run_cli_together(*(["pack", *args] for args, _ in cases), timeout=120)
     for (_, code), done in zip(cases, runs, strict=True):
         assert done.returncode == code, done.stderr
         if code:

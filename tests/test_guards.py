@@ -192,7 +192,7 @@ def test_replay_cli_guard_option():
     assert json.loads(none.stdout)["guards"] == []
     table = runner.invoke(app, base)
     assert "guards on the recorded grad norms: zclip would" in table.stdout
-    bad = run_cli(*base, "--guard", "zclap")
+    bad = run_cli(*base, "--guard", "zclap", timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "error: unknown guard 'zclap'; valid: zclip, skip-step"

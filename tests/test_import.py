@@ -147,6 +147,7 @@ def test_exit_codes_in_a_real_process(tmp_path: Path) -> None:
     runs = run_cli_together(
         *(["import", *args, "--out", tmp_path / name] for name, (args, _) in cases.items()),
         ["import", TRL_STATE, "--out", tmp_path / "ok"],
+        timeout=120,
     )
     for (name, (_, code)), done in zip(cases.items(), runs[:-1], strict=True):
         assert done.returncode == code, (name, done.stderr)
@@ -154,7 +155,7 @@ def test_exit_codes_in_a_real_process(tmp_path: Path) -> None:
         if code == 3:
             assert len(done.stderr.strip().splitlines()) == 1, name
     assert runs[-1].returncode == 0, runs[-1].stderr
-    again = run_cli("import", TRL_STATE, "--out", tmp_path / "ok")
+    again = run_cli("import", TRL_STATE, "--out", tmp_path / "ok", timeout=120)
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
 
 

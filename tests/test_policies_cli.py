@@ -75,7 +75,9 @@ def test_bad_spec_exits_2_with_one_line_naming_the_choices():
 
 def test_bad_spec_exit_code_through_a_real_process():
     proc, ok = run_cli_together(
-        ["policies", "-p", "nope"], ["policies", "-p", "two-sided:delta=4", "--format", "json"]
+        ["policies", "-p", "nope"],
+        ["policies", "-p", "two-sided:delta=4", "--format", "json"],
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "unknown policy 'nope'; valid: ppo, grpo, dapo" in proc.stderr

@@ -547,6 +547,7 @@ def test_zero_readable_steps_exit_3_in_a_real_process(tmp_path):
     for done in run_cli_together(
         ["replay", path, "--device", "cpu"],
         ["check", path, "--max-collapsed", "0", "--device", "cpu"],
+        timeout=120,
     ):
         assert done.returncode == 3, done.stderr
         assert "no step could be read" in done.stderr and "Traceback" not in done.stderr

@@ -156,6 +156,7 @@ def test_exit_codes_in_a_subprocess(tmp_path):
         ["tune", FIXTURES / "grpo", "-p", "stabledrl:c=0..2:log3"],
         ["tune", FIXTURES / "grpo"],
         ["tune", tmp_path / "none", "-p", "grpo"],
+        timeout=120,
     )
     for proc, message in ((bad_grid, "a log grid needs low > 0"), (no_policy, "Missing option")):
         assert proc.returncode == 2
