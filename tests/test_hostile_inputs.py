@@ -9,11 +9,11 @@ import re
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from _cli import cli_command
 from _corpus import CASES, ROOT, Case, measure, packed, tiny_run
 from typer.testing import CliRunner
 
@@ -129,7 +129,7 @@ def test_pack_on_a_full_disk_is_a_write_error_not_a_crash(tmp_path: Path) -> Non
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
     proc = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "pack", str(run), str(out_dir / "run.h5")],
+        [*cli_command(), "pack", str(run), str(out_dir / "run.h5")],
         capture_output=True,
         text=True,
         timeout=120,

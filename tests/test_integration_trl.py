@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from _cli import cli_command
 
 import stabledrl_cli as sd
 from stabledrl_cli.errors import MissingExtraError, UsageError
@@ -335,7 +336,7 @@ def test_recording_failure_warns_once_and_training_continues(
 # -- the README snippet under `stabledrl record` ---------------------------------------------
 def test_readme_snippet_records_under_stabledrl_record(tiny: Any, tmp_path: Path) -> None:
     shutil.copy(SCRIPTS / "snippet_train.py", tmp_path / "train.py")
-    cmd = [sys.executable, "-m", "stabledrl_cli", "record", "--out", "run", "--",
+    cmd = [*cli_command(), "record", "--out", "run", "--",
            sys.executable, "train.py"]  # fmt: skip
     done = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -429,7 +430,7 @@ def test_fsdp2_two_ranks_under_stabledrl_record(tiny: Any, tmp_path: Path) -> No
     """Plain `trl.GRPOTrainer` under `stabledrl record`: the optimizer hooks record each step
     (numbered from 0) with TRL's grad_norm, within float32 rounding (the hooks sum the
     squares of the DTensor shards in float64, torch's clip in float32)."""
-    record = [sys.executable, "-m", "stabledrl_cli", "record", "--out", "run", "--"]
+    record = [*cli_command(), "record", "--out", "run", "--"]
     command = [*record, *_torchrun("fsdp2_train.py", "unused", "shown.json", "plain")]
     done, shown = _fsdp2_train(tmp_path, *command)
     assert "recording failed" not in done.stderr

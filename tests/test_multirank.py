@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli import cli_command
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, DIE_AT = 6, 3
 LOGGED_SCALARS = ("step", "loss", "grad_norm", "inner_step", "reward_mean", "nonfinite")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-RECORD = [sys.executable, "-m", "stabledrl_cli", "record", "--policy", "grpo", "--out"]
+RECORD = [*cli_command(), "record", "--policy", "grpo", "--out"]
 
 
 def _env() -> dict[str, str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _cli import cli_command
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -80,7 +81,7 @@ def _env() -> dict[str, str]:
 def _record(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """A real `stabledrl record ARGS` process."""
     return subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "record", *args],
+        [*cli_command(), "record", *args],
         capture_output=True, text=True, env=_env(), timeout=300, cwd=cwd,
     )  # fmt: skip
 
@@ -220,7 +221,7 @@ def test_a_script_without_torch_is_untouched_and_an_existing_sitecustomize_still
     env = _env()
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(site)])
     result = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "record", "--out", str(tmp_path / "run"), "--",
+        [*cli_command(), "record", "--out", str(tmp_path / "run"), "--",
          sys.executable, str(script)],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip

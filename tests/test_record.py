@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _cli import cli_command
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -110,7 +111,7 @@ def test_a_failing_log_call_warns_once_and_the_commands_exit_code_passes_through
     # A real `stabledrl record` process: its exit code is the wrapped command's.
     out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "record", "--out", str(out), "-p", "grpo",
+        [*cli_command(), "record", "--out", str(out), "-p", "grpo",
          "--", sys.executable, str(script), "2", "7"],
         capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
     )  # fmt: skip
@@ -160,7 +161,7 @@ def test_square_brackets_in_the_command_and_a_failure_are_printed_as_they_are(
 def _record_process(out: Path, script: Path, monkeypatch, *args: str):
     """A real `stabledrl record` process wrapping a real python child."""
     return subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "record", "--out", str(out), *args,
+        [*cli_command(), "record", "--out", str(out), *args,
          "--", sys.executable, str(script)],
         capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
     )  # fmt: skip
@@ -235,7 +236,7 @@ def test_a_command_that_aborts_at_the_interpreters_exit_keeps_every_finished_ste
     script, out = tmp_path / "train.py", tmp_path / "run"
     script.write_text(ABORT_AT_EXIT_SCRIPT)
     result = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "record", "--out", str(out), "--",
+        [*cli_command(), "record", "--out", str(out), "--",
          sys.executable, str(script)],
         capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
     )  # fmt: skip

@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from _cli import cli_command
+
 from stabledrl_cli.dump import open_run
 
 CHILD = textwrap.dedent(
@@ -43,7 +45,7 @@ def test_a_full_disk_stops_recording_not_training(tmp_path: Path) -> None:
     env = {**os.environ}
     env.pop("STABLEDRL_DEBUG", None)
     result = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "record", "--out", str(run), "--",
+        [*cli_command(), "record", "--out", str(run), "--",
          sys.executable, str(script)],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
