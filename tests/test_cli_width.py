@@ -133,3 +133,15 @@ def test_a_long_run_path_never_widens_a_table(grpo_fixture, tmp_path):
     result = runner.invoke(app, ["check", str(run), *POLICIES, "--max-collapsed", "0",
                                  "--device", "cpu"], env={"COLUMNS": "80"})  # fmt: skip
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
+
+
+def test_the_consoles_take_columns_when_they_print_not_when_made(monkeypatch):
+    """The CLI's consoles are made at import; a COLUMNS set later (by a test runner's worker,
+    or a program embedding the CLI) is the one a table is drawn to."""
+    from stabledrl_cli.cli import _output
+
+    monkeypatch.setenv("COLUMNS", "80")
+    made_at_80 = (_output._DataConsole(), _output._LiveConsole(stderr=True))
+    monkeypatch.setenv("COLUMNS", "137")
+    assert [console.width for console in made_at_80] == [137, 137]
+    assert _output._LiveConsole(width=90).width == 90

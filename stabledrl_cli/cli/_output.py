@@ -26,7 +26,17 @@ from rich.progress import (
 PIPE_WIDTH = 250
 
 
-class _DataConsole(Console):
+class _LiveConsole(Console):
+    """A console that takes its width from COLUMNS (or the terminal) when it prints, not when
+    it is made: rich reads COLUMNS once at construction, and the CLI's consoles are made at
+    import, before a caller (a test runner, an embedding program) may set it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._width = kwargs.get("width")
+
+
+class _DataConsole(_LiveConsole):
     """stdout: when it is not a terminal and COLUMNS is unset, tables are not squeezed to 80."""
 
     @property  # type: ignore[misc]  # read-only here: nothing sets a data console's size
@@ -44,7 +54,7 @@ class _DataConsole(Console):
 
 # Consoles resolve sys.stdout / sys.stderr at print time, so CliRunner captures them.
 out = _DataConsole(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+err = _LiveConsole(stderr=True, soft_wrap=True)
 
 
 class OutputFormat(str, Enum):
