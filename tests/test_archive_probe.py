@@ -1,9 +1,10 @@
-"""The archive probe (`dump._archive_checks.probe`): its forked child reads the metadata and
+"""The archive probe (`dump._archive_probe.probe`): its forked child reads the metadata and
 walks the objects once for the reader; a child that hangs, dies or is cut short refuses the
 archive; a file swapped after the probe is walked again by the reader; no child is left."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,14 +16,14 @@ import pytest
 from _corpus import packed
 
 import stabledrl_cli as sd
-from stabledrl_cli.dump import _archive_checks
+from stabledrl_cli.dump import _archive_checks, _archive_probe
 from stabledrl_cli.errors import InputError
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the probe forks")
 
 
-def _probe(path: Path, seconds: float | None = None) -> _archive_checks.Probed:
-    return _archive_checks.probe(path, path.stat().st_size, seconds)
+def _probe(path: Path, seconds: float | None = None) -> _archive_probe.Probed:
+    return _archive_probe.probe(path, path.stat().st_size, seconds)
 
 
 @pytest.fixture
@@ -61,9 +62,9 @@ def test_a_file_swapped_after_the_probe_is_walked_by_the_reader(
         handle["sequences/reward"] = h5py.SoftLink("/tokens/logp")
     target = tmp_path / "run.h5"
     shutil.copy(honest, target)
-    real_probe = _archive_checks.probe
+    real_probe = _archive_probe.probe
 
-    def probe_then_swap(*args: object, **kwargs: object) -> _archive_checks.Probed:
+    def probe_then_swap(*args: object, **kwargs: object) -> _archive_probe.Probed:
         probed = real_probe(*args, **kwargs)  # type: ignore[arg-type]
         os.replace(tmp_path / "swap.h5", target)
         return probed
@@ -94,7 +95,7 @@ def test_a_child_that_hangs_is_killed_and_refuses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     archive = packed(tmp_path)
-    monkeypatch.setattr(_archive_checks, "_child_report", lambda *args: time.sleep(60))
+    monkeypatch.setattr(_archive_probe, "_child_report", lambda *args: time.sleep(60))
     started = time.monotonic()
     with pytest.raises(InputError, match=r"did not finish in 0\.5 s"):
         _probe(archive, 0.5)
@@ -108,7 +109,7 @@ def test_a_child_that_dies_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         os.kill(os.getpid(), signal.SIGKILL)
         return b""
 
-    monkeypatch.setattr(_archive_checks, "_child_report", crash)
+    monkeypatch.setattr(_archive_probe, "_child_report", crash)
     with pytest.raises(InputError, match=r"crashed libhdf5 \(signal 9;"):
         _probe(archive)
 
@@ -120,13 +121,13 @@ def test_a_child_without_a_whole_report_leaves_the_walk_to_the_reader(
     """A Python error in the child (no report) or a report without its end: the reader walks
     the file itself."""
     archive = packed(tmp_path)
-    real = _archive_checks._child_report
+    real = _archive_probe._child_report
     monkeypatch.setattr(
-        _archive_checks,
+        _archive_probe,
         "_child_report",
         lambda *args: b"" if report == "none" else real(*args)[:-1],
     )
-    assert _probe(archive) == _archive_checks.Probed()
+    assert _probe(archive) == _archive_probe.Probed()
     sd.open_run(archive)
     assert walks_here == [str(archive)]
 
@@ -148,10 +149,77 @@ def test_no_probe_child_is_left_behind(tmp_path: Path, monkeypatch: pytest.Monke
     for _ in range(3):
         sd.open_run(archive).close()
     deadline = time.monotonic() + 10
-    while _archive_checks._UNREAPED and time.monotonic() < deadline:
+    while _archive_probe._UNREAPED and time.monotonic() < deadline:
         time.sleep(0.01)
-        _archive_checks._reap_finished()
-    assert len(forked) == 3 and not _archive_checks._UNREAPED
+        _archive_probe._reap_finished()
+    assert len(forked) == 3 and not _archive_probe._UNREAPED
     for pid in forked:
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+
+
+def _index_reads_here(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Index datasets (`is_index`) that this process opens to read whole."""
+    opened: list[str] = []
+    real = h5py.h5d.open
+
+    def counting(loc: object, name: bytes, *args: object) -> h5py.h5d.DatasetID:
+        if _archive_checks.is_index(name.decode()) and os.getpid() == parent:
+            opened.append(name.decode())
+        return real(loc, name, *args)
+
+    parent = os.getpid()
+    monkeypatch.setattr(h5py.h5d, "open", counting)
+    return opened
+
+
+def _steps(run: sd.Run) -> list[tuple[int, dict[str, list[float]]]]:
+    return [
+        (step.step, {name: step.array(name).tolist() for name in sorted(step.fields)})
+        for step in run.steps()
+    ]
+
+
+def test_the_reader_takes_the_index_the_child_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child hands over the root attributes, texts and index arrays: the reader's process
+    reads no index dataset itself, and reads the run exactly as from its own reads."""
+    archive = packed(tmp_path)
+    expected = _steps(sd.open_run(archive))
+    probed = _probe(archive)
+    assert {"steps/step", "tokens/step_offsets"} <= set(probed.prefetched.arrays)
+    assert set(probed.prefetched.texts) == {"manifest", "integrity"}
+    assert probed.prefetched.root["kind"] == "stabledrl-run"
+    opened = _index_reads_here(monkeypatch)
+    run = sd.open_run(archive)
+    assert opened == []
+    assert _steps(run) == expected and run.integrity.ok
+
+
+@pytest.mark.parametrize("damage", ["payload", "dtype"])
+def test_a_garbled_handover_leaves_the_index_to_the_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    """A handover that is not what the child writes (an array's bytes that do not add up, a
+    non-numeric dtype) is dropped whole: the reader reads every value itself, the same run."""
+    archive = packed(tmp_path)
+    expected = _steps(sd.open_run(archive))
+    real = _archive_probe._child_report
+
+    def garbled(*args: object) -> bytes:
+        header, _, payload = real(*args).partition(b"\n")  # type: ignore[arg-type]
+        fields = json.loads(header)
+        if damage == "payload":
+            fields["payload"] += 8
+            payload += bytes(8)
+        else:
+            fields["prefetch"]["arrays"][0][1] = "|O"
+        return json.dumps(fields).encode() + b"\n" + payload
+
+    monkeypatch.setattr(_archive_probe, "_child_report", garbled)
+    assert _probe(archive).prefetched == _archive_probe.Prefetched()
+    opened = _index_reads_here(monkeypatch)
+    run = sd.open_run(archive)
+    assert "steps/step" in opened
+    assert _steps(run) == expected

@@ -18,7 +18,7 @@ from _corpus import CASES, ROOT, Case, measure, packed, tiny_run
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.dump import _archive_checks
+from stabledrl_cli.dump import _archive_probe
 
 runner = CliRunner()
 CASE_SECONDS = 30.0
@@ -52,7 +52,7 @@ PROBE_SECONDS = 5.0
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_corpus_case(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_archive_checks, "PROBE_SECONDS", PROBE_SECONDS)
+    monkeypatch.setattr(_archive_probe, "PROBE_SECONDS", PROBE_SECONDS)
     target = case.make(tmp_path)
     start = time.perf_counter()
     result = runner.invoke(app, _args(case, target))

@@ -15,28 +15,15 @@ chunk index is impossible (`_bad_stored_chunk`: libhdf5 crashes reading a chunk 
 and any array dataset of a non-numeric dtype.
 Index and scalar datasets carry a CRC32 (attribute `crc32`, `index_crc`) written by `pack`.
 
-libhdf5 itself can loop forever or crash on a crafted file (a global heap whose free-space
-object has size 0 makes reading any string attribute spin with the GIL held: no signal or
-thread can stop it). So `probe` first reads the archive's metadata (every link, every
-attribute, the manifest and integrity texts) in a forked child under a time limit, running
-`check_objects` there: a child that hangs, dies or meets an h5py error refuses the archive
-(InputError), and only then does the process itself read it (its own reads take other paths
-through libhdf5, and a path past an error the child met can hang). The child hands back
-what `check_objects` found, with the file's identity, so that the reader does not walk the
-same file's objects twice.
+libhdf5 itself can loop forever or crash on a crafted file: `_archive_probe` runs these checks
+in a forked child before the reader's process touches the file.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import select
-import signal
-import time
 import zlib
-from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import Any
 
 import h5py
 import numpy as np
@@ -65,9 +52,6 @@ H5_ERRORS = (
 )
 """What h5py raises for a corrupt file, depending on where libhdf5 notices (AttributeError: a
 group where a dataset belongs)."""
-PROBE_SECONDS = 20.0
-"""How long the forked child may take to read an archive's metadata (an honest one: well
-under a second)."""
 OBJECT_LIMIT = 100_000
 """Links a run archive may hold (one with 100 user scalars holds a few hundred)."""
 
@@ -176,11 +160,22 @@ def _bad_stored_chunk(
     return found[0] if found else None
 
 
+OnDataset = Callable[[str, h5py.h5d.DatasetID, dict[str, Any]], None]
+"""Called with each dataset that passed its checks: its name, its open id, its attributes."""
+
+
 def check_objects(handle: h5py.File, where: str, file_size: int) -> list[str]:
     """Refuses (InputError naming `where`, the archive, and the object) any pointer or
     unbounded dataset in the file (module docstring); reads every object's attributes but no
-    dataset's values. Returns the datasets' names. Walks with h5py's low-level calls (a third
-    of the high-level ones' time)."""
+    dataset's values. Returns the datasets' names."""
+    return walk_objects(handle, where, file_size)
+
+
+def walk_objects(
+    handle: h5py.File, where: str, file_size: int, on_dataset: OnDataset | None = None
+) -> list[str]:
+    """`check_objects`, handing each checked dataset to `on_dataset` while it is open. Walks
+    with h5py's low-level calls (a third of the high-level ones' time)."""
     count = 0
     datasets: list[str] = []
     problem: list[InputError] = []
@@ -204,10 +199,12 @@ def check_objects(handle: h5py.File, where: str, file_size: int) -> list[str]:
             return True
         try:
             target = h5py.h5o.open(handle.id, raw)
-            dict(attributes(target).items())  # parsed here, in the probe's child first
+            attrs = dict(attributes(target).items())  # parsed here, in the probe's child first
             if isinstance(target, h5py.h5d.DatasetID):
                 _check_dataset(name, target, where, file_size)
                 datasets.append(name)
+                if on_dataset is not None:
+                    on_dataset(name, target, attrs)
             elif not isinstance(target, h5py.h5g.GroupID):
                 raise InputError(f"{where}: refused: {name} is neither a group nor a dataset")
         except InputError as exc:
@@ -226,192 +223,3 @@ def check_objects(handle: h5py.File, where: str, file_size: int) -> list[str]:
     if problem:
         raise problem[0]
     return datasets
-
-
-@dataclass(frozen=True)
-class Probed:
-    """What the probe's child found: the names `check_objects` returned, or its refusal, and
-    the identity of the file it read (`file_identity`). Neither names nor refusal when the
-    child did not run."""
-
-    datasets: list[str] | None = None
-    refusal: str | None = None
-    identity: tuple[int, ...] | None = None
-    error: str | None = None
-    """The refusal of an archive h5py could not read in the child (`probe` raises it)."""
-
-    def objects(self, handle: h5py.File, where: str, file_size: int) -> list[str]:
-        """`check_objects(handle, where, file_size)`, from the child's walk when it read this
-        very file (same identity), else walked here."""
-        if self.identity is None or self.identity != file_identity(handle):
-            return check_objects(handle, where, file_size)
-        if self.refusal is not None:
-            raise InputError(self.refusal)
-        if self.datasets is None:
-            return check_objects(handle, where, file_size)
-        return self.datasets
-
-
-def file_identity(handle: h5py.File) -> tuple[int, ...] | None:
-    """(device, inode, size, mtime, ctime) of the file an open local archive reads; None for
-    one read through a file object."""
-    if handle.driver != "sec2":
-        return None
-    found = os.fstat(handle.id.get_vfd_handle())
-    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
-
-
-def _child_report(source: Path | BinaryIO, where: str, file_size: int) -> bytes:
-    """The child's reading of everything libhdf5 parses before a reader trusts the file (links,
-    attributes, texts) with `check_objects`, as one JSON line. An error of h5py is reported
-    (`error`) as the refusal the reader would make of it, and `probe` refuses the archive: the
-    reader's own read may take another path through the same damage, one that hangs (an
-    attribute read by name where iterating over the attributes failed)."""
-    try:
-        handle = h5py.File(source, "r")
-    except (SystemError, *H5_ERRORS) as exc:
-        return _line({"error": f"{where}: unreadable HDF5 file ({_one_line(exc)})"})
-    try:
-        with handle:
-            dict(handle.attrs.items())
-            identity = file_identity(handle)
-            try:
-                report: dict[str, object] = {"datasets": check_objects(handle, where, file_size)}
-            except InputError as exc:
-                report = {"refusal": str(exc)}
-            else:
-                for name in TEXT_DATASETS:
-                    if name in handle:
-                        handle[name][()]
-    except (SystemError, *H5_ERRORS) as exc:
-        why = f"{type(exc).__name__}: {_one_line(exc)}"
-        return _line({"error": f"{where}: corrupt run archive ({why})"})
-    return _line({**report, "identity": identity})
-
-
-REASON_LIMIT = 300
-"""Characters of an h5py error kept in a refusal."""
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception's message on one line, at most `REASON_LIMIT` characters."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 3] + "..."
-
-
-def _line(report: dict[str, object]) -> bytes:
-    return json.dumps(report).encode() + b"\n"
-
-
-def _parse_report(data: bytes) -> Probed | None:
-    """The child's complete report, or None (cut short: it died while writing it)."""
-    if not data.endswith(b"\n"):
-        return None
-    report = json.loads(data)
-    identity = report.get("identity")
-    return Probed(
-        datasets=report.get("datasets"),
-        refusal=report.get("refusal"),
-        identity=None if identity is None else tuple(identity),
-        error=report.get("error"),
-    )
-
-
-def _read_until_eof(fd: int, deadline: float) -> bytes | None:
-    """Everything written to pipe `fd` until its writer closes it, or None at `deadline`."""
-    parts: list[bytes] = []
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not poller.poll(max(1, round(remaining * 1000))):
-            return None
-        part = os.read(fd, 1 << 16)
-        if not part:
-            return b"".join(parts)
-        parts.append(part)
-
-
-_UNREAPED: set[int] = set()
-"""Probe children that had handed back their report but were still exiting: reaped by the
-next probe (as `subprocess` reaps its finished children)."""
-
-
-def _wait(pid: int, options: int) -> tuple[int, int]:
-    """`os.waitpid`, a child reaped elsewhere (SIGCHLD ignored) counting as exited."""
-    try:
-        return os.waitpid(pid, options)
-    except ChildProcessError:
-        return pid, 0
-
-
-def _reap_finished() -> None:
-    for pid in list(_UNREAPED):
-        if _wait(pid, os.WNOHANG)[0]:
-            _UNREAPED.discard(pid)
-
-
-def probe(
-    path: Path,
-    file_size: int,
-    seconds: float | None = None,
-    *,
-    fileobj: BinaryIO | None = None,
-    where: str | None = None,
-) -> Probed:
-    """Reads the archive's metadata and runs `check_objects` in a forked child (module
-    docstring); InputError if the child does not finish within `seconds` (default
-    `PROBE_SECONDS`), is killed by a signal, or h5py fails to read the metadata there (as the
-    reader would refuse it: "unreadable HDF5 file" or "corrupt run archive"). Returns what the
-    child found otherwise. The parent waits on a pipe the
-    child closes once its report is written, not on its exit. Without fork (Windows) this
-    reads nothing and returns an empty `Probed`. fileobj: the archive as a binary file object
-    (read through fsspec), read instead of `path`. where: how messages name the archive (by
-    default its path)."""
-    if not hasattr(os, "fork"):
-        return Probed()
-    _reap_finished()
-    limit = PROBE_SECONDS if seconds is None else seconds
-    where = str(path) if where is None else where
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report, then leave without running any exit handler
-        try:
-            os.close(read_end)
-            report = _child_report(path if fileobj is None else fileobj, where, file_size)
-            view = memoryview(report)
-            while view:
-                view = view[os.write(write_end, view) :]
-            os.close(write_end)
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    try:
-        data = _read_until_eof(read_end, time.monotonic() + limit)
-    except BaseException:
-        os.kill(pid, signal.SIGKILL)
-        _wait(pid, 0)
-        raise
-    finally:
-        os.close(read_end)
-    if data is None:
-        os.kill(pid, signal.SIGKILL)
-        _wait(pid, 0)
-        raise InputError(
-            f"{where}: refused: reading its HDF5 metadata did not finish in {limit:g} s "
-            "(a corrupt or crafted archive)"
-        )
-    probed = _parse_report(data)
-    if probed is not None:  # finished: its exit need not be waited for
-        if not _wait(pid, os.WNOHANG)[0]:
-            _UNREAPED.add(pid)
-        if probed.error is not None:
-            raise InputError(probed.error)
-        return probed
-    _, status = _wait(pid, 0)
-    if os.WIFSIGNALED(status):
-        raise InputError(
-            f"{where}: refused: reading its HDF5 metadata crashed libhdf5 "
-            f"(signal {os.WTERMSIG(status)}; a corrupt or crafted archive)"
-        )
-    return Probed()

@@ -18,13 +18,8 @@ from typing import Any, BinaryIO
 import h5py
 import numpy as np
 
-from stabledrl_cli.dump._archive_checks import (
-    CRC_ATTR,
-    H5_ERRORS,
-    attributes,
-    index_crc,
-    probe,
-)
+from stabledrl_cli.dump._archive_checks import CRC_ATTR, H5_ERRORS, attributes, index_crc
+from stabledrl_cli.dump._archive_probe import probe
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError
 from stabledrl_cli.dump._layout import (
     RAGGED_FIELDS,
@@ -135,6 +130,7 @@ class ArchiveRun(Run):
             self._file = h5py.File(source, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
         except H5_ERRORS as exc:
             raise InputError(f"{where}: unreadable HDF5 file ({exc})") from None
+        self._prefetched = probed.values_for(self._file)
         try:
             self._check_kind()
             self._datasets = probed.objects(self._file, where, file_size)
@@ -150,14 +146,16 @@ class ArchiveRun(Run):
 
     def _text(self, name: str, limit: int) -> str:
         """A JSON string dataset, its size capped and its checksum checked (if it has one)."""
-        dataset = self._file[name]
-        text = decode(dataset[()])
+        prefetched = self._prefetched.texts.pop(name, None)
+        if prefetched is None:
+            dataset = self._file[name]
+            prefetched = decode(dataset[()]), decode(dataset.attrs.get(CRC_ATTR))
+        text, expected = prefetched
         self._read_whole.add(name)
         if not isinstance(text, str) or len(text) > limit:
             raise InputError(
                 f"{self.location}: corrupt run archive ({name} is not a bounded string)"
             )
-        expected = decode(dataset.attrs.get(CRC_ATTR))
         if expected is not None and expected != index_crc(text):
             if name == "manifest":
                 raise InputError(
@@ -173,36 +171,44 @@ class ArchiveRun(Run):
         low-level calls, a third of the high-level ones' time), its checksum checked: a
         mismatch marks every step bad (its numbers, counts or scalars are not to be trusted)
         and is a finding."""
-        dataset = h5py.h5d.open(self._file.id, name.encode())
-        values = np.empty(dataset.shape, dataset.dtype)
-        dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, values)
+        prefetched = self._prefetched.arrays.pop(name, None)
+        if prefetched is None:
+            dataset = h5py.h5d.open(self._file.id, name.encode())
+            values = np.empty(dataset.shape, dataset.dtype)
+            dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, values)
+            prefetched = values, decode(attributes(dataset).get(CRC_ATTR))
+        values, expected = prefetched
         self._read_whole.add(name)
-        if self._checksummed:
-            expected = decode(attributes(dataset).get(CRC_ATTR))
-            if expected != index_crc(values):
-                why = "no checksum" if expected is None else "checksum mismatch"
-                self._load_findings.append(
-                    Finding(
-                        "unreadable",
-                        None,
-                        f"{self.location}:{name}",
-                        f"archive index {name}: {why}; every step is skipped",
-                    )
+        if self._checksummed and expected != index_crc(values):
+            why = "no checksum" if expected is None else "checksum mismatch"
+            self._load_findings.append(
+                Finding(
+                    "unreadable",
+                    None,
+                    f"{self.location}:{name}",
+                    f"archive index {name}: {why}; every step is skipped",
                 )
-                self._all_bad = f"archive index {name}: {why}"
+            )
+            self._all_bad = f"archive index {name}: {why}"
         return values
 
     def _check_kind(self) -> None:
         """A run archive of a readable version, else InputError (a replay report named)."""
-        handle, location = self._file, self.location
-        kind = decode(handle.attrs.get("kind"))
+        location = self.location
+        kind = self._root_attribute("kind")
         if kind == REPLAY_REPORT_KIND:
             raise InputError(f"{location} is a replay report, not a run (open it with read_hdf5)")
         if kind != RUN_KIND:
             raise InputError(f"{location} is not a run (HDF5 kind {kind!r}, expected {RUN_KIND!r})")
         self.format_version = check_readable_version(
-            decode(handle.attrs.get("format_version")), location
+            self._root_attribute("format_version"), location
         )
+
+    def _root_attribute(self, name: str) -> Any:
+        """A root attribute of the archive, decoded (None when it has none)."""
+        if name in self._prefetched.root:
+            return self._prefetched.root.pop(name)
+        return decode(self._file.attrs.get(name))
 
     def _load(self) -> None:
         handle, location = self._file, self.location
@@ -216,7 +222,12 @@ class ArchiveRun(Run):
                 f"{location}: corrupt run archive (integrity is not a list of findings)"
             )
         self._carried = [Finding(**f) for f in carried]
-        self._checksummed = CRC_ATTR in handle["steps/step"].attrs
+        prefetched_step = self._prefetched.arrays.get("steps/step")
+        self._checksummed = (
+            CRC_ATTR in handle["steps/step"].attrs
+            if prefetched_step is None
+            else prefetched_step[1] is not None
+        )
         if not self._checksummed:
             self._load_findings.append(
                 Finding(
