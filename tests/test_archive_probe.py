@@ -223,3 +223,16 @@ def test_a_garbled_handover_leaves_the_index_to_the_reader(
     run = sd.open_run(archive)
     assert "steps/step" in opened
     assert _steps(run) == expected
+
+
+def test_nothing_is_handed_over_for_an_archive_read_through_a_file_object(
+    tmp_path: Path,
+) -> None:
+    """An archive read through a file object (fsspec) has no identity to match, so the reader
+    could not take the child's values: the child does not read them (a remote index is read
+    once, by the reader)."""
+    archive = packed(tmp_path)
+    with archive.open("rb") as fileobj:
+        probed = _archive_probe.probe(archive, archive.stat().st_size, fileobj=fileobj)
+    assert probed.identity is None and probed.datasets
+    assert probed.prefetched == _archive_probe.Prefetched()

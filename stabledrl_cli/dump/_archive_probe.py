@@ -93,21 +93,31 @@ def _child_report(source: Path | BinaryIO, where: str, file_size: int) -> bytes:
         handle = h5py.File(source, "r")
     except (SystemError, *H5_ERRORS) as exc:
         return _report({"error": f"{where}: unreadable HDF5 file ({_one_line(exc)})"})
-    prefetch = Prefetch()
     try:
         with handle:
-            prefetch.root(dict(handle.attrs.items()))
+            attrs = dict(handle.attrs.items())
             identity = file_identity(handle)
+            # Values are handed over only where the reader can take them: for the very file the
+            # child read, so never for one read through a file object (fsspec: no identity).
+            prefetch = None if identity is None else Prefetch()
+            if prefetch is not None:
+                prefetch.root(attrs)
             try:
-                datasets = walk_objects(handle, where, file_size, prefetch.dataset)
+                datasets = walk_objects(
+                    handle, where, file_size, None if prefetch is None else prefetch.dataset
+                )
             except InputError as exc:
                 return _report({"refusal": str(exc), "identity": identity})
             for name in TEXT_DATASETS:
                 if name in handle:
-                    prefetch.text(name, handle[name][()])
+                    text = handle[name][()]
+                    if prefetch is not None:
+                        prefetch.text(name, text)
     except (SystemError, *H5_ERRORS) as exc:
         why = f"{type(exc).__name__}: {_one_line(exc)}"
         return _report({"error": f"{where}: corrupt run archive ({why})"})
+    if prefetch is None:
+        return _report({"datasets": datasets, "identity": identity})
     header, payload = prefetch.encode()
     return _report({"datasets": datasets, "identity": identity, "prefetch": header}, payload)
 
