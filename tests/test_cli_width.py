@@ -8,6 +8,7 @@ import re
 import shutil
 
 import pytest
+from rich.console import JUPYTER_DEFAULT_COLUMNS
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -145,3 +146,4 @@ def test_the_consoles_take_columns_when_they_print_not_when_made(monkeypatch):
     monkeypatch.setenv("COLUMNS", "137")
     assert [console.width for console in made_at_80] == [137, 137]
     assert _output._LiveConsole(width=90).width == 90
+    assert _output._LiveConsole(force_jupyter=True).width == JUPYTER_DEFAULT_COLUMNS

@@ -33,7 +33,8 @@ class _LiveConsole(Console):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._width = kwargs.get("width")
+        if not self.is_jupyter:  # rich sizes a notebook's output once, on purpose
+            self._width = kwargs.get("width")
 
 
 class _DataConsole(_LiveConsole):
