@@ -43,10 +43,14 @@ class Prefetched:
     """Index dataset -> (its values, its checksum attribute or None)."""
 
 
+def _is_text_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
 def _text_or_none(value: Any) -> tuple[bool, str | None]:
     """(whether `value` decodes to a str or None, that value)."""
     value = decode(value)
-    return (value is None or isinstance(value, str)), value
+    return _is_text_or_none(value), value
 
 
 class Prefetch:
@@ -114,10 +118,10 @@ def decode_prefetched(header: Any, payload: bytes) -> Prefetched:
 def _decode(header: dict[str, Any], payload: bytes) -> Prefetched:
     found = Prefetched()
     for name, value in header["root"].items():
-        if name in ROOT_ATTRIBUTES and (value is None or isinstance(value, str)):
+        if name in ROOT_ATTRIBUTES and _is_text_or_none(value):
             found.root[name] = value
     for name, (text, checksum) in header["texts"].items():
-        if name in TEXT_DATASETS and isinstance(text, str) and _checksum(checksum):
+        if name in TEXT_DATASETS and isinstance(text, str) and _is_text_or_none(checksum):
             found.texts[name] = (text, checksum)
     offset, buffer = 0, bytearray(payload)
     for name, dtype_text, shape, checksum in header["arrays"]:
@@ -125,7 +129,7 @@ def _decode(header: dict[str, Any], payload: bytes) -> Prefetched:
         if (
             dtype.kind not in "biuf"
             or not all(type(n) is int and n >= 0 for n in shape)
-            or not (isinstance(name, str) and is_index(name) and _checksum(checksum))
+            or not (isinstance(name, str) and is_index(name) and _is_text_or_none(checksum))
         ):
             raise ValueError(name)
         count = math.prod(shape)
@@ -138,7 +142,3 @@ def _decode(header: dict[str, Any], payload: bytes) -> Prefetched:
     if offset != len(buffer):
         raise ValueError("payload")
     return found
-
-
-def _checksum(value: Any) -> bool:
-    return value is None or isinstance(value, str)
