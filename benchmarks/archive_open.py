@@ -20,17 +20,13 @@ from pathlib import Path
 
 import torch  # noqa: F401  # loaded before the open, as in a replay: the fork copies it
 from synthetic_runs import Shape, add_step_options, cached_run
+from timing import median_seconds
 
 from stabledrl_cli.dump import _archive_probe, _archive_reader, open_run
 
 
 def _median_ms(action: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
+    return median_seconds(action, repeats) * 1e3
 
 
 def _fork_ms(repeats: int) -> float:

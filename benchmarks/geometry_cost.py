@@ -30,11 +30,10 @@ import argparse
 import dataclasses
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import median_seconds
 
 from stabledrl_cli.capture.geometry import (
     BatchLogp,
@@ -47,16 +46,6 @@ from stabledrl_cli.example import ModelConfig, SortTask, TinyDiffusionLM, draw_m
 from stabledrl_cli.example import unit_logp as example_unit_logp
 from stabledrl_cli.example.trainer import ExampleConfig, recorder_kwargs, train
 from stabledrl_cli.policies import get_policy
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: lazy imports, allocator, Omega memo
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
