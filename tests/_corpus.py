@@ -510,6 +510,8 @@ class Measured:
     stderr: str
     seconds: float
     extra_rss_mb: float
+    read_mb: float | None
+    """Bytes the command read through read(2) (Linux's /proc/self/io), in MiB; None elsewhere."""
 
 
 _CHILD = """
@@ -519,7 +521,14 @@ for module in os.environ["CORPUS_PRELOAD"].split():
 from stabledrl_cli.cli import app as app_module
 for name in ("inspect", "pack", "replay"):
     app_module.load_command(name)
+def bytes_read():
+    try:
+        with open("/proc/self/io") as io:
+            return next(int(line.split()[1]) for line in io if line.startswith("rchar:"))
+    except OSError:
+        return None
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+read_before = bytes_read()
 start = time.perf_counter()
 code = 0
 try:
@@ -528,6 +537,9 @@ except SystemExit as exc:
     code = exc.code or 0
 cost = {"seconds": time.perf_counter() - start,
         "extra_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
+read_after = bytes_read()
+if read_before is not None and read_after is not None:
+    cost["read_mb"] = (read_after - read_before) / (1 << 20)
 with open(os.environ["CORPUS_COST"], "w") as fh:
     json.dump(cost, fh)
 sys.exit(code)
@@ -569,4 +581,5 @@ def measure(
         stderr=proc.stderr,
         seconds=float(cost.get("seconds", float("inf"))),
         extra_rss_mb=float(cost.get("extra_rss_mb", float("inf"))),
+        read_mb=None if cost.get("read_mb") is None else float(cost["read_mb"]),
     )
