@@ -57,20 +57,34 @@ def test_errors_are_one_line_with_their_exit_code(failing, exc, code, text):
 def test_debug_anywhere_on_the_line_shows_the_traceback(failing, args):
     failing.error = RuntimeError("kaput")
     result = CliRunner().invoke(app, args)
-    assert isinstance(result.exception, RuntimeError)
+    assert result.exit_code == INTERNAL_ERROR
+    assert "Traceback" in result.stderr and "RuntimeError: kaput" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [(UsageError("bad spec"), 2), (InputError("corrupt step"), 3), (WriteError("full"), 4)],
+)
+def test_debug_keeps_the_exit_code(failing, exc, code):
+    """A debug run of a CI job fails as the plain one would (not 1, a tripped gate's code)."""
+    failing.error = exc
+    result = CliRunner().invoke(app, ["--debug", "fail"])
+    assert result.exit_code == code
+    assert "Traceback" in result.stderr and str(exc) in result.stderr
 
 
 def test_debug_after_a_double_dash_belongs_to_the_wrapped_command(failing):
     failing.error = RuntimeError("kaput")
     assert app_module._hoist_debug(["record", "--", "train", "--debug"])[0] == "record"
     result = CliRunner().invoke(app, ["fail", "--", "--debug"])
-    assert result.exit_code == 2 and not isinstance(result.exception, RuntimeError)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
 
 
 def test_debug_from_the_environment(failing, monkeypatch):
     failing.error = RuntimeError("kaput")
     monkeypatch.setenv("STABLEDRL_DEBUG", "1")
-    assert isinstance(CliRunner().invoke(app, ["fail"]).exception, RuntimeError)
+    result = CliRunner().invoke(app, ["fail"])
+    assert result.exit_code == INTERNAL_ERROR and "RuntimeError: kaput" in result.stderr
 
 
 def test_version():
@@ -97,3 +111,21 @@ def test_a_closed_stdout_exits_quietly():
             check=False,
         )
         assert proc.stderr.splitlines() == [f"status={BROKEN_PIPE}"], proc.stderr
+
+
+def test_debug_in_a_real_process_keeps_the_exit_code(tmp_path):
+    """`stabledrl --debug replay MISSING`: the traceback on stderr, and exit 3 as without it."""
+    env = {**os.environ, "NO_COLOR": "1"}
+    env.pop("STABLEDRL_DEBUG", None)
+    missing = str(tmp_path / "no-such-run")
+    for debug in ([], ["--debug"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "stabledrl_cli", *debug, "inspect", missing],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 3, proc.stderr
+        assert ("Traceback" in proc.stderr) == bool(debug), proc.stderr

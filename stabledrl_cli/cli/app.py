@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -162,7 +163,8 @@ def _silence_stdout() -> None:
 
 @contextmanager
 def mapped_errors(debug: bool) -> Iterator[None]:
-    """Turns any error into one stderr line and its exit code (`debug`: the traceback)."""
+    """Turns any error into one stderr line and its exit code (`debug`: the traceback in place
+    of the line, with the same exit code, so a debug run of a CI job fails as it would)."""
     try:
         yield
     except (typer.Exit, typer.Abort, typer.TyperException):
@@ -171,10 +173,11 @@ def mapped_errors(debug: bool) -> Iterator[None]:
         _silence_stdout()
         raise typer.Exit(BROKEN_PIPE) from None
     except (Exception, KeyboardInterrupt) as exc:
-        if debug:
-            raise
         code, message = exit_code_for(exc)
-        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        if debug:
+            traceback.print_exception(exc, file=sys.stderr)
+        else:
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
         raise typer.Exit(code) from None
 
 
