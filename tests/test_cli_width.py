@@ -8,6 +8,7 @@ import re
 import shutil
 
 import pytest
+from _corpus import tiny_run
 from rich.console import JUPYTER_DEFAULT_COLUMNS
 from typer.testing import CliRunner
 
@@ -86,6 +87,15 @@ def test_replay_default_view_fits_one_line_a_policy(grpo_fixture, grpo_figures, 
         assert all(cell in words for cell in cells), (spec, cells, words)
     assert "first risk: the first step flagged" in text  # the legend, a line per column
     assert "best: fewest bias steps" in text
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_replay_without_geometry_wraps_its_note_to_the_width(tmp_path, width):
+    """The note under the table of a run without gradient geometry (89 characters) wraps."""
+    text = _run(["replay", str(tiny_run(tmp_path / "run")), "--device", "cpu"], width)
+    assert max(len(line) for line in text.splitlines()) <= width
+    assert "update norm = coefficient norm" in text
+    assert "no gradient geometry" in " ".join(text.split())
 
 
 def test_replay_wide_and_no_legend(grpo_fixture, grpo_figures):

@@ -219,8 +219,6 @@ def print_summary(
         title=f"Replay of {result.run}: {result.steps} steps, geometry {result.geometry} "
         f"(coverage {result.geometry_coverage:.0%})",
         title_justify="left",
-        caption=caption,
-        caption_justify="left",
     )
     shown = summary_columns(metrics, wide=wide)
     rows = [[column.cell(p) for column in shown] for p in result.policies]
@@ -234,6 +232,8 @@ def print_summary(
     for row in rows:
         table.add_row(*row)
     print_whole(table, console)
+    if caption is not None:  # text under the table, wrapped to the console like the legend
+        print_legend([caption], console)
     if legend:
         marks = {m for p in result.policies for m in _marks(p)}
         notes = "; ".join(note for mark, note in MARK_NOTES.items() if mark in marks)
