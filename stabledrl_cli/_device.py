@@ -18,12 +18,21 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device {device!r} was asked for, but torch sees no CUDA device")
+    if device.startswith("mps") and not _mps_available():
+        raise UsageError(f"device {device!r} was asked for, but torch sees no MPS device")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as exc:
         raise UsageError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}") from exc
+    if resolved.type not in DEVICES:  # meta, xpu, ...: nothing the tool computes on
+        raise UsageError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
+    return resolved
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.replay import ray_engine
 from stabledrl_cli.replay.config import replay_config
 from stabledrl_cli.replay.engine import replay, replay_run
@@ -250,3 +250,52 @@ def test_check_workers_without_engine_ray_is_a_usage_error(synthetic):
     result = runner.invoke(app, ["check", str(synthetic), "--max-spikes", "1", "--workers", "2"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --workers needs --engine ray"
+
+
+def _replay_in_a_process(args: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NO_COLOR": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "replay", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+    )
+
+
+def test_a_local_cluster_of_more_workers_than_cpus_is_refused(synthetic):
+    """Not a cluster of a process a worker on a 2-core machine: one line, exit 2, no cluster."""
+    pytest.importorskip("ray", reason=NO_RAY)
+    workers = (os.cpu_count() or 1) + 1
+    done = _replay_in_a_process([str(synthetic), "--engine", "ray", "--workers", str(workers)])
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: workers {workers}: a local Ray cluster runs one worker a CPU and this machine "
+        f"has {os.cpu_count() or 1}; join a larger cluster with --ray-address (or RAY_ADDRESS)"
+    ]
+
+
+def test_an_address_that_refuses_is_a_usage_error(synthetic):
+    """Ray would retry it for minutes; the driver asks the address first."""
+    pytest.importorskip("ray", reason=NO_RAY)
+    args = [str(synthetic), "--engine", "ray", "--ray-address", "127.0.0.1:1"]
+    done = _replay_in_a_process(args)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: cannot join the Ray cluster at 127.0.0.1:1: "
+    ), done.stderr
+
+
+def test_a_memory_run_is_refused_before_a_cluster_starts(synthetic):
+    """memory:// lives in the driver's process: its workers could not read it."""
+    ray = pytest.importorskip("ray", reason=NO_RAY)
+    from _fsspec_runs import to_memory
+
+    url = to_memory(synthetic)
+    started = ray.is_initialized()
+    with pytest.raises(UsageError, match="a memory:// run lives in this process only"):
+        replay(open_run(url), ["grpo"], device="cpu", engine=RayEngine(workers=1))
+    assert ray.is_initialized() == started

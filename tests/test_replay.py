@@ -434,6 +434,20 @@ def test_cuda_without_a_gpu_is_a_usage_error(plain_run, monkeypatch):
     assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
 
 
+def test_mps_without_mps_is_a_usage_error(plain_run, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    result = runner.invoke(app, ["replay", str(plain_run), "-p", "grpo", "--device", "mps"])
+    assert result.exit_code == 2 and "no MPS device" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_the_api_refuses_a_device_it_cannot_compute_on(plain_run, monkeypatch, device):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="device"):
+        sd.replay(plain_run, ["grpo"], device=device)
+
+
 def test_sketch_geometry_approximates_the_norms(tmp_path):
     path = record_run(tmp_path / "run", steps=6, geometry="sketch", sketch_k=4096)
     data = _json([str(path), "-p", "grpo"])

@@ -23,12 +23,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import MissingExtraError, StabledrlError, UsageError
@@ -43,6 +45,9 @@ SHARDS_PER_WORKER = 4
 the run, importing torch once per worker) stays small."""
 SHARD_RETRIES = 3
 """Times Ray computes a shard again after the worker computing it died."""
+JOIN_SECONDS = 10.0
+"""How long the driver waits for a cluster's address to accept a connection before it gives up
+(Ray itself retries an address that refuses for many minutes)."""
 
 Task = TypeVar("Task")
 Rows = TypeVar("Rows")
@@ -88,6 +93,12 @@ class RayEngine:
     ) -> StreamedRun:
         """Every policy over every readable step of `run`, shard by shard on the cluster."""
         ray = require_ray()
+        if urlsplit(run.source).scheme == "memory":
+            raise UsageError(
+                f"{run.location}: a memory:// run lives in this process only, so Ray's workers "
+                "cannot read it: replay it with the local engine, or from a path or URL every "
+                "node can read"
+            )
         with _cluster(ray, self.address, self.workers) as workers:
             shards = plan_shards(run.step_numbers, workers * SHARDS_PER_WORKER, config.chunk_size)
             tasks = [
@@ -142,7 +153,9 @@ def _cluster(ray: ModuleType, address: str | None, workers: int | None) -> Itera
             }
             if address is None:  # a new cluster, even beside one that `ray start` left running
                 address = "local"
-                options["num_cpus"] = workers or os.cpu_count() or 1
+                options["num_cpus"] = _local_workers(workers)
+            else:
+                _require_reachable(address)
             try:
                 ray.init(address=address, **options)
             except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -154,6 +167,36 @@ def _cluster(ray: ModuleType, address: str | None, workers: int | None) -> Itera
         finally:
             if started:
                 ray.shutdown()
+
+
+def _local_workers(workers: int | None) -> int:
+    """The CPUs of a local cluster started for `workers` (None: this machine's): at most one
+    worker a CPU, since a local cluster of more would start a process for each."""
+    cpus = os.cpu_count() or 1
+    if workers is not None and workers > cpus:
+        raise UsageError(
+            f"workers {workers}: a local Ray cluster runs one worker a CPU and this machine has "
+            f"{cpus}; join a larger cluster with --ray-address (or RAY_ADDRESS)"
+        )
+    return workers or cpus
+
+
+def _require_reachable(address: str) -> None:
+    """UsageError unless `address` ("host:port" or "ray://host:port"; "auto" and other forms are
+    left to Ray) accepts a TCP connection within `JOIN_SECONDS`."""
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number: Ray's own error names it
+        return
+    if host is None or port is None:
+        return
+    try:
+        with socket.create_connection((host, port), timeout=JOIN_SECONDS):
+            pass
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise UsageError(f"cannot join the Ray cluster at {address}: {why}") from None
 
 
 def map_shards(
