@@ -122,6 +122,7 @@ def test_the_example_honours_the_environment_in_a_process_of_its_own(recorded, t
     command = [sys.executable, "-m", "stabledrl_cli.example"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert result.stdout == f"branch cispo@16: 2 steps in {request.run_dir}\n"
     branch = open_run(request.run_dir)
     assert branch.step_numbers == [16, 17] and branch.policy_spec == get_policy("cispo").spec
 

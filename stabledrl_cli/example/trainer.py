@@ -89,7 +89,8 @@ class TrainResult:
     """What a training run did, for the summary `record` prints."""
 
     steps: int
-    """RL optimizer steps taken (fewer than asked when the weights diverged)."""
+    """RL optimizer steps taken by this call, from the checkpoint it resumed when it resumed
+    one (fewer than asked when the weights diverged)."""
     start_reward: float
     """Mean reward over the first 10% of the steps."""
     final_reward: float
@@ -350,7 +351,7 @@ def train(
     rewards_seen: list[float] = []
     nonfinite = 0
     diverged_at: int | None = None
-    step = 0 if resume is None else resume.step
+    step = first_step = 0 if resume is None else resume.step
     rollout = 0 if resume is None else resume.rollout
     due = 0 if checkpoints is None or resume is None else checkpoints.next_due(step)
     while step < config.steps:
@@ -452,7 +453,7 @@ def train(
     finished = time.perf_counter()
     window = max(1, len(rewards_seen) // 10)
     return TrainResult(
-        steps=step,
+        steps=step - first_step,
         start_reward=sum(rewards_seen[:window]) / window,
         final_reward=sum(rewards_seen[-window:]) / window,
         wall_seconds=finished - started,
