@@ -129,3 +129,27 @@ def test_debug_in_a_real_process_keeps_the_exit_code(tmp_path):
         )
         assert proc.returncode == 3, proc.stderr
         assert ("Traceback" in proc.stderr) == bool(debug), proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["replay", "RUN", "--device", "bogus"], "Invalid value for '--device'"),
+        (["replay", "RUN", "--no-such-option"], "No such option: --no-such-option"),
+        (["replay"], "Missing argument 'RUN'."),
+        (["no-such-command"], "No such command 'no-such-command'."),
+        (["--no-such-option"], "No such option: --no-such-option"),
+    ],
+)
+def test_a_bad_command_line_is_one_line_exit_2(args, line):
+    """click's three lines (usage, hint, error) are one, naming where the help is."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {line}"), result.stderr
+    assert lines[0].endswith(" -h for help)") and result.stdout == ""
+
+
+def test_no_arguments_still_show_the_help():
+    result = CliRunner().invoke(app, [])
+    assert result.exit_code == 2 and "Usage: stabledrl [OPTIONS] COMMAND" in result.output

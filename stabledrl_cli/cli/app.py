@@ -20,6 +20,7 @@ import typer
 import typer.main
 from rich.markup import escape
 from typer._click import Context, HelpFormatter, Parameter
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperCommand, TyperGroup
 
 from stabledrl_cli._version import __version__
@@ -161,12 +162,23 @@ def _silence_stdout() -> None:
         pass
 
 
+def usage_message(exc: UsageError) -> str:
+    """A command line's error in one line, with where its help is (click prints three)."""
+    where = exc.ctx.command_path if exc.ctx is not None else "stabledrl"
+    return f"{exc.format_message()} ({where} -h for help)"
+
+
 @contextmanager
 def mapped_errors(debug: bool) -> Iterator[None]:
     """Turns any error into one stderr line and its exit code (`debug`: the traceback in place
     of the line, with the same exit code, so a debug run of a CI job fails as it would)."""
     try:
         yield
+    except NoArgsIsHelpError:  # the help, which click prints
+        raise
+    except UsageError as exc:  # click's, from parsing a command line: one line too
+        err.print(f"[bold red]error:[/] {escape(usage_message(exc))}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
     except (typer.Exit, typer.Abort, typer.TyperException):
         raise
     except BrokenPipeError:
@@ -255,7 +267,8 @@ class LazyGroup(TyperGroup):
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
         hoisted = _hoist_debug(args)
         ctx.meta[_DEBUG_KEY] = _DEBUG_FLAG in hoisted[:1]
-        result: list[str] = super().parse_args(ctx, hoisted)
+        with mapped_errors(debug=False):
+            result: list[str] = super().parse_args(ctx, hoisted)
         return result
 
     def resolve_command(  # type: ignore[override]
