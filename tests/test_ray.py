@@ -26,7 +26,7 @@ from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.replay import ray_engine
 from stabledrl_cli.replay.config import replay_config
-from stabledrl_cli.replay.engine import replay, replay_run
+from stabledrl_cli.replay.engine import named_engine, replay, replay_run
 from stabledrl_cli.replay.ray_engine import RayEngine
 from stabledrl_cli.replay.shards import ShardTask, plan_shards, stream_shard
 
@@ -299,3 +299,12 @@ def test_a_memory_run_is_refused_before_a_cluster_starts(synthetic):
     with pytest.raises(UsageError, match="a memory:// run lives in this process only"):
         replay(open_run(url), ["grpo"], device="cpu", engine=RayEngine(workers=1))
     assert ray.is_initialized() == started
+
+
+def test_the_api_takes_an_engine_by_its_cli_name(synthetic):
+    """`replay(..., engine="local")` is the default replay; "ray" is a `RayEngine()`."""
+    local = replay(synthetic, ["grpo"], device="cpu")
+    assert replay(synthetic, ["grpo"], device="cpu", engine="local").to_json() == local.to_json()
+    assert isinstance(named_engine("ray"), RayEngine)
+    with pytest.raises(UsageError, match="engine must be 'local', 'ray' or an engine object"):
+        replay(synthetic, ["grpo"], device="cpu", engine="dask")  # type: ignore[arg-type]

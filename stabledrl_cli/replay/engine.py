@@ -26,7 +26,7 @@ import torch
 
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
 from stabledrl_cli.replay.columns import derive_series
 from stabledrl_cli.replay.config import (
@@ -49,7 +49,7 @@ from stabledrl_cli.replay.stream import (
     stream_run,
 )
 from stabledrl_cli.replay.summary import best_index, in_range, summarize_policy
-from stabledrl_cli.vocab import RunGeometryKind, StepGeometryKind
+from stabledrl_cli.vocab import ReplayEngine, RunGeometryKind, StepGeometryKind
 
 __all__ = [
     "DEFAULT_DRIFT_THRESHOLD",
@@ -191,6 +191,18 @@ class LocalEngine:
         )
 
 
+def named_engine(name: str) -> Engine:
+    """The engine `--engine NAME` runs on with its defaults: "local" or "ray" (a local Ray
+    cluster, or the one `RAY_ADDRESS` names); UsageError for another name."""
+    if name == "local":
+        return LocalEngine()
+    if name == "ray":
+        from stabledrl_cli.replay.ray_engine import RayEngine  # imports ray only when run
+
+        return RayEngine()
+    raise UsageError(f"engine must be 'local', 'ray' or an engine object, got {name!r}")
+
+
 def replay_run(
     run: Run,
     policies: Sequence[str | Policy] | None = None,
@@ -320,15 +332,17 @@ def replay(
     warning_drop: float | None = None,
     step_range: StepRange = (None, None),
     detail: bool = False,
-    engine: Engine | None = None,
+    engine: Engine | ReplayEngine | None = None,
 ) -> ReplayResult:
     """`stabledrl replay` as a function: the same results as the CLI, as Python objects.
 
     run: a run directory, archive or URL (or an opened Run); policies: specs (None: the run's
-    own policy plus the standard catalogue); engine: where the streaming pass runs (None: this
-    process; `ray_engine.RayEngine()`: a Ray cluster); the other arguments are
-    `ReplayConfig`'s (None: its default). `.to_json()` of the result prints the JSON contract.
+    own policy plus the standard catalogue); engine: where the streaming pass runs (None or
+    "local": this process; "ray" or `ray_engine.RayEngine(...)`: a Ray cluster); the other
+    arguments are `ReplayConfig`'s (None: its default). `.to_json()` of the result prints the
+    JSON contract.
     """
+    engine = named_engine(engine) if isinstance(engine, str) else engine
     opened = run if isinstance(run, Run) else open_run(run)
     config = replay_config(
         device=device,
