@@ -464,6 +464,11 @@ CASES: list[Case] = [
     Case("manifest_over_1_mb", _run_case(lambda r: edit_manifest(r, lambda m: m["meta"].update(x="y" * (1 << 20)))), "inspect", 3),
     Case("manifest_with_nan_pack", _run_case(lambda r: edit_manifest(r, lambda m: json.dumps(m).replace('"meta": {}', '"meta": {"x": NaN}'))), "pack", 3),
     Case("world_size_above_cap", _run_case(lambda r: edit_manifest(r, lambda m: m.update(world_size=10**9))), "replay", 3),
+    Case("step_version_of_5000_digits", _run_case(lambda r: edit_header(r, 1, _set_meta("_format_version", "1." + "9" * 5000))), "inspect", 0, "unreadable"),
+    Case("step_version_of_5000_digits_replay", _run_case(lambda r: edit_header(r, 1, _set_meta("_format_version", "1." + "9" * 5000))), "replay", 0),
+    Case("manifest_version_of_5000_digits", _run_case(lambda r: edit_manifest(r, lambda m: m.update(format_version="1." + "9" * 5000))), "inspect", 3),
+    Case("manifest_version_a_number", _run_case(lambda r: edit_manifest(r, lambda m: m.update(format_version=1.0))), "inspect", 3),
+    Case("manifest_version_arabic_digits", _run_case(lambda r: edit_manifest(r, lambda m: m.update(format_version="\u0661.\u0660"))), "inspect", 3),
     Case("world_size_above_rank_files", lambda tmp: edit_manifest(tiny_run(tmp / "run", world_size=2), lambda m: m.update(world_size=4000)), "inspect", 0, "missing_rank"),
     # Archives.
     Case("archive_huge_fill_step_index", _archive_case(_huge_fill("steps/step", 1 << 34)), "inspect", 3),
