@@ -381,7 +381,7 @@ class Case:
     make: Callable[[Path], Path]
     """Builds the input under a temporary directory; returns the path given to the command."""
     command: str
-    """inspect, replay or pack (pack writes OUT beside the input)."""
+    """inspect, replay, pack (pack writes OUT beside the input) or watch (`--once`)."""
     code: int
     finding: str | None = None
     """The finding kind `inspect` must report (exit 0 cases)."""
@@ -469,6 +469,9 @@ CASES: list[Case] = [
     Case("manifest_version_of_5000_digits", _run_case(lambda r: edit_manifest(r, lambda m: m.update(format_version="1." + "9" * 5000))), "inspect", 3),
     Case("manifest_version_a_number", _run_case(lambda r: edit_manifest(r, lambda m: m.update(format_version=1.0))), "inspect", 3),
     Case("manifest_version_arabic_digits", _run_case(lambda r: edit_manifest(r, lambda m: m.update(format_version="\u0661.\u0660"))), "inspect", 3),
+    Case("reward_range_past_float", _run_case(lambda r: edit_manifest(r, lambda m: m.update(reward_range=[-(10**400), 10**400]))), "inspect", 3),
+    Case("reward_range_past_float_watch", _run_case(lambda r: edit_manifest(r, lambda m: m.update(reward_range=[-(10**400), 10**400]))), "watch", 3),
+    Case("reward_range_overflowing_to_inf", _run_case(lambda r: edit_manifest(r, lambda m: json.dumps(m).replace('"reward_range": [0.0, 1.0]', '"reward_range": [0, 1e999]'))), "inspect", 3),
     Case("world_size_above_rank_files", lambda tmp: edit_manifest(tiny_run(tmp / "run", world_size=2), lambda m: m.update(world_size=4000)), "inspect", 0, "missing_rank"),
     # Archives.
     Case("archive_huge_fill_step_index", _archive_case(_huge_fill("steps/step", 1 << 34)), "inspect", 3),

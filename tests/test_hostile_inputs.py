@@ -31,6 +31,8 @@ def _args(case: Case, target: Path) -> list[str]:
         return ["pack", str(target), str(target.parent / "out.h5")]
     if case.command == "replay":
         return ["replay", str(target), "-p", "grpo"]
+    if case.command == "watch":
+        return ["watch", str(target), "--once"]
     return ["inspect", str(target)]
 
 

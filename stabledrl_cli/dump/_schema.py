@@ -36,6 +36,7 @@ reads a newer minor one, ignoring the fields it does not know.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -221,6 +222,17 @@ def check_readable_version(text: object, what: str) -> tuple[int, int]:
     return major, minor
 
 
+def _finite_number(value: object) -> bool:
+    """Whether a JSON value is a number that is a finite float (an int past float's range,
+    1e400, or a literal like 1e999, which parses as inf, is not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
     """Checks the manifest fields a reader relies on; returns the format version.
 
@@ -257,10 +269,10 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
         numbers = (
             isinstance(reward_range, list)
             and len(reward_range) == 2
-            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in reward_range)
+            and all(_finite_number(v) for v in reward_range)
         )
         if not (numbers and reward_range[0] < reward_range[1]):
-            raise corrupt("reward_range", "null or [low, high] with low < high")
+            raise corrupt("reward_range", "null or [low, high] of finite numbers, low < high")
     param_names = manifest.get("param_names")
     if param_names is not None and not (
         isinstance(param_names, list) and all(isinstance(n, str) for n in param_names)
