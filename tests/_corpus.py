@@ -407,6 +407,19 @@ def _huge_fill(name: str, elements: int) -> Callable[[h5py.File], None]:
     return change
 
 
+def _retyped(name: str, dtype: str, *, columns: int = 0) -> Callable[[h5py.File], None]:
+    """Data dataset `name` rewritten with its values in `dtype` (another width, kind or byte
+    order), or with `columns`, each value repeated in that many columns of a 2-D array."""
+
+    def change(handle: h5py.File) -> None:
+        values = handle[name][()].astype(dtype)
+        if columns:
+            values = np.repeat(values[:, None], columns, axis=1)
+        replace_dataset(handle, name, data=values)
+
+    return change
+
+
 def _external_reward(handle: h5py.File) -> None:
     count = handle["sequences/reward"].shape[0]
     del handle["sequences/reward"]
@@ -492,6 +505,12 @@ CASES: list[Case] = [
     Case("archive_offsets_with_valid_crc", _archive_case(flip_index("tokens/step_offsets", keep_crc=False)), "inspect", 0, "unreadable"),
     Case("archive_without_checksums", _archive_case(_strip_checksums), "inspect", 0, "unchecked"),
     Case("archive_data_chunk_flip", flip_data_chunk, "inspect", 0, "unreadable"),
+    Case("archive_data_other_byte_order", _archive_case(_retyped("tokens/logp", ">f4")), "replay", 0),
+    Case("archive_data_other_byte_order_pack", _archive_case(_retyped("sequences/group_id", ">i4")), "pack", 0),
+    Case("archive_data_int64", _archive_case(_retyped("tokens/logp", "i8")), "inspect", 3),
+    Case("archive_data_float16", _archive_case(_retyped("tokens/logp", "f2")), "replay", 3),
+    Case("archive_data_of_two_dimensions", _archive_case(_retyped("tokens/logp", "f4", columns=2)), "inspect", 3),
+    Case("archive_ragged_data_of_two_dimensions", _archive_case(_retyped("ragged/token_ids/data", "i8", columns=2)), "replay", 3),
     Case("archive_manifest_with_nan", _archive_case(_nan_manifest), "pack", 3),
     Case("archive_path_is_a_fifo", lambda tmp: (os.mkfifo(tmp / "run.h5"), tmp / "run.h5")[1], "inspect", 3),
     Case("archive_link_name_not_utf8", _name_not_utf8, "inspect", 3),

@@ -11,7 +11,9 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from _cli import cli_command
 from _corpus import CASES, ROOT, Case, measure, packed, tiny_run
@@ -159,3 +161,28 @@ def test_an_archive_index_flip_never_changes_a_number_silently(tmp_path: Path) -
         assert run.step_numbers == [] and not run.integrity.ok
         steps, values = run.scalar_series("grad_norm")
         assert steps.size == 0 and set(values.tolist()) <= set(losses)
+
+
+def test_an_archive_of_the_other_byte_order_reads_the_same_values(tmp_path: Path) -> None:
+    """An archive written on a machine of the other byte order (every data dataset stored
+    big-endian here) hands out the same values, in the native order torch takes."""
+    from _corpus import edit_archive, replace_dataset
+
+    import stabledrl_cli as sd
+
+    native = sd.open_run(packed(tmp_path / "native"))
+
+    def swap(handle: Any) -> None:
+        data = [f"{group}/{name}" for group in ("tokens", "sequences") for name in handle[group]]
+        for name in [*data, "ragged/token_ids/data"]:
+            if not name.endswith("step_offsets"):
+                values = handle[name][()]
+                replace_dataset(handle, name, data=values.astype(values.dtype.newbyteorder(">")))
+
+    swapped = sd.open_run(edit_archive(tmp_path / "swapped", swap))
+    assert swapped.step_numbers == native.step_numbers
+    for mine, theirs in zip(swapped.steps(), native.steps(), strict=True):
+        assert mine.fields == theirs.fields
+        for name in mine.fields:
+            assert mine[name].dtype == theirs[name].dtype, name
+            assert np.array_equal(mine.array(name), theirs.array(name)), name

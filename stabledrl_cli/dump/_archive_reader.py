@@ -57,6 +57,13 @@ def _chunk_count(dataset: h5py.Dataset) -> int | None:
     return -(-int(dataset.shape[0]) // int(dataset.chunks[0]))
 
 
+def _data_dataset(name: str) -> str:
+    """Where an archive stores the values of field `name` (`_layout`)."""
+    if name in RAGGED_FIELDS:
+        return f"ragged/{name}/data"
+    return f"{'tokens' if name in TOKEN_FIELDS else 'sequences'}/{name}"
+
+
 def _is_finding(value: object) -> bool:
     """Whether a carried finding has Finding's fields with their types."""
     return (
@@ -259,10 +266,10 @@ class ArchiveRun(Run):
         for name, mask in self._present.items():
             if not mask.any():
                 continue
-            group = "tokens" if name in TOKEN_FIELDS else "sequences"
-            where = f"ragged/{name}/data" if name in RAGGED_FIELDS else f"{group}/{name}"
+            where = _data_dataset(name)
             if where not in handle or (name in RAGGED_FIELDS and name not in self._ragged):
                 raise InputError(f"{location}: corrupt run archive (no dataset {where})")
+        self._check_data_datasets()
         recorded = handle.get("scalars_recorded", {})
         stored = {
             scalar_name(name, self.format_version): name for name in handle.get("scalars", {})
@@ -294,6 +301,22 @@ class ArchiveRun(Run):
             )
         self._index_of = {int(n): i for i, n in enumerate(self._numbers)}
         self._mark_inconsistent_steps()
+
+    def _check_data_datasets(self) -> None:
+        """Each field's data dataset, if the archive has one, is flat (1-D) and holds the
+        field's dtype, in either byte order (`_slice` hands out the native one); else the
+        archive is refused (InputError): every step of the field would be unreadable."""
+        for name, spec in FIELDS.items():
+            where = _data_dataset(name)
+            if where not in self._file:
+                continue
+            dataset = self._dataset(where)
+            dtype = dataset.dtype.newbyteorder("=")
+            if dataset.ndim != 1 or dtype not in [np.dtype(d) for d in spec.dtypes]:
+                raise InputError(
+                    f"{self.location}: corrupt run archive ({where} is {dataset.dtype.name} "
+                    f"{list(dataset.shape)}, expected a 1-D {' or '.join(spec.dtypes)} array)"
+                )
 
     def _mark_inconsistent_steps(self) -> None:
         """Marks the steps whose index entries disagree with each other or with the data
@@ -381,6 +404,8 @@ class ArchiveRun(Run):
         """Entries [begin, end) of the data dataset `where`; the chunks read are noted."""
         dataset = self._dataset(where)
         part: np.ndarray = dataset[begin:end]
+        if not part.dtype.isnative:  # written on a machine of the other byte order
+            part = part.astype(part.dtype.newbyteorder("="))
         if end > begin and dataset.chunks:
             size = dataset.chunks[0]
             self._read_chunks.setdefault(where, set()).update(
@@ -391,11 +416,10 @@ class ArchiveRun(Run):
     def read_field(self, index: int, name: str) -> np.ndarray:
         """Step `index`'s array `name` from the archive (token [T], sequence [N], or ragged)."""
         if name in TOKEN_FIELDS or name in SEQUENCE_FIELDS:
-            group = "tokens" if name in TOKEN_FIELDS else "sequences"
-            offsets = self._offsets[group]
-            return self._slice(f"{group}/{name}", offsets[index], offsets[index + 1])
+            offsets = self._offsets["tokens" if name in TOKEN_FIELDS else "sequences"]
+            return self._slice(_data_dataset(name), offsets[index], offsets[index + 1])
         offsets, shapes = self._ragged[name]
-        flat = self._slice(f"ragged/{name}/data", offsets[index], offsets[index + 1])
+        flat = self._slice(_data_dataset(name), offsets[index], offsets[index + 1])
         return flat.reshape(tuple(int(d) for d in shapes[index]))
 
     def _verify(self, index: int) -> dict[str, np.ndarray]:

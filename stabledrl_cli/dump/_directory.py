@@ -85,7 +85,7 @@ def _merge_scalars(parts: list[dict[str, float]], sequences: list[int]) -> dict[
     return merged
 
 
-_STORED_DTYPES = {"float32": "F32", "uint8": "U8", "int32": "I32", "int64": "I64"}
+_STORED_DTYPES = {"float32": "F32", "float16": "F16", "uint8": "U8", "int32": "I32", "int64": "I64"}
 
 
 def _count(metadata: dict[str, str], key: str) -> int:
@@ -108,7 +108,7 @@ def _check_fields(header: StepHeader, tokens: int, sequences: int, *, scalar: bo
                 raise StepReadError("unreadable", f"required field {name} is missing")
             continue
         dtype, shape = header.tensors[name]
-        allowed = {_STORED_DTYPES[spec.dtype]} | ({"F16"} if name == "unit_grad_sketch" else set())
+        allowed = {_STORED_DTYPES[d] for d in spec.dtypes}
         if dtype not in allowed:
             raise StepReadError("unreadable", f"{name}: dtype {dtype}, expected {spec.dtype}")
         expected: tuple[int | None, ...] = {

@@ -118,6 +118,13 @@ class FieldSpec:
     required: bool = False
     ndim: int = 1
     """1 for [T], [N] and [P]; 2 for token_ids [N, k] and the geometry fields."""
+    also: tuple[str, ...] = ()
+    """Other dtypes a file may store it in."""
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        """Every dtype (numpy name) a step file or an archive may store the field in."""
+        return (self.dtype, *self.also)
 
 
 FIELDS: dict[str, FieldSpec] = {
@@ -140,8 +147,10 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec(name="group_split", per="sequence", dtype="uint8"),
         FieldSpec(name="token_ids", per="sequence", dtype="int64", ndim=2),
         FieldSpec(name="unit_grad_gram", per="unit_pairs", dtype="float32", ndim=2),
-        # float16 is allowed too, with the per-step scalar `unit_grad_sketch_scale`.
-        FieldSpec(name="unit_grad_sketch", per="unit_rows", dtype="float32", ndim=2),
+        # float16 with the per-step scalar `unit_grad_sketch_scale`.
+        FieldSpec(
+            name="unit_grad_sketch", per="unit_rows", dtype="float32", ndim=2, also=("float16",)
+        ),
         FieldSpec(name="param_grad_norm", per="param", dtype="float32"),
     )
 }
