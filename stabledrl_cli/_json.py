@@ -31,15 +31,35 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def has_lone_surrogate(raw: bytes | str, value: object) -> bool:
+    """Whether `value`, parsed from the JSON text `raw`, holds a string (a key included) with
+    a lone surrogate (an unpaired `\\ud800` escape, or its bytes): text that is not Unicode,
+    which no output can print. RecursionError for a value nested past the encoder's depth."""
+    escaped = "\\u" in raw if isinstance(raw, str) else b"\\u" in raw
+    if raw.isascii() and not escaped:
+        return False
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def parse_strict(raw: bytes | str, where: str, what: str, *, allow_nan: bool = False) -> object:
     """Strict JSON (no NaN or Infinity unless `allow_nan`: Python's own writers emit them) of an
-    input file; InputError (exit 3) naming `where` and `what` for text that is not JSON or nests
-    past the parser's depth."""
+    input file; InputError (exit 3) naming `where` and `what` for text that is not JSON, nests
+    past the parser's depth or holds a lone surrogate (`has_lone_surrogate`)."""
     try:
-        return json.loads(raw, parse_constant=None if allow_nan else _no_constant)
+        value = json.loads(raw, parse_constant=None if allow_nan else _no_constant)
+        lone = has_lone_surrogate(raw, value)
     except RecursionError:
         raise InputError(
             f"{where}: unreadable {what}: not valid JSON (nested too deeply)"
         ) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{where}: unreadable {what}: not valid JSON ({exc})") from None
+    if lone:
+        raise InputError(
+            f"{where}: unreadable {what}: a string with a lone surrogate (not Unicode)"
+        )
+    return value

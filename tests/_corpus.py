@@ -265,6 +265,20 @@ def _nan_manifest(handle: h5py.File) -> None:
     replace_dataset(handle, "manifest", data=text, dtype=h5py.string_dtype())
 
 
+def _text_with_lone_surrogate(name: str) -> Callable[[h5py.File], None]:
+    """The archive's JSON text `name` given a string with an unpaired `\\ud800` escape."""
+
+    def change(handle: h5py.File) -> None:
+        document = json.loads(handle[name][()].decode())
+        if name == "manifest":
+            document["meta"] = {"reward": "\ud800fraction"}
+        else:
+            document.append({"kind": "gap", "step": None, "path": None, "message": "\ud800"})
+        replace_dataset(handle, name, data=json.dumps(document), dtype=h5py.string_dtype())
+
+    return change
+
+
 # -- step files ----------------------------------------------------------------------------------
 def truncations(run: Path) -> list[int]:
     """Every boundary of a step file: 0, inside the length, the length, inside and at the end
@@ -353,6 +367,16 @@ def _nested_header(run: Path) -> Path:
 def _duplicate_spelling(run: Path) -> Path:
     path = step_path(run, 1)
     (path.parent / "step-000000001.safetensors").write_bytes(path.read_bytes())
+    return run
+
+
+def _surrogate_bytes_in_manifest(run: Path) -> Path:
+    """A meta key of the three bytes a lone surrogate would encode to (not UTF-8; Python's
+    JSON parser lets them through)."""
+    path = run / "manifest.json"
+    raw = path.read_bytes()
+    assert b'"meta": {}' in raw
+    path.write_bytes(raw.replace(b'"meta": {}', b'"meta": {"\xed\xa0\x80": 1}'))
     return run
 
 
@@ -485,6 +509,9 @@ CASES: list[Case] = [
     Case("reward_range_past_float", _run_case(lambda r: edit_manifest(r, lambda m: m.update(reward_range=[-(10**400), 10**400]))), "inspect", 3),
     Case("reward_range_past_float_watch", _run_case(lambda r: edit_manifest(r, lambda m: m.update(reward_range=[-(10**400), 10**400]))), "watch", 3),
     Case("reward_range_overflowing_to_inf", _run_case(lambda r: edit_manifest(r, lambda m: json.dumps(m).replace('"reward_range": [0.0, 1.0]', '"reward_range": [0, 1e999]'))), "inspect", 3),
+    Case("manifest_with_a_lone_surrogate", _run_case(lambda r: edit_manifest(r, lambda m: m.update(meta={"reward": "\ud800fraction"}))), "inspect", 3),
+    Case("manifest_with_a_lone_surrogate_in_bytes", _run_case(_surrogate_bytes_in_manifest), "inspect", 3),
+    Case("header_with_a_lone_surrogate", _run_case(lambda r: edit_header(r, 1, _set_meta("\ud800x", "1.0"))), "inspect", 0, "unreadable"),
     Case("world_size_above_rank_files", lambda tmp: edit_manifest(tiny_run(tmp / "run", world_size=2), lambda m: m.update(world_size=4000)), "inspect", 0, "missing_rank"),
     # Archives.
     Case("archive_huge_fill_step_index", _archive_case(_huge_fill("steps/step", 1 << 34)), "inspect", 3),
@@ -512,6 +539,8 @@ CASES: list[Case] = [
     Case("archive_data_of_two_dimensions", _archive_case(_retyped("tokens/logp", "f4", columns=2)), "inspect", 3),
     Case("archive_ragged_data_of_two_dimensions", _archive_case(_retyped("ragged/token_ids/data", "i8", columns=2)), "replay", 3),
     Case("archive_manifest_with_nan", _archive_case(_nan_manifest), "pack", 3),
+    Case("archive_manifest_with_a_lone_surrogate", _archive_case(_text_with_lone_surrogate("manifest")), "inspect", 3),
+    Case("archive_integrity_with_a_lone_surrogate", _archive_case(_text_with_lone_surrogate("integrity")), "inspect", 3),
     Case("archive_path_is_a_fifo", lambda tmp: (os.mkfifo(tmp / "run.h5"), tmp / "run.h5")[1], "inspect", 3),
     Case("archive_link_name_not_utf8", _name_not_utf8, "inspect", 3),
     Case("archive_named_datatype", _archive_case(_named_datatype), "inspect", 3),

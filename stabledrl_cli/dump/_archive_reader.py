@@ -9,7 +9,6 @@ before: their steps simply lack those fields.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, BinaryIO
 import h5py
 import numpy as np
 
+from stabledrl_cli._json import parse_strict
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, H5_ERRORS, attributes, index_crc
 from stabledrl_cli.dump._archive_probe import probe
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError
@@ -223,7 +223,7 @@ class ArchiveRun(Run):
         check_manifest(manifest, f"{location} (manifest)")
         self._manifest = manifest
         self.world_size = int(manifest.get("world_size") or 1)
-        carried = json.loads(self._text("integrity", _INTEGRITY_LIMIT))
+        carried = parse_strict(self._text("integrity", _INTEGRITY_LIMIT), location, "integrity")
         if not isinstance(carried, list) or not all(_is_finding(f) for f in carried):
             raise InputError(
                 f"{location}: corrupt run archive (integrity is not a list of findings)"

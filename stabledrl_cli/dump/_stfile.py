@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from stabledrl_cli._atomic import write_durably
+from stabledrl_cli._json import has_lone_surrogate
 from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import META_CRC_DATA, META_CRC_HEADER, temp_file_name
@@ -382,6 +383,8 @@ def parse_header(
             if _canonical_crc(header) != expected:
                 raise StepReadError("unreadable", "header checksum mismatch")
             metadata = _check_metadata(metadata)
+            if has_lone_surrogate(raw, header):
+                raise StepReadError("unreadable", "header has a string with a lone surrogate")
             tensors, offsets, data_len = _tensor_entries(header)
         data_start = 8 + header_len
         if size < data_start + data_len:
