@@ -380,6 +380,20 @@ def _surrogate_bytes_in_manifest(run: Path) -> Path:
     return run
 
 
+def linked(entry: str, target: str | None = "other") -> Callable[[Path], Path]:
+    """A run whose `entry` (manifest.json or steps) is a symlink to the same entry of another
+    good run beside it (`target` "other"), or to a path that does not exist (None)."""
+
+    def make(tmp: Path) -> Path:
+        run = tiny_run(tmp / "run")
+        pointed = tmp / "nowhere" if target is None else tiny_run(tmp / target) / entry
+        os.rename(run / entry, tmp / "moved")
+        (run / entry).symlink_to(pointed)
+        return run
+
+    return make
+
+
 def _mkfifo(steps: Path) -> None:
     os.mkfifo(steps / "step-00000009.safetensors")
 
@@ -475,6 +489,11 @@ CASES: list[Case] = [
     Case("symlink_to_device", _in_steps(_symlink("/dev/zero")), "inspect", 0, "unknown_file"),
     Case("symlink_to_device_replay", _in_steps(_symlink("/dev/zero")), "replay", 0),
     Case("junk_files", _in_steps(_junk), "inspect", 0, "unknown_file"),
+    Case("manifest_a_symlink", linked("manifest.json"), "inspect", 3),
+    Case("manifest_a_dangling_symlink", linked("manifest.json", None), "inspect", 3),
+    Case("steps_a_symlink", linked("steps"), "inspect", 3),
+    Case("steps_a_symlink_replay", linked("steps"), "replay", 3),
+    Case("steps_a_symlink_pack", linked("steps"), "pack", 3),
     Case("manifest_world_size_string", _run_case(lambda r: edit_manifest(r, lambda m: m.update(world_size="2"))), "inspect", 3),
     Case("manifest_unit_number", _run_case(lambda r: edit_manifest(r, lambda m: m.update(unit=5))), "inspect", 3),
     Case("manifest_a_list", _run_case(lambda r: edit_manifest(r, lambda m: "[1, 2]")), "inspect", 3),

@@ -186,3 +186,29 @@ def test_an_archive_of_the_other_byte_order_reads_the_same_values(tmp_path: Path
         for name in mine.fields:
             assert mine[name].dtype == theirs[name].dtype, name
             assert np.array_equal(mine.array(name), theirs.array(name)), name
+
+
+@pytest.mark.parametrize("entry", ["manifest.json", "steps"])
+def test_a_symlink_in_a_run_is_refused_at_its_path_and_its_url(tmp_path: Path, entry: str) -> None:
+    """A run's manifest or steps folder that is a symlink (here to another good run's) is
+    refused, exit 3 naming it, read from its path as from its file:// URL."""
+    from _corpus import linked
+
+    run = linked(entry)(tmp_path)
+    for source in (str(run), run.as_uri()):
+        result = runner.invoke(app, ["inspect", source])
+        _assert_clean_failure(result.exit_code, result.stderr, 3)
+        assert f"{entry}: a symlink" in result.stderr, result.stderr
+
+
+def test_a_run_given_as_a_symlink_is_read(tmp_path: Path) -> None:
+    """The path on the command line is the user's own: a symlink to a run directory is read
+    (from its path and its URL) as the run itself."""
+    run = tiny_run(tmp_path / "run")
+    link = tmp_path / "link"
+    link.symlink_to(run)
+    expected = runner.invoke(app, ["replay", str(run), "-p", "grpo", "--format", "json"])
+    for source in (str(link), link.as_uri()):
+        result = runner.invoke(app, ["replay", source, "-p", "grpo", "--format", "json"])
+        assert result.exit_code == 0, result.stderr
+        assert json.loads(result.stdout)["steps"] == json.loads(expected.stdout)["steps"]

@@ -260,16 +260,30 @@ class _Listing:
     """Files that are not step files of this run, each with why."""
 
 
+def symlink_refused(name: str) -> InputError:
+    """The refusal of a run's manifest or steps folder that is a symlink, named `name`."""
+    return InputError(f"{name}: a symlink (nothing in a run is followed out of it)")
+
+
+def _is_symlink(path: Path) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _read_manifest_text(path: Path) -> bytes:
-    """The manifest's bytes: a regular file (a FIFO or device is never read), at most
+    """The manifest's bytes: a regular file (a symlink, FIFO or device is never read), at most
     `MANIFEST_LIMIT` + 1 bytes of it (`parse_manifest` refuses a longer one)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         with open(fd, "rb") as fh:
             if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
                 raise InputError(f"{path}: not a regular file")
             return fh.read(MANIFEST_LIMIT + 1)
     except OSError as exc:
+        if _is_symlink(path):
+            raise symlink_refused(str(path)) from None
         raise InputError(f"{path}: unreadable manifest ({exc.strerror or exc})") from None
 
 
@@ -342,16 +356,26 @@ class DirectoryRun(Run):
         return exc.strerror or str(exc)
 
     def _exists(self, path: Path) -> bool:
-        return path.exists()
+        return os.path.lexists(path)
 
     def _manifest_bytes(self, path: Path) -> bytes:
         return _read_manifest_text(path)
 
     def _entries(self, directory: Path) -> list[tuple[str, bool]]:
         """(name, whether it is a regular file, not a link) of each entry, sorted by name;
-        FileNotFoundError or NotADirectoryError when there is no such directory."""
-        with os.scandir(directory) as entries:
-            found = sorted(entries, key=lambda entry: entry.name)
+        FileNotFoundError or NotADirectoryError when there is no such directory, InputError
+        when it is a symlink (never followed)."""
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except NotADirectoryError:
+            if _is_symlink(directory):
+                raise symlink_refused(self.named(directory)) from None
+            raise
+        try:
+            with os.scandir(fd) as entries:
+                found = sorted(entries, key=lambda entry: entry.name)
+        finally:
+            os.close(fd)
         listed = []
         for entry in found:
             try:

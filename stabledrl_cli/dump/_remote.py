@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from stabledrl_cli.dump._archive_reader import ArchiveRun
-from stabledrl_cli.dump._directory import DirectoryRun
+from stabledrl_cli.dump._directory import DirectoryRun, symlink_refused
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._run import Run
 from stabledrl_cli.dump._schema import HDF5_SIGNATURE, MANIFEST_LIMIT
@@ -152,7 +152,10 @@ class RemoteRun(_AtUrl, DirectoryRun):
 
     def _manifest_bytes(self, path: Path) -> bytes:
         try:
-            if not _regular(self.fs.info(str(path))):
+            info = self.fs.info(str(path))
+            if info.get("islink"):
+                raise symlink_refused(self.named(path))
+            if not _regular(info):
                 raise InputError(f"{self.named(path)}: not a regular file")
             data: bytes = self.fs.cat_file(str(path), start=0, end=MANIFEST_LIMIT + 1)
         except OSError as exc:
@@ -162,7 +165,10 @@ class RemoteRun(_AtUrl, DirectoryRun):
         return data
 
     def _entries(self, directory: Path) -> list[tuple[str, bool]]:
-        if not self.fs.isdir(str(directory)):
+        info = self.fs.info(str(directory))
+        if info.get("islink"):
+            raise symlink_refused(self.named(directory))
+        if info.get("type") != "directory":
             raise FileNotFoundError(str(directory))
         listed = []
         for info in self.fs.ls(str(directory), detail=True):
