@@ -31,3 +31,51 @@ def test_a_hostile_baseline_exits_3_in_one_line(
     assert result.exit_code == 3, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(baseline) in lines[0] and message in lines[0]
+
+
+def _baseline_with(path: tuple[str, ...], value: object) -> dict[str, object]:
+    """A minimal valid baseline whose field at `path` is `value`."""
+    data: dict[str, object] = {
+        "schema": "stabledrl-baseline",
+        "version": 1,
+        "replay": {"spike_factor": 10.0, "window": 50, "drift_threshold": -0.15},
+        "observed": {"spike_steps": {"value": 0, "worse": "higher"}},
+        "recorded": {"grad_norm": {"max": {"value": 1.0, "abs_tol": 0.0}}},
+        "policies": {"grpo": {"discard_frac": {"value": 0.1, "abs_tol": 0.0, "rel_tol": 0.1}}},
+    }
+    entry: dict[str, object] = data
+    for key in path[:-1]:
+        child = entry[key]
+        assert isinstance(child, dict)
+        entry = child
+    entry[path[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("policies", "grpo", "discard_frac", "value"),
+        ("policies", "grpo", "discard_frac", "abs_tol"),
+        ("policies", "grpo", "discard_frac", "rel_tol"),
+        ("recorded", "grad_norm", "max", "value"),
+        ("observed", "spike_steps", "value"),
+        ("replay", "spike_factor"),
+        ("replay", "window"),
+        ("replay", "drift_threshold"),
+        ("replay", "collapse_window"),
+    ],
+    ids=lambda path: ".".join(path),
+)
+@pytest.mark.parametrize("sign", [1, -1])
+def test_an_integer_past_a_double_exits_3_naming_the_field(
+    tmp_path: Path, path: tuple[str, ...], sign: int
+) -> None:
+    """JSON integers have no bound: 10**400 is a malformed baseline, never an OverflowError."""
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(_baseline_with(path, sign * 10**400)))
+    result = CliRunner().invoke(app, ["check", str(FIXTURE), "--baseline", str(baseline)])
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert f"{'.'.join(path)} must be a finite number" in lines[0], lines[0]

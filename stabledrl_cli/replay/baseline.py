@@ -44,6 +44,7 @@ import datetime as _dt
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -157,6 +158,8 @@ class Baseline:
 
 def _number(data: dict[str, object], key: str, where: str) -> float:
     value = data.get(key)
+    if isinstance(value, int) and abs(value) > sys.float_info.max:  # JSON integers have no bound
+        raise InputError(f"{where}.{key} must be a finite number, got an integer past 1.8e308")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InputError(f"{where}.{key} must be a finite number, got {value!r}")
     return float(value)
