@@ -144,8 +144,13 @@ def test_exit_codes_in_a_real_process(tmp_path: Path) -> None:
         "crafted": ([str(bad)], 3),
         "no steps": ([str(tmp_path / "empty.jsonl")], 3),
         "bad format": ([str(TRL_STATE), "--format-in", "yaml"], 2),
+        "huge int": ([str(tmp_path / "huge.jsonl")], 3),
+        "huge int state": ([str(tmp_path / "trainer_state.json")], 3),
     }
     (tmp_path / "empty.jsonl").write_text('{"step": 1, "epoch": 1}\n')
+    huge = {"step": 6, "loss": 10**400}  # JSON integers have no bound; a double's end at 1.8e308
+    (tmp_path / "huge.jsonl").write_text(f'{{"step": 5, "loss": 1.0}}\n{json.dumps(huge)}\n')
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": [huge]}))
     runs = run_cli_together(
         *(["import", *args, "--out", tmp_path / name] for name, (args, _) in cases.items()),
         ["import", TRL_STATE, "--out", tmp_path / "ok"],
@@ -156,6 +161,8 @@ def test_exit_codes_in_a_real_process(tmp_path: Path) -> None:
         assert done.stdout == "" and "Traceback" not in done.stderr, name
         if code == 3:
             assert len(done.stderr.strip().splitlines()) == 1, name
+        if name.startswith("huge int"):
+            assert "step 6: loss is an integer past a double's range" in done.stderr, name
     assert runs[-1].returncode == 0, runs[-1].stderr
     again = run_cli("import", TRL_STATE, "--out", tmp_path / "ok", timeout=120)
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1

@@ -7,7 +7,8 @@ the steps after its checkpoint again) and the replaced cells are counted. A valu
 null), or not numeric (a string, a bool, a list: dropped and counted). A row whose step is not
 an integer in [0, 2**63 - 1] is skipped; so is a row left with no training metric (an
 evaluation row, transformers' end-of-training summary, an empty row). Each bound below is an
-InputError (exit 3) when a log passes it.
+InputError (exit 3) when a log passes it, as is an integer value past a double's range
+(1.8e308: JSON allows it, no metric holds it).
 """
 
 from __future__ import annotations
@@ -69,7 +70,13 @@ class StepTable:
                 continue
             if raw is None or raw == "":
                 continue
-            value = _number(raw)
+            try:
+                value = _number(raw)
+            except OverflowError:
+                raise InputError(
+                    f"{self.where}: step {number}: {name} is an integer past a double's range "
+                    "(1.8e308)"
+                ) from None
             if value is None:
                 self.non_numeric[name] += 1
                 continue
@@ -120,14 +127,12 @@ def _step_number(step: object) -> int | None:
 
 
 def _number(raw: object) -> float | None:
-    """A logged value as a float, None when it is not a number."""
+    """A logged value as a float, None when it is not a number; OverflowError for an integer
+    past a double's range (a JSON integer has no bound)."""
     if isinstance(raw, bool):
         return None
     if isinstance(raw, (int, float)):
-        try:
-            return float(raw)
-        except OverflowError:  # an integer past a double's range
-            return math.copysign(math.inf, raw)
+        return float(raw)
     if isinstance(raw, str) and len(raw) <= 64:
         try:
             return float(raw.strip())
