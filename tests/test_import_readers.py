@@ -381,6 +381,14 @@ def _bad_data_crc() -> bytes:
     return bytes(record)
 
 
+def _float_as_varint() -> bytes:
+    """A DT_FLOAT tensor whose float_val is written as a 2**40 varint, not 4 fixed bytes."""
+    tensor = b"\x08\x01" + b"\x28" + b"\x80\x80\x80\x80\x80\x20"
+    value = b"\x0a\x04loss" + b"\x42" + bytes([len(tensor)]) + tensor
+    summary = b"\x0a" + bytes([len(value)]) + value
+    return _record(b"\x10\x01" + b"\x2a" + bytes([len(summary)]) + summary)
+
+
 def _claims(length: int) -> bytes:
     header = struct.pack("<Q", length)
     return header + struct.pack("<I", reference_masked_crc32c(header)) + b"\0" * 64
@@ -398,9 +406,10 @@ def _claims(length: int) -> bytes:
         (_record(b"\x00\x01"), "field number 0"),
         (_record(b"\x2a\x04\x0a\x02\x0a\x50"), "runs past the end"),
         (_record(b"\x2a\x05\x0a\x03\x15\x00\x00"), "runs past the end"),
+        (_float_as_varint(), "a numeric field of wire type 0, not 5"),
     ],
     ids=["length-crc", "data-crc", "10GB", "varint", "past-end", "group", "field0", "nested",
-         "fixed32"],
+         "fixed32", "float-as-varint"],
 )  # fmt: skip
 def test_tensorboard_crafted_files(tmp_path: Path, content: bytes, message: str) -> None:
     log = tmp_path / "events.out.tfevents.1.host"

@@ -84,11 +84,14 @@ def text(value: int | memoryview) -> str:
     return bytes(value).decode("utf-8", "replace")
 
 
-def first_element(value: int | memoryview, element: int) -> int | None:
-    """The first value of a repeated numeric field's occurrence: the value itself when it was
-    written unpacked, else the first element of the packed bytes (`element`: VARINT, FIXED32
-    or FIXED64); None when the packed bytes are empty."""
+def first_element(wire: int, value: int | memoryview, element: int) -> int | None:
+    """The first value of a repeated numeric field's occurrence (of wire type `wire`): the
+    value itself when it was written unpacked, else the first element of the packed bytes
+    (`element`: VARINT, FIXED32 or FIXED64); None when the packed bytes are empty. ProtoError
+    for an unpacked value of another wire type (its bits would not fit the element)."""
     if isinstance(value, int):
+        if wire != element:
+            raise ProtoError(f"a numeric field of wire type {wire}, not {element}")
         return value
     if not len(value):
         return None

@@ -200,7 +200,7 @@ def _scalar_tensor(tensor: memoryview) -> float | None:
     dtype = 0
     is_scalar = True
     content: memoryview | None = None
-    raw: dict[int, int | memoryview] = {}
+    raw: dict[int, tuple[int, int | memoryview]] = {}
     for number, wire, value in fields(tensor):
         if number == 1 and wire == VARINT:
             assert isinstance(value, int)
@@ -212,7 +212,7 @@ def _scalar_tensor(tensor: memoryview) -> float | None:
             assert isinstance(value, memoryview)
             content = value
         else:
-            raw.setdefault(number, value)
+            raw.setdefault(number, (wire, value))
     if dtype not in _DTYPES or not is_scalar:
         return None
     val_field, element, fmt = _DTYPES[dtype]
@@ -223,7 +223,7 @@ def _scalar_tensor(tensor: memoryview) -> float | None:
         return _from_bits(dtype, number) if dtype == _BFLOAT16 else float(number)
     if val_field not in raw:
         return None
-    bits = first_element(raw[val_field], element)
+    bits = first_element(*raw[val_field], element)
     if bits is None:
         return None
     if element == VARINT and dtype not in (_BFLOAT16, _HALF):
