@@ -14,6 +14,9 @@ from collections.abc import Mapping
 from stabledrl_cli.errors import UsageError
 
 SPEC_SYNTAX = "NAME or NAME:key=value,key=value"
+MAX_WINDOW = 10**9
+"""The most steps any window may span (a guard's window or warm-up, a replay's or a baseline's
+windows): past it a value is a typo, and a C-sized buffer (a deque's maxlen) would overflow."""
 SpecValue = str | int | float | bool
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 _KEY = re.compile(r"[A-Za-z0-9_]+")

@@ -340,8 +340,12 @@ def test_threads_are_set_for_the_replay_then_restored(plain_run):
     with engine.torch_threads(3):
         seen.append(torch.get_num_threads())
     assert seen == [3] and torch.get_num_threads() == before
-    result = CliRunner().invoke(app, ["replay", str(plain_run), "-p", "grpo", "--threads", "0"])
-    assert result.exit_code == 2 and "--threads must be an integer >= 1" in result.output
+    for threads in ("0", "257", "99999999999"):  # torch crashed past 2**31 and at 100000
+        result = CliRunner().invoke(
+            app, ["replay", str(plain_run), "-p", "grpo", "--threads", threads]
+        )
+        assert result.exit_code == 2 and "Traceback" not in result.stderr, result.output
+        assert result.stderr.strip() == "error: --threads must be an integer in [1, 256]"
 
 
 @pytest.mark.parametrize(
@@ -583,12 +587,17 @@ def test_bad_options_exit_2(plain_run):
     assert parse_step_range("3:") == (3, None) and parse_step_range(":7") == (None, 7)
     # Library errors name the setting; the CLI names its option.
     for args, message in (
-        (["--window", "0"], "--window must be an integer >= 1"),
+        (["--window", "0"], "--window must be an integer in [1, 1e+09]"),
+        (["--window", str(10**30)], "--window must be an integer in [1, 1e+09]"),
+        (["--collapse-window", str(10**30)], "--collapse-window must be an integer in [1, 1e+09]"),
+        (["--guard", f"skip-step:window={10**23}"], "window must be an integer in [6, 1e+09]"),
+        (["--guard", f"zclip:warmup={10**23}"], "warmup must be an integer in [1, 1e+09]"),
         (["--steps", "5:5"], "--steps 5:5 is empty"),
         (["--spike-factor", "1"], "--spike-factor must be a finite number > 1"),
     ):
         result = runner.invoke(app, ["replay", str(plain_run), *args])
         assert result.exit_code == 2 and message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
 
 
 def test_exit_codes_in_a_real_process(plain_run, tmp_path):
@@ -603,7 +612,7 @@ def test_exit_codes_in_a_real_process(plain_run, tmp_path):
 def test_config_validation():
     with pytest.raises(UsageError, match=r"^chunk_size must be an integer >= 1$"):
         ReplayConfig(chunk_size=0)
-    with pytest.raises(UsageError, match=r"^window must be an integer >= 1$"):
+    with pytest.raises(UsageError, match=r"^window must be an integer in \[1, 1e\+09\]$"):
         sd.replay(REPO / "fixtures" / "grpo", ["grpo"], window=0)
     with pytest.raises(Exception, match="empty"):
         ReplayConfig(step_range=(5, 5))

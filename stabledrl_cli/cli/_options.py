@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, DEFAULT_THREADS
+from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, DEFAULT_THREADS, MAX_THREADS
 from stabledrl_cli.spec import SPEC_SYNTAX
 from stabledrl_cli.vocab import Device, OutputFormat, ReplayEngine
 
@@ -89,8 +89,8 @@ ThreadsOpt = Annotated[
     typer.Option(
         "--threads",
         metavar="N",
-        help=f"CPU threads of the computation (default {DEFAULT_THREADS}: the same figures on "
-        "any machine).",
+        help=f"CPU threads of the computation, 1 to {MAX_THREADS} (default {DEFAULT_THREADS}: "
+        "the same figures on any machine).",
     ),
 ]
 MaxCollapsedOpt = Annotated[

@@ -21,6 +21,7 @@ from stabledrl_cli.cli._options import DeviceOpt, FormatOpt
 from stabledrl_cli.cli._output import Advance, err, out, print_json, progress, progress_enabled
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay._format import format_steps
+from stabledrl_cli.replay.config import MAX_THREADS
 
 LIST_LIMIT = 8
 """Step lists longer than this are cut in the table (JSON has them all)."""
@@ -126,8 +127,9 @@ def command(
         typer.Option(
             "--threads",
             min=1,
-            help="CPU threads (as record's: with 1, a branch under the run's own policy "
-            "reproduces the run's arrays bit for bit).",
+            max=MAX_THREADS,
+            help=f"CPU threads, 1 to {MAX_THREADS} (as record's: with 1, a branch under the run's "
+            "own policy reproduces the run's arrays bit for bit).",
         ),
     ] = 1,
 ) -> None:

@@ -21,6 +21,7 @@ from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.example.config import ExampleConfig
+from stabledrl_cli.replay.config import MAX_THREADS
 from stabledrl_cli.vocab import (
     Estimator,
     GeometryDtype,
@@ -298,8 +299,9 @@ def command(
         typer.Option(
             "--threads",
             min=1,
-            help="CPU threads. 1: the model is too small to gain from more, and the arrays "
-            "are then the same on any machine (the fixtures are made so).",
+            max=MAX_THREADS,
+            help=f"CPU threads, 1 to {MAX_THREADS}. 1: the model is too small to gain from more, "
+            "and the arrays are then the same on any machine (the fixtures are made so).",
             rich_help_panel=EXAMPLE,
         ),
     ] = 1,

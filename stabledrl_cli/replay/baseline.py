@@ -71,6 +71,7 @@ from stabledrl_cli.replay.figures import (
 )
 from stabledrl_cli.replay.recorded import SERIES_RULES, RecordedRun, observed_of
 from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.spec import MAX_WINDOW
 from stabledrl_cli.vocab import SERIES_STATS, WORSE, SeriesStat, Worse
 
 BASELINE_SCHEMA = "stabledrl-baseline"
@@ -238,10 +239,6 @@ def _settings(replay: object, where: str) -> ReplaySettings:
         drift_threshold=_number(replay, "drift_threshold", f"{where}: replay"),
         collapse_window=windows.get("collapse_window", DEFAULT_COLLAPSE_WINDOW),
     )
-
-
-MAX_WINDOW = 10**9
-"""The largest window a baseline may name (a larger one is a malformed baseline)."""
 
 
 def _window(replay: dict[str, object], key: str, where: str) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.replay.guards import DEFAULT_GUARDS, make_guard
+from stabledrl_cli.spec import MAX_WINDOW
 from stabledrl_cli.vocab import Device
 
 DEFAULT_MEMORY_BUDGET = 16 * 2**20
@@ -21,6 +22,9 @@ budget batches the transfers to a GPU."""
 DEFAULT_THREADS = 1
 """CPU threads of a replay's tensor operations: one by default, so a replay's figures and its
 speed do not depend on the machine's core count or on what else runs on it."""
+MAX_THREADS = 256
+"""The most CPU threads any command computes with (torch crashed on 100000, and overflowed past
+2**31): more than a machine's cores only adds contention."""
 DEFAULT_SPIKE_FACTOR = 10.0
 """A spike is an update norm above 10x the median of the previous finite steps."""
 SPIKE_HISTORY = 20
@@ -117,16 +121,20 @@ class ReplayConfig:
                 self.chunk_size is None or _positive_int(self.chunk_size),
             ),
             ("memory_budget", "must be an integer >= 1", _positive_int(self.memory_budget)),
-            ("threads", "must be an integer >= 1", _positive_int(self.threads)),
+            (
+                "threads",
+                f"must be an integer in [1, {MAX_THREADS}]",
+                _positive_int(self.threads) and self.threads <= MAX_THREADS,
+            ),
             (
                 "spike_factor",
                 "must be a finite number > 1",
                 _finite(self.spike_factor) and self.spike_factor > 1,
             ),
-            ("window", "must be an integer >= 1", _positive_int(self.window)),
+            ("window", _WINDOW_RANGE, _window(self.window)),
             ("drift_threshold", "must be finite", _finite(self.drift_threshold)),
-            ("collapse_window", "must be an integer >= 1", _positive_int(self.collapse_window)),
-            ("warning_window", "must be an integer >= 1", _positive_int(self.warning_window)),
+            ("collapse_window", _WINDOW_RANGE, _window(self.collapse_window)),
+            ("warning_window", _WINDOW_RANGE, _window(self.warning_window)),
             (
                 "warning_drop",
                 "must be a finite number > 0",
@@ -191,6 +199,13 @@ def replay_config(
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+_WINDOW_RANGE = f"must be an integer in [1, {MAX_WINDOW:.0e}]"
+
+
+def _window(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WINDOW
 
 
 def _finite(value: object) -> bool:

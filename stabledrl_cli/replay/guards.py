@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.spec import SPEC_SYNTAX, format_spec, split_spec
+from stabledrl_cli.spec import MAX_WINDOW, SPEC_SYNTAX, format_spec, split_spec
 
 GuardAction = Literal["none", "clip", "skip", "nonfinite"]
 """What a guard does to one step's gradient."""
@@ -79,7 +79,10 @@ class ZClip:
     ) -> None:
         _check(0.0 < alpha < 1.0, f"alpha must be in (0, 1), got {alpha!r}")
         _check(z_thresh > 0.0 and math.isfinite(z_thresh), f"z_thresh must be > 0: {z_thresh!r}")
-        _check(warmup >= 1, f"warmup must be an integer >= 1, got {warmup!r}")
+        _check(
+            1 <= warmup <= MAX_WINDOW,
+            f"warmup must be an integer in [1, {MAX_WINDOW:.0e}], got {warmup!r}",
+        )
         _check(clip in ZCLIP_MODES, f"clip must be one of {', '.join(ZCLIP_MODES)}: {clip!r}")
         _check(clip_factor > 0.0, f"clip_factor must be > 0, got {clip_factor!r}")
         _check(max_norm is None or max_norm > 0.0, f"max_norm must be > 0, got {max_norm!r}")
@@ -128,7 +131,10 @@ class SkipStep:
     name = "skip-step"
 
     def __init__(self, *, window: int = 128, sigma: float = 6.0) -> None:
-        _check(window >= 6, f"window must be an integer >= 6, got {window!r}")
+        _check(
+            6 <= window <= MAX_WINDOW,
+            f"window must be an integer in [6, {MAX_WINDOW:.0e}], got {window!r}",
+        )
         _check(sigma > 0.0 and math.isfinite(sigma), f"sigma must be > 0, got {sigma!r}")
         self.window, self.sigma = window, sigma
         self.min_history = max(2, window // 2)
