@@ -153,3 +153,13 @@ def test_a_bad_command_line_is_one_line_exit_2(args, line):
 def test_no_arguments_still_show_the_help():
     result = CliRunner().invoke(app, [])
     assert result.exit_code == 2 and "Usage: stabledrl [OPTIONS] COMMAND" in result.output
+
+
+@pytest.mark.parametrize("command", ["record", "branch"])
+@pytest.mark.parametrize("threads", ["0", "257", "99999999999"])
+def test_threads_of_the_example_are_bounded(tmp_path, command: str, threads: str) -> None:
+    """torch.set_num_threads overflowed past 2**31 (exit 70) and crashed the process at 100000."""
+    target = ["--out", str(tmp_path / "run")] if command == "record" else [str(tmp_path)]
+    result = CliRunner().invoke(app, [command, *target, "--rl-steps", "1", "--threads", threads])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "'--threads'" in result.stderr
