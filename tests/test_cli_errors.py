@@ -163,3 +163,21 @@ def test_threads_of_the_example_are_bounded(tmp_path, command: str, threads: str
     result = CliRunner().invoke(app, [command, *target, "--rl-steps", "1", "--threads", threads])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "'--threads'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["watch", "unused", "--interval", "1e30"], "--interval must be in (0, 86400] seconds"),
+        (["record", "--rl-steps", "1", "--seed", str(10**30)], "seed must be an integer in"),
+    ],
+    ids=["watch-interval", "record-seed"],
+)
+def test_huge_values_are_usage_errors(tmp_path, args: list[str], message: str) -> None:
+    """time.sleep and torch.manual_seed overflowed on them (exit 70)."""
+    args = [str(tmp_path / "run") if a == "unused" else a for a in args]
+    out = ["--out", str(tmp_path / "out")] if args[0] == "record" else []
+    result = CliRunner().invoke(app, [*args, *out])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines

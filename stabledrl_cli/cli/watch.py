@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 STEPS_LISTED = 8
 """Steps named per list in the view (JSON has them all)."""
 INTERRUPTED = 130
+MAX_INTERVAL = 86_400
+"""The longest --interval, a day (time.sleep overflowed on 1e30 seconds)."""
 
 
 def _alert_line(alert: Alert) -> str:
@@ -203,7 +205,10 @@ def command(
         typer.Option("--once", help="Print the current state and exit with the gates' code."),
     ] = False,
     interval: Annotated[
-        float, typer.Option("--interval", metavar="SECONDS", help="Seconds between polls.")
+        float,
+        typer.Option(
+            "--interval", metavar="SECONDS", help=f"Seconds between polls (at most {MAX_INTERVAL})."
+        ),
     ] = 2.0,
     until_idle: Annotated[
         float | None,
@@ -233,8 +238,8 @@ def command(
             max_spikes=max_spikes,
             fail_on_collapse=fail_on_collapse,
         )
-    if not interval > 0:
-        raise UsageError(f"--interval must be > 0, got {interval:g}")
+    if not 0 < interval <= MAX_INTERVAL:
+        raise UsageError(f"--interval must be in (0, {MAX_INTERVAL}] seconds, got {interval:g}")
     if until_idle is not None and not until_idle >= 0:
         raise UsageError(f"--until-idle must be >= 0, got {until_idle:g}")
     if recent < 0:

@@ -91,6 +91,10 @@ class ExampleConfig:
             object.__setattr__(self, "estimator", default_estimator(self.unit))
         problems = [
             (self.steps < 1, f"steps must be >= 1, got {self.steps}"),
+            (
+                not -(2**63) <= self.seed < 2**63,
+                f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed}",
+            ),
             (not (self.lr > 0 and math.isfinite(self.lr)), f"lr must be > 0, got {self.lr}"),
             (
                 not (self.max_grad_norm > 0),
