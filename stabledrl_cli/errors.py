@@ -35,3 +35,14 @@ class WriteError(StabledrlError):
 
 class MissingExtraError(UsageError):
     """An optional extra is not installed; the message carries the install command."""
+
+
+REASON_LIMIT = 300
+"""Characters of another library's error message kept in one of ours."""
+
+
+def one_line(exc: BaseException) -> str:
+    """Another library's error message on one line, at most `REASON_LIMIT` characters (its
+    message may span lines, or quote a whole request)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 3] + "..."

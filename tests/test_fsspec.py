@@ -115,6 +115,9 @@ def _missing_package_scheme() -> str:
         ("simplecache::memory://bucket/run", 2, "chained URLs are not read"),
         ("reference://run", 2, "maps paths to other URLs"),
         ("memory://no/such/run", 3, "no such run: memory://no/such/run"),
+        # ftp's filesystem connects when it is made; dir's fails on a URL with no path
+        ("ftp://127.0.0.1:1/run", 2, "ftp://127.0.0.1:1/run: cannot reach it (ConnectionRefused"),
+        ("dir://x", 2, "dir://x: cannot reach it ("),
     ],
 )
 @pytest.mark.parametrize("command", ["replay", "check", "inspect", "diff"])

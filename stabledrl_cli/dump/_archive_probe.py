@@ -28,7 +28,7 @@ import h5py
 from stabledrl_cli.dump import _archive_checks
 from stabledrl_cli.dump._archive_checks import H5_ERRORS, TEXT_DATASETS, walk_objects
 from stabledrl_cli.dump._archive_prefetch import Prefetch, Prefetched, decode_prefetched
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, one_line
 
 PROBE_SECONDS = 20.0
 """How long the forked child may take to read an archive's metadata (an honest one: well
@@ -92,7 +92,7 @@ def _child_report(source: Path | BinaryIO, where: str, file_size: int) -> bytes:
     try:
         handle = h5py.File(source, "r")
     except (SystemError, *H5_ERRORS) as exc:
-        return _report({"error": f"{where}: unreadable HDF5 file ({_one_line(exc)})"})
+        return _report({"error": f"{where}: unreadable HDF5 file ({one_line(exc)})"})
     try:
         with handle:
             attrs = dict(handle.attrs.items())
@@ -114,22 +114,12 @@ def _child_report(source: Path | BinaryIO, where: str, file_size: int) -> bytes:
                     if prefetch is not None:
                         prefetch.text(name, text)
     except (SystemError, *H5_ERRORS) as exc:
-        why = f"{type(exc).__name__}: {_one_line(exc)}"
+        why = f"{type(exc).__name__}: {one_line(exc)}"
         return _report({"error": f"{where}: corrupt run archive ({why})"})
     if prefetch is None:
         return _report({"datasets": datasets, "identity": identity})
     header, payload = prefetch.encode()
     return _report({"datasets": datasets, "identity": identity, "prefetch": header}, payload)
-
-
-REASON_LIMIT = 300
-"""Characters of an h5py error kept in a refusal."""
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception's message on one line, at most `REASON_LIMIT` characters."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 3] + "..."
 
 
 def _report(fields: dict[str, object], payload: bytes = b"") -> bytes:

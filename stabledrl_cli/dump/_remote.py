@@ -34,7 +34,7 @@ from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._run import Run
 from stabledrl_cli.dump._schema import HDF5_SIGNATURE, MANIFEST_LIMIT
 from stabledrl_cli.dump._stfile import HEADER_LIMIT, FileKey, StepHeader, parse_header
-from stabledrl_cli.errors import InputError, MissingExtraError, UsageError
+from stabledrl_cli.errors import InputError, MissingExtraError, UsageError, one_line
 
 URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)(://|::)")
 """A URL: a scheme, then `://` (or `::`, fsspec's chaining); a Windows drive letter has one
@@ -52,7 +52,8 @@ def url_filesystem(url: str) -> tuple[Any, str]:
     """-> (the fsspec filesystem, the path on it) of a run URL.
 
     UsageError (exit 2): a chained or refused URL, an unknown scheme, a scheme whose package
-    is not installed (MissingExtraError, naming it)."""
+    is not installed (MissingExtraError, naming it), a filesystem that cannot be made (a host
+    that refuses the connection or cannot be found: some filesystems connect when made)."""
     match = URL_RE.match(url)
     if match is None:
         raise UsageError(f"{url!r} is not a URL")
@@ -74,6 +75,10 @@ def url_filesystem(url: str) -> tuple[Any, str]:
         raise MissingExtraError(f"{url}: {protocol}:// needs a package: {exc}") from None
     except (ValueError, TypeError) as exc:
         raise UsageError(f"{url}: {exc}") from None
+    except Exception as exc:  # the filesystem's own code, connecting: any failure is the URL's
+        raise UsageError(
+            f"{url}: cannot reach it ({type(exc).__name__}: {one_line(exc)})"
+        ) from None
     return fs, str(root)
 
 
@@ -223,8 +228,9 @@ class RemoteArchiveRun(_AtUrl, ArchiveRun):
 
 def open_url(url: str, *, verify: bool = True) -> Run:
     """The run (a directory or a packed .h5) at an fsspec URL; InputError (exit 3) for a
-    missing run or one that is neither, UsageError (exit 2) for a URL that cannot be read at
-    all."""
+    missing run, one that is neither, or one the store refuses to let this user read (as for a
+    local path), UsageError (exit 2) for a URL that cannot be read at all (its host refuses the
+    connection, cannot be found...)."""
     fs, root = url_filesystem(url)
     try:
         found = fs.info(root)
@@ -233,8 +239,10 @@ def open_url(url: str, *, verify: bool = True) -> Run:
         signature = fs.cat_file(root, start=0, end=len(HDF5_SIGNATURE)) if _regular(found) else b""
     except FileNotFoundError:
         raise InputError(f"no such run: {url}") from None
-    except OSError as exc:
+    except PermissionError as exc:
         raise InputError(f"cannot read {url}: {_said(exc, root, url)}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {url}: {one_line(OSError(_said(exc, root, url)))}") from None
     if signature == HDF5_SIGNATURE:
         return RemoteArchiveRun(url, fs, root, int(found.get("size") or 0), verify=verify)
     raise InputError(f"{url} is not a run (expected a run directory or a .h5 archive)")
