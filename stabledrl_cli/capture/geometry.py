@@ -75,6 +75,11 @@ class GeometryWarning(UserWarning):
     """Geometry capture changed what was asked for (a gram too large became a sketch)."""
 
 
+MAX_SKETCH_K = 8192
+"""The widest sketch: 16 times the widest sensible one (a wider k reached native code that
+aborted the process)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class GeometryConfig:
     """What gradient geometry a run records, and how."""
@@ -84,7 +89,8 @@ class GeometryConfig:
     every: int = 1
     """Capture on steps where step % every == 0."""
     k: int = 256
-    """Sketch width; the replayed norm's relative error is ~ 1/sqrt(2k) (64..512 sensible)."""
+    """Sketch width; the replayed norm's relative error is ~ 1/sqrt(2k) (64..512 sensible, at
+    most `MAX_SKETCH_K`)."""
     seed: int = 0
     """Omega seed; the same on every rank so sketches add across ranks."""
     params: tuple[str, ...] | None = None
@@ -125,6 +131,11 @@ class GeometryConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"geometry {name} must be an integer >= 1, got {value!r}")
+        if self.k > MAX_SKETCH_K:
+            raise UsageError(
+                f"geometry k must be at most {MAX_SKETCH_K} (a relative error of 0.8%), "
+                f"got {self.k}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError(f"geometry seed must be an integer >= 0, got {self.seed!r}")
         if self.seed >= 1 << 64:
