@@ -358,6 +358,55 @@ def _zero_tokens(run: Path) -> Path:
     return run
 
 
+SEQ_ID_PAST_INT32 = 2**31 - 1
+"""A seq_id no batch of a step can hold: the step's data is bad, its file well-formed."""
+
+
+def seq_id_past_int32(path: Path) -> None:
+    """A step file (of any rank) rewritten with its first seq_id entry 2**31 - 1, checksums
+    valid: the reader reads it, a replay cannot prepare it."""
+    header, data = read_step(path)
+    start, stop = header["seq_id"]["data_offsets"]
+    seq_id = np.frombuffer(data[start:stop], dtype=np.int32).copy()
+    seq_id[0] = SEQ_ID_PAST_INT32
+    rewrite_step(path, header, data[:start] + seq_id.tobytes() + data[stop:])
+
+
+def bad_seq_id(run: Path, *steps: int) -> Path:
+    """Each step of `steps` (every step when none) given a seq_id past int32
+    (`seq_id_past_int32`)."""
+    for number in steps or tuple(open_run(run).step_numbers):
+        seq_id_past_int32(step_path(run, number))
+    return run
+
+
+def float16_sketch_without_scale(run: Path, step: int = 1) -> Path:
+    """Step `step` given a float16 unit_grad_sketch (one row a token) without its
+    unit_grad_sketch_scale scalar, checksums valid."""
+    path = step_path(run, step)
+    header, data = read_step(path)
+    rows = header["logp"]["shape"]
+    sketch = np.ones((int(np.prod(rows)), 4), dtype=np.float16).tobytes()
+    header["unit_grad_sketch"] = {
+        "dtype": "F16",
+        "shape": [int(np.prod(rows)), 4],
+        "data_offsets": [len(data), len(data) + len(sketch)],
+    }
+    rewrite_step(path, header, data + sketch)
+    return run
+
+
+def archive_bad_seq_id(step: int) -> Callable[[h5py.File], None]:
+    """The archive's tokens/seq_id entry at the start of step index `step` set to 2**31 - 1
+    (h5py keeps the chunk's checksum valid)."""
+
+    def change(handle: h5py.File) -> None:
+        start = int(handle["tokens/step_offsets"][step])
+        handle["tokens/seq_id"][start] = SEQ_ID_PAST_INT32
+
+    return change
+
+
 def _nested_header(run: Path) -> Path:
     text = b"[" * 100_000 + b"]" * 100_000
     step_path(run, 1).write_bytes(struct.pack("<Q", len(text)) + text)
@@ -531,6 +580,11 @@ CASES: list[Case] = [
     Case("manifest_with_a_lone_surrogate", _run_case(lambda r: edit_manifest(r, lambda m: m.update(meta={"reward": "\ud800fraction"}))), "inspect", 3),
     Case("manifest_with_a_lone_surrogate_in_bytes", _run_case(_surrogate_bytes_in_manifest), "inspect", 3),
     Case("header_with_a_lone_surrogate", _run_case(lambda r: edit_header(r, 1, _set_meta("\ud800x", "1.0"))), "inspect", 0, "unreadable"),
+    Case("seq_id_past_int32_replay", _run_case(lambda r: bad_seq_id(r, 1)), "replay", 0),
+    Case("seq_id_past_int32_watch", _run_case(lambda r: bad_seq_id(r, 1)), "watch", 0),
+    Case("seq_id_past_int32_every_step_replay", _run_case(bad_seq_id), "replay", 3),
+    Case("seq_id_past_int32_every_step_watch", _run_case(bad_seq_id), "watch", 3),
+    Case("float16_sketch_without_scale_replay", _run_case(float16_sketch_without_scale), "replay", 0),
     Case("world_size_above_rank_files", lambda tmp: edit_manifest(tiny_run(tmp / "run", world_size=2), lambda m: m.update(world_size=4000)), "inspect", 0, "missing_rank"),
     # Archives.
     Case("archive_huge_fill_step_index", _archive_case(_huge_fill("steps/step", 1 << 34)), "inspect", 3),
@@ -547,6 +601,7 @@ CASES: list[Case] = [
     Case("archive_flip_present", _archive_case(flip_index("present/reward")), "inspect", 0, "unreadable"),
     Case("archive_flip_ragged_shape", _archive_case(flip_index("ragged/token_ids/shape")), "inspect", 0, "unreadable"),
     Case("archive_ragged_shape_mismatch", _archive_case(_ragged_mismatch), "inspect", 0, "unreadable"),
+    Case("archive_seq_id_past_int32_replay", _archive_case(archive_bad_seq_id(1)), "replay", 0),
     Case("archive_ragged_shape_mismatch_replay", _archive_case(_ragged_mismatch), "replay", 0),
     Case("archive_offsets_with_valid_crc", _archive_case(flip_index("tokens/step_offsets", keep_crc=False)), "inspect", 0, "unreadable"),
     Case("archive_without_checksums", _archive_case(_strip_checksums), "inspect", 0, "unchecked"),

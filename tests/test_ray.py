@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _corpus import seq_id_past_int32
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -116,6 +117,34 @@ def test_synthetic_replay_is_the_local_json_byte_for_byte(cluster, synthetic):
     assert sharded.to_json() == local.to_json()
     assert sharded.skipped == local.skipped
     assert local.observed.noise_floor_units > 0 and local.observed.nonfinite_steps == [12]
+
+
+@pytest.fixture(scope="module")
+def synthetic_bad_data(tmp_path_factory) -> Path:
+    """The synthetic run with step 15's data bad too (rank 0's first seq_id past int32, the
+    file well-formed): a replay skips it as it skips step 9."""
+    path = synthetic_run(tmp_path_factory.mktemp("ray-bad") / "run")
+    seq_id_past_int32(path / "steps" / "step-00000015.rank-0000.safetensors")
+    return path
+
+
+def test_a_step_of_bad_data_is_skipped_alike_by_both_engines(cluster, synthetic_bad_data):
+    settings = {"device": "cpu", "chunk_size": 2, "detail": True}
+    local = replay(synthetic_bad_data, **settings)
+    sharded = replay(synthetic_bad_data, **settings, engine=RayEngine(workers=2))
+    assert local.steps == 21  # steps 9 (unreadable) and 15 (bad data) skipped
+    assert len(local.skipped) == 2 and local.skipped[1].startswith("step 15: seq_id")
+    assert sharded.skipped == local.skipped
+    assert sharded.to_json() == local.to_json()
+    args = ["replay", str(synthetic_bad_data), "-p", "grpo", "--format", "json", "--device", "cpu"]
+    cli_local = runner.invoke(app, args)
+    cli_sharded = runner.invoke(app, [*args, "--engine", "ray", "--workers", "2"])
+    assert cli_local.exit_code == cli_sharded.exit_code == 0, cli_sharded.output
+    assert cli_sharded.stdout == cli_local.stdout
+    assert json.loads(cli_sharded.stdout)["steps"] == 21
+    for done in (cli_local, cli_sharded):
+        warning = [line for line in done.stderr.splitlines() if "step 15:" in line]
+        assert len(warning) == 1 and "skipped 2 " in warning[0], done.stderr
 
 
 def test_workers_read_a_run_through_its_url(cluster, synthetic):

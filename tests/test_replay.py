@@ -532,10 +532,15 @@ def test_mismatched_array_lengths_skip_the_step_and_say_so(tmp_path):
     _break_step(path, 1)
     result = runner.invoke(app, ["replay", str(path), "-p", "grpo", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "skipped 1 unreadable or incomplete step" in result.stderr and "step 1" in result.stderr
+    assert (
+        "skipped 1 unreadable, incomplete or invalid step" in result.stderr
+        and "step 1" in result.stderr
+    )
     assert "logp_old" in result.stderr and "replayed 2" in result.stderr
     check = runner.invoke(app, ["check", str(path), "--max-collapsed", "9", "--device", "cpu"])
-    assert check.exit_code == 0 and "skipped 1 unreadable or incomplete step" in check.stderr
+    assert (
+        check.exit_code == 0 and "skipped 1 unreadable, incomplete or invalid step" in check.stderr
+    )
     findings = sd.open_run(path).integrity.findings
     assert sd.replay(path, ["grpo"], device="cpu").skipped == [f.message for f in findings]
 

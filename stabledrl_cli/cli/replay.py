@@ -1,10 +1,11 @@
 """`stabledrl replay RUN`: every policy over a recorded run, side by side.
 
 Exit codes: 0 ok; 2 usage error (an unknown policy spec, a bad option); 3 bad input (a missing
-run, a wrong format version, arrays of mismatched lengths, a step missing a field a requested
-policy needs, a run with no readable step); 4 an output that cannot be written. Steps with NaN
-or inf are replayed and flagged, not refused; unreadable step files are skipped, and a line on
-stderr says how many and why.
+run, a wrong format version, a step missing a field a requested policy needs, a run with no
+readable step); 4 an output that cannot be written. Steps with NaN or inf are replayed and
+flagged, not refused; unreadable step files, and steps whose data cannot be replayed (arrays
+of mismatched lengths, a seq_id out of range), are skipped, and a line on stderr says how many
+and why.
 
 The replay engines (torch) are imported where they run: `--help` and the checks of the
 options and the run never load torch (tests/test_startup.py).
@@ -97,7 +98,8 @@ def check_outputs(plot: Path | None, targets: dict[str, Path | None]) -> None:
 
 
 def note_skipped(result: ReplayResult) -> None:
-    """A line on stderr when the reader skipped steps: how many, and the first reasons; and
+    """A line on stderr when steps were skipped (the reader could not read them, or the replay
+    could not use their data): how many, and the first reasons; and
     one when the run has scalar steps, which hold nothing to replay."""
     if result.scalar_steps:
         noun = "step has" if result.scalar_steps == 1 else "steps have"
@@ -116,8 +118,9 @@ def note_skipped(result: ReplayResult) -> None:
     more = "; ..." if count > REASONS_SHOWN else ""
     noun = "step" if count == 1 else "steps"
     err.print(
-        f"warning: skipped {count} unreadable or incomplete {noun} of {result.run} "
-        f"({shown}{more}); replayed {result.steps}; `stabledrl inspect` lists every finding",
+        f"warning: skipped {count} unreadable, incomplete or invalid {noun} of {result.run} "
+        f"({shown}{more}); replayed {result.steps}; `stabledrl inspect` lists the reader's "
+        "findings",
         highlight=False,
     )
 

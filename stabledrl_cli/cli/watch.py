@@ -10,7 +10,10 @@ and gated, nothing replayed.
 Exit codes: 0 every gate holds (or none is given); 1 a gate tripped (--once, or when
 --until-idle ends the watch); 2 usage error (a URL among them: watch follows a local path; a
 policy gate on a run the own policy did not replay); 3 a missing or corrupt run (--once), or a
-run whose steps cannot be replayed; 130 stopped with Ctrl-C.
+run whose steps cannot be replayed (a step lacks a field the own policy needs, or every
+step's data is refused); 130 stopped with Ctrl-C. A step whose data the own policy
+cannot be replayed with (a seq_id out of range, mismatched array lengths) is skipped with one
+stderr line naming it and why, and never read again.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
+from stabledrl_cli.replay.run_facts import REASONS_SHOWN
 
 if TYPE_CHECKING:
     from stabledrl_cli.replay.follow import Alert, RunWatcher, WatchState
@@ -56,6 +60,22 @@ MAX_INTERVAL = 86_400
 
 def _alert_line(alert: Alert) -> str:
     return f"alert: step {alert.step}: {alert.kind}: {alert.message}"
+
+
+def _rejected_line(run: str, rejected: list[tuple[int, str]]) -> str:
+    """The warning for steps the own policy could not be replayed on (skipped)."""
+    count = len(rejected)
+    shown = "; ".join(reason for _, reason in rejected[:REASONS_SHOWN])
+    more = "; ..." if count > REASONS_SHOWN else ""
+    noun = "step" if count == 1 else "steps"
+    return f"warning: skipped {count} {noun} of {run} whose data cannot be replayed ({shown}{more})"
+
+
+def _require_replayed(watcher: RunWatcher) -> None:
+    """InputError when every step with a policy batch read so far was rejected."""
+    refused = None if watcher.replay is None else watcher.replay.unreplayable()
+    if refused is not None:
+        raise refused
 
 
 def _steps(steps: list[int]) -> str:
@@ -120,6 +140,7 @@ def _gates(watcher: RunWatcher, gates: Gates) -> list[GateResult]:
     replay = watcher.replay
     if not gates.any or replay is None or not replay.seen:
         return []
+    _require_replayed(watcher)
     if gates.policy_gates and not (replay.policy is not None and replay.steps):
         if replay.policy is None:
             why = (
@@ -152,7 +173,10 @@ def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
     state = watcher.state()
     if state.steps == 0:
         raise InputError(f"{state.run}: the run has no readable step yet")
+    _require_replayed(watcher)
     results = _gates(watcher, gates)
+    if watcher.replay is not None and watcher.replay.rejected:
+        err.print(_rejected_line(state.run, watcher.replay.rejected), highlight=False)
     for alert in state.alerts:
         err.print(_alert_line(alert), highlight=False)
     if output_format == "json":
@@ -174,11 +198,17 @@ def _end_view() -> None:
 def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: float | None) -> int:
     last_change = time.monotonic()
     seen = -1
+    warned = 0  # rejected steps warned about
     try:
         with Live(_view(watcher.state()), console=err, auto_refresh=False) as live:
             while True:
                 for alert in watcher.poll():
                     live.console.print(_alert_line(alert), highlight=False)
+                rejected = [] if watcher.replay is None else watcher.replay.rejected
+                if len(rejected) > warned:
+                    line = _rejected_line(str(watcher.path), rejected[warned:])
+                    live.console.print(line, highlight=False)
+                    warned = len(rejected)
                 state = watcher.state()
                 live.update(_view(state), refresh=True)
                 now = time.monotonic()
@@ -195,6 +225,7 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
     if watcher.state().steps == 0:
         raise InputError(f"{watcher.path}: no step landed within {until_idle:g} s")
     err.print(f"idle for {until_idle:g} s: stopped ({counted(seen, 'step')} seen)", highlight=False)
+    _require_replayed(watcher)
     return _report_gates(_gates(watcher, gates))
 
 

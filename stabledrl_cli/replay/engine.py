@@ -225,7 +225,10 @@ def replay_run(
         if not header.is_scalar:
             first = header
             break
-    if first is not None:  # fail fast, before any step is read
+    if first is not None:
+        # Fail fast, before any step is read: a field a requested policy needs that a step
+        # lacks is a problem of the request (exit 3; the pass checks every step the same way),
+        # unlike a step whose data is bad, which the pass skips (`StreamedRun.rejected`).
         check_step(first, resolved, run_unit(run), run.location)
     elif headers:
         raise nothing_to_replay(run, len(run.step_numbers))
@@ -234,7 +237,7 @@ def replay_run(
         warnings.simplefilter("ignore", RunIntegrityWarning)
         with torch_threads(config.threads):
             stream = (engine or LocalEngine()).stream(run, resolved, own_index, config, progress)
-        skipped = skipped_reasons(run)
+        skipped = skipped_reasons(run) + [reason for _, reason in stream.rejected]
         if stream.step_numbers.size == 0:
             raise InputError(no_steps_message(run, skipped))
         observed = observe(

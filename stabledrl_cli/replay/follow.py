@@ -3,9 +3,11 @@
 `OwnReplay` keeps what a replay of the run's own policy keeps (the per-step device metrics,
 each step's geometry, the collapse warning's measurements) and adds new steps to it with the
 replay's own streaming pass (`stream.stream_run` over just those steps, through
-`StepSubset`). Its columns are derived from everything replayed so far (`columns.derive_series`),
-so step n's spike, drift and risk flags equal those of a full replay of the steps up to n: each
-detector only looks back. A scalar step (per-step scalars only: an optimizer-hook recording, an
+`StepSubset`); a step whose data the policy cannot be replayed with is rejected there, once
+(`rejected`: never read again), and its recorded scalars count as a scalar step's do. Its
+columns are derived from everything replayed so far (`columns.derive_series`), so step n's
+spike, drift and risk flags equal those of a full replay of the steps up to n: each detector
+only looks back. A scalar step (per-step scalars only: an optimizer-hook recording, an
 imported log) has nothing to replay: it is read all the same, and its recorded scalars count in
 the run's observed behaviour, as in a replay of the whole run. `watch` follows a live run with
 it; `diff` replays the steps around the point two runs part.
@@ -91,6 +93,7 @@ class OwnReplay:
         self._device = resolve_device(self.config.device)
         self._steps: list[int] = []
         self._scalar: list[int] = []
+        self._rejected: list[tuple[int, str]] = []
         self._tail: int | None = None
         self._blocks: list[np.ndarray] = []
         self._geometry: list[StepGeometryKind] = []
@@ -110,19 +113,27 @@ class OwnReplay:
         return list(self._steps)
 
     @property
+    def rejected(self) -> list[tuple[int, str]]:
+        """(step, reason) of each step with a policy batch the policy could not be replayed
+        with (`stream.StreamedRun.rejected`), ascending: skipped, never read again."""
+        return list(self._rejected)
+
+    @property
     def seen(self) -> list[int]:
-        """Every step read so far, ascending: those with a policy batch and the scalar steps
-        (per-step scalars only, nothing to replay), whose recorded scalars count all the same."""
+        """Every step read so far, ascending: those with a policy batch (replayed or rejected)
+        and the scalar steps (per-step scalars only, nothing to replay), whose recorded scalars
+        count all the same."""
         tail = [] if self._tail is None else [self._tail]
-        return sorted(self._steps + self._scalar + tail)
+        return sorted(self._steps + self._scalar + [n for n, _ in self._rejected] + tail)
 
     def extend(self, numbers: Sequence[int]) -> list[int]:
         """Reads the run's steps `numbers` that come after every step read so far and replays
-        those that hold a policy batch; returns the steps read (a corrupt one is skipped).
-        The last step read, when it is a scalar step, is read again by the next call: a
-        recording that adds a step's policy batch to its optimizer step rewrites the step's
-        file with both (docs/recording.md). InputError for a step the policy cannot read."""
-        final = self._steps + self._scalar
+        those that hold a policy batch; returns the steps read (a corrupt one is skipped, one
+        the policy cannot be replayed with is rejected: `rejected`). The last step read, when
+        it is a scalar step, is read again by the next call: a recording that adds a step's
+        policy batch to its optimizer step rewrites the step's file with both
+        (docs/recording.md). InputError for a step that lacks a field the policy needs."""
+        final = self._steps + self._scalar + [n for n, _ in self._rejected]
         last = max(final) if final else None
         new = sorted(n for n in set(numbers) if last is None or n > last)
         self._tail = None
@@ -134,6 +145,7 @@ class OwnReplay:
             scalar = [h.step for h in headers if h.is_scalar]
             batches = [h for h in headers if not h.is_scalar]
             subset = StepSubset(self.run, [h.step for h in batches])
+            rejected: tuple[tuple[int, str], ...] = ()
             if self.policy is None:
                 floor, gathered = measurements_of(subset)
                 read = [h.step for h in batches]
@@ -152,13 +164,16 @@ class OwnReplay:
                     )
                 floor, gathered = streamed.noise_floor, streamed.likelihood
                 read = [int(n) for n in streamed.step_numbers]
+                rejected = streamed.rejected
                 self._blocks.append(streamed.metrics)
                 self._geometry.extend(streamed.geometry)
                 self._loss.append(streamed.loss)
                 self._covered.append(streamed.grad_norm_covered)
                 self._approximate |= streamed.approximate
         self._steps.extend(read)
-        if scalar and (not read or scalar[-1] > read[-1]):
+        self._rejected.extend(rejected)
+        batch = read + [n for n, _ in rejected]
+        if scalar and (not batch or scalar[-1] > max(batch)):
             self._tail = scalar.pop()
         self._scalar.extend(scalar)
         for step, inner, value in zip(
@@ -168,7 +183,7 @@ class OwnReplay:
             self._likelihood.inner_step.append(inner)
             self._likelihood.values.append(value)
         self._floor.extend(floor)
-        return sorted(read + scalar + ([] if self._tail is None else [self._tail]))
+        return sorted(batch + scalar + ([] if self._tail is None else [self._tail]))
 
     def stream(self) -> StreamedRun:
         """What the replay's streaming pass over the steps replayed so far would have kept."""
@@ -182,6 +197,7 @@ class OwnReplay:
             grad_norm_covered=np.concatenate(self._covered) if self._covered else np.zeros(0),
             noise_floor=self._floor,
             likelihood=self._likelihood,
+            rejected=tuple(self._rejected),
         )
 
     def series(self) -> dict[str, ColumnArray]:
@@ -215,10 +231,27 @@ class OwnReplay:
             warnings.simplefilter("ignore", RunIntegrityWarning)
             return recorded_run(StepSubset(self.run, self.seen), self.observed())
 
+    def skipped(self) -> list[str]:
+        """Why each skipped step was skipped: the reader's reasons, then the rejected steps'
+        (as `ReplayResult.skipped`)."""
+        return skipped_reasons(self.run) + [reason for _, reason in self._rejected]
+
+    def unreplayable(self) -> InputError | None:
+        """The error of a replay that replayed no step although some step with a policy batch
+        was read (every one rejected, as `replay_run` refuses a run with no step it could
+        use), else None."""
+        if self._steps or not self._rejected:
+            return None
+        return InputError(no_steps_message(self.run, self.skipped()))
+
     def result(self) -> ReplayResult:
         """The replay of the own policy over the steps replayed so far, as `replay_run` gives
         it for those steps (what `check`'s gates read). InputError before any step with a
-        policy batch (`NothingToReplay` after scalar steps only)."""
+        policy batch (`NothingToReplay` after scalar steps only) and when every step with one
+        was rejected."""
+        refused = self.unreplayable()
+        if refused is not None:
+            raise refused
         if not self._steps:
             if self.seen:
                 raise nothing_to_replay(self.run, len(self.seen))
@@ -230,7 +263,7 @@ class OwnReplay:
             0 if policies else None,
             self.stream(),
             self.observed(),
-            skipped_reasons(self.run),
+            self.skipped(),
             self.config,
         )
 
@@ -452,7 +485,7 @@ class RunWatcher:
             own_policy=policy,
             recorded_policy=recorded,
             replayed_steps=len(replay.steps) if series else 0,
-            scalar_steps=len(seen) - len(replay.steps),
+            scalar_steps=len(seen) - len(replay.steps) - len(replay.rejected),
             recent=rows,
             risk_steps=_flag_steps(series, "collapsed"),
             drift_steps=_flag_steps(series, "drift"),

@@ -95,7 +95,10 @@ class StepGeometry:
                 f"step {step}: {kind} geometry has {rows} units but the step has "
                 f"{prep.num_tokens} entries and {prep.n_seq} sequences"
             )
-        require_scale(stored, scale)
+        try:
+            require_scale(stored, scale)
+        except InputError as exc:
+            raise InputError(f"step {step}: {exc}") from None
         return cls(kind, stored.to(prep.device), scale, per_sequence)
 
     def units(self, coef: torch.Tensor, prep: PreparedBatch) -> torch.Tensor:

@@ -7,7 +7,7 @@ computes everything run-level on the driver, as for a local replay, so the resul
 one byte for byte. A worker that dies mid-shard (killed, out of memory, its node lost) is
 replaced and its shard computed again from the start by Ray (`SHARD_RETRIES` times): a shard's
 rows are taken once, from the attempt that finished. An error of the tool itself in a shard
-(a corrupt step, a missing field) is not retried: it is raised on the driver as it would be
+(a step lacking a field a policy needs) is not retried: it is raised on the driver as it would be
 locally, and the other shards are cancelled.
 
 Every worker opens the run from its `Run.source`: the same path on every node (a shared file

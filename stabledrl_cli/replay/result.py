@@ -175,7 +175,9 @@ class ReplayResult:
     run_policy_spec: str | None = None
     step_range: StepRange = (None, None)
     skipped: list[str] = field(default_factory=list)
-    """The reader's reason for each step it could not read and skipped (not in the JSON)."""
+    """Why each skipped step was skipped (not in the JSON): the reader's reason for each step
+    it could not read, then the replay's for each step whose data it could not use
+    (`stream.StreamedRun.rejected`); each names its step."""
     threads: int = 1
     """CPU threads the replay computed with (`ReplayConfig.threads`)."""
     scalar_steps: int = 0

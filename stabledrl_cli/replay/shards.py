@@ -122,4 +122,5 @@ def merge_streams(parts: Sequence[StreamedRun], policies: int) -> StreamedRun:
         noise_floor=floor,
         likelihood=likelihood,
         scalar_steps=sum(part.scalar_steps for part in parts),
+        rejected=tuple(rejected for part in parts for rejected in part.rejected),
     )

@@ -11,6 +11,15 @@ results do not depend on the chunk size. The same pass pools the noise floor of 
 recorded with inner_step 0 and the collapse warning's measurements (the median own-sample
 log-likelihood), both on the host before the transfer, so the observed-run analysis never
 re-reads them.
+
+A step whose data a replay cannot use (mismatched array lengths, a `seq_id` out of range,
+float16 geometry without its scale: an InputError while its arrays are read or prepared) is
+rejected as the reader skips an unreadable one: it yields no row and adds nothing to the noise
+floor or the collapse warning's measurements (they are taken on the host but kept only once
+the step is prepared), and `StreamedRun.rejected` names it with the reason; the rest of the
+run replays. A step that lacks a field a requested policy needs is not rejected but refused
+(`check_step`, InputError): what a replay can use then depends on the policies asked for, a
+problem of the request, and skipping the step would drop it for every other policy too.
 """
 
 from __future__ import annotations
@@ -88,6 +97,24 @@ class StreamedRun:
     """The collapse warning's measurements (steps with inner_step 0 or none recorded)."""
     scalar_steps: int = 0
     """Steps without a policy batch (format 1.2): skipped, nothing to replay on them."""
+    rejected: tuple[tuple[int, str], ...] = ()
+    """(step, reason) of each step whose data the pass could not use (module docstring), in
+    step order: skipped, as the reader skips an unreadable step; the reason starts with
+    "step N: "."""
+
+
+Measures = tuple[OwnLikelihood, NoiseFloor]
+"""A step's collapse-warning measurement and noise-floor moments (each empty when the step is
+not one), taken on the host and pooled once the step is prepared."""
+
+
+def rejection(step: int, exc: InputError, where: str) -> tuple[int, str]:
+    """(step, the reason) of a step rejected with `exc`: its message without the run's
+    location, starting with "step N: "."""
+    reason = str(exc).removeprefix(f"{where}: ")
+    if not reason.startswith(f"step {step}"):
+        reason = f"step {step}: {reason}"
+    return step, reason
 
 
 def check_step(step: Step, policies: Sequence[Policy], unit: Unit, where: str) -> None:
@@ -205,42 +232,57 @@ def array_bytes(arrays: Arrays) -> int:
 def _read_chunks(
     run: Run,
     policies: Sequence[Policy],
-    likelihood: OwnLikelihood,
-    floor: NoiseFloor,
     chunk_size: int | None,
     memory_budget: int,
     scalar_steps: list[int],
+    rejected: list[tuple[int, str]],
     shard: Iterable[Step] | None = None,
-) -> Iterator[tuple[list[Step], list[Arrays], int]]:
-    """The run's readable steps (or `shard`'s) that hold a policy batch, their arrays (CPU) and
-    the arrays' bytes, a chunk at a time: a chunk closes at the step that brings its arrays to
-    `memory_budget` bytes, or to `chunk_size` steps. Runs on the read-ahead thread. Feeds the
-    collapse warning's measurements and the noise floor on the way (on the host, before any
-    transfer); appends the number of each scalar step (no batch) to `scalar_steps`."""
+) -> Iterator[tuple[list[Step], list[Arrays], list[Measures], int]]:
+    """The run's readable steps (or `shard`'s) that hold a policy batch, their arrays (CPU),
+    their measures and the arrays' bytes, a chunk at a time: a chunk closes at the step that
+    brings its arrays to `memory_budget` bytes, or to `chunk_size` steps. Runs on the
+    read-ahead thread. Takes each step's collapse-warning measurement and noise-floor moments
+    on the way (on the host, before any transfer; pooled by the caller once the step is
+    prepared); appends the number of each scalar step (no batch) to `scalar_steps`, and each
+    step whose arrays it cannot read to `rejected` (`rejection`); InputError for a step that
+    lacks a field a policy needs (`check_step`)."""
     where, unit = run.location, run_unit(run)
     steps: list[Step] = []
     arrays: list[Arrays] = []
+    measures: list[Measures] = []
     held = 0
     for step in run.steps() if shard is None else shard:
         if step.is_scalar:
             scalar_steps.append(step.step)
             continue
-        check_step(step, policies, unit, where)
-        step_arrays = read_arrays(step, where)
-        inner = step.scalars.get("inner_step")
-        if OwnLikelihood.wanted(inner):
-            logp_old, mask = host_array(step_arrays["logp_old"]), host_array(step_arrays["mask"])
-            likelihood.add(step.step, inner, logp_old, mask)
-            if inner == NOISE_FLOOR_INNER_STEP:
-                floor.add(*logratio_moments(host_array(step_arrays["logp"]), logp_old, mask))
+        check_step(step, policies, unit, where)  # a problem of the request: raised
+        try:
+            step_arrays = read_arrays(step, where)
+        except InputError as exc:
+            rejected.append(rejection(step.step, exc, where))
+            continue
+        measures.append(host_measures(step, step_arrays))
         steps.append(step)
         arrays.append(step_arrays)
         held += array_bytes(step_arrays)
         if held >= memory_budget or len(steps) == chunk_size:
-            yield steps, arrays, held
-            steps, arrays, held = [], [], 0
+            yield steps, arrays, measures, held
+            steps, arrays, measures, held = [], [], [], 0
     if steps:
-        yield steps, arrays, held
+        yield steps, arrays, measures, held
+
+
+def host_measures(step: Step, arrays: Arrays) -> Measures:
+    """The step's collapse-warning measurement (steps with inner_step 0 or none recorded) and
+    noise-floor moments (inner_step 0), from its arrays on the host."""
+    likelihood, floor = OwnLikelihood(), NoiseFloor()
+    inner = step.scalars.get("inner_step")
+    if OwnLikelihood.wanted(inner):
+        logp_old, mask = host_array(arrays["logp_old"]), host_array(arrays["mask"])
+        likelihood.add(step.step, inner, logp_old, mask)
+        if inner == NOISE_FLOOR_INNER_STEP:
+            floor.add(*logratio_moments(host_array(arrays["logp"]), logp_old, mask))
+    return likelihood, floor
 
 
 def stream_run(
@@ -255,9 +297,10 @@ def stream_run(
     steps: Iterable[Step] | None = None,
     lean: bool = False,
 ) -> StreamedRun:
-    """Every policy over every readable step of `run` (corrupt steps are skipped), or over
-    `steps` only (a shard of it, `replay.shards`), read in chunks of at most half
-    `memory_budget` bytes of arrays (and `chunk_size` steps, when given), one chunk ahead."""
+    """Every policy over every readable step of `run` (corrupt steps are skipped, steps whose
+    data it cannot use rejected: module docstring), or over `steps` only (a shard of it,
+    `replay.shards`), read in chunks of at most half `memory_budget` bytes of arrays (and
+    `chunk_size` steps, when given), one chunk ahead."""
     where, unit = run.location, run_unit(run)
     ranks = int(run.manifest.get("world_size", 1))
     numbers: list[int] = []
@@ -268,43 +311,49 @@ def stream_run(
     approximate = np.zeros(len(policies), dtype=bool)
     floor, likelihood = NoiseFloor(), OwnLikelihood()
     scalar_steps: list[int] = []
+    rejected: list[tuple[int, str]] = []  # appended by both threads: sorted at the end
     # Half the budget a chunk: the chunk computed and the one read ahead share it.
     chunk_budget = max(1, memory_budget // 2)
     chunks = read_ahead(
-        _read_chunks(
-            run, policies, likelihood, floor, chunk_size, chunk_budget, scalar_steps, steps
-        )
+        _read_chunks(run, policies, chunk_size, chunk_budget, scalar_steps, rejected, steps)
     )
     computed = 0
+    refused = 0  # steps rejected here (the others, by `_read_chunks`, are in no chunk)
     with heap_kept():
-        for chunk, arrays, held in chunks:
+        for chunk, arrays, measures, held in chunks:
             to_device(arrays, device)
             rows = []
-            for step, step_arrays in zip(chunk, arrays, strict=True):
-                prep = prepared(step, step_arrays, unit, where)
-                geometry = step_geometry(step, step_arrays, prep, where)
-                weights = [policy.weights(prep) for policy in policies]
-                micro = step_micro_batches(step, step_arrays, prep, where, ranks)
-                rows.append(
-                    step_metrics(prep, policies, weights, geometry, own_index, micro, lean=lean)
-                )
-                if geometry.per_sequence:
-                    coef = torch.stack([w.coef for w in weights])
-                    approximate |= varies_within_sequence(coef, prep).cpu().numpy()
+            for step, step_arrays, (gathered, moments) in zip(chunk, arrays, measures, strict=True):
+                try:
+                    row, kind, varies = _step_row(
+                        step, step_arrays, policies, own_index, unit, where, ranks, lean
+                    )
+                except InputError as exc:
+                    rejected.append(rejection(step.step, exc, where))
+                    refused += 1
+                    continue
+                rows.append(row)
+                if varies is not None:
+                    approximate |= varies
+                likelihood.extend(gathered)
+                floor.extend(moments)
                 numbers.append(step.step)
-                kinds.append(geometry.kind)
+                kinds.append(kind)
                 loss.append(step.scalars.get("loss", math.nan))
                 covered.append(step.scalars.get("grad_norm_covered", math.nan))
-            blocks.append(torch.stack(rows).cpu().numpy())
+            if rows:
+                blocks.append(torch.stack(rows).cpu().numpy())
             done = len(chunk)
             computed += held
             # The chunk's steps hold their files' buffers: dropped before the next chunk is read.
-            del chunk, arrays, rows, step, step_arrays, prep, geometry, weights, micro
+            del chunk, arrays, measures, rows, step, step_arrays
             if computed >= memory_budget:  # a budget's worth of steps since the last look
                 release_freed_memory(keep=RELEASE_AFTER * memory_budget)
                 computed = 0
             if progress is not None:
                 progress(done)
+    if progress is not None and len(rejected) > refused:
+        progress(len(rejected) - refused)
     metrics = (
         np.concatenate(blocks)
         if blocks
@@ -320,7 +369,33 @@ def stream_run(
         noise_floor=floor,
         likelihood=likelihood,
         scalar_steps=len(scalar_steps),
+        rejected=tuple(sorted(rejected)),
     )
+
+
+def _step_row(
+    step: Step,
+    arrays: Arrays,
+    policies: list[Policy],
+    own_index: int | None,
+    unit: Unit,
+    where: str,
+    ranks: int,
+    lean: bool,
+) -> tuple[torch.Tensor, StepGeometryKind, np.ndarray | None]:
+    """The step's row of device metrics [P, M], its geometry's kind and, with per-sequence
+    geometry, which policies' coefficients vary within a sequence ([P] bool); InputError for
+    data the step cannot be replayed with (named by run and step)."""
+    prep = prepared(step, arrays, unit, where)
+    geometry = step_geometry(step, arrays, prep, where)
+    weights = [policy.weights(prep) for policy in policies]
+    micro = step_micro_batches(step, arrays, prep, where, ranks)
+    row = step_metrics(prep, policies, weights, geometry, own_index, micro, lean=lean)
+    varies = None
+    if geometry.per_sequence:
+        coef = torch.stack([w.coef for w in weights])
+        varies = varies_within_sequence(coef, prep).cpu().numpy()
+    return row, geometry.kind, varies
 
 
 def detail_pass(

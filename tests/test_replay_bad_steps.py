@@ -1,0 +1,197 @@
+"""A step whose data a replay cannot use (a seq_id past int32, float16 geometry without its
+scale, an archive entry out of range) is skipped like an unreadable step, never the end of the
+command: `replay`, `check` and `watch --once` replay every other step, name the skipped step
+once on stderr, and the step adds nothing to the run's figures; a run whose every step is bad
+is exit 3 with one line (docs/trust.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _corpus import (
+    archive_bad_seq_id,
+    bad_seq_id,
+    float16_sketch_without_scale,
+    step_path,
+    tiny_run,
+)
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import open_run, pack_run
+from stabledrl_cli.errors import InputError
+from stabledrl_cli.replay import follow
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.engine import LocalEngine, resolve_policies
+
+runner = CliRunner()
+STEPS = 6
+BAD = 2
+
+
+def measured_run(path: Path, steps: int = STEPS) -> Path:
+    """A run whose every step is a noise-floor and collapse-warning measurement (inner_step 0)."""
+    rng = np.random.default_rng(3)
+    with sd.Recorder(path, policy="grpo", reward_range=(0.0, 1.0)) as rec:
+        for step in range(steps):
+            logp = -rng.random((4, 3)).astype(np.float32)
+            rec.log_step(
+                step,
+                logp=logp,
+                logp_old=logp + rng.normal(scale=0.1, size=(4, 3)).astype(np.float32),
+                advantages=rng.standard_normal(4).astype(np.float32),
+                mask=np.ones((4, 3)),
+                group_id=np.array([0, 0, 1, 1]),
+                reward=rng.random(4).astype(np.float32),
+                grad_norm=1.0 + step,
+                inner_step=0,
+            )
+    return path
+
+
+def _stderr_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if not line.startswith("replaying:")]
+
+
+def _names_the_step_once(stderr: str, step: int, why: str) -> None:
+    lines = [line for line in _stderr_lines(stderr) if f"step {step}:" in line]
+    assert len(lines) == 1 and why in lines[0], stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda run: bad_seq_id(run, BAD), "seq_id must index"),
+        (lambda run: float16_sketch_without_scale(run, BAD), "float16 gradient geometry"),
+    ],
+    ids=["seq_id_past_int32", "float16_sketch_without_scale"],
+)
+def test_replay_check_and_watch_skip_a_bad_step_and_name_it_once(tmp_path, make, why):
+    run = make(tiny_run(tmp_path / "run", steps=STEPS))
+    replayed = runner.invoke(app, ["replay", str(run), "--format", "json", "--device", "cpu"])
+    assert replayed.exit_code == 0, replayed.stderr
+    assert json.loads(replayed.stdout)["steps"] == STEPS - 1
+    _names_the_step_once(replayed.stderr, BAD, why)
+    assert f"replayed {STEPS - 1}" in replayed.stderr
+
+    checked = runner.invoke(
+        app, ["check", str(run), "--max-collapsed", "100", "--format", "json", "--device", "cpu"]
+    )
+    assert checked.exit_code == 0, checked.stderr
+    assert json.loads(checked.stdout)["steps"] == STEPS - 1
+    _names_the_step_once(checked.stderr, BAD, why)
+
+    watched = runner.invoke(app, ["watch", str(run), "--once", "--format", "json"])
+    assert watched.exit_code == 0, watched.stderr
+    state = json.loads(watched.stdout)
+    assert state["replayed_steps"] == STEPS - 1 and state["steps"] == STEPS
+    assert state["scalar_steps"] == 0
+    _names_the_step_once(watched.stderr, BAD, why)
+
+
+def test_a_gate_still_decides_the_exit_code_with_a_bad_step(tmp_path):
+    run = bad_seq_id(tiny_run(tmp_path / "run", steps=STEPS), BAD)
+    tripped = runner.invoke(app, ["check", str(run), "--max-discard-frac", "0", "--device", "cpu"])
+    assert tripped.exit_code == 1, tripped.stderr
+    _names_the_step_once(tripped.stderr, BAD, "seq_id must index")
+
+
+def test_a_bad_step_in_an_archive_is_skipped(tmp_path):
+    run = tiny_run(tmp_path / "run", steps=STEPS)
+    archive = tmp_path / "run.h5"
+    pack_run(open_run(run), archive)
+    import h5py
+
+    with h5py.File(archive, "r+") as handle:
+        archive_bad_seq_id(BAD)(handle)
+    result = runner.invoke(app, ["replay", str(archive), "--format", "json", "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == STEPS - 1
+    _names_the_step_once(result.stderr, BAD, "seq_id must index")
+
+
+def test_the_float16_sketch_refusal_names_the_step(tmp_path):
+    run = float16_sketch_without_scale(tiny_run(tmp_path / "run", steps=STEPS), BAD)
+    result = sd.replay(run, ["grpo"], device="cpu")
+    assert result.skipped == [
+        f"step {BAD}: float16 gradient geometry without its per-step scale: refusing to read it "
+        "(float16 overflows on spike steps)"
+    ]
+
+
+@pytest.mark.parametrize("command", ["replay", "check", "watch"])
+def test_a_run_whose_every_step_is_bad_exits_3_with_one_line(tmp_path, command):
+    run = bad_seq_id(tiny_run(tmp_path / "run", steps=3))
+    args = {
+        "replay": ["replay", str(run), "--device", "cpu"],
+        "check": ["check", str(run), "--max-collapsed", "100", "--device", "cpu"],
+        "watch": ["watch", str(run), "--once"],
+    }[command]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3, result.stderr
+    assert result.stdout == ""
+    lines = _stderr_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "no step could be read (3 step files were skipped: step 0: seq_id" in lines[0]
+    with pytest.raises(InputError, match="no step could be read"):
+        sd.replay(run, ["grpo"], device="cpu")
+
+
+def test_a_bad_step_adds_nothing_to_the_run_figures(tmp_path):
+    """The bad step's measurements are taken on the host before it is prepared: none may reach
+    the noise floor or the collapse warning, whose figures equal those of the run without it."""
+    bad = bad_seq_id(measured_run(tmp_path / "bad"), BAD)
+    gap = measured_run(tmp_path / "gap")
+    step_path(gap, BAD).unlink()
+    streams = []
+    for path in (bad, gap):
+        run = open_run(path)
+        policies, own = resolve_policies(run, ["grpo", "stabledrl"])
+        streams.append(LocalEngine().stream(run, policies, own, ReplayConfig(device="cpu"), None))
+    streamed, without = streams
+    assert streamed.likelihood.steps == without.likelihood.steps
+    assert BAD not in streamed.likelihood.steps and len(streamed.likelihood.steps) == STEPS - 1
+    assert streamed.likelihood.values == without.likelihood.values
+    assert streamed.noise_floor.parts == without.noise_floor.parts
+    assert streamed.step_numbers.tolist() == without.step_numbers.tolist()
+    np.testing.assert_array_equal(streamed.metrics, without.metrics)
+    assert [n for n, _ in streamed.rejected] == [BAD] and without.rejected == ()
+    replayed = sd.replay(bad, ["grpo"], device="cpu")
+    assert replayed.observed.noise_floor_logratio_std == (
+        sd.replay(gap, ["grpo"], device="cpu").observed.noise_floor_logratio_std
+    )
+
+
+def test_watch_reads_a_rejected_step_once(tmp_path, monkeypatch):
+    """The run's last step is bad: later polls neither read it again nor warn again."""
+    run = bad_seq_id(tiny_run(tmp_path / "run", steps=STEPS), STEPS - 1)
+    streamed: list[list[int]] = []
+    real = follow.stream_run
+
+    def spy(run, *args, **kwargs):
+        streamed.append(list(run.step_numbers))
+        return real(run, *args, **kwargs)
+
+    monkeypatch.setattr(follow, "stream_run", spy)
+    watcher = follow.RunWatcher(run, ReplayConfig(device="cpu"))
+    watcher.poll()
+    assert watcher.replay is not None
+    assert [n for n, _ in watcher.replay.rejected] == [STEPS - 1]
+    watcher.poll()
+    watcher.poll()
+    assert streamed == [list(range(STEPS))]
+    state = watcher.state()
+    assert state.steps == STEPS and state.replayed_steps == STEPS - 1 and state.scalar_steps == 0
+    assert state.last_step == STEPS - 1
+
+
+def test_a_live_watch_warns_of_a_bad_step_once(tmp_path):
+    run = bad_seq_id(tiny_run(tmp_path / "run", steps=STEPS), BAD)
+    result = runner.invoke(app, ["watch", str(run), "--until-idle", "0.2", "--interval", "0.05"])
+    assert result.exit_code == 0, result.stderr
+    _names_the_step_once(result.stderr, BAD, "seq_id must index")
