@@ -367,7 +367,7 @@ class DirectoryRun(Run):
         when it is a symlink (never followed)."""
         try:
             fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except NotADirectoryError:
+        except OSError:  # a symlink: ENOTDIR on Linux, ELOOP elsewhere
             if _is_symlink(directory):
                 raise symlink_refused(self.named(directory)) from None
             raise
