@@ -2,6 +2,7 @@
 
     python benchmarks/replay_profile.py                          # 8 steps of 200,256,1024
     python benchmarks/replay_profile.py --shape 50,64,512,128 --policies grpo --top 8
+    python benchmarks/replay_profile.py --policies grpo --whole   # and the whole replay
 
 Reads `--steps` steps of the run of `--shape` (built and cached as `replay_speed.py` does),
 then runs a replay's streaming pass over them (`replay.stream.stream_run`, reading included,
@@ -9,7 +10,10 @@ from the page cache) on one thread: once untimed, three times timed (the least C
 shown: a shared machine only adds), once under torch's profiler. Prints the positions a step,
 the time to read a step, the pass's CPU time a step without the profiler, the top-level
 tensor operations a step and their mean time, and the call sites in `stabledrl_cli` that
-spend the most operator time, with their operations a step.
+spend the most operator time, with their operations a step. `--whole` then replays every step
+of the run as `stabledrl replay` does (its reading on a thread of its own) and prints the wall
+time and the share of it the computing thread spent on a CPU: what is left is waiting (for the
+reader, the GIL or a CPU), the most that overlapping could still win.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import torch
 from synthetic_runs import add_step_options, open_cached
 from torch.profiler import ProfilerActivity, profile
 
+from stabledrl_cli.dump import Run
 from stabledrl_cli.replay import stream
-from stabledrl_cli.replay.engine import resolve_policies
+from stabledrl_cli.replay.engine import replay, resolve_policies
 
 
 def main() -> None:
@@ -31,6 +36,11 @@ def main() -> None:
     add_step_options(parser)
     parser.add_argument("--policies", help="comma-separated specs (default: the catalogue)")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument(
+        "--whole",
+        action="store_true",
+        help="also time a replay of every step and the share the computing thread was busy",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     run = open_cached(args)
@@ -83,6 +93,22 @@ def main() -> None:
     print(f"{'ms/step':>8} {'ops/step':>8}  call site (operator time under the profiler)")
     for site, micros in spent.most_common(args.top):
         print(f"{micros / 1e3 / n:8.2f} {calls[site] / n:8.0f}  {site[:60]}")
+    if args.whole:
+        print(whole_replay(run, [p.spec for p in policies]))
+
+
+def whole_replay(run: Run, specs: list[str]) -> str:
+    """The replay of every step, as `stabledrl replay` runs it (reading on its own thread):
+    its wall time and how much of it the computing thread (this one) spent on a CPU; the
+    rest it waited (for the reader, for the GIL, or for a CPU)."""
+    replay(run, specs, device="cpu")  # untimed: the page cache and the heap warm
+    wall, busy = time.perf_counter(), time.thread_time()
+    result = replay(run, specs, device="cpu")
+    wall, busy = time.perf_counter() - wall, time.thread_time() - busy
+    return (
+        f"whole replay ({result.steps} steps, reading on its own thread): {wall:.2f} s, "
+        f"the computing thread on a CPU {busy / wall:.0%} of it"
+    )
 
 
 if __name__ == "__main__":
