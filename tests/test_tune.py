@@ -131,6 +131,7 @@ def test_cli_json_and_plot(tmp_path):
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
+    assert data["threads"] == 1  # the replay's default, recorded as replay's JSON records it
     assert [s["spec"] for s in data["settings"]] == [
         "stabledrl:c=2",
         "stabledrl:c=4",

@@ -88,11 +88,14 @@ class TuneReport:
     settings: list[SettingFigures]
     recommended: SettingFigures | None
     evidence: str
+    threads: int
+    """torch threads of the replay (float sums, so the figures' last bits, depend on it)."""
 
     def to_dict(self) -> dict[str, object]:
         return {
             "run": self.run,
             "steps": self.steps,
+            "threads": self.threads,
             "settings": [s.to_dict() for s in self.settings],
             "front": [s.spec for s in self.settings if s.on_front],
             "recommended": None if self.recommended is None else self.recommended.spec,
@@ -116,9 +119,12 @@ def rank(result: ReplayResult, tuned: list[str]) -> TuneReport:
     )
     on_front = [f for f in settings if f.on_front]
     if not on_front:
-        return TuneReport(result.run, result.steps, settings, None, "no setting was replayed")
+        return TuneReport(
+            result.run, result.steps, settings, None, "no setting was replayed", result.threads
+        )
     best = min(on_front, key=lambda f: (len(f.risk_steps), f.mass_key, order[f.spec]))
-    return TuneReport(result.run, result.steps, settings, best, _evidence(best, candidates))
+    evidence = _evidence(best, candidates)
+    return TuneReport(result.run, result.steps, settings, best, evidence, result.threads)
 
 
 def percent(mass: float | None) -> str:
