@@ -41,8 +41,8 @@ REASON_LIMIT = 300
 """Characters of another library's error message kept in one of ours."""
 
 
-def one_line(exc: BaseException) -> str:
-    """Another library's error message on one line, at most `REASON_LIMIT` characters (its
-    message may span lines, or quote a whole request)."""
-    text = " ".join(str(exc).split())
+def one_line(message: BaseException | str) -> str:
+    """Another library's error message (an exception, or its text) on one line, at most
+    `REASON_LIMIT` characters (it may span lines, or quote a whole request)."""
+    text = " ".join(str(message).split())
     return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 3] + "..."

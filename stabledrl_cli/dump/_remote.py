@@ -242,7 +242,7 @@ def open_url(url: str, *, verify: bool = True) -> Run:
     except PermissionError as exc:
         raise InputError(f"cannot read {url}: {_said(exc, root, url)}") from None
     except OSError as exc:
-        raise UsageError(f"cannot read {url}: {one_line(OSError(_said(exc, root, url)))}") from None
+        raise UsageError(f"cannot read {url}: {one_line(_said(exc, root, url))}") from None
     if signature == HDF5_SIGNATURE:
         return RemoteArchiveRun(url, fs, root, int(found.get("size") or 0), verify=verify)
     raise InputError(f"{url} is not a run (expected a run directory or a .h5 archive)")
