@@ -195,3 +195,62 @@ def test_a_live_watch_warns_of_a_bad_step_once(tmp_path):
     result = runner.invoke(app, ["watch", str(run), "--until-idle", "0.2", "--interval", "0.05"])
     assert result.exit_code == 0, result.stderr
     _names_the_step_once(result.stderr, BAD, "seq_id must index")
+
+
+def _inspected(path: Path) -> tuple[dict[str, object], str]:
+    """`inspect --format json`'s object and the table's text of a run (each exit 0)."""
+    as_json = runner.invoke(app, ["inspect", str(path), "--format", "json"])
+    assert as_json.exit_code == 0, as_json.stderr
+    table = runner.invoke(app, ["inspect", str(path)], terminal_width=400)
+    assert table.exit_code == 0, table.stderr
+    return json.loads(as_json.stdout), table.stdout
+
+
+def _packed_with_bad_seq_id(run: Path) -> Path:
+    archive = run.with_suffix(".h5")
+    pack_run(open_run(run), archive)
+    import h5py
+
+    with h5py.File(archive, "r+") as handle:
+        archive_bad_seq_id(BAD)(handle)
+    return archive
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda run: bad_seq_id(run, BAD), "seq_id must index"),
+        (lambda run: float16_sketch_without_scale(run, BAD), "float16 gradient geometry"),
+        (_packed_with_bad_seq_id, "seq_id must index"),
+    ],
+    ids=["seq_id_past_int32", "float16_sketch_without_scale", "archive_seq_id"],
+)
+def test_inspect_names_a_step_replay_would_skip(tmp_path, make, why):
+    """inspect exits 0 and lists the step as a finding of its own, with replay's reason, as
+    it lists an unreadable step; the run's integrity is not ok."""
+    path = make(tiny_run(tmp_path / "run", steps=STEPS))
+    replayed = sd.replay(path, ["grpo"], device="cpu")
+    summary, table = _inspected(path)
+    integrity = summary["integrity"]
+    assert isinstance(integrity, dict) and integrity["ok"] is False
+    assert integrity["findings"] == [
+        {"kind": "invalid", "step": BAD, "path": None, "message": replayed.skipped[0]}
+    ]
+    assert why in replayed.skipped[0]
+    assert "Integrity: 1 finding(s)" in table and "invalid" in table and why in table
+
+
+def test_inspect_measures_nothing_on_a_step_replay_would_skip(tmp_path):
+    """inspect's noise floor and collapse-warning figures are replay's: the bad step adds
+    nothing to them (its recorded scalars still count, as in a replay)."""
+    bad = bad_seq_id(measured_run(tmp_path / "bad"), BAD)
+    gap = measured_run(tmp_path / "gap")
+    step_path(gap, BAD).unlink()
+    measured = ("noise_floor_logratio_std", "noise_floor_units", "collapse_warning")
+    observed = [_inspected(path)[0]["observed"] for path in (bad, gap)]
+    assert [{k: o[k] for k in measured} for o in observed] == [
+        {k: observed[1][k] for k in measured}
+    ] * 2
+    assert observed[0]["noise_floor_logratio_std"] == (
+        sd.replay(bad, ["grpo"], device="cpu").observed.noise_floor_logratio_std
+    )

@@ -1,8 +1,9 @@
 """Start-up: none of these imports torch. Importing the package; the root help, `policies`,
 and the help of `replay`, `check`, `tune`, `inspect`, `diff` and `watch`; `import` and `pack`
-(their help and their input checks); a Recorder of numpy arrays, its run read back and
-inspected; `diff` of two runs that never part; `check` of a scalar run; and the refusals of
-bad input by these and `watch`."""
+(their help and their input checks); a Recorder of numpy arrays and its run read back;
+`diff` of two runs that never part; `check` and `inspect` of a scalar run (inspect of a run
+with a policy batch checks each step with replay's own code, torch's); and the refusals of bad
+input by these and `watch`."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ PROBES = {
             result = CliRunner().invoke(app, [command, *args])
             assert result.exit_code == 3, result.output
     """,
-    "a Recorder of numpy arrays, its run's headers and arrays, and inspect of it": """
+    "a Recorder of numpy arrays, its run's headers and arrays": """
         import tempfile
         import numpy as np
         import stabledrl_cli as sd
@@ -57,11 +58,6 @@ PROBES = {
         run = sd.open_run(path)
         assert run.step_numbers == [0] and run.step(0).scalars["loss"] == 0.5
         assert run.step(0).array("logp").dtype == np.float32
-        from typer.testing import CliRunner
-        from stabledrl_cli.cli.app import app
-        shown = CliRunner().invoke(app, ["inspect", path, "-f", "json"])
-        assert shown.exit_code == 0 and '"steps": 1' in shown.stdout, shown.output
-        assert '"noise_floor_units": 8' in shown.stdout, shown.stdout  # its log r measured
     """,
     "diff of two runs that never part, and its refusals": """
         import shutil, tempfile
@@ -83,7 +79,7 @@ PROBES = {
         bad = CliRunner().invoke(app, ["diff", home + "/a", home + "/b", "--atol", "-1"])
         assert bad.exit_code == 2, bad.output
     """,
-    "check of a scalar run, and of a missing run": """
+    "check and inspect of a scalar run, and check of a missing run": """
         import tempfile
         import stabledrl_cli as sd
         from typer.testing import CliRunner
@@ -94,6 +90,8 @@ PROBES = {
                 recorder.log_step(step, reward_mean=0.5, grad_norm=1.0 + step % 2)
         gated = CliRunner().invoke(app, ["check", path, "--max-spikes", "0"])
         assert gated.exit_code == 0, gated.output
+        shown = CliRunner().invoke(app, ["inspect", path, "-f", "json"])
+        assert shown.exit_code == 0 and '"steps": 20' in shown.stdout, shown.output
         missing = CliRunner().invoke(app, ["check", path + "-none", "--max-spikes", "0"])
         assert missing.exit_code == 3, missing.output
     """,

@@ -3,10 +3,11 @@ its recorded series (any run, a scalar run of per-step scalars only included).
 
 The run is a path or an fsspec URL (`memory://`, `file://`, `s3://`...), read in place.
 
-Exit codes: 0 (a corrupt or torn step is a finding, not fatal); 2 for a URL that cannot be read
-at all (an unknown or refused scheme, a filesystem package not installed); 3 for a missing run
-(or a URL with nothing there), a path that is not a run, an unreadable manifest, a manifest
-field of the wrong type, or a newer major format version.
+Exit codes: 0 (a corrupt or torn step, or one whose data a replay cannot use, is a finding, not
+fatal); 2 for a URL that cannot be read at all (an unknown or refused scheme, a filesystem
+package not installed); 3 for a missing run (or a URL with nothing there), a path that is not a
+run, an unreadable manifest, a manifest field of the wrong type, or a newer major format
+version.
 """
 
 from __future__ import annotations

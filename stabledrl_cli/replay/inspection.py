@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from stabledrl_cli.dump import Run, RunIntegrityWarning
-from stabledrl_cli.replay.observed import Observed, observe
+from stabledrl_cli.dump import Finding, IntegrityReport, Run, RunIntegrityWarning
+from stabledrl_cli.replay.observed import NoiseFloor, Observed, OwnLikelihood, observe
 from stabledrl_cli.replay.recorded import SeriesStats, recorded_run
 
 
@@ -59,7 +59,8 @@ class RunSummary:
     """Every scalar some step holds."""
     size_bytes: int
     integrity: dict[str, object]
-    """{"ok": bool, "findings": [...]}: the full check of every file."""
+    """{"ok": bool, "findings": [...]}: the full check of every file, and an `invalid` finding
+    for each step whose data a replay cannot use (it skips them)."""
     observed: Observed
     series: dict[str, SeriesStats]
     """Every recorded scalar (but step and wall_time) over the run: count, first, last, min,
@@ -74,15 +75,41 @@ def _mapping(value: object) -> dict[str, object]:
     return dict(value) if isinstance(value, dict) else {}
 
 
+def _replayable(run: Run) -> tuple[list[Finding], NoiseFloor, OwnLikelihood]:
+    """An `invalid` finding for each readable step whose data a replay cannot use, checked by
+    replay's own code (`stream.replay_rejection`), and the noise floor and collapse-warning
+    measurements of the other steps, as a replay pools them (a rejected step adds nothing)."""
+    findings: list[Finding] = []
+    floor, likelihood = NoiseFloor(), OwnLikelihood()
+    for step in run.steps():
+        if step.is_scalar:
+            continue
+        # Replay's checks are torch's: loaded here, at the first policy batch (a scalar run's
+        # inspect, and the commands' help, never load it).
+        from stabledrl_cli.replay.stream import host_measures, replay_rejection
+
+        rejected, arrays = replay_rejection(run, step)
+        if rejected is not None:
+            findings.append(Finding("invalid", step.step, None, rejected[1]))
+            continue
+        gathered, moments = host_measures(step, arrays)
+        likelihood.extend(gathered)
+        floor.extend(moments)
+    return findings, floor, likelihood
+
+
 def summarize(run: Run) -> RunSummary:
     """Everything `inspect` reports about `run` (the integrity check reads every file first,
-    so the rest reads trusted data)."""
-    integrity = run.integrity.to_dict()
+    so the rest reads trusted data); a step a replay would skip for its data is a finding too
+    (kind `invalid`)."""
+    report = run.integrity
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RunIntegrityWarning)  # already in `integrity`
         headers = list(run.step_headers())
-        observed = observe(run)
+        invalid, floor, likelihood = _replayable(run)
+        observed = observe(run, noise_floor=floor, likelihood=likelihood)
         recorded = recorded_run(run, observed)
+    integrity = IntegrityReport([*report.findings, *invalid]).to_dict()
     manifest = run.manifest
     scored = np.array([s.num_scored_tokens for s in headers if not s.is_scalar], dtype=np.int64)
     counts = (

@@ -219,6 +219,39 @@ def step_micro_batches(
     )
 
 
+def usable(
+    step: Step, arrays: Arrays, unit: Unit, where: str, ranks: int
+) -> tuple[PreparedBatch, StepGeometry, MicroBatches]:
+    """The step's prepared batch, geometry and micro-batches: every check of its data a replay
+    makes before it evaluates a policy (InputError naming the run and step: module
+    docstring)."""
+    prep = prepared(step, arrays, unit, where)
+    geometry = step_geometry(step, arrays, prep, where)
+    return prep, geometry, step_micro_batches(step, arrays, prep, where, ranks)
+
+
+def replay_rejection(run: Run, step: Step) -> tuple[tuple[int, str] | None, Arrays]:
+    """Whether a replay would reject `step`, a step of `run` with a policy batch, read and
+    checked on the CPU as the streaming pass does (`read_arrays`, `usable`): (step, reason)
+    (`rejection`) or None, and the arrays read (empty when they could not be)."""
+    where = run.location
+    try:
+        arrays = read_arrays(step, where)
+    except InputError as exc:
+        return rejection(step.step, exc, where), {}
+    try:
+        usable(step, arrays, run_unit(run), where, run_ranks(run))
+    except InputError as exc:
+        return rejection(step.step, exc, where), arrays
+    return None, arrays
+
+
+def run_ranks(run: Run) -> int:
+    """The ranks the run was recorded on (the reader has validated the manifest's
+    world_size)."""
+    return int(run.manifest.get("world_size", 1))
+
+
 def run_unit(run: Run) -> Unit:
     """What the run's entries score (the reader has validated the manifest's unit)."""
     return "sequence" if run.unit == "sequence" else "token"
@@ -302,7 +335,7 @@ def stream_run(
     `replay.shards`), read in chunks of at most half `memory_budget` bytes of arrays (and
     `chunk_size` steps, when given), one chunk ahead."""
     where, unit = run.location, run_unit(run)
-    ranks = int(run.manifest.get("world_size", 1))
+    ranks = run_ranks(run)
     numbers: list[int] = []
     blocks: list[np.ndarray] = []
     kinds: list[StepGeometryKind] = []
@@ -386,10 +419,8 @@ def _step_row(
     """The step's row of device metrics [P, M], its geometry's kind and, with per-sequence
     geometry, which policies' coefficients vary within a sequence ([P] bool); InputError for
     data the step cannot be replayed with (named by run and step)."""
-    prep = prepared(step, arrays, unit, where)
-    geometry = step_geometry(step, arrays, prep, where)
+    prep, geometry, micro = usable(step, arrays, unit, where, ranks)
     weights = [policy.weights(prep) for policy in policies]
-    micro = step_micro_batches(step, arrays, prep, where, ranks)
     row = step_metrics(prep, policies, weights, geometry, own_index, micro, lean=lean)
     varies = None
     if geometry.per_sequence:
