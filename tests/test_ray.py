@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _corpus import seq_id_past_int32
+from _corpus import seq_id_past_int32, tiny_run
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -279,6 +279,29 @@ def test_check_workers_without_engine_ray_is_a_usage_error(synthetic):
     result = runner.invoke(app, ["check", str(synthetic), "--max-spikes", "1", "--workers", "2"])
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --workers needs --engine ray"
+
+
+ENGINE_COMMANDS = {
+    "replay": ["-p", "grpo", "--format", "json"],
+    "check": ["-p", "grpo", "--max-nonfinite", "100", "--format", "json"],
+    "tune": ["-p", "dapo:eps_high=0.2|0.3", "--format", "json"],
+}
+"""Each command that takes --engine, with arguments that let it run on a tiny run."""
+
+
+@pytest.mark.parametrize("command", list(ENGINE_COMMANDS))
+def test_ray_address_without_engine_ray_is_a_usage_error(tmp_path, command):
+    """An explicit --ray-address with the local engine is refused, one line, before the run is
+    read; RAY_ADDRESS in the environment alone (exported for every command) is not."""
+    run = tiny_run(tmp_path / "run")
+    args = [command, str(run), "--device", "cpu", *ENGINE_COMMANDS[command]]
+    explicit = runner.invoke(app, [*args, "--ray-address", "10.0.0.5:6379"])
+    assert explicit.exit_code == 2, explicit.output
+    assert explicit.stderr == "error: --ray-address needs --engine ray\n"
+    assert explicit.stdout == ""
+    exported = runner.invoke(app, args, env={"RAY_ADDRESS": "10.0.0.5:6379"})
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(exported.stdout)
 
 
 def _replay_in_a_process(args: list[str]) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer._click.core import ParameterSource
+from typer._click.globals import get_current_context
 
 from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, DEFAULT_THREADS, MAX_THREADS
 from stabledrl_cli.spec import SPEC_SYNTAX
@@ -143,3 +145,11 @@ RayAddressOpt = Annotated[
         help="--engine ray: the cluster to join (default: a local one started for this run).",
     ),
 ]
+
+
+def on_command_line(name: str) -> bool:
+    """Whether the running command's parameter `name` was given on its command line, not taken
+    from its environment variable (`RAY_ADDRESS` for --ray-address) or its default; False
+    outside a command."""
+    ctx = get_current_context(silent=True)
+    return ctx is not None and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE

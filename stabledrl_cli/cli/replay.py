@@ -35,6 +35,7 @@ from stabledrl_cli.cli._options import (
     ThreadsOpt,
     WindowOpt,
     WorkersOpt,
+    on_command_line,
 )
 from stabledrl_cli.cli._output import err, out, progress
 from stabledrl_cli.dump import Run, open_run
@@ -138,12 +139,15 @@ def metric_groups(names: Sequence[str] | None) -> tuple[MetricGroup, ...]:
 
 def replay_engine(engine: ReplayEngine, workers: int | None, address: str | None) -> Engine | None:
     """The --engine's engine, None for the local one (the replay's default, loading torch only
-    when a step is replayed): --workers without --engine ray is a usage error, and so is
-    --engine ray without ray installed (--ray-address, which RAY_ADDRESS may set, is ignored
-    by the local engine)."""
+    when a step is replayed): --workers or --ray-address on the command line without --engine
+    ray is a usage error (RAY_ADDRESS in the environment alone is not: people export it for
+    every command, and the local engine ignores it), and so is --engine ray without ray
+    installed."""
     if engine == "local":
         if workers is not None:
             raise UsageError("--workers needs --engine ray")
+        if on_command_line("ray_address"):
+            raise UsageError("--ray-address needs --engine ray")
         return None
     from stabledrl_cli.replay.ray_engine import RayEngine, require_ray
 
