@@ -507,6 +507,25 @@ def _retyped(name: str, dtype: str, *, columns: int = 0) -> Callable[[h5py.File]
     return change
 
 
+def retyped_index(
+    name: str, dtype: str, *, shift: float = 0, columns: int = 0, first_column: bool = False
+) -> Callable[[h5py.File], None]:
+    """Index dataset `name` rewritten in `dtype` (its values plus `shift`; each repeated in
+    `columns` columns; or only its first column), with a CRC that matches: only its type
+    tells it from pack's."""
+
+    def change(handle: h5py.File) -> None:
+        values = handle[name][()]
+        values = (values[:, 0] if first_column else values).astype(dtype)
+        if shift:
+            values = values + np.array(shift, dtype=dtype)
+        if columns:
+            values = np.repeat(values[:, None], columns, axis=1)
+        replace_dataset(handle, name, data=values).attrs[CRC_ATTR] = index_crc(values)
+
+    return change
+
+
 def _external_reward(handle: h5py.File) -> None:
     count = handle["sequences/reward"].shape[0]
     del handle["sequences/reward"]
@@ -612,6 +631,21 @@ CASES: list[Case] = [
     Case("archive_data_float16", _archive_case(_retyped("tokens/logp", "f2")), "replay", 3),
     Case("archive_data_of_two_dimensions", _archive_case(_retyped("tokens/logp", "f4", columns=2)), "inspect", 3),
     Case("archive_ragged_data_of_two_dimensions", _archive_case(_retyped("ragged/token_ids/data", "i8", columns=2)), "replay", 3),
+    Case("archive_step_index_float", _archive_case(retyped_index("steps/step", "f8", shift=0.5)), "inspect", 3),
+    Case("archive_step_index_string", _archive_case(retyped_index("steps/step", "S8")), "replay", 3),
+    Case("archive_step_index_other_byte_order", _archive_case(retyped_index("steps/step", ">i8")), "replay", 0),
+    Case("archive_step_index_of_two_dimensions", _archive_case(retyped_index("steps/step", "i8", columns=2)), "inspect", 3),
+    Case("archive_step_index_uint64_past_int64", _archive_case(retyped_index("steps/step", "u8", shift=2**63)), "replay", 3),
+    Case("archive_counts_uint64", _archive_case(retyped_index("steps/num_tokens", "u8")), "inspect", 3),
+    Case("archive_offsets_int16", _archive_case(retyped_index("tokens/step_offsets", "i2")), "replay", 3),
+    Case("archive_offsets_float", _archive_case(retyped_index("sequences/step_offsets", "f8", shift=0.5)), "pack", 3),
+    Case("archive_offsets_other_byte_order_pack", _archive_case(retyped_index("tokens/step_offsets", ">i8")), "pack", 0),
+    Case("archive_scalar_float32", _archive_case(retyped_index("scalars/grad_norm", "f4")), "inspect", 3),
+    Case("archive_scalar_other_byte_order", _archive_case(retyped_index("scalars/grad_norm", ">f8")), "replay", 0),
+    Case("archive_present_float", _archive_case(retyped_index("present/reward", "f8", shift=0.5)), "replay", 3),
+    Case("archive_recorded_int64", _archive_case(retyped_index("scalars_recorded/loss", "i8")), "watch", 3),
+    Case("archive_ragged_shape_float", _archive_case(retyped_index("ragged/token_ids/shape", "f8")), "inspect", 3),
+    Case("archive_ragged_shape_of_one_dimension", _archive_case(retyped_index("ragged/token_ids/shape", "i8", first_column=True)), "replay", 3),
     Case("archive_manifest_with_nan", _archive_case(_nan_manifest), "pack", 3),
     Case("archive_manifest_with_a_lone_surrogate", _archive_case(_text_with_lone_surrogate("manifest")), "inspect", 3),
     Case("archive_integrity_with_a_lone_surrogate", _archive_case(_text_with_lone_surrogate("integrity")), "inspect", 3),

@@ -212,3 +212,75 @@ def test_a_run_given_as_a_symlink_is_read(tmp_path: Path) -> None:
         result = runner.invoke(app, ["replay", source, "-p", "grpo", "--format", "json"])
         assert result.exit_code == 0, result.stderr
         assert json.loads(result.stdout)["steps"] == json.loads(expected.stdout)["steps"]
+
+
+EVERY_READER = {
+    "inspect": lambda run, good, tmp: ["inspect", run],
+    "replay": lambda run, good, tmp: ["replay", run, "-p", "grpo", "--device", "cpu"],
+    "check": lambda run, good, tmp: ["check", run, "-p", "grpo", "--max-spikes", "100"],
+    "pack": lambda run, good, tmp: ["pack", run, str(tmp / "out.h5")],
+    "diff": lambda run, good, tmp: ["diff", good, run],
+}
+"""Every command that reads an archive, as argument lists (`diff` against the honest archive)."""
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "extra"),
+    [
+        ("steps/step", "f8", {"shift": 0.5}),
+        ("steps/step", "u8", {"shift": 2**63}),
+        ("steps/num_scored_tokens", "i4", {}),
+        ("tokens/step_offsets", "i2", {}),
+        ("sequences/step_offsets", "f8", {"shift": 0.5}),
+        ("scalars/reward_mean", "f4", {}),
+        ("scalars_recorded/grad_norm", "f8", {}),
+        ("present/group_id", "i8", {}),
+        ("ragged/token_ids/shape", "f8", {}),
+        ("steps/step", "i8", {"columns": 2}),
+    ],
+    ids=lambda v: str(v).replace("/", "."),
+)
+def test_an_index_of_another_type_refuses_the_archive_in_every_command(
+    tmp_path: Path, name: str, dtype: str, extra: dict[str, Any]
+) -> None:
+    """An index dataset of another dtype or rank than pack's (its CRC valid) is exit 3 with one
+    line naming it and the expected type, in every command that reads archives: never a
+    crash, never values converted on the way (1.5 read as step 1, 2**63 as a negative step)."""
+    from _corpus import edit_archive, retyped_index
+
+    good = packed(tmp_path / "good")
+    bad = edit_archive(tmp_path / "bad", retyped_index(name, dtype, **extra))
+    for command, args in EVERY_READER.items():
+        result = runner.invoke(app, args(str(bad), str(good), tmp_path))
+        _assert_clean_failure(result.exit_code, result.stderr, 3)
+        assert f"({name} is " in result.stderr and "expected a" in result.stderr, (
+            command,
+            result.stderr,
+        )
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_an_index_in_the_other_byte_order_reads_as_packed(tmp_path: Path) -> None:
+    """Every index dataset rewritten big-endian (as on a machine of that order): each command
+    prints what it prints for the archive as packed (read so before the type checks too: this
+    guards that the checks accept either byte order, as they do for data datasets)."""
+    from _corpus import edit_archive, retyped_index
+
+    def big_endian(handle: Any) -> None:
+        names: list[str] = []
+        handle.visititems(lambda n, obj: names.append(n) if hasattr(obj, "dtype") else None)
+        for name in names:
+            if name.startswith(("steps/", "scalars", "present/")) or name.endswith(
+                ("step_offsets", "/shape")
+            ):
+                retyped_index(name, handle[name].dtype.newbyteorder(">").str)(handle)
+
+    good = packed(tmp_path / "good")
+    bad = edit_archive(tmp_path / "bad", big_endian)
+    for command, args in EVERY_READER.items():
+        if command == "pack":
+            continue
+        ran = [runner.invoke(app, args(str(run), str(good), tmp_path)) for run in (good, bad)]
+        assert [r.exit_code for r in ran] == [0, 0], ran[1].stderr
+        shown = [r.stdout.replace(str(bad), "RUN").replace(str(good), "RUN") for r in ran]
+        assert shown[1] == shown[0], command

@@ -67,6 +67,19 @@ def is_index(name: str) -> bool:
     )
 
 
+def index_type(name: str) -> tuple[str, int]:
+    """The dtype (numpy's name) and number of dimensions `pack` writes index dataset `name`
+    in (`is_index`; run-format.md's table): float64 `scalars/*`, uint8 flags (`present/*`,
+    `scalars_recorded/*`), int64 `[S, ndim]` ragged shapes, int64 step numbers, counts and
+    offsets."""
+    group, last = name.split("/")[0], name.split("/")[-1]
+    if group == "scalars":
+        return "float64", 1
+    if group in ("present", "scalars_recorded"):
+        return "uint8", 1
+    return "int64", 2 if group == "ragged" and last == "shape" else 1
+
+
 def index_crc(values: np.ndarray | str) -> str:
     """CRC32 (8 hex digits) of an index dataset's values as little-endian bytes, or of a
     string dataset's UTF-8 text."""

@@ -18,7 +18,13 @@ import h5py
 import numpy as np
 
 from stabledrl_cli._json import parse_strict
-from stabledrl_cli.dump._archive_checks import CRC_ATTR, H5_ERRORS, attributes, index_crc
+from stabledrl_cli.dump._archive_checks import (
+    CRC_ATTR,
+    H5_ERRORS,
+    attributes,
+    index_crc,
+    index_type,
+)
 from stabledrl_cli.dump._archive_probe import probe
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError
 from stabledrl_cli.dump._layout import (
@@ -186,6 +192,8 @@ class ArchiveRun(Run):
             prefetched = values, decode(attributes(dataset).get(CRC_ATTR))
         values, expected = prefetched
         self._read_whole.add(name)
+        dtype, ndim = index_type(name)
+        self._require_type(name, values.dtype, values.shape, (dtype,), ndim)
         if self._checksummed and expected != index_crc(values):
             why = "no checksum" if expected is None else "checksum mismatch"
             self._load_findings.append(
@@ -197,7 +205,7 @@ class ArchiveRun(Run):
                 )
             )
             self._all_bad = f"archive index {name}: {why}"
-        return values
+        return values.astype(values.dtype.newbyteorder("="), copy=False)
 
     def _check_kind(self) -> None:
         """A run archive of a readable version, else InputError (a replay report named)."""
@@ -308,15 +316,22 @@ class ArchiveRun(Run):
         archive is refused (InputError): every step of the field would be unreadable."""
         for name, spec in FIELDS.items():
             where = _data_dataset(name)
-            if where not in self._file:
-                continue
-            dataset = self._dataset(where)
-            dtype = dataset.dtype.newbyteorder("=")
-            if dataset.ndim != 1 or dtype not in [np.dtype(d) for d in spec.dtypes]:
-                raise InputError(
-                    f"{self.location}: corrupt run archive ({where} is {dataset.dtype.name} "
-                    f"{list(dataset.shape)}, expected a 1-D {' or '.join(spec.dtypes)} array)"
-                )
+            if where in self._file:
+                dataset = self._dataset(where)
+                self._require_type(where, dataset.dtype, dataset.shape, spec.dtypes, 1)
+
+    def _require_type(
+        self, name: str, dtype: np.dtype, shape: tuple[int, ...], dtypes: tuple[str, ...], ndim: int
+    ) -> None:
+        """InputError (the archive refused) unless dataset `name` (of `dtype` and `shape`) has
+        `ndim` dimensions and one of `dtypes`, in either byte order: a dataset of another type
+        is not pack's, and reading it as one would convert its values (a step number 1.5 read
+        as 1, 2**63 as a negative one)."""
+        if len(shape) != ndim or dtype.newbyteorder("=") not in [np.dtype(d) for d in dtypes]:
+            raise InputError(
+                f"{self.location}: corrupt run archive ({name} is {dtype.name} {list(shape)}, "
+                f"expected a {ndim}-D {' or '.join(dtypes)} array)"
+            )
 
     def _mark_inconsistent_steps(self) -> None:
         """Marks the steps whose index entries disagree with each other or with the data
