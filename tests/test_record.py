@@ -247,3 +247,38 @@ def test_a_command_that_aborts_at_the_interpreters_exit_keeps_every_finished_ste
     assert shown.exit_code == 0, shown.stderr
     report = json.loads(shown.stdout)
     assert report["steps"] == 3 and report["integrity"]["findings"] == [], report
+
+
+@pytest.mark.parametrize("flag", ["--rl-steps", "--steps"])
+def test_a_step_count_past_the_bound_is_a_usage_error_before_training(tmp_path, monkeypatch, flag):
+    """--rl-steps (and its old name) past MAX_RL_STEPS: exit 2, one line naming the bound, and
+    no training started (a count of 10**30 trained until stopped)."""
+    from stabledrl_cli.cli import record
+    from stabledrl_cli.cli._options import MAX_RL_STEPS
+
+    trained: list[object] = []
+    monkeypatch.setattr(record, "_run_example", lambda *args: trained.append(args))
+    out = tmp_path / "run"
+    for count in (10**30, MAX_RL_STEPS + 1):
+        result = CliRunner().invoke(app, ["record", "--out", str(out), flag, str(count)])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"{MAX_RL_STEPS}" in lines[0], result.stderr
+    assert trained == [] and not out.exists()
+    at_bound = CliRunner().invoke(app, ["record", "--out", str(out), flag, str(MAX_RL_STEPS)])
+    assert at_bound.exit_code == 0, at_bound.output
+    assert trained[0][2].steps == MAX_RL_STEPS
+
+
+def test_branch_steps_past_the_bound_are_a_usage_error_before_training(tmp_path, monkeypatch):
+    from stabledrl_cli.cli import branch
+    from stabledrl_cli.cli._options import MAX_RL_STEPS
+
+    branched: list[object] = []
+    monkeypatch.setattr(branch, "run_branches", lambda *args, **kwargs: branched.append(kwargs))
+    args = ["branch", str(tmp_path), "--at", "0", "-p", "grpo", "--rl-steps", str(10**30)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{MAX_RL_STEPS}" in lines[0], result.stderr
+    assert branched == []

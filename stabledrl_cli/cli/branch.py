@@ -17,7 +17,7 @@ from rich.table import Table
 
 from stabledrl_cli.branching import BranchReport, run_branches
 from stabledrl_cli.capture.branch_protocol import BranchRequest
-from stabledrl_cli.cli._options import DeviceOpt, FormatOpt
+from stabledrl_cli.cli._options import MAX_RL_STEPS, DeviceOpt, FormatOpt
 from stabledrl_cli.cli._output import Advance, err, out, print_json, progress, progress_enabled
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay._format import format_steps
@@ -108,9 +108,10 @@ def command(
         typer.Option(
             "--rl-steps",
             min=1,
+            max=MAX_RL_STEPS,
             metavar="N",
-            help="RL optimizer steps each branch trains, as record's --rl-steps (default: to the "
-            "end of the original run).",
+            help=f"RL optimizer steps each branch trains, 1 to {MAX_RL_STEPS} as record's "
+            "--rl-steps (default: to the end of the original run).",
         ),
     ] = None,
     out_dir: Annotated[

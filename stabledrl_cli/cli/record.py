@@ -16,7 +16,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from stabledrl_cli.cli._options import DeviceOpt
+from stabledrl_cli.cli._options import MAX_RL_STEPS, DeviceOpt
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
 from stabledrl_cli.errors import UsageError
@@ -218,13 +218,17 @@ def command(
         int | None,
         typer.Option(
             "--rl-steps",
-            help=f"RL optimizer steps to train ({_default('steps')}).",
+            min=1,
+            max=MAX_RL_STEPS,
+            help=f"RL optimizer steps to train, 1 to {MAX_RL_STEPS} ({_default('steps')}).",
             rich_help_panel=EXAMPLE,
         ),
     ] = None,
     steps: Annotated[
         int | None,
-        typer.Option("--steps", hidden=True, help="Deprecated alias of --rl-steps."),
+        typer.Option(
+            "--steps", min=1, max=MAX_RL_STEPS, hidden=True, help="Deprecated alias of --rl-steps."
+        ),
     ] = None,
     checkpoint_every: Annotated[
         int | None,
