@@ -596,6 +596,8 @@ CASES: list[Case] = [
     Case("reward_range_past_float", _run_case(lambda r: edit_manifest(r, lambda m: m.update(reward_range=[-(10**400), 10**400]))), "inspect", 3),
     Case("reward_range_past_float_watch", _run_case(lambda r: edit_manifest(r, lambda m: m.update(reward_range=[-(10**400), 10**400]))), "watch", 3),
     Case("reward_range_overflowing_to_inf", _run_case(lambda r: edit_manifest(r, lambda m: json.dumps(m).replace('"reward_range": [0.0, 1.0]', '"reward_range": [0, 1e999]'))), "inspect", 3),
+    Case("meta_overflowing_to_inf", _run_case(lambda r: edit_manifest(r, lambda m: json.dumps(m).replace('"meta": {}', '"meta": {"lr": 1e999}'))), "inspect", 3),
+    Case("meta_overflowing_to_inf_watch", _run_case(lambda r: edit_manifest(r, lambda m: json.dumps(m).replace('"meta": {}', '"meta": {"lr": -1e999}'))), "watch", 3),
     Case("manifest_with_a_lone_surrogate", _run_case(lambda r: edit_manifest(r, lambda m: m.update(meta={"reward": "\ud800fraction"}))), "inspect", 3),
     Case("manifest_with_a_lone_surrogate_in_bytes", _run_case(_surrogate_bytes_in_manifest), "inspect", 3),
     Case("header_with_a_lone_surrogate", _run_case(lambda r: edit_header(r, 1, _set_meta("\ud800x", "1.0"))), "inspect", 0, "unreadable"),

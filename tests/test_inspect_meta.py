@@ -1,15 +1,20 @@
-"""`inspect` never renders a huge `meta` value whole: the table cuts it, the JSON keeps it."""
+"""`inspect` never renders a huge `meta` value whole: the table cuts it, the JSON keeps it; a
+meta number that reads as infinity is a corrupt manifest, as in the format's other fields."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import h5py
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from stabledrl_cli import Recorder
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import open_run, pack_run
+from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
 
 
 def test_a_huge_meta_value_is_cut_in_the_table(tmp_path: Path) -> None:
@@ -24,3 +29,54 @@ def test_a_huge_meta_value_is_cut_in_the_table(tmp_path: Path) -> None:
     assert "500,000 characters" in table.stdout
     data = CliRunner().invoke(app, ["inspect", str(tmp_path / "run"), "--format", "json"])
     assert json.loads(data.stdout)["meta"]["big"] == big
+
+
+def _recorded(path: Path, meta: dict[str, object]) -> Path:
+    with Recorder(path, policy="grpo", meta=meta) as rec:
+        logp = torch.zeros(2, 3)
+        rec.log_step(0, logp=logp, logp_old=logp, advantages=torch.tensor([1.0, -1.0]),
+                     mask=torch.ones(2, 3, dtype=torch.uint8))  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize(
+    ("literal", "where"),
+    [
+        ('{"lr": 1e999}', "meta.lr"),
+        ('{"sweep": [0.1, {"lr": -1e999}]}', "meta.sweep[1].lr"),
+    ],
+)
+def test_a_meta_number_that_reads_as_infinity_is_a_corrupt_manifest(
+    tmp_path: Path, literal: str, where: str
+) -> None:
+    """The manifest is strict JSON without infinities (a Recorder never writes one): a literal
+    that parses as inf, in meta as in reward_range, is exit 3 with one line naming where it
+    is, in a run directory and in an archive; never shown as inf or null."""
+    run = _recorded(tmp_path / "run", {})
+    archive = tmp_path / "run.h5"
+    pack_run(open_run(run), archive)
+    manifest = run / "manifest.json"
+    assert '"meta": {}' in manifest.read_text()
+    manifest.write_text(manifest.read_text().replace('"meta": {}', f'"meta": {literal}'))
+    with h5py.File(archive, "r+") as handle:
+        text = handle["manifest"][()].decode()
+        assert '"meta": {}' in text
+        text = text.replace('"meta": {}', f'"meta": {literal}')
+        del handle["manifest"]
+        handle.create_dataset("manifest", data=text, dtype=h5py.string_dtype())
+        handle["manifest"].attrs[CRC_ATTR] = index_crc(text)
+    for path in (run, archive):
+        for args in (["inspect", str(path)], ["replay", str(path), "-p", "grpo"]):
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 3, result.output
+            lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+            assert lines == result.stderr.strip().splitlines() and len(lines) == 1, result.stderr
+            assert where in lines[0] and "infinity" in lines[0], lines[0]
+
+
+def test_an_integer_past_a_float_s_range_in_meta_is_shown_exactly(tmp_path: Path) -> None:
+    """meta is free-form: an integer JSON holds exactly (10**400) is shown as it is."""
+    run = _recorded(tmp_path / "run", {"big": 10**400})
+    data = CliRunner().invoke(app, ["inspect", str(run), "--format", "json"])
+    assert data.exit_code == 0, data.output
+    assert json.loads(data.stdout)["meta"]["big"] == 10**400

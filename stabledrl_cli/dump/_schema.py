@@ -287,7 +287,30 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
         isinstance(param_names, list) and all(isinstance(n, str) for n in param_names)
     ):
         raise corrupt("param_names", "null or a list of strings")
+    infinite = _infinite_number(manifest)
+    if infinite is not None:
+        raise InputError(
+            f"{where}: corrupt manifest: {infinite} is a number JSON parsers read as infinity "
+            "(e.g. 1e999; the format's numbers are finite)"
+        )
     return version
+
+
+def _infinite_number(manifest: dict[str, Any]) -> str | None:
+    """Where the first float that is not finite sits in the manifest (`meta.sweep[1].lr`), or
+    None. Strict JSON has no NaN or Infinity, but a literal past a float's range (1e999)
+    parses as inf; an integer is kept exactly, whatever its size. Walked with a stack: the
+    parser's nesting bound is not the interpreter's recursion limit."""
+    stack: list[tuple[str, object]] = [(key, value) for key, value in manifest.items()][::-1]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return where
+        if isinstance(value, dict):
+            stack.extend([(f"{where}.{key}", item) for key, item in value.items()][::-1])
+        elif isinstance(value, list):
+            stack.extend([(f"{where}[{index}]", item) for index, item in enumerate(value)][::-1])
+    return None
 
 
 def parse_manifest(raw: bytes | str, where: str) -> dict[str, Any]:
