@@ -526,6 +526,20 @@ def retyped_index(
     return change
 
 
+def widened_shape(field: str, columns: int) -> Callable[[h5py.File], None]:
+    """ragged/FIELD/shape given `columns` columns (its own, then 1s: the sizes still match the
+    data), with a CRC that matches: steps of a field of `columns` dimensions."""
+
+    def change(handle: h5py.File) -> None:
+        name = f"ragged/{field}/shape"
+        shapes = handle[name][()]
+        wide = np.ones((shapes.shape[0], columns), dtype=shapes.dtype)
+        wide[:, : shapes.shape[1]] = shapes
+        replace_dataset(handle, name, data=wide).attrs[CRC_ATTR] = index_crc(wide)
+
+    return change
+
+
 def _external_reward(handle: h5py.File) -> None:
     count = handle["sequences/reward"].shape[0]
     del handle["sequences/reward"]
@@ -648,6 +662,7 @@ CASES: list[Case] = [
     Case("archive_recorded_int64", _archive_case(retyped_index("scalars_recorded/loss", "i8")), "watch", 3),
     Case("archive_ragged_shape_float", _archive_case(retyped_index("ragged/token_ids/shape", "f8")), "inspect", 3),
     Case("archive_ragged_shape_of_one_dimension", _archive_case(retyped_index("ragged/token_ids/shape", "i8", first_column=True)), "replay", 3),
+    Case("archive_ragged_shape_of_too_many_dimensions", _archive_case(widened_shape("token_ids", 100)), "inspect", 3),
     Case("archive_manifest_with_nan", _archive_case(_nan_manifest), "pack", 3),
     Case("archive_manifest_with_a_lone_surrogate", _archive_case(_text_with_lone_surrogate("manifest")), "inspect", 3),
     Case("archive_integrity_with_a_lone_surrogate", _archive_case(_text_with_lone_surrogate("integrity")), "inspect", 3),

@@ -10,13 +10,24 @@ import resource
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from _cli import cli_command
-from _corpus import CASES, ROOT, Case, measure, packed, tiny_run
+from _corpus import (
+    CASES,
+    ROOT,
+    Case,
+    edit_archive,
+    measure,
+    packed,
+    retyped_index,
+    tiny_run,
+    widened_shape,
+)
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -224,32 +235,38 @@ EVERY_READER = {
 """Every command that reads an archive, as argument lists (`diff` against the honest archive)."""
 
 
+INDEX_CRAFTS = [
+    ("steps/step", "f8", {"shift": 0.5}),
+    ("steps/step", "u8", {"shift": 2**63}),
+    ("steps/num_scored_tokens", "i4", {}),
+    ("tokens/step_offsets", "i2", {}),
+    ("sequences/step_offsets", "f8", {"shift": 0.5}),
+    ("scalars/reward_mean", "f4", {}),
+    ("scalars_recorded/grad_norm", "f8", {}),
+    ("present/group_id", "i8", {}),
+    ("ragged/token_ids/shape", "f8", {}),
+    ("steps/step", "i8", {"columns": 2}),
+]
+"""(index dataset, dtype, `retyped_index`'s other arguments) of archives whose index is not
+pack's type."""
+
+
 @pytest.mark.parametrize(
-    ("name", "dtype", "extra"),
-    [
-        ("steps/step", "f8", {"shift": 0.5}),
-        ("steps/step", "u8", {"shift": 2**63}),
-        ("steps/num_scored_tokens", "i4", {}),
-        ("tokens/step_offsets", "i2", {}),
-        ("sequences/step_offsets", "f8", {"shift": 0.5}),
-        ("scalars/reward_mean", "f4", {}),
-        ("scalars_recorded/grad_norm", "f8", {}),
-        ("present/group_id", "i8", {}),
-        ("ragged/token_ids/shape", "f8", {}),
-        ("steps/step", "i8", {"columns": 2}),
-    ],
-    ids=lambda v: str(v).replace("/", "."),
+    ("name", "change"),
+    [(name, retyped_index(name, dtype, **extra)) for name, dtype, extra in INDEX_CRAFTS]
+    + [("ragged/token_ids/shape", widened_shape("token_ids", 100))],
+    ids=[f"{n}-{d}-{e}".replace("/", ".") for n, d, e in INDEX_CRAFTS] + ["shape_of_100_columns"],
 )
 def test_an_index_of_another_type_refuses_the_archive_in_every_command(
-    tmp_path: Path, name: str, dtype: str, extra: dict[str, Any]
+    tmp_path: Path, name: str, change: Callable[[Any], None]
 ) -> None:
-    """An index dataset of another dtype or rank than pack's (its CRC valid) is exit 3 with one
-    line naming it and the expected type, in every command that reads archives: never a
-    crash, never values converted on the way (1.5 read as step 1, 2**63 as a negative step)."""
-    from _corpus import edit_archive, retyped_index
-
+    """An index dataset of another dtype or rank than pack's (its CRC valid), or ragged shapes
+    of another number of dimensions than the field's, is exit 3 with one line naming it and
+    the expected type, in every command that reads archives: never a crash, never values
+    converted on the way (1.5 read as step 1, 2**63 as a negative step), never steps that
+    vanish (a token_ids of 100 dimensions made replay say "the run has no steps")."""
     good = packed(tmp_path / "good")
-    bad = edit_archive(tmp_path / "bad", retyped_index(name, dtype, **extra))
+    bad = edit_archive(tmp_path / "bad", change)
     for command, args in EVERY_READER.items():
         result = runner.invoke(app, args(str(bad), str(good), tmp_path))
         _assert_clean_failure(result.exit_code, result.stderr, 3)
@@ -264,7 +281,6 @@ def test_an_index_in_the_other_byte_order_reads_as_packed(tmp_path: Path) -> Non
     """Every index dataset rewritten big-endian (as on a machine of that order): each command
     prints what it prints for the archive as packed (read so before the type checks too: this
     guards that the checks accept either byte order, as they do for data datasets)."""
-    from _corpus import edit_archive, retyped_index
 
     def big_endian(handle: Any) -> None:
         names: list[str] = []

@@ -259,7 +259,7 @@ class ArchiveRun(Run):
             group: self._index(f"{group}/step_offsets") for group in ("tokens", "sequences")
         }
         self._ragged = {
-            name: (self._index(f"ragged/{name}/step_offsets"), self._index(f"ragged/{name}/shape"))
+            name: (self._index(f"ragged/{name}/step_offsets"), self._ragged_shapes(name))
             for name in handle.get("ragged", {})
             if name in FIELDS
         }
@@ -309,6 +309,19 @@ class ArchiveRun(Run):
             )
         self._index_of = {int(n): i for i, n in enumerate(self._numbers)}
         self._mark_inconsistent_steps()
+
+    def _ragged_shapes(self, name: str) -> np.ndarray:
+        """ragged/NAME/shape ([S, ndim]: `_index`), its columns the field's dimensions, else
+        InputError (the archive refused): every step of the field would read in another shape."""
+        shapes = self._index(f"ragged/{name}/shape")
+        ndim = FIELDS[name].ndim
+        if shapes.shape[1] != ndim:
+            raise InputError(
+                f"{self.location}: corrupt run archive (ragged/{name}/shape is "
+                f"{shapes.dtype.name} {list(shapes.shape)}, expected a [steps, {ndim}] array: "
+                f"{name} has {ndim} dimension{'s' if ndim > 1 else ''})"
+            )
+        return shapes
 
     def _check_data_datasets(self) -> None:
         """Each field's data dataset, if the archive has one, is flat (1-D) and holds the
