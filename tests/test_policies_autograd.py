@@ -186,6 +186,23 @@ def ref_gspo(logp, logp_old, adv, mask, eps_low=3e-4, eps_high=4e-4, **_):
     return term
 
 
+def ref_vespo(logp, logp_old, adv, mask, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0):
+    """TRL `get_gamma_weights` (detached phi of the clamped sequence sum of log r), times A logp."""
+    lower_clamp = math.log(1e-8)
+    log_ratio_clamped = torch.clamp(logp - logp_old, -20.0, 20.0)
+    seq_log_ratio = torch.sum(log_ratio_clamped * mask, dim=-1, keepdim=True)
+    log_w_seq = torch.clamp(seq_log_ratio, lower_clamp, 20.0)
+    w_seq = torch.exp(log_w_seq)
+    is_nonneg_adv = adv >= 0
+    # TRL passes Python floats (torch.where then builds float32 tensors); float64 here.
+    k_seq = torch.where(is_nonneg_adv, torch.tensor(k_pos, dtype=F64), k_neg)
+    lambda_seq = torch.where(is_nonneg_adv, torch.tensor(lambda_pos, dtype=F64), lambda_neg)
+    lambda_seq = lambda_seq.clamp(min=1e-4)
+    log_phi = lambda_seq + k_seq * log_w_seq - lambda_seq * w_seq
+    phi_seq = torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return phi_seq.detach() * adv * logp
+
+
 def ref_stabledrl(
     logp, logp_old, adv, mask, group, weight, c=5.0, level="seq", norm="group", rows="scored"
 ):
@@ -233,8 +250,13 @@ def reference_objective(name, params, data, logp, adv_tokens, weight):
         "rows": params.get("rows", "scored"),
     }
     if name == "gspo":
-        agg_kw = {"agg": "seq-mean-token-mean", "rows": params.get("rows", "scored")}
+        agg_kw = {"agg": params.get("agg", "seq-mean-token-mean"), "rows": agg_kw["rows"]}
         term = ref_gspo(logp, logp_old, adv_tokens, mask, **params)
+    elif name == "vespo":
+        vespo_keys = ("k_pos", "lambda_pos", "k_neg", "lambda_neg")
+        term = ref_vespo(
+            logp, logp_old, adv_tokens, mask, **{k: v for k, v in params.items() if k in vespo_keys}
+        )
     elif name == "stabledrl":
         j = ref_stabledrl(logp, logp_old, adv_tokens, mask, data["group"], weight, **params)
         return j
@@ -243,7 +265,10 @@ def reference_objective(name, params, data, logp, adv_tokens, weight):
     j = aggregate(term * weight, mask, **agg_kw)
     beta = params.get("beta", 0.0)
     if beta:
-        j = j - beta * aggregate(kl_k3(logp, data["logp_ref"]) * weight, mask, **agg_kw)
+        kl = kl_k3(logp, data["logp_ref"])
+        if params.get("kl_is") == "token":  # TRL use_bias_correction_kl: per_token_kl * coef_1
+            kl = kl * r
+        j = j - beta * aggregate(kl * weight, mask, **agg_kw)
     return j
 
 
@@ -288,6 +313,13 @@ CASES = [
     ("cispo:eps_low=0.2,eps_high=0.28", "cispo", {"eps_low": 0.2, "eps_high": 0.28}, (0.8, 1.28)),
     ("sapo", "sapo", {"agg": "seq-mean-token-mean"}, ()),
     ("sapo:agg=token-mean", "sapo", {}, ()),
+    ("vespo", "vespo", {}, ()),
+    (
+        "vespo:k_pos=1.5,lambda_pos=0.5,k_neg=0.7,lambda_neg=4",
+        "vespo",
+        {"k_pos": 1.5, "lambda_pos": 0.5, "k_neg": 0.7, "lambda_neg": 4.0},
+        (),
+    ),
     ("is", "is", {}, ()),
     ("reinforce", "reinforce", {}, ()),
     ("stabledrl", "stabledrl", {}, (("log", 5.0),)),
@@ -445,6 +477,20 @@ def test_aggregations(spec, params):
         ("sapo:beta=0.2", "sapo", {"agg": "seq-mean-token-mean", "beta": 0.2}),
         ("cispo:beta=0.1,agg=recorded", "cispo", {"beta": 0.1, "agg": "recorded"}),
         ("reinforce:beta=0.1", "reinforce", {"beta": 0.1}),
+        ("vespo:beta=0.1", "vespo", {"beta": 0.1}),
+        (
+            "grpo:beta=0.04,kl_is=token",
+            "ppo",
+            {"agg": "seq-mean-token-mean", "beta": 0.04, "kl_is": "token"},
+        ),
+        ("dapo:beta=0.1,kl_is=token", "ppo", {"eps_high": 0.28, "beta": 0.1, "kl_is": "token"}),
+        (
+            "sapo:beta=0.2,kl_is=token",
+            "sapo",
+            {"agg": "seq-mean-token-mean", "beta": 0.2, "kl_is": "token"},
+        ),
+        ("cispo:beta=0.1,kl_is=token", "cispo", {"beta": 0.1, "kl_is": "token"}),
+        ("vespo:beta=0.1,kl_is=token", "vespo", {"beta": 0.1, "kl_is": "token"}),
     ],
 )
 def test_kl_term(spec, name, params):
@@ -641,6 +687,17 @@ AGG_CASES = [
         {"agg": "constant", "max_len": 8, "rows": "all"},
     ),
     ("gspo:rows=all", "gspo", {"rows": "all"}),
+    (
+        "gspo:agg=seq-mean-token-sum,rows=all",
+        "gspo",
+        {"agg": "seq-mean-token-sum", "rows": "all"},
+    ),
+    ("gspo:agg=token-mean", "gspo", {"agg": "token-mean"}),
+    (
+        "vespo:agg=seq-mean-token-sum,rows=all",
+        "vespo",
+        {"agg": "seq-mean-token-sum", "rows": "all"},
+    ),
     ("stabledrl:rows=all", "stabledrl", {"rows": "all"}),
     ("stabledrl:rows=all,norm=batch", "stabledrl", {"rows": "all", "norm": "batch"}),
 ]
@@ -683,3 +740,23 @@ def test_singleton_groups_follow_verl():
     assert rloo.tolist() == [1.0, -1.0, 0.5, 0.7]
     zscore = get_policy("is:adv=zscore").weights(batch).advantages
     assert_close(zscore[2:], reward[2:] / (1.0 + 1e-4))
+
+
+def test_vespo_discards_a_zero_weight_and_clips_a_weight_below_half_the_ratio():
+    """One scored token per sequence, so log w is that token's log r. phi(w) = e^l w^k e^(-l w):
+    w = 1 keeps phi = 1; log w = 20 (TRL's clamp) underflows phi to 0 (discarded); w = e with
+    A > 0 gives e^(5 - 3e) ~ 0.043 < e / 2 (clipped); w = 1/e gives e^(1 - 3/e) ~ 0.90 > w,
+    and w = 1 with A < 0 gives 1: neither is clipped."""
+    log_w = torch.tensor([0.0, 25.0, 1.0, -1.0, 0.0], dtype=F64)
+    adv = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0], dtype=F64)
+    logp = torch.full((5, 1), -1.0, dtype=F64)
+    batch = PolicyBatch(
+        logp=logp, logp_old=logp - log_w[:, None], advantages=adv, mask=torch.ones(5, 1)
+    )
+    w = get_policy("vespo:agg=token-sum").weights(batch)
+    clamped = log_w.clamp(max=20.0)
+    phi = torch.exp(3.0 + 2.0 * clamped - 3.0 * torch.exp(clamped))
+    phi[4] = 1.0
+    assert_close(w.coef, (phi * adv).nan_to_num(0.0), rtol=1e-12, atol=0.0)
+    assert w.discarded.tolist() == [False, True, False, False, False]
+    assert w.clipped.tolist() == [False, False, True, False, False]

@@ -20,7 +20,9 @@ from stabledrl_cli.spec import format_value
     [
         ("nope", "unknown policy 'nope'; valid: ppo, grpo, dapo, dual-clip, two-sided, gspo"),
         ("ppo:eps=0.2", "unknown key 'eps' for policy 'ppo'; valid keys: eps_low, eps_high, agg"),
-        ("gspo:agg=token-mean", "valid keys: eps_low, eps_high, rows, beta, adv"),
+        ("gmpo:agg=token-mean", "valid keys: eps_low, eps_high, rows, beta, kl_is, adv"),
+        ("grpo:kl_is=token", "kl_is=token weighs the KL term: it needs beta > 0"),
+        ("vespo:k_pos=-1", "k_pos must be a finite number >= 0"),
         ("ppo:eps_low=abc", "eps_low expects a number, got 'abc'"),
         ("ppo:agg=mean", "agg must be one of token-mean, token-sum, micro-token-mean"),
         ("ppo:adv=whiten", "adv must be one of recorded, center, zscore, rloo"),
@@ -57,8 +59,8 @@ def test_bad_specs_raise_one_usage_error_naming_the_choices(spec, message):
     assert "\n" not in str(info.value)
 
 
-NO_TIS = {"tis": "off", "tis_min": None, "tis_max": None}
-"""The rollout-correction keys every policy takes, off by default."""
+NO_TIS = {"kl_is": "off", "tis": "off", "tis_min": None, "tis_max": None}
+"""The KL weighting and rollout-correction keys every policy takes, off by default."""
 
 
 def test_defaults_follow_the_table():
@@ -88,6 +90,8 @@ def test_defaults_follow_the_table():
     assert get_policy("gspo").params == {
         "eps_low": 3e-4,
         "eps_high": 4e-4,
+        "agg": "seq-mean-token-mean",
+        "max_len": None,
         "rows": "scored",
         "beta": 0.0,
         "adv": "recorded",
@@ -155,6 +159,7 @@ def test_catalogue_and_standard_specs():
         "kl-cov",
         "gmpo",
         "dppo",
+        "vespo",
     }
     for spec in STANDARD_CATALOGUE:
         policy = get_policy(spec)

@@ -183,9 +183,13 @@ class Policy:
             assert prep.logp_ref is not None
             delta = prep.logp_ref - prep.logp
             kl = torch.exp(delta) - delta - 1.0
+            kl_grad = 1.0 - torch.exp(delta)  # d kl / d logp
+            if self.config.kl_is == "token":  # r kl, and d(r kl)/d logp = r (kl + d kl/d logp)
+                kl_grad = prep.ratio * (kl + kl_grad)
+                kl = prep.ratio * kl
             # The KL term keeps the recorded weight: TRL and verl leave it uncorrected.
             scale = self.config.beta * recorded.weight / norm
-            coef = coef + scale * (torch.exp(delta) - 1.0)
+            coef = coef - scale * kl_grad
             objective = objective - masked_sum(prep.mask, scale * kl)
         coef = keep_times(prep.mask, coef)
         # A non-finite input must show in coef even where the rule bounded or zeroed its term

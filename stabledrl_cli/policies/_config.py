@@ -29,7 +29,7 @@ SEQUENCE_MEAN_AGGS: tuple[Agg, ...] = (
 MAX_LEN_AGGS: tuple[Agg, ...] = ("constant", "seq-mean-token-sum-norm")
 
 # Keys every policy takes; they are listed after the policy's own keys.
-COMMON_KEYS = ("agg", "max_len", "rows", "beta", "adv", "tis", "tis_min", "tis_max")
+COMMON_KEYS = ("agg", "max_len", "rows", "beta", "kl_is", "adv", "tis", "tis_min", "tis_max")
 
 ParamValue = str | int | float | bool | None
 
@@ -74,6 +74,9 @@ class BaseConfig:
 
     beta: float = 0.0
     """Weight of the k3 KL penalty towards logp_ref (needs logp_ref); 0 turns it off."""
+    kl_is: Literal["off", "token"] = "off"
+    """token: each token's KL term is multiplied by its ratio r_t, through which its gradient
+    flows too (TRL's `use_bias_correction_kl`, DeepSeek-V3.2's unbiased k3); needs beta > 0."""
     adv: AdvMode = "recorded"
     """Advantages as recorded, or recomputed from per-sequence rewards within groups."""
     rows: Rows = "scored"
@@ -97,6 +100,8 @@ class BaseConfig:
             if choices is not None and value not in choices:
                 raise UsageError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
         check_min("beta", self.beta, 0.0, strict=False)
+        if self.kl_is != "off" and not self.beta > 0:
+            raise UsageError(f"kl_is={self.kl_is} weighs the KL term: it needs beta > 0")
         if self.tis == "off":
             if self.tis_min is not None or self.tis_max is not None:
                 raise UsageError(
@@ -190,8 +195,12 @@ class TwoSidedConfig(ClipConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class GSPOConfig(BaseConfig):
-    """GSPO's clip of the sequence ratio (its aggregation is fixed)."""
+class GSPOConfig(AggConfig):
+    """GSPO's clip of the sequence ratio."""
+
+    agg: Agg = "seq-mean-token-mean"
+    """As `AggConfig.agg`; TRL's sequence-level grpo is seq-mean-token-mean, its sequence-level
+    luspo seq-mean-token-sum with rows=all."""
 
     eps_low: float = 3e-4
     """Lower clip of the sequence ratio: 1 - eps_low (GSPO paper 3e-4)."""
@@ -254,6 +263,29 @@ class SAPOConfig(AggConfig):
         super().__post_init__()
         check_min("tau_pos", self.tau_pos, 0.0, strict=True)
         check_min("tau_neg", self.tau_neg, 0.0, strict=True)
+
+
+# TRL's `vespo_*` defaults: (k, lambda) for A >= 0 and for A < 0.
+VESPO_DEFAULTS = {"k_pos": 2.0, "lambda_pos": 3.0, "k_neg": 3.0, "lambda_neg": 2.0}
+
+
+@dataclass(frozen=True, kw_only=True)
+class VESPOConfig(AggConfig):
+    """VESPO's gamma weighting phi(w) = e^lambda w^k e^(-lambda w) of the sequence ratio."""
+
+    k_pos: float = VESPO_DEFAULTS["k_pos"]
+    """Power of w for A >= 0 (TRL `vespo_k_pos`): how hard w < 1 is down-weighted."""
+    lambda_pos: float = VESPO_DEFAULTS["lambda_pos"]
+    """Decay for A >= 0 (TRL `vespo_lambda_pos`): how hard w > 1 is down-weighted."""
+    k_neg: float = VESPO_DEFAULTS["k_neg"]
+    """Power of w for A < 0 (TRL `vespo_k_neg`)."""
+    lambda_neg: float = VESPO_DEFAULTS["lambda_neg"]
+    """Decay for A < 0 (TRL `vespo_lambda_neg`)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in VESPO_DEFAULTS:
+            check_min(name, getattr(self, name), 0.0, strict=False)
 
 
 @dataclass(frozen=True, kw_only=True)

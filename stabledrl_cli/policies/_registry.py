@@ -28,6 +28,7 @@ from stabledrl_cli.policies._config import (
     SAPOConfig,
     StableDRLConfig,
     TwoSidedConfig,
+    VESPOConfig,
     param_order,
 )
 from stabledrl_cli.policies._spec import convert_value
@@ -163,7 +164,7 @@ REGISTRY: dict[str, PolicyEntry] = {
             "sequence-clip",
             GSPOConfig,
             f"{_FAMILIES}.gspo:GSPOPolicy",
-            "min(s_i A, clip(s_i) A) / (N |y_i|), s_i = exp(mean_t log r_t)",
+            "min(s_i A, clip(s_i) A) / norm (default N |y_i|), s_i = exp(mean_t log r_t)",
             "GSPO arXiv:2507.18071; TRL importance_sampling_level=sequence",
             conventions=_ROWS + "; sequence log-ratio unclamped (verl clamps it at 10)",
         ),
@@ -188,6 +189,16 @@ REGISTRY: dict[str, PolicyEntry] = {
             conventions="seq-mean-token-mean as TRL and verl; "
             + _ROWS
             + "; log r unclamped (verl clamps it at 20)",
+        ),
+        PolicyEntry(
+            "vespo",
+            "soft-gate",
+            VESPOConfig,
+            f"{_FAMILIES}.vespo:VESPOPolicy",
+            "sg(phi_i) A logp / norm, phi = e^lambda w^k e^(-lambda w), log w_i = sum_t log r_t",
+            "VESPO arXiv:2602.10693; TRL loss_type=vespo (GRPOTrainer.get_gamma_weights)",
+            conventions="A >= 0 takes k_pos, lambda_pos (TRL); log r clamped to [-20, 20], "
+            "log w to (log 1e-8, 20), a NaN or inf phi is 0, as TRL",
         ),
         PolicyEntry(
             "is",

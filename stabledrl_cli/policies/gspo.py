@@ -1,18 +1,19 @@
 """GSPO: the PPO rule on a sequence ratio (TRL `importance_sampling_level="sequence"`).
 
 s_i = exp(mean over scored t of log r_t), broadcast to the sequence's tokens; each token's term
-is `min(s_i A_t, clip(s_i) A_t)` aggregated as TRL's `grpo` loss (seq-mean-token-mean, fixed):
-J = sum_i sum_{t in i} w_t min(s_i A_t, clip(s_i) A_t) / (N |y_i|).
+is `min(s_i A_t, clip(s_i) A_t)`, aggregated by default as TRL's `grpo` loss (N |y_i|):
+J = sum_i sum_{t in i} w_t min(s_i A_t, clip(s_i) A_t) / norm_t.
 Since d s_i / d logp_t = s_i / |y_i|, the token coefficient is
-coef_t = (s_i / |y_i|) * sum_{u in i, kept} w_u A_u / (N |y_i|), i.e. s_i A_i / (N |y_i|) for a
-per-sequence advantage, and 0 for the whole sequence when its clip binds.
+coef_t = (s_i / |y_i|) * sum_{u in i, kept} w_u A_u / norm_u, i.e. s_i A_i / (N |y_i|) for a
+per-sequence advantage under the default, and 0 for the whole sequence when its clip binds.
+TRL's sequence-level `luspo` is this with agg=seq-mean-token-sum, rows=all (s_i A_i / N).
 """
 
 from __future__ import annotations
 
 import torch
 
-from stabledrl_cli.policies._base import Policy, PolicyTerms, seq_mean_token_mean_norm
+from stabledrl_cli.policies._base import Policy, PolicyTerms
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import GSPOConfig
 from stabledrl_cli.policies._masked import above, below, keep_times, masked_sum, ratio_times
@@ -20,13 +21,10 @@ from stabledrl_cli.policies._masked import above, below, keep_times, masked_sum,
 
 class GSPOPolicy(Policy):
     """GSPO (arXiv:2507.18071; TRL importance_sampling_level="sequence"): per token
-    `min(s_i A, clip(s_i, 1-eps_low, 1+eps_high) A) / (N |y_i|)`, s_i = exp(mean_t log r_t);
-    a sequence whose clip binds is discarded whole."""
+    `min(s_i A, clip(s_i, 1-eps_low, 1+eps_high) A) / norm` (default N |y_i|),
+    s_i = exp(mean_t log r_t); a sequence whose clip binds is discarded whole."""
 
     config: GSPOConfig
-
-    def norm(self, prep: PreparedBatch) -> torch.Tensor:
-        return seq_mean_token_mean_norm(prep, self.config.rows)
 
     def _policy_terms(
         self, prep: PreparedBatch, adv: torch.Tensor, norm: torch.Tensor
