@@ -165,6 +165,28 @@ MAPPING = [
         },
         "gspo:eps_high=0.2,eps_low=0.2,rows=all",
     ),
+    ({"loss_type": "grpo", "beta": 0.04}, "grpo:beta=0.04,kl_is=token"),
+    ({"loss_type": "luspo"}, "ppo:agg=seq-mean-token-sum,rows=all"),
+    (
+        {"loss_type": "luspo", "importance_sampling_level": "sequence"},
+        "gspo:agg=seq-mean-token-sum,eps_high=0.2,eps_low=0.2,rows=all",
+    ),
+    (
+        {"loss_type": "luspo", "delta": 1.5},
+        "two-sided:agg=seq-mean-token-sum,delta=1.5,rows=all",
+    ),
+    ({"loss_type": "vespo"}, "vespo:agg=recorded"),
+    (
+        {
+            "loss_type": "vespo",
+            "importance_sampling_level": "sequence",
+            "gradient_accumulation_steps": 4,
+            "vespo_k_pos": 1.5,
+            "vespo_lambda_neg": 2.5,
+            "delta": 2.0,
+        },
+        "vespo:k_pos=1.5,lambda_neg=2.5",
+    ),
 ]
 
 
@@ -175,11 +197,14 @@ def test_config_maps_to_a_catalogue_spec(tiny: Any, config: dict[str, Any], spec
 
 
 REFUSED = [
-    ({"loss_type": "vespo"}, "loss_type 'vespo'"),
-    ({"loss_type": "luspo", "importance_sampling_level": "sequence"}, "loss_type 'luspo'"),
     ({"loss_type": "sapo", "importance_sampling_level": "sequence"}, "sequence-level"),
+    ({"loss_type": "dapo", "importance_sampling_level": "sequence"}, "'grpo', 'luspo', 'vespo'"),
     ({"loss_type": "grpo", "importance_sampling_level": "sequence", "delta": 2.0}, "delta"),
-    ({"loss_type": "grpo", "beta": 0.04}, "use_bias_correction_kl"),
+    ({"loss_type": "luspo", "importance_sampling_level": "sequence", "delta": 2.0}, "delta"),
+    (
+        {"loss_type": "grpo", "importance_sampling_level": "sequence", "beta": 0.04},
+        "use_bias_correction_kl and sequence-level",
+    ),
     (
         {
             "loss_type": "grpo",
@@ -231,10 +256,26 @@ PARITY = {
     "delta": {"loss_type": "dapo", "delta": 1.5},
     "beta": {"loss_type": "grpo", "beta": 0.1, "use_bias_correction_kl": False},
     "entropy-mask": {"loss_type": "dapo", "top_entropy_quantile": 0.5},
+    "beta-bias-corrected": {"loss_type": "grpo", "beta": 0.1},  # TRL's default correction
+    "luspo": {"loss_type": "luspo"},
+    "luspo-sequence": {"loss_type": "luspo", "importance_sampling_level": "sequence"},
+    "vespo": {"loss_type": "vespo"},
+    "vespo-beta": {"loss_type": "vespo", "beta": 0.1, "gradient_accumulation_steps": 4},
 }
 
 
-TOKEN_CLIP = {"grpo", "bnpo", "dr_grpo", "dapo", "dapo-token-mean", "delta", "beta", "entropy-mask"}
+TOKEN_CLIP = {
+    "grpo",
+    "bnpo",
+    "dr_grpo",
+    "dapo",
+    "dapo-token-mean",
+    "delta",
+    "beta",
+    "entropy-mask",
+    "beta-bias-corrected",
+    "luspo",
+}
 
 
 TRL_METRICS = {
@@ -286,11 +327,19 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
             own.series["step"], own.series["trl_cispo_clip_ratio"], strict=True
         ):
             assert value == pytest.approx(logged[int(number)]["cispo_clip_ratio"], abs=1e-6)
+    if case.startswith("vespo"):  # and vespo's mean gamma weight
+        logged = _logged(trainer.state.log_history)
+        own = sd.replay(out, policies=[trainer.stabledrl_policy.spec], device="cpu").own
+        assert own is not None
+        phis = own.series["trl_vespo_phi_seq_mean"]
+        for number, value in zip(own.series["step"], phis, strict=True):
+            assert value == pytest.approx(logged[int(number)]["vespo/phi_seq_mean"], rel=1e-5)
+        assert min(phis) < 0.999  # the weights moved off phi(1) = 1 on the second pass
     step = sd.open_run(out).step(2)
     assert step.scalars["inner_step"] == 1  # the second update on the same rollout
     accumulation = trainer.args.gradient_accumulation_steps
     assert sorted(set(step["micro_batch"].tolist())) == list(range(accumulation))
-    assert ("logp_ref" in step) == (case == "beta")
+    assert ("logp_ref" in step) == ("beta" in PARITY[case])
     assert ("loss_weight" in step) == (case == "entropy-mask")
 
 

@@ -8,10 +8,15 @@
 | loss_type="bnpo"                             | ppo:eps_low,eps_high,agg=micro-token-mean         |
 | loss_type="dapo"                             | dapo:eps_low,eps_high,agg=token-mean or recorded  |
 | loss_type="cispo"                            | cispo:cap=epsilon_high,agg=token-mean or recorded |
+| loss_type="luspo"                            | ppo:eps_low,eps_high,agg=seq-mean-token-sum,      |
+|                                              | rows=all (gspo:... when sequence-level)           |
+| loss_type="vespo"                            | vespo:k_pos,lambda_pos,k_neg,lambda_neg,          |
+|                                              | agg=token-mean or recorded                        |
 | importance_sampling_level="sequence" (grpo)  | gspo:eps_low,eps_high                             |
-| delta (grpo, bnpo, dr_grpo, dapo)            | two-sided:delta,... (same agg)                    |
+| delta (grpo, bnpo, dr_grpo, dapo, luspo)     | two-sided:delta,... (same agg)                    |
 | mask_truncated_completions (grpo, sapo, ...) | the same spec with rows=all                       |
 | beta > 0                                     | every spec above gains beta                       |
+| use_bias_correction_kl (default) with beta   | ... and kl_is=token (the KL times the ratio)      |
 
 eps_low is TRL's `epsilon`, eps_high its `epsilon_high` (default `epsilon`); for cispo
 `epsilon_high` is the absolute cap. bnpo's per-micro-batch token mean reads the recorded
@@ -21,13 +26,16 @@ a row, so that case maps to rows=all. dapo and cispo divide by the generation ba
 count times gradient_accumulation_steps / steps_per_generation: that is the optimizer step's
 token count (token-mean) only when the two are equal; otherwise it is a number the step does
 not contain, and the run's own normaliser is replayed from the recorded `loss_scale`
-(agg=recorded).
+(agg=recorded); vespo divides as they do. luspo sums each row's tokens and averages over every
+row. vespo ignores delta, as TRL does.
 
 Refused, one line each (the catalogue cannot express them, so recording them would be
-wrong): loss types vespo and luspo; sequence-level sampling with sapo or with delta; beta > 0
-with `use_bias_correction_kl` (the KL term times the ratio) or with any per-token weight (the
-entropy mask, the off-policy mask or vLLM importance sampling: TRL adds the KL term after
-weighting); the entropy bonus (`entropy_coef`, `use_adaptive_entropy`); an MoE router loss.
+wrong): sequence-level sampling with a loss type other than grpo, luspo or vespo, or with
+delta; beta > 0 with `use_bias_correction_kl` and sequence-level sampling (the KL times the
+sequence ratio), or with any per-token weight (the entropy mask, the off-policy mask or vLLM
+importance sampling: TRL adds the KL term after weighting); vespo with vLLM importance sampling
+(TRL folds the sampler's ratio into w); the entropy bonus (`entropy_coef`,
+`use_adaptive_entropy`); an MoE router loss.
 """
 
 from __future__ import annotations
@@ -38,10 +46,12 @@ from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies import Policy, get_policy
 from stabledrl_cli.spec import SpecValue, format_spec
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
-"""TRL loss types the integration records (and gspo: grpo with sequence-level sampling)."""
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+"""TRL 1.16's loss types, each recorded (gspo: grpo or luspo with sequence-level sampling)."""
 
-_PPO_NAMES = {"grpo": "grpo", "bnpo": "ppo", "dr_grpo": "ppo", "dapo": "dapo"}
+_PPO_NAMES = {"grpo": "grpo", "bnpo": "ppo", "dr_grpo": "ppo", "dapo": "dapo", "luspo": "ppo"}
+_SEQUENCE_LEVEL = ("grpo", "luspo", "vespo")
+"""Loss types whose loss TRL's sequence-level sampling leaves expressible (vespo's ignores it)."""
 
 
 def _refuse(reason: str) -> UsageError:
@@ -65,6 +75,8 @@ def _aggregation(config: Any) -> dict[str, SpecValue]:
         return {"agg": "micro-token-mean"}
     if loss_type in ("grpo", "sapo"):
         return {"agg": "seq-mean-token-mean", **rows}
+    if loss_type == "luspo":  # (loss * mask).sum(-1).mean(): every row, whatever its mask
+        return {"agg": "seq-mean-token-sum", "rows": "all"}
     if loss_type == "dr_grpo":
         return {"agg": "constant", "max_len": int(config.max_completion_length), **rows}
     same_window = config.gradient_accumulation_steps == config.steps_per_generation
@@ -81,17 +93,22 @@ def _check_recordable(config: Any, aux_loss: bool) -> None:
         )
     if aux_loss:
         raise _refuse("the MoE router loss (router_aux_loss_coef) is not in the catalogue")
-    if config.importance_sampling_level == "sequence":
-        if loss_type != "grpo":
+    sequence = config.importance_sampling_level == "sequence"
+    if sequence:
+        if loss_type not in _SEQUENCE_LEVEL:
             raise _refuse(
-                f"sequence-level sampling (gspo) with loss_type {loss_type!r}; only 'grpo' maps"
+                f"sequence-level sampling with loss_type {loss_type!r}; only "
+                f"{', '.join(repr(t) for t in _SEQUENCE_LEVEL)} map"
             )
-        if config.delta is not None:
+        if config.delta is not None and loss_type != "vespo":
             raise _refuse("gspo (sequence-level sampling) has no two-sided delta in the catalogue")
+    if loss_type == "vespo" and config.use_vllm and config.vllm_importance_sampling_correction:
+        raise _refuse("vespo with vLLM importance sampling (TRL folds the sampler ratio into w)")
     if config.beta != 0.0:
-        if config.use_bias_correction_kl:
+        if config.use_bias_correction_kl and sequence:
             raise _refuse(
-                "beta > 0 with use_bias_correction_kl=True (KL times the ratio); set it to False"
+                "beta > 0 with use_bias_correction_kl and sequence-level sampling (the KL times "
+                "the sequence ratio); set use_bias_correction_kl=False"
             )
         if uses_loss_weight(config):
             raise _refuse(
@@ -108,9 +125,22 @@ def policy_for_config(config: Any, *, aux_loss: bool = False) -> Policy:
     eps_high = float(config.epsilon_high if config.epsilon_high is not None else config.epsilon)
     params: dict[str, SpecValue]
     loss_type = config.loss_type
-    if config.importance_sampling_level == "sequence":
+    if loss_type == "vespo":
+        name, params = (
+            "vespo",
+            {
+                "k_pos": float(config.vespo_k_pos),
+                "lambda_pos": float(config.vespo_lambda_pos),
+                "k_neg": float(config.vespo_k_neg),
+                "lambda_neg": float(config.vespo_lambda_neg),
+                **_aggregation(config),
+            },
+        )
+    elif config.importance_sampling_level == "sequence":
         name, params = "gspo", {"eps_low": eps_low, "eps_high": eps_high}
-        if config.mask_truncated_completions:
+        if loss_type == "luspo":
+            params.update(_aggregation(config))
+        elif config.mask_truncated_completions:
             params["rows"] = "all"
     elif loss_type == "cispo":
         name, params = "cispo", {"cap": eps_high, **_aggregation(config)}
@@ -128,6 +158,8 @@ def policy_for_config(config: Any, *, aux_loss: bool = False) -> Policy:
             name, params["delta"] = "two-sided", float(config.delta)
     if config.beta != 0.0:
         params["beta"] = float(config.beta)
+        if config.use_bias_correction_kl:
+            params["kl_is"] = "token"
     try:
         return get_policy(format_spec(name, params))
     except UsageError as exc:

@@ -39,14 +39,16 @@ a bool column is true)."""
 CellFormat = Literal["int", "percent", "number", "number4"]
 """How the per-step table shows a value: as is, as a percentage, to 3 or 4 digits."""
 
-TRL_METRICS = (
+TRL_CLIP_METRICS = (
     "trl_clip_ratio_low_mean",
     "trl_clip_ratio_high_mean",
     "trl_clip_ratio_region_mean",
     "trl_cispo_clip_ratio",
 )
 """TRL's `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`,
-`cispo_clip_ratio`, in that order (computed by `framework.framework_metrics`)."""
+`cispo_clip_ratio`, in that order."""
+TRL_METRICS = (*TRL_CLIP_METRICS, "trl_vespo_phi_seq_mean")
+"""TRL's clip metrics, then `vespo/phi_seq_mean` (computed by `framework.framework_metrics`)."""
 VERL_METRICS = ("verl_pg_clipfrac", "verl_pg_clipfrac_lower")
 """verl's `actor/pg_clipfrac`, `actor/pg_clipfrac_lower` (computed by `framework`)."""
 
@@ -305,7 +307,7 @@ COLUMNS: tuple[Column, ...] = (
             table=TableCell(header=header, format="percent"),
         )
         for name, header, meaning in zip(
-            TRL_METRICS,
+            TRL_CLIP_METRICS,
             ("trl low", "trl high", "trl region", "trl cispo"),
             (
                 "TRL clip_ratio/low_mean: (r < 1 - eps_low) & (A < 0) over scored entries, "
@@ -318,6 +320,15 @@ COLUMNS: tuple[Column, ...] = (
             ),
             strict=True,
         )
+    ),
+    Column(
+        name="trl_vespo_phi_seq_mean",
+        kind="float",
+        meaning="TRL vespo/phi_seq_mean: VESPO's gamma weight phi of each row, mean over rows, "
+        "mean over micro-batches.",
+        summary="mean",
+        group="trl",
+        table=TableCell(header="trl phi", format="number4"),
     ),
     *(
         Column(

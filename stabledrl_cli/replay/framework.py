@@ -7,7 +7,8 @@
   `cispo_clip_ratio` = (r > cap) & (A > 0) (cispo's TRL form). Each is a fraction over a
   micro-batch's scored entries (mask = 1; A = 0 entries count in the denominator, which is
   clamped to >= 1), over its rows for gspo (one value a sequence); TRL logs the unweighted
-  mean of the per-micro-batch values.
+  mean of the per-micro-batch values. `vespo/phi_seq_mean` (vespo) is the mean of each row's
+  gamma weight phi over a micro-batch's rows, averaged the same way.
 - verl 0.9.1 (`core_algos.compute_policy_loss_vanilla`, `_gspo`, `_cispo`, `_sapo`):
   `pg_clipfrac` and `pg_clipfrac_lower` over a micro-batch's scored entries (denominator
   count + 1e-8), r = exp(clamp(log r, -20, 20)) (gspo: exp(min(mean log r of the sequence,
@@ -39,10 +40,12 @@ from stabledrl_cli.policies._config import (
     GSPOConfig,
     SAPOConfig,
     TwoSidedConfig,
+    VESPOConfig,
 )
 from stabledrl_cli.policies._masked import above, below
 from stabledrl_cli.policies._masked import count as tally
 from stabledrl_cli.policies.ppo import VERL_LOG_RATIO_CLAMP
+from stabledrl_cli.policies.vespo import sequence_gamma_weights
 from stabledrl_cli.replay.columns import TRL_METRICS, VERL_METRICS
 
 VERL_SEQ_LOG_RATIO_MAX = 10.0
@@ -156,11 +159,12 @@ def _scored_denominator(
     return prep.memo_of(f"scored_denominator:{eps!r}", seq_index, build)
 
 
-def _row_fraction(hit_seq: torch.Tensor, micro: MicroBatches) -> torch.Tensor:
-    """0-d: TRL's sequence-level mean: per micro-batch call, hits over its rows (sequences)."""
-    zeros = torch.zeros(micro.pooled_count, dtype=torch.float64, device=hit_seq.device)
-    num = zeros.index_add(0, micro.pooled_index, hit_seq.double())
-    ones = torch.ones(micro.pooled_index.shape[0], dtype=torch.float64, device=hit_seq.device)
+def _row_mean(per_seq: torch.Tensor, micro: MicroBatches) -> torch.Tensor:
+    """0-d: TRL's sequence-level mean: per micro-batch call, the mean of a value (a hit) over
+    its rows (sequences), then the mean over the calls."""
+    zeros = torch.zeros(micro.pooled_count, dtype=torch.float64, device=per_seq.device)
+    num = zeros.index_add(0, micro.pooled_index, per_seq.double())
+    ones = torch.ones(micro.pooled_index.shape[0], dtype=torch.float64, device=per_seq.device)
     rows = zeros.index_add(0, micro.pooled_index, ones)
     return (num / rows.clamp(min=1.0)).mean()
 
@@ -195,8 +199,8 @@ def _verl_ratio(prep: PreparedBatch, *bounds: float) -> torch.Tensor:
 def _trl(
     policy: Policy, w: Weights, prep: PreparedBatch, micro: MicroBatches, nan: torch.Tensor
 ) -> list[torch.Tensor]:
-    """[low, high, region, cispo] as 0-d float64 tensors or `nan` (not logged for this
-    policy)."""
+    """[low, high, region, cispo, vespo phi] as 0-d float64 tensors or `nan` (not logged for
+    this policy)."""
     config = policy.config
     adv = w.advantages
     if isinstance(config, GSPOConfig):
@@ -205,9 +209,10 @@ def _trl(
             prep, torch.exp(prep.seq_mean_log_ratio), seq_adv, config.eps_low, config.eps_high
         )
         return [
-            _row_fraction(low, micro),
-            _row_fraction(high, micro),
-            _row_fraction(either, micro),
+            _row_mean(low, micro),
+            _row_mean(high, micro),
+            _row_mean(either, micro),
+            nan,
             nan,
         ]
     if isinstance(config, ClipConfig):
@@ -220,11 +225,14 @@ def _trl(
             _token_fraction(high, prep, micro, None),
             _token_fraction(either, prep, micro, None),
             nan,
+            nan,
         ]
     if isinstance(config, CISPOConfig) and config.cap is not None:
         hit = above(prep.ratio, config.cap) & above(adv, 0.0)
-        return [nan, nan, nan, _token_fraction(hit, prep, micro, None)]
-    return [nan, nan, nan, nan]
+        return [nan, nan, nan, _token_fraction(hit, prep, micro, None), nan]
+    if isinstance(config, VESPOConfig):
+        return [nan, nan, nan, nan, _row_mean(sequence_gamma_weights(prep, adv, config), micro)]
+    return [nan, nan, nan, nan, nan]
 
 
 def _verl(
