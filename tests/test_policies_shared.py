@@ -25,6 +25,9 @@ SPECS = [
     "dapo:tis=token-mask",
     "gspo:tis=sequence-mask",
     "grpo:beta=0.1",
+    "grpo:beta=0.1,kl_is=token",
+    "vespo",
+    "gspo:agg=seq-mean-token-sum,rows=all",
 ]
 
 

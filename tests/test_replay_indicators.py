@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+from torch.testing import assert_close
 
+from stabledrl_cli import get_policy
 from stabledrl_cli.policies import PolicyBatch, prepare
-from stabledrl_cli.replay.metrics import References, _weight_indicators
+from stabledrl_cli.replay.metrics import References, _weight_indicators, policy_gradient_coef
 
 NAN = math.nan
 
@@ -52,3 +55,34 @@ def test_weight_max_per_policy_whatever_the_others_hold():
         want = torch.tensor([_expected(w, r) for w, r in order], dtype=torch.float64)
         assert torch.equal(got.isnan(), want.isnan()), (got, want)
         assert torch.equal(got.nan_to_num(), want.nan_to_num()), (got, want)
+
+
+@pytest.mark.parametrize(
+    ("spec", "without_kl"),
+    [
+        ("grpo:beta=0.1", "grpo"),
+        ("grpo:beta=0.1,kl_is=token", "grpo"),
+        ("vespo:beta=0.3,kl_is=token", "vespo"),
+        ("cispo:beta=0.2,kl_is=token,agg=seq-mean-token-mean", "cispo:agg=seq-mean-token-mean"),
+    ],
+)
+def test_the_indicators_take_out_the_kl_term_the_policy_added(spec: str, without_kl: str):
+    """The indicators measure the policy-gradient term: with the KL term (k3, or r k3 with
+    kl_is=token) taken out, coef is the same policy's coef without beta."""
+    gen = torch.Generator().manual_seed(11)
+    logp_old = -2.0 + 0.5 * torch.randn(5, 9, generator=gen, dtype=torch.float64)
+    logp = logp_old + 0.5 * torch.randn(5, 9, generator=gen, dtype=torch.float64)
+    prep = prepare(
+        PolicyBatch(
+            logp=logp,
+            logp_old=logp_old,
+            advantages=torch.randn(5, generator=gen, dtype=torch.float64),
+            mask=(torch.rand(5, 9, generator=gen) > 0.2).double(),
+            logp_ref=logp + 0.3 * torch.randn(5, 9, generator=gen, dtype=torch.float64),
+        )
+    )
+    policy = get_policy(spec)
+    weights = policy.weights(prep)
+    plain = get_policy(without_kl).weights(prep).coef
+    assert not torch.allclose(weights.coef, plain)
+    assert_close(policy_gradient_coef(policy, weights, prep), plain, rtol=1e-12, atol=1e-15)

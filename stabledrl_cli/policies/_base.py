@@ -101,6 +101,18 @@ def _agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
     return prep.loss_scale
 
 
+def kl_penalty(prep: PreparedBatch, config: BaseConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """([T] kl_t, [T] d kl_t / d logp_t) of the KL term beta multiplies (docs/policies.md, KL
+    term): k3 = exp(ref - logp) - (ref - logp) - 1, or r k3 with kl_is=token."""
+    assert prep.logp_ref is not None
+    delta = prep.logp_ref - prep.logp
+    kl = torch.exp(delta) - delta - 1.0
+    kl_grad = 1.0 - torch.exp(delta)
+    if config.kl_is == "token":  # d(r kl)/d logp = r (kl + d kl/d logp)
+        return prep.ratio * kl, prep.ratio * (kl + kl_grad)
+    return kl, kl_grad
+
+
 class Policy:
     """A policy of the catalogue, bound to its parameters: its entry (name, family, formula,
     source, defaults) and its validated config. Built by `get_policy`."""
@@ -181,12 +193,7 @@ class Policy:
         coef, objective = terms.coef, terms.objective
         if self.config.beta > 0:
             assert prep.logp_ref is not None
-            delta = prep.logp_ref - prep.logp
-            kl = torch.exp(delta) - delta - 1.0
-            kl_grad = 1.0 - torch.exp(delta)  # d kl / d logp
-            if self.config.kl_is == "token":  # r kl, and d(r kl)/d logp = r (kl + d kl/d logp)
-                kl_grad = prep.ratio * (kl + kl_grad)
-                kl = prep.ratio * kl
+            kl, kl_grad = kl_penalty(prep, self.config)
             # The KL term keeps the recorded weight: TRL and verl leave it uncorrected.
             scale = self.config.beta * recorded.weight / norm
             coef = coef - scale * kl_grad

@@ -8,7 +8,8 @@ product with the step's gradient geometry. The result stays on the device as a [
 Indicators run over the eligible tokens (mask = 1, A != 0, and loss_weight != 0, where the
 REINFORCE reference A w / norm is defined). Effective weight w_t = coef_t / (A_t w_t / norm_t).
 With beta > 0 the KL term's coefficient is taken out of coef_t first: the indicators measure
-how the policy weighs the policy-gradient term, and the KL term is the same for every policy.
+how the policy weighs the policy-gradient term, and the KL term (k3, or r k3 with kl_is=token)
+is the same for every policy of the same beta and kl_is.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from stabledrl_cli.geometry import (
     update_norms,
 )
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
+from stabledrl_cli.policies._base import kl_penalty
 from stabledrl_cli.policies._masked import as_bytes, count, counts, keep_times
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.columns import TRL_METRICS, VERL_METRICS
@@ -152,14 +154,12 @@ def varies_within_sequence(coef: torch.Tensor, prep: PreparedBatch) -> torch.Ten
 
 
 def policy_gradient_coef(policy: Policy, weights: Weights, prep: PreparedBatch) -> torch.Tensor:
-    """[T] coef without the KL term (beta > 0), the k3 estimator of docs/policies.md."""
-    beta = getattr(policy.config, "beta", 0.0)
+    """[T] coef without the KL term (beta > 0; docs/policies.md, KL term)."""
+    beta = policy.config.beta
     if not beta:
         return weights.coef
-    assert prep.logp_ref is not None
-    delta = prep.logp_ref - prep.logp
-    kl = beta * prep.weight / weights.norm * (torch.exp(delta) - 1.0)
-    return keep_times(prep.mask, weights.coef - kl)
+    _, kl_grad = kl_penalty(prep, policy.config)
+    return keep_times(prep.mask, weights.coef + beta * prep.weight / weights.norm * kl_grad)
 
 
 WIDE_BLOCK = 32768
