@@ -24,6 +24,7 @@ from _corpus import (
     edit_archive,
     measure,
     packed,
+    replace_dataset,
     retyped_index,
     tiny_run,
     widened_shape,
@@ -32,6 +33,7 @@ from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import _archive_probe
+from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
 
 runner = CliRunner()
 CASE_SECONDS = 30.0
@@ -300,3 +302,34 @@ def test_an_index_in_the_other_byte_order_reads_as_packed(tmp_path: Path) -> Non
         assert [r.exit_code for r in ran] == [0, 0], ran[1].stderr
         shown = [r.stdout.replace(str(bad), "RUN").replace(str(good), "RUN") for r in ran]
         assert shown[1] == shown[0], command
+
+
+def test_a_ragged_shape_that_disagrees_with_its_step_counts_is_an_unreadable_step(
+    tmp_path: Path,
+) -> None:
+    """A step's token_ids reshaped to another shape of the same size (its CRC valid) is what a
+    step file of that shape is in a run directory: an unreadable step, named, the others read
+    (it was read silently: step 1's token_ids became (6, 2) with 4 sequences)."""
+
+    def reshaped(handle: Any) -> None:
+        name = "ragged/token_ids/shape"
+        shapes = handle[name][()].copy()
+        rows, columns = (int(d) for d in shapes[1])
+        assert rows * columns % (rows + 2) == 0
+        shapes[1] = [rows + 2, rows * columns // (rows + 2)]
+        replace_dataset(handle, name, data=shapes).attrs[CRC_ATTR] = index_crc(shapes)
+
+    bad = edit_archive(tmp_path / "bad", reshaped)
+    result = runner.invoke(app, ["inspect", str(bad), "--format", "json"])
+    assert result.exit_code == 0, result.stderr
+    findings = json.loads(result.stdout)["integrity"]["findings"]
+    assert [(f["kind"], f["step"]) for f in findings] == [("unreadable", 1)]
+    assert "token_ids shape disagrees with its sequences count" in findings[0]["message"]
+    runs = [packed(tmp_path / "good"), bad]
+    replayed = [
+        runner.invoke(app, ["replay", str(r), "-p", "grpo", "--format", "json"]) for r in runs
+    ]
+    assert [r.exit_code for r in replayed] == [0, 0], replayed[1].stderr
+    steps = [json.loads(r.stdout)["steps"] for r in replayed]
+    assert steps[1] == steps[0] - 1
+    assert "step 1" in replayed[1].stderr

@@ -389,6 +389,12 @@ class ArchiveRun(Run):
                 | (present & ((shapes < 0).any(axis=1) | (sizes != np.diff(offsets)))),
                 f"its {name} shape does not match its data",
             )
+            for column, dim in enumerate(FIELDS[name].dims):
+                if dim is not None:
+                    mark(
+                        present & (shapes[:, column] != self._counts[f"num_{dim}"]),
+                        f"its {name} shape disagrees with its {dim} count",
+                    )
         for index, why in sorted(reasons.items()):
             self._bad[index] = StepReadError("unreadable", why)
             if self._all_bad is None:

@@ -111,13 +111,8 @@ def _check_fields(header: StepHeader, tokens: int, sequences: int, *, scalar: bo
         allowed = {_STORED_DTYPES[d] for d in spec.dtypes}
         if dtype not in allowed:
             raise StepReadError("unreadable", f"{name}: dtype {dtype}, expected {spec.dtype}")
-        expected: tuple[int | None, ...] = {
-            "token": (tokens,),
-            "sequence": (sequences,) if spec.ndim == 1 else (sequences, None),
-            "unit_pairs": (tokens, tokens),
-            "unit_rows": (tokens, None),
-            "param": (None,),
-        }[spec.per]
+        counts = {"tokens": tokens, "sequences": sequences}
+        expected = [None if dim is None else counts[dim] for dim in spec.dims]
         if len(shape) != len(expected) or any(
             want is not None and got != want for got, want in zip(shape, expected, strict=True)
         ):

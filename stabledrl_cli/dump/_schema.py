@@ -126,6 +126,18 @@ class FieldSpec:
         """Every dtype (numpy name) a step file or an archive may store the field in."""
         return (self.dtype, *self.also)
 
+    @property
+    def dims(self) -> tuple[str | None, ...]:
+        """What each dimension of the field counts: "tokens" (T, or U units), "sequences" (N),
+        or None (free: token_ids' k, a sketch's k, the parameters)."""
+        return {
+            "token": ("tokens",),
+            "sequence": ("sequences",) if self.ndim == 1 else ("sequences", None),
+            "unit_pairs": ("tokens", "tokens"),
+            "unit_rows": ("tokens", None),
+            "param": (None,),
+        }[self.per]
+
 
 FIELDS: dict[str, FieldSpec] = {
     spec.name: spec
