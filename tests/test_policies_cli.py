@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from _cli import run_cli_together
@@ -25,6 +26,19 @@ def test_table_lists_every_policy_with_formula_and_source(monkeypatch):
     assert "arXiv:2603.06743" in result.stdout
     assert "seq-mean-token-mean as TRL and verl" in result.stdout  # sapo's conventions
     assert "a group of one has mean 0 and std 1" in result.stdout
+
+
+def test_catalogue_text_is_shown_as_written_never_as_markup(monkeypatch):
+    """A bracket in a formula or convention is text: rich markup would have eaten
+    `[log 1e-8, 20]` (it did, in vespo's conventions)."""
+    entry = REGISTRY["vespo"]
+    odd = dataclasses.replace(entry, formula="[bold]f[/bold]", conventions="w in [log 1e-8, 20]")
+    monkeypatch.setitem(REGISTRY, "vespo", odd)
+    for width in ("400", "80"):
+        monkeypatch.setenv("COLUMNS", width)
+        result = runner.invoke(app, ["policies"])
+        assert result.exit_code == 0, result.output
+        assert "[bold]f[/bold]" in result.stdout and "[log 1e-8, 20]" in result.stdout, width
 
 
 def test_narrow_terminal_shows_conventions_per_policy(monkeypatch):

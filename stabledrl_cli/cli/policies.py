@@ -42,7 +42,7 @@ class PolicyRow(TypedDict):
     conventions: str
 
 
-def _params_text(params: dict[str, ParamValue], required: list[str]) -> str:
+def _params_text(params: dict[str, ParamValue], required: list[str]) -> Text:
     """`key=value` pairs joined by spaces; a required key without a value says so."""
     parts = []
     for key, value in params.items():
@@ -50,7 +50,7 @@ def _params_text(params: dict[str, ParamValue], required: list[str]) -> str:
             parts.append(f"{key}=(required)")
         elif value is not None:
             parts.append(f"{key}={format_value(value)}")
-    return " ".join(parts)
+    return Text(" ".join(parts))
 
 
 def _row(
@@ -96,12 +96,12 @@ def _table(rows: list[PolicyRow], specs: bool) -> Table:
     table.add_column("conventions", overflow="fold")
     for row in rows:
         table.add_row(
-            row["spec"] if specs else row["name"],
-            row["family"],
+            Text(row["spec"] if specs else row["name"]),
+            Text(row["family"]),
             _params_text(row["params"], row["required"]),
-            row["formula"],
-            row["source"],
-            row["conventions"],
+            Text(row["formula"]),
+            Text(row["source"]),
+            Text(row["conventions"]),
         )
     return table
 
@@ -123,9 +123,9 @@ def _blocks(rows: list[PolicyRow], specs: bool) -> Group:
         grid.add_row(
             "parameters" if specs else "defaults", _params_text(row["params"], row["required"])
         )
-        grid.add_row("formula", row["formula"])
-        grid.add_row("source", row["source"])
-        grid.add_row("conventions", row["conventions"])
+        grid.add_row("formula", Text(row["formula"]))
+        grid.add_row("source", Text(row["source"]))
+        grid.add_row("conventions", Text(row["conventions"]))
         heading = Text.assemble(
             (row["spec"] if specs else row["name"], "bold"), "  ", row["family"]
         )

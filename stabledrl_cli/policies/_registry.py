@@ -198,7 +198,7 @@ REGISTRY: dict[str, PolicyEntry] = {
             "sg(phi_i) A logp / norm, phi = e^lambda w^k e^(-lambda w), log w_i = sum_t log r_t",
             "VESPO arXiv:2602.10693; TRL loss_type=vespo (GRPOTrainer.get_gamma_weights)",
             conventions="A >= 0 takes k_pos, lambda_pos (TRL); log r clamped to [-20, 20], "
-            "log w to (log 1e-8, 20), a NaN or inf phi is 0, as TRL",
+            "log w to [log 1e-8, 20], a NaN or inf phi is 0, as TRL",
         ),
         PolicyEntry(
             "is",
