@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -333,3 +334,21 @@ def test_a_ragged_shape_that_disagrees_with_its_step_counts_is_an_unreadable_ste
     steps = [json.loads(r.stdout)["steps"] for r in replayed]
     assert steps[1] == steps[0] - 1
     assert "step 1" in replayed[1].stderr
+
+
+def test_a_run_path_with_brackets_prints_as_written(tmp_path: Path) -> None:
+    """Paths are text, never rich markup: a run under `z[/x]` (an unmatched closing tag) made
+    replay and inspect die with an internal error (exit 70), and `q[bold]` vanished from
+    their titles."""
+    source = ROOT / "fixtures" / "grpo"
+    for parts in (("z[", "x]"), ("q[bold]",)):
+        run = tmp_path.joinpath(*parts, "run")
+        shutil.copytree(source, run)
+        for args in (
+            ["replay", str(run), "-p", "grpo", "--device", "cpu"],
+            ["inspect", str(run)],
+            ["check", str(run), "-p", "grpo", "--max-spikes", "1000"],
+        ):
+            result = runner.invoke(app, args, env={"COLUMNS": "400"})
+            assert result.exit_code == 0, (args, result.stderr)
+            assert str(run) in result.stdout + result.stderr, args

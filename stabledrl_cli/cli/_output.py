@@ -53,9 +53,11 @@ class _DataConsole(_LiveConsole):
         raise BrokenPipeError
 
 
-# Consoles resolve sys.stdout / sys.stderr at print time, so CliRunner captures them.
-out = _DataConsole(soft_wrap=True)
-err = _LiveConsole(stderr=True, soft_wrap=True)
+# Consoles resolve sys.stdout / sys.stderr at print time, so CliRunner captures them. Strings
+# are text, never rich markup: they carry paths, specs and recorded names ("runs/lr[1e-5]",
+# "[/x]" would be eaten or crash); the few styled lines pass markup=True and escape the rest.
+out = _DataConsole(soft_wrap=True, markup=False)
+err = _LiveConsole(stderr=True, soft_wrap=True, markup=False)
 
 
 class OutputFormat(str, Enum):

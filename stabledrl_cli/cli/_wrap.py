@@ -90,17 +90,23 @@ def run_command(
         if optimizer_hooks:
             _with_hooks(env)
         err.print(
-            f"recording [bold]{escape(' '.join(cmd))}[/] into {escape(str(out))}", highlight=False
+            f"recording [bold]{escape(' '.join(cmd))}[/] into {escape(str(out))}",
+            highlight=False,
+            markup=True,
         )
         code = subprocess.call(cmd, env=env)
         failures = _child_failures(status)
     if code != 0:
         for _, reason in failures:
-            err.print(f"[yellow]warning:[/] recording failed: {escape(reason)}", highlight=False)
+            err.print(
+                f"[yellow]warning:[/] recording failed: {escape(reason)}",
+                highlight=False,
+                markup=True,
+            )
         steps = _recorded_steps(out)
         held = f"{steps} step file(s): `stabledrl inspect {out}`" if steps else "no step file"
         err.print(
-            f"the training command exited with code {code}; the run holds {escape(held)}",
+            f"the training command exited with code {code}; the run holds {held}",
             highlight=False,
         )
         raise typer.Exit(code)

@@ -177,7 +177,7 @@ def mapped_errors(debug: bool) -> Iterator[None]:
     except NoArgsIsHelpError:  # the help, which click prints
         raise
     except UsageError as exc:  # click's, from parsing a command line: one line too
-        err.print(f"[bold red]error:[/] {escape(usage_message(exc))}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(usage_message(exc))}", highlight=False, markup=True)
         raise typer.Exit(exc.exit_code) from None
     except (typer.Exit, typer.Abort, typer.TyperException):
         raise
@@ -189,7 +189,7 @@ def mapped_errors(debug: bool) -> Iterator[None]:
         if debug:
             traceback.print_exception(exc, file=sys.stderr)
         else:
-            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
         raise typer.Exit(code) from None
 
 

@@ -177,7 +177,7 @@ def _deprecated_steps(rl_steps: int | None, steps: int | None) -> int | None:
         return rl_steps
     if rl_steps is not None and rl_steps != steps:
         raise UsageError("--steps is the old name of --rl-steps: give one of them")
-    err.print(f"[yellow]warning:[/] {STEPS_DEPRECATED}", highlight=False)
+    err.print(f"[yellow]warning:[/] {STEPS_DEPRECATED}", highlight=False, markup=True)
     return steps
 
 
