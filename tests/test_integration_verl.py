@@ -251,9 +251,28 @@ CASES = [
     pytest.param({"clip_ratio_c": 2.0, "clip_ratio_low": 0.1}, id="vanilla-c2"),
     pytest.param({"use_kl_loss": True, "kl_loss_coef": 0.05}, id="vanilla-kl"),
     pytest.param({"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-mean"}, id="gspo"),
+    pytest.param({"loss_mode": "gspo"}, id="gspo-token-mean"),
+    pytest.param({"loss_mode": "gspo", "loss_agg_mode": "token-sum"}, id="gspo-token-sum"),
+    pytest.param({"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-sum"}, id="gspo-luspo"),
+    pytest.param(
+        {"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-sum-norm", "loss_scale_factor": 9},
+        id="gspo-token-sum-norm",
+    ),
     pytest.param({"loss_mode": "sapo"}, id="sapo"),
     pytest.param({"loss_mode": "cispo", "loss_agg_mode": "token-mean"}, id="cispo"),
     pytest.param({"loss_mode": "gpg", "loss_agg_mode": "seq-mean-token-mean"}, id="gpg"),
+    pytest.param({"loss_mode": "dppo_tv", "clip_ratio_c": 2.0}, id="dppo-tv"),
+    pytest.param(
+        {"loss_mode": "dppo_tv", "loss_agg_mode": "seq-mean-token-mean", "clip_ratio_low": 0.05},
+        id="dppo-tv-seq-mean-token-mean",
+    ),
+    pytest.param(
+        {"loss_mode": "dppo_kl", "loss_agg_mode": "token-sum", "clip_ratio_high": 0.02},
+        id="dppo-kl-token-sum",
+    ),
+    pytest.param(
+        {"loss_mode": "dppo_kl", "use_kl_loss": True, "kl_loss_coef": 0.05}, id="dppo-kl-kl"
+    ),
 ]
 
 
@@ -267,21 +286,21 @@ def test_own_policy_reproduces_verl_loss(overrides: dict[str, Any], tmp_path: Pa
     own = get_policy(run.policy_spec or "")
     exact = recorded_agg(run.policy_spec or "")
     assert run.step_numbers == [0, 1]
+    discarded = 0
     for n, step in enumerate(run):
         verl_step = sum(losses[n])
         # the named aggregation over the merged step, and agg=recorded (verl's own normaliser)
-        assert float(own.weights(policy_batch(step)).objective) == pytest.approx(
-            -verl_step, abs=1e-6
-        )
+        weights = own.weights(policy_batch(step))
+        assert float(weights.objective) == pytest.approx(-verl_step, abs=1e-6)
+        discarded += int(weights.discarded.sum())
         for index, loss in enumerate(losses[n]):
-            batch = micro_batch_of(step, index)
-            objective = float(exact.weights(batch).objective)
-            if exact.name == "gspo":  # fixed seq-mean-token-mean: N of the micro-batch, not verl's
-                objective *= len(torch.unique(torch.as_tensor(batch.seq_id))) / 6
+            objective = float(exact.weights(micro_batch_of(step, index)).objective)
             assert objective == pytest.approx(-loss, abs=1e-6)
         assert step.scalars["loss"] == pytest.approx(verl_step, abs=1e-6)
         assert step.scalars["inner_step"] == n
     assert sum(len(m) for m in captured) == 6
+    if own.name in ("gspo", "dppo"):  # the clip / trust region bound somewhere
+        assert discarded > 0
 
 
 @pytest.mark.parametrize(
@@ -380,6 +399,30 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
             "gspo:eps_high=0.2,eps_low=0.2,rows=all",
         ),
         ({"loss_mode": "gpg"}, "reinforce"),
+        ({"loss_mode": "gspo"}, "gspo:agg=token-mean,eps_high=0.2,eps_low=0.2"),
+        (
+            {"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-sum", "clip_ratio_low": 1e-3},
+            "gspo:agg=seq-mean-token-sum,eps_high=0.2,eps_low=0.001,rows=all",
+        ),
+        (
+            {"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-sum-norm"},
+            "gspo:agg=seq-mean-token-sum-norm,eps_high=0.2,eps_low=0.2,max_len=7,rows=all",
+        ),
+        ({"loss_mode": "dppo_tv"}, "dppo"),
+        (
+            {
+                "loss_mode": "dppo_kl",
+                "loss_agg_mode": "seq-mean-token-mean",
+                "clip_ratio_low": 0.05,
+                "clip_ratio_high": 0.1,
+                "clip_ratio_c": 10.0,
+            },
+            "dppo:agg=seq-mean-token-mean,c=10,delta_high=0.1,delta_low=0.05,divergence=kl,rows=all",
+        ),
+        (
+            {"loss_mode": "dppo_tv", "use_kl_loss": True, "kl_loss_coef": 0.01},
+            "dppo:beta=0.01",
+        ),
     ],
 )
 def test_policy_mapping(overrides: dict[str, Any], spec: str) -> None:
@@ -392,8 +435,10 @@ def test_policy_mapping(overrides: dict[str, Any], spec: str) -> None:
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [
-        ({"loss_mode": "clip_cov"}, "loss_mode 'clip_cov' is not one of"),
-        ({"loss_mode": "gspo"}, "gspo with loss_agg_mode 'token-mean'"),
+        ({"loss_mode": "clip_cov"}, "loss_mode 'clip_cov': verl zeroes a random draw"),
+        ({"loss_mode": "kl_cov"}, "loss_mode 'kl_cov': verl penalises the top kl_cov_ratio"),
+        ({"loss_mode": "geo_mean"}, "loss_mode 'geo_mean': verl takes torch.mean"),
+        ({"loss_mode": "dro"}, "loss_mode 'dro' is not one of"),
         ({"entropy_coeff": 0.01}, "entropy bonus"),
         ({"use_kl_loss": True, "kl_loss_type": "k1"}, "kl_loss_type 'k1'"),
         ({"use_kl_loss": True, "kl_loss_type": "k3+"}, "kl_loss_type 'k3+'"),

@@ -4,10 +4,12 @@ per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
 | verl actor config (`policy_loss.loss_mode`)  | policy spec                                       |
 |----------------------------------------------|---------------------------------------------------|
 | vanilla                                      | dual-clip:eps_low,eps_high,c=clip_ratio_c,agg     |
-| gspo (loss_agg_mode seq-mean-token-mean)     | gspo:eps_low,eps_high,rows=all                    |
+| gspo                                         | gspo:eps_low,eps_high,agg                         |
 | sapo                                         | sapo:tau_pos,tau_neg,rows=all                     |
 | cispo                                        | cispo:eps_low,eps_high,agg                        |
 | gpg                                          | reinforce:agg                                     |
+| dppo_tv, dppo_kl                             | dppo:divergence=tv|kl,delta_low=eps_low,          |
+|                                              | delta_high=eps_high,c=clip_ratio_c,agg            |
 | use_kl_loss, kl_loss_type low_var_kl or k3   | every spec above gains beta=kl_loss_coef          |
 
 eps_low is `clip_ratio_low`, eps_high `clip_ratio_high` (each defaulting to `clip_ratio`).
@@ -18,15 +20,20 @@ divides by the mini-batch's global token count, or by its configured sequence co
 `global_batch_size`: the catalogue's Z, and N with rows=all (every sequence, scored or not),
 of the step's merged ranks. The normaliser verl used is also recorded per token
 (`loss_scale`), so `agg=recorded` replays it exactly whatever the batch.
-verl clamps log r to [-20, 20] (vanilla, sapo, cispo), the GSPO log ratio at 10 and the k3
-KL at 10: the catalogue agrees while the ratios stay inside those clamps.
+verl clamps log r to [-20, 20] (vanilla, sapo, cispo, dppo), the GSPO log ratio at 10 and
+the k3 KL at 10: the catalogue agrees while the ratios stay inside those clamps. verl's gspo is
+the token form (sg(s_i) p_t / sg(p_t)): the same loss, and the same gradient while the
+advantage times the rollout weight is constant over each sequence (outcome advantages,
+sequence-level weights); otherwise its gradient is s_i w_t A_t / norm_t token by token.
 
 Refused, one line each (the catalogue cannot express them, so recording them would be
-wrong): loss modes dppo_tv, dppo_kl, clip_cov, kl_cov, geo_mean, dro, bypass_mode and any
-user-registered one; gspo with another aggregation; KL types other than low_var_kl and k3
-(k1, abs, k2, the straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`); the
-KL loss together with rollout-correction weights (`rollout_is_weights`: verl weights the
-policy term only, the catalogue's loss_weight weights the KL term too; `check_batch`).
+wrong): loss modes whose step loss depends on the micro-batch split, clip_cov and kl_cov (a
+selection by a covariance over each micro-batch, clip_cov's a random draw) and geo_mean (a
+mean over each micro-batch's rows); dro, bypass_mode and any user-registered one; KL types
+other than low_var_kl and k3 (k1, abs, k2, the straight-through "+" forms); the entropy
+bonus (`entropy_coeff != 0`); the KL loss together with rollout-correction weights
+(`rollout_is_weights`: verl weights the policy term only, the catalogue's loss_weight
+weights the KL term too; `check_batch`).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies import Policy, get_policy
 from stabledrl_cli.spec import SpecValue, format_spec
 
-LOSS_MODES = ("vanilla", "gspo", "sapo", "cispo", "gpg")
+LOSS_MODES = ("vanilla", "gspo", "sapo", "cispo", "gpg", "dppo_tv", "dppo_kl")
 """verl loss modes the integration records."""
 
 AGG_MODES = (
@@ -93,18 +100,27 @@ def _aggregation(mode: str, config: Any, response_width: int) -> dict[str, SpecV
     return params
 
 
+_PER_MICRO_BATCH = {
+    "clip_cov": "verl zeroes a random draw (torch's global generator) among each micro-batch's "
+    "tokens, by a covariance over that micro-batch; the catalogue's clip-cov draws its own "
+    "over the step",
+    "kl_cov": "verl penalises the top kl_cov_ratio of each micro-batch's tokens by a covariance "
+    "over that micro-batch; the catalogue's kl-cov ranks the step's",
+    "geo_mean": "verl takes torch.mean over each micro-batch's rows (no global batch size), so "
+    "a step's loss is a sum of micro-batch means; the catalogue's gmpo is one mean over the step",
+}
+"""Catalogue loss modes whose verl loss depends on the micro-batch split: why each is refused."""
+
+
 def _check_recordable(config: Any) -> None:
     mode = loss_mode(config)
+    if mode in _PER_MICRO_BATCH:
+        raise _refuse(f"loss_mode {mode!r}: {_PER_MICRO_BATCH[mode]}")
     if mode not in LOSS_MODES:
         raise _refuse(f"loss_mode {mode!r} is not one of {', '.join(LOSS_MODES)}")
     if agg_mode(config) not in AGG_MODES:
         raise _refuse(
             f"loss_agg_mode {config.loss_agg_mode!r} is not one of {', '.join(AGG_MODES)}"
-        )
-    if mode == "gspo" and config.loss_agg_mode != "seq-mean-token-mean":
-        raise _refuse(
-            f"gspo with loss_agg_mode {config.loss_agg_mode!r}; the catalogue's gspo "
-            "aggregates seq-mean-token-mean only"
         )
     if float(config.entropy_coeff) != 0.0:
         raise _refuse("the entropy bonus (entropy_coeff != 0) is not in the catalogue")
@@ -129,14 +145,18 @@ def policy_for_actor_config(config: Any, response_width: int) -> Policy:
         c = float(config.get("clip_ratio_c", 3.0))
         name, params = "dual-clip", {"eps_low": eps_low, "eps_high": eps_high, "c": c, **agg}
     elif mode == "gspo":
-        name, params = "gspo", {"eps_low": eps_low, "eps_high": eps_high, "rows": "all"}
+        name, params = "gspo", {"eps_low": eps_low, "eps_high": eps_high, **agg}
     elif mode == "sapo":
         tau = {"tau_pos": float(config.tau_pos), "tau_neg": float(config.tau_neg)}
         name, params = "sapo", {**tau, **agg}
     elif mode == "cispo":
         name, params = "cispo", {"eps_low": eps_low, "eps_high": eps_high, **agg}
-    else:
+    elif mode == "gpg":
         name, params = "reinforce", dict(agg)
+    else:
+        c = float(config.get("clip_ratio_c", 20.0))  # verl's dppo default (ActorConfig's is 3)
+        bounds = {"delta_low": eps_low, "delta_high": eps_high, "c": c}
+        name, params = "dppo", {"divergence": mode.removeprefix("dppo_"), **bounds, **agg}
     if config.use_kl_loss:
         params["beta"] = float(config.kl_loss_coef)
     try:
