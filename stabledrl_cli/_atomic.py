@@ -126,7 +126,8 @@ def write_durably(
 ) -> None:
     """`write_atomic` of paths already spelled out as strings (no `Path` on a hot path):
     `parts` written to `temp` and fsynced, `temp` renamed onto `final`, `directory` (the
-    directory of both) fsynced. WriteError naming `final` if that fails, `temp` removed."""
+    directory of both) fsynced. WriteError naming `final` if that fails; `temp` is removed
+    whatever stops the write (an interrupt too), as far as the system lets it be."""
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -136,10 +137,12 @@ def write_durably(
             os.close(fd)
         os.replace(temp, final)
         fsync_dir(directory)
-    except OSError as exc:
-        with suppress(FileNotFoundError):
+    except BaseException as exc:
+        with suppress(OSError):  # a directory gone or read-only refuses this too
             os.unlink(temp)
-        raise write_error(Path(final), exc) from None
+        if isinstance(exc, OSError):
+            raise write_error(Path(final), exc) from None
+        raise
 
 
 @contextmanager

@@ -142,3 +142,52 @@ def test_on_write_error_is_checked_and_a_step_without_tokens_is_refused(tmp_path
     with pytest.raises(UsageError, match="at least one token"):
         rec.log_step(0, logp=empty, logp_old=empty, advantages=empty, seq_id=np.zeros(0, int))
     rec.close()
+
+
+@pytest.mark.parametrize("on_write_error", ["raise", "warn"])
+def test_a_steps_directory_replaced_by_a_file_is_a_write_error_not_an_oserror(
+    tmp_path, capsys, on_write_error
+):
+    # The temporary file can be neither made nor removed (ENOTDIR both times): the failed
+    # cleanup must not replace the WriteError by the OSError (in "warn" mode: by a crash).
+    path = tmp_path / "run"
+    rec = sd.Recorder(path, on_write_error=on_write_error)
+    rec.log_step(0, **_flat(0))
+    for name in os.listdir(path / "steps"):
+        os.unlink(path / "steps" / name)
+    os.rmdir(path / "steps")
+    (path / "steps").write_bytes(b"")
+    if on_write_error == "raise":
+        with pytest.raises(WriteError, match=r"step-00000001\.safetensors: cannot write it"):
+            rec.log_step(1, **_flat(1))
+    else:
+        rec.log_step(1, **_flat(1))  # training goes on
+        rec.log_step(2, **_flat(2))
+        assert capsys.readouterr().err.count("recording stopped") == 1
+    rec.close()
+
+
+@pytest.mark.parametrize("async_writes", [False, True])
+def test_an_interrupt_mid_write_leaves_no_temporary_file(tmp_path, monkeypatch, async_writes):
+    path = tmp_path / "run"
+    rec = sd.Recorder(path, async_writes=async_writes)
+    rec.log_step(0, **_flat(0))
+    rec.flush()
+
+    def interrupted(fd: int, buffers: list[memoryview]) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_atomic.os, "writev", interrupted)
+    with pytest.raises((KeyboardInterrupt, WriteError)):
+        rec.log_step(1, **_flat(1))
+        rec.flush()
+    monkeypatch.undo()
+    if async_writes:
+        with pytest.raises(WriteError):
+            rec.close()
+    else:
+        rec.log_step(2, **_flat(2))
+        rec.close()
+    assert not [n for n in os.listdir(path / "steps") if ".tmp-" in n]
+    run = sd.open_run(path)
+    assert 0 in run.step_numbers and not [f for f in run.integrity.findings if f.kind != "gap"]
