@@ -18,6 +18,10 @@ stop training) the first failure instead prints one warning on stderr, stops rec
 ({step, rank, reason}) that and why recording stopped (best effort: a full disk may refuse
 that too).
 
+A Recorder writes from the process that made it: in a forked child `log_step` and `flush`
+raise UsageError (the child would write under the parent's file names, and its copy of the
+queue has no writer thread), and `close` leaves the parent's writer alone.
+
 Keywords of `Recorder` beyond the run's facts: `group_ids` ("per_rank", the default, or
 "global": the recorded group_ids are global prompt-group ids, see `_schema`), `source` (format
 1.2: where the run came from, e.g. {"kind": "import", ...}), `overwrite`, `resume` and
@@ -247,6 +251,8 @@ class Recorder:
         self.stopped: str | None = None
         """Why recording stopped (on_write_error="warn" after a failed write), else None."""
         self._closed = False
+        self._pid = os.getpid()
+        """The process that made this Recorder, the only one it writes from."""
         self._rewriting = False
         self._writer: _Writer | None = None
         if async_writes:
@@ -301,6 +307,7 @@ class Recorder:
         missing field, a bad shape, dtype or id, WriteError if the file cannot be written."""
         if self._closed:
             raise UsageError("log_step on a closed Recorder")
+        self._check_process("log_step")
         self._raise_writer_error()
         if self.stopped is not None:
             return
@@ -395,8 +402,19 @@ class Recorder:
         finally:
             self._rewriting = False
 
+    def _check_process(self, call: str) -> None:
+        """UsageError in a child forked from the process that made this Recorder: the child
+        would write its steps under the parent's file names, and its copy of the writer queue
+        has no thread to empty it."""
+        if os.getpid() != self._pid:
+            raise UsageError(
+                f"{call} in a forked child process (pid {os.getpid()}) of the process that made "
+                f"the Recorder (pid {self._pid}): a process records with its own Recorder"
+            )
+
     def flush(self) -> None:
         """Waits until every queued step is durable (a no-op for synchronous writes)."""
+        self._check_process("flush")
         if self._writer is not None:
             self._writer.queue.join()
         self._raise_writer_error()
@@ -431,11 +449,12 @@ class Recorder:
             pass  # best effort: the disk that refused the step may refuse this too
 
     def close(self) -> None:
-        """Drains the queue (async mode) and stops the writer. Idempotent."""
+        """Drains the queue (async mode) and stops the writer. Idempotent. In a forked child
+        it only closes the child's copy: the writer is the parent's."""
         if self._closed:
             return
         self._closed = True
-        if self._writer is not None:
+        if self._writer is not None and os.getpid() == self._pid:
             self._writer.queue.put(None)
             self._writer.join()
             self._raise_writer_error()
