@@ -264,6 +264,27 @@ def test_log_step_validation_names_the_field(tmp_path, change, field):
     assert sd.open_run(tmp_path / "run").step_numbers == [0]
 
 
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"logp": torch.empty(4, device="meta")}, "logp"),
+        ({"logp_old": torch.zeros(4).to_sparse()}, "logp_old"),
+        ({"advantages": torch.ones(4).to(torch.float8_e4m3fn)}, "advantages"),
+        ({"logp": torch.zeros(4, dtype=torch.cfloat).conj().imag}, "logp"),  # negative bit
+        ({"loss": torch.tensor(1.0, device="meta")}, "loss"),
+        ({"grad_norm": 10**400}, "grad_norm"),
+        ({"scalars": {"kl_coef": torch.ones(1, device="meta")}}, "kl_coef"),
+    ],
+)
+def test_tensors_numpy_cannot_take_are_a_usage_error_naming_the_field(tmp_path, change, field):
+    # Not the NotImplementedError, TypeError, RuntimeError or OverflowError of the conversion.
+    with sd.Recorder(tmp_path / "run") as rec:
+        with pytest.raises(UsageError, match=field):
+            rec.log_step(0, **{**_flat(), **change})
+        rec.log_step(0, **_flat())
+    assert sd.open_run(tmp_path / "run").step_numbers == [0]
+
+
 def test_step_numbers_and_constructor_are_checked(tmp_path):
     with sd.Recorder(tmp_path / "run", param_names=["a"]) as rec:
         rec.log_step(4, **_flat())

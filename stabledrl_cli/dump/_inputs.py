@@ -48,12 +48,17 @@ def _is_tensor(value: object) -> TypeGuard[torch.Tensor]:
 
 
 def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
-    """`value` as a numpy array (a tensor moved to the CPU; bfloat16 widened to float32)."""
+    """`value` as a numpy array (a tensor moved to the CPU; bfloat16 widened to float32).
+    UsageError naming `field` for a tensor numpy cannot take (on the meta device, sparse,
+    float8, ...)."""
     if _is_tensor(value):
         value = value.detach()
-        if value.dtype is sys.modules["torch"].bfloat16:
-            value = value.float()  # numpy has no bfloat16
-        return value.cpu().numpy()
+        try:
+            if value.dtype is sys.modules["torch"].bfloat16:
+                value = value.float()  # numpy has no bfloat16
+            return value.cpu().numpy()
+        except Exception as exc:
+            raise UsageError(f"{field}: cannot be read as an array ({exc})") from None
     if isinstance(value, np.ndarray):
         return value
     try:
@@ -106,11 +111,16 @@ def _scalar(value: ScalarInput | object, field: str) -> float:
         count = value.size if isinstance(value, np.ndarray) else value.numel()
         if count != 1:
             raise UsageError(f"{field}: expected a scalar, got {count} values")
-        value = value.item()
+        try:
+            value = value.item()
+        except Exception as exc:  # a tensor with no data (meta), ...
+            raise UsageError(f"{field}: cannot be read as a number ({exc})") from None
     try:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise UsageError(f"{field}: expected a number, got {type(value).__name__}") from None
+    except OverflowError:
+        raise UsageError(f"{field}: a number too large for a float64") from None
 
 
 def _nonfinite_count(arrays: list[np.ndarray], mask: np.ndarray) -> int:
