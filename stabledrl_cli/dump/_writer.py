@@ -48,6 +48,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, SupportsIndex
 
@@ -449,15 +450,20 @@ class Recorder:
             pass  # best effort: the disk that refused the step may refuse this too
 
     def close(self) -> None:
-        """Drains the queue (async mode) and stops the writer. Idempotent. In a forked child
-        it only closes the child's copy: the writer is the parent's."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._writer is not None and os.getpid() == self._pid:
-            self._writer.queue.put(None)
-            self._writer.join()
+        """Drains the queue (async mode) and stops the writer. Idempotent; a close interrupted
+        while it drains (a second Ctrl-C) is finished by the next call, at the latest by the
+        one at exit. In a forked child it only closes the child's copy: the writer is the
+        parent's."""
+        writer = self._writer if os.getpid() == self._pid else None
+        if writer is not None and writer.is_alive():
+            self._closed = True
+            while writer.is_alive():  # the writer stops at its first None: never wait on it
+                with suppress(queue.Full):  # after it stopped
+                    writer.queue.put(None, timeout=1.0)
+                    break
+            writer.join()
             self._raise_writer_error()
+        self._closed = True
 
     def __enter__(self) -> Recorder:
         return self

@@ -1,7 +1,8 @@
-"""A Recorder belongs to the process that made it: in a child forked from that process (a
+"""A Recorder's life around its process: in a child forked from the process that made it (a
 fork-started worker, `os.fork`) log_step is a UsageError and nothing is written, so the child
 neither overwrites the parent's step files nor blocks on the parent's writer queue (which has
-no thread in the child); leaving the child (atexit) does not block either."""
+no thread in the child), and leaving the child (atexit) does not block either; a close of
+async writes that is interrupted while it drains is finished by the next one (at exit)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,52 @@ def test_a_forked_child_cannot_write_into_its_parents_run(tmp_path, mode):
     assert run.step_numbers == list(range(6)) and run.integrity.ok
     assert [float(np.asarray(step["logp"])[0]) for step in run] == [0, 1, 2, 3, 4, 5]
     assert not [n for n in os.listdir(path / "steps") if ".tmp-" in n]
+
+
+INTERRUPTED_CLOSE = textwrap.dedent(
+    """
+    import sys, threading
+    import numpy as np
+    import stabledrl_cli as sd
+    import stabledrl_cli.dump._writer as writer
+
+    gate, real_write = threading.Event(), writer.write_step
+
+    def held_write(*args):  # the disk is slow: nothing is written until close() waits
+        gate.wait()
+        real_write(*args)
+
+    writer.write_step = held_write
+    rec = sd.Recorder(sys.argv[1], async_writes=True)
+    for step in range(6):
+        rec.log_step(step, logp=np.zeros(4, np.float32), logp_old=np.zeros(4, np.float32),
+                     advantages=np.ones(4, np.float32), seq_id=np.array([0, 0, 1, 1]))
+    real_join = writer._Writer.join
+
+    def interrupted_join(self, *args):  # a second Ctrl-C while close() drains the queue
+        writer._Writer.join = real_join
+        gate.set()
+        raise KeyboardInterrupt
+
+    writer._Writer.join = interrupted_join
+    try:
+        rec.close()
+    except KeyboardInterrupt:
+        pass
+    """
+)
+
+
+def test_a_close_interrupted_while_it_drains_is_finished_at_exit(tmp_path):
+    # A close() interrupted in its drain (Ctrl-C twice) must not lose the queued steps: the
+    # next close, at the latest the one at exit, finishes it.
+    path = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_CLOSE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,  # a guard, not a bound
+    )
+    assert done.returncode == 0, done.stderr
+    run = sd.open_run(path)
+    assert run.step_numbers == list(range(6)) and run.integrity.ok
