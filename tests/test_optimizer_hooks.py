@@ -1008,3 +1008,40 @@ def test_a_rank_that_stops_recording_while_holding_partial_copies_stops_the_othe
     assert run.step_numbers == [0, 1, 2]  # every step before the stop on both ranks
     names = sorted(p.name for p in (tmp_path / "run" / "steps").iterdir())
     assert names == [f"step-{n:08d}.rank-{r:04d}.safetensors" for n in range(3) for r in (0, 1)]
+
+
+COMPLEX = textwrap.dedent(
+    """
+    import json, math, sys
+    import torch
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.complex64))
+    bias = torch.nn.Parameter(torch.randn(4))
+    optimizer = torch.optim.Adam([weight, bias], lr=0.01)
+    norms = []
+    for _ in range(3):
+        x = torch.randn(2, 3, dtype=torch.complex64)
+        ((x @ weight).abs() ** 2).sum().add(bias.sum()).backward()
+        norms.append(math.sqrt(weight.grad.norm().item() ** 2 + bias.grad.norm().item() ** 2))
+        optimizer.step()
+        optimizer.zero_grad()
+    json.dump(norms, open(sys.argv[1], "w"))
+    print("trained", flush=True)
+    """
+)
+
+
+def test_complex_gradients_are_recorded_with_their_norm(tmp_path):
+    """A complex parameter's gradient norm is the norm of its real and imaginary parts (it
+    stopped recording: torch's norm wants a complex dtype for a complex tensor)."""
+    script, computed = tmp_path / "train.py", tmp_path / "computed.json"
+    script.write_text(COMPLEX)
+    result = _record(
+        "--out", str(tmp_path / "run"), "--", sys.executable, str(script), str(computed)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "trained" in result.stdout and "warning" not in result.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2]
+    recorded = run.scalar_series("grad_norm")[1].tolist()
+    assert all(close(r, c) for r, c in zip(recorded, json.loads(computed.read_text()), strict=True))

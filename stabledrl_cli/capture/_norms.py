@@ -49,16 +49,18 @@ def _is_partial(grad: Any) -> bool:
 def gradient_norms(grads: list[torch.Tensor]) -> list[float]:
     """The L2 norm of each tensor (any shapes; plain tensors, e.g. a DTensor's local shard),
     accumulated in float32 (float64 for float64 tensors), as Python floats: one host sync per
-    device and dtype."""
+    device and dtype. A complex tensor's norm is that of its real and imaginary parts."""
     by_kind: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
     for i, grad in enumerate(grads):
         by_kind.setdefault((grad.device, grad.dtype, grad.is_sparse), []).append(i)
     out = [0.0] * len(grads)
     for (_, dtype, sparse), indices in by_kind.items():
-        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        wide = torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
         tensors = [grads[i] for i in indices]
         if sparse:
             tensors = [t.coalesce().values() for t in tensors]
+        if dtype.is_complex:
+            tensors = [torch.view_as_real(t) for t in tensors]
         norms = torch._foreach_norm(tensors, 2, dtype=wide)
         for i, value in zip(indices, torch.stack(norms).tolist(), strict=True):
             out[i] = value
