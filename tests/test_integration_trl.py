@@ -261,6 +261,8 @@ PARITY = {
     "luspo-sequence": {"loss_type": "luspo", "importance_sampling_level": "sequence"},
     "vespo": {"loss_type": "vespo"},
     "vespo-beta": {"loss_type": "vespo", "beta": 0.1, "gradient_accumulation_steps": 4},
+    # truncated completions (no EOS in 6 tokens) keep no token: every step has some
+    "truncated": {"loss_type": "grpo", "mask_truncated_completions": True},
 }
 
 
@@ -335,6 +337,11 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
         for number, value in zip(own.series["step"], phis, strict=True):
             assert value == pytest.approx(logged[int(number)]["vespo/phi_seq_mean"], rel=1e-5)
         assert min(phis) < 0.999  # the weights moved off phi(1) = 1 on the second pass
+    if case == "truncated":  # recorded whole: sequences with no scored token among them
+        for step in sd.open_run(out):
+            scored = torch.zeros(len(step["group_id"]))
+            scored.index_add_(0, step["seq_id"].long(), step["mask"].float())
+            assert bool((scored == 0).any()) and bool((scored > 0).any())
     step = sd.open_run(out).step(2)
     assert step.scalars["inner_step"] == 1  # the second update on the same rollout
     accumulation = trainer.args.gradient_accumulation_steps
