@@ -15,6 +15,7 @@ import torch
 
 from stabledrl_cli.capture.bootstrap import RecordingFailure
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.integrations._rows import every_row
 
 
 @dataclass
@@ -30,7 +31,7 @@ class MicroBatch:
     """[B, L] completion_mask times tool_mask: the scored tokens."""
     kept: torch.Tensor
     """[B, L] bool, the completion's tokens (completion_mask): what is recorded (a row that
-    keeps none keeps its first position, `_every_row`)."""
+    keeps none keeps its first position, `_rows.every_row`)."""
     loss_scale: torch.Tensor
     """[B, L] the normaliser of each token's term in the step's (all ranks') objective."""
     group_id: torch.Tensor
@@ -45,20 +46,6 @@ class MicroBatch:
 def _flat(rows: list[torch.Tensor], kept: list[torch.Tensor]) -> torch.Tensor:
     """Concatenates the kept tokens of each micro-batch, row-major: [T]."""
     return torch.cat([r[k] for r, k in zip(rows, kept, strict=True)])
-
-
-def _every_row(kept: torch.Tensor) -> torch.Tensor:
-    """`kept` with the first position of each row that keeps no token: TRL's
-    `mask_truncated_completions` zeroes a truncated completion's whole completion_mask row,
-    and the sequence must still be in the step (its reward and group, the rows a "rows=all"
-    policy counts), with one token that its mask (completion_mask times tool_mask, 0 on the
-    whole row) leaves unscored."""
-    empty = ~kept.any(dim=1)
-    if kept.shape[1] == 0 or not bool(empty.any()):
-        return kept
-    kept = kept.clone()
-    kept[empty, 0] = True
-    return kept
 
 
 def _group_split(group_id: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -98,7 +85,7 @@ class StepBuffer:
         micro, self.micro = self.micro, []
         if not micro:
             return
-        kept = [_every_row(m.kept) for m in micro]
+        kept = [every_row(m.kept) for m in micro]
 
         def tokens(name: str) -> torch.Tensor:
             return _flat([getattr(m, name) for m in micro], kept)

@@ -21,6 +21,7 @@ from verl.utils import tensordict_utils as tu
 from verl.workers.utils.padding import no_padding_2_padding
 
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.integrations._rows import every_row
 from stabledrl_cli.integrations._verl_policy import agg_mode, token_loss_scale
 
 VERL_METRICS = ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl")
@@ -137,13 +138,6 @@ class Groups:
         return cls({uid: i for i, uid in enumerate(sorted(size))}, size)
 
 
-def _kept(mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] bool: the scored tokens, plus the first position of a row without any."""
-    kept = mask.clone()
-    kept[~mask.any(-1), 0] = True
-    return kept
-
-
 @dataclass
 class StepLog:
     """The scalars of one optimizer step, beside its micro-batches."""
@@ -162,7 +156,7 @@ class StepLog:
     ) -> None:
         """Logs the micro-batches as optimizer step `step` (groups: the rollout's, else the
         step's own uids number the groups and none is marked split)."""
-        kept = [_kept(m.mask) for m in micro]
+        kept = [every_row(m.mask) for m in micro]
 
         def tokens(rows: list[torch.Tensor]) -> torch.Tensor:
             return torch.cat([r[k] for r, k in zip(rows, kept, strict=True)])
