@@ -28,7 +28,8 @@ are removed), and training goes on.
 
 How the parent learns of a failure: `report_failure` appends one line `CODE<TAB>MESSAGE` to
 the status file (CODE is the exit code the failure maps to: 2 for a usage error such as a
-missing policy, 3 for bad input arrays, 4 for a run that could not be written). After the
+missing policy or arrays log_step refuses, 3 for unreadable input or an exception that is not
+the tool's, 4 for a run that could not be written). After the
 command exits, `record` reads that file: a reported failure, or a run with no step at all,
 makes it exit non-zero with the reason, unless the command's own non-zero exit code wins.
 """
