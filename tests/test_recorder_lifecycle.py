@@ -10,11 +10,29 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import stabledrl_cli as sd
+from stabledrl_cli.dump import Run
+
+
+def _recorded(script: str, path: Path, *args: str) -> tuple[Run, str]:
+    """(the run at `path`, stdout) after a real Python process ran `script` with `path` and
+    `args`: it exited 0 and the run's integrity is ok."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,  # a guard against the hangs these tests are about, not a bound
+    )
+    assert done.returncode == 0, done.stderr
+    run = sd.open_run(path)
+    assert run.integrity.ok
+    return run, done.stdout
+
 
 CHILD = textwrap.dedent(
     """
@@ -52,16 +70,9 @@ CHILD = textwrap.dedent(
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_forked_child_cannot_write_into_its_parents_run(tmp_path, mode):
     path = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), mode],
-        capture_output=True,
-        text=True,
-        timeout=120,  # a guard against the hang this test is about, not a bound
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["0"]  # the child: every log_step refused, and it exited
-    run = sd.open_run(path)
-    assert run.step_numbers == list(range(6)) and run.integrity.ok
+    run, stdout = _recorded(CHILD, path, mode)
+    assert stdout.split() == ["0"]  # the child: every log_step refused, and it exited
+    assert run.step_numbers == list(range(6))
     assert [float(np.asarray(step["logp"])[0]) for step in run] == [0, 1, 2, 3, 4, 5]
     assert not [n for n in os.listdir(path / "steps") if ".tmp-" in n]
 
@@ -104,12 +115,38 @@ def test_a_close_interrupted_while_it_drains_is_finished_at_exit(tmp_path):
     # A close() interrupted in its drain (Ctrl-C twice) must not lose the queued steps: the
     # next close, at the latest the one at exit, finishes it.
     path = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-c", INTERRUPTED_CLOSE, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,  # a guard, not a bound
-    )
-    assert done.returncode == 0, done.stderr
-    run = sd.open_run(path)
-    assert run.step_numbers == list(range(6)) and run.integrity.ok
+    run, _ = _recorded(INTERRUPTED_CLOSE, path)
+    assert run.step_numbers == list(range(6))
+
+
+DROPPED_UNCLOSED = textwrap.dedent(
+    """
+    import atexit, sys, threading
+    import numpy as np
+    import stabledrl_cli as sd
+    import stabledrl_cli.dump._writer as writer
+
+    gate, real_write = threading.Event(), writer.write_step
+
+    def held_write(*args):  # the disk is slow: nothing is written before the process ends
+        gate.wait()
+        real_write(*args)
+
+    writer.write_step = held_write
+
+    def train(path):
+        rec = sd.Recorder(path, async_writes=True)  # never closed, dropped on return
+        atexit.register(gate.set)  # runs before the Recorder's own exit handler
+        for step in range(8):
+            rec.log_step(step, logp=np.zeros(4, np.float32), logp_old=np.zeros(4, np.float32),
+                         advantages=np.ones(4, np.float32), seq_id=np.array([0, 0, 1, 1]))
+
+    train(sys.argv[1])
+    """
+)
+
+
+def test_an_async_recorder_dropped_unclosed_still_writes_its_queue_at_exit(tmp_path):
+    path = tmp_path / "run"
+    run, _ = _recorded(DROPPED_UNCLOSED, path)
+    assert run.step_numbers == list(range(8))

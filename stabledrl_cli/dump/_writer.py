@@ -7,7 +7,8 @@ the caller may reuse its tensors at once), then hands them to a writer thread th
 queue of `queue_size` entries. On a crash (kill -9, power loss) at most `queue_size + 1` steps
 that `log_step` had returned for are lost: the ones waiting in the queue and the one being
 written. A step that is lost is lost whole: readers never see a partial file under a final
-name. `close()` (or leaving the `with` block) drains the queue.
+name. `close()` (or leaving the `with` block) drains the queue; at exit, the queue of a
+Recorder that was never closed is drained too (even when the Recorder was dropped).
 
 A failed write (a full disk, a read-only directory) raises WriteError (exit 4) naming the
 file, from `log_step` (synchronous) or from the next `log_step`, `flush` or `close` (async);
@@ -137,6 +138,16 @@ class _Writer(threading.Thread):
             finally:
                 self.queue.task_done()
 
+    def stop(self) -> None:
+        """Writes every queued step, then ends the thread; returns at once once it has ended.
+        The stop marker is put with a timeout in a loop that ends with the thread, so a call
+        after an interrupted one never waits on a thread that is gone."""
+        while self.is_alive():
+            with suppress(queue.Full):
+                self.queue.put(None, timeout=1.0)
+                break
+        self.join()
+
 
 class Recorder:
     """Records a training run, one optimizer step at a time (format in docs/run-format.md).
@@ -259,7 +270,7 @@ class Recorder:
         if async_writes:
             self._writer = _Writer(queue_size)
             self._writer.start()
-            atexit.register(_close_at_exit, weakref.ref(self))
+            atexit.register(_close_at_exit, weakref.ref(self), self._writer)
 
     # -- recording ----------------------------------------------------------------------------
     def log_step(
@@ -457,11 +468,7 @@ class Recorder:
         writer = self._writer if os.getpid() == self._pid else None
         if writer is not None and writer.is_alive():
             self._closed = True
-            while writer.is_alive():  # the writer stops at its first None: never wait on it
-                with suppress(queue.Full):  # after it stopped
-                    writer.queue.put(None, timeout=1.0)
-                    break
-            writer.join()
+            writer.stop()
             self._raise_writer_error()
         self._closed = True
 
@@ -475,7 +482,10 @@ class Recorder:
         return f"Recorder({str(self.path)!r}, unit={self.unit!r}, rank={self.rank})"
 
 
-def _close_at_exit(ref: weakref.ref[Recorder]) -> None:
+def _close_at_exit(ref: weakref.ref[Recorder], writer: _Writer) -> None:
+    """At exit: closes the Recorder; one dropped unclosed still has its queued steps written."""
     recorder = ref()
     if recorder is not None:
         recorder.close()
+    else:  # (in a forked child the copy's thread is not alive: nothing to do)
+        writer.stop()
