@@ -169,14 +169,17 @@ MIXED = textwrap.dedent(
         logp = np.full((2, 3), -1.0 - step, dtype="float32")
         policy = {"policy": "grpo"} if sys.argv[1] == "script" else {}
         return dict(logp=logp, logp_old=logp, advantages=np.ones(2, dtype="float32"),
-                    loss=float(step), scalars={"mine": 10.0 + step}, **policy)
+                    loss=float(step), scalars={"mine": torch.tensor(10.0 + step)}, **policy)
 
     for step in range(4):
         optimizer.zero_grad()
         model(torch.randn(8, 4)).sum().backward()
         before = step >= 2  # steps 2-3: the batch is logged before the step it drives
         if before:
-            assert sd.log_policy_batch(step, **batch(step))
+            fields = batch(step)
+            assert sd.log_policy_batch(step, **fields)
+            fields["logp"][:] = 99.0  # the script reuses its buffers at once
+            fields["scalars"]["mine"].fill_(99.0)
         optimizer.step()
         if not before:  # steps 0-1: after it
             assert sd.log_policy_batch(step, **batch(step))

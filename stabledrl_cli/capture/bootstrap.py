@@ -200,6 +200,26 @@ def _write(step: _Step, recorder: Recorder, *, replace: bool) -> bool:
     return not _failure.stopped(recorder.stopped, f"recording stopped at step {step.number}")
 
 
+def _snapshot(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` (log_step keywords) with each array, tensor and list copied into a numpy
+    array of its own: a batch that waits for its optimizer step's half is written again then,
+    and the script may have reused its buffers since `log_policy_batch` returned."""
+    from stabledrl_cli.dump._inputs import to_numpy  # loaded with the Recorder already
+
+    def copy(name: str, value: Any) -> Any:
+        return (
+            value
+            if value is None or isinstance(value, (int, float))
+            else to_numpy(value, name).copy()
+        )
+
+    out = {name: copy(name, value) for name, value in fields.items() if name != "scalars"}
+    scalars = fields.get("scalars")
+    if scalars is not None:
+        out["scalars"] = {k: copy(f"scalars[{k!r}]", v) for k, v in dict(scalars).items()}
+    return out
+
+
 def _release_held(policy: str | PolicyLike | None, recorder_kwargs: dict[str, Any]) -> None:
     """Writes the held first hook step, if any, opening the run (with `policy`, if any)."""
     global _held
@@ -239,7 +259,7 @@ def log_policy_batch(
             if _last is not None and _last.number == step and _last.batch is None:
                 _last.batch = fields
                 return _write(_last, recorder, replace=True)
-            return _write(_Step(step, batch=fields), recorder, replace=False)
+            return _write(_Step(step, batch=_snapshot(fields)), recorder, replace=False)
     except Exception as exc:
         _failure.fail(exc, f"log_policy_batch failed at step {step}")
         return False
