@@ -285,6 +285,16 @@ def test_tensors_numpy_cannot_take_are_a_usage_error_naming_the_field(tmp_path, 
     assert sd.open_run(tmp_path / "run").step_numbers == [0]
 
 
+@pytest.mark.parametrize("name", ["step", "wall_time", "nonfinite"])
+def test_a_scalar_the_recorder_sets_is_refused_without_pointing_at_a_keyword(tmp_path, name):
+    # log_step has no wall_time= or nonfinite= keyword to pass them as
+    with sd.Recorder(tmp_path / "run") as rec:
+        refused = f"'{name}' is a standard scalar; it is set by the Recorder"
+        with pytest.raises(UsageError, match=refused) as info:
+            rec.log_step(0, **_flat(), scalars={name: 1.0})
+        assert f"{name}=" not in str(info.value)
+
+
 def test_step_numbers_and_constructor_are_checked(tmp_path):
     with sd.Recorder(tmp_path / "run", param_names=["a"]) as rec:
         rec.log_step(4, **_flat())

@@ -286,7 +286,8 @@ def _step_scalars(
         if not isinstance(name, str) or not name or name.startswith("_"):
             raise UsageError(f"scalars: name {name!r} must be a non-empty string not starting '_'")
         if name in STANDARD_SCALARS and name != "unit_grad_sketch_scale":
-            raise UsageError(f"scalars: {name!r} is a standard scalar; pass it as {name}=")
+            how = f"pass it as {name}=" if name in scalars else "it is set by the Recorder"
+            raise UsageError(f"scalars: {name!r} is a standard scalar; {how}")
         if name in SERIES_SCALARS and name in out:
             raise UsageError(f"scalars: {name!r} is given twice (as {name}= and in scalars=)")
         out[name] = _scalar(value, f"scalars[{name!r}]")
