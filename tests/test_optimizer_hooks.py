@@ -1048,3 +1048,42 @@ def test_complex_gradients_are_recorded_with_their_norm(tmp_path):
     assert run.step_numbers == [0, 1, 2]
     recorded = run.scalar_series("grad_norm")[1].tolist()
     assert all(close(r, c) for r, c in zip(recorded, json.loads(computed.read_text()), strict=True))
+
+
+SPAWNS = textwrap.dedent(
+    """
+    import multiprocessing, torch
+
+    def train(steps, value):
+        model = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=value)
+        for _ in range(steps):
+            model(torch.randn(1, 2)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    if __name__ == "__main__":
+        train(5, 0.1)
+        child = multiprocessing.get_context("spawn").Process(target=train, args=(3, 0.5))
+        child.start()
+        child.join()
+        train(2, 0.1)
+        print("trained", flush=True)
+    """
+)
+
+
+def test_force_replaces_the_run_once_not_again_from_a_process_the_command_starts(tmp_path):
+    """--force is for the run the command finds: a worker the recording process spawns later
+    (its own optimizer, rank 0 again) must not replace that process's finished steps. It
+    cannot record beside them either: it warns, training goes on, and `record` says so."""
+    script, out = tmp_path / "train.py", tmp_path / "run"
+    script.write_text(SPAWNS)
+    out.mkdir()
+    (out / "old").write_text("a run that --force replaces")
+    result = _record("--out", str(out), "--force", "--", sys.executable, str(script))
+    assert "trained" in result.stdout
+    assert result.returncode == 2 and "already exists" in result.stderr, result.stderr
+    run = open_run(out)
+    assert run.step_numbers == list(range(7))  # the parent's 5 + 2, none the worker's
+    assert run.scalar_series("lr")[1].tolist() == [0.1] * 7

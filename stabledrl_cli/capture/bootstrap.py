@@ -3,7 +3,9 @@ it and the optimizer hooks (`optimizer_hooks`) write together.
 
 `record` exports to the training command:
 - STABLEDRL_RUN_DIR: the run directory to write;
-- STABLEDRL_FORCE: "1" when --force was given (overwrite a non-empty directory);
+- STABLEDRL_FORCE: "1" when --force was given (overwrite a non-empty directory); the process
+  that opens the run takes it out of its environment, so that a process it starts later (a
+  spawned worker with an optimizer of its own) finds the run and does not replace it;
 - STABLEDRL_POLICY: the --policy spec, when given;
 - STABLEDRL_STATUS_FILE: a file of `record`'s, where the child reports a recording failure.
 
@@ -179,7 +181,7 @@ def _open(
         raise UsageError(NO_POLICY)
     from stabledrl_cli.dump import Recorder  # the training script may never log a step
 
-    force = os.environ.get(ENV_FORCE, "") not in ("", "0")
+    force = os.environ.pop(ENV_FORCE, "") not in ("", "0")  # this run, not a later one
     recorder_kwargs.setdefault("on_write_error", "warn")  # a full disk never stops training
     for name, value in _launcher_rank().items():
         recorder_kwargs.setdefault(name, value)
