@@ -9,6 +9,7 @@ norm and step numbers are TRL's.
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import json
 import os
@@ -387,6 +388,24 @@ def test_recording_failure_warns_once_and_training_continues(
     warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl:" in line]
     assert len(warnings) == 1
     assert "disk on fire" in warnings[0] and "training continues" in warnings[0]
+
+
+def test_a_run_directory_that_cannot_be_written_warns_once_and_training_runs(
+    tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, real_open = tmp_path / "run", os.open
+
+    def read_only(file: Any, flags: int, *args: Any) -> int:  # the run's file system only
+        if flags & os.O_CREAT and str(file).startswith(str(out)):
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    trainer = _train(tiny, out)  # the run's manifest cannot be written
+    assert trainer.state.global_step == 4
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl:" in line]
+    assert len(warnings) == 1
+    assert "cannot write it" in warnings[0] and "training continues" in warnings[0]
 
 
 # -- the README snippet under `stabledrl record` ---------------------------------------------

@@ -21,9 +21,14 @@ from typing import Any
 
 import torch
 
-from stabledrl_cli.capture.bootstrap import ENV_FORCE, ENV_RUN_DIR, integration_records
+from stabledrl_cli.capture.bootstrap import (
+    ENV_FORCE,
+    ENV_RUN_DIR,
+    RecordingFailure,
+    integration_records,
+)
 from stabledrl_cli.dump import Recorder
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, WriteError
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
 from stabledrl_cli.integrations._trl_policy import policy_for_config, uses_loss_weight
 from stabledrl_cli.integrations._trl_version import check_trl_version
@@ -129,8 +134,14 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
     def train(
         self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
     ) -> Any:
-        """`GRPOTrainer.train`, recording into the run directory (continued on resume)."""
-        self._sd_buffer = self._sd_open(resume_from_checkpoint)
+        """`GRPOTrainer.train`, recording into the run directory (continued on resume). A run
+        that cannot be written (a full or read-only disk) warns once and training runs
+        unrecorded; a usage error (an existing run, a bad resume) is raised."""
+        try:
+            self._sd_buffer = self._sd_open(resume_from_checkpoint)
+        except WriteError as exc:
+            RecordingFailure().fail(exc, "recording the run failed")
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
