@@ -597,6 +597,17 @@ def test_bfloat16_and_token_ids(tmp_path):
     assert step["token_ids"].dtype == torch.int64 and step["token_ids"].shape == (2, 2)
 
 
+def test_token_ids_are_names_not_indices_so_negative_ones_are_kept(tmp_path):
+    # docs/run-format.md: token offsets or text hashes, int64; a signed hash is negative half
+    # the time, and HF pads with -100. Ids that index (seq_id, group_id) stay >= 0.
+    names = np.array([[-5_283_173_402_221_861_137, -100], [2**63 - 1, 0]], dtype=np.int64)
+    with sd.Recorder(tmp_path / "run") as rec:
+        rec.log_step(0, **_flat(), token_ids=names)
+        with pytest.raises(UsageError, match="token_ids: id 9223372036854775808 does not fit"):
+            rec.log_step(1, **_flat(), token_ids=np.array([[2**63], [0]], dtype=np.uint64))
+    assert sd.open_run(tmp_path / "run").step(0)["token_ids"].tolist() == names.tolist()
+
+
 def test_async_writer_failure_reaches_the_caller(tmp_path, monkeypatch):
     from stabledrl_cli import _atomic
 

@@ -78,12 +78,14 @@ def _float_array(array: np.ndarray, field: str) -> np.ndarray:
     return _stored(array, _FLOAT32)
 
 
-def _int_array(array: np.ndarray, field: str, dtype: str) -> np.ndarray:
+def _int_array(array: np.ndarray, field: str, dtype: str, *, index: bool = True) -> np.ndarray:
+    """`array` in `dtype`, its values checked to fit; `index`: they are indices, >= 0 (not
+    token_ids, which name a sequence: offsets or hashes of any sign)."""
     kind, width = array.dtype.kind, array.dtype.itemsize
     if kind not in _INT_KINDS:
         raise UsageError(f"{field}: expected an integer dtype, got {array.dtype}")
     if array.size:
-        if kind == "i":  # unsigned ids are >= 0 by their dtype
+        if index and kind == "i":  # unsigned ids are >= 0 by their dtype
             low = np.minimum.reduce(array, axis=None)
             if low < 0:
                 raise UsageError(f"{field}: ids must be >= 0, got {low}")
@@ -243,7 +245,7 @@ def _batch_tensors(
         group_split = _flag_array(given.pop("group_split"), "group_split")
         tensors["group_split"] = sequence_field("group_split", group_split)
     if "token_ids" in given:
-        token_ids = _int_array(given.pop("token_ids"), "token_ids", "int64")
+        token_ids = _int_array(given.pop("token_ids"), "token_ids", "int64", index=False)
         tensors["token_ids"] = sequence_field("token_ids", token_ids, rows=True)
 
     if "unit_grad_gram" in given:
