@@ -245,7 +245,9 @@ def log_policy_batch(
     "dapo:eps_high=0.28", or a catalogue policy; else STABLEDRL_POLICY) and `recorder_kwargs`
     (unit, estimator, meta, ...) are used by the call that opens the Recorder. Under the
     optimizer hooks, step n is merged with the n-th optimizer step (module docstring).
-    Returns True when the step was recorded. Never raises.
+    Returns True when the step was recorded: written, or, in a run that the optimizer hooks
+    opened (asynchronous writes), handed to the Recorder's writer thread, whose failure
+    shows at a later call (False) and in `record`'s exit code. Never raises.
     """
     if _failure.off:
         return False
