@@ -139,9 +139,9 @@ class _Writer(threading.Thread):
                 self.queue.task_done()
 
     def stop(self) -> None:
-        """Writes every queued step, then ends the thread; returns at once once it has ended.
-        The stop marker is put with a timeout in a loop that ends with the thread, so a call
-        after an interrupted one never waits on a thread that is gone."""
+        """Writes every queued step, then ends the thread (at once when it has ended). The
+        stop marker is put with a timeout in a loop that ends with the thread, so a call after
+        an interrupted one never waits on a thread that is gone."""
         while self.is_alive():
             with suppress(queue.Full):
                 self.queue.put(None, timeout=1.0)
