@@ -441,3 +441,28 @@ def test_check_reads_the_archive_like_the_directory(rich_run, rich_archive, tmp_
     assert direct.exit_code == packed.exit_code
     assert json.loads(packed.stdout)["gates"] == json.loads(direct.stdout)["gates"]
     assert all(g["ok"] for g in json.loads(packed.stdout)["gates"] if g["gate"] != "max_collapsed")
+
+
+def test_a_run_without_per_sequence_arrays_packs_and_replays_as_its_directory(tmp_path: Path):
+    """Steps with token arrays only (no reward, group_id or micro_batch: the archive has no
+    `sequences/` data) read from the .h5 as from the directory; every step was refused
+    ("its sequences offsets disagree with its counts or the data")."""
+    with sd.Recorder(tmp_path / "run") as rec:
+        for step in range(3):
+            rec.log_step(
+                step,
+                logp=np.full(4, -1.0 - step, np.float32),
+                logp_old=np.full(4, -1.1, np.float32),
+                advantages=np.array([1, 1, -1, -1], np.float32),
+                seq_id=np.array([0, 0, 1, 1]),
+            )
+    pack_run(open_run(tmp_path / "run"), tmp_path / "run.h5")
+    assert open_run(tmp_path / "run.h5").integrity.ok
+    replays = [
+        runner.invoke(app, ["replay", str(tmp_path / name), "-p", "grpo", "--format", "json"])
+        for name in ("run", "run.h5")
+    ]
+    assert [r.exit_code for r in replays] == [0, 0], replays[1].stderr
+    directory, archive = (json.loads(r.stdout) for r in replays)
+    assert directory["steps"] == archive["steps"] == 3
+    assert directory["policies"] == archive["policies"]
