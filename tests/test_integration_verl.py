@@ -351,6 +351,81 @@ def test_clip_fractions_match_verl(overrides: dict[str, Any], tmp_path: Path) ->
         assert lower_seen > 0  # the dual clip did bind somewhere
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"loss_mode": "gspo", "loss_agg_mode": agg}, id=f"gspo-{agg}")
+        for agg in ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum")
+    ]
+    + [
+        pytest.param(
+            {
+                "loss_mode": "gspo",
+                "loss_agg_mode": "seq-mean-token-sum-norm",
+                "clip_ratio_low": 0.1,
+            },
+            id="gspo-seq-mean-token-sum-norm",
+        ),
+        pytest.param(
+            {"loss_mode": "dppo_tv", "clip_ratio_high": 0.05, "clip_ratio_c": 1.05}, id="dppo-tv"
+        ),
+        pytest.param(
+            {
+                "loss_mode": "dppo_kl",
+                "loss_agg_mode": "seq-mean-token-mean",
+                "clip_ratio_low": 0.01,
+            },
+            id="dppo-kl",
+        ),
+    ],
+)
+def test_mapped_policy_gradient_equals_verl_autograd(overrides: dict[str, Any]) -> None:
+    """The mapped policy's coef is minus the gradient of verl's loss (its global normalisers
+    set as `ppo_loss` sets them) w.r.t. each scored token's log-prob. One advantage and one
+    rollout weight per sequence: verl's gspo is the token form, whose gradient is the
+    sequence form's only then (docs/policies.md, GSPO)."""
+    gen = torch.Generator().manual_seed(3)
+    rows, width = 6, 5
+    mask = torch.arange(width)[None] < torch.tensor([5, 3, 1, 4, 2, 5])[:, None]
+    mask[4] = False  # a row without a scored token still counts in global_batch_size
+    logp = -torch.rand(rows, width, generator=gen, dtype=torch.float64) * 2
+    logp_old = logp - torch.randn(rows, width, generator=gen, dtype=torch.float64) * 0.3
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.3, 0.7, 2.0], dtype=torch.float64)[:, None]
+    weight = (0.5 + torch.rand(rows, 1, generator=gen, dtype=torch.float64)).expand(rows, width)
+    if overrides["loss_mode"] == "dppo_tv":  # token-level weights and advantages: exact too
+        adv = adv + torch.randn(rows, width, generator=gen, dtype=torch.float64) * 0.3
+        weight = 0.5 + torch.rand(rows, width, generator=gen, dtype=torch.float64)
+    adv, weight = adv.expand(rows, width) * mask, weight * mask
+    config = actor_config(**overrides)
+    config.global_batch_info.update(
+        dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=rows, loss_scale_factor=None
+    )
+    leaf = logp.clone().requires_grad_(True)
+    loss, _ = core_algos.get_policy_loss_fn(config.policy_loss.loss_mode)(
+        old_log_prob=logp_old,
+        log_prob=leaf,
+        advantages=adv,
+        response_mask=mask,
+        loss_agg_mode=config.loss_agg_mode,
+        config=config,
+        rollout_is_weights=weight,
+    )
+    loss.backward()
+    assert leaf.grad is not None
+    batch = PolicyBatch(
+        logp=logp.flatten(),
+        logp_old=logp_old.flatten(),
+        advantages=adv.flatten(),
+        mask=mask.flatten(),
+        seq_id=torch.arange(rows).repeat_interleave(width),
+        loss_weight=weight.flatten(),
+    )
+    weights = policy_for_actor_config(config, response_width=width).weights(batch)
+    assert float(weights.objective) == pytest.approx(-float(loss), abs=1e-12)
+    assert torch.allclose(weights.coef, -leaf.grad.flatten(), atol=1e-12)
+    assert weights.discarded.any() and not weights.discarded.all()
+
+
 def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
     """|log r| > 20: verl clamps before exp, so the formula (and replay) must clamp too."""
     config = actor_config()
