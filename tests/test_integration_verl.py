@@ -381,9 +381,8 @@ def test_clip_fractions_match_verl(overrides: dict[str, Any], tmp_path: Path) ->
 )
 def test_mapped_policy_gradient_equals_verl_autograd(overrides: dict[str, Any]) -> None:
     """The mapped policy's coef is minus the gradient of verl's loss (its global normalisers
-    set as `ppo_loss` sets them) w.r.t. each scored token's log-prob. One advantage and one
-    rollout weight per sequence: verl's gspo is the token form, whose gradient is the
-    sequence form's only then (docs/policies.md, GSPO)."""
+    set as `ppo_loss` sets them) w.r.t. each scored token's log-prob, with advantages and
+    rollout weights that vary within a sequence for gspo (the token form) and dppo_tv."""
     gen = torch.Generator().manual_seed(3)
     rows, width = 6, 5
     mask = torch.arange(width)[None] < torch.tensor([5, 3, 1, 4, 2, 5])[:, None]
@@ -392,7 +391,7 @@ def test_mapped_policy_gradient_equals_verl_autograd(overrides: dict[str, Any]) 
     logp_old = logp - torch.randn(rows, width, generator=gen, dtype=torch.float64) * 0.3
     adv = torch.tensor([1.0, -1.0, 0.5, -0.3, 0.7, 2.0], dtype=torch.float64)[:, None]
     weight = (0.5 + torch.rand(rows, 1, generator=gen, dtype=torch.float64)).expand(rows, width)
-    if overrides["loss_mode"] == "dppo_tv":  # token-level weights and advantages: exact too
+    if overrides["loss_mode"] in ("dppo_tv", "gspo"):  # token-level weights and advantages
         adv = adv + torch.randn(rows, width, generator=gen, dtype=torch.float64) * 0.3
         weight = 0.5 + torch.rand(rows, width, generator=gen, dtype=torch.float64)
     adv, weight = adv.expand(rows, width) * mask, weight * mask
@@ -471,17 +470,17 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
         ({"loss_mode": "sapo"}, "sapo:rows=all"),
         (
             {"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-mean"},
-            "gspo:eps_high=0.2,eps_low=0.2,rows=all",
+            "gspo:eps_high=0.2,eps_low=0.2,form=token,rows=all",
         ),
         ({"loss_mode": "gpg"}, "reinforce"),
-        ({"loss_mode": "gspo"}, "gspo:agg=token-mean,eps_high=0.2,eps_low=0.2"),
+        ({"loss_mode": "gspo"}, "gspo:agg=token-mean,eps_high=0.2,eps_low=0.2,form=token"),
         (
             {"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-sum", "clip_ratio_low": 1e-3},
-            "gspo:agg=seq-mean-token-sum,eps_high=0.2,eps_low=0.001,rows=all",
+            "gspo:agg=seq-mean-token-sum,eps_high=0.2,eps_low=0.001,form=token,rows=all",
         ),
         (
             {"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-sum-norm"},
-            "gspo:agg=seq-mean-token-sum-norm,eps_high=0.2,eps_low=0.2,max_len=7,rows=all",
+            "gspo:agg=seq-mean-token-sum-norm,eps_high=0.2,eps_low=0.2,form=token,max_len=7,rows=all",
         ),
         ({"loss_mode": "dppo_tv"}, "dppo"),
         (

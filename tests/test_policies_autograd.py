@@ -186,6 +186,16 @@ def ref_gspo(logp, logp_old, adv, mask, eps_low=3e-4, eps_high=4e-4, **_):
     return term
 
 
+def ref_gspo_token(logp, logp_old, adv, mask, eps_low=3e-4, eps_high=4e-4, **_):
+    """verl `compute_policy_loss_gspo`: s_i,t = sg(s_i) pi_t / sg(pi_t), in log space (verl's
+    clamp of log s at 10 left out: the catalogue's convention, docs/policies.md)."""
+    seq_lengths = torch.sum(mask, dim=-1).clamp(min=1)
+    kl_seq = torch.sum((logp - logp_old) * mask, dim=-1) / seq_lengths
+    log_s = logp - logp.detach() + kl_seq.detach().unsqueeze(-1)
+    s = torch.exp(log_s)
+    return -torch.maximum(-adv * s, -adv * torch.clamp(s, 1 - eps_low, 1 + eps_high))
+
+
 def ref_vespo(logp, logp_old, adv, mask, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0):
     """TRL `get_gamma_weights` (detached phi of the clamped sequence sum of log r), times A logp."""
     lower_clamp = math.log(1e-8)
@@ -252,6 +262,9 @@ def reference_objective(name, params, data, logp, adv_tokens, weight):
     if name == "gspo":
         agg_kw = {"agg": params.get("agg", "seq-mean-token-mean"), "rows": agg_kw["rows"]}
         term = ref_gspo(logp, logp_old, adv_tokens, mask, **params)
+    elif name == "gspo-token":
+        agg_kw = {"agg": params.get("agg", "seq-mean-token-mean"), "rows": agg_kw["rows"]}
+        term = ref_gspo_token(logp, logp_old, adv_tokens, mask, **params)
     elif name == "vespo":
         vespo_keys = ("k_pos", "lambda_pos", "k_neg", "lambda_neg")
         term = ref_vespo(
@@ -760,3 +773,43 @@ def test_vespo_discards_a_zero_weight_and_clips_a_weight_below_half_the_ratio():
     assert_close(w.coef, (phi * adv).nan_to_num(0.0), rtol=1e-12, atol=0.0)
     assert w.discarded.tolist() == [False, True, False, False, False]
     assert w.clipped.tolist() == [False, False, True, False, False]
+
+
+@pytest.mark.parametrize(
+    ("spec", "params"),
+    [
+        ("gspo:form=token", {}),
+        (
+            "gspo:form=token,agg=token-mean,eps_low=0.2,eps_high=0.28",
+            {"agg": "token-mean", "eps_low": 0.2, "eps_high": 0.28},
+        ),
+    ],
+)
+def test_gspo_token_form_matches_verls_gradient_with_token_advantages_and_weights(spec, params):
+    """verl's GSPO-token form: the same loss as the sequence form, and each token's own
+    gradient s_i A_t w_t / norm_t; with advantages and weights that vary within a sequence the
+    two forms' coefficients differ (the sequence form spreads its sequence's sum)."""
+    data = make_batch(12, (0.9997, 1.0004) if not params else (0.8, 1.28))
+    gen = torch.Generator().manual_seed(12)
+    adv_tokens = data["adv"][:, None] + 0.5 * torch.randn(len(ROWS), L, generator=gen, dtype=F64)
+    weight = data["weight"]
+    w, _ = check_against_autograd(
+        spec,
+        "gspo-token",
+        params,
+        data,
+        weight=weight,
+        adv_tokens=adv_tokens,
+        advantages=adv_tokens,
+    )
+    sequence_form = get_policy(spec.replace("form=token", "form=sequence")).weights(
+        PolicyBatch(
+            logp=data["logp"],
+            logp_old=data["logp_old"],
+            advantages=adv_tokens,
+            mask=data["mask"],
+            loss_weight=weight,
+        )
+    )
+    assert_close(sequence_form.objective, w.objective, rtol=1e-12, atol=0.0)
+    assert not torch.allclose(sequence_form.coef, w.coef)

@@ -90,6 +90,7 @@ def test_defaults_follow_the_table():
     assert get_policy("gspo").params == {
         "eps_low": 3e-4,
         "eps_high": 4e-4,
+        "form": "sequence",
         "agg": "seq-mean-token-mean",
         "max_len": None,
         "rows": "scored",

@@ -4,7 +4,7 @@ per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
 | verl actor config (`policy_loss.loss_mode`)  | policy spec                                       |
 |----------------------------------------------|---------------------------------------------------|
 | vanilla                                      | dual-clip:eps_low,eps_high,c=clip_ratio_c,agg     |
-| gspo                                         | gspo:eps_low,eps_high,agg                         |
+| gspo                                         | gspo:form=token,eps_low,eps_high,agg              |
 | sapo                                         | sapo:tau_pos,tau_neg,rows=all                     |
 | cispo                                        | cispo:eps_low,eps_high,agg                        |
 | gpg                                          | reinforce:agg                                     |
@@ -22,9 +22,8 @@ of the step's merged ranks. The normaliser verl used is also recorded per token
 (`loss_scale`), so `agg=recorded` replays it exactly whatever the batch.
 verl clamps log r to [-20, 20] (vanilla, sapo, cispo, dppo), the GSPO log ratio at 10 and
 the k3 KL at 10: the catalogue agrees while the ratios stay inside those clamps. verl's gspo is
-the token form (sg(s_i) p_t / sg(p_t)): the same loss, and the same gradient while the
-advantage times the rollout weight is constant over each sequence (outcome advantages,
-sequence-level weights); otherwise its gradient is s_i w_t A_t / norm_t token by token.
+the token form (sg(s_i) p_t / sg(p_t)), the catalogue's gspo:form=token: the loss of the
+sequence form, and each token's own gradient s_i w_t A_t / norm_t.
 
 Refused, one line each (the catalogue cannot express them, so recording them would be
 wrong): loss modes whose step loss depends on the micro-batch split, clip_cov and kl_cov (a
@@ -145,7 +144,7 @@ def policy_for_actor_config(config: Any, response_width: int) -> Policy:
         c = float(config.get("clip_ratio_c", 3.0))
         name, params = "dual-clip", {"eps_low": eps_low, "eps_high": eps_high, "c": c, **agg}
     elif mode == "gspo":
-        name, params = "gspo", {"eps_low": eps_low, "eps_high": eps_high, **agg}
+        name, params = "gspo", {"form": "token", "eps_low": eps_low, "eps_high": eps_high, **agg}
     elif mode == "sapo":
         tau = {"tau_pos": float(config.tau_pos), "tau_neg": float(config.tau_neg)}
         name, params = "sapo", {**tau, **agg}

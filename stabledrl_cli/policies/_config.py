@@ -206,6 +206,11 @@ class GSPOConfig(AggConfig):
     """Lower clip of the sequence ratio: 1 - eps_low (GSPO paper 3e-4)."""
     eps_high: float = 4e-4
     """Upper clip of the sequence ratio: 1 + eps_high (GSPO paper 4e-4)."""
+    form: Literal["sequence", "token"] = "sequence"
+    """How the gradient reaches the tokens. sequence: through s_i, spread over its tokens (the
+    paper, TRL); token: verl's GSPO-token form, s_i,t = sg(s_i) pi_t / sg(pi_t), the same loss
+    but each token's own gradient s_i A_t w_t / norm_t (they differ where A_t or w_t vary
+    within a sequence)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -7,6 +7,8 @@ Since d s_i / d logp_t = s_i / |y_i|, the token coefficient is
 coef_t = (s_i / |y_i|) * sum_{u in i, kept} w_u A_u / norm_u, i.e. s_i A_i / (N |y_i|) for a
 per-sequence advantage under the default, and 0 for the whole sequence when its clip binds.
 TRL's sequence-level `luspo` is this with agg=seq-mean-token-sum, rows=all (s_i A_i / N).
+form=token is verl's GSPO-token form, s_i,t = sg(s_i) pi_t / sg(pi_t): the same loss, and
+coef_t = s_i A_t w_t / norm_t on a kept token (equal to the above for a per-sequence A and w).
 """
 
 from __future__ import annotations
@@ -38,9 +40,12 @@ class GSPOPolicy(Policy):
         )
         scale = prep.weight_over(norm)
         objective = masked_sum(prep.mask, scale * value)
-        kept = prep.per_token(prep.seq_sum(keep_times(~discarded, scale * adv)))
-        # 0 for a discarded sequence even when s_i overflowed (never 0 * inf).
-        coef = keep_times(kept != 0, seq_ratio * kept / prep.seq_len_tokens)
+        if cfg.form == "token":  # each token's own s_i A_t w_t / norm_t, as PPO's with r = s_i
+            coef = scale * keep_times(~discarded, ratio_times(seq_ratio, adv))
+        else:
+            kept = prep.per_token(prep.seq_sum(keep_times(~discarded, scale * adv)))
+            # 0 for a discarded sequence even when s_i overflowed (never 0 * inf).
+            coef = keep_times(kept != 0, seq_ratio * kept / prep.seq_len_tokens)
         return PolicyTerms(
             coef=coef, objective=objective, discarded=discarded, clipped=torch.zeros_like(discarded)
         )
