@@ -211,7 +211,9 @@ def verl_clipfracs(batch: PolicyBatch, config: ActorConfig, policy: str) -> tupl
     - gspo: the same pg_clipfrac on s~_i = exp(min(mean_{t in i} log r_t, 10)) broadcast to
       the sequence's tokens; pg_clipfrac_lower = 0;
     - cispo: pg_clipfrac = mean[r~ < 1-eps_low | r~ > 1+eps_high] whatever A (A = 0 tokens
-      count); pg_clipfrac_lower = 0. sapo reports 0 and 0; gpg reports neither."""
+      count); pg_clipfrac_lower = 0. sapo reports 0 and 0; gpg reports neither;
+    - dppo: valid = where(A > 0, p - p_old <= eps_high, p - p_old >= -eps_low) (tv) or the
+      binary-KL rule (kl); pg_clipfrac = mean[~valid], pg_clipfrac_lower = mean[valid & r~ > c]."""
     mask = torch.as_tensor(batch.mask).bool().reshape(-1)
     log_r = (torch.as_tensor(batch.logp) - torch.as_tensor(batch.logp_old)).reshape(-1)
     adv = torch.as_tensor(batch.advantages).reshape(-1)
@@ -224,6 +226,22 @@ def verl_clipfracs(batch: PolicyBatch, config: ActorConfig, policy: str) -> tupl
         ratio = torch.exp((total / count).clamp(max=10))[seq]
     else:
         ratio = torch.exp(log_r.clamp(-20, 20))
+    if policy == "dppo":  # verl compute_policy_loss_dppo_tv / _dppo_kl
+        logp, logp_old = torch.as_tensor(batch.logp), torch.as_tensor(batch.logp_old)
+        prob, old_prob = torch.exp(logp).reshape(-1), torch.exp(logp_old).reshape(-1)
+        if config.policy_loss.loss_mode == "dppo_tv":
+            valid = torch.where(adv > 0, prob - old_prob <= high - 1, prob - old_prob >= -(1 - low))
+        else:
+            kl = old_prob * (logp_old - logp).reshape(-1) + (1 - old_prob) * torch.log(
+                (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8)
+            )
+            valid = torch.where(
+                adv > 0,
+                (kl <= config.clip_ratio_high) | (prob <= old_prob),
+                (kl <= config.clip_ratio_low) | (prob >= old_prob),
+            )
+        lower = valid & (ratio > config.clip_ratio_c)
+        return float((~valid & mask).sum() / n), float((lower & mask).sum() / n)
     if policy == "cispo":
         clip = (ratio < low) | (ratio > high)
     else:
@@ -310,6 +328,10 @@ def test_own_policy_reproduces_verl_loss(overrides: dict[str, Any], tmp_path: Pa
         pytest.param({"clip_ratio_c": 1.5, "clip_ratio_high": 0.28}, id="vanilla-c1.5"),
         pytest.param({"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-mean"}, id="gspo"),
         pytest.param({"loss_mode": "cispo"}, id="cispo"),
+        pytest.param(
+            {"loss_mode": "dppo_tv", "clip_ratio_high": 0.05, "clip_ratio_c": 1.05}, id="dppo-tv"
+        ),
+        pytest.param({"loss_mode": "dppo_kl", "clip_ratio_low": 0.01}, id="dppo-kl"),
     ],
 )
 def test_clip_fractions_match_verl(overrides: dict[str, Any], tmp_path: Path) -> None:
@@ -324,7 +346,7 @@ def test_clip_fractions_match_verl(overrides: dict[str, Any], tmp_path: Path) ->
     (replayed,) = replay_run(
         run, [run.policy_spec or ""], config=ReplayConfig(device="cpu")
     ).policies
-    lower_seen = 0.0
+    lower_seen = clip_seen = 0.0
     for step, micro in zip(run, captured, strict=True):
         for index, m in enumerate(micro):
             batch = micro_batch_of(step, index)
@@ -335,7 +357,8 @@ def test_clip_fractions_match_verl(overrides: dict[str, Any], tmp_path: Path) ->
             assert clipfrac == pytest.approx(m.metrics["actor/pg_clipfrac"], abs=1e-6)
             assert lower == pytest.approx(m.metrics["actor/pg_clipfrac_lower"], abs=1e-6)
             lower_seen += lower
-            if policy.name != "cispo":  # cispo counts A = 0 tokens, which are never eligible
+            clip_seen += clipfrac
+            if policy.name not in ("cispo", "dppo"):  # they count A = 0 tokens (not eligible)
                 ratio = torch.exp(torch.as_tensor(batch.logp) - torch.as_tensor(batch.logp_old))
                 dual = w.discarded & (w.advantages < 0) & (ratio > 1)
                 dual &= policy.name == "dual-clip"  # gspo has no lower clip
@@ -349,6 +372,8 @@ def test_clip_fractions_match_verl(overrides: dict[str, Any], tmp_path: Path) ->
         assert row["verl_pg_clipfrac_lower"] == pytest.approx(lower, abs=1e-6)
     if policy.name == "dual-clip":
         assert lower_seen > 0  # the dual clip did bind somewhere
+    if policy.name == "dppo":
+        assert clip_seen > 0  # the trust region did bind somewhere
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,24 @@ def binary_kl(logp_old: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     )
 
 
+def trust_region(
+    prep: PreparedBatch, adv: torch.Tensor, cfg: DPPOConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ([T] bool valid: the token's probability stayed in the trust region in the direction
+    of its A (A <= 0 on the lower side, as verl's `where(A > 0, ...)`), [T] verl's ratio
+    exp(clamp(log r, -20, 20))), over every entry, scored or not."""
+    assert cfg.delta_high is not None  # filled by the config
+    clamp = VERL_LOG_RATIO_CLAMP
+    ratio = torch.exp(prep.log_ratio.clamp(-clamp, clamp))
+    if cfg.divergence == "tv":
+        moved = torch.exp(prep.logp) - torch.exp(prep.logp_old)
+        return torch.where(adv > 0, moved <= cfg.delta_high, moved >= -cfg.delta_low), ratio
+    kl = binary_kl(prep.logp_old, prep.logp)
+    up = prep.logp >= prep.logp_old
+    down = prep.logp <= prep.logp_old
+    return torch.where(adv > 0, (kl <= cfg.delta_high) | down, (kl <= cfg.delta_low) | up), ratio
+
+
 class DPPOPolicy(TokenPolicy):
     """DPPO-Binary-TV / -KL (verl `compute_policy_loss_dppo_tv` / `_dppo_kl`):
     `sg(min(r, c)) A logp valid / norm`; tokens whose probability left the trust region in the
@@ -39,18 +57,8 @@ class DPPOPolicy(TokenPolicy):
 
     def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
         cfg = self.config
-        assert cfg.delta_high is not None  # filled by the config
-        clamp = VERL_LOG_RATIO_CLAMP
-        ratio = torch.exp(prep.log_ratio.clamp(-clamp, clamp))
+        valid, ratio = trust_region(prep, adv, cfg)
         weight = torch.clamp(ratio, max=cfg.c)
-        if cfg.divergence == "tv":
-            moved = torch.exp(prep.logp) - torch.exp(prep.logp_old)
-            valid = torch.where(adv > 0, moved <= cfg.delta_high, moved >= -cfg.delta_low)
-        else:
-            kl = binary_kl(prep.logp_old, prep.logp)
-            up = prep.logp >= prep.logp_old
-            down = prep.logp <= prep.logp_old
-            valid = torch.where(adv > 0, (kl <= cfg.delta_high) | down, (kl <= cfg.delta_low) | up)
         dvalue = keep_times(valid, weight * adv)
         value = keep_times(valid, dvalue * prep.logp)
         return value, dvalue, ~valid, valid & (ratio > cfg.c)

@@ -14,7 +14,9 @@
   count + 1e-8), r = exp(clamp(log r, -20, 20)) (gspo: exp(min(mean log r of the sequence,
   10))), averaged unweighted over the micro-batches. vanilla: (A > 0 & r > 1 + eps_high) |
   (A < 0 & r < 1 - eps_low), lower (A < 0 & r > c) for dual-clip; cispo's verl form: r outside
-  [1 - eps_low, 1 + eps_high] whatever A, lower 0; sapo: 0 and 0 (what verl logs).
+  [1 - eps_low, 1 + eps_high] whatever A, lower 0; sapo: 0 and 0 (what verl logs); dppo
+  (`_dppo_tv`, `_dppo_kl`): entries outside the trust region (A = 0 ones on the lower side),
+  lower: entries inside it whose ratio exceeds c.
 
 A step without a recorded `micro_batch` is one micro-batch. In a step joined from several ranks,
 TRL's metrics pool each micro-batch call over the ranks (TRL sums the counts across ranks
@@ -36,6 +38,7 @@ from stabledrl_cli.policies import Policy, PreparedBatch, Weights
 from stabledrl_cli.policies._config import (
     CISPOConfig,
     ClipConfig,
+    DPPOConfig,
     DualClipConfig,
     GSPOConfig,
     SAPOConfig,
@@ -44,6 +47,7 @@ from stabledrl_cli.policies._config import (
 )
 from stabledrl_cli.policies._masked import above, below
 from stabledrl_cli.policies._masked import count as tally
+from stabledrl_cli.policies.dppo import trust_region
 from stabledrl_cli.policies.ppo import VERL_LOG_RATIO_CLAMP
 from stabledrl_cli.policies.vespo import sequence_gamma_weights
 from stabledrl_cli.replay.columns import TRL_METRICS, VERL_METRICS
@@ -274,6 +278,9 @@ def _verl(
         return [frac(below(ratio, 1.0 - config.eps_low) | above(ratio, ceiling)), zero]
     if isinstance(config, SAPOConfig):
         return [zero, zero]
+    if isinstance(config, DPPOConfig):  # outside the trust region; inside it, r truncated at c
+        valid, ratio = trust_region(prep, adv, config)
+        return [frac(~valid), frac(valid & above(ratio, config.c))]
     return [nan, nan]
 
 
