@@ -138,11 +138,17 @@ def write_durably(
         os.replace(temp, final)
         fsync_dir(directory)
     except BaseException as exc:
-        with suppress(OSError):  # a directory gone or read-only refuses this too
-            os.unlink(temp)
+        _discard(temp)
         if isinstance(exc, OSError):
             raise write_error(Path(final), exc) from None
         raise
+
+
+def _discard(temp: str | Path) -> None:
+    """Removes a temporary file as far as the system lets it: a directory gone, not a
+    directory or read-only refuses this too, and the write's own error is what counts."""
+    with suppress(OSError):
+        os.unlink(temp)
 
 
 @contextmanager
@@ -157,9 +163,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         fsync_file(tmp)
         os.replace(tmp, final)
         fsync_dir(final.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_error(final, exc) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        _discard(tmp)
+        if isinstance(exc, OSError):
+            raise write_error(final, exc) from None
         raise

@@ -191,3 +191,13 @@ def test_an_interrupt_mid_write_leaves_no_temporary_file(tmp_path, monkeypatch, 
     assert not [n for n in os.listdir(path / "steps") if ".tmp-" in n]
     run = sd.open_run(path)
     assert 0 in run.step_numbers and not [f for f in run.integrity.findings if f.kind != "gap"]
+
+
+def test_a_file_written_through_atomic_path_under_a_file_is_a_write_error(tmp_path) -> None:
+    """pack, the plots and replay --out write through `atomic_path`: when the target's directory
+    is a file, the body's OSError and the temporary file's removal both fail, and the caller
+    got the removal's raw NotADirectoryError instead of a WriteError naming the target."""
+    (tmp_path / "file").write_text("")
+    target = tmp_path / "file" / "out.h5"
+    with pytest.raises(WriteError, match=r"out\.h5"), _atomic.atomic_path(target) as temp:
+        temp.open("w")
