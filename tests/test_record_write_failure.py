@@ -4,6 +4,7 @@ the reason (the child itself exited 0)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,20 +39,70 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_a_full_disk_stops_recording_not_training(tmp_path: Path) -> None:
+def _record(tmp_path: Path, child: str, run: Path, *args: str) -> subprocess.CompletedProcess:
+    """`stabledrl record --out RUN ARGS -- python CHILD` in a process of its own."""
     script = tmp_path / "train.py"
-    script.write_text(CHILD)
-    run = tmp_path / "run"
+    script.write_text(child)
     env = {**os.environ}
     env.pop("STABLEDRL_DEBUG", None)
-    result = subprocess.run(
-        [*cli_command(), "record", "--out", str(run), "--",
+    return subprocess.run(
+        [*cli_command(), "record", "--out", str(run), *args, "--",
          sys.executable, str(script)],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
+
+
+def test_a_full_disk_stops_recording_not_training(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = _record(tmp_path, CHILD, run)
     assert "trained 8 steps" in result.stdout  # training went on to the end
     assert result.returncode == 4, result.stderr
     assert "no space left on device" in result.stderr.lower()
     assert result.stderr.count("recording stopped") >= 1
     assert open_run(run).step_numbers == [0, 1, 2]  # the finished steps are intact
     assert not [p for p in (run / "steps").iterdir() if ".tmp" in p.name]
+
+
+HALVES_CHILD = textwrap.dedent(
+    """
+    import json, resource, signal, sys
+    import numpy as np
+    import torch
+    import stabledrl_cli as sd
+    from stabledrl_cli.capture import bootstrap
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file past the limit: EFBIG, not a kill
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(6):
+        if step == 3:
+            bootstrap._recorder.flush()  # steps 0-2 are on disk, whole
+            # a step's scalar half (< 1 KB) still fits; its batch (80 KB) no longer does
+            resource.setrlimit(resource.RLIMIT_FSIZE, (30000, resource.RLIM_INFINITY))
+        model(torch.ones(8, 4)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        logp = np.full((200, 50), -1.0, dtype=np.float32)
+        sd.log_policy_batch(step, logp=logp, logp_old=logp, advantages=np.ones(200, np.float32))
+    print("trained 6 steps")
+    """
+)
+
+
+def test_a_step_whose_batch_half_fails_to_write_is_not_left_as_a_scalar_step(
+    tmp_path: Path,
+) -> None:
+    """Under the optimizer hooks a step is written in two halves (the optimizer's scalars,
+    then the same file again with the batch). When the second write fails the step is not
+    recorded at all: its file is not left behind holding the scalar half alone, which every
+    reader would take for a complete scalar step."""
+    run = tmp_path / "run"
+    result = _record(tmp_path, HALVES_CHILD, run, "-p", "grpo")
+    assert "trained 6 steps" in result.stdout
+    assert result.returncode == 4, result.stderr
+    assert "step-00000003" in result.stderr
+    recorded = open_run(run)
+    assert recorded.step_numbers == [0, 1, 2]  # step 3 lost its batch: not recorded
+    assert not [p for p in (run / "steps").iterdir() if p.name.startswith(".")]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["recording_stopped"]["step"] == 3

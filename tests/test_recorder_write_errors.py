@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -127,9 +128,30 @@ def test_warn_mode_stops_recording_once_and_notes_it_in_the_manifest(
     manifest = json.loads((path / "manifest.json").read_text())
     stopped = manifest["recording_stopped"]
     assert stopped["rank"] == 0 and "no space left" in stopped["reason"]
-    assert stopped["step"] == (None if async_writes else 1)
+    assert stopped["step"] == 1  # the step whose write failed, from the writer thread too
     run = sd.open_run(path)
     assert run.step_numbers == [0] and run.integrity.ok
+
+
+@pytest.mark.parametrize("async_writes", [False, True])
+def test_a_failed_rewrite_removes_the_steps_first_half(tmp_path, monkeypatch, async_writes):
+    """rewrite_step writes a step again with its second half (the optimizer hooks' pairing):
+    when that write fails, the file holding the first half alone is removed, not left to
+    pass for a whole step."""
+    path = tmp_path / "run"
+    rec = sd.Recorder(path, async_writes=async_writes)
+    rec.log_step(0, **_flat(0))
+    rec.log_step(1, grad_norm=1.0)  # the first half: scalars
+    rec.flush()
+    _fail_after(monkeypatch, calls=0, error=errno.ENOSPC)
+    with pytest.raises(WriteError, match=r"step-00000001\.safetensors"):
+        rec.rewrite_step(1, grad_norm=1.0, **_flat(1))
+        rec.flush()
+    monkeypatch.undo()
+    with pytest.raises(WriteError) if async_writes else nullcontext():
+        rec.close()
+    assert os.listdir(path / "steps") == ["step-00000000.safetensors"]
+    assert sd.open_run(path).integrity.ok
 
 
 def test_on_write_error_is_checked_and_a_step_without_tokens_is_refused(tmp_path):

@@ -19,7 +19,8 @@ step's scalars), or from both: the pairing rule is that
 `log_policy_batch(n, ...)` and the hooks' optimizer step n (the n-th `step()` of the run's
 optimizer, counted from 0) are one step, whichever comes first. The first half is written at
 once; the second rewrites the step's file with both halves (a field given by both is taken
-from `log_policy_batch`). A half whose step number is not the last step's starts a new step.
+from `log_policy_batch`; when that write fails, the step's file is removed: no half-step).
+A half whose step number is not the last step's starts a new step.
 One exception: the hooks' first step waits for the next event (a batch, the next optimizer
 step, or the end of the process) before it opens the run, so that a policy batch logged just
 after the first optimizer step still opens it with its policy and recorder_kwargs.

@@ -18,13 +18,14 @@ import os
 import stat
 import struct
 import sys
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from stabledrl_cli._atomic import write_durably
+from stabledrl_cli._atomic import fsync_dir, write_durably
 from stabledrl_cli._json import has_lone_surrogate
 from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._integrity import StepReadError
@@ -189,6 +190,14 @@ def write_step(directory: str, name: str, parts: list[bytes | memoryview]) -> No
         directory,
         parts,
     )
+
+
+def discard_step(directory: str, name: str) -> None:
+    """Removes step file `name` from `directory`, durably, as far as the system lets it (a
+    directory that refused a write may refuse this too)."""
+    with suppress(OSError):
+        os.unlink(f"{directory}{os.sep}{name}")
+        fsync_dir(directory)
 
 
 FileKey = tuple[int, int, int]

@@ -12,7 +12,9 @@ Recorder that was never closed is drained too (even when the Recorder was droppe
 
 A failed write (a full disk, a read-only directory) raises WriteError (exit 4) naming the
 file, from `log_step` (synchronous) or from the next `log_step`, `flush` or `close` (async);
-its temporary file is removed and the steps written before it stay intact. With
+its temporary file is removed and the steps written before it stay intact. A failed
+`rewrite_step` also removes the step's earlier file (its first half, which would otherwise
+read as a whole step), as far as the directory lets it: that step is not recorded. With
 `on_write_error="warn"` (what `record -- CMD` and the integrations pass: recording must never
 stop training) the first failure instead prints one warning on stderr, stops recording (later
 `log_step` calls return at once) and records in the manifest's `recording_stopped`
@@ -51,7 +53,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, SupportsIndex
+from typing import Any, NamedTuple, SupportsIndex
 
 import numpy as np
 
@@ -77,7 +79,7 @@ from stabledrl_cli.dump._schema import (
     written_version,
 )
 from stabledrl_cli.dump._setup import prepare_run
-from stabledrl_cli.dump._stfile import encode_step, write_step
+from stabledrl_cli.dump._stfile import discard_step, encode_step, write_step
 from stabledrl_cli.errors import UsageError, WriteError
 from stabledrl_cli.spec import SpecValue
 from stabledrl_cli.vocab import GROUP_IDS, ON_WRITE_ERROR, UNITS, GroupIds, OnWriteError, Unit
@@ -114,16 +116,36 @@ def _step_number(value: object) -> int:
     return step
 
 
+class _Write(NamedTuple):
+    """A step file for the writer thread: `replaces` when it rewrites the step's file."""
+
+    directory: str
+    name: str
+    parts: list[bytes | memoryview]
+    step: int
+    replaces: bool
+
+
+def _write(item: _Write) -> None:
+    """Writes the step file; when that fails, a file it was to replace (the step's first
+    half) is removed too, so that the step is not left looking whole: WriteError."""
+    try:
+        write_step(item.directory, item.name, item.parts)
+    except WriteError:
+        if item.replaces:
+            discard_step(item.directory, item.name)
+        raise
+
+
 class _Writer(threading.Thread):
-    """Writes queued (directory, name, parts) in order; keeps the first error for the caller."""
+    """Writes queued steps in order; keeps the first error, and its step, for the caller."""
 
     def __init__(self, queue_size: int) -> None:
         super().__init__(name="stabledrl-recorder", daemon=True)
-        self.queue: queue.Queue[tuple[str, str, list[bytes | memoryview]] | None] = queue.Queue(
-            maxsize=queue_size
-        )
+        self.queue: queue.Queue[_Write | None] = queue.Queue(maxsize=queue_size)
         """Steps to write, in order; None stops the thread."""
         self.error: BaseException | None = None
+        self.error_step: int | None = None
 
     def run(self) -> None:
         while True:
@@ -132,9 +154,10 @@ class _Writer(threading.Thread):
                 if item is None:
                     return
                 if self.error is None:
-                    write_step(*item)
+                    _write(item)
             except BaseException as exc:
                 self.error = exc
+                self.error_step = item.step if item is not None else None
             finally:
                 self.queue.task_done()
 
@@ -390,14 +413,15 @@ class Recorder:
         })  # fmt: skip
         name = step_file_name(step, self.rank, self.world_size)
         parts = encode_step(tensors, metadata, snapshot=self._writer is not None)
+        item = _Write(self._steps_dir, name, parts, step, self._rewriting)
         if self._writer is None:
             try:
-                write_step(self._steps_dir, name, parts)
+                _write(item)
             except WriteError as exc:
                 self._write_failed(exc, step)
                 return
         else:
-            self._writer.queue.put((self._steps_dir, name, parts))
+            self._writer.queue.put(item)
         self._last_step = step
 
     def _now(self) -> float:
@@ -406,8 +430,9 @@ class Recorder:
 
     def rewrite_step(self, step: int, **fields: Any) -> None:
         """Records the last step logged (same number) again, with `fields` (log_step's
-        keywords) as its whole content: its file is replaced atomically. `record`'s optimizer
-        hooks use it to add the second half of a step (capture/bootstrap.py)."""
+        keywords) as its whole content: its file is replaced atomically, or removed when that
+        write fails. `record`'s optimizer hooks use it to add the second half of a step
+        (capture/bootstrap.py)."""
         self._rewriting = True
         try:
             self.log_step(step, **fields)
@@ -435,7 +460,9 @@ class Recorder:
         if self._writer is not None and self._writer.error is not None and self.stopped is None:
             exc = self._writer.error
             message = str(exc) if isinstance(exc, WriteError) else f"{self.path}: {exc}"
-            self._write_failed(WriteError(f"recording failed: {message}"), None, cause=exc)
+            self._write_failed(
+                WriteError(f"recording failed: {message}"), self._writer.error_step, cause=exc
+            )
 
     def _write_failed(
         self, error: WriteError, step: int | None, cause: BaseException | None = None
