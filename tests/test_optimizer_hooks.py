@@ -210,6 +210,58 @@ def test_a_logged_batch_and_its_optimizer_step_share_one_step_file(tmp_path, pol
         assert float(step.get("logp")[0]) == -1.0 - n
 
 
+EMPTY_BATCHES = textwrap.dedent(
+    """
+    import numpy as np
+    import torch
+    import stabledrl_cli as sd
+
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def log(step):
+        rows = 0 if step in (0, 1, 3) else 2  # steps 0, 1 and 3: batches with no token
+        logp = np.full((rows, 3), -1.0, dtype="float32")
+        return sd.log_policy_batch(step, logp=logp, logp_old=logp,
+                                   advantages=np.ones(rows, dtype="float32"), loss=1.0)
+
+    logged = []
+    for step in range(5):
+        optimizer.zero_grad()
+        model(torch.ones(8, 4)).sum().backward()
+        if step >= 3:  # steps 3-4: the batch is logged before the step it drives
+            logged.append(log(step))
+        optimizer.step()
+        if step < 3:
+            logged.append(log(step))
+    print(*logged, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("hooks", [True, False])
+def test_a_batch_with_no_token_is_skipped_and_recording_goes_on(tmp_path, hooks):
+    """A step's batch with no token (one rank) has no place in the format: it is skipped with
+    one warning (log_policy_batch returns False), the steps after it are recorded. Under the
+    optimizer hooks its step is still the optimizer's scalar step, whichever half came first."""
+    script = tmp_path / "train.py"
+    script.write_text(EMPTY_BATCHES)
+    flags = [] if hooks else ["--no-optimizer-hooks"]
+    result = _record("--out", str(tmp_path / "run"), "-p", "grpo", *flags, "--",
+                     sys.executable, str(script))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False", "True", "False", "True"]
+    assert result.stderr.count("no token") == 1, result.stderr
+    run = open_run(tmp_path / "run")
+    assert run.integrity.ok
+    if hooks:
+        assert run.step_numbers == [0, 1, 2, 3, 4]
+        assert [run.step(n).is_scalar for n in range(5)] == [True, True, False, True, False]
+        assert all(run.step(n).scalars["lr"] == 0.1 for n in range(5))
+    else:
+        assert run.step_numbers == [2, 4]
+
+
 def test_a_script_without_torch_is_untouched_and_an_existing_sitecustomize_still_runs(
     tmp_path,
 ):

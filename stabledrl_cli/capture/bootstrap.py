@@ -232,6 +232,31 @@ def _release_held(policy: str | PolicyLike | None, recorder_kwargs: dict[str, An
         _write(held, recorder, replace=False)
 
 
+_warned_no_token = False
+
+
+def _no_token(step: int, fields: dict[str, Any], recorder: Recorder) -> bool:
+    """Whether `fields` is a batch with no token in a one-rank run, a step the format has no
+    place for (`Recorder.log_step` refuses it): the first one warns that such batches are not
+    recorded. A rank's empty part of a multi-rank step is recorded."""
+    global _warned_no_token
+    logp = fields.get("logp")
+    if logp is None or recorder.world_size > 1:
+        return False
+    from stabledrl_cli.dump._inputs import element_count  # loaded with the Recorder already
+
+    if element_count(logp, "logp"):
+        return False
+    if not _warned_no_token:
+        _warned_no_token = True
+        sys.stderr.write(
+            f"stabledrl: warning: log_policy_batch at step {step}: a batch with no token is "
+            "not recorded (nor the next ones, without another warning); recording goes on\n"
+        )
+        sys.stderr.flush()
+    return True
+
+
 def log_policy_batch(
     step: int,
     *,
@@ -248,19 +273,27 @@ def log_policy_batch(
     optimizer hooks, step n is merged with the n-th optimizer step (module docstring).
     Returns True when the step was recorded: written, or, in a run that the optimizer hooks
     opened (asynchronous writes), handed to the Recorder's writer thread, whose failure
-    shows at a later call (False) and in `record`'s exit code. Never raises.
+    shows at a later call (False) and in `record`'s exit code. False also for a batch with no
+    token in a one-rank run: the format has no such step, so it is skipped (the first one
+    warns) and recording goes on; under the hooks its step stays the optimizer's scalar step.
+    Never raises.
     """
     if _failure.off:
         return False
     try:
         with _lock:
             kwargs = dict(recorder_kwargs or {})
-            if _held is not None and _held.number == step:
+            pairs_held = _held is not None and _held.number == step
+            if not pairs_held:
+                _release_held(policy, kwargs)
+            recorder = _open(policy, kwargs, batch=True, hooks=pairs_held)
+            if _no_token(step, fields, recorder):
+                _release_held(policy, kwargs)  # the optimizer's half alone
+                return False
+            if _held is not None:  # (pairs_held)
                 _held.batch = fields
                 _release_held(policy, kwargs)
                 return not _failure.off
-            _release_held(policy, kwargs)
-            recorder = _open(policy, kwargs, batch=True, hooks=False)
             if _last is not None and _last.number == step and _last.batch is None:
                 _last.batch = fields
                 return _write(_last, recorder, replace=True)

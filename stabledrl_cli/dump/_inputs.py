@@ -67,6 +67,14 @@ def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
         raise UsageError(f"{field}: cannot be read as an array ({exc})") from None
 
 
+def element_count(value: ArrayInput, field: str) -> int:
+    """How many elements `value` holds (a tensor's without moving it to the CPU); UsageError
+    naming `field` as `to_numpy`."""
+    if _is_tensor(value):
+        return int(value.numel())
+    return int(to_numpy(value, field).size)
+
+
 def _stored(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
     """`array` in `dtype`: itself when it already is (no numpy call), else converted."""
     return array if array.dtype is dtype else array.astype(dtype, copy=False)
