@@ -340,6 +340,76 @@ def test_a_run_of_one_optimizer_step_ends_cleanly(tmp_path):
     assert open_run(tmp_path / "run").step_numbers == [0]
 
 
+CLOSURE = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    first = []  # the norm clip_grad_norm_ returned at each step's first evaluation
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3).item()
+        if len(first) == steps:
+            first.append(norm)
+        return loss
+
+    for steps in range(3):
+        optimizer.step(closure)
+    json.dump(first, open(sys.argv[1], "w"))
+    """
+)
+
+NO_GRADIENT = textwrap.dedent(
+    """
+    import torch
+
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        optimizer.zero_grad()
+        if step == 1:  # steps 0 and 2 step with no gradient at all
+            model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+    """
+)
+
+
+def test_a_closure_optimizers_steps_record_the_norm_its_closure_produced(tmp_path):
+    """LBFGS evaluates its closure inside step(), so the gradients exist (or are fresh) only
+    then: each step records the norm of its first evaluation's gradients, the one at the
+    parameters the step starts from (here what the closure's clip returned), not the
+    gradients step() found on entry (none at step 0) nor a later evaluation's clip."""
+    script, computed = tmp_path / "train.py", tmp_path / "first.json"
+    script.write_text(CLOSURE)
+    result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script),
+                     str(computed))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    first = json.loads(computed.read_text())
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2]
+    for n in range(3):
+        assert close(run.step(n).scalars["grad_norm"], first[n]), (n, first)
+
+
+def test_a_step_with_no_gradient_records_no_grad_norm(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(NO_GRADIENT)
+    result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script))
+    assert result.returncode == 0, result.stderr
+    run = open_run(tmp_path / "run")
+    scalars = [run.step(n).scalars for n in range(3)]
+    assert "grad_norm" not in scalars[0] and "grad_norm" not in scalars[2], scalars
+    assert scalars[1]["grad_norm"] > 0
+    assert all(s["lr"] == 0.1 and s["nonfinite_grads"] == 0 for s in scalars)
+
+
 def test_the_clip_wrapper_clips_exactly_as_torch_does():
     """clip_grad_norm_ under the hooks is torch's own get_total_norm + clip_grads_with_norm_
     (no second pass over the gradients): the same total and the same clipped gradients, bit

@@ -22,7 +22,8 @@ What each step records (all gradient norms are L2, taken before clipping):
   returned norms when it clipped several disjoint sets), or the `total_norm` it gave
   `clip_grads_with_norm_` (once, however many groups it clipped with it: accelerate's and
   transformers' clip of gradients on several DTensor meshes), else the norm of all its
-  gradients, computed here;
+  gradients, computed here; absent when no parameter has a gradient. A step given a closure
+  (LBFGS) is measured when the closure's first call returns, once it has made the gradients;
 - nonfinite_grads: parameters whose gradient holds a NaN or an inf;
 - lr: the first parameter group's learning rate; step_time: wall seconds from the end of the
   previous `step()` to the end of this one (absent on the first step);
@@ -125,11 +126,13 @@ class _Clip:
 class _Stats:
     """One optimizer step's gradient statistics (taken in the pre-hook)."""
 
-    grad_norm: float
+    grad_norm: float | None
+    """None when no parameter had a gradient (and nothing was clipped)."""
     nonfinite: int
     lrs: list[float | None]
     """Each group's learning rate (None for a group without one)."""
-    group_norms: list[float]
+    group_norms: list[float | None]
+    """Each group's gradient norm (None for a group with no gradient)."""
     module_norms: list[tuple[str, float]]
 
 
@@ -149,6 +152,10 @@ class _View:
     last: _Stats | None = None
     steps_taken: int = 0
     """Its `step()` calls that ran (the post-hook's count)."""
+    closure: bool = False
+    """The step under way was given a closure (`_measured`)."""
+    awaiting: bool = False
+    """That closure has not returned yet: the step's statistics are still to take."""
 
 
 @dataclass
@@ -618,19 +625,21 @@ def _stats(optimizer: Optimizer, view: _View) -> _Stats:
         for param, norm in plain_norms
         if not math.isfinite(norm) and param.grad is not None and _holds_nonfinite(param.grad)
     ) + sum(1 for _, norm in pieces if not math.isfinite(norm))
-    group_squares = [0.0] * len(optimizer.param_groups)
+    group_squares: list[float | None] = [None] * len(optimizer.param_groups)
     for g, norm in zip(groups, norms, strict=True):
-        group_squares[g] += norm * norm
+        group_squares[g] = (group_squares[g] or 0.0) + norm * norm
     if view.names is None:
         view.names = _param_names(optimizer)
     names = view.names
     totals = _clip_totals(clips, seen)
     clipped = _root_sum_squares(totals) if len(totals) > 1 else next(iter(totals), None)
+    if clipped is None and params:
+        clipped = _root_sum_squares(norms)
     return _Stats(
-        grad_norm=clipped if clipped is not None else _root_sum_squares(norms),
+        grad_norm=clipped,
         nonfinite=nonfinite,
         lrs=[float(g["lr"]) if "lr" in g else None for g in optimizer.param_groups],
-        group_norms=[math.sqrt(s) for s in group_squares],
+        group_norms=[math.sqrt(s) if s is not None else None for s in group_squares],
         module_norms=_module_norms([*((names.get(id(p)), n) for p, n in plain_norms), *pieces]),
     )
 
@@ -673,13 +682,45 @@ def _step_stats(optimizer: Optimizer) -> _Stats | None:
     return _stats(optimizer, _view(optimizer))
 
 
-def _pre_hook(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _pre_hook(
+    optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Takes the step's statistics now, or, for a step given a closure, has the closure take
+    them once its first call has produced the gradients (then returns step()'s arguments with
+    the closure wrapped, as torch lets a pre-hook)."""
     if not _state.on:
-        return
+        return None
     try:
-        _view(optimizer).pending = _step_stats(optimizer)
+        view = _view(optimizer)
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        if closure is not None and bootstrap.hooks_wanted():
+            view.pending, view.closure, view.awaiting = None, True, True
+            if len(args) > 1:
+                return (args[0], _measured(optimizer, closure), *args[2:]), kwargs
+            return args, {**kwargs, "closure": _measured(optimizer, closure)}
+        view.pending = _step_stats(optimizer)
     except Exception as exc:
         _fail(exc, "reading the gradients before optimizer.step()")
+    return None
+
+
+def _measured(optimizer: Optimizer, closure: Callable[[], Any]) -> Callable[[], Any]:
+    """`closure`, which at its first call (it produces the gradients at the parameters the
+    step starts from) then takes the step's statistics."""
+
+    @functools.wraps(closure)
+    def measured() -> Any:
+        result = closure()
+        view = _state.views.get(optimizer)
+        if _state.on and view is not None and view.awaiting:
+            view.awaiting = False
+            try:
+                view.pending = _step_stats(optimizer)
+            except Exception as exc:
+                _fail(exc, "reading the gradients of optimizer.step()'s closure")
+        return result
+
+    return measured
 
 
 def _is_run_optimizer(optimizer: Optimizer) -> bool:
@@ -701,11 +742,16 @@ def _finish_step(optimizer: Optimizer, *, skipped: bool) -> None:
     step = _state.next_step
     try:
         view = _view(optimizer)
-        if skipped:
+        if skipped or view.awaiting:  # (a closure step() never called: the gradients now)
+            view.awaiting = False
             stats = _step_stats(optimizer)
         else:
-            view.steps_taken += 1
             stats, view.pending = view.pending, None
+        if not skipped:
+            view.steps_taken += 1
+        if view.closure:  # the clips of the closure's later calls are not the next step's
+            view.closure = False
+            _take_clips(view)
         end = time.perf_counter()
         step_time = end - view.last_end if view.last_end is not None else None
         view.last_end = end
@@ -731,7 +777,8 @@ def _step_fields(stats: _Stats, step_time: float | None) -> dict[str, Any]:
     scalars: dict[str, float] = {}
     if len(stats.lrs) > 1:
         for g, (norm, lr) in enumerate(zip(stats.group_norms, stats.lrs, strict=True)):
-            scalars[f"grad_norm/group_{g}"] = norm
+            if norm is not None:
+                scalars[f"grad_norm/group_{g}"] = norm
             if lr is not None:
                 scalars[f"lr/group_{g}"] = lr
     for module, norm in stats.module_norms:
@@ -739,17 +786,16 @@ def _step_fields(stats: _Stats, step_time: float | None) -> dict[str, Any]:
     for view in _state.views.values():
         if view.last is not None and view.steps_since_run_step:
             prefix = f"optimizer_{view.index}"
-            scalars[f"{prefix}/grad_norm"] = view.last.grad_norm
+            if view.last.grad_norm is not None:
+                scalars[f"{prefix}/grad_norm"] = view.last.grad_norm
             if view.last.lrs[0] is not None:
                 scalars[f"{prefix}/lr"] = view.last.lrs[0]
             scalars[f"{prefix}/nonfinite_grads"] = float(view.last.nonfinite)
             scalars[f"{prefix}/steps"] = float(view.steps_since_run_step)
             view.steps_since_run_step = 0
-    fields: dict[str, Any] = {
-        "grad_norm": stats.grad_norm,
-        "nonfinite_grads": stats.nonfinite,
-        "scalars": scalars,
-    }
+    fields: dict[str, Any] = {"nonfinite_grads": stats.nonfinite, "scalars": scalars}
+    if stats.grad_norm is not None:
+        fields["grad_norm"] = stats.grad_norm
     if stats.lrs[0] is not None:
         fields["lr"] = stats.lrs[0]
     if step_time is not None:
