@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,35 @@ def test_an_async_recorder_dropped_unclosed_still_writes_its_queue_at_exit(tmp_p
     path = tmp_path / "run"
     run, _ = _recorded(DROPPED_UNCLOSED, path)
     assert run.step_numbers == list(range(8))
+
+
+@pytest.mark.parametrize("async_writes", [False, True])
+def test_log_step_from_another_thread_waits_for_the_call_under_way(
+    tmp_path, monkeypatch, async_writes
+):
+    """Each log_step is one step, whole, whichever thread calls it: a call made while another
+    thread's call is under way waits for it, so the step order the Recorder checks is the
+    order in which the steps were logged (here step 1 then a duplicate step 1, refused; with
+    the calls interleaved, step 0's call finished last and the duplicate was taken)."""
+    from stabledrl_cli.dump import _writer
+    from stabledrl_cli.errors import UsageError
+
+    rec = sd.Recorder(tmp_path / "run", async_writes=async_writes)
+    logp = np.full(4, -1.0, np.float32)
+    step = dict(logp=logp, logp_old=logp, advantages=np.ones(4, np.float32), seq_id=[0] * 4)
+    real_build = _writer.build_step
+    other = threading.Thread(target=rec.log_step, args=(1,), kwargs=step)
+
+    def build_step(**kwargs):  # step 0's call, under way, lets another thread log step 1
+        if kwargs["step"] == 0:
+            other.start()
+            other.join(0.5)  # a wait for the other call, which may not end before this one
+        return real_build(**kwargs)
+
+    monkeypatch.setattr(_writer, "build_step", build_step)
+    rec.log_step(0, **step)
+    other.join()
+    with pytest.raises(UsageError, match="does not follow step 1"):
+        rec.log_step(1, **step)
+    rec.close()
+    assert sd.open_run(tmp_path / "run").step_numbers == [0, 1]

@@ -21,6 +21,10 @@ stop training) the first failure instead prints one warning on stderr, stops rec
 ({step, rank, reason}) that and why recording stopped (best effort: a full disk may refuse
 that too).
 
+A Recorder may be used from several threads: each `log_step` (and `rewrite_step`) holds the
+Recorder's lock, so a step's check, encoding and hand-over happen whole, in the order the
+calls take the lock; the step numbers must increase in that order (threads take turns).
+
 A Recorder writes from the process that made it: in a forked child `log_step` and `flush`
 raise UsageError (the child would write under the parent's file names, and its copy of the
 queue has no writer thread), and `close` leaves the parent's writer alone.
@@ -289,6 +293,8 @@ class Recorder:
         self._pid = os.getpid()
         """The process that made this Recorder, the only one it writes from."""
         self._rewriting = False
+        self._lock = threading.RLock()
+        """Held by each log_step (rewrite_step, flush's check, close): one step at a time."""
         self._writer: _Writer | None = None
         if async_writes:
             self._writer = _Writer(queue_size)
@@ -340,89 +346,92 @@ class Recorder:
         the step is a scalar step (its scalars, and param_grad_norm [P] if given); with some,
         logp, logp_old and advantages are required. Raises UsageError naming the field for a
         missing field, a bad shape, dtype or id, WriteError if the file cannot be written."""
-        if self._closed:
-            raise UsageError("log_step on a closed Recorder")
-        self._check_process("log_step")
-        self._raise_writer_error()
-        if self.stopped is not None:
-            return
-        step = _step_number(step)
-        if self._rewriting and step != self._last_step:
-            raise UsageError(f"rewrite_step rewrites the last step ({self._last_step}), not {step}")
-        if self._last_step is not None and step <= self._last_step and not self._rewriting:
-            raise UsageError(
-                f"step {step} does not follow step {self._last_step}; steps must increase"
-            )
-        tensors, values, num_sequences = build_step(
-            unit=self.unit,
-            step=step,
-            arrays={
-                "logp": logp,
-                "logp_old": logp_old,
-                "advantages": advantages,
-                "mask": mask,
-                "seq_id": seq_id,
-                "group_id": group_id,
-                "reward": reward,
-                "micro_batch": micro_batch,
-                "group_split": group_split,
-                "logp_ref": logp_ref,
-                "logp_rollout": logp_rollout,
-                "loss_weight": loss_weight,
-                "loss_scale": loss_scale,
-                "unit_grad_gram": unit_grad_gram,
-                "unit_grad_sketch": unit_grad_sketch,
-                "param_grad_norm": param_grad_norm,
-                "token_ids": token_ids,
-            },
-            scalars={
-                "grad_norm": grad_norm,
-                "grad_norm_clipped": grad_norm_clipped,
-                "loss": loss,
-                "lr": lr,
-                "inner_step": inner_step,
-                "reward_mean": reward_mean,
-                "grad_norm_covered": grad_norm_covered,
-                "unit_grad_sketch_scale": unit_grad_sketch_scale,
-                "entropy": entropy,
-                "kl": kl,
-                "clip_frac": clip_frac,
-                "clip_frac_low": clip_frac_low,
-                "clip_frac_high": clip_frac_high,
-                "step_time": step_time,
-                "nonfinite_grads": nonfinite_grads,
-            },
-            user_scalars=scalars,
-            num_params=self._num_params,
-        )
-        scalar_step = "logp" not in tensors
-        if not scalar_step and tensors["logp"].shape[0] == 0 and self.world_size == 1:
-            raise UsageError("logp: a step needs at least one token")
-        values.setdefault("wall_time", self._now())
-        # repr of a float round-trips exactly; 'nan' and 'inf' parse back with float()
-        metadata = {name: repr(value) for name, value in values.items()}
-        mask = tensors.get("mask")
-        extended = not tensors.keys().isdisjoint(EXTENSION_FIELDS)
-        metadata.update({
-            META_FORMAT: written_version(extended, scalar_step),
-            META_RANK: str(self.rank),
-            META_WORLD_SIZE: str(self.world_size),
-            META_NUM_TOKENS: str(mask.shape[0] if mask is not None else 0),
-            META_NUM_SEQUENCES: str(num_sequences),
-            META_SCORED_TOKENS: str(np.count_nonzero(mask) if mask is not None else 0),
-        })  # fmt: skip
-        name = step_file_name(step, self.rank, self.world_size)
-        parts = encode_step(tensors, metadata, snapshot=self._writer is not None)
-        item = _Write(self._steps_dir, name, parts, step, self._rewriting)
-        if self._writer is None:
-            try:
-                _write(item)
-            except WriteError as exc:
-                self._write_failed(exc, step)
+        self._check_process("log_step")  # (before the lock, which a fork may copy held)
+        with self._lock:
+            if self._closed:
+                raise UsageError("log_step on a closed Recorder")
+            self._raise_writer_error()
+            if self.stopped is not None:
                 return
-        else:
-            self._writer.queue.put(item)
-        self._last_step = step
+            step = _step_number(step)
+            if self._rewriting and step != self._last_step:
+                raise UsageError(
+                    f"rewrite_step rewrites the last step ({self._last_step}), not {step}"
+                )
+            if self._last_step is not None and step <= self._last_step and not self._rewriting:
+                raise UsageError(
+                    f"step {step} does not follow step {self._last_step}; steps must increase"
+                )
+            tensors, values, num_sequences = build_step(
+                unit=self.unit,
+                step=step,
+                arrays={
+                    "logp": logp,
+                    "logp_old": logp_old,
+                    "advantages": advantages,
+                    "mask": mask,
+                    "seq_id": seq_id,
+                    "group_id": group_id,
+                    "reward": reward,
+                    "micro_batch": micro_batch,
+                    "group_split": group_split,
+                    "logp_ref": logp_ref,
+                    "logp_rollout": logp_rollout,
+                    "loss_weight": loss_weight,
+                    "loss_scale": loss_scale,
+                    "unit_grad_gram": unit_grad_gram,
+                    "unit_grad_sketch": unit_grad_sketch,
+                    "param_grad_norm": param_grad_norm,
+                    "token_ids": token_ids,
+                },
+                scalars={
+                    "grad_norm": grad_norm,
+                    "grad_norm_clipped": grad_norm_clipped,
+                    "loss": loss,
+                    "lr": lr,
+                    "inner_step": inner_step,
+                    "reward_mean": reward_mean,
+                    "grad_norm_covered": grad_norm_covered,
+                    "unit_grad_sketch_scale": unit_grad_sketch_scale,
+                    "entropy": entropy,
+                    "kl": kl,
+                    "clip_frac": clip_frac,
+                    "clip_frac_low": clip_frac_low,
+                    "clip_frac_high": clip_frac_high,
+                    "step_time": step_time,
+                    "nonfinite_grads": nonfinite_grads,
+                },
+                user_scalars=scalars,
+                num_params=self._num_params,
+            )
+            scalar_step = "logp" not in tensors
+            if not scalar_step and tensors["logp"].shape[0] == 0 and self.world_size == 1:
+                raise UsageError("logp: a step needs at least one token")
+            values.setdefault("wall_time", self._now())
+            # repr of a float round-trips exactly; 'nan' and 'inf' parse back with float()
+            metadata = {name: repr(value) for name, value in values.items()}
+            mask = tensors.get("mask")
+            extended = not tensors.keys().isdisjoint(EXTENSION_FIELDS)
+            metadata.update({
+                META_FORMAT: written_version(extended, scalar_step),
+                META_RANK: str(self.rank),
+                META_WORLD_SIZE: str(self.world_size),
+                META_NUM_TOKENS: str(mask.shape[0] if mask is not None else 0),
+                META_NUM_SEQUENCES: str(num_sequences),
+                META_SCORED_TOKENS: str(np.count_nonzero(mask) if mask is not None else 0),
+            })  # fmt: skip
+            name = step_file_name(step, self.rank, self.world_size)
+            parts = encode_step(tensors, metadata, snapshot=self._writer is not None)
+            item = _Write(self._steps_dir, name, parts, step, self._rewriting)
+            if self._writer is None:
+                try:
+                    _write(item)
+                except WriteError as exc:
+                    self._write_failed(exc, step)
+                    return
+            else:
+                self._writer.queue.put(item)
+            self._last_step = step
 
     def _now(self) -> float:
         """Wall-clock seconds, or SOURCE_DATE_EPOCH when it was set as the Recorder was made."""
@@ -433,11 +442,13 @@ class Recorder:
         keywords) as its whole content: its file is replaced atomically, or removed when that
         write fails. `record`'s optimizer hooks use it to add the second half of a step
         (capture/bootstrap.py)."""
-        self._rewriting = True
-        try:
-            self.log_step(step, **fields)
-        finally:
-            self._rewriting = False
+        self._check_process("rewrite_step")
+        with self._lock:
+            self._rewriting = True
+            try:
+                self.log_step(step, **fields)
+            finally:
+                self._rewriting = False
 
     def _check_process(self, call: str) -> None:
         """UsageError in a child forked from the process that made this Recorder: the child
@@ -454,7 +465,8 @@ class Recorder:
         self._check_process("flush")
         if self._writer is not None:
             self._writer.queue.join()
-        self._raise_writer_error()
+        with self._lock:
+            self._raise_writer_error()
 
     def _raise_writer_error(self) -> None:
         if self._writer is not None and self._writer.error is not None and self.stopped is None:
@@ -494,9 +506,10 @@ class Recorder:
         parent's."""
         writer = self._writer if os.getpid() == self._pid else None
         if writer is not None and writer.is_alive():
-            self._closed = True
-            writer.stop()
-            self._raise_writer_error()
+            with self._lock:  # a log_step under way in another thread is queued first
+                self._closed = True
+                writer.stop()
+                self._raise_writer_error()
         self._closed = True
 
     def __enter__(self) -> Recorder:
