@@ -398,6 +398,40 @@ def test_a_closure_optimizers_steps_record_the_norm_its_closure_produced(tmp_pat
         assert close(run.step(n).scalars["grad_norm"], first[n]), (n, first)
 
 
+OTHER_FIRST_ARGUMENT = textwrap.dedent(
+    """
+    import torch
+
+    class Scaled(torch.optim.SGD):
+        @torch.no_grad()
+        def step(self, factor, closure=None):  # a number first, the closure second
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(p.grad, alpha=-group["lr"] * factor)
+
+    model = torch.nn.Linear(4, 1)
+    optimizer = Scaled(model.parameters(), lr=0.1)
+    for step in range(2):
+        optimizer.zero_grad()
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step(0.5)
+    print("trained", flush=True)
+    """
+)
+
+
+def test_a_step_whose_first_argument_is_not_a_closure_is_left_as_it_is(tmp_path):
+    """The closure is the argument step() names `closure`: an optimizer whose step() takes
+    something else first trains as it would without the hooks."""
+    script = tmp_path / "train.py"
+    script.write_text(OTHER_FIRST_ARGUMENT)
+    result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script))
+    assert result.returncode == 0, result.stderr
+    assert "trained" in result.stdout
+    run = open_run(tmp_path / "run")
+    assert all(close(run.step(n).scalars["grad_norm"], math.sqrt(20)) for n in range(2))
+
+
 def test_a_step_with_no_gradient_records_no_grad_norm(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(NO_GRADIENT)

@@ -152,6 +152,8 @@ class _View:
     last: _Stats | None = None
     steps_taken: int = 0
     """Its `step()` calls that ran (the post-hook's count)."""
+    closure_at: int | None = None
+    """Where its step()'s arguments hold the closure (`_closure_position`)."""
     closure: bool = False
     """The step under way was given a closure (`_measured`)."""
     awaiting: bool = False
@@ -501,7 +503,7 @@ def _wrap_scaler_step(original: Callable[..., float | None]) -> Callable[..., fl
 def _view(optimizer: Optimizer) -> _View:
     view = _state.views.get(optimizer)
     if view is None:
-        view = _View(index=_state.optimizers_seen)
+        view = _View(index=_state.optimizers_seen, closure_at=_closure_position(optimizer))
         _state.optimizers_seen += 1
         _state.views[optimizer] = view
     shape = tuple(len(group["params"]) for group in optimizer.param_groups)
@@ -692,25 +694,39 @@ def _pre_hook(
         return None
     try:
         view = _view(optimizer)
-        closure = args[1] if len(args) > 1 else kwargs.get("closure")
-        if closure is not None and bootstrap.hooks_wanted():
+        at = view.closure_at
+        if at is not None and len(args) <= at:
+            at = None  # (not given by position)
+        closure = args[at] if at is not None else kwargs.get("closure")
+        if callable(closure) and bootstrap.hooks_wanted():
             view.pending, view.closure, view.awaiting = None, True, True
-            if len(args) > 1:
-                return (args[0], _measured(optimizer, closure), *args[2:]), kwargs
-            return args, {**kwargs, "closure": _measured(optimizer, closure)}
+            measured = _measured(optimizer, closure)
+            if at is not None:
+                return (*args[:at], measured, *args[at + 1 :]), kwargs
+            return args, {**kwargs, "closure": measured}
         view.pending = _step_stats(optimizer)
     except Exception as exc:
         _fail(exc, "reading the gradients before optimizer.step()")
     return None
 
 
-def _measured(optimizer: Optimizer, closure: Callable[[], Any]) -> Callable[[], Any]:
+def _closure_position(optimizer: Optimizer) -> int | None:
+    """Where step()'s arguments (self first) hold the closure: the position of its parameter
+    named `closure` (torch's convention), or None when it has none to take by position."""
+    try:
+        names = list(inspect.signature(type(optimizer).step).parameters)
+    except (TypeError, ValueError):  # a step() without a signature to read
+        return None
+    return names.index("closure") if "closure" in names else None
+
+
+def _measured(optimizer: Optimizer, closure: Callable[..., Any]) -> Callable[..., Any]:
     """`closure`, which at its first call (it produces the gradients at the parameters the
     step starts from) then takes the step's statistics."""
 
     @functools.wraps(closure)
-    def measured() -> Any:
-        result = closure()
+    def measured(*args: Any, **kwargs: Any) -> Any:
+        result = closure(*args, **kwargs)
         view = _state.views.get(optimizer)
         if _state.on and view is not None and view.awaiting:
             view.awaiting = False
