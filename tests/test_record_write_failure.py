@@ -106,3 +106,16 @@ def test_a_step_whose_batch_half_fails_to_write_is_not_left_as_a_scalar_step(
     assert not [p for p in (run / "steps").iterdir() if p.name.startswith(".")]
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["recording_stopped"]["step"] == 3
+    # inspect says the recording stopped early: its integrity is fine, the run is short
+    shown = subprocess.run(
+        [*cli_command(), "inspect", str(run), "--format", "json"], capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["recording_stopped"]["step"] == 3
+    table = subprocess.run(
+        [*cli_command(), "inspect", str(run)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "300"},
+    )
+    assert "stopped at step 3 (rank 0) after a failed write" in table.stdout

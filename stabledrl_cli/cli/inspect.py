@@ -42,6 +42,11 @@ def _run_table(s: RunSummary) -> Table:
         ("created", str(s.created)),
         ("policy", str((s.policy or {}).get("spec", "not known"))),
         ("source", _source_text(s.source) if s.source else "recorded in the training loop"),
+        *(
+            [("recording", _stopped_text(s.recording_stopped))]
+            if s.recording_stopped is not None
+            else []
+        ),
         ("unit", s.unit),
         ("estimator", ", ".join(f"{k}={v}" for k, v in s.estimator.items()) or "not given"),
         ("reward range", str(s.reward_range) if s.reward_range else "not given"),
@@ -62,6 +67,14 @@ def _run_table(s: RunSummary) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _stopped_text(stopped: dict[str, object]) -> str:
+    """The manifest's recording_stopped in one line: where, and why."""
+    return (
+        f"stopped at step {stopped.get('step')} (rank {stopped.get('rank')}) after a failed "
+        f"write: {stopped.get('reason')}; the training's later steps are not in the run"
+    )
 
 
 def _source_text(source: dict[str, object]) -> str:

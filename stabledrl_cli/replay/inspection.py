@@ -39,6 +39,9 @@ class RunSummary:
     """The manifest's policy entry (name, params, spec); None when the policy is not known."""
     source: dict[str, object] | None
     """Where the run came from (the manifest's `source`: an import, optimizer hooks), if given."""
+    recording_stopped: dict[str, object] | None
+    """The manifest's `recording_stopped` ({step, rank, reason}) when the recording stopped
+    after a failed write: the run ends before the training did."""
     unit: str
     estimator: dict[str, object]
     reward_range: list[float] | None
@@ -127,6 +130,7 @@ def summarize(run: Run) -> RunSummary:
         meta=_mapping(manifest.get("meta")),
         policy=dict(policy) if isinstance(policy, dict) else None,
         source=recorded.source,
+        recording_stopped=_mapping(manifest.get("recording_stopped")) or None,
         unit=run.unit,
         estimator=_mapping(manifest.get("estimator")),
         reward_range=list(run.reward_range) if run.reward_range else None,
