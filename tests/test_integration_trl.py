@@ -167,6 +167,15 @@ MAPPING = [
         "gspo:eps_high=0.2,eps_low=0.2,rows=all",
     ),
     ({"loss_type": "grpo", "beta": 0.04}, "grpo:beta=0.04,kl_is=token"),
+    (
+        {
+            "loss_type": "grpo",
+            "beta": 0.04,
+            "use_bias_correction_kl": False,
+            "top_entropy_quantile": 0.5,
+        },
+        "grpo:beta=0.04,kl_weight=none",
+    ),
     ({"loss_type": "luspo"}, "ppo:agg=seq-mean-token-sum,rows=all"),
     (
         {"loss_type": "luspo", "importance_sampling_level": "sequence"},
@@ -205,15 +214,6 @@ REFUSED = [
     (
         {"loss_type": "grpo", "importance_sampling_level": "sequence", "beta": 0.04},
         "use_bias_correction_kl and sequence-level",
-    ),
-    (
-        {
-            "loss_type": "grpo",
-            "beta": 0.04,
-            "use_bias_correction_kl": False,
-            "top_entropy_quantile": 0.5,
-        },
-        "KL unweighted",
     ),
     ({"loss_type": "grpo", "entropy_coef": 0.01}, "entropy bonus"),
     ({"loss_type": "grpo", "delta": 1.1}, "delta must be >"),
@@ -262,6 +262,7 @@ PARITY = {
     "luspo-sequence": {"loss_type": "luspo", "importance_sampling_level": "sequence"},
     "vespo": {"loss_type": "vespo"},
     "vespo-beta": {"loss_type": "vespo", "beta": 0.1, "gradient_accumulation_steps": 4},
+    "entropy-mask-beta": {"loss_type": "dapo", "top_entropy_quantile": 0.5, "beta": 0.1},
     # truncated completions (no EOS in 6 tokens) keep no token: every step has some
     "truncated": {"loss_type": "grpo", "mask_truncated_completions": True},
 }
@@ -348,7 +349,7 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
     accumulation = trainer.args.gradient_accumulation_steps
     assert sorted(set(step["micro_batch"].tolist())) == list(range(accumulation))
     assert ("logp_ref" in step) == ("beta" in PARITY[case])
-    assert ("loss_weight" in step) == (case == "entropy-mask")
+    assert ("loss_weight" in step) == case.startswith("entropy-mask")
 
 
 def test_groups_rewards_and_advantages(tiny: Any, tmp_path: Path) -> None:

@@ -281,7 +281,9 @@ def reference_objective(name, params, data, logp, adv_tokens, weight):
         kl = kl_k3(logp, data["logp_ref"])
         if params.get("kl_is") == "token":  # TRL use_bias_correction_kl: per_token_kl * coef_1
             kl = kl * r
-        j = j - beta * aggregate(kl * weight, mask, **agg_kw)
+        if params.get("kl_weight") != "none":  # TRL adds the KL term after its weights
+            kl = kl * weight
+        j = j - beta * aggregate(kl, mask, **agg_kw)
     return j
 
 
@@ -558,6 +560,29 @@ def test_loss_weight(spec, name, params):
     data = make_batch(8, (0.8, 1.2))
     check_against_autograd(spec, name, params, data, weight=data["weight"])
     assert (data["weight"] == 0).any()
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "params"),
+    [
+        ("dapo:beta=0.1", "ppo", {"eps_high": 0.28, "beta": 0.1}),
+        (
+            "dapo:beta=0.1,kl_weight=none",
+            "ppo",
+            {"eps_high": 0.28, "beta": 0.1, "kl_weight": "none"},
+        ),
+        (
+            "grpo:beta=0.04,kl_is=token,kl_weight=none",
+            "ppo",
+            {"agg": "seq-mean-token-mean", "beta": 0.04, "kl_is": "token", "kl_weight": "none"},
+        ),
+    ],
+)
+def test_loss_weight_with_the_kl_term(spec, name, params):
+    """kl_weight=recorded weighs the KL term by loss_weight as the policy term; none leaves it
+    unweighted, as TRL adds it after its entropy, off-policy and vLLM weights."""
+    data = make_batch(8, (0.8, 1.2))
+    check_against_autograd(spec, name, params, data, weight=data["weight"])
 
 
 def _ref_advantages(reward, group, mode):

@@ -20,7 +20,8 @@ from stabledrl_cli.spec import format_value
     [
         ("nope", "unknown policy 'nope'; valid: ppo, grpo, dapo, dual-clip, two-sided, gspo"),
         ("ppo:eps=0.2", "unknown key 'eps' for policy 'ppo'; valid keys: eps_low, eps_high, agg"),
-        ("gmpo:agg=token-mean", "valid keys: eps_low, eps_high, rows, beta, kl_is, adv"),
+        ("gmpo:agg=token-mean", "valid keys: eps_low, eps_high, rows, beta, kl_is, kl_weight, adv"),
+        ("grpo:kl_weight=none", "kl_weight=none weighs the KL term: it needs beta > 0"),
         ("grpo:kl_is=token", "kl_is=token weighs the KL term: it needs beta > 0"),
         ("vespo:k_pos=-1", "k_pos must be a finite number >= 0"),
         ("ppo:eps_low=abc", "eps_low expects a number, got 'abc'"),
@@ -59,7 +60,7 @@ def test_bad_specs_raise_one_usage_error_naming_the_choices(spec, message):
     assert "\n" not in str(info.value)
 
 
-NO_TIS = {"kl_is": "off", "tis": "off", "tis_min": None, "tis_max": None}
+NO_TIS = {"kl_is": "off", "kl_weight": "recorded", "tis": "off", "tis_min": None, "tis_max": None}
 """The KL weighting and rollout-correction keys every policy takes, off by default."""
 
 

@@ -64,6 +64,7 @@ def test_weight_max_per_policy_whatever_the_others_hold():
         ("grpo:beta=0.1,kl_is=token", "grpo"),
         ("vespo:beta=0.3,kl_is=token", "vespo"),
         ("cispo:beta=0.2,kl_is=token,agg=seq-mean-token-mean", "cispo:agg=seq-mean-token-mean"),
+        ("dapo:beta=0.1,kl_weight=none", "dapo"),
     ],
 )
 def test_the_indicators_take_out_the_kl_term_the_policy_added(spec: str, without_kl: str):
@@ -79,6 +80,7 @@ def test_the_indicators_take_out_the_kl_term_the_policy_added(spec: str, without
             advantages=torch.randn(5, generator=gen, dtype=torch.float64),
             mask=(torch.rand(5, 9, generator=gen) > 0.2).double(),
             logp_ref=logp + 0.3 * torch.randn(5, 9, generator=gen, dtype=torch.float64),
+            loss_weight=torch.rand(5, 9, generator=gen, dtype=torch.float64),
         )
     )
     policy = get_policy(spec)

@@ -17,6 +17,8 @@
 | mask_truncated_completions (grpo, sapo, ...) | the same spec with rows=all                       |
 | beta > 0                                     | every spec above gains beta                       |
 | use_bias_correction_kl (default) with beta   | ... and kl_is=token (the KL times the ratio)      |
+| beta with an entropy, off-policy or vLLM     | ... and kl_weight=none (TRL adds the KL term      |
+| weight (recorded as loss_weight)             | after weighting the policy term)                  |
 
 eps_low is TRL's `epsilon`, eps_high its `epsilon_high` (default `epsilon`); for cispo
 `epsilon_high` is the absolute cap. bnpo's per-micro-batch token mean reads the recorded
@@ -32,10 +34,8 @@ row. vespo ignores delta, as TRL does.
 Refused, one line each (the catalogue cannot express them, so recording them would be
 wrong): sequence-level sampling with a loss type other than grpo, luspo or vespo, or with
 delta; beta > 0 with `use_bias_correction_kl` and sequence-level sampling (the KL times the
-sequence ratio), or with any per-token weight (the entropy mask, the off-policy mask or vLLM
-importance sampling: TRL adds the KL term after weighting); vespo with vLLM importance sampling
-(TRL folds the sampler's ratio into w); the entropy bonus (`entropy_coef`,
-`use_adaptive_entropy`); an MoE router loss.
+sequence ratio); vespo with vLLM importance sampling (TRL folds the sampler's ratio into w); the
+entropy bonus (`entropy_coef`, `use_adaptive_entropy`); an MoE router loss.
 """
 
 from __future__ import annotations
@@ -104,16 +104,11 @@ def _check_recordable(config: Any, aux_loss: bool) -> None:
             raise _refuse("gspo (sequence-level sampling) has no two-sided delta in the catalogue")
     if loss_type == "vespo" and config.use_vllm and config.vllm_importance_sampling_correction:
         raise _refuse("vespo with vLLM importance sampling (TRL folds the sampler ratio into w)")
-    if config.beta != 0.0:
-        if config.use_bias_correction_kl and sequence:
-            raise _refuse(
-                "beta > 0 with use_bias_correction_kl and sequence-level sampling (the KL times "
-                "the sequence ratio); set use_bias_correction_kl=False"
-            )
-        if uses_loss_weight(config):
-            raise _refuse(
-                "beta > 0 with an entropy, off-policy or vLLM weight (TRL leaves the KL unweighted)"
-            )
+    if config.beta != 0.0 and config.use_bias_correction_kl and sequence:
+        raise _refuse(
+            "beta > 0 with use_bias_correction_kl and sequence-level sampling (the KL times "
+            "the sequence ratio); set use_bias_correction_kl=False"
+        )
 
 
 def policy_for_config(config: Any, *, aux_loss: bool = False) -> Policy:
@@ -160,6 +155,8 @@ def policy_for_config(config: Any, *, aux_loss: bool = False) -> Policy:
         params["beta"] = float(config.beta)
         if config.use_bias_correction_kl:
             params["kl_is"] = "token"
+        if uses_loss_weight(config):  # TRL adds the KL term after its per-token weights
+            params["kl_weight"] = "none"
     try:
         return get_policy(format_spec(name, params))
     except UsageError as exc:

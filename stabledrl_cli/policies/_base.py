@@ -113,6 +113,14 @@ def kl_penalty(prep: PreparedBatch, config: BaseConfig) -> tuple[torch.Tensor, t
     return kl, kl_grad
 
 
+def kl_scale(prep: PreparedBatch, config: BaseConfig, norm: torch.Tensor) -> torch.Tensor:
+    """[T] beta w_t / norm_t of the KL term: w the recorded loss_weight (kl_weight=recorded),
+    or 1 (kl_weight=none)."""
+    if config.kl_weight == "none":
+        return config.beta / norm
+    return config.beta * prep.weight / norm
+
+
 class Policy:
     """A policy of the catalogue, bound to its parameters: its entry (name, family, formula,
     source, defaults) and its validated config. Built by `get_policy`."""
@@ -195,7 +203,7 @@ class Policy:
             assert prep.logp_ref is not None
             kl, kl_grad = kl_penalty(prep, self.config)
             # The KL term keeps the recorded weight: TRL and verl leave it uncorrected.
-            scale = self.config.beta * recorded.weight / norm
+            scale = kl_scale(recorded, self.config, norm)
             coef = coef - scale * kl_grad
             objective = objective - masked_sum(prep.mask, scale * kl)
         coef = keep_times(prep.mask, coef)

@@ -29,7 +29,18 @@ SEQUENCE_MEAN_AGGS: tuple[Agg, ...] = (
 MAX_LEN_AGGS: tuple[Agg, ...] = ("constant", "seq-mean-token-sum-norm")
 
 # Keys every policy takes; they are listed after the policy's own keys.
-COMMON_KEYS = ("agg", "max_len", "rows", "beta", "kl_is", "adv", "tis", "tis_min", "tis_max")
+COMMON_KEYS = (
+    "agg",
+    "max_len",
+    "rows",
+    "beta",
+    "kl_is",
+    "kl_weight",
+    "adv",
+    "tis",
+    "tis_min",
+    "tis_max",
+)
 
 ParamValue = str | int | float | bool | None
 
@@ -77,6 +88,10 @@ class BaseConfig:
     kl_is: Literal["off", "token"] = "off"
     """token: each token's KL term is multiplied by its ratio r_t, through which its gradient
     flows too (TRL's `use_bias_correction_kl`, DeepSeek-V3.2's unbiased k3); needs beta > 0."""
+    kl_weight: Literal["recorded", "none"] = "recorded"
+    """recorded: the KL term of each token is weighted by its recorded loss_weight, as the
+    policy term is; none: it is not (TRL adds the KL term after its entropy, off-policy and
+    vLLM weights); needs beta > 0."""
     adv: AdvMode = "recorded"
     """Advantages as recorded, or recomputed from per-sequence rewards within groups."""
     rows: Rows = "scored"
@@ -102,6 +117,8 @@ class BaseConfig:
         check_min("beta", self.beta, 0.0, strict=False)
         if self.kl_is != "off" and not self.beta > 0:
             raise UsageError(f"kl_is={self.kl_is} weighs the KL term: it needs beta > 0")
+        if self.kl_weight != "recorded" and not self.beta > 0:
+            raise UsageError(f"kl_weight={self.kl_weight} weighs the KL term: it needs beta > 0")
         if self.tis == "off":
             if self.tis_min is not None or self.tis_max is not None:
                 raise UsageError(

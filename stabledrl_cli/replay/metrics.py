@@ -30,7 +30,7 @@ from stabledrl_cli.geometry import (
     update_norms,
 )
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
-from stabledrl_cli.policies._base import kl_penalty
+from stabledrl_cli.policies._base import kl_penalty, kl_scale
 from stabledrl_cli.policies._masked import as_bytes, count, counts, keep_times
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.columns import TRL_METRICS, VERL_METRICS
@@ -155,11 +155,11 @@ def varies_within_sequence(coef: torch.Tensor, prep: PreparedBatch) -> torch.Ten
 
 def policy_gradient_coef(policy: Policy, weights: Weights, prep: PreparedBatch) -> torch.Tensor:
     """[T] coef without the KL term (beta > 0; docs/policies.md, KL term)."""
-    beta = policy.config.beta
-    if not beta:
+    if not policy.config.beta:
         return weights.coef
     _, kl_grad = kl_penalty(prep, policy.config)
-    return keep_times(prep.mask, weights.coef + beta * prep.weight / weights.norm * kl_grad)
+    kl_coef = kl_scale(prep, policy.config, weights.norm) * kl_grad
+    return keep_times(prep.mask, weights.coef + kl_coef)
 
 
 WIDE_BLOCK = 32768
