@@ -297,8 +297,7 @@ CASES = [
 @pytest.mark.parametrize("overrides", CASES)
 def test_own_policy_reproduces_verl_loss(overrides: dict[str, Any], tmp_path: Path) -> None:
     config = actor_config(**overrides)
-    kl = config.use_kl_loss
-    steps = micro_batches(rollout(), mini=6, micro=2, with_weights=not kl)
+    steps = micro_batches(rollout(), mini=6, micro=2)
     captured, losses = record(config, steps, tmp_path / "run")
     run = open_run(tmp_path / "run")
     own = get_policy(run.policy_spec or "")
@@ -480,7 +479,7 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
         ({"clip_ratio_low": 0.1, "clip_ratio_high": 0.2}, "dual-clip:eps_high=0.2,eps_low=0.1"),
         (
             {"clip_ratio_high": 0.28, "use_kl_loss": True, "kl_loss_coef": 0.01},
-            "dual-clip:beta=0.01,eps_high=0.28",
+            "dual-clip:beta=0.01,eps_high=0.28,kl_weight=none",
         ),
         (
             {"loss_agg_mode": "seq-mean-token-sum-norm", "loss_scale_factor": 512},
@@ -520,7 +519,7 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
         ),
         (
             {"loss_mode": "dppo_tv", "use_kl_loss": True, "kl_loss_coef": 0.01},
-            "dppo:beta=0.01",
+            "dppo:beta=0.01,kl_weight=none",
         ),
     ],
 )
@@ -738,13 +737,6 @@ def test_refused_config_warns_once_and_training_goes_on(
     assert "cannot record this verl run: the entropy bonus" in err
     assert status.read_text().startswith("2\t")
     assert not list((run_dir / "steps").glob("*.safetensors"))
-
-
-def test_kl_with_rollout_weights_is_refused(
-    hooked: Any, capsys: pytest.CaptureFixture[str]
-) -> None:
-    train(actor_config(use_kl_loss=True))
-    assert "the KL loss with rollout_is_weights" in capsys.readouterr().err
 
 
 def test_other_losses_pass_through(hooked: Any) -> None:

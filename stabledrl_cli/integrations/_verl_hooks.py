@@ -30,7 +30,6 @@ from stabledrl_cli.integrations._verl_capture import (
 )
 from stabledrl_cli.integrations._verl_policy import (
     agg_mode,
-    check_batch,
     loss_mode,
     policy_for_actor_config,
 )
@@ -79,7 +78,6 @@ class Session:
         if self.recorder is None:
             world_size = int(engine.get_data_parallel_size())
             policy = policy_for_actor_config(config, response_width=first.mask.shape[-1])
-            check_batch(config, has_rollout_weights="loss_weight" in first.optional)
             self.recorder = Recorder(
                 self.out,
                 policy=policy,

@@ -10,7 +10,8 @@ per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
 | gpg                                          | reinforce:agg                                     |
 | dppo_tv, dppo_kl                             | dppo:divergence=tv|kl,delta_low=eps_low,          |
 |                                              | delta_high=eps_high,c=clip_ratio_c,agg            |
-| use_kl_loss, kl_loss_type low_var_kl or k3   | every spec above gains beta=kl_loss_coef          |
+| use_kl_loss, kl_loss_type low_var_kl or k3   | every spec above gains beta=kl_loss_coef and      |
+|                                              | kl_weight=none (verl leaves the KL unweighted)    |
 
 eps_low is `clip_ratio_low`, eps_high `clip_ratio_high` (each defaulting to `clip_ratio`).
 `loss_agg_mode` -> agg of the same name (token-mean, token-sum, seq-mean-token-mean,
@@ -30,9 +31,7 @@ wrong): loss modes whose step loss depends on the micro-batch split, clip_cov an
 selection by a covariance over each micro-batch, clip_cov's a random draw) and geo_mean (a
 mean over each micro-batch's rows); dro, bypass_mode and any user-registered one; KL types
 other than low_var_kl and k3 (k1, abs, k2, the straight-through "+" forms); the entropy
-bonus (`entropy_coeff != 0`); the KL loss together with rollout-correction weights
-(`rollout_is_weights`: verl weights the policy term only, the catalogue's loss_weight
-weights the KL term too; `check_batch`).
+bonus (`entropy_coeff != 0`).
 """
 
 from __future__ import annotations
@@ -156,21 +155,13 @@ def policy_for_actor_config(config: Any, response_width: int) -> Policy:
         c = float(config.get("clip_ratio_c", 20.0))  # verl's dppo default (ActorConfig's is 3)
         bounds = {"delta_low": eps_low, "delta_high": eps_high, "c": c}
         name, params = "dppo", {"divergence": mode.removeprefix("dppo_"), **bounds, **agg}
-    if config.use_kl_loss:
+    if config.use_kl_loss:  # verl weights its policy term only by rollout_is_weights
         params["beta"] = float(config.kl_loss_coef)
+        params["kl_weight"] = "none"
     try:
         return get_policy(format_spec(name, params))
     except UsageError as exc:
         raise _refuse(str(exc)) from None
-
-
-def check_batch(config: Any, has_rollout_weights: bool) -> None:
-    """UsageError, one line, for what only the batch shows the catalogue cannot express."""
-    if config.use_kl_loss and has_rollout_weights:
-        raise _refuse(
-            "the KL loss with rollout_is_weights (verl leaves the KL term unweighted, "
-            "the catalogue weights it by loss_weight)"
-        )
 
 
 def token_loss_scale(
