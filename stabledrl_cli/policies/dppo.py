@@ -35,17 +35,23 @@ def trust_region(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ([T] bool valid: the token's probability stayed in the trust region in the direction
     of its A (A <= 0 on the lower side, as verl's `where(A > 0, ...)`), [T] verl's ratio
-    exp(clamp(log r, -20, 20))), over every entry, scored or not."""
+    exp(clamp(log r, -20, 20))), over every entry, scored or not. Once per step, bounds and
+    advantages: the policy and replay's verl metrics share it."""
     assert cfg.delta_high is not None  # filled by the config
-    clamp = VERL_LOG_RATIO_CLAMP
-    ratio = torch.exp(prep.log_ratio.clamp(-clamp, clamp))
-    if cfg.divergence == "tv":
-        moved = torch.exp(prep.logp) - torch.exp(prep.logp_old)
-        return torch.where(adv > 0, moved <= cfg.delta_high, moved >= -cfg.delta_low), ratio
-    kl = binary_kl(prep.logp_old, prep.logp)
-    up = prep.logp >= prep.logp_old
-    down = prep.logp <= prep.logp_old
-    return torch.where(adv > 0, (kl <= cfg.delta_high) | down, (kl <= cfg.delta_low) | up), ratio
+    high = cfg.delta_high
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        ratio = prep.clamped_ratio(VERL_LOG_RATIO_CLAMP)
+        if cfg.divergence == "tv":
+            moved = torch.exp(prep.logp) - torch.exp(prep.logp_old)
+            return torch.where(adv > 0, moved <= high, moved >= -cfg.delta_low), ratio
+        kl = binary_kl(prep.logp_old, prep.logp)
+        up = prep.logp >= prep.logp_old
+        down = prep.logp <= prep.logp_old
+        return torch.where(adv > 0, (kl <= high) | down, (kl <= cfg.delta_low) | up), ratio
+
+    key = f"dppo_trust_region:{cfg.divergence}:{cfg.delta_low!r}:{high!r}"
+    return prep.memo_of(key, adv, build)
 
 
 class DPPOPolicy(TokenPolicy):

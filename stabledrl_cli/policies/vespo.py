@@ -41,9 +41,14 @@ def _phi(log_w: torch.Tensor, adv: torch.Tensor, cfg: VESPOConfig) -> torch.Tens
 
 
 def _sequence_log_w(prep: PreparedBatch) -> torch.Tensor:
-    """[N] log w_i: the clamped sum of each sequence's clamped log r over its scored tokens."""
-    summed = prep.seq_sum(prep.log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    return summed.clamp(LOG_W_MIN, LOG_RATIO_CLAMP)
+    """[N] log w_i: the clamped sum of each sequence's clamped log r over its scored tokens
+    (once per step: the policy and replay's TRL metric share it)."""
+
+    def build() -> torch.Tensor:
+        summed = prep.seq_sum(prep.log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        return summed.clamp(LOG_W_MIN, LOG_RATIO_CLAMP)
+
+    return prep.memo("vespo_log_w", build)
 
 
 def gamma_weights(
