@@ -29,6 +29,9 @@ from stabledrl_cli.errors import MissingExtraError, UsageError
 from stabledrl_cli.integrations import trl as integration
 
 SCRIPTS = Path(__file__).parent / "trl_scripts"
+sys.path.insert(0, str(SCRIPTS))
+from tiny_configs import PARITY  # noqa: E402  (plain data beside the tiny run's helpers)
+
 SKIP_REASON = "the TRL integration tests need trl 1.16 (pip install -e '.[trl]')"
 
 
@@ -245,27 +248,6 @@ def test_no_run_directory_is_a_usage_error(
 
 
 # -- parity with TRL, per loss type ----------------------------------------------------------
-PARITY = {
-    "grpo": {"loss_type": "grpo"},
-    "bnpo": {"loss_type": "bnpo"},
-    "dr_grpo": {"loss_type": "dr_grpo"},
-    "dapo": {"loss_type": "dapo", "epsilon_high": 0.28},
-    "dapo-token-mean": {"loss_type": "dapo", "gradient_accumulation_steps": 4},
-    "cispo": {"loss_type": "cispo", "epsilon_high": 1.05},
-    "sapo": {"loss_type": "sapo"},
-    "gspo": {"loss_type": "grpo", "importance_sampling_level": "sequence"},
-    "delta": {"loss_type": "dapo", "delta": 1.5},
-    "beta": {"loss_type": "grpo", "beta": 0.1, "use_bias_correction_kl": False},
-    "entropy-mask": {"loss_type": "dapo", "top_entropy_quantile": 0.5},
-    "beta-bias-corrected": {"loss_type": "grpo", "beta": 0.1},  # TRL's default correction
-    "luspo": {"loss_type": "luspo"},
-    "luspo-sequence": {"loss_type": "luspo", "importance_sampling_level": "sequence"},
-    "vespo": {"loss_type": "vespo"},
-    "vespo-beta": {"loss_type": "vespo", "beta": 0.1, "gradient_accumulation_steps": 4},
-    "entropy-mask-beta": {"loss_type": "dapo", "top_entropy_quantile": 0.5, "beta": 0.1},
-    # truncated completions (no EOS in 6 tokens) keep no token: every step has some
-    "truncated": {"loss_type": "grpo", "mask_truncated_completions": True},
-}
 
 
 TOKEN_CLIP = {

@@ -1,0 +1,30 @@
+"""The TRL GRPOConfig overrides of the tiny run (`tiny_grpo.tiny_config`) that the TRL parity
+tests (tests/test_integration_trl.py) and `benchmarks/trl_parity.py` record and replay, by
+name: every loss type and the options that change the loss. Plain data: importing it needs no
+TRL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PARITY: dict[str, dict[str, Any]] = {
+    "grpo": {"loss_type": "grpo"},
+    "bnpo": {"loss_type": "bnpo"},
+    "dr_grpo": {"loss_type": "dr_grpo"},
+    "dapo": {"loss_type": "dapo", "epsilon_high": 0.28},
+    "dapo-token-mean": {"loss_type": "dapo", "gradient_accumulation_steps": 4},
+    "cispo": {"loss_type": "cispo", "epsilon_high": 1.05},
+    "sapo": {"loss_type": "sapo"},
+    "gspo": {"loss_type": "grpo", "importance_sampling_level": "sequence"},
+    "delta": {"loss_type": "dapo", "delta": 1.5},
+    "beta": {"loss_type": "grpo", "beta": 0.1, "use_bias_correction_kl": False},
+    "entropy-mask": {"loss_type": "dapo", "top_entropy_quantile": 0.5},
+    "beta-bias-corrected": {"loss_type": "grpo", "beta": 0.1},  # TRL's default correction
+    "luspo": {"loss_type": "luspo"},
+    "luspo-sequence": {"loss_type": "luspo", "importance_sampling_level": "sequence"},
+    "vespo": {"loss_type": "vespo"},
+    "vespo-beta": {"loss_type": "vespo", "beta": 0.1, "gradient_accumulation_steps": 4},
+    "entropy-mask-beta": {"loss_type": "dapo", "top_entropy_quantile": 0.5, "beta": 0.1},
+    # truncated completions (no EOS in 6 tokens) keep no token: every step has some
+    "truncated": {"loss_type": "grpo", "mask_truncated_completions": True},
+}
