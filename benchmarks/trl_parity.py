@@ -1,10 +1,11 @@
 """How closely replay reproduces TRL's own loss: for each TRL 1.16 configuration of the
 parity tests (tests/trl_scripts/tiny_configs.py), a tiny `RecordingGRPOTrainer` run on CPU
 (tests/trl_scripts/tiny_grpo.py: num_iterations=2, gradient_accumulation_steps=2,
-steps_per_generation=4, 4 optimizer steps) is recorded, and replay's objective of the run's own policy is compared with the loss TRL logged, step by step
-(loss = -J). Prints, per configuration, the policy spec the run recorded, the worst relative
-error over its steps and the worst absolute one (a step whose loss is near 0 has a large
-relative error from float32 rounding alone). TRL's own log lines go to stderr.
+steps_per_generation=4, 4 optimizer steps) is recorded, and replay's objective of the run's
+own policy is compared with the loss TRL logged, step by step (loss = -J). Prints, per
+configuration, the policy spec the run recorded, the worst relative error over its steps and
+the worst absolute one (a step whose loss is near 0 has a large relative error from float32
+rounding alone). TRL's own log lines go to stderr.
 
     python benchmarks/trl_parity.py                  # every configuration (15 s here)
     python benchmarks/trl_parity.py --only vespo luspo
