@@ -40,7 +40,10 @@ from stabledrl_cli.integrations._verl_capture import (  # noqa: E402
     StepLog,
     capture_micro_batch,
 )
-from stabledrl_cli.integrations._verl_policy import policy_for_actor_config  # noqa: E402
+from stabledrl_cli.integrations._verl_policy import (  # noqa: E402
+    check_step,
+    policy_for_actor_config,
+)
 from stabledrl_cli.policies import PolicyBatch, get_policy  # noqa: E402
 from stabledrl_cli.replay.config import ReplayConfig  # noqa: E402
 from stabledrl_cli.replay.engine import replay_run  # noqa: E402
@@ -50,13 +53,15 @@ PROMPT, RESPONSE = 4, 7
 
 
 def actor_config(**overrides: Any) -> ActorConfig:
-    """verl's own ActorConfig (strategy fsdp), with `policy_loss.loss_mode` as `loss_mode`."""
+    """verl's own ActorConfig (strategy fsdp), with `policy_loss.loss_mode` as `loss_mode` and
+    the other `PolicyLossConfig` fields from `policy_loss`."""
     loss_mode = overrides.pop("loss_mode", "vanilla")
+    policy_loss = overrides.pop("policy_loss", {})
     return ActorConfig(
         strategy="fsdp",
         rollout_n=3,
         ppo_micro_batch_size_per_gpu=2,
-        policy_loss=PolicyLossConfig(loss_mode=loss_mode),
+        policy_loss=PolicyLossConfig(loss_mode=loss_mode, **policy_loss),
         **overrides,
     )
 
@@ -291,6 +296,11 @@ CASES = [
     pytest.param(
         {"loss_mode": "dppo_kl", "use_kl_loss": True, "kl_loss_coef": 0.05}, id="dppo-kl-kl"
     ),
+    pytest.param({"loss_mode": "geo_mean"}, id="geo-mean"),
+    pytest.param(
+        {"loss_mode": "geo_mean", "clip_ratio_low": 0.1, "clip_ratio_high": 0.3},
+        id="geo-mean-asymmetric",
+    ),
 ]
 
 
@@ -375,6 +385,27 @@ def test_clip_fractions_match_verl(overrides: dict[str, Any], tmp_path: Path) ->
         assert clip_seen > 0  # the trust region did bind somewhere
 
 
+def flat_batch(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    **extra: Any,
+) -> PolicyBatch:
+    """[B, L] tensors as a flat recording keeps them, one sequence a row."""
+    rows, width = logp.shape
+    return PolicyBatch(
+        logp=logp.flatten(),
+        logp_old=logp_old.flatten(),
+        advantages=adv.flatten(),
+        mask=mask.flatten(),
+        seq_id=torch.arange(rows).repeat_interleave(width),
+        loss_weight=weight.flatten(),
+        **extra,
+    )
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -435,18 +466,103 @@ def test_mapped_policy_gradient_equals_verl_autograd(overrides: dict[str, Any]) 
     )
     loss.backward()
     assert leaf.grad is not None
-    batch = PolicyBatch(
-        logp=logp.flatten(),
-        logp_old=logp_old.flatten(),
-        advantages=adv.flatten(),
-        mask=mask.flatten(),
-        seq_id=torch.arange(rows).repeat_interleave(width),
-        loss_weight=weight.flatten(),
-    )
+    batch = flat_batch(logp, logp_old, adv, mask, weight)
     weights = policy_for_actor_config(config, response_width=width).weights(batch)
     assert float(weights.objective) == pytest.approx(-float(loss), abs=1e-12)
     assert torch.allclose(weights.coef, -leaf.grad.flatten(), atol=1e-12)
     assert weights.discarded.any() and not weights.discarded.all()
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        pytest.param([6], id="one"),
+        pytest.param([2, 2, 2], id="3x2"),
+        pytest.param([1, 4, 1], id="1-4-1"),
+    ],
+)
+def test_gmpo_over_micro_batches_equals_verl_autograd(split: list[int]) -> None:
+    """verl's geo_mean loss of a step is the sum of its micro-batches' losses (a torch.mean
+    over each one's rows): `gmpo:mean=micro` over the recorded micro-batches gives minus that
+    sum and its autograd gradient, uneven micro-batches, a row without a scored token, and
+    advantages and rollout weights that vary within a sequence included."""
+    gen = torch.Generator().manual_seed(5)
+    rows, width = 6, 5
+    mask = torch.arange(width)[None] < torch.tensor([5, 3, 1, 4, 2, 5])[:, None]
+    mask[4] = False  # still a row of its micro-batch's mean
+    logp = -torch.rand(rows, width, generator=gen, dtype=torch.float64) * 2
+    logp_old = logp - torch.randn(rows, width, generator=gen, dtype=torch.float64) * 0.4
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.3, 0.7, -2.0], dtype=torch.float64)[:, None]
+    adv = (adv + torch.randn(rows, width, generator=gen, dtype=torch.float64) * 0.1) * mask
+    weight = (0.5 + torch.rand(rows, width, generator=gen, dtype=torch.float64)) * mask
+    config = actor_config(loss_mode="geo_mean", clip_ratio_low=0.1, clip_ratio_high=0.3)
+    leaf = logp.clone().requires_grad_(True)
+    geo_mean = core_algos.get_policy_loss_fn("geo_mean")
+    loss = torch.zeros((), dtype=torch.float64)
+    for part in torch.arange(rows).split(split):
+        micro_loss, _ = geo_mean(
+            old_log_prob=logp_old[part],
+            log_prob=leaf[part],
+            advantages=adv[part],
+            response_mask=mask[part],
+            loss_agg_mode=config.loss_agg_mode,
+            config=config,
+            rollout_is_weights=weight[part],
+        )
+        loss = loss + micro_loss
+    loss.backward()
+    assert leaf.grad is not None
+    micro = torch.arange(len(split)).repeat_interleave(torch.tensor(split))
+    batch = flat_batch(logp, logp_old, adv, mask, weight, micro_batch=micro)
+    policy = policy_for_actor_config(config, response_width=width)
+    weights = policy.weights(batch)
+    # verl's |y_i| + 1e-8 is float32 with a bool mask, i.e. |y_i|; ours adds 1e-8 in float64:
+    # a relative 1e-8 / |y_i| in each of A_i, s_i and the coefficient's 1 / |y_i|
+    assert float(weights.objective) == pytest.approx(-float(loss), rel=1e-7, abs=1e-15)
+    assert torch.allclose(weights.coef, -leaf.grad.flatten(), rtol=1e-7, atol=1e-15)
+    assert weights.discarded.any() and not weights.discarded.all()
+    one_mean = get_policy(policy.spec.replace("mean=micro", "mean=step")).weights(batch)
+    if len(split) > 1:  # one mean over the step is not verl's loss
+        assert float(one_mean.objective) != pytest.approx(-float(loss), rel=1e-3)
+
+
+def test_kl_cov_step_of_one_micro_batch_reproduces_verl_loss(tmp_path: Path) -> None:
+    """A kl_cov step of one micro-batch: verl's covariance ranks that step's tokens, as the
+    catalogue's kl-cov does, so the mapped policy gives verl's loss (captured through
+    `ppo_loss`, rollout weights and the KL loss included)."""
+    overrides = {"policy_loss": {"kl_cov_ratio": 0.2}, "use_kl_loss": True, "kl_loss_coef": 0.05}
+    config = actor_config(loss_mode="kl_cov", **overrides)
+    steps = micro_batches(rollout(scale=0.9), mini=6, micro=6)
+    _, losses = record(config, steps, tmp_path / "run")
+    run = open_run(tmp_path / "run")
+    own = get_policy(run.policy_spec or "")
+    assert own.name == "kl-cov"
+    for n, step in enumerate(run):
+        (verl_loss,) = losses[n]
+        weights = own.weights(policy_batch(step))
+        assert float(weights.objective) == pytest.approx(-verl_loss, abs=1e-6)
+        assert bool(weights.clipped.any())  # the penalised tokens
+
+
+@pytest.mark.parametrize(
+    ("loss_mode", "micro", "ranks", "reason"),
+    [
+        ("kl_cov", 3, 1, "loss_mode 'kl_cov' on a step of 3 micro-batch(es) on 1 rank(s)"),
+        ("kl_cov", 1, 2, "loss_mode 'kl_cov' on a step of 1 micro-batch(es) on 2 rank(s)"),
+        ("geo_mean", 3, 2, "loss_mode 'geo_mean' on 2 ranks: verl averages the ranks' sums"),
+    ],
+)
+def test_check_step_refuses_a_split_the_policy_does_not_reproduce(
+    loss_mode: str, micro: int, ranks: int, reason: str
+) -> None:
+    config = actor_config(loss_mode=loss_mode)
+    with pytest.raises(UsageError, match="cannot record this verl run") as info:
+        check_step(config, micro, ranks)
+    assert reason in str(info.value)
+    assert "\n" not in str(info.value)
+    check_step(config, 1, 1)  # one micro-batch on one rank: exact
+    if loss_mode == "geo_mean":
+        check_step(config, micro, 1)
 
 
 def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
@@ -521,6 +637,23 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
             {"loss_mode": "dppo_tv", "use_kl_loss": True, "kl_loss_coef": 0.01},
             "dppo:beta=0.01,kl_weight=none",
         ),
+        ({"loss_mode": "geo_mean"}, "gmpo:eps_high=0.2,eps_low=0.2,mean=micro"),
+        (
+            {"loss_mode": "geo_mean", "clip_ratio_low": 0.1, "loss_agg_mode": "token-sum"},
+            "gmpo:eps_high=0.2,eps_low=0.1,mean=micro",
+        ),
+        ({"loss_mode": "kl_cov"}, "kl-cov"),
+        (
+            {
+                "loss_mode": "kl_cov",
+                "loss_agg_mode": "seq-mean-token-mean",
+                "policy_loss": {"kl_cov_ratio": 0.1, "ppo_kl_coef": 0.5},
+                "use_kl_loss": True,
+                "kl_loss_coef": 0.01,
+            },
+            "kl-cov:agg=seq-mean-token-mean,beta=0.01,kl_coef=0.5,kl_weight=none,ratio=0.1,"
+            "rows=all",
+        ),
     ],
 )
 def test_policy_mapping(overrides: dict[str, Any], spec: str) -> None:
@@ -534,8 +667,10 @@ def test_policy_mapping(overrides: dict[str, Any], spec: str) -> None:
     ("overrides", "reason"),
     [
         ({"loss_mode": "clip_cov"}, "loss_mode 'clip_cov': verl zeroes a random draw"),
-        ({"loss_mode": "kl_cov"}, "loss_mode 'kl_cov': verl penalises the top kl_cov_ratio"),
-        ({"loss_mode": "geo_mean"}, "loss_mode 'geo_mean': verl takes torch.mean"),
+        (
+            {"loss_mode": "geo_mean", "use_kl_loss": True},
+            "loss_mode 'geo_mean' with use_kl_loss: verl normalises the KL term by",
+        ),
         ({"loss_mode": "dro"}, "loss_mode 'dro' is not one of"),
         ({"entropy_coeff": 0.01}, "entropy bonus"),
         ({"use_kl_loss": True, "kl_loss_type": "k1"}, "kl_loss_type 'k1'"),
@@ -737,6 +872,28 @@ def test_refused_config_warns_once_and_training_goes_on(
     assert "cannot record this verl run: the entropy bonus" in err
     assert status.read_text().startswith("2\t")
     assert not list((run_dir / "steps").glob("*.safetensors"))
+
+
+def test_hook_records_geo_mean_and_stops_at_a_kl_cov_step_of_several_micro_batches(
+    hooked: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """geo_mean steps of 3 micro-batches record (gmpo:mean=micro); a kl_cov step of 3 is
+    refused once when it comes, and training goes on."""
+    run_dir, status = hooked
+    train(actor_config(loss_mode="geo_mean"))
+    stabledrl_verl.uninstall()
+    run = open_run(run_dir)
+    assert run.step_numbers == [0, 1]
+    assert run.policy_spec == "gmpo:eps_high=0.2,eps_low=0.2,mean=micro"
+    assert int(run.step(0)["micro_batch"].max()) == 2
+    assert not status.exists()
+    assert stabledrl_verl.install(run_dir.parent / "kl_cov")
+    outputs = train(actor_config(loss_mode="kl_cov"))
+    assert len(outputs) == 2
+    err = capsys.readouterr().err
+    assert err.count("stabledrl: warning:") == 1
+    assert "loss_mode 'kl_cov' on a step of 3 micro-batch(es) on 1 rank(s)" in err
+    assert not (run_dir.parent / "kl_cov" / "steps").exists()
 
 
 def test_other_losses_pass_through(hooked: Any) -> None:

@@ -235,6 +235,33 @@ def test_gppo_matches_autograd_of_its_surrogate(params, seed):
     assert torch.equal(ppo.discarded, weights.clipped)
 
 
+# ---- GMPO over micro-batches ------------------------------------------------------------------
+@pytest.mark.parametrize("rows", ["all", "scored"])
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_gmpo_mean_micro_is_the_sum_of_each_micro_batchs_own_mean(rows, beta):
+    """gmpo:mean=micro over a step of uneven micro-batches (one with the all-masked row) is
+    the sum of gmpo:mean=step on each micro-batch alone, in objective and coefficient; without
+    a recorded micro_batch the step is one micro-batch (mean=step)."""
+    data = batch(6)
+    micro = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2])
+    gen = torch.Generator().manual_seed(6)
+    ref = data["logp"] + torch.randn(B, L, generator=gen, dtype=F64) * 0.2
+    spec = f"gmpo:rows={rows},beta={beta}"
+    whole = ours(f"{spec},mean=micro", data, micro_batch=micro, logp_ref=ref)
+    objective = torch.zeros((), dtype=F64)
+    coef = torch.zeros(B, L, dtype=F64)
+    for k in range(3):
+        part = micro == k
+        alone = ours(spec, {name: v[part] for name, v in data.items()}, logp_ref=ref[part])
+        objective = objective + alone.objective
+        coef[part] = alone.coef.reshape(-1, L)
+    assert_close(whole.objective, objective, rtol=1e-12, atol=1e-15)
+    assert_close(whole.coef, coef.reshape(-1), rtol=1e-12, atol=1e-15)
+    step = ours(spec, data, logp_ref=ref)
+    assert not torch.allclose(whole.objective, step.objective)
+    assert_close(ours(f"{spec},mean=micro", data, logp_ref=ref).objective, step.objective)
+
+
 # ---- reproducibility and refusals ------------------------------------------------------------
 def test_clip_cov_draw_is_reproducible_and_seeded():
     data = batch(4, spread=0.3)

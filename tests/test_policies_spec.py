@@ -20,7 +20,10 @@ from stabledrl_cli.spec import format_value
     [
         ("nope", "unknown policy 'nope'; valid: ppo, grpo, dapo, dual-clip, two-sided, gspo"),
         ("ppo:eps=0.2", "unknown key 'eps' for policy 'ppo'; valid keys: eps_low, eps_high, agg"),
-        ("gmpo:agg=token-mean", "valid keys: eps_low, eps_high, rows, beta, kl_is, kl_weight, adv"),
+        (
+            "gmpo:agg=token-mean",
+            "valid keys: eps_low, eps_high, mean, rows, beta, kl_is, kl_weight, adv",
+        ),
         ("grpo:kl_weight=none", "kl_weight=none weighs the KL term: it needs beta > 0"),
         ("grpo:kl_is=token", "kl_is=token weighs the KL term: it needs beta > 0"),
         ("vespo:k_pos=-1", "k_pos must be a finite number >= 0"),

@@ -10,8 +10,11 @@ per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
 | gpg                                          | reinforce:agg                                     |
 | dppo_tv, dppo_kl                             | dppo:divergence=tv|kl,delta_low=eps_low,          |
 |                                              | delta_high=eps_high,c=clip_ratio_c,agg            |
-| use_kl_loss, kl_loss_type low_var_kl or k3   | every spec above gains beta=kl_loss_coef and      |
-|                                              | kl_weight=none (verl leaves the KL unweighted)    |
+| geo_mean (one data-parallel rank)            | gmpo:eps_low,eps_high,mean=micro (rows=all)       |
+| kl_cov (steps of one micro-batch, one rank)  | kl-cov:ratio=kl_cov_ratio,kl_coef=ppo_kl_coef,agg |
+| use_kl_loss, kl_loss_type low_var_kl or k3   | every spec above but gmpo's gains                 |
+|                                              | beta=kl_loss_coef and kl_weight=none (verl leaves |
+|                                              | the KL unweighted)                                |
 
 eps_low is `clip_ratio_low`, eps_high `clip_ratio_high` (each defaulting to `clip_ratio`).
 `loss_agg_mode` -> agg of the same name (token-mean, token-sum, seq-mean-token-mean,
@@ -26,12 +29,22 @@ the k3 KL at 10: the catalogue agrees while the ratios stay inside those clamps.
 the token form (sg(s_i) p_t / sg(p_t)), the catalogue's gspo:form=token: the loss of the
 sequence form, and each token's own gradient s_i w_t A_t / norm_t.
 
+geo_mean takes torch.mean over each micro-batch's rows, with no global normaliser: a step's
+loss is the sum of its micro-batches' means, gmpo's mean=micro over the recorded
+`micro_batch`. kl_cov ranks the tokens of each micro-batch by a covariance over that
+micro-batch: a step of one micro-batch is the catalogue's kl-cov over the step, a step of
+several is not (`check_step` refuses it when it comes). Either on several data-parallel
+ranks is refused: verl averages the ranks' gradients, while a replay joins the ranks'
+micro-batches into one step (gmpo's sum would count each rank's, kl-cov rank the ranks'
+tokens together). With geo_mean the recorded `loss_scale` is loss_agg_mode's normaliser
+(`token_loss_scale`), which verl's GMPO term does not use.
+
 Refused, one line each (the catalogue cannot express them, so recording them would be
-wrong): loss modes whose step loss depends on the micro-batch split, clip_cov and kl_cov (a
-selection by a covariance over each micro-batch, clip_cov's a random draw) and geo_mean (a
-mean over each micro-batch's rows); dro, bypass_mode and any user-registered one; KL types
-other than low_var_kl and k3 (k1, abs, k2, the straight-through "+" forms); the entropy
-bonus (`entropy_coeff != 0`).
+wrong): clip_cov (a random draw among each micro-batch's tokens), kl_cov on a step of several
+micro-batches or ranks, geo_mean on several ranks or with use_kl_loss (verl normalises its KL
+term by loss_agg_mode, gmpo's by its own row mean); dro, bypass_mode and any user-registered
+loss mode; KL types other than low_var_kl and k3 (k1, abs, k2, the straight-through "+"
+forms); the entropy bonus (`entropy_coeff != 0`).
 """
 
 from __future__ import annotations
@@ -44,7 +57,17 @@ from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies import Policy, get_policy
 from stabledrl_cli.spec import SpecValue, format_spec
 
-LOSS_MODES = ("vanilla", "gspo", "sapo", "cispo", "gpg", "dppo_tv", "dppo_kl")
+LOSS_MODES = (
+    "vanilla",
+    "gspo",
+    "sapo",
+    "cispo",
+    "gpg",
+    "dppo_tv",
+    "dppo_kl",
+    "geo_mean",
+    "kl_cov",
+)
 """verl loss modes the integration records."""
 
 AGG_MODES = (
@@ -98,22 +121,41 @@ def _aggregation(mode: str, config: Any, response_width: int) -> dict[str, SpecV
     return params
 
 
-_PER_MICRO_BATCH = {
-    "clip_cov": "verl zeroes a random draw (torch's global generator) among each micro-batch's "
-    "tokens, by a covariance over that micro-batch; the catalogue's clip-cov draws its own "
-    "over the step",
-    "kl_cov": "verl penalises the top kl_cov_ratio of each micro-batch's tokens by a covariance "
-    "over that micro-batch; the catalogue's kl-cov ranks the step's",
-    "geo_mean": "verl takes torch.mean over each micro-batch's rows (no global batch size), so "
-    "a step's loss is a sum of micro-batch means; the catalogue's gmpo is one mean over the step",
-}
-"""Catalogue loss modes whose verl loss depends on the micro-batch split: why each is refused."""
+_CLIP_COV = (
+    "verl zeroes a random draw (torch's global generator) among each micro-batch's tokens, by "
+    "a covariance over that micro-batch; the catalogue's clip-cov draws its own over the step"
+)
+_KL_COV = (
+    "verl penalises the top kl_cov_ratio of each micro-batch's tokens by a covariance over that "
+    "micro-batch; the catalogue's kl-cov ranks the step's"
+)
+_GEO_MEAN_RANKS = (
+    "verl averages the ranks' sums of micro-batch means, while a replay joins the ranks' "
+    "micro-batches into one step whose sum counts every rank's"
+)
+
+
+def check_step(config: Any, micro_batches: int, data_parallel_size: int) -> None:
+    """UsageError, one line, when a step of `micro_batches` micro-batches on
+    `data_parallel_size` ranks has a verl loss the mapped policy does not reproduce: kl_cov
+    on more than one micro-batch or rank, geo_mean on more than one rank."""
+    mode = loss_mode(config)
+    if mode == "kl_cov" and micro_batches * data_parallel_size > 1:
+        where = f"{micro_batches} micro-batch(es) on {data_parallel_size} rank(s)"
+        raise _refuse(f"loss_mode 'kl_cov' on a step of {where}: {_KL_COV}")
+    if mode == "geo_mean" and data_parallel_size > 1:
+        raise _refuse(f"loss_mode 'geo_mean' on {data_parallel_size} ranks: {_GEO_MEAN_RANKS}")
 
 
 def _check_recordable(config: Any) -> None:
     mode = loss_mode(config)
-    if mode in _PER_MICRO_BATCH:
-        raise _refuse(f"loss_mode {mode!r}: {_PER_MICRO_BATCH[mode]}")
+    if mode == "clip_cov":
+        raise _refuse(f"loss_mode 'clip_cov': {_CLIP_COV}")
+    if mode == "geo_mean" and config.use_kl_loss:
+        raise _refuse(
+            "loss_mode 'geo_mean' with use_kl_loss: verl normalises the KL term by "
+            "loss_agg_mode, the catalogue's gmpo by its own mean over rows"
+        )
     if mode not in LOSS_MODES:
         raise _refuse(f"loss_mode {mode!r} is not one of {', '.join(LOSS_MODES)}")
     if agg_mode(config) not in AGG_MODES:
@@ -126,6 +168,10 @@ def _check_recordable(config: Any) -> None:
         raise _refuse(
             f"kl_loss_type {config.kl_loss_type!r}; only {', '.join(KL_TYPES)} (k3) map to beta"
         )
+
+
+def _or(value: Any, fallback: float) -> float:
+    return float(value) if value is not None else fallback
 
 
 def policy_for_actor_config(config: Any, response_width: int) -> Policy:
@@ -151,6 +197,14 @@ def policy_for_actor_config(config: Any, response_width: int) -> Policy:
         name, params = "cispo", {"eps_low": eps_low, "eps_high": eps_high, **agg}
     elif mode == "gpg":
         name, params = "reinforce", dict(agg)
+    elif mode == "geo_mean":  # verl's loss_agg_mode does not enter its GMPO term
+        name, params = "gmpo", {"eps_low": eps_low, "eps_high": eps_high, "mean": "micro"}
+    elif mode == "kl_cov":
+        kl_cov = {  # compute_policy_loss_kl_cov's fallbacks for an unset value
+            "ratio": _or(config.policy_loss.get("kl_cov_ratio"), 0.0002),
+            "kl_coef": _or(config.policy_loss.get("ppo_kl_coef"), 1.0),
+        }
+        name, params = "kl-cov", {**kl_cov, **agg}
     else:
         c = float(config.get("clip_ratio_c", 20.0))  # verl's dppo default (ActorConfig's is 3)
         bounds = {"delta_low": eps_low, "delta_high": eps_high, "c": c}

@@ -386,6 +386,11 @@ class GMPOConfig(BaseConfig):
     """Lower clip of log r: -eps_low (GMPO's (e^-0.4, e^0.4); verl uses its clip_ratio)."""
     eps_high: float = 0.4
     """Upper clip of log r: eps_high."""
+    mean: Literal["step", "micro"] = "step"
+    """Over which rows the sequence terms are averaged. step: one mean over the optimizer
+    step's rows; micro: each recorded micro-batch's own mean over its rows, summed over the
+    step's micro-batches (verl's `torch.mean` in every micro-batch call, the calls' gradients
+    accumulated); `rows` says which rows each mean counts."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -275,7 +275,8 @@ REGISTRY: dict[str, PolicyEntry] = {
             "GMPO arXiv:2507.20673; verl loss_mode=geo_mean (compute_policy_loss_geo_mean)",
             {"rows": "all"},
             conventions="rows=all as verl's mean over the batch; eps 0.4 as the paper (verl "
-            "uses its clip_ratio); |y_i| + 1e-8 as verl",
+            "uses its clip_ratio); |y_i| + 1e-8 as verl; mean=step one mean over the step "
+            "(verl: mean=micro, each micro-batch's mean, summed)",
         ),
         PolicyEntry(
             "dppo",

@@ -3,11 +3,13 @@
 Each token's log-ratio x_t is clipped on the side its advantage would exploit,
 x'_t = sgn(A) min(sgn(A) x_t, sgn(A) clamp(x_t, -eps_low, eps_high)); a sequence's ratio is
 the geometric mean s_i = exp(sum_t x'_t / (|y_i| + 1e-8)) and its advantage the mean
-A_i = sum_t A_t / (|y_i| + 1e-8); J = mean over rows of A_i s_i g_i, with g_i the geometric
-mean of the sequence's loss weights (verl aggregates its rollout weights so). Hence
-coef_t = A_i s_i g_i kept_t / (N (|y_i| + 1e-8)): tokens with A > 0 and x > eps_high, or
-A < 0 and x < -eps_low, are discarded. N counts every row (torch.mean over the batch, as
-verl: rows=all), or the scored rows with rows=scored.
+A_i = sum_t A_t / (|y_i| + 1e-8); J = sum over rows of A_i s_i g_i / N_i, with g_i the
+geometric mean of the sequence's loss weights (verl aggregates its rollout weights so). Hence
+coef_t = A_i s_i g_i kept_t / (N_i (|y_i| + 1e-8)): tokens with A > 0 and x > eps_high, or
+A < 0 and x < -eps_low, are discarded. N_i counts every row (torch.mean over the batch, as
+verl: rows=all), or the scored rows with rows=scored: of the whole step (mean=step, one mean),
+or of the row's recorded micro-batch (mean=micro: each micro-batch's mean, summed over the
+micro-batches, as verl's `compute_policy_loss_geo_mean` called once per micro-batch).
 """
 
 from __future__ import annotations
@@ -24,14 +26,28 @@ _WEIGHT_GUARD = 1e-10  # verl's log(rollout_is_weights + 1e-10)
 
 
 class GMPOPolicy(Policy):
-    """GMPO (arXiv:2507.20673; verl `compute_policy_loss_geo_mean`): mean over rows of
-    A_i exp(mean_t clipped log r_t); the clip binds on the side the advantage exploits."""
+    """GMPO (arXiv:2507.20673; verl `compute_policy_loss_geo_mean`): mean over rows (of the
+    step, or of each micro-batch, summed) of A_i exp(mean_t clipped log r_t); the clip binds on
+    the side the advantage exploits."""
 
     config: GMPOConfig
 
+    def row_counts(self, prep: PreparedBatch) -> torch.Tensor:
+        """[N] N_i, the rows of the mean each sequence's term is in (clamped to >= 1; once per
+        step, mean and rows)."""
+        mean, rows = self.config.mean, self.config.rows
+
+        def build() -> torch.Tensor:
+            if mean == "step":
+                return num_sequences(prep, rows).expand(prep.n_seq)
+            counted = prep.seq_live if rows == "scored" else torch.ones_like(prep.seq_live)
+            return prep.micro_sum(counted.to(prep.dtype)).clamp(min=1.0)[prep.seq_micro]
+
+        return prep.memo(("gmpo_rows", mean, rows), build)
+
     def norm(self, prep: PreparedBatch) -> torch.Tensor:
         length = prep.per_token(prep.seq_len) + _LENGTH_GUARD
-        return num_sequences(prep, self.config.rows) * length
+        return prep.per_token(self.row_counts(prep)) * length
 
     def _policy_terms(
         self, prep: PreparedBatch, adv: torch.Tensor, norm: torch.Tensor
@@ -48,9 +64,8 @@ class GMPOPolicy(Policy):
             seq_weight = torch.ones_like(seq_ratio)
         else:
             seq_weight = torch.exp(prep.seq_sum(torch.log(prep.weight + _WEIGHT_GUARD)) / length)
-        n_rows = num_sequences(prep, cfg.rows)
         per_seq = keep_times(seq_adv != 0, seq_adv * seq_ratio) * seq_weight
-        objective = per_seq.sum() / n_rows
+        objective = (per_seq / self.row_counts(prep)).sum()
         discarded = (above(adv, 0.0) & above(x, cfg.eps_high)) | (
             below(adv, 0.0) & below(x, -cfg.eps_low)
         )
