@@ -359,6 +359,27 @@ def test_groups_rewards_and_advantages(tiny: Any, tmp_path: Path) -> None:
         assert torch.allclose(torch.tensor([a for _, a in members]), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_a_step_without_a_scored_token_is_recorded_and_replayed(
+    tiny: Any, tmp_path: Path, loss_type: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """mask_truncated_completions with completions that cannot end (min_new_tokens = the
+    maximum): steps 2 and 4 of the tiny run score no token. Training is not disturbed, no
+    warning is printed, every step is recorded, and replay keeps them all with TRL's loss."""
+    out = tmp_path / "run"
+    config = {"mask_truncated_completions": True, "generation_kwargs": {"min_new_tokens": 6}}
+    trainer = _train(tiny, out, loss_type=loss_type, **config)
+    assert trainer.state.global_step == 4
+    assert "stabledrl:" not in capsys.readouterr().err
+    run = sd.open_run(out)
+    scored = {step.step: int(step["mask"].sum()) for step in run}
+    assert [n for n, count in scored.items() if count == 0] == [2, 4]
+    _assert_matches_trl(out, trainer.stabledrl_policy.spec, trainer.state.log_history)
+    result = sd.replay(out, [trainer.stabledrl_policy.spec], device="cpu")
+    assert result.skipped == []
+    assert result.own is not None and result.own.series["step"].tolist() == [1, 2, 3, 4]
+
+
 def test_recording_failure_warns_once_and_training_continues(
     tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -838,12 +838,22 @@ def hooked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     stabledrl_verl.uninstall()
 
 
-def train(config: ActorConfig, loss: Any = None, grad_norm: float = 0.7, **rollout_kw: Any) -> Any:
-    """Two optimizer steps of the stub engine with verl's ppo_loss (or `loss`)."""
+def train(
+    config: ActorConfig,
+    loss: Any = None,
+    grad_norm: float = 0.7,
+    unscored: list[int] | None = None,
+    **rollout_kw: Any,
+) -> Any:
+    """Two optimizer steps of the stub engine with verl's ppo_loss (or `loss`), over rows 0-5
+    and 6-11 of the rollout; the rows in `unscored` have an all-zero response mask."""
     engine = StubEngine(grad_norm)
     loss = loss or functools.partial(ppo_loss, config=config)
+    data = rollout(**rollout_kw)
+    for key in ("response_mask", "loss_mask"):
+        data[key][unscored or []] = 0
     outputs = []
-    for mb in tu.make_iterator(rollout(**rollout_kw), mini_batch_size=6, epochs=1, seed=0):
+    for mb in tu.make_iterator(data, mini_batch_size=6, epochs=1, seed=0):
         tu.assign_non_tensor(mb, global_batch_size=6)
         outputs.append(engine.train_batch(mb, loss_function=loss))
     return outputs
@@ -894,6 +904,34 @@ def test_hook_records_geo_mean_and_stops_at_a_kl_cov_step_of_several_micro_batch
     assert err.count("stabledrl: warning:") == 1
     assert "loss_mode 'kl_cov' on a step of 3 micro-batch(es) on 1 rank(s)" in err
     assert not (run_dir.parent / "kl_cov" / "steps").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"loss_agg_mode": "seq-mean-token-mean"}, {"loss_mode": "geo_mean"}],
+    ids=["vanilla", "geo-mean"],
+)
+def test_steps_and_micro_batches_without_a_scored_token_are_recorded_and_replayed(
+    hooked: Any, overrides: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mini-batch whose every response mask is zero (step 0) and a micro-batch of one
+    (rows 6-7 of step 1): training goes on, both steps are recorded, and replay keeps them
+    with verl's loss."""
+    run_dir, status = hooked
+    config = actor_config(**overrides)
+    assert len(train(config, unscored=[0, 1, 2, 3, 4, 5, 6, 7])) == 2
+    stabledrl_verl.uninstall()
+    assert "stabledrl:" not in capsys.readouterr().err and not status.exists()
+    run = open_run(run_dir)
+    steps = list(run)
+    assert len(steps) == 2 and int(steps[0]["mask"].sum()) == 0
+    scored = torch.zeros(6).index_add_(0, steps[1]["seq_id"].long(), steps[1]["mask"].float())
+    assert scored[:2].sum() == 0 and bool((scored[2:] > 0).all())
+    result = replay_run(run, [run.policy_spec or ""], config=ReplayConfig(device="cpu"))
+    assert result.skipped == []
+    (own,) = result.policies
+    for step in steps:
+        assert -own.steps[step.step]["objective"] == pytest.approx(step.scalars["loss"], abs=1e-6)
 
 
 def test_other_losses_pass_through(hooked: Any) -> None:
