@@ -690,8 +690,12 @@ ENGINE_SCRIPT = Path(__file__).parent / "verl_scripts" / "fsdp_engine_run.py"
 @pytest.fixture(scope="module", params=[1, 2], ids=["1-rank", "2-ranks-torchrun"])
 def engine_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """verl's real FSDP2 engine stepped on CPU with the hook installed (verl_scripts)."""
-    world = request.param
-    tmp = tmp_path_factory.mktemp(f"engine{world}")
+    return run_engine(tmp_path_factory.mktemp(f"engine{request.param}"), request.param)
+
+
+def run_engine(tmp: Path, world: int, loss_mode: str = "vanilla") -> Any:
+    """(the recorded run, verl's logged metrics of each rank) of `ENGINE_SCRIPT` on `world`
+    processes with `policy_loss.loss_mode` loss_mode."""
     out, result = tmp / "run", tmp / "result.json"
     if world == 1:
         command = [sys.executable, str(ENGINE_SCRIPT)]
@@ -703,7 +707,11 @@ def engine_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         command.append(str(ENGINE_SCRIPT))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [*command, str(out), str(result)], env=env, capture_output=True, text=True, timeout=600
+        [*command, str(out), str(result), loss_mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads(result.read_text())]
@@ -775,6 +783,22 @@ def test_engine_groups_split_across_ranks_are_marked(engine_run: Any) -> None:
         assert torch.equal(split, counts[step["group_id"].long()] < 3)
     else:
         assert bool(split.all())  # every group has members on both ranks
+
+
+def test_engine_geo_mean_steps_replay_verls_loss(tmp_path: Path) -> None:
+    """geo_mean on verl's real FSDP2 engine, dynamic batching cutting each mini-batch into 2 or
+    3 micro-batches of its own choosing: the recorded gmpo:mean=micro replays verl's logged
+    pg_loss of every step."""
+    run, ranks = run_engine(tmp_path, 1, "geo_mean")
+    assert run.policy_spec == "gmpo:eps_high=0.2,eps_low=0.2,mean=micro"
+    result = replay_run(run, [run.policy_spec or ""], config=ReplayConfig(device="cpu"))
+    (own,) = result.policies
+    micro = set()
+    for n, step in enumerate(run.steps(0, 4)):
+        micro.add(int(step["micro_batch"].max()) + 1)
+        logged = ranks[0]["steps"][n]["pg_loss"]
+        assert -own.steps[n]["objective"] == pytest.approx(logged, rel=1e-6, abs=1e-7)
+    assert max(micro) > 1
 
 
 def test_ray_worker_setup_hook_installs_the_recorder(tmp_path: Path) -> None:

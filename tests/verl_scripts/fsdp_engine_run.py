@@ -1,11 +1,12 @@
 """Drives verl 0.9's real `TrainingWorker` (FSDP2 engine) on CPU (gloo), hook installed.
 
-    python fsdp_engine_run.py OUT RESULT.json            (one process)
-    torchrun --nproc-per-node 2 fsdp_engine_run.py OUT RESULT.json
+    python fsdp_engine_run.py OUT RESULT.json [LOSS_MODE]            (one process)
+    torchrun --nproc-per-node 2 fsdp_engine_run.py OUT RESULT.json [LOSS_MODE]
 
 A tiny random Llama is trained through `TrainingWorker.train_mini_batch` with verl's own
-`ppo_loss` (what `ActorRolloutRefWorker.update_actor` calls): one rollout for 2 ppo epochs x
-2 mini-batches, then a mini-batch with a NaN advantage (verl skips that update). Each rank
+`ppo_loss` (what `ActorRolloutRefWorker.update_actor` calls; `policy_loss.loss_mode`
+LOSS_MODE, default vanilla): one rollout for 2 ppo epochs x 2 mini-batches, then a
+mini-batch with a NaN advantage (verl skips that update). Each rank
 writes verl's own logged metrics of each mini-batch to RESULT.json (rank 0) or
 RESULT.json.rank<r>.
 
@@ -106,7 +107,7 @@ def worker(path: str) -> TrainingWorker:
     return built
 
 
-def main(out: str, result: str) -> None:
+def main(out: str, result: str, loss_mode: str = "vanilla") -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     model_dir = [tempfile.mkdtemp() if rank == 0 else None]
     if rank == 0:
@@ -114,7 +115,7 @@ def main(out: str, result: str) -> None:
     dist.broadcast_object_list(model_dir, src=0)
     assert stabledrl_verl.install(out, overwrite=True)
     actor = worker(model_dir[0] or "")
-    config = actor_config()
+    config = actor_config(loss_mode=loss_mode)
     actor.set_loss_fn(functools.partial(ppo_loss, config=config))
     data = rollout(n_prompts=4 * world, seed=1).exclude("_logp")
     mine = tu.index_select_tensor_dict(data, torch.arange(rank, data.shape[0], world))
@@ -154,5 +155,5 @@ def main(out: str, result: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])
     exit_without_finalizing()
