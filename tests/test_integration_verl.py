@@ -788,7 +788,7 @@ def test_engine_groups_split_across_ranks_are_marked(engine_run: Any) -> None:
 def test_engine_geo_mean_steps_replay_verls_loss(tmp_path: Path) -> None:
     """geo_mean on verl's real FSDP2 engine, dynamic batching cutting each mini-batch into 2 or
     3 micro-batches of its own choosing: the recorded gmpo:mean=micro replays verl's logged
-    pg_loss of every step."""
+    pg_loss of every step, and replay's verl_pg_clipfrac(_lower) verl's logged ones."""
     run, ranks = run_engine(tmp_path, 1, "geo_mean")
     assert run.policy_spec == "gmpo:eps_high=0.2,eps_low=0.2,mean=micro"
     result = replay_run(run, [run.policy_spec or ""], config=ReplayConfig(device="cpu"))
@@ -798,6 +798,9 @@ def test_engine_geo_mean_steps_replay_verls_loss(tmp_path: Path) -> None:
         micro.add(int(step["micro_batch"].max()) + 1)
         logged = ranks[0]["steps"][n]["pg_loss"]
         assert -own.steps[n]["objective"] == pytest.approx(logged, rel=1e-6, abs=1e-7)
+        for name in ("pg_clipfrac", "pg_clipfrac_lower"):
+            value = ranks[0]["steps"][n][name]
+            assert own.steps[n][f"verl_{name}"] == pytest.approx(value, abs=1e-6)
     assert max(micro) > 1
 
 

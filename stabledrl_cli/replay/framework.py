@@ -16,7 +16,8 @@
   (A < 0 & r < 1 - eps_low), lower (A < 0 & r > c) for dual-clip; cispo's verl form: r outside
   [1 - eps_low, 1 + eps_high] whatever A, lower 0; sapo: 0 and 0 (what verl logs); dppo
   (`_dppo_tv`, `_dppo_kl`): entries outside the trust region (A = 0 ones on the lower side),
-  lower: entries inside it whose ratio exceeds c.
+  lower: entries inside it whose ratio exceeds c; gmpo (`_geo_mean`): entries whose log r
+  lies outside [-eps_low, eps_high] (unclamped) with A > 0, lower the same with A < 0.
 
 A step without a recorded `micro_batch` is one micro-batch. In a step joined from several ranks,
 TRL's metrics pool each micro-batch call over the ranks (TRL sums the counts across ranks
@@ -40,6 +41,7 @@ from stabledrl_cli.policies._config import (
     ClipConfig,
     DPPOConfig,
     DualClipConfig,
+    GMPOConfig,
     GSPOConfig,
     SAPOConfig,
     TwoSidedConfig,
@@ -281,6 +283,9 @@ def _verl(
     if isinstance(config, DPPOConfig):  # outside the trust region; inside it, r truncated at c
         valid, ratio = trust_region(prep, adv, config)
         return [frac(~valid), frac(valid & above(ratio, config.c))]
+    if isinstance(config, GMPOConfig):  # log r outside [-eps_low, eps_high], by the sign of A
+        outside = below(prep.log_ratio, -config.eps_low) | above(prep.log_ratio, config.eps_high)
+        return [frac(outside & above(adv, 0.0)), frac(outside & below(adv, 0.0))]
     return [nan, nan]
 
 
