@@ -5,6 +5,7 @@ reproduces verl's loss (`compute_policy_loss_*` + `agg_loss`) and its clip fract
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -476,18 +477,22 @@ def test_mapped_policy_gradient_equals_verl_autograd(overrides: dict[str, Any]) 
 @pytest.mark.parametrize(
     "split",
     [
-        pytest.param([6], id="one"),
-        pytest.param([2, 2, 2], id="3x2"),
-        pytest.param([1, 4, 1], id="1-4-1"),
+        pytest.param([[6]], id="one"),
+        pytest.param([[2, 2, 2]], id="3x2"),
+        pytest.param([[1, 4, 1]], id="1-4-1"),
+        pytest.param([[2, 1], [1, 2]], id="2-ranks"),
+        pytest.param([[2], [1], [3]], id="3-ranks-uneven"),
     ],
 )
-def test_gmpo_over_micro_batches_equals_verl_autograd(split: list[int]) -> None:
-    """verl's geo_mean loss of a step is the sum of its micro-batches' losses (a torch.mean
-    over each one's rows): `gmpo:mean=micro` over the recorded micro-batches gives minus that
-    sum and its autograd gradient, uneven micro-batches, a row without a scored token, and
-    advantages and rollout weights that vary within a sequence included."""
+def test_gmpo_over_micro_batches_equals_verl_autograd(split: list[list[int]]) -> None:
+    """verl's geo_mean loss of a rank is the sum of its micro-batches' losses (a torch.mean
+    over each one's rows), and the data-parallel all-reduce averages the ranks' gradients:
+    `gmpo:mean=micro` over the recorded micro-batches of a step joined from the ranks (each
+    rank's micro-batches numbered apart, as the reader joins them) gives minus the mean over
+    ranks of those sums and its gradient, uneven micro-batches, a row without a scored
+    token, and advantages and rollout weights that vary within a sequence included."""
     gen = torch.Generator().manual_seed(5)
-    rows, width = 6, 5
+    rows, width, ranks = 6, 5, len(split)
     mask = torch.arange(width)[None] < torch.tensor([5, 3, 1, 4, 2, 5])[:, None]
     mask[4] = False  # still a row of its micro-batch's mean
     logp = -torch.rand(rows, width, generator=gen, dtype=torch.float64) * 2
@@ -496,34 +501,44 @@ def test_gmpo_over_micro_batches_equals_verl_autograd(split: list[int]) -> None:
     adv = (adv + torch.randn(rows, width, generator=gen, dtype=torch.float64) * 0.1) * mask
     weight = (0.5 + torch.rand(rows, width, generator=gen, dtype=torch.float64)) * mask
     config = actor_config(loss_mode="geo_mean", clip_ratio_low=0.1, clip_ratio_high=0.3)
-    leaf = logp.clone().requires_grad_(True)
     geo_mean = core_algos.get_policy_loss_fn("geo_mean")
-    loss = torch.zeros((), dtype=torch.float64)
-    for part in torch.arange(rows).split(split):
-        micro_loss, _ = geo_mean(
-            old_log_prob=logp_old[part],
-            log_prob=leaf[part],
-            advantages=adv[part],
-            response_mask=mask[part],
-            loss_agg_mode=config.loss_agg_mode,
-            config=config,
-            rollout_is_weights=weight[part],
-        )
-        loss = loss + micro_loss
-    loss.backward()
-    assert leaf.grad is not None
-    micro = torch.arange(len(split)).repeat_interleave(torch.tensor(split))
-    batch = flat_batch(logp, logp_old, adv, mask, weight, micro_batch=micro)
+    sizes = [size for rank in split for size in rank]
+    grad = torch.zeros(rows, width, dtype=torch.float64)
+    losses = []
+    for r, rank_rows in enumerate(torch.arange(rows).split([sum(rank) for rank in split])):
+        leaf = logp.clone().requires_grad_(True)  # this rank's replica
+        loss = torch.zeros((), dtype=torch.float64)
+        for part in rank_rows.split(split[r]):
+            micro_loss, _ = geo_mean(
+                old_log_prob=logp_old[part],
+                log_prob=leaf[part],
+                advantages=adv[part],
+                response_mask=mask[part],
+                loss_agg_mode=config.loss_agg_mode,
+                config=config,
+                rollout_is_weights=weight[part],
+            )
+            loss = loss + micro_loss
+        loss.backward()
+        assert leaf.grad is not None
+        grad += leaf.grad / ranks  # the all-reduce's mean over ranks
+        losses.append(float(loss.detach()))
+    verl_loss = sum(losses) / ranks  # what verl logs as pg_loss (mean over ranks)
+    micro = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes))
+    batch = flat_batch(logp, logp_old, adv, mask, weight, micro_batch=micro, ranks=ranks)
     policy = policy_for_actor_config(config, response_width=width)
     weights = policy.weights(batch)
     # verl's |y_i| + 1e-8 is float32 with a bool mask, i.e. |y_i|; ours adds 1e-8 in float64:
     # a relative 1e-8 / |y_i| in each of A_i, s_i and the coefficient's 1 / |y_i|
-    assert float(weights.objective) == pytest.approx(-float(loss), rel=1e-7, abs=1e-15)
-    assert torch.allclose(weights.coef, -leaf.grad.flatten(), rtol=1e-7, atol=1e-15)
+    assert float(weights.objective) == pytest.approx(-verl_loss, rel=1e-7, abs=1e-15)
+    assert torch.allclose(weights.coef, -grad.flatten(), rtol=1e-7, atol=1e-15)
     assert weights.discarded.any() and not weights.discarded.all()
     one_mean = get_policy(policy.spec.replace("mean=micro", "mean=step")).weights(batch)
-    if len(split) > 1:  # one mean over the step is not verl's loss
-        assert float(one_mean.objective) != pytest.approx(-float(loss), rel=1e-3)
+    if len(sizes) > 1:  # one mean over the step is not verl's loss
+        assert float(one_mean.objective) != pytest.approx(-verl_loss, rel=1e-3)
+    if ranks > 1:  # the ranks' sums, not averaged, are not verl's loss either
+        summed = policy.weights(dataclasses.replace(batch, ranks=1))
+        assert float(summed.objective) == pytest.approx(-verl_loss * ranks, rel=1e-7)
 
 
 def test_kl_cov_step_of_one_micro_batch_reproduces_verl_loss(tmp_path: Path) -> None:
@@ -545,24 +560,26 @@ def test_kl_cov_step_of_one_micro_batch_reproduces_verl_loss(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
-    ("loss_mode", "micro", "ranks", "reason"),
+    ("micro", "ranks", "reason"),
     [
-        ("kl_cov", 3, 1, "loss_mode 'kl_cov' on a step of 3 micro-batch(es) on 1 rank(s)"),
-        ("kl_cov", 1, 2, "loss_mode 'kl_cov' on a step of 1 micro-batch(es) on 2 rank(s)"),
-        ("geo_mean", 3, 2, "loss_mode 'geo_mean' on 2 ranks: verl averages the ranks' sums"),
+        (3, 1, "loss_mode 'kl_cov' on a step of 3 micro-batch(es) on 1 rank(s)"),
+        (1, 2, "loss_mode 'kl_cov' on a step of 1 micro-batch(es) on 2 rank(s)"),
     ],
 )
 def test_check_step_refuses_a_split_the_policy_does_not_reproduce(
-    loss_mode: str, micro: int, ranks: int, reason: str
+    micro: int, ranks: int, reason: str
 ) -> None:
-    config = actor_config(loss_mode=loss_mode)
+    config = actor_config(loss_mode="kl_cov")
     with pytest.raises(UsageError, match="cannot record this verl run") as info:
         check_step(config, micro, ranks)
     assert reason in str(info.value)
     assert "\n" not in str(info.value)
     check_step(config, 1, 1)  # one micro-batch on one rank: exact
-    if loss_mode == "geo_mean":
-        check_step(config, micro, 1)
+
+
+def test_check_step_passes_geo_mean_on_several_micro_batches_and_ranks() -> None:
+    """gmpo:mean=micro averages the ranks' sums of micro-batch means as verl does."""
+    check_step(actor_config(loss_mode="geo_mean"), 3, 2)
 
 
 def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
@@ -785,11 +802,15 @@ def test_engine_groups_split_across_ranks_are_marked(engine_run: Any) -> None:
         assert bool(split.all())  # every group has members on both ranks
 
 
-def test_engine_geo_mean_steps_replay_verls_loss(tmp_path: Path) -> None:
-    """geo_mean on verl's real FSDP2 engine, dynamic batching cutting each mini-batch into 2 or
-    3 micro-batches of its own choosing: the recorded gmpo:mean=micro replays verl's logged
-    pg_loss of every step, and replay's verl_pg_clipfrac(_lower) verl's logged ones."""
-    run, ranks = run_engine(tmp_path, 1, "geo_mean")
+@pytest.mark.parametrize("world", [1, 2], ids=["1-rank", "2-ranks-torchrun"])
+def test_engine_geo_mean_steps_replay_verls_loss(world: int, tmp_path: Path) -> None:
+    """geo_mean on verl's real FSDP2 engine, dynamic batching cutting each rank's mini-batch
+    into 2 or 3 micro-batches of its own choosing: the recorded gmpo:mean=micro replays verl's
+    logged pg_loss of every step (on 2 ranks, the mean over ranks of each rank's sum of
+    micro-batch means), and replay's verl_pg_clipfrac(_lower) verl's logged ones."""
+    run, ranks = run_engine(tmp_path, world, "geo_mean")
+    assert run.manifest["world_size"] == world
+    assert run.step_numbers == [0, 1, 2, 3, 4]  # recorded, not refused, on every rank count
     assert run.policy_spec == "gmpo:eps_high=0.2,eps_low=0.2,mean=micro"
     result = replay_run(run, [run.policy_spec or ""], config=ReplayConfig(device="cpu"))
     (own,) = result.policies

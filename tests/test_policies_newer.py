@@ -262,6 +262,76 @@ def test_gmpo_mean_micro_is_the_sum_of_each_micro_batchs_own_mean(rows, beta):
     assert_close(ours(f"{spec},mean=micro", data, logp_ref=ref).objective, step.objective)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_gmpo_mean_micro_averages_the_sums_of_the_steps_ranks(beta):
+    """A step joined from 2 ranks (each rank's micro-batches numbered apart): mean=micro is
+    the mean over the ranks of each rank's sum of micro-batch means, as the data-parallel
+    all-reduce averages the ranks' gradients; mean=step, one mean over the joined rows, does
+    not depend on the ranks."""
+    data = batch(7)
+    micro = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3])  # rank 0: 0, 1; rank 1: 2, 3
+    gen = torch.Generator().manual_seed(7)
+    ref = data["logp"] + torch.randn(B, L, generator=gen, dtype=F64) * 0.2
+    spec = f"gmpo:beta={beta}"
+    objective = torch.zeros((), dtype=F64)
+    coef = torch.zeros(B, L, dtype=F64)
+    for rank in (micro < 2, micro >= 2):
+        alone = ours(
+            f"{spec},mean=micro",
+            {name: v[rank] for name, v in data.items()},
+            micro_batch=micro[rank],
+            logp_ref=ref[rank],
+        )
+        objective = objective + alone.objective / 2
+        coef[rank] = alone.coef.reshape(-1, L) / 2
+    joined = ours(f"{spec},mean=micro", data, micro_batch=micro, logp_ref=ref, ranks=2)
+    assert_close(joined.objective, objective, rtol=1e-12, atol=1e-15)
+    assert_close(joined.coef, coef.reshape(-1), rtol=1e-12, atol=1e-15)
+    step = ours(spec, data, micro_batch=micro, logp_ref=ref)
+    assert_close(ours(spec, data, micro_batch=micro, logp_ref=ref, ranks=2).coef, step.coef)
+
+
+@pytest.mark.parametrize("ranks", [0, -1, 1.5, True, "2"])
+def test_a_batch_of_no_ranks_is_refused(ranks):
+    with pytest.raises(UsageError, match="ranks must be an integer >= 1"):
+        ours("gmpo:mean=micro", batch(1), ranks=ranks)
+
+
+def test_replay_divides_gmpo_micro_by_the_runs_ranks(tmp_path):
+    """`replay` (and its --detail pass) of a run recorded on 2 ranks gives gmpo:mean=micro
+    the ranks from the manifest's world_size: the mean over ranks of each rank's sum."""
+    from stabledrl_cli.dump import Recorder, open_run
+    from stabledrl_cli.replay.config import ReplayConfig
+    from stabledrl_cli.replay.engine import replay_run
+    from stabledrl_cli.replay.stream import detail_pass
+
+    data = batch(8)
+    spec = "gmpo:mean=micro"
+    expected = torch.zeros((), dtype=F64)
+    contribution = 0.0
+    for rank, rows in enumerate((slice(0, 4), slice(4, 8))):
+        part = {name: v[rows] for name, v in data.items()}
+        micro = torch.tensor([0, 1, 1, 1] if rank == 0 else [0, 0, 1, 1])
+        with Recorder(tmp_path / "run", world_size=2, rank=rank, policy=spec) as rec:
+            rec.log_step(
+                0,
+                logp=part["logp"],
+                logp_old=part["logp_old"],
+                advantages=part["adv"],
+                mask=part["mask"],
+                micro_batch=micro,
+            )
+        alone = ours(spec, part, micro_batch=micro)
+        expected = expected + alone.objective / 2
+        contribution = max(contribution, float(alone.coef.abs().reshape(-1, L).sum(-1).max()))
+    run = open_run(tmp_path / "run")
+    (own,) = replay_run(run, [spec], config=ReplayConfig(device="cpu")).policies
+    assert own.steps[0]["objective"] == pytest.approx(float(expected), rel=1e-6)
+    (detail,) = detail_pass(run, [get_policy(spec)], {0: [0]}, torch.device("cpu"), 1)
+    (top,) = detail[0]
+    assert top.contribution == pytest.approx(contribution / 2, rel=1e-6)
+
+
 # ---- reproducibility and refusals ------------------------------------------------------------
 def test_clip_cov_draw_is_reproducible_and_seeded():
     data = batch(4, spread=0.3)

@@ -10,7 +10,7 @@ per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
 | gpg                                          | reinforce:agg                                     |
 | dppo_tv, dppo_kl                             | dppo:divergence=tv|kl,delta_low=eps_low,          |
 |                                              | delta_high=eps_high,c=clip_ratio_c,agg            |
-| geo_mean (one data-parallel rank)            | gmpo:eps_low,eps_high,mean=micro (rows=all)       |
+| geo_mean                                     | gmpo:eps_low,eps_high,mean=micro (rows=all)       |
 | kl_cov (steps of one micro-batch, one rank)  | kl-cov:ratio=kl_cov_ratio,kl_coef=ppo_kl_coef,agg |
 | use_kl_loss, kl_loss_type low_var_kl or k3   | every spec above but gmpo's gains                 |
 |                                              | beta=kl_loss_coef and kl_weight=none (verl leaves |
@@ -29,20 +29,21 @@ the k3 KL at 10: the catalogue agrees while the ratios stay inside those clamps.
 the token form (sg(s_i) p_t / sg(p_t)), the catalogue's gspo:form=token: the loss of the
 sequence form, and each token's own gradient s_i w_t A_t / norm_t.
 
-geo_mean takes torch.mean over each micro-batch's rows, with no global normaliser: a step's
-loss is the sum of its micro-batches' means, gmpo's mean=micro over the recorded
-`micro_batch`. kl_cov ranks the tokens of each micro-batch by a covariance over that
-micro-batch: a step of one micro-batch is the catalogue's kl-cov over the step, a step of
-several is not (`check_step` refuses it when it comes). Either on several data-parallel
-ranks is refused: verl averages the ranks' gradients, while a replay joins the ranks'
-micro-batches into one step (gmpo's sum would count each rank's, kl-cov rank the ranks'
-tokens together). With geo_mean the recorded `loss_scale` is loss_agg_mode's normaliser
-(`token_loss_scale`), which verl's GMPO term does not use.
+geo_mean takes torch.mean over each micro-batch's rows, with no global normaliser (and no
+dp_size factor): a rank's loss is the sum of its micro-batches' means, and the ranks'
+gradient all-reduce (and verl's logged pg_loss) averages those sums over the data-parallel
+ranks. That is gmpo's mean=micro over the recorded `micro_batch`, whose sum a replay divides
+by the step's ranks (the run's world_size: the reader keeps each rank's micro-batches
+apart). kl_cov ranks the tokens of each micro-batch by a covariance over that micro-batch: a
+step of one micro-batch on one rank is the catalogue's kl-cov over the step; a step of
+several micro-batches, or of several ranks (whose tokens a replay ranks together), is not
+(`check_step` refuses it when it comes). With geo_mean the recorded `loss_scale` is
+loss_agg_mode's normaliser (`token_loss_scale`), which verl's GMPO term does not use.
 
 Refused, one line each (the catalogue cannot express them, so recording them would be
 wrong): clip_cov (a random draw among each micro-batch's tokens), kl_cov on a step of several
-micro-batches or ranks, geo_mean on several ranks or with use_kl_loss (verl normalises its KL
-term by loss_agg_mode, gmpo's by its own row mean); dro, bypass_mode and any user-registered
+micro-batches or ranks, geo_mean with use_kl_loss (verl normalises its KL term by
+loss_agg_mode, gmpo's by its own row mean); dro, bypass_mode and any user-registered
 loss mode; KL types other than low_var_kl and k3 (k1, abs, k2, the straight-through "+"
 forms); the entropy bonus (`entropy_coeff != 0`).
 """
@@ -129,22 +130,16 @@ _KL_COV = (
     "verl penalises the top kl_cov_ratio of each micro-batch's tokens by a covariance over that "
     "micro-batch; the catalogue's kl-cov ranks the step's"
 )
-_GEO_MEAN_RANKS = (
-    "verl averages the ranks' sums of micro-batch means, while a replay joins the ranks' "
-    "micro-batches into one step whose sum counts every rank's"
-)
 
 
 def check_step(config: Any, micro_batches: int, data_parallel_size: int) -> None:
     """UsageError, one line, when a step of `micro_batches` micro-batches on
     `data_parallel_size` ranks has a verl loss the mapped policy does not reproduce: kl_cov
-    on more than one micro-batch or rank, geo_mean on more than one rank."""
+    on more than one micro-batch or rank."""
     mode = loss_mode(config)
     if mode == "kl_cov" and micro_batches * data_parallel_size > 1:
         where = f"{micro_batches} micro-batch(es) on {data_parallel_size} rank(s)"
         raise _refuse(f"loss_mode 'kl_cov' on a step of {where}: {_KL_COV}")
-    if mode == "geo_mean" and data_parallel_size > 1:
-        raise _refuse(f"loss_mode 'geo_mean' on {data_parallel_size} ranks: {_GEO_MEAN_RANKS}")
 
 
 def _check_recordable(config: Any) -> None:

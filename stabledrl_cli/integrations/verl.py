@@ -37,8 +37,8 @@ Each data-parallel rank writes its own step files (rank = verl's data-parallel r
 the rank that holds a model-parallel group's outputs records (sequence-parallel local rank 0
 under Ulysses). Recording never breaks training: a configuration the catalogue cannot
 express (`policy_for_actor_config`), a step it cannot (`check_step`: kl_cov on several
-micro-batches or ranks, geo_mean on several ranks) or any recording failure is reported once
-on stderr (and to `stabledrl record`) and recording stops; the steps before it stay.
+micro-batches or ranks) or any recording failure is reported once on stderr (and to
+`stabledrl record`) and recording stops; the steps before it stay.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ Shapes and defaults of `PolicyBatch`:
   baseline from such a group's part (it would silently treat one group as two).
 - `logp_ref`, `loss_weight`, `loss_scale`: same shape as `logp`.
 - `unit`: "token" or "sequence" (what one entry is; see docs/run-format.md).
+- `ranks`: how many data-parallel ranks' files the step joins (a run's `world_size`); default
+  1. A loss each rank sums over its own micro-batches (`gmpo:mean=micro`) is averaged over
+  them, as the ranks' gradient all-reduce averages.
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ class PolicyBatch:
     """[N] nonzero where the sequence's group is split across steps or ranks."""
     unit: Unit = "token"
     """What one entry is: "token", or "sequence" for sequence-level likelihood estimators."""
+    ranks: int = 1
+    """Data-parallel ranks whose micro-batches the step joins (a run's world_size)."""
 
 
 def _as_tensor(value: ArrayLike, name: str, device: torch.device | None) -> torch.Tensor:
@@ -131,6 +136,8 @@ class PreparedBatch:
     """Sequences whose prompt group is split across steps or ranks (recorded `group_split`)."""
     has_group_id: bool = False
     unit: Unit = "token"
+    ranks: int = 1
+    """Data-parallel ranks whose micro-batches the step joins (`PolicyBatch.ranks`)."""
     _adv_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False)
     """Per-step shared tensors (`memo`); a `dataclasses.replace` copy starts its own."""
@@ -415,6 +422,8 @@ def prepare(
         return batch
     if batch.unit not in UNITS:
         raise UsageError(f"unknown unit {batch.unit!r}; valid: {', '.join(UNITS)}")
+    if isinstance(batch.ranks, bool) or not isinstance(batch.ranks, int) or batch.ranks < 1:
+        raise UsageError(f"ranks must be an integer >= 1, got {batch.ranks!r}")
     target = torch.device(device) if device is not None else None
     logp_raw = _as_tensor(batch.logp, "logp", target)
     if logp_raw.ndim not in (1, 2):
@@ -517,4 +526,5 @@ def prepare(
         split_sequences=_split_count(batch.group_split, n_seq, dev),
         has_group_id=group_raw is not None,
         unit=batch.unit,
+        ranks=batch.ranks,
     )

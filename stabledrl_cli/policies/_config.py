@@ -390,7 +390,8 @@ class GMPOConfig(BaseConfig):
     """Over which rows the sequence terms are averaged. step: one mean over the optimizer
     step's rows; micro: each recorded micro-batch's own mean over its rows, summed over the
     step's micro-batches (verl's `torch.mean` in every micro-batch call, the calls' gradients
-    accumulated); `rows` says which rows each mean counts."""
+    accumulated) and divided by the step's data-parallel ranks (`PolicyBatch.ranks`: the
+    all-reduce averages the ranks' sums); `rows` says which rows each mean counts."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -9,7 +9,10 @@ coef_t = A_i s_i g_i kept_t / (N_i (|y_i| + 1e-8)): tokens with A > 0 and x > ep
 A < 0 and x < -eps_low, are discarded. N_i counts every row (torch.mean over the batch, as
 verl: rows=all), or the scored rows with rows=scored: of the whole step (mean=step, one mean),
 or of the row's recorded micro-batch (mean=micro: each micro-batch's mean, summed over the
-micro-batches, as verl's `compute_policy_loss_geo_mean` called once per micro-batch).
+micro-batches, as verl's `compute_policy_loss_geo_mean` called once per micro-batch). A step
+joined from R data-parallel ranks (`ranks`) holds each rank's micro-batches apart: mean=micro
+then divides by R too, as the gradient all-reduce averages the ranks' sums (N_i = R times
+the micro-batch's rows).
 """
 
 from __future__ import annotations
@@ -33,15 +36,16 @@ class GMPOPolicy(Policy):
     config: GMPOConfig
 
     def row_counts(self, prep: PreparedBatch) -> torch.Tensor:
-        """[N] N_i, the rows of the mean each sequence's term is in (clamped to >= 1; once per
-        step, mean and rows)."""
+        """[N] N_i, the rows of the mean each sequence's term is in (clamped to >= 1), times
+        the step's ranks with mean=micro (once per step, mean and rows)."""
         mean, rows = self.config.mean, self.config.rows
 
         def build() -> torch.Tensor:
             if mean == "step":
                 return num_sequences(prep, rows).expand(prep.n_seq)
             counted = prep.seq_live if rows == "scored" else torch.ones_like(prep.seq_live)
-            return prep.micro_sum(counted.to(prep.dtype)).clamp(min=1.0)[prep.seq_micro]
+            rows_per_micro = prep.micro_sum(counted.to(prep.dtype)).clamp(min=1.0)
+            return (rows_per_micro * float(prep.ranks))[prep.seq_micro]
 
         return prep.memo(("gmpo_rows", mean, rows), build)
 

@@ -170,8 +170,9 @@ def to_device(chunk: list[Arrays], device: torch.device) -> None:
             arrays[name] = piece.reshape(shape)
 
 
-def prepared(step: Step, arrays: Arrays, unit: Unit, where: str) -> PreparedBatch:
-    """The step's prepared batch; a bad step's InputError names the run and the step."""
+def prepared(step: Step, arrays: Arrays, unit: Unit, where: str, ranks: int) -> PreparedBatch:
+    """The step's prepared batch, joined from `ranks` ranks; a bad step's InputError names the
+    run and the step."""
     batch = PolicyBatch(
         logp=arrays["logp"].reshape(-1),
         logp_old=arrays["logp_old"],
@@ -187,6 +188,7 @@ def prepared(step: Step, arrays: Arrays, unit: Unit, where: str) -> PreparedBatc
         micro_batch=arrays.get("micro_batch"),
         group_split=arrays.get("group_split"),
         unit=unit,
+        ranks=ranks,
     )
     try:
         return prepare(batch)
@@ -225,7 +227,7 @@ def usable(
     """The step's prepared batch, geometry and micro-batches: every check of its data a replay
     makes before it evaluates a policy (InputError naming the run and step: module
     docstring)."""
-    prep = prepared(step, arrays, unit, where)
+    prep = prepared(step, arrays, unit, where, ranks)
     geometry = step_geometry(step, arrays, prep, where)
     return prep, geometry, step_micro_batches(step, arrays, prep, where, ranks)
 
@@ -438,13 +440,13 @@ def detail_pass(
 ) -> list[dict[int, list[TopSequence]]]:
     """Second pass over the flagged steps (step -> indices of the policies it flagged): per
     policy, step -> its top sequences."""
-    where, unit = run.location, run_unit(run)
+    where, unit, ranks = run.location, run_unit(run), run_ranks(run)
     out: list[dict[int, list[TopSequence]]] = [{} for _ in policies]
     for number in sorted(flagged):
         step = run.step(number)
         arrays = read_arrays(step, where)
         to_device([arrays], device)
-        prep = prepared(step, arrays, unit, where)
+        prep = prepared(step, arrays, unit, where, ranks)
         geometry = step_geometry(step, arrays, prep, where)
         for i in flagged[number]:
             weights = policies[i].weights(prep)
