@@ -42,7 +42,6 @@ from stabledrl_cli.integrations._verl_capture import (  # noqa: E402
     capture_micro_batch,
 )
 from stabledrl_cli.integrations._verl_policy import (  # noqa: E402
-    check_step,
     policy_for_actor_config,
 )
 from stabledrl_cli.policies import PolicyBatch, get_policy  # noqa: E402
@@ -474,6 +473,48 @@ def test_mapped_policy_gradient_equals_verl_autograd(overrides: dict[str, Any]) 
     assert weights.discarded.any() and not weights.discarded.all()
 
 
+def verl_over_ranks(
+    config: ActorConfig,
+    split: list[list[int]],
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+) -> tuple[float, torch.Tensor, PolicyBatch]:
+    """verl's policy loss of [B, L] rows split over simulated data-parallel ranks, each rank's
+    rows over micro-batches of the sizes `split[rank]`: (the mean over ranks of each rank's
+    sum of micro-batch losses, as verl logs pg_loss; the mean over ranks of each replica's
+    autograd gradient, as the all-reduce gives; the flat batch of the joined step, each
+    rank's micro-batches numbered apart as the reader joins them, with its ranks)."""
+    loss_fn = core_algos.get_policy_loss_fn(config.policy_loss.loss_mode)
+    ranks = len(split)
+    grad = torch.zeros_like(logp)
+    verl_loss = 0.0
+    for r, rank_rows in enumerate(torch.arange(logp.shape[0]).split([sum(x) for x in split])):
+        leaf = logp.clone().requires_grad_(True)  # this rank's replica
+        loss = torch.zeros((), dtype=logp.dtype)
+        for part in rank_rows.split(split[r]):
+            micro_loss, _ = loss_fn(
+                old_log_prob=logp_old[part],
+                log_prob=leaf[part],
+                advantages=adv[part],
+                response_mask=mask[part],
+                loss_agg_mode=config.loss_agg_mode,
+                config=config,
+                rollout_is_weights=weight[part],
+            )
+            loss = loss + micro_loss
+        loss.backward()
+        assert leaf.grad is not None
+        grad += leaf.grad / ranks
+        verl_loss += float(loss.detach()) / ranks
+    sizes = torch.tensor([size for rank in split for size in rank])
+    micro = torch.arange(len(sizes)).repeat_interleave(sizes)
+    batch = flat_batch(logp, logp_old, adv, mask, weight, micro_batch=micro, ranks=ranks)
+    return verl_loss, grad, batch
+
+
 @pytest.mark.parametrize(
     "split",
     [
@@ -501,31 +542,7 @@ def test_gmpo_over_micro_batches_equals_verl_autograd(split: list[list[int]]) ->
     adv = (adv + torch.randn(rows, width, generator=gen, dtype=torch.float64) * 0.1) * mask
     weight = (0.5 + torch.rand(rows, width, generator=gen, dtype=torch.float64)) * mask
     config = actor_config(loss_mode="geo_mean", clip_ratio_low=0.1, clip_ratio_high=0.3)
-    geo_mean = core_algos.get_policy_loss_fn("geo_mean")
-    sizes = [size for rank in split for size in rank]
-    grad = torch.zeros(rows, width, dtype=torch.float64)
-    losses = []
-    for r, rank_rows in enumerate(torch.arange(rows).split([sum(rank) for rank in split])):
-        leaf = logp.clone().requires_grad_(True)  # this rank's replica
-        loss = torch.zeros((), dtype=torch.float64)
-        for part in rank_rows.split(split[r]):
-            micro_loss, _ = geo_mean(
-                old_log_prob=logp_old[part],
-                log_prob=leaf[part],
-                advantages=adv[part],
-                response_mask=mask[part],
-                loss_agg_mode=config.loss_agg_mode,
-                config=config,
-                rollout_is_weights=weight[part],
-            )
-            loss = loss + micro_loss
-        loss.backward()
-        assert leaf.grad is not None
-        grad += leaf.grad / ranks  # the all-reduce's mean over ranks
-        losses.append(float(loss.detach()))
-    verl_loss = sum(losses) / ranks  # what verl logs as pg_loss (mean over ranks)
-    micro = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes))
-    batch = flat_batch(logp, logp_old, adv, mask, weight, micro_batch=micro, ranks=ranks)
+    verl_loss, grad, batch = verl_over_ranks(config, split, logp, logp_old, adv, mask, weight)
     policy = policy_for_actor_config(config, response_width=width)
     weights = policy.weights(batch)
     # verl's |y_i| + 1e-8 is float32 with a bool mask, i.e. |y_i|; ours adds 1e-8 in float64:
@@ -534,7 +551,7 @@ def test_gmpo_over_micro_batches_equals_verl_autograd(split: list[list[int]]) ->
     assert torch.allclose(weights.coef, -grad.flatten(), rtol=1e-7, atol=1e-15)
     assert weights.discarded.any() and not weights.discarded.all()
     one_mean = get_policy(policy.spec.replace("mean=micro", "mean=step")).weights(batch)
-    if len(sizes) > 1:  # one mean over the step is not verl's loss
+    if sum(map(len, split)) > 1:  # one mean over the step is not verl's loss
         assert float(one_mean.objective) != pytest.approx(-verl_loss, rel=1e-3)
     if ranks > 1:  # the ranks' sums, not averaged, are not verl's loss either
         summed = policy.weights(dataclasses.replace(batch, ranks=1))
@@ -559,27 +576,57 @@ def test_kl_cov_step_of_one_micro_batch_reproduces_verl_loss(tmp_path: Path) -> 
         assert bool(weights.clipped.any())  # the penalised tokens
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 @pytest.mark.parametrize(
-    ("micro", "ranks", "reason"),
+    "split",
     [
-        (3, 1, "loss_mode 'kl_cov' on a step of 3 micro-batch(es) on 1 rank(s)"),
-        (1, 2, "loss_mode 'kl_cov' on a step of 1 micro-batch(es) on 2 rank(s)"),
+        pytest.param([[8]], id="one"),
+        pytest.param([[3, 5]], id="2-micro"),
+        pytest.param([[4], [4]], id="2-ranks"),
+        pytest.param([[2, 2], [3, 1]], id="2-ranks-2-micro"),
     ],
 )
-def test_check_step_refuses_a_split_the_policy_does_not_reproduce(
-    micro: int, ranks: int, reason: str
+def test_kl_cov_over_micro_batches_and_ranks_equals_verl_autograd(
+    split: list[list[int]], agg: str
 ) -> None:
-    config = actor_config(loss_mode="kl_cov")
-    with pytest.raises(UsageError, match="cannot record this verl run") as info:
-        check_step(config, micro, ranks)
-    assert reason in str(info.value)
-    assert "\n" not in str(info.value)
-    check_step(config, 1, 1)  # one micro-batch on one rank: exact
+    """verl's kl_cov ranks each micro-batch's tokens by a covariance over that micro-batch (on
+    each rank), its agg_loss divides by the global normalisers times dp_size, and the
+    all-reduce averages the ranks' gradients: kl-cov:cov=micro over the step joined from the
+    ranks gives minus verl's loss (the mean over ranks of each rank's sum) and its gradient,
+    with rollout weights and advantages that vary within a sequence."""
+    gen = torch.Generator().manual_seed(9)
+    rows, width, ranks = 8, 6, len(split)
+    mask = torch.arange(width)[None] < torch.tensor([6, 3, 1, 4, 2, 6, 5, 3])[:, None]
+    mask[4] = False
+    logp = -torch.rand(rows, width, generator=gen, dtype=torch.float64) * 2
+    logp_old = logp - torch.randn(rows, width, generator=gen, dtype=torch.float64) * 0.3
+    adv = torch.randn(rows, 1, generator=gen, dtype=torch.float64)
+    adv = (adv + torch.randn(rows, width, generator=gen, dtype=torch.float64) * 0.3) * mask
+    weight = (0.5 + torch.rand(rows, width, generator=gen, dtype=torch.float64)) * mask
+    config = actor_config(loss_mode="kl_cov", loss_agg_mode=agg, policy_loss={"kl_cov_ratio": 0.25})
+    config.global_batch_info.update(
+        dp_size=ranks,
+        batch_num_tokens=int(mask.sum()),
+        global_batch_size=rows,
+        loss_scale_factor=None,
+    )
+    verl_loss, grad, batch = verl_over_ranks(config, split, logp, logp_old, adv, mask, weight)
+    policy = policy_for_actor_config(config, response_width=width)
+    assert policy.name == "kl-cov" and "cov=micro" in policy.spec
+    weights = policy.weights(batch)
+    assert float(weights.objective) == pytest.approx(-verl_loss, rel=1e-12, abs=1e-15)
+    assert torch.allclose(weights.coef, -grad.flatten(), rtol=1e-12, atol=1e-15)
+    sizes = [size for rank in split for size in rank]
+    assert int(weights.clipped.sum()) == sum(max(1, int(0.25 * n)) for n in _scored(mask, sizes))
+    if len(sizes) > 1:  # ranking the step's tokens together is not verl's loss
+        step = get_policy(policy.spec.replace("cov=micro", "cov=step")).weights(batch)
+        assert not torch.equal(step.clipped, weights.clipped)
 
 
-def test_check_step_passes_geo_mean_on_several_micro_batches_and_ranks() -> None:
-    """gmpo:mean=micro averages the ranks' sums of micro-batch means as verl does."""
-    check_step(actor_config(loss_mode="geo_mean"), 3, 2)
+def _scored(mask: torch.Tensor, sizes: list[int]) -> list[int]:
+    """Scored tokens of each micro-batch with any (the rows split by `sizes`)."""
+    counts = [int(part.sum()) for part in mask.split(sizes)]
+    return [n for n in counts if n]
 
 
 def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
@@ -659,7 +706,7 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
             {"loss_mode": "geo_mean", "clip_ratio_low": 0.1, "loss_agg_mode": "token-sum"},
             "gmpo:eps_high=0.2,eps_low=0.1,mean=micro",
         ),
-        ({"loss_mode": "kl_cov"}, "kl-cov"),
+        ({"loss_mode": "kl_cov"}, "kl-cov:cov=micro"),
         (
             {
                 "loss_mode": "kl_cov",
@@ -668,8 +715,8 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
                 "use_kl_loss": True,
                 "kl_loss_coef": 0.01,
             },
-            "kl-cov:agg=seq-mean-token-mean,beta=0.01,kl_coef=0.5,kl_weight=none,ratio=0.1,"
-            "rows=all",
+            "kl-cov:agg=seq-mean-token-mean,beta=0.01,cov=micro,kl_coef=0.5,kl_weight=none,"
+            "ratio=0.1,rows=all",
         ),
     ],
 )
@@ -803,26 +850,36 @@ def test_engine_groups_split_across_ranks_are_marked(engine_run: Any) -> None:
 
 
 @pytest.mark.parametrize("world", [1, 2], ids=["1-rank", "2-ranks-torchrun"])
-def test_engine_geo_mean_steps_replay_verls_loss(world: int, tmp_path: Path) -> None:
-    """geo_mean on verl's real FSDP2 engine, dynamic batching cutting each rank's mini-batch
-    into 2 or 3 micro-batches of its own choosing: the recorded gmpo:mean=micro replays verl's
-    logged pg_loss of every step (on 2 ranks, the mean over ranks of each rank's sum of
-    micro-batch means), and replay's verl_pg_clipfrac(_lower) verl's logged ones."""
-    run, ranks = run_engine(tmp_path, world, "geo_mean")
+@pytest.mark.parametrize(
+    ("loss_mode", "spec"),
+    [
+        ("geo_mean", "gmpo:eps_high=0.2,eps_low=0.2,mean=micro"),
+        ("kl_cov", "kl-cov:cov=micro,ratio=0.2"),
+    ],
+)
+def test_engine_micro_batch_losses_replay_verls_loss(
+    loss_mode: str, spec: str, world: int, tmp_path: Path
+) -> None:
+    """geo_mean and kl_cov on verl's real FSDP2 engine, dynamic batching cutting each rank's
+    mini-batch into micro-batches of its own choosing: the recorded gmpo:mean=micro
+    (kl-cov:cov=micro) replays verl's logged pg_loss of every step (on 2 ranks, the mean over
+    ranks of each rank's sum of micro-batch losses), and replay's verl_pg_clipfrac(_lower)
+    verl's logged ones where verl logs them (geo_mean)."""
+    run, ranks = run_engine(tmp_path, world, loss_mode)
     assert run.manifest["world_size"] == world
     assert run.step_numbers == [0, 1, 2, 3, 4]  # recorded, not refused, on every rank count
-    assert run.policy_spec == "gmpo:eps_high=0.2,eps_low=0.2,mean=micro"
-    result = replay_run(run, [run.policy_spec or ""], config=ReplayConfig(device="cpu"))
+    assert run.policy_spec == spec
+    result = replay_run(run, [spec], config=ReplayConfig(device="cpu"))
     (own,) = result.policies
     micro = set()
     for n, step in enumerate(run.steps(0, 4)):
         micro.add(int(step["micro_batch"].max()) + 1)
-        logged = ranks[0]["steps"][n]["pg_loss"]
-        assert -own.steps[n]["objective"] == pytest.approx(logged, rel=1e-6, abs=1e-7)
+        logged = ranks[0]["steps"][n]
+        assert -own.steps[n]["objective"] == pytest.approx(logged["pg_loss"], rel=1e-6, abs=1e-7)
         for name in ("pg_clipfrac", "pg_clipfrac_lower"):
-            value = ranks[0]["steps"][n][name]
-            assert own.steps[n][f"verl_{name}"] == pytest.approx(value, abs=1e-6)
-    assert max(micro) > 1
+            if name in logged:
+                assert own.steps[n][f"verl_{name}"] == pytest.approx(logged[name], abs=1e-6)
+    assert max(micro) > world
 
 
 def test_ray_worker_setup_hook_installs_the_recorder(tmp_path: Path) -> None:
@@ -932,26 +989,33 @@ def test_refused_config_warns_once_and_training_goes_on(
     assert not list((run_dir / "steps").glob("*.safetensors"))
 
 
-def test_hook_records_geo_mean_and_stops_at_a_kl_cov_step_of_several_micro_batches(
-    hooked: Any, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("overrides", "spec"),
+    [
+        ({"loss_mode": "geo_mean"}, "gmpo:eps_high=0.2,eps_low=0.2,mean=micro"),
+        (
+            {"loss_mode": "kl_cov", "policy_loss": {"kl_cov_ratio": 0.2}},
+            "kl-cov:cov=micro,ratio=0.2",
+        ),
+    ],
+    ids=["geo-mean", "kl-cov"],
+)
+def test_hook_records_steps_of_several_micro_batches_and_replays_them(
+    hooked: Any, overrides: dict[str, Any], spec: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """geo_mean steps of 3 micro-batches record (gmpo:mean=micro); a kl_cov step of 3 is
-    refused once when it comes, and training goes on."""
+    """geo_mean (gmpo:mean=micro) and kl_cov (kl-cov:cov=micro) steps of 3 micro-batches
+    record, and replay gives verl's loss of each."""
     run_dir, status = hooked
-    train(actor_config(loss_mode="geo_mean"))
+    train(actor_config(**overrides))
     stabledrl_verl.uninstall()
+    assert "stabledrl:" not in capsys.readouterr().err and not status.exists()
     run = open_run(run_dir)
     assert run.step_numbers == [0, 1]
-    assert run.policy_spec == "gmpo:eps_high=0.2,eps_low=0.2,mean=micro"
+    assert run.policy_spec == spec
     assert int(run.step(0)["micro_batch"].max()) == 2
-    assert not status.exists()
-    assert stabledrl_verl.install(run_dir.parent / "kl_cov")
-    outputs = train(actor_config(loss_mode="kl_cov"))
-    assert len(outputs) == 2
-    err = capsys.readouterr().err
-    assert err.count("stabledrl: warning:") == 1
-    assert "loss_mode 'kl_cov' on a step of 3 micro-batch(es) on 1 rank(s)" in err
-    assert not (run_dir.parent / "kl_cov" / "steps").exists()
+    (own,) = replay_run(run, [spec], config=ReplayConfig(device="cpu")).policies
+    for step in run:
+        assert -own.steps[step.step]["objective"] == pytest.approx(step.scalars["loss"], abs=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -262,6 +262,33 @@ def test_gmpo_mean_micro_is_the_sum_of_each_micro_batchs_own_mean(rows, beta):
     assert_close(ours(f"{spec},mean=micro", data, logp_ref=ref).objective, step.objective)
 
 
+def test_kl_cov_micro_selects_within_each_micro_batch():
+    """kl-cov:cov=micro over a step of micro-batches (one of them all-masked) is each
+    micro-batch's own kl-cov, summed (agg=token-sum: no normaliser shared across them), a
+    micro-batch without a scored token included; one micro-batch is cov=step."""
+    data = batch(9)
+    data["adv"] = data["adv"] * torch.linspace(0.5, 1.5, L, dtype=F64)  # varies within a row
+    micro = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3])  # micro-batch 2 is row 5, all masked
+    spec = "kl-cov:ratio=0.2,kl_coef=0.5,agg=token-sum"
+    whole = ours(f"{spec},cov=micro", data, micro_batch=micro)
+    objective = torch.zeros((), dtype=F64)
+    coef = torch.zeros(B, L, dtype=F64)
+    chosen = torch.zeros(B, L, dtype=torch.bool)
+    for k in range(4):
+        part = micro == k
+        alone = ours(spec, {name: v[part] for name, v in data.items()})
+        objective = objective + alone.objective
+        coef[part] = alone.coef.reshape(-1, L)
+        chosen[part] = alone.clipped.reshape(-1, L) & (data["mask"][part] > 0)
+    assert_close(whole.objective, objective, rtol=1e-12, atol=1e-15)
+    assert_close(whole.coef, coef.reshape(-1), rtol=1e-12, atol=1e-15)
+    assert torch.equal(whole.clipped, chosen.reshape(-1))
+    assert whole.clipped.any()
+    step = ours(spec, data)
+    assert not torch.equal(step.clipped, whole.clipped)
+    assert torch.equal(ours(f"{spec},cov=micro", data).clipped, step.clipped)
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.1])
 def test_gmpo_mean_micro_averages_the_sums_of_the_steps_ranks(beta):
     """A step joined from 2 ranks (each rank's micro-batches numbered apart): mean=micro is

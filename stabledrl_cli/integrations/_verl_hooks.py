@@ -30,7 +30,6 @@ from stabledrl_cli.integrations._verl_capture import (
 )
 from stabledrl_cli.integrations._verl_policy import (
     agg_mode,
-    check_step,
     loss_mode,
     policy_for_actor_config,
 )
@@ -161,7 +160,6 @@ def train_batch_hook(session: Session) -> Callable[..., Any]:
         last = bool(tu.get_non_tensor_data(data=data, key="update_lr_scheduler", default=False))
         if micro and "grad_norm" in seen and not session.off:
             try:
-                check_step(config, len(micro), int(self.get_data_parallel_size()))
                 log = StepLog(
                     grad_norm=seen["grad_norm"],
                     max_norm=_clip_threshold(self),

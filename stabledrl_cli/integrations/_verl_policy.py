@@ -11,7 +11,8 @@ per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
 | dppo_tv, dppo_kl                             | dppo:divergence=tv|kl,delta_low=eps_low,          |
 |                                              | delta_high=eps_high,c=clip_ratio_c,agg            |
 | geo_mean                                     | gmpo:eps_low,eps_high,mean=micro (rows=all)       |
-| kl_cov (steps of one micro-batch, one rank)  | kl-cov:ratio=kl_cov_ratio,kl_coef=ppo_kl_coef,agg |
+| kl_cov                                       | kl-cov:ratio=kl_cov_ratio,kl_coef=ppo_kl_coef,    |
+|                                              | cov=micro,agg                                     |
 | use_kl_loss, kl_loss_type low_var_kl or k3   | every spec above but gmpo's gains                 |
 |                                              | beta=kl_loss_coef and kl_weight=none (verl leaves |
 |                                              | the KL unweighted)                                |
@@ -34,18 +35,17 @@ dp_size factor): a rank's loss is the sum of its micro-batches' means, and the r
 gradient all-reduce (and verl's logged pg_loss) averages those sums over the data-parallel
 ranks. That is gmpo's mean=micro over the recorded `micro_batch`, whose sum a replay divides
 by the step's ranks (the run's world_size: the reader keeps each rank's micro-batches
-apart). kl_cov ranks the tokens of each micro-batch by a covariance over that micro-batch: a
-step of one micro-batch on one rank is the catalogue's kl-cov over the step; a step of
-several micro-batches, or of several ranks (whose tokens a replay ranks together), is not
-(`check_step` refuses it when it comes). With geo_mean the recorded `loss_scale` is
-loss_agg_mode's normaliser (`token_loss_scale`), which verl's GMPO term does not use.
+apart). kl_cov penalises the top kl_cov_ratio of each micro-batch's tokens by a covariance
+over that micro-batch (each rank's own): kl-cov's cov=micro over the recorded `micro_batch`;
+its agg_loss divides by the global normalisers times dp_size like the other modes. With
+geo_mean the recorded `loss_scale` is loss_agg_mode's normaliser (`token_loss_scale`), which
+verl's GMPO term does not use.
 
 Refused, one line each (the catalogue cannot express them, so recording them would be
-wrong): clip_cov (a random draw among each micro-batch's tokens), kl_cov on a step of several
-micro-batches or ranks, geo_mean with use_kl_loss (verl normalises its KL term by
-loss_agg_mode, gmpo's by its own row mean); dro, bypass_mode and any user-registered
-loss mode; KL types other than low_var_kl and k3 (k1, abs, k2, the straight-through "+"
-forms); the entropy bonus (`entropy_coeff != 0`).
+wrong): clip_cov (a random draw among each micro-batch's tokens), geo_mean with use_kl_loss
+(verl normalises its KL term by loss_agg_mode, gmpo's by its own row mean); dro, bypass_mode
+and any user-registered loss mode; KL types other than low_var_kl and k3 (k1, abs, k2, the
+straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`).
 """
 
 from __future__ import annotations
@@ -126,20 +126,6 @@ _CLIP_COV = (
     "verl zeroes a random draw (torch's global generator) among each micro-batch's tokens, by "
     "a covariance over that micro-batch; the catalogue's clip-cov draws its own over the step"
 )
-_KL_COV = (
-    "verl penalises the top kl_cov_ratio of each micro-batch's tokens by a covariance over that "
-    "micro-batch; the catalogue's kl-cov ranks the step's"
-)
-
-
-def check_step(config: Any, micro_batches: int, data_parallel_size: int) -> None:
-    """UsageError, one line, when a step of `micro_batches` micro-batches on
-    `data_parallel_size` ranks has a verl loss the mapped policy does not reproduce: kl_cov
-    on more than one micro-batch or rank."""
-    mode = loss_mode(config)
-    if mode == "kl_cov" and micro_batches * data_parallel_size > 1:
-        where = f"{micro_batches} micro-batch(es) on {data_parallel_size} rank(s)"
-        raise _refuse(f"loss_mode 'kl_cov' on a step of {where}: {_KL_COV}")
 
 
 def _check_recordable(config: Any) -> None:
@@ -199,7 +185,7 @@ def policy_for_actor_config(config: Any, response_width: int) -> Policy:
             "ratio": _or(config.policy_loss.get("kl_cov_ratio"), 0.0002),
             "kl_coef": _or(config.policy_loss.get("ppo_kl_coef"), 1.0),
         }
-        name, params = "kl-cov", {**kl_cov, **agg}
+        name, params = "kl-cov", {**kl_cov, "cov": "micro", **agg}
     else:
         c = float(config.get("clip_ratio_c", 20.0))  # verl's dppo default (ActorConfig's is 3)
         bounds = {"delta_low": eps_low, "delta_high": eps_high, "c": c}

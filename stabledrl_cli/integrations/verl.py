@@ -36,9 +36,8 @@ scalar does not undo.
 Each data-parallel rank writes its own step files (rank = verl's data-parallel rank); only
 the rank that holds a model-parallel group's outputs records (sequence-parallel local rank 0
 under Ulysses). Recording never breaks training: a configuration the catalogue cannot
-express (`policy_for_actor_config`), a step it cannot (`check_step`: kl_cov on several
-micro-batches or ranks) or any recording failure is reported once on stderr (and to
-`stabledrl record`) and recording stops; the steps before it stay.
+express (`policy_for_actor_config`) or any recording failure is reported once on stderr
+(and to `stabledrl record`) and recording stops; the steps before it stay.
 """
 
 from __future__ import annotations

@@ -371,6 +371,10 @@ class KLCovConfig(AggConfig):
     """Fraction of the scored tokens penalised (at least one): verl `kl_cov_ratio`."""
     kl_coef: float = 0.1
     """Weight of |log r| on the selected tokens (verl `ppo_kl_coef`)."""
+    cov: Literal["step", "micro"] = "step"
+    """Over which tokens the covariance's means are taken and the tokens selected: the
+    optimizer step's scored tokens, or each recorded micro-batch's own (verl's kl_cov, one
+    call per micro-batch on each rank)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

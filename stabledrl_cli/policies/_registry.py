@@ -263,8 +263,8 @@ REGISTRY: dict[str, PolicyEntry] = {
             f"{_FAMILIES}.cov:KLCovPolicy",
             "(r A - kl_coef |log r| on the top ratio x Z tokens by cov) / norm",
             "arXiv:2505.22617 (Entropy Mechanism); verl loss_mode=kl_cov",
-            conventions="cov over the step (verl: per micro-batch); kl_coef 0.1 as verl's "
-            "ActorConfig (its function's fallback is 1)",
+            conventions="cov over the step (verl: per micro-batch, cov=micro); kl_coef 0.1 as "
+            "verl's ActorConfig (its function's fallback is 1)",
         ),
         PolicyEntry(
             "gmpo",

@@ -10,8 +10,10 @@ scored tokens, is largest: the tokens that drive entropy collapse.
   spec. It is not the training run's own draw (verl uses torch's global generator).
 - kl-cov: plain importance sampling r A, minus kl_coef |log r| on the max(1, int(ratio x
   scored)) tokens of largest cov_t (clipped: their gradient is penalised, r A - kl_coef
-  sign(log r)).
-verl takes both means over each micro-batch; here they are over the optimizer step.
+  sign(log r)). With cov=micro the means, the count and the selection are each recorded
+  micro-batch's own (a micro-batch without a scored token selects none).
+verl takes both means over each micro-batch; clip-cov's, and kl-cov's with cov=step, are over
+the optimizer step.
 """
 
 from __future__ import annotations
@@ -32,6 +34,24 @@ def covariance(prep: PreparedBatch, adv: torch.Tensor) -> torch.Tensor:
     mean_adv = (adv * scored).sum() / count
     mean_logp = (torch.where(prep.mask, prep.logp, 0.0)).sum() / count
     return (adv - mean_adv) * (prep.logp - mean_logp)
+
+
+def micro_selection(prep: PreparedBatch, adv: torch.Tensor, ratio: float) -> torch.Tensor:
+    """[T] bool: in each micro-batch with scored tokens, the max(1, int(ratio x its scored
+    tokens)) of largest (A - mean A)(logp - mean logp), means over its scored tokens. As
+    verl's kl_cov: on the CPU, over the micro-batch's scored tokens in order, so that a
+    near-tie of covariances (equal advantages) is broken the same way."""
+    chosen = torch.zeros(prep.num_tokens, dtype=torch.bool)
+    micro = prep.per_token(prep.seq_micro).cpu()
+    scored, adv_cpu, logp = prep.mask.cpu(), adv.detach().cpu(), prep.logp.cpu()
+    for k in range(prep.num_micro):
+        members = torch.nonzero(scored & (micro == k)).flatten()
+        if members.numel():
+            a, lp = adv_cpu[members], logp[members]
+            cov = (a - a.mean()) * (lp - lp.mean())
+            size = max(1, int(ratio * members.numel()))
+            chosen[members[torch.topk(cov, size).indices]] = True
+    return chosen.to(prep.device)
 
 
 def selection_size(prep: PreparedBatch, ratio: float) -> int:
@@ -63,16 +83,20 @@ class ClipCovPolicy(TokenPolicy):
 
 class KLCovPolicy(TokenPolicy):
     """KL-Cov (verl `kl_cov`): `r A / norm`, minus kl_coef |log r| / norm on the max(1, ratio x
-    scored) tokens of largest covariance (clipped)."""
+    scored) tokens of largest covariance (clipped), over the step or each micro-batch."""
 
     config: KLCovConfig
 
     def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
         cfg = self.config
-        cov = covariance(prep, adv)
-        ranked = torch.where(prep.mask, cov, torch.full_like(cov, -torch.inf))
-        top = torch.topk(ranked, min(selection_size(prep, cfg.ratio), prep.num_tokens)).indices
-        chosen = torch.zeros_like(prep.mask).index_fill_(0, top, True) & prep.mask
+        if cfg.cov == "micro":
+            chosen = micro_selection(prep, adv, cfg.ratio)
+        else:
+            cov = covariance(prep, adv)
+            ranked = torch.where(prep.mask, cov, torch.full_like(cov, -torch.inf))
+            size = min(selection_size(prep, cfg.ratio), prep.num_tokens)
+            top = torch.topk(ranked, size).indices
+            chosen = torch.zeros_like(prep.mask).index_fill_(0, top, True) & prep.mask
         log_ratio = prep.log_ratio
         is_value = ratio_times(prep.ratio, adv)
         value = torch.where(chosen, is_value - cfg.kl_coef * log_ratio.abs(), is_value)

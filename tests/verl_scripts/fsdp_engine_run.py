@@ -5,8 +5,8 @@
 
 A tiny random Llama is trained through `TrainingWorker.train_mini_batch` with verl's own
 `ppo_loss` (what `ActorRolloutRefWorker.update_actor` calls; `policy_loss.loss_mode`
-LOSS_MODE, default vanilla): one rollout for 2 ppo epochs x 2 mini-batches, then a
-mini-batch with a NaN advantage (verl skips that update). Each rank
+LOSS_MODE, default vanilla; kl_cov with kl_cov_ratio 0.2): one rollout for 2 ppo epochs x 2
+mini-batches, then a mini-batch with a NaN advantage (verl skips that update). Each rank
 writes verl's own logged metrics of each mini-batch to RESULT.json (rank 0) or
 RESULT.json.rank<r>.
 
@@ -115,7 +115,8 @@ def main(out: str, result: str, loss_mode: str = "vanilla") -> None:
     dist.broadcast_object_list(model_dir, src=0)
     assert stabledrl_verl.install(out, overwrite=True)
     actor = worker(model_dir[0] or "")
-    config = actor_config(loss_mode=loss_mode)
+    policy_loss = {"kl_cov_ratio": 0.2} if loss_mode == "kl_cov" else {}
+    config = actor_config(loss_mode=loss_mode, policy_loss=policy_loss)
     actor.set_loss_fn(functools.partial(ppo_loss, config=config))
     data = rollout(n_prompts=4 * world, seed=1).exclude("_logp")
     mine = tu.index_select_tensor_dict(data, torch.arange(rank, data.shape[0], world))
@@ -146,6 +147,7 @@ def main(out: str, result: str, loss_mode: str = "vanilla") -> None:
                         ("pg_clipfrac", "actor/pg_clipfrac"),
                         ("pg_clipfrac_lower", "actor/pg_clipfrac_lower"),
                     )
+                    if key in metrics  # kl_cov logs no clip fractions
                 }
             )
     stabledrl_verl.uninstall()
