@@ -223,3 +223,28 @@ def test_two_fresh_records_of_one_seed_are_identical(tmp_path):
     assert done.returncode == 0
     data = json.loads(done.stdout)
     assert data["identical"] and data["compared"] == 6
+
+
+def _scalar_only(path: Path, grad_norms: list[float]) -> Path:
+    """A run of scalar steps (no array at all) with these recorded grad norms."""
+    with Recorder(path, policy=None, reward_range=(0.0, 1.0)) as recorder:
+        for step, norm in enumerate(grad_norms):
+            recorder.log_step(step, grad_norm=norm, loss=0.5, reward_mean=0.5)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("other", "code", "parted_at"),
+    [(2.0, 1, 1), (1.0 + 1e-9, 0, None)],
+    ids=["parting", "within-tolerance"],
+)
+def test_runs_whose_scalars_differ_are_never_called_identical(tmp_path, other, code, parted_at):
+    """Scalar steps have no array: a scalar that differs (beyond the tolerance or only in its
+    bits) still makes the runs not identical (it was `identical` beside a parting, exit 1)."""
+    a = _scalar_only(tmp_path / "a", [1.0, 1.0, 1.0])
+    b = _scalar_only(tmp_path / "b", [1.0, other, 1.0])
+    exit_code, data = _cli(a, b)
+    assert (exit_code, data["parted_at"], data["identical"]) == (code, parted_at, False)
+    assert data["first"]["arrays"]["step"] == 1
+    text = CliRunner().invoke(app, ["diff", str(a), str(b), "--device", "cpu"]).stdout
+    assert "identical" not in text

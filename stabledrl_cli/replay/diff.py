@@ -4,7 +4,8 @@ which they differ, per kind of difference (docs/diff.md).
 The runs are compared step by step, one field of one step of each run in memory at a time, in
 ascending order of the steps both hold, until every kind has parted (or the steps run out):
 
-- `arrays`: every array of the step, bit for bit (a field only one of the two has differs);
+- `arrays`: every array of the step and its `SCALAR_NAMES`, bit for bit (a field only one of the two
+  has differs);
 - `inputs`: what training fed the loss (`INPUT_FIELDS`), exactly;
 - `logprobs`: the log-probabilities (`LOGP_FIELDS`), within a tolerance;
 - `scalars`: the step's training scalars (`SCALAR_NAMES`), within the same tolerance.
@@ -243,8 +244,10 @@ class _Comparison:
             x, y = a.scalars.get(name), b.scalars.get(name)
             if x is None and y is None:
                 continue
+            what = f"{_scalar_text(x)} vs {_scalar_text(y)}"
+            if x is None or y is None or not _bitwise_equal(np.float64(x), np.float64(y)):
+                found["arrays"].append(FieldDifference(field=name, what=what))
             if x is None or y is None or not bool(np.isclose(x, y, self.rtol, self.atol, True)):
-                what = f"{_scalar_text(x)} vs {_scalar_text(y)}"
                 found["scalars"].append(FieldDifference(field=name, what=what))
         for kind, differences in found.items():
             if differences and self.first[kind] is None:
