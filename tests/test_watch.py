@@ -436,3 +436,63 @@ def test_a_watch_follows_a_scalar_run_while_it_gains_steps(tmp_path):
     assert "idle for 5 s: stopped (30 steps seen)" in stderr
     assert "gate tripped: (run) max_spikes: 1 grad-norm spike step, limit 0" in stderr
     assert "Traceback" not in stderr
+
+
+def test_a_watcher_starts_over_on_a_run_replaced_under_it(grpo_fixture, tmp_path):
+    """A run re-recorded over the watched directory (`record --force`, or removed and written
+    again) is another run: the watcher drops what it read of the old one (its steps, its own
+    policy, its alerts) and follows the new one from its first step; a manifest only rewritten
+    with `recording_stopped` (a Recorder's own note) is the same run. Before, the old run's
+    steps and policy stayed, and the new run's steps were ignored up to the old last step."""
+    live = tmp_path / "live"
+    live.mkdir()
+    _land_manifest(grpo_fixture, live)
+    _land(grpo_fixture, live, range(40))
+    watcher = RunWatcher(live, CPU, recent=3)
+    watcher.poll()
+    before = watcher.state()
+    assert (before.steps, before.own_policy) == (40, "grpo") and before.alerts
+
+    manifest = json.loads((live / "manifest.json").read_text())
+    manifest["recording_stopped"] = {"step": 40, "rank": 0, "reason": "disk full"}
+    (live / "manifest.json").write_text(json.dumps(manifest))
+    assert watcher.poll() == [] and watcher.state() == before
+
+    shutil.rmtree(live)
+    assert watcher.poll() == []
+    assert "manifest.json" in (watcher.state().waiting or "")
+
+    _scalar_run(live, range(5), policy=None)
+    assert watcher.poll() == []
+    state = watcher.state()
+    assert (state.steps, state.last_step, state.scalar_steps) == (5, 4, 5)
+    assert (state.own_policy, state.recorded_policy, state.alerts) == (None, None, [])
+    assert [row.grad_norm for row in state.recent] == pytest.approx([1.2, 1.0, 1.1])
+
+    _scalar_run(live, range(3), overwrite=True)  # `record --force` over it: grpo, 3 steps
+    watcher.poll()
+    state = watcher.state()
+    assert (state.steps, state.recorded_policy) == (3, "grpo")
+    assert watcher.replaced == 2  # the removal and the rewrite; the note was not one
+
+
+def test_the_live_watch_says_when_the_run_was_replaced(grpo_fixture, tmp_path, monkeypatch):
+    """Between two polls the run is recorded again over (a scalar run of 4 steps): one line
+    says so, and the watch goes on with the new run alone (its gates, its steps)."""
+    live = tmp_path / "live"
+    live.mkdir()
+    _land_manifest(grpo_fixture, live)
+    _land(grpo_fixture, live, range(40))
+    polls = {"n": 0}
+
+    def between_polls(seconds: float) -> None:
+        polls["n"] += 1
+        if polls["n"] == 1:
+            _scalar_run(live, range(4), overwrite=True)
+
+    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    args = ["watch", str(live), "--until-idle", "0", "--max-spikes", "0", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.stderr.count(f"{live}: the run was replaced: following it from its start") == 1
+    assert "stopped (4 steps seen)" in result.stderr and "gates passed" in result.stderr
+    assert result.exit_code == 0

@@ -199,10 +199,16 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
     last_change = time.monotonic()
     seen = -1
     warned = 0  # rejected steps warned about
+    replaced = 0  # times the run was replaced under the watch
     try:
         with Live(_view(watcher.state()), console=err, auto_refresh=False) as live:
             while True:
-                for alert in watcher.poll():
+                alerts = watcher.poll()
+                if watcher.replaced > replaced:
+                    replaced, warned, seen = watcher.replaced, 0, -1
+                    line = f"{watcher.path}: the run was replaced: following it from its start"
+                    live.console.print(line, highlight=False)
+                for alert in alerts:
                     live.console.print(_alert_line(alert), highlight=False)
                 rejected = [] if watcher.replay is None else watcher.replay.rejected
                 if len(rejected) > warned:

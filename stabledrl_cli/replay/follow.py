@@ -15,6 +15,7 @@ it; `diff` replays the steps around the point two runs part.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ import numpy as np
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import IntegrityReport, Run, RunIntegrityWarning, Step, open_run
 from stabledrl_cli.dump._integrity import StepReadError
+from stabledrl_cli.dump._schema import MANIFEST_NAME
+from stabledrl_cli.dump._stfile import FileKey, file_key
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay.columns import ColumnArray, derive_series, device_metrics
@@ -339,7 +342,10 @@ def _flag_steps(series: dict[str, ColumnArray], name: str) -> list[int]:
 class RunWatcher:
     """Follows a run as it is written: each `poll` replays the steps that landed since the
     last one (a step file still under its temporary name is not listed yet) and returns the
-    new alerts. A path with no manifest yet is waited for."""
+    new alerts. A path with no manifest yet is waited for. A run replaced under the watcher
+    (its manifest removed, or rewritten as another run's: `record --force` over it) is dropped
+    with all that was read of it, and the path followed again from the start (`replaced`
+    counts how often)."""
 
     def __init__(
         self, path: str | os.PathLike[str], config: ReplayConfig | None = None, *, recent: int = 10
@@ -351,17 +357,52 @@ class RunWatcher:
         self._waiting: str | None = f"waiting for {self.path / 'manifest.json'}"
         self._alerts: list[Alert] = []
         self._seen: set[tuple[str, int]] = set()
+        self._manifest_key: FileKey | None = None
+        self.replaced = 0
+        """How often the run was replaced under the watcher (and followed again from the start)."""
 
     def _open(self) -> OwnReplay | None:
         if self.replay is None:
-            if not (self.path / "manifest.json").exists() and not self.path.is_file():
+            manifest = self.path / MANIFEST_NAME
+            if not manifest.exists() and not self.path.is_file():
                 return None
+            self._manifest_key = None if self.path.is_file() else file_key(manifest.stat())
             self.replay = OwnReplay(open_run(self.path), self.config)
         return self.replay
+
+    def _replaced(self, replay: OwnReplay) -> bool:
+        """The run read so far is gone: its manifest was removed, or rewritten as another
+        run's (a change beyond `recording_stopped`, the note a Recorder adds to its own run)."""
+        if self._manifest_key is None:  # a packed archive: never written while it is read
+            return False
+        manifest = self.path / MANIFEST_NAME
+        try:
+            key = file_key(manifest.stat())
+        except FileNotFoundError:
+            return True
+        if key == self._manifest_key:
+            return False
+        self._manifest_key = key
+        try:
+            now = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return True  # reopened, it says what is wrong with it
+        if not isinstance(now, dict):
+            return True
+
+        def run_of(manifest: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in manifest.items() if k != "recording_stopped"}
+
+        return run_of(now) != run_of(replay.run.manifest)
 
     def poll(self) -> list[Alert]:
         """Replays the new steps; -> the alerts they raised. InputError for a run that cannot
         be read (a corrupt manifest, a step the own policy cannot read)."""
+        if self.replay is not None and self._replaced(self.replay):
+            self.replay = None
+            self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
+            self._alerts, self._seen = [], set()
+            self.replaced += 1
         replay = self._open()
         if replay is None:
             return []
