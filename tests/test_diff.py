@@ -248,3 +248,20 @@ def test_runs_whose_scalars_differ_are_never_called_identical(tmp_path, other, c
     assert data["first"]["arrays"]["step"] == 1
     text = CliRunner().invoke(app, ["diff", str(a), str(b), "--device", "cpu"]).stdout
     assert "identical" not in text
+
+
+def test_a_torn_step_file_is_named_on_stderr_not_passed_off_as_missing(grpo_fixture, tmp_path):
+    """Step files the reader skips at its header check (here torn, as a crash under a final
+    name leaves them) are warned about, as docs/diff.md says; they were silently listed as
+    steps only the other run holds."""
+    torn = tmp_path / "torn"
+    shutil.copytree(grpo_fixture, torn)
+    for n in (150, 151):
+        path = step_path(torn, n)
+        path.write_bytes(path.read_bytes()[:500])
+    result = CliRunner().invoke(app, ["diff", str(torn), str(grpo_fixture), "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and f"{torn}: skipped 2 unreadable step files" in warning[0]
+    assert "step 150: torn" in warning[0] and "step 151: torn" in warning[0]
+    assert "only in B: 150..151" in result.stdout

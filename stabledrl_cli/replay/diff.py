@@ -31,7 +31,7 @@ from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
 from stabledrl_cli.dump._schema import STANDARD_SCALARS
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.run_facts import own_spec
+from stabledrl_cli.replay.run_facts import REASONS_SHOWN, SKIPPED_KINDS, own_spec
 from stabledrl_cli.vocab import DIFF_KINDS, DiffKind
 
 INPUT_FIELDS = (
@@ -264,6 +264,24 @@ def _pairs(a: Run, b: Run, common: list[int]) -> Iterator[tuple[Step, Step]]:
             warnings.warn(f"skipping step {n}: {exc}", RunIntegrityWarning, stacklevel=2)
 
 
+def _warn_skipped(run: Run, listed: list[int]) -> None:
+    """One warning naming the step files the run's reader skips at its header check (torn,
+    unreadable, a missing rank): they are not among its steps, so not compared."""
+    known = set(listed)
+    reasons = [
+        f.message
+        for f in run.integrity.findings
+        if f.kind in SKIPPED_KINDS and f.step is not None and f.step not in known
+    ]
+    if reasons:
+        noun = "step file" if len(reasons) == 1 else "step files"
+        shown = "; ".join(reasons[:REASONS_SHOWN]) + (
+            "; ..." if len(reasons) > REASONS_SHOWN else ""
+        )
+        message = f"{run.location}: skipped {len(reasons)} unreadable {noun} ({shown})"
+        warnings.warn(message, RunIntegrityWarning, stacklevel=3)
+
+
 def _figures(
     run: Run, steps: list[int], config: ReplayConfig
 ) -> dict[int, dict[str, float | bool | None]]:
@@ -307,6 +325,8 @@ def diff_runs(
         raise UsageError(f"context must be >= 0, got {context}")
     config = config or ReplayConfig()
     steps_a, steps_b = a.step_numbers, b.step_numbers
+    _warn_skipped(a, steps_a)
+    _warn_skipped(b, steps_b)
     in_b = set(steps_b)
     common = [n for n in steps_a if n in in_b]
     if not common:
