@@ -164,13 +164,20 @@ def run_branches(
 
     steps: steps per branch (None: to the end of the original run). out: where the branch
     runs go (default RUN/branches). on_branch: called before each branch trains; on_step: with
-    each branch step's number.
+    each branch step's number. InputError when the run holds no readable step at or after
+    the checkpoint's: there is no recorded batch to replay beside a branch.
     """
     if not policies:
         raise UsageError("name at least one policy to branch with")
     at_step, checkpoint = checkpoint_for(run_dir, at)
     original = open_run(run_dir)
-    end = max(original.step_numbers, default=at_step) + 1
+    last = max(original.step_numbers, default=None)
+    if last is not None and last < at_step:
+        raise InputError(
+            f"{run_dir}: no step at or after step {at_step}, the checkpoint's (last step {last}): "
+            "no recorded batch to replay beside a branch"
+        )
+    end = (at_step if last is None else last) + 1
     count = end - at_step if steps is None else steps
     specs = list(dict.fromkeys(get_policy(spec).spec for spec in policies))
     base = run_dir / BRANCHES_DIR if out is None else out

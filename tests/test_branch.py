@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,23 @@ def test_a_run_without_checkpoints_exits_3_saying_how_to_record_them(tmp_path):
     assert result.returncode == 3, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--checkpoint-every" in lines[0]
+    assert not (run / "branches").exists()
+
+
+@pytest.mark.parametrize("steps", [["--rl-steps", "2"], []], ids=["rl-steps", "default"])
+def test_a_run_with_no_step_after_the_checkpoint_exits_3_before_training(recorded, tmp_path, steps):
+    """The original's steps from the checkpoint on are gone: there is no replay to set a branch
+    beside. It trained the branches and reported `agree: yes` on nothing (with --rl-steps), or
+    refused 'a branch must train >= 1 step, got 0' (exit 2) without."""
+    run = tmp_path / "cut"
+    shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
+    for n in range(16, 24):
+        (run / "steps" / f"step-{n:08d}.safetensors").unlink()
+    result = run_cli("branch", run, "--at", "16", "-p", "grpo", *steps, timeout=120)
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no step at or after step 16" in lines[0], lines
+    assert "last step 15" in lines[0]
     assert not (run / "branches").exists()
 
 

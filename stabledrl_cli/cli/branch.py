@@ -3,7 +3,8 @@ checkpoint under each policy, record each branch, and say whether it collapsed b
 one-step replay said about that policy (stabledrl_cli.branching, docs/branching.md).
 
 Exit codes: 0; 2 for a bad spec, a step before the first checkpoint, or branch runs that exist
-without --force; 3 for a run without checkpoints (record it with --checkpoint-every N).
+without --force; 3 for a run without checkpoints (record it with --checkpoint-every N), or with
+no readable step at or after the checkpoint (nothing to replay beside a branch).
 """
 
 from __future__ import annotations
