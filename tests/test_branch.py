@@ -128,6 +128,41 @@ def test_a_run_with_no_step_after_the_checkpoint_exits_3_before_training(recorde
     assert not (run / "branches").exists()
 
 
+def _drop_a_key(state: dict) -> None:
+    state["model"].popitem()
+
+
+def _shrink_a_moment(state: dict) -> None:
+    moments = state["optimizer"]["state"][0]
+    moments["exp_avg"] = moments["exp_avg"][:1]
+
+
+def _rng_of_floats(state: dict) -> None:
+    state["rng"] = torch.zeros(3)
+
+
+def _no_param_groups(state: dict) -> None:
+    del state["optimizer"]["param_groups"]
+
+
+@pytest.mark.parametrize("spoil", [_drop_a_key, _shrink_a_moment, _rng_of_floats, _no_param_groups])
+def test_a_checkpoint_whose_state_does_not_fit_the_model_exits_3(recorded, tmp_path, spoil):
+    """A checkpoint of the right format whose model, AdamW state or generator state does not
+    fit the model its settings make is bad input: one line naming it, exit 3. It was an
+    internal error (exit 70) from load_state_dict or set_state, or from AdamW's first step."""
+    run = tmp_path / "spoilt"
+    shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
+    path = checkpoints_dir(run) / "step-00000008.pt"
+    state = torch.load(path, weights_only=True)
+    spoil(state)
+    torch.save(state, path)
+    result = run_cli("branch", run, "--at", "8", "-p", "grpo", "--rl-steps", "2", timeout=120)
+    assert result.returncode == 3, result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and f"{path}: " in error[0] and "does not fit" in error[0], error
+    assert "internal error" not in result.stderr
+
+
 def test_the_example_honours_the_environment_in_a_process_of_its_own(recorded, tmp_path):
     request = BranchRequest(
         checkpoint=checkpoints_dir(recorded) / "step-00000016.pt",

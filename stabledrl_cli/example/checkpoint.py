@@ -55,6 +55,8 @@ class TrainingState:
     """The training generator's `get_state()` (uint8)."""
     config: dict[str, Any]
     """`dataclasses.asdict(ExampleConfig)` of the run that wrote it."""
+    source: Path | None = None
+    """The file it was read from (named in messages), None for a state not read from one."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,9 +150,39 @@ def load_checkpoint(path: str | Path) -> TrainingState:
             optimizer=dict(data["optimizer"]),
             rng=data["rng"],
             config=dict(data["config"]),
+            source=path,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: incomplete checkpoint ({exc})") from None
+
+
+def restore(
+    state: TrainingState,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> None:
+    """Loads `state` into the model, its AdamW optimizer and the training generator.
+    InputError (exit 3) when it does not fit them: other parameter names or shapes, an AdamW
+    state that is not one of these parameters', a generator state that is not one."""
+    where = state.source or f"the checkpoint at step {state.step}"
+    try:
+        model.load_state_dict(state.model)
+        generator.set_state(state.rng)
+        optimizer.load_state_dict(state.optimizer)
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{where}: its state does not fit the model ({first})") from None
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if name in ("exp_avg", "exp_avg_sq") and not (
+                    isinstance(value, torch.Tensor) and value.shape == param.shape
+                ):
+                    raise InputError(
+                        f"{where}: its state does not fit the model (AdamW {name} is not of "
+                        f"its parameter's shape {list(param.shape)})"
+                    )
 
 
 def check_resumable(state: TrainingState, config: dict[str, Any]) -> None:

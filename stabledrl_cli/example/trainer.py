@@ -48,6 +48,7 @@ from stabledrl_cli.example.checkpoint import (
     CheckpointPlan,
     TrainingState,
     check_resumable,
+    restore,
     save_checkpoint,
 )
 from stabledrl_cli.example.config import ExampleConfig
@@ -328,16 +329,13 @@ def train(
             generator=rng,
             device=device,
         )
-    else:
-        model.load_state_dict(resume.model)
-        rng.set_state(resume.rng)
-    if on_phase is not None:
-        on_phase("rl")
-    rl_started = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     if resume is not None:
-        optimizer.load_state_dict(resume.optimizer)
+        restore(resume, model, optimizer, rng)
+    if on_phase is not None:
+        on_phase("rl")
+    rl_started = time.perf_counter()
     n_seq = config.prompts_per_rollout * config.group_size
     prompt_len, width = task.prompt_len, task.length
 
