@@ -438,18 +438,30 @@ def test_a_watch_follows_a_scalar_run_while_it_gains_steps(tmp_path):
     assert "Traceback" not in stderr
 
 
+def _landed_40(fixture: Path, tmp_path: Path) -> Path:
+    """The fixture's manifest and first 40 steps (risk steps 29-31) landed in tmp_path/live."""
+    live = tmp_path / "live"
+    live.mkdir()
+    _land_manifest(fixture, live)
+    _land(fixture, live, range(40))
+    return live
+
+
+def _watched_40(fixture: Path, tmp_path: Path) -> tuple[Path, RunWatcher]:
+    """`_landed_40`, and a watcher that has polled it once."""
+    live = _landed_40(fixture, tmp_path)
+    watcher = RunWatcher(live, CPU, recent=3)
+    watcher.poll()
+    return live, watcher
+
+
 def test_a_watcher_starts_over_on_a_run_replaced_under_it(grpo_fixture, tmp_path):
     """A run re-recorded over the watched directory (`record --force`, or removed and written
     again) is another run: the watcher drops what it read of the old one (its steps, its own
     policy, its alerts) and follows the new one from its first step; a manifest only rewritten
     with `recording_stopped` (a Recorder's own note) is the same run. Before, the old run's
     steps and policy stayed, and the new run's steps were ignored up to the old last step."""
-    live = tmp_path / "live"
-    live.mkdir()
-    _land_manifest(grpo_fixture, live)
-    _land(grpo_fixture, live, range(40))
-    watcher = RunWatcher(live, CPU, recent=3)
-    watcher.poll()
+    live, watcher = _watched_40(grpo_fixture, tmp_path)
     before = watcher.state()
     assert (before.steps, before.own_policy) == (40, "grpo") and before.alerts
 
@@ -479,10 +491,7 @@ def test_a_watcher_starts_over_on_a_run_replaced_under_it(grpo_fixture, tmp_path
 def test_the_live_watch_says_when_the_run_was_replaced(grpo_fixture, tmp_path, monkeypatch):
     """Between two polls the run is recorded again over (a scalar run of 4 steps): one line
     says so, and the watch goes on with the new run alone (its gates, its steps)."""
-    live = tmp_path / "live"
-    live.mkdir()
-    _land_manifest(grpo_fixture, live)
-    _land(grpo_fixture, live, range(40))
+    live = _landed_40(grpo_fixture, tmp_path)
     polls = {"n": 0}
 
     def between_polls(seconds: float) -> None:
@@ -493,6 +502,22 @@ def test_the_live_watch_says_when_the_run_was_replaced(grpo_fixture, tmp_path, m
     monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
     args = ["watch", str(live), "--until-idle", "0", "--max-spikes", "0", "--device", "cpu"]
     result = CliRunner().invoke(app, args)
-    assert result.stderr.count(f"{live}: the run was replaced: following it from its start") == 1
+    line = f"{live}: the run changed under the watch: following it from its start"
+    assert result.stderr.count(line) == 1
     assert "stopped (4 steps seen)" in result.stderr and "gates passed" in result.stderr
     assert result.exit_code == 0
+
+
+def test_a_watcher_starts_over_when_steps_it_read_are_removed(grpo_fixture, tmp_path):
+    """Steps the watcher read, removed (or left unreadable) under it: the run on disk is not
+    the one it read, so it starts over on what is there. It kept showing, alerting and gating
+    the removed steps (the grpo fixture's risk steps 29-31, with their files gone)."""
+    live, watcher = _watched_40(grpo_fixture, tmp_path)
+    assert watcher.state().risk_steps == [29, 30, 31]
+    for n in range(20, 40):
+        (live / "steps" / f"step-{n:08d}.safetensors").unlink()
+    assert watcher.poll() == []
+    state = watcher.state()
+    assert (state.steps, state.last_step, state.risk_steps, state.alerts) == (20, 19, [], [])
+    assert watcher.replaced == 1
+    assert watcher.poll() == [] and watcher.replaced == 1  # once

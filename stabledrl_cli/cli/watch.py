@@ -206,8 +206,8 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                 alerts = watcher.poll()
                 if watcher.replaced > replaced:
                     replaced, warned, seen = watcher.replaced, 0, -1
-                    line = f"{watcher.path}: the run was replaced: following it from its start"
-                    live.console.print(line, highlight=False)
+                    line = f"{watcher.path}: the run changed under the watch: following it"
+                    live.console.print(f"{line} from its start", highlight=False)
                 for alert in alerts:
                     live.console.print(_alert_line(alert), highlight=False)
                 rejected = [] if watcher.replay is None else watcher.replay.rejected

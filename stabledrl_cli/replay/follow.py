@@ -342,10 +342,10 @@ def _flag_steps(series: dict[str, ColumnArray], name: str) -> list[int]:
 class RunWatcher:
     """Follows a run as it is written: each `poll` replays the steps that landed since the
     last one (a step file still under its temporary name is not listed yet) and returns the
-    new alerts. A path with no manifest yet is waited for. A run replaced under the watcher
-    (its manifest removed, or rewritten as another run's: `record --force` over it) is dropped
-    with all that was read of it, and the path followed again from the start (`replaced`
-    counts how often)."""
+    new alerts. A path with no manifest yet is waited for. A run changed under the watcher
+    (its manifest removed, or rewritten as another run's: `record --force` over it; or steps
+    it read removed or unreadable now) is dropped with all that was read of it, and the path
+    followed again from the start (`replaced` counts how often)."""
 
     def __init__(
         self, path: str | os.PathLike[str], config: ReplayConfig | None = None, *, recent: int = 10
@@ -359,7 +359,7 @@ class RunWatcher:
         self._seen: set[tuple[str, int]] = set()
         self._manifest_key: FileKey | None = None
         self.replaced = 0
-        """How often the run was replaced under the watcher (and followed again from the start)."""
+        """How often the run changed under the watcher (and was followed again from the start)."""
 
     def _open(self) -> OwnReplay | None:
         if self.replay is None:
@@ -395,18 +395,29 @@ class RunWatcher:
 
         return run_of(now) != run_of(replay.run.manifest)
 
+    def _start_over(self) -> None:
+        """Drops all that was read of the run: the path is followed again from its start."""
+        self.replay = None
+        self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
+        self._alerts, self._seen = [], set()
+        self.replaced += 1
+
     def poll(self) -> list[Alert]:
         """Replays the new steps; -> the alerts they raised. InputError for a run that cannot
         be read (a corrupt manifest, a step the own policy cannot read)."""
         if self.replay is not None and self._replaced(self.replay):
-            self.replay = None
-            self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
-            self._alerts, self._seen = [], set()
-            self.replaced += 1
+            self._start_over()
         replay = self._open()
         if replay is None:
             return []
-        replay.extend(replay.run.step_numbers)
+        numbers = replay.run.step_numbers
+        if not set(replay.seen) <= set(numbers):  # steps it read are gone (or unreadable now)
+            self._start_over()
+            replay = self._open()
+            if replay is None:
+                return []
+            numbers = replay.run.step_numbers
+        replay.extend(numbers)
         if not replay.seen:
             self._waiting = f"waiting for the first step of {self.path}"
             return []
