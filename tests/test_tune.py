@@ -16,7 +16,7 @@ from stabledrl_cli.errors import UsageError
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import replay_run
 from stabledrl_cli.tune.front import rank
-from stabledrl_cli.tune.grid import MAX_SETTINGS, expand, expand_all
+from stabledrl_cli.tune.grid import MAX_SETTINGS, expand, expand_all, grid_values
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -189,3 +189,17 @@ def test_lean_replay_ranks_as_the_full_one(fixture):
     for a, b in zip(full.policies, lean.policies, strict=True):
         for name in ("update_norm", "net_push", "discarded_mass_frac", "discard_frac"):
             np.testing.assert_array_equal(a.series[name], b.series[name], err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("text", "points"),
+    [
+        ("1e-300..1e300:log3", ["1e-300", "1", "1e+300"]),
+        ("-1e308..1e308:3", ["-1e+308", "0", "1e+308"]),
+        ("0.2..0.5:4", ["0.2", "0.3", "0.4", "0.5"]),
+    ],
+)
+def test_grid_points_between_finite_ends_are_finite(text, points):
+    """Wide finite ends: the points were 'inf' and 'nan' (high / low and high - low
+    overflowed), refused as values the user never wrote."""
+    assert grid_values(text, "x") == points

@@ -51,9 +51,10 @@ def grid_values(text: str, where: str) -> list[str]:
     if match["log"]:
         if low <= 0:
             raise UsageError(f"{where}: a log grid needs low > 0, got {text!r}")
-        points = [low * (high / low) ** (i / (count - 1)) for i in range(count)]
-    else:
-        points = [low + (high - low) * i / (count - 1) for i in range(count)]
+        lo, hi = math.log(low), math.log(high)  # in logs: high / low may overflow
+        points = [math.exp(lo + (hi - lo) * i / (count - 1)) for i in range(count)]
+    else:  # weighted ends: high - low may overflow
+        points = [low * (1 - i / (count - 1)) + high * (i / (count - 1)) for i in range(count)]
     points[-1] = high
     return [format_value(float(f"{p:.4g}")) for p in points]
 
