@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run
+from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import NothingToReplay, replay_run
 from stabledrl_cli.replay.follow import RunWatcher
@@ -486,6 +487,11 @@ def test_a_watcher_starts_over_on_a_run_replaced_under_it(grpo_fixture, tmp_path
     state = watcher.state()
     assert (state.steps, state.recorded_policy) == (3, "grpo")
     assert watcher.replaced == 2  # the removal and the rewrite; the note was not one
+
+    shutil.rmtree(live)
+    live.write_text("not a run")  # the path is a file now: not a run, exit 3
+    with pytest.raises(InputError):
+        watcher.poll()
 
 
 def test_the_live_watch_says_when_the_run_was_replaced(grpo_fixture, tmp_path, monkeypatch):

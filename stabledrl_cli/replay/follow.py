@@ -378,7 +378,7 @@ class RunWatcher:
         manifest = self.path / MANIFEST_NAME
         try:
             key = file_key(manifest.stat())
-        except FileNotFoundError:
+        except OSError:  # gone, or the path is no directory now
             return True
         if key == self._manifest_key:
             return False
