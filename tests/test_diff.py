@@ -246,6 +246,8 @@ def test_runs_whose_scalars_differ_are_never_called_identical(tmp_path, other, c
     exit_code, data = _cli(a, b)
     assert (exit_code, data["parted_at"], data["identical"]) == (code, parted_at, False)
     assert data["first"]["arrays"]["step"] == 1
+    # the bits' difference is shown with the digits that tell the two apart
+    assert data["first"]["arrays"]["fields"][0]["what"] == f"1.0 vs {other!r}"
     text = CliRunner().invoke(app, ["diff", str(a), str(b), "--device", "cpu"]).stdout
     assert "identical" not in text
 

@@ -188,8 +188,11 @@ def _entries(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> str | No
     return detail
 
 
-def _scalar_text(value: float | None) -> str:
-    return "absent" if value is None else f"{value:.6g}"
+def _scalar_text(value: float | None, *, exact: bool = False) -> str:
+    """6 significant digits, or (exact) as many as tell it from any other float."""
+    if value is None:
+        return "absent"
+    return repr(float(value)) if exact else f"{value:.6g}"
 
 
 def _kind(name: str) -> DiffKind:
@@ -244,10 +247,11 @@ class _Comparison:
             x, y = a.scalars.get(name), b.scalars.get(name)
             if x is None and y is None:
                 continue
-            what = f"{_scalar_text(x)} vs {_scalar_text(y)}"
             if x is None or y is None or not _bitwise_equal(np.float64(x), np.float64(y)):
-                found["arrays"].append(FieldDifference(field=name, what=what))
+                bits = f"{_scalar_text(x, exact=True)} vs {_scalar_text(y, exact=True)}"
+                found["arrays"].append(FieldDifference(field=name, what=bits))
             if x is None or y is None or not bool(np.isclose(x, y, self.rtol, self.atol, True)):
+                what = f"{_scalar_text(x)} vs {_scalar_text(y)}"
                 found["scalars"].append(FieldDifference(field=name, what=what))
         for kind, differences in found.items():
             if differences and self.first[kind] is None:
