@@ -527,3 +527,18 @@ def test_a_watcher_starts_over_when_steps_it_read_are_removed(grpo_fixture, tmp_
     assert (state.steps, state.last_step, state.risk_steps, state.alerts) == (20, 19, [], [])
     assert watcher.replaced == 1
     assert watcher.poll() == [] and watcher.replaced == 1  # once
+
+
+def test_an_error_while_following_is_one_line_of_its_own(grpo_fixture, tmp_path, monkeypatch):
+    """The manifest turned unreadable between two polls: exit 3 and the error on a line of its
+    own (it was glued to the last line of the view, printed without its newline)."""
+    live = _landed_40(grpo_fixture, tmp_path)
+
+    def between_polls(seconds: float) -> None:
+        (live / "manifest.json").write_text('{"bad')
+
+    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    result = CliRunner().invoke(app, ["watch", str(live), "--until-idle", "0", "--device", "cpu"])
+    assert result.exit_code == 3
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: "), errors

@@ -227,6 +227,9 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
         _end_view()
         err.print(f"stopped ({counted(watcher.state().steps, 'step')} seen)", highlight=False)
         return INTERRUPTED
+    except Exception:
+        _end_view()  # the error's line is a line of its own
+        raise
     _end_view()
     if watcher.state().steps == 0:
         raise InputError(f"{watcher.path}: no step landed within {until_idle:g} s")
