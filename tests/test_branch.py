@@ -161,6 +161,7 @@ def test_a_checkpoint_whose_state_does_not_fit_the_model_exits_3(recorded, tmp_p
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and f"{path}: " in error[0] and "does not fit" in error[0], error
     assert "internal error" not in result.stderr
+    assert not (run / "branches").exists()  # refused before a branch run is opened
 
 
 def test_the_example_honours_the_environment_in_a_process_of_its_own(recorded, tmp_path):

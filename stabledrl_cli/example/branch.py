@@ -12,7 +12,13 @@ from stabledrl_cli.dump import Recorder
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.example.checkpoint import load_checkpoint
 from stabledrl_cli.example.config import ExampleConfig
-from stabledrl_cli.example.trainer import StepInfo, TrainResult, recorder_kwargs, train
+from stabledrl_cli.example.trainer import (
+    StepInfo,
+    TrainResult,
+    check_restorable,
+    recorder_kwargs,
+    train,
+)
 from stabledrl_cli.policies import get_policy
 
 
@@ -38,7 +44,8 @@ def train_branch(
     records them (steps at .. at + steps - 1) into `request.run_dir`.
 
     The manifest's meta carries `branch`: the checkpoint, its step and the policy override.
-    InputError when the checkpoint does not resume at `request.at`.
+    InputError when the checkpoint does not resume at `request.at`, or its state does not fit
+    the model (checked before the branch run is opened).
     """
     state = load_checkpoint(request.checkpoint)
     if state.step != request.at:
@@ -46,6 +53,7 @@ def train_branch(
             f"{request.checkpoint} resumes at step {state.step}, not at step {request.at}"
         )
     config = branch_config(state.config, request)
+    check_restorable(state, config)  # before the branch run is opened (and --force clears it)
     policy = get_policy(config.policy)
     kwargs = recorder_kwargs(config, policy)
     kwargs["meta"]["branch"] = {

@@ -115,6 +115,14 @@ def _model_config(config: ExampleConfig) -> ModelConfig:
     return ModelConfig(vocab_size=VOCAB_SIZE, seq_len=SortTask(length=config.digits).seq_len)
 
 
+def check_restorable(state: TrainingState, config: ExampleConfig) -> None:
+    """InputError unless `state` restores into the model, AdamW optimizer and generator that
+    `config` makes (`checkpoint.restore`): a check before a run is opened to resume it."""
+    model = TinyDiffusionLM(_model_config(config))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    restore(state, model, optimizer, torch.Generator())
+
+
 def geometry_manifest(config: ExampleConfig, geometry: GeometryConfig) -> dict[str, Any]:
     """The manifest's `geometry` entry for an example run: settings, Omega recipe, covered
     parameters (names and sizes from a parameter-free copy of the model on the meta device)."""
