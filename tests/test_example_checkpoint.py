@@ -91,3 +91,19 @@ def test_record_steps_is_a_deprecated_alias_of_rl_steps(tmp_path):
     help_text = CliRunner().invoke(app, ["record", "--help"], env={"COLUMNS": "200"}).output
     assert "--rl-steps" in help_text and "--checkpoint-every" in help_text
     assert "--steps " not in help_text
+
+
+def test_record_over_a_run_removes_the_half_checkpoint_a_killed_writer_left(tmp_path):
+    """A writer killed while it saved a checkpoint leaves it under its temporary name
+    (`.step-XXXXXXXX.pt.tmp-PID`): recording again over the run (--force) removes it with the
+    run's other checkpoints, as it removes the step files' temporaries. It stayed, for good."""
+    out = tmp_path / "run"
+    left = out / "checkpoints" / ".step-00000008.pt.tmp-4242"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half a checkpoint")
+    other = out / "checkpoints" / "notes.txt"  # not a checkpoint's: left alone
+    other.write_text("mine")
+    args = ["record", "--out", str(out), "--force", "--rl-steps", "1", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert not left.exists() and other.exists()

@@ -33,6 +33,8 @@ from stabledrl_cli.errors import InputError, UsageError
 CHECKPOINTS_DIR = "checkpoints"
 """The run's sub-directory of checkpoints."""
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})\.pt$")
+TEMP_CHECKPOINT_RE = re.compile(r"^\.step-\d{8}\.pt\.tmp-\d+$")
+"""A checkpoint still being written (`_atomic.temp_name`), or left by a writer killed then."""
 FORMAT = "stabledrl-example-checkpoint/1"
 """The `format` key every checkpoint carries."""
 RESUMABLE_FIELDS_FREE = ("policy", "steps")
@@ -99,8 +101,13 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def clear_checkpoints(run_dir: str | Path) -> None:
-    """Removes a run's checkpoints (a run recorded again over it must not keep stale ones)."""
-    for _, path in list_checkpoints(run_dir):
+    """Removes a run's checkpoints (a run recorded again over it must not keep stale ones),
+    and those a killed writer left under their temporary names."""
+    directory = checkpoints_dir(run_dir)
+    paths = [path for _, path in list_checkpoints(run_dir)]
+    if directory.is_dir():
+        paths += [p for p in directory.iterdir() if TEMP_CHECKPOINT_RE.match(p.name)]
+    for path in paths:
         try:
             path.unlink()
         except OSError as exc:
