@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run
 from stabledrl_cli.errors import InputError
+from stabledrl_cli.replay import follow
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import NothingToReplay, replay_run
 from stabledrl_cli.replay.follow import RunWatcher
@@ -542,3 +543,23 @@ def test_an_error_while_following_is_one_line_of_its_own(grpo_fixture, tmp_path,
     assert result.exit_code == 3
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("error: "), errors
+
+
+def test_a_manifest_removed_as_the_watcher_opens_the_run_is_waited_for(
+    grpo_fixture, tmp_path, monkeypatch
+):
+    """The manifest gone between the watcher seeing it and reading its key (a run removed as
+    the watch starts): the watcher waits, as for a path with no manifest yet. It raised
+    FileNotFoundError (an internal error, exit 70)."""
+    live = _landed_40(grpo_fixture, tmp_path)
+    real_key = follow.file_key
+
+    def gone(st: os.stat_result) -> tuple[int, int, int]:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(follow, "file_key", gone)
+    watcher = RunWatcher(live, CPU, recent=3)
+    assert watcher.poll() == [] and "manifest.json" in (watcher.state().waiting or "")
+    monkeypatch.setattr(follow, "file_key", real_key)
+    watcher.poll()
+    assert watcher.state().steps == 40

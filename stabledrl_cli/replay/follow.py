@@ -363,10 +363,12 @@ class RunWatcher:
 
     def _open(self) -> OwnReplay | None:
         if self.replay is None:
-            manifest = self.path / MANIFEST_NAME
-            if not manifest.exists() and not self.path.is_file():
-                return None
-            self._manifest_key = None if self.path.is_file() else file_key(manifest.stat())
+            self._manifest_key = None  # a packed archive has none
+            if not self.path.is_file():
+                try:
+                    self._manifest_key = file_key((self.path / MANIFEST_NAME).stat())
+                except OSError:  # no manifest (yet, or no more)
+                    return None
             self.replay = OwnReplay(open_run(self.path), self.config)
         return self.replay
 
