@@ -563,3 +563,33 @@ def test_a_manifest_removed_as_the_watcher_opens_the_run_is_waited_for(
     monkeypatch.setattr(follow, "file_key", real_key)
     watcher.poll()
     assert watcher.state().steps == 40
+
+
+def _stop_recording(run: Path) -> None:
+    """What a Recorder with on_write_error='warn' notes when a write fails (docs/recording.md)."""
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["recording_stopped"] = {"step": 40, "rank": 0, "reason": "disk full"}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_stopped_recording_is_named_by_once_and_by_the_live_watch(
+    grpo_fixture, tmp_path, monkeypatch
+):
+    """Recording stopped (a failed write) while training goes on: the run gains no step, so
+    an idle watch, or a cron `--once` whose gates pass, would say nothing of it. One warning
+    line says so (it was silent: only `inspect` showed it)."""
+    live = _landed_40(grpo_fixture, tmp_path)
+    stopped = "recording stopped at step 40 (rank 0) after a failed write: disk full"
+
+    def between_polls(seconds: float) -> None:
+        _stop_recording(live)
+
+    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    args = ["watch", str(live), "--until-idle", "0", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if stopped in line] == [
+        f"warning: {live}: {stopped}; the training's later steps are not in the run"
+    ]
+    once = CliRunner().invoke(app, ["watch", str(live), "--once", "--device", "cpu"])
+    assert once.exit_code == 0 and once.stderr.count(stopped) == 1

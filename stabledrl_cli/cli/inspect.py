@@ -43,7 +43,7 @@ def _run_table(s: RunSummary) -> Table:
         ("policy", str((s.policy or {}).get("spec", "not known"))),
         ("source", _source_text(s.source) if s.source else "recorded in the training loop"),
         *(
-            [("recording", _stopped_text(s.recording_stopped))]
+            [("recording", stopped_text(s.recording_stopped))]
             if s.recording_stopped is not None
             else []
         ),
@@ -69,7 +69,7 @@ def _run_table(s: RunSummary) -> Table:
     return table
 
 
-def _stopped_text(stopped: dict[str, object]) -> str:
+def stopped_text(stopped: dict[str, object]) -> str:
     """The manifest's recording_stopped in one line: where, and why."""
     return (
         f"stopped at step {stopped.get('step')} (rank {stopped.get('rank')}) after a failed "

@@ -40,6 +40,7 @@ from stabledrl_cli.cli._options import (
 )
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli.check import counted
+from stabledrl_cli.cli.inspect import stopped_text
 from stabledrl_cli.cli.replay import option_names
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import InputError, UsageError
@@ -69,6 +70,13 @@ def _rejected_line(run: str, rejected: list[tuple[int, str]]) -> str:
     more = "; ..." if count > REASONS_SHOWN else ""
     noun = "step" if count == 1 else "steps"
     return f"warning: skipped {count} {noun} of {run} whose data cannot be replayed ({shown}{more})"
+
+
+def _stopped_line(watcher: RunWatcher) -> str | None:
+    """The warning that the run's recording stopped (its manifest's note), or None."""
+    if watcher.recording_stopped is None:
+        return None
+    return f"warning: {watcher.path}: recording {stopped_text(watcher.recording_stopped)}"
 
 
 def _require_replayed(watcher: RunWatcher) -> None:
@@ -177,6 +185,9 @@ def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
     results = _gates(watcher, gates)
     if watcher.replay is not None and watcher.replay.rejected:
         err.print(_rejected_line(state.run, watcher.replay.rejected), highlight=False)
+    stopped = _stopped_line(watcher)
+    if stopped is not None:
+        err.print(stopped, highlight=False)
     for alert in state.alerts:
         err.print(_alert_line(alert), highlight=False)
     if output_format == "json":
@@ -200,6 +211,7 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
     seen = -1
     warned = 0  # rejected steps warned about
     replaced = 0  # times the run was replaced under the watch
+    stopped: str | None = None  # the stopped recording warned about
     try:
         with Live(_view(watcher.state()), console=err, auto_refresh=False) as live:
             while True:
@@ -210,6 +222,9 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                     live.console.print(f"{line} from its start", highlight=False)
                 for alert in alerts:
                     live.console.print(_alert_line(alert), highlight=False)
+                if _stopped_line(watcher) not in (None, stopped):
+                    stopped = _stopped_line(watcher)
+                    live.console.print(stopped, highlight=False)
                 rejected = [] if watcher.replay is None else watcher.replay.rejected
                 if len(rejected) > warned:
                     line = _rejected_line(str(watcher.path), rejected[warned:])

@@ -339,6 +339,12 @@ def _flag_steps(series: dict[str, ColumnArray], name: str) -> list[int]:
     return [int(n) for n in np.asarray(series["step"])[flags]]
 
 
+def _stopped_note(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest's `recording_stopped` note, None without one."""
+    note = manifest.get("recording_stopped")
+    return dict(note) if isinstance(note, dict) else None
+
+
 class RunWatcher:
     """Follows a run as it is written: each `poll` replays the steps that landed since the
     last one (a step file still under its temporary name is not listed yet) and returns the
@@ -360,6 +366,9 @@ class RunWatcher:
         self._manifest_key: FileKey | None = None
         self.replaced = 0
         """How often the run changed under the watcher (and was followed again from the start)."""
+        self.recording_stopped: dict[str, Any] | None = None
+        """The manifest's `recording_stopped` ({step, rank, reason}: a Recorder's note that its
+        recording stopped after a failed write, training going on), as last read."""
 
     def _open(self) -> OwnReplay | None:
         if self.replay is None:
@@ -370,6 +379,7 @@ class RunWatcher:
                 except OSError:  # no manifest (yet, or no more)
                     return None
             self.replay = OwnReplay(open_run(self.path), self.config)
+            self.recording_stopped = _stopped_note(self.replay.run.manifest)
         return self.replay
 
     def _replaced(self, replay: OwnReplay) -> bool:
@@ -395,11 +405,13 @@ class RunWatcher:
         def run_of(manifest: dict[str, Any]) -> dict[str, Any]:
             return {k: v for k, v in manifest.items() if k != "recording_stopped"}
 
+        self.recording_stopped = _stopped_note(now)
         return run_of(now) != run_of(replay.run.manifest)
 
     def _start_over(self) -> None:
         """Drops all that was read of the run: the path is followed again from its start."""
         self.replay = None
+        self.recording_stopped = None
         self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
         self._alerts, self._seen = [], set()
         self.replaced += 1
