@@ -267,3 +267,17 @@ def test_a_torn_step_file_is_named_on_stderr_not_passed_off_as_missing(grpo_fixt
     assert len(warning) == 1 and f"{torn}: skipped 2 unreadable step files" in warning[0]
     assert "step 150: torn" in warning[0] and "step 151: torn" in warning[0]
     assert "only in B: 150..151" in result.stdout
+
+
+def test_a_run_whose_every_step_is_torn_names_them_beside_its_error(grpo_fixture, tmp_path):
+    """No step of A can be read: exit 3 'share no step', and the warning says why (it was
+    dropped with the error, which then read as if the runs were of other steps)."""
+    torn = tmp_path / "torn"
+    shutil.copytree(grpo_fixture, torn)
+    for path in (torn / "steps").iterdir():
+        path.write_bytes(path.read_bytes()[:500])
+    result = run_cli("diff", torn, grpo_fixture, "--device", "cpu", timeout=120)
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"warning: {torn}: skipped 160 unreadable")
+    assert lines[1].startswith("error: ") and "share no step" in lines[1]

@@ -135,11 +135,18 @@ def command(
     first, second = open_run(run_a), open_run(run_b)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RunIntegrityWarning)
-        result = diff_runs(
-            first, second, atol=atol, rtol=rtol, context=context, config=ReplayConfig(device=device)
-        )
-    for warning in caught:
-        err.print(f"warning: {warning.message}", highlight=False)
+        try:
+            result = diff_runs(
+                first,
+                second,
+                atol=atol,
+                rtol=rtol,
+                context=context,
+                config=ReplayConfig(device=device),
+            )
+        finally:  # before an error too: skipped steps can be why the runs share none
+            for warning in caught:
+                err.print(f"warning: {warning.message}", highlight=False)
     parted = result.parted_before(until)
     if output_format == "json":
         data = result.to_dict()
