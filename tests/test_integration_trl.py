@@ -334,6 +334,23 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
     assert ("loss_weight" in step) == case.startswith("entropy-mask")
 
 
+def test_on_policy_grpo_loss_of_zero_is_not_a_parity_failure(tiny: Any, tmp_path: Path) -> None:
+    """On-policy grpo (num_iterations=1, steps_per_generation = gradient_accumulation_steps)
+    with whole groups in each step: TRL's loss is a sum that cancels to zero, logged as its
+    float32 rounding residue. Replay's objective cancels too; loss_parity must not compare
+    the two residues (a relative error near 1, a false mismatch) but leave those steps out."""
+    out = tmp_path / "run"
+    config = {"loss_type": "grpo", "num_iterations": 1, "steps_per_generation": 2}
+    trainer = _train(tiny, out, **config)
+    logged = _logged(trainer.state.log_history)
+    assert all(abs(entry["loss"]) < 1e-6 for entry in logged.values())  # residues of zero
+    own = sd.replay(out, policies=[trainer.stabledrl_policy.spec], device="cpu").own
+    assert own is not None
+    for number, objective in zip(own.series["step"], own.series["objective"], strict=True):
+        assert -objective == pytest.approx(logged[int(number)]["loss"], abs=1e-7)
+    assert own.summary.loss_parity is None  # no step holds a loss to compare
+
+
 def test_groups_rewards_and_advantages(tiny: Any, tmp_path: Path) -> None:
     """Global group ids and rewards travel with TRL's shuffled rows: recomputing each group's
     z-scored advantages from the recorded rewards gives the recorded advantages. Steps 1-2 are

@@ -187,6 +187,22 @@ def test_default_replays_own_policy_plus_catalogue_in_contract_shape(plain_run):
     assert all(p["summary"]["loss_parity"] is None for p in data["policies"][1:])
 
 
+def test_loss_parity_flags_a_zero_loss_beside_an_objective_that_is_not(tmp_path):
+    """A recorded loss of exactly 0 where the own policy's objective is far from zero is a
+    mismatch (the loss of another computation), not a step without a loss to compare."""
+    rng = np.random.default_rng(0)
+    with sd.Recorder(tmp_path / "run", policy="grpo", policy_params={}, unit="sequence") as rec:
+        for step in range(3):
+            arrays, _ = _step_arrays(rng, step, spike_at=None, noise=0.5)
+            objective = float(get_policy("grpo").weights(
+                PolicyBatch(**arrays, unit="sequence")).objective)  # fmt: skip
+            assert abs(objective) > 1e-3
+            rec.log_step(step, **arrays, grad_norm=1.0, loss=0.0)
+    own = sd.replay(tmp_path / "run", ["grpo"], device="cpu").own
+    assert own is not None
+    assert own.summary.loss_parity is not None and own.summary.loss_parity > 1.0
+
+
 def test_with_policies_replays_exactly_those_and_marks_own(plain_run):
     data = _json([str(plain_run), "-p", "stabledrl", "-p", "ppo:agg=seq-mean-token-mean",
                   "-p", "stabledrl"])  # fmt: skip

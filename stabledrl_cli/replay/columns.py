@@ -359,6 +359,12 @@ COLUMNS: tuple[Column, ...] = (
     ),
     Column(name="is_mass", kind="float", meaning="Norm of the IS update.", reported=False),
     Column(
+        name="objective_mass",
+        kind="float",
+        meaning="Sum of |r A w / norm| over scored entries: the size of the terms J adds up.",
+        reported=False,
+    ),
+    Column(
         name="nonfinite_coefs",
         kind="float",
         meaning="Scored entries whose coefficient is NaN or inf.",

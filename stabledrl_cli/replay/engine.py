@@ -28,7 +28,7 @@ from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
-from stabledrl_cli.replay.columns import derive_series
+from stabledrl_cli.replay.columns import derive_series, device_metrics
 from stabledrl_cli.replay.config import (
     DEFAULT_DRIFT_THRESHOLD,
     DEFAULT_SPIKE_FACTOR,
@@ -277,6 +277,7 @@ def replay_result(
             stream,
             own=(i == own_index),
             approximate=bool(stream.approximate[i]),
+            objective_mass=stream.metrics[:, i, device_metrics().index("objective_mass")],
         )
         for i, s in enumerate(series)
     ]

@@ -385,6 +385,7 @@ def step_metrics(
         "net_push": net_push,
         "nonfinite_coefs": torch.stack([w.nonfinite for w in weights]),
         "objective": torch.stack([w.objective for w in weights]),
+        "objective_mass": torch.stack([r.is_mass for r in refs]),
         **frameworks,
     }
     return torch.stack([computed[name].double() for name in columns.device_metrics()], dim=1)

@@ -19,11 +19,24 @@ def _median(values: ColumnArray) -> float | None:
     return float(np.median(finite)) if finite.size else None
 
 
-def _relative_error(replayed: np.ndarray, recorded: np.ndarray) -> float | None:
-    ok = np.isfinite(replayed) & np.isfinite(recorded) & (recorded != 0)
+ROUNDING_RESIDUE = 1e-5
+"""A loss at most this fraction of its step's objective mass (the sum of the absolute terms
+J adds up) is zero to float32 rounding: terms that cancel leave such a residue."""
+
+
+def _relative_error(
+    replayed: np.ndarray, recorded: np.ndarray, floor: np.ndarray | None = None
+) -> float | None:
+    """Median over steps of |replayed - recorded| / max(|recorded|, floor): the steps where
+    both are finite, leaving out those where both are within `floor` of zero (two rounding
+    residues of a zero: nothing to compare) and those with a zero divisor."""
+    floor = np.zeros_like(recorded) if floor is None else np.nan_to_num(floor)
+    divisor = np.maximum(np.abs(recorded), floor)
+    residues = (np.abs(recorded) <= floor) & (np.abs(replayed) <= floor)
+    ok = np.isfinite(replayed) & np.isfinite(recorded) & (divisor > 0) & ~residues
     if not ok.any():
         return None
-    return float(np.median(np.abs(replayed[ok] - recorded[ok]) / np.abs(recorded[ok])))
+    return float(np.median(np.abs(replayed[ok] - recorded[ok]) / divisor[ok]))
 
 
 def aggregate(values: ColumnArray, how: Aggregate) -> float | None:
@@ -50,8 +63,10 @@ def summarize_policy(
     *,
     own: bool,
     approximate: bool,
+    objective_mass: np.ndarray,
 ) -> PolicySummary:
-    """One policy's summary over every step of `series` (the whole run)."""
+    """One policy's summary over every step of `series` (the whole run); objective_mass [S]:
+    the policy's `objective_mass` column, the size of each step's J before its terms cancel."""
     steps = np.asarray(series["step"], dtype=np.int64)
     tokens = int(np.sum(series["tokens"]))
     discarded = int(np.sum(series["discarded"]))
@@ -65,7 +80,8 @@ def summarize_policy(
         if measured.any():
             fidelity = _relative_error(norms[measured], stream.grad_norm_covered[measured])
         objective = np.asarray(series["objective"], dtype=np.float64)
-        loss_parity = _relative_error(-objective, stream.loss)
+        floor = ROUNDING_RESIDUE * np.asarray(objective_mass, dtype=np.float64)
+        loss_parity = _relative_error(-objective, stream.loss, floor)
     figures = {
         column.figure: aggregate(series[column.name], column.gate.aggregate)
         for column in columns.gated_columns()
