@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 from _cli import cli_command
+from _steps import policy_batch
 
 import stabledrl_cli as sd
 from stabledrl_cli.errors import MissingExtraError, UsageError
@@ -86,18 +87,7 @@ def _assert_matches_trl(out: Path, spec: str, log_history: list[dict[str, Any]])
         assert step.scalars["lr"] == pytest.approx(logged[step.step]["learning_rate"], rel=1e-12)
     policy = sd.get_policy(spec)
     for step in run:  # the plain spec on the recorded arrays, micro-batches included
-        batch = sd.PolicyBatch(
-            logp=step["logp"],
-            logp_old=step["logp_old"],
-            advantages=step["advantages"],
-            mask=step["mask"],
-            seq_id=step["seq_id"],
-            group_id=step["group_id"],
-            logp_ref=step.get("logp_ref"),
-            loss_weight=step.get("loss_weight"),
-            loss_scale=step.get("loss_scale"),
-            micro_batch=step["micro_batch"],
-        )
+        batch = policy_batch(step)
         objective = float(policy.weights(batch).objective)
         assert -objective == pytest.approx(logged[step.step]["loss"], rel=1e-5, abs=1e-7)
     result = sd.replay(out, [spec], device="cpu")
@@ -349,6 +339,41 @@ def test_on_policy_grpo_loss_of_zero_is_not_a_parity_failure(tiny: Any, tmp_path
     for number, objective in zip(own.series["step"], own.series["objective"], strict=True):
         assert -objective == pytest.approx(logged[int(number)]["loss"], abs=1e-7)
     assert own.summary.loss_parity is None  # no step holds a loss to compare
+
+
+def test_unscorable_rewards_recompute_as_trl_does(tiny: Any, tmp_path: Path) -> None:
+    """A reward function returning None (TRL: NaN, an unscorable completion): TRL leaves the
+    row out of its group's mean and std and gives it advantage 0. Replayed with TRL's
+    scale_rewards="group" advantages recomputed from the recorded rewards (adv=zscore), the
+    advantages are TRL's, and no step is non-finite. Rows 4g..4g+3 of a call are group g:
+    the odd calls leave group 0 one rewarded member and group 1 none, the even ones one
+    unscorable row in each."""
+    calls: list[int] = []
+
+    def unscorable(completions: list[str], **_: Any) -> list[float | None]:
+        calls.append(1)
+        none = {1, 2, 3, 4, 5, 6, 7} if len(calls) % 2 else {1, 6}
+        return [None if i in none else r for i, r in enumerate(tiny.count_b(completions))]
+
+    out = tmp_path / "run"
+    trainer = integration.RecordingGRPOTrainer(
+        model=tiny.tiny_model(),
+        reward_funcs=unscorable,
+        args=tiny.tiny_config(
+            str(tmp_path / "trl_out"), num_iterations=1, steps_per_generation=2
+        ),  # whole groups in each step
+        train_dataset=tiny.tiny_dataset(),
+        processing_class=tiny.tiny_tokenizer(),
+        stabledrl_out=out,
+    )
+    trainer.train()
+    spec = "dapo:adv=zscore,agg=recorded,eps_high=0.2"
+    for step in sd.open_run(out):
+        assert bool(torch.isnan(step["reward"]).any())
+        recomputed = sd.get_policy(spec).weights(policy_batch(step)).advantages
+        assert torch.allclose(recomputed, step["advantages"], atol=1e-5)
+    own = sd.replay(out, policies=[spec], device="cpu").policies[0]
+    assert own.summary.collapsed_steps == []
 
 
 def test_groups_rewards_and_advantages(tiny: Any, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import torch
 
 verl = pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
 
+from _steps import policy_batch  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
 from verl import DataProto  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
@@ -165,22 +166,6 @@ def record(
             captured.append(micro)
             losses.append(step_losses)
     return captured, losses
-
-
-def policy_batch(step: Any) -> PolicyBatch:
-    return PolicyBatch(
-        logp=step["logp"],
-        logp_old=step["logp_old"],
-        advantages=step["advantages"],
-        mask=step["mask"],
-        seq_id=step["seq_id"],
-        group_id=step["group_id"],
-        reward=step["reward"],
-        logp_ref=step.get("logp_ref"),
-        loss_weight=step.get("loss_weight"),
-        loss_scale=step.get("loss_scale"),
-        micro_batch=step["micro_batch"],
-    )
 
 
 def micro_batch_of(step: Any, index: int) -> PolicyBatch:

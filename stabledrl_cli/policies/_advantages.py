@@ -10,7 +10,10 @@ A group of one (a singleton) has no baseline: as verl's `compute_grpo_outcome_ad
 and r_i / (1 + 1e-4) (zscore). TRL never forms one (num_generations >= 2).
 
 Statistics run over every sequence of the reward array, scored or not: a group's baseline is
-a property of its rewards, not of which tokens a mask kept.
+a property of its rewards, not of which tokens a mask kept. A NaN reward marks an unscorable
+sequence (TRL turns a reward function's None into NaN): as TRL does, it is left out of its
+group's statistics (nanmean, nanstd) and its advantage is 0; the group keeps its size, so a
+group with one rewarded member is not a singleton (its member's A is 0, TRL's too).
 """
 
 from __future__ import annotations
@@ -27,13 +30,19 @@ ZSCORE_EPS = 1e-4
 def recompute_advantages(
     reward: torch.Tensor, seq_group: torch.Tensor, n_groups: int, mode: AdvMode
 ) -> torch.Tensor:
-    """reward: [N], seq_group: [N] dense group index -> advantages [N]."""
+    """reward: [N] (NaN: unscorable), seq_group: [N] dense group index -> advantages [N]."""
+    if mode not in ADV_MODES[1:]:
+        raise UsageError(
+            f"adv must be one of {', '.join(ADV_MODES[1:])} to recompute; got {mode!r}"
+        )
+    unscorable = torch.isnan(reward)
+    reward = reward.masked_fill(unscorable, 0.0)
     zeros = torch.zeros(n_groups, dtype=reward.dtype, device=reward.device)
-    count = zeros.index_add(0, seq_group, torch.ones_like(reward))
+    shared = zeros.index_add(0, seq_group, torch.ones_like(reward)) > 1
+    count = zeros.index_add(0, seq_group, (~unscorable).to(reward.dtype))
     total = zeros.index_add(0, seq_group, reward)
-    shared = count > 1
     mean = torch.where(shared, total / count.clamp(min=1.0), zeros)
-    centered = reward - mean[seq_group]
+    centered = (reward - mean[seq_group]).masked_fill(unscorable, 0.0)
     if mode == "center":
         return centered
     if mode == "zscore":
@@ -41,8 +50,7 @@ def recompute_advantages(
         var = sq / (count - 1.0).clamp(min=1.0)
         std = torch.where(shared, var.sqrt(), torch.ones_like(var))
         return centered / (std[seq_group] + ZSCORE_EPS)
-    if mode == "rloo":
-        n = count[seq_group]
-        others = (total[seq_group] - reward) / (n - 1.0).clamp(min=1.0)
-        return torch.where(n > 1, reward - others, reward)
-    raise UsageError(f"adv must be one of {', '.join(ADV_MODES[1:])} to recompute; got {mode!r}")
+    n = count[seq_group]  # rloo; one rewarded member of a shared group: no other, A = 0
+    others = (total[seq_group] - reward) / (n - 1.0).clamp(min=1.0)
+    alone = torch.where(shared[seq_group], torch.zeros_like(reward), reward)
+    return torch.where(n > 1, reward - others, alone).masked_fill(unscorable, 0.0)
