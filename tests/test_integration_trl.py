@@ -589,3 +589,50 @@ def test_resume_from_checkpoint_continues_the_run(tiny: Any, tmp_path: Path) -> 
     for step in run.steps(3, 5):
         assert step.scalars["grad_norm"] == resumed[step.step]["grad_norm"]
     assert first.state.log_history != trainer.state.log_history
+
+
+def test_resume_into_a_new_run_directory_records_from_the_checkpoint(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """Resumed from checkpoint-2 into a run directory that holds no run (the first part was
+    not recorded, or elsewhere): training runs and the new run holds TRL's steps 3-4."""
+    _train(tiny, tmp_path / "first", save_strategy="steps", save_steps=2)
+    out = tmp_path / "resumed"
+    trainer = integration.RecordingGRPOTrainer(
+        model=tiny.tiny_model(),
+        reward_funcs=tiny.count_b,
+        args=tiny.tiny_config(str(tmp_path / "trl_out")),
+        train_dataset=tiny.tiny_dataset(),
+        processing_class=tiny.tiny_tokenizer(),
+        stabledrl_out=out,
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "trl_out" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    run = sd.open_run(out)
+    assert run.step_numbers == [3, 4]
+    logged = _logged(trainer.state.log_history)
+    for step in run:
+        assert step.scalars["grad_norm"] == logged[step.step]["grad_norm"]
+
+
+def test_resume_under_stabledrl_record_with_force_keeps_the_earlier_steps(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """The README's resume under `stabledrl record`: the resumed command needs --force (the
+    run directory is not empty), and the run keeps steps 1-2 and continues with 3-4."""
+    shutil.copy(SCRIPTS / "resume_train.py", tmp_path / "train.py")
+    record = [*cli_command(), "record", "--out", "run"]
+    script = [sys.executable, "train.py"]
+    done = subprocess.run([*record, "--", *script], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    kept = {s.step: s.scalars["loss"] for s in sd.open_run(tmp_path / "run").steps(1, 3)}
+    again = [*record, "--", *script, "trl_out/checkpoint-2"]
+    done = subprocess.run(again, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 2 and "pass --force" in done.stderr
+    resumed = [*record, "--force", "--", *script, "trl_out/checkpoint-2"]
+    done = subprocess.run(resumed, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = sd.open_run(tmp_path / "run")
+    assert run.step_numbers == [1, 2, 3, 4]
+    assert {s.step: s.scalars["loss"] for s in run.steps(1, 3)} == kept

@@ -28,6 +28,7 @@ from stabledrl_cli.capture.bootstrap import (
     integration_records,
 )
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.dump._schema import MANIFEST_NAME
 from stabledrl_cli.errors import UsageError, WriteError
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
 from stabledrl_cli.integrations._trl_policy import policy_for_config, uses_loss_weight
@@ -114,6 +115,8 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
             "(TRL's micro-batch normaliser times world size)",
         }
         resume = _resume_step(self, resume_from_checkpoint)
+        if resume is not None and not (self.stabledrl_out / MANIFEST_NAME).is_file():
+            resume = None  # no run here to continue: a new one, from the checkpoint's next step
         recorder = Recorder(
             self.stabledrl_out,
             policy=policy,
@@ -134,9 +137,10 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
     def train(
         self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
     ) -> Any:
-        """`GRPOTrainer.train`, recording into the run directory (continued on resume). A run
-        that cannot be written (a full or read-only disk) warns once and training runs
-        unrecorded; a usage error (an existing run, a bad resume) is raised."""
+        """`GRPOTrainer.train`, recording into the run directory (continued on resume, or
+        begun at the checkpoint's next step when the directory holds no run). A run that
+        cannot be written (a full or read-only disk) warns once and training runs unrecorded;
+        a usage error (an existing run, a resume the run cannot continue) is raised."""
         try:
             self._sd_buffer = self._sd_open(resume_from_checkpoint)
         except WriteError as exc:
