@@ -251,6 +251,8 @@ TOKEN_CLIP = {
     "entropy-mask",
     "beta-bias-corrected",
     "luspo",
+    "epsilons",
+    "steps-per-generation-3",
 }
 
 

@@ -27,4 +27,7 @@ PARITY: dict[str, dict[str, Any]] = {
     "entropy-mask-beta": {"loss_type": "dapo", "top_entropy_quantile": 0.5, "beta": 0.1},
     # truncated completions (no EOS in 6 tokens) keep no token: every step has some
     "truncated": {"loss_type": "grpo", "mask_truncated_completions": True},
+    "epsilons": {"loss_type": "grpo", "epsilon": 0.05, "epsilon_high": 0.1},
+    # 3 micro-batches a pass over the generation batch, 2 a step: step 2 spans both passes
+    "steps-per-generation-3": {"loss_type": "dapo", "steps_per_generation": 3},
 }
