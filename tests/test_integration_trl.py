@@ -253,6 +253,7 @@ TOKEN_CLIP = {
     "luspo",
     "epsilons",
     "steps-per-generation-3",
+    "grad-clip",
 }
 
 
@@ -285,6 +286,12 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
     out = tmp_path / "run"
     trainer = _train(tiny, out, **PARITY[case])
     _assert_matches_trl(out, trainer.stabledrl_policy.spec, trainer.state.log_history)
+    bound = trainer.args.max_grad_norm
+    for step in sd.open_run(out):  # the norm after clip_grad_norm_ (grad_norm: TRL's, before)
+        clipped = min(step.scalars["grad_norm"], bound)
+        assert step.scalars["grad_norm_clipped"] == pytest.approx(clipped, rel=1e-5)
+    if case == "grad-clip":
+        assert all(s.scalars["grad_norm"] > bound for s in sd.open_run(out))
     if case in TOKEN_CLIP:  # the recorded micro-batches reproduce TRL's own clip metrics
         logged = _logged(trainer.state.log_history)
         for step in sd.open_run(out):

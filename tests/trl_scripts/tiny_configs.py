@@ -30,4 +30,5 @@ PARITY: dict[str, dict[str, Any]] = {
     "epsilons": {"loss_type": "grpo", "epsilon": 0.05, "epsilon_high": 0.1},
     # 3 micro-batches a pass over the generation batch, 2 a step: step 2 spans both passes
     "steps-per-generation-3": {"loss_type": "dapo", "steps_per_generation": 3},
+    "grad-clip": {"loss_type": "grpo", "max_grad_norm": 0.05},  # clips every step
 }
