@@ -645,3 +645,59 @@ def test_resume_under_stabledrl_record_with_force_keeps_the_earlier_steps(
     run = sd.open_run(tmp_path / "run")
     assert run.step_numbers == [1, 2, 3, 4]
     assert {s.step: s.scalars["loss"] for s in run.steps(1, 3)} == kept
+
+
+def test_evaluation_during_training_is_not_recorded(tiny: Any, tmp_path: Path) -> None:
+    """eval_strategy="steps": TRL generates, scores and computes the loss on the eval set
+    between optimizer steps; none of it is a training step, and the training steps keep
+    TRL's numbers and loss."""
+    out = tmp_path / "run"
+    trainer = integration.RecordingGRPOTrainer(
+        model=tiny.tiny_model(),
+        reward_funcs=tiny.count_b,
+        args=tiny.tiny_config(
+            str(tmp_path / "trl_out"),
+            loss_type="grpo",
+            eval_strategy="steps",
+            eval_steps=1,
+            per_device_eval_batch_size=4,
+        ),
+        train_dataset=tiny.tiny_dataset(),
+        eval_dataset=tiny.tiny_dataset(4),
+        processing_class=tiny.tiny_tokenizer(),
+        stabledrl_out=out,
+    )
+    trainer.train()
+    evaluated = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert evaluated == [1, 2, 3, 4]
+    _assert_matches_trl(out, trainer.stabledrl_policy.spec, trainer.state.log_history)
+
+
+def test_training_that_raises_keeps_its_finished_steps(tiny: Any, tmp_path: Path) -> None:
+    """An exception out of train() after step 3 (a callback here): steps 1-3, each finished
+    by its optimizer step, are in the run, whole, and replay."""
+    from transformers import TrainerCallback  # with trl (the `tiny` fixture)
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 3:
+                raise RuntimeError("boom")
+
+    out = tmp_path / "run"
+    trainer = integration.RecordingGRPOTrainer(
+        model=tiny.tiny_model(),
+        reward_funcs=tiny.count_b,
+        args=tiny.tiny_config(str(tmp_path / "trl_out"), loss_type="grpo"),
+        train_dataset=tiny.tiny_dataset(),
+        processing_class=tiny.tiny_tokenizer(),
+        callbacks=[Boom()],
+        stabledrl_out=out,
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    run = sd.open_run(out)
+    assert run.step_numbers == [1, 2, 3]
+    assert run.integrity.ok
+    own = sd.replay(out, policies=[trainer.stabledrl_policy.spec], device="cpu").own
+    assert own is not None and own.summary.loss_parity is not None
+    assert own.summary.loss_parity < 1e-5
