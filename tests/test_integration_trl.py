@@ -400,6 +400,9 @@ def test_groups_rewards_and_advantages(tiny: Any, tmp_path: Path) -> None:
             rows.setdefault(group, []).append((reward, float(adv[seq_id == i][0])))
     run = sd.open_run(out)
     assert run.group_ids == "global"
+    meta = run.manifest["meta"]  # the recipe of the advantages: adv=zscore's
+    assert meta["scale_rewards"] == "group" and meta["reward_weights"] == [1.0]
+    assert meta["multi_objective_aggregation"] == "sum_then_normalize"
     split = torch.cat([step["group_split"] for step in run.steps(1, 3)])
     assert split.any()  # a group of 4 rows cut by the 2-step shuffle is marked, not hidden
     assert sorted(rows) == list(range(4))  # one generation: 4 prompts

@@ -111,6 +111,11 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
             "steps_per_generation": args.steps_per_generation,
             "num_iterations": args.num_iterations,
             "max_completion_length": args.max_completion_length,
+            # how TRL made the recorded advantages from the recorded rewards (adv=zscore is
+            # scale_rewards="group" with sum_then_normalize)
+            "scale_rewards": args.scale_rewards,
+            "multi_objective_aggregation": args.multi_objective_aggregation,
+            "reward_weights": [float(w) for w in self.reward_weights.tolist()],
             "loss_scale": "per-token normaliser of the all-rank objective "
             "(TRL's micro-batch normaliser times world size)",
         }
