@@ -704,3 +704,30 @@ def test_training_that_raises_keeps_its_finished_steps(tiny: Any, tmp_path: Path
     own = sd.replay(out, policies=[trainer.stabledrl_policy.spec], device="cpu").own
     assert own is not None and own.summary.loss_parity is not None
     assert own.summary.loss_parity < 1e-5
+
+
+def test_a_second_train_call_never_replaces_the_first_ones_steps(
+    tiny: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """train() twice on one trainer (stabledrl_overwrite=True, as under `stabledrl record
+    --force`): TRL numbers the second training's steps from 1 again, so recording them would
+    replace the first training's. The first's steps stay; the second trains unrecorded,
+    said once on stderr."""
+    out = tmp_path / "run"
+    trainer = integration.RecordingGRPOTrainer(
+        model=tiny.tiny_model(),
+        reward_funcs=tiny.count_b,
+        args=tiny.tiny_config(str(tmp_path / "trl_out"), loss_type="grpo", max_steps=2),
+        train_dataset=tiny.tiny_dataset(),
+        processing_class=tiny.tiny_tokenizer(),
+        stabledrl_out=out,
+        stabledrl_overwrite=True,
+    )
+    trainer.train()
+    first = {s.step: s.scalars["loss"] for s in sd.open_run(out)}
+    capsys.readouterr()
+    trainer.train()
+    assert trainer.state.global_step == 2  # the second training ran
+    assert {s.step: s.scalars["loss"] for s in sd.open_run(out)} == first
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl:" in line]
+    assert len(warnings) == 1 and "second train()" in warnings[0]

@@ -94,6 +94,7 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
         self._sd_seen: dict[str, torch.Tensor] | None = None
         self._sd_rewards: torch.Tensor | None = None
         self._sd_groups = 0
+        self._sd_opened = False  # whether a train() of this trainer has opened its run
         super().__init__(*args, **kwargs)
         self.stabledrl_policy = policy_for_config(self.args, aux_loss=self.aux_loss_enabled)
 
@@ -145,12 +146,24 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
         """`GRPOTrainer.train`, recording into the run directory (continued on resume, or
         begun at the checkpoint's next step when the directory holds no run). A run that
         cannot be written (a full or read-only disk) warns once and training runs unrecorded;
-        a usage error (an existing run, a resume the run cannot continue) is raised."""
+        a usage error (an existing run, a resume the run cannot continue) is raised. A second
+        train() of this trainer that does not resume numbers its steps from 1 again: it
+        warns once and runs unrecorded, the first one's steps kept."""
+        if self._sd_opened and _resume_step(self, resume_from_checkpoint) is None:
+            RecordingFailure().fail(
+                UsageError(
+                    f"{self.stabledrl_out} holds this trainer's first training, whose step "
+                    "numbers a new train() starts again (resume_from_checkpoint= continues it)"
+                ),
+                "recording a second train()",
+            )
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         try:
             self._sd_buffer = self._sd_open(resume_from_checkpoint)
         except WriteError as exc:
             RecordingFailure().fail(exc, "recording the run failed")
             return super().train(resume_from_checkpoint, *args, **kwargs)
+        self._sd_opened = True
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
