@@ -133,6 +133,17 @@ def test_finite_values_whose_sum_overflows_are_not_counted_nonfinite(tmp_path):
     assert sd.open_run(tmp_path / "run").step(0).scalars["nonfinite"] == 0.0
 
 
+def test_reward_mean_leaves_out_unscorable_sequences(tmp_path):
+    """A NaN reward marks a sequence that could not be scored (TRL's None): the derived
+    reward_mean is over the others (TRL's logged reward is the same nanmean); a step with no
+    scored sequence has none to average (NaN)."""
+    with sd.Recorder(tmp_path / "run", policy="grpo", policy_params={}) as rec:
+        for step, reward in enumerate(([0.5, np.nan], [np.nan, np.nan])):  # 2 sequences
+            rec.log_step(step, **_flat(), reward=np.array(reward, np.float32))
+    means = [s.scalars["reward_mean"] for s in sd.open_run(tmp_path / "run")]
+    assert means[0] == 0.5 and np.isnan(means[1])
+
+
 def test_sequence_unit_round_trip(tmp_path):
     path = tmp_path / "run"
     elbo = torch.tensor([-3.0, -2.5, -4.0, -1.0])

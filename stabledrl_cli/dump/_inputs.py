@@ -303,7 +303,9 @@ def _step_scalars(
         out[name] = _scalar(value, f"scalars[{name!r}]")
     if "reward_mean" not in out and "reward" in tensors and tensors["reward"].size:
         reward = tensors["reward"]
-        out["reward_mean"] = float(np.add.reduce(reward, axis=None, dtype=np.float64)) / reward.size
+        reward = reward[~np.isnan(reward)]  # NaN: a sequence that could not be scored
+        total = float(np.add.reduce(reward, axis=None, dtype=np.float64))
+        out["reward_mean"] = total / reward.size if reward.size else math.nan
     nonfinite = 0
     if "mask" in tensors:
         batch = [tensors[n] for n in ("logp", "logp_old", "advantages")]
