@@ -223,6 +223,27 @@ def test_inexpressible_config_is_refused_in_one_line(
     assert "\n" not in str(info.value)
 
 
+def test_a_refused_config_under_record_is_one_line_and_exit_2(tiny: Any, tmp_path: Path) -> None:
+    """The trainer refuses the config inside the user's script: `record` says why in one line,
+    no traceback, and exits with a usage error's code."""
+    script = (
+        "from tiny_grpo import *\n"
+        "from stabledrl_cli.integrations.trl import RecordingGRPOTrainer\n"
+        "RecordingGRPOTrainer(model=tiny_model(), reward_funcs=count_b,\n"
+        "    args=tiny_config('o', loss_type='bnpo', importance_sampling_level='sequence'),\n"
+        "    train_dataset=tiny_dataset(), processing_class=tiny_tokenizer())\n"
+    )
+    cmd = [*cli_command(), "record", "--out", "run", "--", sys.executable, "-c", script]
+    done = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [
+        "error: cannot record this TRL run: sequence-level sampling with loss_type 'bnpo'; "
+        "only 'grpo', 'luspo', 'vespo' map"
+    ], done.stderr
+
+
 def test_no_run_directory_is_a_usage_error(
     tiny: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -191,6 +191,107 @@ def test_a_failed_recorder_fails_record_even_when_the_command_succeeds(tmp_path,
     assert "error: recording failed: log_policy_batch failed at step 0" in result.stderr
 
 
+# A script that stabledrl refuses (an integration's check, a bad Recorder argument) raises a
+# stabledrl error it does not catch; a script with a bug of its own raises anything else.
+RAISES_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import stabledrl_cli.errors as errors
+
+    print("started", flush=True)
+    kind = sys.argv[1]
+    if kind == "usage":
+        raise errors.UsageError("cannot record this run: a refused setting")
+    if kind == "input":
+        raise errors.InputError("no such run: /nowhere")
+    raise KeyError("the script's own bug")
+    """
+)
+
+
+def _record_raising(tmp_path: Path, monkeypatch, *args: str, command: tuple[str, ...] = ()):
+    """A real `stabledrl record ARGS -- COMMAND` process; COMMAND defaults to `python` on
+    RAISES_SCRIPT, whose path COMMAND may hold as `{script}`; the kind is the last of ARGS."""
+    script = tmp_path / "train.py"
+    script.write_text(RAISES_SCRIPT)
+    *options, kind = args
+    command = command or (sys.executable, "{script}")
+    child = [part.format(script=script) for part in command]
+    return subprocess.run(
+        [*cli_command(), "record", "--out", str(tmp_path / "run"), *options,
+         "--", *child, kind],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("hooks", ["--optimizer-hooks", "--no-optimizer-hooks"])
+@pytest.mark.parametrize(
+    ("kind", "code", "line"),
+    [
+        ("usage", 2, "error: cannot record this run: a refused setting"),
+        ("input", 3, "error: no such run: /nowhere"),
+    ],
+)
+def test_a_stabledrl_error_the_command_does_not_catch_is_one_line_and_its_exit_code(
+    tmp_path, monkeypatch, hooks, kind, code, line
+):
+    result = _record_raising(tmp_path, monkeypatch, hooks, kind)
+    assert result.returncode == code, result.stderr
+    assert "started" in result.stdout
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[1:] == [line], result.stderr  # after record's own "recording ... into" line
+
+
+def test_any_other_exception_of_the_command_keeps_its_traceback_and_exit_code(
+    tmp_path, monkeypatch
+):
+    result = _record_raising(tmp_path, monkeypatch, "bug")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback (most recent call last)" in result.stderr
+    assert 'KeyError: "the script\'s own bug"' in result.stderr
+    assert "the training command exited with code 1" in result.stderr
+
+
+def test_with_stabledrl_debug_the_commands_stabledrl_error_shows_its_traceback(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("STABLEDRL_DEBUG", "1")
+    result = _record_raising(tmp_path, monkeypatch, "input")
+    assert result.returncode == 3, result.stderr
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "stabledrl_cli.errors.InputError: no such run: /nowhere" in result.stderr
+
+
+def test_outside_record_a_stabledrl_error_is_pythons_usual_traceback(tmp_path, monkeypatch):
+    script = tmp_path / "train.py"
+    script.write_text(RAISES_SCRIPT)
+    env = _child_env(monkeypatch)
+    result = subprocess.run(
+        [sys.executable, str(script), "usage"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("Traceback (most recent call last)"), result.stderr
+    assert result.stderr.endswith(
+        "stabledrl_cli.errors.UsageError: cannot record this run: a refused setting\n"
+    )
+
+
+def test_a_stabledrl_error_on_every_torchrun_rank_is_one_line_per_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", "{script}")  # fmt: skip
+    result = _record_raising(tmp_path, monkeypatch, "usage", command=torchrun)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+    errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    assert errors == [
+        f"error: rank {rank}: cannot record this run: a refused setting" for rank in (0, 1)
+    ], result.stderr
+
+
 def test_a_missing_binary_is_one_line_and_exit_2(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["record", "--out", str(out), "--", "no-such-binary-sdrl"])

@@ -35,6 +35,15 @@ missing policy or arrays log_step refuses, 3 for unreadable input or an exceptio
 the tool's, 4 for a run that could not be written). After the
 command exits, `record` reads that file: a reported failure, or a run with no step at all,
 makes it exit non-zero with the reason, unless the command's own non-zero exit code wins.
+
+A tool error that ends the command: a stabledrl error (UsageError, InputError, WriteError)
+that a process of the command does not catch, say an integration refusing a configuration,
+is bad input, not a bug of the script. The sitecustomize's excepthook hands it to
+`uncaught_error`, which prints it as one line `error: ...` (`rank R: ` first in a multi-rank
+run; the traceback instead under STABLEDRL_DEBUG=1) and appends `E<CODE><TAB>MESSAGE` to the
+status file. The process still exits 1, as after any uncaught exception; `record` then exits
+with CODE. torchrun's own ChildFailedError, raised when such a rank failed, is silenced the
+same way (the ranks said why). Every other exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -58,6 +67,12 @@ ENV_POLICY = "STABLEDRL_POLICY"
 ENV_STATUS_FILE = "STABLEDRL_STATUS_FILE"
 ENV_TORCH_RANK = "RANK"
 ENV_TORCH_WORLD_SIZE = "WORLD_SIZE"
+ENV_DEBUG = "STABLEDRL_DEBUG"
+ENV_OPTIMIZER_HOOKS = "STABLEDRL_OPTIMIZER_HOOKS"
+""""0": the sitecustomize installs no optimizer hooks (`record --no-optimizer-hooks`)."""
+FATAL = "E"
+"""Marks a status line of a tool error that ended a process of the command (module docstring)."""
+_CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
 
 NO_POLICY = (
     "no policy to record: pass one to `stabledrl record`, e.g. `--policy grpo`, or to the "
@@ -68,12 +83,13 @@ _lock = threading.Lock()
 _recorder: Recorder | None = None
 
 
-def report_failure(code: int, message: str) -> None:
-    """Tell the parent `record` that recording failed (a no-op outside `record -- CMD`)."""
+def report_failure(code: int, message: str, *, fatal: bool = False) -> None:
+    """Tell the parent `record` that recording failed, or (`fatal`) that a tool error ended a
+    process of the command (a no-op outside `record -- CMD`)."""
     path = os.environ.get(ENV_STATUS_FILE)
     if not path:
         return
-    line = f"{code}\t{' '.join(message.split())}\n"
+    line = f"{FATAL if fatal else ''}{code}\t{' '.join(message.split())}\n"
     try:
         with open(path, "a", encoding="utf-8") as status:
             status.write(line)
@@ -116,6 +132,39 @@ class RecordingFailure:
 
 
 _failure = RecordingFailure()
+
+
+def _reported_fatal(path: str) -> bool:
+    """Whether a process of the command reported a tool error that ended it."""
+    try:
+        with open(path, encoding="utf-8") as status:
+            return any(line.startswith(FATAL) for line in status)
+    except OSError:
+        return False
+
+
+def uncaught_error(exc: BaseException) -> bool:
+    """The excepthook's part under `record -- CMD` (module docstring): a stabledrl error is
+    reported and, unless STABLEDRL_DEBUG is set, printed as one line; torchrun's failure
+    after such a rank is silenced. -> whether the traceback is to be left out."""
+    path = os.environ.get(ENV_STATUS_FILE)
+    if not path:
+        return False
+    debug = os.environ.get(ENV_DEBUG, "") not in ("", "0")
+    if isinstance(exc, StabledrlError):
+        message = " ".join(str(exc).split())
+        report_failure(exc.exit_code, message, fatal=True)
+        if debug:
+            return False
+        world_size = os.environ.get(ENV_TORCH_WORLD_SIZE, "1")
+        rank = f"rank {os.environ.get(ENV_TORCH_RANK)}: " if world_size not in ("", "1") else ""
+        sys.stderr.write(f"error: {rank}{message}\n")
+        sys.stderr.flush()
+        return True
+    kind = type(exc)
+    child_failed = f"{kind.__module__}.{kind.__qualname__}" == _CHILD_FAILED
+    return child_failed and not debug and _reported_fatal(path)
+
 
 HOOKS_SOURCE = {"kind": "optimizer-hooks"}
 """The manifest's `source` of a run that the optimizer hooks opened."""

@@ -1,11 +1,14 @@
 """`stabledrl record --out DIR -- CMD`, the parent side: run a training command with the run
 directory exported to it, then turn what happened into one exit code. The command's own
-failing exit code wins; otherwise a recording failure its bootstrap reported
-(capture/bootstrap.py, through the status file) or a run without any step is an error.
+failing exit code wins, except that a stabledrl error which ended the command uncaught
+(reported through the status file, its `error:` line printed by the child) gives its own
+code; otherwise a recording failure its bootstrap reported (capture/bootstrap.py, through the
+status file) or a run without any step is an error.
 
-With the optimizer hooks on (the default), the directory holding the sitecustomize of
-capture/_site/ goes first on the command's PYTHONPATH: every Python process of the command
-(a torchrun's ranks too) installs the hooks when it imports torch (capture/optimizer_hooks.py).
+The directory holding the sitecustomize of capture/_site/ goes first on the command's
+PYTHONPATH: every Python process of the command (a torchrun's ranks too) reports an uncaught
+stabledrl error in one line and, with the optimizer hooks on (the default), installs the
+hooks when it imports torch (capture/optimizer_hooks.py).
 """
 
 from __future__ import annotations
@@ -21,16 +24,21 @@ from rich.markup import escape
 
 from stabledrl_cli.capture.bootstrap import (
     ENV_FORCE,
+    ENV_OPTIMIZER_HOOKS,
     ENV_POLICY,
     ENV_RUN_DIR,
     ENV_STATUS_FILE,
+    FATAL,
 )
 from stabledrl_cli.cli._output import err
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.policies import resolve_spec
 
 SITE_DIR = Path(__file__).resolve().parents[1] / "capture" / "_site"
-"""The directory of the sitecustomize that installs the optimizer hooks in the command."""
+"""The directory of the sitecustomize that the command's Python processes run."""
+
+UNCAUGHT = 1
+"""Python's exit code after an uncaught exception."""
 
 NO_STEP = (
     "the command recorded no step: no torch optimizer.step() ran in a Python process of the "
@@ -50,29 +58,35 @@ def _recorded_steps(out: Path) -> int:
     return sum(1 for path in steps.iterdir() if STEP_FILE_RE.match(path.name))
 
 
-def _child_failures(status: Path) -> list[tuple[int, str]]:
-    """The (exit code, reason) lines the child's bootstrap reported."""
-    failures = []
+def _child_failures(status: Path) -> tuple[list[tuple[int, str]], list[int]]:
+    """The (exit code, reason) of each recording failure the child's bootstrap reported, and
+    the exit code of each tool error that ended a process of the command (its `error:` line
+    is printed already)."""
+    failures, fatal = [], []
     for line in status.read_text(encoding="utf-8").splitlines():
         code, _, reason = line.partition("\t")
-        if code.isdigit() and reason:
+        if code.startswith(FATAL) and code[len(FATAL) :].isdigit():
+            fatal.append(int(code[len(FATAL) :]))
+        elif code.isdigit() and reason:
             failures.append((int(code), reason))
-    return failures
+    return failures, fatal
 
 
-def _with_hooks(env: dict[str, str]) -> None:
-    """Puts the hooks' sitecustomize first on the command's PYTHONPATH."""
+def _with_site(env: dict[str, str], optimizer_hooks: bool) -> None:
+    """Puts the sitecustomize first on the command's PYTHONPATH (its hooks off when not
+    `optimizer_hooks`)."""
     paths = [str(SITE_DIR), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    env[ENV_OPTIMIZER_HOOKS] = "1" if optimizer_hooks else "0"
 
 
 def run_command(
     out: Path, cmd: list[str], force: bool, policy: str | None, optimizer_hooks: bool = True
 ) -> None:
-    """Run CMD with the run directory exported (and, with `optimizer_hooks`, the hooks'
-    sitecustomize on its path); CMD's failing exit code becomes ours (said with the number of
-    step files the run holds), else a recording failure or a run without steps is an error
-    (capture/bootstrap.py)."""
+    """Run CMD with the run directory exported and the sitecustomize on its path (its hooks
+    on with `optimizer_hooks`); an uncaught stabledrl error's code, else CMD's failing exit
+    code becomes ours (said with the number of step files the run holds), else a recording
+    failure or a run without steps is an error (capture/bootstrap.py)."""
     if shutil.which(cmd[0]) is None:
         raise UsageError(f"command not found: {cmd[0]}")
     if policy is not None:
@@ -87,15 +101,16 @@ def run_command(
         env[ENV_STATUS_FILE] = str(status)
         if policy is not None:
             env[ENV_POLICY] = policy
-        if optimizer_hooks:
-            _with_hooks(env)
+        _with_site(env, optimizer_hooks)
         err.print(
             f"recording [bold]{escape(' '.join(cmd))}[/] into {escape(str(out))}",
             highlight=False,
             markup=True,
         )
         code = subprocess.call(cmd, env=env)
-        failures = _child_failures(status)
+        failures, fatal = _child_failures(status)
+    if code == UNCAUGHT and fatal:  # a tool error ended the command: its line is out already
+        raise typer.Exit(fatal[0])
     if code != 0:
         for _, reason in failures:
             err.print(

@@ -1,7 +1,9 @@
 """Put on a child's PYTHONPATH by `stabledrl record -- CMD`: installs the optimizer hooks
 (`stabledrl_cli.capture.optimizer_hooks`) the moment the child finishes importing torch, and
-their FSDP1 clip wrapper the moment it finishes importing torch.distributed.fsdp, then runs the
-sitecustomize module this one hides, if there is one.
+their FSDP1 clip wrapper the moment it finishes importing torch.distributed.fsdp (unless
+STABLEDRL_OPTIMIZER_HOOKS is "0": `--no-optimizer-hooks`), and an excepthook that makes an
+uncaught stabledrl error one line (`stabledrl_cli.capture.bootstrap.uncaught_error`), then
+runs the sitecustomize module this one hides, if there is one.
 
 It imports nothing heavy: a child that never imports torch never imports torch or stabledrl
 because of it. A child interpreter that cannot import stabledrl warns once, when it imports
@@ -16,10 +18,12 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
-from types import ModuleType
+from types import ModuleType, TracebackType
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FSDP1 = "torch.distributed.fsdp"
+_ERRORS = "stabledrl_cli.errors"
+_ENV_OPTIMIZER_HOOKS = "STABLEDRL_OPTIMIZER_HOOKS"  # bootstrap.ENV_OPTIMIZER_HOOKS, unimported
 
 
 def _install_hooks(_torch: ModuleType) -> None:
@@ -89,5 +93,28 @@ def _chain() -> None:
         sys.modules.setdefault(__name__, me)
 
 
-_when_imported("torch", _install_hooks)
+def _errors_in_one_line() -> None:
+    """Wraps sys.excepthook: an uncaught exception goes to `bootstrap.uncaught_error` when it
+    can be the tool's (stabledrl is imported), and keeps its traceback unless that says no."""
+    previous = sys.excepthook
+
+    def excepthook(
+        kind: type[BaseException], value: BaseException, tb: TracebackType | None
+    ) -> None:
+        if _ERRORS in sys.modules:  # a process that never imported stabledrl: not its error
+            try:
+                from stabledrl_cli.capture.bootstrap import uncaught_error
+
+                if uncaught_error(value):
+                    return
+            except Exception:  # never hide the exception behind one of ours
+                pass
+        previous(kind, value, tb)
+
+    sys.excepthook = excepthook
+
+
+if os.environ.get(_ENV_OPTIMIZER_HOOKS) != "0":
+    _when_imported("torch", _install_hooks)
+_errors_in_one_line()
 _chain()
