@@ -57,6 +57,11 @@ class BranchOutcome:
     run's recorded batches, from the branch point on."""
     replay_drift_steps: list[int] = field(default_factory=list)
     """The one-step replay's drift steps, from the branch point on."""
+    span: tuple[int, int] | None = None
+    """The compared span: the branch's first and last recorded step (None: it recorded none)."""
+    replayed_in_span: int = 0
+    """How many of the branch's steps the replay covered: the original's recorded batches of
+    those step numbers that the replay replayed."""
 
     @property
     def collapsed(self) -> bool:
@@ -67,6 +72,24 @@ class BranchOutcome:
     def replay_flagged(self) -> bool:
         """Whether the one-step replay flagged any risk step from the branch point on."""
         return bool(self.replay_collapsed_steps)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the replay covered every step the branch trained."""
+        return self.steps > 0 and self.replayed_in_span == self.steps
+
+    @property
+    def flagged_in_span(self) -> bool:
+        """Whether the one-step replay flagged a risk step within the compared span."""
+        first, last = self.span or (0, -1)
+        return any(first <= step <= last for step in self.replay_collapsed_steps)
+
+    @property
+    def agree(self) -> bool | None:
+        """Whether the branch collapsed exactly when the replay flagged a risk step within the
+        compared span; None when the replay does not cover every branch step (the two would
+        judge different spans)."""
+        return self.collapsed == self.flagged_in_span if self.complete else None
 
     def to_dict(self) -> dict[str, object]:
         """The branch's entry of `stabledrl branch --format json`."""
@@ -82,7 +105,15 @@ class BranchOutcome:
                 "drift_steps": list(self.replay_drift_steps),
                 "flagged": self.replay_flagged,
             },
-            "agree": self.collapsed == self.replay_flagged,
+            "compared": {
+                "first": None if self.span is None else self.span[0],
+                "last": None if self.span is None else self.span[1],
+                "branch_steps": self.steps,
+                "replayed_steps": self.replayed_in_span,
+                "complete": self.complete,
+                "flagged": self.flagged_in_span,
+            },
+            "agree": self.agree,
         }
 
 
@@ -204,13 +235,19 @@ def run_branches(
         honoured = BranchRequest.from_env(request.to_env())
         assert honoured is not None  # to_env always sets the checkpoint
         train_branch(honoured, force=force, device=device, on_step=on_step)
-        branch_rewards = open_run(request.run_dir).scalar_series("reward_mean")
-        summary = replayed.policy(request.policy).summary
+        branch = open_run(request.run_dir)
+        branch_rewards = branch.scalar_series("reward_mean")
+        result = replayed.policy(request.policy)
+        summary = result.summary
+        trained = branch.step_numbers
+        covered = set(np.asarray(result.series["step"]).tolist()) if len(result.series) else set()
         outcomes.append(
             BranchOutcome(
                 policy=request.policy,
                 run=request.run_dir,
-                steps=int(branch_rewards[0].size),
+                steps=len(trained),
+                span=(min(trained), max(trained)) if trained else None,
+                replayed_in_span=len(covered.intersection(trained)),
                 first_reward_collapse=_trajectory_collapse(
                     original_rewards, branch_rewards, at_step, original.reward_range
                 ),

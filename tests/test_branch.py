@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from _cli import run_cli
 from typer.testing import CliRunner
 
+from stabledrl_cli.branching import BranchOutcome
 from stabledrl_cli.capture.branch_protocol import (
     ENV_BRANCH_AT,
     ENV_RESUME_CHECKPOINT,
@@ -59,12 +61,17 @@ def test_branch_records_each_policy_as_a_run_and_reports_it_beside_the_replay(re
     for entry in report["branches"]:
         assert set(entry) == {
             "policy", "run", "steps", "collapsed", "first_reward_collapse", "final_reward",
-            "replay", "agree",
+            "replay", "compared", "agree",
         }  # fmt: skip
         assert set(entry["replay"]) == {"collapsed_steps", "drift_steps", "flagged"}
         assert all(step >= 8 for step in entry["replay"]["collapsed_steps"])
         assert entry["collapsed"] == (entry["first_reward_collapse"] is not None)
-        assert entry["agree"] == (entry["collapsed"] == entry["replay"]["flagged"])
+        in_span = [s for s in entry["replay"]["collapsed_steps"] if s <= 15]
+        assert entry["compared"] == {
+            "first": 8, "last": 15, "branch_steps": 8, "replayed_steps": 8, "complete": True,
+            "flagged": bool(in_span),
+        }  # fmt: skip
+        assert entry["agree"] == (entry["collapsed"] == bool(in_span))
         run_dir = Path(entry["run"])
         assert run_dir == recorded / "branches" / f"{entry['policy']}@8"
         branch = open_run(run_dir)
@@ -126,6 +133,45 @@ def test_a_run_with_no_step_after_the_checkpoint_exits_3_before_training(recorde
     assert len(lines) == 1 and "no step at or after step 16" in lines[0], lines
     assert "last step 15" in lines[0]
     assert not (run / "branches").exists()
+
+
+def test_a_replay_that_covers_part_of_the_branch_says_so_and_does_not_judge(recorded, tmp_path):
+    """The original holds steps 8-9 only from the checkpoint on, the branch trains 8-15: the
+    replay covers 2 of its 8 steps. It reported `agree: true` comparing the two spans."""
+    run = tmp_path / "cut"
+    shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
+    for n in range(10, 24):
+        (run / "steps" / f"step-{n:08d}.safetensors").unlink()
+    args = ("branch", run, "--at", "8", "-p", "grpo", "--rl-steps", "8")
+    result = run_cli(*args, "-f", "json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    (entry,) = json.loads(result.stdout)["branches"]
+    assert entry["steps"] == 8
+    assert entry["compared"] == {
+        "first": 8, "last": 15, "branch_steps": 8, "replayed_steps": 2, "complete": False,
+        "flagged": False,
+    }  # fmt: skip
+    assert entry["agree"] is None
+    table = run_cli(*args, "--force", timeout=120)
+    assert table.returncode == 0, table.stderr
+    (row,) = [line for line in table.stdout.splitlines() if line.startswith("│ grpo")]
+    cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+    assert cells[-2:] == ["8-15 (partial: 2 of 8 steps replayed)", "n/a"], row
+
+
+def test_agree_compares_the_branchs_steps_only():
+    """A replay risk step after the branch's last step is outside what the branch trained: it
+    neither makes the two agree nor disagree (it made them disagree)."""
+    held = BranchOutcome(
+        policy="grpo", run=Path("b"), steps=8, first_reward_collapse=None, final_reward=0.5,
+        replay_collapsed_steps=[20], span=(8, 15), replayed_in_span=8,
+    )  # fmt: skip
+    assert held.replay_flagged and not held.flagged_in_span
+    assert held.agree is True
+    collapsed = replace(held, first_reward_collapse=12)
+    assert collapsed.agree is False
+    assert replace(collapsed, replay_collapsed_steps=[15]).agree is True
+    assert replace(collapsed, replayed_in_span=7).agree is None
 
 
 def _drop_a_key(state: dict) -> None:

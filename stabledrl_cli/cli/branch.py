@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from stabledrl_cli.branching import BranchReport, run_branches
+from stabledrl_cli.branching import BranchOutcome, BranchReport, run_branches
 from stabledrl_cli.capture.branch_protocol import BranchRequest
 from stabledrl_cli.cli._options import MAX_RL_STEPS, DeviceOpt, FormatOpt
 from stabledrl_cli.cli._output import Advance, err, out, print_json, progress, progress_enabled
@@ -40,7 +40,8 @@ def _table(report: BranchReport) -> Table:
         f"the original run {'held' if original is None else f'collapsed at step {original}'}",
         title_justify="left",
     )
-    for column in ("policy", "branch", "replay risk steps", "replay drift steps", "agree"):
+    columns = ("policy", "branch", "replay risk steps", "replay drift steps", "compared", "agree")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for b in report.branches:
         outcome = "held" if not b.collapsed else f"collapsed at {b.first_reward_collapse}"
@@ -50,16 +51,29 @@ def _table(report: BranchReport) -> Table:
             outcome + reward,
             format_steps(b.replay_collapsed_steps, LIST_LIMIT, empty="none"),
             format_steps(b.replay_drift_steps, LIST_LIMIT, empty="none"),
-            "yes" if b.collapsed == b.replay_flagged else "no",
+            _compared(b),
+            {True: "yes", False: "no", None: "n/a"}[b.agree],
         )
     return table
+
+
+def _compared(branch: BranchOutcome) -> str:
+    """The compared span and how much of it the replay covered."""
+    if branch.span is None:
+        return "no branch step"
+    first, last = branch.span
+    replayed = f"{branch.replayed_in_span} of {branch.steps} steps replayed"
+    return f"{first}-{last}" + ("" if branch.complete else f" (partial: {replayed})")
 
 
 LEGEND = (
     "branch: the observed-collapse rule over the original's steps before the branch point "
     "and the branch's after it (final reward: its last 10% of steps). replay risk/drift "
     "steps: the one-step replay of the policy on the original's recorded batches, from the "
-    "branch point on. agree: a replay risk step exactly when the branch collapsed."
+    "branch point on. compared: the branch's steps, over which agree compares; partial when "
+    "the original's replay does not cover each of them (steps the original never recorded, "
+    "or skipped). agree: a replay risk step within the compared steps exactly when the branch "
+    "collapsed; n/a when partial, as the two would judge different spans."
 )
 
 
