@@ -253,11 +253,13 @@ def test_any_other_exception_of_the_command_keeps_its_traceback_and_exit_code(
     assert "the training command exited with code 1" in result.stderr
 
 
-def test_with_stabledrl_debug_the_commands_stabledrl_error_shows_its_traceback(
-    tmp_path, monkeypatch
-):
-    monkeypatch.setenv("STABLEDRL_DEBUG", "1")
-    result = _record_raising(tmp_path, monkeypatch, "input")
+@pytest.mark.parametrize("how", ["STABLEDRL_DEBUG=1", "--debug"])
+def test_with_debug_the_commands_stabledrl_error_shows_its_traceback(tmp_path, monkeypatch, how):
+    if how == "--debug":
+        result = _record_raising(tmp_path, monkeypatch, "--debug", "input")
+    else:
+        monkeypatch.setenv("STABLEDRL_DEBUG", "1")
+        result = _record_raising(tmp_path, monkeypatch, "input")
     assert result.returncode == 3, result.stderr
     assert "Traceback (most recent call last)" in result.stderr
     assert "stabledrl_cli.errors.InputError: no such run: /nowhere" in result.stderr

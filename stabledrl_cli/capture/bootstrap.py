@@ -40,10 +40,11 @@ A tool error that ends the command: a stabledrl error (UsageError, InputError, W
 that a process of the command does not catch, say an integration refusing a configuration,
 is bad input, not a bug of the script. The sitecustomize's excepthook hands it to
 `uncaught_error`, which prints it as one line `error: ...` (`rank R: ` first in a multi-rank
-run; the traceback instead under STABLEDRL_DEBUG=1) and appends `E<CODE><TAB>MESSAGE` to the
-status file. The process still exits 1, as after any uncaught exception; `record` then exits
-with CODE. torchrun's own ChildFailedError, raised when such a rank failed, is silenced the
-same way (the ranks said why). Every other exception keeps its traceback.
+run; the traceback instead under STABLEDRL_DEBUG=1, which `record --debug` sets) and appends
+`E<CODE><TAB>MESSAGE` to the status file. The process still exits 1, as after any uncaught
+exception; `record` then exits with CODE. torchrun's own ChildFailedError, raised when such a
+rank failed, is silenced the same way (the ranks said why). Every other exception keeps its
+traceback.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import typer
 from rich.markup import escape
 
 from stabledrl_cli.capture.bootstrap import (
+    ENV_DEBUG,
     ENV_FORCE,
     ENV_OPTIMIZER_HOOKS,
     ENV_POLICY,
@@ -81,12 +82,19 @@ def _with_site(env: dict[str, str], optimizer_hooks: bool) -> None:
 
 
 def run_command(
-    out: Path, cmd: list[str], force: bool, policy: str | None, optimizer_hooks: bool = True
+    out: Path,
+    cmd: list[str],
+    force: bool,
+    policy: str | None,
+    optimizer_hooks: bool = True,
+    *,
+    debug: bool = False,
 ) -> None:
     """Run CMD with the run directory exported and the sitecustomize on its path (its hooks
     on with `optimizer_hooks`); an uncaught stabledrl error's code, else CMD's failing exit
     code becomes ours (said with the number of step files the run holds), else a recording
-    failure or a run without steps is an error (capture/bootstrap.py)."""
+    failure or a run without steps is an error (capture/bootstrap.py). `debug` (`--debug`):
+    the command's uncaught stabledrl error shows its traceback too."""
     if shutil.which(cmd[0]) is None:
         raise UsageError(f"command not found: {cmd[0]}")
     if policy is not None:
@@ -101,6 +109,8 @@ def run_command(
         env[ENV_STATUS_FILE] = str(status)
         if policy is not None:
             env[ENV_POLICY] = policy
+        if debug:
+            env[ENV_DEBUG] = "1"
         _with_site(env, optimizer_hooks)
         err.print(
             f"recording [bold]{escape(' '.join(cmd))}[/] into {escape(str(out))}",

@@ -193,6 +193,11 @@ def mapped_errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(code) from None
 
 
+def debug_requested(ctx: Context) -> bool:
+    """Whether `--debug` or STABLEDRL_DEBUG asks for tracebacks in place of error lines."""
+    return bool(ctx.meta.get(_DEBUG_KEY)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def _hoist_debug(args: Sequence[str]) -> list[str]:
     """`--debug` anywhere before a bare `--` moves to the front, where the root parses it."""
     end = args.index("--") if "--" in args else len(args)
@@ -280,8 +285,7 @@ class LazyGroup(TyperGroup):
         return name, command, rest
 
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
-        debug = bool(ctx.meta.get(_DEBUG_KEY)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-        with mapped_errors(debug):
+        with mapped_errors(debug_requested(ctx)):
             return super().invoke(ctx)
 
 

@@ -19,6 +19,7 @@ from rich.table import Table
 from stabledrl_cli.cli._options import MAX_RL_STEPS, DeviceOpt
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
+from stabledrl_cli.cli.app import debug_requested
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.example.config import ExampleConfig
 from stabledrl_cli.replay.config import MAX_THREADS
@@ -187,6 +188,7 @@ def _default(name: str) -> str:
 
 
 def command(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
     cmd: Annotated[
         list[str] | None,
@@ -410,7 +412,7 @@ def command(
                 "--geometry records the built-in example; a training script passes "
                 "geometry to its Recorder (see stabledrl_cli.capture.geometry)"
             )
-        run_command(out, cmd, force, policy, optimizer_hooks)
+        run_command(out, cmd, force, policy, optimizer_hooks, debug=debug_requested(ctx))
         return
     geometry_config = None
     if geometry is not None:
