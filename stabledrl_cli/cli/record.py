@@ -46,7 +46,10 @@ def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UsageError(f"--out {out} is not empty; pass --force to overwrite it")
+        raise UsageError(
+            f"--out {out} is not empty; pass --force to record into it (a new recording "
+            "replaces its run, a resumed training continues it)"
+        )
 
 
 def _progress() -> Progress:
@@ -198,7 +201,14 @@ def command(
             show_default=False,
         ),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty --out.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Record into a non-empty --out: a new recording replaces its run; a "
+            "training that resumes it (TRL's train(resume_from_checkpoint=...)) continues it.",
+        ),
+    ] = False,
     policy: Annotated[
         str | None,
         typer.Option(
