@@ -359,6 +359,35 @@ def test_replay_divides_gmpo_micro_by_the_runs_ranks(tmp_path):
     assert top.contribution == pytest.approx(contribution / 2, rel=1e-6)
 
 
+def test_gmpo_micro_on_ranks_without_micro_batch_is_mean_step(tmp_path):
+    """A 2-rank run without `micro_batch`: each rank's step is one micro-batch, its parts not
+    told apart in the joined step, so gmpo:mean=micro is mean=step (the mean over ranks of
+    each rank's mean, the ranks equal in size), not that divided by the ranks again."""
+    from stabledrl_cli.dump import Recorder, open_run
+    from stabledrl_cli.replay.config import ReplayConfig
+    from stabledrl_cli.replay.engine import replay_run
+
+    data = batch(8)
+    expected = 0.0
+    for rank, rows in enumerate((slice(0, 4), slice(4, 8))):
+        part = {name: v[rows] for name, v in data.items()}
+        with Recorder(tmp_path / "run", world_size=2, rank=rank, policy="gmpo") as rec:
+            rec.log_step(
+                0,
+                logp=part["logp"],
+                logp_old=part["logp_old"],
+                advantages=part["adv"],
+                mask=part["mask"],
+            )
+        expected += float(ours("gmpo:mean=micro", part).objective) / 2
+    run = open_run(tmp_path / "run")
+    micro, step = replay_run(
+        run, ["gmpo:mean=micro", "gmpo"], config=ReplayConfig(device="cpu")
+    ).policies
+    assert micro.steps[0]["objective"] == pytest.approx(expected, rel=1e-6)
+    assert micro.steps[0]["objective"] == pytest.approx(step.steps[0]["objective"], rel=1e-12)
+
+
 # ---- reproducibility and refusals ------------------------------------------------------------
 def test_clip_cov_draw_is_reproducible_and_seeded():
     data = batch(4, spread=0.3)

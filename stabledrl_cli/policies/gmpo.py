@@ -12,7 +12,9 @@ or of the row's recorded micro-batch (mean=micro: each micro-batch's mean, summe
 micro-batches, as verl's `compute_policy_loss_geo_mean` called once per micro-batch). A step
 joined from R data-parallel ranks (`ranks`) holds each rank's micro-batches apart: mean=micro
 then divides by R too, as the gradient all-reduce averages the ranks' sums (N_i = R times
-the micro-batch's rows).
+the micro-batch's rows). A step without a recorded `micro_batch` is one micro-batch, where
+mean=micro is mean=step whatever R (the joined ranks' parts cannot be told apart: taken as of
+equal size, each rank's one mean averaged over R is the step's mean).
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ class GMPOPolicy(Policy):
 
     def row_counts(self, prep: PreparedBatch) -> torch.Tensor:
         """[N] N_i, the rows of the mean each sequence's term is in (clamped to >= 1), times
-        the step's ranks with mean=micro (once per step, mean and rows)."""
+        the step's ranks with mean=micro on recorded micro-batches (once per step, mean and
+        rows). A step without a recorded `micro_batch` is one micro-batch: mean=micro is
+        mean=step, on any number of ranks (its ranks' parts cannot be told apart)."""
         mean, rows = self.config.mean, self.config.rows
 
         def build() -> torch.Tensor:
-            if mean == "step":
+            if mean == "step" or prep.micro_batch is None:  # one micro-batch: mean=step
                 return num_sequences(prep, rows).expand(prep.n_seq)
             counted = prep.seq_live if rows == "scored" else torch.ones_like(prep.seq_live)
             rows_per_micro = prep.micro_sum(counted.to(prep.dtype)).clamp(min=1.0)
