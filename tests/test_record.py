@@ -279,13 +279,18 @@ def test_outside_record_a_stabledrl_error_is_pythons_usual_traceback(tmp_path, m
     )
 
 
-def test_a_stabledrl_error_on_every_torchrun_rank_is_one_line_per_rank(tmp_path, monkeypatch):
+@pytest.mark.parametrize("hooks", ["--optimizer-hooks", "--no-optimizer-hooks"])
+def test_a_stabledrl_error_on_every_torchrun_rank_is_one_line_per_rank(
+    tmp_path, monkeypatch, hooks
+):
+    """torchrun's own ChildFailedError report is left out with the hooks off too: its process
+    then never imports stabledrl."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc-per-node", "2", "{script}")  # fmt: skip
-    result = _record_raising(tmp_path, monkeypatch, "usage", command=torchrun)
+    result = _record_raising(tmp_path, monkeypatch, hooks, "usage", command=torchrun)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
     errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error:"))

@@ -24,6 +24,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _FSDP1 = "torch.distributed.fsdp"
 _ERRORS = "stabledrl_cli.errors"
 _ENV_OPTIMIZER_HOOKS = "STABLEDRL_OPTIMIZER_HOOKS"  # bootstrap.ENV_OPTIMIZER_HOOKS, unimported
+_CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"  # bootstrap's
 
 
 def _install_hooks(_torch: ModuleType) -> None:
@@ -95,13 +96,16 @@ def _chain() -> None:
 
 def _errors_in_one_line() -> None:
     """Wraps sys.excepthook: an uncaught exception goes to `bootstrap.uncaught_error` when it
-    can be the tool's (stabledrl is imported), and keeps its traceback unless that says no."""
+    can be the tool's (stabledrl is imported) or is torchrun's report of failed ranks (its
+    process imports stabledrl only with the optimizer hooks on), and keeps its traceback
+    unless that says no."""
     previous = sys.excepthook
 
     def excepthook(
         kind: type[BaseException], value: BaseException, tb: TracebackType | None
     ) -> None:
-        if _ERRORS in sys.modules:  # a process that never imported stabledrl: not its error
+        name = f"{kind.__module__}.{kind.__qualname__}"
+        if _ERRORS in sys.modules or name == _CHILD_FAILED:  # else not the tool's error
             try:
                 from stabledrl_cli.capture.bootstrap import uncaught_error
 
