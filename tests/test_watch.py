@@ -516,7 +516,7 @@ def test_the_live_watch_says_when_the_run_was_replaced(grpo_fixture, tmp_path, m
 
 
 def test_a_watcher_starts_over_when_steps_it_read_are_removed(grpo_fixture, tmp_path):
-    """Steps the watcher read, removed (or left unreadable) under it: the run on disk is not
+    """Steps the watcher read, removed under it: the run on disk is not
     the one it read, so it starts over on what is there. It kept showing, alerting and gating
     the removed steps (the grpo fixture's risk steps 29-31, with their files gone)."""
     live, watcher = _watched_40(grpo_fixture, tmp_path)
@@ -593,3 +593,60 @@ def test_a_stopped_recording_is_named_by_once_and_by_the_live_watch(
     ]
     once = CliRunner().invoke(app, ["watch", str(live), "--once", "--device", "cpu"])
     assert once.exit_code == 0 and once.stderr.count(stopped) == 1
+
+
+def test_a_poll_reads_only_the_steps_that_landed_since_the_last_poll(
+    grpo_fixture, tmp_path, monkeypatch
+):
+    """A poll reads the new steps (and the last one, a scalar step, again) and derives the
+    run's observed behaviour once per change, never per step seen: before, each poll re-read
+    every step seen (three times) and re-ran the rules over the whole run twice, so a poll
+    with no new step of a 20,000-step run took a second."""
+    from stabledrl_cli.dump._directory import DirectoryRun
+
+    reads: list[int] = []
+    rules = {"n": 0}
+    read_files, observe_run = DirectoryRun._records, follow.observe
+
+    def counted_read(self: DirectoryRun, n: int, *args: object, **kwargs: object) -> object:
+        reads.append(n)
+        return read_files(self, n, *args, **kwargs)  # type: ignore[arg-type]
+
+    def counted_rules(*args: object, **kwargs: object) -> object:
+        rules["n"] += 1
+        return observe_run(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DirectoryRun, "_records", counted_read)
+    monkeypatch.setattr(follow, "observe", counted_rules)
+
+    def polled(watcher: RunWatcher) -> tuple[list[int], int]:
+        reads.clear()
+        rules["n"] = 0
+        watcher.poll()
+        watcher.state()
+        return sorted(set(reads)), rules["n"]
+
+    live = tmp_path / "scalars"
+    _scalar_run(live, range(60), policy=None)
+    watcher = RunWatcher(live, CPU, recent=3)
+    polled(watcher)
+    assert polled(watcher) == ([59], 0)  # the last step, a scalar step, read again
+    assert polled(watcher) == ([59], 0)
+    with Recorder(live, policy=None, resume=True) as recorder:
+        for n in range(60, 63):
+            _scalar_step(recorder, n)
+    assert polled(watcher) == ([59, 60, 61, 62], 1)
+    assert polled(watcher) == ([62], 0)
+    fresh = RunWatcher(live, CPU, recent=3)
+    fresh.poll()
+    assert watcher.state() == fresh.state()
+
+    batches = _landed_40(grpo_fixture, tmp_path)
+    watcher = RunWatcher(batches, CPU, recent=3)
+    polled(watcher)
+    assert polled(watcher) == ([], 0)
+    _land(grpo_fixture, batches, range(40, 45))
+    assert polled(watcher) == ([40, 41, 42, 43, 44], 1)
+    fresh = RunWatcher(batches, CPU, recent=3)
+    fresh.poll()
+    assert watcher.state() == fresh.state()

@@ -570,6 +570,11 @@ class DirectoryRun(Run):
             numbers.append(n)
         return numbers
 
+    @property
+    def listed_step_numbers(self) -> list[int]:
+        """The steps with a final file name in the listing (no file opened, nor stat'ed)."""
+        return sorted(self._scan().finals)
+
     def _has_step(self, n: int) -> bool:
         return n in self._listing.finals or n in self._scan().finals
 

@@ -119,6 +119,12 @@ class Run(ABC):
         """Readable steps, ascending (checked as of now: a live run grows)."""
 
     @property
+    def listed_step_numbers(self) -> list[int]:
+        """The steps the run lists, ascending, without checking any (one may turn out unreadable
+        when it is read): what a reader following a live run polls. `step_numbers` here."""
+        return self.step_numbers
+
+    @property
     @abstractmethod
     def integrity(self) -> IntegrityReport:
         """Every finding of a full check of the run (data checksums included)."""

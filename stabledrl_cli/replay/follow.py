@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,19 @@ class StepSubset(Run):
         return self._run._try_step(n, deep=deep)
 
 
+class ReadSteps(StepSubset):
+    """Steps a replay read, behind the Run API from the headers it kept as it read them: what
+    is derived from their scalars reads no file again."""
+
+    def __init__(self, run: Run, headers: Mapping[int, Step], numbers: Sequence[int]) -> None:
+        super().__init__(run, numbers)
+        self._headers = headers
+
+    def step_headers(self) -> Iterator[Step]:
+        for n in self._numbers:
+            yield self._headers[n]
+
+
 class OwnReplay:
     """The run's own policy (its manifest's spec) replayed over the steps added so far.
 
@@ -105,6 +118,11 @@ class OwnReplay:
         self._approximate = np.zeros(self._width, dtype=bool)
         self._likelihood = OwnLikelihood()
         self._floor = NoiseFloor()
+        self._headers: dict[int, Step] = {}
+        """The header of each step read, as last read."""
+        self._observed: Observed | None = None
+        self._series: dict[str, ColumnArray] | None = None
+        """What `observed` and `series` derived from the steps read, until more are read."""
 
     @property
     def _width(self) -> int:
@@ -139,12 +157,17 @@ class OwnReplay:
         final = self._steps + self._scalar + [n for n, _ in self._rejected]
         last = max(final) if final else None
         new = sorted(n for n in set(numbers) if last is None or n > last)
-        self._tail = None
+        tail, self._tail = self._tail, None
         if not new:
             return []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RunIntegrityWarning)
             headers = list(StepSubset(self.run, new).step_headers())
+            if tail is not None and self._same_tail(tail, headers):
+                self._tail = tail
+                return [tail]
+            self._headers.update((h.step, h) for h in headers)
+            self._observed = self._series = None
             scalar = [h.step for h in headers if h.is_scalar]
             batches = [h for h in headers if not h.is_scalar]
             subset = StepSubset(self.run, [h.step for h in batches])
@@ -188,6 +211,18 @@ class OwnReplay:
         self._floor.extend(floor)
         return sorted(batch + scalar + ([] if self._tail is None else [self._tail]))
 
+    def _same_tail(self, tail: int, headers: list[Step]) -> bool:
+        """Whether `headers` (read past the last final step) are the tail's alone, read again
+        as it was: a scalar step with the same scalars (nothing new was read)."""
+        if [h.step for h in headers] != [tail]:
+            return False
+        was = self._headers[tail]
+        return headers[0].is_scalar and headers[0].scalars == was.scalars
+
+    def headers(self, numbers: Sequence[int]) -> list[Step]:
+        """The headers of these steps read so far, as they were read (no file read again)."""
+        return list(ReadSteps(self.run, self._headers, numbers).step_headers())
+
     def stream(self) -> StreamedRun:
         """What the replay's streaming pass over the steps replayed so far would have kept."""
         empty = np.zeros((0, self._width, len(device_metrics())), dtype=np.float64)
@@ -208,17 +243,22 @@ class OwnReplay:
         {} without an own policy."""
         if self.policy is None:
             return {}
-        stream = self.stream()
-        return derive_series(
-            stream.metrics[:, 0, :], stream.step_numbers, stream.geometry, self.config
-        )
+        if self._series is None:
+            stream = self.stream()
+            self._series = derive_series(
+                stream.metrics[:, 0, :], stream.step_numbers, stream.geometry, self.config
+            )
+        return self._series
 
     def observed(self) -> Observed:
         """The recorded run's own behaviour (reward collapse, recorded spikes, the collapse
-        warning) over the steps read so far, scalar steps included."""
+        warning) over the steps read so far, scalar steps included: derived from their
+        headers as read, once until more steps are read."""
+        if self._observed is not None:
+            return self._observed
         config = self.config
-        return observe(
-            StepSubset(self.run, self.seen),
+        self._observed = observe(
+            ReadSteps(self.run, self._headers, self.seen),
             spike_factor=config.spike_factor,
             collapse_window=config.collapse_window,
             warning_window=config.warning_window,
@@ -226,13 +266,14 @@ class OwnReplay:
             noise_floor=self._floor,
             likelihood=self._likelihood,
         )
+        return self._observed
 
     def recorded(self) -> RecordedRun:
         """The recorded series of the steps read so far, with their observed behaviour: what
         `check`'s run-level gates read."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RunIntegrityWarning)
-            return recorded_run(StepSubset(self.run, self.seen), self.observed())
+            return recorded_run(ReadSteps(self.run, self._headers, self.seen), self.observed())
 
     def skipped(self) -> list[str]:
         """Why each skipped step was skipped: the reader's reasons, then the rejected steps'
@@ -350,7 +391,7 @@ class RunWatcher:
     last one (a step file still under its temporary name is not listed yet) and returns the
     new alerts. A path with no manifest yet is waited for. A run changed under the watcher
     (its manifest removed, or rewritten as another run's: `record --force` over it; or steps
-    it read removed or unreadable now) is dropped with all that was read of it, and the path
+    it read removed) is dropped with all that was read of it, and the path
     followed again from the start (`replaced` counts how often)."""
 
     def __init__(
@@ -364,6 +405,8 @@ class RunWatcher:
         self._alerts: list[Alert] = []
         self._seen: set[tuple[str, int]] = set()
         self._manifest_key: FileKey | None = None
+        self._alerted: Observed | None = None
+        """The observed behaviour the last alerts were raised on (none are new until it changes)."""
         self.replaced = 0
         """How often the run changed under the watcher (and was followed again from the start)."""
         self.recording_stopped: dict[str, Any] | None = None
@@ -414,6 +457,7 @@ class RunWatcher:
         self.recording_stopped = None
         self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
         self._alerts, self._seen = [], set()
+        self._alerted = None
         self.replaced += 1
 
     def poll(self) -> list[Alert]:
@@ -424,18 +468,22 @@ class RunWatcher:
         replay = self._open()
         if replay is None:
             return []
-        numbers = replay.run.step_numbers
-        if not set(replay.seen) <= set(numbers):  # steps it read are gone (or unreadable now)
+        numbers = replay.run.listed_step_numbers
+        if not set(replay.seen) <= set(numbers):  # steps it read are gone
             self._start_over()
             replay = self._open()
             if replay is None:
                 return []
-            numbers = replay.run.step_numbers
+            numbers = replay.run.listed_step_numbers
         replay.extend(numbers)
         if not replay.seen:
             self._waiting = f"waiting for the first step of {self.path}"
             return []
         self._waiting = None
+        observed = replay.observed()
+        if observed is self._alerted:  # nothing new was read
+            return []
+        self._alerted = observed
         return self._raise(self._candidates(replay))
 
     def _candidates(self, replay: OwnReplay) -> list[Alert]:
@@ -528,7 +576,7 @@ class RunWatcher:
         observed = replay.observed()
         shown = seen[-self.recent :] if self.recent > 0 else []
         index = {int(n): i for i, n in enumerate(series.get("step", []))}
-        headers = {h.step: h for h in StepSubset(replay.run, shown).step_headers()}
+        headers = {h.step: h for h in replay.headers(shown)}
         rows = []
         for n in shown:
             i, header = index.get(n), headers.get(n)
