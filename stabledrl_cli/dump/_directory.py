@@ -247,6 +247,18 @@ _SETTLED_NS = 2_000_000_000
 reused (far above any filesystem's timestamp granularity)."""
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """What a name in steps/ is: a final step file (`rank` set), a temporary one, or an unknown
+    file (`reason` set)."""
+
+    path: Path
+    step: int | None = None
+    rank: int | None = None
+    temporary: bool = False
+    reason: str | None = None
+
+
 @dataclass
 class _Listing:
     finals: dict[int, dict[int, Path]] = field(default_factory=dict)
@@ -335,6 +347,9 @@ class DirectoryRun(Run):
         self._listing = _Listing()
         self._listed_stamp: object | None = None
         """`_stamp` of the steps directory when `_listing` was made, if it can be reused."""
+        self._entries_seen: dict[tuple[str, bool], _Entry] = {}
+        """What each (name, regular) of the last listing is: a name listed again is not parsed
+        again (a live run's listing grows by a few names a poll)."""
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -424,23 +439,34 @@ class DirectoryRun(Run):
             raise InputError(
                 f"{self.named(steps_dir)}: cannot list it ({self._said(exc)})"
             ) from None
-        ranked_run = self.world_size > 1
+        known, self._entries_seen = self._entries_seen, {}
         for name, regular in found:
-            path = steps_dir / name
-            temp = TEMP_FILE_RE.match(name)
-            if temp is not None:
-                step = int(temp.group(1))
-                if (temp.group(2) is not None) == ranked_run and step <= STEP_LIMIT:
-                    listing.temps.append((step, path))
-                    continue
-            reason = _unknown_reason(name, regular, self.world_size)
-            final = canonical_step(name)
-            if reason is not None or final is None:
-                listing.unknown.append((path, reason or "not a step file of this run"))
-                continue
-            listing.finals.setdefault(final[0], {})[final[1]] = path
+            entry = known.get((name, regular)) or self._entry(steps_dir, name, regular)
+            self._entries_seen[name, regular] = entry
+            if entry.temporary:
+                assert entry.step is not None
+                listing.temps.append((entry.step, entry.path))
+            elif entry.reason is not None:
+                listing.unknown.append((entry.path, entry.reason))
+            else:
+                assert entry.step is not None and entry.rank is not None
+                listing.finals.setdefault(entry.step, {})[entry.rank] = entry.path
         self._listed_stamp = stamp
         return listing
+
+    def _entry(self, steps_dir: Path, name: str, regular: bool) -> _Entry:
+        """What the file `name` of steps/ is (`_Entry`)."""
+        path = steps_dir / name
+        temp = TEMP_FILE_RE.match(name)
+        if temp is not None:
+            step = int(temp.group(1))
+            if (temp.group(2) is not None) == (self.world_size > 1) and step <= STEP_LIMIT:
+                return _Entry(path, step=step, temporary=True)
+        reason = _unknown_reason(name, regular, self.world_size)
+        final = canonical_step(name)
+        if reason is not None or final is None:
+            return _Entry(path, reason=reason or "not a step file of this run")
+        return _Entry(path, step=final[0], rank=final[1])
 
     def _record(self, header: StepHeader, step: int, version: tuple[int, int]) -> _HeaderRecord:
         """What the Step is built from; StepReadError for a header that disagrees with its
