@@ -13,10 +13,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -400,28 +402,42 @@ def test_once_on_a_recorded_script_exits_with_the_gates_code(recorded_script):
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
 
 
-def test_a_watch_follows_a_scalar_run_while_it_gains_steps(tmp_path):
-    """A real `watch --until-idle` process sees the first steps of a Recorder's scalar run (its
-    alert for step 12 is on stderr), then the rest land; it stops once idle, with the gates'
-    code."""
-    live = tmp_path / "live"
+@contextmanager
+def _watching(
+    *args: object, seen: str
+) -> Iterator[tuple[subprocess.Popen[str], list[str], threading.Event]]:
+    """A real `watch` process, its stderr read line by line into the list; the event is set
+    at the first line that starts with `seen`. Killed on the way out."""
     watch = subprocess.Popen(
-        cli_command("watch", live, "--until-idle", "5", "--interval", "0.05", "--max-spikes", "0"),
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=cli_environment(),
+        cli_command("watch", *args), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        text=True, env=cli_environment(),
     )  # fmt: skip
     lines: list[str] = []
-    seen_first = threading.Event()
+    found = threading.Event()
 
     def read() -> None:
         assert watch.stderr is not None
         for line in watch.stderr:
             lines.append(line)
-            if line.startswith("alert: step 12: nonfinite"):
-                seen_first.set()
+            if line.startswith(seen):
+                found.set()
 
     reader = threading.Thread(target=read)
     reader.start()
     try:
+        yield watch, lines, found
+    finally:
+        watch.kill()
+        reader.join(timeout=60)
+
+
+def test_a_watch_follows_a_scalar_run_while_it_gains_steps(tmp_path):
+    """A real `watch --until-idle` process sees the first steps of a Recorder's scalar run (its
+    alert for step 12 is on stderr), then the rest land; it stops once idle, with the gates'
+    code."""
+    live = tmp_path / "live"
+    args = (live, "--until-idle", "5", "--interval", "0.05", "--max-spikes", "0")
+    with _watching(*args, seen="alert: step 12: nonfinite") as (watch, lines, seen_first):
         with Recorder(live, policy=None) as recorder:
             for n in range(20):
                 _scalar_step(recorder, n)
@@ -429,9 +445,6 @@ def test_a_watch_follows_a_scalar_run_while_it_gains_steps(tmp_path):
             for n in range(20, 30):
                 _scalar_step(recorder, n)
         code = watch.wait(timeout=120)
-    finally:
-        watch.kill()
-        reader.join(timeout=60)
     stderr = "".join(lines)
     assert code == 1, stderr
     assert "alert: step 25: grad_norm_spike" in stderr
@@ -678,3 +691,18 @@ def test_a_poll_parses_only_the_step_file_names_new_to_the_listing(tmp_path, mon
     watcher.poll()
     assert parsed == [f"step-{n:08d}.safetensors" for n in range(60, 63)]
     assert watcher.state().steps == 63
+
+
+def test_sigterm_stops_the_watch_as_ctrl_c_does(grpo_fixture):
+    """SIGTERM (what `timeout`, systemd and Kubernetes send): the last view and the stopped
+    line on stderr, exit 143 (128 + SIGTERM). Before, the process died at once: no view, no
+    line, and the shell saw the signal."""
+    args = (grpo_fixture, "--interval", "0.05", "--recent", "2", "--device", "cpu")
+    with _watching(*args, seen="alert: ") as (watch, lines, polled):  # after a poll's view
+        assert polled.wait(timeout=120), "".join(lines)
+        watch.send_signal(signal.SIGTERM)
+        code = watch.wait(timeout=120)
+    stderr = "".join(lines)
+    assert code == 143, stderr
+    assert "steps: 160 (last 159); own policy: grpo" in stderr  # the last view
+    assert stderr.endswith("stopped (160 steps seen)\n") and "Traceback" not in stderr

@@ -11,14 +11,16 @@ Exit codes: 0 every gate holds (or none is given); 1 a gate tripped (--once, or 
 --until-idle ends the watch); 2 usage error (a URL among them: watch follows a local path; a
 policy gate on a run the own policy did not replay); 3 a missing or corrupt run (--once), or a
 run whose steps cannot be replayed (a step lacks a field the own policy needs, or every
-step's data is refused); 130 stopped with Ctrl-C. A step whose data the own policy
-cannot be replayed with (a seq_id out of range, mismatched array lengths) is skipped with one
-stderr line naming it and why, and never read again.
+step's data is refused); 130 stopped with Ctrl-C; 143 stopped with SIGTERM. A step whose data
+the own policy cannot be replayed with (a seq_id out of range, mismatched array lengths) is
+skipped with one stderr line naming it and why, and never read again.
 """
 
 from __future__ import annotations
 
+import signal
 import time
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -55,6 +57,8 @@ if TYPE_CHECKING:
 STEPS_LISTED = 8
 """Steps named per list in the view (JSON has them all)."""
 INTERRUPTED = 130
+TERMINATED = 128 + signal.SIGTERM
+"""The exit code of a watch stopped with SIGTERM (143), as a shell reports a process it ended."""
 MAX_INTERVAL = 86_400
 """The longest --interval, a day (time.sleep overflowed on 1e30 seconds)."""
 
@@ -200,6 +204,18 @@ def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
     return _report_gates(results)
 
 
+class _Terminated(BaseException):
+    """SIGTERM while following (a BaseException, as KeyboardInterrupt: no handler of an
+    error on the way catches it)."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM's handler while following: stops the watch as Ctrl-C does, once (a second
+    SIGTERM while it stops is ignored)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _Terminated
+
+
 def _end_view() -> None:
     """Off a terminal, the live view is printed once when it stops, without its last newline."""
     if not err.is_terminal:
@@ -212,10 +228,14 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
     warned = 0  # rejected steps warned about
     replaced = 0  # times the run was replaced under the watch
     stopped: str | None = None  # the stopped recording warned about
+    state = watcher.state()  # as the view shows it
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        with Live(_view(watcher.state()), console=err, auto_refresh=False) as live:
+        with Live(_view(state), console=err, auto_refresh=False) as live:
             while True:
                 alerts = watcher.poll()
+                state = watcher.state()
+                live.update(_view(state), refresh=True)  # before the lines: they follow it
                 if watcher.replaced > replaced:
                     replaced, warned, seen = watcher.replaced, 0, -1
                     line = f"{watcher.path}: the run changed under the watch: following it"
@@ -230,21 +250,21 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                     line = _rejected_line(str(watcher.path), rejected[warned:])
                     live.console.print(line, highlight=False)
                     warned = len(rejected)
-                state = watcher.state()
-                live.update(_view(state), refresh=True)
                 now = time.monotonic()
                 if state.steps != seen:
                     seen, last_change = state.steps, now
                 elif until_idle is not None and now - last_change >= until_idle:
                     break
                 time.sleep(interval)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as stop:
         _end_view()
-        err.print(f"stopped ({counted(watcher.state().steps, 'step')} seen)", highlight=False)
-        return INTERRUPTED
+        err.print(f"stopped ({counted(state.steps, 'step')} seen)", highlight=False)
+        return TERMINATED if isinstance(stop, _Terminated) else INTERRUPTED
     except Exception:
         _end_view()  # the error's line is a line of its own
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _end_view()
     if watcher.state().steps == 0:
         raise InputError(f"{watcher.path}: no step landed within {until_idle:g} s")
