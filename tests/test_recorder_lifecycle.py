@@ -6,6 +6,7 @@ async writes that is interrupted while it drains is finished by the next one (at
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -183,3 +184,60 @@ def test_log_step_from_another_thread_waits_for_the_call_under_way(
         rec.log_step(1, **step)
     rec.close()
     assert sd.open_run(tmp_path / "run").step_numbers == [0, 1]
+
+
+def _closed_mark(path: Path) -> object:
+    """The run's manifest's `recording_closed`, None without one."""
+    return json.loads((path / "manifest.json").read_text()).get("recording_closed")
+
+
+def test_a_closed_recording_is_marked_in_the_manifest_and_a_resume_clears_the_mark(tmp_path):
+    """Closing a Recorder marks its run `recording_closed` (every step written: a reader
+    following the run knows none will come); open, the run has no mark, so a process killed
+    while recording never leaves one; resuming clears it before any step changes. A run of
+    world_size > 1 is not marked: its rank 0 cannot know the others are done. Before, no
+    run said it was finished."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy=None, async_writes=True) as recorder:
+        recorder.log_step(0, grad_norm=1.0)
+        recorder.flush()
+        assert _closed_mark(run) is None
+    assert _closed_mark(run) is True
+    assert sd.open_run(run).step_numbers == [0]  # a reader leaves the mark alone
+    recorder.close()  # idempotent
+    with sd.Recorder(run, policy=None, resume=True) as recorder:
+        assert _closed_mark(run) is None
+        recorder.log_step(1, grad_norm=1.0)
+    assert _closed_mark(run) is True
+    ranked = tmp_path / "ranked"
+    with sd.Recorder(ranked, policy=None, world_size=2, rank=0) as recorder:
+        recorder.log_step(0, grad_norm=1.0)
+    assert _closed_mark(ranked) is None
+
+
+KILLED = textwrap.dedent(
+    """
+    import os, signal, sys
+    import stabledrl_cli as sd
+
+    rec = sd.Recorder(sys.argv[1], policy=None, async_writes=True)
+    for step in range(3):
+        rec.log_step(step, grad_norm=1.0)
+    rec.flush()
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)  # a forked child's exit closes its copy of the Recorder: no mark
+    os.waitpid(pid, 0)
+    os.kill(os.getpid(), signal.SIGKILL)  # kill -9 while recording
+    """
+)
+
+
+def test_a_run_killed_while_recording_is_not_marked_closed(tmp_path):
+    path = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == -9, done.stderr
+    assert sd.open_run(path).step_numbers == [0, 1, 2]
+    assert _closed_mark(path) is None

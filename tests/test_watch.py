@@ -432,11 +432,11 @@ def _watching(
 
 
 def test_a_watch_follows_a_scalar_run_while_it_gains_steps(tmp_path):
-    """A real `watch --until-idle` process sees the first steps of a Recorder's scalar run (its
-    alert for step 12 is on stderr), then the rest land; it stops once idle, with the gates'
-    code."""
+    """A real `watch` process sees the first steps of a Recorder's scalar run (its alert for
+    step 12 is on stderr), then the rest land and the Recorder closes; it stops on its own
+    once it read them, with the gates' code."""
     live = tmp_path / "live"
-    args = (live, "--until-idle", "5", "--interval", "0.05", "--max-spikes", "0")
+    args = (live, "--interval", "0.05", "--max-spikes", "0")
     with _watching(*args, seen="alert: step 12: nonfinite") as (watch, lines, seen_first):
         with Recorder(live, policy=None) as recorder:
             for n in range(20):
@@ -448,7 +448,7 @@ def test_a_watch_follows_a_scalar_run_while_it_gains_steps(tmp_path):
     stderr = "".join(lines)
     assert code == 1, stderr
     assert "alert: step 25: grad_norm_spike" in stderr
-    assert "idle for 5 s: stopped (30 steps seen)" in stderr
+    assert "the recording closed: stopped (30 steps seen)" in stderr
     assert "gate tripped: (run) max_spikes: 1 grad-norm spike step, limit 0" in stderr
     assert "Traceback" not in stderr
 
@@ -706,3 +706,47 @@ def test_sigterm_stops_the_watch_as_ctrl_c_does(grpo_fixture):
     assert code == 143, stderr
     assert "steps: 160 (last 159); own policy: grpo" in stderr  # the last view
     assert stderr.endswith("stopped (160 steps seen)\n") and "Traceback" not in stderr
+
+
+def test_a_watch_ends_once_the_recording_closed_and_its_steps_are_read(tmp_path, monkeypatch):
+    """A Recorder closed (its run marked `recording_closed`) between two polls: the next poll
+    reads the steps that landed meanwhile and the watch ends as `--until-idle` does, with the
+    gates' code; the mark is no change of run. Before, only a signal or --until-idle ended it
+    (here the fourth sleep's Ctrl-C, exit 130)."""
+    live = tmp_path / "live"
+    recorder = Recorder(live, policy=None)
+    for n in range(20):
+        _scalar_step(recorder, n)
+    sleeps = {"n": 0}
+
+    def between_polls(seconds: float) -> None:
+        sleeps["n"] += 1
+        if sleeps["n"] == 1:
+            for n in range(20, 30):
+                _scalar_step(recorder, n)
+            recorder.close()
+        if sleeps["n"] > 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    result = CliRunner().invoke(app, ["watch", str(live), "--max-spikes", "0"])
+    assert result.exit_code == 1 and sleeps["n"] == 1, result.stderr
+    assert "the recording closed: stopped (30 steps seen)" in result.stderr
+    assert "gate tripped: (run) max_spikes: 1 grad-norm spike step" in result.stderr
+    assert "changed under the watch" not in result.stderr
+
+    watcher = RunWatcher(live, CPU)
+    watcher.poll()
+    assert watcher.closed and watcher.state().steps == 30
+    with Recorder(live, policy=None, resume=True) as recorder:
+        watcher.poll()
+        assert not watcher.closed and watcher.replaced == 0  # resumed: open again
+        _scalar_step(recorder, 30)
+    watcher.poll()
+    assert watcher.closed and watcher.state().steps == 31
+
+    empty = tmp_path / "empty"
+    Recorder(empty, policy=None).close()
+    result = CliRunner().invoke(app, ["watch", str(empty)])
+    assert result.exit_code == 3
+    assert result.stderr.endswith(f"{empty}: the recording closed with no readable step\n")

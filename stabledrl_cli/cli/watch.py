@@ -7,13 +7,17 @@ recorded run). A scalar run (per-step scalars only: an optimizer-hook recording,
 given scalars alone) is followed as `check` treats it: its recorded scalars shown, alerted on
 and gated, nothing replayed.
 
+A run whose manifest is marked `recording_closed` (its Recorder closed) ends the watch once
+its steps are read, as --until-idle does.
+
 Exit codes: 0 every gate holds (or none is given); 1 a gate tripped (--once, or when
---until-idle ends the watch); 2 usage error (a URL among them: watch follows a local path; a
-policy gate on a run the own policy did not replay); 3 a missing or corrupt run (--once), or a
-run whose steps cannot be replayed (a step lacks a field the own policy needs, or every
-step's data is refused); 130 stopped with Ctrl-C; 143 stopped with SIGTERM. A step whose data
-the own policy cannot be replayed with (a seq_id out of range, mismatched array lengths) is
-skipped with one stderr line naming it and why, and never read again.
+--until-idle or the closed recording ends the watch); 2 usage error (a URL among them: watch
+follows a local path; a policy gate on a run the own policy did not replay); 3 a missing or
+corrupt run (--once), or a run whose steps cannot be replayed (a step lacks a field the own
+policy needs, or every step's data is refused); 130 stopped with Ctrl-C; 143 stopped with
+SIGTERM. A step whose data the own policy cannot be replayed with (a seq_id out of range,
+mismatched array lengths) is skipped with one stderr line naming it and why, and never read
+again.
 """
 
 from __future__ import annotations
@@ -251,9 +255,13 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                     live.console.print(line, highlight=False)
                     warned = len(rejected)
                 now = time.monotonic()
+                if watcher.closed:  # every step the run will have is read
+                    ended = "the recording closed"
+                    break
                 if state.steps != seen:
                     seen, last_change = state.steps, now
                 elif until_idle is not None and now - last_change >= until_idle:
+                    ended = f"idle for {until_idle:g} s"
                     break
                 time.sleep(interval)
     except (KeyboardInterrupt, _Terminated) as stop:
@@ -266,9 +274,11 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
     finally:
         signal.signal(signal.SIGTERM, previous)
     _end_view()
-    if watcher.state().steps == 0:
+    if state.steps == 0 and watcher.closed:
+        raise InputError(f"{watcher.path}: the recording closed with no readable step")
+    if state.steps == 0:
         raise InputError(f"{watcher.path}: no step landed within {until_idle:g} s")
-    err.print(f"idle for {until_idle:g} s: stopped ({counted(seen, 'step')} seen)", highlight=False)
+    err.print(f"{ended}: stopped ({counted(state.steps, 'step')} seen)", highlight=False)
     _require_replayed(watcher)
     return _report_gates(_gates(watcher, gates))
 

@@ -14,8 +14,9 @@ estimator, reward_range (null or [low, high]), world_size, group_ids, geometry, 
 fields (each field's per and dtype), source (format 1.2, optional: where the run came from, an
 object with at least a string `kind`, e.g. {"kind": "import", "format": ..., "file": ...}), and,
 only when a Recorder with on_write_error="warn" stopped after a failed write,
-recording_stopped {step, rank, reason}. policy may be null (format 1.2): the run's policy is
-not known (an imported log, an optimizer-hook recording).
+recording_stopped {step, rank, reason}; and recording_closed (true) once a Recorder of a
+world_size 1 run closed, its writes done (`RECORDING_CLOSED`). policy may be null
+(format 1.2): the run's policy is not known (an imported log, an optimizer-hook recording).
 
 Scalar steps (format 1.2): a step file may hold no token, sequence or geometry array at all
 (only, optionally, `param_grad_norm`): its scalars are the whole step. Such a step has no
@@ -56,6 +57,10 @@ BASE_VERSION = "1.0"
 SCALAR_STEP_VERSION = (1, 2)
 """The first version in which a step file may hold no policy batch (a scalar step)."""
 MANIFEST_NAME = "manifest.json"
+RECORDING_CLOSED = "recording_closed"
+"""The manifest's mark (true) that the run's recording closed: every step it will have is
+written. Only a closed Recorder of a world_size 1 run writes it, a resumed run clears it
+before writing a step; older readers leave it alone, as every field they do not know."""
 STEPS_DIR = "steps"
 
 MANIFEST_LIMIT = 1 << 20

@@ -5,7 +5,9 @@
 - `overwrite=True`: removes this recorder's own step files, never another rank's (with
   world_size 1 every step file is its own); rank 0 writes a fresh manifest.
 - `resume=True`: continues the run in place. Its manifest must agree on unit, world_size,
-  group_ids and the policy spec (else UsageError); it is kept as it is. Of this rank's step
+  group_ids and the policy spec (else UsageError); it is kept as it is, but for its
+  `recording_closed` mark, which rank 0 removes first: the run is recorded again. Of this
+  rank's step
   files, those at or after `resume_from` are removed (the resumed training writes them
   again), those before it are kept and verified in full (data checksum: a corrupt one is
   InputError), and temporary files left by a killed writer are removed.
@@ -25,6 +27,7 @@ from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
+    RECORDING_CLOSED,
     STEP_FILE_RE,
     STEPS_DIR,
     TEMP_FILE_RE,
@@ -65,6 +68,18 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return DirectoryRun(path).manifest
 
 
+def amend_manifest(path: Path, name: str, value: object | None) -> None:
+    """Rewrites the run's manifest (atomically) with `name` set to `value`, or without it for
+    None. OSError, ValueError or WriteError when it cannot."""
+    manifest_path = path / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if value is None:
+        manifest.pop(name, None)
+    else:
+        manifest[name] = value
+    write_atomic(manifest_path, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
+
+
 def _check_compatible(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
     defaults = {"group_ids": "per_rank"}
     for name in _MUST_AGREE:
@@ -83,6 +98,8 @@ def _resume(
 ) -> tuple[dict[str, Any], int | None]:
     existing = _read_manifest(path)
     _check_compatible(existing, manifest, path)
+    if rank == 0 and existing.pop(RECORDING_CLOSED, None) is not None:
+        amend_manifest(path, RECORDING_CLOSED, None)  # before any step file changes
     last: int | None = None
     for file, step, temporary in _own_step_files(path / STEPS_DIR, rank, world_size):
         if temporary or (resume_from is not None and step >= resume_from):

@@ -8,7 +8,10 @@ queue of `queue_size` entries. On a crash (kill -9, power loss) at most `queue_s
 that `log_step` had returned for are lost: the ones waiting in the queue and the one being
 written. A step that is lost is lost whole: readers never see a partial file under a final
 name. `close()` (or leaving the `with` block) drains the queue; at exit, the queue of a
-Recorder that was never closed is drained too (even when the Recorder was dropped).
+Recorder that was never closed is drained too (even when the Recorder was dropped). Once
+its writes are done, `close()` marks a world_size 1 run `recording_closed` in its manifest
+(best effort): a reader following the run knows no step will come. An open Recorder's run
+has no mark, so a killed recording never leaves one; `resume=True` removes it.
 
 A failed write (a full disk, a read-only directory) raises WriteError (exit 4) naming the
 file, from `log_step` (synchronous) or from the next `log_step`, `flush` or `close` (async);
@@ -45,7 +48,6 @@ from __future__ import annotations
 
 import atexit
 import datetime as _dt
-import json
 import math
 import operator
 import os
@@ -61,20 +63,19 @@ from typing import Any, NamedTuple, SupportsIndex
 
 import numpy as np
 
-from stabledrl_cli._atomic import write_atomic
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._inputs import ArrayInput, ScalarInput, build_step
 from stabledrl_cli.dump._policy import PolicyLike, policy_entry
 from stabledrl_cli.dump._schema import (
     EXTENSION_FIELDS,
     FIELDS,
-    MANIFEST_NAME,
     META_FORMAT,
     META_NUM_SEQUENCES,
     META_NUM_TOKENS,
     META_RANK,
     META_SCORED_TOKENS,
     META_WORLD_SIZE,
+    RECORDING_CLOSED,
     RUN_KIND,
     STEP_LIMIT,
     STEPS_DIR,
@@ -82,7 +83,7 @@ from stabledrl_cli.dump._schema import (
     step_file_name,
     written_version,
 )
-from stabledrl_cli.dump._setup import prepare_run
+from stabledrl_cli.dump._setup import amend_manifest, prepare_run
 from stabledrl_cli.dump._stfile import discard_step, encode_step, write_step
 from stabledrl_cli.errors import UsageError, WriteError
 from stabledrl_cli.spec import SpecValue
@@ -290,6 +291,9 @@ class Recorder:
         self.stopped: str | None = None
         """Why recording stopped (on_write_error="warn" after a failed write), else None."""
         self._closed = False
+        self._closed_marked = False
+        """Whether close marked the run `recording_closed` (rank 0 of a world_size 1 run: the
+        other ranks of a larger run may still be writing)."""
         self._pid = os.getpid()
         """The process that made this Recorder, the only one it writes from."""
         self._rewriting = False
@@ -490,26 +494,26 @@ class Recorder:
             flush=True,
         )
         note = {"step": step, "rank": self.rank, "reason": str(error)}
-        try:
-            manifest_path = self.path / MANIFEST_NAME
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            manifest["recording_stopped"] = note
-            text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
-            write_atomic(manifest_path, text.encode())
-        except (OSError, ValueError, WriteError):
-            pass  # best effort: the disk that refused the step may refuse this too
+        with suppress(OSError, ValueError, WriteError):  # best effort: the disk that refused
+            amend_manifest(self.path, "recording_stopped", note)  # the step may refuse it too
 
     def close(self) -> None:
-        """Drains the queue (async mode) and stops the writer. Idempotent; a close interrupted
+        """Drains the queue (async mode), stops the writer and marks the run `recording_closed`
+        (rank 0 of a world_size 1 run: module docstring). Idempotent; a close interrupted
         while it drains (a second Ctrl-C) is finished by the next call, at the latest by the
         one at exit. In a forked child it only closes the child's copy: the writer is the
         parent's."""
-        writer = self._writer if os.getpid() == self._pid else None
+        own = os.getpid() == self._pid
+        writer = self._writer if own else None
         if writer is not None and writer.is_alive():
             with self._lock:  # a log_step under way in another thread is queued first
                 self._closed = True
                 writer.stop()
                 self._raise_writer_error()
+        if own and not self._closed_marked and self.rank == 0 and self.world_size == 1:
+            self._closed_marked = True
+            with suppress(OSError, ValueError, WriteError):  # best effort, as the stopped note
+                amend_manifest(self.path, RECORDING_CLOSED, True)
         self._closed = True
 
     def __enter__(self) -> Recorder:

@@ -28,7 +28,7 @@ import numpy as np
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import IntegrityReport, Run, RunIntegrityWarning, Step, open_run
 from stabledrl_cli.dump._integrity import StepReadError
-from stabledrl_cli.dump._schema import MANIFEST_NAME
+from stabledrl_cli.dump._schema import MANIFEST_NAME, RECORDING_CLOSED
 from stabledrl_cli.dump._stfile import FileKey, file_key
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import Policy
@@ -392,7 +392,8 @@ class RunWatcher:
     new alerts. A path with no manifest yet is waited for. A run changed under the watcher
     (its manifest removed, or rewritten as another run's: `record --force` over it; or steps
     it read removed) is dropped with all that was read of it, and the path
-    followed again from the start (`replaced` counts how often)."""
+    followed again from the start (`replaced` counts how often). `closed` says when a poll
+    read every step the run will have (its manifest marked `recording_closed`)."""
 
     def __init__(
         self, path: str | os.PathLike[str], config: ReplayConfig | None = None, *, recent: int = 10
@@ -405,6 +406,8 @@ class RunWatcher:
         self._alerts: list[Alert] = []
         self._seen: set[tuple[str, int]] = set()
         self._manifest_key: FileKey | None = None
+        self._closed_mark = False
+        """The manifest's `recording_closed` mark, as last read."""
         self._alerted: Observed | None = None
         """The observed behaviour the last alerts were raised on (none are new until it changes)."""
         self.replaced = 0
@@ -412,6 +415,9 @@ class RunWatcher:
         self.recording_stopped: dict[str, Any] | None = None
         """The manifest's `recording_stopped` ({step, rank, reason}: a Recorder's note that its
         recording stopped after a failed write, training going on), as last read."""
+        self.closed = False
+        """Whether the manifest was marked `recording_closed` before the last poll listed the
+        steps: that poll read every step the run will have (docs/run-format.md)."""
 
     def _open(self) -> OwnReplay | None:
         if self.replay is None:
@@ -423,11 +429,13 @@ class RunWatcher:
                     return None
             self.replay = OwnReplay(open_run(self.path), self.config)
             self.recording_stopped = _stopped_note(self.replay.run.manifest)
+            self._closed_mark = self.replay.run.manifest.get(RECORDING_CLOSED) is True
         return self.replay
 
     def _replaced(self, replay: OwnReplay) -> bool:
         """The run read so far is gone: its manifest was removed, or rewritten as another
-        run's (a change beyond `recording_stopped`, the note a Recorder adds to its own run)."""
+        run's (a change beyond `recording_stopped` and `recording_closed`, the notes a Recorder
+        adds to its own run)."""
         if self._manifest_key is None:  # a packed archive: never written while it is read
             return False
         manifest = self.path / MANIFEST_NAME
@@ -446,15 +454,18 @@ class RunWatcher:
             return True
 
         def run_of(manifest: dict[str, Any]) -> dict[str, Any]:
-            return {k: v for k, v in manifest.items() if k != "recording_stopped"}
+            notes = ("recording_stopped", RECORDING_CLOSED)
+            return {k: v for k, v in manifest.items() if k not in notes}
 
         self.recording_stopped = _stopped_note(now)
+        self._closed_mark = now.get(RECORDING_CLOSED) is True
         return run_of(now) != run_of(replay.run.manifest)
 
     def _start_over(self) -> None:
         """Drops all that was read of the run: the path is followed again from its start."""
         self.replay = None
         self.recording_stopped = None
+        self.closed = self._closed_mark = False
         self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
         self._alerts, self._seen = [], set()
         self._alerted = None
@@ -468,14 +479,17 @@ class RunWatcher:
         replay = self._open()
         if replay is None:
             return []
+        closed = self._closed_mark  # read before the listing: it lists every step
         numbers = replay.run.listed_step_numbers
         if not set(replay.seen) <= set(numbers):  # steps it read are gone
             self._start_over()
             replay = self._open()
             if replay is None:
                 return []
+            closed = self._closed_mark
             numbers = replay.run.listed_step_numbers
         replay.extend(numbers)
+        self.closed = closed
         if not replay.seen:
             self._waiting = f"waiting for the first step of {self.path}"
             return []
