@@ -750,3 +750,45 @@ def test_a_watch_ends_once_the_recording_closed_and_its_steps_are_read(tmp_path,
     result = CliRunner().invoke(app, ["watch", str(empty)])
     assert result.exit_code == 3
     assert result.stderr.endswith(f"{empty}: the recording closed with no readable step\n")
+
+
+def test_a_watcher_feeds_the_guards_only_the_new_steps(tmp_path, monkeypatch):
+    """The grad-norm guards of the observed behaviour are fed each new step once (the last
+    one, a scalar step that may still change, on copies of them), and report what `observe`
+    reports over the whole run, after the last step is rewritten too. Before, each poll
+    with a new step replayed them over the whole run, twice: 0.3 s of a poll on a
+    20,000-step run."""
+    from stabledrl_cli.replay.guards import SkipStep
+
+    updates = {"n": 0}
+    update = SkipStep.update
+
+    def counted(self: SkipStep, grad_norm: float, loss: float | None = None) -> object:
+        updates["n"] += 1
+        return update(self, grad_norm, loss)
+
+    monkeypatch.setattr(SkipStep, "update", counted)
+
+    def guards(watcher: RunWatcher) -> list[str]:
+        assert watcher.replay is not None
+        return [json.dumps(g.to_dict()) for g in watcher.replay.observed().guards]
+
+    def whole(path: Path) -> list[str]:
+        return [json.dumps(g.to_dict()) for g in observe(open_run(path)).guards]
+
+    live = _scalar_run(tmp_path / "live", range(200), policy=None)
+    watcher = RunWatcher(live, CPU)
+    watcher.poll()
+    with Recorder(live, policy=None, resume=True) as recorder:
+        for n in range(200, 203):
+            _scalar_step(recorder, n)
+        updates["n"] = 0
+        watcher.poll()
+        watcher.state()
+        assert updates["n"] == 4  # steps 199-201, and 202 (the last) on a copy
+        assert guards(watcher) == whole(live)
+        recorder.rewrite_step(202, grad_norm=900.0, loss=50.0)
+        watcher.poll()
+        assert guards(watcher) == whole(live)
+        last = json.loads(guards(watcher)[-1])["acted"][-1]  # skip-step's
+        assert (last["step"], last["action"]) == (202, "skip")

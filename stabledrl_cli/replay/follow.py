@@ -40,6 +40,7 @@ from stabledrl_cli.replay.engine import (
     replay_result,
     torch_threads,
 )
+from stabledrl_cli.replay.guards import GuardInput, GuardReplay
 from stabledrl_cli.replay.observed import (
     NoiseFloor,
     Observed,
@@ -120,6 +121,8 @@ class OwnReplay:
         self._floor = NoiseFloor()
         self._headers: dict[int, Step] = {}
         """The header of each step read, as last read."""
+        self._guards = GuardReplay()
+        """The grad-norm guards (`observe`'s default ones) over the steps read, but the tail."""
         self._observed: Observed | None = None
         self._series: dict[str, ColumnArray] | None = None
         """What `observed` and `series` derived from the steps read, until more are read."""
@@ -202,6 +205,7 @@ class OwnReplay:
         if scalar and (not batch or scalar[-1] > max(batch)):
             self._tail = scalar.pop()
         self._scalar.extend(scalar)
+        self._guards.extend(self._guard_inputs(sorted(batch + scalar)))
         for step, inner, value in zip(
             gathered.steps, gathered.inner_step, gathered.values, strict=True
         ):
@@ -218,6 +222,15 @@ class OwnReplay:
             return False
         was = self._headers[tail]
         return headers[0].is_scalar and headers[0].scalars == was.scalars
+
+    def _guard_inputs(self, numbers: Sequence[int]) -> list[GuardInput]:
+        """What the guards see of these steps read: those that recorded a grad_norm."""
+        found = []
+        for n in numbers:
+            scalars = self._headers[n].scalars
+            if "grad_norm" in scalars:
+                found.append((n, scalars["grad_norm"], scalars.get("loss")))
+        return found
 
     def headers(self, numbers: Sequence[int]) -> list[Step]:
         """The headers of these steps read so far, as they were read (no file read again)."""
@@ -265,6 +278,9 @@ class OwnReplay:
             warning_drop=config.warning_drop,
             noise_floor=self._floor,
             likelihood=self._likelihood,
+            guard_reports=self._guards.reports(
+                self._guard_inputs([] if self._tail is None else [self._tail])
+            ),
         )
         return self._observed
 

@@ -24,6 +24,7 @@ guard, which says nothing about the rule itself.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -284,24 +285,45 @@ class GuardReport:
         }
 
 
-def replay_guards(
-    steps: Iterable[int],
-    grad_norms: Iterable[float],
-    losses: Mapping[int, float] | None,
-    specs: Iterable[str] = DEFAULT_GUARDS,
-) -> list[GuardReport]:
-    """Runs each guard over the recorded (step, grad_norm) series in step order; `losses`
-    (step -> loss) feeds skip-step where a step has one. -> one report a guard."""
-    series = sorted(zip(steps, grad_norms, strict=True))
-    reports = []
-    for spec in specs:
-        guard = make_guard(spec)
-        acted = []
-        for step, norm in series:
-            loss = None if losses is None else losses.get(step)
+GuardInput = tuple[int, float, float | None]
+"""One recorded step as a guard sees it: (step, grad_norm, loss or None)."""
+
+
+class GuardReplay:
+    """Guards replayed over a recorded series as it grows: each step is fed once, in step
+    order, and `reports` are those `replay_guards` gives over the series fed so far."""
+
+    def __init__(self, specs: Iterable[str] = DEFAULT_GUARDS) -> None:
+        self._guards = [make_guard(spec) for spec in specs]
+        self._acted: list[list[GuardedStep]] = [[] for _ in self._guards]
+        self._steps = 0
+
+    def extend(self, series: Iterable[GuardInput]) -> None:
+        """Feeds the next steps, in step order, to every guard."""
+        self._steps += _feed(self._guards, self._acted, series)
+
+    def reports(self, pending: Iterable[GuardInput] = ()) -> list[GuardReport]:
+        """One report a guard over the steps fed so far, then `pending` (steps that may still
+        change: fed to copies of the guards, not kept)."""
+        guards = copy.deepcopy(self._guards)
+        later: list[list[GuardedStep]] = [[] for _ in guards]
+        steps = self._steps + _feed(guards, later, pending)
+        return [
+            GuardReport(spec=guard_spec(guard), steps_seen=steps, acted=acted + more)
+            for guard, acted, more in zip(guards, self._acted, later, strict=True)
+        ]
+
+
+def _feed(guards: list[Guard], acted: list[list[GuardedStep]], series: Iterable[GuardInput]) -> int:
+    """Feeds `series` to each guard, appending the steps it acts on to its `acted` list;
+    -> the steps fed."""
+    fed = 0
+    for step, norm, loss in series:
+        fed += 1
+        for guard, found in zip(guards, acted, strict=True):
             decision = guard.update(float(norm), None if loss is None else float(loss))
             if decision.action != "none":
-                acted.append(
+                found.append(
                     GuardedStep(
                         step=int(step),
                         action=decision.action,
@@ -311,8 +333,23 @@ def replay_guards(
                         threshold=decision.threshold,
                     )
                 )
-        reports.append(GuardReport(spec=guard_spec(guard), steps_seen=len(series), acted=acted))
-    return reports
+    return fed
+
+
+def replay_guards(
+    steps: Iterable[int],
+    grad_norms: Iterable[float],
+    losses: Mapping[int, float] | None,
+    specs: Iterable[str] = DEFAULT_GUARDS,
+) -> list[GuardReport]:
+    """Runs each guard over the recorded (step, grad_norm) series in step order; `losses`
+    (step -> loss) feeds skip-step where a step has one. -> one report a guard."""
+    replay = GuardReplay(specs)
+    replay.extend(
+        (step, norm, None if losses is None else losses.get(step))
+        for step, norm in sorted(zip(steps, grad_norms, strict=True))
+    )
+    return replay.reports()
 
 
 __all__ = [
@@ -320,6 +357,8 @@ __all__ = [
     "GUARD_ACTIONS",
     "SPEC_SYNTAX",
     "GuardDecision",
+    "GuardInput",
+    "GuardReplay",
     "GuardReport",
     "GuardedStep",
     "SkipStep",

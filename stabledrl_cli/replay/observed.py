@@ -259,6 +259,7 @@ def observe(
     noise_floor: NoiseFloor | None = None,
     likelihood: OwnLikelihood | None = None,
     guards: Sequence[str] = DEFAULT_GUARDS,
+    guard_reports: list[GuardReport] | None = None,
 ) -> Observed:
     """The observed behaviour of a recorded run, from its per-step scalars.
 
@@ -268,6 +269,8 @@ def observe(
     noise_floor, likelihood: the noise floor and the own-sample likelihood already gathered
     over the run's steps (a replay's streaming pass does); None: read from the steps here.
     guards: the grad-norm guards replayed over the recorded grad_norm (and loss) series.
+    guard_reports: those guards already replayed over the run's steps (a follower replays
+    them step by step); None: replayed here.
     """
     series = run.scalar_series_many(["reward_mean", "grad_norm", "loss", *NONFINITE_COUNTS])
     reward_steps, rewards = series["reward_mean"]
@@ -302,7 +305,9 @@ def observe(
         reward_curve=_reward_curve(rewards, collapse_window),
         collapse_window=collapse_window,
         collapse_warning=warning,
-        guards=replay_guards(
+        guards=guard_reports
+        if guard_reports is not None
+        else replay_guards(
             norm_steps,
             grad_norms,
             dict(zip(series["loss"][0].tolist(), series["loss"][1].tolist(), strict=True)),
