@@ -407,9 +407,11 @@ class RunWatcher:
     last one (a step file still under its temporary name is not listed yet) and returns the
     new alerts. A path with no manifest yet is waited for. A run changed under the watcher
     (its manifest removed, or rewritten as another run's: `record --force` over it; or steps
-    it read removed) is dropped with all that was read of it, and the path
-    followed again from the start (`replaced` counts how often). `closed` says when a poll
-    read every step the run will have (its manifest marked `recording_closed`)."""
+    it read removed) is dropped with all that was read of it, and the path followed again
+    from the start (`replaced` counts how often). A step read is not read again (but the last
+    one while it is a scalar step), and what is derived from the steps read is derived again
+    only when more were read. `closed` says when a poll read every step the run will have
+    (its manifest marked `recording_closed`)."""
 
     def __init__(
         self, path: str | os.PathLike[str], config: ReplayConfig | None = None, *, recent: int = 10
