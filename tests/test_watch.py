@@ -693,11 +693,17 @@ def test_a_poll_parses_only_the_step_file_names_new_to_the_listing(tmp_path, mon
     assert watcher.state().steps == 63
 
 
-def test_sigterm_stops_the_watch_as_ctrl_c_does(grpo_fixture):
+def test_sigterm_stops_the_watch_as_ctrl_c_does(grpo_fixture, tmp_path):
     """SIGTERM (what `timeout`, systemd and Kubernetes send): the last view and the stopped
     line on stderr, exit 143 (128 + SIGTERM). Before, the process died at once: no view, no
-    line, and the shell saw the signal."""
-    args = (grpo_fixture, "--interval", "0.05", "--recent", "2", "--device", "cpu")
+    line, and the shell saw the signal. The run is a copy of the fixture without the
+    `recording_closed` mark (a run still recording), so the watch waits for the signal."""
+    live = tmp_path / "live"
+    shutil.copytree(grpo_fixture, live)
+    manifest = json.loads((live / "manifest.json").read_text())
+    manifest.pop("recording_closed", None)
+    (live / "manifest.json").write_text(json.dumps(manifest))
+    args = (live, "--interval", "0.05", "--recent", "2", "--device", "cpu")
     with _watching(*args, seen="alert: ") as (watch, lines, polled):  # after a poll's view
         assert polled.wait(timeout=120), "".join(lines)
         watch.send_signal(signal.SIGTERM)
