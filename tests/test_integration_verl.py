@@ -267,6 +267,15 @@ CASES = [
         id="gspo-token-sum-norm",
     ),
     pytest.param({"loss_mode": "sapo"}, id="sapo"),
+    pytest.param(
+        {
+            "loss_mode": "sapo",
+            "loss_agg_mode": "seq-mean-token-mean",
+            "use_kl_loss": True,
+            "kl_loss_coef": 0.05,
+        },
+        id="sapo-kl",
+    ),
     pytest.param({"loss_mode": "cispo", "loss_agg_mode": "token-mean"}, id="cispo"),
     pytest.param({"loss_mode": "gpg", "loss_agg_mode": "seq-mean-token-mean"}, id="gpg"),
     pytest.param({"loss_mode": "dppo_tv", "clip_ratio_c": 2.0}, id="dppo-tv"),
@@ -719,6 +728,10 @@ def test_policy_mapping(overrides: dict[str, Any], spec: str) -> None:
         (
             {"loss_mode": "geo_mean", "use_kl_loss": True},
             "loss_mode 'geo_mean' with use_kl_loss: verl normalises the KL term by",
+        ),
+        (
+            {"loss_mode": "sapo", "use_kl_loss": True},
+            "loss_mode 'sapo' with use_kl_loss and loss_agg_mode 'token-mean': verl",
         ),
         ({"loss_mode": "dro"}, "loss_mode 'dro' is not one of"),
         ({"entropy_coeff": 0.01}, "entropy bonus"),

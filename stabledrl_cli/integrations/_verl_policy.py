@@ -43,7 +43,9 @@ verl's GMPO term does not use.
 
 Refused, one line each (the catalogue cannot express them, so recording them would be
 wrong): clip_cov (a random draw among each micro-batch's tokens), geo_mean with use_kl_loss
-(verl normalises its KL term by loss_agg_mode, gmpo's by its own row mean); dro, bypass_mode
+(verl normalises its KL term by loss_agg_mode, gmpo's by its own row mean), sapo with
+use_kl_loss unless loss_agg_mode is seq-mean-token-mean (verl's sapo term is always
+seq-mean-token-mean, its KL term loss_agg_mode's; beta shares the policy term's); dro, bypass_mode
 and any user-registered loss mode; KL types other than low_var_kl and k3 (k1, abs, k2, the
 straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`).
 """
@@ -136,6 +138,12 @@ def _check_recordable(config: Any) -> None:
         raise _refuse(
             "loss_mode 'geo_mean' with use_kl_loss: verl normalises the KL term by "
             "loss_agg_mode, the catalogue's gmpo by its own mean over rows"
+        )
+    if mode == "sapo" and config.use_kl_loss and config.loss_agg_mode != agg_mode(config):
+        raise _refuse(
+            f"loss_mode 'sapo' with use_kl_loss and loss_agg_mode {config.loss_agg_mode!r}: "
+            "verl aggregates its sapo term seq-mean-token-mean and its KL term by "
+            "loss_agg_mode, the catalogue's beta term as its policy term"
         )
     if mode not in LOSS_MODES:
         raise _refuse(f"loss_mode {mode!r} is not one of {', '.join(LOSS_MODES)}")
