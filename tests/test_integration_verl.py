@@ -379,6 +379,35 @@ def test_clip_fractions_match_verl(overrides: dict[str, Any], tmp_path: Path) ->
         assert clip_seen > 0  # the trust region did bind somewhere
 
 
+def verl_policy_loss(
+    config: ActorConfig,
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(verl's policy loss of [B, L] rows as one micro-batch on one rank, its normalisers the
+    rows' own as `ppo_loss` sets them; the log-prob leaf it was computed from)."""
+    config.global_batch_info.update(
+        dp_size=1,
+        batch_num_tokens=int(mask.sum()),
+        global_batch_size=mask.shape[0],
+        loss_scale_factor=None,
+    )
+    leaf = logp.clone().requires_grad_(True)
+    loss, _ = core_algos.get_policy_loss_fn(config.policy_loss.loss_mode)(
+        old_log_prob=logp_old,
+        log_prob=leaf,
+        advantages=adv,
+        response_mask=mask,
+        loss_agg_mode=config.loss_agg_mode,
+        config=config,
+        rollout_is_weights=weight,
+    )
+    return loss, leaf
+
+
 def flat_batch(
     logp: torch.Tensor,
     logp_old: torch.Tensor,
@@ -445,19 +474,7 @@ def test_mapped_policy_gradient_equals_verl_autograd(overrides: dict[str, Any]) 
         weight = 0.5 + torch.rand(rows, width, generator=gen, dtype=torch.float64)
     adv, weight = adv.expand(rows, width) * mask, weight * mask
     config = actor_config(**overrides)
-    config.global_batch_info.update(
-        dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=rows, loss_scale_factor=None
-    )
-    leaf = logp.clone().requires_grad_(True)
-    loss, _ = core_algos.get_policy_loss_fn(config.policy_loss.loss_mode)(
-        old_log_prob=logp_old,
-        log_prob=leaf,
-        advantages=adv,
-        response_mask=mask,
-        loss_agg_mode=config.loss_agg_mode,
-        config=config,
-        rollout_is_weights=weight,
-    )
+    loss, leaf = verl_policy_loss(config, logp, logp_old, adv, mask, weight)
     loss.backward()
     assert leaf.grad is not None
     batch = flat_batch(logp, logp_old, adv, mask, weight)
@@ -465,6 +482,51 @@ def test_mapped_policy_gradient_equals_verl_autograd(overrides: dict[str, Any]) 
     assert float(weights.objective) == pytest.approx(-float(loss), abs=1e-12)
     assert torch.allclose(weights.coef, -leaf.grad.flatten(), atol=1e-12)
     assert weights.discarded.any() and not weights.discarded.all()
+
+
+@pytest.mark.parametrize("kl_type", ["low_var_kl", "k3"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({}, id="vanilla"),
+        pytest.param({"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-mean"}, id="gspo"),
+        pytest.param({"loss_mode": "cispo", "loss_agg_mode": "seq-mean-token-sum"}, id="cispo"),
+    ],
+)
+def test_kl_loss_past_verls_clamp_equals_verl_autograd(
+    overrides: dict[str, Any], kl_type: str
+) -> None:
+    """verl's KL loss as `ppo_loss` adds it (kl_penalty, agg_loss by loss_agg_mode, times
+    kl_loss_coef) with reference log-probs far from the current ones, where verl clamps the
+    k3 term at 10 (and log ratio at 20), which zeroes its gradient there: the mapped policy's
+    objective and coef are minus verl's loss and its autograd gradient."""
+    gen = torch.Generator().manual_seed(11)
+    rows, width = 4, 5
+    mask = torch.arange(width)[None] < torch.tensor([5, 3, 4, 2])[:, None]
+    logp = -torch.rand(rows, width, generator=gen, dtype=torch.float64) * 2
+    logp_old = logp - torch.randn(rows, width, generator=gen, dtype=torch.float64) * 0.2
+    delta = torch.randn(rows, width, generator=gen, dtype=torch.float64)
+    delta[0, :3] = torch.tensor([3.5, -12.0, -25.0], dtype=torch.float64)  # k3 > 10 (clamped)
+    delta[1, 1] = 22.0  # log ratio past verl's 20 clamp
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.3], dtype=torch.float64)[:, None].expand(rows, width)
+    weight = 0.5 + torch.rand(rows, width, generator=gen, dtype=torch.float64)
+    adv, weight = adv * mask, weight * mask
+    config = actor_config(use_kl_loss=True, kl_loss_coef=0.05, kl_loss_type=kl_type, **overrides)
+    pg_loss, leaf = verl_policy_loss(config, logp, logp_old, adv, mask, weight)
+    kld = core_algos.kl_penalty(logprob=leaf, ref_logprob=logp + delta, kl_penalty=kl_type)
+    kl_loss = core_algos.agg_loss(
+        loss_mat=kld,
+        loss_mask=mask,
+        loss_agg_mode=config.loss_agg_mode,
+        **config.global_batch_info,
+    )
+    loss = pg_loss + kl_loss * config.kl_loss_coef
+    loss.backward()
+    assert leaf.grad is not None
+    batch = flat_batch(logp, logp_old, adv, mask, weight, logp_ref=(logp + delta).flatten())
+    weights = policy_for_actor_config(config, response_width=width).weights(batch)
+    assert float(weights.objective) == pytest.approx(-float(loss), abs=1e-12)
+    assert torch.allclose(weights.coef, -leaf.grad.flatten(), atol=1e-12)
 
 
 def verl_over_ranks(
@@ -653,7 +715,7 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
         ({"clip_ratio_low": 0.1, "clip_ratio_high": 0.2}, "dual-clip:eps_high=0.2,eps_low=0.1"),
         (
             {"clip_ratio_high": 0.28, "use_kl_loss": True, "kl_loss_coef": 0.01},
-            "dual-clip:beta=0.01,eps_high=0.28,kl_weight=none",
+            "dual-clip:beta=0.01,eps_high=0.28,kl_max=10,kl_weight=none",
         ),
         (
             {"loss_agg_mode": "seq-mean-token-sum-norm", "loss_scale_factor": 512},
@@ -693,7 +755,7 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
         ),
         (
             {"loss_mode": "dppo_tv", "use_kl_loss": True, "kl_loss_coef": 0.01},
-            "dppo:beta=0.01,kl_weight=none",
+            "dppo:beta=0.01,kl_max=10,kl_weight=none",
         ),
         ({"loss_mode": "geo_mean"}, "gmpo:eps_high=0.2,eps_low=0.2,mean=micro"),
         (
@@ -709,7 +771,7 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
                 "use_kl_loss": True,
                 "kl_loss_coef": 0.01,
             },
-            "kl-cov:agg=seq-mean-token-mean,beta=0.01,cov=micro,kl_coef=0.5,kl_weight=none,"
+            "kl-cov:agg=seq-mean-token-mean,beta=0.01,cov=micro,kl_coef=0.5,kl_max=10,kl_weight=none,"
             "ratio=0.1,rows=all",
         ),
     ],

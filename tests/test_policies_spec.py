@@ -22,10 +22,12 @@ from stabledrl_cli.spec import format_value
         ("ppo:eps=0.2", "unknown key 'eps' for policy 'ppo'; valid keys: eps_low, eps_high, agg"),
         (
             "gmpo:agg=token-mean",
-            "valid keys: eps_low, eps_high, mean, rows, beta, kl_is, kl_weight, adv",
+            "valid keys: eps_low, eps_high, mean, rows, beta, kl_is, kl_weight, kl_max, adv",
         ),
         ("grpo:kl_weight=none", "kl_weight=none weighs the KL term: it needs beta > 0"),
         ("grpo:kl_is=token", "kl_is=token weighs the KL term: it needs beta > 0"),
+        ("grpo:kl_max=10", "kl_max clamps the KL term: it needs beta > 0"),
+        ("grpo:beta=0.1,kl_max=0", "kl_max must be a finite number > 0"),
         ("vespo:k_pos=-1", "k_pos must be a finite number >= 0"),
         ("ppo:eps_low=abc", "eps_low expects a number, got 'abc'"),
         ("ppo:agg=mean", "agg must be one of token-mean, token-sum, micro-token-mean"),
@@ -63,7 +65,14 @@ def test_bad_specs_raise_one_usage_error_naming_the_choices(spec, message):
     assert "\n" not in str(info.value)
 
 
-NO_TIS = {"kl_is": "off", "kl_weight": "recorded", "tis": "off", "tis_min": None, "tis_max": None}
+NO_TIS = {
+    "kl_is": "off",
+    "kl_weight": "recorded",
+    "kl_max": None,
+    "tis": "off",
+    "tis_min": None,
+    "tis_max": None,
+}
 """The KL weighting and rollout-correction keys every policy takes, off by default."""
 
 

@@ -14,8 +14,8 @@ per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
 | kl_cov                                       | kl-cov:ratio=kl_cov_ratio,kl_coef=ppo_kl_coef,    |
 |                                              | cov=micro,agg                                     |
 | use_kl_loss, kl_loss_type low_var_kl or k3   | every spec above but gmpo's gains                 |
-|                                              | beta=kl_loss_coef and kl_weight=none (verl leaves |
-|                                              | the KL unweighted)                                |
+|                                              | beta=kl_loss_coef, kl_weight=none (verl leaves    |
+|                                              | the KL unweighted) and kl_max=10 (its clamp)      |
 
 eps_low is `clip_ratio_low`, eps_high `clip_ratio_high` (each defaulting to `clip_ratio`).
 `loss_agg_mode` -> agg of the same name (token-mean, token-sum, seq-mean-token-mean,
@@ -25,8 +25,9 @@ divides by the mini-batch's global token count, or by its configured sequence co
 `global_batch_size`: the catalogue's Z, and N with rows=all (every sequence, scored or not),
 of the step's merged ranks. The normaliser verl used is also recorded per token
 (`loss_scale`), so `agg=recorded` replays it exactly whatever the batch.
-verl clamps log r to [-20, 20] (vanilla, sapo, cispo, dppo), the GSPO log ratio at 10 and
-the k3 KL at 10: the catalogue agrees while the ratios stay inside those clamps. verl's gspo is
+verl clamps log r to [-20, 20] (vanilla, sapo, cispo, dppo) and the GSPO log ratio at 10: the
+catalogue agrees while the ratios stay inside those clamps; verl's clamp of the k3 KL at 10
+is the spec's kl_max=10 (gradient 0 where it binds). verl's gspo is
 the token form (sg(s_i) p_t / sg(p_t)), the catalogue's gspo:form=token: the loss of the
 sequence form, and each token's own gradient s_i w_t A_t / norm_t.
 
@@ -83,7 +84,10 @@ AGG_MODES = (
 """verl's `loss_agg_mode` values (core_algos.agg_loss)."""
 
 KL_TYPES = ("low_var_kl", "k3")
-"""verl KL types equal to the catalogue's k3 term (low_var_kl clamps it at 10)."""
+"""verl KL types equal to the catalogue's k3 term clamped at kl_max=10."""
+
+VERL_KL_MAX = 10.0
+"""verl's kl_penalty clamps the low_var_kl / k3 term at 10 (the spec's kl_max)."""
 
 _SEQ_TOKEN_MEAN_EPS = 1e-8
 """verl's seq-mean-token-mean divides each sequence's sum by its length + 1e-8."""
@@ -201,6 +205,7 @@ def policy_for_actor_config(config: Any, response_width: int) -> Policy:
     if config.use_kl_loss:  # verl weights its policy term only by rollout_is_weights
         params["beta"] = float(config.kl_loss_coef)
         params["kl_weight"] = "none"
+        params["kl_max"] = VERL_KL_MAX
     try:
         return get_policy(format_spec(name, params))
     except UsageError as exc:

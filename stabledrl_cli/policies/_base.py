@@ -103,19 +103,24 @@ def _agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
 
 def kl_penalty(prep: PreparedBatch, config: BaseConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """([T] kl_t, [T] d kl_t / d logp_t) of the KL term beta multiplies (docs/policies.md, KL
-    term): k3 = exp(ref - logp) - (ref - logp) - 1, or r k3 with kl_is=token. Once per step
-    and kl_is: the policies of a replay and their indicators share it."""
+    term): k3 = exp(ref - logp) - (ref - logp) - 1, clamped at kl_max (gradient 0 there), or
+    r k3 with kl_is=token. Once per step, kl_is and kl_max: the policies of a replay and their
+    indicators share it."""
 
     def build() -> tuple[torch.Tensor, torch.Tensor]:
         assert prep.logp_ref is not None
         delta = prep.logp_ref - prep.logp
         kl = torch.exp(delta) - delta - 1.0
         kl_grad = 1.0 - torch.exp(delta)
+        if config.kl_max is not None:
+            over = kl > config.kl_max
+            kl = torch.where(over, torch.full_like(kl, config.kl_max), kl)
+            kl_grad = torch.where(over, torch.zeros_like(kl_grad), kl_grad)
         if config.kl_is == "token":  # d(r kl)/d logp = r (kl + d kl/d logp)
             return prep.ratio * kl, prep.ratio * (kl + kl_grad)
         return kl, kl_grad
 
-    return prep.memo(("kl_penalty", config.kl_is), build)
+    return prep.memo(("kl_penalty", config.kl_is, config.kl_max), build)
 
 
 def kl_scale(prep: PreparedBatch, config: BaseConfig, norm: torch.Tensor) -> torch.Tensor:

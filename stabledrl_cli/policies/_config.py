@@ -36,6 +36,7 @@ COMMON_KEYS = (
     "beta",
     "kl_is",
     "kl_weight",
+    "kl_max",
     "adv",
     "tis",
     "tis_min",
@@ -92,6 +93,9 @@ class BaseConfig:
     """recorded: the KL term of each token is weighted by its recorded loss_weight, as the
     policy term is; none: it is not (TRL adds the KL term after its entropy, off-policy and
     vLLM weights); needs beta > 0."""
+    kl_max: float | None = None
+    """The k3 term clamped at kl_max, its gradient 0 where the clamp binds (verl's low_var_kl
+    and k3 clamp it at 10); none: unclamped (TRL); needs beta > 0."""
     adv: AdvMode = "recorded"
     """Advantages as recorded, or recomputed from per-sequence rewards within groups."""
     rows: Rows = "scored"
@@ -119,6 +123,9 @@ class BaseConfig:
             raise UsageError(f"kl_is={self.kl_is} weighs the KL term: it needs beta > 0")
         if self.kl_weight != "recorded" and not self.beta > 0:
             raise UsageError(f"kl_weight={self.kl_weight} weighs the KL term: it needs beta > 0")
+        check_min("kl_max", self.kl_max, 0.0, strict=True)
+        if self.kl_max is not None and not self.beta > 0:
+            raise UsageError("kl_max clamps the KL term: it needs beta > 0")
         if self.tis == "off":
             if self.tis_min is not None or self.tis_max is not None:
                 raise UsageError(
