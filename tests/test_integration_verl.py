@@ -240,6 +240,14 @@ def verl_clipfracs(batch: PolicyBatch, config: ActorConfig, policy: str) -> tupl
     return float((clip & mask).sum() / n), float((lower & mask).sum() / n)
 
 
+def verl_ppo_kl(batch: PolicyBatch) -> float:
+    """verl's ppo_kl of one micro-batch: the mean over its scored tokens of -clamp(log r, -20,
+    20)."""
+    mask = torch.as_tensor(batch.mask).bool()
+    log_r = (torch.as_tensor(batch.logp) - torch.as_tensor(batch.logp_old)).clamp(-20, 20)
+    return float(-log_r.double()[mask].sum() / (mask.sum() + 1e-8))
+
+
 def recorded_agg(spec: str) -> Any:
     """The same policy with agg=recorded (verl's own normaliser, per micro-batch exact)."""
     policy = get_policy(spec)
@@ -817,9 +825,23 @@ def engine_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return run_engine(tmp_path_factory.mktemp(f"engine{request.param}"), request.param)
 
 
-def run_engine(tmp: Path, world: int, loss_mode: str = "vanilla") -> Any:
+def run_engine(
+    tmp: Path, world: int, loss_mode: str = "vanilla", settings: dict[str, Any] | None = None
+) -> Any:
     """(the recorded run, verl's logged metrics of each rank) of `ENGINE_SCRIPT` on `world`
-    processes with `policy_loss.loss_mode` loss_mode."""
+    processes with `policy_loss.loss_mode` loss_mode and the script's SETTINGS `settings`."""
+    done = engine_process(tmp, world, loss_mode, settings)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = tmp / "result.json"
+    ranks = [json.loads(result.read_text())]
+    ranks += [json.loads(Path(f"{result}.rank{r}").read_text()) for r in range(1, world)]
+    return open_run(tmp / "run"), ranks
+
+
+def engine_process(
+    tmp: Path, world: int, loss_mode: str, settings: dict[str, Any] | None
+) -> subprocess.CompletedProcess[str]:
+    """`ENGINE_SCRIPT` run to its end, writing tmp/run and tmp/result.json."""
     out, result = tmp / "run", tmp / "result.json"
     if world == 1:
         command = [sys.executable, str(ENGINE_SCRIPT)]
@@ -830,17 +852,13 @@ def run_engine(tmp: Path, world: int, loss_mode: str = "vanilla") -> Any:
         ]  # fmt: skip
         command.append(str(ENGINE_SCRIPT))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [*command, str(out), str(result), loss_mode],
+    return subprocess.run(
+        [*command, str(out), str(result), loss_mode, json.dumps(settings or {})],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads(result.read_text())]
-    ranks += [json.loads(Path(f"{result}.rank{r}").read_text()) for r in range(1, world)]
-    return open_run(out), ranks
 
 
 def test_engine_steps_are_recorded(engine_run: Any) -> None:
@@ -940,6 +958,88 @@ def test_engine_micro_batch_losses_replay_verls_loss(
             if name in logged:
                 assert own.steps[n][f"verl_{name}"] == pytest.approx(logged[name], abs=1e-6)
     assert max(micro) > world
+
+
+KL_LOSS = {"use_kl_loss": True, "kl_loss_coef": 0.1}
+
+
+@pytest.mark.parametrize(
+    ("world", "settings", "spec"),
+    [
+        pytest.param(
+            1,
+            {
+                "engine": {"use_dynamic_bsz": False, "micro_batch_size_per_gpu": 1},
+                "actor": {"clip_ratio_c": 1.5, "loss_agg_mode": "seq-mean-token-mean"},
+            },
+            "dual-clip:agg=seq-mean-token-mean,c=1.5,rows=all",
+            id="micro-batches-of-1-dual-clip",
+        ),
+        pytest.param(
+            1,
+            {"actor": KL_LOSS},
+            "dual-clip:beta=0.1,kl_max=10,kl_weight=none",
+            id="kl-low-var-kl",
+        ),
+        pytest.param(
+            2,
+            {
+                "actor": {
+                    **KL_LOSS,
+                    "kl_loss_type": "k3",
+                    "loss_agg_mode": "seq-mean-token-sum-norm",
+                    "loss_scale_factor": 9,
+                },
+            },
+            "dual-clip:agg=seq-mean-token-sum-norm,beta=0.1,kl_max=10,kl_weight=none,max_len=9,"
+            "rows=all",
+            id="kl-k3-loss-scale-factor-2-ranks",
+        ),
+        pytest.param(
+            1, {"calculate_entropy": True}, "dual-clip", id="entropy-computed-coefficient-0"
+        ),
+    ],
+)
+def test_engine_actor_settings_replay_verls_logged_metrics(
+    world: int, settings: dict[str, Any], spec: str, tmp_path: Path
+) -> None:
+    """Actor settings on verl's real FSDP2 engine (2 ppo epochs x 2 mini-batches, then a
+    skipped update): one step per optimizer step, and the recorded policy replays verl's
+    logged pg_loss (+ kl_loss_coef * kl_loss), pg_clipfrac(_lower), and the recorded ppo_kl
+    is verl's, to 1e-6."""
+    run, ranks = run_engine(tmp_path, world, settings=settings)
+    assert run.step_numbers == [0, 1, 2, 3, 4]
+    assert run.policy_spec == spec
+    (own,) = replay_run(run, [spec], config=ReplayConfig(device="cpu")).policies
+    coef = float(settings.get("actor", {}).get("kl_loss_coef", 0.0))
+    for n, step in enumerate(run.steps(0, 4)):
+        logged, row = ranks[0]["steps"][n], own.steps[n]
+        loss = logged["pg_loss"] + coef * logged.get("kl_loss", 0.0)
+        assert -row["objective"] == pytest.approx(loss, abs=1e-6)
+        assert step.scalars["update_skipped"] == 0
+        for name in ("pg_clipfrac", "pg_clipfrac_lower"):
+            assert row[f"verl_{name}"] == pytest.approx(logged[name], abs=1e-6)
+        cells = [micro_batch_of(step, int(i)) for i in torch.unique(step["micro_batch"])]
+        ppo_kl = [verl_ppo_kl(cell) for cell in cells]
+        assert sum(ppo_kl) / len(ppo_kl) == pytest.approx(logged["ppo_kl"], abs=1e-6)
+        if world == 1:  # a multi-rank step's scalars other than loss are rank 0's
+            assert step.scalars["actor/ppo_kl"] == pytest.approx(logged["ppo_kl"], abs=1e-6)
+    if "engine" in settings:  # a micro-batch per sequence
+        assert int(run.step(0)["micro_batch"].max()) + 1 == run.step(0)["reward"].numel()
+    assert run.step(4).scalars["update_skipped"] == 1
+
+
+def test_engine_entropy_bonus_is_refused_in_one_line_and_training_goes_on(tmp_path: Path) -> None:
+    """entropy_coeff != 0 (verl's trainer then computes the entropy): one warning line naming
+    the entropy bonus, no step recorded, and verl's 5 updates all run."""
+    settings = {"actor": {"entropy_coeff": 0.01}, "calculate_entropy": True}
+    done = engine_process(tmp_path, 1, "vanilla", settings)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if "stabledrl" in line]
+    assert len(warnings) == 1
+    assert "cannot record this verl run: the entropy bonus (entropy_coeff != 0)" in warnings[0]
+    assert len(json.loads((tmp_path / "result.json").read_text())["steps"]) == 5
+    assert not list((tmp_path / "run").glob("steps/*"))
 
 
 def test_ray_worker_setup_hook_installs_the_recorder(tmp_path: Path) -> None:

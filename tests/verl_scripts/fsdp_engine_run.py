@@ -1,12 +1,15 @@
 """Drives verl 0.9's real `TrainingWorker` (FSDP2 engine) on CPU (gloo), hook installed.
 
-    python fsdp_engine_run.py OUT RESULT.json [LOSS_MODE]            (one process)
-    torchrun --nproc-per-node 2 fsdp_engine_run.py OUT RESULT.json [LOSS_MODE]
+    python fsdp_engine_run.py OUT RESULT.json [LOSS_MODE [SETTINGS]]            (one process)
+    torchrun --nproc-per-node 2 fsdp_engine_run.py OUT RESULT.json [LOSS_MODE [SETTINGS]]
 
 A tiny random Llama is trained through `TrainingWorker.train_mini_batch` with verl's own
 `ppo_loss` (what `ActorRolloutRefWorker.update_actor` calls; `policy_loss.loss_mode`
 LOSS_MODE, default vanilla; kl_cov with kl_cov_ratio 0.2): one rollout for 2 ppo epochs x 2
-mini-batches, then a mini-batch with a NaN advantage (verl skips that update). Each rank
+mini-batches, then a mini-batch with a NaN advantage (verl skips that update). SETTINGS, a
+JSON object, sets more: "actor" (ActorConfig fields, e.g. use_kl_loss, loss_scale_factor,
+entropy_coeff), "engine" (FSDPEngineConfig fields, e.g. use_dynamic_bsz,
+micro_batch_size_per_gpu) and "calculate_entropy" (as verl's trainer sets it). Each rank
 writes verl's own logged metrics of each mini-batch to RESULT.json (rank 0) or
 RESULT.json.rank<r>.
 
@@ -27,6 +30,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 os.environ["VERL_PLATFORM"] = "cpu"
 os.environ["VERL_ENGINE_DEVICE"] = "cuda"  # the FSDP engine registers for cuda/npu only
@@ -84,8 +88,9 @@ def tiny_model(path: str) -> None:
     fast.save_pretrained(path)
 
 
-def worker(path: str) -> TrainingWorker:
-    """verl's own TrainingWorker (outside Ray: it reads RANK, WORLD_SIZE, MASTER_* itself)."""
+def worker(path: str, engine: dict[str, Any]) -> TrainingWorker:
+    """verl's own TrainingWorker (outside Ray: it reads RANK, WORLD_SIZE, MASTER_* itself),
+    its FSDPEngineConfig fields overridden by `engine`."""
     model = HFModelConfig(
         path=path, use_remove_padding=True, override_config={"attn_implementation": "sdpa"}
     )
@@ -93,11 +98,14 @@ def worker(path: str) -> TrainingWorker:
         model_type="language_model",
         model_config=model,
         engine_config=FSDPEngineConfig(
-            strategy="fsdp2",
-            use_torch_compile=False,
-            model_dtype="fp32",
-            micro_batch_size_per_gpu=2,
-            max_token_len_per_gpu=24,  # dynamic batching: several micro-batches, reordered
+            **{
+                "strategy": "fsdp2",
+                "use_torch_compile": False,
+                "model_dtype": "fp32",
+                "micro_batch_size_per_gpu": 2,
+                "max_token_len_per_gpu": 24,  # dynamic batching: several micro-batches, reordered
+                **engine,
+            }
         ),
         optimizer_config=FSDPOptimizerConfig(lr=1e-3, clip_grad=0.5),
         checkpoint_config=CheckpointConfig(),
@@ -107,16 +115,17 @@ def worker(path: str) -> TrainingWorker:
     return built
 
 
-def main(out: str, result: str, loss_mode: str = "vanilla") -> None:
+def main(out: str, result: str, loss_mode: str = "vanilla", settings: str = "{}") -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
+    options = json.loads(settings)
     model_dir = [tempfile.mkdtemp() if rank == 0 else None]
     if rank == 0:
         tiny_model(model_dir[0] or "")
     dist.broadcast_object_list(model_dir, src=0)
     assert stabledrl_verl.install(out, overwrite=True)
-    actor = worker(model_dir[0] or "")
+    actor = worker(model_dir[0] or "", options.get("engine", {}))
     policy_loss = {"kl_cov_ratio": 0.2} if loss_mode == "kl_cov" else {}
-    config = actor_config(loss_mode=loss_mode, policy_loss=policy_loss)
+    config = actor_config(loss_mode=loss_mode, policy_loss=policy_loss, **options.get("actor", {}))
     actor.set_loss_fn(functools.partial(ppo_loss, config=config))
     data = rollout(n_prompts=4 * world, seed=1).exclude("_logp")
     mine = tu.index_select_tensor_dict(data, torch.arange(rank, data.shape[0], world))
@@ -132,7 +141,7 @@ def main(out: str, result: str, loss_mode: str = "vanilla") -> None:
             epochs=epochs,
             seed=rank,
             dataloader_kwargs={"shuffle": True},
-            calculate_entropy=False,
+            calculate_entropy=bool(options.get("calculate_entropy", False)),
             temperature=1.0,
         )
         output = actor.train_mini_batch(batch)
@@ -146,6 +155,8 @@ def main(out: str, result: str, loss_mode: str = "vanilla") -> None:
                         ("pg_loss", "actor/pg_loss"),
                         ("pg_clipfrac", "actor/pg_clipfrac"),
                         ("pg_clipfrac_lower", "actor/pg_clipfrac_lower"),
+                        ("ppo_kl", "actor/ppo_kl"),
+                        ("kl_loss", "kl_loss"),
                     )
                     if key in metrics  # kl_cov logs no clip fractions
                 }
@@ -157,5 +168,5 @@ def main(out: str, result: str, loss_mode: str = "vanilla") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
     exit_without_finalizing()
