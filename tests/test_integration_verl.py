@@ -804,6 +804,7 @@ def test_policy_mapping(overrides: dict[str, Any], spec: str) -> None:
             "loss_mode 'sapo' with use_kl_loss and loss_agg_mode 'token-mean': verl",
         ),
         ({"loss_mode": "dro"}, "loss_mode 'dro' is not one of"),
+        ({"loss_mode": "bypass_mode"}, "loss_mode 'bypass_mode' is not one of"),
         ({"entropy_coeff": 0.01}, "entropy bonus"),
         ({"use_kl_loss": True, "kl_loss_type": "k1"}, "kl_loss_type 'k1'"),
         ({"use_kl_loss": True, "kl_loss_type": "k3+"}, "kl_loss_type 'k3+'"),
