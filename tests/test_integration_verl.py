@@ -736,6 +736,8 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
         ({"loss_agg_mode": "seq-mean-token-mean"}, "dual-clip:agg=seq-mean-token-mean,rows=all"),
         ({"loss_agg_mode": "token-sum"}, "dual-clip:agg=token-sum"),
         ({"loss_mode": "sapo"}, "sapo:rows=all"),
+        ({"use_kl_loss": True, "kl_loss_coef": 0.0}, "dual-clip"),  # a KL term of weight 0
+        ({"loss_mode": "sapo", "use_kl_loss": True, "kl_loss_coef": 0.0}, "sapo:rows=all"),
         (
             {"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-mean"},
             "gspo:eps_high=0.2,eps_low=0.2,form=token,rows=all",

@@ -13,8 +13,8 @@ per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
 | geo_mean                                     | gmpo:eps_low,eps_high,mean=micro (rows=all)       |
 | kl_cov                                       | kl-cov:ratio=kl_cov_ratio,kl_coef=ppo_kl_coef,    |
 |                                              | cov=micro,agg                                     |
-| use_kl_loss, kl_loss_type low_var_kl or k3   | every spec above but gmpo's gains                 |
-|                                              | beta=kl_loss_coef, kl_weight=none (verl leaves    |
+| use_kl_loss with kl_loss_coef != 0,          | every spec above but gmpo's gains                 |
+| kl_loss_type low_var_kl or k3                | beta=kl_loss_coef, kl_weight=none (verl leaves    |
 |                                              | the KL unweighted) and kl_max=10 (its clamp)      |
 
 eps_low is `clip_ratio_low`, eps_high `clip_ratio_high` (each defaulting to `clip_ratio`).
@@ -134,16 +134,21 @@ _CLIP_COV = (
 )
 
 
+def _kl_loss(config: Any) -> bool:
+    """Whether verl's loss has a KL term: use_kl_loss with a non-zero kl_loss_coef."""
+    return bool(config.use_kl_loss) and float(config.kl_loss_coef) != 0.0
+
+
 def _check_recordable(config: Any) -> None:
     mode = loss_mode(config)
     if mode == "clip_cov":
         raise _refuse(f"loss_mode 'clip_cov': {_CLIP_COV}")
-    if mode == "geo_mean" and config.use_kl_loss:
+    if mode == "geo_mean" and _kl_loss(config):
         raise _refuse(
             "loss_mode 'geo_mean' with use_kl_loss: verl normalises the KL term by "
             "loss_agg_mode, the catalogue's gmpo by its own mean over rows"
         )
-    if mode == "sapo" and config.use_kl_loss and config.loss_agg_mode != agg_mode(config):
+    if mode == "sapo" and _kl_loss(config) and config.loss_agg_mode != agg_mode(config):
         raise _refuse(
             f"loss_mode 'sapo' with use_kl_loss and loss_agg_mode {config.loss_agg_mode!r}: "
             "verl aggregates its sapo term seq-mean-token-mean and its KL term by "
@@ -157,7 +162,7 @@ def _check_recordable(config: Any) -> None:
         )
     if float(config.entropy_coeff) != 0.0:
         raise _refuse("the entropy bonus (entropy_coeff != 0) is not in the catalogue")
-    if config.use_kl_loss and config.kl_loss_type not in KL_TYPES:
+    if _kl_loss(config) and config.kl_loss_type not in KL_TYPES:
         raise _refuse(
             f"kl_loss_type {config.kl_loss_type!r}; only {', '.join(KL_TYPES)} (k3) map to beta"
         )
@@ -202,7 +207,7 @@ def policy_for_actor_config(config: Any, response_width: int) -> Policy:
         c = float(config.get("clip_ratio_c", 20.0))  # verl's dppo default (ActorConfig's is 3)
         bounds = {"delta_low": eps_low, "delta_high": eps_high, "c": c}
         name, params = "dppo", {"divergence": mode.removeprefix("dppo_"), **bounds, **agg}
-    if config.use_kl_loss:  # verl weights its policy term only by rollout_is_weights
+    if _kl_loss(config):  # verl weights its policy term only by rollout_is_weights
         params["beta"] = float(config.kl_loss_coef)
         params["kl_weight"] = "none"
         params["kl_max"] = VERL_KL_MAX
