@@ -306,10 +306,15 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("with_weights", [True, False], ids=["rollout-is", "no-rollout-is"])
 @pytest.mark.parametrize("overrides", CASES)
-def test_own_policy_reproduces_verl_loss(overrides: dict[str, Any], tmp_path: Path) -> None:
+def test_own_policy_reproduces_verl_loss(
+    overrides: dict[str, Any], with_weights: bool, tmp_path: Path
+) -> None:
+    """Each configuration with rollout_is_weights (verl's rollout correction) and without
+    (its default)."""
     config = actor_config(**overrides)
-    steps = micro_batches(rollout(), mini=6, micro=2)
+    steps = micro_batches(rollout(), mini=6, micro=2, with_weights=with_weights)
     captured, losses = record(config, steps, tmp_path / "run")
     run = open_run(tmp_path / "run")
     own = get_policy(run.policy_spec or "")
@@ -327,6 +332,7 @@ def test_own_policy_reproduces_verl_loss(overrides: dict[str, Any], tmp_path: Pa
             assert objective == pytest.approx(-loss, abs=1e-6)
         assert step.scalars["loss"] == pytest.approx(verl_step, abs=1e-6)
         assert step.scalars["inner_step"] == n
+        assert (step.get("loss_weight") is not None) == with_weights
     assert sum(len(m) for m in captured) == 6
     if own.name in ("gspo", "dppo"):  # the clip / trust region bound somewhere
         assert discarded > 0
