@@ -714,6 +714,41 @@ def test_sigterm_stops_the_watch_as_ctrl_c_does(grpo_fixture, tmp_path):
     assert stderr.endswith("stopped (160 steps seen)\n") and "Traceback" not in stderr
 
 
+_POLL_THAT_WAITS = """
+import signal, sys
+from stabledrl_cli.replay import follow
+def poll(self):
+    sys.stderr.write("polling\\n")
+    sys.stderr.flush()
+    signal.pause()
+follow.RunWatcher.poll = poll
+from stabledrl_cli.cli.app import main
+sys.argv = ["stabledrl", *sys.argv[1:]]
+main()
+"""
+"""A `stabledrl` whose watcher's poll says so on stderr, then waits for a signal."""
+
+
+def test_sigterm_stops_a_watch_once_with_one_line(grpo_fixture):
+    """SIGTERM while `--once` reads the run: one line on stderr and exit 143, as the live watch
+    ends. Before, the process died at once: no line, and the shell saw the signal (-15)."""
+    command = [sys.executable, "-c", _POLL_THAT_WAITS, "watch", str(grpo_fixture), "--once"]
+    watch = subprocess.Popen(
+        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env=cli_environment(),
+    )  # fmt: skip
+    try:
+        assert watch.stderr is not None
+        assert watch.stderr.readline() == "polling\n"
+        watch.send_signal(signal.SIGTERM)
+        stderr = watch.stderr.read()
+        code = watch.wait(timeout=120)
+    finally:
+        watch.kill()
+    assert code == 143, stderr
+    assert stderr == "stopped by SIGTERM\n"
+
+
 def test_a_watch_ends_once_the_recording_closed_and_its_steps_are_read(tmp_path, monkeypatch):
     """A Recorder closed (its run marked `recording_closed`) between two polls: the next poll
     reads the steps that landed meanwhile and the watch ends as `--until-idle` does, with the

@@ -209,13 +209,13 @@ def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
 
 
 class _Terminated(BaseException):
-    """SIGTERM while following (a BaseException, as KeyboardInterrupt: no handler of an
+    """SIGTERM while following or reading (a BaseException, as KeyboardInterrupt: no handler of an
     error on the way catches it)."""
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM's handler while following: stops the watch as Ctrl-C does, once (a second
-    SIGTERM while it stops is ignored)."""
+    """SIGTERM's handler while following, or reading with --once: stops the watch as Ctrl-C
+    does, once (a second SIGTERM while it stops is ignored)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _Terminated
 
@@ -332,14 +332,22 @@ def command(
     if output_format == "json" and not once:
         raise UsageError("--format json needs --once (the live view is on stderr)")
     path = local_run(run, "watch", "it polls a local directory while steps land in it")
-    if once:
-        open_run(path)  # a missing path or a non-run: its own error, at once
-    from stabledrl_cli.replay.follow import RunWatcher  # torch: the own policy's replay
+    previous = signal.signal(signal.SIGTERM, _terminate) if once else signal.SIG_DFL
+    try:
+        if once:
+            open_run(path)  # a missing path or a non-run: its own error, at once
+        from stabledrl_cli.replay.follow import RunWatcher  # torch: the own policy's replay
 
-    watcher = RunWatcher(path, ReplayConfig(device=device), recent=recent)
-    if once:
-        code = _once(watcher, gates, output_format)
-    else:
-        code = _follow(watcher, gates, interval, until_idle)
+        watcher = RunWatcher(path, ReplayConfig(device=device), recent=recent)
+        if once:
+            code = _once(watcher, gates, output_format)
+        else:
+            code = _follow(watcher, gates, interval, until_idle)
+    except _Terminated:  # --once: as the live watch, a line and 143
+        err.print("stopped by SIGTERM", highlight=False)
+        code = TERMINATED
+    finally:
+        if once:
+            signal.signal(signal.SIGTERM, previous)
     if code:
         raise typer.Exit(code)
