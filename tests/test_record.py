@@ -10,10 +10,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _cli import cli_command
+from _cli import TIMEOUT, cli_command, cli_environment
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import Recorder
 
 SCRIPT = textwrap.dedent(
     """
@@ -390,3 +391,25 @@ def test_branch_steps_past_the_bound_are_a_usage_error_before_training(tmp_path,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{MAX_RL_STEPS}" in lines[0], result.stderr
     assert branched == []
+
+
+def test_record_force_over_a_closed_run_removes_its_mark_before_the_command_runs(tmp_path):
+    """`record --force -- CMD` over a closed run: the mark is gone before the command starts,
+    so a watch started beside it follows the new recording. Before, the mark stayed until the
+    command's Recorder opened (at its first step, after its imports and model loading): a
+    watch started meanwhile ended at once on the old run, with its gates (here the command,
+    which checks the mark, exited 7)."""
+    out = tmp_path / "run"
+    with Recorder(out, policy=None) as recorder:
+        recorder.log_step(0, grad_norm=1.0)
+    check = (
+        "import json, sys; "
+        f"sys.exit(7 if 'recording_closed' in json.load(open({str(out / 'manifest.json')!r})) "
+        "else 0)"
+    )
+    done = subprocess.run(
+        cli_command("record", "--out", out, "--force", "--", sys.executable, "-c", check),
+        capture_output=True, text=True, env=cli_environment(), timeout=TIMEOUT,
+    )  # fmt: skip
+    assert "exited with code 7" not in done.stderr and done.returncode != 7, done.stderr
+    assert "recording_closed" not in json.loads((out / "manifest.json").read_text())

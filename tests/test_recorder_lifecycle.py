@@ -241,3 +241,35 @@ def test_a_run_killed_while_recording_is_not_marked_closed(tmp_path):
     assert done.returncode == -9, done.stderr
     assert sd.open_run(path).step_numbers == [0, 1, 2]
     assert _closed_mark(path) is None
+
+
+def test_a_closed_run_overwritten_loses_its_mark_before_any_step_file_goes(tmp_path, monkeypatch):
+    """`overwrite=True` (`record --force`, `import --force`, `branch --force`) over a closed run:
+    the old manifest's mark is removed before its step files are, so a watcher that reads the
+    run while they go does not end on a run half gone. Before, the mark stayed until the new
+    manifest was written: such a watcher read the old manifest, closed, over the steps left
+    (here 2 of 3) and ended as if the recording were done."""
+    from stabledrl_cli.dump import _setup
+    from stabledrl_cli.replay.config import ReplayConfig
+    from stabledrl_cli.replay.follow import RunWatcher
+
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy=None) as recorder:
+        for step in range(3):
+            recorder.log_step(step, grad_norm=1.0)
+    assert _closed_mark(run) is True
+    watcher = RunWatcher(run, ReplayConfig(device="cpu"))
+    seen: list[tuple[bool, int]] = []
+    remove = _setup._remove
+
+    def removed_then_polled(path: Path) -> None:
+        remove(path)
+        if not seen:  # the first step file gone: a watcher polls
+            watcher.poll()
+            seen.append((watcher.closed, watcher.state().steps))
+
+    monkeypatch.setattr(_setup, "_remove", removed_then_polled)
+    with sd.Recorder(run, policy=None, overwrite=True) as recorder:
+        recorder.log_step(0, grad_norm=2.0)
+    assert seen == [(False, 2)]
+    assert _closed_mark(run) is True

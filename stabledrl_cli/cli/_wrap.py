@@ -32,6 +32,7 @@ from stabledrl_cli.capture.bootstrap import (
     FATAL,
 )
 from stabledrl_cli.cli._output import err
+from stabledrl_cli.dump._setup import reopen_run
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.policies import resolve_spec
 
@@ -100,6 +101,8 @@ def run_command(
     if policy is not None:
         resolve_spec(policy)  # a bad spec is a usage error here, not a warning in the child
     out.mkdir(parents=True, exist_ok=True)
+    if force:  # recorded again: a watch of it must not end on the run it holds now
+        reopen_run(out)
     with tempfile.TemporaryDirectory(prefix="stabledrl-record-") as scratch:
         status = Path(scratch) / "status"
         status.touch()

@@ -59,8 +59,9 @@ SCALAR_STEP_VERSION = (1, 2)
 MANIFEST_NAME = "manifest.json"
 RECORDING_CLOSED = "recording_closed"
 """The manifest's mark (true) that the run's recording closed: every step it will have is
-written. Only a closed Recorder of a world_size 1 run writes it, a resumed run clears it
-before writing a step; older readers leave it alone, as every field they do not know."""
+written. Only a closed Recorder of a world_size 1 run writes it, a resumed or overwritten
+run clears it before any step file changes; older readers leave it alone, as every field
+they do not know."""
 STEPS_DIR = "steps"
 
 MANIFEST_LIMIT = 1 << 20

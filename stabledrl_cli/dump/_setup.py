@@ -3,7 +3,8 @@
 - New (the default): the directory must be absent or empty of what this recorder would write
   (for rank 0: anything besides steps/; for every rank: its own step files).
 - `overwrite=True`: removes this recorder's own step files, never another rank's (with
-  world_size 1 every step file is its own); rank 0 writes a fresh manifest.
+  world_size 1 every step file is its own); rank 0 removes the old manifest's
+  `recording_closed` mark first, and writes a fresh manifest once they are gone.
 - `resume=True`: continues the run in place. Its manifest must agree on unit, world_size,
   group_ids and the policy spec (else UsageError); it is kept as it is, but for its
   `recording_closed` mark, which rank 0 removes first: the run is recorded again. Of this
@@ -80,6 +81,19 @@ def amend_manifest(path: Path, name: str, value: object | None) -> None:
     write_atomic(manifest_path, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
 
 
+def reopen_run(path: Path) -> None:
+    """Removes the run's `recording_closed` mark, if its manifest has one: the run is about to
+    be recorded again (resumed, or replaced), so a reader must not take it for finished while
+    its step files change. Nothing for no manifest or one that cannot be read (a new one is
+    written); WriteError when the mark cannot be removed."""
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(manifest, dict) and RECORDING_CLOSED in manifest:
+        amend_manifest(path, RECORDING_CLOSED, None)
+
+
 def _check_compatible(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
     defaults = {"group_ids": "per_rank"}
     for name in _MUST_AGREE:
@@ -135,6 +149,8 @@ def prepare_run(
     if resume:
         manifest, last = _resume(path, manifest, rank, world_size, resume_from)
     elif overwrite:
+        if rank == 0:
+            reopen_run(path)  # before any step file changes
         for file, _step, _temporary in _own_step_files(steps, rank, world_size):
             _remove(file)
     elif path.is_dir():

@@ -11,7 +11,8 @@ name. `close()` (or leaving the `with` block) drains the queue; at exit, the que
 Recorder that was never closed is drained too (even when the Recorder was dropped). Once
 its writes are done, `close()` marks a world_size 1 run `recording_closed` in its manifest
 (best effort): a reader following the run knows no step will come. An open Recorder's run
-has no mark, so a killed recording never leaves one; `resume=True` removes it.
+has no mark, so a killed recording never leaves one; `resume=True` and `overwrite=True`
+remove it.
 
 A failed write (a full disk, a read-only directory) raises WriteError (exit 4) naming the
 file, from `log_step` (synchronous) or from the next `log_step`, `flush` or `close` (async);
