@@ -112,6 +112,10 @@ class OwnReplay:
         self._scalar: list[int] = []
         self._rejected: list[tuple[int, str]] = []
         self._tail: int | None = None
+        self._open: int | None = None
+        """The last step read, when it holds a policy batch: its optimizer step's half may
+        still be added to it (its file rewritten: docs/recording.md), so its header is read
+        again by the next call."""
         self._blocks: list[np.ndarray] = []
         self._geometry: list[StepGeometryKind] = []
         self._loss: list[np.ndarray] = []
@@ -122,7 +126,8 @@ class OwnReplay:
         self._headers: dict[int, Step] = {}
         """The header of each step read, as last read."""
         self._guards = GuardReplay()
-        """The grad-norm guards (`observe`'s default ones) over the steps read, but the tail."""
+        """The grad-norm guards (`observe`'s default ones) over the steps read, but the last
+        one (the tail, or the open step)."""
         self._observed: Observed | None = None
         self._series: dict[str, ColumnArray] | None = None
         """What `observed` and `series` derived from the steps read, until more are read."""
@@ -156,15 +161,21 @@ class OwnReplay:
         the policy cannot be replayed with is rejected: `rejected`). The last step read, when
         it is a scalar step, is read again by the next call: a recording that adds a step's
         policy batch to its optimizer step rewrites the step's file with both
-        (docs/recording.md). InputError for a step that lacks a field the policy needs."""
+        (docs/recording.md); when it holds a policy batch, its header is read again (the
+        optimizer step's half may be added to it the same way). InputError for a step that
+        lacks a field the policy needs."""
         final = self._steps + self._scalar + [n for n, _ in self._rejected]
         last = max(final) if final else None
         new = sorted(n for n in set(numbers) if last is None or n > last)
         tail, self._tail = self._tail, None
-        if not new:
-            return []
+        opened, self._open = self._open, None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RunIntegrityWarning)
+            if opened is not None:
+                self._read_again(opened)
+            if not new:
+                self._open = opened
+                return []
             headers = list(StepSubset(self.run, new).step_headers())
             if tail is not None and self._same_tail(tail, headers):
                 self._tail = tail
@@ -205,7 +216,10 @@ class OwnReplay:
         if scalar and (not batch or scalar[-1] > max(batch)):
             self._tail = scalar.pop()
         self._scalar.extend(scalar)
-        self._guards.extend(self._guard_inputs(sorted(batch + scalar)))
+        fed = sorted(batch + scalar + ([] if opened is None else [opened]))
+        if self._tail is None and batch:
+            self._open = fed.pop()  # the last step read, its batch: read again next time
+        self._guards.extend(self._guard_inputs(fed))
         for step, inner, value in zip(
             gathered.steps, gathered.inner_step, gathered.values, strict=True
         ):
@@ -222,6 +236,14 @@ class OwnReplay:
             return False
         was = self._headers[tail]
         return headers[0].is_scalar and headers[0].scalars == was.scalars
+
+    def _read_again(self, n: int) -> None:
+        """Reads the header of step `n` (the open step) again: when its scalars changed (its
+        optimizer step's half added), what is derived from them is derived again."""
+        for header in StepSubset(self.run, [n]).step_headers():
+            if header.scalars != self._headers[n].scalars:
+                self._headers[n] = header
+                self._observed = None
 
     def _guard_inputs(self, numbers: Sequence[int]) -> list[GuardInput]:
         """What the guards see of these steps read: those that recorded a grad_norm."""
@@ -279,7 +301,7 @@ class OwnReplay:
             noise_floor=self._floor,
             likelihood=self._likelihood,
             guard_reports=self._guards.reports(
-                self._guard_inputs([] if self._tail is None else [self._tail])
+                self._guard_inputs([n for n in (self._open, self._tail) if n is not None])
             ),
         )
         return self._observed
@@ -409,9 +431,9 @@ class RunWatcher:
     (its manifest removed, or rewritten as another run's: `record --force` over it; or steps
     it read removed) is dropped with all that was read of it, and the path followed again
     from the start (`replaced` counts how often). A step read is not read again (but the last
-    one while it is a scalar step), and what is derived from the steps read is derived again
-    only when more were read. `closed` says when a poll read every step the run will have
-    (its manifest marked `recording_closed`)."""
+    one, which a recording may still rewrite), and what is derived from the steps read is
+    derived again only when more were read, or the last one changed. `closed` says when a
+    poll read every step the run will have (its manifest marked `recording_closed`)."""
 
     def __init__(
         self, path: str | os.PathLike[str], config: ReplayConfig | None = None, *, recent: int = 10
