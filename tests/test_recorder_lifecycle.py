@@ -273,3 +273,57 @@ def test_a_closed_run_overwritten_loses_its_mark_before_any_step_file_goes(tmp_p
         recorder.log_step(0, grad_norm=2.0)
     assert seen == [(False, 2)]
     assert _closed_mark(run) is True
+
+
+class _TellingLock:
+    """A Recorder's lock that sets `wanted` when a thread starts to wait for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.wanted = threading.Event()
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self.wanted.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
+def test_a_close_from_another_thread_marks_the_run_after_a_step_under_way(tmp_path, monkeypatch):
+    """A synchronous Recorder closed from one thread while another is writing a step: the
+    run is marked `recording_closed` only once that step is final (a watch that reads the
+    mark then lists every step). Before, close marked it at once, the step landing after
+    the mark; the async Recorder already waited for a log_step under way."""
+    from stabledrl_cli.dump import _setup, _writer
+
+    run = tmp_path / "run"
+    recorder = sd.Recorder(run, policy=None)
+    recorder.log_step(0, grad_norm=1.0)
+    lock = _TellingLock()
+    recorder._lock = lock  # type: ignore[assignment]
+    writing = threading.Event()
+    write, amend = _writer._write, _setup.amend_manifest
+    step = run / "steps" / "step-00000001.safetensors"
+    landed: list[bool] = []
+
+    def slow_write(item: object) -> None:
+        writing.set()
+        lock.wanted.wait()  # until close waits for the lock (or marks the run without it)
+        write(item)  # type: ignore[arg-type]
+
+    def telling_amend(path: Path, name: str, value: object | None) -> None:
+        landed.append(step.exists())
+        lock.wanted.set()
+        amend(path, name, value)
+
+    monkeypatch.setattr(_writer, "_write", slow_write)
+    monkeypatch.setattr(_writer, "amend_manifest", telling_amend)
+    logging = threading.Thread(target=recorder.log_step, args=(1,), kwargs={"grad_norm": 1.0})
+    logging.start()
+    assert writing.wait(timeout=120)
+    recorder.close()
+    logging.join()
+    assert landed == [True]
+    assert _closed_mark(run) is True

@@ -512,9 +512,10 @@ class Recorder:
                 writer.stop()
                 self._raise_writer_error()
         if own and not self._closed_marked and self.rank == 0 and self.world_size == 1:
-            self._closed_marked = True
-            with suppress(OSError, ValueError, WriteError):  # best effort, as the stopped note
-                amend_manifest(self.path, RECORDING_CLOSED, True)
+            with self._lock:  # a log_step under way in another thread lands first
+                self._closed = self._closed_marked = True
+                with suppress(OSError, ValueError, WriteError):  # best effort, as the note
+                    amend_manifest(self.path, RECORDING_CLOSED, True)
         self._closed = True
 
     def __enter__(self) -> Recorder:
