@@ -929,3 +929,30 @@ def test_a_watcher_polled_anywhere_sees_what_a_fresh_one_sees(tmp_path, seed):
             assert _comparable(watcher) == _comparable(fresh), n
             assert set(map(str, fresh.state().alerts)) <= set(map(str, watcher.state().alerts))
     recorder.close()
+
+
+def test_a_run_resumed_while_a_poll_lists_it_is_not_closed(tmp_path, monkeypatch):
+    """A closed run resumed between the poll's read of its mark and its listing (the resume
+    removes the mark, then the steps it writes again): the poll's listing is not every step
+    the run will have, so the watch does not end. Before, the poll took the mark read before
+    for the listing made after: closed, over a run cut to 5 steps while training went on."""
+    from stabledrl_cli.dump._directory import DirectoryRun
+
+    live = _scalar_run(tmp_path / "live", range(10), policy=None)
+    listed = DirectoryRun.listed_step_numbers
+    resumed: list[Recorder] = []
+
+    def resumed_first(self: DirectoryRun) -> list[int]:
+        if not resumed:
+            resumed.append(Recorder(live, policy=None, resume=True, resume_from=5))
+        return listed.fget(self)  # type: ignore[attr-defined, no-any-return]
+
+    monkeypatch.setattr(DirectoryRun, "listed_step_numbers", property(resumed_first))
+    watcher = RunWatcher(live, CPU)
+    watcher.poll()
+    assert (watcher.state().steps, watcher.closed) == (5, False)
+    for n in range(5, 12):
+        _scalar_step(resumed[0], n)
+    resumed[0].close()
+    watcher.poll()
+    assert (watcher.state().steps, watcher.closed) == (12, True)

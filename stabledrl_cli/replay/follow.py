@@ -457,7 +457,8 @@ class RunWatcher:
         recording stopped after a failed write, training going on), as last read."""
         self.closed = False
         """Whether the manifest was marked `recording_closed` before the last poll listed the
-        steps: that poll read every step the run will have (docs/run-format.md)."""
+        steps, and was the same after: that poll read every step the run will have
+        (docs/run-format.md)."""
 
     def _open(self) -> OwnReplay | None:
         if self.replay is None:
@@ -501,6 +502,16 @@ class RunWatcher:
         self._closed_mark = now.get(RECORDING_CLOSED) is True
         return run_of(now) != run_of(replay.run.manifest)
 
+    def _manifest_kept(self) -> bool:
+        """Whether the manifest is still the one last read (a packed archive always is): a
+        resume removes the `recording_closed` mark before any step file changes."""
+        if self._manifest_key is None:
+            return True
+        try:
+            return file_key((self.path / MANIFEST_NAME).stat()) == self._manifest_key
+        except OSError:
+            return False
+
     def _start_over(self) -> None:
         """Drops all that was read of the run: the path is followed again from its start."""
         self.replay = None
@@ -529,7 +540,7 @@ class RunWatcher:
             closed = self._closed_mark
             numbers = replay.run.listed_step_numbers
         replay.extend(numbers)
-        self.closed = closed
+        self.closed = closed and self._manifest_kept()  # the mark held through the listing
         if not replay.seen:
             self._waiting = f"waiting for the first step of {self.path}"
             return []
