@@ -956,3 +956,24 @@ def test_a_run_resumed_while_a_poll_lists_it_is_not_closed(tmp_path, monkeypatch
     resumed[0].close()
     watcher.poll()
     assert (watcher.state().steps, watcher.closed) == (12, True)
+
+
+def test_a_watch_run_from_another_thread_than_the_main_one(tmp_path):
+    """The watch called from a thread that is not the main one (a script that checks its run
+    from a worker thread): no SIGTERM handler is set (Python allows one only in the main
+    thread), and the watch runs as anywhere else. Before, --once and the live watch both
+    failed on the handler: exit 70, 'internal error: ValueError: signal only works in main
+    thread'."""
+    live = _scalar_run(tmp_path / "live", range(30), policy=None)  # closed: the watch ends
+    codes: dict[str, tuple[int, str]] = {}
+
+    def watch() -> None:
+        for name, more in (("once", ["--once"]), ("live", ["--interval", "0.01"])):
+            result = CliRunner().invoke(app, ["watch", str(live), "--max-spikes", "0", *more])
+            codes[name] = (result.exit_code, result.stderr.splitlines()[-1])
+
+    worker = threading.Thread(target=watch)
+    worker.start()
+    worker.join()
+    tripped = "gate tripped: (run) max_spikes: 1 grad-norm spike step, limit 0 (steps 25)"
+    assert codes == {"once": (1, tripped), "live": (1, tripped)}

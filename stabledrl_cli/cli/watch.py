@@ -23,9 +23,10 @@ again.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Group
@@ -209,15 +210,24 @@ def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
 
 
 class _Terminated(BaseException):
-    """SIGTERM while following or reading (a BaseException, as KeyboardInterrupt: no handler of an
-    error on the way catches it)."""
+    """SIGTERM while watching (a BaseException, as KeyboardInterrupt: no handler of an error
+    on the way catches it)."""
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM's handler while following, or reading with --once: stops the watch as Ctrl-C
-    does, once (a second SIGTERM while it stops is ignored)."""
+    """SIGTERM's handler while watching: stops the watch as Ctrl-C does, once (a second
+    SIGTERM while it stops is ignored)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _Terminated
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Sets SIGTERM's handler, -> the one it replaces: in the main thread only, the one
+    thread Python lets set a handler (called from another, the watch leaves SIGTERM as it is,
+    and -> `handler`)."""
+    if threading.current_thread() is not threading.main_thread():
+        return handler
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _end_view() -> None:
@@ -233,7 +243,7 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
     replaced = 0  # times the run was replaced under the watch
     stopped: str | None = None  # the stopped recording warned about
     state = watcher.state()  # as the view shows it
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = _on_sigterm(_terminate)
     try:
         with Live(_view(state), console=err, auto_refresh=False) as live:
             while True:
@@ -272,7 +282,7 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
         _end_view()  # the error's line is a line of its own
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _on_sigterm(previous)
     _end_view()
     if state.steps == 0 and watcher.closed:
         raise InputError(f"{watcher.path}: the recording closed with no readable step")
@@ -332,7 +342,7 @@ def command(
     if output_format == "json" and not once:
         raise UsageError("--format json needs --once (the live view is on stderr)")
     path = local_run(run, "watch", "it polls a local directory while steps land in it")
-    previous = signal.signal(signal.SIGTERM, _terminate) if once else signal.SIG_DFL
+    previous = _on_sigterm(_terminate)  # the live watch sets its own as it follows
     try:
         if once:
             open_run(path)  # a missing path or a non-run: its own error, at once
@@ -343,11 +353,10 @@ def command(
             code = _once(watcher, gates, output_format)
         else:
             code = _follow(watcher, gates, interval, until_idle)
-    except _Terminated:  # --once: as the live watch, a line and 143
+    except _Terminated:  # before the live watch follows, or with --once: a line and 143
         err.print("stopped by SIGTERM", highlight=False)
         code = TERMINATED
     finally:
-        if once:
-            signal.signal(signal.SIGTERM, previous)
+        _on_sigterm(previous)
     if code:
         raise typer.Exit(code)
