@@ -178,6 +178,23 @@ def test_a_command_that_records_no_step_fails_with_the_reason(tmp_path, monkeypa
     assert "Traceback" not in result.stderr
 
 
+def test_a_command_that_records_no_step_over_an_earlier_run_fails(tmp_path, monkeypatch):
+    """`record --force` over a run, with a command that records nothing: the earlier run's
+    step files are not the command's. Before, record exited 0, as if the command had
+    recorded them."""
+    out = tmp_path / "run"
+    with Recorder(out, policy=None) as recorder:
+        for n in range(3):
+            recorder.log_step(n, grad_norm=1.0, loss=0.5)
+    script = tmp_path / "silent.py"
+    script.write_text("print('trained without logging')\n")
+    result = _record_process(out, script, monkeypatch, "--force", "-p", "grpo")
+    assert result.returncode == 2, result.stderr
+    assert "recorded no step" in result.stderr
+    assert "holds only the 3 step file(s) it held before" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_failed_recorder_fails_record_even_when_the_command_succeeds(tmp_path, monkeypatch):
     script = tmp_path / "bad.py"
     script.write_text(

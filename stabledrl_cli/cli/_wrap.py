@@ -3,7 +3,7 @@ directory exported to it, then turn what happened into one exit code. The comman
 failing exit code wins, except that a stabledrl error which ended the command uncaught
 (reported through the status file, its `error:` line printed by the child) gives its own
 code; otherwise a recording failure its bootstrap reported (capture/bootstrap.py, through the
-status file) or a run without any step is an error.
+status file) or a run the command wrote no step file to is an error.
 
 The directory holding the sitecustomize of capture/_site/ goes first on the command's
 PYTHONPATH: every Python process of the command (a torchrun's ranks too) reports an uncaught
@@ -49,15 +49,24 @@ NO_STEP = (
 )
 
 
-def _recorded_steps(out: Path) -> int:
-    """Step files the run holds (every rank's)."""
+def _step_files(out: Path) -> dict[str, tuple[int, int]]:
+    """The run's step files (every rank's), each name with its (inode, mtime_ns): a step
+    written again is a new file (written atomically), so either moves."""
     # Imported here: the dump package imports torch, which `record --help` never needs.
     from stabledrl_cli.dump._schema import STEP_FILE_RE, STEPS_DIR
 
     steps = out / STEPS_DIR
     if not steps.is_dir():
-        return 0
-    return sum(1 for path in steps.iterdir() if STEP_FILE_RE.match(path.name))
+        return {}
+    found = {}
+    for path in steps.iterdir():
+        if STEP_FILE_RE.match(path.name):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            found[path.name] = (stat.st_ino, stat.st_mtime_ns)
+    return found
 
 
 def _child_failures(status: Path) -> tuple[list[tuple[int, str]], list[int]]:
@@ -94,7 +103,8 @@ def run_command(
     """Run CMD with the run directory exported and the sitecustomize on its path (its hooks
     on with `optimizer_hooks`); an uncaught stabledrl error's code, else CMD's failing exit
     code becomes ours (said with the number of step files the run holds), else a recording
-    failure or a run without steps is an error (capture/bootstrap.py). `debug` (`--debug`):
+    failure or a command that wrote no step file (one it held before, under --force, is not its
+    own) is an error (capture/bootstrap.py). `debug` (`--debug`):
     the command's uncaught stabledrl error shows its traceback too."""
     if shutil.which(cmd[0]) is None:
         raise UsageError(f"command not found: {cmd[0]}")
@@ -120,6 +130,7 @@ def run_command(
             highlight=False,
             markup=True,
         )
+        before = _step_files(out)
         code = subprocess.call(cmd, env=env)
         failures, fatal = _child_failures(status)
     if code == UNCAUGHT and fatal:  # a tool error ended the command: its line is out already
@@ -131,7 +142,7 @@ def run_command(
                 highlight=False,
                 markup=True,
             )
-        steps = _recorded_steps(out)
+        steps = len(_step_files(out))
         held = f"{steps} step file(s): `stabledrl inspect {out}`" if steps else "no step file"
         err.print(
             f"the training command exited with code {code}; the run holds {held}",
@@ -144,5 +155,9 @@ def run_command(
             code, WriteError
         )
         raise error(f"recording failed: {reason}")
-    if _recorded_steps(out) == 0:
-        raise UsageError(NO_STEP)
+    after = _step_files(out)
+    if not any(before.get(name) != stamp for name, stamp in after.items()):
+        earlier = (
+            f"; {out} holds only the {len(after)} step file(s) it held before" if after else ""
+        )
+        raise UsageError(NO_STEP + earlier)
