@@ -977,3 +977,17 @@ def test_a_watch_run_from_another_thread_than_the_main_one(tmp_path):
     worker.join()
     tripped = "gate tripped: (run) max_spikes: 1 grad-norm spike step, limit 0 (steps 25)"
     assert codes == {"once": (1, tripped), "live": (1, tripped)}
+
+
+def test_a_packed_archive_is_closed_once_read(grpo_fixture, tmp_path):
+    """An archive gains no step, marked `recording_closed` or not (the committed fixture is
+    not): its first poll reads every step and the watch ends. Before, a watch of it never
+    ended on its own."""
+    from stabledrl_cli.dump._packer import pack_run
+
+    archive = tmp_path / "grpo.h5"
+    pack_run(open_run(grpo_fixture), archive)
+    assert "recording_closed" not in open_run(archive).manifest
+    watcher = RunWatcher(archive, recent=2)
+    watcher.poll()
+    assert watcher.closed and len(watcher.replay.seen) == 160

@@ -433,7 +433,8 @@ class RunWatcher:
     from the start (`replaced` counts how often). A step read is not read again (but the last
     one, which a recording may still rewrite), and what is derived from the steps read is
     derived again only when more were read, or the last one changed. `closed` says when a
-    poll read every step the run will have (its manifest marked `recording_closed`)."""
+    poll read every step the run will have (its manifest marked `recording_closed`, or a
+    packed archive)."""
 
     def __init__(
         self, path: str | os.PathLike[str], config: ReplayConfig | None = None, *, recent: int = 10
@@ -470,7 +471,9 @@ class RunWatcher:
                     return None
             self.replay = OwnReplay(open_run(self.path), self.config)
             self.recording_stopped = _stopped_note(self.replay.run.manifest)
-            self._closed_mark = self.replay.run.manifest.get(RECORDING_CLOSED) is True
+            # A packed archive holds every step it will ever have, marked or not.
+            archive = self._manifest_key is None
+            self._closed_mark = archive or self.replay.run.manifest.get(RECORDING_CLOSED) is True
         return self.replay
 
     def _replaced(self, replay: OwnReplay) -> bool:
