@@ -913,8 +913,9 @@ def test_engine_loss_and_clip_fractions_match_verl(engine_run: Any) -> None:
 
 
 def test_replay_verl_metrics_equal_verls_logged_ones(engine_run: Any) -> None:
-    """`stabledrl replay`'s verl_pg_clipfrac / verl_pg_clipfrac_lower of the run's own policy
-    equal what verl logged for each optimizer step, on 1 and 2 ranks."""
+    """`stabledrl replay`'s verl_pg_clipfrac / verl_pg_clipfrac_lower / verl_ppo_kl of the
+    run's own policy equal what verl logged for each optimizer step (the mean over ranks), on 1
+    and 2 ranks."""
     run, ranks = engine_run
     result = replay_run(run, [run.policy_spec or ""], config=ReplayConfig(device="cpu"))
     (own,) = result.policies
@@ -922,6 +923,7 @@ def test_replay_verl_metrics_equal_verls_logged_ones(engine_run: Any) -> None:
         logged, row = ranks[0]["steps"][n], own.steps[n]
         assert row["verl_pg_clipfrac"] == pytest.approx(logged["pg_clipfrac"], abs=1e-6)
         assert row["verl_pg_clipfrac_lower"] == pytest.approx(logged["pg_clipfrac_lower"], abs=1e-6)
+        assert row["verl_ppo_kl"] == pytest.approx(logged["ppo_kl"], abs=1e-6)
 
 
 def test_engine_groups_split_across_ranks_are_marked(engine_run: Any) -> None:
@@ -963,7 +965,7 @@ def test_engine_micro_batch_losses_replay_verls_loss(
         micro.add(int(step["micro_batch"].max()) + 1)
         logged = ranks[0]["steps"][n]
         assert -own.steps[n]["objective"] == pytest.approx(logged["pg_loss"], rel=1e-6, abs=1e-7)
-        for name in ("pg_clipfrac", "pg_clipfrac_lower"):
+        for name in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
             if name in logged:
                 assert own.steps[n][f"verl_{name}"] == pytest.approx(logged[name], abs=1e-6)
     assert max(micro) > world
@@ -1026,7 +1028,7 @@ def test_engine_actor_settings_replay_verls_logged_metrics(
         loss = logged["pg_loss"] + coef * logged.get("kl_loss", 0.0)
         assert -row["objective"] == pytest.approx(loss, abs=1e-6)
         assert step.scalars["update_skipped"] == 0
-        for name in ("pg_clipfrac", "pg_clipfrac_lower"):
+        for name in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
             assert row[f"verl_{name}"] == pytest.approx(logged[name], abs=1e-6)
         cells = [micro_batch_of(step, int(i)) for i in torch.unique(step["micro_batch"])]
         ppo_kl = [verl_ppo_kl(cell) for cell in cells]

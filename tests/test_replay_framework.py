@@ -118,7 +118,8 @@ def _trl_micro(batch: dict[str, torch.Tensor], spec: str) -> dict[str, float]:
 
 def _verl_micro(batch: dict[str, torch.Tensor], spec: str) -> dict[str, float]:
     """verl 0.9.1 core_algos.compute_policy_loss_vanilla (dual-clip c) / _cispo / _gspo, their
-    pg_clipfrac and pg_clipfrac_lower, with verl_F.masked_mean = sum / (mask.sum() + 1e-8)."""
+    pg_clipfrac, pg_clipfrac_lower and ppo_kl, with verl_F.masked_mean = sum / (mask.sum() +
+    1e-8)."""
     policy = get_policy(spec)
     config = policy.config
     mask = batch["mask"]
@@ -138,18 +139,25 @@ def _verl_micro(batch: dict[str, torch.Tensor], spec: str) -> dict[str, float]:
         return {
             "verl_pg_clipfrac": masked_mean(torch.gt(pg_losses2, pg_losses1).float()),
             "verl_pg_clipfrac_lower": 0.0,
+            "verl_ppo_kl": masked_mean(-negative_approx_kl),
         }
-    ratio = torch.exp(torch.clamp(negative_approx_kl, min=-20.0, max=20.0))
+    negative_approx_kl = torch.clamp(negative_approx_kl, min=-20.0, max=20.0)
+    ppo_kl = masked_mean(-negative_approx_kl)
+    ratio = torch.exp(negative_approx_kl)
     if policy.name == "cispo":
         clipped_ratio = torch.clamp(ratio, low, high)
         return {
             "verl_pg_clipfrac": masked_mean((ratio != clipped_ratio).float()),
             "verl_pg_clipfrac_lower": 0.0,
+            "verl_ppo_kl": ppo_kl,
         }
     pg_losses1 = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, low, high)
     clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
-    out = {"verl_pg_clipfrac": masked_mean(torch.gt(pg_losses2, pg_losses1).float())}
+    out = {
+        "verl_pg_clipfrac": masked_mean(torch.gt(pg_losses2, pg_losses1).float()),
+        "verl_ppo_kl": ppo_kl,
+    }
     if policy.name == "dual-clip":
         pg_losses3 = -advantages * config.c
         lower = torch.gt(clip_pg_losses1, pg_losses3) * (advantages < 0).float()
@@ -270,3 +278,42 @@ def test_verl_fractions_with_ratios_past_the_clamp_equal_verls_clamped_ratio(spe
     if spec == "dual-clip":
         lower = ((adv < 0) & (ratio > config.c) & scored).sum().item() / den
         assert got[VERL_METRICS[1]].item() == pytest.approx(lower, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("spec", "form"),
+    [
+        ("dual-clip", "clamped"),  # compute_policy_loss_vanilla
+        ("cispo:eps_low=0.2", "clamped"),
+        ("sapo", "clamped"),
+        ("dppo", "clamped"),
+        ("gspo", "raw"),
+        ("gmpo", "raw"),  # compute_policy_loss_geo_mean
+        ("clip-cov", "raw"),
+        ("kl-cov", "abs"),
+        ("is", "none"),
+        ("cispo:cap=1.1", "none"),  # TRL's form
+    ],
+)
+def test_verl_ppo_kl_takes_each_loss_modes_form(spec, form):
+    """verl's ppo_kl: masked_mean(-log r) with log r clamped to [-20, 20] (vanilla, cispo, sapo,
+    dppo) or not (gspo, clip_cov, geo_mean); kl_cov logs masked_mean(|log r|); null where
+    verl has no such loss."""
+    from stabledrl_cli.policies import PolicyBatch, prepare
+    from stabledrl_cli.replay.framework import framework_metrics, micro_batches
+
+    log_ratio = torch.tensor([-30.0, -21.0, -0.5, 0.0, 0.1, 0.5, 1.2, 21.0, 30.0, 90.0])
+    adv = torch.tensor([1.0, -1.0, -2.0, 1.0, 0.0, 1.0, -1.0, -1.0, 1.0, -1.0])
+    mask = torch.tensor([1, 1, 1, 1, 1, 0, 1, 1, 1, 1])
+    batch = PolicyBatch(logp=log_ratio, logp_old=torch.zeros(10), advantages=adv, mask=mask)
+    prep = prepare(batch)
+    policy = get_policy(spec)
+    micro = micro_batches(prep, None, torch.arange(10), seq_is_raw=False, where="test")
+    got = framework_metrics(prep, [policy], [policy.weights(prep)], micro)["verl_ppo_kl"].item()
+    x = log_ratio.double()
+    values = {"clamped": -x.clamp(-20.0, 20.0), "raw": -x, "abs": x.abs()}
+    if form == "none":
+        assert math.isnan(got)
+        return
+    expected = float((values[form] * mask).sum()) / (mask.sum().item() + 1e-8)
+    assert got == pytest.approx(expected, rel=1e-12)

@@ -49,8 +49,9 @@ TRL_CLIP_METRICS = (
 `cispo_clip_ratio`, in that order."""
 TRL_METRICS = (*TRL_CLIP_METRICS, "trl_vespo_phi_seq_mean")
 """TRL's clip metrics, then `vespo/phi_seq_mean` (computed by `framework.framework_metrics`)."""
-VERL_METRICS = ("verl_pg_clipfrac", "verl_pg_clipfrac_lower")
-"""verl's `actor/pg_clipfrac`, `actor/pg_clipfrac_lower` (computed by `framework`)."""
+VERL_METRICS = ("verl_pg_clipfrac", "verl_pg_clipfrac_lower", "verl_ppo_kl")
+"""verl's `actor/pg_clipfrac`, `actor/pg_clipfrac_lower`, `actor/ppo_kl` (computed by
+`framework`)."""
 
 ColumnArray = npt.NDArray[np.generic]
 """One column over the steps: [S]."""
@@ -337,16 +338,20 @@ COLUMNS: tuple[Column, ...] = (
             meaning=meaning,
             summary="mean",
             group="verl",
-            table=TableCell(header=header, format="percent"),
+            table=TableCell(
+                header=header, format="number4" if name == "verl_ppo_kl" else "percent"
+            ),
         )
         for name, header, meaning in zip(
             VERL_METRICS,
-            ("verl clipfrac", "verl lower"),
+            ("verl clipfrac", "verl lower", "verl ppo_kl"),
             (
                 "verl pg_clipfrac: entries whose clip binds over scored entries, mean over "
                 "micro-batches.",
                 "verl pg_clipfrac_lower: (A < 0) & (r > c) over scored entries (dual-clip), "
                 "mean over micro-batches.",
+                "verl ppo_kl: mean of -log r (|log r| for kl_cov) over scored entries, mean "
+                "over micro-batches.",
             ),
             strict=True,
         )

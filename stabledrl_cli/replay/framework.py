@@ -18,6 +18,9 @@
   (`_dppo_tv`, `_dppo_kl`): entries outside the trust region (A = 0 ones on the lower side),
   lower: entries inside it whose ratio exceeds c; gmpo (`_geo_mean`): entries whose log r
   lies outside [-eps_low, eps_high] (unclamped) with A > 0, lower the same with A < 0.
+  `ppo_kl`: the mean of -log r over a micro-batch's scored entries (the same denominator and
+  averaging), log r clamped to [-20, 20] (vanilla, cispo, sapo, dppo) or not (gspo, clip_cov,
+  geo_mean); kl_cov logs the mean of |log r| instead.
 
 A step without a recorded `micro_batch` is one micro-batch. In a step joined from several ranks,
 TRL's metrics pool each micro-batch call over the ranks (TRL sums the counts across ranks
@@ -39,15 +42,17 @@ from stabledrl_cli.policies import Policy, PreparedBatch, Weights
 from stabledrl_cli.policies._config import (
     CISPOConfig,
     ClipConfig,
+    ClipCovConfig,
     DPPOConfig,
     DualClipConfig,
     GMPOConfig,
     GSPOConfig,
+    KLCovConfig,
     SAPOConfig,
     TwoSidedConfig,
     VESPOConfig,
 )
-from stabledrl_cli.policies._masked import above, below
+from stabledrl_cli.policies._masked import above, below, keep_times
 from stabledrl_cli.policies._masked import count as tally
 from stabledrl_cli.policies.dppo import trust_region
 from stabledrl_cli.policies.ppo import VERL_LOG_RATIO_CLAMP
@@ -138,13 +143,22 @@ def _counted_fraction(
     seq_index, cells = (
         (micro.pooled_index, micro.pooled_count) if eps is None else (micro.seq_index, micro.count)
     )
-    den = _scored_denominator(prep, seq_index, cells, eps)
     if cells == 1:
         # The int64 count over the float64 denominator: the division widens it exactly.
-        return tally(hit & prep.mask) / den
+        return tally(hit & prep.mask) / _scored_denominator(prep, seq_index, cells, eps)
+    return _cell_mean((hit & prep.mask).double(), prep, seq_index, cells, eps)
+
+
+def _cell_mean(
+    kept: torch.Tensor, prep: PreparedBatch, seq_index: torch.Tensor, cells: int, eps: float | None
+) -> torch.Tensor:
+    """0-d: the unweighted mean over the `cells` micro-batches (`seq_index` [N]) of each one's
+    sum of `kept` [T] float64 (0 off the scored entries) over its `_scored_denominator`."""
+    den = _scored_denominator(prep, seq_index, cells, eps)
+    if cells == 1:
+        return kept.sum() / den
     zeros = torch.zeros(cells, dtype=torch.float64, device=prep.device)
-    num = zeros.index_add(0, prep.per_token(seq_index), (hit & prep.mask).double())
-    return (num / den).mean()
+    return (zeros.index_add(0, prep.per_token(seq_index), kept) / den).mean()
 
 
 def _scored_denominator(
@@ -289,6 +303,39 @@ def _verl(
     return [nan, nan]
 
 
+def _verl_ppo_kl(
+    policy: Policy, prep: PreparedBatch, micro: MicroBatches, nan: torch.Tensor
+) -> torch.Tensor:
+    """verl's ppo_kl (0-d float64, `nan` where verl logs none): verl_F.masked_mean of -log r
+    over each micro-batch's scored entries, mean over micro-batches (each rank's on its own)."""
+    config = policy.config
+    if isinstance(config, KLCovConfig):  # compute_policy_loss_kl_cov logs |log r|
+        name, build = "abs", lambda: prep.log_ratio.abs()
+    elif isinstance(config, (GSPOConfig, ClipCovConfig, GMPOConfig)):  # no clamp of log r
+        name, build = "neg", lambda: -prep.log_ratio
+    elif isinstance(config, (ClipConfig, SAPOConfig, DPPOConfig)) or (
+        isinstance(config, CISPOConfig) and config.eps_low is not None
+    ):
+        name, build = (
+            "neg_clamped",
+            lambda: -prep.log_ratio.clamp(-VERL_LOG_RATIO_CLAMP, VERL_LOG_RATIO_CLAMP),
+        )
+    else:
+        return nan
+    values = prep.memo(("verl_ppo_kl", name), build)
+    return prep.memo_of(
+        "verl_ppo_kl",
+        values,
+        lambda: _cell_mean(
+            keep_times(prep.mask, values).double(),
+            prep,
+            micro.seq_index,
+            micro.count,
+            VERL_MASKED_MEAN_EPS,
+        ),
+    )
+
+
 def framework_metrics(
     prep: PreparedBatch,
     policies: Sequence[Policy],
@@ -302,7 +349,11 @@ def framework_metrics(
     values = [
         value
         for p, w in zip(policies, weights, strict=True)
-        for value in _trl(p, w, prep, micro, nan) + _verl(p, w, prep, micro, nan, zero)
+        for value in (
+            *_trl(p, w, prep, micro, nan),
+            *_verl(p, w, prep, micro, nan, zero),
+            _verl_ppo_kl(p, prep, micro, nan),
+        )
     ]
     names = (*TRL_METRICS, *VERL_METRICS)
     table = torch.stack(values).double().view(len(weights), len(names))
