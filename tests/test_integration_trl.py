@@ -14,7 +14,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 from _cli import cli_command
+from _ports import free_port
 from _steps import policy_batch
 
 import stabledrl_cli as sd
@@ -500,16 +500,9 @@ def test_readme_snippet_records_under_stabledrl_record(tiny: Any, tmp_path: Path
 
 
 # -- two ranks -------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _torchrun(script: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
             str(SCRIPTS / script), *args]  # fmt: skip
 
 

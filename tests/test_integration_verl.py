@@ -22,6 +22,7 @@ import torch
 
 verl = pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
 
+from _ports import free_port  # noqa: E402
 from _steps import policy_batch  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
 from verl import DataProto  # noqa: E402
@@ -857,10 +858,10 @@ def engine_process(
     else:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-            "--master-port", "29561",
+            "--master-port", str(free_port()),
         ]  # fmt: skip
         command.append(str(ENGINE_SCRIPT))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     return subprocess.run(
         [*command, str(out), str(result), loss_mode, json.dumps(settings or {})],
         env=env,
