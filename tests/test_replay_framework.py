@@ -317,3 +317,18 @@ def test_verl_ppo_kl_takes_each_loss_modes_form(spec, form):
         return
     expected = float((values[form] * mask).sum()) / (mask.sum().item() + 1e-8)
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_verl_pg_clipfrac_of_clip_cov_is_the_share_its_draw_zeroes(tmp_path):
+    """verl's clip_cov logs pg_clipfrac = masked_mean(corr == 0): the tokens its covariance
+    draw chose, max(1, int(ratio x scored)) of them when enough are candidates (here every
+    unclipped scored token is, lb < cov < ub holding for all), and no pg_clipfrac_lower. Before,
+    replay logged the vanilla clip-hit fraction."""
+    path = _record(tmp_path / "run", micro=False)
+    spec = "clip-cov:ratio=0.2,lb=-1e9,ub=1e9"
+    result = replay_run(sd.open_run(path), [spec], config=ReplayConfig(device="cpu"))
+    for number, row in enumerate(result.policies[0].steps):
+        scored = int(sd.open_run(path).step(number)["mask"].sum())
+        chosen = max(1, int(0.2 * scored))
+        assert row["verl_pg_clipfrac"] == pytest.approx(chosen / scored, abs=1e-6)
+        assert math.isnan(row["verl_pg_clipfrac_lower"])

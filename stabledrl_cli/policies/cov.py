@@ -59,14 +59,14 @@ def selection_size(prep: PreparedBatch, ratio: float) -> int:
     return max(1, int(ratio * int(prep.mask.sum())))
 
 
-class ClipCovPolicy(TokenPolicy):
-    """Clip-Cov (verl `clip_cov`): PPO's `min(r A, clip(r) A) / norm`, and a random max(1,
-    ratio x scored) of the unclipped tokens with lb < cov < ub are discarded."""
+def clip_cov_draw(
+    prep: PreparedBatch, adv: torch.Tensor, cfg: ClipCovConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """([T] PPO's clipped value, [T] bool clipped by PPO's rule, [T] bool chosen by the draw)
+    of clip-cov over `adv` (the advantages cfg makes): once per step and configuration, for
+    the policy and for verl's `pg_clipfrac` (the share of tokens the draw chose)."""
 
-    config: ClipCovConfig
-
-    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
-        cfg = self.config
+    def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         value, clipped_by_rule = ppo_terms(prep.ratio, adv, cfg.eps_low, cfg.high)
         cov = covariance(prep, adv)
         candidates = prep.mask & ~clipped_by_rule & (cov > cfg.lb) & (cov < cfg.ub)
@@ -76,6 +76,20 @@ class ClipCovPolicy(TokenPolicy):
         chosen_index = index[torch.randperm(index.numel(), generator=generator)]
         chosen_index = chosen_index[: selection_size(prep, cfg.ratio)].to(prep.device)
         chosen = torch.zeros_like(prep.mask).index_fill_(0, chosen_index, True)
+        return value, clipped_by_rule, chosen
+
+    key = ("clip_cov_draw", cfg.eps_low, cfg.high, cfg.lb, cfg.ub, cfg.ratio, cfg.seed, cfg.adv)
+    return prep.memo(key, build)
+
+
+class ClipCovPolicy(TokenPolicy):
+    """Clip-Cov (verl `clip_cov`): PPO's `min(r A, clip(r) A) / norm`, and a random max(1,
+    ratio x scored) of the unclipped tokens with lb < cov < ub are discarded."""
+
+    config: ClipCovConfig
+
+    def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
+        value, clipped_by_rule, chosen = clip_cov_draw(prep, adv, self.config)
         discarded = clipped_by_rule | chosen
         dvalue = keep_times(~discarded, ratio_times(prep.ratio, adv))
         return keep_times(~chosen, value), dvalue, discarded, torch.zeros_like(discarded)

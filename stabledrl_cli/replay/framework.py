@@ -17,7 +17,8 @@
   [1 - eps_low, 1 + eps_high] whatever A, lower 0; sapo: 0 and 0 (what verl logs); dppo
   (`_dppo_tv`, `_dppo_kl`): entries outside the trust region (A = 0 ones on the lower side),
   lower: entries inside it whose ratio exceeds c; gmpo (`_geo_mean`): entries whose log r
-  lies outside [-eps_low, eps_high] (unclamped) with A > 0, lower the same with A < 0.
+  lies outside [-eps_low, eps_high] (unclamped) with A > 0, lower the same with A < 0;
+  clip-cov (`_clip_cov`): the entries its draw chose (verl's corr == 0), lower not logged.
   `ppo_kl`: the mean of -log r over a micro-batch's scored entries (the same denominator and
   averaging), log r clamped to [-20, 20] (vanilla, cispo, sapo, dppo) or not (gspo, clip_cov,
   geo_mean); kl_cov logs the mean of |log r| instead.
@@ -54,6 +55,7 @@ from stabledrl_cli.policies._config import (
 )
 from stabledrl_cli.policies._masked import above, below, keep_times
 from stabledrl_cli.policies._masked import count as tally
+from stabledrl_cli.policies.cov import clip_cov_draw
 from stabledrl_cli.policies.dppo import trust_region
 from stabledrl_cli.policies.ppo import VERL_LOG_RATIO_CLAMP
 from stabledrl_cli.policies.vespo import sequence_gamma_weights
@@ -276,6 +278,8 @@ def _verl(
             prep, prep.per_token(seq_ratio), adv, config.eps_low, config.eps_high
         )
         return [frac(either), zero]
+    if isinstance(config, ClipCovConfig):  # the share of tokens its draw zeroes (corr == 0)
+        return [frac(clip_cov_draw(prep, adv, config)[2]), nan]
     if isinstance(config, ClipConfig):
         bounds = [1.0 - config.eps_low, 1.0 + config.high]
         if isinstance(config, DualClipConfig):
