@@ -171,3 +171,20 @@ def test_exit_code_in_a_real_process(tmp_path):
     assert missing.returncode == 3
     assert missing.stdout == "" and "Traceback" not in missing.stderr
     assert missing.stderr.strip() == f"error: no such run: {tmp_path / 'nope'}"
+
+
+def test_inspect_says_whether_the_recording_closed(tmp_path):
+    """A closed Recorder marks its run `recording_closed`; inspect shows it in the table and
+    the JSON (and nothing for a run without the mark, such as a recording that was killed)."""
+    closed, still_open = tmp_path / "closed", tmp_path / "open"
+    with sd.Recorder(closed, policy=None) as recorder:
+        recorder.log_step(0, grad_norm=1.0, loss=0.5)
+    recorder = sd.Recorder(still_open, policy=None)
+    recorder.log_step(0, grad_norm=1.0, loss=0.5)
+    for path, marked in ((closed, True), (still_open, False)):
+        shown = runner.invoke(app, ["inspect", str(path), "--format", "json"])
+        assert shown.exit_code == 0, shown.output
+        assert json.loads(shown.stdout)["recording_closed"] is marked
+        table = runner.invoke(app, ["inspect", str(path)])
+        assert ("closed: its Recorder finished" in table.output) is marked
+    recorder.close()

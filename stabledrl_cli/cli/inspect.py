@@ -42,11 +42,7 @@ def _run_table(s: RunSummary) -> Table:
         ("created", str(s.created)),
         ("policy", str((s.policy or {}).get("spec", "not known"))),
         ("source", _source_text(s.source) if s.source else "recorded in the training loop"),
-        *(
-            [("recording", stopped_text(s.recording_stopped))]
-            if s.recording_stopped is not None
-            else []
-        ),
+        *([("recording", _recording_text(s))] if s.recording_stopped or s.recording_closed else []),
         ("unit", s.unit),
         ("estimator", ", ".join(f"{k}={v}" for k, v in s.estimator.items()) or "not given"),
         ("reward range", str(s.reward_range) if s.reward_range else "not given"),
@@ -67,6 +63,14 @@ def _run_table(s: RunSummary) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _recording_text(s: RunSummary) -> str:
+    """How the recording ended, as the manifest says: stopped after a failed write, closed."""
+    closed = "closed: its Recorder finished, the run gains no step"
+    if s.recording_stopped is None:
+        return closed
+    return stopped_text(s.recording_stopped) + ("; " + closed if s.recording_closed else "")
 
 
 def stopped_text(stopped: dict[str, object]) -> str:

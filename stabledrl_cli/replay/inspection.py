@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from stabledrl_cli.dump import Finding, IntegrityReport, Run, RunIntegrityWarning
+from stabledrl_cli.dump._schema import RECORDING_CLOSED
 from stabledrl_cli.replay.observed import NoiseFloor, Observed, OwnLikelihood, observe
 from stabledrl_cli.replay.recorded import SeriesStats, recorded_run
 
@@ -42,6 +43,9 @@ class RunSummary:
     recording_stopped: dict[str, object] | None
     """The manifest's `recording_stopped` ({step, rank, reason}) when the recording stopped
     after a failed write: the run ends before the training did."""
+    recording_closed: bool
+    """Whether the manifest is marked `recording_closed` (its Recorder closed, its writes done:
+    the run gains no step)."""
     unit: str
     estimator: dict[str, object]
     reward_range: list[float] | None
@@ -131,6 +135,7 @@ def summarize(run: Run) -> RunSummary:
         policy=dict(policy) if isinstance(policy, dict) else None,
         source=recorded.source,
         recording_stopped=_mapping(manifest.get("recording_stopped")) or None,
+        recording_closed=manifest.get(RECORDING_CLOSED) is True,
         unit=run.unit,
         estimator=_mapping(manifest.get("estimator")),
         reward_range=list(run.reward_range) if run.reward_range else None,
