@@ -32,9 +32,9 @@ are removed), and training goes on.
 How the parent learns of a failure: `report_failure` appends one line `CODE<TAB>MESSAGE` to
 the status file (CODE is the exit code the failure maps to: 2 for a usage error such as a
 missing policy or arrays log_step refuses, 3 for unreadable input or an exception that is not
-the tool's, 4 for a run that could not be written). After the
-command exits, `record` reads that file: a reported failure, or a run with no step at all,
-makes it exit non-zero with the reason, unless the command's own non-zero exit code wins.
+the tool's, 4 for a run that could not be written). After the command exits, `record` reads
+that file (`read_status`): a reported failure, or a command that wrote no step file, makes it
+exit non-zero with the reason, unless the command's own non-zero exit code wins.
 
 A tool error that ends the command: a stabledrl error (UsageError, InputError, WriteError)
 that a process of the command does not catch, say an integration refusing a configuration,
@@ -135,11 +135,24 @@ class RecordingFailure:
 _failure = RecordingFailure()
 
 
+def read_status(path: str | os.PathLike[str]) -> tuple[list[tuple[int, str]], list[int]]:
+    """The status file `report_failure` writes: the (exit code, reason) of each recording
+    failure, and the exit code of each tool error that ended a process of the command."""
+    failures, fatal = [], []
+    with open(path, encoding="utf-8") as status:
+        for line in status.read().splitlines():
+            code, _, reason = line.partition("\t")
+            if code.startswith(FATAL) and code[len(FATAL) :].isdigit():
+                fatal.append(int(code[len(FATAL) :]))
+            elif code.isdigit() and reason:
+                failures.append((int(code), reason))
+    return failures, fatal
+
+
 def _reported_fatal(path: str) -> bool:
     """Whether a process of the command reported a tool error that ended it."""
     try:
-        with open(path, encoding="utf-8") as status:
-            return any(line.startswith(FATAL) for line in status)
+        return bool(read_status(path)[1])
     except OSError:
         return False
 

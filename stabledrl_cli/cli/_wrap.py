@@ -29,7 +29,7 @@ from stabledrl_cli.capture.bootstrap import (
     ENV_POLICY,
     ENV_RUN_DIR,
     ENV_STATUS_FILE,
-    FATAL,
+    read_status,
 )
 from stabledrl_cli.cli._output import err
 from stabledrl_cli.dump._setup import reopen_run
@@ -67,20 +67,6 @@ def _step_files(out: Path) -> dict[str, tuple[int, int]]:
                 continue
             found[path.name] = (stat.st_ino, stat.st_mtime_ns)
     return found
-
-
-def _child_failures(status: Path) -> tuple[list[tuple[int, str]], list[int]]:
-    """The (exit code, reason) of each recording failure the child's bootstrap reported, and
-    the exit code of each tool error that ended a process of the command (its `error:` line
-    is printed already)."""
-    failures, fatal = [], []
-    for line in status.read_text(encoding="utf-8").splitlines():
-        code, _, reason = line.partition("\t")
-        if code.startswith(FATAL) and code[len(FATAL) :].isdigit():
-            fatal.append(int(code[len(FATAL) :]))
-        elif code.isdigit() and reason:
-            failures.append((int(code), reason))
-    return failures, fatal
 
 
 def _with_site(env: dict[str, str], optimizer_hooks: bool) -> None:
@@ -132,7 +118,7 @@ def run_command(
         )
         before = _step_files(out)
         code = subprocess.call(cmd, env=env)
-        failures, fatal = _child_failures(status)
+        failures, fatal = read_status(status)
     if code == UNCAUGHT and fatal:  # a tool error ended the command: its line is out already
         raise typer.Exit(fatal[0])
     if code != 0:
