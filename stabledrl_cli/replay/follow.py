@@ -461,13 +461,20 @@ class RunWatcher:
         steps, and was the same after: that poll read every step the run will have
         (docs/run-format.md)."""
 
+    def _manifest_now(self) -> FileKey | None:
+        """The key of the run directory's manifest as it is now; None without one (not yet,
+        no more, or the path is no directory)."""
+        try:
+            return file_key((self.path / MANIFEST_NAME).stat())
+        except OSError:
+            return None
+
     def _open(self) -> OwnReplay | None:
         if self.replay is None:
             self._manifest_key = None  # a packed archive has none
             if not self.path.is_file():
-                try:
-                    self._manifest_key = file_key((self.path / MANIFEST_NAME).stat())
-                except OSError:  # no manifest (yet, or no more)
+                self._manifest_key = self._manifest_now()
+                if self._manifest_key is None:  # no manifest (yet, or no more)
                     return None
             self.replay = OwnReplay(open_run(self.path), self.config)
             self.recording_stopped = _stopped_note(self.replay.run.manifest)
@@ -482,16 +489,14 @@ class RunWatcher:
         adds to its own run)."""
         if self._manifest_key is None:  # a packed archive: never written while it is read
             return False
-        manifest = self.path / MANIFEST_NAME
-        try:
-            key = file_key(manifest.stat())
-        except OSError:  # gone, or the path is no directory now
+        key = self._manifest_now()
+        if key is None:  # gone, or the path is no directory now
             return True
         if key == self._manifest_key:
             return False
         self._manifest_key = key
         try:
-            now = json.loads(manifest.read_text(encoding="utf-8"))
+            now = json.loads((self.path / MANIFEST_NAME).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return True  # reopened, it says what is wrong with it
         if not isinstance(now, dict):
@@ -508,12 +513,7 @@ class RunWatcher:
     def _manifest_kept(self) -> bool:
         """Whether the manifest is still the one last read (a packed archive always is): a
         resume removes the `recording_closed` mark before any step file changes."""
-        if self._manifest_key is None:
-            return True
-        try:
-            return file_key((self.path / MANIFEST_NAME).stat()) == self._manifest_key
-        except OSError:
-            return False
+        return self._manifest_key is None or self._manifest_now() == self._manifest_key
 
     def _start_over(self) -> None:
         """Drops all that was read of the run: the path is followed again from its start."""
