@@ -112,8 +112,9 @@ def _resume(
 ) -> tuple[dict[str, Any], int | None]:
     existing = _read_manifest(path)
     _check_compatible(existing, manifest, path)
-    if rank == 0 and existing.pop(RECORDING_CLOSED, None) is not None:
-        amend_manifest(path, RECORDING_CLOSED, None)  # before any step file changes
+    existing.pop(RECORDING_CLOSED, None)
+    if rank == 0:
+        reopen_run(path)  # before any step file changes
     last: int | None = None
     for file, step, temporary in _own_step_files(path / STEPS_DIR, rank, world_size):
         if temporary or (resume_from is not None and step >= resume_from):
