@@ -330,12 +330,13 @@ def step_metrics(
     pgs = [policy_gradient_coef(p, w, prep) for p, w in zip(policies, weights, strict=True)]
 
     cosine = torch.full((n,), math.nan, dtype=torch.float64, device=prep.device)
+    objective_mass = torch.stack([r.is_mass for r in refs])
     if geometry.kind == "coef":
         update_norm = torch.stack([_norm64(w.coef) for w in weights])
         discarded_mass = torch.stack(
             [_sum64(keep_times(w.discarded, r.is_abs)) for w, r in zip(weights, refs, strict=True)]
         )
-        is_mass = torch.stack([r.is_mass for r in refs])
+        is_mass = objective_mass
     else:
         rows = [w.coef for w in weights]
         rows += [keep_times(w.discarded, r.coef_is) for w, r in zip(weights, refs, strict=True)]
@@ -385,7 +386,7 @@ def step_metrics(
         "net_push": net_push,
         "nonfinite_coefs": torch.stack([w.nonfinite for w in weights]),
         "objective": torch.stack([w.objective for w in weights]),
-        "objective_mass": torch.stack([r.is_mass for r in refs]),
+        "objective_mass": objective_mass,
         **frameworks,
     }
     return torch.stack([computed[name].double() for name in columns.device_metrics()], dim=1)
