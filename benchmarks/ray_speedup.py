@@ -1,13 +1,14 @@
 """The Ray engine's speed-up: a catalogue replay on 2 local Ray workers against 1, and against
-the local engine, in one run.
+the local engine on 1 and on 2 threads, in one run.
 
 Synthesizes a token run with the Recorder (--steps steps of --sequences sequences x --tokens
-tokens), then replays it with the default catalogue: locally, then on a local Ray cluster of 1
-CPU, then of 2 CPUs (each cluster started once; one untimed replay first, so the workers have
-imported torch). Every replay uses 1 torch thread (a worker per CPU), and every sharded
-replay's JSON is checked equal to the local one. Prints the median wall time of --repeats
-replays of each, the ratios, and the cluster start-up time (paid once per `replay --engine
-ray` that starts its own cluster; not paid when joining a running one).
+tokens), then replays it with the default catalogue: locally (`threads` 1, then 2), then on a
+local Ray cluster of 1 CPU, then of 2 CPUs (each cluster started once; one untimed replay
+first, so the workers have imported torch). Every step is computed on 1 torch thread (a worker
+per CPU), and every sharded or threaded replay's JSON is checked equal to the local one.
+Prints the median wall time of --repeats replays of each, the ratios, and the cluster start-up
+time (paid once per `replay --engine ray` that starts its own cluster; not paid when joining a
+running one).
 
     python benchmarks/ray_speedup.py                      # 160 steps x 128 x 1024 tokens
     python benchmarks/ray_speedup.py --steps 48 --sequences 64 --tokens 256 --repeats 5
@@ -19,6 +20,7 @@ shards' compute, not Ray's per-task overhead, sets the time.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -57,6 +59,12 @@ def synthesize(path: Path, steps: int, sequences: int, tokens: int, seed: int = 
             )
 
 
+def _without_threads(text: str) -> dict:
+    data = json.loads(text)
+    data.pop("threads")
+    return data
+
+
 def timed(fn, repeats: int) -> tuple[float, str]:
     """(median seconds over `repeats` calls, the JSON of the last)."""
     seconds, text = [], ""
@@ -87,7 +95,13 @@ def main() -> None:
         synthesize(run, args.steps, args.sequences, args.tokens)
         settings = {"device": "cpu", "chunk_size": args.chunk_size}
         local_s, local_json = timed(lambda: replay(run, **settings).to_json(), args.repeats)
-        rows = [("local engine (1 process)", local_s)]
+        threaded_s, threaded_json = timed(
+            lambda: replay(run, **settings, threads=2).to_json(), args.repeats
+        )
+        assert _without_threads(threaded_json) == _without_threads(local_json), (
+            "a replay on 2 threads differs from the one on 1"
+        )
+        rows = [("local engine (1 process)", local_s), ("local engine, 2 threads", threaded_s)]
         startup = {}
         for workers in (1, 2):
             start = time.perf_counter()
@@ -123,14 +137,15 @@ def main() -> None:
     print(f"{'engine':<28} {'seconds':>8} {'Mtok/s':>7}")
     for name, seconds in rows:
         print(f"{name:<28} {seconds:8.2f} {tokens / seconds / 1e6:7.2f}")
-    ray1, ray2 = rows[1][1], rows[2][1]
+    ray1, ray2 = rows[2][1], rows[3][1]
     print(f"speed-up, 2 workers against 1: {ray1 / ray2:.2f}x")
     print(f"speed-up, 2 workers against the local engine: {local_s / ray2:.2f}x")
+    print(f"speed-up, the local engine on 2 threads against 1: {local_s / threaded_s:.2f}x")
     print(
         f"cluster start-up (once per replay that starts its own): "
         f"{startup[1]:.1f} s (1 CPU), {startup[2]:.1f} s (2 CPUs)"
     )
-    print("every sharded replay's JSON equals the local one: yes")
+    print("every sharded or threaded replay's JSON equals the local one: yes")
 
 
 if __name__ == "__main__":

@@ -349,13 +349,17 @@ def test_memory_budget_bounds_each_chunk_and_does_not_change_results(plain_run, 
 
 def test_threads_are_set_for_the_replay_then_restored(plain_run):
     before = torch.get_num_threads()
+    torch.set_num_threads(2)
     seen: list[int] = []
-    result = sd.replay(plain_run, ["grpo"], device="cpu", threads=2)
-    assert result.threads == 2 and json.loads(result.to_json())["threads"] == 2
-    assert torch.get_num_threads() == before
-    with engine.torch_threads(3):
-        seen.append(torch.get_num_threads())
-    assert seen == [3] and torch.get_num_threads() == before
+    try:
+        result = sd.replay(plain_run, ["grpo"], device="cpu", threads=2)
+        assert result.threads == 2 and json.loads(result.to_json())["threads"] == 2
+        assert torch.get_num_threads() == 2
+        with engine.single_torch_thread():
+            seen.append(torch.get_num_threads())
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     for threads in ("0", "257", "99999999999"):  # torch crashed past 2**31 and at 100000
         result = CliRunner().invoke(
             app, ["replay", str(plain_run), "-p", "grpo", "--threads", threads]

@@ -91,8 +91,9 @@ ThreadsOpt = Annotated[
     typer.Option(
         "--threads",
         metavar="N",
-        help=f"CPU threads of the computation, 1 to {MAX_THREADS} (default {DEFAULT_THREADS}: "
-        "the same figures on any machine).",
+        help=f"CPU threads of the computation, 1 to {MAX_THREADS} (default {DEFAULT_THREADS}): "
+        "steps computed side by side, each on one thread, so the figures are the same for any "
+        "count.",
     ),
 ]
 MaxCollapsedOpt = Annotated[

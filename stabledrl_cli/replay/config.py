@@ -20,8 +20,9 @@ half the budget each (a chunk closes at the step that reaches its half; a step l
 that is a chunk of its own). Reading steps one at a time is no slower on the CPU; a larger
 budget batches the transfers to a GPU."""
 DEFAULT_THREADS = 1
-"""CPU threads of a replay's tensor operations: one by default, so a replay's figures and its
-speed do not depend on the machine's core count or on what else runs on it."""
+"""CPU threads a replay computes on: one by default, so its speed does not depend on the
+machine's core count or on what else runs on it (its figures depend on neither: each step is
+computed on one thread, whatever the count)."""
 MAX_THREADS = 256
 """The most CPU threads any command computes with (torch crashed on 100000, and overflowed past
 2**31): more than a machine's cores only adds contention."""
@@ -84,7 +85,8 @@ class ReplayConfig:
     """Bytes of step arrays held at a time (bounds memory): the chunk computed and the one read
     ahead, half each."""
     threads: int = DEFAULT_THREADS
-    """CPU threads of the tensor operations (torch's intra-op threads) during the replay."""
+    """Steps computed side by side, each on one CPU thread (torch's intra-op threads stay at 1
+    during the replay): the figures are the same for any count."""
     spike_factor: float = DEFAULT_SPIKE_FACTOR
     """A spike: update_norm above this many times the median of the previous 20 finite steps.
     The recorded run's grad-norm spikes (`Observed.recorded_spike_steps`) use it too."""

@@ -138,12 +138,13 @@ def _flagged_steps(series: list[StepSeries], keep: np.ndarray) -> dict[int, list
 
 
 @contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """torch's intra-op CPU threads set to `count` for the block, then restored: a replay's
-    figures do not depend on the machine's cores (reductions split across threads sum in
-    another order) and a shared machine is not oversubscribed."""
+def single_torch_thread() -> Iterator[None]:
+    """torch's intra-op CPU threads set to 1 for the block, then restored: a replay's figures
+    do not depend on the machine's cores (reductions split across threads sum in another
+    order) and a shared machine is not oversubscribed. A replay's own `threads` compute steps
+    side by side instead (`stream.computing_threads`)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(count)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -188,6 +189,7 @@ class LocalEngine:
             memory_budget=config.memory_budget,
             progress=progress,
             lean=config.lean,
+            threads=config.threads,
         )
 
 
@@ -235,7 +237,7 @@ def replay_run(
     with warnings.catch_warnings():
         # Corrupt steps are skipped by the reader: counted below, named by `inspect`.
         warnings.simplefilter("ignore", RunIntegrityWarning)
-        with torch_threads(config.threads):
+        with single_torch_thread():
             stream = (engine or LocalEngine()).stream(run, resolved, own_index, config, progress)
         skipped = skipped_reasons(run) + [reason for _, reason in stream.rejected]
         if stream.step_numbers.size == 0:
@@ -289,7 +291,7 @@ def replay_result(
             warnings.simplefilter("ignore", RunIntegrityWarning)
             flagged = _flagged_steps(series, keep)
             device = resolve_device(config.device)
-            with torch_threads(config.threads):
+            with single_torch_thread():
                 details = detail_pass(run, resolved, flagged, device, config.top_k)
     geometry, coverage = _run_geometry(stream.geometry)
     return ReplayResult(

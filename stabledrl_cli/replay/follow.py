@@ -38,7 +38,7 @@ from stabledrl_cli.replay.engine import (
     nothing_to_replay,
     own_policy,
     replay_result,
-    torch_threads,
+    single_torch_thread,
 )
 from stabledrl_cli.replay.guards import GuardInput, GuardReplay
 from stabledrl_cli.replay.observed import (
@@ -193,7 +193,7 @@ class OwnReplay:
                 self._loss.append(np.array([h.scalars.get("loss", np.nan) for h in batches]))
                 self._covered.append(np.full(len(read), np.nan))
             else:
-                with torch_threads(self.config.threads):
+                with single_torch_thread():
                     streamed = stream_run(
                         subset,
                         [self.policy],
@@ -201,6 +201,7 @@ class OwnReplay:
                         self._device,
                         chunk_size=self.config.chunk_size,
                         memory_budget=self.config.memory_budget,
+                        threads=self.config.threads,
                     )
                 floor, gathered = streamed.noise_floor, streamed.likelihood
                 read = [int(n) for n in streamed.step_numbers]

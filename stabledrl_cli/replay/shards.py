@@ -49,7 +49,7 @@ class ShardTask:
     lean: bool
     device: str
     threads: int
-    """torch's intra-op threads (`ReplayConfig.threads`): sums may differ between counts."""
+    """Steps the worker computes side by side (`ReplayConfig.threads`), each on one thread."""
     version: str = __version__
     """The driver's stabledrl version: a worker running another refuses the shard."""
 
@@ -78,7 +78,7 @@ def stream_shard(task: ShardTask) -> StreamedRun:
             f"a worker runs stabledrl {__version__}, the driver {task.version}: install the "
             "same version on every node"
         )
-    torch.set_num_threads(task.threads)
+    torch.set_num_threads(1)
     run = open_run(task.source, verify=task.verify)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RunIntegrityWarning)
@@ -91,6 +91,7 @@ def stream_shard(task: ShardTask) -> StreamedRun:
             memory_budget=task.memory_budget,
             lean=task.lean,
             steps=run.steps_of(task.steps),
+            threads=task.threads,
         )
 
 

@@ -7,7 +7,9 @@ the current one is computed (`read_ahead`); each chunk's arrays go to the device
 transfer per field and its per-step results come back in one transfer, after which the
 chunk's arrays are dropped: memory holds two chunks of arrays (the budget) plus
 O(steps x policies) scalars, whatever the run's length. Each step is computed on its own, so
-results do not depend on the chunk size. The same pass pools the noise floor of the steps
+results do not depend on the chunk size; with `threads` > 1 a chunk's steps are computed that
+many at a time, each on one thread of its own (`computing_threads`), so they do not depend on
+the thread count either. The same pass pools the noise floor of the steps
 recorded with inner_step 0 and the collapse warning's measurements (the median own-sample
 log-likelihood), both on the host before the transfer, so the observed-run analysis never
 re-reads them.
@@ -26,7 +28,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -65,6 +71,8 @@ SEQUENCE_FIELDS = ("group_id", "reward", "micro_batch", "group_split")
 GEOMETRY_FIELDS = (GRAM_KEY, SKETCH_KEY)
 
 Arrays = dict[str, torch.Tensor]
+_T = TypeVar("_T")
+_Item = TypeVar("_Item")
 
 RELEASE_AFTER = 8
 """Free heap memory, in memory budgets, past which the pass returns it to the system. It looks
@@ -331,11 +339,13 @@ def stream_run(
     progress: Callable[[int], None] | None = None,
     steps: Iterable[Step] | None = None,
     lean: bool = False,
+    threads: int = 1,
 ) -> StreamedRun:
     """Every policy over every readable step of `run` (corrupt steps are skipped, steps whose
     data it cannot use rejected: module docstring), or over `steps` only (a shard of it,
     `replay.shards`), read in chunks of at most half `memory_budget` bytes of arrays (and
-    `chunk_size` steps, when given), one chunk ahead."""
+    `chunk_size` steps, when given), one chunk ahead, each chunk's steps computed `threads` at
+    a time."""
     where, unit = run.location, run_unit(run)
     ranks = run_ranks(run)
     numbers: list[int] = []
@@ -354,19 +364,26 @@ def stream_run(
     )
     computed = 0
     refused = 0  # steps rejected here (the others, by `_read_chunks`, are in no chunk)
-    with heap_kept():
+    outcome = partial(
+        _step_row,
+        policies=policies,
+        own_index=own_index,
+        unit=unit,
+        where=where,
+        ranks=ranks,
+        lean=lean,
+    )
+    with heap_kept(), computing_threads(threads) as compute:
         for chunk, arrays, measures, held in chunks:
             to_device(arrays, device)
             rows = []
-            for step, step_arrays, (gathered, moments) in zip(chunk, arrays, measures, strict=True):
-                try:
-                    row, kind, varies = _step_row(
-                        step, step_arrays, policies, own_index, unit, where, ranks, lean
-                    )
-                except InputError as exc:
-                    rejected.append(rejection(step.step, exc, where))
+            outcomes = compute(outcome, list(zip(chunk, arrays, strict=True)))
+            for step, result, (gathered, moments) in zip(chunk, outcomes, measures, strict=True):
+                if isinstance(result, InputError):
+                    rejected.append(rejection(step.step, result, where))
                     refused += 1
                     continue
+                row, kind, varies = result
                 rows.append(row)
                 if varies is not None:
                     approximate |= varies
@@ -381,7 +398,7 @@ def stream_run(
             done = len(chunk)
             computed += held
             # The chunk's steps hold their files' buffers: dropped before the next chunk is read.
-            del chunk, arrays, measures, rows, step, step_arrays
+            del chunk, arrays, measures, rows, outcomes, step, result
             if computed >= memory_budget:  # a budget's worth of steps since the last look
                 release_freed_memory(keep=RELEASE_AFTER * memory_budget)
                 computed = 0
@@ -408,26 +425,55 @@ def stream_run(
     )
 
 
+StepRow = tuple[torch.Tensor, StepGeometryKind, np.ndarray | None]
+"""A step's row of device metrics [P, M], its geometry's kind, and which policies'
+coefficients vary within a sequence ([P] bool, with per-sequence geometry; else None)."""
+
+
+Compute = Callable[[Callable[[_Item], _T], list[_Item]], list[_T]]
+"""`compute(work, items)`: [work(item) for item in items], in order."""
+
+
+@contextmanager
+def computing_threads(threads: int) -> Iterator[Compute[Any, Any]]:
+    """A `Compute` that works on this thread when `threads` is 1, else on `threads` threads of
+    a pool that lives for the block. torch kernels run outside Python's lock, so the steps of a
+    chunk computed this way overlap; with torch's intra-op threads at 1, each step's kernels
+    run on the thread that computes it, so its figures are those of a one-thread replay, bit
+    for bit."""
+    if threads == 1:
+        yield lambda work, items: [work(item) for item in items]
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="stabledrl-compute") as pool:
+        try:
+            yield lambda work, items: list(pool.map(work, items))
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+
 def _step_row(
-    step: Step,
-    arrays: Arrays,
+    item: tuple[Step, Arrays],
+    *,
     policies: list[Policy],
     own_index: int | None,
     unit: Unit,
     where: str,
     ranks: int,
     lean: bool,
-) -> tuple[torch.Tensor, StepGeometryKind, np.ndarray | None]:
-    """The step's row of device metrics [P, M], its geometry's kind and, with per-sequence
-    geometry, which policies' coefficients vary within a sequence ([P] bool); InputError for
-    data the step cannot be replayed with (named by run and step)."""
-    prep, geometry, micro = usable(step, arrays, unit, where, ranks)
-    weights = [policy.weights(prep) for policy in policies]
-    row = step_metrics(prep, policies, weights, geometry, own_index, micro, lean=lean)
-    varies = None
-    if geometry.per_sequence:
-        coef = torch.stack([w.coef for w in weights])
-        varies = varies_within_sequence(coef, prep).cpu().numpy()
+) -> StepRow | InputError:
+    """The step's `StepRow`, or the InputError that rejects data the step cannot be replayed
+    with (named by run and step)."""
+    step, arrays = item
+    try:
+        prep, geometry, micro = usable(step, arrays, unit, where, ranks)
+        weights = [policy.weights(prep) for policy in policies]
+        row = step_metrics(prep, policies, weights, geometry, own_index, micro, lean=lean)
+        varies = None
+        if geometry.per_sequence:
+            coef = torch.stack([w.coef for w in weights])
+            varies = varies_within_sequence(coef, prep).cpu().numpy()
+    except InputError as exc:
+        return exc
     return row, geometry.kind, varies
 
 

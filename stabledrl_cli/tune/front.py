@@ -89,7 +89,8 @@ class TuneReport:
     recommended: SettingFigures | None
     evidence: str
     threads: int
-    """torch threads of the replay (float sums, so the figures' last bits, depend on it)."""
+    """CPU threads the replay computed with (`ReplayConfig.threads`; the figures do not depend
+    on it)."""
 
     def to_dict(self) -> dict[str, object]:
         return {
