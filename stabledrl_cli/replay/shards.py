@@ -3,8 +3,8 @@
 
 A shard is a contiguous run of step numbers from one listing of the run, with the run's source
 (a path or URL every worker can open), the policies and the settings the rows depend on. A
-step's row depends on the step alone, never on the chunk it is read in (`stream`), and each
-worker computes with the driver's thread count; a shard still starts on a multiple of
+step's row depends on the step alone, never on the chunk it is read in nor on the threads
+that compute it (`stream`); a shard still starts on a multiple of
 `--chunk-size` when one is given (`plan_shards`). Workers compute per-step rows only; the
 driver derives every run-level
 figure (summaries, detectors, the collapse warning) from the joined rows with the local
