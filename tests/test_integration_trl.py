@@ -422,6 +422,7 @@ def test_groups_rewards_and_advantages(tiny: Any, tmp_path: Path) -> None:
     run = sd.open_run(out)
     assert run.group_ids == "global"
     meta = run.manifest["meta"]  # the recipe of the advantages: adv=zscore's
+    assert meta["trainer"] == "GRPOTrainer"
     assert meta["scale_rewards"] == "group" and meta["reward_weights"] == [1.0]
     assert meta["multi_objective_aggregation"] == "sum_then_normalize"
     split = torch.cat([step["group_split"] for step in run.steps(1, 3)])

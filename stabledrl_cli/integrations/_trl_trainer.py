@@ -1,12 +1,13 @@
-"""`RecordingGRPOTrainer`: `trl.GRPOTrainer` (1.16.x) that records every optimizer step.
+"""The recording TRL trainers (1.16.x): `RecordingTrainer`, what they share, and
+`RecordingGRPOTrainer`, `trl.GRPOTrainer` that records every optimizer step.
 
 The overrides are minimal and call the parent; what each one reads (TRL's source, 1.16):
 - `_calculate_rewards`: the rewards of the generation batch, gathered over ranks;
 - `_generate_and_score_completions`: tags each row with its global prompt-group id and reward
   (per-row tensors travel with the rows through TRL's shuffle and split);
-- `_compute_loss` (per micro-batch), with `_get_per_token_logps_and_entropies`,
-  `get_high_entropy_mask` and `get_off_policy_mask` read while it runs: the current log-probs,
-  the masks TRL multiplied into the loss, and TRL's normaliser;
+- `_compute_loss` (per micro-batch), with `_get_per_token_logps_and_entropies` read while it
+  runs (GRPO's also `get_high_entropy_mask` and `get_off_policy_mask`): the current
+  log-probs, the masks TRL multiplied into the loss, and TRL's normaliser;
 - `_get_grad_norm` (once per optimizer step, before `optimizer.step()`): the pre-clip norm;
   the step is logged here as `state.global_step + 1`, the number `log_history` gives it.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +35,27 @@ from stabledrl_cli.errors import UsageError, WriteError
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
 from stabledrl_cli.integrations._trl_policy import policy_for_config, uses_loss_weight
 from stabledrl_cli.integrations._trl_version import check_trl_version
+from stabledrl_cli.policies import Policy
 
 GROUP_KEY = "stabledrl_group_id"
 REWARD_KEY = "stabledrl_reward"
 
-# TRL's own annotations are partial; the subclass treats its base as untyped.
-_GRPOTrainer: Any = importlib.import_module("trl").GRPOTrainer
+# TRL's own annotations are partial; the recording classes treat their bases as untyped.
+TRL: Any = importlib.import_module("trl")
+_Untyped: Any = object
+"""`RecordingTrainer`'s base as mypy sees it: the TRL trainer that follows it in a recording
+class's MRO (at run time, object)."""
 
 
-def run_dir(out: str | os.PathLike[str] | None, overwrite: bool) -> tuple[Path, bool]:
+def run_dir(out: str | os.PathLike[str] | None, overwrite: bool, trainer: str) -> tuple[Path, bool]:
     """(directory, overwrite): `out`, else $STABLEDRL_RUN_DIR (set by `stabledrl record`,
-    which also passes --force); UsageError when neither is there."""
+    which also passes --force); UsageError naming `trainer` when neither is there."""
     if out is not None:
         return Path(out), overwrite
     env = os.environ.get(ENV_RUN_DIR)
     if not env:
         raise UsageError(
-            "RecordingGRPOTrainer needs a run directory: pass stabledrl_out=DIR, or run the "
+            f"{trainer} needs a run directory: pass stabledrl_out=DIR, or run the "
             "script under `stabledrl record --out DIR -- python train.py`"
         )
     return Path(env), overwrite or os.environ.get(ENV_FORCE, "") not in ("", "0")
@@ -72,14 +78,22 @@ def _cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", torch.float32)
 
 
-class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
-    """`trl.GRPOTrainer` that records each optimizer step into a run directory.
+class RecordingTrainer(_Untyped):  # type: ignore[misc]
+    """What a recording TRL trainer shares, placed before the TRL trainer in its bases:
+    `class RecordingXTrainer(RecordingTrainer, trl.XTrainer)` with the trainer's own
+    `_sd_trainer`, `_sd_policy_for`, `_sd_meta` and `_sd_micro_batch`.
 
-    Arguments: those of `trl.GRPOTrainer`, plus `stabledrl_out` (the run directory; default
+    Arguments: those of the TRL trainer, plus `stabledrl_out` (the run directory; default
     $STABLEDRL_RUN_DIR from `stabledrl record --out DIR -- ...`) and `stabledrl_overwrite`
     (replace an existing run). Raises UsageError at construction when there is no run
     directory or the configuration cannot be expressed by the catalogue.
     """
+
+    _sd_trainer: str
+    """The TRL trainer's name (the manifest's `meta.trainer`)."""
+    _sd_policy_for: Callable[..., Policy]
+    """The TRL config (and `aux_loss=`, the MoE router loss) -> the catalogue policy that
+    reproduces the trainer's loss; UsageError, one line, when there is none."""
 
     def __init__(
         self,
@@ -88,7 +102,9 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
         stabledrl_overwrite: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.stabledrl_out, self._sd_overwrite = run_dir(stabledrl_out, stabledrl_overwrite)
+        self.stabledrl_out, self._sd_overwrite = run_dir(
+            stabledrl_out, stabledrl_overwrite, type(self).__name__
+        )
         integration_records()  # the optimizer hooks of `stabledrl record` stand down
         self._sd_buffer: StepBuffer | None = None
         self._sd_seen: dict[str, torch.Tensor] | None = None
@@ -96,7 +112,19 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
         self._sd_groups = 0
         self._sd_opened = False  # whether a train() of this trainer has opened its run
         super().__init__(*args, **kwargs)
-        self.stabledrl_policy = policy_for_config(self.args, aux_loss=self.aux_loss_enabled)
+        self.stabledrl_policy = self._sd_policy_for(self.args, aux_loss=self.aux_loss_enabled)
+
+    # -- what each recording trainer says for itself ------------------------------------------
+    def _sd_meta(self) -> dict[str, Any]:
+        """The manifest's `meta` entries of this trainer's config, beside the shared ones."""
+        raise NotImplementedError
+
+    def _sd_micro_batch(
+        self, inputs: dict[str, Any], loss: torch.Tensor, seen: dict[str, torch.Tensor]
+    ) -> MicroBatch:
+        """What `_compute_loss` used for one micro-batch (`loss`, its return; `seen`, the
+        tensors read while it ran), on CPU."""
+        raise NotImplementedError
 
     # -- the run ----------------------------------------------------------------------------
     def _sd_open(self, resume_from_checkpoint: str | bool | None) -> StepBuffer:
@@ -105,20 +133,14 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
         meta = {
             "source": "trl",
             "trl_version": check_trl_version(),
-            "loss_type": args.loss_type,
-            "importance_sampling_level": args.importance_sampling_level,
+            "trainer": self._sd_trainer,
             "num_generations": args.num_generations,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "steps_per_generation": args.steps_per_generation,
             "num_iterations": args.num_iterations,
             "max_completion_length": args.max_completion_length,
-            # how TRL made the recorded advantages from the recorded rewards (adv=zscore is
-            # scale_rewards="group" with sum_then_normalize)
-            "scale_rewards": args.scale_rewards,
-            "multi_objective_aggregation": args.multi_objective_aggregation,
             "reward_weights": [float(w) for w in self.reward_weights.tolist()],
-            "loss_scale": "per-token normaliser of the all-rank objective "
-            "(TRL's micro-batch normaliser times world size)",
+            **self._sd_meta(),
         }
         resume = _resume_step(self, resume_from_checkpoint)
         if resume is not None and not (self.stabledrl_out / MANIFEST_NAME).is_file():
@@ -143,7 +165,7 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
     def train(
         self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
     ) -> Any:
-        """`GRPOTrainer.train`, recording into the run directory (continued on resume, or
+        """The TRL trainer's `train`, recording into the run directory (continued on resume, or
         begun at the checkpoint's next step when the directory holds no run). A run that
         cannot be written (a full or read-only disk) warns once and training runs unrecorded;
         a usage error (an existing run, a resume the run cannot continue) is raised. A second
@@ -212,18 +234,6 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
             self._sd_seen["logp"] = result[0].detach()
         return result
 
-    def get_high_entropy_mask(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        mask: torch.Tensor = super().get_high_entropy_mask(*args, **kwargs)
-        if self._sd_seen is not None:
-            self._sd_seen["entropy_mask"] = mask.detach()
-        return mask
-
-    def get_off_policy_mask(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        mask: torch.Tensor = super().get_off_policy_mask(*args, **kwargs)
-        if self._sd_seen is not None:
-            self._sd_seen["off_policy_mask"] = mask.detach()
-        return mask
-
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Any:
         if not self._sd_recording():
             return super()._compute_loss(model, inputs)
@@ -240,6 +250,56 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
         except Exception as exc:
             self._sd_buffer.warn("a micro-batch", exc)
         return loss
+
+    # -- optimizer step ---------------------------------------------------------------------
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self._sd_recording():
+            assert self._sd_buffer is not None
+            step = self.state.global_step + 1
+            try:
+                self._sd_buffer.log(
+                    step,
+                    grad_norm=float(norm),
+                    max_grad_norm=float(self.args.max_grad_norm),
+                    lr=float(self._get_learning_rate()),
+                )
+            except Exception as exc:
+                self._sd_buffer.warn(f"step {step}", exc)
+        return norm
+
+
+class RecordingGRPOTrainer(RecordingTrainer, TRL.GRPOTrainer):  # type: ignore[misc]
+    """`trl.GRPOTrainer` that records each optimizer step into a run directory, one entry a
+    token (`RecordingTrainer` says the arguments)."""
+
+    _sd_trainer = "GRPOTrainer"
+    _sd_policy_for = staticmethod(policy_for_config)
+
+    def _sd_meta(self) -> dict[str, Any]:
+        args = self.args
+        return {
+            "loss_type": args.loss_type,
+            "importance_sampling_level": args.importance_sampling_level,
+            # how TRL made the recorded advantages from the recorded rewards (adv=zscore is
+            # scale_rewards="group" with sum_then_normalize)
+            "scale_rewards": args.scale_rewards,
+            "multi_objective_aggregation": args.multi_objective_aggregation,
+            "loss_scale": "per-token normaliser of the all-rank objective "
+            "(TRL's micro-batch normaliser times world size)",
+        }
+
+    def get_high_entropy_mask(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        mask: torch.Tensor = super().get_high_entropy_mask(*args, **kwargs)
+        if self._sd_seen is not None:
+            self._sd_seen["entropy_mask"] = mask.detach()
+        return mask
+
+    def get_off_policy_mask(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        mask: torch.Tensor = super().get_off_policy_mask(*args, **kwargs)
+        if self._sd_seen is not None:
+            self._sd_seen["off_policy_mask"] = mask.detach()
+        return mask
 
     def _sd_micro_batch(
         self, inputs: dict[str, Any], loss: torch.Tensor, seen: dict[str, torch.Tensor]
@@ -299,20 +359,3 @@ class RecordingGRPOTrainer(_GRPOTrainer):  # type: ignore[misc]
             scale = items * accumulation / self.args.steps_per_generation
         normaliser: torch.Tensor = (scale * ranks).to(torch.float32)
         return normaliser
-
-    # -- optimizer step ---------------------------------------------------------------------
-    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
-        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        if self._sd_recording():
-            assert self._sd_buffer is not None
-            step = self.state.global_step + 1
-            try:
-                self._sd_buffer.log(
-                    step,
-                    grad_norm=float(norm),
-                    max_grad_norm=float(self.args.max_grad_norm),
-                    lr=float(self._get_learning_rate()),
-                )
-            except Exception as exc:
-                self._sd_buffer.warn(f"step {step}", exc)
-        return norm
