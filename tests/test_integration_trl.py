@@ -22,62 +22,20 @@ from typing import Any
 import pytest
 import torch
 from _cli import cli_command
-from _ports import free_port
 from _steps import policy_batch
+from _trl import SCRIPTS, TRL_METRICS, child_env, logged_steps, tiny, torchrun, train
+from tiny_configs import PARITY  # (plain data beside the tiny run's helpers, on _trl's path)
 
 import stabledrl_cli as sd
 from stabledrl_cli.errors import MissingExtraError, UsageError
 from stabledrl_cli.integrations import trl as integration
 
-SCRIPTS = Path(__file__).parent / "trl_scripts"
-sys.path.insert(0, str(SCRIPTS))
-from tiny_configs import PARITY  # noqa: E402  (plain data beside the tiny run's helpers)
-
-SKIP_REASON = "the TRL integration tests need trl 1.16 (pip install -e '.[trl]')"
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Any:
-    """The tiny-run helpers (imports trl, transformers and datasets)."""
-    pytest.importorskip("trl", reason=SKIP_REASON)
-    sys.path.insert(0, str(SCRIPTS))
-    import tiny_grpo
-
-    return tiny_grpo
-
-
-def _env() -> dict[str, str]:
-    """The environment for a child process: this checkout first, then the tiny helpers."""
-    root = Path(__file__).resolve().parents[1]
-    paths = [str(root), str(SCRIPTS), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    env.pop("STABLEDRL_RUN_DIR", None)
-    return env
-
-
-def _train(tiny: Any, out: Path, **config: Any) -> Any:
-    model = (
-        tiny.tiny_model_dir(str(out.parent / "model")) if config.get("beta") else tiny.tiny_model()
-    )
-    trainer = integration.RecordingGRPOTrainer(
-        model=model,
-        reward_funcs=tiny.count_b,
-        args=tiny.tiny_config(str(out.parent / "trl_out"), **config),
-        train_dataset=tiny.tiny_dataset(),
-        processing_class=tiny.tiny_tokenizer(),
-        stabledrl_out=out,
-    )
-    trainer.train()
-    return trainer
-
-
-def _logged(log_history: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    return {h["step"]: h for h in log_history if "loss" in h and "grad_norm" in h}
+__all__ = ["tiny"]  # the tiny run's fixture, shared with the RLOO tests
 
 
 def _assert_matches_trl(out: Path, spec: str, log_history: list[dict[str, Any]]) -> float:
     """Steps, grad norms and loss of the recorded run equal TRL's log; returns loss_parity."""
-    logged = _logged(log_history)
+    logged = logged_steps(log_history)
     run = sd.open_run(out)
     assert run.policy_spec is not None
     assert run.policy_spec == sd.get_policy(spec).spec
@@ -104,19 +62,28 @@ def _assert_matches_trl(out: Path, spec: str, log_history: list[dict[str, Any]])
 
 
 # -- the module without trl, and the version gate --------------------------------------------
-def test_missing_trl_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+TRAINERS = ["RecordingGRPOTrainer", "RecordingRLOOTrainer"]
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_missing_trl_names_the_install_command(
+    monkeypatch: pytest.MonkeyPatch, trainer: str
+) -> None:
     def absent(name: str) -> str:
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "version", absent)
     with pytest.raises(MissingExtraError, match=r"pip install -e '\.\[trl\]'"):
-        integration.RecordingGRPOTrainer  # noqa: B018
+        getattr(integration, trainer)
 
 
-def test_other_trl_version_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_other_trl_version_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, trainer: str
+) -> None:
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.17.0")
     with pytest.raises(UsageError, match=r"supports trl 1\.16\.x; found trl 1\.17\.0") as info:
-        integration.RecordingGRPOTrainer  # noqa: B018
+        getattr(integration, trainer)
     assert "\n" not in str(info.value)
 
 
@@ -126,7 +93,9 @@ def test_package_imports_without_trl() -> None:
         "import stabledrl_cli, stabledrl_cli.integrations.trl as m\n"
         "print(m.policy_for_config.__name__)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert "trl" not in done.stderr
 
@@ -234,7 +203,7 @@ def test_a_refused_config_under_record_is_one_line_and_exit_2(tiny: Any, tmp_pat
         "    train_dataset=tiny_dataset(), processing_class=tiny_tokenizer())\n"
     )
     cmd = [*cli_command(), "record", "--out", "run", "--", sys.executable, "-c", script]
-    done = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
@@ -244,15 +213,17 @@ def test_a_refused_config_under_record_is_one_line_and_exit_2(tiny: Any, tmp_pat
     ], done.stderr
 
 
+@pytest.mark.parametrize("trainer", TRAINERS)
 def test_no_run_directory_is_a_usage_error(
-    tiny: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    tiny: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, trainer: str
 ) -> None:
     monkeypatch.delenv("STABLEDRL_RUN_DIR", raising=False)
-    with pytest.raises(UsageError, match="stabledrl_out=DIR"):
-        integration.RecordingGRPOTrainer(
+    config = tiny.tiny_rloo_config if "RLOO" in trainer else tiny.tiny_config
+    with pytest.raises(UsageError, match=f"{trainer} needs a run directory: pass stabledrl_out"):
+        getattr(integration, trainer)(
             model=tiny.tiny_model(),
             reward_funcs=tiny.count_b,
-            args=tiny.tiny_config(str(tmp_path / "trl_out")),
+            args=config(str(tmp_path / "trl_out")),
             train_dataset=tiny.tiny_dataset(),
             processing_class=tiny.tiny_tokenizer(),
         )
@@ -278,14 +249,6 @@ TOKEN_CLIP = {
 }
 
 
-TRL_METRICS = {
-    "trl_clip_ratio_low_mean": "clip_ratio/low_mean",
-    "trl_clip_ratio_high_mean": "clip_ratio/high_mean",
-    "trl_clip_ratio_region_mean": "clip_ratio/region_mean",
-}
-"""Replay's column -> the name TRL logs it under."""
-
-
 def _trl_clip_ratios(step: Any, eps_low: float, eps_high: float) -> dict[str, float]:
     """TRL's clip_ratio/*_mean of one step from the recorded arrays: per micro-batch, masked
     fractions over scored tokens (strict bounds), then their unweighted mean."""
@@ -305,7 +268,7 @@ def _trl_clip_ratios(step: Any, eps_low: float, eps_high: float) -> dict[str, fl
 @pytest.mark.parametrize("case", list(PARITY))
 def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None:
     out = tmp_path / "run"
-    trainer = _train(tiny, out, **PARITY[case])
+    trainer = train(tiny, out, **PARITY[case])
     _assert_matches_trl(out, trainer.stabledrl_policy.spec, trainer.state.log_history)
     bound = trainer.args.max_grad_norm
     for step in sd.open_run(out):  # the norm after clip_grad_norm_ (grad_norm: TRL's, before)
@@ -314,7 +277,7 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
     if case == "grad-clip":
         assert all(s.scalars["grad_norm"] > bound for s in sd.open_run(out))
     if case in TOKEN_CLIP:  # the recorded micro-batches reproduce TRL's own clip metrics
-        logged = _logged(trainer.state.log_history)
+        logged = logged_steps(trainer.state.log_history)
         for step in sd.open_run(out):
             ratios = _trl_clip_ratios(step, trainer.epsilon_low, trainer.epsilon_high)
             for name, value in ratios.items():
@@ -326,7 +289,7 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
             for number, value in zip(own.series["step"], own.series[column], strict=True):
                 assert value == pytest.approx(logged[int(number)][name], abs=1e-6), column
     if case == "cispo":  # TRL logs cispo's own clip ratio instead
-        logged = _logged(trainer.state.log_history)
+        logged = logged_steps(trainer.state.log_history)
         own = sd.replay(out, policies=[trainer.stabledrl_policy.spec], device="cpu").own
         assert own is not None
         for number, value in zip(
@@ -334,7 +297,7 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
         ):
             assert value == pytest.approx(logged[int(number)]["cispo_clip_ratio"], abs=1e-6)
     if case.startswith("vespo"):  # and vespo's mean gamma weight
-        logged = _logged(trainer.state.log_history)
+        logged = logged_steps(trainer.state.log_history)
         own = sd.replay(out, policies=[trainer.stabledrl_policy.spec], device="cpu").own
         assert own is not None
         phis = own.series["trl_vespo_phi_seq_mean"]
@@ -361,8 +324,8 @@ def test_on_policy_grpo_loss_of_zero_is_not_a_parity_failure(tiny: Any, tmp_path
     the two residues (a relative error near 1, a false mismatch) but leave those steps out."""
     out = tmp_path / "run"
     config = {"loss_type": "grpo", "num_iterations": 1, "steps_per_generation": 2}
-    trainer = _train(tiny, out, **config)
-    logged = _logged(trainer.state.log_history)
+    trainer = train(tiny, out, **config)
+    logged = logged_steps(trainer.state.log_history)
     assert all(abs(entry["loss"]) < 1e-6 for entry in logged.values())  # residues of zero
     own = sd.replay(out, policies=[trainer.stabledrl_policy.spec], device="cpu").own
     assert own is not None
@@ -411,7 +374,7 @@ def test_groups_rewards_and_advantages(tiny: Any, tmp_path: Path) -> None:
     z-scored advantages from the recorded rewards gives the recorded advantages. Steps 1-2 are
     the first pass over the one generation batch (steps 3-4 the second, num_iterations=2)."""
     out = tmp_path / "run"
-    _train(tiny, out)
+    train(tiny, out)
     rows: dict[int, list[tuple[float, float]]] = {}
     for step in sd.open_run(out).steps(1, 3):
         seq_id, adv = step["seq_id"], step["advantages"]
@@ -444,7 +407,7 @@ def test_a_step_without_a_scored_token_is_recorded_and_replayed(
     warning is printed, every step is recorded, and replay keeps them all with TRL's loss."""
     out = tmp_path / "run"
     config = {"mask_truncated_completions": True, "generation_kwargs": {"min_new_tokens": 6}}
-    trainer = _train(tiny, out, loss_type=loss_type, **config)
+    trainer = train(tiny, out, loss_type=loss_type, **config)
     assert trainer.state.global_step == 4
     assert "stabledrl:" not in capsys.readouterr().err
     run = sd.open_run(out)
@@ -463,7 +426,7 @@ def test_recording_failure_warns_once_and_training_continues(
         raise OSError("disk on fire")
 
     monkeypatch.setattr(sd.Recorder, "log_step", broken)
-    trainer = _train(tiny, tmp_path / "run")
+    trainer = train(tiny, tmp_path / "run")
     assert trainer.state.global_step == 4
     warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl:" in line]
     assert len(warnings) == 1
@@ -481,7 +444,7 @@ def test_a_run_directory_that_cannot_be_written_warns_once_and_training_runs(
         return real_open(file, flags, *args)
 
     monkeypatch.setattr(os, "open", read_only)
-    trainer = _train(tiny, out)  # the run's manifest cannot be written
+    trainer = train(tiny, out)  # the run's manifest cannot be written
     assert trainer.state.global_step == 4
     warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl:" in line]
     assert len(warnings) == 1
@@ -493,7 +456,7 @@ def test_readme_snippet_records_under_stabledrl_record(tiny: Any, tmp_path: Path
     shutil.copy(SCRIPTS / "snippet_train.py", tmp_path / "train.py")
     cmd = [*cli_command(), "record", "--out", "run", "--",
            sys.executable, "train.py"]  # fmt: skip
-    done = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     run = sd.open_run(tmp_path / "run")
     assert run.step_numbers == [1, 2, 3, 4]
@@ -501,12 +464,6 @@ def test_readme_snippet_records_under_stabledrl_record(tiny: Any, tmp_path: Path
 
 
 # -- two ranks -------------------------------------------------------------------------------
-def _torchrun(script: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            str(SCRIPTS / script), *args]  # fmt: skip
-
-
 def _assert_step_files(out: Path) -> None:
     names = sorted(p.name for p in (out / "steps").iterdir())
     assert names == [f"step-{s:08d}.rank-{r:04d}.safetensors" for s in (1, 2, 3, 4) for r in (0, 1)]
@@ -522,11 +479,11 @@ def _assert_trl_metrics(out: Path, spec: str, logged: dict[int, dict[str, Any]])
             assert value == pytest.approx(logged[int(number)][name], abs=1e-6), column
 
 
-def test_two_ranks_with_torchrun(tiny: Any, tmp_path: Path) -> None:
+def test_two_ranks_withtorchrun(tiny: Any, tmp_path: Path) -> None:
     out, log = tmp_path / "run", tmp_path / "log.json"
-    cmd = _torchrun("ddp_train.py", str(out), str(log))
+    cmd = torchrun("ddp_train.py", str(out), str(log))
     done = subprocess.run(
-        cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300
+        cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_step_files(out)
@@ -534,7 +491,7 @@ def test_two_ranks_with_torchrun(tiny: Any, tmp_path: Path) -> None:
     run = sd.open_run(out)
     assert run.manifest["world_size"] == 2
     _assert_matches_trl(out, run.policy_spec or "", log_history)
-    logged = _logged(log_history)
+    logged = logged_steps(log_history)
     assert run.group_ids == "global"
     for step in run:  # the merged step: the ranks' mean loss is TRL's logged loss
         assert step.scalars["loss"] == pytest.approx(logged[step.step]["loss"], rel=1e-6)
@@ -548,7 +505,7 @@ def _fsdp2_train(tmp_path: Path, *command: str) -> tuple[subprocess.CompletedPro
     """Runs `command` (ending with fsdp2_train.py's arguments); returns the process and what
     rank 0 wrote, after checking the model really was sharded by FSDP2."""
     done = subprocess.run(
-        command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300
+        command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
     shown = json.loads((tmp_path / "shown.json").read_text())
@@ -562,13 +519,13 @@ def test_fsdp2_two_ranks_record_trl_grad_norm_and_loss(tiny: Any, tmp_path: Path
     (both read the norm accelerate's clip returned, so they are equal, not close), and the
     run's policy replays TRL's loss and clip ratios."""
     out = tmp_path / "run"
-    _, shown = _fsdp2_train(tmp_path, *_torchrun("fsdp2_train.py", str(out), "shown.json"))
+    _, shown = _fsdp2_train(tmp_path, *torchrun("fsdp2_train.py", str(out), "shown.json"))
     _assert_step_files(out)
     run = sd.open_run(out)
     assert run.manifest["world_size"] == 2
     spec = run.policy_spec or ""
     _assert_matches_trl(out, spec, shown["log_history"])
-    logged = _logged(shown["log_history"])
+    logged = logged_steps(shown["log_history"])
     assert logged[1]["grad_norm"] > 1.0  # max_grad_norm: the norm recorded is the pre-clip one
     assert run.step(1).scalars["grad_norm_clipped"] == pytest.approx(1.0, rel=1e-5)
     _assert_trl_metrics(out, spec, logged)
@@ -579,10 +536,10 @@ def test_fsdp2_two_ranks_under_stabledrl_record(tiny: Any, tmp_path: Path) -> No
     (numbered from 0) with TRL's grad_norm, within float32 rounding (the hooks sum the
     squares of the DTensor shards in float64, torch's clip in float32)."""
     record = [*cli_command(), "record", "--out", "run", "--"]
-    command = [*record, *_torchrun("fsdp2_train.py", "unused", "shown.json", "plain")]
+    command = [*record, *torchrun("fsdp2_train.py", "unused", "shown.json", "plain")]
     done, shown = _fsdp2_train(tmp_path, *command)
     assert "recording failed" not in done.stderr
-    logged = _logged(shown["log_history"])
+    logged = logged_steps(shown["log_history"])
     run = sd.open_run(tmp_path / "run")
     assert run.manifest["world_size"] == 2
     assert run.step_numbers == [n - 1 for n in sorted(logged)]
@@ -597,7 +554,7 @@ def test_resume_from_checkpoint_continues_the_run(tiny: Any, tmp_path: Path) -> 
     """A run checkpointed at step 2 and resumed: steps 1-2 kept, 3-4 replaced by the resumed
     training's, and the replay still matches TRL's log of the resumed part."""
     out = tmp_path / "run"
-    first = _train(tiny, out, save_strategy="steps", save_steps=2)
+    first = train(tiny, out, save_strategy="steps", save_steps=2)
     kept = {s.step: s.scalars["loss"] for s in sd.open_run(out).steps(1, 3)}
     trainer = integration.RecordingGRPOTrainer(
         model=tiny.tiny_model(),
@@ -611,7 +568,7 @@ def test_resume_from_checkpoint_continues_the_run(tiny: Any, tmp_path: Path) -> 
     run = sd.open_run(out)
     assert run.step_numbers == [1, 2, 3, 4]
     assert {s.step: s.scalars["loss"] for s in run.steps(1, 3)} == kept
-    resumed = _logged(trainer.state.log_history)  # steps 1-2 come from the checkpoint
+    resumed = logged_steps(trainer.state.log_history)  # steps 1-2 come from the checkpoint
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in run.steps(3, 5):
         assert step.scalars["grad_norm"] == resumed[step.step]["grad_norm"]
@@ -623,7 +580,7 @@ def test_resume_into_a_new_run_directory_records_from_the_checkpoint(
 ) -> None:
     """Resumed from checkpoint-2 into a run directory that holds no run (the first part was
     not recorded, or elsewhere): training runs and the new run holds TRL's steps 3-4."""
-    _train(tiny, tmp_path / "first", save_strategy="steps", save_steps=2)
+    train(tiny, tmp_path / "first", save_strategy="steps", save_steps=2)
     out = tmp_path / "resumed"
     trainer = integration.RecordingGRPOTrainer(
         model=tiny.tiny_model(),
@@ -637,7 +594,7 @@ def test_resume_into_a_new_run_directory_records_from_the_checkpoint(
     assert trainer.state.global_step == 4
     run = sd.open_run(out)
     assert run.step_numbers == [3, 4]
-    logged = _logged(trainer.state.log_history)
+    logged = logged_steps(trainer.state.log_history)
     for step in run:
         assert step.scalars["grad_norm"] == logged[step.step]["grad_norm"]
 
@@ -650,15 +607,15 @@ def test_resume_under_stabledrl_record_with_force_keeps_the_earlier_steps(
     shutil.copy(SCRIPTS / "resume_train.py", tmp_path / "train.py")
     record = [*cli_command(), "record", "--out", "run"]
     script = [sys.executable, "train.py"]
-    done = subprocess.run([*record, "--", *script], cwd=tmp_path, env=_env(),
+    done = subprocess.run([*record, "--", *script], cwd=tmp_path, env=child_env(),
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     kept = {s.step: s.scalars["loss"] for s in sd.open_run(tmp_path / "run").steps(1, 3)}
     again = [*record, "--", *script, "trl_out/checkpoint-2"]
-    done = subprocess.run(again, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(again, cwd=tmp_path, env=child_env(), capture_output=True, text=True)
     assert done.returncode == 2 and "pass --force" in done.stderr
     resumed = [*record, "--force", "--", *script, "trl_out/checkpoint-2"]
-    done = subprocess.run(resumed, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(resumed, cwd=tmp_path, env=child_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     run = sd.open_run(tmp_path / "run")
     assert run.step_numbers == [1, 2, 3, 4]

@@ -1,4 +1,5 @@
-"""TRL `GRPOConfig` -> the catalogue policy that reproduces TRL's loss (docs/policies.md).
+"""TRL `GRPOConfig` (and `RLOOConfig`, `rloo_policy_for_config`) -> the catalogue policy that
+reproduces TRL's loss (docs/policies.md).
 
 | TRL config                                   | policy spec                                       |
 |----------------------------------------------|---------------------------------------------------|
@@ -36,6 +37,11 @@ wrong): sequence-level sampling with a loss type other than grpo, luspo or vespo
 delta; beta > 0 with `use_bias_correction_kl` and sequence-level sampling (the KL times the
 sequence ratio); vespo with vLLM importance sampling (TRL folds the sampler's ratio into w); the
 entropy bonus (`entropy_coef`, `use_adaptive_entropy`); an MoE router loss.
+
+RLOO (`RLOOConfig`, recorded one entry a completion): `ppo:eps_low,eps_high,
+agg=micro-token-mean`, the PPO clip of each completion's ratio, each micro-batch's mean over
+its completions, averaged; beta is not in the spec (TRL subtracts it times the sequence KL
+from the reward, so it is in the recorded advantages). Refused: an MoE router loss.
 """
 
 from __future__ import annotations
@@ -54,8 +60,26 @@ _SEQUENCE_LEVEL = ("grpo", "luspo", "vespo")
 """Loss types whose loss TRL's sequence-level sampling leaves expressible (vespo's ignores it)."""
 
 
+_ROUTER_LOSS = "the MoE router loss (router_aux_loss_coef) is not in the catalogue"
+
+
 def _refuse(reason: str) -> UsageError:
     return UsageError(f"cannot record this TRL run: {reason}")
+
+
+def _epsilons(config: Any) -> dict[str, SpecValue]:
+    """eps_low (TRL's `epsilon`) and eps_high (its `epsilon_high`, default `epsilon`)."""
+    eps_high = config.epsilon_high if config.epsilon_high is not None else config.epsilon
+    return {"eps_low": float(config.epsilon), "eps_high": float(eps_high)}
+
+
+def _policy(name: str, params: dict[str, SpecValue]) -> Policy:
+    """The catalogue's policy `name` with `params`; a parameter it refuses is refused in one
+    line."""
+    try:
+        return get_policy(format_spec(name, params))
+    except UsageError as exc:
+        raise _refuse(str(exc)) from None
 
 
 def uses_loss_weight(config: Any) -> bool:
@@ -92,7 +116,7 @@ def _check_recordable(config: Any, aux_loss: bool) -> None:
             "the entropy bonus (entropy_coef, use_adaptive_entropy) is not in the catalogue"
         )
     if aux_loss:
-        raise _refuse("the MoE router loss (router_aux_loss_coef) is not in the catalogue")
+        raise _refuse(_ROUTER_LOSS)
     sequence = config.importance_sampling_level == "sequence"
     if sequence:
         if loss_type not in _SEQUENCE_LEVEL:
@@ -116,8 +140,7 @@ def policy_for_config(config: Any, *, aux_loss: bool = False) -> Policy:
     docstring; its `.spec` is canonical, e.g. `grpo` for TRL's grpo defaults); UsageError, one
     line, for a configuration the catalogue cannot express."""
     _check_recordable(config, aux_loss)
-    eps_low = float(config.epsilon)
-    eps_high = float(config.epsilon_high if config.epsilon_high is not None else config.epsilon)
+    epsilons = _epsilons(config)
     params: dict[str, SpecValue]
     loss_type = config.loss_type
     if loss_type == "vespo":
@@ -132,13 +155,13 @@ def policy_for_config(config: Any, *, aux_loss: bool = False) -> Policy:
             },
         )
     elif config.importance_sampling_level == "sequence":
-        name, params = "gspo", {"eps_low": eps_low, "eps_high": eps_high}
+        name, params = "gspo", dict(epsilons)
         if loss_type == "luspo":
             params.update(_aggregation(config))
         elif config.mask_truncated_completions:
             params["rows"] = "all"
     elif loss_type == "cispo":
-        name, params = "cispo", {"cap": eps_high, **_aggregation(config)}
+        name, params = "cispo", {"cap": epsilons["eps_high"], **_aggregation(config)}
     elif loss_type == "sapo":
         params = {
             "tau_pos": float(config.sapo_temperature_pos),
@@ -148,7 +171,7 @@ def policy_for_config(config: Any, *, aux_loss: bool = False) -> Policy:
         name = "sapo"
     else:
         name = _PPO_NAMES[loss_type]
-        params = {"eps_low": eps_low, "eps_high": eps_high, **_aggregation(config)}
+        params = {**epsilons, **_aggregation(config)}
         if config.delta is not None:
             name, params["delta"] = "two-sided", float(config.delta)
     if config.beta != 0.0:
@@ -157,7 +180,13 @@ def policy_for_config(config: Any, *, aux_loss: bool = False) -> Policy:
             params["kl_is"] = "token"
         if uses_loss_weight(config):  # TRL adds the KL term after its per-token weights
             params["kl_weight"] = "none"
-    try:
-        return get_policy(format_spec(name, params))
-    except UsageError as exc:
-        raise _refuse(str(exc)) from None
+    return _policy(name, params)
+
+
+def rloo_policy_for_config(config: Any, *, aux_loss: bool = False) -> Policy:
+    """The catalogue policy reproducing a TRL 1.16 `RLOOConfig`'s loss on a run recorded one
+    entry a completion (module docstring; `ppo:agg=micro-token-mean` for TRL's defaults);
+    UsageError, one line, for an MoE router loss."""
+    if aux_loss:
+        raise _refuse(_ROUTER_LOSS)
+    return _policy("ppo", {**_epsilons(config), "agg": "micro-token-mean"})

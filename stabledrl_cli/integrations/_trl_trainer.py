@@ -1,7 +1,9 @@
 """The recording TRL trainers (1.16.x): `RecordingTrainer`, what they share, and
-`RecordingGRPOTrainer`, `trl.GRPOTrainer` that records every optimizer step.
+`RecordingGRPOTrainer`, `trl.GRPOTrainer` that records every optimizer step
+(`RecordingRLOOTrainer` is in `_trl_rloo`).
 
-The overrides are minimal and call the parent; what each one reads (TRL's source, 1.16):
+The overrides are minimal and call the parent; what each one reads (TRL's source, 1.16; the
+GRPO and RLOO trainers share these methods):
 - `_calculate_rewards`: the rewards of the generation batch, gathered over ranks;
 - `_generate_and_score_completions`: tags each row with its global prompt-group id and reward
   (per-row tensors travel with the rows through TRL's shuffle and split);
@@ -36,6 +38,7 @@ from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
 from stabledrl_cli.integrations._trl_policy import policy_for_config, uses_loss_weight
 from stabledrl_cli.integrations._trl_version import check_trl_version
 from stabledrl_cli.policies import Policy
+from stabledrl_cli.vocab import Unit
 
 GROUP_KEY = "stabledrl_group_id"
 REWARD_KEY = "stabledrl_reward"
@@ -81,7 +84,8 @@ def _cpu(tensor: torch.Tensor) -> torch.Tensor:
 class RecordingTrainer(_Untyped):  # type: ignore[misc]
     """What a recording TRL trainer shares, placed before the TRL trainer in its bases:
     `class RecordingXTrainer(RecordingTrainer, trl.XTrainer)` with the trainer's own
-    `_sd_trainer`, `_sd_policy_for`, `_sd_meta` and `_sd_micro_batch`.
+    `_sd_trainer`, `_sd_policy_for`, `_sd_meta` and `_sd_micro_batch` (and `_sd_unit` for a
+    sequence-level loss).
 
     Arguments: those of the TRL trainer, plus `stabledrl_out` (the run directory; default
     $STABLEDRL_RUN_DIR from `stabledrl record --out DIR -- ...`) and `stabledrl_overwrite`
@@ -94,6 +98,8 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
     _sd_policy_for: Callable[..., Policy]
     """The TRL config (and `aux_loss=`, the MoE router loss) -> the catalogue policy that
     reproduces the trainer's loss; UsageError, one line, when there is none."""
+    _sd_unit: Unit = "token"
+    """What one recorded entry is: a token, or a sequence (the Recorder's `unit`)."""
 
     def __init__(
         self,
@@ -149,6 +155,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             self.stabledrl_out,
             policy=policy,
             meta=meta,
+            unit=self._sd_unit,
             world_size=self.accelerator.num_processes,
             rank=self.accelerator.process_index,
             overwrite=self._sd_overwrite and resume is None,

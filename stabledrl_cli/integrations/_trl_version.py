@@ -7,7 +7,8 @@ import importlib.metadata
 from stabledrl_cli.errors import MissingExtraError, UsageError
 
 SUPPORTED_TRL = "1.16.x"
-"""The TRL releases whose private GRPOTrainer methods the integration overrides."""
+"""The TRL releases whose private GRPOTrainer and RLOOTrainer methods the integration
+overrides."""
 
 
 def check_trl_version() -> str:

@@ -1,7 +1,7 @@
 """Run under torchrun: the tiny GRPO run recorded on every rank (gloo on CPU).
 
-usage: torchrun --nproc_per_node 2 ddp_train.py RUN_DIR LOG_JSON [LOSS_TYPE]
-Rank 0 writes TRL's log_history to LOG_JSON.
+usage: torchrun --nproc_per_node 2 ddp_train.py RUN_DIR LOG_JSON [LOSS_TYPE | rloo]
+("rloo": the tiny RLOO run, epsilon 0.02). Rank 0 writes TRL's log_history to LOG_JSON.
 """
 
 from __future__ import annotations
@@ -10,9 +10,16 @@ import json
 import sys
 from pathlib import Path
 
-from tiny_grpo import count_b, tiny_config, tiny_dataset, tiny_model, tiny_tokenizer
+from tiny_grpo import (
+    count_b,
+    tiny_config,
+    tiny_dataset,
+    tiny_model,
+    tiny_rloo_config,
+    tiny_tokenizer,
+)
 
-from stabledrl_cli.integrations.trl import RecordingGRPOTrainer
+from stabledrl_cli.integrations.trl import RecordingGRPOTrainer, RecordingRLOOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distributed_exit import exit_without_finalizing
@@ -21,9 +28,14 @@ from distributed_exit import exit_without_finalizing
 def main() -> None:
     run_dir, log_json = sys.argv[1], Path(sys.argv[2])
     loss_type = sys.argv[3] if len(sys.argv) > 3 else "grpo"
-    config = tiny_config(str(Path(run_dir).parent / "trl_out"), loss_type=loss_type,
-                         per_device_train_batch_size=2)  # fmt: skip
-    trainer = RecordingGRPOTrainer(
+    trl_out = str(Path(run_dir).parent / "trl_out")
+    if loss_type == "rloo":
+        trainer_class: type = RecordingRLOOTrainer
+        config = tiny_rloo_config(trl_out, epsilon=0.02, per_device_train_batch_size=2)
+    else:
+        trainer_class = RecordingGRPOTrainer
+        config = tiny_config(trl_out, loss_type=loss_type, per_device_train_batch_size=2)
+    trainer = trainer_class(
         model=tiny_model(),
         reward_funcs=count_b,
         args=config,

@@ -1,7 +1,7 @@
 """The TRL GRPOConfig overrides of the tiny run (`tiny_grpo.tiny_config`) that the TRL parity
 tests (tests/test_integration_trl.py) and `benchmarks/trl_parity.py` record and replay, by
-name: every loss type and the options that change the loss. Plain data: importing it needs no
-TRL."""
+name: every loss type and the options that change the loss; then RLOO's (`RLOO_PARITY`).
+Plain data: importing it needs no TRL."""
 
 from __future__ import annotations
 
@@ -32,3 +32,24 @@ PARITY: dict[str, dict[str, Any]] = {
     "steps-per-generation-3": {"loss_type": "dapo", "steps_per_generation": 3},
     "grad-clip": {"loss_type": "grpo", "max_grad_norm": 0.05},  # clips every step
 }
+
+RLOO_PARITY: dict[str, dict[str, Any]] = {
+    "rloo": {},  # TRL's RLOOConfig defaults but beta 0 (tiny_rloo_config)
+    # small epsilons: the second pass's sequence ratios leave them on both sides
+    "rloo-epsilons": {"epsilon": 0.02, "epsilon_high": 0.05},
+    # beta folds each completion's KL into its reward; normalized advantages
+    "rloo-beta-normalized": {"beta": 0.1, "normalize_advantages": True},
+    # truncated completions (no EOS in 6 tokens) keep no token: log-probs 0, ratio 1
+    "rloo-truncated": {"mask_truncated_completions": True, "epsilon": 0.02},
+    # 4 micro-batches a step, a rollout of 8 (gradient_accumulation_steps = steps_per_generation
+    # would make each rollout's first step on-policy over whole groups: a loss of 0, whose
+    # float32 residue has no relative error to compare)
+    "rloo-accumulation-4": {
+        "gradient_accumulation_steps": 4,
+        "steps_per_generation": 8,
+        "epsilon": 0.05,
+    },
+}
+"""The RLOOConfig overrides of the tiny run (`tiny_grpo.tiny_rloo_config`) that the RLOO
+parity tests (tests/test_integration_trl_rloo.py) and `benchmarks/trl_parity.py --trainer
+rloo` record and replay, by name."""

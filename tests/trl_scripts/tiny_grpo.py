@@ -3,7 +3,8 @@
 `tiny_parts()` builds a 2-layer Qwen2 model from a config, a word-level tokenizer over a
 12-word vocabulary, a dataset of 8 prompts, and a reward that counts the word "b".
 `tiny_config(out, **overrides)` is a GRPOConfig with num_iterations=2 (ratios move) and
-gradient_accumulation_steps (2) != steps_per_generation (4).
+gradient_accumulation_steps (2) != steps_per_generation (4); `tiny_rloo_config` the same run
+as an RLOOConfig (beta 0: no reference model unless asked).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-from trl import GRPOConfig
+from trl import GRPOConfig, RLOOConfig
 
 WORDS = ["<pad>", "<eos>", "a", "b", "c", "d", "e", "f", "g", "h", "say", "go"]
 
@@ -64,8 +65,8 @@ def count_b(completions: list[str], **_: Any) -> list[float]:
     return [float(text.split().count("b")) for text in completions]
 
 
-def tiny_config(out: str, **overrides: Any) -> GRPOConfig:
-    """GRPOConfig for the tiny run; overrides win."""
+def _tiny_args(out: str, **overrides: Any) -> dict[str, Any]:
+    """The tiny run's trainer arguments; overrides win."""
     args: dict[str, Any] = {
         "output_dir": out,
         "per_device_train_batch_size": 4,
@@ -86,4 +87,15 @@ def tiny_config(out: str, **overrides: Any) -> GRPOConfig:
         "disable_tqdm": True,
     }
     args.update(overrides)
-    return GRPOConfig(**args)
+    return args
+
+
+def tiny_config(out: str, **overrides: Any) -> GRPOConfig:
+    """GRPOConfig for the tiny run; overrides win."""
+    return GRPOConfig(**_tiny_args(out, **overrides))
+
+
+def tiny_rloo_config(out: str, **overrides: Any) -> RLOOConfig:
+    """RLOOConfig for the tiny run, beta 0 unless overridden (TRL's default, 0.05, loads a
+    reference model: pass `tiny_model_dir` as the model); overrides win."""
+    return RLOOConfig(**_tiny_args(out, **{"beta": 0.0, **overrides}))

@@ -1,0 +1,139 @@
+"""The TRL integration against a real `trl.RLOOTrainer` (1.16.x) on CPU.
+
+The tiny run of tests/trl_scripts/tiny_grpo.py as an RLOOConfig (`tiny_rloo_config`):
+num_iterations=2 so ratios move, gradient_accumulation_steps (2) != steps_per_generation (4).
+Each completion is one recorded entry (RLOO clips the ratio of its summed log-probs); the
+run's own policy, replayed, reproduces TRL's logged loss and clip_ratio/* on every step.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _cli import cli_command
+from _steps import policy_batch
+from _trl import TRL_METRICS, child_env, logged_steps, tiny, torchrun, train
+from test_readme import block_after
+from tiny_configs import RLOO_PARITY  # (plain data beside the tiny run's helpers, on _trl's path)
+
+import stabledrl_cli as sd
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.integrations import trl as integration
+
+__all__ = ["tiny"]  # the tiny run's fixture, shared with the GRPO tests
+
+SNIPPET_PARTS = (
+    "from tiny_grpo import count_b, tiny_dataset, tiny_model, tiny_rloo_config, tiny_tokenizer\n"
+    "model, tokenizer, dataset, reward = tiny_model(), tiny_tokenizer(), tiny_dataset(), count_b\n"
+    "config = tiny_rloo_config('trl_out')\n"
+)
+"""What the README's RLOO snippet takes as given: the tiny run's parts."""
+
+
+def _assert_replays_trl(out: Path, spec: str, logged: dict[int, dict[str, Any]]) -> Any:
+    """The run's own policy, replayed, gives TRL's loss (1e-6 relative) and clip ratios (1e-6)
+    on every step; returns the own policy's replay."""
+    own = sd.replay(out, policies=[spec], device="cpu").own
+    assert own is not None and own.spec == spec
+    assert own.series["step"].tolist() == sorted(logged)
+    for i, number in enumerate(own.series["step"].tolist()):
+        entry = logged[number]
+        assert -own.series["objective"][i] == pytest.approx(entry["loss"], rel=1e-6)
+        for column, name in TRL_METRICS.items():
+            assert own.series[column][i] == pytest.approx(entry[name], abs=1e-6), column
+    assert own.summary.loss_parity is not None and own.summary.loss_parity < 1e-6
+    return own
+
+
+@pytest.mark.parametrize("case", list(RLOO_PARITY))
+def test_own_policy_reproduces_trl_rloo(tiny: Any, tmp_path: Path, case: str) -> None:
+    out = tmp_path / "run"
+    trainer = train(tiny, out, rloo=True, **RLOO_PARITY[case])
+    spec = trainer.stabledrl_policy.spec
+    eps_high = trainer.args.epsilon_high or trainer.args.epsilon
+    assert (
+        spec
+        == sd.get_policy(
+            f"ppo:agg=micro-token-mean,eps_low={trainer.args.epsilon},eps_high={eps_high}"
+        ).spec
+    )
+    logged = logged_steps(trainer.state.log_history)
+    run = sd.open_run(out)
+    assert run.unit == "sequence" and run.policy_spec == spec and run.group_ids == "global"
+    assert run.manifest["meta"]["trainer"] == "RLOOTrainer"
+    assert run.step_numbers == sorted(logged) == [1, 2, 3, 4]
+    accumulation = trainer.args.gradient_accumulation_steps
+    recorded = sd.get_policy(f"{spec.replace('micro-token-mean', 'recorded')}")
+    for step in run:
+        assert step.scalars["grad_norm"] == logged[step.step]["grad_norm"]
+        assert step.scalars["loss"] == pytest.approx(logged[step.step]["loss"], rel=1e-6)
+        assert step.num_sequences == 4 * accumulation  # one entry a completion
+        assert step["seq_id"].tolist() == list(range(step.num_sequences))
+        assert sorted(set(step["micro_batch"].tolist())) == list(range(accumulation))
+        # the recorded normaliser is TRL's: replayed as is, the same objective
+        batch = policy_batch(step)
+        assert float(recorded.weights(batch).objective) == pytest.approx(
+            float(trainer.stabledrl_policy.weights(batch).objective), rel=1e-6
+        )
+    # the update's index on its rollout: each rollout serves 4 updates (2 on each pass)
+    assert [s.scalars["inner_step"] for s in run] == [0, 1, 2, 3]
+    own = _assert_replays_trl(out, spec, logged)
+    if trainer.args.epsilon < 0.2:  # ratios leave the small epsilons: TRL clips
+        assert max(own.series["trl_clip_ratio_region_mean"]) > 0
+    if case == "rloo-epsilons":  # on both sides
+        assert max(own.series["trl_clip_ratio_low_mean"]) > 0
+        assert max(own.series["trl_clip_ratio_high_mean"]) > 0
+    if case == "rloo-beta-normalized":  # the KL is in the advantages, not in the spec
+        meta = run.manifest["meta"]
+        assert meta["beta"] == 0.1 and meta["normalize_advantages"] is True
+        assert meta["reward_weights"] == [1.0] and meta["reward_clip_range"] is None
+    if case == "rloo-truncated":  # rows TRL masks whole stay entries: logps 0, ratio 1
+        truncated = [int((s["logp"] == 0).sum()) for s in run]
+        assert all(n > 0 for n in truncated)
+        assert all(bool((s["logp_old"][s["logp"] == 0] == 0).all()) for s in run)
+
+
+def test_router_loss_is_refused_in_one_line(tiny: Any) -> None:
+    config = tiny.tiny_rloo_config("unused")
+    with pytest.raises(UsageError, match="cannot record this TRL run: the MoE router") as info:
+        integration.rloo_policy_for_config(config, aux_loss=True)
+    assert "\n" not in str(info.value)
+
+
+def test_readme_rloo_snippet_records_under_stabledrl_record(tmp_path: Path) -> None:
+    """The README's RLOO snippet, as written, after the tiny run's parts, under `stabledrl
+    record`: it records into the directory `record` gives it."""
+    pytest.importorskip("trl")
+    (tmp_path / "train.py").write_text(SNIPPET_PARTS + block_after("trl-rloo-snippet") + "\n")
+    cmd = [*cli_command(), "record", "--out", "run", "--", sys.executable, "train.py"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = sd.open_run(tmp_path / "run")
+    assert run.step_numbers == [1, 2, 3, 4] and run.unit == "sequence"
+    assert run.policy_spec == "ppo:agg=micro-token-mean"  # TRL's default epsilons
+
+
+def test_two_ranks_with_torchrun(tiny: Any, tmp_path: Path) -> None:
+    """Two ranks (gloo): each writes its completions; the joined step replays TRL's loss (DDP
+    averages the ranks') and its clip ratios (pooled over the ranks' micro-batch calls)."""
+    out, log = tmp_path / "run", tmp_path / "log.json"
+    cmd = torchrun("ddp_train.py", str(out), str(log), "rloo")
+    done = subprocess.run(
+        cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = logged_steps(json.loads(log.read_text()))
+    run = sd.open_run(out)
+    assert run.manifest["world_size"] == 2 and run.unit == "sequence"
+    for step in run:
+        assert step.num_sequences == 8
+        assert set(step["group_id"].tolist()) <= set(range(4))  # global ids, not offset
+        assert step.scalars["loss"] == pytest.approx(logged[step.step]["loss"], rel=1e-6)
+    own = _assert_replays_trl(out, run.policy_spec or "", logged)
+    assert torch.tensor(own.series["trl_clip_ratio_region_mean"]).max() > 0
