@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,7 @@ def test_corrupt_step_is_a_finding_not_a_failure(run_dir):
         "plain_file",
         "corrupt_manifest",
         "wrong_manifest_field",
+        "wrong_run_id",
         "newer_major",
     ],
 )
@@ -148,6 +150,11 @@ def test_bad_runs_exit_3_with_one_line(tmp_path, run_dir, case):
         target = run_dir
         manifest = json.loads((run_dir / "manifest.json").read_text())
         manifest["reward_range"] = "0..1"
+        (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    elif case == "wrong_run_id":
+        target = run_dir
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        manifest["run_id"] = 7
         (run_dir / "manifest.json").write_text(json.dumps(manifest))
     elif case == "corrupt_manifest":
         target = run_dir
@@ -188,3 +195,21 @@ def test_inspect_says_whether_the_recording_closed(tmp_path):
         table = runner.invoke(app, ["inspect", str(path)])
         assert ("closed: its Recorder finished" in table.output) is marked
     recorder.close()
+
+
+def test_inspect_shows_the_run_identity_a_pack_keeps(tmp_path, run_dir, grpo_fixture):
+    """The manifest's run_id, in the table and the JSON, of the run and of its packed archive;
+    a run recorded before run ids (the committed fixture) reads, its identity not recorded."""
+    from stabledrl_cli.dump._packer import pack_run
+
+    run_id = json.loads((run_dir / "manifest.json").read_text())["run_id"]
+    archive = tmp_path / "run.h5"
+    pack_run(sd.open_run(run_dir), archive)
+    for path in (run_dir, archive):
+        assert _json(["inspect", str(path), "--format", "json"])["run_id"] == run_id
+        table = runner.invoke(app, ["inspect", str(path)])
+        shown = re.search(rf"run id +│ {run_id} ", table.stdout)
+        assert table.exit_code == 0 and shown, table.output
+    assert _json(["inspect", str(grpo_fixture), "--format", "json"])["run_id"] is None
+    table = runner.invoke(app, ["inspect", str(grpo_fixture)])
+    assert table.exit_code == 0 and "not recorded (a run recorded before run ids)" in table.stdout

@@ -50,17 +50,45 @@ def test_resume_keeps_earlier_steps_and_replaces_later_ones(tmp_path):
     assert run.step_numbers == [0, 1, 2, 3, 4] and run.integrity.ok
     assert run.scalar_series("loss")[1].tolist() == [0.0, 1.0, 2.0, 103.0, 104.0]
     assert (path / "steps" / "step-00000002.safetensors").read_bytes() == kept
-    assert (path / "manifest.json").read_bytes() == manifest_before  # kept as it was
+    # Kept as it was, but for a new run identity: steps 3-5 were written again.
+    manifest_after = json.loads((path / "manifest.json").read_text())
+    manifest_kept = json.loads(manifest_before)
+    assert manifest_after.pop("run_id") != manifest_kept.pop("run_id")
+    assert manifest_after == manifest_kept
 
 
 def test_resume_without_a_resume_point_appends(tmp_path):
     path = tmp_path / "run"
     _record(path, range(3))
+    manifest_before = (path / "manifest.json").read_bytes()
     with sd.Recorder(path, policy="dapo:eps_high=0.28", resume=True) as rec:
         with pytest.raises(UsageError, match="does not follow step 2"):
             rec.log_step(2, **_batch(2))
         rec.log_step(3, **_batch(3))
     assert sd.open_run(path).step_numbers == [0, 1, 2, 3]
+    assert (path / "manifest.json").read_bytes() == manifest_before  # its run identity too
+
+
+def _run_id(path) -> str:
+    return json.loads((path / "manifest.json").read_text())["run_id"]
+
+
+def test_each_recording_of_a_run_has_its_own_identity(tmp_path):
+    """The manifest's run_id: new for a new run and for one overwritten, kept by a resume
+    that replaces no step (a resume point past the last step), new for one that replaces
+    some; the Recorder's own manifest says the same."""
+    path = tmp_path / "run"
+    _record(path, range(3))
+    first = _run_id(path)
+    assert len(first) == 32 and int(first, 16) >= 0
+    _record(path, range(3, 5), resume=True, resume_from=3)  # nothing at or after step 3
+    assert _run_id(path) == first
+    with sd.Recorder(path, policy="dapo:eps_high=0.28", resume=True, resume_from=4) as rec:
+        assert rec.manifest["run_id"] == _run_id(path) != first  # step 4 is written again
+        rec.log_step(4, **_batch(4))
+    resumed = _run_id(path)
+    with sd.Recorder(path, policy="dapo:eps_high=0.28", overwrite=True) as rec:
+        assert rec.manifest["run_id"] == _run_id(path) not in (first, resumed)
 
 
 def test_resume_verifies_the_kept_steps(tmp_path):

@@ -529,6 +529,52 @@ def test_the_live_watch_says_when_the_run_was_replaced(grpo_fixture, tmp_path, m
     assert result.exit_code == 0
 
 
+def _norms_run(path: Path, steps: Iterable[int], norm: float, **kwargs: object) -> None:
+    """Scalar steps of one grad norm (a run that tells which recording wrote each step)."""
+    with Recorder(path, policy=None, **kwargs) as recorder:  # type: ignore[arg-type]
+        for n in steps:
+            recorder.log_step(n, grad_norm=norm, loss=0.5)
+
+
+def _norms(watcher: RunWatcher) -> list[float | None]:
+    return [row.grad_norm for row in watcher.state().recent]
+
+
+def test_a_run_re_recorded_into_a_byte_identical_manifest_is_followed_anew(tmp_path, monkeypatch):
+    """`record --force` of the same config under SOURCE_DATE_EPOCH between two polls: the
+    manifests are the same but for the run identity (`run_id`), new with each recording. The
+    watcher starts over on it and shows the new run alone. Before, with nothing in the manifest
+    to tell the runs apart, it went on with the old run's steps 0-9 beside the new one's 10-11."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    live = tmp_path / "live"
+    _norms_run(live, range(10), 1.0)
+    watcher = RunWatcher(live, CPU, recent=12)
+    watcher.poll()
+    first = json.loads((live / "manifest.json").read_text())
+    _norms_run(live, range(12), 2.0, overwrite=True)
+    watcher.poll()
+    assert watcher.replaced == 1 and _norms(watcher) == [2.0] * 12
+    second = json.loads((live / "manifest.json").read_text())
+    assert first.pop("run_id") != second.pop("run_id") and first == second
+
+
+def test_a_resume_that_writes_read_steps_again_is_followed_anew(tmp_path):
+    """A resume that appends keeps the run identity: the watch goes on. One from an earlier
+    step (`resume_from`) writes steps the watch read again under the same names: it gives the
+    run a new identity, and the watch starts over. Before, steps 5-11 were kept as first read
+    (grad norm 1.0), the resumed training's (3.0) never read."""
+    live = tmp_path / "live"
+    _norms_run(live, range(10), 1.0)
+    watcher = RunWatcher(live, CPU, recent=12)
+    watcher.poll()
+    _norms_run(live, range(10, 12), 1.0, resume=True)
+    watcher.poll()
+    assert watcher.replaced == 0 and _norms(watcher) == [1.0] * 12
+    _norms_run(live, range(5, 12), 3.0, resume=True, resume_from=5)
+    watcher.poll()
+    assert watcher.replaced == 1 and _norms(watcher) == [1.0] * 5 + [3.0] * 7
+
+
 def test_a_watcher_starts_over_when_steps_it_read_are_removed(grpo_fixture, tmp_path):
     """Steps the watcher read, removed under it: the run on disk is not
     the one it read, so it starts over on what is there. It kept showing, alerting and gating

@@ -40,6 +40,7 @@ def _run_table(s: RunSummary) -> Table:
     rows = [
         ("format", f"v{s.format_version} (written by stabledrl {s.tool_version})"),
         ("created", str(s.created)),
+        ("run id", s.run_id or "not recorded (a run recorded before run ids)"),
         ("policy", str((s.policy or {}).get("spec", "not known"))),
         ("source", _source_text(s.source) if s.source else "recorded in the training loop"),
         *([("recording", _recording_text(s))] if s.recording_stopped or s.recording_closed else []),

@@ -15,7 +15,9 @@ fields (each field's per and dtype), source (format 1.2, optional: where the run
 object with at least a string `kind`, e.g. {"kind": "import", "format": ..., "file": ...}), and,
 only when a Recorder with on_write_error="warn" stopped after a failed write,
 recording_stopped {step, rank, reason}; and recording_closed (true) once a Recorder of a
-world_size 1 run closed, its writes done (`RECORDING_CLOSED`). policy may be null
+world_size 1 run closed, its writes done (`RECORDING_CLOSED`); and run_id (`RUN_ID`, a
+string unique to each recording of the run: a new one when a run is created or replaced, or a
+resume replaces steps; absent in a run recorded before it existed). policy may be null
 (format 1.2): the run's policy is not known (an imported log, an optimizer-hook recording).
 
 Scalar steps (format 1.2): a step file may hold no token, sequence or geometry array at all
@@ -58,6 +60,9 @@ SCALAR_STEP_VERSION = (1, 2)
 """The first version in which a step file may hold no policy batch (a scalar step)."""
 MANIFEST_NAME = "manifest.json"
 RECORDING_CLOSED = "recording_closed"
+RUN_ID = "run_id"
+"""The manifest's run identity (docs/run-format.md): it changes no format version, a reader
+that does not know it leaves it alone."""
 """The manifest's mark (true) that the run's recording closed: every step it will have is
 written. Only a closed Recorder of a world_size 1 run writes it, a resumed or overwritten
 run clears it before any step file changes; older readers leave it alone, as every field
@@ -286,6 +291,8 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
     for name in ("meta", "estimator", "policy", "geometry", "source"):
         if not isinstance(manifest.get(name), dict | None):
             raise corrupt(name, "an object or null")
+    if not isinstance(manifest.get(RUN_ID, ""), str):
+        raise corrupt(RUN_ID, "a string")
     if not isinstance((manifest.get("policy") or {}).get("spec"), str | None):
         raise corrupt("policy", "an object whose spec is a string")
     source = manifest.get("source")

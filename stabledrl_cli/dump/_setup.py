@@ -13,6 +13,12 @@
   again), those before it are kept and verified in full (data checksum: a corrupt one is
   InputError), and temporary files left by a killed writer are removed.
 
+The run identity (the manifest's `run_id`, `new_run_id`): rank 0 writes a new one into every
+fresh manifest (a new run, an overwritten one) and, when a resume removed any of its step
+files, into the kept manifest once they are gone: a reader that saw the old identity may have
+read a step the resumed training writes again under the same name. A resume that removes no
+step file (it appends) keeps the identity: every step a reader read is still as it was.
+
 Any failure to write or remove a file is WriteError naming it.
 """
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,7 @@ from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
     RECORDING_CLOSED,
+    RUN_ID,
     STEP_FILE_RE,
     STEPS_DIR,
     TEMP_FILE_RE,
@@ -94,6 +102,12 @@ def reopen_run(path: Path) -> None:
         amend_manifest(path, RECORDING_CLOSED, None)
 
 
+def new_run_id() -> str:
+    """A run identity no other recording has: 32 random hex digits (random even under
+    SOURCE_DATE_EPOCH, since two byte-identical recordings are still two runs)."""
+    return uuid.uuid4().hex
+
+
 def _check_compatible(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
     defaults = {"group_ids": "per_rank"}
     for name in _MUST_AGREE:
@@ -116,9 +130,11 @@ def _resume(
     if rank == 0:
         reopen_run(path)  # before any step file changes
     last: int | None = None
+    replaced = False
     for file, step, temporary in _own_step_files(path / STEPS_DIR, rank, world_size):
         if temporary or (resume_from is not None and step >= resume_from):
             _remove(file)
+            replaced = replaced or not temporary
             continue
         try:
             read_header(file, deep=True)
@@ -128,6 +144,9 @@ def _resume(
                 f"resume from step {step} or earlier"
             ) from None
         last = step if last is None else max(last, step)
+    if replaced and rank == 0:  # steps a reader may have read are written again: a new identity
+        existing[RUN_ID] = new_run_id()
+        amend_manifest(path, RUN_ID, existing[RUN_ID])
     return existing, last
 
 
@@ -169,6 +188,7 @@ def prepare_run(
     except OSError as exc:
         raise write_error(steps, exc) from None
     if rank == 0 and not resume:
+        manifest = {**manifest, RUN_ID: new_run_id()}
         text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
         write_atomic(path / MANIFEST_NAME, text.encode())
         fsync_dir(path.parent if path.parent != path else path)

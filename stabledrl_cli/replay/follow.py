@@ -429,10 +429,12 @@ class RunWatcher:
     """Follows a run as it is written: each `poll` replays the steps that landed since the
     last one (a step file still under its temporary name is not listed yet) and returns the
     new alerts. A path with no manifest yet is waited for. A run changed under the watcher
-    (its manifest removed, or rewritten as another run's: `record --force` over it; or steps
-    it read removed) is dropped with all that was read of it, and the path followed again
-    from the start (`replaced` counts how often). A step read is not read again (but the last
-    one, which a recording may still rewrite), and what is derived from the steps read is
+    (its manifest removed, or rewritten as another run's: `record --force` over it, or a
+    resume that writes steps again, each with a new `run_id`; or steps it read removed) is
+    dropped with all that was read of it, and the path followed again from the start
+    (`replaced` counts how often). A step read is not read again (but the last one, which a
+    recording may still rewrite: a Recorder rewrites no other under the same `run_id`,
+    docs/run-format.md), and what is derived from the steps read is
     derived again only when more were read, or the last one changed. `closed` says when a
     poll read every step the run will have (its manifest marked `recording_closed`, or a
     packed archive)."""
@@ -487,7 +489,7 @@ class RunWatcher:
     def _replaced(self, replay: OwnReplay) -> bool:
         """The run read so far is gone: its manifest was removed, or rewritten as another
         run's (a change beyond `recording_stopped` and `recording_closed`, the notes a Recorder
-        adds to its own run)."""
+        adds to its own run: a new `run_id` among them)."""
         if self._manifest_key is None:  # a packed archive: never written while it is read
             return False
         key = self._manifest_now()

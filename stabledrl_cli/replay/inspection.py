@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from stabledrl_cli.dump import Finding, IntegrityReport, Run, RunIntegrityWarning
-from stabledrl_cli.dump._schema import RECORDING_CLOSED
+from stabledrl_cli.dump._schema import RECORDING_CLOSED, RUN_ID
 from stabledrl_cli.replay.observed import NoiseFloor, Observed, OwnLikelihood, observe
 from stabledrl_cli.replay.recorded import SeriesStats, recorded_run
 
@@ -34,6 +34,9 @@ class RunSummary:
     tool_version: object
     """The stabledrl version that wrote the run, as written."""
     created: object
+    run_id: str | None
+    """The run's identity (the manifest's `run_id`, new with each recording of the run); None
+    for a run recorded before it existed."""
     meta: dict[str, object]
     """The training script's free-form notes."""
     policy: dict[str, object] | None
@@ -131,6 +134,7 @@ def summarize(run: Run) -> RunSummary:
         format_version=manifest.get("format_version"),
         tool_version=manifest.get("tool_version"),
         created=manifest.get("created"),
+        run_id=manifest.get(RUN_ID),
         meta=_mapping(manifest.get("meta")),
         policy=dict(policy) if isinstance(policy, dict) else None,
         source=recorded.source,
