@@ -575,6 +575,30 @@ def test_a_resume_that_writes_read_steps_again_is_followed_anew(tmp_path):
     assert watcher.replaced == 1 and _norms(watcher) == [1.0] * 5 + [3.0] * 7
 
 
+def test_a_run_re_recorded_while_a_poll_reads_it_is_not_mixed_into_it(tmp_path, monkeypatch):
+    """The run is re-recorded after a poll listed its steps and before it read them: the
+    steps it reads are the new run's, under the names the old run's had. The poll sees the
+    new run identity once it has read, drops what it read and reads the new run from its
+    start. Before, that poll showed the old run's steps 0-3 (grad norm 1.0) with the new
+    run's 4-9 (2.0; step 4, the last one read, is read again) as one run (the next poll
+    started over)."""
+    live = tmp_path / "live"
+    _norms_run(live, range(5), 1.0)
+    watcher = RunWatcher(live, CPU, recent=12)
+    watcher.poll()
+    _norms_run(live, range(5, 10), 1.0, resume=True)  # the same run, grown
+    extend = follow.OwnReplay.extend
+
+    def re_recorded_first(replay: follow.OwnReplay, numbers: list[int]) -> list[int]:
+        monkeypatch.setattr(follow.OwnReplay, "extend", extend)  # once
+        _norms_run(live, range(12), 2.0, overwrite=True)
+        return extend(replay, numbers)
+
+    monkeypatch.setattr(follow.OwnReplay, "extend", re_recorded_first)
+    watcher.poll()
+    assert watcher.replaced == 1 and _norms(watcher) == [2.0] * 12
+
+
 def test_a_watcher_starts_over_when_steps_it_read_are_removed(grpo_fixture, tmp_path):
     """Steps the watcher read, removed under it: the run on disk is not
     the one it read, so it starts over on what is there. It kept showing, alerting and gating

@@ -530,23 +530,18 @@ class RunWatcher:
 
     def poll(self) -> list[Alert]:
         """Replays the new steps; -> the alerts they raised. InputError for a run that cannot
-        be read (a corrupt manifest, a step the own policy cannot read)."""
+        be read (a corrupt manifest, a step the own policy cannot read). A run replaced while
+        the poll read it (its steps may be the new run's under the names the old run's had)
+        is dropped and read again from its start, once; replaced again, the poll waits."""
         if self.replay is not None and self._replaced(self.replay):
             self._start_over()
-        replay = self._open()
+        for _ in range(2):
+            if not self._read():
+                break
+            self._start_over()
+        replay = self.replay
         if replay is None:
             return []
-        closed = self._closed_mark  # read before the listing: it lists every step
-        numbers = replay.run.listed_step_numbers
-        if not set(replay.seen) <= set(numbers):  # steps it read are gone
-            self._start_over()
-            replay = self._open()
-            if replay is None:
-                return []
-            closed = self._closed_mark
-            numbers = replay.run.listed_step_numbers
-        replay.extend(numbers)
-        self.closed = closed and self._manifest_kept()  # the mark held through the listing
         if not replay.seen:
             self._waiting = f"waiting for the first step of {self.path}"
             return []
@@ -556,6 +551,29 @@ class RunWatcher:
             return []
         self._alerted = observed
         return self._raise(self._candidates(replay))
+
+    def _read(self) -> bool:
+        """Opens the run if need be and reads the steps that landed; -> whether the run was
+        replaced while it read them (a Recorder writes a new manifest before the new run's
+        steps: one seen after the read means the read may hold them)."""
+        replay = self._open()
+        if replay is None:
+            return False
+        closed = self._closed_mark  # read before the listing: it lists every step
+        numbers = replay.run.listed_step_numbers
+        if not set(replay.seen) <= set(numbers):  # steps it read are gone
+            self._start_over()
+            replay = self._open()
+            if replay is None:
+                return False
+            closed = self._closed_mark
+            numbers = replay.run.listed_step_numbers
+        replay.extend(numbers)
+        kept = self._manifest_kept()
+        if not kept and self._replaced(replay):
+            return True
+        self.closed = closed and kept  # the mark held through the listing
+        return False
 
     def _candidates(self, replay: OwnReplay) -> list[Alert]:
         series = replay.series()
