@@ -242,6 +242,17 @@ def _record_raising(tmp_path: Path, monkeypatch, *args: str, command: tuple[str,
     )  # fmt: skip
 
 
+RICH_HOOK = (
+    sys.executable,
+    "-c",
+    "import runpy, rich.traceback; rich.traceback.install(); "
+    "runpy.run_path('{script}', run_name='__main__')",
+)
+"""RAISES_SCRIPT run by a command that first replaces sys.excepthook with rich's (as training
+scripts often do: `rich.traceback.install()`)."""
+
+
+@pytest.mark.parametrize("command", [(), RICH_HOOK], ids=["python", "rich-excepthook"])
 @pytest.mark.parametrize("hooks", ["--optimizer-hooks", "--no-optimizer-hooks"])
 @pytest.mark.parametrize(
     ("kind", "code", "line"),
@@ -251,9 +262,12 @@ def _record_raising(tmp_path: Path, monkeypatch, *args: str, command: tuple[str,
     ],
 )
 def test_a_stabledrl_error_the_command_does_not_catch_is_one_line_and_its_exit_code(
-    tmp_path, monkeypatch, hooks, kind, code, line
+    tmp_path, monkeypatch, hooks, kind, code, line, command
 ):
-    result = _record_raising(tmp_path, monkeypatch, hooks, kind)
+    """Also when the command replaced sys.excepthook (RICH_HOOK): before, rich printed its
+    traceback, no status line was written and record exited 1 ("the training command exited
+    with code 1")."""
+    result = _record_raising(tmp_path, monkeypatch, hooks, kind, command=command)
     assert result.returncode == code, result.stderr
     assert "started" in result.stdout
     assert "Traceback" not in result.stderr
@@ -267,6 +281,16 @@ def test_any_other_exception_of_the_command_keeps_its_traceback_and_exit_code(
     result = _record_raising(tmp_path, monkeypatch, "bug")
     assert result.returncode == 1, result.stderr
     assert "Traceback (most recent call last)" in result.stderr
+    assert 'KeyError: "the script\'s own bug"' in result.stderr
+    assert "the training command exited with code 1" in result.stderr
+
+
+def test_other_exceptions_keep_a_replaced_excepthook(tmp_path, monkeypatch):
+    """Any other exception still goes to the command's own excepthook (rich's traceback, not
+    Python's) and keeps its exit code."""
+    result = _record_raising(tmp_path, monkeypatch, "bug", command=RICH_HOOK)
+    assert result.returncode == 1, result.stderr
+    assert "╭" in result.stderr and "Traceback (most recent call last)" in result.stderr  # rich's
     assert 'KeyError: "the script\'s own bug"' in result.stderr
     assert "the training command exited with code 1" in result.stderr
 

@@ -38,8 +38,9 @@ exit non-zero with the reason, unless the command's own non-zero exit code wins.
 
 A tool error that ends the command: a stabledrl error (UsageError, InputError, WriteError)
 that a process of the command does not catch, say an integration refusing a configuration,
-is bad input, not a bug of the script. The sitecustomize's excepthook hands it to
-`uncaught_error`, which prints it as one line `error: ...` (`rank R: ` first in a multi-rank
+is bad input, not a bug of the script. The sitecustomize's audit hook, which sees every
+uncaught exception whatever sys.excepthook the script set (`rich.traceback.install()`), hands
+it to `uncaught_error`, which prints it as one line `error: ...` (`rank R: ` first in a multi-rank
 run; the traceback instead under STABLEDRL_DEBUG=1, which `record --debug` sets) and appends
 `E<CODE><TAB>MESSAGE` to the status file. The process still exits 1, as after any uncaught
 exception; `record` then exits with CODE. torchrun's own ChildFailedError, raised when such a
@@ -158,9 +159,10 @@ def _reported_fatal(path: str) -> bool:
 
 
 def uncaught_error(exc: BaseException) -> bool:
-    """The excepthook's part under `record -- CMD` (module docstring): a stabledrl error is
-    reported and, unless STABLEDRL_DEBUG is set, printed as one line; torchrun's failure
-    after such a rank is silenced. -> whether the traceback is to be left out."""
+    """The sitecustomize audit hook's part under `record -- CMD` (module docstring): a
+    stabledrl error is reported and, unless STABLEDRL_DEBUG is set, printed as one line;
+    torchrun's failure after such a rank is silenced. -> whether sys.excepthook (the
+    traceback) is to be skipped."""
     path = os.environ.get(ENV_STATUS_FILE)
     if not path:
         return False

@@ -1,9 +1,19 @@
 """Put on a child's PYTHONPATH by `stabledrl record -- CMD`: installs the optimizer hooks
 (`stabledrl_cli.capture.optimizer_hooks`) the moment the child finishes importing torch, and
 their FSDP1 clip wrapper the moment it finishes importing torch.distributed.fsdp (unless
-STABLEDRL_OPTIMIZER_HOOKS is "0": `--no-optimizer-hooks`), and an excepthook that makes an
+STABLEDRL_OPTIMIZER_HOOKS is "0": `--no-optimizer-hooks`), and an audit hook that makes an
 uncaught stabledrl error one line (`stabledrl_cli.capture.bootstrap.uncaught_error`), then
 runs the sitecustomize module this one hides, if there is one.
+
+Why an audit hook, not a wrapper of sys.excepthook: a training script may replace
+sys.excepthook (`rich.traceback.install()`), and a wrapper installed at start-up would then
+never run: the error got the script's traceback and Python's exit code 1. Python raises the
+audit event `sys.excepthook` for every uncaught exception, before it calls whatever
+sys.excepthook is then, and skips that call when an audit hook raises RuntimeError (the
+`sys.excepthook` event in the `sys` module's documentation); an audit hook cannot be removed.
+So the tool's error is reported whatever the script did to sys.excepthook, and every other
+exception goes to the script's own hook as before. The cost is one Python call per audit
+event of the process (an `id()`, an import, an `open`...), which returns at once.
 
 It imports nothing heavy: a child that never imports torch never imports torch or stabledrl
 because of it. A child interpreter that cannot import stabledrl warns once, when it imports
@@ -18,7 +28,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
-from types import ModuleType, TracebackType
+from types import ModuleType
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FSDP1 = "torch.distributed.fsdp"
@@ -94,31 +104,34 @@ def _chain() -> None:
         sys.modules.setdefault(__name__, me)
 
 
-def _errors_in_one_line() -> None:
-    """Wraps sys.excepthook: an uncaught exception goes to `bootstrap.uncaught_error` when it
-    can be the tool's (stabledrl is imported) or is torchrun's report of failed ranks (its
-    process imports stabledrl only with the optimizer hooks on), and keeps its traceback
-    unless that says no."""
-    previous = sys.excepthook
+class _Reported(RuntimeError):
+    """Raised from the audit hook: Python then skips sys.excepthook (the error's line is out)."""
 
-    def excepthook(
-        kind: type[BaseException], value: BaseException, tb: TracebackType | None
-    ) -> None:
-        name = f"{kind.__module__}.{kind.__qualname__}"
-        if _ERRORS in sys.modules or name == _CHILD_FAILED:  # else not the tool's error
-            try:
-                from stabledrl_cli.capture.bootstrap import uncaught_error
 
-                if uncaught_error(value):
-                    return
-            except Exception:  # never hide the exception behind one of ours
-                pass
-        previous(kind, value, tb)
+def _on_uncaught(event: str, args: tuple[object, ...]) -> None:
+    """The audit hook (module docstring): an uncaught exception goes to
+    `bootstrap.uncaught_error` when it can be the tool's (stabledrl is imported) or is
+    torchrun's report of failed ranks (its process imports stabledrl only with the optimizer
+    hooks on); sys.excepthook is skipped when that says so. Called for every audit event of
+    the process: any other returns at once."""
+    if event != "sys.excepthook":
+        return
+    value = args[2]
+    kind = type(value)
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    if _ERRORS not in sys.modules and name != _CHILD_FAILED:  # not the tool's error
+        return
+    try:
+        from stabledrl_cli.capture.bootstrap import uncaught_error
 
-    sys.excepthook = excepthook
+        reported = isinstance(value, BaseException) and uncaught_error(value)
+    except Exception:  # never hide the exception behind one of ours
+        return
+    if reported:
+        raise _Reported
 
 
 if os.environ.get(_ENV_OPTIMIZER_HOOKS) != "0":
     _when_imported("torch", _install_hooks)
-_errors_in_one_line()
+sys.addaudithook(_on_uncaught)
 _chain()
