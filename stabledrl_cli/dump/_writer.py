@@ -191,8 +191,10 @@ class Recorder:
     Refuses an existing non-empty directory unless `overwrite=True` (removes this recorder's
     own step files and, on rank 0, rewrites the manifest) or `resume=True` (continues the run:
     steps at or after `resume_from` are replaced, earlier ones kept and verified; see
-    `_setup`). With `world_size > 1` every rank makes its own Recorder on the same path;
-    rank 0 writes the manifest, each rank its own step files. `group_ids="global"` says that
+    `_setup`). Rank 0 gives the run a new identity (the manifest's `run_id`) when it creates
+    or overwrites it, or when a resume replaces steps (`_setup`). With `world_size > 1`
+    every rank makes its own Recorder on the same path; rank 0 writes the manifest, each rank
+    its own step files. `group_ids="global"` says that
     the recorded group_ids are prompt-group ids shared by all ranks.
     """
 
