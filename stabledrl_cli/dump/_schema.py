@@ -60,13 +60,13 @@ SCALAR_STEP_VERSION = (1, 2)
 """The first version in which a step file may hold no policy batch (a scalar step)."""
 MANIFEST_NAME = "manifest.json"
 RECORDING_CLOSED = "recording_closed"
-RUN_ID = "run_id"
-"""The manifest's run identity (docs/run-format.md): it changes no format version, a reader
-that does not know it leaves it alone."""
 """The manifest's mark (true) that the run's recording closed: every step it will have is
 written. Only a closed Recorder of a world_size 1 run writes it, a resumed or overwritten
 run clears it before any step file changes; older readers leave it alone, as every field
 they do not know."""
+RUN_ID = "run_id"
+"""The manifest's run identity (docs/run-format.md), new with each recording of the run: it
+changes no format version, a reader that does not know it leaves it alone."""
 STEPS_DIR = "steps"
 
 MANIFEST_LIMIT = 1 << 20
