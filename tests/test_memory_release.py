@@ -91,3 +91,30 @@ def test_heap_kept_serves_and_reuses_memory_from_the_heap() -> None:
     assert mapped < 1 << 20  # 1 MB tensors come from the heap, not from fresh mappings
     assert faults < 4 * 40 * 256 // 8  # their freed pages are reused, not faulted in again
     assert returned_kb > 32 * 1024  # and go back to the system on exit
+
+
+THREAD_ARENAS = """
+import ctypes, sys, threading
+import torch
+from stabledrl_cli._memory import _glibc, heap_kept
+
+with heap_kept(shared=sys.argv[1] == "shared"):
+    threads = [threading.Thread(target=lambda: torch.ones(1 << 22)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    _glibc().malloc_stats()  # "Arena N:" for each arena, on stderr
+"""
+
+
+@pytest.mark.parametrize("shared", ["shared", "own"])
+def test_threads_allocate_from_the_kept_heap_when_asked(shared: str) -> None:
+    """A replay's computing threads (`heap_kept(shared=True)`) allocate from the main heap,
+    whose freed pages it keeps; else each takes an arena of its own, whose heaps glibc unmaps
+    as they empty (`_memory`)."""
+    done = subprocess.run(
+        [sys.executable, "-c", THREAD_ARENAS, shared], capture_output=True, text=True, check=True
+    )
+    arenas = done.stderr.count("Arena ")
+    assert arenas == 1 if shared == "shared" else arenas > 1, done.stderr
