@@ -369,12 +369,26 @@ def test_unscorable_rewards_recompute_as_trl_does(tiny: Any, tmp_path: Path) -> 
     assert own.summary.collapsed_steps == []
 
 
-def test_groups_rewards_and_advantages(tiny: Any, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def checkpointed(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny run with TRL's default loss, trained and recorded once for the module's tests
+    that only read it or resume from it: its run directory ("run", which a test that writes
+    to it copies first), TRL's checkpoint at step 2 ("checkpoint") and TRL's log
+    ("log_history"). Checkpointing (save_steps=2) does not change what is trained."""
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    trainer = train(tiny, out, save_strategy="steps", save_steps=2)
+    return {
+        "run": out,
+        "checkpoint": out.parent / "trl_out" / "checkpoint-2",
+        "log_history": trainer.state.log_history,
+    }
+
+
+def test_groups_rewards_and_advantages(checkpointed: dict[str, Any]) -> None:
     """Global group ids and rewards travel with TRL's shuffled rows: recomputing each group's
     z-scored advantages from the recorded rewards gives the recorded advantages. Steps 1-2 are
     the first pass over the one generation batch (steps 3-4 the second, num_iterations=2)."""
-    out = tmp_path / "run"
-    train(tiny, out)
+    out = checkpointed["run"]
     rows: dict[int, list[tuple[float, float]]] = {}
     for step in sd.open_run(out).steps(1, 3):
         seq_id, adv = step["seq_id"], step["advantages"]
@@ -550,11 +564,13 @@ def test_fsdp2_two_ranks_under_stabledrl_record(tiny: Any, tmp_path: Path) -> No
 
 
 # -- resume ----------------------------------------------------------------------------------
-def test_resume_from_checkpoint_continues_the_run(tiny: Any, tmp_path: Path) -> None:
+def test_resume_from_checkpoint_continues_the_run(
+    tiny: Any, checkpointed: dict[str, Any], tmp_path: Path
+) -> None:
     """A run checkpointed at step 2 and resumed: steps 1-2 kept, 3-4 replaced by the resumed
     training's, and the replay still matches TRL's log of the resumed part."""
     out = tmp_path / "run"
-    first = train(tiny, out, save_strategy="steps", save_steps=2)
+    shutil.copytree(checkpointed["run"], out)
     kept = {s.step: s.scalars["loss"] for s in sd.open_run(out).steps(1, 3)}
     trainer = integration.RecordingGRPOTrainer(
         model=tiny.tiny_model(),
@@ -564,7 +580,7 @@ def test_resume_from_checkpoint_continues_the_run(tiny: Any, tmp_path: Path) -> 
         processing_class=tiny.tiny_tokenizer(),
         stabledrl_out=out,
     )
-    trainer.train(resume_from_checkpoint=str(tmp_path / "trl_out" / "checkpoint-2"))
+    trainer.train(resume_from_checkpoint=str(checkpointed["checkpoint"]))
     run = sd.open_run(out)
     assert run.step_numbers == [1, 2, 3, 4]
     assert {s.step: s.scalars["loss"] for s in run.steps(1, 3)} == kept
@@ -572,15 +588,14 @@ def test_resume_from_checkpoint_continues_the_run(tiny: Any, tmp_path: Path) -> 
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in run.steps(3, 5):
         assert step.scalars["grad_norm"] == resumed[step.step]["grad_norm"]
-    assert first.state.log_history != trainer.state.log_history
+    assert checkpointed["log_history"] != trainer.state.log_history
 
 
 def test_resume_into_a_new_run_directory_records_from_the_checkpoint(
-    tiny: Any, tmp_path: Path
+    tiny: Any, checkpointed: dict[str, Any], tmp_path: Path
 ) -> None:
     """Resumed from checkpoint-2 into a run directory that holds no run (the first part was
     not recorded, or elsewhere): training runs and the new run holds TRL's steps 3-4."""
-    train(tiny, tmp_path / "first", save_strategy="steps", save_steps=2)
     out = tmp_path / "resumed"
     trainer = integration.RecordingGRPOTrainer(
         model=tiny.tiny_model(),
@@ -590,7 +605,7 @@ def test_resume_into_a_new_run_directory_records_from_the_checkpoint(
         processing_class=tiny.tiny_tokenizer(),
         stabledrl_out=out,
     )
-    trainer.train(resume_from_checkpoint=str(tmp_path / "trl_out" / "checkpoint-2"))
+    trainer.train(resume_from_checkpoint=str(checkpointed["checkpoint"]))
     assert trainer.state.global_step == 4
     run = sd.open_run(out)
     assert run.step_numbers == [3, 4]
