@@ -1,6 +1,7 @@
 """What the TRL integration tests share (tests/test_integration_trl.py for GRPOTrainer,
 tests/test_integration_trl_rloo.py for RLOOTrainer): the tiny run's helpers, a child
-process's environment, the tiny run trained under a recording trainer, TRL's logged steps."""
+process's environment, the tiny run trained under a recording trainer, TRL's logged steps,
+the check that an RLOO run's own policy replays TRL's log."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 
 import pytest
 from _ports import free_port
+
+import stabledrl_cli as sd
 
 SCRIPTS = Path(__file__).parent / "trl_scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -67,6 +70,21 @@ def train(tiny: Any, out: Path, *, rloo: bool = False, **config: Any) -> Any:
 def logged_steps(log_history: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """TRL's log_history entries of optimizer steps, by step number."""
     return {h["step"]: h for h in log_history if "loss" in h and "grad_norm" in h}
+
+
+def assert_replays_trl_rloo(out: Path, spec: str, logged: dict[int, dict[str, Any]]) -> Any:
+    """The RLOO run's own policy, replayed, gives TRL's loss (1e-6 relative) and clip ratios
+    (1e-6) on every step; returns the own policy's replay."""
+    own = sd.replay(out, policies=[spec], device="cpu").own
+    assert own is not None and own.spec == spec
+    assert own.series["step"].tolist() == sorted(logged)
+    for i, number in enumerate(own.series["step"].tolist()):
+        entry = logged[number]
+        assert -own.series["objective"][i] == pytest.approx(entry["loss"], rel=1e-6)
+        for column, name in TRL_METRICS.items():
+            assert own.series[column][i] == pytest.approx(entry[name], abs=1e-6), column
+    assert own.summary.loss_parity is not None and own.summary.loss_parity < 1e-6
+    return own
 
 
 def torchrun(script: str, *args: str) -> list[str]:

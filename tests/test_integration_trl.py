@@ -23,7 +23,16 @@ import pytest
 import torch
 from _cli import cli_command
 from _steps import policy_batch
-from _trl import SCRIPTS, TRL_METRICS, child_env, logged_steps, tiny, torchrun, train
+from _trl import (
+    SCRIPTS,
+    TRL_METRICS,
+    assert_replays_trl_rloo,
+    child_env,
+    logged_steps,
+    tiny,
+    torchrun,
+    train,
+)
 from tiny_configs import PARITY  # (plain data beside the tiny run's helpers, on _trl's path)
 
 import stabledrl_cli as sd
@@ -493,15 +502,21 @@ def _assert_trl_metrics(out: Path, spec: str, logged: dict[int, dict[str, Any]])
             assert value == pytest.approx(logged[int(number)][name], abs=1e-6), column
 
 
-def test_two_ranks_withtorchrun(tiny: Any, tmp_path: Path) -> None:
-    out, log = tmp_path / "run", tmp_path / "log.json"
-    cmd = torchrun("ddp_train.py", str(out), str(log))
+def test_two_ranks_with_torchrun(tiny: Any, tmp_path: Path) -> None:
+    """Two ranks (gloo), GRPOTrainer then RLOOTrainer in one launch (the ranks start once):
+    each rank writes its rows; the joined step replays TRL's loss (DDP averages the ranks')
+    and its clip ratios (pooled over the ranks' micro-batch calls)."""
+    grpo, rloo = tmp_path / "grpo", tmp_path / "rloo"
+    cmd = torchrun("ddp_train.py", str(grpo / "run"), str(grpo / "log.json"), "grpo",
+                   str(rloo / "run"), str(rloo / "log.json"), "rloo")  # fmt: skip
     done = subprocess.run(
         cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    # GRPOTrainer: a step file a rank, TRL's grad norms, loss and clip metrics
+    out = grpo / "run"
     _assert_step_files(out)
-    log_history = json.loads(log.read_text())
+    log_history = json.loads((grpo / "log.json").read_text())
     run = sd.open_run(out)
     assert run.manifest["world_size"] == 2
     _assert_matches_trl(out, run.policy_spec or "", log_history)
@@ -512,6 +527,17 @@ def test_two_ranks_withtorchrun(tiny: Any, tmp_path: Path) -> None:
         assert step.num_sequences == 8
         assert set(step["group_id"].tolist()) <= set(range(4))  # global ids, not offset
     _assert_trl_metrics(out, run.policy_spec or "", logged)
+    # RLOOTrainer: each rank writes its completions (an entry each)
+    out = rloo / "run"
+    logged = logged_steps(json.loads((rloo / "log.json").read_text()))
+    run = sd.open_run(out)
+    assert run.manifest["world_size"] == 2 and run.unit == "sequence"
+    for step in run:
+        assert step.num_sequences == 8
+        assert set(step["group_id"].tolist()) <= set(range(4))  # global ids, not offset
+        assert step.scalars["loss"] == pytest.approx(logged[step.step]["loss"], rel=1e-6)
+    own = assert_replays_trl_rloo(out, run.policy_spec or "", logged)
+    assert torch.tensor(own.series["trl_clip_ratio_region_mean"]).max() > 0
 
 
 # -- two ranks, the model sharded by accelerate's FSDP2 plugin --------------------------------

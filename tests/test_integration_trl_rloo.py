@@ -4,21 +4,21 @@ The tiny run of tests/trl_scripts/tiny_grpo.py as an RLOOConfig (`tiny_rloo_conf
 num_iterations=2 so ratios move, gradient_accumulation_steps (2) != steps_per_generation (4).
 Each completion is one recorded entry (RLOO clips the ratio of its summed log-probs); the
 run's own policy, replayed, reproduces TRL's logged loss and clip_ratio/* on every step.
+The 2-rank torchrun RLOO run is checked in tests/test_integration_trl.py
+(test_two_ranks_with_torchrun), trained in the same launch as the 2-rank GRPO run.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from _cli import cli_command
 from _steps import policy_batch
-from _trl import TRL_METRICS, child_env, logged_steps, tiny, torchrun, train
+from _trl import assert_replays_trl_rloo, child_env, logged_steps, tiny, train
 from test_readme import block_after
 from tiny_configs import RLOO_PARITY  # (plain data beside the tiny run's helpers, on _trl's path)
 
@@ -34,21 +34,6 @@ SNIPPET_PARTS = (
     "config = tiny_rloo_config('trl_out')\n"
 )
 """What the README's RLOO snippet takes as given: the tiny run's parts."""
-
-
-def _assert_replays_trl(out: Path, spec: str, logged: dict[int, dict[str, Any]]) -> Any:
-    """The run's own policy, replayed, gives TRL's loss (1e-6 relative) and clip ratios (1e-6)
-    on every step; returns the own policy's replay."""
-    own = sd.replay(out, policies=[spec], device="cpu").own
-    assert own is not None and own.spec == spec
-    assert own.series["step"].tolist() == sorted(logged)
-    for i, number in enumerate(own.series["step"].tolist()):
-        entry = logged[number]
-        assert -own.series["objective"][i] == pytest.approx(entry["loss"], rel=1e-6)
-        for column, name in TRL_METRICS.items():
-            assert own.series[column][i] == pytest.approx(entry[name], abs=1e-6), column
-    assert own.summary.loss_parity is not None and own.summary.loss_parity < 1e-6
-    return own
 
 
 @pytest.mark.parametrize("case", list(RLOO_PARITY))
@@ -83,7 +68,7 @@ def test_own_policy_reproduces_trl_rloo(tiny: Any, tmp_path: Path, case: str) ->
         )
     # the update's index on its rollout: each rollout serves 4 updates (2 on each pass)
     assert [s.scalars["inner_step"] for s in run] == [0, 1, 2, 3]
-    own = _assert_replays_trl(out, spec, logged)
+    own = assert_replays_trl_rloo(out, spec, logged)
     if trainer.args.epsilon < 0.2:  # ratios leave the small epsilons: TRL clips
         assert max(own.series["trl_clip_ratio_region_mean"]) > 0
     if case == "rloo-epsilons":  # on both sides
@@ -117,23 +102,3 @@ def test_readme_rloo_snippet_records_under_stabledrl_record(tmp_path: Path) -> N
     run = sd.open_run(tmp_path / "run")
     assert run.step_numbers == [1, 2, 3, 4] and run.unit == "sequence"
     assert run.policy_spec == "ppo:agg=micro-token-mean"  # TRL's default epsilons
-
-
-def test_two_ranks_with_torchrun(tiny: Any, tmp_path: Path) -> None:
-    """Two ranks (gloo): each writes its completions; the joined step replays TRL's loss (DDP
-    averages the ranks') and its clip ratios (pooled over the ranks' micro-batch calls)."""
-    out, log = tmp_path / "run", tmp_path / "log.json"
-    cmd = torchrun("ddp_train.py", str(out), str(log), "rloo")
-    done = subprocess.run(
-        cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    logged = logged_steps(json.loads(log.read_text()))
-    run = sd.open_run(out)
-    assert run.manifest["world_size"] == 2 and run.unit == "sequence"
-    for step in run:
-        assert step.num_sequences == 8
-        assert set(step["group_id"].tolist()) <= set(range(4))  # global ids, not offset
-        assert step.scalars["loss"] == pytest.approx(logged[step.step]["loss"], rel=1e-6)
-    own = _assert_replays_trl(out, run.policy_spec or "", logged)
-    assert torch.tensor(own.series["trl_clip_ratio_region_mean"]).max() > 0

@@ -1,7 +1,8 @@
 """Run under torchrun: the tiny GRPO run recorded on every rank (gloo on CPU).
 
-usage: torchrun --nproc_per_node 2 ddp_train.py RUN_DIR LOG_JSON [LOSS_TYPE | rloo]
-("rloo": the tiny RLOO run, epsilon 0.02). Rank 0 writes TRL's log_history to LOG_JSON.
+usage: torchrun --nproc_per_node 2 ddp_train.py (RUN_DIR LOG_JSON LOSS_TYPE|rloo)...
+("rloo": the tiny RLOO run, epsilon 0.02). Each triple is one training, in order, in the
+same launch (the ranks start once); rank 0 writes its TRL log_history to LOG_JSON.
 """
 
 from __future__ import annotations
@@ -25,9 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distributed_exit import exit_without_finalizing
 
 
-def main() -> None:
-    run_dir, log_json = sys.argv[1], Path(sys.argv[2])
-    loss_type = sys.argv[3] if len(sys.argv) > 3 else "grpo"
+def main(run_dir: str, log_json: Path, loss_type: str) -> None:
     trl_out = str(Path(run_dir).parent / "trl_out")
     if loss_type == "rloo":
         trainer_class: type = RecordingRLOOTrainer
@@ -49,5 +48,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    arguments = sys.argv[1:]
+    if not arguments or len(arguments) % 3:
+        sys.exit(__doc__)
+    for i in range(0, len(arguments), 3):
+        main(arguments[i], Path(arguments[i + 1]), arguments[i + 2])
     exit_without_finalizing()
