@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -683,10 +682,12 @@ def test_an_fsdp1_rank_that_stops_recording_stops_the_others_without_a_hang(tmp_
 
 
 # FSDP2 on 2 gloo ranks (CPU) with a short collective timeout, clipped on steps 1 and 3, the
-# model sharded over both ranks (argv[4] "fsdp") or replicated on both (HSDP, "hsdp": a 2 x 1
-# mesh). Rank 1 stops recording at step argv[3]: "batch" (a policy batch without a policy,
-# before the step) or "hooks" (the hooks' own measuring fails inside optimizer.step()).
-# Rank 0 writes each step's whole gradient norm before clipping and the final parameters.
+# model sharded over both ranks ("fsdp") or replicated on both (HSDP, "hsdp": a 2 x 1 mesh);
+# argv[4] lists the layouts to train, one after the other in the same ranks. Rank 1 stops
+# recording at step argv[3]: "batch" (a policy batch without a policy, before the step) or
+# "hooks" (the hooks' own measuring fails inside optimizer.step()). For each layout rank 0
+# writes each step's whole gradient norm before clipping and the final parameters to
+# argv[1].LAYOUT.
 FSDP2_STOP_SCRIPT = textwrap.dedent(
     """
     import datetime, json, sys
@@ -698,39 +699,44 @@ FSDP2_STOP_SCRIPT = textwrap.dedent(
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
     rank, how, stop_at = dist.get_rank(), sys.argv[2], int(sys.argv[3])
-    if sys.argv[4] == "hsdp":
-        mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
-    else:
-        mesh = init_device_mesh("cpu", (2,))
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    for layer in (model[0], model[2], model):
-        fully_shard(layer, mesh=mesh)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     foreach_norm = torch._foreach_norm
 
     def broken(*args, **kwargs):
         raise RuntimeError("measuring failed")
 
-    norms = []
-    for step in range(5):
-        optimizer.zero_grad()
-        torch.manual_seed(step + 10 * rank)
-        model(torch.randn(4, 8)).pow(2).mean().backward()
-        whole = torch.cat([p.grad.full_tensor().reshape(-1) for p in model.parameters()])
-        norms.append(whole.norm().item())
-        stops = rank == 1 and step == stop_at
-        if stops and how == "batch":
-            stabledrl_cli.log_policy_batch(step, logp=torch.zeros(3))
-        if step in (1, 3):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        if stops and how == "hooks":
-            torch._foreach_norm = broken
-        optimizer.step()
-        torch._foreach_norm = foreach_norm
-    final = [p.full_tensor().tolist() for p in model.parameters()]
-    if rank == 0:
-        json.dump({"norms": norms, "final": final}, open(sys.argv[1], "w"))
+    def train(layout):
+        if layout == "hsdp":
+            mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh("cpu", (2,))
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        for layer in (model[0], model[2], model):
+            fully_shard(layer, mesh=mesh)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        norms = []
+        for step in range(5):
+            optimizer.zero_grad()
+            torch.manual_seed(step + 10 * rank)
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            whole = torch.cat([p.grad.full_tensor().reshape(-1) for p in model.parameters()])
+            norms.append(whole.norm().item())
+            stops = rank == 1 and step == stop_at
+            if stops and how == "batch":
+                stabledrl_cli.log_policy_batch(step, logp=torch.zeros(3))
+            if step in (1, 3):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            if stops and how == "hooks":
+                torch._foreach_norm = broken
+            optimizer.step()
+            torch._foreach_norm = foreach_norm
+        final = [p.full_tensor().tolist() for p in model.parameters()]
+        if rank == 0:
+            json.dump({"norms": norms, "final": final}, open(f"{sys.argv[1]}.{layout}", "w"))
+
+    for layout in sys.argv[4].split(","):
+        train(layout)
     sys.stdout.write(f"trained {rank}\\n")  # one write: the ranks share stdout
     sys.stdout.flush()
     dist.destroy_process_group()
@@ -741,24 +747,18 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 @pytest.fixture(scope="module")
-def fsdp2_unrecorded(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict]:
-    """layout -> what FSDP2_STOP_SCRIPT wrote when it trained without recording."""
-    runs: dict[str, dict] = {}
-
-    def unrecorded(layout: str) -> dict:
-        if layout not in runs:
-            tmp = tmp_path_factory.mktemp(layout)
-            script, out = tmp / "train.py", tmp / "out.json"
-            script.write_text(FSDP2_STOP_SCRIPT)
-            result = subprocess.run(
-                [*TORCHRUN, str(script), str(out), "none", "-1", layout],
-                capture_output=True, text=True, env=_env(), timeout=300,
-            )  # fmt: skip
-            assert result.returncode == 0, result.stderr
-            runs[layout] = json.loads(out.read_text())
-        return runs[layout]
-
-    return unrecorded
+def fsdp2_unrecorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """layout -> what FSDP2_STOP_SCRIPT wrote when it trained without recording (both
+    layouts in one launch)."""
+    tmp = tmp_path_factory.mktemp("fsdp2")
+    script, out = tmp / "train.py", tmp / "out.json"
+    script.write_text(FSDP2_STOP_SCRIPT)
+    result = subprocess.run(
+        [*TORCHRUN, str(script), str(out), "none", "-1", "fsdp,hsdp"],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return {layout: json.loads(Path(f"{out}.{layout}").read_text()) for layout in ("fsdp", "hsdp")}
 
 
 @pytest.mark.parametrize(
@@ -777,8 +777,8 @@ def test_an_fsdp2_rank_that_stops_recording_stops_the_others_without_a_hang(
     assert "trained 0" in result.stdout and "trained 1" in result.stdout, result.stderr
     assert "another rank stopped recording" in result.stderr
     assert result.returncode == {"batch": 2, "hooks": 3}[how], result.stderr  # rank 1's failure
-    trained = json.loads(out.read_text())
-    assert trained["final"] == fsdp2_unrecorded(layout)["final"]  # training is untouched
+    trained = json.loads(Path(f"{out}.{layout}").read_text())
+    assert trained["final"] == fsdp2_unrecorded[layout]["final"]  # training is untouched
     steps = tmp_path / "run" / "steps"
     written = sorted(p.name for p in steps.iterdir()) if steps.exists() else []
     # every step before the stop on both ranks, none after
