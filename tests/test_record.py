@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -454,3 +456,59 @@ def test_record_force_over_a_closed_run_removes_its_mark_before_the_command_runs
     )  # fmt: skip
     assert "exited with code 7" not in done.stderr and done.returncode != 7, done.stderr
     assert "recording_closed" not in json.loads((out / "manifest.json").read_text())
+
+
+CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import torch
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        optimizer.zero_grad()
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+    flag = Path(sys.argv[1])
+    flag.write_text("trained")
+    try:
+        while True:
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        time.sleep(2)  # saving a checkpoint, far longer than subprocess's 0.25 s of grace
+        flag.write_text("checkpoint saved")
+        sys.exit(3)
+    """
+)
+
+
+def test_ctrl_c_reaches_the_command_which_ends_as_it_chooses(tmp_path, monkeypatch):
+    """Ctrl-C in a terminal sends SIGINT to record and to its command (one process group).
+    Before, record's subprocess.call killed the command (SIGKILL) 0.25 s later: a training
+    that saves a checkpoint on Ctrl-C lost it, its exit code, the steps its Recorder still
+    had to write at exit and the run's recording_closed mark; record exited 130."""
+    script, out, flag = tmp_path / "train.py", tmp_path / "run", tmp_path / "flag"
+    script.write_text(CTRL_C_SCRIPT)
+    process = subprocess.Popen(
+        [*cli_command(), "record", "--out", str(out), "--",
+         sys.executable, str(script), str(flag)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(monkeypatch),
+        start_new_session=True,  # a group of its own, as a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not inherited ignored
+    )  # fmt: skip
+    try:
+        while not (flag.exists() and flag.read_text() == "trained"):
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does
+        _, stderr = process.communicate(timeout=TIMEOUT)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert flag.read_text() == "checkpoint saved"
+    assert process.returncode == 3, stderr  # the command's own exit code
+    assert "the training command exited with code 3; the run holds 3 step file(s)" in stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest.get("recording_closed") is True  # its Recorder closed at its exit
+    assert len(list((out / "steps").iterdir())) == 3

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from contextlib import suppress
 from pathlib import Path
 
 import typer
@@ -69,6 +70,17 @@ def _step_files(out: Path) -> dict[str, tuple[int, int]]:
     return found
 
 
+def _call(cmd: list[str], env: dict[str, str]) -> int:
+    """Runs CMD to its end; -> its exit code. Ctrl-C in a terminal reaches CMD itself (record
+    and CMD are one process group): CMD decides what it does with it, and record waits for it
+    (subprocess.call killed it 0.25 s later, before a training's own handler or its Recorder's
+    last writes were done)."""
+    with subprocess.Popen(cmd, env=env) as process:
+        while True:
+            with suppress(KeyboardInterrupt):
+                return process.wait()
+
+
 def _with_site(env: dict[str, str], optimizer_hooks: bool) -> None:
     """Puts the sitecustomize first on the command's PYTHONPATH (its hooks off when not
     `optimizer_hooks`)."""
@@ -117,7 +129,7 @@ def run_command(
             markup=True,
         )
         before = _step_files(out)
-        code = subprocess.call(cmd, env=env)
+        code = _call(cmd, env)
         failures, fatal = read_status(status)
     if code == UNCAUGHT and fatal:  # a tool error ended the command: its line is out already
         raise typer.Exit(fatal[0])
