@@ -512,3 +512,24 @@ def test_ctrl_c_reaches_the_command_which_ends_as_it_chooses(tmp_path, monkeypat
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest.get("recording_closed") is True  # its Recorder closed at its exit
     assert len(list((out / "steps").iterdir())) == 3
+
+
+def test_a_failure_whose_message_is_not_unicode_never_reaches_the_training(tmp_path, monkeypatch):
+    """A recording failure whose message holds a lone surrogate (as a name decoded from a
+    non-UTF-8 file name does) is reported like any other. Before, writing it to record's
+    status file raised UnicodeEncodeError out of log_policy_batch, which never raises: the
+    training died with a traceback (exit 1)."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import numpy as np, stabledrl_cli as sd\n"
+        "fields = {'logp': np.zeros(3), 'logp_old': np.zeros(3), 'advantages': np.zeros(3)}\n"
+        "ok = sd.log_policy_batch(0, **fields, **{'acc_\\udcff': 1.0})\n"
+        "print('logged' if ok else 'not logged', 'training continues', flush=True)\n"
+    )
+    result = _record_process(tmp_path / "run", script, monkeypatch, "-p", "grpo")
+    assert result.stdout.strip() == "not logged training continues", result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 3, result.stderr  # an exception the Recorder could not take
+    assert "error: recording failed: log_policy_batch failed at step 0: TypeError" in (
+        result.stderr
+    )

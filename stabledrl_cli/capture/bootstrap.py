@@ -92,8 +92,8 @@ def report_failure(code: int, message: str, *, fatal: bool = False) -> None:
     if not path:
         return
     line = f"{FATAL if fatal else ''}{code}\t{' '.join(message.split())}\n"
-    try:
-        with open(path, "a", encoding="utf-8") as status:
+    try:  # a lone surrogate (a name from a non-UTF-8 file name) is written escaped
+        with open(path, "a", encoding="utf-8", errors="backslashreplace") as status:
             status.write(line)
     except OSError as exc:
         sys.stderr.write(f"stabledrl: warning: cannot report to {path}: {exc}\n")
