@@ -458,19 +458,25 @@ def test_record_force_over_a_closed_run_removes_its_mark_before_the_command_runs
     assert "recording_closed" not in json.loads((out / "manifest.json").read_text())
 
 
-CTRL_C_SCRIPT = textwrap.dedent(
+TORCH_STEPS = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     from pathlib import Path
     import torch
 
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(3):
+    for step in range(int(sys.argv[1])):  # optimizer steps, which the hooks record
         optimizer.zero_grad()
         model(torch.ones(1, 2)).sum().backward()
         optimizer.step()
-    flag = Path(sys.argv[1])
+    """
+)
+"""A script's first lines: `python script.py N ...` takes N optimizer steps."""
+
+CTRL_C_SCRIPT = TORCH_STEPS + textwrap.dedent(
+    """
+    flag = Path(sys.argv[2])
     flag.write_text("trained")
     try:
         while True:
@@ -492,7 +498,7 @@ def test_ctrl_c_reaches_the_command_which_ends_as_it_chooses(tmp_path, monkeypat
     script.write_text(CTRL_C_SCRIPT)
     process = subprocess.Popen(
         [*cli_command(), "record", "--out", str(out), "--",
-         sys.executable, str(script), str(flag)],
+         sys.executable, str(script), "3", str(flag)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(monkeypatch),
         start_new_session=True,  # a group of its own, as a terminal's foreground job
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not inherited ignored
@@ -533,3 +539,38 @@ def test_a_failure_whose_message_is_not_unicode_never_reaches_the_training(tmp_p
     assert "error: recording failed: log_policy_batch failed at step 0: TypeError" in (
         result.stderr
     )
+
+
+STATUS_SCRIPT = TORCH_STEPS + textwrap.dedent(
+    """
+    status = os.environ["STABLEDRL_STATUS_FILE"]
+    if sys.argv[2] == "removed":
+        os.remove(status)
+    else:  # lines that are not the bootstrap's: not ASCII digits, no exit code, not UTF-8
+        with open(status, "ab") as out:
+            out.write("E\\u00b2\\tx\\nE99999999999999999999\\tx\\n".encode() + b"\\xff\\xfe\\n")
+    print("trained", flush=True)
+    sys.exit(int(sys.argv[3]))
+    """
+)
+
+
+@pytest.mark.parametrize(("status", "code"), [("removed", 5), ("removed", 0), ("garbage", 0)])
+def test_a_status_file_record_cannot_read_leaves_the_commands_exit_code(
+    tmp_path, monkeypatch, status, code
+):
+    """The command may remove or write to record's status file (it is in its environment):
+    record still ends with the command's own exit code. Before, a removed file was exit 3
+    (`status: No such file or directory`) and a line record could not parse exit 70
+    (ValueError of int('²'), UnicodeDecodeError), whatever the command's code."""
+    script = tmp_path / "train.py"
+    script.write_text(STATUS_SCRIPT)
+    result = subprocess.run(
+        [*cli_command(), "record", "--out", str(tmp_path / "run"), "--",
+         sys.executable, str(script), "2", status, str(code)],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
+    )  # fmt: skip
+    assert result.stdout == "trained\n"
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr and "error:" not in result.stderr, result.stderr
+    assert len(list((tmp_path / "run" / "steps").iterdir())) == 2

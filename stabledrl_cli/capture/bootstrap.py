@@ -136,17 +136,33 @@ class RecordingFailure:
 _failure = RecordingFailure()
 
 
+STATUS_LIMIT = 1 << 20
+"""Characters of the status file `read_status` reads: its lines, one a failing process, take
+far less."""
+
+
+def _exit_code(text: str) -> int | None:
+    """The exit code (1 to 255) that `text` spells in ASCII digits, else None."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 3):
+        return None
+    return int(text) if 0 < int(text) < 256 else None
+
+
 def read_status(path: str | os.PathLike[str]) -> tuple[list[tuple[int, str]], list[int]]:
     """The status file `report_failure` writes: the (exit code, reason) of each recording
-    failure, and the exit code of each tool error that ended a process of the command."""
+    failure, and the exit code of each tool error that ended a process of the command. The
+    command may write to the file too: a line that is not of that form is left out, and
+    nothing past STATUS_LIMIT is read. OSError when the file cannot be read."""
     failures, fatal = [], []
-    with open(path, encoding="utf-8") as status:
-        for line in status.read().splitlines():
-            code, _, reason = line.partition("\t")
-            if code.startswith(FATAL) and code[len(FATAL) :].isdigit():
-                fatal.append(int(code[len(FATAL) :]))
-            elif code.isdigit() and reason:
-                failures.append((int(code), reason))
+    with open(path, encoding="utf-8", errors="replace") as status:
+        text = status.read(STATUS_LIMIT)
+    for line in text.splitlines():
+        mark, _, reason = line.partition("\t")
+        code = _exit_code(mark[len(FATAL) :] if mark.startswith(FATAL) else mark)
+        if code is not None and mark.startswith(FATAL):
+            fatal.append(code)
+        elif code is not None and reason:
+            failures.append((code, reason))
     return failures, fatal
 
 

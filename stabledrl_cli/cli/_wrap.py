@@ -81,6 +81,20 @@ def _call(cmd: list[str], env: dict[str, str]) -> int:
                 return process.wait()
 
 
+def _reports(status: Path) -> tuple[list[tuple[int, str]], list[int]]:
+    """`read_status` of the command's status file; none, with a warning, when the command
+    left it unreadable (removed it, say): its exit code is still passed on."""
+    try:
+        return read_status(status)
+    except OSError as exc:
+        err.print(
+            f"warning: cannot read the command's status file {status} ({exc.strerror or exc}): "
+            "a recording failure it reported is not known",
+            highlight=False,
+        )
+        return [], []
+
+
 def _with_site(env: dict[str, str], optimizer_hooks: bool) -> None:
     """Puts the sitecustomize first on the command's PYTHONPATH (its hooks off when not
     `optimizer_hooks`)."""
@@ -130,7 +144,7 @@ def run_command(
         )
         before = _step_files(out)
         code = _call(cmd, env)
-        failures, fatal = read_status(status)
+        failures, fatal = _reports(status)
     if code == UNCAUGHT and fatal:  # a tool error ended the command: its line is out already
         raise typer.Exit(fatal[0])
     if code != 0:
