@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,19 @@ def _import(*args: str) -> dict[str, Any]:
     assert result.exit_code == 0, result.output
     summary: dict[str, Any] = json.loads(result.stdout)
     return summary
+
+
+def test_a_log_whose_file_name_is_not_utf8_imports_to_a_readable_run(tmp_path: Path) -> None:
+    """The manifest's source.file names the log escaped. Before, the name's lone surrogate
+    went into the manifest, which every reader then refused (exit 3: a string with a lone
+    surrogate), the import having said it imported 60 steps."""
+    log = tmp_path / os.fsdecode(b"state\xff.json")
+    log.write_bytes(TRL_STATE.read_bytes())
+    summary = _import(str(log), "--out", str(tmp_path / "run"))
+    assert summary["steps"] == 60
+    shown = runner.invoke(app, ["inspect", str(tmp_path / "run"), "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["source"]["file"] == "state\\xff.json"
 
 
 def _training_rows(state: dict[str, Any]) -> dict[int, dict[str, Any]]:

@@ -59,7 +59,9 @@ def write_scalar_run(
     """Writes `table`'s steps to a new run at `out` (a scalar step each, policy unknown)."""
     mapping = map_names(table.names, (*STANDARD_SCALARS, *SERIES_SCALARS))
     mapped = {standard: name for name, standard in mapping.standard.items()}
-    origin = {"kind": "import", "format": log_format, "file": source.name, "mapped": mapped}
+    # A file name that is not UTF-8 is named escaped: a lone surrogate makes a manifest unreadable.
+    name = os.fsencode(source.name).decode("utf-8", "backslashreplace")
+    origin = {"kind": "import", "format": log_format, "file": name, "mapped": mapped}
     counts: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
     with Recorder(out, policy=None, source=origin, overwrite=overwrite) as recorder:
