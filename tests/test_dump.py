@@ -306,6 +306,35 @@ def test_a_scalar_the_recorder_sets_is_refused_without_pointing_at_a_keyword(tmp
         assert f"{name}=" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "argument",
+    [
+        {"meta": {"reward_funcs": ["acc_\udcff"]}},
+        {"meta": {"\ud800": 1}},
+        {"estimator": {"name": "k3\udcff"}},
+        {"source": {"kind": "import", "path": "/runs/\udcff.jsonl"}},
+    ],
+)
+def test_text_that_is_not_unicode_is_refused_not_written_unreadable(tmp_path, argument):
+    """A lone surrogate (a name decoded from a non-UTF-8 file name) in the manifest's JSON:
+    before, the Recorder wrote it escaped and every reader refused the whole run (exit 3,
+    'a string with a lone surrogate')."""
+    with pytest.raises(UsageError, match="must be JSON-serializable"):
+        sd.Recorder(tmp_path / "run", **argument)
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_a_scalar_name_that_is_not_unicode_is_refused_not_written_unreadable(tmp_path):
+    """Before, the step was written and its reader found it unreadable ('header has a string
+    with a lone surrogate'): a finished step lost."""
+    with sd.Recorder(tmp_path / "run") as rec:
+        with pytest.raises(UsageError, match="scalars: name 'acc_\\\\udcff'"):
+            rec.log_step(0, **_flat(), scalars={"acc_\udcff": 1.0})
+        rec.log_step(0, **_flat(), scalars={"acc_\u00e9": 1.0})
+    run = sd.open_run(tmp_path / "run")
+    assert run.integrity.findings == [] and run.step(0).scalars["acc_\u00e9"] == 1.0
+
+
 def test_step_numbers_and_constructor_are_checked(tmp_path):
     with sd.Recorder(tmp_path / "run", param_names=["a"]) as rec:
         rec.log_step(4, **_flat())

@@ -295,6 +295,10 @@ def _step_scalars(
     for name, value in (user_scalars or {}).items():
         if not isinstance(name, str) or not name or name.startswith("_"):
             raise UsageError(f"scalars: name {name!r} must be a non-empty string not starting '_'")
+        try:  # a step header holding a lone surrogate is unreadable
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"scalars: name {name!r} is not Unicode (a lone surrogate)") from None
         if name in STANDARD_SCALARS and name != "unit_grad_sketch_scale":
             how = f"pass it as {name}=" if name in scalars else "it is set by the Recorder"
             raise UsageError(f"scalars: {name!r} is a standard scalar; {how}")

@@ -353,9 +353,10 @@ def parse_manifest(raw: bytes | str, where: str) -> dict[str, Any]:
 
 
 def json_checked(value: _Json, what: str) -> _Json:
-    """Refuses values that JSON cannot hold, naming the argument."""
+    """Refuses values that JSON cannot hold, naming the argument; text that is not Unicode
+    too (a lone surrogate, which every reader of the run refuses: `_json.has_lone_surrogate`)."""
     try:
-        json.dumps(value, allow_nan=False)
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{what} must be JSON-serializable: {exc}") from None
     return value
