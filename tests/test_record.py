@@ -574,3 +574,36 @@ def test_a_status_file_record_cannot_read_leaves_the_commands_exit_code(
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr and "error:" not in result.stderr, result.stderr
     assert len(list((tmp_path / "run" / "steps").iterdir())) == 2
+
+
+FORK_SCRIPT = TORCH_STEPS + textwrap.dedent(
+    """
+    if os.fork() == 0:  # a child forked after the first optimizer step, ending normally
+        print("the child evaluates", flush=True)
+        sys.exit(0)
+    os.wait()
+    for step in range(3):
+        optimizer.zero_grad()
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+    print("trained", flush=True)
+    """
+)
+
+
+def test_a_forked_child_leaves_the_parents_held_first_step_to_the_parent(tmp_path, monkeypatch):
+    """The hooks hold the first optimizer step until the next event. Before, a child forked
+    meanwhile wrote it at its exit (opening the run and marking it recording_closed), and the
+    parent's recording then failed at its step 1 (`already exists and is not empty`): a run
+    of 1 step of 4, exit 2."""
+    script, out = tmp_path / "train.py", tmp_path / "run"
+    script.write_text(FORK_SCRIPT)
+    result = subprocess.run(
+        [*cli_command(), "record", "--out", str(out), "--", sys.executable, str(script), "1"],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
+    )  # fmt: skip
+    assert result.stdout == "the child evaluates\ntrained\n"
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr, result.stderr
+    assert len(list((out / "steps").iterdir())) == 4
+    assert json.loads((out / "manifest.json").read_text())["recording_closed"] is True

@@ -23,7 +23,8 @@ from `log_policy_batch`; when that write fails, the step's file is removed: no h
 A half whose step number is not the last step's starts a new step.
 One exception: the hooks' first step waits for the next event (a batch, the next optimizer
 step, or the end of the process) before it opens the run, so that a policy batch logged just
-after the first optimizer step still opens it with its policy and recorder_kwargs.
+after the first optimizer step still opens it with its policy and recorder_kwargs; a child
+forked meanwhile leaves it to its parent (`_forked`).
 
 Recording must never break training: the first failure is reported once on stderr as a
 warning, recording is off from then on (`log_policy_batch` returns False at once, the hooks
@@ -240,6 +241,17 @@ _held: _Step | None = None
 """The hooks' first step, waiting for the next event to open the run (module docstring)."""
 _integration = False
 """Whether an integration records this process (`integration_records`)."""
+
+
+def _forked() -> None:
+    """In a child forked from this process: the held step is the parent's to write (the child
+    would open the run with it at its exit, and the parent then fail to), and the lock may
+    have been held by another thread of the parent, which the child does not have."""
+    global _held, _lock
+    _held, _lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _open(
