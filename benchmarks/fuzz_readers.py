@@ -1,14 +1,20 @@
-"""Fuzz the two readers of a recorded run: the step-file reader and the archive reader.
+"""Fuzz the readers of a recorded run: the step-file reader, the archive reader, the manifest
+reader (with what inspect and watch make of it) and `record`'s status file reader.
 
 Each input is a step file (target `step`: steps/step-00000001.safetensors of a small good
-run) or a whole archive (target `archive`: a packed small run). The reader must open it, check
-it (`run.integrity`), read every readable step's every field, and (archives) pack it again,
+run), a whole archive (target `archive`: a packed small run), a manifest (target `manifest`:
+the good run's, its fields set to crafted JSON values, the recorder's notes `recording_closed`
+and `recording_stopped`, `source` and the TRL `meta` keys among them) or a status file (target
+`status`: what `record -- CMD` reads after its command, capture/bootstrap.read_status). The
+reader must open it, check it (`run.integrity`), read every readable step's every field,
+summarize it as `inspect` does, follow it as `watch` does and (archives) pack it again,
 raising nothing but InputError: a bad step is a finding, never an exception of another kind,
-a hang or a crash. Inputs start from the good files (tests/_corpus.py builds them) and are
-mutated by atheris (coverage-guided, libFuzzer) when it is installed, else by a seeded loop of
-bit flips, truncations, splices and header rewrites.
+a hang or a crash; the status reader raises nothing. Inputs start from the good files
+(tests/_corpus.py builds them) and are mutated by atheris (coverage-guided, libFuzzer) when it
+is installed, else by a seeded loop of bit flips, truncations, splices and header rewrites
+(and, for a manifest, of its fields' values).
 
-    python benchmarks/fuzz_readers.py --seconds 60                 # both targets, 60 s each
+    python benchmarks/fuzz_readers.py --seconds 60                 # every target, 60 s each
     python benchmarks/fuzz_readers.py --target archive --seconds 300 --engine random
 
 A failing input is saved under --crashes (default /tmp/stabledrl-fuzz) and its traceback
@@ -36,8 +42,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from _corpus import packed, step_path, tiny_run  # noqa: E402
 
+from stabledrl_cli.capture.bootstrap import read_status  # noqa: E402
 from stabledrl_cli.dump import RunIntegrityWarning, open_run, pack_run  # noqa: E402
 from stabledrl_cli.errors import InputError  # noqa: E402
+from stabledrl_cli.replay.config import ReplayConfig  # noqa: E402
+from stabledrl_cli.replay.follow import RunWatcher  # noqa: E402
+from stabledrl_cli.replay.inspection import summarize  # noqa: E402
+
+TARGETS = ("step", "archive", "manifest", "status")
 
 
 def exercise(path: Path, out: Path | None) -> None:
@@ -55,15 +67,30 @@ def exercise(path: Path, out: Path | None) -> None:
         pass
 
 
+def exercise_followed(path: Path) -> None:
+    """What `inspect` and `watch --once` make of a run: its summary, a watcher's poll."""
+    try:
+        summarize(open_run(path)).to_dict()
+        watcher = RunWatcher(path, ReplayConfig(device="cpu"))
+        watcher.poll()
+        watcher.state().to_dict()
+    except InputError:
+        pass
+
+
 class Target:
     """One reader under test: a good seed file and a place where an input is written."""
 
     def __init__(self, kind: str, work: Path) -> None:
         self.kind = kind
-        if kind == "step":
+        if kind in ("step", "manifest"):
             self.run = tiny_run(work / "run", steps=3)
-            self.file = step_path(self.run, 1)
+            self.file = step_path(self.run, 1) if kind == "step" else self.run / "manifest.json"
             self.path, self.out = self.run, None
+        elif kind == "status":
+            self.file = work / "status"
+            self.file.write_text("2\tlog_policy_batch failed at step 0: bad\nE3\tno such run\n")
+            self.path, self.out = self.file, None
         else:
             self.file = packed(work)
             self.path, self.out = self.file, work / "again.h5"
@@ -71,9 +98,52 @@ class Target:
 
     def __call__(self, data: bytes) -> None:
         self.file.write_bytes(data)
+        if self.kind == "status":
+            read_status(self.path)
+            return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RunIntegrityWarning)
             exercise(self.path, self.out)
+            if self.kind == "manifest":
+                exercise_followed(self.path)
+
+
+CRAFTED = (None, True, False, 0, -1, 2**64, -(2**70), 1e308, -0.0, "", "x", "\x1b[31m\n[/]",
+           "\u202e\u0661", [], [1, [2, [3]]], {}, {"kind": []}, "9" * 5000)  # fmt: skip
+"""JSON values a crafted manifest field takes (`_manifest_mutations`)."""
+
+MANIFEST_NOTES = ("recording_closed", "recording_stopped", "meta", "source")
+"""The manifest fields `_manifest_mutations` sets most: the notes a Recorder adds, and the
+fields `inspect` shows as they are."""
+
+MANIFEST_FIELDS = ("world_size", "unit", "policy", "reward_range", "format_version", "group_ids",
+                   "estimator", "geometry", "param_names", "created")  # fmt: skip
+"""The fields it sets now and then (most such values are a corrupt manifest, exit 3)."""
+
+
+def _crafted(rng: random.Random, depth: int = 0) -> Any:
+    """A crafted JSON value: one of CRAFTED, or an object of the keys a reader looks for."""
+    if depth < 2 and rng.random() < 0.3:
+        keys = ("step", "rank", "reason", "kind", "scale_rewards", "reward_weights",
+                "multi_objective_aggregation", "spec", "name", "params")  # fmt: skip
+        picked = rng.sample(keys, rng.randint(1, 4))
+        return {key: _crafted(rng, depth + 1) for key in picked}
+    return rng.choice(CRAFTED)
+
+
+def _manifest_mutations(rng: random.Random, seed: bytes) -> bytes:
+    """The good manifest with one to three fields set to crafted values (or removed), now and
+    then with byte mutations on top."""
+    manifest = json.loads(seed)
+    names = rng.sample(MANIFEST_NOTES, rng.randint(1, 3))
+    names += [rng.choice(MANIFEST_FIELDS)] if rng.random() < 0.2 else []
+    for name in names:
+        if rng.random() < 0.1:
+            manifest.pop(name, None)
+        else:
+            manifest[name] = _crafted(rng)
+    data = json.dumps(manifest).encode()
+    return _mutations(rng, data) if rng.random() < 0.1 else data
 
 
 def _mutations(rng: random.Random, seed: bytes) -> bytes:
@@ -101,7 +171,8 @@ def fuzz_random(target: Target, seconds: float, seed: int, save: Callable[[bytes
     """A seeded mutation loop; returns the number of inputs tried."""
     rng, tried, stop = random.Random(seed), 0, time.monotonic() + seconds
     while time.monotonic() < stop:
-        data = _mutations(rng, target.seed)
+        mutate = _manifest_mutations if target.kind == "manifest" else _mutations
+        data = mutate(rng, target.seed)
         tried += 1
         try:
             target(data)
@@ -152,7 +223,7 @@ def fuzz_atheris(target: Target, seconds: float, corpus: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--target", choices=("step", "archive", "both"), default="both")
+    parser.add_argument("--target", choices=(*TARGETS, "all"), default="all")
     parser.add_argument("--seconds", type=float, default=60.0, help="per target")
     parser.add_argument("--engine", choices=("auto", "atheris", "random"), default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -166,7 +237,7 @@ def main() -> int:
             engine = "random"
         else:
             engine = "atheris"
-    kinds = ("step", "archive") if args.target == "both" else (args.target,)
+    kinds = TARGETS if args.target == "all" else (args.target,)
     if engine == "atheris" and len(kinds) > 1:
         # libFuzzer runs one target a process: run each in turn.
         import subprocess

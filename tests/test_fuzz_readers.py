@@ -1,8 +1,9 @@
-"""Random step files and random archives through the readers: nothing but InputError or
-findings comes out (the long-running version is benchmarks/fuzz_readers.py)."""
+"""Random step files, archives, manifests and status files through the readers: nothing but
+InputError or findings comes out (the long-running version is benchmarks/fuzz_readers.py)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -16,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fuzz_readers import exercise
+from fuzz_readers import CRAFTED, MANIFEST_NOTES, exercise, exercise_followed
 
+from stabledrl_cli.capture.bootstrap import read_status
 from stabledrl_cli.dump import RunIntegrityWarning
 
 FAST = settings(
@@ -112,3 +114,41 @@ def test_random_edits_of_an_archive(
     if cut is not None:
         del raw[int(cut * len(raw)) :]
     _through_the_reader(seeds, bytes(raw), archive=True)
+
+
+NOTE_VALUES = st.recursive(
+    st.sampled_from(CRAFTED) | JSON_VALUES,
+    lambda inner: st.dictionaries(
+        st.sampled_from(["step", "rank", "reason", "kind", "scale_rewards", "reward_weights"]),
+        inner,
+        max_size=3,
+    ),
+    max_leaves=6,
+)
+
+
+@FAST
+@given(notes=st.dictionaries(st.sampled_from(MANIFEST_NOTES), NOTE_VALUES, min_size=1))
+def test_crafted_recorder_notes_in_a_manifest(seeds: dict[str, Any], notes: dict[str, Any]) -> None:
+    """recording_closed, recording_stopped, meta (TRL's scale_rewards, reward_weights ...) and
+    source of any JSON value: read, summarized as `inspect` does, followed as `watch` does."""
+    with tempfile.TemporaryDirectory() as work:
+        run = Path(shutil.copytree(seeds["run"], Path(work) / "run"))
+        manifest = json.loads((run / "manifest.json").read_text())
+        (run / "manifest.json").write_text(json.dumps({**manifest, **notes}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RunIntegrityWarning)
+            exercise(run, None)
+            exercise_followed(run)
+
+
+@FAST
+@given(data=st.binary(max_size=512) | st.text(max_size=64).map(str.encode))
+def test_random_bytes_as_records_status_file(tmp_path_factory: Any, data: bytes) -> None:
+    """What a command may leave in `record`'s status file: read_status raises nothing, and
+    keeps only exit codes a process can end with."""
+    path = tmp_path_factory.mktemp("status") / "status"
+    path.write_bytes(b"2\treason\nE3\tx\n" + data)
+    failures, fatal = read_status(path)
+    assert failures[0] == (2, "reason") and fatal[0] == 3
+    assert all(0 < code < 256 for code in [*fatal, *(code for code, _ in failures)])
