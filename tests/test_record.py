@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from _cli import TIMEOUT, cli_command, cli_environment
+from _corpus import ADDRESS_SPACE
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -607,3 +609,32 @@ def test_a_forked_child_leaves_the_parents_held_first_step_to_the_parent(tmp_pat
     assert "warning" not in result.stderr, result.stderr
     assert len(list((out / "steps").iterdir())) == 4
     assert json.loads((out / "manifest.json").read_text())["recording_closed"] is True
+
+
+@pytest.mark.parametrize("manifest", ["fifo", "endless"])
+def test_record_force_over_a_manifest_that_is_no_file_records_the_run(
+    tmp_path, monkeypatch, manifest
+):
+    """--force removes a closed run's mark, reading its manifest first: as every reader
+    does, only a regular file, and a bounded part of it. Before, a FIFO there hung record
+    before its command started, and a link to /dev/zero read until memory ran out."""
+    out, script = tmp_path / "run", tmp_path / "train.py"
+    out.mkdir()
+    if manifest == "fifo":
+        os.mkfifo(out / "manifest.json")
+    else:
+        (out / "manifest.json").symlink_to("/dev/zero")
+    script.write_text(TORCH_STEPS + "print('trained')\n")
+
+    def limit() -> None:  # an endless read fails here (MemoryError) rather than take the host
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+    result = subprocess.run(
+        [*cli_command(), "record", "--out", str(out), "--force", "--",
+         sys.executable, str(script), "2"],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
+        preexec_fn=limit,
+    )  # fmt: skip
+    assert result.stdout == "trained\n" and result.returncode == 0, result.stderr
+    assert json.loads((out / "manifest.json").read_text())["recording_closed"] is True
+    assert len(list((out / "steps").iterdir())) == 2

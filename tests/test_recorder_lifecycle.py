@@ -327,3 +327,34 @@ def test_a_close_from_another_thread_marks_the_run_after_a_step_under_way(tmp_pa
     logging.join()
     assert landed == [True]
     assert _closed_mark(run) is True
+
+
+@pytest.mark.parametrize("manifest", ["[1]", "null", "fifo"])
+def test_close_over_a_manifest_replaced_while_recording_never_raises(tmp_path, manifest):
+    """close marks the run best effort: a manifest something replaced meanwhile (a JSON that
+    is no object, a FIFO) is left alone. Before, close raised TypeError or AttributeError out
+    of the training's `with` block (a FIFO: it waited for a writer for ever)."""
+    run = tmp_path / "run"
+    recorder = sd.Recorder(run, policy=None)
+    recorder.log_step(0, grad_norm=1.0)
+    (run / "manifest.json").unlink()
+    if manifest == "fifo":
+        os.mkfifo(run / "manifest.json")
+    else:
+        (run / "manifest.json").write_text(manifest)
+    raised: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            recorder.close()
+        except BaseException as exc:
+            raised.append(exc)
+
+    closing = threading.Thread(target=close, daemon=True)
+    closing.start()
+    closing.join(60)  # a guard against the hang this test is about, not a bound
+    if closing.is_alive():
+        os.close(os.open(run / "manifest.json", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("close waited on the FIFO")
+    assert raised == []
+    assert (run / "steps" / "step-00000000.safetensors").is_file()

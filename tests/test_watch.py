@@ -38,6 +38,8 @@ from stabledrl_cli.replay.observed import observe
 from stabledrl_cli.replay.recorded import recorded_run
 
 CPU = ReplayConfig(device="cpu")
+HANG_SECONDS = 60.0
+"""A hang guard: far above the seconds a watch of a small run takes."""
 
 
 def _land(source: Path, target: Path, steps: range) -> None:
@@ -1061,3 +1063,33 @@ def test_a_packed_archive_is_closed_once_read(grpo_fixture, tmp_path):
     watcher = RunWatcher(archive, recent=2)
     watcher.poll()
     assert watcher.closed and len(watcher.replay.seen) == 160
+
+
+def test_a_manifest_replaced_by_a_fifo_under_the_watch_is_not_waited_on(
+    grpo_fixture, tmp_path, monkeypatch
+):
+    """The manifest turned into a FIFO between two polls: the watcher reads it as readers do
+    (a regular file only, never opened blocking), so the run is 'not a run', exit 3. Before,
+    it opened the FIFO to compare the manifest and waited for a writer for ever (a link to
+    /dev/zero was read until memory ran out)."""
+    live = _landed_40(grpo_fixture, tmp_path)
+    fifo = live / "manifest.json"
+
+    def between_polls(seconds: float) -> None:
+        fifo.unlink()
+        os.mkfifo(fifo)
+
+    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    results: list[object] = []
+    args = ["watch", str(live), "--until-idle", "0", "--device", "cpu"]
+    watching = threading.Thread(target=lambda: results.append(CliRunner().invoke(app, args)))
+    watching.start()
+    watching.join(HANG_SECONDS)
+    if watching.is_alive():  # it waits on the FIFO: a writer lets it go, then it is a failure
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        watching.join()
+        pytest.fail("the watch waited on the FIFO")
+    (result,) = results
+    assert result.exit_code == 3, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors == [f"error: {fifo}: not a regular file"], result.stderr

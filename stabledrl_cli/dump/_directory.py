@@ -279,7 +279,7 @@ def _is_symlink(path: Path) -> bool:
         return False
 
 
-def _read_manifest_text(path: Path) -> bytes:
+def read_manifest_bytes(path: Path) -> bytes:
     """The manifest's bytes: a regular file (a symlink, FIFO or device is never read), at most
     `MANIFEST_LIMIT` + 1 bytes of it (`parse_manifest` refuses a longer one)."""
     try:
@@ -369,7 +369,7 @@ class DirectoryRun(Run):
         return os.path.lexists(path)
 
     def _manifest_bytes(self, path: Path) -> bytes:
-        return _read_manifest_text(path)
+        return read_manifest_bytes(path)
 
     def _entries(self, directory: Path) -> list[tuple[str, bool]]:
         """(name, whether it is a regular file, not a link) of each entry, sorted by name;

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from stabledrl_cli._atomic import fsync_dir, write_atomic, write_error
-from stabledrl_cli.dump._directory import DirectoryRun
+from stabledrl_cli.dump._directory import DirectoryRun, read_manifest_bytes
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
@@ -77,11 +77,21 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return DirectoryRun(path).manifest
 
 
+def _manifest_now(path: Path) -> dict[str, Any]:
+    """The run's manifest as it is on disk, read as its readers read it (`read_manifest_bytes`:
+    a regular file only, at most a bounded part of it: a FIFO or a link to a device put in its
+    place is never waited on nor read for ever). InputError or ValueError when it cannot be."""
+    manifest = json.loads(read_manifest_bytes(path / MANIFEST_NAME))
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path / MANIFEST_NAME}: not a JSON object")
+    return manifest
+
+
 def amend_manifest(path: Path, name: str, value: object | None) -> None:
     """Rewrites the run's manifest (atomically) with `name` set to `value`, or without it for
-    None. OSError, ValueError or WriteError when it cannot."""
+    None. InputError, ValueError or WriteError when it cannot."""
     manifest_path = path / MANIFEST_NAME
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = _manifest_now(path)
     if value is None:
         manifest.pop(name, None)
     else:
@@ -95,10 +105,10 @@ def reopen_run(path: Path) -> None:
     its step files change. Nothing for no manifest or one that cannot be read (a new one is
     written); WriteError when the mark cannot be removed."""
     try:
-        manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = _manifest_now(path)
+    except (InputError, ValueError):
         return
-    if isinstance(manifest, dict) and RECORDING_CLOSED in manifest:
+    if RECORDING_CLOSED in manifest:
         amend_manifest(path, RECORDING_CLOSED, None)
 
 

@@ -86,7 +86,7 @@ from stabledrl_cli.dump._schema import (
 )
 from stabledrl_cli.dump._setup import amend_manifest, prepare_run
 from stabledrl_cli.dump._stfile import discard_step, encode_step, write_step
-from stabledrl_cli.errors import UsageError, WriteError
+from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.spec import SpecValue
 from stabledrl_cli.vocab import GROUP_IDS, ON_WRITE_ERROR, UNITS, GroupIds, OnWriteError, Unit
 
@@ -497,7 +497,7 @@ class Recorder:
             flush=True,
         )
         note = {"step": step, "rank": self.rank, "reason": str(error)}
-        with suppress(OSError, ValueError, WriteError):  # best effort: the disk that refused
+        with suppress(ValueError, InputError, WriteError):  # best effort: the disk that refused
             amend_manifest(self.path, "recording_stopped", note)  # the step may refuse it too
 
     def close(self) -> None:
@@ -516,7 +516,7 @@ class Recorder:
         if own and not self._closed_marked and self.rank == 0 and self.world_size == 1:
             with self._lock:  # a log_step under way in another thread lands first
                 self._closed = self._closed_marked = True
-                with suppress(OSError, ValueError, WriteError):  # best effort, as the note
+                with suppress(ValueError, InputError, WriteError):  # best effort, as the note
                     amend_manifest(self.path, RECORDING_CLOSED, True)
         self._closed = True
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import IntegrityReport, Run, RunIntegrityWarning, Step, open_run
+from stabledrl_cli.dump._directory import read_manifest_bytes
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import MANIFEST_NAME, RECORDING_CLOSED
 from stabledrl_cli.dump._stfile import FileKey, file_key
@@ -498,9 +499,9 @@ class RunWatcher:
         if key == self._manifest_key:
             return False
         self._manifest_key = key
-        try:
-            now = json.loads((self.path / MANIFEST_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        try:  # read as open_run reads it: a FIFO put there is not waited on
+            now = json.loads(read_manifest_bytes(self.path / MANIFEST_NAME))
+        except (InputError, ValueError):
             return True  # reopened, it says what is wrong with it
         if not isinstance(now, dict):
             return True
