@@ -213,3 +213,27 @@ def test_inspect_shows_the_run_identity_a_pack_keeps(tmp_path, run_dir, grpo_fix
     assert _json(["inspect", str(grpo_fixture), "--format", "json"])["run_id"] is None
     table = runner.invoke(app, ["inspect", str(grpo_fixture)])
     assert table.exit_code == 0 and "not recorded (a run recorded before run ids)" in table.stdout
+
+
+def test_control_characters_from_a_run_reach_the_terminal_escaped(tmp_path):
+    """A crafted manifest's text (a meta value, the source, the recording_stopped note) and a
+    scalar's name are shown with their control characters escaped: they never clear the
+    screen, retitle or recolour the terminal of whoever inspects or watches the run. Before,
+    inspect's table and watch's warning wrote the ESC sequences as they were."""
+    path = tmp_path / "run"
+    with sd.Recorder(path, policy=None) as recorder:
+        recorder.log_step(0, grad_norm=1.0, scalars={"acc\x1b[8m": 0.5})
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["meta"] = {"note": "\x1b]0;owned\x1b\\\x1b[2Jcleared\x9b31m"}
+    manifest["source"] = {"kind": "import\x1b[31m", "file": "log\x7f.json"}
+    manifest["recording_stopped"] = {"step": 0, "rank": 0, "reason": "disk\x1b[Kfull"}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    table = runner.invoke(app, ["inspect", str(path)])
+    watched = runner.invoke(app, ["watch", str(path), "--once", "--device", "cpu"])
+    for shown in (table, watched):
+        assert shown.exit_code == 0, shown.output
+        assert not {"\x1b", "\x7f", "\x9b"} & set(shown.output), repr(shown.output)
+    for escaped in (r"\x1b]0;owned\x1b\\x1b[2Jcleared\x9b31m", r"import\x1b[31m", r"log\x7f.json"):
+        assert escaped in table.stdout, table.stdout
+    assert r"acc\x1b[8m" in table.stdout
+    assert r"disk\x1b[Kfull" in watched.stderr

@@ -21,9 +21,18 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 # Piped or redirected tables keep their natural width up to this, instead of wrapping at 80.
 PIPE_WIDTH = 250
+
+ESCAPED_CONTROLS = {
+    code: f"\\x{code:02x}"
+    for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))
+    if chr(code) not in "\t\n"
+}
+"""Control characters a console prints escaped (ESC as \\x1b): text from a run (a manifest's
+note, a scalar's name) never moves the cursor, clears, retitles or recolours the terminal."""
 
 
 class _LiveConsole(Console):
@@ -35,6 +44,11 @@ class _LiveConsole(Console):
         super().__init__(**kwargs)
         if not self.is_jupyter:  # rich sizes a notebook's output once, on purpose
             self._width = kwargs.get("width")
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        """Every string printed (table cells and titles too) with its control characters
+        escaped (`ESCAPED_CONTROLS`); rich's own styling is added after, not escaped."""
+        return super().render_str(text.translate(ESCAPED_CONTROLS), **kwargs)
 
 
 class _DataConsole(_LiveConsole):
