@@ -8,6 +8,8 @@ them into one line on stderr and the exit code.
 
 from __future__ import annotations
 
+import sys
+
 
 class StabledrlError(Exception):
     """Base class of every error the tool reports to a user."""
@@ -46,3 +48,14 @@ def one_line(message: BaseException | str) -> str:
     `REASON_LIMIT` characters (it may span lines, or quote a whole request)."""
     text = " ".join(str(message).split())
     return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 3] + "..."
+
+
+def warn(line: str) -> None:
+    """Writes `line` (ending with a newline) to stderr at once; nothing when the process has
+    no stderr (closed: `2>&-` leaves sys.stderr None) or it cannot be written: a recording's
+    warning never breaks the training it observes."""
+    try:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -638,3 +639,27 @@ def test_record_force_over_a_manifest_that_is_no_file_records_the_run(
     assert result.stdout == "trained\n" and result.returncode == 0, result.stderr
     assert json.loads((out / "manifest.json").read_text())["recording_closed"] is True
     assert len(list((out / "steps").iterdir())) == 2
+
+
+def test_a_recording_failure_in_a_command_without_stderr_never_reaches_the_training(
+    tmp_path, monkeypatch
+):
+    """A command run with its stderr closed (`2>&-`: Python's sys.stderr is None): the
+    recording failure's warning is left out, the failure is still reported to record. Before,
+    writing the warning raised AttributeError out of log_policy_batch (documented: never
+    raises), and the training died (exit 1)."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import numpy as np, stabledrl_cli as sd\n"
+        "ok = sd.log_policy_batch(0, logp=np.zeros(3), logp_old=np.zeros(2), advantages=1)\n"
+        "print('logged' if ok else 'not logged', 'training continues', flush=True)\n"
+    )
+    command = f"exec {shlex.quote(sys.executable)} {shlex.quote(str(script))} 2>&-"
+    result = subprocess.run(
+        [*cli_command(), "record", "--out", str(tmp_path / "run"), "-p", "grpo", "--",
+         "sh", "-c", command],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
+    )  # fmt: skip
+    assert result.stdout == "not logged training continues\n", result.stderr
+    assert result.returncode == 2, result.stderr  # arrays log_step refuses: a usage error
+    assert "error: recording failed: log_policy_batch failed at step 0" in result.stderr

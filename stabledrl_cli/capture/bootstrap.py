@@ -58,7 +58,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stabledrl_cli.errors import InputError, StabledrlError, UsageError, WriteError
+from stabledrl_cli.errors import InputError, StabledrlError, UsageError, WriteError, warn
 
 if TYPE_CHECKING:
     from stabledrl_cli.dump import Recorder
@@ -97,7 +97,7 @@ def report_failure(code: int, message: str, *, fatal: bool = False) -> None:
         with open(path, "a", encoding="utf-8", errors="backslashreplace") as status:
             status.write(line)
     except OSError as exc:
-        sys.stderr.write(f"stabledrl: warning: cannot report to {path}: {exc}\n")
+        warn(f"stabledrl: warning: cannot report to {path}: {exc}\n")
 
 
 class RecordingFailure:
@@ -120,8 +120,7 @@ class RecordingFailure:
         else:
             code, reason = InputError.exit_code, f"{type(exc).__name__}: {exc}"
         message = f"{context}: {reason}"
-        sys.stderr.write(f"stabledrl: warning: {message}; recording is off, training continues\n")
-        sys.stderr.flush()
+        warn(f"stabledrl: warning: {message}; recording is off, training continues\n")
         report_failure(code, message)
 
     def stopped(self, reason: str | None, context: str) -> bool:
@@ -342,11 +341,10 @@ def _no_token(step: int, fields: dict[str, Any], recorder: Recorder) -> bool:
         return False
     if not _warned_no_token:
         _warned_no_token = True
-        sys.stderr.write(
+        warn(
             f"stabledrl: warning: log_policy_batch at step {step}: a batch with no token is "
             "not recorded (nor the next ones, without another warning); recording goes on\n"
         )
-        sys.stderr.flush()
     return True
 
 

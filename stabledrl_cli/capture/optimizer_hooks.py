@@ -53,7 +53,6 @@ import functools
 import gc
 import inspect
 import math
-import sys
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -74,6 +73,7 @@ from torch.utils.hooks import RemovableHandle
 
 from stabledrl_cli.capture import _fsdp1, _norms, bootstrap
 from stabledrl_cli.capture._ranks import RankStopped
+from stabledrl_cli.errors import warn
 
 TOP_MODULES = 5
 """How many modules' gradient norms each step records (the largest at that step)."""
@@ -226,7 +226,7 @@ def _fail(exc: BaseException, context: str) -> None:
     (`_leave`); at once when another rank stopped (RankStopped)."""
     if isinstance(exc, RankStopped):  # that rank reported its failure; this one stops
         uninstall()
-        sys.stderr.write(f"stabledrl: warning: {context}: {exc}; recording is off here too\n")
+        warn(f"stabledrl: warning: {context}: {exc}; recording is off here too\n")
         return
     bootstrap.hook_failed(exc, context)
 

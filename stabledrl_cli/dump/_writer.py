@@ -53,7 +53,6 @@ import math
 import operator
 import os
 import queue
-import sys
 import threading
 import time
 import weakref
@@ -86,7 +85,7 @@ from stabledrl_cli.dump._schema import (
 )
 from stabledrl_cli.dump._setup import amend_manifest, prepare_run
 from stabledrl_cli.dump._stfile import discard_step, encode_step, write_step
-from stabledrl_cli.errors import InputError, UsageError, WriteError
+from stabledrl_cli.errors import InputError, UsageError, WriteError, warn
 from stabledrl_cli.spec import SpecValue
 from stabledrl_cli.vocab import GROUP_IDS, ON_WRITE_ERROR, UNITS, GroupIds, OnWriteError, Unit
 
@@ -491,11 +490,7 @@ class Recorder:
         if self.on_write_error == "raise":
             raise error from cause
         self.stopped = str(error)
-        print(
-            f"stabledrl: warning: recording stopped, training goes on: {error}",
-            file=sys.stderr,
-            flush=True,
-        )
+        warn(f"stabledrl: warning: recording stopped, training goes on: {error}\n")
         note = {"step": step, "rank": self.rank, "reason": str(error)}
         with suppress(ValueError, InputError, WriteError):  # best effort: the disk that refused
             amend_manifest(self.path, "recording_stopped", note)  # the step may refuse it too
