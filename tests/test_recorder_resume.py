@@ -98,8 +98,13 @@ def test_resume_verifies_the_kept_steps(tmp_path):
     data = bytearray(victim.read_bytes())
     data[-2] ^= 0x01
     victim.write_bytes(bytes(data))
+    closed = json.loads((path / "manifest.json").read_text())["recording_closed"]
     with pytest.raises(InputError, match=r"step 1 .* is unreadable: data checksum mismatch"):
         sd.Recorder(path, policy="dapo:eps_high=0.28", resume=True, resume_from=3)
+    # Refused, the resume changed nothing: the closed run keeps its mark (before, it lost it,
+    # and a watch of the run waited for steps no Recorder would write) and its steps.
+    assert json.loads((path / "manifest.json").read_text())["recording_closed"] is closed is True
+    assert sd.open_run(path).step_numbers == [0, 1, 2, 3]
     # Resuming at the corrupt step replaces it.
     with sd.Recorder(path, policy="dapo:eps_high=0.28", resume=True, resume_from=1) as rec:
         rec.log_step(1, **_batch(1))

@@ -7,11 +7,11 @@
   `recording_closed` mark first, and writes a fresh manifest once they are gone.
 - `resume=True`: continues the run in place. Its manifest must agree on unit, world_size,
   group_ids and the policy spec (else UsageError); it is kept as it is, but for its
-  `recording_closed` mark, which rank 0 removes first: the run is recorded again. Of this
-  rank's step
-  files, those at or after `resume_from` are removed (the resumed training writes them
-  again), those before it are kept and verified in full (data checksum: a corrupt one is
-  InputError), and temporary files left by a killed writer are removed.
+  `recording_closed` mark, which rank 0 removes before any step file changes: the run is
+  recorded again. Of this rank's step files, those before `resume_from` are kept and verified
+  in full first (data checksum: a corrupt one is InputError, and nothing has changed), then
+  those at or after it are removed (the resumed training writes them again), and temporary
+  files left by a killed writer.
 
 The run identity (the manifest's `run_id`, `new_run_id`): rank 0 writes a new one into every
 fresh manifest (a new run, an overwritten one) and, when a resume removed any of its step
@@ -137,24 +137,26 @@ def _resume(
     existing = _read_manifest(path)
     _check_compatible(existing, manifest, path)
     existing.pop(RECORDING_CLOSED, None)
-    if rank == 0:
-        reopen_run(path)  # before any step file changes
     last: int | None = None
-    replaced = False
+    replaced: list[tuple[Path, bool]] = []
     for file, step, temporary in _own_step_files(path / STEPS_DIR, rank, world_size):
         if temporary or (resume_from is not None and step >= resume_from):
-            _remove(file)
-            replaced = replaced or not temporary
+            replaced.append((file, temporary))
             continue
         try:
             read_header(file, deep=True)
-        except StepReadError as exc:
+        except StepReadError as exc:  # refused: nothing has changed, the mark stays
             raise InputError(
                 f"cannot resume {path}: step {step} ({file.name}) is {exc.kind}: {exc}; "
                 f"resume from step {step} or earlier"
             ) from None
         last = step if last is None else max(last, step)
-    if replaced and rank == 0:  # steps a reader may have read are written again: a new identity
+    if rank == 0:
+        reopen_run(path)  # before any step file changes
+    for file, _ in replaced:
+        _remove(file)
+    if rank == 0 and not all(temporary for _, temporary in replaced):
+        # steps a reader may have read are written again: a new identity
         existing[RUN_ID] = new_run_id()
         amend_manifest(path, RUN_ID, existing[RUN_ID])
     return existing, last
