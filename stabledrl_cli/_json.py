@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,13 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def unicode_text(text: str) -> str:
+    """`text` with the bytes that are not UTF-8 of a name decoded from them (Python's lone
+    surrogates, as os.fsdecode gives) spelled `\\xNN`: text every reader of a run takes
+    (`has_lone_surrogate`)."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def _no_constant(name: str) -> None:

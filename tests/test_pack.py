@@ -466,3 +466,20 @@ def test_a_run_without_per_sequence_arrays_packs_and_replays_as_its_directory(tm
     directory, archive = (json.loads(r.stdout) for r in replays)
     assert directory["steps"] == archive["steps"] == 3
     assert directory["policies"] == archive["policies"]
+
+
+def test_a_file_name_that_is_not_utf8_in_steps_packs_to_a_readable_archive(tmp_path):
+    """A stray file in steps/ whose name is not UTF-8 is an unknown_file finding, carried into
+    the archive named escaped (junk\\xff). Before, its lone surrogate went into the archive's
+    integrity text, which every reader then refused (exit 3), pack having exited 0."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy=None) as recorder:
+        recorder.log_step(0, grad_norm=1.0)
+    (run / "steps" / os.fsdecode(b"junk\xff.safetensors")).write_text("x")
+    out = tmp_path / "run.h5"
+    packed = runner.invoke(app, ["pack", str(run), str(out)])
+    assert packed.exit_code == 0, packed.output
+    shown = runner.invoke(app, ["inspect", str(out), "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    (finding,) = json.loads(shown.stdout)["integrity"]["findings"]
+    assert finding["kind"] == "unknown_file" and finding["path"].endswith("junk\\xff.safetensors")

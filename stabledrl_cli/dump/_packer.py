@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from stabledrl_cli._atomic import atomic_path
+from stabledrl_cli._json import unicode_text
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, RunIntegrityWarning
@@ -331,7 +332,11 @@ def _write_archive(
                 progress(1)
     packer.finish()
     integrity = run.integrity
-    _text_dataset(handle, "integrity", json.dumps([f.to_dict() for f in integrity.findings]))
+    findings = [  # a file name that is not UTF-8, escaped: readers refuse a lone surrogate
+        {k: unicode_text(v) if isinstance(v, str) else v for k, v in f.to_dict().items()}
+        for f in integrity.findings
+    ]
+    _text_dataset(handle, "integrity", json.dumps(findings))
     extended = run.group_ids == "global" or any(
         f"sequences/{name}" in packer.columns for name in EXTENSION_FIELDS
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stabledrl_cli._json import unicode_text
 from stabledrl_cli.dump._schema import SERIES_SCALARS, STANDARD_SCALARS
 from stabledrl_cli.dump._writer import Recorder
 from stabledrl_cli.importers._names import NameMap, map_names
@@ -59,8 +60,7 @@ def write_scalar_run(
     """Writes `table`'s steps to a new run at `out` (a scalar step each, policy unknown)."""
     mapping = map_names(table.names, (*STANDARD_SCALARS, *SERIES_SCALARS))
     mapped = {standard: name for name, standard in mapping.standard.items()}
-    # A file name that is not UTF-8 is named escaped: a lone surrogate makes a manifest unreadable.
-    name = os.fsencode(source.name).decode("utf-8", "backslashreplace")
+    name = unicode_text(source.name)  # a lone surrogate would make the manifest unreadable
     origin = {"kind": "import", "format": log_format, "file": name, "mapped": mapped}
     counts: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
