@@ -483,3 +483,17 @@ def test_a_file_name_that_is_not_utf8_in_steps_packs_to_a_readable_archive(tmp_p
     assert shown.exit_code == 0, shown.output
     (finding,) = json.loads(shown.stdout)["integrity"]["findings"]
     assert finding["kind"] == "unknown_file" and finding["path"].endswith("junk\\xff.safetensors")
+
+
+def test_a_run_at_a_path_that_is_not_utf8_packs(tmp_path):
+    """The archive's `source` attribute names the run's path escaped. Before, h5py could not
+    encode its lone surrogate: an internal error (UnicodeEncodeError, exit 70)."""
+    run = tmp_path / os.fsdecode(b"run\xff")
+    with sd.Recorder(run, policy=None) as recorder:
+        recorder.log_step(0, grad_norm=1.0)
+    out = tmp_path / "run.h5"
+    packed = runner.invoke(app, ["pack", str(run), str(out), "--format", "json"])
+    assert packed.exit_code == 0, packed.output
+    assert open_run(out).step_numbers == [0]
+    with h5py.File(out) as handle:
+        assert handle.attrs["source"].endswith("run\\xff")

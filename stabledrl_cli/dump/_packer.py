@@ -319,7 +319,7 @@ def _write_archive(
     once (a run at a URL is not fetched twice)."""
     handle.attrs["kind"] = RUN_KIND
     handle.attrs["tool_version"] = __version__
-    handle.attrs["source"] = run.location
+    handle.attrs["source"] = unicode_text(run.location)  # h5py refuses a lone surrogate
     _text_dataset(handle, "manifest", manifest_text)
     packer = _Packer(handle, compression)
     with warnings.catch_warnings():
