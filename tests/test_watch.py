@@ -1093,3 +1093,22 @@ def test_a_manifest_replaced_by_a_fifo_under_the_watch_is_not_waited_on(
     assert result.exit_code == 3, result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert errors == [f"error: {fifo}: not a regular file"], result.stderr
+
+
+def test_a_stopped_recordings_reason_of_several_lines_is_one_warning_line(grpo_fixture, tmp_path):
+    """The recording_stopped reason is the Recorder's error text (an OSError naming a path,
+    which may hold a newline) or a crafted manifest's: its warning stays one line. Before,
+    each newline of the reason began a line of its own."""
+    live = _landed_40(grpo_fixture, tmp_path)
+    manifest = json.loads((live / "manifest.json").read_text())
+    reason = "recording failed: /runs/a\nb/steps: No space left on device\n\nforged line"
+    manifest["recording_stopped"] = {"step": 40, "rank": 0, "reason": reason}
+    (live / "manifest.json").write_text(json.dumps(manifest))
+    once = CliRunner().invoke(app, ["watch", str(live), "--once", "--device", "cpu"])
+    assert once.exit_code == 0, once.output
+    told = [line for line in once.stderr.splitlines() if "b/steps" in line or "forged" in line]
+    assert told == [
+        f"warning: {live}: recording stopped at step 40 (rank 0) after a failed write: "
+        "recording failed: /runs/a b/steps: No space left on device forged line; the "
+        "training's later steps are not in the run"
+    ]

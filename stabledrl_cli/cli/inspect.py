@@ -20,6 +20,7 @@ from rich.table import Table
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import out, print_json
 from stabledrl_cli.dump import open_run
+from stabledrl_cli.errors import one_line
 from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.inspection import RunSummary, summarize
 from stabledrl_cli.replay.recorded import SeriesStats
@@ -75,10 +76,12 @@ def _recording_text(s: RunSummary) -> str:
 
 
 def stopped_text(stopped: dict[str, object]) -> str:
-    """The manifest's recording_stopped in one line: where, and why."""
+    """The manifest's recording_stopped in one line: where, and why (its reason, an error's
+    text that may name a path holding a newline, on one line)."""
     return (
         f"stopped at step {stopped.get('step')} (rank {stopped.get('rank')}) after a failed "
-        f"write: {stopped.get('reason')}; the training's later steps are not in the run"
+        f"write: {one_line(str(stopped.get('reason')))}; the training's later steps are not in "
+        "the run"
     )
 
 
