@@ -218,11 +218,19 @@ def test_a_failed_recorder_fails_record_even_when_the_command_succeeds(tmp_path,
 # stabledrl error it does not catch; a script with a bug of its own raises anything else.
 RAISES_SCRIPT = textwrap.dedent(
     """
-    import sys
+    import os, sys, time
     import stabledrl_cli.errors as errors
 
     print("started", flush=True)
     kind = sys.argv[1]
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks > 1:  # every rank raises, none before all are ready (a rank that ended first
+        # would have torchrun stop the others before their error)
+        ready = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ready")
+        os.makedirs(ready, exist_ok=True)
+        open(os.path.join(ready, os.environ["RANK"]), "w").close()
+        while len(os.listdir(ready)) < ranks:
+            time.sleep(0.01)
     if kind == "usage":
         raise errors.UsageError("cannot record this run: a refused setting")
     if kind == "input":
@@ -335,8 +343,10 @@ def test_a_stabledrl_error_on_every_torchrun_rank_is_one_line_per_rank(
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
+    # torchrun looks at its ranks every --monitor-interval seconds: 2 s leave each rank the
+    # time to print its line once one has ended (0.1 s, the default, cut one short at times).
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", "2", "{script}")  # fmt: skip
+                "--nproc-per-node", "2", "--monitor-interval", "2", "{script}")  # fmt: skip
     result = _record_raising(tmp_path, monkeypatch, hooks, "usage", command=torchrun)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
