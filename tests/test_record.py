@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -502,35 +504,80 @@ CTRL_C_SCRIPT = TORCH_STEPS + textwrap.dedent(
 )
 
 
-def test_ctrl_c_reaches_the_command_which_ends_as_it_chooses(tmp_path, monkeypatch):
-    """Ctrl-C in a terminal sends SIGINT to record and to its command (one process group).
-    Before, record's subprocess.call killed the command (SIGKILL) 0.25 s later: a training
-    that saves a checkpoint on Ctrl-C lost it, its exit code, the steps its Recorder still
-    had to write at exit and the run's recording_closed mark; record exited 130."""
+def _signalled(
+    tmp_path: Path, monkeypatch, script_text: str, send: Callable[[int], None]
+) -> tuple[subprocess.Popen[str], str]:
+    """A real `record --out RUN -- python train.py 3 FLAG` in a process group of its own (as a
+    terminal's foreground job; nothing is left running if the test fails), `send` called with
+    its pid once the script wrote "trained" to FLAG; -> the ended process and its stderr."""
     script, out, flag = tmp_path / "train.py", tmp_path / "run", tmp_path / "flag"
-    script.write_text(CTRL_C_SCRIPT)
+    script.write_text(script_text)
     process = subprocess.Popen(
         [*cli_command(), "record", "--out", str(out), "--",
          sys.executable, str(script), "3", str(flag)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(monkeypatch),
-        start_new_session=True,  # a group of its own, as a terminal's foreground job
+        start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not inherited ignored
     )  # fmt: skip
     try:
         while not (flag.exists() and flag.read_text() == "trained"):
             assert process.poll() is None, process.communicate()
             time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does
+        send(process.pid)
         _, stderr = process.communicate(timeout=TIMEOUT)
     finally:
-        if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+    return process, stderr
+
+
+def test_ctrl_c_reaches_the_command_which_ends_as_it_chooses(tmp_path, monkeypatch):
+    """Ctrl-C in a terminal sends SIGINT to record and to its command (one process group).
+    Before, record's subprocess.call killed the command (SIGKILL) 0.25 s later: a training
+    that saves a checkpoint on Ctrl-C lost it, its exit code, the steps its Recorder still
+    had to write at exit and the run's recording_closed mark; record exited 130."""
+    out, flag = tmp_path / "run", tmp_path / "flag"
+    process, stderr = _signalled(
+        tmp_path, monkeypatch, CTRL_C_SCRIPT, lambda pid: os.killpg(pid, signal.SIGINT)
+    )  # what Ctrl-C does
     assert flag.read_text() == "checkpoint saved"
     assert process.returncode == 3, stderr  # the command's own exit code
     assert "the training command exited with code 3; the run holds 3 step file(s)" in stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest.get("recording_closed") is True  # its Recorder closed at its exit
     assert len(list((out / "steps").iterdir())) == 3
+
+
+TERM_SCRIPT = TORCH_STEPS + textwrap.dedent(
+    """
+    import signal
+
+    def saved(*_):
+        time.sleep(1)  # saving a checkpoint
+        flag.write_text("checkpoint saved")
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, saved)
+    flag = Path(sys.argv[2])
+    flag.write_text("trained")
+    while True:
+        time.sleep(0.05)
+    """
+)
+
+
+def test_a_sigterm_to_record_reaches_the_command_which_ends_as_it_chooses(tmp_path, monkeypatch):
+    """Kubernetes and docker signal a container's first process only: record. Before, record
+    died at once on SIGTERM and its command trained on, unseen (in a container, killed with
+    SIGKILL as record ended): no checkpoint, no exit code, the Recorder's last steps lost."""
+    out, flag = tmp_path / "run", tmp_path / "flag"
+    process, stderr = _signalled(
+        tmp_path, monkeypatch, TERM_SCRIPT, lambda pid: os.kill(pid, signal.SIGTERM)
+    )  # record's process alone
+    assert flag.read_text() == "checkpoint saved"
+    assert process.returncode == 143, stderr  # the command's own exit code
+    assert "the training command exited with code 143; the run holds 3 step file(s)" in stderr
+    assert json.loads((out / "manifest.json").read_text()).get("recording_closed") is True
 
 
 def test_a_failure_whose_message_is_not_unicode_never_reaches_the_training(tmp_path, monkeypatch):

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
-from contextlib import suppress
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import typer
@@ -74,11 +77,26 @@ def _call(cmd: list[str], env: dict[str, str]) -> int:
     """Runs CMD to its end; -> its exit code. Ctrl-C in a terminal reaches CMD itself (record
     and CMD are one process group): CMD decides what it does with it, and record waits for it
     (subprocess.call killed it 0.25 s later, before a training's own handler or its Recorder's
-    last writes were done)."""
-    with subprocess.Popen(cmd, env=env) as process:
+    last writes were done). A SIGTERM to record is passed on to CMD, and record waits for it
+    as well: a container's first process, or a pod's, is record, and the only one signalled."""
+    with subprocess.Popen(cmd, env=env) as process, _passed_on(signal.SIGTERM, process):
         while True:
             with suppress(KeyboardInterrupt):
                 return process.wait()
+
+
+@contextmanager
+def _passed_on(signum: int, process: subprocess.Popen[bytes]) -> Iterator[None]:
+    """Inside: the signal `signum` to this process is sent to `process` instead (from the main
+    thread only, where Python runs signal handlers; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signum, lambda *_: process.send_signal(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
 
 
 def _reports(status: Path) -> tuple[list[tuple[int, str]], list[int]]:
