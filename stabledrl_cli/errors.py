@@ -50,6 +50,18 @@ def one_line(message: BaseException | str) -> str:
     return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 3] + "..."
 
 
+QUOTE_LIMIT = 40
+"""Characters of a user's value quoted in an error line; a longer one is cut (its length said)."""
+
+
+def quoted(text: str) -> str:
+    """`text` quoted for an error line (`'abc'`), its first `QUOTE_LIMIT` characters if longer
+    (`'1111'... (5000 characters)`): a value pasted by mistake stays one short line."""
+    if len(text) <= QUOTE_LIMIT:
+        return repr(text)
+    return f"{text[:QUOTE_LIMIT]!r}... ({len(text)} characters)"
+
+
 def warn(line: str) -> None:
     """Writes `line` (ending with a newline) to stderr at once; nothing when the process has
     no stderr (closed: `2>&-` leaves sys.stderr None) or it cannot be written: a recording's

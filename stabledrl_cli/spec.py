@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, quoted
 
 SPEC_SYNTAX = "NAME or NAME:key=value,key=value"
 MAX_WINDOW = 10**9
@@ -20,6 +20,29 @@ windows): past it a value is a typo, and a C-sized buffer (a deque's maxlen) wou
 SpecValue = str | int | float | bool
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 _KEY = re.compile(r"[A-Za-z0-9_]+")
+INT_DIGITS = 30
+"""The most digits of a spec's integer: a longer one is past every range (a range check compares
+it as a float, which overflows past 308 digits), and a range error quotes it whole."""
+_INTEGER = re.compile(rf"[+-]?[0-9]{{1,{INT_DIGITS}}}")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_NON_FINITE = re.compile(r"[+-]?(?:inf|infinity|nan)", re.IGNORECASE)
+
+
+def spec_int(text: str) -> int:
+    """A spec's integer: 1 to `INT_DIGITS` ASCII digits with an optional sign (`12`, `-3`);
+    ValueError otherwise, where Python's int() would also take `1_0` or other scripts' digits."""
+    if not _INTEGER.fullmatch(text):
+        raise ValueError(f"not an integer: {quoted(text)}")
+    return int(text)
+
+
+def spec_float(text: str) -> float:
+    """A spec's number: ASCII decimal or exponent notation (`0.2`, `.5`, `-1e-4`), or `inf` or
+    `nan` (which the callers refuse as not finite); ValueError otherwise, where Python's
+    float() would also take `1_0` or other scripts' digits."""
+    if not (_DECIMAL.fullmatch(text) or _NON_FINITE.fullmatch(text)):
+        raise ValueError(f"not a number: {quoted(text)}")
+    return float(text)
 
 
 def split_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -29,23 +52,27 @@ def split_spec(spec: str) -> tuple[str, dict[str, str]]:
     name, colon, rest = spec.strip().partition(":")
     name = name.strip()
     if not _NAME.fullmatch(name):
-        raise UsageError(f"bad policy spec {spec!r}: {name!r} is not a name ({SPEC_SYNTAX})")
+        raise UsageError(
+            f"bad policy spec {quoted(spec)}: {quoted(name)} is not a name ({SPEC_SYNTAX})"
+        )
     raw: dict[str, str] = {}
     if colon and not rest.strip():
-        raise UsageError(f"bad policy spec {spec!r}: nothing after ':'; expected {SPEC_SYNTAX}")
+        raise UsageError(
+            f"bad policy spec {quoted(spec)}: nothing after ':'; expected {SPEC_SYNTAX}"
+        )
     if rest.strip():
         for part in rest.split(","):
             key, sep, value = part.partition("=")
             key, value = key.strip(), value.strip()
             if not sep or not key or not value:
                 raise UsageError(
-                    f"bad policy spec {spec!r}: {part.strip()!r} is not key=value; "
+                    f"bad policy spec {quoted(spec)}: {quoted(part.strip())} is not key=value; "
                     f"expected {SPEC_SYNTAX}"
                 )
             if not _KEY.fullmatch(key):
-                raise UsageError(f"bad policy spec {spec!r}: {key!r} is not a key name")
+                raise UsageError(f"bad policy spec {quoted(spec)}: {quoted(key)} is not a key name")
             if key in raw:
-                raise UsageError(f"bad policy spec {spec!r}: key {key!r} given twice")
+                raise UsageError(f"bad policy spec {quoted(spec)}: key {key!r} given twice")
             raw[key] = value
     return name, raw
 
@@ -83,7 +110,7 @@ def format_spec(name: str, params: Mapping[str, SpecValue | None] | None = None)
             )
         text = format_value(value)
         if not text or any(c in text for c in ",:= "):
-            raise UsageError(f"policy parameter {key}={text!r} cannot go into a spec string")
+            raise UsageError(f"policy parameter {key}={quoted(text)} cannot go into a spec string")
         parts.append(f"{key}={text}")
     return name + (":" + ",".join(parts) if parts else "")
 

@@ -253,3 +253,71 @@ def test_explicit_default_that_another_key_moves_is_kept():
         policy = get_policy(f"{spec}eps_low=0.1,eps_high=0.2")
         assert "eps_high=0.2" in policy.spec
         assert get_policy(policy.spec).params["eps_high"] == 0.2
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("grpo:beta=0.1,kl_max=\u0661", "kl_max expects a number, got '\u0661'"),
+        ("grpo:beta=0.1,kl_max=1_0", "kl_max expects a number, got '1_0'"),
+        ("ppo:eps_low=\uff10.2", "eps_low expects a number"),
+        ("ppo:eps_low=0x1", "eps_low expects a number"),
+        ("ppo:agg=constant,max_len=1_0", "max_len expects an integer of at most 30 digits"),
+        ("ppo:agg=constant,max_len=\u0663", "max_len expects an integer"),
+        ("ppo:eps_low=inf", "eps_low expects a finite number, got 'inf'"),
+    ],
+)
+def test_a_spec_number_is_ascii_decimal_notation(spec, message):
+    """Python's float() and int() also take other scripts' digits and `_` separators: a spec
+    number is what docs/policies.md says, digits 0-9 with an optional point and exponent."""
+    with pytest.raises(UsageError) as info:
+        get_policy(spec)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "key", "value"),
+    [
+        ("ppo:eps_low=.25", "eps_low", 0.25),
+        ("ppo:eps_low=+2.5e-1", "eps_low", 0.25),
+        ("ppo:eps_low=3.", "eps_low", 3.0),
+        ("ppo:eps_low=1E-4", "eps_low", 1e-4),
+        ("ppo:agg=constant,max_len=+0012", "max_len", 12),
+    ],
+)
+def test_ascii_spellings_of_a_number_still_parse(spec, key, value):
+    assert get_policy(spec).params[key] == value
+
+
+@pytest.mark.parametrize("value", ["1" * 5000, "x" * 5000, "\u0661" * 5000, "9" * 4000])
+def test_an_error_quotes_a_bounded_excerpt_of_a_long_value(value):
+    for spec in (f"grpo:beta=0.1,kl_max={value}", f"ppo:agg=constant,max_len={value}"):
+        with pytest.raises(UsageError) as info:
+            get_policy(spec)
+        assert len(str(info.value)) < 400, str(info.value)[:200]
+        assert "5000 characters" in str(info.value) or "4000 characters" in str(info.value)
+
+
+@pytest.mark.parametrize("spec", ["zclip:z_thresh=\u0663", "skip-step:window=1_0"])
+def test_a_guard_spec_number_is_ascii_decimal_notation(spec):
+    from stabledrl_cli.replay.guards import make_guard
+
+    with pytest.raises(UsageError, match="must be"):
+        make_guard(spec)
+
+
+@pytest.mark.parametrize(
+    "sweep", ["stabledrl:c=\u0662..5:3", "stabledrl:c=2..5:\u0663", "stabledrl:c=1_0..20:3"]
+)
+def test_a_sweep_number_is_ascii_decimal_notation(sweep):
+    from stabledrl_cli.tune.grid import expand
+
+    with pytest.raises(UsageError):
+        expand(sweep)
+
+
+def test_a_recorded_spec_keeps_a_non_ascii_number_as_text():
+    from stabledrl_cli.dump._policy import policy_entry
+
+    params = policy_entry("mine:a=\u0661,b=1_0,c=2.5,d=3", None)["params"]
+    assert params == {"a": "\u0661", "b": "1_0", "c": 2.5, "d": 3}

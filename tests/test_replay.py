@@ -375,7 +375,9 @@ def test_memory_budget_sizes(text, size):
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "0", "-1M", "lots", "1X", "nan"])
+@pytest.mark.parametrize(
+    "text", ["", "0", "-1M", "lots", "1X", "nan", "\u0661M", "1_0M", "\uff11G"]
+)
 def test_bad_memory_budget_is_a_usage_error(plain_run, text):
     with pytest.raises(UsageError, match=r"^memory_budget expects a size"):
         parse_size(text)
@@ -610,6 +612,10 @@ def test_bad_options_exit_2(plain_run):
         result = runner.invoke(app, ["replay", str(plain_run), *args])
         assert result.exit_code == 2, (args, result.output)
     assert parse_step_range("3:") == (3, None) and parse_step_range(":7") == (None, 7)
+    assert parse_step_range(" 3 : 7 ") == (3, 7)
+    for text in ("\u0663:\u0667", "1_0:", "\u0665"):  # int() takes these; a step is ASCII digits
+        with pytest.raises(UsageError, match="expects A:B"):
+            parse_step_range(text)
     # Library errors name the setting; the CLI names its option.
     for args, message in (
         (["--window", "0"], "--window must be an integer in [1, 1e+09]"),

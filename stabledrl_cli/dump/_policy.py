@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from stabledrl_cli.dump._schema import json_checked
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.spec import SpecValue, format_spec, split_spec
+from stabledrl_cli.spec import SpecValue, format_spec, spec_float, spec_int, split_spec
 
 
 @runtime_checkable
@@ -36,9 +36,9 @@ def _typed(text: str) -> SpecValue:
     """A spec value's text as the JSON value it reads as: bool, int, finite float, else str."""
     if text in ("true", "false"):
         return text == "true"
-    for kind in (int, float):
+    for parse in (spec_int, spec_float):
         try:
-            value = kind(text)
+            value = parse(text)
         except ValueError:
             continue
         if math.isfinite(value):

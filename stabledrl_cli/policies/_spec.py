@@ -8,7 +8,8 @@ import types
 import typing
 from typing import Literal
 
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, quoted
+from stabledrl_cli.spec import INT_DIGITS, spec_float, spec_int
 
 
 def base_type(hint: object) -> object:
@@ -20,13 +21,13 @@ def base_type(hint: object) -> object:
 
 
 def finite_number(key: str, text: str) -> float:
-    """`text` as a finite float; UsageError naming `key` otherwise."""
+    """`text` as a finite float (`spec.spec_float`); UsageError naming `key` otherwise."""
     try:
-        value = float(text)
+        value = spec_float(text)
     except ValueError:
-        raise UsageError(f"{key} expects a number, got {text!r}") from None
+        raise UsageError(f"{key} expects a number, got {quoted(text)}") from None
     if not math.isfinite(value):
-        raise UsageError(f"{key} expects a finite number, got {text!r}")
+        raise UsageError(f"{key} expects a finite number, got {quoted(text)}")
     return value
 
 
@@ -36,13 +37,15 @@ def convert_value(key: str, text: str, hint: object) -> str | int | float:
     if typing.get_origin(kind) is Literal:
         choices = typing.get_args(kind)
         if text not in choices:
-            raise UsageError(f"{key} must be one of {', '.join(choices)}; got {text!r}")
+            raise UsageError(f"{key} must be one of {', '.join(choices)}; got {quoted(text)}")
         return text
     if kind is float:
         return finite_number(key, text)
     if kind is int:
         try:
-            return int(text)
+            return spec_int(text)
         except ValueError:
-            raise UsageError(f"{key} expects an integer, got {text!r}") from None
+            raise UsageError(
+                f"{key} expects an integer of at most {INT_DIGITS} digits, got {quoted(text)}"
+            ) from None
     return text

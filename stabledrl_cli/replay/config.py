@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, quoted
 from stabledrl_cli.replay.guards import DEFAULT_GUARDS, make_guard
-from stabledrl_cli.spec import MAX_WINDOW
+from stabledrl_cli.spec import MAX_WINDOW, spec_float, spec_int
 from stabledrl_cli.vocab import Device
 
 DEFAULT_MEMORY_BUDGET = 16 * 2**20
@@ -222,11 +222,16 @@ def parse_step_range(text: str | None) -> StepRange:
     start, sep, stop = text.partition(":")
     try:
         if not sep:
-            value = int(start)
+            value = spec_int(start.strip())
             return value, value + 1
-        return (int(start) if start.strip() else None, int(stop) if stop.strip() else None)
+        return (
+            spec_int(start.strip()) if start.strip() else None,
+            spec_int(stop.strip()) if stop.strip() else None,
+        )
     except ValueError:
-        raise ConfigError("step_range", f"expects A:B (A <= step < B), got {text!r}") from None
+        raise ConfigError(
+            "step_range", f"expects A:B (A <= step < B), got {quoted(text)}"
+        ) from None
 
 
 def format_step_range(step_range: StepRange) -> str:
@@ -247,9 +252,9 @@ def parse_size(text: str, field: str = "memory_budget") -> int:
     if cleaned and cleaned[-1] in SIZE_UNITS:
         number, unit = cleaned[:-1], cleaned[-1]
     try:
-        value = float(number)
+        value = spec_float(number.strip())
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0) or value * SIZE_UNITS[unit] < 1:
-        raise ConfigError(field, f"expects a size such as 256M or 1G, got {text!r}")
+        raise ConfigError(field, f"expects a size such as 256M or 1G, got {quoted(text)}")
     return int(value * SIZE_UNITS[unit])

@@ -27,12 +27,19 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from stabledrl_cli.errors import UsageError
-from stabledrl_cli.spec import MAX_WINDOW, SPEC_SYNTAX, format_spec, split_spec
+from stabledrl_cli.errors import UsageError, quoted
+from stabledrl_cli.spec import (
+    MAX_WINDOW,
+    SPEC_SYNTAX,
+    format_spec,
+    spec_float,
+    spec_int,
+    split_spec,
+)
 
 GuardAction = Literal["none", "clip", "skip", "nonfinite"]
 """What a guard does to one step's gradient."""
@@ -196,6 +203,9 @@ _PARAMS: dict[str, dict[str, type]] = {
     "skip-step": {"window": int, "sigma": float},
 }
 
+_PARSERS: dict[type, Callable[[str], float | int | str]] = {int: spec_int, float: spec_float}
+"""A guard key's type -> how its spec text reads (ASCII digits only, as a policy's)."""
+
 
 def make_guard(spec: str) -> Guard:
     """`zclip`, `zclip:z_thresh=3`, `skip-step:window=64,sigma=4` -> a fresh guard;
@@ -210,10 +220,10 @@ def make_guard(spec: str) -> Guard:
         if kind is None:
             raise UsageError(f"unknown key {key!r} for guard {name!r}; valid: {', '.join(keys)}")
         try:
-            params[key] = kind(text)
+            params[key] = _PARSERS.get(kind, kind)(text)
         except ValueError:
             raise UsageError(
-                f"guard {spec!r}: {key} must be {kind.__name__}, got {text!r}"
+                f"guard {quoted(spec)}: {key} must be {kind.__name__}, got {quoted(text)}"
             ) from None
     if name == "zclip":
         return ZClip(**params)  # type: ignore[arg-type]

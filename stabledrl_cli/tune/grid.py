@@ -20,7 +20,7 @@ import re
 import typing
 from collections.abc import Sequence
 
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, quoted
 from stabledrl_cli.policies import REGISTRY, resolve_spec
 from stabledrl_cli.policies._spec import base_type, finite_number
 from stabledrl_cli.spec import format_spec, format_value
@@ -30,7 +30,7 @@ MAX_SETTINGS = 4096
 MAX_POINTS = 1024
 """The most values one grid may have."""
 SWEEP_SYNTAX = "NAME:key=LOW..HIGH:N, key=LOW..HIGH:logN, key=A|B|C or key=VALUE"
-_RANGE = re.compile(r"^(?P<low>[^.][^:]*?)\.\.(?P<high>[^:]+):(?P<log>log)?(?P<n>\d+)$")
+_RANGE = re.compile(r"^(?P<low>[^.][^:]*?)\.\.(?P<high>[^:]+):(?P<log>log)?(?P<n>[0-9]+)$")
 
 
 def grid_values(text: str, where: str) -> list[str]:
@@ -39,7 +39,7 @@ def grid_values(text: str, where: str) -> list[str]:
     if match is None:
         values = [part.strip() for part in text.split("|")]
         if any(not v for v in values):
-            raise UsageError(f"{where}: empty value in {text!r}; expected {SWEEP_SYNTAX}")
+            raise UsageError(f"{where}: empty value in {quoted(text)}; expected {SWEEP_SYNTAX}")
         return values
     low = finite_number(where, match["low"])
     high = finite_number(where, match["high"])
@@ -47,10 +47,10 @@ def grid_values(text: str, where: str) -> list[str]:
     if not 2 <= count <= MAX_POINTS:
         raise UsageError(f"{where}: a grid takes 2 to {MAX_POINTS} points, got {count}")
     if not low < high:
-        raise UsageError(f"{where}: a grid runs from low to high, got {text!r}")
+        raise UsageError(f"{where}: a grid runs from low to high, got {quoted(text)}")
     if match["log"]:
         if low <= 0:
-            raise UsageError(f"{where}: a log grid needs low > 0, got {text!r}")
+            raise UsageError(f"{where}: a log grid needs low > 0, got {quoted(text)}")
         lo, hi = math.log(low), math.log(high)  # in logs: high / low may overflow
         points = [math.exp(lo + (hi - lo) * i / (count - 1)) for i in range(count)]
     else:  # weighted ends: high - low may overflow
