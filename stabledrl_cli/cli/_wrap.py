@@ -26,6 +26,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from stabledrl_cli._atomic import write_error
 from stabledrl_cli.capture.bootstrap import (
     ENV_DEBUG,
     ENV_FORCE,
@@ -140,7 +141,10 @@ def run_command(
         raise UsageError(f"command not found: {cmd[0]}")
     if policy is not None:
         resolve_spec(policy)  # a bad spec is a usage error here, not a warning in the child
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # under a file, read-only, ...: an output that cannot be written
+        raise write_error(out, exc) from None
     if force:  # recorded again: a watch of it must not end on the run it holds now
         reopen_run(out)
     with tempfile.TemporaryDirectory(prefix="stabledrl-record-") as scratch:

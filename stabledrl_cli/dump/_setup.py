@@ -195,10 +195,11 @@ def prepare_run(
                 "pass overwrite=True to replace the run, or resume=True "
                 "to continue it"
             )
-    try:
-        steps.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise write_error(steps, exc) from None
+    for directory in (path, steps):  # the line names the run when the run cannot be made
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(directory, exc) from None
     if rank == 0 and not resume:
         manifest = {**manifest, RUN_ID: new_run_id()}
         text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
