@@ -30,6 +30,8 @@ from stabledrl_cli.example.checkpoint import list_checkpoints
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.detectors import observed_reward_collapse
 from stabledrl_cli.replay.engine import replay
+from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
 
 NO_CHECKPOINTS = (
     "{run}: the run has no checkpoints to branch from; record it with --checkpoint-every N "
@@ -128,6 +130,10 @@ class BranchReport:
     steps: int
     original_first_reward_collapse: int | None
     branches: list[BranchOutcome]
+    replayed: ReplayResult = field(repr=False, compare=False)
+    """The one-step replay of every branch's policy on the original (its skipped steps)."""
+    original_skipped_steps: list[int] = field(default_factory=list)
+    """The original's step files the reader skipped (torn, unreadable, a missing rank)."""
 
     def to_dict(self) -> dict[str, object]:
         """`stabledrl branch --format json`."""
@@ -136,7 +142,10 @@ class BranchReport:
             "requested_at": self.requested_at,
             "at": self.at,
             "steps": self.steps,
-            "original": {"first_reward_collapse": self.original_first_reward_collapse},
+            "original": {
+                "first_reward_collapse": self.original_first_reward_collapse,
+                "skipped_steps": list(self.original_skipped_steps),
+            },
             "branches": [b.to_dict() for b in self.branches],
         }
 
@@ -193,7 +202,8 @@ def run_branches(
     """Trains one branch of the built-in example per policy from `run_dir`'s checkpoint at
     (or nearest before) `at`, and sets each beside the one-step replay of its policy.
 
-    steps: steps per branch (None: to the end of the original run). out: where the branch
+    steps: steps per branch (None: to the original's last step file, one the reader skips
+    included: it is named in `original_skipped_steps`). out: where the branch
     runs go (default RUN/branches). on_branch: called before each branch trains; on_step: with
     each branch step's number. InputError when the run holds no readable step at or after
     the checkpoint's: there is no recorded batch to replay beside a branch.
@@ -208,7 +218,9 @@ def run_branches(
             f"{run_dir}: no step at or after step {at_step}, the checkpoint's (last step {last}): "
             "no recorded batch to replay beside a branch"
         )
-    end = (at_step if last is None else last) + 1
+    findings = original.integrity.findings
+    skipped = sorted({f.step for f in findings if f.kind in SKIPPED_KINDS and f.step is not None})
+    end = max([at_step if last is None else last, *skipped]) + 1  # a torn last step counts too
     count = end - at_step if steps is None else steps
     specs = list(dict.fromkeys(get_policy(spec).spec for spec in policies))
     base = run_dir / BRANCHES_DIR if out is None else out
@@ -263,4 +275,6 @@ def run_branches(
         steps=count,
         original_first_reward_collapse=replayed.observed.first_reward_collapse,
         branches=outcomes,
+        replayed=replayed,
+        original_skipped_steps=skipped,
     )

@@ -56,7 +56,10 @@ def test_branch_records_each_policy_as_a_run_and_reports_it_beside_the_replay(re
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert (report["requested_at"], report["at"], report["steps"]) == (8, 8, 8)
-    assert set(report["original"]) == {"first_reward_collapse"}
+    assert report["original"] == {
+        "first_reward_collapse": report["original"]["first_reward_collapse"],
+        "skipped_steps": [],
+    }
     assert [b["policy"] for b in report["branches"]] == ["grpo", "stabledrl"]
     for entry in report["branches"]:
         assert set(entry) == {
@@ -157,6 +160,32 @@ def test_a_replay_that_covers_part_of_the_branch_says_so_and_does_not_judge(reco
     (row,) = [line for line in table.stdout.splitlines() if line.startswith("│ grpo")]
     cells = [cell.strip() for cell in row.strip("│ ").split("│")]
     assert cells[-2:] == ["8-15 (partial: 2 of 8 steps replayed)", "n/a"], row
+
+
+def test_a_torn_step_of_the_original_is_named_and_counted_not_skipped_silently(recorded, tmp_path):
+    """The original's last step file is torn: the branch still trains to the original's end
+    (it trained one step fewer per torn tail step, and said nothing), stderr names the skipped
+    step as replay does, and the JSON lists it and counts the branch as partly replayed."""
+    run = tmp_path / "torn"
+    shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
+    os.truncate(run / "steps" / "step-00000023.safetensors", 50)
+    result = CliRunner().invoke(app, ["branch", str(run), "--at", "16", "-p", "grpo", "-f", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["steps"] == 8 and report["original"]["skipped_steps"] == [23]
+    (entry,) = report["branches"]
+    assert entry["steps"] == 8
+    assert entry["compared"] == {
+        "first": 16, "last": 23, "branch_steps": 8, "replayed_steps": 7, "complete": False,
+        "flagged": entry["compared"]["flagged"],
+    }  # fmt: skip
+    assert entry["agree"] is None
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.stderr
+    assert warnings[0].startswith(
+        f"warning: skipped 1 unreadable, incomplete or invalid step of {run} (step 23: torn: "
+    )
+    assert warnings[0].endswith("); replayed 23; `stabledrl inspect` lists the reader's findings")
 
 
 def test_agree_compares_the_branchs_steps_only():

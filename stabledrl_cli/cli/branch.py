@@ -20,6 +20,7 @@ from stabledrl_cli.branching import BranchOutcome, BranchReport, run_branches
 from stabledrl_cli.capture.branch_protocol import BranchRequest
 from stabledrl_cli.cli._options import MAX_RL_STEPS, DeviceOpt, FormatOpt
 from stabledrl_cli.cli._output import Advance, err, out, print_json, progress, progress_enabled
+from stabledrl_cli.cli.replay import note_skipped
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay._format import format_steps
 from stabledrl_cli.replay.config import MAX_THREADS
@@ -171,6 +172,7 @@ def command(
             on_branch=branches.start,
             on_step=branches.advance,
         )
+    note_skipped(report.replayed)
     if output_format == "json":
         print_json(report.to_dict())
         return
