@@ -445,3 +445,15 @@ def test_detect_formats_by_content(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="a directory without"):
         detect_format(tmp_path / "empty")
+
+
+def test_a_number_in_a_log_is_ascii_decimal_notation() -> None:
+    """float() and int() also read other scripts' digits and `_` separators: a step "1_0" was
+    step 10 and a value "\u0661" was 1. Text such as those is not a number (docs/importing.md)."""
+    table = StepTable("log")
+    table.add("1_0", {"loss": 1.0})
+    table.add("\u0662", {"loss": 1.0})
+    table.add("3", {"loss": "1_0", "reward": "\u0661", "kl": " 2.5e-1 ", "gain": "-Infinity"})
+    assert table.steps == {3: {"kl": 0.25, "gain": -math.inf}}
+    assert table.skipped_rows == {"bad step": 2}
+    assert table.non_numeric == {"loss": 1, "reward": 1}

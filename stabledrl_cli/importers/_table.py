@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from stabledrl_cli.dump._schema import STEP_LIMIT
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.importers._names import NAME_LIMIT, Skip, skip_reason
+from stabledrl_cli.spec import spec_float
 
 STEP_COUNT_LIMIT = 100_000
 """Most steps one import writes (each is a durable file in the run directory)."""
@@ -135,7 +136,7 @@ def _number(raw: object) -> float | None:
         return float(raw)
     if isinstance(raw, str) and len(raw) <= 64:
         try:
-            return float(raw.strip())
+            return spec_float(raw.strip())  # not float(): it reads "1_0" and other digits
         except ValueError:
             return None
     return None
