@@ -72,7 +72,7 @@ def split_spec(spec: str) -> tuple[str, dict[str, str]]:
             if not _KEY.fullmatch(key):
                 raise UsageError(f"bad policy spec {quoted(spec)}: {quoted(key)} is not a key name")
             if key in raw:
-                raise UsageError(f"bad policy spec {quoted(spec)}: key {key!r} given twice")
+                raise UsageError(f"bad policy spec {quoted(spec)}: key {quoted(key)} given twice")
             raw[key] = value
     return name, raw
 

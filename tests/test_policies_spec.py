@@ -321,3 +321,20 @@ def test_a_recorded_spec_keeps_a_non_ascii_number_as_text():
 
     params = policy_entry("mine:a=\u0661,b=1_0,c=2.5,d=3", None)["params"]
     assert params == {"a": "\u0661", "b": "1_0", "c": 2.5, "d": 3}
+
+
+@pytest.mark.parametrize("where", ["name", "key"])
+def test_an_error_quotes_a_bounded_excerpt_of_a_long_name_or_key(where):
+    from stabledrl_cli.replay.guards import make_guard
+    from stabledrl_cli.tune.grid import expand
+
+    long = "a" * 5000
+    policy, guard, sweep = (
+        (long, long, f"{long}:c=1..2:3")
+        if where == "name"
+        else (f"grpo:{long}=1", f"zclip:{long}=1", f"grpo:{long}=1..x:3")
+    )
+    for parse, spec in ((get_policy, policy), (make_guard, guard), (expand, sweep)):
+        with pytest.raises(UsageError) as info:
+            parse(spec)
+        assert len(str(info.value)) < 400, (spec[:20], str(info.value)[:200])

@@ -60,6 +60,9 @@ def test_linear_log_list_and_product_grids():
         ("stabledrl:size=1..2:3", "unknown key 'size'"),
         ("ppo:eps_low=0.1..0.2:100,eps_high=0.1..0.2:100", f"at most {MAX_SETTINGS}"),
         ("ppo:eps_low", "expected NAME:key=LOW..HIGH:N"),
+        ("clip-cov:seed=x|2", "seed expects a number, got 'x'"),
+        ("clip-cov:seed=1_0|2", "seed expects a number, got '1_0'"),
+        ("clip-cov:seed=1e400|2", "seed expects a finite number, got '1e400'"),
     ],
 )
 def test_bad_sweeps_are_usage_errors(sweep, message):

@@ -315,13 +315,14 @@ def parse_spec(spec: str) -> tuple[PolicyEntry, dict[str, ParamValue]]:
     name, raw = split_spec(spec)
     entry = REGISTRY.get(name)
     if entry is None:
-        raise UsageError(f"unknown policy {name!r}; valid: {', '.join(REGISTRY)}")
+        raise UsageError(f"unknown policy {quoted(name)}; valid: {', '.join(REGISTRY)}")
     hints = typing.get_type_hints(entry.config)
     params: dict[str, ParamValue] = {}
     for key, text in raw.items():
         if key not in entry.keys:
             raise UsageError(
-                f"unknown key {key!r} for policy {name!r}; valid keys: {', '.join(entry.keys)}"
+                f"unknown key {quoted(key)} for policy {name!r}; "
+                f"valid keys: {', '.join(entry.keys)}"
             )
         try:
             params[key] = convert_value(key, text, hints[key])

@@ -213,12 +213,14 @@ def make_guard(spec: str) -> Guard:
     name, raw = split_spec(spec)
     keys = _PARAMS.get(name)
     if keys is None:
-        raise UsageError(f"unknown guard {name!r}; valid: {', '.join(_PARAMS)}")
+        raise UsageError(f"unknown guard {quoted(name)}; valid: {', '.join(_PARAMS)}")
     params: dict[str, float | int | str] = {}
     for key, text in raw.items():
         kind = keys.get(key)
         if kind is None:
-            raise UsageError(f"unknown key {key!r} for guard {name!r}; valid: {', '.join(keys)}")
+            raise UsageError(
+                f"unknown key {quoted(key)} for guard {name!r}; valid: {', '.join(keys)}"
+            )
         try:
             params[key] = _PARSERS.get(kind, kind)(text)
         except ValueError:

@@ -69,7 +69,9 @@ def expand(sweep: str) -> list[str]:
     name, colon, rest = sweep.strip().partition(":")
     name = name.strip()
     if name not in REGISTRY:
-        raise UsageError(f"unknown policy {name!r} in {sweep!r}; valid: {', '.join(REGISTRY)}")
+        raise UsageError(
+            f"unknown policy {quoted(name)} in {quoted(sweep)}; valid: {', '.join(REGISTRY)}"
+        )
     keys: list[str] = []
     axes: list[list[str]] = []
     if colon:
@@ -77,17 +79,25 @@ def expand(sweep: str) -> list[str]:
             key, sep, value = part.partition("=")
             key, value = key.strip(), value.strip()
             if not sep or not key or not value:
-                raise UsageError(f"bad sweep {sweep!r}: {part.strip()!r}; expected {SWEEP_SYNTAX}")
+                raise UsageError(
+                    f"bad sweep {quoted(sweep)}: {quoted(part.strip())}; expected {SWEEP_SYNTAX}"
+                )
             if key in keys:
-                raise UsageError(f"bad sweep {sweep!r}: key {key!r} given twice")
-            values = grid_values(value, f"sweep {sweep!r}, {key}")
+                raise UsageError(f"bad sweep {quoted(sweep)}: key {quoted(key)} given twice")
+            if key not in REGISTRY[name].keys:  # before its values: the line names it bounded
+                raise UsageError(
+                    f"unknown key {quoted(key)} for policy {name!r}; "
+                    f"valid keys: {', '.join(REGISTRY[name].keys)}"
+                )
+            where = f"sweep {quoted(sweep)}, {key}"
+            values = grid_values(value, where)
             if key in _integer_keys(name):
-                values = list(dict.fromkeys(str(round(float(v))) for v in values))
+                values = list(dict.fromkeys(str(round(finite_number(where, v))) for v in values))
             keys.append(key)
             axes.append(values)
     total = math.prod(len(a) for a in axes)
     if total > MAX_SETTINGS:
-        raise UsageError(f"sweep {sweep!r} has {total} settings; at most {MAX_SETTINGS}")
+        raise UsageError(f"sweep {quoted(sweep)} has {total} settings; at most {MAX_SETTINGS}")
     specs = []
     for combo in itertools.product(*axes):
         text = format_spec(name, dict(zip(keys, combo, strict=True)))
