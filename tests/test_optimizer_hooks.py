@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -283,6 +284,23 @@ def test_a_script_without_torch_is_untouched_and_an_existing_sitecustomize_still
     assert result.returncode == 2
     assert "recorded no step" in result.stderr and "log_policy_batch" in result.stderr
     assert "Error in sitecustomize" not in result.stderr
+
+
+def test_a_child_that_cannot_import_stabledrl_and_has_no_stderr_still_trains(tmp_path):
+    """The sitecustomize's warning that the hooks are off (this Python cannot import
+    stabledrl) in a process whose stderr is closed (`2>&-`: sys.stderr is None): left out, and
+    the training's `import torch` goes on. Before, writing it raised AttributeError out of
+    `import torch` and the training died (exit 1, nothing printed)."""
+    site = Path(__file__).resolve().parent.parent / "stabledrl_cli" / "capture" / "_site"
+    (tmp_path / "torch").mkdir()  # a stand-in: the hook runs when any `torch` is imported
+    (tmp_path / "torch" / "__init__.py").write_text("")
+    script = "import sys; sys.modules['stabledrl_cli'] = None; import torch; print('trained')"
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(site), str(tmp_path)])}
+    command = f"exec {shlex.quote(sys.executable)} -c {shlex.quote(script)} 2>&-"
+    result = subprocess.run(
+        ["sh", "-c", command], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert (result.stdout, result.returncode) == ("trained\n", 0)
 
 
 def test_no_optimizer_hooks_records_nothing_from_optimizer_steps(tmp_path):

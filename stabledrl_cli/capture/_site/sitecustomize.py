@@ -22,6 +22,7 @@ torch, and trains unrecorded.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -41,10 +42,12 @@ def _install_hooks(_torch: ModuleType) -> None:
     try:
         from stabledrl_cli.capture import optimizer_hooks
     except Exception as exc:
-        sys.stderr.write(
-            f"stabledrl: warning: optimizer hooks off, this Python ({sys.executable}) cannot "
-            f"import stabledrl_cli: {exc}\n"
-        )
+        # errors.warn, which this Python cannot import: no stderr (`2>&-`) breaks no training
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            sys.stderr.write(
+                f"stabledrl: warning: optimizer hooks off, this Python ({sys.executable}) "
+                f"cannot import stabledrl_cli: {exc}\n"
+            )
         return
     optimizer_hooks.install()
     _when_imported(_FSDP1, optimizer_hooks.wrap_fsdp)
