@@ -237,3 +237,20 @@ def test_control_characters_from_a_run_reach_the_terminal_escaped(tmp_path):
         assert escaped in table.stdout, table.stdout
     assert r"acc\x1b[8m" in table.stdout
     assert r"disk\x1b[Kfull" in watched.stderr
+
+
+def test_a_recorded_policy_spec_with_control_characters_is_shown_escaped_by_watch(tmp_path):
+    """watch's view (`--once`, and the live view, the same lines) names the manifest's policy
+    spec when it is not in the catalogue: escaped as every other text of a run. Before, its
+    lines were rich Text objects, which the console's escaping never sees: the ESC went to
+    the terminal as it was."""
+    path = tmp_path / "run"
+    with sd.Recorder(path, policy=None) as recorder:
+        recorder.log_step(0, grad_norm=1.0)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["policy"] = {"spec": "evil\x1b[2Jx"}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    watched = runner.invoke(app, ["watch", str(path), "--once", "--device", "cpu"])
+    assert watched.exit_code == 0, watched.output
+    assert "\x1b" not in watched.output, repr(watched.output)
+    assert r"own policy: evil\x1b[2Jx (not in the catalogue" in watched.stdout

@@ -35,6 +35,12 @@ ESCAPED_CONTROLS = {
 note, a scalar's name) never moves the cursor, clears, retitles or recolours the terminal."""
 
 
+def plain_text(text: str) -> Text:
+    """`text` as a rich Text, its control characters escaped (`ESCAPED_CONTROLS`): a Text
+    goes to the console as it is, past `_LiveConsole.render_str`'s escaping."""
+    return Text(text.translate(ESCAPED_CONTROLS))
+
+
 class _LiveConsole(Console):
     """A console that takes its width from COLUMNS (or the terminal) when it prints, not when
     it is made: rich reads COLUMNS once at construction, and the CLI's consoles are made at

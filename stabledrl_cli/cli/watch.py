@@ -32,7 +32,6 @@ import typer
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
-from rich.text import Text
 
 from stabledrl_cli.cli._local import local_run
 from stabledrl_cli.cli._options import (
@@ -45,7 +44,7 @@ from stabledrl_cli.cli._options import (
     MaxSpikesOpt,
     RunArg,
 )
-from stabledrl_cli.cli._output import err, out, print_json
+from stabledrl_cli.cli._output import err, out, plain_text, print_json
 from stabledrl_cli.cli.check import counted
 from stabledrl_cli.cli.inspect import stopped_text
 from stabledrl_cli.cli.replay import option_names
@@ -110,7 +109,7 @@ def _policy(state: WatchState) -> str:
 def _view(state: WatchState) -> Group:
     """The state as a few lines and a table of the last steps."""
     if state.waiting is not None:
-        return Group(Text(f"stabledrl watch {state.run}"), Text(state.waiting))
+        return Group(plain_text(f"stabledrl watch {state.run}"), plain_text(state.waiting))
 
     def at(step: int | None) -> str:
         return "none" if step is None else f"step {step}"
@@ -147,7 +146,7 @@ def _view(state: WatchState) -> Group:
             format_cell(row.risk),
             format_cell(row.drift),
         )
-    return Group(*(Text(line) for line in lines), table)
+    return Group(*(plain_text(line) for line in lines), table)
 
 
 def _gates(watcher: RunWatcher, gates: Gates) -> list[GateResult]:
