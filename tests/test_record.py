@@ -606,6 +606,9 @@ STATUS_SCRIPT = TORCH_STEPS + textwrap.dedent(
     status = os.environ["STABLEDRL_STATUS_FILE"]
     if sys.argv[2] == "removed":
         os.remove(status)
+    elif sys.argv[2] == "fifo":  # a FIFO no one writes to in its place
+        os.remove(status)
+        os.mkfifo(status)
     else:  # lines that are not the bootstrap's: not ASCII digits, no exit code, not UTF-8
         with open(status, "ab") as out:
             out.write("E\\u00b2\\tx\\nE99999999999999999999\\tx\\n".encode() + b"\\xff\\xfe\\n")
@@ -615,14 +618,17 @@ STATUS_SCRIPT = TORCH_STEPS + textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(("status", "code"), [("removed", 5), ("removed", 0), ("garbage", 0)])
+@pytest.mark.parametrize(
+    ("status", "code"), [("removed", 5), ("removed", 0), ("garbage", 0), ("fifo", 5)]
+)
 def test_a_status_file_record_cannot_read_leaves_the_commands_exit_code(
     tmp_path, monkeypatch, status, code
 ):
     """The command may remove or write to record's status file (it is in its environment):
     record still ends with the command's own exit code. Before, a removed file was exit 3
     (`status: No such file or directory`) and a line record could not parse exit 70
-    (ValueError of int('²'), UnicodeDecodeError), whatever the command's code."""
+    (ValueError of int('²'), UnicodeDecodeError), whatever the command's code; and a FIFO
+    put in its place made record wait for ever for a writer."""
     script = tmp_path / "train.py"
     script.write_text(STATUS_SCRIPT)
     result = subprocess.run(

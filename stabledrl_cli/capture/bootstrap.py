@@ -52,7 +52,9 @@ traceback.
 from __future__ import annotations
 
 import atexit
+import errno
 import os
+import stat
 import sys
 import threading
 from dataclasses import dataclass
@@ -152,9 +154,13 @@ def read_status(path: str | os.PathLike[str]) -> tuple[list[tuple[int, str]], li
     """The status file `report_failure` writes: the (exit code, reason) of each recording
     failure, and the exit code of each tool error that ended a process of the command. The
     command may write to the file too: a line that is not of that form is left out, and
-    nothing past STATUS_LIMIT is read. OSError when the file cannot be read."""
+    nothing past STATUS_LIMIT is read. OSError when the file cannot be read or is no regular
+    file (a FIFO put in its place is never waited on)."""
     failures, fatal = [], []
-    with open(path, encoding="utf-8", errors="replace") as status:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO with no writer: no wait
+    with open(fd, encoding="utf-8", errors="replace") as status:
+        if not stat.S_ISREG(os.fstat(status.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
         text = status.read(STATUS_LIMIT)
     for line in text.splitlines():
         mark, _, reason = line.partition("\t")
