@@ -55,7 +55,6 @@ import atexit
 import errno
 import os
 import stat
-import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -196,8 +195,7 @@ def uncaught_error(exc: BaseException) -> bool:
             return False
         world_size = os.environ.get(ENV_TORCH_WORLD_SIZE, "1")
         rank = f"rank {os.environ.get(ENV_TORCH_RANK)}: " if world_size not in ("", "1") else ""
-        sys.stderr.write(f"error: {rank}{message}\n")
-        sys.stderr.flush()
+        warn(f"error: {rank}{message}\n")
         return True
     kind = type(exc)
     child_failed = f"{kind.__module__}.{kind.__qualname__}" == _CHILD_FAILED
