@@ -675,17 +675,21 @@ def test_a_forked_child_leaves_the_parents_held_first_step_to_the_parent(tmp_pat
     assert json.loads((out / "manifest.json").read_text())["recording_closed"] is True
 
 
-@pytest.mark.parametrize("manifest", ["fifo", "endless"])
+@pytest.mark.parametrize("manifest", ["fifo", "endless", "deep"])
 def test_record_force_over_a_manifest_that_is_no_file_records_the_run(
     tmp_path, monkeypatch, manifest
 ):
     """--force removes a closed run's mark, reading its manifest first: as every reader
-    does, only a regular file, and a bounded part of it. Before, a FIFO there hung record
-    before its command started, and a link to /dev/zero read until memory ran out."""
+    does, only a regular file, a bounded part of it, and JSON as strictly. Before, a FIFO
+    there hung record before its command started, a link to /dev/zero read until memory ran
+    out, and a JSON nested past the parser's depth was an internal error (RecursionError,
+    exit 70)."""
     out, script = tmp_path / "run", tmp_path / "train.py"
     out.mkdir()
     if manifest == "fifo":
         os.mkfifo(out / "manifest.json")
+    elif manifest == "deep":
+        (out / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
     else:
         (out / "manifest.json").symlink_to("/dev/zero")
     script.write_text(TORCH_STEPS + "print('trained')\n")

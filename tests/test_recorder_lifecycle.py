@@ -329,11 +329,12 @@ def test_a_close_from_another_thread_marks_the_run_after_a_step_under_way(tmp_pa
     assert _closed_mark(run) is True
 
 
-@pytest.mark.parametrize("manifest", ["[1]", "null", "fifo"])
+@pytest.mark.parametrize("manifest", ["[1]", "null", "fifo", "[" * 100_000 + "]" * 100_000])
 def test_close_over_a_manifest_replaced_while_recording_never_raises(tmp_path, manifest):
     """close marks the run best effort: a manifest something replaced meanwhile (a JSON that
-    is no object, a FIFO) is left alone. Before, close raised TypeError or AttributeError out
-    of the training's `with` block (a FIFO: it waited for a writer for ever)."""
+    is no object, a FIFO, one nested past the parser's depth) is left alone. Before, close
+    raised TypeError or AttributeError out of the training's `with` block (a FIFO: it waited
+    for a writer for ever; a deep one: RecursionError)."""
     run = tmp_path / "run"
     recorder = sd.Recorder(run, policy=None)
     recorder.log_step(0, grad_norm=1.0)

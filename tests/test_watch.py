@@ -1095,6 +1095,26 @@ def test_a_manifest_replaced_by_a_fifo_under_the_watch_is_not_waited_on(
     assert errors == [f"error: {fifo}: not a regular file"], result.stderr
 
 
+def test_a_manifest_rewritten_past_the_parsers_depth_under_the_watch_is_one_error_line(
+    grpo_fixture, tmp_path, monkeypatch
+):
+    """The manifest rewritten between two polls as a JSON nested past the parser's depth:
+    the watcher reads it as readers do, so the run is unreadable, one line and exit 3.
+    Before, its comparison of the manifests raised RecursionError (internal error, exit 70)."""
+    live = _landed_40(grpo_fixture, tmp_path)
+    manifest = live / "manifest.json"
+
+    def between_polls(seconds: float) -> None:
+        manifest.write_text("[" * 100_000 + "]" * 100_000)
+
+    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    args = ["watch", str(live), "--until-idle", "0", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 3, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "nested too deeply" in errors[0], result.stderr
+
+
 def test_a_stopped_recordings_reason_of_several_lines_is_one_warning_line(grpo_fixture, tmp_path):
     """The recording_stopped reason is the Recorder's error text (an OSError naming a path,
     which may hold a newline) or a crafted manifest's: its warning stays one line. Before,

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from stabledrl_cli._atomic import fsync_dir, write_atomic, write_error
+from stabledrl_cli._json import parse_strict
 from stabledrl_cli.dump._directory import DirectoryRun, read_manifest_bytes
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import (
@@ -77,13 +78,16 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return DirectoryRun(path).manifest
 
 
-def _manifest_now(path: Path) -> dict[str, Any]:
-    """The run's manifest as it is on disk, read as its readers read it (`read_manifest_bytes`:
-    a regular file only, at most a bounded part of it: a FIFO or a link to a device put in its
-    place is never waited on nor read for ever). InputError or ValueError when it cannot be."""
-    manifest = json.loads(read_manifest_bytes(path / MANIFEST_NAME))
+def manifest_now(path: Path) -> dict[str, Any]:
+    """The manifest of the run at `path` as it is on disk, read as its readers read it
+    (`read_manifest_bytes`: a regular file only, at most a bounded part of it: a FIFO or a
+    link to a device put in its place is never waited on nor read for ever; `parse_strict`:
+    JSON nested past the parser's depth is refused, not a RecursionError). InputError when it
+    cannot be read or is not JSON, ValueError when it is no JSON object."""
+    where = path / MANIFEST_NAME
+    manifest = parse_strict(read_manifest_bytes(where), str(where), "manifest")
     if not isinstance(manifest, dict):
-        raise ValueError(f"{path / MANIFEST_NAME}: not a JSON object")
+        raise ValueError(f"{where}: not a JSON object")
     return manifest
 
 
@@ -91,7 +95,7 @@ def amend_manifest(path: Path, name: str, value: object | None) -> None:
     """Rewrites the run's manifest (atomically) with `name` set to `value`, or without it for
     None. InputError, ValueError or WriteError when it cannot."""
     manifest_path = path / MANIFEST_NAME
-    manifest = _manifest_now(path)
+    manifest = manifest_now(path)
     if value is None:
         manifest.pop(name, None)
     else:
@@ -105,7 +109,7 @@ def reopen_run(path: Path) -> None:
     its step files change. Nothing for no manifest or one that cannot be read (a new one is
     written); WriteError when the mark cannot be removed."""
     try:
-        manifest = _manifest_now(path)
+        manifest = manifest_now(path)
     except (InputError, ValueError):
         return
     if RECORDING_CLOSED in manifest:

@@ -15,7 +15,6 @@ it; `diff` replays the steps around the point two runs part.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,9 +26,9 @@ import numpy as np
 
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import IntegrityReport, Run, RunIntegrityWarning, Step, open_run
-from stabledrl_cli.dump._directory import read_manifest_bytes
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import MANIFEST_NAME, RECORDING_CLOSED
+from stabledrl_cli.dump._setup import manifest_now
 from stabledrl_cli.dump._stfile import FileKey, file_key
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import Policy
@@ -500,11 +499,9 @@ class RunWatcher:
             return False
         self._manifest_key = key
         try:  # read as open_run reads it: a FIFO put there is not waited on
-            now = json.loads(read_manifest_bytes(self.path / MANIFEST_NAME))
+            now = manifest_now(self.path)
         except (InputError, ValueError):
             return True  # reopened, it says what is wrong with it
-        if not isinstance(now, dict):
-            return True
 
         def run_of(manifest: dict[str, Any]) -> dict[str, Any]:
             notes = ("recording_stopped", RECORDING_CLOSED)
