@@ -23,7 +23,7 @@ from stabledrl_cli.integrations._trl_trainer import (
     REWARD_KEY,
     TRL,
     RecordingTrainer,
-    _cpu,
+    cpu_float32,
 )
 from stabledrl_cli.vocab import Unit
 
@@ -60,13 +60,13 @@ class RecordingRLOOTrainer(RecordingTrainer, TRL.RLOOTrainer):  # type: ignore[m
         accumulation = self.current_gradient_accumulation_steps
         every = torch.ones(rows, 1)
         return MicroBatch(
-            logp=_cpu(logps).unsqueeze(1),
-            logp_old=_cpu(inputs["old_logps"]).unsqueeze(1),
-            advantages=_cpu(inputs["advantages"]).unsqueeze(1),
+            logp=cpu_float32(logps).unsqueeze(1),
+            logp_old=cpu_float32(inputs["old_logps"]).unsqueeze(1),
+            advantages=cpu_float32(inputs["advantages"]).unsqueeze(1),
             mask=every,
             kept=every.bool(),
             loss_scale=every * float(rows * accumulation * self.accelerator.num_processes),
             group_id=inputs[GROUP_KEY].detach().cpu(),
-            reward=_cpu(inputs[REWARD_KEY]),
+            reward=cpu_float32(inputs[REWARD_KEY]),
             loss=float(loss.detach() / accumulation),  # as the HF Trainer divides it
         )

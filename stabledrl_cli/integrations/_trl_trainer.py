@@ -77,7 +77,8 @@ def _resume_step(trainer: Any, checkpoint: str | bool | None) -> int | None:
     return int(state["global_step"])
 
 
-def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+def cpu_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of what a TRL loss used, detached, as float32 on the CPU (what a step stores)."""
     return tensor.detach().to("cpu", torch.float32)
 
 
@@ -332,18 +333,18 @@ class RecordingGRPOTrainer(RecordingTrainer, TRL.GRPOTrainer):  # type: ignore[m
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
         rollout = inputs.get("sampling_per_token_logps")
         return MicroBatch(
-            logp=_cpu(logp),
-            logp_old=_cpu(logp if old is None else old),
-            advantages=_cpu(advantages.expand_as(logp)),
-            mask=_cpu(mask),
+            logp=cpu_float32(logp),
+            logp_old=cpu_float32(logp if old is None else old),
+            advantages=cpu_float32(advantages.expand_as(logp)),
+            mask=cpu_float32(mask),
             kept=completion_mask.detach().bool().cpu(),
-            loss_scale=_cpu(self._sd_loss_scale(inputs, mask).expand_as(logp)),
+            loss_scale=cpu_float32(self._sd_loss_scale(inputs, mask).expand_as(logp)),
             group_id=inputs[GROUP_KEY].detach().cpu(),
-            reward=_cpu(inputs[REWARD_KEY]),
+            reward=cpu_float32(inputs[REWARD_KEY]),
             loss=float(loss.detach()),
-            loss_weight=None if weight is None else _cpu(weight.expand_as(logp)),
-            logp_ref=None if ref is None else _cpu(ref),
-            logp_rollout=None if rollout is None else _cpu(rollout),
+            loss_weight=None if weight is None else cpu_float32(weight.expand_as(logp)),
+            logp_ref=None if ref is None else cpu_float32(ref),
+            logp_rollout=None if rollout is None else cpu_float32(rollout),
         )
 
     def _sd_loss_scale(self, inputs: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
