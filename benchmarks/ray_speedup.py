@@ -1,8 +1,9 @@
 """The Ray engine's speed-up: a catalogue replay on 2 local Ray workers against 1, and against
-the local engine on 1 and on 2 threads, in one run.
+the local engine on 1 and on 2 threads and on 2 local processes, in one run.
 
 Synthesizes a token run with the Recorder (--steps steps of --sequences sequences x --tokens
-tokens), then replays it with the default catalogue: locally (`threads` 1, then 2), then on a
+tokens), then replays it with the default catalogue: locally (`threads` 1, then 2; then
+`--engine processes` with 2 workers), then on a
 local Ray cluster of 1 CPU, then of 2 CPUs (each cluster started once; one untimed replay
 first, so the workers have imported torch). Every step is computed on 1 torch thread (a worker
 per CPU), and every sharded or threaded replay's JSON is checked equal to the local one.
@@ -87,6 +88,7 @@ def main() -> None:
     import ray
 
     from stabledrl_cli.replay.engine import replay
+    from stabledrl_cli.replay.process_engine import ProcessEngine
     from stabledrl_cli.replay.ray_engine import RayEngine
 
     torch.set_num_threads(1)
@@ -101,7 +103,16 @@ def main() -> None:
         assert _without_threads(threaded_json) == _without_threads(local_json), (
             "a replay on 2 threads differs from the one on 1"
         )
-        rows = [("local engine (1 process)", local_s), ("local engine, 2 threads", threaded_s)]
+        processes_s, processes_json = timed(
+            lambda: replay(run, **settings, engine=ProcessEngine(workers=2)).to_json(),
+            args.repeats,
+        )
+        assert processes_json == local_json, "a replay on 2 processes differs from the local one"
+        rows = [
+            ("local engine (1 process)", local_s),
+            ("local engine, 2 threads", threaded_s),
+            ("2 local processes", processes_s),
+        ]
         startup = {}
         for workers in (1, 2):
             start = time.perf_counter()
@@ -137,10 +148,11 @@ def main() -> None:
     print(f"{'engine':<28} {'seconds':>8} {'Mtok/s':>7}")
     for name, seconds in rows:
         print(f"{name:<28} {seconds:8.2f} {tokens / seconds / 1e6:7.2f}")
-    ray1, ray2 = rows[2][1], rows[3][1]
+    ray1, ray2 = rows[3][1], rows[4][1]
     print(f"speed-up, 2 workers against 1: {ray1 / ray2:.2f}x")
     print(f"speed-up, 2 workers against the local engine: {local_s / ray2:.2f}x")
     print(f"speed-up, the local engine on 2 threads against 1: {local_s / threaded_s:.2f}x")
+    print(f"speed-up, 2 local processes against the local engine: {local_s / processes_s:.2f}x")
     print(
         f"cluster start-up (once per replay that starts its own): "
         f"{startup[1]:.1f} s (1 CPU), {startup[2]:.1f} s (2 CPUs)"

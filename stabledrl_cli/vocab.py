@@ -17,7 +17,7 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 """Where replay and the example compute; auto: cuda, then mps, then cpu."""
 DEVICES: tuple[Device, ...] = get_args(Device)
 
-ReplayEngine = Literal["local", "ray"]
+ReplayEngine = Literal["local", "processes", "ray"]
 """Where replay's streaming pass runs: this process, or the workers of a Ray cluster."""
 REPLAY_ENGINES: tuple[ReplayEngine, ...] = get_args(ReplayEngine)
 

@@ -28,6 +28,7 @@ from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.replay import ray_engine
 from stabledrl_cli.replay.config import replay_config
 from stabledrl_cli.replay.engine import named_engine, replay, replay_run
+from stabledrl_cli.replay.process_engine import ProcessEngine
 from stabledrl_cli.replay.ray_engine import RayEngine
 from stabledrl_cli.replay.shards import ShardTask, plan_shards, stream_shard
 
@@ -232,7 +233,7 @@ def test_cli_engine_ray_prints_the_local_json(cluster, synthetic):
 def test_workers_without_engine_ray_is_a_usage_error(tmp_path):
     result = runner.invoke(app, ["replay", str(tmp_path), "--workers", "2"])
     assert result.exit_code == 2
-    assert "--workers needs --engine ray" in result.stderr
+    assert "--workers needs --engine processes or ray" in result.stderr
 
 
 def test_engine_ray_without_ray_says_how_to_install_it_exit_2(synthetic):
@@ -278,7 +279,7 @@ def test_check_engine_ray_is_the_local_check(cluster, synthetic, tmp_path, monke
 def test_check_workers_without_engine_ray_is_a_usage_error(synthetic):
     result = runner.invoke(app, ["check", str(synthetic), "--max-spikes", "1", "--workers", "2"])
     assert result.exit_code == 2
-    assert result.stderr.strip() == "error: --workers needs --engine ray"
+    assert result.stderr.strip() == "error: --workers needs --engine processes or ray"
 
 
 ENGINE_COMMANDS = {
@@ -358,5 +359,8 @@ def test_the_api_takes_an_engine_by_its_cli_name(synthetic):
     local = replay(synthetic, ["grpo"], device="cpu")
     assert replay(synthetic, ["grpo"], device="cpu", engine="local").to_json() == local.to_json()
     assert isinstance(named_engine("ray"), RayEngine)
-    with pytest.raises(UsageError, match="engine must be 'local', 'ray' or an engine object"):
+    assert isinstance(named_engine("processes"), ProcessEngine)
+    with pytest.raises(
+        UsageError, match="engine must be 'local', 'processes', 'ray' or an engine object"
+    ):
         replay(synthetic, ["grpo"], device="cpu", engine="dask")  # type: ignore[arg-type]

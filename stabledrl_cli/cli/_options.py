@@ -125,8 +125,8 @@ EngineOpt = Annotated[
     ReplayEngine,
     typer.Option(
         "--engine",
-        help="Where steps are computed: this process, or the workers of a Ray cluster "
-        "(needs the ray extra); the results are the same.",
+        help="Where steps are computed: this process, worker processes of this machine, or "
+        "the workers of a Ray cluster (needs the ray extra); the results are the same.",
     ),
 ]
 WorkersOpt = Annotated[
@@ -134,7 +134,8 @@ WorkersOpt = Annotated[
     typer.Option(
         "--workers",
         metavar="N",
-        help="--engine ray: shards computed at once (default: the cluster's CPUs).",
+        help="--engine processes or ray: shards computed at once (default: the machine's or "
+        "the cluster's CPUs).",
     ),
 ]
 RayAddressOpt = Annotated[

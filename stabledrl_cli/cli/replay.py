@@ -145,14 +145,20 @@ def replay_engine(engine: ReplayEngine, workers: int | None, address: str | None
     installed."""
     if engine == "local":
         if workers is not None:
-            raise UsageError("--workers needs --engine ray")
+            raise UsageError("--workers needs --engine processes or ray")
         if on_command_line("ray_address"):
             raise UsageError("--ray-address needs --engine ray")
         return None
-    from stabledrl_cli.replay.ray_engine import RayEngine, require_ray
-
     if workers is not None and workers < 1:
         raise UsageError("--workers must be an integer >= 1")
+    if engine == "processes":
+        if on_command_line("ray_address"):
+            raise UsageError("--ray-address needs --engine ray")
+        from stabledrl_cli.replay.process_engine import ProcessEngine
+
+        return ProcessEngine(workers=workers)
+    from stabledrl_cli.replay.ray_engine import RayEngine, require_ray
+
     require_ray()
     return RayEngine(address=address, workers=workers)
 

@@ -194,15 +194,22 @@ class LocalEngine:
 
 
 def named_engine(name: str) -> Engine:
-    """The engine `--engine NAME` runs on with its defaults: "local" or "ray" (a local Ray
-    cluster, or the one `RAY_ADDRESS` names); UsageError for another name."""
+    """The engine `--engine NAME` runs on with its defaults: "local", "processes" (a worker
+    process a CPU) or "ray" (a local Ray cluster, or the one `RAY_ADDRESS` names); UsageError
+    for another name."""
     if name == "local":
         return LocalEngine()
+    if name == "processes":
+        from stabledrl_cli.replay.process_engine import ProcessEngine
+
+        return ProcessEngine()
     if name == "ray":
         from stabledrl_cli.replay.ray_engine import RayEngine  # imports ray only when run
 
         return RayEngine()
-    raise UsageError(f"engine must be 'local', 'ray' or an engine object, got {name!r}")
+    raise UsageError(
+        f"engine must be 'local', 'processes', 'ray' or an engine object, got {name!r}"
+    )
 
 
 def replay_run(

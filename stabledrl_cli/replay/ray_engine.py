@@ -36,13 +36,17 @@ from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import MissingExtraError, StabledrlError, UsageError
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.shards import ShardTask, merge_streams, plan_shards, stream_shard
+from stabledrl_cli.replay.shards import (
+    ShardTask,
+    check_run,
+    check_workers,
+    merge_streams,
+    shard_tasks,
+    stream_shard,
+)
 from stabledrl_cli.replay.stream import StreamedRun
 
 INSTALL_HINT = "pip install -e '.[ray]'"
-SHARDS_PER_WORKER = 4
-"""Shards per worker: enough to even out uneven steps, few enough that a shard's start-up (opening
-the run, importing torch once per worker) stays small."""
 SHARD_RETRIES = 3
 """Times Ray computes a shard again after the worker computing it died."""
 JOIN_SECONDS = 10.0
@@ -78,10 +82,7 @@ class RayEngine:
     shard_fn: Callable[[ShardTask], StreamedRun] = field(default=stream_shard, repr=False)
 
     def __post_init__(self) -> None:
-        if self.workers is not None and (
-            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
-        ):
-            raise UsageError(f"workers must be an integer >= 1, got {self.workers!r}")
+        check_workers(self.workers)
 
     def stream(
         self,
@@ -100,41 +101,17 @@ class RayEngine:
                 "node can read"
             )
         with _cluster(ray, self.address, self.workers) as workers:
-            shards = plan_shards(run.step_numbers, workers * SHARDS_PER_WORKER, config.chunk_size)
-            tasks = [
-                ShardTask(
-                    source=run.source,
-                    verify=run.verify,
-                    policies=tuple(policies),
-                    own_index=own_index,
-                    steps=steps,
-                    chunk_size=config.chunk_size,
-                    memory_budget=config.memory_budget,
-                    lean=config.lean,
-                    device=str(config.device),
-                    threads=config.threads,
-                )
-                for steps in shards
-            ]
+            tasks, sizes = shard_tasks(run, policies, own_index, config, workers)
             gpus = 1 if str(config.device).startswith("cuda") else 0
             if gpus and not ray.cluster_resources().get("GPU"):
                 raise UsageError("device cuda was asked for, but the Ray cluster has no GPU")
             # Meanwhile the driver checks the run (the steps a reader skips, which the replay
             # reports): a local replay's pass leaves that cached, here no step was read yet.
-            checking = threading.Thread(target=_check_run, args=(run,), daemon=True)
+            checking = threading.Thread(target=check_run, args=(run,), daemon=True)
             checking.start()
-            parts = map_shards(ray, self.shard_fn, tasks, [len(s) for s in shards], progress, gpus)
+            parts = map_shards(ray, self.shard_fn, tasks, sizes, progress, gpus)
             checking.join()
         return merge_streams(parts, len(policies))
-
-
-def _check_run(run: Run) -> None:
-    """`run.integrity`, computed once and cached by the run; an error is left to the caller's
-    own call to raise."""
-    try:
-        run.integrity  # noqa: B018
-    except Exception:
-        return
 
 
 @contextlib.contextmanager

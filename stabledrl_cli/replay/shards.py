@@ -24,10 +24,11 @@ import torch
 
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli._version import __version__
-from stabledrl_cli.dump import RunIntegrityWarning, open_run
+from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay import columns
+from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood
 from stabledrl_cli.replay.stream import StreamedRun, stream_run
 
@@ -68,6 +69,59 @@ def plan_shards(
         tuple(n for chunk in chunks[start:stop] for n in chunk)
         for start, stop in itertools.pairwise(bounds)
     ]
+
+
+SHARDS_PER_WORKER = 4
+"""Shards per worker: enough to even out uneven steps, few enough that a shard's start-up (opening
+the run, importing torch once per worker) stays small."""
+
+
+def check_workers(workers: int | None) -> None:
+    """UsageError unless `workers` (an engine's shards computed at once) is None or an integer
+    >= 1."""
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
+        raise UsageError(f"workers must be an integer >= 1, got {workers!r}")
+
+
+def shard_tasks(
+    run: Run,
+    policies: Sequence[Policy],
+    own_index: int | None,
+    config: ReplayConfig,
+    workers: int,
+) -> tuple[list[ShardTask], list[int]]:
+    """The run's steps cut for `workers` workers (`plan_shards`, SHARDS_PER_WORKER each): ->
+    a task a shard, and each shard's step count."""
+    shards = plan_shards(run.step_numbers, workers * SHARDS_PER_WORKER, config.chunk_size)
+    tasks = [
+        ShardTask(
+            source=run.source,
+            verify=run.verify,
+            policies=tuple(policies),
+            own_index=own_index,
+            steps=steps,
+            chunk_size=config.chunk_size,
+            memory_budget=config.memory_budget,
+            lean=config.lean,
+            device=str(config.device),
+            threads=config.threads,
+        )
+        for steps in shards
+    ]
+    return tasks, [len(steps) for steps in shards]
+
+
+def check_run(run: Run) -> None:
+    """`run.integrity`, computed once and cached by the run (the steps a reader skips, which a
+    replay reports; a local replay's pass leaves it cached, a sharded one reads no step here):
+    run on a thread of its own while the workers compute. An error is left to the caller's own
+    call to raise."""
+    try:
+        run.integrity  # noqa: B018
+    except Exception:
+        return
 
 
 def stream_shard(task: ShardTask) -> StreamedRun:
