@@ -4,14 +4,17 @@ into exactly the JSON of a local replay (docs/scaling.md)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 from _corpus import bad_seq_id, tiny_run
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
+from stabledrl_cli.replay import process_engine
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import replay_run
 from stabledrl_cli.replay.process_engine import ProcessEngine
@@ -63,3 +66,18 @@ def test_workers_and_engines_are_checked_in_one_line(tmp_path):
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert done.returncode == 2 and done.stderr.strip() == line, done.stderr
+
+
+def _dies(task: object) -> None:
+    os._exit(9)  # a worker killed mid-shard (out of memory, say)
+
+
+def test_a_worker_that_dies_ends_the_replay_naming_it(grpo_fixture, monkeypatch):
+    monkeypatch.setattr(process_engine, "stream_shard", _dies)  # forked workers inherit it
+    with pytest.raises(RuntimeError, match="a replay worker process died"):
+        replay_run(
+            open_run(grpo_fixture),
+            ["grpo"],
+            config=ReplayConfig(device="cpu"),
+            engine=ProcessEngine(workers=2),
+        )
