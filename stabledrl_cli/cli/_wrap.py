@@ -18,9 +18,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 import typer
@@ -37,6 +35,7 @@ from stabledrl_cli.capture.bootstrap import (
     read_status,
 )
 from stabledrl_cli.cli._output import err
+from stabledrl_cli.cli._signals import sigterm_handled
 from stabledrl_cli.dump._setup import reopen_run
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.policies import resolve_spec
@@ -80,24 +79,13 @@ def _call(cmd: list[str], env: dict[str, str]) -> int:
     (subprocess.call killed it 0.25 s later, before a training's own handler or its Recorder's
     last writes were done). A SIGTERM to record is passed on to CMD, and record waits for it
     as well: a container's first process, or a pod's, is record, and the only one signalled."""
-    with subprocess.Popen(cmd, env=env) as process, _passed_on(signal.SIGTERM, process):
+    with (
+        subprocess.Popen(cmd, env=env) as process,
+        sigterm_handled(lambda *_: process.send_signal(signal.SIGTERM)),
+    ):
         while True:
             with suppress(KeyboardInterrupt):
                 return process.wait()
-
-
-@contextmanager
-def _passed_on(signum: int, process: subprocess.Popen[bytes]) -> Iterator[None]:
-    """Inside: the signal `signum` to this process is sent to `process` instead (from the main
-    thread only, where Python runs signal handlers; elsewhere nothing changes)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signum, lambda *_: process.send_signal(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signum, previous)
 
 
 def _reports(status: Path) -> tuple[list[tuple[int, str]], list[int]]:

@@ -23,10 +23,9 @@ again.
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Group
@@ -45,6 +44,7 @@ from stabledrl_cli.cli._options import (
     RunArg,
 )
 from stabledrl_cli.cli._output import err, out, plain_text, print_json
+from stabledrl_cli.cli._signals import sigterm_handled
 from stabledrl_cli.cli.check import counted
 from stabledrl_cli.cli.inspect import stopped_text
 from stabledrl_cli.cli.replay import option_names
@@ -220,15 +220,6 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise _Terminated
 
 
-def _on_sigterm(handler: Any) -> Any:
-    """Sets SIGTERM's handler, -> the one it replaces: in the main thread only, the one
-    thread Python lets set a handler (called from another, the watch leaves SIGTERM as it is,
-    and -> `handler`)."""
-    if threading.current_thread() is not threading.main_thread():
-        return handler
-    return signal.signal(signal.SIGTERM, handler)
-
-
 def _end_view() -> None:
     """Off a terminal, the live view is printed once when it stops, without its last newline."""
     if not err.is_terminal:
@@ -242,46 +233,44 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
     replaced = 0  # times the run was replaced under the watch
     stopped: str | None = None  # the stopped recording warned about
     state = watcher.state()  # as the view shows it
-    previous = _on_sigterm(_terminate)
-    try:
-        with Live(_view(state), console=err, auto_refresh=False) as live:
-            while True:
-                alerts = watcher.poll()
-                state = watcher.state()
-                live.update(_view(state), refresh=True)  # before the lines: they follow it
-                if watcher.replaced > replaced:
-                    replaced, warned, seen = watcher.replaced, 0, -1
-                    line = f"{watcher.path}: the run changed under the watch: following it"
-                    live.console.print(f"{line} from its start", highlight=False)
-                for alert in alerts:
-                    live.console.print(_alert_line(alert), highlight=False)
-                if _stopped_line(watcher) not in (None, stopped):
-                    stopped = _stopped_line(watcher)
-                    live.console.print(stopped, highlight=False)
-                rejected = [] if watcher.replay is None else watcher.replay.rejected
-                if len(rejected) > warned:
-                    line = _rejected_line(str(watcher.path), rejected[warned:])
-                    live.console.print(line, highlight=False)
-                    warned = len(rejected)
-                now = time.monotonic()
-                if watcher.closed:  # every step the run will have is read
-                    ended = "the recording closed"
-                    break
-                if state.steps != seen:
-                    seen, last_change = state.steps, now
-                elif until_idle is not None and now - last_change >= until_idle:
-                    ended = f"idle for {until_idle:g} s"
-                    break
-                time.sleep(interval)
-    except (KeyboardInterrupt, _Terminated) as stop:
-        _end_view()
-        err.print(f"stopped ({counted(state.steps, 'step')} seen)", highlight=False)
-        return TERMINATED if isinstance(stop, _Terminated) else INTERRUPTED
-    except Exception:
-        _end_view()  # the error's line is a line of its own
-        raise
-    finally:
-        _on_sigterm(previous)
+    with sigterm_handled(_terminate):
+        try:
+            with Live(_view(state), console=err, auto_refresh=False) as live:
+                while True:
+                    alerts = watcher.poll()
+                    state = watcher.state()
+                    live.update(_view(state), refresh=True)  # before the lines: they follow it
+                    if watcher.replaced > replaced:
+                        replaced, warned, seen = watcher.replaced, 0, -1
+                        line = f"{watcher.path}: the run changed under the watch: following it"
+                        live.console.print(f"{line} from its start", highlight=False)
+                    for alert in alerts:
+                        live.console.print(_alert_line(alert), highlight=False)
+                    if _stopped_line(watcher) not in (None, stopped):
+                        stopped = _stopped_line(watcher)
+                        live.console.print(stopped, highlight=False)
+                    rejected = [] if watcher.replay is None else watcher.replay.rejected
+                    if len(rejected) > warned:
+                        line = _rejected_line(str(watcher.path), rejected[warned:])
+                        live.console.print(line, highlight=False)
+                        warned = len(rejected)
+                    now = time.monotonic()
+                    if watcher.closed:  # every step the run will have is read
+                        ended = "the recording closed"
+                        break
+                    if state.steps != seen:
+                        seen, last_change = state.steps, now
+                    elif until_idle is not None and now - last_change >= until_idle:
+                        ended = f"idle for {until_idle:g} s"
+                        break
+                    time.sleep(interval)
+        except (KeyboardInterrupt, _Terminated) as stop:
+            _end_view()
+            err.print(f"stopped ({counted(state.steps, 'step')} seen)", highlight=False)
+            return TERMINATED if isinstance(stop, _Terminated) else INTERRUPTED
+        except Exception:
+            _end_view()  # the error's line is a line of its own
+            raise
     _end_view()
     if state.steps == 0 and watcher.closed:
         raise InputError(f"{watcher.path}: the recording closed with no readable step")
@@ -341,21 +330,19 @@ def command(
     if output_format == "json" and not once:
         raise UsageError("--format json needs --once (the live view is on stderr)")
     path = local_run(run, "watch", "it polls a local directory while steps land in it")
-    previous = _on_sigterm(_terminate)  # the live watch sets its own as it follows
-    try:
-        if once:
-            open_run(path)  # a missing path or a non-run: its own error, at once
-        from stabledrl_cli.replay.follow import RunWatcher  # torch: the own policy's replay
+    with sigterm_handled(_terminate):  # the live watch sets its own as it follows
+        try:
+            if once:
+                open_run(path)  # a missing path or a non-run: its own error, at once
+            from stabledrl_cli.replay.follow import RunWatcher  # torch: the own policy's replay
 
-        watcher = RunWatcher(path, ReplayConfig(device=device), recent=recent)
-        if once:
-            code = _once(watcher, gates, output_format)
-        else:
-            code = _follow(watcher, gates, interval, until_idle)
-    except _Terminated:  # before the live watch follows, or with --once: a line and 143
-        err.print("stopped by SIGTERM", highlight=False)
-        code = TERMINATED
-    finally:
-        _on_sigterm(previous)
+            watcher = RunWatcher(path, ReplayConfig(device=device), recent=recent)
+            if once:
+                code = _once(watcher, gates, output_format)
+            else:
+                code = _follow(watcher, gates, interval, until_idle)
+        except _Terminated:  # before the live watch follows, or with --once: a line and 143
+            err.print("stopped by SIGTERM", highlight=False)
+            code = TERMINATED
     if code:
         raise typer.Exit(code)
