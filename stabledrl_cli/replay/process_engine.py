@@ -66,7 +66,7 @@ class ProcessEngine:
         workers = self.workers or os.cpu_count() or 1
         tasks, sizes = shard_tasks(run, policies, own_index, config, workers)
         context = multiprocessing.get_context("fork" if forks else "spawn")
-        parts: list[StreamedRun | None] = [None] * len(tasks)
+        parts: dict[int, StreamedRun] = {}
         # The workers are forked before the run's check starts a thread in this process.
         with ProcessPoolExecutor(min(workers, len(tasks)) or 1, mp_context=context) as pool:
             futures = {pool.submit(stream_shard, task): i for i, task in enumerate(tasks)}
@@ -87,4 +87,4 @@ class ProcessEngine:
                 for future in futures:
                     future.cancel()
             checking.join()
-        return merge_streams([part for part in parts if part is not None], len(policies))
+        return merge_streams([parts[i] for i in range(len(tasks))], len(policies))
