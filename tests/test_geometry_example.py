@@ -269,7 +269,8 @@ def test_record_cli_sketch_float16_on_selected_parameters(tmp_path, monkeypatch)
         (["--geometry", "gram", "--geometry-params", "nope*"], "matches no trainable"),
         (["--geometry", "gram", "--geometry-dtype", "float16"], "float32"),
         (["--geometry", "sketch", "--geometry-k", "0"], "k must be"),
-        (["--geometry", "sketch", "--geometry-k", str(10**30)], "k must be at most 8192"),
+        (["--geometry", "sketch", "--geometry-k", str(10**29)], "k must be at most 8192"),
+        (["--geometry", "sketch", "--geometry-k", str(10**30)], "'--geometry-k': not an integer"),
         (["--geometry", "gram", "--", "python", "-c", "pass"], "built-in example"),
     ],
 )

@@ -7,15 +7,76 @@ whose default is `None` falls back to the library's default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic_core import PydanticCustomError
 from typer._click.core import ParameterSource
 from typer._click.globals import get_current_context
 
 from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, DEFAULT_THREADS, MAX_THREADS
-from stabledrl_cli.spec import SPEC_SYNTAX
+from stabledrl_cli.spec import INT_DIGITS, SPEC_SYNTAX, spec_float, spec_int
 from stabledrl_cli.vocab import Device, OutputFormat, ReplayEngine
+
+_INT_NOTATION = f"at most {INT_DIGITS} ASCII digits with an optional sign, such as 12"
+_FLOAT_NOTATION = "ASCII decimal or exponent notation, such as 0.5 or 1e-4"
+
+
+class StrictNumber:
+    """The parser of every numeric option: its text read as a spec's number (`spec_int`,
+    `spec_float`: ASCII digits, no `1_0`, no other script's digits, no spaces around), then
+    checked against the option's range. typer reads a number with int()/float() otherwise, and
+    skips an option's `min`/`max` once it has a parser, so the range is checked here.
+
+    Its errors are pydantic's custom errors, whose text typer prints as is in its usage line
+    (`Invalid value for '--threads': ...`, exit 2); a range error keeps typer's own words."""
+
+    def __init__(
+        self, kind: type[int] | type[float], low: int | None = None, high: int | None = None
+    ) -> None:
+        self.kind = kind
+        self.low = low
+        self.high = high
+
+    def __call__(self, value: str | float) -> int | float:
+        if isinstance(value, str):
+            try:
+                number = spec_int(value) if self.kind is int else spec_float(value)
+            except ValueError as exc:
+                notation = _INT_NOTATION if self.kind is int else _FLOAT_NOTATION
+                raise PydanticCustomError(
+                    "number_syntax",
+                    "{reason} ({notation})",
+                    {"reason": str(exc), "notation": notation},
+                ) from None
+        else:  # the option's default, from the code
+            number = self.kind(value)
+        if self.low is not None and number < self.low:
+            raise PydanticCustomError(
+                "greater_than_equal",
+                "Input should be greater than or equal to {ge}",
+                {"ge": self.low},
+            )
+        if self.high is not None and number > self.high:
+            raise PydanticCustomError(
+                "less_than_equal", "Input should be less than or equal to {le}", {"le": self.high}
+            )
+        return number
+
+
+def number_option(
+    *param_decls: str,
+    kind: type[int] | type[float],
+    min: int | None = None,
+    max: int | None = None,
+    **options: Any,
+) -> Any:
+    """`typer.Option` of an int or float: read by `StrictNumber`, its range (if any) checked
+    there and shown in the help. Every numeric option of the app is declared with it."""
+    return typer.Option(
+        *param_decls, min=min, max=max, parser=StrictNumber(kind, min, max), **options
+    )
+
 
 RunArg = Annotated[
     str,
@@ -54,8 +115,9 @@ PlotOpt = Annotated[
 ]
 WindowOpt = Annotated[
     int | None,
-    typer.Option(
+    number_option(
         "--window",
+        kind=int,
         metavar="N",
         help="Drift: steps in the rolling mean of net_push (default: calibrated, or the "
         "baseline's).",
@@ -63,16 +125,18 @@ WindowOpt = Annotated[
 ]
 DriftThresholdOpt = Annotated[
     float | None,
-    typer.Option(
+    number_option(
         "--drift-threshold",
+        kind=float,
         metavar="X",
         help="Drift: rolling mean of net_push below this (default: calibrated, or the baseline's).",
     ),
 ]
 ChunkSizeOpt = Annotated[
     int | None,
-    typer.Option(
+    number_option(
         "--chunk-size",
+        kind=int,
         metavar="N",
         help="At most N steps moved to the device at a time (default: as --memory-budget allows).",
     ),
@@ -88,8 +152,9 @@ MemoryBudgetOpt = Annotated[
 ]
 ThreadsOpt = Annotated[
     int | None,
-    typer.Option(
+    number_option(
         "--threads",
+        kind=int,
         metavar="N",
         help=f"CPU threads of the computation, 1 to {MAX_THREADS} (default {DEFAULT_THREADS}): "
         "steps computed side by side, each on one thread, so the figures are the same for any "
@@ -98,21 +163,25 @@ ThreadsOpt = Annotated[
 ]
 MaxCollapsedOpt = Annotated[
     int | None,
-    typer.Option("--max-collapsed", help="Fail if a policy has more collapsed steps."),
+    number_option("--max-collapsed", kind=int, help="Fail if a policy has more collapsed steps."),
 ]
 MaxDiscardFracOpt = Annotated[
     float | None,
-    typer.Option("--max-discard-frac", help="Fail if a policy discards a larger fraction."),
+    number_option(
+        "--max-discard-frac", kind=float, help="Fail if a policy discards a larger fraction."
+    ),
 ]
 MaxNonfiniteOpt = Annotated[
     int | None,
-    typer.Option(
-        "--max-nonfinite", help="Fail if a policy has more steps with a non-finite update."
+    number_option(
+        "--max-nonfinite",
+        kind=int,
+        help="Fail if a policy has more steps with a non-finite update.",
     ),
 ]
 MaxSpikesOpt = Annotated[
     int | None,
-    typer.Option("--max-spikes", help="Fail if the recorded grad norm has more spikes."),
+    number_option("--max-spikes", kind=int, help="Fail if the recorded grad norm has more spikes."),
 ]
 FailOnCollapseOpt = Annotated[
     bool,
@@ -131,8 +200,9 @@ EngineOpt = Annotated[
 ]
 WorkersOpt = Annotated[
     int | None,
-    typer.Option(
+    number_option(
         "--workers",
+        kind=int,
         metavar="N",
         help="--engine processes or ray: shards computed at once (default: the machine's or "
         "the cluster's CPUs).",

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from stabledrl_cli.branching import BranchOutcome, BranchReport, run_branches
 from stabledrl_cli.capture.branch_protocol import BranchRequest
-from stabledrl_cli.cli._options import MAX_RL_STEPS, DeviceOpt, FormatOpt
+from stabledrl_cli.cli._options import MAX_RL_STEPS, DeviceOpt, FormatOpt, number_option
 from stabledrl_cli.cli._output import Advance, err, out, print_json, progress, progress_enabled
 from stabledrl_cli.cli.replay import note_skipped
 from stabledrl_cli.errors import InputError
@@ -111,8 +111,11 @@ def command(
     ],
     at: Annotated[
         int,
-        typer.Option(
-            "--at", min=0, help="Branch at the checkpoint at this step, or the nearest before."
+        number_option(
+            "--at",
+            kind=int,
+            min=0,
+            help="Branch at the checkpoint at this step, or the nearest before.",
         ),
     ],
     policy: Annotated[
@@ -121,8 +124,9 @@ def command(
     ],
     rl_steps: Annotated[
         int | None,
-        typer.Option(
+        number_option(
             "--rl-steps",
+            kind=int,
             min=1,
             max=MAX_RL_STEPS,
             metavar="N",
@@ -141,8 +145,9 @@ def command(
     device: DeviceOpt = "cpu",
     threads: Annotated[
         int,
-        typer.Option(
+        number_option(
             "--threads",
+            kind=int,
             min=1,
             max=MAX_THREADS,
             help=f"CPU threads, 1 to {MAX_THREADS} (as record's: with 1, a branch under the run's "

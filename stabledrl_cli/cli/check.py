@@ -46,6 +46,7 @@ from stabledrl_cli.cli._options import (
     RunSourceArg,
     WindowOpt,
     WorkersOpt,
+    number_option,
 )
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli.inspect import series_table
@@ -222,8 +223,9 @@ def command(
     device: DeviceOpt = "auto",
     spike_factor: Annotated[
         float | None,
-        typer.Option(
+        number_option(
             "--spike-factor",
+            kind=float,
             help=f"Spike threshold (default {DEFAULT_SPIKE_FACTOR:g}, or the baseline's).",
         ),
     ] = None,

@@ -16,7 +16,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, RunSourceArg
+from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, RunSourceArg, number_option
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.dump import RunIntegrityWarning, open_run
 from stabledrl_cli.replay._format import format_cell
@@ -110,23 +110,26 @@ def command(
     run_b: RunSourceArg,
     until: Annotated[
         int | None,
-        typer.Option(
+        number_option(
             "--until",
+            kind=int,
             metavar="STEP",
             help="Exit 1 only when the runs part before STEP (default: at any step).",
         ),
     ] = None,
     atol: Annotated[
         float,
-        typer.Option("--atol", help="Absolute tolerance of log-probs and scalars."),
+        number_option("--atol", kind=float, help="Absolute tolerance of log-probs and scalars."),
     ] = DEFAULT_ATOL,
     rtol: Annotated[
         float,
-        typer.Option("--rtol", help="Relative tolerance of log-probs and scalars."),
+        number_option("--rtol", kind=float, help="Relative tolerance of log-probs and scalars."),
     ] = DEFAULT_RTOL,
     context: Annotated[
         int,
-        typer.Option("--context", metavar="N", help="Steps shown before and after the parting."),
+        number_option(
+            "--context", kind=int, metavar="N", help="Steps shown before and after the parting."
+        ),
     ] = DEFAULT_CONTEXT,
     output_format: FormatOpt = "table",
     device: DeviceOpt = "auto",

@@ -16,7 +16,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from stabledrl_cli.cli._options import MAX_RL_STEPS, DeviceOpt
+from stabledrl_cli.cli._options import MAX_RL_STEPS, DeviceOpt, number_option
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
 from stabledrl_cli.cli.app import debug_requested
@@ -222,14 +222,15 @@ def command(
     ] = None,
     seed: Annotated[
         int | None,
-        typer.Option(
-            "--seed", help=f"Training seed ({_default('seed')}).", rich_help_panel=EXAMPLE
+        number_option(
+            "--seed", kind=int, help=f"Training seed ({_default('seed')}).", rich_help_panel=EXAMPLE
         ),
     ] = None,
     rl_steps: Annotated[
         int | None,
-        typer.Option(
+        number_option(
             "--rl-steps",
+            kind=int,
             min=1,
             max=MAX_RL_STEPS,
             help=f"RL optimizer steps to train, 1 to {MAX_RL_STEPS} ({_default('steps')}).",
@@ -238,14 +239,20 @@ def command(
     ] = None,
     steps: Annotated[
         int | None,
-        typer.Option(
-            "--steps", min=1, max=MAX_RL_STEPS, hidden=True, help="Deprecated alias of --rl-steps."
+        number_option(
+            "--steps",
+            kind=int,
+            min=1,
+            max=MAX_RL_STEPS,
+            hidden=True,
+            help="Deprecated alias of --rl-steps.",
         ),
     ] = None,
     checkpoint_every: Annotated[
         int | None,
-        typer.Option(
+        number_option(
             "--checkpoint-every",
+            kind=int,
             min=1,
             metavar="N",
             help="Save a checkpoint (model, AdamW state, RNG) into RUN/checkpoints at the first "
@@ -255,8 +262,11 @@ def command(
     ] = None,
     lr: Annotated[
         float | None,
-        typer.Option(
-            "--lr", help=f"AdamW learning rate ({_default('lr')}).", rich_help_panel=EXAMPLE
+        number_option(
+            "--lr",
+            kind=float,
+            help=f"AdamW learning rate ({_default('lr')}).",
+            rich_help_panel=EXAMPLE,
         ),
     ] = None,
     estimator: Annotated[
@@ -285,8 +295,9 @@ def command(
     ] = None,
     max_grad_norm: Annotated[
         float | None,
-        typer.Option(
+        number_option(
             "--max-grad-norm",
+            kind=float,
             help=f"clip_grad_norm_ bound ({_default('max_grad_norm')}).",
             rich_help_panel=EXAMPLE,
         ),
@@ -312,8 +323,9 @@ def command(
     device: DeviceOpt = "auto",
     threads: Annotated[
         int,
-        typer.Option(
+        number_option(
             "--threads",
+            kind=int,
             min=1,
             max=MAX_THREADS,
             help=f"CPU threads, 1 to {MAX_THREADS}. 1: the model is too small to gain from more, "
@@ -350,13 +362,16 @@ def command(
     ] = None,
     geometry_every: Annotated[
         int | None,
-        typer.Option(
-            "--geometry-every", help="Geometry on every Nth step only.", rich_help_panel=GEOMETRY
+        number_option(
+            "--geometry-every",
+            kind=int,
+            help="Geometry on every Nth step only.",
+            rich_help_panel=GEOMETRY,
         ),
     ] = None,
     geometry_k: Annotated[
         int | None,
-        typer.Option("--geometry-k", help="Sketch width k.", rich_help_panel=GEOMETRY),
+        number_option("--geometry-k", kind=int, help="Sketch width k.", rich_help_panel=GEOMETRY),
     ] = None,
     geometry_params: Annotated[
         list[str] | None,
@@ -370,8 +385,11 @@ def command(
     ] = None,
     geometry_seed: Annotated[
         int | None,
-        typer.Option(
-            "--geometry-seed", help="Seed of the sketch matrix Omega.", rich_help_panel=GEOMETRY
+        number_option(
+            "--geometry-seed",
+            kind=int,
+            help="Seed of the sketch matrix Omega.",
+            rich_help_panel=GEOMETRY,
         ),
     ] = None,
     geometry_method: Annotated[

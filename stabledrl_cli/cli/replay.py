@@ -35,6 +35,7 @@ from stabledrl_cli.cli._options import (
     ThreadsOpt,
     WindowOpt,
     WorkersOpt,
+    number_option,
     on_command_line,
 )
 from stabledrl_cli.cli._output import err, out, progress
@@ -62,8 +63,9 @@ if TYPE_CHECKING:
 
 CollapseWindowOpt = Annotated[
     int | None,
-    typer.Option(
+    number_option(
         "--collapse-window",
+        kind=int,
         metavar="N",
         help="Observed collapse: steps in the rolling mean of the recorded reward (default "
         f"{DEFAULT_COLLAPSE_WINDOW}, or the baseline's).",
@@ -208,8 +210,9 @@ def command(
     ] = None,
     spike_factor: Annotated[
         float | None,
-        typer.Option(
+        number_option(
             "--spike-factor",
+            kind=float,
             help=f"Spike: update norm > this x the median of the previous {SPIKE_HISTORY} steps "
             f"(default {DEFAULT_SPIKE_FACTOR:g}).",
         ),
@@ -219,8 +222,9 @@ def command(
     collapse_window: CollapseWindowOpt = None,
     max_grad_norm: Annotated[
         float | None,
-        typer.Option(
+        number_option(
             "--max-grad-norm",
+            kind=float,
             help="clip_grad_norm_ bound for clip_scale (spikes use the pre-clip norm).",
         ),
     ] = None,

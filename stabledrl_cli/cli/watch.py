@@ -42,6 +42,7 @@ from stabledrl_cli.cli._options import (
     MaxNonfiniteOpt,
     MaxSpikesOpt,
     RunArg,
+    number_option,
 )
 from stabledrl_cli.cli._output import err, out, plain_text, print_json
 from stabledrl_cli.cli._signals import sigterm_handled
@@ -289,20 +290,24 @@ def command(
     ] = False,
     interval: Annotated[
         float,
-        typer.Option(
-            "--interval", metavar="SECONDS", help=f"Seconds between polls (at most {MAX_INTERVAL})."
+        number_option(
+            "--interval",
+            kind=float,
+            metavar="SECONDS",
+            help=f"Seconds between polls (at most {MAX_INTERVAL}).",
         ),
     ] = 2.0,
     until_idle: Annotated[
         float | None,
-        typer.Option(
+        number_option(
             "--until-idle",
+            kind=float,
             metavar="SECONDS",
             help="Stop when no new step landed for this long (then exit with the gates' code).",
         ),
     ] = None,
     recent: Annotated[
-        int, typer.Option("--recent", metavar="N", help="Last steps shown in the view.")
+        int, number_option("--recent", kind=int, metavar="N", help="Last steps shown in the view.")
     ] = 10,
     max_collapsed: MaxCollapsedOpt = None,
     max_discard_frac: MaxDiscardFracOpt = None,
