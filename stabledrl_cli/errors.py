@@ -1,7 +1,8 @@
 """Domain errors, each with its exit code (docs/exit-codes.md).
 
 0 ok; 1 a check failed (gate tripped); 2 usage error; 3 unreadable or corrupt input; 4 an
-output could not be written (disk full, permission, missing directory). Library code raises
+output could not be written (disk full, permission, missing directory); 71 a worker process
+of a replay died (killed: often the out-of-memory killer). Library code raises
 these in the library's own terms (`window must be >= 1`, not a flag name); `cli/app.py` turns
 them into one line on stderr and the exit code.
 """
@@ -33,6 +34,14 @@ class WriteError(StabledrlError):
     """An output (a run, an archive, a report, a baseline) could not be written (exit 4)."""
 
     exit_code = 4
+
+
+class WorkerDiedError(StabledrlError):
+    """A worker process ended before it finished its share of the work: killed by a signal
+    (SIGKILL is often the out-of-memory killer) or exited; neither the input's fault nor a bug
+    the tool raised (exit 71, EX_OSERR of sysexits.h beside the internal error's 70)."""
+
+    exit_code = 71
 
 
 class MissingExtraError(UsageError):

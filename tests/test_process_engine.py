@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,10 +15,13 @@ from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
+from stabledrl_cli.errors import InputError, WorkerDiedError
 from stabledrl_cli.replay import process_engine
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import replay_run
 from stabledrl_cli.replay.process_engine import ProcessEngine
+from stabledrl_cli.replay.shards import SHARDS_PER_WORKER, ShardTask, plan_shards, stream_shard
+from stabledrl_cli.replay.stream import StreamedRun
 
 runner = CliRunner()
 
@@ -68,13 +72,62 @@ def test_workers_and_engines_are_checked_in_one_line(tmp_path):
         assert done.returncode == 2 and done.stderr.strip() == line, done.stderr
 
 
-def _dies(task: object) -> None:
-    os._exit(9)  # a worker killed mid-shard (out of memory, say)
+KILLED_STEP = 45
+"""The step whose shard's worker is killed."""
 
 
-def test_a_worker_that_dies_ends_the_replay_naming_it(grpo_fixture, monkeypatch):
-    monkeypatch.setattr(process_engine, "stream_shard", _dies)  # forked workers inherit it
-    with pytest.raises(RuntimeError, match="a replay worker process died"):
+def _killed_on_a_step(task: ShardTask) -> StreamedRun:
+    """stream_shard, but the worker computing `KILLED_STEP` is killed as the out-of-memory
+    killer kills: SIGKILL."""
+    if KILLED_STEP in task.steps:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return stream_shard(task)
+
+
+def _exits_on_a_step(task: ShardTask) -> StreamedRun:
+    if KILLED_STEP in task.steps:
+        os._exit(9)
+    return stream_shard(task)
+
+
+@pytest.mark.parametrize(
+    ("worker", "how"),
+    [
+        (_killed_on_a_step, "was killed by SIGKILL (often the out-of-memory killer)"),
+        (_exits_on_a_step, "exited with code 9"),
+    ],
+)
+def test_a_worker_that_dies_ends_the_replay_naming_its_shard_and_signal(
+    grpo_fixture, monkeypatch, worker, how
+):
+    """Not exit 70 and 'a bug': the line says which steps died and how (docs/exit-codes.md)."""
+    monkeypatch.setattr(process_engine, "stream_shard", worker)  # forked workers inherit it
+    run = open_run(grpo_fixture)
+    shards = plan_shards(run.step_numbers, 2 * SHARDS_PER_WORKER)
+    (number,) = [i for i, steps in enumerate(shards) if KILLED_STEP in steps]
+    steps = shards[number]
+    result = runner.invoke(
+        app,
+        ["replay", str(grpo_fixture), "--device", "cpu", "--engine", "processes", "--workers",
+         "2", "--format", "json"],
+    )  # fmt: skip
+    assert result.exit_code == WorkerDiedError.exit_code == 71, result.output
+    assert result.stdout == ""
+    (line,) = [x for x in result.stderr.replace("\r", "\n").splitlines() if "error" in x]
+    assert line == (
+        f"error: {grpo_fixture}: a replay worker process {how} while computing steps "
+        f"{steps[0]}-{steps[-1]} (shard {number + 1} of {len(shards)}); replay with fewer "
+        "--workers or a lower --memory-budget"
+    )
+
+
+def _fails(task: ShardTask) -> StreamedRun:
+    raise InputError(f"step {task.steps[0]}: missing field")
+
+
+def test_an_error_of_a_shard_is_raised_as_it_is(grpo_fixture, monkeypatch):
+    monkeypatch.setattr(process_engine, "stream_shard", _fails)
+    with pytest.raises(InputError, match="missing field"):
         replay_run(
             open_run(grpo_fixture),
             ["grpo"],

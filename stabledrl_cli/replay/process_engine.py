@@ -10,26 +10,32 @@ but the run's files.
 
 Workers are forked where the platform forks (Linux), so they start at once with this process's
 imports and read a `memory://` run too; elsewhere they are spawned (each imports torch first),
-and a `memory://` run, which lives in this process only, is refused. A worker that dies (killed,
-out of memory) ends the replay (exit 70, one line naming it); the Ray engine retries its shard.
+and a `memory://` run, which lives in this process only, is refused. Each worker is sent one
+shard at a time on a pipe of its own, so a worker that dies (killed: SIGKILL is often the
+out-of-memory killer) is known with its shard and its signal: the replay ends with one line
+naming both (`WorkerDiedError`, exit 71); the Ray engine retries such a shard instead.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
 from urllib.parse import urlsplit
 
 from stabledrl_cli.dump import Run
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, WorkerDiedError
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.shards import (
+    ShardTask,
     check_run,
     check_workers,
     merge_streams,
@@ -37,6 +43,135 @@ from stabledrl_cli.replay.shards import (
     stream_shard,
 )
 from stabledrl_cli.replay.stream import StreamedRun
+
+Reply = tuple[StreamedRun | None, Exception | None, str]
+"""A worker's answer to a shard: its rows, or the error it raised and that error's traceback."""
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of an error raised in a worker, shown under it by `--debug`."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _serve(conn: Connection) -> None:
+    """A worker: computes each shard sent on `conn` and sends back its `Reply`, until it is sent
+    None or the replay's end of the pipe closes. Ctrl-C is the replay's to handle: it stops the
+    workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        while (task := conn.recv()) is not None:
+            try:
+                reply: Reply = (stream_shard(task), None, "")
+            except Exception as exc:
+                reply = (None, exc, traceback.format_exc())
+            conn.send(reply)
+    except (EOFError, BrokenPipeError):  # the replay is gone
+        return
+
+
+@dataclass
+class _Worker:
+    process: BaseProcess
+    conn: Connection
+    shard: int | None = None
+    """The shard it computes, None when idle."""
+
+
+def _start(context: BaseContext, count: int) -> list[_Worker]:
+    """`count` worker processes, each with its end of a pipe."""
+    workers = []
+    for _ in range(count):
+        conn, child = context.Pipe()
+        process = context.Process(target=_serve, args=(child,), daemon=True)  # type: ignore[attr-defined]
+        process.start()
+        child.close()  # the worker's end is the worker's alone: it reads EOF once that dies
+        workers.append(_Worker(process, conn))
+    return workers
+
+
+def _stop(workers: Sequence[_Worker]) -> None:
+    """Idle workers are told to end, busy ones (the replay stopped early) terminated."""
+    for worker in workers:
+        if worker.shard is None:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                worker.process.terminate()
+        else:
+            worker.process.terminate()
+    for worker in workers:
+        worker.process.join()
+        worker.conn.close()
+
+
+def _reply(worker: _Worker) -> Reply | None:
+    """The worker's reply, or None when it died without one."""
+    if not worker.conn.poll():
+        return None
+    try:
+        reply: Reply = worker.conn.recv()
+    except EOFError:
+        return None
+    return reply
+
+
+def _death(worker: _Worker, steps: Sequence[int], shards: int, location: str) -> WorkerDiedError:
+    """The one-line error of a worker that died computing shard `worker.shard` (`steps`)."""
+    worker.process.join()
+    code = worker.process.exitcode
+    how = f"exited with code {code}"
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        oom = " (often the out-of-memory killer)" if name == "SIGKILL" else ""
+        how = f"was killed by {name}{oom}"
+    shard = (worker.shard or 0) + 1
+    return WorkerDiedError(
+        f"{location}: a replay worker process {how} while computing steps {steps[0]}-{steps[-1]} "
+        f"(shard {shard} of {shards}); replay with fewer --workers or a lower --memory-budget"
+    )
+
+
+def _compute(
+    workers: Sequence[_Worker],
+    tasks: Sequence[ShardTask],
+    on_shard: Callable[[int], None],
+    location: str,
+) -> dict[int, StreamedRun]:
+    """Every task's rows, by task index, a shard at a time on each worker; `on_shard(i)` as
+    shard i ends. A worker's error is raised here; a worker that died raises WorkerDiedError."""
+    queue: Iterator[int] = iter(range(len(tasks)))
+    parts: dict[int, StreamedRun] = {}
+
+    def assign(worker: _Worker) -> None:
+        worker.shard = next(queue, None)
+        if worker.shard is not None:
+            worker.conn.send(tasks[worker.shard])
+
+    for worker in workers:
+        assign(worker)
+    while busy := [worker for worker in workers if worker.shard is not None]:
+        ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+        for worker in busy:
+            if worker.conn not in ready and worker.process.sentinel not in ready:
+                continue
+            i = worker.shard
+            assert i is not None  # busy
+            reply = _reply(worker)
+            if reply is None:
+                raise _death(worker, tasks[i].steps, len(tasks), location)
+            rows, error, trace = reply
+            if error is not None:
+                raise error from _RemoteTraceback(trace)
+            assert rows is not None  # no error
+            parts[i] = rows
+            on_shard(i)
+            assign(worker)
+    return parts
 
 
 @dataclass
@@ -66,25 +201,18 @@ class ProcessEngine:
         workers = self.workers or os.cpu_count() or 1
         tasks, sizes = shard_tasks(run, policies, own_index, config, workers)
         context = multiprocessing.get_context("fork" if forks else "spawn")
-        parts: dict[int, StreamedRun] = {}
+
+        def on_shard(i: int) -> None:
+            if progress is not None:
+                progress(sizes[i])
+
         # The workers are forked before the run's check starts a thread in this process.
-        with ProcessPoolExecutor(min(workers, len(tasks)) or 1, mp_context=context) as pool:
-            futures = {pool.submit(stream_shard, task): i for i, task in enumerate(tasks)}
-            checking = threading.Thread(target=check_run, args=(run,), daemon=True)
-            checking.start()
-            try:
-                for future in as_completed(futures):
-                    i = futures[future]
-                    parts[i] = future.result()
-                    if progress is not None:
-                        progress(sizes[i])
-            except BrokenProcessPool:
-                raise RuntimeError(
-                    f"{run.location}: a replay worker process died (killed, or out of memory?); "
-                    "replay with fewer --workers or a smaller --memory-budget"
-                ) from None
-            finally:
-                for future in futures:
-                    future.cancel()
-            checking.join()
+        pool = _start(context, min(workers, len(tasks)))
+        checking = threading.Thread(target=check_run, args=(run,), daemon=True)
+        checking.start()
+        try:
+            parts = _compute(pool, tasks, on_shard, run.location)
+        finally:
+            _stop(pool)
+        checking.join()
         return merge_streams([parts[i] for i in range(len(tasks))], len(policies))
