@@ -5,6 +5,7 @@ spaces around; its range and its one-line usage error (exit 2) are kept."""
 from __future__ import annotations
 
 import json
+import typing
 
 import pytest
 from typer.core import TyperOption
@@ -16,11 +17,16 @@ from tests.conftest import FIXTURES
 
 
 def numeric_options() -> list[tuple[str, str, type]]:
-    """(command, option, int or float) of every numeric option, read from the commands."""
+    """(command, option, int or float) of every numeric option (or option of numbers), read
+    from the commands."""
     found = []
     for name in COMMANDS:
         for param in load_command(name).params:
-            kind = param.type_descriptor.annotation if isinstance(param, TyperOption) else None
+            if not isinstance(param, TyperOption):
+                continue
+            kind = param.type_descriptor.annotation
+            if typing.get_origin(kind) is list:
+                (kind,) = typing.get_args(kind)
             if kind in (int, float):
                 found.append((name, param.opts[0], kind))
     return found
