@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.errors import InputError, UsageError, WorkerDiedError
 from stabledrl_cli.replay import ray_engine
 from stabledrl_cli.replay.config import replay_config
 from stabledrl_cli.replay.engine import named_engine, replay, replay_run
@@ -195,6 +195,33 @@ def test_a_worker_dying_mid_shard_retries_that_shard_only(cluster, synthetic, tm
     assert sum(done) == len(listed) == 23  # progress counted each shard once
     assert sharded.steps == 22  # step 9 skipped
     assert sharded.to_json() == local.to_json()
+
+
+def test_a_shard_whose_every_attempt_dies_ends_the_replay_naming_it(cluster, synthetic):
+    """After Ray's retries, exit 71 and a line naming the shard's steps: not exit 70, 'a bug'
+    (docs/exit-codes.md)."""
+    opened = open_run(synthetic)
+    shards = plan_shards(opened.step_numbers, 8, 2)
+    victim = shards[1]
+
+    def dying_shard(task: ShardTask):
+        if task.steps[0] == victim[0]:
+            os._exit(1)  # every attempt: as a shard too large for the worker's memory
+        return stream_shard(task)
+
+    with pytest.raises(WorkerDiedError) as died:
+        replay_run(
+            opened,
+            ["grpo"],
+            config=replay_config(device="cpu", chunk_size=2),
+            engine=RayEngine(workers=2, shard_fn=dying_shard),
+        )
+    assert died.value.exit_code == 71
+    assert str(died.value).startswith(
+        f"{synthetic}: a Ray worker died while computing steps {victim[0]}-{victim[-1]} "
+        f"(shard 2 of {len(shards)}), after Ray's retries of it (WorkerCrashedError: "
+    )
+    assert str(died.value).endswith("; replay with fewer --workers or a lower --memory-budget")
 
 
 def test_an_error_in_a_shard_is_the_local_error(cluster, tmp_path):

@@ -35,10 +35,12 @@ from stabledrl_cli.errors import UsageError, WorkerDiedError
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.shards import (
+    WORKER_ADVICE,
     ShardTask,
     check_run,
     check_workers,
     merge_streams,
+    shard_named,
     shard_tasks,
     stream_shard,
 )
@@ -117,8 +119,8 @@ def _reply(worker: _Worker) -> Reply | None:
     return reply
 
 
-def _death(worker: _Worker, steps: Sequence[int], shards: int, location: str) -> WorkerDiedError:
-    """The one-line error of a worker that died computing shard `worker.shard` (`steps`)."""
+def _death(worker: _Worker, shard: str, location: str) -> WorkerDiedError:
+    """The one-line error of a worker that died computing `shard` (`shard_named`)."""
     worker.process.join()
     code = worker.process.exitcode
     how = f"exited with code {code}"
@@ -129,10 +131,8 @@ def _death(worker: _Worker, steps: Sequence[int], shards: int, location: str) ->
             name = f"signal {-code}"
         oom = " (often the out-of-memory killer)" if name == "SIGKILL" else ""
         how = f"was killed by {name}{oom}"
-    shard = (worker.shard or 0) + 1
     return WorkerDiedError(
-        f"{location}: a replay worker process {how} while computing steps {steps[0]}-{steps[-1]} "
-        f"(shard {shard} of {shards}); replay with fewer --workers or a lower --memory-budget"
+        f"{location}: a replay worker process {how} while computing {shard}; {WORKER_ADVICE}"
     )
 
 
@@ -163,7 +163,7 @@ def _compute(
             assert i is not None  # busy
             reply = _reply(worker)
             if reply is None:
-                raise _death(worker, tasks[i].steps, len(tasks), location)
+                raise _death(worker, shard_named(tasks[i], i, len(tasks)), location)
             rows, error, trace = reply
             if error is not None:
                 raise error from _RemoteTraceback(trace)

@@ -6,7 +6,8 @@ the shards' per-step rows in step order (`shards.merge_streams`); `engine.replay
 computes everything run-level on the driver, as for a local replay, so the result is the local
 one byte for byte. A worker that dies mid-shard (killed, out of memory, its node lost) is
 replaced and its shard computed again from the start by Ray (`SHARD_RETRIES` times): a shard's
-rows are taken once, from the attempt that finished. An error of the tool itself in a shard
+rows are taken once, from the attempt that finished; a shard whose last attempt died too ends the
+replay (`WorkerDiedError`, exit 71, naming its steps). An error of the tool itself in a shard
 (a step lacking a field a policy needs) is not retried: it is raised on the driver as it would be
 locally, and the other shards are cancelled.
 
@@ -33,14 +34,22 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from stabledrl_cli.dump import Run
-from stabledrl_cli.errors import MissingExtraError, StabledrlError, UsageError
+from stabledrl_cli.errors import (
+    MissingExtraError,
+    StabledrlError,
+    UsageError,
+    WorkerDiedError,
+    one_line,
+)
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.shards import (
+    WORKER_ADVICE,
     ShardTask,
     check_run,
     check_workers,
     merge_streams,
+    shard_named,
     shard_tasks,
     stream_shard,
 )
@@ -53,7 +62,6 @@ JOIN_SECONDS = 10.0
 """How long the driver waits for a cluster's address to accept a connection before it gives up
 (Ray itself retries an address that refuses for many minutes)."""
 
-Task = TypeVar("Task")
 Rows = TypeVar("Rows")
 
 
@@ -109,7 +117,9 @@ class RayEngine:
             # reports): a local replay's pass leaves that cached, here no step was read yet.
             checking = threading.Thread(target=check_run, args=(run,), daemon=True)
             checking.start()
-            parts = map_shards(ray, self.shard_fn, tasks, sizes, progress, gpus)
+            parts = map_shards(
+                ray, self.shard_fn, tasks, sizes, progress, gpus, location=run.location
+            )
             checking.join()
         return merge_streams(parts, len(policies))
 
@@ -178,15 +188,23 @@ def _require_reachable(address: str) -> None:
 
 def map_shards(
     ray: ModuleType,
-    fn: Callable[[Task], Rows],
-    tasks: Sequence[Task],
+    fn: Callable[[ShardTask], Rows],
+    tasks: Sequence[ShardTask],
     sizes: Sequence[int],
     progress: Callable[[int], None] | None = None,
     gpus: int = 0,
+    *,
+    location: str,
 ) -> list[Rows]:
     """`fn` over `tasks` as Ray tasks, -> their results in task order; `progress(sizes[i])` as
-    task i finishes. A task whose worker died is retried (`SHARD_RETRIES`); the tool's own error
-    in one is raised here (the others cancelled), as it would be by a local run."""
+    task i finishes. A task whose worker died is retried (`SHARD_RETRIES`), and one whose last
+    attempt died too raises WorkerDiedError naming it (and the run's `location`); the tool's own
+    error in one is raised here; either way the others are cancelled."""
+    lost = (
+        ray.exceptions.WorkerCrashedError,
+        ray.exceptions.OutOfMemoryError,
+        ray.exceptions.NodeDiedError,
+    )
     remote = ray.remote(fn).options(
         num_cpus=1, num_gpus=gpus, max_retries=SHARD_RETRIES, retry_exceptions=False
     )
@@ -201,9 +219,15 @@ def map_shards(
             results[i] = ray.get(done[0])
             if progress is not None:
                 progress(sizes[i])
-    except ray.exceptions.RayTaskError as exc:
+    except ray.exceptions.RayError as exc:
         for ref in pending:
             ray.cancel(ref, force=True)
+        if isinstance(exc, lost):
+            raise WorkerDiedError(
+                f"{location}: a Ray worker died while computing "
+                f"{shard_named(tasks[i], i, len(tasks))}, after Ray's retries of it "
+                f"({type(exc).__name__}: {one_line(exc)}); {WORKER_ADVICE}"
+            ) from None
         cause = getattr(exc, "cause", None)
         if isinstance(cause, StabledrlError):
             raise cause from None

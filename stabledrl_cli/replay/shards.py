@@ -113,6 +113,15 @@ def shard_tasks(
     return tasks, [len(steps) for steps in shards]
 
 
+WORKER_ADVICE = "replay with fewer --workers or a lower --memory-budget"
+"""What to try when a worker died computing a shard (often out of memory)."""
+
+
+def shard_named(task: ShardTask, index: int, count: int) -> str:
+    """Shard `index` of `count` in an error line: `steps 80-99 (shard 5 of 8)`."""
+    return f"steps {task.steps[0]}-{task.steps[-1]} (shard {index + 1} of {count})"
+
+
 def check_run(run: Run) -> None:
     """`run.integrity`, computed once and cached by the run (the steps a reader skips, which a
     replay reports; a local replay's pass leaves it cached, a sharded one reads no step here):
