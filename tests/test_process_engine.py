@@ -4,6 +4,7 @@ into exactly the JSON of a local replay (docs/scaling.md)."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -134,3 +135,29 @@ def test_an_error_of_a_shard_is_raised_as_it_is(grpo_fixture, monkeypatch):
             config=ReplayConfig(device="cpu"),
             engine=ProcessEngine(workers=2),
         )
+
+
+def test_a_worker_that_dies_between_two_shards_is_named_too(grpo_fixture):
+    """Every worker is killed as the first shard's rows arrive: the next shard cannot be sent
+    to the worker that computed it (a pipe whose reader died), and that says so, exit 71."""
+
+    def kill_the_workers(steps: int) -> None:
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)
+            child.join()
+
+    run = open_run(grpo_fixture)
+    shards = plan_shards(run.step_numbers, 2 * SHARDS_PER_WORKER)
+    with pytest.raises(WorkerDiedError) as died:
+        replay_run(
+            run,
+            ["grpo"],
+            config=ReplayConfig(device="cpu"),
+            engine=ProcessEngine(workers=2),
+            progress=kill_the_workers,
+        )
+    assert str(died.value) == (
+        f"{grpo_fixture}: a replay worker process was killed by SIGKILL (often the out-of-memory "
+        f"killer) before computing steps {shards[2][0]}-{shards[2][-1]} (shard 3 of "
+        f"{len(shards)}); replay with fewer --workers or a lower --memory-budget"
+    )

@@ -109,18 +109,19 @@ def _stop(workers: Sequence[_Worker]) -> None:
 
 
 def _reply(worker: _Worker) -> Reply | None:
-    """The worker's reply, or None when it died without one."""
+    """The worker's reply, or None when it died without one (or in the middle of sending it)."""
     if not worker.conn.poll():
         return None
     try:
         reply: Reply = worker.conn.recv()
-    except EOFError:
+    except (EOFError, OSError):
         return None
     return reply
 
 
-def _death(worker: _Worker, shard: str, location: str) -> WorkerDiedError:
-    """The one-line error of a worker that died computing `shard` (`shard_named`)."""
+def _death(worker: _Worker, when: str, location: str) -> WorkerDiedError:
+    """The one-line error of a worker that died `when` (`while computing` and a shard's
+    `shard_named`)."""
     worker.process.join()
     code = worker.process.exitcode
     how = f"exited with code {code}"
@@ -131,9 +132,7 @@ def _death(worker: _Worker, shard: str, location: str) -> WorkerDiedError:
             name = f"signal {-code}"
         oom = " (often the out-of-memory killer)" if name == "SIGKILL" else ""
         how = f"was killed by {name}{oom}"
-    return WorkerDiedError(
-        f"{location}: a replay worker process {how} while computing {shard}; {WORKER_ADVICE}"
-    )
+    return WorkerDiedError(f"{location}: a replay worker process {how} {when}; {WORKER_ADVICE}")
 
 
 def _compute(
@@ -148,9 +147,13 @@ def _compute(
     parts: dict[int, StreamedRun] = {}
 
     def assign(worker: _Worker) -> None:
-        worker.shard = next(queue, None)
-        if worker.shard is not None:
-            worker.conn.send(tasks[worker.shard])
+        i = worker.shard = next(queue, None)
+        if i is not None:
+            try:
+                worker.conn.send(tasks[i])
+            except OSError:  # it died idle
+                shard = shard_named(tasks[i], i, len(tasks))
+                raise _death(worker, f"before computing {shard}", location) from None
 
     for worker in workers:
         assign(worker)
@@ -163,7 +166,8 @@ def _compute(
             assert i is not None  # busy
             reply = _reply(worker)
             if reply is None:
-                raise _death(worker, shard_named(tasks[i], i, len(tasks)), location)
+                shard = shard_named(tasks[i], i, len(tasks))
+                raise _death(worker, f"while computing {shard}", location)
             rows, error, trace = reply
             if error is not None:
                 raise error from _RemoteTraceback(trace)
