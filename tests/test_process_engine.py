@@ -126,9 +126,29 @@ def _fails(task: ShardTask) -> StreamedRun:
     raise InputError(f"step {task.steps[0]}: missing field")
 
 
-def test_an_error_of_a_shard_is_raised_as_it_is(grpo_fixture, monkeypatch):
-    monkeypatch.setattr(process_engine, "stream_shard", _fails)
-    with pytest.raises(InputError, match="missing field"):
+class _Unpicklable(Exception):
+    """An error pickle refuses: it holds a lambda."""
+
+    def __init__(self) -> None:
+        super().__init__("a bug in a shard")
+        self.callback = lambda: None
+
+
+def _fails_unpicklably(task: ShardTask) -> StreamedRun:
+    raise _Unpicklable()
+
+
+@pytest.mark.parametrize(
+    ("worker", "error", "message"),
+    [
+        (_fails, InputError, r"^step \d+: missing field$"),
+        # pickle refuses it: it still comes by name, not as a worker that died
+        (_fails_unpicklably, RuntimeError, r"^_Unpicklable: a bug in a shard$"),
+    ],
+)
+def test_an_error_of_a_shard_is_raised_as_it_is(grpo_fixture, monkeypatch, worker, error, message):
+    monkeypatch.setattr(process_engine, "stream_shard", worker)
+    with pytest.raises(error, match=message):
         replay_run(
             open_run(grpo_fixture),
             ["grpo"],

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import traceback
@@ -68,7 +69,11 @@ def _serve(conn: Connection) -> None:
                 reply: Reply = (stream_shard(task), None, "")
             except Exception as exc:
                 reply = (None, exc, traceback.format_exc())
-            conn.send(reply)
+            try:
+                conn.send(reply)
+            except (pickle.PicklingError, TypeError, AttributeError):  # an error pickle refuses
+                error = RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")
+                conn.send((None, error, reply[2]))
     except (EOFError, BrokenPipeError):  # the replay is gone
         return
 
