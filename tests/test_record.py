@@ -218,13 +218,15 @@ def test_a_failed_recorder_fails_record_even_when_the_command_succeeds(tmp_path,
 
 # A script that stabledrl refuses (an integration's check, a bad Recorder argument) raises a
 # stabledrl error it does not catch; a script with a bug of its own raises anything else.
+# KIND is WHAT, or HOW-WHAT: the exception is caught and reported by the script (as a framework
+# such as hydra does), which then exits in one of the ways HOW names.
 RAISES_SCRIPT = textwrap.dedent(
     """
     import os, sys, time
     import stabledrl_cli.errors as errors
 
     print("started", flush=True)
-    kind = sys.argv[1]
+    how, _, what = sys.argv[1].rpartition("-")
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     if ranks > 1:  # every rank raises, none before all are ready (a rank that ended first
         # would have torchrun stop the others before their error)
@@ -233,11 +235,45 @@ RAISES_SCRIPT = textwrap.dedent(
         open(os.path.join(ready, os.environ["RANK"]), "w").close()
         while len(os.listdir(ready)) < ranks:
             time.sleep(0.01)
-    if kind == "usage":
-        raise errors.UsageError("cannot record this run: a refused setting")
-    if kind == "input":
-        raise errors.InputError("no such run: /nowhere")
-    raise KeyError("the script's own bug")
+
+
+    def fail(what):
+        if what == "usage":
+            raise errors.UsageError("cannot record this run: a refused setting")
+        if what == "input":
+            raise errors.InputError("no such run: /nowhere")
+        if what == "wrapped":  # an error of the script's whose cause is the tool's
+            try:
+                fail("usage")
+            except errors.UsageError as exc:
+                raise RuntimeError("cannot build the trainer") from exc
+        if what == "during":  # the script's own bug, raised while it handled the tool's error
+            try:
+                fail("usage")
+            except errors.UsageError:
+                raise KeyError("the script's own bug")
+        raise KeyError("the script's own bug")
+
+
+    try:
+        fail(what)
+    except Exception as exc:
+        if not how:
+            raise
+        print(f"the job failed: {exc!r}", file=sys.stderr, flush=True)  # the framework's report
+        if how == "reported":  # then sys.exit(1) in its except block, as hydra does
+            sys.exit(1)
+        if how == "exit5":  # an exit code of its choosing
+            sys.exit(5)
+        if how == "message":  # a message of its own (Python prints it, exits 1)
+            sys.exit("the script's message")
+        if how == "caught":  # an exit inside the block, which the script catches: it goes on
+            try:
+                sys.exit(1)
+            except SystemExit as exit:
+                print(f"exit caught: {exit.code}", flush=True)
+    print("carries on", flush=True)
+    sys.exit(1)  # later, for another reason
     """
 )
 
@@ -290,6 +326,107 @@ def test_a_stabledrl_error_the_command_does_not_catch_is_one_line_and_its_exit_c
     assert lines[1:] == [line], result.stderr  # after record's own "recording ... into" line
 
 
+@pytest.mark.parametrize("hooks", ["--optimizer-hooks", "--no-optimizer-hooks"])
+@pytest.mark.parametrize(
+    ("what", "code", "line"),
+    [
+        ("usage", 2, "error: cannot record this run: a refused setting"),
+        ("input", 3, "error: no such run: /nowhere"),
+        ("wrapped", 2, "error: cannot record this run: a refused setting"),
+    ],
+)
+def test_a_stabledrl_error_a_framework_reports_then_exits_1_on_is_our_last_line_and_code(
+    tmp_path, monkeypatch, hooks, what, code, line
+):
+    """What hydra's `@hydra.main` (verl's entry point) does: catch the exception, print its
+    report and call sys.exit(1) in its except block. Its report stays; ours comes last, with
+    the error's exit code. Before, record exited 1 ("the training command exited with code
+    1") and printed no line of ours."""
+    result = _record_raising(tmp_path, monkeypatch, hooks, f"reported-{what}")
+    assert result.returncode == code, result.stderr
+    assert result.stdout.splitlines() == ["started"]
+    assert result.stderr.splitlines()[1:] == [
+        f"the job failed: {_RAISED[what]}",
+        line,
+    ], result.stderr
+
+
+_RAISED = {
+    "usage": "UsageError('cannot record this run: a refused setting')",
+    "input": "InputError('no such run: /nowhere')",
+    "wrapped": "RuntimeError('cannot build the trainer')",
+    "during": 'KeyError("the script\'s own bug")',
+}
+"""repr of the exception RAISES_SCRIPT's fail(WHAT) raises."""
+
+
+@pytest.mark.parametrize(
+    ("kind", "code", "out"),
+    [
+        # the exit inside the except block is caught, the script carries on and exits 1 later
+        ("caught-usage", 1, ["started", "exit caught: 1", "carries on"]),
+        ("exit5-usage", 5, ["started"]),  # an exit code the script chose
+        ("message-usage", 1, ["started"]),  # sys.exit("the script's message")
+        ("reported-during", 1, ["started"]),  # the script's own bug, while handling ours
+    ],
+)
+def test_a_stabledrl_error_the_command_handles_keeps_its_exit_code(
+    tmp_path, monkeypatch, kind, code, out
+):
+    result = _record_raising(tmp_path, monkeypatch, kind)
+    assert result.returncode == code, result.stderr
+    assert result.stdout.splitlines() == out
+    message = ["the script's message"] if kind.startswith("message-") else []
+    assert result.stderr.splitlines()[1:] == [
+        f"the job failed: {_RAISED[kind.partition('-')[2]]}",
+        *message,
+        f"the training command exited with code {code}; the run holds no step file",
+    ], result.stderr
+
+
+HYDRA_SCRIPT = textwrap.dedent(
+    """
+    import hydra
+    from stabledrl_cli.dump import Recorder
+
+
+    @hydra.main(version_base=None, config_path=None)
+    def main(cfg) -> None:
+        print("started", flush=True)
+        Recorder("run", unit="bogus")  # a misuse: UsageError
+
+
+    main()
+    """
+)
+
+
+@pytest.mark.parametrize("full_error", ["", "1"], ids=["hydra-report", "HYDRA_FULL_ERROR"])
+def test_a_stabledrl_error_under_real_hydra_is_our_last_line_and_its_exit_code(
+    tmp_path, monkeypatch, full_error
+):
+    """hydra's run_and_report (verl's `python -m verl.trainer.main_ppo` runs under it)
+    prints its shortened traceback and calls sys.exit(1); with HYDRA_FULL_ERROR=1 it lets
+    the error through instead. Either way our line is the last and record exits 2. Before,
+    hydra's report ended with record's "exited with code 1" (HYDRA_FULL_ERROR: the same as
+    now)."""
+    pytest.importorskip("hydra", reason="hydra is not installed (the verl extra brings it)")
+    script = tmp_path / "train.py"
+    script.write_text(HYDRA_SCRIPT)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", full_error)
+    result = subprocess.run(
+        [*cli_command(), "record", "--out", str(tmp_path / "out"), "--no-optimizer-hooks",
+         "--", sys.executable, str(script)],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=TIMEOUT,
+        cwd=tmp_path,  # hydra writes its outputs/ there
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stdout.splitlines() == ["started"]
+    lines = result.stderr.splitlines()
+    assert lines[-1] == "error: unit 'bogus' is not one of: token, sequence", result.stderr
+    assert ("HYDRA_FULL_ERROR=1" in result.stderr) == (not full_error)  # hydra's own report
+
+
 def test_any_other_exception_of_the_command_keeps_its_traceback_and_exit_code(
     tmp_path, monkeypatch
 ):
@@ -336,12 +473,14 @@ def test_outside_record_a_stabledrl_error_is_pythons_usual_traceback(tmp_path, m
     )
 
 
+@pytest.mark.parametrize("kind", ["usage", "reported-usage"])
 @pytest.mark.parametrize("hooks", ["--optimizer-hooks", "--no-optimizer-hooks"])
 def test_a_stabledrl_error_on_every_torchrun_rank_is_one_line_per_rank(
-    tmp_path, monkeypatch, hooks
+    tmp_path, monkeypatch, hooks, kind
 ):
     """torchrun's own ChildFailedError report is left out with the hooks off too: its process
-    then never imports stabledrl."""
+    then never imports stabledrl. The same when each rank reports the error and exits 1 in
+    its except block (`reported-usage`: each rank's report stays, before its line)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -349,7 +488,7 @@ def test_a_stabledrl_error_on_every_torchrun_rank_is_one_line_per_rank(
     # time to print its line once one has ended (0.1 s, the default, cut one short at times).
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc-per-node", "2", "--monitor-interval", "2", "{script}")  # fmt: skip
-    result = _record_raising(tmp_path, monkeypatch, hooks, "usage", command=torchrun)
+    result = _record_raising(tmp_path, monkeypatch, hooks, kind, command=torchrun)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
     errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error:"))

@@ -46,15 +46,20 @@ run; the traceback instead under STABLEDRL_DEBUG=1, which `record --debug` sets)
 `E<CODE><TAB>MESSAGE` to the status file. The process still exits 1, as after any uncaught
 exception; `record` then exits with CODE. torchrun's own ChildFailedError, raised when such a
 rank failed, is silenced the same way (the ranks said why). Every other exception keeps its
-traceback.
+traceback. A framework that catches the error, prints its own report and calls `sys.exit(1)`
+in its except block (hydra's `@hydra.main`) ends the process the same way: the sitecustomize's
+`sys.exit` raises `reported_exit`'s SystemExit, which hands the error to `uncaught_error`
+when the interpreter ends the process with it (the framework's report stays, before the line).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import os
 import stat
+import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -200,6 +205,62 @@ def uncaught_error(exc: BaseException) -> bool:
     kind = type(exc)
     child_failed = f"{kind.__module__}.{kind.__qualname__}" == _CHILD_FAILED
     return child_failed and not debug and _reported_fatal(path)
+
+
+def _tool_error(handled: BaseException) -> StabledrlError | None:
+    """The stabledrl error that `handled` is, or that is its direct cause (`raise X from
+    error`, as far down as such causes go), else None. An exception raised while handling
+    one (its `__context__` alone) is a failure of its own, not the tool's error."""
+    seen: set[int] = set()
+    exc: BaseException | None = handled
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, StabledrlError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return None
+
+
+_SYSTEM_EXIT_CODE: Any = SystemExit.__dict__["code"]
+"""SystemExit's own `code` attribute (a member descriptor), which `_ReportedExit` wraps."""
+
+
+class _ReportedExit(SystemExit):
+    """The SystemExit of `sys.exit(1)` called while a stabledrl error was being handled
+    (`reported_exit`): the interpreter reads its `code` when it ends the process with it,
+    with no Python frame left on the stack; the error is then reported as uncaught
+    (`uncaught_error`). A read from Python code (a script that caught it) reports nothing."""
+
+    def __init__(self, status: object, error: StabledrlError) -> None:
+        super().__init__(status)
+        self.error = error
+        self._reported = False
+
+    @property  # type: ignore[override]
+    def code(self) -> object:
+        if not self._reported:
+            try:
+                sys._getframe(1)  # the caller is Python code: the exit was caught
+            except ValueError:  # the interpreter itself, ending the process
+                self._reported = True
+                with contextlib.suppress(Exception):  # never stand in the way of the exit
+                    uncaught_error(self.error)
+        return _SYSTEM_EXIT_CODE.__get__(self)
+
+    @code.setter
+    def code(self, value: object) -> None:
+        _SYSTEM_EXIT_CODE.__set__(self, value)
+
+
+def reported_exit(handled: BaseException, status: object) -> SystemExit | None:
+    """The sitecustomize's sys.exit under `record -- CMD` (module docstring): when `status`
+    ends the process with 1 while `handled`, the exception being handled, is a stabledrl
+    error (`_tool_error`), the SystemExit to raise in place of Python's, which reports that
+    error when the process ends with it; else None (Python's own sys.exit)."""
+    if not os.environ.get(ENV_STATUS_FILE) or not (isinstance(status, int) and status == 1):
+        return None
+    error = _tool_error(handled)
+    return _ReportedExit(status, error) if error is not None else None
 
 
 HOOKS_SOURCE = {"kind": "optimizer-hooks"}

@@ -1,9 +1,11 @@
 """`stabledrl record --out DIR -- CMD`, the parent side: run a training command with the run
 directory exported to it, then turn what happened into one exit code. The command's own
-failing exit code wins, except that a stabledrl error which ended the command uncaught
-(reported through the status file, its `error:` line printed by the child) gives its own
-code; otherwise a recording failure its bootstrap reported (capture/bootstrap.py, through the
-status file) or a run the command wrote no step file to is an error.
+failing exit code wins, except that a stabledrl error which ended the command with exit
+code 1 (uncaught, or caught by a framework that reported it and called sys.exit(1) in its
+except block; reported through the status file, its `error:` line printed by the child)
+gives its own code; otherwise a recording failure its bootstrap reported
+(capture/bootstrap.py, through the status file) or a run the command wrote no step file to
+is an error.
 
 The directory holding the sitecustomize of capture/_site/ goes first on the command's
 PYTHONPATH: every Python process of the command (a torchrun's ranks too) reports an uncaught

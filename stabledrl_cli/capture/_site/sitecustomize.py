@@ -2,8 +2,9 @@
 (`stabledrl_cli.capture.optimizer_hooks`) the moment the child finishes importing torch, and
 their FSDP1 clip wrapper the moment it finishes importing torch.distributed.fsdp (unless
 STABLEDRL_OPTIMIZER_HOOKS is "0": `--no-optimizer-hooks`), and an audit hook that makes an
-uncaught stabledrl error one line (`stabledrl_cli.capture.bootstrap.uncaught_error`), then
-runs the sitecustomize module this one hides, if there is one.
+uncaught stabledrl error one line (`stabledrl_cli.capture.bootstrap.uncaught_error`), and a
+sys.exit that does the same for one a framework caught, reported and exited 1 on, then runs
+the sitecustomize module this one hides, if there is one.
 
 Why an audit hook, not a wrapper of sys.excepthook: a training script may replace
 sys.excepthook (`rich.traceback.install()`), and a wrapper installed at start-up would then
@@ -14,6 +15,14 @@ sys.excepthook is then, and skips that call when an audit hook raises RuntimeErr
 So the tool's error is reported whatever the script did to sys.excepthook, and every other
 exception goes to the script's own hook as before. The cost is one Python call per audit
 event of the process (an `id()`, an import, an `open`...), which returns at once.
+
+A framework may catch the tool's error itself, print its own report and end the process with
+`sys.exit(1)` inside its `except` block (hydra's `@hydra.main`, which verl's entry point
+uses): no exception is uncaught, and the audit hook never hears of it. So `sys.exit` is
+wrapped too: called with 1 while a stabledrl error is being handled, it raises
+`bootstrap.reported_exit`'s SystemExit, which reports that error as if uncaught once the
+interpreter reads its code to end the process (nothing when the script catches that
+SystemExit and goes on). Every other call is Python's own `sys.exit`.
 
 It imports nothing heavy: a child that never imports torch never imports torch or stabledrl
 because of it. A child interpreter that cannot import stabledrl warns once, when it imports
@@ -30,6 +39,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import NoReturn
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FSDP1 = "torch.distributed.fsdp"
@@ -134,7 +144,27 @@ def _on_uncaught(event: str, args: tuple[object, ...]) -> None:
         raise _Reported
 
 
+_python_exit = sys.exit
+
+
+def _exit(status: str | int | None = None, /) -> NoReturn:
+    """sys.exit in this process (module docstring): Python's, unless it ends the process with
+    1 while a stabledrl error is being handled."""
+    handled = sys.exc_info()[1]
+    if handled is not None and _ERRORS in sys.modules:  # else it cannot be the tool's error
+        try:
+            from stabledrl_cli.capture.bootstrap import reported_exit
+
+            exiting = reported_exit(handled, status)
+        except Exception:  # never hide the exit behind an error of ours
+            exiting = None
+        if exiting is not None:
+            raise exiting
+    _python_exit(status)
+
+
 if os.environ.get(_ENV_OPTIMIZER_HOOKS) != "0":
     _when_imported("torch", _install_hooks)
 sys.addaudithook(_on_uncaught)
+sys.exit = _exit
 _chain()
