@@ -21,7 +21,7 @@ from _corpus import ADDRESS_SPACE
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.dump import Recorder
+from stabledrl_cli.dump import Recorder, open_run
 
 SCRIPT = textwrap.dedent(
     """
@@ -884,3 +884,56 @@ def test_an_out_under_a_file_is_a_path_that_cannot_be_written(tmp_path, how):
         result.stderr.strip().splitlines()[-1] == f"error: {out}: cannot write it (Not a directory)"
     )
     assert "Traceback" not in result.stderr
+
+
+LATE_STEP_SCRIPT = textwrap.dedent(
+    """
+    import atexit, sys
+    import numpy as np
+    import stabledrl_cli as sd
+
+
+    def log(step):
+        logp = np.full(4, -1.0, dtype="float32")
+        return sd.log_policy_batch(
+            step, logp=logp, logp_old=logp + 0.1, advantages=np.ones(4, dtype="float32"),
+            seq_id=np.zeros(4, dtype="int32"),
+        )
+
+
+    # registered before the run opens (and before torch is imported): atexit runs it after
+    # every handler registered later
+    atexit.register(lambda: print("late step logged:", log(2), flush=True))
+    if sys.argv[1] == "optimizer":  # the optimizer hooks open the run (asynchronous writes)
+        import torch
+
+        weight = torch.nn.Parameter(torch.ones(2))
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+    for step in range(2):
+        if sys.argv[1] == "optimizer":
+            weight.grad = torch.ones(2)
+            optimizer.step()
+        log(step)
+    """
+)
+
+
+@pytest.mark.parametrize("steps", ["batches", "optimizer"])
+def test_a_step_an_exit_handler_registered_before_the_run_logs_is_recorded(
+    tmp_path, monkeypatch, steps
+):
+    """Before, the run's own exit handler (registered when the run opened, so run first)
+    closed it before the script's: the late step was refused ("already exists and is not
+    empty", or "log_step on a closed Recorder") and record exited 2."""
+    script, out = tmp_path / "train.py", tmp_path / "run"
+    script.write_text(LATE_STEP_SCRIPT)
+    result = subprocess.run(
+        [*cli_command(), "record", "--out", str(out), "-p", "grpo",
+         "--", sys.executable, str(script), steps],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["late step logged: True"]
+    run = open_run(out)
+    assert run.step_numbers == [0, 1, 2]
+    assert json.loads((out / "manifest.json").read_text()).get("recording_closed") is True

@@ -10,9 +10,11 @@ it and the optimizer hooks (`optimizer_hooks`) write together.
 - STABLEDRL_STATUS_FILE: a file of `record`'s, where the child reports a recording failure.
 
 Inside the child, the first step to write opens a Recorder on the run directory; it is closed
-at interpreter exit. Under a launcher that sets torch.distributed's RANK and WORLD_SIZE
-(torchrun, accelerate, deepspeed) it records as that rank, each rank writing its own step
-files (`recorder_kwargs` may still pass `rank` and `world_size`).
+at interpreter exit, after every exit handler of the script when the sitecustomize runs
+(`closed_last`), so that a step one of them logs is recorded. Under a launcher that sets
+torch.distributed's RANK and WORLD_SIZE (torchrun, accelerate, deepspeed) it records as that
+rank, each rank writing its own step files (`recorder_kwargs` may still pass `rank` and
+`world_size`).
 
 A step comes from `log_policy_batch` (a policy batch), from the optimizer hooks (an optimizer
 step's scalars), or from both: the pairing rule is that
@@ -347,7 +349,10 @@ def _open(
         recorder_kwargs.setdefault("source", HOOKS_SOURCE)
         recorder_kwargs.setdefault("async_writes", True)  # the training thread never waits
     _recorder = Recorder(run_dir, policy=policy, overwrite=force, **recorder_kwargs)
-    atexit.register(close)
+    if _closed_last:
+        _recorder.closed_by_caller_at_exit()
+    else:
+        atexit.register(close)
     return _recorder
 
 
@@ -499,7 +504,23 @@ def hooks_wanted() -> bool:
 
 def hooks_installed() -> None:
     """Called once the optimizer hooks are in: the held step (if any) is written at exit."""
-    atexit.register(close)
+    if not _closed_last:
+        atexit.register(close)
+
+
+_closed_last = False
+"""Whether `close` runs from the exit handler that `record`'s sitecustomize registered at
+the process's start (`closed_last`), rather than from one registered when the run opens."""
+
+
+def closed_last() -> None:
+    """Called by `record`'s sitecustomize, which closes the run (`close`) from an exit handler
+    it registered at the process's start: atexit runs it after every handler registered later,
+    so a step that the script's exit handler logs is recorded even when that handler was
+    registered before the run opened (it would run after a handler registered then). Without
+    the sitecustomize (`python -I`), the run is closed by a handler registered as it opens."""
+    global _closed_last
+    _closed_last = True
 
 
 def hook_failed(exc: BaseException, context: str) -> None:

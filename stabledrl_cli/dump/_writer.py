@@ -8,7 +8,8 @@ queue of `queue_size` entries. On a crash (kill -9, power loss) at most `queue_s
 that `log_step` had returned for are lost: the ones waiting in the queue and the one being
 written. A step that is lost is lost whole: readers never see a partial file under a final
 name. `close()` (or leaving the `with` block) drains the queue; at exit, the queue of a
-Recorder that was never closed is drained too (even when the Recorder was dropped). Once
+Recorder that was never closed is drained too (even when the Recorder was dropped), unless
+its caller closes it at exit itself (`closed_by_caller_at_exit`). Once
 its writes are done, `close()` marks a world_size 1 run `recording_closed` in its manifest
 (best effort): a reader following the run knows no step will come. An open Recorder's run
 has no mark, so a killed recording never leaves one; `resume=True` and `overwrite=True`
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import atexit
 import datetime as _dt
+import functools
 import math
 import operator
 import os
@@ -305,7 +307,8 @@ class Recorder:
         if async_writes:
             self._writer = _Writer(queue_size)
             self._writer.start()
-            atexit.register(_close_at_exit, weakref.ref(self), self._writer)
+            self._at_exit = functools.partial(_close_at_exit, weakref.ref(self), self._writer)
+            atexit.register(self._at_exit)
 
     # -- recording ----------------------------------------------------------------------------
     def log_step(
@@ -514,6 +517,14 @@ class Recorder:
                 with suppress(ValueError, InputError, WriteError):  # best effort, as the note
                     amend_manifest(self.path, RECORDING_CLOSED, True)
         self._closed = True
+
+    def closed_by_caller_at_exit(self) -> None:
+        """Leaves closing this Recorder at exit to the caller (`close`), which does it later
+        than the Recorder's own exit handler (async_writes) would run: that handler is
+        removed. `record -- CMD` closes its run after every exit handler of the command, so
+        that one registered before the run opened may still log a step."""
+        if self._writer is not None:
+            atexit.unregister(self._at_exit)
 
     def __enter__(self) -> Recorder:
         return self

@@ -24,6 +24,12 @@ wrapped too: called with 1 while a stabledrl error is being handled, it raises
 interpreter reads its code to end the process (nothing when the script catches that
 SystemExit and goes on). Every other call is Python's own `sys.exit`.
 
+The run that the process records (its optimizer hooks, `log_policy_batch`) is closed by an
+exit handler registered here, at start-up: atexit runs handlers last-registered first, so
+this one runs after every handler the command registers, and a step that one of them logs
+(a script's handler registered before the run opened, say) is recorded before the run is
+closed.
+
 It imports nothing heavy: a child that never imports torch never imports torch or stabledrl
 because of it. A child interpreter that cannot import stabledrl warns once, when it imports
 torch, and trains unrecorded.
@@ -31,6 +37,7 @@ torch, and trains unrecorded.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.abc
 import importlib.machinery
@@ -44,6 +51,7 @@ from typing import NoReturn
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FSDP1 = "torch.distributed.fsdp"
 _ERRORS = "stabledrl_cli.errors"
+_BOOTSTRAP = "stabledrl_cli.capture.bootstrap"
 _ENV_OPTIMIZER_HOOKS = "STABLEDRL_OPTIMIZER_HOOKS"  # bootstrap.ENV_OPTIMIZER_HOOKS, unimported
 _CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"  # bootstrap's
 
@@ -163,8 +171,18 @@ def _exit(status: str | int | None = None, /) -> NoReturn:
     _python_exit(status)
 
 
+def _close_run() -> None:
+    """The exit handler that closes the run (`bootstrap.close`), if this process opened one:
+    registered first, it runs after every exit handler of the command (module docstring)."""
+    bootstrap = sys.modules.get(_BOOTSTRAP)
+    if bootstrap is not None:
+        bootstrap.close()
+
+
 if os.environ.get(_ENV_OPTIMIZER_HOOKS) != "0":
     _when_imported("torch", _install_hooks)
 sys.addaudithook(_on_uncaught)
 sys.exit = _exit
+atexit.register(_close_run)
+_when_imported(_BOOTSTRAP, lambda bootstrap: bootstrap.closed_last())
 _chain()
