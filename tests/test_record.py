@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import resource
 import shlex
 import signal
@@ -937,3 +938,18 @@ def test_a_step_an_exit_handler_registered_before_the_run_logs_is_recorded(
     run = open_run(out)
     assert run.step_numbers == [0, 1, 2]
     assert json.loads((out / "manifest.json").read_text()).get("recording_closed") is True
+
+
+def test_the_exit_that_reports_a_handled_error_pickles_as_pythons_own(tmp_path, monkeypatch):
+    """A SystemExit may be pickled to another process (concurrent.futures' process pool sends
+    a worker's back): the copy is a plain SystemExit with the same code, never an error of
+    its own when it is loaded."""
+    from stabledrl_cli.capture.bootstrap import ENV_STATUS_FILE, reported_exit
+    from stabledrl_cli.errors import UsageError
+
+    monkeypatch.setenv(ENV_STATUS_FILE, str(tmp_path / "status"))
+    exiting = reported_exit(UsageError("a refused setting"), 1)
+    assert exiting is not None
+    copy = pickle.loads(pickle.dumps(exiting))
+    assert type(copy) is SystemExit and copy.code == 1
+    assert not (tmp_path / "status").exists()  # nothing reported: the process goes on

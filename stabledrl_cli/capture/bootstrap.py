@@ -253,6 +253,11 @@ class _ReportedExit(SystemExit):
     def code(self, value: object) -> None:
         _SYSTEM_EXIT_CODE.__set__(self, value)
 
+    def __reduce__(self) -> tuple[type[SystemExit], tuple[Any, ...]]:
+        """A copy (pickled to another process, say) is Python's own SystemExit: the report
+        is this process's end."""
+        return SystemExit, self.args
+
 
 def reported_exit(handled: BaseException, status: object) -> SystemExit | None:
     """The sitecustomize's sys.exit under `record -- CMD` (module docstring): when `status`
