@@ -248,6 +248,12 @@ RAISES_SCRIPT = textwrap.dedent(
                 fail("usage")
             except errors.UsageError as exc:
                 raise RuntimeError("cannot build the trainer") from exc
+        if what == "remote":  # the tool's error in a Ray task, as Ray raises it in the caller
+            import ray.exceptions
+
+            cause = errors.UsageError("cannot record this run: a refused setting")
+            trace = "\\x1b[36mray::train()\\x1b[39m\\nTraceback (most recent call last):"
+            raise ray.exceptions.RayTaskError("train", trace, cause).as_instanceof_cause()
         if what == "during":  # the script's own bug, raised while it handled the tool's error
             try:
                 fail("usage")
@@ -350,6 +356,20 @@ def test_a_stabledrl_error_a_framework_reports_then_exits_1_on_is_our_last_line_
         f"the job failed: {_RAISED[what]}",
         line,
     ], result.stderr
+
+
+@pytest.mark.parametrize("how", ["", "reported-"])
+def test_the_tools_error_raised_in_a_ray_task_is_its_own_line_not_rays_traceback(
+    tmp_path, monkeypatch, how
+):
+    """Ray raises a task's error in the caller as `RayTaskError(UsageError)`, a UsageError
+    whose text is the task's traceback in colour: before, that whole traceback was flattened
+    into the `error:` line."""
+    pytest.importorskip("ray", reason="needs the ray extra (pip install -e '.[ray]')")
+    result = _record_raising(tmp_path, monkeypatch, "--no-optimizer-hooks", f"{how}remote")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == "error: cannot record this run: a refused setting"
+    assert "\x1b" not in result.stderr.splitlines()[-1]
 
 
 _RAISED = {
