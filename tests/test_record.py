@@ -557,6 +557,23 @@ ABORT_AT_EXIT_SCRIPT = textwrap.dedent(
 )
 
 
+def test_a_command_killed_by_a_signal_is_the_shells_exit_code_and_named(tmp_path, monkeypatch):
+    """As the out-of-memory killer ends a training: 137 as a shell (and Kubernetes) reports it,
+    where record exited 247 (256 - 9) and said 'exited with code -9'."""
+    script = tmp_path / "train.py"
+    script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    result = subprocess.run(
+        [*cli_command(), "record", "--out", str(tmp_path / "run"), "--no-optimizer-hooks",
+         "--", sys.executable, str(script)],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 137, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "the training command was killed by SIGKILL (often the out-of-memory killer); the run "
+        "holds no step file"
+    )
+
+
 def test_a_command_that_aborts_at_the_interpreters_exit_keeps_every_finished_step(
     tmp_path, monkeypatch
 ):
@@ -568,8 +585,11 @@ def test_a_command_that_aborts_at_the_interpreters_exit_keeps_every_finished_ste
         capture_output=True, text=True, env=_child_env(monkeypatch), timeout=120,
     )  # fmt: skip
     assert "trained" in result.stdout
-    assert result.returncode == 256 - 6, result.stderr  # SIGABRT, passed on
-    assert f"the run holds 3 step file(s): `stabledrl inspect {out}`" in result.stderr
+    assert result.returncode == 128 + 6, result.stderr  # SIGABRT, as a shell reports it
+    assert (
+        f"the training command was killed by SIGABRT; the run holds 3 step file(s): "
+        f"`stabledrl inspect {out}`"
+    ) in result.stderr
     shown = CliRunner().invoke(app, ["inspect", str(out), "--format", "json"])
     assert shown.exit_code == 0, shown.stderr
     report = json.loads(shown.stdout)

@@ -27,6 +27,7 @@ import typer
 from rich.markup import escape
 
 from stabledrl_cli._atomic import write_error
+from stabledrl_cli._process import how_it_ended, shell_exit_code
 from stabledrl_cli.capture.bootstrap import (
     ENV_DEBUG,
     ENV_FORCE,
@@ -169,10 +170,9 @@ def run_command(
         steps = len(_step_files(out))
         held = f"{steps} step file(s): `stabledrl inspect {out}`" if steps else "no step file"
         err.print(
-            f"the training command exited with code {code}; the run holds {held}",
-            highlight=False,
+            f"the training command {how_it_ended(code)}; the run holds {held}", highlight=False
         )
-        raise typer.Exit(code)
+        raise typer.Exit(shell_exit_code(code))
     if failures:
         code, reason = failures[0]
         error = {UsageError.exit_code: UsageError, InputError.exit_code: InputError}.get(

@@ -31,6 +31,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from urllib.parse import urlsplit
 
+from stabledrl_cli._process import how_it_ended
 from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import UsageError, WorkerDiedError
 from stabledrl_cli.policies import Policy
@@ -129,14 +130,7 @@ def _death(worker: _Worker, when: str, location: str) -> WorkerDiedError:
     `shard_named`)."""
     worker.process.join()
     code = worker.process.exitcode
-    how = f"exited with code {code}"
-    if code is not None and code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        oom = " (often the out-of-memory killer)" if name == "SIGKILL" else ""
-        how = f"was killed by {name}{oom}"
+    how = how_it_ended(code if code is not None else 0)
     return WorkerDiedError(f"{location}: a replay worker process {how} {when}; {WORKER_ADVICE}")
 
 
