@@ -12,7 +12,9 @@ import textwrap
 from pathlib import Path
 
 from _cli import cli_command
+from typer.testing import CliRunner
 
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
 
 CHILD = textwrap.dedent(
@@ -106,16 +108,11 @@ def test_a_step_whose_batch_half_fails_to_write_is_not_left_as_a_scalar_step(
     assert not [p for p in (run / "steps").iterdir() if p.name.startswith(".")]
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["recording_stopped"]["step"] == 3
-    # inspect says the recording stopped early: its integrity is fine, the run is short
-    shown = subprocess.run(
-        [*cli_command(), "inspect", str(run), "--format", "json"], capture_output=True, text=True
-    )
-    assert shown.returncode == 0, shown.stderr
+    # inspect says the recording stopped early: its integrity is fine, the run is short (in
+    # this process: the record above is the real process, inspect's own are in test_inspect)
+    shown = CliRunner().invoke(app, ["inspect", str(run), "--format", "json"])
+    assert shown.exit_code == 0, shown.output
     assert json.loads(shown.stdout)["recording_stopped"]["step"] == 3
-    table = subprocess.run(
-        [*cli_command(), "inspect", str(run)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "300"},
-    )
+    table = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "300"})
+    assert table.exit_code == 0, table.output
     assert "stopped at step 3 (rank 0) after a failed write" in table.stdout
