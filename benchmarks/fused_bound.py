@@ -178,21 +178,20 @@ def bucketed_policies(
     )
 
 
-class _Exported(torch.nn.Module):
-    """`clipped_policies` as a module, for `torch.export`."""
-
-    forward = staticmethod(clipped_policies)
-
-
-def ahead_of_time(package: Path, arrays: list[torch.Tensor], bounds: tuple) -> float | None:
-    """Build `clipped_policies` into an AOTInductor package at `package`, for any number of
-    positions, unless it exists -> the seconds the build took (None: it was there)."""
+def ahead_of_time(
+    package: Path,
+    function: Kernel,
+    inputs: tuple[torch.Tensor, ...],
+    dynamic: tuple[dict[int, torch.export.Dim] | None, ...],
+) -> float | None:
+    """Build `function` into an AOTInductor package at `package` for `inputs`' shapes, their
+    dims in `dynamic` (one entry an input, None: static) free, unless it exists -> the seconds
+    the build took (None: it was there)."""
     if package.exists():
         return None
     started = time.perf_counter()
-    positions = torch.export.Dim("positions", min=2, max=2**31 - 2)
-    per_position = ({0: positions},) * len(arrays) + (None,) * len(bounds)
-    exported = torch.export.export(_Exported(), (*arrays, *bounds), dynamic_shapes=per_position)
+    module = type("Exported", (torch.nn.Module,), {"forward": staticmethod(function)})()
+    exported = torch.export.export(module, inputs, dynamic_shapes=dynamic)
     package.parent.mkdir(parents=True, exist_ok=True)
     building = package.with_suffix(".building.pt2")
     torch._inductor.aoti_compile_and_package(exported, package_path=str(building))
@@ -267,7 +266,9 @@ def main() -> None:
         assert torch.equal(direct[:, 1], bucketed[:, 1]), (direct, bucketed)  # discarded
         assert torch.allclose(direct, bucketed, rtol=1e-6, atol=1e-9), (direct, bucketed)
     package = args.cache / "aot" / f"torch-{torch.__version__}-policies-{args.policies}.pt2"
-    build_s = ahead_of_time(package, steps[0], bounds)
+    free = torch.export.Dim("positions", min=2, max=2**31 - 2)
+    per_position = ({0: free},) * len(steps[0]) + (None,) * len(bounds)
+    build_s = ahead_of_time(package, clipped_policies, (*steps[0], *bounds), per_position)
     packaged = torch._inductor.aoti_load_package(str(package))
     for arrays in steps:
         direct, fused = clipped_policies(*arrays, *bounds), packaged(*arrays, *bounds)
