@@ -980,6 +980,46 @@ def test_a_step_an_exit_handler_registered_before_the_run_logs_is_recorded(
     assert json.loads((out / "manifest.json").read_text()).get("recording_closed") is True
 
 
+THREAD_EXIT_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading
+    import stabledrl_cli.errors as errors
+
+
+    def work():
+        try:
+            raise errors.UsageError("cannot record this run: a refused setting")
+        except errors.UsageError:
+            sys.exit(1)  # ends this thread only, silently, as Python's SystemExit does
+
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    print("carries on", flush=True)
+    sys.exit(5)
+    """
+)
+
+
+def test_a_thread_that_exits_while_it_handles_the_tools_error_ends_silently(tmp_path, monkeypatch):
+    """threading ignores a SystemExit in a thread only when its type is SystemExit itself:
+    before, the exit that reports the error (a subclass) was printed as the thread's
+    traceback ("Exception in thread ... _ReportedExit: 1"), though the process went on."""
+    script = tmp_path / "train.py"
+    script.write_text(THREAD_EXIT_SCRIPT)
+    result = subprocess.run(
+        [*cli_command(), "record", "--out", str(tmp_path / "run"), "--no-optimizer-hooks",
+         "--", sys.executable, str(script)],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 5, result.stderr
+    assert result.stdout.splitlines() == ["carries on"]
+    assert result.stderr.splitlines()[1:] == [
+        "the training command exited with code 5; the run holds no step file"
+    ], result.stderr
+
+
 def test_the_exit_that_reports_a_handled_error_pickles_as_pythons_own(tmp_path, monkeypatch):
     """A SystemExit may be pickled to another process (concurrent.futures' process pool sends
     a worker's back): the copy is a plain SystemExit with the same code, never an error of

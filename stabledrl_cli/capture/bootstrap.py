@@ -272,8 +272,12 @@ def reported_exit(handled: BaseException, status: object) -> SystemExit | None:
     """The sitecustomize's sys.exit under `record -- CMD` (module docstring): when `status`
     ends the process with 1 while `handled`, the exception being handled, is a stabledrl
     error (`_tool_error`), the SystemExit to raise in place of Python's, which reports that
-    error when the process ends with it; else None (Python's own sys.exit)."""
+    error when the process ends with it; else None (Python's own sys.exit). Also None in any
+    thread but the main one: a SystemExit there ends that thread alone, and threading ignores
+    it silently only when its type is SystemExit itself."""
     if not os.environ.get(ENV_STATUS_FILE) or not (isinstance(status, int) and status == 1):
+        return None
+    if threading.current_thread() is not threading.main_thread():
         return None
     error = _tool_error(handled)
     return _ReportedExit(status, error) if error is not None else None

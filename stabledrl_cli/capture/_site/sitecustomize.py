@@ -19,9 +19,9 @@ event of the process (an `id()`, an import, an `open`...), which returns at once
 A framework may catch the tool's error itself, print its own report and end the process with
 `sys.exit(1)` inside its `except` block (hydra's `@hydra.main`, which verl's entry point
 uses): no exception is uncaught, and the audit hook never hears of it. So `sys.exit` is
-wrapped too: called with 1 while a stabledrl error is being handled, it raises
-`bootstrap.reported_exit`'s SystemExit, which reports that error as if uncaught once the
-interpreter reads its code to end the process (nothing when the script catches that
+wrapped too: called with 1 in the main thread while a stabledrl error is being handled, it
+raises `bootstrap.reported_exit`'s SystemExit, which reports that error as if uncaught once
+the interpreter reads its code to end the process (nothing when the script catches that
 SystemExit and goes on). Every other call is Python's own `sys.exit`.
 
 The run that the process records (its optimizer hooks, `log_policy_batch`) is closed by an
