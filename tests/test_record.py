@@ -1020,6 +1020,55 @@ def test_a_thread_that_exits_while_it_handles_the_tools_error_ends_silently(tmp_
     ], result.stderr
 
 
+INTERRUPTED_DRAIN_SCRIPT = textwrap.dedent(
+    """
+    import threading
+    import torch
+    import stabledrl_cli.dump._writer as writer
+
+    disk = threading.Event()  # a slow disk: the steps wait in the queue until the exit drains it
+    write, stop = writer._write, writer._Writer.stop
+
+
+    def slow_write(item):
+        disk.wait()
+        write(item)
+
+
+    def stop_interrupted_once(self):
+        if not getattr(self, "interrupted", False):  # a second Ctrl-C, as the exit drains
+            self.interrupted = True
+            raise KeyboardInterrupt
+        disk.set()
+        stop(self)
+
+
+    writer._write, writer._Writer.stop = slow_write, stop_interrupted_once
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    for step in range(4):
+        weight.grad = torch.ones(2)
+        optimizer.step()
+    """
+)
+
+
+def test_a_ctrl_c_during_the_exit_drain_loses_no_queued_step(tmp_path, monkeypatch):
+    """The Recorder's own exit handler used to finish a drain that a Ctrl-C cut short; record
+    removed it (the run is closed last), so every step still queued was lost: record said
+    the command recorded no step and exited 2."""
+    script, out = tmp_path / "train.py", tmp_path / "run"
+    script.write_text(INTERRUPTED_DRAIN_SCRIPT)
+    result = subprocess.run(
+        [*cli_command(), "record", "--out", str(out), "--", sys.executable, str(script)],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "KeyboardInterrupt" in result.stderr  # the Ctrl-C is not hidden
+    assert open_run(out).step_numbers == [0, 1, 2, 3]
+    assert json.loads((out / "manifest.json").read_text()).get("recording_closed") is True
+
+
 def test_the_exit_that_reports_a_handled_error_pickles_as_pythons_own(tmp_path, monkeypatch):
     """A SystemExit may be pickled to another process (concurrent.futures' process pool sends
     a worker's back): the copy is a plain SystemExit with the same code, never an error of

@@ -547,7 +547,10 @@ def hook_failed(exc: BaseException, context: str) -> None:
 
 
 def close() -> None:
-    """Write a held step, close the Recorder (registered with atexit; safe to call twice)."""
+    """Write a held step, close the Recorder (registered with atexit; safe to call twice). A
+    close that a Ctrl-C cuts short while the Recorder's queue drains is finished before the
+    KeyboardInterrupt goes on: at exit under `record` nothing closes the run after this
+    (`closed_last`), and the steps still queued would be lost."""
     global _recorder
     if not _failure.off:
         try:
@@ -559,7 +562,11 @@ def close() -> None:
         recorder, _recorder = _recorder, None
     if recorder is not None:
         try:
-            recorder.close()
+            try:
+                recorder.close()
+            except KeyboardInterrupt:
+                recorder.close()  # (the Recorder finishes an interrupted close)
+                raise
             _failure.stopped(recorder.stopped, "recording stopped at the end of the run")
         except Exception as exc:
             _failure.fail(
