@@ -181,3 +181,19 @@ def test_a_worker_that_dies_between_two_shards_is_named_too(grpo_fixture):
         f"killer) before computing steps {shards[2][0]}-{shards[2][-1]} (shard 3 of "
         f"{len(shards)}); replay with fewer --workers or a lower --memory-budget"
     )
+
+
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="workers are forked on Linux"
+)
+def test_the_workers_end_once_the_replay_is_gone():
+    """The replay's process killed (SIGKILL, the out-of-memory killer's; SIGTERM): the kernel
+    closes its ends of the pipes and each idle worker reads EOF and ends. Before, each forked
+    worker held copies of the replay's end of its own pipe (and of the earlier workers'), so
+    none ever read EOF: they were left waiting forever, orphaned."""
+    workers = process_engine._start(multiprocessing.get_context("fork"), 2)
+    for worker in workers:
+        worker.conn.close()  # what the replay's death does to its ends
+    for worker in workers:
+        worker.process.join(timeout=60)  # a guard against the hang only: they end at once
+        assert worker.process.exitcode == 0

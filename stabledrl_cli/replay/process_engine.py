@@ -59,10 +59,13 @@ class _RemoteTraceback(Exception):
         return str(self.args[0])
 
 
-def _serve(conn: Connection) -> None:
+def _serve(conn: Connection, replays_ends: Sequence[Connection]) -> None:
     """A worker: computes each shard sent on `conn` and sends back its `Reply`, until it is sent
     None or the replay's end of the pipe closes. Ctrl-C is the replay's to handle: it stops the
-    workers."""
+    workers. A forked worker first closes its copies of the replay's ends (`replays_ends`), so
+    that it reads EOF once the replay is gone, however it ended (SIGKILL too)."""
+    for end in replays_ends:
+        end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         while (task := conn.recv()) is not None:
@@ -88,11 +91,15 @@ class _Worker:
 
 
 def _start(context: BaseContext, count: int) -> list[_Worker]:
-    """`count` worker processes, each with its end of a pipe."""
-    workers = []
+    """`count` worker processes, each with its end of a pipe. A forked one also gets the
+    replay's ends it inherits, its own and the earlier workers', to close: while one is open
+    in a worker, that worker or another would never read EOF, and outlive the replay."""
+    workers: list[_Worker] = []
+    forks = context.get_start_method() == "fork"
     for _ in range(count):
         conn, child = context.Pipe()
-        process = context.Process(target=_serve, args=(child,), daemon=True)  # type: ignore[attr-defined]
+        inherited = [*(worker.conn for worker in workers), conn] if forks else []
+        process = context.Process(target=_serve, args=(child, inherited), daemon=True)  # type: ignore[attr-defined]
         process.start()
         child.close()  # the worker's end is the worker's alone: it reads EOF once that dies
         workers.append(_Worker(process, conn))
