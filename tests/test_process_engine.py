@@ -138,12 +138,30 @@ def _fails_unpicklably(task: ShardTask) -> StreamedRun:
     raise _Unpicklable()
 
 
+class _Unloadable(Exception):
+    """An error that pickles but whose copy cannot be loaded, as botocore's ClientError: its
+    __init__ takes other arguments than the message it passes on."""
+
+    def __init__(self, response: str, operation: str) -> None:
+        super().__init__(f"An error occurred ({response}) when calling the {operation} operation")
+
+
+def _fails_unloadably(task: ShardTask) -> StreamedRun:
+    raise _Unloadable("NoSuchKey", "GetObject")
+
+
 @pytest.mark.parametrize(
     ("worker", "error", "message"),
     [
         (_fails, InputError, r"^step \d+: missing field$"),
         # pickle refuses it: it still comes by name, not as a worker that died
         (_fails_unpicklably, RuntimeError, r"^_Unpicklable: a bug in a shard$"),
+        # its copy cannot be loaded: before, the replay raised that TypeError ("a bug", 70)
+        (
+            _fails_unloadably,
+            RuntimeError,
+            r"^_Unloadable: An error occurred \(NoSuchKey\) when calling the GetObject operation$",
+        ),
     ],
 )
 def test_an_error_of_a_shard_is_raised_as_it_is(grpo_fixture, monkeypatch, worker, error, message):

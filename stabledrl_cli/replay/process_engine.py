@@ -59,6 +59,17 @@ class _RemoteTraceback(Exception):
         return str(self.args[0])
 
 
+def _sendable(error: Exception) -> Exception:
+    """`error`, or a RuntimeError of its name and message when pickle cannot carry it to the
+    replay: it refuses the error (a lambda in it), or its copy cannot be loaded there (an
+    `__init__` of other arguments than the message, as botocore's ClientError)."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
+
+
 def _serve(conn: Connection, replays_ends: Sequence[Connection]) -> None:
     """A worker: computes each shard sent on `conn` and sends back its `Reply`, until it is sent
     None or the replay's end of the pipe closes. Ctrl-C is the replay's to handle: it stops the
@@ -72,12 +83,8 @@ def _serve(conn: Connection, replays_ends: Sequence[Connection]) -> None:
             try:
                 reply: Reply = (stream_shard(task), None, "")
             except Exception as exc:
-                reply = (None, exc, traceback.format_exc())
-            try:
-                conn.send(reply)
-            except (pickle.PicklingError, TypeError, AttributeError):  # an error pickle refuses
-                error = RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")
-                conn.send((None, error, reply[2]))
+                reply = (None, _sendable(exc), traceback.format_exc())
+            conn.send(reply)
     except (EOFError, BrokenPipeError):  # the replay is gone
         return
 
