@@ -1020,33 +1020,110 @@ def test_a_thread_that_exits_while_it_handles_the_tools_error_ends_silently(tmp_
     ], result.stderr
 
 
+ENDED_AT_EXIT_SCRIPT = textwrap.dedent(
+    """
+    import atexit, os, sys
+
+    atexit.register(os._exit, 0)  # a library's exit handler, registered before torch's import
+    import torch
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    for step in range(int(sys.argv[1])):
+        weight.grad = torch.ones(2)
+        optimizer.step()
+    """
+)
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_an_exit_handler_that_ends_the_process_loses_no_finished_step(tmp_path, monkeypatch, steps):
+    """An exit handler registered before the run opened that ends the process (`os._exit`),
+    or never returns: the run is closed after it, so the held and queued steps are written
+    before it runs. Before, none was written (the run held no step file, exit 2); at d3346fa
+    they all were."""
+    script, out = tmp_path / "train.py", tmp_path / "run"
+    script.write_text(ENDED_AT_EXIT_SCRIPT)
+    result = subprocess.run(
+        [*cli_command(), "record", "--out", str(out), "--", sys.executable, str(script),
+         str(steps)],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert open_run(out).step_numbers == list(range(steps))
+    # ended before its close: the run is not marked closed, as a killed recording is not
+    assert "recording_closed" not in json.loads((out / "manifest.json").read_text())
+
+
+FORKED_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    for step in range(4):
+        if step == 2:
+            child = os.fork()
+            if child == 0:  # a forked child that ends as any process does: exit handlers run
+                sys.exit(0)
+            os.waitpid(child, 0)
+        weight.grad = torch.ones(2)
+        optimizer.step()
+    """
+)
+
+
+def test_a_forked_child_that_ends_leaves_the_parents_run_alone(tmp_path, monkeypatch):
+    """The child runs the exit handlers it inherited: they are the parent's run's to run."""
+    script, out = tmp_path / "train.py", tmp_path / "run"
+    script.write_text(FORKED_SCRIPT)
+    result = subprocess.run(
+        [*cli_command(), "record", "--out", str(out), "--", sys.executable, str(script)],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[1:] == [], result.stderr
+    assert open_run(out).step_numbers == [0, 1, 2, 3]
+    assert json.loads((out / "manifest.json").read_text()).get("recording_closed") is True
+
+
 INTERRUPTED_DRAIN_SCRIPT = textwrap.dedent(
     """
-    import threading
-    import torch
+    import atexit, threading
     import stabledrl_cli.dump._writer as writer
 
-    disk = threading.Event()  # a slow disk: the steps wait in the queue until the exit drains it
+    LATE = 4
+    disk = threading.Event()  # a slow disk for the late step: it waits in the queue
     write, stop = writer._write, writer._Writer.stop
 
 
     def slow_write(item):
-        disk.wait()
+        if item.step == LATE:
+            disk.wait()
         write(item)
 
 
     def stop_interrupted_once(self):
-        if not getattr(self, "interrupted", False):  # a second Ctrl-C, as the exit drains
+        if not getattr(self, "interrupted", False):  # a second Ctrl-C, as the close drains
             self.interrupted = True
             raise KeyboardInterrupt
         disk.set()
         stop(self)
 
 
+    def late_step():  # the script's exit handler, registered before the run opened
+        weight.grad = torch.ones(2)
+        optimizer.step()
+
+
     writer._write, writer._Writer.stop = slow_write, stop_interrupted_once
+    atexit.register(late_step)
+    import torch
+
     weight = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.SGD([weight], lr=0.1)
-    for step in range(4):
+    for step in range(LATE):
         weight.grad = torch.ones(2)
         optimizer.step()
     """
@@ -1055,8 +1132,8 @@ INTERRUPTED_DRAIN_SCRIPT = textwrap.dedent(
 
 def test_a_ctrl_c_during_the_exit_drain_loses_no_queued_step(tmp_path, monkeypatch):
     """The Recorder's own exit handler used to finish a drain that a Ctrl-C cut short; record
-    removed it (the run is closed last), so every step still queued was lost: record said
-    the command recorded no step and exited 2."""
+    removed it (the run is closed last), so a step still queued was lost (here the one the
+    script's exit handler logs)."""
     script, out = tmp_path / "train.py", tmp_path / "run"
     script.write_text(INTERRUPTED_DRAIN_SCRIPT)
     result = subprocess.run(
@@ -1065,7 +1142,7 @@ def test_a_ctrl_c_during_the_exit_drain_loses_no_queued_step(tmp_path, monkeypat
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "KeyboardInterrupt" in result.stderr  # the Ctrl-C is not hidden
-    assert open_run(out).step_numbers == [0, 1, 2, 3]
+    assert open_run(out).step_numbers == [0, 1, 2, 3, 4]
     assert json.loads((out / "manifest.json").read_text()).get("recording_closed") is True
 
 

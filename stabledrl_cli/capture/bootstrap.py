@@ -11,10 +11,11 @@ it and the optimizer hooks (`optimizer_hooks`) write together.
 
 Inside the child, the first step to write opens a Recorder on the run directory; it is closed
 at interpreter exit, after every exit handler of the script when the sitecustomize runs
-(`closed_last`), so that a step one of them logs is recorded. Under a launcher that sets
-torch.distributed's RANK and WORLD_SIZE (torchrun, accelerate, deepspeed) it records as that
-rank, each rank writing its own step files (`recorder_kwargs` may still pass `rank` and
-`world_size`).
+(`closed_last`), so that a step one of them logs is recorded; the steps logged before are
+written earlier, by an exit handler registered as the hooks are installed and as the run
+opens (`_written_at_exit`). Under a launcher that sets torch.distributed's RANK and
+WORLD_SIZE (torchrun, accelerate, deepspeed) it records as that rank, each rank writing its
+own step files (`recorder_kwargs` may still pass `rank` and `world_size`).
 
 A step comes from `log_policy_batch` (a policy batch), from the optimizer hooks (an optimizer
 step's scalars), or from both: the pairing rule is that
@@ -329,10 +330,12 @@ _integration = False
 
 def _forked() -> None:
     """In a child forked from this process: the held step is the parent's to write (the child
-    would open the run with it at its exit, and the parent then fail to), and the lock may
-    have been held by another thread of the parent, which the child does not have."""
+    would open the run with it at its exit, and the parent then fail to), as are the queued
+    steps that `_written_at_exit` writes (the Recorder refuses a child's flush), and the lock
+    may have been held by another thread of the parent, which the child does not have."""
     global _held, _lock
     _held, _lock = None, threading.Lock()
+    atexit.unregister(_written_at_exit)
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -369,6 +372,7 @@ def _open(
     _recorder = Recorder(run_dir, policy=policy, overwrite=force, **recorder_kwargs)
     if _closed_last:
         _recorder.closed_by_caller_at_exit()
+        atexit.register(_written_at_exit)
     else:
         atexit.register(close)
     return _recorder
@@ -522,8 +526,7 @@ def hooks_wanted() -> bool:
 
 def hooks_installed() -> None:
     """Called once the optimizer hooks are in: the held step (if any) is written at exit."""
-    if not _closed_last:
-        atexit.register(close)
+    atexit.register(_written_at_exit if _closed_last else close)
 
 
 _closed_last = False
@@ -539,6 +542,27 @@ def closed_last() -> None:
     the sitecustomize (`python -I`), the run is closed by a handler registered as it opens."""
     global _closed_last
     _closed_last = True
+
+
+def _written_at_exit() -> None:
+    """Under `closed_last`, the exit handler registered as the hooks are installed and as the
+    run opens: the held step and every queued one are written, the run left open. An exit
+    handler registered before it that ends the process (`os._exit`) or never returns then
+    loses no finished step, and one that logs a step still has it recorded (the run is
+    closed last)."""
+    if _failure.off:
+        return
+    try:
+        with _lock:
+            _release_held(None, {})
+            recorder = _recorder
+        if recorder is not None:
+            recorder.flush()
+            _failure.stopped(recorder.stopped, "recording stopped at the end of the run")
+    except Exception as exc:
+        _failure.fail(
+            WriteError(str(exc)) if isinstance(exc, OSError) else exc, "writing the last steps"
+        )
 
 
 def hook_failed(exc: BaseException, context: str) -> None:
