@@ -980,6 +980,20 @@ def test_a_step_an_exit_handler_registered_before_the_run_logs_is_recorded(
     assert json.loads((out / "manifest.json").read_text()).get("recording_closed") is True
 
 
+def _record_script(
+    tmp_path: Path, monkeypatch, text: str, *args: str, options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """A real `stabledrl record --out TMP/run OPTIONS -- python SCRIPT ARGS` process, SCRIPT
+    holding `text`."""
+    script = tmp_path / "train.py"
+    script.write_text(text)
+    return subprocess.run(
+        [*cli_command(), "record", "--out", str(tmp_path / "run"), *options,
+         "--", sys.executable, str(script), *args],
+        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=TIMEOUT,
+    )  # fmt: skip
+
+
 THREAD_EXIT_SCRIPT = textwrap.dedent(
     """
     import sys, threading
@@ -1006,13 +1020,9 @@ def test_a_thread_that_exits_while_it_handles_the_tools_error_ends_silently(tmp_
     """threading ignores a SystemExit in a thread only when its type is SystemExit itself:
     before, the exit that reports the error (a subclass) was printed as the thread's
     traceback ("Exception in thread ... _ReportedExit: 1"), though the process went on."""
-    script = tmp_path / "train.py"
-    script.write_text(THREAD_EXIT_SCRIPT)
-    result = subprocess.run(
-        [*cli_command(), "record", "--out", str(tmp_path / "run"), "--no-optimizer-hooks",
-         "--", sys.executable, str(script)],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=TIMEOUT,
-    )  # fmt: skip
+    result = _record_script(
+        tmp_path, monkeypatch, THREAD_EXIT_SCRIPT, options=("--no-optimizer-hooks",)
+    )
     assert result.returncode == 5, result.stderr
     assert result.stdout.splitlines() == ["carries on"]
     assert result.stderr.splitlines()[1:] == [
@@ -1042,13 +1052,10 @@ def test_an_exit_handler_that_ends_the_process_loses_no_finished_step(tmp_path, 
     or never returns: the run is closed after it, so the held and queued steps are written
     before it runs. Before, none was written (the run held no step file, exit 2); at d3346fa
     they all were."""
-    script, out = tmp_path / "train.py", tmp_path / "run"
-    script.write_text(ENDED_AT_EXIT_SCRIPT)
-    result = subprocess.run(
-        [*cli_command(), "record", "--out", str(out), "--", sys.executable, str(script),
-         str(steps)],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=TIMEOUT,
-    )  # fmt: skip
+    result, out = (
+        _record_script(tmp_path, monkeypatch, ENDED_AT_EXIT_SCRIPT, str(steps)),
+        tmp_path / "run",
+    )
     assert result.returncode == 0, result.stderr
     assert open_run(out).step_numbers == list(range(steps))
     # ended before its close: the run is not marked closed, as a killed recording is not
@@ -1076,12 +1083,7 @@ FORKED_SCRIPT = textwrap.dedent(
 
 def test_a_forked_child_that_ends_leaves_the_parents_run_alone(tmp_path, monkeypatch):
     """The child runs the exit handlers it inherited: they are the parent's run's to run."""
-    script, out = tmp_path / "train.py", tmp_path / "run"
-    script.write_text(FORKED_SCRIPT)
-    result = subprocess.run(
-        [*cli_command(), "record", "--out", str(out), "--", sys.executable, str(script)],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=TIMEOUT,
-    )  # fmt: skip
+    result, out = _record_script(tmp_path, monkeypatch, FORKED_SCRIPT), tmp_path / "run"
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines()[1:] == [], result.stderr
     assert open_run(out).step_numbers == [0, 1, 2, 3]
@@ -1134,12 +1136,7 @@ def test_a_ctrl_c_during_the_exit_drain_loses_no_queued_step(tmp_path, monkeypat
     """The Recorder's own exit handler used to finish a drain that a Ctrl-C cut short; record
     removed it (the run is closed last), so a step still queued was lost (here the one the
     script's exit handler logs)."""
-    script, out = tmp_path / "train.py", tmp_path / "run"
-    script.write_text(INTERRUPTED_DRAIN_SCRIPT)
-    result = subprocess.run(
-        [*cli_command(), "record", "--out", str(out), "--", sys.executable, str(script)],
-        capture_output=True, text=True, env=_child_env(monkeypatch), timeout=TIMEOUT,
-    )  # fmt: skip
+    result, out = _record_script(tmp_path, monkeypatch, INTERRUPTED_DRAIN_SCRIPT), tmp_path / "run"
     assert result.returncode == 0, result.stderr
     assert "KeyboardInterrupt" in result.stderr  # the Ctrl-C is not hidden
     assert open_run(out).step_numbers == [0, 1, 2, 3, 4]
