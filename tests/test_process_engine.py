@@ -215,3 +215,44 @@ def test_the_workers_end_once_the_replay_is_gone():
     for worker in workers:
         worker.process.join(timeout=60)  # a guard against the hang only: they end at once
         assert worker.process.exitcode == 0
+
+
+GRACEFUL_SCRIPT = """
+import signal, sys, threading
+from stabledrl_cli.dump import open_run
+from stabledrl_cli.errors import InputError
+from stabledrl_cli.replay import process_engine
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.engine import replay_run
+from stabledrl_cli.replay.process_engine import ProcessEngine
+
+stopping = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stopping.set())  # a training's graceful stop
+
+
+def shard(task):
+    if task.steps[0] == 0:
+        raise InputError("step 0: missing field")
+    threading.Event().wait()  # a long shard: busy still when the replay stops
+
+
+process_engine.stream_shard = shard
+try:
+    replay_run(open_run(sys.argv[1]), ["grpo"], config=ReplayConfig(device="cpu"),
+               engine=ProcessEngine(workers=2))
+except InputError as exc:
+    print(exc)
+"""
+
+
+def test_a_busy_worker_is_stopped_even_under_a_sigterm_handler_of_the_caller(grpo_fixture):
+    """A process that replays (a training's monitor, say) may handle SIGTERM itself, as a
+    graceful stop that sets a flag: its forked workers inherited that handler, so the
+    SIGTERM that stops a busy worker once another shard failed was caught and ignored, and
+    the replay waited for that worker forever."""
+    done = subprocess.run(
+        [sys.executable, "-c", GRACEFUL_SCRIPT, str(grpo_fixture)],
+        capture_output=True, text=True, timeout=120,  # a guard against the hang only
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "step 0: missing field\n"

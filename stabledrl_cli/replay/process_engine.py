@@ -73,11 +73,14 @@ def _sendable(error: Exception) -> Exception:
 def _serve(conn: Connection, replays_ends: Sequence[Connection]) -> None:
     """A worker: computes each shard sent on `conn` and sends back its `Reply`, until it is sent
     None or the replay's end of the pipe closes. Ctrl-C is the replay's to handle: it stops the
-    workers. A forked worker first closes its copies of the replay's ends (`replays_ends`), so
-    that it reads EOF once the replay is gone, however it ended (SIGKILL too)."""
+    workers; SIGTERM ends it, whatever handler the replay's process had (a forked worker
+    inherits it), as the replay stops a busy worker with it. A forked worker first closes its
+    copies of the replay's ends (`replays_ends`), so that it reads EOF once the replay is gone,
+    however it ended (SIGKILL too)."""
     for end in replays_ends:
         end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         while (task := conn.recv()) is not None:
             try:
