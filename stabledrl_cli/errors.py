@@ -38,8 +38,9 @@ class WriteError(StabledrlError):
 
 class WorkerDiedError(StabledrlError):
     """A worker process ended before it finished its share of the work: killed by a signal
-    (SIGKILL is often the out-of-memory killer) or exited; neither the input's fault nor a bug
-    the tool raised (exit 71, EX_OSERR of sysexits.h beside the internal error's 70)."""
+    (SIGKILL is often the out-of-memory killer) or exited, or could not be started (fork
+    refused); neither the input's fault nor a bug the tool raised (exit 71, EX_OSERR of
+    sysexits.h beside the internal error's 70)."""
 
     exit_code = 71
 

@@ -3,6 +3,7 @@ into exactly the JSON of a local replay (docs/scaling.md)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -209,7 +210,7 @@ def test_the_workers_end_once_the_replay_is_gone():
     closes its ends of the pipes and each idle worker reads EOF and ends. Before, each forked
     worker held copies of the replay's end of its own pipe (and of the earlier workers'), so
     none ever read EOF: they were left waiting forever, orphaned."""
-    workers = process_engine._start(multiprocessing.get_context("fork"), 2)
+    workers = process_engine._start(multiprocessing.get_context("fork"), 2, "run")
     for worker in workers:
         worker.conn.close()  # what the replay's death does to its ends
     for worker in workers:
@@ -256,3 +257,30 @@ def test_a_busy_worker_is_stopped_even_under_a_sigterm_handler_of_the_caller(grp
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout == "step 0: missing field\n"
+
+
+def test_a_worker_that_cannot_be_started_is_exit_71_and_the_others_stop(tmp_path, monkeypatch):
+    """fork refused (out of memory, the process limit): the machine's limits, as for a worker
+    killed (exit 71, EX_OSERR: 'cannot fork'), and the worker started before it stops. Before,
+    the OSError was 'internal error ... a bug' (exit 70)."""
+    run = tiny_run(tmp_path / "run", steps=8)
+    start = multiprocessing.context.ForkProcess.start
+    started: list[int] = []
+
+    def start_once(self: multiprocessing.context.ForkProcess) -> None:
+        if started:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        started.append(1)
+        start(self)
+
+    monkeypatch.setattr(multiprocessing.context.ForkProcess, "start", start_once)
+    result = runner.invoke(
+        app,
+        ["replay", str(run), "--device", "cpu", "--engine", "processes", "--workers", "2"],
+    )
+    assert result.exit_code == WorkerDiedError.exit_code == 71, result.output
+    assert result.stderr.strip() == (
+        f"error: {run}: a replay worker process could not be started (Cannot allocate "
+        "memory); replay with fewer --workers or a lower --memory-budget"
+    )
+    assert multiprocessing.active_children() == []

@@ -100,19 +100,28 @@ class _Worker:
     """The shard it computes, None when idle."""
 
 
-def _start(context: BaseContext, count: int) -> list[_Worker]:
+def _start(context: BaseContext, count: int, location: str) -> list[_Worker]:
     """`count` worker processes, each with its end of a pipe. A forked one also gets the
     replay's ends it inherits, its own and the earlier workers', to close: while one is open
-    in a worker, that worker or another would never read EOF, and outlive the replay."""
+    in a worker, that worker or another would never read EOF, and outlive the replay. One
+    that the system refuses to start (fork: out of memory, the process limit) stops those
+    started and raises WorkerDiedError, as the machine's limits do to a running one."""
     workers: list[_Worker] = []
     forks = context.get_start_method() == "fork"
-    for _ in range(count):
-        conn, child = context.Pipe()
-        inherited = [*(worker.conn for worker in workers), conn] if forks else []
-        process = context.Process(target=_serve, args=(child, inherited), daemon=True)  # type: ignore[attr-defined]
-        process.start()
-        child.close()  # the worker's end is the worker's alone: it reads EOF once that dies
-        workers.append(_Worker(process, conn))
+    try:
+        for _ in range(count):
+            conn, child = context.Pipe()
+            inherited = [*(worker.conn for worker in workers), conn] if forks else []
+            process = context.Process(target=_serve, args=(child, inherited), daemon=True)  # type: ignore[attr-defined]
+            process.start()
+            child.close()  # the worker's end is the worker's alone: it reads EOF once that dies
+            workers.append(_Worker(process, conn))
+    except OSError as exc:
+        _stop(workers)
+        raise WorkerDiedError(
+            f"{location}: a replay worker process could not be started "
+            f"({exc.strerror or exc}); {WORKER_ADVICE}"
+        ) from None
     return workers
 
 
@@ -227,7 +236,7 @@ class ProcessEngine:
                 progress(sizes[i])
 
         # The workers are forked before the run's check starts a thread in this process.
-        pool = _start(context, min(workers, len(tasks)))
+        pool = _start(context, min(workers, len(tasks)), run.location)
         checking = threading.Thread(target=check_run, args=(run,), daemon=True)
         checking.start()
         try:
