@@ -171,8 +171,10 @@ def test_threads_of_the_example_are_bounded(tmp_path, command: str, threads: str
         (["watch", "unused", "--interval", "1e30"], "--interval must be in (0, 86400] seconds"),
         (["record", "--rl-steps", "1", "--seed", str(10**29)], "seed must be an integer in"),
         (["record", "--rl-steps", "1", "--seed", str(10**30)], "'--seed': not an integer"),
+        (["record", "--rl-steps", "1", "--lr", "inf"], "lr must be a finite number > 0, got inf"),
+        (["replay", "unused", "--guard", "skip-step:sigma=inf"], "must be a finite number > 0"),
     ],
-    ids=["watch-interval", "record-seed", "record-seed-digits"],
+    ids=["watch-interval", "record-seed", "record-seed-digits", "record-lr-inf", "sigma-inf"],
 )
 def test_huge_values_are_usage_errors(tmp_path, args: list[str], message: str) -> None:
     """time.sleep and torch.manual_seed overflowed on them (exit 70)."""

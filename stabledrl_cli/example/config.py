@@ -95,7 +95,10 @@ class ExampleConfig:
                 not -(2**63) <= self.seed < 2**63,
                 f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed}",
             ),
-            (not (self.lr > 0 and math.isfinite(self.lr)), f"lr must be > 0, got {self.lr}"),
+            (
+                not (self.lr > 0 and math.isfinite(self.lr)),
+                f"lr must be a finite number > 0, got {self.lr}",
+            ),
             (
                 not (self.max_grad_norm > 0),
                 f"max_grad_norm must be > 0, got {self.max_grad_norm}",

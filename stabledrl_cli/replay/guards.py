@@ -86,7 +86,10 @@ class ZClip:
         eps: float = 1e-6,
     ) -> None:
         _check(0.0 < alpha < 1.0, f"alpha must be in (0, 1), got {alpha!r}")
-        _check(z_thresh > 0.0 and math.isfinite(z_thresh), f"z_thresh must be > 0: {z_thresh!r}")
+        _check(
+            z_thresh > 0.0 and math.isfinite(z_thresh),
+            f"z_thresh must be a finite number > 0, got {z_thresh!r}",
+        )
         _check(
             1 <= warmup <= MAX_WINDOW,
             f"warmup must be an integer in [1, {MAX_WINDOW:.0e}], got {warmup!r}",
@@ -143,7 +146,10 @@ class SkipStep:
             6 <= window <= MAX_WINDOW,
             f"window must be an integer in [6, {MAX_WINDOW:.0e}], got {window!r}",
         )
-        _check(sigma > 0.0 and math.isfinite(sigma), f"sigma must be > 0, got {sigma!r}")
+        _check(
+            sigma > 0.0 and math.isfinite(sigma),
+            f"sigma must be a finite number > 0, got {sigma!r}",
+        )
         self.window, self.sigma = window, sigma
         self.min_history = max(2, window // 2)
         self._norms: deque[float] = deque(maxlen=window)
