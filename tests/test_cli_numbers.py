@@ -8,12 +8,12 @@ import json
 import typing
 
 import pytest
+from conftest import FIXTURES
 from typer.core import TyperOption
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli._options import StrictNumber
 from stabledrl_cli.cli.app import COMMANDS, app, load_command
-from tests.conftest import FIXTURES
 
 
 def numeric_options() -> list[tuple[str, str, type]]:
