@@ -267,7 +267,10 @@ RAISES_SCRIPT = textwrap.dedent(
     except Exception as exc:
         if not how:
             raise
-        print(f"the job failed: {exc!r}", file=sys.stderr, flush=True)  # the framework's report
+        # the framework's report, in one write: print writes its newline apart, and another
+        # rank's line could land between the two
+        sys.stderr.write(f"the job failed: {exc!r}\\n")
+        sys.stderr.flush()
         if how == "reported":  # then sys.exit(1) in its except block, as hydra does
             sys.exit(1)
         if how == "exit5":  # an exit code of its choosing
