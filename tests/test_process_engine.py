@@ -3,6 +3,7 @@ into exactly the JSON of a local replay (docs/scaling.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import multiprocessing
@@ -10,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from _corpus import bad_seq_id, tiny_run
@@ -216,6 +219,66 @@ def test_the_workers_end_once_the_replay_is_gone():
     for worker in workers:
         worker.process.join(timeout=60)  # a guard against the hang only: they end at once
         assert worker.process.exitcode == 0
+
+
+BUSY_SCRIPT = """
+import os, sys, threading
+from pathlib import Path
+from stabledrl_cli.dump import open_run
+from stabledrl_cli.replay import process_engine
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.engine import replay_run
+from stabledrl_cli.replay.process_engine import ProcessEngine
+
+
+def shard(task):
+    (Path(sys.argv[2]) / str(os.getpid())).touch()
+    threading.Event().wait()  # a shard that takes long
+
+
+process_engine.stream_shard = shard
+replay_run(open_run(sys.argv[1]), ["grpo"], config=ReplayConfig(device="cpu"),
+           engine=ProcessEngine(workers=2))
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie nobody reaped yet does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's"
+)
+def test_busy_workers_end_with_a_replay_that_is_killed(grpo_fixture, tmp_path):
+    """The replay's process killed while its workers compute (the out-of-memory killer's
+    SIGKILL): they end at once. Before, each computed its shard to the end for nobody (here,
+    forever) and only then read the EOF."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    replay = subprocess.Popen([sys.executable, "-c", BUSY_SCRIPT, str(grpo_fixture), str(busy)])
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 120  # guards against a hang only
+        while len(pids) < 2 and time.monotonic() < deadline and replay.poll() is None:
+            time.sleep(0.05)
+            pids = [int(path.name) for path in busy.iterdir()]
+        assert len(pids) == 2, "the workers never started their shards"
+        replay.kill()
+        replay.wait()
+        deadline = time.monotonic() + 60
+        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_running(pid) for pid in pids)
+    finally:
+        replay.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 GRACEFUL_SCRIPT = """

@@ -18,10 +18,13 @@ naming both (`WorkerDiedError`, exit 71); the Ray engine retries such a shard in
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -70,7 +73,23 @@ def _sendable(error: Exception) -> Exception:
     return error
 
 
-def _serve(conn: Connection, replays_ends: Sequence[Connection]) -> None:
+PR_SET_PDEATHSIG = 1
+"""prctl(2)'s option: the signal the kernel sends this process when its parent dies."""
+
+
+def _ended_with_the_replay(replay: int) -> None:
+    """On Linux, a SIGTERM to this worker from the kernel as soon as the replay's process
+    (`replay`, its pid) dies, however it died: a busy worker stops at once instead of
+    computing its shard to the end for nobody. Elsewhere nothing: it ends at its next read."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # no libc to ask: the EOF still ends it
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != replay:  # the replay died before the request took effect
+        os._exit(0)
+
+
+def _serve(conn: Connection, replays_ends: Sequence[Connection], replay: int) -> None:
     """A worker: computes each shard sent on `conn` and sends back its `Reply`, until it is sent
     None or the replay's end of the pipe closes. Ctrl-C is the replay's to handle: it stops the
     workers; SIGTERM ends it, whatever handler the replay's process had (a forked worker
@@ -81,6 +100,7 @@ def _serve(conn: Connection, replays_ends: Sequence[Connection]) -> None:
         end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _ended_with_the_replay(replay)
     try:
         while (task := conn.recv()) is not None:
             try:
@@ -112,7 +132,8 @@ def _start(context: BaseContext, count: int, location: str) -> list[_Worker]:
         for _ in range(count):
             conn, child = context.Pipe()
             inherited = [*(worker.conn for worker in workers), conn] if forks else []
-            process = context.Process(target=_serve, args=(child, inherited), daemon=True)  # type: ignore[attr-defined]
+            worker_args = (child, inherited, os.getpid())
+            process = context.Process(target=_serve, args=worker_args, daemon=True)  # type: ignore[attr-defined]
             process.start()
             child.close()  # the worker's end is the worker's alone: it reads EOF once that dies
             workers.append(_Worker(process, conn))
