@@ -53,6 +53,14 @@ REASON_LIMIT = 300
 """Characters of another library's error message kept in one of ours."""
 
 
+def task_cause(exc: BaseException) -> StabledrlError | None:
+    """The stabledrl error a Ray task raised, when `exc` is Ray's copy of it raised again in the
+    caller (`RayTaskError(UsageError)`, whose text is the task's whole traceback, in colour):
+    its `cause`; else None."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, StabledrlError) else None
+
+
 def one_line(message: BaseException | str) -> str:
     """Another library's error message (an exception, or its text) on one line, at most
     `REASON_LIMIT` characters (it may span lines, or quote a whole request)."""

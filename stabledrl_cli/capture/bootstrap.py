@@ -67,7 +67,14 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stabledrl_cli.errors import InputError, StabledrlError, UsageError, WriteError, warn
+from stabledrl_cli.errors import (
+    InputError,
+    StabledrlError,
+    UsageError,
+    WriteError,
+    task_cause,
+    warn,
+)
 
 if TYPE_CHECKING:
     from stabledrl_cli.dump import Recorder
@@ -197,7 +204,7 @@ def uncaught_error(exc: BaseException) -> bool:
         return False
     debug = os.environ.get(ENV_DEBUG, "") not in ("", "0")
     if isinstance(exc, StabledrlError):
-        exc = _raised(exc)
+        exc = task_cause(exc) or exc
         message = " ".join(str(exc).split())
         report_failure(exc.exit_code, message, fatal=True)
         if debug:
@@ -211,14 +218,6 @@ def uncaught_error(exc: BaseException) -> bool:
     return child_failed and not debug and _reported_fatal(path)
 
 
-def _raised(error: StabledrlError) -> StabledrlError:
-    """The error as the tool raised it: Ray re-raises an error of a task as its own copy of the
-    error's class (`RayTaskError(UsageError)`), whose text is the task's whole traceback, in
-    colour; the error itself is its `cause`."""
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, StabledrlError) else error
-
-
 def _tool_error(handled: BaseException) -> StabledrlError | None:
     """The stabledrl error that `handled` is, or that is its direct cause (`raise X from
     error`, as far down as such causes go), else None. An exception raised while handling
@@ -227,7 +226,7 @@ def _tool_error(handled: BaseException) -> StabledrlError | None:
     exc: BaseException | None = handled
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, StabledrlError):
-            return _raised(exc)
+            return task_cause(exc) or exc
         seen.add(id(exc))
         exc = exc.__cause__
     return None

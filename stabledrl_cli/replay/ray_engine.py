@@ -36,10 +36,10 @@ from urllib.parse import urlsplit
 from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import (
     MissingExtraError,
-    StabledrlError,
     UsageError,
     WorkerDiedError,
     one_line,
+    task_cause,
 )
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay.config import ReplayConfig
@@ -228,8 +228,8 @@ def map_shards(
                 f"{shard_named(tasks[i], i, len(tasks))}, after Ray's retries of it "
                 f"({type(exc).__name__}: {one_line(exc)}); {WORKER_ADVICE}"
             ) from None
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, StabledrlError):
+        cause = task_cause(exc)
+        if cause is not None:
             raise cause from None
         raise
     return [results[i] for i in range(len(tasks))]
