@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
@@ -23,6 +24,7 @@ from typer._click import Context, HelpFormatter, Parameter
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperCommand, TyperGroup
 
+from stabledrl_cli._process import SIGNALLED
 from stabledrl_cli._version import __version__
 from stabledrl_cli.cli import _help
 from stabledrl_cli.cli._output import err
@@ -134,7 +136,9 @@ DEBUG_ENV = "STABLEDRL_DEBUG"
 # An unexpected exception is a bug of the tool, not a tripped gate (1) nor bad input (3).
 INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h)
 # A reader that closed our stdout (`| head`): exit quietly, as a process killed by SIGPIPE.
-BROKEN_PIPE = 141  # 128 + SIGPIPE
+BROKEN_PIPE = SIGNALLED + signal.SIGPIPE  # 141
+# Ctrl-C: as a shell reports a process SIGINT ended.
+INTERRUPTED = SIGNALLED + signal.SIGINT  # 130
 _DEBUG_FLAG = "--debug"
 _DEBUG_KEY = "stabledrl.debug"
 
@@ -146,7 +150,7 @@ def exit_code_for(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, OSError) and exc.filename is not None:
         return 3, f"{exc.filename}: {exc.strerror or exc}"
     if isinstance(exc, KeyboardInterrupt):
-        return 130, "interrupted"
+        return INTERRUPTED, "interrupted"
     return INTERNAL_ERROR, (
         f"internal error: {type(exc).__name__}: {exc} (a bug: rerun with --debug for the "
         "traceback, and please report it)"

@@ -32,6 +32,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
+from stabledrl_cli._process import SIGNALLED
 from stabledrl_cli.cli._local import local_run
 from stabledrl_cli.cli._options import (
     DeviceOpt,
@@ -46,6 +47,7 @@ from stabledrl_cli.cli._options import (
 )
 from stabledrl_cli.cli._output import err, out, plain_text, print_json
 from stabledrl_cli.cli._signals import sigterm_handled
+from stabledrl_cli.cli.app import INTERRUPTED
 from stabledrl_cli.cli.check import counted
 from stabledrl_cli.cli.inspect import stopped_text
 from stabledrl_cli.cli.replay import option_names
@@ -61,8 +63,7 @@ if TYPE_CHECKING:
 
 STEPS_LISTED = 8
 """Steps named per list in the view (JSON has them all)."""
-INTERRUPTED = 130
-TERMINATED = 128 + signal.SIGTERM
+TERMINATED = SIGNALLED + signal.SIGTERM
 """The exit code of a watch stopped with SIGTERM (143), as a shell reports a process it ended."""
 MAX_INTERVAL = 86_400
 """The longest --interval, a day (time.sleep overflowed on 1e30 seconds)."""
