@@ -93,9 +93,9 @@ def _serve(conn: Connection, replays_ends: Sequence[Connection], replay: int) ->
     """A worker: computes each shard sent on `conn` and sends back its `Reply`, until it is sent
     None or the replay's end of the pipe closes. Ctrl-C is the replay's to handle: it stops the
     workers; SIGTERM ends it, whatever handler the replay's process had (a forked worker
-    inherits it), as the replay stops a busy worker with it. A forked worker first closes its
-    copies of the replay's ends (`replays_ends`), so that it reads EOF once the replay is gone,
-    however it ended (SIGKILL too)."""
+    inherits it), as the kernel stops it with SIGTERM once the replay dies. A forked worker
+    first closes its copies of the replay's ends (`replays_ends`), so that it reads EOF once
+    the replay is gone, however it ended (SIGKILL too)."""
     for end in replays_ends:
         end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -147,15 +147,17 @@ def _start(context: BaseContext, count: int, location: str) -> list[_Worker]:
 
 
 def _stop(workers: Sequence[_Worker]) -> None:
-    """Idle workers are told to end, busy ones (the replay stopped early) terminated."""
+    """Idle workers are told to end, busy ones (the replay stopped early) killed: their rows
+    are nobody's now, and SIGKILL, unlike SIGTERM, no handler catches, not even the replay's
+    own that a worker still starting has inherited and not yet reset."""
     for worker in workers:
         if worker.shard is None:
             try:
                 worker.conn.send(None)
             except OSError:
-                worker.process.terminate()
+                worker.process.kill()
         else:
-            worker.process.terminate()
+            worker.process.kill()
     for worker in workers:
         worker.process.join()
         worker.conn.close()
