@@ -357,6 +357,45 @@ def test_a_run_of_one_optimizer_step_ends_cleanly(tmp_path):
     assert open_run(tmp_path / "run").step_numbers == [0]
 
 
+IN_A_CHILD = textwrap.dedent(
+    """
+    import multiprocessing, sys
+    import torch
+
+    def train():
+        model = torch.nn.Linear(3, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(5):
+            optimizer.zero_grad()
+            model(torch.randn(2, 3)).sum().backward()
+            optimizer.step()
+
+    if __name__ == "__main__":
+        child = multiprocessing.get_context(sys.argv[1]).Process(target=train)
+        child.start()
+        child.join()
+        sys.exit(child.exitcode)
+    """
+)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
+def test_training_in_a_multiprocessing_child_is_recorded_to_its_last_step(tmp_path, start_method):
+    """A script that trains in a child process of `multiprocessing` (a notebook launcher's
+    fork; Python 3.14's default forkserver): such a child ends with os._exit, which runs no
+    atexit handler, so its last step (held until the next event) and the steps still queued
+    were lost, and the run was never closed."""
+    script = tmp_path / "train.py"
+    script.write_text(IN_A_CHILD)
+    command = [sys.executable, str(script), start_method]
+    result = _record("--out", str(tmp_path / "run"), "--", *command)
+    assert result.returncode == 0, result.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == list(range(5))
+    assert run.integrity.ok
+    assert run.manifest.get("recording_closed") is not None
+
+
 CLOSURE = textwrap.dedent(
     """
     import json, sys

@@ -24,8 +24,17 @@ from stabledrl_cli.dump import Run
 def _recorded(script: str, path: Path, *args: str) -> tuple[Run, str]:
     """(the run at `path`, stdout) after a real Python process ran `script` with `path` and
     `args`: it exited 0 and the run's integrity is ok."""
+    return _ran(["-c", script], path, *args)
+
+
+def _recorded_file(script: Path, path: Path, *args: str) -> tuple[Run, str]:
+    """`_recorded` of the script in file `script`."""
+    return _ran([str(script)], path, *args)
+
+
+def _ran(command: list[str], path: Path, *args: str) -> tuple[Run, str]:
     done = subprocess.run(
-        [sys.executable, "-c", script, str(path), *args],
+        [sys.executable, *command, str(path), *args],
         capture_output=True,
         text=True,
         timeout=120,  # a guard against the hangs these tests are about, not a bound
@@ -152,6 +161,50 @@ def test_an_async_recorder_dropped_unclosed_still_writes_its_queue_at_exit(tmp_p
     path = tmp_path / "run"
     run, _ = _recorded(DROPPED_UNCLOSED, path)
     assert run.step_numbers == list(range(8))
+
+
+TRAINED_IN_A_CHILD = textwrap.dedent(
+    """
+    import multiprocessing, sys, time
+    import numpy as np
+    import stabledrl_cli as sd
+    import stabledrl_cli.dump._writer as writer
+
+    real_write = writer.write_step
+
+    def slow_write(*args):  # a slow disk: steps are still queued when the training returns
+        time.sleep(0.1)
+        real_write(*args)
+
+    writer.write_step = slow_write
+
+    def train(path):
+        rec = sd.Recorder(path, async_writes=True)  # never closed: the child just returns
+        for step in range(6):
+            rec.log_step(step, logp=np.zeros(4, np.float32), logp_old=np.zeros(4, np.float32),
+                         advantages=np.ones(4, np.float32), seq_id=np.array([0, 0, 1, 1]))
+
+    if __name__ == "__main__":
+        child = multiprocessing.get_context(sys.argv[2]).Process(target=train, args=(sys.argv[1],))
+        child.start()
+        child.join()
+        sys.exit(child.exitcode)
+    """
+)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
+def test_a_recorder_in_a_multiprocessing_child_writes_its_queue_as_the_child_ends(
+    tmp_path, start_method
+):
+    """Training in a child process of `multiprocessing` (a notebook launcher's fork, Python
+    3.14's default forkserver): such a child ends with os._exit, which runs no atexit handler,
+    so the steps still queued were lost."""
+    script = tmp_path / "train.py"  # (a file: spawn and forkserver import the child's code)
+    script.write_text(TRAINED_IN_A_CHILD)
+    path = tmp_path / "run"
+    run, _ = _recorded_file(script, path, start_method)
+    assert run.step_numbers == list(range(6))
 
 
 @pytest.mark.parametrize("async_writes", [False, True])

@@ -13,7 +13,9 @@ Inside the child, the first step to write opens a Recorder on the run directory;
 at interpreter exit, after every exit handler of the script when the sitecustomize runs
 (`closed_last`), so that a step one of them logs is recorded; the steps logged before are
 written earlier, by an exit handler registered as the hooks are installed and as the run
-opens (`_written_at_exit`). Under a launcher that sets torch.distributed's RANK and
+opens (`_written_at_exit`). In a child process of `multiprocessing` (which ends with os._exit
+when forked, running no exit handler), the run is closed as the child's target returns
+(`_close_at_child_end`). Under a launcher that sets torch.distributed's RANK and
 WORLD_SIZE (torchrun, accelerate, deepspeed) it records as that rank, each rank writing its
 own step files (`recorder_kwargs` may still pass `rank` and `world_size`).
 
@@ -327,14 +329,31 @@ _integration = False
 """Whether an integration records this process (`integration_records`)."""
 
 
+_closed_at_child_end = False
+"""Whether `close` runs as this process's target returns, in a child of multiprocessing."""
+
+
 def _forked() -> None:
     """In a child forked from this process: the held step is the parent's to write (the child
     would open the run with it at its exit, and the parent then fail to), as are the queued
     steps that `_written_at_exit` writes (the Recorder refuses a child's flush), and the lock
     may have been held by another thread of the parent, which the child does not have."""
-    global _held, _lock
-    _held, _lock = None, threading.Lock()
+    global _held, _lock, _closed_at_child_end
+    _held, _lock, _closed_at_child_end = None, threading.Lock(), False
     atexit.unregister(_written_at_exit)
+
+
+def _close_at_child_end() -> None:
+    """In a child process of multiprocessing that records, the run is closed as the child's
+    target returns (`_child_end`): one started by fork or forkserver ends with os._exit, which
+    runs no exit handler, and its held and queued steps would be lost. Called by the child's
+    first step, before it is held or the run opened."""
+    global _closed_at_child_end
+    if not _closed_at_child_end:
+        from stabledrl_cli._child_end import at_child_end  # (multiprocessing: not at start-up)
+
+        _closed_at_child_end = True
+        at_child_end(close)
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -353,6 +372,7 @@ def _open(
     global _recorder
     if _recorder is not None:
         return _recorder
+    _close_at_child_end()
     run_dir = os.environ.get(ENV_RUN_DIR)
     if not run_dir:
         raise UsageError(f"{ENV_RUN_DIR} is not set (run the script under `stabledrl record`)")
@@ -493,6 +513,7 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
         return
     try:
         with _lock:
+            _close_at_child_end()
             if _recorder is None and _held is None:
                 # Imported now, not when the held step is written at exit: h5py imported
                 # during the interpreter's exit crashes it (SIGSEGV in libhdf5's exit handler).

@@ -8,8 +8,9 @@ queue of `queue_size` entries. On a crash (kill -9, power loss) at most `queue_s
 that `log_step` had returned for are lost: the ones waiting in the queue and the one being
 written. A step that is lost is lost whole: readers never see a partial file under a final
 name. `close()` (or leaving the `with` block) drains the queue; at exit, the queue of a
-Recorder that was never closed is drained too (even when the Recorder was dropped), unless
-its caller closes it at exit itself (`closed_by_caller_at_exit`). Once
+Recorder that was never closed is drained too (even when the Recorder was dropped; in a child
+process of `multiprocessing`, as its target returns: `_child_end`), unless its caller closes
+it at exit itself (`closed_by_caller_at_exit`). Once
 its writes are done, `close()` marks a world_size 1 run `recording_closed` in its manifest
 (best effort): a reader following the run knows no step will come. An open Recorder's run
 has no mark, so a killed recording never leaves one; `resume=True` and `overwrite=True`
@@ -65,6 +66,7 @@ from typing import Any, NamedTuple, SupportsIndex
 
 import numpy as np
 
+from stabledrl_cli._child_end import at_child_end
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._inputs import ArrayInput, ScalarInput, build_step
 from stabledrl_cli.dump._policy import PolicyLike, policy_entry
@@ -309,6 +311,7 @@ class Recorder:
             self._writer.start()
             self._at_exit = functools.partial(_close_at_exit, weakref.ref(self), self._writer)
             atexit.register(self._at_exit)
+            self._cancel_at_child_end = at_child_end(self._at_exit)
 
     # -- recording ----------------------------------------------------------------------------
     def log_step(
@@ -525,6 +528,7 @@ class Recorder:
         that one registered before the run opened may still log a step."""
         if self._writer is not None:
             atexit.unregister(self._at_exit)
+            self._cancel_at_child_end()
 
     def __enter__(self) -> Recorder:
         return self
