@@ -1,4 +1,4 @@
-"""What HDF5's Fletcher32 checksums cost a read of a packed run's steps.
+"""What HDF5's Fletcher32 checksums cost a read of a packed run's steps, against a CRC-32 a step.
 
     python benchmarks/archive_checksum.py                          # the k=128 sketch run
     python benchmarks/archive_checksum.py --shape 200,256,1024 --steps 20
@@ -8,8 +8,10 @@ Copies the first `--steps` steps of every data dataset of the shape's cached `.h
 compression it has there, one with Fletcher32 (as `pack` writes it) and one without, then
 reads each step's slice of each dataset as the archive reader does (`dataset[begin:end]`,
 every dataset kept open) and prints, per step, the median milliseconds of `--repeats` passes
-for each, with the bytes a step holds. What it leaves out: the reader's own work (the run's
-probe and index, the copies into torch), which `replay_speed.py`'s floor includes.
+for each, with the bytes a step holds; and the copy without Fletcher32 read again with the
+CRC-32 (`_crc.crc32`) of every slice, as a reader checking a CRC-32 a step (a step file's)
+would. What it leaves out: the reader's own work (the run's probe and index, the copies into
+torch), which `replay_speed.py`'s floor includes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import h5py
 import numpy as np
 from synthetic_runs import Shape, add_step_options, cached_run
 from timing import median_seconds
+
+from stabledrl_cli.dump._crc import crc32
 
 DEFAULT_SHAPE = "50,64,512,128"
 
@@ -79,14 +83,18 @@ def copy_steps(
     return layout
 
 
-def read_steps(path: Path, layout: list[tuple[str, np.ndarray]]) -> int:
-    """Every step's slice of every dataset, read as the archive reader reads it; the bytes."""
+def read_steps(path: Path, layout: list[tuple[str, np.ndarray]], crc: bool = False) -> int:
+    """Every step's slice of every dataset, read as the archive reader reads it (with the
+    CRC-32 of each if `crc`); the bytes."""
     total = 0
     with h5py.File(path, "r") as archive:
         datasets = [(archive[name], bounds) for name, bounds in layout]
         for step in range(len(layout[0][1]) - 1):
             for dataset, bounds in datasets:
-                total += dataset[bounds[step] : bounds[step + 1]].nbytes
+                part = dataset[bounds[step] : bounds[step + 1]]
+                if crc:
+                    crc32(part)
+                total += part.nbytes
     return total
 
 
@@ -98,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     _, archive = cached_run(args.shape, args.seed, args.cache)
     with tempfile.TemporaryDirectory() as scratch:
-        times = {}
+        times: dict[bool | str, float] = {}
         for fletcher32 in (True, False):
             copy = Path(scratch) / f"fletcher32-{fletcher32}.h5"
             layout = copy_steps(archive, copy, args.steps, fletcher32)
@@ -106,13 +114,18 @@ def main() -> None:
             nbytes = read_steps(copy, layout)  # (and the page cache holds the copy)
             seconds = median_seconds(partial(read_steps, copy, layout), args.repeats)
             times[fletcher32] = seconds / steps * 1e3
+            if not fletcher32:
+                seconds = median_seconds(partial(read_steps, copy, layout, True), args.repeats)
+                times["crc"] = seconds / steps * 1e3
     print(
         f"{args.shape.name}: {steps} steps of {nbytes / steps / 2**20:.1f} MiB, "
         f"median of {args.repeats}"
     )
-    print(f"{'with Fletcher32 (as packed)':<30}{times[True]:8.2f} ms a step")
+    print(f"{'with Fletcher32':<30}{times[True]:8.2f} ms a step")
     print(f"{'without':<30}{times[False]:8.2f} ms a step")
-    print(f"{'ratio':<30}{times[True] / times[False]:8.2f}x")
+    print(f"{'without, a CRC-32 a slice':<30}{times['crc']:8.2f} ms a step")
+    print(f"{'ratio Fletcher32 / without':<30}{times[True] / times[False]:8.2f}x")
+    print(f"{'ratio Fletcher32 / CRC-32':<30}{times[True] / times['crc']:8.2f}x")
 
 
 if __name__ == "__main__":
