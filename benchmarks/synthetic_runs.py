@@ -35,6 +35,10 @@ GENERATOR_VERSION = 1
 """Bumped whenever the generator's output changes, so stale cached runs are rebuilt."""
 ARCHIVE = "fast"
 """How the cached `run.h5` is packed (`pack_run`'s default compression)."""
+PACKED = f"{ARCHIVE}, format 2"
+"""What a cached `run.h5` was packed as (`done.json`'s "archive"): its compression and the
+archive format (2: per-step CRC-32s instead of Fletcher32 on the uncompressed datasets). A
+cached run packed otherwise is packed again."""
 GROUP_SIZE = 8
 
 
@@ -126,11 +130,11 @@ def cached_run(shape: Shape, seed: int, cache: Path, log: object = None) -> tupl
     run, archive, done = home / "run", home / "run.h5", home / "done.json"
     if done.is_file():
         facts = json.loads(done.read_text())
-        if facts.get("archive") != ARCHIVE:
+        if facts.get("archive") != PACKED:
             if callable(log):
-                log(f"packing {shape.name} (seed {seed}) again: {ARCHIVE} compression")
+                log(f"packing {shape.name} (seed {seed}) again: {PACKED}")
             pack_run(open_run(run), archive, force=True, compression=ARCHIVE)
-            done.write_text(json.dumps({**facts, "archive": ARCHIVE}))
+            done.write_text(json.dumps({**facts, "archive": PACKED}))
         return run, archive
     if home.exists():
         shutil.rmtree(home)
@@ -140,7 +144,7 @@ def cached_run(shape: Shape, seed: int, cache: Path, log: object = None) -> tupl
     build_run(shape, seed, run)
     pack_run(open_run(run), archive, compression=ARCHIVE)
     done.write_text(
-        json.dumps({"shape": shape.name, "seed": seed, "pid": os.getpid(), "archive": ARCHIVE})
+        json.dumps({"shape": shape.name, "seed": seed, "pid": os.getpid(), "archive": PACKED})
     )
     return run, archive
 

@@ -12,6 +12,7 @@ behind the CRCs (a crafted file, not a corrupt one); archives are edited with h5
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -141,13 +142,62 @@ def flip_index(name: str, *, keep_crc: bool = True) -> Callable[[h5py.File], Non
     return change
 
 
-def flip_data_chunk(tmp: Path) -> Path:
-    """One bit of tokens/logp's first compressed chunk flipped on disk (Fletcher32 sees it)."""
-    out = packed(tmp)
-    with h5py.File(out, "r") as handle:
-        info = handle["tokens/logp"].id.get_chunk_info(0)
-    flip_bit(out, info.byte_offset + info.size // 2)
-    return out
+def flip_data_chunk(field: str) -> Callable[[Path], Path]:
+    """One bit of data dataset `field`'s first chunk flipped on disk: in the middle of a
+    compressed chunk (Fletcher32 sees it), in the first step's values of an uncompressed one
+    (the step's CRC-32 in `checksums/` sees it; the rest of its chunk is unused)."""
+
+    def make(tmp: Path) -> Path:
+        out = packed(tmp)
+        with h5py.File(out, "r") as handle:
+            info = handle[field].id.get_chunk_info(0)
+            middle = handle[field].compression is not None
+        flip_bit(out, info.byte_offset + (info.size // 2 if middle else 1))
+        return out
+
+    return make
+
+
+def step_offsets(handle: h5py.File, name: str) -> np.ndarray:
+    """The step offsets into data dataset `name` (`tokens/X`, `sequences/X`, `ragged/X/data`)."""
+    group = name.split("/")[0]
+    owner = group if group in ("tokens", "sequences") else name.rsplit("/", 1)[0]
+    return handle[f"{owner}/step_offsets"][()]
+
+
+def store_big_endian(handle: h5py.File, name: str) -> None:
+    """Data dataset `name` stored big-endian, as `pack` writes it on such a machine: Fletcher32
+    if it had it, else its `checksums/` CRC-32s of each step's bytes as stored."""
+    values = handle[name][()]
+    fletcher32 = handle[name].fletcher32
+    swapped = values.astype(values.dtype.newbyteorder(">"))
+    replace_dataset(
+        handle, name, data=swapped, chunks=True if fletcher32 else None, fletcher32=fletcher32
+    )
+    if f"checksums/{name}" in handle:
+        bounds = step_offsets(handle, name)
+        crcs = np.array(
+            [zlib.crc32(swapped[a:b].tobytes()) for a, b in itertools.pairwise(bounds)],
+            dtype=np.uint32,
+        )
+        replace_dataset(handle, f"checksums/{name}", data=crcs).attrs[CRC_ATTR] = index_crc(crcs)
+
+
+def _without(name: str) -> Callable[[h5py.File], None]:
+    def change(handle: h5py.File) -> None:
+        del handle[name]
+
+    return change
+
+
+def _shortened(name: str) -> Callable[[h5py.File], None]:
+    """Index dataset `name` without its last entry, with a CRC that matches."""
+
+    def change(handle: h5py.File) -> None:
+        values = handle[name][:-1]
+        replace_dataset(handle, name, data=values).attrs[CRC_ATTR] = index_crc(values)
+
+    return change
 
 
 def _name_not_utf8(tmp: Path) -> Path:
@@ -640,9 +690,21 @@ CASES: list[Case] = [
     Case("archive_ragged_shape_mismatch_replay", _archive_case(_ragged_mismatch), "replay", 0),
     Case("archive_offsets_with_valid_crc", _archive_case(flip_index("tokens/step_offsets", keep_crc=False)), "inspect", 0, "unreadable"),
     Case("archive_without_checksums", _archive_case(_strip_checksums), "inspect", 0, "unchecked"),
-    Case("archive_data_chunk_flip", flip_data_chunk, "inspect", 0, "unreadable"),
-    Case("archive_data_other_byte_order", _archive_case(_retyped("tokens/logp", ">f4")), "replay", 0),
-    Case("archive_data_other_byte_order_pack", _archive_case(_retyped("sequences/group_id", ">i4")), "pack", 0),
+    Case("archive_data_chunk_flip", flip_data_chunk("tokens/mask"), "inspect", 0, "unreadable"),
+    Case("archive_data_step_flip", flip_data_chunk("tokens/logp"), "inspect", 0, "unreadable"),
+    Case("archive_data_step_flip_replay", flip_data_chunk("tokens/logp"), "replay", 0),
+    Case("archive_data_without_any_checksum", _archive_case(_without("checksums/tokens/logp")), "inspect", 3),
+    Case("archive_data_without_any_checksum_replay", _archive_case(_without("checksums/sequences/reward")), "replay", 3),
+    Case("archive_step_checksums_float", _archive_case(retyped_index("checksums/tokens/logp", "f8")), "inspect", 3),
+    Case("archive_step_checksums_int64", _archive_case(retyped_index("checksums/tokens/logp", "i8")), "replay", 3),
+    Case("archive_step_checksums_of_two_dimensions", _archive_case(retyped_index("checksums/tokens/logp", "u4", columns=2)), "inspect", 3),
+    Case("archive_step_checksums_short", _archive_case(_shortened("checksums/sequences/reward")), "replay", 3),
+    Case("archive_step_checksums_other_byte_order", _archive_case(retyped_index("checksums/tokens/logp", ">u4")), "replay", 0),
+    Case("archive_huge_fill_step_checksums", _archive_case(_huge_fill("checksums/tokens/logp", 1 << 34)), "inspect", 3),
+    Case("archive_flip_step_checksums", _archive_case(flip_index("checksums/tokens/logp")), "inspect", 0, "unreadable"),
+    Case("archive_step_checksums_flip_with_valid_crc", _archive_case(flip_index("checksums/tokens/logp", keep_crc=False)), "inspect", 0, "unreadable"),
+    Case("archive_data_other_byte_order", _archive_case(lambda h: store_big_endian(h, "tokens/logp")), "replay", 0),
+    Case("archive_data_other_byte_order_pack", _archive_case(lambda h: store_big_endian(h, "sequences/group_id")), "pack", 0),
     Case("archive_data_int64", _archive_case(_retyped("tokens/logp", "i8")), "inspect", 3),
     Case("archive_data_float16", _archive_case(_retyped("tokens/logp", "f2")), "replay", 3),
     Case("archive_data_of_two_dimensions", _archive_case(_retyped("tokens/logp", "f4", columns=2)), "inspect", 3),

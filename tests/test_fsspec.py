@@ -285,14 +285,15 @@ def test_a_step_file_gone_bad_under_a_url_run_is_named_by_its_url(tmp_path):
 
 
 def test_archive_findings_at_a_url_name_it_by_its_url(tmp_path):
-    """A corrupt chunk of a packed .h5 at a URL: its finding and the step's error name the
-    archive by its URL."""
+    """A corrupt step of a packed .h5 at a URL (a byte of its logp_old, which its CRC-32 in
+    checksums/ covers): its finding and the step's error name the archive by its URL."""
     out = tmp_path / "run.h5"
     pack_run(open_run(small_run(tmp_path / "run", world_size=1, corrupt=False)), out)
     with h5py.File(out, "r") as handle:
         info = handle["tokens/logp_old"].id.get_chunk_info(0)
+        begin = int(handle["tokens/step_offsets"][3]) * 4
     data = bytearray(out.read_bytes())
-    data[info.byte_offset + info.size // 2] ^= 0xFF
+    data[info.byte_offset + begin + 1] ^= 0xFF
     out.write_bytes(bytes(data))
     url = to_memory(out)
     findings = open_run(url).integrity.findings

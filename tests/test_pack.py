@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import warnings
+import zlib
 from pathlib import Path
 
 import h5py
@@ -19,7 +20,8 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.dump import RunIntegrityWarning, _packer, open_run, pack_run
+from stabledrl_cli.dump import RunIntegrityWarning, _layout, _packer, open_run, pack_run
+from stabledrl_cli.dump._schema import check_readable_version
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,17 +143,43 @@ def test_archive_layout(rich_archive):
             == sum(4 * (6 + s % 3) for s in range(STEPS))
         )
         assert handle["sequences/step_offsets"][-1] == 4 * STEPS
-        for name in ("tokens/logp", "sequences/reward", "ragged/unit_grad_sketch/data"):
-            assert handle[name].chunks is not None and handle[name].fletcher32
         # pack's default, "fast": a field that deflate halves (a mask of runs) is compressed,
-        # high-entropy floats are stored as they are
+        # with Fletcher32; high-entropy floats are stored as they are, without Fletcher32, and
+        # checked by the CRC-32 of each step's slice (a step without the field: its fill)
+        for name, offsets_name in (
+            ("tokens/logp", "tokens/step_offsets"),
+            ("sequences/reward", "sequences/step_offsets"),
+            ("ragged/unit_grad_sketch/data", "ragged/unit_grad_sketch/step_offsets"),
+        ):
+            dataset, bounds = handle[name], handle[offsets_name][()]
+            assert dataset.chunks is not None and not dataset.fletcher32
+            crcs = handle[f"checksums/{name}"]
+            assert crcs.dtype == np.uint32 and crcs.shape == (STEPS,)
+            assert crcs.attrs["crc32"]
+            values = dataset[()]
+            assert crcs[()].tolist() == [
+                zlib.crc32(values[bounds[i] : bounds[i + 1]].tobytes()) for i in range(STEPS)
+            ]
+        assert handle.attrs["format_version"] == "2.0"
         assert handle["tokens/mask"].compression == "gzip" and not handle["tokens/mask"].shuffle
+        assert handle["tokens/mask"].fletcher32 and "checksums/tokens/mask" not in handle
         assert handle["tokens/logp"].compression is None
         assert handle["ragged/unit_grad_sketch/data"].dtype == np.float16
         assert handle["ragged/unit_grad_gram/shape"][3].tolist() == [4 * 6, 4 * 6]
         assert handle["present/loss_weight"][()].tolist() == [1, 0] * (STEPS // 2)
         assert handle["scalars_recorded/kl"][()].tolist() == [0, 1] * (STEPS // 2)
         assert math.isnan(handle["scalars/loss"][5]) and handle["scalars_recorded/loss"][5]
+
+
+def test_a_reader_of_format_1_refuses_an_archive_with_step_checksums(rich_archive):
+    """A tool of major version 1 checks an archive's version as `check_readable_version`
+    does with its default, and would read the datasets without Fletcher32 unchecked: the
+    archive's 2.0 makes it refuse them instead ("upgrade stabledrl")."""
+    with h5py.File(rich_archive, "r") as handle:
+        version = handle.attrs["format_version"]
+    with pytest.raises(InputError, match=r"run format 2\.0 is newer .*upgrade stabledrl"):
+        check_readable_version(version, "run.h5")
+    assert check_readable_version(version, "run.h5", _layout.ARCHIVE_MAJOR) == (2, 0)
 
 
 def _replay_json(run) -> dict:
@@ -329,7 +357,28 @@ def test_pack_carries_integrity_findings(rich_run, tmp_path):
     assert [f["kind"] for f in inspected["integrity"]["findings"]] == ["torn", "temporary"]
 
 
-def test_corrupt_archive_chunk_is_a_finding_and_its_steps_are_skipped(rich_run, tmp_path):
+@pytest.fixture
+def fletcher32_everywhere(monkeypatch):
+    """`pack` as it was before the per-step CRC-32s: Fletcher32 on every data dataset."""
+    monkeypatch.setitem(_layout.FILTERS, "plain", {"fletcher32": True})
+
+
+def test_an_archive_with_fletcher32_everywhere_reads_and_verifies_as_before(
+    rich_run, tmp_path, fletcher32_everywhere
+):
+    out = tmp_path / "run.h5"
+    pack_run(open_run(rich_run), out)
+    with h5py.File(out, "r") as handle:
+        assert "checksums" not in handle and handle.attrs["format_version"] == "1.0"
+        assert all(d.fletcher32 for d in _data_datasets(handle))
+    archive = open_run(out)
+    assert archive.integrity.findings == [] and len(list(archive.steps())) == STEPS
+    assert _replay_json(out) == _replay_json(rich_run)
+
+
+def test_corrupt_archive_chunk_is_a_finding_and_its_steps_are_skipped(
+    rich_run, tmp_path, fletcher32_everywhere
+):
     out = tmp_path / "run.h5"
     pack_run(open_run(rich_run), out)
     with h5py.File(out, "r") as handle:
@@ -348,6 +397,53 @@ def test_corrupt_archive_chunk_is_a_finding_and_its_steps_are_skipped(rich_run, 
         open_run(out).step(3)
 
 
+def _flip_in_step(archive: Path, name: str, offsets_name: str, step: int) -> None:
+    """Flips one byte of dataset `name`'s slice of step `step` (index) in the file."""
+    with h5py.File(archive, "r") as handle:
+        dataset = handle[name]
+        info = dataset.id.get_chunk_info(0)
+        assert not dataset.fletcher32 and dataset.compression is None
+        begin = int(handle[offsets_name][step]) * dataset.dtype.itemsize
+    with open(archive, "r+b") as fh:
+        fh.seek(info.byte_offset + begin + 1)
+        byte = fh.read(1)
+        fh.seek(info.byte_offset + begin + 1)
+        fh.write(bytes([byte[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize(
+    ("name", "offsets_name", "step"),
+    [
+        ("tokens/logp_old", "tokens/step_offsets", 3),
+        ("ragged/unit_grad_sketch/data", "ragged/unit_grad_sketch/step_offsets", 9),
+    ],
+)
+def test_a_flipped_byte_in_a_step_of_a_dataset_without_fletcher32_is_found(
+    rich_run, tmp_path, name, offsets_name, step
+):
+    out = tmp_path / "run.h5"
+    pack_run(open_run(rich_run), out)
+    _flip_in_step(out, name, offsets_name, step)
+    others = [n for n in range(STEPS) if n != step]
+    with pytest.warns(RunIntegrityWarning, match=f"archive data checksum failed: {name}"):
+        assert [s.step for s in open_run(out).steps()] == others
+    with pytest.raises(InputError, match=f"step {step} is unreadable: archive data checksum"):
+        open_run(out).step(step)
+    archive = open_run(out)  # the integrity check alone reads every step's slice
+    (finding,) = archive.integrity.findings
+    assert (finding.kind, finding.step) == ("unreadable", step)
+    assert finding.path.endswith(f":{name}") and "CRC-32" in finding.message
+    assert archive.step_numbers == others
+    inspected = _cli_json(["inspect", str(out), "--format", "json"])
+    assert [(f["kind"], f["step"]) for f in inspected["integrity"]["findings"]] == [
+        ("unreadable", step)
+    ]
+    result = runner.invoke(app, ["replay", str(out), "-p", "grpo", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert f"step {step}" in result.stderr, result.stderr
+    assert json.loads(result.stdout)["steps"] == STEPS - 1
+
+
 def test_open_run_refuses_reports_and_other_hdf5(tmp_path, rich_run):
     report = tmp_path / "report.h5"
     with h5py.File(report, "w") as handle:
@@ -362,7 +458,7 @@ def test_open_run_refuses_reports_and_other_hdf5(tmp_path, rich_run):
     newer = tmp_path / "newer.h5"
     pack_run(open_run(rich_run), newer)
     with h5py.File(newer, "r+") as handle:
-        handle.attrs["format_version"] = "2.0"
+        handle.attrs["format_version"] = "3.0"
     result = runner.invoke(app, ["replay", str(newer)])
     assert result.exit_code == 3 and "newer than this tool reads" in result.stderr
     broken = tmp_path / "broken.h5"

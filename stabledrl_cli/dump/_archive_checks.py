@@ -13,7 +13,8 @@ cannot expand more than that) and any dataset of an index (read whole) larger th
 itself, any chunk larger than `CHUNK_LIMIT`, any stored chunk whose size or place in the
 chunk index is impossible (`_bad_stored_chunk`: libhdf5 crashes reading a chunk of 0 bytes),
 and any array dataset of a non-numeric dtype.
-Index and scalar datasets carry a CRC32 (attribute `crc32`, `index_crc`) written by `pack`.
+Index and scalar datasets (the per-step CRC-32s of `checksums/` among them) carry a CRC32
+(attribute `crc32`, `index_crc`) written by `pack`.
 
 libhdf5 itself can loop forever or crash on a crafted file: `_archive_probe` runs these checks
 in a forked child before the reader's process touches the file.
@@ -28,13 +29,14 @@ from typing import Any
 import h5py
 import numpy as np
 
+from stabledrl_cli.dump._layout import CHECKSUMS
 from stabledrl_cli.errors import InputError
 
 CRC_ATTR = "crc32"
 """The attribute holding an index dataset's checksum (`index_crc` of its values)."""
 TEXT_DATASETS = ("manifest", "integrity")
 """The archive's JSON string datasets."""
-INDEX_GROUPS = ("steps", "scalars", "scalars_recorded", "present")
+INDEX_GROUPS = ("steps", "scalars", "scalars_recorded", "present", CHECKSUMS)
 DEFLATE_RATIO = 1100
 """gzip's largest expansion is ~1032:1, so no honest dataset declares more than this many
 times the file's bytes."""
@@ -58,7 +60,7 @@ OBJECT_LIMIT = 100_000
 
 def is_index(name: str) -> bool:
     """Whether dataset `name` is read whole: `steps/*`, `scalars*/*`, `present/*`,
-    `*/step_offsets`, `ragged/*/shape`."""
+    `checksums/*`, `*/step_offsets`, `ragged/*/shape`."""
     parts = name.split("/")
     return (
         parts[0] in INDEX_GROUPS
@@ -70,11 +72,13 @@ def is_index(name: str) -> bool:
 def index_type(name: str) -> tuple[str, int]:
     """The dtype (numpy's name) and number of dimensions `pack` writes index dataset `name`
     in (`is_index`; run-format.md's table): float64 `scalars/*`, uint8 flags (`present/*`,
-    `scalars_recorded/*`), int64 `[S, ndim]` ragged shapes, int64 step numbers, counts and
-    offsets."""
+    `scalars_recorded/*`), uint32 per-step CRC-32s (`checksums/*`), int64 `[S, ndim]` ragged
+    shapes, int64 step numbers, counts and offsets."""
     group, last = name.split("/")[0], name.split("/")[-1]
     if group == "scalars":
         return "float64", 1
+    if group == CHECKSUMS:
+        return "uint32", 1
     if group in ("present", "scalars_recorded"):
         return "uint8", 1
     return "int64", 2 if group == "ragged" and last == "shape" else 1

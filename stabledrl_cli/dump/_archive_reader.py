@@ -1,10 +1,11 @@
 """`ArchiveRun`: a run packed into one HDF5 file (layout in `_layout`), read with the Run API.
 
-Steps are read lazily: indexing a Step reads its slice of one dataset. Fletcher32 checksums
-catch corrupt bytes on every read; `integrity` reads every chunk once and reports the steps
-that a bad chunk touches, and those steps are skipped with a warning, as a corrupt step file
-of a run directory is. Archives without the 1.1 fields (micro_batch, group_split) read as
-before: their steps simply lack those fields.
+Steps are read lazily: indexing a Step reads its slice of one dataset. Checksums catch corrupt
+bytes on every read: HDF5's Fletcher32 of each chunk, or, for a dataset written without it, the
+CRC-32 of each step's slice (`checksums/`); `integrity` reads every chunk (or step slice) once
+and reports the steps that a bad one touches, and those steps are skipped with a warning, as a
+corrupt step file of a run directory is. Archives without the 1.1 fields (micro_batch,
+group_split) read as before: their steps simply lack those fields.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ from stabledrl_cli.dump._archive_checks import (
     index_type,
 )
 from stabledrl_cli.dump._archive_probe import probe
+from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError
 from stabledrl_cli.dump._layout import (
+    ARCHIVE_MAJOR,
     RAGGED_FIELDS,
     REPLAY_REPORT_KIND,
     SEQUENCE_FIELDS,
     STEP_COUNTS,
     TOKEN_FIELDS,
+    checksums_dataset,
     decode,
     scalar_name,
 )
@@ -129,6 +133,10 @@ class ArchiveRun(Run):
         self._read_chunks: dict[str, set[int]] = {}
         """Per data dataset, the chunks a step's read has decoded (their Fletcher32 checked):
         the integrity check does not read them again."""
+        self._step_crcs: dict[str, np.ndarray] = {}
+        """Per data dataset written without Fletcher32, the CRC-32 of each step's slice."""
+        self._read_steps: dict[str, set[int]] = {}
+        """Per such dataset, the steps whose slice a read has checked."""
         self._read_whole: set[str] = set()
         """The index and text datasets read whole when the archive was opened: the integrity
         check does not read them again either."""
@@ -216,7 +224,7 @@ class ArchiveRun(Run):
         if kind != RUN_KIND:
             raise InputError(f"{location} is not a run (HDF5 kind {kind!r}, expected {RUN_KIND!r})")
         self.format_version = check_readable_version(
-            self._root_attribute("format_version"), location
+            self._root_attribute("format_version"), location, ARCHIVE_MAJOR
         )
 
     def _root_attribute(self, name: str) -> Any:
@@ -295,6 +303,7 @@ class ArchiveRun(Run):
         offsets = [*self._offsets.values(), *(o for o, _ in self._ragged.values())]
         per_step = [
             *self._counts.values(),
+            *self._step_crcs.values(),
             *self._present.values(),
             *self._scalar_values.values(),
             *self._scalar_recorded.values(),
@@ -324,14 +333,24 @@ class ArchiveRun(Run):
         return shapes
 
     def _check_data_datasets(self) -> None:
-        """Each field's data dataset, if the archive has one, is flat (1-D) and holds the
-        field's dtype, in either byte order (`_slice` hands out the native one); else the
-        archive is refused (InputError): every step of the field would be unreadable."""
+        """Each field's data dataset, if the archive has one, is flat (1-D), holds the
+        field's dtype, in either byte order (`_slice` hands out the native one), and is
+        checked: by Fletcher32, or by its `checksums/` dataset (read here); else the archive is
+        refused (InputError): every step of the field would be unreadable, or read unchecked."""
         for name, spec in FIELDS.items():
             where = _data_dataset(name)
-            if where in self._file:
-                dataset = self._dataset(where)
-                self._require_type(where, dataset.dtype, dataset.shape, spec.dtypes, 1)
+            if where not in self._file:
+                continue
+            dataset = self._dataset(where)
+            self._require_type(where, dataset.dtype, dataset.shape, spec.dtypes, 1)
+            crcs = checksums_dataset(where)
+            if crcs in self._file:
+                self._step_crcs[where] = self._index(crcs)
+            elif not dataset.fletcher32:
+                raise InputError(
+                    f"{self.location}: corrupt run archive ({where} has no checksum: neither "
+                    f"HDF5's Fletcher32 nor a {crcs} dataset)"
+                )
 
     def _require_type(
         self, name: str, dtype: np.dtype, shape: tuple[int, ...], dtypes: tuple[str, ...], ndim: int
@@ -436,30 +455,39 @@ class ArchiveRun(Run):
             dataset = self._open[where] = self._file[where]
         return dataset
 
-    def _slice(self, where: str, begin: int, end: int) -> np.ndarray:
-        """Entries [begin, end) of the data dataset `where`; the chunks read are noted."""
+    def _slice(self, where: str, index: int, begin: int, end: int) -> np.ndarray:
+        """Entries [begin, end) of the data dataset `where`, step `index`'s slice; the chunks
+        read are noted, or, for a dataset with per-step CRC-32s, the slice's CRC is checked
+        (OSError on a mismatch, as HDF5 raises for a failed Fletcher32) and the step noted."""
         dataset = self._dataset(where)
         part: np.ndarray = dataset[begin:end]
-        if not part.dtype.isnative:  # written on a machine of the other byte order
-            part = part.astype(part.dtype.newbyteorder("="))
-        if end > begin and dataset.chunks:
+        crcs = self._step_crcs.get(where)
+        if crcs is not None:  # of the bytes as stored: before any change of byte order
+            if crc32(part) != crcs[index]:
+                step = int(self._numbers[index])
+                raise OSError(f"{where}: step {step}'s slice fails its CRC-32")
+            self._read_steps.setdefault(where, set()).add(index)
+        elif end > begin and dataset.chunks:
             size = dataset.chunks[0]
             self._read_chunks.setdefault(where, set()).update(
                 range(begin // size, (end - 1) // size + 1)
             )
+        if not part.dtype.isnative:  # written on a machine of the other byte order
+            part = part.astype(part.dtype.newbyteorder("="))
         return part
 
     def read_field(self, index: int, name: str) -> np.ndarray:
         """Step `index`'s array `name` from the archive (token [T], sequence [N], or ragged)."""
         if name in TOKEN_FIELDS or name in SEQUENCE_FIELDS:
             offsets = self._offsets["tokens" if name in TOKEN_FIELDS else "sequences"]
-            return self._slice(_data_dataset(name), offsets[index], offsets[index + 1])
+            return self._slice(_data_dataset(name), index, offsets[index], offsets[index + 1])
         offsets, shapes = self._ragged[name]
-        flat = self._slice(_data_dataset(name), offsets[index], offsets[index + 1])
+        flat = self._slice(_data_dataset(name), index, offsets[index], offsets[index + 1])
         return flat.reshape(tuple(int(d) for d in shapes[index]))
 
     def _verify(self, index: int) -> dict[str, np.ndarray]:
-        """Reads the step's every field once (Fletcher32 checks each chunk), or marks it bad.
+        """Reads the step's every field once (Fletcher32 checks each chunk, or `_slice` the
+        step's CRC-32), or marks it bad.
 
         Returns what it read, so the Step hands those arrays out instead of reading them
         again ({} when the step was checked before)."""
@@ -520,10 +548,14 @@ class ArchiveRun(Run):
     def _check_all_chunks(self) -> list[Finding]:
         """Reads every chunk of every dataset that was not read already (an index or text read
         whole at opening, a chunk a step's read decoded); a bad one marks the steps whose data
-        it holds (a dataset that cannot even be opened or listed: every step it holds)."""
+        it holds (a dataset that cannot even be opened or listed: every step it holds). A
+        dataset with per-step CRC-32s is read step slice by step slice (`_check_steps`)."""
         findings = []
         for name in self._datasets:
             if name in self._read_whole:
+                continue
+            if name in self._step_crcs:
+                findings.extend(self._check_steps(name))
                 continue
             read = self._read_chunks.get(name, set())
             try:
@@ -545,9 +577,31 @@ class ArchiveRun(Run):
                     findings.append(self._bad_chunk(name, chunk, exc))
         return findings
 
+    def _check_steps(self, name: str) -> list[Finding]:
+        """Reads each step's slice of data dataset `name` (which has per-step CRC-32s) that no
+        read has checked yet, its CRC checked by `_slice`; a bad one marks its step. A slice
+        out of the dataset's range is left alone: `_mark_inconsistent_steps` marked its step."""
+        offsets = self._offsets_of(name)
+        if offsets is None:
+            return []
+        read, length = self._read_steps.get(name, set()), self._dataset(name).shape[0]
+        findings = []
+        for index in range(len(self._numbers)):
+            begin, end = int(offsets[index]), int(offsets[index + 1])
+            if index in read or not 0 <= begin <= end <= length:
+                continue
+            try:
+                self._slice(name, index, begin, end)
+            except H5_ERRORS as exc:
+                findings.append(self._bad_steps(name, [index], "a corrupt step slice", exc))
+        return findings
+
     def _bad_chunk(self, name: str, chunk: tuple[slice, ...], exc: BaseException) -> Finding:
         """Marks the steps whose data `chunk` of dataset `name` holds; their finding."""
-        hit = self._steps_of_chunk(name, chunk)
+        return self._bad_steps(name, self._steps_of_chunk(name, chunk), "a corrupt chunk", exc)
+
+    def _bad_steps(self, name: str, hit: list[int], what: str, exc: BaseException) -> Finding:
+        """Marks steps `hit` (indexes), whose data in dataset `name` is bad; their finding."""
         for index in hit:
             self._bad.setdefault(
                 index, StepReadError("unreadable", f"archive data checksum failed: {exc}")
@@ -558,18 +612,23 @@ class ArchiveRun(Run):
             "unreadable",
             steps[0] if steps else None,
             f"{self.location}:{name}",
-            f"archive dataset {name}: a corrupt chunk ({where}): {exc}",
+            f"archive dataset {name}: {what} ({where}): {exc}",
         )
 
-    def _steps_of_chunk(self, name: str, chunk: tuple[slice, ...]) -> list[int]:
+    def _offsets_of(self, name: str) -> np.ndarray | None:
+        """The step offsets [S+1] into data dataset `name`, or None (not a data dataset)."""
         parts = name.split("/")
-        if not chunk or len(parts) < 2 or parts[-1] in ("step_offsets", "shape"):
-            return []
+        if len(parts) < 2 or parts[-1] in ("step_offsets", "shape"):
+            return None
         if parts[0] in ("tokens", "sequences"):
-            offsets = self._offsets[parts[0]]
-        elif parts[0] == "ragged" and parts[-1] == "data" and parts[1] in self._ragged:
-            offsets = self._ragged[parts[1]][0]
-        else:
+            return self._offsets[parts[0]]
+        if parts[0] == "ragged" and parts[-1] == "data" and parts[1] in self._ragged:
+            return self._ragged[parts[1]][0]
+        return None
+
+    def _steps_of_chunk(self, name: str, chunk: tuple[slice, ...]) -> list[int]:
+        offsets = self._offsets_of(name)
+        if not chunk or offsets is None:
             return []
         start = chunk[0].start or 0
         stop = np.iinfo(np.int64).max if chunk[0].stop is None else chunk[0].stop

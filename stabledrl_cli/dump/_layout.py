@@ -1,6 +1,7 @@
 """The HDF5 archive of a run (`stabledrl pack`): its layout, shared by the packer and reader.
 
-Layout (every array dataset chunked, with Fletcher32 checksums; compressed as `FILTERS` says):
+Layout (every array dataset chunked and compressed as `FILTERS` says; checked by HDF5's Fletcher32
+filter, or, a data dataset written without it, by a CRC-32 of each step's slice):
     attrs: kind = "stabledrl-run", format_version, tool_version, source (the packed path)
     manifest                 the run's manifest.json as one JSON string dataset (an HDF5
                              attribute fails past 64 KiB, a manifest with param_names can be
@@ -20,6 +21,11 @@ Layout (every array dataset chunked, with Fletcher32 checksums; compressed as `F
     ragged/NAME/step_offsets int64 [S+1]     unit_grad_sketch [U, k], token_ids [N, k],
     ragged/NAME/shape        int64 [S, ndim] param_grad_norm [P]), each with its own index
     present/NAME             uint8 [S]       1 where the step has the field
+    checksums/DATA           uint32 [S]      for each data dataset DATA written without
+                             Fletcher32 (`tokens/NAME`, `sequences/NAME`,
+                             `ragged/NAME/data`): the CRC-32 (`_crc.crc32`) of each step's
+                             slice of DATA, its bytes as stored (a step without the field:
+                             its slice of fill values, zeros)
 
 A scalar's dataset name is its name with "%" and "/" written %25 and %2F (and a name "." or
 ".." written %2E, %2E%2E), since HDF5 reads "/" as a path (format 1.2; an older archive holds
@@ -28,7 +34,9 @@ no such name and is read as it is).
 The archive's format_version follows the run format's rule: 1.2 when the packed run uses a 1.2
 addition (a scalar step: no batch field present, counts 0; a null policy or a source in the
 manifest), else 1.1 when it uses a 1.1 addition, else 1.0. A multi-rank run is packed joined:
-one entry a step, ids already offset.
+one entry a step, ids already offset. An archive with a `checksums/` dataset says 2.0
+(`CHECKSUMS_VERSION`) whatever the run uses: a reader of major version 1 knows no such dataset,
+and would read the data it checks with no check at all; it refuses a newer major version.
 """
 
 from __future__ import annotations
@@ -53,14 +61,27 @@ decompresses little, large enough that gzip has something to work with."""
 FILTERS: dict[str, dict[str, Any]] = {
     "small": {"compression": "gzip", "compression_opts": 4, "shuffle": True, "fletcher32": True},
     "deflated": {"compression": "gzip", "compression_opts": 1, "fletcher32": True},
-    "plain": {"fletcher32": True},
+    "plain": {},
 }
 """HDF5 filters of a data dataset: every one under `pack --compression small` (the smallest
 archive; gzip's inflate and HDF5's unshuffle make reading it ~3.8x the directory's floor);
 under `fast`, "deflated" for a field whose first values a level-1 deflate halves (runs: masks,
 ids, per-sequence values repeated per token, which then inflate at memory speed), "plain" for
 the rest (log-probabilities and sketches: high-entropy floats that gzip shrinks by a fifth at
-twice the read time). A reader needs none of this: HDF5 records each dataset's filters."""
+twice the read time; unfiltered, with a per-step CRC-32 in `checksums/` instead of HDF5's
+Fletcher32, which doubled the time of reading them). A reader needs none of this: HDF5 records
+each dataset's filters, and a dataset without Fletcher32 has its `checksums/` dataset."""
+CHECKSUMS = "checksums"
+"""The group of the per-step CRC-32 datasets (module docstring)."""
+ARCHIVE_MAJOR = 2
+"""The newest major format version of an archive this tool reads (and writes)."""
+CHECKSUMS_VERSION = f"{ARCHIVE_MAJOR}.0"
+"""The format version of an archive with a `checksums/` dataset (module docstring)."""
+
+
+def checksums_dataset(data: str) -> str:
+    """Where an archive keeps the per-step CRC-32s of data dataset `data`."""
+    return f"{CHECKSUMS}/{data}"
 
 
 def decode(value: Any) -> Any:

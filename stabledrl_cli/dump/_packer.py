@@ -20,14 +20,17 @@ from stabledrl_cli._atomic import atomic_path
 from stabledrl_cli._json import unicode_text
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
+from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, RunIntegrityWarning
 from stabledrl_cli.dump._layout import (
+    CHECKSUMS_VERSION,
     CHUNK_ELEMENTS,
     FILTERS,
     RAGGED_FIELDS,
     SEQUENCE_FIELDS,
     STEP_COUNTS,
     TOKEN_FIELDS,
+    checksums_dataset,
     needs_escape,
     scalar_dataset_name,
 )
@@ -129,28 +132,45 @@ def _filters(compression: PackCompression, first: np.ndarray) -> dict[str, Any]:
 
 
 class _Column:
-    """A growing 1-D dataset: appended step by step, with fill where a step lacks the field."""
+    """A growing 1-D dataset: appended step by step, with fill where a step lacks the field.
+    Written without Fletcher32 (`FILTERS["plain"]`), it keeps the CRC-32 of each step's slice
+    (`crcs`, for `checksums/`)."""
 
     def __init__(
-        self, group: h5py.Group, name: str, first: np.ndarray, length: int, filters: dict[str, Any]
+        self,
+        group: h5py.Group,
+        name: str,
+        first: np.ndarray,
+        offsets: list[int],
+        filters: dict[str, Any],
     ) -> None:
+        """offsets: the earlier steps' offsets into the column; each lacks the field (fill)."""
         self.name = name
         self.dtype = np.dtype(first.dtype)
+        self.length = offsets[-1]
         self.dataset = group.create_dataset(
             name,
-            shape=(length,),
+            shape=(self.length,),
             maxshape=(None,),
             dtype=self.dtype,
             chunks=(CHUNK_ELEMENTS,),
             **filters,
         )
-        self.length = length
+        self.crcs: list[int] | None = None
+        if not filters.get("fletcher32"):
+            self.crcs = [self._fill_crc(int(n)) for n in np.diff(offsets)]
+
+    def _fill_crc(self, count: int) -> int:
+        """The CRC-32 of `count` fill entries as a reader reads them back (zeros)."""
+        return crc32(bytes(count * self.dtype.itemsize))
 
     def append(self, values: np.ndarray | None, count: int) -> None:
         """Writes `values` ([count], or None: leave `count` fill entries) at the end."""
         start, self.length = self.length, self.length + count
         self.dataset.resize((self.length,))
         if values is None or count == 0:
+            if self.crcs is not None:
+                self.crcs.append(self._fill_crc(count))
             return
         if values.dtype != self.dtype:
             if not np.can_cast(values.dtype, self.dtype, casting="safe"):
@@ -159,7 +179,10 @@ class _Column:
                     "a run archive keeps one dtype a field"
                 )
             values = values.astype(self.dtype)
+        values = np.ascontiguousarray(values)
         self.dataset[start : self.length] = values
+        if self.crcs is not None:
+            self.crcs.append(crc32(values))
 
 
 @dataclass
@@ -177,16 +200,16 @@ class _Packer:
     ragged_offsets: dict[str, list[int]] = field(default_factory=dict)
     ragged_shapes: dict[str, list[tuple[int, ...] | None]] = field(default_factory=dict)
 
-    def _column(self, group: str, name: str, first: np.ndarray, length: int) -> _Column:
+    def _column(self, group: str, name: str, first: np.ndarray, offsets: list[int]) -> _Column:
         """The dataset `group/name`, created for its `first` values (their dtype and filters)
-        after `length` fill entries."""
+        after the fill entries of the earlier steps (`offsets` into it)."""
         key = f"{group}/{name}"
         if key not in self.columns:
             self.columns[key] = _Column(
                 self.handle.require_group(group),
                 name,
                 first,
-                length,
+                offsets,
                 _filters(self.compression, first),
             )
         return self.columns[key]
@@ -198,7 +221,7 @@ class _Packer:
             ("tokens", TOKEN_FIELDS, tokens),
             ("sequences", SEQUENCE_FIELDS, sequences),
         ):
-            length = self.offsets[group][-1]
+            offsets = self.offsets[group]
             for name in names:
                 array = arrays.get(name)
                 if array is not None and array.shape != (count,):
@@ -207,10 +230,10 @@ class _Packer:
                         f"expected [{count}]; cannot pack it"
                     )
                 if array is not None:
-                    self._column(group, name, array, length).append(array, count)
+                    self._column(group, name, array, offsets).append(array, count)
                 elif f"{group}/{name}" in self.columns:  # an optional field this step lacks
                     self.columns[f"{group}/{name}"].append(None, count)
-            self.offsets[group].append(length + count)
+            offsets.append(offsets[-1] + count)
         for name in RAGGED_FIELDS:
             array = arrays.get(name)
             if array is None and name not in self.ragged_offsets:
@@ -219,7 +242,7 @@ class _Packer:
                 # The first step with it: earlier steps lack it.
                 self.ragged_offsets[name] = [0] * (len(self.numbers) + 1)
                 self.ragged_shapes[name] = [None] * len(self.numbers)
-                self._column(f"ragged/{name}", "data", array, 0)
+                self._column(f"ragged/{name}", "data", array, self.ragged_offsets[name])
             size = 0 if array is None else array.size
             flat = None if array is None else array.reshape(-1)
             self.columns[f"ragged/{name}/data"].append(flat, size)
@@ -271,6 +294,17 @@ class _Packer:
             _index_dataset(
                 recorded, stored, np.array([name in s for s in self.scalars], dtype=np.uint8)
             )
+        for where, column in self.columns.items():
+            if column.crcs is not None:
+                group, name = checksums_dataset(where).rsplit("/", 1)
+                _index_dataset(
+                    handle.require_group(group), name, np.array(column.crcs, dtype=np.uint32)
+                )
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether some data dataset has per-step CRC-32s (`checksums/`) instead of Fletcher32."""
+        return any(column.crcs is not None for column in self.columns.values())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -347,7 +381,9 @@ def _write_archive(
         or any("logp" not in fields for fields in packer.fields)
         or any(needs_escape(name) for name in set().union(*packer.scalars))
     )
-    handle.attrs["format_version"] = written_version(extended, uses_1_2)
+    handle.attrs["format_version"] = (
+        CHECKSUMS_VERSION if packer.checksummed else written_version(extended, uses_1_2)
+    )
     return packer, integrity
 
 

@@ -241,13 +241,16 @@ def parse_version(text: object, what: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def check_readable_version(text: object, what: str) -> tuple[int, int]:
-    """A newer major version is refused; a newer minor is read, its new fields ignored."""
+def check_readable_version(
+    text: object, what: str, newest_major: int = FORMAT_MAJOR
+) -> tuple[int, int]:
+    """A major version newer than `newest_major` is refused (an archive's may be 2:
+    `_layout.ARCHIVE_MAJOR`); a newer minor is read, its new fields ignored."""
     major, minor = parse_version(text, what)
-    if major > FORMAT_MAJOR:
+    if major > newest_major:
         raise InputError(
             f"{what}: run format {major}.{minor} is newer than this tool reads "
-            f"({FORMAT_MAJOR}.x); upgrade stabledrl"
+            f"({newest_major}.x); upgrade stabledrl"
         )
     if major < FORMAT_MAJOR:
         raise InputError(f"{what}: run format {major}.{minor} is not supported")
