@@ -273,6 +273,8 @@ RAISES_SCRIPT = textwrap.dedent(
         sys.stderr.flush()
         if how == "reported":  # then sys.exit(1) in its except block, as hydra does
             sys.exit(1)
+        if how in ("exit", "quit"):  # the builtins site gives a script
+            {"exit": exit, "quit": quit}[how](1)
         if how == "exit5":  # an exit code of its choosing
             sys.exit(5)
         if how == "message":  # a message of its own (Python prints it, exits 1)
@@ -358,6 +360,21 @@ def test_a_stabledrl_error_a_framework_reports_then_exits_1_on_is_our_last_line_
     assert result.stderr.splitlines()[1:] == [
         f"the job failed: {_RAISED[what]}",
         line,
+    ], result.stderr
+
+
+@pytest.mark.parametrize("how", ["exit", "quit"])
+def test_a_stabledrl_error_a_script_reports_then_ends_with_the_exit_builtin_is_our_line(
+    tmp_path, monkeypatch, how
+):
+    """`exit(1)` or `quit(1)`, the builtins Python's site module gives a script, in the except
+    block ends the command as `sys.exit(1)` does: our line last, the error's code. Before, only
+    `sys.exit` was wrapped: record exited 1 with no line of ours."""
+    result = _record_raising(tmp_path, monkeypatch, "--no-optimizer-hooks", f"{how}-usage")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[1:] == [
+        f"the job failed: {_RAISED['usage']}",
+        "error: cannot record this run: a refused setting",
     ], result.stderr
 
 

@@ -19,10 +19,12 @@ event of the process (an `id()`, an import, an `open`...), which returns at once
 A framework may catch the tool's error itself, print its own report and end the process with
 `sys.exit(1)` inside its `except` block (hydra's `@hydra.main`, which verl's entry point
 uses): no exception is uncaught, and the audit hook never hears of it. So `sys.exit` is
-wrapped too: called with 1 in the main thread while a stabledrl error is being handled, it
-raises `bootstrap.reported_exit`'s SystemExit, which reports that error as if uncaught once
-the interpreter reads its code to end the process (nothing when the script catches that
-SystemExit and goes on). Every other call is Python's own `sys.exit`.
+wrapped too, and so are site's `exit` and `quit` builtins, which a script may call instead:
+called with 1 in the main thread while a stabledrl error is being handled, it raises
+`bootstrap.reported_exit`'s SystemExit, which reports that error as if uncaught once the
+interpreter reads its code to end the process (nothing when the script catches that
+SystemExit and goes on). Every other call is Python's own `sys.exit`. A `raise SystemExit(1)`
+is not seen.
 
 The run that the process records (its optimizer hooks, `log_policy_batch`) is closed by an
 exit handler registered here, at start-up: atexit runs handlers last-registered first, so
@@ -38,6 +40,7 @@ torch, and trains unrecorded.
 from __future__ import annotations
 
 import atexit
+import builtins
 import contextlib
 import importlib.abc
 import importlib.machinery
@@ -171,6 +174,25 @@ def _exit(status: str | int | None = None, /) -> NoReturn:
     _python_exit(status)
 
 
+def _wrap_quitter(quitter: object) -> object:
+    """A copy of site's `exit` or `quit` builtin (a `Quitter`) whose call is `_exit`'s, after
+    closing stdin as Python's does (for shells that listen to it); `quitter` itself when it is
+    not site's (python -S, or a script replaced it)."""
+    kind = type(quitter)
+    if kind.__name__ != "Quitter" or kind.__module__ != "_sitebuiltins":
+        return quitter
+
+    class _Quitter(kind):  # type: ignore[misc,valid-type]
+        def __call__(self, code: str | int | None = None) -> NoReturn:
+            with contextlib.suppress(Exception):
+                sys.stdin.close()
+            _exit(code)
+
+    wrapped = _Quitter.__new__(_Quitter)
+    wrapped.__dict__.update(vars(quitter))
+    return wrapped
+
+
 def _close_run() -> None:
     """The exit handler that closes the run (`bootstrap.close`), if this process opened one:
     registered first, it runs after every exit handler of the command (module docstring)."""
@@ -183,6 +205,9 @@ if os.environ.get(_ENV_OPTIMIZER_HOOKS) != "0":
     _when_imported("torch", _install_hooks)
 sys.addaudithook(_on_uncaught)
 sys.exit = _exit
+for _name in ("exit", "quit"):
+    if hasattr(builtins, _name):
+        setattr(builtins, _name, _wrap_quitter(getattr(builtins, _name)))
 atexit.register(_close_run)
 _when_imported(_BOOTSTRAP, lambda bootstrap: bootstrap.closed_last())
 _chain()
