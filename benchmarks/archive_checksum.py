@@ -26,36 +26,23 @@ import numpy as np
 from synthetic_runs import Shape, add_step_options, cached_run
 from timing import median_seconds
 
+from stabledrl_cli.dump._archive_reader import _data_dataset
 from stabledrl_cli.dump._crc import crc32
+from stabledrl_cli.dump._layout import RAGGED_FIELDS, SEQUENCE_FIELDS, TOKEN_FIELDS
 
 DEFAULT_SHAPE = "50,64,512,128"
 
 
-def _is_data(name: str, item: object) -> bool:
-    """Whether `name` is a per-entry data dataset (tokens/, sequences/ or ragged/*/data)."""
-    if not isinstance(item, h5py.Dataset):
-        return False
-    group = name.split("/")[0]
-    if group in ("tokens", "sequences"):
-        return name.split("/")[-1] != "step_offsets"
-    return group == "ragged" and name.endswith("/data")
-
-
 def _data_datasets(archive: h5py.File) -> list[str]:
-    """The archive's per-entry data datasets, by name."""
-    names: list[str] = []
-    archive.visititems(lambda name, item: names.append(name) if _is_data(name, item) else None)
-    return sorted(names)
+    """The archive's per-entry data datasets (where `_layout`'s fields are stored), by name."""
+    fields = (*TOKEN_FIELDS, *SEQUENCE_FIELDS, *RAGGED_FIELDS)
+    return sorted(where for where in map(_data_dataset, fields) if where in archive)
 
 
 def _step_bounds(archive: h5py.File, name: str, steps: int) -> np.ndarray:
-    """The first `steps` + 1 offsets of dataset `name`'s steps."""
-    group = name.split("/")[0]
-    offsets = (
-        archive[f"{group}/step_offsets"]
-        if group in ("tokens", "sequences")
-        else archive[f"{name.rsplit('/', 1)[0]}/step_offsets"]
-    )
+    """The first `steps` + 1 offsets of data dataset `name`'s steps (its group's
+    `step_offsets`: `tokens/`, `sequences/` or `ragged/NAME/`)."""
+    offsets = archive[f"{name.rsplit('/', 1)[0]}/step_offsets"]
     return np.asarray(offsets[: steps + 1], dtype=np.int64)
 
 
