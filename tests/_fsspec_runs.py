@@ -69,3 +69,18 @@ def count_whole_reads(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "cat_file", counting)
     return whole
+
+
+def count_ranged_reads(monkeypatch) -> list[str]:
+    """From now on, the paths each ranged read (a header's) of fsspec's in-memory filesystem
+    reads."""
+    ranged: list[str] = []
+    original = fsspec.implementations.memory.MemoryFileSystem.cat_file
+
+    def counting(self, path, start=None, end=None, **kwargs):
+        if start is not None or end is not None:
+            ranged.append(path)
+        return original(self, path, start=start, end=end, **kwargs)
+
+    monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "cat_file", counting)
+    return ranged

@@ -3,6 +3,8 @@ that do not alias each other, and a file changed after its check refused rather 
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import time
 
@@ -10,8 +12,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import _stfile, pack_run
 from stabledrl_cli.errors import InputError
 
@@ -54,6 +58,33 @@ def test_a_pass_over_a_listed_run_opens_each_step_file_once(tmp_path, monkeypatc
     arrays = _every_array(run)
     assert len(arrays) == 3 and all("logp" in a and "reward" in a for a in arrays)
     assert sorted(opened) == [f"step-{n:08d}.safetensors" for n in range(3)]
+
+
+@pytest.mark.parametrize("how", ["api", "cli"])
+def test_a_replay_opens_each_step_file_once(tmp_path, monkeypatch, how):
+    """A whole replay (its pass, the recorded scalars, the integrity count; the command's
+    progress too) opens each step file once: the pass reads a file whole and later looks are
+    answered from its check. The first step's header alone is read before the pass, to check
+    its fields against the policies. Before, every file was opened twice: listing the run
+    read every header first."""
+    path = _record(tmp_path / "run", steps=4)
+    opened: collections.Counter[str] = collections.Counter()
+    real_open = os.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file).endswith(".safetensors"):
+            opened[os.path.basename(file)] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(_stfile.os, "open", counting_open)
+    if how == "api":
+        assert sd.replay(path, ["grpo"]).steps == 4
+    else:
+        shown = CliRunner().invoke(app, ["replay", str(path), "-p", "grpo", "--format", "json"])
+        assert shown.exit_code == 0, shown.output
+        assert json.loads(shown.stdout)["steps"] == 4
+    names = [f"step-{n:08d}.safetensors" for n in range(4)]
+    assert opened == {names[0]: 2, **dict.fromkeys(names[1:], 1)}
 
 
 def test_arrays_read_once_per_load_equal_what_was_recorded(tmp_path):

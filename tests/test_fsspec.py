@@ -17,7 +17,7 @@ import fsspec
 import h5py
 import pytest
 from _cli import run_cli_together
-from _fsspec_runs import count_whole_reads, small_run, to_memory
+from _fsspec_runs import count_ranged_reads, count_whole_reads, small_run, to_memory
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -80,6 +80,20 @@ def test_each_step_file_is_read_whole_once(run_dir, local_replay, monkeypatch):
     assert result.steps == local_replay.steps
     step_files = [p for p in whole if "/steps/" in p]
     assert len(step_files) == len(set(step_files)) == 2 * 9  # every file of both ranks, once
+
+
+def test_a_replay_makes_one_request_a_step_file(tmp_path, monkeypatch):
+    """On object storage a request costs a round trip: a replay of a URL run reads each step
+    file once, whole, and no header apart, but the first step's (checked against the
+    policies before the pass starts). Before, listing the run read every header first by
+    two ranged reads: three requests a file."""
+    url = to_memory(small_run(tmp_path / "run", world_size=1, steps=6, corrupt=False))
+    ranged, whole = count_ranged_reads(monkeypatch), count_whole_reads(monkeypatch)
+    result = replay_run(open_run(url), POLICIES, config=ReplayConfig(device="cpu"))
+    assert result.steps == 6
+    step_files = sorted(p for p in whole if "/steps/" in p)
+    assert len(step_files) == len(set(step_files)) == 6
+    assert {p for p in ranged if "/steps/" in p} == {step_files[0]}
 
 
 def test_a_link_inside_a_file_url_run_is_never_followed(tmp_path):

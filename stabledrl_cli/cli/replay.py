@@ -172,7 +172,7 @@ def replay_with_progress(
     least every 30 s) without one."""
     from stabledrl_cli.replay.engine import replay_run
 
-    with progress("replaying", len(run)) as advance:
+    with progress("replaying", len(run.listed_step_numbers)) as advance:
         return replay_run(run, policies, config=config, progress=advance, engine=engine)
 
 

@@ -194,10 +194,11 @@ class Run(ABC):
         return self.steps()
 
     def steps(self, start: int | None = None, stop: int | None = None) -> Iterator[Step]:
-        """Steps with start <= step < stop, ascending; a corrupt one is skipped with a warning."""
+        """Steps with start <= step < stop, ascending; a corrupt one is skipped with a warning.
+        Each listed step is read once, checked as it is read (no pass over the headers first)."""
         yield from self.steps_of(
             n
-            for n in self.step_numbers
+            for n in self.listed_step_numbers
             if (start is None or n >= start) and (stop is None or n < stop)
         )
 
@@ -216,8 +217,9 @@ class Run(ABC):
             yield loaded
 
     def step_headers(self) -> Iterator[Step]:
-        """Every readable step from its header alone (scalars, fields, counts; no data read)."""
-        for n in self.step_numbers:
+        """Every readable step from its header alone (scalars, fields, counts; no data read),
+        each checked as it comes (a caller that stops early reads no more headers)."""
+        for n in self.listed_step_numbers:
             loaded = self._try_step(n, deep=False)
             if not isinstance(loaded, StepReadError):
                 yield loaded
