@@ -598,6 +598,24 @@ def test_zero_readable_steps_exit_3_in_a_real_process(tmp_path):
         assert "no step could be read" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_progress_ends_at_the_listed_steps_when_some_are_damaged(tmp_path):
+    """Progress counts the listed step files, and the ones the reader skips (damaged) as done
+    when the replay ends: the last line says 100%. Before, it ended short of it (8/9 here)."""
+    path = record_run(tmp_path / "run", steps=10)
+    torn = path / "steps" / "step-00000003.safetensors"
+    torn.write_bytes(torn.read_bytes()[:-9])
+    flipped = path / "steps" / "step-00000006.safetensors"
+    data = bytearray(flipped.read_bytes())
+    data[-3] ^= 1
+    flipped.write_bytes(bytes(data))
+    (done,) = run_cli_together(["replay", path, "-p", "grpo", "--format", "json"], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["steps"] == 8
+    shown = [line for line in done.stderr.splitlines() if line.startswith("replaying: ")]
+    assert shown[-1] == "replaying: 10/10 (100%)", done.stderr
+    assert "skipped 2 unreadable" in done.stderr
+
+
 def test_wrong_format_version_exits_3(tmp_path):
     path = record_run(tmp_path / "run", steps=2)
     manifest = json.loads((path / "manifest.json").read_text())
