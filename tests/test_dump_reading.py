@@ -87,6 +87,30 @@ def test_a_replay_opens_each_step_file_once(tmp_path, monkeypatch, how):
     assert opened == {names[0]: 2, **dict.fromkeys(names[1:], 1)}
 
 
+@pytest.mark.parametrize("command", ["inspect", "pack"])
+def test_inspect_and_pack_read_each_step_file_once(tmp_path, monkeypatch, command):
+    """inspect (its integrity check, the replay's checks of each step's data, the recorded
+    scalars) and pack (each step, then the integrity report it carries) open each step file
+    once, and a damaged one too. Before, every file was opened twice: inspect checked every
+    file in full and then read each again, pack listed every header before its pass."""
+    path = _record(tmp_path / "run", steps=4)
+    torn = path / "steps" / "step-00000002.safetensors"
+    torn.write_bytes(torn.read_bytes()[:-5])
+    opened: collections.Counter[str] = collections.Counter()
+    real_open = os.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file).endswith(".safetensors"):
+            opened[os.path.basename(file)] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(_stfile.os, "open", counting_open)
+    extra = [str(tmp_path / "run.h5")] if command == "pack" else []
+    shown = CliRunner().invoke(app, [command, str(path), *extra, "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    assert opened == {f"step-{n:08d}.safetensors": 1 for n in range(4)}
+
+
 def test_arrays_read_once_per_load_equal_what_was_recorded(tmp_path):
     """Directory and archive give the same arrays, and a step whose check is cached (a second
     pass) reads its file again, whole, with the same values."""

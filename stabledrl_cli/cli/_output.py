@@ -131,13 +131,28 @@ Advance = Callable[[int], None]
 
 
 @contextmanager
-def progress(what: str, total: int | None) -> Iterator[Advance]:
+def progress(what: str, total: int | None, *, complete: bool = False) -> Iterator[Advance]:
     """Progress of `total` units of work (None: unknown) while the block runs; yields `advance`.
+    With `complete`, the units not reported when the block ends normally count as done (units
+    the work skipped: a step file a reader found damaged, say).
 
     In a terminal: a bar on stderr (a spinner when `total` is unknown), gone when done. Without
     one (a pipe, CI): `ProgressLines`, a short stderr line per tenth and at least every 30 s
     (nothing when `total` is unknown: there is no fraction to report).
     """
+    if complete and total is not None:
+        with progress(what, total) as report:
+            reported = 0
+
+            def counted(n: int) -> None:
+                nonlocal reported
+                reported += n
+                report(n)
+
+            yield counted
+            if reported < total:
+                report(total - reported)
+        return
     if progress_enabled():
         columns = (
             (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -53,7 +53,7 @@ def command(
     if target.is_file() and not force:
         raise UsageError(f"{target} exists; pass --force to overwrite it")
     opened = open_run(run)
-    with progress("packing", len(opened)) as advance:
+    with progress("packing", len(opened.listed_step_numbers), complete=True) as advance:
         summary = pack_run(opened, target, force=force, progress=advance, compression=compression)
     if summary.findings:
         kinds = sorted({f.kind for f in summary.findings})

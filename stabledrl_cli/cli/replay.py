@@ -172,19 +172,8 @@ def replay_with_progress(
     least every 30 s) without one."""
     from stabledrl_cli.replay.engine import replay_run
 
-    listed = len(run.listed_step_numbers)
-    done = 0
-
-    with progress("replaying", listed) as advance:
-
-        def advanced(steps: int) -> None:
-            nonlocal done
-            done += steps
-            advance(steps)
-
-        result = replay_run(run, policies, config=config, progress=advanced, engine=engine)
-        advance(max(0, listed - done))  # the steps the reader skipped: damaged files
-    return result
+    with progress("replaying", len(run.listed_step_numbers), complete=True) as advance:
+        return replay_run(run, policies, config=config, progress=advance, engine=engine)
 
 
 def note_empty_range(result: ReplayResult) -> None:

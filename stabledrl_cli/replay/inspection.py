@@ -109,14 +109,15 @@ def _replayable(run: Run) -> tuple[list[Finding], NoiseFloor, OwnLikelihood]:
 
 
 def summarize(run: Run) -> RunSummary:
-    """Everything `inspect` reports about `run` (the integrity check reads every file first,
-    so the rest reads trusted data); a step a replay would skip for its data is a finding too
-    (kind `invalid`)."""
-    report = run.integrity
+    """Everything `inspect` reports about `run`; a step a replay would skip for its data is a
+    finding too (kind `invalid`). One pass reads each step file whole, its checksums checked
+    before any of its data is used; the integrity check and the headers after it find each
+    file checked already, so a file is read once."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RunIntegrityWarning)  # already in `integrity`
-        headers = list(run.step_headers())
+        warnings.simplefilter("ignore", RunIntegrityWarning)  # in `integrity` below
         invalid, floor, likelihood = _replayable(run)
+        report = run.integrity
+        headers = list(run.step_headers())
         observed = observe(run, noise_floor=floor, likelihood=likelihood)
         recorded = recorded_run(run, observed)
     integrity = IntegrityReport([*report.findings, *invalid]).to_dict()
