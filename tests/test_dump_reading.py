@@ -42,22 +42,28 @@ def _every_array(run):
     return [{name: step[name].clone() for name in sorted(step.fields)} for step in run.steps()]
 
 
-def test_a_pass_over_a_listed_run_opens_each_step_file_once(tmp_path, monkeypatch):
-    path = _record(tmp_path / "run")
-    opened = []
+def _count_step_opens(monkeypatch) -> collections.Counter[str]:
+    """From now on, how many times each step file is opened (by name)."""
+    opened: collections.Counter[str] = collections.Counter()
     real_open = os.open
 
     def counting_open(file, *args, **kwargs):
         if str(file).endswith(".safetensors"):
-            opened.append(os.path.basename(file))
+            opened[os.path.basename(file)] += 1
         return real_open(file, *args, **kwargs)
 
+    monkeypatch.setattr(_stfile.os, "open", counting_open)
+    return opened
+
+
+def test_a_pass_over_a_listed_run_opens_each_step_file_once(tmp_path, monkeypatch):
+    path = _record(tmp_path / "run")
     run = sd.open_run(path)
     assert run.step_numbers == [0, 1, 2]  # the listing has read each header
-    monkeypatch.setattr(_stfile.os, "open", counting_open)
+    opened = _count_step_opens(monkeypatch)
     arrays = _every_array(run)
     assert len(arrays) == 3 and all("logp" in a and "reward" in a for a in arrays)
-    assert sorted(opened) == [f"step-{n:08d}.safetensors" for n in range(3)]
+    assert opened == {f"step-{n:08d}.safetensors": 1 for n in range(3)}
 
 
 @pytest.mark.parametrize("how", ["api", "cli"])
@@ -68,15 +74,7 @@ def test_a_replay_opens_each_step_file_once(tmp_path, monkeypatch, how):
     its fields against the policies. Before, every file was opened twice: listing the run
     read every header first."""
     path = _record(tmp_path / "run", steps=4)
-    opened: collections.Counter[str] = collections.Counter()
-    real_open = os.open
-
-    def counting_open(file, *args, **kwargs):
-        if str(file).endswith(".safetensors"):
-            opened[os.path.basename(file)] += 1
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(_stfile.os, "open", counting_open)
+    opened = _count_step_opens(monkeypatch)
     if how == "api":
         assert sd.replay(path, ["grpo"]).steps == 4
     else:
@@ -96,15 +94,7 @@ def test_inspect_and_pack_read_each_step_file_once(tmp_path, monkeypatch, comman
     path = _record(tmp_path / "run", steps=4)
     torn = path / "steps" / "step-00000002.safetensors"
     torn.write_bytes(torn.read_bytes()[:-5])
-    opened: collections.Counter[str] = collections.Counter()
-    real_open = os.open
-
-    def counting_open(file, *args, **kwargs):
-        if str(file).endswith(".safetensors"):
-            opened[os.path.basename(file)] += 1
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(_stfile.os, "open", counting_open)
+    opened = _count_step_opens(monkeypatch)
     extra = [str(tmp_path / "run.h5")] if command == "pack" else []
     shown = CliRunner().invoke(app, [command, str(path), *extra, "--format", "json"])
     assert shown.exit_code == 0, shown.output
