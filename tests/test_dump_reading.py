@@ -85,6 +85,31 @@ def test_a_replay_opens_each_step_file_once(tmp_path, monkeypatch, how):
     assert opened == {names[0]: 2, **dict.fromkeys(names[1:], 1)}
 
 
+def test_a_sharded_replay_reads_each_step_file_twice_at_most(tmp_path, monkeypatch):
+    """`--engine processes`: a worker reads each step of its shard once, and the replay's own
+    process once more, for its integrity check while the workers compute (the first step's
+    header apart, as any replay). Before, the shards were planned from a listing that read
+    every header first: three times. The opens are logged to a file, as forked workers make
+    them in processes of their own."""
+    from stabledrl_cli.replay.process_engine import ProcessEngine
+
+    path = _record(tmp_path / "run", steps=6)
+    log = tmp_path / "opens.log"
+    real_open = os.open
+
+    def logging_open(file, *args, **kwargs):
+        if str(file).endswith(".safetensors"):
+            with open(log, "a") as out:
+                out.write(os.path.basename(file) + "\n")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(_stfile.os, "open", logging_open)
+    assert sd.replay(path, ["grpo"], engine=ProcessEngine(workers=2)).steps == 6
+    opened = collections.Counter(log.read_text().split())
+    names = [f"step-{n:08d}.safetensors" for n in range(6)]
+    assert opened == {names[0]: 3, **dict.fromkeys(names[1:], 2)}
+
+
 @pytest.mark.parametrize("command", ["inspect", "pack"])
 def test_inspect_and_pack_read_each_step_file_once(tmp_path, monkeypatch, command):
     """inspect (its integrity check, the replay's checks of each step's data, the recorded

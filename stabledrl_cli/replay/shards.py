@@ -94,7 +94,7 @@ def shard_tasks(
 ) -> tuple[list[ShardTask], list[int]]:
     """The run's steps cut for `workers` workers (`plan_shards`, SHARDS_PER_WORKER each): ->
     a task a shard, and each shard's step count."""
-    shards = plan_shards(run.step_numbers, workers * SHARDS_PER_WORKER, config.chunk_size)
+    shards = plan_shards(run.listed_step_numbers, workers * SHARDS_PER_WORKER, config.chunk_size)
     tasks = [
         ShardTask(
             source=run.source,
