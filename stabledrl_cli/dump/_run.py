@@ -194,25 +194,36 @@ class Run(ABC):
         return self.steps()
 
     def steps(self, start: int | None = None, stop: int | None = None) -> Iterator[Step]:
-        """Steps with start <= step < stop, ascending; a corrupt one is skipped with a warning.
-        Each listed step is read once, checked as it is read (no pass over the headers first)."""
-        yield from self.steps_of(
-            n
-            for n in self.listed_step_numbers
-            if (start is None or n >= start) and (stop is None or n < stop)
+        """Steps with start <= step < stop, ascending; a corrupt one is skipped with a warning,
+        one that another rank has not written (yet: a live multi-rank run) without one, as
+        `step_numbers` leaves it out. Each listed step is read once, checked as it is read (no
+        pass over the headers first)."""
+        yield from self._steps_skipping(
+            (
+                n
+                for n in self.listed_step_numbers
+                if (start is None or n >= start) and (stop is None or n < stop)
+            ),
+            quiet=("missing_rank",),
         )
 
     def steps_of(self, numbers: Iterable[int]) -> Iterator[Step]:
         """The steps of these numbers, in their order (e.g. a shard of a listing made
         elsewhere); one missing or corrupt is skipped with a warning."""
+        yield from self._steps_skipping(numbers, quiet=())
+
+    def _steps_skipping(self, numbers: Iterable[int], quiet: tuple[str, ...]) -> Iterator[Step]:
+        """Each step of `numbers` read whole; one that cannot be is skipped, with a warning
+        unless its kind of failure is in `quiet`."""
         for n in numbers:
             loaded = self._try_step(n, deep=True)
             if isinstance(loaded, StepReadError):
-                warnings.warn(
-                    f"{self.location}: skipping step {n}: {loaded.kind}: {loaded}",
-                    RunIntegrityWarning,
-                    stacklevel=2,
-                )
+                if loaded.kind not in quiet:
+                    warnings.warn(
+                        f"{self.location}: skipping step {n}: {loaded.kind}: {loaded}",
+                        RunIntegrityWarning,
+                        stacklevel=3,
+                    )
                 continue
             yield loaded
 
