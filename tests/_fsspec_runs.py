@@ -56,31 +56,16 @@ def to_memory(local: Path) -> str:
     return f"memory://{root.lstrip('/')}"
 
 
-def count_whole_reads(monkeypatch) -> list[str]:
-    """From now on, the paths each whole-file read of fsspec's in-memory filesystem reads
-    (ranged reads are not counted)."""
+def count_reads(monkeypatch) -> tuple[list[str], list[str]]:
+    """From now on, the paths read by fsspec's in-memory filesystem: (each whole-file read's,
+    each ranged read's, a header's)."""
     whole: list[str] = []
-    original = fsspec.implementations.memory.MemoryFileSystem.cat_file
-
-    def counting(self, path, start=None, end=None, **kwargs):
-        if start is None and end is None:
-            whole.append(path)
-        return original(self, path, start=start, end=end, **kwargs)
-
-    monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "cat_file", counting)
-    return whole
-
-
-def count_ranged_reads(monkeypatch) -> list[str]:
-    """From now on, the paths each ranged read (a header's) of fsspec's in-memory filesystem
-    reads."""
     ranged: list[str] = []
     original = fsspec.implementations.memory.MemoryFileSystem.cat_file
 
     def counting(self, path, start=None, end=None, **kwargs):
-        if start is not None or end is not None:
-            ranged.append(path)
+        (whole if start is None and end is None else ranged).append(path)
         return original(self, path, start=start, end=end, **kwargs)
 
     monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "cat_file", counting)
-    return ranged
+    return whole, ranged

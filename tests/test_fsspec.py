@@ -17,7 +17,7 @@ import fsspec
 import h5py
 import pytest
 from _cli import run_cli_together
-from _fsspec_runs import count_ranged_reads, count_whole_reads, small_run, to_memory
+from _fsspec_runs import count_reads, small_run, to_memory
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -73,7 +73,7 @@ def test_each_step_file_is_read_whole_once(run_dir, local_replay, monkeypatch):
     """A replay reads each step file's bytes once (headers by ranged reads), the integrity
     check after the pass included."""
     url = to_memory(run_dir)
-    whole = count_whole_reads(monkeypatch)
+    whole, _ = count_reads(monkeypatch)
     run = open_run(url)
     assert isinstance(run, RemoteRun)
     result = replay_run(run, POLICIES, config=ReplayConfig(device="cpu", chunk_size=4))
@@ -88,7 +88,7 @@ def test_a_replay_makes_one_request_a_step_file(tmp_path, monkeypatch):
     policies before the pass starts). Before, listing the run read every header first by
     two ranged reads: three requests a file."""
     url = to_memory(small_run(tmp_path / "run", world_size=1, steps=6, corrupt=False))
-    ranged, whole = count_ranged_reads(monkeypatch), count_whole_reads(monkeypatch)
+    whole, ranged = count_reads(monkeypatch)
     result = replay_run(open_run(url), POLICIES, config=ReplayConfig(device="cpu"))
     assert result.steps == 6
     step_files = sorted(p for p in whole if "/steps/" in p)

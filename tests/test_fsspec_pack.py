@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 from _cli import run_cli_together
-from _fsspec_runs import count_whole_reads, small_run, to_memory
+from _fsspec_runs import count_reads, small_run, to_memory
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -129,7 +129,7 @@ def test_pack_reads_each_step_file_of_a_url_once(run_dir, tmp_path, monkeypatch)
     """The pass that packs the steps checks each file in full as it reads it; the integrity
     report after it reads none again."""
     url = to_memory(run_dir)
-    whole = count_whole_reads(monkeypatch)
+    whole, _ = count_reads(monkeypatch)
     assert pack_json(url, tmp_path / "run.h5")["steps"] == 8
     step_files = [p for p in whole if "/steps/" in p]
     assert len(step_files) == len(set(step_files)) == 2 * 9  # every file of both ranks, once
