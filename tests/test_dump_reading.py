@@ -7,6 +7,8 @@ import collections
 import json
 import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -42,28 +44,29 @@ def _every_array(run):
     return [{name: step[name].clone() for name in sorted(step.fields)} for step in run.steps()]
 
 
-def _count_step_opens(monkeypatch) -> collections.Counter[str]:
-    """From now on, how many times each step file is opened (by name)."""
-    opened: collections.Counter[str] = collections.Counter()
+def _count_step_opens(monkeypatch, log: Path) -> Callable[[], collections.Counter[str]]:
+    """From now on, each opening of a step file is logged to the file `log` (so a forked
+    worker's are too); the returned callable counts them by file name."""
     real_open = os.open
 
-    def counting_open(file, *args, **kwargs):
+    def logging_open(file, *args, **kwargs):
         if str(file).endswith(".safetensors"):
-            opened[os.path.basename(file)] += 1
+            with open(log, "a") as out:
+                out.write(os.path.basename(file) + "\n")
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(_stfile.os, "open", counting_open)
-    return opened
+    monkeypatch.setattr(_stfile.os, "open", logging_open)
+    return lambda: collections.Counter(log.read_text().split() if log.exists() else [])
 
 
 def test_a_pass_over_a_listed_run_opens_each_step_file_once(tmp_path, monkeypatch):
     path = _record(tmp_path / "run")
     run = sd.open_run(path)
     assert run.step_numbers == [0, 1, 2]  # the listing has read each header
-    opened = _count_step_opens(monkeypatch)
+    opened = _count_step_opens(monkeypatch, tmp_path / "opens.log")
     arrays = _every_array(run)
     assert len(arrays) == 3 and all("logp" in a and "reward" in a for a in arrays)
-    assert opened == {f"step-{n:08d}.safetensors": 1 for n in range(3)}
+    assert opened() == {f"step-{n:08d}.safetensors": 1 for n in range(3)}
 
 
 @pytest.mark.parametrize("how", ["api", "cli"])
@@ -74,7 +77,7 @@ def test_a_replay_opens_each_step_file_once(tmp_path, monkeypatch, how):
     its fields against the policies. Before, every file was opened twice: listing the run
     read every header first."""
     path = _record(tmp_path / "run", steps=4)
-    opened = _count_step_opens(monkeypatch)
+    opened = _count_step_opens(monkeypatch, tmp_path / "opens.log")
     if how == "api":
         assert sd.replay(path, ["grpo"]).steps == 4
     else:
@@ -82,7 +85,7 @@ def test_a_replay_opens_each_step_file_once(tmp_path, monkeypatch, how):
         assert shown.exit_code == 0, shown.output
         assert json.loads(shown.stdout)["steps"] == 4
     names = [f"step-{n:08d}.safetensors" for n in range(4)]
-    assert opened == {names[0]: 2, **dict.fromkeys(names[1:], 1)}
+    assert opened() == {names[0]: 2, **dict.fromkeys(names[1:], 1)}
 
 
 def test_a_sharded_replay_reads_each_step_file_twice_at_most(tmp_path, monkeypatch):
@@ -94,20 +97,10 @@ def test_a_sharded_replay_reads_each_step_file_twice_at_most(tmp_path, monkeypat
     from stabledrl_cli.replay.process_engine import ProcessEngine
 
     path = _record(tmp_path / "run", steps=6)
-    log = tmp_path / "opens.log"
-    real_open = os.open
-
-    def logging_open(file, *args, **kwargs):
-        if str(file).endswith(".safetensors"):
-            with open(log, "a") as out:
-                out.write(os.path.basename(file) + "\n")
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(_stfile.os, "open", logging_open)
+    opened = _count_step_opens(monkeypatch, tmp_path / "opens.log")
     assert sd.replay(path, ["grpo"], engine=ProcessEngine(workers=2)).steps == 6
-    opened = collections.Counter(log.read_text().split())
     names = [f"step-{n:08d}.safetensors" for n in range(6)]
-    assert opened == {names[0]: 3, **dict.fromkeys(names[1:], 2)}
+    assert opened() == {names[0]: 3, **dict.fromkeys(names[1:], 2)}
 
 
 @pytest.mark.parametrize("command", ["inspect", "pack"])
@@ -119,11 +112,11 @@ def test_inspect_and_pack_read_each_step_file_once(tmp_path, monkeypatch, comman
     path = _record(tmp_path / "run", steps=4)
     torn = path / "steps" / "step-00000002.safetensors"
     torn.write_bytes(torn.read_bytes()[:-5])
-    opened = _count_step_opens(monkeypatch)
+    opened = _count_step_opens(monkeypatch, tmp_path / "opens.log")
     extra = [str(tmp_path / "run.h5")] if command == "pack" else []
     shown = CliRunner().invoke(app, [command, str(path), *extra, "--format", "json"])
     assert shown.exit_code == 0, shown.output
-    assert opened == {f"step-{n:08d}.safetensors": 1 for n in range(4)}
+    assert opened() == {f"step-{n:08d}.safetensors": 1 for n in range(4)}
 
 
 def test_arrays_read_once_per_load_equal_what_was_recorded(tmp_path):
