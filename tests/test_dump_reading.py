@@ -88,19 +88,26 @@ def test_a_replay_opens_each_step_file_once(tmp_path, monkeypatch, how):
     assert opened() == {names[0]: 2, **dict.fromkeys(names[1:], 1)}
 
 
-def test_a_sharded_replay_reads_each_step_file_twice_at_most(tmp_path, monkeypatch):
+def test_a_sharded_replay_reads_each_step_file_once(tmp_path, monkeypatch):
     """`--engine processes`: a worker reads each step of its shard once, and the replay's own
-    process once more, for its integrity check while the workers compute (the first step's
-    header apart, as any replay). Before, the shards were planned from a listing that read
-    every header first: three times. The opens are logged to a file, as forked workers make
-    them in processes of their own."""
+    process reads none (the first step's header apart, as any replay): its integrity report
+    takes the workers' checks, a torn step's too. Before, the driver read every file once
+    more for that report while the workers computed. The opens are logged to a file, as
+    forked workers make them in processes of their own."""
     from stabledrl_cli.replay.process_engine import ProcessEngine
 
     path = _record(tmp_path / "run", steps=6)
+    torn = path / "steps" / "step-00000004.safetensors"
+    torn.write_bytes(torn.read_bytes()[:-5])
+    local = sd.replay(path, ["grpo"])
     opened = _count_step_opens(monkeypatch, tmp_path / "opens.log")
-    assert sd.replay(path, ["grpo"], engine=ProcessEngine(workers=2)).steps == 6
+    sharded = sd.replay(path, ["grpo"], engine=ProcessEngine(workers=2))
     names = [f"step-{n:08d}.safetensors" for n in range(6)]
-    assert opened() == {names[0]: 3, **dict.fromkeys(names[1:], 2)}
+    assert opened() == {names[0]: 2, **dict.fromkeys(names[1:], 1)}
+    assert sharded.steps == 5
+    assert sharded.to_json() == local.to_json()
+    assert sharded.skipped == local.skipped
+    assert [reason[:12] for reason in sharded.skipped] == ["step 4: torn"]
 
 
 @pytest.mark.parametrize("command", ["inspect", "pack"])
@@ -242,8 +249,9 @@ def test_a_remote_file_replaced_under_a_loaded_step_is_refused_not_misread(tmp_p
     assert run.step(0).num_sequences == 5  # and checks the new file
 
 
-def _datasets_read_by_integrity(run, monkeypatch):
-    read = []
+def _log_dataset_reads(monkeypatch) -> list[str]:
+    """From now on, the name of each HDF5 dataset read in this process, in a list returned."""
+    read: list[str] = []
     real_getitem = h5py.Dataset.__getitem__
 
     def counting_getitem(self, key):
@@ -251,6 +259,11 @@ def _datasets_read_by_integrity(run, monkeypatch):
         return real_getitem(self, key)
 
     monkeypatch.setattr(h5py.Dataset, "__getitem__", counting_getitem)
+    return read
+
+
+def _datasets_read_by_integrity(run, monkeypatch):
+    read = _log_dataset_reads(monkeypatch)
     assert run.integrity.findings == []
     return read
 
@@ -280,3 +293,56 @@ def test_archive_integrity_without_a_pass_reads_the_data_once(tmp_path, monkeypa
         )
         assert "/checksums/tokens/logp" in handle
     assert sorted(read) == data  # every data chunk or step slice once, no index again
+
+
+def _archive_read_by_halves(path):
+    """What two readers of the archive at `path` checked, each reading half its steps (as two
+    shards' workers do)."""
+    checks = []
+    for half in ([0, 1], [2, 3]):
+        reader = sd.open_run(path)
+        assert [step.step for step in reader.steps_of(half)] == half
+        checks.append(reader.checks())
+    return checks
+
+
+def test_archive_integrity_adopts_other_readers_checks(tmp_path, monkeypatch):
+    """A reader that adopts the checks of the readers that read every step between them
+    (a sharded replay's driver, its workers') reads no data for its integrity check."""
+    path = _record(tmp_path / "run", steps=4)
+    pack_run(sd.open_run(path), tmp_path / "run.h5")
+    run = sd.open_run(tmp_path / "run.h5")
+    for checks in _archive_read_by_halves(tmp_path / "run.h5"):
+        run.adopt_checks(checks)
+    assert _datasets_read_by_integrity(run, monkeypatch) == []
+
+
+def test_archive_integrity_ignores_checks_of_another_file(tmp_path, monkeypatch):
+    """Checks made on the archive before it was rewritten are not adopted (nor a directory
+    reader's): the integrity check reads all the data, as with no checks at all."""
+    path = _record(tmp_path / "run", steps=4)
+    pack_run(sd.open_run(path), tmp_path / "run.h5")
+    earlier = _archive_read_by_halves(tmp_path / "run.h5")
+    (tmp_path / "run.h5").unlink()
+    pack_run(sd.open_run(path), tmp_path / "run.h5")
+    unchecked = sorted(_datasets_read_by_integrity(sd.open_run(tmp_path / "run.h5"), monkeypatch))
+    monkeypatch.undo()
+    run = sd.open_run(tmp_path / "run.h5")
+    for checks in [*earlier, sd.open_run(path).checks()]:
+        run.adopt_checks(checks)
+    assert sorted(_datasets_read_by_integrity(run, monkeypatch)) == unchecked != []
+
+
+def test_a_sharded_replay_of_an_archive_reads_no_data_in_the_driver(tmp_path, monkeypatch):
+    """`--engine processes` on a .h5: the workers read the data, and the replay's process
+    reads none of it again for its integrity report (its counter does not see the forked
+    workers' reads, made in processes of their own)."""
+    from stabledrl_cli.replay.process_engine import ProcessEngine
+
+    path = _record(tmp_path / "run", steps=6)
+    pack_run(sd.open_run(path), tmp_path / "run.h5")
+    local = sd.replay(tmp_path / "run.h5", ["grpo"])
+    read = _log_dataset_reads(monkeypatch)
+    sharded = sd.replay(tmp_path / "run.h5", ["grpo"], engine=ProcessEngine(workers=2))
+    assert sharded.to_json() == local.to_json()
+    assert read == []

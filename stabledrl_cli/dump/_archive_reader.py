@@ -49,6 +49,7 @@ from stabledrl_cli.dump._schema import (
     check_readable_version,
     parse_manifest,
 )
+from stabledrl_cli.dump._stfile import FileKey, file_key
 from stabledrl_cli.errors import InputError
 
 # Each open dataset's chunk cache: steps are read in order, so consecutive steps share at most
@@ -107,6 +108,16 @@ class ArchiveStep(Step):
             ) from None
 
 
+@dataclass(frozen=True)
+class _ArchiveChecks:
+    """`ArchiveRun.checks`: per data dataset, the chunks read (their Fletcher32 checked) and the
+    steps whose slice was read (its CRC-32 checked), of the archive whose key is `key`."""
+
+    key: FileKey
+    chunks: dict[str, frozenset[int]]
+    steps: dict[str, frozenset[int]]
+
+
 class ArchiveRun(Run):
     """A run packed by `stabledrl pack` into one HDF5 file (layout in the module docstring)."""
 
@@ -117,9 +128,11 @@ class ArchiveRun(Run):
         verify: bool = True,
         fileobj: BinaryIO | None = None,
         size: int | None = None,
+        key: FileKey | None = None,
     ) -> None:
-        """fileobj, size: the archive as a binary file object of `size` bytes (read through
-        fsspec, `dump._remote`; messages then name it by its `location`)."""
+        """fileobj, size, key: the archive as a binary file object of `size` bytes, and what
+        changes when it does (read through fsspec, `dump._remote`; messages then name it by its
+        `location`)."""
         self.path = path
         self.verify = verify
         self._bad: dict[int, StepReadError] = {}  # step index -> why it cannot be read
@@ -142,9 +155,14 @@ class ArchiveRun(Run):
         check does not read them again either."""
         where = self.location
         try:
-            file_size = os.stat(path).st_size if size is None else size
+            if size is None:
+                stat = os.stat(path)
+                size, key = stat.st_size, file_key(stat)
         except OSError as exc:
             raise InputError(f"{where}: unreadable HDF5 file ({exc})") from None
+        file_size = size
+        self._key = key
+        """What changes when the archive does: another reader's `checks` hold only for the same."""
         probed = probe(path, file_size, fileobj=fileobj, where=where)
         try:
             source = path if fileobj is None else fileobj
@@ -635,6 +653,25 @@ class ArchiveRun(Run):
         return [
             i for i in range(len(self._numbers)) if offsets[i] < stop and offsets[i + 1] > start
         ]
+
+    def checks(self) -> _ArchiveChecks | None:
+        if self._key is None:
+            return None
+        return _ArchiveChecks(
+            self._key,
+            {name: frozenset(chunks) for name, chunks in self._read_chunks.items()},
+            {name: frozenset(steps) for name, steps in self._read_steps.items()},
+        )
+
+    def adopt_checks(self, checks: object) -> None:
+        """The chunks and step slices another reader of this same archive (`key`) read and
+        found sound: the integrity check does not read them again."""
+        if not isinstance(checks, _ArchiveChecks) or checks.key != self._key:
+            return
+        for name, chunks in checks.chunks.items():
+            self._read_chunks.setdefault(name, set()).update(chunks)
+        for name, steps in checks.steps.items():
+            self._read_steps.setdefault(name, set()).update(steps)
 
     @property
     def integrity(self) -> IntegrityReport:

@@ -27,7 +27,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,13 @@ class _Checked:
     outcome: _HeaderRecord | tuple[str, str]
     header_crc: int = 0
     """`StepHeader.header_crc` of the checked header (a later full read skips its checks)."""
+
+
+@dataclass(frozen=True)
+class _DirectoryChecks:
+    """`DirectoryRun.checks`: each step file's last check, by file name."""
+
+    files: dict[str, _Checked]
 
 
 @dataclass(eq=False, kw_only=True)
@@ -538,6 +545,29 @@ class DirectoryRun(Run):
             raise
         checked = self._checked[path.name] = _Checked(key, deep, record, header.header_crc)
         return record, checked, header if keep else None
+
+    def checks(self) -> _DirectoryChecks:
+        return _DirectoryChecks(dict(self._checked))
+
+    def adopt_checks(self, checks: object) -> None:
+        """Each file's check from `checks`, unless this reader checked it as far (its data
+        CRC too) itself; `_check` keeps a check only while the file's key is the one checked."""
+        if not isinstance(checks, _DirectoryChecks):
+            return
+        for name, check in checks.files.items():
+            mine = self._checked.get(name)
+            if mine is not None and (mine.deep or not check.deep):
+                continue
+            outcome = check.outcome
+            if isinstance(outcome, _HeaderRecord):  # its names shared, as a record read here
+                outcome = replace(
+                    outcome,
+                    fields=self._shared.setdefault(outcome.fields, outcome.fields),
+                    scalar_names=self._shared.setdefault(
+                        outcome.scalar_names, outcome.scalar_names
+                    ),
+                )
+            self._checked[name] = _Checked(check.key, check.deep, outcome, check.header_crc)
 
     def _records(
         self, n: int, ranks: dict[int, Path], *, deep: bool, keep: bool = False

@@ -216,10 +216,14 @@ class RemoteRun(_AtUrl, DirectoryRun):
 class RemoteArchiveRun(_AtUrl, ArchiveRun):
     """A packed .h5 read by h5py through an fsspec file object."""
 
-    def __init__(self, url: str, fs: Any, root: str, size: int, *, verify: bool = True) -> None:
+    def __init__(
+        self, url: str, fs: Any, root: str, info: dict[str, Any], *, verify: bool = True
+    ) -> None:
         self.url = url
-        self._size = size
-        super().__init__(Path(root), verify=verify, fileobj=fs.open(root, "rb"), size=size)
+        self._size = size = int(info.get("size") or 0)
+        super().__init__(
+            Path(root), verify=verify, fileobj=fs.open(root, "rb"), size=size, key=_file_key(info)
+        )
 
     @property
     def size_bytes(self) -> int:
@@ -244,5 +248,5 @@ def open_url(url: str, *, verify: bool = True) -> Run:
     except OSError as exc:
         raise UsageError(f"cannot read {url}: {one_line(_said(exc, root, url))}") from None
     if signature == HDF5_SIGNATURE:
-        return RemoteArchiveRun(url, fs, root, int(found.get("size") or 0), verify=verify)
+        return RemoteArchiveRun(url, fs, root, found, verify=verify)
     raise InputError(f"{url} is not a run (expected a run directory or a .h5 archive)")

@@ -129,6 +129,18 @@ class Run(ABC):
     def integrity(self) -> IntegrityReport:
         """Every finding of a full check of the run (data checksums included)."""
 
+    def checks(self) -> object | None:
+        """What this reader has checked of the run's data so far, with what identifies each file
+        as checked, for another reader of the same run to `adopt_checks` (a sharded replay's
+        workers hand theirs to the driver); None when it has nothing to hand on."""
+        return None
+
+    def adopt_checks(self, checks: object) -> None:
+        """Takes another reader's `checks` of this run as its own, so `integrity` reads only
+        what neither checked: what no longer is as it was checked is checked again, and
+        anything not this reader's kind of checks is ignored."""
+        return None
+
     @abstractmethod
     def _has_step(self, n: int) -> bool:
         """Whether the run holds step `n` at all (readable or not)."""

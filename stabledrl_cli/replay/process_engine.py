@@ -25,7 +25,6 @@ import os
 import pickle
 import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,6 @@ from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.shards import (
     WORKER_ADVICE,
     ShardTask,
-    check_run,
     check_workers,
     merge_streams,
     shard_named,
@@ -258,13 +256,9 @@ class ProcessEngine:
             if progress is not None:
                 progress(sizes[i])
 
-        # The workers are forked before the run's check starts a thread in this process.
         pool = _start(context, min(workers, len(tasks)), run.location)
-        checking = threading.Thread(target=check_run, args=(run,), daemon=True)
-        checking.start()
         try:
             parts = _compute(pool, tasks, on_shard, run.location)
         finally:
             _stop(pool)
-        checking.join()
-        return merge_streams([parts[i] for i in range(len(tasks))], len(policies))
+        return merge_streams(run, [parts[i] for i in range(len(tasks))], len(policies))

@@ -26,7 +26,6 @@ import logging
 import os
 import socket
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -46,7 +45,6 @@ from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.shards import (
     WORKER_ADVICE,
     ShardTask,
-    check_run,
     check_workers,
     merge_streams,
     shard_named,
@@ -113,15 +111,10 @@ class RayEngine:
             gpus = 1 if str(config.device).startswith("cuda") else 0
             if gpus and not ray.cluster_resources().get("GPU"):
                 raise UsageError("device cuda was asked for, but the Ray cluster has no GPU")
-            # Meanwhile the driver checks the run (the steps a reader skips, which the replay
-            # reports): a local replay's pass leaves that cached, here no step was read yet.
-            checking = threading.Thread(target=check_run, args=(run,), daemon=True)
-            checking.start()
             parts = map_shards(
                 ray, self.shard_fn, tasks, sizes, progress, gpus, location=run.location
             )
-            checking.join()
-        return merge_streams(parts, len(policies))
+        return merge_streams(run, parts, len(policies))
 
 
 @contextlib.contextmanager

@@ -5,11 +5,12 @@ A shard is a contiguous run of step numbers from one listing of the run, with th
 (a path or URL every worker can open), the policies and the settings the rows depend on. A
 step's row depends on the step alone, never on the chunk it is read in nor on the threads
 that compute it (`stream`); a shard still starts on a multiple of
-`--chunk-size` when one is given (`plan_shards`). Workers compute per-step rows only; the
-driver derives every run-level
-figure (summaries, detectors, the collapse warning) from the joined rows with the local
-replay's own code, so a sharded replay's result is a local replay's, byte for byte. A sweep of
-many policy settings shards the same way: a task carries any list of policies.
+`--chunk-size` when one is given (`plan_shards`). Workers compute per-step rows only, and
+send with them what their reader checked of the run's files; the driver adopts those checks,
+so it reads no step file again, and derives every run-level figure (summaries, detectors, the
+collapse warning, the steps skipped) from the joined rows with the local replay's own code: a
+sharded replay's result is a local replay's, byte for byte. A sweep of many policy settings
+shards the same way: a task carries any list of policies.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -122,17 +123,6 @@ def shard_named(task: ShardTask, index: int, count: int) -> str:
     return f"steps {task.steps[0]}-{task.steps[-1]} (shard {index + 1} of {count})"
 
 
-def check_run(run: Run) -> None:
-    """`run.integrity`, computed once and cached by the run (the steps a reader skips, which a
-    replay reports; a local replay's pass leaves it cached, a sharded one reads no step here):
-    run on a thread of its own while the workers compute. An error is left to the caller's own
-    call to raise."""
-    try:
-        run.integrity  # noqa: B018
-    except Exception:
-        return
-
-
 def stream_shard(task: ShardTask) -> StreamedRun:
     """One shard's per-step rows, computed where this runs (a Ray worker); corrupt steps are
     skipped, as a local replay skips them."""
@@ -145,7 +135,7 @@ def stream_shard(task: ShardTask) -> StreamedRun:
     run = open_run(task.source, verify=task.verify)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RunIntegrityWarning)
-        return stream_run(
+        streamed = stream_run(
             run,
             list(task.policies),
             task.own_index,
@@ -156,11 +146,18 @@ def stream_shard(task: ShardTask) -> StreamedRun:
             steps=run.steps_of(task.steps),
             threads=task.threads,
         )
+    checks = run.checks()
+    return replace(streamed, reader_checks=() if checks is None else (checks,))
 
 
-def merge_streams(parts: Sequence[StreamedRun], policies: int) -> StreamedRun:
+def merge_streams(run: Run, parts: Sequence[StreamedRun], policies: int) -> StreamedRun:
     """The run's rows from its shards' (in step order): what `stream_run` gives over all of
-    them."""
+    them. `run`, the driver's, adopts what the shards' readers checked (`Run.adopt_checks`):
+    its integrity report, the steps a replay reports skipped, then reads no step file a worker
+    read, as a local pass leaves its run."""
+    for part in parts:
+        for checks in part.reader_checks:
+            run.adopt_checks(checks)
     floor, likelihood = NoiseFloor(), OwnLikelihood()
     for part in parts:
         floor.extend(part.noise_floor)

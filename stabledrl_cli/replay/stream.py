@@ -111,6 +111,9 @@ class StreamedRun:
     """(step, reason) of each step whose data the pass could not use (module docstring), in
     step order: skipped, as the reader skips an unreadable step; the reason starts with
     "step N: "."""
+    reader_checks: tuple[object, ...] = ()
+    """What the readers of a sharded pass checked of the run (`Run.checks`, one a shard), for
+    the driver's run to adopt; a local pass leaves its checks in the run it read."""
 
 
 Measures = tuple[OwnLikelihood, NoiseFloor]
