@@ -10,6 +10,7 @@ The 2-rank torchrun RLOO run is checked in tests/test_integration_trl.py
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,27 @@ def test_readme_rloo_snippet_records_under_stabledrl_record(tmp_path: Path) -> N
     run = sd.open_run(tmp_path / "run")
     assert run.step_numbers == [1, 2, 3, 4] and run.unit == "sequence"
     assert run.policy_spec == "ppo:agg=micro-token-mean"  # TRL's default epsilons
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_adv_rloo_recomputes_trls_advantages_unless_the_kl_shaped_the_rewards(
+    tiny: Any, tmp_path: Path, beta: float
+) -> None:
+    """With each prompt's completions in one step (steps_per_generation equal to the
+    accumulation steps), `adv=rloo` recomputes from the recorded rewards the advantages TRL
+    computed: the own policy replays to the same per-step rows either way. With beta 0.1 TRL
+    first subtracts beta times each completion's summed log ratio to the reference model from
+    its reward, which the recorded reward (the reward functions') leaves out: the rows part
+    once the policy has left the reference, after the first rollout's two steps."""
+    out = tmp_path / "run"
+    trainer = train(tiny, out, rloo=True, steps_per_generation=2, beta=beta)
+    run = sd.open_run(out)
+    assert not any(bool(step["group_split"].any()) for step in run)
+    assert run.manifest["meta"]["beta"] == beta
+    spec = trainer.stabledrl_policy.spec
+    result = sd.replay(out, [spec, f"{spec},adv=rloo"])
+    recorded, recomputed = (
+        [json.dumps(row) for row in p.series.iter_rows()] for p in result.policies
+    )
+    same = [a == b for a, b in zip(recorded, recomputed, strict=True)]
+    assert same == ([True] * 4 if beta == 0.0 else [True, True, False, False])
