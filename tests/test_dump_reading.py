@@ -22,8 +22,8 @@ from stabledrl_cli.dump import _stfile, pack_run
 from stabledrl_cli.errors import InputError
 
 
-def _record(path, steps=3, sequences=4, length=6):
-    rng = np.random.default_rng(0)
+def _record(path, steps=3, sequences=4, length=6, seed=0):
+    rng = np.random.default_rng(seed)
     with sd.Recorder(path, policy="grpo", unit="token") as rec:
         for step in range(steps):
             logp_old = -rng.random((sequences, length)).astype(np.float32)
@@ -35,7 +35,7 @@ def _record(path, steps=3, sequences=4, length=6):
                 mask=np.ones((sequences, length), dtype=bool),
                 group_id=np.arange(sequences) // 2,
                 reward=rng.random(sequences).astype(np.float32),
-                loss=0.5,
+                loss=0.5 + seed,
             )
     return path
 
@@ -346,3 +346,21 @@ def test_a_sharded_replay_of_an_archive_reads_no_data_in_the_driver(tmp_path, mo
     sharded = sd.replay(tmp_path / "run.h5", ["grpo"], engine=ProcessEngine(workers=2))
     assert sharded.to_json() == local.to_json()
     assert read == []
+
+
+def test_a_diff_reads_the_data_of_the_steps_it_compares_only(tmp_path, monkeypatch):
+    """`diff` of two runs that part at their first step, in every kind: it lists both runs
+    from their step files' headers, and reads the data of the first step alone (then once
+    more to replay it beside the other's, `--context 0`). Before, its warning about skipped
+    step files came from a full integrity check: every file of both runs read whole first."""
+    a = _record(tmp_path / "a", steps=6)
+    b = _record(tmp_path / "b", steps=6, seed=1)
+    opened = _count_step_opens(monkeypatch, tmp_path / "opens.log")
+    shown = CliRunner().invoke(
+        app, ["diff", str(a), str(b), "--context", "0", "--device", "cpu", "--format", "json"]
+    )
+    assert shown.exit_code == 1, shown.output
+    assert json.loads(shown.stdout)["parted_at"] == 0
+    names = [f"step-{n:08d}.safetensors" for n in range(6)]
+    # each run's files: step 0 three times (header, compared, replayed), the others once
+    assert opened() == {names[0]: 2 * 3, **dict.fromkeys(names[1:], 2 * 1)}

@@ -673,6 +673,11 @@ class ArchiveRun(Run):
         for name, steps in checks.steps.items():
             self._read_steps.setdefault(name, set()).update(steps)
 
+    def header_findings(self) -> list[Finding]:
+        """The source run's findings as packed and those of the archive's indexes and texts
+        (read when it was opened): no data chunk is read."""
+        return [*self._carried, *self._load_findings]
+
     @property
     def integrity(self) -> IntegrityReport:
         """The source run's findings as packed, plus any corrupt chunk of the archive itself."""

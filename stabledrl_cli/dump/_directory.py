@@ -634,10 +634,9 @@ class DirectoryRun(Run):
     def _has_step(self, n: int) -> bool:
         return n in self._listing.finals or n in self._scan().finals
 
-    @property
-    def integrity(self) -> IntegrityReport:
-        """Every step file checked in full (data CRC), temporary and stray files, gaps."""
-        listing = self._scan()
+    def _step_findings(self, listing: _Listing, *, deep: bool) -> list[Finding]:
+        """A finding for each step missing a rank and each step file that fails its check (in
+        full, its data CRC too, with `deep`)."""
         findings: list[Finding] = []
         for n, ranks in sorted(listing.finals.items()):
             missing = _missing_ranks(ranks, self.world_size)
@@ -645,11 +644,21 @@ class DirectoryRun(Run):
                 findings.append(Finding("missing_rank", n, None, f"step {n}: {missing}"))
             for path in ranks.values():
                 try:
-                    self._check(path, n, deep=True)
+                    self._check(path, n, deep=deep)
                 except StepReadError as exc:
                     findings.append(
                         Finding(exc.kind, n, self.named(path), f"step {n}: {exc.kind}: {exc}")
                     )
+        return findings
+
+    def header_findings(self) -> list[Finding]:
+        return self._step_findings(self._scan(), deep=False)
+
+    @property
+    def integrity(self) -> IntegrityReport:
+        """Every step file checked in full (data CRC), temporary and stray files, gaps."""
+        listing = self._scan()
+        findings = self._step_findings(listing, deep=True)
         for n, path in listing.temps:
             findings.append(
                 Finding(

@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import numpy as np
 
-from stabledrl_cli.dump._integrity import IntegrityReport, RunIntegrityWarning, StepReadError
+from stabledrl_cli.dump._integrity import (
+    Finding,
+    IntegrityReport,
+    RunIntegrityWarning,
+    StepReadError,
+)
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.vocab import GroupIds, Unit
 
@@ -128,6 +133,12 @@ class Run(ABC):
     @abstractmethod
     def integrity(self) -> IntegrityReport:
         """Every finding of a full check of the run (data checksums included)."""
+
+    def header_findings(self) -> list[Finding]:
+        """The findings of the run's step files that its reader skips before any data is read
+        (a torn or unreadable header, a missing rank; an archive's steps left out when it was
+        packed): what `integrity` finds without reading the data. Here `integrity`'s own."""
+        return self.integrity.findings
 
     def checks(self) -> object | None:
         """What this reader has checked of the run's data so far, with what identifies each file

@@ -274,7 +274,7 @@ def _warn_skipped(run: Run, listed: list[int]) -> None:
     known = set(listed)
     reasons = [
         f.message
-        for f in run.integrity.findings
+        for f in run.header_findings()
         if f.kind in SKIPPED_KINDS and f.step is not None and f.step not in known
     ]
     if reasons:

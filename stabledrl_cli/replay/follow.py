@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from stabledrl_cli._device import resolve_device
-from stabledrl_cli.dump import IntegrityReport, Run, RunIntegrityWarning, Step, open_run
+from stabledrl_cli.dump import Finding, IntegrityReport, Run, RunIntegrityWarning, Step, open_run
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import MANIFEST_NAME, RECORDING_CLOSED
 from stabledrl_cli.dump._setup import manifest_now
@@ -75,6 +75,9 @@ class StepSubset(Run):
     @property
     def integrity(self) -> IntegrityReport:
         return self._run.integrity
+
+    def header_findings(self) -> list[Finding]:
+        return self._run.header_findings()
 
     def _has_step(self, n: int) -> bool:
         return n in self._numbers and self._run._has_step(n)
