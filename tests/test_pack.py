@@ -593,3 +593,31 @@ def test_a_run_at_a_path_that_is_not_utf8_packs(tmp_path):
     assert open_run(out).step_numbers == [0]
     with h5py.File(out) as handle:
         assert handle.attrs["source"].endswith("run\\xff")
+
+
+@pytest.mark.parametrize("entry", ["dangling-link", "link-to-a-file", "fifo"])
+def test_pack_refuses_any_entry_named_out_and_force_replaces_the_entry(rich_run, tmp_path, entry):
+    """OUT is refused whatever it is (a symlink to nothing, a FIFO: before, a dangling link was
+    silently replaced and a FIFO's refusal told the command's user to pass force=True), in
+    the command's words; --force replaces the entry itself, never a file a link points to."""
+    out, target = tmp_path / "run.h5", tmp_path / "target.h5"
+    if entry == "fifo":
+        os.mkfifo(out)
+    else:
+        if entry == "link-to-a-file":
+            target.write_bytes(b"kept")
+        out.symlink_to(target)
+
+    def identity(path):
+        st = os.lstat(path)
+        return st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns
+
+    entry_before = identity(out)
+    refused = runner.invoke(app, ["pack", str(rich_run), str(out)])
+    assert refused.exit_code == 2
+    assert refused.stderr == f"error: {out} already exists; pass --force to overwrite it\n"
+    assert identity(out) == entry_before  # left as it was
+    forced = runner.invoke(app, ["pack", str(rich_run), str(out), "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert out.is_file() and not out.is_symlink() and open_run(out).step_numbers
+    assert target.read_bytes() == b"kept" if entry == "link-to-a-file" else not target.exists()

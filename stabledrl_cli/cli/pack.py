@@ -19,6 +19,7 @@ import typer
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import err, out, print_json, progress
 from stabledrl_cli.dump import open_run, pack_run
+from stabledrl_cli.dump._packer import check_pack_target
 from stabledrl_cli.dump._remote import is_url
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.vocab import PackCompression
@@ -50,8 +51,7 @@ def command(
     if is_url(archive):
         raise UsageError(f"{archive}: pack writes OUT.h5 to a local path, not a URL")
     target = Path(archive)
-    if target.is_file() and not force:
-        raise UsageError(f"{target} exists; pass --force to overwrite it")
+    check_pack_target(target, force, to_force="pass --force")  # before the run is read
     opened = open_run(run)
     with progress("packing", len(opened.listed_step_numbers), complete=True) as advance:
         summary = pack_run(opened, target, force=force, progress=advance, compression=compression)

@@ -331,13 +331,17 @@ class PackSummary:
         }
 
 
-def _check_target(out: Path, force: bool) -> None:
+def check_pack_target(out: Path, force: bool, *, to_force: str = "pass force=True") -> None:
+    """UsageError unless `pack_run` may write `out`: not a directory, in one that exists, and
+    no entry of that name at all (a file, a symlink even to nothing, a FIFO...) unless `force`
+    (which replaces the entry, never what a link points to). `to_force`: how the message
+    tells the caller to force it (the command's `pass --force`)."""
     if out.is_dir():
         raise UsageError(f"{out} is a directory; give the archive's file name, e.g. {out}/run.h5")
     if not out.parent.is_dir():
         raise UsageError(f"{out}: directory {out.parent} does not exist")
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists; pass force=True to overwrite it")
+    if os.path.lexists(out) and not force:
+        raise UsageError(f"{out} already exists; {to_force} to overwrite it")
 
 
 def _write_archive(
@@ -412,7 +416,7 @@ def pack_run(
     if compression not in PACK_COMPRESSIONS:
         raise UsageError(f"compression {compression!r}: expected one of {list(PACK_COMPRESSIONS)}")
     target = Path(out)
-    _check_target(target, force)
+    check_pack_target(target, force)
     try:
         manifest_text = json.dumps(run.manifest, indent=2, allow_nan=False)
     except (TypeError, ValueError) as exc:
