@@ -226,6 +226,9 @@ def test_refuses_to_overwrite_unless_told(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match="not a directory"):
         sd.Recorder(tmp_path / "file")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UsageError, match="not a directory"):
+        sd.Recorder(tmp_path / "dangling")
     with sd.Recorder(path, overwrite=True, policy="dapo") as rec:
         rec.log_step(7, **_token_batch(2))
     run = sd.open_run(path)

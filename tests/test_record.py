@@ -947,6 +947,18 @@ def test_an_out_under_a_file_is_a_path_that_cannot_be_written(tmp_path, how):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("how", [["--", sys.executable, "-c", "pass"], ["--rl-steps", "2"]])
+def test_an_out_that_is_a_symlink_to_nothing_is_refused_as_not_a_directory(tmp_path, how):
+    """A dangling symlink named as --out exists, and is no directory: exit 2 and one line, as
+    for a file (it was exit 4, 'cannot write it (File exists)', once mkdir met the link)."""
+    out = tmp_path / "run"
+    out.symlink_to(tmp_path / "nowhere")
+    result = CliRunner().invoke(app, ["record", "--out", str(out), *how])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: --out {out} exists and is not a directory\n"
+    assert out.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
 LATE_STEP_SCRIPT = textwrap.dedent(
     """
     import atexit, sys

@@ -7,6 +7,7 @@ The example's options default to None: an option not given takes `ExampleConfig`
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +44,7 @@ GEOMETRY = "Gradient geometry (built-in example)"
 
 
 def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not out.is_dir():  # a symlink to nothing too
         raise UsageError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UsageError(

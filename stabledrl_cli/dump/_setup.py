@@ -178,7 +178,7 @@ def prepare_run(
 ) -> tuple[dict[str, Any], int | None]:
     """Readies `path` (module docstring). Returns the run's manifest (the existing one when
     resuming) and the last step this rank already holds (None for a new run)."""
-    if path.exists() and not path.is_dir():
+    if os.path.lexists(path) and not path.is_dir():  # a symlink to nothing too
         raise UsageError(f"{path} exists and is not a directory")
     steps = path / STEPS_DIR
     last: int | None = None
