@@ -7,12 +7,22 @@ Every writer (step files, manifests, archives, reports, baselines, JUnit, plots)
 out, for step files) or `atomic_path` (a library such as h5py or matplotlib writes the
 temporary file itself). A failed write removes the temporary file and raises `WriteError`
 naming the target; "no space left on device" is named as such.
+
+A file the user names (an archive, a report, a baseline, JUnit, a plot) goes through
+`write_output` or `output_path` instead. They replace it as above when nothing of that name
+exists or a regular file does; any other entry, which a rename would replace with a file,
+is written in place, as a shell's `>` writes it: a symlink is followed (the link stays), a
+device such as `/dev/stdout` or `/dev/null` and a FIFO are written to (a FIFO that no
+process reads is refused at once rather than waited on). The tool's own files (a run's
+manifest and steps) are never written through a link.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -43,9 +53,16 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.ENXIO: "a FIFO that no process reads",
+}
+"""What a write's error is called where the system's own words would puzzle."""
+
+
 def write_error(target: Path, exc: OSError) -> WriteError:
     """The one-line error of a failed write of `target`."""
-    reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    reason = _REASONS.get(exc.errno or 0) or exc.strerror or str(exc)
     return WriteError(f"{target}: cannot write it ({reason})")
 
 
@@ -168,3 +185,62 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         if isinstance(exc, OSError):
             raise write_error(final, exc) from None
         raise
+
+
+def _in_place(target: Path) -> bool:
+    """Whether a file the user named is written in place, not replaced (module docstring): an
+    entry of that name that is neither a regular file nor a directory."""
+    try:
+        mode = os.lstat(target).st_mode
+    except OSError:  # nothing there (or nothing to see): replaced, whose errors say why
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _write_in_place(target: Path, parts: Iterable[bytes | memoryview]) -> None:
+    """`parts` written to what `target` names, opened as a shell's `>` opens it (a link
+    followed, a file truncated) but never waiting for a FIFO's reader; a regular file fsynced.
+    WriteError naming `target` if that fails."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        raise write_error(target, exc) from None
+    try:
+        os.set_blocking(fd, True)
+        _write_all(fd, parts)
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fsync(fd)
+    except OSError as exc:
+        raise write_error(target, exc) from None
+    finally:
+        os.close(fd)
+
+
+def write_output(target: str | os.PathLike[str], data: bytes) -> Path:
+    """`data` written to a file the user named (module docstring): replaced atomically, or
+    written in place; -> the target."""
+    final = Path(target)
+    if _in_place(final):
+        _write_in_place(final, [data])
+        return final
+    return write_atomic(final, data)
+
+
+@contextmanager
+def output_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """`atomic_path` of a file the user named (module docstring): where it is written in
+    place, the body writes a temporary file of the system's temporary directory, whose bytes
+    are then copied to the target."""
+    final = Path(target)
+    if not _in_place(final):
+        with atomic_path(final) as temp:
+            yield temp
+        return
+    fd, name = tempfile.mkstemp(prefix=".stabledrl-", suffix=final.suffix)
+    os.close(fd)
+    try:
+        yield Path(name)
+        with open(name, "rb") as written:
+            _write_in_place(final, iter(lambda: written.read(_BATCH), b""))
+    finally:
+        _discard(name)

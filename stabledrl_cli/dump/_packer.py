@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from stabledrl_cli._atomic import atomic_path
+from stabledrl_cli._atomic import output_path
 from stabledrl_cli._json import unicode_text
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
@@ -399,7 +399,8 @@ def pack_run(
     progress: Callable[[int], None] | None = None,
     compression: PackCompression = "fast",
 ) -> PackSummary:
-    """Writes `run` (every readable step) into one HDF5 file at `out`, atomically.
+    """Writes `run` (every readable step) into one HDF5 file at `out`, atomically (a symlink,
+    device or FIFO named `out` is written in place: `_atomic.output_path`).
 
     progress: called with 1 after each step is packed. compression: "fast" (only the fields a
     deflate halves are compressed: a replay reads the archive near the directory's speed) or
@@ -424,7 +425,7 @@ def pack_run(
             f"{run.location}: its manifest cannot be written as JSON ({exc})"
         ) from None
     source_bytes = run.size_bytes  # before the archive: a store that cannot list leaves none
-    with atomic_path(target) as temp:
+    with output_path(target) as temp:
         guarded = _GuardedFile(temp)
         try:
             with h5py.File(guarded, "w") as handle:
@@ -435,12 +436,13 @@ def pack_run(
             guarded.close()
         if guarded.error is not None:
             raise guarded.error
+        archive_bytes = temp.stat().st_size  # a FIFO or device written in place has no size
     return PackSummary(
         source=run.location,
         out=str(target),
         steps=len(packer.numbers),
         tokens=packer.offsets["tokens"][-1],
         source_bytes=source_bytes,
-        archive_bytes=target.stat().st_size,
+        archive_bytes=archive_bytes,
         findings=list(integrity.findings),
     )

@@ -48,8 +48,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from stat import S_ISREG
 
-from stabledrl_cli._atomic import write_atomic
+from stabledrl_cli._atomic import write_output
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli._version import __version__
 from stabledrl_cli.errors import InputError, UsageError
@@ -195,18 +196,37 @@ BASELINE_LIMIT = 16 * 1024 * 1024
 """Bytes a baseline file may have (a real one is a few KB): a larger file is refused unread."""
 
 
-def _read(path: str | os.PathLike[str]) -> dict[str, object]:
+def _read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The baseline file's bytes: a regular file (a symlink to one too) of at most
+    `BASELINE_LIMIT` bytes, read in one bounded read. A FIFO or device is refused, never read
+    (it could block for ever, or never end: /dev/zero); InputError naming the file."""
     where = str(path)
     try:
-        size = Path(path).stat().st_size
-        if size > BASELINE_LIMIT:
-            raise InputError(f"{where}: baseline of {size} bytes is larger than {BASELINE_LIMIT}")
-        raw = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO with no writer: no wait
     except FileNotFoundError:
         raise InputError(f"no such baseline: {where}") from None
     except OSError as exc:
         raise InputError(f"{where}: cannot read the baseline ({exc})") from None
-    data = parse_strict(raw, where, "baseline")
+    raw = b""
+    with open(fd, "rb") as handle:
+        try:
+            info = os.fstat(fd)
+            if not S_ISREG(info.st_mode):
+                raise InputError(f"{where}: the baseline is not a regular file")
+            size = info.st_size
+            if size <= BASELINE_LIMIT:  # else refused unread
+                raw = handle.read(BASELINE_LIMIT + 1)  # bounded: the file may have grown
+                size = max(size, len(raw))
+        except OSError as exc:
+            raise InputError(f"{where}: cannot read the baseline ({exc})") from None
+    if size > BASELINE_LIMIT:
+        raise InputError(f"{where}: baseline of {size} bytes is larger than {BASELINE_LIMIT}")
+    return raw
+
+
+def _read(path: str | os.PathLike[str]) -> dict[str, object]:
+    where = str(path)
+    data = parse_strict(_read_bytes(path), where, "baseline")
     if not isinstance(data, dict) or data.get("schema") != BASELINE_SCHEMA:
         raise InputError(f"{where}: not a stabledrl baseline (schema is not {BASELINE_SCHEMA!r})")
     version = data.get("version")
@@ -488,5 +508,6 @@ def baseline_text(data: dict[str, object]) -> str:
 
 
 def write_baseline(data: dict[str, object], path: str | os.PathLike[str]) -> Path:
-    """Writes a baseline (`baseline_dict`) atomically; WriteError when it cannot."""
-    return write_atomic(path, baseline_text(data).encode())
+    """Writes a baseline (`baseline_dict`) atomically, or in place (`_atomic.write_output`);
+    WriteError when it cannot."""
+    return write_output(path, baseline_text(data).encode())

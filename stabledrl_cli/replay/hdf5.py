@@ -17,7 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from stabledrl_cli._atomic import atomic_path
+from stabledrl_cli._atomic import output_path
 from stabledrl_cli._json import json_safe
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay import columns
@@ -32,10 +32,10 @@ def _json(value: object) -> str:
 
 
 def write_hdf5(result: ReplayResult, path: str | os.PathLike[str]) -> Path:
-    """The per-step per-policy columns of `result` to one HDF5 file, written atomically
-    (WriteError when it cannot be written)."""
+    """The per-step per-policy columns of `result` to one HDF5 file, written atomically or in
+    place (`_atomic.output_path`; WriteError when it cannot be written)."""
     target = Path(path)
-    with atomic_path(target) as temp, h5py.File(temp, "w") as handle:
+    with output_path(target) as temp, h5py.File(temp, "w") as handle:
         handle.attrs["kind"] = REPORT_KIND
         handle.attrs["report_version"] = REPORT_VERSION
         handle.attrs["run"] = result.run

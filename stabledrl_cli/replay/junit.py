@@ -8,7 +8,7 @@ import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from stabledrl_cli._atomic import write_atomic
+from stabledrl_cli._atomic import write_output
 from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.gate import GateResult
 
@@ -53,4 +53,4 @@ def write_junit(
     results: list[GateResult], run: str, path: str | os.PathLike[str], *, seconds: float = 0.0
 ) -> Path:
     """Writes `junit_xml` atomically; WriteError when it cannot."""
-    return write_atomic(path, junit_xml(results, run, seconds=seconds))
+    return write_output(path, junit_xml(results, run, seconds=seconds))

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from stabledrl_cli._atomic import atomic_path
+from stabledrl_cli._atomic import output_path
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import MissingExtraError, UsageError
 from stabledrl_cli.replay.detectors import rolling_mean
@@ -279,6 +279,6 @@ def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | N
         fontsize=12,
     )
     fig.supxlabel(_footnote(result), fontsize=8)
-    with atomic_path(target) as temp:
+    with output_path(target) as temp:
         fig.savefig(temp, format="png")
     return target

@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from stabledrl_cli._atomic import atomic_path
+from stabledrl_cli._atomic import output_path
 from stabledrl_cli.replay.plot import require_matplotlib
 from stabledrl_cli.tune.front import TuneReport
 
@@ -53,7 +53,7 @@ def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
     ax.set_title(f"stabledrl tune: {Path(report.run).name} ({report.steps} steps)")
     ax.legend(fontsize=8)
     target = Path(path)
-    with atomic_path(target) as temp:
+    with output_path(target) as temp:
         fig.savefig(temp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return target

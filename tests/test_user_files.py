@@ -1,0 +1,174 @@
+"""Files the user names on the command line: a baseline read is bounded and never waits on a
+FIFO or reads a device for ever; an output (baseline, JUnit, archive, plot) replaces a regular
+file atomically, and anything else of that name (a symlink, a FIFO, a device) is written in
+place, as a shell's `>` writes it, never replaced by a file. Only FIFOs and symlinks under the
+test's own directory are used: a regression must not replace a device of the machine."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _cli import run_cli
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli._atomic import output_path, write_output
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.errors import WriteError
+
+runner = CliRunner()
+QUICK = 60.0
+"""Seconds a refusal may take in a real process (the refused read or write itself is instant)."""
+GATED = ("check", "-p", "grpo", "--max-spikes", "1000")
+"""A check of one policy with a gate that passes, before the run's path."""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("user_files") / "run"
+    rng = np.random.default_rng(0)
+    with sd.Recorder(path, policy="grpo", unit="token") as rec:
+        for step in range(4):
+            logp_old = -rng.random((4, 6)).astype(np.float32)
+            rec.log_step(
+                step,
+                logp=logp_old + 0.01,
+                logp_old=logp_old,
+                advantages=rng.normal(size=4).astype(np.float32),
+                mask=np.ones((4, 6), dtype=bool),
+                group_id=np.arange(4) // 2,
+                reward=rng.random(4).astype(np.float32),
+            )
+    return path
+
+
+def _read_fifo(fifo: Path) -> tuple[threading.Thread, list[bytes]]:
+    """A thread that opens `fifo` for reading and collects all that is written to it."""
+    received: list[bytes] = []
+
+    def read() -> None:
+        with open(fifo, "rb") as handle:
+            received.append(handle.read())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader, received
+
+
+def test_a_baseline_that_is_a_fifo_or_a_device_is_refused_unread(run, tmp_path):
+    """`check -b` of a FIFO with no writer waited for ever, and of /dev/zero read until the
+    machine killed it: each is now one line and exit 3 at once (a device is only opened, never
+    read, so /dev/zero is safe to name here)."""
+    fifo = tmp_path / "baseline.json"
+    os.mkfifo(fifo)
+    for named in (fifo, Path("/dev/zero")):
+        done = run_cli("check", run, "-b", named, "--format", "json", timeout=QUICK)
+        assert done.returncode == 3, done.stderr
+        assert done.stderr == f"error: {named}: the baseline is not a regular file\n"
+
+
+def test_a_baseline_through_a_symlink_is_read(run, tmp_path):
+    written = tmp_path / "v3.json"
+    wrote = runner.invoke(app, ["check", str(run), "-p", "grpo", "--write-baseline", str(written)])
+    assert wrote.exit_code == 0, wrote.output
+    link = tmp_path / "baseline.json"
+    link.symlink_to(written)
+    checked = runner.invoke(app, ["check", str(run), "-b", str(link)])
+    assert checked.exit_code == 0, checked.output
+
+
+def test_outputs_through_a_symlink_write_its_target_and_keep_the_link(run, tmp_path):
+    """A baseline and a JUnit report named by a symlink (to a file, or to nothing yet) write
+    the file it names; before, the rename replaced the link itself with a file."""
+    kept, missing = tmp_path / "kept.json", tmp_path / "missing.xml"
+    kept.write_text("old")
+    baseline_link, junit_link = tmp_path / "baseline.json", tmp_path / "check.xml"
+    baseline_link.symlink_to(kept)
+    junit_link.symlink_to(missing)
+    done = runner.invoke(
+        app,
+        [*GATED, str(run), "--write-baseline", str(baseline_link), "--junit", str(junit_link)],
+    )
+    assert done.exit_code == 0, done.output
+    assert baseline_link.is_symlink() and junit_link.is_symlink()
+    assert '"schema"' in kept.read_text() and missing.read_text().startswith("<?xml")
+
+
+def test_outputs_to_a_fifo_are_streamed_to_its_reader(run, tmp_path):
+    """A JUnit report and a baseline named by a FIFO go to the process reading it; before, the
+    rename replaced the FIFO with a file and the reader never got a byte."""
+    junit, baseline = tmp_path / "junit.fifo", tmp_path / "baseline.fifo"
+    os.mkfifo(junit)
+    os.mkfifo(baseline)
+    readers = [_read_fifo(junit), _read_fifo(baseline)]
+    done = runner.invoke(
+        app,
+        [*GATED, str(run), "--junit", str(junit), "--write-baseline", str(baseline)],
+    )
+    assert done.exit_code == 0, done.output
+    for reader, _ in readers:
+        reader.join(QUICK)
+    (_, xml), (_, text) = readers
+    assert xml[0].startswith(b"<?xml") and b'"schema"' in text[0]
+    assert stat.S_ISFIFO(os.lstat(junit).st_mode) and stat.S_ISFIFO(os.lstat(baseline).st_mode)
+
+
+def test_an_output_to_a_fifo_nobody_reads_is_refused_at_once(run, tmp_path):
+    """Opening a FIFO for writing waits for a reader: the write is refused instead (exit 4,
+    one line), in a real process that would otherwise hang."""
+    fifo = tmp_path / "check.xml"
+    os.mkfifo(fifo)
+    done = run_cli(*GATED, run, "--junit", fifo, timeout=QUICK)
+    assert done.returncode == 4, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"error: {fifo}: cannot write it (a FIFO that no process reads)"
+    )
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_a_report_to_a_link_to_the_standard_output_is_printed(run, tmp_path):
+    """`--junit /dev/stdout` is a link to the process's standard output, as this link is:
+    the report is printed there (the link, like /dev/stdout, is left as it was)."""
+    link = tmp_path / "stdout.xml"
+    link.symlink_to("/proc/self/fd/1")
+    done = run_cli(*GATED, run, "--junit", link, timeout=QUICK)
+    assert done.returncode == 0, done.stderr
+    assert "<?xml" in done.stdout and "</testsuites>" in done.stdout
+    assert link.is_symlink()
+
+
+@pytest.mark.parametrize("how", ["write_output", "output_path"])
+def test_a_regular_file_is_replaced_and_a_link_written_through(tmp_path, how):
+    """The two writers agree: a regular file (or no file) is replaced by a new file, a link's
+    target is written and the link kept; a failed write in place is a WriteError naming what
+    the user named."""
+
+    def write(target: Path, data: bytes) -> None:
+        if how == "write_output":
+            write_output(target, data)
+            return
+        with output_path(target) as temp:
+            temp.write_bytes(data)
+
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"old")
+    inode = plain.stat().st_ino
+    write(plain, b"new")
+    assert plain.read_bytes() == b"new" and plain.stat().st_ino != inode
+    target, link = tmp_path / "target.bin", tmp_path / "link.bin"
+    target.write_bytes(b"old and longer")
+    link.symlink_to(target)
+    write(link, b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    fifo = tmp_path / "nobody.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(WriteError, match=r"nobody\.fifo: cannot write it"):
+        write(fifo, b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["plain.bin", "target.bin", "link.bin", "nobody.fifo"]
+    )
