@@ -9,19 +9,23 @@ temporary file itself). A failed write removes the temporary file and raises `Wr
 naming the target; "no space left on device" is named as such.
 
 A file the user names (an archive, a report, a baseline, JUnit, a plot) goes through
-`write_output` or `output_path` instead. They replace it as above when nothing of that name
-exists or a regular file does; any other entry, which a rename would replace with a file,
-is written in place, as a shell's `>` writes it: a symlink is followed (the link stays), a
-device such as `/dev/stdout` or `/dev/null` and a FIFO are written to (a FIFO that no
-process reads is refused at once rather than waited on). The tool's own files (a run's
-manifest and steps) are never written through a link.
+`write_output` or `output_path` instead. A symlink there is followed: the file it names is
+replaced as above and the link stays. What is then neither absent, nor a regular file, nor a
+directory (a device such as `/dev/null`, a FIFO) is written in place, as a shell's `>`
+writes it, and so is what a link reaches through `/proc`: `/dev/stdout` is a link to the
+process's descriptor 1, which is written at its own offset, after what the process printed
+(replacing or truncating the file it writes would lose that). A FIFO that no process reads
+is refused at once rather than waited on. The tool's own files (a run's manifest and steps)
+are never written through a link.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -187,26 +191,71 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def _in_place(target: Path) -> bool:
-    """Whether a file the user named is written in place, not replaced (module docstring): an
-    entry of that name that is neither a regular file nor a directory."""
+_LINK_HOPS = 40
+"""Links followed at most in a chain (Linux's own limit): a longer chain is not resolved."""
+
+
+def _proc_path(target: Path) -> str | None:
+    """The path under /proc that the chain of symlinks from `target` reaches, if it does (a
+    process's descriptor: /dev/stdout, /dev/fd/N)."""
+    path = str(target)
+    for _ in range(_LINK_HOPS):
+        path = os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
+        if path == "/proc" or path.startswith("/proc/"):
+            return path
+        if not os.path.islink(path):
+            return None
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    return None
+
+
+_DESCRIPTOR = re.compile(r"/proc/(\d+)(?:/task/\d+)?/fd/(\d+)")
+"""A process's descriptor under /proc: its pid and number."""
+
+
+def _own_descriptor(proc_path: str | None) -> int | None:
+    """The number of this process's descriptor at `proc_path` (`_proc_path`), if it is one."""
+    found = _DESCRIPTOR.fullmatch(proc_path or "")
+    if found is None or int(found.group(1)) != os.getpid():
+        return None
+    return int(found.group(2))
+
+
+def _output_target(target: Path) -> tuple[Path, bool]:
+    """(the file to write for the output the user named `target`, whether it is written in
+    place rather than replaced): module docstring."""
+    final = target
     try:
-        mode = os.lstat(target).st_mode
+        if os.path.islink(target):
+            if _proc_path(target) is not None:
+                return target, True
+            final = Path(os.path.realpath(target))
+        mode = os.stat(final).st_mode
     except OSError:  # nothing there (or nothing to see): replaced, whose errors say why
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+        return final, False
+    return final, not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def _write_in_place(target: Path, parts: Iterable[bytes | memoryview]) -> None:
     """`parts` written to what `target` names, opened as a shell's `>` opens it (a link
     followed, a file truncated) but never waiting for a FIFO's reader; a regular file fsynced.
-    WriteError naming `target` if that fails."""
+    One of this process's own descriptors (`/dev/stdout`) is written through a copy of it,
+    after what Python holds for it, at its offset (a shell's `>` there would truncate the file
+    it writes and then overwrite the command's own output). WriteError naming `target`."""
+    own = _own_descriptor(_proc_path(target)) if os.path.islink(target) else None
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o644)
+        if own is None:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o644)
+            os.set_blocking(fd, True)
+        else:
+            for stream in (sys.stdout, sys.stderr):
+                with suppress(AttributeError, OSError, ValueError):
+                    if stream.fileno() == own:
+                        stream.flush()
+            fd = os.dup(own)
     except OSError as exc:
         raise write_error(target, exc) from None
     try:
-        os.set_blocking(fd, True)
         _write_all(fd, parts)
         if stat.S_ISREG(os.fstat(fd).st_mode):
             os.fsync(fd)
@@ -218,9 +267,9 @@ def _write_in_place(target: Path, parts: Iterable[bytes | memoryview]) -> None:
 
 def write_output(target: str | os.PathLike[str], data: bytes) -> Path:
     """`data` written to a file the user named (module docstring): replaced atomically, or
-    written in place; -> the target."""
-    final = Path(target)
-    if _in_place(final):
+    written in place; -> the file written (a link's target)."""
+    final, in_place = _output_target(Path(target))
+    if in_place:
         _write_in_place(final, [data])
         return final
     return write_atomic(final, data)
@@ -231,8 +280,8 @@ def output_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """`atomic_path` of a file the user named (module docstring): where it is written in
     place, the body writes a temporary file of the system's temporary directory, whose bytes
     are then copied to the target."""
-    final = Path(target)
-    if not _in_place(final):
+    final, in_place = _output_target(Path(target))
+    if not in_place:
         with atomic_path(final) as temp:
             yield temp
         return

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _cli import run_cli
+from _cli import cli_command, cli_environment, run_cli
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -131,21 +132,37 @@ def test_an_output_to_a_fifo_nobody_reads_is_refused_at_once(run, tmp_path):
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
-def test_a_report_to_a_link_to_the_standard_output_is_printed(run, tmp_path):
+@pytest.mark.parametrize("stdout", ["pipe", "file"])
+def test_a_report_to_a_link_to_the_standard_output_is_printed(run, tmp_path, stdout):
     """`--junit /dev/stdout` is a link to the process's standard output, as this link is:
-    the report is printed there (the link, like /dev/stdout, is left as it was)."""
+    the report is printed there with the table (the link, like /dev/stdout, is left as it
+    was). When the standard output is a file, the report goes in at the descriptor's offset:
+    replacing the file, or truncating it as a shell's `>` would, lost the table."""
     link = tmp_path / "stdout.xml"
     link.symlink_to("/proc/self/fd/1")
-    done = run_cli(*GATED, run, "--junit", link, timeout=QUICK)
+    command = cli_command(*GATED, run, "--junit", link)
+    printed = tmp_path / "printed.txt"
+    with open(printed, "w") as into:
+        done = subprocess.run(
+            command,
+            stdout=subprocess.PIPE if stdout == "pipe" else into,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_environment(),
+            timeout=QUICK,
+        )
     assert done.returncode == 0, done.stderr
-    assert "<?xml" in done.stdout and "</testsuites>" in done.stdout
+    text = done.stdout if stdout == "pipe" else printed.read_text()
+    report = text.index("<?xml"), text.index("</testsuites>")
+    table = text.index("┏"), text.index("max_spikes │")  # the table, whole, after it
+    assert report[0] < report[1] < table[0] < table[1]
     assert link.is_symlink()
 
 
 @pytest.mark.parametrize("how", ["write_output", "output_path"])
 def test_a_regular_file_is_replaced_and_a_link_written_through(tmp_path, how):
-    """The two writers agree: a regular file (or no file) is replaced by a new file, a link's
-    target is written and the link kept; a failed write in place is a WriteError naming what
+    """The two writers agree: a regular file (or no file) is replaced by a new file, and so
+    is a link's target, the link kept; a failed write in place is a WriteError naming what
     the user named."""
 
     def write(target: Path, data: bytes) -> None:
@@ -162,9 +179,11 @@ def test_a_regular_file_is_replaced_and_a_link_written_through(tmp_path, how):
     assert plain.read_bytes() == b"new" and plain.stat().st_ino != inode
     target, link = tmp_path / "target.bin", tmp_path / "link.bin"
     target.write_bytes(b"old and longer")
+    inode = target.stat().st_ino
     link.symlink_to(target)
     write(link, b"new")
     assert link.is_symlink() and target.read_bytes() == b"new"
+    assert target.stat().st_ino != inode  # replaced whole, beside it
     fifo = tmp_path / "nobody.fifo"
     os.mkfifo(fifo)
     with pytest.raises(WriteError, match=r"nobody\.fifo: cannot write it"):
