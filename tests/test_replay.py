@@ -754,3 +754,12 @@ def test_the_public_replay_is_callable_after_a_replay_module_is_imported():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["ReplayResult", "grpo"]
+
+
+def test_one_policy_may_be_given_alone_not_in_a_list(plain_run):
+    """`sd.replay(run, "grpo")` replays grpo; a string used to be read as a sequence of
+    one-letter specs ("unknown policy 'g'"). A Policy may be given alone too."""
+    listed = sd.replay(plain_run, ["grpo:eps_high=0.28"], device="cpu").to_json()
+    assert sd.replay(plain_run, "grpo:eps_high=0.28", device="cpu").to_json() == listed
+    policy = sd.get_policy("grpo:eps_high=0.28")
+    assert sd.replay(plain_run, policy, device="cpu").to_json() == listed

@@ -74,9 +74,12 @@ def own_policy(run: Run) -> Policy | None:
     return None if spec is None else get_policy(spec)
 
 
-def resolve_policies(
-    run: Run, specs: Sequence[str | Policy] | None
-) -> tuple[list[Policy], int | None]:
+PolicySpecs = str | Policy | Sequence[str | Policy] | None
+"""The policies of a replay: one spec or Policy, several, or None (the run's own and the
+standard catalogue). A lone string is one spec, never a sequence of one-letter ones."""
+
+
+def resolve_policies(run: Run, specs: PolicySpecs) -> tuple[list[Policy], int | None]:
     """-> (policies, index of the run's own one or None).
 
     No specs: the run's own policy, then the standard catalogue, deduplicated by canonical spec.
@@ -84,6 +87,8 @@ def resolve_policies(
     Unknown specs raise UsageError (exit 2).
     """
     own = own_policy(run)
+    if isinstance(specs, (str, Policy)):
+        specs = [specs]
     if specs:
         candidates = [get_policy(s) for s in specs]
     else:
@@ -214,7 +219,7 @@ def named_engine(name: str) -> Engine:
 
 def replay_run(
     run: Run,
-    policies: Sequence[str | Policy] | None = None,
+    policies: PolicySpecs = None,
     *,
     config: ReplayConfig | None = None,
     progress: Callable[[int], None] | None = None,
@@ -330,7 +335,7 @@ def replay_result(
 
 def replay(
     run: str | os.PathLike[str] | Run,
-    policies: Sequence[str | Policy] | None = None,
+    policies: PolicySpecs = None,
     *,
     device: str = "auto",
     chunk_size: int | None = None,
@@ -349,9 +354,10 @@ def replay(
 ) -> ReplayResult:
     """`stabledrl replay` as a function: the same results as the CLI, as Python objects.
 
-    run: a run directory, archive or URL (or an opened Run); policies: specs (None: the run's
-    own policy plus the standard catalogue); engine: where the streaming pass runs (None or
-    "local": this process; "ray" or `ray_engine.RayEngine(...)`: a Ray cluster); the other
+    run: a run directory, archive or URL (or an opened Run); policies: a spec, or a list of
+    specs (None: the run's own policy plus the standard catalogue); engine: where the
+    streaming pass runs (None or "local": this process; "ray" or
+    `ray_engine.RayEngine(...)`: a Ray cluster); the other
     arguments are `ReplayConfig`'s (None: its default). `.to_json()` of the result prints the
     JSON contract.
     """
