@@ -138,15 +138,23 @@ def test_inspect_json_of_a_scalar_run(tmp_path, packed):
     assert "step" not in data["series"] and "wall_time" not in data["series"]
 
 
-def test_inspect_table_of_a_scalar_run(tmp_path, monkeypatch):
+def test_inspect_and_check_tables_of_a_scalar_run_fit_80_columns(tmp_path, monkeypatch):
+    """Wherever the run lives: the titles that name its path are lines of text wrapped to the
+    width (the run table's title was printed whole, past 80 columns once the test's own
+    temporary directory grew a digit)."""
     monkeypatch.setenv("COLUMNS", "80")
-    run = _scalar_run(tmp_path / "run", spike=True)
+    run = _scalar_run(tmp_path / ("a-directory-long-enough-to-overflow-a-title" * 2) / "run")
     result = runner.invoke(app, ["inspect", str(run)])
     assert result.exit_code == 0, result.output
     assert "scalars only: nothing to replay" in result.stdout
     assert "import (format=jsonl, file=log.jsonl)" in result.stdout
     assert "Recorded series" in result.stdout and "clip_frac_high" in result.stdout
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    for gate in (["--max-spikes", "10"], ["--write-baseline", str(tmp_path / "b.json")]):
+        checked = runner.invoke(app, ["check", str(run), *gate])
+        assert checked.exit_code == 0, checked.output
+        assert max(len(line) for line in checked.stdout.splitlines()) <= 80
+    assert "recorded series of" in checked.stdout  # a baseline alone: the figures it records
 
 
 def test_check_gates_a_scalar_run_without_a_baseline(tmp_path):

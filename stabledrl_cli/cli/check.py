@@ -131,7 +131,9 @@ def _print_recorded(recorded: RecordedRun) -> None:
         f"non-finite steps: {len(observed.nonfinite_steps)}",
         highlight=False,
     )
-    out.print(series_table(recorded.series, f"recorded series of {recorded.run}"))
+    series = series_table(recorded.series, f"recorded series of {recorded.run}")
+    print_title(series, out)
+    out.print(series)
 
 
 def _print_figures(result: ReplayResult) -> None:

@@ -24,6 +24,7 @@ from stabledrl_cli.errors import one_line
 from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.inspection import RunSummary, summarize
 from stabledrl_cli.replay.recorded import SeriesStats
+from stabledrl_cli.replay.report import print_title
 
 LIST_LIMIT = 20
 """Step lists longer than this are cut in the table (JSON has them all)."""
@@ -213,7 +214,9 @@ def command(run: RunSourceArg, output_format: FormatOpt = "table") -> None:
     if output_format == "json":
         print_json(summary.to_dict())
     else:
-        out.print(_run_table(summary))
+        run_table = _run_table(summary)
+        print_title(run_table, out)  # the run's path, however long, never widens the table
+        out.print(run_table)
         _print_integrity(summary)
         out.print(_observed_table(summary))
         if summary.series:

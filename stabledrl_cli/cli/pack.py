@@ -51,8 +51,8 @@ def command(
     if is_url(archive):
         raise UsageError(f"{archive}: pack writes OUT.h5 to a local path, not a URL")
     target = Path(archive)
-    check_pack_target(target, force, to_force="pass --force")  # before the run is read
-    opened = open_run(run)
+    opened = open_run(run)  # its manifest: a missing run is named first
+    check_pack_target(target, force, to_force="pass --force")  # before any step is read
     with progress("packing", len(opened.listed_step_numbers), complete=True) as advance:
         summary = pack_run(opened, target, force=force, progress=advance, compression=compression)
     if summary.findings:
