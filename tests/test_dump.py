@@ -229,6 +229,12 @@ def test_refuses_to_overwrite_unless_told(tmp_path):
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     with pytest.raises(UsageError, match="not a directory"):
         sd.Recorder(tmp_path / "dangling")
+    foreign = tmp_path / "webapp"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"name": "webapp"}')
+    with pytest.raises(UsageError, match="is not a stabledrl run's manifest"):
+        sd.Recorder(foreign, overwrite=True)
+    assert (foreign / "manifest.json").read_text() == '{"name": "webapp"}'
     with sd.Recorder(path, overwrite=True, policy="dapo") as rec:
         rec.log_step(7, **_token_batch(2))
     run = sd.open_run(path)

@@ -959,6 +959,28 @@ def test_an_out_that_is_a_symlink_to_nothing_is_refused_as_not_a_directory(tmp_p
     assert out.is_symlink() and not (tmp_path / "nowhere").exists()
 
 
+@pytest.mark.parametrize("manifest", ['{"name": "webapp"}', '{"format": "other-tool"}'])
+def test_force_never_overwrites_a_manifest_that_is_no_runs(tmp_path, manifest):
+    """`--force` replaces a run: a directory whose manifest.json is another tool's (a JSON
+    object of no stabledrl run) is refused before the command starts (exit 2, one line), the
+    file kept; it was overwritten with the run's manifest. (A manifest that is no JSON is a
+    damaged run's, and replaced: test_record_force_over_a_manifest_that_is_no_file...)"""
+    out = tmp_path / "webapp"
+    out.mkdir()
+    (out / "manifest.json").write_text(manifest)
+    ran = tmp_path / "ran"
+    command = ["--", sys.executable, "-c", f"open({str(ran)!r}, 'w')"]
+    for how in (command, ["--rl-steps", "2"]):
+        result = CliRunner().invoke(app, ["record", "--out", str(out), "--force", *how])
+        assert result.exit_code == 2, result.output
+        assert result.stderr == (
+            f"error: {out / 'manifest.json'} is not a stabledrl run's manifest: replacing a "
+            "run would overwrite it; remove it, or record elsewhere\n"
+        )
+        assert (out / "manifest.json").read_text() == manifest and not ran.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+
+
 LATE_STEP_SCRIPT = textwrap.dedent(
     """
     import atexit, sys

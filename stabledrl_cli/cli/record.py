@@ -21,6 +21,7 @@ from stabledrl_cli.cli._options import MAX_RL_STEPS, DeviceOpt, number_option
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
 from stabledrl_cli.cli.app import debug_requested
+from stabledrl_cli.dump._setup import check_replaceable
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.example.config import ExampleConfig
 from stabledrl_cli.replay.config import MAX_THREADS
@@ -46,11 +47,13 @@ GEOMETRY = "Gradient geometry (built-in example)"
 def _check_out(out: Path, force: bool) -> None:
     if os.path.lexists(out) and not out.is_dir():  # a symlink to nothing too
         raise UsageError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UsageError(
-            f"--out {out} is not empty; pass --force to record into it (a new recording "
-            "replaces its run, a resumed training continues it)"
-        )
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UsageError(
+                f"--out {out} is not empty; pass --force to record into it (a new recording "
+                "replaces its run, a resumed training continues it)"
+            )
+        check_replaceable(out)  # before the command starts: its recorder would refuse
 
 
 def _progress() -> Progress:

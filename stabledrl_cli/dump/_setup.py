@@ -38,6 +38,7 @@ from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
     RECORDING_CLOSED,
     RUN_ID,
+    RUN_KIND,
     STEP_FILE_RE,
     STEPS_DIR,
     TEMP_FILE_RE,
@@ -116,6 +117,24 @@ def reopen_run(path: Path) -> None:
         amend_manifest(path, RECORDING_CLOSED, None)
 
 
+def check_replaceable(path: Path) -> None:
+    """UsageError when the directory `path` holds another tool's manifest.json (a JSON object
+    that is no stabledrl run's manifest): replacing a run rewrites its manifest, and never
+    overwrites that. A manifest that cannot be read as JSON (a damaged run's, a FIFO or a
+    link put in its place) is a run's to replace."""
+    try:
+        manifest = manifest_now(path)
+    except (InputError, ValueError):
+        return
+    if manifest.get("format") == RUN_KIND:
+        return
+    where = path / MANIFEST_NAME
+    raise UsageError(
+        f"{where} is not a stabledrl run's manifest: replacing a run would overwrite it; "
+        "remove it, or record elsewhere"
+    )
+
+
 def new_run_id() -> str:
     """A run identity no other recording has: 32 random hex digits (random even under
     SOURCE_DATE_EPOCH, since two byte-identical recordings are still two runs)."""
@@ -185,6 +204,7 @@ def prepare_run(
     if resume:
         manifest, last = _resume(path, manifest, rank, world_size, resume_from)
     elif overwrite:
+        check_replaceable(path)
         if rank == 0:
             reopen_run(path)  # before any step file changes
         for file, _step, _temporary in _own_step_files(steps, rank, world_size):
