@@ -364,3 +364,28 @@ def test_a_diff_reads_the_data_of_the_steps_it_compares_only(tmp_path, monkeypat
     names = [f"step-{n:08d}.safetensors" for n in range(6)]
     # each run's files: step 0 three times (header, compared, replayed), the others once
     assert opened() == {names[0]: 2 * 3, **dict.fromkeys(names[1:], 2 * 1)}
+
+
+def test_a_replay_that_does_not_verify_counts_what_it_skips_and_reads_each_file_once(
+    tmp_path, monkeypatch
+):
+    """`open_run(..., verify=False)`: a step whose data fails its checksum is replayed, so it
+    is not reported skipped (it was: the report came from a full check, which also read every
+    file whole a second time); a torn step, skipped at its header, still is."""
+    path = _record(tmp_path / "run", steps=5)
+    corrupt = path / "steps" / "step-00000002.safetensors"
+    data = bytearray(corrupt.read_bytes())
+    data[-3] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    torn = path / "steps" / "step-00000003.safetensors"
+    torn.write_bytes(torn.read_bytes()[:-5])
+    verified = sd.replay(path, "grpo")
+    assert verified.steps == 3 and [r[:12] for r in verified.skipped] == [
+        "step 2: unre",
+        "step 3: torn",
+    ]
+    opened = _count_step_opens(monkeypatch, tmp_path / "opens.log")
+    unverified = sd.replay(sd.open_run(path, verify=False), "grpo")
+    assert unverified.steps == 4 and [r[:12] for r in unverified.skipped] == ["step 3: torn"]
+    names = [f"step-{n:08d}.safetensors" for n in range(5)]
+    assert opened() == {names[0]: 2, **dict.fromkeys(names[1:], 1)}

@@ -32,8 +32,12 @@ def own_spec(run: Run) -> str | None:
 
 def skipped_reasons(run: Run) -> list[str]:
     """One reason per step file the reader skips: the run's integrity findings of the kinds
-    `SKIPPED_KINDS` (those it skips at its header check never reach a replay's warnings)."""
-    return [f.message for f in run.integrity.findings if f.kind in SKIPPED_KINDS]
+    `SKIPPED_KINDS` (those it skips at its header check never reach a replay's warnings).
+    A reader that does not verify data checksums (`open_run(..., verify=False)`) reads a step
+    whose data fails its checksum, and skips only what its header checks find
+    (`Run.header_findings`): those alone are counted, and no file is read for them."""
+    findings = run.integrity.findings if run.verify else run.header_findings()
+    return [f.message for f in findings if f.kind in SKIPPED_KINDS]
 
 
 def no_steps_message(run: Run, skipped: list[str]) -> str:
