@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import NamedTuple
 
 from stabledrl_cli.errors import WriteError
 
@@ -213,36 +214,46 @@ _DESCRIPTOR = re.compile(r"/proc/(\d+)(?:/task/\d+)?/fd/(\d+)")
 """A process's descriptor under /proc: its pid and number."""
 
 
-def _own_descriptor(proc_path: str | None) -> int | None:
+def _own_descriptor(proc_path: str) -> int | None:
     """The number of this process's descriptor at `proc_path` (`_proc_path`), if it is one."""
-    found = _DESCRIPTOR.fullmatch(proc_path or "")
+    found = _DESCRIPTOR.fullmatch(proc_path)
     if found is None or int(found.group(1)) != os.getpid():
         return None
     return int(found.group(2))
 
 
-def _output_target(target: Path) -> tuple[Path, bool]:
-    """(the file to write for the output the user named `target`, whether it is written in
-    place rather than replaced): module docstring."""
-    final = target
+class _Output(NamedTuple):
+    """Where an output the user named is written (module docstring)."""
+
+    path: Path
+    """The file written: what the user named, or the file a symlink names."""
+    in_place: bool
+    """Written in place rather than replaced."""
+    descriptor: int | None = None
+    """This process's own descriptor that `path` reaches through /proc (/dev/stdout: 1)."""
+
+
+def _output(target: Path) -> _Output:
+    """Where the output the user named `target` is written (module docstring)."""
     try:
         if os.path.islink(target):
-            if _proc_path(target) is not None:
-                return target, True
-            final = Path(os.path.realpath(target))
-        mode = os.stat(final).st_mode
+            proc = _proc_path(target)
+            if proc is not None:
+                return _Output(target, True, _own_descriptor(proc))
+            target = Path(os.path.realpath(target))
+        mode = os.stat(target).st_mode
     except OSError:  # nothing there (or nothing to see): replaced, whose errors say why
-        return final, False
-    return final, not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+        return _Output(target, False)
+    return _Output(target, not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)))
 
 
-def _write_in_place(target: Path, parts: Iterable[bytes | memoryview]) -> None:
-    """`parts` written to what `target` names, opened as a shell's `>` opens it (a link
-    followed, a file truncated) but never waiting for a FIFO's reader; a regular file fsynced.
-    One of this process's own descriptors (`/dev/stdout`) is written through a copy of it,
-    after what Python holds for it, at its offset (a shell's `>` there would truncate the file
-    it writes and then overwrite the command's own output). WriteError naming `target`."""
-    own = _own_descriptor(_proc_path(target)) if os.path.islink(target) else None
+def _write_in_place(output: _Output, parts: Iterable[bytes | memoryview]) -> None:
+    """`parts` written to `output.path`, opened as a shell's `>` opens it (a link followed, a
+    file truncated) but never waiting for a FIFO's reader; a regular file fsynced. This
+    process's own descriptor (`/dev/stdout`) is written through a copy of it, after what
+    Python holds for it, at its offset (a shell's `>` there would truncate the file it writes
+    and then overwrite the command's own output). WriteError naming the path."""
+    target, own = output.path, output.descriptor
     try:
         if own is None:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o644)
@@ -268,11 +279,11 @@ def _write_in_place(target: Path, parts: Iterable[bytes | memoryview]) -> None:
 def write_output(target: str | os.PathLike[str], data: bytes) -> Path:
     """`data` written to a file the user named (module docstring): replaced atomically, or
     written in place; -> the file written (a link's target)."""
-    final, in_place = _output_target(Path(target))
-    if in_place:
-        _write_in_place(final, [data])
-        return final
-    return write_atomic(final, data)
+    output = _output(Path(target))
+    if output.in_place:
+        _write_in_place(output, [data])
+        return output.path
+    return write_atomic(output.path, data)
 
 
 @contextmanager
@@ -280,16 +291,16 @@ def output_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """`atomic_path` of a file the user named (module docstring): where it is written in
     place, the body writes a temporary file of the system's temporary directory, whose bytes
     are then copied to the target."""
-    final, in_place = _output_target(Path(target))
-    if not in_place:
-        with atomic_path(final) as temp:
+    output = _output(Path(target))
+    if not output.in_place:
+        with atomic_path(output.path) as temp:
             yield temp
         return
-    fd, name = tempfile.mkstemp(prefix=".stabledrl-", suffix=final.suffix)
+    fd, name = tempfile.mkstemp(prefix=".stabledrl-", suffix=output.path.suffix)
     os.close(fd)
     try:
         yield Path(name)
         with open(name, "rb") as written:
-            _write_in_place(final, iter(lambda: written.read(_BATCH), b""))
+            _write_in_place(output, iter(lambda: written.read(_BATCH), b""))
     finally:
         _discard(name)
