@@ -334,8 +334,9 @@ class PackSummary:
 def check_pack_target(out: Path, force: bool, *, to_force: str = "pass force=True") -> None:
     """UsageError unless `pack_run` may write `out`: not a directory, in one that exists, and
     no entry of that name at all (a file, a symlink even to nothing, a FIFO...) unless `force`
-    (which replaces the entry, never what a link points to). `to_force`: how the message
-    tells the caller to force it (the command's `pass --force`)."""
+    (then written as `_atomic.output_path` writes: a link's target replaced, a FIFO or device
+    written in place). `to_force`: how the message tells the caller to force it (the
+    command's `pass --force`)."""
     if out.is_dir():
         raise UsageError(f"{out} is a directory; give the archive's file name, e.g. {out}/run.h5")
     if not out.parent.is_dir():

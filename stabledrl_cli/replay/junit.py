@@ -52,5 +52,6 @@ def junit_xml(results: list[GateResult], run: str, *, seconds: float = 0.0) -> b
 def write_junit(
     results: list[GateResult], run: str, path: str | os.PathLike[str], *, seconds: float = 0.0
 ) -> Path:
-    """Writes `junit_xml` atomically; WriteError when it cannot."""
+    """Writes `junit_xml` atomically, or in place (`_atomic.write_output`); WriteError when it
+    cannot."""
     return write_output(path, junit_xml(results, run, seconds=seconds))
