@@ -55,7 +55,9 @@ def test_no_import_cycle_inside_dump():
 
 
 def test_dump_imports_only_the_ground_floor_outside_itself():
-    allowed = {"_atomic", "_child_end", "_json", "_version", "errors", "spec", "vocab", "dump"}
+    allowed = {
+        "_atomic", "_child_end", "_json", "_regular", "_version", "errors", "spec", "vocab", "dump"
+    }  # fmt: skip
     for module in MODULES:
         for name in _imports(module):
             parts = name.split(".")

@@ -1,8 +1,9 @@
-"""Files the user names on the command line: a baseline read is bounded and never waits on a
-FIFO or reads a device for ever; an output (baseline, JUnit, archive, plot) replaces a regular
-file atomically, and anything else of that name (a symlink, a FIFO, a device) is written in
-place, as a shell's `>` writes it, never replaced by a file. Only FIFOs and symlinks under the
-test's own directory are used: a regression must not replace a device of the machine."""
+"""Files the user names on the command line: a baseline or an imported log is read bounded
+and never waits on a FIFO or reads a device for ever; an output (baseline, JUnit, archive,
+plot) replaces a regular file atomically, and anything else of that name (a symlink, a FIFO, a
+device) is written in place, as a shell's `>` writes it, never replaced by a file. Only FIFOs
+and symlinks under the test's own directory are used: a regression must not replace a device
+of the machine."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli._atomic import output_path, write_output
+from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import WriteError
 
@@ -191,3 +193,31 @@ def test_a_regular_file_is_replaced_and_a_link_written_through(tmp_path, how):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["plain.bin", "target.bin", "link.bin", "nobody.fifo"]
     )
+
+
+def test_a_named_input_is_opened_only_when_it_is_a_regular_file(tmp_path):
+    """The one way a run's files, a baseline and an imported log are opened: a FIFO with no
+    writer, a directory and (unless links are followed) a symlink are refused at once, on
+    the open descriptor, and a regular file is read with its size."""
+    data = tmp_path / "data.json"
+    data.write_bytes(b"{}")
+    fifo, link = tmp_path / "fifo.json", tmp_path / "link.json"
+    os.mkfifo(fifo)
+    link.symlink_to(data)
+    for name in (fifo, tmp_path):
+        with pytest.raises(NotRegularFile):
+            open_regular(name)
+    with pytest.raises(OSError):
+        open_regular(link, follow_links=False)
+    for name in (data, link):
+        handle, info = open_regular(name)
+        with handle:
+            assert (handle.read(), info.st_size) == (b"{}", 2)
+
+
+def test_an_imported_log_that_is_a_fifo_is_refused_unread(tmp_path):
+    fifo = tmp_path / "metrics.jsonl"
+    os.mkfifo(fifo)
+    done = run_cli("import", fifo, "--out", tmp_path / "run", timeout=QUICK)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr == f"error: {fifo}: not a regular file\n"

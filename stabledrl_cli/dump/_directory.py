@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError, gap_findings
 from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import (
@@ -290,11 +291,11 @@ def read_manifest_bytes(path: Path) -> bytes:
     """The manifest's bytes: a regular file (a symlink, FIFO or device is never read), at most
     `MANIFEST_LIMIT` + 1 bytes of it (`parse_manifest` refuses a longer one)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-        with open(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise InputError(f"{path}: not a regular file")
+        fh, _ = open_regular(path, follow_links=False)
+        with fh:
             return fh.read(MANIFEST_LIMIT + 1)
+    except NotRegularFile:
+        raise InputError(f"{path}: not a regular file") from None
     except OSError as exc:
         if _is_symlink(path):
             raise symlink_refused(str(path)) from None

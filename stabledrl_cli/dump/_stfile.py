@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 import struct
 import sys
 from contextlib import suppress
@@ -27,6 +26,7 @@ import numpy as np
 
 from stabledrl_cli._atomic import fsync_dir, write_durably
 from stabledrl_cli._json import has_lone_surrogate
+from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import META_CRC_DATA, META_CRC_HEADER, temp_file_name
@@ -335,14 +335,13 @@ def read_header(
     Raises StepReadError: "torn" for a file shorter than its header says, "unreadable" else.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        fh, st = open_regular(path, follow_links=False)
+    except NotRegularFile:
+        raise StepReadError("unreadable", "not a regular file") from None
     except OSError as exc:
         raise StepReadError("unreadable", f"cannot read: {exc.strerror or exc}") from None
     try:
-        with open(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise StepReadError("unreadable", "not a regular file")
+        with fh:
             header = parse_header(fh, st.st_size, deep=deep, keep_data=keep_data, known=known)
     except OSError as exc:
         raise StepReadError("unreadable", f"cannot read: {exc.strerror or exc}") from None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.importers._crc32c import masked_crc32c
-from stabledrl_cli.importers._files import checked_size, open_binary
+from stabledrl_cli.importers._files import open_log
 from stabledrl_cli.importers._tfevents import EVENT_PATTERN
 from stabledrl_cli.vocab import ImportFormat
 
@@ -41,8 +41,7 @@ def detect_format(path: Path) -> ImportFormat:
         return "tfevents"
     if path.suffix.lower() in _SUFFIXES:
         return _SUFFIXES[path.suffix.lower()]
-    checked_size(path)
-    with open_binary(path) as handle:
+    with open_log(path) as handle:
         head = handle.read(_SNIFF)
     if len(head) >= 12 and masked_crc32c(head[:8]) == int.from_bytes(head[8:12], "little"):
         return "tfevents"

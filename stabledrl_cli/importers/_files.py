@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.errors import InputError
 
 INPUT_LIMIT = 1 << 30
@@ -30,12 +31,19 @@ def checked_size(path: Path, limit: int = INPUT_LIMIT) -> int:
     return info.st_size
 
 
-def open_binary(path: Path) -> BinaryIO:
-    """`path` opened for reading, an InputError when it cannot be."""
+def open_log(path: Path, limit: int = INPUT_LIMIT) -> BinaryIO:
+    """`path` opened for reading: a regular file (anything else is refused unread) of at most
+    `limit` bytes, an InputError when it cannot be."""
     try:
-        return path.open("rb")
+        handle, info = open_regular(path)
+    except NotRegularFile:
+        raise InputError(f"{path}: not a regular file") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if info.st_size > limit:
+        handle.close()
+        raise InputError(f"{path}: {info.st_size} bytes, over the {limit >> 20} MiB import limit")
+    return handle
 
 
 def decoded(raw: bytes, where: str) -> str:
@@ -49,8 +57,7 @@ def decoded(raw: bytes, where: str) -> str:
 def text_lines(path: Path) -> Iterator[tuple[int, str, bool]]:
     """(line number from 1, text without its newline, whether a newline ended it) of a text
     log, each line at most LINE_LIMIT bytes."""
-    checked_size(path)
-    with open_binary(path) as handle:
+    with open_log(path) as handle:
         number = 0
         while True:
             raw = handle.readline(LINE_LIMIT + 1)

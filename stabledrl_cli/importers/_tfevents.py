@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.importers._crc32c import masked_crc32c
-from stabledrl_cli.importers._files import checked_size, open_binary
+from stabledrl_cli.importers._files import checked_size, open_log
 from stabledrl_cli.importers._proto import (
     FIXED32,
     FIXED64,
@@ -89,7 +89,7 @@ def read_tfevents(path: Path) -> StepTable:
     table = StepTable(str(path))
     plugins: dict[str, str] = {}
     for file in files:
-        with open_binary(file) as handle:
+        with open_log(file, TFEVENTS_LIMIT) as handle:
             for offset, record in _records(handle, file, table):
                 try:
                     _add_event(record, table, plugins)

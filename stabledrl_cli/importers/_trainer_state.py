@@ -11,14 +11,13 @@ from pathlib import Path
 
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.importers._files import DOCUMENT_LIMIT, checked_size, open_binary
+from stabledrl_cli.importers._files import DOCUMENT_LIMIT, open_log
 from stabledrl_cli.importers._table import StepTable
 
 
 def read_trainer_state(path: Path) -> StepTable:
     """The steps of a trainer_state.json (InputError when it is not one)."""
-    checked_size(path, DOCUMENT_LIMIT)
-    with open_binary(path) as handle:
+    with open_log(path, DOCUMENT_LIMIT) as handle:
         raw = handle.read(DOCUMENT_LIMIT + 1)
     document = parse_strict(raw, str(path), "trainer_state.json", allow_nan=True)
     history = document.get("log_history") if isinstance(document, dict) else None

@@ -48,10 +48,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from stat import S_ISREG
 
 from stabledrl_cli._atomic import write_output
 from stabledrl_cli._json import parse_strict
+from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli._version import __version__
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies import get_policy
@@ -202,23 +202,22 @@ def _read_bytes(path: str | os.PathLike[str]) -> bytes:
     (it could block for ever, or never end: /dev/zero); InputError naming the file."""
     where = str(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO with no writer: no wait
+        handle, info = open_regular(path)
     except FileNotFoundError:
         raise InputError(f"no such baseline: {where}") from None
+    except NotRegularFile:
+        raise InputError(f"{where}: the baseline is not a regular file") from None
     except OSError as exc:
         raise InputError(f"{where}: cannot read the baseline ({exc})") from None
     raw = b""
-    with open(fd, "rb") as handle:
-        try:
-            info = os.fstat(fd)
-            if not S_ISREG(info.st_mode):
-                raise InputError(f"{where}: the baseline is not a regular file")
-            size = info.st_size
-            if size <= BASELINE_LIMIT:  # else refused unread
+    with handle:
+        size = info.st_size
+        if size <= BASELINE_LIMIT:  # else refused unread
+            try:
                 raw = handle.read(BASELINE_LIMIT + 1)  # bounded: the file may have grown
-                size = max(size, len(raw))
-        except OSError as exc:
-            raise InputError(f"{where}: cannot read the baseline ({exc})") from None
+            except OSError as exc:
+                raise InputError(f"{where}: cannot read the baseline ({exc})") from None
+            size = max(size, len(raw))
     if size > BASELINE_LIMIT:
         raise InputError(f"{where}: baseline of {size} bytes is larger than {BASELINE_LIMIT}")
     return raw
