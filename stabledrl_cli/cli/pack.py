@@ -70,6 +70,6 @@ def command(
     out.print(
         f"packed {summary.steps} steps ({summary.tokens} {opened.unit}s) of {summary.source} into "
         f"{summary.out}: {summary.source_bytes / 1e6:.2f} MB -> "
-        f"{summary.archive_bytes / 1e6:.2f} MB ({ratio:.1f}x)",
+        f"{summary.archive_bytes / 1e6:.2f} MB ({ratio:.2g}x)",
         highlight=False,
     )
