@@ -237,7 +237,9 @@ def run_branches(
     if not force:
         taken = [r.run_dir for r in requests if r.run_dir.exists() and any(r.run_dir.iterdir())]
         if taken:
-            raise UsageError(f"{taken[0]} is not empty; pass force to overwrite the branches")
+            raise UsageError(
+                f"{taken[0]} is not empty; pass --force (force=True) to overwrite the branches"
+            )
     original_rewards = original.scalar_series("reward_mean")
     outcomes = []
     replayed = replay(original, policies=specs, device=device)

@@ -90,6 +90,7 @@ def test_branch_records_each_policy_as_a_run_and_reports_it_beside_the_replay(re
 
     again = CliRunner().invoke(app, [*args, "--rl-steps", "8"])
     assert again.exit_code == 2 and "not empty" in again.stderr
+    assert "pass --force" in again.stderr, again.stderr  # the option that overwrites them
 
 
 def test_the_protocol_round_trips_through_the_environment(tmp_path):
