@@ -1,9 +1,9 @@
 """Start-up: none of these imports torch. Importing the package; the root help, `policies`,
 and the help of `replay`, `check`, `tune`, `inspect`, `diff` and `watch`; `import` and `pack`
-(their help and their input checks); a Recorder of numpy arrays and its run read back;
-`diff` of two runs that never part; `check` and `inspect` of a scalar run (inspect of a run
-with a policy batch checks each step with replay's own code, torch's); and the refusals of bad
-input by these and `watch`."""
+(their help and their input checks), and `pack` of a run; a Recorder of numpy arrays and its
+run read back; `diff` of two runs that never part; `check` and `inspect` of a scalar run
+(inspect of a run with a policy batch checks each step with replay's own code, torch's); and
+the refusals of bad input by these and `watch`."""
 
 from __future__ import annotations
 
@@ -44,6 +44,23 @@ PROBES = {
             assert result.exit_code == 0 and "Usage" in result.stdout, result.output
             result = CliRunner().invoke(app, [command, *args])
             assert result.exit_code == 3, result.output
+    """,
+    "pack of a run, and the archive read back": """
+        import tempfile
+        import numpy as np
+        import stabledrl_cli as sd
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        home = tempfile.mkdtemp()
+        with sd.Recorder(home + "/run", policy="grpo") as recorder:
+            zeros = np.zeros(8, "float32")
+            recorder.log_step(0, logp=zeros, logp_old=zeros - 0.1, advantages=zeros + 1,
+                              seq_id=np.repeat(np.arange(4), 2).astype("int32"),
+                              reward=np.ones(4, "float32"), loss=0.5)
+        packed = CliRunner().invoke(app, ["pack", home + "/run", home + "/run.h5"])
+        assert packed.exit_code == 0, packed.output
+        step = sd.open_run(home + "/run.h5").step(0)
+        assert step.array("logp").dtype == np.float32 and step.scalars["loss"] == 0.5
     """,
     "a Recorder of numpy arrays, its run's headers and arrays": """
         import tempfile

@@ -215,7 +215,7 @@ class _Packer:
         return self.columns[key]
 
     def add(self, step: Step, where: str) -> None:
-        arrays = {name: step[name].numpy() for name in sorted(step.fields)}
+        arrays = {name: step.array(name) for name in sorted(step.fields)}
         tokens, sequences = step.num_tokens, step.num_sequences
         for group, names, count in (
             ("tokens", TOKEN_FIELDS, tokens),
