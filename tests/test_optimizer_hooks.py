@@ -19,6 +19,7 @@ from _cli import cli_command
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from stabledrl_cli.capture.optimizer_hooks import _module_norms
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
 
@@ -1300,3 +1301,10 @@ def test_force_replaces_the_run_once_not_again_from_a_process_the_command_starts
     run = open_run(out)
     assert run.step_numbers == list(range(7))  # the parent's 5 + 2, none the worker's
     assert run.scalar_series("lr")[1].tolist() == [0.1] * 7
+
+
+def test_a_parameter_the_root_holds_is_its_own_module():
+    """A module's norm sums the parameters it holds itself; the root's own parameters (a bare
+    `nn.Linear`, a top-level `pos_emb`) have no module name, so each is named alone."""
+    named = [("weight", 3.0), ("bias", 4.0), ("layers.0.weight", 1.0), ("layers.0.bias", 1.0)]
+    assert _module_norms(named) == [("bias", 4.0), ("weight", 3.0), ("layers.0", math.sqrt(2))]
