@@ -42,6 +42,8 @@ from stabledrl_cli.dump._schema import (
     STEP_FILE_RE,
     STEPS_DIR,
     TEMP_FILE_RE,
+    check_manifest,
+    parse_manifest,
 )
 from stabledrl_cli.dump._stfile import read_header
 from stabledrl_cli.errors import InputError, UsageError
@@ -185,6 +187,21 @@ def _resume(
     return existing, last
 
 
+def _readable_text(path: Path, manifest: dict[str, Any]) -> bytes:
+    """The text of a new run's `manifest`, checked as its readers check it: a Recorder never
+    writes a run that `open_run` refuses as corrupt (a world_size past its bound, a manifest
+    past its size bound, ...). UsageError naming the reason."""
+    text = (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode()
+    where = str(path / MANIFEST_NAME)
+    try:
+        check_manifest(parse_manifest(text, where), where)
+    except InputError as exc:
+        raise UsageError(
+            f"{path}: not recorded, its readers would refuse the run's manifest ({exc})"
+        ) from None
+    return text
+
+
 def prepare_run(
     path: Path,
     manifest: dict[str, Any],
@@ -197,7 +214,16 @@ def prepare_run(
 ) -> tuple[dict[str, Any], int | None]:
     """Readies `path` (module docstring). Returns the run's manifest (the existing one when
     resuming) and the last step this rank already holds (None for a new run)."""
-    if os.path.lexists(path) and not path.is_dir():  # a symlink to nothing too
+    text = None
+    if not resume:  # checked on every rank, before anything on disk changes
+        fresh = {**manifest, RUN_ID: new_run_id()}
+        text = _readable_text(path, fresh)
+        manifest = fresh if rank == 0 else manifest
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:  # a name longer than the file system takes, ...
+        raise write_error(path, exc) from None
+    if os.path.lexists(path) and not is_dir:  # a symlink to nothing too
         raise UsageError(f"{path} exists and is not a directory")
     steps = path / STEPS_DIR
     last: int | None = None
@@ -209,7 +235,7 @@ def prepare_run(
             reopen_run(path)  # before any step file changes
         for file, _step, _temporary in _own_step_files(steps, rank, world_size):
             _remove(file)
-    elif path.is_dir():
+    elif is_dir:
         # Other ranks may have made steps/ already: only what this rank would clobber counts.
         others = [n for n in os.listdir(path) if n != STEPS_DIR] if rank == 0 else []
         mine = [file.name for file, _, _ in _own_step_files(steps, rank, world_size)]
@@ -224,9 +250,7 @@ def prepare_run(
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise write_error(directory, exc) from None
-    if rank == 0 and not resume:
-        manifest = {**manifest, RUN_ID: new_run_id()}
-        text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
-        write_atomic(path / MANIFEST_NAME, text.encode())
+    if rank == 0 and text is not None:
+        write_atomic(path / MANIFEST_NAME, text)
         fsync_dir(path.parent if path.parent != path else path)
     return manifest, last

@@ -1,0 +1,64 @@
+"""A Recorder never writes a run its readers refuse: a manifest that `open_run` would call
+corrupt (a world_size past the readers' bound, a manifest past their size bound) is refused
+when the Recorder is made, before anything is written (UsageError, exit 2); a run directory
+the system cannot name (a name longer than the file system takes) is WriteError (exit 4)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import stabledrl_cli as sd
+from stabledrl_cli.dump._schema import MANIFEST_LIMIT, WORLD_SIZE_LIMIT
+from stabledrl_cli.errors import UsageError, WriteError
+
+
+def _batch() -> dict[str, np.ndarray]:
+    return {
+        "logp": np.zeros(4, np.float32),
+        "logp_old": np.zeros(4, np.float32),
+        "advantages": np.ones(4, np.float32),
+        "seq_id": np.array([0, 0, 1, 1]),
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"world_size": WORLD_SIZE_LIMIT + 1}, "world_size"),
+        ({"world_size": True}, "world_size"),
+        ({"meta": {"notes": "x" * MANIFEST_LIMIT}}, "bytes"),
+        ({"param_names": ["p" * 1000] * (MANIFEST_LIMIT // 1000)}, "bytes"),
+    ],
+)
+def test_a_manifest_the_readers_refuse_is_refused_before_anything_is_written(
+    tmp_path, kwargs, word
+):
+    path = tmp_path / "run"
+    with pytest.raises(UsageError, match=word) as info:
+        sd.Recorder(path, **kwargs)
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_rank_refuses_a_world_size_past_the_readers_bound(tmp_path, rank):
+    with pytest.raises(UsageError, match="world_size"):
+        sd.Recorder(tmp_path / "run", world_size=WORLD_SIZE_LIMIT + 1, rank=rank)
+
+
+def test_the_largest_world_size_the_readers_take_is_recorded_and_read(tmp_path):
+    path = tmp_path / "run"
+    with sd.Recorder(path, world_size=WORLD_SIZE_LIMIT, rank=0) as rec:
+        rec.log_step(0, **_batch())
+    assert sd.open_run(path).manifest["world_size"] == WORLD_SIZE_LIMIT
+
+
+def test_a_run_name_too_long_for_the_file_system_is_a_write_error(tmp_path):
+    name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
+    path = tmp_path / ("r" * (name_max + 1))
+    with pytest.raises(WriteError, match="cannot write it") as info:
+        sd.Recorder(path)
+    assert info.value.exit_code == 4 and "\n" not in str(info.value)
