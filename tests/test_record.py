@@ -948,6 +948,16 @@ def test_an_out_under_a_file_is_a_path_that_cannot_be_written(tmp_path, how):
 
 
 @pytest.mark.parametrize("how", [["--", sys.executable, "-c", "pass"], ["--rl-steps", "2"]])
+def test_an_out_named_longer_than_the_file_system_takes_cannot_be_written(tmp_path, how):
+    """A name past NAME_MAX is a path the system refuses to write: exit 4, one line naming it
+    (it was exit 3, 'File name too long', from the check that --out is a directory)."""
+    out = tmp_path / ("r" * (os.pathconf(tmp_path, "PC_NAME_MAX") + 1))
+    result = CliRunner().invoke(app, ["record", "--out", str(out), *how])
+    assert result.exit_code == 4, result.output
+    assert result.stderr == f"error: {out}: cannot write it (File name too long)\n"
+
+
+@pytest.mark.parametrize("how", [["--", sys.executable, "-c", "pass"], ["--rl-steps", "2"]])
 def test_an_out_that_is_a_symlink_to_nothing_is_refused_as_not_a_directory(tmp_path, how):
     """A dangling symlink named as --out exists, and is no directory: exit 2 and one line, as
     for a file (it was exit 4, 'cannot write it (File exists)', once mkdir met the link)."""

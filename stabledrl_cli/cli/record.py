@@ -17,6 +17,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from stabledrl_cli._atomic import write_error
 from stabledrl_cli.cli._options import MAX_RL_STEPS, DeviceOpt, number_option
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
@@ -45,9 +46,13 @@ GEOMETRY = "Gradient geometry (built-in example)"
 
 
 def _check_out(out: Path, force: bool) -> None:
-    if os.path.lexists(out) and not out.is_dir():  # a symlink to nothing too
+    try:
+        is_dir = out.is_dir()
+    except OSError as exc:  # a name longer than the file system takes, ...
+        raise write_error(out, exc) from None
+    if os.path.lexists(out) and not is_dir:  # a symlink to nothing too
         raise UsageError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
+    if is_dir and any(out.iterdir()):
         if not force:
             raise UsageError(
                 f"--out {out} is not empty; pass --force to record into it (a new recording "
