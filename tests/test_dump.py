@@ -315,6 +315,18 @@ def test_a_scalar_the_recorder_sets_is_refused_without_pointing_at_a_keyword(tmp
         assert f"{name}=" not in str(info.value)
 
 
+@pytest.mark.parametrize("scalars", [[("acc", 1.0)], "acc", 1.0])
+@pytest.mark.parametrize("batch", [True, False])
+def test_scalars_that_are_no_mapping_are_a_usage_error(tmp_path, scalars, batch):
+    """Before, a list of pairs (or any non-mapping) was an AttributeError ('list' object has
+    no attribute 'get' / 'items'), not the one clear line of a UsageError."""
+    with sd.Recorder(tmp_path / "run") as rec:
+        with pytest.raises(UsageError, match="scalars: expected a mapping of names to numbers"):
+            rec.log_step(0, **(_flat() if batch else {}), scalars=scalars)
+        rec.log_step(0, **_flat(), scalars={"acc": 1.0})
+    assert sd.open_run(tmp_path / "run").step(0).scalars["acc"] == 1.0
+
+
 @pytest.mark.parametrize(
     "argument",
     [

@@ -161,6 +161,10 @@ def build_step(
     A step given no batch array at all (`BATCH_FIELDS`) is a scalar step: only its scalars and
     `param_grad_norm`; given some batch arrays, logp, logp_old and advantages are required.
     """
+    if user_scalars is not None and not isinstance(user_scalars, Mapping):
+        raise UsageError(
+            f"scalars: expected a mapping of names to numbers, got {type(user_scalars).__name__}"
+        )
     given = {k: to_numpy(v, k) for k, v in arrays.items() if v is not None}
     if not _BATCH_FIELD_NAMES.isdisjoint(given):
         sketch_scaled = scalars.get("unit_grad_sketch_scale") is not None or (
