@@ -385,6 +385,16 @@ def test_step_numbers_and_constructor_are_checked(tmp_path):
     ]:
         with pytest.raises(UsageError, match=word):
             sd.Recorder(tmp_path / f"bad-{word}", **kwargs)
+    # Before, a TypeError or ValueError of dict() ('dictionary update sequence element #0 ...')
+    for name, value in [
+        ("meta", [1, 2]),
+        ("estimator", "elbo"),
+        ("geometry", ["gram"]),
+        ("policy_params", [("eps_high", 0.3)]),
+    ]:
+        with pytest.raises(UsageError, match=f"^{name} must be a dict, got "):
+            sd.Recorder(tmp_path / f"bad-{name}", **{name: value})
+        assert not (tmp_path / f"bad-{name}").exists()
 
 
 def test_async_writes_round_trip(tmp_path):

@@ -112,6 +112,15 @@ def _checked_reward_range(value: Iterable[float]) -> tuple[float, float]:
     return low, high
 
 
+def _object(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    """`value` as a dict of its own (None: empty), else UsageError naming `what`."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise UsageError(f"{what} must be a dict, got {type(value).__name__}")
+    return dict(value)
+
+
 def _step_number(value: object) -> int:
     """An int >= 0 (a numpy or 0-d torch integer is fine), else UsageError."""
     step = value if type(value) is int else None
@@ -253,6 +262,8 @@ class Recorder:
             raise UsageError(f"source must be a dict with a non-empty string kind, got {source!r}")
         if policy is None and policy_params:
             raise UsageError("policy_params go with a policy; policy=None records none")
+        if policy_params is not None:
+            policy_params = _object(policy_params, "policy_params")
         self.path = Path(path)
         self._fixed_time = _fixed_time()
         self._steps_dir = os.fspath(self.path / STEPS_DIR)
@@ -268,14 +279,18 @@ class Recorder:
             "created": _dt.datetime.fromtimestamp(self._now(), _dt.timezone.utc).isoformat(
                 timespec="seconds"
             ),
-            "meta": json_checked(dict(meta or {}), "meta"),
+            "meta": json_checked(_object(meta, "meta"), "meta"),
             "policy": policy_entry(policy, policy_params) if policy is not None else None,
             "unit": unit,
-            "estimator": json_checked(dict(estimator or {}), "estimator"),
+            "estimator": json_checked(_object(estimator, "estimator"), "estimator"),
             "reward_range": list(reward_range) if reward_range is not None else None,
             "world_size": world_size,
             "group_ids": group_ids,
-            "geometry": json_checked(dict(geometry), "geometry") if geometry is not None else None,
+            "geometry": (
+                json_checked(_object(geometry, "geometry"), "geometry")
+                if geometry is not None
+                else None
+            ),
             "param_names": list(param_names) if param_names is not None else None,
             "fields": {name: {"per": s.per, "dtype": s.dtype} for name, s in FIELDS.items()},
         }
