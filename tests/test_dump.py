@@ -414,6 +414,9 @@ def test_async_writes_round_trip(tmp_path):
 def test_open_run_refuses_non_runs(tmp_path):
     with pytest.raises(InputError, match="no such run"):
         sd.open_run(tmp_path / "missing")
+    too_long = tmp_path / ("r" * (os.pathconf(tmp_path, "PC_NAME_MAX") + 1))
+    with pytest.raises(InputError, match=r"cannot read .*: File name too long$"):
+        sd.open_run(too_long)  # before, the OSError of Path.exists() (Python 3.11)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match=r"no manifest\.json"):
         sd.open_run(tmp_path / "empty")

@@ -25,9 +25,13 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     if isinstance(path, str) and is_url(path):
         return open_url(path, verify=verify)
     run_path = Path(path)
-    if not run_path.exists():
+    try:
+        exists, is_dir = run_path.exists(), run_path.is_dir()
+    except OSError as exc:  # a name longer than the file system takes, ...
+        raise InputError(f"cannot read {run_path}: {exc.strerror or exc}") from None
+    if not exists:
         raise InputError(f"no such run: {run_path}")
-    if run_path.is_dir():
+    if is_dir:
         return DirectoryRun(run_path, verify=verify)
     try:
         fd = os.open(run_path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
