@@ -666,6 +666,12 @@ def test_config_validation():
         sd.replay(REPO / "fixtures" / "grpo", ["grpo"], window=0)
     with pytest.raises(Exception, match="empty"):
         ReplayConfig(step_range=(5, 5))
+    # Before, a ValueError of unpacking ('too many values to unpack') or a float kept as a bound
+    message = r"^step_range must be \(start, stop\), each an integer or None, got "
+    for step_range in ("1:3", (1.5, None), (None, "3"), (True, None), (1, 2, 3), None):
+        with pytest.raises(UsageError, match=message):
+            ReplayConfig(step_range=step_range)  # type: ignore[arg-type]
+    ReplayConfig(step_range=(np.int64(1), None))  # type: ignore[arg-type]  # numpy ints too
 
 
 def test_replay_run_accepts_an_opened_run(plain_run):

@@ -155,12 +155,29 @@ class ReplayConfig:
                 raise ConfigError(field, problem)
         for spec in self.guards:
             make_guard(spec)  # a bad guard spec is a usage error naming it
+        if not _step_range(self.step_range):
+            raise ConfigError(
+                "step_range",
+                f"must be (start, stop), each an integer or None, got {self.step_range!r}",
+            )
         start, stop = self.step_range
         if start is not None and stop is not None and stop <= start:
             raise ConfigError(
                 "step_range",
                 f"{format_step_range(self.step_range)} is empty (start <= step < stop)",
             )
+
+
+def _step_range(value: object) -> bool:
+    """Whether `value` is a (start, stop) pair of integers (numpy's too) or None."""
+    return (
+        isinstance(value, tuple | list)
+        and len(value) == 2
+        and all(
+            bound is None or (hasattr(bound, "__index__") and not isinstance(bound, bool))
+            for bound in value
+        )
+    )
 
 
 def replay_config(
