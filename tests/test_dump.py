@@ -366,6 +366,9 @@ def test_step_numbers_and_constructor_are_checked(tmp_path):
         for not_a_step in (True, 5.0, "5"):
             with pytest.raises(UsageError, match="step must be"):
                 rec.log_step(not_a_step, **_flat())
+        # a tensor with no data: before, the RuntimeError of Tensor.item()
+        with pytest.raises(UsageError, match="step must be"):
+            rec.log_step(torch.tensor(5, device="meta"), **_flat())
         rec.log_step(np.int64(5), **_flat())  # numpy and 0-d torch integers are steps
         rec.log_step(torch.tensor(6), **_flat())
         with pytest.raises(UsageError, match="param_grad_norm"):

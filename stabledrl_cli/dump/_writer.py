@@ -127,7 +127,7 @@ def _step_number(value: object) -> int:
     if step is None and isinstance(value, SupportsIndex) and not isinstance(value, bool):
         try:
             step = operator.index(value)
-        except TypeError:  # e.g. a float tensor
+        except (TypeError, RuntimeError):  # a float tensor; a tensor with no data (meta)
             step = None
     if step is None or not 0 <= step <= STEP_LIMIT:
         raise UsageError(f"step must be an int in [0, 2**63 - 1], got {value!r}")
