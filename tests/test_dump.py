@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 import warnings
 
 import h5py
@@ -388,6 +389,11 @@ def test_step_numbers_and_constructor_are_checked(tmp_path):
     ]:
         with pytest.raises(UsageError, match=word):
             sd.Recorder(tmp_path / f"bad-{word}", **kwargs)
+    nested: list = []
+    for _ in range(sys.getrecursionlimit() + 10):  # nested past what json.dumps can encode
+        nested = [nested]
+    with pytest.raises(UsageError, match=r"^meta must be JSON-serializable: "):
+        sd.Recorder(tmp_path / "deep", meta={"a": nested})  # before, a RecursionError
     # Before, a TypeError or ValueError of dict() ('dictionary update sequence element #0 ...')
     for name, value in [
         ("meta", [1, 2]),

@@ -360,6 +360,6 @@ def json_checked(value: _Json, what: str) -> _Json:
     too (a lone surrogate, which every reader of the run refuses: `_json.has_lone_surrogate`)."""
     try:
         json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # (nested past the encoder's depth)
         raise UsageError(f"{what} must be JSON-serializable: {exc}") from None
     return value
