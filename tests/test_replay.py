@@ -672,6 +672,9 @@ def test_config_validation():
         with pytest.raises(UsageError, match=message):
             ReplayConfig(step_range=step_range)  # type: ignore[arg-type]
     ReplayConfig(step_range=(np.int64(1), None))  # type: ignore[arg-type]  # numpy ints too
+    for not_engine in (3, object()):  # before, an AttributeError ('int' object has no 'stream')
+        with pytest.raises(UsageError, match=r"^engine must be 'local', 'processes', 'ray' or"):
+            sd.replay(REPO / "fixtures" / "grpo", ["grpo"], engine=not_engine)  # type: ignore[arg-type]
 
 
 def test_replay_run_accepts_an_opened_run(plain_run):

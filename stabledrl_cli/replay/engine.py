@@ -212,8 +212,13 @@ def named_engine(name: str) -> Engine:
         from stabledrl_cli.replay.ray_engine import RayEngine  # imports ray only when run
 
         return RayEngine()
-    raise UsageError(
-        f"engine must be 'local', 'processes', 'ray' or an engine object, got {name!r}"
+    raise _no_engine(name)
+
+
+def _no_engine(value: object) -> UsageError:
+    """The error of an `engine` that is neither a known name nor an engine object."""
+    return UsageError(
+        f"engine must be 'local', 'processes', 'ray' or an engine object, got {value!r}"
     )
 
 
@@ -361,7 +366,10 @@ def replay(
     arguments are `ReplayConfig`'s (None: its default). `.to_json()` of the result prints the
     JSON contract.
     """
-    engine = named_engine(engine) if isinstance(engine, str) else engine
+    if isinstance(engine, str):
+        engine = named_engine(engine)
+    elif engine is not None and not callable(getattr(engine, "stream", None)):
+        raise _no_engine(engine)
     opened = run if isinstance(run, Run) else open_run(run)
     config = replay_config(
         device=device,
