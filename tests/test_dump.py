@@ -15,7 +15,7 @@ import torch
 from _cli import run_cli
 
 import stabledrl_cli as sd
-from stabledrl_cli.dump import RunIntegrityWarning
+from stabledrl_cli.dump import RunIntegrityWarning, _stfile
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 
 
@@ -314,6 +314,22 @@ def test_a_scalar_the_recorder_sets_is_refused_without_pointing_at_a_keyword(tmp
         with pytest.raises(UsageError, match=refused) as info:
             rec.log_step(0, **_flat(), scalars={name: 1.0})
         assert f"{name}=" not in str(info.value)
+
+
+def test_a_step_header_past_the_readers_bound_is_refused_not_written_unreadable(
+    tmp_path, monkeypatch
+):
+    """The readers refuse a step header longer than HEADER_LIMIT (safetensors' 100 MB cap)
+    as unreadable: before, log_step wrote such a step (a long scalar name) and returned, and
+    the finished step was lost. The bound is lowered here so that the test stays small."""
+    monkeypatch.setattr(_stfile, "HEADER_LIMIT", 4096)
+    with sd.Recorder(tmp_path / "run") as rec:
+        with pytest.raises(UsageError, match=r"header of \d+ bytes is larger than 4096") as info:
+            rec.log_step(0, **_flat(), scalars={"x" * 5000: 1.0})
+        assert "\n" not in str(info.value)
+        rec.log_step(0, **_flat(), scalars={"x": 1.0})
+    run = sd.open_run(tmp_path / "run")
+    assert run.step_numbers == [0] and run.integrity.findings == []
 
 
 @pytest.mark.parametrize("scalars", [[("acc", 1.0)], "acc", 1.0])

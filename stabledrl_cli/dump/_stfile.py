@@ -30,6 +30,7 @@ from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import META_CRC_DATA, META_CRC_HEADER, temp_file_name
+from stabledrl_cli.errors import UsageError
 
 HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on the header size
 _CHUNK = 1 << 22
@@ -88,6 +89,11 @@ def encode_step(
     text = layout.head + _HEADER_JSON.encode(meta) + layout.tail
     encoded = _with_header_crc(text, data_crc).encode()  # stable bytes
     encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8 bytes
+    if len(encoded) > HEADER_LIMIT:  # every reader would refuse the step as unreadable
+        raise UsageError(
+            f"the step's header of {len(encoded)} bytes is larger than {HEADER_LIMIT} bytes, "
+            "the most its readers read: record fewer or shorter scalar names"
+        )
     return [struct.pack("<Q", len(encoded)), encoded, *data]
 
 
