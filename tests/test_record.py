@@ -1220,3 +1220,31 @@ def test_the_exit_that_reports_a_handled_error_pickles_as_pythons_own(tmp_path, 
     copy = pickle.loads(pickle.dumps(exiting))
     assert type(copy) is SystemExit and copy.code == 1
     assert not (tmp_path / "status").exists()  # nothing reported: the process goes on
+
+
+@pytest.mark.parametrize(
+    ("first_line", "why"),
+    [
+        (None, "command not found: {cmd}"),
+        (b"#!/no/such/interpreter\n", "cannot run {cmd}: its #! line names /no/such/interpreter, "
+         "which does not exist"),
+        (b"just text, no #! line\n", "cannot run {cmd}: Exec format error"),
+    ],
+)  # fmt: skip
+def test_a_command_the_system_cannot_start_is_one_line_and_exit_2(tmp_path, first_line, why):
+    """A script whose interpreter is missing made exec say the script itself did not exist
+    (exit 3, "No such file or directory"), and a file the system cannot execute exited 3
+    with the OSError's text: each is now a usage error saying why, before any step."""
+    cmd = tmp_path / "train.sh"
+    if first_line is not None:
+        cmd.write_bytes(first_line + b"exit 0\n")
+        cmd.chmod(0o755)
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [*cli_command(), "record", "--out", str(out), "--", str(cmd)],
+        capture_output=True, text=True, timeout=TIMEOUT, env=cli_environment(),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == f"error: {why.format(cmd=cmd)}"
+    assert "Traceback" not in done.stderr
+    assert not (out / "steps").exists() or not any((out / "steps").iterdir())

@@ -28,6 +28,7 @@ from rich.markup import escape
 
 from stabledrl_cli._atomic import write_error
 from stabledrl_cli._process import how_it_ended, shell_exit_code
+from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.capture.bootstrap import (
     ENV_DEBUG,
     ENV_FORCE,
@@ -76,6 +77,34 @@ def _step_files(out: Path) -> dict[str, tuple[int, int]]:
     return found
 
 
+def _missing_interpreter(program: str) -> str | None:
+    """The interpreter a script's `#!` line names, when no file of that name exists; else None
+    (not a script, or one its system can start)."""
+    try:
+        handle, _ = open_regular(program)
+    except (OSError, NotRegularFile):
+        return None
+    with handle:
+        first = handle.readline(_SHEBANG_LIMIT)
+    words = first[2:].split() if first.startswith(b"#!") else []
+    if not words or os.path.exists(words[0]):
+        return None
+    return os.fsdecode(words[0])
+
+
+_SHEBANG_LIMIT = 4096
+"""Bytes of a script's first line read for its `#!` interpreter."""
+
+
+def _started(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """CMD started, or a UsageError saying why the system cannot start it (a file that is no
+    program it knows, not executable...)."""
+    try:
+        return subprocess.Popen(cmd, env=env)
+    except OSError as exc:
+        raise UsageError(f"cannot run {cmd[0]}: {exc.strerror or exc}") from None
+
+
 def _call(cmd: list[str], env: dict[str, str]) -> int:
     """Runs CMD to its end; -> its exit code. Ctrl-C in a terminal reaches CMD itself (record
     and CMD are one process group): CMD decides what it does with it, and record waits for it
@@ -83,7 +112,7 @@ def _call(cmd: list[str], env: dict[str, str]) -> int:
     last writes were done). A SIGTERM to record is passed on to CMD, and record waits for it
     as well: a container's first process, or a pod's, is record, and the only one signalled."""
     with (
-        subprocess.Popen(cmd, env=env) as process,
+        _started(cmd, env) as process,
         sigterm_handled(lambda *_: process.send_signal(signal.SIGTERM)),
     ):
         while True:
@@ -128,8 +157,14 @@ def run_command(
     failure or a command that wrote no step file (one it held before, under --force, is not its
     own) is an error (capture/bootstrap.py). `debug` (`--debug`):
     the command's uncaught stabledrl error shows its traceback too."""
-    if shutil.which(cmd[0]) is None:
+    program = shutil.which(cmd[0])
+    if program is None:
         raise UsageError(f"command not found: {cmd[0]}")
+    interpreter = _missing_interpreter(program)
+    if interpreter is not None:  # exec would say the script itself is missing
+        raise UsageError(
+            f"cannot run {cmd[0]}: its #! line names {interpreter}, which does not exist"
+        )
     if policy is not None:
         resolve_spec(policy)  # a bad spec is a usage error here, not a warning in the child
     try:
