@@ -13,7 +13,9 @@ tensor operations a step and their mean time, and the call sites in `stabledrl_c
 spend the most operator time, with their operations a step. `--whole` then replays every step
 of the run as `stabledrl replay` does (its reading on a thread of its own) and prints the wall
 time and the share of it the computing thread spent on a CPU: what is left is waiting (for the
-reader, the GIL or a CPU), the most that overlapping could still win.
+reader, the GIL or a CPU), the most that overlapping could still win; and the wall time of the
+same replay with each step's row a row of zeros instead of the policies' weights and metrics:
+what the rest of a replay costs, which no faster policy code can remove.
 """
 
 from __future__ import annotations
@@ -21,14 +23,18 @@ from __future__ import annotations
 import argparse
 import collections
 import time
+from typing import Any
+from unittest.mock import patch
 
 import torch
 from synthetic_runs import add_step_options, open_cached
 from torch.profiler import ProfilerActivity, profile
 
-from stabledrl_cli.dump import Run
-from stabledrl_cli.replay import stream
+from stabledrl_cli.dump import Run, Step
+from stabledrl_cli.errors import InputError
+from stabledrl_cli.replay import columns, stream
 from stabledrl_cli.replay.engine import replay, resolve_policies
+from stabledrl_cli.replay.stream import Arrays
 
 
 def main() -> None:
@@ -99,16 +105,38 @@ def main() -> None:
 
 def whole_replay(run: Run, specs: list[str]) -> str:
     """The replay of every step, as `stabledrl replay` runs it (reading on its own thread):
-    its wall time and how much of it the computing thread (this one) spent on a CPU; the
-    rest it waited (for the reader, for the GIL, or for a CPU)."""
+    its wall time and how much of it the computing thread (this one) spent on a CPU (the rest
+    it waited: for the reader, for the GIL, or for a CPU); then the wall time of the same
+    replay without the policies' computation (`_prepared_only`)."""
     replay(run, specs, device="cpu")  # untimed: the page cache and the heap warm
     wall, busy = time.perf_counter(), time.thread_time()
     result = replay(run, specs, device="cpu")
     wall, busy = time.perf_counter() - wall, time.thread_time() - busy
+    with patch.object(stream, "_step_row", _prepared_only):
+        bare = time.perf_counter()
+        replay(run, specs, device="cpu")
+        bare = time.perf_counter() - bare
     return (
         f"whole replay ({result.steps} steps, reading on its own thread): {wall:.2f} s, "
-        f"the computing thread on a CPU {busy / wall:.0%} of it"
+        f"the computing thread on a CPU {busy / wall:.0%} of it\n"
+        f"the same without the policies' weights and metrics (a row of zeros a step): "
+        f"{bare:.2f} s"
     )
+
+
+def _prepared_only(item: tuple[Step, Arrays], **kwargs: Any) -> stream.StepRow | InputError:
+    """`stream._step_row` without the policies: the step prepared and checked as a replay
+    does, its row zeros. A replay through it costs what reading, preparing, the checks, the
+    collapse warning's measurements and the report cost on their own."""
+    step, arrays = item
+    try:
+        _, geometry, _ = stream.usable(
+            step, arrays, kwargs["unit"], kwargs["where"], kwargs["ranks"]
+        )
+    except InputError as exc:
+        return exc
+    shape = (len(kwargs["policies"]), len(columns.device_metrics()))
+    return torch.zeros(shape, dtype=torch.float64), geometry.kind, None
 
 
 if __name__ == "__main__":
