@@ -338,3 +338,42 @@ def test_an_error_quotes_a_bounded_excerpt_of_a_long_name_or_key(where):
         with pytest.raises(UsageError) as info:
             parse(spec)
         assert len(str(info.value)) < 400, (spec[:20], str(info.value)[:200])
+
+
+def _float_keys() -> list[tuple[str, str]]:
+    """(policy, key) of every float parameter of the catalogue."""
+    keys = []
+    for name, entry in REGISTRY.items():
+        hints = typing.get_type_hints(entry.config)
+        for key in entry.keys:
+            hint = hints[key]
+            args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+            if args[0] is float:
+                keys.append((name, key))
+    return keys
+
+
+@pytest.mark.parametrize(("name", "key"), _float_keys())
+@pytest.mark.parametrize("value", ["1e39", "-1e39", "1e308"])
+def test_a_number_past_float32_is_a_usage_error(name, key, value):
+    """A replay computes in float32: a bound it cannot hold (`grpo:eps_high=1e39`) made torch
+    raise inside the computation, an internal error (exit 70) instead of a usage error."""
+    with pytest.raises(UsageError) as info:
+        get_policy(f"{name}:{key}={value}")
+    assert f"{key} must be at most 3.4e+38 in size" in str(info.value)
+
+
+def test_the_largest_float32_bound_computes():
+    import numpy as np
+
+    from stabledrl_cli.policies._batch import PolicyBatch, prepare
+
+    logp = np.array([-1.0, -2.0, -0.5, -3.0], dtype=np.float32)
+    batch = PolicyBatch(
+        logp=logp,
+        logp_old=logp - np.float32(0.3),
+        advantages=np.array([1.0, -1.0, 1.0, -1.0], dtype=np.float32),
+    )
+    for spec in ("grpo:eps_high=3.4e38", "cispo:cap=3.4e38", "dual-clip:c=3.4e38"):
+        weights = get_policy(spec).weights(prepare(batch, "cpu"))
+        assert weights.coef.isfinite().all(), spec

@@ -49,6 +49,10 @@ TIS_DEFAULT_MAX = 2.0
 """verl's rollout_is_threshold default."""
 """A config field's value: a number, a choice, or None for unset."""
 
+FLOAT32_MAX = float.fromhex("0x1.fffffep+127")
+"""float32's largest finite number (3.4e+38): a replay computes in float32, so a number
+parameter larger in size is refused (torch cannot even hold it as a float32 bound)."""
+
 
 @functools.cache
 def _type_hints(cls: type) -> dict[str, object]:
@@ -118,6 +122,11 @@ class BaseConfig:
             value = getattr(self, f.name)
             if choices is not None and value not in choices:
                 raise UsageError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
+            if isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+                raise UsageError(
+                    f"{f.name} must be at most {FLOAT32_MAX:.2g} in size (float32's largest "
+                    f"number: a replay computes in float32), got {value!r}"
+                )
         check_min("beta", self.beta, 0.0, strict=False)
         if self.kl_is != "off" and not self.beta > 0:
             raise UsageError(f"kl_is={self.kl_is} weighs the KL term: it needs beta > 0")
