@@ -15,6 +15,8 @@ from _corpus import (
     archive_bad_seq_id,
     bad_seq_id,
     float16_sketch_without_scale,
+    read_step,
+    rewrite_step,
     step_path,
     tiny_run,
 )
@@ -53,6 +55,20 @@ def measured_run(path: Path, steps: int = STEPS) -> Path:
     return path
 
 
+def sketch_without_columns(run: Path, step: int) -> Path:
+    """Step `step` given a float32 unit_grad_sketch of shape [U, 0], checksums valid: it
+    measures no update, and its norms read 0 whatever the coefficients."""
+    path = step_path(run, step)
+    header, data = read_step(path)
+    header["unit_grad_sketch"] = {
+        "dtype": "F32",
+        "shape": [int(np.prod(header["logp"]["shape"])), 0],
+        "data_offsets": [len(data), len(data)],
+    }
+    rewrite_step(path, header, data)
+    return run
+
+
 def _stderr_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if not line.startswith("replaying:")]
 
@@ -68,8 +84,9 @@ def _names_the_step_once(stderr: str, step: int, why: str) -> None:
     [
         (lambda run: bad_seq_id(run, BAD), "seq_id must index"),
         (lambda run: float16_sketch_without_scale(run, BAD), "float16 gradient geometry"),
+        (lambda run: sketch_without_columns(run, BAD), "unit_grad_sketch has no columns"),
     ],
-    ids=["seq_id_past_int32", "float16_sketch_without_scale"],
+    ids=["seq_id_past_int32", "float16_sketch_without_scale", "sketch_without_columns"],
 )
 def test_replay_check_and_watch_skip_a_bad_step_and_name_it_once(tmp_path, make, why):
     run = make(tiny_run(tmp_path / "run", steps=STEPS))

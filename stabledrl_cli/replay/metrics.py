@@ -88,6 +88,11 @@ class StepGeometry:
             raise InputError(f"step {step}: unit_grad_gram has shape {list(stored.shape)}")
         if kind == "sketch" and stored.ndim != 2:
             raise InputError(f"step {step}: unit_grad_sketch has shape {list(stored.shape)}")
+        if kind == "sketch" and stored.shape[1] == 0:
+            raise InputError(
+                f"step {step}: unit_grad_sketch has no columns (shape {list(stored.shape)}): "
+                "it measures no update, its norms would all read 0"
+            )
         if rows == prep.num_tokens:
             per_sequence = False
         elif rows == prep.n_seq:
