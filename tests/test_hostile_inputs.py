@@ -215,6 +215,23 @@ def test_a_symlink_in_a_run_is_refused_at_its_path_and_its_url(tmp_path: Path, e
         assert f"{entry}: a symlink" in result.stderr, result.stderr
 
 
+def test_a_steps_entry_that_is_no_directory_is_refused_at_its_path_and_its_url(
+    tmp_path: Path,
+) -> None:
+    """A run whose `steps` is a regular file read as a run of no step: inspect said
+    "Integrity: ok" and pack wrote an empty archive, both exit 0. It is refused, exit 3 naming
+    it, as a symlinked steps folder is, from its path and its file:// URL."""
+    run = tiny_run(tmp_path / "run")
+    shutil.rmtree(run / "steps")
+    (run / "steps").write_bytes(b"not a folder")
+    for source in (str(run), run.as_uri()):
+        for args in (["inspect", source], ["pack", source, str(tmp_path / "out.h5")]):
+            result = runner.invoke(app, args)
+            _assert_clean_failure(result.exit_code, result.stderr, 3)
+            assert "steps: not a directory" in result.stderr, result.stderr
+        assert not (tmp_path / "out.h5").exists()
+
+
 def test_a_run_given_as_a_symlink_is_read(tmp_path: Path) -> None:
     """The path on the command line is the user's own: a symlink to a run directory is read
     (from its path and its URL) as the run itself."""

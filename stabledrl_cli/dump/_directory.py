@@ -381,8 +381,8 @@ class DirectoryRun(Run):
 
     def _entries(self, directory: Path) -> list[tuple[str, bool]]:
         """(name, whether it is a regular file, not a link) of each entry, sorted by name;
-        FileNotFoundError or NotADirectoryError when there is no such directory, InputError
-        when it is a symlink (never followed)."""
+        FileNotFoundError when there is no such directory, NotADirectoryError when it is
+        something else (a file), InputError when it is a symlink (never followed)."""
         try:
             fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError:  # a symlink: ENOTDIR on Linux, ELOOP elsewhere
@@ -441,8 +441,12 @@ class DirectoryRun(Run):
         self._listed_stamp = None
         try:
             found = self._entries(steps_dir)
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             return listing
+        except NotADirectoryError:
+            raise InputError(
+                f"{self.named(steps_dir)}: not a directory (where a run keeps its step files)"
+            ) from None
         except OSError as exc:
             raise InputError(
                 f"{self.named(steps_dir)}: cannot list it ({self._said(exc)})"

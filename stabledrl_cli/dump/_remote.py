@@ -174,7 +174,7 @@ class RemoteRun(_AtUrl, DirectoryRun):
         if info.get("islink"):
             raise symlink_refused(self.named(directory))
         if info.get("type") != "directory":
-            raise FileNotFoundError(str(directory))
+            raise NotADirectoryError(str(directory))
         listed = []
         for info in self.fs.ls(str(directory), detail=True):
             name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
