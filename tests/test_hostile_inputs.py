@@ -232,6 +232,32 @@ def test_a_steps_entry_that_is_no_directory_is_refused_at_its_path_and_its_url(
         assert not (tmp_path / "out.h5").exists()
 
 
+@pytest.mark.parametrize(
+    ("kind", "shown"),
+    [
+        (np.array([b"stabledrl-run", b"x"]), "HDF5 kind of type ndarray, not text"),
+        (np.int64(7), "HDF5 kind of type int64, not text"),
+        ("k" * 5000, "HDF5 kind 'kkkk"),
+    ],
+    ids=["array", "number", "long_text"],
+)
+def test_an_archive_kind_that_is_no_run_kind_is_named_in_one_short_line(
+    tmp_path: Path, kind: Any, shown: str
+) -> None:
+    """An archive whose `kind` attribute is an array said "corrupt run archive (ValueError:
+    The truth value of an array with more than one element is ambiguous...)", and a long
+    text kind was quoted whole: it is "not a run", its kind shown in a few words."""
+
+    def change(handle: h5py.File) -> None:
+        handle.attrs["kind"] = kind
+
+    archive = edit_archive(tmp_path, change)
+    result = runner.invoke(app, ["inspect", str(archive)])
+    _assert_clean_failure(result.exit_code, result.stderr, 3)
+    assert "is not a run (" in result.stderr and shown in result.stderr, result.stderr
+    assert "ValueError" not in result.stderr and len(result.stderr) < 300, result.stderr
+
+
 def test_a_run_given_as_a_symlink_is_read(tmp_path: Path) -> None:
     """The path on the command line is the user's own: a symlink to a run directory is read
     (from its path and its URL) as the run itself."""

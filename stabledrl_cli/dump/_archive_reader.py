@@ -50,7 +50,7 @@ from stabledrl_cli.dump._schema import (
     parse_manifest,
 )
 from stabledrl_cli.dump._stfile import FileKey, file_key
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, quoted
 
 # Each open dataset's chunk cache: steps are read in order, so consecutive steps share at most
 # the chunk on their boundary (32K entries, up to 256 KiB); 1 MiB holds it with room to spare.
@@ -237,10 +237,14 @@ class ArchiveRun(Run):
         """A run archive of a readable version, else InputError (a replay report named)."""
         location = self.location
         kind = self._root_attribute("kind")
-        if kind == REPLAY_REPORT_KIND:
+        if isinstance(kind, str) and kind == REPLAY_REPORT_KIND:
             raise InputError(f"{location} is a replay report, not a run (open it with read_hdf5)")
-        if kind != RUN_KIND:
-            raise InputError(f"{location} is not a run (HDF5 kind {kind!r}, expected {RUN_KIND!r})")
+        if not isinstance(kind, str) or kind != RUN_KIND:
+            if kind is None or isinstance(kind, str):
+                shown = f"HDF5 kind {'none' if kind is None else quoted(kind)}"
+            else:  # an array compares element by element, and would be printed whole
+                shown = f"HDF5 kind of type {type(kind).__name__}, not text"
+            raise InputError(f"{location} is not a run ({shown}, expected {RUN_KIND!r})")
         self.format_version = check_readable_version(
             self._root_attribute("format_version"), location, ARCHIVE_MAJOR
         )
