@@ -685,6 +685,41 @@ def test_multi_rank_sketches_join_and_gram_is_left_out(tmp_path):
     assert "unit_grad_sketch_scale" not in step.scalars
 
 
+def test_multi_rank_arrays_whose_columns_differ_are_an_input_error(tmp_path):
+    """Each rank's Recorder checks its own [N, k] and [U, k] arrays only: ranks whose k differ
+    made the join's np.concatenate raise ValueError, an internal error (exit 70) of inspect,
+    replay and pack. Joining them is an input error naming the step file and both shapes."""
+    path = tmp_path / "run"
+    for rank, k in ((0, 3), (1, 5)):
+        with sd.Recorder(path, world_size=2, rank=rank, unit="sequence") as rec:
+            for step in range(2):
+                rec.log_step(
+                    step,
+                    logp=np.zeros(2, np.float32),
+                    logp_old=np.zeros(2, np.float32),
+                    advantages=np.ones(2, np.float32),
+                    token_ids=np.zeros((2, k if step == 1 else 3), np.int64),
+                    unit_grad_sketch=np.ones((2, k if step == 1 else 3), np.float32),
+                )
+    step = sd.open_run(path).step(1)
+    for name in ("token_ids", "unit_grad_sketch"):
+        with pytest.raises(
+            InputError,
+            match=rf"cannot join the ranks' {name}: rank 0's has shape \[2, 3\], rank 1's \[2, 5\]",
+        ):
+            step.array(name)
+    assert sd.open_run(path).step(0)["token_ids"].shape == (4, 3)
+    packed = run_cli("pack", path, tmp_path / "out.h5")
+    assert packed.returncode == 3, packed.stderr
+    assert "cannot join the ranks' " in packed.stderr and "Traceback" not in packed.stderr
+    replayed = run_cli("replay", path, "-p", "grpo", "--device", "cpu")
+    assert replayed.returncode == 0, replayed.stderr
+    assert (
+        "step 1:" in replayed.stderr
+        and "cannot join the ranks' unit_grad_sketch" in replayed.stderr
+    )
+
+
 def test_bfloat16_and_token_ids(tmp_path):
     path = tmp_path / "run"
     logp = torch.tensor([[-1.0, -0.5], [-0.25, -2.0]], dtype=torch.bfloat16)

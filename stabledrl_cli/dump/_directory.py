@@ -14,7 +14,8 @@ per-sequence arrays are concatenated; `seq_id` of rank r is offset by the number
 of ranks < r, and `micro_batch` by (max micro_batch + 1) of ranks < r, so both stay distinct.
 `group_id` is offset the same way when the manifest's group_ids is "per_rank" (the default),
 and left alone when it is "global" (ids shared by all ranks). `unit_grad_sketch` rows are
-concatenated (float16 parts are scaled to float32 first); `unit_grad_gram` is left out (the
+concatenated (float16 parts are scaled to float32 first); an [N, k] or [U, k] array whose k
+differs between ranks cannot be joined (InputError); `unit_grad_gram` is left out (the
 cross-rank entries were never recorded); `param_grad_norm` is rank 0's. Scalars: `nonfinite`
 is summed, `reward_mean` weighted by sequences, `loss` averaged over ranks, the rest taken
 from rank 0. A step where some rank recorded no batch (a scalar step, format 1.2) joins as a
@@ -236,6 +237,12 @@ class DirectoryStep(Step):
                     else p
                     for p, r in zip(parts, self.records, strict=True)
                 ]
+        for rank, part in enumerate(parts[1:], start=1):
+            if part.shape[1:] != parts[0].shape[1:]:  # each rank's Recorder checks its own only
+                raise InputError(
+                    f"{self.named(self.paths[0])}: cannot join the ranks' {name}: rank 0's has "
+                    f"shape {list(parts[0].shape)}, rank {rank}'s {list(part.shape)}"
+                )
         return np.concatenate(parts)
 
     def _shifted(self, ids: np.ndarray, offset: int, name: str) -> np.ndarray:
