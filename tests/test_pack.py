@@ -629,3 +629,28 @@ def test_pack_refuses_any_entry_named_out_and_force_writes_it_in_place(rich_run,
         return
     assert forced.exit_code == 0, forced.output
     assert open_run(target).step_numbers == open_run(rich_run).step_numbers
+
+
+@pytest.mark.parametrize(
+    "scalars", [{"a\x00b": 1.0}, {"a\x00b": 1.0, "a": 2.0}], ids=["nul", "nul_and_its_prefix"]
+)
+def test_a_scalar_name_hdf5_cannot_hold_is_refused_not_renamed(tmp_path, scalars):
+    """A Recorder takes a scalar name with a NUL character; HDF5 ends a name there, so pack
+    stored 'a\\x00b' as 'a' (the archive read back another scalar, exit 0) and, beside a
+    scalar 'a', failed with 'name already exists' (exit 70). Pack refuses it, exit 3."""
+    path = tmp_path / "run"
+    with sd.Recorder(path, policy="grpo") as rec:
+        rec.log_step(
+            0,
+            logp=np.zeros((1, 3), np.float32),
+            logp_old=np.zeros((1, 3), np.float32),
+            advantages=np.ones(1, np.float32),
+            scalars=scalars,
+        )
+    out = tmp_path / "run.h5"
+    result = runner.invoke(app, ["pack", str(path), str(out)])
+    assert result.exit_code == 3, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("packing:")]
+    assert len(lines) == 1, result.stderr
+    assert "step 0: scalar 'a\\x00b' has no HDF5 name" in lines[0], result.stderr
+    assert not out.exists()

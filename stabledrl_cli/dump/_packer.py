@@ -36,7 +36,7 @@ from stabledrl_cli.dump._layout import (
 )
 from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import EXTENSION_FIELDS, FIELDS, RUN_KIND, written_version
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.errors import InputError, UsageError, quoted
 from stabledrl_cli.vocab import PACK_COMPRESSIONS, PackCompression
 
 
@@ -215,6 +215,12 @@ class _Packer:
         return self.columns[key]
 
     def add(self, step: Step, where: str) -> None:
+        for name in step.scalars:
+            if not name or "\x00" in name:  # HDF5 ends a name at a NUL and has no empty one
+                raise InputError(
+                    f"{where}: step {step.step}: scalar {quoted(name)} has no HDF5 name "
+                    "(empty, or holding a NUL character); cannot pack it"
+                )
         arrays = {name: step.array(name) for name in sorted(step.fields)}
         tokens, sequences = step.num_tokens, step.num_sequences
         for group, names, count in (
