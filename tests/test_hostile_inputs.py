@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from _corpus import (
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.dump import _archive_probe
+from stabledrl_cli.dump import _archive_probe, open_run
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
 
 runner = CliRunner()
@@ -200,6 +201,64 @@ def test_an_archive_of_the_other_byte_order_reads_the_same_values(tmp_path: Path
         for name in mine.fields:
             assert mine[name].dtype == theirs[name].dtype, name
             assert np.array_equal(mine.array(name), theirs.array(name)), name
+
+
+def _set_index(name: str, index: int, value: float) -> Callable[[h5py.File], None]:
+    """Entry `index` of index dataset `name` set to `value`, its checksum attribute kept valid
+    (an archive consistent to the byte, inconsistent in meaning)."""
+
+    def change(handle: h5py.File) -> None:
+        values = handle[name][()]
+        values[index] = value
+        handle[name][...] = values
+        handle[name].attrs[CRC_ATTR] = index_crc(values)
+
+    return change
+
+
+def _both(*changes: Callable[[h5py.File], None]) -> Callable[[h5py.File], None]:
+    def change(handle: h5py.File) -> None:
+        for one in changes:
+            one(handle)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "step", "why"),
+    [
+        (
+            _both(
+                _set_index("steps/step", 2, 3),
+                _set_index("steps/step", 3, 2),
+                _set_index("scalars/step", 2, 3),
+                _set_index("scalars/step", 3, 2),
+            ),
+            2,
+            "below an earlier step's",
+        ),
+        (_set_index("steps/num_scored_tokens", 2, -1), 2, "-1 scored tokens of 12"),
+        (_set_index("steps/num_scored_tokens", 2, 13), 2, "13 scored tokens of 12"),
+        (_set_index("scalars/step", 2, 99), 2, "its step scalar says 99"),
+        (_set_index("present/logp", 2, 0), 2, "required field logp is missing"),
+    ],
+    ids=["not_ascending", "scored_negative", "scored_past_tokens", "step_scalar", "no_logp"],
+)
+def test_an_archive_step_whose_index_entries_disagree_in_meaning_is_unreadable(
+    tmp_path: Path, change: Callable[[h5py.File], None], step: int, why: str
+) -> None:
+    """A step directory reader refuses (a header step that is not its file's, scored tokens
+    past the tokens, a batch without logp) was read from an archive whose index says so, its
+    checksums valid: a scalar step with 12 tokens, -1 scored tokens, steps out of order. Each
+    is an unreadable finding of that step, which is skipped."""
+    archive = edit_archive(tmp_path, change)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = open_run(archive)
+        steps = [s.step for s in run.steps()]
+        findings = [f for f in run.integrity.findings if f.kind == "unreadable"]
+    assert [(f.step, why in f.message) for f in findings] == [(step, True)], findings
+    assert step not in steps and len(steps) == 3
 
 
 @pytest.mark.parametrize("entry", ["manifest.json", "steps"])

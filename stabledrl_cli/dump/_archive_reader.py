@@ -42,6 +42,7 @@ from stabledrl_cli.dump._layout import (
 )
 from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import (
+    BATCH_FIELDS,
     FIELDS,
     MANIFEST_LIMIT,
     RUN_KIND,
@@ -390,7 +391,10 @@ class ArchiveRun(Run):
     def _mark_inconsistent_steps(self) -> None:
         """Marks the steps whose index entries disagree with each other or with the data
         datasets (a slice out of range, counts that disagree with offsets, a ragged shape that
-        does not match its slice, a repeated or negative step number); each is a finding."""
+        does not match its slice, a repeated, negative or descending step number, scored tokens
+        past the tokens, a step scalar that is not the step's number, a batch without one of its
+        required fields, a step without a batch that counts tokens: what a step file's header
+        may not say either); each is a finding."""
         count, handle = len(self._numbers), self._file
         reasons: dict[int, str] = {}
 
@@ -405,6 +409,30 @@ class ArchiveRun(Run):
         unique[first] = True
         mark(~unique, "its step number repeats an earlier step's")
         mark(self._numbers < 0, "a negative step number")
+        below = np.zeros(count, dtype=bool)  # pack writes the steps ascending
+        below[1:] = self._numbers[1:] < np.maximum.accumulate(self._numbers)[:-1]
+        mark(below, "its step number is below an earlier step's")
+        tokens, scored = self._counts["num_tokens"], self._counts["num_scored_tokens"]
+        for at in np.flatnonzero((scored < 0) | (scored > tokens)):
+            reasons.setdefault(int(at), f"{scored[at]} scored tokens of {tokens[at]}")
+        if "step" in self._scalar_values:
+            said = self._scalar_values["step"]
+            for at in np.flatnonzero(
+                self._scalar_recorded["step"] & (said != self._numbers.astype(np.float64))
+            ):
+                reasons.setdefault(int(at), f"its step scalar says {said[at]:g}")
+        absent = np.zeros(count, dtype=bool)
+        batch = np.zeros(count, dtype=bool)
+        for name in BATCH_FIELDS:
+            batch |= self._present.get(name, absent)
+        for name, spec in FIELDS.items():
+            if spec.required:
+                mark(
+                    batch & ~self._present.get(name, absent),
+                    f"required field {name} is missing",
+                )
+        counted = (tokens != 0) | (self._counts["num_sequences"] != 0) | (scored != 0)
+        mark(~batch & counted, "a step without a batch counts tokens")
         for group, names, counts in (
             ("tokens", TOKEN_FIELDS, self._counts["num_tokens"]),
             ("sequences", SEQUENCE_FIELDS, self._counts["num_sequences"]),
