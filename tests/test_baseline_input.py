@@ -79,3 +79,19 @@ def test_an_integer_past_a_double_exits_3_naming_the_field(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert f"{'.'.join(path)} must be a finite number" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("value", [1, 0.5, -3])
+def test_a_baseline_spike_factor_of_at_most_one_exits_3_naming_it(
+    tmp_path: Path, value: float
+) -> None:
+    """A baseline's replay.spike_factor of 1 or less was taken for the user's own: the line
+    said '--spike-factor must be a finite number > 1', exit 2, for an option never given."""
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(_baseline_with(("replay", "spike_factor"), value)))
+    result = CliRunner().invoke(app, ["check", str(FIXTURE), "--baseline", str(baseline)])
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(baseline) in lines[0], result.stderr
+    assert "replay.spike_factor must be a finite number > 1" in lines[0], lines[0]
+    assert "--spike-factor" not in lines[0]

@@ -252,8 +252,13 @@ def _settings(replay: object, where: str) -> ReplaySettings:
         for key in ("window", "collapse_window")
         if key in replay or key == "window"
     }
+    spike_factor = _number(replay, "spike_factor", f"{where}: replay")
+    if not spike_factor > 1:  # else the replay's own check names --spike-factor, exit 2
+        raise InputError(
+            f"{where}: replay.spike_factor must be a finite number > 1, got {spike_factor:g}"
+        )
     return ReplaySettings(
-        spike_factor=_number(replay, "spike_factor", f"{where}: replay"),
+        spike_factor=spike_factor,
         window=windows["window"],
         drift_threshold=_number(replay, "drift_threshold", f"{where}: replay"),
         collapse_window=windows.get("collapse_window", DEFAULT_COLLAPSE_WINDOW),
