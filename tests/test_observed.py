@@ -247,3 +247,16 @@ def test_logratio_moments_leave_out_non_finite_entries_silently():
         count, mean, m2 = logratio_moments(logp, logp_old, mask)
     assert (count, mean, m2) == (2, 0.75, 0.125)
     assert logratio_moments(logp[:1], logp_old[:1], mask[:1]) == (0, 0.0, 0.0)
+
+
+def test_a_spike_threshold_past_the_float_range_flags_nothing_and_warns_nothing():
+    """A recorded grad norm near float64's largest (1.7e308, finite) made `factor * median`
+    overflow: numpy's 'overflow encountered in multiply' RuntimeWarning reached the stderr of
+    replay, inspect, check and watch. A threshold past the range is exceeded by no value."""
+    huge = 1.7976931348623157e308
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steady = spike_flags(np.full(30, huge), factor=10.0)
+        jump = spike_flags(np.array([1.0] * 10 + [huge]), factor=10.0)
+    assert not steady.any()
+    assert jump.tolist() == [False] * 10 + [True]

@@ -70,14 +70,18 @@ def spike_flags(
     if finite.shape[0] <= min_history:
         return flags
     medians = np.full(finite.shape[0], np.nan)
-    # Short histories (fewer than `history` values before) one by one; full ones vectorized.
-    for k in range(min_history, min(history, finite.shape[0])):
-        medians[k] = np.median(finite[:k])
-    if finite.shape[0] > history:
-        windows = sliding_window_view(finite[:-1], history)  # windows[j] = finite[j : j + history]
-        medians[history:] = np.median(windows, axis=1)
-    checked = ~np.isnan(medians)
-    flags[finite_index[checked]] = finite[checked] > factor * medians[checked]
+    # Values near float64's largest make a median (the mean of two middle values) or its
+    # threshold overflow to inf: a threshold past the range, which no value exceeds.
+    with np.errstate(over="ignore"):
+        # Short histories (fewer than `history` values before) one by one; full ones vectorized.
+        for k in range(min_history, min(history, finite.shape[0])):
+            medians[k] = np.median(finite[:k])
+        if finite.shape[0] > history:
+            # windows[j] = finite[j : j + history]
+            windows = sliding_window_view(finite[:-1], history)
+            medians[history:] = np.median(windows, axis=1)
+        checked = ~np.isnan(medians)
+        flags[finite_index[checked]] = finite[checked] > factor * medians[checked]
     return flags
 
 
