@@ -260,3 +260,17 @@ def test_a_spike_threshold_past_the_float_range_flags_nothing_and_warns_nothing(
         jump = spike_flags(np.array([1.0] * 10 + [huge]), factor=10.0)
     assert not steady.any()
     assert jump.tolist() == [False] * 10 + [True]
+
+
+def test_recorded_series_stats_of_values_near_the_float_range_are_finite():
+    """inspect's and check's mean and median of a recorded series whose values are near
+    float64's largest overflowed their sum: inf for finite values, and numpy's 'overflow
+    encountered in reduce' RuntimeWarning on stderr."""
+    from stabledrl_cli.replay.recorded import series_stats
+
+    huge = 1.7976931348623157e308
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = series_stats(np.array([huge, 1.0, huge, huge], dtype=np.float64))
+    assert stats.mean == pytest.approx(0.75 * huge, rel=1e-12)
+    assert stats.median == huge and stats.max == huge and stats.min == 1.0

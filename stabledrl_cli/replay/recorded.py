@@ -9,7 +9,9 @@ first, last, min, max, mean, median (None when there is none); `nonfinite` count
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -54,9 +56,20 @@ def series_stats(values: np.ndarray) -> SeriesStats:
         last=float(finite[-1]) if some else None,
         min=float(finite.min()) if some else None,
         max=float(finite.max()) if some else None,
-        mean=float(finite.mean()) if some else None,
-        median=float(np.median(finite)) if some else None,
+        mean=_in_range(np.mean, finite) if some else None,
+        median=_in_range(np.median, finite) if some else None,
     )
+
+
+def _in_range(statistic: Callable[[np.ndarray], Any], finite: np.ndarray) -> float:
+    """`statistic` (a mean or median) of finite values; when values near float64's largest
+    overflow its sum, the same of the values divided by their count, times it: a sum of
+    those stays in range, and the statistic is finite, as every value is."""
+    with np.errstate(over="ignore"):
+        value = float(statistic(finite))
+    if np.isfinite(value):
+        return value
+    return float(statistic(finite / finite.size)) * finite.size
 
 
 @dataclass(frozen=True, kw_only=True)
