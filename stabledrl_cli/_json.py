@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -53,17 +54,37 @@ def has_lone_surrogate(raw: bytes | str, value: object) -> bool:
     return False
 
 
+class _LongInteger(ValueError):
+    """An integer past the digits Python converts (`sys.get_int_max_str_digits`)."""
+
+
+def _integer(text: str) -> int:
+    """A JSON integer; _LongInteger past Python's digit limit (its own message is a hint to
+    call sys.set_int_max_str_digits, meant for code, not for the user of a command)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise _LongInteger(
+            f"an integer of {len(text.lstrip('-'))} digits (at most "
+            f"{sys.get_int_max_str_digits()} are read)"
+        ) from None
+
+
 def parse_strict(raw: bytes | str, where: str, what: str, *, allow_nan: bool = False) -> object:
     """Strict JSON (no NaN or Infinity unless `allow_nan`: Python's own writers emit them) of an
     input file; InputError (exit 3) naming `where` and `what` for text that is not JSON, nests
     past the parser's depth or holds a lone surrogate (`has_lone_surrogate`)."""
     try:
-        value = json.loads(raw, parse_constant=None if allow_nan else _no_constant)
+        value = json.loads(
+            raw, parse_constant=None if allow_nan else _no_constant, parse_int=_integer
+        )
         lone = has_lone_surrogate(raw, value)
     except RecursionError:
         raise InputError(
             f"{where}: unreadable {what}: not valid JSON (nested too deeply)"
         ) from None
+    except _LongInteger as exc:
+        raise InputError(f"{where}: unreadable {what}: {exc}") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{where}: unreadable {what}: not valid JSON ({exc})") from None
     if lone:

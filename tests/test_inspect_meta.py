@@ -80,3 +80,19 @@ def test_an_integer_past_a_float_s_range_in_meta_is_shown_exactly(tmp_path: Path
     data = CliRunner().invoke(app, ["inspect", str(run), "--format", "json"])
     assert data.exit_code == 0, data.output
     assert json.loads(data.stdout)["meta"]["big"] == 10**400
+
+
+def test_an_integer_past_python_s_digit_limit_is_named_not_a_python_hint(tmp_path: Path) -> None:
+    """A manifest integer of 5000 digits (past the 4300 Python converts) was reported as 'not
+    valid JSON (Exceeds the limit (4300 digits) for integer string conversion ...; use
+    sys.set_int_max_str_digits() to increase the limit)': a hint for Python code, not for the
+    user of a command. The line says what the number is and the bound."""
+    run = _recorded(tmp_path / "run", {"big": 1})
+    manifest = run / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"big": 1', '"big": ' + "9" * 5000))
+    result = CliRunner().invoke(app, ["inspect", str(run)])
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(manifest) in lines[0], result.stderr
+    assert "an integer of 5000 digits (at most 4300 are read)" in lines[0], lines[0]
+    assert "sys.set_int_max_str_digits" not in lines[0]
