@@ -95,3 +95,14 @@ def test_a_baseline_spike_factor_of_at_most_one_exits_3_naming_it(
     assert len(lines) == 1 and str(baseline) in lines[0], result.stderr
     assert "replay.spike_factor must be a finite number > 1" in lines[0], lines[0]
     assert "--spike-factor" not in lines[0]
+
+
+def test_a_baseline_that_is_a_directory_exits_3_naming_it(tmp_path: Path) -> None:
+    """open() of the directory's descriptor failed before its type was checked: the line read
+    'error: 3: Is a directory', naming a file descriptor instead of the path."""
+    folder = tmp_path / "baseline.json"
+    folder.mkdir()
+    result = CliRunner().invoke(app, ["check", str(FIXTURE), "--baseline", str(folder)])
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"error: {folder}: the baseline is not a regular file"], result.stderr
