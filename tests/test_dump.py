@@ -15,7 +15,7 @@ import torch
 from _cli import run_cli
 
 import stabledrl_cli as sd
-from stabledrl_cli.dump import RunIntegrityWarning, _stfile
+from stabledrl_cli.dump import RunIntegrityWarning, _stfile, pack_run
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 
 
@@ -371,6 +371,20 @@ def test_a_scalar_name_that_is_not_unicode_is_refused_not_written_unreadable(tmp
         rec.log_step(0, **_flat(), scalars={"acc_\u00e9": 1.0})
     run = sd.open_run(tmp_path / "run")
     assert run.integrity.findings == [] and run.step(0).scalars["acc_\u00e9"] == 1.0
+
+
+def test_what_the_readers_or_pack_refuse_is_refused_when_recorded(tmp_path):
+    """A scalar name holding a NUL (pack cannot write it: HDF5 ends a name there) and a
+    sketch of no columns (a reader skips its step: it measures no update) were recorded;
+    each is now refused by log_step, and the run goes on and packs."""
+    with sd.Recorder(tmp_path / "run") as rec:
+        with pytest.raises(UsageError, match="holds a NUL character"):
+            rec.log_step(0, **_flat(), scalars={"acc\x00b": 1.0})
+        with pytest.raises(UsageError, match="k >= 1"):
+            rec.log_step(0, **_flat(), unit_grad_sketch=np.zeros((4, 0), np.float32))
+        rec.log_step(0, **_flat(), scalars={"acc": 1.0})
+    pack_run(sd.open_run(tmp_path / "run"), tmp_path / "run.h5")
+    assert sd.open_run(tmp_path / "run.h5").step(0).scalars["acc"] == 1.0
 
 
 def test_step_numbers_and_constructor_are_checked(tmp_path):

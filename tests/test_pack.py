@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from _corpus import edit_header
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -632,12 +633,14 @@ def test_pack_refuses_any_entry_named_out_and_force_writes_it_in_place(rich_run,
 
 
 @pytest.mark.parametrize(
-    "scalars", [{"a\x00b": 1.0}, {"a\x00b": 1.0, "a": 2.0}], ids=["nul", "nul_and_its_prefix"]
+    "scalars", [{"a#b": 1.0}, {"a#b": 1.0, "a": 2.0}], ids=["nul", "nul_and_its_prefix"]
 )
 def test_a_scalar_name_hdf5_cannot_hold_is_refused_not_renamed(tmp_path, scalars):
-    """A Recorder takes a scalar name with a NUL character; HDF5 ends a name there, so pack
-    stored 'a\\x00b' as 'a' (the archive read back another scalar, exit 0) and, beside a
-    scalar 'a', failed with 'name already exists' (exit 70). Pack refuses it, exit 3."""
+    """A scalar name with a NUL character (which a Recorder of this version refuses, and an
+    older one wrote; here the '#' of a recorded name is made a NUL in the step's header):
+    HDF5 ends a name there, so pack stored 'a\\x00b' as 'a' (the archive read back another
+    scalar, exit 0) and, beside a scalar 'a', failed with 'name already exists' (exit 70).
+    Pack refuses it, exit 3."""
     path = tmp_path / "run"
     with sd.Recorder(path, policy="grpo") as rec:
         rec.log_step(
@@ -647,6 +650,12 @@ def test_a_scalar_name_hdf5_cannot_hold_is_refused_not_renamed(tmp_path, scalars
             advantages=np.ones(1, np.float32),
             scalars=scalars,
         )
+
+    def with_nul(header: dict) -> None:
+        meta = header["__metadata__"]
+        meta["a\x00b"] = meta.pop("a#b")
+
+    edit_header(path, 0, with_nul)
     out = tmp_path / "run.h5"
     result = runner.invoke(app, ["pack", str(path), str(out)])
     assert result.exit_code == 3, result.stderr

@@ -277,9 +277,10 @@ def _batch_tensors(
                 )
         else:
             sketch = _float_array(sketch, "unit_grad_sketch")
-        if sketch.ndim != 2 or sketch.shape[0] != num_tokens:
+        if sketch.ndim != 2 or sketch.shape[0] != num_tokens or sketch.shape[1] == 0:
             raise UsageError(
-                f"unit_grad_sketch: expected [U, k] with U = {num_tokens}, got {list(sketch.shape)}"
+                f"unit_grad_sketch: expected [U, k] with U = {num_tokens} and k >= 1, "
+                f"got {list(sketch.shape)}"
             )
         tensors["unit_grad_sketch"] = sketch
     return tensors, num_sequences
@@ -303,6 +304,8 @@ def _step_scalars(
             name.encode("utf-8")
         except UnicodeEncodeError:
             raise UsageError(f"scalars: name {name!r} is not Unicode (a lone surrogate)") from None
+        if "\x00" in name:  # HDF5 ends a name there: the run could not be packed
+            raise UsageError(f"scalars: name {name!r} holds a NUL character")
         if name in STANDARD_SCALARS and name != "unit_grad_sketch_scale":
             how = f"pass it as {name}=" if name in scalars else "it is set by the Recorder"
             raise UsageError(f"scalars: {name!r} is a standard scalar; {how}")
