@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, quoted
 
 
 def json_safe(value: Any) -> Any:
@@ -70,20 +70,41 @@ def _integer(text: str) -> int:
         ) from None
 
 
+class _RepeatedKey(ValueError):
+    """A key given twice in one JSON object."""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; _RepeatedKey when a key repeats (Python's parser keeps the last value,
+    other parsers the first: which one the writer meant is not known)."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(f"the key {quoted(key)} appears twice in one object")
+            seen.add(key)
+    return value
+
+
 def parse_strict(raw: bytes | str, where: str, what: str, *, allow_nan: bool = False) -> object:
     """Strict JSON (no NaN or Infinity unless `allow_nan`: Python's own writers emit them) of an
     input file; InputError (exit 3) naming `where` and `what` for text that is not JSON, nests
-    past the parser's depth or holds a lone surrogate (`has_lone_surrogate`)."""
+    past the parser's depth, repeats a key in an object or holds a lone surrogate
+    (`has_lone_surrogate`)."""
     try:
         value = json.loads(
-            raw, parse_constant=None if allow_nan else _no_constant, parse_int=_integer
+            raw,
+            parse_constant=None if allow_nan else _no_constant,
+            parse_int=_integer,
+            object_pairs_hook=_object,
         )
         lone = has_lone_surrogate(raw, value)
     except RecursionError:
         raise InputError(
             f"{where}: unreadable {what}: not valid JSON (nested too deeply)"
         ) from None
-    except _LongInteger as exc:
+    except (_LongInteger, _RepeatedKey) as exc:
         raise InputError(f"{where}: unreadable {what}: {exc}") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{where}: unreadable {what}: not valid JSON ({exc})") from None

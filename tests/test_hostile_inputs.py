@@ -459,3 +459,24 @@ def test_a_run_path_with_brackets_prints_as_written(tmp_path: Path) -> None:
             result = runner.invoke(app, args, env={"COLUMNS": "400"})
             assert result.exit_code == 0, (args, result.stderr)
             assert str(run) in result.stdout + result.stderr, args
+
+
+def test_a_key_given_twice_in_a_json_input_is_refused(tmp_path: Path) -> None:
+    """`{"format": "other", ..., "format": "stabledrl-run"}`: Python's parser kept the last
+    value and read the run; other parsers keep the first. A manifest, a baseline and an
+    imported JSON line with a repeated key are each refused, exit 3 naming the key."""
+    run = tiny_run(tmp_path / "run")
+    manifest = run / "manifest.json"
+    manifest.write_text('{"format": "other", ' + manifest.read_text()[1:])
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text('{"schema": "x", "schema": "y"}')
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5, "loss": 0.25}\n')
+    for args, key in (
+        (["inspect", str(run)], "format"),
+        (["check", str(tiny_run(tmp_path / "good")), "-b", str(baseline)], "schema"),
+        (["import", str(log), "--out", str(tmp_path / "imported")], "loss"),
+    ):
+        result = runner.invoke(app, args)
+        _assert_clean_failure(result.exit_code, result.stderr, 3)
+        assert f"the key '{key}' appears twice in one object" in result.stderr, result.stderr
