@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sys
 import warnings
@@ -800,3 +801,14 @@ def test_per_rank_ids_that_outgrow_their_dtype_across_ranks_are_refused(tmp_path
     assert replayed.returncode == 3, replayed.stderr
     lines = [x for x in replayed.stderr.splitlines() if not x.startswith("replaying: ")]
     assert len(lines) == 1 and "no step could be read" in lines[0] and "int32 range" in lines[0]
+
+
+def test_a_float64_past_float32s_range_is_recorded_as_inf_without_a_numpy_warning(tmp_path):
+    """numpy printed 'RuntimeWarning: overflow encountered in cast' on the training's stderr,
+    naming neither field nor step; the value is stored as inf and the step counts it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with sd.Recorder(tmp_path / "run") as rec:
+            rec.log_step(0, **{**_flat(), "logp": np.array([1e300, 0, 0, 0])})
+    step = sd.open_run(tmp_path / "run").step(0)
+    assert step["logp"][0].item() == math.inf and step.scalars["nonfinite"] == 1.0

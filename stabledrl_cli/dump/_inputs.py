@@ -81,9 +81,14 @@ def _stored(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
 
 
 def _float_array(array: np.ndarray, field: str) -> np.ndarray:
+    """`array` in float32. A float64 value past float32's range is stored as inf, as a
+    training's own float32 cast makes it, and counts in the step's `nonfinite`; numpy's
+    overflow warning, which names neither the field nor the step, is not printed on the
+    training's stderr."""
     if array.dtype.kind not in _FLOAT_KINDS:
         raise UsageError(f"{field}: expected a floating dtype, got {array.dtype}")
-    return _stored(array, _FLOAT32)
+    with np.errstate(over="ignore"):
+        return _stored(array, _FLOAT32)
 
 
 def _int_array(array: np.ndarray, field: str, dtype: str, *, index: bool = True) -> np.ndarray:
