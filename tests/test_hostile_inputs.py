@@ -480,3 +480,18 @@ def test_a_key_given_twice_in_a_json_input_is_refused(tmp_path: Path) -> None:
         result = runner.invoke(app, args)
         _assert_clean_failure(result.exit_code, result.stderr, 3)
         assert f"the key '{key}' appears twice in one object" in result.stderr, result.stderr
+
+
+def test_a_run_path_with_an_emoji_code_prints_as_written(tmp_path: Path) -> None:
+    """Paths are text, never rich emoji codes: a run under `a:x:b` was named `a❌b` in
+    inspect's and replay's tables and in the error line of a missing run."""
+    run = tmp_path / "a:x:b" / "run"
+    shutil.copytree(ROOT / "fixtures" / "grpo", run)
+    for args in (["replay", str(run), "-p", "grpo", "--device", "cpu"], ["inspect", str(run)]):
+        result = runner.invoke(app, args, env={"COLUMNS": "400"})
+        assert result.exit_code == 0, (args, result.stderr)
+        assert str(run) in result.stdout + result.stderr, args
+        assert "\N{CROSS MARK}" not in result.stdout + result.stderr, args
+    missing = runner.invoke(app, ["inspect", str(tmp_path / "b:x:c")])
+    assert missing.exit_code == 3
+    assert missing.stderr.strip() == f"error: no such run: {tmp_path / 'b:x:c'}"

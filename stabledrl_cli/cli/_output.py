@@ -74,10 +74,11 @@ class _DataConsole(_LiveConsole):
 
 
 # Consoles resolve sys.stdout / sys.stderr at print time, so CliRunner captures them. Strings
-# are text, never rich markup: they carry paths, specs and recorded names ("runs/lr[1e-5]",
-# "[/x]" would be eaten or crash); the few styled lines pass markup=True and escape the rest.
-out = _DataConsole(soft_wrap=True, markup=False)
-err = _LiveConsole(stderr=True, soft_wrap=True, markup=False)
+# are text, never rich markup nor emoji codes: they carry paths, specs and recorded names
+# ("runs/lr[1e-5]", "[/x]" would be eaten or crash, "a:x:b" would print an emoji); the few
+# styled lines pass markup=True and escape the rest (rich's escape leaves emoji codes alone).
+out = _DataConsole(soft_wrap=True, markup=False, emoji=False)
+err = _LiveConsole(stderr=True, soft_wrap=True, markup=False, emoji=False)
 
 
 class OutputFormat(str, Enum):
