@@ -389,3 +389,25 @@ def test_a_replay_that_does_not_verify_counts_what_it_skips_and_reads_each_file_
     assert unverified.steps == 4 and [r[:12] for r in unverified.skipped] == ["step 3: torn"]
     names = [f"step-{n:08d}.safetensors" for n in range(5)]
     assert opened() == {names[0]: 2, **dict.fromkeys(names[1:], 1)}
+
+
+def test_a_rank_recorded_with_another_world_size_is_not_joined(tmp_path):
+    """A rank whose Recorder was given another world_size than the run's (a launcher's
+    WORLD_SIZE 3 for a 2-rank run) says so in its files' headers: each of its steps is
+    skipped as unreadable, naming both, instead of joined silently with rank 0's part."""
+    run = tmp_path / "run"
+    for rank, world_size in ((0, 2), (1, 3)):
+        with sd.Recorder(run, world_size=world_size, rank=rank) as rec:
+            for step in range(2):
+                logp = -np.ones((2, 3), np.float32)
+                rec.log_step(step, logp=logp, logp_old=logp, advantages=np.ones(2, np.float32))
+    result = CliRunner().invoke(app, ["inspect", str(run), "-f", "json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["steps"] == 0
+    messages = [f["message"] for f in report["integrity"]["findings"]]
+    assert messages == [
+        f"step {n}: unreadable: its header says rank 1 of world_size 3, its file name rank 1 "
+        "of the run's world_size 2"
+        for n in (0, 1)
+    ]

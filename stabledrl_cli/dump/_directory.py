@@ -45,7 +45,9 @@ from stabledrl_cli.dump._schema import (
     META_FORMAT,
     META_NUM_SEQUENCES,
     META_NUM_TOKENS,
+    META_RANK,
     META_SCORED_TOKENS,
+    META_WORLD_SIZE,
     SCALAR_STEP_VERSION,
     STEP_FILE_RE,
     STEP_LIMIT,
@@ -487,15 +489,26 @@ class DirectoryRun(Run):
             return _Entry(path, reason=reason or "not a step file of this run")
         return _Entry(path, step=final[0], rank=final[1])
 
-    def _record(self, header: StepHeader, step: int, version: tuple[int, int]) -> _HeaderRecord:
+    def _record(
+        self, header: StepHeader, step: int, rank: int, version: tuple[int, int]
+    ) -> _HeaderRecord:
         """What the Step is built from; StepReadError for a header that disagrees with its
-        file name (step), with itself (counts, shapes, dtypes), or a step with no tokens (a
-        scalar step, with no batch field at all, has none: from format 1.2 on)."""
+        file name (step, rank) or the manifest (world_size: a rank recorded with another one
+        is not a part of this run's steps), with itself (counts, shapes, dtypes), or a step
+        with no tokens (a scalar step, with no batch field at all, has none: from format 1.2
+        on)."""
         metadata = header.metadata
         scalars = _parse_scalars(metadata)
         if "step" in scalars and scalars["step"] != float(step):
             raise StepReadError(
                 "unreadable", f"its header says step {metadata['step']}, its file name {step}"
+            )
+        said = (metadata.get(META_RANK, str(rank)), metadata.get(META_WORLD_SIZE))
+        if said[0] != str(rank) or said[1] not in (None, str(self.world_size)):
+            raise StepReadError(
+                "unreadable",
+                f"its header says rank {said[0]} of world_size {said[1]}, its file name rank "
+                f"{rank} of the run's world_size {self.world_size}",
             )
         tokens = _count(metadata, META_NUM_TOKENS)
         sequences = _count(metadata, META_NUM_SEQUENCES)
@@ -551,7 +564,9 @@ class DirectoryRun(Run):
                     parsed = check_readable_version(version, path.name)
                 except InputError as exc:
                     raise StepReadError("unreadable", str(exc)) from None
-                record = self._record(header, step, parsed)
+                final = canonical_step(path.name)
+                rank = final[1] if final is not None else 0
+                record = self._record(header, step, rank, parsed)
         except StepReadError as exc:
             self._checked[path.name] = _Checked(key, True, (exc.kind, str(exc)))
             raise
