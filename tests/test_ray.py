@@ -391,3 +391,22 @@ def test_the_api_takes_an_engine_by_its_cli_name(synthetic):
         UsageError, match="engine must be 'local', 'processes', 'ray' or an engine object"
     ):
         replay(synthetic, ["grpo"], device="cpu", engine="dask")  # type: ignore[arg-type]
+
+
+def test_a_local_cluster_that_fails_to_start_is_a_usage_error(synthetic, monkeypatch):
+    """Ray raises a bare Exception when its node does not start in time (a raylet killed or
+    too slow on a loaded machine): one line, exit 2 as for a cluster that cannot be joined,
+    not exit 70's 'internal error ... please report it'."""
+    ray = pytest.importorskip("ray", reason=NO_RAY)
+    timed_out = "The current node timed out during startup."
+
+    def failing_init(*args: object, **kwargs: object) -> None:
+        raise Exception(timed_out)  # Ray's own type for it
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", failing_init)
+    result = runner.invoke(app, ["replay", str(synthetic), "--engine", "ray", "--workers", "1"])
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot start or join the Ray cluster (a new local cluster): {timed_out}"
+    ]

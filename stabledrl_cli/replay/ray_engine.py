@@ -138,7 +138,7 @@ def _cluster(ray: ModuleType, address: str | None, workers: int | None) -> Itera
                 _require_reachable(address)
             try:
                 ray.init(address=address, **options)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
+            except Exception as exc:  # Ray's own errors include a bare Exception (node start)
                 where = "a new local cluster" if address == "local" else address
                 raise UsageError(f"cannot start or join the Ray cluster ({where}): {exc}") from None
             started = True
