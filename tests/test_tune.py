@@ -60,6 +60,9 @@ def test_linear_log_list_and_product_grids():
         ("stabledrl:size=1..2:3", "unknown key 'size'"),
         ("ppo:eps_low=0.1..0.2:100,eps_high=0.1..0.2:100", f"at most {MAX_SETTINGS}"),
         ("ppo:eps_low", "expected NAME:key=LOW..HIGH:N"),
+        # a point count past Python's int-conversion digit limit: was exit 70 (ValueError)
+        ("stabledrl:c=2..5:" + "9" * 5000, "2 to 1024 points, got a 5000-digit number"),
+        ("stabledrl:c=2..5:0001025", "2 to 1024 points, got 1025"),
         ("clip-cov:seed=x|2", "seed expects a number, got 'x'"),
         ("clip-cov:seed=1_0|2", "seed expects a number, got '1_0'"),
         ("clip-cov:seed=1e400|2", "seed expects a finite number, got '1e400'"),
@@ -68,6 +71,27 @@ def test_linear_log_list_and_product_grids():
 def test_bad_sweeps_are_usage_errors(sweep, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         expand(sweep)
+
+
+def test_many_sweeps_stop_at_the_settings_bound(monkeypatch):
+    """Sweeps past the bound in all are refused once the bound is passed, not after every
+    sweep is expanded (each sweep is bounded, their number only by the command line: 20
+    sweeps of 4096 settings took 10 s before the refusal)."""
+    import stabledrl_cli.tune.grid as grid
+
+    calls = 0
+    resolve = grid.resolve_spec
+
+    def counting(text: str) -> object:
+        nonlocal calls
+        calls += 1
+        return resolve(text)
+
+    monkeypatch.setattr(grid, "resolve_spec", counting)
+    sweeps = [f"ppo:eps_low=0.{i}..0.9:64,eps_high=0.{i}..0.9:64" for i in range(1, 4)]
+    with pytest.raises(UsageError, match=f"more than {MAX_SETTINGS} settings in all"):
+        expand_all(sweeps)
+    assert calls == 2 * MAX_SETTINGS
 
 
 @pytest.fixture(scope="module")

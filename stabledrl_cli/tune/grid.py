@@ -43,9 +43,11 @@ def grid_values(text: str, where: str) -> list[str]:
         return values
     low = finite_number(where, match["low"])
     high = finite_number(where, match["high"])
-    count = int(match["n"])
-    if not 2 <= count <= MAX_POINTS:
-        raise UsageError(f"{where}: a grid takes 2 to {MAX_POINTS} points, got {count}")
+    digits = match["n"].lstrip("0") or "0"
+    if len(digits) > len(str(MAX_POINTS)) or not 2 <= int(digits) <= MAX_POINTS:
+        shown = digits if len(digits) <= 12 else f"a {len(digits)}-digit number"
+        raise UsageError(f"{where}: a grid takes 2 to {MAX_POINTS} points, got {shown}")
+    count = int(digits)
     if not low < high:
         raise UsageError(f"{where}: a grid runs from low to high, got {quoted(text)}")
     if match["log"]:
@@ -108,9 +110,14 @@ def expand(sweep: str) -> list[str]:
 
 def expand_all(sweeps: Sequence[str]) -> list[str]:
     """Every sweep's settings, in order, each policy once."""
-    specs = list(dict.fromkeys(s for sweep in sweeps for s in expand(sweep)))
+    specs: dict[str, None] = {}
+    for sweep in sweeps:  # each sweep is bounded: stop at the first that passes the bound
+        specs.update(dict.fromkeys(expand(sweep)))
+        if len(specs) > MAX_SETTINGS:
+            raise UsageError(
+                f"the sweeps hold more than {MAX_SETTINGS} settings in all; tune takes at most "
+                f"{MAX_SETTINGS}"
+            )
     if not specs:
         raise UsageError(f"no setting to tune: give -p SWEEP ({SWEEP_SYNTAX})")
-    if len(specs) > MAX_SETTINGS:
-        raise UsageError(f"{len(specs)} settings in all; at most {MAX_SETTINGS}")
-    return specs
+    return list(specs)
