@@ -139,6 +139,18 @@ def test_a_run_with_no_step_after_the_checkpoint_exits_3_before_training(recorde
     assert not (run / "branches").exists()
 
 
+def test_the_table_and_its_legend_fit_80_columns(recorded, tmp_path):
+    """The legend under the table was one 600-character line at COLUMNS=80, and the table's
+    title (which names the run) a line as long as the run's path."""
+    args = ["branch", str(recorded), "--at", "8", "-p", "grpo", "--rl-steps", "2"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80, result.stdout
+    assert "n/a when partial, as the two would judge different spans" in " ".join(
+        result.stdout.split()
+    )
+
+
 def test_a_replay_that_covers_part_of_the_branch_says_so_and_does_not_judge(recorded, tmp_path):
     """The original holds steps 8-9 only from the checkpoint on, the branch trains 8-15: the
     replay covers 2 of its 8 steps. It reported `agree: true` comparing the two spans."""

@@ -24,6 +24,7 @@ from stabledrl_cli.cli.replay import note_skipped
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay._format import format_steps
 from stabledrl_cli.replay.config import MAX_THREADS
+from stabledrl_cli.replay.report import print_legend, print_title
 
 LIST_LIMIT = 8
 """Step lists longer than this are cut in the table (JSON has them all)."""
@@ -181,5 +182,7 @@ def command(
     if output_format == "json":
         print_json(report.to_dict())
         return
-    out.print(_table(report))
-    out.print(LEGEND, highlight=False)
+    table = _table(report)
+    print_title(table, out)  # a long run path wraps, above the table
+    out.print(table)
+    print_legend([LEGEND], out)
