@@ -254,6 +254,43 @@ def test_a_checkpoint_whose_state_does_not_fit_the_model_exits_3(recorded, tmp_p
     assert not (run / "branches").exists()  # refused before a branch run is opened
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"group_size": 2.5}, "setting group_size is not an integer (a float)"),
+        ({"seed": 1.5}, "setting seed is not an integer (a float)"),
+        ({"mu": True}, "setting mu is not an integer (a bool)"),
+        ({"same_mask": "yes"}, "setting same_mask is not true or false (a str)"),
+        ({"unit": 3}, "setting unit is not a string (a int)"),
+        ({"lr": -1.0}, "settings the example cannot take (lr must be a finite number > 0"),
+        ({"unit": "word"}, "settings the example cannot take (unit must be one of"),
+        ({"digits": None}, "setting digits is not an integer (a NoneType)"),
+        ({"colour": 1}, "settings this version cannot use (unknown 'colour')"),
+        ({"mu": None, "-": "mu"}, "settings this version cannot use (missing mu)"),
+        ({7: 1}, "settings this version cannot use (unknown '7')"),
+    ],
+)
+def test_a_checkpoint_with_settings_the_example_cannot_take_exits_3(
+    recorded, tmp_path, change, message
+):
+    """A checkpoint is data: its settings of another type or out of range were an internal
+    error (exit 70: `manual_seed expected a long`, `repeat_interleave` on a float) or a usage
+    error (exit 2) that did not name the checkpoint; a boolean mu or a string same_mask ran."""
+    run = tmp_path / "spoilt"
+    shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
+    path = checkpoints_dir(run) / "step-00000008.pt"
+    state = torch.load(path, weights_only=True)
+    state["config"].update({k: v for k, v in change.items() if k != "-"})
+    state["config"].pop(change.get("-", ""), None)
+    torch.save(state, path)
+    args = ["branch", str(run), "--at", "8", "-p", "grpo", "--rl-steps", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 3, result.output
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and error[0].startswith(f"error: {path}: {message}"), error
+    assert not (run / "branches").exists()
+
+
 def test_the_example_honours_the_environment_in_a_process_of_its_own(recorded, tmp_path):
     request = BranchRequest(
         checkpoint=checkpoints_dir(recorded) / "step-00000016.pt",

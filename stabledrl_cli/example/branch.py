@@ -3,13 +3,14 @@ branch from a checkpoint under another policy and record it as a run of its own.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from dataclasses import replace
 
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.capture.branch_protocol import BranchRequest
 from stabledrl_cli.dump import Recorder
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, UsageError, quoted
 from stabledrl_cli.example.checkpoint import load_checkpoint
 from stabledrl_cli.example.config import ExampleConfig
 from stabledrl_cli.example.trainer import (
@@ -20,16 +21,42 @@ from stabledrl_cli.example.trainer import (
     train,
 )
 from stabledrl_cli.policies import get_policy
+from stabledrl_cli.policies._spec import base_type
+
+_SETTING_TYPES: dict[object, tuple[tuple[type, ...], str]] = {
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    bool: ((bool,), "true or false"),
+}
+"""A setting's annotated type -> the Python types a checkpoint's value may have, in words (bool
+is an int to isinstance: only a bool setting takes one); a Literal or str setting: a string."""
 
 
 def branch_config(saved: dict[str, object], request: BranchRequest) -> ExampleConfig:
-    """The checkpoint's settings with the request's policy and end step (at + steps)."""
+    """The checkpoint's settings with the request's policy and end step (at + steps).
+
+    A checkpoint is data: settings that are unknown, missing, of another type or out of range
+    are an InputError (exit 3) naming it."""
+    where = request.checkpoint
+    hints = typing.get_type_hints(ExampleConfig)
+    unknown = [str(key) for key in saved if key not in hints]  # a key may be of any type
+    missing = [key for key in hints if key not in saved]
+    if unknown or missing:
+        what = [f"unknown {quoted(', '.join(unknown))}"] if unknown else []
+        what += [f"missing {', '.join(missing)}"] if missing else []
+        raise InputError(f"{where}: settings this version cannot use ({'; '.join(what)})")
+    for key, hint in hints.items():
+        value, kind = saved[key], base_type(hint)
+        allowed, name = _SETTING_TYPES.get(kind, ((str,), "a string"))
+        optional = kind is not hint and value is None
+        if not optional and (
+            not isinstance(value, allowed) or (kind is not bool and isinstance(value, bool))
+        ):
+            raise InputError(f"{where}: setting {key} is not {name} (a {type(value).__name__})")
     try:
         config = ExampleConfig(**saved)  # type: ignore[arg-type]
-    except TypeError as exc:
-        raise InputError(
-            f"{request.checkpoint}: settings this version does not know ({exc})"
-        ) from None
+    except UsageError as exc:
+        raise InputError(f"{where}: settings the example cannot take ({exc})") from None
     return replace(config, policy=request.policy, steps=request.at + request.steps)
 
 
