@@ -114,6 +114,25 @@ def test_skip_step_matches_olmo_core(window: int, sigma: float) -> None:
     assert any(expected)
 
 
+@pytest.mark.parametrize("spec", ["zclip:warmup=5", "zclip", "skip-step:window=6", "skip-step"])
+def test_norms_past_the_range_of_their_squares_decide_as_scaled_down_ones(spec: str) -> None:
+    """Finite norms and losses near float64's largest raised OverflowError (`fsum`, `x ** 2`):
+    exit 70 from `replay --guard`, an exception in the training loop from a `Guard`. Both
+    rules are scale-free: the same series times 2**1000 gets the same decisions."""
+    rng = random.Random(0)
+    norms = [1.0 + rng.random() for _ in range(300)]
+    norms[150] = norms[200] = 40.0
+    small, big = make_guard(spec), make_guard(spec)
+    acted = set()
+    for norm in norms:
+        a = small.update(norm, norm)
+        b = big.update(norm * 2.0**1000, norm * 2.0**1000)
+        assert (a.action, a.z is None) == (b.action, b.z is None)
+        assert (b.z or 0.0, b.scale) == pytest.approx((a.z or 0.0, a.scale), rel=1e-5)
+        acted.add(a.action)
+    assert acted == {"none", "skip" if spec.startswith("skip") else "clip"}
+
+
 def test_nonfinite_norms_are_reported_and_kept_out_of_the_statistics() -> None:
     norms = norms_with_spikes()
     with_nan = [*norms[:60], math.nan, math.inf, *norms[60:]]

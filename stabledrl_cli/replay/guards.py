@@ -100,6 +100,8 @@ class ZClip:
         self.alpha, self.z_thresh, self.warmup = alpha, z_thresh, warmup
         self.clip, self.clip_factor, self.max_norm, self.eps = clip, clip_factor, max_norm, eps
         self._buffer: list[float] = []
+        self._unit = 1.0
+        """The power of two the statistics are in: 1 unless a norm passed SCALE_ABOVE."""
         self.mean: float | None = None
         self.var: float | None = None
 
@@ -107,25 +109,36 @@ class ZClip:
         """The decision for the next step (loss is not used by ZClip)."""
         if not math.isfinite(grad_norm):
             return GuardDecision("nonfinite", 0.0, None, None)
+        if abs(grad_norm) > SCALE_ABOVE * self._unit:
+            self._rescale(_unit_of(grad_norm))
+        norm = grad_norm / self._unit  # the statistics are in units of self._unit
         if self.mean is None or self.var is None:
-            self._buffer.append(grad_norm)
+            self._buffer.append(norm)
             if len(self._buffer) >= self.warmup:
                 self.mean = sum(self._buffer) / len(self._buffer)
                 self.var = sum((x - self.mean) ** 2 for x in self._buffer) / len(self._buffer)
                 self._buffer = []
             return self._ceiling(grad_norm, None, None)
         std = math.sqrt(self.var)
-        z = (grad_norm - self.mean) / (std + self.eps)
+        z = (norm - self.mean) / (std + self.eps / self._unit)
         clip_to: float | None = None
         if z > self.z_thresh:
             if self.clip == "adaptive":
                 clip_to = (self.mean + self.z_thresh * std / (z / self.z_thresh)) * self.clip_factor
             else:
                 clip_to = self.mean
-        effective = clip_to if clip_to is not None else grad_norm
+        effective = clip_to if clip_to is not None else norm
         self.mean = self.alpha * self.mean + (1.0 - self.alpha) * effective
         self.var = self.alpha * self.var + (1.0 - self.alpha) * (effective - self.mean) ** 2
-        return self._ceiling(grad_norm, clip_to, z)
+        return self._ceiling(grad_norm, None if clip_to is None else clip_to * self._unit, z)
+
+    def _rescale(self, unit: float) -> None:
+        """Takes the statistics into units of `unit` (a larger power of two: exact)."""
+        factor = self._unit / unit
+        self._buffer = [x * factor for x in self._buffer]
+        if self.mean is not None and self.var is not None:
+            self.mean, self.var = self.mean * factor, self.var * factor * factor
+        self._unit = unit
 
     def _ceiling(self, grad_norm: float, clip_to: float | None, z: float | None) -> GuardDecision:
         limit = clip_to if clip_to is not None else math.inf
@@ -180,6 +193,10 @@ def _z(value: float, history: Iterable[float], min_history: int) -> float | None
     past = list(history)
     if len(past) + 1 < min_history:
         return None
+    largest = max(abs(value), *map(abs, past))
+    if largest > SCALE_ABOVE:  # a z-score is scale-free: taken in units where squares fit
+        unit = _unit_of(largest)
+        value, past = value / unit, [x / unit for x in past]
     # Float sums (math.fsum), not statistics.stdev's exact fractions: a replay takes a z-score
     # a step, and those fractions cost a millisecond each on a 128-step window.
     mean = math.fsum(past) / len(past)
@@ -188,6 +205,17 @@ def _z(value: float, history: Iterable[float], min_history: int) -> float | None
     if std == 0.0:
         return 0.0 if value == mean else math.copysign(math.inf, value - mean)
     return (value - mean) / std
+
+
+SCALE_ABOVE = 2.0**400
+"""Norms (and losses) up to this take their statistics as they are. Past it (the square of
+1e155 overflows float64, and Python raises OverflowError on `x ** 2`) they are taken in units
+of a power of two (exact): the decisions and z-scores are scale-free."""
+
+
+def _unit_of(value: float) -> float:
+    """The power of two that brings |value| into [1, 2) (never 2**1024, which overflows)."""
+    return math.ldexp(1.0, math.frexp(abs(value))[1] - 1)
 
 
 def _check(ok: bool, message: str) -> None:
