@@ -45,20 +45,21 @@ def spec_float(text: str) -> float:
     return float(text)
 
 
-def split_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """'ppo:eps_low=0.1' -> ('ppo', {'eps_low': '0.1'}); raw values, not yet typed."""
+def split_spec(spec: str, kind: str = "policy") -> tuple[str, dict[str, str]]:
+    """'ppo:eps_low=0.1' -> ('ppo', {'eps_low': '0.1'}); raw values, not yet typed. `kind`:
+    what the spec names, for the error line (a policy, a guard)."""
     if not isinstance(spec, str) or not spec.strip():
-        raise UsageError(f"empty policy spec; expected {SPEC_SYNTAX}")
+        raise UsageError(f"empty {kind} spec; expected {SPEC_SYNTAX}")
     name, colon, rest = spec.strip().partition(":")
     name = name.strip()
     if not _NAME.fullmatch(name):
         raise UsageError(
-            f"bad policy spec {quoted(spec)}: {quoted(name)} is not a name ({SPEC_SYNTAX})"
+            f"bad {kind} spec {quoted(spec)}: {quoted(name)} is not a name ({SPEC_SYNTAX})"
         )
     raw: dict[str, str] = {}
     if colon and not rest.strip():
         raise UsageError(
-            f"bad policy spec {quoted(spec)}: nothing after ':'; expected {SPEC_SYNTAX}"
+            f"bad {kind} spec {quoted(spec)}: nothing after ':'; expected {SPEC_SYNTAX}"
         )
     if rest.strip():
         for part in rest.split(","):
@@ -66,13 +67,13 @@ def split_spec(spec: str) -> tuple[str, dict[str, str]]:
             key, value = key.strip(), value.strip()
             if not sep or not key or not value:
                 raise UsageError(
-                    f"bad policy spec {quoted(spec)}: {quoted(part.strip())} is not key=value; "
+                    f"bad {kind} spec {quoted(spec)}: {quoted(part.strip())} is not key=value; "
                     f"expected {SPEC_SYNTAX}"
                 )
             if not _KEY.fullmatch(key):
-                raise UsageError(f"bad policy spec {quoted(spec)}: {quoted(key)} is not a key name")
+                raise UsageError(f"bad {kind} spec {quoted(spec)}: {quoted(key)} is not a key name")
             if key in raw:
-                raise UsageError(f"bad policy spec {quoted(spec)}: key {quoted(key)} given twice")
+                raise UsageError(f"bad {kind} spec {quoted(spec)}: key {quoted(key)} given twice")
             raw[key] = value
     return name, raw
 

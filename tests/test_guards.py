@@ -172,6 +172,11 @@ def test_replay_report_counts_and_removed_norm() -> None:
         (f"zclip:warmup={10**23}", "warmup must be an integer in [1, 1e+09]"),
         ("skip-step:z=3", "unknown key 'z'"),
         ("zclip:clip=max", "clip must be one of adaptive, mean"),
+        # the spec's syntax: a guard spec, not a "policy spec" as these lines said
+        (":", "bad guard spec ':': '' is not a name"),
+        ("skip-step:", "bad guard spec 'skip-step:': nothing after ':'"),
+        ("skip-step,zclip", "bad guard spec 'skip-step,zclip'"),
+        ("zclip:alpha", "bad guard spec 'zclip:alpha': 'alpha' is not key=value"),
     ],
 )
 def test_bad_guard_specs(spec: str, message: str) -> None:

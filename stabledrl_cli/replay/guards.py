@@ -244,7 +244,7 @@ _PARSERS: dict[type, Callable[[str], float | int | str]] = {int: spec_int, float
 def make_guard(spec: str) -> Guard:
     """`zclip`, `zclip:z_thresh=3`, `skip-step:window=64,sigma=4` -> a fresh guard;
     UsageError naming the bad name, key or value."""
-    name, raw = split_spec(spec)
+    name, raw = split_spec(spec, kind="guard")
     keys = _PARAMS.get(name)
     if keys is None:
         raise UsageError(f"unknown guard {quoted(name)}; valid: {', '.join(_PARAMS)}")
