@@ -224,6 +224,12 @@ def test_lean_replay_ranks_as_the_full_one(fixture):
         ("1e-300..1e300:log3", ["1e-300", "1", "1e+300"]),
         ("-1e308..1e308:3", ["-1e+308", "0", "1e+308"]),
         ("0.2..0.5:4", ["0.2", "0.3", "0.4", "0.5"]),
+        # points closer than 4 significant digits tell apart: they were all rounded to 1
+        ("1.0000001..1.0000002:3", ["1.0000001", "1.00000015", "1.0000002"]),
+        ("1..1.000001:log3", ["1", "1.0000005", "1.000001"]),
+        ("-1e-9..1:3", ["-1e-09", "0.5", "1"]),
+        ("1e-300..1e300:log2", ["1e-300", "1e+300"]),
+        ("0..5e-324:3", ["0", "0", "5e-324"]),
     ],
 )
 def test_grid_points_between_finite_ends_are_finite(text, points):

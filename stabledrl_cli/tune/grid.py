@@ -2,7 +2,8 @@
 
     NAME:key=LOW..HIGH:N       N values evenly spaced from LOW to HIGH (both included)
     NAME:key=LOW..HIGH:logN    N values evenly spaced in log from LOW to HIGH (LOW > 0)
-                               (grid values are rounded to 4 significant digits)
+                               (grid values are rounded to 4 significant digits, or as many
+                               more as keep the points apart)
     NAME:key=A|B|C             the values listed
     NAME:key=VALUE             one value
 
@@ -55,10 +56,16 @@ def grid_values(text: str, where: str) -> list[str]:
             raise UsageError(f"{where}: a log grid needs low > 0, got {quoted(text)}")
         lo, hi = math.log(low), math.log(high)  # in logs: high / low may overflow
         points = [math.exp(lo + (hi - lo) * i / (count - 1)) for i in range(count)]
+        relative_step = math.expm1(min((hi - lo) / (count - 1), 1.0))  # 1: 4 digits anyway
     else:  # weighted ends: high - low may overflow
         points = [low * (1 - i / (count - 1)) + high * (i / (count - 1)) for i in range(count)]
+        relative_step = (high / (count - 1) - low / (count - 1)) / max(abs(low), abs(high))
     points[-1] = high
-    return [format_value(float(f"{p:.4g}")) for p in points]
+    # 4 significant digits, more when the points lie closer than that tells apart (a grid
+    # of 1.0000001..1.0000002 was rounded to 1, a value the user never wrote)
+    apart = 2 + math.ceil(-math.log10(relative_step)) if relative_step > 0 else 17  # underflow
+    digits = min(17, max(4, apart))
+    return [format_value(float(f"{p:.{digits}g}")) for p in points]
 
 
 def _integer_keys(name: str) -> set[str]:
