@@ -80,6 +80,35 @@ def test_resume_refuses_other_settings_and_reads_data_only(tmp_path):
         load_checkpoint(junk)
 
 
+class _Runs:
+    """Unpickled, it would run a command: a checkpoint is data, never code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_checkpoint_holding_code_is_refused_in_one_line_and_never_run(tmp_path, protocol):
+    """A pickle of another protocol than torch's (4, as pickle.dump writes) made torch print a
+    UserWarning of two lines, with its source line, beside the error line."""
+    import pickle
+    import warnings
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "step-00000000.pt"
+    path.write_bytes(pickle.dumps({"format": _Runs(marker)}, protocol=protocol))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputError, match=r"not a readable checkpoint \(UnpicklingError\)"):
+            load_checkpoint(path)
+    assert not marker.exists()
+
+
 def test_record_steps_is_a_deprecated_alias_of_rl_steps(tmp_path):
     out = tmp_path / "run"
     (out / "x").mkdir(parents=True)  # non-empty: refused after the warning, before training

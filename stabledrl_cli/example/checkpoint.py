@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,9 @@ def load_checkpoint(path: str | Path) -> TrainingState:
     """The state a checkpoint holds; InputError (exit 3) for a file that is not one."""
     path = Path(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of a pickle protocol it did not write
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise InputError(f"{path}: no such checkpoint") from None
     except Exception as exc:  # torch raises many kinds for a file that is not a checkpoint
