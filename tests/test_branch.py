@@ -264,6 +264,9 @@ def test_a_checkpoint_whose_state_does_not_fit_the_model_exits_3(recorded, tmp_p
         ({"unit": 3}, "setting unit is not a string (a int)"),
         ({"lr": -1.0}, "settings the example cannot take (lr must be a finite number > 0"),
         ({"unit": "word"}, "settings the example cannot take (unit must be one of"),
+        ({"group_size": 10**9}, "settings the example cannot take (a rollout of group_size"),
+        ({"pretrain_batch": 10**9}, "settings the example cannot take (pretrain_batch must"),
+        ({"digits": 10**9}, "settings the example cannot take (digits must be in [1, 64]"),
         ({"digits": None}, "setting digits is not an integer (a NoneType)"),
         ({"colour": 1}, "settings this version cannot use (unknown 'colour')"),
         ({"mu": None, "-": "mu"}, "settings this version cannot use (missing mu)"),
@@ -275,7 +278,8 @@ def test_a_checkpoint_with_settings_the_example_cannot_take_exits_3(
 ):
     """A checkpoint is data: its settings of another type or out of range were an internal
     error (exit 70: `manual_seed expected a long`, `repeat_interleave` on a float) or a usage
-    error (exit 2) that did not name the checkpoint; a boolean mu or a string same_mask ran."""
+    error (exit 2) that did not name the checkpoint; a boolean mu or a string same_mask ran;
+    a group_size of 10**9 tried to allocate 448 GB (exit 70, or the machine's OOM killer)."""
     run = tmp_path / "spoilt"
     shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
     path = checkpoints_dir(run) / "step-00000008.pt"

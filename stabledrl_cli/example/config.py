@@ -43,6 +43,13 @@ def default_estimator(unit: Unit) -> Estimator:
     return "llada" if unit == "sequence" else "elbo"
 
 
+MAX_SEQUENCES = 4096
+"""Sequences a rollout (group_size x prompts_per_rollout) or a pretraining batch may hold: a
+bound on the example's memory whatever a checkpoint's settings say."""
+MAX_DIGITS = 64
+"""Digits the example may sort (its sequences are 2 x digits + 2 tokens)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExampleConfig:
     """Every setting of the built-in example."""
@@ -106,6 +113,20 @@ class ExampleConfig:
             (
                 min(self.mu, self.group_size, self.prompts_per_rollout, self.digits) < 1,
                 "mu, group_size, prompts_per_rollout and digits must be >= 1",
+            ),
+            (
+                self.group_size * self.prompts_per_rollout > MAX_SEQUENCES,
+                f"a rollout of group_size x prompts_per_rollout = "
+                f"{self.group_size * self.prompts_per_rollout} sequences is past "
+                f"{MAX_SEQUENCES}",
+            ),
+            (
+                not 1 <= self.pretrain_batch <= MAX_SEQUENCES,
+                f"pretrain_batch must be in [1, {MAX_SEQUENCES}], got {self.pretrain_batch}",
+            ),
+            (
+                self.digits > MAX_DIGITS,
+                f"digits must be in [1, {MAX_DIGITS}], got {self.digits}",
             ),
         ]
         for failed, message in problems:
