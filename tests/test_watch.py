@@ -1132,3 +1132,34 @@ def test_a_stopped_recordings_reason_of_several_lines_is_one_warning_line(grpo_f
         "recording failed: /runs/a b/steps: No space left on device forged line; the "
         "training's later steps are not in the run"
     ]
+
+
+def _two_rank_run(path: Path, steps: dict[int, range]) -> Path:
+    """A run of world_size 2 whose rank r recorded `steps[r]` (a small batch each)."""
+    rng = np.random.default_rng(0)
+    for rank, numbers in steps.items():
+        with Recorder(path, policy="grpo", world_size=2, rank=rank) as rec:
+            for n in numbers:
+                logp_old = -rng.random((2, 3)).astype(np.float32)
+                rec.log_step(
+                    n, logp=logp_old + 0.01, logp_old=logp_old,
+                    advantages=np.array([1.0, -1.0], np.float32),
+                )  # fmt: skip
+    return path
+
+
+def test_once_names_a_damaged_step_file_but_not_a_rank_still_writing(tmp_path):
+    """`watch --once` skipped a torn step file in silence, where replay and check name it
+    (docs/exit-codes.md says it does too). A step whose other rank has not landed its file
+    yet is a live run's lag, not damage: no warning."""
+    run = _two_rank_run(tmp_path / "run", {0: range(5), 1: range(4)})
+    code, _, stderr = _once(run)
+    assert code == 0 and "unreadable" not in stderr, stderr
+    (run / "steps" / "step-00000002.rank-0001.safetensors").write_bytes(b"garbage")
+    code, data, stderr = _once(run)
+    assert code == 0 and data["steps"] == 3, stderr
+    warning = [line for line in stderr.splitlines() if "unreadable" in line]
+    assert warning == [
+        f"warning: skipped 1 unreadable step of {run} (step 2: torn: 7 bytes, shorter than a "
+        "safetensors header); `stabledrl inspect` lists every finding"
+    ], stderr

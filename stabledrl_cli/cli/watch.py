@@ -73,6 +73,30 @@ def _alert_line(alert: Alert) -> str:
     return f"alert: step {alert.step}: {alert.kind}: {alert.message}"
 
 
+DAMAGED_KINDS = ("torn", "unreadable")
+"""The reader's findings of a damaged step file. A recorder gives a step file its final name
+only once it is whole, so a torn one under that name is no step still being written; a step
+some rank has not written yet (`missing_rank`) is: the ranks of a live run lag."""
+
+
+def _damaged_line(watcher: RunWatcher) -> str | None:
+    """The warning naming the step files the reader skipped as damaged (`DAMAGED_KINDS`), as
+    `check` names them; None without one. From the headers the watch read: no file is read
+    again for it."""
+    if watcher.replay is None:
+        return None
+    reasons = [f.message for f in watcher.replay.run.header_findings() if f.kind in DAMAGED_KINDS]
+    if not reasons:
+        return None
+    count = len(reasons)
+    shown = "; ".join(reasons[:REASONS_SHOWN]) + ("; ..." if count > REASONS_SHOWN else "")
+    noun = "step" if count == 1 else "steps"
+    return (
+        f"warning: skipped {count} unreadable {noun} of {watcher.path} ({shown}); "
+        "`stabledrl inspect` lists every finding"
+    )
+
+
 def _rejected_line(run: str, rejected: list[tuple[int, str]]) -> str:
     """The warning for steps the own policy could not be replayed on (skipped)."""
     count = len(rejected)
@@ -193,6 +217,9 @@ def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
         raise InputError(f"{state.run}: the run has no readable step yet")
     _require_replayed(watcher)
     results = _gates(watcher, gates)
+    damaged = _damaged_line(watcher)
+    if damaged is not None:
+        err.print(damaged, highlight=False)
     if watcher.replay is not None and watcher.replay.rejected:
         err.print(_rejected_line(state.run, watcher.replay.rejected), highlight=False)
     stopped = _stopped_line(watcher)
