@@ -144,6 +144,11 @@ def test_a_long_run_path_never_widens_a_table(grpo_fixture, tmp_path):
     result = runner.invoke(app, ["check", str(run), *POLICIES, "--max-collapsed", "0",
                                  "--device", "cpu"], env={"COLUMNS": "80"})  # fmt: skip
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    # diff's and watch's first lines name the runs: wrapped too (they ran past 80 columns)
+    for args in (["diff", str(run), str(grpo_fixture)], ["watch", str(run), "--once"]):
+        result = runner.invoke(app, args, env={"COLUMNS": "80"})
+        assert result.exit_code == 0, result.output
+        assert max(len(line) for line in result.stdout.splitlines()) <= 80, result.stdout
 
 
 def test_the_consoles_take_columns_when_they_print_not_when_made(monkeypatch):

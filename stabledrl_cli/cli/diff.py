@@ -52,7 +52,7 @@ def _parting_lines(name: str, parting: Parting | None, compared: int) -> list[st
 
 
 def _print_table(result: DiffResult, until: int | None) -> None:
-    out.print(f"stabledrl diff {result.run_a} {result.run_b}", highlight=False)
+    out.print(f"stabledrl diff {result.run_a} {result.run_b}", highlight=False, soft_wrap=False)
     lines = [
         f"steps: A {result.steps_a}, B {result.steps_b}, both {result.common} "
         f"(compared {result.compared})",

@@ -233,7 +233,7 @@ def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
         data["ok"] = all(r.ok for r in results)
         print_json(data)
     else:
-        out.print(_view(state), highlight=False)
+        out.print(_view(state), highlight=False, soft_wrap=False)  # a long path wraps
     return _report_gates(results)
 
 
