@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.policies import Policy, PolicyBatch, get_policy, prepare
+from stabledrl_cli.policies import Policy, PolicyBatch, PreparedBatch, get_policy, prepare
 from stabledrl_cli.replay.guards import guard_spec, make_guard
 from stabledrl_cli.vocab import GUARD_MODES, GuardMode
 
@@ -73,6 +73,8 @@ class Decision:
         """Scales the parameters' gradients (in place) to `scale` of their pre-clip size, given
         that they already carry the factor `applied` (e.g. clip_grad_norm_'s
         min(1, max_norm / norm)); never scales up, and does nothing unless `action` is scale."""
+        if not (math.isfinite(applied) and applied > 0):  # NaN would make every gradient NaN
+            raise UsageError(f"applied must be a finite factor > 0, got {applied!r}")
         if self.action != "scale" or self.scale >= applied:
             return
         factor = self.scale / applied
@@ -104,7 +106,15 @@ class Guard:
         self, *, grad_norm: float, loss: float | None = None, batch: PolicyBatch | None = None
     ) -> Decision:
         """The decision for the step whose pre-clip gradient norm is `grad_norm` (loss: its loss,
-        which the skip-step rule also watches; batch: its batch, for the batch rule)."""
+        which the skip-step rule also watches; batch: its batch, for the batch rule).
+        UsageError for a negative grad_norm or a malformed batch, before the rule sees the
+        step (a NaN or inf grad norm is a non-finite step: skipped)."""
+        if float(grad_norm) < 0:
+            raise UsageError(f"grad_norm must be >= 0 (a norm), got {grad_norm!r}")
+        policy, prepared = self.policy, None
+        if batch is not None and policy is not None:
+            with torch.no_grad():
+                prepared = prepare(batch)
         ruled = self.rule.update(float(grad_norm), None if loss is None else float(loss))
         decision = Decision("none", 1.0, "", ruled.z)
         if ruled.action == "nonfinite":
@@ -117,21 +127,14 @@ class Guard:
                 decision = Decision("scale", ruled.scale, why, ruled.z)
             else:
                 decision = Decision("skip", 0.0, why, ruled.z)
-        if batch is not None and self.policy is not None and decision.action != "skip":
-            bad = self._nonfinite_coefficients(batch)
+        if policy is not None and prepared is not None and decision.action != "skip":
+            bad = _nonfinite_coefficients(policy, prepared)
             if bad:
                 decision = Decision(
-                    "skip", 0.0, f"{self.policy.spec}: {bad} non-finite coefficients", ruled.z
+                    "skip", 0.0, f"{policy.spec}: {bad} non-finite coefficients", ruled.z
                 )
         self.counts[decision.action] += 1
         return decision
-
-    def _nonfinite_coefficients(self, batch: PolicyBatch) -> int:
-        assert self.policy is not None
-        with torch.no_grad():
-            prepared = prepare(batch)
-            coef = self.policy.weights(prepared).coef.reshape(-1)
-            return int((~torch.isfinite(coef) & prepared.mask.reshape(-1)).sum())
 
     @staticmethod
     def scalars(decision: Decision) -> dict[str, float]:
@@ -151,3 +154,10 @@ class Guard:
             "scalars": list(SCALARS),
             "actions": {str(code): action for action, code in ACTION_CODES.items()},
         }
+
+
+def _nonfinite_coefficients(policy: Policy, prepared: PreparedBatch) -> int:
+    """Scored units whose coefficient under `policy` is NaN or inf."""
+    with torch.no_grad():
+        coef = policy.weights(prepared).coef.reshape(-1)
+        return int((~torch.isfinite(coef) & prepared.mask.reshape(-1)).sum())

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.example import ExampleConfig
 from stabledrl_cli.example.trainer import recorder_kwargs, train
-from stabledrl_cli.guard import ACTION_CODES, SCALARS, Guard
+from stabledrl_cli.guard import ACTION_CODES, SCALARS, Decision, Guard
 from stabledrl_cli.policies import PolicyBatch, get_policy
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.diff import diff_runs
@@ -164,3 +164,31 @@ def test_record_guard_rule_needs_guard(tmp_path):
         app, ["record", "--out", str(tmp_path / "r"), "--guard-rule", "zclip"]
     )
     assert result.exit_code == 2 and "--guard-rule needs --guard" in result.stderr
+
+
+def test_what_would_poison_or_skew_the_guard_is_a_usage_error():
+    """`apply(applied=nan)` made every gradient NaN (and 0 divided by zero); a negative grad
+    norm entered the rule's statistics; a malformed batch raised after its norm had entered
+    them. Each is now refused, and the rule's history is left as it was."""
+    decision = Decision("scale", 0.5, "", None)
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.ones(2)
+    for applied in (math.nan, 0.0, -1.0, math.inf):
+        with pytest.raises(UsageError, match="applied must be a finite factor > 0"):
+            decision.apply([param], applied=applied)
+    assert param.grad.tolist() == [1.0, 1.0]
+    guard = Guard(mode="skip", policy="grpo")
+    with pytest.raises(UsageError, match="grad_norm must be >= 0"):
+        guard.before_step(grad_norm=-1.0)
+    malformed = PolicyBatch(
+        logp=torch.zeros(3),
+        logp_old=torch.zeros(3),
+        advantages=torch.ones(5),
+        seq_id=torch.arange(3),
+        unit="sequence",
+    )
+    with pytest.raises(InputError, match="advantages has shape"):
+        guard.before_step(grad_norm=1.0, batch=malformed)
+    fresh = Guard(mode="skip", policy="grpo")
+    for norm in (1.0, 1.1, 0.9, 1.0, 1.05, 50.0):
+        assert guard.before_step(grad_norm=norm) == fresh.before_step(grad_norm=norm)
