@@ -14,6 +14,7 @@ import pytest
 from _corpus import (
     archive_bad_seq_id,
     bad_seq_id,
+    edit_manifest,
     float16_sketch_without_scale,
     read_step,
     rewrite_step,
@@ -271,3 +272,32 @@ def test_inspect_measures_nothing_on_a_step_replay_would_skip(tmp_path):
     assert observed[0]["noise_floor_logratio_std"] == (
         sd.replay(bad, ["grpo"], device="cpu").observed.noise_floor_logratio_std
     )
+
+
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [("my-own-loss", "unknown policy 'my-own-loss'"), ("grpo:eps_low=-5", "eps_low must be")],
+)
+def test_a_recorded_policy_the_catalogue_cannot_replay_is_noted(tmp_path, spec, why):
+    """The run's own policy was dropped without a word when the catalogue could not replay
+    it (a custom one, a parameter out of range): no policy marked as the run's own, no loss
+    parity, nothing said. One note says so now; a run whose policy it replays has none."""
+    run = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(3):
+            logp_old = -rng.random(4).astype(np.float32)
+            advantages = np.array([1, -1, 1, -1], np.float32)
+            rec.log_step(
+                step, logp=logp_old + 0.01, logp_old=logp_old, advantages=advantages,
+                seq_id=np.arange(4),
+            )  # fmt: skip
+    plain = runner.invoke(app, ["replay", str(run), "-p", "grpo"])
+    assert plain.exit_code == 0 and "note: the run's own policy" not in plain.stderr
+    edit_manifest(run, lambda m: m["policy"].update(spec=spec))
+    noted = runner.invoke(app, ["replay", str(run), "-p", "grpo"])
+    assert noted.exit_code == 0, noted.output
+    text = " ".join(noted.stderr.split())  # the note wraps to the terminal
+    start = f"note: the run's own policy '{spec}' is none the catalogue replays ("
+    assert start in text and why in text, noted.stderr
+    assert "); no policy is marked as the run's own" in text, noted.stderr

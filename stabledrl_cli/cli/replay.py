@@ -286,6 +286,11 @@ def command(
     chosen = replay_engine(engine, workers, ray_address)
     opened = open_run(run)
     result = replay_with_progress(opened, policy, config, chosen)
+    from stabledrl_cli.replay.run_facts import unreplayable_own_policy
+
+    unreplayable = unreplayable_own_policy(opened)
+    if unreplayable is not None:
+        err.print(unreplayable, highlight=False, soft_wrap=False)
     note_skipped(result)
     note_empty_range(result)
     if out_path is not None:

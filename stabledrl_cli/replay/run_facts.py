@@ -8,7 +8,7 @@ unreadable run use these without loading torch.
 from __future__ import annotations
 
 from stabledrl_cli.dump import Run
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, quoted
 from stabledrl_cli.policies import resolve_spec
 
 REASONS_SHOWN = 3
@@ -28,6 +28,22 @@ def own_spec(run: Run) -> str | None:
     except UsageError:
         return None
     return entry.spec_of(config)
+
+
+def unreplayable_own_policy(run: Run) -> str | None:
+    """Why the policy the run's manifest names is none the catalogue replays (a custom one, a
+    parameter out of range), as a note; None when it names none or one it replays."""
+    spec = run.policy_spec
+    if not spec:
+        return None
+    try:
+        resolve_spec(spec)
+    except UsageError as exc:
+        return (
+            f"note: the run's own policy {quoted(spec)} is none the catalogue replays ({exc}); "
+            "no policy is marked as the run's own"
+        )
+    return None
 
 
 def skipped_reasons(run: Run) -> list[str]:
