@@ -25,6 +25,7 @@ from _corpus import (
     ROOT,
     Case,
     edit_archive,
+    edit_manifest,
     measure,
     packed,
     replace_dataset,
@@ -495,3 +496,29 @@ def test_a_run_path_with_an_emoji_code_prints_as_written(tmp_path: Path) -> None
     missing = runner.invoke(app, ["inspect", str(tmp_path / "b:x:c")])
     assert missing.exit_code == 3
     assert missing.stderr.strip() == f"error: no such run: {tmp_path / 'b:x:c'}"
+
+
+@pytest.mark.parametrize(
+    ("note", "field"),
+    [
+        ({"recording_stopped": {"step": "abc", "rank": -1, "reason": 5}}, "recording_stopped"),
+        ({"recording_stopped": {"step": 2, "rank": 0}}, "recording_stopped"),
+        ({"recording_stopped": "disk full"}, "recording_stopped"),
+        ({"recording_closed": "yes"}, "recording_closed"),
+    ],
+)
+def test_a_recording_note_of_another_shape_is_a_corrupt_manifest(
+    tmp_path: Path, note: dict[str, Any], field: str
+) -> None:
+    """`watch` printed 'recording stopped at step abc (rank -1) after a failed write: 5': the
+    notes a Recorder writes are checked as the manifest's other fields are (exit 3, naming
+    the field); a note as the Recorder writes it still reads."""
+    run = tiny_run(tmp_path / "run")
+    good = {"recording_stopped": {"step": None, "rank": 0, "reason": "disk full"}}
+    edit_manifest(run, lambda m: m.update(good, recording_closed=False))
+    assert runner.invoke(app, ["inspect", str(run)]).exit_code == 0
+    edit_manifest(run, lambda m: m.update(note))
+    for args in (["inspect", str(run)], ["watch", str(run), "--once"]):
+        result = runner.invoke(app, args)
+        _assert_clean_failure(result.exit_code, result.stderr, 3)
+        assert f"corrupt manifest: {field} must be" in result.stderr, result.stderr

@@ -64,6 +64,9 @@ RECORDING_CLOSED = "recording_closed"
 written. Only a closed Recorder of a world_size 1 run writes it, a resumed or overwritten
 run clears it before any step file changes; older readers leave it alone, as every field
 they do not know."""
+RECORDING_STOPPED = "recording_stopped"
+"""The manifest's note ({step, rank, reason}) that a Recorder stopped recording after a write
+failed (`on_write_error="warn"`): the training went on, that rank recorded no later step."""
 RUN_ID = "run_id"
 """The manifest's run identity (docs/run-format.md), new with each recording of the run: it
 changes no format version, a reader that does not know it leaves it alone."""
@@ -315,6 +318,19 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
         isinstance(param_names, list) and all(isinstance(n, str) for n in param_names)
     ):
         raise corrupt("param_names", "null or a list of strings")
+    if not isinstance(manifest.get(RECORDING_CLOSED, False), bool):
+        raise corrupt(RECORDING_CLOSED, "true or false")
+    stopped = manifest.get(RECORDING_STOPPED)
+    if stopped is not None and not (
+        isinstance(stopped, dict)
+        and (stopped.get("step") is None or _count(stopped.get("step")))
+        and _count(stopped.get("rank"))
+        and isinstance(stopped.get("reason"), str)
+    ):
+        raise corrupt(
+            RECORDING_STOPPED,
+            "null or {step: an integer >= 0 or null, rank: an integer >= 0, reason: text}",
+        )
     infinite = _infinite_number(manifest)
     if infinite is not None:
         raise InputError(
@@ -322,6 +338,11 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
             "(e.g. 1e999; the format's numbers are finite)"
         )
     return version
+
+
+def _count(value: object) -> bool:
+    """Whether `value` is an integer >= 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _infinite_number(manifest: dict[str, Any]) -> str | None:

@@ -80,6 +80,7 @@ from stabledrl_cli.dump._schema import (
     META_SCORED_TOKENS,
     META_WORLD_SIZE,
     RECORDING_CLOSED,
+    RECORDING_STOPPED,
     RUN_KIND,
     STEP_LIMIT,
     STEPS_DIR,
@@ -514,7 +515,7 @@ class Recorder:
         warn(f"stabledrl: warning: recording stopped, training goes on: {error}\n")
         note = {"step": step, "rank": self.rank, "reason": str(error)}
         with suppress(ValueError, InputError, WriteError):  # best effort: the disk that refused
-            amend_manifest(self.path, "recording_stopped", note)  # the step may refuse it too
+            amend_manifest(self.path, RECORDING_STOPPED, note)  # the step may refuse it too
 
     def close(self) -> None:
         """Drains the queue (async mode), stops the writer and marks the run `recording_closed`

@@ -27,7 +27,7 @@ import numpy as np
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import Finding, IntegrityReport, Run, RunIntegrityWarning, Step, open_run
 from stabledrl_cli.dump._integrity import StepReadError
-from stabledrl_cli.dump._schema import MANIFEST_NAME, RECORDING_CLOSED
+from stabledrl_cli.dump._schema import MANIFEST_NAME, RECORDING_CLOSED, RECORDING_STOPPED
 from stabledrl_cli.dump._setup import manifest_now
 from stabledrl_cli.dump._stfile import FileKey, file_key
 from stabledrl_cli.errors import InputError
@@ -424,7 +424,7 @@ def _flag_steps(series: dict[str, ColumnArray], name: str) -> list[int]:
 
 def _stopped_note(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest's `recording_stopped` note, None without one."""
-    note = manifest.get("recording_stopped")
+    note = manifest.get(RECORDING_STOPPED)
     return dict(note) if isinstance(note, dict) else None
 
 
@@ -507,7 +507,7 @@ class RunWatcher:
             return True  # reopened, it says what is wrong with it
 
         def run_of(manifest: dict[str, Any]) -> dict[str, Any]:
-            notes = ("recording_stopped", RECORDING_CLOSED)
+            notes = (RECORDING_STOPPED, RECORDING_CLOSED)
             return {k: v for k, v in manifest.items() if k not in notes}
 
         self.recording_stopped = _stopped_note(now)

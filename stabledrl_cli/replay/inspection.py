@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from stabledrl_cli.dump import Finding, IntegrityReport, Run, RunIntegrityWarning
-from stabledrl_cli.dump._schema import RECORDING_CLOSED, RUN_ID
+from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED, RUN_ID
 from stabledrl_cli.replay.observed import NoiseFloor, Observed, OwnLikelihood, observe
 from stabledrl_cli.replay.recorded import SeriesStats, recorded_run
 
@@ -139,7 +139,7 @@ def summarize(run: Run) -> RunSummary:
         meta=_mapping(manifest.get("meta")),
         policy=dict(policy) if isinstance(policy, dict) else None,
         source=recorded.source,
-        recording_stopped=_mapping(manifest.get("recording_stopped")) or None,
+        recording_stopped=_mapping(manifest.get(RECORDING_STOPPED)) or None,
         recording_closed=manifest.get(RECORDING_CLOSED) is True,
         unit=run.unit,
         estimator=_mapping(manifest.get("estimator")),
