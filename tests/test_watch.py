@@ -1134,11 +1134,11 @@ def test_a_stopped_recordings_reason_of_several_lines_is_one_warning_line(grpo_f
     ]
 
 
-def _two_rank_run(path: Path, steps: dict[int, range]) -> Path:
+def _two_rank_run(path: Path, steps: dict[int, range], **kwargs: object) -> Path:
     """A run of world_size 2 whose rank r recorded `steps[r]` (a small batch each)."""
     rng = np.random.default_rng(0)
     for rank, numbers in steps.items():
-        with Recorder(path, policy="grpo", world_size=2, rank=rank) as rec:
+        with Recorder(path, policy="grpo", world_size=2, rank=rank, **kwargs) as rec:
             for n in numbers:
                 logp_old = -rng.random((2, 3)).astype(np.float32)
                 rec.log_step(
@@ -1163,3 +1163,19 @@ def test_once_names_a_damaged_step_file_but_not_a_rank_still_writing(tmp_path):
         f"warning: skipped 1 unreadable step of {run} (step 2: torn: 7 bytes, shorter than a "
         "safetensors header); `stabledrl inspect` lists every finding"
     ], stderr
+
+
+def test_a_recording_over_the_run_counts_as_one_replacement(tmp_path):
+    """A recording over a watched run removes its step files, then writes its manifest: a
+    watcher that polled between the two counted (and `watch` announced) two replacements."""
+    run = tmp_path / "run"
+    _two_rank_run(run, {0: range(3), 1: range(3)})
+    watcher = RunWatcher(run, CPU)
+    watcher.poll()
+    assert watcher.state().steps == 3
+    for file in (run / "steps").iterdir():  # what the new recording's ranks do first
+        file.unlink()
+    watcher.poll()
+    _two_rank_run(run, {0: range(2), 1: range(2)}, overwrite=True)  # a new manifest, steps
+    watcher.poll()
+    assert watcher.replaced == 1 and watcher.state().steps == 2

@@ -520,14 +520,17 @@ class RunWatcher:
         return self._manifest_key is None or self._manifest_now() == self._manifest_key
 
     def _start_over(self) -> None:
-        """Drops all that was read of the run: the path is followed again from its start."""
+        """Drops all that was read of the run: the path is followed again from its start. A
+        replacement counts once: a recording over the run removes its step files, then writes
+        its manifest, and a watcher between the two has read nothing since the first."""
+        if self.replay is not None and self.replay.seen:
+            self.replaced += 1
         self.replay = None
         self.recording_stopped = None
         self.closed = self._closed_mark = False
         self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
         self._alerts, self._seen = [], set()
         self._alerted = None
-        self.replaced += 1
 
     def poll(self) -> list[Alert]:
         """Replays the new steps; -> the alerts they raised. InputError for a run that cannot
