@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +205,8 @@ def run_branches(
 
     steps: steps per branch (None: to the original's last step file, one the reader skips
     included: it is named in `original_skipped_steps`). out: where the branch
-    runs go (default RUN/branches). on_branch: called before each branch trains; on_step: with
+    runs go (default RUN/branches). on_branch: called as each branch starts to train (its
+    checkpoint taken: a checkpoint refused calls nothing); on_step: with
     each branch step's number. InputError when the run holds no readable step at or after
     the checkpoint's: there is no recorded batch to replay beside a branch.
     """
@@ -244,11 +246,10 @@ def run_branches(
     outcomes = []
     replayed = replay(original, policies=specs, device=device)
     for request in requests:
-        if on_branch is not None:
-            on_branch(request)
         honoured = BranchRequest.from_env(request.to_env())
         assert honoured is not None  # to_env always sets the checkpoint
-        train_branch(honoured, force=force, device=device, on_step=on_step)
+        started = None if on_branch is None else partial(on_branch, request)
+        train_branch(honoured, force=force, device=device, on_step=on_step, on_start=started)
         branch = open_run(request.run_dir)
         branch_rewards = branch.scalar_series("reward_mean")
         result = replayed.policy(request.policy)

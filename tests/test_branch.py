@@ -293,6 +293,7 @@ def test_a_checkpoint_with_settings_the_example_cannot_take_exits_3(
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and error[0].startswith(f"error: {path}: {message}"), error
     assert not (run / "branches").exists()
+    assert "steps into" not in result.stderr  # no branch announced: none started
 
 
 def test_the_example_honours_the_environment_in_a_process_of_its_own(recorded, tmp_path):

@@ -66,13 +66,15 @@ def train_branch(
     force: bool = False,
     device: str = "cpu",
     on_step: Callable[[int], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Resumes `request.checkpoint`, trains `request.steps` steps under `request.policy` and
     records them (steps at .. at + steps - 1) into `request.run_dir`.
 
     The manifest's meta carries `branch`: the checkpoint, its step and the policy override.
     InputError when the checkpoint does not resume at `request.at`, or its state does not fit
-    the model (checked before the branch run is opened).
+    the model (checked before the branch run is opened). `on_start` is called once the
+    checkpoint is taken, before the first step trains.
     """
     state = load_checkpoint(request.checkpoint)
     if state.step != request.at:
@@ -95,6 +97,8 @@ def train_branch(
             on_step(info.step)
 
     with Recorder(request.run_dir, overwrite=force, **kwargs) as recorder:
+        if on_start is not None:
+            on_start()
         return train(
             config,
             recorder=recorder,
