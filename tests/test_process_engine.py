@@ -63,6 +63,11 @@ def test_workers_and_engines_are_checked_in_one_line(tmp_path):
     run = tiny_run(tmp_path / "run", steps=3)
     cases = [
         (["--workers", "0", "--engine", "processes"], "error: --workers must be an integer >= 1"),
+        # a fork per worker, each holding a replay: bounded as a replay's threads are
+        (
+            ["--workers", "99999999999999999999", "--engine", "processes"],
+            "error: --workers must be an integer in [1, 256], got 99999999999999999999",
+        ),
         (["--workers", "2"], "error: --workers needs --engine processes or ray"),
         (
             ["--engine", "processes", "--ray-address", "h:1"],

@@ -37,7 +37,7 @@ from stabledrl_cli._process import how_it_ended
 from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import UsageError, WorkerDiedError
 from stabledrl_cli.policies import Policy
-from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.config import MAX_THREADS, ReplayConfig
 from stabledrl_cli.replay.shards import (
     WORKER_ADVICE,
     ShardTask,
@@ -226,12 +226,13 @@ def _compute(
 
 @dataclass
 class ProcessEngine:
-    """A replay's streaming pass on `workers` processes of this machine (None: its CPUs)."""
+    """A replay's streaming pass on `workers` processes of this machine (None: its CPUs; at
+    most `MAX_THREADS`, as a replay's threads: each process forked holds a replay's memory)."""
 
     workers: int | None = None
 
     def __post_init__(self) -> None:
-        check_workers(self.workers)
+        check_workers(self.workers, MAX_THREADS)
 
     def stream(
         self,

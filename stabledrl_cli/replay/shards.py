@@ -77,13 +77,17 @@ SHARDS_PER_WORKER = 4
 the run, importing torch once per worker) stays small."""
 
 
-def check_workers(workers: int | None) -> None:
+def check_workers(workers: int | None, limit: int | None = None) -> None:
     """UsageError unless `workers` (an engine's shards computed at once) is None or an integer
-    >= 1."""
+    >= 1 (and at most `limit`, when given)."""
     if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+        isinstance(workers, bool)
+        or not isinstance(workers, int)
+        or workers < 1
+        or (limit is not None and workers > limit)
     ):
-        raise UsageError(f"workers must be an integer >= 1, got {workers!r}")
+        bound = ">= 1" if limit is None else f"in [1, {limit}]"
+        raise UsageError(f"workers must be an integer {bound}, got {workers!r}")
 
 
 def shard_tasks(
