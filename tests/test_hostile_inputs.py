@@ -25,6 +25,7 @@ from _corpus import (
     ROOT,
     Case,
     edit_archive,
+    edit_header,
     edit_manifest,
     measure,
     packed,
@@ -522,3 +523,28 @@ def test_a_recording_note_of_another_shape_is_a_corrupt_manifest(
         result = runner.invoke(app, args)
         _assert_clean_failure(result.exit_code, result.stderr, 3)
         assert f"corrupt manifest: {field} must be" in result.stderr, result.stderr
+
+
+def test_step_metadata_numbers_are_read_as_the_writer_spells_them(tmp_path: Path) -> None:
+    """Python's float() and int() also read '1_0', ' 0.5 ' and other scripts' digits
+    ('３２'): a count so spelled made no step unreadable, and such a scalar read as a value
+    no writer wrote. A count is now ASCII digits or the step is unreadable; a scalar that is
+    no number as a writer spells one is left out, as a newer minor's text metadata is."""
+    run = tiny_run(tmp_path / "run")
+
+    def odd(header: dict[str, Any]) -> None:
+        header["__metadata__"].update(loss="1_0", grad_norm=" 0.5 ", reward_mean="０.５")
+
+    edit_header(run, 0, odd)
+    scalars = open_run(run).step(0).scalars
+    assert not {"loss", "grad_norm", "reward_mean"} & set(scalars), scalars
+
+    def odd_count(header: dict[str, Any]) -> None:
+        meta = header["__metadata__"]
+        meta["_num_tokens"] = "".join(chr(ord(c) + 0xFEE0) for c in meta["_num_tokens"])
+
+    edit_header(run, 1, odd_count)
+    result = runner.invoke(app, ["inspect", str(run), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    findings = json.loads(result.stdout)["integrity"]["findings"]
+    assert any(f["step"] == 1 and "is not an integer" in f["message"] for f in findings), findings

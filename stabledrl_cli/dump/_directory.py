@@ -60,6 +60,7 @@ from stabledrl_cli.dump._schema import (
 )
 from stabledrl_cli.dump._stfile import FileKey, StepHeader, file_key, read_header
 from stabledrl_cli.errors import InputError
+from stabledrl_cli.spec import spec_float, spec_int
 from stabledrl_cli.vocab import GroupIds
 
 
@@ -68,8 +69,8 @@ def _parse_scalars(metadata: dict[str, str]) -> dict[str, float]:
     for name, text in sorted(metadata.items()):
         if name.startswith("_"):
             continue
-        try:
-            scalars[name] = float(text)
+        try:  # as the writer spells a float (repr): not float()'s '1_0', ' 0.5' or other digits
+            scalars[name] = spec_float(text)
         except ValueError:
             continue  # a newer minor's non-numeric metadata: ignored
     return scalars
@@ -93,8 +94,8 @@ _STORED_DTYPES = {"float32": "F32", "float16": "F16", "uint8": "U8", "int32": "I
 
 
 def _count(metadata: dict[str, str], key: str) -> int:
-    try:
-        value = int(metadata.get(key, "0"))
+    try:  # ASCII digits, as the writer spells a count: not int()'s '1_0' or other digits
+        value = spec_int(metadata.get(key, "0"))
     except ValueError:
         raise StepReadError("unreadable", f"{key} is not an integer") from None
     if value < 0:
