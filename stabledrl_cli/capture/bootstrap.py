@@ -62,13 +62,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import io
 import os
-import stat
 import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.errors import (
     InputError,
     StabledrlError,
@@ -173,10 +174,11 @@ def read_status(path: str | os.PathLike[str]) -> tuple[list[tuple[int, str]], li
     nothing past STATUS_LIMIT is read. OSError when the file cannot be read or is no regular
     file (a FIFO put in its place is never waited on)."""
     failures, fatal = [], []
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO with no writer: no wait
-    with open(fd, encoding="utf-8", errors="replace") as status:
-        if not stat.S_ISREG(os.fstat(status.fileno()).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
+    try:
+        handle, _ = open_regular(path)  # a FIFO with no writer: no wait
+    except NotRegularFile:
+        raise OSError(errno.EINVAL, "not a regular file") from None
+    with io.TextIOWrapper(handle, encoding="utf-8", errors="replace") as status:
         text = status.read(STATUS_LIMIT)
     for line in text.splitlines():
         mark, _, reason = line.partition("\t")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
+from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._remote import is_url, open_url
@@ -34,11 +34,11 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     if is_dir:
         return DirectoryRun(run_path, verify=verify)
     try:
-        fd = os.open(run_path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
-        with open(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise InputError(f"{run_path} is not a run (not a directory nor a regular file)")
+        fh, _ = open_regular(run_path)  # a FIFO must not block the open
+        with fh:
             signature = fh.read(len(HDF5_SIGNATURE))
+    except NotRegularFile:
+        raise InputError(f"{run_path} is not a run (not a directory nor a regular file)") from None
     except OSError as exc:
         raise InputError(f"cannot read {run_path}: {exc.strerror or exc}") from None
     if signature == HDF5_SIGNATURE:
