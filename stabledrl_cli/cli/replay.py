@@ -114,16 +114,14 @@ def note_skipped(result: ReplayResult) -> None:
         )
     if not result.skipped:
         return
-    from stabledrl_cli.replay.run_facts import REASONS_SHOWN
+    from stabledrl_cli.replay.run_facts import shown_reasons
 
     count = len(result.skipped)
-    shown = "; ".join(result.skipped[:REASONS_SHOWN])
-    more = "; ..." if count > REASONS_SHOWN else ""
     noun = "step" if count == 1 else "steps"
     err.print(
         f"warning: skipped {count} unreadable, incomplete or invalid {noun} of {result.run} "
-        f"({shown}{more}); replayed {result.steps}; `stabledrl inspect` lists the reader's "
-        "findings",
+        f"({shown_reasons(result.skipped)}); replayed {result.steps}; `stabledrl inspect` lists "
+        "the reader's findings",
         highlight=False,
     )
 

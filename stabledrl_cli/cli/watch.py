@@ -56,7 +56,7 @@ from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
-from stabledrl_cli.replay.run_facts import REASONS_SHOWN
+from stabledrl_cli.replay.run_facts import shown_reasons
 
 if TYPE_CHECKING:
     from stabledrl_cli.replay.follow import Alert, RunWatcher, WatchState
@@ -89,10 +89,10 @@ def _damaged_line(watcher: RunWatcher) -> str | None:
     if not reasons:
         return None
     count = len(reasons)
-    shown = "; ".join(reasons[:REASONS_SHOWN]) + ("; ..." if count > REASONS_SHOWN else "")
     noun = "step" if count == 1 else "steps"
     return (
-        f"warning: skipped {count} unreadable {noun} of {watcher.path} ({shown}); "
+        f"warning: skipped {count} unreadable {noun} of {watcher.path} "
+        f"({shown_reasons(reasons)}); "
         "`stabledrl inspect` lists every finding"
     )
 
@@ -100,10 +100,9 @@ def _damaged_line(watcher: RunWatcher) -> str | None:
 def _rejected_line(run: str, rejected: list[tuple[int, str]]) -> str:
     """The warning for steps the own policy could not be replayed on (skipped)."""
     count = len(rejected)
-    shown = "; ".join(reason for _, reason in rejected[:REASONS_SHOWN])
-    more = "; ..." if count > REASONS_SHOWN else ""
+    shown = shown_reasons([reason for _, reason in rejected])
     noun = "step" if count == 1 else "steps"
-    return f"warning: skipped {count} {noun} of {run} whose data cannot be replayed ({shown}{more})"
+    return f"warning: skipped {count} {noun} of {run} whose data cannot be replayed ({shown})"
 
 
 def _stopped_line(watcher: RunWatcher) -> str | None:

@@ -31,7 +31,7 @@ from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
 from stabledrl_cli.dump._schema import STANDARD_SCALARS
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.run_facts import REASONS_SHOWN, SKIPPED_KINDS, own_spec
+from stabledrl_cli.replay.run_facts import SKIPPED_KINDS, own_spec, shown_reasons
 from stabledrl_cli.vocab import DIFF_KINDS, DiffKind
 
 INPUT_FIELDS = (
@@ -279,9 +279,7 @@ def _warn_skipped(run: Run, listed: list[int]) -> None:
     ]
     if reasons:
         noun = "step file" if len(reasons) == 1 else "step files"
-        shown = "; ".join(reasons[:REASONS_SHOWN]) + (
-            "; ..." if len(reasons) > REASONS_SHOWN else ""
-        )
+        shown = shown_reasons(reasons)
         message = f"{run.location}: skipped {len(reasons)} unreadable {noun} ({shown})"
         warnings.warn(message, RunIntegrityWarning, stacklevel=3)
 

@@ -7,12 +7,22 @@ unreadable run use these without loading torch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import UsageError, quoted
 from stabledrl_cli.policies import resolve_spec
 
 REASONS_SHOWN = 3
 """Reasons named in a message about skipped steps."""
+
+
+def shown_reasons(reasons: Sequence[str]) -> str:
+    """The first `REASONS_SHOWN` reasons, joined by "; " (and "; ..." when there are more)."""
+    more = "; ..." if len(reasons) > REASONS_SHOWN else ""
+    return "; ".join(reasons[:REASONS_SHOWN]) + more
+
+
 SKIPPED_KINDS = ("torn", "unreadable", "missing_rank")
 """Integrity findings that mean a step the reader skips (docs/run-format.md)."""
 
@@ -62,7 +72,7 @@ def no_steps_message(run: Run, skipped: list[str]) -> str:
     reasons = skipped or [f.message for f in run.integrity.findings]
     if not reasons:
         return f"{run.location}: the run has no steps"
-    shown = "; ".join(reasons[:REASONS_SHOWN]) + ("; ..." if len(reasons) > REASONS_SHOWN else "")
+    shown = shown_reasons(reasons)
     if not skipped:
         return f"{run.location}: the run has no readable step ({shown})"
     noun = "step file was" if len(skipped) == 1 else "step files were"
