@@ -30,30 +30,32 @@ SKIPPED_KINDS = ("torn", "unreadable", "missing_rank")
 def own_spec(run: Run) -> str | None:
     """The canonical spec of the run's own policy (its manifest's), or None when the manifest
     names none or a policy the catalogue does not hold (a custom one)."""
-    spec = run.policy_spec
-    if not spec:
-        return None
-    try:
-        entry, config = resolve_spec(spec)
-    except UsageError:
-        return None
-    return entry.spec_of(config)
+    return _own_policy(run)[0]
 
 
 def unreplayable_own_policy(run: Run) -> str | None:
     """Why the policy the run's manifest names is none the catalogue replays (a custom one, a
     parameter out of range), as a note; None when it names none or one it replays."""
+    problem = _own_policy(run)[1]
+    if problem is None:
+        return None
+    return (
+        f"note: the run's own policy {quoted(run.policy_spec or '')} is none the catalogue "
+        f"replays ({problem}); no policy is marked as the run's own"
+    )
+
+
+def _own_policy(run: Run) -> tuple[str | None, UsageError | None]:
+    """(the canonical spec of the policy the run's manifest names, or None; why the catalogue
+    cannot resolve it, or None)."""
     spec = run.policy_spec
     if not spec:
-        return None
+        return None, None
     try:
-        resolve_spec(spec)
+        entry, config = resolve_spec(spec)
     except UsageError as exc:
-        return (
-            f"note: the run's own policy {quoted(spec)} is none the catalogue replays ({exc}); "
-            "no policy is marked as the run's own"
-        )
-    return None
+        return None, exc
+    return entry.spec_of(config), None
 
 
 def skipped_reasons(run: Run) -> list[str]:
