@@ -536,11 +536,12 @@ class DirectoryRun(Run):
         )
 
     def _check(
-        self, path: Path, step: int, *, deep: bool, keep: bool = False
+        self, path: Path, step: int, rank: int, *, deep: bool, keep: bool = False
     ) -> tuple[_HeaderRecord, _Checked, StepHeader | None]:
-        """The file's record and check, checked (in full with `deep`) unless a check of the
-        file as it is now is cached; with `keep`, the header and data read by a check made now
-        (the step then never reads its file again)."""
+        """The record and check of the file of `step` and `rank` (as the listing names it),
+        checked (in full with `deep`) unless a check of the file as it is now is cached; with
+        `keep`, the header and data read by a check made now (the step then never reads its
+        file again)."""
         try:
             key = self._file_key(path)
         except OSError as exc:
@@ -565,8 +566,6 @@ class DirectoryRun(Run):
                     parsed = check_readable_version(version, path.name)
                 except InputError as exc:
                     raise StepReadError("unreadable", str(exc)) from None
-                final = canonical_step(path.name)
-                rank = final[1] if final is not None else 0
                 record = self._record(header, step, rank, parsed)
         except StepReadError as exc:
             self._checked[path.name] = _Checked(key, True, (exc.kind, str(exc)))
@@ -606,7 +605,7 @@ class DirectoryRun(Run):
         if missing:
             raise StepReadError("missing_rank", missing)
         deep = deep and self.verify
-        return [self._check(ranks[r], n, deep=deep, keep=keep) for r in range(self.world_size)]
+        return [self._check(ranks[r], n, r, deep=deep, keep=keep) for r in range(self.world_size)]
 
     def _try_step(
         self, n: int, *, deep: bool, ranks: dict[int, Path] | None = None
@@ -670,9 +669,9 @@ class DirectoryRun(Run):
             missing = _missing_ranks(ranks, self.world_size)
             if missing:
                 findings.append(Finding("missing_rank", n, None, f"step {n}: {missing}"))
-            for path in ranks.values():
+            for rank, path in ranks.items():
                 try:
-                    self._check(path, n, deep=deep)
+                    self._check(path, n, rank, deep=deep)
                 except StepReadError as exc:
                     findings.append(
                         Finding(exc.kind, n, self.named(path), f"step {n}: {exc.kind}: {exc}")
