@@ -156,10 +156,8 @@ def replay_engine(engine: ReplayEngine, workers: int | None, address: str | None
             raise UsageError("--ray-address needs --engine ray")
         from stabledrl_cli.replay.process_engine import ProcessEngine
 
-        try:
+        with option_names():
             return ProcessEngine(workers=workers)
-        except UsageError as exc:
-            raise UsageError(f"--{exc}") from None
     from stabledrl_cli.replay.ray_engine import RayEngine, require_ray
 
     require_ray()

@@ -29,7 +29,7 @@ from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay import columns
-from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.config import ConfigError, ReplayConfig
 from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood
 from stabledrl_cli.replay.stream import StreamedRun, stream_run
 
@@ -78,8 +78,8 @@ the run, importing torch once per worker) stays small."""
 
 
 def check_workers(workers: int | None, limit: int | None = None) -> None:
-    """UsageError unless `workers` (an engine's shards computed at once) is None or an integer
-    >= 1 (and at most `limit`, when given)."""
+    """ConfigError (a UsageError naming `workers`) unless `workers` (an engine's shards
+    computed at once) is None or an integer >= 1 (and at most `limit`, when given)."""
     if workers is not None and (
         isinstance(workers, bool)
         or not isinstance(workers, int)
@@ -87,7 +87,7 @@ def check_workers(workers: int | None, limit: int | None = None) -> None:
         or (limit is not None and workers > limit)
     ):
         bound = ">= 1" if limit is None else f"in [1, {limit}]"
-        raise UsageError(f"workers must be an integer {bound}, got {workers!r}")
+        raise ConfigError("workers", f"must be an integer {bound}, got {workers!r}")
 
 
 def shard_tasks(
