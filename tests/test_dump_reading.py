@@ -73,9 +73,9 @@ def test_a_pass_over_a_listed_run_opens_each_step_file_once(tmp_path, monkeypatc
 def test_a_replay_opens_each_step_file_once(tmp_path, monkeypatch, how):
     """A whole replay (its pass, the recorded scalars, the integrity count; the command's
     progress too) opens each step file once: the pass reads a file whole and later looks are
-    answered from its check. The first step's header alone is read before the pass, to check
-    its fields against the policies. Before, every file was opened twice: listing the run
-    read every header first."""
+    answered from its check, and it checks the first step's fields against the policies
+    before computing any. Before, every file was opened twice (listing the run read every
+    header first), then the first one still was: its header was read apart for that check."""
     path = _record(tmp_path / "run", steps=4)
     opened = _count_step_opens(monkeypatch, tmp_path / "opens.log")
     if how == "api":
@@ -84,13 +84,13 @@ def test_a_replay_opens_each_step_file_once(tmp_path, monkeypatch, how):
         shown = CliRunner().invoke(app, ["replay", str(path), "-p", "grpo", "--format", "json"])
         assert shown.exit_code == 0, shown.output
         assert json.loads(shown.stdout)["steps"] == 4
-    names = [f"step-{n:08d}.safetensors" for n in range(4)]
-    assert opened() == {names[0]: 2, **dict.fromkeys(names[1:], 1)}
+    assert opened() == {f"step-{n:08d}.safetensors": 1 for n in range(4)}
 
 
 def test_a_sharded_replay_reads_each_step_file_once(tmp_path, monkeypatch):
     """`--engine processes`: a worker reads each step of its shard once, and the replay's own
-    process reads none (the first step's header apart, as any replay): its integrity report
+    process reads none (the first step's header apart, to refuse a request the workers cannot
+    serve before they start): its integrity report
     takes the workers' checks, a torn step's too. Before, the driver read every file once
     more for that report while the workers computed. The opens are logged to a file, as
     forked workers make them in processes of their own."""
@@ -387,8 +387,7 @@ def test_a_replay_that_does_not_verify_counts_what_it_skips_and_reads_each_file_
     opened = _count_step_opens(monkeypatch, tmp_path / "opens.log")
     unverified = sd.replay(sd.open_run(path, verify=False), "grpo")
     assert unverified.steps == 4 and [r[:12] for r in unverified.skipped] == ["step 3: torn"]
-    names = [f"step-{n:08d}.safetensors" for n in range(5)]
-    assert opened() == {names[0]: 2, **dict.fromkeys(names[1:], 1)}
+    assert opened() == {f"step-{n:08d}.safetensors": 1 for n in range(5)}
 
 
 def test_a_rank_recorded_with_another_world_size_is_not_joined(tmp_path):

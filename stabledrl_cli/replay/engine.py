@@ -222,6 +222,21 @@ def _no_engine(value: object) -> UsageError:
     )
 
 
+def check_first_step(run: Run, policies: list[Policy]) -> None:
+    """From the headers alone, before any step is read: InputError (exit 3) when the first step
+    with a policy batch lacks a field a policy needs (`check_step`; a problem of the request,
+    unlike a step whose data is bad, which the pass skips), `NothingToReplay` when every step
+    is a scalar step (`replay_run` decides the same after a pass)."""
+    headers = 0
+    for header in run.step_headers():
+        headers += 1
+        if not header.is_scalar:
+            check_step(header, policies, run_unit(run), run.location)
+            return
+    if headers and not skipped_reasons(run):
+        raise nothing_to_replay(run, len(run.step_numbers))
+
+
 def replay_run(
     run: Run,
     policies: PolicySpecs = None,
@@ -237,27 +252,20 @@ def replay_run(
     """
     config = config or ReplayConfig()
     resolved, own_index = resolve_policies(run, policies)
-    headers = 0
-    first = None
-    for header in run.step_headers():
-        headers += 1
-        if not header.is_scalar:
-            first = header
-            break
-    if first is not None:
-        # Fail fast, before any step is read: a field a requested policy needs that a step
-        # lacks is a problem of the request (exit 3; the pass checks every step the same way),
-        # unlike a step whose data is bad, which the pass skips (`StreamedRun.rejected`).
-        check_step(first, resolved, run_unit(run), run.location)
-    elif headers:
-        raise nothing_to_replay(run, len(run.step_numbers))
+    engine = engine or LocalEngine()
+    if not isinstance(engine, LocalEngine):
+        # Its workers read the steps: a request they cannot serve is refused before they start.
+        # The local pass checks each step as it reads it, the first before any is computed.
+        check_first_step(run, resolved)
     with warnings.catch_warnings():
         # Corrupt steps are skipped by the reader: counted below, named by `inspect`.
         warnings.simplefilter("ignore", RunIntegrityWarning)
         with single_torch_thread():
-            stream = (engine or LocalEngine()).stream(run, resolved, own_index, config, progress)
+            stream = engine.stream(run, resolved, own_index, config, progress)
         skipped = skipped_reasons(run) + [reason for _, reason in stream.rejected]
         if stream.step_numbers.size == 0:
+            if stream.scalar_steps and not skipped:
+                raise nothing_to_replay(run, len(run.step_numbers))
             raise InputError(no_steps_message(run, skipped))
         observed = observe(
             run,
