@@ -56,7 +56,7 @@ from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
-from stabledrl_cli.replay.run_facts import shown_reasons
+from stabledrl_cli.replay.run_facts import DAMAGED_KINDS, shown_reasons
 
 if TYPE_CHECKING:
     from stabledrl_cli.replay.follow import Alert, RunWatcher, WatchState
@@ -73,16 +73,10 @@ def _alert_line(alert: Alert) -> str:
     return f"alert: step {alert.step}: {alert.kind}: {alert.message}"
 
 
-DAMAGED_KINDS = ("torn", "unreadable")
-"""The reader's findings of a damaged step file. A recorder gives a step file its final name
-only once it is whole, so a torn one under that name is no step still being written; a step
-some rank has not written yet (`missing_rank`) is: the ranks of a live run lag."""
-
-
 def _damaged_line(watcher: RunWatcher) -> str | None:
-    """The warning naming the step files the reader skipped as damaged (`DAMAGED_KINDS`), as
-    `check` names them; None without one. From the headers the watch read: no file is read
-    again for it."""
+    """The warning naming the step files the reader skipped as damaged (`DAMAGED_KINDS`; not a
+    step some rank has not written yet: the ranks of a live run lag), as `check` names them;
+    None without one. From the headers the watch read: no file is read again for it."""
     if watcher.replay is None:
         return None
     reasons = [f.message for f in watcher.replay.run.header_findings() if f.kind in DAMAGED_KINDS]

@@ -23,8 +23,12 @@ def shown_reasons(reasons: Sequence[str]) -> str:
     return "; ".join(reasons[:REASONS_SHOWN]) + more
 
 
-SKIPPED_KINDS = ("torn", "unreadable", "missing_rank")
-"""Integrity findings that mean a step the reader skips (docs/run-format.md)."""
+DAMAGED_KINDS = ("torn", "unreadable")
+"""Integrity findings of a damaged step file. A recorder gives a step file its final name only
+once it is whole, so a torn one under that name is no step still being written."""
+SKIPPED_KINDS = (*DAMAGED_KINDS, "missing_rank")
+"""Integrity findings that mean a step the reader skips (docs/run-format.md): a damaged file,
+or a step some rank has not written (on a live run, maybe not yet: its ranks lag)."""
 
 
 def own_spec(run: Run) -> str | None:
