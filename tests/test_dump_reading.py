@@ -126,6 +126,35 @@ def test_inspect_and_pack_read_each_step_file_once(tmp_path, monkeypatch, comman
     assert opened() == {f"step-{n:08d}.safetensors": 1 for n in range(4)}
 
 
+@pytest.mark.parametrize(("command", "walks"), [("inspect", 2), ("check", 3)])
+def test_inspect_and_check_look_each_header_up_a_bounded_number_of_times(
+    tmp_path, monkeypatch, command, walks
+):
+    """After its pass, inspect walks the steps' headers once: the observed behaviour and the
+    recorded series are derived from that walk (a look-up checks the file's identity and
+    builds the step's record: 70 us a step, seconds on a 10,000-step run). check walks them
+    once more, for the observed behaviour its replay derives, and looks the first step up
+    first, to choose between a replay and a scalar run's gates. Before, inspect looked each
+    step up five times (the pass, its own walk, two for the recorded series, one for the
+    observed behaviour) and check four times."""
+    from stabledrl_cli.dump._directory import DirectoryRun
+
+    path = _record(tmp_path / "run", steps=4)
+    looked_up: collections.Counter[int] = collections.Counter()
+    real = DirectoryRun._try_step
+
+    def counting(self, n, **kwargs):
+        looked_up[n] += 1
+        return real(self, n, **kwargs)
+
+    monkeypatch.setattr(DirectoryRun, "_try_step", counting)
+    gate = ["--max-spikes", "1000"] if command == "check" else []
+    shown = CliRunner().invoke(app, [command, str(path), *gate, "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    first = walks + (command == "check")
+    assert looked_up == {0: first, **dict.fromkeys(range(1, 4), walks)}
+
+
 def test_arrays_read_once_per_load_equal_what_was_recorded(tmp_path):
     """Directory and archive give the same arrays, and a step whose check is cached (a second
     pass) reads its file again, whole, with the same values."""

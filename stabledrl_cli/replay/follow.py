@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 
 from stabledrl_cli._device import resolve_device
-from stabledrl_cli.dump import Finding, IntegrityReport, Run, RunIntegrityWarning, Step, open_run
-from stabledrl_cli.dump._integrity import StepReadError
+from stabledrl_cli.dump import Run, RunIntegrityWarning, Step, open_run
 from stabledrl_cli.dump._schema import MANIFEST_NAME, RECORDING_CLOSED, RECORDING_STOPPED
 from stabledrl_cli.dump._setup import manifest_now
 from stabledrl_cli.dump._stfile import FileKey, file_key
+from stabledrl_cli.dump._views import ReadSteps, StepSubset
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay.columns import ColumnArray, derive_series, device_metrics
@@ -53,50 +53,6 @@ from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import no_steps_message, skipped_reasons
 from stabledrl_cli.replay.stream import StreamedRun, stream_run
 from stabledrl_cli.vocab import ALERT_KINDS, AlertKind, StepGeometryKind
-
-
-class StepSubset(Run):
-    """Some of a run's steps behind the Run API: a replay of part of a run reads only these
-    (a step among them that turns out unreadable is skipped, as in the whole run)."""
-
-    def __init__(self, run: Run, numbers: Sequence[int]) -> None:
-        self.path = run.path
-        self._run = run
-        self._numbers = sorted(set(numbers))
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return self._run.manifest
-
-    @property
-    def step_numbers(self) -> list[int]:
-        return list(self._numbers)
-
-    @property
-    def integrity(self) -> IntegrityReport:
-        return self._run.integrity
-
-    def header_findings(self) -> list[Finding]:
-        return self._run.header_findings()
-
-    def _has_step(self, n: int) -> bool:
-        return n in self._numbers and self._run._has_step(n)
-
-    def _try_step(self, n: int, *, deep: bool) -> Step | StepReadError:
-        return self._run._try_step(n, deep=deep)
-
-
-class ReadSteps(StepSubset):
-    """Steps a replay read, behind the Run API from the headers it kept as it read them: what
-    is derived from their scalars reads no file again."""
-
-    def __init__(self, run: Run, headers: Mapping[int, Step], numbers: Sequence[int]) -> None:
-        super().__init__(run, numbers)
-        self._headers = headers
-
-    def step_headers(self) -> Iterator[Step]:
-        for n in self._numbers:
-            yield self._headers[n]
 
 
 class OwnReplay:

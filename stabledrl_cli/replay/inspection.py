@@ -11,6 +11,7 @@ import numpy as np
 
 from stabledrl_cli.dump import Finding, IntegrityReport, Run, RunIntegrityWarning
 from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED, RUN_ID
+from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.replay.observed import NoiseFloor, Observed, OwnLikelihood, observe
 from stabledrl_cli.replay.recorded import SeriesStats, recorded_run
 
@@ -112,14 +113,16 @@ def summarize(run: Run) -> RunSummary:
     """Everything `inspect` reports about `run`; a step a replay would skip for its data is a
     finding too (kind `invalid`). One pass reads each step file whole, its checksums checked
     before any of its data is used; the integrity check and the headers after it find each
-    file checked already, so a file is read once."""
+    file checked already, so a file is read once. The headers are walked once after the pass:
+    the observed behaviour and the recorded series are derived from that walk."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RunIntegrityWarning)  # in `integrity` below
         invalid, floor, likelihood = _replayable(run)
         report = run.integrity
         headers = list(run.step_headers())
-        observed = observe(run, noise_floor=floor, likelihood=likelihood)
-        recorded = recorded_run(run, observed)
+        read = ReadSteps.of(run, headers)
+        observed = observe(read, noise_floor=floor, likelihood=likelihood)
+        recorded = recorded_run(read, observed)
     integrity = IntegrityReport([*report.findings, *invalid]).to_dict()
     manifest = run.manifest
     scored = np.array([s.num_scored_tokens for s in headers if not s.is_scalar], dtype=np.int64)

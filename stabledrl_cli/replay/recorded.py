@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from stabledrl_cli.dump import Run
+from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.vocab import SeriesStat, Worse
@@ -100,10 +101,11 @@ class RecordedRun:
 
 
 def recorded_run(run: Run, observed: Observed) -> RecordedRun:
-    """`run`'s recorded series from its step headers (no array is read), with `observed`."""
+    """`run`'s recorded series from its step headers (no array is read; one walk over them),
+    with `observed`."""
     headers = list(run.step_headers())
     names = sorted(set().union(*(h.scalars for h in headers)) - set(BOOKKEEPING_SCALARS))
-    series = run.scalar_series_many(names)
+    series = ReadSteps.of(run, headers).scalar_series_many(names)
     source = run.manifest.get("source")
     return RecordedRun(
         run=run.location,
