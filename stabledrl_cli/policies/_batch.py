@@ -23,7 +23,8 @@ Shapes and defaults of `PolicyBatch`:
   split across optimizer steps or ranks: `adv=center|zscore|rloo` refuses to recompute a
   baseline from such a group's part (it would silently treat one group as two).
 - `logp_ref`, `loss_weight`, `loss_scale`: same shape as `logp`.
-- `unit`: "token" or "sequence" (what one entry is; see docs/run-format.md).
+- `unit`: "token" or "sequence" (what one entry is; see docs/run-format.md). Under "sequence"
+  each entry is a whole sequence: a `seq_id` that repeats is refused (InputError).
 - `ranks`: how many data-parallel ranks' files the step joins (a run's `world_size`); default
   1. A loss each rank sums over its own micro-batches (`gmpo:mean=micro`) is averaged over
   them, as the ranks' gradient all-reduce averages.
@@ -489,6 +490,13 @@ def prepare(
         seq_raw = torch.arange(shape[0], device=dev).repeat_interleave(shape[1])
     else:
         seq_raw = torch.arange(num_tokens, device=dev)
+    if batch.unit == "sequence":
+        repeats = num_tokens - int(torch.unique(seq_raw).numel())
+        if repeats:
+            raise InputError(
+                f"seq_id: unit 'sequence' records one entry per sequence, but {repeats} of "
+                f"its {num_tokens} entries repeat another's id (token-level data?)"
+            )
 
     if per_seq_len is not None:
         if num_tokens and (int(seq_raw.min()) < 0 or int(seq_raw.max()) >= per_seq_len):
