@@ -1,22 +1,25 @@
-"""A step's arrays must have the shape the manifest's `unit` says (docs/run-format.md, Units):
-under `unit: sequence` each entry is a whole sequence, one distinct `seq_id` an entry. A
-step that contradicts it (token-level data: several entries of one sequence) is data a replay
-cannot use: skipped and named, and a run with no other step is exit 3 with one line, never
-replayed as if each token were a sequence."""
+"""A step's arrays must mean what the format says (docs/run-format.md): under `unit: sequence`
+each entry is a whole sequence, one distinct `seq_id` an entry; a multi-rank step's ids are
+each rank's own, from 0. A step that contradicts it (token-level data under unit: sequence, a
+rank's ids that would be another rank's) is data a replay cannot use: skipped and named, and
+a run with no other step is exit 3 with one line, never replayed as if it were consistent."""
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from _cli import run_cli
-from _corpus import edit_manifest, tiny_run
+from _corpus import edit_manifest, read_step, rewrite_step, tiny_run
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import InputError
 
 runner = CliRunner()
@@ -86,3 +89,47 @@ def test_one_contradicting_step_is_skipped_and_named(tmp_path):
     assert json.loads(result.stdout)["steps"] == STEPS - 1
     named = [line for line in _lines(result.stderr) if "step 1:" in line]
     assert len(named) == 1 and REPEATS in named[0], result.stderr
+
+
+def _rank_file(run: Path, step: int, rank: int) -> Path:
+    return run / "steps" / f"step-{step:08d}.rank-{rank:04d}.safetensors"
+
+
+def _set_ids(path: Path, name: str, change: Callable[[np.ndarray], np.ndarray]) -> None:
+    """The step file's int32 `name` changed in place (same size), checksums valid."""
+    header, data = read_step(path)
+    start, stop = header[name]["data_offsets"]
+    ids = change(np.frombuffer(data[start:stop], dtype=np.int32).copy()).astype(np.int32)
+    rewrite_step(path, header, data[:start] + ids.tobytes() + data[stop:])
+
+
+@pytest.mark.parametrize(
+    ("rank", "name", "change", "why"),
+    [
+        (1, "seq_id", lambda ids: ids - 1, "seq_id: rank 1's lie in [-1, 2] (outside [0, 4)"),
+        (0, "seq_id", lambda ids: ids + 1, "seq_id: rank 0's lie in [1, 4] (outside [0, 4)"),
+        (1, "group_id", lambda ids: ids - 2, "group_id: rank 1's lie in [-2, -1] (ids are >= 0)"),
+    ],
+    ids=["negative_seq_id", "seq_id_past_its_rank", "negative_group_id"],
+)
+def test_rank_ids_that_would_collide_with_another_ranks_are_refused(
+    tmp_path, rank, name, change, why
+):
+    """A rank's ids are numbered after the ranks before it (seq_id by their sequences,
+    group_id by their largest id): a negative id, or a seq_id past the rank's own sequences,
+    became another rank's sequence or group, joined as if recorded so (rank 1's seq_id -1 was
+    rank 0's last sequence). Reading the joined field is an input error naming the rank; replay
+    skips the step and names it, pack stops (exit 3)."""
+    run = tiny_run(tmp_path / "run", world_size=2)
+    _set_ids(_rank_file(run, 1, rank), name, change)
+    with pytest.raises(InputError, match=re.escape(why)):
+        open_run(run).step(1).array(name)
+    assert open_run(run).step(0).array(name).min() == 0
+    replayed = runner.invoke(app, ["replay", str(run), "--format", "json", "--device", "cpu"])
+    assert replayed.exit_code == 0, replayed.output
+    assert json.loads(replayed.stdout)["steps"] == 3
+    named = [line for line in _lines(replayed.stderr) if "step 1:" in line]
+    assert len(named) == 1 and why in named[0], replayed.stderr
+    packed = run_cli("pack", run, tmp_path / "out.h5")
+    assert packed.returncode == 3, packed.stderr
+    assert why in packed.stderr and "Traceback" not in packed.stderr

@@ -13,13 +13,15 @@ Multi-rank runs (world_size > 1): a step joins the ranks' files in rank order. T
 per-sequence arrays are concatenated; `seq_id` of rank r is offset by the number of sequences
 of ranks < r, and `micro_batch` by (max micro_batch + 1) of ranks < r, so both stay distinct.
 `group_id` is offset the same way when the manifest's group_ids is "per_rank" (the default),
-and left alone when it is "global" (ids shared by all ranks). `unit_grad_sketch` rows are
-concatenated (float16 parts are scaled to float32 first); an [N, k] or [U, k] array whose k
-differs between ranks cannot be joined (InputError); `unit_grad_gram` is left out (the
-cross-rank entries were never recorded); `param_grad_norm` is rank 0's. Scalars: `nonfinite`
-is summed, `reward_mean` weighted by sequences, `loss` averaged over ranks, the rest taken
-from rank 0. A step where some rank recorded no batch (a scalar step, format 1.2) joins as a
-scalar step: a batch with a rank missing is not the step's batch.
+and left alone when it is "global" (ids shared by all ranks). An offset id outside its rank's
+range (a negative one, a seq_id past the rank's sequences) would be another rank's: InputError.
+`unit_grad_sketch` rows are concatenated (float16 parts are scaled to float32 first); an
+[N, k] or [U, k] array whose k differs between ranks cannot be joined (InputError);
+`unit_grad_gram` is left out (the cross-rank entries were never recorded); `param_grad_norm`
+is rank 0's. Scalars: `nonfinite` is summed, `reward_mean` weighted by sequences, `loss`
+averaged over ranks, the rest taken from rank 0. A step where some rank recorded no batch (a
+scalar step, format 1.2) joins as a scalar step: a batch with a rank missing is not the step's
+batch.
 """
 
 from __future__ import annotations
@@ -226,12 +228,16 @@ class DirectoryStep(Step):
             return self._read_rank(0, name)
         parts = [self._read_rank(rank, name) for rank in range(len(self.paths))]
         if name == "seq_id":
-            offsets = np.cumsum([0] + [r.num_sequences for r in self.records])
-            parts = [self._shifted(p, int(offsets[r]), name) for r, p in enumerate(parts)]
+            sequences = [r.num_sequences for r in self.records]
+            offsets = np.cumsum([0, *sequences])
+            parts = [
+                self._shifted(p, int(offsets[r]), name, r, sequences[r])
+                for r, p in enumerate(parts)
+            ]
         elif name == "micro_batch" or (name == "group_id" and self.group_ids == "per_rank"):
             sizes = [int(p.max()) + 1 if p.size else 0 for p in parts]
             offsets = np.cumsum([0, *sizes])
-            parts = [self._shifted(p, int(offsets[r]), name) for r, p in enumerate(parts)]
+            parts = [self._shifted(p, int(offsets[r]), name, r) for r, p in enumerate(parts)]
         elif name == "unit_grad_sketch" and any(p.dtype == np.float16 for p in parts):
             with np.errstate(all="ignore"):  # a scale that overflows gives inf, as in torch
                 parts = [
@@ -248,10 +254,23 @@ class DirectoryStep(Step):
                 )
         return np.concatenate(parts)
 
-    def _shifted(self, ids: np.ndarray, offset: int, name: str) -> np.ndarray:
-        """A rank's ids numbered after the ranks before it (`offset` added, in their dtype);
-        InputError when the numbers outgrow that dtype."""
-        if ids.size and int(ids.max()) + offset > np.iinfo(ids.dtype).max:
+    def _shifted(
+        self, ids: np.ndarray, offset: int, name: str, rank: int, limit: int | None = None
+    ) -> np.ndarray:
+        """Rank `rank`'s ids numbered after the ranks before it (`offset` added, in their
+        dtype); InputError when the numbers outgrow that dtype, or when an id lies outside
+        [0, `limit`) (no bound above without one): numbered so, it would be another rank's."""
+        if not ids.size:
+            return ids
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (limit is not None and high >= limit):
+            bound = "ids are >= 0" if limit is None else f"outside [0, {limit}), its sequences"
+            raise InputError(
+                f"{self.named(self.paths[rank])}: cannot join the ranks' {name}: rank {rank}'s "
+                f"lie in [{low}, {high}] ({bound}); numbered after the ranks before it, they "
+                "would be another rank's"
+            )
+        if high + offset > np.iinfo(ids.dtype).max:
             raise InputError(
                 f"{self.named(self.paths[0])}: cannot join the ranks' {name}: numbered across "
                 f"{len(self.paths)} ranks, its ids pass the {ids.dtype} range"
