@@ -11,15 +11,17 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from _cli import run_cli
-from _corpus import edit_manifest, read_step, rewrite_step, tiny_run
+from _corpus import edit_manifest, read_step, rewrite_step, step_path, tiny_run
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.dump import open_run
+from stabledrl_cli.dump import open_run, pack_run
+from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
 from stabledrl_cli.errors import InputError
 
 runner = CliRunner()
@@ -106,11 +108,27 @@ def _set_ids(path: Path, name: str, change: Callable[[np.ndarray], np.ndarray]) 
 @pytest.mark.parametrize(
     ("rank", "name", "change", "why"),
     [
-        (1, "seq_id", lambda ids: ids - 1, "seq_id: rank 1's lie in [-1, 2] (outside [0, 4)"),
-        (0, "seq_id", lambda ids: ids + 1, "seq_id: rank 0's lie in [1, 4] (outside [0, 4)"),
+        (
+            1,
+            "seq_id",
+            lambda ids: ids - 1,
+            "seq_id: rank 1's lie in [-1, 2] (its 4 sequences are 0 to 3)",
+        ),
+        (
+            0,
+            "seq_id",
+            lambda ids: ids + 1,
+            "seq_id: rank 0's lie in [1, 4] (its 4 sequences are 0 to 3)",
+        ),
         (1, "group_id", lambda ids: ids - 2, "group_id: rank 1's lie in [-2, -1] (ids are >= 0)"),
+        (0, "seq_id", lambda ids: ids.clip(0, 2), "seq_id: rank 0's lie in [0, 2] (its 4 seq"),
     ],
-    ids=["negative_seq_id", "seq_id_past_its_rank", "negative_group_id"],
+    ids=[
+        "negative_seq_id",
+        "seq_id_past_its_rank",
+        "negative_group_id",
+        "seq_id_short_of_its_rank",
+    ],
 )
 def test_rank_ids_that_would_collide_with_another_ranks_are_refused(
     tmp_path, rank, name, change, why
@@ -118,8 +136,9 @@ def test_rank_ids_that_would_collide_with_another_ranks_are_refused(
     """A rank's ids are numbered after the ranks before it (seq_id by their sequences,
     group_id by their largest id): a negative id, or a seq_id past the rank's own sequences,
     became another rank's sequence or group, joined as if recorded so (rank 1's seq_id -1 was
-    rank 0's last sequence). Reading the joined field is an input error naming the rank; replay
-    skips the step and names it, pack stops (exit 3)."""
+    rank 0's last sequence); a seq_id short of them left a sequence no entry is of. Reading the
+    joined field is an input error naming the rank; replay skips the step and names it, pack
+    stops (exit 3)."""
     run = tiny_run(tmp_path / "run", world_size=2)
     _set_ids(_rank_file(run, 1, rank), name, change)
     with pytest.raises(InputError, match=re.escape(why)):
@@ -133,3 +152,78 @@ def test_rank_ids_that_would_collide_with_another_ranks_are_refused(
     packed = run_cli("pack", run, tmp_path / "out.h5")
     assert packed.returncode == 3, packed.stderr
     assert why in packed.stderr and "Traceback" not in packed.stderr
+
+
+def _set_meta(path: Path, **counts: str) -> None:
+    header, data = read_step(path)
+    header["__metadata__"].update(counts)
+    rewrite_step(path, header, data)
+
+
+def _no_per_sequence_run(path: Path) -> Path:
+    """4 steps of 4 sequences x 3 tokens, without group_id or reward."""
+    rng = np.random.default_rng(1)
+    with sd.Recorder(path, policy="grpo") as rec:
+        for step in range(STEPS):
+            logp = -rng.random((4, 3)).astype(np.float32)
+            rec.log_step(step, logp=logp, logp_old=logp + 0.01, advantages=[1.0, -1.0, 1.0, -1.0])
+    return path
+
+
+def _archive_scored_tokens(run: Path, archive: Path) -> Path:
+    """`run` packed, its step 1's num_scored_tokens set to 5 of 12 (index CRC valid)."""
+    pack_run(open_run(run), archive)
+    with h5py.File(archive, "r+") as handle:
+        counts = handle["steps/num_scored_tokens"]
+        values = counts[()]
+        values[1] = 5
+        counts[...] = values
+        counts.attrs[CRC_ATTR] = index_crc(values)
+    return archive
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (
+            lambda tmp: _set_ids(
+                step_path(tiny_run(tmp / "run", steps=STEPS), 1), "seq_id", lambda s: s.clip(0, 2)
+            ),
+            "seq_id names 3 sequences (its largest id + 1), the step has 4",
+        ),
+        (
+            lambda tmp: _set_meta(
+                step_path(_no_per_sequence_run(tmp / "run"), 1), _num_sequences="9"
+            ),
+            "seq_id names 4 sequences (its largest id + 1), the step has 9",
+        ),
+        (
+            lambda tmp: _set_meta(
+                step_path(tiny_run(tmp / "run", steps=STEPS), 1), _scored_tokens="3"
+            ),
+            "mask scores 12 entries, the step counts 3 scored",
+        ),
+        (
+            lambda tmp: _archive_scored_tokens(tiny_run(tmp / "run", steps=STEPS), tmp / "a.h5"),
+            "mask scores 12 entries, the step counts 5 scored",
+        ),
+    ],
+    ids=["per_sequence_arrays_past_seq_id", "num_sequences", "scored_tokens", "archive_scored"],
+)
+def test_counts_that_contradict_the_arrays_make_the_step_invalid(tmp_path, make, why):
+    """A step file's header counts (and an archive's count index) say what its arrays hold:
+    per-sequence arrays for a sequence no entry names, or a count no array agrees with, are
+    not what a Recorder writes. replay skipped nothing (its sequences' rewards entered their
+    groups' statistics, inspect showed the header's count); now the step is invalid."""
+    make(tmp_path)
+    target = tmp_path / "a.h5" if (tmp_path / "a.h5").exists() else tmp_path / "run"
+    replayed = runner.invoke(app, ["replay", str(target), "--format", "json", "--device", "cpu"])
+    assert replayed.exit_code == 0, replayed.output
+    assert json.loads(replayed.stdout)["steps"] == STEPS - 1
+    named = [line for line in _lines(replayed.stderr) if "step 1:" in line]
+    assert len(named) == 1 and why in named[0], replayed.stderr
+    shown = runner.invoke(app, ["inspect", str(target), "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    findings = json.loads(shown.stdout)["integrity"]["findings"]
+    assert [(f["kind"], f["step"]) for f in findings] == [("invalid", 1)], findings
+    assert why in findings[0]["message"]

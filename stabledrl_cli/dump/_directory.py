@@ -258,17 +258,20 @@ class DirectoryStep(Step):
         self, ids: np.ndarray, offset: int, name: str, rank: int, limit: int | None = None
     ) -> np.ndarray:
         """Rank `rank`'s ids numbered after the ranks before it (`offset` added, in their
-        dtype); InputError when the numbers outgrow that dtype, or when an id lies outside
-        [0, `limit`) (no bound above without one): numbered so, it would be another rank's."""
+        dtype); InputError when the numbers outgrow that dtype, when an id is negative (it
+        would be another rank's), or, given the rank's `limit` sequences, when its ids do not
+        reach up to `limit` - 1 exactly (past it: another rank's; short of it: a sequence no
+        entry is of)."""
         if not ids.size:
             return ids
         low, high = int(ids.min()), int(ids.max())
-        if low < 0 or (limit is not None and high >= limit):
-            bound = "ids are >= 0" if limit is None else f"outside [0, {limit}), its sequences"
+        if low < 0 or (limit is not None and high != limit - 1):
+            bound = (
+                "ids are >= 0" if limit is None else f"its {limit} sequences are 0 to {limit - 1}"
+            )
             raise InputError(
                 f"{self.named(self.paths[rank])}: cannot join the ranks' {name}: rank {rank}'s "
-                f"lie in [{low}, {high}] ({bound}); numbered after the ranks before it, they "
-                "would be another rank's"
+                f"lie in [{low}, {high}] ({bound})"
             )
         if high + offset > np.iinfo(ids.dtype).max:
             raise InputError(

@@ -145,7 +145,9 @@ def check_step(step: Step, policies: Sequence[Policy], unit: Unit, where: str) -
 
 
 def read_arrays(step: Step, where: str) -> Arrays:
-    """The step's arrays a replay uses (CPU), with their lengths checked."""
+    """The step's arrays a replay uses (CPU), with their lengths checked, and the step's counts
+    against them: its sequences against the ones seq_id names (N = max(seq_id) + 1: no
+    sequence without an entry), its scored entries against the mask's."""
     names = (*TOKEN_FIELDS, *SEQUENCE_FIELDS, *GEOMETRY_FIELDS)
     arrays = {name: step[name] for name in names if name in step.fields}
     length = arrays["logp"].reshape(-1).shape[0]
@@ -162,6 +164,19 @@ def read_arrays(step: Step, where: str) -> Arrays:
                 f"{where}: step {step.step}: {present[0]} has {arrays[present[0]].numel()} "
                 f"entries but {name} has {arrays[name].numel()} (mismatched array lengths)"
             )
+    seq_id, mask = host_array(arrays["seq_id"]), host_array(arrays["mask"])
+    named = int(np.maximum.reduce(seq_id)) + 1 if seq_id.size else 0
+    if named < step.num_sequences:  # per-sequence entries of a sequence no entry is of
+        raise InputError(
+            f"{where}: step {step.step}: seq_id names {named} sequences (its largest id + 1), "
+            f"the step has {step.num_sequences}"
+        )
+    scored = int(np.count_nonzero(mask))
+    if scored != step.num_scored_tokens:
+        raise InputError(
+            f"{where}: step {step.step}: mask scores {scored} entries, the step counts "
+            f"{step.num_scored_tokens} scored"
+        )
     return arrays
 
 
