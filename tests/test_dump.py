@@ -751,6 +751,20 @@ def test_bfloat16_and_token_ids(tmp_path):
     assert step["token_ids"].dtype == torch.int64 and step["token_ids"].shape == (2, 2)
 
 
+def test_token_ids_of_one_name_a_sequence_are_read_back(tmp_path):
+    """docs/run-format.md: token_ids is [N] or [N, k]. An [N] array was written as it was
+    given, and every reader refused the step as unreadable (they read [N, k] only): the
+    step was lost. It is stored as [N, 1], one name a sequence; replay and pack read it."""
+    path = tmp_path / "run"
+    with sd.Recorder(path) as rec:
+        rec.log_step(0, **_flat(), token_ids=np.array([7, -9]))
+    run = sd.open_run(path)
+    assert run.integrity.ok, run.integrity.findings
+    assert run.step(0).array("token_ids").tolist() == [[7], [-9]]
+    assert run_cli("pack", path, tmp_path / "run.h5").returncode == 0
+    assert sd.open_run(tmp_path / "run.h5").step(0).array("token_ids").tolist() == [[7], [-9]]
+
+
 def test_token_ids_are_names_not_indices_so_negative_ones_are_kept(tmp_path):
     # docs/run-format.md: token offsets or text hashes, int64; a signed hash is negative half
     # the time, and HF pads with -100. Ids that index (seq_id, group_id) stay >= 0.

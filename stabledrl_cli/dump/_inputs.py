@@ -263,7 +263,8 @@ def _batch_tensors(
         tensors["group_split"] = sequence_field("group_split", group_split)
     if "token_ids" in given:
         token_ids = _int_array(given.pop("token_ids"), "token_ids", "int64", index=False)
-        tensors["token_ids"] = sequence_field("token_ids", token_ids, rows=True)
+        token_ids = sequence_field("token_ids", token_ids, rows=True)
+        tensors["token_ids"] = token_ids.reshape(-1, 1) if token_ids.ndim == 1 else token_ids
 
     if "unit_grad_gram" in given:
         gram = _float_array(given.pop("unit_grad_gram"), "unit_grad_gram")
