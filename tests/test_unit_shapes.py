@@ -22,7 +22,7 @@ import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, UsageError
 
 runner = CliRunner()
 STEPS = 4
@@ -227,3 +227,71 @@ def test_counts_that_contradict_the_arrays_make_the_step_invalid(tmp_path, make,
     findings = json.loads(shown.stdout)["integrity"]["findings"]
     assert [(f["kind"], f["step"]) for f in findings] == [("invalid", 1)], findings
     assert why in findings[0]["message"]
+
+
+def _per_sequence_geometry_run(path: Path, kind: str) -> Path:
+    """A token run (2 sequences of 3 tokens a step) whose geometry was taken per sequence:
+    [N, N] Gram matrices or [N, k] sketches, N = 2 (docs/run-format.md, Gradient geometry)."""
+    rng = np.random.default_rng(2)
+    with sd.Recorder(path, policy="grpo") as rec:
+        for step in range(STEPS):
+            logp = -rng.random((2, 3)).astype(np.float32)
+            grads = rng.standard_normal((2, 5)).astype(np.float32)
+            geometry = (
+                {"unit_grad_gram": grads @ grads.T}
+                if kind == "gram"
+                else {"unit_grad_sketch": grads[:, :4]}
+            )
+            rec.log_step(step, logp=logp, logp_old=logp - 0.5, advantages=[1.0, -1.0], **geometry)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gram", "sketch"])
+def test_per_sequence_geometry_of_a_token_run_is_recorded_and_replayed(tmp_path, kind):
+    """docs/run-format.md: U is the number of units, or of sequences when the entries are
+    tokens and the gradients were taken per sequence; replay sums each sequence's token
+    coefficients (docs/replay-json.md, update_norm_approximate). log_step refused such
+    geometry ([U, U] = [6, 6] expected) and a reader refused a step file holding it."""
+    run = _per_sequence_geometry_run(tmp_path / "run", kind)
+    assert open_run(run).integrity.ok
+    result = runner.invoke(app, ["replay", str(run), "-p", "grpo", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    replayed = json.loads(result.stdout)
+    assert replayed["steps"] == STEPS and replayed["geometry"] == kind
+    pack_run(open_run(run), tmp_path / "run.h5")
+    packed = runner.invoke(app, ["replay", str(tmp_path / "run.h5"), "-p", "grpo", "-f", "json"])
+    assert packed.exit_code == 0, packed.output
+    assert json.loads(packed.stdout)["policies"] == replayed["policies"]
+
+
+def test_geometry_of_neither_entries_nor_sequences_is_refused(tmp_path):
+    with sd.Recorder(tmp_path / "run") as rec, pytest.raises(UsageError, match="unit_grad_gram"):
+        rec.log_step(
+            0,
+            logp=np.zeros((2, 3)),
+            logp_old=np.zeros((2, 3)),
+            advantages=[1.0, -1.0],
+            unit_grad_gram=np.eye(4, dtype=np.float32),
+        )
+
+
+def test_a_gram_of_entries_by_sequences_is_unreadable(tmp_path):
+    """Either count may be a Gram's U, but both of its sides are the same U."""
+    run = _per_sequence_geometry_run(tmp_path / "run", "gram")
+    path = step_path(run, 1)
+    header, data = read_step(path)
+    arrays = {
+        name: data[slice(*entry["data_offsets"])]
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
+    arrays["unit_grad_gram"] = np.ones((6, 2), np.float32).tobytes()
+    header["unit_grad_gram"]["shape"] = [6, 2]
+    rebuilt = b""
+    for name, raw in arrays.items():
+        header[name]["data_offsets"] = [len(rebuilt), len(rebuilt) + len(raw)]
+        rebuilt += raw
+    rewrite_step(path, header, rebuilt)
+    findings = open_run(run).integrity.findings
+    assert [(f.kind, f.step) for f in findings] == [("unreadable", 1)], findings
+    assert "unit_grad_gram: shape [6, 2] disagrees" in findings[0].message

@@ -461,11 +461,20 @@ class ArchiveRun(Run):
                 f"its {name} shape does not match its data",
             )
             for column, dim in enumerate(FIELDS[name].dims):
-                if dim is not None:
+                if dim == "units":  # T, or N for geometry taken per sequence
+                    mark(
+                        present
+                        & (shapes[:, column] != self._counts["num_tokens"])
+                        & (shapes[:, column] != self._counts["num_sequences"]),
+                        f"its {name} shape disagrees with its tokens and sequences counts",
+                    )
+                elif dim is not None:
                     mark(
                         present & (shapes[:, column] != self._counts[f"num_{dim}"]),
                         f"its {name} shape disagrees with its {dim} count",
                     )
+            if FIELDS[name].per == "unit_pairs":
+                mark(present & (shapes[:, 0] != shapes[:, 1]), f"its {name} is not square")
         for index, why in sorted(reasons.items()):
             self._bad[index] = StepReadError("unreadable", why)
             if self._all_bad is None:

@@ -118,10 +118,15 @@ def _check_fields(header: StepHeader, tokens: int, sequences: int, *, scalar: bo
         allowed = {_STORED_DTYPES[d] for d in spec.dtypes}
         if dtype not in allowed:
             raise StepReadError("unreadable", f"{name}: dtype {dtype}, expected {spec.dtype}")
-        counts = {"tokens": tokens, "sequences": sequences}
+        counts = {"tokens": (tokens,), "sequences": (sequences,), "units": (tokens, sequences)}
         expected = [None if dim is None else counts[dim] for dim in spec.dims]
-        if len(shape) != len(expected) or any(
-            want is not None and got != want for got, want in zip(shape, expected, strict=True)
+        if (
+            len(shape) != len(expected)
+            or any(
+                want is not None and got not in want
+                for got, want in zip(shape, expected, strict=True)
+            )
+            or (spec.per == "unit_pairs" and shape[0] != shape[1])
         ):
             raise StepReadError(
                 "unreadable",

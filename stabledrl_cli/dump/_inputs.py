@@ -266,12 +266,16 @@ def _batch_tensors(
         token_ids = sequence_field("token_ids", token_ids, rows=True)
         tensors["token_ids"] = token_ids.reshape(-1, 1) if token_ids.ndim == 1 else token_ids
 
+    # U: the entries, or for token entries whose gradients were taken per sequence, N
+    units: tuple[int, ...] = (num_tokens,) if unit == "sequence" else (num_tokens, num_sequences)
+    shown = f"U = {num_tokens}"
+    if unit == "token":
+        shown += f" (entries) or {num_sequences} (sequences)"
     if "unit_grad_gram" in given:
         gram = _float_array(given.pop("unit_grad_gram"), "unit_grad_gram")
-        if gram.shape != (num_tokens, num_tokens):
+        if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] not in units:
             raise UsageError(
-                f"unit_grad_gram: expected [U, U] = [{num_tokens}, {num_tokens}], "
-                f"got {list(gram.shape)}"
+                f"unit_grad_gram: expected [U, U] with {shown}, got {list(gram.shape)}"
             )
         tensors["unit_grad_gram"] = gram
     if "unit_grad_sketch" in given:
@@ -283,9 +287,9 @@ def _batch_tensors(
                 )
         else:
             sketch = _float_array(sketch, "unit_grad_sketch")
-        if sketch.ndim != 2 or sketch.shape[0] != num_tokens or sketch.shape[1] == 0:
+        if sketch.ndim != 2 or sketch.shape[0] not in units or sketch.shape[1] == 0:
             raise UsageError(
-                f"unit_grad_sketch: expected [U, k] with U = {num_tokens} and k >= 1, "
+                f"unit_grad_sketch: expected [U, k] with {shown} and k >= 1, "
                 f"got {list(sketch.shape)}"
             )
         tensors["unit_grad_sketch"] = sketch

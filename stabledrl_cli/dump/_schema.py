@@ -142,13 +142,14 @@ class FieldSpec:
 
     @property
     def dims(self) -> tuple[str | None, ...]:
-        """What each dimension of the field counts: "tokens" (T, or U units), "sequences" (N),
-        or None (free: token_ids' k, a sketch's k, the parameters)."""
+        """What each dimension of the field counts: "tokens" (T), "sequences" (N), "units"
+        (the geometry's U: T, or N when the gradients were taken per sequence; a Gram's two
+        are the same), or None (free: token_ids' k, a sketch's k, the parameters)."""
         return {
             "token": ("tokens",),
             "sequence": ("sequences",) if self.ndim == 1 else ("sequences", None),
-            "unit_pairs": ("tokens", "tokens"),
-            "unit_rows": ("tokens", None),
+            "unit_pairs": ("units", "units"),
+            "unit_rows": ("units", None),
             "param": (None,),
         }[self.per]
 
