@@ -295,3 +295,30 @@ def test_a_gram_of_entries_by_sequences_is_unreadable(tmp_path):
     findings = open_run(run).integrity.findings
     assert [(f.kind, f.step) for f in findings] == [("unreadable", 1)], findings
     assert "unit_grad_gram: shape [6, 2] disagrees" in findings[0].message
+
+
+def test_a_rank_whose_sequences_have_no_entry_is_refused(tmp_path):
+    """Rank 0's part of step 1 rewritten with no entries but its 4 sequences' reward and
+    group_id: rank 1's ids were numbered after them, and the joined step replayed 4 sequences
+    no entry is of (their rewards in their groups' statistics)."""
+    run = tiny_run(tmp_path / "run", world_size=2)
+    path = _rank_file(run, 1, 0)
+    header, data = read_step(path)
+    arrays = {}
+    for name, entry in [(n, e) for n, e in header.items() if n != "__metadata__"]:
+        raw = data[slice(*entry["data_offsets"])]
+        if name not in ("group_id", "reward", "token_ids"):
+            entry["shape"], raw = [0], b""
+        arrays[name] = raw
+    rebuilt = b""
+    for name, raw in arrays.items():
+        header[name]["data_offsets"] = [len(rebuilt), len(rebuilt) + len(raw)]
+        rebuilt += raw
+    header["__metadata__"].update(_num_tokens="0", _scored_tokens="0", nonfinite="0.0")
+    rewrite_step(path, header, rebuilt)
+    why = "seq_id: rank 0's has no entry (its 4 sequences are 0 to 3)"
+    with pytest.raises(InputError, match=re.escape(why)):
+        open_run(run).step(1).array("seq_id")
+    replayed = runner.invoke(app, ["replay", str(run), "--format", "json", "--device", "cpu"])
+    assert replayed.exit_code == 0, replayed.output
+    assert json.loads(replayed.stdout)["steps"] == 3

@@ -266,17 +266,18 @@ class DirectoryStep(Step):
         dtype); InputError when the numbers outgrow that dtype, when an id is negative (it
         would be another rank's), or, given the rank's `limit` sequences, when its ids do not
         reach up to `limit` - 1 exactly (past it: another rank's; short of it: a sequence no
-        entry is of)."""
-        if not ids.size:
+        entry is of; no ids at all when it has sequences)."""
+        if not ids.size and not limit:
             return ids
-        low, high = int(ids.min()), int(ids.max())
+        low, high = (int(ids.min()), int(ids.max())) if ids.size else (0, -1)
         if low < 0 or (limit is not None and high != limit - 1):
             bound = (
                 "ids are >= 0" if limit is None else f"its {limit} sequences are 0 to {limit - 1}"
             )
+            held = f"lie in [{low}, {high}]" if ids.size else "has no entry"
             raise InputError(
                 f"{self.named(self.paths[rank])}: cannot join the ranks' {name}: rank {rank}'s "
-                f"lie in [{low}, {high}] ({bound})"
+                f"{held} ({bound})"
             )
         if high + offset > np.iinfo(ids.dtype).max:
             raise InputError(
