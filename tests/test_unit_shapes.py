@@ -322,3 +322,18 @@ def test_a_rank_whose_sequences_have_no_entry_is_refused(tmp_path):
     replayed = runner.invoke(app, ["replay", str(run), "--format", "json", "--device", "cpu"])
     assert replayed.exit_code == 0, replayed.output
     assert json.loads(replayed.stdout)["steps"] == 3
+
+
+def test_more_sequences_than_an_int32_seq_id_names_is_unreadable(tmp_path):
+    """A step without per-sequence arrays, its _num_sequences crafted past int64 (10**29, 30
+    digits as a count may have): pack stopped on an internal error (exit 70) converting its
+    offsets. seq_id is int32, so a step has at most 2**31 sequences: more is unreadable."""
+    run = _no_per_sequence_run(tmp_path / "run")
+    _set_meta(step_path(run, 1), _num_sequences=str(10**29))
+    _set_meta(step_path(run, 2), _num_sequences=str(2**31 + 1))
+    findings = open_run(run).integrity.findings
+    assert [(f.kind, f.step) for f in findings] == [("unreadable", 1), ("unreadable", 2)]
+    assert "more sequences than an int32 seq_id names" in findings[0].message
+    packed = run_cli("pack", run, tmp_path / "out.h5")
+    assert packed.returncode == 0, packed.stderr
+    assert open_run(tmp_path / "out.h5").step_numbers == [0, 3]

@@ -51,6 +51,7 @@ from stabledrl_cli.dump._schema import (
     META_SCORED_TOKENS,
     META_WORLD_SIZE,
     SCALAR_STEP_VERSION,
+    SEQUENCE_LIMIT,
     STEP_FILE_RE,
     STEP_LIMIT,
     STEPS_DIR,
@@ -551,6 +552,10 @@ class DirectoryRun(Run):
             raise StepReadError("unreadable", "the step has no tokens")
         if scored > tokens:
             raise StepReadError("unreadable", f"{scored} scored tokens of {tokens}")
+        if sequences > SEQUENCE_LIMIT:
+            raise StepReadError(
+                "unreadable", f"{sequences} sequences: more sequences than an int32 seq_id names"
+            )
         _check_fields(header, tokens, sequences, scalar=scalar)
         names = tuple(scalars)
         fields = frozenset(name for name in header.tensors if name in FIELDS)

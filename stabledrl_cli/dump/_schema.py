@@ -78,6 +78,8 @@ WORLD_SIZE_LIMIT = 4096
 """The largest world_size a reader accepts: a larger one is a corrupt manifest."""
 STEP_LIMIT = (1 << 63) - 1
 """The largest step number (int64): a longer one in a file name is not a step file."""
+SEQUENCE_LIMIT = 1 << 31
+"""The most sequences a step holds: N = max(seq_id) + 1, and seq_id is int32."""
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 """The first bytes of an HDF5 file (a packed run)."""
