@@ -225,6 +225,26 @@ def test_strict_also_fails_on_an_improvement(runs, baseline, tmp_path):
     assert code == 0
 
 
+def test_strict_failure_on_a_null_baseline_value_says_why(runs, baseline, tmp_path):
+    """A null value (infinity) worse when higher: any figure passes, but a strict check fails
+    on a finite one (a change in kind); the message said 'any figure passes' beside FAILED."""
+    edited = _edit(
+        baseline,
+        tmp_path / "null.json",
+        lambda d: d["policies"]["is"]["update_norm_max"].update(value=None),
+    )
+    code, data, stderr = _check(str(runs["steady"]), "--baseline", str(edited), "--strict")
+    assert code == 1
+    gate = _gate(data, "is", "baseline.update_norm_max")
+    assert not gate["ok"]
+    assert "any figure passes" not in gate["message"]
+    assert "better than the baseline beyond its tolerance" in gate["message"]
+    assert "any figure passes" not in stderr
+    code, data, _ = _check(str(runs["steady"]), "--baseline", str(edited))
+    gate = _gate(data, "is", "baseline.update_norm_max")
+    assert code == 0 and gate["ok"] and "any figure passes" in gate["message"]
+
+
 def test_strict_baseline_has_noise_tolerances_and_is_two_sided(runs, tmp_path):
     golden = tmp_path / "golden.json"
     result = runner.invoke(

@@ -240,12 +240,12 @@ def _regression(
     base = none if tol.value is None else format_figure(tol.value)
     side = "above" if tol.worse == "higher" else "below"
     slack = f"abs_tol {tol.abs_tol:g}, rel_tol {tol.rel_tol:g}"
-    if tol.value is None:
+    if improved:
+        rule = f"better than the baseline beyond its tolerance ({slack}); --strict fails on it"
+    elif tol.value is None:
         rule = "any figure passes" if tol.worse == "higher" else f"any figure but {none} fails"
     elif tripped:
         rule = f"{side} the limit {format_figure(tol.limit())} ({slack})"
-    elif improved:
-        rule = f"better than the baseline beyond its tolerance ({slack}); --strict fails on it"
     else:
         rule = f"fails {side} {format_figure(tol.limit())} ({slack})"
     return GateResult(
