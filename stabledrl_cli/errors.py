@@ -9,6 +9,7 @@ them into one line on stderr and the exit code.
 
 from __future__ import annotations
 
+import json
 import sys
 
 
@@ -78,6 +79,17 @@ def quoted(text: str) -> str:
     if len(text) <= QUOTE_LIMIT:
         return repr(text)
     return f"{text[:QUOTE_LIMIT]!r}... ({len(text)} characters)"
+
+
+SHOWN_LIMIT = 60
+"""Characters of a bad value of a JSON input that a message shows."""
+
+
+def shown(value: object) -> str:
+    """`value` (parsed from a JSON input) as JSON for an error line, cut at `SHOWN_LIMIT`
+    characters: a value pasted by mistake stays one short line."""
+    text = json.dumps(value)
+    return text if len(text) <= SHOWN_LIMIT else text[: SHOWN_LIMIT - 3] + "..."
 
 
 def warn(line: str) -> None:

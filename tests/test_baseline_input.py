@@ -106,3 +106,52 @@ def test_a_baseline_that_is_a_directory_exits_3_naming_it(tmp_path: Path) -> Non
     assert result.exit_code == 3, result.output
     lines = result.stderr.strip().splitlines()
     assert lines == [f"error: {folder}: the baseline is not a regular file"], result.stderr
+
+
+LONG = "x" * 100_000
+"""A value pasted by mistake: an error line quotes its start, never all of it."""
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("policies", "grpo", "discard_frac", "value"), LONG),
+        (("policies", "grpo", "discard_frac", "worse"), [LONG]),
+        (("policies", "grpo", LONG), {}),
+        (("policies", LONG), {}),
+        (("observed", LONG), {}),
+        (("recorded", "grad_norm", LONG), {}),
+        (("recorded", LONG), []),
+        (("recorded", "a\nb"), []),
+        (("replay", "spike_factor"), {"x": LONG}),
+        (("strict",), LONG),
+        (("version",), LONG),
+        (("version",), int("9" * 4000)),
+    ],
+    ids=[
+        "value",
+        "worse",
+        "metric",
+        "policy",
+        "observed",
+        "statistic",
+        "series",
+        "series-newline",
+        "replay",
+        "strict",
+        "version",
+        "version-digits",
+    ],
+)
+def test_a_bad_value_or_key_is_named_in_one_short_line(
+    tmp_path: Path, path: tuple[str, ...], value: object
+) -> None:
+    """Every malformed-baseline message quoted the bad value or key whole (a 100 KB value made
+    a 100 KB error line; a key holding a newline split it in two)."""
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(_baseline_with(path, value)))
+    result = CliRunner().invoke(app, ["check", str(FIXTURE), "--baseline", str(baseline)])
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(baseline) in lines[0], result.stderr
+    assert len(lines[0]) < 400, lines[0][:400]

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from stabledrl_cli._json import parse_strict
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.errors import InputError, UsageError, shown
 from stabledrl_cli.vocab import GROUP_IDS, UNITS
 
 _Json = TypeVar("_Json")
@@ -228,14 +228,6 @@ META_CRC_DATA = "_crc32_data"
 
 _VERSION_RE = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
 """A format version: a string of ASCII digits, a dot, ASCII digits (at most 9 each)."""
-_SHOWN_LIMIT = 60
-"""Characters of a bad value a message shows."""
-
-
-def _shown(value: object) -> str:
-    """`value` as JSON for a message, cut at `_SHOWN_LIMIT` characters."""
-    text = json.dumps(value)
-    return text if len(text) <= _SHOWN_LIMIT else text[: _SHOWN_LIMIT - 3] + "..."
 
 
 def parse_version(text: object, what: str) -> tuple[int, int]:
@@ -243,7 +235,7 @@ def parse_version(text: object, what: str) -> tuple[int, int]:
     digits a part) is corrupt input."""
     match = _VERSION_RE.fullmatch(text) if isinstance(text, str) else None
     if match is None:
-        raise InputError(f"{what}: malformed format version {_shown(text)}")
+        raise InputError(f"{what}: malformed format version {shown(text)}")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -283,7 +275,7 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
     version = check_readable_version(manifest.get("format_version"), where)
 
     def corrupt(name: str, expected: str) -> InputError:
-        value = _shown(manifest.get(name))
+        value = shown(manifest.get(name))
         return InputError(f"{where}: corrupt manifest: {name} must be {expected}, got {value}")
 
     if manifest.get("unit") not in UNITS:

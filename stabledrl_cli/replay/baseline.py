@@ -53,7 +53,7 @@ from stabledrl_cli._atomic import write_output
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli._version import __version__
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.errors import QUOTE_LIMIT, InputError, UsageError, quoted, shown
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,
@@ -163,7 +163,7 @@ def _number(data: dict[str, object], key: str, where: str) -> float:
     if isinstance(value, int) and abs(value) > sys.float_info.max:  # JSON integers have no bound
         raise InputError(f"{where}.{key} must be a finite number, got an integer past 1.8e308")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{where}.{key} must be a finite number, got {value!r}")
+        raise InputError(f"{where}.{key} must be a finite number, got {shown(value)}")
     return float(value)
 
 
@@ -178,7 +178,7 @@ def _tolerance(data: object, where: str, default_worse: Worse | None) -> Toleran
         )
     worse = data.get("worse", default_worse)
     if worse not in WORSE:
-        raise InputError(f"{where}.worse must be 'higher' or 'lower', got {worse!r}")
+        raise InputError(f"{where}.worse must be 'higher' or 'lower', got {shown(worse)}")
     abs_tol = _number(data, "abs_tol", where) if "abs_tol" in data else 0.0
     rel_tol = _number(data, "rel_tol", where) if "rel_tol" in data else 0.0
     if abs_tol < 0 or rel_tol < 0:
@@ -230,14 +230,14 @@ def _read(path: str | os.PathLike[str]) -> dict[str, object]:
         raise InputError(f"{where}: not a stabledrl baseline (schema is not {BASELINE_SCHEMA!r})")
     version = data.get("version")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise InputError(f"{where}: baseline version must be an integer, got {version!r}")
+        raise InputError(f"{where}: baseline version must be an integer, got {shown(version)}")
     if version > BASELINE_VERSION:
         raise InputError(
-            f"{where}: baseline version {version} is newer than this tool reads "
+            f"{where}: baseline version {shown(version)} is newer than this tool reads "
             f"({BASELINE_VERSION}); upgrade stabledrl"
         )
     if version < 1:
-        raise InputError(f"{where}: baseline version {version} is not supported")
+        raise InputError(f"{where}: baseline version {shown(version)} is not supported")
     return data
 
 
@@ -272,6 +272,12 @@ def _window(replay: dict[str, object], key: str, where: str) -> int:
     return int(value)
 
 
+def _key(name: str) -> str:
+    """A key of the baseline in an error line: as it is, or quoted (and cut) when it is long
+    or holds a character that is not printable (a newline would split the line)."""
+    return name if name.isprintable() and len(name) <= QUOTE_LIMIT else quoted(name)
+
+
 def _policies(data: object, where: str) -> dict[str, dict[str, Tolerance]]:
     if not isinstance(data, dict):
         raise InputError(f"{where}: 'policies' must be an object of spec -> metrics")
@@ -281,19 +287,22 @@ def _policies(data: object, where: str) -> dict[str, dict[str, Tolerance]]:
         try:
             canonical = get_policy(spec).spec
         except UsageError as exc:
-            raise InputError(f"{where}: policy {spec!r}: {exc}") from None
+            raise InputError(f"{where}: policy {quoted(spec)}: {exc}") from None
         if not isinstance(metrics, dict):
-            raise InputError(f"{where}: policies.{spec} must be an object of metric -> tolerance")
+            raise InputError(
+                f"{where}: policies.{_key(spec)} must be an object of metric -> tolerance"
+            )
         entry = {}
         for name, tol in metrics.items():
             rule = rules.get(name)
             if rule is None:
                 raise InputError(
-                    f"{where}: policies.{spec}: unknown metric {name!r} (known: {', '.join(rules)})"
+                    f"{where}: policies.{_key(spec)}: unknown metric {quoted(name)} "
+                    f"(known: {', '.join(rules)})"
                 )
-            entry[name] = _tolerance(tol, f"{where}: policies.{spec}.{name}", rule.worse)
+            entry[name] = _tolerance(tol, f"{where}: policies.{_key(spec)}.{name}", rule.worse)
         if canonical in policies:
-            raise InputError(f"{where}: policy {spec!r} appears twice (as {canonical!r})")
+            raise InputError(f"{where}: policy {quoted(spec)} appears twice (as {canonical!r})")
         policies[canonical] = entry
     return policies
 
@@ -305,7 +314,7 @@ def _recorded(data: object, where: str) -> dict[str, dict[SeriesStat, Tolerance]
     for name, stats in data.items():
         if not isinstance(stats, dict):
             raise InputError(
-                f"{where}: recorded.{name} must be an object of statistic -> tolerance"
+                f"{where}: recorded.{_key(name)} must be an object of statistic -> tolerance"
             )
         rule = SERIES_RULES.get(name)
         entry: dict[SeriesStat, Tolerance] = {}
@@ -313,11 +322,11 @@ def _recorded(data: object, where: str) -> dict[str, dict[SeriesStat, Tolerance]
             known = next((s for s in SERIES_STATS if s == stat), None)
             if known is None:
                 raise InputError(
-                    f"{where}: recorded.{name}: unknown statistic {stat!r} "
+                    f"{where}: recorded.{_key(name)}: unknown statistic {quoted(stat)} "
                     f"(known: {', '.join(SERIES_STATS)})"
                 )
             worse = rule.worse if rule is not None else None
-            entry[known] = _tolerance(tol, f"{where}: recorded.{name}.{stat}", worse)
+            entry[known] = _tolerance(tol, f"{where}: recorded.{_key(name)}.{stat}", worse)
         recorded[name] = entry
     return recorded
 
@@ -336,11 +345,13 @@ def load_baseline(path: str | os.PathLike[str]) -> Baseline:
     observed = {}
     for name, entry in observed_data.items():
         if name not in RUN_METRICS:
-            raise InputError(f"{where}: unknown observed metric {name!r} (known: {RUN_METRICS})")
+            raise InputError(
+                f"{where}: unknown observed metric {quoted(name)} (known: {RUN_METRICS})"
+            )
         observed[name] = _tolerance(entry, f"{where}: observed.{name}", RUN_WORSE[name])
     strict = data.get("strict", False)
     if not isinstance(strict, bool):
-        raise InputError(f"{where}: 'strict' must be true or false, got {strict!r}")
+        raise InputError(f"{where}: 'strict' must be true or false, got {shown(strict)}")
     return Baseline(
         path=where,
         run=run,
