@@ -155,3 +155,25 @@ def test_a_bad_value_or_key_is_named_in_one_short_line(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(baseline) in lines[0], result.stderr
     assert len(lines[0]) < 400, lines[0][:400]
+
+
+@pytest.mark.parametrize("steps", ["160", "a\nb", [160], True, -1, 1.5])
+def test_a_run_step_count_of_a_wrong_type_exits_3_naming_it(tmp_path: Path, steps: object) -> None:
+    """run.steps was printed as it was in the step-count note ('the baseline's run had a',
+    then a second line 'b: step counts are compared as they are'; "160" said the counts
+    differ when they are equal) and the check went on."""
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(_baseline_with(("run",), {"path": "x", "steps": steps})))
+    result = CliRunner().invoke(app, ["check", str(FIXTURE), "--baseline", str(baseline)])
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "run.steps must be" in lines[0], result.stderr
+
+
+def test_a_run_step_count_that_is_null_or_absent_is_no_note(tmp_path: Path) -> None:
+    for run in ({"path": "x", "steps": None}, {"path": "x"}):
+        baseline = tmp_path / "baseline.json"
+        baseline.write_text(json.dumps(_baseline_with(("run",), run)))
+        result = CliRunner().invoke(app, ["check", str(FIXTURE), "--baseline", str(baseline)])
+        assert result.exit_code in (0, 1), result.output
+        assert "note:" not in result.stderr

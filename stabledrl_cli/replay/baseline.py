@@ -339,6 +339,10 @@ def load_baseline(path: str | os.PathLike[str]) -> Baseline:
     run = data.get("run", {})
     if not isinstance(run, dict):
         raise InputError(f"{where}: 'run' must be an object")
+    if run.get("steps") is not None:
+        steps = _number(run, "steps", f"{where}: run")
+        if not steps.is_integer() or steps < 0:
+            raise InputError(f"{where}: run.steps must be a whole number >= 0, got {steps:g}")
     observed_data = data.get("observed", {})
     if not isinstance(observed_data, dict):
         raise InputError(f"{where}: 'observed' must be an object")
