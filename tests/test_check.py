@@ -156,6 +156,27 @@ def test_baseline_writes_floats_as_floats_and_counts_as_integers(runs, tmp_path)
     assert not any(len(token) > 17 and token.isdigit() for token in raw.replace(",", " ").split())
 
 
+def test_baseline_text_keeps_a_string_that_looks_like_its_float_marks(runs, tmp_path):
+    """A float was written through a stand-in string and put back by replacing the first text
+    equal to it: a run whose manifest names its policy with that text had a float put there,
+    the stand-in left under replay.spike_factor, and a check of the same run against the
+    baseline it had just written exited 3."""
+    marks = {"policy": "\0float-0\0", "note": "\0float-1\0\0float-+-0\0"}
+    data = {"run": marks, "replay": {"spike_factor": 10.0, "window": 50}, "big": 8.68e12}
+    assert json.loads(baseline_text(data)) == data
+    run = tmp_path / "run"
+    _make_run(run, collapse=False)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["policy"]["spec"] = marks["policy"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    written = tmp_path / "b.json"
+    result = runner.invoke(app, ["check", str(run), "-p", "grpo", "--write-baseline", str(written)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(written.read_text())["run"]["policy"] == marks["policy"]
+    code, data, stderr = _check(str(run), "--baseline", str(written))
+    assert code == 0 and data["ok"], stderr
+
+
 def test_gate_counts_agree_in_number(runs):
     one = runner.invoke(
         app, ["check", str(runs["steady"]), "-p", "stabledrl", "--max-collapsed", "0"]

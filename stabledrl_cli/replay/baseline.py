@@ -492,8 +492,6 @@ def baseline_dict(
 
 EXPONENT_FROM = 1e6
 """Floats of this magnitude or more are written with an exponent (8.68e+12)."""
-# Stands in for a float in the JSON text; a NUL cannot occur in any other string of it.
-_FLOAT_MARK = "\0float-{}\0"
 
 
 def _float_text(value: float) -> str:
@@ -503,10 +501,22 @@ def _float_text(value: float) -> str:
     return f"{Decimal(repr(value)).normalize():e}"
 
 
+def _float_mark(data: dict[str, object]) -> str:
+    """What stands in for a float of `data` in its JSON text (formatted with the float's
+    index): NUL, a tag that no string of `data` holds after a NUL (a run's manifest may name
+    its policy with any text), NUL."""
+    plain = json.dumps(data)
+    tag = "float"
+    while f"\\u0000{tag}-" in plain:
+        tag += "+"
+    return "\0" + tag + "-{}\0"
+
+
 def baseline_text(data: dict[str, object]) -> str:
     """A baseline as JSON text: integers plainly, every float as a float (a large one with an
     exponent, never a 30-digit integer)."""
     floats: list[float] = []
+    float_mark = _float_mark(data)
 
     def mark(value: object) -> object:
         if isinstance(value, dict):
@@ -515,14 +525,14 @@ def baseline_text(data: dict[str, object]) -> str:
             return [mark(v) for v in value]
         if isinstance(value, float):
             floats.append(value)
-            return _FLOAT_MARK.format(len(floats) - 1)
+            return float_mark.format(len(floats) - 1)
         return value
 
     text = json.dumps(mark(data), indent=2, allow_nan=False)
     for i, value in enumerate(floats):
         if not math.isfinite(value):
             raise ValueError(f"a baseline cannot hold {value!r}")
-        text = text.replace(json.dumps(_FLOAT_MARK.format(i)), _float_text(value), 1)
+        text = text.replace(json.dumps(float_mark.format(i)), _float_text(value), 1)
     return text + "\n"
 
 
