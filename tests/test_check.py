@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from stabledrl_cli.replay.baseline import (
     write_baseline,
 )
 from stabledrl_cli.replay.figures import RUN_METRICS, policy_metrics
-from stabledrl_cli.replay.junit import write_junit
+from stabledrl_cli.replay.junit import junit_xml, write_junit
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED_GATES = 4
@@ -494,6 +495,41 @@ def test_junit_report(runs, baseline, tmp_path):
     assert failure.text.startswith("figure 1, limit 0")
     passed = next(c for c in cases if c.find("failure") is None)
     assert passed.find("system-out") is not None
+
+
+def test_junit_report_is_well_formed_xml_whatever_the_names(tmp_path):
+    """A run path or a recorded scalar's name may hold a control character, a byte that is not
+    UTF-8 (a lone surrogate once decoded) or U+FFFF, none of which XML 1.0 can carry: they were
+    written as they were, and CI's JUnit reader refused the whole report."""
+    run = tmp_path / "run\x01"
+    name = "a\x01\x1b[31mb\uffff"
+    with sd.Recorder(run, policy=None) as rec:
+        for step in range(5):
+            rec.log_step(step, grad_norm=1.0, reward_mean=0.5, scalars={name: 1.0 + step})
+    written = tmp_path / "b.json"
+    written.write_text(
+        json.dumps({
+            "schema": BASELINE_SCHEMA,
+            "version": 1,
+            "replay": {"spike_factor": 10.0, "window": 50, "drift_threshold": -0.15},
+            "recorded": {name: {"max": {"value": 1.0, "worse": "higher"}}},
+            "policies": {},
+        })
+    )  # fmt: skip
+    junit = tmp_path / "check.xml"
+    result = runner.invoke(
+        app, ["check", str(run), "--baseline", str(written), "--junit", str(junit)]
+    )
+    assert result.exit_code == 1, result.output
+    (suite,) = ET.parse(junit).getroot().findall("testsuite")
+    assert suite.get("name") == f"stabledrl check {tmp_path}/run\\x01"
+    (case,) = suite.findall("testcase")
+    assert case.get("name") == "baseline.recorded.a\\x01\\x1b[31mb\\uffff.max"
+    assert case.find("failure").get("message").startswith("recorded.a\\x01\\x1b[31mb\\uffff.max 5")
+    # A path that is not UTF-8 (CliRunner's streams cannot print it; a terminal's can).
+    surrogate = os.fsdecode(b"run\xff")
+    (suite,) = ET.fromstring(junit_xml([], surrogate)).findall("testsuite")
+    assert suite.get("name") == "stabledrl check run\\xff"
 
 
 def test_exit_codes_in_a_real_process(runs, baseline):

@@ -9,11 +9,24 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from stabledrl_cli._atomic import write_output
+from stabledrl_cli._json import unicode_text
 from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.gate import GateResult
 
 RUN_CLASS = "stabledrl.run"
 """JUnit classname of run-level gates (a policy's is stabledrl.POLICY)."""
+NOT_XML = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in (*range(0x20), 0xFFFE, 0xFFFF)
+    if chr(code) not in "\t\n\r"
+}
+"""Characters XML 1.0 cannot hold, and how the report spells them (a run's path, a recorded
+scalar's name may hold them)."""
+
+
+def _xml(text: str) -> str:
+    """`text` as XML can hold it: `NOT_XML` spelled out, bytes that are not UTF-8 as `\\xNN`."""
+    return unicode_text(text).translate(NOT_XML)
 
 
 def junit_xml(results: list[GateResult], run: str, *, seconds: float = 0.0) -> bytes:
@@ -26,7 +39,7 @@ def junit_xml(results: list[GateResult], run: str, *, seconds: float = 0.0) -> b
     suite = ET.SubElement(
         suites,
         "testsuite",
-        name=f"stabledrl check {run}",
+        name=_xml(f"stabledrl check {run}"),
         tests=tests,
         failures=failures,
         errors="0",
@@ -36,14 +49,17 @@ def junit_xml(results: list[GateResult], run: str, *, seconds: float = 0.0) -> b
     )
     for r in results:
         classname = RUN_CLASS if r.policy is None else f"stabledrl.{r.policy}"
-        case = ET.SubElement(suite, "testcase", classname=classname, name=r.gate, time="0")
+        case = ET.SubElement(
+            suite, "testcase", classname=_xml(classname), name=_xml(r.gate), time="0"
+        )
+        message = _xml(r.message)
         if not r.ok:
-            failure = ET.SubElement(case, "failure", message=r.message, type="GateFailed")
+            failure = ET.SubElement(case, "failure", message=message, type="GateFailed")
             failure.text = (
-                f"figure {format_figure(r.figure)}, limit {format_figure(r.limit)}: {r.message}"
+                f"figure {format_figure(r.figure)}, limit {format_figure(r.limit)}: {message}"
             )
         else:
-            ET.SubElement(case, "system-out").text = r.message
+            ET.SubElement(case, "system-out").text = message
     ET.indent(suites)
     text: bytes = ET.tostring(suites, encoding="utf-8", xml_declaration=True)
     return text + b"\n"
