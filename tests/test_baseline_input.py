@@ -177,3 +177,22 @@ def test_a_run_step_count_that_is_null_or_absent_is_no_note(tmp_path: Path) -> N
         result = CliRunner().invoke(app, ["check", str(FIXTURE), "--baseline", str(baseline)])
         assert result.exit_code in (0, 1), result.output
         assert "note:" not in result.stderr
+
+
+def test_a_baseline_policy_the_run_cannot_replay_exits_3_naming_the_baseline(
+    tmp_path: Path,
+) -> None:
+    """A baseline written on a run of token units may name stabledrl:level=token; checked
+    against a run of sequence units (another run), the refusal was the usage error of a
+    --policy never given (exit 2, 'use level=seq'). It is the input's: exit 3, naming the
+    baseline; given as --policy, it stays a usage error."""
+    baseline = tmp_path / "baseline.json"
+    data = _baseline_with(("policies",), {"stabledrl:level=token": {}})
+    baseline.write_text(json.dumps(data))
+    result = CliRunner().invoke(app, ["check", str(FIXTURE), "--baseline", str(baseline)])
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(baseline) in lines[0], result.stderr
+    assert "level=token needs token units" in lines[0]
+    given = ["check", str(FIXTURE), "--max-collapsed", "0", "-p", "stabledrl:level=token"]
+    assert CliRunner().invoke(app, given).exit_code == 2

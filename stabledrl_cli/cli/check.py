@@ -13,9 +13,10 @@ Exit codes: 0 every gate holds; 1 a gate tripped (each named with its figure); 2
 (no gate given, a replay setting that contradicts the baseline, an unknown policy, plot extra
 missing, a policy gate or --policy or --plot on a scalar run, a URL that cannot be read at all,
 --engine ray without ray); 3 bad input (a missing or corrupt run, a URL with nothing there, a
-run with no readable step, a malformed baseline or one of a newer version); 4 an output that
-cannot be written. Unreadable step files, and steps whose data cannot be replayed, are
-skipped with a line on stderr (how many, and why); a check never passes on zero steps.
+run with no readable step, a malformed baseline or one of a newer version, a baseline naming
+a policy the run cannot replay); 4 an output that cannot be written. Unreadable step files, and
+steps whose data cannot be replayed, are skipped with a line on stderr (how many, and why); a
+check never passes on zero steps.
 
 The replay engine (torch) is imported where it runs: `--help` never loads torch.
 """
@@ -60,8 +61,10 @@ from stabledrl_cli.cli.replay import (
 )
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
 from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.baseline import (
+    Baseline,
     baseline_dict,
     check_settings,
     load_baseline,
@@ -193,6 +196,20 @@ def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) 
         )
 
 
+def _baseline_policies_replayable(run: Run, baseline: Baseline) -> None:
+    """InputError naming the baseline when a policy it names cannot replay this run (a
+    baseline of a run of token units naming stabledrl:level=token, checked against a run of
+    sequence units): the input's fault, not a usage error of a --policy never given."""
+    from stabledrl_cli.replay.stream import run_unit  # imports torch
+
+    unit = run_unit(run)
+    for spec in baseline.policies:
+        try:
+            get_policy(spec).required_fields(unit)
+        except UsageError as exc:
+            raise InputError(f"{baseline.path}: {exc}") from None
+
+
 def command(
     run: RunSourceArg,
     baseline_path: Annotated[
@@ -279,6 +296,8 @@ def command(
         policy_options = gates.policy_gates + (["--policy"] if policy else [])
         observed = _scalar_observed(opened, config, policy_options + (["--plot"] if plot else []))
     else:
+        if baseline is not None and not policy:
+            _baseline_policies_replayable(opened, baseline)
         result = replay_with_progress(opened, specs, config, chosen)
         note_skipped(result)
         observed = result.observed
