@@ -359,7 +359,8 @@ def test_absolute_gates(runs):
     collapsed = _gate(data, "is", "max_collapsed")
     assert not collapsed["ok"] and collapsed["figure"] == 3
     assert "3 collapsed steps, limit 1 (steps 25, 33, 36)" in collapsed["message"]
-    assert _gate(data, "grpo", "max_collapsed")["ok"]  # step 36 only
+    grpo = _gate(data, "grpo", "max_collapsed")
+    assert grpo["ok"] and grpo["message"] == "1 collapsed step, limit 1 (steps 36)"
     assert all(not _gate(data, p, "max_nonfinite")["ok"] for p in ("grpo", "is", "stabledrl"))
     assert not _gate(data, "grpo", "max_discard_frac")["ok"]
     assert _gate(data, "stabledrl", "max_discard_frac")["ok"]
@@ -491,7 +492,7 @@ def test_junit_report(runs, baseline, tmp_path):
         c for c in cases if (c.get("classname"), c.get("name")) == ("stabledrl.is", "max_nonfinite")
     )
     failure = nonfinite.find("failure")
-    assert failure.get("message") == "1 steps with a non-finite update, limit 0"
+    assert failure.get("message") == "1 step with a non-finite update, limit 0"
     assert failure.text.startswith("figure 1, limit 0")
     passed = next(c for c in cases if c.find("failure") is None)
     assert passed.find("system-out") is not None

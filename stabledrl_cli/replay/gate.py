@@ -112,6 +112,11 @@ def _steps_shown(steps: list[int]) -> str:
     return shown + (", ..." if len(steps) > STEP_LIST_LIMIT else "")
 
 
+def _steps_noun(count: int) -> str:
+    """'step' for 1, 'steps' for any other count."""
+    return "step" if count == 1 else "steps"
+
+
 def _count_gate(gate: str, steps: list[int], limit: int, what: str) -> GateResult:
     """A run-level gate on how many steps are flagged; `what` qualifies "step(s)"."""
     return GateResult(
@@ -120,7 +125,7 @@ def _count_gate(gate: str, steps: list[int], limit: int, what: str) -> GateResul
         ok=len(steps) <= limit,
         figure=float(len(steps)),
         limit=float(limit),
-        message=f"{len(steps)} {what} step{'' if len(steps) == 1 else 's'}, limit {limit}"
+        message=f"{len(steps)} {what} {_steps_noun(len(steps))}, limit {limit}"
         + (f" (steps {_steps_shown(steps)})" if steps else ""),
     )
 
@@ -198,8 +203,8 @@ def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
                 ok=len(steps) <= gates.max_collapsed,
                 figure=float(len(steps)),
                 limit=float(gates.max_collapsed),
-                message=f"{len(steps)} collapsed steps, limit {gates.max_collapsed}"
-                + (f" (steps {shown})" if steps else ""),
+                message=f"{len(steps)} collapsed {_steps_noun(len(steps))}, "
+                f"limit {gates.max_collapsed}" + (f" (steps {shown})" if steps else ""),
             )
         )
     if gates.max_discard_frac is not None:
@@ -223,7 +228,8 @@ def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
                 ok=count <= gates.max_nonfinite,
                 figure=float(count),
                 limit=float(gates.max_nonfinite),
-                message=f"{count} steps with a non-finite update, limit {gates.max_nonfinite}",
+                message=f"{count} {_steps_noun(count)} with a non-finite update, "
+                f"limit {gates.max_nonfinite}",
             )
         )
     return found
