@@ -324,6 +324,20 @@ def test_policy_missing_from_the_check_is_a_tripped_gate(runs, baseline):
     assert "'is' is in the baseline but was not checked" in stderr
 
 
+def test_junit_and_table_show_a_missing_figure_alike(runs, baseline, tmp_path):
+    """A gate with no figure (baseline.present) showed 'n/a' in the table and null in the JSON,
+    but 'figure never, limit never' in the JUnit report, where 'never' means no collapse."""
+    junit = tmp_path / "check.xml"
+    args = ["check", str(runs["steady"]), "--baseline", str(baseline), "-p", "grpo"]
+    table = runner.invoke(app, [*args, "--junit", str(junit)])
+    assert table.exit_code == 1
+    row = next(line for line in table.stdout.splitlines() if "baseline.present" in line)
+    assert [cell.strip() for cell in row.split("│")[4:6]] == ["n/a", "n/a"]
+    cases = ET.parse(junit).getroot().iter("testcase")
+    present = next(c for c in cases if c.get("name") == "baseline.present")
+    assert present.find("failure").text.startswith("figure n/a, limit n/a: policy 'is'")
+
+
 def test_replay_settings_come_from_the_baseline(runs, baseline, tmp_path):
     code, _, stderr = _check(str(runs["steady"]), "--baseline", str(baseline), "--window", "7")
     assert code == 2 and "differs from the baseline's" in stderr

@@ -103,8 +103,7 @@ def _print_table(results: list[GateResult], run: str) -> None:
             r.policy or "(run)",
             r.gate,
             "ok" if r.ok else "FAILED",
-            "n/a" if r.figure is None else format_figure(r.figure),
-            "n/a" if r.limit is None else format_figure(r.limit),
+            *r.shown(),
             r.message,
         )
         for r in results

@@ -45,6 +45,14 @@ class GateResult:
     """The worst figure that passes."""
     message: str
 
+    def shown(self) -> tuple[str, str]:
+        """The figure and the limit as the table and the JUnit report show them ("n/a":
+        none, for `baseline.present`)."""
+        figure, limit = (
+            "n/a" if value is None else format_figure(value) for value in (self.figure, self.limit)
+        )
+        return figure, limit
+
     def to_dict(self) -> dict[str, object]:
         """The check JSON's entry: infinite figures and limits as null."""
         data: dict[str, object] = asdict(self)

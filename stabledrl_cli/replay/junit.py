@@ -10,7 +10,6 @@ from pathlib import Path
 
 from stabledrl_cli._atomic import write_output
 from stabledrl_cli._json import unicode_text
-from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.gate import GateResult
 
 RUN_CLASS = "stabledrl.run"
@@ -55,9 +54,8 @@ def junit_xml(results: list[GateResult], run: str, *, seconds: float = 0.0) -> b
         message = _xml(r.message)
         if not r.ok:
             failure = ET.SubElement(case, "failure", message=message, type="GateFailed")
-            failure.text = (
-                f"figure {format_figure(r.figure)}, limit {format_figure(r.limit)}: {message}"
-            )
+            figure, limit = r.shown()
+            failure.text = f"figure {figure}, limit {limit}: {message}"
         else:
             ET.SubElement(case, "system-out").text = message
     ET.indent(suites)
