@@ -196,3 +196,14 @@ def test_a_baseline_policy_the_run_cannot_replay_exits_3_naming_the_baseline(
     assert "level=token needs token units" in lines[0]
     given = ["check", str(FIXTURE), "--max-collapsed", "0", "-p", "stabledrl:level=token"]
     assert CliRunner().invoke(app, given).exit_code == 2
+
+
+def test_a_setting_that_differs_from_the_baseline_is_shown_to_the_digit(tmp_path: Path) -> None:
+    """The refusal printed both values with %g (6 digits): '--spike-factor 10 differs from
+    the baseline's 10' for a baseline of 10.0000001."""
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(_baseline_with(("replay", "spike_factor"), 10.0000001)))
+    args = ["check", str(FIXTURE), "--baseline", str(baseline), "--spike-factor", "10"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "--spike-factor 10.0 differs from the baseline's 10.0000001" in result.stderr

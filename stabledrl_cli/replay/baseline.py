@@ -396,7 +396,7 @@ def check_settings(
         if value is not None and value != recorded[key]:
             raise ConfigError(
                 key,
-                f"{value:g} differs from the baseline's {recorded[key]:g} ({baseline.path}); a "
+                f"{value!r} differs from the baseline's {recorded[key]!r} ({baseline.path}); a "
                 "check compares like with like: drop it, or write a new baseline with it",
             )
     return baseline.replay
