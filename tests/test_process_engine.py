@@ -366,3 +366,54 @@ def test_a_worker_that_cannot_be_started_is_exit_71_and_the_others_stop(tmp_path
         "memory); replay with fewer --workers or a lower --memory-budget"
     )
     assert multiprocessing.active_children() == []
+
+
+class _ReplyAfter:
+    """The parent's end of a worker's pipe that, once its reply is read, makes another
+    worker's reply arrive: replies landing in a set order, whatever the machine's timing."""
+
+    def __init__(self, conn, then) -> None:
+        self.conn, self.then = conn, then
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def send(self, task) -> None:
+        self.conn.send(task)
+
+    def poll(self) -> bool:
+        return self.conn.poll()
+
+    def recv(self):
+        reply = self.conn.recv()
+        self.then()
+        return reply
+
+
+def test_the_error_of_the_first_failing_shard_is_raised_whichever_ends_first():
+    """Shards failing at once (a step lacking a field a policy needs, in each): the first reply
+    to arrive was raised, so the step named changed from one run of the same command to the
+    next (step 20 or step 22 with 2 workers) and differed from the local replay's. The first
+    failing shard in step order is raised now, once the shards before it have ended."""
+    first_parent, first_child = multiprocessing.Pipe()
+    second_parent, second_child = multiprocessing.Pipe()
+    pipes = [os.pipe(), os.pipe()]  # no worker process: sentinels that never become ready
+    first, second = (type("Process", (), {"sentinel": read})() for read, _ in pipes)
+
+    def first_replies() -> None:
+        first_child.send((None, InputError("step 20: missing field"), ""))
+
+    workers = [
+        process_engine._Worker(first, first_parent),
+        process_engine._Worker(second, _ReplyAfter(second_parent, first_replies)),
+    ]
+    second_child.send((None, InputError("step 22: missing field"), ""))
+    try:
+        with pytest.raises(InputError, match=r"^step 20: missing field$"):
+            process_engine._compute(workers, ["shard 0", "shard 1"], lambda i: None, "run")
+        assert first_child.recv() == "shard 0" and second_child.recv() == "shard 1"
+    finally:
+        for fd in (fd for pipe in pipes for fd in pipe):
+            os.close(fd)
+        for conn in (first_parent, first_child, second_parent, second_child):
+            conn.close()

@@ -188,12 +188,16 @@ def _compute(
     location: str,
 ) -> dict[int, StreamedRun]:
     """Every task's rows, by task index, a shard at a time on each worker; `on_shard(i)` as
-    shard i ends. A worker's error is raised here; a worker that died raises WorkerDiedError."""
+    shard i ends. A worker's error is raised here: once a shard fails no shard is begun, those
+    begun before it are waited for (the later ones are left to `_stop`), and the first failing
+    shard's error in step order is raised, as a local replay raises its first (not the first
+    to arrive); a worker that died raises WorkerDiedError."""
     queue: Iterator[int] = iter(range(len(tasks)))
     parts: dict[int, StreamedRun] = {}
+    failed: dict[int, tuple[Exception, str]] = {}
 
     def assign(worker: _Worker) -> None:
-        i = worker.shard = next(queue, None)
+        i = worker.shard = None if failed else next(queue, None)
         if i is not None:
             try:
                 worker.conn.send(tasks[i])
@@ -201,12 +205,16 @@ def _compute(
                 shard = shard_named(tasks[i], i, len(tasks))
                 raise _death(worker, f"before computing {shard}", location) from None
 
+    def before_a_failure(worker: _Worker) -> bool:
+        return worker.shard is not None and worker.shard < min(failed, default=len(tasks))
+
     for worker in workers:
         assign(worker)
-    while busy := [worker for worker in workers if worker.shard is not None]:
+    while busy := [worker for worker in workers if before_a_failure(worker)]:
         ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
         for worker in busy:
-            if worker.conn not in ready and worker.process.sentinel not in ready:
+            ready_now = worker.conn in ready or worker.process.sentinel in ready
+            if not ready_now or not before_a_failure(worker):  # (a shard failed in this pass)
                 continue
             i = worker.shard
             assert i is not None  # busy
@@ -216,11 +224,15 @@ def _compute(
                 raise _death(worker, f"while computing {shard}", location)
             rows, error, trace = reply
             if error is not None:
-                raise error from _RemoteTraceback(trace)
-            assert rows is not None  # no error
-            parts[i] = rows
-            on_shard(i)
+                failed[i] = (error, trace)
+            else:
+                assert rows is not None  # no error
+                parts[i] = rows
+                on_shard(i)
             assign(worker)
+    if failed:
+        error, trace = failed[min(failed)]
+        raise error from _RemoteTraceback(trace)
     return parts
 
 
