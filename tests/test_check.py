@@ -178,6 +178,20 @@ def test_baseline_text_keeps_a_string_that_looks_like_its_float_marks(runs, tmp_
     assert code == 0 and data["ok"], stderr
 
 
+def test_a_baseline_of_a_run_whose_path_is_not_utf8_reads_back(runs, tmp_path):
+    """run.path was written with the lone surrogate Python decodes such a byte to ('\\udcff'),
+    which every reader refuses: checking the run against the baseline just written of it
+    exited 3 ('a string with a lone surrogate'). The byte is written as \\xff."""
+    run = tmp_path / os.fsdecode(b"run\xff")
+    _make_run(run, collapse=False)
+    written = tmp_path / "b.json"
+    code, _, stderr = _check(str(run), "-p", "grpo", "--write-baseline", str(written))
+    assert code == 0, stderr
+    assert load_baseline(written).run["path"] == f"{tmp_path}/run\\xff"
+    code, data, stderr = _check(str(run), "--baseline", str(written))
+    assert code == 0 and data["ok"], stderr
+
+
 def test_gate_counts_agree_in_number(runs):
     one = runner.invoke(
         app, ["check", str(runs["steady"]), "-p", "stabledrl", "--max-collapsed", "0"]

@@ -50,7 +50,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from stabledrl_cli._atomic import write_output
-from stabledrl_cli._json import parse_strict
+from stabledrl_cli._json import parse_strict, unicode_text
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli._version import __version__
 from stabledrl_cli.errors import QUOTE_LIMIT, InputError, UsageError, quoted, shown
@@ -467,10 +467,12 @@ def baseline_dict(
             metrics[name] = entry
         policies[p.spec] = metrics
     if result is not None:
-        run = {"path": result.run, "steps": result.steps, "policy": result.run_policy_spec}
+        path, count, policy = result.run, result.steps, result.run_policy_spec
     else:
         assert recorded is not None
-        run = {"path": recorded.run, "steps": recorded.steps, "policy": recorded.policy}
+        path, count, policy = recorded.run, recorded.steps, recorded.policy
+    # A path's bytes that are not UTF-8 as \xNN, not the lone surrogates no reader takes back.
+    run = {"path": unicode_text(path), "steps": count, "policy": policy}
     return {
         "schema": BASELINE_SCHEMA,
         "version": BASELINE_VERSION,
