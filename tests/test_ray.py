@@ -346,13 +346,14 @@ def _replay_in_a_process(args: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_local_cluster_of_more_workers_than_cpus_is_refused(synthetic):
-    """Not a cluster of a process a worker on a 2-core machine: one line, exit 2, no cluster."""
+    """Not a cluster of a process a worker on a 2-core machine: one line naming --workers as
+    the command spells it, exit 2, no cluster."""
     pytest.importorskip("ray", reason=NO_RAY)
     workers = (os.cpu_count() or 1) + 1
     done = _replay_in_a_process([str(synthetic), "--engine", "ray", "--workers", str(workers)])
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
-        f"error: workers {workers}: a local Ray cluster runs one worker a CPU and this machine "
+        f"error: --workers {workers}: a local Ray cluster runs one worker a CPU and this machine "
         f"has {os.cpu_count() or 1}; join a larger cluster with --ray-address (or RAY_ADDRESS)"
     ]
 

@@ -168,10 +168,14 @@ def replay_with_progress(
     run: Run, policies: Sequence[str] | None, config: ReplayConfig, engine: Engine | None = None
 ) -> ReplayResult:
     """`replay_run` with its progress on stderr: a bar in a terminal, a line per tenth (at
-    least every 30 s) without one."""
+    least every 30 s) without one. A setting the engine refuses as it starts (more local Ray
+    workers than CPUs) is named by its option."""
     from stabledrl_cli.replay.engine import replay_run
 
-    with progress("replaying", len(run.listed_step_numbers), complete=True) as advance:
+    with (
+        option_names(),
+        progress("replaying", len(run.listed_step_numbers), complete=True) as advance,
+    ):
         return replay_run(run, policies, config=config, progress=advance, engine=engine)
 
 

@@ -41,7 +41,7 @@ from stabledrl_cli.errors import (
     task_cause,
 )
 from stabledrl_cli.policies import Policy
-from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.config import ConfigError, ReplayConfig
 from stabledrl_cli.replay.shards import (
     WORKER_ADVICE,
     ShardTask,
@@ -154,9 +154,10 @@ def _local_workers(workers: int | None) -> int:
     worker a CPU, since a local cluster of more would start a process for each."""
     cpus = os.cpu_count() or 1
     if workers is not None and workers > cpus:
-        raise UsageError(
-            f"workers {workers}: a local Ray cluster runs one worker a CPU and this machine has "
-            f"{cpus}; join a larger cluster with --ray-address (or RAY_ADDRESS)"
+        raise ConfigError(
+            "workers",
+            f"{workers}: a local Ray cluster runs one worker a CPU and this machine has "
+            f"{cpus}; join a larger cluster with --ray-address (or RAY_ADDRESS)",
         )
     return workers or cpus
 
