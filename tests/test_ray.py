@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -134,7 +135,8 @@ def test_a_step_of_bad_data_is_skipped_alike_by_both_engines(cluster, synthetic_
     local = replay(synthetic_bad_data, **settings)
     sharded = replay(synthetic_bad_data, **settings, engine=RayEngine(workers=2))
     assert local.steps == 21  # steps 9 (unreadable) and 15 (bad data) skipped
-    assert len(local.skipped) == 2 and local.skipped[1].startswith("step 15: seq_id")
+    assert len(local.skipped) == 2 and local.skipped[1].startswith("step 15: ")
+    assert "cannot join the ranks' seq_id: rank 0's lie in [0, 2147483647]" in local.skipped[1]
     assert sharded.skipped == local.skipped
     assert sharded.to_json() == local.to_json()
     args = ["replay", str(synthetic_bad_data), "-p", "grpo", "--format", "json", "--device", "cpu"]
@@ -224,13 +226,12 @@ def test_a_shard_whose_every_attempt_dies_ends_the_replay_naming_it(cluster, syn
     assert str(died.value).endswith("; replay with fewer --workers or a lower --memory-budget")
 
 
-def test_an_error_in_a_shard_is_the_local_error(cluster, tmp_path):
-    """A step deep in the run lacking a field a policy needs: the same InputError as locally."""
-    path = tmp_path / "run"
+def _run_missing_a_field_at(path: Path, missing: int) -> Path:
+    """An 8-step run whose step `missing` lacks group_id and reward (adv=center needs them)."""
     with sd.Recorder(path, policy="grpo") as rec:
         for step in range(8):
             extra = {"group_id": np.array([0, 0, 1, 1]), "reward": np.array([1.0, 0, 1, 0])}
-            if step == 6:
+            if step == missing:
                 extra = {}
             rec.log_step(
                 step,
@@ -239,6 +240,12 @@ def test_an_error_in_a_shard_is_the_local_error(cluster, tmp_path):
                 advantages=np.array([1.0, -1.0, 0.5, -0.5], np.float32),
                 **extra,
             )
+    return path
+
+
+def test_an_error_in_a_shard_is_the_local_error(cluster, tmp_path):
+    """A step deep in the run lacking a field a policy needs: the same InputError as locally."""
+    path = _run_missing_a_field_at(tmp_path / "run", 6)
     spec = "grpo:adv=center"
     with pytest.raises(InputError) as local:
         replay(path, [spec], device="cpu", chunk_size=2)
@@ -411,3 +418,38 @@ def test_a_local_cluster_that_fails_to_start_is_a_usage_error(synthetic, monkeyp
     assert result.stderr.strip().splitlines() == [
         f"error: cannot start or join the Ray cluster (a new local cluster): {timed_out}"
     ]
+
+
+def test_the_first_failing_shard_in_step_order_is_raised_whichever_ends_first(cluster, tmp_path):
+    """Two shards fail, the second first: the first shard's error is raised, as a local replay
+    raises its first step's. Before, the first error to arrive was, so the step named could
+    change from one run of the same command to the next."""
+    marker = tmp_path / "second-failed"
+
+    def shard(task: int):
+        if task == 1:
+            marker.touch()
+            raise InputError("run: step 22 has no 'logp_ref'")
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # the second shard's error reaches the driver first
+        raise InputError("run: step 20 has no 'logp_ref'")
+
+    with pytest.raises(InputError) as raised:
+        ray_engine.map_shards(cluster, shard, [0, 1], [1, 1], location="run")  # type: ignore[arg-type]
+    assert str(raised.value) == "run: step 20 has no 'logp_ref'"
+
+
+def test_a_shard_error_names_the_run_as_given(cluster, tmp_path, monkeypatch):
+    """A run given by a relative path: a worker opens it by its absolute path, and its error
+    names the run as the local replay's does. Before, the message named the absolute path."""
+    _run_missing_a_field_at(tmp_path / "run", 6)
+    monkeypatch.chdir(tmp_path)
+    spec = "grpo:adv=center"
+    with pytest.raises(InputError) as local:
+        replay("run", [spec], device="cpu", chunk_size=2)
+    with pytest.raises(InputError) as sharded:
+        replay("run", [spec], device="cpu", chunk_size=2, engine=RayEngine(workers=2))
+    assert str(local.value).startswith("run: step 6 has no")
+    assert str(sharded.value) == str(local.value)

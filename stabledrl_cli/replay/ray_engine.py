@@ -193,7 +193,9 @@ def map_shards(
     """`fn` over `tasks` as Ray tasks, -> their results in task order; `progress(sizes[i])` as
     task i finishes. A task whose worker died is retried (`SHARD_RETRIES`), and one whose last
     attempt died too raises WorkerDiedError naming it (and the run's `location`); the tool's own
-    error in one is raised here; either way the others are cancelled."""
+    error in one is raised here. Once a task fails, the tasks before it are waited for and the
+    later ones cancelled, and the first failing task's error in task order is raised (a local
+    replay raises its first step's error, not the first to arrive)."""
     lost = (
         ray.exceptions.WorkerCrashedError,
         ray.exceptions.OutOfMemoryError,
@@ -205,25 +207,32 @@ def map_shards(
     refs = [remote.remote(task) for task in tasks]
     index = {ref: i for i, ref in enumerate(refs)}
     results: dict[int, Rows] = {}
+    failed: dict[int, Exception] = {}
     pending = list(refs)
-    try:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            i = index[done[0]]
+    while waited := [ref for ref in pending if index[ref] < min(failed, default=len(tasks))]:
+        done, _ = ray.wait(waited, num_returns=1)
+        pending.remove(done[0])
+        i = index[done[0]]
+        try:
             results[i] = ray.get(done[0])
-            if progress is not None:
-                progress(sizes[i])
-    except ray.exceptions.RayError as exc:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        if isinstance(exc, lost):
-            raise WorkerDiedError(
-                f"{location}: a Ray worker died while computing "
-                f"{shard_named(tasks[i], i, len(tasks))}, after Ray's retries of it "
-                f"({type(exc).__name__}: {one_line(exc)}); {WORKER_ADVICE}"
-            ) from None
-        cause = task_cause(exc)
-        if cause is not None:
-            raise cause from None
-        raise
-    return [results[i] for i in range(len(tasks))]
+        except ray.exceptions.RayError as exc:
+            failed[i] = exc
+            continue
+        if progress is not None:
+            progress(sizes[i])
+    if not failed:
+        return [results[i] for i in range(len(tasks))]
+    for ref in pending:
+        ray.cancel(ref, force=True)
+    i = min(failed)
+    first = failed[i]
+    if isinstance(first, lost):
+        raise WorkerDiedError(
+            f"{location}: a Ray worker died while computing "
+            f"{shard_named(tasks[i], i, len(tasks))}, after Ray's retries of it "
+            f"({type(first).__name__}: {one_line(first)}); {WORKER_ADVICE}"
+        ) from None
+    cause = task_cause(first)
+    if cause is not None:
+        raise cause from None
+    raise first

@@ -26,7 +26,7 @@ import torch
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import StabledrlError, UsageError
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.config import ConfigError, ReplayConfig
@@ -40,6 +40,9 @@ class ShardTask:
 
     source: str
     """The run's `Run.source` (a path or URL the worker opens)."""
+    location: str
+    """How the driver names the run (`Run.location`, as given: a relative path, say): the
+    worker's error messages name the run and its files so, as a local replay's do."""
     verify: bool
     """Check each step's data checksum (as the driver's run does)."""
     policies: tuple[Policy, ...]
@@ -103,6 +106,7 @@ def shard_tasks(
     tasks = [
         ShardTask(
             source=run.source,
+            location=run.location,
             verify=run.verify,
             policies=tuple(policies),
             own_index=own_index,
@@ -139,19 +143,31 @@ def stream_shard(task: ShardTask) -> StreamedRun:
     run = open_run(task.source, verify=task.verify)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RunIntegrityWarning)
-        streamed = stream_run(
-            run,
-            list(task.policies),
-            task.own_index,
-            resolve_device(task.device),
-            chunk_size=task.chunk_size,
-            memory_budget=task.memory_budget,
-            lean=task.lean,
-            steps=run.steps_of(task.steps),
-            threads=task.threads,
-        )
+        try:
+            streamed = stream_run(
+                run,
+                list(task.policies),
+                task.own_index,
+                resolve_device(task.device),
+                chunk_size=task.chunk_size,
+                memory_budget=task.memory_budget,
+                lean=task.lean,
+                steps=run.steps_of(task.steps),
+                threads=task.threads,
+            )
+        except StabledrlError as exc:
+            raise named_as(exc, run.location, task.location) from None
     checks = run.checks()
     return replace(streamed, reader_checks=() if checks is None else (checks,))
+
+
+def named_as(exc: StabledrlError, here: str, there: str) -> StabledrlError:
+    """`exc`, its message naming the run (or a file of it) by `there` where it named it by
+    `here` (the worker's location of the same run) at its start."""
+    text = str(exc)
+    if here != there and text.startswith(here) and text[len(here) : len(here) + 1] in ":/":
+        exc.args = (there + text[len(here) :], *exc.args[1:])
+    return exc
 
 
 def merge_streams(run: Run, parts: Sequence[StreamedRun], policies: int) -> StreamedRun:
