@@ -258,6 +258,16 @@ TOKEN_CLIP = {
 }
 
 
+RECORDED_SCALE = {
+    "grpo": "ppo:agg=recorded",
+    "bnpo": "ppo:agg=recorded",
+    "dr_grpo": "ppo:agg=recorded",
+    "luspo": "ppo:agg=recorded",
+    "luspo-sequence": "gspo:agg=recorded,eps_low=0.2,eps_high=0.2",
+}
+"""Cases whose loss TRL's eps (0.2) with the recorded `loss_scale` (agg=recorded) gives."""
+
+
 def _trl_clip_ratios(step: Any, eps_low: float, eps_high: float) -> dict[str, float]:
     """TRL's clip_ratio/*_mean of one step from the recorded arrays: per micro-batch, masked
     fractions over scored tokens (strict bounds), then their unweighted mean."""
@@ -297,6 +307,11 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
         for column, name in TRL_METRICS.items():
             for number, value in zip(own.series["step"], own.series[column], strict=True):
                 assert value == pytest.approx(logged[int(number)][name], abs=1e-6), column
+    if case in RECORDED_SCALE:  # the recorded loss_scale is TRL's own normaliser
+        logged = logged_steps(trainer.state.log_history)
+        own = sd.replay(out, policies=[RECORDED_SCALE[case]], device="cpu").policies[0]
+        for number, value in zip(own.series["step"], own.series["objective"], strict=True):
+            assert -value == pytest.approx(logged[int(number)]["loss"], rel=1e-5, abs=1e-7)
     if case == "cispo":  # TRL logs cispo's own clip ratio instead
         logged = logged_steps(trainer.state.log_history)
         own = sd.replay(out, policies=[trainer.stabledrl_policy.spec], device="cpu").own

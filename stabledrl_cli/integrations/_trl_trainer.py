@@ -362,7 +362,9 @@ class RecordingGRPOTrainer(RecordingTrainer, TRL.GRPOTrainer):  # type: ignore[m
             scale = accumulation * mask.sum().clamp(min=1.0)
         elif loss_type == "dr_grpo":
             scale = torch.tensor(accumulation * rows * self.max_completion_length)
-        else:  # dapo, cispo
+        elif loss_type == "luspo":  # each row's token sum, averaged over every row
+            scale = torch.tensor(accumulation * rows)
+        else:  # dapo, cispo, vespo
             items = inputs["num_items_in_batch"].clamp(min=1.0) / ranks
             scale = items * accumulation / self.args.steps_per_generation
         normaliser: torch.Tensor = (scale * ranks).to(torch.float32)
