@@ -734,28 +734,40 @@ def test_training_that_raises_keeps_its_finished_steps(tiny: Any, tmp_path: Path
     assert own.summary.loss_parity < 1e-5
 
 
-def test_a_second_train_call_never_replaces_the_first_ones_steps(
-    tiny: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+SECOND_TRAINING = [("same trainer", True), ("another trainer", True), ("another trainer", False)]
+"""(who trains second, stabledrl_overwrite): TRL numbers the second training's steps from 1."""
+
+
+@pytest.mark.parametrize(("second", "overwrite"), SECOND_TRAINING)
+def test_a_second_training_never_replaces_the_first_ones_steps(
+    tiny: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], second: str, overwrite: bool
 ) -> None:
-    """train() twice on one trainer (stabledrl_overwrite=True, as under `stabledrl record
-    --force`): TRL numbers the second training's steps from 1 again, so recording them would
-    replace the first training's. The first's steps stay; the second trains unrecorded,
-    said once on stderr."""
+    """train() twice into one run directory in one process: on one trainer, or on a second
+    one (a script that trains in phases under `stabledrl record`, which gives both its run
+    directory; --force gives both overwrite=True). TRL numbers the second training's steps
+    from 1 again, so recording them would replace the first training's. The first's steps
+    stay; the second trains unrecorded, said once on stderr (neither replacing the first's
+    steps, with overwrite, nor stopped by the first's run, without)."""
     out = tmp_path / "run"
-    trainer = integration.RecordingGRPOTrainer(
-        model=tiny.tiny_model(),
-        reward_funcs=tiny.count_b,
-        args=tiny.tiny_config(str(tmp_path / "trl_out"), loss_type="grpo", max_steps=2),
-        train_dataset=tiny.tiny_dataset(),
-        processing_class=tiny.tiny_tokenizer(),
-        stabledrl_out=out,
-        stabledrl_overwrite=True,
-    )
-    trainer.train()
+
+    def trainer(seed: int) -> Any:
+        return integration.RecordingGRPOTrainer(
+            model=tiny.tiny_model(seed),  # another seed: another model, other losses
+            reward_funcs=tiny.count_b,
+            args=tiny.tiny_config(str(tmp_path / "trl_out"), loss_type="grpo", max_steps=2),
+            train_dataset=tiny.tiny_dataset(),
+            processing_class=tiny.tiny_tokenizer(),
+            stabledrl_out=out,
+            stabledrl_overwrite=overwrite,
+        )
+
+    first_trainer = trainer(0)
+    first_trainer.train()
     first = {s.step: s.scalars["loss"] for s in sd.open_run(out)}
     capsys.readouterr()
-    trainer.train()
-    assert trainer.state.global_step == 2  # the second training ran
+    second_trainer = first_trainer if second == "same trainer" else trainer(1)
+    second_trainer.train()
+    assert second_trainer.state.global_step == 2  # the second training ran
     assert {s.step: s.scalars["loss"] for s in sd.open_run(out)} == first
     warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl:" in line]
     assert len(warnings) == 1 and "second train()" in warnings[0]

@@ -77,6 +77,11 @@ def _resume_step(trainer: Any, checkpoint: str | bool | None) -> int | None:
     return int(state["global_step"])
 
 
+_RECORDED: set[str] = set()
+"""The run directories (real paths) a recording trainer's train() has opened in this
+process."""
+
+
 def cpu_float32(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of what a TRL loss used, detached, as float32 on the CPU (what a step stores)."""
     return tensor.detach().to("cpu", torch.float32)
@@ -117,7 +122,6 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         self._sd_seen: dict[str, torch.Tensor] | None = None
         self._sd_rewards: torch.Tensor | None = None
         self._sd_groups = 0
-        self._sd_opened = False  # whether a train() of this trainer has opened its run
         super().__init__(*args, **kwargs)
         self.stabledrl_policy = self._sd_policy_for(self.args, aux_loss=self.aux_loss_enabled)
 
@@ -177,13 +181,16 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         begun at the checkpoint's next step when the directory holds no run). A run that
         cannot be written (a full or read-only disk) warns once and training runs unrecorded;
         a usage error (an existing run, a resume the run cannot continue) is raised. A second
-        train() of this trainer that does not resume numbers its steps from 1 again: it
-        warns once and runs unrecorded, the first one's steps kept."""
-        if self._sd_opened and _resume_step(self, resume_from_checkpoint) is None:
+        train() into a run directory this process has recorded into (of this trainer or of
+        another) that does not resume numbers its steps from 1 again: it warns once and runs
+        unrecorded, the first one's steps kept."""
+        directory = os.path.realpath(self.stabledrl_out)
+        if directory in _RECORDED and _resume_step(self, resume_from_checkpoint) is None:
             RecordingFailure().fail(
                 UsageError(
-                    f"{self.stabledrl_out} holds this trainer's first training, whose step "
-                    "numbers a new train() starts again (resume_from_checkpoint= continues it)"
+                    f"{self.stabledrl_out} holds an earlier training of this process, whose "
+                    "step numbers a new train() starts again (resume_from_checkpoint= "
+                    "continues it)"
                 ),
                 "recording a second train()",
             )
@@ -193,7 +200,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         except WriteError as exc:
             RecordingFailure().fail(exc, "recording the run failed")
             return super().train(resume_from_checkpoint, *args, **kwargs)
-        self._sd_opened = True
+        _RECORDED.add(directory)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
