@@ -655,6 +655,30 @@ def test_resume_into_a_new_run_directory_records_from_the_checkpoint(
         assert step.scalars["grad_norm"] == logged[step.step]["grad_norm"]
 
 
+@pytest.mark.parametrize("checkpoint", ["last", "absent"])
+def test_a_resume_with_no_checkpoint_leaves_the_run_as_it_was(
+    tiny: Any, checkpointed: dict[str, Any], tmp_path: Path, checkpoint: str
+) -> None:
+    """train(resume_from_checkpoint=True) with no checkpoint in output_dir, or a checkpoint
+    path that is not there, with overwrite (the resumed command under `stabledrl record
+    --force`): TRL refuses it with its own error, and the run's steps are all still there."""
+    out = tmp_path / "run"
+    shutil.copytree(checkpointed["run"], out)
+    trainer = integration.RecordingGRPOTrainer(
+        model=tiny.tiny_model(),
+        reward_funcs=tiny.count_b,
+        args=tiny.tiny_config(str(tmp_path / "trl_out")),  # holds no checkpoint
+        train_dataset=tiny.tiny_dataset(),
+        processing_class=tiny.tiny_tokenizer(),
+        stabledrl_out=out,
+        stabledrl_overwrite=True,
+    )
+    resume = True if checkpoint == "last" else str(tmp_path / "checkpoint-2")
+    with pytest.raises(ValueError, match="checkpoint"):  # TRL's (transformers') own error
+        trainer.train(resume_from_checkpoint=resume)
+    assert sd.open_run(out).step_numbers == [1, 2, 3, 4]
+
+
 def test_resume_under_stabledrl_record_with_force_keeps_the_earlier_steps(
     tiny: Any, tmp_path: Path
 ) -> None:

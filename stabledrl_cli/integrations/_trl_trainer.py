@@ -65,14 +65,16 @@ def run_dir(out: str | os.PathLike[str] | None, overwrite: bool, trainer: str) -
 
 
 def _resume_step(trainer: Any, checkpoint: str | bool | None) -> int | None:
-    """The global_step of the checkpoint `train(resume_from_checkpoint=...)` resumes, else None."""
+    """The global_step of the checkpoint `train(resume_from_checkpoint=...)` resumes, else None.
+    OSError or ValueError when there is no checkpoint to resume (TRL's train() refuses that
+    with its own error)."""
     if checkpoint is None or checkpoint is False:
         return None
     if checkpoint is True:
         trainer_utils: Any = importlib.import_module("transformers.trainer_utils")
         checkpoint = trainer_utils.get_last_checkpoint(trainer.args.output_dir)
         if checkpoint is None:
-            return None
+            raise FileNotFoundError(f"no checkpoint in {trainer.args.output_dir}")
     state = json.loads((Path(str(checkpoint)) / "trainer_state.json").read_text())
     return int(state["global_step"])
 
@@ -138,7 +140,8 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         raise NotImplementedError
 
     # -- the run ----------------------------------------------------------------------------
-    def _sd_open(self, resume_from_checkpoint: str | bool | None) -> StepBuffer:
+    def _sd_open(self, resume: int | None) -> StepBuffer:
+        """The run continued after step `resume` (the checkpoint's), else a new one."""
         policy = self.stabledrl_policy
         args = self.args
         meta = {
@@ -153,7 +156,6 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             "reward_weights": [float(w) for w in self.reward_weights.tolist()],
             **self._sd_meta(),
         }
-        resume = _resume_step(self, resume_from_checkpoint)
         if resume is not None and not (self.stabledrl_out / MANIFEST_NAME).is_file():
             resume = None  # no run here to continue: a new one, from the checkpoint's next step
         recorder = Recorder(
@@ -183,9 +185,14 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         a usage error (an existing run, a resume the run cannot continue) is raised. A second
         train() into a run directory this process has recorded into (of this trainer or of
         another) that does not resume numbers its steps from 1 again: it warns once and runs
-        unrecorded, the first one's steps kept."""
+        unrecorded, the first one's steps kept. A checkpoint to resume that is not there
+        leaves the run directory as it is, to TRL's own error."""
+        try:
+            resume = _resume_step(self, resume_from_checkpoint)
+        except (OSError, ValueError):  # TRL's train() refuses it, saying why
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         directory = os.path.realpath(self.stabledrl_out)
-        if directory in _RECORDED and _resume_step(self, resume_from_checkpoint) is None:
+        if directory in _RECORDED and resume is None:
             RecordingFailure().fail(
                 UsageError(
                     f"{self.stabledrl_out} holds an earlier training of this process, whose "
@@ -196,7 +203,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             )
             return super().train(resume_from_checkpoint, *args, **kwargs)
         try:
-            self._sd_buffer = self._sd_open(resume_from_checkpoint)
+            self._sd_buffer = self._sd_open(resume)
         except WriteError as exc:
             RecordingFailure().fail(exc, "recording the run failed")
             return super().train(resume_from_checkpoint, *args, **kwargs)
