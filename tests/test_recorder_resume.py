@@ -3,6 +3,7 @@ only the recorder's own files."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import stabledrl_cli as sd
+from stabledrl_cli import _atomic
 from stabledrl_cli.errors import InputError, UsageError
 
 
@@ -181,3 +183,34 @@ def test_resume_with_two_ranks_touches_only_its_rank(tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["world_size"] == 2
     assert sd.open_run(path).step_numbers == [0, 1, 2, 3]
+
+
+RESUMES = [(3, False), (2, False), (5, True), (None, True)]
+"""(resume_from, whether the stop note at step 3 stays)."""
+
+
+@pytest.mark.parametrize(("resume_from", "noted"), RESUMES)
+def test_a_resume_that_records_the_stopped_step_again_drops_the_stop_note(
+    tmp_path, monkeypatch, resume_from, noted
+):
+    """A recording stopped by a full disk at step 3 notes it (`recording_stopped`: the later
+    steps are not in the run). A resume from step 3 or before (a TRL run resumed from a
+    checkpoint once the disk has room) records that step and the later ones again: the note
+    goes, or `inspect` and `watch` would say they are missing. A resume from a later step,
+    or one that appends, leaves steps 3-4 missing: the note stays, still true."""
+    path = tmp_path / "run"
+    real_writev = os.writev
+
+    def full_at_step_3(fd: int, buffers: list) -> int:
+        if "step-00000003" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(_atomic.os, "writev", full_at_step_3)
+    _record(path, range(6), on_write_error="warn")
+    monkeypatch.undo()
+    assert sd.open_run(path).step_numbers == [0, 1, 2]
+    assert json.loads((path / "manifest.json").read_text())["recording_stopped"]["step"] == 3
+    _record(path, range(resume_from or 5, 7), resume=True, resume_from=resume_from)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert ("recording_stopped" in manifest) == noted

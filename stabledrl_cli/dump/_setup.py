@@ -8,10 +8,11 @@
 - `resume=True`: continues the run in place. Its manifest must agree on unit, world_size,
   group_ids and the policy spec (else UsageError); it is kept as it is, but for its
   `recording_closed` mark, which rank 0 removes before any step file changes: the run is
-  recorded again. Of this rank's step files, those before `resume_from` are kept and verified
-  in full first (data checksum: a corrupt one is InputError, and nothing has changed), then
-  those at or after it are removed (the resumed training writes them again), and temporary
-  files left by a killed writer.
+  recorded again; and for a `recording_stopped` note when `resume_from` is at or before the
+  step it names (that step and the later ones are recorded again). Of this rank's step
+  files, those before `resume_from` are kept and verified in full first (data checksum: a
+  corrupt one is InputError, and nothing has changed), then those at or after it are removed
+  (the resumed training writes them again), and temporary files left by a killed writer.
 
 The run identity (the manifest's `run_id`, `new_run_id`): rank 0 writes a new one into every
 fresh manifest (a new run, an overwritten one) and, when a resume removed any of its step
@@ -37,6 +38,7 @@ from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
     RECORDING_CLOSED,
+    RECORDING_STOPPED,
     RUN_ID,
     RUN_KIND,
     STEP_FILE_RE,
@@ -156,6 +158,14 @@ def _check_compatible(old: dict[str, Any], new: dict[str, Any], path: Path) -> N
         raise UsageError(f"cannot resume {path}: its policy is {was!r}, this recorder's {now!r}")
 
 
+def _records_again(stopped: object, resume_from: int | None) -> bool:
+    """Whether a resume from `resume_from` records again the step whose failed write stopped
+    the recording (the manifest's `recording_stopped` note): then the note, which says the
+    later steps are missing, goes. A resume that appends keeps it."""
+    step = stopped.get("step") if isinstance(stopped, dict) else None
+    return isinstance(step, int) and resume_from is not None and resume_from <= step
+
+
 def _resume(
     path: Path, manifest: dict[str, Any], rank: int, world_size: int, resume_from: int | None
 ) -> tuple[dict[str, Any], int | None]:
@@ -178,6 +188,9 @@ def _resume(
         last = step if last is None else max(last, step)
     if rank == 0:
         reopen_run(path)  # before any step file changes
+        if _records_again(existing.get(RECORDING_STOPPED), resume_from):
+            del existing[RECORDING_STOPPED]
+            amend_manifest(path, RECORDING_STOPPED, None)
     for file, _ in replaced:
         _remove(file)
     if rank == 0 and not all(temporary for _, temporary in replaced):
