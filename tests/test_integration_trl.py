@@ -655,13 +655,15 @@ def test_resume_into_a_new_run_directory_records_from_the_checkpoint(
         assert step.scalars["grad_norm"] == logged[step.step]["grad_norm"]
 
 
-@pytest.mark.parametrize("checkpoint", ["last", "absent"])
-def test_a_resume_with_no_checkpoint_leaves_the_run_as_it_was(
+@pytest.mark.parametrize("checkpoint", ["last", "absent", "unloadable"])
+def test_a_resume_trl_refuses_leaves_the_run_as_it_was(
     tiny: Any, checkpointed: dict[str, Any], tmp_path: Path, checkpoint: str
 ) -> None:
-    """train(resume_from_checkpoint=True) with no checkpoint in output_dir, or a checkpoint
-    path that is not there, with overwrite (the resumed command under `stabledrl record
-    --force`): TRL refuses it with its own error, and the run's steps are all still there."""
+    """train(resume_from_checkpoint=...) that TRL refuses with its own error: True with no
+    checkpoint in output_dir, a checkpoint path that is not there, a checkpoint whose model
+    weights are gone (one TRL cannot load). With overwrite (the resumed command under
+    `stabledrl record --force`) too, the run's steps are all still there: none was removed
+    for a training that never ran."""
     out = tmp_path / "run"
     shutil.copytree(checkpointed["run"], out)
     trainer = integration.RecordingGRPOTrainer(
@@ -673,7 +675,11 @@ def test_a_resume_with_no_checkpoint_leaves_the_run_as_it_was(
         stabledrl_out=out,
         stabledrl_overwrite=True,
     )
-    resume = True if checkpoint == "last" else str(tmp_path / "checkpoint-2")
+    path = tmp_path / "checkpoint-2"
+    if checkpoint == "unloadable":
+        shutil.copytree(checkpointed["checkpoint"], path)
+        (path / "model.safetensors").unlink()
+    resume = True if checkpoint == "last" else str(path)
     with pytest.raises(ValueError, match="checkpoint"):  # TRL's (transformers') own error
         trainer.train(resume_from_checkpoint=resume)
     assert sd.open_run(out).step_numbers == [1, 2, 3, 4]

@@ -12,6 +12,8 @@ GRPO and RLOO trainers share these methods):
   log-probs, the masks TRL multiplied into the loss, and TRL's normaliser;
 - `_get_grad_norm` (once per optimizer step, before `optimizer.step()`): the pre-clip norm;
   the step is logged here as `state.global_step + 1`, the number `log_history` gives it.
+The run is opened by a callback's `on_train_begin` (`_RunOpener`), once TRL has loaded the
+checkpoint it resumes.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ REWARD_KEY = "stabledrl_reward"
 
 # TRL's own annotations are partial; the recording classes treat their bases as untyped.
 TRL: Any = importlib.import_module("trl")
+_TrainerCallback: Any = importlib.import_module("transformers").TrainerCallback
 _Untyped: Any = object
 """`RecordingTrainer`'s base as mypy sees it: the TRL trainer that follows it in a recording
 class's MRO (at run time, object)."""
@@ -124,8 +127,12 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         self._sd_seen: dict[str, torch.Tensor] | None = None
         self._sd_rewards: torch.Tensor | None = None
         self._sd_groups = 0
+        self._sd_begins: tuple[str, int | None] | None = None
+        """(run directory's real path, checkpoint step) of the run train() opens as its
+        training begins (`_sd_begin`)."""
         super().__init__(*args, **kwargs)
         self.stabledrl_policy = self._sd_policy_for(self.args, aux_loss=self.aux_loss_enabled)
+        self.add_callback(_RunOpener(self))
 
     # -- what each recording trainer says for itself ------------------------------------------
     def _sd_meta(self) -> dict[str, Any]:
@@ -185,8 +192,9 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         a usage error (an existing run, a resume the run cannot continue) is raised. A second
         train() into a run directory this process has recorded into (of this trainer or of
         another) that does not resume numbers its steps from 1 again: it warns once and runs
-        unrecorded, the first one's steps kept. A checkpoint to resume that is not there
-        leaves the run directory as it is, to TRL's own error."""
+        unrecorded, the first one's steps kept. The run is opened as TRL's training begins,
+        once TRL has loaded the checkpoint it resumes: a resume that TRL refuses (no
+        checkpoint there, one it cannot load) leaves the run directory as it is."""
         try:
             resume = _resume_step(self, resume_from_checkpoint)
         except (OSError, ValueError):  # TRL's train() refuses it, saying why
@@ -202,20 +210,30 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
                 "recording a second train()",
             )
             return super().train(resume_from_checkpoint, *args, **kwargs)
+        self._sd_begins = (directory, resume)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._sd_begins = None
+            buffer, self._sd_buffer = self._sd_buffer, None
+            if buffer is not None:
+                try:
+                    buffer.recorder.close()
+                except Exception as exc:
+                    buffer.warn("the run's last steps", exc)
+
+    def _sd_begin(self) -> None:
+        """Opens the run train() asked for, as TRL's training begins; a run that cannot be
+        written (a full or read-only disk) warns once and training runs unrecorded."""
+        if self._sd_begins is None:
+            return
+        (directory, resume), self._sd_begins = self._sd_begins, None
         try:
             self._sd_buffer = self._sd_open(resume)
         except WriteError as exc:
             RecordingFailure().fail(exc, "recording the run failed")
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            return
         _RECORDED.add(directory)
-        try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
-        finally:
-            buffer, self._sd_buffer = self._sd_buffer, None
-            try:
-                buffer.recorder.close()
-            except Exception as exc:
-                buffer.warn("the run's last steps", exc)
 
     # -- rollout: groups and rewards --------------------------------------------------------
     def _calculate_rewards(self, *args: Any, **kwargs: Any) -> Any:
@@ -289,6 +307,17 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             except Exception as exc:
                 self._sd_buffer.warn(f"step {step}", exc)
         return norm
+
+
+class _RunOpener(_TrainerCallback):  # type: ignore[misc]
+    """Opens a recording trainer's run at `on_train_begin`, which transformers calls once it
+    has loaded the checkpoint that train() resumes (model, optimizer, scheduler, state)."""
+
+    def __init__(self, trainer: RecordingTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.trainer._sd_begin()
 
 
 class RecordingGRPOTrainer(RecordingTrainer, TRL.GRPOTrainer):  # type: ignore[misc]
