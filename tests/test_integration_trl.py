@@ -489,6 +489,26 @@ def test_a_run_directory_that_cannot_be_written_warns_once_and_training_runs(
     assert "cannot write it" in warnings[0] and "training continues" in warnings[0]
 
 
+def test_a_compute_loss_that_bypasses_trls_loss_is_said_once_not_recorded_silently(
+    tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A compute_loss (the transformers Trainer's public method, which a subclass overrides)
+    that computes its own loss, never calling TRL's _compute_loss: nothing of TRL's loss
+    reaches the recorder. Training runs to its end, and that its steps are not recorded is
+    said once on stderr, rather than an empty run left for replay to find."""
+
+    def own_loss(self: Any, model: Any, inputs: dict[str, Any], *args: Any, **kw: Any) -> Any:
+        return model(input_ids=inputs["completion_ids"]).logits.mean()
+
+    monkeypatch.setattr(integration.RecordingGRPOTrainer, "compute_loss", own_loss)
+    out = tmp_path / "run"
+    trainer = train(tiny, out)
+    assert trainer.state.global_step == 4
+    assert sd.open_run(out).step_numbers == []
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl:" in line]
+    assert len(warnings) == 1 and "_compute_loss" in warnings[0], warnings
+
+
 # -- the README snippet under `stabledrl record` ---------------------------------------------
 def test_readme_snippet_records_under_stabledrl_record(tiny: Any, tmp_path: Path) -> None:
     shutil.copy(SCRIPTS / "snippet_train.py", tmp_path / "train.py")

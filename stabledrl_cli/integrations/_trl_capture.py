@@ -15,6 +15,7 @@ import torch
 
 from stabledrl_cli.capture.bootstrap import RecordingFailure
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.errors import UsageError
 from stabledrl_cli.integrations._rows import every_row
 
 
@@ -81,10 +82,14 @@ class StepBuffer:
         self.micro.append(micro)
 
     def log(self, step: int, *, grad_norm: float, max_grad_norm: float, lr: float) -> None:
-        """Logs the gathered micro-batches as optimizer step `step`, then empties the buffer."""
+        """Logs the gathered micro-batches as optimizer step `step`, then empties the buffer.
+        UsageError when none was gathered: the step's loss never went through TRL's."""
         micro, self.micro = self.micro, []
         if not micro:
-            return
+            raise UsageError(
+                "no micro-batch went through TRL's _compute_loss (a compute_loss override "
+                "that does not call it is not recorded)"
+            )
         kept = [every_row(m.kept) for m in micro]
 
         def tokens(name: str) -> torch.Tensor:
