@@ -195,8 +195,8 @@ def test_a_run_and_its_packed_archive_are_identical(grpo_fixture, tmp_path):
 def test_exit_codes_in_a_real_process(runs, tmp_path):
     a, b = runs["original"], runs["branch"]
     apart = tmp_path / "apart"
-    with Recorder(apart, policy="grpo") as rec:
-        rec.log_step(99, logp=np.zeros((1, 2)), logp_old=np.zeros((1, 2)), advantages=np.ones(1))
+    with Recorder(apart, policy="grpo", unit="sequence") as rec:  # the example's unit
+        rec.log_step(99, logp=np.zeros(2), logp_old=np.zeros(2), advantages=np.ones(2))
     twins, parted, until, negative, missing, disjoint = run_cli_together(
         ["diff", a, runs["twin"], "--device", "cpu"],
         ["diff", a, b, "--device", "cpu"],
@@ -281,3 +281,22 @@ def test_a_run_whose_every_step_is_torn_names_them_beside_its_error(grpo_fixture
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"warning: {torn}: skipped 160 unreadable")
     assert lines[1].startswith("error: ") and "share no step" in lines[1]
+
+
+def test_runs_of_different_units_are_not_compared(tmp_path):
+    """The same arrays under another unit (token entries against sequence entries) mean other
+    things: exit 3 in one line naming both. Before, such runs were 'identical' (exit 0)."""
+    a = tmp_path / "a"
+    with Recorder(a, policy="grpo", unit="sequence") as rec:
+        for step in range(2):
+            rec.log_step(step, logp=np.zeros(4), logp_old=np.zeros(4), advantages=np.ones(4))
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest["unit"] = "token"
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    done = run_cli("diff", a, b, "--device", "cpu")
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.splitlines() == [
+        f"error: {a} records sequence entries, {b} token entries: their steps are not comparable"
+    ]

@@ -319,13 +319,19 @@ def diff_runs(
     context: int = DEFAULT_CONTEXT,
     config: ReplayConfig | None = None,
 ) -> DiffResult:
-    """Where runs `a` and `b` part (module docstring). InputError when they share no step."""
+    """Where runs `a` and `b` part (module docstring). InputError when they share no step, or
+    record different units (the same arrays would mean other things)."""
     for name, value in (("atol", atol), ("rtol", rtol)):
         if not (math.isfinite(value) and value >= 0):
             raise UsageError(f"{name} must be a finite number >= 0, got {value}")
     if context < 0:
         raise UsageError(f"context must be >= 0, got {context}")
     config = config or ReplayConfig()
+    if a.unit != b.unit:
+        raise InputError(
+            f"{a.location} records {a.unit} entries, {b.location} {b.unit} entries: their steps "
+            "are not comparable"
+        )
     steps_a, steps_b = a.step_numbers, b.step_numbers
     _warn_skipped(a, steps_a)
     _warn_skipped(b, steps_b)
