@@ -15,6 +15,10 @@ from stabledrl_cli.errors import InputError, quoted
 
 
 def json_safe(value: Any) -> Any:
+    """`value` as JSON can carry it: numpy numbers as Python's, non-finite floats as None, and
+    text with a name's bytes that are not UTF-8 spelled `\\xNN` (`json_text`)."""
+    if isinstance(value, str):
+        return json_text(value)
     if isinstance(value, (np.floating, float)):
         value = float(value)
         return value if math.isfinite(value) else None
@@ -23,7 +27,7 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {json_text(str(k)): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
@@ -34,6 +38,21 @@ def unicode_text(text: str) -> str:
     surrogates, as os.fsdecode gives) spelled `\\xNN`: text every reader of a run takes
     (`has_lone_surrogate`)."""
     return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def json_text(text: str) -> str:
+    """`text` as every JSON reader takes it: as it is, or with the bytes that are not UTF-8 of
+    a name decoded from them spelled `\\xNN` (`unicode_text`; any other lone surrogate
+    `\\udNNN`): json.dumps would write a lone surrogate as an escape that strict readers,
+    this tool's among them, refuse."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return unicode_text(text)
+        except UnicodeEncodeError:  # a lone surrogate no name's byte gives
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _no_constant(name: str) -> None:

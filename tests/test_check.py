@@ -15,6 +15,7 @@ from _cli import run_cli_together
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli._json import parse_strict
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import WriteError
 from stabledrl_cli.replay import columns, config
@@ -190,6 +191,21 @@ def test_a_baseline_of_a_run_whose_path_is_not_utf8_reads_back(runs, tmp_path):
     assert load_baseline(written).run["path"] == f"{tmp_path}/run\\xff"
     code, data, stderr = _check(str(run), "--baseline", str(written))
     assert code == 0 and data["ok"], stderr
+
+
+@pytest.mark.parametrize("command", ["check", "replay", "inspect"])
+def test_json_of_a_run_whose_path_is_not_utf8_is_strict_json(tmp_path, command):
+    """`--format json` named such a run with the lone surrogate Python decodes the byte to,
+    which json.dumps writes as the escape \\udcff: strict JSON readers (this tool's own among
+    them) refuse the whole output. The byte is written as \\xff, as a baseline writes it."""
+    run = tmp_path / os.fsdecode(b"run\xff")
+    _make_run(run, collapse=False)
+    options = {"check": ["--max-collapsed", "99", "--device", "cpu"], "replay": ["--device", "cpu"]}
+    (done,) = run_cli_together([command, run, *options.get(command, []), "--format", "json"])
+    assert done.returncode == 0, done.stderr
+    data = parse_strict(done.stdout, "stdout", "JSON")
+    assert isinstance(data, dict)
+    assert data["run"] == f"{tmp_path}/run\\xff"
 
 
 def test_gate_counts_agree_in_number(runs):
