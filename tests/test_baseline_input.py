@@ -207,3 +207,30 @@ def test_a_setting_that_differs_from_the_baseline_is_shown_to_the_digit(tmp_path
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "--spike-factor 10.0 differs from the baseline's 10.0000001" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("path", "shown"),
+    [
+        (("recoded",), ": unknown key 'recoded' (known: schema, "),
+        (
+            ("replay", "colapse_window"),
+            ": replay: unknown key 'colapse_window' (known: spike_factor, ",
+        ),
+    ],
+    ids=["top-level", "replay"],
+)
+def test_a_misspelt_key_exits_3_naming_it(
+    tmp_path: Path, path: tuple[str, ...], shown: str
+) -> None:
+    """A misspelt key ("recoded" for "recorded") was dropped without a word, and the gates
+    under it with it: the check passed gating nothing it was meant to. It is a malformed
+    baseline (exit 3, one line naming the key). A tolerance keeps notes of its own."""
+    data = _baseline_with(path, {"grad_norm": {"max": {"value": 0.0}}})
+    data["observed"] = {"spike_steps": {"value": 0, "worse": "higher", "first": None}}
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(data))
+    result = CliRunner().invoke(app, ["check", str(FIXTURE), "--baseline", str(baseline)])
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {baseline}{shown}"), lines

@@ -29,8 +29,9 @@ a run without a policy batch (an imported log) is gated on `observed` and `recor
 Each metric trips when today's figure is worse than `value` by more than
 `abs_tol + rel_tol * |value|` in the direction `worse` ("higher": a larger figure is worse;
 "lower": a smaller one). `null` stands for infinity: no observed collapse (never), or no
-finite update norm (every step non-finite). Other keys (e.g. `first`, the first flagged step)
-are notes for the reader and are not compared.
+finite update norm (every step non-finite). Other keys of a metric's entry (e.g. `first`, the
+first flagged step) are notes for the reader and are not compared; another key at the top or
+under `replay` is refused (`BASELINE_KEYS`).
 
 A strict baseline (`"strict": true`, written with `strict`, for a project's own deterministic
 golden runs) has float-noise tolerances (counts exact, floats to 1e-4 relative), and a figure
@@ -45,7 +46,8 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
 
@@ -241,9 +243,36 @@ def _read(path: str | os.PathLike[str]) -> dict[str, object]:
     return data
 
 
+BASELINE_KEYS = (
+    "schema",
+    "version",
+    "created",
+    "tool_version",
+    "strict",
+    "run",
+    "replay",
+    "observed",
+    "recorded",
+    "policies",
+)
+"""The keys of a baseline: another (a misspelt `recorded`) is refused, not left out with the
+gates under it. A metric's tolerance may hold notes of its own (`first`)."""
+
+
+def _known_keys(data: dict[str, object], known: Sequence[str], where: str) -> None:
+    """InputError naming the first key of `data` not in `known`."""
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        raise InputError(
+            f"{where}: unknown key {quoted(unknown[0])} (known: {', '.join(known)}); a "
+            "misspelt key would leave its gates or settings out"
+        )
+
+
 def _settings(replay: object, where: str) -> ReplaySettings:
     if not isinstance(replay, dict):
         raise InputError(f"{where}: 'replay' (the replay settings) must be an object")
+    _known_keys(replay, [f.name for f in fields(ReplaySettings)], f"{where}: replay")
     for key in ("spike_factor", "window", "drift_threshold"):
         if key not in replay:
             raise InputError(f"{where}: replay.{key} is missing")
@@ -335,6 +364,7 @@ def load_baseline(path: str | os.PathLike[str]) -> Baseline:
     """Reads and validates a baseline file; InputError (exit 3) names the first problem."""
     where = str(path)
     data = _read(path)
+    _known_keys(data, BASELINE_KEYS, where)
     settings = _settings(data.get("replay"), where)
     run = data.get("run", {})
     if not isinstance(run, dict):
