@@ -286,3 +286,24 @@ def test_a_policy_gate_on_a_scalar_run_is_a_usage_error(tmp_path):
     result = runner.invoke(app, ["check", str(run), "--max-collapsed", "0"])
     assert result.exit_code == 2
     assert "scalar run" in result.stderr and "--max-collapsed" in result.stderr
+
+
+def test_a_policy_gate_on_a_mixed_run_whose_batch_steps_are_torn_is_bad_input(tmp_path):
+    """Its readable steps are scalar steps, but the torn ones held the policy batches: not a
+    scalar run (exit 2, "is a scalar run"), but bad input (exit 3) naming the files skipped,
+    as when those steps' data is corrupt instead."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(4):
+            if step % 2:
+                _batch_step(rec, step)
+            else:
+                rec.log_step(step, grad_norm=1.0, reward_mean=0.5)
+    for step in (1, 3):
+        torn = run / "steps" / f"step-{step:08d}.safetensors"
+        torn.write_bytes(torn.read_bytes()[:10])
+    done = run_cli("check", run, "--max-collapsed", "0")
+    assert done.returncode == 3, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"error: {run}: no readable step holds a policy batch (2 step files ")
+    assert line.endswith("--max-collapsed need(s) replayed policies")

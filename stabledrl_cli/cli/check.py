@@ -79,7 +79,7 @@ from stabledrl_cli.replay.plot import plot_replay
 from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
 from stabledrl_cli.replay.report import print_title, print_whole
 from stabledrl_cli.replay.result import ReplayResult
-from stabledrl_cli.replay.run_facts import no_steps_message, skipped_reasons
+from stabledrl_cli.replay.run_facts import no_steps_message, shown_reasons, skipped_reasons
 
 
 def counted(count: int, noun: str) -> str:
@@ -168,15 +168,22 @@ def _is_scalar_run(run: Run) -> bool:
 def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) -> Observed:
     """The observed behaviour of a scalar run (nothing to replay); UsageError for an option
     that needs replayed policies, InputError for a run with no readable step."""
-    if policy_options:
-        raise UsageError(
-            f"{run.location} is a scalar run (per-step scalars only, no policy batch): "
-            f"{', '.join(policy_options)} need(s) replayed policies; gate it with "
-            "--baseline, --max-spikes, --max-nonfinite or --fail-on-collapse"
-        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RunIntegrityWarning)  # counted below
         skipped = skipped_reasons(run)
+        if policy_options and skipped:  # the skipped files may have held the policy batches
+            noun = "step file was" if len(skipped) == 1 else "step files were"
+            raise InputError(
+                f"{run.location}: no readable step holds a policy batch ({len(skipped)} "
+                f"{noun} skipped: {shown_reasons(skipped)}); {', '.join(policy_options)} "
+                "need(s) replayed policies"
+            )
+        if policy_options:
+            raise UsageError(
+                f"{run.location} is a scalar run (per-step scalars only, no policy batch): "
+                f"{', '.join(policy_options)} need(s) replayed policies; gate it with "
+                "--baseline, --max-spikes, --max-nonfinite or --fail-on-collapse"
+            )
         if skipped:
             noun = "step" if len(skipped) == 1 else "steps"
             err.print(
