@@ -116,3 +116,49 @@ def test_a_step_whose_batch_half_fails_to_write_is_not_left_as_a_scalar_step(
     table = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "300"})
     assert table.exit_code == 0, table.output
     assert "stopped at step 3 (rank 0) after a failed write" in table.stdout
+
+
+HOOKS_CHILD = textwrap.dedent(
+    """
+    import errno, os
+    import torch
+    from stabledrl_cli.capture import bootstrap
+
+    def full_disk(fd, buffers):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_writev = os.writev
+
+    def full_steps(fd, buffers):  # the step files' writes fail, the manifest's note goes in
+        if "/steps/" in os.readlink(f"/proc/self/fd/{fd}"):
+            return full_disk(fd, buffers)
+        return real_writev(fd, buffers)
+
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(6):
+        if step == 3:
+            bootstrap._recorder.flush()  # steps 0-2 are on disk, whole
+            os.writev = full_steps  # step 3's write, in the background, fails
+        model(torch.ones(8, 4)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    print("trained 6 steps")
+    """
+)
+
+
+def test_the_step_named_is_the_one_whose_write_failed(tmp_path: Path) -> None:
+    """The optimizer hooks write in the background, so step 3's failed write is noticed as a
+    later step is logged, or as the run closes: record's line named that step ("recording
+    stopped at step 4: ... step-00000003...") or "the end of the run", where the manifest's
+    note says step 3. Both name step 3."""
+    run = tmp_path / "run"
+    result = _record(tmp_path, HOOKS_CHILD, run)
+    assert "trained 6 steps" in result.stdout
+    assert result.returncode == 4, result.stderr
+    assert "recording stopped at step 3: " in result.stderr, result.stderr
+    assert "recording stopped at step 4" not in result.stderr
+    note = json.loads((run / "manifest.json").read_text())["recording_stopped"]
+    assert note["step"] == 3
+    assert open_run(run).step_numbers == [0, 1, 2]

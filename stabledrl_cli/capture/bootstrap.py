@@ -405,7 +405,15 @@ def _write(step: _Step, recorder: Recorder, *, replace: bool) -> bool:
     _last = step
     log = recorder.rewrite_step if replace else recorder.log_step
     log(step.number, **step.fields())
-    return not _failure.stopped(recorder.stopped, f"recording stopped at step {step.number}")
+    return not _failure.stopped(recorder.stopped, _stopped_at(recorder, step.number))
+
+
+def _stopped_at(recorder: Recorder, noticed: int | None) -> str:
+    """Where recording stopped: at the step whose write failed, which the Recorder knows; else
+    at step `noticed` (the one being logged), or at the end of the run (None). A write in the
+    background fails unseen until a later step is logged, or the run closes."""
+    step = noticed if recorder.stopped_step is None else recorder.stopped_step
+    return "recording stopped " + ("at the end of the run" if step is None else f"at step {step}")
 
 
 def _snapshot(fields: dict[str, Any]) -> dict[str, Any]:
@@ -580,7 +588,7 @@ def _written_at_exit() -> None:
             recorder = _recorder
         if recorder is not None:
             recorder.flush()
-            _failure.stopped(recorder.stopped, "recording stopped at the end of the run")
+            _failure.stopped(recorder.stopped, _stopped_at(recorder, None))
     except Exception as exc:
         _failure.fail(
             WriteError(str(exc)) if isinstance(exc, OSError) else exc, "writing the last steps"
@@ -613,7 +621,7 @@ def close() -> None:
             except KeyboardInterrupt:
                 recorder.close()  # (the Recorder finishes an interrupted close)
                 raise
-            _failure.stopped(recorder.stopped, "recording stopped at the end of the run")
+            _failure.stopped(recorder.stopped, _stopped_at(recorder, None))
         except Exception as exc:
             _failure.fail(
                 WriteError(str(exc)) if isinstance(exc, OSError) else exc, "closing the run"

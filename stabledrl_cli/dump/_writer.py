@@ -312,6 +312,9 @@ class Recorder:
         self.on_write_error: OnWriteError = on_write_error
         self.stopped: str | None = None
         """Why recording stopped (on_write_error="warn" after a failed write), else None."""
+        self.stopped_step: int | None = None
+        """The step whose write failed when recording stopped (an async write's failure is
+        noticed at a later step's `log_step`), else None."""
         self._closed = False
         self._closed_marked = False
         """Whether close marked the run `recording_closed` (rank 0 of a world_size 1 run: the
@@ -511,7 +514,7 @@ class Recorder:
         in the manifest."""
         if self.on_write_error == "raise":
             raise error from cause
-        self.stopped = str(error)
+        self.stopped, self.stopped_step = str(error), step
         warn(f"stabledrl: warning: recording stopped, training goes on: {error}\n")
         note = {"step": step, "rank": self.rank, "reason": str(error)}
         with suppress(ValueError, InputError, WriteError):  # best effort: the disk that refused
