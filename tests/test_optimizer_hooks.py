@@ -287,6 +287,36 @@ def test_a_script_without_torch_is_untouched_and_an_existing_sitecustomize_still
     assert "Error in sitecustomize" not in result.stderr
 
 
+@pytest.mark.parametrize("where", ["leading", "trailing"])
+def test_an_empty_pythonpath_entry_still_puts_the_working_directory_on_the_path(tmp_path, where):
+    """An empty entry of PYTHONPATH (`PYTHONPATH=$PYTHONPATH:/x` with PYTHONPATH unset gives
+    one) puts the working directory on sys.path: a script run from elsewhere imports its
+    modules from there. Before, `record` dropped the empty entries as it put its
+    sitecustomize first, and the command died of a ModuleNotFoundError (exit 1)."""
+    work, code = tmp_path / "work", tmp_path / "code"
+    work.mkdir()
+    code.mkdir()
+    (work / "local_module.py").write_text("VALUE = 42\n")
+    (code / "train.py").write_text(
+        "import local_module, torch\n"
+        "model = torch.nn.Linear(2, 1)\n"
+        "optimizer = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "model(torch.ones(1, 2)).sum().backward()\n"
+        "optimizer.step()\n"
+        "print(local_module.VALUE)\n"
+    )
+    env = _env()
+    paths = [env["PYTHONPATH"], ""] if where == "trailing" else ["", env["PYTHONPATH"]]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    result = subprocess.run(
+        [*cli_command(), "record", "--out", str(tmp_path / "run"), "--",
+         sys.executable, str(code / "train.py")],
+        capture_output=True, text=True, env=env, timeout=300, cwd=work,
+    )  # fmt: skip
+    assert (result.stdout, result.returncode) == ("42\n", 0), result.stderr
+    assert open_run(tmp_path / "run").step_numbers == [0]
+
+
 def test_a_child_that_cannot_import_stabledrl_and_has_no_stderr_still_trains(tmp_path):
     """The sitecustomize's warning that the hooks are off (this Python cannot import
     stabledrl) in a process whose stderr is closed (`2>&-`: sys.stderr is None): left out, and

@@ -136,9 +136,10 @@ def _reports(status: Path) -> tuple[list[tuple[int, str]], list[int]]:
 
 def _with_site(env: dict[str, str], optimizer_hooks: bool) -> None:
     """Puts the sitecustomize first on the command's PYTHONPATH (its hooks off when not
-    `optimizer_hooks`)."""
-    paths = [str(SITE_DIR), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
+    `optimizer_hooks`). The command's entries stay as they were, empty ones too: Python puts
+    the working directory on sys.path for each."""
+    given = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join([str(SITE_DIR), given] if given else [str(SITE_DIR)])
     env[ENV_OPTIMIZER_HOOKS] = "1" if optimizer_hooks else "0"
 
 
