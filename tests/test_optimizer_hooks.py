@@ -558,46 +558,58 @@ def test_the_clip_wrapper_clips_exactly_as_torch_does():
     assert clip_norms(params, (), {"max_norm": 1.0, "error_if_nonfinite": True}) is None
 
 
-# A GradScaler on the CPU; an inf gradient at step 2 makes scaler.step() skip optimizer.step().
+# A GradScaler on the CPU; an inf gradient at step 2 makes scaler.step() skip the update: it
+# never calls optimizer.step(), or, for a fused optimizer (argv[2] "fused"), which unscales
+# inside its step(), it calls it with the inf found. The script writes which steps were skipped
+# and the norm of the unscaled gradients of each.
 SCALER_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, math, sys
     import torch
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=sys.argv[2] == "fused")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    skipped = []
+    skipped, norms = [], []
     for step in range(4):
         optimizer.zero_grad()
         scaler.scale(model(torch.randn(8, 4)).pow(2).mean()).backward()
         if step == 2:
             model.weight.grad[0, 0] = float("inf")
+        scale = scaler.get_scale()
+        norms.append(math.sqrt(sum((p.grad.double() / scale).norm().item() ** 2
+                                   for p in model.parameters())))
         before = model.weight.detach().clone()
         scaler.step(optimizer)
         scaler.update()
         skipped.append(bool(torch.equal(before, model.weight.detach())))
-    json.dump(skipped, open(sys.argv[1], "w"))
+    json.dump({"skipped": skipped, "norms": norms}, open(sys.argv[1], "w"))
     """
 )
 
 
-def test_a_step_the_grad_scaler_skips_is_recorded_as_skipped(tmp_path):
+@pytest.mark.parametrize("fused", ["unfused", "fused"])
+def test_a_step_the_grad_scaler_skips_is_recorded_as_skipped(tmp_path, fused):
+    """A fused optimizer is handed the scale and the inf found by the GradScaler and unscales
+    inside step(): before, its steps were recorded with the norms of the scaled gradients
+    (2**10 times the script's) and the skipped step as taken."""
     script, computed = tmp_path / "train.py", tmp_path / "skipped.json"
     script.write_text(SCALER_SCRIPT)
     result = _record(
-        "--out", str(tmp_path / "run"), "--", sys.executable, str(script), str(computed)
+        "--out", str(tmp_path / "run"), "--", sys.executable, str(script), str(computed), fused
     )
     assert result.returncode == 0, result.stderr
-    assert json.loads(computed.read_text()) == [False, False, True, False]
+    seen = json.loads(computed.read_text())
+    assert seen["skipped"] == [False, False, True, False]
     run = open_run(tmp_path / "run")
     assert run.step_numbers == [0, 1, 2, 3]
     scalars = [run.step(n).scalars for n in run.step_numbers]
     assert [s.get("optimizer_skipped", 0.0) for s in scalars] == [0.0, 0.0, 1.0, 0.0]
     assert scalars[2]["nonfinite_grads"] == 1 and math.isinf(scalars[2]["grad_norm"])
     assert scalars[2]["lr"] == 0.1
-    assert all(math.isfinite(s["grad_norm"]) for s in (scalars[0], scalars[1], scalars[3]))
+    for n in (0, 1, 3):
+        assert close(scalars[n]["grad_norm"], seen["norms"][n]), (n, scalars[n], seen)
 
 
 # FSDP2 on 2 gloo ranks (CPU): DTensor gradients, clipped on steps 1-2 (step 2 by a 3-norm:

@@ -29,7 +29,9 @@ What each step records (all gradient norms are L2, taken before clipping):
   previous `step()` to the end of this one (absent on the first step);
 - optimizer_skipped: 1 on a step a `torch.amp.GradScaler` skipped (its gradients held an inf
   or a NaN, so `scaler.step()` left the parameters alone): the step is recorded all the same,
-  with the statistics of the unscaled gradients it found, and the numbering goes on;
+  with the statistics of the unscaled gradients it found, and the numbering goes on (a
+  fused optimizer unscales inside its step(), which the scaler calls with the scale and the
+  inf found: `_amp_state`);
 - with several parameter groups, `grad_norm/group_<g>` and `lr/group_<g>` for each group;
 - `grad_norm/module/<name>` for the `TOP_MODULES` modules with the largest gradient norm
   (a module's norm is over the parameters it holds itself; names come from the optimizer's
@@ -134,6 +136,9 @@ class _Stats:
     group_norms: list[float | None]
     """Each group's gradient norm (None for a group with no gradient)."""
     module_norms: list[tuple[str, float]]
+    skipped: bool = False
+    """A GradScaler found an inf or a NaN: the optimizer's step() skips the update itself
+    (`_amp_state`)."""
 
 
 @dataclass
@@ -637,13 +642,29 @@ def _stats(optimizer: Optimizer, view: _View) -> _Stats:
     clipped = _root_sum_squares(totals) if len(totals) > 1 else next(iter(totals), None)
     if clipped is None and params:
         clipped = _root_sum_squares(norms)
+    scale, skipped = _amp_state(optimizer)
+    modules = _module_norms([*((names.get(id(p)), n) for p, n in plain_norms), *pieces])
     return _Stats(
-        grad_norm=clipped,
+        grad_norm=clipped / scale if clipped is not None else None,
         nonfinite=nonfinite,
         lrs=[float(g["lr"]) if "lr" in g else None for g in optimizer.param_groups],
-        group_norms=[math.sqrt(s) if s is not None else None for s in group_squares],
-        module_norms=_module_norms([*((names.get(id(p)), n) for p, n in plain_norms), *pieces]),
+        group_norms=[math.sqrt(s) / scale if s is not None else None for s in group_squares],
+        module_norms=[(module, norm / scale) for module, norm in modules],
+        skipped=skipped,
     )
+
+
+def _amp_state(optimizer: Optimizer) -> tuple[float, bool]:
+    """(the factor its gradients are scaled by, whether its step() skips the update) for an
+    optimizer that unscales inside its step() (`_step_supports_amp_scaling`: torch's fused
+    Adam, AdamW, SGD): a GradScaler hands it the scale and the inf it found as the
+    `grad_scale` and `found_inf` attributes for the length of the step. Else (1.0, False):
+    the scaler unscaled the gradients itself and calls no step() it skips."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return 1.0, False
+    scale = getattr(optimizer, "grad_scale", None)
+    found_inf = getattr(optimizer, "found_inf", None)
+    return 1.0 if scale is None else float(scale), found_inf is not None and bool(found_inf)
 
 
 def _clip_totals(clips: list[_Clip], whole: dict[int, float]) -> list[float]:
@@ -778,7 +799,7 @@ def _finish_step(optimizer: Optimizer, *, skipped: bool) -> None:
             view.steps_since_run_step += 1
             return
         fields = _step_fields(stats, step_time)
-        if skipped:
+        if skipped or stats.skipped:
             fields["scalars"]["optimizer_skipped"] = 1.0
         _state.next_step += 1
     except Exception as exc:
