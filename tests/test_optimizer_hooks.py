@@ -612,6 +612,53 @@ def test_a_step_the_grad_scaler_skips_is_recorded_as_skipped(tmp_path, fused):
         assert close(scalars[n]["grad_norm"], seen["norms"][n]), (n, scalars[n], seen)
 
 
+def test_a_grad_scaler_stepping_an_object_that_is_no_torch_optimizer_is_left_to_its_own(tmp_path):
+    """GradScaler.step takes any object with param_groups and step(): here a dataclass (so
+    unhashable) that steps two torch optimizers, whose own steps are recorded. Before, the
+    hooks' GradScaler.step raised TypeError (unhashable type) out of the training's
+    scaler.step(); a hashable one was recorded as a third optimizer skipping every step."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            from dataclasses import dataclass
+            import torch
+
+            @dataclass
+            class Both:
+                optimizers: list
+
+                @property
+                def param_groups(self):
+                    return [g for o in self.optimizers for g in o.param_groups]
+
+                def step(self):
+                    for optimizer in self.optimizers:
+                        optimizer.step()
+
+            torch.manual_seed(0)
+            model = torch.nn.Linear(2, 1)
+            both = Both([torch.optim.SGD([model.weight], lr=0.1),
+                         torch.optim.SGD([model.bias], lr=0.1)])
+            scaler = torch.amp.GradScaler("cpu")
+            for step in range(3):
+                model.zero_grad()
+                scaler.scale(model(torch.randn(4, 2)).sum()).backward()
+                scaler.step(both)
+                scaler.update()
+            print("trained")
+            """
+        )
+    )
+    result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script))
+    assert (result.stdout, result.returncode) == ("trained\n", 0), result.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2]
+    names = {name for n in run.step_numbers for name in run.step(n).scalars}
+    assert "optimizer_1/steps" in names and not any(n.startswith("optimizer_2/") for n in names)
+    assert not any(run.step(n).scalars.get("optimizer_skipped") for n in run.step_numbers)
+
+
 # FSDP2 on 2 gloo ranks (CPU): DTensor gradients, clipped on steps 1-2 (step 2 by a 3-norm:
 # the L2 norm before it is recorded); rank 0 writes the whole-model norms it computed (step 1:
 # what the clip returned).

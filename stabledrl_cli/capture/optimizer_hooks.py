@@ -494,6 +494,8 @@ def _wrap_fsdp_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torc
 def _wrap_scaler_step(original: Callable[..., float | None]) -> Callable[..., float | None]:
     @functools.wraps(original)
     def step(self: GradScaler, optimizer: Optimizer, *args: Any, **kwargs: Any) -> float | None:
+        if not isinstance(optimizer, Optimizer):  # (any object with param_groups and step())
+            return original(self, optimizer, *args, **kwargs)  # its optimizers record theirs
         view = _state.views.get(optimizer)
         taken = view.steps_taken if view is not None else 0
         result = original(self, optimizer, *args, **kwargs)
