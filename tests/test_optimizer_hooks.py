@@ -659,6 +659,39 @@ def test_a_grad_scaler_stepping_an_object_that_is_no_torch_optimizer_is_left_to_
     assert not any(run.step(n).scalars.get("optimizer_skipped") for n in run.step_numbers)
 
 
+def test_a_compiled_optimizer_step_leaves_the_hooks_to_run_uncompiled(tmp_path):
+    """`torch.compile` of a function that calls optimizer.step() (the hooks run inside it):
+    torch's Dynamo traced the hooks and the Recorder's step encoding too, warning on the
+    training's stderr of builtins it cannot trace and recompiling every step until its
+    recompile limit (a warning naming stabledrl_cli's files). The hooks run eagerly now."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            torch.manual_seed(0)
+            model = torch.nn.Linear(2, 1)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+            @torch.compile(backend="eager")
+            def step():
+                optimizer.step()
+
+            for _ in range(10):
+                optimizer.zero_grad()
+                model(torch.randn(4, 2)).sum().backward()
+                step()
+            print("trained")
+            """
+        )
+    )
+    result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script))
+    assert (result.stdout, result.returncode) == ("trained\n", 0), result.stderr
+    assert "stabledrl_cli" not in result.stderr and "recompile" not in result.stderr
+    assert open_run(tmp_path / "run").step_numbers == list(range(10))
+
+
 # FSDP2 on 2 gloo ranks (CPU): DTensor gradients, clipped on steps 1-2 (step 2 by a 3-norm:
 # the L2 norm before it is recorded); rank 0 writes the whole-model norms it computed (step 1:
 # what the clip returned).

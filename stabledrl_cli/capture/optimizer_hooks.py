@@ -199,8 +199,8 @@ def install() -> None:
         return
     try:
         _state.handles = [
-            register_optimizer_step_pre_hook(_pre_hook),
-            register_optimizer_step_post_hook(_post_hook),
+            register_optimizer_step_pre_hook(_registered_pre_hook),
+            register_optimizer_step_post_hook(_registered_post_hook),
         ]
         if _state.clip_wrapper is None:
             _state.clip_wrapper = _wrap_clip(torch.nn.utils.clip_grad.clip_grad_norm_)
@@ -773,6 +773,35 @@ def _is_run_optimizer(optimizer: Optimizer) -> bool:
 def _post_hook(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     if _state.on:
         _finish_step(optimizer, skipped=False)
+
+
+_step_hooks: dict[str, Callable[..., Any]] = {"pre": _pre_hook, "post": _post_hook}
+"""What the registered hooks call: the hooks themselves, or, once the process has imported
+torch's compiler (`compile_safe`), the same hooks kept out of its compiled code."""
+
+
+def _registered_pre_hook(
+    optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    return _step_hooks["pre"](optimizer, args, kwargs)  # type: ignore[no-any-return]
+
+
+def _registered_post_hook(
+    optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    _step_hooks["post"](optimizer, args, kwargs)
+
+
+def compile_safe(_dynamo: ModuleType) -> None:
+    """Once the process imports torch._dynamo (`torch.compile`; the sitecustomize waits for
+    it: importing it here would cost every recorded process seconds): the hooks run as they
+    are inside a compiled step(), which Dynamo would otherwise trace into, down to the
+    Recorder, recompiling at each step and warning on the training's stderr."""
+    try:
+        for name, hook in (("pre", _pre_hook), ("post", _post_hook)):
+            _step_hooks[name] = torch.compiler.disable(hook)  # type: ignore[no-untyped-call]
+    except Exception as exc:
+        _fail(exc, "keeping the optimizer hooks out of torch.compile")
 
 
 def _finish_step(optimizer: Optimizer, *, skipped: bool) -> None:

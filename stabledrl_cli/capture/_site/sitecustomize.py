@@ -1,6 +1,7 @@
 """Put on a child's PYTHONPATH by `stabledrl record -- CMD`: installs the optimizer hooks
 (`stabledrl_cli.capture.optimizer_hooks`) the moment the child finishes importing torch, and
-their FSDP1 clip wrapper the moment it finishes importing torch.distributed.fsdp (unless
+their FSDP1 clip wrapper the moment it finishes importing torch.distributed.fsdp, and keeps
+them out of torch.compile's code once it imports torch._dynamo (all unless
 STABLEDRL_OPTIMIZER_HOOKS is "0": `--no-optimizer-hooks`), and an audit hook that makes an
 uncaught stabledrl error one line (`stabledrl_cli.capture.bootstrap.uncaught_error`), and a
 sys.exit that does the same for one a framework caught, reported and exited 1 on, then runs
@@ -53,6 +54,7 @@ from typing import NoReturn
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FSDP1 = "torch.distributed.fsdp"
+_DYNAMO = "torch._dynamo"
 _ERRORS = "stabledrl_cli.errors"
 _BOOTSTRAP = "stabledrl_cli.capture.bootstrap"
 _ENV_OPTIMIZER_HOOKS = "STABLEDRL_OPTIMIZER_HOOKS"  # bootstrap.ENV_OPTIMIZER_HOOKS, unimported
@@ -72,6 +74,7 @@ def _install_hooks(_torch: ModuleType) -> None:
         return
     optimizer_hooks.install()
     _when_imported(_FSDP1, optimizer_hooks.wrap_fsdp)
+    _when_imported(_DYNAMO, optimizer_hooks.compile_safe)
 
 
 class _ImportWatch(importlib.abc.MetaPathFinder):
