@@ -692,6 +692,46 @@ def test_a_compiled_optimizer_step_leaves_the_hooks_to_run_uncompiled(tmp_path):
     assert open_run(tmp_path / "run").step_numbers == list(range(10))
 
 
+@pytest.mark.parametrize("clip", ["clip_grad_norm_", "get_total_norm"])
+def test_a_clip_compiled_whole_is_left_as_torchs(tmp_path, clip):
+    """`torch.compile(fullgraph=True)` of a function that clips: it compiles as one graph, as
+    it does without record (the clip is not seen: docs/recording.md). Before, the hooks'
+    clip wrappers were traced with it, their `.tolist()` broke the graph and the training
+    died of torch._dynamo.exc.Unsupported (exit 1)."""
+    call = {
+        "clip_grad_norm_": "torch.nn.utils.clip_grad_norm_(params, 1.0)",
+        "get_total_norm": "torch.nn.utils.clip_grads_with_norm_("
+        "params, 1.0, torch.nn.utils.get_total_norm([p.grad for p in params]))",
+    }[clip]
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import torch
+
+            torch.manual_seed(0)
+            model = torch.nn.Linear(2, 1)
+            params = list(model.parameters())
+            optimizer = torch.optim.SGD(params, lr=0.1)
+
+            @torch.compile(fullgraph=True, backend="eager")
+            def clip():
+                {call}
+
+            for _ in range(3):
+                optimizer.zero_grad()
+                model(torch.randn(4, 2)).sum().backward()
+                clip()
+                optimizer.step()
+            print("trained")
+            """
+        )
+    )
+    result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script))
+    assert (result.stdout, result.returncode) == ("trained\n", 0), result.stderr
+    assert open_run(tmp_path / "run").step_numbers == [0, 1, 2]
+
+
 # FSDP2 on 2 gloo ranks (CPU): DTensor gradients, clipped on steps 1-2 (step 2 by a 3-norm:
 # the L2 norm before it is recorded); rank 0 writes the whole-model norms it computed (step 1:
 # what the clip returned).

@@ -39,6 +39,10 @@ What each step records (all gradient norms are L2, taken before clipping):
 - per other optimizer i: `optimizer_<i>/grad_norm`, `optimizer_<i>/lr`,
   `optimizer_<i>/nonfinite_grads` (of its last step) and `optimizer_<i>/steps`.
 
+A clip traced by torch.compile is torch's alone: recording it (`.tolist()`, the state kept)
+would break the compiled graph, which a `fullgraph=True` compile refuses; the step's grad_norm
+is then measured after the clip. The step hooks run uncompiled (`compile_safe`).
+
 Sharded gradients count whole: a DTensor's (FSDP2) over its mesh, an FSDP1 shard's per
 original parameter over its process group (`_norms`), so every rank records the same norms.
 
@@ -303,6 +307,8 @@ def _torch_clip() -> Iterator[None]:
 def _wrap_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     @functools.wraps(original)
     def clip_grad_norm_(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced by torch.compile (module docstring)
+            return original(*args, **kwargs)
         with _torch_clip():
             return _recorded_clip(original, args, kwargs)
 
@@ -388,7 +394,7 @@ def _wrap_total_norm(original: Callable[..., torch.Tensor]) -> Callable[..., tor
 
     @functools.wraps(original)
     def get_total_norm(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if _state.on and not _state.torch_clipping:
+        if _state.on and not _state.torch_clipping and not torch.compiler.is_compiling():
             try:
                 bound = _TOTAL_NORM_ARGUMENTS.bind(*args, **kwargs)
                 _state.l2_total = float(bound.arguments.get("norm_type", 2.0)) == 2.0
@@ -426,7 +432,12 @@ def _wrap_clip_with_norm(original: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(original)
     def clip_grads_with_norm_(*args: Any, **kwargs: Any) -> None:
-        if not _state.on or _state.torch_clipping or not bootstrap.hooks_wanted():
+        if (
+            not _state.on
+            or _state.torch_clipping
+            or torch.compiler.is_compiling()
+            or not bootstrap.hooks_wanted()
+        ):
             return original(*args, **kwargs)
         try:
             bound = _CLIP_WITH_NORM_ARGUMENTS.bind(*args, **kwargs)
