@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from _cli import cli_command
+from _ports import free_port
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -730,6 +731,46 @@ def test_a_clip_compiled_whole_is_left_as_torchs(tmp_path, clip):
     result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script))
     assert (result.stdout, result.returncode) == ("trained\n", 0), result.stderr
     assert open_run(tmp_path / "run").step_numbers == [0, 1, 2]
+
+
+def test_ranks_started_by_mp_spawn_record_as_ranks(tmp_path):
+    """torch.multiprocessing.spawn (the DDP tutorial's launcher) sets no RANK or WORLD_SIZE:
+    each process gives init_process_group its rank itself. The run records each rank as
+    torch.distributed numbers it. Before, both processes opened the run as a one-process run:
+    one wrote it, the other warned `already exists` and `record` exited 2 after a training
+    that succeeded."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os
+            import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+            def train(rank, world_size):
+                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}")
+                dist.init_process_group("gloo", rank=rank, world_size=world_size)
+                torch.manual_seed(0)
+                model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 1))
+                optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+                for _ in range(3):
+                    optimizer.zero_grad()
+                    model(torch.randn(4, 2) + rank).sum().backward()
+                    optimizer.step()
+                dist.destroy_process_group()
+
+            if __name__ == "__main__":
+                mp.spawn(train, args=(2,), nprocs=2)
+                print("trained")
+            """
+        )
+    )
+    result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script))
+    assert (result.stdout, result.returncode) == ("trained\n", 0), result.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2]
+    assert [len(run.step(n).paths) for n in run.step_numbers] == [2, 2, 2]
+    for n in run.step_numbers:  # DDP averaged the gradients: both ranks step the same ones
+        assert _rank_scalars(run, n, 0)["grad_norm"] == _rank_scalars(run, n, 1)["grad_norm"]
 
 
 # FSDP2 on 2 gloo ranks (CPU): DTensor gradients, clipped on steps 1-2 (step 2 by a 3-norm:

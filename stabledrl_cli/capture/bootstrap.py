@@ -16,8 +16,9 @@ written earlier, by an exit handler registered as the hooks are installed and as
 opens (`_written_at_exit`). In a child process of `multiprocessing` (which ends with os._exit
 when forked, running no exit handler), the run is closed as the child's target returns
 (`_close_at_child_end`). Under a launcher that sets torch.distributed's RANK and
-WORLD_SIZE (torchrun, accelerate, deepspeed) it records as that rank, each rank writing its
-own step files (`recorder_kwargs` may still pass `rank` and `world_size`).
+WORLD_SIZE (torchrun, accelerate, deepspeed), or in a rank that initialized its default
+process group itself (torch.multiprocessing.spawn), it records as that rank, each rank writing
+its own step files (`recorder_kwargs` may still pass `rank` and `world_size`).
 
 A step comes from `log_policy_batch` (a policy batch), from the optimizer hooks (an optimizer
 step's scalars), or from both: the pairing rule is that
@@ -293,9 +294,14 @@ HOOKS_SOURCE = {"kind": "optimizer-hooks"}
 
 def _launcher_rank() -> dict[str, int]:
     """{"rank", "world_size"} from torch.distributed's RANK and WORLD_SIZE (set by torchrun),
-    else {} (one process). A value that is not an integer is a UsageError."""
+    else from the default process group this process initialized (ranks that
+    torch.multiprocessing.spawn started, which gave init_process_group their rank
+    themselves), else {} (one process). A value that is not an integer is a UsageError."""
     rank, world_size = os.environ.get(ENV_TORCH_RANK), os.environ.get(ENV_TORCH_WORLD_SIZE)
     if rank is None or world_size is None:
+        dist = sys.modules.get("torch.distributed")  # (never imported here)
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
         return {}
     try:
         return {"rank": int(rank), "world_size": int(world_size)}
