@@ -9,6 +9,7 @@ target. A spawned child runs both, the finalizers first.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.pool
 import multiprocessing.util
 from collections.abc import Callable
 
@@ -21,3 +22,12 @@ def at_child_end(handler: Callable[[], object]) -> Callable[[], None]:
         return lambda: None
     finalizer = multiprocessing.util.Finalize(None, handler, exitpriority=0)
     return finalizer.cancel
+
+
+def in_pool_worker() -> bool:
+    """Whether this process is a worker of a `multiprocessing.Pool`: its target never returns
+    while the pool lives, and the pool ends it with SIGTERM (`terminate`, as leaving `with
+    Pool()` does) once the results are in, so nothing of it runs at its end."""
+    process = multiprocessing.current_process()
+    worker = getattr(multiprocessing.pool, "worker", None)  # (not in the stubs)
+    return worker is not None and getattr(process, "_target", None) is worker

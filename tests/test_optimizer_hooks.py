@@ -428,6 +428,41 @@ def test_training_in_a_multiprocessing_child_is_recorded_to_its_last_step(tmp_pa
     assert run.manifest.get("recording_closed") is not None
 
 
+IN_A_POOL = textwrap.dedent(
+    """
+    import multiprocessing, sys
+    import torch
+
+    def train(steps):
+        model = torch.nn.Linear(3, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(torch.randn(2, 3)).sum().backward()
+            optimizer.step()
+        return steps
+
+    if __name__ == "__main__":
+        with multiprocessing.get_context(sys.argv[1]).Pool(1) as pool:
+            print(pool.apply(train, (40,)))
+    """
+)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_training_in_a_pool_worker_is_recorded_to_its_last_step(tmp_path, start_method):
+    """A Pool's worker never returns from its target: leaving `with Pool()` terminates it
+    (SIGTERM) once the results are in, and nothing of it runs then. Before, the steps its
+    Recorder's thread had not written yet were lost (12 of 40 recorded), and `record` exited
+    0. A pool worker writes each step before step() returns."""
+    script = tmp_path / "train.py"
+    script.write_text(IN_A_POOL)
+    command = [sys.executable, str(script), start_method]
+    result = _record("--out", str(tmp_path / "run"), "--", *command)
+    assert (result.stdout, result.returncode) == ("40\n", 0), result.stderr
+    assert open_run(tmp_path / "run").step_numbers == list(range(40))
+
+
 CLOSURE = textwrap.dedent(
     """
     import json, sys

@@ -394,8 +394,12 @@ def _open(
     for name, value in _launcher_rank().items():
         recorder_kwargs.setdefault(name, value)
     if hooks:
+        from stabledrl_cli._child_end import in_pool_worker  # (multiprocessing: not at start-up)
+
         recorder_kwargs.setdefault("source", HOOKS_SOURCE)
-        recorder_kwargs.setdefault("async_writes", True)  # the training thread never waits
+        # The training thread never waits for the disk; but a pool's worker, which ends by a
+        # SIGTERM, has each step written before step() returns.
+        recorder_kwargs.setdefault("async_writes", not in_pool_worker())
     _recorder = Recorder(run_dir, policy=policy, overwrite=force, **recorder_kwargs)
     if _closed_last:
         _recorder.closed_by_caller_at_exit()
