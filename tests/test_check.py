@@ -616,3 +616,26 @@ def test_committed_fixture_baselines_are_valid():
         assert loaded.strict, "fixture baselines are written with --strict"
         catalogue = {get_policy(s).spec for s in STANDARD_CATALOGUE}
         assert catalogue <= set(loaded.policies)
+
+
+@pytest.mark.parametrize("output_format", ["json", "table"])
+def test_an_output_that_cannot_be_written_comes_after_the_verdict(runs, tmp_path, output_format):
+    """--junit onto a directory: exit 4 naming it, as before, but after the gates' results
+    and the verdict are shown. Before, the check ended at the failed write: a CI log held the
+    write error alone, not which gates had tripped."""
+    junit = tmp_path / "report.xml"
+    junit.mkdir()
+    result = runner.invoke(
+        app,
+        ["check", str(runs["collapsing"]), "--max-collapsed", "0", "--junit", str(junit),
+         "--format", output_format],
+    )  # fmt: skip
+    assert result.exit_code == 4, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: {junit}"), lines
+    assert any(line.startswith("check failed: ") for line in lines), lines
+    if output_format == "json":
+        data = json.loads(result.stdout)
+        assert not data["ok"] and data["tripped"] >= 1 and data["wrote"]["junit"] is None
+    else:
+        assert "max_collapsed" in result.stdout and "FAILED" in result.stdout

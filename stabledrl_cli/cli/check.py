@@ -14,9 +14,9 @@ Exit codes: 0 every gate holds; 1 a gate tripped (each named with its figure); 2
 missing, a policy gate or --policy or --plot on a scalar run, a URL that cannot be read at all,
 --engine ray without ray); 3 bad input (a missing or corrupt run, a URL with nothing there, a
 run with no readable step, a malformed baseline or one of a newer version, a baseline naming
-a policy the run cannot replay); 4 an output that cannot be written. Unreadable step files, and
-steps whose data cannot be replayed, are skipped with a line on stderr (how many, and why); a
-check never passes on zero steps.
+a policy the run cannot replay); 4 an output that cannot be written (after the results and
+the verdict are shown). Unreadable step files, and steps whose data cannot be replayed, are
+skipped with a line on stderr (how many, and why); a check never passes on zero steps.
 
 The replay engine (torch) is imported where it runs: `--help` never loads torch.
 """
@@ -60,7 +60,7 @@ from stabledrl_cli.cli.replay import (
     replay_with_progress,
 )
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.baseline import (
@@ -322,22 +322,31 @@ def command(
     seconds = time.perf_counter() - started
     policies = result.policies if result is not None else []
 
-    if write_baseline_path is not None:
-        written = baseline_dict(result, settings, strict=strict, recorded=recorded)
-        write_baseline(written, write_baseline_path)
-        series = written.get("recorded")
-        count = len(series) if isinstance(series, dict) else 0
-        err.print(
-            f"wrote baseline {write_baseline_path} ({counted(len(policies), 'policy')}, "
-            f"{count} recorded series)",
-            highlight=False,
-        )
-    if junit is not None:
-        write_junit(results, run, junit, seconds=seconds)
-        err.print(f"wrote {junit}", highlight=False)
-    if plot is not None and result is not None:
-        plot_replay(result, plot, opened)
-        err.print(f"wrote {plot}", highlight=False)
+    # An output that cannot be written ends the check with exit 4, after its verdict is shown.
+    wrote: dict[str, Path | None] = dict.fromkeys(("baseline", "junit", "plot"))
+    unwritten: WriteError | None = None
+    try:
+        if write_baseline_path is not None:
+            written = baseline_dict(result, settings, strict=strict, recorded=recorded)
+            write_baseline(written, write_baseline_path)
+            wrote["baseline"] = write_baseline_path
+            series = written.get("recorded")
+            count = len(series) if isinstance(series, dict) else 0
+            err.print(
+                f"wrote baseline {write_baseline_path} ({counted(len(policies), 'policy')}, "
+                f"{count} recorded series)",
+                highlight=False,
+            )
+        if junit is not None:
+            write_junit(results, run, junit, seconds=seconds)
+            wrote["junit"] = junit
+            err.print(f"wrote {junit}", highlight=False)
+        if plot is not None and result is not None:
+            plot_replay(result, plot, opened)
+            wrote["plot"] = plot
+            err.print(f"wrote {plot}", highlight=False)
+    except WriteError as exc:
+        unwritten = exc
 
     tripped = [r for r in results if not r.ok]
     if output_format == "json":
@@ -352,11 +361,7 @@ def command(
             "steps": steps,
             "policies": [p.spec for p in policies],
             "gates": [r.to_dict() for r in results],
-            "wrote": {
-                "baseline": str(write_baseline_path) if write_baseline_path is not None else None,
-                "junit": str(junit) if junit is not None else None,
-                "plot": str(plot) if plot is not None else None,
-            },
+            "wrote": {name: None if path is None else str(path) for name, path in wrote.items()},
         })  # fmt: skip
     elif results:
         _print_table(results, run)
@@ -371,7 +376,10 @@ def command(
         )
         for r in tripped:
             err.print(f"  {r.policy or '(run)'} {r.gate}: {r.message}", highlight=False)
-        raise typer.Exit(1)
-    if results:
+    elif results:
         hold = "holds" if len(results) == 1 else "hold"
         err.print(f"check passed: {counted(len(results), 'gate')} {hold}", highlight=False)
+    if unwritten is not None:
+        raise unwritten
+    if tripped:
+        raise typer.Exit(1)
