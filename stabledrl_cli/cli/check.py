@@ -79,7 +79,7 @@ from stabledrl_cli.replay.plot import plot_replay
 from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
 from stabledrl_cli.replay.report import print_title, print_whole
 from stabledrl_cli.replay.result import ReplayResult
-from stabledrl_cli.replay.run_facts import no_steps_message, shown_reasons, skipped_reasons
+from stabledrl_cli.replay.run_facts import files_skipped, no_steps_message, skipped_reasons
 
 
 def counted(count: int, noun: str) -> str:
@@ -172,11 +172,10 @@ def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) 
         warnings.simplefilter("ignore", RunIntegrityWarning)  # counted below
         skipped = skipped_reasons(run)
         if policy_options and skipped:  # the skipped files may have held the policy batches
-            noun = "step file was" if len(skipped) == 1 else "step files were"
             raise InputError(
-                f"{run.location}: no readable step holds a policy batch ({len(skipped)} "
-                f"{noun} skipped: {shown_reasons(skipped)}); {', '.join(policy_options)} "
-                "need(s) replayed policies"
+                f"{run.location}: no readable step holds a policy batch "
+                f"({files_skipped(skipped)}); {', '.join(policy_options)} need(s) replayed "
+                "policies"
             )
         if policy_options:
             raise UsageError(

@@ -78,8 +78,13 @@ def no_steps_message(run: Run, skipped: list[str]) -> str:
     reasons = skipped or [f.message for f in run.integrity.findings]
     if not reasons:
         return f"{run.location}: the run has no steps"
-    shown = shown_reasons(reasons)
     if not skipped:
-        return f"{run.location}: the run has no readable step ({shown})"
+        return f"{run.location}: the run has no readable step ({shown_reasons(reasons)})"
+    return f"{run.location}: no step could be read ({files_skipped(skipped)})"
+
+
+def files_skipped(skipped: Sequence[str]) -> str:
+    """How many step files were skipped ("2 step files were skipped: "), with the first
+    reasons (`shown_reasons`)."""
     noun = "step file was" if len(skipped) == 1 else "step files were"
-    return f"{run.location}: no step could be read ({len(skipped)} {noun} skipped: {shown})"
+    return f"{len(skipped)} {noun} skipped: {shown_reasons(skipped)}"
