@@ -55,6 +55,17 @@ def json_text(text: str) -> str:
     return text
 
 
+def stand_in(data: object, tag: str) -> str:
+    """A format string "\\0TAG-{}\\0" to stand in for values put into `data`'s JSON text
+    afterwards: TAG is grown ("+") until no string of `data` holds NUL, TAG, "-" (a manifest
+    may name its policy with any text), so the text of each stand-in, once formatted, is found
+    only where it was put."""
+    plain = json.dumps(data)
+    while f"\\u0000{tag}-" in plain:
+        tag += "+"
+    return "\0" + tag + "-{}\0"
+
+
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 

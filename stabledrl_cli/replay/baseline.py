@@ -52,7 +52,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from stabledrl_cli._atomic import write_output
-from stabledrl_cli._json import parse_strict, unicode_text
+from stabledrl_cli._json import parse_strict, stand_in, unicode_text
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli._version import __version__
 from stabledrl_cli.errors import QUOTE_LIMIT, InputError, UsageError, quoted, shown
@@ -533,22 +533,11 @@ def _float_text(value: float) -> str:
     return f"{Decimal(repr(value)).normalize():e}"
 
 
-def _float_mark(data: dict[str, object]) -> str:
-    """What stands in for a float of `data` in its JSON text (formatted with the float's
-    index): NUL, a tag that no string of `data` holds after a NUL (a run's manifest may name
-    its policy with any text), NUL."""
-    plain = json.dumps(data)
-    tag = "float"
-    while f"\\u0000{tag}-" in plain:
-        tag += "+"
-    return "\0" + tag + "-{}\0"
-
-
 def baseline_text(data: dict[str, object]) -> str:
     """A baseline as JSON text: integers plainly, every float as a float (a large one with an
     exponent, never a 30-digit integer)."""
     floats: list[float] = []
-    float_mark = _float_mark(data)
+    float_mark = stand_in(data, "float")
 
     def mark(value: object) -> object:
         if isinstance(value, dict):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stabledrl_cli._json import json_safe
+from stabledrl_cli._json import json_safe, stand_in
 from stabledrl_cli.replay.columns import ColumnArray
 from stabledrl_cli.replay.config import StepRange
 from stabledrl_cli.replay.observed import Observed
@@ -227,11 +227,12 @@ class ReplayResult:
         head = self.to_dict(steps=False)
         policies = head["policies"]
         assert isinstance(policies, list)
+        rows_mark = stand_in(head, "rows-of-policy")
         for i, policy in enumerate(policies):
-            policy["steps"] = _ROWS_MARK.format(i)
+            policy["steps"] = rows_mark.format(i)
         text = json.dumps(head, indent=indent, allow_nan=False)
         for i, p in enumerate(self.policies):
-            before, text = text.split(json.dumps(_ROWS_MARK.format(i)), 1)
+            before, text = text.split(json.dumps(rows_mark.format(i)), 1)
             yield before
             yield from _json_list(p.series.iter_rows(), indent, depth=3)
         yield text
@@ -243,8 +244,6 @@ class ReplayResult:
 
 # Rows are converted from the columns this many steps at a time.
 _ROW_BLOCK = 1024
-# Stands in for a policy's rows in the JSON head; a NUL cannot occur in any other string of it.
-_ROWS_MARK = "\0rows-of-policy-{}\0"
 
 
 def _json_list(rows: Iterator[JsonRow], indent: int | None, depth: int) -> Iterator[str]:
