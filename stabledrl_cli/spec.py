@@ -114,11 +114,3 @@ def format_spec(name: str, params: Mapping[str, SpecValue | None] | None = None)
             raise UsageError(f"policy parameter {key}={quoted(text)} cannot go into a spec string")
         parts.append(f"{key}={text}")
     return name + (":" + ",".join(parts) if parts else "")
-
-
-def canonical_spec(spec: str) -> str:
-    """A spec's text in canonical form, values kept as written (`dapo: eps_high=0.28` ->
-    `dapo:eps_high=0.28`). The catalogue's `get_policy(spec).spec` goes further: it types
-    the values and drops those equal to the policy's defaults."""
-    name, raw = split_spec(spec)
-    return format_spec(name, raw)

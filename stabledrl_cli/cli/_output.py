@@ -8,7 +8,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from enum import Enum
 from typing import Any
 
 from rich.console import Console, ConsoleDimensions
@@ -79,14 +78,6 @@ class _DataConsole(_LiveConsole):
 # styled lines pass markup=True and escape the rest (rich's escape leaves emoji codes alone).
 out = _DataConsole(soft_wrap=True, markup=False, emoji=False)
 err = _LiveConsole(stderr=True, soft_wrap=True, markup=False, emoji=False)
-
-
-class OutputFormat(str, Enum):
-    """Deprecated: `--format` is `vocab.OutputFormat` (plain strings) now; kept only until
-    check, inspect and replay default to "table" instead of `OutputFormat.table`."""
-
-    table = "table"
-    json = "json"
 
 
 def print_json(data: Any) -> None:

@@ -30,8 +30,6 @@ METRIC_LIMIT = 1_000
 CELL_LIMIT = 2_000_000
 """Most values held at once (bounds memory: about 100 bytes each)."""
 
-RowSkip = Skip | str
-
 
 @dataclass
 class StepTable:

@@ -90,11 +90,6 @@ class RecordedRun:
     series: dict[str, SeriesStats]
     """scalar name -> its statistics, for every recorded scalar but `BOOKKEEPING_SCALARS`."""
 
-    @property
-    def is_scalar_run(self) -> bool:
-        """No step holds a policy batch: there is nothing to replay."""
-        return self.steps > 0 and self.scalar_steps == self.steps
-
     def series_dict(self) -> dict[str, dict[str, object]]:
         """The series as JSON-ready dicts (None for no finite value)."""
         return {name: asdict(stats) for name, stats in self.series.items()}
