@@ -365,6 +365,43 @@ def test_tensorboard_later_file_wins_and_negative_steps_skip(tmp_path: Path) -> 
     assert table.replaced == 1 and table.skipped_rows == {"bad step": 1}
 
 
+def test_tensorboard_restart_drops_the_earlier_runs_later_steps(tmp_path: Path) -> None:
+    """A run checkpointed at step 5, stopped at step 9 and restarted from its checkpoint (a new
+    event file) that got to step 7: TensorBoard shows 0-4 of the first run and 5-7 of the second
+    (a record at step s preempts its tag's records at steps >= s; tensorboard's own reader does
+    the same on the restart's SessionLog START). The first run's steps 8-9 are no longer part
+    of the run; a tag the restart did not log again keeps its steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def run(name: str, steps: range, offset: float, restart: int | None = None) -> None:
+        with SummaryWriter(str(tmp_path / name)) as writer:
+            if restart is not None:
+                start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+                writer.file_writer.add_event(event_pb2.Event(session_log=start, step=restart))
+            for step in steps:
+                writer.add_scalar("loss", offset + step, step)
+                if restart is None:
+                    writer.add_scalar("old_only", float(step), step)
+        (file,) = (tmp_path / name).iterdir()
+        file.rename(tmp_path / f"events.out.tfevents.{name}")
+
+    run("1.first", range(10), 0.0)
+    run("2.restart", range(5, 8), 100.0, restart=5)
+    _, _, table = read_log(tmp_path)
+    loss = {step: row["loss"] for step, row in table.steps.items() if "loss" in row}
+    assert loss == {0: 0.0, 1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 105.0, 6: 106.0, 7: 107.0}
+    accumulator = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    assert {e.step: e.value for e in accumulator.Scalars("loss")} == loss
+    assert sorted(table.steps) == list(range(10))  # old_only's steps 8-9 stay
+    assert table.steps[9] == {"old_only": 9.0}
+    assert table.replaced == 1 and table.preempted == 4  # 5 replaced; 6-9 dropped
+    steps = StepTable("log", preempts=True)
+    for step, value in ((3, 1), (4, 2), (2, 3)):
+        steps.add(step, {"loss": value})
+    assert steps.steps == {2: {"loss": 3.0}} and steps.cells == 1  # emptied steps go
+
+
 def _good_record() -> bytes:
     return _record(_tensor_event(1, "loss", tensor_pb2.TensorProto(dtype=1, float_val=[1.0])))
 

@@ -105,6 +105,10 @@ def _print_table(summary: ImportSummary) -> None:
         )
     if summary.replaced:
         lines.append(f"{summary.replaced} values replaced by a later row of the same step")
+    if summary.preempted:
+        lines.append(
+            f"{summary.preempted} values dropped: steps after the step a restarted run logged again"
+        )
     for line in lines:
         out.print(line, highlight=False, soft_wrap=False)  # wrapped at the terminal's width
 

@@ -42,6 +42,8 @@ class ImportSummary:
     """Logged name -> values dropped because they are not numbers."""
     replaced: int
     """Values replaced by a later row of the same step."""
+    preempted: int
+    """TensorBoard: values at steps after the one a restarted run logged again, dropped."""
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +90,7 @@ def write_scalar_run(
         not_imported=dict(table.not_imported),
         non_numeric=dict(table.non_numeric),
         replaced=table.replaced,
+        preempted=table.preempted,
         warnings=list(table.warnings),
     )
 

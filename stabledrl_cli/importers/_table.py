@@ -2,7 +2,10 @@
 
 A row is one logged record: a step and some named values. Rows with the same step merge, metric
 by metric; when two rows give one metric at one step, the later row wins (a resumed run logs
-the steps after its checkpoint again) and the replaced cells are counted. A value is a number
+the steps after its checkpoint again) and the replaced cells are counted. A table that
+`preempts` (TensorBoard's) also drops, as TensorBoard shows a restarted run, a metric's values
+at steps after the one a later row gives it: those steps of the earlier run are counted
+`preempted`. A value is a number
 (NaN and infinities are kept: finding them is the point), missing (an empty cell, a JSON
 null), or not numeric (a string, a bool, a list: dropped and counted). A row whose step is not
 an integer in [0, 2**63 - 1] is skipped; so is a row left with no training metric (an
@@ -49,9 +52,15 @@ class StepTable:
     """Logged name -> values dropped because they are not numbers."""
     replaced: int = 0
     """Values replaced by a later row of the same step."""
+    preempts: bool = False
+    """Whether a row drops its metrics' values at later steps (a restarted run's)."""
+    preempted: int = 0
+    """Values dropped because a later row gave their metric an earlier step."""
     cells: int = 0
     warnings: list[str] = field(default_factory=list)
     """Notes for the user (e.g. an unfinished last record ignored)."""
+    _series: dict[str, list[int]] = field(default_factory=dict)
+    """When `preempts`: each metric's steps, increasing."""
 
     def add(self, step: object, values: Mapping[str, object]) -> None:
         """Adds one logged row (its step as logged; its values as parsed by the reader)."""
@@ -101,6 +110,8 @@ class StepTable:
                 if len(self.names) >= METRIC_LIMIT:
                     raise InputError(f"{self.where}: more than {METRIC_LIMIT} metric names")
                 self.names[name] = None
+            if self.preempts:
+                self._preempt(name, step)
             if name in row:
                 self.replaced += 1
             else:
@@ -108,6 +119,19 @@ class StepTable:
         if self.cells > CELL_LIMIT:
             raise InputError(f"{self.where}: more than {CELL_LIMIT} values")
         row.update(kept)
+
+    def _preempt(self, name: str, step: int) -> None:
+        """Drops `name`'s values at steps after `step` (each dropped once: amortised O(1))."""
+        series = self._series.setdefault(name, [])
+        while series and series[-1] > step:
+            later = series.pop()
+            del self.steps[later][name]
+            self.cells -= 1
+            self.preempted += 1
+            if not self.steps[later]:
+                del self.steps[later]
+        if not series or series[-1] < step:
+            series.append(step)
 
 
 def _step_number(step: object) -> int | None:

@@ -8,7 +8,9 @@ protobuf (step = field 2, summary = field 5); each `Summary.Value` (tag = 1) hol
 `scalars` or unnamed. Images, histograms, text and other plugins' tensors are left out.
 
 Files are read in name order (their names start with the time they were created), records in
-file order, so when two events give one tag at one step the later one wins. A record longer
+file order, so when two events give one tag at one step the later one wins, and, as TensorBoard
+shows a run restarted from a checkpoint, an event that gives a tag an earlier step than the
+tag's last one drops the tag's values at the steps after it. A record longer
 than RECORD_LIMIT, a checksum mismatch or a malformed protobuf is an InputError naming the file
 and the record's offset; an unfinished last record (the writer was stopped mid-write) is
 ignored with a warning.
@@ -86,7 +88,7 @@ def read_tfevents(path: Path) -> StepTable:
     total = sum(checked_size(f, TFEVENTS_LIMIT) for f in files)
     if total > TFEVENTS_LIMIT:
         raise InputError(f"{path}: {total} bytes of event files, over {TFEVENTS_LIMIT >> 20} MiB")
-    table = StepTable(str(path))
+    table = StepTable(str(path), preempts=True)
     plugins: dict[str, str] = {}
     for file in files:
         with open_log(file, TFEVENTS_LIMIT) as handle:
