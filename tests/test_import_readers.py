@@ -260,6 +260,23 @@ def test_csv_tracker_export(tmp_path: Path) -> None:
     assert table.not_imported == {"eval/loss": "eval"}
 
 
+def test_csv_from_pandas_leaves_out_its_row_index(tmp_path: Path) -> None:
+    """pandas' DataFrame.to_csv writes the row index first, under an empty header (and a file
+    read back and written again holds it as `Unnamed: 0`): a row counter, not a metric."""
+    pandas = pytest.importorskip("pandas")
+    frame = pandas.DataFrame({"step": [1, 2], "loss": [0.5, float("nan")], "reward": [1.0, 2.0]})
+    log = tmp_path / "log.csv"
+    frame.to_csv(log)
+    _, _, table = read_log(log)
+    assert table.steps[1] == {"loss": 0.5, "reward": 1.0}
+    assert table.steps[2] == {"reward": 2.0}  # NaN written as an empty cell: missing
+    assert table.not_imported == {"": "bookkeeping"}
+    pandas.read_csv(log).to_csv(log)
+    _, _, table = read_log(log)
+    assert table.steps[1] == {"loss": 0.5, "reward": 1.0}
+    assert table.not_imported == {"": "bookkeeping", "Unnamed: 0": "bookkeeping"}
+
+
 def test_csv_wandb_chart_and_tensorboard_exports(tmp_path: Path) -> None:
     chart = tmp_path / "wandb.csv"
     chart.write_text(

@@ -53,6 +53,10 @@ BOOKKEEPING = frozenset({
 })  # fmt: skip
 """Logged names that are not metrics of a step."""
 
+_ROW_INDEX = re.compile(r"(Unnamed: \d+)?")
+"""pandas' row index, which DataFrame.to_csv writes under an empty header (read back by pandas
+and written again: `Unnamed: 0`)."""
+
 SUMMARY = frozenset({
     "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss",
 })  # fmt: skip
@@ -80,7 +84,7 @@ def lookup_name(name: str) -> str:
 
 def skip_reason(name: str) -> Skip | None:
     """Why a logged name is not imported, or None when it is a training metric."""
-    if name in BOOKKEEPING:
+    if name in BOOKKEEPING or _ROW_INDEX.fullmatch(name):
         return "bookkeeping"
     if name in SUMMARY:
         return "summary"
