@@ -419,6 +419,34 @@ def test_tensorboard_restart_drops_the_earlier_runs_later_steps(tmp_path: Path) 
     assert steps.steps == {2: {"loss": 3.0}} and steps.cells == 1  # emptied steps go
 
 
+def test_transformers_tensorboard_log_imports_as_its_trainer_state(tmp_path: Path) -> None:
+    """transformers' TensorBoardCallback writes each logged row as `train/<name>` scalars, the
+    end-of-training summary too (`train/train_runtime`, `train/total_flos`, ...): the event
+    files of a real TRL run's rows import as its trainer_state.json does (values as float32)."""
+    pytest.importorskip("transformers")
+    from transformers import TrainerState
+    from transformers.integrations import TensorBoardCallback
+
+    state_file = Path(__file__).parent.parent / "fixtures/imports/trl-lr0.3/trainer_state.json"
+    callback = TensorBoardCallback(tb_writer=SummaryWriter(str(tmp_path)))
+    for row in json.loads(state_file.read_text())["log_history"]:
+        logs = {name: value for name, value in row.items() if name != "step"}
+        callback.on_log(None, TrainerState(global_step=row["step"]), None, logs=logs)
+    callback.on_train_end(None, None, None)
+    _, _, from_state = read_log(state_file)
+    _, _, from_events = read_log(tmp_path)
+
+    def f32(value: float) -> float:
+        return float(struct.unpack("<f", struct.pack("<f", value))[0])
+
+    assert from_events.steps == {
+        step: {f"train/{name}": f32(value) for name, value in row.items()}
+        for step, row in from_state.steps.items()
+    }
+    assert from_events.not_imported["train/train_runtime"] == "summary"
+    assert from_events.not_imported["train/total_flos"] == "bookkeeping"
+
+
 def _good_record() -> bytes:
     return _record(_tensor_event(1, "loss", tensor_pb2.TensorProto(dtype=1, float_val=[1.0])))
 

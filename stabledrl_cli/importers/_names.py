@@ -48,7 +48,7 @@ STEP_KEYS = ("step", "global_step", "train/global_step", "trainer/global_step", 
 so the trainer's own step is preferred)."""
 
 BOOKKEEPING = frozenset({
-    *STEP_KEYS, "epoch", "train/epoch", "_runtime", "_timestamp", "timestamp", "wall_time",
+    *STEP_KEYS, "epoch", "_runtime", "_timestamp", "timestamp", "wall_time",
     "Wall time", "time", "total_flos",
 })  # fmt: skip
 """Logged names that are not metrics of a step."""
@@ -83,7 +83,10 @@ def lookup_name(name: str) -> str:
 
 
 def skip_reason(name: str) -> Skip | None:
-    """Why a logged name is not imported, or None when it is a training metric."""
+    """Why a logged name is not imported, or None when it is a training metric; looked up as
+    `lookup_name` gives it (transformers' TensorBoard and W&B callbacks log the summary as
+    `train/train_runtime`, ...)."""
+    name = lookup_name(name)
     if name in BOOKKEEPING or _ROW_INDEX.fullmatch(name):
         return "bookkeeping"
     if name in SUMMARY:
