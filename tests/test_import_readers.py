@@ -447,6 +447,37 @@ def test_transformers_tensorboard_log_imports_as_its_trainer_state(tmp_path: Pat
     assert from_events.not_imported["train/total_flos"] == "bookkeeping"
 
 
+def test_logs_in_subdirectories_are_named_not_dropped_unsaid(tmp_path: Path) -> None:
+    """SummaryWriter.add_scalars writes each key as a TensorBoard run of its own, in a
+    subdirectory: an import of the parent reads the parent's own files and names the runs it
+    did not read; with no step of its own, the error names them. transformers' output_dir
+    holds its trainer_state.json files in checkpoint-N directories: the error names those."""
+    from stabledrl_cli.importers import import_log
+
+    with SummaryWriter(str(tmp_path / "both")) as writer:
+        for step in range(2):
+            writer.add_scalar("loss", 1.0, step)
+            writer.add_scalars("reward", {"a": step, "b": 2 * step}, step)
+    _, _, table = read_log(tmp_path / "both")
+    assert sorted(table.steps) == [0, 1]
+    assert table.warnings == [
+        f"{tmp_path / 'both'}: reward_a, reward_b hold TensorBoard runs of their own (add_scalars "
+        "writes one per key), not imported: import each on its own"
+    ]
+    with SummaryWriter(str(tmp_path / "only")) as writer:
+        writer.add_scalars("reward", {"a": 1.0}, 0)
+    with pytest.raises(
+        InputError, match=r"no training step in this log \(.*: reward_a holds a TensorBoard run"
+    ):
+        import_log(tmp_path / "only", tmp_path / "run")
+    for step in (3, 6):
+        (tmp_path / "out" / f"checkpoint-{step}").mkdir(parents=True)
+        (tmp_path / "out" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "out" / "runs").mkdir()
+    with pytest.raises(InputError, match="subdirectories checkpoint-3, checkpoint-6 hold logs"):
+        detect_format(tmp_path / "out")
+
+
 def _good_record() -> bytes:
     return _record(_tensor_event(1, "loss", tensor_pb2.TensorProto(dtype=1, float_val=[1.0])))
 

@@ -17,10 +17,8 @@ from stabledrl_cli.cli._options import FormatOpt
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.importers import ImportSummary, import_log
+from stabledrl_cli.importers._names import listed
 from stabledrl_cli.vocab import ImportFormat
-
-_LISTED = 4
-"""Names listed in a table line before `and N more`."""
 
 
 def command(
@@ -67,11 +65,6 @@ def command(
     _print_table(summary)
 
 
-def _names(names: list[str]) -> str:
-    shown = ", ".join(names[:_LISTED])
-    return shown + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
-
-
 def _print_table(summary: ImportSummary) -> None:
     out.print(
         f"imported {summary.steps} steps ({summary.first_step}..{summary.last_step}) of "
@@ -91,17 +84,17 @@ def _print_table(summary: ImportSummary) -> None:
     lines = []
     if summary.extra:
         kept = list(summary.extra.values())
-        lines.append(f"kept {len(kept)} other metrics as extra scalars: {_names(kept)}")
+        lines.append(f"kept {len(kept)} other metrics as extra scalars: {listed(kept)}")
     left_out = {n: why for n, why in summary.not_imported.items() if why != "bookkeeping"}
     if left_out:
-        lines.append(f"left out {len(left_out)} ({_reasons(left_out)}): {_names(list(left_out))}")
+        lines.append(f"left out {len(left_out)} ({_reasons(left_out)}): {listed(list(left_out))}")
     if summary.skipped_rows:
         rows = ", ".join(f"{n} {why}" for why, n in sorted(summary.skipped_rows.items()))
         lines.append(f"skipped rows: {rows}")
     if summary.non_numeric:
         lines.append(
             f"dropped {sum(summary.non_numeric.values())} non-numeric values of "
-            f"{_names(sorted(summary.non_numeric))}"
+            f"{listed(sorted(summary.non_numeric))}"
         )
     if summary.replaced:
         lines.append(f"{summary.replaced} values replaced by a later row of the same step")

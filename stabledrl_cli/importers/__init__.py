@@ -71,5 +71,6 @@ def import_log(
     """
     path, found, table = read_log(source, log_format, step_key)
     if not table.steps:
-        raise InputError(f"{path}: no training step in this log")
+        notes = f" ({'; '.join(table.warnings)})" if table.warnings else ""
+        raise InputError(f"{path}: no training step in this log{notes}")
     return write_scalar_run(table, out, log_format=found, source=path, overwrite=overwrite)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.importers._crc32c import masked_crc32c
-from stabledrl_cli.importers._files import open_log
-from stabledrl_cli.importers._tfevents import EVENT_PATTERN
+from stabledrl_cli.importers._files import open_log, subdirectories
+from stabledrl_cli.importers._names import listed
+from stabledrl_cli.importers._tfevents import EVENT_PATTERN, holds_events
 from stabledrl_cli.vocab import ImportFormat
 
 TRAINER_STATE = "trainer_state.json"
@@ -30,9 +31,18 @@ def log_path(path: Path, log_format: ImportFormat | None) -> Path:
 def detect_format(path: Path) -> ImportFormat:
     """The format of the log at `path` (after `log_path`); InputError when it cannot tell."""
     if path.is_dir():
-        if any(path.glob(EVENT_PATTERN)):
+        if holds_events(path):
             return "tfevents"
-        raise InputError(f"{path}: a directory without {TRAINER_STATE} or {EVENT_PATTERN} files")
+        logs = subdirectories(path, lambda d: (d / TRAINER_STATE).is_file() or holds_events(d))
+        held = (
+            "its subdirectory {} holds a log"
+            if len(logs) == 1
+            else "its subdirectories {} hold logs"
+        )
+        hint = f" ({held.format(listed(logs))}: import one)" if logs else ""
+        raise InputError(
+            f"{path}: a directory without {TRAINER_STATE} or {EVENT_PATTERN} files{hint}"
+        )
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     if path.name == TRAINER_STATE:

@@ -3,7 +3,7 @@ length limit, and text must be UTF-8. Every refusal is an InputError (exit 3) na
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -16,6 +16,8 @@ DOCUMENT_LIMIT = 128 << 20
 """Largest single JSON document (trainer_state.json) parsed at once (bytes)."""
 LINE_LIMIT = 1 << 20
 """Longest line of a JSON-lines or CSV log (bytes)."""
+ENTRY_LIMIT = 10_000
+"""Most entries of a directory looked at for subdirectories that hold logs."""
 
 
 def checked_size(path: Path, limit: int = INPUT_LIMIT) -> int:
@@ -44,6 +46,21 @@ def open_log(path: Path, limit: int = INPUT_LIMIT) -> BinaryIO:
         handle.close()
         raise InputError(f"{path}: {info.st_size} bytes, over the {limit >> 20} MiB import limit")
     return handle
+
+
+def subdirectories(path: Path, holds_log: Callable[[Path], bool]) -> list[str]:
+    """The names of `path`'s subdirectories for which `holds_log` holds, sorted (among its
+    first ENTRY_LIMIT entries; none when it cannot be listed)."""
+    found = []
+    try:
+        for number, entry in enumerate(path.iterdir()):
+            if number >= ENTRY_LIMIT:
+                break
+            if entry.is_dir() and holds_log(entry):
+                found.append(entry.name)
+    except OSError:
+        pass  # only a hint of a message: the log itself is read, and refused, elsewhere
+    return sorted(found)
 
 
 def decoded(raw: bytes, where: str) -> str:

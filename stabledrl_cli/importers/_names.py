@@ -65,6 +65,9 @@ SUMMARY = frozenset({
 EVAL_PREFIXES = ("eval_", "eval/", "val/", "val-core/", "val-aux/", "test/", "validation/")
 """Evaluation metrics (transformers `eval_*`, trackers' `eval/*`, verl's `val-core/*`)."""
 
+LISTED = 4
+"""Names a message lists before `and N more`."""
+
 NAME_LIMIT = 256
 """Longest metric name imported (characters, after sanitising)."""
 
@@ -94,6 +97,12 @@ def skip_reason(name: str) -> Skip | None:
     if name.startswith(EVAL_PREFIXES):
         return "eval"
     return None
+
+
+def listed(names: list[str]) -> str:
+    """`a, b, c, d and 2 more`: the first LISTED names, for a message."""
+    shown = ", ".join(names[:LISTED])
+    return shown + (f" and {len(names) - LISTED} more" if len(names) > LISTED else "")
 
 
 def sanitise(name: str) -> str:

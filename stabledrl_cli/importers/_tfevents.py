@@ -25,7 +25,8 @@ from typing import BinaryIO
 
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.importers._crc32c import masked_crc32c
-from stabledrl_cli.importers._files import checked_size, open_log
+from stabledrl_cli.importers._files import checked_size, open_log, subdirectories
+from stabledrl_cli.importers._names import listed
 from stabledrl_cli.importers._proto import (
     FIXED32,
     FIXED64,
@@ -82,6 +83,11 @@ def event_files(path: Path) -> list[Path]:
     return sorted(found)
 
 
+def holds_events(path: Path) -> bool:
+    """Whether directory `path` holds event files of its own (a TensorBoard run)."""
+    return any(path.glob(EVENT_PATTERN))
+
+
 def read_tfevents(path: Path) -> StepTable:
     """The scalar steps of a TensorBoard log (InputError when it is not one)."""
     files = event_files(path)
@@ -99,6 +105,16 @@ def read_tfevents(path: Path) -> StepTable:
                     raise InputError(
                         f"{file}: record at byte {offset} is not a TensorBoard event ({exc})"
                     ) from None
+    runs = subdirectories(path, holds_events) if path.is_dir() else []
+    if runs:
+        held = (
+            "holds a TensorBoard run of its own" if len(runs) == 1
+            else "hold TensorBoard runs of their own"
+        )  # fmt: skip
+        table.warnings.append(
+            f"{path}: {listed(runs)} {held} (add_scalars writes one per key), not imported: "
+            "import each on its own"
+        )
     return table
 
 
