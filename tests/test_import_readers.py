@@ -277,6 +277,15 @@ def test_csv_from_pandas_leaves_out_its_row_index(tmp_path: Path) -> None:
     assert table.not_imported == {"": "bookkeeping", "Unnamed: 0": "bookkeeping"}
 
 
+def test_a_tsv_file_is_read_with_tabs(tmp_path: Path) -> None:
+    """`.tsv` is tab-separated whatever its header holds: names with commas as many as the
+    tabs used to make it read as comma-separated (no step column)."""
+    log = tmp_path / "log.tsv"
+    log.write_text("step\tacc,top1\tacc,top5\n1\t0.5\t0.7\n")
+    _, found, table = read_log(log)
+    assert found == "csv" and table.steps == {1: {"acc,top1": 0.5, "acc,top5": 0.7}}
+
+
 def test_csv_wandb_chart_and_tensorboard_exports(tmp_path: Path) -> None:
     chart = tmp_path / "wandb.csv"
     chart.write_text(

@@ -1,12 +1,13 @@
 """CSV as experiment trackers export it: a header, a step column, one column per metric, empty
 cells where a metric was not logged at that step.
 
-The delimiter is the header's most frequent of `,`, tab and `;`. The step column is the first
-of `STEP_KEYS` in the header (or the one given). W&B's chart export (`<run> - <metric>` columns,
-with `__MIN`/`__MAX` envelope columns) loses the `<run> - ` part when every metric column has
-the same one. TensorBoard's per-tag export (`Wall time,Step,Value`) names its one metric after
-the file (`run-X-tag-train_loss.csv` -> `train_loss`). A row with more cells than the header is
-an InputError naming its line; a short row has empty trailing cells.
+The delimiter is a tab in a `.tsv` file, else the header's most frequent of `,`, tab and `;`.
+The step column is the first of `STEP_KEYS` in the header (or the one given). W&B's chart
+export (`<run> - <metric>` columns, with `__MIN`/`__MAX` envelope columns) loses the
+`<run> - ` part when every metric column has the same one. TensorBoard's per-tag export
+(`Wall time,Step,Value`) names its one metric after the file (`run-X-tag-train_loss.csv` ->
+`train_loss`). A row with more cells than the header is an InputError naming its line; a short
+row has empty trailing cells.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
     first = next(lines, None)
     if first is None:
         raise InputError(f"{path}: empty file")
-    delimiter = max(_DELIMITERS, key=first[1].count)
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else max(_DELIMITERS, key=first[1].count)
     rows = csv.reader(_joined(first, lines), delimiter=delimiter, strict=True)
     try:
         header = [name.strip() for name in next(rows)]
