@@ -471,7 +471,7 @@ def test_logs_in_subdirectories_are_named_not_dropped_unsaid(tmp_path: Path) -> 
     assert sorted(table.steps) == [0, 1]
     assert table.warnings == [
         f"{tmp_path / 'both'}: reward_a, reward_b hold TensorBoard runs of their own (add_scalars "
-        "writes one per key), not imported: import each on its own"
+        "writes one per key, add_hparams one per call), not imported: import each on its own"
     ]
     with SummaryWriter(str(tmp_path / "only")) as writer:
         writer.add_scalars("reward", {"a": 1.0}, 0)

@@ -112,8 +112,8 @@ def read_tfevents(path: Path) -> StepTable:
             else "hold TensorBoard runs of their own"
         )  # fmt: skip
         table.warnings.append(
-            f"{path}: {listed(runs)} {held} (add_scalars writes one per key), not imported: "
-            "import each on its own"
+            f"{path}: {listed(runs)} {held} (add_scalars writes one per key, add_hparams one "
+            "per call), not imported: import each on its own"
         )
     return table
 
