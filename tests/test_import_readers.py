@@ -286,6 +286,23 @@ def test_a_tsv_file_is_read_with_tabs(tmp_path: Path) -> None:
     assert found == "csv" and table.steps == {1: {"acc,top1": 0.5, "acc,top5": 0.7}}
 
 
+def test_tensorboard_per_tag_export_of_a_transformers_tag(tmp_path: Path) -> None:
+    """TensorBoard's per-tag CSV is named run-RUN-tag-TAG.csv with the tag's `/` saved as `_`:
+    transformers' `train/loss` arrives as `train_loss` (its end-of-training summary's name),
+    which was skipped whole as that summary, and `train/grad_norm` was not the run's grad
+    norm. A leading `train_` is read as the `train/` it was."""
+    rows = "Wall time,Step,Value\n1700000000.5,1,0.5\n1700000001.5,2,0.25\n"
+    loss = tmp_path / "run-Dec02_07-22-04_vm-tag-train_loss.csv"
+    loss.write_text(rows)
+    _, _, table = read_log(loss)
+    assert table.steps == {1: {"train/loss": 0.5}, 2: {"train/loss": 0.25}}
+    assert map_names(table.names, ()).standard == {"train/loss": "loss"}
+    summary = tmp_path / "run-.-tag-train_train_loss.csv"
+    summary.write_text(rows)
+    _, _, table = read_log(summary)
+    assert not table.steps and table.not_imported["train/train_loss"] == "summary"
+
+
 def test_csv_wandb_chart_and_tensorboard_exports(tmp_path: Path) -> None:
     chart = tmp_path / "wandb.csv"
     chart.write_text(

@@ -5,9 +5,10 @@ The delimiter is a tab in a `.tsv` file, else the header's most frequent of `,`,
 The step column is the first of `STEP_KEYS` in the header (or the one given). W&B's chart
 export (`<run> - <metric>` columns, with `__MIN`/`__MAX` envelope columns) loses the
 `<run> - ` part when every metric column has the same one. TensorBoard's per-tag export
-(`Wall time,Step,Value`) names its one metric after the file (`run-X-tag-train_loss.csv` ->
-`train_loss`). A row with more cells than the header is an InputError naming its line; a short
-row has empty trailing cells.
+(`Wall time,Step,Value`) names its one metric after the file, which holds the tag with `_` for
+`/`: a leading `train_` is read as `train/` (`run-X-tag-train_loss.csv` -> `train/loss`). A row
+with more cells than the header is an InputError naming its line; a short row has empty
+trailing cells.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.importers._files import text_lines
-from stabledrl_cli.importers._names import STEP_KEYS
+from stabledrl_cli.importers._names import STEP_KEYS, TRACKER_PREFIXES
 from stabledrl_cli.importers._table import METRIC_LIMIT, StepTable
 
 _DELIMITERS = (",", "\t", ";")
@@ -67,11 +68,20 @@ def _joined(first: tuple[int, str, bool], rest: Iterator[tuple[int, str, bool]])
         yield text + "\n"
 
 
+def _tag(saved: str) -> str:
+    """A tag as a file name holds it (its `/` saved as `_`), a tracker prefix restored."""
+    for prefix in TRACKER_PREFIXES:
+        flat = prefix.replace("/", "_")
+        if saved.startswith(flat) and len(saved) > len(flat):
+            return prefix + saved[len(flat) :]
+    return saved
+
+
 def _metric_names(header: list[str], path: Path) -> list[str]:
     """The header's names: W&B's `<run> - ` prefix dropped; TensorBoard's Value named."""
     if header == _TENSORBOARD_HEADER:
         stem = path.stem
-        return ["Wall time", "Step", stem.split("-tag-", 1)[1] if "-tag-" in stem else stem]
+        return ["Wall time", "Step", _tag(stem.split("-tag-", 1)[1] if "-tag-" in stem else stem)]
     if len(set(header)) != len(header):
         raise InputError(f"{path}: the header repeats a column name")
     metrics = [n for n in header if n not in STEP_KEYS]
