@@ -151,6 +151,30 @@ def test_table_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
         StepTable("log").add(0, {"a" * 300: 1})
 
 
+def test_names_left_out_are_bounded_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names that are not imported (evaluation, bookkeeping) or whose values are not numbers
+    were kept by name without bound: a 39 MB JSON-lines log with 100 new eval_* names a row
+    held 2 million of them (680 MB of memory, 3 minutes, a 2-million-key summary)."""
+    from stabledrl_cli.importers import _table
+
+    monkeypatch.setattr(_table, "METRIC_LIMIT", 2)
+    table = StepTable("log")
+    table.add(0, {"eval_a": 1, "eval_b": 1, "loss": 1})
+    with pytest.raises(InputError, match="more than 2 names left out"):
+        table.add(1, {"eval_c": 1, "loss": 1})
+    table = StepTable("log")
+    table.add(0, {"a": "x", "b": "x", "loss": 1})
+    with pytest.raises(InputError, match="more than 2 names left out"):
+        table.add(1, {"c": "x", "loss": 1})
+    with pytest.raises(InputError, match="longer than 256"):
+        StepTable("log").add(0, {"eval_" + "a" * 300: 1, "loss": 1})
+    table = StepTable("log")
+    table.leave_out("histogram/a", "not a scalar")
+    table.leave_out("histogram/b", "not a scalar")
+    with pytest.raises(InputError, match="more than 2 names left out"):
+        table.leave_out("histogram/c", "not a scalar")  # TensorBoard's
+
+
 # -- trainer_state.json -----------------------------------------------------------------------
 def test_trainer_state_reads_nan_and_skips_eval_and_summary(tmp_path: Path) -> None:
     state = tmp_path / "trainer_state.json"

@@ -29,7 +29,8 @@ from stabledrl_cli.spec import spec_float
 STEP_COUNT_LIMIT = 100_000
 """Most steps one import writes (each is a durable file in the run directory)."""
 METRIC_LIMIT = 1_000
-"""Most distinct metric names in one log."""
+"""Most distinct metric names in one log imported, and most left out (not imported, or with a
+value that is not a number)."""
 CELL_LIMIT = 2_000_000
 """Most values held at once (bounds memory: about 100 bytes each)."""
 
@@ -73,7 +74,7 @@ class StepTable:
         for name, raw in values.items():
             reason = skip_reason(name)
             if reason is not None:
-                self.not_imported.setdefault(name, reason)
+                self.leave_out(name, reason)
                 reasons.add(reason)
                 continue
             if raw is None or raw == "":
@@ -86,6 +87,7 @@ class StepTable:
                     "(1.8e308)"
                 ) from None
             if value is None:
+                self._bound(name, self.non_numeric, "names left out")
                 self.non_numeric[name] += 1
                 continue
             kept[name] = value
@@ -102,14 +104,8 @@ class StepTable:
                 raise InputError(f"{self.where}: more than {STEP_COUNT_LIMIT} steps")
             row = self.steps[step] = {}
         for name in kept:
-            if name not in self.names:
-                if len(name) > NAME_LIMIT:
-                    raise InputError(
-                        f"{self.where}: a metric name longer than {NAME_LIMIT} characters"
-                    )
-                if len(self.names) >= METRIC_LIMIT:
-                    raise InputError(f"{self.where}: more than {METRIC_LIMIT} metric names")
-                self.names[name] = None
+            self._bound(name, self.names, "metric names")
+            self.names.setdefault(name, None)
             if self.preempts:
                 self._preempt(name, step)
             if name in row:
@@ -119,6 +115,20 @@ class StepTable:
         if self.cells > CELL_LIMIT:
             raise InputError(f"{self.where}: more than {CELL_LIMIT} values")
         row.update(kept)
+
+    def leave_out(self, name: str, reason: Skip) -> None:
+        """Notes a logged name that is not imported, and why (the first reason given)."""
+        self._bound(name, self.not_imported, "names left out")
+        self.not_imported.setdefault(name, reason)
+
+    def _bound(self, name: str, held: Mapping[str, object], what: str) -> None:
+        """Refuses a name new to `held` that is too long, or one name too many for it."""
+        if name in held:
+            return
+        if len(name) > NAME_LIMIT:
+            raise InputError(f"{self.where}: a metric name longer than {NAME_LIMIT} characters")
+        if len(held) >= METRIC_LIMIT:
+            raise InputError(f"{self.where}: more than {METRIC_LIMIT} {what}")
 
     def _preempt(self, name: str, step: int) -> None:
         """Drops `name`'s values at steps after `step` (each dropped once: amortised O(1))."""

@@ -197,7 +197,7 @@ def _add_value(
     if scalar is None and tensor is not None and plugins.get(tag, "scalars") == "scalars":
         scalar = _scalar_tensor(tensor)
     if scalar is None or other:
-        table.not_imported.setdefault(tag, "not a scalar")
+        table.leave_out(tag, "not a scalar")
         return
     values[tag] = scalar
 
