@@ -16,6 +16,8 @@ DOCUMENT_LIMIT = 128 << 20
 """Largest single JSON document (trainer_state.json) parsed at once (bytes)."""
 LINE_LIMIT = 1 << 20
 """Longest line of a JSON-lines or CSV log (bytes)."""
+LINE_COUNT_LIMIT = 2_000_000
+"""Most lines of a JSON-lines or CSV log (each costs time, whether it adds a value or not)."""
 ENTRY_LIMIT = 10_000
 """Most entries of a directory looked at for subdirectories that hold logs."""
 
@@ -73,7 +75,7 @@ def decoded(raw: bytes, where: str) -> str:
 
 def text_lines(path: Path) -> Iterator[tuple[int, str, bool]]:
     """(line number from 1, text without its newline, whether a newline ended it) of a text
-    log, each line at most LINE_LIMIT bytes."""
+    log: at most LINE_COUNT_LIMIT lines, each at most LINE_LIMIT bytes."""
     with open_log(path) as handle:
         number = 0
         while True:
@@ -81,6 +83,8 @@ def text_lines(path: Path) -> Iterator[tuple[int, str, bool]]:
             if not raw:
                 return
             number += 1
+            if number > LINE_COUNT_LIMIT:
+                raise InputError(f"{path}: more than {LINE_COUNT_LIMIT} lines")
             ended = raw.endswith(b"\n")
             if len(raw) - ended > LINE_LIMIT:
                 raise InputError(f"{path}: line {number} is longer than {LINE_LIMIT >> 20} MiB")
