@@ -543,6 +543,22 @@ def test_logs_in_subdirectories_are_named_not_dropped_unsaid(tmp_path: Path) -> 
         detect_format(tmp_path / "out")
 
 
+def test_tensorboard_tags_that_are_not_utf8_stay_apart(tmp_path: Path) -> None:
+    """Two tags that differ in bytes that are not UTF-8 were both read as `loss\\ufffd`: one
+    metric, the second value replacing the first. Such a byte is read as `\\xff`."""
+
+    def event(tag: bytes, value: float) -> bytes:
+        entry = b"\x0a" + bytes([len(tag)]) + tag + b"\x15" + struct.pack("<f", value)
+        summary = b"\x0a" + bytes([len(entry)]) + entry
+        return _record(b"\x10\x01\x2a" + bytes([len(summary)]) + summary)
+
+    log = tmp_path / "events.out.tfevents.1.host"
+    log.write_bytes(event(b"loss\xff", 1.0) + event(b"loss\xfe", 2.0))
+    _, _, table = read_log(log)
+    assert table.steps == {1: {"loss\\xff": 1.0, "loss\\xfe": 2.0}} and table.replaced == 0
+    assert map_names(table.names, ()).extra == {"loss\\xff": "loss_xff", "loss\\xfe": "loss_xfe"}
+
+
 def _good_record() -> bytes:
     return _record(_tensor_event(1, "loss", tensor_pb2.TensorProto(dtype=1, float_val=[1.0])))
 

@@ -78,10 +78,10 @@ def float64(bits: int) -> float:
 
 
 def text(value: int | memoryview) -> str:
-    """A string field (UTF-8, invalid bytes replaced)."""
+    """A string field (UTF-8; a byte that is not, written `\\xff`: two strings stay two)."""
     if isinstance(value, int):
         raise ProtoError("a string field with a numeric wire type")
-    return bytes(value).decode("utf-8", "replace")
+    return bytes(value).decode("utf-8", "backslashreplace")
 
 
 def first_element(wire: int, value: int | memoryview, element: int) -> int | None:
