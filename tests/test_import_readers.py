@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from stabledrl_cli.errors import InputError, UsageError
-from stabledrl_cli.importers import detect_format, read_log
+from stabledrl_cli.importers import _trainer_state, detect_format, read_log
 from stabledrl_cli.importers._crc32c import crc32c, masked_crc32c
 from stabledrl_cli.importers._names import map_names, sanitise
 from stabledrl_cli.importers._table import StepTable
@@ -220,6 +220,21 @@ def test_trainer_state_refusals(tmp_path: Path, text: str, message: str) -> None
     state.write_text(text)
     with pytest.raises(InputError, match=message):
         read_log(state)
+
+
+def test_a_trainer_state_of_too_many_values_is_refused_before_it_is_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It is parsed whole, and a parsed value costs 30-100 times its bytes: 30 MB of empty
+    objects took 827 MB before its refusal (no step in it), so 128 MiB would take 3.5 GB."""
+    state = tmp_path / "trainer_state.json"
+    state.write_text('{"log_history": [' + ",".join(["{}"] * 1000) + "]}")
+    monkeypatch.setattr(_trainer_state, "VALUE_LIMIT", 999)
+    parsed: list[object] = []
+    monkeypatch.setattr(_trainer_state, "parse_strict", lambda *a, **k: parsed.append(a))
+    with pytest.raises(InputError, match="more than 999 JSON values"):
+        read_log(state)
+    assert parsed == []
 
 
 # -- JSON lines -------------------------------------------------------------------------------

@@ -12,13 +12,20 @@ from pathlib import Path
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.importers._files import DOCUMENT_LIMIT, open_log
-from stabledrl_cli.importers._table import StepTable
+from stabledrl_cli.importers._table import CELL_LIMIT, StepTable
+
+VALUE_LIMIT = 2 * CELL_LIMIT
+"""Most JSON values (commas, counted before parsing) a trainer_state.json may hold: it is
+parsed whole, and the parsed values cost 30 to 100 times their bytes (an empty object 3 bytes,
+about 80 parsed). Twice the values an import holds leaves room for the rows' bookkeeping."""
 
 
 def read_trainer_state(path: Path) -> StepTable:
     """The steps of a trainer_state.json (InputError when it is not one)."""
     with open_log(path, DOCUMENT_LIMIT) as handle:
         raw = handle.read(DOCUMENT_LIMIT + 1)
+    if raw.count(b",") >= VALUE_LIMIT:
+        raise InputError(f"{path}: more than {VALUE_LIMIT:,} JSON values (parsed whole: too many)")
     document = parse_strict(raw, str(path), "trainer_state.json", allow_nan=True)
     history = document.get("log_history") if isinstance(document, dict) else None
     if not isinstance(history, list):
