@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from _cli import run_cli, run_cli_together
-from _corpus import read_step, rewrite_step, step_path
+from _corpus import flip_bit, read_step, rewrite_step, step_path, tiny_run
 from conftest import fixture_run
 from typer.testing import CliRunner
 
@@ -300,3 +300,44 @@ def test_runs_of_different_units_are_not_compared(tmp_path):
     assert done.stderr.splitlines() == [
         f"error: {a} records sequence entries, {b} token entries: their steps are not comparable"
     ]
+
+
+def test_a_step_whose_data_one_run_cannot_read_is_not_called_identical(grpo_fixture, tmp_path):
+    """A step file whose header reads but whose data fails its checksum is skipped with a
+    warning, and counts as a step only the other run holds, as a file skipped at its header
+    check does. It was counted as compared-equal: 'identical: every array of every step equal,
+    bit for bit' (JSON identical true) beside a step whose bytes differ."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(grpo_fixture, damaged)
+    path = step_path(damaged, 5)
+    flip_bit(path, path.stat().st_size - 10)
+    result = CliRunner().invoke(
+        app, ["diff", str(grpo_fixture), str(damaged), "--device", "cpu", "-f", "json"]
+    )
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["identical"] is False
+    assert data["only_a"] == [[5, 5]] and data["only_b"] == []
+    assert (data["steps_a"], data["steps_b"], data["common"]) == (160, 159, 159)
+    assert data["compared"] == 159
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "step 5" in warning[0] and "checksum" in warning[0]
+    text = CliRunner().invoke(app, ["diff", str(grpo_fixture), str(damaged), "--device", "cpu"])
+    assert "only in A: 5" in text.stdout and "identical" not in text.stdout
+
+
+def test_runs_that_share_no_readable_step_are_exit_3(tmp_path):
+    """Every step of B fails its data checksum: no step both runs can read, exit 3 'share no
+    step' after the warnings naming them, as when every step of B is torn (it was 'identical',
+    exit 0, with nothing compared)."""
+    a = tiny_run(tmp_path / "a", steps=3)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    for n in range(3):
+        path = step_path(b, n)
+        flip_bit(path, path.stat().st_size - 1)
+    done = run_cli("diff", a, b, "--device", "cpu")
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 4 and all("checksum" in line for line in lines[:3])
+    assert lines[3] == f"error: {a} and {b} share no step: nothing to compare"

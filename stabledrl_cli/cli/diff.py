@@ -3,8 +3,8 @@
 Exit codes: 0 the runs do not part before --until (identical, within tolerance, or parting
 only at or after it; without --until, they never part); 1 they part before --until (without
 it: at all); 2 usage error (a negative tolerance or context, a URL that cannot be read at all);
-3 a missing or corrupt run (or a URL with nothing there), or two runs that share no step. Each
-run is a path or an fsspec URL.
+3 a missing or corrupt run (or a URL with nothing there), or two runs that share no readable
+step. Each run is a path or an fsspec URL.
 """
 
 from __future__ import annotations

@@ -259,13 +259,21 @@ class _Comparison:
         self.compared += 1
 
 
-def _pairs(a: Run, b: Run, common: list[int]) -> Iterator[tuple[Step, Step]]:
-    """Each common step read from both runs (a step either run cannot read is skipped)."""
+def _pairs(
+    a: Run, b: Run, common: list[int], unread: tuple[set[int], set[int]]
+) -> Iterator[tuple[Step, Step]]:
+    """Each common step read from both runs. A step a run cannot read (its data corrupt) is
+    skipped with a warning and added to that run's set in `unread` (A's, B's)."""
     for n in common:
-        try:
-            yield a.step(n), b.step(n)
-        except InputError as exc:
-            warnings.warn(f"skipping step {n}: {exc}", RunIntegrityWarning, stacklevel=2)
+        read = []
+        for run, skipped in zip((a, b), unread, strict=True):
+            try:
+                read.append(run.step(n))
+            except InputError as exc:
+                warnings.warn(f"skipping step {n}: {exc}", RunIntegrityWarning, stacklevel=2)
+                skipped.add(n)
+        if len(read) == 2:
+            yield read[0], read[1]
 
 
 def _warn_skipped(run: Run, listed: list[int]) -> None:
@@ -337,13 +345,23 @@ def diff_runs(
     _warn_skipped(b, steps_b)
     in_b = set(steps_b)
     common = [n for n in steps_a if n in in_b]
+    share_none = InputError(f"{a.location} and {b.location} share no step: nothing to compare")
     if not common:
-        raise InputError(f"{a.location} and {b.location} share no step: nothing to compare")
+        raise share_none
     comparison = _Comparison(atol=atol, rtol=rtol)
-    for step_a, step_b in _pairs(a, b, common):
+    unread: tuple[set[int], set[int]] = (set(), set())
+    for step_a, step_b in _pairs(a, b, common, unread):
         comparison.add(step_a, step_b)
         if comparison.done:
             break
+    if not comparison.compared:  # every common step unreadable in one run or the other
+        raise share_none
+    unread_a, unread_b = unread
+    # A step a run could not read is not among its readable steps: one only the other holds.
+    steps_a = [n for n in steps_a if n not in unread_a]
+    steps_b = [n for n in steps_b if n not in unread_b]
+    common = [n for n in common if n not in unread_a | unread_b]
+    in_b = set(steps_b)
     first = comparison.first
     parted = [p.step for kind, p in first.items() if kind != "arrays" and p is not None]
     parted_at = min(parted) if parted else None
