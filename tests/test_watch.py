@@ -1179,3 +1179,28 @@ def test_a_recording_over_the_run_counts_as_one_replacement(tmp_path):
     _two_rank_run(run, {0: range(2), 1: range(2)}, overwrite=True)  # a new manifest, steps
     watcher.poll()
     assert watcher.replaced == 1 and watcher.state().steps == 2
+
+
+def test_a_step_that_lands_after_a_later_one_is_read_and_alerted_once(grpo_fixture, tmp_path):
+    """Step files that land out of order (a copy or sync of a run into the watched directory
+    that renames them in another order): a step below the last one read that is new to the
+    listing is read, and the steps after it are replayed again with it in their history, so
+    the view is what a fresh watch (and a replay) gives; an alert already raised is not raised
+    again. It was never read: the watch showed 39 of 40 steps and no risk alert at step 30."""
+    live = tmp_path / "live"
+    live.mkdir()
+    _land_manifest(grpo_fixture, live)
+    _land(grpo_fixture, live, range(30))
+    _land(grpo_fixture, live, range(31, 40))
+    watcher = RunWatcher(live, CPU, recent=3)
+    first = watcher.poll()
+    assert [(a.kind, a.step) for a in first] == [("risk", 29), ("risk", 31)]
+    _land(grpo_fixture, live, range(30, 31))
+    assert [(a.kind, a.step) for a in watcher.poll()] == [("risk", 30)]
+    fresh = RunWatcher(live, CPU, recent=3)
+    fresh.poll()
+    state, expected = watcher.state(), fresh.state()
+    assert state.steps == 40 and watcher.replaced == 0
+    assert sorted(state.alerts, key=lambda a: a.step) == expected.alerts
+    assert {**state.to_dict(), "alerts": []} == {**expected.to_dict(), "alerts": []}
+    assert watcher.poll() == []

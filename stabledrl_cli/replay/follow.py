@@ -393,7 +393,8 @@ class RunWatcher:
     dropped with all that was read of it, and the path followed again from the start
     (`replaced` counts how often). A step read is not read again (but the last one, which a
     recording may still rewrite: a Recorder rewrites no other under the same `run_id`,
-    docs/run-format.md), and what is derived from the steps read is
+    docs/run-format.md; a step new to the listing below the last one read, landed out of
+    order, has the run read again, its alerts kept), and what is derived from the steps read is
     derived again only when more were read, or the last one changed. `closed` says when a
     poll read every step the run will have (its manifest marked `recording_closed`, or a
     packed archive)."""
@@ -408,6 +409,8 @@ class RunWatcher:
         self._waiting: str | None = f"waiting for {self.path / 'manifest.json'}"
         self._alerts: list[Alert] = []
         self._seen: set[tuple[str, int]] = set()
+        self._listed: set[int] = set()
+        """The steps the last poll listed."""
         self._manifest_key: FileKey | None = None
         self._closed_mark = False
         """The manifest's `recording_closed` mark, as last read."""
@@ -482,6 +485,7 @@ class RunWatcher:
         if self.replay is not None and self.replay.seen:
             self.replaced += 1
         self.replay = None
+        self._listed = set()
         self.recording_stopped = None
         self.closed = self._closed_mark = False
         self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
@@ -528,12 +532,27 @@ class RunWatcher:
                 return False
             closed = self._closed_mark
             numbers = replay.run.listed_step_numbers
+        elif self._landed_late(replay, numbers):  # the same run: its alerts are kept
+            self.replay = None
+            replay = self._open()
+            if replay is None:
+                return False
+            closed = self._closed_mark
+            numbers = replay.run.listed_step_numbers
+        self._listed = set(numbers)
         replay.extend(numbers)
         kept = self._manifest_kept()
         if not kept and self._replaced(replay):
             return True
         self.closed = closed and kept  # the mark held through the listing
         return False
+
+    def _landed_late(self, replay: OwnReplay, numbers: list[int]) -> bool:
+        """Whether a step below the last one read is new to the listing (files landed out of
+        order: a copy or sync into the directory): the steps after it were replayed without
+        it in their history, so the run is read again from its start."""
+        seen = replay.seen
+        return bool(seen) and any(n < seen[-1] and n not in self._listed for n in numbers)
 
     def _candidates(self, replay: OwnReplay) -> list[Alert]:
         series = replay.series()
