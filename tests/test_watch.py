@@ -1204,3 +1204,24 @@ def test_a_step_that_lands_after_a_later_one_is_read_and_alerted_once(grpo_fixtu
     assert sorted(state.alerts, key=lambda a: a.step) == expected.alerts
     assert {**state.to_dict(), "alerts": []} == {**expected.to_dict(), "alerts": []}
     assert watcher.poll() == []
+
+
+@pytest.mark.parametrize("mode", [["--once"], ["--until-idle", "0", "--interval", "0.01"]])
+def test_a_run_whose_every_step_is_torn_names_them_beside_its_error(grpo_fixture, tmp_path, mode):
+    """No step of the run can be read: exit 3, and a warning line before the error says why
+    (the torn files), as check and diff say. The error came alone ('the run has no readable
+    step yet'), which read as if no step had landed."""
+    run = tmp_path / "torn"
+    run.mkdir()
+    _land_manifest(grpo_fixture, run)
+    _land(grpo_fixture, run, range(3))
+    for path in (run / "steps").iterdir():
+        path.write_bytes(path.read_bytes()[:500])
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "recording_closed": True}))
+    done = run_cli("watch", run, *mode, "--device", "cpu", timeout=HANG_SECONDS)
+    assert done.returncode == 3, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith(("warning", "error"))]
+    assert len(lines) == 2, done.stderr
+    assert lines[0].startswith(f"warning: skipped 3 unreadable steps of {run} (step 0: torn")
+    assert lines[1].startswith(f"error: {run}: ")

@@ -203,16 +203,22 @@ def _report_gates(results: list[GateResult]) -> int:
     return 1 if tripped else 0
 
 
+def _warn_damaged(watcher: RunWatcher) -> None:
+    """Prints `_damaged_line`, if any."""
+    damaged = _damaged_line(watcher)
+    if damaged is not None:
+        err.print(damaged, highlight=False)
+
+
 def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
     watcher.poll()
     state = watcher.state()
     if state.steps == 0:
+        _warn_damaged(watcher)  # why no step could be read
         raise InputError(f"{state.run}: the run has no readable step yet")
     _require_replayed(watcher)
     results = _gates(watcher, gates)
-    damaged = _damaged_line(watcher)
-    if damaged is not None:
-        err.print(damaged, highlight=False)
+    _warn_damaged(watcher)
     if watcher.replay is not None and watcher.replay.rejected:
         err.print(_rejected_line(state.run, watcher.replay.rejected), highlight=False)
     stopped = _stopped_line(watcher)
@@ -294,6 +300,8 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
             _end_view()  # the error's line is a line of its own
             raise
     _end_view()
+    if state.steps == 0:
+        _warn_damaged(watcher)  # why no step could be read
     if state.steps == 0 and watcher.closed:
         raise InputError(f"{watcher.path}: the recording closed with no readable step")
     if state.steps == 0:
