@@ -341,3 +341,24 @@ def test_runs_that_share_no_readable_step_are_exit_3(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 4 and all("checksum" in line for line in lines[:3])
     assert lines[3] == f"error: {a} and {b} share no step: nothing to compare"
+
+
+def test_a_run_whose_own_policy_cannot_be_replayed_is_still_compared(tmp_path):
+    """Runs whose own policy needs a field their steps lack (grpo:beta=0.04 without logp_ref):
+    the comparison stands, with '-' for the figures of the policy that cannot be replayed and
+    one warning line a run saying why. diff ended with exit 3 on the replay's error, which
+    docs/diff.md's exit codes do not list, and showed nothing of where the runs part."""
+    runs = []
+    for name, bump in (("a", 0.0), ("b", 1.0)):
+        with Recorder(tmp_path / name, policy="grpo:beta=0.04", unit="sequence") as rec:
+            for step in range(3):
+                advantages = np.ones(4, dtype=np.float32) + (bump if step == 1 else 0.0)
+                rec.log_step(step, logp=-np.ones(4), logp_old=-np.ones(4), advantages=advantages)
+        runs.append(tmp_path / name)
+    result = CliRunner().invoke(app, ["diff", *map(str, runs), "--device", "cpu", "-f", "json"])
+    assert result.exit_code == 1, result.stderr
+    data = json.loads(result.stdout)
+    assert data["parted_at"] == 1 and [s["step"] for s in data["around"]] == [0, 1, 2]
+    assert all(s[side]["discard_frac"] is None for s in data["around"] for side in "ab")
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and all("logp_ref" in line for line in warnings), result.stderr

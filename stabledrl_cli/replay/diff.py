@@ -296,12 +296,18 @@ def _figures(
     run: Run, steps: list[int], config: ReplayConfig
 ) -> dict[int, dict[str, float | bool | None]]:
     """step -> FIGURES of `run` at `steps` (its own policy replayed over the run's steps up to
-    the last of them)."""
+    the last of them; its figures None, with a warning, when its steps lack a field it
+    needs)."""
     from stabledrl_cli.replay.follow import OwnReplay  # torch: only for runs that part
 
     follower = OwnReplay(run, config)
-    follower.extend([n for n in run.step_numbers if n <= steps[-1]])
-    series = follower.series()
+    try:
+        follower.extend([n for n in run.step_numbers if n <= steps[-1]])
+        series = follower.series()
+    except InputError as exc:
+        message = f"{run.location}: its own policy is not replayed ({exc})"
+        warnings.warn(message, RunIntegrityWarning, stacklevel=2)
+        series = {}
     index = {int(n): i for i, n in enumerate(series.get("step", []))}
     wanted = set(steps)
     out: dict[int, dict[str, float | bool | None]] = {}
