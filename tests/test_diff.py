@@ -252,6 +252,38 @@ def test_runs_whose_scalars_differ_are_never_called_identical(tmp_path, other, c
     assert "identical" not in text
 
 
+def _series_run(path: Path, **changed: float) -> Path:
+    """A scalar run of 3 steps recording the format 1.2 series scalars; step 1 records
+    `changed` in place of their usual values."""
+    usual = {"entropy": 0.5, "kl": 0.01, "clip_frac": 0.1, "nonfinite_grads": 0.0}
+    with Recorder(path, policy=None) as recorder:
+        for step in range(3):
+            values = {**usual, "step_time": 0.1 + step, **(changed if step == 1 else {})}
+            recorder.log_step(step, grad_norm=1.0, **values)  # type: ignore[arg-type]
+    return path
+
+
+@pytest.mark.parametrize("name", ["entropy", "kl", "clip_frac", "nonfinite_grads"])
+def test_runs_whose_series_scalars_differ_part_where_they_do(tmp_path, name):
+    """The format 1.2 standard scalars (an optimizer-hook recording's nonfinite_grads, an
+    imported log's kl or entropy) are training scalars too: runs that differ in one part there.
+    They were not compared: such runs were 'identical' (exit 0)."""
+    a = _series_run(tmp_path / "a")
+    b = _series_run(tmp_path / "b", **{name: 3.0})
+    exit_code, data = _cli(a, b)
+    assert (exit_code, data["parted_at"], data["identical"]) == (1, 1, False)
+    assert [f["field"] for f in data["first"]["scalars"]["fields"]] == [name]
+
+
+def test_runs_whose_step_times_differ_are_identical(tmp_path):
+    """step_time is a clock reading, as wall_time: two recordings of one training differ in
+    it, and it is not compared."""
+    a = _series_run(tmp_path / "a")
+    b = _series_run(tmp_path / "b", step_time=9.0)
+    exit_code, data = _cli(a, b)
+    assert (exit_code, data["identical"]) == (0, True)
+
+
 def test_a_torn_step_file_is_named_on_stderr_not_passed_off_as_missing(grpo_fixture, tmp_path):
     """Step files the reader skips at its header check (here torn, as a crash under a final
     name leaves them) are warned about, as docs/diff.md says; they were silently listed as

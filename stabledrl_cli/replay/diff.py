@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
-from stabledrl_cli.dump._schema import STANDARD_SCALARS
+from stabledrl_cli.dump._schema import SERIES_SCALARS, STANDARD_SCALARS
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.run_facts import SKIPPED_KINDS, own_spec, shown_reasons
@@ -49,10 +49,13 @@ INPUT_FIELDS = (
 LOGP_FIELDS = ("logp", "logp_old", "logp_ref", "logp_rollout")
 """Log-probabilities, compared within the tolerance."""
 SCALAR_NAMES = tuple(
-    name for name in STANDARD_SCALARS if name not in ("step", "wall_time", "unit_grad_sketch_scale")
+    name
+    for name in (*STANDARD_SCALARS, *SERIES_SCALARS)
+    if name not in ("step", "wall_time", "step_time", "unit_grad_sketch_scale")
 )
-"""Training scalars compared within the tolerance: the standard ones but the step number, the
-clock and a sketch's storage scale (a run's own scalars are not compared)."""
+"""Training scalars compared within the tolerance: the standard ones (format 1.2's series
+scalars too) but the step number, the clocks and a sketch's storage scale (a run's own scalars
+are not compared)."""
 DEFAULT_ATOL = 1e-6
 """Absolute tolerance of log-probabilities and scalars."""
 DEFAULT_RTOL = 1e-5
