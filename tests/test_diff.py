@@ -252,6 +252,18 @@ def test_runs_whose_scalars_differ_are_never_called_identical(tmp_path, other, c
     assert "identical" not in text
 
 
+def test_runs_equal_within_the_tolerance_show_the_steps_around_their_first_bits(tmp_path):
+    """Runs that never part but differ in their bits (another thread count): the figures are
+    set side by side around the first step whose bits differ, and the table's title names it.
+    The title said 'around step :' with no step."""
+    a = _scalar_only(tmp_path / "a", [1.0, 1.0, 1.0])
+    b = _scalar_only(tmp_path / "b", [1.0, 1.0 + 1e-9, 1.0])
+    result = CliRunner().invoke(app, ["diff", str(a), str(b), "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    assert "they never part (within atol" in result.stdout
+    assert "around step 1: discard and risk" in result.stdout
+
+
 def _series_run(path: Path, **changed: float) -> Path:
     """A scalar run of 3 steps recording the format 1.2 series scalars; step 1 records
     `changed` in place of their usual values."""

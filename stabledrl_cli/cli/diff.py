@@ -81,8 +81,11 @@ def _print_table(result: DiffResult, until: int | None) -> None:
     if not result.around:
         return
     specs = result.own_policy
+    focus = result.parted_at
+    if focus is None and result.first["arrays"] is not None:  # equal within the tolerance
+        focus = result.first["arrays"].step
     table = Table(
-        title=f"around step {result.parted_at if result.parted_at is not None else ''}: "
+        title=f"around step {focus}: "
         f"discard and risk of each run's own policy (A {specs['a'] or 'n/a'}, "
         f"B {specs['b'] or 'n/a'})",
         title_justify="left",
