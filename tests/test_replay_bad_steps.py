@@ -215,6 +215,30 @@ def test_a_live_watch_warns_of_a_bad_step_once(tmp_path):
     _names_the_step_once(result.stderr, BAD, "seq_id must index")
 
 
+def test_a_live_watch_names_a_bad_step_that_lands_late_once(tmp_path, monkeypatch):
+    """Bad steps 2 and 4, step 2's file landing after step 5 was read (out of order): the run
+    is read again with it, and each bad step is named once. The live watch counted the steps
+    it had named, so it named step 4 again and never step 2."""
+    run = bad_seq_id(tiny_run(tmp_path / "run", steps=STEPS), 2, 4)
+    edit_manifest(run, lambda manifest: manifest.pop("recording_closed"))
+    late = step_path(run, 2)
+    aside = tmp_path / late.name
+    late.rename(aside)
+    polls = {"n": 0}
+
+    def between_polls(seconds: float) -> None:
+        polls["n"] += 1
+        if polls["n"] == 1:
+            aside.rename(late)
+
+    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    result = runner.invoke(app, ["watch", str(run), "--until-idle", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    assert f"stopped ({STEPS} steps seen)" in result.stderr
+    _names_the_step_once(result.stderr, 2, "seq_id must index")
+    _names_the_step_once(result.stderr, 4, "seq_id must index")
+
+
 def _inspected(path: Path) -> tuple[dict[str, object], str]:
     """`inspect --format json`'s object and the table's text of a run (each exit 0)."""
     as_json = runner.invoke(app, ["inspect", str(path), "--format", "json"])

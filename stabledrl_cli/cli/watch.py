@@ -257,7 +257,7 @@ def _end_view() -> None:
 def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: float | None) -> int:
     last_change = time.monotonic()
     seen = -1
-    warned = 0  # rejected steps warned about
+    warned: set[int] = set()  # rejected steps warned about (one may land late, below others)
     replaced = 0  # times the run was replaced under the watch
     stopped: str | None = None  # the stopped recording warned about
     state = watcher.state()  # as the view shows it
@@ -269,7 +269,7 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                     state = watcher.state()
                     live.update(_view(state), refresh=True)  # before the lines: they follow it
                     if watcher.replaced > replaced:
-                        replaced, warned, seen = watcher.replaced, 0, -1
+                        replaced, warned, seen = watcher.replaced, set(), -1
                         line = f"{watcher.path}: the run changed under the watch: following it"
                         live.console.print(f"{line} from its start", highlight=False)
                     for alert in alerts:
@@ -278,10 +278,11 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                         stopped = _stopped_line(watcher)
                         live.console.print(stopped, highlight=False)
                     rejected = [] if watcher.replay is None else watcher.replay.rejected
-                    if len(rejected) > warned:
-                        line = _rejected_line(str(watcher.path), rejected[warned:])
+                    unwarned = [(n, why) for n, why in rejected if n not in warned]
+                    if unwarned:
+                        line = _rejected_line(str(watcher.path), unwarned)
                         live.console.print(line, highlight=False)
-                        warned = len(rejected)
+                        warned.update(n for n, _ in unwarned)
                     now = time.monotonic()
                     if watcher.closed:  # every step the run will have is read
                         ended = "the recording closed"
