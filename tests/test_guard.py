@@ -58,6 +58,17 @@ def test_scale_mode_scales_the_spike_down_to_the_threshold():
     assert torch.equal(param.grad, before)
 
 
+def test_scale_mode_keeps_training_after_a_start_of_zero_gradients():
+    """A run whose first steps have no gradient (every group's rewards equal: advantages 0,
+    grad norm 0) then learns: the default scale rule (ZClip) scaled every later step to 0
+    (action scale, guard_scale 0, which the docs keep for skipped steps), for good."""
+    guard = Guard(mode="scale")
+    norms = [0.0] * 30 + [1.0, 0.8, 1.2, 0.9, 1.1] * 20
+    decisions = [guard.before_step(grad_norm=n) for n in norms]
+    assert all(0.0 < d.scale <= 1.0 for d in decisions if d.action != "skip")
+    assert guard.counts["none"] >= len(norms) - 3
+
+
 def test_the_batch_rule_skips_a_non_finite_update_of_the_own_policy():
     guard = Guard(mode="scale", policy="grpo")
     logp = torch.tensor([-1.0, -2.0, float("nan"), -1.5])

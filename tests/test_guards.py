@@ -76,6 +76,20 @@ def test_zclip_matches_the_zclip_package(ours: dict, theirs: dict) -> None:
             assert g == pytest.approx(e, rel=1e-5)
 
 
+def test_a_zclip_warmup_of_zero_norms_starts_again() -> None:
+    """Norms of 0 through the warmup (a sparse-reward start: every group's rewards equal, its
+    advantages and gradient 0) left ZClip's averages at 0, its threshold at 0. The package
+    clips the first real norm to 0 and, its averages taking that 0, every later one: a
+    `Guard(mode="scale")` froze training for good. Such a warmup starts again here."""
+    norms = [0.0] * 25 + [1.0, 0.9, 1.1] * 20 + [12.0]
+    theirs = real_zclip_thresholds(norms)
+    assert theirs[25:] == [0.0] * 61  # the source's behaviour: clipped to 0, for good
+    guard = ZClip()
+    decisions = [guard.update(norm) for norm in norms]
+    assert [d.action for d in decisions] == ["none"] * 85 + ["clip"]
+    assert guard.mean == pytest.approx(1.0, rel=0.2)  # the averages are the real norms'
+
+
 def olmo_skips(losses: list[float], norms: list[float], window: int, sigma: float) -> list[bool]:
     """OLMo-core 3.0's SkipStepOptimizer.get_step_factor, step by step, in torch as it is
     written there (the package itself cannot be installed beside this project: its

@@ -16,10 +16,13 @@ skipped and by how much; `update` is also what an in-process guard calls before
   standard deviations (unbiased) is skipped; no step is skipped before window // 2 steps
   (at least 2) have been seen, the current one included.
 
-One deviation from both sources, on purpose: a non-finite grad norm or loss is reported as
+Two deviations from the sources, on purpose. A non-finite grad norm or loss is reported as
 `nonfinite` (the recorder's trainers skip such steps) and is kept out of the statistics. In
 the sources it would enter them and disable (ZClip: forever) or trip (OLMo: for a window) the
-guard, which says nothing about the rule itself.
+guard, which says nothing about the rule itself. And a ZClip warmup whose norms are all 0 (a
+sparse-reward start: every group's rewards equal, its advantages 0) starts again: the source
+takes averages of 0 from it, a threshold of 0, and clips the first real norm to 0 and, its
+averages taking that 0, every later one, for good.
 """
 
 from __future__ import annotations
@@ -114,7 +117,9 @@ class ZClip:
         norm = grad_norm / self._unit  # the statistics are in units of self._unit
         if self.mean is None or self.var is None:
             self._buffer.append(norm)
-            if len(self._buffer) >= self.warmup:
+            if len(self._buffer) >= self.warmup and not any(self._buffer):
+                self._buffer = []  # norms all 0 make a threshold of 0: warm up again
+            elif len(self._buffer) >= self.warmup:
                 self.mean = sum(self._buffer) / len(self._buffer)
                 self.var = sum((x - self.mean) ** 2 for x in self._buffer) / len(self._buffer)
                 self._buffer = []
