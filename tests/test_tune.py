@@ -47,6 +47,14 @@ def test_linear_log_list_and_product_grids():
     assert expand_all(["grpo", "grpo:eps_low=0.2", "dapo"]) == ["grpo", "dapo"]
 
 
+def test_grid_ends_written_with_a_leading_point():
+    """`.1` is a value a spec and a list take (`eps_high=.1|.2`); as a grid's low end the
+    sweep was refused ("eps_high='.1..0.5:3' cannot go into a spec string")."""
+    assert grid_values(".1..0.5:3", "x") == ["0.1", "0.3", "0.5"]
+    assert grid_values("-.5..-.1:2", "x") == ["-0.5", "-0.1"]
+    assert expand("dapo:eps_high=.1...5:3") == expand("dapo:eps_high=0.1..0.5:3")
+
+
 @pytest.mark.parametrize(
     ("sweep", "message"),
     [
