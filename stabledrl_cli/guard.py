@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.policies import Policy, PolicyBatch, PreparedBatch, get_policy, prepare
+from stabledrl_cli.policies import Policy, PolicyBatch, get_policy, prepare
 from stabledrl_cli.replay.guards import guard_spec, make_guard
 from stabledrl_cli.vocab import GUARD_MODES, GuardMode
 
@@ -107,14 +107,14 @@ class Guard:
     ) -> Decision:
         """The decision for the step whose pre-clip gradient norm is `grad_norm` (loss: its loss,
         which the skip-step rule also watches; batch: its batch, for the batch rule).
-        UsageError for a negative grad_norm or a malformed batch, before the rule sees the
-        step (a NaN or inf grad norm is a non-finite step: skipped)."""
+        UsageError for a negative grad_norm or a batch without a field the policy needs,
+        InputError for a malformed batch, before the rule sees the step (a NaN or inf grad
+        norm is a non-finite step: skipped)."""
         if float(grad_norm) < 0:
             raise UsageError(f"grad_norm must be >= 0 (a norm), got {grad_norm!r}")
-        policy, prepared = self.policy, None
+        policy, bad = self.policy, 0
         if batch is not None and policy is not None:
-            with torch.no_grad():
-                prepared = prepare(batch)
+            bad = _nonfinite_coefficients(policy, batch)
         ruled = self.rule.update(float(grad_norm), None if loss is None else float(loss))
         decision = Decision("none", 1.0, "", ruled.z)
         if ruled.action == "nonfinite":
@@ -127,12 +127,10 @@ class Guard:
                 decision = Decision("scale", ruled.scale, why, ruled.z)
             else:
                 decision = Decision("skip", 0.0, why, ruled.z)
-        if policy is not None and prepared is not None and decision.action != "skip":
-            bad = _nonfinite_coefficients(policy, prepared)
-            if bad:
-                decision = Decision(
-                    "skip", 0.0, f"{policy.spec}: {bad} non-finite coefficients", ruled.z
-                )
+        if policy is not None and bad and decision.action != "skip":
+            decision = Decision(
+                "skip", 0.0, f"{policy.spec}: {bad} non-finite coefficients", ruled.z
+            )
         self.counts[decision.action] += 1
         return decision
 
@@ -156,8 +154,9 @@ class Guard:
         }
 
 
-def _nonfinite_coefficients(policy: Policy, prepared: PreparedBatch) -> int:
+def _nonfinite_coefficients(policy: Policy, batch: PolicyBatch) -> int:
     """Scored units whose coefficient under `policy` is NaN or inf."""
     with torch.no_grad():
+        prepared = prepare(batch)
         coef = policy.weights(prepared).coef.reshape(-1)
         return int((~torch.isfinite(coef) & prepared.mask.reshape(-1)).sum())

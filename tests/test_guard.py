@@ -203,3 +203,23 @@ def test_what_would_poison_or_skew_the_guard_is_a_usage_error():
     fresh = Guard(mode="skip", policy="grpo")
     for norm in (1.0, 1.1, 0.9, 1.0, 1.05, 50.0):
         assert guard.before_step(grad_norm=norm) == fresh.before_step(grad_norm=norm)
+
+
+@pytest.mark.parametrize(
+    ("policy", "lacks"),
+    [("ppo:beta=0.1", "logp_ref"), ("grpo:adv=zscore", "group_id, reward")],
+)
+def test_a_batch_without_a_field_the_policy_needs_is_refused_before_the_rule(policy, lacks):
+    """A batch lacking a field the guard's policy needs was refused (UsageError) after its
+    grad norm had entered the rule's statistics: a loop that caught the error and asked
+    again (without the batch) counted the step twice."""
+    guard = Guard(mode="skip", rule="skip-step:window=6", policy=policy)
+    fresh = Guard(mode="skip", rule="skip-step:window=6", policy=policy)
+    batch = PolicyBatch(
+        logp=torch.zeros(2, 3), logp_old=torch.zeros(2, 3), advantages=torch.ones(2)
+    )
+    for norm in (1.0, 1.1, 0.9, 1.0, 1.05, 50.0, 1.0):
+        with pytest.raises(UsageError, match=f"needs batch field\\(s\\) {lacks}"):
+            guard.before_step(grad_norm=100.0, batch=batch)
+        assert guard.before_step(grad_norm=norm) == fresh.before_step(grad_norm=norm)
+    assert guard.counts == fresh.counts
