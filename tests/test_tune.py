@@ -47,6 +47,21 @@ def test_linear_log_list_and_product_grids():
     assert expand_all(["grpo", "grpo:eps_low=0.2", "dapo"]) == ["grpo", "dapo"]
 
 
+def test_integer_keys_keep_the_values_written():
+    """A range over an integer key was rounded to 4 significant digits before it was rounded
+    to integers: `seed=0..12345:2` tuned seed 12340, an end the user never wrote. A listed
+    value was rounded too: `seed=1.4` tuned seed 1, where `replay -p clip-cov:seed=1.4` is
+    a usage error."""
+    assert expand("clip-cov:seed=0..12345:2") == ["clip-cov", "clip-cov:seed=12345"]
+    assert expand("grpo:agg=constant,max_len=1000..12345:3") == [
+        "grpo:agg=constant,max_len=1000",
+        "grpo:agg=constant,max_len=6672",
+        "grpo:agg=constant,max_len=12345",
+    ]
+    with pytest.raises(UsageError, match="seed expects an integer"):
+        expand("clip-cov:seed=1.4|2")
+
+
 def test_grid_ends_written_with_a_leading_point():
     """`.1` is a value a spec and a list take (`eps_high=.1|.2`); as a grid's low end the
     sweep was refused ("eps_high='.1..0.5:3' cannot go into a spec string")."""
@@ -71,9 +86,11 @@ def test_grid_ends_written_with_a_leading_point():
         # a point count past Python's int-conversion digit limit: was exit 70 (ValueError)
         ("stabledrl:c=2..5:" + "9" * 5000, "2 to 1024 points, got a 5000-digit number"),
         ("stabledrl:c=2..5:0001025", "2 to 1024 points, got 1025"),
-        ("clip-cov:seed=x|2", "seed expects a number, got 'x'"),
-        ("clip-cov:seed=1_0|2", "seed expects a number, got '1_0'"),
-        ("clip-cov:seed=1e400|2", "seed expects a finite number, got '1e400'"),
+        # a listed value of an integer key is refused as `replay -p` refuses it
+        ("clip-cov:seed=x|2", "seed expects an integer of at most 30 digits, got 'x'"),
+        ("clip-cov:seed=1_0|2", "seed expects an integer of at most 30 digits, got '1_0'"),
+        ("clip-cov:seed=1e400|2", "seed expects an integer of at most 30 digits, got '1e400'"),
+        ("clip-cov:seed=0..1e400:3", "seed expects a finite number, got '1e400'"),
     ],
 )
 def test_bad_sweeps_are_usage_errors(sweep, message):

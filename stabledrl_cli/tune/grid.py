@@ -3,14 +3,16 @@
     NAME:key=LOW..HIGH:N       N values evenly spaced from LOW to HIGH (both included)
     NAME:key=LOW..HIGH:logN    N values evenly spaced in log from LOW to HIGH (LOW > 0)
                                (grid values are rounded to 4 significant digits, or as many
-                               more as keep the points apart)
+                               more as keep the points apart; to whole numbers for an
+                               integer key)
     NAME:key=A|B|C             the values listed
     NAME:key=VALUE             one value
 
 Several keys of one spec sweep together as a product: `ppo:eps_low=0.1..0.3:3,eps_high=
 0.2..0.4:3` is 9 settings. Every setting is checked against the catalogue (a bad value is a
-usage error naming the setting) and named by its canonical spec; settings that are the same
-policy after rounding (an integer key) or defaults count once.
+usage error naming the setting: a listed value is taken as written, so `seed=1.4` is refused
+as `replay -p clip-cov:seed=1.4` is) and named by its canonical spec; settings that are the
+same policy after rounding (a range over an integer key) or defaults count once.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def _range(text: str) -> tuple[str, str, bool, str] | None:
     return low, high, log, digits
 
 
-def grid_values(text: str, where: str) -> list[str]:
-    """One key's value text -> the values it sweeps, as spec text."""
+def grid_values(text: str, where: str, *, integer: bool = False) -> list[str]:
+    """One key's value text -> the values it sweeps, as spec text. integer: a range's points
+    are rounded to whole numbers (listed values are taken as written)."""
     match = _range(text)
     if match is None:
         values = [part.strip() for part in text.split("|")]
@@ -74,6 +77,8 @@ def grid_values(text: str, where: str) -> list[str]:
         points = [low * (1 - i / (count - 1)) + high * (i / (count - 1)) for i in range(count)]
         relative_step = (high / (count - 1) - low / (count - 1)) / max(abs(low), abs(high))
     points[-1] = high
+    if integer:  # the points themselves, not their 4-digit forms: 0..12345:2 ends at 12345
+        return list(dict.fromkeys(str(round(p)) for p in points))
     # 4 significant digits, more when the points lie closer than that tells apart (a grid
     # of 1.0000001..1.0000002 was rounded to 1, a value the user never wrote)
     apart = 2 + math.ceil(-math.log10(relative_step)) if relative_step > 0 else 17  # underflow
@@ -112,9 +117,7 @@ def expand(sweep: str) -> list[str]:
                     f"valid keys: {', '.join(REGISTRY[name].keys)}"
                 )
             where = f"sweep {quoted(sweep)}, {key}"
-            values = grid_values(value, where)
-            if key in _integer_keys(name):
-                values = list(dict.fromkeys(str(round(finite_number(where, v))) for v in values))
+            values = grid_values(value, where, integer=key in _integer_keys(name))
             keys.append(key)
             axes.append(values)
     total = math.prod(len(a) for a in axes)
