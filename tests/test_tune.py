@@ -47,6 +47,19 @@ def test_linear_log_list_and_product_grids():
     assert expand_all(["grpo", "grpo:eps_low=0.2", "dapo"]) == ["grpo", "dapo"]
 
 
+def test_grid_ends_are_the_values_written():
+    """The ends were rounded to 4 significant digits with the points between them:
+    `eps_high=0.12345..0.98765:2` tuned 0.1235 and 0.9877, values the user never wrote and
+    `replay -p dapo:eps_high=0.12345` does not replay."""
+    assert grid_values("0.12345..0.98765:2", "x") == ["0.12345", "0.98765"]
+    assert grid_values("0.12345..0.98765:log3", "x") == ["0.12345", "0.3492", "0.98765"]
+    assert expand("dapo:eps_high=1.23456789..100:3") == [
+        "dapo:eps_high=1.23456789",
+        "dapo:eps_high=50.62",
+        "dapo:eps_high=100",
+    ]
+
+
 def test_integer_keys_keep_the_values_written():
     """A range over an integer key was rounded to 4 significant digits before it was rounded
     to integers: `seed=0..12345:2` tuned seed 12340, an end the user never wrote. A listed

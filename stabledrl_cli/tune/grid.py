@@ -2,9 +2,9 @@
 
     NAME:key=LOW..HIGH:N       N values evenly spaced from LOW to HIGH (both included)
     NAME:key=LOW..HIGH:logN    N values evenly spaced in log from LOW to HIGH (LOW > 0)
-                               (grid values are rounded to 4 significant digits, or as many
-                               more as keep the points apart; to whole numbers for an
-                               integer key)
+                               (the points between LOW and HIGH are rounded to 4
+                               significant digits, or as many more as keep the points
+                               apart; to whole numbers for an integer key)
     NAME:key=A|B|C             the values listed
     NAME:key=VALUE             one value
 
@@ -83,7 +83,8 @@ def grid_values(text: str, where: str, *, integer: bool = False) -> list[str]:
     # of 1.0000001..1.0000002 was rounded to 1, a value the user never wrote)
     apart = 2 + math.ceil(-math.log10(relative_step)) if relative_step > 0 else 17  # underflow
     significant = min(17, max(4, apart))
-    return [format_value(float(f"{p:.{significant}g}")) for p in points]
+    inner = [format_value(float(f"{p:.{significant}g}")) for p in points[1:-1]]
+    return [format_value(low), *inner, format_value(high)]  # the ends as written
 
 
 def _integer_keys(name: str) -> set[str]:
