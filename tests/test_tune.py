@@ -47,6 +47,14 @@ def test_linear_log_list_and_product_grids():
     assert expand_all(["grpo", "grpo:eps_low=0.2", "dapo"]) == ["grpo", "dapo"]
 
 
+def test_a_value_listed_twice_counts_once_towards_the_bound():
+    """A list that repeats a value counted each repeat as a setting: 4097 copies of one value
+    were refused as "4097 settings; at most 4096"."""
+    assert expand("dapo:eps_high=" + "|".join(["0.2"] * (MAX_SETTINGS + 1))) == [
+        "dapo:eps_high=0.2"
+    ]
+
+
 def test_grid_ends_are_the_values_written():
     """The ends were rounded to 4 significant digits with the points between them:
     `eps_high=0.12345..0.98765:2` tuned 0.1235 and 0.9877, values the user never wrote and

@@ -56,7 +56,7 @@ def grid_values(text: str, where: str, *, integer: bool = False) -> list[str]:
         values = [part.strip() for part in text.split("|")]
         if any(not v for v in values):
             raise UsageError(f"{where}: empty value in {quoted(text)}; expected {SWEEP_SYNTAX}")
-        return values
+        return list(dict.fromkeys(values))  # a value listed twice is one setting
     low_text, high_text, log, count_text = match
     low = finite_number(where, low_text)
     high = finite_number(where, high_text)
