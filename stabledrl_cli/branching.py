@@ -16,6 +16,7 @@ variables. The user-facing description is docs/branching.md.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -236,6 +237,9 @@ def run_branches(
         )
         for spec in specs
     ]
+    for request in requests:  # before any branch trains, with --force too
+        if os.path.lexists(request.run_dir) and not request.run_dir.is_dir():
+            raise UsageError(f"{request.run_dir} exists and is not a directory")
     if not force:
         taken = [r.run_dir for r in requests if r.run_dir.exists() and any(r.run_dir.iterdir())]
         if taken:
