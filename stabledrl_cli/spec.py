@@ -83,7 +83,7 @@ def format_value(value: SpecValue) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        text = repr(value)
+        text = repr(value + 0.0)  # -0.0 + 0.0 is 0.0: -0 and 0 are one value, one spec
         return text[:-2] if text.endswith(".0") else text
     return str(value)
 

@@ -47,6 +47,13 @@ def test_linear_log_list_and_product_grids():
     assert expand_all(["grpo", "grpo:eps_low=0.2", "dapo"]) == ["grpo", "dapo"]
 
 
+def test_negative_zero_is_the_setting_zero():
+    """-0 and 0 are one policy (equal configs), but their specs were 'eps_high=-0' and
+    'eps_high=0': a sweep from -0 tuned and listed the same setting twice."""
+    assert expand_all(["dapo:eps_high=-0|0", "dapo:eps_high=0.0"]) == ["dapo:eps_high=0"]
+    assert expand("dapo:eps_high=-0..0.5:3")[0] == "dapo:eps_high=0"
+
+
 def test_a_value_listed_twice_counts_once_towards_the_bound():
     """A list that repeats a value counted each repeat as a setting: 4097 copies of one value
     were refused as "4097 settings; at most 4096"."""
