@@ -20,7 +20,13 @@ from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import replay_run
-from stabledrl_cli.replay.guards import SkipStep, ZClip, make_guard, replay_guards
+from stabledrl_cli.replay.guards import (
+    GuardDecision,
+    SkipStep,
+    ZClip,
+    make_guard,
+    replay_guards,
+)
 
 
 def norms_with_spikes(n: int = 200, seed: int = 0) -> list[float]:
@@ -76,11 +82,11 @@ def test_zclip_matches_the_zclip_package(ours: dict, theirs: dict) -> None:
             assert g == pytest.approx(e, rel=1e-5)
 
 
-def test_a_zclip_warmup_of_zero_norms_starts_again() -> None:
+def test_a_zclip_warmup_of_zero_norms_leaves_no_threshold_of_zero() -> None:
     """Norms of 0 through the warmup (a sparse-reward start: every group's rewards equal, its
     advantages and gradient 0) left ZClip's averages at 0, its threshold at 0. The package
     clips the first real norm to 0 and, its averages taking that 0, every later one: a
-    `Guard(mode="scale")` froze training for good. Such a warmup starts again here."""
+    `Guard(mode="scale")` froze training for good. Norms of 0 stay out of the averages."""
     norms = [0.0] * 25 + [1.0, 0.9, 1.1] * 20 + [12.0]
     theirs = real_zclip_thresholds(norms)
     assert theirs[25:] == [0.0] * 61  # the source's behaviour: clipped to 0, for good
@@ -88,6 +94,23 @@ def test_a_zclip_warmup_of_zero_norms_starts_again() -> None:
     decisions = [guard.update(norm) for norm in norms]
     assert [d.action for d in decisions] == ["none"] * 85 + ["clip"]
     assert guard.mean == pytest.approx(1.0, rel=0.2)  # the averages are the real norms'
+
+
+def test_zclip_keeps_zero_norms_out_of_its_averages() -> None:
+    """A phase of steps without gradient mid-run (every group's rewards equal) decayed ZClip's
+    averages towards 0: after 300 such steps every later step was clipped, to as little as
+    5e-4 of its norm, for the rest of the run (the averages take the clipped norms). A norm
+    of 0 has nothing to clip and now leaves the averages as they are."""
+    rng = random.Random(0)
+    steady = [1.0 + 0.1 * rng.gauss(0.0, 1.0) for _ in range(600)]
+    norms = [*steady[:100], *[0.0] * 300, *steady[100:]]
+    guard, plain = ZClip(), ZClip()
+    with_zeros = [guard.update(n) for n in norms]
+    without = [plain.update(n) for n in steady]
+    assert [d for d in with_zeros if d.action != "none" or d.z is not None] == [
+        d for d in without if d.action != "none" or d.z is not None
+    ]
+    assert all(d == GuardDecision("none", 1.0, None, None) for d in with_zeros[100:400])
 
 
 def olmo_skips(losses: list[float], norms: list[float], window: int, sigma: float) -> list[bool]:

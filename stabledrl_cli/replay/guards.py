@@ -19,10 +19,12 @@ skipped and by how much; `update` is also what an in-process guard calls before
 Two deviations from the sources, on purpose. A non-finite grad norm or loss is reported as
 `nonfinite` (the recorder's trainers skip such steps) and is kept out of the statistics. In
 the sources it would enter them and disable (ZClip: forever) or trip (OLMo: for a window) the
-guard, which says nothing about the rule itself. And a ZClip warmup whose norms are all 0 (a
-sparse-reward start: every group's rewards equal, its advantages 0) starts again: the source
-takes averages of 0 from it, a threshold of 0, and clips the first real norm to 0 and, its
-averages taking that 0, every later one, for good.
+guard, which says nothing about the rule itself. And ZClip keeps a norm of 0 (a step without
+gradient: every group's rewards equal, its advantages 0) out of its averages too: it has
+nothing to clip, and in the source it decays the averages towards 0. A warmup of such steps
+gives a threshold of 0, to which the source clips the first real norm and, its averages
+taking that 0, every later one, for good; 300 such steps mid-run make it clip every later
+step (to as little as 5e-4 of its norm) for the rest of the run.
 """
 
 from __future__ import annotations
@@ -112,14 +114,14 @@ class ZClip:
         """The decision for the next step (loss is not used by ZClip)."""
         if not math.isfinite(grad_norm):
             return GuardDecision("nonfinite", 0.0, None, None)
+        if grad_norm == 0.0:  # nothing to clip; in the averages it only decays them to 0
+            return _NONE
         if abs(grad_norm) > SCALE_ABOVE * self._unit:
             self._rescale(_unit_of(grad_norm))
         norm = grad_norm / self._unit  # the statistics are in units of self._unit
         if self.mean is None or self.var is None:
             self._buffer.append(norm)
-            if len(self._buffer) >= self.warmup and not any(self._buffer):
-                self._buffer = []  # norms all 0 make a threshold of 0: warm up again
-            elif len(self._buffer) >= self.warmup:
+            if len(self._buffer) >= self.warmup:
                 self.mean = sum(self._buffer) / len(self._buffer)
                 self.var = sum((x - self.mean) ** 2 for x in self._buffer) / len(self._buffer)
                 self._buffer = []
