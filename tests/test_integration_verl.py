@@ -826,6 +826,15 @@ def test_refuses_what_the_catalogue_cannot_express(overrides: dict[str, Any], re
     assert "\n" not in str(info.value)
 
 
+def test_refuses_kl_cov_of_float64_log_probs() -> None:
+    """verl centres float64 log-probs in float64, which a float32 recording cannot redo."""
+    config = actor_config(loss_mode="kl_cov")
+    with pytest.raises(UsageError, match="cannot record this verl run") as info:
+        policy_for_actor_config(config, response_width=7, logp_dtype=torch.float64)
+    assert "loss_mode 'kl_cov' with torch.float64 log-probs" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 ENGINE_SCRIPT = Path(__file__).parent / "verl_scripts" / "fsdp_engine_run.py"
 
 
@@ -944,7 +953,7 @@ def test_engine_groups_split_across_ranks_are_marked(engine_run: Any) -> None:
     ("loss_mode", "spec"),
     [
         ("geo_mean", "gmpo:eps_high=0.2,eps_low=0.2,mean=micro"),
-        ("kl_cov", "kl-cov:cov=micro,ratio=0.2"),
+        ("kl_cov", "kl-cov:cov=micro,logp_dtype=bfloat16,ratio=0.2"),
     ],
 )
 def test_engine_micro_batch_losses_replay_verls_loss(
@@ -1075,8 +1084,9 @@ class StubEngine(BaseEngine):  # type: ignore[misc]
     """Just enough of a verl engine for the hook: verl's own BaseEngine.train_batch drives it;
     each micro-batch goes through the loss function it is given; the norm is fixed."""
 
-    def __init__(self, grad_norm: float = 0.7) -> None:
+    def __init__(self, grad_norm: float = 0.7, logp_dtype: torch.dtype = torch.float32) -> None:
         self.grad_norm = grad_norm
+        self.logp_dtype = logp_dtype
         self.optimizer = SimpleNamespace(param_groups=[{"lr": 1e-5}])
         self.optimizer_config = SimpleNamespace(clip_grad=1.0)
 
@@ -1089,7 +1099,8 @@ class StubEngine(BaseEngine):  # type: ignore[misc]
         tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(data["loss_mask"].sum()))
         tu.assign_non_tensor(data, use_dynamic_bsz=False, micro_batch_size_per_gpu=2)
         for micro in prepare_micro_batches(data)[0]:
-            loss_function(model_output=model_output(micro), data=micro, dp_group=None)
+            output = {"log_probs": model_output(micro)["log_probs"].to(self.logp_dtype)}
+            loss_function(model_output=output, data=micro, dp_group=None)
         return {"metrics": {}}
 
     def optimizer_step(self) -> float:
@@ -1120,11 +1131,13 @@ def train(
     loss: Any = None,
     grad_norm: float = 0.7,
     unscored: list[int] | None = None,
+    logp_dtype: torch.dtype = torch.float32,
     **rollout_kw: Any,
 ) -> Any:
     """Two optimizer steps of the stub engine with verl's ppo_loss (or `loss`), over rows 0-5
-    and 6-11 of the rollout; the rows in `unscored` have an all-zero response mask."""
-    engine = StubEngine(grad_norm)
+    and 6-11 of the rollout; the rows in `unscored` have an all-zero response mask; the
+    model's log-probs come out in `logp_dtype`."""
+    engine = StubEngine(grad_norm, logp_dtype)
     loss = loss or functools.partial(ppo_loss, config=config)
     data = rollout(**rollout_kw)
     for key in ("response_mask", "loss_mask"):
@@ -1185,6 +1198,34 @@ def test_hook_records_steps_of_several_micro_batches_and_replays_them(
     assert run.step_numbers == [0, 1]
     assert run.policy_spec == spec
     assert int(run.step(0)["micro_batch"].max()) == 2
+    (own,) = replay_run(run, [spec], config=ReplayConfig(device="cpu")).policies
+    for step in run:
+        assert -own.steps[step.step]["objective"] == pytest.approx(step.scalars["loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("logp_dtype", "spec"),
+    [
+        (torch.bfloat16, "kl-cov:cov=micro,logp_dtype=bfloat16,ratio=0.2"),
+        (torch.float16, "kl-cov:cov=micro,logp_dtype=float16,ratio=0.2"),
+        (torch.float32, "kl-cov:cov=micro,ratio=0.2"),
+    ],
+    ids=["bfloat16", "float16", "float32"],
+)
+def test_kl_cov_with_half_precision_log_probs_replays_verls_loss(
+    hooked: Any, logp_dtype: torch.dtype, spec: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under mixed precision the model's log-probs are bfloat16, and verl's kl_cov centres
+    them for its covariance in that dtype: rounding there reorders near-equal covariances, so
+    a replay ranking them in float32 penalises other tokens (rollout seed 17, step 1: 1.6e-3
+    off verl's loss). The run records the dtype in its spec and the replay gives verl's loss."""
+    run_dir, status = hooked
+    config = actor_config(loss_mode="kl_cov", policy_loss={"kl_cov_ratio": 0.2})
+    train(config, logp_dtype=logp_dtype, seed=17)
+    stabledrl_verl.uninstall()
+    assert "stabledrl:" not in capsys.readouterr().err and not status.exists()
+    run = open_run(run_dir)
+    assert run.policy_spec == spec
     (own,) = replay_run(run, [spec], config=ReplayConfig(device="cpu")).policies
     for step in run:
         assert -own.steps[step.step]["objective"] == pytest.approx(step.scalars["loss"], abs=1e-6)

@@ -412,6 +412,8 @@ def test_tis_needs_logp_rollout_and_valid_bounds():
         ("grpo:tis=token-mask,tis_min=3,tis_max=2", "tis_min must be < tis_max"),
         ("grpo:tis=sideways", "tis must be one of"),
         ("kl-cov:ratio=0", "ratio must be a finite number > 0"),
+        ("kl-cov:logp_dtype=bfloat16", "logp_dtype=bfloat16 needs cov=micro"),
+        ("kl-cov:cov=micro,logp_dtype=float64", "logp_dtype must be one of"),
         ("clip-cov:lb=5,ub=1", "lb must be < ub"),
         ("dppo:divergence=js", "divergence must be one of tv, kl"),
     ):

@@ -60,6 +60,8 @@ class MicroBatch:
     """verl's VERL_METRICS of this micro-batch (absent where verl reports none)."""
     optional: dict[str, torch.Tensor] = field(default_factory=dict)
     """[B, L] loss_weight, logp_ref, logp_rollout, where the batch has them."""
+    logp_dtype: torch.dtype = torch.float32
+    """The dtype of the model's log-probs (`logp` holds them as float32)."""
 
 
 def _metric_value(value: Any) -> float:
@@ -117,6 +119,7 @@ def capture_micro_batch(
             for ours, key in _OPTIONAL.items()
             if key in padded
         },
+        logp_dtype=log_prob.dtype,
     )
 
 

@@ -77,7 +77,9 @@ class Session:
         """The Recorder of this data-parallel rank, opened on the first step."""
         if self.recorder is None:
             world_size = int(engine.get_data_parallel_size())
-            policy = policy_for_actor_config(config, response_width=first.mask.shape[-1])
+            policy = policy_for_actor_config(
+                config, response_width=first.mask.shape[-1], logp_dtype=first.logp_dtype
+            )
             self.recorder = Recorder(
                 self.out,
                 policy=policy,

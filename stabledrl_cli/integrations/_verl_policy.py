@@ -12,7 +12,8 @@ per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
 |                                              | delta_high=eps_high,c=clip_ratio_c,agg            |
 | geo_mean                                     | gmpo:eps_low,eps_high,mean=micro (rows=all)       |
 | kl_cov                                       | kl-cov:ratio=kl_cov_ratio,kl_coef=ppo_kl_coef,    |
-|                                              | cov=micro,agg                                     |
+|                                              | cov=micro,agg (+ logp_dtype=bfloat16|float16 when |
+|                                              | the model's log-probs are)                        |
 | use_kl_loss with kl_loss_coef != 0,          | every spec above but gmpo's gains                 |
 | kl_loss_type low_var_kl or k3                | beta=kl_loss_coef, kl_weight=none (verl leaves    |
 |                                              | the KL unweighted) and kl_max=10 (its clamp)      |
@@ -38,7 +39,10 @@ ranks. That is gmpo's mean=micro over the recorded `micro_batch`, whose sum a re
 by the step's ranks (the run's world_size: the reader keeps each rank's micro-batches
 apart). kl_cov penalises the top kl_cov_ratio of each micro-batch's tokens by a covariance
 over that micro-batch (each rank's own): kl-cov's cov=micro over the recorded `micro_batch`;
-its agg_loss divides by the global normalisers times dp_size like the other modes. With
+its agg_loss divides by the global normalisers times dp_size like the other modes; it
+centres the log-probs for that covariance in the model's output dtype (bfloat16 under mixed
+precision), where rounding reorders near-equal covariances: the spec names that dtype
+(`logp_dtype`), and a float64 output is refused. With
 geo_mean the recorded `loss_scale` is loss_agg_mode's normaliser (`token_loss_scale`), which
 verl's GMPO term does not use.
 
@@ -48,7 +52,8 @@ wrong): clip_cov (a random draw among each micro-batch's tokens), geo_mean with 
 use_kl_loss unless loss_agg_mode is seq-mean-token-mean (verl's sapo term is always
 seq-mean-token-mean, its KL term loss_agg_mode's; beta shares the policy term's); dro, bypass_mode
 and any user-registered loss mode; KL types other than low_var_kl and k3 (k1, abs, k2, the
-straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`).
+straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`); kl_cov of a model
+whose log-probs are float64 (a float32 recording cannot centre them as verl does).
 """
 
 from __future__ import annotations
@@ -134,6 +139,15 @@ _CLIP_COV = (
 )
 
 
+_KL_COV_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+"""Log-prob dtypes other than float32 whose values a float32 recording holds exactly."""
+
+_KL_COV_DTYPE = (
+    "verl centres them for its covariance in their own dtype, which a float32 recording "
+    "cannot reproduce"
+)
+
+
 def _kl_loss(config: Any) -> bool:
     """Whether verl's loss has a KL term: use_kl_loss with a non-zero kl_loss_coef."""
     return bool(config.use_kl_loss) and float(config.kl_loss_coef) != 0.0
@@ -172,12 +186,15 @@ def _or(value: Any, fallback: float) -> float:
     return float(value) if value is not None else fallback
 
 
-def policy_for_actor_config(config: Any, response_width: int) -> Policy:
+def policy_for_actor_config(
+    config: Any, response_width: int, logp_dtype: torch.dtype = torch.float32
+) -> Policy:
     """The catalogue policy reproducing a verl 0.9 `ActorConfig` (table in the module
     docstring). response_width: the padded response length (the horizon of
     seq-mean-token-sum-norm without `loss_scale_factor`; a flat recording keeps scored tokens
-    only, so the padded width is not in the step). UsageError, one line, for a configuration
-    the catalogue cannot express."""
+    only, so the padded width is not in the step). logp_dtype: the dtype of the model's
+    log-probs, in which kl_cov centres them. UsageError, one line, for a configuration the
+    catalogue cannot express."""
     _check_recordable(config)
     mode = loss_mode(config)
     eps_low, eps_high = _clip_range(config)
@@ -198,10 +215,14 @@ def policy_for_actor_config(config: Any, response_width: int) -> Policy:
     elif mode == "geo_mean":  # verl's loss_agg_mode does not enter its GMPO term
         name, params = "gmpo", {"eps_low": eps_low, "eps_high": eps_high, "mean": "micro"}
     elif mode == "kl_cov":
-        kl_cov = {  # compute_policy_loss_kl_cov's fallbacks for an unset value
+        kl_cov: dict[str, SpecValue] = {  # compute_policy_loss_kl_cov's unset fallbacks
             "ratio": _or(config.policy_loss.get("kl_cov_ratio"), 0.0002),
             "kl_coef": _or(config.policy_loss.get("ppo_kl_coef"), 1.0),
         }
+        if logp_dtype != torch.float32:
+            if logp_dtype not in _KL_COV_DTYPES:
+                raise _refuse(f"loss_mode 'kl_cov' with {logp_dtype} log-probs: {_KL_COV_DTYPE}")
+            kl_cov["logp_dtype"] = _KL_COV_DTYPES[logp_dtype]
         name, params = "kl-cov", {**kl_cov, "cov": "micro", **agg}
     else:
         c = float(config.get("clip_ratio_c", 20.0))  # verl's dppo default (ActorConfig's is 3)

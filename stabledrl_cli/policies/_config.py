@@ -391,11 +391,18 @@ class KLCovConfig(AggConfig):
     """Over which tokens the covariance's means are taken and the tokens selected: the
     optimizer step's scored tokens, or each recorded micro-batch's own (verl's kl_cov, one
     call per micro-batch on each rank)."""
+    logp_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The dtype of the training run's log-probs, in which verl's kl_cov centres them for the
+    covariance (the model's output as it is: bfloat16 under mixed precision; the recorded
+    log-probs hold those values exactly); float32: the replay's own dtype. With cov=micro
+    only."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_ratio(self.ratio)
         check_min("kl_coef", self.kl_coef, 0.0, strict=False)
+        if self.logp_dtype != "float32" and self.cov != "micro":
+            raise UsageError(f"logp_dtype={self.logp_dtype} needs cov=micro (verl's covariance)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,14 +36,19 @@ def covariance(prep: PreparedBatch, adv: torch.Tensor) -> torch.Tensor:
     return (adv - mean_adv) * (prep.logp - mean_logp)
 
 
-def micro_selection(prep: PreparedBatch, adv: torch.Tensor, ratio: float) -> torch.Tensor:
+def micro_selection(
+    prep: PreparedBatch, adv: torch.Tensor, ratio: float, logp_dtype: str
+) -> torch.Tensor:
     """[T] bool: in each micro-batch with scored tokens, the max(1, int(ratio x its scored
     tokens)) of largest (A - mean A)(logp - mean logp), means over its scored tokens. As
-    verl's kl_cov: on the CPU, over the micro-batch's scored tokens in order, so that a
-    near-tie of covariances (equal advantages) is broken the same way."""
+    verl's kl_cov: on the CPU, over the micro-batch's scored tokens in order, logp centred in
+    the run's `logp_dtype` (float32: the replay's own), so that a near-tie of covariances
+    (equal advantages, or logp rounded to bfloat16) is broken the same way."""
     chosen = torch.zeros(prep.num_tokens, dtype=torch.bool)
     micro = prep.per_token(prep.seq_micro).cpu()
     scored, adv_cpu, logp = prep.mask.cpu(), adv.detach().cpu(), prep.logp.cpu()
+    if logp_dtype != "float32":
+        logp = logp.to(getattr(torch, logp_dtype))
     for k in range(prep.num_micro):
         members = torch.nonzero(scored & (micro == k)).flatten()
         if members.numel():
@@ -104,7 +109,7 @@ class KLCovPolicy(TokenPolicy):
     def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
         cfg = self.config
         if cfg.cov == "micro":
-            chosen = micro_selection(prep, adv, cfg.ratio)
+            chosen = micro_selection(prep, adv, cfg.ratio, cfg.logp_dtype)
         else:
             cov = covariance(prep, adv)
             ranked = torch.where(prep.mask, cov, torch.full_like(cov, -torch.inf))
