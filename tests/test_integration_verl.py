@@ -826,12 +826,14 @@ def test_refuses_what_the_catalogue_cannot_express(overrides: dict[str, Any], re
     assert "\n" not in str(info.value)
 
 
-def test_refuses_kl_cov_of_float64_log_probs() -> None:
-    """verl centres float64 log-probs in float64, which a float32 recording cannot redo."""
-    config = actor_config(loss_mode="kl_cov")
+@pytest.mark.parametrize("mode", ["kl_cov", "dppo_tv", "dppo_kl"])
+def test_refuses_kl_cov_and_dppo_of_float64_log_probs(mode: str) -> None:
+    """verl's kl_cov and dppo compute in the log-probs' dtype: float64 values a float32
+    recording does not hold."""
+    config = actor_config(loss_mode=mode)
     with pytest.raises(UsageError, match="cannot record this verl run") as info:
         policy_for_actor_config(config, response_width=7, logp_dtype=torch.float64)
-    assert "loss_mode 'kl_cov' with torch.float64 log-probs" in str(info.value)
+    assert f"loss_mode {mode!r} with torch.float64 log-probs" in str(info.value)
     assert "\n" not in str(info.value)
 
 
@@ -1203,6 +1205,25 @@ def test_hook_records_steps_of_several_micro_batches_and_replays_them(
         assert -own.steps[step.step]["objective"] == pytest.approx(step.scalars["loss"], abs=1e-6)
 
 
+def trained_replay(
+    hooked: Any,
+    capsys: pytest.CaptureFixture[str],
+    config: ActorConfig,
+    spec: str,
+    **train_kw: Any,
+) -> tuple[Any, Any]:
+    """(the run, its replay by `spec`) of `train(config, **train_kw)` under the hook, which
+    recorded it without a warning as `spec`."""
+    run_dir, status = hooked
+    train(config, **train_kw)
+    stabledrl_verl.uninstall()
+    assert "stabledrl:" not in capsys.readouterr().err and not status.exists()
+    run = open_run(run_dir)
+    assert run.policy_spec == spec
+    (own,) = replay_run(run, [spec], config=ReplayConfig(device="cpu")).policies
+    return run, own
+
+
 @pytest.mark.parametrize(
     ("logp_dtype", "spec"),
     [
@@ -1219,16 +1240,43 @@ def test_kl_cov_with_half_precision_log_probs_replays_verls_loss(
     them for its covariance in that dtype: rounding there reorders near-equal covariances, so
     a replay ranking them in float32 penalises other tokens (rollout seed 17, step 1: 1.6e-3
     off verl's loss). The run records the dtype in its spec and the replay gives verl's loss."""
-    run_dir, status = hooked
     config = actor_config(loss_mode="kl_cov", policy_loss={"kl_cov_ratio": 0.2})
-    train(config, logp_dtype=logp_dtype, seed=17)
-    stabledrl_verl.uninstall()
-    assert "stabledrl:" not in capsys.readouterr().err and not status.exists()
-    run = open_run(run_dir)
-    assert run.policy_spec == spec
-    (own,) = replay_run(run, [spec], config=ReplayConfig(device="cpu")).policies
+    run, own = trained_replay(hooked, capsys, config, spec, logp_dtype=logp_dtype, seed=17)
     for step in run:
         assert -own.steps[step.step]["objective"] == pytest.approx(step.scalars["loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "seed", "spec"),
+    [
+        ({"loss_mode": "dppo_tv"}, 10, "dppo:logp_dtype=bfloat16"),
+        (
+            {"loss_mode": "dppo_kl", "clip_ratio_low": 0.05, "clip_ratio_high": 0.05},
+            39,
+            "dppo:delta_high=0.05,delta_low=0.05,divergence=kl,logp_dtype=bfloat16",
+        ),
+    ],
+    ids=["dppo-tv", "dppo-kl"],
+)
+def test_dppo_with_bfloat16_log_probs_replays_verls_loss_and_clip_fraction(
+    hooked: Any,
+    overrides: dict[str, Any],
+    seed: int,
+    spec: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """verl's dppo takes p = exp(log_prob) in the log-probs' own dtype, bfloat16 under mixed
+    precision: its rounding moves tokens across the trust region's bound, so a replay taking p
+    in float32 kept other tokens (rollout seed 10, dppo_tv: 3.7e-2 off verl's loss, 2.6e-2
+    off its pg_clipfrac). The run records the dtype in its spec and the replay gives verl's
+    loss and pg_clipfrac."""
+    config = actor_config(**overrides)
+    run, own = trained_replay(hooked, capsys, config, spec, logp_dtype=torch.bfloat16, seed=seed)
+    for step in run:
+        row = own.steps[step.step]
+        assert -row["objective"] == pytest.approx(step.scalars["loss"], abs=1e-6)
+        for name in ("pg_clipfrac", "pg_clipfrac_lower"):
+            assert row[f"verl_{name}"] == pytest.approx(step.scalars[f"actor/{name}"], abs=1e-6)
 
 
 @pytest.mark.parametrize(

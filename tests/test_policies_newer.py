@@ -414,6 +414,7 @@ def test_tis_needs_logp_rollout_and_valid_bounds():
         ("kl-cov:ratio=0", "ratio must be a finite number > 0"),
         ("kl-cov:logp_dtype=bfloat16", "logp_dtype=bfloat16 needs cov=micro"),
         ("kl-cov:cov=micro,logp_dtype=float64", "logp_dtype must be one of"),
+        ("dppo:logp_dtype=int8", "logp_dtype must be one of"),
         ("clip-cov:lb=5,ub=1", "lb must be < ub"),
         ("dppo:divergence=js", "divergence must be one of tv, kl"),
     ):

@@ -9,7 +9,8 @@ per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
 | cispo                                        | cispo:eps_low,eps_high,agg                        |
 | gpg                                          | reinforce:agg                                     |
 | dppo_tv, dppo_kl                             | dppo:divergence=tv|kl,delta_low=eps_low,          |
-|                                              | delta_high=eps_high,c=clip_ratio_c,agg            |
+|                                              | delta_high=eps_high,c=clip_ratio_c,agg (+         |
+|                                              | logp_dtype, as kl_cov's)                          |
 | geo_mean                                     | gmpo:eps_low,eps_high,mean=micro (rows=all)       |
 | kl_cov                                       | kl-cov:ratio=kl_cov_ratio,kl_coef=ppo_kl_coef,    |
 |                                              | cov=micro,agg (+ logp_dtype=bfloat16|float16 when |
@@ -42,7 +43,8 @@ over that micro-batch (each rank's own): kl-cov's cov=micro over the recorded `m
 its agg_loss divides by the global normalisers times dp_size like the other modes; it
 centres the log-probs for that covariance in the model's output dtype (bfloat16 under mixed
 precision), where rounding reorders near-equal covariances: the spec names that dtype
-(`logp_dtype`), and a float64 output is refused. With
+(`logp_dtype`), and a float64 output is refused. dppo takes p = exp(log_prob) in that dtype
+too, whose rounding moves tokens across its trust region's bound: the same `logp_dtype`. With
 geo_mean the recorded `loss_scale` is loss_agg_mode's normaliser (`token_loss_scale`), which
 verl's GMPO term does not use.
 
@@ -52,8 +54,8 @@ wrong): clip_cov (a random draw among each micro-batch's tokens), geo_mean with 
 use_kl_loss unless loss_agg_mode is seq-mean-token-mean (verl's sapo term is always
 seq-mean-token-mean, its KL term loss_agg_mode's; beta shares the policy term's); dro, bypass_mode
 and any user-registered loss mode; KL types other than low_var_kl and k3 (k1, abs, k2, the
-straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`); kl_cov of a model
-whose log-probs are float64 (a float32 recording cannot centre them as verl does).
+straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`); kl_cov and dppo of a
+model whose log-probs are float64 (a float32 recording cannot compute in them as verl does).
 """
 
 from __future__ import annotations
@@ -139,13 +141,22 @@ _CLIP_COV = (
 )
 
 
-_KL_COV_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_HALF_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 """Log-prob dtypes other than float32 whose values a float32 recording holds exactly."""
 
-_KL_COV_DTYPE = (
-    "verl centres them for its covariance in their own dtype, which a float32 recording "
-    "cannot reproduce"
-)
+
+def _logp_dtype(mode: str, logp_dtype: torch.dtype) -> dict[str, SpecValue]:
+    """`logp_dtype` of kl-cov and dppo, whose verl losses compute in the log-probs' own dtype
+    (kl_cov centres them, dppo takes exp): {} for float32; refused for a dtype whose values
+    a float32 recording does not hold."""
+    if logp_dtype == torch.float32:
+        return {}
+    if logp_dtype not in _HALF_DTYPES:
+        raise _refuse(
+            f"loss_mode {mode!r} with {logp_dtype} log-probs: verl computes in their own "
+            "dtype, which a float32 recording cannot reproduce"
+        )
+    return {"logp_dtype": _HALF_DTYPES[logp_dtype]}
 
 
 def _kl_loss(config: Any) -> bool:
@@ -193,8 +204,8 @@ def policy_for_actor_config(
     docstring). response_width: the padded response length (the horizon of
     seq-mean-token-sum-norm without `loss_scale_factor`; a flat recording keeps scored tokens
     only, so the padded width is not in the step). logp_dtype: the dtype of the model's
-    log-probs, in which kl_cov centres them. UsageError, one line, for a configuration the
-    catalogue cannot express."""
+    log-probs, in which kl_cov centres them and dppo takes exp. UsageError, one line, for a
+    configuration the catalogue cannot express."""
     _check_recordable(config)
     mode = loss_mode(config)
     eps_low, eps_high = _clip_range(config)
@@ -215,19 +226,17 @@ def policy_for_actor_config(
     elif mode == "geo_mean":  # verl's loss_agg_mode does not enter its GMPO term
         name, params = "gmpo", {"eps_low": eps_low, "eps_high": eps_high, "mean": "micro"}
     elif mode == "kl_cov":
-        kl_cov: dict[str, SpecValue] = {  # compute_policy_loss_kl_cov's unset fallbacks
+        kl_cov = {  # compute_policy_loss_kl_cov's fallbacks for an unset value
             "ratio": _or(config.policy_loss.get("kl_cov_ratio"), 0.0002),
             "kl_coef": _or(config.policy_loss.get("ppo_kl_coef"), 1.0),
         }
-        if logp_dtype != torch.float32:
-            if logp_dtype not in _KL_COV_DTYPES:
-                raise _refuse(f"loss_mode 'kl_cov' with {logp_dtype} log-probs: {_KL_COV_DTYPE}")
-            kl_cov["logp_dtype"] = _KL_COV_DTYPES[logp_dtype]
-        name, params = "kl-cov", {**kl_cov, "cov": "micro", **agg}
+        dtype = _logp_dtype(mode, logp_dtype)
+        name, params = "kl-cov", {**kl_cov, "cov": "micro", **dtype, **agg}
     else:
         c = float(config.get("clip_ratio_c", 20.0))  # verl's dppo default (ActorConfig's is 3)
         bounds = {"delta_low": eps_low, "delta_high": eps_high, "c": c}
-        name, params = "dppo", {"divergence": mode.removeprefix("dppo_"), **bounds, **agg}
+        dtype = _logp_dtype(mode, logp_dtype)
+        name, params = "dppo", {"divergence": mode.removeprefix("dppo_"), **bounds, **dtype, **agg}
     if _kl_loss(config):  # verl weights its policy term only by rollout_is_weights
         params["beta"] = float(config.kl_loss_coef)
         params["kl_weight"] = "none"

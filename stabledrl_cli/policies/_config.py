@@ -49,6 +49,9 @@ TIS_DEFAULT_MAX = 2.0
 """verl's rollout_is_threshold default."""
 """A config field's value: a number, a choice, or None for unset."""
 
+LogpDtype = Literal["float32", "bfloat16", "float16"]
+"""A training run's log-prob dtype, where verl computes in it (kl-cov, dppo `logp_dtype`)."""
+
 FLOAT32_MAX = float.fromhex("0x1.fffffep+127")
 """float32's largest finite number (3.4e+38): a replay computes in float32, so a number
 parameter larger in size is refused (torch cannot even hold it as a float32 bound)."""
@@ -391,7 +394,7 @@ class KLCovConfig(AggConfig):
     """Over which tokens the covariance's means are taken and the tokens selected: the
     optimizer step's scored tokens, or each recorded micro-batch's own (verl's kl_cov, one
     call per micro-batch on each rank)."""
-    logp_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    logp_dtype: LogpDtype = "float32"
     """The dtype of the training run's log-probs, in which verl's kl_cov centres them for the
     covariance (the model's output as it is: bfloat16 under mixed precision; the recorded
     log-probs hold those values exactly); float32: the replay's own dtype. With cov=micro
@@ -439,6 +442,10 @@ class DPPOConfig(AggConfig):
     """Bound against an increase of p (A > 0): verl `clip_ratio_high`; default delta_low."""
     c: float = 3.0
     """Truncation of the detached ratio, min(r, c) (verl `clip_ratio_c`, 3 in ActorConfig)."""
+    logp_dtype: LogpDtype = "float32"
+    """The dtype of the training run's log-probs, in which verl takes p = exp(logp) (the
+    model's output as it is: bfloat16 under mixed precision; the recorded log-probs hold those
+    values exactly); float32: the replay's own dtype."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -22,11 +22,20 @@ from stabledrl_cli.policies._masked import keep_times
 from stabledrl_cli.policies.ppo import VERL_LOG_RATIO_CLAMP
 
 
-def binary_kl(logp_old: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """[T] KL(Bernoulli(p_old) || Bernoulli(p)), verl's form with its 1e-8 guards."""
-    p_old, p = torch.exp(logp_old), torch.exp(logp)
+def prob_in(logp: torch.Tensor, logp_dtype: str) -> torch.Tensor:
+    """[T] exp(logp) taken in the run's `logp_dtype` as verl takes it (float32: in logp's
+    own), as a tensor of logp's dtype."""
+    if logp_dtype == "float32":
+        return torch.exp(logp)
+    return torch.exp(logp.to(getattr(torch, logp_dtype)))
+
+
+def binary_kl(logp_old: torch.Tensor, logp: torch.Tensor, logp_dtype: str) -> torch.Tensor:
+    """[T] KL(Bernoulli(p_old) || Bernoulli(p)), verl's form with its 1e-8 guards; p and its
+    1 - p + 1e-8 in the run's `logp_dtype` as verl computes them."""
+    p_old, p = torch.exp(logp_old), prob_in(logp, logp_dtype)
     return p_old * (logp_old - logp) + (1.0 - p_old) * torch.log(
-        (1.0 - p_old + 1e-8) / (1.0 - p + 1e-8)
+        (1.0 - p_old + 1e-8) / (1.0 - p + 1e-8).to(logp_old.dtype)
     )
 
 
@@ -42,15 +51,15 @@ def trust_region(
 
     def build() -> tuple[torch.Tensor, torch.Tensor]:
         ratio = prep.clamped_ratio(VERL_LOG_RATIO_CLAMP)
+        p, p_old = prob_in(prep.logp, cfg.logp_dtype).to(prep.dtype), torch.exp(prep.logp_old)
         if cfg.divergence == "tv":
-            moved = torch.exp(prep.logp) - torch.exp(prep.logp_old)
+            moved = p - p_old
             return torch.where(adv > 0, moved <= high, moved >= -cfg.delta_low), ratio
-        kl = binary_kl(prep.logp_old, prep.logp)
-        up = prep.logp >= prep.logp_old
-        down = prep.logp <= prep.logp_old
+        kl = binary_kl(prep.logp_old, prep.logp, cfg.logp_dtype)
+        up, down = p >= p_old, p <= p_old
         return torch.where(adv > 0, (kl <= high) | down, (kl <= cfg.delta_low) | up), ratio
 
-    key = f"dppo_trust_region:{cfg.divergence}:{cfg.delta_low!r}:{high!r}"
+    key = f"dppo_trust_region:{cfg.divergence}:{cfg.delta_low!r}:{high!r}:{cfg.logp_dtype}"
     return prep.memo_of(key, adv, build)
 
 
