@@ -817,6 +817,10 @@ def test_policy_mapping(overrides: dict[str, Any], spec: str) -> None:
         ({"entropy_coeff": 0.01}, "entropy bonus"),
         ({"use_kl_loss": True, "kl_loss_type": "k1"}, "kl_loss_type 'k1'"),
         ({"use_kl_loss": True, "kl_loss_type": "k3+"}, "kl_loss_type 'k3+'"),
+        (  # verl divides by 2.5; the catalogue's max_len is an integer
+            {"loss_agg_mode": "seq-mean-token-sum-norm", "loss_scale_factor": 2.5},
+            "loss_scale_factor 2.5 is not a whole number",
+        ),
     ],
 )
 def test_refuses_what_the_catalogue_cannot_express(overrides: dict[str, Any], reason: str) -> None:

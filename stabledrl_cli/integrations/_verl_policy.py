@@ -55,7 +55,9 @@ use_kl_loss unless loss_agg_mode is seq-mean-token-mean (verl's sapo term is alw
 seq-mean-token-mean, its KL term loss_agg_mode's; beta shares the policy term's); dro, bypass_mode
 and any user-registered loss mode; KL types other than low_var_kl and k3 (k1, abs, k2, the
 straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`); kl_cov and dppo of a
-model whose log-probs are float64 (a float32 recording cannot compute in them as verl does).
+model whose log-probs are float64 (a float32 recording cannot compute in them as verl does);
+seq-mean-token-sum-norm with a `loss_scale_factor` that is not a whole number (max_len is an
+integer).
 """
 
 from __future__ import annotations
@@ -131,6 +133,11 @@ def _aggregation(mode: str, config: Any, response_width: int) -> dict[str, SpecV
         params["rows"] = "all"
     if mode == "seq-mean-token-sum-norm":
         factor = config.loss_scale_factor
+        if factor is not None and not float(factor).is_integer():
+            raise _refuse(
+                f"loss_scale_factor {factor!r} is not a whole number: verl divides by it, "
+                "the catalogue's max_len is an integer"
+            )
         params["max_len"] = int(factor if factor is not None else response_width)
     return params
 
