@@ -1180,6 +1180,21 @@ def test_refused_config_warns_once_and_training_goes_on(
     assert not list((run_dir / "steps").glob("*.safetensors"))
 
 
+def test_a_grad_norm_the_hook_cannot_read_leaves_training_alone(
+    hooked: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An engine whose optimizer_step() returns what float() cannot take (None): verl's
+    train_batch goes on and gets it back, recording stops with one warning."""
+    run_dir, status = hooked
+    outputs = train(actor_config(), grad_norm=None)  # type: ignore[arg-type]
+    assert [o["metrics"]["grad_norm"] for o in outputs] == [None, None]
+    stabledrl_verl.uninstall()
+    err = capsys.readouterr().err
+    assert err.count("stabledrl: warning:") == 1 and "grad norm" in err
+    assert status.exists()
+    assert not (run_dir / "steps").exists() or not list((run_dir / "steps").iterdir())
+
+
 @pytest.mark.parametrize(
     ("overrides", "spec"),
     [

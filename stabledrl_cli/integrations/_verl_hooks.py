@@ -149,9 +149,15 @@ def train_batch_hook(session: Session) -> Callable[..., Any]:
         step_fn = self.optimizer_step
 
         def optimizer_step() -> Any:
-            seen["lr"] = _learning_rate(self)
+            try:
+                seen["lr"] = _learning_rate(self)
+            except Exception as exc:
+                session.fail(exc, f"reading the learning rate of step {session.step}")
             grad_norm = step_fn()
-            seen["grad_norm"] = float(grad_norm)
+            try:
+                seen["grad_norm"] = float(grad_norm)
+            except Exception as exc:
+                session.fail(exc, f"reading the grad norm of step {session.step}")
             return grad_norm
 
         self.optimizer_step = optimizer_step
