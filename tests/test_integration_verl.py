@@ -1180,6 +1180,43 @@ def test_refused_config_warns_once_and_training_goes_on(
     assert not list((run_dir / "steps").glob("*.safetensors"))
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"loss_mode": mode}
+        for mode in ("vanilla", "gspo", "sapo", "cispo", "gpg", "dppo_tv", "dppo_kl", "geo_mean")
+    ]
+    + [
+        {"loss_mode": "kl_cov", "policy_loss": {"kl_cov_ratio": 0.2}},
+        {"use_kl_loss": True, "kl_loss_coef": 0.1, "loss_agg_mode": "seq-mean-token-sum-norm"},
+    ],
+    ids=lambda overrides: "-".join(str(v) for v in overrides.values() if not isinstance(v, dict)),
+)
+@pytest.mark.parametrize("logp_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_every_loss_mode_with_half_precision_log_probs_replays_verls_numbers(
+    hooked: Any, overrides: dict[str, Any], logp_dtype: torch.dtype
+) -> None:
+    """The model's log-probs in bfloat16 or float16 (rollouts 10, 17 and 39, whose rounding
+    moves kl_cov's selection and dppo's trust region): the recorded policy replays verl's
+    loss, pg_clipfrac(_lower) and ppo_kl of every step."""
+    run_dir, _ = hooked
+    stabledrl_verl.uninstall()
+    for seed in (10, 17, 39):
+        assert stabledrl_verl.install(run_dir / str(seed))
+        train(actor_config(**overrides), logp_dtype=logp_dtype, seed=seed)
+        stabledrl_verl.uninstall()
+        run = open_run(run_dir / str(seed))
+        spec = run.policy_spec or ""
+        (own,) = replay_run(run, [spec], config=ReplayConfig(device="cpu")).policies
+        for step in run:
+            row = own.steps[step.step]
+            assert -row["objective"] == pytest.approx(step.scalars["loss"], abs=2e-6)
+            for name in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
+                if f"actor/{name}" in step.scalars:
+                    logged = step.scalars[f"actor/{name}"]
+                    assert row[f"verl_{name}"] == pytest.approx(logged, abs=2e-6)
+
+
 def test_a_grad_norm_the_hook_cannot_read_leaves_training_alone(
     hooked: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
