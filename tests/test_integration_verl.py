@@ -1292,7 +1292,8 @@ def trained_replay(
 def test_kl_cov_with_half_precision_log_probs_replays_verls_loss(
     hooked: Any, logp_dtype: torch.dtype, spec: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Under mixed precision the model's log-probs are bfloat16, and verl's kl_cov centres
+    """From bfloat16 logits without flash-attn's cross-entropy (this CPU engine) the model's
+    log-probs are bfloat16, and verl's kl_cov centres
     them for its covariance in that dtype: rounding there reorders near-equal covariances, so
     a replay ranking them in float32 penalises other tokens (rollout seed 17, step 1: 1.6e-3
     off verl's loss). The run records the dtype in its spec and the replay gives verl's loss."""
@@ -1321,8 +1322,9 @@ def test_dppo_with_bfloat16_log_probs_replays_verls_loss_and_clip_fraction(
     spec: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """verl's dppo takes p = exp(log_prob) in the log-probs' own dtype, bfloat16 under mixed
-    precision: its rounding moves tokens across the trust region's bound, so a replay taking p
+    """verl's dppo takes p = exp(log_prob) in the log-probs' own dtype (bfloat16 from bfloat16
+    logits without flash-attn's cross-entropy): its rounding moves tokens across the trust
+    region's bound, so a replay taking p
     in float32 kept other tokens (rollout seed 10, dppo_tv: 3.7e-2 off verl's loss, 2.6e-2
     off its pg_clipfrac). The run records the dtype in its spec and the replay gives verl's
     loss and pg_clipfrac."""

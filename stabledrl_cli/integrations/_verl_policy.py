@@ -41,12 +41,12 @@ by the step's ranks (the run's world_size: the reader keeps each rank's micro-ba
 apart). kl_cov penalises the top kl_cov_ratio of each micro-batch's tokens by a covariance
 over that micro-batch (each rank's own): kl-cov's cov=micro over the recorded `micro_batch`;
 its agg_loss divides by the global normalisers times dp_size like the other modes; it
-centres the log-probs for that covariance in the model's output dtype (bfloat16 under mixed
-precision), where rounding reorders near-equal covariances: the spec names that dtype
-(`logp_dtype`), and a float64 output is refused. dppo takes p = exp(log_prob) in that dtype
-too, whose rounding moves tokens across its trust region's bound: the same `logp_dtype`. With
-geo_mean the recorded `loss_scale` is loss_agg_mode's normaliser (`token_loss_scale`), which
-verl's GMPO term does not use.
+centres the log-probs for that covariance in the model's output dtype (bfloat16 from
+bfloat16 logits without flash-attn's cross-entropy), where rounding reorders near-equal
+covariances: the spec names that dtype (`logp_dtype`), and a float64 output is refused. dppo
+takes p = exp(log_prob) in that dtype too, whose rounding moves tokens across its trust
+region's bound: the same `logp_dtype`. With geo_mean the recorded `loss_scale` is
+loss_agg_mode's normaliser (`token_loss_scale`), which verl's GMPO term does not use.
 
 Refused, one line each (the catalogue cannot express them, so recording them would be
 wrong): clip_cov (a random draw among each micro-batch's tokens), geo_mean with use_kl_loss

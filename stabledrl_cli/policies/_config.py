@@ -396,9 +396,9 @@ class KLCovConfig(AggConfig):
     call per micro-batch on each rank)."""
     logp_dtype: LogpDtype = "float32"
     """The dtype of the training run's log-probs, in which verl's kl_cov centres them for the
-    covariance (the model's output as it is: bfloat16 under mixed precision; the recorded
-    log-probs hold those values exactly); float32: the replay's own dtype. With cov=micro
-    only."""
+    covariance (the model's output as it is: bfloat16 from bfloat16 logits without
+    flash-attn's cross-entropy; the recorded log-probs hold those values exactly); float32:
+    the replay's own dtype. With cov=micro only."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -444,7 +444,8 @@ class DPPOConfig(AggConfig):
     """Truncation of the detached ratio, min(r, c) (verl `clip_ratio_c`, 3 in ActorConfig)."""
     logp_dtype: LogpDtype = "float32"
     """The dtype of the training run's log-probs, in which verl takes p = exp(logp) (the
-    model's output as it is: bfloat16 under mixed precision; the recorded log-probs hold those
+    model's output as it is: bfloat16 from bfloat16 logits without flash-attn's cross-entropy;
+    the recorded log-probs hold those
     values exactly); float32: the replay's own dtype."""
 
     def __post_init__(self) -> None:
