@@ -394,10 +394,14 @@ def test_a_run_whose_own_policy_cannot_be_replayed_is_still_compared(tmp_path):
     docs/diff.md's exit codes do not list, and showed nothing of where the runs part."""
     runs = []
     for name, bump in (("a", 0.0), ("b", 1.0)):
-        with Recorder(tmp_path / name, policy="grpo:beta=0.04", unit="sequence") as rec:
+        with Recorder(tmp_path / name, policy="grpo", unit="sequence") as rec:
             for step in range(3):
                 advantages = np.ones(4, dtype=np.float32) + (bump if step == 1 else 0.0)
                 rec.log_step(step, logp=-np.ones(4), logp_old=-np.ones(4), advantages=advantages)
+        # The Recorder refuses such steps now; a run recorded before, or written otherwise:
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        manifest["policy"] = {"spec": "grpo:beta=0.04", "name": "grpo", "params": {"beta": 0.04}}
+        (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
         runs.append(tmp_path / name)
     result = CliRunner().invoke(app, ["diff", *map(str, runs), "--device", "cpu", "-f", "json"])
     assert result.exit_code == 1, result.stderr

@@ -217,6 +217,33 @@ def test_a_failed_recorder_fails_record_even_when_the_command_succeeds(tmp_path,
     assert "error: recording failed: log_policy_batch failed at step 0" in result.stderr
 
 
+def test_a_step_its_policy_cannot_be_replayed_with_stops_recording_not_training(
+    tmp_path, monkeypatch
+):
+    """A policy batch without a field the run's policy needs (grpo:beta=0.04, no logp_ref):
+    warned once, recording off, training goes on, record exits 2 with the reason. Before, the
+    steps were recorded and record exited 0; the run's replay then ended with exit 3."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import numpy as np, stabledrl_cli as sd\n"
+        "ones = np.ones(4, 'float32')\n"
+        "for step in range(3):\n"
+        "    ok = sd.log_policy_batch(step, policy='grpo:beta=0.04', logp=-ones,\n"
+        "                             logp_old=-ones, advantages=ones,\n"
+        "                             recorder_kwargs={'unit': 'sequence'})\n"
+        "    print('logged' if ok else 'not logged', flush=True)\n"
+        "print('training continues', flush=True)\n"
+    )
+    result = _record_process(tmp_path / "run", script, monkeypatch)
+    assert result.stdout.split("\n") == ["not logged"] * 3 + ["training continues", ""]
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("stabledrl: warning:") == 1, result.stderr  # the child's, once
+    reason = "step 0 has no 'logp_ref', which the run's policy 'grpo:beta=0.04' needs"
+    assert "error: recording failed: log_policy_batch failed at step 0" in result.stderr
+    assert reason in result.stderr and "Traceback" not in result.stderr
+    assert list((tmp_path / "run" / "steps").iterdir()) == []
+
+
 # A script that stabledrl refuses (an integration's check, a bad Recorder argument) raises a
 # stabledrl error it does not catch; a script with a bug of its own raises anything else.
 # KIND is WHAT, or HOW-WHAT: the exception is caught and reported by the script (as a framework

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 
 import stabledrl_cli as sd
@@ -70,3 +71,77 @@ def test_any_object_with_name_spec_and_params(tmp_path):
     }
     with pytest.raises(UsageError, match="policy_params go with a spec string"):
         sd.Recorder(tmp_path / "other", policy=_Custom(), policy_params={"k": 2})
+
+
+# --- a step its own policy cannot be replayed with ---------------------------------------------
+_BATCH = {"logp": -np.ones(4), "logp_old": -np.ones(4), "advantages": np.ones(4)}
+"""A sequence-unit step of 4 sequences with only the fields every policy needs."""
+
+
+@pytest.mark.parametrize(
+    ("policy", "missing", "fields"),
+    [
+        ("grpo:beta=0.04", "'logp_ref'", {"logp_ref": -np.ones(4)}),
+        (
+            "grpo:adv=center",
+            "'group_id', 'reward'",
+            {"group_id": np.array([0, 0, 1, 1]), "reward": np.array([1.0, 0.0, 1.0, 0.0])},
+        ),
+        ("dapo:agg=recorded", "'loss_scale'", {"loss_scale": np.full(4, 4.0)}),
+        ("dppo:tis=token-mask", "'logp_rollout'", {"logp_rollout": -np.ones(4)}),
+        (sd.get_policy("ppo:beta=0.1"), "'logp_ref'", {"logp_ref": -np.ones(4)}),
+    ],
+)
+def test_a_step_without_a_field_its_own_policy_needs_is_refused_unwritten(
+    tmp_path, policy, missing, fields
+):
+    """The step is refused at log_step (UsageError naming the fields and the policy), nothing
+    written, and the same step with the fields is recorded: the run's default replay goes
+    through. Before, the step was written and `replay` (check, watch --once) of the run ended
+    with exit 3 ("step 0 has no 'logp_ref', which policy 'grpo:beta=0.04' needs"): the
+    mistake showed only after training."""
+    path = tmp_path / "run"
+    with sd.Recorder(path, policy=policy, unit="sequence") as rec:
+        spec = rec.manifest["policy"]["spec"]
+        with pytest.raises(UsageError) as refused:
+            rec.log_step(0, **_BATCH)
+        assert str(refused.value) == (
+            f"step 0 has no {missing}, which the run's policy {spec!r} needs: pass it, or "
+            "record the policy the loop computes"
+        )
+        assert list((path / "steps").iterdir()) == []
+        rec.log_step(0, **_BATCH, **fields)
+    result = sd.replay(path, device="cpu")
+    assert result.own is not None and result.own.spec == sd.get_policy(spec).spec
+    assert result.steps == 1
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [None, "mine:beta=1", "ppo:beta=0.1,on=true", _Custom(spec="mine:beta=1")],
+)
+def test_a_policy_the_catalogue_does_not_replay_leaves_the_steps_unchecked(tmp_path, policy):
+    """No policy, a custom one, a spec of a key the catalogue does not know: the run's replay
+    does not replay it as its own, so no field of a step is asked for."""
+    with sd.Recorder(tmp_path / "run", policy=policy, unit="sequence") as rec:
+        rec.log_step(0, **_BATCH)
+    assert sd.open_run(tmp_path / "run").step_numbers == [0]
+
+
+def test_a_scalar_step_is_not_checked_against_the_policy(tmp_path):
+    with sd.Recorder(tmp_path / "run", policy="grpo:beta=0.04") as rec:
+        rec.log_step(0, grad_norm=1.0, loss=0.5)
+    assert sd.open_run(tmp_path / "run").step(0).is_scalar
+
+
+def test_a_policy_the_units_rule_out_is_refused_before_anything_is_written(tmp_path):
+    """stabledrl:level=token on a sequence run: its default replay ended with exit 2 ("level=token
+    needs token units"); the Recorder refuses it as it is made."""
+    with pytest.raises(UsageError) as refused:
+        sd.Recorder(tmp_path / "run", policy="stabledrl:level=token", unit="sequence")
+    assert str(refused.value) == (
+        "policy 'stabledrl:level=token': level=token needs token units, but this run was "
+        "recorded with unit: sequence; use level=seq"
+    )
+    assert not (tmp_path / "run").exists()
+    sd.Recorder(tmp_path / "run", policy="stabledrl:level=token", unit="token").close()

@@ -1,9 +1,10 @@
 """Start-up: none of these imports torch. Importing the package; the root help, `policies`,
 and the help of `replay`, `check`, `tune`, `inspect`, `diff` and `watch`; `import` and `pack`
 (their help and their input checks), and `pack` of a run; a Recorder of numpy arrays and its
-run read back; `diff` of two runs that never part; `check` and `inspect` of a scalar run
-(inspect of a run with a policy batch checks each step with replay's own code, torch's); and
-the refusals of bad input by these and `watch`."""
+run read back, and its refusal of a step without a field its policy needs; `diff` of two
+runs that never part; `check` and `inspect` of a scalar run (inspect of a run with a policy
+batch checks each step with replay's own code, torch's); and the refusals of bad input by
+these and `watch`."""
 
 from __future__ import annotations
 
@@ -75,6 +76,22 @@ PROBES = {
         run = sd.open_run(path)
         assert run.step_numbers == [0] and run.step(0).scalars["loss"] == 0.5
         assert run.step(0).array("logp").dtype == np.float32
+    """,
+    "a Recorder refusing a step without a field its policy needs": """
+        import tempfile
+        import numpy as np
+        import stabledrl_cli as sd
+        from stabledrl_cli.errors import UsageError
+        ones = np.ones(4, "float32")
+        with sd.Recorder(tempfile.mkdtemp() + "/run", policy="grpo:beta=0.04",
+                         unit="sequence") as recorder:
+            try:
+                recorder.log_step(0, logp=-ones, logp_old=-ones, advantages=ones)
+            except UsageError as exc:
+                assert "'logp_ref'" in str(exc), exc
+            else:
+                raise AssertionError("a step without logp_ref was recorded")
+            recorder.log_step(0, logp=-ones, logp_old=-ones, advantages=ones, logp_ref=-ones)
     """,
     "diff of two runs that never part, and its refusals": """
         import shutil, tempfile

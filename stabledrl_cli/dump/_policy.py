@@ -5,6 +5,8 @@
 both is refused), or any object with `.name`, `.spec` and `.params` (a `PolicyLike`, e.g. a
 catalogue policy): the manifest then stores exactly that object's spec, name and params. The
 stored spec is canonical text (`spec.format_spec`): keys sorted, values in shortest form.
+`replayed_fields`: what a step must hold for the replay of the run's own policy (a Recorder
+refuses, as it is made or at the step, a run whose replay would refuse its policy).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from stabledrl_cli.dump._schema import json_checked
 from stabledrl_cli.errors import UsageError
+from stabledrl_cli.policies._registry import resolve_spec
 from stabledrl_cli.spec import SpecValue, format_spec, spec_float, spec_int, split_spec
+from stabledrl_cli.vocab import Unit
 
 
 @runtime_checkable
@@ -80,3 +84,21 @@ def policy_entry(
         "name": name,
         "params": json_checked(params, "policy_params"),
     }
+
+
+def replayed_fields(spec: str | None, unit: Unit) -> frozenset[str]:
+    """The step fields beyond logp, logp_old, advantages, mask and seq_id that the replay of a
+    run's own policy `spec` needs (`BaseConfig.required_fields`, no torch): none when the run
+    names no policy, or one the catalogue does not replay as the run's own (a custom one, a
+    key it does not know). UsageError, naming the policy, for a catalogue policy that cannot
+    act on `unit` units (stabledrl:level=token on a sequence run)."""
+    if spec is None:
+        return frozenset()
+    try:
+        _, config = resolve_spec(spec)
+    except UsageError:
+        return frozenset()
+    try:
+        return frozenset(config.required_fields(unit))
+    except UsageError as exc:
+        raise UsageError(f"policy {spec!r}: {exc}") from None

@@ -69,7 +69,7 @@ import numpy as np
 from stabledrl_cli._child_end import at_child_end
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._inputs import ArrayInput, ScalarInput, build_step
-from stabledrl_cli.dump._policy import PolicyLike, policy_entry
+from stabledrl_cli.dump._policy import PolicyLike, policy_entry, replayed_fields
 from stabledrl_cli.dump._schema import (
     EXTENSION_FIELDS,
     FIELDS,
@@ -199,8 +199,9 @@ class Recorder:
 
     policy: a spec string (more parameters may come in `policy_params`; a key given in both is
     refused), a resolved policy object with .name, .spec and .params (see `_policy`), or None
-    when the run's policy is not known (a run of scalar steps, format 1.2). source: where the
-    run came from, a JSON object with a string "kind" (format 1.2), or None.
+    when the run's policy is not known (a run of scalar steps, format 1.2); a catalogue policy
+    its `unit` rules out (stabledrl:level=token on sequence units) is refused. source: where
+    the run came from, a JSON object with a string "kind" (format 1.2), or None.
     Refuses an existing non-empty directory unless `overwrite=True` (removes this recorder's
     own step files and, on rank 0, rewrites the manifest) or `resume=True` (continues the run:
     steps at or after `resume_from` are replaced, earlier ones kept and verified; see
@@ -297,6 +298,9 @@ class Recorder:
         }
         if source is not None:
             manifest["source"] = json_checked(dict(source), "source")
+        self._policy_spec: str | None = manifest["policy"] and manifest["policy"]["spec"]
+        self._policy_fields = replayed_fields(self._policy_spec, unit)
+        """What a policy batch must hold for the replay of the run's own policy."""
         self.manifest, self._last_step = prepare_run(
             self.path,
             manifest,
@@ -375,8 +379,10 @@ class Recorder:
         seq_id defaults to the row, and advantages may be [B]). Per-sequence [N]: group_id,
         reward, micro_batch (int >= 0), group_split (bool or 0/1). With no batch array at all
         the step is a scalar step (its scalars, and param_grad_norm [P] if given); with some,
-        logp, logp_old and advantages are required. Raises UsageError naming the field for a
-        missing field, a bad shape, dtype or id, WriteError if the file cannot be written."""
+        logp, logp_old and advantages are required, and each field the run's own policy
+        needs to be replayed (`_policy.replayed_fields`: logp_ref for beta > 0, ...). Raises
+        UsageError naming the field for a missing field, a bad shape, dtype or id (nothing is
+        written), WriteError if the file cannot be written."""
         self._check_process("log_step")  # (before the lock, which a fork may copy held)
         with self._lock:
             if self._closed:
@@ -438,6 +444,12 @@ class Recorder:
             scalar_step = "logp" not in tensors
             if not scalar_step and tensors["logp"].shape[0] == 0 and self.world_size == 1:
                 raise UsageError("logp: a step needs at least one token")
+            missing = [] if scalar_step else sorted(self._policy_fields.difference(tensors))
+            if missing:
+                raise UsageError(
+                    f"step {step} has no {', '.join(map(repr, missing))}, which the run's policy "
+                    f"{self._policy_spec!r} needs: pass it, or record the policy the loop computes"
+                )
             values.setdefault("wall_time", self._now())
             # repr of a float round-trips exactly; 'nan' and 'inf' parse back with float()
             metadata = {name: repr(value) for name, value in values.items()}

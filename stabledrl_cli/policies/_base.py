@@ -172,17 +172,13 @@ class Policy:
         return f"Policy({self.spec!r})"
 
     def required_fields(self, unit: Unit = "token") -> set[str]:
-        """Batch fields needed beyond logp, logp_old, advantages, mask and seq_id."""
-        needed: set[str] = set()
-        if self.config.beta > 0:
-            needed.add("logp_ref")
-        if self.config.adv != "recorded":
-            needed |= {"reward", "group_id"}
-        if isinstance(self.config, AggConfig) and self.config.agg == "recorded":
-            needed.add("loss_scale")
-        if self.config.tis != "off":
-            needed.add("logp_rollout")
-        return needed
+        """Batch fields needed beyond logp, logp_old, advantages, mask and seq_id
+        (`BaseConfig.required_fields`); UsageError, naming the spec, when the policy cannot act
+        on `unit` units."""
+        try:
+            return self.config.required_fields(unit)
+        except UsageError as exc:
+            raise UsageError(f"{self.spec}: {exc}") from None
 
     def norm(self, prep: PreparedBatch) -> torch.Tensor:
         """[T] norm_t of this policy's aggregation."""

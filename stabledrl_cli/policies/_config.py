@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.vocab import AdvMode, Agg, RolloutIS, Rows
+from stabledrl_cli.vocab import AdvMode, Agg, RolloutIS, Rows, Unit
 
 # Aggregations that divide by a count of sequences N (the ones `rows` applies to).
 SEQUENCE_MEAN_AGGS: tuple[Agg, ...] = (
@@ -155,6 +155,19 @@ class BaseConfig:
         """Every parameter, defaults filled, in display order."""
         return {name: getattr(self, name) for name in param_order(type(self))}
 
+    def required_fields(self, unit: Unit = "token") -> set[str]:
+        """Batch fields needed beyond logp, logp_old, advantages, mask and seq_id on a run of
+        `unit` units (`Policy.required_fields`; here without torch, for the Recorder too);
+        UsageError when the policy cannot act on such units."""
+        needed: set[str] = set()
+        if self.beta > 0:
+            needed.add("logp_ref")
+        if self.adv != "recorded":
+            needed |= {"reward", "group_id"}
+        if self.tis != "off":
+            needed.add("logp_rollout")
+        return needed
+
 
 @dataclass(frozen=True, kw_only=True)
 class AggConfig(BaseConfig):
@@ -178,6 +191,12 @@ class AggConfig(BaseConfig):
             raise UsageError(
                 f"rows=all only applies to sequence means (agg={'|'.join(SEQUENCE_MEAN_AGGS)})"
             )
+
+    def required_fields(self, unit: Unit = "token") -> set[str]:
+        needed = super().required_fields(unit)
+        if self.agg == "recorded":
+            needed.add("loss_scale")
+        return needed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -348,6 +367,15 @@ class StableDRLConfig(BaseConfig):
                 "rows=all applies to level=seq (a row without scored tokens has "
                 "log w = 0); level=token weighs scored tokens only"
             )
+
+    def required_fields(self, unit: Unit = "token") -> set[str]:
+        # Missing group_id means one group (the public code's per-process batch is one prompt).
+        if self.level == "token" and unit == "sequence":
+            raise UsageError(
+                "level=token needs token units, but this run was recorded with unit: sequence; "
+                "use level=seq"
+            )
+        return super().required_fields(unit)
 
 
 @dataclass(frozen=True, kw_only=True)

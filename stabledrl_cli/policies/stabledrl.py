@@ -23,12 +23,10 @@ import math
 
 import torch
 
-from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies._base import Policy, PolicyTerms
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import StableDRLConfig
 from stabledrl_cli.policies._masked import above, masked_sum
-from stabledrl_cli.vocab import Unit
 
 
 def segment_softmax(
@@ -58,15 +56,6 @@ class StableDRLPolicy(Policy):
     of A, self-normalizes within each group; never discards."""
 
     config: StableDRLConfig
-
-    def required_fields(self, unit: Unit = "token") -> set[str]:
-        # Missing group_id means one group (the public code's per-process batch is one prompt).
-        if self.config.level == "token" and unit == "sequence":
-            raise UsageError(
-                f"{self.spec}: level=token needs token units, but this run was recorded with "
-                "unit: sequence; use level=seq"
-            )
-        return super().required_fields(unit)
 
     def _members(self, prep: PreparedBatch) -> torch.Tensor:
         """[N] bool: the sequences the softmax runs over (rows=all: an unscored one too, with
