@@ -772,3 +772,25 @@ def test_one_policy_may_be_given_alone_not_in_a_list(plain_run):
     assert sd.replay(plain_run, "grpo:eps_high=0.28", device="cpu").to_json() == listed
     policy = sd.get_policy("grpo:eps_high=0.28")
     assert sd.replay(plain_run, policy, device="cpu").to_json() == listed
+
+
+@pytest.mark.parametrize("output_format", ["json", "table"])
+@pytest.mark.parametrize(("flag", "name"), [("--plot", "replay.png"), ("--out", "report.h5")])
+def test_an_output_that_cannot_be_written_comes_after_the_results(
+    plain_run, tmp_path, output_format, flag, name
+):
+    """--plot or --out onto a directory: exit 4 with one line naming it, after the results are
+    shown, as check does. Before, the replay computed everything, then ended at the failed
+    write with no table and no JSON."""
+    target = tmp_path / name
+    target.mkdir()
+    args = ["replay", str(plain_run), "-p", "grpo", flag, str(target), "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--format", output_format])
+    assert result.exit_code == 4, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {target}"), result.stderr
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    if output_format == "json":
+        assert [p["spec"] for p in json.loads(result.stdout)["policies"]] == ["grpo"]
+    else:
+        assert "grpo" in result.stdout and "discard" in result.stdout, result.stdout

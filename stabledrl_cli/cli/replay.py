@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 2 usage error (an unknown policy spec, a bad option); 3 bad input (a missing
 run, a wrong format version, a step missing a field a requested policy needs, a run with no
-readable step); 4 an output that cannot be written. Steps with NaN or inf are replayed and
+readable step); 4 an output that cannot be written (--out, --plot: after the results are
+shown). Steps with NaN or inf are replayed and
 flagged, not refused; unreadable step files, and steps whose data cannot be replayed (arrays
 of mismatched lengths, a seq_id out of range), are skipped, and a line on stderr says how many
 and why.
@@ -40,7 +41,7 @@ from stabledrl_cli.cli._options import (
 )
 from stabledrl_cli.cli._output import err, out, progress
 from stabledrl_cli.dump import Run, open_run
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, WriteError
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,
     DEFAULT_SPIKE_FACTOR,
@@ -296,23 +297,30 @@ def command(
         err.print(unreplayable, highlight=False, soft_wrap=False)
     note_skipped(result)
     note_empty_range(result)
-    if out_path is not None:
-        write_hdf5(result, out_path)
-        err.print(f"wrote {out_path}", highlight=False)
-    if plot is not None:
-        plot_replay(result, plot, opened)
-        err.print(f"wrote {plot}", highlight=False)
+    # An output that cannot be written ends the replay with exit 4, after its results are shown.
+    unwritten: WriteError | None = None
+    try:
+        if out_path is not None:
+            write_hdf5(result, out_path)
+            err.print(f"wrote {out_path}", highlight=False)
+        if plot is not None:
+            plot_replay(result, plot, opened)
+            err.print(f"wrote {plot}", highlight=False)
+    except WriteError as exc:
+        unwritten = exc
     if output_format == "json":
         # Piece by piece: a long run's per-step rows are never all held as Python objects.
         for piece in result.iter_json():
             sys.stdout.write(piece)
         sys.stdout.write("\n")
         sys.stdout.flush()
-        return
-    groups = metric_groups(metrics)
-    if detail or steps is not None:
-        print_detail(result, out, groups, wide=wide, legend=legend)
-    print_summary(result, out, groups, wide=wide, legend=legend)
+    else:
+        groups = metric_groups(metrics)
+        if detail or steps is not None:
+            print_detail(result, out, groups, wide=wide, legend=legend)
+        print_summary(result, out, groups, wide=wide, legend=legend)
+    if unwritten is not None:
+        raise unwritten
 
 
 command.__doc__ = (
