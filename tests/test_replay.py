@@ -794,3 +794,18 @@ def test_an_output_that_cannot_be_written_comes_after_the_results(
         assert [p["spec"] for p in json.loads(result.stdout)["policies"]] == ["grpo"]
     else:
         assert "grpo" in result.stdout and "discard" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("output_format", ["json", "table"])
+def test_a_bad_metrics_group_is_refused_before_the_replay(plain_run, tmp_path, output_format):
+    """--metrics bogus: exit 2, one line, before any step is replayed or any output written.
+    Before, the table's refusal came after the whole replay (and after --plot was written),
+    and with --format json the value was never checked (exit 0)."""
+    plot = tmp_path / "replay.png"
+    args = ["replay", str(plain_run), "-p", "grpo", "--metrics", "trl", "--metrics", "bogus"]
+    result = runner.invoke(app, [*args, "--plot", str(plot), "--format", output_format])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: --metrics 'bogus' is not one of trl, verl, counts"
+    ]
+    assert result.stdout == "" and not plot.exists()

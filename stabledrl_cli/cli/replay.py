@@ -272,6 +272,7 @@ def command(
 ) -> None:
     """Replay a recorded run through the policy catalogue (one-step counterfactuals)."""
     check_outputs(plot, {"--out": out_path})
+    groups = metric_groups(metrics)
     with option_names():
         config = replay_config(
             device=device,
@@ -315,7 +316,6 @@ def command(
         sys.stdout.write("\n")
         sys.stdout.flush()
     else:
-        groups = metric_groups(metrics)
         if detail or steps is not None:
             print_detail(result, out, groups, wide=wide, legend=legend)
         print_summary(result, out, groups, wide=wide, legend=legend)
