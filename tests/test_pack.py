@@ -663,3 +663,37 @@ def test_a_scalar_name_hdf5_cannot_hold_is_refused_not_renamed(tmp_path, scalars
     assert len(lines) == 1, result.stderr
     assert "step 0: scalar 'a\\x00b' has no HDF5 name" in lines[0], result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("how", ["manifest", "new-file", "steps-dir", "link-into-it", "file-url"])
+def test_pack_refuses_an_out_inside_the_run_with_or_without_force(tmp_path, how):
+    """OUT inside the run being packed (through a symlink too, and for a file:// URL) is refused
+    (exit 2) before anything is written: `--force` onto its manifest replaced the run's
+    manifest with the archive and left the run unreadable (exit 3)."""
+    run = tmp_path / "run"
+    with sd.Recorder(run) as rec:
+        rec.log_step(0, loss=1.0)
+    source = str(run)
+    out = {
+        "manifest": run / "manifest.json",
+        "new-file": run / "run.h5",
+        "steps-dir": run / "steps" / "x.h5",
+        "link-into-it": tmp_path / "link.h5",
+        "file-url": run / "run.h5",
+    }[how]
+    if how == "link-into-it":
+        out.symlink_to(run / "manifest.json")
+    if how == "file-url":
+        source = run.as_uri()
+    before = sorted((p.relative_to(run), p.read_bytes()) for p in run.rglob("*") if p.is_file())
+    for force in ([], ["--force"]):
+        refused = runner.invoke(app, ["pack", source, str(out), *force])
+        assert refused.exit_code == 2, refused.output
+        assert refused.stderr == (
+            f"error: {out} is inside the run {source}; write the archive outside it\n"
+        )
+        with pytest.raises(UsageError, match="inside the run"):
+            pack_run(open_run(source), out, force=True)
+    after = sorted((p.relative_to(run), p.read_bytes()) for p in run.rglob("*") if p.is_file())
+    assert after == before
+    assert open_run(run).step_numbers == [0]

@@ -5,8 +5,9 @@ local path.
 
 Exit codes: 0 packed (a run with integrity findings is packed too: its readable steps, with the
 findings carried into the archive and named on stderr); 2 OUT exists without --force, or its
-directory is missing, or OUT is a URL, or RUN is a URL that cannot be read (an unknown scheme,
-a missing package, a chained or `reference://` URL); 3 a missing, non-run or unreadable RUN.
+directory is missing, or it is inside the run's directory (with --force too), or OUT is a URL,
+or RUN is a URL that cannot be read (an unknown scheme, a missing package, a chained or
+`reference://` URL); 3 a missing, non-run or unreadable RUN.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def command(
         raise UsageError(f"{archive}: pack writes OUT.h5 to a local path, not a URL")
     target = Path(archive)
     opened = open_run(run)  # its manifest: a missing run is named first
-    check_pack_target(target, force, to_force="pass --force")  # before any step is read
+    check_pack_target(target, opened, force, to_force="pass --force")  # before any step is read
     with progress("packing", len(opened.listed_step_numbers), complete=True) as advance:
         summary = pack_run(opened, target, force=force, progress=advance, compression=compression)
     if summary.findings:

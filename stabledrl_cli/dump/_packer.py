@@ -21,6 +21,7 @@ from stabledrl_cli._json import unicode_text
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
 from stabledrl_cli.dump._crc import crc32
+from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, RunIntegrityWarning
 from stabledrl_cli.dump._layout import (
     CHECKSUMS_VERSION,
@@ -34,6 +35,7 @@ from stabledrl_cli.dump._layout import (
     needs_escape,
     scalar_dataset_name,
 )
+from stabledrl_cli.dump._remote import RemoteRun
 from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import EXTENSION_FIELDS, FIELDS, RUN_KIND, written_version
 from stabledrl_cli.errors import InputError, UsageError, quoted
@@ -337,12 +339,34 @@ class PackSummary:
         }
 
 
-def check_pack_target(out: Path, force: bool, *, to_force: str = "pass force=True") -> None:
-    """UsageError unless `pack_run` may write `out`: not a directory, in one that exists, and
-    no entry of that name at all (a file, a symlink even to nothing, a FIFO...) unless `force`
-    (then written as `_atomic.output_path` writes: a link's target replaced, a FIFO or device
-    written in place). `to_force`: how the message tells the caller to force it (the
-    command's `pass --force`)."""
+def _local_directory(run: Run) -> Path | None:
+    """The directory on this machine that holds `run`'s files: a run directory at a local path
+    or a `file://` URL; None for an archive or a run in another store."""
+    if not isinstance(run, DirectoryRun):
+        return None
+    if isinstance(run, RemoteRun):
+        protocol = run.fs.protocol  # a name or a tuple of names: ("file", "local")
+        return (
+            run.path if "file" in ([protocol] if isinstance(protocol, str) else protocol) else None
+        )
+    return run.path
+
+
+def check_pack_target(
+    out: Path, run: Run, force: bool, *, to_force: str = "pass force=True"
+) -> None:
+    """UsageError unless `pack_run` may write `out`: not a directory, in one that exists, not
+    inside `run`'s directory (symlinks resolved: an archive there would replace a file of the
+    run, or sit among its files), and no entry of that name at all (a file, a symlink even to
+    nothing, a FIFO...) unless `force` (then written as `_atomic.output_path` writes: a link's
+    target replaced, a FIFO or device written in place). `to_force`: how the message tells the
+    caller to force it (the command's `pass --force`)."""
+    directory = _local_directory(run)
+    # realpath, not resolve: a symlink loop at `out` is no error here (it is an entry `out`)
+    if directory is not None and Path(os.path.realpath(out)).is_relative_to(
+        os.path.realpath(directory)
+    ):
+        raise UsageError(f"{out} is inside the run {run.location}; write the archive outside it")
     if out.is_dir():
         raise UsageError(f"{out} is a directory; give the archive's file name, e.g. {out}/run.h5")
     if not out.parent.is_dir():
@@ -416,15 +440,15 @@ def pack_run(
 
     The source's integrity findings (torn, corrupt or temporary step files, gaps) are carried
     into the archive; the steps they name are not packed. UsageError (exit 2) if `out` exists
-    and not `force`; the target name is untouched until the archive is complete (written
-    under a temporary name beside it, then renamed: a killed pack leaves no file under the
-    target name). A failed write (a full disk) raises WriteError (exit 4), its temporary
-    file removed.
+    and not `force`, or lies inside the run's directory, `force` or not (`check_pack_target`);
+    the target name is untouched until the archive is complete (written under a temporary name
+    beside it, then renamed: a killed pack leaves no file under the target name). A failed
+    write (a full disk) raises WriteError (exit 4), its temporary file removed.
     """
     if compression not in PACK_COMPRESSIONS:
         raise UsageError(f"compression {compression!r}: expected one of {list(PACK_COMPRESSIONS)}")
     target = Path(out)
-    check_pack_target(target, force)
+    check_pack_target(target, run, force)
     try:
         manifest_text = json.dumps(run.manifest, indent=2, allow_nan=False)
     except (TypeError, ValueError) as exc:
