@@ -8,9 +8,11 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from stabledrl_cli import Recorder
 from stabledrl_cli.cli import app as app_module
 from stabledrl_cli.cli.app import BROKEN_PIPE, INTERNAL_ERROR, CommandEntry, app
 from stabledrl_cli.errors import InputError, UsageError, WriteError
@@ -184,3 +186,43 @@ def test_huge_values_are_usage_errors(tmp_path, args: list[str], message: str) -
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_a_line_break_in_a_message_shows_escaped_and_stderr_lines_stay_one(failing, tmp_path):
+    """A run path holding a newline split `error: no such run: .../nl` from a line `zz`, and
+    so every warning naming the run; stderr prints a line break as `\\n` (its other control
+    characters were escaped already)."""
+    missing = f"{tmp_path}/nl\nzz"
+    result = CliRunner().invoke(app, ["replay", missing])
+    assert result.exit_code == 3
+    assert result.stderr == f"error: no such run: {tmp_path}/nl\\nzz\n"
+    failing.error = UsageError("a\nb\u2028c\r\nd")
+    result = CliRunner().invoke(app, ["fail"])
+    assert result.exit_code == 2 and result.stderr == "error: a\\nb\\u2028c\\x0d\\nd\n"
+    run = tmp_path / "r\nzz"
+    with Recorder(run, policy="grpo") as recorder:
+        for step in range(3):
+            zeros = np.zeros(8, "float32")
+            recorder.log_step(
+                step,
+                logp=zeros,
+                logp_old=zeros - 0.1,
+                advantages=zeros + 1,
+                seq_id=np.repeat(np.arange(4), 2).astype("int32"),
+                reward=np.ones(4, "float32"),
+            )
+    torn = run / "steps" / "step-00000001.safetensors"
+    torn.write_bytes(torn.read_bytes()[:-20])
+    escaped = f"{tmp_path}/r\\nzz"
+    for args in (
+        ["pack", str(run), str(tmp_path / "out.h5")],
+        ["replay", str(run)],
+        ["check", str(run), "--max-spikes", "5"],
+        ["watch", str(run), "--once"],
+        ["diff", str(run), str(run)],
+    ):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        warned = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+        assert warned and all(escaped in line for line in warned), (args, result.stderr)
+        assert not any(line.startswith("zz") for line in result.stderr.splitlines()), args

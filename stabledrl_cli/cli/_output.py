@@ -34,6 +34,10 @@ ESCAPED_CONTROLS = {
 note, a scalar's name) never moves the cursor, clears, retitles or recolours the terminal."""
 
 
+LINE_BREAKS = {ord("\n"): "\\n", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+"""Line breaks `ESCAPED_CONTROLS` leaves to stdout's tables, escaped on stderr (`\\n`)."""
+
+
 def plain_text(text: str) -> Text:
     """`text` as a rich Text, its control characters escaped (`ESCAPED_CONTROLS`): a Text
     goes to the console as it is, past `_LiveConsole.render_str`'s escaping."""
@@ -72,12 +76,22 @@ class _DataConsole(_LiveConsole):
         raise BrokenPipeError
 
 
+class _LineConsole(_LiveConsole):
+    """stderr: every string printed is one line, its line breaks escaped too (`LINE_BREAKS`):
+    a run path or value holding a newline (`no such run: /tmp/nl\\nzz`) never splits an error,
+    warning or note across lines, nor starts a line of its own. (A table's rows are lines of
+    their own; a line break inside a cell shows escaped.)"""
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(text.translate(LINE_BREAKS), **kwargs)
+
+
 # Consoles resolve sys.stdout / sys.stderr at print time, so CliRunner captures them. Strings
 # are text, never rich markup nor emoji codes: they carry paths, specs and recorded names
 # ("runs/lr[1e-5]", "[/x]" would be eaten or crash, "a:x:b" would print an emoji); the few
 # styled lines pass markup=True and escape the rest (rich's escape leaves emoji codes alone).
 out = _DataConsole(soft_wrap=True, markup=False, emoji=False)
-err = _LiveConsole(stderr=True, soft_wrap=True, markup=False, emoji=False)
+err = _LineConsole(stderr=True, soft_wrap=True, markup=False, emoji=False)
 
 
 def print_json(data: Any) -> None:
