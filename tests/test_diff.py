@@ -410,3 +410,18 @@ def test_a_run_whose_own_policy_cannot_be_replayed_is_still_compared(tmp_path):
     assert all(s[side]["discard_frac"] is None for s in data["around"] for side in "ab")
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 2 and all("logp_ref" in line for line in warnings), result.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "problem"),
+    [
+        ("--atol", "nan", "must be a finite number >= 0, got nan"),
+        ("--rtol", "-1", "must be a finite number >= 0, got -1.0"),
+        ("--context", "-1", "must be >= 0, got -1"),
+    ],
+)
+def test_a_bad_tolerance_or_context_names_its_option(grpo_fixture, option, value, problem):
+    """The line named the library's setting (`atol must be ...`), not the option given."""
+    result = CliRunner().invoke(app, ["diff", str(grpo_fixture), str(grpo_fixture), option, value])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {option} {problem}\n"

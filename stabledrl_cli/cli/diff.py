@@ -18,6 +18,7 @@ from rich.table import Table
 
 from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, RunSourceArg, number_option
 from stabledrl_cli.cli._output import err, out, print_json
+from stabledrl_cli.cli.replay import option_names
 from stabledrl_cli.dump import RunIntegrityWarning, open_run
 from stabledrl_cli.replay._format import format_cell
 from stabledrl_cli.replay.config import ReplayConfig
@@ -142,14 +143,15 @@ def command(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RunIntegrityWarning)
         try:
-            result = diff_runs(
-                first,
-                second,
-                atol=atol,
-                rtol=rtol,
-                context=context,
-                config=ReplayConfig(device=device),
-            )
+            with option_names():  # a bad tolerance named by its option (--atol)
+                result = diff_runs(
+                    first,
+                    second,
+                    atol=atol,
+                    rtol=rtol,
+                    context=context,
+                    config=ReplayConfig(device=device),
+                )
         finally:  # before an error too: skipped steps can be why the runs share none
             for warning in caught:
                 err.print(f"warning: {warning.message}", highlight=False)

@@ -29,8 +29,8 @@ import numpy as np
 
 from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
 from stabledrl_cli.dump._schema import SERIES_SCALARS, STANDARD_SCALARS
-from stabledrl_cli.errors import InputError, UsageError
-from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.errors import InputError
+from stabledrl_cli.replay.config import ConfigError, ReplayConfig
 from stabledrl_cli.replay.run_facts import SKIPPED_KINDS, own_spec, shown_reasons
 from stabledrl_cli.vocab import DIFF_KINDS, DiffKind
 
@@ -336,13 +336,14 @@ def diff_runs(
     context: int = DEFAULT_CONTEXT,
     config: ReplayConfig | None = None,
 ) -> DiffResult:
-    """Where runs `a` and `b` part (module docstring). InputError when they share no step, or
-    record different units (the same arrays would mean other things)."""
+    """Where runs `a` and `b` part (module docstring). ConfigError (a usage error naming the
+    setting) for a negative or non-finite tolerance or a negative context; InputError when
+    they share no step, or record different units (the same arrays would mean other things)."""
     for name, value in (("atol", atol), ("rtol", rtol)):
         if not (math.isfinite(value) and value >= 0):
-            raise UsageError(f"{name} must be a finite number >= 0, got {value}")
+            raise ConfigError(name, f"must be a finite number >= 0, got {value}")
     if context < 0:
-        raise UsageError(f"context must be >= 0, got {context}")
+        raise ConfigError("context", f"must be >= 0, got {context}")
     config = config or ReplayConfig()
     if a.unit != b.unit:
         raise InputError(
