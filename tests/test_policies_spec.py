@@ -276,6 +276,28 @@ def test_a_spec_number_is_ascii_decimal_notation(spec, message):
 
 
 @pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("dapo:eps_high=1e-400", "eps_high: '1e-400' is too small for a float: it reads as 0"),
+        ("dapo:eps_high=-0.0001e-320", "eps_high: '-0.0001e-320' is too small for a float"),
+        ("dapo:eps_high=1e400", "eps_high expects a finite number, got '1e400'"),
+    ],
+)
+def test_a_nonzero_number_that_reads_as_0_or_inf_is_a_usage_error(spec, message):
+    """`dapo:eps_high=1e-400` silently became eps_high=0 (float() underflows to 0.0); a written
+    0 still reads as 0, and a sweep's ends are read alike."""
+    from stabledrl_cli.tune.grid import expand
+
+    with pytest.raises(UsageError) as info:
+        get_policy(spec)
+    assert message in str(info.value)
+    with pytest.raises(UsageError, match="too small for a float"):
+        expand("dapo:eps_high=1e-400..0.5:3")
+    for zero in ("0", "0e-400", "-0.000", "00.0e5"):
+        assert get_policy(f"dapo:eps_high={zero}").params["eps_high"] == 0.0
+
+
+@pytest.mark.parametrize(
     ("spec", "key", "value"),
     [
         ("ppo:eps_low=.25", "eps_low", 0.25),

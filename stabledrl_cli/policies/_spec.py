@@ -21,13 +21,16 @@ def base_type(hint: object) -> object:
 
 
 def finite_number(key: str, text: str) -> float:
-    """`text` as a finite float (`spec.spec_float`); UsageError naming `key` otherwise."""
+    """`text` as a finite float (`spec.spec_float`); UsageError naming `key` otherwise, and for
+    a nonzero number that reads as 0 (`1e-400`: float() underflows)."""
     try:
         value = spec_float(text)
     except ValueError:
         raise UsageError(f"{key} expects a number, got {quoted(text)}") from None
     if not math.isfinite(value):
         raise UsageError(f"{key} expects a finite number, got {quoted(text)}")
+    if value == 0 and any(digit in "123456789" for digit in text.lower().partition("e")[0]):
+        raise UsageError(f"{key}: {quoted(text)} is too small for a float: it reads as 0")
     return value
 
 
