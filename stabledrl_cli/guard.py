@@ -69,10 +69,13 @@ class Decision:
         """Do not call `optimizer.step()` for this step."""
         return self.action == "skip"
 
-    def apply(self, parameters: Iterable[torch.Tensor], *, applied: float = 1.0) -> None:
+    def apply(
+        self, parameters: Iterable[torch.Tensor], *, applied: float | torch.Tensor = 1.0
+    ) -> None:
         """Scales the parameters' gradients (in place) to `scale` of their pre-clip size, given
         that they already carry the factor `applied` (e.g. clip_grad_norm_'s
         min(1, max_norm / norm)); never scales up, and does nothing unless `action` is scale."""
+        applied = _number(applied)
         if not (math.isfinite(applied) and applied > 0):  # NaN would make every gradient NaN
             raise UsageError(f"applied must be a finite factor > 0, got {applied!r}")
         if self.action != "scale" or self.scale >= applied:
@@ -103,19 +106,24 @@ class Guard:
         self.counts: dict[Action, int] = dict.fromkeys(ACTION_CODES, 0)
 
     def before_step(
-        self, *, grad_norm: float, loss: float | None = None, batch: PolicyBatch | None = None
+        self,
+        *,
+        grad_norm: float | torch.Tensor,
+        loss: float | torch.Tensor | None = None,
+        batch: PolicyBatch | None = None,
     ) -> Decision:
         """The decision for the step whose pre-clip gradient norm is `grad_norm` (loss: its loss,
-        which the skip-step rule also watches; batch: its batch, for the batch rule).
-        UsageError for a negative grad_norm or a batch without a field the policy needs,
-        InputError for a malformed batch, before the rule sees the step (a NaN or inf grad
-        norm is a non-finite step: skipped)."""
-        if float(grad_norm) < 0:
-            raise UsageError(f"grad_norm must be >= 0 (a norm), got {grad_norm!r}")
+        which the skip-step rule also watches; batch: its batch, for the batch rule; a tensor
+        still in the autograd graph is read detached). UsageError for a negative grad_norm or
+        a batch without a field the policy needs, InputError for a malformed batch, before the
+        rule sees the step (a NaN or inf grad norm is a non-finite step: skipped)."""
+        norm = _number(grad_norm)
+        if norm < 0:
+            raise UsageError(f"grad_norm must be >= 0 (a norm), got {norm!r}")
         policy, bad = self.policy, 0
         if batch is not None and policy is not None:
             bad = _nonfinite_coefficients(policy, batch)
-        ruled = self.rule.update(float(grad_norm), None if loss is None else float(loss))
+        ruled = self.rule.update(norm, None if loss is None else _number(loss))
         decision = Decision("none", 1.0, "", ruled.z)
         if ruled.action == "nonfinite":
             decision = Decision("skip", 0.0, "non-finite grad norm or loss", None)
@@ -152,6 +160,12 @@ class Guard:
             "scalars": list(SCALARS),
             "actions": {str(code): action for action, code in ACTION_CODES.items()},
         }
+
+
+def _number(value: float | torch.Tensor) -> float:
+    """`value` as a float; a tensor read detached (one that requires grad would make torch warn
+    'Converting a tensor with requires_grad=True to a scalar' into the training's log)."""
+    return float(value.detach() if isinstance(value, torch.Tensor) else value)
 
 
 def _nonfinite_coefficients(policy: Policy, batch: PolicyBatch) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -223,3 +225,43 @@ def test_a_batch_without_a_field_the_policy_needs_is_refused_before_the_rule(pol
             guard.before_step(grad_norm=100.0, batch=batch)
         assert guard.before_step(grad_norm=norm) == fresh.before_step(grad_norm=norm)
     assert guard.counts == fresh.counts
+
+
+_GRAD_INPUT = """
+import sys, warnings
+import torch
+from stabledrl_cli.guard import Decision, Guard
+from stabledrl_cli.policies import PolicyBatch
+warnings.simplefilter("error")  # torch warns once a process: one input a process
+live = torch.tensor(1.0, requires_grad=True) * 2  # a loss or norm still in the graph
+which = sys.argv[1]
+if which == "loss":
+    Guard().before_step(grad_norm=1.0, loss=live)
+elif which == "grad_norm":
+    Guard().before_step(grad_norm=live)
+elif which == "batch":
+    logp = torch.tensor([-1.0, -2.0, -1.0, -1.5], requires_grad=True) * 1
+    batch = PolicyBatch(
+        logp=logp, logp_old=logp.detach(), advantages=torch.tensor([1.0, -1.0, 1.0, -1.0]),
+        seq_id=torch.arange(4), unit="sequence",
+    )
+    Guard(policy="grpo").before_step(grad_norm=1.0, batch=batch)
+else:
+    Decision("scale", 0.5, "test").apply([torch.nn.Parameter(torch.ones(2))], applied=live)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("which", ["loss", "grad_norm", "batch", "applied"])
+def test_a_tensor_that_requires_grad_is_read_detached(which):
+    """`before_step(loss=t)` with `t` in the graph emitted torch's 'Converting a tensor with
+    requires_grad=True to a scalar' UserWarning (and `grad_norm`, `apply(applied=)` alike): the
+    guard reads a tensor's value detached. In a process of its own: torch warns once a process."""
+    done = subprocess.run(
+        [sys.executable, "-c", _GRAD_INPUT, which],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr[-2000:]
