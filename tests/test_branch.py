@@ -336,3 +336,25 @@ def test_a_file_where_a_branch_run_goes_is_refused_before_any_branch_trains(
     lines = result.stderr.strip().splitlines()
     assert lines == [f"error: {run / 'branches' / 'grpo@8'} exists and is not a directory"]
     assert sorted(p.name for p in (run / "branches").iterdir()) == ["grpo@8"]
+
+
+@pytest.mark.parametrize("entry", ["directory", "fifo"])
+def test_a_checkpoint_name_that_is_no_file_is_refused_naming_it(recorded, tmp_path, entry):
+    """`mkdir RUN/checkpoints/step-00000016.pt`: the listing skipped it silently and
+    `branch --at 16` branched from step 8 without saying so (a FIFO so named alike; loaded, it
+    would block). The entry is the checkpoint at 16, and it is refused: one line naming it,
+    exit 3, before any branch run is opened."""
+    run = tmp_path / "odd"
+    shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
+    path = checkpoints_dir(run) / "step-00000016.pt"
+    path.unlink()
+    if entry == "directory":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+    args = ["branch", str(run), "--at", "20", "-p", "grpo", "--rl-steps", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 3, result.output
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error == [f"error: {path}: not a checkpoint (not a regular file)"], result.stderr
+    assert not (run / "branches").exists()

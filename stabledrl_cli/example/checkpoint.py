@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from stabledrl_cli._atomic import fsync_dir, write_atomic, write_error
+from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.errors import InputError, UsageError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -89,14 +90,16 @@ def checkpoint_path(directory: Path, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint of a run, ascending; [] without any."""
+    """(step, path) of every checkpoint of a run, ascending; [] without any. Every entry named
+    as one is listed, whatever it is: one that is no file (a directory, a FIFO) is refused
+    when it is loaded, naming it, rather than skipped for an earlier checkpoint unsaid."""
     directory = checkpoints_dir(run_dir)
     if not directory.is_dir():
         return []
     found = []
     for path in directory.iterdir():
         match = CHECKPOINT_RE.match(path.name)
-        if match and path.is_file():
+        if match:
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -105,7 +108,7 @@ def clear_checkpoints(run_dir: str | Path) -> None:
     """Removes a run's checkpoints (a run recorded again over it must not keep stale ones),
     and those a killed writer left under their temporary names."""
     directory = checkpoints_dir(run_dir)
-    paths = [path for _, path in list_checkpoints(run_dir)]
+    paths = [path for _, path in list_checkpoints(run_dir) if path.is_file()]
     if directory.is_dir():
         paths += [p for p in directory.iterdir() if TEMP_CHECKPOINT_RE.match(p.name)]
     for path in paths:
@@ -143,11 +146,14 @@ def load_checkpoint(path: str | Path) -> TrainingState:
     """The state a checkpoint holds; InputError (exit 3) for a file that is not one."""
     path = Path(path)
     try:
-        with warnings.catch_warnings():  # torch warns of a pickle protocol it did not write
+        fh, _ = open_regular(path)  # a FIFO so named would block torch.load
+        with fh, warnings.catch_warnings():  # torch warns of a pickle protocol it did not write
             warnings.simplefilter("ignore")
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = torch.load(fh, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise InputError(f"{path}: no such checkpoint") from None
+    except NotRegularFile:
+        raise InputError(f"{path}: not a checkpoint (not a regular file)") from None
     except Exception as exc:  # torch raises many kinds for a file that is not a checkpoint
         raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
