@@ -666,3 +666,27 @@ def test_a_number_in_a_log_is_ascii_decimal_notation() -> None:
     assert table.steps == {3: {"kl": 0.25, "gain": -math.inf}}
     assert table.skipped_rows == {"bad step": 2}
     assert table.non_numeric == {"loss": 1, "reward": 1}
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_a_jsonl_or_csv_log_appended_across_a_restart_drops_the_dead_runs_later_steps(
+    tmp_path: Path, suffix: str
+) -> None:
+    """A run that logged steps 1-4, restarted from a checkpoint at step 2 and appended steps
+    2-3 to its log: the import kept the dead run's step 4 (loss 4.0, as if the restart had got
+    there); as TensorBoard's reader does, a row going back in steps drops its metrics' later
+    steps (`preempted`). A metric the restart did not log again keeps its steps."""
+    rows = [(1, 1.0, 0.5), (2, 2.0, 0.5), (3, 3.0, 0.5), (4, 4.0, 0.5), (2, 20.0, None)]
+    rows += [(3, 30.0, None)]
+    path = tmp_path / f"log.{suffix}"
+    if suffix == "jsonl":
+        _jsonl(path, [{"step": s, "loss": v, **({"lr": lr} if lr else {})} for s, v, lr in rows])
+    else:
+        lines = ["step,loss,lr"] + [f"{s},{v},{'' if lr is None else lr}" for s, v, lr in rows]
+        path.write_text("\n".join(lines) + "\n")
+    _, _, table = read_log(path)
+    loss = {step: row["loss"] for step, row in table.steps.items() if "loss" in row}
+    assert loss == {1: 1.0, 2: 20.0, 3: 30.0}
+    lr = {step: row["lr"] for step, row in table.steps.items()}
+    assert lr == dict.fromkeys(range(1, 5), 0.5)
+    assert table.replaced == 1 and table.preempted == 2  # step 2's loss replaced; 3-4 dropped

@@ -45,7 +45,7 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
                 f"{path}: no step column (one of {', '.join(STEP_KEYS)}; or pass --step-key)"
             )
         column = names.index(key)
-        table = StepTable(str(path))
+        table = StepTable(str(path), preempts=True)
         for cells in rows:
             if not any(cell.strip() for cell in cells):
                 continue

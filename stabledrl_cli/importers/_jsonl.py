@@ -21,7 +21,7 @@ from stabledrl_cli.importers._table import StepTable
 
 def read_jsonl(path: Path, step_key: str | None = None) -> StepTable:
     """The steps of a JSON-lines log (InputError when it is not one)."""
-    table = StepTable(str(path))
+    table = StepTable(str(path), preempts=True)
     key = step_key
     for number, text, ended in text_lines(path):
         if not text.strip():

@@ -3,8 +3,9 @@
 A row is one logged record: a step and some named values. Rows with the same step merge, metric
 by metric; when two rows give one metric at one step, the later row wins (a resumed run logs
 the steps after its checkpoint again) and the replaced cells are counted. A table that
-`preempts` (TensorBoard's) also drops, as TensorBoard shows a restarted run, a metric's values
-at steps after the one a later row gives it: those steps of the earlier run are counted
+`preempts` (of a TensorBoard, JSON-lines or CSV log: a log that goes back in steps is a
+restarted run appending to it) also drops, as TensorBoard shows a restarted run, a metric's
+values at steps after the one a later row gives it: those steps of the earlier run are counted
 `preempted`. A value is a number
 (NaN and infinities are kept: finding them is the point), missing (an empty cell, a JSON
 null), or not numeric (a string, a bool, a list: dropped and counted). A row whose step is not
