@@ -92,12 +92,19 @@ def shown(value: object) -> str:
     return text if len(text) <= SHOWN_LIMIT else text[: SHOWN_LIMIT - 3] + "..."
 
 
+LINE_BREAKS = {ord("\n"): "\\n", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+"""Line breaks, as a message on stderr shows them (`\\n`): a path or value that holds one never
+splits an error or a warning across lines."""
+
+
 def warn(line: str) -> None:
-    """Writes `line` (ending with a newline) to stderr at once; nothing when the process has
-    no stderr (closed: `2>&-` leaves sys.stderr None) or it cannot be written: a recording's
-    warning never breaks the training it observes."""
+    """Writes `line` (ending with a newline) to stderr at once, as one line (`LINE_BREAKS`
+    and a carriage return escaped inside it); nothing when the process has no stderr (closed:
+    `2>&-` leaves sys.stderr None) or it cannot be written: a recording's warning never breaks
+    the training it observes."""
+    body, end = (line[:-1], "\n") if line.endswith("\n") else (line, "")
     try:
-        sys.stderr.write(line)
+        sys.stderr.write(body.translate({**LINE_BREAKS, ord("\r"): "\\x0d"}) + end)
         sys.stderr.flush()
     except (AttributeError, OSError, ValueError):
         pass

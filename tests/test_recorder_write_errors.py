@@ -101,6 +101,23 @@ def test_an_unwritable_run_directory_is_a_write_error(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["steps"]
 
 
+def test_the_warning_of_a_run_whose_path_holds_a_line_break_is_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    """The Recorder warns straight to stderr (no console): a run path holding a newline split
+    its warning across lines, the second one starting with the path's tail."""
+    rec = sd.Recorder(tmp_path / "r\nzz", on_write_error="warn")
+
+    def full(fd: int, buffers: list[memoryview]) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "r\nzz"))
+
+    monkeypatch.setattr(_atomic.os, "writev", full)
+    rec.log_step(0, **_flat(0))  # no exception: training goes on
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n") and "r\\nzz" in err, err
+    assert err.startswith("stabledrl: warning: recording stopped")
+
+
 @pytest.mark.parametrize("async_writes", [False, True])
 def test_warn_mode_stops_recording_once_and_notes_it_in_the_manifest(
     tmp_path, monkeypatch, capsys, async_writes

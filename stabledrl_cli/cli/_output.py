@@ -22,6 +22,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from stabledrl_cli.errors import LINE_BREAKS
+
 # Piped or redirected tables keep their natural width up to this, instead of wrapping at 80.
 PIPE_WIDTH = 250
 
@@ -32,10 +34,6 @@ ESCAPED_CONTROLS = {
 }
 """Control characters a console prints escaped (ESC as \\x1b): text from a run (a manifest's
 note, a scalar's name) never moves the cursor, clears, retitles or recolours the terminal."""
-
-
-LINE_BREAKS = {ord("\n"): "\\n", 0x2028: "\\u2028", 0x2029: "\\u2029"}
-"""Line breaks `ESCAPED_CONTROLS` leaves to stdout's tables, escaped on stderr (`\\n`)."""
 
 
 def plain_text(text: str) -> Text:
