@@ -425,3 +425,15 @@ def test_a_bad_tolerance_or_context_names_its_option(grpo_fixture, option, value
     result = CliRunner().invoke(app, ["diff", str(grpo_fixture), str(grpo_fixture), option, value])
     assert result.exit_code == 2
     assert result.stderr == f"error: {option} {problem}\n"
+
+
+def test_a_negative_until_is_refused(grpo_fixture):
+    """`--until -1` was taken: no step is before it, so the diff could never exit 1."""
+    result = CliRunner().invoke(
+        app, ["diff", str(grpo_fixture), str(grpo_fixture), "--until", "-1"]
+    )
+    assert result.exit_code == 2
+    assert (
+        result.stderr.startswith("error: Invalid value for '--until'")
+        and "greater than or equal to 0" in result.stderr
+    )

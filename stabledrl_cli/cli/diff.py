@@ -117,6 +117,7 @@ def command(
         number_option(
             "--until",
             kind=int,
+            min=0,
             metavar="STEP",
             help="Exit 1 only when the runs part before STEP (default: at any step).",
         ),
