@@ -92,6 +92,16 @@ def shown(value: object) -> str:
     return text if len(text) <= SHOWN_LIMIT else text[: SHOWN_LIMIT - 3] + "..."
 
 
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """`count` and its noun for a message: '1 gate', '2 gates', '3 policies', '2 unreadable
+    steps'; `plural` when adding s (or y -> ies) does not make it ('step files were')."""
+    if count == 1:
+        return f"1 {noun}"
+    if plural is None:
+        plural = noun[:-1] + "ies" if noun.endswith("y") else noun + "s"
+    return f"{count} {plural}"
+
+
 LINE_BREAKS = {ord("\n"): "\\n", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 """Line breaks, as a message on stderr shows them (`\\n`): a path or value that holds one never
 splits an error or a warning across lines."""

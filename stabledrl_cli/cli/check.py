@@ -60,7 +60,7 @@ from stabledrl_cli.cli.replay import (
     replay_with_progress,
 )
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.errors import InputError, UsageError, WriteError
+from stabledrl_cli.errors import InputError, UsageError, WriteError, counted
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.baseline import (
@@ -80,14 +80,6 @@ from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
 from stabledrl_cli.replay.report import print_title, print_whole
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import files_skipped, no_steps_message, skipped_reasons
-
-
-def counted(count: int, noun: str) -> str:
-    """'1 gate', '2 gates', '1 policy', '3 policies'."""
-    if count == 1:
-        return f"1 {noun}"
-    return f"{count} {noun[:-1] + 'ies' if noun.endswith('y') else noun + 's'}"
-
 
 _BORDERS = 1  # the table's left edge; each column adds its right edge and padding
 _CELL_PADDING = 3
@@ -184,9 +176,8 @@ def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) 
                 "--baseline, --max-spikes, --max-nonfinite or --fail-on-collapse"
             )
         if skipped:
-            noun = "step" if len(skipped) == 1 else "steps"
             err.print(
-                f"warning: skipped {len(skipped)} unreadable {noun} of {run.location} "
+                f"warning: skipped {counted(len(skipped), 'unreadable step')} of {run.location} "
                 f"({skipped[0]}); `stabledrl inspect` lists every finding",
                 highlight=False,
             )

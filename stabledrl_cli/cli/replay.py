@@ -41,7 +41,7 @@ from stabledrl_cli.cli._options import (
 )
 from stabledrl_cli.cli._output import err, out, progress
 from stabledrl_cli.dump import Run, open_run
-from stabledrl_cli.errors import UsageError, WriteError
+from stabledrl_cli.errors import UsageError, WriteError, counted
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,
     DEFAULT_SPIKE_FACTOR,
@@ -117,10 +117,9 @@ def note_skipped(result: ReplayResult) -> None:
         return
     from stabledrl_cli.replay.run_facts import shown_reasons
 
-    count = len(result.skipped)
-    noun = "step" if count == 1 else "steps"
+    skipped = counted(len(result.skipped), "unreadable, incomplete or invalid step")
     err.print(
-        f"warning: skipped {count} unreadable, incomplete or invalid {noun} of {result.run} "
+        f"warning: skipped {skipped} of {result.run} "
         f"({shown_reasons(result.skipped)}); replayed {result.steps}; `stabledrl inspect` lists "
         "the reader's findings",
         highlight=False,

@@ -48,11 +48,10 @@ from stabledrl_cli.cli._options import (
 from stabledrl_cli.cli._output import err, out, plain_text, print_json
 from stabledrl_cli.cli._signals import sigterm_handled
 from stabledrl_cli.cli.app import INTERRUPTED
-from stabledrl_cli.cli.check import counted
 from stabledrl_cli.cli.inspect import stopped_text
 from stabledrl_cli.cli.replay import option_names
 from stabledrl_cli.dump import open_run
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
@@ -82,10 +81,8 @@ def _damaged_line(watcher: RunWatcher) -> str | None:
     reasons = [f.message for f in watcher.replay.run.header_findings() if f.kind in DAMAGED_KINDS]
     if not reasons:
         return None
-    count = len(reasons)
-    noun = "step" if count == 1 else "steps"
     return (
-        f"warning: skipped {count} unreadable {noun} of {watcher.path} "
+        f"warning: skipped {counted(len(reasons), 'unreadable step')} of {watcher.path} "
         f"({shown_reasons(reasons)}); "
         "`stabledrl inspect` lists every finding"
     )
@@ -93,10 +90,9 @@ def _damaged_line(watcher: RunWatcher) -> str | None:
 
 def _rejected_line(run: str, rejected: list[tuple[int, str]]) -> str:
     """The warning for steps the own policy could not be replayed on (skipped)."""
-    count = len(rejected)
     shown = shown_reasons([reason for _, reason in rejected])
-    noun = "step" if count == 1 else "steps"
-    return f"warning: skipped {count} {noun} of {run} whose data cannot be replayed ({shown})"
+    skipped = counted(len(rejected), "step")
+    return f"warning: skipped {skipped} of {run} whose data cannot be replayed ({shown})"
 
 
 def _stopped_line(watcher: RunWatcher) -> str | None:

@@ -26,7 +26,7 @@ import torch
 
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
 from stabledrl_cli.replay.columns import derive_series, device_metrics
 from stabledrl_cli.replay.config import (
@@ -115,10 +115,9 @@ class NothingToReplay(InputError):
 
 def nothing_to_replay(run: Run, steps: int) -> NothingToReplay:
     """The one-line refusal for a scalar run of `steps` steps."""
-    noun = "step" if steps == 1 else "steps"
     return NothingToReplay(
-        f"{run.location}: nothing to replay: a scalar run ({steps} {noun} of per-step scalars, "
-        "no policy batch); `stabledrl inspect` shows it and `stabledrl check` gates its "
+        f"{run.location}: nothing to replay: a scalar run ({counted(steps, 'step')} of per-step "
+        "scalars, no policy batch); `stabledrl inspect` shows it and `stabledrl check` gates its "
         "recorded series"
     )
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from stabledrl_cli.errors import counted
 from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.baseline import Baseline, Tolerance
 from stabledrl_cli.replay.config import ConfigError
@@ -120,11 +121,6 @@ def _steps_shown(steps: list[int]) -> str:
     return shown + (", ..." if len(steps) > STEP_LIST_LIMIT else "")
 
 
-def _steps_noun(count: int) -> str:
-    """'step' for 1, 'steps' for any other count."""
-    return "step" if count == 1 else "steps"
-
-
 def _count_gate(gate: str, steps: list[int], limit: int, what: str) -> GateResult:
     """A run-level gate on how many steps are flagged; `what` qualifies "step(s)"."""
     return GateResult(
@@ -133,7 +129,7 @@ def _count_gate(gate: str, steps: list[int], limit: int, what: str) -> GateResul
         ok=len(steps) <= limit,
         figure=float(len(steps)),
         limit=float(limit),
-        message=f"{len(steps)} {what} {_steps_noun(len(steps))}, limit {limit}"
+        message=f"{counted(len(steps), f'{what} step')}, limit {limit}"
         + (f" (steps {_steps_shown(steps)})" if steps else ""),
     )
 
@@ -211,7 +207,7 @@ def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
                 ok=len(steps) <= gates.max_collapsed,
                 figure=float(len(steps)),
                 limit=float(gates.max_collapsed),
-                message=f"{len(steps)} collapsed {_steps_noun(len(steps))}, "
+                message=f"{counted(len(steps), 'collapsed step')}, "
                 f"limit {gates.max_collapsed}" + (f" (steps {shown})" if steps else ""),
             )
         )
@@ -236,7 +232,7 @@ def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
                 ok=count <= gates.max_nonfinite,
                 figure=float(count),
                 limit=float(gates.max_nonfinite),
-                message=f"{count} {_steps_noun(count)} with a non-finite update, "
+                message=f"{counted(count, 'step')} with a non-finite update, "
                 f"limit {gates.max_nonfinite}",
             )
         )

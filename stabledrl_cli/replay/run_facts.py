@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from stabledrl_cli.dump import Run
-from stabledrl_cli.errors import UsageError, quoted
+from stabledrl_cli.errors import UsageError, counted, quoted
 from stabledrl_cli.policies import resolve_spec
 
 REASONS_SHOWN = 3
@@ -86,5 +86,5 @@ def no_steps_message(run: Run, skipped: list[str]) -> str:
 def files_skipped(skipped: Sequence[str]) -> str:
     """How many step files were skipped ("2 step files were skipped: "), with the first
     reasons (`shown_reasons`)."""
-    noun = "step file was" if len(skipped) == 1 else "step files were"
-    return f"{len(skipped)} {noun} skipped: {shown_reasons(skipped)}"
+    files = counted(len(skipped), "step file was", "step files were")
+    return f"{files} skipped: {shown_reasons(skipped)}"
