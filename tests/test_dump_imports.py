@@ -55,13 +55,30 @@ def test_no_import_cycle_inside_dump():
 
 
 def test_dump_imports_only_the_ground_floor_outside_itself():
+    """And the catalogue's declarations (`policies._registry`: each policy's config and the
+    fields it needs, no torch), against which a Recorder checks the steps of its own policy:
+    they import nothing of dump, so the flow stays one-way."""
     allowed = {
         "_atomic", "_child_end", "_json", "_regular", "_version", "errors", "spec", "vocab", "dump"
     }  # fmt: skip
+    declarations = "stabledrl_cli.policies._registry"
     for module in MODULES:
         for name in _imports(module):
             parts = name.split(".")
+            if name.startswith(declarations):
+                continue
             assert len(parts) > 1 and parts[1] in allowed, f"{module} imports {name}"
+
+
+def test_the_catalogues_declarations_import_nothing_of_dump_and_no_torch():
+    probe = (
+        "import sys, stabledrl_cli.policies._registry as r; r.resolve_spec('grpo:beta=0.1'); "
+        "print(sorted(m for m in sys.modules if m.startswith(('torch', 'stabledrl_cli.dump'))))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert found.stdout.strip() == "[]"
 
 
 _FRESH_IMPORTS = """
