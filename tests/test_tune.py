@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,12 @@ import pytest
 from _cli import run_cli_together
 from typer.testing import CliRunner
 
+import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import UsageError
+from stabledrl_cli.policies import Weights
+from stabledrl_cli.replay import stream
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import replay_run
 from stabledrl_cli.tune.front import rank
@@ -269,6 +273,88 @@ def test_lean_replay_ranks_as_the_full_one(fixture):
     for a, b in zip(full.policies, lean.policies, strict=True):
         for name in ("update_norm", "net_push", "discarded_mass_frac", "discard_frac"):
             np.testing.assert_array_equal(a.series[name], b.series[name], err_msg=name)
+
+
+def _sweep_run(path: Path) -> Path:
+    """Two steps of 16 x 256 token entries: 24 KB of weights (coef, two flags) a setting."""
+    rng = np.random.default_rng(3)
+    group = (np.arange(16) // 4).astype(np.int32)
+    with sd.Recorder(path, policy="grpo", unit="token", reward_range=(0.0, 1.0)) as recorder:
+        for step in range(2):
+            logp_old = -rng.gamma(0.6, 1.5, size=(16, 256)).astype(np.float32)
+            reward = (rng.random(16) < 0.5).astype(np.float32)
+            means = np.bincount(group, weights=reward) / np.bincount(group)
+            recorder.log_step(
+                step,
+                logp=logp_old + rng.normal(0.0, 0.3, size=(16, 256)).astype(np.float32),
+                logp_old=logp_old,
+                advantages=(reward - means[group]).astype(np.float32),
+                mask=rng.random((16, 256)) < 0.9,
+                group_id=group,
+                reward=reward,
+            )
+    return path
+
+
+def _weights_held(run: Path, sweep: str, budget: int, monkeypatch) -> tuple[int, str]:
+    """The most bytes of settings' weights (coef and flags) alive at once while a lean replay of
+    `sweep`'s settings computes a step's rows, and the JSON of the tune's ranking."""
+    made: list[weakref.ref[Weights]] = []
+    init = Weights.__init__
+
+    def counted_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    peak = 0
+    computed = stream.step_metrics
+
+    def step_metrics(*args, **kwargs):
+        nonlocal peak
+        live = [w for w in (ref() for ref in made) if w is not None]
+        tensors = [t for w in live for t in (w.coef, w.discarded, w.clipped)]
+        peak = max(peak, sum(t.numel() * t.element_size() for t in tensors))
+        return computed(*args, **kwargs)
+
+    monkeypatch.setattr(Weights, "__init__", counted_init)
+    monkeypatch.setattr(stream, "step_metrics", step_metrics)
+    settings = expand_all([sweep])
+    config = ReplayConfig(device="cpu", memory_budget=budget, lean=True)
+    result = replay_run(open_run(run), settings, config=config)
+    return peak, json.dumps(rank(result, settings).to_dict())
+
+
+def test_settings_weights_held_at_once_are_bounded_by_the_budget(tmp_path, monkeypatch):
+    """A step's settings were evaluated all together: every setting's [T] weights were held at
+    once (the audit's 4096 settings over 2 steps of 64 x 1024 positions peaked at 2.4 GB, 273
+    MB with 2 settings). They are evaluated in groups of half the memory budget: the bytes
+    held at once stay under it whatever the number of settings, and the figures are the same
+    as evaluated all together (a budget that holds every setting's weights)."""
+    run = _sweep_run(tmp_path / "run")
+    budget = 256 * 2**10  # 128 KB a group: 4 settings (`stream.POLICY_ENTRY_BYTES` an entry)
+    few, _ = _weights_held(run, "dapo:eps_low=0.1..0.3:2,eps_high=0.2..0.4:4", budget, monkeypatch)
+    sweep = "dapo:eps_low=0.05..0.35:16,eps_high=0.1..0.5:16"
+    many, grouped = _weights_held(run, sweep, budget, monkeypatch)
+    assert 0 < many <= budget // 2
+    assert many == few  # 256 settings hold no more than 8
+    together, whole = _weights_held(run, sweep, 2**30, monkeypatch)
+    assert together == 256 * 16 * 256 * 6  # one group: every setting's coef and flags
+    assert grouped == whole
+
+
+def test_cli_memory_budget_groups_settings_without_changing_the_figures():
+    """`tune --memory-budget`: 1K evaluates one setting at a time (with the own policy beside,
+    for the cosine to its update), the JSON is that of the default budget byte for byte."""
+    args = ["tune", str(FIXTURES / "grpo"), "-p", "dapo:eps_high=0.2..0.5:4", "-p",
+            "stabledrl:c=2..8:log3", "-p", "clip-cov:seed=0..2:3", "--device", "cpu",
+            "--format", "json"]  # fmt: skip
+    default = CliRunner().invoke(app, args)
+    small = CliRunner().invoke(app, [*args, "--memory-budget", "1K"])
+    assert default.exit_code == 0 and small.exit_code == 0, small.output
+    assert small.stdout == default.stdout
+    bad = CliRunner().invoke(app, [*args, "--memory-budget", "lots"])
+    assert bad.exit_code == 2
+    assert "--memory-budget expects a size such as 256M or 1G" in bad.output
 
 
 @pytest.mark.parametrize(

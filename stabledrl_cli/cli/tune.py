@@ -36,7 +36,7 @@ from stabledrl_cli.cli.replay import (
     replay_with_progress,
 )
 from stabledrl_cli.dump import open_run
-from stabledrl_cli.replay.config import replay_config
+from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, parse_size, replay_config
 from stabledrl_cli.replay.report import print_legend, print_whole
 from stabledrl_cli.tune.front import SettingFigures, TuneReport, percent, rank
 from stabledrl_cli.tune.grid import SWEEP_SYNTAX, expand_all
@@ -49,6 +49,18 @@ SweepOpt = Annotated[
         metavar="SWEEP",
         help=f"A policy spec whose values may be grids: {SWEEP_SYNTAX} (repeatable; the "
         "keys of one spec sweep as a product).",
+    ),
+]
+
+
+TuneMemoryBudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-budget",
+        metavar="SIZE",
+        help="Step arrays held at a time (the chunk computed and the one read ahead, half "
+        "each; a step's settings are evaluated in groups of up to half as much again, whatever "
+        f"their number), e.g. 256M or 1G (default {DEFAULT_MEMORY_BUDGET // 2**20}M).",
     ),
 ]
 
@@ -120,6 +132,7 @@ def command(
         typer.Option("--own/--no-own", help="Replay the run's own policy beside, as a reference."),
     ] = True,
     threads: ThreadsOpt = None,
+    memory_budget: TuneMemoryBudgetOpt = None,
     engine: EngineOpt = "local",
     workers: WorkersOpt = None,
     ray_address: RayAddressOpt = None,
@@ -137,7 +150,10 @@ def command(
         specs.append(own.spec)
     err.print(f"tuning {len(settings)} settings over {run}", highlight=False)
     with option_names():
-        config = replace(replay_config(device=device, threads=threads), lean=True)
+        budget = None if memory_budget is None else parse_size(memory_budget)
+        config = replace(
+            replay_config(device=device, threads=threads, memory_budget=budget), lean=True
+        )
     result = replay_with_progress(opened, specs, config, chosen)
     note_skipped(result)
     report = rank(result, settings)

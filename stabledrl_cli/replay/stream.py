@@ -6,7 +6,10 @@ arrays (and at most `chunk_size` steps when given), the next chunk on a thread o
 the current one is computed (`read_ahead`); each chunk's arrays go to the device in one
 transfer per field and its per-step results come back in one transfer, after which the
 chunk's arrays are dropped: memory holds two chunks of arrays (the budget) plus
-O(steps x policies) scalars, whatever the run's length. Each step is computed on its own, so
+O(steps x policies) scalars, whatever the run's length, and a step's per-entry arrays of every
+policy; a lean pass (`tune`) evaluates a step's policies a group at a time instead, holding at
+most half the budget of their arrays a computing thread (at least one policy: `group_size`),
+whatever their number. Each step is computed on its own, so
 results do not depend on the chunk size; with `threads` > 1 a chunk's steps are computed that
 many at a time, each on one thread of its own (`computing_threads`), so they do not depend on
 the thread count either. The same pass pools the noise floor of the steps
@@ -392,6 +395,7 @@ def stream_run(
         where=where,
         ranks=ranks,
         lean=lean,
+        memory_budget=memory_budget,
     )
     with heap_kept(shared=threads > 1), computing_threads(threads) as compute:
         for chunk, arrays, measures, held in chunks:
@@ -471,6 +475,23 @@ def computing_threads(threads: int) -> Iterator[Compute[Any, Any]]:
             pool.shutdown(cancel_futures=True)
 
 
+POLICY_ENTRY_BYTES = 8
+"""Bytes a policy's evaluation of a step holds per entry of the step until its group's rows are
+computed, without recorded geometry: its weights (a float32 coef and two flags) and their
+allocator's slack (the audit's tune of 4096 settings over 2 steps of 64 x 1024 positions,
+evaluated together, peaked 2.1 GB above one of 2: 8 bytes an entry a setting)."""
+GEOMETRY_ENTRY_BYTES = 36
+"""What recorded geometry adds per entry and policy: its 3 rows of the block multiplied with the
+geometry (`metrics.step_metrics`), in float32 and again in the product's float64."""
+
+
+def group_size(prep: PreparedBatch, geometry: StepGeometry, memory_budget: int) -> int:
+    """The policies evaluated together on a step: as many as hold half `memory_budget` bytes of
+    per-entry arrays (`POLICY_ENTRY_BYTES`, `GEOMETRY_ENTRY_BYTES`), at least one."""
+    per_entry = POLICY_ENTRY_BYTES + (GEOMETRY_ENTRY_BYTES if geometry.kind != "coef" else 0)
+    return max(1, memory_budget // 2 // max(1, per_entry * prep.num_tokens))
+
+
 def _step_row(
     item: tuple[Step, Arrays],
     *,
@@ -480,21 +501,39 @@ def _step_row(
     where: str,
     ranks: int,
     lean: bool,
+    memory_budget: int,
 ) -> StepRow | InputError:
     """The step's `StepRow`, or the InputError that rejects data the step cannot be replayed
-    with (named by run and step)."""
+    with (named by run and step). A replay evaluates every policy at once; a lean one (`tune`,
+    whose settings may number thousands) a group at a time (`group_size`), each group's
+    weights dropped before the next group's are made. With recorded geometry the run's own
+    policy joins every group (the inner products of cosine_to_own), its row taken from its
+    own group. Each policy's row is computed on its own, so no figure depends on the grouping
+    but the last bits of cosine_to_own (one matrix-vector product a group), which a ranking
+    does not read."""
     step, arrays = item
     try:
         prep, geometry, micro = usable(step, arrays, unit, where, ranks)
-        weights = [policy.weights(prep) for policy in policies]
-        row = step_metrics(prep, policies, weights, geometry, own_index, micro, lean=lean)
-        varies = None
-        if geometry.per_sequence:
-            coef = torch.stack([w.coef for w in weights])
-            varies = varies_within_sequence(coef, prep).cpu().numpy()
+        size = group_size(prep, geometry, memory_budget) if lean else len(policies)
+        own = own_index if geometry.kind != "coef" else None  # cosine_to_own needs geometry
+        rows: list[torch.Tensor] = []
+        varies: list[np.ndarray] = []
+        for start in range(0, len(policies), size):
+            members = list(range(start, min(start + size, len(policies))))
+            joined = [own] if own is not None and own not in members else []
+            group = [policies[i] for i in members + joined]
+            weights = [policy.weights(prep) for policy in group]
+            local_own = None if own is None else (members + joined).index(own)
+            row = step_metrics(prep, group, weights, geometry, local_own, micro, lean=lean)
+            rows.append(row[: len(members)])
+            if geometry.per_sequence:
+                coef = torch.stack([w.coef for w in weights[: len(members)]])
+                varies.append(varies_within_sequence(coef, prep).cpu().numpy())
+                del coef
+            del weights  # before the next group's are made
     except InputError as exc:
         return exc
-    return row, geometry.kind, varies
+    return torch.cat(rows), geometry.kind, np.concatenate(varies) if varies else None
 
 
 def detail_pass(
