@@ -59,7 +59,7 @@ TuneMemoryBudgetOpt = Annotated[
         "--memory-budget",
         metavar="SIZE",
         help="Step arrays held at a time (the chunk computed and the one read ahead, half "
-        "each; a step's settings are evaluated in groups of up to half as much again, whatever "
+        "each; a step's settings are evaluated in groups of about half as much again, whatever "
         f"their number), e.g. 256M or 1G (default {DEFAULT_MEMORY_BUDGET // 2**20}M).",
     ),
 ]

@@ -7,9 +7,10 @@ the current one is computed (`read_ahead`); each chunk's arrays go to the device
 transfer per field and its per-step results come back in one transfer, after which the
 chunk's arrays are dropped: memory holds two chunks of arrays (the budget) plus
 O(steps x policies) scalars, whatever the run's length, and a step's per-entry arrays of every
-policy; a lean pass (`tune`) evaluates a step's policies a group at a time instead, holding at
-most half the budget of their arrays a computing thread (at least one policy: `group_size`),
-whatever their number. Each step is computed on its own, so
+policy; a lean pass (`tune`) evaluates a step's policies a group at a time instead, each group
+with a copy of the prepared batch of its own (what its policies memoize goes with it), holding
+about half the budget of their arrays a computing thread (as `group_size` estimates them; at
+least one policy), whatever their number. Each step is computed on its own, so
 results do not depend on the chunk size; with `threads` > 1 a chunk's steps are computed that
 many at a time, each on one thread of its own (`computing_threads`), so they do not depend on
 the thread count either. The same pass pools the noise floor of the steps
@@ -33,7 +34,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -506,11 +507,11 @@ def _step_row(
     """The step's `StepRow`, or the InputError that rejects data the step cannot be replayed
     with (named by run and step). A replay evaluates every policy at once; a lean one (`tune`,
     whose settings may number thousands) a group at a time (`group_size`), each group's
-    weights dropped before the next group's are made. With recorded geometry the run's own
-    policy joins every group (the inner products of cosine_to_own), its row taken from its
-    own group. Each policy's row is computed on its own, so no figure depends on the grouping
-    but the last bits of cosine_to_own (one matrix-vector product a group), which a ranking
-    does not read."""
+    weights and memo (a copy of the prepared batch a group) dropped before the next group's
+    are made. With recorded geometry the run's own policy joins every group (the inner
+    products of cosine_to_own), its row taken from its own group. Each policy's row is
+    computed on its own, so no figure depends on the grouping but the last bits of
+    cosine_to_own (one matrix-vector product a group), which a ranking does not read."""
     step, arrays = item
     try:
         prep, geometry, micro = usable(step, arrays, unit, where, ranks)
@@ -522,13 +523,16 @@ def _step_row(
             members = list(range(start, min(start + size, len(policies))))
             joined = [own] if own is not None and own not in members else []
             group = [policies[i] for i in members + joined]
-            weights = [policy.weights(prep) for policy in group]
+            # a copy starts its own memo: what the group's policies keep per configuration
+            # (clip-cov's draw: three [T] arrays a setting) goes with the group
+            batch = replace(prep) if lean else prep
+            weights = [policy.weights(batch) for policy in group]
             local_own = None if own is None else (members + joined).index(own)
-            row = step_metrics(prep, group, weights, geometry, local_own, micro, lean=lean)
+            row = step_metrics(batch, group, weights, geometry, local_own, micro, lean=lean)
             rows.append(row[: len(members)])
             if geometry.per_sequence:
                 coef = torch.stack([w.coef for w in weights[: len(members)]])
-                varies.append(varies_within_sequence(coef, prep).cpu().numpy())
+                varies.append(varies_within_sequence(coef, batch).cpu().numpy())
                 del coef
             del weights  # before the next group's are made
     except InputError as exc:
