@@ -511,7 +511,9 @@ def _step_row(
     are made. With recorded geometry the run's own policy joins every group (the inner
     products of cosine_to_own), its row taken from its own group. Each policy's row is
     computed on its own, so no figure depends on the grouping but the last bits of
-    cosine_to_own (one matrix-vector product a group), which a ranking does not read."""
+    cosine_to_own (one matrix-vector product a group), which a ranking does not read, and,
+    with a float32 geometry product (a sketch), those of the norms (its kernels' sums depend
+    on how many rows they multiply)."""
     step, arrays = item
     try:
         prep, geometry, micro = usable(step, arrays, unit, where, ranks)
