@@ -1181,17 +1181,23 @@ def test_a_recording_over_the_run_counts_as_one_replacement(tmp_path):
     assert watcher.replaced == 1 and watcher.state().steps == 2
 
 
+def _landed_but(source: Path, target: Path, missing: int, end: int = 40) -> Path:
+    """`target`: steps 0 to `end` - 1 of the run `source` landed as a Recorder lands them, but
+    step `missing`."""
+    target.mkdir()
+    _land_manifest(source, target)
+    _land(source, target, range(missing))
+    _land(source, target, range(missing + 1, end))
+    return target
+
+
 def test_a_step_that_lands_after_a_later_one_is_read_and_alerted_once(grpo_fixture, tmp_path):
     """Step files that land out of order (a copy or sync of a run into the watched directory
     that renames them in another order): a step below the last one read that is new to the
     listing is read, and the steps after it are replayed again with it in their history, so
     the view is what a fresh watch (and a replay) gives; an alert already raised is not raised
     again. It was never read: the watch showed 39 of 40 steps and no risk alert at step 30."""
-    live = tmp_path / "live"
-    live.mkdir()
-    _land_manifest(grpo_fixture, live)
-    _land(grpo_fixture, live, range(30))
-    _land(grpo_fixture, live, range(31, 40))
+    live = _landed_but(grpo_fixture, tmp_path / "live", 30)
     watcher = RunWatcher(live, CPU, recent=3)
     first = watcher.poll()
     assert [(a.kind, a.step) for a in first] == [("risk", 29), ("risk", 31)]
@@ -1225,3 +1231,34 @@ def test_a_run_whose_every_step_is_torn_names_them_beside_its_error(grpo_fixture
     assert len(lines) == 2, done.stderr
     assert lines[0].startswith(f"warning: skipped 3 unreadable steps of {run} (step 0: torn")
     assert lines[1].startswith(f"error: {run}: ")
+
+
+def test_a_late_step_first_listed_half_copied_is_read_once_complete(grpo_fixture, tmp_path):
+    """A step that lands below the last one read by a copy that writes it in place (`cp`, a
+    sync without temporary names) is listed half written, skipped as damaged by the poll that
+    reads the run again, and complete at the next: it is read then, as a fresh watch reads
+    it. It was not new to the listing any more, so it was never read: 39 of 40 steps, no risk
+    alert at step 30. A step that stays damaged reads the run again no more."""
+    live = _landed_but(grpo_fixture, tmp_path / "live", 30)
+    watcher = RunWatcher(live, CPU, recent=3)
+    assert [(a.kind, a.step) for a in watcher.poll()] == [("risk", 29), ("risk", 31)]
+    name = "step-00000030.safetensors"
+    data = (grpo_fixture / "steps" / name).read_bytes()
+    (live / "steps" / name).write_bytes(data[: len(data) // 2])  # the copy under way
+    assert watcher.poll() == [] and watcher.state().steps == 39
+    (live / "steps" / name).write_bytes(data)  # the copy done
+    assert [(a.kind, a.step) for a in watcher.poll()] == [("risk", 30)]
+    fresh = RunWatcher(live, CPU, recent=3)
+    fresh.poll()
+    state, expected = watcher.state(), fresh.state()
+    assert state.steps == 40 and watcher.replaced == 0
+    assert {**state.to_dict(), "alerts": []} == {**expected.to_dict(), "alerts": []}
+    torn = _landed_but(grpo_fixture, tmp_path / "torn", 3)
+    stays = RunWatcher(torn, CPU, recent=3)
+    stays.poll()
+    name = "step-00000003.safetensors"
+    (torn / "steps" / name).write_bytes((grpo_fixture / "steps" / name).read_bytes()[:100])
+    stays.poll()
+    opened = stays.replay
+    stays.poll()
+    assert stays.replay is opened and stays.state().steps == 39  # not read again

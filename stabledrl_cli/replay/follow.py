@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -394,7 +394,8 @@ class RunWatcher:
     (`replaced` counts how often). A step read is not read again (but the last one, which a
     recording may still rewrite: a Recorder rewrites no other under the same `run_id`,
     docs/run-format.md; a step new to the listing below the last one read, landed out of
-    order, has the run read again, its alerts kept), and what is derived from the steps read is
+    order, or one there whose file reads now and did not at the last poll, has the run read
+    again, its alerts kept), and what is derived from the steps read is
     derived again only when more were read, or the last one changed. `closed` says when a
     poll read every step the run will have (its manifest marked `recording_closed`, or a
     packed archive)."""
@@ -411,6 +412,9 @@ class RunWatcher:
         self._seen: set[tuple[str, int]] = set()
         self._listed: set[int] = set()
         """The steps the last poll listed."""
+        self._unreadable: set[int] = set()
+        """The listed steps below the last one read that the last poll could not read (a
+        file still being copied in place): one that reads later has the run read again."""
         self._manifest_key: FileKey | None = None
         self._closed_mark = False
         """The manifest's `recording_closed` mark, as last read."""
@@ -485,7 +489,7 @@ class RunWatcher:
         if self.replay is not None and self.replay.seen:
             self.replaced += 1
         self.replay = None
-        self._listed = set()
+        self._listed, self._unreadable = set(), set()
         self.recording_stopped = None
         self.closed = self._closed_mark = False
         self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
@@ -541,6 +545,8 @@ class RunWatcher:
             numbers = replay.run.listed_step_numbers
         self._listed = set(numbers)
         replay.extend(numbers)
+        holes = self._holes(replay, numbers)
+        self._unreadable = holes - self._readable(replay, holes)
         kept = self._manifest_kept()
         if not kept and self._replaced(replay):
             return True
@@ -549,10 +555,27 @@ class RunWatcher:
 
     def _landed_late(self, replay: OwnReplay, numbers: list[int]) -> bool:
         """Whether a step below the last one read is new to the listing (files landed out of
-        order: a copy or sync into the directory): the steps after it were replayed without
-        it in their history, so the run is read again from its start."""
+        order: a copy or sync into the directory), or reads now where the last poll could not
+        read it (a copy in place, half written then): the steps after it were replayed
+        without it in their history, so the run is read again from its start."""
         seen = replay.seen
-        return bool(seen) and any(n < seen[-1] and n not in self._listed for n in numbers)
+        if seen and any(n < seen[-1] and n not in self._listed for n in numbers):
+            return True
+        return bool(self._readable(replay, self._unreadable.intersection(numbers)))
+
+    @staticmethod
+    def _holes(replay: OwnReplay, numbers: Sequence[int]) -> set[int]:
+        """The steps of `numbers` below the last one read that were not read."""
+        seen = replay.seen
+        return set(n for n in numbers if n < seen[-1]).difference(seen) if seen else set()
+
+    @staticmethod
+    def _readable(replay: OwnReplay, numbers: Iterable[int]) -> set[int]:
+        """The steps of `numbers` whose file reads, from its header (a stat for a file checked
+        as it is: the run caches the checks)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RunIntegrityWarning)
+            return {step.step for step in StepSubset(replay.run, list(numbers)).step_headers()}
 
     def _candidates(self, replay: OwnReplay) -> list[Alert]:
         series = replay.series()
