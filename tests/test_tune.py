@@ -95,6 +95,25 @@ def test_integer_keys_keep_the_values_written():
         expand("clip-cov:seed=1.4|2")
 
 
+def test_integer_key_grid_ends_are_whole_numbers():
+    """A range over an integer key whose end is not a whole number tuned other values than
+    the ones written: `seed=0.5..3.5:2` tuned seed 0 and 4, `max_len=100.5..200:3` max_len
+    100, where `replay -p clip-cov:seed=0.5` is a usage error, as a listed 0.5 is here."""
+    for sweep, end in [
+        ("clip-cov:seed=0.5..3.5:2", "'0.5..3.5:2'"),
+        ("grpo:agg=constant,max_len=100.5..200:3", "'100.5..200:3'"),
+        ("clip-cov:seed=1..2.5:log2", "'1..2.5:log2'"),
+    ]:
+        with pytest.raises(UsageError, match="runs between whole numbers") as caught:
+            expand(sweep)
+        assert str(caught.value).endswith(f"got {end}")
+    assert expand("clip-cov:seed=1e0..3.0:3") == [
+        "clip-cov:seed=1",
+        "clip-cov:seed=2",
+        "clip-cov:seed=3",
+    ]
+
+
 def test_grid_ends_written_with_a_leading_point():
     """`.1` is a value a spec and a list take (`eps_high=.1|.2`); as a grid's low end the
     sweep was refused ("eps_high='.1..0.5:3' cannot go into a spec string")."""

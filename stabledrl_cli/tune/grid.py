@@ -49,8 +49,9 @@ def _range(text: str) -> tuple[str, str, bool, str] | None:
 
 
 def grid_values(text: str, where: str, *, integer: bool = False) -> list[str]:
-    """One key's value text -> the values it sweeps, as spec text. integer: a range's points
-    are rounded to whole numbers (listed values are taken as written)."""
+    """One key's value text -> the values it sweeps, as spec text. integer: a range's ends
+    must be whole numbers and its points are rounded to whole numbers (listed values are taken
+    as written)."""
     match = _range(text)
     if match is None:
         values = [part.strip() for part in text.split("|")]
@@ -67,6 +68,10 @@ def grid_values(text: str, where: str, *, integer: bool = False) -> list[str]:
     count = int(digits)
     if not low < high:
         raise UsageError(f"{where}: a grid runs from low to high, got {quoted(text)}")
+    if integer and not (low.is_integer() and high.is_integer()):  # as replay -p refuses 0.5
+        raise UsageError(
+            f"{where}: a grid over an integer key runs between whole numbers, got {quoted(text)}"
+        )
     if log:
         if low <= 0:
             raise UsageError(f"{where}: a log grid needs low > 0, got {quoted(text)}")
