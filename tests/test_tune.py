@@ -423,3 +423,23 @@ def test_grid_points_between_finite_ends_are_finite(text, points):
     """Wide finite ends: the points were 'inf' and 'nan' (high / low and high - low
     overflowed), refused as values the user never wrote."""
     assert grid_values(text, "x") == points
+
+
+@pytest.mark.parametrize("output_format", ["json", "table"])
+def test_a_plot_that_cannot_be_written_comes_after_the_results(tmp_path, output_format):
+    """--plot onto a directory: exit 4 with one line naming it, after the ranking is shown, as
+    replay and check do. Before, tune replayed every step, then ended at the failed write with
+    no output at all."""
+    target = tmp_path / "front.png"
+    target.mkdir()
+    args = ["tune", str(FIXTURES / "grpo"), "-p", "dapo:eps_high=0.2|0.3", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--plot", str(target), "--format", output_format])
+    assert result.exit_code == 4, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(target) in errors[0], result.stderr
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    if output_format == "json":
+        specs = [s["spec"] for s in json.loads(result.stdout)["settings"]]
+        assert specs[:2] == ["dapo:eps_high=0.2", "dapo:eps_high=0.3"]  # and the own, grpo
+    else:
+        assert "dapo:eps_high=0.3" in result.stdout, result.stdout

@@ -1,10 +1,10 @@
 """`stabledrl tune RUN -p SWEEP ...`: which clip setting would have served this run best.
 
 Every setting of the sweeps (stabledrl_cli.tune.grid) is replayed over the run in one
-streamed pass (all settings together on each chunk, as a replay of several policies), then
-ranked by discarded gradient against risk steps (stabledrl_cli.tune.front). Exit codes: 0
-ok; 2 usage error (a bad sweep, too many settings, plot extra missing); 3 bad input (as
-replay); 4 an output that cannot be written.
+streamed pass (a step's settings in groups that a memory budget bounds), then ranked by
+discarded gradient against risk steps (stabledrl_cli.tune.front). Exit codes: 0 ok; 2 usage
+error (a bad sweep, too many settings, plot extra missing); 3 bad input (as replay); 4 a plot
+that cannot be written (after the results are shown).
 
 The replay engine (torch) is imported where it runs: `--help` never loads torch.
 """
@@ -157,12 +157,12 @@ def command(
     result = replay_with_progress(opened, specs, config, chosen)
     note_skipped(result)
     report = rank(result, settings)
-    if plot is not None:
-        from stabledrl_cli.tune.plot import plot_front
-
-        plot_front(report, plot)
-        err.print(f"wrote {plot}", highlight=False)
     if output_format == "json":
         print_json(report.to_dict())
     else:
         _print_table(report)
+    if plot is not None:  # after the results: a plot that cannot be written is exit 4 then
+        from stabledrl_cli.tune.plot import plot_front
+
+        plot_front(report, plot)
+        err.print(f"wrote {plot}", highlight=False)
