@@ -108,8 +108,9 @@ class ReplayConfig:
     """Name the top sequences of each flagged step in the reported range."""
     lean: bool = False
     """Leave out the per-step columns a ranking does not read, as `tune` does: the frameworks'
-    clip metrics, weight_max and ess_frac are NaN, the clipped and per-sign discarded counts 0;
-    every other column is unchanged."""
+    clip metrics, weight_max, ess_frac and cosine_to_own are NaN, the clipped and per-sign
+    discarded counts 0; and evaluate a step's policies in groups (`stream._step_row`): every
+    other column is unchanged, but for the last float32 bits of the norms with a sketch."""
     guards: tuple[str, ...] = DEFAULT_GUARDS
     """Adaptive grad-norm guards replayed over the recorded grad norms (replay/guards.py)."""
     top_k: int = DEFAULT_TOP_K

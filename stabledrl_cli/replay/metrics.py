@@ -316,8 +316,8 @@ def step_metrics(
     """-> [P, M] float64 on prep.device: one row a policy, one column a device metric
     (`columns.device_metrics()`, in that order). micro: the step's micro-batches (the
     frameworks' clip metrics average over them). lean: what `tune` does not read is left
-    out: the frameworks' clip metrics, weight_max and ess_frac (NaN), the clipped counts and
-    the per-sign discarded counts (0).
+    out: the frameworks' clip metrics, weight_max and ess_frac (NaN; cosine_to_own too, its
+    caller passing no own_index), the clipped counts and the per-sign discarded counts (0).
 
     The references of each distinct (advantages, normalizer) pair are computed once: the
     policies of one aggregation share them. Token arrays stay at the batch's dtype; sums use

@@ -508,32 +508,26 @@ def _step_row(
     with (named by run and step). A replay evaluates every policy at once; a lean one (`tune`,
     whose settings may number thousands) a group at a time (`group_size`), each group's
     weights and memo (a copy of the prepared batch a group) dropped before the next group's
-    are made. With recorded geometry the run's own policy joins every group (the inner
-    products of cosine_to_own), its row taken from its own group. Each policy's row is
-    computed on its own, so no figure depends on the grouping but the last bits of
-    cosine_to_own (one matrix-vector product a group), which a ranking does not read, and,
-    with a float32 geometry product (a sketch), those of the norms (its kernels' sums depend
+    are made; it leaves cosine_to_own out (NaN), which a ranking does not read. Each
+    policy's row is computed on its own, so no figure depends on the grouping but, with a
+    float32 geometry product (a sketch), the last bits of the norms (its kernels' sums depend
     on how many rows they multiply)."""
     step, arrays = item
     try:
         prep, geometry, micro = usable(step, arrays, unit, where, ranks)
         size = group_size(prep, geometry, memory_budget) if lean else len(policies)
-        own = own_index if geometry.kind != "coef" else None  # cosine_to_own needs geometry
+        own = None if lean else own_index  # cosine_to_own, which a lean pass does not read
         rows: list[torch.Tensor] = []
         varies: list[np.ndarray] = []
         for start in range(0, len(policies), size):
-            members = list(range(start, min(start + size, len(policies))))
-            joined = [own] if own is not None and own not in members else []
-            group = [policies[i] for i in members + joined]
+            group = policies[start : start + size]
             # a copy starts its own memo: what the group's policies keep per configuration
             # (clip-cov's draw: three [T] arrays a setting) goes with the group
             batch = replace(prep) if lean else prep
             weights = [policy.weights(batch) for policy in group]
-            local_own = None if own is None else (members + joined).index(own)
-            row = step_metrics(batch, group, weights, geometry, local_own, micro, lean=lean)
-            rows.append(row[: len(members)])
+            rows.append(step_metrics(batch, group, weights, geometry, own, micro, lean=lean))
             if geometry.per_sequence:
-                coef = torch.stack([w.coef for w in weights[: len(members)]])
+                coef = torch.stack([w.coef for w in weights])
                 varies.append(varies_within_sequence(coef, batch).cpu().numpy())
                 del coef
             del weights  # before the next group's are made
