@@ -370,7 +370,8 @@ def diff_runs(
     # A step a run could not read is not among its readable steps: one only the other holds.
     steps_a = [n for n in steps_a if n not in unread_a]
     steps_b = [n for n in steps_b if n not in unread_b]
-    common = [n for n in common if n not in unread_a | unread_b]
+    unread_either = unread_a | unread_b
+    common = [n for n in common if n not in unread_either]
     in_b = set(steps_b)
     first = comparison.first
     parted = [p.step for kind, p in first.items() if kind != "arrays" and p is not None]
