@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -423,6 +427,18 @@ def test_grid_points_between_finite_ends_are_finite(text, points):
     """Wide finite ends: the points were 'inf' and 'nan' (high / low and high - low
     overflowed), refused as values the user never wrote."""
     assert grid_values(text, "x") == points
+
+
+def test_the_plot_is_written_when_the_reader_closes_stdout_early(tmp_path):
+    """The plot is drawn before the ranking is printed: `tune ... --plot F | head -1` wrote F,
+    and 7b7690b, drawing it after the ranking, lost it to the broken pipe."""
+    png = tmp_path / "front.png"
+    args = ["tune", str(FIXTURES / "grpo"), "-p", "dapo:eps_high=0.2|0.3", "--device", "cpu"]
+    command = shlex.join([sys.executable, "-m", "stabledrl_cli", *args, "--plot", str(png)])
+    command += " | head -c 1"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    subprocess.run(["bash", "-c", command], env=env, capture_output=True, timeout=300)
+    assert png.read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize("output_format", ["json", "table"])

@@ -36,6 +36,7 @@ from stabledrl_cli.cli.replay import (
     replay_with_progress,
 )
 from stabledrl_cli.dump import open_run
+from stabledrl_cli.errors import WriteError
 from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, parse_size, replay_config
 from stabledrl_cli.replay.report import print_legend, print_whole
 from stabledrl_cli.tune.front import SettingFigures, TuneReport, percent, rank
@@ -157,12 +158,20 @@ def command(
     result = replay_with_progress(opened, specs, config, chosen)
     note_skipped(result)
     report = rank(result, settings)
+    # Written before the results are printed (a reader that closes stdout early, `| head`,
+    # still gets it); one that cannot be written ends the tune with exit 4 after them.
+    unwritten: WriteError | None = None
+    if plot is not None:
+        from stabledrl_cli.tune.plot import plot_front
+
+        try:
+            plot_front(report, plot)
+            err.print(f"wrote {plot}", highlight=False)
+        except WriteError as exc:
+            unwritten = exc
     if output_format == "json":
         print_json(report.to_dict())
     else:
         _print_table(report)
-    if plot is not None:  # after the results: a plot that cannot be written is exit 4 then
-        from stabledrl_cli.tune.plot import plot_front
-
-        plot_front(report, plot)
-        err.print(f"wrote {plot}", highlight=False)
+    if unwritten is not None:
+        raise unwritten
