@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.replay import follow
+from stabledrl_cli.replay import follow, incremental
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import NothingToReplay, replay_run
 from stabledrl_cli.replay.follow import RunWatcher, WatchState
@@ -589,14 +589,14 @@ def test_a_run_re_recorded_while_a_poll_reads_it_is_not_mixed_into_it(tmp_path, 
     watcher = RunWatcher(live, CPU, recent=12)
     watcher.poll()
     _norms_run(live, range(5, 10), 1.0, resume=True)  # the same run, grown
-    extend = follow.OwnReplay.extend
+    extend = incremental.OwnReplay.extend
 
-    def re_recorded_first(replay: follow.OwnReplay, numbers: list[int]) -> list[int]:
-        monkeypatch.setattr(follow.OwnReplay, "extend", extend)  # once
+    def re_recorded_first(replay: incremental.OwnReplay, numbers: list[int]) -> list[int]:
+        monkeypatch.setattr(incremental.OwnReplay, "extend", extend)  # once
         _norms_run(live, range(12), 2.0, overwrite=True)
         return extend(replay, numbers)
 
-    monkeypatch.setattr(follow.OwnReplay, "extend", re_recorded_first)
+    monkeypatch.setattr(incremental.OwnReplay, "extend", re_recorded_first)
     watcher.poll()
     assert watcher.replaced == 1 and _norms(watcher) == [2.0] * 12
 
@@ -692,7 +692,7 @@ def test_a_poll_reads_only_the_steps_that_landed_since_the_last_poll(
 
     reads: list[int] = []
     rules = {"n": 0}
-    read_files, observe_run = DirectoryRun._records, follow.observe
+    read_files, observe_run = DirectoryRun._records, incremental.observe
 
     def counted_read(self: DirectoryRun, n: int, *args: object, **kwargs: object) -> object:
         reads.append(n)
@@ -703,7 +703,7 @@ def test_a_poll_reads_only_the_steps_that_landed_since_the_last_poll(
         return observe_run(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(DirectoryRun, "_records", counted_read)
-    monkeypatch.setattr(follow, "observe", counted_rules)
+    monkeypatch.setattr(incremental, "observe", counted_rules)
 
     def polled(watcher: RunWatcher) -> tuple[list[int], int]:
         reads.clear()
@@ -789,7 +789,7 @@ def test_sigterm_stops_the_watch_as_ctrl_c_does(grpo_fixture, tmp_path):
 
 _POLL_THAT_WAITS = """
 import signal, sys
-from stabledrl_cli.replay import follow
+from stabledrl_cli.replay import follow, incremental
 def poll(self):
     sys.stderr.write("polling\\n")
     sys.stderr.flush()

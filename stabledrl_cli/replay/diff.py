@@ -15,7 +15,7 @@ Two values a, b (a from run A, b from run B) agree within the tolerance when
 at the first step where inputs, log-probabilities or scalars differ; steps only one run holds
 are listed, not counted as parting. Around the parting step the figures of each run are set
 side by side: reward and grad norm as recorded, discard fraction and risk of the run's own
-policy replayed (`follow.OwnReplay`, over the run's steps up to the last one shown).
+policy replayed (`incremental.OwnReplay`, over the run's steps up to the last one shown).
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def _figures(
     """step -> FIGURES of `run` at `steps` (its own policy replayed over the run's steps up to
     the last of them; its figures None, with a warning, when its steps lack a field it
     needs)."""
-    from stabledrl_cli.replay.follow import OwnReplay  # torch: only for runs that part
+    from stabledrl_cli.replay.incremental import OwnReplay  # torch: only for runs that part
 
     follower = OwnReplay(run, config)
     try:
