@@ -639,3 +639,16 @@ def test_an_output_that_cannot_be_written_comes_after_the_verdict(runs, tmp_path
         assert not data["ok"] and data["tripped"] >= 1 and data["wrote"]["junit"] is None
     else:
         assert "max_collapsed" in result.stdout and "FAILED" in result.stdout
+
+
+def test_a_baseline_gating_no_policy_checks_a_policy_run_on_its_observed_figures(tmp_path):
+    """A baseline whose `policies` is empty gates a run with policy batches on `observed`
+    alone: its empty list of policies is not passed on as a replay of none."""
+    repo = Path(__file__).resolve().parent.parent
+    baseline = json.loads((repo / "fixtures" / "grpo.baseline.json").read_text())
+    baseline["policies"] = {}
+    written = tmp_path / "observed-only.json"
+    written.write_text(json.dumps(baseline))
+    result = runner.invoke(app, ["check", str(repo / "fixtures" / "grpo"), "-b", str(written)])
+    assert result.exit_code == 0, result.output
+    assert "check passed" in result.output

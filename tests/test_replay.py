@@ -677,6 +677,17 @@ def test_config_validation():
             sd.replay(REPO / "fixtures" / "grpo", ["grpo"], engine=not_engine)  # type: ignore[arg-type]
 
 
+def test_an_empty_list_of_policies_is_refused_not_the_catalogue():
+    """`policies=[]` (say, a list filtered down to nothing) replayed the run's own policy and
+    the whole standard catalogue, ten policies nobody asked for; None still means that."""
+    run = REPO / "fixtures" / "grpo"
+    for nothing in ([], ()):
+        with pytest.raises(UsageError, match=r"^no policy to replay \(an empty list\)"):
+            sd.replay(run, nothing)
+    replayed = [p.spec for p in sd.replay(run, None).policies]  # grpo, the own one, is in it
+    assert replayed == [get_policy(s).spec for s in STANDARD_CATALOGUE]
+
+
 def test_replay_run_accepts_an_opened_run(plain_run):
     run = sd.open_run(plain_run)
     result = replay_run(run, ["reinforce"], config=ReplayConfig(device="cpu"))

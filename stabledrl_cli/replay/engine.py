@@ -84,12 +84,18 @@ def resolve_policies(run: Run, specs: PolicySpecs) -> tuple[list[Policy], int | 
 
     No specs: the run's own policy, then the standard catalogue, deduplicated by canonical spec.
     With specs: exactly those (deduplicated), the own one marked where one matches.
-    Unknown specs raise UsageError (exit 2).
+    Unknown specs raise UsageError (exit 2), and so does an empty list: a list filtered down
+    to nothing replays nothing, not the catalogue.
     """
     own = own_policy(run)
     if isinstance(specs, (str, Policy)):
         specs = [specs]
-    if specs:
+    if specs is not None and not specs:
+        raise UsageError(
+            "no policy to replay (an empty list): name one, or pass None for the run's own "
+            "policy and the standard catalogue"
+        )
+    if specs is not None:
         candidates = [get_policy(s) for s in specs]
     else:
         candidates = ([own] if own is not None else []) + [
@@ -366,8 +372,8 @@ def replay(
 ) -> ReplayResult:
     """`stabledrl replay` as a function: the same results as the CLI, as Python objects.
 
-    run: a run directory, archive or URL (or an opened Run); policies: a spec, or a list of
-    specs (None: the run's own policy plus the standard catalogue); engine: where the
+    run: a run directory, archive or URL (or an opened Run); policies: a spec, or a non-empty
+    list of specs (None: the run's own policy plus the standard catalogue); engine: where the
     streaming pass runs (None or "local": this process; "ray" or
     `ray_engine.RayEngine(...)`: a Ray cluster); the other
     arguments are `ReplayConfig`'s (None: its default). `.to_json()` of the result prints the
