@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -820,3 +821,30 @@ def test_a_bad_metrics_group_is_refused_before_the_replay(plain_run, tmp_path, o
         "error: --metrics 'bogus' is not one of trl, verl, counts"
     ]
     assert result.stdout == "" and not plot.exists()
+
+
+def test_no_report_is_written_inside_the_run_it_reads(tmp_path):
+    """`replay --out RUN/manifest.json` replaced the run's manifest with the report (exit 0;
+    every reader then refused the run, exit 3); a --plot, --write-baseline or --junit could do
+    the same to any of its files, or through a link to the run. Each is refused before any
+    replay, as `pack` refuses an archive inside the run."""
+    run = tmp_path / "run"
+    shutil.copytree(REPO / "fixtures" / "grpo", run)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    (tmp_path / "link").symlink_to(run)
+    refused = [
+        ["replay", str(run), "-p", "grpo", "--out", str(run / "manifest.json")],
+        ["replay", str(run), "-p", "grpo", "--out", str(tmp_path / "link" / "report.h5")],
+        ["check", str(run), "--max-collapsed", "0", "--junit", str(run / "steps" / "j.xml")],
+        ["check", str(run), "--write-baseline", str(run / "baseline.json")],
+        ["tune", str(run), "-p", "stabledrl:c=3..5:2", "--plot", str(run / "tune.png")],
+    ]
+    for args in refused:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert f"is inside the run {run}; write it outside the run" in result.output, args
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    beside = tmp_path / "report.h5"
+    result = runner.invoke(app, ["replay", str(run), "-p", "grpo", "--out", str(beside)])
+    assert result.exit_code == 0, result.output
+    assert beside.is_file()

@@ -265,7 +265,7 @@ def command(
             "nothing to check: give --baseline FILE, a --max-collapsed / --max-discard-frac / "
             "--max-nonfinite / --max-spikes limit, --fail-on-collapse, or --write-baseline FILE"
         )
-    check_outputs(plot, {"--write-baseline": write_baseline_path, "--junit": junit})
+    check_outputs(run, plot, {"--write-baseline": write_baseline_path, "--junit": junit})
     baseline = load_baseline(baseline_path) if baseline_path is not None else None
     with option_names():
         settings = check_settings(

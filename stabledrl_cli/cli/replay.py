@@ -14,6 +14,7 @@ options and the run never load torch (tests/test_startup.py).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -87,9 +88,14 @@ def option_names() -> Iterator[None]:
         raise UsageError(f"{flag} {exc.problem}") from None
 
 
-def check_outputs(plot: Path | None, targets: dict[str, Path | None]) -> None:
-    """Before the replay: the output files' directories exist (targets: option -> path), and
-    a plot can be drawn (a missing extra fails fast, exit 2)."""
+def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) -> None:
+    """Before the replay: the output files' directories exist (targets: option -> path), none
+    lies inside the run read (`run`, a directory or an archive: a report there would replace
+    one of its files, or sit among them, as `pack` refuses too), and a plot can be drawn (a
+    missing extra fails fast, exit 2)."""
+    for flag, target in {**targets, "--plot": plot}.items():
+        if target is not None and _inside(target, run):
+            raise UsageError(f"{flag} {target} is inside the run {run}; write it outside the run")
     for flag, target in targets.items():
         if target is not None and not target.parent.is_dir():
             raise UsageError(f"{flag} {target}: directory {target.parent} does not exist")
@@ -99,6 +105,16 @@ def check_outputs(plot: Path | None, targets: dict[str, Path | None]) -> None:
         except UsageError as exc:
             raise UsageError(f"--plot {exc}") from None
         require_matplotlib()
+
+
+def _inside(target: Path, run: str) -> bool:
+    """Whether `target` is the local run `run` (an archive) or lies in its directory, links
+    resolved (realpath: a link loop at `target` is no error here). A URL other than a
+    file:// one holds no local file."""
+    local = run.removeprefix("file://")
+    if "://" in local:
+        return False
+    return Path(os.path.realpath(target)).is_relative_to(os.path.realpath(local))
 
 
 def note_skipped(result: ReplayResult) -> None:
@@ -270,7 +286,7 @@ def command(
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Replay a recorded run through the policy catalogue (one-step counterfactuals)."""
-    check_outputs(plot, {"--out": out_path})
+    check_outputs(run, plot, {"--out": out_path})
     groups = metric_groups(metrics)
     with option_names():
         config = replay_config(

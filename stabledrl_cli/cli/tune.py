@@ -142,7 +142,7 @@ def command(
     from stabledrl_cli.replay.engine import own_policy
 
     settings = expand_all(sweeps)
-    check_outputs(plot, {})
+    check_outputs(run, plot, {})
     chosen = replay_engine(engine, workers, ray_address)
     opened = open_run(run)
     specs = list(settings)
