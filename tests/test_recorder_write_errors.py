@@ -240,3 +240,17 @@ def test_a_file_written_through_atomic_path_under_a_file_is_a_write_error(tmp_pa
     target = tmp_path / "file" / "out.h5"
     with pytest.raises(WriteError, match=r"out\.h5"), _atomic.atomic_path(target) as temp:
         temp.open("w")
+
+
+def test_rewrite_step_before_any_step_says_so(tmp_path):
+    """rewrite_step with no step logged said 'rewrites the last step (None), not 0'."""
+    from stabledrl_cli.errors import UsageError
+
+    with sd.Recorder(tmp_path / "run", policy=None) as rec:
+        with pytest.raises(UsageError, match=r"^rewrite_step\(0\) before any step was logged$"):
+            rec.rewrite_step(0, grad_norm=1.0)
+        rec.log_step(0, grad_norm=1.0)
+        with pytest.raises(UsageError, match=r"rewrites the last step \(0\), not 1$"):
+            rec.rewrite_step(1, grad_norm=1.0)
+        rec.rewrite_step(0, grad_norm=2.0)
+    assert sd.open_run(tmp_path / "run").step_numbers == [0]

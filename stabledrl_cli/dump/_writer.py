@@ -391,6 +391,8 @@ class Recorder:
             if self.stopped is not None:
                 return
             step = _step_number(step)
+            if self._rewriting and self._last_step is None:
+                raise UsageError(f"rewrite_step({step}) before any step was logged")
             if self._rewriting and step != self._last_step:
                 raise UsageError(
                     f"rewrite_step rewrites the last step ({self._last_step}), not {step}"
