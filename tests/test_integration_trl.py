@@ -238,6 +238,44 @@ def test_no_run_directory_is_a_usage_error(
         )
 
 
+def test_a_run_directory_other_than_records_out_is_refused_in_one_line(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """Under `stabledrl record --out other`, a trainer given stabledrl_out="mine" would record
+    into mine while the optimizer hooks stand down: record then found no step in other and
+    said no optimizer.step() ran. The trainer refuses it before training, in one line."""
+    script = (
+        "from tiny_grpo import *\n"
+        "from stabledrl_cli.integrations.trl import RecordingGRPOTrainer\n"
+        "RecordingGRPOTrainer(model=tiny_model(), reward_funcs=count_b,\n"
+        "    args=tiny_config('o', max_steps=1), train_dataset=tiny_dataset(),\n"
+        "    processing_class=tiny_tokenizer(), stabledrl_out='mine').train()\n"
+    )
+    cmd = [*cli_command(), "record", "--out", "other", "--", sys.executable, "-c", script]
+    done = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: RecordingGRPOTrainer's stabledrl_out=mine is not the run directory of "
+        f"`stabledrl record --out`, {tmp_path / 'other'}: leave stabledrl_out out (it "
+        "defaults to record's --out) or give both the same directory"
+    ], done.stderr
+    assert not (tmp_path / "mine").exists() and not (tmp_path / "o").exists()
+
+
+def test_records_out_given_again_as_stabledrl_out_is_taken(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The same directory, named another way (relative to the working directory), is no
+    conflict."""
+    from stabledrl_cli.integrations._trl_trainer import run_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STABLEDRL_RUN_DIR", str(tmp_path / "run"))
+    assert run_dir("run", False, "RecordingGRPOTrainer") == (Path("run"), False)
+
+
 # -- parity with TRL, per loss type ----------------------------------------------------------
 
 

@@ -55,10 +55,18 @@ class's MRO (at run time, object)."""
 
 def run_dir(out: str | os.PathLike[str] | None, overwrite: bool, trainer: str) -> tuple[Path, bool]:
     """(directory, overwrite): `out`, else $STABLEDRL_RUN_DIR (set by `stabledrl record`,
-    which also passes --force); UsageError naming `trainer` when neither is there."""
-    if out is not None:
-        return Path(out), overwrite
+    which also passes --force); UsageError naming `trainer` when neither is there, or when
+    `out` is another directory than record's --out (whose optimizer hooks stand down for the
+    trainer: record would find no step there)."""
     env = os.environ.get(ENV_RUN_DIR)
+    if out is not None:
+        if env and os.path.realpath(out) != os.path.realpath(env):
+            raise UsageError(
+                f"{trainer}'s stabledrl_out={os.fspath(out)} is not the run directory of "
+                f"`stabledrl record --out`, {env}: leave stabledrl_out out (it defaults to "
+                "record's --out) or give both the same directory"
+            )
+        return Path(out), overwrite
     if not env:
         raise UsageError(
             f"{trainer} needs a run directory: pass stabledrl_out=DIR, or run the "
@@ -101,7 +109,8 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
     Arguments: those of the TRL trainer, plus `stabledrl_out` (the run directory; default
     $STABLEDRL_RUN_DIR from `stabledrl record --out DIR -- ...`) and `stabledrl_overwrite`
     (replace an existing run). Raises UsageError at construction when there is no run
-    directory or the configuration cannot be expressed by the catalogue.
+    directory, `stabledrl_out` is another one than record's --out, or the configuration
+    cannot be expressed by the catalogue.
     """
 
     _sd_trainer: str

@@ -7,7 +7,8 @@
     trainer.train()
 
 `RecordingGRPOTrainer` takes `trl.GRPOTrainer`'s arguments plus `stabledrl_out` (the run
-directory; under `stabledrl record --out DIR -- python train.py` it defaults to DIR) and
+directory; under `stabledrl record --out DIR -- python train.py` it defaults to DIR, and
+another directory is refused) and
 `stabledrl_overwrite`. Every optimizer step is recorded, numbered as TRL's `log_history`
 numbers it, from the tensors TRL's loss used; the run's policy is the catalogue spec that
 reproduces TRL's loss (`policy_for_config`, table in `_trl_policy`). `RecordingRLOOTrainer`
