@@ -379,6 +379,23 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
     assert ("loss_weight" in step) == case.startswith("entropy-mask")
 
 
+def test_inner_step_counts_the_updates_since_the_steps_oldest_rollout(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """gradient_accumulation_steps (3) and steps_per_generation (2) that do not divide each
+    other: a rollout is generated mid-step, and the next step begins on it after one update
+    (step 2; step 3 ends the epoch's 8 micro-batches after 2). inner_step 0 (the noise floor's
+    steps) is a step whose every micro-batch is on-policy."""
+    out = tmp_path / "run"
+    config = {"gradient_accumulation_steps": 3, "steps_per_generation": 2, "num_iterations": 1}
+    train(tiny, out, per_device_train_batch_size=2, num_generations=2, **config)
+    run = sd.open_run(out)
+    assert [step.scalars["inner_step"] for step in run] == [0, 1, 0, 0]
+    for step in run:
+        on_policy = torch.equal(step["logp"], step["logp_old"])
+        assert on_policy == (step.scalars["inner_step"] == 0), step.step
+
+
 def test_on_policy_grpo_loss_of_zero_is_not_a_parity_failure(tiny: Any, tmp_path: Path) -> None:
     """On-policy grpo (num_iterations=1, steps_per_generation = gradient_accumulation_steps)
     with whole groups in each step: TRL's loss is a sum that cancels to zero, logged as its

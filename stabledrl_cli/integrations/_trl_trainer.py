@@ -6,7 +6,9 @@ The overrides are minimal and call the parent; what each one reads (TRL's source
 GRPO and RLOO trainers share these methods):
 - `_calculate_rewards`: the rewards of the generation batch, gathered over ranks;
 - `_generate_and_score_completions`: tags each row with its global prompt-group id and reward
-  (per-row tensors travel with the rows through TRL's shuffle and split);
+  (per-row tensors travel with the rows through TRL's shuffle and split), and notes the
+  optimizer steps taken so far (a step's inner_step: the steps taken since its first
+  micro-batch's rollout);
 - `_compute_loss` (per micro-batch), with `_get_per_token_logps_and_entropies` read while it
   runs (GRPO's also `get_high_entropy_mask` and `get_off_policy_mask`): the current
   log-probs, the masks TRL multiplied into the loss, and TRL's normaliser;
@@ -136,6 +138,9 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         self._sd_seen: dict[str, torch.Tensor] | None = None
         self._sd_rewards: torch.Tensor | None = None
         self._sd_groups = 0
+        self._sd_rollout_step = 0
+        """The optimizer steps taken when TRL generated the rollout its micro-batches use now
+        (the latest): a micro-batch's inner_step counts the steps taken since."""
         self._sd_begins: tuple[str, int | None] | None = None
         """(run directory's real path, checkpoint step) of the run train() opens as its
         training begins (`_sd_begin`)."""
@@ -252,12 +257,14 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
 
     def _generate_and_score_completions(self, inputs: Any) -> Any:
         output = super()._generate_and_score_completions(inputs)
-        if self._sd_recording() and self._sd_rewards is not None:
-            assert self._sd_buffer is not None
-            try:
-                self._sd_tag_rows(output, len(inputs))
-            except Exception as exc:
-                self._sd_buffer.warn("the rollout's groups and rewards", exc)
+        if self._sd_recording():
+            self._sd_rollout_step = int(self.state.global_step)
+            if self._sd_rewards is not None:
+                assert self._sd_buffer is not None
+                try:
+                    self._sd_tag_rows(output, len(inputs))
+                except Exception as exc:
+                    self._sd_buffer.warn("the rollout's groups and rewards", exc)
         return output
 
     def _sd_tag_rows(self, output: dict[str, Any], local_rows: int) -> None:
@@ -293,8 +300,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         finally:
             seen, self._sd_seen = self._sd_seen, None
         try:
-            generate_every = self.args.steps_per_generation * self.num_iterations
-            inner = (self._step % generate_every) // self.args.gradient_accumulation_steps
+            inner = int(self.state.global_step) - self._sd_rollout_step
             self._sd_buffer.add(self._sd_micro_batch(inputs, loss, seen), inner_step=inner)
         except Exception as exc:
             self._sd_buffer.warn("a micro-batch", exc)
