@@ -1365,6 +1365,43 @@ def test_steps_and_micro_batches_without_a_scored_token_are_recorded_and_replaye
         assert -own.steps[step.step]["objective"] == pytest.approx(step.scalars["loss"], abs=1e-6)
 
 
+class LosslessEngine(StubEngine):
+    """A stub engine whose micro-batches never reach the loss function (verl's distillation
+    loss needs a teacher's top-k log-probs the stub rollout has not)."""
+
+    def forward_backward_batch(
+        self, data: TensorDict, loss_function: Any, forward_only: bool = False
+    ) -> dict[str, Any]:
+        return {"metrics": {}}
+
+
+def test_distillation_loss_is_refused_in_one_line_and_training_goes_on(
+    hooked: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With `distillation.enabled` the actor trains on verl's `distillation_ppo_loss`, which
+    the catalogue cannot express: one warning naming it (and `stabledrl record` is told), no
+    step recorded, and every update runs. It passed through unreported: `stabledrl record`
+    then said no optimizer step had run at all."""
+    from verl.trainer.distillation.losses import distillation_ppo_loss
+
+    run_dir, status = hooked
+    config = actor_config()
+    loss = functools.partial(distillation_ppo_loss, config=config, distillation_config=None)
+    engine = LosslessEngine()
+    data = rollout()
+    outputs = []
+    for mb in tu.make_iterator(data, mini_batch_size=6, epochs=1, seed=0):
+        tu.assign_non_tensor(mb, global_batch_size=6)
+        outputs.append(engine.train_batch(mb, loss_function=loss))
+    assert [o["metrics"]["grad_norm"] for o in outputs] == [0.7, 0.7]
+    stabledrl_verl.uninstall()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl" in line]
+    assert len(warnings) == 1
+    assert "cannot record this verl run: on-policy distillation" in warnings[0]
+    assert status.read_text().startswith("2\t")
+    assert not (run_dir / "steps").exists() or not list((run_dir / "steps").iterdir())
+
+
 def test_other_losses_pass_through(hooked: Any) -> None:
     """Critic, SFT or any other loss function: not recorded, not touched."""
     calls = []

@@ -30,6 +30,7 @@ from stabledrl_cli.integrations._verl_capture import (
 )
 from stabledrl_cli.integrations._verl_policy import (
     agg_mode,
+    distillation_refused,
     loss_mode,
     policy_for_actor_config,
 )
@@ -99,13 +100,25 @@ class Session:
         return self.recorder
 
 
-def _is_actor_loss(loss_function: Any) -> bool:
-    """True for the actor's `functools.partial(ppo_loss, config=...)`."""
+def _is_partial_of(loss_function: Any, module: str, name: str) -> bool:
+    """True for a `functools.partial(module.name, config=...)`."""
     func = getattr(loss_function, "func", None)
     return (
-        getattr(func, "__name__", "") == "ppo_loss"
-        and getattr(func, "__module__", "") == "verl.workers.utils.losses"
+        getattr(func, "__name__", "") == name
+        and getattr(func, "__module__", "") == module
         and "config" in getattr(loss_function, "keywords", {})
+    )
+
+
+def _is_actor_loss(loss_function: Any) -> bool:
+    """True for the actor's `functools.partial(ppo_loss, config=...)`."""
+    return _is_partial_of(loss_function, "verl.workers.utils.losses", "ppo_loss")
+
+
+def _is_distillation_loss(loss_function: Any) -> bool:
+    """True for the actor's loss under `distillation.enabled` (`distillation_ppo_loss`)."""
+    return _is_partial_of(
+        loss_function, "verl.trainer.distillation.losses", "distillation_ppo_loss"
     )
 
 
@@ -126,6 +139,9 @@ def train_batch_hook(session: Session) -> Callable[..., Any]:
 
     @functools.wraps(original)
     def train_batch(self: Any, data: TensorDict, loss_function: LossFunction) -> Any:
+        refused = _is_distillation_loss(loss_function) and not session.off
+        if refused and self.is_mp_src_rank_with_outputs():
+            session.fail(distillation_refused(), f"recording step {session.step}")
         recording = not session.off and _is_actor_loss(loss_function)
         if not (recording and self.is_mp_src_rank_with_outputs()):
             return original(self, data, loss_function)

@@ -53,7 +53,8 @@ wrong): clip_cov (a random draw among each micro-batch's tokens), geo_mean with 
 (verl normalises its KL term by loss_agg_mode, gmpo's by its own row mean), sapo with
 use_kl_loss unless loss_agg_mode is seq-mean-token-mean (verl's sapo term is always
 seq-mean-token-mean, its KL term loss_agg_mode's; beta shares the policy term's); dro, bypass_mode
-and any user-registered loss mode; KL types other than low_var_kl and k3 (k1, abs, k2, the
+and any user-registered loss mode; on-policy distillation (`distillation_ppo_loss`, refused
+by the hook on the engine); KL types other than low_var_kl and k3 (k1, abs, k2, the
 straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`); kl_cov and dppo of a
 model whose log-probs are float64 (a float32 recording cannot compute in them as verl does);
 seq-mean-token-sum-norm with a `loss_scale_factor` that is not a whole number (max_len is an
@@ -140,6 +141,14 @@ def _aggregation(mode: str, config: Any, response_width: int) -> dict[str, SpecV
             )
         params["max_len"] = int(factor if factor is not None else response_width)
     return params
+
+
+def distillation_refused() -> UsageError:
+    """The refusal of an actor that trains on verl's distillation loss."""
+    return _refuse(
+        "on-policy distillation (distillation.enabled): the actor's loss, verl's "
+        "distillation_ppo_loss, adds a teacher's distillation loss the catalogue has no term for"
+    )
 
 
 _CLIP_COV = (

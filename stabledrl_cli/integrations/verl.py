@@ -23,7 +23,9 @@ What is hooked, in the worker process:
   is wrapped: after verl's own loss, the tensors it used (`capture_micro_batch`) are taken,
   and the engine's `optimizer_step()` is shadowed on the instance for the step to read the
   pre-clip norm it returns (verl skips the update when it is not finite: `update_skipped`).
-  Critic, SFT and distillation losses pass through untouched.
+  Critic and SFT losses pass through untouched; the actor's loss under on-policy
+  distillation (`distillation_ppo_loss`) is refused like a configuration the catalogue
+  cannot express (below).
 - `TrainingWorker.train_mini_batch`: once per rollout, the data-parallel ranks exchange their
   `uid`s (one `all_gather_object`), so prompt groups get the same global id on every rank and
   a group with members on another rank or in another mini-batch is marked `group_split`.
