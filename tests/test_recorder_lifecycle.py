@@ -412,3 +412,25 @@ def test_close_over_a_manifest_replaced_while_recording_never_raises(tmp_path, m
         pytest.fail("close waited on the FIFO")
     assert raised == []
     assert (run / "steps" / "step-00000000.safetensors").is_file()
+
+
+@pytest.mark.parametrize("async_writes", [False, True])
+def test_a_recorder_on_a_relative_path_keeps_writing_there_after_a_chdir(
+    tmp_path, monkeypatch, async_writes
+):
+    """A Recorder made on a relative path writes its run where that path named when it was
+    made, whatever working directory the process moves to later (hydra's job chdir, a
+    script's own os.chdir): the later steps failed to write (no such directory), and with
+    async writes a step logged before the chdir, still queued, was lost too."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(start)
+    rec = sd.Recorder("run", policy=None, async_writes=async_writes)
+    rec.log_step(0, loss=1.0)
+    monkeypatch.chdir(elsewhere)
+    rec.log_step(1, loss=0.5)
+    rec.close()
+    assert sd.open_run(start / "run").step_numbers == [0, 1]
+    assert json.loads((start / "run" / "manifest.json").read_text())["recording_closed"]
+    assert not list(elsewhere.iterdir())

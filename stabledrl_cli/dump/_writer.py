@@ -209,7 +209,9 @@ class Recorder:
     or overwrites it, or when a resume replaces steps (`_setup`). With `world_size > 1`
     every rank makes its own Recorder on the same path; rank 0 writes the manifest, each rank
     its own step files. `group_ids="global"` says that
-    the recorded group_ids are prompt-group ids shared by all ranks.
+    the recorded group_ids are prompt-group ids shared by all ranks. A relative `path` is
+    taken from the working directory as the Recorder is made: a later `os.chdir` of the
+    process (hydra's job chdir, say) does not move the run.
     """
 
     def __init__(
@@ -266,7 +268,7 @@ class Recorder:
             raise UsageError("policy_params go with a policy; policy=None records none")
         if policy_params is not None:
             policy_params = _object(policy_params, "policy_params")
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # where it is now: the process may chdir later
         self._fixed_time = _fixed_time()
         self._steps_dir = os.fspath(self.path / STEPS_DIR)
         self.unit = unit
