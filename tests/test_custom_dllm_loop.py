@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,26 @@ def test_stabledrl_style_under_record(tmp_path: Path, monkeypatch: pytest.Monkey
     # a fresh mask at theta == theta_old: log r is masking noise, not zero
     assert (first["logp"] - first["logp_old"]).abs().max() > 0
     _assert_replay_gives_the_loops_loss(run)
+
+
+def test_under_the_optimizer_hooks_pretraining_numbers_the_run_as_the_page_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/custom-loops.md, on why the example is recorded with --no-optimizer-hooks: under
+    the hooks its pretraining steps number the run, so RL batch 0 falls behind the last of
+    them and recording stops (exit 2). The step the page names is the last of the example's
+    default pretraining (the page said 9, of 100 pretraining steps: 99)."""
+    default = re.search(r'"--pretrain-steps", type=int, default=(\d+)', EXAMPLE.read_text())
+    said = re.search(r"fall behind\s+step (\d+)", (ROOT / "docs" / "custom-loops.md").read_text())
+    assert default and said
+    assert int(said.group(1)) == int(default.group(1)) - 1
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.delenv("STABLEDRL_RUN_DIR", raising=False)
+    cmd = ["record", "--out", str(tmp_path / "run"), "--", sys.executable, str(EXAMPLE), *BRIEF]
+    result = CliRunner().invoke(app, cmd)
+    assert result.exit_code == 2, result.output
+    assert "step 0 does not follow step 9;" in " ".join(result.output.split())  # of 10 steps
 
 
 def test_d1_style_with_a_recorder(tmp_path: Path) -> None:
