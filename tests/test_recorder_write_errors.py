@@ -254,3 +254,26 @@ def test_rewrite_step_before_any_step_says_so(tmp_path):
             rec.rewrite_step(1, grad_norm=1.0)
         rec.rewrite_step(0, grad_norm=2.0)
     assert sd.open_run(tmp_path / "run").step_numbers == [0]
+
+
+def test_a_failed_write_at_the_end_of_a_with_block_leaves_the_trainings_own_error(
+    tmp_path, monkeypatch, capfd
+):
+    """The training raised inside `with Recorder(...)` while a queued step's write failed:
+    the training's exception goes on, and the write's failure is one warning line. The close
+    raised WriteError in its place, so the traceback ended on the recording's failure (and
+    under `stabledrl record`, which prints a stabledrl error as one line, the training's
+    error was not shown at all). With no exception under way, the close still raises it."""
+    rec = sd.Recorder(tmp_path / "run", async_writes=True)
+    _fail_after(monkeypatch, calls=0, error=errno.ENOSPC)
+    with pytest.raises(RuntimeError, match="the training's own error"), rec:
+        rec.log_step(0, **_flat(0))
+        raise RuntimeError("the training's own error")
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 1 and "step-00000000.safetensors" in lines[0]
+    assert "no space left on device" in lines[0]
+    monkeypatch.undo()
+    other = sd.Recorder(tmp_path / "other", async_writes=True)
+    _fail_after(monkeypatch, calls=0, error=errno.ENOSPC)
+    with pytest.raises(WriteError, match="no space left on device"), other:
+        other.log_step(0, **_flat(0))

@@ -17,7 +17,8 @@ has no mark, so a killed recording never leaves one; `resume=True` and `overwrit
 remove it.
 
 A failed write (a full disk, a read-only directory) raises WriteError (exit 4) naming the
-file, from `log_step` (synchronous) or from the next `log_step`, `flush` or `close` (async);
+file, from `log_step` (synchronous) or from the next `log_step`, `flush` or `close` (async;
+a close as a `with` block ends on an exception warns instead: the block's exception goes on);
 its temporary file is removed and the steps written before it stay intact. A failed
 `rewrite_step` also removes the step's earlier file (its first half, which would otherwise
 read as a whole step), as far as the directory lets it: that step is not recorded. With
@@ -568,8 +569,16 @@ class Recorder:
     def __enter__(self) -> Recorder:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
+        """Closes the Recorder. When the block raised, its exception goes on: a failed write
+        that the close reports (async writes) is then a warning, not an error in its place."""
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except WriteError as error:
+            warn(f"stabledrl: warning: {error}\n")
 
     def __repr__(self) -> str:
         return f"Recorder({str(self.path)!r}, unit={self.unit!r}, rank={self.rank})"
