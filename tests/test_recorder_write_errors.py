@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import numpy as np
@@ -277,3 +279,40 @@ def test_a_failed_write_at_the_end_of_a_with_block_leaves_the_trainings_own_erro
     _fail_after(monkeypatch, calls=0, error=errno.ENOSPC)
     with pytest.raises(WriteError, match="no space left on device"), other:
         other.log_step(0, **_flat(0))
+
+
+AT_EXIT = """
+import errno, gc, os, sys
+import numpy as np
+import stabledrl_cli as sd
+from stabledrl_cli import _atomic
+
+def no_space(fd, buffers):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+rec = sd.Recorder(sys.argv[1], async_writes=True)
+_atomic.os.writev = no_space
+flat = np.zeros(4, np.float32)
+rec.log_step(0, logp=flat, logp_old=flat, advantages=flat, seq_id=[0, 0, 1, 1])
+if sys.argv[2] == "dropped":
+    del rec
+    gc.collect()
+print("training done")
+"""
+
+
+@pytest.mark.parametrize("how", ["unclosed", "dropped"])
+def test_a_write_that_fails_as_the_process_exits_is_one_warning_line(tmp_path, how):
+    """An async Recorder left unclosed (or dropped) has its queue written at exit; when that
+    write fails, stderr has one line naming the step file, not Python's `Exception ignored
+    in atexit callback` and a traceback (unclosed), nor nothing at all (dropped)."""
+    done = subprocess.run(
+        [sys.executable, "-c", AT_EXIT, str(tmp_path / "run"), how],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout == "training done\n"
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "step-00000000.safetensors" in lines[0] and "no space left on device" in lines[0]

@@ -10,7 +10,7 @@ written. A step that is lost is lost whole: readers never see a partial file und
 name. `close()` (or leaving the `with` block) drains the queue; at exit, the queue of a
 Recorder that was never closed is drained too (even when the Recorder was dropped; in a child
 process of `multiprocessing`, as its target returns: `_child_end`), unless its caller closes
-it at exit itself (`closed_by_caller_at_exit`). Once
+it at exit itself (`closed_by_caller_at_exit`); a write that fails then is a warning line. Once
 its writes are done, `close()` marks a world_size 1 run `recording_closed` in its manifest
 (best effort): a reader following the run knows no step will come. An open Recorder's run
 has no mark, so a killed recording never leaves one; `resume=True` and `overwrite=True`
@@ -166,6 +166,8 @@ class _Writer(threading.Thread):
         """Steps to write, in order; None stops the thread."""
         self.error: BaseException | None = None
         self.error_step: int | None = None
+        self.reported = False
+        """Whether `error` has reached the Recorder's caller (raised, or warned about)."""
 
     def run(self) -> None:
         while True:
@@ -335,7 +337,9 @@ class Recorder:
         if async_writes:
             self._writer = _Writer(queue_size)
             self._writer.start()
-            self._at_exit = functools.partial(_close_at_exit, weakref.ref(self), self._writer)
+            self._at_exit = functools.partial(
+                _close_at_exit, weakref.ref(self), self._writer, self.path
+            )
             atexit.register(self._at_exit)
             self._cancel_at_child_end = at_child_end(self._at_exit)
 
@@ -519,10 +523,8 @@ class Recorder:
     def _raise_writer_error(self) -> None:
         if self._writer is not None and self._writer.error is not None and self.stopped is None:
             exc = self._writer.error
-            message = str(exc) if isinstance(exc, WriteError) else f"{self.path}: {exc}"
-            self._write_failed(
-                WriteError(f"recording failed: {message}"), self._writer.error_step, cause=exc
-            )
+            self._writer.reported = True
+            self._write_failed(_writer_failure(self.path, exc), self._writer.error_step, cause=exc)
 
     def _write_failed(
         self, error: WriteError, step: int | None, cause: BaseException | None = None
@@ -584,10 +586,25 @@ class Recorder:
         return f"Recorder({str(self.path)!r}, unit={self.unit!r}, rank={self.rank})"
 
 
-def _close_at_exit(ref: weakref.ref[Recorder], writer: _Writer) -> None:
-    """At exit: closes the Recorder; one dropped unclosed still has its queued steps written."""
+def _writer_failure(path: Path, exc: BaseException) -> WriteError:
+    """The error of the run at `path` whose writer thread failed with `exc`."""
+    message = str(exc) if isinstance(exc, WriteError) else f"{path}: {exc!r}"
+    return WriteError(f"recording failed: {message}")
+
+
+def _close_at_exit(ref: weakref.ref[Recorder], writer: _Writer, path: Path) -> None:
+    """At exit: closes the Recorder; one dropped unclosed still has its queued steps written.
+    A write that fails then is one warning line, unless its caller has been told already: no
+    caller is left to raise it to."""
+    reported = writer.reported
     recorder = ref()
-    if recorder is not None:
-        recorder.close()
-    else:  # (in a forked child the copy's thread is not alive: nothing to do)
-        writer.stop()
+    try:
+        if recorder is not None:
+            recorder.close()
+        else:  # (in a forked child the copy's thread is not alive: nothing to do)
+            writer.stop()
+            if writer.error is not None:
+                raise _writer_failure(path, writer.error)
+    except WriteError as error:
+        if not reported:
+            warn(f"stabledrl: warning: {error}\n")
