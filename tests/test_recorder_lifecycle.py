@@ -434,3 +434,17 @@ def test_a_recorder_on_a_relative_path_keeps_writing_there_after_a_chdir(
     assert sd.open_run(start / "run").step_numbers == [0, 1]
     assert json.loads((start / "run" / "manifest.json").read_text())["recording_closed"]
     assert not list(elsewhere.iterdir())
+
+
+def test_a_relative_path_in_a_removed_working_directory_is_a_write_error(tmp_path, monkeypatch):
+    """Made on a relative path while the working directory is gone (removed under the
+    process), a Recorder cannot be written: WriteError naming the path, not the
+    FileNotFoundError of taking the path from that directory."""
+    from stabledrl_cli.errors import WriteError
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(WriteError, match=r"^run: cannot write it \(No such file or directory\)"):
+        sd.Recorder("run")

@@ -67,6 +67,7 @@ from typing import Any, NamedTuple, SupportsIndex
 
 import numpy as np
 
+from stabledrl_cli._atomic import write_error
 from stabledrl_cli._child_end import at_child_end
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._inputs import ArrayInput, ScalarInput, build_step
@@ -271,7 +272,10 @@ class Recorder:
             raise UsageError("policy_params go with a policy; policy=None records none")
         if policy_params is not None:
             policy_params = _object(policy_params, "policy_params")
-        self.path = Path(path).absolute()  # where it is now: the process may chdir later
+        try:  # where it is now: the process may chdir later
+            self.path = Path(path).absolute()
+        except OSError as exc:  # a relative path in a working directory since removed
+            raise write_error(Path(path), exc) from None
         self._fixed_time = _fixed_time()
         self._steps_dir = os.fspath(self.path / STEPS_DIR)
         self.unit = unit
