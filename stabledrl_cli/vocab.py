@@ -85,9 +85,9 @@ Worse = Literal["higher", "lower"]
 """The direction in which a gated figure is a regression."""
 WORSE: tuple[Worse, ...] = get_args(Worse)
 
-SeriesStat = Literal["first", "last", "min", "max", "mean", "median"]
+SeriesStat = Literal["first", "last", "min", "max", "mean", "median", "tail"]
 """A whole-run statistic of a recorded scalar series (over its finite values), as a baseline's
-`recorded` section gates it."""
+`recorded` section gates it (`tail`: the mean of the last `recorded.TAIL_STEPS` values)."""
 SERIES_STATS: tuple[SeriesStat, ...] = get_args(SeriesStat)
 
 GroupIds = Literal["per_rank", "global"]

@@ -121,7 +121,7 @@ def test_written_baseline_holds_todays_figures(runs, baseline):
         "reward_mean": {
             stat: {"value": pytest.approx(0.805, abs=0.005), "worse": "lower", "abs_tol": 0.01,
                    "rel_tol": 0.1}
-            for stat in ("mean", "last")
+            for stat in ("mean", "tail")
         },
         "grad_norm": {
             stat: {"value": 1.0, "worse": "higher", "abs_tol": 0.0, "rel_tol": 0.25}

@@ -209,9 +209,40 @@ def test_check_with_a_baseline_passes_and_trips_on_a_scalar_run(tmp_path):
         "(run) baseline.recorded.clip_frac.mean",
         "(run) baseline.recorded.clip_frac.max",
         "(run) baseline.recorded.clip_frac_high.mean",
-        "(run) baseline.recorded.reward_mean.last",
+        "(run) baseline.recorded.reward_mean.tail",
     } <= tripped
     assert "(run) baseline.recorded.entropy.mean" not in tripped
+
+
+def _reward_run(path: Path, rewards: list[float]) -> Path:
+    """A scalar run of these per-step `reward_mean` values (grad norm 1 throughout)."""
+    with sd.Recorder(path, policy=None, reward_range=(0.0, 1.0)) as rec:
+        for step, reward in enumerate(rewards):
+            rec.log_step(step, reward_mean=reward, grad_norm=1.0)
+    return path
+
+
+def test_a_written_baseline_gates_where_the_reward_ended_not_its_last_batch(tmp_path):
+    """The written baseline gated `reward_mean.last`, one batch's mean reward, within 10%: a
+    healthy rerun whose last batch drew 0.45 against the baseline's lucky 0.6 tripped (exit 1)
+    on a reward steady at 0.5. It gates the mean of the last TAIL_STEPS steps (`tail`): a
+    rerun ending at the same level passes, one that ended lower trips."""
+    steady = [0.5] * (STEPS - 1)
+    baseline = tmp_path / "baseline.json"
+    wrote = runner.invoke(
+        app,
+        ["check", str(_reward_run(tmp_path / "a", [*steady, 0.6])), "--write-baseline",
+         str(baseline)],
+    )  # fmt: skip
+    assert wrote.exit_code == 0, wrote.output
+    rerun = run_cli("check", str(_reward_run(tmp_path / "b", [*steady, 0.45])), "-b", str(baseline))
+    assert rerun.returncode == 0, rerun.stderr
+    tail = json.loads(baseline.read_text())["recorded"]["reward_mean"]["tail"]
+    assert tail["value"] == pytest.approx(0.51)
+    lower = [*steady[:-9], *[0.4] * 10]
+    worse = run_cli("check", str(_reward_run(tmp_path / "c", lower)), "-b", str(baseline))
+    assert worse.returncode == 1
+    assert "baseline.recorded.reward_mean.tail" in worse.stderr
 
 
 def test_only_a_clip_fraction_regression_trips(tmp_path):

@@ -21,10 +21,11 @@ editable by hand:
 `collapse_warning_first_step` (worse lower) and the counts `spike_steps` (recorded grad-norm
 spikes) and `nonfinite_steps` (worse higher). `recorded` (optional) gates the run's recorded
 scalar series, any of them: name -> statistic (first, last, min, max, mean, median over the
-finite values) -> tolerance; `worse` may be left out for the standard scalars that have a
-direction (`recorded.SERIES_RULES`) and must be given for any other. A series the baseline names
-that the run did not record (or recorded with no finite value) trips. `policies` may be empty:
-a run without a policy batch (an imported log) is gated on `observed` and `recorded` alone.
+finite values, tail: the mean of the last 10) -> tolerance; `worse` may be left out for the
+standard scalars that have a direction (`recorded.SERIES_RULES`) and must be given for any
+other. A series the baseline names that the run did not record (or recorded with no finite
+value) trips. `policies` may be empty: a run without a policy batch (an imported log) is gated
+on `observed` and `recorded` alone.
 
 Each metric trips when today's figure is worse than `value` by more than
 `abs_tol + rel_tol * |value|` in the direction `worse` ("higher": a larger figure is worse;

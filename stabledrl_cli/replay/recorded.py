@@ -4,7 +4,8 @@ baseline's `recorded` section); they need no policy batch, so a scalar run (an i
 an optimizer-hook recording) has them too.
 
 A series statistic is taken over the finite values of the steps that recorded the scalar:
-first, last, min, max, mean, median (None when there is none); `nonfinite` counts the others.
+first, last, min, max, mean, median, tail (the mean of the last `TAIL_STEPS`) (None when there
+is none); `nonfinite` counts the others.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from stabledrl_cli.vocab import SeriesStat, Worse
 
 BOOKKEEPING_SCALARS = ("step", "wall_time")
 """Scalars every step has that say nothing about training: not summarized."""
+TAIL_STEPS = 10
+"""How many of a series' last finite values its `tail` averages (all of them when fewer): where
+the run ended, without the noise of its one last step (one batch's reward)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +43,8 @@ class SeriesStats:
     max: float | None
     mean: float | None
     median: float | None
+    tail: float | None
+    """The mean of the last `TAIL_STEPS` finite values."""
 
     def stat(self, name: SeriesStat) -> float | None:
         """One statistic by name (None: no finite value)."""
@@ -59,6 +65,7 @@ def series_stats(values: np.ndarray) -> SeriesStats:
         max=float(finite.max()) if some else None,
         mean=_in_range(np.mean, finite) if some else None,
         median=_in_range(np.median, finite) if some else None,
+        tail=_in_range(np.mean, finite[-TAIL_STEPS:]) if some else None,
     )
 
 
@@ -136,14 +143,15 @@ class SeriesRule:
 # What `check --write-baseline` records for the standard scalars a run has (docs/run-format.md).
 # A baseline may gate any recorded scalar by hand, naming its `worse`. Slack: a recorded
 # series is one run's noise, so means and medians may move by 10%, a maximum (one step) by 25%;
-# fractions also by one percentage point.
+# fractions also by one percentage point. Where a run ended is its `tail`, not its `last` step:
+# one batch's reward varies between healthy runs by more than 10%.
 SERIES_RULES: dict[str, SeriesRule] = {
-    "reward_mean": SeriesRule(worse="lower", stats=("mean", "last"), abs_tol=0.01, rel_tol=0.1),
+    "reward_mean": SeriesRule(worse="lower", stats=("mean", "tail"), abs_tol=0.01, rel_tol=0.1),
     "grad_norm": SeriesRule(worse="higher", stats=("median", "max"), abs_tol=0.0, rel_tol=0.25),
     "clip_frac": SeriesRule(worse="higher", stats=("mean", "max"), abs_tol=0.01, rel_tol=0.1),
     "clip_frac_low": SeriesRule(worse="higher", stats=("mean", "max"), abs_tol=0.01, rel_tol=0.1),
     "clip_frac_high": SeriesRule(worse="higher", stats=("mean", "max"), abs_tol=0.01, rel_tol=0.1),
-    "entropy": SeriesRule(worse="lower", stats=("mean", "last"), abs_tol=0.0, rel_tol=0.1),
+    "entropy": SeriesRule(worse="lower", stats=("mean", "tail"), abs_tol=0.0, rel_tol=0.1),
     "kl": SeriesRule(worse="higher", stats=("mean", "max"), abs_tol=0.0, rel_tol=0.25),
     # Machine-dependent: a direction for a hand-written gate, but never written by default.
     "step_time": SeriesRule(worse="higher", stats=(), abs_tol=0.0, rel_tol=0.25),
