@@ -57,6 +57,16 @@ def test_spike_flags_rule():
     assert spike_flags(np.array([])).shape == (0,)
 
 
+def test_zero_norms_are_left_out_of_the_spike_history():
+    """A step with no update (every advantage 0: a sparse reward no sample of the batch got)
+    has a zero norm. Such steps made the median 0, so every step that did update, of any size,
+    was a spike; they are left out of the history as non-finite ones are."""
+    values = np.zeros(40)
+    values[[8, 12, 17, 21, 26, 30, 33]] = [1.0, 1.3, 0.8, 1.1, 0.9, 1.2, 14.0]
+    assert np.flatnonzero(spike_flags(values)).tolist() == [33]  # 14 > 10 x median 1.05
+    assert not spike_flags(np.array([0.0] * 10 + [1.0] + [0.0] * 5 + [2.0])).any()
+
+
 def test_collapse_window_is_fixed_whatever_the_length():
     assert collapse_window(50) == collapse_window(1000) == DEFAULT_COLLAPSE_WINDOW == 10
 

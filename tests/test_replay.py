@@ -276,6 +276,35 @@ def test_spike_flagged_for_grpo_not_for_stabledrl(plain_run):
     assert result.best is not None and result.best.spec != "grpo"
 
 
+def test_a_sparse_reward_run_has_no_risk_steps(tmp_path):
+    """A hard task: most batches get no reward at all (every advantage 0, a zero update and a
+    zero recorded grad norm). Every step where some sample succeeded was a risk step of every
+    policy, and a recorded spike, against a median of zeros (a healthy 120-step run with 2%
+    success: 19 risk steps for each of the 10 policies, best none)."""
+    gen = np.random.default_rng(0)
+    group = np.arange(N_SEQ) // GROUP
+    with sd.Recorder(tmp_path / "run", policy="grpo", reward_range=(0.0, 1.0)) as rec:
+        for step in range(40):
+            reward = np.zeros(N_SEQ, dtype=np.float32)
+            if step % 4 == 3:  # one success in a group of 8, every fourth step
+                reward[gen.integers(N_SEQ)] = 1.0
+            means = np.bincount(group, weights=reward) / np.bincount(group)
+            advantages = (reward - means[group]).astype(np.float32)
+            logp_old = -gen.gamma(0.6, 1.5, size=(N_SEQ, 12)).astype(np.float32)
+            rec.log_step(
+                step,
+                logp=logp_old + 0.05 * gen.standard_normal(logp_old.shape).astype(np.float32),
+                logp_old=logp_old,
+                advantages=advantages,
+                group_id=group,
+                reward=reward,
+                grad_norm=float(np.abs(advantages).sum() * gen.uniform(0.8, 1.2)),
+            )
+    result = sd.replay(tmp_path / "run", ["grpo", "reinforce"], device="cpu")
+    assert [p.summary.collapsed_steps for p in result.policies] == [[], []]
+    assert result.observed.recorded_spike_steps == [] and result.best is not None
+
+
 def test_best_is_never_a_policy_with_risk_steps_nor_a_lone_policy(plain_run):
     alone = sd.replay(plain_run, ["stabledrl"], device="cpu")
     assert alone.best is None and not alone.policies[0].best  # nothing to compare with

@@ -241,7 +241,8 @@ COLUMNS: tuple[Column, ...] = (
     Column(
         name="spike",
         kind="bool",
-        meaning="update_norm above spike_factor x the median of the previous finite steps.",
+        meaning="update_norm above spike_factor x the median of the previous finite non-zero "
+        "steps.",
         derive=_spike,
         flag=True,
     ),

@@ -27,7 +27,7 @@ MAX_THREADS = 256
 """The most CPU threads any command computes with (torch crashed on 100000, and overflowed past
 2**31): more than a machine's cores only adds contention."""
 DEFAULT_SPIKE_FACTOR = 10.0
-"""A spike is an update norm above 10x the median of the previous finite steps."""
+"""A spike is an update norm above 10x the median of the previous finite non-zero steps."""
 SPIKE_HISTORY = 20
 """Previous finite steps whose median a spike is measured against."""
 SPIKE_MIN_HISTORY = 5
@@ -88,8 +88,8 @@ class ReplayConfig:
     """Steps computed side by side, each on one CPU thread (torch's intra-op threads stay at 1
     during the replay): the figures are the same for any count."""
     spike_factor: float = DEFAULT_SPIKE_FACTOR
-    """A spike: update_norm above this many times the median of the previous 20 finite steps.
-    The recorded run's grad-norm spikes (`Observed.recorded_spike_steps`) use it too."""
+    """A spike: update_norm above this many times the median of the previous 20 finite non-zero
+    steps. The recorded run's grad-norm spikes (`Observed.recorded_spike_steps`) use it too."""
     window: int = DEFAULT_WINDOW
     """Steps in the rolling mean of net_push that the drift detector tests."""
     drift_threshold: float = DEFAULT_DRIFT_THRESHOLD

@@ -58,30 +58,32 @@ def spike_flags(
     history: int = SPIKE_HISTORY,
     min_history: int = SPIKE_MIN_HISTORY,
 ) -> np.ndarray:
-    """values: [S] -> [S] bool: value > factor x median of the previous `history` finite values.
+    """values: [S] -> [S] bool: value > factor x median of the previous `history` finite,
+    non-zero values.
 
-    Needs `min_history` finite values before it; non-finite values are never spikes (they are
-    counted as non-finite) and are left out of the history.
+    Needs `min_history` such values before it; non-finite values are never spikes (they are
+    counted as non-finite) and are left out of the history, and so are zeros (a step with no
+    update: every advantage 0), which would make the median 0 and every update a spike.
     """
     values = np.asarray(values, dtype=np.float64)
     flags = np.zeros(values.shape[0], dtype=bool)
-    finite_index = np.flatnonzero(np.isfinite(values))
-    finite = values[finite_index]
-    if finite.shape[0] <= min_history:
+    kept_index = np.flatnonzero(np.isfinite(values) & (values != 0))
+    kept = values[kept_index]
+    if kept.shape[0] <= min_history:
         return flags
-    medians = np.full(finite.shape[0], np.nan)
+    medians = np.full(kept.shape[0], np.nan)
     # Values near float64's largest make a median (the mean of two middle values) or its
     # threshold overflow to inf: a threshold past the range, which no value exceeds.
     with np.errstate(over="ignore"):
         # Short histories (fewer than `history` values before) one by one; full ones vectorized.
-        for k in range(min_history, min(history, finite.shape[0])):
-            medians[k] = np.median(finite[:k])
-        if finite.shape[0] > history:
-            # windows[j] = finite[j : j + history]
-            windows = sliding_window_view(finite[:-1], history)
+        for k in range(min_history, min(history, kept.shape[0])):
+            medians[k] = np.median(kept[:k])
+        if kept.shape[0] > history:
+            # windows[j] = kept[j : j + history]
+            windows = sliding_window_view(kept[:-1], history)
             medians[history:] = np.median(windows, axis=1)
         checked = ~np.isnan(medians)
-        flags[finite_index[checked]] = finite[checked] > factor * medians[checked]
+        flags[kept_index[checked]] = kept[checked] > factor * medians[checked]
     return flags
 
 
