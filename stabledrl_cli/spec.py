@@ -45,6 +45,13 @@ def spec_float(text: str) -> float:
     return float(text)
 
 
+def reads_as_zero(text: str, value: float) -> bool:
+    """Whether `value`, `spec_float(text)`, is 0 where `text` names a nonzero number: one too
+    small for a float (`1e-400`: float() underflows), which a caller refuses rather than read
+    as 0."""
+    return value == 0 and any(digit in "123456789" for digit in text.lower().partition("e")[0])
+
+
 def split_spec(spec: str, kind: str = "policy") -> tuple[str, dict[str, str]]:
     """'ppo:eps_low=0.1' -> ('ppo', {'eps_low': '0.1'}); raw values, not yet typed. `kind`:
     what the spec names, for the error line (a policy, a guard)."""

@@ -203,6 +203,9 @@ def test_replay_report_counts_and_removed_norm() -> None:
     [
         ("zclap", "unknown guard 'zclap'"),
         ("zclip:alpha=1.5", "alpha must be in (0, 1)"),
+        # a nonzero value a float cannot hold: refused as itself, not checked as 0.0
+        ("zclip:alpha=1e-400", "zclip:alpha=1e-400': alpha: '1e-400' is too small for a float"),
+        ("skip-step:sigma=1e-999", "sigma: '1e-999' is too small for a float: it reads as 0"),
         ("zclip:warmup=two", "warmup must be int"),
         ("skip-step:window=3", "window must be an integer in [6, 1e+09]"),
         (f"skip-step:window={10**23}", "window must be an integer in [6, 1e+09]"),

@@ -9,7 +9,7 @@ import typing
 from typing import Literal
 
 from stabledrl_cli.errors import UsageError, quoted
-from stabledrl_cli.spec import INT_DIGITS, spec_float, spec_int
+from stabledrl_cli.spec import INT_DIGITS, reads_as_zero, spec_float, spec_int
 
 
 def base_type(hint: object) -> object:
@@ -29,7 +29,7 @@ def finite_number(key: str, text: str) -> float:
         raise UsageError(f"{key} expects a number, got {quoted(text)}") from None
     if not math.isfinite(value):
         raise UsageError(f"{key} expects a finite number, got {quoted(text)}")
-    if value == 0 and any(digit in "123456789" for digit in text.lower().partition("e")[0]):
+    if reads_as_zero(text, value):
         raise UsageError(f"{key}: {quoted(text)} is too small for a float: it reads as 0")
     return value
 

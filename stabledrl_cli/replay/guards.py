@@ -41,6 +41,7 @@ from stabledrl_cli.spec import (
     MAX_WINDOW,
     SPEC_SYNTAX,
     format_spec,
+    reads_as_zero,
     spec_float,
     spec_int,
     split_spec,
@@ -263,11 +264,17 @@ def make_guard(spec: str) -> Guard:
                 f"unknown key {quoted(key)} for guard {name!r}; valid: {', '.join(keys)}"
             )
         try:
-            params[key] = _PARSERS.get(kind, kind)(text)
+            value = _PARSERS.get(kind, kind)(text)
         except ValueError:
             raise UsageError(
                 f"guard {quoted(spec)}: {key} must be {kind.__name__}, got {quoted(text)}"
             ) from None
+        if isinstance(value, float) and reads_as_zero(text, value):
+            raise UsageError(
+                f"guard {quoted(spec)}: {key}: {quoted(text)} is too small for a float: it reads "
+                "as 0"
+            )
+        params[key] = value
     if name == "zclip":
         return ZClip(**params)  # type: ignore[arg-type]
     return SkipStep(**params)  # type: ignore[arg-type]
