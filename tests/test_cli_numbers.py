@@ -70,6 +70,18 @@ def test_each_numeric_option_refuses_what_only_python_reads_as_a_number(name, op
     assert line.endswith(f"(stabledrl {name} -h for help)")
 
 
+@pytest.mark.parametrize(("name", "option"), [(n, o) for n, o, kind in NUMERIC if kind is float])
+def test_each_float_option_refuses_a_number_too_small_for_a_float(name, option):
+    """`diff --atol 1e-400` compared with a tolerance of 0.0 (float() underflows) and
+    `replay --spike-factor 1e-400` was checked as 0.0: the value read is not the one given."""
+    result = CliRunner().invoke(app, [name, option, "1e-400"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(
+        f"error: Invalid value for '{option}': '1e-400' is too small for a float: it reads as 0"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -14,8 +14,9 @@ from pydantic_core import PydanticCustomError
 from typer._click.core import ParameterSource
 from typer._click.globals import get_current_context
 
+from stabledrl_cli.errors import quoted
 from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, DEFAULT_THREADS, MAX_THREADS
-from stabledrl_cli.spec import INT_DIGITS, SPEC_SYNTAX, spec_float, spec_int
+from stabledrl_cli.spec import INT_DIGITS, SPEC_SYNTAX, reads_as_zero, spec_float, spec_int
 from stabledrl_cli.vocab import Device, OutputFormat, ReplayEngine
 
 _INT_NOTATION = f"at most {INT_DIGITS} ASCII digits with an optional sign, such as 12"
@@ -24,9 +25,10 @@ _FLOAT_NOTATION = "ASCII decimal or exponent notation, such as 0.5 or 1e-4"
 
 class StrictNumber:
     """The parser of every numeric option: its text read as a spec's number (`spec_int`,
-    `spec_float`: ASCII digits, no `1_0`, no other script's digits, no spaces around), then
-    checked against the option's range. typer reads a number with int()/float() otherwise, and
-    skips an option's `min`/`max` once it has a parser, so the range is checked here.
+    `spec_float`: ASCII digits, no `1_0`, no other script's digits, no spaces around, no nonzero
+    number that reads as 0 such as `1e-400`), then checked against the option's range. typer
+    reads a number with int()/float() otherwise, and skips an option's `min`/`max` once it has a
+    parser, so the range is checked here.
 
     Its errors are pydantic's custom errors, whose text typer prints as is in its usage line
     (`Invalid value for '--threads': ...`, exit 2); a range error keeps typer's own words."""
@@ -49,6 +51,12 @@ class StrictNumber:
                     "{reason} ({notation})",
                     {"reason": str(exc), "notation": notation},
                 ) from None
+            if reads_as_zero(value, number):
+                raise PydanticCustomError(
+                    "number_underflow",
+                    "{text} is too small for a float: it reads as 0",
+                    {"text": quoted(value)},
+                )
         else:  # the option's default, from the code
             number = self.kind(value)
         if self.low is not None and number < self.low:
