@@ -19,6 +19,7 @@ import pytest
 
 import stabledrl_cli as sd
 from stabledrl_cli.dump import Run
+from stabledrl_cli.errors import InputError
 
 
 def _recorded(script: str, path: Path, *args: str) -> tuple[Run, str]:
@@ -448,3 +449,53 @@ def test_a_relative_path_in_a_removed_working_directory_is_a_write_error(tmp_pat
     gone.rmdir()
     with pytest.raises(WriteError, match=r"^run: cannot write it \(No such file or directory\)"):
         sd.Recorder("run")
+
+
+@pytest.mark.parametrize("mode", ["new", "overwrite", "resume"])
+def test_a_run_whose_steps_folder_is_a_symlink_is_never_written_through_it(tmp_path, mode):
+    """A run's `steps` that is a symlink (to another run's, or to an empty folder for a new
+    run) is refused before anything changes (docs/trust.md: a run's own files are never
+    written through a link). Before, `overwrite=True` (`record --force`) removed the other
+    run's step files through the link (4 of them, here) and wrote its own there, and a resumed
+    or new recording wrote through it too: a run that every reader then refused (its steps a
+    symlink)."""
+    other = tmp_path / "other"
+    with sd.Recorder(other, policy=None) as recorder:
+        for step in range(4):
+            recorder.log_step(step, grad_norm=1.0)
+    target = other / "steps"
+    run = tmp_path / "run"
+    if mode == "new":
+        run.mkdir()
+        target = tmp_path / "elsewhere"
+        target.mkdir()
+    else:
+        with sd.Recorder(run, policy=None) as recorder:
+            recorder.log_step(0, grad_norm=2.0)
+        for path in (run / "steps").iterdir():
+            path.unlink()
+        (run / "steps").rmdir()
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    (run / "steps").symlink_to(target)
+    with pytest.raises(InputError, match="steps: a symlink"):
+        sd.Recorder(run, policy=None, overwrite=mode == "overwrite", resume=mode == "resume")
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+def test_record_force_onto_a_run_whose_steps_folder_is_a_symlink_is_one_line(tmp_path):
+    """`record --force` there: exit 3, one line naming the link; the other run is intact."""
+    from typer.testing import CliRunner
+
+    from stabledrl_cli.cli.app import app
+
+    other, run = tmp_path / "other", tmp_path / "run"
+    with sd.Recorder(other, policy=None) as recorder:
+        recorder.log_step(0, grad_norm=1.0)
+    run.mkdir()
+    (run / "steps").symlink_to(other / "steps")
+    result = CliRunner().invoke(app, ["record", "--out", str(run), "--force", "--rl-steps", "2"])
+    assert result.exit_code == 3, result.output
+    assert result.stderr == (
+        f"error: {run / 'steps'}: a symlink (nothing in a run is followed out of it)\n"
+    )
+    assert [p.name for p in (other / "steps").iterdir()] == ["step-00000000.safetensors"]

@@ -33,7 +33,7 @@ from typing import Any
 
 from stabledrl_cli._atomic import fsync_dir, write_atomic, write_error
 from stabledrl_cli._json import parse_strict
-from stabledrl_cli.dump._directory import DirectoryRun, read_manifest_bytes
+from stabledrl_cli.dump._directory import DirectoryRun, read_manifest_bytes, symlink_refused
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
@@ -239,6 +239,8 @@ def prepare_run(
     if os.path.lexists(path) and not is_dir:  # a symlink to nothing too
         raise UsageError(f"{path} exists and is not a directory")
     steps = path / STEPS_DIR
+    if os.path.islink(steps):  # its step files would be removed and written out of the run
+        raise symlink_refused(str(steps))
     last: int | None = None
     if resume:
         manifest, last = _resume(path, manifest, rank, world_size, resume_from)
