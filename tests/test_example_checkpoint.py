@@ -136,3 +136,40 @@ def test_record_over_a_run_removes_the_half_checkpoint_a_killed_writer_left(tmp_
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert not left.exists() and other.exists()
+
+
+@pytest.mark.parametrize("every", [None, "4"])
+def test_record_force_never_writes_or_removes_checkpoints_through_a_symlink(tmp_path, every):
+    """A run's `checkpoints` that is a symlink is refused, exit 3, before the run changes.
+    Before, `record --force` removed the checkpoints of the folder it points at (an
+    `--rl-steps 8` run, with `--checkpoint-every 4` or without) and wrote its own there."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "step-00000000.pt").write_bytes(b"another run's checkpoint")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").symlink_to(elsewhere)
+    args = ["record", "--out", str(out), "--force", "--rl-steps", "8", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, *(["--checkpoint-every", every] if every else [])])
+    assert result.exit_code == 3, result.output
+    assert result.stderr == (
+        f"error: {out / 'checkpoints'}: a symlink (nothing in a run is followed out of it)\n"
+    )
+    assert [p.name for p in elsewhere.iterdir()] == ["step-00000000.pt"]
+    assert (elsewhere / "step-00000000.pt").read_bytes() == b"another run's checkpoint"
+    assert not (out / "steps").exists()
+
+
+def test_branch_never_reads_checkpoints_through_a_symlink(tmp_path):
+    """`branch` on a run whose `checkpoints` links to another run's: exit 3, one line; before,
+    it read (torch.load) the checkpoint out of the run."""
+    other = tmp_path / "other"
+    _record(other, CONFIG, checkpoints=CheckpointPlan(directory=checkpoints_dir(other), every=8))
+    run = tmp_path / "run"
+    _record(run, CONFIG)
+    (run / "checkpoints").symlink_to(other / "checkpoints")
+    result = CliRunner().invoke(app, ["branch", str(run), "--at", "8", "-p", "grpo"])
+    assert result.exit_code == 3, result.output
+    assert result.stderr == (
+        f"error: {run / 'checkpoints'}: a symlink (nothing in a run is followed out of it)\n"
+    )

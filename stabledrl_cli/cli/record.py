@@ -151,9 +151,10 @@ def _run_example(
         if lines is not None and phase == "pretrain":
             err.print(f"pretraining ({config.pretrain_steps} steps)", highlight=False)
 
+    directory = checkpoints_dir(out)  # a symlink is refused before the run changes
     plan = None
     if checkpoint_every is not None:
-        plan = CheckpointPlan(directory=checkpoints_dir(out), every=checkpoint_every)
+        plan = CheckpointPlan(directory=directory, every=checkpoint_every)
     with (
         Recorder(out, overwrite=force, **kwargs) as recorder,
         progress,

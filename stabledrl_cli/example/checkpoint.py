@@ -20,6 +20,7 @@ only: a checkpoint is data, never code.
 from __future__ import annotations
 
 import io
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 
 from stabledrl_cli._atomic import fsync_dir, write_atomic, write_error
 from stabledrl_cli._regular import NotRegularFile, open_regular
+from stabledrl_cli.dump._directory import symlink_refused
 from stabledrl_cli.errors import InputError, UsageError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -80,8 +82,12 @@ class CheckpointPlan:
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
-    """RUN/checkpoints."""
-    return Path(run_dir) / CHECKPOINTS_DIR
+    """RUN/checkpoints; InputError when it is a symlink: a run's checkpoints are never read,
+    written or removed through a link (docs/trust.md)."""
+    directory = Path(run_dir) / CHECKPOINTS_DIR
+    if os.path.islink(directory):
+        raise symlink_refused(str(directory))
+    return directory
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
