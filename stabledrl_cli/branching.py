@@ -26,6 +26,7 @@ import numpy as np
 
 from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, BranchRequest, branch_dir
 from stabledrl_cli.dump import open_run
+from stabledrl_cli.dump._directory import symlink_refused
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.example.branch import train_branch
 from stabledrl_cli.example.checkpoint import list_checkpoints
@@ -227,6 +228,8 @@ def run_branches(
     count = end - at_step if steps is None else steps
     specs = list(dict.fromkeys(get_policy(spec).spec for spec in policies))
     base = run_dir / BRANCHES_DIR if out is None else out
+    if out is None and os.path.islink(base):  # the run's own folder, never written through
+        raise symlink_refused(str(base))
     requests = [
         BranchRequest(
             checkpoint=checkpoint,

@@ -358,3 +358,19 @@ def test_a_checkpoint_name_that_is_no_file_is_refused_naming_it(recorded, tmp_pa
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert error == [f"error: {path}: not a checkpoint (not a regular file)"], result.stderr
     assert not (run / "branches").exists()
+
+
+def test_branch_runs_are_never_written_through_a_symlinked_branches_folder(recorded, tmp_path):
+    """RUN/branches that is a symlink: exit 3 before any branch trains, one line naming it.
+    Before, each branch run was recorded into the folder it points at, out of the run (a
+    run given with --out may be a link: it is the user's)."""
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
+    elsewhere.mkdir()
+    (run / "branches").symlink_to(elsewhere)
+    result = run_cli("branch", run, "--at", "8", "-p", "grpo", "--rl-steps", "2", timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {run / 'branches'}: a symlink (nothing in a run is followed out of it)"
+    ]
+    assert list(elsewhere.iterdir()) == []
