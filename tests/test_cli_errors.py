@@ -174,7 +174,7 @@ def test_threads_of_the_example_are_bounded(tmp_path, command: str, threads: str
         (["record", "--rl-steps", "1", "--seed", str(10**29)], "seed must be an integer in"),
         (["record", "--rl-steps", "1", "--seed", str(10**30)], "'--seed': not an integer"),
         (["record", "--rl-steps", "1", "--lr", "inf"], "lr must be a finite number > 0, got inf"),
-        (["replay", "unused", "--guard", "skip-step:sigma=inf"], "must be a finite number > 0"),
+        (["replay", "unused", "--guard", "skip-step:sigma=inf"], "sigma expects a finite number"),
     ],
     ids=["watch-interval", "record-seed", "record-seed-digits", "record-lr-inf", "sigma-inf"],
 )

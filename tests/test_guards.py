@@ -206,6 +206,9 @@ def test_replay_report_counts_and_removed_norm() -> None:
         # a nonzero value a float cannot hold: refused as itself, not checked as 0.0
         ("zclip:alpha=1e-400", "zclip:alpha=1e-400': alpha: '1e-400' is too small for a float"),
         ("skip-step:sigma=1e-999", "sigma: '1e-999' is too small for a float: it reads as 0"),
+        # not finite (docs/policies.md: refused in --guard specs as in policy specs)
+        ("zclip:max_norm=inf", "guard 'zclip:max_norm=inf': max_norm expects a finite number"),
+        ("zclip:clip_factor=1e400", "clip_factor expects a finite number, got '1e400'"),
         ("zclip:warmup=two", "warmup must be int"),
         ("skip-step:window=3", "window must be an integer in [6, 1e+09]"),
         (f"skip-step:window={10**23}", "window must be an integer in [6, 1e+09]"),

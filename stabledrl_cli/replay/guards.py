@@ -37,12 +37,11 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from stabledrl_cli.errors import UsageError, quoted
+from stabledrl_cli.policies._spec import finite_number
 from stabledrl_cli.spec import (
     MAX_WINDOW,
     SPEC_SYNTAX,
     format_spec,
-    reads_as_zero,
-    spec_float,
     spec_int,
     split_spec,
 )
@@ -245,8 +244,9 @@ _PARAMS: dict[str, dict[str, type]] = {
     "skip-step": {"window": int, "sigma": float},
 }
 
-_PARSERS: dict[type, Callable[[str], float | int | str]] = {int: spec_int, float: spec_float}
-"""A guard key's type -> how its spec text reads (ASCII digits only, as a policy's)."""
+_PARSERS: dict[type, Callable[[str], int | str]] = {int: spec_int}
+"""A guard key's type -> how its spec text reads (ASCII digits only, as a policy's); a float
+reads as a policy's (`finite_number`)."""
 
 
 def make_guard(spec: str) -> Guard:
@@ -263,18 +263,18 @@ def make_guard(spec: str) -> Guard:
             raise UsageError(
                 f"unknown key {quoted(key)} for guard {name!r}; valid: {', '.join(keys)}"
             )
+        if kind is float:  # finite and not too small, as a policy's number
+            try:
+                params[key] = finite_number(key, text)
+            except UsageError as exc:
+                raise UsageError(f"guard {quoted(spec)}: {exc}") from None
+            continue
         try:
-            value = _PARSERS.get(kind, kind)(text)
+            params[key] = _PARSERS.get(kind, kind)(text)
         except ValueError:
             raise UsageError(
                 f"guard {quoted(spec)}: {key} must be {kind.__name__}, got {quoted(text)}"
             ) from None
-        if isinstance(value, float) and reads_as_zero(text, value):
-            raise UsageError(
-                f"guard {quoted(spec)}: {key}: {quoted(text)} is too small for a float: it reads "
-                "as 0"
-            )
-        params[key] = value
     if name == "zclip":
         return ZClip(**params)  # type: ignore[arg-type]
     return SkipStep(**params)  # type: ignore[arg-type]
