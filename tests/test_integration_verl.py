@@ -22,6 +22,7 @@ import torch
 
 verl = pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
 
+from _cli import cli_command, cli_environment  # noqa: E402
 from _ports import free_port  # noqa: E402
 from _steps import policy_batch  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
@@ -1084,6 +1085,47 @@ def test_ray_worker_setup_hook_installs_the_recorder(tmp_path: Path) -> None:
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["installed"] and seen["hooked"]
     assert seen["pid"] != seen["driver_pid"]
+
+
+def test_a_run_directory_other_than_records_out_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Under `stabledrl record --out other`, install(out="mine") recorded into mine while the
+    optimizer hooks stood down: record then found no step in other and said no
+    optimizer.step() ran. install() refuses it before training, in one line."""
+    script = (
+        "from stabledrl_cli.integrations import verl\nverl.install(out='mine')\nprint('training')\n"
+    )
+    done = subprocess.run(
+        [*cli_command(), "record", "--out", "other", "--", sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=cli_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "training" not in done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: install(out=mine) is not the run directory of `stabledrl record --out` "
+        f"($STABLEDRL_RUN_DIR), {tmp_path / 'other'}: call install() without out (it defaults "
+        "to record's --out) or give both the same directory"
+    ], done.stderr
+    assert not (tmp_path / "mine").exists()
+
+
+def test_records_out_given_again_as_out_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same directory, named another way (relative to the working directory), is no
+    conflict: the steps go there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STABLEDRL_RUN_DIR", str(tmp_path / "run"))
+    assert stabledrl_verl.install("run")
+    try:
+        train(actor_config())
+    finally:
+        stabledrl_verl.uninstall()
+    assert open_run(tmp_path / "run").step_numbers == [0, 1]
 
 
 class StubEngine(BaseEngine):  # type: ignore[misc]

@@ -14,7 +14,8 @@ setup hook is the only addition; $STABLEDRL_FORCE=1 overwrites an existing run. 
 numbered by each process from 0, so a job resumed from a checkpoint needs a new directory or
 $STABLEDRL_FORCE=1. Without a run directory `install()` does nothing, so the hook is
 harmless in every other process. In one process (a custom loop
-driving an engine) call `install(out=...)` before training.
+driving an engine) call `install(out=...)` before training; under `stabledrl record` an `out`
+other than record's --out is refused (UsageError), since record would find no step.
 
 What is hooked, in the worker process:
 - `BaseEngine.train_batch`: one call is one optimizer step (zero_grad, forward/backward over
@@ -102,9 +103,11 @@ def install(out: str | os.PathLike[str] | None = None, *, overwrite: bool | None
     """Hooks verl's engine in this process (idempotent). out: the run directory, default
     $STABLEDRL_RUN_DIR; without either this does nothing and returns False. overwrite: replace
     an existing run (default $STABLEDRL_FORCE). Returns True when recording is installed.
-    Raises MissingExtraError / UsageError when verl is absent or not 0.9.x."""
+    Raises MissingExtraError / UsageError when verl is absent or not 0.9.x, UsageError when
+    `out` is another directory than $STABLEDRL_RUN_DIR (`stabledrl record --out`, whose
+    optimizer hooks stand down for verl: record would find no step there)."""
     global _session
-    target = out if out is not None else os.environ.get(ENV_RUN_DIR)
+    target = _run_dir(out)
     if not target:
         return False
     check_verl_version()
@@ -132,6 +135,21 @@ def install(out: str | os.PathLike[str] | None = None, *, overwrite: bool | None
     integration_records()  # the optimizer hooks of `stabledrl record` stand down
     atexit.register(session.close)
     return True
+
+
+def _run_dir(out: str | os.PathLike[str] | None) -> str | os.PathLike[str] | None:
+    """`out`, else $STABLEDRL_RUN_DIR; UsageError when both are there and name two
+    directories."""
+    env = os.environ.get(ENV_RUN_DIR)
+    if out is None:
+        return env
+    if env and os.path.realpath(out) != os.path.realpath(env):
+        raise UsageError(
+            f"install(out={os.fspath(out)}) is not the run directory of `stabledrl record "
+            f"--out` ($STABLEDRL_RUN_DIR), {env}: call install() without out (it defaults to "
+            "record's --out) or give both the same directory"
+        )
+    return out
 
 
 def uninstall() -> None:
