@@ -1128,6 +1128,38 @@ def test_records_out_given_again_as_out_is_taken(
     assert open_run(tmp_path / "run").step_numbers == [0, 1]
 
 
+def test_an_unsupported_verl_under_record_warns_and_training_goes_on(tmp_path: Path) -> None:
+    """The Ray setup hook (install() without out) in a worker whose verl is not 0.9.x: it
+    raised UsageError, which Ray turns into a crashed worker (retried, then WorkerCrashedError
+    in the driver, exit 1, tracebacks and no `error:` line). Now one warning, training goes
+    on, and record exits 2 with the reason."""
+    fake = tmp_path / "site" / "verl-0.10.0.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: verl\nVersion: 0.10.0\n")
+    env = cli_environment()
+    env["PYTHONPATH"] = f"{fake.parent}{os.pathsep}{env['PYTHONPATH']}"
+    script = "from stabledrl_cli.integrations import verl\nverl.install()\nprint('training')\n"
+    under_record = [*cli_command(), "record", "--out", "run", "--no-optimizer-hooks", "--"]
+    done = subprocess.run(
+        [*under_record, sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and done.stdout.strip() == "training"
+    reason = "the verl integration supports verl 0.9.x; found verl 0.10.0"
+    warnings = [line for line in done.stderr.splitlines() if "warning" in line]
+    assert warnings == [
+        f"stabledrl: warning: cannot record this process: {reason}; recording is off, "
+        "training continues"
+    ], done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and reason in errors[0], done.stderr
+
+
 class StubEngine(BaseEngine):  # type: ignore[misc]
     """Just enough of a verl engine for the hook: verl's own BaseEngine.train_batch drives it;
     each micro-batch goes through the loss function it is given; the norm is fixed."""

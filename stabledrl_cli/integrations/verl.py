@@ -39,8 +39,10 @@ scalar does not undo.
 Each data-parallel rank writes its own step files (rank = verl's data-parallel rank); only
 the rank that holds a model-parallel group's outputs records (sequence-parallel local rank 0
 under Ulysses). Recording never breaks training: a configuration the catalogue cannot
-express (`policy_for_actor_config`) or any recording failure is reported once on stderr
-(and to `stabledrl record`) and recording stops; the steps before it stay.
+express (`policy_for_actor_config`), a verl outside SUPPORTED_VERL met by `install()` without
+`out` (the setup hook: raising there would crash every Ray worker) or any recording failure
+is reported once on stderr (and to `stabledrl record`) and recording stops; the steps
+before it stay.
 """
 
 from __future__ import annotations
@@ -52,7 +54,12 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stabledrl_cli.capture.bootstrap import ENV_FORCE, ENV_RUN_DIR, integration_records
+from stabledrl_cli.capture.bootstrap import (
+    ENV_FORCE,
+    ENV_RUN_DIR,
+    RecordingFailure,
+    integration_records,
+)
 from stabledrl_cli.errors import MissingExtraError, UsageError
 from stabledrl_cli.integrations._verl_policy import LOSS_MODES, policy_for_actor_config
 
@@ -103,14 +110,15 @@ def install(out: str | os.PathLike[str] | None = None, *, overwrite: bool | None
     """Hooks verl's engine in this process (idempotent). out: the run directory, default
     $STABLEDRL_RUN_DIR; without either this does nothing and returns False. overwrite: replace
     an existing run (default $STABLEDRL_FORCE). Returns True when recording is installed.
-    Raises MissingExtraError / UsageError when verl is absent or not 0.9.x, UsageError when
-    `out` is another directory than $STABLEDRL_RUN_DIR (`stabledrl record --out`, whose
-    optimizer hooks stand down for verl: record would find no step there)."""
+    Raises UsageError when `out` is another directory than $STABLEDRL_RUN_DIR (`stabledrl
+    record --out`, whose optimizer hooks stand down for verl: record would find no step there),
+    and MissingExtraError / UsageError when verl is absent or not 0.9.x and `out` is given;
+    without `out` (the Ray setup hook) that is one warning, `stabledrl record` is told, and
+    this returns False."""
     global _session
     target = _run_dir(out)
-    if not target:
+    if not target or not _verl_recordable(explicit=out is not None):
         return False
-    check_verl_version()
     from verl.workers.engine.base import BaseEngine
 
     from stabledrl_cli.integrations._verl_hooks import (
@@ -134,6 +142,21 @@ def install(out: str | os.PathLike[str] | None = None, *, overwrite: bool | None
         _session = session
     integration_records()  # the optimizer hooks of `stabledrl record` stand down
     atexit.register(session.close)
+    return True
+
+
+def _verl_recordable(*, explicit: bool) -> bool:
+    """Whether this process's verl is one the integration hooks. When it is not: UsageError
+    for an explicit `out`; else (the Ray setup hook, `stabledrl record`'s run directory) one
+    warning and `stabledrl record` told, and training goes on unrecorded (a setup hook that
+    raises crashes every Ray worker)."""
+    try:
+        check_verl_version()
+    except UsageError as exc:
+        if explicit:
+            raise
+        RecordingFailure().fail(exc, "cannot record this process")
+        return False
     return True
 
 
