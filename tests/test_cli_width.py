@@ -13,6 +13,7 @@ from rich.console import JUPYTER_DEFAULT_COLUMNS
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.replay.gate import GateResult
 from stabledrl_cli.spec import format_value
 
 WIDTHS = (80, 120, 250)
@@ -120,19 +121,58 @@ def test_replay_warns_on_an_empty_step_range(grpo_fixture):
     ]
 
 
+def _check_rows(text: str) -> list[tuple[str, str, str, str, str]]:
+    """The (policy, gate, status, figure, limit) of each gate's line of a check table: its
+    policy in its own column, or a line of its own above its gates (a baseline gate then shown
+    by its key in the baseline file)."""
+    cells = [
+        [cell.strip() for cell in line.strip("│").split("│")]
+        for line in text.splitlines()
+        if line.startswith("│ ")
+    ]
+    if "┃ policy" in text:
+        return [(policy, gate, status, figure, limit) for policy, gate, status, figure, limit,
+                *_ in cells]  # fmt: skip
+    rows, policy = [], None
+    for gate, status, figure, limit, *_ in cells:
+        if not status:  # a policy's line
+            policy = gate
+            continue
+        name = gate if gate in GATE_NAMES else f"baseline.{gate}"
+        rows.append((policy, name, status, figure, limit))
+    return rows
+
+
+GATE_NAMES = {"max_collapsed", "max_discard_frac", "max_nonfinite", "max_spikes",
+              "reward_collapse"}  # fmt: skip
+"""The gates that are not read against a baseline file."""
+
+
+def _expected_rows(args: list[str]) -> list[tuple[str, str, str, str, str]]:
+    """Each gate's (policy, gate, status, figure, limit), from the JSON of the same check."""
+    result = runner.invoke(app, [*args, "--format", "json"], env={"COLUMNS": "250"})
+    return [
+        (g["policy"] or "(run)", g["gate"], "ok" if g["ok"] else "FAILED",
+         *GateResult(**g).shown())
+        for g in json.loads(result.stdout)["gates"]
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("width", WIDTHS)
-def test_check_prints_one_line_a_gate(grpo_fixture, width):
-    args = ["check", str(grpo_fixture), *POLICIES, "--max-collapsed", "0",
-            "--max-discard-frac", "0.5", "--device", "cpu"]  # fmt: skip
+@pytest.mark.parametrize("baseline", [False, True], ids=["limits", "baseline"])
+def test_check_prints_one_line_a_gate(grpo_fixture, baseline, width):
+    """Every gate on a line of its own that fits the width, with its policy, status, figure
+    and limit; the baseline's gate names (up to 45 characters) made the table 114 wide."""
+    gates = (
+        ["-b", str(grpo_fixture.parent / "grpo.baseline.json")]
+        if baseline
+        else [*POLICIES, "--max-collapsed", "0", "--max-discard-frac", "0.5"]
+    )
+    args = ["check", str(grpo_fixture), *gates, "--device", "cpu"]
     result = runner.invoke(app, args, env={"COLUMNS": str(width)})
-    assert result.exit_code == 1
-    lines = result.stdout.splitlines()
-    assert max(len(line) for line in lines) <= width
-    gates = [line for line in lines if line.startswith("│ ")]
-    assert len(gates) == 6  # 3 policies x 2 gates, one line each
-    for line in gates:
-        status = line.replace("│", " ").split()
-        assert "ok" in status or "FAILED" in status
+    assert result.exit_code == (0 if baseline else 1), result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= width, result.stdout
+    assert _check_rows(result.stdout) == _expected_rows(args)
 
 
 def test_a_long_run_path_never_widens_a_table(grpo_fixture, tmp_path):

@@ -77,41 +77,100 @@ from stabledrl_cli.replay.junit import write_junit
 from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.plot import plot_replay
 from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
-from stabledrl_cli.replay.report import print_title, print_whole
+from stabledrl_cli.replay.report import print_legend, print_title, print_whole
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import files_skipped, no_steps_message, skipped_reasons
 
 _BORDERS = 1  # the table's left edge; each column adds its right edge and padding
 _CELL_PADDING = 3
 _MIN_DETAIL = 12
+_HEADERS = ("policy", "gate", "status", "figure", "limit")
+"""The columns shown whole (the detail takes what is left of the width)."""
+_BASELINE_PREFIX = "baseline."
+_INDENT = "  "
+Row = tuple[str, ...]
+"""A gate's cells: policy, gate, status, figure, limit, detail."""
+
+
+def _whole_widths(headers: tuple[str, ...], rows: list[Row]) -> list[int]:
+    """The width of each of the first columns (one a header) with every cell shown whole."""
+    return [max([len(header), *(len(row[i]) for row in rows)]) for i, header in enumerate(headers)]
+
+
+def _width(widths: list[int]) -> int:
+    """The width of a table whose columns are `widths` wide, its edges and padding included."""
+    return _BORDERS + sum(width + _CELL_PADDING for width in widths)
+
+
+def _add_detail(table: Table, used: int) -> bool:
+    """The detail column, in the width the `used` columns leave, cut with an ellipsis; not
+    added (False) when fewer than `_MIN_DETAIL` columns are left."""
+    room = out.width - used - _CELL_PADDING
+    if room < _MIN_DETAIL:
+        return False
+    table.add_column("detail", no_wrap=True, overflow="ellipsis", max_width=room)
+    return True
+
+
+def _flat_table(rows: list[Row], widths: list[int]) -> Table:
+    """A line per gate naming its policy, the columns `widths` wide, then the detail."""
+    table = Table()
+    for header, width in zip(_HEADERS, widths, strict=True):
+        table.add_column(header, no_wrap=True, min_width=width)
+    _add_detail(table, _width(widths))
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _grouped_table(rows: list[Row]) -> tuple[Table, list[str]]:
+    """A line per policy, under it a line per gate of the policy (a baseline gate shown by
+    its key in the baseline file), then the detail if at least `_MIN_DETAIL` columns are
+    left; only a gate name too long for the terminal is folded. The table and the legend
+    lines that say so."""
+    by_policy: dict[str, list[Row]] = {}
+    for policy, gate, *cells in rows:
+        shown = _INDENT + gate.removeprefix(_BASELINE_PREFIX)
+        by_policy.setdefault(policy, []).append((shown, *cells))
+    widths = _whole_widths(_HEADERS[1:], [line for group in by_policy.values() for line in group])
+    widths[0] = max(widths[0], *map(len, by_policy))
+    table = Table()
+    table.add_column(_HEADERS[1], overflow="fold")
+    for header, width in zip(_HEADERS[2:], widths[1:], strict=True):
+        table.add_column(header, no_wrap=True, min_width=width)
+    detailed = _add_detail(table, _width(widths))
+    for policy, group in by_policy.items():
+        table.add_row(policy)
+        for line in group:
+            table.add_row(*(line if detailed else line[:-1]))
+        table.add_section()
+    legend = []
+    if any(row[1].startswith(_BASELINE_PREFIX) for row in rows):
+        legend.append(
+            f"a baseline gate is shown by its key: {_BASELINE_PREFIX}KEY in JSON, JUnit and stderr"
+        )
+    if not detailed:
+        legend.append("detail: each tripped gate's on stderr, every gate's in --format json")
+    return table, legend
 
 
 def _print_table(results: list[GateResult], run: str) -> None:
-    """One line per gate at any width: nothing wraps; the policy, gate, status, figure and
-    limit are shown whole and the detail (every tripped gate's is also on stderr, whole) takes
-    what is left, cut with an ellipsis on a narrow terminal."""
-    rows = [
-        (
-            r.policy or "(run)",
-            r.gate,
-            "ok" if r.ok else "FAILED",
-            *r.shown(),
-            r.message,
-        )
+    """One line per gate at any width: a line naming its policy when the policy, gate,
+    status, figure and limit fit whole (the detail, which every tripped gate also has on
+    stderr whole, takes what is left, cut with an ellipsis); else `_grouped_table`."""
+    rows: list[Row] = [
+        (r.policy or "(run)", r.gate, "ok" if r.ok else "FAILED", *r.shown(), r.message)
         for r in results
     ]
-    table = Table(title=f"stabledrl check {run}", title_justify="left")
-    used = _BORDERS
-    for i, column in enumerate(("policy", "gate", "status", "figure", "limit")):
-        whole = max([len(column), *(len(row[i]) for row in rows)])
-        table.add_column(column, no_wrap=True, min_width=whole)
-        used += whole + _CELL_PADDING
-    detail = max(_MIN_DETAIL, out.width - used - _CELL_PADDING)
-    table.add_column("detail", no_wrap=True, overflow="ellipsis", max_width=detail)
-    for row in rows:
-        table.add_row(*row)
-    print_title(table, out)
+    # The title is text, wrapped to the width: a long run path never widens the table.
+    out.print(f"stabledrl check {run}", highlight=False, soft_wrap=False)
+    widths = _whole_widths(_HEADERS, rows)
+    if _width([*widths, _MIN_DETAIL]) <= out.width:
+        out.print(_flat_table(rows, widths))
+        return
+    table, legend = _grouped_table(rows)
     out.print(table)
+    print_legend(legend, out)
 
 
 def _print_recorded(recorded: RecordedRun) -> None:
