@@ -202,3 +202,13 @@ def test_the_consoles_take_columns_when_they_print_not_when_made(monkeypatch):
     assert [console.width for console in made_at_80] == [137, 137]
     assert _output._LiveConsole(width=90).width == 90
     assert _output._LiveConsole(force_jupyter=True).width == JUPYTER_DEFAULT_COLUMNS
+
+
+def test_pack_wraps_its_summary_to_the_width(grpo_fixture, tmp_path, monkeypatch):
+    """pack's one line names the run and the archive (99 columns for the grpo fixture): it
+    wraps at the width, its words whole, as import's does."""
+    monkeypatch.chdir(tmp_path)
+    text = _run(["pack", str(grpo_fixture), "grpo.h5"], 80)
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    assert text.split()[:3] == ["packed", "160", "steps"]
+    assert {str(grpo_fixture), "grpo.h5:", "MB", "->"} <= set(text.split())

@@ -73,4 +73,5 @@ def command(
         f"{summary.out}: {summary.source_bytes / 1e6:.2f} MB -> "
         f"{summary.archive_bytes / 1e6:.2f} MB ({ratio:.2g}x)",
         highlight=False,
+        soft_wrap=False,  # wrapped at the terminal's width, as import's lines are
     )
