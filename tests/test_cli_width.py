@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 from _corpus import tiny_run
+from conftest import fixture_run
 from rich.console import JUPYTER_DEFAULT_COLUMNS
 from typer.testing import CliRunner
 
@@ -212,3 +213,23 @@ def test_pack_wraps_its_summary_to_the_width(grpo_fixture, tmp_path, monkeypatch
     assert max(len(line) for line in text.splitlines()) <= 80, text
     assert text.split()[:3] == ["packed", "160", "steps"]
     assert {str(grpo_fixture), "grpo.h5:", "MB", "->"} <= set(text.split())
+
+
+def test_diff_wraps_the_title_naming_both_own_policies(grpo_fixture, tmp_path):
+    """The title over diff's table names each run's own policy spec: runs trained with
+    settings of their own made it 113 wide; it wraps at the width, each spec whole."""
+    specs = {"a": "grpo:eps_high=0.28,eps_low=0.15", "b": "two-sided:delta=4"}
+    for (name, spec), run in zip(
+        specs.items(), (grpo_fixture, fixture_run("stabledrl")), strict=True
+    ):
+        shutil.copytree(run, tmp_path / name)
+        manifest = tmp_path / name / "manifest.json"
+        data = json.loads(manifest.read_text())
+        data["policy"]["spec"] = spec
+        manifest.write_text(json.dumps(data))
+    result = runner.invoke(app, ["diff", str(tmp_path / "a"), str(tmp_path / "b")],
+                           env={"COLUMNS": "80"})  # fmt: skip
+    assert result.exit_code == 1, result.output  # they part
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80, result.stdout
+    words = result.stdout.split()
+    assert f"(A {specs['a']}," in " ".join(words) and f"B {specs['b']})" in " ".join(words)

@@ -30,6 +30,7 @@ from stabledrl_cli.replay.diff import (
     Parting,
     diff_runs,
 )
+from stabledrl_cli.replay.report import print_title
 from stabledrl_cli.vocab import DiffKind
 
 KIND_NAMES: dict[DiffKind, str] = {
@@ -104,8 +105,7 @@ def _print_table(result: DiffResult, until: int | None) -> None:
                     format_cell(side.get(name), percent=name == "discard_frac", yes="RISK", no="ok")
                 )
         table.add_row(*cells)
-    out.print(table.title, highlight=False)
-    table.title = None
+    print_title(table, out)
     out.print(table)
 
 
