@@ -233,3 +233,18 @@ def test_diff_wraps_the_title_naming_both_own_policies(grpo_fixture, tmp_path):
     assert max(len(line) for line in result.stdout.splitlines()) <= 80, result.stdout
     words = result.stdout.split()
     assert f"(A {specs['a']}," in " ".join(words) and f"B {specs['b']})" in " ".join(words)
+
+
+def test_check_figures_fit_80_columns(grpo_fixture, tmp_path):
+    """check --write-baseline without a gate shows the figures it writes, a column per metric
+    headed by its baseline key: 107 wide at 80 columns; the keys now stack a word a line."""
+    written = tmp_path / "base.json"
+    args = ["check", str(grpo_fixture), *POLICIES, "--write-baseline", str(written)]
+    text = _run([*args, "--device", "cpu"], 80)
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    baseline = json.loads(written.read_text())["policies"]
+    for spec, metrics in baseline.items():
+        words = _row(text, spec).replace("│", " ").split()
+        assert len(words) == 1 + len(metrics) and words[0] == spec
+    headers = " ".join(line for line in text.splitlines() if line.startswith("┃"))
+    assert {"collapsed", "discard", "update", "median"} <= set(headers.replace("┃", " ").split())

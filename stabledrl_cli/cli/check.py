@@ -190,7 +190,9 @@ def _print_recorded(recorded: RecordedRun) -> None:
 
 
 def _print_figures(result: ReplayResult) -> None:
-    """Today's figures per policy (what --write-baseline records)."""
+    """Today's figures per policy (what --write-baseline records), a column per metric headed
+    by its baseline key; where they do not fit the width beside each other, each key's
+    words stacked (`update_norm_max` on three lines)."""
     collapse = result.observed.first_reward_collapse
     table = Table(
         title=f"figures of {result.run} (observed collapse: "
@@ -198,11 +200,18 @@ def _print_figures(result: ReplayResult) -> None:
         title_justify="left",
     )
     rules = policy_metrics()
+    rows = [
+        (p.spec, *(format_figure(rule.measure(p.summary)) for rule in rules.values()))
+        for p in result.policies
+    ]
+    stacked = _width(_whole_widths(("policy", *rules), rows)) > out.width
     table.add_column("policy", no_wrap=True)
-    for name in rules:
-        table.add_column(name, justify="right", no_wrap=True)
-    for p in result.policies:
-        table.add_row(p.spec, *(format_figure(rule.measure(p.summary)) for rule in rules.values()))
+    for name in rules:  # a key too wide for the terminal beside the others: a word a line
+        table.add_column(
+            name.replace("_", "\n") if stacked else name, justify="right", no_wrap=True
+        )
+    for row in rows:
+        table.add_row(*row)
     print_whole(table, out)
 
 
