@@ -248,3 +248,18 @@ def test_check_figures_fit_80_columns(grpo_fixture, tmp_path):
         assert len(words) == 1 + len(metrics) and words[0] == spec
     headers = " ".join(line for line in text.splitlines() if line.startswith("┃"))
     assert {"collapsed", "discard", "update", "median"} <= set(headers.replace("┃", " ").split())
+
+
+def test_tune_ranks_a_grid_of_two_keys_in_80_columns(tmp_path):
+    """A sweep over two keys names each setting by both (30 characters): the ranking was 84
+    wide at 80 columns; its headers now stack a word a line, each setting shown whole."""
+    grid = "grpo:eps_low=0.1|0.3,eps_high=0.2|0.28"
+    args = ["tune", str(tiny_run(tmp_path / "run")), "-p", grid, "--no-own", "--device", "cpu"]
+    lines = _run(args, 80).splitlines()
+    assert max(len(line) for line in lines) <= 80, "\n".join(lines)
+    settings = [s["spec"] for s in json.loads(_run([*args, "-f", "json"], 250))["settings"]]
+    assert len(settings) == 4
+    for spec in settings:
+        assert len([line for line in lines if f"│ {spec} " in line]) == 1, spec
+    headers = [line for line in lines if line.startswith("┃")]
+    assert "disc." in headers[0] and "grad" in headers[1]  # "disc. grad", stacked

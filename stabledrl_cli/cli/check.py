@@ -77,7 +77,7 @@ from stabledrl_cli.replay.junit import write_junit
 from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.plot import plot_replay
 from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
-from stabledrl_cli.replay.report import print_legend, print_title, print_whole
+from stabledrl_cli.replay.report import print_legend, print_title, print_whole, stack_headers
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import files_skipped, no_steps_message, skipped_reasons
 
@@ -200,18 +200,12 @@ def _print_figures(result: ReplayResult) -> None:
         title_justify="left",
     )
     rules = policy_metrics()
-    rows = [
-        (p.spec, *(format_figure(rule.measure(p.summary)) for rule in rules.values()))
-        for p in result.policies
-    ]
-    stacked = _width(_whole_widths(("policy", *rules), rows)) > out.width
     table.add_column("policy", no_wrap=True)
-    for name in rules:  # a key too wide for the terminal beside the others: a word a line
-        table.add_column(
-            name.replace("_", "\n") if stacked else name, justify="right", no_wrap=True
-        )
-    for row in rows:
-        table.add_row(*row)
+    for name in rules:
+        table.add_column(name, justify="right", no_wrap=True)
+    for p in result.policies:
+        table.add_row(p.spec, *(format_figure(rule.measure(p.summary)) for rule in rules.values()))
+    stack_headers(table, out)
     print_whole(table, out)
 
 

@@ -38,7 +38,7 @@ from stabledrl_cli.cli.replay import (
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import WriteError
 from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, parse_size, replay_config
-from stabledrl_cli.replay.report import print_legend, print_whole
+from stabledrl_cli.replay.report import print_legend, print_whole, stack_headers
 from stabledrl_cli.tune.front import SettingFigures, TuneReport, percent, rank
 from stabledrl_cli.tune.grid import SWEEP_SYNTAX, expand_all
 
@@ -95,6 +95,7 @@ def _print_table(report: TuneReport) -> None:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for setting in report.settings:
         table.add_row(*_row(setting, report))
+    stack_headers(table, out)
     print_whole(table, out)
     print_legend(
         [

@@ -184,14 +184,28 @@ def print_whole(table: Table, console: Console) -> None:
     too wide for the terminal overflows it rather than cut or break a cell). Its title is text:
     printed above it, wrapped to the console, so a long run path never widens the table."""
     print_title(table, console)
-    unbounded = console.options.update(width=_UNBOUNDED)
-    natural = Measurement.get(console, unbounded, table).maximum
+    natural = _natural_width(table, console)
     if natural > console.width:
         table.width = natural
     console.print(table, crop=False)
 
 
+def stack_headers(table: Table, console: Console) -> None:
+    """Where `table` is wider than the console, each column's header a word a line (broken at
+    its spaces and underscores), so a header is never what makes a table overflow."""
+    if _natural_width(table, console) > console.width:
+        for column in table.columns:
+            if isinstance(column.header, str):
+                column.header = column.header.translate(_HEADER_BREAKS)
+
+
+def _natural_width(table: Table, console: Console) -> int:
+    """The width `table` takes with every cell and header on one line."""
+    return Measurement.get(console, console.options.update(width=_UNBOUNDED), table).maximum
+
+
 _UNBOUNDED = 100_000
+_HEADER_BREAKS = str.maketrans({" ": "\n", "_": "\n"})
 
 
 def print_legend(lines: Sequence[str], console: Console) -> None:
