@@ -258,8 +258,8 @@ def test_a_run_directory_other_than_records_out_is_refused_in_one_line(
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
         "error: RecordingGRPOTrainer's stabledrl_out=mine is not the run directory of "
-        f"`stabledrl record --out`, {tmp_path / 'other'}: leave stabledrl_out out (it "
-        "defaults to record's --out) or give both the same directory"
+        f"`stabledrl record --out` ($STABLEDRL_RUN_DIR), {tmp_path / 'other'}: leave "
+        "stabledrl_out out (it defaults to record's --out) or give both the same directory"
     ], done.stderr
     assert not (tmp_path / "mine").exists() and not (tmp_path / "o").exists()
 

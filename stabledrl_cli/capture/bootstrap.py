@@ -552,6 +552,20 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
         _failure.fail(exc, f"recording optimizer step {step}")
 
 
+def refuse_another_run_dir(out: str | os.PathLike[str], given_as: str, leave_out: str) -> None:
+    """UsageError when `stabledrl record --out` set $STABLEDRL_RUN_DIR and `out`, the run
+    directory an integration was given, names another directory: record's optimizer hooks
+    stand down for the integration, so record would find no step in its own. `given_as`: how
+    `out` was given (`install(out=mine)`); `leave_out`: how to leave it out."""
+    env = os.environ.get(ENV_RUN_DIR)
+    if env and os.path.realpath(out) != os.path.realpath(env):
+        raise UsageError(
+            f"{given_as} is not the run directory of `stabledrl record --out` "
+            f"(${ENV_RUN_DIR}), {env}: {leave_out} (it defaults to record's --out) or give "
+            "both the same directory"
+        )
+
+
 def integration_records() -> None:
     """An integration (TRL, verl) records this process's steps itself: the optimizer hooks
     stand down here, so that they never write step files beside its own."""

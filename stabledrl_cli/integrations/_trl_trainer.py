@@ -34,6 +34,7 @@ from stabledrl_cli.capture.bootstrap import (
     ENV_RUN_DIR,
     RecordingFailure,
     integration_records,
+    refuse_another_run_dir,
 )
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.dump._schema import MANIFEST_NAME
@@ -60,15 +61,12 @@ def run_dir(out: str | os.PathLike[str] | None, overwrite: bool, trainer: str) -
     which also passes --force); UsageError naming `trainer` when neither is there, or when
     `out` is another directory than record's --out (whose optimizer hooks stand down for the
     trainer: record would find no step there)."""
-    env = os.environ.get(ENV_RUN_DIR)
     if out is not None:
-        if env and os.path.realpath(out) != os.path.realpath(env):
-            raise UsageError(
-                f"{trainer}'s stabledrl_out={os.fspath(out)} is not the run directory of "
-                f"`stabledrl record --out`, {env}: leave stabledrl_out out (it defaults to "
-                "record's --out) or give both the same directory"
-            )
+        refuse_another_run_dir(
+            out, f"{trainer}'s stabledrl_out={os.fspath(out)}", "leave stabledrl_out out"
+        )
         return Path(out), overwrite
+    env = os.environ.get(ENV_RUN_DIR)
     if not env:
         raise UsageError(
             f"{trainer} needs a run directory: pass stabledrl_out=DIR, or run the "

@@ -59,6 +59,7 @@ from stabledrl_cli.capture.bootstrap import (
     ENV_RUN_DIR,
     RecordingFailure,
     integration_records,
+    refuse_another_run_dir,
 )
 from stabledrl_cli.errors import MissingExtraError, UsageError
 from stabledrl_cli.integrations._verl_policy import LOSS_MODES, policy_for_actor_config
@@ -163,15 +164,9 @@ def _verl_recordable(*, explicit: bool) -> bool:
 def _run_dir(out: str | os.PathLike[str] | None) -> str | os.PathLike[str] | None:
     """`out`, else $STABLEDRL_RUN_DIR; UsageError when both are there and name two
     directories."""
-    env = os.environ.get(ENV_RUN_DIR)
     if out is None:
-        return env
-    if env and os.path.realpath(out) != os.path.realpath(env):
-        raise UsageError(
-            f"install(out={os.fspath(out)}) is not the run directory of `stabledrl record "
-            f"--out` ($STABLEDRL_RUN_DIR), {env}: call install() without out (it defaults to "
-            "record's --out) or give both the same directory"
-        )
+        return os.environ.get(ENV_RUN_DIR)
+    refuse_another_run_dir(out, f"install(out={os.fspath(out)})", "call install() without out")
     return out
 
 
