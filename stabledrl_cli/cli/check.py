@@ -344,7 +344,7 @@ def command(
             drift_threshold=settings.drift_threshold,
             collapse_window=settings.collapse_window,
         )
-    specs = list(policy) if policy else (list(baseline.policies) or None if baseline else None)
+    specs = list(policy or (baseline.policies if baseline else ())) or None
     chosen = replay_engine(engine, workers, ray_address)
 
     opened = open_run(run)

@@ -42,6 +42,7 @@ from stabledrl_cli.cli._options import (
 )
 from stabledrl_cli.cli._output import err, out, progress
 from stabledrl_cli.dump import Run, open_run
+from stabledrl_cli.dump._remote import is_url
 from stabledrl_cli.errors import UsageError, WriteError, counted
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,
@@ -112,7 +113,7 @@ def _inside(target: Path, run: str) -> bool:
     resolved (realpath: a link loop at `target` is no error here). A URL other than a
     file:// one holds no local file."""
     local = run.removeprefix("file://")
-    if "://" in local:
+    if is_url(local):
         return False
     return Path(os.path.realpath(target)).is_relative_to(os.path.realpath(local))
 
