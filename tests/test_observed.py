@@ -13,6 +13,7 @@ from stabledrl_cli.replay.config import DEFAULT_COLLAPSE_WINDOW
 from stabledrl_cli.replay.detectors import (
     collapse_warning,
     collapse_window,
+    noise_before,
     observed_reward_collapse,
     own_likelihood,
     own_likelihood_series,
@@ -132,6 +133,50 @@ def test_negative_rewards_measured_from_the_floor():
     assert observed_reward_collapse(steps, wobble, reward_range=(-1.0, 0.0)) is None
 
 
+def _success_rates(rate: float, batch: int, steps: int, seed: int) -> np.ndarray:
+    """Per-step success rates of `batch` 0/1 rewards; `rate`: [steps] or a number."""
+    rates = np.broadcast_to(rate, (steps,))
+    return np.random.default_rng(seed).binomial(batch, rates) / batch
+
+
+def test_a_flat_sparse_reward_is_not_a_collapse():
+    """2 % successes among 16 samples a step, 300 steps, nothing changing: the best 10-step
+    mean is a lucky one and unlucky stretches fall below half of it, but not beyond the noise
+    of such a reward (the half-of-best test alone reported 19 of these 20 runs)."""
+    steps = np.arange(300)
+    reported = [
+        observed_reward_collapse(steps, _success_rates(0.02, 16, 300, seed), (0.0, 1.0))
+        for seed in range(20)
+    ]
+    assert reported == [None] * 20
+
+
+def test_a_sparse_reward_that_really_falls_is_a_collapse():
+    """The success rate falls tenfold at step 150 (0.3 -> 0.03 over 16 samples a step): found
+    within 2W steps of the fall in every run."""
+    steps = np.arange(300)
+    rates = np.where(steps < 150, 0.3, 0.03)
+    window = DEFAULT_COLLAPSE_WINDOW
+    for seed in range(20):
+        found = observed_reward_collapse(steps, _success_rates(rates, 16, 300, seed), (0.0, 1.0))
+        assert found is not None and 150 - window <= found < 150 + 2 * window, (seed, found)
+
+
+def test_noise_before_is_the_per_step_noise_before_the_window():
+    rng = np.random.default_rng(0)
+    white = 0.5 + 0.1 * rng.standard_normal(4000)
+    assert noise_before(white, 10)[-1] == pytest.approx(0.1, rel=0.05)
+    with_drop = np.concatenate((white[:2000], white[2000:] - 0.4))  # one drop adds little
+    assert noise_before(with_drop, 10)[-1] == pytest.approx(0.1, rel=0.1)
+    values = np.array([0.0, 1.0, 1.0, 1.0, 5.0])
+    # Window 2: all values up to i while fewer than 2 precede the window, then those before
+    # it: the jump to 5 inside the last window is not noise.
+    expected = np.sqrt([0.0, 1 / 2, 1 / 4, 1 / 4, 1 / 6])
+    assert noise_before(values, 2) == pytest.approx(expected)
+    gappy = np.array([0.0, 1.0, np.nan, 3.0, 2.0, 2.0])  # differences touching NaN left out
+    assert noise_before(gappy, 1)[-1] == pytest.approx(np.sqrt((1 + 1 + 0) / 3 / 2))
+
+
 def test_collapse_edge_cases():
     assert observed_reward_collapse(np.arange(5), np.ones(5)) is None  # shorter than W
     assert observed_reward_collapse(np.arange(50), np.zeros(50)) is None  # flat at the floor
@@ -193,6 +238,28 @@ def test_collapse_warning_on_a_falling_mean():
     gap[12] = np.nan  # a NaN measurement makes its windows NaN: they do not warn
     assert 24 not in collapse_warning(steps, gap, window=3, drop=0.5).tolist()
     assert collapse_warning(np.array([], dtype=np.int64), np.array([])).size == 0
+
+
+def test_a_noisy_likelihood_that_never_fell_seldom_warns():
+    """Measurements of white noise, 0.5 nats a step, 300 of them: the 0.5-nat drop alone warns
+    on every one of these 40 runs; beyond the measurements' noise, at most 2 do (the rule is
+    chosen to err on under 5 % of such runs)."""
+    steps = np.arange(300)
+    with_test = without = 0
+    for seed in range(40):
+        values = -1.0 + 0.5 * np.random.default_rng(seed).standard_normal(300)
+        with_test += collapse_warning(steps, values).size > 0
+        without += collapse_warning(steps, values, noise_margin=-1000).size > 0
+    assert without == 40 and with_test <= 2
+
+
+def test_a_likelihood_that_falls_beyond_its_noise_warns_right_after():
+    steps = np.arange(300)
+    for seed in range(20):
+        values = -1.0 + 0.1 * np.random.default_rng(seed).standard_normal(300)
+        values[150:] -= 1.0
+        warns = collapse_warning(steps, values)
+        assert warns.size and 150 <= warns[0] <= 152, (seed, warns[:1])
 
 
 def test_observe_a_recorded_run(tmp_path):

@@ -45,12 +45,22 @@ DEFAULT_COLLAPSE_WINDOW = 10
 """W of the observed-collapse rule: the rolling mean of the recorded reward over 10 steps. Fixed,
 never a function of the run's length, so a trajectory's collapse step does not move when it is
 recorded longer (ten steps, so a few noisy rewards cannot make a collapse)."""
+COLLAPSE_NOISE_MARGIN = 3.5
+"""c of the observed-collapse rule's noise test: a drop counts once it exceeds
+c + sqrt(2 ln(n / W)) standard errors of a W-step mean (n: the rewarded steps so far). Chosen
+with benchmarks/flat_reward_collapse.py on seeds 0-99 as the smallest half-integer c whose worst
+cell reports under 5 % of flat runs as collapsed (c = 3: 7 %; 3.5: 3 %)."""
 # Collapse warning defaults, calibrated by the lead on benchmarks/collapse_suite.py (calibration
 # seeds 1 and 2; the held-out seeds and the fixtures' seed 0 were not used to choose them).
 DEFAULT_WARNING_WINDOW = 3
 """Measurements of the own-sample likelihood averaged by the collapse warning."""
 DEFAULT_WARNING_DROP = 0.5
 """The collapse warning fires when that average falls this many nats below its best so far."""
+WARNING_NOISE_MARGIN = 3.0
+"""c of the collapse warning's noise test: the fall must also exceed c + 2 sqrt(2 ln(j / 3))
+standard errors of the 3-measurement mean. Chosen with benchmarks/flat_likelihood_warning.py on
+seeds 0-99 as the smallest half-integer c whose worst cell warns on under 5 % of flat series
+(c = 2.5: 6 %; 3: 4 %)."""
 DEFAULT_TOP_K = 5
 """Sequences named per flagged step with `detail`."""
 CLIP_EPS = 1e-6

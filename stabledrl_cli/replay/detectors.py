@@ -9,12 +9,14 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from stabledrl_cli.replay.config import (
+    COLLAPSE_NOISE_MARGIN,
     DEFAULT_COLLAPSE_WINDOW,
     DEFAULT_SPIKE_FACTOR,
     DEFAULT_WARNING_DROP,
     DEFAULT_WARNING_WINDOW,
     SPIKE_HISTORY,
     SPIKE_MIN_HISTORY,
+    WARNING_NOISE_MARGIN,
 )
 
 
@@ -92,14 +94,19 @@ def observed_reward_collapse(
     rewards: np.ndarray,
     reward_range: tuple[float, float] | None = None,
     window: int = DEFAULT_COLLAPSE_WINDOW,
+    noise_margin: float = COLLAPSE_NOISE_MARGIN,
 ) -> int | None:
     """The first step of observed reward collapse, or None (docs/collapse.md).
 
     steps, rewards: [S] (per recorded step, e.g. the `reward_mean` scalar). With W = `window`
     (fixed: a trajectory's collapse step does not move when it is recorded longer) and m the
-    rolling mean of reward - floor over W steps (floor =
-    reward_range[0], else min(rewards)): the first step where m falls below half of its best
-    value so far and stays below that level for 2W steps, or to the end of the run.
+    rolling mean of reward - floor over W steps (floor = reward_range[0], else min(rewards)):
+    the first step i where m falls below half of its best value so far and stays below that
+    level for 2W steps, or to the end of the run, and where the drop is beyond the reward's
+    noise: best - max(m[i : i + 2W]) > (c + sqrt(2 ln(n_i / W))) * sigma_i / sqrt(W), with
+    sigma_i the per-step noise of the rewards before the window (`noise_before`), n_i the
+    steps up to i and c `noise_margin`. The square root is how far the best of n_i / W
+    independent W-step means rises above their level by luck alone.
     """
     steps = np.asarray(steps)
     rewards = np.asarray(rewards, dtype=np.float64)
@@ -119,9 +126,30 @@ def observed_reward_collapse(
     span = 2 * window
     padded = np.concatenate((np.where(np.isnan(level), np.inf, level), np.full(span - 1, -np.inf)))
     ahead_max = sliding_window_view(padded, span).max(axis=1)
-    collapsed = (best > 0) & np.isfinite(level) & (ahead_max < threshold)
+    seen = np.arange(1, n + 1)
+    margin = noise_margin + np.sqrt(2 * np.log(np.maximum(seen / window, 1.0)))
+    beyond_noise = best - ahead_max > margin * noise_before(rewards, window) / np.sqrt(window)
+    collapsed = (best > 0) & np.isfinite(level) & (ahead_max < threshold) & beyond_noise
     hits = np.flatnonzero(collapsed)
     return int(steps[hits[0]]) if hits.size else None
+
+
+def noise_before(values: np.ndarray, window: int) -> np.ndarray:
+    """values: [S] in step order -> [S] sigma_i, the per-step noise of the values before the
+    window that ends at i (values[: i - window + 1]), so that a fall inside that window does
+    not count as noise; of values[: i + 1] while fewer than `window` values precede the window.
+
+    sigma: the root mean square of successive differences over sqrt(2) (a white noise's
+    standard deviation; a trend adds little to it). Differences touching a non-finite value
+    are left out; 0 without any difference."""
+    differences = np.diff(values)
+    finite = np.isfinite(differences)
+    squares = np.concatenate(([0.0], np.cumsum(np.where(finite, differences**2, 0.0))))
+    counts = np.concatenate(([0], np.cumsum(finite)))
+    index = np.arange(values.shape[0])
+    upto = np.where(index - window + 1 >= window, index - window + 1, index)
+    noise: np.ndarray = np.sqrt(squares[upto] / np.maximum(counts[upto], 1) / 2)
+    return noise
 
 
 def drift_flags(net_push: np.ndarray, window: int, threshold: float) -> np.ndarray:
@@ -173,15 +201,25 @@ def collapse_warning(
     values: np.ndarray,
     window: int = DEFAULT_WARNING_WINDOW,
     drop: float = DEFAULT_WARNING_DROP,
+    noise_margin: float = WARNING_NOISE_MARGIN,
 ) -> np.ndarray:
     """The steps whose measurement warns of a collapse (docs/collapse.md).
 
     steps, values: [M] the measurements (`own_likelihood_series`). m_j = mean of the last
     `window` values (NaN until `window` exist, or when one of them is NaN); measurement j warns
-    when max_{i <= j} m_i - m_j > drop. -> [K] int64 the steps that warn."""
+    when max_{i <= j} m_i - m_j exceeds both `drop` and the measurements' noise:
+    (c + 2 sqrt(2 ln(j / window))) * sigma_j / sqrt(window), with sigma_j their per-step noise
+    before the window (`noise_before`) and c `noise_margin`. The best mean and the current
+    one can each stray about sqrt(2 ln(j / window)) standard errors by luck, one up and one
+    down.
+    -> [K] int64 the steps that warn."""
     steps = np.asarray(steps, dtype=np.int64)
-    means = rolling_mean(np.asarray(values, dtype=np.float64), window)
+    values = np.asarray(values, dtype=np.float64)
+    means = rolling_mean(values, window)
     best = np.fmax.accumulate(means) if means.size else means  # NaN never wins
-    warns = np.isfinite(means) & (best - means > drop)
+    seen = np.arange(1, values.shape[0] + 1)
+    luck = noise_margin + 2 * np.sqrt(2 * np.log(np.maximum(seen / window, 1.0)))
+    needed = np.maximum(drop, luck * noise_before(values, window) / np.sqrt(window))
+    warns = np.isfinite(means) & (best - means > needed)
     out: np.ndarray = steps[warns]
     return out

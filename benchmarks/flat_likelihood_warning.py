@@ -1,0 +1,98 @@
+"""How often the collapse warning fires on a run whose own-sample likelihood never fell, and
+how often it fires on one whose likelihood did fall.
+
+Each series is the warning's per-step measurement (docs/collapse.md: the median of `logp_old`
+over a step's scored units), drawn as white noise of standard deviation SIGMA nats around
+-1 for N measurements:
+- a flat series never changes: any warning is noise (the `false` column);
+- a falling series drops by FALL nats (`--fall`, 1 by default: twice the warning's 0.5 nats)
+  at its middle measurement. It is `found` when the warning fires at or after the middle;
+  `delay` is the median of first warning - middle, in measurements, over the runs found.
+
+The rule is `detectors.collapse_warning` with its defaults (window 3, drop 0.5 nats) and the
+noise margin c = `--margin` (`WARNING_NOISE_MARGIN` by default; `--margin=-1000` turns the
+noise test off, which is the rule before it). The margin was chosen on seeds 0-99
+(`--first-seed 0`); the docs quote seeds 100-199 (`--first-seed 100`).
+
+    python benchmarks/flat_likelihood_warning.py --first-seed 100   # the docs' table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from stabledrl_cli.replay.config import WARNING_NOISE_MARGIN
+from stabledrl_cli.replay.detectors import collapse_warning
+
+
+def measurements(sigma: float, length: int, seed: int, fall: float) -> np.ndarray:
+    """One run's measurements (numpy's generator seeded `seed`), lowered by `fall` from the
+    middle one on."""
+    values = -1.0 + sigma * np.random.default_rng(seed).standard_normal(length)
+    values[length // 2 :] -= fall
+    return values
+
+
+def row(sigma: float, length: int, seeds: range, fall: float, margin: float) -> dict:
+    """The share of flat series that warn, of falling ones found, and the median delay."""
+    steps = np.arange(length)
+
+    def first(fall_by: float, seed: int) -> int | None:
+        values = measurements(sigma, length, seed, fall_by)
+        warns = collapse_warning(steps, values, noise_margin=margin)
+        return int(warns[0]) if warns.size else None
+
+    false = sum(first(0.0, seed) is not None for seed in seeds)
+    delays = [step - length // 2 for seed in seeds if (step := first(fall, seed)) is not None]
+    found = [delay for delay in delays if delay >= 0]
+    return {
+        "sigma": sigma,
+        "measurements": length,
+        "false": false / len(seeds),
+        "found": len(found) / len(seeds),
+        "delay": statistics.median(found) if found else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sigmas", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5, 2.0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[100, 300, 1000])
+    parser.add_argument("--fall", type=float, default=1.0)
+    parser.add_argument("--seeds", type=int, default=100)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--margin", type=float, default=WARNING_NOISE_MARGIN)
+    parser.add_argument("--format", choices=["table", "json"], default="table")
+    args = parser.parse_args()
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    rows = [
+        row(sigma, length, seeds, args.fall, args.margin)
+        for sigma in args.sigmas for length in args.lengths
+    ]  # fmt: skip
+    if args.format == "json":
+        settings = {"seeds": [seeds.start, seeds.stop - 1], "fall": args.fall}
+        print(json.dumps({**settings, "margin": args.margin, "rows": rows}, indent=2))
+        return
+    print(
+        f"seeds {seeds.start}-{seeds.stop - 1}, margin {args.margin}, fall {args.fall} nats: "
+        "share of flat series that warn, share of falling ones found"
+    )
+    print(f"{'sigma':>6} {'length':>6} {'false':>6} {'found':>6} {'delay':>6}")
+    for r in rows:
+        delay = "-" if r["delay"] is None else f"{r['delay']:g}"
+        print(
+            f"{r['sigma']:>6} {r['measurements']:>6} {r['false']:>6.2f} {r['found']:>6.2f} "
+            f"{delay:>6}"
+        )
+
+
+if __name__ == "__main__":
+    main()
