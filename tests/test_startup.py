@@ -156,3 +156,23 @@ def test_public_names_still_resolve():
         assert getattr(sd, name) is not None
     with pytest.raises(AttributeError):
         sd.no_such_name  # noqa: B018
+
+
+def test_a_recorder_writes_its_steps_without_importing_the_readers():
+    """A recorded training process needs the Recorder only: h5py (the archive reader's) costs
+    it start-up time and nothing else."""
+    code = textwrap.dedent("""
+        import sys, tempfile
+        import numpy as np
+        from stabledrl_cli.dump import Recorder
+        with Recorder(tempfile.mkdtemp() + "/run", policy="grpo") as recorder:
+            zeros = np.zeros(8, "float32")
+            recorder.log_step(0, logp=zeros, logp_old=zeros - 0.1, advantages=zeros + 1,
+                              seq_id=np.repeat(np.arange(4), 2).astype("int32"))
+        print(sorted(m for m in ("h5py", "stabledrl_cli.dump._open") if m in sys.modules))
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -535,9 +535,10 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
         with _lock:
             _close_at_child_end()
             if _recorder is None and _held is None:
-                # Imported now, not when the held step is written at exit: h5py imported
-                # during the interpreter's exit crashes it (SIGSEGV in libhdf5's exit handler).
-                import stabledrl_cli.dump  # noqa: F401
+                # The Recorder imported now, not when the held step is written at exit: a
+                # library imported during the interpreter's exit may crash it (h5py did:
+                # SIGSEGV in libhdf5's exit handler).
+                import stabledrl_cli.dump._writer  # noqa: F401
 
                 _held = _Step(step, hooks=fields)
                 return
