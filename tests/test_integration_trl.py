@@ -177,6 +177,26 @@ def test_config_maps_to_a_catalogue_spec(tiny: Any, config: dict[str, Any], spec
     assert mapped.spec == sd.get_policy(spec).spec == spec
 
 
+ROLLOUT_FUNC_MAPPING = [
+    ("grpo", "grpo:rows=all"),
+    ("sapo", "sapo:rows=all"),
+    ("dr_grpo", "ppo:agg=constant,max_len=6,rows=all"),
+    ("bnpo", "ppo:agg=micro-token-mean"),  # token means: a row without tokens adds nothing
+    ("dapo", "dapo:agg=recorded,eps_high=0.2"),
+    ("luspo", "ppo:agg=seq-mean-token-sum,rows=all"),
+]
+
+
+@pytest.mark.parametrize(("loss_type", "spec"), ROLLOUT_FUNC_MAPPING)
+def test_a_rollout_func_maps_sequence_means_to_every_row(
+    tiny: Any, loss_type: str, spec: str
+) -> None:
+    """A trainer's rollout_func can leave a row without a scored token (its env_mask), which
+    TRL's sequence means count: rows=all, as for mask_truncated_completions."""
+    config = tiny.tiny_config("unused", loss_type=loss_type)
+    assert integration.policy_for_config(config, rollout_func=True).spec == spec
+
+
 REFUSED = [
     ({"loss_type": "sapo", "importance_sampling_level": "sequence"}, "sequence-level"),
     ({"loss_type": "dapo", "importance_sampling_level": "sequence"}, "'grpo', 'luspo', 'vespo'"),
@@ -510,6 +530,43 @@ def test_a_step_without_a_scored_token_is_recorded_and_replayed(
     result = sd.replay(out, [trainer.stabledrl_policy.spec], device="cpu")
     assert result.skipped == []
     assert result.own is not None and result.own.series["step"].tolist() == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("config", "spec"),
+    [
+        ({"loss_type": "grpo"}, "grpo:rows=all"),
+        ({"loss_type": "dr_grpo"}, "ppo:agg=constant,max_len=6,rows=all"),
+        (
+            {"loss_type": "grpo", "importance_sampling_level": "sequence"},
+            "gspo:eps_high=0.2,eps_low=0.2,rows=all",
+        ),
+    ],
+)
+def test_a_rollout_funcs_env_mask_that_empties_a_row_replays_trls_loss(
+    tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: dict[str, Any], spec: str
+) -> None:
+    """A rollout_func's env_mask (TRL's tool mask) that masks a whole completion (one in five
+    here) leaves a row without a scored token, which TRL's mean over a micro-batch's rows still
+    counts: the run's own policy is the spec with rows=all, and it replays TRL's loss."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    out = tmp_path / "run"
+    trainer = integration.RecordingGRPOTrainer(
+        model=tiny.tiny_model(),
+        reward_funcs=tiny.count_b,
+        args=tiny.tiny_config(str(tmp_path / "trl_out"), **config),
+        train_dataset=tiny.tiny_dataset(),
+        processing_class=tiny.tiny_tokenizer(),
+        rollout_func=tiny.env_masked_rollout(),
+        stabledrl_out=out,
+    )
+    trainer.train()
+    assert trainer.stabledrl_policy.spec == spec
+    for step in sd.open_run(out):  # rows without a scored token among rows with some
+        scored = torch.zeros(len(step["group_id"]))
+        scored.index_add_(0, step["seq_id"].long(), step["mask"].float())
+        assert bool((scored == 0).any()) and bool((scored > 0).any())
+    _assert_matches_trl(out, spec, trainer.state.log_history)
 
 
 def test_recording_failure_warns_once_and_training_continues(

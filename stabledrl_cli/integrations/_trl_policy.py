@@ -15,7 +15,8 @@ reproduces TRL's loss (docs/policies.md).
 |                                              | agg=token-mean or recorded                        |
 | importance_sampling_level="sequence" (grpo)  | gspo:eps_low,eps_high                             |
 | delta (grpo, bnpo, dr_grpo, dapo, luspo)     | two-sided:delta,... (same agg)                    |
-| mask_truncated_completions (grpo, sapo, ...) | the same spec with rows=all                       |
+| mask_truncated_completions or a rollout_func | the same spec with rows=all                       |
+| (grpo, sapo, dr_grpo, gspo)                  |                                                   |
 | beta > 0                                     | every spec above gains beta                       |
 | use_bias_correction_kl (default) with beta   | ... and kl_is=token (the KL times the ratio)      |
 | beta with an entropy, off-policy or vLLM     | ... and kl_weight=none (TRL adds the KL term      |
@@ -24,8 +25,10 @@ reproduces TRL's loss (docs/policies.md).
 eps_low is TRL's `epsilon`, eps_high its `epsilon_high` (default `epsilon`); for cispo
 `epsilon_high` is the absolute cap. bnpo's per-micro-batch token mean reads the recorded
 `micro_batch`. grpo, sapo and dr_grpo average over every row of a micro-batch: the catalogue's
-default counts rows with a scored token, the same unless `mask_truncated_completions` empties
-a row, so that case maps to rows=all. dapo and cispo divide by the generation batch's token
+default counts rows with a scored token, the same unless a row has none: the cases that can
+empty one map to rows=all, `mask_truncated_completions` (a truncated completion masked whole)
+and a trainer's `rollout_func` (its `env_mask`, TRL's tool mask, can mask a whole
+completion). dapo and cispo divide by the generation batch's token
 count times gradient_accumulation_steps / steps_per_generation: that is the optimizer step's
 token count (token-mean) only when the two are equal; otherwise it is a number the step does
 not contain, and the run's own normaliser is replayed from the recorded `loss_scale`
@@ -91,10 +94,11 @@ def uses_loss_weight(config: Any) -> bool:
     )
 
 
-def _aggregation(config: Any) -> dict[str, SpecValue]:
-    """The `agg` (and `max_len`) that reproduces TRL's normaliser for this config."""
+def _aggregation(config: Any, every_row: bool) -> dict[str, SpecValue]:
+    """The `agg` (and `max_len`) that reproduces TRL's normaliser for this config; every_row:
+    a row can score no token, and TRL's sequence means count it."""
     loss_type = config.loss_type
-    rows: dict[str, SpecValue] = {"rows": "all"} if config.mask_truncated_completions else {}
+    rows: dict[str, SpecValue] = {"rows": "all"} if every_row else {}
     if loss_type == "bnpo":
         return {"agg": "micro-token-mean"}
     if loss_type in ("grpo", "sapo"):
@@ -135,12 +139,16 @@ def _check_recordable(config: Any, aux_loss: bool) -> None:
         )
 
 
-def policy_for_config(config: Any, *, aux_loss: bool = False) -> Policy:
+def policy_for_config(config: Any, *, aux_loss: bool = False, rollout_func: bool = False) -> Policy:
     """The catalogue policy reproducing a TRL 1.16 `GRPOConfig` (table in the module
-    docstring; its `.spec` is canonical, e.g. `grpo` for TRL's grpo defaults); UsageError, one
-    line, for a configuration the catalogue cannot express."""
+    docstring; its `.spec` is canonical, e.g. `grpo` for TRL's grpo defaults) of a trainer
+    given a `rollout_func` or not; UsageError, one line, for a configuration the catalogue
+    cannot express."""
     _check_recordable(config, aux_loss)
     epsilons = _epsilons(config)
+    # a truncated completion that TRL masks, or a rollout_func's env_mask, can leave a row no
+    # scored token
+    every_row = bool(config.mask_truncated_completions or rollout_func)
     params: dict[str, SpecValue]
     loss_type = config.loss_type
     if loss_type == "vespo":
@@ -151,27 +159,27 @@ def policy_for_config(config: Any, *, aux_loss: bool = False) -> Policy:
                 "lambda_pos": float(config.vespo_lambda_pos),
                 "k_neg": float(config.vespo_k_neg),
                 "lambda_neg": float(config.vespo_lambda_neg),
-                **_aggregation(config),
+                **_aggregation(config, every_row),
             },
         )
     elif config.importance_sampling_level == "sequence":
         name, params = "gspo", dict(epsilons)
         if loss_type == "luspo":
-            params.update(_aggregation(config))
-        elif config.mask_truncated_completions:
+            params.update(_aggregation(config, every_row))
+        elif every_row:
             params["rows"] = "all"
     elif loss_type == "cispo":
-        name, params = "cispo", {"cap": epsilons["eps_high"], **_aggregation(config)}
+        name, params = "cispo", {"cap": epsilons["eps_high"], **_aggregation(config, every_row)}
     elif loss_type == "sapo":
         params = {
             "tau_pos": float(config.sapo_temperature_pos),
             "tau_neg": float(config.sapo_temperature_neg),
-            **_aggregation(config),
+            **_aggregation(config, every_row),
         }
         name = "sapo"
     else:
         name = _PPO_NAMES[loss_type]
-        params = {**epsilons, **_aggregation(config)}
+        params = {**epsilons, **_aggregation(config, every_row)}
         if config.delta is not None:
             name, params["delta"] = "two-sided", float(config.delta)
     if config.beta != 0.0:

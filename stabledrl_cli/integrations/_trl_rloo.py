@@ -25,6 +25,7 @@ from stabledrl_cli.integrations._trl_trainer import (
     RecordingTrainer,
     cpu_float32,
 )
+from stabledrl_cli.policies import Policy
 from stabledrl_cli.vocab import Unit
 
 
@@ -33,8 +34,10 @@ class RecordingRLOOTrainer(RecordingTrainer, TRL.RLOOTrainer):  # type: ignore[m
     completion (`RecordingTrainer` says the arguments)."""
 
     _sd_trainer = "RLOOTrainer"
-    _sd_policy_for = staticmethod(rloo_policy_for_config)
     _sd_unit: Unit = "sequence"
+
+    def _sd_policy(self) -> Policy:
+        return rloo_policy_for_config(self.args, aux_loss=self.aux_loss_enabled)
 
     def _sd_meta(self) -> dict[str, Any]:
         args = self.args

@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +102,7 @@ def cpu_float32(tensor: torch.Tensor) -> torch.Tensor:
 class RecordingTrainer(_Untyped):  # type: ignore[misc]
     """What a recording TRL trainer shares, placed before the TRL trainer in its bases:
     `class RecordingXTrainer(RecordingTrainer, trl.XTrainer)` with the trainer's own
-    `_sd_trainer`, `_sd_policy_for`, `_sd_meta` and `_sd_micro_batch` (and `_sd_unit` for a
+    `_sd_trainer`, `_sd_policy`, `_sd_meta` and `_sd_micro_batch` (and `_sd_unit` for a
     sequence-level loss).
 
     Arguments: those of the TRL trainer, plus `stabledrl_out` (the run directory; default
@@ -115,9 +114,6 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
 
     _sd_trainer: str
     """The TRL trainer's name (the manifest's `meta.trainer`)."""
-    _sd_policy_for: Callable[..., Policy]
-    """The TRL config (and `aux_loss=`, the MoE router loss) -> the catalogue policy that
-    reproduces the trainer's loss; UsageError, one line, when there is none."""
     _sd_unit: Unit = "token"
     """What one recorded entry is: a token, or a sequence (the Recorder's `unit`)."""
 
@@ -143,10 +139,15 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         """(run directory's real path, checkpoint step) of the run train() opens as its
         training begins (`_sd_begin`)."""
         super().__init__(*args, **kwargs)
-        self.stabledrl_policy = self._sd_policy_for(self.args, aux_loss=self.aux_loss_enabled)
+        self.stabledrl_policy = self._sd_policy()
         self.add_callback(_RunOpener(self))
 
     # -- what each recording trainer says for itself ------------------------------------------
+    def _sd_policy(self) -> Policy:
+        """The catalogue policy that reproduces the trainer's loss (its config, an MoE router
+        loss); UsageError, one line, when there is none."""
+        raise NotImplementedError
+
     def _sd_meta(self) -> dict[str, Any]:
         """The manifest's `meta` entries of this trainer's config, beside the shared ones."""
         raise NotImplementedError
@@ -338,7 +339,11 @@ class RecordingGRPOTrainer(RecordingTrainer, TRL.GRPOTrainer):  # type: ignore[m
     token (`RecordingTrainer` says the arguments)."""
 
     _sd_trainer = "GRPOTrainer"
-    _sd_policy_for = staticmethod(policy_for_config)
+
+    def _sd_policy(self) -> Policy:
+        return policy_for_config(
+            self.args, aux_loss=self.aux_loss_enabled, rollout_func=self.rollout_func is not None
+        )
 
     def _sd_meta(self) -> dict[str, Any]:
         args = self.args

@@ -4,11 +4,13 @@
 12-word vocabulary, a dataset of 8 prompts, and a reward that counts the word "b".
 `tiny_config(out, **overrides)` is a GRPOConfig with num_iterations=2 (ratios move) and
 gradient_accumulation_steps (2) != steps_per_generation (4); `tiny_rloo_config` the same run
-as an RLOOConfig (beta 0: no reference model unless asked).
+as an RLOOConfig (beta 0: no reference model unless asked). `env_masked_rollout()` is a
+`rollout_func` whose `env_mask` masks a whole completion now and then.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -63,6 +65,34 @@ def tiny_dataset(n: int = 8) -> Dataset:
 def count_b(completions: list[str], **_: Any) -> list[float]:
     """Reward: the number of "b" words in the completion."""
     return [float(text.split().count("b")) for text in completions]
+
+
+def env_masked_rollout(seed: int = 0) -> Callable[[list[str], Any], dict[str, list[Any]]]:
+    """A GRPOTrainer `rollout_func`: each prompt's completion is 2-6 seeded random words (one
+    shorter than 6 ends with <eos>), each logprob -2.4; its `env_mask` gives the second token
+    to the environment, and every fifth completion whole (a row without a scored token)."""
+    generator = torch.Generator().manual_seed(seed)
+    made = 0
+
+    def rollout(prompts: list[str], trainer: Any) -> dict[str, list[Any]]:
+        nonlocal made
+        out: dict[str, list[Any]] = {
+            "prompt_ids": [], "completion_ids": [], "logprobs": [], "env_mask": []
+        }  # fmt: skip
+        for prompt in prompts:
+            n = int(torch.randint(2, 7, (1,), generator=generator))
+            ids = torch.randint(2, len(WORDS), (n,), generator=generator).tolist()
+            if n < 6:
+                ids[-1] = WORDS.index("<eos>")
+            env_mask = [0] * n if made % 5 == 2 else [1, 0, *[1] * (n - 2)]
+            made += 1
+            out["prompt_ids"].append(trainer.processing_class(prompt)["input_ids"])
+            out["completion_ids"].append(ids)
+            out["logprobs"].append([-2.4] * n)
+            out["env_mask"].append(env_mask)
+        return out
+
+    return rollout
 
 
 def _tiny_args(out: str, **overrides: Any) -> dict[str, Any]:
