@@ -316,6 +316,11 @@ TOKEN_CLIP = {
 }
 
 
+SEQUENCE_CLIP = {"gspo", "luspo-sequence"}
+"""Sequence-level cases: TRL's clip_ratio/* count each micro-batch's clipped rows (one
+sequence ratio a row)."""
+
+
 RECORDED_SCALE = {
     "grpo": "ppo:agg=recorded",
     "bnpo": "ppo:agg=recorded",
@@ -359,12 +364,14 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
             ratios = _trl_clip_ratios(step, trainer.epsilon_low, trainer.epsilon_high)
             for name, value in ratios.items():
                 assert value == pytest.approx(logged[step.step][name], abs=1e-6), name
-        # ... and so does replay's own TRL metrics of the run's own policy, step by step
+    if case in TOKEN_CLIP | SEQUENCE_CLIP:  # replay's TRL metrics of the own policy are TRL's
+        logged = logged_steps(trainer.state.log_history)
         own = sd.replay(out, policies=[trainer.stabledrl_policy.spec], device="cpu").own
         assert own is not None
         for column, name in TRL_METRICS.items():
             for number, value in zip(own.series["step"], own.series[column], strict=True):
                 assert value == pytest.approx(logged[int(number)][name], abs=1e-6), column
+        assert max(e["clip_ratio/region_mean"] for e in logged.values()) > 0  # some clipped
     if case in RECORDED_SCALE:  # the recorded loss_scale is TRL's own normaliser
         logged = logged_steps(trainer.state.log_history)
         own = sd.replay(out, policies=[RECORDED_SCALE[case]], device="cpu").policies[0]
