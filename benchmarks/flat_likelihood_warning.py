@@ -20,7 +20,6 @@ noise test off, which is the rule before it). The margin was chosen on seeds 0-9
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from false_alarms import add_common_arguments, emit, seed_range
 
 from stabledrl_cli.replay.config import WARNING_NOISE_MARGIN
 from stabledrl_cli.replay.detectors import collapse_warning
@@ -55,7 +56,7 @@ def row(sigma: float, length: int, seeds: range, fall: float, margin: float) -> 
     found = [delay for delay in delays if delay >= 0]
     return {
         "sigma": sigma,
-        "measurements": length,
+        "length": length,
         "false": false / len(seeds),
         "found": len(found) / len(seeds),
         "delay": statistics.median(found) if found else None,
@@ -67,31 +68,14 @@ def main() -> None:
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5, 2.0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--fall", type=float, default=1.0)
-    parser.add_argument("--seeds", type=int, default=100)
-    parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--margin", type=float, default=WARNING_NOISE_MARGIN)
-    parser.add_argument("--format", choices=["table", "json"], default="table")
+    add_common_arguments(parser, WARNING_NOISE_MARGIN)
     args = parser.parse_args()
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
     rows = [
-        row(sigma, length, seeds, args.fall, args.margin)
+        row(sigma, length, seed_range(args), args.fall, args.margin)
         for sigma in args.sigmas for length in args.lengths
     ]  # fmt: skip
-    if args.format == "json":
-        settings = {"seeds": [seeds.start, seeds.stop - 1], "fall": args.fall}
-        print(json.dumps({**settings, "margin": args.margin, "rows": rows}, indent=2))
-        return
-    print(
-        f"seeds {seeds.start}-{seeds.stop - 1}, margin {args.margin}, fall {args.fall} nats: "
-        "share of flat series that warn, share of falling ones found"
-    )
-    print(f"{'sigma':>6} {'length':>6} {'false':>6} {'found':>6} {'delay':>6}")
-    for r in rows:
-        delay = "-" if r["delay"] is None else f"{r['delay']:g}"
-        print(
-            f"{r['sigma']:>6} {r['measurements']:>6} {r['false']:>6.2f} {r['found']:>6.2f} "
-            f"{delay:>6}"
-        )
+    title = f"fall {args.fall} nats: flat series that warn, falling ones found"
+    emit(args, title, {"fall": args.fall}, rows)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ chosen on seeds 0-99 (`--first-seed 0`), the docs quote seeds 100-199 (`--first-
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -30,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from false_alarms import add_common_arguments, emit, seed_range
 
 from stabledrl_cli.replay.config import COLLAPSE_NOISE_MARGIN, DEFAULT_COLLAPSE_WINDOW
 from stabledrl_cli.replay.detectors import observed_reward_collapse
@@ -72,32 +73,15 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.3])
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--steps", type=int, nargs="+", default=[300, 1000, 3000])
-    parser.add_argument("--seeds", type=int, default=100)
-    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--window", type=int, default=DEFAULT_COLLAPSE_WINDOW)
-    parser.add_argument("--margin", type=float, default=COLLAPSE_NOISE_MARGIN)
-    parser.add_argument("--format", choices=["table", "json"], default="table")
+    add_common_arguments(parser, COLLAPSE_NOISE_MARGIN)
     args = parser.parse_args()
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
     rows = [
-        row(rate, batch, steps, seeds, args.window, args.margin)
+        row(rate, batch, steps, seed_range(args), args.window, args.margin)
         for rate in args.rates for batch in args.batches for steps in args.steps
     ]  # fmt: skip
-    if args.format == "json":
-        settings = {"seeds": [seeds.start, seeds.stop - 1], "window": args.window}
-        print(json.dumps({**settings, "margin": args.margin, "rows": rows}, indent=2))
-        return
-    print(
-        f"seeds {seeds.start}-{seeds.stop - 1}, window {args.window}, margin {args.margin}: "
-        "share of flat runs reported collapsed, share of falling runs found"
-    )
-    print(f"{'P':>6} {'batch':>6} {'steps':>6} {'false':>6} {'found':>6} {'delay':>6}")
-    for r in rows:
-        delay = "-" if r["delay"] is None else f"{r['delay']:g}"
-        print(
-            f"{r['rate']:>6} {r['batch']:>6} {r['steps']:>6} {r['false']:>6.2f} "
-            f"{r['found']:>6.2f} {delay:>6}"
-        )
+    title = f"window {args.window}: flat runs reported collapsed, falling runs found"
+    emit(args, title, {"window": args.window}, rows)
 
 
 if __name__ == "__main__":
