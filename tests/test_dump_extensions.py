@@ -1,9 +1,11 @@
-"""Format 1.1: per-sequence micro_batch and group_split, the manifest's group_ids, and the
-oldest-version rule; a directory and a packed archive read them alike."""
+"""Format 1.1: per-sequence micro_batch and group_split, the manifest's group_ids; format 1.3:
+a sequence run's token_count; the oldest-version rule; a directory and a packed archive read
+them alike."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import h5py
 import numpy as np
@@ -133,3 +135,71 @@ def test_group_ids_is_checked(tmp_path):
     (tmp_path / "run" / "manifest.json").write_text(json.dumps({**manifest, "group_ids": 1}))
     with pytest.raises(InputError, match="corrupt manifest: group_ids must be per_rank or global"):
         sd.open_run(tmp_path / "run")
+
+
+def _sequences(counts: object) -> dict:
+    summed = np.array([-6.0, -12.0, -0.0, -3.0])
+    return {"logp": summed, "logp_old": summed, "advantages": np.ones(4), "token_count": counts}
+
+
+def test_token_count_round_trips_directory_and_archive(tmp_path):
+    """A 1.3 field: the step that records it says 1.3, the manifest and a step without it stay
+    1.0; two ranks' counts are joined in rank order; pack keeps them."""
+    path = tmp_path / "run"
+    recorders = [
+        sd.Recorder(path, unit="sequence", world_size=2, rank=r, policy="grpo") for r in (0, 1)
+    ]
+    for rank, rec in enumerate(recorders):
+        rec.log_step(0, **_sequences(torch.tensor([6, 12, 0, 3]) + rank))
+        rec.log_step(1, **_sequences(None))
+        rec.close()
+    header = (path / "steps" / "step-00000000.rank-0000.safetensors").read_bytes()
+    assert b'"_format_version":"1.3"' in header
+    step_1 = (path / "steps" / "step-00000001.rank-0001.safetensors").read_bytes()
+    assert b'"_format_version":"1.0"' in step_1
+    assert sd.open_run(path).manifest["format_version"] == "1.0"
+    small, fast = tmp_path / "small.h5", tmp_path / "fast.h5"
+    pack_run(sd.open_run(path), small, compression="small")
+    pack_run(sd.open_run(path), fast)
+    with h5py.File(small, "r") as handle:
+        assert handle.attrs["format_version"] == "1.3"
+    for run in (sd.open_run(path), sd.open_run(small), sd.open_run(fast)):
+        step = run.step(0)
+        assert step["token_count"].dtype == torch.int32
+        assert step["token_count"].tolist() == [6, 12, 0, 3, 7, 13, 1, 4]
+        assert "token_count" not in run.step(1).fields
+
+
+def test_token_count_accepts_whole_floats(tmp_path):
+    """A float mask's sum is a count too: stored as int32."""
+    with sd.Recorder(tmp_path / "run", unit="sequence") as rec:
+        rec.log_step(0, **_sequences(torch.tensor([6.0, 12.0, 0.0, 3.0])))
+    assert sd.open_run(tmp_path / "run").step(0)["token_count"].tolist() == [6, 12, 0, 3]
+
+
+@pytest.mark.parametrize(
+    ("counts", "message"),
+    [
+        (np.array([6, -1, 0, 3]), "token_count: counts must be >= 0, got -1"),
+        (np.array([6.0, 2.5, 0.0, 3.0]), "token_count: counts must be whole numbers, got 2.5"),
+        (np.array([6.0, np.nan, 0.0, 3.0]), "token_count: counts must be whole numbers, got nan"),
+        (np.array([6.0, np.inf, 0.0, 3.0]), "token_count: counts must be whole numbers, got inf"),
+        (np.array([6.0, -2.0, 0.0, 3.0]), "token_count: counts must be >= 0, got -2"),
+        (np.array([2.0**40, 1, 1, 1]), "token_count: count 1099511627776 does not fit int32"),
+        (np.array([6, 12, 3]), "token_count: 3 entries, but seq_id implies 4 sequences"),
+        (np.ones((4, 2), np.int64), r"token_count: expected shape \[N\]"),
+        (np.array([2**31, 1, 1, 1]), "token_count: count 2147483648 does not fit int32"),
+        (np.array([True, True, False, True]), "token_count: expected an integer or float dtype"),
+    ],
+)
+def test_log_step_checks_token_count(tmp_path, counts, message):
+    """Each refusal is one UsageError naming the field; nothing is written."""
+    with sd.Recorder(tmp_path / "run", unit="sequence") as rec, pytest.raises(UsageError) as err:
+        rec.log_step(0, **_sequences(counts))
+    assert re.match(message, str(err.value)) and "\n" not in str(err.value)
+    assert not list((tmp_path / "run" / "steps").iterdir())
+
+
+def test_token_count_is_refused_in_a_token_run(tmp_path):
+    with sd.Recorder(tmp_path / "run") as rec, pytest.raises(UsageError, match="unit 'sequence'"):
+        rec.log_step(0, **_batch(), token_count=np.array([3, 3, 3, 3]))

@@ -127,3 +127,34 @@ def test_adv_rloo_recomputes_trls_advantages_unless_the_kl_shaped_the_rewards(
     )
     same = [a == b for a, b in zip(recorded, recomputed, strict=True)]
     assert same == ([True] * 4 if beta == 0.0 else [True, True, False, False])
+
+
+def test_token_counts_are_trls_completion_lengths(
+    tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each recorded completion's token_count is the number of tokens TRL summed its log-prob
+    over (its completion_mask's sum in `_compute_loss`), 0 for a completion TRL masks whole
+    (mask_truncated_completions); the collapse warning then measures per token."""
+    from stabledrl_cli.integrations._trl_trainer import TRL
+
+    lengths: list[list[int]] = []
+    compute_loss = TRL.RLOOTrainer._compute_loss
+
+    def counted(self: Any, model: Any, inputs: dict[str, Any]) -> Any:
+        lengths.append(inputs["completion_mask"].sum(1).tolist())
+        return compute_loss(self, model, inputs)
+
+    monkeypatch.setattr(TRL.RLOOTrainer, "_compute_loss", counted)
+    out = tmp_path / "run"
+    trainer = train(tiny, out, rloo=True, mask_truncated_completions=True)
+    run = sd.open_run(out)
+    accumulation = trainer.args.gradient_accumulation_steps
+    recorded = [step["token_count"].tolist() for step in run]
+    expected = [
+        [n for part in lengths[i : i + accumulation] for n in part]
+        for i in range(0, len(lengths), accumulation)
+    ]
+    assert recorded == expected and len(recorded) == 4
+    counts = [count for step in recorded for count in step]
+    assert 0 in counts and max(counts) > 0  # some completions truncated, some not
+    assert sd.replay(out, device="cpu").observed.collapse_warning.measure == "token"

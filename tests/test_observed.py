@@ -351,3 +351,81 @@ def test_recorded_series_stats_of_values_near_the_float_range_are_finite():
         stats = series_stats(np.array([huge, 1.0, huge, huge], dtype=np.float64))
     assert stats.mean == pytest.approx(0.75 * huge, rel=1e-12)
     assert stats.median == huge and stats.max == huge and stats.min == 1.0
+
+
+def _growing_sequence_run(
+    path, *, counts: bool, drop_at: int | None = None, uncounted_step: int | None = None
+):
+    """A sequence run whose logp_old is each completion's log-prob summed over its tokens (as
+    RLOO records it): completions grow by half their length over 40 steps (20 -> 30 tokens)
+    while the per-token log-likelihood rises slightly (-1.0 -> -0.95), or, from `drop_at`,
+    falls by 0.8 nats a token (a real collapse of the policy's likelihood of its samples).
+    `counts` records each completion's token_count (but on `uncounted_step`)."""
+    rng = np.random.default_rng(0)
+    with sd.Recorder(path, unit="sequence", policy="grpo") as rec:
+        for step in range(40):
+            lengths = np.round(20 + 10 * step / 39 + rng.integers(-2, 3, size=16)).astype(int)
+            per_token = -1.0 + 0.05 * step / 39 + rng.normal(0.0, 0.02, size=16)
+            if drop_at is not None and step >= drop_at:
+                per_token -= 0.8
+            summed = per_token * lengths
+            rec.log_step(
+                step,
+                logp=summed,
+                logp_old=summed,
+                advantages=rng.normal(size=16),
+                reward=np.full(16, 0.5),
+                inner_step=0,
+                token_count=lengths if counts and step != uncounted_step else None,
+            )
+
+
+def test_collapse_warning_measures_per_token_on_a_run_that_records_token_counts(tmp_path):
+    """docs/collapse.md: on a sequence run of summed log-probs whose completions grow, the
+    median summed log-prob falls with no change in the policy (here by 8 nats while the
+    per-token likelihood rises): the warning fired on 34 of 40 steps, from step 6. With each
+    sequence's token_count recorded, it measures logp_old / token_count: no warning; a real
+    drop of the per-token likelihood still warns; a run that records no counts (or not on
+    every measured step) keeps the per-unit measurement."""
+    _growing_sequence_run(tmp_path / "sums", counts=False)
+    without = observe(sd.open_run(tmp_path / "sums")).collapse_warning
+    assert without.measure == "unit" and len(without.steps) > 30  # the documented caveat
+
+    _growing_sequence_run(tmp_path / "counted", counts=True)
+    counted = observe(sd.open_run(tmp_path / "counted")).collapse_warning
+    assert counted.measure == "token" and counted.steps == []
+    assert counted.to_dict()["measure"] == "token"
+
+    _growing_sequence_run(tmp_path / "drop", counts=True, drop_at=25)
+    dropped = observe(sd.open_run(tmp_path / "drop")).collapse_warning
+    assert dropped.measure == "token" and dropped.first_step == 26
+    assert "per-token likelihood fell" in dropped.rule_text
+
+    _growing_sequence_run(tmp_path / "mixed", counts=True, uncounted_step=20)
+    mixed = observe(sd.open_run(tmp_path / "mixed")).collapse_warning
+    assert mixed.measure == "unit" and mixed.steps == without.steps
+
+
+def test_a_replay_and_inspect_measure_the_warning_per_token_as_observe_does(tmp_path):
+    """The streaming pass (replay), inspect's pass and a packed archive take the same
+    per-token measurements as `observe` reading the run."""
+    from stabledrl_cli.dump import pack_run
+    from stabledrl_cli.replay.inspection import summarize
+
+    path = tmp_path / "drop"
+    _growing_sequence_run(path, counts=True, drop_at=25)
+    expected = observe(sd.open_run(path)).collapse_warning
+    pack_run(sd.open_run(path), tmp_path / "drop.h5")
+    for source in (path, tmp_path / "drop.h5"):
+        replayed = sd.replay(source, policies=["grpo"], device="cpu").observed.collapse_warning
+        inspected = summarize(sd.open_run(source)).observed.collapse_warning
+        assert replayed == inspected == expected
+
+
+def test_own_likelihood_per_token_leaves_out_entries_without_tokens():
+    logp_old = np.array([-10.0, -40.0, 0.0, -6.0], dtype=np.float32)
+    mask = np.array([1, 1, 1, 0])
+    counts = np.array([10, 20, 0, 3])  # a completion masked whole sums over no token
+    assert own_likelihood(logp_old, mask, counts) == -1.5  # median of -1 and -2
+    assert own_likelihood(logp_old, mask) == -10.0
+    assert np.isnan(own_likelihood(logp_old[2:3], mask[2:3], counts[2:3]))

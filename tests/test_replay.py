@@ -162,8 +162,10 @@ def test_default_replays_own_policy_plus_catalogue_in_contract_shape(plain_run):
     ]  # fmt: skip
     assert data["threads"] == 1
     warning = data["collapse_warning"]
-    assert list(warning) == ["detector", "settings", "steps", "first_step", "lead_steps"]
-    assert warning["detector"] == "own_likelihood_drop"
+    assert list(warning) == [
+        "detector", "settings", "steps", "first_step", "lead_steps", "measure",
+    ]  # fmt: skip
+    assert warning["detector"] == "own_likelihood_drop" and warning["measure"] == "unit"
     assert warning["settings"] == {"window": 3, "drop": 0.5}
     assert data["steps"] == 30 and data["geometry"] == "coef" and data["geometry_coverage"] == 0
     specs = [p["spec"] for p in data["policies"]]

@@ -325,3 +325,47 @@ def test_a_recorded_policy_the_catalogue_cannot_replay_is_noted(tmp_path, spec, 
     start = f"note: the run's own policy '{spec}' is none the catalogue replays ("
     assert start in text and why in text, noted.stderr
     assert "); no policy is marked as the run's own" in text, noted.stderr
+
+
+def _counted_run(path: Path) -> Path:
+    """A sequence run of summed log-probs that records each sequence's token_count, step BAD's
+    second count crafted to -3 (checksums valid): no Recorder writes one."""
+    rng = np.random.default_rng(5)
+    with sd.Recorder(path, unit="sequence", policy="grpo", reward_range=(0.0, 1.0)) as rec:
+        for step in range(STEPS):
+            counts = rng.integers(3, 9, size=4)
+            summed = -counts * rng.random(4)
+            rec.log_step(
+                step,
+                logp=summed,
+                logp_old=summed,
+                advantages=rng.standard_normal(4),
+                reward=rng.random(4),
+                token_count=counts,
+                inner_step=0,
+            )
+    file = step_path(path, BAD)
+    header, data = read_step(file)
+    start = header["token_count"]["data_offsets"][0] + 4
+    rewrite_step(file, header, data[:start] + np.int32(-3).tobytes() + data[start + 4 :])
+    return path
+
+
+def test_a_negative_token_count_is_a_step_replay_skips_in_one_line(tmp_path):
+    """A crafted token_count below 0 would make a per-token likelihood of the wrong sign: the
+    step is `invalid` (replay, check and watch skip it, naming it once on stderr; inspect
+    lists it) and adds nothing to the collapse warning's measurements."""
+    run = _counted_run(tmp_path / "run")
+    why = "token_count holds -3"
+    replayed = runner.invoke(app, ["replay", str(run), "--format", "json", "--device", "cpu"])
+    assert replayed.exit_code == 0, replayed.stderr
+    assert json.loads(replayed.stdout)["steps"] == STEPS - 1
+    assert json.loads(replayed.stdout)["collapse_warning"]["measure"] == "token"
+    _names_the_step_once(replayed.stderr, BAD, why)
+    watched = runner.invoke(app, ["watch", str(run), "--once", "--format", "json"])
+    assert watched.exit_code == 0, watched.stderr
+    _names_the_step_once(watched.stderr, BAD, why)
+    summary, table = _inspected(run)
+    assert summary["integrity"]["findings"][0]["kind"] == "invalid"  # type: ignore[index]
+    assert why in table
+    assert summary["observed"]["collapse_warning"]["measure"] == "token"  # type: ignore[index]

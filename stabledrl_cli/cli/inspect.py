@@ -193,8 +193,8 @@ def _observed_table(s: RunSummary) -> Table:
         "collapse warning",
         "none"
         if warning.first_step is None
-        else f"first at step {warning.first_step} (own-sample likelihood fell by > "
-        f"{warning.drop:g} nats; {len(warning.steps)} warning steps)",
+        else f"first at step {warning.first_step} ({warning.rule_text}; "
+        f"{len(warning.steps)} warning steps)",
     )
     table.add_row("grad-norm spikes", _steps_text(obs.recorded_spike_steps))
     table.add_row("non-finite steps", _steps_text(obs.nonfinite_steps))

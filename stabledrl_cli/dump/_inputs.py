@@ -109,6 +109,24 @@ def _int_array(array: np.ndarray, field: str, dtype: str, *, index: bool = True)
     return _stored(array, _INT_DTYPES[dtype])
 
 
+def _count_array(array: np.ndarray, field: str) -> np.ndarray:
+    """`array` of counts in int32: whole numbers >= 0 that fit it, of an integer dtype, or of a
+    float one holding whole finite values (a mask's float sum)."""
+    if array.dtype.kind not in _INT_KINDS + _FLOAT_KINDS:
+        raise UsageError(f"{field}: expected an integer or float dtype, got {array.dtype}")
+    if array.dtype.kind in _FLOAT_KINDS:
+        whole = np.isfinite(array) & (np.trunc(array) == array)
+        if not whole.all():
+            raise UsageError(f"{field}: counts must be whole numbers, got {array[~whole][0]}")
+    if array.size:
+        low, high = np.minimum.reduce(array, axis=None), np.maximum.reduce(array, axis=None)
+        if low < 0:
+            raise UsageError(f"{field}: counts must be >= 0, got {int(low)}")
+        if high > _INT_MAX["int32"]:
+            raise UsageError(f"{field}: count {int(high)} does not fit int32")
+    return _stored(array, _INT_DTYPES["int32"])
+
+
 def _flag_array(array: np.ndarray, field: str) -> np.ndarray:
     if array.dtype.kind not in "biuf":
         raise UsageError(f"{field}: expected bool or numeric 0/1, got {array.dtype}")
@@ -261,6 +279,14 @@ def _batch_tensors(
     if "group_split" in given:
         group_split = _flag_array(given.pop("group_split"), "group_split")
         tensors["group_split"] = sequence_field("group_split", group_split)
+    if "token_count" in given:
+        if unit != "sequence":
+            raise UsageError(
+                "token_count: recorded by a unit 'sequence' run (each entry a sequence whose "
+                "log-probs sum over its tokens); this run's entries are tokens"
+            )
+        token_count = _count_array(given.pop("token_count"), "token_count")
+        tensors["token_count"] = sequence_field("token_count", token_count)
     if "token_ids" in given:
         token_ids = _int_array(given.pop("token_ids"), "token_ids", "int64", index=False)
         token_ids = sequence_field("token_ids", token_ids, rows=True)

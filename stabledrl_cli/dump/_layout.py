@@ -16,7 +16,8 @@ filter, or, a data dataset written without it, by a CRC-32 of each step's slice)
     tokens/step_offsets      int64 [S+1]     step i's tokens are [off[i], off[i+1])
     tokens/NAME              [sum T]         per-token fields, concatenated
     sequences/step_offsets   int64 [S+1]     the same for per-sequence [N] fields (group_id,
-    sequences/NAME           [sum N]         reward, and from 1.1 micro_batch, group_split)
+    sequences/NAME           [sum N]         reward, from 1.1 micro_batch, group_split, from
+                                             1.3 token_count)
     ragged/NAME/data         flat            fields of other shapes (unit_grad_gram [U, U],
     ragged/NAME/step_offsets int64 [S+1]     unit_grad_sketch [U, k], token_ids [N, k],
     ragged/NAME/shape        int64 [S, ndim] param_grad_norm [P]), each with its own index
@@ -31,12 +32,13 @@ A scalar's dataset name is its name with "%" and "/" written %25 and %2F (and a 
 ".." written %2E, %2E%2E), since HDF5 reads "/" as a path (format 1.2; an older archive holds
 no such name and is read as it is).
 
-The archive's format_version follows the run format's rule: 1.2 when the packed run uses a 1.2
-addition (a scalar step: no batch field present, counts 0; a null policy or a source in the
-manifest), else 1.1 when it uses a 1.1 addition, else 1.0. A multi-rank run is packed joined:
-one entry a step, ids already offset. An archive with a `checksums/` dataset says 2.0
-(`CHECKSUMS_VERSION`) whatever the run uses: a reader of major version 1 knows no such dataset,
-and would read the data it checks with no check at all; it refuses a newer major version.
+The archive's format_version follows the run format's rule: 1.3 when the packed run uses a 1.3
+addition (a token_count), else 1.2 when it uses a 1.2 addition (a scalar step: no batch field
+present, counts 0; a null policy or a source in the manifest), else 1.1 when it uses a 1.1
+addition, else 1.0. A multi-rank run is packed joined: one entry a step, ids already offset.
+An archive with a `checksums/` dataset says 2.0 (`CHECKSUMS_VERSION`) whatever the run uses:
+a reader of major version 1 knows no such dataset, and would read the data it checks with no
+check at all; it refuses a newer major version.
 """
 
 from __future__ import annotations

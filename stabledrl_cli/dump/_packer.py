@@ -37,7 +37,13 @@ from stabledrl_cli.dump._layout import (
 )
 from stabledrl_cli.dump._remote import RemoteRun
 from stabledrl_cli.dump._run import Run, Step
-from stabledrl_cli.dump._schema import EXTENSION_FIELDS, FIELDS, RUN_KIND, written_version
+from stabledrl_cli.dump._schema import (
+    COUNT_FIELDS,
+    EXTENSION_FIELDS,
+    FIELDS,
+    RUN_KIND,
+    written_version,
+)
 from stabledrl_cli.errors import InputError, UsageError, quoted
 from stabledrl_cli.vocab import PACK_COMPRESSIONS, PackCompression
 
@@ -416,8 +422,9 @@ def _write_archive(
         or any("logp" not in fields for fields in packer.fields)
         or any(needs_escape(name) for name in set().union(*packer.scalars))
     )
+    uses_1_3 = any(f"sequences/{name}" in packer.columns for name in COUNT_FIELDS)
     handle.attrs["format_version"] = (
-        CHECKSUMS_VERSION if packer.checksummed else written_version(extended, uses_1_2)
+        CHECKSUMS_VERSION if packer.checksummed else written_version(extended, uses_1_2, uses_1_3)
     )
     return packer, integrity
 

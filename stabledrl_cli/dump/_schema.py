@@ -31,8 +31,9 @@ split across ranks keeps one id; the join leaves them alone).
 
 Versions. A file records the oldest format version that describes it: 1.0, 1.1 when it uses
 a 1.1 addition (the step fields `micro_batch` and `group_split`, or group_ids = "global"), 1.2
-when it uses a 1.2 addition (a scalar step; a null policy or a `source` in the manifest), so
-that a run without them reads as 1.0 everywhere. A reader refuses a newer major version and
+when it uses a 1.2 addition (a scalar step; a null policy or a `source` in the manifest), 1.3
+when it uses a 1.3 addition (the step field `token_count`), so that a run without them reads
+as 1.0 everywhere. A reader refuses a newer major version and
 reads a newer minor one, ignoring the fields it does not know.
 """
 
@@ -51,11 +52,11 @@ from stabledrl_cli.vocab import GROUP_IDS, UNITS
 _Json = TypeVar("_Json")
 
 RUN_KIND = "stabledrl-run"
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 """The newest format version this tool reads and writes."""
 FORMAT_MAJOR = 1
 BASE_VERSION = "1.0"
-"""The version of a file that uses no 1.1 or 1.2 addition."""
+"""The version of a file that uses no 1.1, 1.2 or 1.3 addition."""
 SCALAR_STEP_VERSION = (1, 2)
 """The first version in which a step file may hold no policy batch (a scalar step)."""
 MANIFEST_NAME = "manifest.json"
@@ -113,9 +114,11 @@ def temp_file_name(final_name: str, pid: int) -> str:
     return f".{final_name}.tmp-{pid}"
 
 
-def written_version(uses_1_1: bool, uses_1_2: bool = False) -> str:
-    """The format version to record in a file: 1.2 if it uses a 1.2 addition, else 1.1 if it
-    uses a 1.1 addition, else 1.0."""
+def written_version(uses_1_1: bool, uses_1_2: bool = False, uses_1_3: bool = False) -> str:
+    """The format version to record in a file: 1.3 if it uses a 1.3 addition, else 1.2 if it
+    uses a 1.2 addition, else 1.1 if it uses a 1.1 addition, else 1.0."""
+    if uses_1_3:
+        return "1.3"
     if uses_1_2:
         return "1.2"
     return "1.1" if uses_1_1 else BASE_VERSION
@@ -174,6 +177,8 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec(name="micro_batch", per="sequence", dtype="int32"),
         # 1.1: 1 where the sequence's prompt group is split across optimizer steps or ranks.
         FieldSpec(name="group_split", per="sequence", dtype="uint8"),
+        # 1.3: how many tokens a sequence entry's log-probs sum over (unit "sequence").
+        FieldSpec(name="token_count", per="sequence", dtype="int32"),
         FieldSpec(name="token_ids", per="sequence", dtype="int64", ndim=2),
         FieldSpec(name="unit_grad_gram", per="unit_pairs", dtype="float32", ndim=2),
         # float16 with the per-step scalar `unit_grad_sketch_scale`.
@@ -185,6 +190,8 @@ FIELDS: dict[str, FieldSpec] = {
 }
 EXTENSION_FIELDS = ("micro_batch", "group_split")
 """Step fields added by format 1.1."""
+COUNT_FIELDS = ("token_count",)
+"""Step fields added by format 1.3."""
 SCALAR_STEP_FIELDS = ("param_grad_norm",)
 """The only fields a scalar step (format 1.2) may hold; any other field makes a policy batch."""
 BATCH_FIELDS = tuple(name for name in FIELDS if name not in SCALAR_STEP_FIELDS)

@@ -44,8 +44,9 @@ records that the run's policy is not known.
 `log_step` takes every field of `_schema.FIELDS` as a keyword, among them (format 1.1) the
 per-sequence `micro_batch` (int [N], each sequence's micro-batch within the optimizer step)
 and `group_split` (bool or 0/1 [N], 1 where the sequence's prompt group is known to be split
-across optimizer steps or ranks). A `log_step` with no batch array at all writes a scalar step
-(format 1.2): its scalars, and `param_grad_norm` if given.
+across optimizer steps or ranks), and (format 1.3, unit "sequence" only) `token_count` (int
+[N] >= 0, how many tokens each sequence's log-probs sum over). A `log_step` with no batch
+array at all writes a scalar step (format 1.2): its scalars, and `param_grad_norm` if given.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._inputs import ArrayInput, ScalarInput, build_step
 from stabledrl_cli.dump._policy import PolicyLike, policy_entry, replayed_fields
 from stabledrl_cli.dump._schema import (
+    COUNT_FIELDS,
     EXTENSION_FIELDS,
     FIELDS,
     META_FORMAT,
@@ -361,6 +363,7 @@ class Recorder:
         reward: ArrayInput | None = None,
         micro_batch: ArrayInput | None = None,
         group_split: ArrayInput | None = None,
+        token_count: ArrayInput | None = None,
         logp_ref: ArrayInput | None = None,
         logp_rollout: ArrayInput | None = None,
         loss_weight: ArrayInput | None = None,
@@ -388,9 +391,10 @@ class Recorder:
     ) -> None:
         """Records one optimizer step. Token arrays: [T], or [B, L] with mask [B, L] (then
         seq_id defaults to the row, and advantages may be [B]). Per-sequence [N]: group_id,
-        reward, micro_batch (int >= 0), group_split (bool or 0/1). With no batch array at all
-        the step is a scalar step (its scalars, and param_grad_norm [P] if given); with some,
-        logp, logp_old and advantages are required, and each field the run's own policy
+        reward, micro_batch (int >= 0), group_split (bool or 0/1), token_count (unit
+        "sequence": each sequence's number of tokens, whole numbers >= 0). With no batch array
+        at all the step is a scalar step (its scalars, and param_grad_norm [P] if given); with
+        some, logp, logp_old and advantages are required, and each field the run's own policy
         needs to be replayed (`_policy.replayed_fields`: logp_ref for beta > 0, ...). Raises
         UsageError naming the field for a missing field, a bad shape, dtype or id (nothing is
         written), WriteError if the file cannot be written."""
@@ -425,6 +429,7 @@ class Recorder:
                     "reward": reward,
                     "micro_batch": micro_batch,
                     "group_split": group_split,
+                    "token_count": token_count,
                     "logp_ref": logp_ref,
                     "logp_rollout": logp_rollout,
                     "loss_weight": loss_weight,
@@ -468,8 +473,9 @@ class Recorder:
             metadata = {name: repr(value) for name, value in values.items()}
             mask = tensors.get("mask")
             extended = not tensors.keys().isdisjoint(EXTENSION_FIELDS)
+            counted = not tensors.keys().isdisjoint(COUNT_FIELDS)
             metadata.update({
-                META_FORMAT: written_version(extended, scalar_step),
+                META_FORMAT: written_version(extended, scalar_step, counted),
                 META_RANK: str(self.rank),
                 META_WORLD_SIZE: str(self.world_size),
                 META_NUM_TOKENS: str(mask.shape[0] if mask is not None else 0),

@@ -42,6 +42,8 @@ class MicroBatch:
     loss_weight: torch.Tensor | None = None
     logp_ref: torch.Tensor | None = None
     logp_rollout: torch.Tensor | None = None
+    token_count: torch.Tensor | None = None
+    """[B] the tokens each row's log-prob sums over (a sequence-unit trainer's)."""
 
 
 def _flat(rows: list[torch.Tensor], kept: list[torch.Tensor]) -> torch.Tensor:
@@ -111,6 +113,8 @@ class StepBuffer:
         micro_batch = torch.cat(
             [torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(sizes)]
         )
+        counts = [m.token_count for m in micro if m.token_count is not None]
+        token_count = torch.cat(counts) if counts else None
         clip = min(1.0, max_grad_norm / (grad_norm + 1e-6)) if max_grad_norm > 0 else 1.0
         finite_rewards = reward[torch.isfinite(reward)]
         self.recorder.log_step(
@@ -124,6 +128,7 @@ class StepBuffer:
             reward=reward,
             micro_batch=micro_batch,
             group_split=_group_split(group_id, self.group_size),
+            token_count=token_count,
             logp_ref=optional("logp_ref"),
             logp_rollout=optional("logp_rollout"),
             loss_weight=optional("loss_weight"),

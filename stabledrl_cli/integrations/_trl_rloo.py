@@ -6,8 +6,10 @@ completion's log-prob is the sum of its tokens' over the completion mask (`logps
 leave-one-out one TRL made at generation time, and the loss `-min(r A, clamp(r) A)` averaged
 over the micro-batch's completions (every row, a masked one too: its log-probs are 0, its
 ratio 1), which the HF Trainer divides by the accumulation steps. So one recorded entry is a
-completion (`unit: sequence`): logp = `logps`, logp_old = `old_logps`, and the policy is
-`ppo` over those entries with each micro-batch's mean (`rloo_policy_for_config`).
+completion (`unit: sequence`): logp = `logps`, logp_old = `old_logps`, token_count = the
+completion mask's sum (the tokens each log-prob sums over: 0 for a completion TRL masks whole,
+`mask_truncated_completions`), and the policy is `ppo` over those entries with each
+micro-batch's mean (`rloo_policy_for_config`).
 """
 
 from __future__ import annotations
@@ -72,4 +74,5 @@ class RecordingRLOOTrainer(RecordingTrainer, TRL.RLOOTrainer):  # type: ignore[m
             group_id=inputs[GROUP_KEY].detach().cpu(),
             reward=cpu_float32(inputs[REWARD_KEY]),
             loss=float(loss.detach() / accumulation),  # as the HF Trainer divides it
+            token_count=completion_mask.sum(1).detach().cpu(),  # the tokens each sum is over
         )

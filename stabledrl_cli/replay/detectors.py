@@ -164,12 +164,23 @@ def drift_flags(net_push: np.ndarray, window: int, threshold: float) -> np.ndarr
     return flags
 
 
-def own_likelihood(logp_old: np.ndarray, mask: np.ndarray) -> float:
+def own_likelihood(
+    logp_old: np.ndarray, mask: np.ndarray, token_count: np.ndarray | None = None
+) -> float:
     """One step's measurement for the collapse warning: the median of `logp_old` (the policy's
     log-likelihood of its own fresh samples at rollout time) over the scored units (mask [U]
-    != 0) whose value is finite; NaN without any. logp_old, mask: [U]."""
+    != 0) whose value is finite; NaN without any. logp_old, mask: [U].
+
+    token_count: [U] each unit's number of tokens (a sequence run that records them): the
+    median is then of logp_old / token_count, the per-token likelihood, over the units with
+    at least one token."""
     values = np.asarray(logp_old).reshape(-1)
-    kept = values[(np.asarray(mask).reshape(-1) != 0) & np.isfinite(values)]
+    scored = np.asarray(mask).reshape(-1) != 0
+    if token_count is not None:
+        counts = np.asarray(token_count).reshape(-1)
+        scored &= counts > 0
+        values = values / np.maximum(counts, 1)
+    kept = values[scored & np.isfinite(values)]
     if not kept.size:
         return float("nan")
     # np.median's value, from a partition in the array's own dtype: no float64 copy, no sort.

@@ -43,6 +43,7 @@ INPUT_FIELDS = (
     "seq_id",
     "micro_batch",
     "group_split",
+    "token_count",
     "loss_weight",
 )
 """What training fed the loss, compared exactly."""

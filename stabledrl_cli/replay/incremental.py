@@ -173,12 +173,7 @@ class OwnReplay:
         if self._tail is None and batch:
             self._open = fed.pop()  # the last step read, its batch: read again next time
         self._guards.extend(self._guard_inputs(fed))
-        for step, inner, value in zip(
-            gathered.steps, gathered.inner_step, gathered.values, strict=True
-        ):
-            self._likelihood.steps.append(step)
-            self._likelihood.inner_step.append(inner)
-            self._likelihood.values.append(value)
+        self._likelihood.extend(gathered)
         self._floor.extend(floor)
         return sorted(batch + scalar + ([] if self._tail is None else [self._tail]))
 

@@ -97,13 +97,13 @@ def _replayable(run: Run) -> tuple[list[Finding], NoiseFloor, OwnLikelihood]:
             continue
         # Replay's checks are torch's: loaded here, at the first policy batch (a scalar run's
         # inspect, and the commands' help, never load it).
-        from stabledrl_cli.replay.stream import host_measures, replay_rejection
+        from stabledrl_cli.replay.stream import host_measures, replay_rejection, run_unit
 
         rejected, arrays = replay_rejection(run, step)
         if rejected is not None:
             findings.append(Finding("invalid", step.step, None, rejected[1]))
             continue
-        gathered, moments = host_measures(step, arrays)
+        gathered, moments = host_measures(step, arrays, run_unit(run))
         likelihood.extend(gathered)
         floor.extend(moments)
     return findings, floor, likelihood

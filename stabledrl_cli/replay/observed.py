@@ -27,6 +27,7 @@ from stabledrl_cli.replay.detectors import (
     spike_flags,
 )
 from stabledrl_cli.replay.guards import DEFAULT_GUARDS, GuardReport, replay_guards
+from stabledrl_cli.vocab import Unit
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +60,9 @@ class CollapseWarning:
     own fresh samples fell by more than `drop` nats below its best mean so far."""
 
     detector: str = WARNING_DETECTOR
+    measure: str = "unit"
+    """What a measurement's median is over: "unit" (each scored unit's logp_old), or "token"
+    (each sequence's logp_old / token_count: a sequence run that records token counts)."""
     window: int = DEFAULT_WARNING_WINDOW
     drop: float = DEFAULT_WARNING_DROP
     steps: list[int] = field(default_factory=list)
@@ -66,6 +70,12 @@ class CollapseWarning:
     first_step: int | None = None
     lead_steps: int | None = None
     """The observed collapse step minus `first_step` (None: either is missing)."""
+
+    @property
+    def rule_text(self) -> str:
+        """What made a step warn, in words (the tables' note)."""
+        what = "per-token likelihood" if self.measure == "token" else "likelihood"
+        return f"own-sample {what} fell by > {self.drop:g} nats"
 
     def to_dict(self) -> dict[str, object]:
         """The replay JSON's `collapse_warning` entry."""
@@ -75,6 +85,7 @@ class CollapseWarning:
             "steps": list(self.steps),
             "first_step": self.first_step,
             "lead_steps": self.lead_steps,
+            "measure": self.measure,
         }
 
 
@@ -85,6 +96,9 @@ class OwnLikelihood:
         self.steps: list[int] = []
         self.inner_step: list[float] = []
         self.values: list[float] = []
+        """Each step's median of logp_old over its units."""
+        self.per_token_values: list[float | None] = []
+        """Each step's median of logp_old / token_count; None for a step without counts."""
 
     @staticmethod
     def wanted(inner_step: float | None) -> bool:
@@ -92,26 +106,60 @@ class OwnLikelihood:
         return inner_step is None or inner_step == NOISE_FLOOR_INNER_STEP
 
     def add(
-        self, step: int, inner_step: float | None, logp_old: np.ndarray, mask: np.ndarray
+        self,
+        step: int,
+        inner_step: float | None,
+        logp_old: np.ndarray,
+        mask: np.ndarray,
+        token_count: np.ndarray | None = None,
     ) -> None:
-        """One step's measurement (`detectors.own_likelihood`; logp_old, mask: [U])."""
+        """One step's measurement (`detectors.own_likelihood`; logp_old, mask and the units'
+        token_count, when the step records them (`unit_token_counts`): [U])."""
         self.steps.append(step)
         self.inner_step.append(math.nan if inner_step is None else inner_step)
         self.values.append(own_likelihood(logp_old, mask))
+        self.per_token_values.append(
+            None if token_count is None else own_likelihood(logp_old, mask, token_count)
+        )
 
     def extend(self, later: OwnLikelihood) -> None:
         """Appends the measurements gathered over the steps after this one's."""
         self.steps.extend(later.steps)
         self.inner_step.extend(later.inner_step)
         self.values.extend(later.values)
+        self.per_token_values.extend(later.per_token_values)
+
+    @property
+    def per_token(self) -> bool:
+        """Whether the warning measures per token: every measured step records its sequences'
+        token counts. A run where some step does not is measured per unit, as one without
+        any (a series mixing sums and per-token means would drop where they change)."""
+        return bool(self.steps) and None not in self.per_token_values
 
     def series(self) -> tuple[np.ndarray, np.ndarray]:
-        """The measurements ([M] steps, [M] values): `detectors.own_likelihood_series`."""
+        """The measurements ([M] steps, [M] values): `detectors.own_likelihood_series`, per
+        token when `per_token`."""
+        values = self.per_token_values if self.per_token else self.values
         return own_likelihood_series(
             np.array(self.steps, dtype=np.int64),
             np.array(self.inner_step, dtype=np.float64),
-            np.array(self.values, dtype=np.float64),
+            np.array(values, dtype=np.float64),
         )
+
+
+def unit_token_counts(
+    unit: Unit, seq_id: np.ndarray, token_count: np.ndarray | None
+) -> np.ndarray | None:
+    """[U] each unit's recorded token count in a sequence run (`token_count[seq_id]`); None
+    for a token run or a step without counts. A `seq_id` past the counts (a step a replay
+    rejects) gives every unit 0: none is measured per token."""
+    if unit != "sequence" or token_count is None:
+        return None
+    ids, counts = seq_id.reshape(-1), token_count.reshape(-1)
+    if ids.size and (np.minimum.reduce(ids) < 0 or np.maximum.reduce(ids) >= counts.size):
+        return np.zeros(ids.size, dtype=counts.dtype)
+    gathered: np.ndarray = counts[ids]
+    return gathered
 
 
 def host_array(values: torch.Tensor) -> np.ndarray:
@@ -228,7 +276,9 @@ def measurements_of(run: Run) -> tuple[NoiseFloor, OwnLikelihood]:
         except InputError:
             continue  # corrupt: reported by the integrity check
         mask = step.array("mask")
-        likelihood.add(step.step, inner, step.array("logp_old"), mask)
+        counts = step.array("token_count") if "token_count" in step.fields else None
+        token_count = unit_token_counts(run.unit, step.array("seq_id"), counts)
+        likelihood.add(step.step, inner, step.array("logp_old"), mask, token_count)
         if inner == NOISE_FLOOR_INNER_STEP:
             floor.add(*logratio_moments(step.array("logp"), step.array("logp_old"), mask))
     return floor, likelihood
@@ -290,6 +340,7 @@ def observe(
     warn_steps = collapse_warning(*likelihood.series(), window=warning_window, drop=warning_drop)
     first = int(warn_steps[0]) if warn_steps.size else None
     warning = CollapseWarning(
+        measure="token" if likelihood.per_token else "unit",
         window=warning_window,
         drop=warning_drop,
         steps=[int(s) for s in warn_steps],

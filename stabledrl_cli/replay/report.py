@@ -277,8 +277,11 @@ def print_summary(
 def warning_text(warning: CollapseWarning, collapse: int | None) -> str:
     """The collapse warning in one line, beside the observed collapse (no lead is claimed for
     a policy's one-step risk flags)."""
-    fell = f"own-sample likelihood fell by > {warning.drop:g} nats"
-    head = "none" if warning.first_step is None else f"first at step {warning.first_step} ({fell})"
+    head = (
+        "none"
+        if warning.first_step is None
+        else f"first at step {warning.first_step} ({warning.rule_text})"
+    )
     seen = "none" if collapse is None else f"at {collapse}"
     return f"collapse warning: {head}; observed collapse {seen}"
 

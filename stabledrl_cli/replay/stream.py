@@ -62,6 +62,7 @@ from stabledrl_cli.replay.observed import (
     OwnLikelihood,
     host_array,
     logratio_moments,
+    unit_token_counts,
 )
 from stabledrl_cli.replay.read_ahead import read_ahead
 from stabledrl_cli.vocab import StepGeometryKind, Unit
@@ -70,7 +71,7 @@ BASE_FIELDS = ("logp", "logp_old", "advantages", "mask", "seq_id")
 """Fields every policy needs."""
 TOKEN_FIELDS = (*BASE_FIELDS, "logp_ref", "logp_rollout", "loss_weight", "loss_scale")
 """Per-entry fields a replay reads when present (each as long as logp)."""
-SEQUENCE_FIELDS = ("group_id", "reward", "micro_batch", "group_split")
+SEQUENCE_FIELDS = ("group_id", "reward", "micro_batch", "group_split", "token_count")
 """Per-sequence fields a replay reads when present."""
 GEOMETRY_FIELDS = (GRAM_KEY, SKETCH_KEY)
 
@@ -151,7 +152,8 @@ def check_step(step: Step, policies: Sequence[Policy], unit: Unit, where: str) -
 def read_arrays(step: Step, where: str) -> Arrays:
     """The step's arrays a replay uses (CPU), with their lengths checked, and the step's counts
     against them: its sequences against the ones seq_id names (N = max(seq_id) + 1: no
-    sequence without an entry), its scored entries against the mask's."""
+    sequence without an entry), its scored entries against the mask's; a recorded
+    token_count is >= 0."""
     names = (*TOKEN_FIELDS, *SEQUENCE_FIELDS, *GEOMETRY_FIELDS)
     arrays = {name: step[name] for name in names if name in step.fields}
     length = arrays["logp"].reshape(-1).shape[0]
@@ -180,6 +182,12 @@ def read_arrays(step: Step, where: str) -> Arrays:
         raise InputError(
             f"{where}: step {step.step}: mask scores {scored} entries, the step counts "
             f"{step.num_scored_tokens} scored"
+        )
+    counts = arrays.get("token_count")
+    if counts is not None and counts.numel() and int(counts.min()) < 0:
+        raise InputError(
+            f"{where}: step {step.step}: token_count holds {int(counts.min())}; a sequence's "
+            "token count is a whole number >= 0"
         )
     return arrays
 
@@ -328,7 +336,7 @@ def _read_chunks(
         except InputError as exc:
             rejected.append(rejection(step.step, exc, where))
             continue
-        measures.append(host_measures(step, step_arrays))
+        measures.append(host_measures(step, step_arrays, unit))
         steps.append(step)
         arrays.append(step_arrays)
         held += array_bytes(step_arrays)
@@ -339,14 +347,18 @@ def _read_chunks(
         yield steps, arrays, measures, held
 
 
-def host_measures(step: Step, arrays: Arrays) -> Measures:
+def host_measures(step: Step, arrays: Arrays, unit: Unit) -> Measures:
     """The step's collapse-warning measurement (steps with inner_step 0 or none recorded) and
     noise-floor moments (inner_step 0), from its arrays on the host."""
     likelihood, floor = OwnLikelihood(), NoiseFloor()
     inner = step.scalars.get("inner_step")
     if OwnLikelihood.wanted(inner):
         logp_old, mask = host_array(arrays["logp_old"]), host_array(arrays["mask"])
-        likelihood.add(step.step, inner, logp_old, mask)
+        counts = arrays.get("token_count")
+        token_count = unit_token_counts(
+            unit, host_array(arrays["seq_id"]), None if counts is None else host_array(counts)
+        )
+        likelihood.add(step.step, inner, logp_old, mask, token_count)
         if inner == NOISE_FLOOR_INNER_STEP:
             floor.add(*logratio_moments(host_array(arrays["logp"]), logp_old, mask))
     return likelihood, floor
