@@ -690,6 +690,7 @@ def test_two_ranks_with_torchrun(tiny: Any, tmp_path: Path) -> None:
         assert step.num_sequences == 8
         assert set(step["group_id"].tolist()) <= set(range(4))  # global ids, not offset
         assert step.scalars["loss"] == pytest.approx(logged[step.step]["loss"], rel=1e-6)
+        assert step["token_count"].shape == (8,) and int(step["token_count"].min()) >= 0
     own = assert_replays_trl_rloo(out, run.policy_spec or "", logged)
     assert torch.tensor(own.series["trl_clip_ratio_region_mean"]).max() > 0
 
