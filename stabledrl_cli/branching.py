@@ -30,6 +30,7 @@ from stabledrl_cli.dump._directory import symlink_refused
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.example.branch import train_branch
 from stabledrl_cli.example.checkpoint import list_checkpoints
+from stabledrl_cli.example.config import MAX_RL_STEPS
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.detectors import observed_reward_collapse
 from stabledrl_cli.replay.engine import replay
@@ -190,6 +191,19 @@ def _final_reward(rewards: np.ndarray) -> float | None:
     return float(tail.mean())
 
 
+def _steps_to_end(run_dir: Path, at: int, end: int) -> int:
+    """The steps from the checkpoint at `at` to the run's last step file (`end` - 1): a
+    branch's default count; UsageError past MAX_RL_STEPS (a stray file far ahead, say)."""
+    count = end - at
+    if count > MAX_RL_STEPS:
+        raise UsageError(
+            f"{run_dir}: {count} steps from the checkpoint at step {at} to the last step file "
+            f"(step {end - 1}), more than the {MAX_RL_STEPS} a branch trains; "
+            "pass --rl-steps N (steps=N)"
+        )
+    return count
+
+
 def run_branches(
     run_dir: Path,
     *,
@@ -206,9 +220,9 @@ def run_branches(
     (or nearest before) `at`, and sets each beside the one-step replay of its policy.
 
     steps: steps per branch (None: to the original's last step file, one the reader skips
-    included: it is named in `original_skipped_steps`). out: where the branch
-    runs go (default RUN/branches). on_branch: called as each branch starts to train (its
-    checkpoint taken: a checkpoint refused calls nothing); on_step: with
+    included: it is named in `original_skipped_steps`; a UsageError past MAX_RL_STEPS). out:
+    where the branch runs go (default RUN/branches). on_branch: called as each branch starts
+    to train (its checkpoint taken: a checkpoint refused calls nothing); on_step: with
     each branch step's number. InputError when the run holds no readable step at or after
     the checkpoint's: there is no recorded batch to replay beside a branch.
     """
@@ -225,7 +239,7 @@ def run_branches(
     findings = original.integrity.findings
     skipped = sorted({f.step for f in findings if f.kind in SKIPPED_KINDS and f.step is not None})
     end = max([at_step if last is None else last, *skipped]) + 1  # a torn last step counts too
-    count = end - at_step if steps is None else steps
+    count = _steps_to_end(run_dir, at_step, end) if steps is None else steps
     specs = list(dict.fromkeys(get_policy(spec).spec for spec in policies))
     base = run_dir / BRANCHES_DIR if out is None else out
     if out is None and os.path.islink(base):  # the run's own folder, never written through

@@ -374,3 +374,24 @@ def test_branch_runs_are_never_written_through_a_symlinked_branches_folder(recor
         f"error: {run / 'branches'}: a symlink (nothing in a run is followed out of it)"
     ]
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_far_step_file_never_makes_the_default_branch_train_past_the_bound(recorded, tmp_path):
+    """A torn `steps/step-99999999.safetensors` (100 bytes of a real step) in a run of steps
+    0-23: branch without --rl-steps trained to it, 99999992 steps ('branch grpo@8: 99999992
+    steps into ...'), hours and GBs of step files, past the 100,000 that --rl-steps takes.
+    The default count is bounded as the option is: exit 2, one line saying to pass
+    --rl-steps, before any branch trains."""
+    run = tmp_path / "run"
+    shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
+    steps = run / "steps"
+    (steps / "step-99999999.safetensors").write_bytes(
+        (steps / "step-00000023.safetensors").read_bytes()[:100]
+    )
+    result = run_cli("branch", run, "--at", "8", "-p", "grpo", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {run}: 99999992 steps from the checkpoint at step 8 to the last step file "
+        "(step 99999999), more than the 100000 a branch trains; pass --rl-steps N (steps=N)"
+    ]
+    assert not (run / "branches").exists()

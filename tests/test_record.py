@@ -648,7 +648,7 @@ def test_a_step_count_past_the_bound_is_a_usage_error_before_training(tmp_path, 
     """--rl-steps (and its old name) past MAX_RL_STEPS: exit 2, one line naming the bound, and
     no training started (a count of 10**30 trained until stopped)."""
     from stabledrl_cli.cli import record
-    from stabledrl_cli.cli._options import MAX_RL_STEPS
+    from stabledrl_cli.example.config import MAX_RL_STEPS
 
     trained: list[object] = []
     monkeypatch.setattr(record, "_run_example", lambda *args: trained.append(args))
@@ -666,7 +666,7 @@ def test_a_step_count_past_the_bound_is_a_usage_error_before_training(tmp_path, 
 
 def test_branch_steps_past_the_bound_are_a_usage_error_before_training(tmp_path, monkeypatch):
     from stabledrl_cli.cli import branch
-    from stabledrl_cli.cli._options import MAX_RL_STEPS
+    from stabledrl_cli.example.config import MAX_RL_STEPS
 
     branched: list[object] = []
     monkeypatch.setattr(branch, "run_branches", lambda *args, **kwargs: branched.append(kwargs))

@@ -227,12 +227,6 @@ RayAddressOpt = Annotated[
 ]
 
 
-MAX_RL_STEPS = 100_000
-"""RL steps the built-in example trains at most (`record --rl-steps`, `branch --rl-steps`):
-about 40 min and 2 GB of steps at its 25 ms and 19 kB a step, 250 times its default; a larger
-count (10**30) would train until stopped."""
-
-
 def on_command_line(name: str) -> bool:
     """Whether the running command's parameter `name` was given on its command line, not taken
     from its environment variable (`RAY_ADDRESS` for --ray-address) or its default; False

@@ -18,10 +18,11 @@ from rich.table import Table
 
 from stabledrl_cli.branching import BranchOutcome, BranchReport, run_branches
 from stabledrl_cli.capture.branch_protocol import BranchRequest
-from stabledrl_cli.cli._options import MAX_RL_STEPS, DeviceOpt, FormatOpt, number_option
+from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, number_option
 from stabledrl_cli.cli._output import Advance, err, out, print_json, progress, progress_enabled
 from stabledrl_cli.cli.replay import note_skipped
 from stabledrl_cli.errors import InputError
+from stabledrl_cli.example.config import MAX_RL_STEPS
 from stabledrl_cli.replay._format import format_steps
 from stabledrl_cli.replay.config import MAX_THREADS
 from stabledrl_cli.replay.report import print_legend, print_title

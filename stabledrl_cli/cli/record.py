@@ -18,13 +18,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from stabledrl_cli._atomic import write_error
-from stabledrl_cli.cli._options import MAX_RL_STEPS, DeviceOpt, number_option
+from stabledrl_cli.cli._options import DeviceOpt, number_option
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
 from stabledrl_cli.cli.app import debug_requested
 from stabledrl_cli.dump._setup import check_replaceable
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.example.config import ExampleConfig
+from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
 from stabledrl_cli.replay.config import MAX_THREADS
 from stabledrl_cli.vocab import (
     Estimator,
