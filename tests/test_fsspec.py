@@ -132,6 +132,14 @@ def _missing_package_scheme() -> str:
         # ftp's filesystem connects when it is made; dir's fails on a URL with no path
         ("ftp://127.0.0.1:1/run", 2, "ftp://127.0.0.1:1/run: cannot reach it (ConnectionRefused"),
         ("dir://x", 2, "dir://x: cannot reach it ("),
+        # fsspec's data filesystem reads `data://data:...`; a path without `data:` raised its
+        # IndexError, an internal error (exit 70)
+        (
+            "data://text/plain;base64,aGVsbG8=",
+            2,
+            "cannot read data://text/plain;base64,aGVsbG8=: the filesystem fails on it "
+            "(IndexError: list index out of range)",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["replay", "check", "inspect", "diff"])

@@ -234,12 +234,11 @@ def open_url(url: str, *, verify: bool = True) -> Run:
     """The run (a directory or a packed .h5) at an fsspec URL; InputError (exit 3) for a
     missing run, one that is neither, or one the store refuses to let this user read (as for a
     local path), UsageError (exit 2) for a URL that cannot be read at all (its host refuses the
-    connection, cannot be found...)."""
+    connection, cannot be found, its filesystem's code fails on it...)."""
     fs, root = url_filesystem(url)
     try:
         found = fs.info(root)
-        if found.get("type") == "directory":
-            return RemoteRun(url, fs, root, verify=verify)
+        directory = found.get("type") == "directory"
         signature = fs.cat_file(root, start=0, end=len(HDF5_SIGNATURE)) if _regular(found) else b""
     except FileNotFoundError:
         raise InputError(f"no such run: {url}") from None
@@ -247,6 +246,12 @@ def open_url(url: str, *, verify: bool = True) -> Run:
         raise InputError(f"cannot read {url}: {_said(exc, root, url)}") from None
     except OSError as exc:
         raise UsageError(f"cannot read {url}: {one_line(_said(exc, root, url))}") from None
+    except (IndexError, KeyError, TypeError, ValueError) as exc:  # the filesystem's own code
+        raise UsageError(
+            f"cannot read {url}: the filesystem fails on it ({type(exc).__name__}: {one_line(exc)})"
+        ) from None
+    if directory:
+        return RemoteRun(url, fs, root, verify=verify)
     if signature == HDF5_SIGNATURE:
         return RemoteArchiveRun(url, fs, root, found, verify=verify)
     raise InputError(f"{url} is not a run (expected a run directory or a .h5 archive)")
