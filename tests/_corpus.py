@@ -309,6 +309,17 @@ def _ragged_mismatch(handle: h5py.File) -> None:
     shapes.attrs[CRC_ATTR] = index_crc(table)
 
 
+def checksum_an_array(name: str) -> Callable[[h5py.File], None]:
+    """`name`'s checksum attribute stored as an array of its own checksum, twice: a value
+    that is no text."""
+
+    def change(handle: h5py.File) -> None:
+        crc = handle[name].attrs[CRC_ATTR]
+        handle[name].attrs[CRC_ATTR] = np.array([crc, crc], dtype=h5py.string_dtype())
+
+    return change
+
+
 def _nan_manifest(handle: h5py.File) -> None:
     manifest = json.loads(handle["manifest"][()].decode())
     text = json.dumps(manifest).replace('"meta": {}', '"meta": {"x": NaN}')
@@ -690,6 +701,8 @@ CASES: list[Case] = [
     Case("archive_ragged_shape_mismatch_replay", _archive_case(_ragged_mismatch), "replay", 0),
     Case("archive_offsets_with_valid_crc", _archive_case(flip_index("tokens/step_offsets", keep_crc=False)), "inspect", 0, "unreadable"),
     Case("archive_without_checksums", _archive_case(_strip_checksums), "inspect", 0, "unchecked"),
+    Case("archive_step_index_checksum_an_array", _archive_case(checksum_an_array("steps/step")), "inspect", 0, "unreadable"),
+    Case("archive_step_checksums_checksum_an_array", _archive_case(checksum_an_array("checksums/tokens/logp")), "inspect", 0, "unreadable"),
     Case("archive_data_chunk_flip", flip_data_chunk("tokens/mask"), "inspect", 0, "unreadable"),
     Case("archive_data_step_flip", flip_data_chunk("tokens/logp"), "inspect", 0, "unreadable"),
     Case("archive_data_step_flip_replay", flip_data_chunk("tokens/logp"), "replay", 0),

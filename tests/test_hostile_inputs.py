@@ -548,3 +548,21 @@ def test_step_metadata_numbers_are_read_as_the_writer_spells_them(tmp_path: Path
     assert result.exit_code == 0, result.output
     findings = json.loads(result.stdout)["integrity"]["findings"]
     assert any(f["step"] == 1 and "is not an integer" in f["message"] for f in findings), findings
+
+
+@pytest.mark.parametrize("name", ["manifest", "integrity"])
+def test_a_text_checksum_that_is_no_text_is_a_mismatch(tmp_path: Path, name: str) -> None:
+    """The checksum attribute of the archive's manifest (or integrity) text stored as an array:
+    the line was Python's own 'corrupt run archive (ValueError: The truth value of an array
+    with more than one element is ambiguous...)'. A checksum that is no text is a mismatch."""
+    from _corpus import checksum_an_array
+
+    target = edit_archive(tmp_path, checksum_an_array(name))
+    result = runner.invoke(app, ["inspect", str(target), "--format", "json"])
+    if name == "manifest":
+        _assert_clean_failure(result.exit_code, result.stderr, 3)
+        assert "manifest checksum mismatch" in result.stderr, result.stderr
+    else:
+        assert result.exit_code == 0, result.stderr
+        findings = json.loads(result.stdout)["integrity"]["findings"]
+        assert any(f["message"] == "integrity: checksum mismatch" for f in findings), findings

@@ -84,6 +84,12 @@ def index_type(name: str) -> tuple[str, int]:
     return "int64", 2 if group == "ragged" and last == "shape" else 1
 
 
+def crc_matches(stored: object, crc: str) -> bool:
+    """Whether a dataset's stored checksum attribute is `crc` (`index_crc`): it must be that
+    text; a crafted file may store a number or an array there, which is a mismatch."""
+    return isinstance(stored, str) and stored == crc
+
+
 def index_crc(values: np.ndarray | str) -> str:
     """CRC32 (8 hex digits) of an index dataset's values as little-endian bytes, or of a
     string dataset's UTF-8 text."""
