@@ -17,8 +17,11 @@ from _cli import run_cli
 from typer.testing import CliRunner
 
 from stabledrl_cli.branching import BranchOutcome
+from stabledrl_cli.capture.bootstrap import ENV_RUN_DIR
 from stabledrl_cli.capture.branch_protocol import (
     ENV_BRANCH_AT,
+    ENV_BRANCH_STEPS,
+    ENV_POLICY_OVERRIDE,
     ENV_RESUME_CHECKPOINT,
     BranchRequest,
 )
@@ -395,3 +398,28 @@ def test_a_far_step_file_never_makes_the_default_branch_train_past_the_bound(rec
         "(step 99999999), more than the 100000 a branch trains; pass --rl-steps N (steps=N)"
     ]
     assert not (run / "branches").exists()
+
+
+@pytest.mark.parametrize(
+    ("steps", "says"),
+    [("100001", "at most 100000 steps, got 100001"), ("1" * 5000, "(5000 characters)")],
+    ids=["past-the-bound", "5000-digits"],
+)
+def test_the_branch_variables_are_read_within_bounds(recorded, tmp_path, steps, says):
+    """STABLEDRL_BRANCH_STEPS=10**30: `python -m stabledrl_cli.example` trained until stopped
+    (199 step files in 40 s), past the 100,000 steps `branch --rl-steps` takes; 5000 digits:
+    the line quoted them whole. Now one short line, exit 2, before the branch run is made."""
+    env = {
+        **os.environ,
+        ENV_RESUME_CHECKPOINT: str(checkpoints_dir(recorded) / "step-00000008.pt"),
+        ENV_POLICY_OVERRIDE: "grpo",
+        ENV_RUN_DIR: str(tmp_path / "branch"),
+        ENV_BRANCH_AT: "8",
+        ENV_BRANCH_STEPS: steps,
+    }
+    command = [sys.executable, "-m", "stabledrl_cli.example"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and len(lines[0]) < 200, result.stderr
+    assert not (tmp_path / "branch").exists()

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stabledrl_cli.capture.bootstrap import ENV_RUN_DIR
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, quoted
+from stabledrl_cli.spec import INT_DIGITS, spec_int
 
 ENV_RESUME_CHECKPOINT = "STABLEDRL_RESUME_CHECKPOINT"
 ENV_POLICY_OVERRIDE = "STABLEDRL_POLICY_OVERRIDE"
@@ -79,9 +80,12 @@ class BranchRequest:
         numbers = {}
         for name in (ENV_BRANCH_AT, ENV_BRANCH_STEPS):
             try:
-                numbers[name] = int(env[name])
+                numbers[name] = spec_int(env[name])
             except ValueError:
-                raise UsageError(f"{name} must be an integer, got {env[name]!r}") from None
+                raise UsageError(
+                    f"{name} must be an integer of at most {INT_DIGITS} digits, "
+                    f"got {quoted(env[name])}"
+                ) from None
         return cls(
             checkpoint=Path(checkpoint),
             policy=env[ENV_POLICY_OVERRIDE],

@@ -12,7 +12,7 @@ from stabledrl_cli.capture.branch_protocol import BranchRequest
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.errors import InputError, UsageError, quoted
 from stabledrl_cli.example.checkpoint import load_checkpoint
-from stabledrl_cli.example.config import ExampleConfig
+from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
 from stabledrl_cli.example.trainer import (
     StepInfo,
     TrainResult,
@@ -72,10 +72,15 @@ def train_branch(
     records them (steps at .. at + steps - 1) into `request.run_dir`.
 
     The manifest's meta carries `branch`: the checkpoint, its step and the policy override.
-    InputError when the checkpoint does not resume at `request.at`, or its state does not fit
-    the model (checked before the branch run is opened). `on_start` is called once the
+    UsageError for more than MAX_RL_STEPS steps; InputError when the checkpoint does not
+    resume at `request.at`, or its state does not fit the model (checked before the branch
+    run is opened). `on_start` is called once the
     checkpoint is taken, before the first step trains.
     """
+    if request.steps > MAX_RL_STEPS:
+        raise UsageError(
+            f"a branch of the example trains at most {MAX_RL_STEPS} steps, got {request.steps}"
+        )
     state = load_checkpoint(request.checkpoint)
     if state.step != request.at:
         raise InputError(
