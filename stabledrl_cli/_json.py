@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -117,15 +118,23 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return value
 
 
-def parse_strict(raw: bytes | str, where: str, what: str, *, allow_nan: bool = False) -> object:
+def parse_strict(
+    raw: bytes | str,
+    where: str,
+    what: str,
+    *,
+    allow_nan: bool = False,
+    parse_float: Callable[[str], float] = float,
+) -> object:
     """Strict JSON (no NaN or Infinity unless `allow_nan`: Python's own writers emit them) of an
     input file; InputError (exit 3) naming `where` and `what` for text that is not JSON, nests
     past the parser's depth, repeats a key in an object or holds a lone surrogate
-    (`has_lone_surrogate`)."""
+    (`has_lone_surrogate`). parse_float: reads each JSON number with a fraction or exponent."""
     try:
         value = json.loads(
             raw,
             parse_constant=None if allow_nan else _no_constant,
+            parse_float=parse_float,
             parse_int=_integer,
             object_pairs_hook=_object,
         )

@@ -81,6 +81,32 @@ def test_an_integer_past_a_double_exits_3_naming_the_field(
     assert f"{'.'.join(path)} must be a finite number" in lines[0], lines[0]
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("policies", "grpo", "discard_frac", "value"),
+        ("policies", "grpo", "discard_frac", "abs_tol"),
+        ("recorded", "grad_norm", "max", "value"),
+        ("observed", "spike_steps", "value"),
+        ("replay", "drift_threshold"),
+    ],
+    ids=lambda path: ".".join(path),
+)
+@pytest.mark.parametrize("text", ["1e-400", "-2.5E-999"])
+def test_a_number_too_small_for_a_float_exits_3_naming_the_field(
+    tmp_path: Path, path: tuple[str, ...], text: str
+) -> None:
+    """A baseline's 1e-400 read as 0.0 (float() underflows): abs_tol 1e-400 was checked as
+    'abs_tol 0', a value 1e-400 as 0. It is refused as spec values are, naming the field."""
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(_baseline_with(path, "X")).replace('"X"', text))
+    result = CliRunner().invoke(app, ["check", str(FIXTURE), "--baseline", str(baseline)])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: {baseline}: {'.'.join(path)}: '{text}' is too small for a float: it reads as 0"
+    ]
+
+
 @pytest.mark.parametrize("value", [1, 0.5, -3])
 def test_a_baseline_spike_factor_of_at_most_one_exits_3_naming_it(
     tmp_path: Path, value: float

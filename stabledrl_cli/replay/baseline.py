@@ -75,7 +75,7 @@ from stabledrl_cli.replay.figures import (
 )
 from stabledrl_cli.replay.recorded import SERIES_RULES, RecordedRun, observed_of
 from stabledrl_cli.replay.result import ReplayResult
-from stabledrl_cli.spec import MAX_WINDOW
+from stabledrl_cli.spec import MAX_WINDOW, reads_as_zero
 from stabledrl_cli.vocab import SERIES_STATS, WORSE, SeriesStat, Worse
 
 BASELINE_SCHEMA = "stabledrl-baseline"
@@ -161,8 +161,32 @@ class Baseline:
     """A golden baseline: a figure beyond its tolerance in either direction trips."""
 
 
+class _Underflow(float):
+    """A baseline number that names a nonzero value too small for a float (`1e-400`): it reads
+    as 0.0, which `_number` refuses rather than compare against 0."""
+
+    text: str
+    """The number as the file writes it."""
+
+    def __new__(cls, text: str) -> _Underflow:
+        number = super().__new__(cls, 0.0)
+        number.text = text
+        return number
+
+
+def _baseline_float(text: str) -> float:
+    """A JSON number of the baseline with a fraction or exponent; `_Underflow` when it reads as
+    0 but names a nonzero value (`spec.reads_as_zero`)."""
+    value = float(text)
+    return _Underflow(text) if reads_as_zero(text, value) else value
+
+
 def _number(data: dict[str, object], key: str, where: str) -> float:
     value = data.get(key)
+    if isinstance(value, _Underflow):
+        raise InputError(
+            f"{where}.{key}: {quoted(value.text)} is too small for a float: it reads as 0"
+        )
     if isinstance(value, int) and abs(value) > sys.float_info.max:  # JSON integers have no bound
         raise InputError(f"{where}.{key} must be a finite number, got an integer past 1.8e308")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -228,7 +252,7 @@ def _read_bytes(path: str | os.PathLike[str]) -> bytes:
 
 def _read(path: str | os.PathLike[str]) -> dict[str, object]:
     where = str(path)
-    data = parse_strict(_read_bytes(path), where, "baseline")
+    data = parse_strict(_read_bytes(path), where, "baseline", parse_float=_baseline_float)
     if not isinstance(data, dict) or data.get("schema") != BASELINE_SCHEMA:
         raise InputError(f"{where}: not a stabledrl baseline (schema is not {BASELINE_SCHEMA!r})")
     version = data.get("version")
