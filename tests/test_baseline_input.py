@@ -196,6 +196,26 @@ def test_a_run_step_count_of_a_wrong_type_exits_3_naming_it(tmp_path: Path, step
     assert len(lines) == 1 and "run.steps must be" in lines[0], result.stderr
 
 
+def test_a_baseline_without_policies_is_refused_saying_it_is_missing(tmp_path: Path) -> None:
+    """No 'policies' key was refused as "'policies' must be an object of spec -> metrics", a
+    line about a key the file does not have. It is required (the README's table says so): the
+    line says it is missing and that {} gates no policy, which a check then takes."""
+    data = _baseline_with(("observed", "spike_steps", "value"), 100)
+    del data["policies"], data["recorded"]
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(data))
+    command = ["check", str(FIXTURE), "--baseline", str(baseline), "-p", "grpo"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: {baseline}: 'policies' is missing (policy spec -> metrics; {{}} when it gates "
+        "no policy)"
+    ]
+    baseline.write_text(json.dumps({**data, "policies": {}}))
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+
+
 def test_a_run_step_count_that_is_null_or_absent_is_no_note(tmp_path: Path) -> None:
     for run in ({"path": "x", "steps": None}, {"path": "x"}):
         baseline = tmp_path / "baseline.json"

@@ -24,8 +24,8 @@ scalar series, any of them: name -> statistic (first, last, min, max, mean, medi
 finite values, tail: the mean of the last 10) -> tolerance; `worse` may be left out for the
 standard scalars that have a direction (`recorded.SERIES_RULES`) and must be given for any
 other. A series the baseline names that the run did not record (or recorded with no finite
-value) trips. `policies` may be empty: a run without a policy batch (an imported log) is gated
-on `observed` and `recorded` alone.
+value) trips. `policies` must be there but may be empty (`{}`): a run without a policy batch
+(an imported log) is gated on `observed` and `recorded` alone.
 
 Each metric trips when today's figure is worse than `value` by more than
 `abs_tol + rel_tol * |value|` in the direction `worse` ("higher": a larger figure is worse;
@@ -408,6 +408,10 @@ def load_baseline(path: str | os.PathLike[str]) -> Baseline:
                 f"{where}: unknown observed metric {quoted(name)} (known: {RUN_METRICS})"
             )
         observed[name] = _tolerance(entry, f"{where}: observed.{name}", RUN_WORSE[name])
+    if "policies" not in data:
+        raise InputError(
+            f"{where}: 'policies' is missing (policy spec -> metrics; {{}} when it gates no policy)"
+        )
     strict = data.get("strict", False)
     if not isinstance(strict, bool):
         raise InputError(f"{where}: 'strict' must be true or false, got {shown(strict)}")
