@@ -1128,6 +1128,36 @@ def test_records_out_given_again_as_out_is_taken(
     assert open_run(tmp_path / "run").step_numbers == [0, 1]
 
 
+def test_a_second_install_into_another_directory_is_refused_naming_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """install(out=A) then install(out=B) returned True and went on recording into A, B never
+    created. The second call now raises UsageError naming both; the same directory (named
+    another way) or no out is still a no-op returning True, and after uninstall() B is taken."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("STABLEDRL_RUN_DIR", raising=False)
+    assert stabledrl_verl.install(tmp_path / "A")
+    try:
+        message = f"install(out=B): this process already records into {tmp_path / 'A'}; call "
+        with pytest.raises(UsageError) as refused:
+            stabledrl_verl.install("B")
+        assert str(refused.value) == (
+            message + "uninstall() first to record into another directory"
+        )
+        assert stabledrl_verl.install("A") and stabledrl_verl.install()
+        train(actor_config())
+    finally:
+        stabledrl_verl.uninstall()
+    assert open_run(tmp_path / "A").step_numbers == [0, 1]
+    assert not (tmp_path / "B").exists()
+    assert stabledrl_verl.install("B")
+    try:
+        train(actor_config())
+    finally:
+        stabledrl_verl.uninstall()
+    assert open_run(tmp_path / "B").step_numbers == [0, 1]
+
+
 def test_an_unsupported_verl_under_record_warns_and_training_goes_on(tmp_path: Path) -> None:
     """The Ray setup hook (install() without out) in a worker whose verl is not 0.9.x: it
     raised UsageError, which Ray turns into a crashed worker (retried, then WorkerCrashedError

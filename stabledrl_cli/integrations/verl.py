@@ -15,7 +15,9 @@ numbered by each process from 0, so a job resumed from a checkpoint needs a new 
 $STABLEDRL_FORCE=1. Without a run directory `install()` does nothing, so the hook is
 harmless in every other process. In one process (a custom loop
 driving an engine) call `install(out=...)` before training; under `stabledrl record` an `out`
-other than record's --out is refused (UsageError), since record would find no step.
+other than record's --out is refused (UsageError), since record would find no step. A second
+`install(out=...)` naming another directory than the first is refused too (UsageError naming
+both); `uninstall()` closes the run, after which `install()` may record elsewhere.
 
 What is hooked, in the worker process:
 - `BaseEngine.train_batch`: one call is one optimizer step (zero_grad, forward/backward over
@@ -108,18 +110,34 @@ def installed() -> bool:
 
 
 def install(out: str | os.PathLike[str] | None = None, *, overwrite: bool | None = None) -> bool:
-    """Hooks verl's engine in this process (idempotent). out: the run directory, default
+    """Hooks verl's engine in this process. out: the run directory, default
     $STABLEDRL_RUN_DIR; without either this does nothing and returns False. overwrite: replace
     an existing run (default $STABLEDRL_FORCE). Returns True when recording is installed.
-    Raises UsageError when `out` is another directory than $STABLEDRL_RUN_DIR (`stabledrl
-    record --out`, whose optimizer hooks stand down for verl: record would find no step there),
-    and MissingExtraError / UsageError when verl is absent or not 0.9.x and `out` is given;
-    without `out` (the Ray setup hook) that is one warning, `stabledrl record` is told, and
-    this returns False."""
+    Once installed, a call without `out` or with the same directory returns True and changes
+    nothing; one naming another directory raises UsageError naming both (its steps would go
+    on into the first: uninstall() first). Raises UsageError when `out` is another directory
+    than $STABLEDRL_RUN_DIR (`stabledrl record --out`, whose optimizer hooks stand down for
+    verl: record would find no step there), and MissingExtraError / UsageError when verl is
+    absent or not 0.9.x and `out` is given; without `out` (the Ray setup hook) that is one
+    warning, `stabledrl record` is told, and this returns False."""
     global _session
-    target = _run_dir(out)
-    if not target or not _verl_recordable(explicit=out is not None):
-        return False
+    with _lock:
+        if _session is not None:
+            _refuse_another_out(_session.out, out)
+            return True
+        target = _run_dir(out)
+        if not target or not _verl_recordable(explicit=out is not None):
+            return False
+        if overwrite is None:
+            overwrite = os.environ.get(ENV_FORCE, "") not in ("", "0")
+        _session = session = _hooked_session(Path(target), overwrite)
+    integration_records()  # the optimizer hooks of `stabledrl record` stand down
+    atexit.register(session.close)
+    return True
+
+
+def _hooked_session(out: Path, overwrite: bool) -> Session:
+    """A new recording into `out`, verl's engine (and TrainingWorker) methods wrapped for it."""
     from verl.workers.engine.base import BaseEngine
 
     from stabledrl_cli.integrations._verl_hooks import (
@@ -128,22 +146,24 @@ def install(out: str | os.PathLike[str] | None = None, *, overwrite: bool | None
         train_mini_batch_hook,
     )
 
-    if overwrite is None:
-        overwrite = os.environ.get(ENV_FORCE, "") not in ("", "0")
-    with _lock:
-        if _session is not None:
-            return True
-        session = Session(Path(target), overwrite)
-        session.originals["train_batch"] = BaseEngine.train_batch
-        BaseEngine.train_batch = train_batch_hook(session)
-        worker = _training_worker()
-        if worker is not None:
-            session.originals["train_mini_batch"] = worker.train_mini_batch
-            worker.train_mini_batch = train_mini_batch_hook(session)
-        _session = session
-    integration_records()  # the optimizer hooks of `stabledrl record` stand down
-    atexit.register(session.close)
-    return True
+    session = Session(out, overwrite)
+    session.originals["train_batch"] = BaseEngine.train_batch
+    BaseEngine.train_batch = train_batch_hook(session)
+    worker = _training_worker()
+    if worker is not None:
+        session.originals["train_mini_batch"] = worker.train_mini_batch
+        worker.train_mini_batch = train_mini_batch_hook(session)
+    return session
+
+
+def _refuse_another_out(recording: Path, out: str | os.PathLike[str] | None) -> None:
+    """UsageError when `out` names another directory than the one this process already records
+    into: its steps would go on into the first one."""
+    if out is not None and os.path.realpath(out) != os.path.realpath(recording):
+        raise UsageError(
+            f"install(out={os.fspath(out)}): this process already records into {recording}; "
+            "call uninstall() first to record into another directory"
+        )
 
 
 def _verl_recordable(*, explicit: bool) -> bool:
