@@ -785,9 +785,12 @@ def test_async_writer_failure_reaches_the_caller(tmp_path, monkeypatch):
     rec = sd.Recorder(tmp_path / "run", async_writes=True, queue_size=1)
     monkeypatch.setattr(_atomic.os, "writev", no_space)
     rec.log_step(0, **_flat())
-    for call in (rec.flush, lambda: rec.log_step(1, **_flat()), rec.close):
-        with pytest.raises(WriteError, match=r"step-0+\.safetensors.*no space left"):
-            call()
+    with pytest.raises(WriteError, match=r"step-00000000\.safetensors.*no space left"):
+        rec.flush()
+    with pytest.raises(WriteError, match=r"step-00000001\.safetensors.*no space left"):
+        rec.log_step(1, **_flat())  # raises if the thread has met step 1's failure, else close
+        rec.close()
+    rec.close()  # each failure is raised once
     assert os.listdir(tmp_path / "run" / "steps") == []  # the temporary file is removed
 
 

@@ -17,9 +17,11 @@ has no mark, so a killed recording never leaves one; `resume=True` and `overwrit
 remove it.
 
 A failed write (a full disk, a read-only directory) raises WriteError (exit 4) naming the
-file, from `log_step` (synchronous) or from the next `log_step`, `flush` or `close` (async;
-a close as a `with` block ends on an exception warns instead: the block's exception goes on);
-its temporary file is removed and the steps written before it stay intact. A failed
+file, from `log_step` (synchronous) or once from the next `log_step`, `flush` or `close`
+(async, with the later steps whose writes failed before it; a `log_step` that raises it has
+queued its own step; a close as a `with` block ends on an exception warns instead: the
+block's exception goes on); its temporary file is removed and the steps written before it
+stay intact. The Recorder goes on: each later step is written, or fails, on its own. A failed
 `rewrite_step` also removes the step's earlier file (its first half, which would otherwise
 read as a whole step), as far as the directory lets it: that step is not recorded. With
 `on_write_error="warn"` (what `record -- CMD` and the integrations pass: recording must never
@@ -94,7 +96,7 @@ from stabledrl_cli.dump._schema import (
 )
 from stabledrl_cli.dump._setup import amend_manifest, prepare_run
 from stabledrl_cli.dump._stfile import discard_step, encode_step, write_step
-from stabledrl_cli.errors import InputError, UsageError, WriteError, warn
+from stabledrl_cli.errors import InputError, UsageError, WriteError, counted, warn
 from stabledrl_cli.spec import SpecValue
 from stabledrl_cli.vocab import GROUP_IDS, ON_WRITE_ERROR, UNITS, GroupIds, OnWriteError, Unit
 
@@ -160,17 +162,28 @@ def _write(item: _Write) -> None:
         raise
 
 
-class _Writer(threading.Thread):
-    """Writes queued steps in order; keeps the first error, and its step, for the caller."""
+class _Failure(NamedTuple):
+    """A step whose write failed in the writer thread."""
 
-    def __init__(self, queue_size: int) -> None:
+    step: int
+    error: BaseException
+
+
+class _Writer(threading.Thread):
+    """Writes queued steps in order and keeps the failed writes until the caller takes them.
+    `halt_on_error`: after a failed write, the later steps are not written (recording stops:
+    on_write_error="warn"); else each step is written as a synchronous Recorder would."""
+
+    def __init__(self, queue_size: int, *, halt_on_error: bool) -> None:
         super().__init__(name="stabledrl-recorder", daemon=True)
         self.queue: queue.Queue[_Write | None] = queue.Queue(maxsize=queue_size)
         """Steps to write, in order; None stops the thread."""
-        self.error: BaseException | None = None
-        self.error_step: int | None = None
-        self.reported = False
-        """Whether `error` has reached the Recorder's caller (raised, or warned about)."""
+        self.halt_on_error = halt_on_error
+        self._failures: list[_Failure] = []
+        """The failed writes the caller has not taken, oldest first (at most a queue's worth
+        and one between two takes: each `log_step` takes them)."""
+        self._failures_lock = threading.Lock()
+        self._halted = False
 
     def run(self) -> None:
         while True:
@@ -178,13 +191,26 @@ class _Writer(threading.Thread):
             try:
                 if item is None:
                     return
-                if self.error is None:
-                    _write(item)
-            except BaseException as exc:
-                self.error = exc
-                self.error_step = item.step if item is not None else None
+                self._write(item)
             finally:
                 self.queue.task_done()
+
+    def _write(self, item: _Write) -> None:
+        """Writes `item` (unless halted); a failure is kept for the caller."""
+        if self._halted:
+            return
+        try:
+            _write(item)
+        except BaseException as exc:
+            with self._failures_lock:
+                self._failures.append(_Failure(item.step, exc))
+            self._halted = self.halt_on_error
+
+    def take_failures(self) -> list[_Failure]:
+        """The failed writes since the last call, oldest first (each is reported once)."""
+        with self._failures_lock:
+            failures, self._failures = self._failures, []
+        return failures
 
     def stop(self) -> None:
         """Writes every queued step, then ends the thread (at once when it has ended). The
@@ -341,7 +367,7 @@ class Recorder:
         """Held by each log_step (rewrite_step, flush's check, close): one step at a time."""
         self._writer: _Writer | None = None
         if async_writes:
-            self._writer = _Writer(queue_size)
+            self._writer = _Writer(queue_size, halt_on_error=on_write_error == "warn")
             self._writer.start()
             self._at_exit = functools.partial(
                 _close_at_exit, weakref.ref(self), self._writer, self.path
@@ -402,7 +428,6 @@ class Recorder:
         with self._lock:
             if self._closed:
                 raise UsageError("log_step on a closed Recorder")
-            self._raise_writer_error()
             if self.stopped is not None:
                 return
             step = _step_number(step)
@@ -494,6 +519,7 @@ class Recorder:
             else:
                 self._writer.queue.put(item)
             self._last_step = step
+            self._raise_writer_error()  # an earlier step's failed write: this one is queued
 
     def _now(self) -> float:
         """Wall-clock seconds, or SOURCE_DATE_EPOCH when it was set as the Recorder was made."""
@@ -531,10 +557,14 @@ class Recorder:
             self._raise_writer_error()
 
     def _raise_writer_error(self) -> None:
-        if self._writer is not None and self._writer.error is not None and self.stopped is None:
-            exc = self._writer.error
-            self._writer.reported = True
-            self._write_failed(_writer_failure(self.path, exc), self._writer.error_step, cause=exc)
+        """Reports the writer thread's failed writes since the last report, once."""
+        if self._writer is None or self.stopped is not None:
+            return
+        failures = self._writer.take_failures()
+        if failures:
+            first = failures[0]
+            error = _writer_failure(self.path, failures)
+            self._write_failed(error, first.step, cause=first.error)
 
     def _write_failed(
         self, error: WriteError, step: int | None, cause: BaseException | None = None
@@ -596,25 +626,34 @@ class Recorder:
         return f"Recorder({str(self.path)!r}, unit={self.unit!r}, rank={self.rank})"
 
 
-def _writer_failure(path: Path, exc: BaseException) -> WriteError:
-    """The error of the run at `path` whose writer thread failed with `exc`."""
+_LATER_STEPS_SHOWN = 5
+"""The later failed steps a writer thread's error names (the rest as '...')."""
+
+
+def _writer_failure(path: Path, failures: list[_Failure]) -> WriteError:
+    """The error of the run at `path` whose writer thread failed to write `failures` (at least
+    one): the first one's error, and the later steps that were not written either."""
+    exc = failures[0].error
     message = str(exc) if isinstance(exc, WriteError) else f"{path}: {exc!r}"
+    later = [str(failure.step) for failure in failures[1:]]
+    if later:
+        shown = later[:_LATER_STEPS_SHOWN] + (["..."] if len(later) > _LATER_STEPS_SHOWN else [])
+        message += f"; {counted(len(later), 'later step')} not written either ({', '.join(shown)})"
     return WriteError(f"recording failed: {message}")
 
 
 def _close_at_exit(ref: weakref.ref[Recorder], writer: _Writer, path: Path) -> None:
     """At exit: closes the Recorder; one dropped unclosed still has its queued steps written.
-    A write that fails then is one warning line, unless its caller has been told already: no
+    A write that fails then, and that its caller has not been told of, is one warning line: no
     caller is left to raise it to."""
-    reported = writer.reported
     recorder = ref()
     try:
         if recorder is not None:
             recorder.close()
         else:  # (in a forked child the copy's thread is not alive: nothing to do)
             writer.stop()
-            if writer.error is not None:
-                raise _writer_failure(path, writer.error)
+            failures = writer.take_failures()
+            if failures:
+                raise _writer_failure(path, failures)
     except WriteError as error:
-        if not reported:
-            warn(f"stabledrl: warning: {error}\n")
+        warn(f"stabledrl: warning: {error}\n")
