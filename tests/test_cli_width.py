@@ -13,6 +13,7 @@ from conftest import fixture_run
 from rich.console import JUPYTER_DEFAULT_COLUMNS
 from typer.testing import CliRunner
 
+import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.replay.gate import GateResult
 from stabledrl_cli.spec import format_value
@@ -263,3 +264,22 @@ def test_tune_ranks_a_grid_of_two_keys_in_80_columns(tmp_path):
         assert len([line for line in lines if f"│ {spec} " in line]) == 1, spec
     headers = [line for line in lines if line.startswith("┃")]
     assert "disc." in headers[0] and "grad" in headers[1]  # "disc. grad", stacked
+
+
+def test_inspect_shows_each_recorded_series_name_whole(grpo_fixture, tmp_path):
+    """inspect's recorded series at 80 columns folded a name inside its cell (grad_norm /
+    _clipped, inner_ste / p). Each name is now whole on its line, the non-finite count wrapped
+    under the step count: 80 columns; a name too long for the width widens the table (it
+    overflows the terminal) rather than break."""
+    lines = _run(["inspect", str(grpo_fixture)], 80).splitlines()
+    table = lines[lines.index("Recorded series (finite values)") :]
+    assert max(len(line) for line in table) <= 80, "\n".join(table)
+    for name in ("grad_norm_clipped", "grad_norm_covered", "inner_step", "surrogate_loss"):
+        assert len([line for line in table if line.startswith(f"│ {name} ")]) == 1, name
+    long_name = "completions/mean_terminated_length_of_the_clipped_ones"
+    with sd.Recorder(tmp_path / "run", policy=None) as rec:
+        for step in range(3):
+            rec.log_step(step, grad_norm=float("nan"), scalars={long_name: 1.0})
+    lines = _run(["inspect", str(tmp_path / "run")], 80).splitlines()
+    assert len([line for line in lines if line.startswith(f"│ {long_name} ")]) == 1
+    assert "│ grad_norm " in "\n".join(lines)

@@ -77,7 +77,12 @@ from stabledrl_cli.replay.junit import write_junit
 from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.plot import plot_replay
 from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
-from stabledrl_cli.replay.report import print_legend, print_title, print_whole, stack_headers
+from stabledrl_cli.replay.report import (
+    print_legend,
+    print_unbroken,
+    print_whole,
+    stack_headers,
+)
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import files_skipped, no_steps_message, skipped_reasons
 
@@ -184,9 +189,7 @@ def _print_recorded(recorded: RecordedRun) -> None:
         f"non-finite steps: {len(observed.nonfinite_steps)}",
         highlight=False,
     )
-    series = series_table(recorded.series, f"recorded series of {recorded.run}")
-    print_title(series, out)
-    out.print(series)
+    print_unbroken(series_table(recorded.series, f"recorded series of {recorded.run}"), out)
 
 
 def _print_figures(result: ReplayResult) -> None:

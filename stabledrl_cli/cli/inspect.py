@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich.cells import cell_len
 from rich.table import Table
 
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
@@ -24,7 +25,7 @@ from stabledrl_cli.errors import one_line
 from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.inspection import RunSummary, summarize
 from stabledrl_cli.replay.recorded import SeriesStats
-from stabledrl_cli.replay.report import print_title
+from stabledrl_cli.replay.report import print_title, print_unbroken
 
 LIST_LIMIT = 20
 """Step lists longer than this are cut in the table (JSON has them all)."""
@@ -105,14 +106,16 @@ def _steps_row(s: RunSummary) -> str:
 
 def series_table(series: dict[str, SeriesStats], title: str) -> Table:
     """One row per recorded scalar: steps, first, last, min, max (finite values; the number
-    of non-finite ones beside the step count)."""
+    of non-finite ones beside the step count, wrapped under it where the width is short).
+    Each name is whole on its line: print it with `print_unbroken`."""
     table = Table(title=title, title_justify="left")
-    table.add_column("scalar", overflow="fold")
-    table.add_column("steps", justify="right", no_wrap=True)
+    widest = max((cell_len(name) for name in series), default=0)
+    table.add_column("scalar", no_wrap=True, min_width=widest)
+    table.add_column("steps", justify="right")
     for name in ("first", "last", "min", "max"):
         table.add_column(name, justify="right", no_wrap=True)
     for name, stats in series.items():
-        bad = f" ({stats.nonfinite} non-finite)" if stats.nonfinite else ""
+        bad = f", {stats.nonfinite} non-finite" if stats.nonfinite else ""
         table.add_row(
             name,
             f"{stats.steps}{bad}",
@@ -220,4 +223,4 @@ def command(run: RunSourceArg, output_format: FormatOpt = "table") -> None:
         _print_integrity(summary)
         out.print(_observed_table(summary))
         if summary.series:
-            out.print(series_table(summary.series, "Recorded series (finite values)"))
+            print_unbroken(series_table(summary.series, "Recorded series (finite values)"), out)

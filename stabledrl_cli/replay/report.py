@@ -183,10 +183,23 @@ def print_whole(table: Table, console: Console) -> None:
     """`table` at the console's width when it fits whole, else at its natural width (a table
     too wide for the terminal overflows it rather than cut or break a cell). Its title is text:
     printed above it, wrapped to the console, so a long run path never widens the table."""
+    _print_at_least(table, console, _natural_width(table, console))
+
+
+def print_unbroken(table: Table, console: Console) -> None:
+    """`table` at the console's width, the cells of its wrapping columns wrapped at their
+    spaces; where that is not enough, at the narrowest width that breaks no word (the table
+    overflows the terminal rather than cut or break a cell). A no_wrap column needs a
+    min_width of its widest cell. Its title is printed as print_whole's."""
+    narrowest = Measurement.get(console, console.options.update(width=_UNBOUNDED), table).minimum
+    _print_at_least(table, console, narrowest)
+
+
+def _print_at_least(table: Table, console: Console, width: int) -> None:
+    """`table` under its title (`print_title`), at the console's width or `width`, the wider."""
     print_title(table, console)
-    natural = _natural_width(table, console)
-    if natural > console.width:
-        table.width = natural
+    if width > console.width:
+        table.width = width
     console.print(table, crop=False)
 
 
