@@ -244,6 +244,53 @@ def test_a_step_its_policy_cannot_be_replayed_with_stops_recording_not_training(
     assert list((tmp_path / "run" / "steps").iterdir()) == []
 
 
+RANKS_LAUNCHER = textwrap.dedent(
+    """
+    import os, subprocess, sys
+    from pathlib import Path
+
+    train = Path(__file__).with_name("train.py")
+    # RANK_STEPS: the steps each rank of a 2-rank job logs, "3,0": rank 1 trains none
+    for rank, steps in enumerate(os.environ["RANK_STEPS"].split(",")):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        subprocess.run([sys.executable, str(train), steps], env=env, check=True)
+    """
+)
+
+
+def _two_ranks(tmp_path: Path, monkeypatch, steps: str):
+    """`record` around a launcher of a 2-rank job whose ranks log `steps` ("3,0") each, one
+    after the other (log_policy_batch records as RANK of WORLD_SIZE), all exiting 0."""
+    (tmp_path / "train.py").write_text(SCRIPT)
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(RANKS_LAUNCHER)
+    monkeypatch.setenv("RANK_STEPS", steps)
+    return _record_process(tmp_path / "run", launcher, monkeypatch, "-p", "grpo")
+
+
+@pytest.mark.parametrize(("steps", "silent"), [("3,0", 1), ("0,3", 0)])
+def test_a_rank_that_recorded_no_step_fails_record(tmp_path, monkeypatch, steps, silent):
+    """A 2-rank command whose every process exits 0, one rank never logging a step: no step
+    of the run is whole (readers skip them all; with rank 0 silent the run has no manifest).
+    Before, record exited 0 and said nothing."""
+    result = _two_ranks(tmp_path, monkeypatch, steps)
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.splitlines()[-1]
+    assert line.startswith(f"error: rank(s) [{silent}] of the run's 2 recorded no step")
+    assert "the other ranks wrote 3 step file(s)" in line and "Traceback" not in result.stderr
+
+
+def test_steps_a_rank_did_not_record_are_named_by_record(tmp_path, monkeypatch):
+    """Rank 1 logs 2 steps of rank 0's 4: record exits 0 (the whole steps replay) and says in
+    one line which steps readers skip. Before, it said nothing."""
+    result = _two_ranks(tmp_path, monkeypatch, "4,2")
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert line.startswith("warning: 2 step(s) the command recorded are incomplete")
+    assert "step 2: incomplete, no file for rank(s) [1]" in line
+    assert open_run(tmp_path / "run").step_numbers == [0, 1]
+
+
 # A script that stabledrl refuses (an integration's check, a bad Recorder argument) raises a
 # stabledrl error it does not catch; a script with a bug of its own raises anything else.
 # KIND is WHAT, or HOW-WHAT: the exception is caught and reported by the script (as a framework

@@ -216,8 +216,69 @@ def run_command(
         )
         raise error(f"recording failed: {reason}")
     after = _step_files(out)
-    if not any(before.get(name) != stamp for name, stamp in after.items()):
+    new = [name for name, stamp in after.items() if before.get(name) != stamp]
+    if not new:
         earlier = (
             f"; {out} holds only the {len(after)} step file(s) it held before" if after else ""
         )
         raise UsageError(NO_STEP + earlier)
+    _check_ranks(out, list(after), new)
+
+
+def _world_size(out: Path, name: str) -> int | None:
+    """The world_size that the step file `name` says it was written in; None when it is no
+    rank's file, or cannot say (readers report such a file themselves)."""
+    from stabledrl_cli.dump._integrity import StepReadError
+    from stabledrl_cli.dump._schema import META_WORLD_SIZE, STEPS_DIR, WORLD_SIZE_LIMIT
+    from stabledrl_cli.dump._stfile import read_header
+
+    try:
+        header = read_header(out / STEPS_DIR / name, deep=False)
+    except StepReadError:
+        return None
+    said = header.metadata.get(META_WORLD_SIZE, "")
+    world_size = int(said) if said.isascii() and said.isdigit() else 0
+    return world_size if 1 < world_size <= WORLD_SIZE_LIMIT else None
+
+
+def _ranks_named(ranks: list[int]) -> str:
+    """`[1, 3]`, at most five ranks, then how many more."""
+    more = f" and {len(ranks) - 5} more" if len(ranks) > 5 else ""
+    return f"{ranks[:5]}{more}"
+
+
+def _check_ranks(out: Path, names: list[str], new: list[str]) -> None:
+    """After a command that exited 0, of a run of several ranks: UsageError when one of its
+    ranks holds no step file (no step of the run is whole: readers skip every one, and
+    without rank 0 the run has no manifest); a warning line naming the steps the command
+    wrote that miss a rank's file (readers skip them). A rank that holds step files of an
+    earlier recording only (a job relaunched in part under --force) is not the command's."""
+    from stabledrl_cli.dump._schema import canonical_step
+
+    files = [found for found in map(canonical_step, names) if found is not None]
+    written = [name for name in new if ".rank-" in name and canonical_step(name) is not None]
+    world_size = _world_size(out, written[0]) if written else None
+    if world_size is None:
+        return
+    ranks = {rank for _, rank in files}
+    silent = [rank for rank in range(world_size) if rank not in ranks]
+    if silent:
+        raise UsageError(
+            f"rank(s) {_ranks_named(silent)} of the run's {world_size} recorded no step: no "
+            f"step of {out} is whole (the other ranks wrote {len(files)} step file(s)), so "
+            "readers skip every one"
+        )
+    by_step: dict[int, set[int]] = {}
+    for step, rank in files:
+        by_step.setdefault(step, set()).add(rank)
+    steps = {found[0] for found in map(canonical_step, written) if found is not None}
+    torn = sorted(step for step in steps if len(by_step[step]) < world_size)
+    if torn:
+        first = sorted(set(range(world_size)) - by_step[torn[0]])
+        err.print(
+            f"[yellow]warning:[/] {len(torn)} step(s) the command recorded are incomplete "
+            f"(step {torn[0]}: incomplete, no file for rank(s) {_ranks_named(first)}): "
+            f"readers skip them; `stabledrl inspect {escape(str(out))}` lists them",
+            highlight=False,
+            markup=True,
+        )
