@@ -162,6 +162,17 @@ def test_a_sparse_reward_that_really_falls_is_a_collapse():
         assert found is not None and 150 - window <= found < 150 + 2 * window, (seed, found)
 
 
+def test_a_fall_in_one_step_from_where_the_run_began_is_a_collapse():
+    """A policy that degenerates at once (the imported TRL run at lr 0.3): 0.375 at its first
+    logged step, 0 on the 29 after. The fall is the run's largest step, left out of the noise;
+    counted as noise it hid the collapse."""
+    steps = np.arange(1, 61, 2)
+    rewards = np.concatenate(([0.375], np.zeros(29)))
+    assert observed_reward_collapse(steps, rewards) == 21
+    assert noise_before(rewards, 10, skip_largest=True)[-1] == 0.0
+    assert noise_before(rewards, 10)[-1] > 0.0
+
+
 def test_noise_before_is_the_per_step_noise_before_the_window():
     rng = np.random.default_rng(0)
     white = 0.5 + 0.1 * rng.standard_normal(4000)

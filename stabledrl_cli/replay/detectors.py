@@ -104,9 +104,9 @@ def observed_reward_collapse(
     the first step i where m falls below half of its best value so far and stays below that
     level for 2W steps, or to the end of the run, and where the drop is beyond the reward's
     noise: best - max(m[i : i + 2W]) > (c + sqrt(2 ln(n_i / W))) * sigma_i / sqrt(W), with
-    sigma_i the per-step noise of the rewards before the window (`noise_before`), n_i the
-    steps up to i and c `noise_margin`. The square root is how far the best of n_i / W
-    independent W-step means rises above their level by luck alone.
+    sigma_i the per-step noise of the rewards before the window, their largest step left out
+    (`noise_before`), n_i the steps up to i and c `noise_margin`. The square root is how far
+    the best of n_i / W independent W-step means rises above their level by luck alone.
     """
     steps = np.asarray(steps)
     rewards = np.asarray(rewards, dtype=np.float64)
@@ -128,27 +128,33 @@ def observed_reward_collapse(
     ahead_max = sliding_window_view(padded, span).max(axis=1)
     seen = np.arange(1, n + 1)
     margin = noise_margin + np.sqrt(2 * np.log(np.maximum(seen / window, 1.0)))
-    beyond_noise = best - ahead_max > margin * noise_before(rewards, window) / np.sqrt(window)
+    noise = noise_before(rewards, window, skip_largest=True)
+    beyond_noise = best - ahead_max > margin * noise / np.sqrt(window)
     collapsed = (best > 0) & np.isfinite(level) & (ahead_max < threshold) & beyond_noise
     hits = np.flatnonzero(collapsed)
     return int(steps[hits[0]]) if hits.size else None
 
 
-def noise_before(values: np.ndarray, window: int) -> np.ndarray:
+def noise_before(values: np.ndarray, window: int, *, skip_largest: bool = False) -> np.ndarray:
     """values: [S] in step order -> [S] sigma_i, the per-step noise of the values before the
     window that ends at i (values[: i - window + 1]), so that a fall inside that window does
     not count as noise; of values[: i + 1] while fewer than `window` values precede the window.
 
     sigma: the root mean square of successive differences over sqrt(2) (a white noise's
     standard deviation; a trend adds little to it). Differences touching a non-finite value
-    are left out; 0 without any difference."""
+    are left out; 0 without any. skip_largest: the largest difference is left out too (a
+    single fall from where the values began is no noise)."""
     differences = np.diff(values)
     finite = np.isfinite(differences)
-    squares = np.concatenate(([0.0], np.cumsum(np.where(finite, differences**2, 0.0))))
-    counts = np.concatenate(([0], np.cumsum(finite)))
+    square = np.where(finite, differences**2, 0.0)
+    sums, counts = np.cumsum(square), np.cumsum(finite)
+    if skip_largest:
+        sums, counts = sums - np.maximum.accumulate(square), np.maximum(counts - 1, 0)
+    squares = np.concatenate(([0.0], sums))
+    counted = np.concatenate(([0], counts))
     index = np.arange(values.shape[0])
     upto = np.where(index - window + 1 >= window, index - window + 1, index)
-    noise: np.ndarray = np.sqrt(squares[upto] / np.maximum(counts[upto], 1) / 2)
+    noise: np.ndarray = np.sqrt(squares[upto] / np.maximum(counted[upto], 1) / 2)
     return noise
 
 
