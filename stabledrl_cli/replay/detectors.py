@@ -126,13 +126,21 @@ def observed_reward_collapse(
     span = 2 * window
     padded = np.concatenate((np.where(np.isnan(level), np.inf, level), np.full(span - 1, -np.inf)))
     ahead_max = sliding_window_view(padded, span).max(axis=1)
-    seen = np.arange(1, n + 1)
-    margin = noise_margin + np.sqrt(2 * np.log(np.maximum(seen / window, 1.0)))
+    margin = noise_margin + luck_of_the_best(n, window)
     noise = noise_before(rewards, window, skip_largest=True)
     beyond_noise = best - ahead_max > margin * noise / np.sqrt(window)
     collapsed = (best > 0) & np.isfinite(level) & (ahead_max < threshold) & beyond_noise
     hits = np.flatnonzero(collapsed)
     return int(steps[hits[0]]) if hits.size else None
+
+
+def luck_of_the_best(length: int, window: int) -> np.ndarray:
+    """[length]: sqrt(2 ln(n_i / window)) (0 while n_i <= window), with n_i = i + 1 the values
+    up to i: about how many standard errors the best of n_i / window independent
+    window-means rises above their level by luck alone."""
+    seen = np.arange(1, length + 1)
+    luck: np.ndarray = np.sqrt(2 * np.log(np.maximum(seen / window, 1.0)))
+    return luck
 
 
 def noise_before(values: np.ndarray, window: int, *, skip_largest: bool = False) -> np.ndarray:
@@ -234,8 +242,7 @@ def collapse_warning(
     values = np.asarray(values, dtype=np.float64)
     means = rolling_mean(values, window)
     best = np.fmax.accumulate(means) if means.size else means  # NaN never wins
-    seen = np.arange(1, values.shape[0] + 1)
-    luck = noise_margin + 2 * np.sqrt(2 * np.log(np.maximum(seen / window, 1.0)))
+    luck = noise_margin + 2 * luck_of_the_best(values.shape[0], window)
     needed = np.maximum(drop, luck * noise_before(values, window) / np.sqrt(window))
     warns = np.isfinite(means) & (best - means > needed)
     out: np.ndarray = steps[warns]
