@@ -8,6 +8,7 @@ import os
 import pickle
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -250,22 +251,28 @@ RANKS_LAUNCHER = textwrap.dedent(
     from pathlib import Path
 
     train = Path(__file__).with_name("train.py")
-    # RANK_STEPS: the steps each rank of a 2-rank job logs, "3,0": rank 1 trains none
-    for rank, steps in enumerate(os.environ["RANK_STEPS"].split(",")):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+    # RANK_STEPS: the steps each rank launched here logs, "3,0": the second one trains none;
+    # NODE_RANKS: "FIRST,WORLD_SIZE", the first rank launched here and the job's ranks;
+    # RANK_NAMES: the variables they are passed in (RANK,WORLD_SIZE: torchrun's)
+    first, world_size = os.environ.get("NODE_RANKS", "0,2").split(",")
+    names = os.environ.get("RANK_NAMES", "RANK,WORLD_SIZE").split(",")
+    for local, steps in enumerate(os.environ["RANK_STEPS"].split(",")):
+        rank = {names[0]: str(int(first) + local), names[1]: world_size}
+        env = {**os.environ, **rank, "LOCAL_RANK": str(local)}
         subprocess.run([sys.executable, str(train), steps], env=env, check=True)
     """
 )
 
 
-def _two_ranks(tmp_path: Path, monkeypatch, steps: str):
-    """`record` around a launcher of a 2-rank job whose ranks log `steps` ("3,0") each, one
-    after the other (log_policy_batch records as RANK of WORLD_SIZE), all exiting 0."""
-    (tmp_path / "train.py").write_text(SCRIPT)
+def _ranks(tmp_path: Path, monkeypatch, steps: str, *options: str, out: str = "run", script=SCRIPT):
+    """`record` around a launcher of ranks that run `script`, logging `steps` ("3,0") each,
+    one after the other (log_policy_batch records as RANK of WORLD_SIZE), all exiting 0: the
+    ranks of a 2-rank job, or those of one node (NODE_RANKS set)."""
+    (tmp_path / "train.py").write_text(script)
     launcher = tmp_path / "launch.py"
     launcher.write_text(RANKS_LAUNCHER)
     monkeypatch.setenv("RANK_STEPS", steps)
-    return _record_process(tmp_path / "run", launcher, monkeypatch, "-p", "grpo")
+    return _record_process(tmp_path / out, launcher, monkeypatch, "-p", "grpo", *options)
 
 
 @pytest.mark.parametrize(("steps", "silent"), [("3,0", 1), ("0,3", 0)])
@@ -273,7 +280,7 @@ def test_a_rank_that_recorded_no_step_fails_record(tmp_path, monkeypatch, steps,
     """A 2-rank command whose every process exits 0, one rank never logging a step: no step
     of the run is whole (readers skip them all; with rank 0 silent the run has no manifest).
     Before, record exited 0 and said nothing."""
-    result = _two_ranks(tmp_path, monkeypatch, steps)
+    result = _ranks(tmp_path, monkeypatch, steps)
     assert result.returncode == 2, result.stderr
     line = result.stderr.splitlines()[-1]
     assert line.startswith(f"error: rank(s) [{silent}] of the run's 2 recorded no step")
@@ -283,12 +290,98 @@ def test_a_rank_that_recorded_no_step_fails_record(tmp_path, monkeypatch, steps,
 def test_steps_a_rank_did_not_record_are_named_by_record(tmp_path, monkeypatch):
     """Rank 1 logs 2 steps of rank 0's 4: record exits 0 (the whole steps replay) and says in
     one line which steps readers skip. Before, it said nothing."""
-    result = _two_ranks(tmp_path, monkeypatch, "4,2")
+    result = _ranks(tmp_path, monkeypatch, "4,2")
     assert result.returncode == 0, result.stderr
     [line] = [line for line in result.stderr.splitlines() if "warning" in line]
     assert line.startswith("warning: 2 step(s) the command recorded are incomplete")
     assert "step 2: incomplete, no file for rank(s) [1]" in line
     assert open_run(tmp_path / "run").step_numbers == [0, 1]
+
+
+def _node(tmp_path: Path, monkeypatch, node: int, steps: str, *options: str, **ranks):
+    """`_ranks` on node `node` of a job of 2 nodes of 2 ranks each (ranks 2 * node and
+    2 * node + 1 of 4). Its launcher runs as rank `node` of 2, as a job scheduler numbers
+    nodes (the ranks' RANK and WORLD_SIZE are torchrun's); record's temporary files go to
+    tmp_path/tmp."""
+    monkeypatch.setenv("NODE_RANKS", f"{2 * node},4")
+    monkeypatch.setenv("RANK", str(node))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    return _ranks(tmp_path, monkeypatch, steps, *options, **ranks)
+
+
+def test_each_node_records_its_own_ranks_and_the_node_directories_make_one_run(
+    tmp_path, monkeypatch
+):
+    """`record --out NODE_DIR -- torchrun --nnodes 2 ...` on each node: the other node's
+    ranks write elsewhere, and record checks only the ranks it launched (exit 0, nothing
+    said, no temporary file left). Before, each node's record exited 2 naming the other
+    node's ranks. The node directories copied into one make the whole run."""
+    for node in (0, 1):
+        result = _node(tmp_path, monkeypatch, node, "3,3", out=f"node{node}")
+        assert result.returncode == 0, result.stderr
+        assert "warning" not in result.stderr and "error" not in result.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert not (tmp_path / "node1" / "manifest.json").exists()  # rank 0 writes it
+    whole = tmp_path / "whole"
+    for node in (0, 1):
+        shutil.copytree(tmp_path / f"node{node}", whole, dirs_exist_ok=True)
+    run = open_run(whole)
+    assert (run.world_size, run.step_numbers, run.integrity.findings) == (4, [0, 1, 2], [])
+    replayed = subprocess.run(
+        cli_command("replay", whole, "--format", "json"),
+        capture_output=True, text=True, env=cli_environment(), timeout=TIMEOUT,
+    )  # fmt: skip
+    assert replayed.returncode == 0, replayed.stderr
+    assert json.loads(replayed.stdout)["steps"] == 3
+
+
+def test_a_rank_of_this_node_that_recorded_no_step_fails_record(tmp_path, monkeypatch):
+    """Node 1's second rank (rank 3 of 4) logs nothing: record names it alone, not node 0's
+    ranks, which run elsewhere. Before, the line named ranks [0, 1, 3]."""
+    result = _node(tmp_path, monkeypatch, 1, "3,0", out="run")
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.splitlines()[-1]
+    assert line.startswith("error: rank(s) [3] of the run's 4 recorded no step"), line
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_node_that_finishes_first_in_a_shared_directory_says_nothing(tmp_path, monkeypatch):
+    """Both nodes record into one directory; node 1 is slower (its ranks have written step 0
+    when node 0's record ends, with steps 0 to 2). Node 0's steps are whole for its own ranks:
+    exit 0, no warning. Before, node 1's record exited 2 naming ranks [0, 1], and node 0's
+    warned that steps 1 and 2 miss ranks [2, 3]."""
+    slower = _node(tmp_path, monkeypatch, 1, "1,1", out="run")
+    assert slower.returncode == 0, slower.stderr
+    faster = _node(tmp_path, monkeypatch, 0, "3,3", "--force", out="run")
+    assert faster.returncode == 0, faster.stderr
+    assert "warning" not in faster.stderr, faster.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0]
+    assert sorted(f.step for f in run.integrity.findings if f.kind == "missing_rank") == [1, 2]
+
+
+RANK_SET_BY_THE_SCRIPT = (
+    "import os\n"
+    "os.environ.update(RANK=os.environ['LATE_RANK'], WORLD_SIZE=os.environ['LATE_WORLD_SIZE'])\n"
+)
+
+
+def test_ranks_that_take_their_rank_in_the_script_are_checked_once_they_record(
+    tmp_path, monkeypatch
+):
+    """Node 1's ranks start with no RANK (their script sets it, as a process of
+    torch.multiprocessing.spawn takes its rank from its process group): each says which rank
+    it is as it opens the run, so the step that rank 3 did not log is named (rank 2 logged 3
+    steps, rank 3 two), and node 0's ranks are not."""
+    monkeypatch.setenv("RANK_NAMES", "LATE_RANK,LATE_WORLD_SIZE")
+    script = RANK_SET_BY_THE_SCRIPT + SCRIPT
+    result = _node(tmp_path, monkeypatch, 1, "3,2", out="run", script=script)
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert line.startswith("warning: 1 step(s) the command recorded are incomplete"), line
+    assert "step 2: incomplete, no file for rank(s) [3])" in line
 
 
 # A script that stabledrl refuses (an integration's check, a bad Recorder argument) raises a

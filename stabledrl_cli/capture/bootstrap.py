@@ -7,7 +7,10 @@ it and the optimizer hooks (`optimizer_hooks`) write together.
   that opens the run takes it out of its environment, so that a process it starts later (a
   spawned worker with an optimizer of its own) finds the run and does not replace it;
 - STABLEDRL_POLICY: the --policy spec, when given;
-- STABLEDRL_STATUS_FILE: a file of `record`'s, where the child reports a recording failure.
+- STABLEDRL_STATUS_FILE: a file of `record`'s, where the child reports a recording failure;
+- STABLEDRL_RANKS_DIR: a directory of `record`'s, where each process of the command that runs
+  as a rank says so (an empty file RANK-of-WORLD_SIZE, written by record's sitecustomize): at
+  its start when its launcher set RANK and WORLD_SIZE, else as it opens the run.
 
 Inside the child, the first step to write opens a Recorder on the run directory; it is closed
 at interpreter exit, after every exit handler of the script when the sitecustomize runs
@@ -67,6 +70,7 @@ import io
 import os
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +92,7 @@ ENV_RUN_DIR = "STABLEDRL_RUN_DIR"
 ENV_FORCE = "STABLEDRL_FORCE"
 ENV_POLICY = "STABLEDRL_POLICY"
 ENV_STATUS_FILE = "STABLEDRL_STATUS_FILE"
+ENV_RANKS_DIR = "STABLEDRL_RANKS_DIR"
 ENV_TORCH_RANK = "RANK"
 ENV_TORCH_WORLD_SIZE = "WORLD_SIZE"
 ENV_DEBUG = "STABLEDRL_DEBUG"
@@ -401,6 +406,8 @@ def _open(
         # SIGTERM, has each step written before step() returns.
         recorder_kwargs.setdefault("async_writes", not in_pool_worker())
     _recorder = Recorder(run_dir, policy=policy, overwrite=force, **recorder_kwargs)
+    if _announce_rank is not None:
+        _announce_rank(_recorder.rank, _recorder.world_size)
     if _closed_last:
         _recorder.closed_by_caller_at_exit()
         atexit.register(_written_at_exit)
@@ -582,6 +589,19 @@ def hooks_wanted() -> bool:
 def hooks_installed() -> None:
     """Called once the optimizer hooks are in: the held step (if any) is written at exit."""
     atexit.register(_written_at_exit if _closed_last else close)
+
+
+_announce_rank: Callable[[int, int], None] | None = None
+"""How this process tells `record` the rank it records as (`ranks_announced_by`)."""
+
+
+def ranks_announced_by(announce: Callable[[int, int], None]) -> None:
+    """Called by `record`'s sitecustomize, which announces a process's rank at its start when
+    its launcher set RANK and WORLD_SIZE: `announce(rank, world_size)` announces the rank the
+    process records as when it opens the run, which it may have taken later (its default
+    process group, or RANK set by the script)."""
+    global _announce_rank
+    _announce_rank = announce
 
 
 _closed_last = False

@@ -4,8 +4,9 @@ failing exit code wins, except that a stabledrl error which ended the command wi
 code 1 (uncaught, or caught by a framework that reported it and called sys.exit(1) in its
 except block; reported through the status file, its `error:` line printed by the child)
 gives its own code; otherwise a recording failure its bootstrap reported
-(capture/bootstrap.py, through the status file) or a run the command wrote no step file to
-is an error.
+(capture/bootstrap.py, through the status file), a run the command wrote no step file to, or
+a rank the command launched that wrote none (its processes announce their ranks) is an
+error.
 
 The directory holding the sitecustomize of capture/_site/ goes first on the command's
 PYTHONPATH: every Python process of the command (a torchrun's ranks too) reports an uncaught
@@ -15,6 +16,7 @@ hooks when it imports torch (capture/optimizer_hooks.py).
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -34,6 +36,7 @@ from stabledrl_cli.capture.bootstrap import (
     ENV_FORCE,
     ENV_OPTIMIZER_HOOKS,
     ENV_POLICY,
+    ENV_RANKS_DIR,
     ENV_RUN_DIR,
     ENV_STATUS_FILE,
     read_status,
@@ -177,10 +180,13 @@ def run_command(
     with tempfile.TemporaryDirectory(prefix="stabledrl-record-") as scratch:
         status = Path(scratch) / "status"
         status.touch()
+        ranks_dir = Path(scratch) / "ranks"
+        ranks_dir.mkdir()
         env = dict(os.environ)
         env[ENV_RUN_DIR] = str(out.resolve())
         env[ENV_FORCE] = "1" if force else "0"
         env[ENV_STATUS_FILE] = str(status)
+        env[ENV_RANKS_DIR] = str(ranks_dir)
         if policy is not None:
             env[ENV_POLICY] = policy
         if debug:
@@ -194,6 +200,7 @@ def run_command(
         before = _step_files(out)
         code = _call(cmd, env)
         failures, fatal = _reports(status)
+        launched = _announced_ranks(ranks_dir)
     if code == UNCAUGHT and fatal:  # a tool error ended the command: its line is out already
         raise typer.Exit(fatal[0])
     if code != 0:
@@ -222,7 +229,7 @@ def run_command(
             f"; {out} holds only the {len(after)} step file(s) it held before" if after else ""
         )
         raise UsageError(NO_STEP + earlier)
-    _check_ranks(out, list(after), new)
+    _check_ranks(out, list(after), new, launched)
 
 
 def _world_size(out: Path, name: str) -> int | None:
@@ -247,12 +254,35 @@ def _ranks_named(ranks: list[int]) -> str:
     return f"{ranks[:5]}{more}"
 
 
-def _check_ranks(out: Path, names: list[str], new: list[str]) -> None:
-    """After a command that exited 0, of a run of several ranks: UsageError when one of its
-    ranks holds no step file (no step of the run is whole: readers skip every one, and
-    without rank 0 the run has no manifest); a warning line naming the steps the command
-    wrote that miss a rank's file (readers skip them). A rank that holds step files of an
-    earlier recording only (a job relaunched in part under --force) is not the command's."""
+def _announced_ranks(directory: Path) -> set[tuple[int, int]]:
+    """The (rank, world_size) of each process of the command that announced itself as a rank
+    in `directory` (bootstrap.ENV_RANKS_DIR): a file RANK-of-WORLD_SIZE each; none when the
+    command removed the directory; at most ANNOUNCED_LIMIT entries are read, and a number
+    too long for any rank is no announcement."""
+    announced = set()
+    with suppress(OSError), os.scandir(directory) as entries:
+        for entry in itertools.islice(entries, ANNOUNCED_LIMIT):
+            numbers = entry.name.partition("-of-")[::2]
+            if all(text.isascii() and text.isdigit() and len(text) < 10 for text in numbers):
+                announced.add((int(numbers[0]), int(numbers[1])))
+    return announced
+
+
+ANNOUNCED_LIMIT = 1 << 16
+"""Entries of the ranks directory read: each rank of a run of 4096 (the most a run has) is one,
+and a launcher that runs as a rank of its own (a node's number) adds one more."""
+
+
+def _check_ranks(
+    out: Path, names: list[str], new: list[str], launched: set[tuple[int, int]]
+) -> None:
+    """After a command that exited 0, of a run of several ranks: UsageError when a rank that
+    the command launched (`launched`: `_announced_ranks`) holds no step file (no step of the
+    run is whole: readers skip every one, and without rank 0 the run has no manifest); a
+    warning line naming the steps those ranks wrote that miss one of their files (readers skip
+    them). The run's other ranks run elsewhere (another node's `record`, into the same
+    directory or its own) and are left alone; so is a rank that holds step files of an
+    earlier recording only (a job relaunched in part under --force)."""
     from stabledrl_cli.dump._schema import canonical_step
 
     files = [found for found in map(canonical_step, names) if found is not None]
@@ -260,8 +290,9 @@ def _check_ranks(out: Path, names: list[str], new: list[str]) -> None:
     world_size = _world_size(out, written[0]) if written else None
     if world_size is None:
         return
+    here = {rank for rank, size in launched if size == world_size and rank < world_size}
     ranks = {rank for _, rank in files}
-    silent = [rank for rank in range(world_size) if rank not in ranks]
+    silent = sorted(here - ranks)
     if silent:
         raise UsageError(
             f"rank(s) {_ranks_named(silent)} of the run's {world_size} recorded no step: no "
@@ -271,10 +302,10 @@ def _check_ranks(out: Path, names: list[str], new: list[str]) -> None:
     by_step: dict[int, set[int]] = {}
     for step, rank in files:
         by_step.setdefault(step, set()).add(rank)
-    steps = {found[0] for found in map(canonical_step, written) if found is not None}
-    torn = sorted(step for step in steps if len(by_step[step]) < world_size)
+    mine = [found for found in map(canonical_step, written) if found and found[1] in here]
+    torn = sorted({step for step, _ in mine if not here <= by_step[step]})
     if torn:
-        first = sorted(set(range(world_size)) - by_step[torn[0]])
+        first = sorted(here - by_step[torn[0]])
         err.print(
             f"[yellow]warning:[/] {len(torn)} step(s) the command recorded are incomplete "
             f"(step {torn[0]}: incomplete, no file for rank(s) {_ranks_named(first)}): "

@@ -33,6 +33,12 @@ this one runs after every handler the command registers, and a step that one of 
 (a script's handler registered before the run opened, say) is recorded before the run is
 closed.
 
+A process that its launcher started as a rank (RANK and WORLD_SIZE set before Python starts:
+torchrun, accelerate, deepspeed) tells `record` so at start-up, before the script runs, and a
+process that takes its rank later (torch.multiprocessing.spawn's, from its process group) as
+it opens the run (`bootstrap._open`): `record` checks that each rank it launched recorded a
+step, and leaves alone the ranks that other nodes run.
+
 It imports nothing heavy: a child that never imports torch never imports torch or stabledrl
 because of it. A child interpreter that cannot import stabledrl warns once, when it imports
 torch, and trains unrecorded.
@@ -58,6 +64,9 @@ _DYNAMO = "torch._dynamo"
 _ERRORS = "stabledrl_cli.errors"
 _BOOTSTRAP = "stabledrl_cli.capture.bootstrap"
 _ENV_OPTIMIZER_HOOKS = "STABLEDRL_OPTIMIZER_HOOKS"  # bootstrap.ENV_OPTIMIZER_HOOKS, unimported
+_ENV_RANKS_DIR = "STABLEDRL_RANKS_DIR"  # bootstrap.ENV_RANKS_DIR, unimported
+_RANK_DIGITS = 9
+"""Digits of the longest rank or world size announced: any larger is no launcher's."""
 _CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"  # bootstrap's
 
 
@@ -196,6 +205,28 @@ def _wrap_quitter(quitter: object) -> object:
     return wrapped
 
 
+def _announce_rank(rank: object, world_size: object) -> None:
+    """Tells `record` that this process runs as rank `rank` of `world_size` (decimal numbers;
+    anything else is no rank, and is left out): an empty file RANK-of-WORLD_SIZE in record's
+    $STABLEDRL_RANKS_DIR. A child of the process that inherits its environment (a dataloader
+    worker) announces the same rank again, which changes nothing. Never fails."""
+    directory = os.environ.get(_ENV_RANKS_DIR)
+    numbers = (str(rank), str(world_size))
+    if not directory or not all(
+        text.isascii() and text.isdigit() and len(text) <= _RANK_DIGITS for text in numbers
+    ):
+        return
+    name = "{}-of-{}".format(*map(int, numbers))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL  # never opens what is there (a FIFO)
+    with contextlib.suppress(OSError):
+        os.close(os.open(os.path.join(directory, name), flags, 0o600))
+
+
+def _bootstrap_imported(bootstrap: ModuleType) -> None:
+    bootstrap.closed_last()
+    bootstrap.ranks_announced_by(_announce_rank)
+
+
 def _close_run() -> None:
     """The exit handler that closes the run (`bootstrap.close`), if this process opened one:
     registered first, it runs after every exit handler of the command (module docstring)."""
@@ -212,5 +243,7 @@ for _name in ("exit", "quit"):
     if hasattr(builtins, _name):
         setattr(builtins, _name, _wrap_quitter(getattr(builtins, _name)))
 atexit.register(_close_run)
-_when_imported(_BOOTSTRAP, lambda bootstrap: bootstrap.closed_last())
+if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # set by its launcher (torchrun)
+    _announce_rank(os.environ["RANK"], os.environ["WORLD_SIZE"])
+_when_imported(_BOOTSTRAP, _bootstrap_imported)
 _chain()
