@@ -720,6 +720,31 @@ def test_a_bad_policy_spec_is_a_usage_error_before_the_command_runs(tmp_path, sc
     assert "logged" not in result.output
 
 
+@pytest.mark.parametrize("spec", ["grpo:eps=abc", "nonsense", "nonsense:eps="])
+def test_a_bad_policy_spec_in_the_environment_is_refused_as_policy_is(
+    tmp_path, script, monkeypatch, capfd, spec
+):
+    """$STABLEDRL_POLICY, which `--policy` sets for the command, set by hand to a spec that
+    `--policy` refuses: one line, exit 2, before the command runs. Before, the command ran:
+    'grpo:eps=abc' and 'nonsense' were recorded as the run's policy (exit 0), and
+    'nonsense:eps=' failed the first log_policy_batch (a warning, then exit 2)."""
+    monkeypatch.setenv("STABLEDRL_POLICY", spec)
+    out = tmp_path / "run"
+    code, stderr, child_out, _ = _record(
+        monkeypatch, capfd, "--out", str(out), "--", sys.executable, str(script), "2"
+    )
+    assert code == 2 and child_out == "" and not out.exists()
+    [line] = stderr.splitlines()
+    assert line.startswith("error: $STABLEDRL_POLICY in the environment (record's --policy): ")
+
+    monkeypatch.setenv("STABLEDRL_POLICY", "dapo:eps_high=0.28")  # a good one is recorded
+    code, _, _, child_err = _record(
+        monkeypatch, capfd, "--out", str(out), "--", sys.executable, str(script), "2"
+    )
+    assert code == 0, child_err
+    assert open_run(out).manifest["policy"]["name"] == "dapo"
+
+
 # Three optimizer steps (recorded by the hooks, written by their writer thread), then an
 # object whose finalizer aborts the process: it runs when the interpreter clears the module at
 # exit, after the exit handlers, as torch's gloo teardown race does (tests/distributed_exit.py).

@@ -171,6 +171,12 @@ def run_command(
         )
     if policy is not None:
         resolve_spec(policy)  # a bad spec is a usage error here, not a warning in the child
+    elif os.environ.get(ENV_POLICY):  # the command inherits it, and records with it
+        try:
+            resolve_spec(os.environ[ENV_POLICY])
+        except UsageError as exc:
+            where = f"${ENV_POLICY} in the environment (record's --policy)"
+            raise UsageError(f"{where}: {exc}") from None
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # under a file, read-only, ...: an output that cannot be written
