@@ -129,6 +129,12 @@ def _missing_package_scheme() -> str:
         ("simplecache::memory://bucket/run", 2, "chained URLs are not read"),
         ("reference://run", 2, "maps paths to other URLs"),
         ("memory://no/such/run", 3, "no such run: memory://no/such/run"),
+        # a scheme holding `_` was read as a local path (`no such run: async_wrapper:/x`)
+        (
+            "async_wrapper:///x",
+            2,
+            "async_wrapper:///x: async_wrapper:// cannot be opened from a URL alone (",
+        ),
         # ftp's filesystem connects when it is made; dir's fails on a URL with no path
         ("ftp://127.0.0.1:1/run", 2, "ftp://127.0.0.1:1/run: cannot reach it (ConnectionRefused"),
         ("dir://x", 2, "dir://x: cannot reach it ("),
@@ -156,6 +162,22 @@ def reading(command: str, url: str, other: Path) -> list[str]:
     gate, which it needs before it opens the run)."""
     extra = {"check": ["--max-spikes", "1"], "diff": [str(other)]}.get(command, [])
     return [command, url, *extra]
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "memory:///no/such/run",
+        "memory://no//such/run/",
+        "memory://no/such/run?version=2#step",
+        "file:///no//such/run/",
+        "no//such/./run/",
+    ],
+)
+def test_a_missing_run_is_named_as_written(run_dir, written):
+    result = runner.invoke(app, ["inspect", written])
+    assert result.exit_code == 3, result.output
+    assert result.stderr == f"error: no such run: {written}\n"
 
 
 @pytest.mark.parametrize("command", ["replay", "check", "inspect", "diff"])

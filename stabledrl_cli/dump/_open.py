@@ -25,12 +25,13 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     if isinstance(path, str) and is_url(path):
         return open_url(path, verify=verify)
     run_path = Path(path)
+    given = os.fspath(path)  # as the user wrote it: Path drops a doubled or trailing slash
     try:
         exists, is_dir = run_path.exists(), run_path.is_dir()
     except OSError as exc:  # a name longer than the file system takes, ...
-        raise InputError(f"cannot read {run_path}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot read {given}: {exc.strerror or exc}") from None
     if not exists:
-        raise InputError(f"no such run: {run_path}")
+        raise InputError(f"no such run: {given}")
     if is_dir:
         return DirectoryRun(run_path, verify=verify)
     try:
@@ -38,9 +39,9 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
         with fh:
             signature = fh.read(len(HDF5_SIGNATURE))
     except NotRegularFile:
-        raise InputError(f"{run_path} is not a run (not a directory nor a regular file)") from None
+        raise InputError(f"{given} is not a run (not a directory nor a regular file)") from None
     except OSError as exc:
-        raise InputError(f"cannot read {run_path}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot read {given}: {exc.strerror or exc}") from None
     if signature == HDF5_SIGNATURE:
         return ArchiveRun(run_path, verify=verify)
-    raise InputError(f"{run_path} is not a run (expected a run directory or a .h5 archive)")
+    raise InputError(f"{given} is not a run (expected a run directory or a .h5 archive)")

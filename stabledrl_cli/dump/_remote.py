@@ -36,9 +36,9 @@ from stabledrl_cli.dump._schema import HDF5_SIGNATURE, MANIFEST_LIMIT
 from stabledrl_cli.dump._stfile import HEADER_LIMIT, FileKey, StepHeader, parse_header
 from stabledrl_cli.errors import InputError, MissingExtraError, UsageError, one_line
 
-URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)(://|::)")
-"""A URL: a scheme, then `://` (or `::`, fsspec's chaining); a Windows drive letter has one
-colon and no slashes."""
+URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+._-]*)(://|::)")
+"""A URL: a scheme (fsspec's may hold `_`: `async_wrapper://`), then `://` (or `::`, fsspec's
+chaining); a Windows drive letter has one colon and no slashes."""
 REFUSED_PROTOCOLS = frozenset({"reference"})
 """Filesystems whose files point to other locations."""
 
@@ -73,8 +73,12 @@ def url_filesystem(url: str) -> tuple[Any, str]:
         fs, root = url_to_fs(url)
     except ImportError as exc:
         raise MissingExtraError(f"{url}: {protocol}:// needs a package: {exc}") from None
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"{url}: {exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"{url}: {one_line(exc)}") from None
+    except TypeError as exc:  # a filesystem that needs arguments a URL cannot give
+        raise UsageError(
+            f"{url}: {protocol}:// cannot be opened from a URL alone ({one_line(exc)})"
+        ) from None
     except Exception as exc:  # the filesystem's own code, connecting: any failure is the URL's
         raise UsageError(
             f"{url}: cannot reach it ({type(exc).__name__}: {one_line(exc)})"
