@@ -384,6 +384,30 @@ def test_an_index_of_another_type_refuses_the_archive_in_every_command(
     assert not (tmp_path / "out.h5").exists()
 
 
+@pytest.mark.parametrize(
+    "name", ["manifest", "steps/step", "tokens/logp", "checksums/tokens/logp", "scalars/loss"]
+)
+def test_an_empty_dataset_refuses_the_archive_naming_it(tmp_path: Path, name: str) -> None:
+    """A dataset replaced by h5py.Empty (no dataspace) said "corrupt run archive (NAME: int()
+    argument must be a string, a bytes-like object or a real number, not 'NoneType')" in every
+    command: Python's text, not what is wrong. At a path and at its URL, every reader now
+    names the dataset and says it is empty."""
+
+    def change(handle: h5py.File) -> None:
+        attrs = dict(handle[name].attrs)
+        replace_dataset(handle, name, data=h5py.Empty("f")).attrs.update(attrs)
+
+    good = packed(tmp_path / "good")
+    bad = edit_archive(tmp_path / "bad", change)
+    said = f"corrupt run archive (dataset {name} is h5py.Empty: no shape, no values)"
+    for command, args in EVERY_READER.items():
+        for source in (str(bad), bad.as_uri()):
+            result = runner.invoke(app, args(source, str(good), tmp_path))
+            _assert_clean_failure(result.exit_code, result.stderr, 3)
+            assert result.stderr == f"error: {source}: {said}\n", (command, result.stderr)
+    assert not (tmp_path / "out.h5").exists()
+
+
 def test_an_index_in_the_other_byte_order_reads_as_packed(tmp_path: Path) -> None:
     """Every index dataset rewritten big-endian (as on a machine of that order): each command
     prints what it prints for the archive as packed (read so before the type checks too: this

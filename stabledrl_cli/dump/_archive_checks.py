@@ -12,7 +12,8 @@ declared size exceeds what the file can hold (`DEFLATE_RATIO` times the file's s
 cannot expand more than that) and any dataset of an index (read whole) larger than the file
 itself, any chunk larger than `CHUNK_LIMIT`, any stored chunk whose size or place in the
 chunk index is impossible (`_bad_stored_chunk`: libhdf5 crashes reading a chunk of 0 bytes),
-and any array dataset of a non-numeric dtype.
+any array dataset of a non-numeric dtype, and any dataset with no value at all (an empty
+dataspace, h5py's `Empty`).
 Index and scalar datasets (the per-step CRC-32s of `checksums/` among them) carry a CRC32
 (attribute `crc32`, `index_crc`) written by `pack`.
 
@@ -122,6 +123,10 @@ def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, where: str, file_size
     layout = plist.get_layout()
     if layout == h5py.h5d.VIRTUAL:
         raise refuse("is a virtual dataset (maps other files)")
+    if dataset.get_space().get_simple_extent_type() == h5py.h5s.NULL:
+        raise InputError(
+            f"{where}: corrupt run archive (dataset {name} is h5py.Empty: no shape, no values)"
+        )
     dtype = dataset.dtype
     declared = int(np.prod(dataset.shape, dtype=object)) * dtype.itemsize
     if name in TEXT_DATASETS:
