@@ -589,4 +589,22 @@ def test_a_text_checksum_that_is_no_text_is_a_mismatch(tmp_path: Path, name: str
     else:
         assert result.exit_code == 0, result.stderr
         findings = json.loads(result.stdout)["integrity"]["findings"]
-        assert any(f["message"] == "integrity: checksum mismatch" for f in findings), findings
+        assert [f["message"] for f in findings if f["kind"] == "unchecked"] == [
+            "integrity: checksum mismatch (the findings it carries are read unchecked)"
+        ], findings
+
+
+def test_an_integrity_text_checksum_mismatch_skips_no_step(tmp_path: Path) -> None:
+    """The archive's integrity text (the source's findings) with a checksum that does not
+    match was an `unreadable` finding, which a replay counts as a skipped step: "warning:
+    skipped 1 unreadable, incomplete or invalid step of RUN.h5 (integrity: checksum
+    mismatch); replayed 4" of 4 steps. It holds no step: the replay skips none, says none."""
+
+    def change(handle: h5py.File) -> None:
+        handle["integrity"].attrs[CRC_ATTR] = "00000000"
+
+    archive = edit_archive(tmp_path, change)
+    result = runner.invoke(app, ["replay", str(archive), "-p", "grpo", "--format", "json"])
+    assert result.exit_code == 0, result.stderr
+    assert "skipped" not in result.stderr, result.stderr
+    assert json.loads(result.stdout)["steps"] == 4

@@ -186,7 +186,9 @@ class ArchiveRun(Run):
             ) from None
 
     def _text(self, name: str, limit: int) -> str:
-        """A JSON string dataset, its size capped and its checksum checked (if it has one)."""
+        """A JSON string dataset, its size capped and its checksum checked (if it has one): a
+        mismatch refuses the manifest, and makes the integrity text, which holds no step, an
+        `unchecked` finding (a replay skips no step for it)."""
         prefetched = self._prefetched.texts.pop(name, None)
         if prefetched is None:
             dataset = self._file[name]
@@ -203,7 +205,12 @@ class ArchiveRun(Run):
                     f"{self.location}: corrupt run archive (manifest checksum mismatch)"
                 )
             self._load_findings.append(
-                Finding("unreadable", None, f"{self.location}:{name}", f"{name}: checksum mismatch")
+                Finding(
+                    "unchecked",
+                    None,
+                    f"{self.location}:{name}",
+                    f"{name}: checksum mismatch (the findings it carries are read unchecked)",
+                )
             )
         return text
 

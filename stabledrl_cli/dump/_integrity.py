@@ -9,7 +9,8 @@ Finding kinds:
     unknown_file  a file in steps/ that is not a step file of this run (a stray file, a second
                   spelling of a step number, a symlink, FIFO or device named like a step);
                   never opened
-    unchecked     an archive packed before index checksums: its indexes are read unchecked
+    unchecked     an archive packed before index checksums: its indexes are read unchecked;
+                  or an archive's integrity text whose checksum does not match
 """
 
 from __future__ import annotations
