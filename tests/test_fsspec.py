@@ -180,6 +180,25 @@ def test_a_missing_run_is_named_as_written(run_dir, written):
     assert result.stderr == f"error: no such run: {written}\n"
 
 
+def test_a_url_with_escapes_that_names_nothing_says_what_would(tmp_path):
+    """`Path.as_uri()` writes a run at `/tmp/a b` as `file:///tmp/a%20b`; fsspec reads the
+    path as written, so that URL names nothing: the line was a bare "no such run", as if the
+    run were not there. It now gives the URL that names it; an escape that decodes to nothing
+    keeps the bare line."""
+    run = small_run(tmp_path / "a b", world_size=1, steps=2, corrupt=False)
+    written = run.absolute().as_uri()
+    assert "%20" in written
+    result = runner.invoke(app, ["inspect", written])
+    assert result.exit_code == 3, result.output
+    assert result.stderr == (
+        f"error: no such run: {written} (%-escapes are read as written: give "
+        f"'file://{run.absolute()}')\n"
+    )
+    assert runner.invoke(app, ["inspect", f"file://{run.absolute()}"]).exit_code == 0
+    missing = (tmp_path / "no run").absolute().as_uri()
+    assert runner.invoke(app, ["inspect", missing]).stderr == f"error: no such run: {missing}\n"
+
+
 @pytest.mark.parametrize("command", ["replay", "check", "inspect", "diff"])
 def test_url_exit_codes_in_a_real_process(run_dir, tmp_path, command):
     cases = (("nope://x/run", 2), ((tmp_path / "missing").as_uri(), 3))

@@ -27,6 +27,7 @@ import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.dump._directory import DirectoryRun, symlink_refused
@@ -234,6 +235,18 @@ class RemoteArchiveRun(_AtUrl, ArchiveRun):
         return self._size
 
 
+def _escapes_hint(url: str, fs: Any, root: str) -> str:
+    """Why a URL whose path holds %-escapes names nothing, when its path decoded names a file
+    (`file:///tmp/a%20b`, as `Path.as_uri()` writes `/tmp/a b`): fsspec reads a URL's path as
+    written, its escapes included. Else ''."""
+    decoded = unquote(root)
+    try:
+        found = decoded != root and bool(fs.exists(decoded))
+    except (OSError, ValueError):
+        return ""
+    return f" (%-escapes are read as written: give {unquote(url)!r})" if found else ""
+
+
 def open_url(url: str, *, verify: bool = True) -> Run:
     """The run (a directory or a packed .h5) at an fsspec URL; InputError (exit 3) for a
     missing run, one that is neither, or one the store refuses to let this user read (as for a
@@ -245,7 +258,7 @@ def open_url(url: str, *, verify: bool = True) -> Run:
         directory = found.get("type") == "directory"
         signature = fs.cat_file(root, start=0, end=len(HDF5_SIGNATURE)) if _regular(found) else b""
     except FileNotFoundError:
-        raise InputError(f"no such run: {url}") from None
+        raise InputError(f"no such run: {url}{_escapes_hint(url, fs, root)}") from None
     except PermissionError as exc:
         raise InputError(f"cannot read {url}: {_said(exc, root, url)}") from None
     except OSError as exc:
