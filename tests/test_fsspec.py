@@ -180,6 +180,18 @@ def test_a_missing_run_is_named_as_written(run_dir, written):
     assert result.stderr == f"error: no such run: {written}\n"
 
 
+def test_a_url_scheme_is_read_in_any_case(run_dir, local_replay):
+    """`FILE:///...` said "FILE:///...: Protocol not known: FILE" (exit 2), though the scheme
+    had passed the known-scheme check: a URL's scheme has no case (RFC 3986). It is read as
+    `file:///...`, and named as written."""
+    written = "FILE://" + run_dir.absolute().as_posix()
+    result = replay(written, POLICIES, device="cpu", chunk_size=4, detail=True)
+    assert result.run == written and same_json(result, local_replay)
+    assert runner.invoke(app, ["inspect", "Memory://no/run"]).stderr == (
+        "error: no such run: Memory://no/run\n"
+    )
+
+
 def test_a_url_with_escapes_that_names_nothing_says_what_would(tmp_path):
     """`Path.as_uri()` writes a run at `/tmp/a b` as `file:///tmp/a%20b`; fsspec reads the
     path as written, so that URL names nothing: the line was a bare "no such run", as if the

@@ -71,7 +71,7 @@ def url_filesystem(url: str) -> tuple[Any, str]:
     if protocol not in fsspec.available_protocols():
         raise UsageError(f"{url}: unknown URL scheme {protocol}://")
     try:
-        fs, root = url_to_fs(url)
+        fs, root = url_to_fs(protocol + url[match.end(1) :])  # a scheme's case is no part of it
     except ImportError as exc:
         raise MissingExtraError(f"{url}: {protocol}:// needs a package: {exc}") from None
     except ValueError as exc:
