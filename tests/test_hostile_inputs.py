@@ -118,6 +118,22 @@ def test_sample_in_a_child_process_is_fast_and_small(name: str, tmp_path: Path) 
     assert measured.extra_rss_mb < 300
 
 
+def test_a_text_of_a_huge_fixed_length_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    """The manifest stored as a fixed-length string of 1.5 GB never written (its fill value:
+    the file stays 0.7 MB) made `inspect` allocate it, twice, in the probe's child and in the
+    reader: 3 GB peak RSS and 10 s, then "manifest checksum mismatch". A text is read whole,
+    so it may not declare more than the file holds, as an index may not."""
+    target = tmp_path / "run.h5"
+    shutil.copy(packed(tmp_path / "good"), target)
+    with h5py.File(target, "r+") as handle:
+        attrs = dict(handle["manifest"].attrs)
+        replace_dataset(handle, "manifest", shape=(), dtype="S1500000000").attrs.update(attrs)
+    measured = measure(["inspect", str(target)], tmp_path / "cost.json", preload=("h5py",))
+    _assert_clean_failure(measured.code, measured.stderr, 3)
+    assert "refused: dataset manifest declares 1500000000 bytes" in measured.stderr
+    assert measured.extra_rss_mb < 300 and measured.seconds < _archive_probe.PROBE_SECONDS / 4
+
+
 def test_pack_never_copies_a_local_file(tmp_path: Path) -> None:
     case = next(c for c in CASES if c.name == "archive_external_storage_pack")
     target = case.make(tmp_path)

@@ -9,8 +9,8 @@ fill value or as compressed zeros takes a few bytes on disk and gigabytes once r
 `check_objects` walks every link of the file once and refuses (InputError, exit 3) any link
 that is not a hard link, any dataset with external or virtual storage, any dataset whose
 declared size exceeds what the file can hold (`DEFLATE_RATIO` times the file's size: gzip
-cannot expand more than that) and any dataset of an index (read whole) larger than the file
-itself, any chunk larger than `CHUNK_LIMIT`, any stored chunk whose size or place in the
+cannot expand more than that) and any dataset of an index or text (read whole) larger than the
+file itself, any chunk larger than `CHUNK_LIMIT`, any stored chunk whose size or place in the
 chunk index is impossible (`_bad_stored_chunk`: libhdf5 crashes reading a chunk of 0 bytes),
 any array dataset of a non-numeric dtype, and any dataset with no value at all (an empty
 dataspace, h5py's `Empty`).
@@ -132,10 +132,10 @@ def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, where: str, file_size
     if name in TEXT_DATASETS:
         if dataset.shape != () or dtype.kind not in "OSU":
             raise refuse("is not a string")
-        return
-    if dtype.kind not in "biuf":
+    elif dtype.kind not in "biuf":
         raise refuse(f"has dtype {dtype} (numbers expected)")
-    bound = file_size if is_index(name) else DEFLATE_RATIO * file_size + (1 << 20)
+    read_whole = is_index(name) or name in TEXT_DATASETS
+    bound = file_size if read_whole else DEFLATE_RATIO * file_size + (1 << 20)
     if declared > bound:
         raise refuse(f"declares {declared} bytes, more than a {file_size}-byte archive can hold")
     if layout == h5py.h5d.CHUNKED:
