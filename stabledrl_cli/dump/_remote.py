@@ -6,7 +6,9 @@ header and data checksums, joins and findings); only the storage calls differ. T
 folder is listed on every access (a store has no directory time to tell a listing still
 holds), each step file's header is read with a ranged read, and its whole bytes are read once
 when its step is loaded: the data checksum is checked on those bytes and its arrays are views
-of them. A packed `.h5` is read by h5py through an fsspec file object (`RemoteArchiveRun`).
+of them. A file of more than `UNCHECKED_WHOLE_READ` bytes is read whole only once its header
+says it holds that many. A packed `.h5` is read by h5py through an fsspec file object
+(`RemoteArchiveRun`).
 
 A run at a URL is named by that URL as given, protocol included, wherever a message, warning
 or finding names it or one of its files (`memory://b/run/steps/step-00000005.safetensors`,
@@ -42,6 +44,10 @@ URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+._-]*)(://|::)")
 chaining); a Windows drive letter has one colon and no slashes."""
 REFUSED_PROTOCOLS = frozenset({"reference"})
 """Filesystems whose files point to other locations."""
+UNCHECKED_WHOLE_READ = 64 << 20
+"""Bytes of a step file read whole in one request before its header is read: a larger one's
+header is read first, and the file only if it holds what the header says (a file padded past
+its data is never loaded: a few GB of zeros after a 1 KB step)."""
 
 
 def is_url(text: str) -> bool:
@@ -196,26 +202,33 @@ class RemoteRun(_AtUrl, DirectoryRun):
     def _header(
         self, path: Path, *, deep: bool, keep: bool = False, known: int | None = None
     ) -> StepHeader:
-        """The whole file in one read with `deep` or `keep`, else its header by ranged reads;
-        `key` is what the listing said of the file."""
+        """The whole file in one read with `deep` or `keep` (a file of more than
+        `UNCHECKED_WHOLE_READ` bytes only once its header, read first, says it holds that
+        many), else its header by ranged reads; `key` is what the listing said of the file."""
         try:
             key = self._file_key(path)
-            if deep or keep:
-                data = self.fs.cat_file(str(path))
-                header = parse_header(
-                    io.BytesIO(data), len(data), deep=deep, keep_data=keep, known=known
-                )
-                return replace(header, key=key)
             size = int(self._info(path).get("size") or 0)
-            head: bytes = self.fs.cat_file(str(path), start=0, end=8)
-            if len(head) == 8:
-                (length,) = struct.unpack("<Q", head)
-                if length <= HEADER_LIMIT and 8 + length <= size:
-                    head += self.fs.cat_file(str(path), start=8, end=8 + length)
-            header = parse_header(io.BytesIO(head), size, deep=False, known=known)
+            if not (deep or keep) or size > UNCHECKED_WHOLE_READ:
+                header = self._ranged_header(path, size, known)
+                if not (deep or keep):
+                    return replace(header, key=key)
+            data = self.fs.cat_file(str(path))
+            header = parse_header(
+                io.BytesIO(data), len(data), deep=deep, keep_data=keep, known=known
+            )
             return replace(header, key=key)
         except OSError as exc:
             raise StepReadError("unreadable", f"cannot read: {self._said(exc)}") from None
+
+    def _ranged_header(self, path: Path, size: int, known: int | None) -> StepHeader:
+        """The header of the step file at `path`, of `size` bytes, by two ranged reads;
+        StepReadError when `size` is not what it says (torn, trailing bytes)."""
+        head: bytes = self.fs.cat_file(str(path), start=0, end=8)
+        if len(head) == 8:
+            (length,) = struct.unpack("<Q", head)
+            if length <= HEADER_LIMIT and 8 + length <= size:
+                head += self.fs.cat_file(str(path), start=8, end=8 + length)
+        return parse_header(io.BytesIO(head), size, deep=False, known=known)
 
 
 class RemoteArchiveRun(_AtUrl, ArchiveRun):
