@@ -335,6 +335,36 @@ def test_an_archive_kind_that_is_no_run_kind_is_named_in_one_short_line(
     assert "ValueError" not in result.stderr and len(result.stderr) < 300, result.stderr
 
 
+@pytest.mark.parametrize(
+    ("version", "shown"),
+    [
+        (np.int64(2), "int64"),
+        (np.array([b"2.0", b"2.0"]), "ndarray"),
+        (h5py.Empty("f"), "Empty"),
+        (1.5, "float64"),
+    ],
+    ids=["number", "array", "empty", "float"],
+)
+def test_an_archive_version_that_is_no_text_is_named_in_one_short_line(
+    tmp_path: Path, version: Any, shown: str
+) -> None:
+    """An archive whose `format_version` attribute is an integer, an array or h5py.Empty said
+    "corrupt run archive (TypeError: Object of type int64 is not JSON serializable)" in every
+    command: Python's text, from printing the value. It is a malformed version, its type
+    named, as a `kind` of another type is."""
+
+    def change(handle: h5py.File) -> None:
+        handle.attrs["format_version"] = version
+
+    good = packed(tmp_path / "good")
+    archive = edit_archive(tmp_path / "bad", change)
+    said = f"malformed format version (HDF5 format_version of type {shown}, not text)"
+    for command, args in EVERY_READER.items():
+        result = runner.invoke(app, args(str(archive), str(good), tmp_path))
+        _assert_clean_failure(result.exit_code, result.stderr, 3)
+        assert result.stderr == f"error: {archive}: {said}\n", (command, result.stderr)
+
+
 def test_a_run_given_as_a_symlink_is_read(tmp_path: Path) -> None:
     """The path on the command line is the user's own: a symlink to a run directory is read
     (from its path and its URL) as the run itself."""

@@ -254,9 +254,13 @@ class ArchiveRun(Run):
             else:  # an array compares element by element, and would be printed whole
                 shown = f"HDF5 kind of type {type(kind).__name__}, not text"
             raise InputError(f"{location} is not a run ({shown}, expected {RUN_KIND!r})")
-        self.format_version = check_readable_version(
-            self._root_attribute("format_version"), location, ARCHIVE_MAJOR
-        )
+        version = self._root_attribute("format_version")
+        if version is not None and not isinstance(version, str):  # an HDF5 number or array
+            raise InputError(
+                f"{location}: malformed format version (HDF5 format_version of type "
+                f"{type(version).__name__}, not text)"
+            )
+        self.format_version = check_readable_version(version, location, ARCHIVE_MAJOR)
 
     def _root_attribute(self, name: str) -> Any:
         """A root attribute of the archive, decoded (None when it has none)."""
