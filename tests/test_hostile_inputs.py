@@ -335,6 +335,79 @@ def test_an_archive_kind_that_is_no_run_kind_is_named_in_one_short_line(
     assert "ValueError" not in result.stderr and len(result.stderr) < 300, result.stderr
 
 
+def _as_group(name: str) -> Callable[[h5py.File], None]:
+    def change(handle: h5py.File) -> None:
+        del handle[name]
+        handle.create_group(name)
+
+    return change
+
+
+def _as_dataset(name: str) -> Callable[[h5py.File], None]:
+    def change(handle: h5py.File) -> None:
+        del handle[name]
+        handle.create_dataset(name, data=np.arange(3))
+
+    return change
+
+
+def _missing(name: str) -> Callable[[h5py.File], None]:
+    def change(handle: h5py.File) -> None:
+        del handle[name]
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (_as_group("manifest"), "no dataset manifest"),
+        (_missing("integrity"), "no dataset integrity"),
+        (_as_group("steps/step"), "no dataset steps/step"),
+        (_missing("steps/num_tokens"), "no dataset steps/num_tokens"),
+        (_as_dataset("tokens"), "no dataset tokens/step_offsets"),
+        (_as_group("tokens/logp"), "no dataset tokens/logp"),
+        (_as_group("scalars/loss"), "no dataset scalars/loss"),
+        (_missing("ragged/token_ids/shape"), "no dataset ragged/token_ids/shape"),
+        (_as_dataset("present"), "no group present"),
+        (_missing("present"), "no group present"),
+        (_as_dataset("scalars"), "no group scalars"),
+    ],
+    ids=[
+        "manifest_a_group",
+        "integrity_missing",
+        "step_index_a_group",
+        "counts_missing",
+        "tokens_a_dataset",
+        "data_a_group",
+        "scalar_a_group",
+        "ragged_shape_missing",
+        "present_a_dataset",
+        "present_missing",
+        "scalars_a_dataset",
+    ],
+)
+def test_an_object_of_the_other_kind_or_missing_is_named(
+    tmp_path: Path, change: Callable[[h5py.File], None], said: str
+) -> None:
+    """A dataset of the layout missing or a group in its place, or a group a dataset: each
+    reader said h5py's or Python's own text ("corrupt run archive (KeyError: 'Unable to
+    synchronously open dataset (not a dataset)')", "(TypeError: Accessing a group is done with
+    bytes or str, not <class 'tuple'>)", "(AttributeError: 'Group' object has no attribute
+    'dtype')", "(TypeError: cannot use a string pattern on a bytes-like object)"), and a
+    `present` that is a dataset made every step "a step without a batch" (inspect exit 0). Each
+    is now one line naming the dataset or group, exit 3."""
+    good = packed(tmp_path / "good")
+    archive = edit_archive(tmp_path / "bad", change)
+    for command, args in EVERY_READER.items():
+        result = runner.invoke(app, args(str(archive), str(good), tmp_path))
+        _assert_clean_failure(result.exit_code, result.stderr, 3)
+        assert result.stderr == f"error: {archive}: corrupt run archive ({said})\n", (
+            command,
+            result.stderr,
+        )
+
+
 @pytest.mark.parametrize(
     ("version", "shown"),
     [

@@ -109,8 +109,9 @@ def _child_report(source: Path | BinaryIO, where: str, file_size: int) -> bytes:
             except InputError as exc:
                 return _report({"refusal": str(exc), "identity": identity})
             for name in TEXT_DATASETS:
-                if name in handle:
-                    text = handle[name][()]
+                found = handle.get(name)
+                if isinstance(found, h5py.Dataset):  # else the reader names what is missing
+                    text = found[()]
                     if prefetch is not None:
                         prefetch.text(name, text)
     except (SystemError, *H5_ERRORS) as exc:

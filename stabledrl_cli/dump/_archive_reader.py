@@ -191,7 +191,7 @@ class ArchiveRun(Run):
         `unchecked` finding (a replay skips no step for it)."""
         prefetched = self._prefetched.texts.pop(name, None)
         if prefetched is None:
-            dataset = self._file[name]
+            dataset = self._named_dataset(name)
             prefetched = decode(dataset[()]), decode(dataset.attrs.get(CRC_ATTR))
         text, expected = prefetched
         self._read_whole.add(name)
@@ -221,7 +221,10 @@ class ArchiveRun(Run):
         and is a finding."""
         prefetched = self._prefetched.arrays.pop(name, None)
         if prefetched is None:
-            dataset = h5py.h5d.open(self._file.id, name.encode())
+            try:
+                dataset = h5py.h5d.open(self._file.id, name.encode())
+            except KeyError:  # missing, a group, or under a dataset where a group belongs
+                raise self._no_dataset(name) from None
             values = np.empty(dataset.shape, dataset.dtype)
             dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, values)
             prefetched = values, decode(attributes(dataset).get(CRC_ATTR))
@@ -282,7 +285,7 @@ class ArchiveRun(Run):
         self._carried = [Finding(**f) for f in carried]
         prefetched_step = self._prefetched.arrays.get("steps/step")
         self._checksummed = (
-            CRC_ATTR in handle["steps/step"].attrs
+            CRC_ATTR in self._named_dataset("steps/step").attrs
             if prefetched_step is None
             else prefetched_step[1] is not None
         )
@@ -303,14 +306,14 @@ class ArchiveRun(Run):
         }
         self._ragged = {
             name: (self._index(f"ragged/{name}/step_offsets"), self._ragged_shapes(name))
-            for name in handle.get("ragged", {})
+            for name in self._members("ragged")
             if name in FIELDS
         }
         # Per-step facts stay columns ([S] arrays), turned into a Step's set and dict only when
         # that step is loaded: a long archive costs a few bytes a step, not a dict a step.
         self._present = {
             name: self._index(f"present/{name}").astype(bool)
-            for name in handle["present"]
+            for name in self._members("present", required=True)
             if name in FIELDS
         }
         count = len(self._numbers)
@@ -321,10 +324,8 @@ class ArchiveRun(Run):
             if where not in handle or (name in RAGGED_FIELDS and name not in self._ragged):
                 raise InputError(f"{location}: corrupt run archive (no dataset {where})")
         self._check_data_datasets()
-        recorded = handle.get("scalars_recorded", {})
-        stored = {
-            scalar_name(name, self.format_version): name for name in handle.get("scalars", {})
-        }
+        recorded = self._members("scalars_recorded")
+        stored = {scalar_name(name, self.format_version): name for name in self._members("scalars")}
         self._scalar_values = {
             name: self._index(f"scalars/{stored[name]}") for name in sorted(stored)
         }
@@ -523,8 +524,33 @@ class ArchiveRun(Run):
         consecutive steps); at most one per field of the schema."""
         dataset = self._open.get(where)
         if dataset is None:
-            dataset = self._open[where] = self._file[where]
+            dataset = self._open[where] = self._named_dataset(where)
         return dataset
+
+    def _named_dataset(self, name: str) -> h5py.Dataset:
+        """The dataset `name`, else InputError (`_no_dataset`)."""
+        try:
+            found = self._file[name]
+        except KeyError:
+            raise self._no_dataset(name) from None
+        if not isinstance(found, h5py.Dataset):
+            raise self._no_dataset(name)
+        return found
+
+    def _no_dataset(self, name: str) -> InputError:
+        """The refusal of an archive without dataset `name` (missing, or a group in its place):
+        h5py's own errors say "not a dataset", "message type not found", "component not found"."""
+        return InputError(f"{self.location}: corrupt run archive (no dataset {name})")
+
+    def _members(self, group: str, *, required: bool = False) -> list[str]:
+        """The names in the archive's `group` (none when it has no such group and it is not
+        `required`), else InputError: a dataset in a group's place would list its values."""
+        found = self._file.get(group)
+        if found is None and not required:
+            return []
+        if not isinstance(found, h5py.Group):
+            raise InputError(f"{self.location}: corrupt run archive (no group {group})")
+        return list(found)
 
     def _slice(self, where: str, index: int, begin: int, end: int) -> np.ndarray:
         """Entries [begin, end) of the data dataset `where`, step `index`'s slice; the chunks
