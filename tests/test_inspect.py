@@ -76,7 +76,7 @@ def test_inspect_json(run_dir):
     assert "kl" in data["scalars"] and "grad_norm" in data["scalars"]
     on_disk = sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
     assert data["size_bytes"] == on_disk
-    assert data["integrity"] == {"ok": True, "findings": []}
+    assert data["integrity"] == {"ok": True, "findings": [], "groups": []}
     observed = data["observed"]
     assert observed["first_reward_collapse"] == 45
     assert observed["recorded_spike_steps"] == [25] and observed["nonfinite_steps"] == [33]
@@ -254,3 +254,78 @@ def test_a_recorded_policy_spec_with_control_characters_is_shown_escaped_by_watc
     assert watched.exit_code == 0, watched.output
     assert "\x1b" not in watched.output, repr(watched.output)
     assert r"own policy: evil\x1b[2Jx (not in the catalogue" in watched.stdout
+
+
+def _ranks_run(path: Path, steps_of_rank: dict[int, list[int]]) -> Path:
+    """A scalar run of len(steps_of_rank) ranks, each rank recording its own steps."""
+    for rank, steps in steps_of_rank.items():
+        with sd.Recorder(path, policy=None, world_size=len(steps_of_rank), rank=rank) as rec:
+            for step in steps:
+                rec.log_step(step, grad_norm=1.0)
+    return path
+
+
+def test_consecutive_steps_with_the_same_finding_are_one_row(tmp_path):
+    """A rank that died at step 3 of 40 is one row of the integrity table, not 37; a step
+    both ranks wrote (step 20) splits the row. Before, the table had a row per step (37 + 19
+    rows here, 4997 for a rank dead at step 3 of 5000). The JSON keeps every finding and
+    gives the rows beside them."""
+    rank1 = [*range(3), 20]
+    path = _ranks_run(tmp_path / "run", {0: list(range(40)), 1: rank1})
+    table = runner.invoke(app, ["inspect", str(path)], env={"COLUMNS": "80"})
+    assert table.exit_code == 0, table.output
+    assert "Integrity: 36 finding(s)" in table.stdout
+    rows = [line for line in table.stdout.splitlines() if line.startswith("│ missing_rank")]
+    assert len(rows) == 2, table.stdout
+    assert "3..19" in rows[0] and "steps 3..19 (17 steps): incomplete, no file" in rows[0]
+    assert "21..39" in rows[1] and "steps 21..39 (19 steps): incomplete, no" in rows[1]
+    data = _json(["inspect", str(path), "--format", "json"])
+    findings = data["integrity"]["findings"]
+    assert [f["step"] for f in findings] == [*range(3, 20), *range(21, 40)]
+    assert findings[0]["message"] == "step 3: incomplete, no file for rank(s) [1]"
+    assert data["integrity"]["groups"] == [
+        {
+            "kind": "missing_rank",
+            "first_step": first,
+            "last_step": last,
+            "steps": last - first + 1,
+            "path": None,
+            "message": f"steps {first}..{last} ({last - first + 1} steps): incomplete, no file "
+            "for rank(s) [1]",
+        }
+        for first, last in ((3, 19), (21, 39))
+    ]
+
+
+def test_a_finding_on_one_step_keeps_its_own_message(run_dir):
+    """Findings of different reasons, or of steps a readable step lies between, stay rows of
+    their own, each with its finding's message."""
+    for step, cut in ((10, 0), (11, 1), (30, 0)):
+        victim = run_dir / "steps" / f"step-{step:08d}.safetensors"
+        victim.write_bytes(victim.read_bytes()[:cut])
+    data = _json(["inspect", str(run_dir), "--format", "json"])
+    groups = data["integrity"]["groups"]
+    assert [(g["kind"], g["first_step"], g["last_step"], g["steps"]) for g in groups] == [
+        ("torn", 10, 10, 1),
+        ("torn", 11, 11, 1),
+        ("torn", 30, 30, 1),
+    ]
+    messages = [f["message"] for f in data["integrity"]["findings"]]
+    assert [g["message"] for g in groups] == messages
+
+
+def test_each_ranks_damaged_files_over_the_same_steps_are_a_row_each():
+    from stabledrl_cli.dump import Finding
+    from stabledrl_cli.replay.inspection import group_findings
+
+    findings = [
+        Finding("unreadable", n, f"steps/step-{n:08d}.rank-{r:04d}.safetensors", f"step {n}: bad")
+        for n in (3, 4, 5)
+        for r in (0, 1)
+    ]
+    groups = group_findings(findings, readable=[0, 1, 2, 6])
+    assert [(g.first_step, g.last_step, g.steps, g.path) for g in groups] == [
+        (3, 5, 3, "steps/step-00000003.rank-0000.safetensors"),
+        (3, 5, 3, "steps/step-00000003.rank-0001.safetensors"),
+    ]
+    assert groups[0].message == "steps 3..5 (3 steps): bad"

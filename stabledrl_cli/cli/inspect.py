@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from rich.cells import cell_len
 from rich.table import Table
@@ -158,18 +159,33 @@ def _shortened(value: object) -> str:
 
 
 def _print_integrity(s: RunSummary) -> None:
-    findings = s.integrity.get("findings")
-    if not isinstance(findings, list) or not findings:
+    findings, groups = s.integrity.get("findings"), s.integrity.get("groups")
+    if not isinstance(findings, list) or not isinstance(groups, list) or not findings:
         out.print("Integrity: ok (every step file complete, checksums match, no gaps)")
         return
-    table = Table(title=f"Integrity: {len(findings)} finding(s)", title_justify="left")
+    title = f"Integrity: {len(findings)} finding(s)"
+    if len(groups) < len(findings):
+        title += " (consecutive steps with the same finding share a row)"
+    table = Table(title=title, title_justify="left")
     for column in ("kind", "step", "file", "message"):
         table.add_column(column)
-    for f in findings:
-        name = Path(f["path"]).name if f["path"] else ""
-        step = "" if f["step"] is None else str(f["step"])
-        table.add_row(f["kind"], step, name, f["message"])
+    for g in groups:
+        table.add_row(g["kind"], _group_steps(g), _group_file(g), g["message"])
     out.print(table)
+
+
+def _group_steps(group: dict[str, Any]) -> str:
+    first, last = group["first_step"], group["last_step"]
+    if first is None:
+        return ""
+    return str(first) if first == last else f"{first}..{last}"
+
+
+def _group_file(group: dict[str, Any]) -> str:
+    if not group["path"]:
+        return ""
+    name = Path(group["path"]).name
+    return name if group["steps"] == 1 else f"{name} (+{group['steps'] - 1} more)"
 
 
 def _observed_table(s: RunSummary) -> Table:

@@ -5,6 +5,7 @@ A scalar run (no policy batch: an imported log, an optimizer-hook recording) rea
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -70,8 +71,9 @@ class RunSummary:
     """Every scalar some step holds."""
     size_bytes: int
     integrity: dict[str, object]
-    """{"ok": bool, "findings": [...]}: the full check of every file, and an `invalid` finding
-    for each step whose data a replay cannot use (it skips them)."""
+    """{"ok": bool, "findings": [...], "groups": [...]}: the full check of every file, and an
+    `invalid` finding for each step whose data a replay cannot use (it skips them), one a step
+    and file; `groups` are the findings as the table shows them (`group_findings`)."""
     observed: Observed
     series: dict[str, SeriesStats]
     """Every recorded scalar (but step and wall_time) over the run: count, first, last, min,
@@ -80,6 +82,71 @@ class RunSummary:
     def to_dict(self) -> dict[str, object]:
         """The `inspect --format json` object."""
         return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FindingGroup:
+    """Findings of one kind and reason on consecutive steps of the run, as one row: a rank
+    that died at step 3 of 5000 is one group of 4997 `missing_rank` findings."""
+
+    kind: str
+    first_step: int | None
+    last_step: int | None
+    steps: int
+    """Findings in the group, one a step."""
+    path: str | None
+    """The first finding's file."""
+    message: str
+    """The finding's own message for one; `steps A..B (N steps): REASON` for several."""
+
+
+def _reason(finding: Finding) -> str:
+    """The finding's message without its leading `step N: `."""
+    prefix = f"step {finding.step}: "
+    return finding.message.removeprefix(prefix)
+
+
+def group_findings(findings: list[Finding], readable: Iterable[int]) -> list[FindingGroup]:
+    """The findings as rows, in the order of each row's first finding: a finding joins a row
+    of its kind and reason whose last step is the run's step just before its own, among the
+    steps the run knows (`readable` ones and those of a finding). A gap or a finding of no
+    step is a row of its own."""
+    stepped = [f.step for f in findings if f.step is not None and f.kind != "gap"]
+    known = sorted({*readable, *stepped})
+    before = dict(zip(known[1:], known, strict=False))
+    rows: list[list[Finding]] = []
+    ending: dict[tuple[str, str, int], list[list[Finding]]] = {}
+    """The rows a finding can still join, by (kind, reason, last step): one a rank's file."""
+    for finding in findings:
+        if finding.step is None or finding.kind == "gap":
+            rows.append([finding])
+            continue
+        kind, reason = finding.kind, _reason(finding)
+        previous = before.get(finding.step)
+        joinable = [] if previous is None else ending.get((kind, reason, previous), [])
+        if joinable:
+            row = joinable.pop(0)
+        else:
+            row = []
+            rows.append(row)
+        row.append(finding)
+        ending.setdefault((kind, reason, finding.step), []).append(row)
+    return [_group(row) for row in rows]
+
+
+def _group(row: list[Finding]) -> FindingGroup:
+    first, last = row[0], row[-1]
+    message = first.message
+    if len(row) > 1:
+        message = f"steps {first.step}..{last.step} ({len(row)} steps): {_reason(first)}"
+    return FindingGroup(
+        kind=first.kind,
+        first_step=first.step,
+        last_step=last.step,
+        steps=len(row),
+        path=first.path,
+        message=message,
+    )
 
 
 def _mapping(value: object) -> dict[str, object]:
@@ -123,7 +190,9 @@ def summarize(run: Run) -> RunSummary:
         read = ReadSteps.of(run, headers)
         observed = observe(read, noise_floor=floor, likelihood=likelihood)
         recorded = recorded_run(read, observed)
-    integrity = IntegrityReport([*report.findings, *invalid]).to_dict()
+    findings = [*report.findings, *invalid]
+    integrity = IntegrityReport(findings).to_dict()
+    integrity["groups"] = [asdict(g) for g in group_findings(findings, (s.step for s in headers))]
     manifest = run.manifest
     scored = np.array([s.num_scored_tokens for s in headers if not s.is_scalar], dtype=np.int64)
     counts = (
