@@ -1262,3 +1262,85 @@ def test_a_late_step_first_listed_half_copied_is_read_once_complete(grpo_fixture
     opened = stays.replay
     stays.poll()
     assert stays.replay is opened and stays.state().steps == 39  # not read again
+
+
+def test_once_names_the_rank_behind_and_how_far_each_rank_got(tmp_path):
+    """A 2-rank run whose rank 1 stopped writing at step 2 (rank 0 at 19): `watch --once`
+    said only "steps: 3 (last 2)", as a run that stopped at step 2 would. It now names rank
+    1 and how far each rank got, in the view and in the JSON."""
+    run = _two_rank_run(tmp_path / "run", {0: range(20), 1: range(3)})
+    code, data, _ = _once(run)
+    assert code == 0 and data["steps"] == 3
+    assert data["ranks"] == [
+        {"rank": 0, "step_files": 20, "last_step": 19},
+        {"rank": 1, "step_files": 3, "last_step": 2},
+    ]
+    assert data["ranks_behind"] == [1]
+    shown = CliRunner().invoke(app, ["watch", str(run), "--once", "--device", "cpu"])
+    assert shown.exit_code == 0, shown.output
+    assert "ranks: 2, rank 0 at step 19; behind: rank 1 at step 2" in shown.stdout.splitlines()
+    whole = _two_rank_run(tmp_path / "whole", {0: range(4), 1: range(4)})
+    code, data, _ = _once(whole)
+    assert data["ranks_behind"] == [] and data["ranks"][1]["last_step"] == 3
+    shown = CliRunner().invoke(app, ["watch", str(whole), "--once", "--device", "cpu"])
+    assert "ranks: 2, each at step 3" in shown.stdout.splitlines()
+
+
+def test_a_rank_that_wrote_nothing_is_named_beside_the_error(tmp_path):
+    """Rank 1 silent from the start: no step is whole. The error said only that the run had no
+    readable step yet; it now says which rank wrote nothing."""
+    run = _two_rank_run(tmp_path / "run", {0: range(5)})
+    for args in (["--once"], ["--until-idle", "0", "--interval", "0.01"]):
+        result = CliRunner().invoke(app, ["watch", str(run), *args, "--device", "cpu"])
+        assert result.exit_code == 3, result.output
+        error = result.stderr.splitlines()[-1]
+        assert error.endswith("(ranks: 2, rank 0 at step 4; behind: rank 1 wrote no step file)")
+
+
+def test_ranks_behind_at_one_step_share_a_name_and_the_line_is_bounded(tmp_path):
+    """A run of 16 ranks, 15 of them behind: ranks in a row at one step are named together
+    (`ranks 1..4`), and past five such names the rest are counted, so the line stays short
+    whatever the world size."""
+    world = 16
+    last = {0: 3, **{r: 1 for r in range(1, 5)}, 5: 0, 6: 2, 7: 0, 8: 2, 9: 0}
+    for rank in range(world):
+        with Recorder(tmp_path / "run", policy=None, world_size=world, rank=rank) as rec:
+            for n in range(last.get(rank, 0) + 1):
+                _scalar_step(rec, n)
+    shown = CliRunner().invoke(app, ["watch", str(tmp_path / "run"), "--once"])
+    assert shown.exit_code == 0, shown.output
+    line = next(line for line in shown.stdout.splitlines() if line.startswith("ranks:"))
+    assert line == (
+        "ranks: 16, rank 0 at step 3; behind: ranks 1..4 at step 1, rank 5 at step 0, rank 6 "
+        "at step 2, rank 7 at step 0, rank 8 at step 2 (+7 more ranks)"
+    )
+
+
+def test_rank_progress_parses_only_the_names_new_to_the_folder(tmp_path, monkeypatch):
+    """How far each rank got is counted as file names land: a poll parses only the names new
+    since the last one (a run of 20,000 steps of 8 ranks holds 160,000 names), and a name gone
+    (a rank's files removed by its relaunch) has the folder counted again."""
+    parsed: list[str] = []
+    parse = follow.canonical_step
+
+    def counted(name: str) -> tuple[int, int] | None:
+        parsed.append(name)
+        return parse(name)
+
+    monkeypatch.setattr(follow, "canonical_step", counted)
+    run = _two_rank_run(tmp_path / "run", {0: range(6), 1: range(4)})
+    watcher = RunWatcher(run, CPU)
+    watcher.poll()
+    assert watcher.state().ranks_behind == [1] and len(parsed) == 10
+    parsed.clear()
+    watcher.poll()
+    assert watcher.state().ranks_behind == [1] and parsed == []
+    _two_rank_run(run, {1: range(4, 6)}, resume=True)
+    watcher.poll()
+    assert watcher.state().steps == 6
+    assert sorted(parsed) == [f"step-{n:08d}.rank-0001.safetensors" for n in (4, 5)]
+    assert watcher.state().ranks_behind == [] and len(parsed) == 2
+    for name in ("step-00000005.rank-0001.safetensors", "step-00000004.rank-0001.safetensors"):
+        (run / "steps" / name).unlink()
+    state = watcher.state()
+    assert state.ranks_behind == [1] and state.ranks[1].step_files == 4

@@ -58,7 +58,7 @@ from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
 from stabledrl_cli.replay.run_facts import DAMAGED_KINDS, shown_reasons
 
 if TYPE_CHECKING:
-    from stabledrl_cli.replay.follow import Alert, RunWatcher, WatchState
+    from stabledrl_cli.replay.follow import Alert, RankProgress, RunWatcher, WatchState
 
 STEPS_LISTED = 8
 """Steps named per list in the view (JSON has them all)."""
@@ -121,10 +121,56 @@ def _policy(state: WatchState) -> str:
     return f"{state.recorded_policy} (not in the catalogue: no replay)"
 
 
+RANKS_NAMED = 5
+"""Runs of ranks behind (ranks in a row at one step) named in the view's line (JSON has them
+all)."""
+
+
+def ranks_text(state: WatchState) -> str | None:
+    """How far the ranks of a multi-rank run got, naming those behind the furthest (a rank
+    that died or stopped writing holds every later step back); None for one rank."""
+    if not state.ranks:
+        return None
+    behind = set(state.ranks_behind)
+    late = [r for r in state.ranks if r.rank in behind]
+    furthest = next((r for r in state.ranks if r.rank not in behind), None)
+    if furthest is None:
+        return f"ranks: {len(state.ranks)}, none wrote a step file"
+    if not late:
+        return f"ranks: {len(state.ranks)}, each at step {furthest.last_step}"
+    ahead = len(state.ranks) - len(late)
+    at = f"rank {furthest.rank}" if ahead == 1 else f"{ahead} ranks"
+    runs: list[list[RankProgress]] = []  # ranks in a row at the same step
+    for r in late:
+        if runs and runs[-1][-1].rank == r.rank - 1 and runs[-1][-1].last_step == r.last_step:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    named = ", ".join(_ranks_at(run) for run in runs[:RANKS_NAMED])
+    rest = sum(len(run) for run in runs[RANKS_NAMED:])
+    more = f" (+{counted(rest, 'more rank')})" if rest else ""
+    return f"ranks: {len(state.ranks)}, {at} at step {furthest.last_step}; behind: {named}{more}"
+
+
+def _ranks_at(ranks: list[RankProgress]) -> str:
+    """`rank 1 at step 2`, `ranks 1..7 wrote no step file`: ranks in a row at one step."""
+    who = f"rank {ranks[0].rank}" if len(ranks) == 1 else f"ranks {ranks[0].rank}..{ranks[-1].rank}"
+    step = ranks[0].last_step
+    return f"{who} " + ("wrote no step file" if step is None else f"at step {step}")
+
+
+def _with_ranks(message: str, state: WatchState) -> str:
+    """`message`, then how far the ranks got (`ranks_text`) of a multi-rank run."""
+    ranks = ranks_text(state)
+    return message if ranks is None else f"{message} ({ranks})"
+
+
 def _view(state: WatchState) -> Group:
     """The state as a few lines and a table of the last steps."""
+    ranks = ranks_text(state)
     if state.waiting is not None:
-        return Group(plain_text(f"stabledrl watch {state.run}"), plain_text(state.waiting))
+        waiting = [state.waiting] if ranks is None else [state.waiting, ranks]
+        return Group(*(plain_text(line) for line in [f"stabledrl watch {state.run}", *waiting]))
 
     def at(step: int | None) -> str:
         return "none" if step is None else f"step {step}"
@@ -135,6 +181,7 @@ def _view(state: WatchState) -> Group:
     lines = [
         f"stabledrl watch {state.run}",
         f"steps: {state.steps} (last {state.last_step}); own policy: {_policy(state)}",
+        *([ranks] if ranks is not None else []),
     ]
     if state.scalar_steps:
         lines.append(
@@ -211,7 +258,7 @@ def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
     state = watcher.state()
     if state.steps == 0:
         _warn_damaged(watcher)  # why no step could be read
-        raise InputError(f"{state.run}: the run has no readable step yet")
+        raise InputError(_with_ranks(f"{state.run}: the run has no readable step yet", state))
     _require_replayed(watcher)
     results = _gates(watcher, gates)
     _warn_damaged(watcher)
@@ -300,9 +347,13 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
     if state.steps == 0:
         _warn_damaged(watcher)  # why no step could be read
     if state.steps == 0 and watcher.closed:
-        raise InputError(f"{watcher.path}: the recording closed with no readable step")
+        raise InputError(
+            _with_ranks(f"{watcher.path}: the recording closed with no readable step", state)
+        )
     if state.steps == 0:
-        raise InputError(f"{watcher.path}: no step landed within {until_idle:g} s")
+        raise InputError(
+            _with_ranks(f"{watcher.path}: no step landed within {until_idle:g} s", state)
+        )
     err.print(f"{ended}: stopped ({counted(state.steps, 'step')} seen)", highlight=False)
     _require_replayed(watcher)
     return _report_gates(_gates(watcher, gates))

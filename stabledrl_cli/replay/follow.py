@@ -7,6 +7,7 @@ the collapse warning, a reward collapse); `WatchState` is what `watch` shows of 
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -16,7 +17,13 @@ from typing import Any
 import numpy as np
 
 from stabledrl_cli.dump import RunIntegrityWarning, open_run
-from stabledrl_cli.dump._schema import MANIFEST_NAME, RECORDING_CLOSED, RECORDING_STOPPED
+from stabledrl_cli.dump._schema import (
+    MANIFEST_NAME,
+    RECORDING_CLOSED,
+    RECORDING_STOPPED,
+    STEPS_DIR,
+    canonical_step,
+)
 from stabledrl_cli.dump._setup import manifest_now
 from stabledrl_cli.dump._stfile import FileKey, file_key
 from stabledrl_cli.dump._views import StepSubset
@@ -54,6 +61,24 @@ class StepRow:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RankProgress:
+    """How far one rank of a multi-rank run got: its step files and the last one's step."""
+
+    rank: int
+    step_files: int
+    last_step: int | None
+    """None: the rank wrote no step file."""
+
+
+def _behind(ranks: list[RankProgress]) -> list[int]:
+    """The ranks whose last step file is before the furthest rank's, or that wrote none: a
+    rank that died or stopped writing (or lags, on a live run). A step is readable only once
+    every rank wrote its file, so these hold the run's steps back."""
+    furthest = max((r.last_step for r in ranks if r.last_step is not None), default=None)
+    return [r.rank for r in ranks if r.last_step is None or r.last_step != furthest]
+
+
+@dataclass(frozen=True, kw_only=True)
 class WatchState:
     """What a watcher knows of a run now (docs/watch.md)."""
 
@@ -84,6 +109,11 @@ class WatchState:
     first_reward_collapse: int | None
     alerts: list[Alert]
     """Every alert so far, in the order seen."""
+    ranks: list[RankProgress]
+    """Each rank's progress, of a run of several ranks (its directory's step files); [] for
+    one rank or a packed archive."""
+    ranks_behind: list[int]
+    """The ranks of `ranks` behind the furthest one (`_behind`)."""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -100,6 +130,57 @@ def _stopped_note(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest's `recording_stopped` note, None without one."""
     note = manifest.get(RECORDING_STOPPED)
     return dict(note) if isinstance(note, dict) else None
+
+
+LISTING_SETTLED_NS = 2_000_000_000
+"""How long before a listing a steps folder must have last changed for its count of each
+rank's files to be reused (as the run's reader reuses its listing: far above any file
+system's timestamp granularity)."""
+
+
+class _RankFiles:
+    """Each rank's step files in a steps folder, counted as their names land: a name listed
+    before is not parsed again, and a folder unchanged since a settled listing is not listed
+    again (a run of 20,000 steps of 8 ranks holds 160,000 names: 3 s a poll to parse, 0.7 s
+    to list here); a name gone has the folder counted again."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._names: set[str] = set()
+        self._files, self._last = [0] * world_size, [-1] * world_size
+        self._settled: FileKey | None = None
+        """The folder's key at the last listing, when it had not changed for a while then."""
+
+    def progress(self, steps: Path) -> list[RankProgress]:
+        try:
+            stat: os.stat_result | None = os.stat(steps)
+        except OSError:  # no steps folder (yet, or no more): the reader says what is wrong
+            stat = None
+        key = None if stat is None else file_key(stat)
+        if key is None or key != self._settled:
+            self._count(steps)
+        settled = stat is not None and time.time_ns() - stat.st_mtime_ns > LISTING_SETTLED_NS
+        self._settled = key if settled else None
+        return [
+            RankProgress(rank=r, step_files=files, last_step=self._last[r] if files else None)
+            for r, files in enumerate(self._files)
+        ]
+
+    def _count(self, steps: Path) -> None:
+        try:
+            names = set(os.listdir(steps))
+        except OSError:
+            names = set()
+        if not self._names <= names:  # a name went away: count them all again
+            self._names = set()
+            self._files, self._last = [0] * self.world_size, [-1] * self.world_size
+        for name in names - self._names:
+            found = canonical_step(name)
+            if found is not None and found[1] < self.world_size:
+                step, rank = found
+                self._files[rank] += 1
+                self._last[rank] = max(self._last[rank], step)
+        self._names = names
 
 
 class RunWatcher:
@@ -138,6 +219,7 @@ class RunWatcher:
         """The manifest's `recording_closed` mark, as last read."""
         self._alerted: Observed | None = None
         """The observed behaviour the last alerts were raised on (none are new until it changes)."""
+        self._rank_files: _RankFiles | None = None
         self.replaced = 0
         """How often the run changed under the watcher (and was followed again from the start)."""
         self.recording_stopped: dict[str, Any] | None = None
@@ -208,6 +290,7 @@ class RunWatcher:
             self.replaced += 1
         self.replay = None
         self._listed, self._unreadable = set(), set()
+        self._rank_files = None
         self.recording_stopped = None
         self.closed = self._closed_mark = False
         self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
@@ -356,12 +439,23 @@ class RunWatcher:
         self._alerts.extend(new)
         return new
 
+    def rank_progress(self) -> list[RankProgress]:
+        """Each rank's step files in the run's directory, as of now (a listing of its steps
+        folder, no file opened); [] for a run of one rank, a packed archive, or none yet."""
+        world_size = 1 if self.replay is None else self.replay.run.manifest.get("world_size")
+        if not isinstance(world_size, int) or world_size < 2 or self.path.is_file():
+            return []
+        if self._rank_files is None or self._rank_files.world_size != world_size:
+            self._rank_files = _RankFiles(world_size)
+        return self._rank_files.progress(self.path / STEPS_DIR)
+
     def state(self) -> WatchState:
         """What is known now."""
         replay = self.replay
         policy = None if replay is None else getattr(replay.policy, "spec", None)
         recorded = None if replay is None else replay.run.policy_spec
         seen = [] if replay is None else replay.seen
+        ranks = self.rank_progress()
         if replay is None or not seen:
             return WatchState(
                 run=str(self.path),
@@ -380,6 +474,8 @@ class RunWatcher:
                 collapse_warning=None,
                 first_reward_collapse=None,
                 alerts=list(self._alerts),
+                ranks=ranks,
+                ranks_behind=_behind(ranks),
             )
         series = replay.series()
         observed = replay.observed()
@@ -417,4 +513,6 @@ class RunWatcher:
             collapse_warning=observed.collapse_warning.first_step,
             first_reward_collapse=observed.first_reward_collapse,
             alerts=list(self._alerts),
+            ranks=ranks,
+            ranks_behind=_behind(ranks),
         )
