@@ -329,3 +329,27 @@ def test_each_ranks_damaged_files_over_the_same_steps_are_a_row_each():
         (3, 5, 3, "steps/step-00000003.rank-0001.safetensors"),
     ]
     assert groups[0].message == "steps 3..5 (3 steps): bad"
+
+
+def test_integrity_cells_fold_at_80_columns_and_are_never_cut(tmp_path):
+    """A step number of 19 digits and a stray file's long name: each is whole in its cell at
+    80 columns, folded over lines. Before, Rich cut them with an ellipsis: the missing_rank
+    row read "4611686018427387898..4611…", its last step lost, and the stray file's name was
+    cut in both its file and message cells."""
+    big = 2**62
+    path = _ranks_run(tmp_path / "run", {0: [0, 1, big - 2, big - 1, big], 1: [0, 1]})
+    stray = "notes-from-the-operator-about-this-run-and-its-restarts.txt"
+    (path / "steps" / stray).write_text("")
+    table = runner.invoke(app, ["inspect", str(path)], env={"COLUMNS": "80"})
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    integrity = lines[next(i for i, line in enumerate(lines) if line.startswith("Integrity")) :]
+    rows = integrity[: next(i for i, line in enumerate(integrity) if line.startswith("└"))]
+    assert all(len(line) <= 80 for line in rows) and not any("…" in line for line in rows)
+    columns = [
+        "".join(cells).replace(" ", "")
+        for cells in zip(*(r.split("│")[1:5] for r in rows[4:]), strict=True)
+    ]
+    assert f"{big - 2}..{big}" in columns[1]
+    assert columns[2].count(stray) == 1
+    assert f"steps{big - 2}..{big}(3steps):incomplete" in columns[3]

@@ -167,8 +167,9 @@ def _print_integrity(s: RunSummary) -> None:
     if len(groups) < len(findings):
         title += " (consecutive steps with the same finding share a row)"
     table = Table(title=title, title_justify="left")
-    for column in ("kind", "step", "file", "message"):
-        table.add_column(column)
+    table.add_column("kind", no_wrap=True)
+    for column in ("step", "file", "message"):
+        table.add_column(column, overflow="fold")  # a long step or name folds, never cut
     for g in groups:
         table.add_row(g["kind"], _group_steps(g), _group_file(g), g["message"])
     out.print(table)
