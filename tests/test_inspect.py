@@ -353,3 +353,19 @@ def test_integrity_cells_fold_at_80_columns_and_are_never_cut(tmp_path):
     assert f"{big - 2}..{big}" in columns[1]
     assert columns[2].count(stray) == 1
     assert f"steps{big - 2}..{big}(3steps):incomplete" in columns[3]
+
+
+def test_the_integrity_table_shows_20_rows_and_counts_the_rest_by_kind(tmp_path):
+    """Rank 1 recorded every other step of 100, and one of rank 0's files is torn: 51 rows,
+    none consecutive. Before, the table printed all 51 (2500 for 5000 steps); it shows 20 and
+    one line counting the rest by kind, so a torn file past them is not hidden unsaid."""
+    path = _ranks_run(tmp_path / "run", {0: list(range(100)), 1: list(range(0, 100, 2))})
+    torn = path / "steps" / "step-00000090.rank-0000.safetensors"
+    torn.write_bytes(torn.read_bytes()[:50])
+    table = runner.invoke(app, ["inspect", str(path)], env={"COLUMNS": "80"})
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    rows = [line for line in lines if line.startswith(("│ missing_rank", "│ torn"))]
+    assert len(rows) == 20 and "step 39: incomplete" in rows[-1]
+    assert "... 31 more rows (missing_rank: 30, torn: 1): --format json has them all" in lines
+    assert len(_json(["inspect", str(path), "--format", "json"])["integrity"]["groups"]) == 51

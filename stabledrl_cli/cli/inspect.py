@@ -13,6 +13,7 @@ version.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,15 @@ from rich.table import Table
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import out, print_json
 from stabledrl_cli.dump import open_run
-from stabledrl_cli.errors import one_line
+from stabledrl_cli.errors import counted, one_line
 from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.inspection import RunSummary, summarize
 from stabledrl_cli.replay.recorded import SeriesStats
 from stabledrl_cli.replay.report import print_title, print_unbroken
 
 LIST_LIMIT = 20
-"""Step lists longer than this are cut in the table (JSON has them all)."""
+"""Step lists, and integrity rows, longer than this are cut in the table (JSON has them
+all)."""
 
 
 def _steps_text(steps: list[int]) -> str:
@@ -170,9 +172,22 @@ def _print_integrity(s: RunSummary) -> None:
     table.add_column("kind", no_wrap=True)
     for column in ("step", "file", "message"):
         table.add_column(column, overflow="fold")  # a long step or name folds, never cut
-    for g in groups:
+    for g in groups[:LIST_LIMIT]:
         table.add_row(g["kind"], _group_steps(g), _group_file(g), g["message"])
     out.print(table)
+    hidden = _hidden_rows(groups)
+    if hidden is not None:
+        out.print(hidden, soft_wrap=False)  # wrapped to the width
+
+
+def _hidden_rows(groups: list[dict[str, Any]]) -> str | None:
+    """The line under a table cut at LIST_LIMIT rows: how many rows of each kind it leaves
+    out; None when it shows them all."""
+    hidden = Counter(g["kind"] for g in groups[LIST_LIMIT:])
+    if not hidden:
+        return None
+    kinds = ", ".join(f"{kind}: {count}" for kind, count in hidden.items())
+    return f"... {counted(hidden.total(), 'more row')} ({kinds}): --format json has them all"
 
 
 def _group_steps(group: dict[str, Any]) -> str:
