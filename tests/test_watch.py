@@ -1229,7 +1229,9 @@ def test_a_run_whose_every_step_is_torn_names_them_beside_its_error(grpo_fixture
     assert done.returncode == 3, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith(("warning", "error"))]
     assert len(lines) == 2, done.stderr
-    assert lines[0].startswith(f"warning: skipped 3 unreadable steps of {run} (step 0: torn")
+    assert lines[0].startswith(
+        f"warning: skipped 3 unreadable steps of {run} (steps 0..2 (3 steps): torn"
+    )
     assert lines[1].startswith(f"error: {run}: ")
 
 
@@ -1344,3 +1346,21 @@ def test_rank_progress_parses_only_the_names_new_to_the_folder(tmp_path, monkeyp
         (run / "steps" / name).unlink()
     state = watcher.state()
     assert state.ranks_behind == [1] and state.ranks[1].step_files == 4
+
+
+def test_once_names_consecutive_damaged_steps_as_one_range(tmp_path):
+    """50 torn step files in a row (steps 40..89 of 100): the warning named the first three
+    one by one ("step 40: torn: ...; step 41: torn: ...; step 42: torn: ...; ...") and never
+    said where the damage ends; it names them as inspect's table rows them."""
+    run = tmp_path / "run"
+    _norms_run(run, range(100), 1.0)
+    for n in range(40, 90):
+        victim = run / "steps" / f"step-{n:08d}.safetensors"
+        victim.write_bytes(victim.read_bytes()[:60])
+    code, data, stderr = _once(run)
+    assert code == 0 and data["steps"] == 50
+    warning = [line for line in stderr.splitlines() if line.startswith("warning: skipped")]
+    assert len(warning) == 1 and warning[0].startswith(
+        f"warning: skipped 50 unreadable steps of {run} (steps 40..89 (50 steps): torn: header "
+        "cut at 60 of "
+    ), warning

@@ -55,6 +55,7 @@ from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
+from stabledrl_cli.replay.inspection import group_findings
 from stabledrl_cli.replay.run_facts import DAMAGED_KINDS, shown_reasons
 
 if TYPE_CHECKING:
@@ -74,15 +75,18 @@ def _alert_line(alert: Alert) -> str:
 
 def _damaged_line(watcher: RunWatcher) -> str | None:
     """The warning naming the step files the reader skipped as damaged (`DAMAGED_KINDS`; not a
-    step some rank has not written yet: the ranks of a live run lag), as `check` names them;
-    None without one. From the headers the watch read: no file is read again for it."""
-    if watcher.replay is None:
+    step some rank has not written yet: the ranks of a live run lag), as `check` names them,
+    consecutive steps alike as one (`group_findings`, as inspect's rows); None without one.
+    From the headers the watch read: no file is read again for it."""
+    replay = watcher.replay
+    if replay is None:
         return None
-    reasons = [f.message for f in watcher.replay.run.header_findings() if f.kind in DAMAGED_KINDS]
-    if not reasons:
+    damaged = [f for f in replay.run.header_findings() if f.kind in DAMAGED_KINDS]
+    if not damaged:
         return None
+    reasons = [row.message for row in group_findings(damaged, replay.seen)]
     return (
-        f"warning: skipped {counted(len(reasons), 'unreadable step')} of {watcher.path} "
+        f"warning: skipped {counted(len(damaged), 'unreadable step')} of {watcher.path} "
         f"({shown_reasons(reasons)}); "
         "`stabledrl inspect` lists every finding"
     )
