@@ -289,11 +289,11 @@ def test_consecutive_steps_with_the_same_finding_are_one_row(tmp_path):
             "first_step": first,
             "last_step": last,
             "steps": last - first + 1,
-            "path": None,
+            "first_finding": index,
             "message": f"steps {first}..{last} ({last - first + 1} steps): incomplete, no file "
             "for rank(s) [1]",
         }
-        for first, last in ((3, 19), (21, 39))
+        for first, last, index in ((3, 19, 0), (21, 39, 17))
     ]
 
 
@@ -324,9 +324,9 @@ def test_each_ranks_damaged_files_over_the_same_steps_are_a_row_each():
         for r in (0, 1)
     ]
     groups = group_findings(findings, readable=[0, 1, 2, 6])
-    assert [(g.first_step, g.last_step, g.steps, g.path) for g in groups] == [
-        (3, 5, 3, "steps/step-00000003.rank-0000.safetensors"),
-        (3, 5, 3, "steps/step-00000003.rank-0001.safetensors"),
+    assert [(g.first_step, g.last_step, g.steps, g.first_finding) for g in groups] == [
+        (3, 5, 3, 0),
+        (3, 5, 3, 1),
     ]
     assert groups[0].message == "steps 3..5 (3 steps): bad"
 

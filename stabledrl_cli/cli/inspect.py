@@ -173,7 +173,8 @@ def _print_integrity(s: RunSummary) -> None:
     for column in ("step", "file", "message"):
         table.add_column(column, overflow="fold")  # a long step or name folds, never cut
     for g in groups[:LIST_LIMIT]:
-        table.add_row(g["kind"], _group_steps(g), _group_file(g), g["message"])
+        path = findings[g["first_finding"]]["path"]
+        table.add_row(g["kind"], _group_steps(g), _group_file(path, g["steps"]), g["message"])
     out.print(table)
     hidden = _hidden_rows(groups)
     if hidden is not None:
@@ -197,11 +198,12 @@ def _group_steps(group: dict[str, Any]) -> str:
     return str(first) if first == last else f"{first}..{last}"
 
 
-def _group_file(group: dict[str, Any]) -> str:
-    if not group["path"]:
+def _group_file(path: str | None, steps: int) -> str:
+    """The file of a row's first finding, and how many more the row holds."""
+    if not path:
         return ""
-    name = Path(group["path"]).name
-    return name if group["steps"] == 1 else f"{name} (+{group['steps'] - 1} more)"
+    name = Path(path).name
+    return name if steps == 1 else f"{name} (+{steps - 1} more)"
 
 
 def _observed_table(s: RunSummary) -> Table:

@@ -94,8 +94,8 @@ class FindingGroup:
     last_step: int | None
     steps: int
     """Findings in the group, one a step."""
-    path: str | None
-    """The first finding's file."""
+    first_finding: int
+    """The index of its first finding among the findings grouped (its file is that one's)."""
     message: str
     """The finding's own message for one; `steps A..B (N steps): REASON` for several."""
 
@@ -114,12 +114,12 @@ def group_findings(findings: list[Finding], readable: Iterable[int]) -> list[Fin
     stepped = [f.step for f in findings if f.step is not None and f.kind != "gap"]
     known = sorted({*readable, *stepped})
     before = dict(zip(known[1:], known, strict=False))
-    rows: list[list[Finding]] = []
-    ending: dict[tuple[str, str, int], list[list[Finding]]] = {}
+    rows: list[list[int]] = []
+    ending: dict[tuple[str, str, int], list[list[int]]] = {}
     """The rows a finding can still join, by (kind, reason, last step): one a rank's file."""
-    for finding in findings:
+    for index, finding in enumerate(findings):
         if finding.step is None or finding.kind == "gap":
-            rows.append([finding])
+            rows.append([index])
             continue
         kind, reason = finding.kind, _reason(finding)
         previous = before.get(finding.step)
@@ -129,13 +129,13 @@ def group_findings(findings: list[Finding], readable: Iterable[int]) -> list[Fin
         else:
             row = []
             rows.append(row)
-        row.append(finding)
+        row.append(index)
         ending.setdefault((kind, reason, finding.step), []).append(row)
-    return [_group(row) for row in rows]
+    return [_group(findings, row) for row in rows]
 
 
-def _group(row: list[Finding]) -> FindingGroup:
-    first, last = row[0], row[-1]
+def _group(findings: list[Finding], row: list[int]) -> FindingGroup:
+    first, last = findings[row[0]], findings[row[-1]]
     message = first.message
     if len(row) > 1:
         message = f"steps {first.step}..{last.step} ({len(row)} steps): {_reason(first)}"
@@ -144,7 +144,7 @@ def _group(row: list[Finding]) -> FindingGroup:
         first_step=first.step,
         last_step=last.step,
         steps=len(row),
-        path=first.path,
+        first_finding=row[0],
         message=message,
     )
 
