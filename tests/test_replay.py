@@ -744,7 +744,7 @@ def test_observed_uses_the_replays_spike_factor_and_streamed_noise_floor(plain_r
     assert default.observed == observe(run)
     assert default.observed.noise_floor_units > 0
     assert default.observed.recorded_spike_steps == [22]  # the recorded grad norm spikes there
-    assert lax.observed == observe(run, spike_factor=1e6)
+    assert lax.observed == observe(run, ReplayConfig(spike_factor=1e6))
     assert lax.observed.recorded_spike_steps == []
 
 

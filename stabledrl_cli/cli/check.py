@@ -248,13 +248,7 @@ def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) 
             )
         if not run.step_numbers:
             raise InputError(no_steps_message(run, skipped))
-        return observe(
-            run,
-            spike_factor=config.spike_factor,
-            collapse_window=config.collapse_window,
-            warning_window=config.warning_window,
-            warning_drop=config.warning_drop,
-        )
+        return observe(run, config)
 
 
 def _baseline_policies_replayable(run: Run, baseline: Baseline) -> None:

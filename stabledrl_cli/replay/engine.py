@@ -273,14 +273,7 @@ def replay_run(
                 raise nothing_to_replay(run, len(run.step_numbers))
             raise InputError(no_steps_message(run, skipped))
         observed = observe(
-            run,
-            spike_factor=config.spike_factor,
-            collapse_window=config.collapse_window,
-            warning_window=config.warning_window,
-            warning_drop=config.warning_drop,
-            noise_floor=stream.noise_floor,
-            likelihood=stream.likelihood,
-            guards=config.guards,
+            run, config, noise_floor=stream.noise_floor, likelihood=stream.likelihood
         )
     return replay_result(run, resolved, own_index, stream, observed, skipped, config)
 

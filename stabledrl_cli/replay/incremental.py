@@ -239,13 +239,9 @@ class OwnReplay:
         headers as read, once until more steps are read."""
         if self._observed is not None:
             return self._observed
-        config = self.config
         self._observed = observe(
             ReadSteps(self.run, self._headers, self.seen),
-            spike_factor=config.spike_factor,
-            collapse_window=config.collapse_window,
-            warning_window=config.warning_window,
-            warning_drop=config.warning_drop,
+            self.config,
             noise_floor=self._floor,
             likelihood=self._likelihood,
             guard_reports=self._guards.reports(

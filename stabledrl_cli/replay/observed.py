@@ -4,7 +4,6 @@ the estimator's noise floor. `inspect` prints it; replay puts it beside its resu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -14,9 +13,9 @@ from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,
-    DEFAULT_SPIKE_FACTOR,
     DEFAULT_WARNING_DROP,
     DEFAULT_WARNING_WINDOW,
+    ReplayConfig,
 )
 from stabledrl_cli.replay.detectors import (
     collapse_warning,
@@ -26,7 +25,7 @@ from stabledrl_cli.replay.detectors import (
     rolling_mean,
     spike_flags,
 )
-from stabledrl_cli.replay.guards import DEFAULT_GUARDS, GuardReport, replay_guards
+from stabledrl_cli.replay.guards import GuardReport, replay_guards
 from stabledrl_cli.vocab import Unit
 
 if TYPE_CHECKING:
@@ -301,27 +300,24 @@ def _reward_curve(rewards: np.ndarray, window: int) -> RewardCurve | None:
 
 def observe(
     run: Run,
+    config: ReplayConfig | None = None,
     *,
-    spike_factor: float = DEFAULT_SPIKE_FACTOR,
-    collapse_window: int = DEFAULT_COLLAPSE_WINDOW,
-    warning_window: int = DEFAULT_WARNING_WINDOW,
-    warning_drop: float = DEFAULT_WARNING_DROP,
     noise_floor: NoiseFloor | None = None,
     likelihood: OwnLikelihood | None = None,
-    guards: Sequence[str] = DEFAULT_GUARDS,
     guard_reports: list[GuardReport] | None = None,
 ) -> Observed:
     """The observed behaviour of a recorded run, from its per-step scalars.
 
-    spike_factor: the spike rule's factor for the recorded grad norms (a replay passes its own).
-    collapse_window: W of the observed-collapse rule.
-    warning_window, warning_drop: the collapse warning's settings.
+    config: the settings of the rules applied (None: the defaults): `spike_factor` for the
+    recorded grad norms' spikes, `collapse_window` (W of the observed-collapse rule), the
+    collapse warning's `warning_window` and `warning_drop`, and the grad-norm `guards`
+    replayed over the recorded grad_norm (and loss) series.
     noise_floor, likelihood: the noise floor and the own-sample likelihood already gathered
     over the run's steps (a replay's streaming pass does); None: read from the steps here.
-    guards: the grad-norm guards replayed over the recorded grad_norm (and loss) series.
-    guard_reports: those guards already replayed over the run's steps (a follower replays
+    guard_reports: the guards already replayed over the run's steps (a follower replays
     them step by step); None: replayed here.
     """
+    config = config or ReplayConfig()
     series = run.scalar_series_many(["reward_mean", "grad_norm", "loss", *NONFINITE_COUNTS])
     reward_steps, rewards = series["reward_mean"]
     norm_steps, grad_norms = series["grad_norm"]
@@ -332,17 +328,19 @@ def observe(
         )
     )  # a NaN count counts as non-finite too
     collapse = observed_reward_collapse(
-        reward_steps, rewards, run.reward_range, window=collapse_window
+        reward_steps, rewards, run.reward_range, window=config.collapse_window
     )
-    spikes = norm_steps[spike_flags(grad_norms, factor=spike_factor)]
+    spikes = norm_steps[spike_flags(grad_norms, factor=config.spike_factor)]
     if noise_floor is None or likelihood is None:
         noise_floor, likelihood = measurements_of(run)
-    warn_steps = collapse_warning(*likelihood.series(), window=warning_window, drop=warning_drop)
+    warn_steps = collapse_warning(
+        *likelihood.series(), window=config.warning_window, drop=config.warning_drop
+    )
     first = int(warn_steps[0]) if warn_steps.size else None
     warning = CollapseWarning(
         measure="token" if likelihood.per_token else "unit",
-        window=warning_window,
-        drop=warning_drop,
+        window=config.warning_window,
+        drop=config.warning_drop,
         steps=[int(s) for s in warn_steps],
         first_step=first,
         lead_steps=collapse - first if collapse is not None and first is not None else None,
@@ -353,8 +351,8 @@ def observe(
         nonfinite_steps=[int(s) for s in bad],
         noise_floor_logratio_std=noise_floor.std,
         noise_floor_units=noise_floor.count,
-        reward_curve=_reward_curve(rewards, collapse_window),
-        collapse_window=collapse_window,
+        reward_curve=_reward_curve(rewards, config.collapse_window),
+        collapse_window=config.collapse_window,
         collapse_warning=warning,
         guards=guard_reports
         if guard_reports is not None
@@ -362,6 +360,6 @@ def observe(
             norm_steps,
             grad_norms,
             dict(zip(series["loss"][0].tolist(), series["loss"][1].tolist(), strict=True)),
-            guards,
+            config.guards,
         ),
     )
