@@ -866,6 +866,20 @@ def test_a_watch_ends_once_the_recording_closed_and_its_steps_are_read(tmp_path,
     assert result.stderr.endswith(f"{empty}: the recording closed with no readable step\n")
 
 
+def test_a_follower_replays_the_guards_its_config_names(tmp_path):
+    """The follower's observed behaviour reports the grad-norm guards of its config, as
+    `observe` and a replay do: it replayed the default ones whatever the config named."""
+    config = ReplayConfig(device="cpu", guards=("skip-step",))
+    live = _scalar_run(tmp_path / "live", range(40), policy=None)
+    watcher = RunWatcher(live, config)
+    watcher.poll()
+    assert watcher.replay is not None
+    followed = watcher.replay.observed().guards
+    assert [g.spec for g in followed] == ["skip-step"]
+    whole = observe(open_run(live), config).guards
+    assert [json.dumps(g.to_dict()) for g in followed] == [json.dumps(g.to_dict()) for g in whole]
+
+
 def test_a_watcher_feeds_the_guards_only_the_new_steps(tmp_path, monkeypatch):
     """The grad-norm guards of the observed behaviour are fed each new step once (the last
     one, a scalar step that may still change, on copies of them), and report what `observe`

@@ -77,9 +77,9 @@ class OwnReplay:
         self._floor = NoiseFloor()
         self._headers: dict[int, Step] = {}
         """The header of each step read, as last read."""
-        self._guards = GuardReplay()
-        """The grad-norm guards (`observe`'s default ones) over the steps read, but the last
-        one (the tail, or the open step)."""
+        self._guards = GuardReplay(self.config.guards)
+        """The config's grad-norm guards over the steps read, but the last one (the tail, or
+        the open step)."""
         self._observed: Observed | None = None
         self._series: dict[str, ColumnArray] | None = None
         """What `observed` and `series` derived from the steps read, until more are read."""
