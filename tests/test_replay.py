@@ -11,6 +11,7 @@ import math
 import shutil
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from stabledrl_cli.replay.detectors import drift_flags
 from stabledrl_cli.replay.engine import replay_run
 from stabledrl_cli.replay.gate import Gates, evaluate
 from stabledrl_cli.replay.hdf5 import REPORT_KIND, read_hdf5, write_hdf5
-from stabledrl_cli.replay.observed import observe
+from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood, observe
 from stabledrl_cli.replay.report import print_detail
 from stabledrl_cli.replay.stream import array_bytes, read_arrays
 
@@ -377,6 +378,37 @@ def test_memory_budget_bounds_each_chunk_and_does_not_change_results(plain_run, 
     whole = sd.replay(plain_run, ["grpo", "gspo"], device="cpu", memory_budget=2**40)
     assert chunks == [30]
     assert budgeted.to_dict() == capped.to_dict() == whole.to_dict()
+
+
+def test_a_replay_of_every_step_holds_its_per_step_columns_once(plain_run):
+    """The result of many policies over a long run: each policy's per-step columns are the
+    streamed metrics and what is derived from them, not another copy of every column for a
+    reported range that holds every step (the copy set the peak of building a result)."""
+    run = sd.open_run(plain_run)
+    policies = [get_policy("grpo")] * 64
+    steps = 2000
+    metrics = np.zeros((steps, len(policies), len(columns.device_metrics())))
+    streamed = stream.StreamedRun(
+        step_numbers=np.arange(steps, dtype=np.int64),
+        metrics=metrics,
+        geometry=("coef",) * steps,
+        approximate=np.zeros(len(policies), dtype=bool),
+        loss=np.full(steps, np.nan),
+        grad_norm_covered=np.full(steps, np.nan),
+        noise_floor=NoiseFloor(),
+        likelihood=OwnLikelihood(),
+    )
+    observed, streamed_bytes = observe(run), metrics.nbytes
+    tracemalloc.start()
+    try:
+        result = engine.replay_result(
+            run, policies, None, streamed, observed, [], ReplayConfig(device="cpu")
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(len(p.series) == steps for p in result.policies)
+    assert peak < streamed_bytes  # the old code's peak: 1.57x the streamed metrics
 
 
 def test_threads_are_set_for_the_replay_then_restored(plain_run):

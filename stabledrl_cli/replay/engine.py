@@ -308,6 +308,9 @@ def replay_result(
     ]
     best = best_index(summaries)
     keep = in_range(stream.step_numbers, config.step_range)
+    # A range of every step keeps each policy's series as derived (its float columns are
+    # views of the streamed metrics): a copy of every column of every policy set the peak.
+    every_step = bool(keep.all())
     details: list[dict[int, list[TopSequence]]] = [{} for _ in resolved]
     if config.detail:
         with warnings.catch_warnings():
@@ -330,7 +333,7 @@ def replay_result(
                 own=(i == own_index),
                 best=(i == best),
                 summary=summaries[i],
-                series=series[i].select(keep),
+                series=series[i] if every_step else series[i].select(keep),
                 detail=details[i],
             )
             for i, policy in enumerate(resolved)
