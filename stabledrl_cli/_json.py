@@ -118,6 +118,26 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return value
 
 
+class NotUtf8(ValueError):
+    """JSON text in bytes that are not UTF-8 (UTF-16, say)."""
+
+
+def utf8_text(raw: bytes | str) -> str:
+    """The text of JSON bytes read as UTF-8, the only encoding of the tool's files (a leading
+    byte-order mark dropped, as JSON lets a reader); NotUtf8 for any other bytes, which
+    json.loads would decode as UTF-16 or UTF-32 when their first bytes look so, and for a NUL
+    byte, which UTF-16 or UTF-32 text of JSON holds and UTF-8 JSON never does."""
+    if isinstance(raw, str):
+        return raw
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise NotUtf8("not UTF-8 JSON") from None
+    if "\0" in text:
+        raise NotUtf8("not UTF-8 JSON")
+    return text
+
+
 def parse_strict(
     raw: bytes | str,
     where: str,
@@ -128,24 +148,26 @@ def parse_strict(
 ) -> object:
     """Strict JSON (no NaN or Infinity unless `allow_nan`: Python's own writers emit them) of an
     input file; InputError (exit 3) naming `where` and `what` for text that is not JSON, nests
-    past the parser's depth, repeats a key in an object or holds a lone surrogate
-    (`has_lone_surrogate`). parse_float: reads each JSON number with a fraction or exponent."""
+    past the parser's depth, repeats a key in an object, holds a lone surrogate
+    (`has_lone_surrogate`) or is bytes that are not UTF-8 (`utf8_text`). parse_float: reads
+    each JSON number with a fraction or exponent."""
     try:
+        text = utf8_text(raw)
         value = json.loads(
-            raw,
+            text,
             parse_constant=None if allow_nan else _no_constant,
             parse_float=parse_float,
             parse_int=_integer,
             object_pairs_hook=_object,
         )
-        lone = has_lone_surrogate(raw, value)
+        lone = has_lone_surrogate(text, value)
     except RecursionError:
         raise InputError(
             f"{where}: unreadable {what}: not valid JSON (nested too deeply)"
         ) from None
-    except (_LongInteger, _RepeatedKey) as exc:
+    except (NotUtf8, _LongInteger, _RepeatedKey) as exc:
         raise InputError(f"{where}: unreadable {what}: {exc}") from None
-    except (UnicodeDecodeError, ValueError) as exc:
+    except ValueError as exc:
         raise InputError(f"{where}: unreadable {what}: not valid JSON ({exc})") from None
     if lone:
         raise InputError(

@@ -9,6 +9,7 @@ import re
 import resource
 import shutil
 import signal
+import struct
 import subprocess
 import time
 import warnings
@@ -31,6 +32,7 @@ from _corpus import (
     packed,
     replace_dataset,
     retyped_index,
+    step_path,
     tiny_run,
     widened_shape,
 )
@@ -727,3 +729,88 @@ def test_an_integrity_text_checksum_mismatch_skips_no_step(tmp_path: Path) -> No
     assert result.exit_code == 0, result.stderr
     assert "skipped" not in result.stderr, result.stderr
     assert json.loads(result.stdout)["steps"] == 4
+
+
+NOT_UTF8 = {
+    "utf16_bom_then_utf8": lambda text: b"\xff\xfe" + text.encode() + b"x",
+    "utf16": lambda text: text.encode("utf-16"),
+    "utf16_le_without_bom": lambda text: text.encode("utf-16-le"),
+    "utf32": lambda text: text.encode("utf-32"),
+}
+"""JSON text in bytes that are not UTF-8 (Python's JSON parser guesses UTF-16 or UTF-32 from
+the first bytes and reads them)."""
+
+
+@pytest.mark.parametrize("encode", NOT_UTF8.values(), ids=NOT_UTF8.keys())
+def test_a_manifest_that_is_not_utf8_is_refused_in_one_line(
+    tmp_path: Path, encode: Callable[[str], bytes]
+) -> None:
+    """The manifest is JSON in UTF-8. One in UTF-16 or UTF-32 was read as a good run (exit 0),
+    and one starting with a UTF-16 byte-order mark was refused with Python's codec text
+    ("not valid JSON ('utf-16-le' codec can't decode byte 0x78 in position 1822: truncated
+    data)"). Each is one line naming the file, exit 3; a UTF-8 byte-order mark is still read."""
+    run = tiny_run(tmp_path / "run")
+    manifest = run / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert runner.invoke(app, ["inspect", str(run)]).exit_code == 0
+    manifest.write_bytes(encode(text))
+    for args in (
+        ["inspect", str(run)],
+        ["replay", str(run), "-p", "grpo"],
+        ["watch", str(run), "--once"],
+        ["pack", str(run), str(tmp_path / "out.h5")],
+    ):
+        result = runner.invoke(app, args)
+        _assert_clean_failure(result.exit_code, result.stderr, 3)
+        assert result.stderr.endswith(
+            f"error: {manifest}: unreadable manifest: not UTF-8 JSON\n"
+        ), (args, result.stderr)
+
+
+@pytest.mark.parametrize("encode", NOT_UTF8.values(), ids=NOT_UTF8.keys())
+def test_a_user_json_file_that_is_not_utf8_is_refused_in_one_line(
+    tmp_path: Path, encode: Callable[[str], bytes]
+) -> None:
+    """A baseline or a trainer_state.json in UTF-16 or UTF-32 was read as UTF-8 would be; they
+    go through the manifest's reader, and are refused as it is, in one line naming the file."""
+    run = tiny_run(tmp_path / "run")
+    baseline = tmp_path / "baseline.json"
+    written = runner.invoke(
+        app, ["check", str(run), "-p", "grpo", "--write-baseline", str(baseline)]
+    )
+    assert written.exit_code == 0, written.stderr
+    baseline.write_bytes(encode(baseline.read_text()))
+    state = tmp_path / "trainer_state.json"
+    state.write_bytes(encode('{"log_history": [{"step": 1, "loss": 0.5}]}'))
+    for args, path, what in (
+        (["check", str(run), "--baseline", str(baseline)], baseline, "baseline"),
+        (["import", str(state), "--out", str(tmp_path / "imported")], state, "trainer_state.json"),
+    ):
+        result = runner.invoke(app, args)
+        _assert_clean_failure(result.exit_code, result.stderr, 3)
+        assert result.stderr.endswith(f"error: {path}: unreadable {what}: not UTF-8 JSON\n"), (
+            args,
+            result.stderr,
+        )
+
+
+def test_a_step_header_that_is_not_utf8_is_unreadable(tmp_path: Path) -> None:
+    """A step file whose header JSON is UTF-16 (its checksums valid: the CRC covers the parsed
+    header) was read as a good step, though safetensors reads headers as UTF-8 only: it is an
+    `unreadable` finding, and a replay skips it."""
+    run = tiny_run(tmp_path / "run")
+    path = step_path(run, 1)
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    text = raw[8 : 8 + length].decode().rstrip(" ")
+    header = (text + " " * ((3 - len(text)) % 4)).encode("utf-16")  # 8-byte aligned
+    path.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + length :])
+    result = runner.invoke(app, ["inspect", str(run), "--format", "json"])
+    assert result.exit_code == 0, result.stderr
+    findings = json.loads(result.stdout)["integrity"]["findings"]
+    assert [(f["kind"], f["step"], f["message"]) for f in findings] == [
+        ("unreadable", 1, "step 1: unreadable: header is not UTF-8 JSON")
+    ]
+    result = runner.invoke(app, ["replay", str(run), "-p", "grpo", "--format", "json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["steps"] == 3, result.stderr

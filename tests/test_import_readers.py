@@ -212,7 +212,7 @@ def test_trainer_state_reads_nan_and_skips_eval_and_summary(tmp_path: Path) -> N
         ("[1, 2]", "no log_history"),
         ('{"log_history": 3}', "no log_history"),
         ('{"log_history": [' * 100_000, "nested too deeply|not valid JSON"),
-        ("\x00\x01binary", "not valid JSON"),
+        ("\x00\x01binary", "not UTF-8 JSON"),
     ],
 )
 def test_trainer_state_refusals(tmp_path: Path, text: str, message: str) -> None:

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from stabledrl_cli._atomic import fsync_dir, write_durably
-from stabledrl_cli._json import has_lone_surrogate
+from stabledrl_cli._json import NotUtf8, has_lone_surrogate, utf8_text
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._integrity import StepReadError
@@ -379,10 +379,13 @@ def parse_header(
             raise StepReadError("torn", f"header cut at {8 + len(raw)} of {8 + header_len} bytes")
         header_crc = crc32(raw)
         try:
-            header = json.loads(raw)
+            text = utf8_text(raw)
+            header = json.loads(text)
         except RecursionError:
             raise StepReadError("unreadable", "header JSON nested too deeply") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except NotUtf8:
+            raise StepReadError("unreadable", "header is not UTF-8 JSON") from None
+        except json.JSONDecodeError as exc:
             raise StepReadError("unreadable", f"header is not JSON: {exc}") from None
         if header_crc == known:
             metadata = header["__metadata__"]
@@ -397,7 +400,7 @@ def parse_header(
             if _canonical_crc(header) != expected:
                 raise StepReadError("unreadable", "header checksum mismatch")
             metadata = _check_metadata(metadata)
-            if has_lone_surrogate(raw, header):
+            if has_lone_surrogate(text, header):
                 raise StepReadError("unreadable", "header has a string with a lone surrogate")
             tensors, offsets, data_len = _tensor_entries(header)
         data_start = 8 + header_len
