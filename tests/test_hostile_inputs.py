@@ -370,6 +370,10 @@ def _missing(name: str) -> Callable[[h5py.File], None]:
         (_as_dataset("tokens"), "no dataset tokens/step_offsets"),
         (_as_group("tokens/logp"), "no dataset tokens/logp"),
         (_as_group("scalars/loss"), "no dataset scalars/loss"),
+        (_missing("scalars/loss"), "no dataset scalars/loss"),
+        (_missing("scalars_recorded/grad_norm"), "no dataset scalars_recorded/grad_norm"),
+        (_missing("present/reward"), "no dataset present/reward"),
+        (_missing("present/token_ids"), "no dataset present/token_ids"),
         (_missing("ragged/token_ids/shape"), "no dataset ragged/token_ids/shape"),
         (_as_dataset("present"), "no group present"),
         (_missing("present"), "no group present"),
@@ -383,6 +387,10 @@ def _missing(name: str) -> Callable[[h5py.File], None]:
         "tokens_a_dataset",
         "data_a_group",
         "scalar_a_group",
+        "scalar_missing",
+        "scalar_recorded_missing",
+        "present_missing_of_a_field_with_data",
+        "present_missing_of_a_ragged_field",
         "ragged_shape_missing",
         "present_a_dataset",
         "present_missing",
@@ -397,8 +405,11 @@ def test_an_object_of_the_other_kind_or_missing_is_named(
     synchronously open dataset (not a dataset)')", "(TypeError: Accessing a group is done with
     bytes or str, not <class 'tuple'>)", "(AttributeError: 'Group' object has no attribute
     'dtype')", "(TypeError: cannot use a string pattern on a bytes-like object)"), and a
-    `present` that is a dataset made every step "a step without a batch" (inspect exit 0). Each
-    is now one line naming the dataset or group, exit 3."""
+    `present` that is a dataset made every step "a step without a batch" (inspect exit 0). A
+    missing `scalars/NAME` or `present/NAME` of a field whose data the archive holds lost that
+    series or field silently (inspect exit 0, no finding), and a missing
+    `scalars_recorded/NAME` said "scalars without scalars_recorded". Each is now one line
+    naming the dataset or group, exit 3."""
     good = packed(tmp_path / "good")
     archive = edit_archive(tmp_path / "bad", change)
     for command, args in EVERY_READER.items():

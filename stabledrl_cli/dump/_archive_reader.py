@@ -317,25 +317,30 @@ class ArchiveRun(Run):
             if name in FIELDS
         }
         count = len(self._numbers)
-        for name, mask in self._present.items():
-            if not mask.any():
-                continue
+        for name in FIELDS:
             where = _data_dataset(name)
-            if where not in handle or (name in RAGGED_FIELDS and name not in self._ragged):
-                raise InputError(f"{location}: corrupt run archive (no dataset {where})")
+            has_data = where in handle and (name not in RAGGED_FIELDS or name in self._ragged)
+            if name in self._present and self._present[name].any() and not has_data:
+                raise self._no_dataset(where)
+            if has_data and name not in self._present:  # its steps would read without it
+                raise self._no_dataset(f"present/{name}")
         self._check_data_datasets()
-        recorded = self._members("scalars_recorded")
-        stored = {scalar_name(name, self.format_version): name for name in self._members("scalars")}
+        recorded = set(self._members("scalars_recorded"))
+        values = set(self._members("scalars"))
+        for group, missing in (
+            ("scalars", recorded - values),
+            ("scalars_recorded", values - recorded),
+        ):
+            if missing:  # a series holds both: its values, and the steps that recorded it
+                raise self._no_dataset(f"{group}/{min(missing)}")
+        stored = {scalar_name(name, self.format_version): name for name in values}
         self._scalar_values = {
             name: self._index(f"scalars/{stored[name]}") for name in sorted(stored)
         }
         self._scalar_recorded = {
             name: self._index(f"scalars_recorded/{stored[name]}").astype(bool)
             for name in self._scalar_values
-            if stored[name] in recorded
         }
-        if set(self._scalar_recorded) != set(self._scalar_values):
-            raise InputError(f"{location}: corrupt run archive (scalars without scalars_recorded)")
         offsets = [*self._offsets.values(), *(o for o, _ in self._ragged.values())]
         per_step = [
             *self._counts.values(),
