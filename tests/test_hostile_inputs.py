@@ -412,13 +412,7 @@ def test_an_object_of_the_other_kind_or_missing_is_named(
     naming the dataset or group, exit 3."""
     good = packed(tmp_path / "good")
     archive = edit_archive(tmp_path / "bad", change)
-    for command, args in EVERY_READER.items():
-        result = runner.invoke(app, args(str(archive), str(good), tmp_path))
-        _assert_clean_failure(result.exit_code, result.stderr, 3)
-        assert result.stderr == f"error: {archive}: corrupt run archive ({said})\n", (
-            command,
-            result.stderr,
-        )
+    _every_reader_refuses(archive, good, tmp_path, f"{archive}: corrupt run archive ({said})")
 
 
 @pytest.mark.parametrize(
@@ -445,10 +439,7 @@ def test_an_archive_version_that_is_no_text_is_named_in_one_short_line(
     good = packed(tmp_path / "good")
     archive = edit_archive(tmp_path / "bad", change)
     said = f"malformed format version (HDF5 format_version of type {shown}, not text)"
-    for command, args in EVERY_READER.items():
-        result = runner.invoke(app, args(str(archive), str(good), tmp_path))
-        _assert_clean_failure(result.exit_code, result.stderr, 3)
-        assert result.stderr == f"error: {archive}: {said}\n", (command, result.stderr)
+    _every_reader_refuses(archive, good, tmp_path, f"{archive}: {said}")
 
 
 def test_a_run_given_as_a_symlink_is_read(tmp_path: Path) -> None:
@@ -472,6 +463,15 @@ EVERY_READER = {
     "diff": lambda run, good, tmp: ["diff", good, run],
 }
 """Every command that reads an archive, as argument lists (`diff` against the honest archive)."""
+
+
+def _every_reader_refuses(archive: Path, good: Path, tmp: Path, said: str) -> None:
+    """Every command that reads an archive exits 3 on `archive` with the one line
+    "error: SAID" (`diff` against the honest archive `good`)."""
+    for command, args in EVERY_READER.items():
+        result = runner.invoke(app, args(str(archive), str(good), tmp))
+        _assert_clean_failure(result.exit_code, result.stderr, 3)
+        assert result.stderr == f"error: {said}\n", (command, result.stderr)
 
 
 INDEX_CRAFTS = [
@@ -825,3 +825,31 @@ def test_a_step_header_that_is_not_utf8_is_unreadable(tmp_path: Path) -> None:
     ]
     result = runner.invoke(app, ["replay", str(run), "-p", "grpo", "--format", "json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["steps"] == 3, result.stderr
+
+
+def _latin1_text(name: str) -> Callable[[h5py.File], None]:
+    """The archive's text dataset `name` as Latin-1 bytes (one byte \\xe9 that is not UTF-8),
+    without a checksum (as an archive of a stabledrl that wrote none)."""
+
+    def change(handle: h5py.File) -> None:
+        text = handle[name][()].decode()
+        if name == "manifest":
+            text = text.replace('"meta": {}', '"meta": {"x": "\\u00e9"}')
+        else:
+            text = '[{"kind": "unknown_file", "step": null, "path": "\\u00e9", "message": "m"}]'
+        raw = json.dumps(json.loads(text), ensure_ascii=False).encode("latin-1")
+        replace_dataset(handle, name, data=raw, dtype=h5py.string_dtype())
+
+    return change
+
+
+@pytest.mark.parametrize("name", ["manifest", "integrity"])
+def test_an_archive_text_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path, name: str) -> None:
+    """An archive's manifest or integrity text holding a byte that is not UTF-8 was read with
+    it replaced by U+FFFD (meta.x read as '\\ufffd', inspect exit 0): it is refused as a
+    manifest.json that is not UTF-8 is, one line, exit 3, by every reader."""
+    good = packed(tmp_path / "good")
+    archive = edit_archive(tmp_path / "bad", _latin1_text(name))
+    _every_reader_refuses(
+        archive, good, tmp_path, f"{archive} ({name}): unreadable {name}: not UTF-8 JSON"
+    )

@@ -22,8 +22,9 @@ from typing import Any
 import h5py
 import numpy as np
 
+from stabledrl_cli._json import NotUtf8
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, H5_ERRORS, TEXT_DATASETS, is_index
-from stabledrl_cli.dump._layout import decode
+from stabledrl_cli.dump._layout import decode, decode_json_text
 
 PREFETCH_LIMIT = 64 << 20
 """Bytes of index arrays and texts the child hands over (an honest archive of 10,000 steps
@@ -87,7 +88,10 @@ class Prefetch:
         self.found.arrays[name] = (values, checksum)
 
     def text(self, name: str, value: Any) -> None:
-        text = decode(value)
+        try:
+            text = decode_json_text(value)
+        except NotUtf8:
+            return  # the reader reads it, and refuses it itself
         if name in self._checksums and isinstance(text, str) and len(text) <= self._left:
             self._left -= len(text)
             self.found.texts[name] = (text, self._checksums[name])

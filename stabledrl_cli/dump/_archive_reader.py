@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 import h5py
 import numpy as np
 
-from stabledrl_cli._json import parse_strict
+from stabledrl_cli._json import NotUtf8, parse_strict
 from stabledrl_cli.dump._archive_checks import (
     CRC_ATTR,
     H5_ERRORS,
@@ -39,6 +39,7 @@ from stabledrl_cli.dump._layout import (
     TOKEN_FIELDS,
     checksums_dataset,
     decode,
+    decode_json_text,
     scalar_name,
 )
 from stabledrl_cli.dump._run import Run, Step
@@ -192,7 +193,13 @@ class ArchiveRun(Run):
         prefetched = self._prefetched.texts.pop(name, None)
         if prefetched is None:
             dataset = self._named_dataset(name)
-            prefetched = decode(dataset[()]), decode(dataset.attrs.get(CRC_ATTR))
+            try:
+                text = decode_json_text(dataset[()])
+            except NotUtf8:
+                raise InputError(
+                    f"{self.location} ({name}): unreadable {name}: not UTF-8 JSON"
+                ) from None
+            prefetched = text, decode(dataset.attrs.get(CRC_ATTR))
         text, expected = prefetched
         self._read_whole.add(name)
         if not isinstance(text, str) or len(text) > limit:

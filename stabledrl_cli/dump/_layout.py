@@ -46,6 +46,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from stabledrl_cli._json import utf8_text
 from stabledrl_cli.dump._schema import FIELDS
 
 REPLAY_REPORT_KIND = "stabledrl-replay-report"
@@ -89,6 +90,12 @@ def checksums_dataset(data: str) -> str:
 def decode(value: Any) -> Any:
     """An HDF5 string attribute or dataset value as str (h5py may hand out bytes)."""
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def decode_json_text(value: Any) -> Any:
+    """A JSON string dataset's value as str, its bytes read as UTF-8 only (`utf8_text`:
+    NotUtf8 for any other), where `decode` would replace them."""
+    return utf8_text(value) if isinstance(value, bytes) else value
 
 
 SCALAR_ESCAPE_VERSION = (1, 2)
