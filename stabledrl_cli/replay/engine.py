@@ -40,7 +40,12 @@ from stabledrl_cli.replay.config import (
 from stabledrl_cli.replay.metrics import TopSequence
 from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult, StepSeries
-from stabledrl_cli.replay.run_facts import no_steps_message, own_spec, skipped_reasons
+from stabledrl_cli.replay.run_facts import (
+    files_skipped,
+    no_steps_message,
+    own_spec,
+    skipped_reasons,
+)
 from stabledrl_cli.replay.stream import (
     StreamedRun,
     check_step,
@@ -119,12 +124,19 @@ class NothingToReplay(InputError):
     """A run whose readable steps hold no policy batch (a scalar run): exit 3."""
 
 
-def nothing_to_replay(run: Run, steps: int) -> NothingToReplay:
-    """The one-line refusal for a scalar run of `steps` steps."""
+def nothing_to_replay(run: Run, steps: int, skipped: Sequence[str] = ()) -> NothingToReplay:
+    """The one-line refusal for a run whose `steps` readable steps are all scalar steps;
+    `skipped`: why the reader skipped each other step file (a rank behind, a damaged file),
+    named since such a file may have held a policy batch."""
+    scalars = f"{counted(steps, 'step')} of per-step scalars"
+    what = (
+        f"no readable step holds a policy batch ({scalars}; {files_skipped(skipped)})"
+        if skipped
+        else f"a scalar run ({scalars}, no policy batch)"
+    )
     return NothingToReplay(
-        f"{run.location}: nothing to replay: a scalar run ({counted(steps, 'step')} of per-step "
-        "scalars, no policy batch); `stabledrl inspect` shows it and `stabledrl check` gates its "
-        "recorded series"
+        f"{run.location}: nothing to replay: {what}; `stabledrl inspect` shows it and "
+        "`stabledrl check` gates its recorded series"
     )
 
 
@@ -231,15 +243,15 @@ def check_first_step(run: Run, policies: list[Policy]) -> None:
     """From the headers alone, before any step is read: InputError (exit 3) when the first step
     with a policy batch lacks a field a policy needs (`check_step`; a problem of the request,
     unlike a step whose data is bad, which the pass skips), `NothingToReplay` when every step
-    is a scalar step (`replay_run` decides the same after a pass)."""
+    it reads is a scalar step (`replay_run` decides the same after a pass)."""
     headers = 0
     for header in run.step_headers():
         headers += 1
         if not header.is_scalar:
             check_step(header, policies, run_unit(run), run.location)
             return
-    if headers and not skipped_reasons(run):
-        raise nothing_to_replay(run, len(run.step_numbers))
+    if headers:
+        raise nothing_to_replay(run, headers, skipped_reasons(run))
 
 
 def replay_run(
@@ -269,8 +281,8 @@ def replay_run(
             stream = engine.stream(run, resolved, own_index, config, progress)
         skipped = skipped_reasons(run) + [reason for _, reason in stream.rejected]
         if stream.step_numbers.size == 0:
-            if stream.scalar_steps and not skipped:
-                raise nothing_to_replay(run, len(run.step_numbers))
+            if stream.scalar_steps and not stream.rejected:  # no step held a batch
+                raise nothing_to_replay(run, stream.scalar_steps, skipped)
             raise InputError(no_steps_message(run, skipped))
         observed = observe(
             run, config, noise_floor=stream.noise_floor, likelihood=stream.likelihood
