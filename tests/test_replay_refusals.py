@@ -1,6 +1,7 @@
 """A replay that cannot run says why in one true line (exit 3): a multi-rank scalar run with a
 rank behind has nothing to replay (its steps were read; the steps the lagging rank has not
-written are named)."""
+written are named), an archive whose index fails its checksum is named as such (not as a
+skipped step file)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from _cli import run_cli_together
+from _corpus import edit_archive, flip_index
 
 import stabledrl_cli as sd
 from stabledrl_cli.replay.engine import NothingToReplay
@@ -61,3 +63,16 @@ def test_a_scalar_run_with_a_torn_step_has_nothing_to_replay_and_names_it(tmp_pa
         str(raised.value)
     )
     assert "step 4: torn" in str(raised.value)
+
+
+@pytest.mark.parametrize("command", ["replay", "check"])
+def test_an_archive_whose_index_fails_its_checksum_is_named_as_such(tmp_path, command):
+    archive = edit_archive(tmp_path, flip_index("steps/step"))
+    gate = ["--max-collapsed", "0"] if command == "check" else []
+    (done,) = run_cli_together([command, archive, "-p", "grpo", *gate])
+    assert done.returncode == 3, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line == (
+        f"error: {archive}: no step could be read (archive index steps/step: checksum "
+        "mismatch; every step is skipped)"
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from stabledrl_cli.dump import Run
+from stabledrl_cli.dump import Finding, Run
 from stabledrl_cli.errors import UsageError, counted, quoted
 from stabledrl_cli.policies import resolve_spec
 
@@ -68,13 +68,25 @@ def skipped_reasons(run: Run) -> list[str]:
     A reader that does not verify data checksums (`open_run(..., verify=False)`) reads a step
     whose data fails its checksum, and skips only what its header checks find
     (`Run.header_findings`): those alone are counted, and no file is read for them."""
+    return [f.message for f in _skipped_findings(run)]
+
+
+def _skipped_findings(run: Run) -> list[Finding]:
+    """The findings behind `skipped_reasons`."""
     findings = run.integrity.findings if run.verify else run.header_findings()
-    return [f.message for f in findings if f.kind in SKIPPED_KINDS]
+    return [f for f in findings if f.kind in SKIPPED_KINDS]
 
 
 def no_steps_message(run: Run, skipped: list[str]) -> str:
-    """Why a run yielded no readable step: how many step files were skipped, and the first
-    reasons (else any other integrity finding, e.g. only temporary files)."""
+    """Why a run yielded no readable step: a finding of the whole run that skips every step
+    (an archive index that failed its checksum: it names no step file), how many step files
+    were skipped and the first reasons (else any other integrity finding, e.g. only temporary
+    files)."""
+    whole = [f.message for f in _skipped_findings(run) if f.step is None]
+    files = [reason for reason in skipped if reason not in whole]
+    if whole:
+        also = f"; {files_skipped(files)}" if files else ""
+        return f"{run.location}: no step could be read ({shown_reasons(whole)}{also})"
     reasons = skipped or [f.message for f in run.integrity.findings]
     if not reasons:
         return f"{run.location}: the run has no steps"
