@@ -1,10 +1,12 @@
 """A replay that cannot run says why in one true line (exit 3): a multi-rank scalar run with a
 rank behind has nothing to replay (its steps were read; the steps the lagging rank has not
 written are named), an archive whose index fails its checksum is named as such (not as a
-skipped step file)."""
+skipped step file); and the Python API's replay closes the run it opened when it fails: a
+failed `replay(PATH)` leaves no file of PATH open."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from _cli import run_cli_together
 from _corpus import edit_archive, flip_index
 
 import stabledrl_cli as sd
+from stabledrl_cli.dump import pack_run
+from stabledrl_cli.errors import InputError, StabledrlError, UsageError
 from stabledrl_cli.replay.engine import NothingToReplay
 
 STEPS = 5
@@ -25,6 +29,19 @@ def _multirank_scalar_run(path: Path, *, behind: int = 1) -> Path:
             for step in range(STEPS - behind * rank):
                 rec.log_step(step, grad_norm=1.0, reward_mean=0.5, step_time=0.1)
     return path
+
+
+def _open_files(path: Path) -> list[str]:
+    """The files of this process's open descriptors that are `path` or lie under it."""
+    opened = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if target == str(path) or target.startswith(f"{path}/"):
+            opened.append(target)
+    return opened
 
 
 def test_a_multirank_scalar_run_with_a_rank_behind_has_nothing_to_replay(tmp_path):
@@ -76,3 +93,35 @@ def test_an_archive_whose_index_fails_its_checksum_is_named_as_such(tmp_path, co
         f"error: {archive}: no step could be read (archive index steps/step: checksum "
         "mismatch; every step is skipped)"
     )
+
+
+def _scalar_archive(tmp_path: Path) -> Path:
+    run = _multirank_scalar_run(tmp_path / "run", behind=0)
+    pack_run(sd.open_run(run), tmp_path / "run.h5")
+    return tmp_path / "run.h5"
+
+
+@pytest.mark.parametrize("where", ["directory", "archive", "archive URL"])
+@pytest.mark.parametrize(
+    ("policy", "error"), [("grpo", NothingToReplay), ("no-such-policy", UsageError)]
+)
+def test_a_failed_replay_closes_the_run_it_opened(tmp_path, where, policy, error):
+    """Looked at while the error is still held, as a notebook keeps the last one: its
+    traceback holds the replay's frames. (A directory run holds no file open between reads.)"""
+    if where == "directory":
+        run = _multirank_scalar_run(tmp_path / "run", behind=0)
+    else:
+        run = _scalar_archive(tmp_path)
+    with pytest.raises(error) as raised:
+        sd.replay(run.as_uri() if where == "archive URL" else run, policy)
+    assert isinstance(raised.value, StabledrlError)
+    assert _open_files(run) == []
+
+
+def test_a_replay_of_an_opened_run_leaves_it_open_for_its_caller(tmp_path):
+    archive = _scalar_archive(tmp_path)
+    opened = sd.open_run(archive)
+    with pytest.raises(InputError):
+        sd.replay(opened, "grpo")
+    assert _open_files(archive) == [str(archive)]
+    assert opened.step_numbers == list(range(STEPS))

@@ -26,6 +26,7 @@ import torch
 
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
+from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
 from stabledrl_cli.replay.columns import derive_series, device_metrics
@@ -385,13 +386,13 @@ def replay(
     streaming pass runs (None or "local": this process; "ray" or
     `ray_engine.RayEngine(...)`: a Ray cluster); the other
     arguments are `ReplayConfig`'s (None: its default). `.to_json()` of the result prints the
-    JSON contract.
+    JSON contract. A run it opens (a path or URL) is closed when it returns or raises; a Run
+    given is left open.
     """
     if isinstance(engine, str):
         engine = named_engine(engine)
     elif engine is not None and not callable(getattr(engine, "stream", None)):
         raise _no_engine(engine)
-    opened = run if isinstance(run, Run) else open_run(run)
     config = replay_config(
         device=device,
         chunk_size=chunk_size,
@@ -407,4 +408,21 @@ def replay(
         step_range=step_range,
         detail=detail,
     )
-    return replay_run(opened, policies, config=config, engine=engine)
+    with _opened(run) as opened:
+        return replay_run(opened, policies, config=config, engine=engine)
+
+
+@contextmanager
+def _opened(run: str | os.PathLike[str] | Run) -> Iterator[Run]:
+    """`run` opened for the block (a Run given is the caller's, left open); an archive opened
+    here is closed at the block's end, whether its replay succeeded or failed: the error a
+    caller keeps holds the replay's frames, which would keep the file open."""
+    if isinstance(run, Run):
+        yield run
+        return
+    opened = open_run(run)
+    try:
+        yield opened
+    finally:
+        if isinstance(opened, ArchiveRun):
+            opened.close()
