@@ -6,12 +6,13 @@ failed `replay(PATH)` leaves no file of PATH open."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 from _cli import run_cli_together
-from _corpus import edit_archive, flip_index
+from _corpus import edit_archive, edit_manifest, flip_index
 
 import stabledrl_cli as sd
 from stabledrl_cli.dump import pack_run
@@ -125,3 +126,25 @@ def test_a_replay_of_an_opened_run_leaves_it_open_for_its_caller(tmp_path):
         sd.replay(opened, "grpo")
     assert _open_files(archive) == [str(archive)]
     assert opened.step_numbers == list(range(STEPS))
+
+
+def test_an_own_policy_that_cannot_act_on_the_runs_units_is_noted_not_a_usage_error(tmp_path):
+    """A manifest naming stabledrl:level=token for a run of sequence units (no Recorder
+    writes it; another writer may): replay without -p is the catalogue's, with the note a
+    custom own policy gets, not exit 2 telling the user to fix a spec they never gave."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, unit="sequence", policy="stabledrl") as rec:
+        for step in range(3):
+            rec.log_step(step, logp=[-1.0, -2.0], logp_old=[-1.1, -2.0], advantages=[1.0, -1.0])
+    edit_manifest(run, lambda manifest: manifest["policy"].update(spec="stabledrl:level=token"))
+    replayed, asked = run_cli_together(
+        ["replay", run, "--format", "json"], ["replay", run, "-p", "stabledrl:level=token"]
+    )
+    assert replayed.returncode == 0, replayed.stderr
+    assert not any(policy["own"] for policy in json.loads(replayed.stdout)["policies"])
+    text = " ".join(replayed.stderr.split())
+    assert "note: the run's own policy 'stabledrl:level=token' is none the catalogue replays" in (
+        text
+    )
+    assert "level=token needs token units" in text
+    assert asked.returncode == 2, asked.stderr  # a spec the user gives is the user's to fix

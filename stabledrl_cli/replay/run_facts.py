@@ -51,12 +51,13 @@ def unreplayable_own_policy(run: Run) -> str | None:
 
 def _own_policy(run: Run) -> tuple[str | None, UsageError | None]:
     """(the canonical spec of the policy the run's manifest names, or None; why the catalogue
-    cannot resolve it, or None)."""
+    cannot resolve it, or cannot replay it on the run's units, or None)."""
     spec = run.policy_spec
     if not spec:
         return None, None
     try:
         entry, config = resolve_spec(spec)
+        config.required_fields(run.unit)  # level=token on a run of sequence units
     except UsageError as exc:
         return None, exc
     return entry.spec_of(config), None
