@@ -19,6 +19,7 @@ from stabledrl_cli.dump import pack_run
 from stabledrl_cli.errors import InputError, StabledrlError, UsageError
 from stabledrl_cli.replay.engine import NothingToReplay
 
+ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
 
 
@@ -148,3 +149,19 @@ def test_an_own_policy_that_cannot_act_on_the_runs_units_is_noted_not_a_usage_er
     )
     assert "level=token needs token units" in text
     assert asked.returncode == 2, asked.stderr  # a spec the user gives is the user's to fix
+
+
+@pytest.mark.parametrize(
+    ("run", "policies", "message"),
+    [
+        (None, "grpo", "run must be a path, a URL or an opened Run, not NoneType"),
+        (3, "grpo", "run must be a path, a URL or an opened Run, not int"),
+        ("fixtures/grpo", 3, "policies must be a spec, a Policy or a list of them, not int"),
+    ],
+)
+def test_the_api_names_an_argument_of_the_wrong_type(run, policies, message):
+    """Not Python's own text ("expected str, bytes or os.PathLike object, not NoneType",
+    "'int' object is not iterable")."""
+    with pytest.raises(UsageError) as raised:
+        sd.replay(ROOT / run if isinstance(run, str) else run, policies)
+    assert str(raised.value) == message

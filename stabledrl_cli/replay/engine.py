@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -96,6 +96,10 @@ def resolve_policies(run: Run, specs: PolicySpecs) -> tuple[list[Policy], int | 
     own = own_policy(run)
     if isinstance(specs, (str, Policy)):
         specs = [specs]
+    elif specs is not None and not isinstance(specs, Iterable):
+        raise UsageError(
+            f"policies must be a spec, a Policy or a list of them, not {type(specs).__name__}"
+        )
     if specs is not None and not specs:
         raise UsageError(
             "no policy to replay (an empty list): name one, or pass None for the run's own "
@@ -420,6 +424,8 @@ def _opened(run: str | os.PathLike[str] | Run) -> Iterator[Run]:
     if isinstance(run, Run):
         yield run
         return
+    if not isinstance(run, (str, os.PathLike)):
+        raise UsageError(f"run must be a path, a URL or an opened Run, not {type(run).__name__}")
     opened = open_run(run)
     try:
         yield opened
