@@ -17,7 +17,7 @@ from _corpus import edit_archive, edit_manifest, flip_index
 import stabledrl_cli as sd
 from stabledrl_cli.dump import pack_run
 from stabledrl_cli.errors import InputError, StabledrlError, UsageError
-from stabledrl_cli.replay.engine import NothingToReplay
+from stabledrl_cli.replay.engine import LocalEngine, NothingToReplay
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -165,3 +165,10 @@ def test_the_api_names_an_argument_of_the_wrong_type(run, policies, message):
     with pytest.raises(UsageError) as raised:
         sd.replay(ROOT / run if isinstance(run, str) else run, policies)
     assert str(raised.value) == message
+
+
+def test_an_engine_class_instead_of_an_engine_object_is_named():
+    """engine=LocalEngine (not LocalEngine()) raised TypeError "LocalEngine.stream() missing 1
+    required positional argument: 'progress'" once the pass began."""
+    with pytest.raises(UsageError, match=r"engine must be .* or an engine object, got <class"):
+        sd.replay(ROOT / "fixtures" / "grpo", "grpo", engine=LocalEngine)

@@ -395,7 +395,9 @@ def replay(
     """
     if isinstance(engine, str):
         engine = named_engine(engine)
-    elif engine is not None and not callable(getattr(engine, "stream", None)):
+    elif engine is not None and (
+        isinstance(engine, type) or not callable(getattr(engine, "stream", None))
+    ):  # a class (engine=RayEngine): its stream is unbound
         raise _no_engine(engine)
     config = replay_config(
         device=device,
