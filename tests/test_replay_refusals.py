@@ -1,8 +1,9 @@
-"""A replay that cannot run says why in one true line (exit 3): a multi-rank scalar run with a
-rank behind has nothing to replay (its steps were read; the steps the lagging rank has not
-written are named), an archive whose index fails its checksum is named as such (not as a
-skipped step file); and the Python API's replay closes the run it opened when it fails: a
-failed `replay(PATH)` leaves no file of PATH open."""
+"""A replay that cannot run says why in one true line, with the exit code of its cause: a
+scalar run with steps skipped (a multi-rank run's rank behind, a torn file) has nothing to
+replay and names them (3); an archive whose index fails its checksum is named as such, not as
+a skipped step file (3); a manifest's own policy that cannot act on the run's units is a note,
+not a usage error; the Python API names an argument of the wrong type (2). And `replay(PATH)`
+closes the run it opened, failed or not: no file of PATH is left open."""
 
 from __future__ import annotations
 
