@@ -35,6 +35,19 @@ def run_cli(
     return run_cli_together(args, cwd=cwd, timeout=timeout)[0]
 
 
+def record_python(
+    script: str, *options: str, cwd: Path, env: dict[str, str], out: str = "run"
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """`stabledrl record --out OUT OPTIONS -- python -c SCRIPT` in a process of its own, in
+    `cwd`; its result and the lines of its stderr that mention an error (any case), which a
+    refusal in one line makes exactly `["error: ..."]`."""
+    done = subprocess.run(
+        [*cli_command("record", "--out", out, *options), "--", sys.executable, "-c", script],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    return done, [line for line in done.stderr.splitlines() if "error" in line.lower()]
+
+
 def run_cli_together(
     *commands: Sequence[object], cwd: Path = ROOT, timeout: float = TIMEOUT
 ) -> list[subprocess.CompletedProcess[str]]:

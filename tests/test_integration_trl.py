@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from _cli import cli_command
+from _cli import cli_command, record_python
 from _steps import policy_batch
 from _trl import (
     SCRIPTS,
@@ -231,11 +231,9 @@ def test_a_refused_config_under_record_is_one_line_and_exit_2(tiny: Any, tmp_pat
         "    args=tiny_config('o', loss_type='bnpo', importance_sampling_level='sequence'),\n"
         "    train_dataset=tiny_dataset(), processing_class=tiny_tokenizer())\n"
     )
-    cmd = [*cli_command(), "record", "--out", "run", "--", sys.executable, "-c", script]
-    done = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True)
+    done, errors = record_python(script, cwd=tmp_path, env=child_env())
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert errors == [
         "error: cannot record this TRL run: sequence-level sampling with loss_type 'bnpo'; "
         "only 'grpo', 'luspo', 'vespo' map"
@@ -271,11 +269,9 @@ def test_a_run_directory_other_than_records_out_is_refused_in_one_line(
         "    args=tiny_config('o', max_steps=1), train_dataset=tiny_dataset(),\n"
         "    processing_class=tiny_tokenizer(), stabledrl_out='mine').train()\n"
     )
-    cmd = [*cli_command(), "record", "--out", "other", "--", sys.executable, "-c", script]
-    done = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True)
+    done, errors = record_python(script, cwd=tmp_path, env=child_env(), out="other")
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
         "error: RecordingGRPOTrainer's stabledrl_out=mine is not the run directory of "
         f"`stabledrl record --out` ($STABLEDRL_RUN_DIR), {tmp_path / 'other'}: leave "

@@ -22,7 +22,7 @@ import torch
 
 verl = pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
 
-from _cli import cli_command, cli_environment  # noqa: E402
+from _cli import cli_environment, record_python  # noqa: E402
 from _ports import free_port  # noqa: E402
 from _steps import policy_batch  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
@@ -1094,17 +1094,9 @@ def test_a_run_directory_other_than_records_out_is_refused_in_one_line(tmp_path:
     script = (
         "from stabledrl_cli.integrations import verl\nverl.install(out='mine')\nprint('training')\n"
     )
-    done = subprocess.run(
-        [*cli_command(), "record", "--out", "other", "--", sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=cli_environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done, errors = record_python(script, cwd=tmp_path, env=cli_environment(), out="other")
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "training" not in done.stdout
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
         "error: install(out=mine) is not the run directory of `stabledrl record --out` "
         f"($STABLEDRL_RUN_DIR), {tmp_path / 'other'}: call install() without out (it defaults "
@@ -1169,15 +1161,7 @@ def test_an_unsupported_verl_under_record_warns_and_training_goes_on(tmp_path: P
     env = cli_environment()
     env["PYTHONPATH"] = f"{fake.parent}{os.pathsep}{env['PYTHONPATH']}"
     script = "from stabledrl_cli.integrations import verl\nverl.install()\nprint('training')\n"
-    under_record = [*cli_command(), "record", "--out", "run", "--no-optimizer-hooks", "--"]
-    done = subprocess.run(
-        [*under_record, sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done, errors = record_python(script, "--no-optimizer-hooks", cwd=tmp_path, env=env)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and done.stdout.strip() == "training"
     reason = "the verl integration supports verl 0.9.x; found verl 0.10.0"
@@ -1186,8 +1170,7 @@ def test_an_unsupported_verl_under_record_warns_and_training_goes_on(tmp_path: P
         f"stabledrl: warning: cannot record this process: {reason}; recording is off, "
         "training continues"
     ], done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and reason in errors[0], done.stderr
+    assert len(errors) == 1 and reason in errors[0] and errors[0].startswith("error:"), done.stderr
 
 
 class StubEngine(BaseEngine):  # type: ignore[misc]
