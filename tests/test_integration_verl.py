@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -843,21 +844,94 @@ def test_refuses_kl_cov_and_dppo_of_float64_log_probs(mode: str) -> None:
 
 
 ENGINE_SCRIPT = Path(__file__).parent / "verl_scripts" / "fsdp_engine_run.py"
+MICRO_BATCH_MODES = [
+    ("geo_mean", "gmpo:eps_high=0.2,eps_low=0.2,mean=micro"),
+    ("kl_cov", "kl-cov:cov=micro,logp_dtype=bfloat16,ratio=0.2"),
+]
+"""(policy_loss.loss_mode, the spec recorded) of each dynamic-batching engine run."""
+KL_LOSS = {"use_kl_loss": True, "kl_loss_coef": 0.1}
+ACTOR_SETTINGS = [
+    pytest.param(
+        1,
+        {
+            "engine": {"use_dynamic_bsz": False, "micro_batch_size_per_gpu": 1},
+            "actor": {"clip_ratio_c": 1.5, "loss_agg_mode": "seq-mean-token-mean"},
+        },
+        "dual-clip:agg=seq-mean-token-mean,c=1.5,rows=all",
+        id="micro-batches-of-1-dual-clip",
+    ),
+    pytest.param(
+        1,
+        {"actor": KL_LOSS},
+        "dual-clip:beta=0.1,kl_max=10,kl_weight=none",
+        id="kl-low-var-kl",
+    ),
+    pytest.param(
+        2,
+        {
+            "actor": {
+                **KL_LOSS,
+                "kl_loss_type": "k3",
+                "loss_agg_mode": "seq-mean-token-sum-norm",
+                "loss_scale_factor": 9,
+            },
+        },
+        "dual-clip:agg=seq-mean-token-sum-norm,beta=0.1,kl_max=10,kl_weight=none,max_len=9,"
+        "rows=all",
+        id="kl-k3-loss-scale-factor-2-ranks",
+    ),
+    pytest.param(1, {"calculate_entropy": True}, "dual-clip", id="entropy-computed-coefficient-0"),
+]
+"""(world, the engine run's SETTINGS, the spec recorded) of each actor-settings engine run."""
+
+
+def engine_jobs(world: int) -> list[tuple[str, dict[str, Any]]]:
+    """(loss_mode, SETTINGS) of every engine run the tests read on `world` processes."""
+    settings = [param.values[1] for param in ACTOR_SETTINGS if param.values[0] == world]
+    return [
+        ("vanilla", {}),
+        *((loss_mode, {}) for loss_mode, _ in MICRO_BATCH_MODES),
+        *(("vanilla", each) for each in settings),
+    ]
+
+
+EngineRuns = Callable[..., tuple[Any, list[dict[str, Any]]]]
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory: pytest.TempPathFactory) -> EngineRuns:
+    """`engine_runs(world, loss_mode="vanilla", settings=None)`: (the recorded run, verl's
+    logged metrics of each rank) of verl's real FSDP2 engine stepped on CPU with the hook
+    installed (verl_scripts), on `world` processes with `policy_loss.loss_mode` loss_mode and
+    the script's SETTINGS `settings`. The first call for a world trains every job of
+    `engine_jobs(world)` in one launch, each job its own model, worker, hook, run directory
+    and results; a launch that fails fails every test that reads one of its jobs."""
+    launches: dict[int, tuple[subprocess.CompletedProcess[str], list[Path]]] = {}
+
+    def engine_run(
+        world: int, loss_mode: str = "vanilla", settings: dict[str, Any] | None = None
+    ) -> tuple[Any, list[dict[str, Any]]]:
+        jobs = engine_jobs(world)
+        if world not in launches:
+            tmp = tmp_path_factory.mktemp(f"engine{world}")
+            directories = [tmp / f"job{n}" for n in range(len(jobs))]
+            launch = [(d, mode, each) for d, (mode, each) in zip(directories, jobs, strict=True)]
+            launches[world] = engine_process(world, launch), directories
+        done, directories = launches[world]
+        assert done.returncode == 0, done.stderr[-3000:]
+        return engine_result(directories[jobs.index((loss_mode, settings or {}))], world)
+
+    return engine_run
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1-rank", "2-ranks-torchrun"])
-def engine_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """verl's real FSDP2 engine stepped on CPU with the hook installed (verl_scripts)."""
-    return run_engine(tmp_path_factory.mktemp(f"engine{request.param}"), request.param)
+def engine_run(request: pytest.FixtureRequest, engine_runs: EngineRuns) -> Any:
+    """verl's real FSDP2 engine with policy_loss.loss_mode vanilla, on 1 or 2 ranks."""
+    return engine_runs(request.param)
 
 
-def run_engine(
-    tmp: Path, world: int, loss_mode: str = "vanilla", settings: dict[str, Any] | None = None
-) -> Any:
-    """(the recorded run, verl's logged metrics of each rank) of `ENGINE_SCRIPT` on `world`
-    processes with `policy_loss.loss_mode` loss_mode and the script's SETTINGS `settings`."""
-    done = engine_process(tmp, world, loss_mode, settings)
-    assert done.returncode == 0, done.stderr[-3000:]
+def engine_result(tmp: Path, world: int) -> tuple[Any, list[dict[str, Any]]]:
+    """(the recorded run, verl's logged metrics of each rank) of an engine job run in `tmp`."""
     result = tmp / "result.json"
     ranks = [json.loads(result.read_text())]
     ranks += [json.loads(Path(f"{result}.rank{r}").read_text()) for r in range(1, world)]
@@ -865,10 +939,10 @@ def run_engine(
 
 
 def engine_process(
-    tmp: Path, world: int, loss_mode: str, settings: dict[str, Any] | None
+    world: int, jobs: list[tuple[Path, str, dict[str, Any]]]
 ) -> subprocess.CompletedProcess[str]:
-    """`ENGINE_SCRIPT` run to its end, writing tmp/run and tmp/result.json."""
-    out, result = tmp / "run", tmp / "result.json"
+    """`ENGINE_SCRIPT` on `world` processes run to its end, each job (TMP, loss_mode,
+    SETTINGS) writing TMP/run and TMP/result.json."""
     if world == 1:
         command = [sys.executable, str(ENGINE_SCRIPT)]
     else:
@@ -877,14 +951,11 @@ def engine_process(
             "--master-port", str(free_port()),
         ]  # fmt: skip
         command.append(str(ENGINE_SCRIPT))
+    for tmp, loss_mode, settings in jobs:
+        tmp.mkdir(parents=True, exist_ok=True)
+        command += [str(tmp / "run"), str(tmp / "result.json"), loss_mode, json.dumps(settings)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
-    return subprocess.run(
-        [*command, str(out), str(result), loss_mode, json.dumps(settings or {})],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600 * len(jobs))
 
 
 def test_engine_steps_are_recorded(engine_run: Any) -> None:
@@ -956,22 +1027,16 @@ def test_engine_groups_split_across_ranks_are_marked(engine_run: Any) -> None:
 
 
 @pytest.mark.parametrize("world", [1, 2], ids=["1-rank", "2-ranks-torchrun"])
-@pytest.mark.parametrize(
-    ("loss_mode", "spec"),
-    [
-        ("geo_mean", "gmpo:eps_high=0.2,eps_low=0.2,mean=micro"),
-        ("kl_cov", "kl-cov:cov=micro,logp_dtype=bfloat16,ratio=0.2"),
-    ],
-)
+@pytest.mark.parametrize(("loss_mode", "spec"), MICRO_BATCH_MODES)
 def test_engine_micro_batch_losses_replay_verls_loss(
-    loss_mode: str, spec: str, world: int, tmp_path: Path
+    loss_mode: str, spec: str, world: int, engine_runs: EngineRuns
 ) -> None:
     """geo_mean and kl_cov on verl's real FSDP2 engine, dynamic batching cutting each rank's
     mini-batch into micro-batches of its own choosing: the recorded gmpo:mean=micro
     (kl-cov:cov=micro) replays verl's logged pg_loss of every step (on 2 ranks, the mean over
     ranks of each rank's sum of micro-batch losses), and replay's verl_pg_clipfrac(_lower)
     verl's logged ones where verl logs them (geo_mean)."""
-    run, ranks = run_engine(tmp_path, world, loss_mode)
+    run, ranks = engine_runs(world, loss_mode)
     assert run.manifest["world_size"] == world
     assert run.step_numbers == [0, 1, 2, 3, 4]  # recorded, not refused, on every rank count
     assert run.policy_spec == spec
@@ -988,54 +1053,15 @@ def test_engine_micro_batch_losses_replay_verls_loss(
     assert max(micro) > world
 
 
-KL_LOSS = {"use_kl_loss": True, "kl_loss_coef": 0.1}
-
-
-@pytest.mark.parametrize(
-    ("world", "settings", "spec"),
-    [
-        pytest.param(
-            1,
-            {
-                "engine": {"use_dynamic_bsz": False, "micro_batch_size_per_gpu": 1},
-                "actor": {"clip_ratio_c": 1.5, "loss_agg_mode": "seq-mean-token-mean"},
-            },
-            "dual-clip:agg=seq-mean-token-mean,c=1.5,rows=all",
-            id="micro-batches-of-1-dual-clip",
-        ),
-        pytest.param(
-            1,
-            {"actor": KL_LOSS},
-            "dual-clip:beta=0.1,kl_max=10,kl_weight=none",
-            id="kl-low-var-kl",
-        ),
-        pytest.param(
-            2,
-            {
-                "actor": {
-                    **KL_LOSS,
-                    "kl_loss_type": "k3",
-                    "loss_agg_mode": "seq-mean-token-sum-norm",
-                    "loss_scale_factor": 9,
-                },
-            },
-            "dual-clip:agg=seq-mean-token-sum-norm,beta=0.1,kl_max=10,kl_weight=none,max_len=9,"
-            "rows=all",
-            id="kl-k3-loss-scale-factor-2-ranks",
-        ),
-        pytest.param(
-            1, {"calculate_entropy": True}, "dual-clip", id="entropy-computed-coefficient-0"
-        ),
-    ],
-)
+@pytest.mark.parametrize(("world", "settings", "spec"), ACTOR_SETTINGS)
 def test_engine_actor_settings_replay_verls_logged_metrics(
-    world: int, settings: dict[str, Any], spec: str, tmp_path: Path
+    world: int, settings: dict[str, Any], spec: str, engine_runs: EngineRuns
 ) -> None:
     """Actor settings on verl's real FSDP2 engine (2 ppo epochs x 2 mini-batches, then a
     skipped update): one step per optimizer step, and the recorded policy replays verl's
     logged pg_loss (+ kl_loss_coef * kl_loss), pg_clipfrac(_lower), and the recorded ppo_kl
     is verl's, to 1e-6."""
-    run, ranks = run_engine(tmp_path, world, settings=settings)
+    run, ranks = engine_runs(world, settings=settings)
     assert run.step_numbers == [0, 1, 2, 3, 4]
     assert run.policy_spec == spec
     (own,) = replay_run(run, [spec], config=ReplayConfig(device="cpu")).policies
@@ -1061,7 +1087,7 @@ def test_engine_entropy_bonus_is_refused_in_one_line_and_training_goes_on(tmp_pa
     """entropy_coeff != 0 (verl's trainer then computes the entropy): one warning line naming
     the entropy bonus, no step recorded, and verl's 5 updates all run."""
     settings = {"actor": {"entropy_coeff": 0.01}, "calculate_entropy": True}
-    done = engine_process(tmp_path, 1, "vanilla", settings)
+    done = engine_process(1, [(tmp_path, "vanilla", settings)])
     assert done.returncode == 0, done.stderr[-3000:]
     warnings = [line for line in done.stderr.splitlines() if "stabledrl" in line]
     assert len(warnings) == 1

@@ -1,17 +1,19 @@
 """Drives verl 0.9's real `TrainingWorker` (FSDP2 engine) on CPU (gloo), hook installed.
 
-    python fsdp_engine_run.py OUT RESULT.json [LOSS_MODE [SETTINGS]]            (one process)
-    torchrun --nproc-per-node 2 fsdp_engine_run.py OUT RESULT.json [LOSS_MODE [SETTINGS]]
+    python fsdp_engine_run.py OUT RESULT.json LOSS_MODE SETTINGS [...]           (one process)
+    torchrun --nproc-per-node 2 fsdp_engine_run.py OUT RESULT.json LOSS_MODE SETTINGS [...]
 
-A tiny random Llama is trained through `TrainingWorker.train_mini_batch` with verl's own
-`ppo_loss` (what `ActorRolloutRefWorker.update_actor` calls; `policy_loss.loss_mode`
-LOSS_MODE, default vanilla; kl_cov with kl_cov_ratio 0.2): one rollout for 2 ppo epochs x 2
-mini-batches, then a mini-batch with a NaN advantage (verl skips that update). SETTINGS, a
-JSON object, sets more: "actor" (ActorConfig fields, e.g. use_kl_loss, loss_scale_factor,
-entropy_coeff), "engine" (FSDPEngineConfig fields, e.g. use_dynamic_bsz,
-micro_batch_size_per_gpu) and "calculate_entropy" (as verl's trainer sets it). Each rank
-writes verl's own logged metrics of each mini-batch to RESULT.json (rank 0) or
-RESULT.json.rank<r>.
+Each four arguments are a job, the jobs run one after the other in the same processes (torch
+and verl imported once). A job trains a tiny random Llama through
+`TrainingWorker.train_mini_batch` with verl's own `ppo_loss` (what
+`ActorRolloutRefWorker.update_actor` calls; `policy_loss.loss_mode` LOSS_MODE, e.g. vanilla;
+kl_cov with kl_cov_ratio 0.2): one rollout for 2 ppo epochs x 2 mini-batches, then a
+mini-batch with a NaN advantage (verl skips that update). SETTINGS, a JSON object, sets more:
+"actor" (ActorConfig fields, e.g. use_kl_loss, loss_scale_factor, entropy_coeff), "engine"
+(FSDPEngineConfig fields, e.g. use_dynamic_bsz, micro_batch_size_per_gpu) and
+"calculate_entropy" (as verl's trainer sets it). Each job builds its own model, worker and
+hook (install(OUT), uninstall() at its end), and each rank writes verl's own logged metrics
+of each mini-batch to RESULT.json (rank 0) or RESULT.json.rank<r>.
 
 Where CPU stops, and the stand-ins used here: verl falls back to the CUDA platform without an
 accelerator, so a CPU platform is registered through verl's plugin registry (cpu_platform)
@@ -115,7 +117,8 @@ def worker(path: str, engine: dict[str, Any]) -> TrainingWorker:
     return built
 
 
-def main(out: str, result: str, loss_mode: str = "vanilla", settings: str = "{}") -> None:
+def train(out: str, result: str, loss_mode: str, settings: str) -> None:
+    """One job: OUT RESULT.json LOSS_MODE SETTINGS (the module docstring)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     options = json.loads(settings)
     model_dir = [tempfile.mkdtemp() if rank == 0 else None]
@@ -164,9 +167,12 @@ def main(out: str, result: str, loss_mode: str = "vanilla", settings: str = "{}"
     stabledrl_verl.uninstall()
     target = result if rank == 0 else f"{result}.rank{rank}"
     Path(target).write_text(json.dumps({"rank": rank, "world": world, "steps": steps}))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    jobs = sys.argv[1:]
+    assert jobs and len(jobs) % 4 == 0, "usage: see the module docstring"
+    for start in range(0, len(jobs), 4):
+        train(*jobs[start : start + 4])
+    dist.destroy_process_group()
     exit_without_finalizing()
