@@ -728,21 +728,17 @@ def test_a_compiled_optimizer_step_leaves_the_hooks_to_run_uncompiled(tmp_path):
     assert open_run(tmp_path / "run").step_numbers == list(range(10))
 
 
-@pytest.mark.parametrize("clip", ["clip_grad_norm_", "get_total_norm"])
-def test_a_clip_compiled_whole_is_left_as_torchs(tmp_path, clip):
-    """`torch.compile(fullgraph=True)` of a function that clips: it compiles as one graph, as
-    it does without record (the clip is not seen: docs/recording.md). Before, the hooks'
-    clip wrappers were traced with it, their `.tolist()` broke the graph and the training
-    died of torch._dynamo.exc.Unsupported (exit 1)."""
-    call = {
-        "clip_grad_norm_": "torch.nn.utils.clip_grad_norm_(params, 1.0)",
-        "get_total_norm": "torch.nn.utils.clip_grads_with_norm_("
-        "params, 1.0, torch.nn.utils.get_total_norm([p.grad for p in params]))",
-    }[clip]
+def test_a_clip_compiled_whole_is_left_as_torchs(tmp_path):
+    """`torch.compile(fullgraph=True)` of a function that clips, by clip_grad_norm_ (steps
+    0-2) then by get_total_norm + clip_grads_with_norm_ (steps 3-5, a function compiled on
+    its own): each compiles as one graph, as it does without record (the clip is not seen:
+    docs/recording.md). Before, the hooks' clip wrappers were traced with it, their
+    `.tolist()` broke the graph and the training died of torch._dynamo.exc.Unsupported (exit
+    1) at the first such clip: one child checks both, each clip's breakage fails it."""
     script = tmp_path / "train.py"
     script.write_text(
         textwrap.dedent(
-            f"""
+            """
             import torch
 
             torch.manual_seed(0)
@@ -751,21 +747,28 @@ def test_a_clip_compiled_whole_is_left_as_torchs(tmp_path, clip):
             optimizer = torch.optim.SGD(params, lr=0.1)
 
             @torch.compile(fullgraph=True, backend="eager")
-            def clip():
-                {call}
+            def clip_grad_norm():
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
 
-            for _ in range(3):
-                optimizer.zero_grad()
-                model(torch.randn(4, 2)).sum().backward()
-                clip()
-                optimizer.step()
-            print("trained")
+            @torch.compile(fullgraph=True, backend="eager")
+            def clip_with_total_norm():
+                torch.nn.utils.clip_grads_with_norm_(
+                    params, 1.0, torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+            for clip in (clip_grad_norm, clip_with_total_norm):
+                for _ in range(3):
+                    optimizer.zero_grad()
+                    model(torch.randn(4, 2)).sum().backward()
+                    clip()
+                    optimizer.step()
+                print("trained", clip.__name__, flush=True)
             """
         )
     )
     result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script))
-    assert (result.stdout, result.returncode) == ("trained\n", 0), result.stderr
-    assert open_run(tmp_path / "run").step_numbers == [0, 1, 2]
+    trained = ["trained clip_grad_norm", "trained clip_with_total_norm"]
+    assert (result.stdout.splitlines(), result.returncode) == (trained, 0), result.stderr
+    assert open_run(tmp_path / "run").step_numbers == list(range(6))
 
 
 def test_ranks_started_by_mp_spawn_record_as_ranks(tmp_path):
