@@ -7,6 +7,7 @@ Every default of a replay is declared here once; the CLI's options fall back to 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 from stabledrl_cli.errors import UsageError, quoted
@@ -129,6 +130,20 @@ class ReplayConfig:
     def __post_init__(self) -> None:
         checks = (
             (
+                "device",
+                "must be a device name such as 'cpu' or 'cuda:1', not "
+                + type(self.device).__name__,
+                _device(self.device),
+            ),
+            ("detail", _NOT_A_BOOL + type(self.detail).__name__, isinstance(self.detail, bool)),
+            ("lean", _NOT_A_BOOL + type(self.lean).__name__, isinstance(self.lean, bool)),
+            (
+                "guards",
+                "must be a tuple of guard specs (strings), not " + _type_names(self.guards),
+                isinstance(self.guards, tuple | list)
+                and all(isinstance(spec, str) for spec in self.guards),
+            ),
+            (
                 "chunk_size",
                 "must be an integer >= 1",
                 self.chunk_size is None or _positive_int(self.chunk_size),
@@ -225,6 +240,23 @@ def replay_config(
         detail=detail,
         guards=DEFAULT_GUARDS if guards is None else guards,
     )
+
+
+_NOT_A_BOOL = "must be True or False, not "
+
+
+def _device(value: object) -> bool:
+    """Whether `value` is a device name or a torch.device (torch is loaded if one exists)."""
+    torch = sys.modules.get("torch")
+    return isinstance(value, str) or (torch is not None and isinstance(value, torch.device))
+
+
+def _type_names(value: object) -> str:
+    """`value`'s type, and its items' when it is a tuple or list ("list of int")."""
+    if isinstance(value, tuple | list):
+        items = sorted({type(item).__name__ for item in value if not isinstance(item, str)})
+        return f"{type(value).__name__} of {', '.join(items)}"
+    return type(value).__name__
 
 
 def _positive_int(value: object) -> bool:
