@@ -56,7 +56,7 @@ from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
 from stabledrl_cli.replay.inspection import group_findings
-from stabledrl_cli.replay.run_facts import DAMAGED_KINDS, shown_reasons
+from stabledrl_cli.replay.run_facts import DAMAGED_KINDS, shown_reasons, whole_run_refusal
 
 if TYPE_CHECKING:
     from stabledrl_cli.replay.follow import Alert, RankProgress, RunWatcher, WatchState
@@ -257,12 +257,23 @@ def _warn_damaged(watcher: RunWatcher) -> None:
         err.print(damaged, highlight=False)
 
 
+def _no_step_read(watcher: RunWatcher, state: WatchState, message: str) -> InputError:
+    """The error of a watch that read no step. A finding of the whole run that skips every
+    step (an archive index that failed its checksum: no step file is damaged) is named as a
+    replay names it (`whole_run_refusal`); else `message`, after the warning naming the
+    damaged step files."""
+    refusal = None if watcher.replay is None else whole_run_refusal(watcher.replay.run)
+    if refusal is not None:
+        return InputError(refusal)
+    _warn_damaged(watcher)
+    return InputError(_with_ranks(message, state))
+
+
 def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
     watcher.poll()
     state = watcher.state()
     if state.steps == 0:
-        _warn_damaged(watcher)  # why no step could be read
-        raise InputError(_with_ranks(f"{state.run}: the run has no readable step yet", state))
+        raise _no_step_read(watcher, state, f"{state.run}: the run has no readable step yet")
     _require_replayed(watcher)
     results = _gates(watcher, gates)
     _warn_damaged(watcher)
@@ -348,15 +359,13 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
             _end_view()  # the error's line is a line of its own
             raise
     _end_view()
-    if state.steps == 0:
-        _warn_damaged(watcher)  # why no step could be read
     if state.steps == 0 and watcher.closed:
-        raise InputError(
-            _with_ranks(f"{watcher.path}: the recording closed with no readable step", state)
+        raise _no_step_read(
+            watcher, state, f"{watcher.path}: the recording closed with no readable step"
         )
     if state.steps == 0:
-        raise InputError(
-            _with_ranks(f"{watcher.path}: no step landed within {until_idle:g} s", state)
+        raise _no_step_read(
+            watcher, state, f"{watcher.path}: no step landed within {until_idle:g} s"
         )
     err.print(f"{ended}: stopped ({counted(state.steps, 'step')} seen)", highlight=False)
     _require_replayed(watcher)

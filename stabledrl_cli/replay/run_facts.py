@@ -96,6 +96,16 @@ def no_steps_message(run: Run, skipped: list[str]) -> str:
     return f"{run.location}: no step could be read ({files_skipped(skipped)})"
 
 
+def whole_run_refusal(run: Run) -> str | None:
+    """`no_steps_message` for a run that a finding of the whole run leaves with no readable
+    step (an archive index that failed its checksum skips every step), whatever else is
+    asked of it; None without such a finding. Found from the header checks (no step file is
+    read for it)."""
+    if any(f.step is None and f.kind in SKIPPED_KINDS for f in run.header_findings()):
+        return no_steps_message(run, skipped_reasons(run))
+    return None
+
+
 def files_skipped(skipped: Sequence[str]) -> str:
     """How many step files were skipped ("2 step files were skipped: "), with the first
     reasons (`shown_reasons`)."""
