@@ -274,14 +274,14 @@ class OwnReplay:
         """The replay of the own policy over the steps replayed so far, as `replay_run` gives
         it for those steps (what `check`'s gates read). InputError before any step with a
         policy batch (`NothingToReplay` after scalar steps only) and when every step with one
-        was rejected."""
+        was rejected, naming the skipped step files as `replay_run` does."""
         refused = self.unreplayable()
         if refused is not None:
             raise refused
         if not self._steps:
             if self.seen:
-                raise nothing_to_replay(self.run, len(self.seen))
-            raise InputError(no_steps_message(self.run, skipped_reasons(self.run)))
+                raise nothing_to_replay(self.run, len(self.seen), self.skipped())
+            raise InputError(no_steps_message(self.run, self.skipped()))
         policies = [self.policy] if self.policy is not None else []
         return replay_result(
             self.run,
