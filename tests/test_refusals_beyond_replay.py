@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from _cli import run_cli_together
-from _corpus import edit_archive, flip_index
+from _corpus import edit_archive, flip_index, packed
 
 import stabledrl_cli as sd
 from stabledrl_cli.replay.config import ReplayConfig
@@ -77,3 +77,16 @@ def test_the_follower_refuses_a_scalar_run_with_a_step_skipped_as_replay_does(tm
     assert "no readable step holds a policy batch (4 steps of per-step scalars; 1 step file " in (
         str(followed.value)
     )
+
+
+@pytest.mark.parametrize("damaged", ["both", "A", "B"])
+def test_diff_names_an_archive_index_that_fails_its_checksum(tmp_path, damaged):
+    """It said "error: A.h5 and B.h5 share no step: nothing to compare", as if the runs were
+    of other steps."""
+    broken = _index_failure(tmp_path / "broken")
+    intact = packed(tmp_path)
+    other = _index_failure(tmp_path / "other") if damaged == "both" else intact
+    a, b = (intact, broken) if damaged == "B" else (broken, other)
+    (done,) = run_cli_together(["diff", a, b, "--device", "cpu"])
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.strip().splitlines() == [_refusal(broken)]

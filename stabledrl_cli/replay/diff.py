@@ -31,7 +31,12 @@ from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
 from stabledrl_cli.dump._schema import SERIES_SCALARS, STANDARD_SCALARS
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay.config import ConfigError, ReplayConfig
-from stabledrl_cli.replay.run_facts import SKIPPED_KINDS, own_spec, shown_reasons
+from stabledrl_cli.replay.run_facts import (
+    SKIPPED_KINDS,
+    own_spec,
+    shown_reasons,
+    whole_run_refusal,
+)
 from stabledrl_cli.vocab import DIFF_KINDS, DiffKind
 
 INPUT_FIELDS = (
@@ -339,7 +344,8 @@ def diff_runs(
 ) -> DiffResult:
     """Where runs `a` and `b` part (module docstring). ConfigError (a usage error naming the
     setting) for a negative or non-finite tolerance or a negative context; InputError when
-    they share no step, or record different units (the same arrays would mean other things)."""
+    they share no step, record different units (the same arrays would mean other things), or
+    when a finding of the whole run leaves one with no readable step (`whole_run_refusal`)."""
     for name, value in (("atol", atol), ("rtol", rtol)):
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(name, f"must be a finite number >= 0, got {value}")
@@ -351,6 +357,10 @@ def diff_runs(
             f"{a.location} records {a.unit} entries, {b.location} {b.unit} entries: their steps "
             "are not comparable"
         )
+    for run in (a, b):
+        refusal = whole_run_refusal(run)
+        if refusal is not None:
+            raise InputError(refusal)
     steps_a, steps_b = a.step_numbers, b.step_numbers
     _warn_skipped(a, steps_a)
     _warn_skipped(b, steps_b)
