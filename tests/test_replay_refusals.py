@@ -130,6 +130,23 @@ def test_a_replay_of_an_opened_run_leaves_it_open_for_its_caller(tmp_path):
     assert opened.step_numbers == list(range(STEPS))
 
 
+@pytest.mark.parametrize("where", ["directory", "archive"])
+def test_a_run_opened_in_a_with_block_is_closed_at_its_end(tmp_path, where):
+    """`with sd.open_run(PATH) as run:` closes what the run holds open when the block ends,
+    also when the block raises; closing twice is harmless."""
+    if where == "archive":
+        run_path = _scalar_archive(tmp_path)
+    else:
+        run_path = _multirank_scalar_run(tmp_path / "run", behind=0)
+    with sd.open_run(run_path) as run:
+        assert run.step_numbers == list(range(STEPS))
+    assert _open_files(run_path) == []
+    with pytest.raises(InputError), sd.open_run(run_path) as run:
+        sd.replay(run, "grpo")
+    assert _open_files(run_path) == []
+    run.close()
+
+
 def test_an_own_policy_that_cannot_act_on_the_runs_units_is_noted_not_a_usage_error(tmp_path):
     """A manifest naming stabledrl:level=token for a run of sequence units (no Recorder
     writes it; another writer may): replay without -p is the catalogue's, with the note a

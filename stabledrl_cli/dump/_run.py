@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 _Default = TypeVar("_Default")
+_RunT = TypeVar("_RunT", bound="Run")
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -277,6 +278,17 @@ class Run(ABC):
             )
             for name, found in pairs.items()
         }
+
+    def close(self) -> None:
+        """Releases what the run holds open between reads (an archive's file; a directory
+        holds none); the run is not read after. Closing twice is harmless."""
+        return None
+
+    def __enter__(self: _RunT) -> _RunT:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.location!r})"

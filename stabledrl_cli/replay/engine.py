@@ -26,7 +26,6 @@ import torch
 
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
 from stabledrl_cli.replay.columns import derive_series, device_metrics
@@ -432,5 +431,4 @@ def _opened(run: str | os.PathLike[str] | Run) -> Iterator[Run]:
     try:
         yield opened
     finally:
-        if isinstance(opened, ArchiveRun):
-            opened.close()
+        opened.close()
