@@ -40,7 +40,7 @@ from stabledrl_cli.replay.gate import Gates, evaluate
 from stabledrl_cli.replay.hdf5 import REPORT_KIND, read_hdf5, write_hdf5
 from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood, observe
 from stabledrl_cli.replay.report import print_detail
-from stabledrl_cli.replay.stream import array_bytes, read_arrays
+from stabledrl_cli.replay.stream import array_bytes, read_arrays, step_row_bytes
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -357,7 +357,8 @@ def test_chunk_size_does_not_change_results(plain_run):
 
 
 def test_memory_budget_bounds_each_chunk_and_does_not_change_results(plain_run, monkeypatch):
-    step_bytes = array_bytes(read_arrays(next(iter(sd.open_run(plain_run).steps())), "run"))
+    arrays = read_arrays(next(iter(sd.open_run(plain_run).steps())), "run")
+    step_bytes = array_bytes(arrays) + step_row_bytes(2)  # its arrays and its rows' metrics
     chunks: list[int] = []
     moved = stream.to_device
 

@@ -2,18 +2,19 @@
 
 Per step, `prepare` runs once and every policy is evaluated on the prepared batch
 (`metrics.step_metrics`). Steps are read in chunks of at most half `memory_budget` bytes of
-arrays (and at most `chunk_size` steps when given), the next chunk on a thread of its own while
-the current one is computed (`read_ahead`); each chunk's arrays go to the device in one
-transfer per field and its per-step results come back in one transfer, after which the
-chunk's arrays are dropped: memory holds two chunks of arrays (the budget) plus
-O(steps x policies) scalars, whatever the run's length, and a step's per-entry arrays of every
-policy; a lean pass (`tune`) evaluates a step's policies a group at a time instead, each group
-with a copy of the prepared batch of its own (what its policies memoize goes with it), holding
-about half the budget of their arrays a computing thread (as `group_size` estimates them; at
-least one policy), whatever their number. Each step is computed on its own, so
-results do not depend on the chunk size; with `threads` > 1 a chunk's steps are computed that
-many at a time, each on one thread of its own (`computing_threads`), so they do not depend on
-the thread count either. The same pass pools the noise floor of the steps
+arrays and of the rows they will make (a row of metrics a policy; at most `chunk_size` steps
+when given), the next chunk on a thread of its own while the current one is computed
+(`read_ahead`); each chunk's arrays go to the device in one transfer per field and its per-step
+results come back in one transfer, written in place into the one buffer of every step's rows,
+after which the chunk's arrays and rows are dropped: memory holds two chunks (the budget) plus
+the [steps, policies, metrics] rows once, whatever the run's length, and a step's per-entry
+arrays of every policy; a lean pass (`tune`) evaluates a step's policies a group at a time
+instead, each group with a copy of the prepared batch of its own (what its policies memoize
+goes with it), holding about half the budget of their arrays a computing thread (as
+`group_size` estimates them; at least one policy), whatever their number. Each step is computed
+on its own, so results do not depend on the chunk size; with `threads` > 1 a chunk's steps are
+computed that many at a time, each on one thread of its own (`computing_threads`), so they do
+not depend on the thread count either. The same pass pools the noise floor of the steps
 recorded with inner_step 0 and the collapse warning's measurements (the median own-sample
 log-likelihood), both on the host before the transfer, so the observed-run analysis never
 re-reads them.
@@ -31,7 +32,7 @@ problem of the request, and skipping the step would drop it for every other poli
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -304,6 +305,11 @@ def array_bytes(arrays: Arrays) -> int:
     return sum(a.numel() * a.element_size() for a in arrays.values())
 
 
+def step_row_bytes(policies: int) -> int:
+    """Bytes of a step's row of device metrics over `policies` policies (float64)."""
+    return policies * len(columns.device_metrics()) * np.dtype(np.float64).itemsize
+
+
 def _read_chunks(
     run: Run,
     policies: Sequence[Policy],
@@ -314,14 +320,16 @@ def _read_chunks(
     shard: Iterable[Step] | None = None,
 ) -> Iterator[tuple[list[Step], list[Arrays], list[Measures], int]]:
     """The run's readable steps (or `shard`'s) that hold a policy batch, their arrays (CPU),
-    their measures and the arrays' bytes, a chunk at a time: a chunk closes at the step that
-    brings its arrays to `memory_budget` bytes, or to `chunk_size` steps. Runs on the
-    read-ahead thread. Takes each step's collapse-warning measurement and noise-floor moments
-    on the way (on the host, before any transfer; pooled by the caller once the step is
-    prepared); appends the number of each scalar step (no batch) to `scalar_steps`, and each
-    step whose arrays it cannot read to `rejected` (`rejection`); InputError for a step that
-    lacks a field a policy needs (`check_step`)."""
+    their measures and the bytes of the arrays and of the rows they make (one row of device
+    metrics a policy), a chunk at a time: a chunk closes at the step that brings those bytes to
+    `memory_budget`, or its steps to `chunk_size`. Runs on the read-ahead thread. Takes each
+    step's collapse-warning measurement and noise-floor moments on the way (on the host, before
+    any transfer; pooled by the caller once the step is prepared); appends the number of each
+    scalar step (no batch) to `scalar_steps`, and each step whose arrays it cannot read to
+    `rejected` (`rejection`); InputError for a step that lacks a field a policy needs
+    (`check_step`)."""
     where, unit = run.location, run_unit(run)
+    row_bytes = step_row_bytes(len(policies))
     steps: list[Step] = []
     arrays: list[Arrays] = []
     measures: list[Measures] = []
@@ -339,7 +347,7 @@ def _read_chunks(
         measures.append(host_measures(step, step_arrays, unit))
         steps.append(step)
         arrays.append(step_arrays)
-        held += array_bytes(step_arrays)
+        held += array_bytes(step_arrays) + row_bytes
         if held >= memory_budget or len(steps) == chunk_size:
             yield steps, arrays, measures, held
             steps, arrays, measures, held = [], [], [], 0
@@ -364,6 +372,24 @@ def host_measures(step: Step, arrays: Arrays, unit: Unit) -> Measures:
     return likelihood, floor
 
 
+def expected_rows(run: Run, steps: Iterable[Step] | None) -> int:
+    """The rows the streaming pass makes room for at its start: as many as `steps` holds, or
+    the run lists when None (scalar and rejected steps make none); 0 for steps that come one
+    at a time (a shard's)."""
+    if steps is None:
+        return len(run.listed_step_numbers)
+    return len(steps) if isinstance(steps, Sized) else 0
+
+
+def grown(metrics: np.ndarray, filled: int, needed: int) -> np.ndarray:
+    """A buffer of at least `needed` rows, at least twice `metrics`' (so a run that outgrows
+    its expected rows is copied O(log S) times), holding the first `filled` rows of
+    `metrics`."""
+    bigger = np.empty((max(needed, 2 * len(metrics)), *metrics.shape[1:]), dtype=metrics.dtype)
+    bigger[:filled] = metrics[:filled]
+    return bigger
+
+
 def stream_run(
     run: Run,
     policies: list[Policy],
@@ -379,13 +405,17 @@ def stream_run(
 ) -> StreamedRun:
     """Every policy over every readable step of `run` (corrupt steps are skipped, steps whose
     data it cannot use rejected: module docstring), or over `steps` only (a shard of it,
-    `replay.shards`), read in chunks of at most half `memory_budget` bytes of arrays (and
-    `chunk_size` steps, when given), one chunk ahead, each chunk's steps computed `threads` at
-    a time."""
+    `replay.shards`), read in chunks of at most half `memory_budget` bytes of arrays and rows
+    (and `chunk_size` steps, when given), one chunk ahead, each chunk's steps computed `threads` at
+    a time. Each chunk's rows are written in place into one [S, P, M] buffer (`expected_rows`
+    of them, `grown` past that), so the metrics are held once, plus a chunk's rows."""
     where, unit = run.location, run_unit(run)
     ranks = run_ranks(run)
     numbers: list[int] = []
-    blocks: list[np.ndarray] = []
+    metrics = np.empty(
+        (expected_rows(run, steps), len(policies), len(columns.device_metrics())),
+        dtype=np.float64,
+    )
     kinds: list[StepGeometryKind] = []
     loss: list[float] = []
     covered: list[float] = []
@@ -431,7 +461,10 @@ def stream_run(
                 loss.append(step.scalars.get("loss", math.nan))
                 covered.append(step.scalars.get("grad_norm_covered", math.nan))
             if rows:
-                blocks.append(torch.stack(rows).cpu().numpy())
+                end = len(numbers)
+                if end > len(metrics):
+                    metrics = grown(metrics, end - len(rows), end)
+                torch.from_numpy(metrics[end - len(rows) : end]).copy_(torch.stack(rows))
             done = len(chunk)
             computed += held
             # The chunk's steps hold their files' buffers: dropped before the next chunk is read.
@@ -443,14 +476,9 @@ def stream_run(
                 progress(done)
     if progress is not None and len(rejected) > refused:
         progress(len(rejected) - refused)
-    metrics = (
-        np.concatenate(blocks)
-        if blocks
-        else np.zeros((0, len(policies), len(columns.device_metrics())), dtype=np.float64)
-    )
     return StreamedRun(
         step_numbers=np.array(numbers, dtype=np.int64),
-        metrics=metrics,
+        metrics=metrics[: len(numbers)],
         geometry=tuple(kinds),
         approximate=approximate,
         loss=np.array(loss, dtype=np.float64),
