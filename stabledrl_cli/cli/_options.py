@@ -154,8 +154,9 @@ MemoryBudgetOpt = Annotated[
     typer.Option(
         "--memory-budget",
         metavar="SIZE",
-        help="Step arrays held at a time (the chunk computed and the one read ahead, half "
-        f"each), e.g. 256M or 1G (default {DEFAULT_MEMORY_BUDGET // 2**20}M).",
+        help="Step arrays and their rows of metrics held at a time (the chunk computed and "
+        "the one read ahead, half each), e.g. 256M or 1G "
+        f"(default {DEFAULT_MEMORY_BUDGET // 2**20}M).",
     ),
 ]
 ThreadsOpt = Annotated[
