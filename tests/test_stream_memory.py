@@ -1,4 +1,5 @@
-"""The streaming pass holds its [steps, policies, metrics] rows once, plus a chunk's.
+"""The streaming pass holds its [steps, policies, metrics] rows once, plus a chunk's, and the
+follower behind watch and diff its own policy's rows once.
 
 The peak is the process's resident memory (its rows are torch's, which tracemalloc does not
 see), measured in a fresh interpreter: a heap left by earlier tests could hide what the pass
@@ -10,15 +11,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-pytestmark = pytest.mark.skipif(
+from stabledrl_cli.dump import open_run
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.incremental import OwnReplay
+
+needs_peak_rss = pytest.mark.skipif(
     not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak RSS"
 )
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
-SCENARIO = """
+SETUP = """
 import torch
 torch.set_num_threads(1)  # as a replay computes
 from stabledrl_cli.dump import open_run
@@ -34,6 +40,9 @@ def random_row(item, *, policies, **_):  # the row's shape, without the policies
     return metrics, "coef", None
 
 stream._step_row = random_row
+"""
+
+SCENARIO = """
 run = open_run(RUN)
 policies = [get_policy("grpo")] * POLICIES
 stream.stream_run(run, policies[:1], None, torch.device("cpu"))  # what a first pass sets up
@@ -45,15 +54,36 @@ print(streamed.metrics.shape[0], (memory_kb("VmHWM") - start) * 1024 / streamed.
 """
 
 
+@needs_peak_rss
 def test_the_streamed_rows_are_held_once_plus_a_chunk() -> None:
     """2048 policies over the grpo fixture's 160 steps: 68 MB of rows, in chunks of 1 MB of
     arrays and rows. The old pass held a chunk's rows beside their torch.stack, then its
     blocks beside their np.concatenate: 2.0-2.2x the rows above the pass's start; now 1.1x
     (one buffer, written a chunk at a time)."""
-    scenario = SCENARIO.replace("RUN", repr(str(FIXTURES / "grpo"))).replace("POLICIES", "2048")
+    scenario = (
+        (SETUP + SCENARIO).replace("RUN", repr(str(FIXTURES / "grpo"))).replace("POLICIES", "2048")
+    )
     done = subprocess.run(
         [sys.executable, "-c", scenario], capture_output=True, text=True, check=True
     )
     steps, peak_over_rows = done.stdout.split()
     assert int(steps) == 160
     assert float(peak_over_rows) < 1.5
+
+
+def test_the_follower_holds_its_rows_once() -> None:
+    """The follower behind watch and diff (`OwnReplay`) writes each step's rows into one
+    buffer as it reads the run, a few steps at a time: its streamed pass is that buffer's
+    filled rows, not a new join of every block read (the old stream() concatenated them at
+    each call: a second copy of the rows), and equals a pass over the same steps at once."""
+    run = open_run(FIXTURES / "grpo")
+    follower = OwnReplay(run, ReplayConfig(device="cpu"))
+    numbers = run.step_numbers[:30]
+    for start in range(0, len(numbers), 7):
+        follower.extend(numbers[start : start + 7])
+    first, second = follower.stream(), follower.stream()
+    assert np.shares_memory(first.metrics, second.metrics)
+    whole = OwnReplay(open_run(FIXTURES / "grpo"), ReplayConfig(device="cpu"))
+    whole.extend(numbers)
+    assert first.step_numbers.tolist() == whole.stream().step_numbers.tolist()
+    assert np.array_equal(first.metrics, whole.stream().metrics, equal_nan=True)

@@ -44,7 +44,7 @@ from stabledrl_cli.replay.observed import (
 from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import no_steps_message, skipped_reasons
-from stabledrl_cli.replay.stream import StreamedRun, stream_run
+from stabledrl_cli.replay.stream import StreamedRun, grown, stream_run
 from stabledrl_cli.vocab import StepGeometryKind
 
 
@@ -68,7 +68,9 @@ class OwnReplay:
         """The last step read, when it holds a policy batch: its optimizer step's half may
         still be added to it (its file rewritten: docs/recording.md), so its header is read
         again by the next call."""
-        self._blocks: list[np.ndarray] = []
+        self._metrics = np.empty((0, self._width, len(device_metrics())), dtype=np.float64)
+        """The replayed steps' rows, written in place (`stream.grown`): the first
+        len(`_steps`) are filled."""
         self._geometry: list[StepGeometryKind] = []
         self._loss: list[np.ndarray] = []
         self._covered: list[np.ndarray] = []
@@ -158,7 +160,7 @@ class OwnReplay:
                 floor, gathered = streamed.noise_floor, streamed.likelihood
                 read = [int(n) for n in streamed.step_numbers]
                 rejected = streamed.rejected
-                self._blocks.append(streamed.metrics)
+                self._add_rows(streamed.metrics)
                 self._geometry.extend(streamed.geometry)
                 self._loss.append(streamed.loss)
                 self._covered.append(streamed.grad_norm_covered)
@@ -176,6 +178,13 @@ class OwnReplay:
         self._likelihood.extend(gathered)
         self._floor.extend(floor)
         return sorted(batch + scalar + ([] if self._tail is None else [self._tail]))
+
+    def _add_rows(self, rows: np.ndarray) -> None:
+        """Writes these steps' rows after those replayed so far (their steps not yet added)."""
+        filled, end = len(self._steps), len(self._steps) + len(rows)
+        if end > len(self._metrics):
+            self._metrics = grown(self._metrics, filled, end)
+        self._metrics[filled:end] = rows
 
     def _same_tail(self, tail: int, headers: list[Step]) -> bool:
         """Whether `headers` (read past the last final step) are the tail's alone, read again
@@ -208,10 +217,9 @@ class OwnReplay:
 
     def stream(self) -> StreamedRun:
         """What the replay's streaming pass over the steps replayed so far would have kept."""
-        empty = np.zeros((0, self._width, len(device_metrics())), dtype=np.float64)
         return StreamedRun(
             step_numbers=np.array(self._steps, dtype=np.int64),
-            metrics=np.concatenate(self._blocks) if self._blocks else empty,
+            metrics=self._metrics[: len(self._steps)],
             geometry=tuple(self._geometry),
             approximate=self._approximate.copy(),
             loss=np.concatenate(self._loss) if self._loss else np.zeros(0),
