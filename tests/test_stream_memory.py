@@ -1,5 +1,6 @@
-"""The streaming pass holds its [steps, policies, metrics] rows once, plus a chunk's, and the
-follower behind watch and diff its own policy's rows once.
+"""The streaming pass holds its [steps, policies, metrics] rows once, plus a chunk's; the
+driver that joins a sharded pass's rows holds them once, plus a shard's; the follower behind
+watch and diff holds its own policy's rows once.
 
 The peak is the process's resident memory (its rows are torch's, which tracemalloc does not
 see), measured in a fresh interpreter: a heap left by earlier tests could hide what the pass
@@ -69,6 +70,45 @@ def test_the_streamed_rows_are_held_once_plus_a_chunk() -> None:
     steps, peak_over_rows = done.stdout.split()
     assert int(steps) == 160
     assert float(peak_over_rows) < 1.5
+
+
+MERGE_SCENARIO = """
+import pickle
+from stabledrl_cli.replay.shards import merge_streams, plan_shards
+run = open_run(RUN)
+policies = [get_policy("grpo")] * POLICIES
+parts = [  # as the driver receives them: each shard's rows alone, unpickled
+    pickle.loads(pickle.dumps(stream.stream_run(
+        run, policies, None, torch.device("cpu"), steps=run.steps_of(shard), memory_budget=2**21
+    )))
+    for shard in plan_shards(run.listed_step_numbers, 4)
+]
+rows = sum(part.metrics.nbytes for part in parts)
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # the peak from here: the shards' rows are held already
+start = memory_kb("VmRSS")
+merged = merge_streams(run, parts, POLICIES)
+print(merged.metrics.shape[0], (memory_kb("VmHWM") - start) * 1024 / rows)
+"""
+
+
+@needs_peak_rss
+def test_the_driver_holds_the_shards_rows_once_plus_a_shard() -> None:
+    """4096 policies over the grpo fixture's 160 steps in 4 shards of 34 MB of rows each, as
+    the driver of `--engine processes` or `ray` joins them (`merge_streams`). The old join
+    held every shard's rows beside their np.concatenate: 1.0x the rows above the shards'
+    own; now each shard's rows are written into one buffer and the shard dropped: a shard's."""
+    scenario = (
+        (SETUP + MERGE_SCENARIO)
+        .replace("RUN", repr(str(FIXTURES / "grpo")))
+        .replace("POLICIES", "4096")
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", scenario], capture_output=True, text=True, check=True
+    )
+    steps, peak_over_rows = done.stdout.split()
+    assert int(steps) == 160
+    assert float(peak_over_rows) < 0.6
 
 
 def test_the_follower_holds_its_rows_once() -> None:

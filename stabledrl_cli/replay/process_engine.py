@@ -274,4 +274,4 @@ class ProcessEngine:
             parts = _compute(pool, tasks, on_shard, run.location)
         finally:
             _stop(pool)
-        return merge_streams(run, [parts[i] for i in range(len(tasks))], len(policies))
+        return merge_streams(run, [parts.pop(i) for i in range(len(tasks))], len(policies))

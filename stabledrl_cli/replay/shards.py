@@ -31,7 +31,8 @@ from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.config import ConfigError, ReplayConfig
 from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood
-from stabledrl_cli.replay.stream import StreamedRun, stream_run
+from stabledrl_cli.replay.stream import StreamedRun, expected_rows, grown, stream_run
+from stabledrl_cli.vocab import StepGeometryKind
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,38 +171,54 @@ def named_as(exc: StabledrlError, here: str, there: str) -> StabledrlError:
     return exc
 
 
-def merge_streams(run: Run, parts: Sequence[StreamedRun], policies: int) -> StreamedRun:
+def merge_streams(run: Run, parts: list[StreamedRun], policies: int) -> StreamedRun:
     """The run's rows from its shards' (in step order): what `stream_run` gives over all of
-    them. `run`, the driver's, adopts what the shards' readers checked (`Run.adopt_checks`):
-    its integrity report, the steps a replay reports skipped, then reads no step file a worker
-    read, as a local pass leaves its run."""
-    for part in parts:
+    them. Each part's rows are written in place into one [S, P, M] buffer (`expected_rows`
+    of the run's, `grown` past that) and the part is taken out of `parts`, which ends empty:
+    the driver holds the metrics once, plus the parts not yet written. `run`, the driver's,
+    adopts what the shards' readers checked (`Run.adopt_checks`): its integrity report, the
+    steps a replay reports skipped, then reads no step file a worker read, as a local pass
+    leaves its run."""
+    metrics = np.empty(
+        (expected_rows(run, None), policies, len(columns.device_metrics())), dtype=np.float64
+    )
+    filled = 0
+    numbers: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    loss: list[np.ndarray] = [np.zeros(0)]
+    covered: list[np.ndarray] = [np.zeros(0)]
+    geometry: list[StepGeometryKind] = []
+    approximate = np.zeros(policies, dtype=bool)
+    floor, likelihood = NoiseFloor(), OwnLikelihood()
+    scalar_steps = 0
+    rejected: list[tuple[int, str]] = []
+    parts.reverse()
+    while parts:
+        part = parts.pop()
         for checks in part.reader_checks:
             run.adopt_checks(checks)
-    floor, likelihood = NoiseFloor(), OwnLikelihood()
-    for part in parts:
+        end = filled + part.metrics.shape[0]
+        if end > len(metrics):
+            metrics = grown(metrics, filled, end)
+        metrics[filled:end] = part.metrics
+        filled = end
+        numbers.append(part.step_numbers)
+        loss.append(part.loss)
+        covered.append(part.grad_norm_covered)
+        geometry.extend(part.geometry)
+        approximate |= part.approximate
         floor.extend(part.noise_floor)
         likelihood.extend(part.likelihood)
-    blocks = [part.metrics for part in parts if part.metrics.shape[0]]
-
-    def joined(name: str) -> np.ndarray:
-        return np.concatenate([np.zeros(0), *(getattr(part, name) for part in parts)])
-
+        scalar_steps += part.scalar_steps
+        rejected.extend(part.rejected)
     return StreamedRun(
-        step_numbers=np.concatenate(
-            [np.zeros(0, dtype=np.int64), *(part.step_numbers for part in parts)]
-        ),
-        metrics=np.concatenate(blocks)
-        if blocks
-        else np.zeros((0, policies, len(columns.device_metrics())), dtype=np.float64),
-        geometry=tuple(kind for part in parts for kind in part.geometry),
-        approximate=np.logical_or.reduce(
-            [np.zeros(policies, dtype=bool), *(part.approximate for part in parts)]
-        ),
-        loss=joined("loss"),
-        grad_norm_covered=joined("grad_norm_covered"),
+        step_numbers=np.concatenate(numbers),
+        metrics=metrics[:filled],
+        geometry=tuple(geometry),
+        approximate=approximate,
+        loss=np.concatenate(loss),
+        grad_norm_covered=np.concatenate(covered),
         noise_floor=floor,
         likelihood=likelihood,
-        scalar_steps=sum(part.scalar_steps for part in parts),
-        rejected=tuple(rejected for part in parts for rejected in part.rejected),
+        scalar_steps=scalar_steps,
+        rejected=tuple(rejected),
     )
