@@ -78,12 +78,18 @@ def _skipped_findings(run: Run) -> list[Finding]:
     return [f for f in findings if f.kind in SKIPPED_KINDS]
 
 
+def _whole_run(findings: list[Finding]) -> list[Finding]:
+    """The findings that skip every step, naming no step file (an archive index that failed
+    its checksum)."""
+    return [f for f in findings if f.step is None and f.kind in SKIPPED_KINDS]
+
+
 def no_steps_message(run: Run, skipped: list[str]) -> str:
     """Why a run yielded no readable step: a finding of the whole run that skips every step
     (an archive index that failed its checksum: it names no step file), how many step files
     were skipped and the first reasons (else any other integrity finding, e.g. only temporary
     files)."""
-    whole = [f.message for f in _skipped_findings(run) if f.step is None]
+    whole = [f.message for f in _whole_run(_skipped_findings(run))]
     files = [reason for reason in skipped if reason not in whole]
     if whole:
         also = f"; {files_skipped(files)}" if files else ""
@@ -101,7 +107,7 @@ def whole_run_refusal(run: Run) -> str | None:
     step (an archive index that failed its checksum skips every step), whatever else is
     asked of it; None without such a finding. Found from the header checks (no step file is
     read for it)."""
-    if any(f.step is None and f.kind in SKIPPED_KINDS for f in run.header_findings()):
+    if _whole_run(run.header_findings()):
         return no_steps_message(run, skipped_reasons(run))
     return None
 
