@@ -25,7 +25,7 @@ from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
 from stabledrl_cli.dump._views import ReadSteps, StepSubset
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import Policy
-from stabledrl_cli.replay.columns import ColumnArray, derive_series, device_metrics
+from stabledrl_cli.replay.columns import ColumnArray, derive_series
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import (
     nothing_to_replay,
@@ -43,8 +43,9 @@ from stabledrl_cli.replay.observed import (
 )
 from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
 from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.replay.rows import RowBuffer
 from stabledrl_cli.replay.run_facts import no_steps_message, skipped_reasons
-from stabledrl_cli.replay.stream import StreamedRun, grown, stream_run
+from stabledrl_cli.replay.stream import StreamedRun, stream_run
 from stabledrl_cli.vocab import StepGeometryKind
 
 
@@ -68,9 +69,8 @@ class OwnReplay:
         """The last step read, when it holds a policy batch: its optimizer step's half may
         still be added to it (its file rewritten: docs/recording.md), so its header is read
         again by the next call."""
-        self._metrics = np.empty((0, self._width, len(device_metrics())), dtype=np.float64)
-        """The replayed steps' rows, written in place (`stream.grown`): the first
-        len(`_steps`) are filled."""
+        self._metrics = RowBuffer(0, self._width)
+        """The replayed steps' rows, one a step of `_steps`."""
         self._geometry: list[StepGeometryKind] = []
         self._loss: list[np.ndarray] = []
         self._covered: list[np.ndarray] = []
@@ -160,7 +160,7 @@ class OwnReplay:
                 floor, gathered = streamed.noise_floor, streamed.likelihood
                 read = [int(n) for n in streamed.step_numbers]
                 rejected = streamed.rejected
-                self._add_rows(streamed.metrics)
+                self._metrics.append(streamed.metrics)
                 self._geometry.extend(streamed.geometry)
                 self._loss.append(streamed.loss)
                 self._covered.append(streamed.grad_norm_covered)
@@ -178,13 +178,6 @@ class OwnReplay:
         self._likelihood.extend(gathered)
         self._floor.extend(floor)
         return sorted(batch + scalar + ([] if self._tail is None else [self._tail]))
-
-    def _add_rows(self, rows: np.ndarray) -> None:
-        """Writes these steps' rows after those replayed so far (their steps not yet added)."""
-        filled, end = len(self._steps), len(self._steps) + len(rows)
-        if end > len(self._metrics):
-            self._metrics = grown(self._metrics, filled, end)
-        self._metrics[filled:end] = rows
 
     def _same_tail(self, tail: int, headers: list[Step]) -> bool:
         """Whether `headers` (read past the last final step) are the tail's alone, read again
@@ -219,7 +212,7 @@ class OwnReplay:
         """What the replay's streaming pass over the steps replayed so far would have kept."""
         return StreamedRun(
             step_numbers=np.array(self._steps, dtype=np.int64),
-            metrics=self._metrics[: len(self._steps)],
+            metrics=self._metrics.rows,
             geometry=tuple(self._geometry),
             approximate=self._approximate.copy(),
             loss=np.concatenate(self._loss) if self._loss else np.zeros(0),

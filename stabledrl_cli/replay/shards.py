@@ -28,10 +28,10 @@ from stabledrl_cli._version import __version__
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
 from stabledrl_cli.errors import StabledrlError, UsageError
 from stabledrl_cli.policies import Policy
-from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.config import ConfigError, ReplayConfig
 from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood
-from stabledrl_cli.replay.stream import StreamedRun, expected_rows, grown, stream_run
+from stabledrl_cli.replay.rows import RowBuffer
+from stabledrl_cli.replay.stream import StreamedRun, expected_rows, stream_run
 from stabledrl_cli.vocab import StepGeometryKind
 
 
@@ -173,16 +173,13 @@ def named_as(exc: StabledrlError, here: str, there: str) -> StabledrlError:
 
 def merge_streams(run: Run, parts: list[StreamedRun], policies: int) -> StreamedRun:
     """The run's rows from its shards' (in step order): what `stream_run` gives over all of
-    them. Each part's rows are written in place into one [S, P, M] buffer (`expected_rows`
-    of the run's, `grown` past that) and the part is taken out of `parts`, which ends empty:
+    them. Each part's rows are written in place into one `RowBuffer` (room for the run's
+    `expected_rows` at the start) and the part is taken out of `parts`, which ends empty:
     the driver holds the metrics once, plus the parts not yet written. `run`, the driver's,
     adopts what the shards' readers checked (`Run.adopt_checks`): its integrity report, the
     steps a replay reports skipped, then reads no step file a worker read, as a local pass
     leaves its run."""
-    metrics = np.empty(
-        (expected_rows(run, None), policies, len(columns.device_metrics())), dtype=np.float64
-    )
-    filled = 0
+    metrics = RowBuffer(expected_rows(run, None), policies)
     numbers: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
     loss: list[np.ndarray] = [np.zeros(0)]
     covered: list[np.ndarray] = [np.zeros(0)]
@@ -196,11 +193,7 @@ def merge_streams(run: Run, parts: list[StreamedRun], policies: int) -> Streamed
         part = parts.pop()
         for checks in part.reader_checks:
             run.adopt_checks(checks)
-        end = filled + part.metrics.shape[0]
-        if end > len(metrics):
-            metrics = grown(metrics, filled, end)
-        metrics[filled:end] = part.metrics
-        filled = end
+        metrics.append(part.metrics)
         numbers.append(part.step_numbers)
         loss.append(part.loss)
         covered.append(part.grad_norm_covered)
@@ -212,7 +205,7 @@ def merge_streams(run: Run, parts: list[StreamedRun], policies: int) -> Streamed
         rejected.extend(part.rejected)
     return StreamedRun(
         step_numbers=np.concatenate(numbers),
-        metrics=metrics[:filled],
+        metrics=metrics.rows,
         geometry=tuple(geometry),
         approximate=approximate,
         loss=np.concatenate(loss),

@@ -66,6 +66,7 @@ from stabledrl_cli.replay.observed import (
     unit_token_counts,
 )
 from stabledrl_cli.replay.read_ahead import read_ahead
+from stabledrl_cli.replay.rows import RowBuffer
 from stabledrl_cli.vocab import StepGeometryKind, Unit
 
 BASE_FIELDS = ("logp", "logp_old", "advantages", "mask", "seq_id")
@@ -381,15 +382,6 @@ def expected_rows(run: Run, steps: Iterable[Step] | None) -> int:
     return len(steps) if isinstance(steps, Sized) else 0
 
 
-def grown(metrics: np.ndarray, filled: int, needed: int) -> np.ndarray:
-    """A buffer of at least `needed` rows, at least twice `metrics`' (so a run that outgrows
-    its expected rows is copied O(log S) times), holding the first `filled` rows of
-    `metrics`."""
-    bigger = np.empty((max(needed, 2 * len(metrics)), *metrics.shape[1:]), dtype=metrics.dtype)
-    bigger[:filled] = metrics[:filled]
-    return bigger
-
-
 def stream_run(
     run: Run,
     policies: list[Policy],
@@ -406,16 +398,14 @@ def stream_run(
     """Every policy over every readable step of `run` (corrupt steps are skipped, steps whose
     data it cannot use rejected: module docstring), or over `steps` only (a shard of it,
     `replay.shards`), read in chunks of at most half `memory_budget` bytes of arrays and rows
-    (and `chunk_size` steps, when given), one chunk ahead, each chunk's steps computed `threads` at
-    a time. Each chunk's rows are written in place into one [S, P, M] buffer (`expected_rows`
-    of them, `grown` past that), so the metrics are held once, plus a chunk's rows."""
+    (and `chunk_size` steps, when given), one chunk ahead, each chunk's steps computed
+    `threads` at a time. Each chunk's rows are written in place into one `RowBuffer` (room
+    for `expected_rows` of them at the start), so the metrics are held once, plus a chunk's
+    rows."""
     where, unit = run.location, run_unit(run)
     ranks = run_ranks(run)
     numbers: list[int] = []
-    metrics = np.empty(
-        (expected_rows(run, steps), len(policies), len(columns.device_metrics())),
-        dtype=np.float64,
-    )
+    metrics = RowBuffer(expected_rows(run, steps), len(policies))
     kinds: list[StepGeometryKind] = []
     loss: list[float] = []
     covered: list[float] = []
@@ -461,10 +451,7 @@ def stream_run(
                 loss.append(step.scalars.get("loss", math.nan))
                 covered.append(step.scalars.get("grad_norm_covered", math.nan))
             if rows:
-                end = len(numbers)
-                if end > len(metrics):
-                    metrics = grown(metrics, end - len(rows), end)
-                torch.from_numpy(metrics[end - len(rows) : end]).copy_(torch.stack(rows))
+                metrics.append(torch.stack(rows))
             done = len(chunk)
             computed += held
             # The chunk's steps hold their files' buffers: dropped before the next chunk is read.
@@ -478,7 +465,7 @@ def stream_run(
         progress(len(rejected) - refused)
     return StreamedRun(
         step_numbers=np.array(numbers, dtype=np.int64),
-        metrics=metrics[: len(numbers)],
+        metrics=metrics.rows,
         geometry=tuple(kinds),
         approximate=approximate,
         loss=np.array(loss, dtype=np.float64),
