@@ -43,6 +43,21 @@ def random_row(item, *, policies, **_):  # the row's shape, without the policies
 stream._step_row = random_row
 """
 
+
+def peak_over_rows_of(scenario: str, *, policies: int) -> tuple[int, float]:
+    """(steps, peak over rows) that `scenario` prints, run over the grpo fixture with this
+    many policies in a fresh interpreter."""
+    code = (SETUP + scenario).replace("RUN", repr(str(FIXTURES / "grpo")))
+    done = subprocess.run(
+        [sys.executable, "-c", code.replace("POLICIES", str(policies))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    steps, peak_over_rows = done.stdout.split()
+    return int(steps), float(peak_over_rows)
+
+
 SCENARIO = """
 run = open_run(RUN)
 policies = [get_policy("grpo")] * POLICIES
@@ -61,15 +76,28 @@ def test_the_streamed_rows_are_held_once_plus_a_chunk() -> None:
     arrays and rows. The old pass held a chunk's rows beside their torch.stack, then its
     blocks beside their np.concatenate: 2.0-2.2x the rows above the pass's start; now 1.1x
     (one buffer, written a chunk at a time)."""
-    scenario = (
-        (SETUP + SCENARIO).replace("RUN", repr(str(FIXTURES / "grpo"))).replace("POLICIES", "2048")
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", scenario], capture_output=True, text=True, check=True
-    )
-    steps, peak_over_rows = done.stdout.split()
-    assert int(steps) == 160
-    assert float(peak_over_rows) < 1.5
+    steps, peak_over_rows = peak_over_rows_of(SCENARIO, policies=2048)
+    assert steps == 160
+    assert peak_over_rows < 1.5
+
+
+SHARD_SCENARIO = SCENARIO.replace(
+    "memory_budget=2**21)",  # the shard: 129 steps, a row past 128, a step a chunk
+    "memory_budget=2**21, chunk_size=1, steps=run.steps_of(run.listed_step_numbers[:129]), "
+    "step_count=129)",
+)
+
+
+@needs_peak_rss
+def test_a_shard_s_rows_are_held_once_plus_a_chunk() -> None:
+    """A worker's pass over a shard (its steps come one at a time, `Run.steps_of`) is told
+    the shard's step count: 2048 policies over 129 steps of the grpo fixture, 55 MB of rows,
+    a step a chunk. The old pass, which could not count them, grew its buffer by doubling
+    from a chunk's rows, and at the 129th held 128 rows beside the 256 it copied them to:
+    2.0x the rows above the pass's start; now the buffer is sized once: 1.0x."""
+    steps, peak_over_rows = peak_over_rows_of(SHARD_SCENARIO, policies=2048)
+    assert steps == 129
+    assert peak_over_rows < 1.5
 
 
 MERGE_SCENARIO = """
@@ -98,17 +126,9 @@ def test_the_driver_holds_the_shards_rows_once_plus_a_shard() -> None:
     the driver of `--engine processes` or `ray` joins them (`merge_streams`). The old join
     held every shard's rows beside their np.concatenate: 1.0x the rows above the shards'
     own; now each shard's rows are written into one buffer and the shard dropped: a shard's."""
-    scenario = (
-        (SETUP + MERGE_SCENARIO)
-        .replace("RUN", repr(str(FIXTURES / "grpo")))
-        .replace("POLICIES", "4096")
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", scenario], capture_output=True, text=True, check=True
-    )
-    steps, peak_over_rows = done.stdout.split()
-    assert int(steps) == 160
-    assert float(peak_over_rows) < 0.6
+    steps, peak_over_rows = peak_over_rows_of(MERGE_SCENARIO, policies=4096)
+    assert steps == 160
+    assert peak_over_rows < 0.6
 
 
 def test_the_follower_holds_its_rows_once() -> None:

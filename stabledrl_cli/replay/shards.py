@@ -154,6 +154,7 @@ def stream_shard(task: ShardTask) -> StreamedRun:
                 memory_budget=task.memory_budget,
                 lean=task.lean,
                 steps=run.steps_of(task.steps),
+                step_count=len(task.steps),
                 threads=task.threads,
             )
         except StabledrlError as exc:
@@ -179,7 +180,7 @@ def merge_streams(run: Run, parts: list[StreamedRun], policies: int) -> Streamed
     adopts what the shards' readers checked (`Run.adopt_checks`): its integrity report, the
     steps a replay reports skipped, then reads no step file a worker read, as a local pass
     leaves its run."""
-    metrics = RowBuffer(expected_rows(run, None), policies)
+    metrics = RowBuffer(expected_rows(run, None, None), policies)
     numbers: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
     loss: list[np.ndarray] = [np.zeros(0)]
     covered: list[np.ndarray] = [np.zeros(0)]

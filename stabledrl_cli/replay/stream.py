@@ -373,12 +373,15 @@ def host_measures(step: Step, arrays: Arrays, unit: Unit) -> Measures:
     return likelihood, floor
 
 
-def expected_rows(run: Run, steps: Iterable[Step] | None) -> int:
-    """The rows the streaming pass makes room for at its start: as many as `steps` holds, or
-    the run lists when None (scalar and rejected steps make none); 0 for steps that come one
-    at a time (a shard's)."""
+def expected_rows(run: Run, steps: Iterable[Step] | None, step_count: int | None) -> int:
+    """The rows the streaming pass makes room for at its start: one a step the run lists
+    when `steps` is None, else `step_count` when given (a shard's steps come one at a time),
+    else as many as `steps` holds (0 when it cannot tell). Scalar and rejected steps make
+    none."""
     if steps is None:
         return len(run.listed_step_numbers)
+    if step_count is not None:
+        return step_count
     return len(steps) if isinstance(steps, Sized) else 0
 
 
@@ -392,20 +395,21 @@ def stream_run(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: Callable[[int], None] | None = None,
     steps: Iterable[Step] | None = None,
+    step_count: int | None = None,
     lean: bool = False,
     threads: int = 1,
 ) -> StreamedRun:
     """Every policy over every readable step of `run` (corrupt steps are skipped, steps whose
     data it cannot use rejected: module docstring), or over `steps` only (a shard of it,
-    `replay.shards`), read in chunks of at most half `memory_budget` bytes of arrays and rows
-    (and `chunk_size` steps, when given), one chunk ahead, each chunk's steps computed
-    `threads` at a time. Each chunk's rows are written in place into one `RowBuffer` (room
-    for `expected_rows` of them at the start), so the metrics are held once, plus a chunk's
-    rows."""
+    `replay.shards`: `step_count` steps, when given), read in chunks of at most half
+    `memory_budget` bytes of arrays and rows (and `chunk_size` steps, when given), one chunk
+    ahead, each chunk's steps computed `threads` at a time. Each chunk's rows are written in
+    place into one `RowBuffer` (room for `expected_rows` of them at the start), so the metrics
+    are held once, plus a chunk's rows."""
     where, unit = run.location, run_unit(run)
     ranks = run_ranks(run)
     numbers: list[int] = []
-    metrics = RowBuffer(expected_rows(run, steps), len(policies))
+    metrics = RowBuffer(expected_rows(run, steps, step_count), len(policies))
     kinds: list[StepGeometryKind] = []
     loss: list[float] = []
     covered: list[float] = []
