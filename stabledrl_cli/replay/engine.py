@@ -19,6 +19,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -308,7 +309,9 @@ def replay_result(
     detail pass when `config.detail`."""
     series = [
         StepSeries(
-            derive_series(stream.metrics[:, i, :], stream.step_numbers, stream.geometry, config)
+            derive=partial(
+                derive_series, stream.metrics[:, i, :], stream.step_numbers, stream.geometry, config
+            )
         )
         for i in range(len(resolved))
     ]
@@ -324,8 +327,8 @@ def replay_result(
     ]
     best = best_index(summaries)
     keep = in_range(stream.step_numbers, config.step_range)
-    # A range of every step keeps each policy's series as derived (its float columns are
-    # views of the streamed metrics): a copy of every column of every policy set the peak.
+    # Each policy's series is derived from the streamed metrics when read (`StepSeries`), and
+    # a range of every step keeps it so: a copy of every column of every policy set the peak.
     every_step = bool(keep.all())
     details: list[dict[int, list[TopSequence]]] = [{} for _ in resolved]
     if config.detail:

@@ -12,7 +12,7 @@ level `collapse_warning` (the run-level warning, docs/collapse.md).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
@@ -31,12 +31,28 @@ JsonRow = dict[str, object]
 """One JSON object of the contract, before NaN and inf become null."""
 
 
-@dataclass(frozen=True)
+Columns = dict[str, ColumnArray]
+
+
+@dataclass(frozen=True, eq=False)
 class StepSeries:
     """One policy's per-step columns: name -> [S], the reported columns of `columns.COLUMNS`
-    in their order (each column's meaning is declared there), aligned over the same steps."""
+    in their order (each column's meaning is declared there), aligned over the same steps.
 
-    columns: dict[str, ColumnArray]
+    Given (`given`), or derived each time they are read (`derive`) and kept until another
+    series' are (`_derived`): a replay of many policies holds every policy's streamed
+    metrics once, the columns derived of them (integer casts, flags, ratios: half the
+    metrics' size again) a policy at a time."""
+
+    given: Columns | None = None
+    derive: Callable[[], Columns] | None = field(default=None, repr=False)
+
+    @property
+    def columns(self) -> Columns:
+        if self.given is not None:
+            return self.given
+        assert self.derive is not None, "a StepSeries has its columns or a way to derive them"
+        return _derived(self.derive)
 
     def __getitem__(self, name: str) -> ColumnArray:
         return self.columns[name]
@@ -46,20 +62,24 @@ class StepSeries:
 
     def __len__(self) -> int:
         """The number of steps."""
-        return len(self.columns["step"]) if "step" in self.columns else 0
+        columns = self.columns
+        return len(columns["step"]) if "step" in columns else 0
 
     def select(self, keep: np.ndarray) -> StepSeries:
-        """The steps where `keep` ([S] bool) is true."""
-        return StepSeries({name: values[keep] for name, values in self.columns.items()})
+        """The steps where `keep` ([S] bool) is true (derived when read, as this series)."""
+        if self.given is not None:
+            return StepSeries(_selected(self.given, keep))
+        return StepSeries(derive=lambda: _selected(self.columns, keep))
 
     def iter_rows(self) -> Iterator[JsonRow]:
         """The per-step rows one at a time, built from the columns `_ROW_BLOCK` steps at a
         time: the rows are output, so only a block of them is ever held as Python objects."""
-        names = list(self.columns)
-        for start in range(0, len(self), _ROW_BLOCK):
-            block = [self.columns[name][start : start + _ROW_BLOCK].tolist() for name in names]
+        columns = self.columns
+        steps = len(columns["step"]) if "step" in columns else 0
+        for start in range(0, steps, _ROW_BLOCK):
+            block = [values[start : start + _ROW_BLOCK].tolist() for values in columns.values()]
             for values in zip(*block, strict=True):
-                yield dict(zip(names, values, strict=True))
+                yield dict(zip(columns, values, strict=True))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,6 +264,27 @@ class ReplayResult:
 
 # Rows are converted from the columns this many steps at a time.
 _ROW_BLOCK = 1024
+
+_last_derived: list[tuple[Callable[[], Columns], Columns]] = []
+"""The columns a `StepSeries` derived last, beside the function that derived them."""
+
+
+def _derived(derive: Callable[[], Columns]) -> Columns:
+    """`derive()`, the last one's columns again when `derive` is that one: a series read
+    column after column is derived once, and one policy's derived columns are held at a time
+    (readers go through a replay's policies one after another)."""
+    last = _last_derived[0] if _last_derived else None
+    if last is not None and last[0] is derive:
+        return last[1]
+    _last_derived.clear()  # the last policy's columns dropped before these are derived
+    columns = derive()
+    _last_derived[:] = [(derive, columns)]
+    return columns
+
+
+def _selected(columns: Columns, keep: np.ndarray) -> Columns:
+    """Each column's values where `keep` ([S] bool) is true."""
+    return {name: values[keep] for name, values in columns.items()}
 
 
 def _json_list(rows: Iterator[JsonRow], indent: int | None, depth: int) -> Iterator[str]:
