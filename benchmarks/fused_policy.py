@@ -60,11 +60,11 @@ from stabledrl_cli._memory import heap_kept
 from stabledrl_cli.dump import Step
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.policies.ppo import VERL_LOG_RATIO_CLAMP
-from stabledrl_cli.replay import columns, stream
+from stabledrl_cli.replay import columns, step_data
 from stabledrl_cli.replay.engine import resolve_policies
 from stabledrl_cli.replay.framework import VERL_MASKED_MEAN_EPS
 from stabledrl_cli.replay.metrics import step_metrics
-from stabledrl_cli.replay.stream import Arrays
+from stabledrl_cli.replay.step_data import Arrays
 
 SPEC = "grpo"
 _CONFIG = get_policy(SPEC).config
@@ -223,10 +223,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     run = open_cached(args)
-    where, unit, ranks = run.location, stream.run_unit(run), stream.run_ranks(run)
+    where, unit, ranks = run.location, step_data.run_unit(run), step_data.run_ranks(run)
     policies, own = resolve_policies(run, [SPEC])
     chosen = [step for _, step in zip(range(args.steps), run.steps(), strict=False)]
-    read = [(step, stream.read_arrays(step, where)) for step in chosen]
+    read = [(step, step_data.read_arrays(step, where)) for step in chosen]
     checked = read + [(chosen[0], arrays) for arrays in damaged(read[0][1])]
 
     def read_steps() -> list[list[torch.Tensor]]:
@@ -235,7 +235,7 @@ def main() -> None:
     def replayed(steps: list[tuple[Step, Arrays]] = read) -> list[torch.Tensor]:
         rows = []
         for step, arrays in steps:
-            prep, geometry, micro = stream.usable(step, arrays, unit, where, ranks)
+            prep, geometry, micro = step_data.usable(step, arrays, unit, where, ranks)
             weights = [policy.weights(prep) for policy in policies]
             rows.append(step_metrics(prep, policies, weights, geometry, own, micro))
         return rows

@@ -32,9 +32,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from stabledrl_cli.dump import Run, Step
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.replay import columns, stream
+from stabledrl_cli.replay import columns, step_data, stream
 from stabledrl_cli.replay.engine import replay, resolve_policies
-from stabledrl_cli.replay.stream import Arrays
+from stabledrl_cli.replay.step_data import Arrays
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
     for step in run.steps():
         if len(steps) == args.steps:
             break
-        stream.read_arrays(step, run.location)
+        step_data.read_arrays(step, run.location)
         steps.append(step)
     read_ms = (time.perf_counter() - started) / len(steps) * 1e3
     device = torch.device("cpu")
@@ -130,7 +130,7 @@ def _prepared_only(item: tuple[Step, Arrays], **kwargs: Any) -> stream.StepRow |
     collapse warning's measurements and the report cost on their own."""
     step, arrays = item
     try:
-        _, geometry, _ = stream.usable(
+        _, geometry, _ = step_data.usable(
             step, arrays, kwargs["unit"], kwargs["where"], kwargs["ranks"]
         )
     except InputError as exc:

@@ -40,7 +40,8 @@ from stabledrl_cli.replay.gate import Gates, evaluate
 from stabledrl_cli.replay.hdf5 import REPORT_KIND, read_hdf5, write_hdf5
 from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood, observe
 from stabledrl_cli.replay.report import print_detail
-from stabledrl_cli.replay.stream import array_bytes, read_arrays, step_row_bytes
+from stabledrl_cli.replay.step_data import array_bytes, read_arrays
+from stabledrl_cli.replay.stream import step_row_bytes
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]

@@ -255,7 +255,7 @@ def _baseline_policies_replayable(run: Run, baseline: Baseline) -> None:
     """InputError naming the baseline when a policy it names cannot replay this run (a
     baseline of a run of token units naming stabledrl:level=token, checked against a run of
     sequence units): the input's fault, not a usage error of a --policy never given."""
-    from stabledrl_cli.replay.stream import run_unit  # imports torch
+    from stabledrl_cli.replay.step_data import run_unit  # imports torch
 
     unit = run_unit(run)
     for spec in baseline.policies:

@@ -47,13 +47,8 @@ from stabledrl_cli.replay.run_facts import (
     own_spec,
     skipped_reasons,
 )
-from stabledrl_cli.replay.stream import (
-    StreamedRun,
-    check_step,
-    detail_pass,
-    run_unit,
-    stream_run,
-)
+from stabledrl_cli.replay.step_data import check_step, run_unit
+from stabledrl_cli.replay.stream import StreamedRun, detail_pass, stream_run
 from stabledrl_cli.replay.summary import best_index, in_range, summarize_policy
 from stabledrl_cli.vocab import ReplayEngine, RunGeometryKind, StepGeometryKind
 

@@ -155,7 +155,7 @@ def _mapping(value: object) -> dict[str, object]:
 
 def _replayable(run: Run) -> tuple[list[Finding], NoiseFloor, OwnLikelihood]:
     """An `invalid` finding for each readable step whose data a replay cannot use, checked by
-    replay's own code (`stream.replay_rejection`), and the noise floor and collapse-warning
+    replay's own code (`step_data.replay_rejection`), and the noise floor and collapse-warning
     measurements of the other steps, as a replay pools them (a rejected step adds nothing)."""
     findings: list[Finding] = []
     floor, likelihood = NoiseFloor(), OwnLikelihood()
@@ -164,7 +164,7 @@ def _replayable(run: Run) -> tuple[list[Finding], NoiseFloor, OwnLikelihood]:
             continue
         # Replay's checks are torch's: loaded here, at the first policy batch (a scalar run's
         # inspect, and the commands' help, never load it).
-        from stabledrl_cli.replay.stream import host_measures, replay_rejection, run_unit
+        from stabledrl_cli.replay.step_data import host_measures, replay_rejection, run_unit
 
         rejected, arrays = replay_rejection(run, step)
         if rejected is not None:
