@@ -8,6 +8,7 @@ allocates."""
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.engine import replay_run
 from stabledrl_cli.replay.incremental import OwnReplay
 
 needs_peak_rss = pytest.mark.skipif(
@@ -136,6 +138,7 @@ from dataclasses import replace
 import numpy as np
 from stabledrl_cli.replay import engine
 from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.engine import replay_run
 from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood, observe
 run = open_run(RUN)
 policies = [get_policy("grpo")] * POLICIES
@@ -168,6 +171,19 @@ def test_a_result_holds_the_streamed_rows_not_every_policy_s_columns() -> None:
     steps, peak_over_rows = peak_over_rows_of(RESULT_SCENARIO, policies=128)
     assert steps == 2000
     assert peak_over_rows < 0.2
+
+
+def test_a_result_whose_columns_are_derived_when_read_pickles() -> None:
+    """A replay's result, whose series derive their columns when read (over every step, or
+    a `--steps` range of them), pickles and prints the same JSON after, as one that held
+    its columns did."""
+    for step_range in ((None, None), (10, 40)):
+        result = replay_run(
+            open_run(FIXTURES / "grpo"),
+            ["grpo", "cispo"],
+            config=ReplayConfig(device="cpu", step_range=step_range),
+        )
+        assert pickle.loads(pickle.dumps(result)).to_json() == result.to_json()
 
 
 def test_the_follower_holds_its_rows_once() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -69,7 +70,7 @@ class StepSeries:
         """The steps where `keep` ([S] bool) is true (derived when read, as this series)."""
         if self.given is not None:
             return StepSeries(_selected(self.given, keep))
-        return StepSeries(derive=lambda: _selected(self.columns, keep))
+        return StepSeries(derive=partial(_selected_of, self, keep))
 
     def iter_rows(self) -> Iterator[JsonRow]:
         """The per-step rows one at a time, built from the columns `_ROW_BLOCK` steps at a
@@ -285,6 +286,11 @@ def _derived(derive: Callable[[], Columns]) -> Columns:
 def _selected(columns: Columns, keep: np.ndarray) -> Columns:
     """Each column's values where `keep` ([S] bool) is true."""
     return {name: values[keep] for name, values in columns.items()}
+
+
+def _selected_of(series: StepSeries, keep: np.ndarray) -> Columns:
+    """`series`' columns where `keep` is true (a function of the module: a result pickles)."""
+    return _selected(series.columns, keep)
 
 
 def _json_list(rows: Iterator[JsonRow], indent: int | None, depth: int) -> Iterator[str]:
