@@ -8,9 +8,11 @@ allocates."""
 
 from __future__ import annotations
 
+import gc
 import pickle
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +105,7 @@ def test_a_shard_s_rows_are_held_once_plus_a_chunk() -> None:
 
 
 MERGE_SCENARIO = """
+import gc
 import pickle
 from stabledrl_cli.replay.shards import merge_streams, plan_shards
 run = open_run(RUN)
@@ -184,6 +187,19 @@ def test_a_result_whose_columns_are_derived_when_read_pickles() -> None:
             config=ReplayConfig(device="cpu", step_range=step_range),
         )
         assert pickle.loads(pickle.dumps(result)).to_json() == result.to_json()
+
+
+def test_a_dropped_result_frees_its_streamed_metrics() -> None:
+    """The columns a result's series derived last are kept with that series: once the result
+    is dropped, nothing holds its streamed metrics (a script that replays run after run
+    holds one run's metrics at a time)."""
+    result = replay_run(open_run(FIXTURES / "grpo"), ["grpo"], config=ReplayConfig(device="cpu"))
+    series = result.policies[0].series
+    metrics = weakref.ref(np.asarray(series["update_norm"]).base)
+    assert metrics() is not None
+    del result, series
+    gc.collect()
+    assert metrics() is None
 
 
 def test_the_follower_holds_its_rows_once() -> None:

@@ -12,6 +12,7 @@ level `collapse_warning` (the run-level warning, docs/collapse.md).
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -40,10 +41,10 @@ class StepSeries:
     """One policy's per-step columns: name -> [S], the reported columns of `columns.COLUMNS`
     in their order (each column's meaning is declared there), aligned over the same steps.
 
-    Given (`given`), or derived each time they are read (`derive`) and kept until another
-    series' are (`_derived`): a replay of many policies holds every policy's streamed
-    metrics once, the columns derived of them (integer casts, flags, ratios: half the
-    metrics' size again) a policy at a time."""
+    Given (`given`), or derived when read (`derive`) and kept with the series until another
+    series derives its own (`_holder`): a replay of many policies holds every policy's
+    streamed metrics once, the columns derived of them (integer casts, flags, ratios: half
+    the metrics' size again) a policy at a time."""
 
     given: Columns | None = None
     derive: Callable[[], Columns] | None = field(default=None, repr=False)
@@ -52,8 +53,21 @@ class StepSeries:
     def columns(self) -> Columns:
         if self.given is not None:
             return self.given
+        held: Columns | None = self.__dict__.get("_derived")
+        if held is not None:
+            return held
         assert self.derive is not None, "a StepSeries has its columns or a way to derive them"
-        return _derived(self.derive)
+        previous = _holder[0]() if _holder else None
+        if previous is not None:  # its columns dropped before these are derived
+            previous.__dict__.pop("_derived", None)
+        held = self.derive()
+        object.__setattr__(self, "_derived", held)
+        _holder[:] = [weakref.ref(self)]
+        return held
+
+    def __getstate__(self) -> dict[str, object]:
+        """What pickles: the columns or the way to derive them, not the derived ones."""
+        return {name: value for name, value in self.__dict__.items() if name != "_derived"}
 
     def __getitem__(self, name: str) -> ColumnArray:
         return self.columns[name]
@@ -266,21 +280,9 @@ class ReplayResult:
 # Rows are converted from the columns this many steps at a time.
 _ROW_BLOCK = 1024
 
-_last_derived: list[tuple[Callable[[], Columns], Columns]] = []
-"""The columns a `StepSeries` derived last, beside the function that derived them."""
-
-
-def _derived(derive: Callable[[], Columns]) -> Columns:
-    """`derive()`, the last one's columns again when `derive` is that one: a series read
-    column after column is derived once, and one policy's derived columns are held at a time
-    (readers go through a replay's policies one after another)."""
-    last = _last_derived[0] if _last_derived else None
-    if last is not None and last[0] is derive:
-        return last[1]
-    _last_derived.clear()  # the last policy's columns dropped before these are derived
-    columns = derive()
-    _last_derived[:] = [(derive, columns)]
-    return columns
+_holder: list[weakref.ref[StepSeries]] = []
+"""The series that holds the columns derived last (readers go through a replay's policies one
+after another: each series read column after column is derived once)."""
 
 
 def _selected(columns: Columns, keep: np.ndarray) -> Columns:
