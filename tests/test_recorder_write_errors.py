@@ -116,6 +116,31 @@ def test_the_warning_of_a_run_whose_path_holds_a_line_break_is_one_line(
     assert err.startswith("stabledrl: warning: recording stopped")
 
 
+def test_the_note_of_a_run_whose_path_is_not_utf8_leaves_its_manifest_readable(
+    tmp_path, monkeypatch, capsys
+):
+    """The note's reason names the step file, here under a directory named with a byte that
+    is not UTF-8: the manifest held it as a lone surrogate, which every reader refuses (the
+    run became unreadable, exit 3). The byte is now spelled \\xff."""
+    path = tmp_path / os.fsdecode(b"run-\xff")
+    rec = sd.Recorder(path, on_write_error="warn")
+    real_writev, failed = os.writev, []
+
+    def full_once(fd: int, buffers: list[memoryview]) -> int:  # the step fails, the note not
+        if not failed:
+            failed.append(fd)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(_atomic.os, "writev", full_once)
+    rec.log_step(0, **_flat(0))
+    monkeypatch.undo()
+    rec.close()
+    capsys.readouterr()
+    stopped = sd.open_run(path).manifest["recording_stopped"]
+    assert "run-\\xff" in stopped["reason"] and "no space left" in stopped["reason"]
+
+
 @pytest.mark.parametrize("async_writes", [False, True])
 def test_warn_mode_stops_recording_once_and_notes_it_in_the_manifest(
     tmp_path, monkeypatch, capsys, async_writes

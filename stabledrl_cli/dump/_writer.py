@@ -72,6 +72,7 @@ import numpy as np
 
 from stabledrl_cli._atomic import write_error
 from stabledrl_cli._child_end import at_child_end
+from stabledrl_cli._json import json_text
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._inputs import ArrayInput, ScalarInput, build_step
 from stabledrl_cli.dump._policy import PolicyLike, policy_entry, replayed_fields
@@ -575,7 +576,7 @@ class Recorder:
             raise error from cause
         self.stopped, self.stopped_step = str(error), step
         warn(f"stabledrl: warning: recording stopped, training goes on: {error}\n")
-        note = {"step": step, "rank": self.rank, "reason": str(error)}
+        note = {"step": step, "rank": self.rank, "reason": json_text(str(error))}
         with suppress(ValueError, InputError, WriteError):  # best effort: the disk that refused
             amend_manifest(self.path, RECORDING_STOPPED, note)  # the step may refuse it too
 
