@@ -97,7 +97,8 @@ GROUP_IDS: tuple[GroupIds, ...] = get_args(GroupIds)
 
 OnWriteError = Literal["raise", "warn"]
 """What a Recorder does when a step cannot be written: raise WriteError, or warn once on
-stderr, stop recording and note it in the manifest (`recording_stopped`)."""
+stderr, stop recording and note it in the manifest (`recording_stopped`) and, a rank of a
+run of several, in a note file of its own (docs/run-format.md)."""
 ON_WRITE_ERROR: tuple[OnWriteError, ...] = get_args(OnWriteError)
 
 ImportFormat = Literal["trainer_state", "jsonl", "csv", "tfevents"]

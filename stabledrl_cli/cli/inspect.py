@@ -49,7 +49,7 @@ def _run_table(s: RunSummary) -> Table:
         ("run id", s.run_id or "not recorded (a run recorded before run ids)"),
         ("policy", str((s.policy or {}).get("spec", "not known"))),
         ("source", _source_text(s.source) if s.source else "recorded in the training loop"),
-        *([("recording", _recording_text(s))] if s.recording_stopped or s.recording_closed else []),
+        *([("recording", _recording_text(s))] if s.recording_stops or s.recording_closed else []),
         ("unit", s.unit),
         ("estimator", ", ".join(f"{k}={v}" for k, v in s.estimator.items()) or "not given"),
         ("reward range", str(s.reward_range) if s.reward_range else "not given"),
@@ -73,11 +73,16 @@ def _run_table(s: RunSummary) -> Table:
 
 
 def _recording_text(s: RunSummary) -> str:
-    """How the recording ended, as the manifest says: stopped after a failed write, closed."""
+    """How the recording ended, as the run says: stopped after a failed write (a line a rank
+    that stopped, at most LIST_LIMIT), closed."""
     closed = "closed: its Recorder finished, the run gains no step"
-    if s.recording_stopped is None:
-        return closed
-    return stopped_text(s.recording_stopped) + ("; " + closed if s.recording_closed else "")
+    stops = [stopped_text(note) for note in s.recording_stops[:LIST_LIMIT]]
+    hidden = len(s.recording_stops) - len(stops)
+    if hidden:
+        stops.append(f"... {counted(hidden, 'more rank')} stopped: --format json has them all")
+    if s.recording_closed:
+        stops = [f"{stops[-1]}; {closed}"] if len(stops) == 1 else [*stops, closed]
+    return "\n".join(stops)
 
 
 def stopped_text(stopped: dict[str, object]) -> str:

@@ -99,11 +99,12 @@ def _rejected_line(run: str, rejected: list[tuple[int, str]]) -> str:
     return f"warning: skipped {skipped} of {run} whose data cannot be replayed ({shown})"
 
 
-def _stopped_line(watcher: RunWatcher) -> str | None:
-    """The warning that the run's recording stopped (its manifest's note), or None."""
-    if watcher.recording_stopped is None:
-        return None
-    return f"warning: {watcher.path}: recording {stopped_text(watcher.recording_stopped)}"
+def _stopped_lines(watcher: RunWatcher) -> list[str]:
+    """The warning that the run's recording stopped, one a rank that stopped (its note)."""
+    return [
+        f"warning: {watcher.path}: recording {stopped_text(note)}"
+        for note in watcher.recording_stops
+    ]
 
 
 def _require_replayed(watcher: RunWatcher) -> None:
@@ -279,9 +280,8 @@ def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
     _warn_damaged(watcher)
     if watcher.replay is not None and watcher.replay.rejected:
         err.print(_rejected_line(state.run, watcher.replay.rejected), highlight=False)
-    stopped = _stopped_line(watcher)
-    if stopped is not None:
-        err.print(stopped, highlight=False)
+    for line in _stopped_lines(watcher):
+        err.print(line, highlight=False)
     for alert in state.alerts:
         err.print(_alert_line(alert), highlight=False)
     if output_format == "json":
@@ -317,7 +317,7 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
     seen = -1
     warned: set[int] = set()  # rejected steps warned about (one may land late, below others)
     replaced = 0  # times the run was replaced under the watch
-    stopped: str | None = None  # the stopped recording warned about
+    stopped: set[str] = set()  # the stopped recordings warned about, one a rank
     state = watcher.state()  # as the view shows it
     with sigterm_handled(_terminate):
         try:
@@ -332,9 +332,10 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                         live.console.print(f"{line} from its start", highlight=False)
                     for alert in alerts:
                         live.console.print(_alert_line(alert), highlight=False)
-                    if _stopped_line(watcher) not in (None, stopped):
-                        stopped = _stopped_line(watcher)
-                        live.console.print(stopped, highlight=False)
+                    for line in _stopped_lines(watcher):
+                        if line not in stopped:
+                            stopped.add(line)
+                            live.console.print(line, highlight=False)
                     rejected = [] if watcher.replay is None else watcher.replay.rejected
                     unwarned = [(n, why) for n, why in rejected if n not in warned]
                     if unwarned:

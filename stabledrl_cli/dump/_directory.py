@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from stabledrl_cli._json import parse_strict
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError, gap_findings
 from stabledrl_cli.dump._run import Run, Step
@@ -55,10 +56,16 @@ from stabledrl_cli.dump._schema import (
     STEP_FILE_RE,
     STEP_LIMIT,
     STEPS_DIR,
+    STOP_NOTE_LIMIT,
+    STOP_NOTE_RE,
+    STOP_NOTE_SHAPE,
     TEMP_FILE_RE,
+    TEMP_STOP_NOTE_RE,
     canonical_step,
     check_manifest,
     check_readable_version,
+    is_stop_note,
+    manifest_stops,
     parse_manifest,
 )
 from stabledrl_cli.dump._stfile import FileKey, StepHeader, file_key, read_header
@@ -303,6 +310,8 @@ class _Entry:
     step: int | None = None
     rank: int | None = None
     temporary: bool = False
+    note: bool = False
+    """A rank's `recording_stopped` note (`rank` set), or one in flight (`temporary` too)."""
     reason: str | None = None
 
 
@@ -310,6 +319,8 @@ class _Entry:
 class _Listing:
     finals: dict[int, dict[int, Path]] = field(default_factory=dict)
     temps: list[tuple[int, Path]] = field(default_factory=list)
+    notes: dict[int, Path] = field(default_factory=dict)
+    """Each rank's `recording_stopped` note file, by rank."""
     unknown: list[tuple[Path, str]] = field(default_factory=list)
     """Files that are not step files of this run, each with why."""
 
@@ -326,19 +337,35 @@ def _is_symlink(path: Path) -> bool:
         return False
 
 
-def read_manifest_bytes(path: Path) -> bytes:
-    """The manifest's bytes: a regular file (a symlink, FIFO or device is never read), at most
-    `MANIFEST_LIMIT` + 1 bytes of it (`parse_manifest` refuses a longer one)."""
+def read_manifest_bytes(path: Path, limit: int = MANIFEST_LIMIT, what: str = "manifest") -> bytes:
+    """The manifest's bytes (or another small file's, a `what` of at most `limit` bytes): a
+    regular file (a symlink, FIFO or device is never read), at most `limit` + 1 bytes of it
+    (`parse_manifest` refuses a longer one)."""
     try:
         fh, _ = open_regular(path, follow_links=False)
         with fh:
-            return fh.read(MANIFEST_LIMIT + 1)
+            return fh.read(limit + 1)
     except NotRegularFile:
         raise InputError(f"{path}: not a regular file") from None
     except OSError as exc:
         if _is_symlink(path):
             raise symlink_refused(str(path)) from None
-        raise InputError(f"{path}: unreadable manifest ({exc.strerror or exc})") from None
+        raise InputError(f"{path}: unreadable {what} ({exc.strerror or exc})") from None
+
+
+def parse_stop_note(raw: bytes, rank: int, where: str) -> dict[str, Any]:
+    """Rank `rank`'s note file (`STOP_NOTE_RE`) as its note; InputError naming `where` for one
+    past `STOP_NOTE_LIMIT` bytes, not strict UTF-8 JSON, not of the note's shape, or of
+    another rank than its name's."""
+    if len(raw) > STOP_NOTE_LIMIT:
+        raise InputError(f"{where}: a note of more than {STOP_NOTE_LIMIT} bytes")
+    note = parse_strict(raw, where, "note")
+    if not is_stop_note(note):
+        raise InputError(f"{where}: not a recording_stopped note {STOP_NOTE_SHAPE}")
+    assert isinstance(note, dict)
+    if note["rank"] != rank:
+        raise InputError(f"{where}: its note says rank {note['rank']}, its file name {rank}")
+    return note
 
 
 def _unknown_reason(name: str, regular: bool, world_size: int) -> str | None:
@@ -418,6 +445,32 @@ class DirectoryRun(Run):
     def _manifest_bytes(self, path: Path) -> bytes:
         return read_manifest_bytes(path)
 
+    def _note_bytes(self, path: Path) -> bytes:
+        """A rank's note file's bytes, at most `STOP_NOTE_LIMIT` + 1 of them; InputError."""
+        return read_manifest_bytes(path, STOP_NOTE_LIMIT, "note")
+
+    def _stop_notes(self) -> tuple[dict[int, dict[str, Any]], list[Finding]]:
+        """Each rank's note file as its note, by rank, and an `unknown_file` finding for each
+        that does not read as one (`parse_stop_note`)."""
+        notes: dict[int, dict[str, Any]] = {}
+        findings = []
+        for rank, path in sorted(self._scan().notes.items()):
+            where = self.named(path)
+            try:
+                notes[rank] = parse_stop_note(self._note_bytes(path), rank, where)
+            except InputError as exc:
+                reason = str(exc).removeprefix(f"{where}: ")
+                findings.append(Finding("unknown_file", None, where, f"{path.name}: {reason}"))
+        return notes, findings
+
+    @property
+    def recording_stops(self) -> list[dict[str, Any]]:
+        """The manifest's note and each rank's own note file (a rank's file before the
+        manifest's note of the same rank), by rank."""
+        by_rank = {note["rank"]: note for note in manifest_stops(self.manifest)}
+        by_rank.update(self._stop_notes()[0])
+        return [by_rank[rank] for rank in sorted(by_rank)]
+
     def _entries(self, directory: Path) -> list[tuple[str, bool]]:
         """(name, whether it is a regular file, not a link) of each entry, sorted by name;
         FileNotFoundError when there is no such directory, NotADirectoryError when it is
@@ -494,7 +547,11 @@ class DirectoryRun(Run):
         for name, regular in found:
             entry = known.get((name, regular)) or self._entry(steps_dir, name, regular)
             self._entries_seen[name, regular] = entry
-            if entry.temporary:
+            if entry.note:
+                if not entry.temporary:
+                    assert entry.rank is not None
+                    listing.notes[entry.rank] = entry.path
+            elif entry.temporary:
                 assert entry.step is not None
                 listing.temps.append((entry.step, entry.path))
             elif entry.reason is not None:
@@ -508,6 +565,21 @@ class DirectoryRun(Run):
     def _entry(self, steps_dir: Path, name: str, regular: bool) -> _Entry:
         """What the file `name` of steps/ is (`_Entry`)."""
         path = steps_dir / name
+        note = STOP_NOTE_RE.match(name) or TEMP_STOP_NOTE_RE.match(name)
+        if note is not None and self.world_size > 1:
+            rank = int(note.group(1))
+            why = (
+                "a note's name not spelled as the writer spells it"
+                if note.group(1) != f"{rank:04d}"
+                else f"rank {rank} >= the run's world_size {self.world_size}"
+                if rank >= self.world_size
+                else "named like a note but not a regular file (never opened)"
+                if not regular
+                else None
+            )
+            if why is not None:
+                return _Entry(path, reason=why)
+            return _Entry(path, rank=rank, note=True, temporary=name.startswith("."))
         temp = TEMP_FILE_RE.match(name)
         if temp is not None:
             step = int(temp.group(1))
@@ -732,6 +804,7 @@ class DirectoryRun(Run):
             findings.append(
                 Finding("unknown_file", None, self.named(path), f"{path.name}: {reason}")
             )
+        findings.extend(self._stop_notes()[1])
         # Steps with any file (even a bad or temporary one) are reported as such, not as gaps.
         findings.extend(gap_findings(sorted(set(listing.finals) | {n for n, _ in listing.temps})))
         findings.sort(key=lambda f: (f.step if f.step is not None else -1, f.kind))

@@ -7,8 +7,8 @@ Finding kinds:
     missing_rank  a step with some ranks' files missing; skipped
     gap           step numbers missing between recorded ones
     unknown_file  a file in steps/ that is not a step file of this run (a stray file, a second
-                  spelling of a step number, a symlink, FIFO or device named like a step);
-                  never opened
+                  spelling of a step number, a symlink, FIFO or device named like a step;
+                  never opened), or a rank's stop note that does not read as one
     unchecked     an archive packed before index checksums: its indexes are read unchecked;
                   or an archive's integrity text whose checksum does not match
 """

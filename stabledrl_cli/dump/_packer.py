@@ -41,7 +41,10 @@ from stabledrl_cli.dump._schema import (
     COUNT_FIELDS,
     EXTENSION_FIELDS,
     FIELDS,
+    MANIFEST_LIMIT,
+    RECORDING_STOPS,
     RUN_KIND,
+    manifest_stops,
     written_version,
 )
 from stabledrl_cli.errors import InputError, UsageError, quoted
@@ -429,6 +432,37 @@ def _write_archive(
     return packer, integrity
 
 
+REASON_SHOWN = 1024
+"""Characters of a rank's stop reason an archive's manifest keeps at most, fewer when the
+notes of many ranks would take it past `MANIFEST_LIMIT`."""
+
+
+def _archive_manifest(run: Run) -> str:
+    """The archive's manifest: the run's, with every rank's stop note as its `recording_stops`
+    when the run has notes of its own beyond the manifest's (a run of several ranks). Their
+    reasons are cut (`REASON_SHOWN`, halved until the manifest fits its readers' bound)."""
+    manifest, stops = run.manifest, run.recording_stops
+    text = json.dumps(manifest, indent=2, allow_nan=False)
+    if stops == manifest_stops(manifest):
+        return text
+    shown = REASON_SHOWN
+    while shown >= 0:
+        cut = [{**note, "reason": _cut(note["reason"], shown)} for note in stops]
+        text = json.dumps({**manifest, RECORDING_STOPS: cut}, indent=2, allow_nan=False)
+        if len(text.encode()) <= MANIFEST_LIMIT:
+            return text
+        shown = shown // 2 if shown else -1
+    raise InputError(
+        f"{run.location}: cannot pack it: its manifest and the stop notes of its "
+        f"{len(stops)} ranks pass the {MANIFEST_LIMIT} bytes an archive's manifest may take"
+    )
+
+
+def _cut(text: str, shown: int) -> str:
+    """`text`, or its first `shown` characters and "...", whichever is shorter."""
+    return text if len(text) <= shown + 3 else text[:shown] + "..."
+
+
 def pack_run(
     run: Run,
     out: str | os.PathLike[str],
@@ -457,7 +491,7 @@ def pack_run(
     target = Path(out)
     check_pack_target(target, run, force)
     try:
-        manifest_text = json.dumps(run.manifest, indent=2, allow_nan=False)
+        manifest_text = _archive_manifest(run)
     except (TypeError, ValueError) as exc:
         raise InputError(
             f"{run.location}: its manifest cannot be written as JSON ({exc})"

@@ -35,7 +35,7 @@ from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.dump._directory import DirectoryRun, symlink_refused
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._run import Run
-from stabledrl_cli.dump._schema import HDF5_SIGNATURE, MANIFEST_LIMIT
+from stabledrl_cli.dump._schema import HDF5_SIGNATURE, MANIFEST_LIMIT, STOP_NOTE_LIMIT
 from stabledrl_cli.dump._stfile import HEADER_LIMIT, FileKey, StepHeader, parse_header
 from stabledrl_cli.errors import InputError, MissingExtraError, UsageError, one_line
 
@@ -166,19 +166,22 @@ class RemoteRun(_AtUrl, DirectoryRun):
         except OSError:
             return False
 
-    def _manifest_bytes(self, path: Path) -> bytes:
+    def _manifest_bytes(
+        self, path: Path, limit: int = MANIFEST_LIMIT, what: str = "manifest"
+    ) -> bytes:
         try:
             info = self.fs.info(str(path))
             if info.get("islink"):
                 raise symlink_refused(self.named(path))
             if not _regular(info):
                 raise InputError(f"{self.named(path)}: not a regular file")
-            data: bytes = self.fs.cat_file(str(path), start=0, end=MANIFEST_LIMIT + 1)
+            data: bytes = self.fs.cat_file(str(path), start=0, end=limit + 1)
         except OSError as exc:
-            raise InputError(
-                f"{self.named(path)}: unreadable manifest ({self._said(exc)})"
-            ) from None
+            raise InputError(f"{self.named(path)}: unreadable {what} ({self._said(exc)})") from None
         return data
+
+    def _note_bytes(self, path: Path) -> bytes:
+        return self._manifest_bytes(path, STOP_NOTE_LIMIT, "note")
 
     def _entries(self, directory: Path) -> list[tuple[str, bool]]:
         info = self.fs.info(str(directory))

@@ -25,6 +25,7 @@ from stabledrl_cli.dump._integrity import (
     RunIntegrityWarning,
     StepReadError,
 )
+from stabledrl_cli.dump._schema import manifest_stops
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.vocab import GroupIds, Unit
 
@@ -118,6 +119,13 @@ class Run(ABC):
     @abstractmethod
     def manifest(self) -> dict[str, Any]:
         """The run's manifest (fields in `stabledrl_cli.dump._schema`)."""
+
+    @property
+    def recording_stops(self) -> list[dict[str, Any]]:
+        """Every rank's `recording_stopped` note ({step, rank, reason}: its recording stopped
+        after a failed write, training going on), by rank; empty when no rank stopped. Here
+        the manifest's (an archive keeps every rank's in it, `RECORDING_STOPS`)."""
+        return manifest_stops(self.manifest)
 
     @property
     @abstractmethod

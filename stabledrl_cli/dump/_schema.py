@@ -4,6 +4,7 @@ A run is a directory:
     manifest.json                          run-level facts (below)
     steps/step-00000042.safetensors        one optimizer step (world_size 1)
     steps/step-00000042.rank-0001.safetensors   one rank's part of a step (world_size > 1)
+    steps/stopped.rank-0001.json           rank 1's recording_stopped note (world_size > 1)
 
 Arrays are safetensors tensors (`FIELDS`); per-step scalars live in the safetensors metadata as
 strings (`STANDARD_SCALARS`, plus the user's own).
@@ -14,7 +15,8 @@ estimator, reward_range (null or [low, high]), world_size, group_ids, geometry, 
 fields (each field's per and dtype), source (format 1.2, optional: where the run came from, an
 object with at least a string `kind`, e.g. {"kind": "import", "format": ..., "file": ...}), and,
 only when a Recorder with on_write_error="warn" stopped after a failed write,
-recording_stopped {step, rank, reason}; and recording_closed (true) once a Recorder of a
+recording_stopped {step, rank, reason} (one note: with several ranks, each rank's is also a
+file of its own in steps/, `STOP_NOTE_RE`); and recording_closed (true) once a Recorder of a
 world_size 1 run closed, its writes done (`RECORDING_CLOSED`); and run_id (`RUN_ID`, a
 string unique to each recording of the run: a new one when a run is created or replaced, or a
 resume replaces steps; absent in a run recorded before it existed). policy may be null
@@ -68,6 +70,10 @@ they do not know."""
 RECORDING_STOPPED = "recording_stopped"
 """The manifest's note ({step, rank, reason}) that a Recorder stopped recording after a write
 failed (`on_write_error="warn"`): the training went on, that rank recorded no later step."""
+RECORDING_STOPS = "recording_stops"
+"""Every rank's `recording_stopped` note, a list ordered by rank: what a reader gives of a
+run whose ranks stopped (`Run.recording_stops`), and where an archive keeps them (its
+manifest's copy: `stabledrl pack`)."""
 RUN_ID = "run_id"
 """The manifest's run identity (docs/run-format.md), new with each recording of the run: it
 changes no format version, a reader that does not know it leaves it alone."""
@@ -85,6 +91,14 @@ SEQUENCE_LIMIT = 1 << 31
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 """The first bytes of an HDF5 file (a packed run)."""
 STEP_FILE_RE = re.compile(r"^step-(\d{8,})(?:\.rank-(\d{4,}))?\.safetensors$")
+STOP_NOTE_RE = re.compile(r"^stopped\.rank-(\d{4,})\.json$")
+"""A rank's own `recording_stopped` note in steps/ (`stop_note_name`), written by a Recorder of
+a world_size > 1 run as it stops: the ranks of a run, or of a node's own directory, never
+write the same file."""
+TEMP_STOP_NOTE_RE = re.compile(r"^\.stopped\.rank-(\d{4,})\.json\.tmp-\d+$")
+"""A rank's note while it is written (`_atomic.temp_name` of its name): in flight, not read."""
+STOP_NOTE_LIMIT = 1 << 16
+"""Bytes a rank's note may take (its reason is an error's text, a path or two in it)."""
 # Temporary names start with a dot so that no glob for finished steps ever matches them.
 TEMP_FILE_RE = re.compile(r"^\.step-(\d{8,})(?:\.rank-(\d{4,}))?\.safetensors\.tmp-\d+$")
 
@@ -107,6 +121,39 @@ def canonical_step(name: str) -> tuple[int, int] | None:
         return None
     expected = step_file_name(step, rank, 2 if match.group(2) is not None else 1)
     return (step, rank) if expected == name else None
+
+
+def stop_note_name(rank: int) -> str:
+    """`stopped.rank-0001.json`: the name of rank `rank`'s note in steps/ (`STOP_NOTE_RE`)."""
+    return f"stopped.rank-{rank:04d}.json"
+
+
+STOP_NOTE_SHAPE = "{step: an integer >= 0 or null, rank: an integer >= 0, reason: text}"
+
+
+def is_stop_note(value: object) -> bool:
+    """Whether `value` is a `recording_stopped` note (`STOP_NOTE_SHAPE`)."""
+    return (
+        isinstance(value, dict)
+        and (value.get("step") is None or _count(value.get("step")))
+        and _count(value.get("rank"))
+        and isinstance(value.get("reason"), str)
+    )
+
+
+def note_text(note: dict[str, Any]) -> bytes:
+    """A rank's note as its file holds it: JSON, one line."""
+    return (json.dumps(note) + "\n").encode()
+
+
+def manifest_stops(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stop notes a manifest holds: its `recording_stops` (an archive's), else its one
+    `recording_stopped` note."""
+    stops = manifest.get(RECORDING_STOPS)
+    if isinstance(stops, list):
+        return [dict(note) for note in stops]
+    note = manifest.get(RECORDING_STOPPED)
+    return [dict(note)] if isinstance(note, dict) else []
 
 
 def temp_file_name(final_name: str, pid: int) -> str:
@@ -323,16 +370,11 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
     if not isinstance(manifest.get(RECORDING_CLOSED, False), bool):
         raise corrupt(RECORDING_CLOSED, "true or false")
     stopped = manifest.get(RECORDING_STOPPED)
-    if stopped is not None and not (
-        isinstance(stopped, dict)
-        and (stopped.get("step") is None or _count(stopped.get("step")))
-        and _count(stopped.get("rank"))
-        and isinstance(stopped.get("reason"), str)
-    ):
-        raise corrupt(
-            RECORDING_STOPPED,
-            "null or {step: an integer >= 0 or null, rank: an integer >= 0, reason: text}",
-        )
+    if stopped is not None and not is_stop_note(stopped):
+        raise corrupt(RECORDING_STOPPED, f"null or {STOP_NOTE_SHAPE}")
+    stops = manifest.get(RECORDING_STOPS)
+    if stops is not None and not (isinstance(stops, list) and all(map(is_stop_note, stops))):
+        raise corrupt(RECORDING_STOPS, f"null or a list of {STOP_NOTE_SHAPE}")
     infinite = _infinite_number(manifest)
     if infinite is not None:
         raise InputError(

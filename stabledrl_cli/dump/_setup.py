@@ -1,15 +1,18 @@
 """Readying a run directory for a Recorder: a new run, an overwritten one, or a resumed one.
 
 - New (the default): the directory must be absent or empty of what this recorder would write
-  (for rank 0: anything besides steps/; for every rank: its own step files).
-- `overwrite=True`: removes this recorder's own step files, never another rank's (with
-  world_size 1 every step file is its own); rank 0 removes the old manifest's
-  `recording_closed` mark first, and writes a fresh manifest once they are gone.
+  (for rank 0: anything besides steps/; for every rank: its own step and note files).
+- `overwrite=True`: removes this recorder's own step files and `recording_stopped` note
+  file, never another rank's (with world_size 1 every one is its own); rank 0 removes the
+  old manifest's `recording_closed` mark first, and writes a fresh manifest once they are
+  gone.
 - `resume=True`: continues the run in place. Its manifest must agree on unit, world_size,
   group_ids and the policy spec (else UsageError); it is kept as it is, but for its
   `recording_closed` mark, which rank 0 removes before any step file changes: the run is
   recorded again; and for a `recording_stopped` note when `resume_from` is at or before the
-  step it names (that step and the later ones are recorded again). Of this rank's step
+  step it names (that step and the later ones are recorded again), which rank 0 or the rank
+  it names removes, as each rank does with its own note file (steps/stopped.rank-NNNN.json:
+  one that does not read as a note is left, for its readers to report). Of this rank's step
   files, those before `resume_from` are kept and verified in full first (data checksum: a
   corrupt one is InputError, and nothing has changed), then those at or after it are removed
   (the resumed training writes them again), and temporary files left by a killed writer.
@@ -28,12 +31,18 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 from stabledrl_cli._atomic import fsync_dir, write_atomic, write_error
 from stabledrl_cli._json import parse_strict
-from stabledrl_cli.dump._directory import DirectoryRun, read_manifest_bytes, symlink_refused
+from stabledrl_cli.dump._directory import (
+    DirectoryRun,
+    parse_stop_note,
+    read_manifest_bytes,
+    symlink_refused,
+)
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
@@ -43,7 +52,10 @@ from stabledrl_cli.dump._schema import (
     RUN_KIND,
     STEP_FILE_RE,
     STEPS_DIR,
+    STOP_NOTE_LIMIT,
+    STOP_NOTE_RE,
     TEMP_FILE_RE,
+    TEMP_STOP_NOTE_RE,
     check_manifest,
     parse_manifest,
 )
@@ -53,21 +65,34 @@ from stabledrl_cli.errors import InputError, UsageError
 _MUST_AGREE = ("unit", "world_size", "group_ids")
 
 
-def _own_step_files(steps: Path, rank: int, world_size: int) -> list[tuple[Path, int, bool]]:
-    """(path, step, is_temporary) of the step files this recorder owns: its rank's, or with
-    world_size 1 every step file."""
+_Owned = list[tuple[Path, int, bool]]
+
+
+def _own_files(steps: Path, rank: int, world_size: int) -> tuple[_Owned, _Owned]:
+    """The files this recorder owns, its rank's (with world_size 1 every one): its step files,
+    each (path, step, is_temporary), and its `recording_stopped` note files, each (path, rank,
+    is_temporary)."""
+    step_files: _Owned = []
+    notes: _Owned = []
     if not steps.is_dir():
-        return []
-    found = []
+        return step_files, notes
     for name in sorted(os.listdir(steps)):
-        final, temp = STEP_FILE_RE.match(name), TEMP_FILE_RE.match(name)
-        match = final or temp
-        if match is None:
-            continue
-        file_rank = int(match.group(2)) if match.group(2) is not None else 0
-        if world_size == 1 or file_rank == rank:
-            found.append((steps / name, int(match.group(1)), temp is not None))
-    return found
+        temporary = name.startswith(".")
+        step = STEP_FILE_RE.match(name) or TEMP_FILE_RE.match(name)
+        note = STOP_NOTE_RE.match(name) or TEMP_STOP_NOTE_RE.match(name)
+        if step is not None and (world_size == 1 or int(step.group(2) or 0) == rank):
+            step_files.append((steps / name, int(step.group(1)), temporary))
+        elif note is not None and (world_size == 1 or int(note.group(1)) == rank):
+            notes.append((steps / name, int(note.group(1)), temporary))
+    return step_files, notes
+
+
+def _stop_note_of(path: Path, rank: int) -> dict[str, Any] | None:
+    """The note a rank's note file holds, None when it holds none (`parse_stop_note`)."""
+    try:
+        return parse_stop_note(read_manifest_bytes(path, STOP_NOTE_LIMIT, "note"), rank, str(path))
+    except InputError:
+        return None
 
 
 def _remove(path: Path) -> None:
@@ -174,7 +199,8 @@ def _resume(
     existing.pop(RECORDING_CLOSED, None)
     last: int | None = None
     replaced: list[tuple[Path, bool]] = []
-    for file, step, temporary in _own_step_files(path / STEPS_DIR, rank, world_size):
+    step_files, notes = _own_files(path / STEPS_DIR, rank, world_size)
+    for file, step, temporary in step_files:
         if temporary or (resume_from is not None and step >= resume_from):
             replaced.append((file, temporary))
             continue
@@ -188,9 +214,13 @@ def _resume(
         last = step if last is None else max(last, step)
     if rank == 0:
         reopen_run(path)  # before any step file changes
-        if _records_again(existing.get(RECORDING_STOPPED), resume_from):
-            del existing[RECORDING_STOPPED]
-            amend_manifest(path, RECORDING_STOPPED, None)
+    stopped = existing.get(RECORDING_STOPPED) or {}
+    if _records_again(stopped, resume_from) and rank in (0, stopped["rank"]):
+        del existing[RECORDING_STOPPED]
+        amend_manifest(path, RECORDING_STOPPED, None)
+    for note, note_rank, temporary in notes:
+        if temporary or _records_again(_stop_note_of(note, note_rank), resume_from):
+            _remove(note)
     for file, _ in replaced:
         _remove(file)
     if rank == 0 and not all(temporary for _, temporary in replaced):
@@ -248,12 +278,12 @@ def prepare_run(
         check_replaceable(path)
         if rank == 0:
             reopen_run(path)  # before any step file changes
-        for file, _step, _temporary in _own_step_files(steps, rank, world_size):
+        for file, _number, _temporary in chain(*_own_files(steps, rank, world_size)):
             _remove(file)
     elif is_dir:
         # Other ranks may have made steps/ already: only what this rank would clobber counts.
         others = [n for n in os.listdir(path) if n != STEPS_DIR] if rank == 0 else []
-        mine = [file.name for file, _, _ in _own_step_files(steps, rank, world_size)]
+        mine = [file.name for file, _, _ in chain(*_own_files(steps, rank, world_size))]
         if others or mine:
             raise UsageError(
                 f"{path} already exists and is not empty ({(others + mine)[0]}); "

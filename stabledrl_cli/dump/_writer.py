@@ -28,7 +28,9 @@ read as a whole step), as far as the directory lets it: that step is not recorde
 stop training) the first failure instead prints one warning on stderr, stops recording (later
 `log_step` calls return at once) and records in the manifest's `recording_stopped`
 ({step, rank, reason}) that and why recording stopped (best effort: a full disk may refuse
-that too).
+that too); a rank of a world_size > 1 run first writes the same note into a file of its own,
+`steps/stopped.rank-NNNN.json`, which no other rank writes (the manifest holds one note, the
+last rank's to stop, and a node's own directory may have none).
 
 A Recorder may be used from several threads: each `log_step` (and `rewrite_step`) holds the
 Recorder's lock, so a step's check, encoding and hand-over happen whole, in the order the
@@ -70,7 +72,7 @@ from typing import Any, NamedTuple, SupportsIndex
 
 import numpy as np
 
-from stabledrl_cli._atomic import write_error
+from stabledrl_cli._atomic import write_atomic, write_error
 from stabledrl_cli._child_end import at_child_end
 from stabledrl_cli._json import json_text
 from stabledrl_cli._version import __version__
@@ -92,7 +94,9 @@ from stabledrl_cli.dump._schema import (
     STEP_LIMIT,
     STEPS_DIR,
     json_checked,
+    note_text,
     step_file_name,
+    stop_note_name,
     written_version,
 )
 from stabledrl_cli.dump._setup import amend_manifest, prepare_run
@@ -577,6 +581,9 @@ class Recorder:
         self.stopped, self.stopped_step = str(error), step
         warn(f"stabledrl: warning: recording stopped, training goes on: {error}\n")
         note = {"step": step, "rank": self.rank, "reason": json_text(str(error))}
+        if self.world_size > 1:  # the rank's own file: the manifest's one note is shared
+            with suppress(WriteError):  # best effort, as the manifest's
+                write_atomic(self.path / STEPS_DIR / stop_note_name(self.rank), note_text(note))
         with suppress(ValueError, InputError, WriteError):  # best effort: the disk that refused
             amend_manifest(self.path, RECORDING_STOPPED, note)  # the step may refuse it too
 

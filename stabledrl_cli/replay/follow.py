@@ -132,6 +132,17 @@ def _stopped_note(manifest: dict[str, Any]) -> dict[str, Any] | None:
     return dict(note) if isinstance(note, dict) else None
 
 
+def _stops(
+    manifest_note: dict[str, Any] | None, run_stops: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The run's notes by rank, with the manifest's note as last read (the run's reader read its
+    manifest once) for a rank the run has none of."""
+    by_rank = {note["rank"]: note for note in run_stops}
+    if manifest_note is not None:
+        by_rank.setdefault(manifest_note["rank"], manifest_note)
+    return [by_rank[rank] for rank in sorted(by_rank)]
+
+
 LISTING_SETTLED_NS = 2_000_000_000
 """How long before a listing a steps folder must have last changed for its count of each
 rank's files to be reused (as the run's reader reuses its listing: far above any file
@@ -225,6 +236,9 @@ class RunWatcher:
         self.recording_stopped: dict[str, Any] | None = None
         """The manifest's `recording_stopped` ({step, rank, reason}: a Recorder's note that its
         recording stopped after a failed write, training going on), as last read."""
+        self.recording_stops: list[dict[str, Any]] = []
+        """Every rank's `recording_stopped` note, by rank, as the last poll read them: the
+        manifest's and each rank's own note file (`Run.recording_stops`)."""
         self.closed = False
         """Whether the manifest was marked `recording_closed` before the last poll listed the
         steps, and was the same after: that poll read every step the run will have
@@ -292,6 +306,7 @@ class RunWatcher:
         self._listed, self._unreadable = set(), set()
         self._rank_files = None
         self.recording_stopped = None
+        self.recording_stops = []
         self.closed = self._closed_mark = False
         self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
         self._alerts, self._seen = [], set()
@@ -346,6 +361,7 @@ class RunWatcher:
             numbers = replay.run.listed_step_numbers
         self._listed = set(numbers)
         replay.extend(numbers)
+        self.recording_stops = _stops(self.recording_stopped, replay.run.recording_stops)
         holes = self._holes(replay, numbers)
         self._unreadable = holes - self._readable(replay, holes)
         kept = self._manifest_kept()
