@@ -21,7 +21,10 @@ import stabledrl_cli as sd
 from stabledrl_cli import _atomic
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import pack_run
+from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.errors import UsageError
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.follow import RunWatcher
 
 
 def _stopping(path: Path, rank: int, monkeypatch: pytest.MonkeyPatch, fail_at: int) -> None:
@@ -230,3 +233,26 @@ def test_a_note_naming_a_path_that_is_not_utf8_is_kept(
     stops = sd.open_run(run).recording_stops
     assert [n["rank"] for n in stops] == [0, 1]
     assert all("run-\\xff" in n["reason"] for n in stops)
+
+
+def test_a_watch_poll_lists_the_steps_directory_once(
+    both_stopped: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The notes a poll gives are those of the listing it made of the steps (a live run's
+    listing is never reused): reading them listed the directory a second time, 160 ms a poll
+    for a run of 2 ranks x 20,000 steps on a loaded machine."""
+    listed: list[str] = []
+    entries = DirectoryRun._entries
+
+    def counted(self: DirectoryRun, directory: Path) -> list[tuple[str, bool]]:
+        listed.append(directory.name)
+        return entries(self, directory)
+
+    monkeypatch.setattr(DirectoryRun, "_entries", counted)
+    monkeypatch.setattr(DirectoryRun, "_stamp", lambda self, directory: None)  # live
+    watcher = RunWatcher(both_stopped, ReplayConfig(device="cpu"))
+    watcher.poll()
+    assert [n["rank"] for n in watcher.recording_stops] == [0, 1]
+    listed.clear()
+    watcher.poll()
+    assert listed == ["steps"]

@@ -449,12 +449,12 @@ class DirectoryRun(Run):
         """A rank's note file's bytes, at most `STOP_NOTE_LIMIT` + 1 of them; InputError."""
         return read_manifest_bytes(path, STOP_NOTE_LIMIT, "note")
 
-    def _stop_notes(self) -> tuple[dict[int, dict[str, Any]], list[Finding]]:
-        """Each rank's note file as its note, by rank, and an `unknown_file` finding for each
-        that does not read as one (`parse_stop_note`)."""
+    def _stop_notes(self, listing: _Listing) -> tuple[dict[int, dict[str, Any]], list[Finding]]:
+        """Each note file of `listing` as its note, by rank, and an `unknown_file` finding for
+        each that does not read as one (`parse_stop_note`)."""
         notes: dict[int, dict[str, Any]] = {}
         findings = []
-        for rank, path in sorted(self._scan().notes.items()):
+        for rank, path in sorted(listing.notes.items()):
             where = self.named(path)
             try:
                 notes[rank] = parse_stop_note(self._note_bytes(path), rank, where)
@@ -467,8 +467,17 @@ class DirectoryRun(Run):
     def recording_stops(self) -> list[dict[str, Any]]:
         """The manifest's note and each rank's own note file (a rank's file before the
         manifest's note of the same rank), by rank."""
+        return self._stops(self._scan())
+
+    @property
+    def listed_recording_stops(self) -> list[dict[str, Any]]:
+        """`recording_stops` as of the last listing (`listed_step_numbers`'), not listed
+        again."""
+        return self._stops(self._listing)
+
+    def _stops(self, listing: _Listing) -> list[dict[str, Any]]:
         by_rank = {note["rank"]: note for note in manifest_stops(self.manifest)}
-        by_rank.update(self._stop_notes()[0])
+        by_rank.update(self._stop_notes(listing)[0])
         return [by_rank[rank] for rank in sorted(by_rank)]
 
     def _entries(self, directory: Path) -> list[tuple[str, bool]]:
@@ -804,7 +813,7 @@ class DirectoryRun(Run):
             findings.append(
                 Finding("unknown_file", None, self.named(path), f"{path.name}: {reason}")
             )
-        findings.extend(self._stop_notes()[1])
+        findings.extend(self._stop_notes(listing)[1])
         # Steps with any file (even a bad or temporary one) are reported as such, not as gaps.
         findings.extend(gap_findings(sorted(set(listing.finals) | {n for n, _ in listing.temps})))
         findings.sort(key=lambda f: (f.step if f.step is not None else -1, f.kind))

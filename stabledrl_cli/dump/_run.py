@@ -128,6 +128,12 @@ class Run(ABC):
         return manifest_stops(self.manifest)
 
     @property
+    def listed_recording_stops(self) -> list[dict[str, Any]]:
+        """`recording_stops` as of the run's last listing (`listed_step_numbers`'): what a
+        reader following a live run polls, without listing it again. `recording_stops` here."""
+        return self.recording_stops
+
+    @property
     @abstractmethod
     def step_numbers(self) -> list[int]:
         """Readable steps, ascending (checked as of now: a live run grows)."""

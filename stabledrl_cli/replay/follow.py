@@ -361,7 +361,7 @@ class RunWatcher:
             numbers = replay.run.listed_step_numbers
         self._listed = set(numbers)
         replay.extend(numbers)
-        self.recording_stops = _stops(self.recording_stopped, replay.run.recording_stops)
+        self.recording_stops = _stops(self.recording_stopped, replay.run.listed_recording_stops)
         holes = self._holes(replay, numbers)
         self._unreadable = holes - self._readable(replay, holes)
         kept = self._manifest_kept()
