@@ -256,3 +256,20 @@ def test_a_watch_poll_lists_the_steps_directory_once(
     listed.clear()
     watcher.poll()
     assert listed == ["steps"]
+
+
+def test_watch_names_at_most_20_ranks_that_stopped_then_one_line(tmp_path: Path) -> None:
+    """30 ranks that all stopped on a full shared disk gave 30 warning lines."""
+    run, ranks = tmp_path / "run", 30
+    for rank in range(ranks):
+        with sd.Recorder(run, world_size=ranks, rank=rank) as rec:
+            rec.log_step(0, **_flat(0))
+    for rank in range(ranks):
+        note = {"step": 1, "rank": rank, "reason": "disk full"}
+        (run / "steps" / f"stopped.rank-{rank:04d}.json").write_text(json.dumps(note))
+    result = CliRunner().invoke(app, ["watch", str(run), "--once", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if "recording stopped" in line]
+    assert len(lines) == 21, result.stderr
+    assert "(rank 19)" in lines[19]
+    assert lines[20] == f"warning: {run}: recording stopped on more ranks: inspect has them all"

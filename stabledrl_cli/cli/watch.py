@@ -48,7 +48,7 @@ from stabledrl_cli.cli._options import (
 from stabledrl_cli.cli._output import err, out, plain_text, print_json
 from stabledrl_cli.cli._signals import sigterm_handled
 from stabledrl_cli.cli.app import INTERRUPTED
-from stabledrl_cli.cli.inspect import stopped_text
+from stabledrl_cli.cli.inspect import LIST_LIMIT, stopped_text
 from stabledrl_cli.cli.replay import option_names
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import InputError, UsageError, counted
@@ -99,12 +99,24 @@ def _rejected_line(run: str, rejected: list[tuple[int, str]]) -> str:
     return f"warning: skipped {skipped} of {run} whose data cannot be replayed ({shown})"
 
 
-def _stopped_lines(watcher: RunWatcher) -> list[str]:
-    """The warning that the run's recording stopped, one a rank that stopped (its note)."""
-    return [
-        f"warning: {watcher.path}: recording {stopped_text(note)}"
-        for note in watcher.recording_stops
-    ]
+def _stopped_lines(watcher: RunWatcher, shown: set[str]) -> list[str]:
+    """The warnings that the run's recording stopped not in `shown` (added to it): one a rank
+    that stopped (its note), at most LIST_LIMIT over the watch, then one line that more ranks
+    stopped."""
+    lines = []
+    for note in watcher.recording_stops:
+        line = f"warning: {watcher.path}: recording {stopped_text(note)}"
+        if line in shown:
+            continue
+        if len(shown) >= LIST_LIMIT:
+            line = f"warning: {watcher.path}: recording stopped on more ranks: inspect has them all"
+            if line not in shown:
+                shown.add(line)
+                lines.append(line)
+            break
+        shown.add(line)
+        lines.append(line)
+    return lines
 
 
 def _require_replayed(watcher: RunWatcher) -> None:
@@ -280,7 +292,7 @@ def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
     _warn_damaged(watcher)
     if watcher.replay is not None and watcher.replay.rejected:
         err.print(_rejected_line(state.run, watcher.replay.rejected), highlight=False)
-    for line in _stopped_lines(watcher):
+    for line in _stopped_lines(watcher, set()):
         err.print(line, highlight=False)
     for alert in state.alerts:
         err.print(_alert_line(alert), highlight=False)
@@ -332,10 +344,8 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                         live.console.print(f"{line} from its start", highlight=False)
                     for alert in alerts:
                         live.console.print(_alert_line(alert), highlight=False)
-                    for line in _stopped_lines(watcher):
-                        if line not in stopped:
-                            stopped.add(line)
-                            live.console.print(line, highlight=False)
+                    for line in _stopped_lines(watcher, stopped):
+                        live.console.print(line, highlight=False)
                     rejected = [] if watcher.replay is None else watcher.replay.rejected
                     unwarned = [(n, why) for n, why in rejected if n not in warned]
                     if unwarned:
