@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+import h5py
 import pytest
 from _fsspec_runs import to_memory
 from test_recorder_write_errors import _flat
@@ -273,3 +274,24 @@ def test_watch_names_at_most_20_ranks_that_stopped_then_one_line(tmp_path: Path)
     assert len(lines) == 21, result.stderr
     assert "(rank 19)" in lines[19]
     assert lines[20] == f"warning: {run}: recording stopped on more ranks: inspect has them all"
+
+
+def test_a_manifests_notes_are_one_a_rank_with_its_own_note_too(tmp_path: Path) -> None:
+    """A crafted archive manifest whose recording_stops leaves out the rank of its
+    recording_stopped note, and names another rank twice: that note was hidden, and the
+    rank was given twice."""
+    run, archive = tmp_path / "run", tmp_path / "run.h5"
+    sd.Recorder(run).close()
+    pack_run(sd.open_run(run), archive)
+    with h5py.File(archive, "r+") as handle:
+        manifest = json.loads(handle["manifest"][()])
+        manifest["recording_stopped"] = {"step": 2, "rank": 1, "reason": "disk full"}
+        manifest["recording_stops"] = [
+            {"step": 3, "rank": 0, "reason": "disk full"},
+            {"step": 4, "rank": 0, "reason": "again"},
+        ]
+        text = json.dumps(manifest)
+        del handle["manifest"]
+        handle.create_dataset("manifest", data=text, dtype=h5py.string_dtype())
+    stops = sd.open_run(archive).recording_stops
+    assert [(n["rank"], n["step"]) for n in stops] == [(0, 3), (1, 2)]

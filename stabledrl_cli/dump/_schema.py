@@ -147,13 +147,16 @@ def note_text(note: dict[str, Any]) -> bytes:
 
 
 def manifest_stops(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The stop notes a manifest holds: its `recording_stops` (an archive's), else its one
-    `recording_stopped` note."""
+    """The stop notes a manifest holds, one a rank, by rank: its `recording_stops` (an
+    archive's; the first of a rank), and its one `recording_stopped` note for a rank they do
+    not name."""
     stops = manifest.get(RECORDING_STOPS)
-    if isinstance(stops, list):
-        return [dict(note) for note in stops]
     note = manifest.get(RECORDING_STOPPED)
-    return [dict(note)] if isinstance(note, dict) else []
+    by_rank: dict[int, dict[str, Any]] = {}
+    for stop in [*(stops if isinstance(stops, list) else []), note]:
+        if isinstance(stop, dict):
+            by_rank.setdefault(stop["rank"], dict(stop))
+    return [by_rank[rank] for rank in sorted(by_rank)]
 
 
 def temp_file_name(final_name: str, pid: int) -> str:
