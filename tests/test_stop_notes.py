@@ -295,3 +295,16 @@ def test_a_manifests_notes_are_one_a_rank_with_its_own_note_too(tmp_path: Path) 
         handle.create_dataset("manifest", data=text, dtype=h5py.string_dtype())
     stops = sd.open_run(archive).recording_stops
     assert [(n["rank"], n["step"]) for n in stops] == [(0, 3), (1, 2)]
+
+
+def test_a_notes_control_characters_reach_the_terminal_escaped(both_stopped: Path) -> None:
+    note = {"step": 2, "rank": 1, "reason": "disk\x1b[2J\nfull\x9b31m"}
+    (both_stopped / "steps" / "stopped.rank-0001.json").write_text(json.dumps(note))
+    table = CliRunner().invoke(app, ["inspect", str(both_stopped)], env={"COLUMNS": "200"})
+    watched = CliRunner().invoke(app, ["watch", str(both_stopped), "--once", "--device", "cpu"])
+    for shown in (table, watched):
+        assert shown.exit_code == 0, shown.output
+        assert not {"\x1b", "\x9b"} & set(shown.output), repr(shown.output)
+    assert r"disk\x1b[2J full\x9b31m" in table.stdout
+    [line] = [line for line in watched.stderr.splitlines() if "(rank 1)" in line]
+    assert r"disk\x1b[2J full\x9b31m" in line
