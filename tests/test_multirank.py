@@ -214,3 +214,50 @@ def test_the_complete_steps_of_a_dead_rank_run_replay(launched: Launched) -> Non
     whole, _ = _replay_json(launched.two_ranks, "-p", "grpo", "--steps", f"0:{DIE_AT}")
     # the same training up to its death: the same rows as the complete run's first steps
     assert dead["policies"][0]["steps"] == whole["policies"][0]["steps"]
+
+
+# -- ranks that stop recording -----------------------------------------------------------------
+BOTH_STOP = textwrap.dedent(
+    """
+    import errno, os
+    import numpy as np
+    import stabledrl_cli as sd
+
+    rank, real_writev, failed = int(os.environ["RANK"]), os.writev, []
+
+    def full_once(fd, buffers):  # the step's write fails; the notes after it go through
+        if not failed:
+            failed.append(fd)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_writev(fd, buffers)
+
+    for step in range(5):
+        if step == 2 + rank:
+            os.writev = full_once
+        sd.log_policy_batch(
+            step, logp=np.zeros((6, 4), "float32"), logp_old=np.zeros((6, 4), "float32"),
+            advantages=np.zeros(6, "float32"), group_id=np.array([0, 0, 1, 1, 2, 2]),
+        )
+    print(f"rank {rank} trained 5 steps")
+    """
+)
+
+
+def test_both_ranks_that_stop_under_record_keep_their_notes(tmp_path: Path) -> None:
+    """`stabledrl record -- torchrun` of 2 ranks whose disk refuses one write each (rank 0's
+    step 2, rank 1's step 3): both train on. Before, the manifest's one note was the last
+    rank's to stop, the other's stop was lost; each rank's note file now keeps its own."""
+    run, script = tmp_path / "run", tmp_path / "both_stop.py"
+    script.write_text(BOTH_STOP)
+    result = subprocess.run(
+        [*RECORD, str(run), "--", *TORCHRUN, str(script)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "rank 0 trained 5 steps" in result.stdout and "rank 1 trained 5 steps" in result.stdout
+    assert result.returncode == 4, result.stderr[-3000:]
+    shown = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "300"})
+    assert shown.exit_code == 0, shown.output
+    for rank, step in ((0, 2), (1, 3)):
+        assert f"stopped at step {step} (rank {rank}) after a failed write" in shown.stdout
+    stops = sd.open_run(run).recording_stops
+    assert [(n["rank"], n["step"]) for n in stops] == [(0, 2), (1, 3)]
