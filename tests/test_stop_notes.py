@@ -26,6 +26,7 @@ from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.follow import RunWatcher
+from stabledrl_cli.replay.inspection import summarize
 
 
 def _stopping(path: Path, rank: int, monkeypatch: pytest.MonkeyPatch, fail_at: int) -> None:
@@ -45,7 +46,7 @@ def _stopping(path: Path, rank: int, monkeypatch: pytest.MonkeyPatch, fail_at: i
             monkeypatch.setattr(_atomic.os, "writev", full_once)
         rec.log_step(step, **_flat(step))
     rec.close()
-    monkeypatch.undo()
+    monkeypatch.setattr(_atomic.os, "writev", real_writev)
 
 
 @pytest.fixture
@@ -236,21 +237,26 @@ def test_a_note_naming_a_path_that_is_not_utf8_is_kept(
     assert all("run-\\xff" in n["reason"] for n in stops)
 
 
-def test_a_watch_poll_lists_the_steps_directory_once(
-    both_stopped: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The notes a poll gives are those of the listing it made of the steps (a live run's
-    listing is never reused): reading them listed the directory a second time, 160 ms a poll
-    for a run of 2 ranks x 20,000 steps on a loaded machine."""
-    listed: list[str] = []
+@pytest.fixture
+def listed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The directories a run reader lists, one entry a listing; no listing is reused (as of a
+    live run, or a run at a URL)."""
+    names: list[str] = []
     entries = DirectoryRun._entries
 
     def counted(self: DirectoryRun, directory: Path) -> list[tuple[str, bool]]:
-        listed.append(directory.name)
+        names.append(directory.name)
         return entries(self, directory)
 
     monkeypatch.setattr(DirectoryRun, "_entries", counted)
-    monkeypatch.setattr(DirectoryRun, "_stamp", lambda self, directory: None)  # live
+    monkeypatch.setattr(DirectoryRun, "_stamp", lambda self, directory: None)
+    return names
+
+
+def test_a_watch_poll_lists_the_steps_directory_once(both_stopped: Path, listed: list[str]) -> None:
+    """The notes a poll gives are those of the listing it made of the steps (a live run's
+    listing is never reused): reading them listed the directory a second time, 160 ms a poll
+    for a run of 2 ranks x 20,000 steps on a loaded machine."""
     watcher = RunWatcher(both_stopped, ReplayConfig(device="cpu"))
     watcher.poll()
     assert [n["rank"] for n in watcher.recording_stops] == [0, 1]
@@ -308,3 +314,17 @@ def test_a_notes_control_characters_reach_the_terminal_escaped(both_stopped: Pat
     assert r"disk\x1b[2J full\x9b31m" in table.stdout
     [line] = [line for line in watched.stderr.splitlines() if "(rank 1)" in line]
     assert r"disk\x1b[2J full\x9b31m" in line
+
+
+def test_inspect_reads_the_notes_without_listing_the_run_again(
+    both_stopped: Path, listed: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inspect took the notes from a listing of its own: one more listing of steps/ (a request
+    at a URL: 4 where 3 without the notes); now from the integrity check's."""
+    summary = summarize(sd.open_run(both_stopped))
+    assert [n["rank"] for n in summary.recording_stops] == [0, 1]
+    with_notes, listed[:] = len(listed), []
+    monkeypatch.setattr(DirectoryRun, "recording_stops", property(lambda self: []))
+    monkeypatch.setattr(DirectoryRun, "listed_recording_stops", property(lambda self: []))
+    assert summarize(sd.open_run(both_stopped)).recording_stops == []
+    assert with_notes == len(listed)

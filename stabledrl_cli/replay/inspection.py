@@ -50,7 +50,8 @@ class RunSummary:
     after a failed write: the run ends before the training did."""
     recording_stops: list[dict[str, object]]
     """Every rank's `recording_stopped` note, by rank (`Run.recording_stops`: the manifest's
-    and each rank's own note file in a run of several ranks); empty when none stopped."""
+    and each rank's own note file in a run of several ranks, as the integrity check listed
+    them); empty when none stopped."""
     recording_closed: bool
     """Whether the manifest is marked `recording_closed` (its Recorder closed, its writes done:
     the run gains no step)."""
@@ -215,7 +216,7 @@ def summarize(run: Run) -> RunSummary:
         policy=dict(policy) if isinstance(policy, dict) else None,
         source=recorded.source,
         recording_stopped=_mapping(manifest.get(RECORDING_STOPPED)) or None,
-        recording_stops=[dict(note) for note in run.recording_stops],
+        recording_stops=[dict(note) for note in run.listed_recording_stops],
         recording_closed=manifest.get(RECORDING_CLOSED) is True,
         unit=run.unit,
         estimator=_mapping(manifest.get("estimator")),
