@@ -36,7 +36,7 @@ from _trl import (
 from tiny_configs import PARITY  # (plain data beside the tiny run's helpers, on _trl's path)
 
 import stabledrl_cli as sd
-from stabledrl_cli.errors import MissingExtraError, UsageError
+from stabledrl_cli.errors import InputError, MissingExtraError, UsageError
 from stabledrl_cli.integrations import trl as integration
 
 __all__ = ["tiny"]  # the tiny run's fixture, shared with the RLOO tests
@@ -741,6 +741,19 @@ def test_fsdp2_two_ranks_under_stabledrl_record(tiny: Any, tmp_path: Path) -> No
 
 
 # -- resume ----------------------------------------------------------------------------------
+def _tiny_trainer(tiny: Any, tmp_path: Path, out: Path) -> Any:
+    """A recording trainer of the tiny run with TRL's default loss into `out`, untrained (its
+    output_dir, which holds no checkpoint, in `tmp_path`)."""
+    return integration.RecordingGRPOTrainer(
+        model=tiny.tiny_model(),
+        reward_funcs=tiny.count_b,
+        args=tiny.tiny_config(str(tmp_path / "trl_out")),
+        train_dataset=tiny.tiny_dataset(),
+        processing_class=tiny.tiny_tokenizer(),
+        stabledrl_out=out,
+    )
+
+
 def test_resume_from_checkpoint_continues_the_run(
     tiny: Any, checkpointed: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -774,14 +787,7 @@ def test_resume_into_a_new_run_directory_records_from_the_checkpoint(
     """Resumed from checkpoint-2 into a run directory that holds no run (the first part was
     not recorded, or elsewhere): training runs and the new run holds TRL's steps 3-4."""
     out = tmp_path / "resumed"
-    trainer = integration.RecordingGRPOTrainer(
-        model=tiny.tiny_model(),
-        reward_funcs=tiny.count_b,
-        args=tiny.tiny_config(str(tmp_path / "trl_out")),
-        train_dataset=tiny.tiny_dataset(),
-        processing_class=tiny.tiny_tokenizer(),
-        stabledrl_out=out,
-    )
+    trainer = _tiny_trainer(tiny, tmp_path, out)
     trainer.train(resume_from_checkpoint=str(checkpointed["checkpoint"]))
     assert trainer.state.global_step == 4
     run = sd.open_run(out)
@@ -842,6 +848,78 @@ def test_resume_under_stabledrl_record_with_force_keeps_the_earlier_steps(
     run = sd.open_run(tmp_path / "run")
     assert run.step_numbers == [1, 2, 3, 4]
     assert {s.step: s.scalars["loss"] for s in run.steps(1, 3)} == kept
+
+
+CRAFTED_STATES = {
+    "not UTF-8": (b'{"global_step": 2, "note": "\xff"}', "not UTF-8 JSON"),
+    "UTF-16": ('{"global_step": 2}'.encode("utf-16"), "not UTF-8 JSON"),
+    "nested": (b'{"global_step": 2, "x": ' + b"[" * 99_999 + b"]" * 99_999 + b"}", "nested"),
+    "a list": (b"[2]", "no global_step"),
+    "no global_step": (b'{"log_history": []}', "no global_step"),
+    "a text step": (b'{"global_step": "2"}', "no global_step"),
+    "a fractional step": (b'{"global_step": 2.5}', "no global_step"),
+    "a true step": (b'{"global_step": true}', "no global_step"),
+    "a negative step": (b'{"global_step": -1}', "no global_step"),
+    "a NaN step": (b'{"global_step": NaN}', "no global_step"),
+    "a repeated key": (b'{"global_step": 2, "global_step": 3}', "appears twice"),
+    "a long integer": (b'{"global_step": ' + b"9" * 5000 + b"}", "digits"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED_STATES))
+def test_a_crafted_trainer_state_is_refused_in_one_line(
+    tiny: Any, tmp_path: Path, case: str
+) -> None:
+    """The checkpoint's trainer_state.json is read as every JSON input is (UTF-8, strict,
+    bounded): one InputError line saying why, never a traceback's exception."""
+    from stabledrl_cli.integrations._trl_trainer import _resume_step
+
+    raw, reason = CRAFTED_STATES[case]
+    (tmp_path / "trainer_state.json").write_bytes(raw)
+    with pytest.raises(InputError, match=reason) as info:
+        _resume_step(None, str(tmp_path))
+    assert str(info.value).startswith(str(tmp_path / "trainer_state.json"))
+    assert "\n" not in str(info.value)
+
+
+def test_a_trainer_state_past_the_size_bound_is_refused_unread(tiny: Any, tmp_path: Path) -> None:
+    from stabledrl_cli.importers._files import DOCUMENT_LIMIT
+    from stabledrl_cli.integrations._trl_trainer import _resume_step
+
+    with open(tmp_path / "trainer_state.json", "wb") as state:
+        state.truncate(DOCUMENT_LIMIT + 1)  # sparse: no disk used
+    with pytest.raises(InputError, match="over the 128 MiB import limit"):
+        _resume_step(None, str(tmp_path))
+    (tmp_path / "trainer_state.json").unlink()
+    os.mkfifo(tmp_path / "trainer_state.json")  # no writer: a plain read waits for ever
+    with pytest.raises(InputError, match="not a regular file"):
+        _resume_step(None, str(tmp_path))
+
+
+def test_a_checkpoint_stabledrl_cannot_read_warns_once_and_training_runs(
+    tiny: Any,
+    checkpointed: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A checkpoint whose trainer_state.json has no global_step, which TRL loads (its step
+    defaults to 0): recording is off with one warning line, and TRL's training runs."""
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(checkpointed["checkpoint"], checkpoint)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    del state["global_step"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    out = tmp_path / "run"
+    trainer = _tiny_trainer(tiny, tmp_path, out)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 4
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl:" in line]
+    assert warnings == [
+        "stabledrl: warning: recording the resumed training: "
+        f"{checkpoint / 'trainer_state.json'}: not a trainer_state.json (no global_step: a "
+        "whole number >= 0); recording is off, training continues"
+    ]
+    assert not out.exists()
 
 
 def test_evaluation_during_training_is_not_recorded(tiny: Any, tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ checkpoint it resumes.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,8 @@ from stabledrl_cli.capture.bootstrap import (
 )
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.dump._schema import MANIFEST_NAME
-from stabledrl_cli.errors import UsageError, WriteError
+from stabledrl_cli.errors import InputError, UsageError, WriteError
+from stabledrl_cli.importers._trainer_state import trainer_state_json
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
 from stabledrl_cli.integrations._trl_policy import policy_for_config, uses_loss_weight
 from stabledrl_cli.integrations._trl_version import check_trl_version
@@ -76,8 +76,9 @@ def run_dir(out: str | os.PathLike[str] | None, overwrite: bool, trainer: str) -
 
 def _resume_step(trainer: Any, checkpoint: str | bool | None) -> int | None:
     """The global_step of the checkpoint `train(resume_from_checkpoint=...)` resumes, else None.
-    OSError or ValueError when there is no checkpoint to resume (TRL's train() refuses that
-    with its own error)."""
+    OSError when there is no checkpoint to resume (TRL's train() refuses that with its own
+    error); InputError, one line, when its trainer_state.json is not one (read bounded and
+    strict: `trainer_state_json`)."""
     if checkpoint is None or checkpoint is False:
         return None
     if checkpoint is True:
@@ -85,8 +86,14 @@ def _resume_step(trainer: Any, checkpoint: str | bool | None) -> int | None:
         checkpoint = trainer_utils.get_last_checkpoint(trainer.args.output_dir)
         if checkpoint is None:
             raise FileNotFoundError(f"no checkpoint in {trainer.args.output_dir}")
-    state = json.loads((Path(str(checkpoint)) / "trainer_state.json").read_text())
-    return int(state["global_step"])
+    path = Path(str(checkpoint)) / "trainer_state.json"
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"no {path}")
+    state = trainer_state_json(path)
+    step = state.get("global_step") if isinstance(state, dict) else None
+    if type(step) is not int or step < 0:
+        raise InputError(f"{path}: not a trainer_state.json (no global_step: a whole number >= 0)")
+    return step
 
 
 _RECORDED: set[str] = set()
@@ -210,7 +217,10 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         checkpoint there, one it cannot load) leaves the run directory as it is."""
         try:
             resume = _resume_step(self, resume_from_checkpoint)
-        except (OSError, ValueError):  # TRL's train() refuses it, saying why
+        except OSError:  # TRL's train() refuses it, saying why
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        except InputError as exc:
+            RecordingFailure().fail(exc, "recording the resumed training")
             return super().train(resume_from_checkpoint, *args, **kwargs)
         directory = os.path.realpath(self.stabledrl_out)
         if directory in _RECORDED and resume is None:
