@@ -309,10 +309,19 @@ TOKEN_CLIP = {
     "epsilons",
     "steps-per-generation-3",
     "grad-clip",
+    "bnpo-delta-beta-trunc",
+    "dr_grpo-3-iterations",
+    "dapo-off-policy-beta",
+    "grpo-accumulation-4",
 }
 
 
-SEQUENCE_CLIP = {"gspo", "luspo-sequence"}
+SEQUENCE_CLIP = {
+    "gspo",
+    "luspo-sequence",
+    "gspo-beta-off-policy",
+    "luspo-sequence-beta",
+}
 """Sequence-level cases: TRL's clip_ratio/* count each micro-batch's clipped rows (one
 sequence ratio a row)."""
 
@@ -373,7 +382,7 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
         own = sd.replay(out, policies=[RECORDED_SCALE[case]], device="cpu").policies[0]
         for number, value in zip(own.series["step"], own.series["objective"], strict=True):
             assert -value == pytest.approx(logged[int(number)]["loss"], rel=1e-5, abs=1e-7)
-    if case == "cispo":  # TRL logs cispo's own clip ratio instead
+    if case.startswith("cispo"):  # TRL logs cispo's own clip ratio instead
         logged = logged_steps(trainer.state.log_history)
         own = sd.replay(out, policies=[trainer.stabledrl_policy.spec], device="cpu").own
         assert own is not None
@@ -389,7 +398,7 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
         for number, value in zip(own.series["step"], phis, strict=True):
             assert value == pytest.approx(logged[int(number)]["vespo/phi_seq_mean"], rel=1e-5)
         assert min(phis) < 0.999  # the weights moved off phi(1) = 1 on the second pass
-    if case == "truncated":  # recorded whole: sequences with no scored token among them
+    if PARITY[case].get("mask_truncated_completions"):  # recorded whole: rows scoring no token
         for step in sd.open_run(out):
             scored = torch.zeros(len(step["group_id"]))
             scored.index_add_(0, step["seq_id"].long(), step["mask"].float())
@@ -399,7 +408,8 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
     accumulation = trainer.args.gradient_accumulation_steps
     assert sorted(set(step["micro_batch"].tolist())) == list(range(accumulation))
     assert ("logp_ref" in step) == ("beta" in PARITY[case])
-    assert ("loss_weight" in step) == case.startswith("entropy-mask")
+    weighted = {"top_entropy_quantile", "off_policy_mask_threshold"} & set(PARITY[case])
+    assert ("loss_weight" in step) == bool(weighted)
 
 
 def test_inner_step_counts_the_updates_since_the_steps_oldest_rollout(

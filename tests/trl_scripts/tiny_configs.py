@@ -31,6 +31,70 @@ PARITY: dict[str, dict[str, Any]] = {
     # 3 micro-batches a pass over the generation batch, 2 a step: step 2 spans both passes
     "steps-per-generation-3": {"loss_type": "dapo", "steps_per_generation": 3},
     "grad-clip": {"loss_type": "grpo", "max_grad_norm": 0.05},  # clips every step
+    # options users combine, several to a run (all but the accumulation-4 ones also mask
+    # truncated completions; scale_rewards changes only the advantages)
+    "bnpo-delta-beta-trunc": {
+        "loss_type": "bnpo",
+        "delta": 1.5,
+        "beta": 0.1,
+        "mask_truncated_completions": True,
+        "scale_rewards": "batch",
+    },
+    "dr_grpo-3-iterations": {
+        "loss_type": "dr_grpo",
+        "delta": 1.5,
+        "epsilon_high": 0.28,
+        "mask_truncated_completions": True,
+        "num_iterations": 3,
+        "scale_rewards": "none",
+    },
+    "dapo-off-policy-beta": {
+        "loss_type": "dapo",
+        "off_policy_mask_threshold": 0.01,
+        "beta": 0.1,
+        "mask_truncated_completions": True,
+    },
+    # delta, beta, 3 passes; 2 rows a micro-batch: a group of 4 spans two of them
+    "grpo-accumulation-4": {
+        "loss_type": "grpo",
+        "delta": 1.5,
+        "beta": 0.1,
+        "gradient_accumulation_steps": 4,
+        "per_device_train_batch_size": 2,
+        "num_iterations": 3,
+    },
+    "cispo-accumulation-4": {
+        "loss_type": "cispo",
+        "epsilon_high": 1.05,
+        "gradient_accumulation_steps": 4,
+        "per_device_train_batch_size": 2,
+    },
+    "gspo-beta-off-policy": {
+        "loss_type": "grpo",
+        "importance_sampling_level": "sequence",
+        "beta": 0.1,
+        "use_bias_correction_kl": False,
+        "off_policy_mask_threshold": 0.01,
+        "mask_truncated_completions": True,
+    },
+    "luspo-sequence-beta": {
+        "loss_type": "luspo",
+        "importance_sampling_level": "sequence",
+        "beta": 0.1,
+        "use_bias_correction_kl": False,
+        "mask_truncated_completions": True,
+    },
+    "vespo-sequence": {
+        "loss_type": "vespo",
+        "importance_sampling_level": "sequence",
+        "mask_truncated_completions": True,
+    },
+    "sapo-beta-truncated": {
+        "loss_type": "sapo",
+        "beta": 0.1,
+        "mask_truncated_completions": True,
+        "scale_rewards": "batch",
+    },
 }
 
 RLOO_PARITY: dict[str, dict[str, Any]] = {
