@@ -807,15 +807,16 @@ def test_resume_into_a_new_run_directory_records_from_the_checkpoint(
         assert step.scalars["grad_norm"] == logged[step.step]["grad_norm"]
 
 
-@pytest.mark.parametrize("checkpoint", ["last", "absent", "unloadable"])
+@pytest.mark.parametrize("checkpoint", ["last", "absent", "unloadable", "not UTF-8"])
 def test_a_resume_trl_refuses_leaves_the_run_as_it_was(
     tiny: Any, checkpointed: dict[str, Any], tmp_path: Path, checkpoint: str
 ) -> None:
     """train(resume_from_checkpoint=...) that TRL refuses with its own error: True with no
     checkpoint in output_dir, a checkpoint path that is not there, a checkpoint whose model
-    weights are gone (one TRL cannot load). With overwrite (the resumed command under
-    `stabledrl record --force`) too, the run's steps are all still there: none was removed
-    for a training that never ran."""
+    weights are gone or whose trainer_state.json is not UTF-8 (ones TRL cannot load). With
+    overwrite (the resumed command under `stabledrl record --force`) too, the run's steps are
+    all still there: none was removed for a training that never ran. TRL's error is its own,
+    not shown as raised while handling one of the recorder's."""
     out = tmp_path / "run"
     shutil.copytree(checkpointed["run"], out)
     trainer = integration.RecordingGRPOTrainer(
@@ -828,12 +829,17 @@ def test_a_resume_trl_refuses_leaves_the_run_as_it_was(
         stabledrl_overwrite=True,
     )
     path = tmp_path / "checkpoint-2"
-    if checkpoint == "unloadable":
+    if checkpoint in ("unloadable", "not UTF-8"):
         shutil.copytree(checkpointed["checkpoint"], path)
+    if checkpoint == "unloadable":
         (path / "model.safetensors").unlink()
+    if checkpoint == "not UTF-8":
+        (path / "trainer_state.json").write_bytes(b'{"global_step": 2, "note": "\xff"}')
     resume = True if checkpoint == "last" else str(path)
-    with pytest.raises(ValueError, match="checkpoint"):  # TRL's (transformers') own error
+    said = "codec can't decode" if checkpoint == "not UTF-8" else "checkpoint"
+    with pytest.raises(ValueError, match=said) as info:  # TRL's (transformers') own error
         trainer.train(resume_from_checkpoint=resume)
+    assert info.value.__context__ is None
     assert sd.open_run(out).step_numbers == [1, 2, 3, 4]
 
 

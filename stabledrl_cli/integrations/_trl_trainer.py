@@ -215,12 +215,16 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         unrecorded, the first one's steps kept. The run is opened as TRL's training begins,
         once TRL has loaded the checkpoint it resumes: a resume that TRL refuses (no
         checkpoint there, one it cannot load) leaves the run directory as it is."""
+        resume: int | None = None
+        unrecorded = False
         try:
             resume = _resume_step(self, resume_from_checkpoint)
         except OSError:  # TRL's train() refuses it, saying why
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            unrecorded = True
         except InputError as exc:
             RecordingFailure().fail(exc, "recording the resumed training")
+            unrecorded = True
+        if unrecorded:  # out of the except: TRL's own error is not shown as a sequel of ours
             return super().train(resume_from_checkpoint, *args, **kwargs)
         directory = os.path.realpath(self.stabledrl_out)
         if directory in _RECORDED and resume is None:
