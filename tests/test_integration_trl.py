@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import importlib.metadata
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -896,6 +897,18 @@ def test_a_crafted_trainer_state_is_refused_in_one_line(
         _resume_step(None, str(tmp_path))
     assert str(info.value).startswith(str(tmp_path / "trainer_state.json"))
     assert "\n" not in str(info.value)
+
+
+def test_a_trainer_state_with_non_finite_metrics_resumes_at_its_step(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """Python's JSON writer, transformers' too, writes a NaN or infinite metric as NaN or
+    Infinity: a real checkpoint's log_history may hold them."""
+    from stabledrl_cli.integrations._trl_trainer import _resume_step
+
+    state = {"global_step": 2, "log_history": [{"grad_norm": math.nan, "loss": math.inf}]}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    assert _resume_step(None, str(tmp_path)) == 2
 
 
 def test_a_trainer_state_past_the_size_bound_is_refused_unread(tiny: Any, tmp_path: Path) -> None:
