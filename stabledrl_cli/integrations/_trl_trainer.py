@@ -208,10 +208,11 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
     ) -> Any:
         """The TRL trainer's `train`, recording into the run directory (continued on resume, or
         begun at the checkpoint's next step when the directory holds no run). A run that
-        cannot be written (a full or read-only disk) warns once and training runs unrecorded;
-        a usage error (an existing run, a resume the run cannot continue) is raised. A second
-        train() into a run directory this process has recorded into (of this trainer or of
-        another) that does not resume numbers its steps from 1 again: it warns once and runs
+        cannot be written (a full or read-only disk), or a checkpoint whose trainer_state.json
+        it cannot read (`_resume_step`), warns once and training runs unrecorded; a usage
+        error (an existing run, a resume the run cannot continue) is raised. A second train()
+        into a run directory this process has recorded into (of this trainer or of another)
+        that does not resume numbers its steps from 1 again: it warns once and runs
         unrecorded, the first one's steps kept. The run is opened as TRL's training begins,
         once TRL has loaded the checkpoint it resumes: a resume that TRL refuses (no
         checkpoint there, one it cannot load) leaves the run directory as it is."""
