@@ -31,6 +31,7 @@ from rich.markup import escape
 from stabledrl_cli._atomic import write_error
 from stabledrl_cli._process import how_it_ended, shell_exit_code
 from stabledrl_cli._regular import NotRegularFile, open_regular
+from stabledrl_cli.capture._site.stabledrl_ranks import announced_rank
 from stabledrl_cli.capture.bootstrap import (
     ENV_DEBUG,
     ENV_FORCE,
@@ -262,15 +263,15 @@ def _ranks_named(ranks: list[int]) -> str:
 
 def _announced_ranks(directory: Path) -> set[tuple[int, int]]:
     """The (rank, world_size) of each process of the command that announced itself as a rank
-    in `directory` (bootstrap.ENV_RANKS_DIR): a file RANK-of-WORLD_SIZE each; none when the
-    command removed the directory; at most ANNOUNCED_LIMIT entries are read, and a number
-    too long for any rank is no announcement."""
+    in `directory` (bootstrap.ENV_RANKS_DIR): a file each, named by
+    `stabledrl_ranks.rank_file_name`; none when the command removed the directory; at most
+    ANNOUNCED_LIMIT entries are read, and a name that is no rank's is no announcement."""
     announced = set()
     with suppress(OSError), os.scandir(directory) as entries:
         for entry in itertools.islice(entries, ANNOUNCED_LIMIT):
-            numbers = entry.name.partition("-of-")[::2]
-            if all(text.isascii() and text.isdigit() and len(text) < 10 for text in numbers):
-                announced.add((int(numbers[0]), int(numbers[1])))
+            rank = announced_rank(entry.name)
+            if rank is not None:
+                announced.add(rank)
     return announced
 
 

@@ -56,7 +56,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:  # its name in the package, which the type checker reads
+    from stabledrl_cli.capture._site.stabledrl_ranks import rank_file_name
+else:  # its name on the command's path, beside this module (stabledrl_cli may be no import)
+    from stabledrl_ranks import rank_file_name
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FSDP1 = "torch.distributed.fsdp"
@@ -65,8 +70,6 @@ _ERRORS = "stabledrl_cli.errors"
 _BOOTSTRAP = "stabledrl_cli.capture.bootstrap"
 _ENV_OPTIMIZER_HOOKS = "STABLEDRL_OPTIMIZER_HOOKS"  # bootstrap.ENV_OPTIMIZER_HOOKS, unimported
 _ENV_RANKS_DIR = "STABLEDRL_RANKS_DIR"  # bootstrap.ENV_RANKS_DIR, unimported
-_RANK_DIGITS = 9
-"""Digits of the longest rank or world size announced: any larger is no launcher's."""
 _CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"  # bootstrap's
 
 
@@ -207,16 +210,13 @@ def _wrap_quitter(quitter: object) -> object:
 
 def _announce_rank(rank: object, world_size: object) -> None:
     """Tells `record` that this process runs as rank `rank` of `world_size` (decimal numbers;
-    anything else is no rank, and is left out): an empty file RANK-of-WORLD_SIZE in record's
-    $STABLEDRL_RANKS_DIR. A child of the process that inherits its environment (a dataloader
+    anything else is no rank, and is left out): an empty file in record's $STABLEDRL_RANKS_DIR
+    (stabledrl_ranks.py). A child of the process that inherits its environment (a dataloader
     worker) announces the same rank again, which changes nothing. Never fails."""
     directory = os.environ.get(_ENV_RANKS_DIR)
-    numbers = (str(rank), str(world_size))
-    if not directory or not all(
-        text.isascii() and text.isdigit() and len(text) <= _RANK_DIGITS for text in numbers
-    ):
+    name = rank_file_name(rank, world_size)
+    if not directory or name is None:
         return
-    name = "{}-of-{}".format(*map(int, numbers))
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL  # never opens what is there (a FIFO)
     with contextlib.suppress(OSError):
         os.close(os.open(os.path.join(directory, name), flags, 0o600))
