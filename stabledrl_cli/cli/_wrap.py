@@ -147,6 +147,16 @@ def _with_site(env: dict[str, str], optimizer_hooks: bool) -> None:
     env[ENV_OPTIMIZER_HOOKS] = "1" if optimizer_hooks else "0"
 
 
+def _remove_scratch(scratch: Path) -> None:
+    """Removes record's temporary directory, which a process the command left running (a rank
+    still stopping, a detached worker) may still write to: renamed first, so that no such
+    process can create a file in it by the paths it was given (its status file, its ranks
+    directory), then removed. A file created in the instant between stays, and is no error."""
+    with suppress(OSError):
+        scratch = scratch.rename(scratch.with_name(scratch.name + "-removed"))
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
 def run_command(
     out: Path,
     cmd: list[str],
@@ -184,10 +194,11 @@ def run_command(
         raise write_error(out, exc) from None
     if force:  # recorded again: a watch of it must not end on the run it holds now
         reopen_run(out)
-    with tempfile.TemporaryDirectory(prefix="stabledrl-record-") as scratch:
-        status = Path(scratch) / "status"
+    scratch = Path(tempfile.mkdtemp(prefix="stabledrl-record-"))
+    try:
+        status = scratch / "status"
         status.touch()
-        ranks_dir = Path(scratch) / "ranks"
+        ranks_dir = scratch / "ranks"
         ranks_dir.mkdir()
         env = dict(os.environ)
         env[ENV_RUN_DIR] = str(out.resolve())
@@ -208,6 +219,8 @@ def run_command(
         code = _call(cmd, env)
         failures, fatal = _reports(status)
         launched = _announced_ranks(ranks_dir)
+    finally:
+        _remove_scratch(scratch)
     if code == UNCAUGHT and fatal:  # a tool error ended the command: its line is out already
         raise typer.Exit(fatal[0])
     if code != 0:
