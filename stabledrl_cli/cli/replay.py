@@ -15,6 +15,7 @@ options and the run never load torch (tests/test_startup.py).
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -92,20 +93,42 @@ def option_names() -> Iterator[None]:
 def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) -> None:
     """Before the replay: the output files' directories exist (targets: option -> path), none
     lies inside the run read (`run`, a directory or an archive: a report there would replace
-    one of its files, or sit among them, as `pack` refuses too), and a plot can be drawn (a
-    missing extra fails fast, exit 2)."""
-    for flag, target in {**targets, "--plot": plot}.items():
-        if target is not None and _inside(target, run):
+    one of its files, or sit among them, as `pack` refuses too), no two name one file (the
+    last written would replace the other), and a plot can be drawn (a missing extra fails
+    fast, exit 2)."""
+    named = [(flag, path) for flag, path in {**targets, "--plot": plot}.items() if path is not None]
+    for flag, target in named:
+        if _inside(target, run):
             raise UsageError(f"{flag} {target} is inside the run {run}; write it outside the run")
-    for flag, target in targets.items():
-        if target is not None and not target.parent.is_dir():
-            raise UsageError(f"{flag} {target}: directory {target.parent} does not exist")
+    for flag, path in targets.items():
+        if path is not None and not path.parent.is_dir():
+            raise UsageError(f"{flag} {path}: directory {path.parent} does not exist")
+    for i, (flag, target) in enumerate(named):
+        for other_flag, other in named[i + 1 :]:
+            if _same_file(target, other):
+                raise UsageError(
+                    f"{flag} {target} and {other_flag} {other} name the same file; give each "
+                    "report a file of its own"
+                )
     if plot is not None:
         try:
             check_plot_path(plot)
         except UsageError as exc:
             raise UsageError(f"--plot {exc}") from None
         require_matplotlib()
+
+
+def _same_file(target: Path, other: Path) -> bool:
+    """Whether two reports would replace one file: the same path once links are resolved,
+    there or not yet. A device or a FIFO is written in place, not replaced (two reports to
+    /dev/null are no clash)."""
+    path = os.path.realpath(target)
+    if path != os.path.realpath(other):
+        return False
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # not there yet: both would create it
+        return True
 
 
 def _inside(target: Path, run: str) -> bool:

@@ -1,0 +1,54 @@
+"""Two reports of one command (`check --write-baseline --junit --plot`, `replay --out --plot`)
+given the same file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from _cli import run_cli
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+
+REPO = Path(__file__).resolve().parents[1]
+GRPO = REPO / "fixtures" / "grpo"
+runner = CliRunner()
+
+
+def test_two_reports_given_one_file_are_refused_before_the_replay(tmp_path):
+    """`check --write-baseline F --junit F` wrote the baseline, then the JUnit report over
+    it (exit 0: the baseline lost, 'wrote baseline F' said); the same through a link to F, and
+    for `replay --out F.png --plot F.png`. Each is refused, nothing written."""
+    report = tmp_path / "report.png"
+    (tmp_path / "link.png").symlink_to(report)
+    refused = [
+        ["check", GRPO, "--write-baseline", report, "--junit", report],
+        ["check", GRPO, "--max-collapsed", "100", "--junit", report, "--plot", report],
+        ["check", GRPO, "--write-baseline", report, "--junit", tmp_path / "link.png"],
+        ["replay", GRPO, "-p", "grpo", "--out", report, "--plot", tmp_path / "link.png"],
+    ]
+    for args in refused:
+        result = runner.invoke(app, list(map(str, args)))
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.startswith("error: ") and "the same file" in result.stderr, args
+        assert len(result.stderr.splitlines()) == 1, args
+        assert not report.exists(), args
+
+
+def test_two_reports_given_one_file_exit_2_in_a_real_process(tmp_path):
+    report = tmp_path / "report.json"
+    done = run_cli("check", GRPO, "--write-baseline", report, "--junit", report)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"error: --write-baseline {report} and --junit {report} name the same file; give "
+        "each report a file of its own"
+    ]
+    assert not report.exists()
+
+
+def test_two_reports_may_share_a_device(tmp_path):
+    """A device is written in place, not replaced: both reports to /dev/null is no clash."""
+    result = runner.invoke(
+        app, ["check", str(GRPO), "--write-baseline", "/dev/null", "--junit", "/dev/null"]
+    )
+    assert result.exit_code == 0, result.output
