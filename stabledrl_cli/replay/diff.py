@@ -174,6 +174,13 @@ def _is_float(a: np.ndarray) -> bool:
     return bool(np.issubdtype(a.dtype, np.floating))
 
 
+def _past_float64() -> np.errstate:
+    """Inside: a gap or a tolerance past float64's largest number is infinite, as it should
+    be, without a warning (the largest finite tolerances, 1e308, made one), and inf - inf is
+    NaN (no gap), without one either."""
+    return np.errstate(over="ignore", invalid="ignore")
+
+
 def _entries(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> str | None:
     """None when a and b agree (exactly with atol = rtol = 0; NaN agrees with NaN), else how
     they differ, in words."""
@@ -183,8 +190,8 @@ def _entries(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> str | No
     gaps: np.ndarray | None = None
     if _is_float(x):
         x64, y64 = x.astype(np.float64), y.astype(np.float64)
-        bad = ~np.isclose(x64, y64, rtol=rtol, atol=atol, equal_nan=True)
-        with np.errstate(invalid="ignore"):
+        with _past_float64():
+            bad = ~np.isclose(x64, y64, rtol=rtol, atol=atol, equal_nan=True)
             gaps = np.abs(x64 - y64)[bad]
     else:
         bad = x != y
@@ -259,7 +266,11 @@ class _Comparison:
             if x is None or y is None or not _bitwise_equal(np.float64(x), np.float64(y)):
                 bits = f"{_scalar_text(x, exact=True)} vs {_scalar_text(y, exact=True)}"
                 found["arrays"].append(FieldDifference(field=name, what=bits))
-            if x is None or y is None or not bool(np.isclose(x, y, self.rtol, self.atol, True)):
+            with _past_float64():
+                close = (
+                    x is not None and y is not None and np.isclose(x, y, self.rtol, self.atol, True)
+                )
+            if not close:
                 what = f"{_scalar_text(x)} vs {_scalar_text(y)}"
                 found["scalars"].append(FieldDifference(field=name, what=what))
         for kind, differences in found.items():

@@ -1,0 +1,37 @@
+"""`stabledrl diff` with tolerances at their limits: no arithmetic warning."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.replay.diff import _entries
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+runner = CliRunner()
+
+
+def test_the_largest_tolerances_say_no_overflow():
+    """--atol 1e308 --rtol 1e308 (finite, so accepted) printed 'warning: overflow encountered
+    in multiply' and '... in add' (numpy's, from |b| * rtol past float64) before the result;
+    the tolerance is then infinite, which is what was asked: no line, the same verdict."""
+    args = ["diff", str(FIXTURES / "grpo"), str(FIXTURES / "stabledrl")]
+    plain = runner.invoke(app, args)
+    result = runner.invoke(app, [*args, "--atol", "1e308", "--rtol", "1e308"])
+    assert "overflow" not in result.stderr, result.stderr
+    assert not result.stderr.startswith("warning:"), result.stderr
+    assert (plain.exit_code, result.exit_code) == (1, 1)
+    assert "log-probs   equal on all 160 compared steps" in result.stdout
+
+
+def test_values_whose_gap_overflows_differ_without_a_warning():
+    """Two float64 entries 1e308 and -1e308: their gap is past float64 (numpy warned
+    'overflow encountered in subtract'); they differ, by an infinite gap that is not shown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = _entries(np.array([1e308, 0.0]), np.array([-1e308, 0.0]), 1e-6, 1e-6)
+    assert found == "1 of 2 differ, first at 0"
