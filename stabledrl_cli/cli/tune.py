@@ -36,7 +36,7 @@ from stabledrl_cli.cli.replay import (
     replay_with_progress,
 )
 from stabledrl_cli.dump import open_run
-from stabledrl_cli.errors import WriteError
+from stabledrl_cli.errors import WriteError, counted
 from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, parse_size, replay_config
 from stabledrl_cli.replay.report import print_legend, print_whole, stack_headers
 from stabledrl_cli.tune.front import SettingFigures, TuneReport, percent, rank
@@ -81,7 +81,7 @@ def _row(s: SettingFigures, report: TuneReport) -> list[str]:
 def _print_table(report: TuneReport) -> None:
     table = Table(
         title=f"tune {report.run}: {report.steps} steps, "
-        f"{sum(s.tuned for s in report.settings)} settings",
+        f"{counted(sum(s.tuned for s in report.settings), 'setting')}",
         title_justify="left",
     )
     for name, justify in (
@@ -150,7 +150,7 @@ def command(
     own = own_policy(opened) if keep_own else None
     if own is not None and own.spec not in specs:
         specs.append(own.spec)
-    err.print(f"tuning {len(settings)} settings over {run}", highlight=False)
+    err.print(f"tuning {counted(len(settings), 'setting')} over {run}", highlight=False)
     with option_names():
         budget = None if memory_budget is None else parse_size(memory_budget)
         config = replace(
