@@ -181,7 +181,7 @@ def _run_example(
 
 
 STEPS_DEPRECATED = (
-    "record --steps is deprecated: use --rl-steps (--steps is a step range in replay and check)"
+    "record --steps is deprecated: use --rl-steps (--steps is a step range in replay)"
 )
 
 
