@@ -195,7 +195,8 @@ MaxSpikesOpt = Annotated[
 FailOnCollapseOpt = Annotated[
     bool,
     typer.Option(
-        "--fail-on-collapse", help="Fail if the recorded reward collapsed (observed rule)."
+        "--fail-on-collapse",
+        help="Fail if the recorded reward collapsed (observed rule), or none was recorded.",
     ),
 ]
 """`check`'s absolute gates (`replay.gate.Gates`), shared by `watch`."""

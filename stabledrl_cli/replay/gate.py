@@ -134,23 +134,33 @@ def _count_gate(gate: str, steps: list[int], limit: int, what: str) -> GateResul
     )
 
 
+def _collapse_gate(observed: Observed) -> GateResult:
+    """--fail-on-collapse: trips when the recorded reward collapsed, and when the run recorded
+    no reward at all (nothing to gate: a gate that could never trip), as a baseline's series
+    that the run did not record trips `baseline.present`."""
+    collapse = observed.first_reward_collapse
+    if observed.reward_curve is None:
+        message = "the run recorded no reward_mean: there is no reward to gate"
+    elif collapse is None:
+        message = "the recorded reward did not collapse"
+    else:
+        message = (
+            f"the recorded reward collapsed at step {collapse} (window {observed.collapse_window})"
+        )
+    return GateResult(
+        policy=None,
+        gate="reward_collapse",
+        ok=collapse is None and observed.reward_curve is not None,
+        figure=math.inf if collapse is None else float(collapse),
+        limit=math.inf,
+        message=message,
+    )
+
+
 def _run_absolute(observed: Observed, gates: Gates) -> list[GateResult]:
     found = []
     if gates.fail_on_collapse:
-        collapse = observed.first_reward_collapse
-        found.append(
-            GateResult(
-                policy=None,
-                gate="reward_collapse",
-                ok=collapse is None,
-                figure=math.inf if collapse is None else float(collapse),
-                limit=math.inf,
-                message="the recorded reward did not collapse"
-                if collapse is None
-                else f"the recorded reward collapsed at step {collapse} "
-                f"(window {observed.collapse_window})",
-            )
-        )
+        found.append(_collapse_gate(observed))
     if gates.max_spikes is not None:
         found.append(
             _count_gate(
