@@ -46,6 +46,9 @@ _PANEL_IN = 1.5
 _FOOT_IN = 0.7  # the x label and the (own)/(best) note
 _PAD = 8  # points between a panel and its title, clear of the marks on the top edge
 _MAX_ROWS = 6  # policy rows before a third column is used
+_TITLE_POINTS = 9  # a policy panel's title
+_CHAR_EMS = 0.62  # the width of the title font's digits and letters, at most, in ems
+_LABEL_POINTS = 60  # a policy panel's y label and tick labels, left of it
 
 # One colour per meaning, the same in every panel and in the legend.
 _REWARD = "0.6"
@@ -155,17 +158,30 @@ def _relative_limits(ratio: npt.NDArray[np.float64]) -> tuple[float, float]:
     return low / 1.4, high * 1.4
 
 
-def _policy_title(policy: PolicyResult, median: float | None) -> str:
+def _title_characters(columns: int) -> int:
+    """Characters of a policy panel's title line that fit over the panel, beside its y label
+    and ticks, in a grid of `columns` panels a row."""
+    points = _WIDTH_IN * 72 / columns - _LABEL_POINTS
+    return int(points / (_TITLE_POINTS * _CHAR_EMS))
+
+
+def _policy_title(policy: PolicyResult, median: float | None, width: int) -> str:
+    """The spec and its tags, wrapped at its commas to `width` characters a line (a value
+    longer than that is broken), then the panel's figures, wrapped too, on lines of their
+    own."""
     summary = policy.summary
     tags = "".join(t for t, on in ((" (own)", policy.own), (" (best)", policy.best)) if on)
     scale = f"median {median:.3g}" if median is not None else "no finite update"
-    return (
-        f"{policy.spec}{tags}   risk {len(summary.collapsed_steps)} · bias "
-        f"{len(summary.drift_steps)} · discarded {summary.discard_frac:.0%}   ({scale})"
+    named = textwrap.wrap(policy.spec.replace(",", ", ") + tags, width, break_on_hyphens=False)
+    figures = (
+        f"risk {len(summary.collapsed_steps)} · bias {len(summary.drift_steps)} · "
+        f"discarded {summary.discard_frac:.0%} ({scale})"
     )
+    named_lines = [line.replace(", ", ",") for line in named]
+    return "\n".join(named_lines + textwrap.wrap(figures, width))
 
 
-def _policy_panel(ax: Any, policy: PolicyResult, result: ReplayResult) -> None:
+def _policy_panel(ax: Any, policy: PolicyResult, result: ReplayResult, title_width: int) -> None:
     series = policy.series
     steps = np.asarray(series["step"], dtype=np.int64)
     norm = np.asarray(series["update_norm"], dtype=np.float64)
@@ -187,7 +203,9 @@ def _policy_panel(ax: Any, policy: PolicyResult, result: ReplayResult) -> None:
     for start, stop in _spans(steps, np.asarray(series["drift"], dtype=bool)):
         ax.axvspan(start - 0.5, stop + 0.5, color=_BIAS, alpha=0.3, linewidth=0)
     _mark_run_events(ax, result)
-    ax.set_title(_policy_title(policy, median), loc="left", fontsize=9, pad=_PAD)
+    ax.set_title(
+        _policy_title(policy, median, title_width), loc="left", fontsize=_TITLE_POINTS, pad=_PAD
+    )
     ax.set_ylabel("× median")
     ax.grid(alpha=0.3)
 
@@ -266,7 +284,7 @@ def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | N
     for i, policy in enumerate(result.policies):
         row, column = divmod(i, columns)
         ax = fig.add_subplot(grid[2 + row, column], sharex=reward_ax)
-        _policy_panel(ax, policy, result)
+        _policy_panel(ax, policy, result, _title_characters(columns))
         below = i + columns < len(result.policies)
         ax.tick_params(labelbottom=not below)
     reward_ax.tick_params(labelbottom=not result.policies)

@@ -1,0 +1,47 @@
+"""The replay plot's panel titles stay within their panels."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import stabledrl_cli as sd
+from stabledrl_cli.replay.plot import plot_replay
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.mark.parametrize("count", [2, 13])
+def test_each_panel_title_fits_over_its_panel(grpo_fixture, grpo_fixture_replay, tmp_path,
+                                              monkeypatch, count):  # fmt: skip
+    """A panel's title (its spec, then risk, bias, discarded and the median) was one line:
+    over three columns (13 policies or more) every title ran into the next panel's, 'grpo' and
+    its figures too, and over two a long spec did the same."""
+    from matplotlib.figure import Figure
+
+    drawn: list[Figure] = []
+    savefig = Figure.savefig
+
+    def keep(fig: Figure, *args: object, **kwargs: object) -> None:
+        drawn.append(fig)
+        savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    spec = "two-sided:delta=4,eps_high=0.3456789012345678,eps_low=0.123456789012345"
+    policies = [
+        dataclasses.replace(grpo_fixture_replay.policies[i % 2], spec=spec if i % 3 else "grpo")
+        for i in range(count)
+    ]
+    many = dataclasses.replace(grpo_fixture_replay, policies=policies)
+    plot_replay(many, tmp_path / "titles.png", sd.open_run(grpo_fixture))
+    (fig,) = drawn
+    renderer = fig.canvas.get_renderer()
+    panels = fig.axes[2:]  # after the legend and the reward panel
+    assert len(panels) == count
+    for ax in panels:
+        left_title = ax._left_title  # the title set with loc="left"
+        assert left_title.get_text()
+        title = left_title.get_window_extent(renderer)
+        panel = ax.get_window_extent(renderer)
+        assert title.x1 <= panel.x1 + 1, (left_title.get_text(), title.x1, panel.x1)
