@@ -34,7 +34,7 @@ from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
 from verl.workers.engine.base import BaseEngine  # noqa: E402
 from verl.workers.engine.utils import prepare_micro_batches  # noqa: E402
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
-from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
+from verl.workers.utils.padding import left_right_2_no_padding, response_to_nested  # noqa: E402
 
 from stabledrl_cli.dump import Recorder, open_run  # noqa: E402
 from stabledrl_cli.errors import UsageError  # noqa: E402
@@ -112,6 +112,38 @@ def rollout(n_prompts: int = 4, group: int = 3, seed: int = 0, scale: float = 0.
     return left_right_2_no_padding(data.to_tensordict())
 
 
+RESPONSE_FIELDS = (
+    "responses",
+    "response_mask",
+    "loss_mask",
+    "old_log_probs",
+    "advantages",
+    "ref_log_prob",
+    "rollout_log_probs",
+    "rollout_is_weights",
+    "token_level_scores",
+)
+
+
+def nested_responses(td: TensorDict) -> TensorDict:
+    """A `rollout` as verl's trainer.use_v1 hands it to the actor: the prompts and every
+    response field nested, each row its own length (no `max_response_len`), so that `ppo_loss`
+    pads each micro-batch to its own longest response."""
+    mask = td["response_mask"]
+    lengths = mask.sum(-1).tolist()
+    nested = torch.nested.as_nested_tensor(
+        [row[:n] for row, n in zip(mask, lengths, strict=True)], layout=torch.jagged
+    )
+    for key in RESPONSE_FIELDS:
+        td[key] = response_to_nested(td[key], nested)
+    prompt_lengths = td["attention_mask"][:, :PROMPT].sum(-1).tolist()
+    td["prompts"] = torch.nested.as_nested_tensor(
+        [row[PROMPT - n :] for row, n in zip(td["prompts"], prompt_lengths, strict=True)],
+        layout=torch.jagged,
+    )
+    return td.exclude("max_response_len", "max_seq_len")
+
+
 def micro_batches(
     td: TensorDict, mini: int, micro: int, *, with_weights: bool = True
 ) -> list[list[TensorDict]]:
@@ -137,7 +169,8 @@ def model_output(micro: TensorDict) -> dict[str, torch.Tensor]:
     """What the engine's forward returns: log-probs over the unpadded sequence, nested, with the
     response's log-probs where `no_padding_2_padding` reads them."""
     lengths = micro["input_ids"].offsets().diff().tolist()
-    resp_len = micro["response_mask"].sum(-1).tolist()
+    mask = micro["response_mask"]
+    resp_len = (mask.offsets().diff() if mask.is_nested else mask.sum(-1)).tolist()
     rows = []
     for i, (n, r) in enumerate(zip(lengths, resp_len, strict=True)):
         row = torch.zeros(n)
@@ -1251,16 +1284,20 @@ def train(
     grad_norm: float = 0.7,
     unscored: list[int] | None = None,
     logp_dtype: torch.dtype = torch.float32,
+    nested: bool = False,
     **rollout_kw: Any,
 ) -> Any:
     """Two optimizer steps of the stub engine with verl's ppo_loss (or `loss`), over rows 0-5
     and 6-11 of the rollout; the rows in `unscored` have an all-zero response mask; the
-    model's log-probs come out in `logp_dtype`."""
+    model's log-probs come out in `logp_dtype`; `nested`: the responses come nested
+    (`nested_responses`)."""
     engine = StubEngine(grad_norm, logp_dtype)
     loss = loss or functools.partial(ppo_loss, config=config)
     data = rollout(**rollout_kw)
     for key in ("response_mask", "loss_mask"):
         data[key][unscored or []] = 0
+    if nested:
+        data = nested_responses(data)
     outputs = []
     for mb in tu.make_iterator(data, mini_batch_size=6, epochs=1, seed=0):
         tu.assign_non_tensor(mb, global_batch_size=6)
@@ -1527,3 +1564,38 @@ def test_other_losses_pass_through(hooked: Any) -> None:
     train(actor_config(), loss=other_loss)
     assert calls == [2, 2, 2, 2, 2, 2]
     assert not (run_dir / "steps").exists() or not list((run_dir / "steps").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "spec"),
+    [
+        ({}, "dual-clip:agg=recorded"),
+        (
+            {"loss_mode": "gspo", "use_kl_loss": True, "kl_loss_coef": 0.1},
+            "gspo:agg=recorded,beta=0.1,eps_high=0.2,eps_low=0.2,form=token,kl_max=10,"
+            "kl_weight=none",
+        ),
+    ],
+    ids=["vanilla", "gspo-kl"],
+)
+def test_nested_responses_replay_verls_horizon_of_each_micro_batch(
+    hooked: Any, overrides: dict[str, Any], spec: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """seq-mean-token-sum-norm without loss_scale_factor over nested responses (verl's
+    trainer.use_v1): verl divides each micro-batch by its own padded width (here 7 or 5), which
+    no max_len expresses, so the run records agg=recorded (verl's normaliser, kept per token)
+    and replay gives verl's loss of every step; the first micro-batch's width as max_len does
+    not."""
+    run_dir, status = hooked
+    train(actor_config(loss_agg_mode="seq-mean-token-sum-norm", **overrides), nested=True)
+    stabledrl_verl.uninstall()
+    assert "stabledrl:" not in capsys.readouterr().err and not status.exists()
+    run = open_run(run_dir)
+    assert run.policy_spec == spec
+    first_width = spec.replace("agg=recorded", "agg=seq-mean-token-sum-norm,max_len=7,rows=all")
+    (own, fixed) = replay_run(run, [spec, first_width], config=ReplayConfig(device="cpu")).policies
+    off = 0.0
+    for step in run:
+        assert -own.steps[step.step]["objective"] == pytest.approx(step.scalars["loss"], abs=1e-6)
+        off = max(off, abs(fixed.steps[step.step]["objective"] + step.scalars["loss"]))
+    assert off > 1e-3

@@ -56,6 +56,9 @@ class MicroBatch:
     loss: float
     """verl's policy loss of the micro-batch, pg (+ kl_loss_coef * kl): a rank's losses sum to
     dp_size times its share of the step's objective, so their mean over ranks is the step's."""
+    response_width: int | None
+    """L, the padded response length the run's batches share; None when the responses came
+    nested, each micro-batch padded to its own longest (verl's trainer.use_v1)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """verl's VERL_METRICS of this micro-batch (absent where verl reports none)."""
     optional: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -120,6 +123,7 @@ def capture_micro_batch(
             if key in padded
         },
         logp_dtype=log_prob.dtype,
+        response_width=None if data["response_mask"].is_nested else mask.shape[-1],
     )
 
 

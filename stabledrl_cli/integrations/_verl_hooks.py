@@ -79,7 +79,7 @@ class Session:
         if self.recorder is None:
             world_size = int(engine.get_data_parallel_size())
             policy = policy_for_actor_config(
-                config, response_width=first.mask.shape[-1], logp_dtype=first.logp_dtype
+                config, response_width=first.response_width, logp_dtype=first.logp_dtype
             )
             self.recorder = Recorder(
                 self.out,

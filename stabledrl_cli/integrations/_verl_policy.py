@@ -22,7 +22,9 @@ per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
 eps_low is `clip_ratio_low`, eps_high `clip_ratio_high` (each defaulting to `clip_ratio`).
 `loss_agg_mode` -> agg of the same name (token-mean, token-sum, seq-mean-token-mean,
 seq-mean-token-sum, seq-mean-token-sum-norm; the last with max_len = `loss_scale_factor`, else
-the padded response width verl divides by, `loss_mask.shape[-1]`). verl
+the padded response width verl divides by, `loss_mask.shape[-1]`; with nested responses,
+verl's trainer.use_v1, each micro-batch pads to its own longest response, a width that varies
+from one micro-batch to the next: agg=recorded, the normaliser recorded per token). verl
 divides by the mini-batch's global token count, or by its configured sequence count
 `global_batch_size`: the catalogue's Z, and N with rows=all (every sequence, scored or not),
 of the step's merged ranks. The normaliser verl used is also recorded per token
@@ -126,9 +128,11 @@ def _clip_range(config: Any) -> tuple[float, float]:
 _SEQUENCE_MEANS = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
-def _aggregation(mode: str, config: Any, response_width: int) -> dict[str, SpecValue]:
+def _aggregation(mode: str, config: Any, response_width: int | None) -> dict[str, SpecValue]:
     """agg (and rows, max_len) of a verl loss_agg_mode: sequence means count every sequence
-    of the mini-batch (verl's global_batch_size)."""
+    of the mini-batch (verl's global_batch_size). seq-mean-token-sum-norm without
+    loss_scale_factor over nested responses (response_width None) divides each micro-batch by
+    its own padded width, which no max_len expresses: agg=recorded, verl's normaliser."""
     params: dict[str, SpecValue] = {"agg": mode}
     if mode in _SEQUENCE_MEANS:
         params["rows"] = "all"
@@ -139,7 +143,10 @@ def _aggregation(mode: str, config: Any, response_width: int) -> dict[str, SpecV
                 f"loss_scale_factor {factor!r} is not a whole number: verl divides by it, "
                 "the catalogue's max_len is an integer"
             )
-        params["max_len"] = int(factor if factor is not None else response_width)
+        horizon = factor if factor is not None else response_width
+        if horizon is None:
+            return {"agg": "recorded"}
+        params["max_len"] = int(horizon)
     return params
 
 
@@ -214,14 +221,15 @@ def _or(value: Any, fallback: float) -> float:
 
 
 def policy_for_actor_config(
-    config: Any, response_width: int, logp_dtype: torch.dtype = torch.float32
+    config: Any, response_width: int | None, logp_dtype: torch.dtype = torch.float32
 ) -> Policy:
     """The catalogue policy reproducing a verl 0.9 `ActorConfig` (table in the module
     docstring). response_width: the padded response length (the horizon of
     seq-mean-token-sum-norm without `loss_scale_factor`; a flat recording keeps scored tokens
-    only, so the padded width is not in the step). logp_dtype: the dtype of the model's
-    log-probs, in which kl_cov centres them and dppo takes exp. UsageError, one line, for a
-    configuration the catalogue cannot express."""
+    only, so the padded width is not in the step), None when the responses come nested and
+    each micro-batch pads them to its own longest (verl's trainer.use_v1). logp_dtype: the
+    dtype of the model's log-probs, in which kl_cov centres them and dppo takes exp.
+    UsageError, one line, for a configuration the catalogue cannot express."""
     _check_recordable(config)
     mode = loss_mode(config)
     eps_low, eps_high = _clip_range(config)
