@@ -187,6 +187,12 @@ class ReplayConfig:
                 f"must be (start, stop), each an integer or None, got {self.step_range!r}",
             )
         start, stop = self.step_range
+        if any(bound is not None and bound < 0 for bound in (start, stop)):
+            raise ConfigError(
+                "step_range",
+                f"{format_step_range(self.step_range)} has a negative bound: steps are "
+                "numbered from 0, not counted back from the last",
+            )
         if start is not None and stop is not None and stop <= start:
             raise ConfigError(
                 "step_range",
