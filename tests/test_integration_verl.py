@@ -534,6 +534,38 @@ def test_mapped_policy_gradient_equals_verl_autograd(overrides: dict[str, Any]) 
     assert weights.discarded.any() and not weights.discarded.all()
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_gspo_past_verls_sequence_log_ratio_clamp_equals_verl_autograd(agg: str) -> None:
+    """verl's gspo clamps the sequence's mean log r at 10, which zeroes the gradient of a
+    sequence past it (kept at exactly 10): the mapped spec names that cap (log_ratio_max=10),
+    and its objective and coef are minus verl's loss and its autograd gradient, with A < 0
+    and A > 0 past the cap, at it, and inside it."""
+    rows, width = 7, 4
+    mask = torch.arange(width)[None] < torch.tensor([4, 3, 4, 2, 4, 3, 4])[:, None]
+    logp = torch.full((rows, width), -2.0, dtype=torch.float64)
+    mean_log_ratio = torch.tensor([10.5, 10.5, 10.0, 10.0, 12.0, 0.1, -0.05], dtype=torch.float64)
+    spread = torch.tensor([0.3, -0.1, -0.2, 0.0], dtype=torch.float64)  # sum 0 over 3, 4 tokens
+    logp_old = logp - mean_log_ratio[:, None] - spread
+    logp_old[2:4] = logp[2:4] - 10.0  # every token's log r exactly 10, so is the mean
+    adv = torch.tensor([-1.0, 1.0, -0.7, 0.6, -2.0, -0.5, 0.8], dtype=torch.float64)[:, None]
+    gen = torch.Generator().manual_seed(5)
+    weight = 0.5 + torch.rand(rows, width, generator=gen, dtype=torch.float64)
+    adv = (adv + 0.1 * torch.rand(rows, width, generator=gen, dtype=torch.float64)) * mask
+    weight = weight * mask
+    config = actor_config(loss_mode="gspo", loss_agg_mode=agg)
+    loss, leaf = verl_policy_loss(config, logp, logp_old, adv, mask, weight)
+    loss.backward()
+    assert leaf.grad is not None
+    policy = policy_for_actor_config(config, response_width=width)
+    assert "log_ratio_max=10" in policy.spec.split(":")[1].split(",")
+    weights = policy.weights(flat_batch(logp, logp_old, adv, mask, weight))
+    assert float(weights.objective) == pytest.approx(-float(loss), rel=1e-12)
+    assert torch.allclose(weights.coef, -leaf.grad.flatten(), rtol=1e-12, atol=0.0)
+    coef = weights.coef.view(rows, width)
+    assert not coef[[0, 1, 3, 4]].any()  # past the cap (and A > 0 at it: the clip binds)
+    assert all(coef[row][mask[row]].all() for row in (2, 5, 6))  # A < 0 at the cap; inside it
+
+
 @pytest.mark.parametrize("kl_type", ["low_var_kl", "k3"])
 @pytest.mark.parametrize(
     "overrides",
@@ -782,17 +814,22 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
         ({"loss_mode": "sapo", "use_kl_loss": True, "kl_loss_coef": 0.0}, "sapo:rows=all"),
         (
             {"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-mean"},
-            "gspo:eps_high=0.2,eps_low=0.2,form=token,rows=all",
+            "gspo:eps_high=0.2,eps_low=0.2,form=token,log_ratio_max=10,rows=all",
         ),
         ({"loss_mode": "gpg"}, "reinforce"),
-        ({"loss_mode": "gspo"}, "gspo:agg=token-mean,eps_high=0.2,eps_low=0.2,form=token"),
+        (
+            {"loss_mode": "gspo"},
+            "gspo:agg=token-mean,eps_high=0.2,eps_low=0.2,form=token,log_ratio_max=10",
+        ),
         (
             {"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-sum", "clip_ratio_low": 1e-3},
-            "gspo:agg=seq-mean-token-sum,eps_high=0.2,eps_low=0.001,form=token,rows=all",
+            "gspo:agg=seq-mean-token-sum,eps_high=0.2,eps_low=0.001,form=token,log_ratio_max=10,"
+            "rows=all",
         ),
         (
             {"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-sum-norm"},
-            "gspo:agg=seq-mean-token-sum-norm,eps_high=0.2,eps_low=0.2,form=token,max_len=7,rows=all",
+            "gspo:agg=seq-mean-token-sum-norm,eps_high=0.2,eps_low=0.2,form=token,log_ratio_max=10,"
+            "max_len=7,rows=all",
         ),
         ({"loss_mode": "dppo_tv"}, "dppo"),
         (
@@ -1573,7 +1610,7 @@ def test_other_losses_pass_through(hooked: Any) -> None:
         (
             {"loss_mode": "gspo", "use_kl_loss": True, "kl_loss_coef": 0.1},
             "gspo:agg=recorded,beta=0.1,eps_high=0.2,eps_low=0.2,form=token,kl_max=10,"
-            "kl_weight=none",
+            "kl_weight=none,log_ratio_max=10",
         ),
     ],
     ids=["vanilla", "gspo-kl"],

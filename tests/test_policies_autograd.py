@@ -177,21 +177,26 @@ TOKEN_REFS = {
 }
 
 
-def ref_gspo(logp, logp_old, adv, mask, eps_low=3e-4, eps_high=4e-4, **_):
-    # TRL: log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+def ref_gspo(logp, logp_old, adv, mask, eps_low=3e-4, eps_high=4e-4, log_ratio_max=None, **_):
+    # TRL: log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1);
+    # log_ratio_max: verl's clamp of it (its max=10)
     log_ratio = logp - logp_old
     log_s = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    if log_ratio_max is not None:
+        log_s = log_s.clamp(max=log_ratio_max)
     s = torch.exp(log_s)
     term = torch.min(s * adv, torch.clamp(s, 1 - eps_low, 1 + eps_high) * adv)
     return term
 
 
-def ref_gspo_token(logp, logp_old, adv, mask, eps_low=3e-4, eps_high=4e-4, **_):
-    """verl `compute_policy_loss_gspo`: s_i,t = sg(s_i) pi_t / sg(pi_t), in log space (verl's
-    clamp of log s at 10 left out: the catalogue's convention, docs/policies.md)."""
+def ref_gspo_token(logp, logp_old, adv, mask, eps_low=3e-4, eps_high=4e-4, log_ratio_max=None, **_):
+    """verl `compute_policy_loss_gspo`: s_i,t = sg(s_i) pi_t / sg(pi_t), in log space, log s
+    clamped at log_ratio_max (verl's 10; none: unclamped)."""
     seq_lengths = torch.sum(mask, dim=-1).clamp(min=1)
     kl_seq = torch.sum((logp - logp_old) * mask, dim=-1) / seq_lengths
     log_s = logp - logp.detach() + kl_seq.detach().unsqueeze(-1)
+    if log_ratio_max is not None:
+        log_s = torch.clamp(log_s, max=log_ratio_max)
     s = torch.exp(log_s)
     return -torch.maximum(-adv * s, -adv * torch.clamp(s, 1 - eps_low, 1 + eps_high))
 
@@ -323,6 +328,8 @@ CASES = [
     ("dual-clip", "dual-clip", {"c": 3.0}, (0.8, 1.2)),
     ("two-sided:delta=4", "two-sided", {"delta": 4.0}, (0.8, 1.2, 4.0)),
     ("gspo", "gspo", {}, (0.9997, 1.0004)),
+    ("gspo:log_ratio_max=0.5", "gspo", {"log_ratio_max": 0.5}, ()),
+    ("gspo:form=token,log_ratio_max=0.5", "gspo-token", {"log_ratio_max": 0.5}, ()),
     ("cispo", "cispo", {}, (4.0,)),
     ("cispo:cap=4", "cispo", {"cap": 4.0}, (4.0,)),
     ("cispo:eps_low=0.2,eps_high=0.28", "cispo", {"eps_low": 0.2, "eps_high": 0.28}, (0.8, 1.28)),
@@ -347,7 +354,17 @@ CASES = [
         (("log", 5.0),),
     ),
 ]
-NO_UNDERFLOW = {"ppo", "dual-clip", "two-sided", "gspo", "cispo", "is", "reinforce", "stabledrl"}
+NO_UNDERFLOW = {
+    "ppo",
+    "dual-clip",
+    "two-sided",
+    "gspo",
+    "gspo-token",
+    "cispo",
+    "is",
+    "reinforce",
+    "stabledrl",
+}
 
 
 @pytest.mark.parametrize("seed", [0, 1])

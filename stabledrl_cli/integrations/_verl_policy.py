@@ -4,7 +4,8 @@ per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
 | verl actor config (`policy_loss.loss_mode`)  | policy spec                                       |
 |----------------------------------------------|---------------------------------------------------|
 | vanilla                                      | dual-clip:eps_low,eps_high,c=clip_ratio_c,agg     |
-| gspo                                         | gspo:form=token,eps_low,eps_high,agg              |
+| gspo                                         | gspo:form=token,log_ratio_max=10,eps_low,         |
+|                                              | eps_high,agg                                      |
 | sapo                                         | sapo:tau_pos,tau_neg,rows=all                     |
 | cispo                                        | cispo:eps_low,eps_high,agg                        |
 | gpg                                          | reinforce:agg                                     |
@@ -29,9 +30,10 @@ divides by the mini-batch's global token count, or by its configured sequence co
 `global_batch_size`: the catalogue's Z, and N with rows=all (every sequence, scored or not),
 of the step's merged ranks. The normaliser verl used is also recorded per token
 (`loss_scale`), so `agg=recorded` replays it exactly whatever the batch.
-verl clamps log r to [-20, 20] (vanilla, sapo, cispo, dppo) and the GSPO log ratio at 10: the
-catalogue agrees while the ratios stay inside those clamps; verl's clamp of the k3 KL at 10
-is the spec's kl_max=10 (gradient 0 where it binds). verl's gspo is
+verl clamps log r to [-20, 20] (vanilla, sapo, cispo, dppo): the catalogue agrees while the
+ratios stay inside that clamp; its clamp of GSPO's sequence log ratio at 10 is the spec's
+log_ratio_max=10 and its clamp of the k3 KL at 10 the spec's kl_max=10 (gradient 0 where
+either binds). verl's gspo is
 the token form (sg(s_i) p_t / sg(p_t)), the catalogue's gspo:form=token: the loss of the
 sequence form, and each token's own gradient s_i w_t A_t / norm_t.
 
@@ -71,6 +73,7 @@ import torch
 
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies import Policy, get_policy
+from stabledrl_cli.replay.framework import VERL_SEQ_LOG_RATIO_MAX
 from stabledrl_cli.spec import SpecValue, format_spec
 
 LOSS_MODES = (
@@ -239,7 +242,8 @@ def policy_for_actor_config(
         c = float(config.get("clip_ratio_c", 3.0))
         name, params = "dual-clip", {"eps_low": eps_low, "eps_high": eps_high, "c": c, **agg}
     elif mode == "gspo":
-        name, params = "gspo", {"form": "token", "eps_low": eps_low, "eps_high": eps_high, **agg}
+        bounds = {"eps_low": eps_low, "eps_high": eps_high, "log_ratio_max": VERL_SEQ_LOG_RATIO_MAX}
+        name, params = "gspo", {"form": "token", **bounds, **agg}
     elif mode == "sapo":
         tau = {"tau_pos": float(config.tau_pos), "tau_neg": float(config.tau_neg)}
         name, params = "sapo", {**tau, **agg}

@@ -266,11 +266,17 @@ class GSPOConfig(AggConfig):
     paper, TRL); token: verl's GSPO-token form, s_i,t = sg(s_i) pi_t / sg(pi_t), the same loss
     but each token's own gradient s_i A_t w_t / norm_t (they differ where A_t or w_t vary
     within a sequence)."""
+    log_ratio_max: float | None = None
+    """Cap of the sequence log-ratio, log s_i = min(mean_t log r_t, log_ratio_max), its
+    gradient 0 where the cap binds (the sequence is discarded; at the cap it is kept): verl's
+    gspo clamps it at 10 (`compute_policy_loss_gspo`; the verl integration records
+    log_ratio_max=10); none: uncapped (the paper, TRL)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_min("eps_low", self.eps_low, 0.0, strict=False)
         check_min("eps_high", self.eps_high, 0.0, strict=False)
+        check_min("log_ratio_max", self.log_ratio_max, 0.0, strict=True)
 
 
 # TRL's recommended absolute cap on the CISPO weight.

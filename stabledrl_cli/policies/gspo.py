@@ -9,6 +9,10 @@ per-sequence advantage under the default, and 0 for the whole sequence when its 
 TRL's sequence-level `luspo` is this with agg=seq-mean-token-sum, rows=all (s_i A_i / N).
 form=token is verl's GSPO-token form, s_i,t = sg(s_i) pi_t / sg(pi_t): the same loss, and
 coef_t = s_i A_t w_t / norm_t on a kept token (equal to the above for a per-sequence A and w).
+log_ratio_max=M caps the sequence log-ratio, log s_i = min(mean_t log r_t, M), as verl's
+compute_policy_loss_gspo clamps it at M = 10: a sequence past the cap has s_i = e^M and
+coef 0 (discarded), one exactly at it keeps its gradient (torch.clamp's). The paper and TRL
+(grpo_trainer's log_importance_weights) do not cap it: the default, none.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from stabledrl_cli.policies._masked import above, below, keep_times, masked_sum,
 class GSPOPolicy(Policy):
     """GSPO (arXiv:2507.18071; TRL importance_sampling_level="sequence"): per token
     `min(s_i A, clip(s_i, 1-eps_low, 1+eps_high) A) / norm` (default N |y_i|),
-    s_i = exp(mean_t log r_t); a sequence whose clip binds is discarded whole."""
+    s_i = exp(min(mean_t log r_t, log_ratio_max)); a sequence whose clip binds, or past the
+    cap, is discarded whole."""
 
     config: GSPOConfig
 
@@ -33,11 +38,18 @@ class GSPOPolicy(Policy):
     ) -> PolicyTerms:
         cfg = self.config
         low, high = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
-        seq_ratio = prep.per_token(torch.exp(prep.seq_mean_log_ratio))
+        log_seq_ratio = prep.seq_mean_log_ratio
+        past_cap = None
+        if cfg.log_ratio_max is not None:
+            past_cap = prep.per_token(above(log_seq_ratio, cfg.log_ratio_max))
+            log_seq_ratio = log_seq_ratio.clamp(max=cfg.log_ratio_max)
+        seq_ratio = prep.per_token(torch.exp(log_seq_ratio))
         value = torch.minimum(ratio_times(seq_ratio, adv), torch.clamp(seq_ratio, low, high) * adv)
         discarded = (above(adv, 0.0) & above(seq_ratio, high)) | (
             below(adv, 0.0) & below(seq_ratio, low)
         )
+        if past_cap is not None:  # the clamp zeroes those sequences' gradient
+            discarded = discarded | past_cap
         scale = prep.weight_over(norm)
         objective = masked_sum(prep.mask, scale * value)
         if cfg.form == "token":  # each token's own s_i A_t w_t / norm_t, as PPO's with r = s_i
