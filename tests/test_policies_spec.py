@@ -387,6 +387,26 @@ def test_a_number_past_float32_is_a_usage_error(name, key, value):
     assert f"{key} must be at most 3.4e+38 in size" in str(info.value)
 
 
+@pytest.mark.parametrize(("name", "key"), _float_keys())
+@pytest.mark.parametrize("value", ["1e-320", "-1e-40"])
+def test_a_nonzero_number_below_float32s_smallest_normal_is_a_usage_error(name, key, value):
+    """A replay computes in float32, where such a number is 0 or subnormal: `cispo:cap=1e-320`
+    was accepted although `cap=0` is refused (> 0), and acted as a cap of 0."""
+    with pytest.raises(UsageError) as info:
+        get_policy(f"{name}:{key}={value}")
+    assert f"{key} must not lie strictly between 0 and 1.2e-38 in size" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_sweep_of_numbers_below_float32s_smallest_normal_is_a_usage_error():
+    """Each of those settings computed as eps_low = 0: the grid held three identical ones."""
+    from stabledrl_cli.tune.grid import expand
+
+    with pytest.raises(UsageError) as info:
+        expand("ppo:eps_low=1e-320..1e-310:3")
+    assert "eps_low must not lie strictly between 0 and 1.2e-38 in size" in str(info.value)
+
+
 def test_the_largest_float32_bound_computes():
     import numpy as np
 

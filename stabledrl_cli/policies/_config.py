@@ -55,6 +55,9 @@ LogpDtype = Literal["float32", "bfloat16", "float16"]
 FLOAT32_MAX = float.fromhex("0x1.fffffep+127")
 """float32's largest finite number (3.4e+38): a replay computes in float32, so a number
 parameter larger in size is refused (torch cannot even hold it as a float32 bound)."""
+FLOAT32_TINY = float.fromhex("0x1p-126")
+"""float32's smallest normal number (1.2e-38): a nonzero parameter smaller in size is 0 or
+subnormal in float32, so it is refused (`cap=1e-320` would act as the refused cap=0)."""
 
 
 @functools.cache
@@ -129,6 +132,12 @@ class BaseConfig:
                 raise UsageError(
                     f"{f.name} must be at most {FLOAT32_MAX:.2g} in size (float32's largest "
                     f"number: a replay computes in float32), got {value!r}"
+                )
+            if isinstance(value, float) and 0 < abs(value) < FLOAT32_TINY:
+                raise UsageError(
+                    f"{f.name} must not lie strictly between 0 and {FLOAT32_TINY:.2g} in size "
+                    f"(float32's smallest normal number: a replay computes in float32, where it "
+                    f"is 0 or subnormal), got {value!r}"
                 )
         check_min("beta", self.beta, 0.0, strict=False)
         if self.kl_is != "off" and not self.beta > 0:
