@@ -40,6 +40,14 @@ def memory_kb(field):
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
+def peak_from_here():  # resets the peak; the resident bytes now, for peak_over
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return memory_kb("VmRSS") * 1024
+
+def peak_over(start, nbytes):  # the peak's bytes above start, over nbytes
+    return (memory_kb("VmHWM") * 1024 - start) / nbytes
+
 def random_row(item, *, policies, **_):  # the row's shape, without the policies' compute
     metrics = torch.rand(len(policies), len(columns.device_metrics()), dtype=torch.float64)
     return metrics, "coef", None
@@ -66,11 +74,9 @@ SCENARIO = """
 run = open_run(RUN)
 policies = [get_policy("grpo")] * POLICIES
 stream.stream_run(run, policies[:1], None, torch.device("cpu"))  # what a first pass sets up
-with open("/proc/self/clear_refs", "w") as refs:
-    refs.write("5")  # the peak from here
-start = memory_kb("VmRSS")
+start = peak_from_here()  # the peak from here
 streamed = stream.stream_run(run, policies, None, torch.device("cpu"), memory_budget=2**21)
-print(streamed.metrics.shape[0], (memory_kb("VmHWM") - start) * 1024 / streamed.metrics.nbytes)
+print(streamed.metrics.shape[0], peak_over(start, streamed.metrics.nbytes))
 """
 
 
@@ -117,11 +123,9 @@ parts = [  # as the driver receives them: each shard's rows alone, unpickled
     for shard in plan_shards(run.listed_step_numbers, 4)
 ]
 rows = sum(part.metrics.nbytes for part in parts)
-with open("/proc/self/clear_refs", "w") as refs:
-    refs.write("5")  # the peak from here: the shards' rows are held already
-start = memory_kb("VmRSS")
+start = peak_from_here()  # the peak from here: the shards' rows are held already
 merged = merge_streams(run, parts, POLICIES)
-print(merged.metrics.shape[0], (memory_kb("VmHWM") - start) * 1024 / rows)
+print(merged.metrics.shape[0], peak_over(start, rows))
 """
 
 
@@ -156,11 +160,9 @@ streamed = stream.StreamedRun(
 observed, config = observe(run), ReplayConfig(device="cpu")
 first = replace(streamed, metrics=metrics[:, :1])
 engine.replay_result(run, policies[:1], None, first, observed, [], config)  # what it sets up
-with open("/proc/self/clear_refs", "w") as refs:
-    refs.write("5")  # the peak from here: the streamed metrics are held already
-start = memory_kb("VmRSS")
+start = peak_from_here()  # the peak from here: the streamed metrics are held already
 result = engine.replay_result(run, policies, None, streamed, observed, [], config)
-print(steps, (memory_kb("VmHWM") - start) * 1024 / metrics.nbytes)
+print(steps, peak_over(start, metrics.nbytes))
 """
 
 
