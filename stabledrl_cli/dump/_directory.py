@@ -67,6 +67,7 @@ from stabledrl_cli.dump._schema import (
     is_stop_note,
     manifest_stops,
     parse_manifest,
+    stops_by_rank,
 )
 from stabledrl_cli.dump._stfile import FileKey, StepHeader, file_key, read_header
 from stabledrl_cli.errors import InputError
@@ -476,9 +477,7 @@ class DirectoryRun(Run):
         return self._stops(self._listing)
 
     def _stops(self, listing: _Listing) -> list[dict[str, Any]]:
-        by_rank = {note["rank"]: note for note in manifest_stops(self.manifest)}
-        by_rank.update(self._stop_notes(listing)[0])
-        return [by_rank[rank] for rank in sorted(by_rank)]
+        return stops_by_rank(self._stop_notes(listing)[0].values(), manifest_stops(self.manifest))
 
     def _entries(self, directory: Path) -> list[tuple[str, bool]]:
         """(name, whether it is a regular file, not a link) of each entry, sorted by name;

@@ -44,7 +44,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, TypeVar
 
 from stabledrl_cli._json import parse_strict
@@ -146,17 +148,24 @@ def note_text(note: dict[str, Any]) -> bytes:
     return (json.dumps(note) + "\n").encode()
 
 
+def stops_by_rank(*sources: Iterable[object]) -> list[dict[str, Any]]:
+    """One stop note a rank, by rank (each a copy): of the notes in `sources`, in their order,
+    the first of a rank; what is not a note's dict (a None) is passed over."""
+    by_rank: dict[int, dict[str, Any]] = {}
+    for stop in chain(*sources):
+        if isinstance(stop, dict):
+            by_rank.setdefault(stop["rank"], dict(stop))
+    return [by_rank[rank] for rank in sorted(by_rank)]
+
+
 def manifest_stops(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """The stop notes a manifest holds, one a rank, by rank: its `recording_stops` (an
     archive's; the first of a rank), and its one `recording_stopped` note for a rank they do
     not name."""
     stops = manifest.get(RECORDING_STOPS)
-    note = manifest.get(RECORDING_STOPPED)
-    by_rank: dict[int, dict[str, Any]] = {}
-    for stop in [*(stops if isinstance(stops, list) else []), note]:
-        if isinstance(stop, dict):
-            by_rank.setdefault(stop["rank"], dict(stop))
-    return [by_rank[rank] for rank in sorted(by_rank)]
+    return stops_by_rank(
+        stops if isinstance(stops, list) else [], [manifest.get(RECORDING_STOPPED)]
+    )
 
 
 def temp_file_name(final_name: str, pid: int) -> str:

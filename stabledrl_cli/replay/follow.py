@@ -23,6 +23,7 @@ from stabledrl_cli.dump._schema import (
     RECORDING_STOPPED,
     STEPS_DIR,
     canonical_step,
+    stops_by_rank,
 )
 from stabledrl_cli.dump._setup import manifest_now
 from stabledrl_cli.dump._stfile import FileKey, file_key
@@ -130,17 +131,6 @@ def _stopped_note(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest's `recording_stopped` note, None without one."""
     note = manifest.get(RECORDING_STOPPED)
     return dict(note) if isinstance(note, dict) else None
-
-
-def _stops(
-    manifest_note: dict[str, Any] | None, run_stops: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """The run's notes by rank, with the manifest's note as last read (the run's reader read its
-    manifest once) for a rank the run has none of."""
-    by_rank = {note["rank"]: note for note in run_stops}
-    if manifest_note is not None:
-        by_rank.setdefault(manifest_note["rank"], manifest_note)
-    return [by_rank[rank] for rank in sorted(by_rank)]
 
 
 LISTING_SETTLED_NS = 2_000_000_000
@@ -361,7 +351,11 @@ class RunWatcher:
             numbers = replay.run.listed_step_numbers
         self._listed = set(numbers)
         replay.extend(numbers)
-        self.recording_stops = _stops(self.recording_stopped, replay.run.listed_recording_stops)
+        # the run's notes, and the manifest's note as last read (the run's reader read its
+        # manifest once) for a rank the run has none of
+        self.recording_stops = stops_by_rank(
+            replay.run.listed_recording_stops, [self.recording_stopped]
+        )
         holes = self._holes(replay, numbers)
         self._unreadable = holes - self._readable(replay, holes)
         kept = self._manifest_kept()
