@@ -72,8 +72,8 @@ from typing import Any
 import torch
 
 from stabledrl_cli.errors import UsageError
+from stabledrl_cli.integrations._verl_facts import VERL_SEQ_LOG_RATIO_MAX
 from stabledrl_cli.policies import Policy, get_policy
-from stabledrl_cli.replay.framework import VERL_SEQ_LOG_RATIO_MAX
 from stabledrl_cli.spec import SpecValue, format_spec
 
 LOSS_MODES = (

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from stabledrl_cli.errors import InputError
+from stabledrl_cli.integrations._verl_facts import VERL_SEQ_LOG_RATIO_MAX
 from stabledrl_cli.policies import Policy, PreparedBatch, Weights
 from stabledrl_cli.policies._config import (
     CISPOConfig,
@@ -61,8 +62,6 @@ from stabledrl_cli.policies.ppo import VERL_LOG_RATIO_CLAMP
 from stabledrl_cli.policies.vespo import sequence_gamma_weights
 from stabledrl_cli.replay.columns import TRL_METRICS, VERL_METRICS
 
-VERL_SEQ_LOG_RATIO_MAX = 10.0
-"""verl clamps GSPO's sequence log ratio at 10."""
 VERL_MASKED_MEAN_EPS = 1e-8
 """verl's masked_mean divides by mask.sum() + 1e-8."""
 
