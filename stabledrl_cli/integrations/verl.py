@@ -64,6 +64,7 @@ from stabledrl_cli.capture.bootstrap import (
     refuse_another_run_dir,
 )
 from stabledrl_cli.errors import MissingExtraError, UsageError
+from stabledrl_cli.integrations._verl_facts import SUPPORTED_VERL, supported_verl
 from stabledrl_cli.integrations._verl_policy import LOSS_MODES, policy_for_actor_config
 
 if TYPE_CHECKING:
@@ -79,9 +80,6 @@ __all__ = [
     "uninstall",
 ]
 
-SUPPORTED_VERL = "0.9.x"
-"""The verl releases whose engine-worker methods the integration wraps."""
-
 _lock = threading.Lock()
 
 
@@ -94,7 +92,7 @@ def check_verl_version() -> str:
         raise MissingExtraError(
             "the verl integration needs verl: pip install -e '.[verl]'"
         ) from None
-    if version.split(".")[:2] != ["0", "9"]:
+    if not supported_verl(version):
         raise UsageError(
             f"the verl integration supports verl {SUPPORTED_VERL}; found verl {version}"
         )

@@ -8,9 +8,11 @@ unreadable run use these without loading torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from stabledrl_cli.dump import Finding, Run
 from stabledrl_cli.errors import UsageError, counted, quoted
+from stabledrl_cli.integrations._verl_facts import VERL_SEQ_LOG_RATIO_MAX, verl_gspo_config
 from stabledrl_cli.policies import resolve_spec
 
 REASONS_SHOWN = 3
@@ -34,33 +36,53 @@ or a step some rank has not written (on a live run, maybe not yet: its ranks lag
 def own_spec(run: Run) -> str | None:
     """The canonical spec of the run's own policy (its manifest's), or None when the manifest
     names none or a policy the catalogue does not hold (a custom one)."""
-    return _own_policy(run)[0]
+    return _own_policy(run).spec
 
 
-def unreplayable_own_policy(run: Run) -> str | None:
-    """Why the policy the run's manifest names is none the catalogue replays (a custom one, a
-    parameter out of range), as a note; None when it names none or one it replays."""
-    problem = _own_policy(run)[1]
-    if problem is None:
+def own_policy_note(run: Run) -> str | None:
+    """A note on the run's own policy, None when there is nothing to say: why the policy its
+    manifest names is none the catalogue replays (a custom one, a parameter out of range), or
+    that a verl gspo recording lacks verl's cap and is replayed with it."""
+    own = _own_policy(run)
+    if own.problem is not None:
+        return (
+            f"note: the run's own policy {quoted(run.policy_spec or '')} is none the catalogue "
+            f"replays ({own.problem}); no policy is marked as the run's own"
+        )
+    if own.recorded_spec == own.spec:
         return None
+    version = (run.manifest.get("meta") or {}).get("verl_version")
     return (
-        f"note: the run's own policy {quoted(run.policy_spec or '')} is none the catalogue "
-        f"replays ({problem}); no policy is marked as the run's own"
+        f"note: the run's own policy is '{own.spec}', the loss verl {version} computed: its "
+        f"manifest's '{own.recorded_spec}' lacks verl's cap of GSPO's sequence log ratio at "
+        f"{VERL_SEQ_LOG_RATIO_MAX:g} (recorded before stabledrl wrote it)"
     )
 
 
-def _own_policy(run: Run) -> tuple[str | None, UsageError | None]:
-    """(the canonical spec of the policy the run's manifest names, or None; why the catalogue
-    cannot resolve it, or cannot replay it on the run's units, or None)."""
+@dataclass(frozen=True)
+class _OwnPolicy:
+    spec: str | None = None
+    """The canonical spec of the run's own policy as replayed, None when there is none."""
+    recorded_spec: str | None = None
+    """The canonical spec the manifest names (`spec` but for a verl gspo without the cap)."""
+    problem: UsageError | None = None
+    """Why the catalogue cannot resolve the manifest's spec, or replay it on the run's units."""
+
+
+def _own_policy(run: Run) -> _OwnPolicy:
+    """The run's own policy: the manifest's, with verl's cap for a verl gspo recording made
+    before the integration wrote it (`verl_gspo_config`)."""
     spec = run.policy_spec
     if not spec:
-        return None, None
+        return _OwnPolicy()
     try:
         entry, config = resolve_spec(spec)
         config.required_fields(run.unit)  # level=token on a run of sequence units
     except UsageError as exc:
-        return None, exc
-    return entry.spec_of(config), None
+        return _OwnPolicy(problem=exc)
+    verl = verl_gspo_config(run.manifest.get("meta"), config)
+    recorded = entry.spec_of(config)
+    return _OwnPolicy(recorded if verl is None else entry.spec_of(verl), recorded)
 
 
 def skipped_reasons(run: Run) -> list[str]:
