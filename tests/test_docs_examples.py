@@ -1,0 +1,207 @@
+"""The documentation shows what the tool does: every relative link of README.md and docs/*.md
+leads to a file (and a heading) of the repository, and each shown session that runs on the
+committed fixtures alone (`$ stabledrl ...` and what it printed, at 80 columns) prints that
+today. A shown line `...` stands for lines left out; elsewhere the lines shown are the
+command's lines, in order, each on stdout or stderr, and a session that does not end with
+`...` shows each stream to its end."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+ELIDED = "..."
+PROGRESS = re.compile(r"^\w[\w ]*: \d+/\d+ \(\d+%\)$")
+"""A progress line on stderr (`replaying: 160/160 (100%)`), which no session shows."""
+
+
+@dataclass
+class Command:
+    """One `$ ...` line of a session: the arguments after `stabledrl`, or the exit code
+    that `$ echo $?` shows for the command before it."""
+
+    args: list[str]
+    shown: list[str] = field(default_factory=list)
+
+
+def heading_anchor(title: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    return {
+        heading_anchor(found.group(1))
+        for found in re.finditer(r"^#+\s+(.*)$", page.read_text(encoding="utf-8"), re.M)
+    }
+
+
+def prose(page: Path) -> str:
+    """The page without its fenced code blocks."""
+    return re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.relative_to(ROOT).as_posix())
+def test_every_relative_link_leads_to_a_file_and_heading_of_the_repository(page: Path) -> None:
+    broken = []
+    for link in re.findall(r"\]\(([^)\s]+)\)", prose(page)):
+        if re.match(r"[a-z]+:", link):
+            continue
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        outside = ROOT not in target.parents or not target.exists()
+        if outside or (anchor and target.suffix == ".md" and anchor not in anchors(target)):
+            broken.append(link)
+    assert not broken, f"{page.name}: {broken}"
+
+
+def sessions(page: Path) -> list[list[Command]]:
+    """Each fenced block of `page` whose lines begin with `$ `: its commands and the lines
+    each printed. A block that reads a run an earlier block of the page wrote begins with
+    that block's command, its lines left out."""
+    found = []
+    writers: dict[str, Command] = {}
+    for block in re.findall(r"```\n(\$ .*?)\n```", page.read_text(encoding="utf-8"), re.S):
+        commands: list[Command] = []
+        lines = iter(block.splitlines())
+        for line in lines:
+            if not line.startswith("$ "):
+                commands[-1].shown.append(line.rstrip())
+                continue
+            text = line[2:]
+            while text.endswith("\\"):
+                text = text[:-1] + next(lines)
+            runnable = text.startswith("stabledrl ") or text == "echo $?"
+            commands.append(Command(shlex.split(text) if runnable else [text]))
+        earlier = [
+            writers[arg] for command in commands[:1] for arg in command.args if arg in writers
+        ]
+        for command in commands:
+            if "--out" in command.args:
+                writers[command.args[command.args.index("--out") + 1]] = command
+        found.append([Command(writer.args, [ELIDED]) for writer in earlier] + commands)
+    return found
+
+
+def runs_on_the_fixtures_alone(session: list[Command]) -> bool:
+    """Every command is `stabledrl` (or `echo $?`), none trains, and every run it reads is
+    a fixture or one an earlier command of the session wrote."""
+    written = set()
+    for command in session:
+        if command.args == ["echo", "$?"]:
+            continue
+        name, *args = command.args
+        if name != "stabledrl" or args[0] in ("record", "branch"):
+            return False
+        if "--out" in args:
+            written.add(args[args.index("--out") + 1])
+        if any(arg.startswith("runs/") and arg not in written for arg in args[1:]):
+            return False
+    return True
+
+
+def session_name(session: list[Command]) -> str:
+    """The first command the session's block shows (after those of earlier blocks)."""
+    return shlex.join(next(c for c in session if c.shown != [ELIDED]).args)
+
+
+def first_replay() -> list[Command]:
+    """The README's first replay, shown after the sentence that gives its command."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = re.search(r"```\n(Replay of fixtures/grpo:.*?)\n```", readme, re.S)
+    assert shown, "the README lost its first replay"
+    lines = [line.rstrip() for line in shown.group(1).splitlines()]
+    return [Command(["stabledrl", "replay", "fixtures/grpo"], lines)]
+
+
+SESSIONS = [
+    pytest.param(first_replay(), id="README.md:stabledrl replay fixtures/grpo"),
+    *(
+        pytest.param(session, id=f"{page.relative_to(ROOT).as_posix()}:{session_name(session)}")
+        for page in PAGES
+        for session in sessions(page)
+        if runs_on_the_fixtures_alone(session)
+    ),
+]
+
+
+def match(shown: list[str], stdout: list[str], stderr: list[str]) -> str | None:
+    """None when `shown` is what the command printed (module docstring), else what differs."""
+    streams = {"stdout": stdout, "stderr": stderr}
+    position = dict.fromkeys(streams, 0)
+    previous: str | None = None
+    for line in shown:
+        if line.strip() == ELIDED:
+            previous = None
+            continue
+        for name, lines in streams.items():
+            start = position[name]
+            if previous == name:
+                at = start if start < len(lines) and lines[start] == line else None
+            else:
+                at = next((i for i in range(start, len(lines)) if lines[i] == line), None)
+            if at is not None:
+                position[name], previous = at + 1, name
+                break
+        else:
+            return f"not printed there: {line!r}"
+    if shown and shown[-1].strip() != ELIDED:
+        for name, lines in streams.items():
+            if position[name] and position[name] < len(lines):
+                return f"{name} goes on, unshown: {lines[position[name]]!r}"
+    return None
+
+
+def play(session: list[Command]) -> list[str]:
+    """Runs `session` in this process, in the working directory, at 80 columns; what differs
+    from the lines it shows."""
+    differences = []
+    exit_code = 0
+    for command in session:
+        if command.args == ["echo", "$?"]:
+            if command.shown != [str(exit_code)]:
+                differences.append(f"exit code {exit_code}, shown {command.shown}")
+            continue
+        done = CliRunner().invoke(app, command.args[1:], env={"COLUMNS": "80"})
+        exit_code = done.exit_code
+        stdout = [line.rstrip() for line in done.stdout.splitlines()]
+        stderr = [line.rstrip() for line in done.stderr.splitlines() if not PROGRESS.match(line)]
+        difference = match(command.shown, stdout, stderr)
+        if difference:
+            differences.append(f"$ {shlex.join(command.args)}: {difference}")
+    return differences
+
+
+@pytest.mark.parametrize("session", SESSIONS)
+def test_each_session_shown_on_the_fixtures_prints_what_it_shows(
+    session: list[Command], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
+    monkeypatch.chdir(tmp_path)
+    differences = play(session)
+    assert not differences, "\n".join(differences)
+
+
+def test_the_pages_still_show_the_sessions_this_test_plays() -> None:
+    assert len(SESSIONS) >= 8
+
+
+def test_lines_left_out_or_added_unmarked_are_differences() -> None:
+    printed = ["title", "row 1", "row 2", "row 3"]
+    assert match(["title", "row 1", "row 2", "row 3"], printed, []) is None
+    assert match(["title", ELIDED, "row 3"], printed, []) is None
+    assert match(["row 1", "row 2", ELIDED], printed, ["alert"]) is None
+    assert match(["alert", "title", ELIDED], printed, ["alert"]) is None
+    assert match(["title", "row 2", ELIDED], printed, []) == "not printed there: 'row 2'"
+    assert match(["title", "row 1", "row 2"], printed, []) == "stdout goes on, unshown: 'row 3'"
+    assert match(["title", "row 9", ELIDED], printed, []) == "not printed there: 'row 9'"
