@@ -7,6 +7,7 @@ The app's commands call these from their `format_*` hooks (`cli.app.Command`, `L
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 from typer._click import Context, HelpFormatter, Parameter
@@ -15,6 +16,11 @@ from typer.core import TyperArgument, TyperOption
 HELP_MAX_WIDTH = 120
 """Help wraps at the terminal width, but never wider than this (long lines read badly)."""
 OPTIONS_PANEL = "Options"
+_UNBREAKABLE = {" ": "\u00a0", "-": "\u2011"}
+"""Characters a wrap breaks at, and the look-alikes it does not break at (no-break space,
+non-breaking hyphen)."""
+_CLOSING_NOTE = re.compile(r"\[[^\[\]]*\]$")
+"""The note click ends an option's help with: `[default: table]`, `[required]`, `[x>=0]`."""
 
 
 _BARE_TYPES = {"int": "INT", "float": "FLOAT", "str": "TEXT", "bool": "BOOL"}
@@ -64,6 +70,21 @@ def _argument_record(param: TyperArgument) -> tuple[str, str]:
     return param.metavar or (param.name or "arg").upper(), help_text
 
 
+def write_records(formatter: HelpFormatter, records: Sequence[tuple[str, str]]) -> None:
+    """`formatter.write_dl(records)`, each help's closing note kept whole on one line (wrapped
+    as one word, never `[default:` at a line's end and `table]` under it)."""
+    start = len(formatter.buffer)
+    whole = str.maketrans(_UNBREAKABLE)
+    formatter.write_dl(
+        [
+            (name, _CLOSING_NOTE.sub(lambda note: note[0].translate(whole), text))
+            for name, text in records
+        ]
+    )
+    back = str.maketrans({kept: char for char, kept in _UNBREAKABLE.items()})
+    formatter.buffer[start:] = [piece.translate(back) for piece in formatter.buffer[start:]]
+
+
 def format_params(ctx: Context, params: Sequence[Parameter], formatter: HelpFormatter) -> None:
     """An `Arguments` section, then one section per panel (the unpanelled ones: `Options`),
     each a two-column list that wraps its help and puts it under a long name."""
@@ -76,11 +97,11 @@ def format_params(ctx: Context, params: Sequence[Parameter], formatter: HelpForm
             panels.setdefault(panel, []).append(record)
     if arguments:
         with formatter.section("Arguments"):
-            formatter.write_dl(arguments)
+            write_records(formatter, arguments)
     for panel, records in panels.items():
         if records:
             with formatter.section(panel):
-                formatter.write_dl(records)
+                write_records(formatter, records)
 
 
 def format_commands(commands: Sequence[tuple[str, str]], formatter: HelpFormatter) -> None:
