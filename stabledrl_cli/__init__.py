@@ -3,6 +3,16 @@
 The public API: `Recorder`, `open_run`, `replay`, `get_policy`, `Policy`, `PolicyBatch`,
 `Weights`, `log_policy_batch` and `__version__`. Each name is imported on first use (PEP 562),
 so `import stabledrl_cli`, `stabledrl --help` and `stabledrl policies` never import torch.
+
+Errors are the classes of `stabledrl_cli.errors`, each a `StabledrlError`, with the command
+line's exit code: `UsageError` (2: a bad argument, setting or policy spec, such as
+`get_policy("nope")`, `replay(run, device=1)` or a `Recorder` over a run without
+`overwrite=True`), `InputError` (3: a missing, unreadable or corrupt run, or one with
+nothing to replay, from `open_run` and `replay`), `WriteError` (4: a step or an output that
+could not be written) and `WorkerDiedError` (71: a worker of `replay`'s processes or Ray
+engine died). `log_policy_batch` never raises: it returns False when the step was not
+recorded. `replay` returns a `ReplayResult`: `.to_json()` is the JSON document of `stabledrl
+replay --format json`, `.to_dict()` the same as Python objects.
 """
 
 from __future__ import annotations
