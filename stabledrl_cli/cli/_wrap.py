@@ -29,7 +29,7 @@ import typer
 from rich.markup import escape
 
 from stabledrl_cli._atomic import write_error
-from stabledrl_cli._process import how_it_ended, shell_exit_code
+from stabledrl_cli._process import SIGNALLED, how_it_ended, shell_exit_code
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.capture._site.stabledrl_ranks import announced_rank
 from stabledrl_cli.capture.bootstrap import (
@@ -43,7 +43,7 @@ from stabledrl_cli.capture.bootstrap import (
     read_status,
 )
 from stabledrl_cli.cli._output import err
-from stabledrl_cli.cli._signals import sigterm_handled
+from stabledrl_cli.cli._signals import signals_handled
 from stabledrl_cli.dump._setup import reopen_run
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.policies import resolve_spec
@@ -109,19 +109,53 @@ def _started(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         raise UsageError(f"cannot run {cmd[0]}: {exc.strerror or exc}") from None
 
 
-def _call(cmd: list[str], env: dict[str, str]) -> int:
-    """Runs CMD to its end; -> its exit code. Ctrl-C in a terminal reaches CMD itself (record
-    and CMD are one process group): CMD decides what it does with it, and record waits for it
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""The signals that ask record to stop, from before its temporary directory exists until its
+work is done (`_Stop`)."""
+
+
+class _Stop:
+    """Record's handler of `STOP_SIGNALS`: none of them ends record half-way (its temporary
+    directory left behind, the command orphaned, a traceback). Before the command starts, one
+    stops record there (`before`: the command is not started); while the command runs, SIGTERM
+    and SIGHUP are passed on to it, and record waits for it (Ctrl-C's SIGINT reaches the
+    command from the terminal itself: record and CMD are one process group); after it ended,
+    record finishes its work and says the signal came too late (`late`). A container's first
+    process, or a pod's, is record, and the only one signalled."""
+
+    def __init__(self) -> None:
+        self.before: int | None = None
+        self.late: int | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        process = self._process
+        if process is None:
+            self.before = self.before or signum
+        elif process.returncode is not None:
+            self.late = self.late or signum
+        elif signum != signal.SIGINT:
+            process.send_signal(signum)
+
+    def started(self, process: subprocess.Popen[bytes]) -> None:
+        """The command started: a signal that came as it started reaches it now."""
+        self._process = process
+        if self.before not in (None, signal.SIGINT):
+            process.send_signal(self.before)
+
+
+def _call(cmd: list[str], env: dict[str, str], stop: _Stop) -> int:
+    """Runs CMD to its end, `stop` passing signals on to it; -> its exit code. Ctrl-C in a
+    terminal reaches CMD itself: CMD decides what it does with it, and record waits for it
     (subprocess.call killed it 0.25 s later, before a training's own handler or its Recorder's
-    last writes were done). A SIGTERM to record is passed on to CMD, and record waits for it
-    as well: a container's first process, or a pod's, is record, and the only one signalled."""
-    with (
-        _started(cmd, env) as process,
-        sigterm_handled(lambda *_: process.send_signal(signal.SIGTERM)),
-    ):
-        while True:
-            with suppress(KeyboardInterrupt):
-                return process.wait()
+    last writes were done)."""
+    with _started(cmd, env) as process:
+        stop.started(process)
+        return process.wait()
+
+
+def _signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
 
 
 def _reports(status: Path) -> tuple[list[tuple[int, str]], list[int]]:
@@ -188,12 +222,33 @@ def run_command(
         except UsageError as exc:
             where = f"${ENV_POLICY} in the environment (record's --policy)"
             raise UsageError(f"{where}: {exc}") from None
+    stop = _Stop()
+    with signals_handled(stop, *STOP_SIGNALS):
+        try:
+            _record(out, cmd, force, policy, optimizer_hooks, debug, stop)
+        finally:
+            if stop.late is not None:
+                err.print(
+                    f"{_signal_name(stop.late)} came after the training command ended: its "
+                    "outcome stands",
+                    highlight=False,
+                )
+
+
+def _record(
+    out: Path,
+    cmd: list[str],
+    force: bool,
+    policy: str | None,
+    optimizer_hooks: bool,
+    debug: bool,
+    stop: _Stop,
+) -> None:
+    """`run_command`'s work once CMD is known to start, under `stop`."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # under a file, read-only, ...: an output that cannot be written
         raise write_error(out, exc) from None
-    if force:  # recorded again: a watch of it must not end on the run it holds now
-        reopen_run(out)
     scratch = Path(tempfile.mkdtemp(prefix="stabledrl-record-"))
     try:
         status = scratch / "status"
@@ -210,13 +265,22 @@ def run_command(
         if debug:
             env[ENV_DEBUG] = "1"
         _with_site(env, optimizer_hooks)
+        if stop.before is not None:
+            err.print(
+                f"stopped by {_signal_name(stop.before)} before the training command started: "
+                "nothing recorded",
+                highlight=False,
+            )
+            raise typer.Exit(SIGNALLED + stop.before)
+        if force:  # recorded again: a watch of it must not end on the run it holds now
+            reopen_run(out)
         err.print(
             f"recording [bold]{escape(' '.join(cmd))}[/] into {escape(str(out))}",
             highlight=False,
             markup=True,
         )
         before = _step_files(out)
-        code = _call(cmd, env)
+        code = _call(cmd, env, stop)
         failures, fatal = _reports(status)
         launched = _announced_ranks(ranks_dir)
     finally:
