@@ -23,14 +23,20 @@ files, into the kept manifest once they are gone: a reader that saw the old iden
 read a step the resumed training writes again under the same name. A resume that removes no
 step file (it appends) keeps the identity: every step a reader read is still as it was.
 
+Ranks change the manifest one at a time (`_manifest_locked`), each change made to the
+manifest as the others left it.
+
 Any failure to write or remove a file is WriteError naming it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -121,16 +127,40 @@ def manifest_now(path: Path) -> dict[str, Any]:
     return manifest
 
 
+@contextmanager
+def _manifest_locked(path: Path) -> Iterator[None]:
+    """Inside: no other process changes the manifest of the run at `path` (`amend_manifest`,
+    a fresh manifest). Ranks of one run that start or stop together each read the manifest and
+    write it back whole: without this, one rank's write undid what another wrote in between
+    (a resumed run's new run_id, say, or a fresh manifest replaced by the one it replaced).
+    An exclusive `flock` of the run directory, which the system releases when its holder dies;
+    on a file system that refuses it (NFS, for a directory) it goes without, as before."""
+    try:
+        directory: int | None = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # the manifest's own read or write says why
+        directory = None
+    try:
+        if directory is not None:
+            with suppress(OSError):
+                fcntl.flock(directory, fcntl.LOCK_EX)
+        yield
+    finally:
+        if directory is not None:
+            os.close(directory)
+
+
 def amend_manifest(path: Path, name: str, value: object | None) -> None:
     """Rewrites the run's manifest (atomically) with `name` set to `value`, or without it for
-    None. InputError, ValueError or WriteError when it cannot."""
-    manifest_path = path / MANIFEST_NAME
-    manifest = manifest_now(path)
-    if value is None:
-        manifest.pop(name, None)
-    else:
-        manifest[name] = value
-    write_atomic(manifest_path, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
+    None, in the manifest as it is then (`_manifest_locked`: another rank's change is kept).
+    InputError, ValueError or WriteError when it cannot."""
+    with _manifest_locked(path):
+        manifest = manifest_now(path)
+        if value is None:
+            manifest.pop(name, None)
+        else:
+            manifest[name] = value
+        text = (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode()
+        write_atomic(path / MANIFEST_NAME, text)
 
 
 def reopen_run(path: Path) -> None:
@@ -296,6 +326,7 @@ def prepare_run(
         except OSError as exc:
             raise write_error(directory, exc) from None
     if rank == 0 and text is not None:
-        write_atomic(path / MANIFEST_NAME, text)
+        with _manifest_locked(path):
+            write_atomic(path / MANIFEST_NAME, text)
         fsync_dir(path.parent if path.parent != path else path)
     return manifest, last

@@ -1,0 +1,84 @@
+"""Ranks of one run that change its manifest at the same time (they start or stop together):
+each reads the manifest and writes it back whole, and no rank's change may be undone by
+another's write."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+from collections.abc import Callable
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+
+from test_stop_notes import _stopping
+
+import stabledrl_cli as sd
+from stabledrl_cli.dump._setup import amend_manifest
+
+RANKS = 4
+CHANGES = 60
+"""Changes each process makes: enough that, without a lock, two of them interleave."""
+
+
+def _at_once(rank_does: Callable[[Path, int, Barrier], None], path: Path, ranks: int) -> None:
+    """`rank_does(path, rank, start)` in `ranks` processes, each released by `start` when all
+    are ready; fails unless each ends with exit code 0."""
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(ranks)
+    processes = [
+        context.Process(target=rank_does, args=(path, rank, start)) for rank in range(ranks)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+
+
+def _amend_own_key(path: Path, rank: int, start: Barrier) -> None:
+    start.wait()
+    for change in range(CHANGES):
+        amend_manifest(path, f"rank_{rank}", change)
+
+
+def test_ranks_amending_the_manifest_at_once_lose_no_change(tmp_path):
+    """Before, a rank's write of the manifest read before another's write undid it: with 4
+    processes making 60 changes each to keys of their own, keys ended at an earlier value or
+    were missing (every run of the test)."""
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "run", "world_size": RANKS}))
+    _at_once(_amend_own_key, tmp_path, RANKS)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest == {
+        "format": "run",
+        "world_size": RANKS,
+        **{f"rank_{rank}": CHANGES - 1 for rank in range(RANKS)},
+    }
+
+
+TRIALS = 60
+"""Runs resumed by both ranks at once: enough that, without a lock, one of them interleaves."""
+
+
+def _resume(path: Path, rank: int, start: Barrier) -> None:
+    start.wait()
+    sd.Recorder(path, world_size=2, rank=rank, resume=True, resume_from=1).close()
+
+
+def test_ranks_resuming_a_run_at_once_keep_its_new_identity(tmp_path, monkeypatch):
+    """Both ranks of a run that rank 1's failed write stopped at step 2 resume it from step 1,
+    at the same time: rank 0 gives the run a new run_id (steps a reader may have read are
+    written again) and the note goes. Before, rank 1's removal of the note, read before rank
+    0's new run_id and written after it, put the old run_id back: about one trial in 20 (in
+    each of 4 runs of the test, first at trial 5, 22, 27 and 26)."""
+    template = tmp_path / "template"
+    _stopping(template, 0, monkeypatch, fail_at=3)
+    _stopping(template, 1, monkeypatch, fail_at=2)
+    old = json.loads((template / "manifest.json").read_text())
+    assert old["recording_stopped"]["rank"] == 1
+    for trial in range(TRIALS):
+        run = shutil.copytree(template, tmp_path / f"run-{trial}")
+        _at_once(_resume, run, 2)
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert "recording_stopped" not in manifest, trial
+        assert manifest["run_id"] != old["run_id"], trial
