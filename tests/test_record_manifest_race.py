@@ -4,8 +4,11 @@ another's write."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import multiprocessing
+import os
 import shutil
 from collections.abc import Callable
 from multiprocessing.synchronize import Barrier
@@ -82,3 +85,27 @@ def test_ranks_resuming_a_run_at_once_keep_its_new_identity(tmp_path, monkeypatc
         manifest = json.loads((run / "manifest.json").read_text())
         assert "recording_stopped" not in manifest, trial
         assert manifest["run_id"] != old["run_id"], trial
+
+
+def _amend_as_on_another_host(path: Path, rank: int, start: Barrier) -> None:
+    """`_amend_own_key` in a process whose pid is the other ranks' (ranks in containers of
+    several hosts often have the same one) on a file system that refuses the lock (NFS)."""
+    os.getpid = lambda: 42  # (a forked child's own os module)
+
+    def refused(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    fcntl.flock = refused
+    _amend_own_key(path, rank, start)
+
+
+def test_ranks_of_several_hosts_never_tear_the_manifest_without_a_lock(tmp_path):
+    """Without the lock a change can still be lost, as before; but each write is whole. Before,
+    ranks with the same pid wrote the manifest through the same temporary name: one's rename
+    found it gone (WriteError) or the manifest ended as one's text with the tail of
+    another's, which no reader can parse."""
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "run", "world_size": RANKS}))
+    _at_once(_amend_as_on_another_host, tmp_path, RANKS)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["format"] == "run"
+    assert [name for name in os.listdir(tmp_path) if name != "manifest.json"] == []

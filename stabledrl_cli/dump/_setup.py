@@ -41,7 +41,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from stabledrl_cli._atomic import fsync_dir, write_atomic, write_error
+from stabledrl_cli._atomic import fsync_dir, temp_name, write_atomic, write_error
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.dump._directory import (
     DirectoryRun,
@@ -149,6 +149,15 @@ def _manifest_locked(path: Path) -> Iterator[None]:
             os.close(directory)
 
 
+def _write_manifest(path: Path, text: bytes) -> None:
+    """Writes the run's manifest (`write_atomic`) through a temporary name of this write's own:
+    ranks on several hosts often have the same pid (in containers), and two writes through one
+    name (the pid's) tore the manifest or failed."""
+    target = path / MANIFEST_NAME
+    temp = temp_name(target)
+    write_atomic(target, text, temp=temp.with_name(f"{temp.name}-{uuid.uuid4().hex}"))
+
+
 def amend_manifest(path: Path, name: str, value: object | None) -> None:
     """Rewrites the run's manifest (atomically) with `name` set to `value`, or without it for
     None, in the manifest as it is then (`_manifest_locked`: another rank's change is kept).
@@ -159,8 +168,7 @@ def amend_manifest(path: Path, name: str, value: object | None) -> None:
             manifest.pop(name, None)
         else:
             manifest[name] = value
-        text = (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode()
-        write_atomic(path / MANIFEST_NAME, text)
+        _write_manifest(path, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
 
 
 def reopen_run(path: Path) -> None:
@@ -327,6 +335,6 @@ def prepare_run(
             raise write_error(directory, exc) from None
     if rank == 0 and text is not None:
         with _manifest_locked(path):
-            write_atomic(path / MANIFEST_NAME, text)
+            _write_manifest(path, text)
         fsync_dir(path.parent if path.parent != path else path)
     return manifest, last
