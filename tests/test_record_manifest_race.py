@@ -17,6 +17,7 @@ from pathlib import Path
 from test_stop_notes import _stopping
 
 import stabledrl_cli as sd
+from stabledrl_cli.dump import _setup
 from stabledrl_cli.dump._setup import amend_manifest
 
 RANKS = 4
@@ -109,3 +110,28 @@ def test_ranks_of_several_hosts_never_tear_the_manifest_without_a_lock(tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["format"] == "run"
     assert [name for name in os.listdir(tmp_path) if name != "manifest.json"] == []
+
+
+def _amend_once(path: Path) -> None:
+    amend_manifest(path, "rank_1", "written")
+
+
+def test_a_rank_never_waits_for_ever_for_a_lock_another_process_holds(tmp_path, monkeypatch):
+    """A process that holds the lock and never lets go (stopped in a debugger, frozen by
+    SIGSTOP mid-write): another rank's change waits its bounded time, then goes without the
+    lock. Before, the rank's training hung in its manifest change for as long as the holder."""
+    monkeypatch.setattr(_setup, "LOCK_WAIT", 0.5)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "run"}))
+    holder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        rank = multiprocessing.get_context("fork").Process(target=_amend_once, args=(tmp_path,))
+        rank.start()
+        rank.join(timeout=60)
+        if rank.exitcode is None:
+            rank.kill()
+            rank.join()
+        assert rank.exitcode == 0
+    finally:
+        os.close(holder)
+    assert json.loads((tmp_path / "manifest.json").read_text())["rank_1"] == "written"

@@ -34,9 +34,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,30 @@ def manifest_now(path: Path) -> dict[str, Any]:
     return manifest
 
 
+LOCK_WAIT = 10.0
+"""Seconds a change of the manifest waits for another process's lock (`_manifest_locked`): a
+change holds it for a read and an fsynced write, milliseconds."""
+
+_LOCK_RETRY = 0.005
+"""Seconds between two tries of a lock that another process holds."""
+
+
+def _lock(directory: int) -> None:
+    """An exclusive `flock` of `directory` once it is free, within `LOCK_WAIT` seconds;
+    nothing when the file system refuses it or it stays held."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(_LOCK_RETRY)
+        except OSError:
+            return
+
+
 @contextmanager
 def _manifest_locked(path: Path) -> Iterator[None]:
     """Inside: no other process changes the manifest of the run at `path` (`amend_manifest`,
@@ -134,15 +159,16 @@ def _manifest_locked(path: Path) -> Iterator[None]:
     write it back whole: without this, one rank's write undid what another wrote in between
     (a resumed run's new run_id, say, or a fresh manifest replaced by the one it replaced).
     An exclusive `flock` of the run directory, which the system releases when its holder dies;
-    on a file system that refuses it (NFS, for a directory) it goes without, as before."""
+    on a file system that refuses it (NFS, for a directory), or held past `LOCK_WAIT` seconds
+    (its holder frozen: a debugger, SIGSTOP), it goes without, as before: the training that
+    records never waits longer."""
     try:
         directory: int | None = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:  # the manifest's own read or write says why
         directory = None
     try:
         if directory is not None:
-            with suppress(OSError):
-                fcntl.flock(directory, fcntl.LOCK_EX)
+            _lock(directory)
         yield
     finally:
         if directory is not None:
