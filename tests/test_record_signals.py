@@ -18,7 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _cli import ROOT, TIMEOUT
+from _cli import ROOT, TIMEOUT, cli_command, cli_environment
 
 DRIVER = textwrap.dedent(
     """
@@ -56,6 +56,11 @@ TRAIN = textwrap.dedent(
 )
 
 
+def _default_dispositions() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def _record_signalled(
     tmp_path: Path, window: str, signum: signal.Signals, script: str
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
@@ -78,7 +83,7 @@ def _record_signalled(
          str(tmp_path / "run"), "--", sys.executable, "-c", script],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not inherited ignored
+        preexec_fn=_default_dispositions,  # not inherited ignored
     )  # fmt: skip
     try:
         stdout, stderr = process.communicate(timeout=TIMEOUT)
@@ -135,3 +140,28 @@ def test_a_stop_signal_after_the_command_ended_lets_record_finish(tmp_path, sign
     assert len(list((run / "steps").iterdir())) == 3
     assert json.loads((run / "manifest.json").read_text()).get("recording_closed") is True
     assert _left(scratch) == []
+
+
+def test_a_signal_ignored_where_record_starts_stays_ignored_in_the_command(tmp_path):
+    """`nohup stabledrl record ...` ignores SIGHUP, and a shell's background job SIGINT: the
+    command inherits that, and record leaves such a signal to it. Before, record's own
+    handler of them made the command start with their default (a hangup ended it)."""
+    script = tmp_path / "dispositions.py"
+    script.write_text(
+        "import signal\n"
+        "print([signal.getsignal(s) is signal.SIG_IGN for s in (signal.SIGHUP, signal.SIGINT)])\n"
+        + TRAIN
+    )
+
+    def ignore_hangup_and_interrupt() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    done = subprocess.run(
+        [*cli_command("record", "--out", tmp_path / "run", "--"),
+         sys.executable, str(script)],
+        capture_output=True, text=True, env=cli_environment(), timeout=TIMEOUT,
+        preexec_fn=ignore_hangup_and_interrupt,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[True, True]"

@@ -114,6 +114,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 work is done (`_Stop`)."""
 
 
+def _not_ignored(signals: tuple[signal.Signals, ...]) -> list[signal.Signals]:
+    """Those of `signals` that record's process does not ignore. An ignored one (SIGHUP under
+    `nohup`, SIGINT in a shell's background job) stays so for record and for the command,
+    which inherits it: a handler of record's would give the command the signal's default."""
+    return [signum for signum in signals if signal.getsignal(signum) is not signal.SIG_IGN]
+
+
 class _Stop:
     """Record's handler of `STOP_SIGNALS`: none of them ends record half-way (its temporary
     directory left behind, the command orphaned, a traceback). Before the command starts, one
@@ -223,7 +230,7 @@ def run_command(
             where = f"${ENV_POLICY} in the environment (record's --policy)"
             raise UsageError(f"{where}: {exc}") from None
     stop = _Stop()
-    with signals_handled(stop, *STOP_SIGNALS):
+    with signals_handled(stop, *_not_ignored(STOP_SIGNALS)):
         try:
             _record(out, cmd, force, policy, optimizer_hooks, debug, stop)
         finally:
