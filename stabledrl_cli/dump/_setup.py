@@ -31,7 +31,6 @@ Any failure to write or remove a file is WriteError naming it.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -68,6 +67,11 @@ from stabledrl_cli.dump._schema import (
 )
 from stabledrl_cli.dump._stfile import read_header
 from stabledrl_cli.errors import InputError, UsageError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the manifest is changed without a lock, as before
+    fcntl = None  # type: ignore[assignment]
 
 _MUST_AGREE = ("unit", "world_size", "group_ids")
 
@@ -139,6 +143,8 @@ _LOCK_RETRY = 0.005
 def _lock(directory: int) -> None:
     """An exclusive `flock` of `directory` once it is free, within `LOCK_WAIT` seconds;
     nothing when the file system refuses it or it stays held."""
+    if fcntl is None:
+        return
     deadline = time.monotonic() + LOCK_WAIT
     while True:
         try:
@@ -163,7 +169,7 @@ def _manifest_locked(path: Path) -> Iterator[None]:
     (its holder frozen: a debugger, SIGSTOP), it goes without, as before: the training that
     records never waits longer."""
     try:
-        directory: int | None = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        directory: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:  # the manifest's own read or write says why
         directory = None
     try:
