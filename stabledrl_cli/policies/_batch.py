@@ -97,6 +97,18 @@ def _as_tensor(value: ArrayLike, name: str, device: torch.device | None) -> torc
     return tensor if device is None else tensor.to(device)
 
 
+def _nonzero(values: torch.Tensor) -> torch.Tensor:
+    """[...] bool values != 0 (NaN is nonzero). On the CPU numpy compares (twenty times faster
+    than torch's comparison to bool there); elsewhere, and for dtypes numpy lacks, torch."""
+    if values.device.type == "cpu":
+        try:
+            array = values.numpy()
+        except (TypeError, RuntimeError):  # bfloat16 and kin; a conjugate view
+            return values != 0
+        return torch.from_numpy(array != 0)
+    return values != 0
+
+
 def _compute_dtype(logp: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     if dtype is not None:
         return dtype
@@ -458,7 +470,7 @@ def prepare(
         mask_t = _as_tensor(batch.mask, "mask", dev)
         if mask_t.numel() != num_tokens:
             raise InputError(f"mask has shape {tuple(mask_t.shape)}, expected {tuple(shape)}")
-        mask = mask_t.reshape(-1) != 0
+        mask = _nonzero(mask_t.reshape(-1))
 
     group_raw = None if batch.group_id is None else _as_tensor(batch.group_id, "group_id", dev)
     reward = None if batch.reward is None else _as_tensor(batch.reward, "reward", dev).to(ctype)
@@ -498,13 +510,14 @@ def prepare(
                 f"its {num_tokens} entries repeat another's id (token-level data?)"
             )
 
-    if per_seq_len is not None:
-        if num_tokens and (int(seq_raw.min()) < 0 or int(seq_raw.max()) >= per_seq_len):
+    if per_seq_len is not None and num_tokens:
+        lowest, highest = (int(bound) for bound in torch.aminmax(seq_raw))
+        if lowest < 0 or highest >= per_seq_len:
             raise InputError(
                 f"seq_id must index the {per_seq_len} per-sequence entries of "
-                f"{'/'.join(lengths)}; "
-                f"got ids in [{int(seq_raw.min())}, {int(seq_raw.max())}]"
+                f"{'/'.join(lengths)}; got ids in [{lowest}, {highest}]"
             )
+    if per_seq_len is not None:
         seq, n_seq = seq_raw, per_seq_len
     elif batch.seq_id is None:
         seq, n_seq = seq_raw, (shape[0] if len(shape) == 2 else num_tokens)
