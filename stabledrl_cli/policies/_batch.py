@@ -42,7 +42,7 @@ import torch
 
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies._advantages import recompute_advantages
-from stabledrl_cli.policies._masked import above, below, finite_sum, keep_times
+from stabledrl_cli.policies._masked import above, below, count, finite_sum, keep_times
 from stabledrl_cli.vocab import ADV_MODES, UNITS, AdvMode, Unit
 
 _T = TypeVar("_T")
@@ -107,6 +107,14 @@ def _nonzero(values: torch.Tensor) -> torch.Tensor:
             return values != 0
         return torch.from_numpy(array != 0)
     return values != 0
+
+
+def _both(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """[...] bool first & second of two bool tensors, by numpy on the CPU (three times faster
+    than torch's there)."""
+    if first.device.type == "cpu":
+        return torch.from_numpy(np.logical_and(first.numpy(), second.numpy()))
+    return first & second
 
 
 def _compute_dtype(logp: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -236,7 +244,11 @@ class PreparedBatch:
         return self.memo_of(
             "signs",
             adv,
-            lambda: (mask & (adv != 0), mask & above(adv, 0.0), mask & below(adv, 0.0)),
+            lambda: (
+                _both(mask, _nonzero(adv)),
+                _both(mask, above(adv, 0.0)),
+                _both(mask, below(adv, 0.0)),
+            ),
         )
 
     def eligible(self, mode: AdvMode = "recorded") -> torch.Tensor:
@@ -343,7 +355,7 @@ class PreparedBatch:
     @cached_property
     def num_scored(self) -> torch.Tensor:
         """0-d Z: scored tokens, clamped to >= 1."""
-        return self.mask.sum().to(self.dtype).clamp(min=1.0)
+        return count(self.mask).to(self.dtype).clamp(min=1.0)
 
     @cached_property
     def group_live_seqs(self) -> torch.Tensor:
