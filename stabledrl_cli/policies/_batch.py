@@ -42,7 +42,7 @@ import torch
 
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies._advantages import recompute_advantages
-from stabledrl_cli.policies._masked import above, below, count, finite_sum, keep_times
+from stabledrl_cli.policies._masked import above, as_bytes, below, count, finite_sum, keep_times
 from stabledrl_cli.vocab import ADV_MODES, UNITS, AdvMode, Unit
 
 _T = TypeVar("_T")
@@ -115,6 +115,13 @@ def _both(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     if first.device.type == "cpu":
         return torch.from_numpy(np.logical_and(first.numpy(), second.numpy()))
     return first & second
+
+
+_EXACT_COUNTS = (torch.float32, torch.float64)
+"""Dtypes that hold every count of scored tokens below `_COUNTED_EXACTLY` exactly."""
+_COUNTED_EXACTLY = 2**24
+"""Tokens a step may hold for its sequences' lengths to be counted as integers: below it a
+float32 sum of ones is exact too, so both ways give the same lengths."""
 
 
 def _compute_dtype(logp: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -313,7 +320,15 @@ class PreparedBatch:
     @cached_property
     def seq_len(self) -> torch.Tensor:
         """[N] number of scored tokens of each sequence (0 for all-masked ones)."""
-        return self.seq_sum(torch.ones_like(self.logp))
+        if self.dtype not in _EXACT_COUNTS or self.num_tokens >= _COUNTED_EXACTLY:
+            return self.seq_sum(torch.ones_like(self.logp))
+        scored = as_bytes(self.mask)
+        if self.row_length is not None:
+            counted = scored.view(self.n_seq, self.row_length).sum(dim=-1, dtype=torch.int32)
+        else:
+            counted = torch.zeros(self.n_seq, dtype=torch.int32, device=self.device)
+            counted.index_add_(0, self.seq, scored.to(torch.int32))
+        return counted.to(self.dtype)
 
     @cached_property
     def seq_live(self) -> torch.Tensor:
