@@ -242,6 +242,9 @@ class PreparedBatch:
     def weight_over(self, norm: torch.Tensor) -> torch.Tensor:
         """[T] w_t / norm_t, once per step and normalizer (policies sharing an aggregation
         share its `norm` tensor)."""
+        if self.loss_weight is None and norm.shape == self.logp.shape and norm.dtype == self.dtype:
+            # 1 / norm_t: the same bits as ones / norm, without the ones
+            return self.memo_of("weight_over", norm, lambda: torch.reciprocal(norm))
         return self.memo_of("weight_over", norm, lambda: self.weight / norm)
 
     def signs(self, adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
