@@ -69,3 +69,25 @@ def test_seq_ids_past_the_sequences_are_refused_with_their_range() -> None:
     seq[0] = 9
     with pytest.raises(InputError, match=r"got ids in \[1, 9\]|got ids in \[0, 9\]"):
         prepare(PolicyBatch(**{**batch.__dict__, "seq_id": seq}))
+
+
+@pytest.mark.parametrize(
+    ("seq", "expected"),
+    [
+        ([0, 0, 1, 1, 2, 2], 2),
+        ([0, 0, 1, 1, 1, 2], None),  # rows of unequal length
+        ([0, 1, 0, 1, 2, 2], None),  # interleaved
+        ([0, 1, 2, 3, 4, 5], None),  # one token a sequence: no rows to sum
+    ],
+)
+def test_row_length_is_found_only_for_rows_in_order(seq: list[int], expected: int | None) -> None:
+    prep = prepare(
+        PolicyBatch(
+            logp=torch.zeros(6),
+            logp_old=torch.zeros(6),
+            advantages=torch.ones(6),
+            seq_id=torch.tensor(seq, dtype=torch.int32),
+            reward=torch.zeros(max(seq) + 1),
+        )
+    )
+    assert prep.row_length == expected

@@ -295,6 +295,9 @@ class PreparedBatch:
         if n == 0 or t % n or t == n:
             return None
         length = t // n
+        if self.device.type == "cpu":  # numpy compares in half torch.equal's time
+            by_row = self.seq.numpy().reshape(n, length) == np.arange(n)[:, None]
+            return length if bool(by_row.all()) else None
         rows = torch.arange(n, device=self.device)[:, None].expand(n, length)
         return length if torch.equal(self.seq.view(n, length), rows) else None
 
