@@ -217,7 +217,7 @@ def test_a_line_break_in_a_message_shows_escaped_and_stderr_lines_stay_one(faili
     for args in (
         ["pack", str(run), str(tmp_path / "out.h5")],
         ["replay", str(run)],
-        ["check", str(run), "--max-spikes", "5"],
+        ["check", str(run), "--max-nonfinite", "5"],
         ["watch", str(run), "--once"],
         ["diff", str(run), str(run)],
     ):

@@ -148,7 +148,7 @@ def test_inspect_and_check_look_each_header_up_a_bounded_number_of_times(
         return real(self, n, **kwargs)
 
     monkeypatch.setattr(DirectoryRun, "_try_step", counting)
-    gate = ["--max-spikes", "1000"] if command == "check" else []
+    gate = ["--max-nonfinite", "1000"] if command == "check" else []
     shown = CliRunner().invoke(app, [command, str(path), *gate, "--format", "json"])
     assert shown.exit_code == 0, shown.output
     first = walks + (command == "check")

@@ -458,7 +458,7 @@ def test_a_run_given_as_a_symlink_is_read(tmp_path: Path) -> None:
 EVERY_READER = {
     "inspect": lambda run, good, tmp: ["inspect", run],
     "replay": lambda run, good, tmp: ["replay", run, "-p", "grpo", "--device", "cpu"],
-    "check": lambda run, good, tmp: ["check", run, "-p", "grpo", "--max-spikes", "100"],
+    "check": lambda run, good, tmp: ["check", run, "-p", "grpo", "--max-nonfinite", "100"],
     "pack": lambda run, good, tmp: ["pack", run, str(tmp / "out.h5")],
     "diff": lambda run, good, tmp: ["diff", good, run],
 }

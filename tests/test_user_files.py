@@ -27,7 +27,7 @@ from stabledrl_cli.errors import WriteError
 runner = CliRunner()
 QUICK = 60.0
 """Seconds a refusal may take in a real process (the refused read or write itself is instant)."""
-GATED = ("check", "-p", "grpo", "--max-spikes", "1000")
+GATED = ("check", "-p", "grpo", "--max-nonfinite", "1000")
 """A check of one policy with a gate that passes, before the run's path."""
 
 
@@ -156,7 +156,7 @@ def test_a_report_to_a_link_to_the_standard_output_is_printed(run, tmp_path, std
     assert done.returncode == 0, done.stderr
     text = done.stdout if stdout == "pipe" else printed.read_text()
     report = text.index("<?xml"), text.index("</testsuites>")
-    table = text.index("┏"), text.index("max_spikes │")  # the table, whole, after it
+    table = text.index("┏"), text.index("max_nonfinite │")  # the table, whole, after it
     assert report[0] < report[1] < table[0] < table[1]
     assert link.is_symlink()
 

@@ -523,7 +523,7 @@ def test_the_live_watch_says_when_the_run_was_replaced(grpo_fixture, tmp_path, m
             _scalar_run(live, range(4), overwrite=True)
 
     monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
-    args = ["watch", str(live), "--until-idle", "0", "--max-spikes", "0", "--device", "cpu"]
+    args = ["watch", str(live), "--until-idle", "0", "--max-nonfinite", "0", "--device", "cpu"]
     result = CliRunner().invoke(app, args)
     line = f"{live}: the run changed under the watch: following it from its start"
     assert result.stderr.count(line) == 1

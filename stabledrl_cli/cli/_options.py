@@ -190,7 +190,11 @@ MaxNonfiniteOpt = Annotated[
 ]
 MaxSpikesOpt = Annotated[
     int | None,
-    number_option("--max-spikes", kind=int, help="Fail if the recorded grad norm has more spikes."),
+    number_option(
+        "--max-spikes",
+        kind=int,
+        help="Fail if the recorded grad norm has more spikes, or too few values to judge.",
+    ),
 ]
 FailOnCollapseOpt = Annotated[
     bool,

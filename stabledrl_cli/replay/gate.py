@@ -23,7 +23,7 @@ import numpy as np
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.baseline import Baseline, Tolerance
-from stabledrl_cli.replay.config import ConfigError
+from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY, ConfigError
 from stabledrl_cli.replay.figures import RUN_STEPS, policy_metrics, run_figure
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import RecordedRun, observed_of
@@ -41,7 +41,8 @@ class GateResult:
     gate: str
     ok: bool
     figure: float | None
-    """Today's figure (inf: infinity; None: none, for `baseline.present`)."""
+    """Today's figure (inf: infinity; None: none, for `baseline.present` and a run-level gate
+    whose rule had nothing to judge)."""
     limit: float | None
     """The worst figure that passes."""
     message: str
@@ -134,6 +135,29 @@ def _count_gate(gate: str, steps: list[int], limit: int, what: str) -> GateResul
     )
 
 
+def _spikes_gate(observed: Observed, limit: int) -> GateResult:
+    """--max-spikes: the recorded grad-norm spikes; trips when the spike rule judged no step
+    (no finite, nonzero grad_norm past the ones it reads first: a gate that could never trip),
+    as `_collapse_gate` does on a run without a reward."""
+    values = observed.grad_norm_values
+    if values > SPIKE_MIN_HISTORY:
+        return _count_gate("max_spikes", observed.recorded_spike_steps, limit, "grad-norm spike")
+    recorded = (
+        counted(values, "finite, nonzero grad_norm value")
+        if values
+        else "no finite, nonzero grad_norm"
+    )
+    return GateResult(
+        policy=None,
+        gate="max_spikes",
+        ok=False,
+        figure=None,
+        limit=float(limit),
+        message=f"the run recorded {recorded}; the spike rule judges a step after "
+        f"{SPIKE_MIN_HISTORY} such: there are no grad-norm spikes to gate",
+    )
+
+
 def _collapse_gate(observed: Observed) -> GateResult:
     """--fail-on-collapse: trips when the recorded reward collapsed, and when the run recorded
     no reward at all (nothing to gate: a gate that could never trip), as a baseline's series
@@ -162,11 +186,7 @@ def _run_absolute(observed: Observed, gates: Gates) -> list[GateResult]:
     if gates.fail_on_collapse:
         found.append(_collapse_gate(observed))
     if gates.max_spikes is not None:
-        found.append(
-            _count_gate(
-                "max_spikes", observed.recorded_spike_steps, gates.max_spikes, "grad-norm spike"
-            )
-        )
+        found.append(_spikes_gate(observed, gates.max_spikes))
     if gates.max_nonfinite is not None:
         found.append(
             _count_gate(

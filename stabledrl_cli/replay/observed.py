@@ -180,6 +180,9 @@ class Observed:
     recorded_spike_steps: list[int] = field(default_factory=list)
     """Steps whose recorded pre-clip grad_norm is a spike (detectors.spike_flags, with the
     replay's spike factor)."""
+    grad_norm_values: int = 0
+    """Steps whose recorded grad_norm is finite and nonzero: the values the spike rule reads (it
+    judges a step only after `config.SPIKE_MIN_HISTORY` of them)."""
     nonfinite_steps: list[int] = field(default_factory=list)
     """Steps whose recorded `nonfinite` or `nonfinite_grads` count is > 0 (NaN or inf in the
     step's data, or in some parameter's gradient)."""
@@ -348,6 +351,7 @@ def observe(
     return Observed(
         first_reward_collapse=collapse,
         recorded_spike_steps=[int(s) for s in spikes],
+        grad_norm_values=int(np.count_nonzero(np.isfinite(grad_norms) & (grad_norms != 0))),
         nonfinite_steps=[int(s) for s in bad],
         noise_floor_logratio_std=noise_floor.std,
         noise_floor_units=noise_floor.count,

@@ -1,0 +1,82 @@
+"""Run-level gates on a run whose recorded series gives their rule nothing to judge: each trips,
+saying what is missing, as `--fail-on-collapse` on a run without a reward does; a gate that
+could never trip would pass a CI job on any run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from _cli import run_cli
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import Recorder
+
+runner = CliRunner()
+
+
+def _scalar_run(path, steps: int, **series: list[float]):
+    """A scalar run of `steps` steps, each recording the given series' value at that step."""
+    with Recorder(path, policy=None) as recorder:
+        for step in range(steps):
+            recorder.log_step(step, **{name: values[step] for name, values in series.items()})
+    return path
+
+
+def _gates(run, *options: str) -> tuple[int, list[dict[str, object]]]:
+    result = runner.invoke(app, ["check", str(run), *options, "--format", "json"])
+    return result.exit_code, json.loads(result.stdout)["gates"]
+
+
+STEADY = [1.0 + 0.01 * (step % 3) for step in range(30)]
+
+
+@pytest.mark.parametrize(
+    ("steps", "series", "recorded"),
+    [
+        (30, {"reward_mean": [0.5] * 30}, "no finite, nonzero grad_norm"),
+        (30, {"grad_norm": [math.nan] * 30}, "no finite, nonzero grad_norm"),
+        (30, {"grad_norm": [0.0] * 30}, "no finite, nonzero grad_norm"),
+        (1, {"grad_norm": [1.0]}, "1 finite, nonzero grad_norm value"),
+        (5, {"grad_norm": STEADY[:5]}, "5 finite, nonzero grad_norm values"),
+    ],
+)
+def test_max_spikes_trips_when_no_grad_norm_can_be_judged(tmp_path, steps, series, recorded):
+    """The gate passed ('0 grad-norm spike steps, limit 0', exit 0) on a run with no grad norm
+    for the spike rule to judge (none recorded, every one NaN or 0, or no more than the 5 the
+    rule reads before it judges a step)."""
+    run = _scalar_run(tmp_path / "run", steps, **series)
+    code, (gate,) = _gates(run, "--max-spikes", "0")
+    assert code == 1
+    assert gate["gate"] == "max_spikes" and not gate["ok"]
+    assert gate["figure"] is None and gate["limit"] == 0
+    assert gate["message"] == (
+        f"the run recorded {recorded}; the spike rule judges a step after 5 such: there are "
+        "no grad-norm spikes to gate"
+    )
+
+
+def test_max_spikes_on_judged_grad_norms_still_counts_their_spikes(tmp_path):
+    run = _scalar_run(tmp_path / "steady", 30, grad_norm=STEADY)
+    code, (gate,) = _gates(run, "--max-spikes", "0")
+    assert (code, gate["ok"], gate["figure"]) == (0, True, 0)
+    spiky = _scalar_run(tmp_path / "spiky", 30, grad_norm=[*STEADY[:20], 50.0, *STEADY[21:]])
+    code, (gate,) = _gates(spiky, "--max-spikes", "0")
+    assert (code, gate["ok"], gate["figure"]) == (1, False, 1)
+
+
+def test_max_spikes_without_grad_norms_fails_in_a_process_in_junit_and_in_watch(tmp_path):
+    run = _scalar_run(tmp_path / "rewards", 30, reward_mean=[0.5] * 30)
+    done = run_cli("check", run, "--max-spikes", "3")
+    assert done.returncode == 1, done.stderr
+    assert "(run) max_spikes: the run recorded no finite, nonzero grad_norm" in done.stderr
+    junit = tmp_path / "gates.xml"
+    result = runner.invoke(app, ["check", str(run), "--max-spikes", "3", "--junit", str(junit)])
+    assert result.exit_code == 1, result.output
+    report = junit.read_text()
+    assert 'failures="1"' in report and "figure n/a, limit 3: the run recorded no" in report
+    watched = runner.invoke(app, ["watch", str(run), "--once", "--max-spikes", "3"])
+    assert watched.exit_code == 1, watched.output
+    assert "gate tripped: (run) max_spikes: the run recorded no finite, nonzero" in watched.stderr
