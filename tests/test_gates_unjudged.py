@@ -80,3 +80,41 @@ def test_max_spikes_without_grad_norms_fails_in_a_process_in_junit_and_in_watch(
     watched = runner.invoke(app, ["watch", str(run), "--once", "--max-spikes", "3"])
     assert watched.exit_code == 1, watched.output
     assert "gate tripped: (run) max_spikes: the run recorded no finite, nonzero" in watched.stderr
+
+
+@pytest.mark.parametrize(
+    ("steps", "rewards"),
+    [
+        (30, [math.nan] * 30),
+        (1, [0.5]),
+        (9, [0.5] * 9),
+        (30, [0.5, 0.5, math.nan] * 10),
+    ],
+)
+def test_fail_on_collapse_trips_when_no_reward_window_can_be_judged(tmp_path, steps, rewards):
+    """The gate passed ('the recorded reward did not collapse', exit 0) on a reward the
+    observed-collapse rule cannot judge: every value NaN, fewer steps than its window of 10,
+    or no 10 finite values in a row."""
+    run = _scalar_run(tmp_path / "run", steps, reward_mean=rewards)
+    code, (gate,) = _gates(run, "--fail-on-collapse")
+    assert code == 1
+    assert gate["gate"] == "reward_collapse" and not gate["ok"] and gate["figure"] is None
+    assert gate["message"] == (
+        "the run's reward_mean has no 10 finite values in a row (the collapse window): the "
+        "collapse rule judges no step: there is no reward to gate"
+    )
+    some_finite = any(math.isfinite(reward) for reward in rewards)
+    code, (gate,) = _gates(run, "--fail-on-collapse", "--collapse-window", "1")
+    assert (code, gate["ok"]) == ((0, True) if some_finite else (1, False))
+
+
+def test_fail_on_collapse_on_an_unjudged_reward_fails_in_a_process_and_in_watch(tmp_path):
+    run = _scalar_run(tmp_path / "short", 5, reward_mean=[0.5] * 5)
+    done = run_cli("check", run, "--fail-on-collapse")
+    assert done.returncode == 1, done.stderr
+    assert "(run) reward_collapse: the run's reward_mean has no 10 finite values" in done.stderr
+    watched = runner.invoke(app, ["watch", str(run), "--once", "--fail-on-collapse"])
+    assert watched.exit_code == 1, watched.output
+    assert "gate tripped: (run) reward_collapse: the run's reward_mean has no 10" in (
+        watched.stderr
+    )

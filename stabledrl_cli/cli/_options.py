@@ -200,7 +200,8 @@ FailOnCollapseOpt = Annotated[
     bool,
     typer.Option(
         "--fail-on-collapse",
-        help="Fail if the recorded reward collapsed (observed rule), or none was recorded.",
+        help="Fail if the recorded reward collapsed (observed rule), or has no full window to "
+        "judge.",
     ),
 ]
 """`check`'s absolute gates (`replay.gate.Gates`), shared by `watch`."""

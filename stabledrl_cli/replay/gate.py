@@ -159,12 +159,19 @@ def _spikes_gate(observed: Observed, limit: int) -> GateResult:
 
 
 def _collapse_gate(observed: Observed) -> GateResult:
-    """--fail-on-collapse: trips when the recorded reward collapsed, and when the run recorded
-    no reward at all (nothing to gate: a gate that could never trip), as a baseline's series
-    that the run did not record trips `baseline.present`."""
+    """--fail-on-collapse: trips when the recorded reward collapsed, and when the rule judged
+    no window of it (no reward recorded, or no `collapse_window` finite values in a row: a gate
+    that could never trip), as a baseline's series that the run did not record trips
+    `baseline.present`."""
     collapse = observed.first_reward_collapse
+    judged = observed.reward_windows > 0
     if observed.reward_curve is None:
         message = "the run recorded no reward_mean: there is no reward to gate"
+    elif not judged:
+        message = (
+            f"the run's reward_mean has no {observed.collapse_window} finite values in a row (the "
+            "collapse window): the collapse rule judges no step: there is no reward to gate"
+        )
     elif collapse is None:
         message = "the recorded reward did not collapse"
     else:
@@ -174,8 +181,8 @@ def _collapse_gate(observed: Observed) -> GateResult:
     return GateResult(
         policy=None,
         gate="reward_collapse",
-        ok=collapse is None and observed.reward_curve is not None,
-        figure=math.inf if collapse is None else float(collapse),
+        ok=collapse is None and judged,
+        figure=None if not judged else math.inf if collapse is None else float(collapse),
         limit=math.inf,
         message=message,
     )

@@ -191,6 +191,9 @@ class Observed:
     noise_floor_units: int = 0
     """How many scored units (tokens, or sequences for unit "sequence") it was measured on."""
     reward_curve: RewardCurve | None = None
+    reward_windows: int = 0
+    """Windows of `collapse_window` finite recorded rewards in a row: the levels the
+    observed-collapse rule judges (0: it can find no collapse)."""
     collapse_window: int = DEFAULT_COLLAPSE_WINDOW
     """W of the observed-collapse rule it was found with."""
     collapse_warning: CollapseWarning = field(default_factory=CollapseWarning)
@@ -356,6 +359,9 @@ def observe(
         noise_floor_logratio_std=noise_floor.std,
         noise_floor_units=noise_floor.count,
         reward_curve=_reward_curve(rewards, config.collapse_window),
+        reward_windows=int(
+            np.count_nonzero(np.isfinite(rolling_mean(rewards, config.collapse_window)))
+        ),
         collapse_window=config.collapse_window,
         collapse_warning=warning,
         guards=guard_reports
