@@ -39,6 +39,7 @@ import torch
 
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies import Policy, PolicyBatch, get_policy, prepare
+from stabledrl_cli.replay.config import ConfigError
 from stabledrl_cli.replay.guards import guard_spec, make_guard
 from stabledrl_cli.vocab import GUARD_MODES, GuardMode
 
@@ -101,7 +102,10 @@ class Guard:
         if mode not in GUARD_MODES:
             raise UsageError(f"unknown guard mode {mode!r}; valid: {', '.join(GUARD_MODES)}")
         self.mode: GuardMode = mode
-        self.rule = make_guard(rule or DEFAULT_RULES[mode])
+        try:
+            self.rule = make_guard(rule or DEFAULT_RULES[mode])
+        except ConfigError as exc:
+            raise ConfigError("rule", exc.problem) from None
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.counts: dict[Action, int] = dict.fromkeys(ACTION_CODES, 0)
 

@@ -216,10 +216,10 @@ def test_replay_report_counts_and_removed_norm() -> None:
         ("skip-step:z=3", "unknown key 'z'"),
         ("zclip:clip=max", "clip must be one of adaptive, mean"),
         # the spec's syntax: a guard spec, not a "policy spec" as these lines said
-        (":", "bad guard spec ':': '' is not a name"),
-        ("skip-step:", "bad guard spec 'skip-step:': nothing after ':'"),
-        ("skip-step,zclip", "bad guard spec 'skip-step,zclip'"),
-        ("zclip:alpha", "bad guard spec 'zclip:alpha': 'alpha' is not key=value"),
+        (":", "guard ':': '' is not a name"),
+        ("skip-step:", "guard 'skip-step:': nothing after ':'"),
+        ("skip-step,zclip", "guard 'skip-step,zclip'"),
+        ("zclip:alpha", "guard 'zclip:alpha': 'alpha' is not key=value"),
     ],
 )
 def test_bad_guard_specs(spec: str, message: str) -> None:
@@ -265,5 +265,5 @@ def test_replay_cli_guard_option():
     bad = run_cli(*base, "--guard", "zclap", timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
-        "error: unknown guard 'zclap'; valid: zclip, skip-step"
+        "error: --guard 'zclap': unknown guard 'zclap'; valid: zclip, skip-step"
     ]

@@ -251,7 +251,19 @@ reads as a policy's (`finite_number`)."""
 
 def make_guard(spec: str) -> Guard:
     """`zclip`, `zclip:z_thresh=3`, `skip-step:window=64,sigma=4` -> a fresh guard;
-    UsageError naming the bad name, key or value."""
+    `ConfigError` of the setting `guard` naming the spec and what is wrong with it (a bad
+    name, key or value), so that a front end names the option it was given with."""
+    from stabledrl_cli.replay.config import ConfigError  # config imports this module
+
+    try:
+        return _parsed_guard(spec)
+    except UsageError as exc:
+        reason = str(exc).removeprefix(f"bad guard spec {quoted(spec)}: ")
+        raise ConfigError("guard", f"{quoted(spec)}: {reason}") from None
+
+
+def _parsed_guard(spec: str) -> Guard:
+    """`make_guard`'s guard; UsageError saying what is wrong (the spec named by the caller)."""
     name, raw = split_spec(spec, kind="guard")
     keys = _PARAMS.get(name)
     if keys is None:
@@ -260,21 +272,14 @@ def make_guard(spec: str) -> Guard:
     for key, text in raw.items():
         kind = keys.get(key)
         if kind is None:
-            raise UsageError(
-                f"unknown key {quoted(key)} for guard {name!r}; valid: {', '.join(keys)}"
-            )
+            raise UsageError(f"unknown key {quoted(key)}; valid: {', '.join(keys)}")
         if kind is float:  # finite and not too small, as a policy's number
-            try:
-                params[key] = finite_number(key, text)
-            except UsageError as exc:
-                raise UsageError(f"guard {quoted(spec)}: {exc}") from None
+            params[key] = finite_number(key, text)
             continue
         try:
             params[key] = _PARSERS.get(kind, kind)(text)
         except ValueError:
-            raise UsageError(
-                f"guard {quoted(spec)}: {key} must be {kind.__name__}, got {quoted(text)}"
-            ) from None
+            raise UsageError(f"{key} must be {kind.__name__}, got {quoted(text)}") from None
     if name == "zclip":
         return ZClip(**params)  # type: ignore[arg-type]
     return SkipStep(**params)  # type: ignore[arg-type]
