@@ -31,6 +31,7 @@ Every decision is recorded when the integration logs `scalars(decision)` with th
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -76,7 +77,7 @@ class Decision:
         """Scales the parameters' gradients (in place) to `scale` of their pre-clip size, given
         that they already carry the factor `applied` (e.g. clip_grad_norm_'s
         min(1, max_norm / norm)); never scales up, and does nothing unless `action` is scale."""
-        applied = _number(applied)
+        applied = _number(applied, "applied")
         if not (math.isfinite(applied) and applied > 0):  # NaN would make every gradient NaN
             raise UsageError(f"applied must be a finite factor > 0, got {applied!r}")
         if self.action != "scale" or self.scale >= applied:
@@ -101,6 +102,10 @@ class Guard:
     ) -> None:
         if mode not in GUARD_MODES:
             raise UsageError(f"unknown guard mode {mode!r}; valid: {', '.join(GUARD_MODES)}")
+        if rule is not None and not isinstance(rule, str):
+            raise UsageError(
+                f"rule must be a guard spec (a string) or None, got {type(rule).__name__}"
+            )
         self.mode: GuardMode = mode
         try:
             self.rule = make_guard(rule or DEFAULT_RULES[mode])
@@ -121,13 +126,13 @@ class Guard:
         still in the autograd graph is read detached). UsageError for a negative grad_norm or
         a batch without a field the policy needs, InputError for a malformed batch, before the
         rule sees the step (a NaN or inf grad norm is a non-finite step: skipped)."""
-        norm = _number(grad_norm)
+        norm = _number(grad_norm, "grad_norm")
         if norm < 0:
             raise UsageError(f"grad_norm must be >= 0 (a norm), got {norm!r}")
         policy, bad = self.policy, 0
         if batch is not None and policy is not None:
             bad = _nonfinite_coefficients(policy, batch)
-        ruled = self.rule.update(norm, None if loss is None else _number(loss))
+        ruled = self.rule.update(norm, None if loss is None else _number(loss, "loss"))
         decision = Decision("none", 1.0, "", ruled.z)
         if ruled.action == "nonfinite":
             decision = Decision("skip", 0.0, "non-finite grad norm or loss", None)
@@ -166,10 +171,19 @@ class Guard:
         }
 
 
-def _number(value: float | torch.Tensor) -> float:
-    """`value` as a float; a tensor read detached (one that requires grad would make torch warn
-    'Converting a tensor with requires_grad=True to a scalar' into the training's log)."""
-    return float(value.detach() if isinstance(value, torch.Tensor) else value)
+def _number(value: float | torch.Tensor, name: str) -> float:
+    """`value`, the argument `name`, as a float: a real number, or a one-element tensor read
+    detached (one that requires grad would make torch warn 'Converting a tensor with
+    requires_grad=True to a scalar' into the training's log); UsageError naming `name` for
+    anything else (a tensor of several values, a string, None)."""
+    expected = f"{name} must be a number or a one-element tensor"
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise UsageError(f"{expected}, got a tensor of {value.numel()} elements")
+        return float(value.detach())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UsageError(f"{expected}, got {type(value).__name__}")
+    return float(value)
 
 
 def _nonfinite_coefficients(policy: Policy, batch: PolicyBatch) -> int:

@@ -5,12 +5,13 @@ with it (a parameter out of range, an unknown name or key, a malformed spec)."""
 from __future__ import annotations
 
 import pytest
+import torch
 from _cli import ROOT, run_cli
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.guard import Guard
+from stabledrl_cli.guard import Decision, Guard
 
 RUN = ROOT / "fixtures" / "grpo"
 BAD_SPECS = {
@@ -50,3 +51,44 @@ def test_a_bad_guard_spec_exits_2_in_a_process():
     assert done.stderr == (
         "error: --guard 'skip-step:window=0': window must be an integer in [6, 1e+09], got 0\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("given", "refusal"),
+    [
+        (
+            {"grad_norm": torch.ones(2)},
+            "grad_norm must be a number or a one-element tensor, got a tensor of 2 elements",
+        ),
+        (
+            {"grad_norm": torch.ones(0)},
+            "grad_norm must be a number or a one-element tensor, got a tensor of 0 elements",
+        ),
+        ({"grad_norm": "1.5"}, "grad_norm must be a number or a one-element tensor, got str"),
+        ({"grad_norm": None}, "grad_norm must be a number or a one-element tensor, got NoneType"),
+        ({"grad_norm": True}, "grad_norm must be a number or a one-element tensor, got bool"),
+        (
+            {"grad_norm": 1.0, "loss": torch.ones(3)},
+            "loss must be a number or a one-element tensor, got a tensor of 3 elements",
+        ),
+    ],
+)
+def test_a_guard_input_that_is_not_one_number_is_refused_naming_it(given, refusal):
+    """A tensor of several values, a string or None raised Python's own ValueError or TypeError
+    ('only one element tensors can be converted to Python scalars'), naming no argument, out of
+    the training loop; the string '1.5' was taken as the norm 1.5."""
+    with pytest.raises(UsageError) as refused:
+        Guard("skip").before_step(**given)
+    assert str(refused.value) == refusal
+
+
+def test_an_applied_factor_or_a_rule_of_the_wrong_type_is_refused_naming_it():
+    decision = Decision("scale", 0.5, "why")
+    with pytest.raises(UsageError) as refused:
+        decision.apply([], applied=torch.ones(2))
+    assert str(refused.value) == (
+        "applied must be a number or a one-element tensor, got a tensor of 2 elements"
+    )
+    with pytest.raises(UsageError) as refused:
+        Guard("skip", rule=5)  # type: ignore[arg-type]
+    assert str(refused.value) == "rule must be a guard spec (a string) or None, got int"
