@@ -118,3 +118,65 @@ def test_fail_on_collapse_on_an_unjudged_reward_fails_in_a_process_and_in_watch(
     assert "gate tripped: (run) reward_collapse: the run's reward_mean has no 10" in (
         watched.stderr
     )
+
+
+def _baseline(path, observed: dict[str, object]):
+    path.write_text(
+        json.dumps(
+            {
+                "schema": "stabledrl-baseline",
+                "version": 1,
+                "replay": {"spike_factor": 10.0, "window": 20, "drift_threshold": -0.1},
+                "observed": observed,
+                "policies": {},
+            }
+        )
+    )
+    return path
+
+
+def test_a_baseline_figure_the_run_gives_its_rule_nothing_to_judge_trips(tmp_path):
+    """A baseline's observed figures passed on a run whose rule judged nothing: no collapse
+    ('any figure but none fails': none), no spikes (0, limit 0) and no collapse warning on a
+    run that recorded a loss alone (exit 0, 3 gates hold)."""
+    run = _scalar_run(tmp_path / "loss", 30, loss=STEADY)
+    baseline = _baseline(
+        tmp_path / "b.json",
+        {
+            "first_reward_collapse": {"value": None},
+            "spike_steps": {"value": 0},
+            "collapse_warning_first_step": {"value": None},
+        },
+    )
+    code, gates = _gates(run, "-b", str(baseline))
+    assert code == 1
+    assert [(g["gate"], g["ok"], g["figure"]) for g in gates] == [
+        ("baseline.present", False, None)
+    ] * 3
+    assert [g["message"] for g in gates] == [
+        "observed.first_reward_collapse is in the baseline, but the run recorded no reward_mean",
+        "observed.spike_steps is in the baseline, but the run recorded no finite, nonzero "
+        "grad_norm; the spike rule judges a step after 5 such",
+        "observed.collapse_warning_first_step is in the baseline, but the run has no 3 finite "
+        "own-sample likelihoods in a row (steps with a policy batch) for the collapse warning "
+        "to judge",
+    ]
+    done = run_cli("check", run, "-b", baseline)
+    assert done.returncode == 1, done.stderr
+    assert "(run) baseline.present: observed.spike_steps is in the baseline, but" in done.stderr
+
+
+def test_a_baseline_written_on_a_run_leaves_out_the_figures_it_gives_nothing_to_judge(tmp_path):
+    """Its own baseline passes a run that recorded a loss alone; the baseline holds the
+    figures the run's rules judged (nonfinite_steps) and none of the others."""
+    run = _scalar_run(tmp_path / "loss", 30, loss=STEADY)
+    written = tmp_path / "own.json"
+    code, _ = _gates(run, "--write-baseline", str(written))
+    assert code == 0
+    assert list(json.loads(written.read_text())["observed"]) == ["nonfinite_steps"]
+    code, gates = _gates(run, "-b", str(written))
+    assert code == 0 and all(g["ok"] for g in gates)
+    judged = _scalar_run(tmp_path / "judged", 30, reward_mean=[0.5] * 30, grad_norm=STEADY)
+    code, _ = _gates(judged, "--write-baseline", str(written))
+    observed = json.loads(written.read_text())["observed"]
+    assert list(observed) == ["first_reward_collapse", "spike_steps", "nonfinite_steps"]

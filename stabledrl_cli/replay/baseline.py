@@ -19,7 +19,9 @@ editable by hand:
 
 `observed` holds run-level figures of the recorded run: the steps `first_reward_collapse` and
 `collapse_warning_first_step` (worse lower) and the counts `spike_steps` (recorded grad-norm
-spikes) and `nonfinite_steps` (worse higher). `recorded` (optional) gates the run's recorded
+spikes) and `nonfinite_steps` (worse higher); a figure whose rule judged no step of the run
+(`Observed.unjudged`: no reward to judge, say) is not written, and a check on such a run trips
+`baseline.present` for it. `recorded` (optional) gates the run's recorded
 scalar series, any of them: name -> statistic (first, last, min, max, mean, median over the
 finite values, tail: the mean of the last 10) -> tolerance; `worse` may be left out for the
 standard scalars that have a direction (`recorded.SERIES_RULES`) and must be given for any
@@ -545,6 +547,7 @@ def baseline_dict(
                 name, run_figure(name, observed), window=settings.collapse_window, strict=strict
             ).to_dict(integer=True)
             for name in RUN_METRICS
+            if observed.unjudged(name) is None  # else a gate that could never trip
         },
         **({"recorded": _recorded_entries(recorded, strict=strict)} if recorded else {}),
         "policies": policies,

@@ -4,7 +4,8 @@
 A policy in the baseline that the check did not replay (a policy list that leaves it out, or
 a spec the catalogue renamed) is a tripped gate `baseline.present`: CI must not pass by
 silently checking less than the baseline covers. So is a recorded series the baseline gates
-that the run did not record.
+that the run did not record, and a baseline's `observed` figure whose rule judged no step of
+the run (`Observed.unjudged`).
 
 Run-level gates read the recorded run (`recorded.RecordedRun`), so a run without a policy batch
 (an imported log, an optimizer-hook recording) is gated too: --fail-on-collapse (the observed
@@ -23,7 +24,7 @@ import numpy as np
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.baseline import Baseline, Tolerance
-from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY, ConfigError
+from stabledrl_cli.replay.config import ConfigError
 from stabledrl_cli.replay.figures import RUN_STEPS, policy_metrics, run_figure
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import RecordedRun, observed_of
@@ -135,44 +136,31 @@ def _count_gate(gate: str, steps: list[int], limit: int, what: str) -> GateResul
     )
 
 
+def _unjudged_gate(gate: str, limit: float, why: str) -> GateResult:
+    """A run-level gate whose rule judged no step of the run (`Observed.unjudged`): tripped,
+    saying why, as a baseline's series that the run did not record trips `baseline.present`;
+    a gate that could never trip would pass any run."""
+    return GateResult(policy=None, gate=gate, ok=False, figure=None, limit=limit, message=why)
+
+
 def _spikes_gate(observed: Observed, limit: int) -> GateResult:
-    """--max-spikes: the recorded grad-norm spikes; trips when the spike rule judged no step
-    (no finite, nonzero grad_norm past the ones it reads first: a gate that could never trip),
-    as `_collapse_gate` does on a run without a reward."""
-    values = observed.grad_norm_values
-    if values > SPIKE_MIN_HISTORY:
-        return _count_gate("max_spikes", observed.recorded_spike_steps, limit, "grad-norm spike")
-    recorded = (
-        counted(values, "finite, nonzero grad_norm value")
-        if values
-        else "no finite, nonzero grad_norm"
-    )
-    return GateResult(
-        policy=None,
-        gate="max_spikes",
-        ok=False,
-        figure=None,
-        limit=float(limit),
-        message=f"the run recorded {recorded}; the spike rule judges a step after "
-        f"{SPIKE_MIN_HISTORY} such: there are no grad-norm spikes to gate",
-    )
+    """--max-spikes: the recorded grad-norm spikes (tripped when the spike rule judged none)."""
+    why = observed.unjudged("spike_steps")
+    if why is not None:
+        return _unjudged_gate(
+            "max_spikes", float(limit), f"{why}: there are no grad-norm spikes to gate"
+        )
+    return _count_gate("max_spikes", observed.recorded_spike_steps, limit, "grad-norm spike")
 
 
 def _collapse_gate(observed: Observed) -> GateResult:
-    """--fail-on-collapse: trips when the recorded reward collapsed, and when the rule judged
-    no window of it (no reward recorded, or no `collapse_window` finite values in a row: a gate
-    that could never trip), as a baseline's series that the run did not record trips
-    `baseline.present`."""
+    """--fail-on-collapse: trips when the recorded reward collapsed, and when the collapse rule
+    judged none of it."""
+    why = observed.unjudged("first_reward_collapse")
+    if why is not None:
+        return _unjudged_gate("reward_collapse", math.inf, f"{why}: there is no reward to gate")
     collapse = observed.first_reward_collapse
-    judged = observed.reward_windows > 0
-    if observed.reward_curve is None:
-        message = "the run recorded no reward_mean: there is no reward to gate"
-    elif not judged:
-        message = (
-            f"the run's reward_mean has no {observed.collapse_window} finite values in a row (the "
-            "collapse window): the collapse rule judges no step: there is no reward to gate"
-        )
-    elif collapse is None:
+    if collapse is None:
         message = "the recorded reward did not collapse"
     else:
         message = (
@@ -181,8 +169,8 @@ def _collapse_gate(observed: Observed) -> GateResult:
     return GateResult(
         policy=None,
         gate="reward_collapse",
-        ok=collapse is None and judged,
-        figure=None if not judged else math.inf if collapse is None else float(collapse),
+        ok=collapse is None,
+        figure=math.inf if collapse is None else float(collapse),
         limit=math.inf,
         message=message,
     )
@@ -206,6 +194,13 @@ def _run_absolute(observed: Observed, gates: Gates) -> list[GateResult]:
     return found
 
 
+def _absent(policy: str | None, message: str) -> GateResult:
+    """`baseline.present`, tripped: the baseline gates what the check has no figure of."""
+    return GateResult(
+        policy=policy, gate="baseline.present", ok=False, figure=None, limit=None, message=message
+    )
+
+
 def _recorded_regressions(
     recorded: RecordedRun | None, baseline: Baseline, *, strict: bool
 ) -> list[GateResult]:
@@ -216,13 +211,9 @@ def _recorded_regressions(
             figure = series[name].stat(stat) if name in series else None
             if figure is None:
                 found.append(
-                    GateResult(
-                        policy=None,
-                        gate="baseline.present",
-                        ok=False,
-                        figure=None,
-                        limit=None,
-                        message=f"recorded series {name!r} is in the baseline but the run "
+                    _absent(
+                        None,
+                        f"recorded series {name!r} is in the baseline but the run "
                         + ("has no finite value of it" if name in series else "did not record it"),
                     )
                 )
@@ -324,6 +315,10 @@ def evaluate(
     found: list[GateResult] = []
     if baseline is not None:
         for name, tol in baseline.observed.items():
+            why = observed.unjudged(name)
+            if why is not None:
+                found.append(_absent(None, f"observed.{name} is in the baseline, but {why}"))
+                continue
             figure = run_figure(name, observed)
             found.append(_regression(None, f"observed.{name}", tol, figure, strict=strict))
     found.extend(_run_absolute(observed, gates))
@@ -343,13 +338,6 @@ def evaluate(
         for spec in baseline.policies:
             if spec not in replayed:
                 found.append(
-                    GateResult(
-                        policy=spec,
-                        gate="baseline.present",
-                        ok=False,
-                        figure=None,
-                        limit=None,
-                        message=f"policy {spec!r} is in the baseline but was not checked",
-                    )
+                    _absent(spec, f"policy {spec!r} is in the baseline but was not checked")
                 )
     return found

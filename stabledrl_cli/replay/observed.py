@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stabledrl_cli.dump import Run
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, counted
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,
     DEFAULT_WARNING_DROP,
     DEFAULT_WARNING_WINDOW,
+    SPIKE_MIN_HISTORY,
     ReplayConfig,
 )
 from stabledrl_cli.replay.detectors import (
@@ -66,6 +67,9 @@ class CollapseWarning:
     drop: float = DEFAULT_WARNING_DROP
     steps: list[int] = field(default_factory=list)
     """Steps whose measurement warns."""
+    windows: int = 0
+    """Windows of `window` finite measurements in a row: the ones the warning judges (0: it
+    can never warn)."""
     first_step: int | None = None
     lead_steps: int | None = None
     """The observed collapse step minus `first_step` (None: either is missing)."""
@@ -204,6 +208,35 @@ class Observed:
         """Every field, JSON-ready (NaN still to be mapped to null)."""
         return asdict(self)
 
+    def unjudged(self, figure: str) -> str | None:
+        """Why the rule of a run-level figure (`figures.RUN_METRICS`) judged no step of this
+        run, so that its figure says nothing (a gate on it could never trip); None when it
+        judged some."""
+        if figure == "first_reward_collapse":
+            if self.reward_curve is None:
+                return "the run recorded no reward_mean"
+            if not self.reward_windows:
+                return (
+                    f"the run's reward_mean has no {self.collapse_window} finite values in a row "
+                    "(the collapse window): the collapse rule judges no step"
+                )
+        elif figure == "spike_steps" and self.grad_norm_values <= SPIKE_MIN_HISTORY:
+            recorded = (
+                counted(self.grad_norm_values, "finite, nonzero grad_norm value")
+                if self.grad_norm_values
+                else "no finite, nonzero grad_norm"
+            )
+            return (
+                f"the run recorded {recorded}; the spike rule judges a step after "
+                f"{SPIKE_MIN_HISTORY} such"
+            )
+        elif figure == "collapse_warning_first_step" and not self.collapse_warning.windows:
+            return (
+                f"the run has no {self.collapse_warning.window} finite own-sample likelihoods in "
+                "a row (steps with a policy batch) for the collapse warning to judge"
+            )
+        return None
+
     def contract_dict(self) -> dict[str, object]:
         """The `observed` entry of the replay JSON contract."""
         return {
@@ -289,6 +322,11 @@ def measurements_of(run: Run) -> tuple[NoiseFloor, OwnLikelihood]:
     return floor, likelihood
 
 
+def _windows(values: np.ndarray, window: int) -> int:
+    """How many windows of `window` finite values in a row `values` [S] holds."""
+    return int(np.count_nonzero(np.isfinite(rolling_mean(values, window))))
+
+
 def _reward_curve(rewards: np.ndarray, window: int) -> RewardCurve | None:
     if rewards.size == 0:
         return None
@@ -339,8 +377,9 @@ def observe(
     spikes = norm_steps[spike_flags(grad_norms, factor=config.spike_factor)]
     if noise_floor is None or likelihood is None:
         noise_floor, likelihood = measurements_of(run)
+    measured_steps, measurements = likelihood.series()
     warn_steps = collapse_warning(
-        *likelihood.series(), window=config.warning_window, drop=config.warning_drop
+        measured_steps, measurements, window=config.warning_window, drop=config.warning_drop
     )
     first = int(warn_steps[0]) if warn_steps.size else None
     warning = CollapseWarning(
@@ -348,6 +387,7 @@ def observe(
         window=config.warning_window,
         drop=config.warning_drop,
         steps=[int(s) for s in warn_steps],
+        windows=_windows(measurements, config.warning_window),
         first_step=first,
         lead_steps=collapse - first if collapse is not None and first is not None else None,
     )
@@ -359,9 +399,7 @@ def observe(
         noise_floor_logratio_std=noise_floor.std,
         noise_floor_units=noise_floor.count,
         reward_curve=_reward_curve(rewards, config.collapse_window),
-        reward_windows=int(
-            np.count_nonzero(np.isfinite(rolling_mean(rewards, config.collapse_window)))
-        ),
+        reward_windows=_windows(rewards, config.collapse_window),
         collapse_window=config.collapse_window,
         collapse_warning=warning,
         guards=guard_reports
