@@ -180,3 +180,42 @@ def test_a_baseline_written_on_a_run_leaves_out_the_figures_it_gives_nothing_to_
     code, _ = _gates(judged, "--write-baseline", str(written))
     observed = json.loads(written.read_text())["observed"]
     assert list(observed) == ["first_reward_collapse", "spike_steps", "nonfinite_steps"]
+
+
+def test_max_nonfinite_trips_on_a_run_that_recorded_no_nonfinite_count(tmp_path, monkeypatch):
+    """A run whose steps record no `nonfinite` (nor `nonfinite_grads`) count, as a writer
+    other than the Recorder may leave them: the run-level gate passed ('0 non-finite recorded
+    steps', exit 0) and a baseline's observed.nonfinite_steps too, though nothing was counted."""
+    from stabledrl_cli.dump import _inputs
+
+    counted_scalars = _inputs._step_scalars
+
+    def uncounted(*args, **kwargs):
+        values = counted_scalars(*args, **kwargs)
+        values.pop("nonfinite", None)
+        return values
+
+    with monkeypatch.context() as patched:
+        patched.setattr(_inputs, "_step_scalars", uncounted)
+        run = _scalar_run(tmp_path / "uncounted", 30, reward_mean=[0.5] * 30, grad_norm=STEADY)
+    code, (gate,) = _gates(run, "--max-nonfinite", "0")
+    assert code == 1
+    assert (gate["gate"], gate["ok"], gate["figure"], gate["limit"]) == (
+        "max_nonfinite",
+        False,
+        None,
+        0,
+    )
+    assert gate["message"] == (
+        "the run recorded no nonfinite or nonfinite_grads count: there are no non-finite steps "
+        "to gate"
+    )
+    baseline = _baseline(tmp_path / "b.json", {"nonfinite_steps": {"value": 0}})
+    code, (gate,) = _gates(run, "-b", str(baseline))
+    assert (code, gate["gate"]) == (1, "baseline.present")
+    done = run_cli("check", run, "--max-nonfinite", "0")
+    assert done.returncode == 1, done.stderr
+    assert "(run) max_nonfinite: the run recorded no nonfinite or nonfinite_grads" in done.stderr
+    counted = _scalar_run(tmp_path / "counted", 30, reward_mean=[0.5] * 30, grad_norm=STEADY)
+    code, (gate,) = _gates(counted, "--max-nonfinite", "0")
+    assert (code, gate["ok"], gate["figure"]) == (0, True, 0)

@@ -183,12 +183,19 @@ def _run_absolute(observed: Observed, gates: Gates) -> list[GateResult]:
     if gates.max_spikes is not None:
         found.append(_spikes_gate(observed, gates.max_spikes))
     if gates.max_nonfinite is not None:
+        why = observed.unjudged("nonfinite_steps")
         found.append(
             _count_gate(
                 "max_nonfinite",
                 observed.nonfinite_steps,
                 gates.max_nonfinite,
                 "non-finite recorded",
+            )
+            if why is None
+            else _unjudged_gate(
+                "max_nonfinite",
+                float(gates.max_nonfinite),
+                f"{why}: there are no non-finite steps to gate",
             )
         )
     return found

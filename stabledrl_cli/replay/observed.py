@@ -190,6 +190,9 @@ class Observed:
     nonfinite_steps: list[int] = field(default_factory=list)
     """Steps whose recorded `nonfinite` or `nonfinite_grads` count is > 0 (NaN or inf in the
     step's data, or in some parameter's gradient)."""
+    nonfinite_counted: int = 0
+    """Steps that recorded a `nonfinite` or `nonfinite_grads` count (0: `nonfinite_steps` says
+    nothing)."""
     noise_floor_logratio_std: float | None = None
     """std of logp - logp_old over the finite scored entries of steps with inner_step 0."""
     noise_floor_units: int = 0
@@ -230,6 +233,8 @@ class Observed:
                 f"the run recorded {recorded}; the spike rule judges a step after "
                 f"{SPIKE_MIN_HISTORY} such"
             )
+        elif figure == "nonfinite_steps" and not self.nonfinite_counted:
+            return f"the run recorded no {' or '.join(NONFINITE_COUNTS)} count"
         elif figure == "collapse_warning_first_step" and not self.collapse_warning.windows:
             return (
                 f"the run has no {self.collapse_warning.window} finite own-sample likelihoods in "
@@ -396,6 +401,7 @@ def observe(
         recorded_spike_steps=[int(s) for s in spikes],
         grad_norm_values=int(np.count_nonzero(np.isfinite(grad_norms) & (grad_norms != 0))),
         nonfinite_steps=[int(s) for s in bad],
+        nonfinite_counted=int(np.union1d(*(series[name][0] for name in NONFINITE_COUNTS)).size),
         noise_floor_logratio_std=noise_floor.std,
         noise_floor_units=noise_floor.count,
         reward_curve=_reward_curve(rewards, config.collapse_window),
