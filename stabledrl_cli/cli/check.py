@@ -13,10 +13,11 @@ Exit codes: 0 every gate holds; 1 a gate tripped (each named with its figure); 2
 (no gate given, a replay setting that contradicts the baseline, an unknown policy, plot extra
 missing, a policy gate or --policy or --plot on a scalar run, a URL that cannot be read at all,
 --engine ray without ray); 3 bad input (a missing or corrupt run, a URL with nothing there, a
-run with no readable step, a malformed baseline or one of a newer version, a baseline naming
-a policy the run cannot replay); 4 an output that cannot be written (after the results and
-the verdict are shown). Unreadable step files, and steps whose data cannot be replayed, are
-skipped with a line on stderr (how many, and why); a check never passes on zero steps.
+run with no readable step, a malformed baseline, one of a newer version or one that gates
+nothing, a baseline naming a policy the run cannot replay); 4 an output that cannot be written
+(after the results and the verdict are shown). Unreadable step files, and steps whose data
+cannot be replayed, are skipped with a line on stderr (how many, and why); a check never passes
+on zero steps.
 
 The replay engine (torch) is imported where it runs: `--help` never loads torch.
 """

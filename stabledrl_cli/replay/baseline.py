@@ -27,7 +27,8 @@ finite values, tail: the mean of the last 10) -> tolerance; `worse` may be left 
 standard scalars that have a direction (`recorded.SERIES_RULES`) and must be given for any
 other. A series the baseline names that the run did not record (or recorded with no finite
 value) trips. `policies` must be there but may be empty (`{}`): a run without a policy batch
-(an imported log) is gated on `observed` and `recorded` alone.
+(an imported log) is gated on `observed` and `recorded` alone. A baseline with no tolerance at
+all (no observed figure, recorded statistic or policy metric) is refused: it gates nothing.
 
 Each metric trips when today's figure is worse than `value` by more than
 `abs_tol + rel_tol * |value|` in the direction `worse` ("higher": a larger figure is worse;
@@ -417,13 +418,20 @@ def load_baseline(path: str | os.PathLike[str]) -> Baseline:
     strict = data.get("strict", False)
     if not isinstance(strict, bool):
         raise InputError(f"{where}: 'strict' must be true or false, got {shown(strict)}")
+    policies = _policies(data.get("policies"), where)
+    recorded = _recorded(data.get("recorded", {}), where)
+    if not observed and not any(recorded.values()) and not any(policies.values()):
+        raise InputError(
+            f"{where}: the baseline gates nothing (no observed figure, recorded statistic or "
+            "policy metric): a check against it could never fail"
+        )
     return Baseline(
         path=where,
         run=run,
         replay=settings,
         observed=observed,
-        policies=_policies(data.get("policies"), where),
-        recorded=_recorded(data.get("recorded", {}), where),
+        policies=policies,
+        recorded=recorded,
         strict=strict,
     )
 
