@@ -229,9 +229,25 @@ def _recorded_regressions(
     return found
 
 
+FINITE_UPDATE_METRICS = ("discard_frac", "drift_steps")
+"""Policy figures measured on the steps whose replayed update is finite (a NaN ratio is never
+clipped, a NaN push never drifts): of a policy with none, they say nothing."""
+
+
+def _no_finite_update(p: PolicyResult, *, named: bool = False) -> str | None:
+    """Why `FINITE_UPDATE_METRICS` say nothing of the policy (`named`: naming it): every
+    replayed step's update is non-finite; None when some is finite."""
+    nonfinite = np.asarray(p.series["nonfinite"], dtype=bool)
+    if not (nonfinite.size and nonfinite.all()):
+        return None
+    of = f" of {p.spec!r}" if named else ""
+    return f"every replayed step's update{of} is non-finite ({counted(nonfinite.size, 'step')})"
+
+
 def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
     found = []
     summary = p.summary
+    unjudged = _no_finite_update(p)
     if gates.max_collapsed is not None:
         steps = summary.collapsed_steps
         shown = _steps_shown(steps)
@@ -246,7 +262,18 @@ def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
                 f"limit {gates.max_collapsed}" + (f" (steps {shown})" if steps else ""),
             )
         )
-    if gates.max_discard_frac is not None:
+    if gates.max_discard_frac is not None and unjudged is not None:
+        found.append(
+            GateResult(
+                policy=p.spec,
+                gate="max_discard_frac",
+                ok=False,
+                figure=None,
+                limit=gates.max_discard_frac,
+                message=f"{unjudged}: there is no discard fraction to gate",
+            )
+        )
+    elif gates.max_discard_frac is not None:
         frac = summary.discard_frac
         found.append(
             GateResult(
@@ -337,7 +364,11 @@ def evaluate(
         found.extend(_absolute(p, gates))
         if baseline is None:
             continue
+        unjudged = _no_finite_update(p, named=True)
         for name, tol in baseline.policies.get(p.spec, {}).items():
+            if unjudged is not None and name in FINITE_UPDATE_METRICS:
+                found.append(_absent(p.spec, f"{name} is in the baseline, but {unjudged}"))
+                continue
             figure = rules[name].measure(p.summary)
             found.append(_regression(p.spec, name, tol, figure, strict=strict))
     if baseline is not None:

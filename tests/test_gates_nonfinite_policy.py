@@ -1,0 +1,78 @@
+"""Gates on a policy whose every replayed update is non-finite: its discard fraction and drift
+say nothing (nothing is discarded or drifts in a NaN update), so a gate on them trips."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from _cli import run_cli
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def _run(path, *, logp_nan: bool):
+    """12 steps of 4 sequences of 6 tokens; `logp_nan`: every new log-probability NaN."""
+    rng = np.random.default_rng(0)
+    shape, groups = (4, 6), np.arange(4) // 2
+    with sd.Recorder(path, policy="grpo", unit="token") as recorder:
+        for step in range(12):
+            old = -rng.random(shape).astype(np.float32)
+            batch = {"logp_old": old, "logp": np.full(shape, np.nan, np.float32) if logp_nan
+                     else old + 0.01, "mask": np.ones(shape, dtype=bool), "group_id": groups,
+                     "advantages": rng.normal(size=4).astype(np.float32),
+                     "reward": rng.random(4).astype(np.float32)}  # fmt: skip
+            recorder.log_step(step, **batch)
+    return path
+
+
+def _gates(*args: str) -> tuple[int, list[dict[str, object]]]:
+    result = runner.invoke(app, ["check", *args, "--format", "json"])
+    return result.exit_code, json.loads(result.stdout)["gates"]
+
+
+def test_max_discard_frac_trips_on_a_policy_whose_every_update_is_non_finite(tmp_path):
+    """It passed ('discard_frac 0, limit 0', exit 0): a NaN ratio is never clipped."""
+    run = _run(tmp_path / "nan", logp_nan=True)
+    code, (gate,) = _gates(str(run), "-p", "grpo", "--max-discard-frac", "0")
+    assert code == 1
+    assert (gate["policy"], gate["gate"], gate["ok"], gate["figure"]) == (
+        "grpo",
+        "max_discard_frac",
+        False,
+        None,
+    )
+    assert gate["message"] == (
+        "every replayed step's update is non-finite (12 steps): there is no discard fraction "
+        "to gate"
+    )
+    done = run_cli("check", run, "-p", "grpo", "--max-discard-frac", "0")
+    assert done.returncode == 1, done.stderr
+    assert "grpo max_discard_frac: every replayed step's update is non-finite" in done.stderr
+    finite = _run(tmp_path / "finite", logp_nan=False)
+    code, (gate,) = _gates(str(finite), "-p", "grpo", "--max-discard-frac", "1")
+    assert (code, gate["ok"]) == (0, True)
+
+
+def test_a_baseline_discard_frac_or_drift_trips_on_a_policy_whose_every_update_is_non_finite(
+    tmp_path,
+):
+    """Against a healthy run's baseline, discard_frac 0 and drift_steps 0 passed on the NaN
+    run (only collapsed_steps and the update norms tripped)."""
+    baseline = tmp_path / "b.json"
+    code, _ = _gates(str(_run(tmp_path / "finite", logp_nan=False)), "-p", "grpo",
+                     "--write-baseline", str(baseline))  # fmt: skip
+    assert code == 0
+    code, gates = _gates(str(_run(tmp_path / "nan", logp_nan=True)), "-b", str(baseline))
+    assert code == 1
+    absent = {g["message"] for g in gates if g["gate"] == "baseline.present"}
+    assert absent == {
+        f"{name} is in the baseline, but every replayed step's update of 'grpo' is non-finite "
+        "(12 steps)"
+        for name in ("discard_frac", "drift_steps")
+    }
+    assert not any(g["gate"] in ("baseline.discard_frac", "baseline.drift_steps") for g in gates)
