@@ -265,3 +265,15 @@ def test_a_tensor_that_requires_grad_is_read_detached(which):
         check=False,
     )
     assert done.returncode == 0 and done.stdout == "ok\n", done.stderr[-2000:]
+
+
+def test_record_bad_guard_rule_names_the_option(tmp_path):
+    """The rule's error named `rule`, which record has no option of: a user must know to fix
+    --guard-rule. Refused before anything is recorded."""
+    out = tmp_path / "r"
+    result = CliRunner().invoke(
+        app, ["record", "--out", str(out), "--guard", "skip", "--guard-rule", "skip-step:window=0"]
+    )
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --guard-rule 'skip-step:window=0': window must be")
+    assert not out.exists()

@@ -23,7 +23,7 @@ from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
 from stabledrl_cli.cli.app import debug_requested
 from stabledrl_cli.dump._setup import check_replaceable
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
 from stabledrl_cli.replay.config import MAX_THREADS
 from stabledrl_cli.vocab import (
@@ -120,6 +120,7 @@ def _run_example(
     import torch
 
     from stabledrl_cli._device import resolve_device
+    from stabledrl_cli.cli.replay import option_names
     from stabledrl_cli.dump import Recorder
     from stabledrl_cli.example.checkpoint import CheckpointPlan, checkpoints_dir, clear_checkpoints
     from stabledrl_cli.example.trainer import recorder_kwargs, train
@@ -128,7 +129,8 @@ def _run_example(
 
     torch_device = resolve_device(device)
     policy = get_policy(config.policy)
-    guard = Guard(guard_mode, guard_rule) if guard_mode is not None else None
+    with option_names({"rule": "--guard-rule"}):
+        guard = Guard(guard_mode, guard_rule) if guard_mode is not None else None
     kwargs = recorder_kwargs(config, policy, geometry)
     if guard is not None:
         kwargs["meta"]["guard"] = guard.manifest_note()
@@ -174,8 +176,9 @@ def _run_example(
     if guard is not None:
         counts = guard.counts
         err.print(
-            f"guard ({guard.mode}, {guard.manifest_note()['rule']}): {counts['skip']} steps "
-            f"skipped, {counts['scale']} scaled (recorded as guard_action)",
+            f"guard ({guard.mode}, {guard.manifest_note()['rule']}): "
+            f"{counted(counts['skip'], 'step')} skipped, {counts['scale']} scaled (recorded as "
+            "guard_action)",
             highlight=False,
         )
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -80,13 +80,14 @@ FLAGS = {"step_range": "--steps"}
 
 
 @contextmanager
-def option_names() -> Iterator[None]:
+def option_names(flags: Mapping[str, str] = FLAGS) -> Iterator[None]:
     """Turns a `ConfigError` (a setting named as the library spells it) into a usage error
-    naming the command's option."""
+    naming the command's option (`flags`: setting -> option, where it is not
+    --SETTING-WITH-DASHES)."""
     try:
         yield
     except ConfigError as exc:
-        flag = FLAGS.get(exc.field, "--" + exc.field.replace("_", "-"))
+        flag = flags.get(exc.field, "--" + exc.field.replace("_", "-"))
         raise UsageError(f"{flag} {exc.problem}") from None
 
 
