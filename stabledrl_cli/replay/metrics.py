@@ -199,33 +199,70 @@ def _norm64(values: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(_squares64(values))
 
 
-class References:
-    """What every policy of one advantage and normalizer shares in a step: the eligible and
-    counted tokens, the REINFORCE reference A w / norm and the IS reference r A w / norm."""
+@dataclass(frozen=True)
+class _Counted:
+    """What the references of one advantages tensor share in a step, whatever their
+    normalizer: the counted tokens, A w and r A w over every token, and the counts."""
 
-    def __init__(self, prep: PreparedBatch, adv: torch.Tensor, norm: torch.Tensor) -> None:
-        scored = prep.mask
-        self.eligible, self.positive, self.negative = prep.signs(adv)
-        self.counted = self.eligible
+    counted: torch.Tensor
+    uncounted: torch.Tensor
+    """[T] uint8: 1 where a token is not counted."""
+    weighted: torch.Tensor
+    """[T] A w."""
+    ratio_weighted: torch.Tensor
+    """[T] r A w."""
+    n_counted: torch.Tensor
+    tokens: torch.Tensor
+    scored: torch.Tensor
+
+    @classmethod
+    def of(cls, prep: PreparedBatch, adv: torch.Tensor) -> _Counted:
+        """Once per step and advantages tensor."""
+        return prep.memo_of("counted", adv, lambda: cls._build(prep, adv))
+
+    @classmethod
+    def _build(cls, prep: PreparedBatch, adv: torch.Tensor) -> _Counted:
+        eligible = prep.signs(adv)[0]
+        counted = eligible
         if prep.loss_weight is not None:
-            self.counted = self.eligible & (prep.loss_weight != 0)
+            counted = eligible & (prep.loss_weight != 0)
         weighted = adv if prep.loss_weight is None else adv * prep.loss_weight
-        self.reinforce = keep_times(self.counted, weighted / norm)
-        """[T] A w / norm on counted tokens, else 0."""
         ratio_weighted = prep.ratio * adv
         if prep.loss_weight is not None:
             ratio_weighted = ratio_weighted * prep.loss_weight
-        self.coef_is = keep_times(scored, ratio_weighted / norm)
+        return cls(
+            counted=counted,
+            uncounted=as_bytes(~counted),
+            weighted=weighted,
+            ratio_weighted=ratio_weighted,
+            n_counted=count(counted).double(),
+            tokens=count(eligible),
+            scored=count(prep.mask),
+        )
+
+
+class References:
+    """What every policy of one advantage and normalizer shares in a step: the eligible and
+    counted tokens, the REINFORCE reference A w / norm and the IS reference r A w / norm
+    (what does not depend on the normalizer is shared by every normalizer: `_Counted`)."""
+
+    def __init__(self, prep: PreparedBatch, adv: torch.Tensor, norm: torch.Tensor) -> None:
+        shared = _Counted.of(prep, adv)
+        self.eligible, self.positive, self.negative = prep.signs(adv)
+        self.counted = shared.counted
+        self.reinforce = keep_times(self.counted, shared.weighted / norm)
+        """[T] A w / norm on counted tokens, else 0."""
+        self.coef_is = keep_times(prep.mask, shared.ratio_weighted / norm)
         """[T] r A w / norm on scored tokens, else 0."""
-        self.safe_ref = self.reinforce + as_bytes(~self.counted)
+        self.safe_ref = self.reinforce + shared.uncounted
         """[T] the REINFORCE reference on counted tokens, else 1 (a safe divisor)."""
-        self.n_counted = count(self.counted).double()
+        self.n_counted = shared.n_counted
         self.reinforce_sum = _sum64(self.reinforce)
         self.reinforce_abs = _sum64(self.reinforce.abs())
         self.is_abs = self.coef_is.abs()
         self.is_mass = _sum64(self.is_abs)
-        self.tokens = count(self.eligible)
-        self.scored = count(scored)
+        self.tokens = shared.tokens
+        self.scored = shared.scored
 
 
 def _counted_weights(pg: torch.Tensor, refs: References) -> tuple[torch.Tensor, torch.Tensor]:
