@@ -340,6 +340,22 @@ def _net_push(pushed: torch.Tensor, ref_sum: torch.Tensor, ref_abs: torch.Tensor
     return torch.where(ref_abs > 0, push, torch.where(torch.isfinite(push), 0.0, push))
 
 
+def _discarded_masses(
+    weights: Sequence[Weights], refs: Sequence[References], discarded: torch.Tensor
+) -> torch.Tensor:
+    """[P] float64 sums of |r A w / norm| over each policy's discarded tokens (`discarded`: [P]
+    their counts). On the CPU, where the counts are read without a sync, a policy that
+    discards no token has the sum 0 without a pass (the sum of its zeroed terms: +0.0)."""
+    known = discarded.tolist() if discarded.device.type == "cpu" else [None] * len(weights)
+    zero = torch.zeros((), dtype=torch.float64, device=discarded.device)
+    return torch.stack(
+        [
+            zero if tokens == 0 else _sum64(keep_times(w.discarded, r.is_abs))
+            for w, r, tokens in zip(weights, refs, known, strict=True)
+        ]
+    )
+
+
 def step_metrics(
     prep: PreparedBatch,
     policies: Sequence[Policy],
@@ -373,11 +389,10 @@ def step_metrics(
 
     cosine = torch.full((n,), math.nan, dtype=torch.float64, device=prep.device)
     objective_mass = torch.stack([r.is_mass for r in refs])
+    discarded = counts([w.discarded for w in weights])
     if geometry.kind == "coef":
         update_norm = torch.stack([_norm64(w.coef) for w in weights])
-        discarded_mass = torch.stack(
-            [_sum64(keep_times(w.discarded, r.is_abs)) for w, r in zip(weights, refs, strict=True)]
-        )
+        discarded_mass = _discarded_masses(weights, refs, discarded)
         is_mass = objective_mass
     else:
         rows = [w.coef for w in weights]
@@ -412,7 +427,7 @@ def step_metrics(
 
     computed = {
         "tokens": torch.stack([r.tokens for r in refs]),
-        "discarded": counts([w.discarded for w in weights]),
+        "discarded": discarded,
         "discarded_pos": split(lambda w: w.discarded, "positive"),
         "discarded_neg": split(lambda w: w.discarded, "negative"),
         "clipped": zeros if lean else counts([w.clipped for w in weights]),
