@@ -1,6 +1,6 @@
-"""A replay's discarded mass: a policy that discards no token of a step has the mass 0 there
-without a pass over the step's terms (on the CPU, where its count is known), and one that
-discards some has the sum of |r A w / norm| over them, as before."""
+"""A replay's discarded mass and per-sign counts: a policy that discards (or clips) no token
+of a step has the mass and the counts on each side of A 0 there without a pass over the step
+(on the CPU, where its count is known), and one that discards some has them as before."""
 
 from __future__ import annotations
 
@@ -8,27 +8,33 @@ import pytest
 import torch
 
 from stabledrl_cli import get_policy
-from stabledrl_cli.policies import PolicyBatch, prepare
-from stabledrl_cli.policies._masked import keep_times
+from stabledrl_cli.policies import PolicyBatch, PreparedBatch, prepare
+from stabledrl_cli.policies._masked import counts, keep_times
 from stabledrl_cli.replay import columns, metrics
 from stabledrl_cli.replay.framework import micro_batches
 from stabledrl_cli.replay.metrics import StepGeometry, step_metrics
 
+SEQ_ID = torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.int32)
 
-def test_only_a_policy_that_discards_takes_a_pass_for_its_discarded_mass(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    seq_id = torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.int32)
-    prep = prepare(
+
+def _step() -> PreparedBatch:
+    """grpo discards the token with r = e (A > 0) and the one with r = 1/e (A < 0)."""
+    return prepare(
         PolicyBatch(
             logp=torch.tensor([0.0, 1.0, 0.0, 0.0, -1.0, 0.0]),
             logp_old=torch.zeros(6),
             advantages=torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0]),
             mask=torch.ones(6, dtype=torch.uint8),
-            seq_id=seq_id,
+            seq_id=SEQ_ID,
         )
     )
-    micro = micro_batches(prep, None, seq_id, seq_is_raw=False, where="step")
+
+
+def test_only_a_policy_that_discards_takes_a_pass_for_its_discarded_mass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    prep = _step()
+    micro = micro_batches(prep, None, SEQ_ID, seq_is_raw=False, where="step")
     policies = [get_policy("grpo"), get_policy("reinforce")]
     weights = [policy.weights(prep) for policy in policies]
     summed: list[str] = []
@@ -47,3 +53,25 @@ def test_only_a_policy_that_discards_takes_a_pass_for_its_discarded_mass(
     assert row[0, at].item() == pytest.approx(expected.item(), rel=1e-6)
     assert row[1, at].item() == 0.0
     assert summed == ["grpo"]
+
+
+def test_only_nonempty_sets_are_counted_on_each_side_of_a(monkeypatch: pytest.MonkeyPatch) -> None:
+    prep = _step()
+    micro = micro_batches(prep, None, SEQ_ID, seq_is_raw=False, where="step")
+    policies = [get_policy("grpo"), get_policy("reinforce")]
+    weights = [policy.weights(prep) for policy in policies]
+    counted: list[int] = []
+
+    def counting(flags: list[torch.Tensor]) -> torch.Tensor:
+        counted.append(len(flags))
+        return counts(flags)
+
+    monkeypatch.setattr(metrics, "counts", counting)
+    row = step_metrics(prep, policies, weights, StepGeometry("coef"), 0, micro)
+    names = columns.device_metrics()
+    assert row[:, names.index("discarded_pos")].tolist() == [1.0, 0.0]
+    assert row[:, names.index("discarded_neg")].tolist() == [1.0, 0.0]
+    assert row[:, names.index("clipped_pos")].tolist() == [0.0, 0.0]
+    assert row[:, names.index("clipped_neg")].tolist() == [0.0, 0.0]
+    # both policies' discarded and clipped sets, then grpo's discarded set on each side
+    assert counted == [2, 2, 1, 1]

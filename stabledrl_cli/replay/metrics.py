@@ -419,21 +419,34 @@ def step_metrics(
     pairs = list(zip(weights, refs, strict=True))
     zeros = torch.zeros(n, dtype=torch.float64, device=prep.device)
 
-    def split(mask_of: Callable[[Weights], torch.Tensor], side: str) -> torch.Tensor:
-        """[P] counts of a policy set on one side of A (left 0 when lean)."""
+    clipped = zeros if lean else counts([w.clipped for w in weights])
+
+    def split(
+        mask_of: Callable[[Weights], torch.Tensor], side: str, total: torch.Tensor
+    ) -> torch.Tensor:
+        """[P] counts of a policy set on one side of A (left 0 when lean). total: [P] the
+        sets' sizes; on the CPU, where they are read without a sync, an empty set counts 0
+        without a pass."""
         if lean:
             return zeros
-        return counts([mask_of(w) & getattr(r, side) for w, r in pairs])
+        if total.device.type != "cpu":
+            return counts([mask_of(w) & getattr(r, side) for w, r in pairs])
+        sized = [i for i, size in enumerate(total.tolist()) if size]
+        tallies = torch.zeros(n, dtype=torch.int64)
+        if sized:
+            flags = [mask_of(pairs[i][0]) & getattr(pairs[i][1], side) for i in sized]
+            tallies[sized] = counts(flags)
+        return tallies
 
     computed = {
         "tokens": torch.stack([r.tokens for r in refs]),
         "discarded": discarded,
-        "discarded_pos": split(lambda w: w.discarded, "positive"),
-        "discarded_neg": split(lambda w: w.discarded, "negative"),
-        "clipped": zeros if lean else counts([w.clipped for w in weights]),
+        "discarded_pos": split(lambda w: w.discarded, "positive", discarded),
+        "discarded_neg": split(lambda w: w.discarded, "negative", discarded),
+        "clipped": clipped,
         "scored_tokens": torch.stack([r.scored for r in refs]),
-        "clipped_pos": split(lambda w: w.clipped, "positive"),
-        "clipped_neg": split(lambda w: w.clipped, "negative"),
+        "clipped_pos": split(lambda w: w.clipped, "positive", clipped),
+        "clipped_neg": split(lambda w: w.clipped, "negative", clipped),
         "discarded_mass": discarded_mass,
         "is_mass": is_mass,
         "update_norm": update_norm,
