@@ -25,6 +25,18 @@ class UsageError(StabledrlError, ValueError):
     exit_code = 2
 
 
+class ConfigError(UsageError):
+    """A replay, gate or guard setting out of range (exit 2), naming the setting (`field`) so a
+    front end can name its own option for it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        """The setting's name, as the library spells it (`window`, `step_range`)."""
+        self.problem = problem
+        """What is wrong with it, without the name ("must be an integer >= 1")."""
+
+
 class InputError(StabledrlError):
     """A run, step or report that is missing, unreadable, corrupt or of a wrong version (exit 3)."""
 

@@ -38,9 +38,8 @@ from typing import Literal
 
 import torch
 
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import ConfigError, UsageError
 from stabledrl_cli.policies import Policy, PolicyBatch, get_policy, prepare
-from stabledrl_cli.replay.config import ConfigError
 from stabledrl_cli.replay.guards import guard_spec, make_guard
 from stabledrl_cli.vocab import GUARD_MODES, GuardMode
 

@@ -44,12 +44,11 @@ from stabledrl_cli.cli._options import (
 from stabledrl_cli.cli._output import err, out, progress
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._remote import is_url
-from stabledrl_cli.errors import UsageError, WriteError, counted
+from stabledrl_cli.errors import ConfigError, UsageError, WriteError, counted
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,
     DEFAULT_SPIKE_FACTOR,
     SPIKE_HISTORY,
-    ConfigError,
     ReplayConfig,
     format_step_range,
     parse_size,

@@ -59,14 +59,13 @@ from stabledrl_cli._atomic import write_output
 from stabledrl_cli._json import parse_strict, stand_in, unicode_text
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli._version import __version__
-from stabledrl_cli.errors import QUOTE_LIMIT, InputError, UsageError, quoted, shown
+from stabledrl_cli.errors import QUOTE_LIMIT, ConfigError, InputError, UsageError, quoted, shown
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,
     DEFAULT_DRIFT_THRESHOLD,
     DEFAULT_SPIKE_FACTOR,
     DEFAULT_WINDOW,
-    ConfigError,
 )
 from stabledrl_cli.replay.figures import (
     RUN_COUNTS,

@@ -10,7 +10,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from stabledrl_cli.errors import UsageError, quoted
+from stabledrl_cli.errors import ConfigError, quoted
 from stabledrl_cli.replay.guards import DEFAULT_GUARDS, make_guard
 from stabledrl_cli.spec import MAX_WINDOW, spec_float, spec_int
 from stabledrl_cli.vocab import Device
@@ -69,18 +69,6 @@ CLIP_EPS = 1e-6
 
 StepRange = tuple[int | None, int | None]
 """(start, stop) meaning start <= step < stop; None: open on that side."""
-
-
-class ConfigError(UsageError):
-    """A replay or gate setting out of range (exit 2), naming the setting (`field`) so a
-    front end can name its own option for it."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field} {problem}")
-        self.field = field
-        """The setting's name, as the library spells it (`window`, `step_range`)."""
-        self.problem = problem
-        """What is wrong with it, without the name ("must be an integer >= 1")."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,8 +29,8 @@ import numpy as np
 
 from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
 from stabledrl_cli.dump._schema import SERIES_SCALARS, STANDARD_SCALARS
-from stabledrl_cli.errors import InputError
-from stabledrl_cli.replay.config import ConfigError, ReplayConfig
+from stabledrl_cli.errors import ConfigError, InputError
+from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.run_facts import (
     SKIPPED_KINDS,
     own_spec,

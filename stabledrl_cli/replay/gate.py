@@ -21,10 +21,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from stabledrl_cli.errors import counted
+from stabledrl_cli.errors import ConfigError, counted
 from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.baseline import Baseline, Tolerance
-from stabledrl_cli.replay.config import ConfigError
 from stabledrl_cli.replay.figures import RUN_STEPS, policy_metrics, run_figure
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import RecordedRun, observed_of

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from stabledrl_cli.errors import UsageError, quoted
+from stabledrl_cli.errors import ConfigError, UsageError, quoted
 from stabledrl_cli.policies._spec import finite_number
 from stabledrl_cli.spec import (
     MAX_WINDOW,
@@ -253,8 +253,6 @@ def make_guard(spec: str) -> Guard:
     """`zclip`, `zclip:z_thresh=3`, `skip-step:window=64,sigma=4` -> a fresh guard;
     `ConfigError` of the setting `guard` naming the spec and what is wrong with it (a bad
     name, key or value), so that a front end names the option it was given with."""
-    from stabledrl_cli.replay.config import ConfigError  # config imports this module
-
     try:
         return _parsed_guard(spec)
     except UsageError as exc:

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import (
+    ConfigError,
     MissingExtraError,
     UsageError,
     WorkerDiedError,
@@ -41,7 +42,7 @@ from stabledrl_cli.errors import (
     task_cause,
 )
 from stabledrl_cli.policies import Policy
-from stabledrl_cli.replay.config import ConfigError, ReplayConfig
+from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.shards import (
     WORKER_ADVICE,
     ShardTask,

@@ -26,9 +26,9 @@ import torch
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.errors import StabledrlError, UsageError
+from stabledrl_cli.errors import ConfigError, StabledrlError, UsageError
 from stabledrl_cli.policies import Policy
-from stabledrl_cli.replay.config import ConfigError, ReplayConfig
+from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood
 from stabledrl_cli.replay.rows import RowBuffer
 from stabledrl_cli.replay.stream import StreamedRun, expected_rows, stream_run
