@@ -54,3 +54,27 @@ def test_a_process_the_command_left_writing_to_its_ranks_directory_leaves_nothin
     assert len(errors) == 1 and "recorded no step" in errors[0], done.stderr
     assert done.returncode == 2
     assert list(scratch.iterdir()) == []
+
+
+def test_a_file_created_while_the_scratch_is_removed_is_removed_too(tmp_path, monkeypatch):
+    """An open under way as the directory was renamed can create its file after the removal
+    listed the directory: the removal then failed, and the directory stayed (the test above
+    failed so once in CI, under load). The removal is tried again."""
+    from stabledrl_cli.cli import _wrap
+
+    removals = []
+    real_rmtree = _wrap.shutil.rmtree
+
+    def late_file(path, ignore_errors=False):
+        real_rmtree(path, ignore_errors=ignore_errors)
+        removals.append(path)
+        if len(removals) == 1:  # the in-flight open lands after the listing
+            path.mkdir()
+            (path / "0-of-4").touch()
+
+    monkeypatch.setattr(_wrap.shutil, "rmtree", late_file)
+    scratch = tmp_path / "stabledrl-record-x"
+    (scratch / "ranks").mkdir(parents=True)
+    _wrap._remove_scratch(scratch)
+    assert list(tmp_path.iterdir()) == []
+    assert len(removals) == 2

@@ -188,14 +188,24 @@ def _with_site(env: dict[str, str], optimizer_hooks: bool) -> None:
     env[ENV_OPTIMIZER_HOOKS] = "1" if optimizer_hooks else "0"
 
 
+SCRATCH_REMOVALS = 3
+"""Tries at removing record's renamed temporary directory (`_remove_scratch`)."""
+
+
 def _remove_scratch(scratch: Path) -> None:
     """Removes record's temporary directory, which a process the command left running (a rank
     still stopping, a detached worker) may still write to: renamed first, so that no such
     process can create a file in it by the paths it was given (its status file, its ranks
-    directory), then removed. A file created in the instant between stays, and is no error."""
+    directory), then removed. A file that an open already under way when it was renamed creates
+    after the removal listed the directory makes that removal fail: it is tried again
+    (`SCRATCH_REMOVALS` times in all, since no new file can appear once those opens are done);
+    what still stays is no error."""
     with suppress(OSError):
         scratch = scratch.rename(scratch.with_name(scratch.name + "-removed"))
-    shutil.rmtree(scratch, ignore_errors=True)
+    for _ in range(SCRATCH_REMOVALS):
+        shutil.rmtree(scratch, ignore_errors=True)
+        if not os.path.lexists(scratch):
+            return
 
 
 def run_command(
