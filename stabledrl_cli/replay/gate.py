@@ -135,29 +135,16 @@ def _count_gate(gate: str, steps: list[int], limit: int, what: str) -> GateResul
     )
 
 
-def _unjudged_gate(gate: str, limit: float, why: str) -> GateResult:
-    """A run-level gate whose rule judged no step of the run (`Observed.unjudged`): tripped,
-    saying why, as a baseline's series that the run did not record trips `baseline.present`;
-    a gate that could never trip would pass any run."""
-    return GateResult(policy=None, gate=gate, ok=False, figure=None, limit=limit, message=why)
-
-
-def _spikes_gate(observed: Observed, limit: int) -> GateResult:
-    """--max-spikes: the recorded grad-norm spikes (tripped when the spike rule judged none)."""
-    why = observed.unjudged("spike_steps")
-    if why is not None:
-        return _unjudged_gate(
-            "max_spikes", float(limit), f"{why}: there are no grad-norm spikes to gate"
-        )
-    return _count_gate("max_spikes", observed.recorded_spike_steps, limit, "grad-norm spike")
+def _unjudged_gate(gate: str, limit: float, why: str, policy: str | None = None) -> GateResult:
+    """A gate whose rule judged no step of the run (`Observed.unjudged`, or a policy with no
+    finite update): tripped, saying why, as a baseline's series that the run did not record
+    trips `baseline.present`; a gate that could never trip would pass any run."""
+    return GateResult(policy=policy, gate=gate, ok=False, figure=None, limit=limit, message=why)
 
 
 def _collapse_gate(observed: Observed) -> GateResult:
-    """--fail-on-collapse: trips when the recorded reward collapsed, and when the collapse rule
-    judged none of it."""
-    why = observed.unjudged("first_reward_collapse")
-    if why is not None:
-        return _unjudged_gate("reward_collapse", math.inf, f"{why}: there is no reward to gate")
+    """--fail-on-collapse on a run whose reward the collapse rule judged: trips when the
+    recorded reward collapsed."""
     collapse = observed.first_reward_collapse
     if collapse is None:
         message = "the recorded reward did not collapse"
@@ -175,28 +162,40 @@ def _collapse_gate(observed: Observed) -> GateResult:
     )
 
 
+def _unjudged_run_gate(
+    observed: Observed, gate: str, figure: str, limit: float, nothing: str
+) -> GateResult | None:
+    """The run-level `gate`, tripped, when the rule of its run figure judged no step of the run
+    (`nothing`: what the run then has none of); None when it judged some."""
+    why = observed.unjudged(figure)
+    return (
+        None
+        if why is None
+        else _unjudged_gate(gate, float(limit), f"{why}: there {nothing} to gate")
+    )
+
+
 def _run_absolute(observed: Observed, gates: Gates) -> list[GateResult]:
     found = []
     if gates.fail_on_collapse:
-        found.append(_collapse_gate(observed))
-    if gates.max_spikes is not None:
-        found.append(_spikes_gate(observed, gates.max_spikes))
-    if gates.max_nonfinite is not None:
-        why = observed.unjudged("nonfinite_steps")
         found.append(
-            _count_gate(
-                "max_nonfinite",
-                observed.nonfinite_steps,
-                gates.max_nonfinite,
-                "non-finite recorded",
+            _unjudged_run_gate(
+                observed, "reward_collapse", "first_reward_collapse", math.inf, "is no reward"
             )
-            if why is None
-            else _unjudged_gate(
-                "max_nonfinite",
-                float(gates.max_nonfinite),
-                f"{why}: there are no non-finite steps to gate",
-            )
+            or _collapse_gate(observed)
         )
+    counts = (  # (gate, its run figure, limit, what the run may have none of, steps, their kind)
+        ("max_spikes", "spike_steps", gates.max_spikes, "are no grad-norm spikes",
+         observed.recorded_spike_steps, "grad-norm spike"),
+        ("max_nonfinite", "nonfinite_steps", gates.max_nonfinite, "are no non-finite steps",
+         observed.nonfinite_steps, "non-finite recorded"),
+    )  # fmt: skip
+    for gate, figure, limit, nothing, steps, what in counts:
+        if limit is not None:
+            found.append(
+                _unjudged_run_gate(observed, gate, figure, limit, nothing)
+                or _count_gate(gate, steps, limit, what)
+            )
     return found
 
 
@@ -263,13 +262,11 @@ def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
         )
     if gates.max_discard_frac is not None and unjudged is not None:
         found.append(
-            GateResult(
+            _unjudged_gate(
+                "max_discard_frac",
+                gates.max_discard_frac,
+                f"{unjudged}: there is no discard fraction to gate",
                 policy=p.spec,
-                gate="max_discard_frac",
-                ok=False,
-                figure=None,
-                limit=gates.max_discard_frac,
-                message=f"{unjudged}: there is no discard fraction to gate",
             )
         )
     elif gates.max_discard_frac is not None:
