@@ -32,8 +32,10 @@ all (no observed figure, recorded statistic or policy metric) is refused: it gat
 
 Each metric trips when today's figure is worse than `value` by more than
 `abs_tol + rel_tol * |value|` in the direction `worse` ("higher": a larger figure is worse;
-"lower": a smaller one). `null` stands for infinity: no observed collapse (never), or no
-finite update norm (every step non-finite). Other keys of a metric's entry (e.g. `first`, the
+"lower": a smaller one). `null` stands for infinity: no observed collapse (never); with worse
+"higher" it is refused, a gate that could never trip (`--write-baseline` leaves out a figure
+it would be: no finite update norm, and `FINITE_UPDATE_METRICS` of a policy whose every update
+is non-finite). Other keys of a metric's entry (e.g. `first`, the
 first flagged step) are notes for the reader and are not compared; another key at the top or
 under `replay` is refused (`BASELINE_KEYS`).
 
@@ -55,11 +57,21 @@ from dataclasses import asdict, dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
 
+import numpy as np
+
 from stabledrl_cli._atomic import write_output
 from stabledrl_cli._json import parse_strict, stand_in, unicode_text
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli._version import __version__
-from stabledrl_cli.errors import QUOTE_LIMIT, ConfigError, InputError, UsageError, quoted, shown
+from stabledrl_cli.errors import (
+    QUOTE_LIMIT,
+    ConfigError,
+    InputError,
+    UsageError,
+    counted,
+    quoted,
+    shown,
+)
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,
@@ -76,7 +88,7 @@ from stabledrl_cli.replay.figures import (
     run_figure,
 )
 from stabledrl_cli.replay.recorded import SERIES_RULES, RecordedRun, observed_of
-from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.spec import MAX_WINDOW, reads_as_zero
 from stabledrl_cli.vocab import SERIES_STATS, WORSE, SeriesStat, Worse
 
@@ -104,7 +116,8 @@ class Tolerance:
     """One baseline metric: its value, the direction of harm and the allowed slack."""
 
     value: float | None
-    """None: infinity (never collapsed; no finite update norm)."""
+    """None: infinity (never collapsed). A baseline file refuses it where worse is "higher":
+    no figure is above infinity, so the gate could never trip."""
     worse: Worse
     abs_tol: float = 0.0
     rel_tol: float = 0.0
@@ -213,6 +226,11 @@ def _tolerance(data: object, where: str, default_worse: Worse | None) -> Toleran
     if abs_tol < 0 or rel_tol < 0:
         raise InputError(f"{where}: abs_tol and rel_tol must be >= 0")
     value = None if data["value"] is None else _number(data, "value", where)
+    if value is None and worse == "higher":
+        raise InputError(
+            f"{where}: a null value (infinity) with worse 'higher' passes any figure, a gate "
+            "that could never trip: give a finite value, or leave the entry out"
+        )
     return Tolerance(
         value=value,
         worse="higher" if worse == "higher" else "lower",
@@ -501,6 +519,21 @@ def _recorded_entries(recorded: RecordedRun, *, strict: bool) -> dict[str, objec
     return section
 
 
+FINITE_UPDATE_METRICS = ("discard_frac", "drift_steps")
+"""Policy figures measured on the steps whose replayed update is finite (a NaN ratio is never
+clipped, a NaN push never drifts): of a policy with none, they say nothing."""
+
+
+def no_finite_update(p: PolicyResult, *, named: bool = False) -> str | None:
+    """Why `FINITE_UPDATE_METRICS` say nothing of the policy (`named`: naming it): every
+    replayed step's update is non-finite; None when some is finite."""
+    nonfinite = np.asarray(p.series["nonfinite"], dtype=bool)
+    if not (nonfinite.size and nonfinite.all()):
+        return None
+    of = f" of {p.spec!r}" if named else ""
+    return f"every replayed step's update{of} is non-finite ({counted(nonfinite.size, 'step')})"
+
+
 def baseline_dict(
     result: ReplayResult | None,
     settings: ReplaySettings,
@@ -523,8 +556,13 @@ def baseline_dict(
                 abs_tol, rel_tol = 0.0, 0.0 if rule.integer else STRICT_REL_TOL
             else:
                 abs_tol, rel_tol = rule.abs_tol, rule.rel_tol
+            value = rule.measure(p.summary)
+            if (value is None and rule.worse == "higher") or (
+                name in FINITE_UPDATE_METRICS and no_finite_update(p) is not None
+            ):
+                continue  # a gate that could never trip, or a figure that says nothing
             entry = Tolerance(
-                value=rule.measure(p.summary), worse=rule.worse, abs_tol=abs_tol, rel_tol=rel_tol
+                value=value, worse=rule.worse, abs_tol=abs_tol, rel_tol=rel_tol
             ).to_dict(integer=rule.integer)
             steps = {
                 "collapsed_steps": p.summary.collapsed_steps,

@@ -23,7 +23,12 @@ import numpy as np
 
 from stabledrl_cli.errors import ConfigError, counted
 from stabledrl_cli.replay._format import format_figure
-from stabledrl_cli.replay.baseline import Baseline, Tolerance
+from stabledrl_cli.replay.baseline import (
+    FINITE_UPDATE_METRICS,
+    Baseline,
+    Tolerance,
+    no_finite_update,
+)
 from stabledrl_cli.replay.figures import RUN_STEPS, policy_metrics, run_figure
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import RecordedRun, observed_of
@@ -227,25 +232,10 @@ def _recorded_regressions(
     return found
 
 
-FINITE_UPDATE_METRICS = ("discard_frac", "drift_steps")
-"""Policy figures measured on the steps whose replayed update is finite (a NaN ratio is never
-clipped, a NaN push never drifts): of a policy with none, they say nothing."""
-
-
-def _no_finite_update(p: PolicyResult, *, named: bool = False) -> str | None:
-    """Why `FINITE_UPDATE_METRICS` say nothing of the policy (`named`: naming it): every
-    replayed step's update is non-finite; None when some is finite."""
-    nonfinite = np.asarray(p.series["nonfinite"], dtype=bool)
-    if not (nonfinite.size and nonfinite.all()):
-        return None
-    of = f" of {p.spec!r}" if named else ""
-    return f"every replayed step's update{of} is non-finite ({counted(nonfinite.size, 'step')})"
-
-
 def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
     found = []
     summary = p.summary
-    unjudged = _no_finite_update(p)
+    unjudged = no_finite_update(p)
     if gates.max_collapsed is not None:
         steps = summary.collapsed_steps
         shown = _steps_shown(steps)
@@ -310,8 +300,8 @@ def _regression(
     slack = f"abs_tol {tol.abs_tol:g}, rel_tol {tol.rel_tol:g}"
     if improved:
         rule = f"better than the baseline beyond its tolerance ({slack}); --strict fails on it"
-    elif tol.value is None:
-        rule = "any figure passes" if tol.worse == "higher" else f"any figure but {none} fails"
+    elif tol.value is None:  # worse "lower": a baseline refuses a null worse when higher
+        rule = f"any figure but {none} fails"
     elif tripped:
         rule = f"{side} the limit {format_figure(tol.limit())} ({slack})"
     else:
@@ -360,7 +350,7 @@ def evaluate(
         found.extend(_absolute(p, gates))
         if baseline is None:
             continue
-        unjudged = _no_finite_update(p, named=True)
+        unjudged = no_finite_update(p, named=True)
         for name, tol in baseline.policies.get(p.spec, {}).items():
             if unjudged is not None and name in FINITE_UPDATE_METRICS:
                 found.append(_absent(p.spec, f"{name} is in the baseline, but {unjudged}"))

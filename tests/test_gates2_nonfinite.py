@@ -1,0 +1,67 @@
+"""Gates and baselines on policies with non-finite replayed updates: a tolerance that could
+never trip is refused, and `--write-baseline` writes none."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def _run(path, nan_steps: range | list[int]):
+    """12 steps of 4 sequences of 6 tokens, every new log-probability NaN at `nan_steps`."""
+    rng = np.random.default_rng(0)
+    shape, groups = (4, 6), np.arange(4) // 2
+    with sd.Recorder(path, policy="grpo", unit="token") as recorder:
+        for step in range(12):
+            old = -rng.random(shape).astype(np.float32)
+            new = np.full(shape, np.nan, np.float32) if step in nan_steps else old + 0.01
+            recorder.log_step(step, logp_old=old, logp=new, mask=np.ones(shape, dtype=bool),
+                              group_id=groups, advantages=rng.normal(size=4).astype(np.float32),
+                              reward=rng.random(4).astype(np.float32))  # fmt: skip
+    return path
+
+
+def _check(*args: str):
+    return runner.invoke(app, ["check", *args, "--format", "json"])
+
+
+def test_a_null_tolerance_worse_when_higher_is_refused(tmp_path):
+    """`update_norm_max: {"value": null}` (infinity, worse higher) passed any run, exit 0:
+    no figure is above infinity. The baseline is now malformed, exit 3, naming the entry."""
+    run = _run(tmp_path / "run", [])
+    baseline = tmp_path / "b.json"
+    assert _check(str(run), "-p", "grpo", "--write-baseline", str(baseline)).exit_code == 0
+    data = json.loads(baseline.read_text())
+    data["policies"]["grpo"]["update_norm_max"]["value"] = None
+    baseline.write_text(json.dumps(data))
+    result = _check(str(run), "-b", str(baseline))
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {baseline}: policies.grpo.update_norm_max: a null value (infinity) with "
+        "worse 'higher' passes any figure, a gate that could never trip: give a finite value, "
+        "or leave the entry out"
+    )
+
+
+def test_write_baseline_leaves_out_what_a_policy_without_a_finite_update_cannot_gate(tmp_path):
+    """It wrote update_norm_median/max as null (never trips) and discard_frac 0, drift_steps 0
+    (which trip baseline.present on the very run they came from): now only collapsed_steps,
+    and the run passes its own baseline."""
+    run = _run(tmp_path / "nan", range(12))
+    baseline = tmp_path / "b.json"
+    result = _check(str(run), "-p", "grpo", "--write-baseline", str(baseline))
+    assert result.exit_code == 0, result.output
+    written = json.loads(baseline.read_text())["policies"]["grpo"]
+    assert "collapsed_steps" in written
+    for name in ("update_norm_median", "update_norm_max", "discard_frac", "drift_steps"):
+        assert name not in written
+    assert all(entry["value"] is not None for entry in written.values())
+    result = _check(str(run), "-b", str(baseline))
+    assert result.exit_code == 0, result.output
