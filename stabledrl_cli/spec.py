@@ -52,35 +52,40 @@ def reads_as_zero(text: str, value: float) -> bool:
     return value == 0 and any(digit in "123456789" for digit in text.lower().partition("e")[0])
 
 
+class SpecError(UsageError):
+    """A spec the grammar cannot read: the message names the spec, `reason` alone says what
+    is wrong with it (for a caller that names the spec its own way)."""
+
+    def __init__(self, spec: str, kind: str, reason: str) -> None:
+        super().__init__(f"bad {kind} spec {quoted(spec)}: {reason}")
+        self.reason = reason
+
+
 def split_spec(spec: str, kind: str = "policy") -> tuple[str, dict[str, str]]:
     """'ppo:eps_low=0.1' -> ('ppo', {'eps_low': '0.1'}); raw values, not yet typed. `kind`:
-    what the spec names, for the error line (a policy, a guard)."""
+    what the spec names, for the error line (a policy, a guard): UsageError for an empty
+    spec, `SpecError` for a bad one."""
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError(f"empty {kind} spec; expected {SPEC_SYNTAX}")
     name, colon, rest = spec.strip().partition(":")
     name = name.strip()
     if not _NAME.fullmatch(name):
-        raise UsageError(
-            f"bad {kind} spec {quoted(spec)}: {quoted(name)} is not a name ({SPEC_SYNTAX})"
-        )
+        raise SpecError(spec, kind, f"{quoted(name)} is not a name ({SPEC_SYNTAX})")
     raw: dict[str, str] = {}
     if colon and not rest.strip():
-        raise UsageError(
-            f"bad {kind} spec {quoted(spec)}: nothing after ':'; expected {SPEC_SYNTAX}"
-        )
+        raise SpecError(spec, kind, f"nothing after ':'; expected {SPEC_SYNTAX}")
     if rest.strip():
         for part in rest.split(","):
             key, sep, value = part.partition("=")
             key, value = key.strip(), value.strip()
             if not sep or not key or not value:
-                raise UsageError(
-                    f"bad {kind} spec {quoted(spec)}: {quoted(part.strip())} is not key=value; "
-                    f"expected {SPEC_SYNTAX}"
+                raise SpecError(
+                    spec, kind, f"{quoted(part.strip())} is not key=value; expected {SPEC_SYNTAX}"
                 )
             if not _KEY.fullmatch(key):
-                raise UsageError(f"bad {kind} spec {quoted(spec)}: {quoted(key)} is not a key name")
+                raise SpecError(spec, kind, f"{quoted(key)} is not a key name")
             if key in raw:
-                raise UsageError(f"bad {kind} spec {quoted(spec)}: key {quoted(key)} given twice")
+                raise SpecError(spec, kind, f"key {quoted(key)} given twice")
             raw[key] = value
     return name, raw
 

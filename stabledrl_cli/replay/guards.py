@@ -41,6 +41,7 @@ from stabledrl_cli.policies._spec import finite_number
 from stabledrl_cli.spec import (
     MAX_WINDOW,
     SPEC_SYNTAX,
+    SpecError,
     format_spec,
     spec_int,
     split_spec,
@@ -256,7 +257,7 @@ def make_guard(spec: str) -> Guard:
     try:
         return _parsed_guard(spec)
     except UsageError as exc:
-        reason = str(exc).removeprefix(f"bad guard spec {quoted(spec)}: ")
+        reason = exc.reason if isinstance(exc, SpecError) else str(exc)
         raise ConfigError("guard", f"{quoted(spec)}: {reason}") from None
 
 
