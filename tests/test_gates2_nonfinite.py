@@ -65,3 +65,26 @@ def test_write_baseline_leaves_out_what_a_policy_without_a_finite_update_cannot_
     assert all(entry["value"] is not None for entry in written.values())
     result = _check(str(run), "-b", str(baseline))
     assert result.exit_code == 0, result.output
+
+
+def _discard_gate(run, limit: str) -> tuple[int, dict[str, object]]:
+    result = _check(str(run), "-p", "grpo", "--max-discard-frac", limit)
+    (gate,) = json.loads(result.stdout)["gates"]
+    return result.exit_code, gate
+
+
+def test_max_discard_frac_counts_the_tokens_of_non_finite_steps_as_discarded(tmp_path):
+    """Half the steps NaN: discard_frac 0 passed --max-discard-frac 0.1 (exit 0), the NaN
+    steps' tokens in the denominator and none of them discarded. Now they count as discarded
+    (the most the policy can have discarded): 0.5 trips; one NaN step in 12 still passes."""
+    code, gate = _discard_gate(_run(tmp_path / "half", range(0, 12, 2)), "0.1")
+    assert (code, gate["ok"], gate["figure"]) == (1, False, 0.5)
+    assert gate["message"] == (
+        "discard_frac at most 0.5, counting the 144 tokens of 6 steps with a non-finite "
+        "update as discarded (0 without them), limit 0.1"
+    )
+    code, gate = _discard_gate(_run(tmp_path / "one", [5]), "0.1")
+    assert (code, gate["ok"]) == (0, True)
+    assert gate["figure"] == 24 / 288
+    code, gate = _discard_gate(_run(tmp_path / "none", []), "0")
+    assert (code, gate["ok"], gate["message"]) == (0, True, "discard_frac 0, limit 0")

@@ -232,10 +232,40 @@ def _recorded_regressions(
     return found
 
 
+def _discard_gate(p: PolicyResult, limit: float) -> GateResult:
+    """--max-discard-frac. A step whose replayed update is non-finite discards nothing (a NaN
+    ratio is never clipped), so its tokens count as discarded: the figure is then the most
+    the policy can have discarded, and a pass holds whatever those steps would have done.
+    A policy with no finite update trips, unjudged."""
+    unjudged = no_finite_update(p)
+    if unjudged is not None:
+        why = f"{unjudged}: there is no discard fraction to gate"
+        return _unjudged_gate("max_discard_frac", limit, why, policy=p.spec)
+    frac, message = p.summary.discard_frac, f"discard_frac {p.summary.discard_frac:.4g}"
+    nonfinite = np.asarray(p.series["nonfinite"], dtype=bool)
+    if nonfinite.any():
+        tokens = np.asarray(p.series["tokens"], dtype=np.int64)
+        discarded = np.asarray(p.series["discarded"], dtype=np.int64)
+        unknown = int(tokens[nonfinite].sum())
+        frac = (int(discarded[~nonfinite].sum()) + unknown) / int(tokens.sum())
+        message = (
+            f"discard_frac at most {frac:.4g}, counting the {counted(unknown, 'token')} of "
+            f"{counted(int(nonfinite.sum()), 'step')} with a non-finite update as discarded "
+            f"({p.summary.discard_frac:.4g} without them)"
+        )
+    return GateResult(
+        policy=p.spec,
+        gate="max_discard_frac",
+        ok=frac <= limit,
+        figure=frac,
+        limit=limit,
+        message=f"{message}, limit {limit:g}",
+    )
+
+
 def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
     found = []
     summary = p.summary
-    unjudged = no_finite_update(p)
     if gates.max_collapsed is not None:
         steps = summary.collapsed_steps
         shown = _steps_shown(steps)
@@ -250,27 +280,8 @@ def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
                 f"limit {gates.max_collapsed}" + (f" (steps {shown})" if steps else ""),
             )
         )
-    if gates.max_discard_frac is not None and unjudged is not None:
-        found.append(
-            _unjudged_gate(
-                "max_discard_frac",
-                gates.max_discard_frac,
-                f"{unjudged}: there is no discard fraction to gate",
-                policy=p.spec,
-            )
-        )
-    elif gates.max_discard_frac is not None:
-        frac = summary.discard_frac
-        found.append(
-            GateResult(
-                policy=p.spec,
-                gate="max_discard_frac",
-                ok=frac <= gates.max_discard_frac,
-                figure=frac,
-                limit=gates.max_discard_frac,
-                message=f"discard_frac {frac:.4g}, limit {gates.max_discard_frac:g}",
-            )
-        )
+    if gates.max_discard_frac is not None:
+        found.append(_discard_gate(p, gates.max_discard_frac))
     if gates.max_nonfinite is not None:
         count = int(np.count_nonzero(np.asarray(p.series["nonfinite"], dtype=bool)))
         found.append(
