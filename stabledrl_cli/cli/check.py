@@ -85,7 +85,12 @@ from stabledrl_cli.replay.report import (
     stack_headers,
 )
 from stabledrl_cli.replay.result import ReplayResult
-from stabledrl_cli.replay.run_facts import files_skipped, no_steps_message, skipped_reasons
+from stabledrl_cli.replay.run_facts import (
+    files_skipped,
+    no_steps_message,
+    print_own_policy_note,
+    skipped_reasons,
+)
 
 _BORDERS = 1  # the table's left edge; each column adds its right edge and padding
 _CELL_PADDING = 3
@@ -355,6 +360,7 @@ def command(
         if baseline is not None and not policy:
             _baseline_policies_replayable(opened, baseline)
         result = replay_with_progress(opened, specs, config, chosen)
+        print_own_policy_note(opened, err)
         note_skipped(result)
         observed = result.observed
     with warnings.catch_warnings():

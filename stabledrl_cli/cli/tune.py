@@ -39,6 +39,7 @@ from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import WriteError, counted
 from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, parse_size, replay_config
 from stabledrl_cli.replay.report import print_legend, print_whole, stack_headers
+from stabledrl_cli.replay.run_facts import print_own_policy_note
 from stabledrl_cli.tune.front import SettingFigures, TuneReport, percent, rank
 from stabledrl_cli.tune.grid import SWEEP_SYNTAX, expand_all
 
@@ -157,6 +158,8 @@ def command(
             replay_config(device=device, threads=threads, memory_budget=budget), lean=True
         )
     result = replay_with_progress(opened, specs, config, chosen)
+    if keep_own:
+        print_own_policy_note(opened, err)
     note_skipped(result)
     report = rank(result, settings)
     # Written before the results are printed (a reader that closes stdout early, `| head`,

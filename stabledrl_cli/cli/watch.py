@@ -56,10 +56,16 @@ from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
 from stabledrl_cli.replay.inspection import group_findings
-from stabledrl_cli.replay.run_facts import DAMAGED_KINDS, shown_reasons, whole_run_refusal
+from stabledrl_cli.replay.run_facts import (
+    DAMAGED_KINDS,
+    print_own_policy_note,
+    shown_reasons,
+    whole_run_refusal,
+)
 
 if TYPE_CHECKING:
     from stabledrl_cli.replay.follow import Alert, RankProgress, RunWatcher, WatchState
+    from stabledrl_cli.replay.incremental import OwnReplay
 
 STEPS_LISTED = 8
 """Steps named per list in the view (JSON has them all)."""
@@ -284,6 +290,8 @@ def _no_step_read(watcher: RunWatcher, state: WatchState, message: str) -> Input
 
 def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
     watcher.poll()
+    if watcher.replay is not None:
+        print_own_policy_note(watcher.replay.run, err)
     state = watcher.state()
     if state.steps == 0:
         raise _no_step_read(watcher, state, f"{state.run}: the run has no readable step yet")
@@ -330,6 +338,7 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
     warned: set[int] = set()  # rejected steps warned about (one may land late, below others)
     replaced = 0  # times the run was replaced under the watch
     stopped: set[str] = set()  # the stopped recordings warned about, one a rank
+    noted: OwnReplay | None = None  # the replay whose own policy's note is printed
     state = watcher.state()  # as the view shows it
     with sigterm_handled(_terminate):
         try:
@@ -342,6 +351,9 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                         replaced, warned, seen = watcher.replaced, set(), -1
                         line = f"{watcher.path}: the run changed under the watch: following it"
                         live.console.print(f"{line} from its start", highlight=False)
+                    if watcher.replay is not None and watcher.replay is not noted:
+                        noted = watcher.replay  # once a run followed
+                        print_own_policy_note(noted.run, live.console)
                     for alert in alerts:
                         live.console.print(_alert_line(alert), highlight=False)
                     for line in _stopped_lines(watcher, stopped):

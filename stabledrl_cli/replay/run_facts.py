@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from stabledrl_cli.dump import Finding, Run
 from stabledrl_cli.errors import UsageError, counted, quoted
 from stabledrl_cli.integrations._verl_facts import VERL_SEQ_LOG_RATIO_MAX, verl_gspo_config
 from stabledrl_cli.policies import resolve_spec
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 REASONS_SHOWN = 3
 """Reasons named in a message about skipped steps."""
@@ -57,6 +61,14 @@ def own_policy_note(run: Run) -> str | None:
         f"manifest's '{own.recorded_spec}' lacks verl's cap of GSPO's sequence log ratio at "
         f"{VERL_SEQ_LOG_RATIO_MAX:g} (recorded before stabledrl wrote it)"
     )
+
+
+def print_own_policy_note(run: Run, console: Console) -> None:
+    """Prints `own_policy_note`, if any, on `console` (a command's stderr), as every command
+    that replays the run's own policy does (replay, check, tune, watch)."""
+    note = own_policy_note(run)
+    if note is not None:
+        console.print(note, highlight=False, soft_wrap=False)
 
 
 @dataclass(frozen=True)
