@@ -114,12 +114,13 @@ def _width(widths: list[int]) -> int:
 
 
 def _add_detail(table: Table, used: int) -> bool:
-    """The detail column, in the width the `used` columns leave, cut with an ellipsis; not
-    added (False) when fewer than `_MIN_DETAIL` columns are left."""
+    """The detail column, in the width the `used` columns leave, its text wrapped onto the
+    lines below (a word longer than the column folded): nothing of it is lost. Not added
+    (False) when fewer than `_MIN_DETAIL` columns are left."""
     room = out.width - used - _CELL_PADDING
     if room < _MIN_DETAIL:
         return False
-    table.add_column("detail", no_wrap=True, overflow="ellipsis", max_width=room)
+    table.add_column("detail", overflow="fold", max_width=room)
     return True
 
 
@@ -166,9 +167,9 @@ def _grouped_table(rows: list[Row]) -> tuple[Table, list[str]]:
 
 
 def _print_table(results: list[GateResult], run: str) -> None:
-    """One line per gate at any width: a line naming its policy when the policy, gate,
-    status, figure and limit fit whole (the detail, which every tripped gate also has on
-    stderr whole, takes what is left, cut with an ellipsis); else `_grouped_table`."""
+    """A row per gate at any width: naming its policy when the policy, gate, status, figure
+    and limit fit whole on a line (the detail takes what is left, wrapped onto the row's
+    next lines); else `_grouped_table`."""
     rows: list[Row] = [
         (r.policy or "(run)", r.gate, "ok" if r.ok else "FAILED", *r.shown(), r.message)
         for r in results
