@@ -151,7 +151,10 @@ all)."""
 
 def ranks_text(state: WatchState) -> str | None:
     """How far the ranks of a multi-rank run got, naming those behind the furthest (a rank
-    that died or stopped writing holds every later step back); None for one rank."""
+    that died or stopped writing holds every later step back), or that a packed archive
+    joined them; None for one rank."""
+    if state.packed_ranks is not None:
+        return f"ranks: {state.packed_ranks}, joined in the packed archive (each step whole)"
     if not state.ranks:
         return None
     behind = set(state.ranks_behind)

@@ -115,6 +115,9 @@ class WatchState:
     one rank or a packed archive."""
     ranks_behind: list[int]
     """The ranks of `ranks` behind the furthest one (`_behind`)."""
+    packed_ranks: int | None = None
+    """The world size of a packed archive's run of several ranks (its steps joined, each
+    whole: no rank's progress is left to show); None otherwise."""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -449,6 +452,13 @@ class RunWatcher:
         self._alerts.extend(new)
         return new
 
+    def packed_ranks(self) -> int | None:
+        """The world size of the run when it is a packed archive of several ranks, else None."""
+        if self.replay is None or not self.path.is_file():
+            return None
+        world_size = self.replay.run.manifest.get("world_size")
+        return world_size if isinstance(world_size, int) and world_size > 1 else None
+
     def rank_progress(self) -> list[RankProgress]:
         """Each rank's step files in the run's directory, as of now (a listing of its steps
         folder, no file opened); [] for a run of one rank, a packed archive, or none yet."""
@@ -486,6 +496,7 @@ class RunWatcher:
                 alerts=list(self._alerts),
                 ranks=ranks,
                 ranks_behind=_behind(ranks),
+                packed_ranks=self.packed_ranks(),
             )
         series = replay.series()
         observed = replay.observed()
@@ -525,4 +536,5 @@ class RunWatcher:
             alerts=list(self._alerts),
             ranks=ranks,
             ranks_behind=_behind(ranks),
+            packed_ranks=self.packed_ranks(),
         )
