@@ -88,3 +88,25 @@ def test_max_discard_frac_counts_the_tokens_of_non_finite_steps_as_discarded(tmp
     assert gate["figure"] == 24 / 288
     code, gate = _discard_gate(_run(tmp_path / "none", []), "0")
     assert (code, gate["ok"], gate["message"]) == (0, True, "discard_frac 0, limit 0")
+
+
+def test_a_tolerance_whose_limit_overflows_is_refused(tmp_path):
+    """update_norm_max 10 with rel_tol 1e308 made the limit inf: no figure, not even none
+    (inf), was above it, so the gate passed any run (exit 0). Now the baseline is malformed,
+    exit 3."""
+    run = _run(tmp_path / "run", [])
+    baseline = tmp_path / "b.json"
+    assert _check(str(run), "-p", "grpo", "--write-baseline", str(baseline)).exit_code == 0
+    data = json.loads(baseline.read_text())
+    data["policies"]["grpo"]["update_norm_max"].update(value=10.0, rel_tol=1e308)
+    baseline.write_text(json.dumps(data))
+    result = _check(str(run), "-b", str(baseline))
+    assert result.exit_code == 3, result.output
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "policies.grpo.update_norm_max: value 10 with abs_tol 0 and rel_tol 1e+308 puts the "
+            "limit past the largest float, a gate that could never trip"
+        )
+    )

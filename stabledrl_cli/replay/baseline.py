@@ -231,12 +231,18 @@ def _tolerance(data: object, where: str, default_worse: Worse | None) -> Toleran
             f"{where}: a null value (infinity) with worse 'higher' passes any figure, a gate "
             "that could never trip: give a finite value, or leave the entry out"
         )
-    return Tolerance(
+    tolerance = Tolerance(
         value=value,
         worse="higher" if worse == "higher" else "lower",
         abs_tol=abs_tol,
         rel_tol=rel_tol,
     )
+    if value is not None and not math.isfinite(tolerance.limit()):
+        raise InputError(
+            f"{where}: value {value:g} with abs_tol {abs_tol:g} and rel_tol {rel_tol:g} puts "
+            "the limit past the largest float, a gate that could never trip"
+        )
+    return tolerance
 
 
 BASELINE_LIMIT = 16 * 1024 * 1024
