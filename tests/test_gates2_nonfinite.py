@@ -10,6 +10,15 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.replay import columns
+from stabledrl_cli.replay.baseline import (
+    baseline_dict,
+    check_settings,
+    load_baseline,
+    write_baseline,
+)
+from stabledrl_cli.replay.engine import replay
+from stabledrl_cli.replay.gate import Gates, evaluate
 
 runner = CliRunner()
 
@@ -110,3 +119,39 @@ def test_a_tolerance_whose_limit_overflows_is_refused(tmp_path):
             "limit past the largest float, a gate that could never trip"
         )
     )
+
+
+def _lower_column(derive):
+    """A gated column worse when lower (none is built in; a project may declare one)."""
+    return columns.Column(
+        name="kept_norm",
+        kind="float",
+        meaning="a test column, worse when lower",
+        derive=derive,
+        gate=columns.ColumnGate(aggregate="max", worse="lower", rel_tol=0.1),
+    )
+
+
+def test_a_figure_worse_when_lower_with_no_finite_value_trips(tmp_path, monkeypatch):
+    """No finite value of a figure worse when lower read as infinity, the best there is: the
+    baseline gate passed. It now trips baseline.present, and --write-baseline leaves such a
+    figure out rather than write null."""
+
+    run = _run(tmp_path / "run", [])
+    plain = columns.COLUMNS
+    finite = _lower_column(lambda inputs: inputs.float("update_norm"))
+    monkeypatch.setattr(columns, "COLUMNS", (*plain, finite))
+    write_baseline(baseline_dict(replay(run, ["grpo"]), check_settings(None)), tmp_path / "b.json")
+    baseline = load_baseline(tmp_path / "b.json")
+    assert baseline.policies["grpo"]["kept_norm_max"].value is not None
+    nan = _lower_column(lambda inputs: inputs.float("update_norm") * np.nan)
+    monkeypatch.setattr(columns, "COLUMNS", (*plain, nan))
+    today = replay(run, ["grpo"])
+    tripped = [(g.gate, g.message) for g in evaluate(today, Gates(), baseline) if not g.ok]
+    assert tripped == [
+        (
+            "baseline.present",
+            "kept_norm_max is in the baseline, but 'grpo' has no finite value of it",
+        )
+    ]
+    assert "kept_norm_max" not in baseline_dict(today, check_settings(None))["policies"]["grpo"]

@@ -563,10 +563,8 @@ def baseline_dict(
             else:
                 abs_tol, rel_tol = rule.abs_tol, rule.rel_tol
             value = rule.measure(p.summary)
-            if (value is None and rule.worse == "higher") or (
-                name in FINITE_UPDATE_METRICS and no_finite_update(p) is not None
-            ):
-                continue  # a gate that could never trip, or a figure that says nothing
+            if value is None or (name in FINITE_UPDATE_METRICS and no_finite_update(p) is not None):
+                continue  # no finite value, or a figure that says nothing: nothing to gate
             entry = Tolerance(
                 value=value, worse=rule.worse, abs_tol=abs_tol, rel_tol=rel_tol
             ).to_dict(integer=rule.integer)

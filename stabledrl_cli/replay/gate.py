@@ -367,6 +367,14 @@ def evaluate(
                 found.append(_absent(p.spec, f"{name} is in the baseline, but {unjudged}"))
                 continue
             figure = rules[name].measure(p.summary)
+            if figure is None and tol.worse == "lower":  # none read as infinity would pass
+                found.append(
+                    _absent(
+                        p.spec,
+                        f"{name} is in the baseline, but {p.spec!r} has no finite value of it",
+                    )
+                )
+                continue
             found.append(_regression(p.spec, name, tol, figure, strict=strict))
     if baseline is not None:
         replayed = {p.spec for p in policies}
