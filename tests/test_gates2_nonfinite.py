@@ -4,6 +4,7 @@ never trip is refused, and `--write-baseline` writes none."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 from typer.testing import CliRunner
@@ -18,7 +19,7 @@ from stabledrl_cli.replay.baseline import (
     write_baseline,
 )
 from stabledrl_cli.replay.engine import replay
-from stabledrl_cli.replay.gate import Gates, evaluate
+from stabledrl_cli.replay.gate import Gates, _absolute, evaluate
 
 runner = CliRunner()
 
@@ -155,3 +156,15 @@ def test_a_figure_worse_when_lower_with_no_finite_value_trips(tmp_path, monkeypa
         )
     ]
     assert "kept_norm_max" not in baseline_dict(today, check_settings(None))["policies"]["grpo"]
+
+
+def test_max_discard_frac_on_a_policy_without_tokens_is_zero_not_an_error():
+    """A non-finite step among steps with no eligible token: 0 / 0 raised ZeroDivisionError
+    (a traceback); with nothing to discard the figure is 0, as the summary's."""
+    policy = SimpleNamespace(
+        spec="grpo",
+        summary=SimpleNamespace(discard_frac=0.0, collapsed_steps=[]),
+        series={"nonfinite": [True, False], "tokens": [0, 0], "discarded": [0, 0]},
+    )
+    (gate,) = _absolute(policy, Gates(max_discard_frac=0.0))
+    assert (gate.ok, gate.figure) == (True, 0.0)

@@ -246,8 +246,8 @@ def _discard_gate(p: PolicyResult, limit: float) -> GateResult:
     if nonfinite.any():
         tokens = np.asarray(p.series["tokens"], dtype=np.int64)
         discarded = np.asarray(p.series["discarded"], dtype=np.int64)
-        unknown = int(tokens[nonfinite].sum())
-        frac = (int(discarded[~nonfinite].sum()) + unknown) / int(tokens.sum())
+        unknown, total = int(tokens[nonfinite].sum()), int(tokens.sum())
+        frac = (int(discarded[~nonfinite].sum()) + unknown) / total if total else 0.0
         message = (
             f"discard_frac at most {frac:.4g}, counting the {counted(unknown, 'token')} of "
             f"{counted(int(nonfinite.sum()), 'step')} with a non-finite update as discarded "
