@@ -27,7 +27,7 @@ import torch
 
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.errors import InputError, UsageError, counted
+from stabledrl_cli.errors import ConfigError, InputError, UsageError, counted
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
 from stabledrl_cli.replay.columns import derive_series, device_metrics
 from stabledrl_cli.replay.config import (
@@ -378,6 +378,7 @@ def replay(
     warning_drop: float | None = None,
     step_range: StepRange = (None, None),
     detail: bool = False,
+    guards: str | Sequence[str] | None = None,
     engine: Engine | ReplayEngine | None = None,
 ) -> ReplayResult:
     """`stabledrl replay` as a function: the same results as the CLI, as Python objects.
@@ -385,7 +386,9 @@ def replay(
     run: a run directory, archive or URL (or an opened Run); policies: a spec, or a non-empty
     list of specs (None: the run's own policy plus the standard catalogue); engine: where the
     streaming pass runs (None or "local": this process; "ray" or
-    `ray_engine.RayEngine(...)`: a Ray cluster); the other
+    `ray_engine.RayEngine(...)`: a Ray cluster); guards: the adaptive grad-norm guards
+    replayed over the recorded norms, a spec or a list of them as `--guard` takes them (None:
+    zclip and skip-step; "none" or an empty list: no guard); the other
     arguments are `ReplayConfig`'s (None: its default). `.to_json()` of the result prints the
     JSON contract. A run it opens (a path or URL) is closed when it returns or raises; a Run
     given is left open.
@@ -410,9 +413,23 @@ def replay(
         warning_drop=warning_drop,
         step_range=step_range,
         detail=detail,
+        guards=_guard_specs(guards),
     )
     with _opened(run) as opened:
         return replay_run(opened, policies, config=config, engine=engine)
+
+
+def _guard_specs(guards: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """`replay`'s `guards` as `ReplayConfig` takes them: a lone spec is one guard, and "none"
+    (`--guard none`) stands for no guard; ConfigError for anything but specs."""
+    if guards is None:
+        return None
+    specs = [guards] if isinstance(guards, str) else guards
+    if not (isinstance(specs, list | tuple) and all(isinstance(spec, str) for spec in specs)):
+        raise ConfigError(
+            "guards", f"must be a guard spec or a list of them, not {type(guards).__name__}"
+        )
+    return tuple(spec for spec in specs if spec != "none")
 
 
 @contextmanager

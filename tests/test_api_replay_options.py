@@ -1,0 +1,55 @@
+"""`replay()`'s options are the command line's: the same names, defaults and refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.errors import ConfigError
+
+
+def _cli_guards(run: Path, *guards: str) -> list[object]:
+    """The `guards` of `stabledrl replay RUN -p grpo --format json --guard G ...`."""
+    options = [option for guard in guards for option in ("--guard", guard)]
+    result = CliRunner().invoke(
+        app, ["replay", str(run), "-p", "grpo", "--device", "cpu", "--format", "json", *options]
+    )
+    assert result.exit_code == 0, result.output
+    guard_list: list[object] = json.loads(result.stdout)["guards"]
+    return guard_list
+
+
+@pytest.mark.parametrize(
+    ("guards", "options"),
+    [
+        (None, ()),
+        ("zclip:z_thresh=3", ("zclip:z_thresh=3",)),
+        (["zclip:z_thresh=3", "skip-step:window=8"], ("zclip:z_thresh=3", "skip-step:window=8")),
+        ("none", ("none",)),
+        ([], ("none",)),
+    ],
+)
+def test_guards_are_the_guards_of_the_command_line(grpo_fixture, guards, options):
+    """Before: replay() had no `guards` (TypeError: unexpected keyword argument), so a script
+    could not replay the guards `--guard` sets, nor leave them out as `--guard none` does."""
+    result = sd.replay(grpo_fixture, "grpo", device="cpu", guards=guards)
+    assert result.to_dict()["guards"] == _cli_guards(grpo_fixture, *options)
+
+
+@pytest.mark.parametrize(
+    ("guards", "message"),
+    [
+        ("nope", "guard 'nope': unknown guard 'nope'; valid: zclip, skip-step"),
+        (3, "guards must be a guard spec or a list of them, not int"),
+        ([3], "guards must be a guard spec or a list of them, not list"),
+    ],
+)
+def test_a_bad_guard_is_refused_before_the_run_is_read(tmp_path, guards, message):
+    with pytest.raises(ConfigError) as refused:
+        sd.replay(tmp_path / "no-such-run", guards=guards)
+    assert str(refused.value) == message
