@@ -70,7 +70,7 @@ import io
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -394,6 +394,7 @@ def _open(
         raise UsageError(NO_POLICY)
     from stabledrl_cli.dump import Recorder  # the training script may never log a step
 
+    _refuse_unknown(recorder_kwargs, "__init__", "a key of recorder_kwargs")
     force = os.environ.pop(ENV_FORCE, "") not in ("", "0")  # this run, not a later one
     recorder_kwargs.setdefault("on_write_error", "warn")  # a full disk never stops training
     for name, value in _launcher_rank().items():
@@ -414,6 +415,35 @@ def _open(
     else:
         atexit.register(close)
     return _recorder
+
+
+RECORD_SETS = ("path", "policy", "overwrite")
+"""The Recorder's arguments that `record` gives it itself: the run directory (--out), the
+policy (log_policy_batch's `policy`, else --policy) and overwrite (--force)."""
+
+
+def _refuse_unknown(given: Iterable[str], method: str, what: str) -> None:
+    """UsageError naming the first of `given` that is no keyword of `Recorder.<method>` a
+    script may pass (a misspelt field: `logpp=`), with the name it resembles if any."""
+    import difflib
+    import inspect
+
+    from stabledrl_cli.dump._writer import Recorder
+
+    parameters = inspect.signature(getattr(Recorder, method)).parameters
+    taken = [n for n in parameters if n not in ("self", "step", *RECORD_SETS)]
+    unknown = sorted(set(given).difference(taken))
+    if not unknown:
+        return
+    name = unknown[0]
+    close = difflib.get_close_matches(name, taken, n=1)
+    if name in RECORD_SETS:
+        hint = "record sets it: --out, log_policy_batch's policy or --policy, --force"
+    elif close:
+        hint = f"did you mean {close[0]!r}?"
+    else:
+        hint = f"one of: {', '.join(taken)}"
+    raise UsageError(f"{name!r} is not {what} ({hint})")
 
 
 def _write(step: _Step, recorder: Recorder, *, replace: bool) -> bool:
@@ -505,11 +535,13 @@ def log_policy_batch(
     shows at a later call (False) and in `record`'s exit code. False also for a batch with no
     token in a one-rank run: the format has no such step, so it is skipped (the first one
     warns) and recording goes on; under the hooks its step stays the optimizer's scalar step.
-    Never raises.
+    A field or a `recorder_kwargs` key the Recorder does not take is a usage error (exit 2),
+    named, as the steps `log_step` refuses are. Never raises.
     """
     if _failure.off:
         return False
     try:
+        _refuse_unknown(fields, "log_step", "a field of log_policy_batch")
         with _lock:
             kwargs = dict(recorder_kwargs or {})
             pairs_held = _held is not None and _held.number == step
