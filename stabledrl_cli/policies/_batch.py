@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.errors import InputError, UsageError, one_line
 from stabledrl_cli.policies._advantages import recompute_advantages
 from stabledrl_cli.policies._masked import above, as_bytes, below, count, finite_sum, keep_times
 from stabledrl_cli.vocab import ADV_MODES, UNITS, AdvMode, Unit
@@ -53,7 +53,10 @@ ArrayLike = torch.Tensor | np.ndarray[Any, Any] | Sequence[float] | float
 
 @dataclass(frozen=True, kw_only=True)
 class PolicyBatch:
-    """One step's arrays: torch tensors (any device) or numpy arrays."""
+    """One step's arrays: torch tensors (any device) or numpy arrays of real numbers.
+    `Policy.weights` (`prepare`) raises InputError naming the field for shapes that disagree,
+    ids out of range, and an array of text, objects or complex values, a sparse one, or a
+    tensor on the meta device."""
 
     logp: ArrayLike
     """log pi_theta of each scored unit: [T] or [B, L]."""
@@ -88,12 +91,27 @@ class PolicyBatch:
 
 
 def _as_tensor(value: ArrayLike, name: str, device: torch.device | None) -> torch.Tensor:
+    """`value` as a tensor on `device` (None: where it is); InputError naming `name` for what
+    holds no real numbers (text, objects, a ragged list, complex values, whose imaginary part
+    would be dropped), no data (a tensor on the meta device) or is not dense (sparse)."""
     if isinstance(value, torch.Tensor):
         tensor = value.detach()
     elif isinstance(value, np.ndarray) or np.isscalar(value) or isinstance(value, (list, tuple)):
-        tensor = torch.as_tensor(np.asarray(value))
+        try:
+            array = np.asarray(value)
+        except ValueError as exc:  # a ragged list
+            raise InputError(f"{name}: cannot be read as an array ({one_line(exc)})") from None
+        if array.dtype.kind not in "biuf":
+            raise InputError(f"{name}: expected real numbers, got dtype {array.dtype}")
+        tensor = torch.as_tensor(array)
     else:
         raise InputError(f"{name}: expected a torch tensor or numpy array, got {type(value)!r}")
+    if tensor.is_complex():
+        raise InputError(f"{name}: expected real numbers, got dtype {tensor.dtype}")
+    if tensor.is_meta:
+        raise InputError(f"{name}: a tensor on the meta device holds no data")
+    if tensor.layout != torch.strided:
+        raise InputError(f"{name}: a {tensor.layout} tensor; pass a dense one (.to_dense())")
     return tensor if device is None else tensor.to(device)
 
 
@@ -461,11 +479,14 @@ def prepare(
     """Flatten, move and index one step's arrays once, for every policy.
 
     device: default the device of `logp` (cpu for numpy). dtype: default the floating dtype of
-    `logp`, promoted to at least float32. Raises InputError on inconsistent shapes or ids and
-    UsageError on an unknown unit.
+    `logp`, promoted to at least float32. Raises InputError on inconsistent shapes or ids, and
+    on an array of no real numbers (text, complex), of no data (the meta device) or not dense;
+    UsageError on an unknown unit, or a `batch` that is no PolicyBatch.
     """
     if isinstance(batch, PreparedBatch):
         return batch
+    if not isinstance(batch, PolicyBatch):
+        raise UsageError(f"a batch is a PolicyBatch, not {type(batch).__name__}")
     if batch.unit not in UNITS:
         raise UsageError(f"unknown unit {batch.unit!r}; valid: {', '.join(UNITS)}")
     if isinstance(batch.ranks, bool) or not isinstance(batch.ranks, int) or batch.ranks < 1:
