@@ -47,7 +47,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError, UsageError, shown
@@ -137,8 +137,8 @@ def is_stop_note(value: object) -> bool:
     """Whether `value` is a `recording_stopped` note (`STOP_NOTE_SHAPE`)."""
     return (
         isinstance(value, dict)
-        and (value.get("step") is None or _count(value.get("step")))
-        and _count(value.get("rank"))
+        and (value.get("step") is None or is_count(value.get("step")))
+        and is_count(value.get("rank"))
         and isinstance(value.get("reason"), str)
     )
 
@@ -396,8 +396,8 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
     return version
 
 
-def _count(value: object) -> bool:
-    """Whether `value` is an integer >= 0 (not a bool)."""
+def is_count(value: object) -> TypeGuard[int]:
+    """Whether `value` is an integer >= 0 (not a bool, which would be taken for 0 or 1)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

@@ -93,6 +93,8 @@ from stabledrl_cli.dump._schema import (
     RUN_KIND,
     STEP_LIMIT,
     STEPS_DIR,
+    WORLD_SIZE_LIMIT,
+    is_count,
     json_checked,
     note_text,
     step_file_name,
@@ -277,15 +279,17 @@ class Recorder:
             raise UsageError(f"unit {unit!r} is not one of: {', '.join(UNITS)}")
         if group_ids not in GROUP_IDS:
             raise UsageError(f"group_ids {group_ids!r} is not one of: {', '.join(GROUP_IDS)}")
-        if not (isinstance(world_size, int) and world_size >= 1):
-            raise UsageError(f"world_size must be an int >= 1, got {world_size!r}")
-        if not (isinstance(rank, int) and 0 <= rank < world_size):
-            raise UsageError(f"rank must be in [0, {world_size}), got {rank!r}")
+        if not (is_count(world_size) and 1 <= world_size <= WORLD_SIZE_LIMIT):
+            raise UsageError(
+                f"world_size must be an int in [1, {WORLD_SIZE_LIMIT}], got {world_size!r}"
+            )
+        if not (is_count(rank) and 0 <= rank < world_size):
+            raise UsageError(f"rank must be an int in [0, {world_size}), got {rank!r}")
         if on_write_error not in ON_WRITE_ERROR:
             raise UsageError(
                 f"on_write_error {on_write_error!r} is not one of: {', '.join(ON_WRITE_ERROR)}"
             )
-        if not (isinstance(queue_size, int) and queue_size >= 1):
+        if not (is_count(queue_size) and queue_size >= 1):
             raise UsageError(f"queue_size must be an int >= 1, got {queue_size!r}")
         if resume and overwrite:
             raise UsageError("resume=True continues a run, overwrite=True replaces it: pick one")

@@ -1,0 +1,41 @@
+"""`Recorder`'s counts (world_size, rank, queue_size) refuse a bool, which Python takes for
+0 or 1, and a world_size past what readers accept, with the Recorder's own one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import stabledrl_cli as sd
+from stabledrl_cli.errors import UsageError
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"world_size": True}, "world_size must be an int in [1, 4096], got True"),
+        ({"world_size": 5000}, "world_size must be an int in [1, 4096], got 5000"),
+        ({"world_size": 2, "rank": True}, "rank must be an int in [0, 2), got True"),
+        ({"async_writes": True, "queue_size": True}, "queue_size must be an int >= 1, got True"),
+    ],
+)
+def test_a_count_of_the_wrong_kind_is_refused_before_the_run_is_made(
+    tmp_path: Path, arguments: dict[str, Any], message: str
+) -> None:
+    """Before: world_size=True and 5000 were refused after the manifest was made, as a
+    corrupt manifest ('not recorded, its readers would refuse the run's manifest (...
+    corrupt manifest: world_size must be an integer in [1, 4096], got true)'); rank=True
+    recorded as rank 1 and queue_size=True as a queue of 1."""
+    with pytest.raises(UsageError) as refused:
+        sd.Recorder(tmp_path / "run", **arguments)
+    assert str(refused.value) == message
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_largest_world_size_is_taken(tmp_path: Path) -> None:
+    with sd.Recorder(tmp_path / "run", world_size=4096, rank=0) as recorder:
+        recorder.log_step(0, loss=1.0)
+    assert sd.open_run(tmp_path / "run").manifest["world_size"] == 4096
+    sd.Recorder(tmp_path / "run", world_size=4096, rank=4095).close()  # the last rank
