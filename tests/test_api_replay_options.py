@@ -53,3 +53,20 @@ def test_a_bad_guard_is_refused_before_the_run_is_read(tmp_path, guards, message
     with pytest.raises(ConfigError) as refused:
         sd.replay(tmp_path / "no-such-run", guards=guards)
     assert str(refused.value) == message
+
+
+def test_a_memory_budget_is_a_size_as_the_command_line_takes_it(grpo_fixture):
+    """Before: replay(memory_budget="256M") was refused ('memory_budget must be an integer
+    >= 1'), though README shows `--memory-budget 256M` and the two take the same settings."""
+    by_size = sd.replay(grpo_fixture, "grpo", device="cpu", memory_budget="1M", guards=[])
+    by_bytes = sd.replay(grpo_fixture, "grpo", device="cpu", memory_budget=2**20, guards=[])
+    assert by_size.to_json() == by_bytes.to_json()
+
+
+def test_a_memory_budget_that_is_no_size_is_refused_as_the_command_line_refuses_it(tmp_path):
+    result = CliRunner().invoke(app, ["replay", str(tmp_path), "--memory-budget", "lots"])
+    assert result.exit_code == 2
+    with pytest.raises(ConfigError) as refused:
+        sd.replay(tmp_path / "no-such-run", memory_budget="lots")
+    assert str(refused.value) == "memory_budget expects a size such as 256M or 1G, got 'lots'"
+    assert result.stderr.strip() == "error: --" + str(refused.value).replace("_", "-")

@@ -36,6 +36,7 @@ from stabledrl_cli.replay.config import (
     DEFAULT_WINDOW,
     ReplayConfig,
     StepRange,
+    parse_size,
     replay_config,
 )
 from stabledrl_cli.replay.metrics import TopSequence
@@ -367,7 +368,7 @@ def replay(
     *,
     device: str = "auto",
     chunk_size: int | None = None,
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     threads: int | None = None,
     spike_factor: float | None = None,
     window: int | None = None,
@@ -388,7 +389,8 @@ def replay(
     streaming pass runs (None or "local": this process; "ray" or
     `ray_engine.RayEngine(...)`: a Ray cluster); guards: the adaptive grad-norm guards
     replayed over the recorded norms, a spec or a list of them as `--guard` takes them (None:
-    zclip and skip-step; "none" or an empty list: no guard); the other
+    zclip and skip-step; "none" or an empty list: no guard); memory_budget: bytes, or a size
+    as `--memory-budget` takes it ("256M", "1G"); the other
     arguments are `ReplayConfig`'s (None: its default). `.to_json()` of the result prints the
     JSON contract. A run it opens (a path or URL) is closed when it returns or raises; a Run
     given is left open.
@@ -399,10 +401,11 @@ def replay(
         isinstance(engine, type) or not callable(getattr(engine, "stream", None))
     ):  # a class (engine=RayEngine): its stream is unbound
         raise _no_engine(engine)
+    budget = parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
     config = replay_config(
         device=device,
         chunk_size=chunk_size,
-        memory_budget=memory_budget,
+        memory_budget=budget,
         threads=threads,
         spike_factor=spike_factor,
         window=window,
