@@ -25,7 +25,7 @@ from stabledrl_cli.dump._integrity import (
     RunIntegrityWarning,
     StepReadError,
 )
-from stabledrl_cli.dump._schema import manifest_stops
+from stabledrl_cli.dump._schema import manifest_stops, step_number
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.vocab import GroupIds, Unit
 
@@ -176,7 +176,9 @@ class Run(ABC):
         """Step `n`, or why it cannot be trusted; `deep` also checks its data."""
 
     def step(self, n: int) -> Step:
-        """Step `n`; InputError if it is missing or corrupt."""
+        """Step `n`; InputError if it is missing or corrupt, UsageError if `n` is no int >= 0
+        (a numpy integer is one; a bool, a float or text is not)."""
+        n = step_number(n)
         if not self._has_step(n):
             raise InputError(f"{self.location}: no step {n}")
         loaded = self._try_step(n, deep=True)

@@ -43,11 +43,12 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, SupportsIndex, TypeGuard, TypeVar
 
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError, UsageError, shown
@@ -440,3 +441,16 @@ def json_checked(value: _Json, what: str) -> _Json:
     except (TypeError, ValueError, RecursionError) as exc:  # (nested past the encoder's depth)
         raise UsageError(f"{what} must be JSON-serializable: {exc}") from None
     return value
+
+
+def step_number(value: object) -> int:
+    """An int >= 0 (a numpy or 0-d torch integer is fine), else UsageError."""
+    step = value if type(value) is int else None
+    if step is None and isinstance(value, SupportsIndex) and not isinstance(value, bool):
+        try:
+            step = operator.index(value)
+        except (TypeError, RuntimeError):  # a float tensor; a tensor with no data (meta)
+            step = None
+    if step is None or not 0 <= step <= STEP_LIMIT:
+        raise UsageError(f"step must be an int in [0, 2**63 - 1], got {value!r}")
+    return step

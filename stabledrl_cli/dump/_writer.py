@@ -59,7 +59,6 @@ import atexit
 import datetime as _dt
 import functools
 import math
-import operator
 import os
 import queue
 import threading
@@ -68,7 +67,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, NamedTuple, SupportsIndex
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -91,13 +90,13 @@ from stabledrl_cli.dump._schema import (
     RECORDING_CLOSED,
     RECORDING_STOPPED,
     RUN_KIND,
-    STEP_LIMIT,
     STEPS_DIR,
     WORLD_SIZE_LIMIT,
     is_count,
     json_checked,
     note_text,
     step_file_name,
+    step_number,
     stop_note_name,
     written_version,
 )
@@ -133,19 +132,6 @@ def _object(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise UsageError(f"{what} must be a dict, got {type(value).__name__}")
     return dict(value)
-
-
-def _step_number(value: object) -> int:
-    """An int >= 0 (a numpy or 0-d torch integer is fine), else UsageError."""
-    step = value if type(value) is int else None
-    if step is None and isinstance(value, SupportsIndex) and not isinstance(value, bool):
-        try:
-            step = operator.index(value)
-        except (TypeError, RuntimeError):  # a float tensor; a tensor with no data (meta)
-            step = None
-    if step is None or not 0 <= step <= STEP_LIMIT:
-        raise UsageError(f"step must be an int in [0, 2**63 - 1], got {value!r}")
-    return step
 
 
 class _Write(NamedTuple):
@@ -296,7 +282,7 @@ class Recorder:
         if resume_from is not None and not resume:
             raise UsageError("resume_from goes with resume=True")
         if resume_from is not None:
-            resume_from = _step_number(resume_from)
+            resume_from = step_number(resume_from)
         if reward_range is not None:
             reward_range = _checked_reward_range(reward_range)
         if param_names is not None and not all(isinstance(n, str) for n in param_names):
@@ -439,7 +425,7 @@ class Recorder:
                 raise UsageError("log_step on a closed Recorder")
             if self.stopped is not None:
                 return
-            step = _step_number(step)
+            step = step_number(step)
             if self._rewriting and self._last_step is None:
                 raise UsageError(f"rewrite_step({step}) before any step was logged")
             if self._rewriting and step != self._last_step:

@@ -1,0 +1,37 @@
+"""`Run.step(n)` given what is no step number: the UsageError log_step gives for one, not a
+step read under a bool or float as its number, nor an InputError that the run lacks it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import stabledrl_cli as sd
+from stabledrl_cli.errors import InputError, UsageError
+
+
+@pytest.fixture
+def run_path(tmp_path: Path) -> Path:
+    with sd.Recorder(tmp_path / "run", policy=None) as recorder:
+        for n in range(3):
+            recorder.log_step(n, loss=float(n))
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("number", [True, 1.0, "1", None, -1])
+def test_what_is_no_step_number_is_a_usage_error(run_path: Path, number: object) -> None:
+    """Before: True and 1.0 read step 1 as a step whose .step was True or 1.0; '1', None and
+    -1 were InputErrors, 'no step 1' (exit 3: as if the run lacked them)."""
+    with sd.open_run(run_path) as run, pytest.raises(UsageError) as refused:
+        run.step(number)  # type: ignore[arg-type]
+    assert str(refused.value) == f"step must be an int in [0, 2**63 - 1], got {number!r}"
+
+
+def test_a_numpy_integer_reads_the_step_as_its_int(run_path: Path) -> None:
+    with sd.open_run(run_path) as run:
+        step = run.step(np.int64(1))  # type: ignore[arg-type]
+        assert type(step.step) is int and step.step == 1 and step.scalars["loss"] == 1.0
+        with pytest.raises(InputError, match=r": no step 7$"):
+            run.step(7)
