@@ -1,5 +1,6 @@
-"""`Recorder`'s counts (world_size, rank, queue_size) refuse a bool, which Python takes for
-0 or 1, and a world_size past what readers accept, with the Recorder's own one line."""
+"""`Recorder`'s arguments: its counts (world_size, rank, queue_size) refuse a bool, which
+Python takes for 0 or 1, and a world_size past what readers accept; its path (and
+`open_run`'s) refuses what names no directory; each with one line of the Recorder's own."""
 
 from __future__ import annotations
 
@@ -39,3 +40,25 @@ def test_the_largest_world_size_is_taken(tmp_path: Path) -> None:
         recorder.log_step(0, loss=1.0)
     assert sd.open_run(tmp_path / "run").manifest["world_size"] == 4096
     sd.Recorder(tmp_path / "run", world_size=4096, rank=4095).close()  # the last rank
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        (None, "path must be a str or a path object, not NoneType"),
+        (5, "path must be a str or a path object, not int"),
+        (b"run", "path must be a str or a path object, not bytes"),
+        ("", "path is empty: name the run's directory"),
+    ],
+)
+def test_a_path_that_names_no_directory_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: object, message: str
+) -> None:
+    """Before: pathlib's TypeError for None, 5 and b"run"; and "" recorded into the working
+    directory ('already exists and is not empty', or with overwrite=True a run made there)."""
+    monkeypatch.chdir(tmp_path)
+    for make in (sd.Recorder, sd.open_run):
+        with pytest.raises(UsageError) as refused:
+            make(path)  # type: ignore[operator]
+        assert str(refused.value) == message
+    assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,7 @@ from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._remote import is_url, open_url
 from stabledrl_cli.dump._run import Run
-from stabledrl_cli.dump._schema import HDF5_SIGNATURE
+from stabledrl_cli.dump._schema import HDF5_SIGNATURE, path_argument
 from stabledrl_cli.errors import InputError, UsageError
 
 
@@ -19,18 +19,16 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     a path or an fsspec URL (`memory://`, `file://`, `s3://`...; `dump._remote`).
 
     Raises InputError (exit 3) for a missing path, a non-run (a replay report included), or a
-    newer major format version; UsageError (exit 2) for a `path` that is no str or path object
-    (None, bytes, a number) or a `verify` that is not True or False. `verify=False` skips the
-    data checksum when arrays are read (headers are always checked).
+    newer major format version; UsageError (exit 2) for a `path` that is empty or no str or
+    path object (None, bytes, a number) or a `verify` that is not True or False.
+    `verify=False` skips the data checksum when arrays are read (headers are always checked).
     """
-    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
-        raise UsageError(f"path must be a str or a path object, not {type(path).__name__}")
+    given = path_argument(path)  # as the user wrote it: Path drops a doubled or trailing slash
     if not isinstance(verify, bool):
         raise UsageError(f"verify must be True or False, not {type(verify).__name__}")
     if isinstance(path, str) and is_url(path):
         return open_url(path, verify=verify)
     run_path = Path(path)
-    given = os.fspath(path)  # as the user wrote it: Path drops a doubled or trailing slash
     try:
         exists, is_dir = run_path.exists(), run_path.is_dir()
     except OSError as exc:  # a name longer than the file system takes, ...

@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -454,3 +455,15 @@ def step_number(value: object) -> int:
     if step is None or not 0 <= step <= STEP_LIMIT:
         raise UsageError(f"step must be an int in [0, 2**63 - 1], got {value!r}")
     return step
+
+
+def path_argument(path: object) -> str:
+    """A run's `path` as given to `Recorder` or `open_run`: a non-empty str or path object
+    (its text returned), else UsageError (None, a number, bytes; "" would be the working
+    directory, which no caller means)."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise UsageError(f"path must be a str or a path object, not {type(path).__name__}")
+    if not text:
+        raise UsageError("path is empty: name the run's directory")
+    return text

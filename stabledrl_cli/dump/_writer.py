@@ -95,6 +95,7 @@ from stabledrl_cli.dump._schema import (
     is_count,
     json_checked,
     note_text,
+    path_argument,
     step_file_name,
     step_number,
     stop_note_name,
@@ -295,6 +296,7 @@ class Recorder:
             raise UsageError("policy_params go with a policy; policy=None records none")
         if policy_params is not None:
             policy_params = _object(policy_params, "policy_params")
+        path = path_argument(path)
         try:  # where it is now: the process may chdir later
             self.path = Path(path).absolute()
         except OSError as exc:  # a relative path in a working directory since removed
