@@ -386,11 +386,12 @@ def replay(
 
     run: a run directory, archive or URL (or an opened Run); policies: a spec, or a non-empty
     list of specs (None: the run's own policy plus the standard catalogue); engine: where the
-    streaming pass runs (None or "local": this process; "ray" or
-    `ray_engine.RayEngine(...)`: a Ray cluster); guards: the adaptive grad-norm guards
-    replayed over the recorded norms, a spec or a list of them as `--guard` takes them (None:
-    zclip and skip-step; "none" or an empty list: no guard); memory_budget: bytes, or a size
-    as `--memory-budget` takes it ("256M", "1G"); the other
+    streaming pass runs (None or "local": this process; "processes" or
+    `process_engine.ProcessEngine(workers=N)`: worker processes of this machine; "ray" or
+    `ray_engine.RayEngine(...)`: a Ray cluster; the results are the same); guards: the
+    adaptive grad-norm guards replayed over the recorded norms, a spec or a list of them as
+    `--guard` takes them (None: zclip and skip-step; "none" or an empty list: no guard);
+    memory_budget: bytes, or a size as `--memory-budget` takes it ("256M", "1G"); the other
     arguments are `ReplayConfig`'s (None: its default). `.to_json()` of the result prints the
     JSON contract. A run it opens (a path or URL) is closed when it returns or raises; a Run
     given is left open.
