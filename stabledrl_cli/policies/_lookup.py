@@ -13,7 +13,10 @@ if TYPE_CHECKING:
 
 
 def get_policy(spec: str | Policy) -> Policy:
-    """`NAME` or `NAME:key=value,...` -> Policy. A Policy passes through unchanged."""
+    """The catalogue's Policy for a spec, `NAME` or `NAME:key=value,...` (`stabledrl
+    policies` lists the names, keys and defaults; docs/policies.md the formulas). A Policy
+    passes through unchanged. UsageError (exit 2) for an unknown name or key, a key given
+    twice, a value out of range, or what is neither a spec string nor a Policy."""
     if not isinstance(spec, str):
         from stabledrl_cli.policies._base import Policy  # a Policy means torch is loaded
 
