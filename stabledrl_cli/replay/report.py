@@ -79,6 +79,8 @@ class SummaryColumn:
     """Shown in the default view (the rest with `wide`)."""
     numeric: bool = True
     """Never wrapped (a number or step list is shown whole or shortened, never broken)."""
+    requested: bool = False
+    """An on-request (`--metrics`) column."""
 
     def legend(self) -> str:
         """`header: how (source: its meaning; ...)`."""
@@ -155,7 +157,7 @@ def _extra_column(column: columns.Column) -> SummaryColumn:
     def cell(p: PolicyResult) -> str:
         return _cell(p.summary.column_figures.get(column.name), how_cell)
 
-    return SummaryColumn(header=column.table.header, cell=cell, compact=True,
+    return SummaryColumn(header=column.table.header, cell=cell, compact=True, requested=True,
                          how=f"{column.summary} over steps", sources=(column.name,))  # fmt: skip
 
 
@@ -169,6 +171,31 @@ def summary_columns(
         shown += [_figure_column(c) for c in columns.gated_columns() if c.figure is not None]
     extra = [c for c in columns.summary_columns() if c.group in metrics and c.table is not None]
     return shown + [_extra_column(c) for c in extra]
+
+
+def _table_parts(
+    shown: Sequence[SummaryColumn], widths: Sequence[int], width: int, *, wide: bool
+) -> list[list[int]]:
+    """The summary's columns (indices into `shown`, whose widest cells are `widths`), table by
+    table: all in one, unless the on-request columns would take it past `width` (and not
+    `wide`, which overflows the terminal on purpose); then the built-in columns, and the
+    on-request ones in as few tables as fit, each led by the policy column."""
+    everything = list(range(len(shown)))
+    if wide or _table_width(everything, widths) <= width:
+        return [everything]
+    parts = [[i for i in everything if not shown[i].requested]]
+    for i in everything:
+        if shown[i].requested:
+            if len(parts) == 1 or _table_width([*parts[-1], i], widths) > width:
+                parts.append([0])  # the policy column
+            parts[-1].append(i)
+    return parts
+
+
+def _table_width(part: Sequence[int], widths: Sequence[int]) -> int:
+    """The width of a table of the columns `part`: each its widest cell, a space either side
+    and a border after it, and the first border."""
+    return 1 + sum(widths[i] + 3 for i in part)
 
 
 def print_title(table: Table, console: Console) -> None:
@@ -242,23 +269,24 @@ def print_summary(
     if caption is not None:
         caption = caption.format(uncovered=1 - result.geometry_coverage)
     star = "*" if caption else ""
-    table = Table(
-        title=f"Replay of {result.run}: {result.steps} steps, geometry {result.geometry} "
-        f"(coverage {result.geometry_coverage:.0%})",
-        title_justify="left",
+    title = (
+        f"Replay of {result.run}: {result.steps} steps, geometry {result.geometry} "
+        f"(coverage {result.geometry_coverage:.0%})"
     )
     shown = summary_columns(metrics, wide=wide)
+    headers = [c.header + (star if "update_norm" in c.sources else "") for c in shown]
     rows = [[column.cell(p) for column in shown] for p in result.policies]
-    for i, column in enumerate(shown):
-        header = column.header + (star if "update_norm" in column.sources else "")
-        if column.numeric:  # never narrower than its widest cell: a number is never cut
-            whole = max([len(header), *(len(row[i]) for row in rows)])
-            table.add_column(header, no_wrap=True, min_width=whole, justify="right")
-        else:
-            table.add_column(header, no_wrap=True, overflow="ellipsis")
-    for row in rows:
-        table.add_row(*row)
-    print_whole(table, console)
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+    for n, part in enumerate(_table_parts(shown, widths, console.width, wide=wide)):
+        table = Table(title=title if n == 0 else None, title_justify="left")
+        for i in part:
+            if shown[i].numeric:  # never narrower than its widest cell: a number is never cut
+                table.add_column(headers[i], no_wrap=True, min_width=widths[i], justify="right")
+            else:
+                table.add_column(headers[i], no_wrap=True, overflow="ellipsis")
+        for row in rows:
+            table.add_row(*(row[i] for i in part))
+        print_whole(table, console)
     if caption is not None:  # text under the table, wrapped to the console like the legend
         print_legend([caption], console)
     if legend:
