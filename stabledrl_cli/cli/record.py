@@ -319,8 +319,8 @@ def command(
         bool | None,
         typer.Option(
             "--skip-nonfinite/--no-skip-nonfinite",
-            help="Skip the update of a step whose grad norm is not finite "
-            f"({_default('skip_nonfinite')}).",
+            help="Skip the update of a step whose grad norm is not finite (default "
+            f"{'--skip-nonfinite' if DEFAULTS.skip_nonfinite else '--no-skip-nonfinite'}).",
             rich_help_panel=EXAMPLE,
             show_default=False,
         ),
@@ -378,13 +378,15 @@ def command(
         number_option(
             "--geometry-every",
             kind=int,
-            help="Geometry on every Nth step only.",
+            help="Geometry on every Nth step only (default 1: every step).",
             rich_help_panel=GEOMETRY,
         ),
     ] = None,
     geometry_k: Annotated[
         int | None,
-        number_option("--geometry-k", kind=int, help="Sketch width k.", rich_help_panel=GEOMETRY),
+        number_option(
+            "--geometry-k", kind=int, help="Sketch width k (default 256).", rich_help_panel=GEOMETRY
+        ),
     ] = None,
     geometry_params: Annotated[
         list[str] | None,
@@ -401,7 +403,7 @@ def command(
         number_option(
             "--geometry-seed",
             kind=int,
-            help="Seed of the sketch matrix Omega.",
+            help="Seed of the sketch matrix Omega (default 0).",
             rich_help_panel=GEOMETRY,
         ),
     ] = None,
@@ -409,7 +411,8 @@ def command(
         SketchMethod | None,
         typer.Option(
             "--geometry-method",
-            help="Sketch from exact per-unit gradients, forward-mode JVPs, or auto.",
+            help="Sketch from exact per-unit gradients, forward-mode JVPs, or auto (the "
+            "default: exact while the per-unit gradients fit in 1 GiB, else jvp).",
             rich_help_panel=GEOMETRY,
         ),
     ] = None,
@@ -417,7 +420,7 @@ def command(
         GeometryDtype | None,
         typer.Option(
             "--geometry-dtype",
-            help="Geometry storage; float16 (sketch only) with a per-step scale.",
+            help="Geometry storage (default float32); float16 (sketch only) with a per-step scale.",
             rich_help_panel=GEOMETRY,
         ),
     ] = None,

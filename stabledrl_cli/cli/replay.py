@@ -32,7 +32,6 @@ from stabledrl_cli.cli._options import (
     FormatOpt,
     MemoryBudgetOpt,
     PlotOpt,
-    PolicyOpt,
     RayAddressOpt,
     RunSourceArg,
     ThreadsOpt,
@@ -59,6 +58,7 @@ from stabledrl_cli.replay.hdf5 import write_hdf5
 from stabledrl_cli.replay.plot import check_plot_path, plot_replay, require_matplotlib
 from stabledrl_cli.replay.report import BEST_RULE, print_detail, print_summary
 from stabledrl_cli.replay.result import ReplayResult
+from stabledrl_cli.spec import SPEC_SYNTAX
 from stabledrl_cli.vocab import METRIC_GROUPS, MetricGroup, ReplayEngine
 
 if TYPE_CHECKING:
@@ -233,7 +233,16 @@ def note_empty_range(result: ReplayResult) -> None:
 
 def command(
     run: RunSourceArg,
-    policy: PolicyOpt = None,
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--policy",
+            "-p",
+            metavar="SPEC",
+            help=f"Policy spec: {SPEC_SYNTAX} (repeatable; default: the run's own policy, "
+            "then the standard catalogue).",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     output_format: FormatOpt = "table",
     steps: Annotated[
@@ -268,7 +277,8 @@ def command(
         number_option(
             "--max-grad-norm",
             kind=float,
-            help="clip_grad_norm_ bound for clip_scale (spikes use the pre-clip norm).",
+            help="clip_grad_norm_ bound for clip_scale (spikes use the pre-clip norm; "
+            "default: none, clip_scale 1).",
         ),
     ] = None,
     chunk_size: ChunkSizeOpt = None,

@@ -1,0 +1,62 @@
+"""Every option of `record` and `replay` that takes a default when not given says which in its
+help, and says the library's own default."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from stabledrl_cli.capture.geometry import GeometryConfig
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.example.config import ExampleConfig
+
+runner = CliRunner()
+
+
+def _help(command: str) -> dict[str, str]:
+    """Each option's help, its lines joined, by its long name."""
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    records: dict[str, str] = {}
+    name = ""
+    for line in result.stdout.splitlines():
+        start = re.match(r"^  (?:-\w, )?(--[\w-]+)", line)
+        if start:
+            name = start[1]
+        if name and line.startswith("  "):
+            records[name] = records.get(name, "") + " " + line.strip()
+        elif not line.startswith("  "):
+            name = ""
+    return {key: " ".join(text.split()) for key, text in records.items()}
+
+
+GEOMETRY = GeometryConfig()
+
+
+@pytest.mark.parametrize(
+    ("option", "default"),
+    [
+        ("--geometry-every", f"default {GEOMETRY.every}"),
+        ("--geometry-k", f"default {GEOMETRY.k}"),
+        ("--geometry-seed", f"default {GEOMETRY.seed}"),
+        ("--geometry-method", f"{GEOMETRY.method} (the default"),
+        ("--geometry-dtype", f"default {GEOMETRY.storage_dtype}"),
+        ("--skip-nonfinite", "default --skip-nonfinite" if ExampleConfig().skip_nonfinite
+         else "default --no-skip-nonfinite"),
+    ],
+)  # fmt: skip
+def test_record_help_states_each_default(option, default):
+    assert default in _help("record")[option]
+
+
+@pytest.mark.parametrize(
+    ("option", "default"),
+    [
+        ("--policy", "default: the run's own policy, then the standard catalogue"),
+        ("--max-grad-norm", "default: none, clip_scale 1"),
+    ],
+)
+def test_replay_help_states_each_default(option, default):
+    assert default in _help("replay")[option]
