@@ -324,6 +324,9 @@ class _Listing:
     """Each rank's `recording_stopped` note file, by rank."""
     unknown: list[tuple[Path, str]] = field(default_factory=list)
     """Files that are not step files of this run, each with why."""
+    read_notes: tuple[dict[int, dict[str, Any]], list[Finding]] | None = None
+    """`notes` read (`DirectoryRun._stop_notes`), once a listing: its integrity check and
+    its notes shown (`inspect`) come from one read of each file."""
 
 
 def symlink_refused(name: str) -> InputError:
@@ -452,7 +455,9 @@ class DirectoryRun(Run):
 
     def _stop_notes(self, listing: _Listing) -> tuple[dict[int, dict[str, Any]], list[Finding]]:
         """Each note file of `listing` as its note, by rank, and an `unknown_file` finding for
-        each that does not read as one (`parse_stop_note`)."""
+        each that does not read as one (`parse_stop_note`); each file read once a listing."""
+        if listing.read_notes is not None:
+            return listing.read_notes
         notes: dict[int, dict[str, Any]] = {}
         findings = []
         for rank, path in sorted(listing.notes.items()):
@@ -462,7 +467,8 @@ class DirectoryRun(Run):
             except InputError as exc:
                 reason = str(exc).removeprefix(f"{where}: ")
                 findings.append(Finding("unknown_file", None, where, f"{path.name}: {reason}"))
-        return notes, findings
+        listing.read_notes = notes, findings
+        return listing.read_notes
 
     @property
     def recording_stops(self) -> list[dict[str, Any]]:
