@@ -41,10 +41,11 @@ class StepSeries:
     """One policy's per-step columns: name -> [S], the reported columns of `columns.COLUMNS`
     in their order (each column's meaning is declared there), aligned over the same steps.
 
-    Given (`given`), or derived when read (`derive`) and kept with the series until another
-    series derives its own (`_holder`): a replay of many policies holds every policy's
-    streamed metrics once, the columns derived of them (integer casts, flags, ratios: half
-    the metrics' size again) a policy at a time."""
+    Given (`given`), or derived when read (`derive`) and kept with the series while it is one
+    of the `_HELD` series read last (`_holders`): a replay of many policies holds every
+    policy's streamed metrics once, the columns derived of them (integer casts, flags, ratios:
+    half the metrics' size again) of two policies at most, so two series read in turn (two
+    results compared column by column) are each derived once."""
 
     given: Columns | None = None
     derive: Callable[[], Columns] | None = field(default=None, repr=False)
@@ -54,16 +55,20 @@ class StepSeries:
         if self.given is not None:
             return self.given
         held: Columns | None = self.__dict__.get("_derived")
-        if held is not None:
-            return held
-        assert self.derive is not None, "a StepSeries has its columns or a way to derive them"
-        previous = _holder[0]() if _holder else None
-        if previous is not None:  # its columns dropped before these are derived
-            previous.__dict__.pop("_derived", None)
-        held = self.derive()
+        _release(self)  # back in `_holders` below, as the series read last
+        if held is None:
+            assert self.derive is not None, "a StepSeries has its columns or a way to derive them"
+            while len(_holders) >= _HELD:  # the columns read longest ago dropped first
+                _release(_holders.pop(0)())
+            held = self.derive()
         object.__setattr__(self, "_derived", held)
-        _holder[:] = [weakref.ref(self)]
+        _holders.append(self._ref)
         return held
+
+    @property
+    def _ref(self) -> weakref.ref[StepSeries]:
+        """A weak reference to this series, taken out of `_holders` when the series goes."""
+        return weakref.ref(self, _forget)
 
     def __getstate__(self) -> dict[str, object]:
         """What pickles: the columns or the way to derive them, not the derived ones."""
@@ -280,9 +285,25 @@ class ReplayResult:
 # Rows are converted from the columns this many steps at a time.
 _ROW_BLOCK = 1024
 
-_holder: list[weakref.ref[StepSeries]] = []
-"""The series that holds the columns derived last (readers go through a replay's policies one
-after another: each series read column after column is derived once)."""
+_HELD = 2
+"""How many series hold their derived columns at a time."""
+_holders: list[weakref.ref[StepSeries]] = []
+"""The series that hold derived columns, the one read longest ago first (readers go through a
+replay's policies one after another, or two results' side by side: each series read column
+after column is derived once)."""
+
+
+def _release(series: StepSeries | None) -> None:
+    """`series`' derived columns dropped, and it out of `_holders`."""
+    if series is not None:
+        series.__dict__.pop("_derived", None)
+        _holders[:] = [ref for ref in _holders if ref() is not series]
+
+
+def _forget(ref: weakref.ref[StepSeries]) -> None:
+    """A series gone: out of `_holders` (its columns went with it)."""
+    if ref in _holders:
+        _holders.remove(ref)
 
 
 def _selected(columns: Columns, keep: np.ndarray) -> Columns:
@@ -291,8 +312,11 @@ def _selected(columns: Columns, keep: np.ndarray) -> Columns:
 
 
 def _selected_of(series: StepSeries, keep: np.ndarray) -> Columns:
-    """`series`' columns where `keep` is true (a function of the module: a result pickles)."""
-    return _selected(series.columns, keep)
+    """`series`' columns where `keep` is true (a function of the module: a result pickles);
+    `series`' own columns are dropped once these are made (the selection is what is read)."""
+    selected = _selected(series.columns, keep)
+    _release(series)
+    return selected
 
 
 def _json_list(rows: Iterator[JsonRow], indent: int | None, depth: int) -> Iterator[str]:
