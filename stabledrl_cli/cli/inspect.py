@@ -60,7 +60,7 @@ def _run_table(s: RunSummary) -> Table:
             f"scored {s.unit}s / step",
             f"min {counts.min}, median {counts.median:g}, max {counts.max}"
             if counts
-            else "n/a (no policy batch)",
+            else f"n/a ({'no policy batch' if s.steps else 'no readable step'})",
         ),
         ("fields", ", ".join(s.fields) or "none"),
         ("scalars", ", ".join(s.scalars) or "none"),
@@ -226,20 +226,26 @@ def _observed_table(s: RunSummary) -> Table:
         else "no reward recorded",
     )
     collapse = obs.first_reward_collapse
-    table.add_row(
-        "first reward collapse",
-        ("none" if collapse is None else f"step {collapse}") + f" (window {obs.collapse_window})",
-    )
     warning = obs.collapse_warning
-    table.add_row(
-        "collapse warning",
-        "none"
-        if warning.first_step is None
-        else f"first at step {warning.first_step} ({warning.rule_text}; "
-        f"{len(warning.steps)} warning steps)",
-    )
-    table.add_row("grad-norm spikes", _steps_text(obs.recorded_spike_steps))
-    table.add_row("non-finite steps", _steps_text(obs.nonfinite_steps))
+    rows = {
+        "first reward collapse": (
+            "first_reward_collapse",
+            ("none" if collapse is None else f"step {collapse}")
+            + f" (window {obs.collapse_window})",
+        ),
+        "collapse warning": (
+            "collapse_warning_first_step",
+            "none"
+            if warning.first_step is None
+            else f"first at step {warning.first_step} ({warning.rule_text}; "
+            f"{len(warning.steps)} warning steps)",
+        ),
+        "grad-norm spikes": ("spike_steps", _steps_text(obs.recorded_spike_steps)),
+        "non-finite steps": ("nonfinite_steps", _steps_text(obs.nonfinite_steps)),
+    }
+    for what, (figure, text) in rows.items():
+        unjudged = obs.unjudged(figure)  # "none" would claim a judgement no step had
+        table.add_row(what, text if unjudged is None else f"not judged: {unjudged}")
     floor = obs.noise_floor_logratio_std
     table.add_row(
         "noise floor (std log r, inner_step 0)",

@@ -1,0 +1,49 @@
+"""`inspect` says "not judged", with why, where a rule of the observed behaviour judged no
+step, instead of "none" (which reads as a run that was judged and is fine): a run of one step,
+a run whose every step is damaged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from _corpus import flip_bit, step_path, tiny_run
+from conftest import fixture_run
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+
+
+def _rows(run: Path) -> dict[str, str]:
+    """The observed and run tables' rows at a width that wraps none: what -> value."""
+    result = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    cells = [line.strip("│ ").split("│") for line in result.stdout.splitlines()]
+    return {row[0].strip(): row[1].strip() for row in cells if len(row) == 2}
+
+
+def test_a_one_step_run_is_not_judged_collapse_free(tmp_path):
+    rows = _rows(tiny_run(tmp_path / "run", steps=1))
+    assert rows["first reward collapse"].startswith("not judged: the run's reward_mean has no 10")
+    assert rows["collapse warning"].startswith("not judged: the run has no 3 finite")
+    assert rows["grad-norm spikes"].startswith("not judged: the run recorded 1 finite")
+    assert rows["non-finite steps"] == "none"  # counted on its one step
+
+
+def test_a_run_whose_every_step_is_damaged(tmp_path):
+    run = tiny_run(tmp_path / "run", steps=3)
+    for step in range(3):
+        path = step_path(run, step)
+        flip_bit(path, path.stat().st_size - 5)
+    rows = _rows(run)
+    assert rows["steps"] == "0"
+    assert rows["scored tokens / step"] == "n/a (no readable step)"
+    for what in ("first reward collapse", "collapse warning", "grad-norm spikes",
+                 "non-finite steps"):  # fmt: skip
+        assert rows[what].startswith("not judged: "), (what, rows[what])
+
+
+def test_a_judged_run_reads_as_before():
+    rows = _rows(fixture_run("grpo"))
+    assert rows["first reward collapse"] == "step 108 (window 10)"
+    assert rows["non-finite steps"] == "92, 93, 94, 95"
+    assert rows["grad-norm spikes"].startswith("29, 30, 31")
