@@ -11,12 +11,13 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
+from stabledrl_cli.errors import counted
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.columns import CellFormat
 from stabledrl_cli.replay.config import format_step_range
 from stabledrl_cli.replay.guards import GuardAction, GuardReport
-from stabledrl_cli.replay.observed import CollapseWarning
+from stabledrl_cli.replay.observed import CollapseWarning, Observed
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.vocab import MetricGroup
 
@@ -270,7 +271,7 @@ def print_summary(
         caption = caption.format(uncovered=1 - result.geometry_coverage)
     star = "*" if caption else ""
     title = (
-        f"Replay of {result.run}: {result.steps} steps, geometry {result.geometry} "
+        f"Replay of {result.run}: {counted(result.steps, 'step')}, geometry {result.geometry} "
         f"(coverage {result.geometry_coverage:.0%})"
     )
     shown = summary_columns(metrics, wide=wide)
@@ -315,32 +316,45 @@ def print_summary(
         console.print(line, highlight=False, soft_wrap=False)
 
 
-def warning_text(warning: CollapseWarning, collapse: int | None) -> str:
+def warning_text(warning: CollapseWarning, observed: Observed) -> str:
     """The collapse warning in one line, beside the observed collapse (no lead is claimed for
     a policy's one-step risk flags)."""
-    head = (
+    head = _judged(
+        observed,
+        "collapse_warning_first_step",
         "none"
         if warning.first_step is None
-        else f"first at step {warning.first_step} ({warning.rule_text})"
+        else f"first at step {warning.first_step} ({warning.rule_text})",
     )
+    collapse = observed.first_reward_collapse
     seen = "none" if collapse is None else f"at {collapse}"
+    if observed.unjudged("first_reward_collapse") is not None:  # why: on the line above
+        seen = "not judged"
     return f"collapse warning: {head}; observed collapse {seen}"
+
+
+def _judged(observed: Observed, figure: str, text: str) -> str:
+    """`text`, or "not judged (why)" where the rule of `figure` judged no step of the run
+    ("none" would read as a run judged and found clean)."""
+    unjudged = observed.unjudged(figure)
+    return text if unjudged is None else f"not judged ({unjudged})"
 
 
 def print_observed(result: ReplayResult, console: Console) -> None:
     """The recorded run's collapse, spikes and noise floor, and the run's collapse warning."""
     obs = result.observed
     collapse = obs.first_reward_collapse
+    reward = "none" if collapse is None else f"at step {collapse}"
+    spikes = format_steps(obs.recorded_spike_steps, LIST_LIMIT, empty="none")
     console.print(
-        "observed (recorded run): first reward collapse "
-        + ("none" if collapse is None else f"at step {collapse}")
-        + "; recorded grad-norm spikes: "
-        + format_steps(obs.recorded_spike_steps, LIST_LIMIT)
-        + f"; noise floor std log r: {format_number(obs.noise_floor_logratio_std)}",
+        f"observed (recorded run): first reward collapse "
+        f"{_judged(obs, 'first_reward_collapse', reward)}; recorded grad-norm spikes: "
+        f"{_judged(obs, 'spike_steps', spikes)}; noise floor std log r: "
+        f"{format_number(obs.noise_floor_logratio_std)}",
         highlight=False,
         soft_wrap=False,
     )
-    console.print(warning_text(obs.collapse_warning, collapse), highlight=False, soft_wrap=False)
+    console.print(warning_text(obs.collapse_warning, obs), highlight=False, soft_wrap=False)
     if obs.guards:
         console.print(guards_text(obs.guards), highlight=False, soft_wrap=False)
 
@@ -410,6 +424,8 @@ def print_detail(
     flags = [c.name for c in columns.reported_columns() if c.flag]
     span = format_step_range(result.step_range)
     for p in result.policies:
+        if not len(p.series):  # `--steps` selected no step: a warning says so, not empty tables
+            continue
         marks = _marks(p)
         table = Table(
             title=f"{p.spec}{' (' + ', '.join(marks) + ')' if marks else ''}: steps {span}",
@@ -439,5 +455,5 @@ def print_detail(
                     format_number(seq.contribution),
                 )
             console.print(top)
-    if legend and result.policies:
+    if legend and any(len(p.series) for p in result.policies):
         print_legend(detail_legend(shown, flags), console)

@@ -1,0 +1,50 @@
+"""What `replay`'s table says of runs with little to judge: a run of one step ("1 step", and
+"not judged" with why where a rule of the recorded run judged no step, not "none"), a run
+whose spikes were judged and none found ("none", not "-"), and a `--steps` range that
+selects no step (a warning, and no empty per-step tables)."""
+
+from __future__ import annotations
+
+from _corpus import tiny_run
+from conftest import fixture_run
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def _replay(*args: str) -> tuple[str, str]:
+    """stdout joined into one line of words (its wrapping undone), and stderr."""
+    result = runner.invoke(app, ["replay", *args, "-p", "grpo"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.stdout.split()), result.stderr
+
+
+def test_a_one_step_run_is_not_judged(tmp_path):
+    text, _ = _replay(str(tiny_run(tmp_path / "run", steps=1)))
+    assert ": 1 step, geometry" in text
+    assert "first reward collapse not judged (the run's reward_mean has no 10 finite" in text
+    assert "recorded grad-norm spikes: not judged (the run recorded 1 finite, nonzero" in text
+    assert "collapse warning: not judged (the run has no 3 finite own-sample" in text
+    assert "observed collapse not judged" in text
+    assert "collapse none" not in text
+
+
+def test_spikes_judged_and_none_found_read_none(tmp_path):
+    text, _ = _replay(str(tiny_run(tmp_path / "run", steps=12)))
+    assert "recorded grad-norm spikes: none;" in text
+
+
+def test_a_judged_run_reads_as_before():
+    text, _ = _replay(str(fixture_run("grpo")))
+    assert "first reward collapse at step 108; recorded grad-norm spikes: 29,30,31" in text
+    assert "collapse warning: first at step 60" in text and "observed collapse at 108" in text
+
+
+def test_an_empty_step_range_prints_no_empty_tables():
+    text, stderr = _replay(str(fixture_run("grpo")), "--steps", "1000:2000")
+    assert "--steps 1000:2000 selects no step" in stderr
+    assert "steps 1000:2000" not in text and "┃ step ┃" not in text
+    assert "flags:" not in text  # no legend for tables not shown
+    assert "Replay of" in text and "│ grpo (own) │ 44.0%" in text
