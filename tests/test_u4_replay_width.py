@@ -57,3 +57,18 @@ def test_wide_still_overflows_in_one_table(grpo_fixture):
     text = _table(args, 80)
     assert len([line for line in text.splitlines() if line.startswith("│ grpo")]) == 1
     assert "trl low" in text and "norm max" in text
+
+
+@pytest.mark.parametrize("groups", [["trl"], ["trl", "verl", "counts"]], ids=["trl", "all"])
+def test_per_step_metrics_columns_fit_80_columns_and_keep_every_figure(grpo_fixture, groups):
+    """The per-step tables split the same way, each table led by the step."""
+    args = ["replay", str(grpo_fixture), "-p", "grpo", "-p", "cispo", "--steps", "28:40"]
+    for group in groups:
+        args += ["--metrics", group]
+    whole, narrow = _table(args, 250), _table(args, 80)
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    cells, expected = _cells(narrow), _cells(whole)  # the flags column follows the built-in
+    assert {k: sorted(v) for k, v in cells.items()} == {k: sorted(v) for k, v in expected.items()}
+    assert len(expected) == 12 + 2  # steps 28..39, and the two policies' summary rows
+    assert sorted(_headers(narrow)) == sorted(_headers(whole))
+    assert narrow.count("grpo (own): steps 28:40") == 1

@@ -175,20 +175,21 @@ def summary_columns(
 
 
 def _table_parts(
-    shown: Sequence[SummaryColumn], widths: Sequence[int], width: int, *, wide: bool
+    requested: Sequence[bool], widths: Sequence[int], width: int, *, wide: bool
 ) -> list[list[int]]:
-    """The summary's columns (indices into `shown`, whose widest cells are `widths`), table by
-    table: all in one, unless the on-request columns would take it past `width` (and not
-    `wide`, which overflows the terminal on purpose); then the built-in columns, and the
-    on-request ones in as few tables as fit, each led by the policy column."""
-    everything = list(range(len(shown)))
+    """A table's columns (indices; the widest cell of each is `widths`, the on-request ones
+    `requested`) table by table: all in one, unless the on-request columns would take it past
+    `width` (and not `wide`, which overflows the terminal on purpose); then the built-in
+    columns, and the on-request ones in as few tables as fit, each led by the first column
+    (the policy, or the step)."""
+    everything = list(range(len(requested)))
     if wide or _table_width(everything, widths) <= width:
         return [everything]
-    parts = [[i for i in everything if not shown[i].requested]]
+    parts = [[i for i in everything if not requested[i]]]
     for i in everything:
-        if shown[i].requested:
+        if requested[i]:
             if len(parts) == 1 or _table_width([*parts[-1], i], widths) > width:
-                parts.append([0])  # the policy column
+                parts.append([0])
             parts[-1].append(i)
     return parts
 
@@ -278,7 +279,8 @@ def print_summary(
     headers = [c.header + (star if "update_norm" in c.sources else "") for c in shown]
     rows = [[column.cell(p) for column in shown] for p in result.policies]
     widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
-    for n, part in enumerate(_table_parts(shown, widths, console.width, wide=wide)):
+    requested = [c.requested for c in shown]
+    for n, part in enumerate(_table_parts(requested, widths, console.width, wide=wide)):
         table = Table(title=title if n == 0 else None, title_justify="left")
         for i in part:
             if shown[i].numeric:  # never narrower than its widest cell: a number is never cut
@@ -423,22 +425,29 @@ def print_detail(
     ]
     flags = [c.name for c in columns.reported_columns() if c.flag]
     span = format_step_range(result.step_range)
+    headers = [c.table.header for c in shown if c.table is not None] + ["flags"]
+    requested = [c.group is not None for c in shown] + [False]
+    flags_at = len(shown)
     for p in result.policies:
         if not len(p.series):  # `--steps` selected no step: a warning says so, not empty tables
             continue
         marks = _marks(p)
-        table = Table(
-            title=f"{p.spec}{' (' + ', '.join(marks) + ')' if marks else ''}: steps {span}",
-            title_justify="left",
-        )
-        for column in shown:
-            assert column.table is not None
-            table.add_column(column.table.header, no_wrap=True, justify="right")
-        table.add_column("flags", no_wrap=True)
-        for row in p.series.iter_rows():
-            cells = [_cell(row[c.name], c.table.format) for c in shown if c.table is not None]
-            table.add_row(*cells, ",".join(name for name in flags if row[name]) or "-")
-        print_whole(table, console)
+        title = f"{p.spec}{' (' + ', '.join(marks) + ')' if marks else ''}: steps {span}"
+        rows = [
+            [_cell(row[c.name], c.table.format) for c in shown if c.table is not None]
+            + [",".join(name for name in flags if row[name]) or "-"]
+            for row in p.series.iter_rows()
+        ]
+        widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+        for n, part in enumerate(_table_parts(requested, widths, console.width, wide=wide)):
+            table = Table(title=title if n == 0 else None, title_justify="left")
+            for i in part:
+                table.add_column(
+                    headers[i], no_wrap=True, justify="left" if i == flags_at else "right"
+                )
+            for row in rows:
+                table.add_row(*(row[i] for i in part))
+            print_whole(table, console)
         for number, seqs in sorted(p.detail.items()):
             top = Table(
                 title=f"{p.spec} step {number}: sequences contributing most", title_justify="left"
