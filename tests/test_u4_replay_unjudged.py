@@ -48,3 +48,12 @@ def test_an_empty_step_range_prints_no_empty_tables():
     assert "steps 1000:2000" not in text and "┃ step ┃" not in text
     assert "flags:" not in text  # no legend for tables not shown
     assert "Replay of" in text and "│ grpo (own) │ 44.0%" in text
+
+
+def test_detail_over_every_step_is_titled_so():
+    """--detail without --steps: each per-step table is titled 'every step', where it read
+    'steps :'."""
+    text, _ = _replay(str(fixture_run("grpo")), "--detail", "--no-legend")
+    assert "grpo (own): every step" in text and "steps :" not in text
+    ranged, _ = _replay(str(fixture_run("grpo")), "--steps", "100:", "--no-legend")
+    assert "grpo (own): steps 100:" in ranged

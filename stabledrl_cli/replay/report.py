@@ -424,7 +424,11 @@ def print_detail(
         if c.table is not None and (wide or c.group is not None or c.name in COMPACT_STEP_COLUMNS)
     ]
     flags = [c.name for c in columns.reported_columns() if c.flag]
-    span = format_step_range(result.step_range)
+    span = (
+        "every step"
+        if result.step_range == (None, None)
+        else f"steps {format_step_range(result.step_range)}"
+    )
     headers = [c.table.header for c in shown if c.table is not None] + ["flags"]
     requested = [c.group is not None for c in shown] + [False]
     flags_at = len(shown)
@@ -432,7 +436,7 @@ def print_detail(
         if not len(p.series):  # `--steps` selected no step: a warning says so, not empty tables
             continue
         marks = _marks(p)
-        title = f"{p.spec}{' (' + ', '.join(marks) + ')' if marks else ''}: steps {span}"
+        title = f"{p.spec}{' (' + ', '.join(marks) + ')' if marks else ''}: {span}"
         rows = [
             [_cell(row[c.name], c.table.format) for c in shown if c.table is not None]
             + [",".join(name for name in flags if row[name]) or "-"]
