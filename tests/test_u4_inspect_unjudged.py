@@ -10,6 +10,7 @@ from _corpus import flip_bit, step_path, tiny_run
 from conftest import fixture_run
 from typer.testing import CliRunner
 
+import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 
 
@@ -47,3 +48,8 @@ def test_a_judged_run_reads_as_before():
     assert rows["first reward collapse"] == "step 108 (window 10)"
     assert rows["non-finite steps"] == "92, 93, 94, 95"
     assert rows["grad-norm spikes"].startswith("29, 30, 31")
+
+
+def test_a_run_without_steps_says_so(tmp_path):
+    sd.Recorder(tmp_path / "run", policy="grpo").close()
+    assert _rows(tmp_path / "run")["scored tokens / step"] == "n/a (no step)"

@@ -60,7 +60,7 @@ def _run_table(s: RunSummary) -> Table:
             f"scored {s.unit}s / step",
             f"min {counts.min}, median {counts.median:g}, max {counts.max}"
             if counts
-            else f"n/a ({'no policy batch' if s.steps else 'no readable step'})",
+            else f"n/a ({_no_counts_reason(s)})",
         ),
         ("fields", ", ".join(s.fields) or "none"),
         ("scalars", ", ".join(s.scalars) or "none"),
@@ -70,6 +70,14 @@ def _run_table(s: RunSummary) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _no_counts_reason(s: RunSummary) -> str:
+    """Why a run has no scored-entry counts: its steps are scalar ones, none could be read,
+    or it has none."""
+    if s.steps:
+        return "no policy batch"
+    return "no readable step" if s.integrity.get("findings") else "no step"
 
 
 def _recording_text(s: RunSummary) -> str:
