@@ -265,8 +265,9 @@ def print_summary(
     legend: bool = True,
 ) -> None:
     """One line per policy, the run's own policy and the best one marked (`wide`: every
-    column; `metrics`: the groups of on-request columns to add); under it, unless `legend` is
-    False, one legend line per column shown and the rule that picks `best`."""
+    column; `metrics`: the groups of on-request columns to add, in tables of their own where
+    they would not fit the console beside the rest: `_table_parts`); under it, unless `legend`
+    is False, one legend line per column shown and the rule that picks `best`."""
     caption = _CAPTIONS.get(result.geometry)
     if caption is not None:
         caption = caption.format(uncovered=1 - result.geometry_coverage)
@@ -416,8 +417,9 @@ def print_detail(
 ) -> None:
     """Per-step rows of the reported range, one table a policy (cells and flags as declared
     in `columns.COLUMNS`: `COMPACT_STEP_COLUMNS`, or every one with `wide`, and the on-request
-    columns of `metrics`; numbers never wrapped), then the flagged steps' top sequences;
-    unless `legend` is False, the columns' legend."""
+    columns of `metrics`, split off as the summary's are; numbers never wrapped; none for a
+    policy without a step in the range), then the flagged steps' top sequences; unless
+    `legend` is False, the columns' legend."""
     shown = [
         c
         for c in columns.table_columns(tuple(metrics))
