@@ -134,9 +134,11 @@ def _check_rows(text: str) -> list[tuple[str, str, str, str, str]]:
     ]
     if "┃ policy" in text:
         return [(policy, gate, status, figure, limit) for policy, gate, status, figure, limit,
-                *_ in cells]  # fmt: skip
+                *_ in cells if policy]  # fmt: skip
     rows, policy = [], None
     for gate, status, figure, limit, *_ in cells:
+        if not gate:  # the next line of a gate's wrapped detail
+            continue
         if not status:  # a policy's line
             policy = gate
             continue

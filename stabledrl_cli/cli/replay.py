@@ -340,11 +340,9 @@ def command(
     chosen = replay_engine(engine, workers, ray_address)
     opened = open_run(run)
     result = replay_with_progress(opened, policy, config, chosen)
-    from stabledrl_cli.replay.run_facts import own_policy_note
+    from stabledrl_cli.replay.run_facts import print_own_policy_note
 
-    note = own_policy_note(opened)
-    if note is not None:
-        err.print(note, highlight=False, soft_wrap=False)
+    print_own_policy_note(opened, err)
     note_skipped(result)
     note_empty_range(result)
     # An output that cannot be written ends the replay with exit 4, after its results are shown.
