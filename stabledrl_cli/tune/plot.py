@@ -13,14 +13,15 @@ from stabledrl_cli.tune.front import TuneReport
 
 def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
     """Draws every setting (x: risk steps, y: median discarded gradient), the front as a line
-    and the recommendation circled. Written atomically. MissingExtraError without matplotlib."""
+    and the recommendation circled; a note instead when no setting has a finite one. Written
+    atomically. MissingExtraError without matplotlib."""
     require_matplotlib()
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    fig = Figure(figsize=(7.0, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     for tuned, colour, label in ((True, "tab:blue", "setting"), (False, "tab:grey", "own")):
         points = [
             (len(s.risk_steps), s.mass_key * 100)
@@ -51,9 +52,12 @@ def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
     ax.set_xlabel("risk steps (non-finite, spike or bias)")
     ax.set_ylabel("discarded gradient, median per step (%)")
     ax.set_title(f"stabledrl tune: {Path(report.run).name} ({report.steps} steps)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no setting has a finite discarded gradient (n/a in the ranking)",
+                ha="center", va="center", transform=ax.transAxes)  # fmt: skip
     target = Path(path)
     with output_path(target) as temp:
         fig.savefig(temp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return target

@@ -1,0 +1,33 @@
+"""`stabledrl tune --plot` on settings with no finite discarded gradient."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from _cli import run_cli
+
+import stabledrl_cli as sd
+
+
+def test_a_plot_with_no_finite_setting_is_drawn_without_a_warning(tmp_path: Path) -> None:
+    """Every replayed update non-finite: each setting's discarded gradient is n/a, so the
+    front has no point to draw. The plot is written and stderr holds only tune's own lines;
+    before, matplotlib's 'No artists with labels found to put in legend' UserWarning and the
+    source line it quoted came out between them, above an empty frame."""
+    with sd.Recorder(tmp_path / "run", policy="is") as recorder:
+        for step in range(6):
+            recorder.log_step(
+                step,
+                logp=torch.full((2, 3), float("nan")),
+                logp_old=torch.full((2, 3), -1.0),
+                advantages=torch.tensor([1.0, -1.0]),
+            )
+    png = tmp_path / "front.png"
+    sweep = "dapo:eps_high=0.2|0.3"
+    result = run_cli("tune", tmp_path / "run", "-p", sweep, "--device", "cpu", "--plot", png)
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes().startswith(b"\x89PNG")
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("tuning 2 settings over ") and lines[-1] == f"wrote {png}"
+    assert not [line for line in lines[1:-1] if not line.startswith("replaying")], lines
