@@ -165,13 +165,12 @@ def _title_characters(columns: int) -> int:
     return int(points / (_TITLE_POINTS * _CHAR_EMS))
 
 
-def _policy_title(policy: PolicyResult, median: float | None, width: int) -> str:
+def _policy_title(policy: PolicyResult, scale: str, width: int) -> str:
     """The spec and its tags, wrapped at its commas to `width` characters a line (a value
-    longer than that is broken), then the panel's figures, wrapped too, on lines of their
-    own."""
+    longer than that is broken), then the panel's figures and `scale` (what the norms are
+    divided by), wrapped too, on lines of their own."""
     summary = policy.summary
     tags = "".join(t for t, on in ((" (own)", policy.own), (" (best)", policy.best)) if on)
-    scale = f"median {median:.3g}" if median is not None else "no finite update"
     named = textwrap.wrap(policy.spec.replace(",", ", ") + tags, width, break_on_hyphens=False)
     figures = (
         f"risk {len(summary.collapsed_steps)} · bias {len(summary.drift_steps)} · "
@@ -187,8 +186,9 @@ def _policy_panel(ax: Any, policy: PolicyResult, result: ReplayResult, title_wid
     norm = np.asarray(series["update_norm"], dtype=np.float64)
     nonfinite = np.asarray(series["nonfinite"], dtype=bool) | ~np.isfinite(norm)
     shown = np.isfinite(norm) & (norm > 0)  # a log axis shows positive finite values only
-    median = float(np.median(norm[shown])) if shown.any() else None
-    if median is not None:
+    if shown.any():
+        median = float(np.median(norm[shown]))
+        scale = f"median {median:.3g}"
         ratio = norm / median
         # NaN breaks the line at steps it cannot show, instead of bridging them.
         ax.plot(steps, np.where(shown, ratio, np.nan), color=_NORM, linewidth=1.0)
@@ -197,6 +197,8 @@ def _policy_panel(ax: Any, policy: PolicyResult, result: ReplayResult, title_wid
                 markersize=5, zorder=4)  # fmt: skip
         ax.set_yscale("log")
         ax.set_ylim(*_relative_limits(ratio[shown]))
+    else:  # a zero update is finite, but a log axis cannot show it either
+        scale = "every finite update is 0" if np.isfinite(norm).any() else "no finite update"
     _marks_at_edge(ax, steps[nonfinite], 1.0, marker="x", color=_NONFINITE, markersize=6)
     collapsed = np.asarray(series["collapsed"], dtype=bool)
     _marks_at_edge(ax, steps[collapsed], 0.0, marker="|", color=_RISK, markersize=9)
@@ -204,7 +206,7 @@ def _policy_panel(ax: Any, policy: PolicyResult, result: ReplayResult, title_wid
         ax.axvspan(start - 0.5, stop + 0.5, color=_BIAS, alpha=0.3, linewidth=0)
     _mark_run_events(ax, result)
     ax.set_title(
-        _policy_title(policy, median, title_width), loc="left", fontsize=_TITLE_POINTS, pad=_PAD
+        _policy_title(policy, scale, title_width), loc="left", fontsize=_TITLE_POINTS, pad=_PAD
     )
     ax.set_ylabel("× median")
     ax.grid(alpha=0.3)

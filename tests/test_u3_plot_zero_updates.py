@@ -1,0 +1,52 @@
+"""`replay --plot` titles of policies whose updates are all zero, or all non-finite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+import stabledrl_cli as sd
+from stabledrl_cli.replay.plot import plot_replay
+
+
+def _panel_titles(monkeypatch: pytest.MonkeyPatch, run: Path, out: Path) -> list[str]:
+    """The left titles of the replay plot's policy panels, as drawn."""
+    drawn: list[Figure] = []
+    savefig = Figure.savefig
+
+    def keep(self: Figure, *args: Any, **kwargs: Any) -> None:
+        drawn.append(self)
+        savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    plot_replay(sd.replay(run, ["is", "grpo"], device="cpu"), out)
+    return [ax.get_title(loc="left") for ax in drawn[0].axes[2:]]
+
+
+def _record(run: Path, logp: float, advantage: float) -> None:
+    with sd.Recorder(run, policy="is") as recorder:
+        for step in range(6):
+            recorder.log_step(
+                step,
+                logp=torch.full((2, 3), logp),
+                logp_old=torch.full((2, 3), -1.0),
+                advantages=torch.tensor([advantage, -advantage]),
+            )
+
+
+def test_a_policy_whose_updates_are_all_zero_is_not_called_non_finite(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Zero advantages (a GRPO step whose groups all score alike) give a zero update: finite,
+    but nothing a log axis can show. Its panel said '(no finite update)', as for NaN."""
+    _record(tmp_path / "zero", logp=-1.0, advantage=0.0)
+    titles = _panel_titles(monkeypatch, tmp_path / "zero", tmp_path / "zero.png")
+    zero = "(every finite update is 0)"
+    assert len(titles) == 2 and all(zero in title for title in titles), titles
+    _record(tmp_path / "nan", logp=float("nan"), advantage=1.0)
+    titles = _panel_titles(monkeypatch, tmp_path / "nan", tmp_path / "nan.png")
+    assert len(titles) == 2 and all("(no finite update)" in title for title in titles), titles
