@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stabledrl_cli._json import unicode_text
-from stabledrl_cli.dump._schema import SERIES_SCALARS, STANDARD_SCALARS
+from stabledrl_cli.dump._schema import (
+    MANIFEST_NAME,
+    SERIES_SCALARS,
+    STANDARD_SCALARS,
+    STEPS_DIR,
+    step_file_name,
+)
 from stabledrl_cli.dump._writer import Recorder
 from stabledrl_cli.importers._names import NameMap, map_names
 from stabledrl_cli.importers._table import StepTable
@@ -59,22 +66,29 @@ def write_scalar_run(
     source: Path,
     overwrite: bool,
 ) -> ImportSummary:
-    """Writes `table`'s steps to a new run at `out` (a scalar step each, policy unknown)."""
+    """Writes `table`'s steps to a new run at `out` (a scalar step each, policy unknown).
+    Stopped midway (Ctrl-C, a failed write), it leaves no run there (`_discard`)."""
     mapping = map_names(table.names, (*STANDARD_SCALARS, *SERIES_SCALARS))
     mapped = {standard: name for name, standard in mapping.standard.items()}
     name = unicode_text(source.name)  # a lone surrogate would make the manifest unreadable
     origin = {"kind": "import", "format": log_format, "file": name, "mapped": mapped}
     counts: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
-    with Recorder(out, policy=None, source=origin, overwrite=overwrite) as recorder:
-        for step in sorted(table.steps):
-            standard, extra = _split(table.steps[step], mapping)
-            for name, value in (*standard.items(), *extra.items()):
-                counts[name] = counts.get(name, 0) + 1
-                if not math.isfinite(value):
-                    nonfinite[name] = nonfinite.get(name, 0) + 1
-            recorder.log_step(step, **standard, scalars=extra or None)
     ordered = sorted(table.steps)
+    existed = os.path.lexists(out)
+    recorder = Recorder(out, policy=None, source=origin, overwrite=overwrite)
+    try:
+        with recorder:
+            for step in ordered:
+                standard, extra = _split(table.steps[step], mapping)
+                for name, value in (*standard.items(), *extra.items()):
+                    counts[name] = counts.get(name, 0) + 1
+                    if not math.isfinite(value):
+                        nonfinite[name] = nonfinite.get(name, 0) + 1
+                recorder.log_step(step, **standard, scalars=extra or None)
+    except BaseException:
+        _discard(recorder.path, ordered, existed)
+        raise
     return ImportSummary(
         source=str(source),
         format=log_format,
@@ -93,6 +107,22 @@ def write_scalar_run(
         preempted=table.preempted,
         warnings=list(table.warnings),
     )
+
+
+def _discard(run: Path, steps: list[int], existed: bool) -> None:
+    """Removes an unfinished import's manifest first (`run` is no run from then on), then the
+    step files it wrote, then the directories it made (best effort: each removal on its own).
+    The Recorder marked the run closed as its block ended: left, it would read as a whole
+    import of part of the log."""
+    with suppress(OSError):
+        (run / MANIFEST_NAME).unlink(missing_ok=True)
+    for step in steps:
+        with suppress(OSError):
+            (run / STEPS_DIR / step_file_name(step, 0, 1)).unlink(missing_ok=True)
+    if not existed:
+        for directory in (run / STEPS_DIR, run):
+            with suppress(OSError):
+                directory.rmdir()
 
 
 def _split(row: dict[str, float], mapping: NameMap) -> tuple[dict[str, float], dict[str, float]]:
