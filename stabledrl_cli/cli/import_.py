@@ -2,23 +2,52 @@
 
 Exit codes: 0 imported; 2 RUN holds a run and --force was not given, or a bad option; 3 SRC is
 missing, unreadable, of an unknown format, malformed, past a bound, or has no training step;
-4 RUN could not be written.
+4 RUN could not be written; 143 stopped by SIGTERM (as by Ctrl-C, 130: no run is left at RUN).
 """
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from stabledrl_cli._process import SIGNALLED
 from stabledrl_cli.cli._options import FormatOpt
 from stabledrl_cli.cli._output import err, out, print_json
+from stabledrl_cli.cli._signals import sigterm_handled
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.importers import ImportSummary, import_log
 from stabledrl_cli.importers._names import listed
 from stabledrl_cli.vocab import ImportFormat
+
+
+class _Terminated(BaseException):
+    """SIGTERM during the work (a BaseException, as KeyboardInterrupt: no handler of an error
+    on the way catches it, every cleanup runs)."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not stop the cleanup
+    raise _Terminated
+
+
+@contextmanager
+def stopped_by_sigterm() -> Iterator[None]:
+    """Inside: SIGTERM stops the work as Ctrl-C does, its half-written output removed on the
+    way out, then ends the command with 143 and the line `stopped by SIGTERM`. Outside, SIGTERM
+    ends the process at once, as before."""
+    try:
+        with sigterm_handled(_terminate):
+            yield
+    except _Terminated:
+        err.print("stopped by SIGTERM", highlight=False)
+        raise typer.Exit(SIGNALLED + signal.SIGTERM) from None
 
 
 def command(
@@ -56,7 +85,8 @@ def command(
     the others kept as extra scalars."""
     if not force and run.is_dir() and any(run.iterdir()):
         raise UsageError(f"{run} exists and is not empty; pass --force to replace the run in it")
-    summary = import_log(source, run, log_format=format_in, step_key=step_key, overwrite=force)
+    with stopped_by_sigterm():
+        summary = import_log(source, run, log_format=format_in, step_key=step_key, overwrite=force)
     for warning in summary.warnings:
         err.print(f"warning: {warning}", highlight=False)
     if output_format == "json":

@@ -7,7 +7,8 @@ Exit codes: 0 packed (a run with integrity findings is packed too: its readable 
 findings carried into the archive and named on stderr); 2 OUT exists without --force, or its
 directory is missing, or it is inside the run's directory (with --force too), or OUT is a URL,
 or RUN is a URL that cannot be read (an unknown scheme, a missing package, a chained or
-`reference://` URL); 3 a missing, non-run or unreadable RUN.
+`reference://` URL); 3 a missing, non-run or unreadable RUN; 143 stopped by SIGTERM (as by
+Ctrl-C, 130: the temporary file is removed, OUT is as it was).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import typer
 
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import err, out, print_json, progress
+from stabledrl_cli.cli.import_ import stopped_by_sigterm
 from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.dump._packer import check_pack_target
 from stabledrl_cli.dump._remote import is_url
@@ -54,7 +56,10 @@ def command(
     target = Path(archive)
     opened = open_run(run)  # its manifest: a missing run is named first
     check_pack_target(target, opened, force, to_force="pass --force")  # before any step is read
-    with progress("packing", len(opened.listed_step_numbers), complete=True) as advance:
+    with (
+        stopped_by_sigterm(),
+        progress("packing", len(opened.listed_step_numbers), complete=True) as advance,
+    ):
         summary = pack_run(opened, target, force=force, progress=advance, compression=compression)
     if summary.findings:
         kinds = sorted({f.kind for f in summary.findings})
