@@ -27,9 +27,10 @@ import numpy as np
 from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, BranchRequest, branch_dir
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.dump._directory import symlink_refused
+from stabledrl_cli.dump._schema import STEPS_DIR
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.example.branch import train_branch
-from stabledrl_cli.example.checkpoint import list_checkpoints
+from stabledrl_cli.example.checkpoint import CHECKPOINTS_DIR, list_checkpoints
 from stabledrl_cli.example.config import MAX_RL_STEPS
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.detectors import observed_reward_collapse
@@ -204,6 +205,24 @@ def _steps_to_end(run_dir: Path, at: int, end: int) -> int:
     return count
 
 
+def _check_not_the_original(branch: Path, run_dir: Path) -> None:
+    """UsageError when the branch run `branch` would be `run_dir`, the run it branches from
+    (--out its parent, the run named POLICY@STEP: --force would replace it), or lie in that
+    run's steps or checkpoints folder (the run would hold a file that is not its own)."""
+    where = branch.resolve()
+    original = run_dir.resolve()
+    if where == original:
+        raise UsageError(
+            f"{run_dir}: a branch run would be the run it branches from; pass another --out"
+        )
+    for folder in (STEPS_DIR, CHECKPOINTS_DIR):
+        if where.is_relative_to(original / folder):
+            raise UsageError(
+                f"{branch}: a branch run would be inside the {folder} folder of {run_dir}, the "
+                "run it branches from; pass another --out"
+            )
+
+
 def run_branches(
     run_dir: Path,
     *,
@@ -255,6 +274,7 @@ def run_branches(
         for spec in specs
     ]
     for request in requests:  # before any branch trains, with --force too
+        _check_not_the_original(request.run_dir, run_dir)
         if os.path.lexists(request.run_dir) and not request.run_dir.is_dir():
             raise UsageError(f"{request.run_dir} exists and is not a directory")
     if not force:

@@ -1,0 +1,60 @@
+"""`branch --out` never writes a branch onto the run it branches from, nor into its files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from _cli import run_cli
+
+import stabledrl_cli as sd
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("u3_branch") / "grpo@4"
+    result = run_cli("record", "--out", run, "--rl-steps", "8", "--checkpoint-every", "4")
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def _copy(recorded: Path, where: Path) -> Path:
+    run = where / recorded.name
+    shutil.copytree(recorded, run)
+    return run
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_a_branch_onto_the_original_run_is_refused(
+    recorded: Path, tmp_path: Path, force: list[str]
+) -> None:
+    """RUN named grpo@4 and --out its parent: the grpo branch at step 4 is RUN itself. Without
+    --force the line said to pass --force to overwrite 'the branches'; with it, the branch
+    replaced the original's 8 steps with its own 2 (the run it branched from, gone)."""
+    run = _copy(recorded, tmp_path)
+    args = ["--at", "4", "-p", "grpo", "--rl-steps", "2", "--out", tmp_path, *force]
+    result = run_cli("branch", run, *args, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {run}: a branch run would be the run it branches from; pass another --out"
+    ]
+    assert sd.open_run(run).step_numbers == list(range(8))
+
+
+@pytest.mark.parametrize("folder", ["steps", "checkpoints"])
+def test_a_branch_inside_the_runs_own_folders_is_refused(
+    recorded: Path, tmp_path: Path, folder: str
+) -> None:
+    """--out RUN/steps put the branch run in the original's steps folder, which inspect then
+    reported as an unknown file of the original run (an integrity finding)."""
+    run = _copy(recorded, tmp_path)
+    args = ["--at", "4", "-p", "grpo", "--rl-steps", "2", "--out", run / folder]
+    result = run_cli("branch", run, *args, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {run / folder / 'grpo@4'}: a branch run would be inside the {folder} folder "
+        f"of {run}, the run it branches from; pass another --out"
+    ]
+    assert not (run / folder / "grpo@4").exists()
+    assert sd.open_run(run).integrity.findings == []
