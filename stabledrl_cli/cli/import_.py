@@ -21,7 +21,7 @@ from stabledrl_cli._process import SIGNALLED
 from stabledrl_cli.cli._options import FormatOpt
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._signals import sigterm_handled
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.importers import ImportSummary, import_log
 from stabledrl_cli.importers._names import listed
 from stabledrl_cli.vocab import ImportFormat
@@ -97,7 +97,7 @@ def command(
 
 def _print_table(summary: ImportSummary) -> None:
     out.print(
-        f"imported {summary.steps} steps ({summary.first_step}..{summary.last_step}) of "
+        f"imported {counted(summary.steps, 'step')} ({summary.first_step}..{summary.last_step}) of "
         f"{summary.source} ({summary.format}) into {summary.out}",
         highlight=False,
         soft_wrap=False,
@@ -114,7 +114,8 @@ def _print_table(summary: ImportSummary) -> None:
     lines = []
     if summary.extra:
         kept = list(summary.extra.values())
-        lines.append(f"kept {len(kept)} other metrics as extra scalars: {listed(kept)}")
+        scalars = "an extra scalar" if len(kept) == 1 else "extra scalars"
+        lines.append(f"kept {counted(len(kept), 'other metric')} as {scalars}: {listed(kept)}")
     left_out = {n: why for n, why in summary.not_imported.items() if why != "bookkeeping"}
     if left_out:
         lines.append(f"left out {len(left_out)} ({_reasons(left_out)}): {listed(list(left_out))}")
@@ -123,14 +124,16 @@ def _print_table(summary: ImportSummary) -> None:
         lines.append(f"skipped rows: {rows}")
     if summary.non_numeric:
         lines.append(
-            f"dropped {sum(summary.non_numeric.values())} non-numeric values of "
+            f"dropped {counted(sum(summary.non_numeric.values()), 'non-numeric value')} of "
             f"{listed(sorted(summary.non_numeric))}"
         )
     if summary.replaced:
-        lines.append(f"{summary.replaced} values replaced by a later row of the same step")
+        replaced = counted(summary.replaced, "value")
+        lines.append(f"{replaced} replaced by a later row of the same step")
     if summary.preempted:
         lines.append(
-            f"{summary.preempted} values dropped: steps after the step a restarted run logged again"
+            f"{counted(summary.preempted, 'value')} dropped: steps after the step a restarted run "
+            "logged again"
         )
     for line in lines:
         out.print(line, highlight=False, soft_wrap=False)  # wrapped at the terminal's width
