@@ -58,3 +58,12 @@ def test_a_branch_inside_the_runs_own_folders_is_refused(
     ]
     assert not (run / folder / "grpo@4").exists()
     assert sd.open_run(run).integrity.findings == []
+
+
+def test_a_branch_of_one_step_is_counted_in_the_singular(recorded: Path, tmp_path: Path) -> None:
+    """The branch's start line and the table's title said '1 steps'."""
+    args = ["--at", "4", "-p", "grpo", "--rl-steps", "1", "--out", tmp_path]
+    result = run_cli("branch", recorded, *args, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"branch grpo@4: 1 step into {tmp_path / 'grpo@4'}" in result.stderr.splitlines()
+    assert "1 step each;" in " ".join(result.stdout.split())

@@ -21,7 +21,7 @@ from stabledrl_cli.capture.branch_protocol import BranchRequest
 from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, number_option
 from stabledrl_cli.cli._output import Advance, err, out, print_json, progress, progress_enabled
 from stabledrl_cli.cli.replay import note_skipped
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS
 from stabledrl_cli.replay._format import format_steps
 from stabledrl_cli.replay.config import MAX_THREADS
@@ -39,7 +39,8 @@ def _table(report: BranchReport) -> Table:
     )
     original = report.original_first_reward_collapse
     table = Table(
-        title=f"Branches of {report.run} at step {report.at}{moved}, {report.steps} steps each; "
+        title=f"Branches of {report.run} at step {report.at}{moved}, "
+        f"{counted(report.steps, 'step')} each; "
         f"the original run {'held' if original is None else f'collapsed at step {original}'}",
         title_justify="left",
     )
@@ -93,7 +94,8 @@ class _BranchProgress(ExitStack):
         self.close()
         what = f"branch {request.policy}@{request.at}"
         if not progress_enabled():
-            err.print(f"{what}: {request.steps} steps into {request.run_dir}", highlight=False)
+            steps = counted(request.steps, "step")
+            err.print(f"{what}: {steps} into {request.run_dir}", highlight=False)
         self._advance = self.enter_context(progress(what, request.steps))
 
     def advance(self, step: int) -> None:

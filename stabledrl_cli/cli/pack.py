@@ -24,7 +24,7 @@ from stabledrl_cli.cli.import_ import stopped_by_sigterm
 from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.dump._packer import check_pack_target
 from stabledrl_cli.dump._remote import is_url
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.vocab import PackCompression
 
 
@@ -74,7 +74,8 @@ def command(
         return
     ratio = summary.source_bytes / summary.archive_bytes if summary.archive_bytes else 0.0
     out.print(
-        f"packed {summary.steps} steps ({summary.tokens} {opened.unit}s) of {summary.source} into "
+        f"packed {counted(summary.steps, 'step')} ({counted(summary.tokens, opened.unit)}) of "
+        f"{summary.source} into "
         f"{summary.out}: {summary.source_bytes / 1e6:.2f} MB -> "
         f"{summary.archive_bytes / 1e6:.2f} MB ({ratio:.2g}x)",
         highlight=False,

@@ -81,7 +81,7 @@ def _row(s: SettingFigures, report: TuneReport) -> list[str]:
 
 def _print_table(report: TuneReport) -> None:
     table = Table(
-        title=f"tune {report.run}: {report.steps} steps, "
+        title=f"tune {report.run}: {counted(report.steps, 'step')}, "
         f"{counted(sum(s.tuned for s in report.settings), 'setting')}",
         title_justify="left",
     )
