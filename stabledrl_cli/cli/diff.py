@@ -20,6 +20,7 @@ from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, RunSourceArg, numbe
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli.replay import option_names
 from stabledrl_cli.dump import RunIntegrityWarning, open_run
+from stabledrl_cli.errors import counted
 from stabledrl_cli.replay._format import format_cell
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.diff import (
@@ -47,7 +48,8 @@ def _ranges_text(ranges: list[tuple[int, int]]) -> str:
 
 def _parting_lines(name: str, parting: Parting | None, compared: int) -> list[str]:
     if parting is None:
-        return [f"{name:<11} equal on all {compared} compared steps"]
+        every = "the" if compared == 1 else "all"
+        return [f"{name:<11} equal on {every} {counted(compared, 'compared step')}"]
     return [f"{name:<11} part at step {parting.step}"] + [
         f"{'':<13}{d.field}: {d.what}" for d in parting.fields
     ]
