@@ -7,47 +7,19 @@ missing, unreadable, of an unknown format, malformed, past a bound, or has no tr
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from stabledrl_cli._process import SIGNALLED
 from stabledrl_cli.cli._options import FormatOpt
 from stabledrl_cli.cli._output import err, out, print_json
-from stabledrl_cli.cli._signals import sigterm_handled
+from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.importers import ImportSummary, import_log
 from stabledrl_cli.importers._names import listed
 from stabledrl_cli.vocab import ImportFormat
-
-
-class _Terminated(BaseException):
-    """SIGTERM during the work (a BaseException, as KeyboardInterrupt: no handler of an error
-    on the way catches it, every cleanup runs)."""
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not stop the cleanup
-    raise _Terminated
-
-
-@contextmanager
-def stopped_by_sigterm() -> Iterator[None]:
-    """Inside: SIGTERM stops the work as Ctrl-C does, its half-written output removed on the
-    way out, then ends the command with 143 and the line `stopped by SIGTERM`. Outside, SIGTERM
-    ends the process at once, as before."""
-    try:
-        with sigterm_handled(_terminate):
-            yield
-    except _Terminated:
-        err.print("stopped by SIGTERM", highlight=False)
-        raise typer.Exit(SIGNALLED + signal.SIGTERM) from None
 
 
 def command(

@@ -20,7 +20,7 @@ import typer
 
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import err, out, print_json, progress
-from stabledrl_cli.cli.import_ import stopped_by_sigterm
+from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.dump._packer import check_pack_target
 from stabledrl_cli.dump._remote import is_url

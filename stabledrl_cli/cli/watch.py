@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import signal
 import time
-from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -46,7 +45,7 @@ from stabledrl_cli.cli._options import (
     number_option,
 )
 from stabledrl_cli.cli._output import err, out, plain_text, print_json
-from stabledrl_cli.cli._signals import sigterm_handled
+from stabledrl_cli.cli._signals import Terminated, sigterm_handled, terminate
 from stabledrl_cli.cli.app import INTERRUPTED
 from stabledrl_cli.cli.inspect import LIST_LIMIT, stopped_text
 from stabledrl_cli.cli.replay import option_names
@@ -317,18 +316,6 @@ def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
     return _report_gates(results)
 
 
-class _Terminated(BaseException):
-    """SIGTERM while watching (a BaseException, as KeyboardInterrupt: no handler of an error
-    on the way catches it)."""
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM's handler while watching: stops the watch as Ctrl-C does, once (a second
-    SIGTERM while it stops is ignored)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise _Terminated
-
-
 def _end_view() -> None:
     """Off a terminal, the live view is printed once when it stops, without its last newline."""
     if not err.is_terminal:
@@ -343,7 +330,7 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
     stopped: set[str] = set()  # the stopped recordings warned about, one a rank
     noted: OwnReplay | None = None  # the replay whose own policy's note is printed
     state = watcher.state()  # as the view shows it
-    with sigterm_handled(_terminate):
+    with sigterm_handled(terminate):
         try:
             with Live(_view(state), console=err, auto_refresh=False) as live:
                 while True:
@@ -377,10 +364,10 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                         ended = f"idle for {until_idle:g} s"
                         break
                     time.sleep(interval)
-        except (KeyboardInterrupt, _Terminated) as stop:
+        except (KeyboardInterrupt, Terminated) as stop:
             _end_view()
             err.print(f"stopped ({counted(state.steps, 'step')} seen)", highlight=False)
-            return TERMINATED if isinstance(stop, _Terminated) else INTERRUPTED
+            return TERMINATED if isinstance(stop, Terminated) else INTERRUPTED
         except Exception:
             _end_view()  # the error's line is a line of its own
             raise
@@ -451,7 +438,7 @@ def command(
     if output_format == "json" and not once:
         raise UsageError("--format json needs --once (the live view is on stderr)")
     path = local_run(run, "watch", "it polls a local directory while steps land in it")
-    with sigterm_handled(_terminate):  # the live watch sets its own as it follows
+    with sigterm_handled(terminate):  # the live watch sets its own as it follows
         try:
             if once:
                 open_run(path)  # a missing path or a non-run: its own error, at once
@@ -462,7 +449,7 @@ def command(
                 code = _once(watcher, gates, output_format)
             else:
                 code = _follow(watcher, gates, interval, until_idle)
-        except _Terminated:  # before the live watch follows, or with --once: a line and 143
+        except Terminated:  # before the live watch follows, or with --once: a line and 143
             err.print("stopped by SIGTERM", highlight=False)
             code = TERMINATED
     if code:
