@@ -845,16 +845,17 @@ def test_a_resume_trl_refuses_leaves_the_run_as_it_was(
 
 
 def test_resume_under_stabledrl_record_with_force_keeps_the_earlier_steps(
-    tiny: Any, tmp_path: Path
+    checkpointed: dict[str, Any], tmp_path: Path
 ) -> None:
     """The README's resume under `stabledrl record`: the resumed command needs --force (the
-    run directory is not empty), and the run keeps steps 1-2 and continues with 3-4."""
+    run directory is not empty), and the run keeps steps 1-2 and continues with 3-4. The
+    first training is the module's checkpointed run, which is resume_train.py's (the same
+    config, checkpointed every 2 steps), trained once in this process."""
     shutil.copy(SCRIPTS / "resume_train.py", tmp_path / "train.py")
+    shutil.copytree(checkpointed["run"], tmp_path / "run")
+    shutil.copytree(checkpointed["checkpoint"], tmp_path / "trl_out" / "checkpoint-2")
     record = [*cli_command(), "record", "--out", "run"]
     script = [sys.executable, "train.py"]
-    done = subprocess.run([*record, "--", *script], cwd=tmp_path, env=child_env(),
-                          capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
     kept = {s.step: s.scalars["loss"] for s in sd.open_run(tmp_path / "run").steps(1, 3)}
     again = [*record, "--", *script, "trl_out/checkpoint-2"]
     done = subprocess.run(again, cwd=tmp_path, env=child_env(), capture_output=True, text=True)
