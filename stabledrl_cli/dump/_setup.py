@@ -332,11 +332,14 @@ def prepare_run(
         fresh = {**manifest, RUN_ID: new_run_id()}
         text = _readable_text(path, fresh)
         manifest = fresh if rank == 0 else manifest
+    # Looked for before asking whether it is a directory: another rank of the run may make
+    # the directory in between, and what was not there then is no file in the way.
+    exists = os.path.lexists(path)
     try:
         is_dir = path.is_dir()
     except OSError as exc:  # a name longer than the file system takes, ...
         raise write_error(path, exc) from None
-    if os.path.lexists(path) and not is_dir:  # a symlink to nothing too
+    if exists and not is_dir:  # a symlink to nothing too
         raise UsageError(f"{path} exists and is not a directory")
     steps = path / STEPS_DIR
     if os.path.islink(steps):  # its step files would be removed and written out of the run

@@ -1,0 +1,58 @@
+"""Ranks of one run that start together (verl's ranks open their Recorders at the first step,
+at the same moment): each makes the run directory if it is not there yet, and the directory
+another rank makes while this one looks at the path is a directory, not a reason to refuse
+the run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_recorder_resume import _ranked
+
+import stabledrl_cli as sd
+
+
+def _made_by_another_rank_after_the_first_look(path: Path, monkeypatch: Any) -> None:
+    """Another rank's mkdir of `path` lands just after this process's first look at it
+    (whether anything is there, or whether it is a directory), as it did under load."""
+    looked = False
+
+    def then_made(answer: bool) -> bool:
+        nonlocal looked
+        if not looked:
+            looked = True
+            path.mkdir()
+        return answer
+
+    is_dir, lexists = Path.is_dir, os.path.lexists
+
+    def patched_is_dir(self: Path, *args: Any, **kwargs: Any) -> bool:
+        answer = is_dir(self, *args, **kwargs)
+        return then_made(answer) if self == path else answer
+
+    def patched_lexists(name: Any) -> bool:
+        answer = lexists(name)
+        return then_made(answer) if os.fspath(name) == os.fspath(path) else answer
+
+    monkeypatch.setattr(Path, "is_dir", patched_is_dir)
+    monkeypatch.setattr(os.path, "lexists", patched_lexists)
+
+
+@pytest.mark.parametrize("overwrite", [True, False], ids=["overwrite", "new"])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_run_directory_another_rank_makes_meanwhile_is_recorded_into(
+    tmp_path: Path, monkeypatch: Any, rank: int, overwrite: bool
+) -> None:
+    """Before, a rank that found no directory and then, looking again, something there
+    refused the run ("exists and is not a directory"): under the verl integration that rank
+    recorded nothing, and the run read back with no step (every step missed a rank) or, for
+    rank 0, no manifest. Failed on the old code for each rank, with overwrite and without."""
+    path = tmp_path / "run"
+    _made_by_another_rank_after_the_first_look(path, monkeypatch)
+    _ranked(path, rank, [0, 1], overwrite=overwrite)
+    monkeypatch.undo()
+    _ranked(path, 1 - rank, [0, 1], overwrite=overwrite)
+    assert sd.open_run(path).step_numbers == [0, 1]
