@@ -7,7 +7,6 @@ The example's options default to None: an option not given takes `ExampleConfig`
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -17,12 +16,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from stabledrl_cli._atomic import write_error
 from stabledrl_cli.cli._options import DeviceOpt, number_option
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
 from stabledrl_cli.cli.app import debug_requested
-from stabledrl_cli.dump._setup import check_replaceable
+from stabledrl_cli.dump._setup import check_replaceable, directory_or_nothing
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
 from stabledrl_cli.replay.config import MAX_THREADS
@@ -46,13 +44,7 @@ GEOMETRY = "Gradient geometry (built-in example)"
 
 
 def _check_out(out: Path, force: bool) -> None:
-    try:
-        is_dir = out.is_dir()
-    except OSError as exc:  # a name longer than the file system takes, ...
-        raise write_error(out, exc) from None
-    if os.path.lexists(out) and not is_dir:  # a symlink to nothing too
-        raise UsageError(f"--out {out} exists and is not a directory")
-    if is_dir and any(out.iterdir()):
+    if directory_or_nothing(out, f"--out {out}") and any(out.iterdir()):
         if not force:
             raise UsageError(
                 f"--out {out} is not empty; pass --force to record into it (a new recording "

@@ -190,6 +190,22 @@ def _write_manifest(path: Path, text: bytes) -> None:
     write_atomic(target, text, temp=temp.with_name(f"{temp.name}-{uuid.uuid4().hex}"))
 
 
+def directory_or_nothing(path: Path, named: str) -> bool:
+    """Whether `path` is a directory (False: nothing is there). UsageError naming it as
+    `named` when something else is in the way (a file, a symlink to nothing), WriteError when
+    the system cannot tell (a name longer than the file system takes, ...). The path is looked
+    for before it is asked whether it is a directory: another rank of the run may make the
+    directory in between, and what was not there then is no file in the way."""
+    exists = os.path.lexists(path)
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    if exists and not is_dir:
+        raise UsageError(f"{named} exists and is not a directory")
+    return is_dir
+
+
 def amend_manifest(path: Path, name: str, value: object | None) -> None:
     """Rewrites the run's manifest (atomically) with `name` set to `value`, or without it for
     None, in the manifest as it is then (`_manifest_locked`: another rank's change is kept).
@@ -332,15 +348,7 @@ def prepare_run(
         fresh = {**manifest, RUN_ID: new_run_id()}
         text = _readable_text(path, fresh)
         manifest = fresh if rank == 0 else manifest
-    # Looked for before asking whether it is a directory: another rank of the run may make
-    # the directory in between, and what was not there then is no file in the way.
-    exists = os.path.lexists(path)
-    try:
-        is_dir = path.is_dir()
-    except OSError as exc:  # a name longer than the file system takes, ...
-        raise write_error(path, exc) from None
-    if exists and not is_dir:  # a symlink to nothing too
-        raise UsageError(f"{path} exists and is not a directory")
+    is_dir = directory_or_nothing(path, str(path))
     steps = path / STEPS_DIR
     if os.path.islink(steps):  # its step files would be removed and written out of the run
         raise symlink_refused(str(steps))
