@@ -45,7 +45,12 @@ from stabledrl_cli.cli._options import (
     number_option,
 )
 from stabledrl_cli.cli._output import err, out, plain_text, print_json
-from stabledrl_cli.cli._signals import Terminated, sigterm_handled, terminate
+from stabledrl_cli.cli._signals import (
+    Terminated,
+    sigterm_handled,
+    stopped_by_sigterm,
+    terminate,
+)
 from stabledrl_cli.cli.app import INTERRUPTED
 from stabledrl_cli.cli.inspect import LIST_LIMIT, stopped_text
 from stabledrl_cli.cli.replay import option_names
@@ -438,19 +443,16 @@ def command(
     if output_format == "json" and not once:
         raise UsageError("--format json needs --once (the live view is on stderr)")
     path = local_run(run, "watch", "it polls a local directory while steps land in it")
-    with sigterm_handled(terminate):  # the live watch sets its own as it follows
-        try:
-            if once:
-                open_run(path)  # a missing path or a non-run: its own error, at once
-            from stabledrl_cli.replay.follow import RunWatcher  # torch: the own policy's replay
+    # before the live watch follows (it sets its own), or with --once: a line and 143
+    with stopped_by_sigterm():
+        if once:
+            open_run(path)  # a missing path or a non-run: its own error, at once
+        from stabledrl_cli.replay.follow import RunWatcher  # torch: the own policy's replay
 
-            watcher = RunWatcher(path, ReplayConfig(device=device), recent=recent)
-            if once:
-                code = _once(watcher, gates, output_format)
-            else:
-                code = _follow(watcher, gates, interval, until_idle)
-        except Terminated:  # before the live watch follows, or with --once: a line and 143
-            err.print("stopped by SIGTERM", highlight=False)
-            code = TERMINATED
+        watcher = RunWatcher(path, ReplayConfig(device=device), recent=recent)
+        if once:
+            code = _once(watcher, gates, output_format)
+        else:
+            code = _follow(watcher, gates, interval, until_idle)
     if code:
         raise typer.Exit(code)
