@@ -3,7 +3,9 @@ SIGTERM as on Ctrl-C, `record` passes SIGTERM and SIGHUP on to its command)."""
 
 from __future__ import annotations
 
+import _thread
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -50,12 +52,54 @@ def terminate(signum: int, frame: FrameType | None) -> None:
 
 
 @contextmanager
+def lost_stops_delivered_again() -> Iterator[None]:
+    """Inside: a `Terminated` that Python swallowed is raised again. The handler raises where
+    the main thread happens to be, and there it can be a weakref callback or a `__del__` (h5py
+    runs them as it closes objects): Python prints "Exception ignored in ..." and goes on, and
+    the work would finish, deaf to SIGTERM. `sys.unraisablehook` sees each such exception: for a
+    `Terminated` it puts `terminate` back, and a thread sends SIGTERM to the main thread again
+    once the hook has returned (sent from the hook itself, it would be raised, and lost, there),
+    so it is raised within a few milliseconds, in the work. Work that ends before that ends as
+    it would have without the signal. Other exceptions go to the hook there was."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = sys.unraisablehook
+    inside = threading.Event()
+
+    def deliver_again(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, Terminated):
+            previous(unraisable)
+            return
+        hook_returned = threading.Event()
+        signal.signal(signal.SIGTERM, terminate)
+        resend = threading.Thread(target=_resend, args=(hook_returned, inside), daemon=True)
+        resend.start()
+        hook_returned.set()
+
+    inside.set()
+    sys.unraisablehook = deliver_again
+    try:
+        yield
+    finally:
+        inside.clear()
+        sys.unraisablehook = previous
+
+
+def _resend(hook_returned: threading.Event, inside: threading.Event) -> None:
+    hook_returned.wait()
+    if inside.is_set():
+        _thread.interrupt_main(signal.SIGTERM)
+
+
+@contextmanager
 def stopped_by_sigterm() -> Iterator[None]:
     """Inside: SIGTERM stops the work as Ctrl-C does, its half-written output removed on the
-    way out, then ends the command with 143 and the line `stopped by SIGTERM`. Outside, SIGTERM
-    ends the process at once, as before."""
+    way out, then ends the command with 143 and the line `stopped by SIGTERM` (a stop raised
+    inside a finalizer, where Python swallows it, is raised again: `lost_stops_delivered_again`).
+    Outside, SIGTERM ends the process at once, as before."""
     try:
-        with sigterm_handled(terminate):
+        with lost_stops_delivered_again(), sigterm_handled(terminate):
             yield
     except Terminated:
         err.print("stopped by SIGTERM", highlight=False)
