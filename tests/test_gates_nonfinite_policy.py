@@ -76,3 +76,19 @@ def test_a_baseline_discard_frac_or_drift_trips_on_a_policy_whose_every_update_i
         for name in ("discard_frac", "drift_steps")
     }
     assert not any(g["gate"] in ("baseline.discard_frac", "baseline.drift_steps") for g in gates)
+
+
+def test_a_baseline_update_norm_on_a_policy_whose_every_update_is_non_finite_says_so(tmp_path):
+    """It tripped with the figure shown as a plain 'inf', as if a norm had been measured."""
+    baseline = tmp_path / "b.json"
+    code, _ = _gates(str(_run(tmp_path / "finite", logp_nan=False)), "-p", "grpo",
+                     "--write-baseline", str(baseline))  # fmt: skip
+    assert code == 0
+    code, gates = _gates(str(_run(tmp_path / "nan", logp_nan=True)), "-b", str(baseline))
+    assert code == 1
+    norms = {g["gate"]: g for g in gates if g["gate"].startswith("baseline.update_norm")}
+    assert sorted(norms) == ["baseline.update_norm_max", "baseline.update_norm_median"]
+    for name, gate in norms.items():
+        assert (gate["ok"], gate["figure"]) == (False, None)
+        assert gate["message"].startswith(f"{name.split('.')[1]} inf (no finite value), baseline ")
+        assert ": above the limit " in gate["message"]

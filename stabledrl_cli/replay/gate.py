@@ -303,9 +303,15 @@ def _regression(
 ) -> GateResult:
     tripped = tol.tripped(figure)
     improved = strict and not tripped and tol.improved(figure)
-    # null is infinity: for a run-level step (a collapse, a warning) it means "none".
+    # null is infinity: for a run-level step (a collapse, a warning) it means "none", for a
+    # figure worse when higher (a norm of NaN updates only) it is the worst there is.
     none = "none" if name.split(".")[-1] in RUN_STEPS else "inf"
-    shown = none if figure is None else format_figure(figure)
+    if figure is not None:
+        shown = format_figure(figure)
+    elif none == "inf" and tol.value is not None:
+        shown = "inf (no finite value)"
+    else:
+        shown = none
     base = none if tol.value is None else format_figure(tol.value)
     side = "above" if tol.worse == "higher" else "below"
     slack = f"abs_tol {tol.abs_tol:g}, rel_tol {tol.rel_tol:g}"
