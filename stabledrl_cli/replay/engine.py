@@ -318,6 +318,7 @@ def replay_result(
             own=(i == own_index),
             approximate=bool(stream.approximate[i]),
             objective_mass=stream.metrics[:, i, device_metrics().index("objective_mass")],
+            window=config.window,
         )
         for i, s in enumerate(series)
     ]

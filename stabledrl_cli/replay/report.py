@@ -250,6 +250,30 @@ _UNBOUNDED = 100_000
 _HEADER_BREAKS = str.maketrans({" ": "\n", "_": "\n"})
 
 
+_UNJUDGED_COLUMNS = {
+    "drift": ("bias", "its 0 says nothing"),
+    "spike": ("risk", "it counts non-finite updates only"),
+}
+"""Each rule a policy's summary may say judged no step: the column it counts into, and what
+that column then shows."""
+
+
+def unjudged_lines(result: ReplayResult) -> list[str]:
+    """A line for each rule that judged no step of some policy (`PolicySummary.unjudged`),
+    naming the policies unless it is all of them: a count of 0 there is not a clean bill."""
+    lines = []
+    for rule, (column, meaning) in _UNJUDGED_COLUMNS.items():
+        reasons: dict[str, list[str]] = {}
+        for p in result.policies:
+            if rule in p.summary.unjudged:
+                reasons.setdefault(p.summary.unjudged[rule], []).append(p.spec)
+        for why, specs in reasons.items():
+            which = "" if len(specs) == len(result.policies) else f" for {', '.join(specs)}"
+            judged = "not judged" if rule == "drift" else "spikes not judged"
+            lines.append(f"{column}: {judged}{which} ({why}): {meaning}")
+    return lines
+
+
 def print_legend(lines: Sequence[str], console: Console) -> None:
     """Legend lines under a table, wrapped to the console (never cut)."""
     for line in lines:
@@ -293,6 +317,8 @@ def print_summary(
         print_whole(table, console)
     if caption is not None:  # text under the table, wrapped to the console like the legend
         print_legend([caption], console)
+    for line in unjudged_lines(result):
+        console.print(line, highlight=False, soft_wrap=False)
     if legend:
         marks = {m for p in result.policies for m in _marks(p)}
         notes = "; ".join(note for mark, note in MARK_NOTES.items() if mark in marks)

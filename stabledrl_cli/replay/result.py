@@ -144,6 +144,9 @@ class PolicySummary:
     column_figures: dict[str, float | None] = field(default_factory=dict)
     """Whole-run figures of gated columns (`Column.figure` -> value) and of summary columns
     (`Column.summary`: the column's name -> value); None: no finite value."""
+    unjudged: dict[str, str] = field(default_factory=dict)
+    """Why the drift or the spike rule judged no step of the policy, by rule ("drift",
+    "spike"): its count of 0 then says nothing (`summary.unjudged_rules`)."""
 
     def to_dict(self) -> JsonRow:
         """The contract's summary keys in order, then the column figures."""

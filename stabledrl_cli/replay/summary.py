@@ -6,9 +6,11 @@ import math
 
 import numpy as np
 
+from stabledrl_cli.errors import counted
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.columns import Aggregate, ColumnArray
-from stabledrl_cli.replay.config import StepRange
+from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY, StepRange
+from stabledrl_cli.replay.detectors import rolling_mean
 from stabledrl_cli.replay.result import PolicySummary, StepSeries
 from stabledrl_cli.replay.stream import StreamedRun
 
@@ -57,6 +59,34 @@ def aggregate(values: ColumnArray, how: Aggregate) -> float | None:
     return float(finite.sum())
 
 
+def unjudged_rules(series: StepSeries, geometry: list[str], window: int) -> dict[str, str]:
+    """Why the drift (bias) rule or the spike rule judged no step of a policy's `series` (the
+    whole run), by rule: its 0 steps then say nothing. geometry: each step's kind (spikes are
+    judged among steps of one kind); window: the drift rule's."""
+    found = {}
+    push = np.asarray(series["net_push"], dtype=np.float64)
+    if not np.isfinite(rolling_mean(push, window)).any():
+        has = (
+            f"the run has {counted(push.shape[0], 'step')}"
+            if push.shape[0] < window
+            else "the policy's net_push has no such window"
+        )
+        found["drift"] = (
+            f"the drift rule judges a step after {window} finite net_push values in a row, "
+            f"and {has}"
+        )
+    norms = np.asarray(series["update_norm"], dtype=np.float64)
+    history = (np.isfinite(norms) & (norms != 0)).astype(np.int64)
+    measured = np.array([kind != "coef" for kind in geometry], dtype=bool)
+    most = max(int(history[measured].sum()), int(history[~measured].sum()))
+    if most <= SPIKE_MIN_HISTORY:
+        found["spike"] = (
+            f"the spike rule judges a step after {SPIKE_MIN_HISTORY} finite, nonzero update "
+            f"norms of one kind, and the policy has {most}"
+        )
+    return found
+
+
 def summarize_policy(
     series: StepSeries,
     stream: StreamedRun,
@@ -64,9 +94,11 @@ def summarize_policy(
     own: bool,
     approximate: bool,
     objective_mass: np.ndarray,
+    window: int,
 ) -> PolicySummary:
     """One policy's summary over every step of `series` (the whole run); objective_mass [S]:
-    the policy's `objective_mass` column, the size of each step's J before its terms cancel."""
+    the policy's `objective_mass` column, the size of each step's J before its terms cancel;
+    window: the drift rule's (`ReplayConfig.window`)."""
     steps = np.asarray(series["step"], dtype=np.int64)
     tokens = int(np.sum(series["tokens"]))
     discarded = int(np.sum(series["discarded"]))
@@ -113,6 +145,7 @@ def summarize_policy(
         loss_parity=loss_parity,
         update_norm_approximate=approximate,
         column_figures=figures,
+        unjudged=unjudged_rules(series, list(stream.geometry), window),
     )
 
 
