@@ -4,7 +4,7 @@ and the help of `replay`, `check`, `tune`, `inspect`, `diff` and `watch`; `impor
 run read back, and its refusal of a step without a field its policy needs; `diff` of two
 runs that never part; `check` and `inspect` of a scalar run (inspect of a run with a policy
 batch checks each step with replay's own code, torch's); and the refusals of bad input by
-these and `watch`."""
+these, `watch` and `branch`."""
 
 from __future__ import annotations
 
@@ -128,6 +128,14 @@ PROBES = {
         assert shown.exit_code == 0 and '"steps": 20' in shown.stdout, shown.output
         missing = CliRunner().invoke(app, ["check", path + "-none", "--max-spikes", "0"])
         assert missing.exit_code == 3, missing.output
+    """,
+    "branch, its help and a missing run": """
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        result = CliRunner().invoke(app, ["branch", "--help"])
+        assert result.exit_code == 0 and "Usage" in result.stdout, result.output
+        missing = CliRunner().invoke(app, ["branch", "/no/run", "--at", "4", "-p", "grpo"])
+        assert missing.exit_code == 3 and "not a run directory" in missing.output, missing.output
     """,
     "policies": """
         from typer.testing import CliRunner

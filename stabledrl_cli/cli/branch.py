@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from stabledrl_cli.branching import BranchOutcome, BranchReport, run_branches
 from stabledrl_cli.capture.branch_protocol import BranchRequest
 from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, number_option
 from stabledrl_cli.cli._output import Advance, err, out, print_json, progress, progress_enabled
@@ -26,6 +25,9 @@ from stabledrl_cli.example.config import MAX_RL_STEPS
 from stabledrl_cli.replay._format import format_steps
 from stabledrl_cli.replay.config import MAX_THREADS
 from stabledrl_cli.replay.report import print_legend, print_title
+
+if TYPE_CHECKING:  # branching imports torch: a refused RUN costs no torch import
+    from stabledrl_cli.branching import BranchOutcome, BranchReport
 
 LIST_LIMIT = 8
 """Step lists longer than this are cut in the table (JSON has them all)."""
@@ -166,7 +168,9 @@ def command(
     """
     if not run.is_dir():
         raise InputError(f"{run}: not a run directory (branch reads the checkpoints in one)")
-    import torch  # here, not for `branch --help`
+    import torch  # here, not for `branch --help` or a refused RUN
+
+    from stabledrl_cli.branching import run_branches
 
     torch.set_num_threads(threads)
     with _BranchProgress() as branches:
