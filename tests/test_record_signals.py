@@ -44,14 +44,13 @@ DRIVER = textwrap.dedent(
 
 TRAIN = textwrap.dedent(
     """
-    import torch
+    import numpy as np
+    import stabledrl_cli as sd
 
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(3):  # optimizer steps, which the hooks record
-        optimizer.zero_grad()
-        model(torch.ones(1, 2)).sum().backward()
-        optimizer.step()
+    logp = np.zeros((2, 3), dtype="float32")
+    for step in range(3):  # policy batches, recorded without torch's import
+        sd.log_policy_batch(step, policy="grpo", logp=logp, logp_old=logp,
+                            advantages=np.ones(2, dtype="float32"))
     """
 )
 
