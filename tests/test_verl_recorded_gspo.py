@@ -1,6 +1,9 @@
 """A verl gspo run recorded before the verl integration wrote verl's cap of the sequence log
 ratio (log_ratio_max=10) replays, as its own policy, the loss verl computed: the recorded
-spec with the cap, and a note naming both specs."""
+spec with the cap, and a note naming both specs.
+
+The replays run in this process (typer's CliRunner): what is checked is the JSON and the
+note, not the process; the last test replays in a process of its own, as a user runs it."""
 
 from __future__ import annotations
 
@@ -10,8 +13,10 @@ from typing import Any
 
 import pytest
 from _cli import run_cli
+from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
 
 OLD_SPEC = "gspo:agg=token-mean,eps_high=0.2,eps_low=0.2,form=token"
 VERL_SPEC = "gspo:agg=token-mean,eps_high=0.2,eps_low=0.2,form=token,log_ratio_max=10"
@@ -35,8 +40,8 @@ def recorded_run(path: Path, spec: str, meta: dict[str, Any]) -> Path:
 
 def own_row(path: Path, *specs: str) -> tuple[dict[str, Any], str]:
     args = [a for spec in specs for a in ("-p", spec)]
-    done = run_cli("replay", path, *args, "--format", "json")
-    assert done.returncode == 0, done.stderr
+    done = CliRunner().invoke(app, ["replay", str(path), *args, "--format", "json"])
+    assert done.exit_code == 0, done.output
     (own,) = [p for p in json.loads(done.stdout)["policies"] if p["own"]]
     return own, " ".join(done.stderr.split())
 
