@@ -20,7 +20,7 @@ from stabledrl_cli.dump import open_run
 CHILD = textwrap.dedent(
     """
     import errno, os
-    import torch
+    import numpy as np
     import stabledrl_cli as sd
 
     real_writev = os.writev
@@ -31,10 +31,10 @@ CHILD = textwrap.dedent(
     for step in range(8):
         if step == 3:
             os.writev = full_disk  # the disk fills up before step 3 is written
-        logp = torch.full((4, 3), -1.0)
+        logp = np.full((4, 3), -1.0, dtype=np.float32)
         sd.log_policy_batch(step, policy="grpo", logp=logp, logp_old=logp,
-                            advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]),
-                            mask=torch.ones(4, 3, dtype=torch.uint8), grad_norm=1.0, loss=0.0)
+                            advantages=np.array([1.0, -1.0, 0.5, -0.5], dtype=np.float32),
+                            mask=np.ones((4, 3), dtype=np.uint8), grad_norm=1.0, loss=0.0)
     os.writev = real_writev
     print("trained 8 steps")
     """
