@@ -955,32 +955,60 @@ ACTOR_SETTINGS = [
 """(world, the engine run's SETTINGS, the spec recorded) of each actor-settings engine run."""
 
 
+REFUSED_JOB = ("vanilla", {"actor": {"entropy_coeff": 0.01}, "calculate_entropy": True})
+"""(loss_mode, SETTINGS) of an engine run the hook refuses: the entropy bonus (verl's trainer
+then computes the entropy)."""
+
+
 def engine_jobs(world: int) -> list[tuple[str, dict[str, Any]]]:
-    """(loss_mode, SETTINGS) of every engine run the tests read on `world` processes."""
+    """(loss_mode, SETTINGS) of every engine run the tests read on `world` processes; the
+    refused run (on 1 process) last, after every run that records."""
     settings = [param.values[1] for param in ACTOR_SETTINGS if param.values[0] == world]
     return [
         ("vanilla", {}),
         *((loss_mode, {}) for loss_mode, _ in MICRO_BATCH_MODES),
         *(("vanilla", each) for each in settings),
+        *([REFUSED_JOB] if world == 1 else []),
     ]
 
 
+def job_marker(number: int) -> str:
+    """The line `ENGINE_SCRIPT` writes to stderr as it starts its job `number` (from 0)."""
+    return f"fsdp_engine_run.py: job {number}\n"
+
+
+@dataclasses.dataclass
+class EngineJob:
+    done: subprocess.CompletedProcess[str]
+    """The launch that trained the job, with the other jobs of its world."""
+    number: int
+    """The job's place in the launch."""
+    directory: Path
+    """The job's TMP: TMP/run, TMP/result.json."""
+
+    @property
+    def stderr(self) -> str:
+        """The launch's stderr from the job's start to the next job's."""
+        after = self.done.stderr.partition(job_marker(self.number))[2]
+        return after.partition(job_marker(self.number + 1))[0]
+
+
+EngineJobs = Callable[..., EngineJob]
 EngineRuns = Callable[..., tuple[Any, list[dict[str, Any]]]]
 
 
 @pytest.fixture(scope="module")
-def engine_runs(tmp_path_factory: pytest.TempPathFactory) -> EngineRuns:
-    """`engine_runs(world, loss_mode="vanilla", settings=None)`: (the recorded run, verl's
-    logged metrics of each rank) of verl's real FSDP2 engine stepped on CPU with the hook
-    installed (verl_scripts), on `world` processes with `policy_loss.loss_mode` loss_mode and
-    the script's SETTINGS `settings`. The first call for a world trains every job of
-    `engine_jobs(world)` in one launch, each job its own model, worker, hook, run directory
-    and results; a launch that fails fails every test that reads one of its jobs."""
+def engine_launches(tmp_path_factory: pytest.TempPathFactory) -> EngineJobs:
+    """`engine_launches(world, loss_mode="vanilla", settings=None)`: the EngineJob of verl's
+    real FSDP2 engine stepped on CPU with the hook installed (verl_scripts), on `world`
+    processes with `policy_loss.loss_mode` loss_mode and the script's SETTINGS `settings`. The
+    first call for a world trains every job of `engine_jobs(world)` in one launch, each job its
+    own model, worker, hook, run directory and results."""
     launches: dict[int, tuple[subprocess.CompletedProcess[str], list[Path]]] = {}
 
-    def engine_run(
+    def engine_job(
         world: int, loss_mode: str = "vanilla", settings: dict[str, Any] | None = None
-    ) -> tuple[Any, list[dict[str, Any]]]:
+    ) -> EngineJob:
         jobs = engine_jobs(world)
         if world not in launches:
             tmp = tmp_path_factory.mktemp(f"engine{world}")
@@ -988,10 +1016,30 @@ def engine_runs(tmp_path_factory: pytest.TempPathFactory) -> EngineRuns:
             launch = [(d, mode, each) for d, (mode, each) in zip(directories, jobs, strict=True)]
             launches[world] = engine_process(world, launch), directories
         done, directories = launches[world]
-        assert done.returncode == 0, done.stderr[-3000:]
-        # the hook never breaks the training: a rank whose recording went off says so only here
-        assert "recording is off" not in done.stderr, done.stderr[-3000:]
-        return engine_result(directories[jobs.index((loss_mode, settings or {}))], world)
+        number = jobs.index((loss_mode, settings or {}))
+        return EngineJob(done, number, directories[number])
+
+    return engine_job
+
+
+@pytest.fixture(scope="module")
+def engine_runs(engine_launches: EngineJobs) -> EngineRuns:
+    """`engine_runs(world, loss_mode="vanilla", settings=None)`: (the recorded run, verl's
+    logged metrics of each rank) of that engine job; a launch that fails fails every test
+    that reads one of its jobs."""
+
+    def engine_run(
+        world: int, loss_mode: str = "vanilla", settings: dict[str, Any] | None = None
+    ) -> tuple[Any, list[dict[str, Any]]]:
+        job = engine_launches(world, loss_mode, settings)
+        assert job.done.returncode == 0, job.done.stderr[-3000:]
+        # the hook never breaks the training: a rank whose recording went off says so only
+        # here (in any job before the refused one, which warns so by design)
+        jobs = engine_jobs(world)
+        refused = jobs.index(REFUSED_JOB) if REFUSED_JOB in jobs else len(jobs)
+        recorded = job.done.stderr.partition(job_marker(refused))[0]
+        assert "recording is off" not in recorded, recorded[-3000:]
+        return engine_result(job.directory, world)
 
     return engine_run
 
@@ -1155,17 +1203,18 @@ def test_engine_actor_settings_replay_verls_logged_metrics(
     assert run.step(4).scalars["update_skipped"] == 1
 
 
-def test_engine_entropy_bonus_is_refused_in_one_line_and_training_goes_on(tmp_path: Path) -> None:
+def test_engine_entropy_bonus_is_refused_in_one_line_and_training_goes_on(
+    engine_launches: EngineJobs,
+) -> None:
     """entropy_coeff != 0 (verl's trainer then computes the entropy): one warning line naming
     the entropy bonus, no step recorded, and verl's 5 updates all run."""
-    settings = {"actor": {"entropy_coeff": 0.01}, "calculate_entropy": True}
-    done = engine_process(1, [(tmp_path, "vanilla", settings)])
-    assert done.returncode == 0, done.stderr[-3000:]
-    warnings = [line for line in done.stderr.splitlines() if "stabledrl" in line]
-    assert len(warnings) == 1
+    job = engine_launches(1, *REFUSED_JOB)
+    assert job.done.returncode == 0, job.done.stderr[-3000:]
+    warnings = [line for line in job.stderr.splitlines() if "stabledrl" in line]
+    assert len(warnings) == 1, job.stderr[-3000:]
     assert "cannot record this verl run: the entropy bonus (entropy_coeff != 0)" in warnings[0]
-    assert len(json.loads((tmp_path / "result.json").read_text())["steps"]) == 5
-    assert not list((tmp_path / "run").glob("steps/*"))
+    assert len(json.loads((job.directory / "result.json").read_text())["steps"]) == 5
+    assert not list((job.directory / "run").glob("steps/*"))
 
 
 def test_ray_worker_setup_hook_installs_the_recorder(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ mini-batch with a NaN advantage (verl skips that update). SETTINGS, a JSON objec
 (FSDPEngineConfig fields, e.g. use_dynamic_bsz, micro_batch_size_per_gpu) and
 "calculate_entropy" (as verl's trainer sets it). Each job builds its own model, worker and
 hook (install(OUT), uninstall() at its end), and each rank writes verl's own logged metrics
-of each mini-batch to RESULT.json (rank 0) or RESULT.json.rank<r>.
+of each mini-batch to RESULT.json (rank 0) or RESULT.json.rank<r>. Rank 0 writes the line
+"fsdp_engine_run.py: job N" to stderr as job N (from 0) starts.
 
 Where CPU stops, and the stand-ins used here: verl falls back to the CUDA platform without an
 accelerator, so a CPU platform is registered through verl's plugin registry (cpu_platform)
@@ -172,7 +173,9 @@ def train(out: str, result: str, loss_mode: str, settings: str) -> None:
 if __name__ == "__main__":
     jobs = sys.argv[1:]
     assert jobs and len(jobs) % 4 == 0, "usage: see the module docstring"
-    for start in range(0, len(jobs), 4):
+    for number, start in enumerate(range(0, len(jobs), 4)):
+        if dist.get_rank() == 0:  # where each job's lines on stderr start
+            print(f"fsdp_engine_run.py: job {number}", file=sys.stderr, flush=True)
         train(*jobs[start : start + 4])
     dist.destroy_process_group()
     exit_without_finalizing()
