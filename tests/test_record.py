@@ -329,11 +329,8 @@ def test_each_node_records_its_own_ranks_and_the_node_directories_make_one_run(
         shutil.copytree(tmp_path / f"node{node}", whole, dirs_exist_ok=True)
     run = open_run(whole)
     assert (run.world_size, run.step_numbers, run.integrity.findings) == (4, [0, 1, 2], [])
-    replayed = subprocess.run(
-        cli_command("replay", whole, "--format", "json"),
-        capture_output=True, text=True, env=cli_environment(), timeout=TIMEOUT,
-    )  # fmt: skip
-    assert replayed.returncode == 0, replayed.stderr
+    replayed = CliRunner().invoke(app, ["replay", str(whole), "--format", "json"])
+    assert replayed.exit_code == 0, replayed.output
     assert json.loads(replayed.stdout)["steps"] == 3
 
 
@@ -881,6 +878,21 @@ TORCH_STEPS = textwrap.dedent(
 )
 """A script's first lines: `python script.py N ...` takes N optimizer steps."""
 
+POLICY_STEPS = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    import stabledrl_cli as sd
+
+    logp = np.zeros((2, 3), dtype="float32")
+    for step in range(int(sys.argv[1])):  # policy batches, recorded without torch
+        sd.log_policy_batch(step, policy="grpo", logp=logp, logp_old=logp,
+                            advantages=np.ones(2, dtype="float32"))
+    """
+)
+"""A script's first lines: `python script.py N ...` logs N steps of a grpo run (numpy only:
+for a test about record, not about the optimizer hooks)."""
+
 CTRL_C_SCRIPT = TORCH_STEPS + textwrap.dedent(
     """
     flag = Path(sys.argv[2])
@@ -992,7 +1004,7 @@ def test_a_failure_whose_message_is_not_unicode_never_reaches_the_training(tmp_p
     assert "is not a field of log_policy_batch" in result.stderr
 
 
-STATUS_SCRIPT = TORCH_STEPS + textwrap.dedent(
+STATUS_SCRIPT = POLICY_STEPS + textwrap.dedent(
     """
     status = os.environ["STABLEDRL_STATUS_FILE"]
     if sys.argv[2] == "removed":
@@ -1083,7 +1095,7 @@ def test_record_force_over_a_manifest_that_is_no_file_records_the_run(
         (out / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
     else:
         (out / "manifest.json").symlink_to("/dev/zero")
-    script.write_text(TORCH_STEPS + "print('trained')\n")
+    script.write_text(POLICY_STEPS + "print('trained')\n")
 
     def limit() -> None:  # an endless read fails here (MemoryError) rather than take the host
         resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
