@@ -1,6 +1,8 @@
 """Freed heap memory goes back to the system between a replay's chunks (glibc's malloc_trim).
 
-Each case runs in a fresh interpreter, whose heap starts in a known state."""
+Each case runs in a fresh interpreter, whose heap starts in a known state. The cases allocate
+numpy arrays, from the same glibc heap as torch's CPU tensors, so that a case's interpreter
+does not pay for importing torch."""
 
 from __future__ import annotations
 
@@ -14,21 +16,21 @@ from stabledrl_cli._memory import _glibc
 pytestmark = pytest.mark.skipif(_glibc() is None, reason="not glibc: nothing to release")
 
 SCENARIO = """
-import torch
+import numpy as np
 from stabledrl_cli._memory import release_freed_memory
 
 def anonymous_kb():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
 
-raise_threshold = torch.ones(1 << 20)  # freed, it raises glibc's threshold for using mmap
+raise_threshold = np.ones(1 << 20, np.float32)  # freed, it raises glibc's threshold for using mmap
 del raise_threshold
 keep, big = [], []
-for _ in range(64):  # 64 MB of 1 MB tensors, each followed by a small one that outlives it
-    block = torch.empty(1 << 18)
-    block.fill_(1.0)
+for _ in range(64):  # 64 MB of 1 MB arrays, each followed by a small one that outlives it
+    block = np.empty(1 << 18, np.float32)
+    block.fill(1.0)
     big.append(block)
-    keep.append(torch.ones(4))
+    keep.append(np.ones(4, np.float32))
 del big  # holes the heap cannot give back by shrinking its top
 before = anonymous_kb()
 release_freed_memory(keep=KEEP)
@@ -56,7 +58,7 @@ def test_release_waits_until_enough_is_free() -> None:
 
 REUSE = """
 import resource
-import torch
+import numpy as np
 from stabledrl_cli._memory import _glibc, heap_kept
 
 def anonymous_kb():
@@ -64,11 +66,11 @@ def anonymous_kb():
         return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
 
 def reuse_faults():
-    # Minor page faults of reusing 40 MB freed in 1 MB tensors, over four rounds.
+    # Minor page faults of reusing 40 MB freed in 1 MB arrays, over four rounds.
     faults = 0
     for round in range(5):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        blocks = [torch.ones(1 << 18) for _ in range(40)]
+        blocks = [np.ones(1 << 18, np.float32) for _ in range(40)]
         del blocks
         if round:
             faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
@@ -76,7 +78,7 @@ def reuse_faults():
 
 with heap_kept():
     mapped = _glibc().mallinfo2().hblkhd
-    blocks = [torch.ones(1 << 18) for _ in range(40)]
+    blocks = [np.ones(1 << 18, np.float32) for _ in range(40)]
     mapped = _glibc().mallinfo2().hblkhd - mapped
     del blocks
     kept = reuse_faults()
@@ -88,18 +90,18 @@ print(mapped, kept, held - anonymous_kb())
 def test_heap_kept_serves_and_reuses_memory_from_the_heap() -> None:
     done = subprocess.run([sys.executable, "-c", REUSE], capture_output=True, text=True, check=True)
     mapped, faults, returned_kb = (int(word) for word in done.stdout.split()[-3:])
-    assert mapped < 1 << 20  # 1 MB tensors come from the heap, not from fresh mappings
+    assert mapped < 1 << 20  # 1 MB arrays come from the heap, not from fresh mappings
     assert faults < 4 * 40 * 256 // 8  # their freed pages are reused, not faulted in again
     assert returned_kb > 32 * 1024  # and go back to the system on exit
 
 
 THREAD_ARENAS = """
 import ctypes, sys, threading
-import torch
+import numpy as np
 from stabledrl_cli._memory import _glibc, heap_kept
 
 with heap_kept(shared=sys.argv[1] == "shared"):
-    threads = [threading.Thread(target=lambda: torch.ones(1 << 22)) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: np.ones(1 << 22, np.float32)) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
