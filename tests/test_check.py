@@ -201,8 +201,8 @@ def test_json_of_a_run_whose_path_is_not_utf8_is_strict_json(tmp_path, command):
     run = tmp_path / os.fsdecode(b"run\xff")
     _make_run(run, collapse=False)
     options = {"check": ["--max-collapsed", "99", "--device", "cpu"], "replay": ["--device", "cpu"]}
-    (done,) = run_cli_together([command, run, *options.get(command, []), "--format", "json"])
-    assert done.returncode == 0, done.stderr
+    done = runner.invoke(app, [command, str(run), *options.get(command, []), "--format", "json"])
+    assert done.exit_code == 0, done.output
     data = parse_strict(done.stdout, "stdout", "JSON")
     assert isinstance(data, dict)
     assert data["run"] == f"{tmp_path}/run\\xff"
