@@ -235,13 +235,17 @@ def test_a_written_baseline_gates_where_the_reward_ended_not_its_last_batch(tmp_
          str(baseline)],
     )  # fmt: skip
     assert wrote.exit_code == 0, wrote.output
-    rerun = run_cli("check", str(_reward_run(tmp_path / "b", [*steady, 0.45])), "-b", str(baseline))
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = runner.invoke(
+        app, ["check", str(_reward_run(tmp_path / "b", [*steady, 0.45])), "-b", str(baseline)]
+    )
+    assert rerun.exit_code == 0, rerun.output
     tail = json.loads(baseline.read_text())["recorded"]["reward_mean"]["tail"]
     assert tail["value"] == pytest.approx(0.51)
     lower = [*steady[:-9], *[0.4] * 10]
-    worse = run_cli("check", str(_reward_run(tmp_path / "c", lower)), "-b", str(baseline))
-    assert worse.returncode == 1
+    worse = runner.invoke(
+        app, ["check", str(_reward_run(tmp_path / "c", lower)), "-b", str(baseline)]
+    )
+    assert worse.exit_code == 1
     assert "baseline.recorded.reward_mean.tail" in worse.stderr
 
 
@@ -251,8 +255,10 @@ def test_only_a_clip_fraction_regression_trips(tmp_path):
         app, ["check", str(_scalar_run(tmp_path / "a")), "--write-baseline", str(baseline)]
     )
     worse = _scalar_run(tmp_path / "b", clip=0.2)
-    proc = run_cli("check", str(worse), "--baseline", str(baseline), "--format", "json")
-    assert proc.returncode == 1
+    proc = runner.invoke(
+        app, ["check", str(worse), "--baseline", str(baseline), "--format", "json"]
+    )
+    assert proc.exit_code == 1
     tripped = {name for name, g in _gates(json.loads(proc.stdout)).items() if not g["ok"]}
     assert tripped == {
         f"(run) baseline.recorded.{name}.{stat}"
@@ -276,8 +282,8 @@ def test_a_hand_written_recorded_gate_on_any_scalar(tmp_path):
             }
         )
     )
-    proc = run_cli("check", str(run), "--baseline", str(baseline), "--format", "json")
-    assert proc.returncode == 1
+    proc = runner.invoke(app, ["check", str(run), "--baseline", str(baseline), "--format", "json"])
+    assert proc.exit_code == 1
     gates = json.loads(proc.stdout)["gates"]
     assert [(g["policy"], g["gate"], g["ok"]) for g in gates] == [
         (None, "baseline.recorded.clip_ratio/region_mean.max", False),
