@@ -703,46 +703,53 @@ def test_two_ranks_with_torchrun(tiny: Any, tmp_path: Path) -> None:
 
 
 # -- two ranks, the model sharded by accelerate's FSDP2 plugin --------------------------------
-def _fsdp2_train(tmp_path: Path, *command: str) -> tuple[subprocess.CompletedProcess[str], Any]:
-    """Runs `command` (ending with fsdp2_train.py's arguments); returns the process and what
-    rank 0 wrote, after checking the model really was sharded by FSDP2."""
+@pytest.fixture(scope="module")
+def fsdp2_launch(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One 2-rank launch under `stabledrl record --out run` (fsdp2_train.py): plain
+    `trl.GRPOTrainer` recorded by record's optimizer hooks into "run", then
+    RecordingGRPOTrainer into "recorded"; after checking that each training's model really
+    was sharded by FSDP2, the directory ("dir"), record's stderr ("stderr") and what rank 0
+    wrote of each training ("plain", "recording")."""
+    directory = tmp_path_factory.mktemp("fsdp2")
+    record = [*cli_command(), "record", "--out", "run", "--"]
+    command = [*record, *torchrun("fsdp2_train.py", str(directory / "recorded"), "shown.json")]
     done = subprocess.run(
-        command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300
+        command, cwd=directory, env=child_env(), capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    shown = json.loads((tmp_path / "shown.json").read_text())
-    assert shown["is_fsdp2"] and shown["dtensor_parameters"]
-    assert shown["model"] == "FSDPQwen2ForCausalLM"
-    return done, shown
+    shown = json.loads((directory / "shown.json").read_text())
+    for training in ("plain", "recording"):
+        assert shown[training]["is_fsdp2"] and shown[training]["dtensor_parameters"], training
+        assert shown[training]["model"] == "FSDPQwen2ForCausalLM", training
+    return {"dir": directory, "stderr": done.stderr, **shown}
 
 
-def test_fsdp2_two_ranks_record_trl_grad_norm_and_loss(tiny: Any, tmp_path: Path) -> None:
+@pytest.mark.xdist_group("trl-fsdp2")
+def test_fsdp2_two_ranks_record_trl_grad_norm_and_loss(fsdp2_launch: dict[str, Any]) -> None:
     """DTensor gradients clipped by accelerate: each step's grad_norm is the float TRL logs
     (both read the norm accelerate's clip returned, so they are equal, not close), and the
     run's policy replays TRL's loss and clip ratios."""
-    out = tmp_path / "run"
-    _, shown = _fsdp2_train(tmp_path, *torchrun("fsdp2_train.py", str(out), "shown.json"))
+    out = fsdp2_launch["dir"] / "recorded"
+    log_history = fsdp2_launch["recording"]["log_history"]
     _assert_step_files(out)
     run = sd.open_run(out)
     assert run.manifest["world_size"] == 2
     spec = run.policy_spec or ""
-    _assert_matches_trl(out, spec, shown["log_history"])
-    logged = logged_steps(shown["log_history"])
+    _assert_matches_trl(out, spec, log_history)
+    logged = logged_steps(log_history)
     assert logged[1]["grad_norm"] > 1.0  # max_grad_norm: the norm recorded is the pre-clip one
     assert run.step(1).scalars["grad_norm_clipped"] == pytest.approx(1.0, rel=1e-5)
     _assert_trl_metrics(out, spec, logged)
 
 
-def test_fsdp2_two_ranks_under_stabledrl_record(tiny: Any, tmp_path: Path) -> None:
+@pytest.mark.xdist_group("trl-fsdp2")
+def test_fsdp2_two_ranks_under_stabledrl_record(fsdp2_launch: dict[str, Any]) -> None:
     """Plain `trl.GRPOTrainer` under `stabledrl record`: the optimizer hooks record each step
     (numbered from 0) with TRL's grad_norm, within float32 rounding (the hooks sum the
     squares of the DTensor shards in float64, torch's clip in float32)."""
-    record = [*cli_command(), "record", "--out", "run", "--"]
-    command = [*record, *torchrun("fsdp2_train.py", "unused", "shown.json", "plain")]
-    done, shown = _fsdp2_train(tmp_path, *command)
-    assert "recording failed" not in done.stderr
-    logged = logged_steps(shown["log_history"])
-    run = sd.open_run(tmp_path / "run")
+    assert "recording failed" not in fsdp2_launch["stderr"]
+    logged = logged_steps(fsdp2_launch["plain"]["log_history"])
+    run = sd.open_run(fsdp2_launch["dir"] / "run")
     assert run.manifest["world_size"] == 2
     assert run.step_numbers == [n - 1 for n in sorted(logged)]
     for step in run:

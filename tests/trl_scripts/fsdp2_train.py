@@ -1,10 +1,14 @@
-"""Run under torchrun: the tiny GRPO run with its model sharded by accelerate's FSDP2 plugin
-(TRL's `fsdp`/`fsdp_config` arguments), on CPU with gloo.
+"""Run under `stabledrl record` and torchrun: the tiny GRPO run, its model sharded by
+accelerate's FSDP2 plugin (TRL's `fsdp`/`fsdp_config` arguments), on CPU with gloo, trained
+twice in one launch (the ranks start once).
 
-usage: torchrun --nproc_per_node 2 fsdp2_train.py RUN_DIR OUT_JSON [plain]
-Records with RecordingGRPOTrainer into RUN_DIR, or with "plain" trains `trl.GRPOTrainer`
-(recorded by `stabledrl record`'s hooks). Rank 0 writes TRL's log_history and what the model
-became to OUT_JSON.
+usage: stabledrl record --out RUN -- torchrun --nproc_per_node 2 fsdp2_train.py RUN_DIR OUT_JSON
+First plain `trl.GRPOTrainer`, recorded by `stabledrl record`'s optimizer hooks into RUN; then
+RecordingGRPOTrainer, recording into RUN_DIR as a script run outside `record` does: the
+script takes $STABLEDRL_RUN_DIR out of its environment first (record would refuse another
+directory than its own). In that order: a recording trainer has the hooks stand down for the
+rest of the process. Rank 0 writes, for each training ("plain", "recording"), TRL's
+log_history and what the model became to OUT_JSON.
 
 accelerate (1.15) selects FSDP only on accelerator hosts: on CPU it keeps MULTI_CPU and wraps
 the model in DDP without saying so. The script therefore has accelerate's backend choice
@@ -38,40 +42,46 @@ def backend_of_a_gpu_host(*_: Any, **__: Any) -> tuple[str, DistributedType]:
     return "gloo", DistributedType.MULTI_GPU
 
 
-def main() -> None:
-    run_dir, out_json = sys.argv[1], Path(sys.argv[2])
-    plain = sys.argv[3:] == ["plain"]
-    os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
-    accelerate.state.PartialState._prepare_backend = backend_of_a_gpu_host
+def train(trainer_class: type, output_dir: Path, **recording: Any) -> tuple[int, dict[str, Any]]:
+    """The tiny run sharded by FSDP2 on 2 ranks, trained: this process's rank, and TRL's log
+    and what the model became."""
     config = tiny_config(
-        str(Path(run_dir).parent / "trl_out"),
+        str(output_dir),
         per_device_train_batch_size=2,
         use_cpu=False,
         bf16=False,
         fsdp=True,
         fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]},
     )
-    parts: dict[str, Any] = {
-        "model": tiny_model(),
-        "reward_funcs": count_b,
-        "args": config,
-        "train_dataset": tiny_dataset(),
-        "processing_class": tiny_tokenizer(),
-    }
-    if plain:
-        trainer = GRPOTrainer(**parts)
-    else:
-        trainer = RecordingGRPOTrainer(**parts, stabledrl_out=run_dir)
+    trainer = trainer_class(
+        model=tiny_model(),
+        reward_funcs=count_b,
+        args=config,
+        train_dataset=tiny_dataset(),
+        processing_class=tiny_tokenizer(),
+        **recording,
+    )
     trainer.train()
-    if trainer.accelerator.process_index == 0:
-        model = trainer.model_wrapped
-        shown = {
-            "log_history": trainer.state.log_history,
-            "is_fsdp2": trainer.accelerator.is_fsdp2,
-            "model": type(model).__name__,
-            "dtensor_parameters": all(isinstance(p, DTensor) for p in model.parameters()),
-        }
-        out_json.write_text(json.dumps(shown))
+    model = trainer.model_wrapped
+    return trainer.accelerator.process_index, {
+        "log_history": trainer.state.log_history,
+        "is_fsdp2": trainer.accelerator.is_fsdp2,
+        "model": type(model).__name__,
+        "dtensor_parameters": all(isinstance(p, DTensor) for p in model.parameters()),
+    }
+
+
+def main() -> None:
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    run_dir, out_json = Path(sys.argv[1]), Path(sys.argv[2])
+    os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+    accelerate.state.PartialState._prepare_backend = backend_of_a_gpu_host
+    _, plain = train(GRPOTrainer, Path("plain_trl_out"))
+    del os.environ["STABLEDRL_RUN_DIR"]
+    rank, recording = train(RecordingGRPOTrainer, run_dir.parent / "trl_out", stabledrl_out=run_dir)
+    if rank == 0:
+        out_json.write_text(json.dumps({"plain": plain, "recording": recording}))
 
 
 if __name__ == "__main__":
