@@ -283,7 +283,6 @@ def grad_input_outcomes() -> dict[str, str]:
     return json.loads(done.stdout)
 
 
-@pytest.mark.xdist_group("guard_grad_inputs")
 @pytest.mark.parametrize("which", GRAD_INPUTS)
 def test_a_tensor_that_requires_grad_is_read_detached(which, grad_input_outcomes):
     """`before_step(loss=t)` with `t` in the graph emitted torch's 'Converting a tensor with

@@ -724,7 +724,6 @@ def fsdp2_launch(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     return {"dir": directory, "stderr": done.stderr, **shown}
 
 
-@pytest.mark.xdist_group("trl-fsdp2")
 def test_fsdp2_two_ranks_record_trl_grad_norm_and_loss(fsdp2_launch: dict[str, Any]) -> None:
     """DTensor gradients clipped by accelerate: each step's grad_norm is the float TRL logs
     (both read the norm accelerate's clip returned, so they are equal, not close), and the
@@ -742,7 +741,6 @@ def test_fsdp2_two_ranks_record_trl_grad_norm_and_loss(fsdp2_launch: dict[str, A
     _assert_trl_metrics(out, spec, logged)
 
 
-@pytest.mark.xdist_group("trl-fsdp2")
 def test_fsdp2_two_ranks_under_stabledrl_record(fsdp2_launch: dict[str, Any]) -> None:
     """Plain `trl.GRPOTrainer` under `stabledrl record`: the optimizer hooks record each step
     (numbered from 0) with TRL's grad_norm, within float32 rounding (the hooks sum the
