@@ -827,11 +827,11 @@ def test_a_step_count_past_the_bound_is_a_usage_error_before_training(tmp_path, 
 
 
 def test_branch_steps_past_the_bound_are_a_usage_error_before_training(tmp_path, monkeypatch):
-    from stabledrl_cli.cli import branch
+    from stabledrl_cli import branching  # where branch's command takes run_branches from
     from stabledrl_cli.example.config import MAX_RL_STEPS
 
     branched: list[object] = []
-    monkeypatch.setattr(branch, "run_branches", lambda *args, **kwargs: branched.append(kwargs))
+    monkeypatch.setattr(branching, "run_branches", lambda *args, **kwargs: branched.append(kwargs))
     args = ["branch", str(tmp_path), "--at", "0", "-p", "grpo", "--rl-steps", str(10**30)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
