@@ -251,25 +251,24 @@ _HEADER_BREAKS = str.maketrans({" ": "\n", "_": "\n"})
 
 
 _UNJUDGED_COLUMNS = {
-    "drift": ("bias", "its 0 says nothing"),
-    "spike": ("risk", "it counts non-finite updates only"),
+    "drift": ("bias", "not judged", "its 0 says nothing"),
+    "spike": ("risk", "spikes not judged", "it counts non-finite updates only"),
 }
-"""Each rule a policy's summary may say judged no step: the column it counts into, and what
-that column then shows."""
+"""Each rule a policy's summary may say judged no step: the column it counts into, what was
+not judged, and what that column then shows."""
 
 
 def unjudged_lines(result: ReplayResult) -> list[str]:
     """A line for each rule that judged no step of some policy (`PolicySummary.unjudged`),
     naming the policies unless it is all of them: a count of 0 there is not a clean bill."""
     lines = []
-    for rule, (column, meaning) in _UNJUDGED_COLUMNS.items():
+    for rule, (column, judged, meaning) in _UNJUDGED_COLUMNS.items():
         reasons: dict[str, list[str]] = {}
         for p in result.policies:
             if rule in p.summary.unjudged:
                 reasons.setdefault(p.summary.unjudged[rule], []).append(p.spec)
         for why, specs in reasons.items():
             which = "" if len(specs) == len(result.policies) else f" for {', '.join(specs)}"
-            judged = "not judged" if rule == "drift" else "spikes not judged"
             lines.append(f"{column}: {judged}{which} ({why}): {meaning}")
     return lines
 
