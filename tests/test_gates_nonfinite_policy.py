@@ -58,17 +58,24 @@ def test_max_discard_frac_trips_on_a_policy_whose_every_update_is_non_finite(tmp
     assert (code, gate["ok"]) == (0, True)
 
 
-def test_a_baseline_discard_frac_or_drift_trips_on_a_policy_whose_every_update_is_non_finite(
-    tmp_path,
-):
-    """Against a healthy run's baseline, discard_frac 0 and drift_steps 0 passed on the NaN
-    run (only collapsed_steps and the update norms tripped)."""
+def _nan_run_against_a_healthy_baseline(tmp_path) -> list[dict[str, object]]:
+    """The gates of the NaN run checked against the finite run's baseline (which passes its
+    own run; the NaN run trips it, exit 1)."""
     baseline = tmp_path / "b.json"
     code, _ = _gates(str(_run(tmp_path / "finite", logp_nan=False)), "-p", "grpo",
                      "--write-baseline", str(baseline))  # fmt: skip
     assert code == 0
     code, gates = _gates(str(_run(tmp_path / "nan", logp_nan=True)), "-b", str(baseline))
     assert code == 1
+    return gates
+
+
+def test_a_baseline_discard_frac_or_drift_trips_on_a_policy_whose_every_update_is_non_finite(
+    tmp_path,
+):
+    """Against a healthy run's baseline, discard_frac 0 and drift_steps 0 passed on the NaN
+    run (only collapsed_steps and the update norms tripped)."""
+    gates = _nan_run_against_a_healthy_baseline(tmp_path)
     absent = {g["message"] for g in gates if g["gate"] == "baseline.present"}
     assert absent == {
         f"{name} is in the baseline, but every replayed step's update of 'grpo' is non-finite "
@@ -80,12 +87,7 @@ def test_a_baseline_discard_frac_or_drift_trips_on_a_policy_whose_every_update_i
 
 def test_a_baseline_update_norm_on_a_policy_whose_every_update_is_non_finite_says_so(tmp_path):
     """It tripped with the figure shown as a plain 'inf', as if a norm had been measured."""
-    baseline = tmp_path / "b.json"
-    code, _ = _gates(str(_run(tmp_path / "finite", logp_nan=False)), "-p", "grpo",
-                     "--write-baseline", str(baseline))  # fmt: skip
-    assert code == 0
-    code, gates = _gates(str(_run(tmp_path / "nan", logp_nan=True)), "-b", str(baseline))
-    assert code == 1
+    gates = _nan_run_against_a_healthy_baseline(tmp_path)
     norms = {g["gate"]: g for g in gates if g["gate"].startswith("baseline.update_norm")}
     assert sorted(norms) == ["baseline.update_norm_max", "baseline.update_norm_median"]
     for name, gate in norms.items():
