@@ -249,11 +249,8 @@ def test_no_run_directory_is_a_usage_error(
     config = tiny.tiny_rloo_config if "RLOO" in trainer else tiny.tiny_config
     with pytest.raises(UsageError, match=f"{trainer} needs a run directory: pass stabledrl_out"):
         getattr(integration, trainer)(
-            model=tiny.tiny_model(),
-            reward_funcs=tiny.count_b,
+            **tiny.tiny_parts(),
             args=config(str(tmp_path / "trl_out")),
-            train_dataset=tiny.tiny_dataset(),
-            processing_class=tiny.tiny_tokenizer(),
         )
 
 
@@ -566,11 +563,8 @@ def test_a_rollout_funcs_env_mask_that_empties_a_row_replays_trls_loss(
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     out = tmp_path / "run"
     trainer = integration.RecordingGRPOTrainer(
-        model=tiny.tiny_model(),
-        reward_funcs=tiny.count_b,
+        **tiny.tiny_parts(),
         args=tiny.tiny_config(str(tmp_path / "trl_out"), **config),
-        train_dataset=tiny.tiny_dataset(),
-        processing_class=tiny.tiny_tokenizer(),
         rollout_func=tiny.env_masked_rollout(),
         stabledrl_out=out,
     )
@@ -761,11 +755,8 @@ def _tiny_trainer(tiny: Any, tmp_path: Path, out: Path) -> Any:
     """A recording trainer of the tiny run with TRL's default loss into `out`, untrained (its
     output_dir, which holds no checkpoint, in `tmp_path`)."""
     return integration.RecordingGRPOTrainer(
-        model=tiny.tiny_model(),
-        reward_funcs=tiny.count_b,
+        **tiny.tiny_parts(),
         args=tiny.tiny_config(str(tmp_path / "trl_out")),
-        train_dataset=tiny.tiny_dataset(),
-        processing_class=tiny.tiny_tokenizer(),
         stabledrl_out=out,
     )
 
@@ -779,11 +770,8 @@ def test_resume_from_checkpoint_continues_the_run(
     shutil.copytree(checkpointed["run"], out)
     kept = {s.step: s.scalars["loss"] for s in sd.open_run(out).steps(1, 3)}
     trainer = integration.RecordingGRPOTrainer(
-        model=tiny.tiny_model(),
-        reward_funcs=tiny.count_b,
+        **tiny.tiny_parts(),
         args=tiny.tiny_config(str(tmp_path / "trl_out"), learning_rate=1e-2),
-        train_dataset=tiny.tiny_dataset(),
-        processing_class=tiny.tiny_tokenizer(),
         stabledrl_out=out,
     )
     trainer.train(resume_from_checkpoint=str(checkpointed["checkpoint"]))
@@ -826,11 +814,8 @@ def test_a_resume_trl_refuses_leaves_the_run_as_it_was(
     out = tmp_path / "run"
     shutil.copytree(checkpointed["run"], out)
     trainer = integration.RecordingGRPOTrainer(
-        model=tiny.tiny_model(),
-        reward_funcs=tiny.count_b,
+        **tiny.tiny_parts(),
         args=tiny.tiny_config(str(tmp_path / "trl_out")),  # holds no checkpoint
-        train_dataset=tiny.tiny_dataset(),
-        processing_class=tiny.tiny_tokenizer(),
         stabledrl_out=out,
         stabledrl_overwrite=True,
     )
@@ -963,8 +948,7 @@ def test_evaluation_during_training_is_not_recorded(tiny: Any, tmp_path: Path) -
     TRL's numbers and loss."""
     out = tmp_path / "run"
     trainer = integration.RecordingGRPOTrainer(
-        model=tiny.tiny_model(),
-        reward_funcs=tiny.count_b,
+        **tiny.tiny_parts(),
         args=tiny.tiny_config(
             str(tmp_path / "trl_out"),
             loss_type="grpo",
@@ -972,9 +956,7 @@ def test_evaluation_during_training_is_not_recorded(tiny: Any, tmp_path: Path) -
             eval_steps=1,
             per_device_eval_batch_size=4,
         ),
-        train_dataset=tiny.tiny_dataset(),
         eval_dataset=tiny.tiny_dataset(4),
-        processing_class=tiny.tiny_tokenizer(),
         stabledrl_out=out,
     )
     trainer.train()
@@ -995,11 +977,8 @@ def test_training_that_raises_keeps_its_finished_steps(tiny: Any, tmp_path: Path
 
     out = tmp_path / "run"
     trainer = integration.RecordingGRPOTrainer(
-        model=tiny.tiny_model(),
-        reward_funcs=tiny.count_b,
+        **tiny.tiny_parts(),
         args=tiny.tiny_config(str(tmp_path / "trl_out"), loss_type="grpo"),
-        train_dataset=tiny.tiny_dataset(),
-        processing_class=tiny.tiny_tokenizer(),
         callbacks=[Boom()],
         stabledrl_out=out,
     )

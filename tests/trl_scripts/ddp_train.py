@@ -11,14 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from tiny_grpo import (
-    count_b,
-    tiny_config,
-    tiny_dataset,
-    tiny_model,
-    tiny_rloo_config,
-    tiny_tokenizer,
-)
+from tiny_grpo import tiny_config, tiny_parts, tiny_rloo_config
 
 from stabledrl_cli.integrations.trl import RecordingGRPOTrainer, RecordingRLOOTrainer
 
@@ -35,11 +28,8 @@ def main(run_dir: str, log_json: Path, loss_type: str) -> None:
         trainer_class = RecordingGRPOTrainer
         config = tiny_config(trl_out, loss_type=loss_type, per_device_train_batch_size=2)
     trainer = trainer_class(
-        model=tiny_model(),
-        reward_funcs=count_b,
+        **tiny_parts(),
         args=config,
-        train_dataset=tiny_dataset(),
-        processing_class=tiny_tokenizer(),
         stabledrl_out=run_dir,
     )
     trainer.train()

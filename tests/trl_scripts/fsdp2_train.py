@@ -27,7 +27,7 @@ from typing import Any
 
 import accelerate.state
 from accelerate.utils import DistributedType
-from tiny_grpo import count_b, tiny_config, tiny_dataset, tiny_model, tiny_tokenizer
+from tiny_grpo import tiny_config, tiny_parts
 from torch.distributed.tensor import DTensor
 from trl import GRPOTrainer
 
@@ -54,11 +54,8 @@ def train(trainer_class: type, output_dir: Path, **recording: Any) -> tuple[int,
         fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]},
     )
     trainer = trainer_class(
-        model=tiny_model(),
-        reward_funcs=count_b,
+        **tiny_parts(),
         args=config,
-        train_dataset=tiny_dataset(),
-        processing_class=tiny_tokenizer(),
         **recording,
     )
     trainer.train()

@@ -1,7 +1,8 @@
 """A tiny GRPO setup for tests and benchmarks: nothing from a hub, runs on CPU in seconds.
 
-`tiny_parts()` builds a 2-layer Qwen2 model from a config, a word-level tokenizer over a
-12-word vocabulary, a dataset of 8 prompts, and a reward that counts the word "b".
+`tiny_parts()` gives a trainer's arguments other than `args`: a 2-layer Qwen2 model built
+from a config, a word-level tokenizer over a 12-word vocabulary, a dataset of 8 prompts, and
+a reward that counts the word "b".
 `tiny_config(out, **overrides)` is a GRPOConfig with num_iterations=2 (ratios move) and
 gradient_accumulation_steps (2) != steps_per_generation (4); `tiny_rloo_config` the same run
 as an RLOOConfig (beta 0: no reference model unless asked). `env_masked_rollout()` is a
@@ -93,6 +94,17 @@ def env_masked_rollout(seed: int = 0) -> Callable[[list[str], Any], dict[str, li
         return out
 
     return rollout
+
+
+def tiny_parts(seed: int = 0) -> dict[str, Any]:
+    """The tiny run's trainer arguments other than `args`: `tiny_model(seed)`, the reward
+    `count_b`, `tiny_dataset()` and `tiny_tokenizer()`."""
+    return {
+        "model": tiny_model(seed),
+        "reward_funcs": count_b,
+        "train_dataset": tiny_dataset(),
+        "processing_class": tiny_tokenizer(),
+    }
 
 
 def _tiny_args(out: str, **overrides: Any) -> dict[str, Any]:
