@@ -1521,14 +1521,16 @@ SPAWNS = textwrap.dedent(
 def test_force_replaces_the_run_once_not_again_from_a_process_the_command_starts(tmp_path):
     """--force is for the run the command finds: a worker the recording process spawns later
     (its own optimizer, rank 0 again) must not replace that process's finished steps. It
-    cannot record beside them either: it warns, training goes on, and `record` says so."""
+    cannot record beside them either (the parent's Recorder holds rank 0: `_writer_lock`): it
+    warns, training goes on, and `record` says so."""
     script, out = tmp_path / "train.py", tmp_path / "run"
     script.write_text(SPAWNS)
     out.mkdir()
     (out / "old").write_text("a run that --force replaces")
     result = _record("--out", str(out), "--force", "--", sys.executable, str(script))
     assert "trained" in result.stdout
-    assert result.returncode == 2 and "already exists" in result.stderr, result.stderr
+    refusal = "rank 0 of this run is being recorded by another Recorder, still open in another"
+    assert result.returncode == 2 and refusal in result.stderr, result.stderr
     run = open_run(out)
     assert run.step_numbers == list(range(7))  # the parent's 5 + 2, none the worker's
     assert run.scalar_series("lr")[1].tolist() == [0.1] * 7

@@ -61,6 +61,7 @@ from stabledrl_cli.dump._schema import (
     STOP_NOTE_SHAPE,
     TEMP_FILE_RE,
     TEMP_STOP_NOTE_RE,
+    WRITER_LOCK_RE,
     canonical_step,
     check_manifest,
     check_readable_version,
@@ -559,6 +560,8 @@ class DirectoryRun(Run):
             ) from None
         known, self._entries_seen = self._entries_seen, {}
         for name, regular in found:
+            if regular and WRITER_LOCK_RE.match(name):  # a live Recorder's, no step's data
+                continue
             entry = known.get((name, regular)) or self._entry(steps_dir, name, regular)
             self._entries_seen[name, regular] = entry
             if entry.note:

@@ -101,6 +101,9 @@ a world_size > 1 run as it stops: the ranks of a run, or of a node's own directo
 write the same file."""
 TEMP_STOP_NOTE_RE = re.compile(r"^\.stopped\.rank-(\d{4,})\.json\.tmp-\d+$")
 """A rank's note while it is written (`_atomic.temp_name` of its name): in flight, not read."""
+WRITER_LOCK_RE = re.compile(r"^\.writer\.rank-(\d{4,})\.lock$")
+"""The file a live Recorder of a rank holds locked (`writer_lock_name`; `dump._writer_lock`):
+no step's data, never read; it goes when the Recorder closes."""
 STOP_NOTE_LIMIT = 1 << 16
 """Bytes a rank's note may take (its reason is an error's text, a path or two in it)."""
 # Temporary names start with a dot so that no glob for finished steps ever matches them.
@@ -130,6 +133,12 @@ def canonical_step(name: str) -> tuple[int, int] | None:
 def stop_note_name(rank: int) -> str:
     """`stopped.rank-0001.json`: the name of rank `rank`'s note in steps/ (`STOP_NOTE_RE`)."""
     return f"stopped.rank-{rank:04d}.json"
+
+
+def writer_lock_name(rank: int) -> str:
+    """`.writer.rank-0001.lock`: the file in steps/ a live Recorder of rank `rank` holds locked
+    (`WRITER_LOCK_RE`)."""
+    return f".writer.rank-{rank:04d}.lock"
 
 
 STOP_NOTE_SHAPE = "{step: an integer >= 0 or null, rank: an integer >= 0, reason: text}"

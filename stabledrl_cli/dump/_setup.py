@@ -1,5 +1,7 @@
 """Readying a run directory for a Recorder: a new run, an overwritten one, or a resumed one.
 
+In each case the rank's writer lock (`_writer_lock`) is held first: nothing changes while
+another live Recorder of the rank records into the directory.
 - New (the default): the directory must be absent or empty of what this recorder would write
   (for rank 0: anything besides steps/; for every rank: its own step and note files).
 - `overwrite=True`: removes this recorder's own step files and `recording_stopped` note
@@ -66,6 +68,7 @@ from stabledrl_cli.dump._schema import (
     parse_manifest,
 )
 from stabledrl_cli.dump._stfile import read_header
+from stabledrl_cli.dump._writer_lock import WriterLock, hold_writer_lock
 from stabledrl_cli.errors import InputError, UsageError
 
 try:
@@ -340,9 +343,11 @@ def prepare_run(
     overwrite: bool,
     resume: bool,
     resume_from: int | None,
-) -> tuple[dict[str, Any], int | None]:
+) -> tuple[dict[str, Any], int | None, WriterLock]:
     """Readies `path` (module docstring). Returns the run's manifest (the existing one when
-    resuming) and the last step this rank already holds (None for a new run)."""
+    resuming), the last step this rank already holds (None for a new run) and the rank's
+    writer lock, taken before any file changes (`_writer_lock`: UsageError while another live
+    Recorder holds it); the caller releases it when it closes."""
     text = None
     if not resume:  # checked on every rank, before anything on disk changes
         fresh = {**manifest, RUN_ID: new_run_id()}
@@ -352,6 +357,40 @@ def prepare_run(
     steps = path / STEPS_DIR
     if os.path.islink(steps):  # its step files would be removed and written out of the run
         raise symlink_refused(str(steps))
+    # Held before any file changes; a new run's steps/ is made first (nothing to guard yet).
+    lock = hold_writer_lock(steps, rank) if steps.is_dir() else None
+    try:
+        manifest, last = _ready(
+            path, manifest, is_dir, rank=rank, world_size=world_size, overwrite=overwrite,
+            resume=resume, resume_from=resume_from,
+        )  # fmt: skip
+        lock = lock or hold_writer_lock(steps, rank)
+        if rank == 0 and text is not None:
+            with _manifest_locked(path):
+                _write_manifest(path, text)
+            fsync_dir(path.parent if path.parent != path else path)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return manifest, last, lock
+
+
+def _ready(
+    path: Path,
+    manifest: dict[str, Any],
+    is_dir: bool,
+    *,
+    rank: int,
+    world_size: int,
+    overwrite: bool,
+    resume: bool,
+    resume_from: int | None,
+) -> tuple[dict[str, Any], int | None]:
+    """`prepare_run`'s changes to the directory but the new manifest: the resumed run's
+    manifest and this rank's last step, or the run's files removed (overwrite=True), or its
+    emptiness checked; then the directories made."""
+    steps = path / STEPS_DIR
     last: int | None = None
     if resume:
         manifest, last = _resume(path, manifest, rank, world_size, resume_from)
@@ -376,8 +415,4 @@ def prepare_run(
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise write_error(directory, exc) from None
-    if rank == 0 and text is not None:
-        with _manifest_locked(path):
-            _write_manifest(path, text)
-        fsync_dir(path.parent if path.parent != path else path)
     return manifest, last

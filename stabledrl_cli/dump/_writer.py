@@ -335,7 +335,7 @@ class Recorder:
         self._policy_spec: str | None = manifest["policy"] and manifest["policy"]["spec"]
         self._policy_fields = replayed_fields(self._policy_spec, unit)
         """What a policy batch must hold for the replay of the run's own policy."""
-        self.manifest, self._last_step = prepare_run(
+        self.manifest, self._last_step, self._writer_lock = prepare_run(
             self.path,
             manifest,
             rank=rank,
@@ -344,6 +344,7 @@ class Recorder:
             resume=resume,
             resume_from=resume_from,
         )
+        weakref.finalize(self, self._writer_lock.release)  # one dropped unclosed frees its rank
         if resume_from is not None:
             self._last_step = resume_from - 1 if resume_from > 0 else None
         self._num_params = len(param_names) if param_names is not None else None
@@ -584,20 +585,25 @@ class Recorder:
         (rank 0 of a world_size 1 run: module docstring). Idempotent; a close interrupted
         while it drains (a second Ctrl-C) is finished by the next call, at the latest by the
         one at exit. In a forked child it only closes the child's copy: the writer is the
-        parent's."""
+        parent's. Once nothing is left to write, the rank is free for another Recorder
+        (`_writer_lock`)."""
         own = os.getpid() == self._pid
         writer = self._writer if own else None
-        if writer is not None and writer.is_alive():
-            with self._lock:  # a log_step under way in another thread is queued first
-                self._closed = True
-                writer.stop()
-                self._raise_writer_error()
-        if own and not self._closed_marked and self.rank == 0 and self.world_size == 1:
-            with self._lock:  # a log_step under way in another thread lands first
-                self._closed = self._closed_marked = True
-                with suppress(ValueError, InputError, WriteError):  # best effort, as the note
-                    amend_manifest(self.path, RECORDING_CLOSED, True)
-        self._closed = True
+        try:
+            if writer is not None and writer.is_alive():
+                with self._lock:  # a log_step under way in another thread is queued first
+                    self._closed = True
+                    writer.stop()
+                    self._raise_writer_error()
+            if own and not self._closed_marked and self.rank == 0 and self.world_size == 1:
+                with self._lock:  # a log_step under way in another thread lands first
+                    self._closed = self._closed_marked = True
+                    with suppress(ValueError, InputError, WriteError):  # best effort
+                        amend_manifest(self.path, RECORDING_CLOSED, True)
+            self._closed = True
+        finally:
+            if writer is None or not writer.is_alive():
+                self._writer_lock.release()
 
     def closed_by_caller_at_exit(self) -> None:
         """Leaves closing this Recorder at exit to the caller (`close`), which does it later

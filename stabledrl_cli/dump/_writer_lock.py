@@ -1,0 +1,135 @@
+"""One live Recorder per rank of a run directory.
+
+Two Recorders of one rank on one directory (two jobs given the same output, or a second
+`overwrite=True` while the first still trains) would write one run together: the second
+removes the first's finished steps, and the first's later steps land in the second's run
+under its manifest. A Recorder therefore holds its rank's lock file in steps/
+(`schema.writer_lock_name`) locked from before it changes any file until it closes, and a
+second one is refused (UsageError) while it is held.
+
+The lock is a POSIX record lock (`fcntl.lockf`): the kernel drops it when its process ends,
+however it ends (kill -9 included), and a forked child does not inherit it (a DataLoader
+worker forked from the training never keeps a closed Recorder's rank locked). Such locks
+belong to a process, not to a file descriptor, so the Recorders of one process are told apart
+by a table of the locks it holds. The file is removed while still locked, at close; a Recorder
+that locked a file since removed locks the new one instead (`_locked_in_place`).
+
+Where the file system gives no lock (no `fcntl`, or NFS without a lock service) recording goes
+on unguarded: the lock never stops a training that could record.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from contextlib import suppress
+from pathlib import Path
+
+from stabledrl_cli.dump._schema import writer_lock_name
+from stabledrl_cli.errors import UsageError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX
+    fcntl = None  # type: ignore[assignment]
+
+_HELD: dict[tuple[int, int, int], int] = {}
+"""(device, inode of steps/, rank) of each lock this process holds, with the process id that
+took it: a forked child's copy of the table names its parent's locks, not its own."""
+_HELD_LOCK = threading.Lock()
+
+_TRIES = 8
+"""Locks taken at most, each of a file that another Recorder removed before it was locked."""
+
+
+class WriterLock:
+    """A rank's held lock (`hold_writer_lock`); `release` is idempotent and does nothing in a forked
+    child, which never held it."""
+
+    def __init__(self, fd: int | None, path: Path, key: tuple[int, int, int] | None) -> None:
+        self._fd = fd
+        self._path = path
+        self._key = key
+        self._pid = os.getpid()
+
+    def release(self) -> None:
+        if self._fd is None or os.getpid() != self._pid:
+            return
+        fd, self._fd = self._fd, None
+        with _HELD_LOCK:
+            with suppress(OSError):  # gone already, or a read-only run: locked again next time
+                os.unlink(self._path)
+            os.close(fd)
+            if self._key is not None:
+                _HELD.pop(self._key, None)
+
+
+def hold_writer_lock(steps: Path, rank: int) -> WriterLock:
+    """Locks rank `rank`'s lock file in the existing directory `steps` for this Recorder;
+    UsageError when another live Recorder, in this process or another on this host, holds it.
+    Unlocked (recording unguarded) when the file system gives no lock."""
+    path = steps / writer_lock_name(rank)
+    if fcntl is None:
+        return WriterLock(None, path, None)
+    try:
+        st = os.stat(steps)
+    except OSError:
+        return WriterLock(None, path, None)
+    key = (st.st_dev, st.st_ino, rank)
+    with _HELD_LOCK:
+        if _HELD.get(key) == os.getpid():
+            raise _held_elsewhere(steps.parent, rank, "in this process")
+        for _ in range(_TRIES):
+            fd = _open(path)
+            if fd is None:
+                return WriterLock(None, path, None)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, PermissionError):
+                os.close(fd)
+                raise _held_elsewhere(steps.parent, rank, "in another process") from None
+            except OSError:  # no lock service (ENOLCK) or no locks on this file
+                os.close(fd)
+                return WriterLock(None, path, None)
+            if _locked_in_place(fd, path):
+                _HELD[key] = os.getpid()
+                return WriterLock(fd, path, key)
+            os.close(fd)
+    return WriterLock(None, path, None)
+
+
+def _open(path: Path) -> int | None:
+    """The lock file opened for writing (made when absent), never through a link nor waiting
+    on a FIFO put in its place; None when it cannot be a lock (not a regular file, or not
+    writable: a read-only run is refused later, by its first write)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError:
+        return None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _locked_in_place(fd: int, path: Path) -> bool:
+    """Whether the file locked through `fd` is still the one at `path` (a Recorder closing
+    removes it while it holds the lock: one opened before that and locked after is gone)."""
+    try:
+        here, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _held_elsewhere(run: Path, rank: int, where: str) -> UsageError:
+    return UsageError(
+        f"{run}: rank {rank} of this run is being recorded by another Recorder, still open "
+        f"{where}; close it first (a run takes one Recorder a rank), or record elsewhere"
+    )

@@ -1,0 +1,133 @@
+"""One live Recorder a rank of a run directory (`dump._writer_lock`). Before, a second
+`Recorder(path, overwrite=True)` while the first still recorded removed the first's finished
+steps, and the first's later steps were written into the second's run, under its manifest: a
+run of two policies that read as one."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import stabledrl_cli as sd
+from stabledrl_cli.errors import UsageError
+
+LOCK = ".writer.rank-0000.lock"
+
+
+def _refusal(path, where: str) -> str:
+    return (
+        f"{path}: rank 0 of this run is being recorded by another Recorder, still open {where}; "
+        "close it first (a run takes one Recorder a rank), or record elsewhere"
+    )
+
+
+def _losses(path) -> dict[int, float]:
+    return {step.step: step.scalars["loss"] for step in sd.open_run(path)}
+
+
+def _in_a_child(work) -> str:
+    """What `work()` returns (text), run in a forked child: another process to the kernel's
+    locks, with nothing of this one's locks (POSIX locks are not inherited)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's
+        try:
+            said = work()
+        except BaseException as exc:
+            said = f"{type(exc).__name__}: {exc}"
+        os.write(write, said.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        said = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return said
+
+
+def test_a_second_overwrite_while_the_first_records_is_refused_and_changes_nothing(tmp_path):
+    path = tmp_path / "run"
+    first = sd.Recorder(path, policy="grpo", overwrite=True)
+    for step in range(3):
+        first.log_step(step, loss=1.0)
+    with pytest.raises(UsageError) as refused:
+        sd.Recorder(path, policy="stabledrl", overwrite=True)
+    assert str(refused.value) == _refusal(path, "in this process")
+    first.log_step(3, loss=1.0)
+    first.close()
+    assert sd.open_run(path).manifest["policy"]["name"] == "grpo"
+    assert _losses(path) == {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0}
+    assert LOCK not in os.listdir(path / "steps")  # closed: the rank is free, the file gone
+    with sd.Recorder(path, policy="stabledrl", overwrite=True) as second:
+        second.log_step(0, loss=2.0)
+    assert _losses(path) == {0: 2.0}
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "resume", "new"])
+def test_a_recorder_in_another_process_is_refused_while_one_records(tmp_path, mode):
+    path = tmp_path / "run"
+    with sd.Recorder(path, policy="grpo") as first:
+        first.log_step(0, loss=1.0)
+
+        def second() -> str:
+            first.close()  # a forked child's close closes its copy only: the lock stays
+            sd.Recorder(path, policy="grpo", **({mode: True} if mode != "new" else {}))
+            return "opened"
+
+        said = _in_a_child(second)
+        first.log_step(1, loss=1.0)
+    assert said == f"UsageError: {_refusal(path, 'in another process')}"
+    assert _losses(path) == {0: 1.0, 1: 1.0}
+
+
+def test_a_killed_recorders_rank_is_free_again(tmp_path):
+    """The kernel drops a killed process's lock: its run resumes, the lock file it left is
+    taken over and never read as a step."""
+    path = tmp_path / "run"
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's
+        recorder = sd.Recorder(path, policy="grpo")
+        recorder.log_step(0, loss=1.0)
+        os.write(write, b"1")
+        signal.pause()
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.close(read)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert LOCK in os.listdir(path / "steps")
+    run = sd.open_run(path)
+    assert [s.step for s in run] == [0] and run.integrity.findings == []
+    with sd.Recorder(path, policy="grpo", resume=True) as resumed:
+        resumed.log_step(1, loss=2.0)
+    assert _losses(path) == {0: 1.0, 1: 2.0}
+
+
+def test_a_recorder_dropped_unclosed_frees_its_rank(tmp_path):
+    path = tmp_path / "run"
+    dropped = sd.Recorder(path, policy="grpo")
+    dropped.log_step(0, loss=1.0)
+    del dropped
+    with sd.Recorder(path, policy="grpo", resume=True) as resumed:
+        resumed.log_step(1, loss=1.0)
+    assert _losses(path) == {0: 1.0, 1: 1.0}
+
+
+def test_each_rank_has_its_own_lock_and_a_live_run_reads_clean(tmp_path):
+    path = tmp_path / "run"
+    ranks = [sd.Recorder(path, world_size=2, rank=rank, policy="grpo") for rank in (0, 1)]
+    for rank, recorder in enumerate(ranks):
+        recorder.log_step(0, loss=float(rank), logp=np.zeros(2), logp_old=np.zeros(2),
+                          advantages=np.ones(2), mask=np.ones(2, bool),
+                          seq_id=np.zeros(2, np.int32))  # fmt: skip
+    with pytest.raises(UsageError, match="rank 1 of this run"):
+        sd.Recorder(path, world_size=2, rank=1, policy="grpo", resume=True)
+    live = sd.open_run(path)
+    assert sorted(os.listdir(path / "steps"))[:2] == [LOCK, ".writer.rank-0001.lock"]
+    assert [s.step for s in live] == [0] and live.integrity.findings == []
+    for recorder in ranks:
+        recorder.close()
+    assert not [n for n in os.listdir(path / "steps") if n.startswith(".writer.")]
