@@ -131,3 +131,16 @@ def test_each_rank_has_its_own_lock_and_a_live_run_reads_clean(tmp_path):
     for recorder in ranks:
         recorder.close()
     assert not [n for n in os.listdir(path / "steps") if n.startswith(".writer.")]
+
+
+def test_a_fifo_under_the_lock_files_name_is_never_waited_on(tmp_path):
+    """A FIFO put where the lock file goes neither blocks a Recorder (it records unguarded)
+    nor hides from a reader: it is an unknown file, as any other."""
+    path = tmp_path / "run"
+    (path / "steps").mkdir(parents=True)
+    os.mkfifo(path / "steps" / LOCK)
+    with sd.Recorder(path, policy="grpo") as recorder:
+        recorder.log_step(0, loss=1.0)
+    run = sd.open_run(path)
+    assert [s.step for s in run] == [0]
+    assert [f.kind for f in run.integrity.findings] == ["unknown_file"]
