@@ -21,8 +21,17 @@ def open_regular(
     """`path` opened for reading, with its `fstat`. With `follow_links` False a symlink is
     never followed (the open fails with ELOOP). Raises NotRegularFile, or the OSError of the
     open."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW)
-    fd = os.open(path, flags)
+    fd, info = open_regular_fd(path, os.O_RDONLY | (0 if follow_links else os.O_NOFOLLOW))
+    return os.fdopen(fd, "rb"), info
+
+
+def open_regular_fd(
+    path: str | os.PathLike[str], flags: int, mode: int = 0o644
+) -> tuple[int, os.stat_result]:
+    """`path` opened with `flags` (and O_NONBLOCK; `mode` for a file O_CREAT makes): its
+    descriptor and `fstat`. Raises NotRegularFile (the descriptor closed), or the OSError of
+    the open."""
+    fd = os.open(path, flags | os.O_NONBLOCK, mode)
     try:
         info = os.fstat(fd)
     except OSError:
@@ -31,4 +40,4 @@ def open_regular(
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise NotRegularFile(os.fspath(path))
-    return os.fdopen(fd, "rb"), info
+    return fd, info

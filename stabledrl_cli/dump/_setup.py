@@ -2,6 +2,7 @@
 
 In each case the rank's writer lock (`_writer_lock`) is held first: nothing changes while
 another live Recorder of the rank records into the directory.
+
 - New (the default): the directory must be absent or empty of what this recorder would write
   (for rank 0: anything besides steps/; for every rank: its own step and note files).
 - `overwrite=True`: removes this recorder's own step files and `recording_stopped` note

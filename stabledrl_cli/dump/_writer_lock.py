@@ -21,11 +21,11 @@ on unguarded: the lock never stops a training that could record.
 from __future__ import annotations
 
 import os
-import stat
 import threading
 from contextlib import suppress
 from pathlib import Path
 
+from stabledrl_cli._regular import NotRegularFile, open_regular_fd
 from stabledrl_cli.dump._schema import writer_lock_name
 from stabledrl_cli.errors import UsageError
 
@@ -44,17 +44,24 @@ _TRIES = 8
 
 
 class WriterLock:
-    """A rank's held lock (`hold_writer_lock`); `release` is idempotent and does nothing in a forked
-    child, which never held it."""
+    """A rank's held lock (`hold_writer_lock`); `release` is idempotent and does nothing in a
+    forked child, which never held it."""
 
-    def __init__(self, fd: int | None, path: Path, key: tuple[int, int, int] | None) -> None:
+    def __init__(
+        self,
+        fd: int | None = None,
+        path: Path | None = None,
+        key: tuple[int, int, int] | None = None,
+    ) -> None:
+        """Held through `fd` on the file at `path`, listed under `key`; no argument: unguarded
+        (the file system gives no lock), nothing to release."""
         self._fd = fd
         self._path = path
         self._key = key
         self._pid = os.getpid()
 
     def release(self) -> None:
-        if self._fd is None or os.getpid() != self._pid:
+        if self._fd is None or self._path is None or os.getpid() != self._pid:
             return
         fd, self._fd = self._fd, None
         with _HELD_LOCK:
@@ -71,19 +78,20 @@ def hold_writer_lock(steps: Path, rank: int) -> WriterLock:
     Unlocked (recording unguarded) when the file system gives no lock."""
     path = steps / writer_lock_name(rank)
     if fcntl is None:
-        return WriterLock(None, path, None)
+        return WriterLock()
     try:
         st = os.stat(steps)
     except OSError:
-        return WriterLock(None, path, None)
+        return WriterLock()
     key = (st.st_dev, st.st_ino, rank)
     with _HELD_LOCK:
         if _HELD.get(key) == os.getpid():
             raise _held_elsewhere(steps.parent, rank, "in this process")
         for _ in range(_TRIES):
-            fd = _open(path)
-            if fd is None:
-                return WriterLock(None, path, None)
+            opened = _open(path)
+            if opened is None:
+                return WriterLock()
+            fd, held = opened
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except (BlockingIOError, PermissionError):
@@ -91,38 +99,31 @@ def hold_writer_lock(steps: Path, rank: int) -> WriterLock:
                 raise _held_elsewhere(steps.parent, rank, "in another process") from None
             except OSError:  # no lock service (ENOLCK) or no locks on this file
                 os.close(fd)
-                return WriterLock(None, path, None)
-            if _locked_in_place(fd, path):
+                return WriterLock()
+            if _locked_in_place(held, path):
                 _HELD[key] = os.getpid()
                 return WriterLock(fd, path, key)
             os.close(fd)
-    return WriterLock(None, path, None)
+    return WriterLock()
 
 
-def _open(path: Path) -> int | None:
-    """The lock file opened for writing (made when absent), never through a link nor waiting
-    on a FIFO put in its place; None when it cannot be a lock (not a regular file, or not
-    writable: a read-only run is refused later, by its first write)."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+def _open(path: Path) -> tuple[int, os.stat_result] | None:
+    """The lock file opened for writing (made when absent) and its `fstat`, never through a
+    link nor waiting on a FIFO put in its place (`open_regular_fd`); None when it cannot be a
+    lock (not a regular file, or not writable: a read-only run is refused later, by its first
+    write)."""
     try:
-        fd = os.open(path, flags, 0o644)
-    except OSError:
+        return open_regular_fd(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (OSError, NotRegularFile):
         return None
-    try:
-        regular = stat.S_ISREG(os.fstat(fd).st_mode)
-    except OSError:
-        regular = False
-    if not regular:
-        os.close(fd)
-        return None
-    return fd
 
 
-def _locked_in_place(fd: int, path: Path) -> bool:
-    """Whether the file locked through `fd` is still the one at `path` (a Recorder closing
-    removes it while it holds the lock: one opened before that and locked after is gone)."""
+def _locked_in_place(held: os.stat_result, path: Path) -> bool:
+    """Whether the file `held` (the locked one's `fstat`) is still the one at `path` (a
+    Recorder closing removes it while it holds the lock: one opened before that and locked
+    after is gone)."""
     try:
-        here, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+        here = os.stat(path, follow_symlinks=False)
     except OSError:
         return False
     return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
