@@ -56,7 +56,11 @@ class _GuardedFile(io.RawIOBase):
     failed write (a full disk) is kept in `error` and every later write is dropped, so libhdf5
     never sees an I/O error. It would otherwise fail to close the file and crash the process
     (a segfault) when the objects of the half-written file are freed; `pack_run` raises the
-    kept error once the file is closed, and the temporary file is removed."""
+    kept error once the file is closed, and the temporary file is removed.
+
+    Once closed, it takes every call as a write to a lost file (kept in `error`, never
+    raised): a SIGTERM that stops h5py while it closes the archive leaves h5py's file open,
+    and h5py flushes it through this object when it frees it, after `pack_run` closed it."""
 
     def __init__(self, path: Path) -> None:
         super().__init__()
@@ -73,12 +77,19 @@ class _GuardedFile(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
+    def _open(self) -> bool:
+        """False once closed, the error kept."""
+        if self._raw.closed:
+            self.error = self.error or OSError(errno.EBADF, "written after it was closed")
+            return False
+        return True
+
     def readinto(self, buffer: Any) -> int:
-        return self._raw.readinto(buffer)
+        return self._raw.readinto(buffer) if self._open() else 0
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        if self.error is None:
+        if self._open() and self.error is None:
             try:
                 rest = view
                 while rest:
@@ -91,18 +102,18 @@ class _GuardedFile(io.RawIOBase):
         return view.nbytes
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self._raw.seek(offset, whence)
+        return self._raw.seek(offset, whence) if self._open() else 0
 
     def tell(self) -> int:
-        return self._raw.tell()
+        return self._raw.tell() if self._open() else 0
 
     def truncate(self, size: int | None = None) -> int:
-        if self.error is None:
+        if self._open() and self.error is None:
             try:
                 return self._raw.truncate(size)
             except OSError as exc:
                 self.error = exc
-        return self._raw.tell() if size is None else size
+        return self.tell() if size is None else size
 
     def flush(self) -> None:
         if self.error is None and not self._raw.closed:
