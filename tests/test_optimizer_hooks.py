@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -451,6 +452,87 @@ def test_training_in_a_pool_worker_is_recorded_to_its_last_step(tmp_path, start_
     result = _record("--out", str(tmp_path / "run"), "--", *command)
     assert (result.stdout, result.returncode) == ("40\n", 0), result.stderr
     assert open_run(tmp_path / "run").step_numbers == list(range(40))
+
+
+TERMINATED = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    if sys.argv[1] == "ignored":  # before the hooks are installed (as torch is imported)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import torch
+    import stabledrl_cli.dump._writer as writer
+
+    shown = {signal.SIG_DFL: "default", signal.SIG_IGN: "ignored"}.get
+    if sys.argv[1] == "slow-disk":  # each step takes the Recorder's thread 0.3 s to write
+        write = writer._write
+        writer._write = lambda item: (time.sleep(0.3), write(item))[1]
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(int(sys.argv[2])):
+        optimizer.zero_grad()
+        model(torch.randn(2, 3)).sum().backward()
+        optimizer.step()
+    print("trained", shown(signal.getsignal(signal.SIGTERM)), flush=True)
+    if sys.argv[1] == "slow-disk":  # the test signals record's process group
+        time.sleep(120)
+    if sys.argv[1] == "handled":  # as a framework that chains to the handler it replaces
+        previous = signal.signal(signal.SIGTERM, lambda *_: print("handled", shown(previous)))
+    os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's stop, or `timeout`, sends it
+    print("survived", flush=True)
+    """
+)
+
+
+def _signalled_as_a_group(*args: str) -> subprocess.CompletedProcess[str]:
+    """`record ARGS`, its process group sent SIGTERM once the command printed a line (as
+    Slurm signals every process of a job: the command gets it twice, directly and through
+    record)."""
+    process = subprocess.Popen(
+        [*cli_command(), "record", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=_env(), start_new_session=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    first = process.stdout.readline()
+    os.killpg(process.pid, signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, first + stdout, stderr)
+
+
+@pytest.mark.parametrize(("disk", "steps"), [("slow-disk", 6), ("disk", 1)])
+def test_a_sigterm_the_script_leaves_to_its_default_still_has_every_step_written(
+    tmp_path, disk, steps
+):
+    """The process still dies of SIGTERM, once the steps are written, and the script sees
+    SIGTERM's default action. Before, SIGTERM killed it with the steps still queued for the
+    Recorder's thread (a slow disk: 0 of 6 written) and the first step, held until the next
+    event (then no step file at all). The slow disk's SIGTERM comes twice."""
+    script = tmp_path / "train.py"
+    script.write_text(TERMINATED)
+    args = ["--out", str(tmp_path / "run"), "--", sys.executable, str(script), disk, str(steps)]
+    result = _signalled_as_a_group(*args) if disk == "slow-disk" else _record(*args)
+    assert result.stdout == "trained default\n", result.stderr
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == list(range(steps))
+    assert run.integrity.ok
+
+
+@pytest.mark.parametrize(
+    ("disposition", "output"),
+    [
+        ("ignored", "trained ignored\nsurvived\n"),
+        ("handled", "trained default\nhandled default\nsurvived\n"),
+    ],
+)
+def test_a_sigterm_the_script_ignores_or_handles_is_its_own(tmp_path, disposition, output):
+    """A handler the script sets, before the hooks or after, takes SIGTERM; one that chains to
+    the handler it replaced finds the default action there, as without `record`."""
+    script = tmp_path / "train.py"
+    script.write_text(TERMINATED)
+    command = [sys.executable, str(script), disposition, "3"]
+    result = _record("--out", str(tmp_path / "run"), "--", *command)
+    assert (result.stdout, result.returncode) == (output, 0), result.stderr
+    assert open_run(tmp_path / "run").step_numbers == [0, 1, 2]
 
 
 CLOSURE = textwrap.dedent(

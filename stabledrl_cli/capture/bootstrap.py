@@ -75,6 +75,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stabledrl_cli._regular import NotRegularFile, open_regular
+from stabledrl_cli.capture._sigterm import steps_written_on_sigterm
 from stabledrl_cli.errors import (
     InputError,
     StabledrlError,
@@ -619,8 +620,10 @@ def hooks_wanted() -> bool:
 
 
 def hooks_installed() -> None:
-    """Called once the optimizer hooks are in: the held step (if any) is written at exit."""
+    """Called once the optimizer hooks are in: the held step (if any) is written at exit, and
+    the held and queued steps on a SIGTERM that would end the process at once (`_sigterm`)."""
     atexit.register(_written_at_exit if _closed_last else close)
+    steps_written_on_sigterm(_written_at_exit)
 
 
 _announce_rank: Callable[[int, int], None] | None = None
@@ -656,7 +659,7 @@ def _written_at_exit() -> None:
     run opens: the held step and every queued one are written, the run left open. An exit
     handler registered before it that ends the process (`os._exit`) or never returns then
     loses no finished step, and one that logs a step still has it recorded (the run is
-    closed last)."""
+    closed last). A SIGTERM that ends the process writes its steps with it too."""
     if _failure.off:
         return
     try:
