@@ -78,3 +78,18 @@ def run_cli_together(
                 process.kill()
                 process.wait()
     return results
+
+
+FULL_DISK_ERROR = "error: /dev/full: cannot write it (no space left on device)"
+"""The one line a report written to `full_disk` ends its command with (exit 4)."""
+
+
+def full_disk(path: Path) -> Path:
+    """`path` made a link to /dev/full, where every write fails as on a full disk (a report
+    is written in place there, so it passes every check made before the replay)."""
+    import pytest
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system: the tests' full disk")
+    path.symlink_to("/dev/full")
+    return path

@@ -35,6 +35,24 @@ def test_two_reports_given_one_file_are_refused_before_the_replay(tmp_path):
         assert not report.exists(), args
 
 
+def test_a_report_given_a_directory_is_refused_before_the_replay(tmp_path):
+    """Before, the replay ran to its end and then the write failed (`check --junit DIR`:
+    'check passed', then exit 4), on a large run hours later."""
+    (tmp_path / "link").symlink_to(tmp_path)
+    for flag, args in [
+        ("--junit", ["check", GRPO, "--max-collapsed", "100"]),
+        ("--write-baseline", ["check", GRPO]),
+        ("--out", ["replay", GRPO, "-p", "grpo"]),
+        ("--plot", ["replay", GRPO, "-p", "grpo"]),
+    ]:
+        for directory in (tmp_path, tmp_path / "link"):
+            result = runner.invoke(app, list(map(str, [*args, flag, directory])))
+            assert (result.exit_code, result.stderr) == (
+                2,
+                f"error: {flag} {directory} is a directory; give the report a file name\n",
+            ), (flag, result.output)
+
+
 def test_two_reports_given_one_file_exit_2_in_a_real_process(tmp_path):
     report = tmp_path / "report.json"
     done = run_cli("check", GRPO, "--write-baseline", report, "--junit", report)

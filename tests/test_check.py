@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _cli import run_cli_together
+from _cli import FULL_DISK_ERROR, full_disk, run_cli_together
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -617,11 +617,10 @@ def test_committed_fixture_baselines_are_valid():
 
 @pytest.mark.parametrize("output_format", ["json", "table"])
 def test_an_output_that_cannot_be_written_comes_after_the_verdict(runs, tmp_path, output_format):
-    """--junit onto a directory: exit 4 naming it, as before, but after the gates' results
+    """--junit onto a full disk: exit 4 naming it, as before, but after the gates' results
     and the verdict are shown. Before, the check ended at the failed write: a CI log held the
     write error alone, not which gates had tripped."""
-    junit = tmp_path / "report.xml"
-    junit.mkdir()
+    junit = full_disk(tmp_path / "report.xml")
     result = runner.invoke(
         app,
         ["check", str(runs["collapsing"]), "--max-collapsed", "0", "--junit", str(junit),
@@ -629,7 +628,7 @@ def test_an_output_that_cannot_be_written_comes_after_the_verdict(runs, tmp_path
     )  # fmt: skip
     assert result.exit_code == 4, result.output
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith(f"error: {junit}"), lines
+    assert lines[-1] == FULL_DISK_ERROR, lines
     assert any(line.startswith("check failed: ") for line in lines), lines
     if output_format == "json":
         data = json.loads(result.stdout)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _cli import run_cli_together
+from _cli import FULL_DISK_ERROR, full_disk, run_cli_together
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -859,16 +859,15 @@ def test_one_policy_may_be_given_alone_not_in_a_list(plain_run):
 def test_an_output_that_cannot_be_written_comes_after_the_results(
     plain_run, tmp_path, output_format, flag, name
 ):
-    """--plot or --out onto a directory: exit 4 with one line naming it, after the results are
-    shown, as check does. Before, the replay computed everything, then ended at the failed
-    write with no table and no JSON."""
-    target = tmp_path / name
-    target.mkdir()
+    """--plot or --out onto a full disk (a link to /dev/full, written in place): exit 4 with
+    one line naming it, after the results are shown, as check does. Before, the replay
+    computed everything, then ended at the failed write with no table and no JSON."""
+    target = full_disk(tmp_path / name)
     args = ["replay", str(plain_run), "-p", "grpo", flag, str(target), "--device", "cpu"]
     result = runner.invoke(app, [*args, "--format", output_format])
     assert result.exit_code == 4, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: {target}"), result.stderr
+    assert errors == [FULL_DISK_ERROR], result.stderr
     assert result.stderr.strip().splitlines()[-1] == errors[0]
     if output_format == "json":
         assert [p["spec"] for p in json.loads(result.stdout)["policies"]] == ["grpo"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _cli import run_cli_together
+from _cli import FULL_DISK_ERROR, full_disk, run_cli_together
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -443,16 +443,15 @@ def test_the_plot_is_written_when_the_reader_closes_stdout_early(tmp_path):
 
 @pytest.mark.parametrize("output_format", ["json", "table"])
 def test_a_plot_that_cannot_be_written_comes_after_the_results(tmp_path, output_format):
-    """--plot onto a directory: exit 4 with one line naming it, after the ranking is shown, as
+    """--plot onto a full disk: exit 4 with one line naming it, after the ranking is shown, as
     replay and check do. Before, tune replayed every step, then ended at the failed write with
     no output at all."""
-    target = tmp_path / "front.png"
-    target.mkdir()
+    target = full_disk(tmp_path / "front.png")
     args = ["tune", str(FIXTURES / "grpo"), "-p", "dapo:eps_high=0.2|0.3", "--device", "cpu"]
     result = CliRunner().invoke(app, [*args, "--plot", str(target), "--format", output_format])
     assert result.exit_code == 4, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and str(target) in errors[0], result.stderr
+    assert errors == [FULL_DISK_ERROR], result.stderr
     assert result.stderr.strip().splitlines()[-1] == errors[0]
     if output_format == "json":
         specs = [s["spec"] for s in json.loads(result.stdout)["settings"]]

@@ -93,13 +93,15 @@ def option_names(flags: Mapping[str, str] = FLAGS) -> Iterator[None]:
 def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) -> None:
     """Before the replay: the output files' directories exist (targets: option -> path), none
     lies inside the run read (`run`, a directory or an archive: a report there would replace
-    one of its files, or sit among them, as `pack` refuses too), no two name one file (the
-    last written would replace the other), and a plot can be drawn (a missing extra fails
-    fast, exit 2)."""
+    one of its files, or sit among them, as `pack` refuses too) or is a directory (its write
+    would fail once the replay is done), no two name one file (the last written would replace
+    the other), and a plot can be drawn (a missing extra fails fast, exit 2)."""
     named = [(flag, path) for flag, path in {**targets, "--plot": plot}.items() if path is not None]
     for flag, target in named:
         if _inside(target, run):
             raise UsageError(f"{flag} {target} is inside the run {run}; write it outside the run")
+        if target.is_dir():
+            raise UsageError(f"{flag} {target} is a directory; give the report a file name")
     for flag, path in targets.items():
         if path is not None and not path.parent.is_dir():
             raise UsageError(f"{flag} {path}: directory {path.parent} does not exist")
