@@ -23,7 +23,6 @@ without `record`; a handler the script sets replaces this one.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import os
 import signal
@@ -39,6 +38,22 @@ longer before they kill (SLURM's KillWait and Kubernetes' grace period default t
 
 _set_handler = signal.signal
 _get_handler = signal.getsignal
+
+
+def _c_set_action() -> Any:
+    """The C API's own call that sets a signal's action from any thread (`PyOS_setsig`), or
+    None in a Python without it (then no handler is installed)."""
+    try:
+        import ctypes
+
+        set_action = ctypes.pythonapi.PyOS_setsig
+    except (ImportError, AttributeError):
+        return None
+    set_action.argtypes, set_action.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_void_p
+    return set_action
+
+
+_C_SET_ACTION = _c_set_action()
 
 _installed: tuple[int, Callable[[], None]] | None = None
 """The process that installed the handler (a process forked from it has none of its steps),
@@ -61,7 +76,7 @@ def steps_written_on_sigterm(write_steps: Callable[[], None]) -> None:
     global _installed, _wakeup
     if threading.current_thread() is not threading.main_thread():
         return
-    if _get_handler(signal.SIGTERM) is not signal.SIG_DFL:
+    if _get_handler(signal.SIGTERM) is not signal.SIG_DFL or _C_SET_ACTION is None:
         return
     _installed = os.getpid(), write_steps
     _set_handler(signal.SIGTERM, _handled)
@@ -97,21 +112,19 @@ def _written_then_ended() -> None:
     action. In a process forked from the one that installed it: the default action at once."""
     _ending.acquire()
     _set_action(int(signal.SIG_IGN))
-    if _installed is not None and _installed[0] == os.getpid():
-        writing = threading.Thread(target=_installed[1], name="stabledrl-steps", daemon=True)
-        writing.start()
-        writing.join(WRITE_SECONDS)
+    with contextlib.suppress(Exception):  # (no thread to be had): the process ends all the same
+        if _installed is not None and _installed[0] == os.getpid():
+            writing = threading.Thread(target=_installed[1], name="stabledrl-steps", daemon=True)
+            writing.start()
+            writing.join(WRITE_SECONDS)
     _set_action(int(signal.SIG_DFL))
     os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _set_action(action: int | None) -> int | None:
     """Sets SIGTERM's action (a `signal.Handlers`, or the C address `_set_action` returned) from
-    any thread (Python's `signal.signal` is the main thread's alone), through the C API's own
-    call (`PyOS_setsig`); the action it replaced."""
-    set_action = ctypes.pythonapi.PyOS_setsig
-    set_action.argtypes, set_action.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_void_p
-    previous: int | None = set_action(signal.SIGTERM, action)
+    any thread (Python's `signal.signal` is the main thread's alone); the action it replaced."""
+    previous: int | None = _C_SET_ACTION(signal.SIGTERM, action)
     return previous
 
 
