@@ -40,9 +40,10 @@ _set_handler = signal.signal
 _get_handler = signal.getsignal
 
 
-def _c_set_action() -> Any:
+def _found_setsig() -> Any:
     """The C API's own call that sets a signal's action from any thread (`PyOS_setsig`), or
-    None in a Python without it (then no handler is installed)."""
+    None in a Python without it (then no handler is installed). Looked up as the handler is
+    installed: a process that records no optimizer step never imports ctypes."""
     try:
         import ctypes
 
@@ -53,7 +54,8 @@ def _c_set_action() -> Any:
     return set_action
 
 
-_C_SET_ACTION = _c_set_action()
+_setsig: Any = None
+"""`_found_setsig()`, once the handler is installed (every call of it comes after)."""
 
 _installed: tuple[int, Callable[[], None]] | None = None
 """The process that installed the handler (a process forked from it has none of its steps),
@@ -73,10 +75,13 @@ back, so the other waits for the end."""
 def steps_written_on_sigterm(write_steps: Callable[[], None]) -> None:
     """Installs the handler when SIGTERM has its default action and this is the main thread
     (only it may set a handler); `write_steps` writes the held and queued steps."""
-    global _installed, _wakeup
+    global _installed, _wakeup, _setsig
     if threading.current_thread() is not threading.main_thread():
         return
-    if _get_handler(signal.SIGTERM) is not signal.SIG_DFL or _C_SET_ACTION is None:
+    if _get_handler(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+    _setsig = _found_setsig()
+    if _setsig is None:
         return
     _installed = os.getpid(), write_steps
     _set_handler(signal.SIGTERM, _handled)
@@ -124,7 +129,7 @@ def _written_then_ended() -> None:
 def _set_action(action: int | None) -> int | None:
     """Sets SIGTERM's action (a `signal.Handlers`, or the C address `_set_action` returned) from
     any thread (Python's `signal.signal` is the main thread's alone); the action it replaced."""
-    previous: int | None = _C_SET_ACTION(signal.SIGTERM, action)
+    previous: int | None = _setsig(signal.SIGTERM, action)
     return previous
 
 
