@@ -1,0 +1,241 @@
+"""TRL 1.16's own `GRPOTrainer._compute_loss`, run through `RecordingGRPOTrainer`'s override on
+crafted micro-batches a tiny training run does not reach: a completion masked whole, a
+micro-batch of one token, a zero-variance group (A = 0), log-ratios of 20 to 80, vLLM-style
+token weights. The recorded step, replayed with the run's own policy, gives TRL's loss, TRL's
+clip metrics, and minus autograd's gradient of TRL's loss as each token's coefficient.
+
+Only the model's forward is replaced (`_Forward`): it returns the crafted log-probs."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from _steps import policy_batch
+from _trl import SKIP_REASON, TRL_METRICS
+
+trl = pytest.importorskip("trl", reason=SKIP_REASON)
+
+import stabledrl_cli as sd  # noqa: E402
+from stabledrl_cli.dump import Recorder  # noqa: E402
+from stabledrl_cli.integrations._rows import every_row  # noqa: E402
+from stabledrl_cli.integrations._trl_capture import StepBuffer  # noqa: E402
+from stabledrl_cli.integrations._trl_trainer import (  # noqa: E402
+    GROUP_KEY,
+    REWARD_KEY,
+    RecordingGRPOTrainer,
+)
+
+ROWS, WIDTH = 4, 5
+SCORED = 18
+"""Scored tokens of the step: 14 in micro-batch 0 (row 1 and one padding position masked), 4."""
+
+
+class _Accelerator:
+    """One process: gathers and reductions are the identity."""
+
+    num_processes = 1
+    process_index = 0
+    sync_gradients = True
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    gather_for_metrics = gather
+
+    def reduce(self, x: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        return x
+
+    def pad_across_processes(self, x: torch.Tensor, **_: Any) -> torch.Tensor:
+        return x
+
+
+class _Forward(trl.GRPOTrainer):  # type: ignore[misc]
+    """TRL's trainer whose model forward returns the crafted log-probs and entropies."""
+
+    _next: tuple[torch.Tensor, torch.Tensor]
+
+    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> Any:
+        logp, entropy = self._next
+        return logp, entropy, None
+
+
+class _Trainer(RecordingGRPOTrainer, _Forward):  # type: ignore[misc]
+    """The recording trainer over `_Forward` (MRO: the recording overrides, then TRL's)."""
+
+
+def _trainer(config: Any, out: Path) -> _Trainer:
+    """The recording trainer's state for one optimizer step, without a model or a dataset."""
+    trainer = object.__new__(_Trainer)
+    trainer.args = config
+    for name in ("loss_type", "beta", "top_entropy_quantile", "off_policy_mask_threshold",
+                 "importance_sampling_level", "max_completion_length", "use_vllm",
+                 "vllm_importance_sampling_correction", "num_generations"):  # fmt: skip
+        setattr(trainer, name, getattr(config, name))
+    trainer.epsilon_low = config.epsilon
+    trainer.epsilon_high = (
+        config.epsilon_high if config.epsilon_high is not None else config.epsilon
+    )
+    trainer.aux_loss_enabled = False
+    trainer.rollout_func = None
+    trainer._entropy_bonus_enabled = False
+    trainer.model = SimpleNamespace(training=True)
+    trainer.current_gradient_accumulation_steps = config.gradient_accumulation_steps
+    trainer.accelerator = _Accelerator()
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer.state = SimpleNamespace(global_step=0)
+    trainer._sd_rollout_step = 0
+    trainer._sd_seen = None
+    trainer.stabledrl_policy = trainer._sd_policy()
+    recorder = Recorder(out, policy=trainer.stabledrl_policy, group_ids="global")
+    trainer._sd_buffer = StepBuffer(recorder, group_size=config.num_generations)
+    return trainer
+
+
+def _micro_batches(gen: torch.Generator, weighted: bool) -> list[dict[str, torch.Tensor]]:
+    """Micro-batch 0: a completion masked whole (row 1), a zero-variance group (rows 2-3, A = 0)
+    and log-ratios of 20 to 80 either way; micro-batch 1: completions of one token. As in TRL,
+    every micro-batch has the same rows (per_device_train_batch_size); whole groups of 2."""
+    logp = -torch.rand(ROWS, WIDTH, generator=gen) * 3
+    log_ratio = torch.randn(ROWS, WIDTH, generator=gen) * 0.3
+    log_ratio[0, :4] = torch.tensor([20.0, -35.0, 80.0, -80.0])
+    log_ratio[2, 0], log_ratio[3, 1] = 45.0, -60.0
+    mask = torch.ones(ROWS, WIDTH, dtype=torch.long)
+    mask[0, 4] = 0
+    mask[1] = 0
+    first = {
+        "logp": logp,
+        "old": logp - log_ratio,
+        "adv": torch.tensor([1.0, -1.0, 0.0, 0.0]),
+        "mask": mask,
+        "group": torch.tensor([0, 0, 1, 1]),
+    }
+    one = -torch.rand(ROWS, 1, generator=gen)
+    second = {
+        "logp": one,
+        "old": one - torch.tensor([[0.5], [-30.0], [0.1], [50.0]]),
+        "adv": torch.tensor([-0.7, 0.7, 0.3, -0.3]),
+        "mask": torch.ones(ROWS, 1, dtype=torch.long),
+        "group": torch.tensor([2, 2, 3, 3]),
+    }
+    micro = [first, second]
+    for m in micro:
+        m["entropy"] = torch.rand(m["logp"].shape, generator=gen)
+        m["ref"] = m["logp"] - 0.2 * torch.randn(m["logp"].shape, generator=gen)
+        if weighted:
+            m["is_ratio"] = 0.5 + torch.rand(m["logp"].shape, generator=gen)
+    return micro
+
+
+def _run(config: Any, out: Path) -> tuple[_Trainer, float, torch.Tensor]:
+    """Both micro-batches through the recording `_compute_loss`, logged as step 1; returns the
+    trainer, TRL's step loss and minus the gradient of TRL's loss w.r.t. each recorded token's
+    log-prob (in the recorded order)."""
+    trainer = _trainer(config, out)
+    gen = torch.Generator().manual_seed(0)
+    total, grads = 0.0, []
+    for m in _micro_batches(gen, weighted=config.use_vllm):
+        rows, width = m["logp"].shape
+        leaf = m["logp"].clone().requires_grad_(True)
+        trainer._next = (leaf, m["entropy"])
+        inputs = {
+            "prompt_ids": torch.zeros(rows, 1, dtype=torch.long),
+            "prompt_mask": torch.ones(rows, 1, dtype=torch.long),
+            "completion_ids": torch.zeros(rows, width, dtype=torch.long),
+            "completion_mask": m["mask"],
+            "advantages": m["adv"],
+            "old_per_token_logps": m["old"],
+            "ref_per_token_logps": m["ref"],
+            "num_items_in_batch": torch.tensor(float(SCORED)),
+            GROUP_KEY: m["group"],
+            REWARD_KEY: (m["adv"] > 0).float(),
+        }
+        if "is_ratio" in m:
+            inputs["importance_sampling_ratio"] = m["is_ratio"]
+        loss = trainer._compute_loss(None, inputs)
+        total += float(loss.detach())
+        (grad,) = torch.autograd.grad(loss, leaf)
+        grads.append(-grad[every_row(m["mask"].bool())])
+    assert trainer._sd_buffer is not None
+    trainer._sd_buffer.log(1, grad_norm=1.0, max_grad_norm=1.0, lr=1e-6)
+    trainer._sd_buffer.recorder.close()
+    return trainer, total, torch.cat(grads)
+
+
+CONFIGS = {
+    "grpo": {"loss_type": "grpo", "mask_truncated_completions": True},
+    "bnpo": {"loss_type": "bnpo"},
+    "dr_grpo": {"loss_type": "dr_grpo", "mask_truncated_completions": True},
+    "dapo": {"loss_type": "dapo", "epsilon_high": 0.28},
+    "dapo-recorded": {"loss_type": "dapo", "steps_per_generation": 4},
+    "cispo": {"loss_type": "cispo", "epsilon_high": 1.5},
+    "sapo": {"loss_type": "sapo", "mask_truncated_completions": True},
+    "luspo": {"loss_type": "luspo"},
+    "vespo": {"loss_type": "vespo"},
+    "delta": {"loss_type": "grpo", "delta": 1.5, "mask_truncated_completions": True},
+    "gspo": {
+        "loss_type": "grpo",
+        "importance_sampling_level": "sequence",
+        "mask_truncated_completions": True,
+    },
+    "luspo-sequence": {"loss_type": "luspo", "importance_sampling_level": "sequence"},
+    "beta": {"loss_type": "grpo", "beta": 0.1, "mask_truncated_completions": True},
+    "entropy-off-policy-beta": {
+        "loss_type": "dapo",
+        "beta": 0.1,
+        "top_entropy_quantile": 0.5,
+        "off_policy_mask_threshold": 0.05,
+    },
+    "vllm-weight": {
+        "loss_type": "bnpo",
+        "use_vllm": True,
+        "vllm_importance_sampling_correction": True,
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_degenerate_micro_batches_replay_trls_loss_metrics_and_gradient(
+    tmp_path: Path, case: str
+) -> None:
+    config = trl.GRPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        report_to="none",
+        use_cpu=True,
+        num_generations=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        num_iterations=2,
+        max_completion_length=WIDTH,
+        **CONFIGS[case],
+    )
+    trainer, loss, minus_grad = _run(config, tmp_path / "run")
+    spec = trainer.stabledrl_policy.spec
+    step = sd.open_run(tmp_path / "run").step(1)
+    assert step.scalars["loss"] == pytest.approx(loss, rel=1e-6)
+    assert int(step["mask"].sum()) == SCORED
+    weights = sd.get_policy(spec).weights(policy_batch(step))
+    assert -float(weights.objective) == pytest.approx(loss, rel=1e-5, abs=1e-7)
+    assert torch.isfinite(minus_grad).all()
+    scale = float(minus_grad.abs().max())
+    assert torch.allclose(weights.coef, minus_grad, rtol=1e-4, atol=1e-6 * scale)
+    own = sd.replay(tmp_path / "run", [spec], device="cpu").own
+    assert own is not None
+    assert -float(own.series["objective"][0]) == pytest.approx(loss, rel=1e-5, abs=1e-7)
+    logged = {
+        k: [v for v in vals if not math.isnan(v)] for k, vals in trainer._metrics["train"].items()
+    }
+    names = {**TRL_METRICS, "trl_cispo_clip_ratio": "cispo_clip_ratio",
+             "trl_vespo_phi_seq_mean": "vespo/phi_seq_mean"}  # fmt: skip
+    compared = 0
+    for column, name in names.items():
+        if name in logged:
+            expected = sum(logged[name]) / len(logged[name])
+            assert float(own.series[column][0]) == pytest.approx(expected, abs=1e-6), column
+            compared += 1
+    assert compared > 0 or CONFIGS[case]["loss_type"] == "sapo"
