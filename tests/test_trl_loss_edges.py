@@ -184,6 +184,10 @@ CONFIGS = {
         "mask_truncated_completions": True,
     },
     "luspo-sequence": {"loss_type": "luspo", "importance_sampling_level": "sequence"},
+    # sapo, cispo and vespo: TRL's loss ignores delta, and the recorder keeps their spec
+    "sapo-delta": {"loss_type": "sapo", "delta": 1.5, "mask_truncated_completions": True},
+    "cispo-delta": {"loss_type": "cispo", "delta": 1.5},
+    "vespo-delta": {"loss_type": "vespo", "delta": 1.5},
     "beta": {"loss_type": "grpo", "beta": 0.1, "mask_truncated_completions": True},
     "entropy-off-policy-beta": {
         "loss_type": "dapo",
@@ -216,6 +220,8 @@ def test_degenerate_micro_batches_replay_trls_loss_metrics_and_gradient(
     )
     trainer, loss, minus_grad = _run(config, tmp_path / "run")
     spec = trainer.stabledrl_policy.spec
+    if CONFIGS[case]["loss_type"] in ("sapo", "cispo", "vespo"):
+        assert "delta" not in spec
     step = sd.open_run(tmp_path / "run").step(1)
     assert step.scalars["loss"] == pytest.approx(loss, rel=1e-6)
     assert int(step["mask"].sum()) == SCORED
