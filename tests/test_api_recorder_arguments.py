@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import stabledrl_cli as sd
@@ -62,3 +63,19 @@ def test_a_path_that_names_no_directory_is_refused(
             make(path)  # type: ignore[operator]
         assert str(refused.value) == message
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("switch", ["overwrite", "resume", "async_writes"])
+@pytest.mark.parametrize("value", ["false", 0, None, np.bool_(False)])
+def test_a_switch_that_is_not_true_or_false_is_refused_and_the_run_kept(
+    tmp_path: Path, switch: str, value: object
+) -> None:
+    """Before: a switch was taken for its truth value: overwrite="false" (a config's text)
+    removed the run's steps, 0 and None were taken for False."""
+    run = tmp_path / "run"
+    with sd.Recorder(run) as recorder:
+        recorder.log_step(0, loss=1.0)
+    with pytest.raises(UsageError) as refused:
+        sd.Recorder(run, **{switch: value})
+    assert str(refused.value) == f"{switch} must be True or False, not {type(value).__name__}"
+    assert sd.open_run(run).step_numbers == [0]

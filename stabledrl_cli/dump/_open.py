@@ -10,8 +10,8 @@ from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._remote import is_url, open_url
 from stabledrl_cli.dump._run import Run
-from stabledrl_cli.dump._schema import HDF5_SIGNATURE, path_argument
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.dump._schema import HDF5_SIGNATURE, path_argument, switch_argument
+from stabledrl_cli.errors import InputError
 
 
 def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
@@ -24,8 +24,7 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     `verify=False` skips the data checksum when arrays are read (headers are always checked).
     """
     given = path_argument(path)  # as the user wrote it: Path drops a doubled or trailing slash
-    if not isinstance(verify, bool):
-        raise UsageError(f"verify must be True or False, not {type(verify).__name__}")
+    verify = switch_argument(verify, "verify")
     if isinstance(path, str) and is_url(path):
         return open_url(path, verify=verify)
     run_path = Path(path)

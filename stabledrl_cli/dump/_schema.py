@@ -466,6 +466,14 @@ def step_number(value: object) -> int:
     return step
 
 
+def switch_argument(value: object, name: str) -> bool:
+    """`value`, the switch `name`, when it is True or False, else UsageError: its truth value
+    would be taken for it (overwrite="false" would replace the run)."""
+    if not isinstance(value, bool):
+        raise UsageError(f"{name} must be True or False, not {type(value).__name__}")
+    return value
+
+
 def path_argument(path: object) -> str:
     """A run's `path` as given to `Recorder` or `open_run`: a non-empty str or path object
     (its text returned), else UsageError (None, a number, bytes; "" would be the working

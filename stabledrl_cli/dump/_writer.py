@@ -99,6 +99,7 @@ from stabledrl_cli.dump._schema import (
     step_file_name,
     step_number,
     stop_note_name,
+    switch_argument,
     written_version,
 )
 from stabledrl_cli.dump._setup import amend_manifest, prepare_run
@@ -278,6 +279,9 @@ class Recorder:
             )
         if not (is_count(queue_size) and queue_size >= 1):
             raise UsageError(f"queue_size must be an int >= 1, got {queue_size!r}")
+        overwrite = switch_argument(overwrite, "overwrite")
+        resume = switch_argument(resume, "resume")
+        async_writes = switch_argument(async_writes, "async_writes")
         if resume and overwrite:
             raise UsageError("resume=True continues a run, overwrite=True replaces it: pick one")
         if resume_from is not None and not resume:
