@@ -278,6 +278,27 @@ def test_a_run_directory_other_than_records_out_is_refused_in_one_line(
     assert not (tmp_path / "mine").exists() and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_an_overwrite_that_is_not_true_or_false_is_refused_and_the_run_kept(
+    tiny: Any, tmp_path: Path, trainer: str
+) -> None:
+    """Before: stabledrl_overwrite="false" (a config's text) was taken for its truth value,
+    and train() replaced the run's steps with its own."""
+    out = tmp_path / "run"
+    with sd.Recorder(out, policy=None) as recorder:
+        recorder.log_step(0, loss=1.0)
+    config = tiny.tiny_rloo_config if "RLOO" in trainer else tiny.tiny_config
+    with pytest.raises(UsageError) as refused:
+        getattr(integration, trainer)(
+            **tiny.tiny_parts(),
+            args=config(str(tmp_path / "trl_out")),
+            stabledrl_out=out,
+            stabledrl_overwrite="false",
+        )
+    assert str(refused.value) == "stabledrl_overwrite must be True or False, not str"
+    assert sd.open_run(out).step_numbers == [0]
+
+
 def test_records_out_given_again_as_stabledrl_out_is_taken(
     tiny: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -1267,6 +1267,15 @@ def test_records_out_given_again_as_out_is_taken(
     assert open_run(tmp_path / "run").step_numbers == [0, 1]
 
 
+def test_an_overwrite_that_is_not_true_or_false_is_refused_at_install(tmp_path: Path) -> None:
+    """Before: install(overwrite="false") was taken for its truth value, and the workers'
+    Recorder replaced the run at the first step."""
+    with pytest.raises(UsageError) as refused:
+        stabledrl_verl.install(tmp_path / "run", overwrite="false")
+    assert str(refused.value) == "overwrite must be True or False, not str"
+    assert not stabledrl_verl.installed() and not (tmp_path / "run").exists()
+
+
 def test_a_second_install_into_another_directory_is_refused_naming_both(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

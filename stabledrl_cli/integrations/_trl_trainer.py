@@ -35,7 +35,7 @@ from stabledrl_cli.capture.bootstrap import (
     refuse_another_run_dir,
 )
 from stabledrl_cli.dump import Recorder
-from stabledrl_cli.dump._schema import MANIFEST_NAME
+from stabledrl_cli.dump._schema import MANIFEST_NAME, switch_argument
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.importers._trainer_state import trainer_state_json
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
@@ -59,7 +59,8 @@ def run_dir(out: str | os.PathLike[str] | None, overwrite: bool, trainer: str) -
     """(directory, overwrite): `out`, else $STABLEDRL_RUN_DIR (set by `stabledrl record`,
     which also passes --force); UsageError naming `trainer` when neither is there, or when
     `out` is another directory than record's --out (whose optimizer hooks stand down for the
-    trainer: record would find no step there)."""
+    trainer: record would find no step there), or when `overwrite` is not True or False."""
+    overwrite = switch_argument(overwrite, "stabledrl_overwrite")
     if out is not None:
         refuse_another_run_dir(
             out, f"{trainer}'s stabledrl_out={os.fspath(out)}", "leave stabledrl_out out"
@@ -114,7 +115,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
 
     Arguments: those of the TRL trainer, plus `stabledrl_out` (the run directory; default
     $STABLEDRL_RUN_DIR from `stabledrl record --out DIR -- ...`) and `stabledrl_overwrite`
-    (replace an existing run). Raises UsageError at construction when there is no run
+    (replace an existing run: True or False). Raises UsageError at construction when there is no run
     directory, `stabledrl_out` is another one than record's --out, or the configuration
     cannot be expressed by the catalogue.
     """

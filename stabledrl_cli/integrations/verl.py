@@ -63,6 +63,7 @@ from stabledrl_cli.capture.bootstrap import (
     integration_records,
     refuse_another_run_dir,
 )
+from stabledrl_cli.dump._schema import switch_argument
 from stabledrl_cli.errors import MissingExtraError, UsageError
 from stabledrl_cli.integrations._verl_facts import SUPPORTED_VERL, supported_verl
 from stabledrl_cli.integrations._verl_policy import LOSS_MODES, policy_for_actor_config
@@ -113,12 +114,15 @@ def install(out: str | os.PathLike[str] | None = None, *, overwrite: bool | None
     an existing run (default $STABLEDRL_FORCE). Returns True when recording is installed.
     Once installed, a call without `out` or with the same directory returns True and changes
     nothing; one naming another directory raises UsageError naming both (its steps would go
-    on into the first: uninstall() first). Raises UsageError when `out` is another directory
+    on into the first: uninstall() first). Raises UsageError for an `overwrite` that is not
+    None, True or False, and when `out` is another directory
     than $STABLEDRL_RUN_DIR (`stabledrl record --out`, whose optimizer hooks stand down for
     verl: record would find no step there), and MissingExtraError / UsageError when verl is
     absent or not 0.9.x and `out` is given; without `out` (the Ray setup hook) that is one
     warning, `stabledrl record` is told, and this returns False."""
     global _session
+    if overwrite is not None:
+        switch_argument(overwrite, "overwrite")
     with _lock:
         if _session is not None:
             _refuse_another_out(_session.out, out)
