@@ -38,7 +38,7 @@ from typing import Literal
 
 import torch
 
-from stabledrl_cli.errors import ConfigError, UsageError
+from stabledrl_cli.errors import ConfigError, UsageError, one_line
 from stabledrl_cli.policies import Policy, PolicyBatch, get_policy, prepare
 from stabledrl_cli.replay.guards import guard_spec, make_guard
 from stabledrl_cli.vocab import GUARD_MODES, GuardMode
@@ -174,12 +174,18 @@ def _number(value: float | torch.Tensor, name: str) -> float:
     """`value`, the argument `name`, as a float: a real number, or a one-element tensor read
     detached (one that requires grad would make torch warn 'Converting a tensor with
     requires_grad=True to a scalar' into the training's log); UsageError naming `name` for
-    anything else (a tensor of several values, a string, None)."""
+    anything else (a tensor of several values or of complex numbers, one with no data on the
+    meta device, a string, None)."""
     expected = f"{name} must be a number or a one-element tensor"
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise UsageError(f"{expected}, got a tensor of {value.numel()} elements")
-        return float(value.detach())
+        if value.is_complex():
+            raise UsageError(f"{expected}, got a complex tensor")
+        try:
+            return float(value.detach())
+        except (RuntimeError, NotImplementedError) as exc:  # no data (meta), ...
+            raise UsageError(f"{name}: cannot be read as a number ({one_line(exc)})") from None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise UsageError(f"{expected}, got {type(value).__name__}")
     return float(value)

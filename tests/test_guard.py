@@ -301,3 +301,34 @@ def test_record_bad_guard_rule_names_the_option(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith("error: --guard-rule 'skip-step:window=0': window must be")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            torch.tensor(1.0, device="meta"),
+            "grad_norm: cannot be read as a number (Tensor.item() cannot be called on meta "
+            "tensors)",
+        ),
+        (
+            torch.tensor(1 + 1j),
+            "grad_norm must be a number or a one-element tensor, got a complex tensor",
+        ),
+    ],
+)
+def test_a_tensor_the_guard_cannot_read_as_a_number_is_a_usage_error(value, message):
+    """Before: torch's RuntimeError (meta: 'Tensor.item() cannot be called on meta tensors';
+    complex: 'value cannot be converted to type double without overflow'), from before_step
+    and apply alike."""
+    guard = Guard(mode="scale")
+    with pytest.raises(UsageError) as refused:
+        guard.before_step(grad_norm=value)
+    assert str(refused.value) == message
+    with pytest.raises(UsageError) as refused:
+        guard.before_step(grad_norm=1.0, loss=value)
+    assert str(refused.value) == message.replace("grad_norm", "loss")
+    with pytest.raises(UsageError) as refused:
+        Decision("scale", 0.5, "").apply([], applied=value)
+    assert str(refused.value) == message.replace("grad_norm", "applied")
+    assert guard.counts == {"none": 0, "scale": 0, "skip": 0}
