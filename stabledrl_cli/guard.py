@@ -110,7 +110,7 @@ class Guard:
             self.rule = make_guard(rule or DEFAULT_RULES[mode])
         except ConfigError as exc:
             raise ConfigError("rule", exc.problem) from None
-        self.policy = get_policy(policy) if isinstance(policy, str) else policy
+        self.policy = None if policy is None else get_policy(policy)
         self.counts: dict[Action, int] = dict.fromkeys(ACTION_CODES, 0)
 
     def before_step(

@@ -332,3 +332,13 @@ def test_a_tensor_the_guard_cannot_read_as_a_number_is_a_usage_error(value, mess
         Decision("scale", 0.5, "").apply([], applied=value)
     assert str(refused.value) == message.replace("grad_norm", "applied")
     assert guard.counts == {"none": 0, "scale": 0, "skip": 0}
+
+
+def test_a_policy_that_is_neither_a_spec_nor_a_policy_is_refused_when_the_guard_is_made():
+    """Before: Guard(policy=3) was taken, and failed later with an AttributeError ('int' object
+    has no attribute 'spec') from manifest_note, or 'weights' from the first before_step
+    given a batch."""
+    with pytest.raises(UsageError) as refused:
+        Guard(policy=3)  # type: ignore[arg-type]
+    assert str(refused.value) == "a policy is a spec string or a Policy, not int"
+    assert Guard(policy=get_policy("grpo")).manifest_note()["policy"] == "grpo"
