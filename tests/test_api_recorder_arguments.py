@@ -79,3 +79,31 @@ def test_a_switch_that_is_not_true_or_false_is_refused_and_the_run_kept(
         sd.Recorder(run, **{switch: value})
     assert str(refused.value) == f"{switch} must be True or False, not {type(value).__name__}"
     assert sd.open_run(run).step_numbers == [0]
+
+
+def test_param_names_may_be_any_iterable_of_names(tmp_path: Path) -> None:
+    """Before: a generator (names from model.named_parameters()) raised TypeError ("object of
+    type 'generator' has no len()") after the run's manifest was written, holding []."""
+    names = (name for name in ("weight", "bias"))
+    with sd.Recorder(tmp_path / "run", param_names=names) as recorder:  # type: ignore[arg-type]
+        recorder.log_step(0, loss=1.0, param_grad_norm=[1.0, 2.0])
+    assert sd.open_run(tmp_path / "run").manifest["param_names"] == ["weight", "bias"]
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        ("weight", "param_names must be a list of strings, got str"),
+        (3, "param_names must be a list of strings, got int"),
+        (["weight", 3], "param_names must be a list of strings; entry 1 is int"),
+    ],
+)
+def test_param_names_that_are_not_names_are_refused_before_the_run_is_made(
+    tmp_path: Path, names: object, message: str
+) -> None:
+    """Before: a string was taken for its characters (param_names="ab": two names, 'a' and
+    'b'), and 3 raised TypeError ('int' object is not iterable)."""
+    with pytest.raises(UsageError) as refused:
+        sd.Recorder(tmp_path / "run", param_names=names)  # type: ignore[arg-type]
+    assert str(refused.value) == message
+    assert not (tmp_path / "run").exists()

@@ -127,6 +127,20 @@ def _checked_reward_range(value: Iterable[float]) -> tuple[float, float]:
     return low, high
 
 
+def _names(value: Iterable[str]) -> list[str]:
+    """`param_names` as a list: any iterable of strings (a generator of a model's names), not
+    one string (its characters); else UsageError."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise UsageError(f"param_names must be a list of strings, got {type(value).__name__}")
+    names = list(value)
+    for index, name in enumerate(names):
+        if not isinstance(name, str):
+            raise UsageError(
+                f"param_names must be a list of strings; entry {index} is {type(name).__name__}"
+            )
+    return names
+
+
 def _object(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
     """`value` as a dict of its own (None: empty), else UsageError naming `what`."""
     if value is None:
@@ -256,7 +270,7 @@ class Recorder:
         async_writes: bool = False,
         queue_size: int = 8,
         geometry: dict[str, Any] | None = None,
-        param_names: list[str] | None = None,
+        param_names: Iterable[str] | None = None,
         group_ids: GroupIds = "per_rank",
         resume: bool = False,
         resume_from: int | None = None,
@@ -290,8 +304,8 @@ class Recorder:
             resume_from = step_number(resume_from)
         if reward_range is not None:
             reward_range = _checked_reward_range(reward_range)
-        if param_names is not None and not all(isinstance(n, str) for n in param_names):
-            raise UsageError("param_names must be a list of strings")
+        if param_names is not None:
+            param_names = _names(param_names)
         if source is not None and not (
             isinstance(source, dict) and isinstance(source.get("kind"), str) and source["kind"]
         ):
@@ -331,7 +345,7 @@ class Recorder:
                 if geometry is not None
                 else None
             ),
-            "param_names": list(param_names) if param_names is not None else None,
+            "param_names": param_names,
             "fields": {name: {"per": s.per, "dtype": s.dtype} for name, s in FIELDS.items()},
         }
         if source is not None:
