@@ -20,11 +20,15 @@ BATCH = f"logp=[-1.0, -2.0], {REST}"
         (f"sd.log_policy_batch(0, recorder_kwargs={{'policy': 'gspo'}}, {BATCH})",
          "'policy' is not a key of recorder_kwargs (record sets it: --out, "
          "log_policy_batch's policy or --policy, --force)"),
+        (f"sd.log_policy_batch(0, recorder_kwargs=['unit'], {BATCH})",
+         "recorder_kwargs must be a dict, got list"),
     ],
 )  # fmt: skip
 def test_a_name_the_recorder_does_not_take_is_a_usage_error_naming_it(tmp_path, call, said):
     """Before: TypeError (`Recorder.log_step() got an unexpected keyword argument 'logpp'`,
-    `Recorder.__init__() got multiple values for keyword argument 'policy'`), exit 3."""
+    `Recorder.__init__() got multiple values for keyword argument 'policy'`), exit 3; and
+    recorder_kwargs=['unit'] dict()'s ValueError ('dictionary update sequence element #0 has
+    length 4; 2 is required'), exit 3."""
     script = f"import stabledrl_cli as sd\nprint({call})\n"
     done, errors = record_python(script, "-p", "grpo", cwd=tmp_path, env=cli_environment())
     assert done.returncode == 2, done.stderr

@@ -70,7 +70,7 @@ import io
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -543,6 +543,10 @@ def log_policy_batch(
         return False
     try:
         _refuse_unknown(fields, "log_step", "a field of log_policy_batch")
+        if recorder_kwargs is not None and not isinstance(recorder_kwargs, Mapping):
+            raise UsageError(
+                f"recorder_kwargs must be a dict, got {type(recorder_kwargs).__name__}"
+            )
         with _lock:
             kwargs = dict(recorder_kwargs or {})
             pairs_held = _held is not None and _held.number == step
