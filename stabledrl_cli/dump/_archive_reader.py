@@ -53,7 +53,7 @@ from stabledrl_cli.dump._schema import (
     parse_manifest,
 )
 from stabledrl_cli.dump._stfile import FileKey, file_key
-from stabledrl_cli.errors import InputError, quoted
+from stabledrl_cli.errors import InputError, UsageError, quoted
 
 # Each open dataset's chunk cache: steps are read in order, so consecutive steps share at most
 # the chunk on their boundary (32K entries, up to 256 KiB); 1 MiB holds it with room to spare.
@@ -103,6 +103,7 @@ class ArchiveStep(Step):
     def _read(self, name: str) -> np.ndarray:
         if name in self.loaded:
             return self.loaded.pop(name)
+        self.archive.check_open()
         try:
             return self.archive.read_field(self.index, name)
         except H5_ERRORS as exc:
@@ -146,6 +147,7 @@ class ArchiveRun(Run):
         self._all_bad: str | None = None
         """Why every step is bad (an index checksum failed), if one is."""
         self._open: dict[str, h5py.Dataset] = {}
+        self._closed = False
         self._read_chunks: dict[str, set[int]] = {}
         """Per data dataset, the chunks a step's read has decoded (their Fletcher32 checked):
         the integrity check does not read them again."""
@@ -529,6 +531,16 @@ class ArchiveRun(Run):
     def close(self) -> None:
         self._open.clear()
         self._file.close()
+        self._closed = True
+
+    def check_open(self) -> None:
+        """UsageError once the run is closed: its data can no longer be read (h5py would find
+        no dataset in the closed file, which would read as a corrupt archive)."""
+        if self._closed:
+            raise UsageError(
+                f"{self.location}: the run was closed (run.close(), or the end of its with "
+                "block); open it again with open_run"
+            )
 
     # -- steps ---------------------------------------------------------------------------------
     def _dataset(self, where: str) -> h5py.Dataset:
@@ -602,6 +614,7 @@ class ArchiveRun(Run):
         again ({} when the step was checked before)."""
         if index in self._verified or index in self._bad:
             return {}
+        self.check_open()
         try:
             arrays = {name: self.read_field(index, name) for name in sorted(self._fields_of(index))}
         except H5_ERRORS as exc:
@@ -773,6 +786,7 @@ class ArchiveRun(Run):
     def integrity(self) -> IntegrityReport:
         """The source run's findings as packed, plus any corrupt chunk of the archive itself."""
         if not self._checked_all:
+            self.check_open()
             self._archive_findings = self._check_all_chunks()
             self._checked_all = True
         findings = [*self._carried, *self._load_findings, *self._archive_findings]
