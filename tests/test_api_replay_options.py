@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -70,3 +71,34 @@ def test_a_memory_budget_that_is_no_size_is_refused_as_the_command_line_refuses_
         sd.replay(tmp_path / "no-such-run", memory_budget="lots")
     assert str(refused.value) == "memory_budget expects a size such as 256M or 1G, got 'lots'"
     assert result.stderr.strip() == "error: --" + str(refused.value).replace("_", "-")
+
+
+def test_settings_that_are_numpy_numbers_are_taken_as_the_numbers_they_hold(grpo_fixture):
+    """Before: window=np.int64(5) was refused as 'window must be an integer in [1, 1e+09]'
+    and spike_factor=np.float32(5) as 'must be a finite number > 1' (a sweep's settings read
+    from a numpy array or a DataFrame), though step_range took numpy integers."""
+    settings = {
+        "window": 5,
+        "collapse_window": 4,
+        "warning_window": 6,
+        "threads": 1,
+        "chunk_size": 8,
+        "memory_budget": 2**20,
+        "spike_factor": 5.0,
+        "drift_threshold": -0.25,
+        "warning_drop": 0.5,
+        "max_grad_norm": 1.0,
+    }
+    numpy_settings = {
+        name: (np.int64(value) if isinstance(value, int) else np.float32(value))
+        for name, value in settings.items()
+    }
+    plain = sd.replay(grpo_fixture, "grpo", device="cpu", guards=[], **settings)
+    given = sd.replay(grpo_fixture, "grpo", device="cpu", guards=[], **numpy_settings)
+    assert given.to_json() == plain.to_json()
+
+
+def test_a_numpy_number_of_the_wrong_kind_is_still_refused(tmp_path):
+    for name, value in (("window", np.float64(5.0)), ("detail", np.bool_(True))):
+        with pytest.raises(ConfigError, match=f"^{name} must be"):
+            sd.replay(tmp_path / "no-such-run", **{name: value})

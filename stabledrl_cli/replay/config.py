@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 from stabledrl_cli.errors import ConfigError, quoted
 from stabledrl_cli.replay.guards import DEFAULT_GUARDS, make_guard
@@ -217,19 +218,24 @@ def replay_config(
     detail: bool = False,
     guards: tuple[str, ...] | None = None,
 ) -> ReplayConfig:
-    """A `ReplayConfig` in which None stands for the default of that setting."""
+    """A `ReplayConfig` in which None stands for the default of that setting, and a numpy
+    number (a sweep's setting read from an array) for the Python number it holds."""
     return ReplayConfig(
         device=device,
-        chunk_size=chunk_size,
-        memory_budget=DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget,
-        threads=DEFAULT_THREADS if threads is None else threads,
-        spike_factor=DEFAULT_SPIKE_FACTOR if spike_factor is None else spike_factor,
-        window=DEFAULT_WINDOW if window is None else window,
-        drift_threshold=DEFAULT_DRIFT_THRESHOLD if drift_threshold is None else drift_threshold,
-        max_grad_norm=max_grad_norm,
-        collapse_window=DEFAULT_COLLAPSE_WINDOW if collapse_window is None else collapse_window,
-        warning_window=DEFAULT_WARNING_WINDOW if warning_window is None else warning_window,
-        warning_drop=DEFAULT_WARNING_DROP if warning_drop is None else warning_drop,
+        chunk_size=_plain(chunk_size),
+        memory_budget=DEFAULT_MEMORY_BUDGET if memory_budget is None else _plain(memory_budget),
+        threads=DEFAULT_THREADS if threads is None else _plain(threads),
+        spike_factor=DEFAULT_SPIKE_FACTOR if spike_factor is None else _plain(spike_factor),
+        window=DEFAULT_WINDOW if window is None else _plain(window),
+        drift_threshold=(
+            DEFAULT_DRIFT_THRESHOLD if drift_threshold is None else _plain(drift_threshold)
+        ),
+        max_grad_norm=_plain(max_grad_norm),
+        collapse_window=(
+            DEFAULT_COLLAPSE_WINDOW if collapse_window is None else _plain(collapse_window)
+        ),
+        warning_window=DEFAULT_WARNING_WINDOW if warning_window is None else _plain(warning_window),
+        warning_drop=DEFAULT_WARNING_DROP if warning_drop is None else _plain(warning_drop),
         step_range=step_range,
         detail=detail,
         guards=DEFAULT_GUARDS if guards is None else guards,
@@ -237,6 +243,18 @@ def replay_config(
 
 
 _NOT_A_BOOL = "must be True or False, not "
+
+_Setting = TypeVar("_Setting")
+
+
+def _plain(value: _Setting) -> _Setting:
+    """A numpy integer or float as the Python number it holds (np.int64(5) -> 5); anything
+    else, a numpy bool included, as it is (for the checks to take or refuse). numpy is not
+    imported here: a value can be one of its numbers only once it is loaded."""
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(value, np.integer | np.floating):
+        return cast(_Setting, value.item())
+    return value
 
 
 def _device(value: object) -> bool:
