@@ -299,6 +299,28 @@ def test_an_overwrite_that_is_not_true_or_false_is_refused_and_the_run_kept(
     assert sd.open_run(out).step_numbers == [0]
 
 
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("", "stabledrl_out is empty: name the run's directory"),
+        (3, "stabledrl_out must be a str or a path object, not int"),
+    ],
+)
+def test_a_run_directory_that_names_no_directory_is_refused_at_construction(
+    tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: object, message: str
+) -> None:
+    """Before: stabledrl_out="" was taken for the working directory (train() then raised 'DIR
+    already exists and is not empty', or with stabledrl_overwrite=True made it a run), and 3
+    raised TypeError from pathlib."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError) as refused:
+        integration.RecordingGRPOTrainer(
+            **tiny.tiny_parts(), args=tiny.tiny_config(str(tmp_path / "trl_out")), stabledrl_out=out
+        )
+    assert str(refused.value) == message
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_records_out_given_again_as_stabledrl_out_is_taken(
     tiny: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

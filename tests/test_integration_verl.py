@@ -1276,6 +1276,22 @@ def test_an_overwrite_that_is_not_true_or_false_is_refused_at_install(tmp_path: 
     assert not stabledrl_verl.installed() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("", "out is empty: name the run's directory"),
+        (3, "out must be a str or a path object, not int"),
+    ],
+)
+def test_an_out_that_names_no_directory_is_refused_at_install(out: object, message: str) -> None:
+    """Before: install(out="") returned False, recording nothing and saying nothing, and
+    install(out=3) raised TypeError from os.fspath."""
+    with pytest.raises(UsageError) as refused:
+        stabledrl_verl.install(out)  # type: ignore[arg-type]
+    assert str(refused.value) == message
+    assert not stabledrl_verl.installed()
+
+
 def test_a_second_install_into_another_directory_is_refused_naming_both(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -474,13 +474,13 @@ def switch_argument(value: object, name: str) -> bool:
     return value
 
 
-def path_argument(path: object) -> str:
-    """A run's `path` as given to `Recorder` or `open_run`: a non-empty str or path object
-    (its text returned), else UsageError (None, a number, bytes; "" would be the working
-    directory, which no caller means)."""
+def path_argument(path: object, name: str = "path") -> str:
+    """A run's `path` as given to `Recorder` or `open_run` (or an integration's run directory,
+    the argument `name`): a non-empty str or path object (its text returned), else UsageError
+    (None, a number, bytes; "" would be the working directory, which no caller means)."""
     text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
     if not isinstance(text, str):
-        raise UsageError(f"path must be a str or a path object, not {type(path).__name__}")
+        raise UsageError(f"{name} must be a str or a path object, not {type(path).__name__}")
     if not text:
-        raise UsageError("path is empty: name the run's directory")
+        raise UsageError(f"{name} is empty: name the run's directory")
     return text

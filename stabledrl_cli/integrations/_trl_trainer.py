@@ -35,7 +35,7 @@ from stabledrl_cli.capture.bootstrap import (
     refuse_another_run_dir,
 )
 from stabledrl_cli.dump import Recorder
-from stabledrl_cli.dump._schema import MANIFEST_NAME, switch_argument
+from stabledrl_cli.dump._schema import MANIFEST_NAME, path_argument, switch_argument
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.importers._trainer_state import trainer_state_json
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
@@ -59,9 +59,11 @@ def run_dir(out: str | os.PathLike[str] | None, overwrite: bool, trainer: str) -
     """(directory, overwrite): `out`, else $STABLEDRL_RUN_DIR (set by `stabledrl record`,
     which also passes --force); UsageError naming `trainer` when neither is there, or when
     `out` is another directory than record's --out (whose optimizer hooks stand down for the
-    trainer: record would find no step there), or when `overwrite` is not True or False."""
+    trainer: record would find no step there), or when `out` is empty or no path, or
+    `overwrite` is not True or False."""
     overwrite = switch_argument(overwrite, "stabledrl_overwrite")
     if out is not None:
+        out = path_argument(out, "stabledrl_out")
         refuse_another_run_dir(
             out, f"{trainer}'s stabledrl_out={os.fspath(out)}", "leave stabledrl_out out"
         )

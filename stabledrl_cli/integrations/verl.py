@@ -63,7 +63,7 @@ from stabledrl_cli.capture.bootstrap import (
     integration_records,
     refuse_another_run_dir,
 )
-from stabledrl_cli.dump._schema import switch_argument
+from stabledrl_cli.dump._schema import path_argument, switch_argument
 from stabledrl_cli.errors import MissingExtraError, UsageError
 from stabledrl_cli.integrations._verl_facts import SUPPORTED_VERL, supported_verl
 from stabledrl_cli.integrations._verl_policy import LOSS_MODES, policy_for_actor_config
@@ -115,9 +115,9 @@ def install(out: str | os.PathLike[str] | None = None, *, overwrite: bool | None
     Once installed, a call without `out` or with the same directory returns True and changes
     nothing; one naming another directory raises UsageError naming both (its steps would go
     on into the first: uninstall() first). Raises UsageError for an `overwrite` that is not
-    None, True or False, and when `out` is another directory
-    than $STABLEDRL_RUN_DIR (`stabledrl record --out`, whose optimizer hooks stand down for
-    verl: record would find no step there), and MissingExtraError / UsageError when verl is
+    None, True or False, for an `out` that is empty or no path, and when `out` is another
+    directory than $STABLEDRL_RUN_DIR (`stabledrl record --out`, whose optimizer hooks stand
+    down for verl: record would find no step there), and MissingExtraError / UsageError when verl is
     absent or not 0.9.x and `out` is given; without `out` (the Ray setup hook) that is one
     warning, `stabledrl record` is told, and this returns False."""
     global _session
@@ -184,10 +184,11 @@ def _verl_recordable(*, explicit: bool) -> bool:
 
 
 def _run_dir(out: str | os.PathLike[str] | None) -> str | os.PathLike[str] | None:
-    """`out`, else $STABLEDRL_RUN_DIR; UsageError when both are there and name two
-    directories."""
+    """`out`, else $STABLEDRL_RUN_DIR; UsageError when `out` is empty or no path, or when
+    both are there and name two directories."""
     if out is None:
         return os.environ.get(ENV_RUN_DIR)
+    out = path_argument(out, "out")
     refuse_another_run_dir(out, f"install(out={os.fspath(out)})", "call install() without out")
     return out
 
