@@ -50,13 +50,16 @@ def test_the_largest_world_size_is_taken(tmp_path: Path) -> None:
         (5, "path must be a str or a path object, not int"),
         (b"run", "path must be a str or a path object, not bytes"),
         ("", "path is empty: name the run's directory"),
+        ("ru\x00n", "path 'ru\\x00n' holds a NUL character, which no file name can"),
     ],
 )
 def test_a_path_that_names_no_directory_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: object, message: str
 ) -> None:
-    """Before: pathlib's TypeError for None, 5 and b"run"; and "" recorded into the working
-    directory ('already exists and is not empty', or with overwrite=True a run made there)."""
+    """Before: pathlib's TypeError for None, 5 and b"run"; "" recorded into the working
+    directory ('already exists and is not empty', or with overwrite=True a run made there);
+    a NUL raised ValueError ('embedded null byte') from the Recorder, and open_run said 'no
+    such run'."""
     monkeypatch.chdir(tmp_path)
     for make in (sd.Recorder, sd.open_run):
         with pytest.raises(UsageError) as refused:

@@ -52,7 +52,7 @@ from itertools import chain
 from typing import Any, SupportsIndex, TypeGuard, TypeVar
 
 from stabledrl_cli._json import parse_strict
-from stabledrl_cli.errors import InputError, UsageError, shown
+from stabledrl_cli.errors import InputError, UsageError, quoted, shown
 from stabledrl_cli.vocab import GROUP_IDS, UNITS
 
 _Json = TypeVar("_Json")
@@ -477,10 +477,13 @@ def switch_argument(value: object, name: str) -> bool:
 def path_argument(path: object, name: str = "path") -> str:
     """A run's `path` as given to `Recorder` or `open_run` (or an integration's run directory,
     the argument `name`): a non-empty str or path object (its text returned), else UsageError
-    (None, a number, bytes; "" would be the working directory, which no caller means)."""
+    (None, a number, bytes; "" would be the working directory, which no caller means; a NUL,
+    which the system refuses)."""
     text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
     if not isinstance(text, str):
         raise UsageError(f"{name} must be a str or a path object, not {type(path).__name__}")
     if not text:
         raise UsageError(f"{name} is empty: name the run's directory")
+    if "\x00" in text:
+        raise UsageError(f"{name} {quoted(text)} holds a NUL character, which no file name can")
     return text
