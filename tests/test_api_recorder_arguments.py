@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import stabledrl_cli as sd
+from stabledrl_cli.dump._schema import step_file_name
 from stabledrl_cli.errors import UsageError
 
 
@@ -110,3 +111,23 @@ def test_param_names_that_are_not_names_are_refused_before_the_run_is_made(
         sd.Recorder(tmp_path / "run", param_names=names)  # type: ignore[arg-type]
     assert str(refused.value) == message
     assert not (tmp_path / "run").exists()
+
+
+def test_counts_that_are_numpy_or_torch_integers_are_taken_as_the_ints_they_hold(
+    tmp_path: Path,
+) -> None:
+    """Before: Recorder(world_size=np.int64(2), rank=np.int64(1)) was refused as 'world_size
+    must be an int in [1, 4096], got 2', a message its user cannot act on (step numbers took
+    numpy integers already)."""
+    import torch
+
+    with sd.Recorder(
+        tmp_path / "run", world_size=np.int64(2), rank=torch.tensor(1), async_writes=True,
+        queue_size=np.int32(2),
+    ) as recorder:  # fmt: skip
+        assert (recorder.world_size, recorder.rank) == (2, 1)
+        assert type(recorder.world_size) is int and type(recorder.rank) is int
+        recorder.log_step(0, loss=1.0)
+    assert [file.name for file in (tmp_path / "run" / "steps").iterdir()] == [
+        step_file_name(0, 1, 2)
+    ]

@@ -453,14 +453,22 @@ def json_checked(value: _Json, what: str) -> _Json:
     return value
 
 
+def whole_number(value: object) -> int | None:
+    """`value` as the int it is or holds (a numpy or 0-d torch integer), else None (a bool,
+    which would be taken for 0 or 1, a float, text, a float tensor or one with no data)."""
+    if type(value) is int:
+        return value
+    if isinstance(value, SupportsIndex) and not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except (TypeError, RuntimeError):  # a float tensor; a tensor with no data (meta)
+            return None
+    return None
+
+
 def step_number(value: object) -> int:
     """An int >= 0 (a numpy or 0-d torch integer is fine), else UsageError."""
-    step = value if type(value) is int else None
-    if step is None and isinstance(value, SupportsIndex) and not isinstance(value, bool):
-        try:
-            step = operator.index(value)
-        except (TypeError, RuntimeError):  # a float tensor; a tensor with no data (meta)
-            step = None
+    step = whole_number(value)
     if step is None or not 0 <= step <= STEP_LIMIT:
         raise UsageError(f"step must be an int in [0, 2**63 - 1], got {value!r}")
     return step

@@ -100,6 +100,7 @@ from stabledrl_cli.dump._schema import (
     step_number,
     stop_note_name,
     switch_argument,
+    whole_number,
     written_version,
 )
 from stabledrl_cli.dump._setup import amend_manifest, prepare_run
@@ -125,6 +126,13 @@ def _checked_reward_range(value: Iterable[float]) -> tuple[float, float]:
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise UsageError(f"reward_range must be (low, high), finite, low < high; got {value!r}")
     return low, high
+
+
+def _whole(value: int) -> int:
+    """A count given as a numpy or 0-d torch integer as the int it holds; anything else as it
+    is, for the Recorder's checks to refuse."""
+    number = whole_number(value)
+    return value if number is None else number
 
 
 def _names(value: Iterable[str]) -> list[str]:
@@ -281,6 +289,7 @@ class Recorder:
             raise UsageError(f"unit {unit!r} is not one of: {', '.join(UNITS)}")
         if group_ids not in GROUP_IDS:
             raise UsageError(f"group_ids {group_ids!r} is not one of: {', '.join(GROUP_IDS)}")
+        world_size, rank, queue_size = _whole(world_size), _whole(rank), _whole(queue_size)
         if not (is_count(world_size) and 1 <= world_size <= WORLD_SIZE_LIMIT):
             raise UsageError(
                 f"world_size must be an int in [1, {WORLD_SIZE_LIMIT}], got {world_size!r}"
