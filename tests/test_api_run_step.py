@@ -35,3 +35,20 @@ def test_a_numpy_integer_reads_the_step_as_its_int(run_path: Path) -> None:
         assert type(step.step) is int and step.step == 1 and step.scalars["loss"] == 1.0
         with pytest.raises(InputError, match=r": no step 7$"):
             run.step(7)
+
+
+@pytest.mark.parametrize(("start", "stop"), [("1", None), (None, 2.5), (True, 3), (-1, None)])
+def test_steps_bounds_that_are_no_step_numbers_are_a_usage_error(
+    run_path: Path, start: object, stop: object
+) -> None:
+    """Before: run.steps("1") raised TypeError ("'>=' not supported between instances of 'int'
+    and 'str'"), and 2.5, True and -1 were taken as bounds."""
+    bad, name = (start, "start") if start is not None else (stop, "stop")
+    with sd.open_run(run_path) as run, pytest.raises(UsageError) as refused:
+        list(run.steps(start, stop))  # type: ignore[arg-type]
+    assert str(refused.value) == f"{name} must be an int in [0, 2**63 - 1], got {bad!r}"
+
+
+def test_steps_bounds_may_be_numpy_integers(run_path: Path) -> None:
+    with sd.open_run(run_path) as run:
+        assert [s.step for s in run.steps(np.int64(1), np.int32(3))] == [1, 2]  # type: ignore[arg-type]

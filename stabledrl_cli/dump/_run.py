@@ -237,7 +237,10 @@ class Run(ABC):
         """Steps with start <= step < stop, ascending; a corrupt one is skipped with a warning,
         one that another rank has not written (yet: a live multi-rank run) without one, as
         `step_numbers` leaves it out. Each listed step is read once, checked as it is read (no
-        pass over the headers first)."""
+        pass over the headers first). UsageError, at the first step, for a bound that is no
+        step number."""
+        start = None if start is None else step_number(start, "start")
+        stop = None if stop is None else step_number(stop, "stop")
         yield from self._steps_skipping(
             (
                 n

@@ -466,11 +466,11 @@ def whole_number(value: object) -> int | None:
     return None
 
 
-def step_number(value: object) -> int:
-    """An int >= 0 (a numpy or 0-d torch integer is fine), else UsageError."""
+def step_number(value: object, name: str = "step") -> int:
+    """An int >= 0 (a numpy or 0-d torch integer is fine), else UsageError naming `name`."""
     step = whole_number(value)
     if step is None or not 0 <= step <= STEP_LIMIT:
-        raise UsageError(f"step must be an int in [0, 2**63 - 1], got {value!r}")
+        raise UsageError(f"{name} must be an int in [0, 2**63 - 1], got {value!r}")
     return step
 
 
