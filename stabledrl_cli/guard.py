@@ -71,17 +71,23 @@ class Decision:
         return self.action == "skip"
 
     def apply(
-        self, parameters: Iterable[torch.Tensor], *, applied: float | torch.Tensor = 1.0
+        self,
+        parameters: torch.Tensor | Iterable[torch.Tensor],
+        *,
+        applied: float | torch.Tensor = 1.0,
     ) -> None:
         """Scales the parameters' gradients (in place) to `scale` of their pre-clip size, given
         that they already carry the factor `applied` (e.g. clip_grad_norm_'s
-        min(1, max_norm / norm)); never scales up, and does nothing unless `action` is scale."""
+        min(1, max_norm / norm)); never scales up, and does nothing unless `action` is scale.
+        `parameters`: tensors, or one tensor, as clip_grad_norm_ takes them."""
         applied = _number(applied, "applied")
         if not (math.isfinite(applied) and applied > 0):  # NaN would make every gradient NaN
             raise UsageError(f"applied must be a finite factor > 0, got {applied!r}")
         if self.action != "scale" or self.scale >= applied:
             return
         factor = self.scale / applied
+        if isinstance(parameters, torch.Tensor):  # iterating it would give its rows
+            parameters = [parameters]
         with torch.no_grad():
             for p in parameters:
                 if p.grad is not None:

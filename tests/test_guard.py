@@ -342,3 +342,12 @@ def test_a_policy_that_is_neither_a_spec_nor_a_policy_is_refused_when_the_guard_
         Guard(policy=3)  # type: ignore[arg-type]
     assert str(refused.value) == "a policy is a spec string or a Policy, not int"
     assert Guard(policy=get_policy("grpo")).manifest_note()["policy"] == "grpo"
+
+
+def test_apply_takes_one_tensor_as_clip_grad_norm_does():
+    """Before: apply(param) iterated the tensor's rows, views without a gradient, and left
+    param.grad unscaled, silently (torch.nn.utils.clip_grad_norm_ takes one tensor too)."""
+    param = torch.nn.Parameter(torch.ones(2, 2))
+    param.grad = torch.ones(2, 2)
+    Decision("scale", 0.5, "").apply(param)
+    assert param.grad.tolist() == [[0.5, 0.5], [0.5, 0.5]]
