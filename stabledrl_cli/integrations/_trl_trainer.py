@@ -117,8 +117,8 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
 
     Arguments: those of the TRL trainer, plus `stabledrl_out` (the run directory; default
     $STABLEDRL_RUN_DIR from `stabledrl record --out DIR -- ...`) and `stabledrl_overwrite`
-    (replace an existing run: True or False). Raises UsageError at construction when there is no run
-    directory, `stabledrl_out` is another one than record's --out, or the configuration
+    (replace an existing run: True or False). Raises UsageError at construction when there is
+    no run directory, `stabledrl_out` is another one than record's --out, or the configuration
     cannot be expressed by the catalogue.
     """
 
