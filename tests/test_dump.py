@@ -252,6 +252,21 @@ def _flat(n: int = 4) -> dict:
     }
 
 
+def test_a_foreign_manifest_is_named_without_the_overwrite_hint(tmp_path):
+    """A directory whose manifest.json is another tool's was 'not empty; pass overwrite=True', and
+    overwrite=True was then refused ('is not a stabledrl run's manifest'): the refusal now comes
+    first, without the hint that cannot help."""
+    foreign = tmp_path / "webapp"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"name": "webapp"}')
+    with pytest.raises(UsageError) as refused:
+        sd.Recorder(foreign)
+    assert str(refused.value) == (
+        f"{foreign / 'manifest.json'} is not a stabledrl run's manifest: replacing a run would "
+        "overwrite it; remove it, or record elsewhere"
+    )
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [

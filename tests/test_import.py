@@ -121,6 +121,23 @@ def test_table_output_and_force(tmp_path: Path) -> None:
     assert forced.exit_code == 0
 
 
+def test_a_foreign_manifest_is_named_without_the_force_hint(tmp_path: Path) -> None:
+    """A directory whose manifest.json is another tool's was 'not empty; pass --force', and
+    --force was then refused ('is not a stabledrl run's manifest'): the refusal now comes
+    first, without the hint that cannot help."""
+    run = tmp_path / "webapp"
+    run.mkdir()
+    (run / "manifest.json").write_text('{"name": "webapp"}')
+    for force in ([], ["--force"]):
+        result = runner.invoke(app, ["import", str(TRL_STATE), "--out", str(run), *force])
+        assert result.exit_code == 2, result.output
+        assert result.stderr == (
+            f"error: {run / 'manifest.json'} is not a stabledrl run's manifest: replacing a "
+            "run would overwrite it; remove it, or record elsewhere\n"
+        )
+    assert (run / "manifest.json").read_text() == '{"name": "webapp"}'
+
+
 def test_other_formats_land_under_the_same_names(tmp_path: Path) -> None:
     (tmp_path / "log.csv").write_text(
         "train/global_step,train/reward,train/grad_norm,actor/pg_clipfrac,my metric\n"

@@ -1194,6 +1194,21 @@ def test_force_never_overwrites_a_manifest_that_is_no_runs(tmp_path, manifest):
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
 
 
+def test_without_force_a_foreign_manifest_is_named_without_the_force_hint(tmp_path):
+    """A directory whose manifest.json is another tool's was 'not empty; pass --force', and
+    --force was then refused ('is not a stabledrl run's manifest'): the refusal now comes
+    first, without the hint that cannot help."""
+    out = tmp_path / "webapp"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"name": "webapp"}')
+    result = CliRunner().invoke(app, ["record", "--out", str(out), "--", sys.executable, "-c", ""])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: {out / 'manifest.json'} is not a stabledrl run's manifest: replacing a "
+        "run would overwrite it; remove it, or record elsewhere\n"
+    )
+
+
 LATE_STEP_SCRIPT = textwrap.dedent(
     """
     import atexit, sys

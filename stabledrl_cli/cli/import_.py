@@ -16,6 +16,7 @@ from rich.table import Table
 from stabledrl_cli.cli._options import FormatOpt
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._signals import stopped_by_sigterm
+from stabledrl_cli.dump._setup import check_replaceable
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.importers import ImportSummary, import_log
 from stabledrl_cli.importers._names import listed
@@ -55,6 +56,8 @@ def command(
     """Import a logged run (TRL/transformers trainer_state.json, JSON lines, CSV, TensorBoard)
     as a scalar run that inspect and check read: known metrics under the run's standard names,
     the others kept as extra scalars."""
+    if run.is_dir() and any(run.iterdir()):
+        check_replaceable(run)  # another tool's manifest: --force would not replace it
     if not force and run.is_dir() and any(run.iterdir()):
         raise UsageError(f"{run} exists and is not empty; pass --force to replace the run in it")
     with stopped_by_sigterm():

@@ -45,12 +45,12 @@ GEOMETRY = "Gradient geometry (built-in example)"
 
 def _check_out(out: Path, force: bool) -> None:
     if directory_or_nothing(out, f"--out {out}") and any(out.iterdir()):
+        check_replaceable(out)  # before the command starts: its recorder would refuse
         if not force:
             raise UsageError(
                 f"--out {out} is not empty; pass --force to record into it (a new recording "
                 "replaces its run, a resumed training continues it)"
             )
-        check_replaceable(out)  # before the command starts: its recorder would refuse
 
 
 def _progress() -> Progress:

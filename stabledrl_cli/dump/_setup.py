@@ -405,6 +405,8 @@ def _ready(
         # Other ranks may have made steps/ already: only what this rank would clobber counts.
         others = [n for n in os.listdir(path) if n != STEPS_DIR] if rank == 0 else []
         mine = [file.name for file, _, _ in chain(*_own_files(steps, rank, world_size))]
+        if MANIFEST_NAME in others:
+            check_replaceable(path)  # another tool's: overwrite=True would not help either
         if others or mine:
             raise UsageError(
                 f"{path} already exists and is not empty ({(others + mine)[0]}); "
