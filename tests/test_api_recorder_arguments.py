@@ -131,3 +131,30 @@ def test_counts_that_are_numpy_or_torch_integers_are_taken_as_the_ints_they_hold
     assert [file.name for file in (tmp_path / "run" / "steps").iterdir()] == [
         step_file_name(0, 1, 2)
     ]
+
+
+@pytest.mark.parametrize("epoch", ["abc", "nan", "1e30"])
+def test_a_source_date_epoch_that_is_no_time_is_a_usage_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, epoch: str
+) -> None:
+    """Before: ValueError ('could not convert string to float: 'abc'', 'Invalid value NaN')
+    or OverflowError ('timestamp out of range for platform time_t') from the Recorder, naming
+    no variable (under record: exit 3, 'ValueError: ...')."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", epoch)
+    with pytest.raises(UsageError) as refused:
+        sd.Recorder(tmp_path / "run")
+    assert str(refused.value) == (
+        f"SOURCE_DATE_EPOCH must be a time in seconds since 1970-01-01 UTC, got {epoch!r}"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_source_date_epoch_fixes_the_recorded_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    with sd.Recorder(tmp_path / "run", policy=None) as recorder:
+        recorder.log_step(0, loss=1.0)
+    run = sd.open_run(tmp_path / "run")
+    assert run.manifest["created"] == "2023-11-14T22:13:20+00:00"
+    assert run.step(0).scalars["wall_time"] == 1700000000.0

@@ -105,16 +105,26 @@ from stabledrl_cli.dump._schema import (
 )
 from stabledrl_cli.dump._setup import amend_manifest, prepare_run
 from stabledrl_cli.dump._stfile import discard_step, encode_step, write_step
-from stabledrl_cli.errors import InputError, UsageError, WriteError, counted, warn
+from stabledrl_cli.errors import InputError, UsageError, WriteError, counted, quoted, warn
 from stabledrl_cli.spec import SpecValue
 from stabledrl_cli.vocab import GROUP_IDS, ON_WRITE_ERROR, UNITS, GroupIds, OnWriteError, Unit
 
 
 def _fixed_time() -> float | None:
     """SOURCE_DATE_EPOCH when set (the reproducible-builds convention): the time a recording
-    then gives every wall clock reading, so that it can be reproduced byte for byte."""
+    then gives every wall clock reading, so that it can be reproduced byte for byte; UsageError
+    naming it for a value that is no time (text, NaN, past the clock's range)."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    return float(epoch) if epoch else None
+    if not epoch:
+        return None
+    try:
+        seconds = float(epoch)
+        _dt.datetime.fromtimestamp(seconds, _dt.timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise UsageError(
+            f"SOURCE_DATE_EPOCH must be a time in seconds since 1970-01-01 UTC, got {quoted(epoch)}"
+        ) from None
+    return seconds
 
 
 def _checked_reward_range(value: Iterable[float]) -> tuple[float, float]:
