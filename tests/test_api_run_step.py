@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import stabledrl_cli as sd
+from stabledrl_cli.dump import RunIntegrityWarning
 from stabledrl_cli.errors import InputError, UsageError
 
 
@@ -52,3 +53,15 @@ def test_steps_bounds_that_are_no_step_numbers_are_a_usage_error(
 def test_steps_bounds_may_be_numpy_integers(run_path: Path) -> None:
     with sd.open_run(run_path) as run:
         assert [s.step for s in run.steps(np.int64(1), np.int32(3))] == [1, 2]  # type: ignore[arg-type]
+
+
+def test_steps_of_a_number_the_run_does_not_hold_warns_that_it_has_no_such_step(
+    run_path: Path,
+) -> None:
+    """Before: the warning called the absent step of a one-rank run 'incomplete, no file for
+    rank(s) [0]', as if a rank had failed to write it."""
+    with sd.open_run(run_path) as run, pytest.warns(RunIntegrityWarning) as warned:
+        assert [s.step for s in run.steps_of([1, 7])] == [1]
+    assert [str(w.message) for w in warned] == [
+        f"{run_path}: skipping step 7: missing_rank: no file of step 7: the run does not hold it"
+    ]

@@ -723,6 +723,8 @@ class DirectoryRun(Run):
     ) -> list[tuple[_HeaderRecord, _Checked, StepHeader | None]]:
         """Every rank's (record, check, file read now or None), in rank order; StepReadError
         for a missing or bad file."""
+        if not ranks:  # a number no listing holds (`steps_of`)
+            raise StepReadError("missing_rank", f"no file of step {n}: the run does not hold it")
         missing = _missing_ranks(ranks, self.world_size)
         if missing:
             raise StepReadError("missing_rank", missing)
