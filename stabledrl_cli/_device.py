@@ -11,10 +11,11 @@ from stabledrl_cli.vocab import DEVICES
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`auto` picks cuda, then mps, then cpu; `cuda` without a GPU is a usage error.
 
-    device: one of `vocab.DEVICES`, a torch device string such as "cuda:1", or a torch.device.
+    device: one of `vocab.DEVICES`, a torch device string such as "cuda:1", or a torch.device,
+    checked as its name is (a meta device, or cuda without a GPU, is a usage error).
     """
     if isinstance(device, torch.device):
-        return device
+        device = str(device)
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.errors import ConfigError
+from stabledrl_cli.errors import ConfigError, UsageError
 
 
 def _cli_guards(run: Path, *guards: str) -> list[object]:
@@ -102,3 +102,24 @@ def test_a_numpy_number_of_the_wrong_kind_is_still_refused(tmp_path):
     for name, value in (("window", np.float64(5.0)), ("detail", np.bool_(True))):
         with pytest.raises(ConfigError, match=f"^{name} must be"):
             sd.replay(tmp_path / "no-such-run", **{name: value})
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("meta", "unknown device 'meta'; valid: auto, cpu, cuda, mps"),
+        ("cuda:1", "device 'cuda:1' was asked for, but torch sees no CUDA device"),
+    ],
+)
+def test_a_torch_device_is_checked_as_its_name_is(grpo_fixture, device, message):
+    """Before: torch.device("meta") was taken and every step was then skipped as unreadable
+    (InputError, exit 3: 'no step could be read (... logp: a tensor on the meta device holds
+    no data ...)'), blaming the run for the device given; the name 'meta' was refused."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a CUDA device is there")
+    for given in (device, torch.device(device)):
+        with pytest.raises(UsageError) as refused:
+            sd.replay(grpo_fixture, "grpo", device=given)
+        assert str(refused.value) == message
