@@ -42,6 +42,14 @@ def test_skip_mode_skips_the_spike_and_nothing_else():
     assert nonfinite.skip and nonfinite.z is None and "non-finite" in nonfinite.reason
 
 
+@pytest.mark.parametrize("mode", ["skip", "scale"])
+def test_a_nonfinite_loss_is_skipped_in_either_mode(mode):
+    guard = Guard(mode=mode)
+    for loss in (math.nan, math.inf):
+        decision = guard.before_step(grad_norm=1.0, loss=loss)
+        assert decision.skip and decision.z is None and "non-finite" in decision.reason
+
+
 def test_scale_mode_scales_the_spike_down_to_the_threshold():
     guard = Guard(mode="scale", rule="zclip:warmup=5")
     decisions = [guard.before_step(grad_norm=n) for n in NORMS]

@@ -181,6 +181,21 @@ def test_nonfinite_norms_are_reported_and_kept_out_of_the_statistics() -> None:
         assert [a["scale"] for a in kept] == [a["scale"] for a in base["acted"]]
 
 
+@pytest.mark.parametrize("spec", ["zclip", "zclip:warmup=3", "skip-step:window=6"])
+def test_a_nonfinite_loss_is_nonfinite_for_every_guard(spec: str) -> None:
+    norms = norms_with_spikes()
+    losses = {i: (math.inf if i == 70 else math.nan if i == 71 else 0.5) for i in range(200)}
+    clean = replay_guards(range(200), norms, None, [spec])[0].to_dict()["acted"]
+    (report,) = replay_guards(range(200), norms, losses, [spec])
+    nonfinite = [a["step"] for a in report.to_dict()["acted"] if a["action"] == "nonfinite"]
+    assert nonfinite == [70, 71]
+    without = [norm for i, norm in enumerate(norms) if i not in (70, 71)]
+    base = replay_guards(range(198), without, None, [spec])[0].to_dict()["acted"]
+    kept = [a for a in report.to_dict()["acted"] if a["action"] != "nonfinite"]
+    assert [a["scale"] for a in kept] == [a["scale"] for a in base]
+    assert len(clean) == len(base)
+
+
 def test_replay_report_counts_and_removed_norm() -> None:
     norms = norms_with_spikes()
     losses = {i: 1.0 for i in range(len(norms))}

@@ -73,6 +73,12 @@ class GuardDecision:
 
 
 _NONE = GuardDecision("none", 1.0, None, None)
+_NONFINITE = GuardDecision("nonfinite", 0.0, None, None)
+
+
+def _nonfinite(grad_norm: float, loss: float | None) -> bool:
+    """A step either guard reports as `nonfinite` and keeps out of its statistics."""
+    return not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(loss))
 
 
 class ZClip:
@@ -112,9 +118,10 @@ class ZClip:
         self.var: float | None = None
 
     def update(self, grad_norm: float, loss: float | None = None) -> GuardDecision:
-        """The decision for the next step (loss is not used by ZClip)."""
-        if not math.isfinite(grad_norm):
-            return GuardDecision("nonfinite", 0.0, None, None)
+        """The decision for the next step (ZClip's rule does not use the loss; a non-finite
+        one makes the step non-finite, as for skip-step)."""
+        if _nonfinite(grad_norm, loss):
+            return _NONFINITE
         if grad_norm == 0.0:  # nothing to clip; in the averages it only decays them to 0
             return _NONE
         if abs(grad_norm) > SCALE_ABOVE * self._unit:
@@ -178,8 +185,8 @@ class SkipStep:
 
     def update(self, grad_norm: float, loss: float | None = None) -> GuardDecision:
         """The decision for the next step; without a loss, the grad norm alone decides."""
-        if not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(loss)):
-            return GuardDecision("nonfinite", 0.0, None, None)
+        if _nonfinite(grad_norm, loss):
+            return _NONFINITE
         scores = [_z(grad_norm, self._norms, self.min_history)]
         if loss is not None:
             scores.append(_z(loss, self._losses, self.min_history))
@@ -407,7 +414,8 @@ def replay_guards(
     specs: Iterable[str] = DEFAULT_GUARDS,
 ) -> list[GuardReport]:
     """Runs each guard over the recorded (step, grad_norm) series in step order; `losses`
-    (step -> loss) feeds skip-step where a step has one. -> one report a guard."""
+    (step -> loss) feeds skip-step where a step has one (a non-finite one makes the step
+    `nonfinite` for every guard). -> one report a guard."""
     replay = GuardReplay(specs)
     replay.extend(
         (step, norm, None if losses is None else losses.get(step))
