@@ -296,6 +296,31 @@ def test_runs_whose_step_times_differ_are_identical(tmp_path):
     assert (exit_code, data["identical"]) == (0, True)
 
 
+def _normalized_run(path: Path, scales: list[float]) -> Path:
+    """A grpo:agg=recorded run whose steps divide their terms by `scales`, one a step."""
+    with Recorder(path, policy="grpo:agg=recorded") as recorder:
+        for step, scale in enumerate(scales):
+            logp = np.full((2, 3), -1.0, np.float32)
+            recorder.log_step(
+                step,
+                logp=logp,
+                logp_old=logp,
+                advantages=np.array([1.0, -1.0], np.float32),
+                loss_scale=np.full((2, 3), scale, np.float32),
+            )
+    return path
+
+
+def test_runs_whose_loss_normalizer_differs_part_in_their_inputs(tmp_path):
+    """loss_scale is what training divided each term by: another normalizer is another update
+    (agg=recorded replays it). Runs that differed only there 'never part' (exit 0)."""
+    a = _normalized_run(tmp_path / "a", [6.0, 6.0, 6.0])
+    b = _normalized_run(tmp_path / "b", [6.0, 12.0, 12.0])
+    exit_code, data = _cli(a, b)
+    assert (exit_code, data["parted_at"]) == (1, 1)
+    assert [f["field"] for f in data["first"]["inputs"]["fields"]] == ["loss_scale"]
+
+
 def test_a_torn_step_file_is_named_on_stderr_not_passed_off_as_missing(grpo_fixture, tmp_path):
     """Step files the reader skips at its header check (here torn, as a crash under a final
     name leaves them) are warned about, as docs/diff.md says; they were silently listed as

@@ -50,6 +50,7 @@ INPUT_FIELDS = (
     "group_split",
     "token_count",
     "loss_weight",
+    "loss_scale",
 )
 """What training fed the loss, compared exactly."""
 LOGP_FIELDS = ("logp", "logp_old", "logp_ref", "logp_rollout")
