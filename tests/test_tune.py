@@ -458,3 +458,25 @@ def test_a_plot_that_cannot_be_written_comes_after_the_results(tmp_path, output_
         assert specs[:2] == ["dapo:eps_high=0.2", "dapo:eps_high=0.3"]  # and the own, grpo
     else:
         assert "dapo:eps_high=0.3" in result.stdout, result.stdout
+
+
+def test_the_legend_says_what_the_front_is():
+    """dapo:eps_high=0.2 has the risk steps of eps_high=0.5 and more discarded gradient: off
+    the front. The legend said a setting is on it unless another has fewer risk steps and
+    less discarded gradient, which would put it there."""
+    result = CliRunner().invoke(
+        app,
+        ["tune", str(FIXTURES / "grpo"), "-p", "dapo:eps_high=0.2|0.5", "--no-own"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    rows = {
+        line.split("│")[2].strip(): line.split("│")[1].strip()
+        for line in result.stdout.splitlines()
+        if line.startswith("│")
+    }
+    assert rows == {"dapo:eps_high=0.2": "", "dapo:eps_high=0.5": "*"}
+    assert (
+        "f on the front (no other setting has as few risk steps and as little discarded "
+        "gradient, and less of one)" in result.stdout
+    )

@@ -100,8 +100,8 @@ def _print_table(report: TuneReport) -> None:
     print_whole(table, out)
     print_legend(
         [
-            "* recommended, f on the front (no other setting has fewer risk steps and less "
-            "discarded gradient)",
+            "* recommended, f on the front (no other setting has as few risk steps and as "
+            "little discarded gradient, and less of one)",
             "risk: steps whose replayed update is non-finite, spikes or drifts (nf/spk/bias)",
             "disc. grad: median share of the IS update discarded per step; disc. tok: "
             "discarded eligible tokens",
