@@ -115,6 +115,20 @@ def test_a_watcher_follows_a_run_landing_step_by_step(grpo_fixture, grpo_replay,
     assert json.dumps(followed, sort_keys=True) == json.dumps(whole, sort_keys=True)
 
 
+def test_a_stretch_of_drift_is_one_alert_however_the_steps_are_numbered(grpo_fixture, tmp_path):
+    """A run that records a batch every other step: its replayed steps are 0, 2, 4, ... One
+    stretch of drift (98..158, every replayed step among them drifts) was an alert a step."""
+    strided = tmp_path / "strided"
+    strided.mkdir()
+    _land_manifest(grpo_fixture, strided)
+    _land(grpo_fixture, strided, range(0, 160, 2))
+    watcher = RunWatcher(strided, CPU)
+    alerts = watcher.poll()
+    state = watcher.state()
+    assert state.drift_steps == list(range(98, 160, 2))
+    assert [a.step for a in alerts if a.kind == "drift"] == [98]
+
+
 def _once(run: Path, *args: str) -> tuple[int, dict, str]:
     result = CliRunner().invoke(
         app, ["watch", str(run), "--once", "-f", "json", "--device", "cpu", *args]

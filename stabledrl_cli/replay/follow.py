@@ -130,6 +130,17 @@ def _flag_steps(series: dict[str, ColumnArray], name: str) -> list[int]:
     return [int(n) for n in np.asarray(series["step"])[flags]]
 
 
+def _stretch_starts(series: dict[str, ColumnArray], name: str) -> list[int]:
+    """The steps flagged `name` whose replayed step before is not: where each stretch of them
+    begins, over the replayed steps in order (a run that records a batch every Nth step, or
+    scalar steps between, is one stretch, not one a step)."""
+    if not series:
+        return []
+    flags = np.asarray(series[name], dtype=bool)
+    starts = flags & ~np.concatenate(([False], flags[:-1]))
+    return [int(n) for n in np.asarray(series["step"])[starts]]
+
+
 def _stopped_note(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest's `recording_stopped` note, None without one."""
     note = manifest.get(RECORDING_STOPPED)
@@ -413,12 +424,10 @@ class RunWatcher:
             found.append(
                 Alert(kind="nonfinite", step=step, message="the step recorded NaN or inf values")
             )
-        drift = _flag_steps(series, "drift")
-        for step in drift:
-            if step - 1 not in drift:
-                found.append(
-                    Alert(kind="drift", step=step, message=f"{spec} replayed: bias (drift) begins")
-                )
+        for step in _stretch_starts(series, "drift"):
+            found.append(
+                Alert(kind="drift", step=step, message=f"{spec} replayed: bias (drift) begins")
+            )
         warning = observed.collapse_warning.first_step
         if warning is not None:
             found.append(
