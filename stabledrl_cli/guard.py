@@ -40,7 +40,7 @@ import torch
 
 from stabledrl_cli.errors import ConfigError, UsageError, one_line
 from stabledrl_cli.policies import Policy, PolicyBatch, get_policy, prepare
-from stabledrl_cli.replay.guards import guard_spec, make_guard
+from stabledrl_cli.replay.guards import ZClip, guard_spec, make_guard
 from stabledrl_cli.vocab import GUARD_MODES, GuardMode
 
 Action = Literal["none", "scale", "skip"]
@@ -144,7 +144,9 @@ class Guard:
         elif ruled.action == "skip":
             decision = Decision("skip", 0.0, f"{self.rule.name}: z {ruled.z:.3g}", ruled.z)
         elif ruled.action == "clip":
-            why = f"{self.rule.name}: z {ruled.z:.3g}" if ruled.z is not None else "ceiling"
+            rule = self.rule  # a clip is ZClip's: its z-score past z_thresh, or max_norm
+            by_z = isinstance(rule, ZClip) and ruled.z is not None and ruled.z > rule.z_thresh
+            why = f"{rule.name}: z {ruled.z:.3g}" if by_z else "ceiling"
             if self.mode == "scale":
                 decision = Decision("scale", ruled.scale, why, ruled.z)
             else:

@@ -50,6 +50,20 @@ def test_a_nonfinite_loss_is_skipped_in_either_mode(mode):
         assert decision.skip and decision.z is None and "non-finite" in decision.reason
 
 
+@pytest.mark.parametrize("mode", ["skip", "scale"])
+def test_a_step_over_the_ceiling_alone_says_so(mode):
+    """4 after 1, 5, 3 is 0.61 standard deviations up, far below z_thresh 2.5: only max_norm
+    acts on it. Its reason read 'zclip: z 0.612', as if the z-score had."""
+    guard = Guard(mode=mode, rule="zclip:warmup=3,max_norm=2")
+    for norm in (1.0, 5.0, 3.0):
+        guard.before_step(grad_norm=norm)
+    decision = guard.before_step(grad_norm=4.0)
+    assert decision.action == mode and decision.z == pytest.approx(0.612, abs=1e-3)
+    assert decision.reason == "ceiling"
+    spike = guard.before_step(grad_norm=40.0)  # past z_thresh too: the z-score says why
+    assert spike.reason.startswith("zclip: z ")
+
+
 def test_scale_mode_scales_the_spike_down_to_the_threshold():
     guard = Guard(mode="scale", rule="zclip:warmup=5")
     decisions = [guard.before_step(grad_norm=n) for n in NORMS]
