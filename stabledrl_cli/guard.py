@@ -113,7 +113,7 @@ class Guard:
             )
         self.mode: GuardMode = mode
         try:
-            self.rule = make_guard(rule or DEFAULT_RULES[mode])
+            self.rule = make_guard(DEFAULT_RULES[mode] if rule is None else rule)
         except ConfigError as exc:
             raise ConfigError("rule", exc.problem) from None
         self.policy = None if policy is None else get_policy(policy)

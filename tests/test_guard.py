@@ -313,16 +313,22 @@ def test_a_tensor_that_requires_grad_is_read_detached(which, grad_input_outcomes
     assert grad_input_outcomes[which] == "ok"
 
 
-def test_record_bad_guard_rule_names_the_option(tmp_path):
+@pytest.mark.parametrize(
+    ("rule", "problem"), [("skip-step:window=0", "window must be"), ("", "empty guard spec")]
+)
+def test_record_bad_guard_rule_names_the_option(tmp_path, rule, problem):
     """The rule's error named `rule`, which record has no option of: a user must know to fix
-    --guard-rule. Refused before anything is recorded."""
+    --guard-rule. Refused before anything is recorded. An empty rule (a --guard-rule "$RULE"
+    whose variable is unset) made the default one, where replay --guard '' is refused."""
     out = tmp_path / "r"
     result = CliRunner().invoke(
-        app, ["record", "--out", str(out), "--guard", "skip", "--guard-rule", "skip-step:window=0"]
+        app, ["record", "--out", str(out), "--guard", "skip", "--guard-rule", rule]
     )
     assert result.exit_code == 2
-    assert result.stderr.startswith("error: --guard-rule 'skip-step:window=0': window must be")
+    assert result.stderr.startswith(f"error: --guard-rule {rule!r}: {problem}")
     assert not out.exists()
+    with pytest.raises(UsageError, match=f"rule {rule!r}: {problem}"):
+        Guard(mode="skip", rule=rule)
 
 
 @pytest.mark.parametrize(
