@@ -94,9 +94,13 @@ class BranchOutcome:
     @property
     def agree(self) -> bool | None:
         """Whether the branch collapsed exactly when the replay flagged a risk step within the
-        compared span; None when the replay does not cover every branch step (the two would
-        judge different spans)."""
-        return self.collapsed == self.flagged_in_span if self.complete else None
+        compared span; None when the replay does not cover every branch step, or when the
+        collapse comes before the span (the original's, before the branch point): the two
+        would judge different spans."""
+        collapse, span = self.first_reward_collapse, self.span
+        if not self.complete or (collapse is not None and span is not None and collapse < span[0]):
+            return None
+        return self.collapsed == self.flagged_in_span
 
     def to_dict(self) -> dict[str, object]:
         """The branch's entry of `stabledrl branch --format json`."""

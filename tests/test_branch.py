@@ -149,8 +149,9 @@ def test_the_table_and_its_legend_fit_80_columns(recorded, tmp_path):
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     assert max(len(line) for line in result.stdout.splitlines()) <= 80, result.stdout
-    assert "n/a when partial, as the two would judge different spans" in " ".join(
-        result.stdout.split()
+    assert (
+        "n/a when partial, or when the collapse is before the branch point (the original's), "
+        "as the two would judge different spans" in " ".join(result.stdout.split())
     )
 
 
@@ -217,6 +218,20 @@ def test_agree_compares_the_branchs_steps_only():
     assert collapsed.agree is False
     assert replace(collapsed, replay_collapsed_steps=[15]).agree is True
     assert replace(collapsed, replayed_in_span=7).agree is None
+
+
+def test_a_collapse_before_the_branch_point_is_not_the_branchs_to_agree_on():
+    """Branched at 136 from a grpo run that collapsed at 121: the rule over the trajectory
+    finds the original's collapse, 15 steps before the branch trained any step. agree was
+    False (stabledrl's replay flagged nothing in 136..155), blaming the replay for a collapse
+    outside the span it compares."""
+    branch = BranchOutcome(
+        policy="stabledrl", run=Path("b"), steps=20, first_reward_collapse=121, final_reward=0.2,
+        span=(136, 155), replayed_in_span=20,
+    )  # fmt: skip
+    assert branch.collapsed and branch.complete and not branch.flagged_in_span
+    assert branch.agree is None
+    assert replace(branch, first_reward_collapse=136).agree is False
 
 
 def _drop_a_key(state: dict) -> None:

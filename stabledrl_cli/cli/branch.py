@@ -79,7 +79,8 @@ LEGEND = (
     "branch point on. compared: the branch's steps, over which agree compares; partial when "
     "the original's replay does not cover each of them (steps the original never recorded, "
     "or skipped). agree: a replay risk step within the compared steps exactly when the branch "
-    "collapsed; n/a when partial, as the two would judge different spans."
+    "collapsed; n/a when partial, or when the collapse is before the branch point (the "
+    "original's), as the two would judge different spans."
 )
 
 
