@@ -321,6 +321,21 @@ def test_runs_whose_loss_normalizer_differs_part_in_their_inputs(tmp_path):
     assert [f["field"] for f in data["first"]["inputs"]["fields"]] == ["loss_scale"]
 
 
+def test_steps_in_one_run_only_are_cut_in_the_table_not_in_the_json(tmp_path):
+    """Every step against every other one: a range a step. The line listed them all (50,000
+    of them for a 100,000-step run, one line of 400 KB)."""
+    a = _scalar_only(tmp_path / "a", [1.0] * 40)
+    b = tmp_path / "b"
+    with Recorder(b, policy=None, reward_range=(0.0, 1.0)) as recorder:
+        for step in range(0, 40, 2):
+            recorder.log_step(step, grad_norm=1.0, loss=0.5, reward_mean=0.5)
+    result = CliRunner().invoke(app, ["diff", str(a), str(b), "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("only in A")]
+    assert line == "only in A: 1, 3, 5, 7, 9, 11, 13, 15 (+12 more: --format json has them all)"
+    assert _cli(a, b)[1]["only_a"] == [[n, n] for n in range(1, 40, 2)]
+
+
 def test_a_torn_step_file_is_named_on_stderr_not_passed_off_as_missing(grpo_fixture, tmp_path):
     """Step files the reader skips at its header check (here torn, as a crash under a final
     name leaves them) are warned about, as docs/diff.md says; they were silently listed as

@@ -42,8 +42,14 @@ KIND_NAMES: dict[DiffKind, str] = {
 }
 
 
+RANGES_SHOWN = 8
+"""Ranges of steps in one run only listed in the table (the JSON has them all)."""
+
+
 def _ranges_text(ranges: list[tuple[int, int]]) -> str:
-    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in ranges)
+    shown = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in ranges[:RANGES_SHOWN])
+    rest = len(ranges) - RANGES_SHOWN
+    return f"{shown} (+{rest} more: --format json has them all)" if rest > 0 else shown
 
 
 def _parting_lines(name: str, parting: Parting | None, compared: int) -> list[str]:
