@@ -183,7 +183,7 @@ def _number(value: float | torch.Tensor, name: str) -> float:
     detached (one that requires grad would make torch warn 'Converting a tensor with
     requires_grad=True to a scalar' into the training's log); UsageError naming `name` for
     anything else (a tensor of several values or of complex numbers, one with no data on the
-    meta device, a string, None)."""
+    meta device, a string, None). An integer past float's range is infinite."""
     expected = f"{name} must be a number or a one-element tensor"
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -196,7 +196,10 @@ def _number(value: float | torch.Tensor, name: str) -> float:
             raise UsageError(f"{name}: cannot be read as a number ({one_line(exc)})") from None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise UsageError(f"{expected}, got {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int (or Fraction) past float's range is, as a float, infinite
+        return math.inf if value > 0 else -math.inf
 
 
 def _nonfinite_coefficients(policy: Policy, batch: PolicyBatch) -> int:

@@ -51,6 +51,15 @@ def test_a_nonfinite_loss_is_skipped_in_either_mode(mode):
 
 
 @pytest.mark.parametrize("mode", ["skip", "scale"])
+def test_an_integer_past_floats_range_is_an_infinite_norm(mode):
+    """Before: float(10**400) raised OverflowError out of before_step, into the training."""
+    guard = Guard(mode=mode)
+    decision = guard.before_step(grad_norm=10**400)
+    assert decision.skip and "non-finite" in decision.reason
+    assert guard.before_step(grad_norm=1.0, loss=-(10**400)).skip
+
+
+@pytest.mark.parametrize("mode", ["skip", "scale"])
 def test_a_step_over_the_ceiling_alone_says_so(mode):
     """4 after 1, 5, 3 is 0.61 standard deviations up, far below z_thresh 2.5: only max_norm
     acts on it. Its reason read 'zclip: z 0.612', as if the z-score had."""
