@@ -395,3 +395,25 @@ def test_archive_findings_at_a_url_name_it_by_its_url(tmp_path):
     with pytest.raises(InputError) as error:
         open_run(url).step(3)
     assert str(error.value).startswith(f"{url}: step 3 is unreadable: ")
+
+
+@pytest.mark.parametrize("scheme", ["local", "FILE", "File"])
+def test_no_report_is_written_inside_a_run_read_through_a_local_url(tmp_path, scheme):
+    """`replay local:///RUN --out RUN/manifest.json` (or `FILE:///RUN`, a scheme read in any
+    case) replaced the run's manifest with the report (exit 0): the check that refuses a report
+    inside the run knew the run's local path only for a URL spelled `file://`. Any URL of the
+    local filesystem is refused as its path is, before the replay."""
+    run = small_run(tmp_path / "run", world_size=1, steps=2, corrupt=False)
+    url = f"{scheme}://{run.absolute()}"
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    for args in (
+        ["replay", url, "-p", "grpo", "--out", str(run / "manifest.json")],
+        ["check", url, "--max-spikes", "1", "--junit", str(run / "steps" / "j.xml")],
+        ["tune", url, "-p", "stabledrl:c=3..5:2", "--plot", str(run / "tune.png")],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.strip().splitlines() == [
+            f"error: {args[-2]} {args[-1]} is inside the run {url}; write it outside the run"
+        ]
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before

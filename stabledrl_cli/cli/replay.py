@@ -42,7 +42,7 @@ from stabledrl_cli.cli._options import (
 )
 from stabledrl_cli.cli._output import err, out, progress
 from stabledrl_cli.dump import Run, open_run
-from stabledrl_cli.dump._remote import is_url
+from stabledrl_cli.dump._remote import local_path
 from stabledrl_cli.errors import ConfigError, UsageError, WriteError, counted
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,
@@ -135,10 +135,10 @@ def _same_file(target: Path, other: Path) -> bool:
 
 def _inside(target: Path, run: str) -> bool:
     """Whether `target` is the local run `run` (an archive) or lies in its directory, links
-    resolved (realpath: a link loop at `target` is no error here). A URL other than a
-    file:// one holds no local file."""
-    local = run.removeprefix("file://")
-    if is_url(local):
+    resolved (realpath: a link loop at `target` is no error here). A URL of a filesystem other
+    than the local one holds no local file."""
+    local = local_path(run)
+    if local is None:
         return False
     return Path(os.path.realpath(target)).is_relative_to(os.path.realpath(local))
 

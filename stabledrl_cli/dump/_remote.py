@@ -93,6 +93,21 @@ def url_filesystem(url: str) -> tuple[Any, str]:
     return fs, str(root)
 
 
+def local_path(location: str) -> str | None:
+    """The path on this machine that a run's location names: a path as given, a URL of the
+    local filesystem (`file://`, `local://`, its scheme in any case) as its reader reads it;
+    None for a URL of another filesystem. UsageError as `url_filesystem` for a local URL it
+    refuses."""
+    match = URL_RE.match(location)
+    if match is None:
+        return location
+    from fsspec.implementations.local import LocalFileSystem
+
+    if match.group(1).lower() not in LocalFileSystem.protocol:
+        return None
+    return url_filesystem(location)[1]
+
+
 def _file_key(info: dict[str, Any]) -> FileKey:
     """What changes when a file does: its size and its modification stamp (mtime, ETag...)."""
     stamp = next((info[k] for k in ("mtime", "LastModified", "ETag", "created") if k in info), "")
