@@ -11,12 +11,13 @@ import dataclasses
 import importlib.util
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import fsspec
 import h5py
 import pytest
-from _cli import run_cli_together
+from _cli import cli_command, cli_environment, run_cli_together
 from _fsspec_runs import count_reads, small_run, to_memory
 from typer.testing import CliRunner
 
@@ -417,3 +418,23 @@ def test_no_report_is_written_inside_a_run_read_through_a_local_url(tmp_path, sc
             f"error: {args[-2]} {args[-1]} is inside the run {url}; write it outside the run"
         ]
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+
+
+def test_a_url_whose_filesystem_raises_its_own_error_is_one_line(tmp_path):
+    """`inspect hf://datasets/x/y` with the Hub unreachable ended as an internal error (exit
+    70, httpx's ConnectError, which is no OSError, out of the filesystem's first call). Any
+    error of a filesystem's own code on its first look at the URL is the URL's: exit 2, one
+    line. The real huggingface_hub filesystem, pointed at a port that refuses connections."""
+    pytest.importorskip("huggingface_hub")
+    env = {k: v for k, v in cli_environment().items() if k != "HF_HUB_OFFLINE"}
+    done = subprocess.run(
+        cli_command("inspect", "hf://datasets/x/y"),
+        env={**env, "HF_ENDPOINT": "http://127.0.0.1:1", "HF_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: cannot read hf://datasets/x/y: the filesystem fails on it (")
+    assert "internal error" not in line and done.stdout == ""

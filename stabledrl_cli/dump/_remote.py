@@ -294,7 +294,7 @@ def open_url(url: str, *, verify: bool = True) -> Run:
         raise InputError(f"cannot read {url}: {_said(exc, root, url)}") from None
     except OSError as exc:
         raise UsageError(f"cannot read {url}: {one_line(_said(exc, root, url))}") from None
-    except (IndexError, KeyError, TypeError, ValueError) as exc:  # the filesystem's own code
+    except Exception as exc:  # the filesystem's own code (huggingface_hub's httpx errors...)
         raise UsageError(
             f"cannot read {url}: the filesystem fails on it ({type(exc).__name__}: {one_line(exc)})"
         ) from None
