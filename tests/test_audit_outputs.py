@@ -70,3 +70,30 @@ def test_two_reports_may_share_a_device(tmp_path):
         app, ["check", str(GRPO), "--write-baseline", "/dev/null", "--junit", "/dev/null"]
     )
     assert result.exit_code == 0, result.output
+
+
+def test_a_report_given_the_baseline_it_checks_against_is_refused(tmp_path):
+    """`check -b F --junit F` replaced the baseline with the JUnit XML (exit 0, 'wrote F'):
+    the next check against F then failed as a malformed baseline. So did a link to F. The
+    JUnit report and the plot may not name the baseline read; refused before the replay,
+    the baseline as it was. --write-baseline may (it writes the next baseline)."""
+    baseline = tmp_path / "base.png"
+    assert run_cli("check", GRPO, "-p", "grpo", "--write-baseline", baseline).returncode == 0
+    before = baseline.read_bytes()
+    (tmp_path / "link.xml").symlink_to(baseline)
+    for flag, target in (
+        ("--junit", baseline),
+        ("--junit", tmp_path / "link.xml"),
+        ("--plot", baseline),
+    ):
+        result = runner.invoke(app, list(map(str, ["check", GRPO, "-b", baseline, flag, target])))
+        assert (result.exit_code, result.stderr) == (
+            2,
+            f"error: {flag} {target} is the baseline the check reads (-b {baseline}); give the "
+            "report a file of its own\n",
+        ), result.output
+        assert baseline.read_bytes() == before
+    result = runner.invoke(
+        app, list(map(str, ["check", GRPO, "-b", baseline, "--write-baseline", baseline]))
+    )
+    assert result.exit_code == 0, result.output

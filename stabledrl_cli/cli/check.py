@@ -59,6 +59,7 @@ from stabledrl_cli.cli.replay import (
     option_names,
     replay_engine,
     replay_with_progress,
+    same_file,
 )
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
 from stabledrl_cli.errors import InputError, UsageError, WriteError, counted
@@ -332,6 +333,13 @@ def command(
             "--max-nonfinite / --max-spikes limit, --fail-on-collapse, or --write-baseline FILE"
         )
     check_outputs(run, plot, {"--write-baseline": write_baseline_path, "--junit": junit})
+    if baseline_path is not None:
+        for flag, report in (("--junit", junit), ("--plot", plot)):
+            if report is not None and same_file(report, baseline_path):
+                raise UsageError(
+                    f"{flag} {report} is the baseline the check reads (-b {baseline_path}); "
+                    "give the report a file of its own"
+                )
     baseline = load_baseline(baseline_path) if baseline_path is not None else None
     with option_names():
         settings = check_settings(

@@ -107,7 +107,7 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
             raise UsageError(f"{flag} {path}: directory {path.parent} does not exist")
     for i, (flag, target) in enumerate(named):
         for other_flag, other in named[i + 1 :]:
-            if _same_file(target, other):
+            if same_file(target, other):
                 raise UsageError(
                     f"{flag} {target} and {other_flag} {other} name the same file; give each "
                     "report a file of its own"
@@ -120,7 +120,7 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
         require_matplotlib()
 
 
-def _same_file(target: Path, other: Path) -> bool:
+def same_file(target: Path, other: Path) -> bool:
     """Whether two reports would replace one file: the same path once links are resolved,
     there or not yet. A device or a FIFO is written in place, not replaced (two reports to
     /dev/null are no clash)."""
