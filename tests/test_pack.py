@@ -697,3 +697,32 @@ def test_pack_refuses_an_out_inside_the_run_with_or_without_force(tmp_path, how)
     after = sorted((p.relative_to(run), p.read_bytes()) for p in run.rglob("*") if p.is_file())
     assert after == before
     assert open_run(run).step_numbers == [0]
+
+
+@pytest.mark.parametrize("how", ["path", "link", "file-url", "local-url"])
+def test_pack_refuses_to_replace_the_archive_it_packs(tmp_path, how):
+    """`pack A.h5 A.h5 --force` replaced the archive being read with its re-pack (exit 0):
+    the bytes of a damaged step, which a pack leaves out, were gone from the only copy. The
+    archive itself is the run, as a run directory's files are: refused, with --force too."""
+    run = tmp_path / "run"
+    with sd.Recorder(run) as rec:
+        rec.log_step(0, loss=1.0)
+    archive = tmp_path / "run.h5"
+    pack_run(open_run(run), archive)
+    before = archive.read_bytes()
+    source = {
+        "path": str(archive),
+        "link": str(archive),
+        "file-url": archive.as_uri(),
+        "local-url": f"local://{archive}",
+    }[how]
+    out = archive
+    if how == "link":
+        out = tmp_path / "link.h5"
+        out.symlink_to(archive)
+    refused = runner.invoke(app, ["pack", source, str(out), "--force"])
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr == (
+        f"error: {out} is inside the run {source}; write the archive outside it\n"
+    )
+    assert archive.read_bytes() == before

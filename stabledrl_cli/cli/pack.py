@@ -5,10 +5,10 @@ local path.
 
 Exit codes: 0 packed (a run with integrity findings is packed too: its readable steps, with the
 findings carried into the archive and named on stderr); 2 OUT exists without --force, or its
-directory is missing, or it is inside the run's directory (with --force too), or OUT is a URL,
-or RUN is a URL that cannot be read (an unknown scheme, a missing package, a chained or
-`reference://` URL); 3 a missing, non-run or unreadable RUN; 143 stopped by SIGTERM (as by
-Ctrl-C, 130: the temporary file is removed, OUT is as it was).
+directory is missing, or it is inside the run's directory or is the archive packed (with
+--force too), or OUT is a URL, or RUN is a URL that cannot be read (an unknown scheme, a
+missing package, a chained or `reference://` URL); 3 a missing, non-run or unreadable RUN; 143
+stopped by SIGTERM (as by Ctrl-C, 130: the temporary file is removed, OUT is as it was).
 """
 
 from __future__ import annotations

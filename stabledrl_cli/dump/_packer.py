@@ -21,7 +21,6 @@ from stabledrl_cli._json import unicode_text
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
 from stabledrl_cli.dump._crc import crc32
-from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, RunIntegrityWarning
 from stabledrl_cli.dump._layout import (
     CHECKSUMS_VERSION,
@@ -35,7 +34,7 @@ from stabledrl_cli.dump._layout import (
     needs_escape,
     scalar_dataset_name,
 )
-from stabledrl_cli.dump._remote import RemoteRun
+from stabledrl_cli.dump._remote import local_path
 from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import (
     COUNT_FIELDS,
@@ -359,32 +358,27 @@ class PackSummary:
         }
 
 
-def _local_directory(run: Run) -> Path | None:
-    """The directory on this machine that holds `run`'s files: a run directory at a local path
-    or a `file://` URL; None for an archive or a run in another store."""
-    if not isinstance(run, DirectoryRun):
-        return None
-    if isinstance(run, RemoteRun):
-        protocol = run.fs.protocol  # a name or a tuple of names: ("file", "local")
-        return (
-            run.path if "file" in ([protocol] if isinstance(protocol, str) else protocol) else None
-        )
-    return run.path
+def _local_location(run: Run) -> Path | None:
+    """Where `run`'s files are on this machine: a run directory, or an archive (the file
+    itself), at a local path or a URL of the local filesystem; None for a run in another
+    store."""
+    local = local_path(run.location)
+    return None if local is None else Path(local)
 
 
 def check_pack_target(
     out: Path, run: Run, force: bool, *, to_force: str = "pass force=True"
 ) -> None:
     """UsageError unless `pack_run` may write `out`: not a directory, in one that exists, not
-    inside `run`'s directory (symlinks resolved: an archive there would replace a file of the
-    run, or sit among its files), and no entry of that name at all (a file, a symlink even to
-    nothing, a FIFO...) unless `force` (then written as `_atomic.output_path` writes: a link's
-    target replaced, a FIFO or device written in place). `to_force`: how the message tells the
-    caller to force it (the command's `pass --force`)."""
-    directory = _local_directory(run)
+    inside `run`'s directory nor `run`'s archive itself (symlinks resolved: an archive there
+    would replace a file of the run, or sit among its files), and no entry of that name at all
+    (a file, a symlink even to nothing, a FIFO...) unless `force` (then written as
+    `_atomic.output_path` writes: a link's target replaced, a FIFO or device written in place).
+    `to_force`: how the message tells the caller to force it (the command's `pass --force`)."""
+    location = _local_location(run)
     # realpath, not resolve: a symlink loop at `out` is no error here (it is an entry `out`)
-    if directory is not None and Path(os.path.realpath(out)).is_relative_to(
-        os.path.realpath(directory)
+    if location is not None and Path(os.path.realpath(out)).is_relative_to(
+        os.path.realpath(location)
     ):
         raise UsageError(f"{out} is inside the run {run.location}; write the archive outside it")
     if out.is_dir():
