@@ -438,3 +438,25 @@ def test_a_url_whose_filesystem_raises_its_own_error_is_one_line(tmp_path):
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: cannot read hf://datasets/x/y: the filesystem fails on it (")
     assert "internal error" not in line and done.stdout == ""
+
+
+def test_a_step_name_listed_twice_is_a_finding_and_never_read(tmp_path):
+    """An object store can hold a step file and, under the same name, a prefix of other
+    objects (`steps/step-00000001.safetensors` and `steps/step-00000001.safetensors/x`): its
+    listing gives the name twice, a file and a directory. inspect called the good step 'torn:
+    header cut at 0 of 784 bytes' (the directory's size, listed last, stood for the file's)
+    while replay replayed it. The name is an `unknown_file` finding, never opened, by every
+    reader alike, as a local run's FIFO of that name is."""
+    from fsspec.implementations.memory import MemoryFile
+
+    url = to_memory(small_run(tmp_path / "run", world_size=1, steps=4, corrupt=False))
+    memory = fsspec.filesystem("memory")
+    child = "/" + url.removeprefix("memory://") + "/steps/step-00000001.safetensors/x"
+    memory.store[child] = MemoryFile(memory, child, b"x")  # what pipe refuses, a store holds
+    run = open_run(url)
+    assert run.step_numbers == [0, 2, 3]
+    assert [(f.kind, f.step) for f in run.integrity.findings] == [
+        ("unknown_file", None),
+        ("gap", 1),
+    ]
+    assert replay(url, POLICIES, device="cpu").steps == 3

@@ -204,12 +204,13 @@ class RemoteRun(_AtUrl, DirectoryRun):
             raise symlink_refused(self.named(directory))
         if info.get("type") != "directory":
             raise NotADirectoryError(str(directory))
-        listed = []
+        listed: dict[str, bool] = {}
         for info in self.fs.ls(str(directory), detail=True):
             name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
             self._infos[str(directory / name)] = info
-            listed.append((name, _regular(info)))
-        return sorted(listed)
+            # a name listed twice (a store's object and a prefix of that name) is no one file
+            listed[name] = name not in listed and _regular(info)
+        return sorted(listed.items())
 
     def _stamp(self, directory: Path) -> object | None:
         return None
