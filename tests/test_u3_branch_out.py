@@ -67,3 +67,15 @@ def test_a_branch_of_one_step_is_counted_in_the_singular(recorded: Path, tmp_pat
     assert result.returncode == 0, result.stderr
     assert f"branch grpo@4: 1 step into {tmp_path / 'grpo@4'}" in result.stderr.splitlines()
     assert "1 step each;" in " ".join(result.stdout.split())
+
+
+def test_a_url_given_as_the_run_is_refused_in_one_line(tmp_path: Path) -> None:
+    """`branch file:///RUN` said 'file:/RUN: not a run directory' (exit 3), its URL mangled
+    into a path, as if nothing were there. branch trains from a local run's checkpoints: a URL
+    is refused as watch refuses one, exit 2, naming the commands that read a URL."""
+    url = tmp_path.as_uri()
+    result = run_cli("branch", url, "--at", "0", "-p", "grpo")
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {url}: branch takes a local path, not a URL (")
+    assert line.endswith("replay, check, inspect, diff, tune and pack read a run at a URL")

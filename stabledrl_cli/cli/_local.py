@@ -1,4 +1,4 @@
-"""Commands that read a run only at a local path (`watch`): a URL is refused in one line
+"""Commands that read a run only at a local path (`watch`, `branch`): a URL is refused in one line
 (exit 2) naming the commands that do read one, instead of being taken for a path."""
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import typer
 from rich.table import Table
 
 from stabledrl_cli.capture.branch_protocol import BranchRequest
+from stabledrl_cli.cli._local import local_run
 from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, number_option
 from stabledrl_cli.cli._output import Advance, err, out, print_json, progress, progress_enabled
 from stabledrl_cli.cli.replay import note_skipped
@@ -108,11 +109,11 @@ class _BranchProgress(ExitStack):
 
 
 def command(
-    run: Annotated[
-        Path,
+    run_arg: Annotated[
+        str,
         typer.Argument(
             metavar="RUN",
-            help="Run directory recorded with --checkpoint-every.",
+            help="Run directory recorded with --checkpoint-every, a local path.",
             show_default=False,
         ),
     ],
@@ -167,6 +168,7 @@ def command(
     Each branch is recorded as a run (RUN/branches/POLICY@STEP, or under --out) and judged by
     the observed-collapse rule, beside the one-step replay of its policy on RUN's batches.
     """
+    run = local_run(run_arg, "branch", "it trains from the checkpoints of a local run directory")
     if not run.is_dir():
         raise InputError(f"{run}: not a run directory (branch reads the checkpoints in one)")
     import torch  # here, not for `branch --help` or a refused RUN
