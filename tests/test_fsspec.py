@@ -460,3 +460,28 @@ def test_a_step_name_listed_twice_is_a_finding_and_never_read(tmp_path):
         ("gap", 1),
     ]
     assert replay(url, POLICIES, device="cpu").steps == 3
+
+
+def test_a_url_given_as_a_run_to_write_is_refused(tmp_path):
+    """`import LOG --out s3://bucket/run` wrote the run into a local directory `./s3:/bucket/run`
+    and said 'imported ... into s3:/bucket/run' (exit 0), as did `record --out` and `branch
+    --out`: typer's Path made the URL a relative path. Each writes a local path, as `pack`
+    does: a URL is refused, exit 2, one line, nothing written."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5}\n')
+    url = "memory://bucket/run"
+    commands = {
+        "import": ["import", log, "--out", url],
+        "record": ["record", "--out", url, "--rl-steps", "1"],
+        "branch": ["branch", tmp_path / "run", "--at", "0", "-p", "grpo", "--out", url],
+        "pack": ["pack", tmp_path / "run", url],
+    }
+    done = run_cli_together(*commands.values(), cwd=tmp_path)
+    what = {"import": "its run", "record": "its run", "branch": "its branch runs"}
+    for command, result in zip(commands, done, strict=True):
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr.splitlines() == [
+            f"error: {url}: {command} writes {what.get(command, 'OUT.h5')} to a local path, "
+            "not a URL"
+        ], command
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]

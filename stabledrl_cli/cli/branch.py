@@ -10,14 +10,13 @@ no readable step at or after the checkpoint (nothing to replay beside a branch).
 from __future__ import annotations
 
 from contextlib import ExitStack
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from stabledrl_cli.capture.branch_protocol import BranchRequest
-from stabledrl_cli.cli._local import local_run
+from stabledrl_cli.cli._local import local_output, local_run
 from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, number_option
 from stabledrl_cli.cli._output import Advance, err, out, print_json, progress, progress_enabled
 from stabledrl_cli.cli.replay import note_skipped
@@ -142,10 +141,13 @@ def command(
             "--rl-steps (default: to the end of the original run).",
         ),
     ] = None,
-    out_dir: Annotated[
-        Path | None,
+    out_arg: Annotated[
+        str | None,
         typer.Option(
-            "--out", "-o", metavar="DIR", help="Where the branch runs go (default RUN/branches)."
+            "--out",
+            "-o",
+            metavar="DIR",
+            help="Where the branch runs go, a local path (default RUN/branches).",
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing branch runs.")] = False,
@@ -169,6 +171,7 @@ def command(
     the observed-collapse rule, beside the one-step replay of its policy on RUN's batches.
     """
     run = local_run(run_arg, "branch", "it trains from the checkpoints of a local run directory")
+    out_dir = None if out_arg is None else local_output(out_arg, "branch", "its branch runs")
     if not run.is_dir():
         raise InputError(f"{run}: not a run directory (branch reads the checkpoints in one)")
     import torch  # here, not for `branch --help` or a refused RUN

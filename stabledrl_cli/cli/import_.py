@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from stabledrl_cli.cli._local import local_output
 from stabledrl_cli.cli._options import FormatOpt
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._signals import stopped_by_sigterm
@@ -33,9 +34,11 @@ def command(
             metavar="SRC",
         ),
     ],
-    run: Annotated[
-        Path,
-        typer.Option("--out", "-o", help="The run directory to write.", metavar="RUN"),
+    out_arg: Annotated[
+        str,
+        typer.Option(
+            "--out", "-o", help="The run directory to write, a local path.", metavar="RUN"
+        ),
     ],
     format_in: Annotated[
         ImportFormat | None,
@@ -56,6 +59,7 @@ def command(
     """Import a logged run (TRL/transformers trainer_state.json, JSON lines, CSV, TensorBoard)
     as a scalar run that inspect and check read: known metrics under the run's standard names,
     the others kept as extra scalars."""
+    run = local_output(out_arg, "import", "its run")
     if run.is_dir() and any(run.iterdir()):
         check_replaceable(run)  # another tool's manifest: --force would not replace it
     if not force and run.is_dir() and any(run.iterdir()):

@@ -13,18 +13,17 @@ stopped by SIGTERM (as by Ctrl-C, 130: the temporary file is removed, OUT is as 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from stabledrl_cli.cli._local import local_output
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import err, out, print_json, progress
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.dump._packer import check_pack_target
-from stabledrl_cli.dump._remote import is_url
-from stabledrl_cli.errors import UsageError, counted
+from stabledrl_cli.errors import counted
 from stabledrl_cli.vocab import PackCompression
 
 
@@ -51,9 +50,7 @@ def command(
 ) -> None:
     """Pack a run (a path or a URL) into one HDF5 file (chunked, checksummed, compressed);
     open_run, replay and check read it."""
-    if is_url(archive):
-        raise UsageError(f"{archive}: pack writes OUT.h5 to a local path, not a URL")
-    target = Path(archive)
+    target = local_output(archive, "pack", "OUT.h5")
     opened = open_run(run)  # its manifest: a missing run is named first
     check_pack_target(target, opened, force, to_force="pass --force")  # before any step is read
     with (

@@ -16,6 +16,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from stabledrl_cli.cli._local import local_output
 from stabledrl_cli.cli._options import DeviceOpt, number_option
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
@@ -197,7 +198,9 @@ def _default(name: str) -> str:
 
 def command(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
+    out_arg: Annotated[
+        str, typer.Option("--out", "-o", help="Run directory to write, a local path.")
+    ],
     cmd: Annotated[
         list[str] | None,
         typer.Argument(
@@ -425,6 +428,7 @@ def command(
     optimizer step number `step` (docs/recording.md).
     """
     rl_steps = _deprecated_steps(rl_steps, steps)
+    out = local_output(out_arg, "record", "its run")
     _check_out(out, force)
     geometry_given = any(
         option is not None
