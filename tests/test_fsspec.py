@@ -485,3 +485,18 @@ def test_a_url_given_as_a_run_to_write_is_refused(tmp_path):
             "not a URL"
         ], command
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
+
+
+def test_a_file_url_naming_a_link_to_an_archive_reads_the_archive(run_dir, tmp_path):
+    """The run's own path may be a link: it is the user's. `inspect /tmp/link.h5` read the
+    archive it names, and so did `file:///tmp/linkdir` for a directory, but
+    `file:///tmp/link.h5` said 'is not a run' (exit 3): a link at the URL itself was taken for
+    a link inside a run. A link inside the run is still never followed."""
+    archive = tmp_path / "run.h5"
+    pack_run(open_run(small_run(tmp_path / "run", world_size=1, steps=2, corrupt=False)), archive)
+    (tmp_path / "link.h5").symlink_to(archive)
+    url = (tmp_path / "link.h5").as_uri()
+    result = runner.invoke(app, ["inspect", url, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["run"] == url
+    assert open_run(url).step_numbers == open_run(archive).step_numbers == [0, 1]

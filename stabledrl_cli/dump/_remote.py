@@ -286,9 +286,10 @@ def open_url(url: str, *, verify: bool = True) -> Run:
     connection, cannot be found, its filesystem's code fails on it...)."""
     fs, root = url_filesystem(url)
     try:
-        found = fs.info(root)
+        found = fs.info(root)  # a link here is the user's: its target's type
         directory = found.get("type") == "directory"
-        signature = fs.cat_file(root, start=0, end=len(HDF5_SIGNATURE)) if _regular(found) else b""
+        is_file = found.get("type") == "file"
+        signature = fs.cat_file(root, start=0, end=len(HDF5_SIGNATURE)) if is_file else b""
     except FileNotFoundError:
         raise InputError(f"no such run: {url}{_escapes_hint(url, fs, root)}") from None
     except PermissionError as exc:
