@@ -500,3 +500,20 @@ def test_a_file_url_naming_a_link_to_an_archive_reads_the_archive(run_dir, tmp_p
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["run"] == url
     assert open_run(url).step_numbers == open_run(archive).step_numbers == [0, 1]
+
+
+def test_a_file_url_with_the_localhost_host_says_what_would_name_the_run(run_dir):
+    """`file://localhost/PATH` names `/PATH` (RFC 8089), but fsspec reads it as the relative
+    path `localhost/PATH`: the line was a bare 'no such run' for a run that is there. It now
+    gives the URL that names it; a path that names nothing keeps the bare line."""
+    path = run_dir.absolute().as_posix()
+    for host in ("localhost", "LOCALHOST"):
+        written = f"file://{host}{path}"
+        result = runner.invoke(app, ["inspect", written])
+        assert result.exit_code == 3, result.output
+        assert result.stderr == (
+            f"error: no such run: {written} (a host is read as part of the path: give "
+            f"'file://{path}')\n"
+        )
+    missing = f"file://localhost{path}-missing"
+    assert runner.invoke(app, ["inspect", missing]).stderr == f"error: no such run: {missing}\n"

@@ -267,16 +267,24 @@ class RemoteArchiveRun(_AtUrl, ArchiveRun):
         return self._size
 
 
-def _escapes_hint(url: str, fs: Any, root: str) -> str:
-    """Why a URL whose path holds %-escapes names nothing, when its path decoded names a file
-    (`file:///tmp/a%20b`, as `Path.as_uri()` writes `/tmp/a b`): fsspec reads a URL's path as
-    written, its escapes included. Else ''."""
-    decoded = unquote(root)
-    try:
-        found = decoded != root and bool(fs.exists(decoded))
-    except (OSError, ValueError):
-        return ""
-    return f" (%-escapes are read as written: give {unquote(url)!r})" if found else ""
+def _missing_hint(url: str, fs: Any, root: str) -> str:
+    """Why a URL names nothing when another reading of it names a file: its path with its
+    %-escapes decoded (`file:///tmp/a%20b`, as `Path.as_uri()` writes `/tmp/a b`: fsspec reads
+    a URL's path as written), or, for a `file://localhost/PATH` (RFC 8089's host, which fsspec
+    reads as the relative path `localhost/PATH`), `/PATH`. Else ''."""
+    match = URL_RE.match(url)
+    rest = url[match.end() :] if match else ""
+    candidates = [(unquote(root), f"%-escapes are read as written: give {unquote(url)!r}")]
+    if rest.lower().startswith("localhost/") and local_path(url) is not None:
+        path = rest[len("localhost") :]
+        candidates.insert(0, (path, f"a host is read as part of the path: give 'file://{path}'"))
+    for path, hint in candidates:
+        try:
+            if path != root and fs.exists(path):
+                return f" ({hint})"
+        except (OSError, ValueError):
+            continue
+    return ""
 
 
 def open_url(url: str, *, verify: bool = True) -> Run:
@@ -291,7 +299,7 @@ def open_url(url: str, *, verify: bool = True) -> Run:
         is_file = found.get("type") == "file"
         signature = fs.cat_file(root, start=0, end=len(HDF5_SIGNATURE)) if is_file else b""
     except FileNotFoundError:
-        raise InputError(f"no such run: {url}{_escapes_hint(url, fs, root)}") from None
+        raise InputError(f"no such run: {url}{_missing_hint(url, fs, root)}") from None
     except PermissionError as exc:
         raise InputError(f"cannot read {url}: {_said(exc, root, url)}") from None
     except OSError as exc:
