@@ -97,3 +97,27 @@ def test_a_report_given_the_baseline_it_checks_against_is_refused(tmp_path):
         app, list(map(str, ["check", GRPO, "-b", baseline, "--write-baseline", baseline]))
     )
     assert result.exit_code == 0, result.output
+
+
+def test_a_report_given_a_url_is_refused_before_the_replay(tmp_path):
+    """`replay RUN --out s3://b/r.h5` (or --plot, --junit, --write-baseline, tune --plot):
+    typer's Path made the URL the local path `s3:/b/r.h5`; where a directory `s3:/b` was
+    there, the report was written into it (exit 0, 'wrote s3:/b/r.h5'), else the line blamed a
+    missing directory `s3:/b`. A report is written to a local path: a URL is refused, exit 2,
+    one line, nothing written."""
+    (tmp_path / "s3:" / "b").mkdir(parents=True)
+    cases = [
+        ("--out", ["replay", GRPO, "-p", "grpo"], "s3://b/r.h5"),
+        ("--plot", ["replay", GRPO, "-p", "grpo"], "s3://b/r.png"),
+        ("--junit", ["check", GRPO, "--max-collapsed", "100"], "s3://b/j.xml"),
+        ("--write-baseline", ["check", GRPO], "s3://b/b.json"),
+        ("--plot", ["tune", GRPO, "-p", "stabledrl:c=3..5:2"], "s3://b/t.png"),
+    ]
+    for flag, args, url in cases:
+        done = run_cli(*args, flag, url, cwd=tmp_path)
+        assert done.returncode == 2, (flag, done.stderr)
+        (line,) = done.stderr.splitlines()
+        assert line.startswith("error: Invalid value for '") and (
+            f"{url} is a URL; the report is written to a local path" in line
+        ), line
+    assert list((tmp_path / "s3:" / "b").iterdir()) == []

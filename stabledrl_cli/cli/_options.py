@@ -14,6 +14,7 @@ from pydantic_core import PydanticCustomError
 from typer._click.core import ParameterSource
 from typer._click.globals import get_current_context
 
+from stabledrl_cli.dump._remote import is_url
 from stabledrl_cli.errors import quoted
 from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, DEFAULT_THREADS, MAX_THREADS
 from stabledrl_cli.spec import INT_DIGITS, SPEC_SYNTAX, reads_as_zero, spec_float, spec_int
@@ -72,6 +73,18 @@ class StrictNumber:
         return number
 
 
+def local_file(value: str | Path) -> Path:
+    """The parser of a report's path (`--out`, `--plot`, `--junit`, `--write-baseline`): a URL
+    is refused (typer's Path would make `s3://b/r.json` the local path `s3:/b/r.json`)."""
+    if isinstance(value, str) and is_url(value):
+        raise PydanticCustomError(
+            "local_path",
+            "{value} is a URL; the report is written to a local path",
+            {"value": value},
+        )
+    return Path(value)
+
+
 def number_option(
     *param_decls: str,
     kind: type[int] | type[float],
@@ -118,6 +131,7 @@ PlotOpt = Annotated[
     typer.Option(
         "--plot",
         metavar="FILE.png",
+        parser=local_file,
         help="Draw the reward and each policy's update norms to this PNG (needs the plot extra).",
     ),
 ]

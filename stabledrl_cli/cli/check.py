@@ -48,6 +48,7 @@ from stabledrl_cli.cli._options import (
     RunSourceArg,
     WindowOpt,
     WorkersOpt,
+    local_file,
     number_option,
 )
 from stabledrl_cli.cli._output import err, out, print_json
@@ -287,10 +288,17 @@ def command(
     fail_on_collapse: FailOnCollapseOpt = False,
     write_baseline_path: Annotated[
         Path | None,
-        typer.Option("--write-baseline", help="Record today's figures per policy to this file."),
+        typer.Option(
+            "--write-baseline",
+            parser=local_file,
+            help="Record today's figures per policy to this file.",
+        ),
     ] = None,
     junit: Annotated[
-        Path | None, typer.Option("--junit", help="Write a JUnit XML report (one case a gate).")
+        Path | None,
+        typer.Option(
+            "--junit", parser=local_file, help="Write a JUnit XML report (one case a gate)."
+        ),
     ] = None,
     plot: PlotOpt = None,
     strict: Annotated[

@@ -37,6 +37,7 @@ from stabledrl_cli.cli._options import (
     ThreadsOpt,
     WindowOpt,
     WorkersOpt,
+    local_file,
     number_option,
     on_command_line,
 )
@@ -260,7 +261,10 @@ def command(
         typer.Option("--detail", help="Per-step rows, and the top sequences of each flagged step."),
     ] = False,
     out_path: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Write the per-step arrays to this .h5.")
+        Path | None,
+        typer.Option(
+            "--out", "-o", parser=local_file, help="Write the per-step arrays to this .h5."
+        ),
     ] = None,
     spike_factor: Annotated[
         float | None,
