@@ -118,6 +118,6 @@ def test_a_report_given_a_url_is_refused_before_the_replay(tmp_path):
         assert done.returncode == 2, (flag, done.stderr)
         (line,) = done.stderr.splitlines()
         assert line.startswith("error: Invalid value for '") and (
-            f"{url} is a URL; the report is written to a local path" in line
+            f"{url} is a URL; give a local path" in line
         ), line
     assert list((tmp_path / "s3:" / "b").iterdir()) == []

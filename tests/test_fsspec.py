@@ -517,3 +517,22 @@ def test_a_file_url_with_the_localhost_host_says_what_would_name_the_run(run_dir
         )
     missing = f"file://localhost{path}-missing"
     assert runner.invoke(app, ["inspect", missing]).stderr == f"error: no such run: {missing}\n"
+
+
+def test_a_url_given_as_a_local_input_file_is_refused(run_dir, tmp_path):
+    """`check RUN -b s3://b/base.json` said 'no such baseline: s3:/b/base.json' and `import
+    s3://b/log.jsonl` 's3:/b/log.jsonl: no such file or directory' (exit 3): typer's Path
+    made the URL a local path, named mangled. Both read a local file: a URL is refused as the
+    option is parsed, exit 2, named as written."""
+    cases = [
+        (["check", str(run_dir), "-b", "s3://b/base.json"], "'--baseline' / '-b'"),
+        (["import", "s3://b/log.jsonl", "--out", str(tmp_path / "run")], "'SRC'"),
+    ]
+    for args, option in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        url = next(a for a in args if a.startswith("s3://"))
+        assert result.stderr.startswith(
+            f"error: Invalid value for {option}: {url} is a URL; give a local path ("
+        ), result.stderr
+        assert len(result.stderr.splitlines()) == 1

@@ -74,12 +74,13 @@ class StrictNumber:
 
 
 def local_file(value: str | Path) -> Path:
-    """The parser of a report's path (`--out`, `--plot`, `--junit`, `--write-baseline`): a URL
-    is refused (typer's Path would make `s3://b/r.json` the local path `s3:/b/r.json`)."""
+    """The parser of a local file's path (a report's `--out`, `--plot`, `--junit`,
+    `--write-baseline`; `check -b`, `import SRC`): a URL is refused (typer's Path would make
+    `s3://b/r.json` the local path `s3:/b/r.json`)."""
     if isinstance(value, str) and is_url(value):
         raise PydanticCustomError(
             "local_path",
-            "{value} is a URL; the report is written to a local path",
+            "{value} is a URL; give a local path",
             {"value": value},
         )
     return Path(value)

@@ -278,7 +278,12 @@ def command(
     run: RunSourceArg,
     baseline_path: Annotated[
         Path | None,
-        typer.Option("--baseline", "-b", help="Fail on a regression against this baseline file."),
+        typer.Option(
+            "--baseline",
+            "-b",
+            parser=local_file,
+            help="Fail on a regression against this baseline file.",
+        ),
     ] = None,
     policy: PolicyOpt = None,
     max_collapsed: MaxCollapsedOpt = None,

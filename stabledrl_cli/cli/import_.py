@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from stabledrl_cli.cli._local import local_output
-from stabledrl_cli.cli._options import FormatOpt
+from stabledrl_cli.cli._options import FormatOpt, local_file
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump._setup import check_replaceable
@@ -32,6 +32,7 @@ def command(
             "TensorBoard event file or a directory of them.",
             show_default=False,
             metavar="SRC",
+            parser=local_file,
         ),
     ],
     out_arg: Annotated[
