@@ -536,3 +536,30 @@ def test_a_url_given_as_a_local_input_file_is_refused(run_dir, tmp_path):
             f"error: Invalid value for {option}: {url} is a URL; give a local path ("
         ), result.stderr
         assert len(result.stderr.splitlines()) == 1
+
+
+class _StoreDown(Exception):
+    """A store's own error type, no OSError (huggingface_hub's httpx errors, gcsfs's HttpError)."""
+
+
+def test_a_store_error_of_its_own_type_mid_read_is_a_step_read_failure(tmp_path, monkeypatch):
+    """A connection lost while a run at a URL is read, raised as the store's own error type:
+    the step it hit is unreadable, named by its URL, as one an OSError hits; the replay goes
+    on. Before: 'internal error: _StoreDown: ...', exit 70."""
+    url = to_memory(small_run(tmp_path / "run", world_size=1, steps=4, corrupt=False))
+    memory = type(fsspec.filesystem("memory"))
+    cat_file = memory.cat_file
+
+    def dropped(self, path, *args, **kwargs):
+        if path.endswith("step-00000002.safetensors"):
+            raise _StoreDown("connection reset by the store")
+        return cat_file(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(memory, "cat_file", dropped)
+    result = CliRunner().invoke(app, ["replay", url, "-p", "grpo", "--format", "json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 3
+    assert (
+        f"step of {url} (step 2: unreadable: cannot read: _StoreDown: connection reset by the "
+        "store); replayed 3"
+    ) in " ".join(result.stderr.split())

@@ -139,6 +139,30 @@ class _AtUrl:
         return self.url
 
 
+class _FailingAsOSError:
+    """A filesystem whose calls fail with OSError only: a store's own error types (httpx's
+    from huggingface_hub, gcsfs's HttpError) are how a read fails mid-run, and the readers make
+    an OSError a finding on the file it hit, or a one-line InputError."""
+
+    def __init__(self, fs: Any) -> None:
+        self._fs = fs
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._fs, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attribute(*args, **kwargs)
+            except OSError:
+                raise
+            except Exception as exc:
+                raise OSError(f"{type(exc).__name__}: {one_line(exc)}") from exc
+
+        return call
+
+
 class RemoteRun(_AtUrl, DirectoryRun):
     """A run directory read through fsspec (module docstring). `path` is the path on the
     filesystem, where its files are read; messages and findings name each file by its URL
@@ -146,7 +170,7 @@ class RemoteRun(_AtUrl, DirectoryRun):
 
     def __init__(self, url: str, fs: Any, root: str, *, verify: bool = True) -> None:
         self.url = url
-        self.fs = fs
+        self.fs = _FailingAsOSError(fs)
         self._infos: dict[str, dict[str, Any]] = {}
         """File path -> what the last listing said of it."""
         super().__init__(Path(root), verify=verify)
