@@ -40,7 +40,7 @@ import torch
 
 from stabledrl_cli.errors import ConfigError, UsageError, one_line
 from stabledrl_cli.policies import Policy, PolicyBatch, get_policy, prepare
-from stabledrl_cli.replay.guards import ZClip, guard_spec, make_guard
+from stabledrl_cli.replay.guards import SkipStep, ZClip, guard_spec, make_guard
 from stabledrl_cli.vocab import GUARD_MODES, GuardMode
 
 Action = Literal["none", "scale", "skip"]
@@ -142,11 +142,11 @@ class Guard:
         if ruled.action == "nonfinite":
             decision = Decision("skip", 0.0, "non-finite grad norm or loss", None)
         elif ruled.action == "skip":
-            decision = Decision("skip", 0.0, f"{self.rule.name}: z {ruled.z:.3g}", ruled.z)
+            decision = Decision("skip", 0.0, _z_reason(self.rule, ruled.z), ruled.z)
         elif ruled.action == "clip":
             rule = self.rule  # a clip is ZClip's: its z-score past z_thresh, or max_norm
             by_z = isinstance(rule, ZClip) and ruled.z is not None and ruled.z > rule.z_thresh
-            why = f"{rule.name}: z {ruled.z:.3g}" if by_z else "ceiling"
+            why = _z_reason(rule, ruled.z) if by_z else "ceiling"
             if self.mode == "scale":
                 decision = Decision("scale", ruled.scale, why, ruled.z)
             else:
@@ -176,6 +176,20 @@ class Guard:
             "scalars": list(SCALARS),
             "actions": {str(code): action for action, code in ACTION_CODES.items()},
         }
+
+
+def _z_reason(rule: ZClip | SkipStep, z: float | None) -> str:
+    """`rule: z Z`, Z shown to 3 digits, or to as many as it takes to read past the rule's
+    limit (a z of 6.0004 against sigma 6 is not written 'z 6')."""
+    if z is None:
+        return rule.name
+    limit = rule.sigma if isinstance(rule, SkipStep) else rule.z_thresh
+    shown = f"{z:.3g}"
+    for digits in (6, 9, 17):
+        if not math.isfinite(z) or float(shown) > limit:
+            break
+        shown = f"{z:.{digits}g}"
+    return f"{rule.name}: z {shown}"
 
 
 def _number(value: float | torch.Tensor, name: str) -> float:

@@ -388,3 +388,18 @@ def test_apply_takes_one_tensor_as_clip_grad_norm_does():
     param.grad = torch.ones(2, 2)
     Decision("scale", 0.5, "").apply(param)
     assert param.grad.tolist() == [[0.5, 0.5], [0.5, 0.5]]
+
+
+def test_a_reason_shows_the_z_score_past_the_limit():
+    """A z just past sigma read 'skip-step: z 6' (3 digits), as if at the limit, not past it."""
+    guard = Guard(mode="skip", rule="skip-step:window=6,sigma=1.5")
+    for norm in (1.0, 2.0, 3.0):
+        guard.before_step(grad_norm=norm)
+    # z of 2 + 1.5 * std(1, 2, 3) * (1 + 1e-5) over that history: 1.500015 sigma
+    decision = guard.before_step(grad_norm=2.0 + 1.5 * (1 + 1e-5))
+    assert decision.skip
+    assert decision.reason == "skip-step: z 1.50002"
+    far = Guard(mode="skip", rule="skip-step:window=6,sigma=1.5")
+    for norm in (1.0, 2.0, 3.0):
+        far.before_step(grad_norm=norm)
+    assert far.before_step(grad_norm=9.0).reason == "skip-step: z 7"
