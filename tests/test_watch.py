@@ -339,6 +339,17 @@ def test_a_scalar_step_that_gains_its_batch_is_replayed(grpo_fixture, grpo_repla
                                 if s < 40]  # fmt: skip
 
 
+def test_recent_0_shows_no_table(tmp_path):
+    """--recent 0 printed the table's header row and rule with no step under them."""
+    run = _scalar_run(tmp_path / "run", range(8), policy=None)
+    shown = CliRunner().invoke(app, ["watch", str(run), "--once", "--recent", "0"])
+    assert shown.exit_code == 0, shown.stderr
+    assert shown.stdout.splitlines()[-1] == "collapse warning: none; reward collapse: none"
+    with_rows = CliRunner().invoke(app, ["watch", str(run), "--once", "--recent", "2"])
+    header = "step ┃ reward ┃ grad norm ┃ discard ┃ risk ┃ drift"
+    assert with_rows.stdout.splitlines()[-4].split() == header.split()
+
+
 def test_once_on_a_scalar_run_shows_and_gates_its_recorded_scalars(tmp_path):
     run = _scalar_run(tmp_path / "run", range(30), policy=None)
     result = CliRunner().invoke(app, ["watch", str(run), "--once", "--recent", "3"])

@@ -238,7 +238,8 @@ def _view(state: WatchState) -> Group:
             format_cell(row.risk),
             format_cell(row.drift),
         )
-    return Group(*(plain_text(line) for line in lines), table)
+    shown = [table] if state.recent else []  # --recent 0: no table, not a header alone
+    return Group(*(plain_text(line) for line in lines), *shown)
 
 
 def _gates(watcher: RunWatcher, gates: Gates) -> list[GateResult]:
