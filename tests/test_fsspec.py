@@ -148,6 +148,9 @@ def _missing_package_scheme() -> str:
         (f"{_missing_package_scheme()}://bucket/run", 2, "needs a package"),
         ("simplecache::memory://bucket/run", 2, "chained URLs are not read"),
         ("reference://run", 2, "maps paths to other URLs"),
+        # an archive's filesystem said 'cannot reach it (IsADirectoryError: ... <cwd>)'
+        ("zip://run", 2, "zip://run: zip:// reads inside an archive that only a chained URL"),
+        ("tar://run", 2, "tar://run: tar:// reads inside an archive that only a chained URL"),
         ("memory://no/such/run", 3, "no such run: memory://no/such/run"),
         # a scheme holding `_` was read as a local path (`no such run: async_wrapper:/x`)
         (

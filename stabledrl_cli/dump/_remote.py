@@ -59,7 +59,8 @@ def url_filesystem(url: str) -> tuple[Any, str]:
     """-> (the fsspec filesystem, the path on it) of a run URL.
 
     UsageError (exit 2): a chained or refused URL, an unknown scheme, a scheme whose package
-    is not installed (MissingExtraError, naming it), a filesystem that cannot be made (a host
+    is not installed (MissingExtraError, naming it), an archive's filesystem (`zip://`, whose
+    archive only a chained URL names), a filesystem that cannot be made (a host
     that refuses the connection or cannot be found: some filesystems connect when made)."""
     match = URL_RE.match(url)
     if match is None:
@@ -71,11 +72,21 @@ def url_filesystem(url: str) -> tuple[Any, str]:
         raise UsageError(f"{url}: {protocol}:// maps paths to other URLs; give the run's own URL")
     try:
         import fsspec
+        from fsspec.archive import AbstractArchiveFileSystem
         from fsspec.core import url_to_fs
     except ImportError:
         raise MissingExtraError(f"{url}: reading URLs needs fsspec: pip install fsspec") from None
     if protocol not in fsspec.available_protocols():
         raise UsageError(f"{url}: unknown URL scheme {protocol}://")
+    try:
+        archive = issubclass(fsspec.get_filesystem_class(protocol), AbstractArchiveFileSystem)
+    except ImportError as exc:
+        raise MissingExtraError(f"{url}: {protocol}:// needs a package: {exc}") from None
+    if archive:
+        raise UsageError(
+            f"{url}: {protocol}:// reads inside an archive that only a chained URL can name, "
+            "and those are not read: unpack it and give the run's own path"
+        )
     try:
         fs, root = url_to_fs(protocol + url[match.end(1) :])  # a scheme's case is no part of it
     except ImportError as exc:
