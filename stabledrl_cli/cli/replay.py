@@ -43,7 +43,7 @@ from stabledrl_cli.cli._options import (
 )
 from stabledrl_cli.cli._output import err, out, progress
 from stabledrl_cli.dump import Run, open_run
-from stabledrl_cli.dump._remote import local_path
+from stabledrl_cli.dump._remote import inside_local_run
 from stabledrl_cli.errors import ConfigError, UsageError, WriteError, counted
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,
@@ -99,7 +99,7 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
     the other), and a plot can be drawn (a missing extra fails fast, exit 2)."""
     named = [(flag, path) for flag, path in {**targets, "--plot": plot}.items() if path is not None]
     for flag, target in named:
-        if _inside(target, run):
+        if inside_local_run(target, run):
             raise UsageError(f"{flag} {target} is inside the run {run}; write it outside the run")
         if target.is_dir():
             raise UsageError(f"{flag} {target} is a directory; give the report a file name")
@@ -132,16 +132,6 @@ def same_file(target: Path, other: Path) -> bool:
         return stat.S_ISREG(os.stat(path).st_mode)
     except OSError:  # not there yet: both would create it
         return True
-
-
-def _inside(target: Path, run: str) -> bool:
-    """Whether `target` is the local run `run` (an archive) or lies in its directory, links
-    resolved (realpath: a link loop at `target` is no error here). A URL of a filesystem other
-    than the local one holds no local file."""
-    local = local_path(run)
-    if local is None:
-        return False
-    return Path(os.path.realpath(target)).is_relative_to(os.path.realpath(local))
 
 
 def note_skipped(result: ReplayResult) -> None:

@@ -34,7 +34,7 @@ from stabledrl_cli.dump._layout import (
     needs_escape,
     scalar_dataset_name,
 )
-from stabledrl_cli.dump._remote import local_path
+from stabledrl_cli.dump._remote import inside_local_run
 from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import (
     COUNT_FIELDS,
@@ -358,14 +358,6 @@ class PackSummary:
         }
 
 
-def _local_location(run: Run) -> Path | None:
-    """Where `run`'s files are on this machine: a run directory, or an archive (the file
-    itself), at a local path or a URL of the local filesystem; None for a run in another
-    store."""
-    local = local_path(run.location)
-    return None if local is None else Path(local)
-
-
 def check_pack_target(
     out: Path, run: Run, force: bool, *, to_force: str = "pass force=True"
 ) -> None:
@@ -375,11 +367,7 @@ def check_pack_target(
     (a file, a symlink even to nothing, a FIFO...) unless `force` (then written as
     `_atomic.output_path` writes: a link's target replaced, a FIFO or device written in place).
     `to_force`: how the message tells the caller to force it (the command's `pass --force`)."""
-    location = _local_location(run)
-    # realpath, not resolve: a symlink loop at `out` is no error here (it is an entry `out`)
-    if location is not None and Path(os.path.realpath(out)).is_relative_to(
-        os.path.realpath(location)
-    ):
+    if inside_local_run(out, run.location):
         raise UsageError(f"{out} is inside the run {run.location}; write the archive outside it")
     if out.is_dir():
         raise UsageError(f"{out} is a directory; give the archive's file name, e.g. {out}/run.h5")

@@ -23,6 +23,7 @@ file is a finding, never read); nothing read from a run names another location.
 from __future__ import annotations
 
 import io
+import os
 import re
 import struct
 import zlib
@@ -117,6 +118,17 @@ def local_path(location: str) -> str | None:
     if match.group(1).lower() not in LocalFileSystem.protocol:
         return None
     return url_filesystem(location)[1]
+
+
+def inside_local_run(target: Path, location: str) -> bool:
+    """Whether `target` is the run at `location` (an archive) or lies in its directory, when
+    that run is on this machine (a path, or a URL of the local filesystem): links resolved
+    (realpath, not resolve: a link loop at `target` is no error here). A run in another store
+    holds no local file."""
+    local = local_path(location)
+    return local is not None and Path(os.path.realpath(target)).is_relative_to(
+        os.path.realpath(local)
+    )
 
 
 def _file_key(info: dict[str, Any]) -> FileKey:
