@@ -63,8 +63,10 @@ def command(
     run = local_output(out_arg, "import", "its run")
     if run.is_dir() and any(run.iterdir()):
         check_replaceable(run)  # another tool's manifest: --force would not replace it
-    if not force and run.is_dir() and any(run.iterdir()):
-        raise UsageError(f"{run} exists and is not empty; pass --force to replace the run in it")
+        if not force:
+            raise UsageError(
+                f"{run} exists and is not empty; pass --force to replace the run in it"
+            )
     with stopped_by_sigterm():
         summary = import_log(source, run, log_format=format_in, step_key=step_key, overwrite=force)
     for warning in summary.warnings:
