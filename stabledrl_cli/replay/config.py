@@ -223,19 +223,15 @@ def replay_config(
     return ReplayConfig(
         device=device,
         chunk_size=_plain(chunk_size),
-        memory_budget=DEFAULT_MEMORY_BUDGET if memory_budget is None else _plain(memory_budget),
-        threads=DEFAULT_THREADS if threads is None else _plain(threads),
-        spike_factor=DEFAULT_SPIKE_FACTOR if spike_factor is None else _plain(spike_factor),
-        window=DEFAULT_WINDOW if window is None else _plain(window),
-        drift_threshold=(
-            DEFAULT_DRIFT_THRESHOLD if drift_threshold is None else _plain(drift_threshold)
-        ),
+        memory_budget=_or_default(memory_budget, DEFAULT_MEMORY_BUDGET),
+        threads=_or_default(threads, DEFAULT_THREADS),
+        spike_factor=_or_default(spike_factor, DEFAULT_SPIKE_FACTOR),
+        window=_or_default(window, DEFAULT_WINDOW),
+        drift_threshold=_or_default(drift_threshold, DEFAULT_DRIFT_THRESHOLD),
         max_grad_norm=_plain(max_grad_norm),
-        collapse_window=(
-            DEFAULT_COLLAPSE_WINDOW if collapse_window is None else _plain(collapse_window)
-        ),
-        warning_window=DEFAULT_WARNING_WINDOW if warning_window is None else _plain(warning_window),
-        warning_drop=DEFAULT_WARNING_DROP if warning_drop is None else _plain(warning_drop),
+        collapse_window=_or_default(collapse_window, DEFAULT_COLLAPSE_WINDOW),
+        warning_window=_or_default(warning_window, DEFAULT_WARNING_WINDOW),
+        warning_drop=_or_default(warning_drop, DEFAULT_WARNING_DROP),
         step_range=step_range,
         detail=detail,
         guards=DEFAULT_GUARDS if guards is None else guards,
@@ -245,6 +241,11 @@ def replay_config(
 _NOT_A_BOOL = "must be True or False, not "
 
 _Setting = TypeVar("_Setting")
+
+
+def _or_default(value: _Setting | None, default: _Setting) -> _Setting:
+    """`value` as `_plain` gives it, or `default` for None."""
+    return default if value is None else _plain(value)
 
 
 def _plain(value: _Setting) -> _Setting:
