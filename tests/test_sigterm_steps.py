@@ -1,6 +1,7 @@
-"""The SIGTERM handler that `record` gives a training process (`capture._sigterm`), in plain
-Python processes that stand for it: its steps written, then the end by SIGTERM, wherever its
-main thread is; nothing of it in a forked child or under a handler the script set."""
+"""The SIGTERM handler that `record` and an `async_writes` Recorder give a training process
+(`stabledrl_cli._sigterm`), in plain Python processes that stand for it: its steps written,
+then the end by SIGTERM, wherever its main thread is; nothing of it in a forked child or under
+a handler the script set."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
+import pytest
 from _cli import ROOT
 
 HEAD = textwrap.dedent(
     """
     import ctypes, os, signal, sys, time
-    from stabledrl_cli.capture._sigterm import steps_written_on_sigterm
+    from stabledrl_cli._sigterm import steps_written_on_sigterm
 
     PARENT = os.getpid()
     steps_written_on_sigterm(lambda: print("written", os.getpid() == PARENT, flush=True))
@@ -89,3 +92,47 @@ def test_a_handler_the_script_sets_takes_sigterm_and_the_process_goes_on() -> No
         """
     )
     assert (result.stdout, result.returncode) == ("set\nits own\nwent on\n", 0), result.stderr
+
+
+SLOW_ASYNC_RECORDER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    import numpy as np
+    import stabledrl_cli.dump._writer as writer
+    from stabledrl_cli import Recorder
+
+    write = writer._write
+    writer._write = lambda item: (time.sleep(0.2), write(item))  # a slow disk
+    recorder = Recorder(sys.argv[1], policy="grpo", async_writes=True)
+    for step in range(6):
+        recorder.log_step(
+            step, logp=np.zeros(4, np.float32), logp_old=np.zeros(4, np.float32),
+            advantages=np.ones(4, np.float32), mask=np.ones(4, bool), seq_id=np.arange(4),
+        )
+    print("logged", flush=True)
+    if sys.argv[2] == "dropped":
+        del recorder
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+    """
+)
+
+
+@pytest.mark.parametrize("recorder", ["held", "dropped"])
+def test_an_async_recorders_queued_steps_are_written_on_a_sigterm(
+    tmp_path: Path, recorder: str
+) -> None:
+    """A script's own `Recorder(async_writes=True)`, SIGTERM left at its default action: every
+    step log_step returned for is written before the process ends by SIGTERM (before, the
+    queue died with it: none of the 6 steps on this slow disk), and the run is left unclosed."""
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", SLOW_ASYNC_RECORDER, str(run), recorder],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert (result.stdout, result.returncode) == ("logged\n", -signal.SIGTERM), result.stderr
+    assert result.stderr == ""
+    assert sorted(path.name for path in (run / "steps").glob("step-*")) == [
+        f"step-{step:08d}.safetensors" for step in range(6)
+    ]
+    assert "recording_closed" not in (run / "manifest.json").read_text()

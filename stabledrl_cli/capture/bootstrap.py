@@ -75,7 +75,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stabledrl_cli._regular import NotRegularFile, open_regular
-from stabledrl_cli.capture._sigterm import steps_written_on_sigterm
+from stabledrl_cli._sigterm import steps_written_on_sigterm
 from stabledrl_cli.errors import (
     InputError,
     StabledrlError,

@@ -6,9 +6,11 @@ final name and the directory fsynced: a crash after that cannot lose it. With
 the caller may reuse its tensors at once), then hands them to a writer thread through a
 queue of `queue_size` entries. On a crash (kill -9, power loss) at most `queue_size + 1` steps
 that `log_step` had returned for are lost: the ones waiting in the queue and the one being
-written. A step that is lost is lost whole: readers never see a partial file under a final
-name. `close()` (or leaving the `with` block) drains the queue; at exit, the queue of a
-Recorder that was never closed is drained too (even when the Recorder was dropped; in a child
+written. A SIGTERM that would end the process at once (its default action, when the Recorder
+is made in the main thread) loses none: the queue is written first (`_sigterm`). A step that
+is lost is lost whole: readers never see a partial file under a final name. `close()` (or
+leaving the `with` block) drains the queue; at exit, the queue of a Recorder that was never
+closed is drained too (even when the Recorder was dropped; in a child
 process of `multiprocessing`, as its target returns: `_child_end`), unless its caller closes
 it at exit itself (`closed_by_caller_at_exit`); a write that fails then is a warning line. Once
 its writes are done, `close()` marks a world_size 1 run `recording_closed` in its manifest
@@ -64,8 +66,8 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
-from contextlib import suppress
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -74,6 +76,7 @@ import numpy as np
 from stabledrl_cli._atomic import write_atomic, write_error
 from stabledrl_cli._child_end import at_child_end
 from stabledrl_cli._json import json_text
+from stabledrl_cli._sigterm import steps_written_on_sigterm
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._inputs import ArrayInput, ScalarInput, build_step
 from stabledrl_cli.dump._policy import PolicyLike, policy_entry, replayed_fields
@@ -409,6 +412,9 @@ class Recorder:
             )
             atexit.register(self._at_exit)
             self._cancel_at_child_end = at_child_end(self._at_exit)
+            self._cancel_on_sigterm = steps_written_on_sigterm(
+                functools.partial(_written_on_sigterm, weakref.ref(self), self._writer, self.path)
+            )
 
     # -- recording ----------------------------------------------------------------------------
     def log_step(
@@ -631,6 +637,7 @@ class Recorder:
                 with self._lock:  # a log_step under way in another thread is queued first
                     self._closed = True
                     writer.stop()
+                    self._cancel_on_sigterm()
                     self._raise_writer_error()
             if own and not self._closed_marked and self.rank == 0 and self.world_size == 1:
                 with self._lock:  # a log_step under way in another thread lands first
@@ -690,13 +697,40 @@ def _close_at_exit(ref: weakref.ref[Recorder], writer: _Writer, path: Path) -> N
     A write that fails then, and that its caller has not been told of, is one warning line: no
     caller is left to raise it to."""
     recorder = ref()
-    try:
+    with _warned_at_the_end():
         if recorder is not None:
             recorder.close()
         else:  # (in a forked child the copy's thread is not alive: nothing to do)
             writer.stop()
-            failures = writer.take_failures()
-            if failures:
-                raise _writer_failure(path, failures)
+            _raise_failures(writer, path)
+
+
+def _written_on_sigterm(ref: weakref.ref[Recorder], writer: _Writer, path: Path) -> None:
+    """On a SIGTERM that ends the process at once (`_sigterm`): the queued steps are written,
+    without the Recorder's lock (the training thread may have been stopped holding it), and
+    the run is left unclosed, as a killed recording leaves it. A write that fails then is one
+    warning line, as at exit."""
+    if writer.is_alive():
+        writer.queue.join()
+    recorder = ref()
+    with _warned_at_the_end():
+        if recorder is not None:
+            recorder._raise_writer_error()
+        else:
+            _raise_failures(writer, path)
+
+
+def _raise_failures(writer: _Writer, path: Path) -> None:
+    """The writer's failed writes that no Recorder took, as its WriteError."""
+    failures = writer.take_failures()
+    if failures:
+        raise _writer_failure(path, failures)
+
+
+@contextmanager
+def _warned_at_the_end() -> Iterator[None]:
+    """A WriteError as the process ends is one warning line: no caller is left to raise it to."""
+    try:
+        yield
     except WriteError as error:
         warn(f"stabledrl: warning: {error}\n")

@@ -2,10 +2,11 @@
 
 A scheduler or `timeout` stops a job with SIGTERM, and a script that leaves SIGTERM at its
 default action dies on the spot: no exit handler runs, so the steps the optimizer hooks hold
-(the first one, waiting for the next event) or have queued for the Recorder's thread would die
-with it. Where SIGTERM has its default action when the hooks are installed, `record` gives it
-a handler that writes them (at most `WRITE_SECONDS`), then ends the process by SIGTERM's
-default action, its exit handlers unrun, as it would have ended. A second SIGTERM meanwhile is
+(the first one, waiting for the next event) or that a Recorder has queued for its thread
+(`async_writes`) would die with it. Where SIGTERM has its default action when the hooks are
+installed under `record`, or when such a Recorder is made, SIGTERM gets a handler that writes
+them (at most `WRITE_SECONDS` for all), then ends the process by SIGTERM's default action, its
+exit handlers unrun, as it would have ended. A second SIGTERM meanwhile is
 ignored (a scheduler that signals every process of the job reaches the command twice, directly
 and through `record`).
 
@@ -43,7 +44,8 @@ _get_handler = signal.getsignal
 def _found_setsig() -> Any:
     """The C API's own call that sets a signal's action from any thread (`PyOS_setsig`), or
     None in a Python without it (then no handler is installed). Looked up as the handler is
-    installed: a process that records no optimizer step never imports ctypes."""
+    installed: a process with no optimizer hooks and no `async_writes` Recorder never imports
+    ctypes."""
     try:
         import ctypes
 
@@ -57,9 +59,9 @@ def _found_setsig() -> Any:
 _setsig: Any = None
 """`_found_setsig()`, once the handler is installed (every call of it comes after)."""
 
-_installed: tuple[int, Callable[[], None]] | None = None
+_installed: tuple[int, list[Callable[[], None]]] | None = None
 """The process that installed the handler (a process forked from it has none of its steps),
-and what writes them."""
+and what writes them, in the order they were given."""
 
 _wakeup: tuple[int, int] | None = None
 """The pipe the signal wakes the watching thread through (read end, write end)."""
@@ -72,24 +74,47 @@ _ending = threading.Lock()
 back, so the other waits for the end."""
 
 
-def steps_written_on_sigterm(write_steps: Callable[[], None]) -> None:
-    """Installs the handler when SIGTERM has its default action and this is the main thread
-    (only it may set a handler); `write_steps` writes the held and queued steps."""
+def steps_written_on_sigterm(write_steps: Callable[[], None]) -> Callable[[], None]:
+    """Has `write_steps` write the held and queued steps on a SIGTERM that would end this
+    process at once: adds it to the handler this process installed, or installs the handler
+    when SIGTERM has its default action and this is the main thread (only it may set a
+    handler). Returns what takes `write_steps` back (a Recorder that closed has none left;
+    nothing to take back where no handler was installed)."""
     global _installed, _wakeup, _setsig
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if _get_handler(signal.SIGTERM) is not signal.SIG_DFL:
-        return
-    _setsig = _found_setsig()
-    if _setsig is None:
-        return
-    _installed = os.getpid(), write_steps
+    if _get_handler(signal.SIGTERM) is not _handled:
+        if threading.current_thread() is not threading.main_thread():
+            return _nothing
+        if _get_handler(signal.SIGTERM) is not signal.SIG_DFL:
+            return _nothing
+        _setsig = _found_setsig()
+        if _setsig is None:
+            return _nothing
+        _install()
+    if _installed is None or _installed[0] != os.getpid():
+        _installed = os.getpid(), []
+    writers = _installed[1]
+    writers.append(write_steps)
+
+    def take_back() -> None:
+        with contextlib.suppress(ValueError):
+            writers.remove(write_steps)
+
+    return take_back
+
+
+def _nothing() -> None:
+    pass
+
+
+def _install() -> None:
+    """The handler, and the thread the signal wakes (when no one else uses the wakeup fd)."""
+    global _wakeup
     _set_handler(signal.SIGTERM, _handled)
     signal.signal, signal.getsignal = _set_hiding_it, _get_hiding_it
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
     previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-    if previous != -1:  # someone else's: theirs back, and the handler alone
+    if previous != -1:  # someone else's (or our own earlier one): theirs back
         signal.set_wakeup_fd(previous)
         os.close(read_end)
         os.close(write_end)
@@ -119,11 +144,21 @@ def _written_then_ended() -> None:
     _set_action(int(signal.SIG_IGN))
     with contextlib.suppress(Exception):  # (no thread to be had): the process ends all the same
         if _installed is not None and _installed[0] == os.getpid():
-            writing = threading.Thread(target=_installed[1], name="stabledrl-steps", daemon=True)
+            writing = threading.Thread(
+                target=_each_written, args=(list(_installed[1]),), name="stabledrl-steps",
+                daemon=True,
+            )  # fmt: skip
             writing.start()
             writing.join(WRITE_SECONDS)
     _set_action(int(signal.SIG_DFL))
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _each_written(writers: list[Callable[[], None]]) -> None:
+    """Each writer in turn: one that fails leaves the others theirs to write."""
+    for write_steps in writers:
+        with contextlib.suppress(Exception):
+            write_steps()
 
 
 def _set_action(action: int | None) -> int | None:
