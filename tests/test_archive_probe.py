@@ -17,6 +17,7 @@ from _corpus import packed
 
 import stabledrl_cli as sd
 from stabledrl_cli.dump import _archive_checks, _archive_probe
+from stabledrl_cli.dump._store_file import StoreFile
 from stabledrl_cli.errors import InputError
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the probe forks")
@@ -232,7 +233,7 @@ def test_nothing_is_handed_over_for_an_archive_read_through_a_file_object(
     could not take the child's values: the child does not read them (a remote index is read
     once, by the reader)."""
     archive = packed(tmp_path)
-    with archive.open("rb") as fileobj:
+    with StoreFile(archive.open("rb")) as fileobj:
         probed = _archive_probe.probe(archive, archive.stat().st_size, fileobj=fileobj)
     assert probed.identity is None and probed.datasets
     assert probed.prefetched == _archive_probe.Prefetched()

@@ -566,3 +566,61 @@ def test_a_store_error_of_its_own_type_mid_read_is_a_step_read_failure(tmp_path,
         f"step of {url} (step 2: unreadable: cannot read: _StoreDown: connection reset by the "
         "store); replayed 3"
     ) in " ".join(result.stderr.split())
+
+
+def _store_down_for(monkeypatch, error: type[Exception], reads: int | None) -> None:
+    """From now on, fsspec's in-memory files fail their next `reads` reads (None: every read)
+    with `error`, as a store does whose connection drops."""
+    from fsspec.implementations.memory import MemoryFile
+
+    left = [reads]
+
+    def failing(method):
+        def call(self, *args):
+            if left[0] is None or left[0] > 0:
+                left[0] = None if left[0] is None else left[0] - 1
+                raise error("connection reset by the store")
+            return method(self, *args)
+
+        return call
+
+    for name in ("read", "readinto"):
+        monkeypatch.setattr(MemoryFile, name, failing(getattr(MemoryFile, name)))
+
+
+@pytest.mark.parametrize("error", [OSError, _StoreDown])
+def test_a_store_failing_under_an_archive_says_so_not_corrupt(tmp_path, monkeypatch, error):
+    """The store failing while a packed .h5 at a URL is opened: h5py reports what it was
+    parsing, and the archive was called corrupt ('corrupt run archive (OSError)'), or the
+    store's own error type ended as 'internal error: SystemError' (exit 70). Now one line
+    says the store failed and quotes its error; exit 3, as for a file that cannot be read."""
+    archive = tmp_path / "run.h5"
+    pack_run(open_run(small_run(tmp_path / "run", world_size=1, steps=4, corrupt=False)), archive)
+    url = to_memory(archive)
+    _store_down_for(monkeypatch, error, None)
+    result = CliRunner().invoke(app, ["replay", url, "-p", "grpo"])
+    assert result.exit_code == 3, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {url}: cannot read it: the store failed "
+        f"({error.__name__}: connection reset by the store)"
+    ]
+
+
+@pytest.mark.parametrize("error", [OSError, _StoreDown])
+def test_a_store_failing_under_an_archives_step_skips_that_step_named_so(
+    tmp_path, monkeypatch, error
+):
+    """A read of a packed .h5's step at a URL that the store fails once: the step was skipped
+    with no reason anywhere (the integrity check's own read passed; 'replayed 3' of 4, nothing
+    named), its error blamed on the step's bytes ('archive data checksum failed'). The step is
+    skipped and named, unreadable because the store failed; the replay goes on, as for a run
+    directory at a URL."""
+    archive = tmp_path / "run.h5"
+    pack_run(open_run(small_run(tmp_path / "run", world_size=1, steps=4, corrupt=False)), archive)
+    run = open_run(to_memory(archive))
+    _store_down_for(monkeypatch, error, 1)
+    result = replay(run, ["grpo"], device="cpu")
+    assert result.steps == 3
+    assert result.skipped == [
+        f"step 0: cannot read: the store failed ({error.__name__}: connection reset by the store)"
+    ]

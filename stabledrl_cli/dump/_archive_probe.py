@@ -21,13 +21,13 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import h5py
 
 from stabledrl_cli.dump import _archive_checks
 from stabledrl_cli.dump._archive_checks import H5_ERRORS, TEXT_DATASETS, walk_objects
 from stabledrl_cli.dump._archive_prefetch import Prefetch, Prefetched, decode_prefetched
+from stabledrl_cli.dump._store_file import StoreFile
 from stabledrl_cli.errors import InputError, one_line
 
 PROBE_SECONDS = 20.0
@@ -82,7 +82,7 @@ def file_identity(handle: h5py.File) -> tuple[int, ...] | None:
     return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
 
 
-def _child_report(source: Path | BinaryIO, where: str, file_size: int) -> bytes:
+def _child_report(source: Path | StoreFile, where: str, file_size: int) -> bytes:
     """The child's reading of everything libhdf5 parses before a reader trusts the file (links,
     attributes, texts) with `check_objects`, and of the values the reader reads first
     (`Prefetch`), as a report (`_report`). An error of h5py is reported (`error`) as the
@@ -187,7 +187,7 @@ def probe(
     file_size: int,
     seconds: float | None = None,
     *,
-    fileobj: BinaryIO | None = None,
+    fileobj: StoreFile | None = None,
     where: str | None = None,
 ) -> Probed:
     """Reads the archive's metadata and runs the checks in a forked child (module
@@ -210,6 +210,10 @@ def probe(
         try:
             os.close(read_end)
             report = _child_report(path if fileobj is None else fileobj, where, file_size)
+            failure = None if fileobj is None else fileobj.take_failure()
+            if failure is not None:  # h5py's error names what it parsed, not why
+                said = f"{where}: cannot read it: the store failed ({failure})"
+                report = _report({"error": said})
             view = memoryview(report)
             while view:
                 view = view[os.write(write_end, view) :]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import h5py
 import numpy as np
@@ -53,6 +53,7 @@ from stabledrl_cli.dump._schema import (
     parse_manifest,
 )
 from stabledrl_cli.dump._stfile import FileKey, file_key
+from stabledrl_cli.dump._store_file import StoreFile
 from stabledrl_cli.errors import InputError, UsageError, quoted
 
 # Each open dataset's chunk cache: steps are read in order, so consecutive steps share at most
@@ -90,6 +91,13 @@ def _is_finding(value: object) -> bool:
     )
 
 
+def _unreadable(exc: BaseException, store_failure: str | None) -> StepReadError:
+    """Why a step's data could not be read: the store failed under the read, or its bytes."""
+    if store_failure is not None:
+        return StepReadError("unreadable", f"cannot read: the store failed ({store_failure})")
+    return StepReadError("unreadable", f"archive data checksum failed: {exc}")
+
+
 @dataclass(eq=False, kw_only=True)
 class ArchiveStep(Step):
     """A Step of a packed run: `step[name]` reads the step's slice of the archive."""
@@ -108,7 +116,8 @@ class ArchiveStep(Step):
             return self.archive.read_field(self.index, name)
         except H5_ERRORS as exc:
             raise InputError(
-                f"{self.archive.location}: cannot read {name} of step {self.step}: {exc}"
+                f"{self.archive.location}: cannot read {name} of step {self.step}: "
+                f"{self.archive.failure_of(exc)}"
             ) from None
 
 
@@ -130,7 +139,7 @@ class ArchiveRun(Run):
         path: Path,
         *,
         verify: bool = True,
-        fileobj: BinaryIO | None = None,
+        fileobj: StoreFile | None = None,
         size: int | None = None,
         key: FileKey | None = None,
     ) -> None:
@@ -139,7 +148,10 @@ class ArchiveRun(Run):
         `location`)."""
         self.path = path
         self.verify = verify
+        self._store = fileobj
         self._bad: dict[int, StepReadError] = {}  # step index -> why it cannot be read
+        self._failed_reads: dict[int, StepReadError] = {}
+        """The steps of `_bad` a step's read marked, that no finding names (yet)."""
         self._load_findings: list[Finding] = []
         self._verified: set[int] = set()
         self._checked_all = False
@@ -168,9 +180,19 @@ class ArchiveRun(Run):
         file_size = size
         self._key = key
         """What changes when the archive does: another reader's `checks` hold only for the same."""
-        probed = probe(path, file_size, fileobj=fileobj, where=where)
         try:
-            source = path if fileobj is None else fileobj
+            self._open_file(file_size, fileobj)
+        except InputError:
+            failure = self._store_failure()
+            if failure is None:
+                raise
+            raise InputError(f"{where}: cannot read it: the store failed ({failure})") from None
+
+    def _open_file(self, file_size: int, fileobj: StoreFile | None) -> None:
+        where = self.location
+        probed = probe(self.path, file_size, fileobj=fileobj, where=where)
+        try:
+            source = self.path if fileobj is None else fileobj
             self._file = h5py.File(source, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
         except H5_ERRORS as exc:
             raise InputError(f"{where}: unreadable HDF5 file ({exc})") from None
@@ -187,6 +209,16 @@ class ArchiveRun(Run):
             raise InputError(
                 f"{where}: corrupt run archive ({type(exc).__name__}: {exc})"
             ) from None
+
+    def _store_failure(self) -> str | None:
+        """The store's error under the last failed read of an archive read through fsspec
+        (`StoreFile`), or None: a local file's, or a failure of the file's own bytes."""
+        return None if self._store is None else self._store.take_failure()
+
+    def failure_of(self, exc: BaseException) -> str:
+        """Why a read of a step's data failed: the store's error, else h5py's (a checksum)."""
+        failure = self._store_failure()
+        return f"the store failed ({failure})" if failure else str(exc)
 
     def _text(self, name: str, limit: int) -> str:
         """A JSON string dataset, its size capped and its checksum checked (if it has one): a
@@ -618,7 +650,7 @@ class ArchiveRun(Run):
         try:
             arrays = {name: self.read_field(index, name) for name in sorted(self._fields_of(index))}
         except H5_ERRORS as exc:
-            self._bad[index] = StepReadError("unreadable", f"archive data checksum failed: {exc}")
+            self._bad[index] = self._failed_reads[index] = _unreadable(exc, self._store_failure())
             return {}
         self._verified.add(index)
         return arrays
@@ -724,17 +756,20 @@ class ArchiveRun(Run):
 
     def _bad_steps(self, name: str, hit: list[int], what: str, exc: BaseException) -> Finding:
         """Marks steps `hit` (indexes), whose data in dataset `name` is bad; their finding."""
+        failure = self._store_failure()
         for index in hit:
-            self._bad.setdefault(
-                index, StepReadError("unreadable", f"archive data checksum failed: {exc}")
-            )
+            self._bad.setdefault(index, _unreadable(exc, failure))
+            self._failed_reads.pop(index, None)
         steps = [int(self._numbers[i]) for i in hit]
         where = f"steps {steps}" if steps else "run-level data"
+        said = f"{what} ({where}): {exc}"
+        if failure is not None:
+            said = f"unreadable ({where}): the store failed ({failure})"
         return Finding(
             "unreadable",
             steps[0] if steps else None,
             f"{self.location}:{name}",
-            f"archive dataset {name}: {what} ({where}): {exc}",
+            f"archive dataset {name}: {said}",
         )
 
     def _offsets_of(self, name: str) -> np.ndarray | None:
@@ -782,6 +817,16 @@ class ArchiveRun(Run):
         (read when it was opened): no data chunk is read."""
         return [*self._carried, *self._load_findings]
 
+    def _failed_read_findings(self) -> list[Finding]:
+        """A finding for each step a read marked bad that no finding of the integrity check
+        names: a read the store failed, which the check's own read then passed, still skipped
+        it."""
+        findings = []
+        for index, bad in sorted(self._failed_reads.items()):
+            step = int(self._numbers[index])
+            findings.append(Finding(bad.kind, step, self.location, f"step {step}: {bad}"))
+        return findings
+
     @property
     def integrity(self) -> IntegrityReport:
         """The source run's findings as packed, plus any corrupt chunk of the archive itself."""
@@ -790,5 +835,6 @@ class ArchiveRun(Run):
             self._archive_findings = self._check_all_chunks()
             self._checked_all = True
         findings = [*self._carried, *self._load_findings, *self._archive_findings]
+        findings += self._failed_read_findings()
         findings.sort(key=lambda f: (f.step if f.step is not None else -1, f.kind))
         return IntegrityReport(findings)

@@ -38,6 +38,7 @@ from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._run import Run
 from stabledrl_cli.dump._schema import HDF5_SIGNATURE, MANIFEST_LIMIT, STOP_NOTE_LIMIT
 from stabledrl_cli.dump._stfile import HEADER_LIMIT, FileKey, StepHeader, parse_header
+from stabledrl_cli.dump._store_file import StoreFile
 from stabledrl_cli.errors import InputError, MissingExtraError, UsageError, one_line
 
 URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+._-]*)(://|::)")
@@ -306,7 +307,11 @@ class RemoteArchiveRun(_AtUrl, ArchiveRun):
         self.url = url
         self._size = size = int(info.get("size") or 0)
         super().__init__(
-            Path(root), verify=verify, fileobj=fs.open(root, "rb"), size=size, key=_file_key(info)
+            Path(root),
+            verify=verify,
+            fileobj=StoreFile(fs.open(root, "rb")),
+            size=size,
+            key=_file_key(info),
         )
 
     @property

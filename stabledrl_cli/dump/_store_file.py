@@ -1,0 +1,68 @@
+"""`StoreFile`: a packed `.h5` read through fsspec, as the file object h5py reads.
+
+When the store fails under a read (a connection reset, a timeout, an expired credential),
+h5py reports what it was parsing, not why its read failed: the failure surfaced as "corrupt
+run archive (OSError)", a step as "archive data checksum failed", and a store's own error type
+(httpx's, gcsfs's HttpError: no OSError) as an internal error. This file object keeps the
+store's error, raises it to h5py as an OSError, and lets the reader ask what it was, so a
+message says the store failed and quotes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any
+
+from stabledrl_cli.errors import one_line
+
+
+class StoreFile(io.RawIOBase):
+    """A binary file object of the store (fsspec's) whose failures are kept (`take_failure`)."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__()
+        self._file = file
+        self._failure: str | None = None
+
+    def _failed(self, exc: Exception) -> OSError:
+        if self._failure is None:
+            self._failure = f"{type(exc).__name__}: {one_line(exc)}"
+        return OSError(f"the store failed: {self._failure}")
+
+    def take_failure(self) -> str | None:
+        """The store's first error since last asked (`Type: message`), or None: once told, a
+        later error of h5py is the file's own again."""
+        failure, self._failure = self._failure, None
+        return failure
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            data = self._file.read(len(memoryview(buffer)))
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            return int(self._file.seek(offset, whence))
+        except Exception as exc:
+            raise self._failed(exc) from exc
+
+    def tell(self) -> int:
+        try:
+            return int(self._file.tell())
+        except Exception as exc:
+            raise self._failed(exc) from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # a read-only file's close loses nothing
+            self._file.close()
+        super().close()
