@@ -184,6 +184,8 @@ class ArchiveRun(Run):
             self._open_file(file_size, fileobj)
         except InputError:
             failure = self._store_failure()
+            if fileobj is not None:
+                fileobj.close()
             if failure is None:
                 raise
             raise InputError(f"{where}: cannot read it: the store failed ({failure})") from None
@@ -563,6 +565,8 @@ class ArchiveRun(Run):
     def close(self) -> None:
         self._open.clear()
         self._file.close()
+        if self._store is not None:
+            self._store.close()
         self._closed = True
 
     def check_open(self) -> None:
