@@ -391,9 +391,12 @@ def test_corrupt_archive_chunk_is_a_finding_and_its_steps_are_skipped(
         fh.seek(info.byte_offset + info.size // 2)
         fh.write(b"\xff\x00\xff\x00")
     archive = open_run(out)
-    findings = archive.integrity.findings
-    assert [f.kind for f in findings] == ["unreadable"] and "tokens/logp_old" in findings[0].path
-    assert archive.step_numbers == []  # one small chunk holds every step's logp_old
+    findings = archive.integrity.findings  # one small chunk holds every step's logp_old
+    assert [(f.kind, f.step) for f in findings] == [("unreadable", n) for n in range(STEPS)]
+    assert all(f.path.endswith(":tokens/logp_old") for f in findings)
+    assert archive.step_numbers == []
+    with pytest.raises(InputError, match=rf"no step could be read \({STEPS} steps were skipped"):
+        sd.replay(out, ["grpo"], device="cpu")  # before: '1 step file was skipped'
     fresh = open_run(out)
     with pytest.warns(RunIntegrityWarning, match="checksum"):
         assert list(fresh.steps()) == []
@@ -446,6 +449,29 @@ def test_a_flipped_byte_in_a_step_of_a_dataset_without_fletcher32_is_found(
     assert result.exit_code == 0, result.output
     assert f"step {step}" in result.stderr, result.stderr
     assert json.loads(result.stdout)["steps"] == STEPS - 1
+
+
+def test_a_step_bad_in_two_datasets_is_counted_as_one_step_skipped(rich_run, tmp_path):
+    """Step 3's slices of logp and logp_old both flipped: replay warned 'skipped 2 unreadable,
+    incomplete or invalid steps ... replayed 23' of 24 (a finding per dataset counted as a
+    step). One step is skipped, and said so; inspect still names both datasets."""
+    out = tmp_path / "run.h5"
+    pack_run(open_run(rich_run), out)
+    for name in ("tokens/logp", "tokens/logp_old"):
+        _flip_in_step(out, name, "tokens/step_offsets", 3)
+    inspected = _cli_json(["inspect", str(out), "--format", "json"])
+    assert [
+        (f["step"], f["path"].rsplit(":", 1)[1]) for f in inspected["integrity"]["findings"]
+    ] == [
+        (3, "tokens/logp"),
+        (3, "tokens/logp_old"),
+    ]
+    result = runner.invoke(app, ["replay", str(out), "-p", "grpo", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == STEPS - 1
+    assert f"skipped 1 unreadable, incomplete or invalid step of {out}" in " ".join(
+        result.stderr.split()
+    ), result.stderr
 
 
 def test_open_run_refuses_reports_and_other_hdf5(tmp_path, rich_run):

@@ -74,7 +74,7 @@ def test_the_follower_refuses_a_scalar_run_with_a_step_skipped_as_replay_does(tm
     with pytest.raises(NothingToReplay) as replayed:
         sd.replay(run, "grpo", device="cpu")
     assert str(followed.value) == str(replayed.value)
-    assert "no readable step holds a policy batch (4 steps of per-step scalars; 1 step file " in (
+    assert "no readable step holds a policy batch (4 steps of per-step scalars; 1 step was " in (
         str(followed.value)
     )
 

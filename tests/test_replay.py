@@ -648,7 +648,7 @@ def test_zero_readable_steps_exit_3_naming_why(tmp_path, command):
     assert result.exit_code == 3 and result.stdout == ""
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1
-    assert "no step could be read (3 step files were skipped: step 0: torn" in message
+    assert "no step could be read (3 steps were skipped: step 0: torn" in message
     with pytest.raises(InputError, match="no step could be read"):
         sd.replay(path, ["grpo"], device="cpu")
 

@@ -155,7 +155,7 @@ def test_a_run_whose_every_step_is_bad_exits_3_with_one_line(tmp_path, command):
     assert result.stdout == ""
     lines = _stderr_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert "no step could be read (3 step files were skipped: step 0: seq_id" in lines[0]
+    assert "no step could be read (3 steps were skipped: step 0: seq_id" in lines[0]
     with pytest.raises(InputError, match="no step could be read"):
         sd.replay(run, ["grpo"], device="cpu")
 

@@ -57,7 +57,7 @@ def test_a_multirank_scalar_run_with_a_rank_behind_has_nothing_to_replay(tmp_pat
     (line,) = lagged.stderr.strip().splitlines()
     assert f"{lagging}: nothing to replay: no readable step holds a policy batch" in line
     assert f"{STEPS - 1} steps of per-step scalars" in line
-    assert "1 step file was skipped: step 4: incomplete, no file for rank(s) [1]" in line
+    assert "1 step was skipped: step 4: incomplete, no file for rank(s) [1]" in line
     assert "`stabledrl inspect` shows it and `stabledrl check`" in line
     assert "no step could be read" not in line
 
@@ -79,7 +79,7 @@ def test_a_scalar_run_with_a_torn_step_has_nothing_to_replay_and_names_it(tmp_pa
     last.write_bytes(last.read_bytes()[:50])
     with pytest.raises(NothingToReplay) as raised:
         sd.replay(path, "grpo")
-    assert "no readable step holds a policy batch (4 steps of per-step scalars; 1 step file " in (
+    assert "no readable step holds a policy batch (4 steps of per-step scalars; 1 step was " in (
         str(raised.value)
     )
     assert "step 4: torn" in str(raised.value)

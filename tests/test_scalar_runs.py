@@ -342,5 +342,5 @@ def test_a_policy_gate_on_a_mixed_run_whose_batch_steps_are_torn_is_bad_input(tm
     done = run_cli("check", run, "--max-collapsed", "0")
     assert done.returncode == 3, done.stderr
     (line,) = done.stderr.splitlines()
-    assert line.startswith(f"error: {run}: no readable step holds a policy batch (2 step files ")
+    assert line.startswith(f"error: {run}: no readable step holds a policy batch (2 steps ")
     assert line.endswith("--max-collapsed need(s) replayed policies")

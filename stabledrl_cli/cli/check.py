@@ -88,10 +88,10 @@ from stabledrl_cli.replay.report import (
 )
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import (
-    files_skipped,
     no_steps_message,
     print_own_policy_note,
     skipped_reasons,
+    steps_skipped,
 )
 
 _BORDERS = 1  # the table's left edge; each column adds its right edge and padding
@@ -240,7 +240,7 @@ def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) 
         if policy_options and skipped:  # the skipped files may have held the policy batches
             raise InputError(
                 f"{run.location}: no readable step holds a policy batch "
-                f"({files_skipped(skipped)}); {', '.join(policy_options)} need(s) replayed "
+                f"({steps_skipped(skipped)}); {', '.join(policy_options)} need(s) replayed "
                 "policies"
             )
         if policy_options:

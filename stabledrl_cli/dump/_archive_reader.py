@@ -724,7 +724,7 @@ class ArchiveRun(Run):
                     list(dataset.iter_chunks()) if dataset.chunks else [()]
                 )
             except H5_ERRORS as exc:
-                findings.append(self._bad_chunk(name, (slice(0, None),), exc))
+                findings.extend(self._bad_chunk(name, (slice(0, None),), exc))
                 continue
             for chunk in chunks:
                 if read and chunk[0].start // dataset.chunks[0] in read:
@@ -732,7 +732,7 @@ class ArchiveRun(Run):
                 try:
                     dataset[chunk]
                 except H5_ERRORS as exc:
-                    findings.append(self._bad_chunk(name, chunk, exc))
+                    findings.extend(self._bad_chunk(name, chunk, exc))
         return findings
 
     def _check_steps(self, name: str) -> list[Finding]:
@@ -751,30 +751,31 @@ class ArchiveRun(Run):
             try:
                 self._slice(name, index, begin, end)
             except H5_ERRORS as exc:
-                findings.append(self._bad_steps(name, [index], "a corrupt step slice", exc))
+                findings.extend(self._bad_steps(name, [index], "a corrupt step slice", exc))
         return findings
 
-    def _bad_chunk(self, name: str, chunk: tuple[slice, ...], exc: BaseException) -> Finding:
-        """Marks the steps whose data `chunk` of dataset `name` holds; their finding."""
+    def _bad_chunk(self, name: str, chunk: tuple[slice, ...], exc: BaseException) -> list[Finding]:
+        """Marks the steps whose data `chunk` of dataset `name` holds; their findings."""
         return self._bad_steps(name, self._steps_of_chunk(name, chunk), "a corrupt chunk", exc)
 
-    def _bad_steps(self, name: str, hit: list[int], what: str, exc: BaseException) -> Finding:
-        """Marks steps `hit` (indexes), whose data in dataset `name` is bad; their finding."""
+    def _bad_steps(self, name: str, hit: list[int], what: str, exc: BaseException) -> list[Finding]:
+        """Marks steps `hit` (indexes), whose data in dataset `name` is bad; a finding for
+        each (`step N: ...`, as a step file's), or one of no step when `hit` is empty."""
         failure = self._store_failure()
+        said = f"{what}: {exc}"
+        if failure is not None:
+            said = f"unreadable: the store failed ({failure})"
+        path = f"{self.location}:{name}"
+        if not hit:
+            return [Finding("unreadable", None, path, f"archive dataset {name} ({said})")]
+        findings = []
         for index in hit:
             self._bad.setdefault(index, _unreadable(exc, failure))
             self._failed_reads.pop(index, None)
-        steps = [int(self._numbers[i]) for i in hit]
-        where = f"steps {steps}" if steps else "run-level data"
-        said = f"{what} ({where}): {exc}"
-        if failure is not None:
-            said = f"unreadable ({where}): the store failed ({failure})"
-        return Finding(
-            "unreadable",
-            steps[0] if steps else None,
-            f"{self.location}:{name}",
-            f"archive dataset {name}: {said}",
-        )
+            step = int(self._numbers[index])
+            message = f"step {step}: archive dataset {name}: {said}"
+            findings.append(Finding("unreadable", step, path, message))
+        return findings
 
     def _offsets_of(self, name: str) -> np.ndarray | None:
         """The step offsets [S+1] into data dataset `name`, or None (not a data dataset)."""

@@ -43,10 +43,10 @@ from stabledrl_cli.replay.metrics import TopSequence
 from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult, StepSeries
 from stabledrl_cli.replay.run_facts import (
-    files_skipped,
     no_steps_message,
     own_spec,
     skipped_reasons,
+    steps_skipped,
 )
 from stabledrl_cli.replay.step_data import check_step, run_unit
 from stabledrl_cli.replay.stream import StreamedRun, detail_pass, stream_run
@@ -131,7 +131,7 @@ def nothing_to_replay(run: Run, steps: int, skipped: Sequence[str] = ()) -> Noth
     named since such a file may have held a policy batch."""
     scalars = f"{counted(steps, 'step')} of per-step scalars"
     what = (
-        f"no readable step holds a policy batch ({scalars}; {files_skipped(skipped)})"
+        f"no readable step holds a policy batch ({scalars}; {steps_skipped(skipped)})"
         if skipped
         else f"a scalar run ({scalars}, no policy batch)"
     )

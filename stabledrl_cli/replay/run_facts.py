@@ -1,5 +1,5 @@
 """What a recorded run says of itself before anything is replayed (no torch): its own policy's
-canonical spec, the step files its reader skips, and why a run yields no step at all.
+canonical spec, the steps its reader skips, and why a run yields no step at all.
 
 `check` on a scalar run, `diff` of two runs that never part and every command's refusal of an
 unreadable run use these without loading torch.
@@ -98,8 +98,10 @@ def _own_policy(run: Run) -> _OwnPolicy:
 
 
 def skipped_reasons(run: Run) -> list[str]:
-    """One reason per step file the reader skips: the run's integrity findings of the kinds
-    `SKIPPED_KINDS` (those it skips at its header check never reach a replay's warnings).
+    """One reason per step the reader skips: the first of the run's integrity findings of the
+    kinds `SKIPPED_KINDS` that name it (two ranks' damaged files of one step, two damaged
+    datasets of one archived step are one step skipped), and each one of no step (those it
+    skips at its header check never reach a replay's warnings).
     A reader that does not verify data checksums (`open_run(..., verify=False)`) reads a step
     whose data fails its checksum, and skips only what its header checks find
     (`Run.header_findings`): those alone are counted, and no file is read for them."""
@@ -109,7 +111,13 @@ def skipped_reasons(run: Run) -> list[str]:
 def _skipped_findings(run: Run) -> list[Finding]:
     """The findings behind `skipped_reasons`."""
     findings = run.integrity.findings if run.verify else run.header_findings()
-    return [f for f in findings if f.kind in SKIPPED_KINDS]
+    skipped, steps = [], set()
+    for finding in findings:
+        if finding.kind in SKIPPED_KINDS and finding.step not in steps:
+            skipped.append(finding)
+            if finding.step is not None:
+                steps.add(finding.step)
+    return skipped
 
 
 def _whole_run(findings: list[Finding]) -> list[Finding]:
@@ -120,20 +128,20 @@ def _whole_run(findings: list[Finding]) -> list[Finding]:
 
 def no_steps_message(run: Run, skipped: list[str]) -> str:
     """Why a run yielded no readable step: a finding of the whole run that skips every step
-    (an archive index that failed its checksum: it names no step file), how many step files
-    were skipped and the first reasons (else any other integrity finding, e.g. only temporary
+    (an archive index that failed its checksum: it names no step file), how many steps were
+    skipped and the first reasons (else any other integrity finding, e.g. only temporary
     files)."""
     whole = [f.message for f in _whole_run(_skipped_findings(run))]
-    files = [reason for reason in skipped if reason not in whole]
+    stepped = [reason for reason in skipped if reason not in whole]
     if whole:
-        also = f"; {files_skipped(files)}" if files else ""
+        also = f"; {steps_skipped(stepped)}" if stepped else ""
         return f"{run.location}: no step could be read ({shown_reasons(whole)}{also})"
     reasons = skipped or [f.message for f in run.integrity.findings]
     if not reasons:
         return f"{run.location}: the run has no steps"
     if not skipped:
         return f"{run.location}: the run has no readable step ({shown_reasons(reasons)})"
-    return f"{run.location}: no step could be read ({files_skipped(skipped)})"
+    return f"{run.location}: no step could be read ({steps_skipped(skipped)})"
 
 
 def whole_run_refusal(run: Run) -> str | None:
@@ -146,8 +154,8 @@ def whole_run_refusal(run: Run) -> str | None:
     return None
 
 
-def files_skipped(skipped: Sequence[str]) -> str:
-    """How many step files were skipped ("2 step files were skipped: "), with the first
-    reasons (`shown_reasons`)."""
-    files = counted(len(skipped), "step file was", "step files were")
-    return f"{files} skipped: {shown_reasons(skipped)}"
+def steps_skipped(skipped: Sequence[str]) -> str:
+    """How many steps were skipped ("2 steps were skipped: "), with the first reasons
+    (`shown_reasons`)."""
+    steps = counted(len(skipped), "step was", "steps were")
+    return f"{steps} skipped: {shown_reasons(skipped)}"
