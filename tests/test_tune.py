@@ -414,6 +414,7 @@ def test_cli_memory_budget_groups_settings_without_changing_the_figures():
     [
         ("1e-300..1e300:log3", ["1e-300", "1", "1e+300"]),
         ("-1e308..1e308:3", ["-1e+308", "0", "1e+308"]),
+        ("-1e308..1e308:2", ["-1e+308", "1e+308"]),  # the step overflowed: exit 70
         ("0.2..0.5:4", ["0.2", "0.3", "0.4", "0.5"]),
         # points closer than 4 significant digits tell apart: they were all rounded to 1
         ("1.0000001..1.0000002:3", ["1.0000001", "1.00000015", "1.0000002"]),

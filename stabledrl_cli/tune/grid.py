@@ -80,7 +80,8 @@ def grid_values(text: str, where: str, *, integer: bool = False) -> list[str]:
         relative_step = math.expm1(min((hi - lo) / (count - 1), 1.0))  # 1: 4 digits anyway
     else:  # weighted ends: high - low may overflow
         points = [low * (1 - i / (count - 1)) + high * (i / (count - 1)) for i in range(count)]
-        relative_step = (high / (count - 1) - low / (count - 1)) / max(abs(low), abs(high))
+        scale = max(abs(low), abs(high))  # each end scaled first: high - low may overflow
+        relative_step = (high / scale - low / scale) / (count - 1)
     points[-1] = high
     if integer:  # the points themselves, not their 4-digit forms: 0..12345:2 ends at 12345
         return list(dict.fromkeys(str(round(p)) for p in points))
