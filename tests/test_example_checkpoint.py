@@ -173,3 +173,22 @@ def test_branch_never_reads_checkpoints_through_a_symlink(tmp_path):
     assert result.stderr == (
         f"error: {run / 'checkpoints'}: a symlink (nothing in a run is followed out of it)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("step", float("inf")), ("rollout", float("inf")), ("step", 4.5), ("rollout", -1),
+     ("step", True)],
+)  # fmt: skip
+def test_a_checkpoint_whose_step_or_rollout_is_no_count_is_refused_naming_it(tmp_path, key, value):
+    """A checkpoint is data: an infinite step or rollout ended `branch` with 'internal error:
+    OverflowError' (exit 70), and 4.5 was read as step 4."""
+    from stabledrl_cli.example.checkpoint import FORMAT
+
+    data = {"format": FORMAT, "step": 4, "rollout": 1, "model": {}, "optimizer": {},
+            "rng": torch.zeros(1, dtype=torch.uint8), "config": {}}  # fmt: skip
+    data[key] = value
+    path = tmp_path / "step-00000004.pt"
+    torch.save(data, path)
+    with pytest.raises(InputError, match=rf"{path}: its {key} is not a whole number >= 0"):
+        load_checkpoint(path)

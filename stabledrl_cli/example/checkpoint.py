@@ -166,8 +166,8 @@ def load_checkpoint(path: str | Path) -> TrainingState:
         raise InputError(f"{path}: not a stabledrl example checkpoint (format {FORMAT})")
     try:
         return TrainingState(
-            step=int(data["step"]),
-            rollout=int(data["rollout"]),
+            step=_count(data["step"], "step", path),
+            rollout=_count(data["rollout"], "rollout", path),
             model=dict(data["model"]),
             optimizer=dict(data["optimizer"]),
             rng=data["rng"],
@@ -176,6 +176,18 @@ def load_checkpoint(path: str | Path) -> TrainingState:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: incomplete checkpoint ({exc})") from None
+
+
+def _count(value: object, key: str, path: Path) -> int:
+    """A checkpoint's step or rollout: an int >= 0 (a float, infinite or fractional, is refused,
+    never truncated), else an InputError naming it."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value >= 0:
+            return value
+        what = "negative"
+    else:
+        what = f"a {type(value).__name__}"
+    raise InputError(f"{path}: its {key} is not a whole number >= 0 ({what})")
 
 
 def restore(
