@@ -192,3 +192,57 @@ def test_a_checkpoint_whose_step_or_rollout_is_no_count_is_refused_naming_it(tmp
     torch.save(data, path)
     with pytest.raises(InputError, match=rf"{path}: its {key} is not a whole number >= 0"):
         load_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def _saved_state(tmp_path_factory):
+    config = ExampleConfig(seed=2, steps=8, pretrain_steps=2)
+    directory = tmp_path_factory.mktemp("checkpoints")
+    train(config, checkpoints=CheckpointPlan(directory=directory, every=4))
+    return config, directory / "step-00000004.pt"  # after RL steps: AdamW moments held
+
+
+def _group(key: str, value: object):
+    return lambda data: data["optimizer"]["param_groups"][0].update({key: value})
+
+
+def _moments(key: str, value):
+    return lambda data: [m.update({key: value(m)}) for m in data["optimizer"]["state"].values()]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_group("lr", "x"), r"AdamW settings differ from the optimizer's own \(lr:"),
+        (_group("lr", float("nan")), r"AdamW settings differ .* \(lr:"),
+        (_group("betas", (0.9,)), r"AdamW settings differ .* \(betas:"),
+        (_group("amsgrad", "yes"), r"AdamW settings differ .* \(amsgrad:"),
+        (_moments("step", lambda m: torch.tensor([1.0, 2.0])), "AdamW step count is not one"),
+        (_moments("step", lambda m: torch.tensor(-1.0)), "AdamW step count is not one"),
+        (_moments("exp_avg", lambda m: m["exp_avg"] * float("inf")), "AdamW exp_avg is not fin"),
+        (_moments("exp_avg_sq", lambda m: -1 - m["exp_avg_sq"]), "AdamW exp_avg_sq is not fin"),
+        (
+            lambda data: data["model"].update(
+                {k: v * float("nan") for k, v in data["model"].items()}
+            ),
+            "its model parameter .* is not finite",
+        ),
+    ],
+)
+def test_a_checkpoint_training_cannot_go_on_from_is_refused_before_the_branch(
+    _saved_state, tmp_path, edit, message
+):
+    """A checkpoint is data: AdamW settings of another type or value (a string lr, one beta,
+    a string amsgrad), a step count of two numbers or a non-finite model passed the restore and
+    ended `branch` with 'internal error: TypeError' (or ValueError, KeyError, RuntimeError),
+    exit 70, after the branch run was opened; a NaN lr or a negative step trained on."""
+    from stabledrl_cli.example.trainer import check_restorable
+
+    config, saved = _saved_state
+    data = torch.load(saved, weights_only=True)
+    edit(data)
+    path = tmp_path / saved.name
+    torch.save(data, path)
+    with pytest.raises(InputError, match=message):
+        check_restorable(load_checkpoint(path), config)
+    check_restorable(load_checkpoint(saved), config)  # the checkpoint as written restores

@@ -198,8 +198,12 @@ def restore(
 ) -> None:
     """Loads `state` into the model, its AdamW optimizer and the training generator.
     InputError (exit 3) when it does not fit them: other parameter names or shapes, an AdamW
-    state that is not one of these parameters', a generator state that is not one."""
+    state that is not one of these parameters', a generator state that is not one, AdamW
+    settings other than the optimizer's own (lr, betas, ...: they come from the settings
+    `check_resumable` compares), or values training cannot go on from (a parameter or moment
+    that is not finite, a step count that is not one finite number >= 0)."""
     where = state.source or f"the checkpoint at step {state.step}"
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
         model.load_state_dict(state.model)
         generator.set_state(state.rng)
@@ -207,16 +211,54 @@ def restore(
     except (RuntimeError, TypeError, ValueError, KeyError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{where}: its state does not fit the model ({first})") from None
-    for group in optimizer.param_groups:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{where}: its model parameter {name} is not finite")
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        changed = [key for key, value in own.items() if not _same(group.get(key), value)]
+        if changed:
+            raise InputError(
+                f"{where}: its AdamW settings differ from the optimizer's own "
+                f"({', '.join(changed)}: a checkpoint of other settings, or edited)"
+            )
         for param in group["params"]:
-            for name, value in optimizer.state.get(param, {}).items():
-                if name in ("exp_avg", "exp_avg_sq") and not (
-                    isinstance(value, torch.Tensor) and value.shape == param.shape
-                ):
-                    raise InputError(
-                        f"{where}: its state does not fit the model (AdamW {name} is not of "
-                        f"its parameter's shape {list(param.shape)})"
-                    )
+            _check_moments(optimizer.state.get(param, {}), param, where)
+
+
+def _same(got: object, want: object) -> bool:
+    """Whether a loaded optimizer setting is the built one: same type and value (a tuple's
+    items alike; a tensor where a number was is not)."""
+    if type(got) is not type(want):
+        return False
+    if isinstance(got, tuple) and isinstance(want, tuple):
+        return len(got) == len(want) and all(map(_same, got, want))
+    return bool(got == want)
+
+
+def _check_moments(moments: dict[str, object], param: torch.Tensor, where: str | Path) -> None:
+    """InputError unless a parameter's AdamW state is one training can go on from: moments of
+    its shape, finite (the second >= 0), and a step count that is one finite number >= 0."""
+    step = moments.get("step")
+    if step is not None and not (
+        isinstance(step, torch.Tensor)
+        and step.numel() == 1
+        and bool(torch.isfinite(step).all())
+        and bool((step >= 0).all())
+    ):
+        raise InputError(f"{where}: its AdamW step count is not one finite number >= 0")
+    for name in ("exp_avg", "exp_avg_sq"):
+        value = moments.get(name)
+        if value is None:
+            continue
+        if not (isinstance(value, torch.Tensor) and value.shape == param.shape):
+            raise InputError(
+                f"{where}: its state does not fit the model (AdamW {name} is not of its "
+                f"parameter's shape {list(param.shape)})"
+            )
+        if not bool(torch.isfinite(value).all()) or (
+            name == "exp_avg_sq" and bool((value < 0).any())
+        ):
+            raise InputError(f"{where}: its AdamW {name} is not finite (or is negative)")
 
 
 def check_resumable(state: TrainingState, config: dict[str, Any]) -> None:
