@@ -45,3 +45,16 @@ def test_each_panel_title_fits_over_its_panel(grpo_fixture, grpo_fixture_replay,
         title = left_title.get_window_extent(renderer)
         panel = ax.get_window_extent(renderer)
         assert title.x1 <= panel.x1 + 1, (left_title.get_text(), title.x1, panel.x1)
+
+
+def test_a_run_named_with_dollar_signs_is_plotted_as_named(grpo_fixture_replay, grpo_fixture,
+                                                           tmp_path):  # fmt: skip
+    """A run's name is text, never mathtext: `replay --plot` and `tune --plot` of a run named
+    `r$\\frac{a$x` ended 'internal error: ValueError: ... ParseSyntaxException' (exit 70)."""
+    from stabledrl_cli.tune.front import rank
+    from stabledrl_cli.tune.plot import plot_front
+
+    named = dataclasses.replace(grpo_fixture_replay, run=str(tmp_path / "r$\\frac{a$x"))
+    plot_replay(named, tmp_path / "replay.png", sd.open_run(grpo_fixture))
+    plot_front(rank(named, ["grpo", "stabledrl"]), tmp_path / "tune.png")
+    assert (tmp_path / "replay.png").stat().st_size and (tmp_path / "tune.png").stat().st_size

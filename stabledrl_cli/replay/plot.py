@@ -297,6 +297,7 @@ def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | N
         f"stabledrl replay of {Path(result.run).name}: what each policy's update would have "
         f"been on the recorded batches ({result.steps} steps, geometry {result.geometry})",
         fontsize=12,
+        parse_math=False,  # the run's name as written: a `$` in it started mathtext
     )
     fig.supxlabel(_footnote(result), fontsize=8)
     with output_path(target) as temp:

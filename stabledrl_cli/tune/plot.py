@@ -51,7 +51,9 @@ def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
         )
     ax.set_xlabel("risk steps (non-finite, spike or bias)")
     ax.set_ylabel("discarded gradient, median per step (%)")
-    ax.set_title(f"stabledrl tune: {Path(report.run).name} ({report.steps} steps)")
+    ax.set_title(  # the run's name as written: a `$` in it started mathtext
+        f"stabledrl tune: {Path(report.run).name} ({report.steps} steps)", parse_math=False
+    )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     else:
