@@ -18,6 +18,7 @@ ignored with a warning.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,7 +99,8 @@ def read_tfevents(path: Path) -> StepTable:
     plugins: dict[str, str] = {}
     for file in files:
         with open_log(file, TFEVENTS_LIMIT) as handle:
-            for offset, record in _records(handle, file, table):
+            size = os.fstat(handle.fileno()).st_size
+            for offset, record in _records(handle, file, table, size):
                 try:
                     _add_event(record, table, plugins)
                 except ProtoError as exc:
@@ -118,11 +120,15 @@ def read_tfevents(path: Path) -> StepTable:
     return table
 
 
-def _records(handle: BinaryIO, file: Path, table: StepTable) -> Iterator[tuple[int, memoryview]]:
-    """(offset, data) of each record, both checksums verified."""
+def _records(
+    handle: BinaryIO, file: Path, table: StepTable, size: int
+) -> Iterator[tuple[int, memoryview]]:
+    """(offset, data) of each record within the file's first `size` bytes (its size when it was
+    opened: records a live writer appends later are not read, or the import of a log written
+    faster than its checksums are computed would never end), both checksums verified."""
     offset = 0
     while True:
-        header = handle.read(12)
+        header = handle.read(min(12, size - offset))
         if not header:
             return
         if len(header) < 12:
@@ -136,7 +142,7 @@ def _records(handle: BinaryIO, file: Path, table: StepTable) -> Iterator[tuple[i
                 f"{file}: record at byte {offset} claims {length} bytes, over the "
                 f"{RECORD_LIMIT >> 20} MiB record limit"
             )
-        body = handle.read(length + 4)
+        body = handle.read(min(length + 4, size - offset - 12))
         if len(body) < length + 4:
             table.warnings.append(f"{file}: unfinished last record ignored (byte {offset})")
             return
