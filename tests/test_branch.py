@@ -4,6 +4,7 @@ runs, judged beside the one-step replay; the environment protocol; exit 3 withou
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -272,6 +273,9 @@ def test_a_checkpoint_whose_state_does_not_fit_the_model_exits_3(recorded, tmp_p
     assert not (run / "branches").exists()  # refused before a branch run is opened
 
 
+_CANNOT = "settings the example cannot take ("
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -285,6 +289,11 @@ def test_a_checkpoint_whose_state_does_not_fit_the_model_exits_3(recorded, tmp_p
         ({"group_size": 10**9}, "settings the example cannot take (a rollout of group_size"),
         ({"pretrain_batch": 10**9}, "settings the example cannot take (pretrain_batch must"),
         ({"digits": 10**9}, "settings the example cannot take (digits must be in [1, 64]"),
+        # a usage error 'meta must be JSON-serializable' (exit 2), or trained on NaN
+        ({"max_grad_norm": math.inf}, _CANNOT + "max_grad_norm must be a finite number > 0"),
+        ({"pretrain_noise": math.nan}, _CANNOT + "pretrain_noise must be a number in [0, 1]"),
+        ({"pretrain_lr": -1.0}, _CANNOT + "pretrain_lr must be a finite number > 0"),
+        ({"pretrain_steps": -3}, _CANNOT + "pretrain_steps must be >= 0"),
         ({"digits": None}, "setting digits is not an integer (a NoneType)"),
         ({"colour": 1}, "settings this version cannot use (unknown 'colour')"),
         ({"mu": None, "-": "mu"}, "settings this version cannot use (missing mu)"),

@@ -174,9 +174,17 @@ def test_threads_of_the_example_are_bounded(tmp_path, command: str, threads: str
         (["record", "--rl-steps", "1", "--seed", str(10**29)], "seed must be an integer in"),
         (["record", "--rl-steps", "1", "--seed", str(10**30)], "'--seed': not an integer"),
         (["record", "--rl-steps", "1", "--lr", "inf"], "lr must be a finite number > 0, got inf"),
+        (["record", "--rl-steps", "1", "--max-grad-norm", "inf"], "max_grad_norm must be a fin"),
         (["replay", "unused", "--guard", "skip-step:sigma=inf"], "sigma expects a finite number"),
     ],
-    ids=["watch-interval", "record-seed", "record-seed-digits", "record-lr-inf", "sigma-inf"],
+    ids=[
+        "watch-interval",
+        "record-seed",
+        "record-seed-digits",
+        "record-lr-inf",
+        "record-max-grad-norm-inf",
+        "sigma-inf",
+    ],
 )
 def test_huge_values_are_usage_errors(tmp_path, args: list[str], message: str) -> None:
     """time.sleep and torch.manual_seed overflowed on them (exit 70)."""

@@ -111,9 +111,18 @@ class ExampleConfig:
                 not (self.lr > 0 and math.isfinite(self.lr)),
                 f"lr must be a finite number > 0, got {self.lr}",
             ),
+            (  # finite: the manifest's meta holds it (JSON has no infinity)
+                not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)),
+                f"max_grad_norm must be a finite number > 0, got {self.max_grad_norm}",
+            ),
+            (self.pretrain_steps < 0, f"pretrain_steps must be >= 0, got {self.pretrain_steps}"),
             (
-                not (self.max_grad_norm > 0),
-                f"max_grad_norm must be > 0, got {self.max_grad_norm}",
+                not (self.pretrain_lr > 0 and math.isfinite(self.pretrain_lr)),
+                f"pretrain_lr must be a finite number > 0, got {self.pretrain_lr}",
+            ),
+            (
+                not 0 <= self.pretrain_noise <= 1,
+                f"pretrain_noise must be a number in [0, 1], got {self.pretrain_noise}",
             ),
             (
                 min(self.mu, self.group_size, self.prompts_per_rollout, self.digits) < 1,
