@@ -481,3 +481,15 @@ def test_the_legend_says_what_the_front_is():
         "f on the front (no other setting has as few risk steps and as little discarded "
         "gradient, and less of one)" in result.stdout
     )
+
+
+def test_a_bad_memory_budget_is_the_one_line_on_stderr(tmp_path):
+    """It was refused after the line 'tuning 1 setting over RUN' (two lines for one bad
+    option), and after the run was read: a missing run was named instead (exit 3)."""
+    for run in (FIXTURES / "grpo", tmp_path / "none"):
+        args = ["tune", str(run), "-p", "grpo", "--memory-budget", "0"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.splitlines() == [
+            "error: --memory-budget expects a size such as 256M or 1G, got '0'"
+        ]

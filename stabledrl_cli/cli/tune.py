@@ -146,6 +146,11 @@ def command(
     from stabledrl_cli.replay.engine import own_policy
 
     settings = expand_all(sweeps)
+    with option_names():  # a bad option is refused before the run is read or a line printed
+        budget = None if memory_budget is None else parse_size(memory_budget)
+        config = replace(
+            replay_config(device=device, threads=threads, memory_budget=budget), lean=True
+        )
     check_outputs(run, plot, {})
     chosen = replay_engine(engine, workers, ray_address)
     opened = open_run(run)
@@ -154,11 +159,6 @@ def command(
     if own is not None and own.spec not in specs:
         specs.append(own.spec)
     err.print(f"tuning {counted(len(settings), 'setting')} over {run}", highlight=False)
-    with option_names():
-        budget = None if memory_budget is None else parse_size(memory_budget)
-        config = replace(
-            replay_config(device=device, threads=threads, memory_budget=budget), lean=True
-        )
     result = replay_with_progress(opened, specs, config, chosen)
     if keep_own:
         print_own_policy_note(opened, err)
