@@ -440,3 +440,18 @@ def test_own_likelihood_per_token_leaves_out_entries_without_tokens():
     assert own_likelihood(logp_old, mask, counts) == -1.5  # median of -1 and -2
     assert own_likelihood(logp_old, mask) == -10.0
     assert np.isnan(own_likelihood(logp_old[2:3], mask[2:3], counts[2:3]))
+
+
+def test_rewards_below_the_declared_range_are_judged_from_their_own_floor():
+    """A run that declares reward_range (0, 1) but logs rewards in [-1, 0] (a -1/0 reward, or
+    a range written for another task): every level reward - 0 was negative, the best never
+    positive, so a collapse from -0.1 to -0.95 was never reported (None). The floor is the
+    lower of the declared low end and the lowest recorded reward."""
+    steps = np.arange(200)
+    curve = _noisy(np.where(steps < 120, np.minimum(-0.9 + steps / 60, -0.1), -0.95))
+    declared = observed_reward_collapse(steps, curve, reward_range=(-1.0, 0.0))
+    assert declared is not None
+    assert observed_reward_collapse(steps, curve, reward_range=(0.0, 1.0)) == declared
+    partly = np.where(steps < 120, 0.8, -0.2)  # falls below the declared range at step 120
+    found = observed_reward_collapse(steps, _noisy(partly), reward_range=(0.0, 1.0))
+    assert found is not None and 120 <= found < 130

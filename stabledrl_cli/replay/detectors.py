@@ -100,7 +100,8 @@ def observed_reward_collapse(
 
     steps, rewards: [S] (per recorded step, e.g. the `reward_mean` scalar). With W = `window`
     (fixed: a trajectory's collapse step does not move when it is recorded longer) and m the
-    rolling mean of reward - floor over W steps (floor = reward_range[0], else min(rewards)):
+    rolling mean of reward - floor over W steps (floor = min(rewards), or reward_range[0] when
+    lower):
     the first step i where m falls below half of its best value so far and stays below that
     level for 2W steps, or to the end of the run, and where the drop is beyond the reward's
     noise: best - max(m[i : i + 2W]) > (c + sqrt(2 ln(n_i / W))) * sigma_i / sqrt(W), with
@@ -117,7 +118,11 @@ def observed_reward_collapse(
     n = rewards.shape[0]
     if n < window or not np.isfinite(rewards).any():
         return None
-    floor = reward_range[0] if reward_range is not None else float(np.nanmin(rewards))
+    # A declared range the rewards fall below (a -1/0 reward declared (0, 1)) would leave every
+    # level negative, the best never positive: no collapse could ever be found.
+    floor = float(np.nanmin(rewards))
+    if reward_range is not None:
+        floor = min(floor, reward_range[0])
     level = rolling_mean(rewards - floor, window)
     best = np.fmax.accumulate(level)  # NaN until the first full window; NaN never wins
     threshold = 0.5 * best
