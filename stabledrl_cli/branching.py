@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, BranchRequest, branch_dir
-from stabledrl_cli.dump import open_run
+from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._directory import symlink_refused
 from stabledrl_cli.dump._schema import STEPS_DIR
 from stabledrl_cli.errors import InputError, UsageError
@@ -33,7 +33,7 @@ from stabledrl_cli.example.branch import train_branch
 from stabledrl_cli.example.checkpoint import CHECKPOINTS_DIR, list_checkpoints
 from stabledrl_cli.example.config import MAX_RL_STEPS
 from stabledrl_cli.policies import get_policy
-from stabledrl_cli.replay.detectors import observed_reward_collapse
+from stabledrl_cli.replay.detectors import observed_reward_collapse, reward_draws
 from stabledrl_cli.replay.engine import replay
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
@@ -188,6 +188,11 @@ def _trajectory_collapse(
     return observed_reward_collapse(steps, rewards, reward_range)
 
 
+def _draws(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """The run's reward_mean, one a rollout (`detectors.reward_draws`)."""
+    return reward_draws(*run.scalar_series("reward_mean"), *run.scalar_series("inner_step"))
+
+
 def _final_reward(rewards: np.ndarray) -> float | None:
     finite = rewards[np.isfinite(rewards)]
     if not finite.size:
@@ -287,7 +292,7 @@ def run_branches(
             raise UsageError(
                 f"{taken[0]} is not empty; pass --force (force=True) to overwrite the branches"
             )
-    original_rewards = original.scalar_series("reward_mean")
+    original_rewards = _draws(original)
     outcomes = []
     replayed = replay(original, policies=specs, device=device)
     for request in requests:
@@ -309,7 +314,7 @@ def run_branches(
                 span=(min(trained), max(trained)) if trained else None,
                 replayed_in_span=len(covered.intersection(trained)),
                 first_reward_collapse=_trajectory_collapse(
-                    original_rewards, branch_rewards, at_step, original.reward_range
+                    original_rewards, _draws(branch), at_step, original.reward_range
                 ),
                 final_reward=_final_reward(branch_rewards[1]),
                 replay_collapsed_steps=[s for s in summary.collapsed_steps if s >= at_step],

@@ -78,13 +78,13 @@ def test_inspect_json(run_dir):
     assert data["size_bytes"] == on_disk
     assert data["integrity"] == {"ok": True, "findings": [], "groups": []}
     observed = data["observed"]
-    assert observed["first_reward_collapse"] == 45
+    assert observed["first_reward_collapse"] == 50  # one reward a rollout: the even steps
     assert observed["recorded_spike_steps"] == [25] and observed["nonfinite_steps"] == [33]
     assert 0.03 < observed["noise_floor_logratio_std"] < 0.07  # the 0.05 noise we put in
     assert observed["reward_curve"]["first"] == pytest.approx(0.8)
     # Measured at inner_step 0 (even steps): the mean of 3 falls > 0.5 nats at step 38.
     warning = observed["collapse_warning"]
-    assert warning["first_step"] == 38 and warning["lead_steps"] == 45 - 38
+    assert warning["first_step"] == 38 and warning["lead_steps"] == 50 - 38
     assert warning["steps"][0] == 38 and all(s % 2 == 0 for s in warning["steps"])
 
 
@@ -97,7 +97,7 @@ def test_inspect_table(run_dir):
         "min 24, median 28, max 32",
         "Integrity: ok",
         "first reward collapse",
-        "step 45",
+        "step 50",
         "collapse warning",
         "first at step 38 (own-sample likelihood fell by > 0.5 nats",
         "meta.model",

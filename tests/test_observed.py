@@ -301,7 +301,9 @@ def test_observe_a_recorded_run(tmp_path):
                 inner_step=inner,
             )
     observed = observe(sd.open_run(path))
-    assert observed.first_reward_collapse == 45  # 10-step mean: (4 x 0.8 + 6 x 0.05) / 10 < 0.4
+    # One draw a rollout (the even steps, inner_step 0): the 10-draw mean of draws 16-25,
+    # (4 x 0.8 + 6 x 0.05) / 10 < 0.4, ends at step 50.
+    assert observed.first_reward_collapse == 50
     assert observed.recorded_spike_steps == [25]
     assert observed.nonfinite_steps == [33]
     reference = torch.cat(logratios)
@@ -455,3 +457,32 @@ def test_rewards_below_the_declared_range_are_judged_from_their_own_floor():
     partly = np.where(steps < 120, 0.8, -0.2)  # falls below the declared range at step 120
     found = observed_reward_collapse(steps, _noisy(partly), reward_range=(0.0, 1.0))
     assert found is not None and 120 <= found < 130
+
+
+def _reused_run(path, draws: np.ndarray, mu: int, *, inner_step: bool = True):
+    """A scalar run logging each rollout's success rate on `mu` optimizer steps (ppo_epochs,
+    num_iterations), inner_step 0 .. mu - 1 on them when `inner_step`."""
+    with sd.Recorder(path, policy=None, reward_range=(0.0, 1.0)) as rec:
+        for step, reward in enumerate(np.repeat(draws, mu)):
+            extra = {"inner_step": step % mu} if inner_step else {}
+            rec.log_step(step, reward_mean=float(reward), **extra)
+    return sd.open_run(path)
+
+
+def test_a_rollout_reused_over_several_steps_counts_as_one_reward_draw(tmp_path):
+    """A flat 2 % success rate over 16 samples, each rollout's reward logged on the mu = 4
+    steps that reuse it: every logged step counted as an independent draw (3 of 4 successive
+    differences 0, the noise taken for half of what it is, a window of 10 steps holding 2.5
+    draws), so 10 of these 10 runs were reported collapsed. The steps with inner_step > 0 are
+    left out: the rule reads one draw a rollout, and a real fall is still found."""
+    reported = [
+        observe(_reused_run(tmp_path / f"flat{seed}", _success_rates(0.02, 16, 75, seed), 4))
+        for seed in range(10)
+    ]
+    assert [o.first_reward_collapse for o in reported] == [None] * 10
+    assert reported[0].reward_windows == 75 - 10 + 1  # windows of draws, not of steps
+    rates = np.where(np.arange(75) < 40, 0.3, 0.03)
+    falling = observe(_reused_run(tmp_path / "falling", _success_rates(rates, 16, 75, 0), 4))
+    assert falling.first_reward_collapse is not None
+    assert 4 * (40 - 10) <= falling.first_reward_collapse < 4 * (40 + 20)
+    assert falling.first_reward_collapse % 4 == 0  # a rollout's first step

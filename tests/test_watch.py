@@ -97,7 +97,7 @@ def test_a_watcher_follows_a_run_landing_step_by_step(grpo_fixture, grpo_replay,
     assert state.drift_steps == expected.drift_steps
     assert state.nonfinite_steps == grpo_replay.observed.nonfinite_steps == [92, 93, 94, 95]
     assert state.collapse_warning == grpo_replay.observed.collapse_warning.first_step == 60
-    assert state.first_reward_collapse == grpo_replay.observed.first_reward_collapse == 108
+    assert state.first_reward_collapse == grpo_replay.observed.first_reward_collapse == 132
     assert [a.step for a in alerts if a.kind == "risk"] == expected.collapsed_steps
     assert [a.step for a in alerts if a.kind == "collapse_warning"] == [60]
     assert [a.step for a in alerts if a.kind == "nonfinite"] == [92, 93, 94, 95]

@@ -139,6 +139,20 @@ def observed_reward_collapse(
     return int(steps[hits[0]]) if hits.size else None
 
 
+def reward_draws(
+    steps: np.ndarray, rewards: np.ndarray, inner_steps: np.ndarray, inner_step: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rewards the observed-collapse rule reads: one a rollout. A rollout reused over mu
+    optimizer steps (ppo_epochs, num_iterations) logs its reward on each of them; the steps
+    whose recorded `inner_step` is above 0 repeat their rollout's draw and are left out.
+
+    steps, rewards: [S] the reward_mean series; inner_steps, inner_step: [I] the inner_step
+    series (steps without one are kept) -> ([D] steps, [D] rewards)."""
+    reused = inner_steps[np.asarray(inner_step, dtype=np.float64) > 0]
+    keep = ~np.isin(steps, reused)
+    return steps[keep], rewards[keep]
+
+
 def luck_of_the_best(length: int, window: int) -> np.ndarray:
     """[length]: sqrt(2 ln(n_i / window)) (0 while n_i <= window), with n_i = i + 1 the values
     up to i: about how many standard errors the best of n_i / window independent

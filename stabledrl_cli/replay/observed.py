@@ -23,6 +23,7 @@ from stabledrl_cli.replay.detectors import (
     observed_reward_collapse,
     own_likelihood,
     own_likelihood_series,
+    reward_draws,
     rolling_mean,
     spike_flags,
 )
@@ -367,8 +368,10 @@ def observe(
     them step by step); None: replayed here.
     """
     config = config or ReplayConfig()
-    series = run.scalar_series_many(["reward_mean", "grad_norm", "loss", *NONFINITE_COUNTS])
-    reward_steps, rewards = series["reward_mean"]
+    series = run.scalar_series_many(
+        ["reward_mean", "inner_step", "grad_norm", "loss", *NONFINITE_COUNTS]
+    )
+    reward_steps, rewards = reward_draws(*series["reward_mean"], *series["inner_step"])
     norm_steps, grad_norms = series["grad_norm"]
     bad = np.union1d(
         *(
