@@ -625,7 +625,7 @@ def test_mismatched_array_lengths_skip_the_step_and_say_so(tmp_path):
         and "step 1" in result.stderr
     )
     assert "logp_old" in result.stderr and "replayed 2" in result.stderr
-    check = runner.invoke(app, ["check", str(path), "--max-collapsed", "9", "--device", "cpu"])
+    check = runner.invoke(app, ["check", str(path), "--max-nonfinite", "9", "--device", "cpu"])
     assert (
         check.exit_code == 0 and "skipped 1 unreadable, incomplete or invalid step" in check.stderr
     )

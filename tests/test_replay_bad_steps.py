@@ -98,7 +98,7 @@ def test_replay_check_and_watch_skip_a_bad_step_and_name_it_once(tmp_path, make,
     assert f"replayed {STEPS - 1}" in replayed.stderr
 
     checked = runner.invoke(
-        app, ["check", str(run), "--max-collapsed", "100", "--format", "json", "--device", "cpu"]
+        app, ["check", str(run), "--max-nonfinite", "100", "--format", "json", "--device", "cpu"]
     )
     assert checked.exit_code == 0, checked.stderr
     assert json.loads(checked.stdout)["steps"] == STEPS - 1
@@ -147,7 +147,7 @@ def test_a_run_whose_every_step_is_bad_exits_3_with_one_line(tmp_path, command):
     run = bad_seq_id(tiny_run(tmp_path / "run", steps=3))
     args = {
         "replay": ["replay", str(run), "--device", "cpu"],
-        "check": ["check", str(run), "--max-collapsed", "100", "--device", "cpu"],
+        "check": ["check", str(run), "--max-nonfinite", "100", "--device", "cpu"],
         "watch": ["watch", str(run), "--once"],
     }[command]
     result = runner.invoke(app, args)

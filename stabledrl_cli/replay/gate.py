@@ -5,7 +5,8 @@ A policy in the baseline that the check did not replay (a policy list that leave
 a spec the catalogue renamed) is a tripped gate `baseline.present`: CI must not pass by
 silently checking less than the baseline covers. So is a recorded series the baseline gates
 that the run did not record, and a baseline's `observed` figure whose rule judged no step of
-the run (`Observed.unjudged`).
+the run (`Observed.unjudged`). A gate whose own rule judged nothing trips too, saying why
+(`max_collapsed`, "not judged", for a policy whose updates the spike rule judged none of).
 
 Run-level gates read the recorded run (`recorded.RecordedRun`), so a run without a policy batch
 (an imported log, an optimizer-hook recording) is gated too: --fail-on-collapse (the observed
@@ -263,23 +264,31 @@ def _discard_gate(p: PolicyResult, limit: float) -> GateResult:
     )
 
 
+def _collapsed_gate(p: PolicyResult, limit: int) -> GateResult:
+    """--max-collapsed. Where the spike rule judged no step of the policy, its count holds the
+    non-finite updates alone: over the limit it trips as judged (spikes could only add to
+    it); within it the gate trips "not judged", as a pass would claim no spike."""
+    steps = p.summary.collapsed_steps
+    unjudged = p.summary.unjudged.get("spike")
+    if unjudged is not None and len(steps) <= limit:
+        counts = counted(len(steps), "collapsed step") if steps else "no collapsed step"
+        why = f"not judged: {unjudged}: {counts} counted (non-finite updates only), limit {limit}"
+        return _unjudged_gate("max_collapsed", limit, why, policy=p.spec)
+    return GateResult(
+        policy=p.spec,
+        gate="max_collapsed",
+        ok=len(steps) <= limit,
+        figure=float(len(steps)),
+        limit=float(limit),
+        message=f"{counted(len(steps), 'collapsed step')}, limit {limit}"
+        + (f" (steps {_steps_shown(steps)})" if steps else ""),
+    )
+
+
 def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
     found = []
-    summary = p.summary
     if gates.max_collapsed is not None:
-        steps = summary.collapsed_steps
-        shown = _steps_shown(steps)
-        found.append(
-            GateResult(
-                policy=p.spec,
-                gate="max_collapsed",
-                ok=len(steps) <= gates.max_collapsed,
-                figure=float(len(steps)),
-                limit=float(gates.max_collapsed),
-                message=f"{counted(len(steps), 'collapsed step')}, "
-                f"limit {gates.max_collapsed}" + (f" (steps {shown})" if steps else ""),
-            )
-        )
+        found.append(_collapsed_gate(p, gates.max_collapsed))
     if gates.max_discard_frac is not None:
         found.append(_discard_gate(p, gates.max_discard_frac))
     if gates.max_nonfinite is not None:
