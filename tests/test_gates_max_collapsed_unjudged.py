@@ -8,6 +8,7 @@ import json
 
 import torch
 from _cli import run_cli
+from test_gates_unjudged import _baseline
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -82,3 +83,36 @@ def test_max_collapsed_not_judged_fails_in_a_process(tmp_path):
     assert done.returncode == 1, done.stderr
     assert f"grpo max_collapsed: {SPIKES_UNJUDGED}" in done.stderr
     assert "check passed" not in done.stderr
+
+
+def _baseline_gates(run, baseline) -> tuple[int, list[dict[str, object]]]:
+    result = runner.invoke(
+        app, ["check", str(run), "-b", str(baseline), "--device", "cpu", "--format", "json"]
+    )
+    return result.exit_code, json.loads(result.stdout)["gates"]
+
+
+def test_a_baseline_collapsed_steps_the_spike_rule_judged_nothing_of_trips(tmp_path):
+    """A baseline's collapsed_steps 0 passed a 3-step run (exit 0, '1 gate holds'), where the
+    spike rule judged no step: its 0 counted non-finite updates only. It trips
+    `baseline.present`, saying so; more non-finite updates than the baseline still trip as a
+    regression; --write-baseline leaves the figure out."""
+    run = _policy_run(tmp_path / "short", 3)
+    baseline = _baseline(tmp_path / "b.json", {}, {"grpo": {"collapsed_steps": {"value": 0}}})
+    code, (gate,) = _baseline_gates(run, baseline)
+    assert code == 1
+    assert (gate["policy"], gate["gate"], gate["ok"]) == ("grpo", "baseline.present", False)
+    assert gate["message"] == (
+        "collapsed_steps is in the baseline, but for 'grpo' it is not judged: the spike rule "
+        "judges a step after 5 finite, nonzero update norms of one kind, and the policy has 3"
+    )
+    nan = _policy_run(tmp_path / "nan", 3, nonfinite_at=1)
+    code, (gate,) = _baseline_gates(nan, baseline)
+    assert (code, gate["gate"], gate["figure"]) == (1, "baseline.collapsed_steps", 1)
+    written = tmp_path / "own.json"
+    done = runner.invoke(
+        app, ["check", str(run), "--write-baseline", str(written), "--device", "cpu"]
+    )
+    assert done.exit_code == 0, done.output
+    figures = json.loads(written.read_text())["policies"]["grpo"]
+    assert "collapsed_steps" not in figures and "discard_frac" in figures

@@ -120,7 +120,7 @@ def test_fail_on_collapse_on_an_unjudged_reward_fails_in_a_process_and_in_watch(
     )
 
 
-def _baseline(path, observed: dict[str, object]):
+def _baseline(path, observed: dict[str, object], policies: dict[str, object] | None = None):
     path.write_text(
         json.dumps(
             {
@@ -128,7 +128,7 @@ def _baseline(path, observed: dict[str, object]):
                 "version": 1,
                 "replay": {"spike_factor": 10.0, "window": 20, "drift_threshold": -0.1},
                 "observed": observed,
-                "policies": {},
+                "policies": policies or {},
             }
         )
     )

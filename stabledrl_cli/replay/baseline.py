@@ -530,6 +530,22 @@ FINITE_UPDATE_METRICS = ("discard_frac", "drift_steps")
 clipped, a NaN push never drifts): of a policy with none, they say nothing."""
 
 
+METRIC_RULES = {"collapsed_steps": "spike"}
+"""Policy figures that count the steps a rule flags, by the rule (`PolicySummary.unjudged`'s
+key): where it judged no step of the policy, the count says nothing (non-finite updates only,
+for collapsed_steps)."""
+
+
+def unjudged_metric(p: PolicyResult, name: str) -> str | None:
+    """Why the rule counted by the policy figure `name` judged no step of the policy; None when
+    it judged some, when every update is non-finite (every step is counted: nothing is left
+    for the rule), or when `name` counts no rule's steps."""
+    rule = METRIC_RULES.get(name)
+    if rule is None or no_finite_update(p) is not None:
+        return None
+    return p.summary.unjudged.get(rule)
+
+
 def no_finite_update(p: PolicyResult, *, named: bool = False) -> str | None:
     """Why `FINITE_UPDATE_METRICS` say nothing of the policy (`named`: naming it): every
     replayed step's update is non-finite; None when some is finite."""
@@ -564,7 +580,7 @@ def baseline_dict(
             else:
                 abs_tol, rel_tol = rule.abs_tol, rule.rel_tol
             value = rule.measure(p.summary)
-            if value is None or name in silent:
+            if value is None or name in silent or unjudged_metric(p, name) is not None:
                 continue  # no finite value, or a figure that says nothing: nothing to gate
             entry = Tolerance(
                 value=value, worse=rule.worse, abs_tol=abs_tol, rel_tol=rel_tol

@@ -29,6 +29,7 @@ from stabledrl_cli.replay.baseline import (
     Baseline,
     Tolerance,
     no_finite_update,
+    unjudged_metric,
 )
 from stabledrl_cli.replay.figures import RUN_STEPS, policy_metrics, run_figure
 from stabledrl_cli.replay.observed import Observed
@@ -382,6 +383,15 @@ def evaluate(
                 found.append(_absent(p.spec, f"{name} is in the baseline, but {unjudged}"))
                 continue
             figure = rules[name].measure(p.summary)
+            why = unjudged_metric(p, name)
+            if why is not None and not tol.tripped(figure):  # beyond it, judged: a trip
+                found.append(
+                    _absent(
+                        p.spec,
+                        f"{name} is in the baseline, but for {p.spec!r} it is not judged: {why}",
+                    )
+                )
+                continue
             if figure is None and tol.worse == "lower":  # none read as infinity would pass
                 found.append(
                     _absent(
