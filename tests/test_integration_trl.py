@@ -123,6 +123,26 @@ MAPPING = [
         {"loss_type": "grpo", "importance_sampling_level": "sequence"},
         "gspo:eps_high=0.2,eps_low=0.2",
     ),
+    (
+        {"loss_type": "dapo", "importance_sampling_level": "sequence"},
+        "gspo:agg=recorded,eps_high=0.2,eps_low=0.2",
+    ),
+    (
+        {
+            "loss_type": "dapo",
+            "importance_sampling_level": "sequence",
+            "gradient_accumulation_steps": 4,
+        },
+        "gspo:agg=token-mean,eps_high=0.2,eps_low=0.2",
+    ),
+    (
+        {"loss_type": "bnpo", "importance_sampling_level": "sequence"},
+        "gspo:agg=micro-token-mean,eps_high=0.2,eps_low=0.2",
+    ),
+    (
+        {"loss_type": "dr_grpo", "importance_sampling_level": "sequence"},
+        "gspo:agg=constant,eps_high=0.2,eps_low=0.2,max_len=6",
+    ),
     ({"loss_type": "grpo", "delta": 1.5}, "two-sided:agg=seq-mean-token-mean,delta=1.5"),
     ({"loss_type": "grpo", "beta": 0.04, "use_bias_correction_kl": False}, "grpo:beta=0.04"),
     ({"loss_type": "grpo", "mask_truncated_completions": True}, "grpo:rows=all"),
@@ -200,7 +220,8 @@ def test_a_rollout_func_maps_sequence_means_to_every_row(
 
 REFUSED = [
     ({"loss_type": "sapo", "importance_sampling_level": "sequence"}, "sequence-level"),
-    ({"loss_type": "dapo", "importance_sampling_level": "sequence"}, "'grpo', 'luspo', 'vespo'"),
+    ({"loss_type": "cispo", "importance_sampling_level": "sequence"}, "'dapo', 'luspo', 'vespo'"),
+    ({"loss_type": "dapo", "importance_sampling_level": "sequence", "delta": 2.0}, "delta"),
     ({"loss_type": "grpo", "importance_sampling_level": "sequence", "delta": 2.0}, "delta"),
     ({"loss_type": "luspo", "importance_sampling_level": "sequence", "delta": 2.0}, "delta"),
     (
@@ -229,15 +250,15 @@ def test_a_refused_config_under_record_is_one_line_and_exit_2(tiny: Any, tmp_pat
         "from tiny_grpo import *\n"
         "from stabledrl_cli.integrations.trl import RecordingGRPOTrainer\n"
         "RecordingGRPOTrainer(model=tiny_model(), reward_funcs=count_b,\n"
-        "    args=tiny_config('o', loss_type='bnpo', importance_sampling_level='sequence'),\n"
+        "    args=tiny_config('o', loss_type='cispo', importance_sampling_level='sequence'),\n"
         "    train_dataset=tiny_dataset(), processing_class=tiny_tokenizer())\n"
     )
     done, errors = record_python(script, cwd=tmp_path, env=child_env())
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert errors == [
-        "error: cannot record this TRL run: sequence-level sampling with loss_type 'bnpo'; "
-        "only 'grpo', 'luspo', 'vespo' map"
+        "error: cannot record this TRL run: sequence-level sampling with loss_type 'cispo'; "
+        "only 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo', 'vespo' map"
     ], done.stderr
 
 
@@ -362,6 +383,9 @@ SEQUENCE_CLIP = {
     "luspo-sequence",
     "gspo-beta-off-policy",
     "luspo-sequence-beta",
+    "gspo-dapo",
+    "gspo-bnpo",
+    "gspo-dr_grpo",
 }
 """Sequence-level cases: TRL's clip_ratio/* count each micro-batch's clipped rows (one
 sequence ratio a row)."""

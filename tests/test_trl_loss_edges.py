@@ -184,6 +184,19 @@ CONFIGS = {
         "mask_truncated_completions": True,
     },
     "luspo-sequence": {"loss_type": "luspo", "importance_sampling_level": "sequence"},
+    # GSPO with another aggregation: the sequence ratio's clip, TRL's loss_type normaliser
+    "gspo-dapo": {"loss_type": "dapo", "importance_sampling_level": "sequence"},
+    "gspo-dapo-recorded": {
+        "loss_type": "dapo",
+        "importance_sampling_level": "sequence",
+        "steps_per_generation": 4,
+    },
+    "gspo-bnpo": {"loss_type": "bnpo", "importance_sampling_level": "sequence"},
+    "gspo-dr_grpo": {
+        "loss_type": "dr_grpo",
+        "importance_sampling_level": "sequence",
+        "mask_truncated_completions": True,
+    },
     # sapo, cispo and vespo: TRL's loss ignores delta, and the recorder keeps their spec
     "sapo-delta": {"loss_type": "sapo", "delta": 1.5, "mask_truncated_completions": True},
     "cispo-delta": {"loss_type": "cispo", "delta": 1.5},

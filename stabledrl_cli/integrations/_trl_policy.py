@@ -13,7 +13,10 @@ reproduces TRL's loss (docs/policies.md).
 |                                              | rows=all (gspo:... when sequence-level)           |
 | loss_type="vespo"                            | vespo:k_pos,lambda_pos,k_neg,lambda_neg,          |
 |                                              | agg=token-mean or recorded                        |
-| importance_sampling_level="sequence" (grpo)  | gspo:eps_low,eps_high                             |
+| importance_sampling_level="sequence"         | gspo:eps_low,eps_high with the loss type's agg    |
+| (grpo, bnpo, dr_grpo, dapo, luspo)           | (grpo: seq-mean-token-mean, bnpo:                 |
+|                                              | micro-token-mean, dr_grpo: constant, dapo:        |
+|                                              | token-mean or recorded)                           |
 | delta (grpo, bnpo, dr_grpo, dapo, luspo)     | two-sided:delta,... (same agg)                    |
 | mask_truncated_completions or a rollout_func | the same spec with rows=all                       |
 | (grpo, sapo, dr_grpo, gspo)                  |                                                   |
@@ -36,8 +39,8 @@ not contain, and the run's own normaliser is replayed from the recorded `loss_sc
 row. vespo ignores delta, as TRL does.
 
 Refused, one line each (the catalogue cannot express them, so recording them would be
-wrong): sequence-level sampling with a loss type other than grpo, luspo or vespo, or with
-delta; beta > 0 with `use_bias_correction_kl` and sequence-level sampling (the KL times the
+wrong): sequence-level sampling with cispo or sapo (a sequence ratio under their rule), or
+with delta; beta > 0 with `use_bias_correction_kl` and sequence-level sampling (the KL times the
 sequence ratio); vespo with vLLM importance sampling (TRL folds the sampler's ratio into w); the
 entropy bonus (`entropy_coef`, `use_adaptive_entropy`); an MoE router loss.
 
@@ -56,11 +59,12 @@ from stabledrl_cli.policies import Policy, get_policy
 from stabledrl_cli.spec import SpecValue, format_spec
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-"""TRL 1.16's loss types, each recorded (gspo: grpo or luspo with sequence-level sampling)."""
+"""TRL 1.16's loss types, each recorded (gspo: a PPO-clip type with sequence-level sampling)."""
 
 _PPO_NAMES = {"grpo": "grpo", "bnpo": "ppo", "dr_grpo": "ppo", "dapo": "dapo", "luspo": "ppo"}
-_SEQUENCE_LEVEL = ("grpo", "luspo", "vespo")
-"""Loss types whose loss TRL's sequence-level sampling leaves expressible (vespo's ignores it)."""
+_SEQUENCE_LEVEL = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "vespo")
+"""Loss types whose loss TRL's sequence-level sampling leaves expressible: the PPO clip of the
+sequence ratio (gspo) under the loss type's own normaliser (vespo's ignores it)."""
 
 
 _ROUTER_LOSS = "the MoE router loss (router_aux_loss_coef) is not in the catalogue"
@@ -163,11 +167,7 @@ def policy_for_config(config: Any, *, aux_loss: bool = False, rollout_func: bool
             },
         )
     elif config.importance_sampling_level == "sequence":
-        name, params = "gspo", dict(epsilons)
-        if loss_type == "luspo":
-            params.update(_aggregation(config, every_row))
-        elif every_row:
-            params["rows"] = "all"
+        name, params = "gspo", {**epsilons, **_aggregation(config, every_row)}
     elif loss_type == "cispo":
         name, params = "cispo", {"cap": epsilons["eps_high"], **_aggregation(config, every_row)}
     elif loss_type == "sapo":

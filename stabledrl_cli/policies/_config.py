@@ -264,7 +264,7 @@ class GSPOConfig(AggConfig):
 
     agg: Agg = "seq-mean-token-mean"
     """As `AggConfig.agg`; TRL's sequence-level grpo is seq-mean-token-mean, its sequence-level
-    luspo seq-mean-token-sum with rows=all."""
+    luspo seq-mean-token-sum with rows=all (bnpo, dr_grpo and dapo: their own agg)."""
 
     eps_low: float = 3e-4
     """Lower clip of the sequence ratio: 1 - eps_low (GSPO paper 3e-4)."""

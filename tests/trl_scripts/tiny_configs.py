@@ -89,6 +89,18 @@ PARITY: dict[str, dict[str, Any]] = {
         "importance_sampling_level": "sequence",
         "mask_truncated_completions": True,
     },
+    # sequence-level sampling under the other PPO-clip loss types: gspo, their normaliser
+    "gspo-dapo": {
+        "loss_type": "dapo",
+        "importance_sampling_level": "sequence",
+        "epsilon_high": 0.28,
+    },
+    "gspo-bnpo": {
+        "loss_type": "bnpo",
+        "importance_sampling_level": "sequence",
+        "mask_truncated_completions": True,
+    },
+    "gspo-dr_grpo": {"loss_type": "dr_grpo", "importance_sampling_level": "sequence"},
     "sapo-beta-truncated": {
         "loss_type": "sapo",
         "beta": 0.1,
