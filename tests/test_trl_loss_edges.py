@@ -213,6 +213,85 @@ CONFIGS = {
         "use_vllm": True,
         "vllm_importance_sampling_correction": True,
     },
+    # weights on a sequence ratio, vLLM weights under the other loss types, asymmetric eps
+    "gspo-entropy": {
+        "mask_truncated_completions": True,
+        "loss_type": "grpo",
+        "importance_sampling_level": "sequence",
+        "top_entropy_quantile": 0.5,
+    },
+    "gspo-dapo-vllm": {
+        "loss_type": "dapo",
+        "importance_sampling_level": "sequence",
+        "use_vllm": True,
+        "vllm_importance_sampling_correction": True,
+    },
+    "gspo-bnpo-vllm-beta": {
+        "loss_type": "bnpo",
+        "importance_sampling_level": "sequence",
+        "use_vllm": True,
+        "vllm_importance_sampling_correction": True,
+        "beta": 0.1,
+        "use_bias_correction_kl": False,
+    },
+    "dr-entropy-trunc": {
+        "loss_type": "dr_grpo",
+        "top_entropy_quantile": 0.3,
+        "mask_truncated_completions": True,
+    },
+    "luspo-vllm": {
+        "loss_type": "luspo",
+        "use_vllm": True,
+        "vllm_importance_sampling_correction": True,
+    },
+    "delta-eps": {
+        "mask_truncated_completions": True,
+        "loss_type": "grpo",
+        "epsilon": 0.1,
+        "epsilon_high": 0.3,
+        "delta": 1.5,
+    },
+    "cispo-vllm": {
+        "loss_type": "cispo",
+        "use_vllm": True,
+        "vllm_importance_sampling_correction": True,
+    },
+    "sapo-entropy-vllm": {
+        "mask_truncated_completions": True,
+        "loss_type": "sapo",
+        "top_entropy_quantile": 0.5,
+        "use_vllm": True,
+        "vllm_importance_sampling_correction": True,
+    },
+    "grpo-beta-biaskl-vllm": {
+        "mask_truncated_completions": True,
+        "loss_type": "grpo",
+        "beta": 0.1,
+        "use_vllm": True,
+        "vllm_importance_sampling_correction": True,
+    },
+    "dapo-offpolicy-vllm": {
+        "loss_type": "dapo",
+        "off_policy_mask_threshold": 0.05,
+        "use_vllm": True,
+        "vllm_importance_sampling_correction": True,
+    },
+    "gspo-offpolicy-trunc": {
+        "loss_type": "dapo",
+        "importance_sampling_level": "sequence",
+        "off_policy_mask_threshold": 0.05,
+        "mask_truncated_completions": True,
+    },
+    "vespo-seq-entropy": {
+        "loss_type": "vespo",
+        "importance_sampling_level": "sequence",
+        "top_entropy_quantile": 0.5,
+    },
+    "luspo-seq-entropy": {
+        "loss_type": "luspo",
+        "importance_sampling_level": "sequence",
+        "top_entropy_quantile": 0.5,
+    },
 }
 
 
