@@ -144,6 +144,14 @@ MAPPING = [
         "gspo:agg=constant,eps_high=0.2,eps_low=0.2,max_len=6",
     ),
     ({"loss_type": "grpo", "delta": 1.5}, "two-sided:agg=seq-mean-token-mean,delta=1.5"),
+    (
+        {"loss_type": "grpo", "importance_sampling_level": "sequence", "delta": 2.0},
+        "gspo:delta=2,eps_high=0.2,eps_low=0.2",
+    ),
+    (
+        {"loss_type": "dapo", "importance_sampling_level": "sequence", "delta": 2.0},
+        "gspo:agg=recorded,delta=2,eps_high=0.2,eps_low=0.2",
+    ),
     ({"loss_type": "grpo", "beta": 0.04, "use_bias_correction_kl": False}, "grpo:beta=0.04"),
     ({"loss_type": "grpo", "mask_truncated_completions": True}, "grpo:rows=all"),
     (
@@ -221,9 +229,6 @@ def test_a_rollout_func_maps_sequence_means_to_every_row(
 REFUSED = [
     ({"loss_type": "sapo", "importance_sampling_level": "sequence"}, "sequence-level"),
     ({"loss_type": "cispo", "importance_sampling_level": "sequence"}, "'dapo', 'luspo', 'vespo'"),
-    ({"loss_type": "dapo", "importance_sampling_level": "sequence", "delta": 2.0}, "delta"),
-    ({"loss_type": "grpo", "importance_sampling_level": "sequence", "delta": 2.0}, "delta"),
-    ({"loss_type": "luspo", "importance_sampling_level": "sequence", "delta": 2.0}, "delta"),
     (
         {"loss_type": "grpo", "importance_sampling_level": "sequence", "beta": 0.04},
         "use_bias_correction_kl and sequence-level",

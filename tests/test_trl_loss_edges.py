@@ -192,6 +192,19 @@ CONFIGS = {
         "steps_per_generation": 4,
     },
     "gspo-bnpo": {"loss_type": "bnpo", "importance_sampling_level": "sequence"},
+    # TRL's two-sided clip on the sequence ratio (sequences with A < 0 past delta discarded)
+    "gspo-delta": {
+        "loss_type": "grpo",
+        "importance_sampling_level": "sequence",
+        "delta": 1.5,
+        "mask_truncated_completions": True,
+    },
+    "gspo-dapo-delta": {"loss_type": "dapo", "importance_sampling_level": "sequence", "delta": 1.3},
+    "luspo-sequence-delta": {
+        "loss_type": "luspo",
+        "importance_sampling_level": "sequence",
+        "delta": 1.5,
+    },
     "gspo-dr_grpo": {
         "loss_type": "dr_grpo",
         "importance_sampling_level": "sequence",

@@ -17,7 +17,8 @@ reproduces TRL's loss (docs/policies.md).
 | (grpo, bnpo, dr_grpo, dapo, luspo)           | (grpo: seq-mean-token-mean, bnpo:                 |
 |                                              | micro-token-mean, dr_grpo: constant, dapo:        |
 |                                              | token-mean or recorded)                           |
-| delta (grpo, bnpo, dr_grpo, dapo, luspo)     | two-sided:delta,... (same agg)                    |
+| delta (grpo, bnpo, dr_grpo, dapo, luspo)     | two-sided:delta,... (same agg); gspo:...,delta    |
+|                                              | when sequence-level                               |
 | mask_truncated_completions or a rollout_func | the same spec with rows=all                       |
 | (grpo, sapo, dr_grpo, gspo)                  |                                                   |
 | beta > 0                                     | every spec above gains beta                       |
@@ -39,8 +40,8 @@ not contain, and the run's own normaliser is replayed from the recorded `loss_sc
 row. vespo ignores delta, as TRL does.
 
 Refused, one line each (the catalogue cannot express them, so recording them would be
-wrong): sequence-level sampling with cispo or sapo (a sequence ratio under their rule), or
-with delta; beta > 0 with `use_bias_correction_kl` and sequence-level sampling (the KL times the
+wrong): sequence-level sampling with cispo or sapo (a sequence ratio under their rule);
+beta > 0 with `use_bias_correction_kl` and sequence-level sampling (the KL times the
 sequence ratio); vespo with vLLM importance sampling (TRL folds the sampler's ratio into w); the
 entropy bonus (`entropy_coef`, `use_adaptive_entropy`); an MoE router loss.
 
@@ -126,14 +127,11 @@ def _check_recordable(config: Any, aux_loss: bool) -> None:
     if aux_loss:
         raise _refuse(_ROUTER_LOSS)
     sequence = config.importance_sampling_level == "sequence"
-    if sequence:
-        if loss_type not in _SEQUENCE_LEVEL:
-            raise _refuse(
-                f"sequence-level sampling with loss_type {loss_type!r}; only "
-                f"{', '.join(repr(t) for t in _SEQUENCE_LEVEL)} map"
-            )
-        if config.delta is not None and loss_type != "vespo":
-            raise _refuse("gspo (sequence-level sampling) has no two-sided delta in the catalogue")
+    if sequence and loss_type not in _SEQUENCE_LEVEL:
+        raise _refuse(
+            f"sequence-level sampling with loss_type {loss_type!r}; only "
+            f"{', '.join(repr(t) for t in _SEQUENCE_LEVEL)} map"
+        )
     if loss_type == "vespo" and config.use_vllm and config.vllm_importance_sampling_correction:
         raise _refuse("vespo with vLLM importance sampling (TRL folds the sampler ratio into w)")
     if config.beta != 0.0 and config.use_bias_correction_kl and sequence:
@@ -168,6 +166,8 @@ def policy_for_config(config: Any, *, aux_loss: bool = False, rollout_func: bool
         )
     elif config.importance_sampling_level == "sequence":
         name, params = "gspo", {**epsilons, **_aggregation(config, every_row)}
+        if config.delta is not None:
+            params["delta"] = float(config.delta)
     elif loss_type == "cispo":
         name, params = "cispo", {"cap": epsilons["eps_high"], **_aggregation(config, every_row)}
     elif loss_type == "sapo":

@@ -280,12 +280,19 @@ class GSPOConfig(AggConfig):
     gradient 0 where the cap binds (the sequence is discarded; at the cap it is kept): verl's
     gspo clamps it at 10 (`compute_policy_loss_gspo`; the verl integration records
     log_ratio_max=10); none: uncapped (the paper, TRL)."""
+    delta: float | None = None
+    """TRL's two-sided clip of the sequence ratio: s_i <- min(s_i, delta) in the unclipped
+    branch (> 1 + eps_high), so a sequence with A < 0 and s_i > delta is discarded; none: off."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_min("eps_low", self.eps_low, 0.0, strict=False)
         check_min("eps_high", self.eps_high, 0.0, strict=False)
         check_min("log_ratio_max", self.log_ratio_max, 0.0, strict=True)
+        if self.delta is not None and not self.delta > 1.0 + self.eps_high:
+            raise UsageError(
+                f"delta must be > 1 + eps_high = {1.0 + self.eps_high:g}, got {self.delta!r}"
+            )
 
 
 # TRL's recommended absolute cap on the CISPO weight.

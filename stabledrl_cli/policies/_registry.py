@@ -164,7 +164,8 @@ REGISTRY: dict[str, PolicyEntry] = {
             "sequence-clip",
             GSPOConfig,
             f"{_FAMILIES}.gspo:GSPOPolicy",
-            "min(s_i A, clip(s_i) A) / norm (default N |y_i|), s_i = exp(mean_t log r_t)",
+            "min(min(s_i, delta) A, clip(s_i) A) / norm (default N |y_i|, delta none), "
+            "s_i = exp(mean_t log r_t)",
             "GSPO arXiv:2507.18071; TRL importance_sampling_level=sequence",
             conventions=_ROWS + "; sequence log-ratio unclamped (verl clamps it at 10)",
         ),
