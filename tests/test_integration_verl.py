@@ -301,6 +301,7 @@ CASES = [
     pytest.param({"loss_agg_mode": "seq-mean-token-sum-norm"}, id="vanilla-token-sum-norm"),
     pytest.param({"loss_agg_mode": "token-sum", "clip_ratio_high": 0.28}, id="vanilla-token-sum"),
     pytest.param({"clip_ratio_c": 2.0, "clip_ratio_low": 0.1}, id="vanilla-c2"),
+    pytest.param({"clip_ratio_c": math.inf}, id="vanilla-no-dual-clip"),
     pytest.param({"use_kl_loss": True, "kl_loss_coef": 0.05}, id="vanilla-kl"),
     pytest.param({"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-mean"}, id="gspo"),
     pytest.param({"loss_mode": "gspo"}, id="gspo-token-mean"),
@@ -323,6 +324,7 @@ CASES = [
     pytest.param({"loss_mode": "cispo", "loss_agg_mode": "token-mean"}, id="cispo"),
     pytest.param({"loss_mode": "gpg", "loss_agg_mode": "seq-mean-token-mean"}, id="gpg"),
     pytest.param({"loss_mode": "dppo_tv", "clip_ratio_c": 2.0}, id="dppo-tv"),
+    pytest.param({"loss_mode": "dppo_kl", "clip_ratio_c": math.inf}, id="dppo-kl-untruncated"),
     pytest.param(
         {"loss_mode": "dppo_tv", "loss_agg_mode": "seq-mean-token-mean", "clip_ratio_low": 0.05},
         id="dppo-tv-seq-mean-token-mean",
@@ -379,6 +381,7 @@ def test_own_policy_reproduces_verl_loss(
     [
         pytest.param({}, id="vanilla"),
         pytest.param({"clip_ratio_c": 1.5, "clip_ratio_high": 0.28}, id="vanilla-c1.5"),
+        pytest.param({"clip_ratio_c": math.inf}, id="vanilla-no-dual-clip"),
         pytest.param({"loss_mode": "gspo", "loss_agg_mode": "seq-mean-token-mean"}, id="gspo"),
         pytest.param({"loss_mode": "cispo"}, id="cispo"),
         pytest.param(
@@ -423,8 +426,8 @@ def test_clip_fractions_match_verl(overrides: dict[str, Any], tmp_path: Path) ->
         assert row["verl_pg_clipfrac"] == pytest.approx(mean, abs=1e-6)
         lower = sum(m.metrics["actor/pg_clipfrac_lower"] for m in micro) / len(micro)
         assert row["verl_pg_clipfrac_lower"] == pytest.approx(lower, abs=1e-6)
-    if policy.name == "dual-clip":
-        assert lower_seen > 0  # the dual clip did bind somewhere
+    if policy.name == "dual-clip":  # the dual clip did bind somewhere, unless it is off
+        assert (lower_seen > 0) == (config.clip_ratio_c != math.inf)
     if policy.name == "dppo":
         assert clip_seen > 0  # the trust region did bind somewhere
 
@@ -832,6 +835,10 @@ def test_replay_formula_on_extreme_ratios(tmp_path: Path) -> None:
             "max_len=7,rows=all",
         ),
         ({"loss_mode": "dppo_tv"}, "dppo"),
+        # clip_ratio_c=inf: no dual clip (no truncation); c=1e9 lies above any ratio verl's
+        # clamp of log r at 20 lets through, so it never binds either
+        ({"clip_ratio_c": math.inf}, "dual-clip:c=1000000000"),
+        ({"loss_mode": "dppo_tv", "clip_ratio_c": math.inf}, "dppo:c=1000000000"),
         (
             {
                 "loss_mode": "dppo_kl",

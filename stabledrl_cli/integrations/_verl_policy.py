@@ -4,6 +4,7 @@ per-token normaliser each `loss_agg_mode` divides by (docs/policies.md).
 | verl actor config (`policy_loss.loss_mode`)  | policy spec                                       |
 |----------------------------------------------|---------------------------------------------------|
 | vanilla                                      | dual-clip:eps_low,eps_high,c=clip_ratio_c,agg     |
+|                                              | (clip_ratio_c=inf, no dual clip: c=1e9)           |
 | gspo                                         | gspo:form=token,log_ratio_max=10,eps_low,         |
 |                                              | eps_high,agg                                      |
 | sapo                                         | sapo:tau_pos,tau_neg,rows=all                     |
@@ -67,6 +68,7 @@ integer).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -219,6 +221,17 @@ def _check_recordable(config: Any) -> None:
         )
 
 
+NO_DUAL_CLIP = 1e9
+"""The `c` of verl's clip_ratio_c=inf (dual clip off; dppo's ratio untruncated): above
+e^20, the largest ratio verl's clamp of log r at 20 lets through, so it never binds."""
+
+
+def _dual_clip_c(config: Any, default: float) -> float:
+    """verl's clip_ratio_c (`default` when unset); inf, which turns it off, as NO_DUAL_CLIP."""
+    c = float(config.get("clip_ratio_c", default))
+    return NO_DUAL_CLIP if c == math.inf else c
+
+
 def _or(value: Any, fallback: float) -> float:
     return float(value) if value is not None else fallback
 
@@ -239,7 +252,7 @@ def policy_for_actor_config(
     agg = _aggregation(agg_mode(config), config, response_width)
     params: dict[str, SpecValue]
     if mode == "vanilla":
-        c = float(config.get("clip_ratio_c", 3.0))
+        c = _dual_clip_c(config, 3.0)
         name, params = "dual-clip", {"eps_low": eps_low, "eps_high": eps_high, "c": c, **agg}
     elif mode == "gspo":
         bounds = {"eps_low": eps_low, "eps_high": eps_high, "log_ratio_max": VERL_SEQ_LOG_RATIO_MAX}
@@ -261,7 +274,7 @@ def policy_for_actor_config(
         dtype = _logp_dtype(mode, logp_dtype)
         name, params = "kl-cov", {**kl_cov, "cov": "micro", **dtype, **agg}
     else:
-        c = float(config.get("clip_ratio_c", 20.0))  # verl's dppo default (ActorConfig's is 3)
+        c = _dual_clip_c(config, 20.0)  # verl's dppo default (ActorConfig's is 3)
         bounds = {"delta_low": eps_low, "delta_high": eps_high, "c": c}
         dtype = _logp_dtype(mode, logp_dtype)
         name, params = "dppo", {"divergence": mode.removeprefix("dppo_"), **bounds, **dtype, **agg}
