@@ -909,6 +909,25 @@ def test_refuses_what_the_catalogue_cannot_express(overrides: dict[str, Any], re
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("mode", ["vanilla", "geo_mean", "kl_cov"])
+def test_a_users_loss_registered_over_a_verl_mode_is_refused(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`register_policy_loss(mode)` over one of verl's own modes replaces verl's loss: the
+    catalogue's policy of that mode would replay verl's, not the one that trained."""
+
+    def mine(**kwargs: Any) -> Any:
+        return compute(**kwargs)
+
+    compute = core_algos.get_policy_loss_fn(mode)
+    monkeypatch.setitem(core_algos.POLICY_LOSS_REGISTRY, mode, mine)
+    with pytest.raises(UsageError, match="cannot record this verl run") as info:
+        policy_for_actor_config(actor_config(loss_mode=mode), response_width=7)
+    message = str(info.value)
+    assert f"loss_mode {mode!r} is registered to" in message and "mine" in message
+    assert "not verl's own" in message and "\n" not in message
+
+
 @pytest.mark.parametrize("mode", ["kl_cov", "dppo_tv", "dppo_kl"])
 def test_refuses_kl_cov_and_dppo_of_float64_log_probs(mode: str) -> None:
     """verl's kl_cov and dppo compute in the log-probs' dtype: float64 values a float32

@@ -53,17 +53,18 @@ takes p = exp(log_prob) in that dtype too, whose rounding moves tokens across it
 region's bound: the same `logp_dtype`. With geo_mean the recorded `loss_scale` is
 loss_agg_mode's normaliser (`token_loss_scale`), which verl's GMPO term does not use.
 
-Refused, one line each (the catalogue cannot express them, so recording them would be
-wrong): clip_cov (a random draw among each micro-batch's tokens), geo_mean with use_kl_loss
-(verl normalises its KL term by loss_agg_mode, gmpo's by its own row mean), sapo with
-use_kl_loss unless loss_agg_mode is seq-mean-token-mean (verl's sapo term is always
-seq-mean-token-mean, its KL term loss_agg_mode's; beta shares the policy term's); dro, bypass_mode
-and any user-registered loss mode; on-policy distillation (`distillation_ppo_loss`, refused
-by the hook on the engine); KL types other than low_var_kl and k3 (k1, abs, k2, the
-straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`); kl_cov and dppo of a
-model whose log-probs are float64 (a float32 recording cannot compute in them as verl does);
-seq-mean-token-sum-norm with a `loss_scale_factor` that is not a whole number (max_len is an
-integer).
+Refused, one line each (the catalogue cannot express them, so recording them would be wrong):
+clip_cov (a random draw among each micro-batch's tokens), geo_mean with use_kl_loss (verl
+normalises its KL term by loss_agg_mode, gmpo's by its own row mean), sapo with use_kl_loss
+unless loss_agg_mode is seq-mean-token-mean (verl's sapo term is always seq-mean-token-mean,
+its KL term loss_agg_mode's; beta shares the policy term's); dro, bypass_mode and any
+user-registered loss mode, also one registered over a mode above (the mapped policy would
+reproduce verl's loss, not the registered one); on-policy distillation
+(`distillation_ppo_loss`, refused by the hook on the engine); KL types other than low_var_kl
+and k3 (k1, abs, k2, the straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`);
+kl_cov and dppo of a model whose log-probs are float64 (a float32 recording cannot compute in
+them as verl does); seq-mean-token-sum-norm with a `loss_scale_factor` that is not a whole
+number (max_len is an integer).
 """
 
 from __future__ import annotations
@@ -192,6 +193,26 @@ def _kl_loss(config: Any) -> bool:
     return bool(config.use_kl_loss) and float(config.kl_loss_coef) != 0.0
 
 
+def _refuse_a_replaced_loss(mode: str) -> None:
+    """Refuses a loss mode whose registered loss (`core_algos.register_policy_loss(mode)`)
+    is not verl's own `compute_policy_loss_<mode>`: the mapped policy reproduces verl's, not
+    the one that trains. Without verl there is no registry to ask."""
+    try:
+        from verl.trainer.ppo import core_algos
+    except ImportError:
+        return
+    registered = core_algos.POLICY_LOSS_REGISTRY.get(mode)
+    own = getattr(core_algos, f"compute_policy_loss_{mode}", None)
+    if registered is not own:
+        name = getattr(registered, "__qualname__", repr(registered))
+        where = getattr(registered, "__module__", None)
+        raise _refuse(
+            f"loss_mode {mode!r} is registered to {where + '.' if where else ''}{name}, not "
+            f"verl's own compute_policy_loss_{mode}: the catalogue reproduces verl's loss "
+            "(register yours under a name of its own to train with it unrecorded)"
+        )
+
+
 def _check_recordable(config: Any) -> None:
     mode = loss_mode(config)
     if mode == "clip_cov":
@@ -209,6 +230,7 @@ def _check_recordable(config: Any) -> None:
         )
     if mode not in LOSS_MODES:
         raise _refuse(f"loss_mode {mode!r} is not one of {', '.join(LOSS_MODES)}")
+    _refuse_a_replaced_loss(mode)
     if agg_mode(config) not in AGG_MODES:
         raise _refuse(
             f"loss_agg_mode {config.loss_agg_mode!r} is not one of {', '.join(AGG_MODES)}"
