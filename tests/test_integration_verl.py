@@ -1456,6 +1456,28 @@ def test_hook_records_each_train_batch(hooked: Any) -> None:
     assert not status.exists()
 
 
+@pytest.mark.parametrize("factor", [4.5, 9, None])
+def test_geo_mean_records_the_loss_scale_factor_verl_used(hooked: Any, factor: Any) -> None:
+    """verl's GMPO term ignores loss_scale_factor, which only its KL-free loss_agg_mode
+    normaliser (the recorded `loss_scale`) holds: any factor is recorded, named in the
+    manifest, and the gmpo replay reproduces verl's loss."""
+    run_dir, _ = hooked
+    config = actor_config(
+        loss_mode="geo_mean", loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=factor
+    )
+    train(config)
+    stabledrl_verl.uninstall()
+    run = open_run(run_dir)
+    assert run.step_numbers == [0, 1]
+    assert run.manifest["meta"]["loss_scale_factor"] == factor
+    own = get_policy(run.policy_spec or "")
+    horizon = factor if factor is not None else RESPONSE
+    for step in run:  # the loss: the sum of verl's losses of the step's micro-batches
+        assert torch.equal(step["loss_scale"], torch.full_like(step["loss_scale"], 6 * horizon))
+        objective = float(own.weights(policy_batch(step)).objective)
+        assert objective == pytest.approx(-step.scalars["loss"], abs=1e-6)
+
+
 def test_refused_config_warns_once_and_training_goes_on(
     hooked: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

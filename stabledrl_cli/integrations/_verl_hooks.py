@@ -89,6 +89,7 @@ class Session:
                     "verl_version": importlib.metadata.version("verl"),
                     "loss_mode": loss_mode(config),
                     "loss_agg_mode": agg_mode(config),
+                    "loss_scale_factor": config.loss_scale_factor,
                     "loss": "verl's policy loss (pg + kl) of a rank; the step's is their mean",
                 },
                 world_size=world_size,

@@ -64,7 +64,7 @@ reproduce verl's loss, not the registered one); on-policy distillation
 and k3 (k1, abs, k2, the straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`);
 kl_cov and dppo of a model whose log-probs are float64 (a float32 recording cannot compute in
 them as verl does); seq-mean-token-sum-norm with a `loss_scale_factor` that is not a whole
-number (max_len is an integer).
+number (max_len is an integer), but for geo_mean, which ignores it.
 """
 
 from __future__ import annotations
@@ -271,7 +271,8 @@ def policy_for_actor_config(
     _check_recordable(config)
     mode = loss_mode(config)
     eps_low, eps_high = _clip_range(config)
-    agg = _aggregation(agg_mode(config), config, response_width)
+    # verl's GMPO term takes no loss_agg_mode (nor its loss_scale_factor): none to map
+    agg = {} if mode == "geo_mean" else _aggregation(agg_mode(config), config, response_width)
     params: dict[str, SpecValue]
     if mode == "vanilla":
         c = _dual_clip_c(config, 3.0)
@@ -286,7 +287,7 @@ def policy_for_actor_config(
         name, params = "cispo", {"eps_low": eps_low, "eps_high": eps_high, **agg}
     elif mode == "gpg":
         name, params = "reinforce", dict(agg)
-    elif mode == "geo_mean":  # verl's loss_agg_mode does not enter its GMPO term
+    elif mode == "geo_mean":
         name, params = "gmpo", {"eps_low": eps_low, "eps_high": eps_high, "mean": "micro"}
     elif mode == "kl_cov":
         kl_cov = {  # compute_policy_loss_kl_cov's fallbacks for an unset value
