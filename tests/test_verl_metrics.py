@@ -89,3 +89,21 @@ def test_verl_metrics_equal_verls_own_under_other_dual_clips(
     pairs = replayed_against_verl(mode, settings, "token-mean", tmp_path)
     assert_equal(pairs)
     assert any(verl > 0 for verl, _ in pairs["pg_clipfrac_lower"])
+
+
+def test_the_legend_says_what_verl_lower_counts_for_each_policy() -> None:
+    """The per-step table's legend of `--metrics verl`: verl's pg_clipfrac_lower is not the
+    dual clip's for dppo (inside its trust region, r > c) nor gmpo (A < 0 and log r outside
+    [-eps_low, eps_high]), and verl logs 0 for gspo, cispo and sapo; pg_clipfrac likewise."""
+    from stabledrl_cli.replay import columns
+    from stabledrl_cli.replay.report import detail_legend
+
+    lines = detail_legend(columns.table_columns(("verl",)), [])
+    (lower,) = [line for line in lines if line.startswith("verl lower")]
+    (clip,) = [line for line in lines if line.startswith("verl clipfrac")]
+    assert "dual-clip: A < 0 and r > c" in lower
+    assert "dppo: inside its trust region and r > c" in lower
+    assert "gmpo: A < 0 and log r outside [-eps_low, eps_high]" in lower
+    assert "0 for gspo, cispo and sapo" in lower
+    assert "dppo: outside its trust region" in clip
+    assert "gmpo: A > 0 and log r outside [-eps_low, eps_high]" in clip

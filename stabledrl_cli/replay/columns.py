@@ -347,10 +347,12 @@ COLUMNS: tuple[Column, ...] = (
             VERL_METRICS,
             ("verl clipfrac", "verl lower", "verl ppo_kl"),
             (
-                "verl pg_clipfrac: entries whose clip binds over scored entries, mean over "
-                "micro-batches.",
-                "verl pg_clipfrac_lower: (A < 0) & (r > c) over scored entries (dual-clip), "
-                "mean over micro-batches.",
+                "verl pg_clipfrac: scored entries whose clip binds (dppo: outside its trust "
+                "region; gmpo: A > 0 and log r outside [-eps_low, eps_high]), over scored "
+                "entries, mean over micro-batches.",
+                "verl pg_clipfrac_lower (dual-clip: A < 0 and r > c; dppo: inside its trust "
+                "region and r > c; gmpo: A < 0 and log r outside [-eps_low, eps_high]; 0 for "
+                "gspo, cispo and sapo), over scored entries, mean over micro-batches.",
                 "verl ppo_kl: mean of -log r (|log r| for kl_cov) over scored entries, mean "
                 "over micro-batches.",
             ),
