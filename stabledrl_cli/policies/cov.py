@@ -36,20 +36,25 @@ def covariance(prep: PreparedBatch, adv: torch.Tensor) -> torch.Tensor:
     return (adv - mean_adv) * (prep.logp - mean_logp)
 
 
-def micro_selection(
-    prep: PreparedBatch, adv: torch.Tensor, ratio: float, logp_dtype: str
+def top_covariance(
+    prep: PreparedBatch, adv: torch.Tensor, ratio: float, logp_dtype: str, *, per_micro: bool
 ) -> torch.Tensor:
-    """[T] bool: in each micro-batch with scored tokens, the max(1, int(ratio x its scored
-    tokens)) of largest (A - mean A)(logp - mean logp), means over its scored tokens. As
-    verl's kl_cov: on the CPU, over the micro-batch's scored tokens in order, logp centred in
-    the run's `logp_dtype` (float32: the replay's own), so that a near-tie of covariances
-    (equal advantages, or logp rounded to bfloat16) is broken the same way."""
+    """[T] bool: in each micro-batch (per_micro; else the whole step) with scored tokens, the
+    max(1, int(ratio x its scored tokens)) of largest (A - mean A)(logp - mean logp), means
+    over its scored tokens. As verl's kl_cov: on the CPU, over the scored tokens in order,
+    logp centred in the run's `logp_dtype` (float32: the replay's own), so that a tie or
+    near-tie of covariances (equal advantages, or logp rounded to bfloat16) is broken the same
+    way."""
     chosen = torch.zeros(prep.num_tokens, dtype=torch.bool)
-    micro = prep.per_token(prep.seq_micro).cpu()
     scored, adv_cpu, logp = prep.mask.cpu(), adv.detach().cpu(), prep.logp.cpu()
+    micro = (
+        prep.per_token(prep.seq_micro).cpu()
+        if per_micro
+        else torch.zeros(prep.num_tokens, dtype=torch.int64)
+    )
     if logp_dtype != "float32":
         logp = logp.to(getattr(torch, logp_dtype))
-    for k in range(prep.num_micro):
+    for k in range(prep.num_micro if per_micro else 1):
         members = torch.nonzero(scored & (micro == k)).flatten()
         if members.numel():
             a, lp = adv_cpu[members], logp[members]
@@ -108,14 +113,8 @@ class KLCovPolicy(TokenPolicy):
 
     def _token_terms(self, prep: PreparedBatch, adv: torch.Tensor) -> TokenTerms:
         cfg = self.config
-        if cfg.cov == "micro":
-            chosen = micro_selection(prep, adv, cfg.ratio, cfg.logp_dtype)
-        else:
-            cov = covariance(prep, adv)
-            ranked = torch.where(prep.mask, cov, torch.full_like(cov, -torch.inf))
-            size = min(selection_size(prep, cfg.ratio), prep.num_tokens)
-            top = torch.topk(ranked, size).indices
-            chosen = torch.zeros_like(prep.mask).index_fill_(0, top, True) & prep.mask
+        per_micro = cfg.cov == "micro"
+        chosen = top_covariance(prep, adv, cfg.ratio, cfg.logp_dtype, per_micro=per_micro)
         log_ratio = prep.log_ratio
         is_value = ratio_times(prep.ratio, adv)
         value = torch.where(chosen, is_value - cfg.kl_coef * log_ratio.abs(), is_value)
