@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
@@ -42,13 +42,6 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
     ),
     ("kl_cov", {}, {"kl_cov_ratio": 0.2}, "kl-cov:ratio=0.2"),
     ("kl_cov", {}, {"kl_cov_ratio": 0.05, "ppo_kl_coef": 1.0}, "kl-cov:ratio=0.05,kl_coef=1"),
-    ("clip_cov", {}, {"clip_cov_ratio": 1.0, "clip_cov_lb": 0.0}, "clip-cov:ratio=1,lb=0"),
-    (
-        "clip_cov",
-        {"clip_ratio_high": 0.28},
-        {"clip_cov_ratio": 1.0, "clip_cov_lb": -0.5, "clip_cov_ub": 0.2},
-        "clip-cov:ratio=1,lb=-0.5,ub=0.2,eps_high=0.28",
-    ),
     ("dppo_tv", {"clip_ratio_c": 2.0}, {}, "dppo:c=2"),
     ("dppo_kl", {"clip_ratio_low": 0.05}, {}, "dppo:divergence=kl,delta_low=0.05,delta_high=0.2"),
 ]
@@ -95,17 +88,8 @@ def ours(spec: str, data: dict[str, torch.Tensor]) -> Any:
     return get_policy(spec).weights(batch)
 
 
-EQUAL_ADVANTAGES = {  # verl's masked_mean leaves A - mean A = 1.2e-8 > 0: cov > lb = 0
-    "logp": torch.tensor([[-0.0912, -0.4992]], dtype=F64),
-    "logp_old": torch.tensor([[-0.0912, -2.3788]], dtype=F64),
-    "adv": torch.tensor([[2.466, 2.466]], dtype=F64),
-    "mask": torch.ones(1, 2, dtype=F64),
-}
-
-
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(batches())
-@example(EQUAL_ADVANTAGES)
 def test_verl_policies_equal_verls_registered_loss_functions(data: dict[str, torch.Tensor]) -> None:
     scored = data["mask"].reshape(-1) > 0
     for mode, actor, loss, spec in CASES:

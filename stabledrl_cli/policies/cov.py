@@ -26,16 +26,11 @@ from stabledrl_cli.policies._config import ClipCovConfig, KLCovConfig
 from stabledrl_cli.policies._masked import keep_times, ratio_times
 from stabledrl_cli.policies.ppo import ppo_terms
 
-VERL_MASKED_MEAN_EPS = 1e-8
-"""verl's masked_mean divides by mask.sum() + 1e-8."""
-
 
 def covariance(prep: PreparedBatch, adv: torch.Tensor) -> torch.Tensor:
-    """[T] (A - mean A)(logp - mean logp), means over the scored tokens as verl's clip_cov
-    takes them (masked_mean: the count + 1e-8, so equal advantages leave A - mean A a tiny
-    positive, not 0, and a bound lb = 0 sees the sign of logp - mean logp)."""
+    """[T] (A - mean A)(logp - mean logp), means over the scored tokens."""
     scored = prep.mask.to(prep.dtype)
-    count = scored.sum() + VERL_MASKED_MEAN_EPS
+    count = scored.sum().clamp(min=1.0)
     mean_adv = (adv * scored).sum() / count
     mean_logp = (torch.where(prep.mask, prep.logp, 0.0)).sum() / count
     return (adv - mean_adv) * (prep.logp - mean_logp)

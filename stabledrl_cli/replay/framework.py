@@ -56,11 +56,14 @@ from stabledrl_cli.policies._config import (
 )
 from stabledrl_cli.policies._masked import above, below, keep_times
 from stabledrl_cli.policies._masked import count as tally
-from stabledrl_cli.policies.cov import VERL_MASKED_MEAN_EPS, clip_cov_draw
+from stabledrl_cli.policies.cov import clip_cov_draw
 from stabledrl_cli.policies.dppo import trust_region
 from stabledrl_cli.policies.ppo import VERL_LOG_RATIO_CLAMP
 from stabledrl_cli.policies.vespo import sequence_gamma_weights
 from stabledrl_cli.replay.columns import TRL_METRICS, VERL_METRICS
+
+VERL_MASKED_MEAN_EPS = 1e-8
+"""verl's masked_mean divides by mask.sum() + 1e-8."""
 
 
 @dataclass(frozen=True)
