@@ -1466,3 +1466,40 @@ def test_a_command_the_system_cannot_start_is_one_line_and_exit_2(tmp_path, firs
     assert done.stderr.splitlines()[-1] == f"error: {why.format(cmd=cmd)}"
     assert "Traceback" not in done.stderr
     assert not (out / "steps").exists() or not any((out / "steps").iterdir())
+
+
+RESUMED_LOOP = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import stabledrl_cli as sd
+
+    start, end = int(sys.argv[1]), int(sys.argv[2])
+    kwargs = {"resume": True, "resume_from": start} if start else None
+    for step in range(start, end):
+        logp = np.full((2, 3), -1.0, dtype="float32")
+        ok = sd.log_policy_batch(
+            step, recorder_kwargs=kwargs, logp=logp, logp_old=logp,
+            advantages=np.ones(2, dtype="float32"), loss=float(step),
+        )
+        print(step, ok, flush=True)
+    """
+)
+
+
+def test_record_force_with_a_loop_that_resumes_continues_the_run(tmp_path, monkeypatch):
+    """A custom loop that resumes its run (recorder_kwargs resume=True) under `record --force`
+    (the directory is not empty): --force made the Recorder overwrite=True beside the script's
+    resume=True, refused ('pick one'): recording was off for the whole resumed training. Now
+    the run goes on: steps before resume_from kept, the later ones the resumed loop's."""
+    options = ("-p", "grpo", "--no-optimizer-hooks")
+    first = _record_script(tmp_path, monkeypatch, RESUMED_LOOP, "0", "5", options=options)
+    assert first.returncode == 0, first.stderr
+    resumed = _record_script(
+        tmp_path, monkeypatch, RESUMED_LOOP, "3", "7", options=(*options, "--force")
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "False" not in resumed.stdout and "warning" not in resumed.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == list(range(7))
+    assert [run.step(n).scalars["loss"] for n in range(7)] == [float(n) for n in range(7)]

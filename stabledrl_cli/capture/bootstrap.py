@@ -3,7 +3,8 @@ it and the optimizer hooks (`optimizer_hooks`) write together.
 
 `record` exports to the training command:
 - STABLEDRL_RUN_DIR: the run directory to write;
-- STABLEDRL_FORCE: "1" when --force was given (overwrite a non-empty directory); the process
+- STABLEDRL_FORCE: "1" when --force was given (record into a non-empty directory: replace its
+  run, or continue it when the script resumes it, recorder_kwargs resume=True); the process
   that opens the run takes it out of its environment, so that a process it starts later (a
   spawned worker with an optimizer of its own) finds the run and does not replace it;
 - STABLEDRL_POLICY: the --policy spec, when given;
@@ -407,7 +408,10 @@ def _open(
         # The training thread never waits for the disk; but a pool's worker, which ends by a
         # SIGTERM, has each step written before step() returns.
         recorder_kwargs.setdefault("async_writes", not in_pool_worker())
-    _recorder = Recorder(run_dir, policy=policy, overwrite=force, **recorder_kwargs)
+    # --force lets the command record into a non-empty directory: a run the script resumes
+    # (resume=True) goes on, any other is replaced.
+    overwrite = force and not recorder_kwargs.get("resume")
+    _recorder = Recorder(run_dir, policy=policy, overwrite=overwrite, **recorder_kwargs)
     if _announce_rank is not None:
         _announce_rank(_recorder.rank, _recorder.world_size)
     if _closed_last:
