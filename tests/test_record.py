@@ -1503,3 +1503,55 @@ def test_record_force_with_a_loop_that_resumes_continues_the_run(tmp_path, monke
     run = open_run(tmp_path / "run")
     assert run.step_numbers == list(range(7))
     assert [run.step(n).scalars["loss"] for n in range(7)] == [float(n) for n in range(7)]
+
+
+RESUMED_TORCH_LOOP = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import torch
+    import stabledrl_cli as sd
+
+    start, end, first = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    kwargs = {"resume": True, "resume_from": start} if start else None
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(start, end):
+        model(torch.ones(2)).sum().backward()
+        if first == "step":
+            optimizer.step()
+        logp = np.full((2, 3), -1.0, dtype="float32")
+        ok = sd.log_policy_batch(
+            step, recorder_kwargs=kwargs, logp=logp, logp_old=logp,
+            advantages=np.ones(2, dtype="float32"), loss=float(step),
+        )
+        if first == "batch":
+            optimizer.step()
+        optimizer.zero_grad()
+        print(step, ok, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("first", ["batch", "step"])
+def test_a_resumed_loops_optimizer_steps_pair_with_its_batches(tmp_path, monkeypatch, first):
+    """Under the optimizer hooks, the resumed process's n-th optimizer step is the run's step
+    resume_from + n. Before, the hooks numbered it n from 0 again: step 0 'does not follow
+    step 3', recording went off and steps 4-6 were lost (or, batch first, 3 kept half)."""
+    options = ("-p", "grpo")
+    first_run = _record_script(
+        tmp_path, monkeypatch, RESUMED_TORCH_LOOP, "0", "5", first, options=options
+    )
+    assert first_run.returncode == 0, first_run.stderr
+    resumed = _record_script(
+        tmp_path, monkeypatch, RESUMED_TORCH_LOOP, "3", "7", first,
+        options=(*options, "--force"),
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert "warning" not in resumed.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == list(range(7))
+    for n in range(7):
+        step = run.step(n)
+        assert step.scalars["loss"] == float(n) and step.scalars["lr"] == 0.1, n
+        assert not step.is_scalar

@@ -27,7 +27,8 @@ its own step files (`recorder_kwargs` may still pass `rank` and `world_size`).
 A step comes from `log_policy_batch` (a policy batch), from the optimizer hooks (an optimizer
 step's scalars), or from both: the pairing rule is that
 `log_policy_batch(n, ...)` and the hooks' optimizer step n (the n-th `step()` of the run's
-optimizer, counted from 0) are one step, whichever comes first. The first half is written at
+optimizer, counted from 0; in a run the script resumes, `recorder_kwargs` resume=True, from
+the first step it records again) are one step, whichever comes first. The first half is written at
 once; the second rewrites the step's file with both halves (a field given by both is taken
 from `log_policy_batch`; when that write fails, the step's file is removed: no half-step).
 A half whose step number is not the last step's starts a new step.
@@ -342,6 +343,9 @@ _held: _Step | None = None
 """The hooks' first step, waiting for the next event to open the run (module docstring)."""
 _integration = False
 """Whether an integration records this process (`integration_records`)."""
+_hooks_start = 0
+"""The run's step of the hooks' optimizer step 0: in a run the script resumes, the first step
+it records again (or appends)."""
 
 
 _closed_at_child_end = False
@@ -384,7 +388,7 @@ def _open(
     """The run's Recorder, opened by the first step to write: a step with a policy `batch`
     needs a policy; one with the `hooks`' half marks the run's source and writes its steps
     from the Recorder's thread (`async_writes`)."""
-    global _recorder
+    global _recorder, _hooks_start
     if _recorder is not None:
         return _recorder
     _close_at_child_end()
@@ -412,6 +416,8 @@ def _open(
     # (resume=True) goes on, any other is replaced.
     overwrite = force and not recorder_kwargs.get("resume")
     _recorder = Recorder(run_dir, policy=policy, overwrite=overwrite, **recorder_kwargs)
+    if recorder_kwargs.get("resume") and _recorder.last_step is not None:
+        _hooks_start = _recorder.last_step + 1
     if _announce_rank is not None:
         _announce_rank(_recorder.rank, _recorder.world_size)
     if _closed_last:
@@ -494,6 +500,7 @@ def _release_held(policy: str | PolicyLike | None, recorder_kwargs: dict[str, An
     held, _held = _held, None
     if held is not None:
         recorder = _open(policy, recorder_kwargs, batch=held.batch is not None, hooks=True)
+        held.number += _hooks_start
         _write(held, recorder, replace=False)
 
 
@@ -592,6 +599,7 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
                 return
             _release_held(None, {})
             recorder = _open(None, {}, batch=False, hooks=True)
+            step += _hooks_start
             if _last is not None and _last.number == step and _last.hooks is None:
                 _last.hooks = fields
                 _write(_last, recorder, replace=True)

@@ -416,6 +416,12 @@ class Recorder:
                 functools.partial(_written_on_sigterm, weakref.ref(self), self._writer, self.path)
             )
 
+    @property
+    def last_step(self) -> int | None:
+        """The last step this rank holds: logged, or kept by a resume (one from `resume_from`
+        holds the step before it); None before any."""
+        return self._last_step
+
     # -- recording ----------------------------------------------------------------------------
     def log_step(
         self,
