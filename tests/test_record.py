@@ -1555,3 +1555,39 @@ def test_a_resumed_loops_optimizer_steps_pair_with_its_batches(tmp_path, monkeyp
         step = run.step(n)
         assert step.scalars["loss"] == float(n) and step.scalars["lr"] == 0.1, n
         assert not step.is_scalar
+
+
+SERIES_IN_SCALARS = textwrap.dedent(
+    """
+    import numpy as np
+    import torch
+    import stabledrl_cli as sd
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        model(torch.ones(2)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        logp = np.full((2, 3), -1.0, dtype="float32")
+        ok = sd.log_policy_batch(
+            step, logp=logp, logp_old=logp, advantages=np.ones(2, dtype="float32"),
+            scalars={"step_time": 7.0, "nonfinite_grads": 5.0}, lr=0.5,
+        )
+        print(step, ok, flush=True)
+    """
+)
+
+
+def test_a_scalar_the_batch_and_the_hooks_both_give_is_the_batchs(tmp_path, monkeypatch):
+    """step_time and nonfinite_grads in the batch's scalars=, which the hooks give as keywords:
+    the step had both, refused ('given twice'), and recording went off at step 0. The batch's
+    value wins, as a keyword of the batch's does (lr)."""
+    result = _record_script(tmp_path, monkeypatch, SERIES_IN_SCALARS, options=("-p", "grpo"))
+    assert result.returncode == 0, result.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2]
+    for n in range(3):
+        scalars = run.step(n).scalars
+        assert (scalars["step_time"], scalars["nonfinite_grads"], scalars["lr"]) == (7, 5, 0.5)
+        assert "grad_norm" in scalars  # the hooks' own

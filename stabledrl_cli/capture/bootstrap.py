@@ -328,10 +328,14 @@ class _Step:
     hooks: dict[str, Any] | None = None
 
     def fields(self) -> dict[str, Any]:
-        """Both halves as one set of log_step keywords; the batch's win, scalars merged."""
+        """Both halves as one set of log_step keywords; the batch's win, scalars merged: a
+        scalar the batch gives in `scalars` (step_time, say) that the hooks give as a keyword
+        is the batch's alone (log_step refuses one given both ways)."""
         hooks, batch = dict(self.hooks or {}), dict(self.batch or {})
-        scalars = {**(hooks.pop("scalars", None) or {}), **(batch.pop("scalars", None) or {})}
-        merged = {**hooks, **batch}
+        batch_scalars = dict(batch.pop("scalars", None) or {})
+        scalars = {**(hooks.pop("scalars", None) or {}), **batch_scalars}
+        merged = {name: v for name, v in hooks.items() if name not in batch_scalars}
+        merged.update(batch)
         if scalars:
             merged["scalars"] = scalars
         return merged
