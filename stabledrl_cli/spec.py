@@ -9,7 +9,9 @@ policy always reads the same in a manifest, a replay and a baseline.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping
+from typing import TypeVar, cast
 
 from stabledrl_cli.errors import UsageError, quoted
 
@@ -26,6 +28,27 @@ it as a float, which overflows past 308 digits), and a range error quotes it who
 _INTEGER = re.compile(rf"[+-]?[0-9]{{1,{INT_DIGITS}}}")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _NON_FINITE = re.compile(r"[+-]?(?:inf|infinity|nan)", re.IGNORECASE)
+
+_Value = TypeVar("_Value")
+
+
+def plain_number(value: _Value) -> _Value:
+    """A numpy integer or float, or a 0-d numpy array of one, as the Python number it holds
+    (np.int64(5) -> 5; a float in the shortest form that reads back as its own dtype:
+    np.float32(0.2) -> 0.2, as it was written); anything else, a numpy bool included, as it
+    is (for the checks to take or refuse). A sweep's setting, or a policy parameter, read from
+    an array. numpy is not imported here: a value can be one of its numbers only once it is
+    loaded."""
+    np = sys.modules.get("numpy")
+    if np is None:
+        return value
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, np.integer):
+        return cast(_Value, int(value))
+    if isinstance(value, np.floating):
+        return cast(_Value, float(str(value)))
+    return value
 
 
 def spec_int(text: str) -> int:

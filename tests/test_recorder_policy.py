@@ -146,3 +146,17 @@ def test_a_policy_the_units_rule_out_is_refused_before_anything_is_written(tmp_p
     )
     assert not (tmp_path / "run").exists()
     sd.Recorder(tmp_path / "run", policy="stabledrl:level=token", unit="token").close()
+
+
+@pytest.mark.parametrize(
+    "value", [np.float32(0.2), np.float64(0.2), np.array(0.2, dtype="float32"), np.array(0.2)]
+)
+def test_numpy_policy_params_are_plain_numbers(tmp_path, value):
+    """policy_params read from a numpy array (a sweep's): refused before ('must be a number,
+    bool or string, not float32'); now the number it holds, in its shortest form."""
+    entry = _policy_entry(
+        tmp_path, policy="grpo", policy_params={"eps_low": value, "beta": np.int64(0)}
+    )
+    assert entry["spec"] == "grpo:beta=0,eps_low=0.2"
+    assert entry["params"] == {"eps_low": 0.2, "beta": 0}
+    assert type(entry["params"]["beta"]) is int

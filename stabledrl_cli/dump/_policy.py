@@ -2,7 +2,8 @@
 
 `Recorder(policy=...)` takes either a spec string in the one grammar of `stabledrl_cli.spec`
 (`"dapo:eps_high=0.28"`, optionally with more parameters in `policy_params`; a key given in
-both is refused), or any object with `.name`, `.spec` and `.params` (a `PolicyLike`, e.g. a
+both is refused; a numpy number, read from an array, as the number it holds: `plain_number`),
+or any object with `.name`, `.spec` and `.params` (a `PolicyLike`, e.g. a
 catalogue policy): the manifest then stores exactly that object's spec, name and params. The
 stored spec is canonical text (`spec.format_spec`): keys sorted, values in shortest form.
 `replayed_fields`: what a step must hold for the replay of the run's own policy (a Recorder
@@ -18,7 +19,14 @@ from typing import Any, Protocol, runtime_checkable
 from stabledrl_cli.dump._schema import json_checked
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies._registry import resolve_spec
-from stabledrl_cli.spec import SpecValue, format_spec, spec_float, spec_int, split_spec
+from stabledrl_cli.spec import (
+    SpecValue,
+    format_spec,
+    plain_number,
+    spec_float,
+    spec_int,
+    split_spec,
+)
 from stabledrl_cli.vocab import Unit
 
 
@@ -58,13 +66,14 @@ def policy_entry(
     if isinstance(policy, str):
         name, raw = split_spec(policy)
         params: dict[str, Any] = {key: _typed(text) for key, text in raw.items()}
-        twice = sorted(set(params) & set(policy_params or {}))
+        policy_params = {k: plain_number(v) for k, v in (policy_params or {}).items()}
+        twice = sorted(set(params) & set(policy_params))
         if twice:
             raise UsageError(
                 f"policy parameter {twice[0]!r} is given both in the spec {policy!r} and in "
                 "policy_params; give it once"
             )
-        params.update(policy_params or {})
+        params.update(policy_params)
         spec = format_spec(name, params)
     elif isinstance(policy, PolicyLike):
         if policy_params:

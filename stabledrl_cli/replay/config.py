@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import TypeVar
 
 from stabledrl_cli.errors import ConfigError, quoted
 from stabledrl_cli.replay.guards import DEFAULT_GUARDS, make_guard
-from stabledrl_cli.spec import MAX_WINDOW, spec_float, spec_int
+from stabledrl_cli.spec import MAX_WINDOW, plain_number, spec_float, spec_int
 from stabledrl_cli.vocab import Device
 
 DEFAULT_MEMORY_BUDGET = 16 * 2**20
@@ -222,13 +222,13 @@ def replay_config(
     number (a sweep's setting read from an array) for the Python number it holds."""
     return ReplayConfig(
         device=device,
-        chunk_size=_plain(chunk_size),
+        chunk_size=plain_number(chunk_size),
         memory_budget=_or_default(memory_budget, DEFAULT_MEMORY_BUDGET),
         threads=_or_default(threads, DEFAULT_THREADS),
         spike_factor=_or_default(spike_factor, DEFAULT_SPIKE_FACTOR),
         window=_or_default(window, DEFAULT_WINDOW),
         drift_threshold=_or_default(drift_threshold, DEFAULT_DRIFT_THRESHOLD),
-        max_grad_norm=_plain(max_grad_norm),
+        max_grad_norm=plain_number(max_grad_norm),
         collapse_window=_or_default(collapse_window, DEFAULT_COLLAPSE_WINDOW),
         warning_window=_or_default(warning_window, DEFAULT_WARNING_WINDOW),
         warning_drop=_or_default(warning_drop, DEFAULT_WARNING_DROP),
@@ -245,17 +245,7 @@ _Setting = TypeVar("_Setting")
 
 def _or_default(value: _Setting | None, default: _Setting) -> _Setting:
     """`value` as `_plain` gives it, or `default` for None."""
-    return default if value is None else _plain(value)
-
-
-def _plain(value: _Setting) -> _Setting:
-    """A numpy integer or float as the Python number it holds (np.int64(5) -> 5); anything
-    else, a numpy bool included, as it is (for the checks to take or refuse). numpy is not
-    imported here: a value can be one of its numbers only once it is loaded."""
-    np = sys.modules.get("numpy")
-    if np is not None and isinstance(value, np.integer | np.floating):
-        return cast(_Setting, value.item())
-    return value
+    return default if value is None else plain_number(value)
 
 
 def _device(value: object) -> bool:
