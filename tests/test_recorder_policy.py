@@ -160,3 +160,24 @@ def test_numpy_policy_params_are_plain_numbers(tmp_path, value):
     assert entry["spec"] == "grpo:beta=0,eps_low=0.2"
     assert entry["params"] == {"eps_low": 0.2, "beta": 0}
     assert type(entry["params"]["beta"]) is int
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"policy": "grpo:eps_low=-1"}, "eps_low must be a finite number >= 0, got -1.0"),
+        ({"policy": "grpo", "policy_params": {"eps_low": -1}}, "eps_low must be a finite"),
+        ({"policy": "grpo:eps_low=abc"}, "eps_low expects a number, got 'abc'"),
+        ({"policy": "dapo:agg=foo"}, "agg must be one of token-mean"),
+    ],
+)
+def test_a_catalogue_policys_bad_parameter_is_refused_as_the_recorder_is_made(
+    tmp_path, kwargs, message
+):
+    """grpo:eps_low=-1 was recorded, a run whose own policy replay then refused; now the
+    Recorder refuses it as replay's -p does, one line, before anything is written."""
+    with pytest.raises(UsageError) as refused:
+        sd.Recorder(tmp_path / "run", **kwargs)
+    assert str(refused.value).startswith("policy spec '") and message in str(refused.value)
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "run").exists()

@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from stabledrl_cli.dump._schema import json_checked
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.policies._registry import resolve_spec
+from stabledrl_cli.policies._registry import REGISTRY, resolve_spec
 from stabledrl_cli.spec import (
     SpecValue,
     format_spec,
@@ -99,14 +99,16 @@ def replayed_fields(spec: str | None, unit: Unit) -> frozenset[str]:
     """The step fields beyond logp, logp_old, advantages, mask and seq_id that the replay of a
     run's own policy `spec` needs (`BaseConfig.required_fields`, no torch): none when the run
     names no policy, or one the catalogue does not replay as the run's own (a custom one, a
-    key it does not know). UsageError, naming the policy, for a catalogue policy that cannot
-    act on `unit` units (stabledrl:level=token on a sequence run)."""
+    key it does not know). UsageError, naming the policy, for a catalogue policy given a bad
+    value (grpo:eps_low=-1, refused as replay's -p refuses it) or that cannot act on `unit`
+    units (stabledrl:level=token on a sequence run)."""
     if spec is None:
         return frozenset()
-    try:
-        _, config = resolve_spec(spec)
-    except UsageError:
+    name, raw = split_spec(spec)
+    entry = REGISTRY.get(name)
+    if entry is None or not set(raw).issubset(entry.keys):
         return frozenset()
+    _, config = resolve_spec(spec)  # a bad value of a key the catalogue knows: refused
     try:
         return frozenset(config.required_fields(unit))
     except UsageError as exc:
