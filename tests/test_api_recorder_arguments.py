@@ -158,3 +158,32 @@ def test_a_source_date_epoch_fixes_the_recorded_times(
     run = sd.open_run(tmp_path / "run")
     assert run.manifest["created"] == "2023-11-14T22:13:20+00:00"
     assert run.step(0).scalars["wall_time"] == 1700000000.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"loss": "0.5"}, "loss: expected a number, got text '0.5'"),
+        ({"scalars": {"acc": "nan"}}, "scalars['acc']: expected a number, got text 'nan'"),
+        ({"scalars": {"acc": b"1"}}, "scalars['acc']: expected a number, got text b'1'"),
+        ({"scalars": {"acc": np.str_("2")}}, "scalars['acc']: expected a number, got text '2'"),
+        ({"kl": np.array("3")}, "kl: expected a number, got text '3'"),
+    ],
+)
+def test_a_scalar_given_as_text_is_refused_unwritten(
+    tmp_path: Path, kwargs: dict[str, Any], message: str
+) -> None:
+    """A scalar logged as text was parsed silently (loss='0.5' recorded 0.5, 'nan' a NaN): a
+    string where a number belongs is a bug of the loop. Refused, naming the field."""
+    with sd.Recorder(tmp_path / "run", policy=None) as recorder:
+        with pytest.raises(UsageError) as refused:
+            recorder.log_step(0, grad_norm=1.0, **kwargs)
+        assert str(refused.value) == message
+    assert sd.open_run(tmp_path / "run").step_numbers == []
+
+
+def test_a_scalar_given_as_a_bool_is_recorded_as_0_or_1(tmp_path: Path) -> None:
+    with sd.Recorder(tmp_path / "run", policy=None) as recorder:
+        recorder.log_step(0, loss=True, scalars={"skipped": np.bool_(False), "ok": True})
+    scalars = sd.open_run(tmp_path / "run").step(0).scalars
+    assert (scalars["loss"], scalars["skipped"], scalars["ok"]) == (1.0, 0.0, 1.0)

@@ -138,6 +138,8 @@ def _flag_array(array: np.ndarray, field: str) -> np.ndarray:
 
 
 def _scalar(value: ScalarInput | object, field: str) -> float:
+    """A scalar as the float it holds: a number (a bool as 0 or 1), or a one-element tensor or
+    array of one; UsageError naming `field` for anything else, text included."""
     if type(value) is float:
         return value
     if isinstance(value, np.ndarray) or _is_tensor(value):
@@ -148,6 +150,9 @@ def _scalar(value: ScalarInput | object, field: str) -> float:
             value = value.item()
         except Exception as exc:  # a tensor with no data (meta), ...
             raise UsageError(f"{field}: cannot be read as a number ({exc})") from None
+    if isinstance(value, str | bytes):  # float() would parse it: a bug of the loop, unseen
+        text = str(value) if isinstance(value, str) else value
+        raise UsageError(f"{field}: expected a number, got text {text!r}")
     try:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
