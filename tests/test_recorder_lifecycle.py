@@ -19,7 +19,7 @@ import pytest
 
 import stabledrl_cli as sd
 from stabledrl_cli.dump import Run
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, UsageError
 
 
 def _recorded(script: str, path: Path, *args: str) -> tuple[Run, str]:
@@ -499,3 +499,39 @@ def test_record_force_onto_a_run_whose_steps_folder_is_a_symlink_is_one_line(tmp
         f"error: {run / 'steps'}: a symlink (nothing in a run is followed out of it)\n"
     )
     assert [p.name for p in (other / "steps").iterdir()] == ["step-00000000.safetensors"]
+
+
+def test_an_async_recorder_dropped_unclosed_holds_its_rank_until_its_queue_is_written(
+    tmp_path, monkeypatch
+):
+    """A dropped async Recorder gave its rank up at once (its finalizer), with steps still
+    queued: a second Recorder of the rank then took the run (overwrite=True removed its
+    files) and the first's queue landed in it afterwards, two runs' steps mixed. Now the rank
+    stays held until the queue is written."""
+    import gc
+
+    import stabledrl_cli.dump._writer as writer
+
+    real_write, disk = writer.write_step, threading.Event()
+
+    def slow_write(*args):
+        disk.wait(30)
+        real_write(*args)
+
+    monkeypatch.setattr(writer, "write_step", slow_write)
+    path = tmp_path / "run"
+    rec = sd.Recorder(path, policy=None, async_writes=True)
+    for step in range(3):
+        rec.log_step(step, grad_norm=1.0, loss=float(step))
+    thread = rec._writer
+    del rec
+    gc.collect()
+    with pytest.raises(UsageError, match="being recorded by another Recorder"):
+        sd.Recorder(path, policy=None, overwrite=True)
+    disk.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    with sd.Recorder(path, policy=None, resume=True) as again:
+        again.log_step(3, grad_norm=1.0, loss=3.0)
+    run = sd.open_run(path)
+    assert run.step_numbers == [0, 1, 2, 3]

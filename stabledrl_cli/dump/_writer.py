@@ -12,7 +12,8 @@ is lost is lost whole: readers never see a partial file under a final name. `clo
 leaving the `with` block) drains the queue; at exit, the queue of a Recorder that was never
 closed is drained too (even when the Recorder was dropped; in a child
 process of `multiprocessing`, as its target returns: `_child_end`), unless its caller closes
-it at exit itself (`closed_by_caller_at_exit`); a write that fails then is a warning line. Once
+it at exit itself (`closed_by_caller_at_exit`); a write that fails then is a warning line. A
+Recorder dropped unclosed keeps its rank's lock (`_writer_lock`) until its queue is written. Once
 its writes are done, `close()` marks a world_size 1 run `recording_closed` in its manifest
 (best effort): a reader following the run knows no step will come. An open Recorder's run
 has no mark, so a killed recording never leaves one; `resume=True` and `overwrite=True`
@@ -108,6 +109,7 @@ from stabledrl_cli.dump._schema import (
 )
 from stabledrl_cli.dump._setup import amend_manifest, prepare_run
 from stabledrl_cli.dump._stfile import discard_step, encode_step, write_step
+from stabledrl_cli.dump._writer_lock import WriterLock
 from stabledrl_cli.errors import InputError, UsageError, WriteError, counted, quoted, warn
 from stabledrl_cli.spec import SpecValue
 from stabledrl_cli.vocab import GROUP_IDS, ON_WRITE_ERROR, UNITS, GroupIds, OnWriteError, Unit
@@ -214,16 +216,35 @@ class _Writer(threading.Thread):
         and one between two takes: each `log_step` takes them)."""
         self._failures_lock = threading.Lock()
         self._halted = False
+        self._at_end: WriterLock | None = None
+        """The rank's lock of a Recorder dropped unclosed, released as the thread ends
+        (`release_when_written`)."""
 
     def run(self) -> None:
-        while True:
-            item = self.queue.get()
-            try:
-                if item is None:
+        try:
+            while True:
+                item = self.queue.get()
+                try:
+                    if item is None:
+                        return
+                    self._write(item)
+                finally:
+                    self.queue.task_done()
+                if self._at_end is not None and self.queue.empty():
                     return
-                self._write(item)
-            finally:
-                self.queue.task_done()
+        finally:
+            if self._at_end is not None:
+                self._at_end.release()
+
+    def release_when_written(self, lock: WriterLock) -> None:
+        """Its Recorder was dropped unclosed: the thread writes the queued steps, then ends and
+        releases the rank's `lock`, never before (a second Recorder of the rank would take the
+        run while they land in it). Never waits: a full queue's last write ends the thread."""
+        self._at_end = lock
+        with suppress(queue.Full):
+            self.queue.put_nowait(None)  # (a thread waiting on an empty queue)
+        if not self.is_alive():
+            lock.release()
 
     def _write(self, item: _Write) -> None:
         """Writes `item` (unless halted); a failure is kept for the caller."""
@@ -384,7 +405,7 @@ class Recorder:
             resume=resume,
             resume_from=resume_from,
         )
-        weakref.finalize(self, self._writer_lock.release)  # one dropped unclosed frees its rank
+        dropped = weakref.finalize(self, self._writer_lock.release)  # one dropped unclosed
         if resume_from is not None:
             self._last_step = resume_from - 1 if resume_from > 0 else None
         self._num_params = len(param_names) if param_names is not None else None
@@ -415,6 +436,12 @@ class Recorder:
             self._cancel_on_sigterm = steps_written_on_sigterm(
                 functools.partial(_written_on_sigterm, weakref.ref(self), self._writer, self.path)
             )
+            # one dropped unclosed frees its rank once its queued steps are written; not at
+            # exit, where the thread still writes what a late exit handler logs (`_at_exit`)
+            dropped.detach()
+            weakref.finalize(
+                self, self._writer.release_when_written, self._writer_lock
+            ).atexit = False
 
     @property
     def last_step(self) -> int | None:
