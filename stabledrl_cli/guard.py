@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -156,6 +157,8 @@ class Guard:
                 "skip", 0.0, f"{policy.spec}: {bad} non-finite coefficients", ruled.z
             )
         self.counts[decision.action] += 1
+        if decision.skip:
+            _skipped_under_record()
         return decision
 
     @staticmethod
@@ -176,6 +179,16 @@ class Guard:
             "scalars": list(SCALARS),
             "actions": {str(code): action for action, code in ACTION_CODES.items()},
         }
+
+
+def _skipped_under_record() -> None:
+    """Under `stabledrl record -- CMD`, whose optimizer hooks number the run's steps by the
+    optimizer's step() calls: the skipped step, which makes none, is theirs all the same
+    (`optimizer_hooks.skipped_by_guard`), else every later batch would pair with the next
+    step's optimizer step. Nothing when the hooks are not loaded (never imported here)."""
+    hooks: Any = sys.modules.get("stabledrl_cli.capture.optimizer_hooks")
+    if hooks is not None:
+        hooks.skipped_by_guard()
 
 
 def _z_reason(rule: ZClip | SkipStep, z: float | None) -> str:

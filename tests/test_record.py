@@ -1591,3 +1591,49 @@ def test_a_scalar_the_batch_and_the_hooks_both_give_is_the_batchs(tmp_path, monk
         scalars = run.step(n).scalars
         assert (scalars["step_time"], scalars["nonfinite_grads"], scalars["lr"]) == (7, 5, 0.5)
         assert "grad_norm" in scalars  # the hooks' own
+
+
+GUARDED_LOOP = textwrap.dedent(
+    """
+    import numpy as np
+    import torch
+    import stabledrl_cli as sd
+    from stabledrl_cli.guard import Guard
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = Guard(mode="skip")
+    for step in range(5):
+        optimizer.param_groups[0]["lr"] = 0.1 * (step + 1)  # names the loop's step
+        model(torch.ones(2)).sum().backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        decision = guard.before_step(grad_norm=float("nan") if step == 2 else norm)
+        if not decision.skip:
+            optimizer.step()
+        optimizer.zero_grad()
+        logp = np.full((2, 3), -1.0, dtype="float32")
+        ok = sd.log_policy_batch(
+            step, logp=logp, logp_old=logp, advantages=np.ones(2, dtype="float32"),
+            loss=float(step), scalars=guard.scalars(decision),
+        )
+        print(step, decision.action, ok, flush=True)
+    """
+)
+
+
+def test_a_step_the_guard_skips_keeps_the_hooks_steps_paired(tmp_path, monkeypatch):
+    """A guard skip leaves optimizer.step() uncalled: the hooks' numbering fell one behind
+    the loop's, so step 3's batch was paired with step 4's optimizer step (its lr, its grad
+    norm), step 2 held step 3's, and step 4 had none. The guard's skip is now the hooks'
+    step, recorded as skipped (optimizer_skipped 1), and the numbering goes on."""
+    result = _record_script(tmp_path, monkeypatch, GUARDED_LOOP, options=("-p", "grpo"))
+    assert result.returncode == 0, result.stderr
+    assert "skip" in result.stdout.splitlines()[2]
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == list(range(5))
+    for n in range(5):
+        scalars = run.step(n).scalars
+        assert scalars["loss"] == n
+        assert scalars["lr"] == pytest.approx(0.1 * (n + 1)), n
+        assert scalars.get("optimizer_skipped", 0.0) == (1.0 if n == 2 else 0.0), n
+        assert scalars["guard_action"] == (2.0 if n == 2 else 0.0)

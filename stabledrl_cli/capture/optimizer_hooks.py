@@ -28,7 +28,8 @@ What each step records (all gradient norms are L2, taken before clipping):
 - lr: the first parameter group's learning rate; step_time: wall seconds from the end of the
   previous `step()` to the end of this one (absent on the first step);
 - optimizer_skipped: 1 on a step a `torch.amp.GradScaler` skipped (its gradients held an inf
-  or a NaN, so `scaler.step()` left the parameters alone): the step is recorded all the same,
+  or a NaN, so `scaler.step()` left the parameters alone), or that the guard skipped
+  (`skipped_by_guard`: step() is not called): the step is recorded all the same,
   with the statistics of the unscaled gradients it found, and the numbering goes on (a
   fused optimizer unscales inside its step(), which the scaler calls with the scale and the
   inf found: `_amp_state`);
@@ -848,6 +849,24 @@ def _finish_step(optimizer: Optimizer, *, skipped: bool) -> None:
         _fail(exc, f"recording optimizer step {step}")
         return
     bootstrap.log_hook_step(step, fields)
+
+
+def skipped_by_guard() -> None:
+    """A step the guard skipped (`stabledrl_cli.guard`): the script leaves the run optimizer's
+    step() uncalled, and the step is recorded as a GradScaler's skip is (optimizer_skipped 1,
+    the statistics of the gradients it found), so that the numbering keeps pace with the
+    loop's steps and each batch pairs with its own optimizer step. Before any optimizer has
+    stepped (which one would have is not known), a step of that scalar alone. Never raises."""
+    if not _state.on:
+        return
+    run = _state.run_optimizer() if _state.run_optimizer is not None else None
+    if run is not None:
+        _finish_step(run, skipped=True)
+        return
+    step = _state.next_step
+    _state.next_step += 1
+    _state.clips.clear()  # the skipped step's: never the next step's
+    bootstrap.log_hook_step(step, {"scalars": {"optimizer_skipped": 1.0}})
 
 
 def _step_fields(stats: _Stats, step_time: float | None) -> dict[str, Any]:
