@@ -22,6 +22,8 @@ TRL_METRICS = {
     "trl_clip_ratio_low_mean": "clip_ratio/low_mean",
     "trl_clip_ratio_high_mean": "clip_ratio/high_mean",
     "trl_clip_ratio_region_mean": "clip_ratio/region_mean",
+    "trl_clip_ratio_low_min": "clip_ratio/low_min",
+    "trl_clip_ratio_high_max": "clip_ratio/high_max",
 }
 """Replay's column -> the name TRL logs it under."""
 

@@ -102,6 +102,17 @@ def _trl_micro(batch: dict[str, torch.Tensor], spec: str) -> dict[str, float]:
             local_sum, local_count = (x * mask).sum(), mask.sum().float()
         return float(local_sum / local_count.clamp(min=1.0))
 
+    def masked_seq_mean(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            return x.squeeze(1)
+        return (x * mask).sum(-1) / mask.sum(-1)
+
+    def nanmin(x: torch.Tensor) -> float:  # trl.trainer.utils.nanmin
+        return math.nan if torch.isnan(x).all() else float(torch.min(x[~torch.isnan(x)]))
+
+    def nanmax(x: torch.Tensor) -> float:
+        return math.nan if torch.isnan(x).all() else float(torch.max(x[~torch.isnan(x)]))
+
     if policy.name == "cispo":
         is_cispo_clipped = (coef_1 > config.cap) & (advantages > 0)
         return {"trl_cispo_clip_ratio": global_masked_mean(is_cispo_clipped.float())}
@@ -113,6 +124,8 @@ def _trl_micro(batch: dict[str, torch.Tensor], spec: str) -> dict[str, float]:
         "trl_clip_ratio_low_mean": global_masked_mean(is_low_clipped.float()),
         "trl_clip_ratio_high_mean": global_masked_mean(is_high_clipped.float()),
         "trl_clip_ratio_region_mean": global_masked_mean(is_region_clipped.float()),
+        "trl_clip_ratio_low_min": nanmin(masked_seq_mean(is_low_clipped.float())),
+        "trl_clip_ratio_high_max": nanmax(masked_seq_mean(is_high_clipped.float())),
     }
 
 
@@ -179,7 +192,9 @@ def _expected(step: Step, spec: str, groups: list[np.ndarray]) -> dict[str, floa
         if clip or (policy.name == "cispo" and not cispo_form):
             cell |= _verl_micro(batch, spec)
         cells.append(cell)
-    return {key: sum(c[key] for c in cells) / len(cells) for key in cells[0]}
+    # TRL's log drops a NaN micro-batch value before it averages
+    valid = {key: [c[key] for c in cells if not math.isnan(c[key])] for key in cells[0]}
+    return {key: sum(v) / len(v) if v else math.nan for key, v in valid.items()}
 
 
 @pytest.mark.parametrize("micro", [True, False], ids=["micro-batches", "whole-step"])

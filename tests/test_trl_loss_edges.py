@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -132,14 +133,45 @@ def _micro_batches(gen: torch.Generator, weighted: bool) -> list[dict[str, torch
     return micro
 
 
-def _run(config: Any, out: Path) -> tuple[_Trainer, float, torch.Tensor]:
-    """Both micro-batches through the recording `_compute_loss`, logged as step 1; returns the
-    trainer, TRL's step loss and minus the gradient of TRL's loss w.r.t. each recorded token's
-    log-prob (in the recorded order)."""
+def _extreme_micro_batches(gen: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    """Micro-batch 0: every row A < 0, row 1 masked whole (TRL's 0 / 0, a NaN its nanmin skips),
+    rows 0, 2, 3 with 2/4, 5/5 and 1/5 of their scored entries below 1 - eps; micro-batch 1:
+    one token a row, row 0 (A > 0) above 1 + eps. TRL logs low_min (1/5 + 0) / 2 and high_max
+    (0 + 1) / 2."""
+    mask = torch.ones(ROWS, WIDTH, dtype=torch.long)
+    mask[0, 4] = 0
+    mask[1] = 0
+    log_ratio = torch.zeros(ROWS, WIDTH)
+    log_ratio[0, :2], log_ratio[1], log_ratio[2], log_ratio[3, 0] = -1.0, -1.0, -1.0, -1.0
+    logp = -torch.rand(ROWS, WIDTH, generator=gen) * 3
+    one = -torch.rand(ROWS, 1, generator=gen)
+    micro = [
+        {"logp": logp, "old": logp - log_ratio, "adv": torch.tensor([-1.0, -1.0, -0.5, -0.5]),
+         "mask": mask, "group": torch.tensor([0, 0, 1, 1])},
+        {"logp": one, "old": one - torch.tensor([[1.0], [-1.0], [0.0], [0.0]]),
+         "adv": torch.tensor([0.7, -0.7, 0.3, -0.3]), "mask": torch.ones(ROWS, 1, dtype=torch.long),
+         "group": torch.tensor([2, 2, 3, 3])},
+    ]  # fmt: skip
+    for m in micro:
+        m["entropy"] = torch.rand(m["logp"].shape, generator=gen)
+        m["ref"] = m["logp"]
+    return micro
+
+
+Crafted = Callable[[torch.Generator], list[dict[str, torch.Tensor]]]
+
+
+def _run(
+    config: Any, out: Path, crafted: Crafted | None = None
+) -> tuple[_Trainer, float, torch.Tensor]:
+    """Both micro-batches (`_micro_batches`, or `crafted(gen)`) through the recording
+    `_compute_loss`, logged as step 1; returns the trainer, TRL's step loss and minus the
+    gradient of TRL's loss w.r.t. each recorded token's log-prob (in the recorded order)."""
     trainer = _trainer(config, out)
     gen = torch.Generator().manual_seed(0)
     total, grads = 0.0, []
-    for m in _micro_batches(gen, weighted=config.use_vllm):
+    batches = _micro_batches(gen, config.use_vllm) if crafted is None else crafted(gen)
+    for m in batches:
         rows, width = m["logp"].shape
         leaf = m["logp"].clone().requires_grad_(True)
         trainer._next = (leaf, m["entropy"])
@@ -308,21 +340,25 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("case", list(CONFIGS))
-def test_degenerate_micro_batches_replay_trls_loss_metrics_and_gradient(
-    tmp_path: Path, case: str
-) -> None:
-    config = trl.GRPOConfig(
+def _config(tmp_path: Path, **overrides: Any) -> Any:
+    """TRL's config of the crafted step: 2 micro-batches of 2 groups of 2, one process."""
+    return trl.GRPOConfig(
         output_dir=str(tmp_path / "trl"),
         report_to="none",
         use_cpu=True,
         num_generations=2,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
-        num_iterations=2,
         max_completion_length=WIDTH,
-        **CONFIGS[case],
+        **overrides,
     )
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_degenerate_micro_batches_replay_trls_loss_metrics_and_gradient(
+    tmp_path: Path, case: str
+) -> None:
+    config = _config(tmp_path, num_iterations=2, **CONFIGS[case])
     trainer, loss, minus_grad = _run(config, tmp_path / "run")
     spec = trainer.stabledrl_policy.spec
     if CONFIGS[case]["loss_type"] in ("sapo", "cispo", "vespo"):
@@ -350,3 +386,21 @@ def test_degenerate_micro_batches_replay_trls_loss_metrics_and_gradient(
             assert float(own.series[column][0]) == pytest.approx(expected, abs=1e-6), column
             compared += 1
     assert compared > 0 or CONFIGS[case]["loss_type"] == "sapo"
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_trls_low_min_and_high_max_skip_a_row_masked_whole(tmp_path: Path, level: str) -> None:
+    """clip_ratio/low_min and high_max, TRL's nanmin/nanmax over a micro-batch's rows (a row
+    masked whole is skipped, not a 0) averaged over the micro-batches, replayed as logged."""
+    config = _config(tmp_path, loss_type="grpo", importance_sampling_level=level)
+    trainer, _, _ = _run(config, tmp_path / "run", _extreme_micro_batches)
+    logged = trainer._metrics["train"]
+    if level == "token":
+        assert logged["clip_ratio/low_min"] == pytest.approx([0.2, 0.0])
+        assert logged["clip_ratio/high_max"] == pytest.approx([0.0, 1.0])
+    own = sd.replay(tmp_path / "run", [trainer.stabledrl_policy.spec], device="cpu").own
+    assert own is not None
+    for column in ("trl_clip_ratio_low_min", "trl_clip_ratio_high_max"):
+        values = [v for v in logged[TRL_METRICS[column]] if not math.isnan(v)]
+        expected = sum(values) / len(values)
+        assert float(own.series[column][0]) == pytest.approx(expected, abs=1e-6), column

@@ -47,8 +47,12 @@ TRL_CLIP_METRICS = (
 )
 """TRL's `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`,
 `cispo_clip_ratio`, in that order."""
-TRL_METRICS = (*TRL_CLIP_METRICS, "trl_vespo_phi_seq_mean")
-"""TRL's clip metrics, then `vespo/phi_seq_mean` (computed by `framework.framework_metrics`)."""
+TRL_EXTREME_METRICS = ("trl_clip_ratio_low_min", "trl_clip_ratio_high_max")
+"""TRL's `clip_ratio/low_min`, `clip_ratio/high_max`: the extreme per-sequence clip fraction of
+each micro-batch call, mean over the calls."""
+TRL_METRICS = (*TRL_CLIP_METRICS, "trl_vespo_phi_seq_mean", *TRL_EXTREME_METRICS)
+"""TRL's clip metrics, `vespo/phi_seq_mean`, then the extreme clip metrics (computed by
+`framework.framework_metrics`)."""
 VERL_METRICS = ("verl_pg_clipfrac", "verl_pg_clipfrac_lower", "verl_ppo_kl")
 """verl's `actor/pg_clipfrac`, `actor/pg_clipfrac_lower`, `actor/ppo_kl` (computed by
 `framework`)."""
@@ -309,8 +313,8 @@ COLUMNS: tuple[Column, ...] = (
             table=TableCell(header=header, format="percent"),
         )
         for name, header, meaning in zip(
-            TRL_CLIP_METRICS,
-            ("trl low", "trl high", "trl region", "trl cispo"),
+            (*TRL_CLIP_METRICS, *TRL_EXTREME_METRICS),
+            ("trl low", "trl high", "trl region", "trl cispo", "trl low min", "trl high max"),
             (
                 "TRL clip_ratio/low_mean: (r < 1 - eps_low) & (A < 0) over scored entries, "
                 "mean over micro-batches.",
@@ -319,6 +323,12 @@ COLUMNS: tuple[Column, ...] = (
                 "TRL clip_ratio/region_mean: low or high, mean over micro-batches.",
                 "TRL cispo_clip_ratio: (r > cap) & (A > 0) over scored entries, mean over "
                 "micro-batches.",
+                "TRL clip_ratio/low_min: per micro-batch, the least share of a sequence's "
+                "scored entries with (r < 1 - eps_low) & (A < 0) over its rows on every rank "
+                "(rows without one skipped), mean over micro-batches.",
+                "TRL clip_ratio/high_max: per micro-batch, the largest share of a sequence's "
+                "scored entries with (r > 1 + eps_high) & (A > 0) over its rows on every rank, "
+                "mean over micro-batches.",
             ),
             strict=True,
         )

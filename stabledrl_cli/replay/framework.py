@@ -7,7 +7,10 @@
   `cispo_clip_ratio` = (r > cap) & (A > 0) (cispo's TRL form). Each is a fraction over a
   micro-batch's scored entries (mask = 1; A = 0 entries count in the denominator, which is
   clamped to >= 1), over its rows for gspo (one value a sequence); TRL logs the unweighted
-  mean of the per-micro-batch values. `vespo/phi_seq_mean` (vespo) is the mean of each row's
+  mean of the per-micro-batch values. `clip_ratio/low_min` and `clip_ratio/high_max` are the
+  nanmin / nanmax over a micro-batch call's rows (on every rank) of each row's low / high
+  fraction of its scored entries (NaN for a row without one; gspo: the row's hit), averaged
+  over the calls that have a value. `vespo/phi_seq_mean` (vespo) is the mean of each row's
   gamma weight phi over a micro-batch's rows, averaged the same way.
 - verl 0.9.1 (`core_algos.compute_policy_loss_vanilla`, `_gspo`, `_cispo`, `_sapo`):
   `pg_clipfrac` and `pg_clipfrac_lower` over a micro-batch's scored entries (denominator
@@ -35,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -190,6 +194,38 @@ def _row_mean(per_seq: torch.Tensor, micro: MicroBatches) -> torch.Tensor:
     return (num / rows.clamp(min=1.0)).mean()
 
 
+Extreme = Literal["amin", "amax"]
+"""TRL's nanmin (`clip_ratio/low_min`) or nanmax (`clip_ratio/high_max`), as a scatter_reduce."""
+
+
+def _call_extreme(per_seq: torch.Tensor, micro: MicroBatches, reduce: Extreme) -> torch.Tensor:
+    """0-d: TRL's `clip_ratio/low_min` (reduce "amin") or `high_max` ("amax"): per micro-batch
+    call, the extreme of the per-sequence values [N] over its rows on every rank (TRL gathers
+    them, then nanmin/nanmax: NaN rows skipped, NaN when all are), then the mean over the calls
+    whose value is not NaN (TRL's log drops NaN entries), NaN when none is."""
+    values = per_seq.double()
+    missing = math.inf if reduce == "amin" else -math.inf
+    held = torch.full((micro.pooled_count,), missing, dtype=torch.float64, device=values.device)
+    held = held.scatter_reduce(
+        0, micro.pooled_index, torch.nan_to_num(values, nan=missing), reduce=reduce
+    )
+    return torch.where(torch.isinf(held), math.nan, held).nanmean()
+
+
+def _token_extreme(
+    hit: torch.Tensor, prep: PreparedBatch, micro: MicroBatches, reduce: Extreme
+) -> torch.Tensor:
+    """0-d: `_call_extreme` of each sequence's fraction of hit [T] over its scored entries
+    (TRL's per-row masked mean; NaN for a row without one, as TRL's 0 / 0). Once per step for
+    a hit tensor, as `_token_fraction`."""
+
+    def build() -> torch.Tensor:
+        per_seq = prep.seq_sum(hit.double()) / prep.seq_len.double()
+        return _call_extreme(per_seq, micro, reduce)
+
+    return prep.memo_of(f"token_extreme:{reduce}", hit, build)
+
+
 def _clip_hits(
     prep: PreparedBatch, ratio: torch.Tensor, adv: torch.Tensor, low: float, high: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -220,8 +256,8 @@ def _verl_ratio(prep: PreparedBatch, *bounds: float) -> torch.Tensor:
 def _trl(
     policy: Policy, w: Weights, prep: PreparedBatch, micro: MicroBatches, nan: torch.Tensor
 ) -> list[torch.Tensor]:
-    """[low, high, region, cispo, vespo phi] as 0-d float64 tensors or `nan` (not logged for
-    this policy)."""
+    """[low, high, region, cispo, vespo phi, low min, high max] as 0-d float64 tensors or
+    `nan` (not logged for this policy)."""
     config = policy.config
     adv = w.advantages
     if isinstance(config, GSPOConfig):
@@ -235,6 +271,8 @@ def _trl(
             _row_mean(either, micro),
             nan,
             nan,
+            _call_extreme(low, micro, "amin"),
+            _call_extreme(high, micro, "amax"),
         ]
     if isinstance(config, ClipConfig):
         ratio = prep.ratio
@@ -247,13 +285,16 @@ def _trl(
             _token_fraction(either, prep, micro, None),
             nan,
             nan,
+            _token_extreme(low, prep, micro, "amin"),
+            _token_extreme(high, prep, micro, "amax"),
         ]
     if isinstance(config, CISPOConfig) and config.cap is not None:
         hit = above(prep.ratio, config.cap) & above(adv, 0.0)
-        return [nan, nan, nan, _token_fraction(hit, prep, micro, None), nan]
+        return [nan, nan, nan, _token_fraction(hit, prep, micro, None), nan, nan, nan]
     if isinstance(config, VESPOConfig):
-        return [nan, nan, nan, nan, _row_mean(sequence_gamma_weights(prep, adv, config), micro)]
-    return [nan, nan, nan, nan, nan]
+        phi = _row_mean(sequence_gamma_weights(prep, adv, config), micro)
+        return [nan, nan, nan, nan, phi, nan, nan]
+    return [nan] * len(TRL_METRICS)
 
 
 def _verl(
