@@ -60,10 +60,11 @@ def test_max_discard_frac_trips_on_a_policy_whose_every_update_is_non_finite(tmp
 
 def _nan_run_against_a_healthy_baseline(tmp_path) -> list[dict[str, object]]:
     """The gates of the NaN run checked against the finite run's baseline (which passes its
-    own run; the NaN run trips it, exit 1)."""
+    own run; the NaN run trips it, exit 1). Its drift window of 10 lets the drift rule judge
+    the finite run's 12 steps, so the baseline holds drift_steps."""
     baseline = tmp_path / "b.json"
     code, _ = _gates(str(_run(tmp_path / "finite", logp_nan=False)), "-p", "grpo",
-                     "--write-baseline", str(baseline))  # fmt: skip
+                     "--window", "10", "--write-baseline", str(baseline))  # fmt: skip
     assert code == 0
     code, gates = _gates(str(_run(tmp_path / "nan", logp_nan=True)), "-b", str(baseline))
     assert code == 1

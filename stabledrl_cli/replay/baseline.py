@@ -530,10 +530,10 @@ FINITE_UPDATE_METRICS = ("discard_frac", "drift_steps")
 clipped, a NaN push never drifts): of a policy with none, they say nothing."""
 
 
-METRIC_RULES = {"collapsed_steps": "spike"}
+METRIC_RULES = {"collapsed_steps": "spike", "drift_steps": "drift"}
 """Policy figures that count the steps a rule flags, by the rule (`PolicySummary.unjudged`'s
 key): where it judged no step of the policy, the count says nothing (non-finite updates only,
-for collapsed_steps)."""
+for collapsed_steps; always 0, for drift_steps)."""
 
 
 def unjudged_metric(p: PolicyResult, name: str) -> str | None:

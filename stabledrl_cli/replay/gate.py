@@ -5,8 +5,10 @@ A policy in the baseline that the check did not replay (a policy list that leave
 a spec the catalogue renamed) is a tripped gate `baseline.present`: CI must not pass by
 silently checking less than the baseline covers. So is a recorded series the baseline gates
 that the run did not record, and a baseline's `observed` figure whose rule judged no step of
-the run (`Observed.unjudged`). A gate whose own rule judged nothing trips too, saying why
-(`max_collapsed`, "not judged", for a policy whose updates the spike rule judged none of).
+the run (`Observed.unjudged`), or a policy figure whose rule judged no step of the policy
+(`baseline.unjudged_metric`: collapsed_steps, drift_steps). A gate whose own rule judged nothing
+trips too, saying why (`max_collapsed`, "not judged", for a policy whose updates the spike rule
+judged none of).
 
 Run-level gates read the recorded run (`recorded.RecordedRun`), so a run without a policy batch
 (an imported log, an optimizer-hook recording) is gated too: --fail-on-collapse (the observed
