@@ -7,9 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from _cli import run_cli
 from typer.testing import CliRunner
 
+from stabledrl_cli.cli import check
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.replay.baseline import load_baseline
+from stabledrl_cli.tune.grid import MAX_SETTINGS
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "grpo"
 
@@ -280,3 +284,37 @@ def test_a_misspelt_key_exits_3_naming_it(
     assert result.exit_code == 3, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {baseline}{shown}"), lines
+
+
+def _many_policies(count: int) -> dict[str, object]:
+    """A baseline naming `count` distinct, valid grpo settings."""
+    gate = {"discard_frac": {"value": 0.1}}
+    return _baseline_with(("policies",), {f"grpo:eps_low={(i + 1) / 10**5}": gate
+                                          for i in range(count)})  # fmt: skip
+
+
+def test_a_baseline_naming_more_policies_than_tune_takes_exits_3_before_replaying(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check -b replayed every policy a baseline names, unbounded: a crafted 16 MiB baseline of
+    ~300k policies kept it running for hours (200 took 36 s). More than tune's cap is refused
+    (exit 3, one line), before any replay; the cap itself is read."""
+    monkeypatch.setattr(check, "replay_with_progress", _no_replay)
+    baseline = tmp_path / "many.json"
+    baseline.write_text(json.dumps(_many_policies(MAX_SETTINGS + 1)))
+    result = CliRunner().invoke(app, ["check", str(FIXTURE), "--baseline", str(baseline)])
+    assert result.exit_code == 3, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line == (
+        f"error: {baseline}: the baseline names {MAX_SETTINGS + 1} policies; a check replays "
+        f"at most {MAX_SETTINGS}"
+    )
+    done = run_cli("check", FIXTURE, "--baseline", baseline, "--device", "cpu", timeout=120)
+    assert (done.returncode, done.stderr.strip()) == (3, line), done.stderr
+    at_most = tmp_path / "cap.json"
+    at_most.write_text(json.dumps(_many_policies(MAX_SETTINGS)))
+    assert len(load_baseline(at_most).policies) == MAX_SETTINGS
+
+
+def _no_replay(*args: object, **kwargs: object) -> None:
+    raise AssertionError("replayed")

@@ -28,7 +28,8 @@ from stabledrl_cli.policies._spec import base_type, finite_number
 from stabledrl_cli.spec import format_spec, format_value
 
 MAX_SETTINGS = 4096
-"""The most settings one tune evaluates (their per-step rows are held for the whole run)."""
+"""The most settings one tune evaluates (their per-step rows are held for the whole run), and
+the most policies a baseline may name (`check -b` replays each)."""
 MAX_POINTS = 1024
 """The most values one grid may have."""
 SWEEP_SYNTAX = "NAME:key=LOW..HIGH:N, key=LOW..HIGH:logN, key=A|B|C or key=VALUE"
