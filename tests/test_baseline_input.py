@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from stabledrl_cli.cli import check
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.policies import MAX_POLICIES
 from stabledrl_cli.replay.baseline import load_baseline
-from stabledrl_cli.tune.grid import MAX_SETTINGS
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "grpo"
 
@@ -301,19 +301,19 @@ def test_a_baseline_naming_more_policies_than_tune_takes_exits_3_before_replayin
     (exit 3, one line), before any replay; the cap itself is read."""
     monkeypatch.setattr(check, "replay_with_progress", _no_replay)
     baseline = tmp_path / "many.json"
-    baseline.write_text(json.dumps(_many_policies(MAX_SETTINGS + 1)))
+    baseline.write_text(json.dumps(_many_policies(MAX_POLICIES + 1)))
     result = CliRunner().invoke(app, ["check", str(FIXTURE), "--baseline", str(baseline)])
     assert result.exit_code == 3, result.output
     (line,) = result.stderr.strip().splitlines()
     assert line == (
-        f"error: {baseline}: the baseline names {MAX_SETTINGS + 1} policies; a check replays "
-        f"at most {MAX_SETTINGS}"
+        f"error: {baseline}: the baseline names {MAX_POLICIES + 1} policies; a check replays "
+        f"at most {MAX_POLICIES}"
     )
     done = run_cli("check", FIXTURE, "--baseline", baseline, "--device", "cpu", timeout=120)
     assert (done.returncode, done.stderr.strip()) == (3, line), done.stderr
     at_most = tmp_path / "cap.json"
-    at_most.write_text(json.dumps(_many_policies(MAX_SETTINGS)))
-    assert len(load_baseline(at_most).policies) == MAX_SETTINGS
+    at_most.write_text(json.dumps(_many_policies(MAX_POLICIES)))
+    assert len(load_baseline(at_most).policies) == MAX_POLICIES
 
 
 def _no_replay(*args: object, **kwargs: object) -> None:

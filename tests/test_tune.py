@@ -20,12 +20,12 @@ import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.policies import PreparedBatch, Weights
+from stabledrl_cli.policies import MAX_POLICIES, PreparedBatch, Weights
 from stabledrl_cli.replay import stream
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import replay_run
 from stabledrl_cli.tune.front import rank
-from stabledrl_cli.tune.grid import MAX_SETTINGS, expand, expand_all, grid_values
+from stabledrl_cli.tune.grid import expand, expand_all, grid_values
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -66,7 +66,7 @@ def test_negative_zero_is_the_setting_zero():
 def test_a_value_listed_twice_counts_once_towards_the_bound():
     """A list that repeats a value counted each repeat as a setting: 4097 copies of one value
     were refused as "4097 settings; at most 4096"."""
-    assert expand("dapo:eps_high=" + "|".join(["0.2"] * (MAX_SETTINGS + 1))) == [
+    assert expand("dapo:eps_high=" + "|".join(["0.2"] * (MAX_POLICIES + 1))) == [
         "dapo:eps_high=0.2"
     ]
 
@@ -137,7 +137,7 @@ def test_grid_ends_written_with_a_leading_point():
         ("stabledrl:c=2..inf:3", "c expects a finite number, got 'inf'"),
         ("stabledrl:c=0.5..2:3", "c must be a finite number > 1"),
         ("stabledrl:size=1..2:3", "unknown key 'size'"),
-        ("ppo:eps_low=0.1..0.2:100,eps_high=0.1..0.2:100", f"at most {MAX_SETTINGS}"),
+        ("ppo:eps_low=0.1..0.2:100,eps_high=0.1..0.2:100", f"at most {MAX_POLICIES}"),
         ("ppo:eps_low", "expected NAME:key=LOW..HIGH:N"),
         # a point count past Python's int-conversion digit limit: was exit 70 (ValueError)
         ("stabledrl:c=2..5:" + "9" * 5000, "2 to 1024 points, got a 5000-digit number"),
@@ -170,9 +170,9 @@ def test_many_sweeps_stop_at_the_settings_bound(monkeypatch):
 
     monkeypatch.setattr(grid, "resolve_spec", counting)
     sweeps = [f"ppo:eps_low=0.{i}..0.9:64,eps_high=0.{i}..0.9:64" for i in range(1, 4)]
-    with pytest.raises(UsageError, match=f"more than {MAX_SETTINGS} settings in all"):
+    with pytest.raises(UsageError, match=f"more than {MAX_POLICIES} settings in all"):
         expand_all(sweeps)
-    assert calls == 2 * MAX_SETTINGS
+    assert calls == 2 * MAX_POLICIES
 
 
 @pytest.fixture(scope="module")

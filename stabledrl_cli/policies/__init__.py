@@ -18,6 +18,7 @@ from stabledrl_cli._lazy import lazy_getattr
 from stabledrl_cli.policies._lookup import get_policy
 from stabledrl_cli.policies._registry import (
     CONVENTIONS,
+    MAX_POLICIES,
     REGISTRY,
     STANDARD_CATALOGUE,
     PolicyEntry,
@@ -40,6 +41,7 @@ _COMPUTE: dict[str, str] = {
 
 __all__ = [
     "CONVENTIONS",
+    "MAX_POLICIES",
     "REGISTRY",
     "STANDARD_CATALOGUE",
     "Policy",

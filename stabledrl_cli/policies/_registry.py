@@ -305,6 +305,10 @@ STANDARD_CATALOGUE: list[str] = [
     "stabledrl",
 ]
 
+MAX_POLICIES = 4096
+"""The most policies one evaluation takes: the settings of a tune (their per-step rows are held
+for the whole run) and the policies a baseline names (`check -b` replays each)."""
+
 
 def catalogue() -> list[PolicyEntry]:
     """Every name of the catalogue, in display order."""

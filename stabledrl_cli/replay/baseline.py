@@ -29,7 +29,7 @@ other. A series the baseline names that the run did not record (or recorded with
 value) trips. `policies` must be there but may be empty (`{}`): a run without a policy batch
 (an imported log) is gated on `observed` and `recorded` alone. A baseline with no tolerance at
 all (no observed figure, recorded statistic or policy metric) is refused: it gates nothing; so
-is one naming more policies than `tune.grid.MAX_SETTINGS` (a check replays each).
+is one naming more policies than `policies.MAX_POLICIES` (a check replays each).
 
 Each metric trips when today's figure is worse than `value` by more than
 `abs_tol + rel_tol * |value|` in the direction `worse` ("higher": a larger figure is worse;
@@ -73,7 +73,7 @@ from stabledrl_cli.errors import (
     quoted,
     shown,
 )
-from stabledrl_cli.policies import get_policy
+from stabledrl_cli.policies import MAX_POLICIES, get_policy
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,
     DEFAULT_DRIFT_THRESHOLD,
@@ -91,7 +91,6 @@ from stabledrl_cli.replay.figures import (
 from stabledrl_cli.replay.recorded import SERIES_RULES, RecordedRun, observed_of
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.spec import MAX_WINDOW, reads_as_zero
-from stabledrl_cli.tune.grid import MAX_SETTINGS
 from stabledrl_cli.vocab import SERIES_STATS, WORSE, SeriesStat, Worse
 
 BASELINE_SCHEMA = "stabledrl-baseline"
@@ -363,10 +362,10 @@ def _key(name: str) -> str:
 def _policies(data: object, where: str) -> dict[str, dict[str, Tolerance]]:
     if not isinstance(data, dict):
         raise InputError(f"{where}: 'policies' must be an object of spec -> metrics")
-    if len(data) > MAX_SETTINGS:  # each is replayed: refused before any spec is read
+    if len(data) > MAX_POLICIES:  # each is replayed: refused before any spec is read
         raise InputError(
             f"{where}: the baseline names {len(data)} policies; a check replays at most "
-            f"{MAX_SETTINGS}"
+            f"{MAX_POLICIES}"
         )
     rules = policy_metrics()
     policies: dict[str, dict[str, Tolerance]] = {}

@@ -23,13 +23,10 @@ import typing
 from collections.abc import Sequence
 
 from stabledrl_cli.errors import UsageError, quoted
-from stabledrl_cli.policies import REGISTRY, resolve_spec
+from stabledrl_cli.policies import MAX_POLICIES, REGISTRY, resolve_spec
 from stabledrl_cli.policies._spec import base_type, finite_number
 from stabledrl_cli.spec import format_spec, format_value
 
-MAX_SETTINGS = 4096
-"""The most settings one tune evaluates (their per-step rows are held for the whole run), and
-the most policies a baseline may name (`check -b` replays each)."""
 MAX_POINTS = 1024
 """The most values one grid may have."""
 SWEEP_SYNTAX = "NAME:key=LOW..HIGH:N, key=LOW..HIGH:logN, key=A|B|C or key=VALUE"
@@ -129,8 +126,8 @@ def expand(sweep: str) -> list[str]:
             keys.append(key)
             axes.append(values)
     total = math.prod(len(a) for a in axes)
-    if total > MAX_SETTINGS:
-        raise UsageError(f"sweep {quoted(sweep)} has {total} settings; at most {MAX_SETTINGS}")
+    if total > MAX_POLICIES:
+        raise UsageError(f"sweep {quoted(sweep)} has {total} settings; at most {MAX_POLICIES}")
     specs = []
     for combo in itertools.product(*axes):
         text = format_spec(name, dict(zip(keys, combo, strict=True)))
@@ -144,10 +141,10 @@ def expand_all(sweeps: Sequence[str]) -> list[str]:
     specs: dict[str, None] = {}
     for sweep in sweeps:  # each sweep is bounded: stop at the first that passes the bound
         specs.update(dict.fromkeys(expand(sweep)))
-        if len(specs) > MAX_SETTINGS:
+        if len(specs) > MAX_POLICIES:
             raise UsageError(
-                f"the sweeps hold more than {MAX_SETTINGS} settings in all; tune takes at most "
-                f"{MAX_SETTINGS}"
+                f"the sweeps hold more than {MAX_POLICIES} settings in all; tune takes at most "
+                f"{MAX_POLICIES}"
             )
     if not specs:
         raise UsageError(f"no setting to tune: give -p SWEEP ({SWEEP_SYNTAX})")
