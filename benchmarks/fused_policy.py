@@ -14,7 +14,8 @@ for the number of sequences), the step's whole row of device metrics
 normaliser), the policy's coefficients, objective and discard set with `Policy.weights`'
 guards (a non-finite input shows as a NaN coefficient, a zeroed term stays exactly 0), the
 counts on each side of A, the update norm, weight_max, ess_frac, net_push, the masses, and
-TRL's and verl's clip metrics and verl's ppo_kl over one micro-batch. It is written for fusion:
+TRL's and verl's clip metrics (TRL's low_min and high_max too) and verl's ppo_kl over one
+micro-batch. It is written for fusion:
 no host sync, no branch on data (`torch.where` where the eager code takes a finite-sum fast
 path), float64 accumulators for the sums the replay takes in float64. Two choices made the
 fused loop several times faster: each sequence's length is counted in `LANES` interleaved
@@ -139,6 +140,14 @@ def grpo_row(
     n_scored, n_lower, n_upper = count(scored), count(lower & scored), count(upper & scored)
     trl, verl = n_scored.double().clamp(min=1.0), n_scored.double() + VERL_MASKED_MEAN_EPS
     kl = torch.where(scored, -log_ratio.clamp(-VERL_LOG_RATIO_CLAMP, VERL_LOG_RATIO_CLAMP), 0.0)
+    # TRL's low_min and high_max: each sequence's share of its scored tokens hit, the least
+    # and the largest over the sequences that score one (NaN when none does).
+    per_seq = torch.zeros(per_sequence.shape[0], dtype=torch.float64, device=logp.device)
+    length, has = seq_len.double().clamp(min=1.0), seq_len > 0
+    low_share = per_seq.index_add(0, seq, (lower & scored).double()) / length
+    high_share = per_seq.index_add(0, seq, (upper & scored).double()) / length
+    low_min = torch.where(has, low_share, math.inf).amin()
+    high_max = torch.where(has, high_share, -math.inf).amax()
     computed = {
         "tokens": n_counted,
         "discarded": n_lower + n_upper,
@@ -159,6 +168,8 @@ def grpo_row(
         "trl_clip_ratio_region_mean": (n_lower + n_upper) / trl,
         "trl_cispo_clip_ratio": nan,
         "trl_vespo_phi_seq_mean": nan,
+        "trl_clip_ratio_low_min": torch.where(has.any(), low_min, nan),
+        "trl_clip_ratio_high_max": torch.where(has.any(), high_max, nan),
         "verl_pg_clipfrac": (n_lower + n_upper) / verl,
         "verl_pg_clipfrac_lower": nan,
         "verl_ppo_kl": kl.double().sum() / verl,
