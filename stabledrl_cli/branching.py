@@ -188,9 +188,14 @@ def _trajectory_collapse(
     return observed_reward_collapse(steps, rewards, reward_range)
 
 
-def _draws(run: Run) -> tuple[np.ndarray, np.ndarray]:
-    """The run's reward_mean, one a rollout (`detectors.reward_draws`)."""
-    return reward_draws(*run.scalar_series("reward_mean"), *run.scalar_series("inner_step"))
+_Series = tuple[np.ndarray, np.ndarray]
+
+
+def _rewards(run: Run) -> tuple[_Series, _Series]:
+    """The run's reward_mean series, and its draws, one a rollout (`detectors.reward_draws`),
+    from one pass over the headers."""
+    series = run.scalar_series_many(["reward_mean", "inner_step"])
+    return series["reward_mean"], reward_draws(*series["reward_mean"], *series["inner_step"])
 
 
 def _final_reward(rewards: np.ndarray) -> float | None:
@@ -292,7 +297,7 @@ def run_branches(
             raise UsageError(
                 f"{taken[0]} is not empty; pass --force (force=True) to overwrite the branches"
             )
-    original_rewards = _draws(original)
+    _, original_draws = _rewards(original)
     outcomes = []
     replayed = replay(original, policies=specs, device=device)
     for request in requests:
@@ -301,7 +306,7 @@ def run_branches(
         started = None if on_branch is None else partial(on_branch, request)
         train_branch(honoured, force=force, device=device, on_step=on_step, on_start=started)
         branch = open_run(request.run_dir)
-        branch_rewards = branch.scalar_series("reward_mean")
+        branch_rewards, branch_draws = _rewards(branch)
         result = replayed.policy(request.policy)
         summary = result.summary
         trained = branch.step_numbers
@@ -314,7 +319,7 @@ def run_branches(
                 span=(min(trained), max(trained)) if trained else None,
                 replayed_in_span=len(covered.intersection(trained)),
                 first_reward_collapse=_trajectory_collapse(
-                    original_rewards, _draws(branch), at_step, original.reward_range
+                    original_draws, branch_draws, at_step, original.reward_range
                 ),
                 final_reward=_final_reward(branch_rewards[1]),
                 replay_collapsed_steps=[s for s in summary.collapsed_steps if s >= at_step],

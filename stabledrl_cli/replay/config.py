@@ -244,7 +244,7 @@ _Setting = TypeVar("_Setting")
 
 
 def _or_default(value: _Setting | None, default: _Setting) -> _Setting:
-    """`value` as `_plain` gives it, or `default` for None."""
+    """`value` as `spec.plain_number` gives it, or `default` for None."""
     return default if value is None else plain_number(value)
 
 
