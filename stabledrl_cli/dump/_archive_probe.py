@@ -212,8 +212,7 @@ def probe(
             report = _child_report(path if fileobj is None else fileobj, where, file_size)
             failure = None if fileobj is None else fileobj.take_failure()
             if failure is not None:  # h5py's error names what it parsed, not why
-                said = f"{where}: cannot read it: the store failed ({failure})"
-                report = _report({"error": said})
+                report = _report({"error": f"{where}: cannot read it: {failure}"})
             view = memoryview(report)
             while view:
                 view = view[os.write(write_end, view) :]

@@ -94,7 +94,7 @@ def _is_finding(value: object) -> bool:
 def _unreadable(exc: BaseException, store_failure: str | None) -> StepReadError:
     """Why a step's data could not be read: the store failed under the read, or its bytes."""
     if store_failure is not None:
-        return StepReadError("unreadable", f"cannot read: the store failed ({store_failure})")
+        return StepReadError("unreadable", f"cannot read: {store_failure}")
     return StepReadError("unreadable", f"archive data checksum failed: {exc}")
 
 
@@ -188,7 +188,7 @@ class ArchiveRun(Run):
                 fileobj.close()
             if failure is None:
                 raise
-            raise InputError(f"{where}: cannot read it: the store failed ({failure})") from None
+            raise InputError(f"{where}: cannot read it: {failure}") from None
 
     def _open_file(self, file_size: int, fileobj: StoreFile | None) -> None:
         where = self.location
@@ -219,8 +219,7 @@ class ArchiveRun(Run):
 
     def failure_of(self, exc: BaseException) -> str:
         """Why a read of a step's data failed: the store's error, else h5py's (a checksum)."""
-        failure = self._store_failure()
-        return f"the store failed ({failure})" if failure else str(exc)
+        return self._store_failure() or str(exc)
 
     def _text(self, name: str, limit: int) -> str:
         """A JSON string dataset, its size capped and its checksum checked (if it has one): a
@@ -764,7 +763,7 @@ class ArchiveRun(Run):
         failure = self._store_failure()
         said = f"{what}: {exc}"
         if failure is not None:
-            said = f"unreadable: the store failed ({failure})"
+            said = f"unreadable: {failure}"
         path = f"{self.location}:{name}"
         if not hit:
             return [Finding("unreadable", None, path, f"archive dataset {name} ({said})")]

@@ -27,12 +27,12 @@ class StoreFile(io.RawIOBase):
 
     def _failed(self, exc: Exception) -> OSError:
         if self._failure is None:
-            self._failure = f"{type(exc).__name__}: {one_line(exc)}"
-        return OSError(f"the store failed: {self._failure}")
+            self._failure = f"the store failed ({type(exc).__name__}: {one_line(exc)})"
+        return OSError(self._failure)
 
     def take_failure(self) -> str | None:
-        """The store's first error since last asked (`Type: message`), or None: once told, a
-        later error of h5py is the file's own again."""
+        """The store's first error since last asked (`the store failed (Type: message)`), or
+        None: once told, a later error of h5py is the file's own again."""
         failure, self._failure = self._failure, None
         return failure
 
