@@ -19,7 +19,8 @@ that steps becomes the run's optimizer and the numbering goes on.
 What each step records (all gradient norms are L2, taken before clipping):
 - grad_norm: what `clip_grad_norm_` returned when the script clipped this optimizer's
   parameters by their L2 norm since its previous step (the root-sum-of-squares of the
-  returned norms when it clipped several disjoint sets), or the `total_norm` it gave
+  returned norms when it clipped several disjoint sets; a clip of gradients an earlier one
+  clipped counts only for the others, measured before it), or the `total_norm` it gave
   `clip_grads_with_norm_` (once, however many groups it clipped with it: accelerate's and
   transformers' clip of gradients on several DTensor meshes), else the norm of all its
   gradients, computed here; absent when no parameter has a gradient. A step given a closure
@@ -118,6 +119,22 @@ class _Clip:
 
     def first(self) -> int:
         return next(iter(self.norms or self.local))
+
+    def parameters(self) -> set[int]:
+        """id() of each parameter it clipped (that had a gradient)."""
+        return {*self.norms, *self.local}
+
+    def beyond(self, clipped: set[int]) -> _Clip:
+        """This clip without the parameters in `clipped`, which an earlier clip of the step
+        clipped already (their gradients reached this one clipped): its L2 result is then
+        summed from the other parameters' norms, taken before it clipped them."""
+        return _Clip(
+            {key: norm for key, norm in self.norms.items() if key not in clipped},
+            None,
+            {key: norms for key, norms in self.local.items() if key not in clipped},
+            summed=True,
+            unreduced={key: copy for key, copy in self.unreduced.items() if key not in clipped},
+        )
 
     def l2(self, whole: dict[int, float]) -> float | None:
         """Its L2 result (`whole`: id(parameter) -> whole gradient norm), or None."""
@@ -561,6 +578,23 @@ def _take_clips(view: _View) -> list[_Clip]:
     return mine
 
 
+def _first_clips(clips: list[_Clip]) -> list[_Clip]:
+    """A step's clips, each without the parameters an earlier one clipped: a second clip of
+    the same gradients (a clip_grad_norm_ with max_norm=inf that reads the norm, then the
+    real one) measures them clipped, and the first clip's measures and result stand. A clip
+    left with no parameter is dropped."""
+    clipped: set[int] = set()
+    first: list[_Clip] = []
+    for clip in clips:
+        own = clip.parameters()
+        if not own.isdisjoint(clipped):
+            clip = clip.beyond(clipped)
+        if clip.norms or clip.local:
+            first.append(clip)
+        clipped |= own
+    return first
+
+
 def _holds_nonfinite(grad: torch.Tensor) -> bool:
     """Whether a gradient with a non-finite norm holds a NaN or an inf (not a finite overflow);
     a DTensor's norm is over all its shards, so only a NaN or inf can make it non-finite."""
@@ -614,7 +648,7 @@ def _stats(optimizer: Optimizer, view: _View) -> _Stats:
     failure: Exception | None = None
     _state.l2_total = None
     try:
-        clips = _take_clips(view)
+        clips = _first_clips(_take_clips(view))
         for clip in clips:
             seen.update(clip.norms)
             local.update(clip.local)
