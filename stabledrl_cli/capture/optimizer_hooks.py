@@ -61,6 +61,7 @@ import functools
 import gc
 import inspect
 import math
+import numbers
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -695,11 +696,23 @@ def _stats(optimizer: Optimizer, view: _View) -> _Stats:
     return _Stats(
         grad_norm=clipped / scale if clipped is not None else None,
         nonfinite=nonfinite,
-        lrs=[float(g["lr"]) if "lr" in g else None for g in optimizer.param_groups],
+        lrs=[_group_lr(group) for group in optimizer.param_groups],
         group_norms=[math.sqrt(s) / scale if s is not None else None for s in group_squares],
         module_norms=[(module, norm / scale) for module, norm in modules],
         skipped=skipped,
     )
+
+
+def _group_lr(group: dict[str, Any]) -> float | None:
+    """A parameter group's learning rate: a number or a one-element tensor (a capturable
+    optimizer's); None for a group without one, or whose `lr` is something else
+    (transformers' Adafactor with its relative step keeps None there)."""
+    lr = group.get("lr")
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1 and not lr.is_complex():
+        return float(lr)
+    if isinstance(lr, numbers.Real) and not isinstance(lr, bool):
+        return float(lr)
+    return None
 
 
 def _amp_state(optimizer: Optimizer) -> tuple[float, bool]:
