@@ -161,6 +161,9 @@ def _missing_package_scheme() -> str:
         # ftp's filesystem connects when it is made; dir's fails on a URL with no path
         ("ftp://127.0.0.1:1/run", 2, "ftp://127.0.0.1:1/run: cannot reach it (ConnectionRefused"),
         ("dir://x", 2, "dir://x: cannot reach it ("),
+        # http's filesystem connects on its first look, and fsspec says FileNotFoundError for a
+        # refused connection too: it was 'no such run' (exit 3), as if the server had said 404
+        ("http://127.0.0.1:1/run", 2, "http://127.0.0.1:1/run: cannot reach it (Client"),
         # fsspec's data filesystem reads `data://data:...`; a path without `data:` raised its
         # IndexError, an internal error (exit 70)
         (
@@ -178,6 +181,16 @@ def test_hostile_urls_one_line_and_exit_code(run_dir, command, url, code, says):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], result.stderr
     assert result.stdout == ""
+
+
+def test_an_http_host_that_refuses_is_exit_2_in_a_real_process(run_dir):
+    """A URL whose host refuses the connection is a usage error (exit 2, docs/exit-codes.md),
+    not a missing run (exit 3): over http, as over ftp."""
+    (done,) = run_cli_together(["inspect", "http://127.0.0.1:1/run"])
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: http://127.0.0.1:1/run: cannot reach it (Client"), line
+    assert done.stdout == ""
 
 
 def reading(command: str, url: str, other: Path) -> list[str]:

@@ -100,10 +100,13 @@ def url_filesystem(url: str) -> tuple[Any, str]:
             f"{url}: {protocol}:// cannot be opened from a URL alone ({one_line(exc)})"
         ) from None
     except Exception as exc:  # the filesystem's own code, connecting: any failure is the URL's
-        raise UsageError(
-            f"{url}: cannot reach it ({type(exc).__name__}: {one_line(exc)})"
-        ) from None
+        raise _unreachable(url, exc) from None
     return fs, str(root)
+
+
+def _unreachable(url: str, exc: BaseException) -> UsageError:
+    """The usage error (exit 2) of a URL whose host could not be reached, saying why."""
+    return UsageError(f"{url}: cannot reach it ({type(exc).__name__}: {one_line(exc)})")
 
 
 def local_path(location: str) -> str | None:
@@ -350,7 +353,10 @@ def open_url(url: str, *, verify: bool = True) -> Run:
         directory = found.get("type") == "directory"
         is_file = found.get("type") == "file"
         signature = fs.cat_file(root, start=0, end=len(HDF5_SIGNATURE)) if is_file else b""
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        refused = exc.__cause__
+        if isinstance(refused, OSError) and not isinstance(refused, FileNotFoundError):
+            raise _unreachable(url, refused) from None  # http's, for a host it cannot reach
         raise InputError(f"no such run: {url}{_missing_hint(url, fs, root)}") from None
     except PermissionError as exc:
         raise InputError(f"cannot read {url}: {_said(exc, root, url)}") from None
