@@ -346,6 +346,22 @@ def test_nonfinite_step_is_replayed_and_flagged(tmp_path):
     assert summary["detail"]["5"] == detail
 
 
+def test_detail_is_in_the_summary_whenever_it_is_asked_for(plain_run, tmp_path):
+    """`summary.detail` is there "only with --detail" (docs/replay-json.md): with --detail
+    and no flagged step in the range it was left out, so `summary["detail"]` raised KeyError
+    for a consumer that asked for it. It is `{}` then, in the JSON and the HDF5 report alike;
+    without --detail it is still left out."""
+    out = tmp_path / "report.h5"
+    args = [str(plain_run), "-p", "grpo", "--steps", "0:3", "--detail", "--out", str(out)]
+    summary = _json(args)["policies"][0]["summary"]
+    assert summary["detail"] == {}
+    assert json.loads(read_hdf5(out)["policies"][0]["attrs"]["summary"])["detail"] == {}
+    flagged = _json([str(plain_run), "-p", "grpo", "--steps", "20:25", "--detail"])
+    assert list(flagged["policies"][0]["summary"]["detail"]) == ["22"]
+    plain = _json([str(plain_run), "-p", "grpo", "--steps", "20:25"])
+    assert "detail" not in plain["policies"][0]["summary"]
+
+
 # --- chunks and devices ------------------------------------------------------------------------
 def test_chunk_size_does_not_change_results(plain_run):
     results = [

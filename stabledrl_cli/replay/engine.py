@@ -327,14 +327,14 @@ def replay_result(
     # Each policy's series is derived from the streamed metrics when read (`StepSeries`), and
     # a range of every step keeps it so: a copy of every column of every policy set the peak.
     every_step = bool(keep.all())
-    details: list[dict[int, list[TopSequence]]] = [{} for _ in resolved]
+    details: list[dict[int, list[TopSequence]] | None] = [None for _ in resolved]
     if config.detail:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RunIntegrityWarning)
             flagged = _flagged_steps(series, keep)
             device = resolve_device(config.device)
             with single_torch_thread():
-                details = detail_pass(run, resolved, flagged, device, config.top_k)
+                details = [*detail_pass(run, resolved, flagged, device, config.top_k)]
     geometry, coverage = _run_geometry(stream.geometry)
     return ReplayResult(
         run=run.location,

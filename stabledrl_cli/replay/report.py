@@ -479,7 +479,7 @@ def print_detail(
             for row in rows:
                 table.add_row(*(row[i] for i in part))
             print_whole(table, console)
-        for number, seqs in sorted(p.detail.items()):
+        for number, seqs in sorted((p.detail or {}).items()):
             top = Table(
                 title=f"{p.spec} step {number}: sequences contributing most", title_justify="left"
             )

@@ -173,8 +173,8 @@ class PolicyResult:
     summary: PolicySummary
     series: StepSeries = field(repr=False)
     """Per-step columns over the reported range."""
-    detail: dict[int, list[TopSequence]] = field(default_factory=dict, repr=False)
-    """step -> top sequences of that flagged step (with `detail`)."""
+    detail: dict[int, list[TopSequence]] | None = field(default=None, repr=False)
+    """step -> top sequences of that flagged step (with `detail`; None without it)."""
 
     @property
     def steps(self) -> list[JsonRow]:
@@ -182,9 +182,10 @@ class PolicyResult:
         return list(self.series.iter_rows())
 
     def summary_dict(self) -> JsonRow:
-        """The policy's `summary` entry, with `detail` when there is any."""
+        """The policy's `summary` entry, with `detail` when it was asked for (`{}` when no
+        step of the range was flagged)."""
         summary = self.summary.to_dict()
-        if self.detail:
+        if self.detail is not None:
             summary["detail"] = {
                 str(k): [asdict(s) for s in v] for k, v in sorted(self.detail.items())
             }
