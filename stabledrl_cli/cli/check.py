@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -69,6 +70,7 @@ from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.baseline import (
     Baseline,
     baseline_dict,
+    baseline_figure,
     check_settings,
     load_baseline,
     write_baseline,
@@ -191,11 +193,11 @@ def _print_recorded(recorded: RecordedRun) -> None:
     """A scalar run's figures (what --write-baseline records): the observed behaviour, then
     the recorded series."""
     observed = recorded.observed
-    collapse = observed.first_reward_collapse
+    spikes = _flagged_count(observed, "spike_steps", observed.recorded_spike_steps)
+    nonfinite = _flagged_count(observed, "nonfinite_steps", observed.nonfinite_steps)
     out.print(
-        f"observed collapse: {'none' if collapse is None else f'step {collapse}'}; "
-        f"grad-norm spikes: {len(observed.recorded_spike_steps)}; "
-        f"non-finite steps: {len(observed.nonfinite_steps)}",
+        f"observed collapse: {_collapse_text(observed)}; grad-norm spikes: {spikes}; "
+        f"non-finite steps: {nonfinite}",
         highlight=False,
     )
     print_unbroken(series_table(recorded.series, f"recorded series of {recorded.run}"), out)
@@ -204,21 +206,34 @@ def _print_recorded(recorded: RecordedRun) -> None:
 def _print_figures(result: ReplayResult) -> None:
     """Today's figures per policy (what --write-baseline records), a column per metric headed
     by its baseline key; where they do not fit the width beside each other, each key's
-    words stacked (`update_norm_max` on three lines)."""
-    collapse = result.observed.first_reward_collapse
+    words stacked (`update_norm_max` on three lines); `n/a` where it records none."""
     table = Table(
-        title=f"figures of {result.run} (observed collapse: "
-        f"{'none' if collapse is None else f'step {collapse}'})",
+        title=f"figures of {result.run} (observed collapse: {_collapse_text(result.observed)})",
         title_justify="left",
     )
-    rules = policy_metrics()
+    names = list(policy_metrics())
     table.add_column("policy", no_wrap=True)
-    for name in rules:
+    for name in names:
         table.add_column(name, justify="right", no_wrap=True)
     for p in result.policies:
-        table.add_row(p.spec, *(format_figure(rule.measure(p.summary)) for rule in rules.values()))
+        figures = [baseline_figure(p, name) for name in names]
+        table.add_row(p.spec, *("n/a" if f is None else format_figure(f) for f in figures))
     stack_headers(table, out)
     print_whole(table, out)
+
+
+def _collapse_text(observed: Observed) -> str:
+    """The observed collapse as the figures show it: its step, none, or not judged (what
+    `--write-baseline` then leaves out)."""
+    if observed.unjudged("first_reward_collapse") is not None:
+        return "not judged"
+    collapse = observed.first_reward_collapse
+    return "none" if collapse is None else f"step {collapse}"
+
+
+def _flagged_count(observed: Observed, name: str, steps: Sequence[int]) -> str:
+    """How many steps the run-level rule of `name` flagged, or not judged."""
+    return "not judged" if observed.unjudged(name) is not None else str(len(steps))
 
 
 def _is_scalar_run(run: Run) -> bool:

@@ -562,6 +562,17 @@ def no_finite_update(p: PolicyResult, *, named: bool = False) -> str | None:
     return f"every replayed step's update{of} is non-finite ({counted(nonfinite.size, 'step')})"
 
 
+def baseline_figure(p: PolicyResult, name: str) -> float | None:
+    """The figure of the policy metric `name` that `--write-baseline` records for `p`; None
+    where it leaves it out: no finite value, or a figure that says nothing (every update
+    non-finite, `no_finite_update`; a rule that judged no step, `unjudged_metric`)."""
+    value = policy_metrics()[name].measure(p.summary)
+    silent = name in FINITE_UPDATE_METRICS and no_finite_update(p) is not None
+    if value is None or silent or unjudged_metric(p, name) is not None:
+        return None
+    return value
+
+
 def baseline_dict(
     result: ReplayResult | None,
     settings: ReplaySettings,
@@ -579,14 +590,13 @@ def baseline_dict(
     policies: dict[str, object] = {}
     for p in result.policies if result is not None else []:
         metrics: dict[str, object] = {}
-        silent = FINITE_UPDATE_METRICS if no_finite_update(p) is not None else ()
         for name, rule in policy_metrics().items():
             if strict:
                 abs_tol, rel_tol = 0.0, 0.0 if rule.integer else STRICT_REL_TOL
             else:
                 abs_tol, rel_tol = rule.abs_tol, rule.rel_tol
-            value = rule.measure(p.summary)
-            if value is None or name in silent or unjudged_metric(p, name) is not None:
+            value = baseline_figure(p, name)
+            if value is None:
                 continue  # no finite value, or a figure that says nothing: nothing to gate
             entry = Tolerance(
                 value=value, worse=rule.worse, abs_tol=abs_tol, rel_tol=rel_tol
