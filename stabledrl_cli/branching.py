@@ -28,13 +28,15 @@ from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, BranchRequest, b
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._directory import symlink_refused
 from stabledrl_cli.dump._schema import STEPS_DIR
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.example.branch import train_branch
 from stabledrl_cli.example.checkpoint import CHECKPOINTS_DIR, list_checkpoints
 from stabledrl_cli.example.config import MAX_RL_STEPS
 from stabledrl_cli.policies import get_policy
+from stabledrl_cli.replay.config import DEFAULT_COLLAPSE_WINDOW
 from stabledrl_cli.replay.detectors import observed_reward_collapse, reward_draws
 from stabledrl_cli.replay.engine import replay
+from stabledrl_cli.replay.observed import finite_windows
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
 
@@ -56,7 +58,11 @@ class BranchOutcome:
     """Optimizer steps the branch recorded."""
     first_reward_collapse: int | None
     """The observed-collapse rule over the branch's trajectory (the original's steps before
-    the branch point, then the branch's); None: it held."""
+    the branch point, then the branch's); None: it held, or the rule judged no step
+    (`not_judged`)."""
+    not_judged: str | None = None
+    """Why the observed-collapse rule judged no step of the trajectory (too few reward draws);
+    None when it judged some."""
     final_reward: float | None
     """Mean reward_mean over the branch's last 10% of steps (None: no finite reward)."""
     replay_collapsed_steps: list[int] = field(default_factory=list)
@@ -71,8 +77,11 @@ class BranchOutcome:
     those step numbers that the replay replayed."""
 
     @property
-    def collapsed(self) -> bool:
-        """Whether the branch collapsed (observed-collapse rule)."""
+    def collapsed(self) -> bool | None:
+        """Whether the branch collapsed (observed-collapse rule); None when the rule judged no
+        step of it (`not_judged`): it neither held nor collapsed as far as anyone measured."""
+        if self.not_judged is not None:
+            return None
         return self.first_reward_collapse is not None
 
     @property
@@ -100,6 +109,8 @@ class BranchOutcome:
         collapse, span = self.first_reward_collapse, self.span
         if not self.complete or (collapse is not None and span is not None and collapse < span[0]):
             return None
+        if self.collapsed is None:  # the rule judged nothing: nothing to agree with
+            return None
         return self.collapsed == self.flagged_in_span
 
     def to_dict(self) -> dict[str, object]:
@@ -110,6 +121,7 @@ class BranchOutcome:
             "steps": self.steps,
             "collapsed": self.collapsed,
             "first_reward_collapse": self.first_reward_collapse,
+            "not_judged": self.not_judged,
             "final_reward": self.final_reward,
             "replay": {
                 "collapsed_steps": list(self.replay_collapsed_steps),
@@ -139,6 +151,8 @@ class BranchReport:
     steps: int
     original_first_reward_collapse: int | None
     branches: list[BranchOutcome]
+    original_not_judged: str | None = None
+    """Why the observed-collapse rule judged no step of the original (None: it judged some)."""
     replayed: ReplayResult = field(repr=False, compare=False)
     """The one-step replay of every branch's policy on the original (its skipped steps)."""
     original_skipped_steps: list[int] = field(default_factory=list)
@@ -153,6 +167,7 @@ class BranchReport:
             "steps": self.steps,
             "original": {
                 "first_reward_collapse": self.original_first_reward_collapse,
+                "not_judged": self.original_not_judged,
                 "skipped_steps": list(self.original_skipped_steps),
             },
             "branches": [b.to_dict() for b in self.branches],
@@ -180,12 +195,20 @@ def _trajectory_collapse(
     branch: tuple[np.ndarray, np.ndarray],
     at: int,
     reward_range: tuple[float, float] | None,
-) -> int | None:
-    """The observed-collapse rule over the original's steps < `at`, then the branch's."""
+) -> tuple[int | None, str | None]:
+    """The observed-collapse rule over the original's reward draws before `at`, then the
+    branch's: its first collapse step, and why it judged no step (None when it judged some)."""
     keep = original[0] < at
     steps = np.concatenate([original[0][keep], branch[0]])
     rewards = np.concatenate([original[1][keep], branch[1]])
-    return observed_reward_collapse(steps, rewards, reward_range)
+    window = DEFAULT_COLLAPSE_WINDOW
+    if finite_windows(rewards, window) == 0:
+        draws = counted(int(np.count_nonzero(np.isfinite(rewards))), "finite reward draw")
+        return None, (
+            f"the trajectory has {draws} (one a rollout), no {window} in a row (the collapse "
+            "window): the collapse rule judges no step"
+        )
+    return observed_reward_collapse(steps, rewards, reward_range, window), None
 
 
 _Series = tuple[np.ndarray, np.ndarray]
@@ -307,6 +330,9 @@ def run_branches(
         train_branch(honoured, force=force, device=device, on_step=on_step, on_start=started)
         branch = open_run(request.run_dir)
         branch_rewards, branch_draws = _rewards(branch)
+        collapse, not_judged = _trajectory_collapse(
+            original_draws, branch_draws, at_step, original.reward_range
+        )
         result = replayed.policy(request.policy)
         summary = result.summary
         trained = branch.step_numbers
@@ -318,9 +344,8 @@ def run_branches(
                 steps=len(trained),
                 span=(min(trained), max(trained)) if trained else None,
                 replayed_in_span=len(covered.intersection(trained)),
-                first_reward_collapse=_trajectory_collapse(
-                    original_draws, branch_draws, at_step, original.reward_range
-                ),
+                first_reward_collapse=collapse,
+                not_judged=not_judged,
                 final_reward=_final_reward(branch_rewards[1]),
                 replay_collapsed_steps=[s for s in summary.collapsed_steps if s >= at_step],
                 replay_drift_steps=[s for s in summary.drift_steps if s >= at_step],
@@ -332,6 +357,7 @@ def run_branches(
         at=at_step,
         steps=count,
         original_first_reward_collapse=replayed.observed.first_reward_collapse,
+        original_not_judged=replayed.observed.unjudged("first_reward_collapse"),
         branches=outcomes,
         replayed=replayed,
         original_skipped_steps=skipped,

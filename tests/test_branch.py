@@ -62,23 +62,25 @@ def test_branch_records_each_policy_as_a_run_and_reports_it_beside_the_replay(re
     assert (report["requested_at"], report["at"], report["steps"]) == (8, 8, 8)
     assert report["original"] == {
         "first_reward_collapse": report["original"]["first_reward_collapse"],
+        "not_judged": report["original"]["not_judged"],
         "skipped_steps": [],
     }
     assert [b["policy"] for b in report["branches"]] == ["grpo", "stabledrl"]
     for entry in report["branches"]:
         assert set(entry) == {
-            "policy", "run", "steps", "collapsed", "first_reward_collapse", "final_reward",
-            "replay", "compared", "agree",
+            "policy", "run", "steps", "collapsed", "first_reward_collapse", "not_judged",
+            "final_reward", "replay", "compared", "agree",
         }  # fmt: skip
         assert set(entry["replay"]) == {"collapsed_steps", "drift_steps", "flagged"}
         assert all(step >= 8 for step in entry["replay"]["collapsed_steps"])
-        assert entry["collapsed"] == (entry["first_reward_collapse"] is not None)
+        assert entry["collapsed"] is None  # 4 reward draws: the rule judges no step
+        assert entry["first_reward_collapse"] is None and entry["not_judged"] is not None
         in_span = [s for s in entry["replay"]["collapsed_steps"] if s <= 15]
         assert entry["compared"] == {
             "first": 8, "last": 15, "branch_steps": 8, "replayed_steps": 8, "complete": True,
             "flagged": bool(in_span),
         }  # fmt: skip
-        assert entry["agree"] == (entry["collapsed"] == bool(in_span))
+        assert entry["agree"] is None
         run_dir = Path(entry["run"])
         assert run_dir == recorded / "branches" / f"{entry['policy']}@8"
         branch = open_run(run_dir)
@@ -95,6 +97,35 @@ def test_branch_records_each_policy_as_a_run_and_reports_it_beside_the_replay(re
     again = CliRunner().invoke(app, [*args, "--rl-steps", "8"])
     assert again.exit_code == 2 and "not empty" in again.stderr
     assert "pass --force" in again.stderr, again.stderr  # the option that overwrites them
+
+
+def test_a_branch_whose_collapse_the_rule_cannot_judge_is_not_called_held(recorded, tmp_path):
+    """The fixture's 24 steps are 6 rollouts (mu = 4): a trajectory of the original's steps
+    before 8 and a branch's 8 steps has 4 reward draws, fewer than the collapse window's 10,
+    so the observed-collapse rule judges none of it. The table said 'held' for the original
+    and each branch, and 'agree: yes' (JSON: collapsed false, agree true): a claim nothing
+    measured."""
+    args = ["branch", str(recorded), "--at", "8", "-p", "stabledrl", "--rl-steps", "8"]
+    out = ["--out", str(tmp_path / "b"), "--force"]
+    result = CliRunner().invoke(app, [*args, *out, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    why = "the collapse rule judges no step"
+    assert why in report["original"]["not_judged"]
+    (entry,) = report["branches"]
+    assert entry["collapsed"] is None and entry["first_reward_collapse"] is None
+    assert entry["not_judged"] == (
+        "the trajectory has 4 finite reward draws (one a rollout), no 10 in a row (the "
+        f"collapse window): {why}"
+    )
+    assert entry["agree"] is None
+    table = CliRunner().invoke(app, [*args, *out], env={"COLUMNS": "80"})
+    assert table.exit_code == 0, table.output
+    text = " ".join(table.stdout.split())
+    assert "held" not in text and "the original run's collapse not judged" in text, text
+    row = next(line for line in table.stdout.splitlines() if line.startswith("│ stabledrl"))
+    cells = [c.strip() for c in row.strip("│").split("│")]
+    assert cells[1].startswith("not judged") and cells[5] == "n/a", cells
 
 
 def test_the_protocol_round_trips_through_the_environment(tmp_path):
@@ -151,8 +182,9 @@ def test_the_table_and_its_legend_fit_80_columns(recorded, tmp_path):
     assert result.exit_code == 0, result.output
     assert max(len(line) for line in result.stdout.splitlines()) <= 80, result.stdout
     assert (
-        "n/a when partial, or when the collapse is before the branch point (the original's), "
-        "as the two would judge different spans" in " ".join(result.stdout.split())
+        "n/a when partial, when the branch is not judged, or when the collapse is before the "
+        "branch point (the original's), as the two would judge different spans"
+        in " ".join(result.stdout.split())
     )
 
 

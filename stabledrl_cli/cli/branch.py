@@ -40,17 +40,22 @@ def _table(report: BranchReport) -> Table:
         else ""
     )
     original = report.original_first_reward_collapse
+    if report.original_not_judged is not None:
+        how = "the original run's collapse not judged"
+    else:
+        how = f"the original run {'held' if original is None else f'collapsed at step {original}'}"
     table = Table(
         title=f"Branches of {report.run} at step {report.at}{moved}, "
-        f"{counted(report.steps, 'step')} each; "
-        f"the original run {'held' if original is None else f'collapsed at step {original}'}",
+        f"{counted(report.steps, 'step')} each; {how}",
         title_justify="left",
     )
     columns = ("policy", "branch", "replay risk steps", "replay drift steps", "compared", "agree")
     for column in columns:
         table.add_column(column, overflow="fold")
     for b in report.branches:
-        outcome = "held" if not b.collapsed else f"collapsed at {b.first_reward_collapse}"
+        outcome = {None: "not judged", False: "held"}.get(
+            b.collapsed, f"collapsed at {b.first_reward_collapse}"
+        )
         reward = f", reward {b.final_reward:.3f}" if b.final_reward is not None else ""
         table.add_row(
             b.policy,
@@ -74,13 +79,14 @@ def _compared(branch: BranchOutcome) -> str:
 
 LEGEND = (
     "branch: the observed-collapse rule over the original's steps before the branch point "
-    "and the branch's after it (final reward: its last 10% of steps). replay risk/drift "
+    "and the branch's after it (not judged: fewer reward draws in a row, one a rollout, than "
+    "its window; final reward: its last 10% of steps). replay risk/drift "
     "steps: the one-step replay of the policy on the original's recorded batches, from the "
     "branch point on. compared: the branch's steps, over which agree compares; partial when "
     "the original's replay does not cover each of them (steps the original never recorded, "
     "or skipped). agree: a replay risk step within the compared steps exactly when the branch "
-    "collapsed; n/a when partial, or when the collapse is before the branch point (the "
-    "original's), as the two would judge different spans."
+    "collapsed; n/a when partial, when the branch is not judged, or when the collapse is "
+    "before the branch point (the original's), as the two would judge different spans."
 )
 
 

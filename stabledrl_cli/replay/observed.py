@@ -328,7 +328,7 @@ def measurements_of(run: Run) -> tuple[NoiseFloor, OwnLikelihood]:
     return floor, likelihood
 
 
-def _windows(values: np.ndarray, window: int) -> int:
+def finite_windows(values: np.ndarray, window: int) -> int:
     """How many windows of `window` finite values in a row `values` [S] holds."""
     return int(np.count_nonzero(np.isfinite(rolling_mean(values, window))))
 
@@ -395,7 +395,7 @@ def observe(
         window=config.warning_window,
         drop=config.warning_drop,
         steps=[int(s) for s in warn_steps],
-        windows=_windows(measurements, config.warning_window),
+        windows=finite_windows(measurements, config.warning_window),
         first_step=first,
         lead_steps=collapse - first if collapse is not None and first is not None else None,
     )
@@ -408,7 +408,7 @@ def observe(
         noise_floor_logratio_std=noise_floor.std,
         noise_floor_units=noise_floor.count,
         reward_curve=_reward_curve(rewards, config.collapse_window),
-        reward_windows=_windows(rewards, config.collapse_window),
+        reward_windows=finite_windows(rewards, config.collapse_window),
         collapse_window=config.collapse_window,
         collapse_warning=warning,
         guards=guard_reports
