@@ -20,7 +20,9 @@ What each step records (all gradient norms are L2, taken before clipping):
 - grad_norm: what `clip_grad_norm_` returned when the script clipped this optimizer's
   parameters by their L2 norm since its previous step (the root-sum-of-squares of the
   returned norms when it clipped several disjoint sets; a clip of gradients an earlier one
-  clipped counts only for the others, measured before it), or the `total_norm` it gave
+  clipped counts only for the others, measured before it, and a clip whose gradients were
+  zeroed or made again since, its step skipped by the script, is no step's: `_keep`), or
+  the `total_norm` it gave
   `clip_grads_with_norm_` (once, however many groups it clipped with it: accelerate's and
   transformers' clip of gradients on several DTensor meshes), else the norm of all its
   gradients, computed here; absent when no parameter has a gradient. A step given a closure
@@ -117,6 +119,8 @@ class _Clip:
     unreduced: dict[int, torch.Tensor] = field(default_factory=dict)
     """id(parameter) -> a copy of its Partial DTensor gradient before clipping
     (`_norms.unreduced_copies`), reduced whole at the step instead of the clipped one."""
+    after: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """id(parameter) -> its gradient as the clip left it (`_grad_states`)."""
 
     def first(self) -> int:
         return next(iter(self.norms or self.local))
@@ -126,15 +130,16 @@ class _Clip:
         return {*self.norms, *self.local}
 
     def beyond(self, clipped: set[int]) -> _Clip:
-        """This clip without the parameters in `clipped`, which an earlier clip of the step
-        clipped already (their gradients reached this one clipped): its L2 result is then
-        summed from the other parameters' norms, taken before it clipped them."""
+        """This clip without the parameters in `clipped` (another clip's: `_keep`): its L2
+        result is then summed from the other parameters' norms, taken before it clipped
+        them."""
         return _Clip(
             {key: norm for key, norm in self.norms.items() if key not in clipped},
             None,
             {key: norms for key, norms in self.local.items() if key not in clipped},
             summed=True,
             unreduced={key: copy for key, copy in self.unreduced.items() if key not in clipped},
+            after=self.after,
         )
 
     def l2(self, whole: dict[int, float]) -> float | None:
@@ -345,6 +350,7 @@ def _recorded_clip(
     params = [given] if isinstance(given, torch.Tensor) else list(given)
     rest = args if keyword else args[1:]
     with_grad = [p for p in params if p.grad is not None]
+    before = _grad_states(with_grad)
     try:
         measured = clip_norms(params, rest, kwargs)
         if measured is None:  # an uncommon call (DTensor gradients): measure, torch clips
@@ -363,14 +369,39 @@ def _recorded_clip(
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach)
         clip = _Clip(dict(zip(map(id, with_grad), listed, strict=True)), total)
     if with_grad:
-        _keep(clip)
+        _keep(clip, before, with_grad)
     return total
 
 
-def _keep(clip: _Clip) -> None:
-    """Keeps a clip for the next step of its parameters' optimizer to claim."""
-    _state.clips.append(clip)
-    del _state.clips[:-PENDING_CLIPS]
+def _grad_states(params: Iterable[torch.Tensor]) -> dict[int, tuple[int, int]]:
+    """id(parameter) -> (id, version counter) of its gradient: the same pair later means the
+    gradient was not zeroed, made again nor changed in place since."""
+    return {id(p): (id(p.grad), p.grad._version) for p in params if p.grad is not None}
+
+
+def _keep(clip: _Clip, before: dict[int, tuple[int, int]], params: Iterable[torch.Tensor]) -> None:
+    """Keeps a clip of `params` for the next step of their optimizer to claim (`before`: their
+    `_grad_states` as it began). A parameter that a clip kept before it clipped
+    too counts for one of the two: the earlier, when the gradient is as that clip left it
+    (this clip clips it again: a clip_grad_norm_ with max_norm=inf that reads the norm, then
+    the real one), else this one (the earlier clip's gradient is gone since, zeroed or made
+    again: the script skipped that step's optimizer.step())."""
+    clip.after = _grad_states(params)
+    again: set[int] = set()
+    kept: list[_Clip] = []
+    for pending in _state.clips:
+        shared = pending.parameters() & clip.parameters()
+        same = {key for key in shared if pending.after.get(key) == before.get(key)}
+        again |= same
+        if shared - same:
+            pending = pending.beyond(shared - same)
+        if pending.norms or pending.local:
+            kept.append(pending)
+    if again:
+        clip = clip.beyond(again)
+    if clip.norms or clip.local:
+        kept.append(clip)
+    _state.clips[:] = kept[-PENDING_CLIPS:]
 
 
 def _wrap_utils(name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
@@ -467,6 +498,7 @@ def _wrap_clip_with_norm(original: Callable[..., None]) -> Callable[..., None]:
         bound.arguments["parameters"] = params
         try:
             with_grad = [p for p in params if p.grad is not None]
+            before = _grad_states(with_grad)
             norms, local = _norms.measure(with_grad, {})
             unreduced = _norms.unreduced_copies(with_grad)
             total = _whole_value(bound.arguments["total_norm"]) if _state.l2_total else None
@@ -476,7 +508,7 @@ def _wrap_clip_with_norm(original: Callable[..., None]) -> Callable[..., None]:
         original(*bound.args, **bound.kwargs)
         if with_grad:
             shared = total is not None
-            _keep(_Clip(norms, total, local, not shared, shared, unreduced))
+            _keep(_Clip(norms, total, local, not shared, shared, unreduced), before, with_grad)
 
     return clip_grads_with_norm_
 
@@ -508,14 +540,16 @@ def _wrap_fsdp_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torc
             shards = _fsdp1.shards_of(self)
             if not shards:
                 return original(self, *args, **kwargs)
-            norms, local = _norms.measure(self.parameters(), shards)
+            params = list(self.parameters())
+            before = _grad_states(params)
+            norms, local = _norms.measure(params, shards)
             norm_type = args[1] if len(args) > 1 else kwargs.get("norm_type", 2.0)
         except Exception as exc:
             _fail(exc, "reading the gradients in FullyShardedDataParallel.clip_grad_norm_")
             return original(self, *args, **kwargs)
         with _torch_clip():
             total = original(self, *args, **kwargs)
-        _keep(_Clip(norms, total if float(norm_type) == 2.0 else None, local))
+        _keep(_Clip(norms, total if float(norm_type) == 2.0 else None, local), before, params)
         return total
 
     return clip_grad_norm_
@@ -579,23 +613,6 @@ def _take_clips(view: _View) -> list[_Clip]:
     return mine
 
 
-def _first_clips(clips: list[_Clip]) -> list[_Clip]:
-    """A step's clips, each without the parameters an earlier one clipped: a second clip of
-    the same gradients (a clip_grad_norm_ with max_norm=inf that reads the norm, then the
-    real one) measures them clipped, and the first clip's measures and result stand. A clip
-    left with no parameter is dropped."""
-    clipped: set[int] = set()
-    first: list[_Clip] = []
-    for clip in clips:
-        own = clip.parameters()
-        if not own.isdisjoint(clipped):
-            clip = clip.beyond(clipped)
-        if clip.norms or clip.local:
-            first.append(clip)
-        clipped |= own
-    return first
-
-
 def _holds_nonfinite(grad: torch.Tensor) -> bool:
     """Whether a gradient with a non-finite norm holds a NaN or an inf (not a finite overflow);
     a DTensor's norm is over all its shards, so only a NaN or inf can make it non-finite."""
@@ -649,7 +666,7 @@ def _stats(optimizer: Optimizer, view: _View) -> _Stats:
     failure: Exception | None = None
     _state.l2_total = None
     try:
-        clips = _first_clips(_take_clips(view))
+        clips = _take_clips(view)
         for clip in clips:
             seen.update(clip.norms)
             local.update(clip.local)
