@@ -6,15 +6,26 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from typing import Any
 
 import pytest
-from _cli import cli_command
-from test_optimizer_hooks import _env, close
+from test_optimizer_hooks import _record, close
 
-from stabledrl_cli.dump import open_run
+from stabledrl_cli.dump import Run, open_run
+
+
+def _recorded(tmp_path: Path, text: str, *args: str) -> tuple[Run, Any]:
+    """The run of script `text` under `stabledrl record`, and what the script computed."""
+    script, computed = tmp_path / "train.py", tmp_path / "computed.json"
+    script.write_text(text)
+    result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script),
+                     str(computed), *args)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return open_run(tmp_path / "run"), json.loads(computed.read_text())
+
 
 SCRIPT = textwrap.dedent(
     """
@@ -51,16 +62,8 @@ SCRIPT = textwrap.dedent(
 
 
 def test_a_step_clipped_twice_records_the_norms_before_the_first_clip(tmp_path):
-    script, computed = tmp_path / "train.py", tmp_path / "computed.json"
-    script.write_text(SCRIPT)
-    result = subprocess.run(
-        [*cli_command(), "record", "--out", str(tmp_path / "run"), "--", sys.executable,
-         str(script), str(computed)],
-        capture_output=True, text=True, env=_env(), timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    run = open_run(tmp_path / "run")
-    for n, mine in enumerate(json.loads(computed.read_text())):
+    run, computed = _recorded(tmp_path, SCRIPT)
+    for n, mine in enumerate(computed):
         scalars = run.step(n).scalars
         assert close(scalars["grad_norm"], mine["grad_norm"]), (n, scalars, mine)
         for g in (0, 1):
@@ -97,16 +100,44 @@ SKIPPED_BY_THE_SCRIPT = textwrap.dedent(
 def test_a_clip_whose_step_the_script_skipped_is_not_the_next_steps(tmp_path, zero):
     """The clip of an iteration that the script skipped (no optimizer.step()) measured other
     gradients than the next iteration's clip: the next step records its own clip's norm."""
-    script, computed = tmp_path / "train.py", tmp_path / "computed.json"
-    script.write_text(SKIPPED_BY_THE_SCRIPT)
-    result = subprocess.run(
-        [*cli_command(), "record", "--out", str(tmp_path / "run"), "--", sys.executable,
-         str(script), str(computed), zero],
-        capture_output=True, text=True, env=_env(), timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    run = open_run(tmp_path / "run")
-    mine = json.loads(computed.read_text())
+    run, mine = _recorded(tmp_path, SKIPPED_BY_THE_SCRIPT, zero)
     assert run.step_numbers == [0, 1, 2]
     for n in range(3):
         assert close(run.step(n).scalars["grad_norm"], mine[n]), (n, run.step(n).scalars, mine)
+
+
+TWO_OPTIMIZERS_ONE_CLIP = textwrap.dedent(
+    """
+    import json, math, sys
+    import torch
+
+    torch.manual_seed(0)
+    actor, critic = torch.nn.Linear(6, 1), torch.nn.Linear(6, 1)
+    actor_optimizer = torch.optim.SGD(actor.parameters(), lr=0.1)
+    critic_optimizer = torch.optim.SGD(critic.parameters(), lr=0.1)
+    seen = []
+    for step in range(3):
+        actor_optimizer.zero_grad()
+        critic_optimizer.zero_grad()
+        x = torch.randn(8, 6)
+        (actor(x).pow(2).mean() + 3 * critic(x).pow(2).mean()).backward()
+        norm = lambda m: math.sqrt(sum(p.grad.double().norm().item() ** 2 for p in m.parameters()))
+        seen.append({"actor": norm(actor), "critic": norm(critic)})
+        torch.nn.utils.clip_grad_norm_([*actor.parameters(), *critic.parameters()], 0.01)
+        actor_optimizer.step()
+        critic_optimizer.step()
+    json.dump(seen, open(sys.argv[1], "w"))
+    """
+)
+
+
+def test_one_clip_of_two_optimizers_parameters_gives_each_its_own_norm(tmp_path):
+    """An actor and a critic clipped together, each with its optimizer: each optimizer's
+    recorded norm is that of its own gradients before the clip (not the joint norm for the
+    first, nor the clipped norm for the second)."""
+    run, mine = _recorded(tmp_path, TWO_OPTIMIZERS_ONE_CLIP)
+    for n in range(3):
+        scalars = run.step(n).scalars
+        assert close(scalars["grad_norm"], mine[n]["actor"]), (n, scalars, mine)
+        if n:  # the critic's step after the actor's step n - 1
+            assert close(scalars["optimizer_1/grad_norm"], mine[n - 1]["critic"]), (n, scalars)

@@ -21,7 +21,8 @@ What each step records (all gradient norms are L2, taken before clipping):
   parameters by their L2 norm since its previous step (the root-sum-of-squares of the
   returned norms when it clipped several disjoint sets; a clip of gradients an earlier one
   clipped counts only for the others, measured before it, and a clip whose gradients were
-  zeroed or made again since, its step skipped by the script, is no step's: `_keep`), or
+  zeroed or made again since, its step skipped by the script, is no step's: `_keep`; a
+  clip of several optimizers' parameters gives each its own part: `_take_clips`), or
   the `total_norm` it gave
   `clip_grads_with_norm_` (once, however many groups it clipped with it: accelerate's and
   transformers' clip of gradients on several DTensor meshes), else the norm of all its
@@ -121,9 +122,6 @@ class _Clip:
     (`_norms.unreduced_copies`), reduced whole at the step instead of the clipped one."""
     after: dict[int, tuple[int, int]] = field(default_factory=dict)
     """id(parameter) -> its gradient as the clip left it (`_grad_states`)."""
-
-    def first(self) -> int:
-        return next(iter(self.norms or self.local))
 
     def parameters(self) -> set[int]:
         """id() of each parameter it clipped (that had a gradient)."""
@@ -606,10 +604,22 @@ def _param_names(optimizer: Optimizer) -> dict[int, str]:
 
 def _take_clips(view: _View) -> list[_Clip]:
     """The clip_grad_norm_ calls on this optimizer's parameters since its last step, which
-    are consumed."""
-    mine = [clip for clip in _state.clips if clip.first() in view.ids]
-    if mine:
-        _state.clips[:] = [clip for clip in _state.clips if all(clip is not m for m in mine)]
+    are consumed. A clip of other optimizers' parameters too (an actor and a critic clipped
+    together) gives each optimizer its own parameters' part, summed from their norms before
+    it: its total is no optimizer's."""
+    mine: list[_Clip] = []
+    kept: list[_Clip] = []
+    for clip in _state.clips:
+        params = clip.parameters()
+        others = params - view.ids
+        if others == params:
+            kept.append(clip)
+        elif others:
+            mine.append(clip.beyond(others))
+            kept.append(clip.beyond(params - others))
+        else:
+            mine.append(clip)
+    _state.clips[:] = kept
     return mine
 
 
