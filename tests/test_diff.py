@@ -386,6 +386,28 @@ def test_runs_of_different_units_are_not_compared(tmp_path):
     ]
 
 
+def test_a_sequence_run_and_a_run_of_scalars_are_compared(tmp_path):
+    """A scalar run (an imported log, the optimizer hooks) holds no entry of any unit, though
+    its manifest says `token`: diffing a sequence run (RecordingRLOOTrainer's, say) against
+    its own imported log said '... B token entries: their steps are not comparable' (exit 3),
+    where a token run against the same log is compared. Both are now compared: the scalars
+    that agree, the arrays only one run has."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    with Recorder(a, policy="grpo", unit="sequence") as rec:
+        for step in range(3):
+            rec.log_step(
+                step, logp=np.zeros(4), logp_old=np.zeros(4), advantages=np.ones(4), loss=0.5
+            )
+    with Recorder(b, policy=None) as rec:
+        for step in range(3):
+            rec.log_step(step, loss=0.5)
+    done = CliRunner().invoke(app, ["diff", str(a), str(b), "--format", "json"])
+    assert done.exit_code == 1, done.output
+    report = json.loads(done.stdout)
+    assert (report["common"], report["first"]["scalars"]) == (3, None)
+    assert report["first"]["inputs"]["step"] == 0
+
+
 def test_a_step_whose_data_one_run_cannot_read_is_not_called_identical(grpo_fixture, tmp_path):
     """A step file whose header reads but whose data fails its checksum is skipped with a
     warning, and counts as a step only the other run holds, as a file skipped at its header

@@ -90,6 +90,7 @@ from stabledrl_cli.replay.report import (
 )
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import (
+    is_scalar_run,
     no_steps_message,
     print_own_policy_note,
     skipped_reasons,
@@ -236,16 +237,6 @@ def _flagged_count(observed: Observed, name: str, steps: Sequence[int]) -> str:
     return "not judged" if observed.unjudged(name) is not None else str(len(steps))
 
 
-def _is_scalar_run(run: Run) -> bool:
-    """Whether the run has readable steps and none holds a policy batch."""
-    scalar = None
-    for header in run.step_headers():
-        if not header.is_scalar:
-            return False
-        scalar = True
-    return bool(scalar)
-
-
 def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) -> Observed:
     """The observed behaviour of a scalar run (nothing to replay); UsageError for an option
     that needs replayed policies, InputError for a run with no readable step."""
@@ -390,7 +381,7 @@ def command(
     opened = open_run(run)
     started = time.perf_counter()
     result: ReplayResult | None = None
-    if _is_scalar_run(opened):
+    if is_scalar_run(opened):
         policy_options = gates.policy_gates + (["--policy"] if policy else [])
         observed = _scalar_observed(opened, config, policy_options + (["--plot"] if plot else []))
     else:

@@ -33,6 +33,7 @@ from stabledrl_cli.errors import ConfigError, InputError
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.run_facts import (
     SKIPPED_KINDS,
+    is_scalar_run,
     own_spec,
     shown_reasons,
     whole_run_refusal,
@@ -364,7 +365,7 @@ def diff_runs(
     if context < 0:
         raise ConfigError("context", f"must be >= 0, got {context}")
     config = config or ReplayConfig()
-    if a.unit != b.unit:
+    if a.unit != b.unit and not (is_scalar_run(a) or is_scalar_run(b)):  # a scalar run: no unit
         raise InputError(
             f"{a.location} records {a.unit} entries, {b.location} {b.unit} entries: their steps "
             "are not comparable"

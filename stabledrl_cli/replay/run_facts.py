@@ -144,6 +144,16 @@ def no_steps_message(run: Run, skipped: list[str]) -> str:
     return f"{run.location}: no step could be read ({steps_skipped(skipped)})"
 
 
+def is_scalar_run(run: Run) -> bool:
+    """Whether the run has readable steps and none holds a policy batch."""
+    scalar = None
+    for header in run.step_headers():
+        if not header.is_scalar:
+            return False
+        scalar = True
+    return bool(scalar)
+
+
 def whole_run_refusal(run: Run) -> str | None:
     """`no_steps_message` for a run that a finding of the whole run leaves with no readable
     step (an archive index that failed its checksum skips every step), whatever else is
