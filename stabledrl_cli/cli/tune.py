@@ -99,6 +99,8 @@ def _print_table(report: TuneReport) -> None:
         table.add_row(*_row(setting, report))
     stack_headers(table, out)
     print_whole(table, out)
+    for line in report.unjudged:
+        out.print(line, highlight=False, soft_wrap=False)
     print_legend(
         [
             "* recommended, f on the front (no other setting has as few risk steps and as "

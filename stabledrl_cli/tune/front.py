@@ -14,8 +14,9 @@ with the fewest risk steps, then the least discarded gradient, then the first gi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from stabledrl_cli.replay.report import unjudged_lines
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 
 
@@ -35,6 +36,9 @@ class SettingFigures:
     on_front: bool = False
     tuned: bool = True
     """False for the run's own policy when it is shown only as a reference."""
+    unjudged: dict[str, str] = field(default_factory=dict)
+    """The rules (`spike`, `drift`) that judged no step of the setting, each with why
+    (`PolicySummary.unjudged`): its count of them says nothing."""
 
     @property
     def mass_key(self) -> float:
@@ -53,6 +57,7 @@ class SettingFigures:
             "on_front": self.on_front,
             "tuned": self.tuned,
             "first_risk_steps": self.risk_steps[:10],
+            "unjudged": dict(self.unjudged),
         }
 
 
@@ -69,6 +74,7 @@ def figures_of(policy: PolicyResult, *, tuned: bool) -> SettingFigures:
         discarded_mass=summary.discarded_mass_frac,
         discard_frac=summary.discard_frac,
         tuned=tuned,
+        unjudged=dict(summary.unjudged),
     )
 
 
@@ -91,6 +97,8 @@ class TuneReport:
     threads: int
     """CPU threads the replay computed with (`ReplayConfig.threads`; the figures do not depend
     on it)."""
+    unjudged: list[str] = field(default_factory=list)
+    """A line for each rule that judged no step of some setting (`report.unjudged_lines`)."""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -119,13 +127,20 @@ def rank(result: ReplayResult, tuned: list[str]) -> TuneReport:
         key=lambda f: (not f.tuned, order.get(f.spec, len(order))),
     )
     on_front = [f for f in settings if f.on_front]
+    unjudged = unjudged_lines(result)
     if not on_front:
         return TuneReport(
-            result.run, result.steps, settings, None, "no setting was replayed", result.threads
+            result.run,
+            result.steps,
+            settings,
+            None,
+            "no setting was replayed",
+            result.threads,
+            unjudged,
         )
     best = min(on_front, key=lambda f: (len(f.risk_steps), f.mass_key, order[f.spec]))
     evidence = _evidence(best, candidates)
-    return TuneReport(result.run, result.steps, settings, best, evidence, result.threads)
+    return TuneReport(result.run, result.steps, settings, best, evidence, result.threads, unjudged)
 
 
 def percent(mass: float | None) -> str:
@@ -136,10 +151,17 @@ def _evidence(best: SettingFigures, candidates: list[SettingFigures]) -> str:
     safe = [f for f in candidates if not f.risk_steps]
     count = len(candidates)
     if not best.risk_steps:
+        unjudged = ""
+        if best.unjudged:
+            rules = " and ".join(sorted(best.unjudged, reverse=True))
+            unjudged = (
+                f"; but the {rules} {'rule' if len(best.unjudged) == 1 else 'rules'} judged no "
+                "step of it, so its 0 risk steps say nothing"
+            )
         return (
             f"no risk step over the run ({len(safe)} of {count} settings have none), and the "
             f"least discarded gradient among them ({percent(best.discarded_mass)} median "
-            "per step)"
+            f"per step){unjudged}"
         )
     fewest = len(best.risk_steps)
     return (
