@@ -92,10 +92,14 @@ def resolve_policies(run: Run, specs: PolicySpecs) -> tuple[list[Policy], int | 
     own = own_policy(run)
     if isinstance(specs, (str, Policy)):
         specs = [specs]
-    elif specs is not None and not isinstance(specs, Iterable):
+    elif specs is not None and (
+        isinstance(specs, (bytes, bytearray)) or not isinstance(specs, Iterable)
+    ):
         raise UsageError(
             f"policies must be a spec, a Policy or a list of them, not {type(specs).__name__}"
         )
+    if specs is not None:
+        specs = list(specs)  # a generator, filtered down to nothing, is an empty list too
     if specs is not None and not specs:
         raise UsageError(
             "no policy to replay (an empty list): name one, or pass None for the run's own "

@@ -1,0 +1,29 @@
+"""`replay()`'s `policies` taken from any iterable of specs, as from a list: a generator that
+filters the specs down to nothing is refused as an empty list is (UsageError), not a
+ValueError from inside the replay; bytes are no spec, named as bytes."""
+
+from __future__ import annotations
+
+import pytest
+
+import stabledrl_cli as sd
+from stabledrl_cli.errors import UsageError
+
+
+@pytest.mark.parametrize(
+    "empty", [lambda: [], lambda: iter([]), lambda: (s for s in ["grpo"] if 0)]
+)
+def test_no_policy_in_any_iterable_is_refused(grpo_fixture, empty):
+    with pytest.raises(UsageError, match=r"no policy to replay \(an empty list\)"):
+        sd.replay(grpo_fixture, empty(), device="cpu")
+
+
+def test_a_generator_of_specs_replays_as_their_list(grpo_fixture):
+    given = sd.replay(grpo_fixture, (s for s in ["grpo", "dapo"]), device="cpu")
+    listed = sd.replay(grpo_fixture, ["grpo", "dapo"], device="cpu")
+    assert given.to_dict() == listed.to_dict()
+
+
+def test_bytes_are_refused_as_bytes(grpo_fixture):
+    with pytest.raises(UsageError, match="a list of them, not bytes"):
+        sd.replay(grpo_fixture, b"grpo", device="cpu")
