@@ -12,7 +12,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`auto` picks cuda, then mps, then cpu; `cuda` without a GPU is a usage error.
 
     device: one of `vocab.DEVICES`, a torch device string such as "cuda:1", or a torch.device,
-    checked as its name is (a meta device, or cuda without a GPU, is a usage error).
+    checked as its name is (a meta device, cuda without a GPU, or a GPU index past those torch
+    sees, is a usage error).
     """
     if isinstance(device, torch.device):
         device = str(device)
@@ -32,6 +33,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise UsageError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}") from exc
     if resolved.type not in DEVICES:  # meta, xpu, ...: nothing the tool computes on
         raise UsageError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
+    if resolved.type == "cuda" and resolved.index is not None:
+        count = torch.cuda.device_count()  # else torch fails deep in the replay
+        if resolved.index >= count:
+            seen = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise UsageError(
+                f"device {device!r} was asked for, but torch sees {count} CUDA "
+                f"device{'s' if count != 1 else ''} ({seen})"
+            )
     return resolved
 
 
