@@ -205,8 +205,14 @@ def _view(state: WatchState) -> Group:
     def at(step: int | None) -> str:
         return "none" if step is None else f"step {step}"
 
-    def replayed(steps: list[int]) -> str:
-        return _steps(steps) if state.replayed_steps else "- (nothing replayed)"
+    def replayed(steps: list[int], rule: str, judged: str) -> str:
+        if not state.replayed_steps:
+            return "- (nothing replayed)"
+        why = state.unjudged.get(rule)
+        return _steps(steps) + ("" if why is None else f" ({judged}: {why})")
+
+    collapse = state.first_reward_collapse
+    reward_collapse = "not judged" if "first_reward_collapse" in state.unjudged else at(collapse)
 
     lines = [
         f"stabledrl watch {state.run}",
@@ -219,12 +225,11 @@ def _view(state: WatchState) -> Group:
             "no policy batch to replay)"
         )
     lines += [
-        f"risk steps: {replayed(state.risk_steps)}",
-        f"drift steps: {replayed(state.drift_steps)}",
+        f"risk steps: {replayed(state.risk_steps, 'spike', 'spikes not judged')}",
+        f"drift steps: {replayed(state.drift_steps, 'drift', 'not judged')}",
         f"recorded grad-norm spikes: {_steps(state.spike_steps)}",
         f"recorded non-finite: {_steps(state.nonfinite_steps)}",
-        f"collapse warning: {at(state.collapse_warning)}; "
-        f"reward collapse: {at(state.first_reward_collapse)}",
+        f"collapse warning: {at(state.collapse_warning)}; reward collapse: {reward_collapse}",
     ]
     table = Table(show_edge=False)
     for header in ("step", "reward", "grad norm", "discard", "risk", "drift"):

@@ -10,7 +10,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from stabledrl_cli.replay.columns import ColumnArray
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.incremental import OwnReplay
 from stabledrl_cli.replay.observed import Observed
+from stabledrl_cli.replay.summary import unjudged_rules
 from stabledrl_cli.vocab import ALERT_KINDS, AlertKind
 
 
@@ -118,6 +119,10 @@ class WatchState:
     packed_ranks: int | None = None
     """The world size of a packed archive's run of several ranks (its steps joined, each
     whole: no rank's progress is left to show); None otherwise."""
+    unjudged: dict[str, str] = field(default_factory=dict)
+    """The rules that judged no step of the steps seen, each with why: the own policy's
+    `drift` and `spike` (as a replay's `PolicySummary.unjudged`) and the recorded run's
+    `first_reward_collapse` (`Observed.unjudged`): their none says nothing."""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -509,6 +514,13 @@ class RunWatcher:
             )
         series = replay.series()
         observed = replay.observed()
+        unjudged = {}
+        if series:
+            geometry = [str(kind) for kind in series["geometry"]]
+            unjudged.update(unjudged_rules(series, geometry, replay.config.window))
+        collapse_unjudged = observed.unjudged("first_reward_collapse")
+        if collapse_unjudged is not None:
+            unjudged["first_reward_collapse"] = collapse_unjudged
         shown = seen[-self.recent :] if self.recent > 0 else []
         index = {int(n): i for i, n in enumerate(series.get("step", []))}
         headers = {h.step: h for h in replay.headers(shown)}
@@ -546,4 +558,5 @@ class RunWatcher:
             ranks=ranks,
             ranks_behind=_behind(ranks),
             packed_ranks=self.packed_ranks(),
+            unjudged=unjudged,
         )

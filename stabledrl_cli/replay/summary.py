@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -59,7 +60,9 @@ def aggregate(values: ColumnArray, how: Aggregate) -> float | None:
     return float(finite.sum())
 
 
-def unjudged_rules(series: StepSeries, geometry: list[str], window: int) -> dict[str, str]:
+def unjudged_rules(
+    series: StepSeries | Mapping[str, ColumnArray], geometry: list[str], window: int
+) -> dict[str, str]:
     """Why the drift (bias) rule or the spike rule judged no step of a policy's `series` (the
     whole run), by rule: its 0 steps then say nothing. geometry: each step's kind (spikes are
     judged among steps of one kind); window: the drift rule's."""
