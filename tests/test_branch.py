@@ -128,6 +128,17 @@ def test_a_branch_whose_collapse_the_rule_cannot_judge_is_not_called_held(record
     assert cells[1].startswith("not judged") and cells[5] == "n/a", cells
 
 
+def test_a_step_between_checkpoints_is_said_to_take_the_one_before(recorded, tmp_path):
+    """--at 10 between the checkpoints at 8 and 16 branches at 8 (docs/branching.md: 'the
+    nearest one before it'); the title said '(nearest checkpoint to 10)', which 8 is not
+    always (checkpoints at 0 and 12: --at 10 took 0, 'nearest to 10')."""
+    args = ["branch", str(recorded), "--at", "10", "-p", "grpo", "--rl-steps", "2"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    title = result.stdout.splitlines()[0]
+    assert " at step 8 (the last checkpoint before step 10), 2 steps each;" in title, title
+
+
 def test_the_protocol_round_trips_through_the_environment(tmp_path):
     request = BranchRequest(
         checkpoint=tmp_path / "step-00000008.pt",

@@ -35,7 +35,7 @@ LIST_LIMIT = 8
 
 def _table(report: BranchReport) -> Table:
     moved = (
-        f" (nearest checkpoint to {report.requested_at})"
+        f" (the last checkpoint before step {report.requested_at})"
         if report.at != report.requested_at
         else ""
     )
