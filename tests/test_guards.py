@@ -282,3 +282,23 @@ def test_replay_cli_guard_option():
     assert bad.stderr.strip().splitlines() == [
         "error: --guard 'zclap': unknown guard 'zclap'; valid: zclip, skip-step"
     ]
+
+
+def test_a_guard_given_twice_is_replayed_once():
+    """`--guard zclip --guard zclip:z_thresh=2.5` (two spellings of one guard) replayed it
+    twice: two identical `guards` entries in the JSON and the table's line, so equivalent
+    invocations gave different JSON. A guard is now replayed once, as a policy given twice is
+    (docs/replay-json.md), in the order first given."""
+    runner = CliRunner()
+    base = ["replay", str(FIXTURES / "stabledrl"), "-p", "stabledrl", "--device", "cpu"]
+    once = runner.invoke(app, [*base, "--guard", "zclip", "--format", "json"])
+    twice = runner.invoke(
+        app,
+        [*base, "--guard", "zclip", "--guard", "skip-step", "--guard", "zclip:z_thresh=2.5",
+         "--format", "json"],
+    )  # fmt: skip
+    assert once.exit_code == twice.exit_code == 0, twice.output
+    assert [g["guard"] for g in json.loads(twice.stdout)["guards"]] == ["zclip", "skip-step"]
+    assert json.loads(twice.stdout)["guards"][0] == json.loads(once.stdout)["guards"][0]
+    (report,) = replay_guards([0, 1], [1.0, 2.0], None, ["skip-step", "skip-step:window=128"])
+    assert report.spec == "skip-step"

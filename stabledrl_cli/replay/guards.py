@@ -365,7 +365,11 @@ class GuardReplay:
     order, and `reports` are those `replay_guards` gives over the series fed so far."""
 
     def __init__(self, specs: Iterable[str] = DEFAULT_GUARDS) -> None:
-        self._guards = [make_guard(spec) for spec in specs]
+        # A guard given twice, or two spellings of one, is replayed once, where first given.
+        made: dict[str, Guard] = {}
+        for guard in (make_guard(spec) for spec in specs):
+            made.setdefault(guard_spec(guard), guard)
+        self._guards = list(made.values())
         self._acted: list[list[GuardedStep]] = [[] for _ in self._guards]
         self._steps = 0
 
