@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from test_optimizer_hooks import _record, close
 
+from stabledrl_cli.capture.optimizer_hooks import _grad_states, _unchanged
 from stabledrl_cli.dump import Run, open_run
 
 
@@ -141,3 +143,18 @@ def test_one_clip_of_two_optimizers_parameters_gives_each_its_own_norm(tmp_path)
         assert close(scalars["grad_norm"], mine[n]["actor"]), (n, scalars, mine)
         if n:  # the critic's step after the actor's step n - 1
             assert close(scalars["optimizer_1/grad_norm"], mine[n - 1]["critic"]), (n, scalars)
+
+
+def test_a_gradient_freed_and_made_again_is_not_the_one_a_clip_left():
+    """zero_grad() frees a gradient; the next backward's may take its id and version: it is
+    still another gradient, whose clip is its own."""
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = torch.ones(3)
+    then = _grad_states([param])[id(param)]
+    assert _unchanged(then, _grad_states([param])[id(param)])
+    param.grad.mul_(0.5)  # clipped again in place
+    assert not _unchanged(then, _grad_states([param])[id(param)])
+    then = _grad_states([param])[id(param)]
+    param.grad = None  # zero_grad(set_to_none=True), then a new gradient of the same version
+    param.grad = torch.ones(3).mul_(2.0)
+    assert not _unchanged(then, _grad_states([param])[id(param)])

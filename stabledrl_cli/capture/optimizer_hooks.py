@@ -97,6 +97,10 @@ def _root_sum_squares(values: Iterable[float]) -> float:
     return math.sqrt(sum(v * v for v in values))
 
 
+_GradState = tuple["weakref.ref[torch.Tensor]", int]
+"""A gradient, weakly held (a gradient freed by zero_grad() is no step's), and its version."""
+
+
 @dataclass
 class _Clip:
     """One clip_grad_norm_ or clip_grads_with_norm_ call: its parameters' pre-clip gradient
@@ -120,7 +124,7 @@ class _Clip:
     unreduced: dict[int, torch.Tensor] = field(default_factory=dict)
     """id(parameter) -> a copy of its Partial DTensor gradient before clipping
     (`_norms.unreduced_copies`), reduced whole at the step instead of the clipped one."""
-    after: dict[int, tuple[int, int]] = field(default_factory=dict)
+    after: dict[int, _GradState] = field(default_factory=dict)
     """id(parameter) -> its gradient as the clip left it (`_grad_states`)."""
 
     def parameters(self) -> set[int]:
@@ -371,13 +375,20 @@ def _recorded_clip(
     return total
 
 
-def _grad_states(params: Iterable[torch.Tensor]) -> dict[int, tuple[int, int]]:
-    """id(parameter) -> (id, version counter) of its gradient: the same pair later means the
-    gradient was not zeroed, made again nor changed in place since."""
-    return {id(p): (id(p.grad), p.grad._version) for p in params if p.grad is not None}
+def _grad_states(params: Iterable[torch.Tensor]) -> dict[int, _GradState]:
+    """id(parameter) -> its gradient and that gradient's version counter (`_unchanged`)."""
+    return {id(p): (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
 
 
-def _keep(clip: _Clip, before: dict[int, tuple[int, int]], params: Iterable[torch.Tensor]) -> None:
+def _unchanged(then: _GradState | None, now: _GradState | None) -> bool:
+    """Whether a gradient is the one it was, neither zeroed, made again nor changed in place
+    since (no gradient then and now: nothing happened to it either)."""
+    if then is None or now is None:
+        return then is now
+    return then[0]() is now[0]() and then[1] == now[1]
+
+
+def _keep(clip: _Clip, before: dict[int, _GradState], params: Iterable[torch.Tensor]) -> None:
     """Keeps a clip of `params` for the next step of their optimizer to claim (`before`: their
     `_grad_states` as it began). A parameter that a clip kept before it clipped
     too counts for one of the two: the earlier, when the gradient is as that clip left it
@@ -389,7 +400,7 @@ def _keep(clip: _Clip, before: dict[int, tuple[int, int]], params: Iterable[torc
     kept: list[_Clip] = []
     for pending in _state.clips:
         shared = pending.parameters() & clip.parameters()
-        same = {key for key in shared if pending.after.get(key) == before.get(key)}
+        same = {key for key in shared if _unchanged(pending.after.get(key), before.get(key))}
         again |= same
         if shared - same:
             pending = pending.beyond(shared - same)
