@@ -18,7 +18,8 @@ range (a negative one, a seq_id past the rank's sequences) would be another rank
 `unit_grad_sketch` rows are concatenated (float16 parts are scaled to float32 first); an
 [N, k] or [U, k] array whose k differs between ranks cannot be joined (InputError);
 `unit_grad_gram` is left out (the cross-rank entries were never recorded); `param_grad_norm`
-is rank 0's. Scalars: `nonfinite` is summed, `reward_mean` weighted by sequences, `loss`
+is rank 0's. Scalars: `nonfinite` is summed, `reward_mean` weighted by sequences (a rank's
+NaN mean, none of its rewards scored, left out), `loss`
 averaged over ranks, the rest taken from rank 0. A step where some rank recorded no batch (a
 scalar step, format 1.2) joins as a scalar step: a batch with a rank missing is not the step's
 batch.
@@ -26,6 +27,7 @@ batch.
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import time
@@ -97,8 +99,13 @@ def _merge_scalars(parts: list[dict[str, float]], sequences: list[int]) -> dict[
     if all("loss" in p for p in parts):
         merged["loss"] = float(np.mean([p["loss"] for p in parts]))
     if all("reward_mean" in p for p in parts) and sum(sequences) > 0:
-        weighted = sum(p["reward_mean"] * n for p, n in zip(parts, sequences, strict=True))
-        merged["reward_mean"] = float(weighted / sum(sequences))
+        # a rank whose mean is NaN scored none of its sequences: the others' mean stands
+        scored = [(p["reward_mean"], n) for p, n in zip(parts, sequences, strict=True)]
+        scored = [(mean, n) for mean, n in scored if not math.isnan(mean)]
+        total = sum(n for _, n in scored)
+        merged["reward_mean"] = (
+            float(sum(mean * n for mean, n in scored) / total) if total > 0 else math.nan
+        )
     return merged
 
 
