@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from stabledrl_cli.branching import BranchOutcome, run_branches
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.replay.engine import replay
@@ -261,6 +263,9 @@ class BranchRow:
 
 
 def branch_rows(cache: Path) -> list[BranchRow]:
+    """Trains the branches in this process on one CPU thread, as `stabledrl branch` and the
+    record phase do (`--threads 1`): a branch is then the same whatever the machine's cores."""
+    torch.set_num_threads(1)
     rows = []
     for spec in BRANCH_RUNS:
         run_dir = record(
