@@ -579,19 +579,21 @@ def test_junit_report_is_well_formed_xml_whatever_the_names(tmp_path):
 
 
 def test_exit_codes_in_a_real_process(runs, baseline):
-    holds, tripped, usage, missing = run_cli_together(
+    holds, tripped, usage, strict, missing = run_cli_together(
         ["check", runs["steady"], "--baseline", baseline],
         ["check", runs["collapsing"], "--baseline", baseline],
         ["check", runs["steady"]],  # no gate given
+        ["check", runs["steady"], "--max-collapsed", "0", "--strict"],  # no baseline
         ["check", runs["steady"].parent / "nope", "--baseline", baseline],
     )
     assert holds.returncode == 0 and "check passed" in holds.stderr
     assert tripped.returncode == 1 and "check failed" in tripped.stderr
     assert usage.returncode == 2 and "nothing to check" in usage.stderr
+    assert strict.returncode == 2 and "--strict applies to a baseline" in strict.stderr
     assert missing.returncode == 3 and "no such run" in missing.stderr
-    for done in (holds, tripped, usage, missing):
+    for done in (holds, tripped, usage, strict, missing):
         assert "Traceback" not in done.stderr
-    for done in (usage, missing):
+    for done in (usage, strict, missing):
         assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
 
 

@@ -351,6 +351,11 @@ def command(
             "nothing to check: give --baseline FILE, a --max-collapsed / --max-discard-frac / "
             "--max-nonfinite / --max-spikes limit, --fail-on-collapse, or --write-baseline FILE"
         )
+    if strict and baseline_path is None and write_baseline_path is None:
+        raise UsageError(
+            "--strict applies to a baseline: give --baseline FILE to compare with, or "
+            "--write-baseline FILE to write a golden one"
+        )
     check_outputs(run, plot, {"--write-baseline": write_baseline_path, "--junit": junit})
     if baseline_path is not None:
         for flag, report in (("--junit", junit), ("--plot", plot)):
