@@ -302,3 +302,18 @@ def test_a_guard_given_twice_is_replayed_once():
     assert json.loads(twice.stdout)["guards"][0] == json.loads(once.stdout)["guards"][0]
     (report,) = replay_guards([0, 1], [1.0, 2.0], None, ["skip-step", "skip-step:window=128"])
     assert report.spec == "skip-step"
+
+
+def test_guard_none_beside_a_guard_is_refused():
+    """`--guard none --guard zclip` replayed zclip: `none` (no guard) was silently overruled.
+    The two contradict each other, and the command says so (exit 2); `none` alone or given
+    twice still means no guard."""
+    runner = CliRunner()
+    base = ["replay", str(FIXTURES / "stabledrl"), "-p", "stabledrl", "--device", "cpu"]
+    mixed = runner.invoke(app, [*base, "--guard", "none", "--guard", "zclip"])
+    assert mixed.exit_code == 2
+    assert mixed.stderr.strip().splitlines() == [
+        "error: --guard none (no guard) contradicts --guard 'zclip': give one or the other"
+    ]
+    twice = runner.invoke(app, [*base, "--guard", "none", "--guard", "none", "--format", "json"])
+    assert twice.exit_code == 0 and json.loads(twice.stdout)["guards"] == []

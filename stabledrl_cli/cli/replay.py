@@ -159,6 +159,19 @@ def note_skipped(result: ReplayResult) -> None:
     )
 
 
+def _guard_specs(given: Sequence[str] | None) -> tuple[str, ...] | None:
+    """The --guard specs (None: not given, the default guards); `none` alone means no guard,
+    and beside a guard it would be silently overruled, so it is refused."""
+    if given is None:
+        return None
+    if "none" in given and any(spec != "none" for spec in given):
+        others = ", ".join(repr(spec) for spec in given if spec != "none")
+        raise UsageError(
+            f"--guard none (no guard) contradicts --guard {others}: give one or the other"
+        )
+    return tuple(spec for spec in given if spec != "none")
+
+
 def metric_groups(names: Sequence[str] | None) -> tuple[MetricGroup, ...]:
     """The --metrics groups, each checked against the vocabulary (a usage error names it)."""
     groups: list[MetricGroup] = []
@@ -331,7 +344,7 @@ def command(
             collapse_window=collapse_window,
             step_range=parse_step_range(steps),
             detail=detail,
-            guards=None if guard is None else tuple(g for g in guard if g != "none"),
+            guards=_guard_specs(guard),
         )
     chosen = replay_engine(engine, workers, ray_address)
     opened = open_run(run)
