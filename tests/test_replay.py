@@ -593,6 +593,12 @@ def test_hdf5_report_and_open_run_refuses_it(plain_run, tmp_path):
     assert result.exit_code == 0, result.output
     report = read_hdf5(out)
     assert report["attrs"]["kind"] == REPORT_KIND
+    as_json = runner.invoke(
+        app, ["replay", str(plain_run), "-p", "grpo", "-p", "stabledrl", "--format", "json"]
+    )
+    document = json.loads(as_json.stdout)
+    assert json.loads(report["attrs"]["guards"]) == document["guards"] != []
+    assert report["attrs"]["threads"] == document["threads"] == 1
     assert report["attrs"]["run"] == str(plain_run)
     assert report["attrs"]["run_policy_spec"].startswith("grpo")
     grpo = report["policies"][0]
