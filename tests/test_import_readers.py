@@ -13,7 +13,9 @@ import struct
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.importers import _trainer_state, detect_format, read_log
 from stabledrl_cli.importers._crc32c import crc32c, masked_crc32c
@@ -265,6 +267,23 @@ def test_jsonl_step_key_and_unfinished_last_line(tmp_path: Path) -> None:
     assert table.warnings == [f"{log}: line 4: unfinished last line ignored"]
     with pytest.raises(UsageError, match="step key"):
         read_log(log, "tfevents", step_key="iteration")
+
+
+def test_a_step_key_no_row_has_is_named(tmp_path: Path) -> None:
+    """`import log.jsonl --step-key nope` said only 'no training step in this log', as if the
+    log held none, where every row has a step under another key: the key is named."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 2}\n')
+    with pytest.raises(InputError) as refused:
+        read_log(log, step_key="nope")
+    assert str(refused.value) == f"{log}: no row of 2 rows has the step key 'nope'"
+    done = CliRunner().invoke(
+        app, ["import", str(log), "--out", str(tmp_path / "run"), "--step-key", "nope"]
+    )
+    assert done.exit_code == 3 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"error: {log}: no row of 2 rows has the step key 'nope'"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stabledrl_cli._json import parse_strict
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, counted
 from stabledrl_cli.importers._files import text_lines
 from stabledrl_cli.importers._names import STEP_KEYS
 from stabledrl_cli.importers._table import StepTable
@@ -23,6 +23,7 @@ def read_jsonl(path: Path, step_key: str | None = None) -> StepTable:
     """The steps of a JSON-lines log (InputError when it is not one)."""
     table = StepTable(str(path), preempts=True)
     key = step_key
+    rows = keyed = 0
     for number, text, ended in text_lines(path):
         if not text.strip():
             continue
@@ -43,7 +44,10 @@ def read_jsonl(path: Path, step_key: str | None = None) -> StepTable:
                 raise InputError(
                     f"{where}: no step key (one of {', '.join(STEP_KEYS)}; or pass --step-key)"
                 )
+        rows, keyed = rows + 1, keyed + (key in values)
         table.add(values.pop(key, None), values)
+    if rows and not keyed:  # only a key given by --step-key can be missing from every row
+        raise InputError(f"{path}: no row of {counted(rows, 'row')} has the step key {step_key!r}")
     return table
 
 
