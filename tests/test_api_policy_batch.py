@@ -75,3 +75,16 @@ def test_real_numbers_of_any_kind_are_still_taken():
     ]  # fmt: skip
     for fields in as_given:
         assert torch.allclose(_weights(**fields).objective, expected)
+
+
+def test_one_advantage_a_row_is_taken_as_a_column_too():
+    """[B, 1] advantages, which the Recorder takes for [B, L] log-probs (one a row), were
+    refused by a PolicyBatch ('advantages has shape (2, 1); expected (2, 3) or (2,)'): the
+    same result as [B] now; another shape is still refused, naming the three it takes."""
+    logp, logp_old, adv = -torch.rand(B, L), -torch.rand(B, L), torch.randn(B)
+    expected = _weights(logp=logp, logp_old=logp_old, advantages=adv)
+    column = _weights(logp=logp, logp_old=logp_old, advantages=adv[:, None])
+    assert torch.equal(column.coef, expected.coef)
+    assert torch.equal(column.objective, expected.objective)
+    with pytest.raises(InputError, match=r"^advantages has shape \(1, 2\); expected \(2, 3\), "):
+        _weights(logp=logp, logp_old=logp_old, advantages=adv[None, :])

@@ -7,7 +7,7 @@ so the ratio, the per-sequence means and the recomputed advantages are computed 
 Shapes and defaults of `PolicyBatch`:
 - `logp`, `logp_old`: [T] (flat) or [B, L]; `[B, L]` is flattened row-major and every output
   is [T] = [B * L] in that order.
-- `advantages`: same shape as `logp`, or [B] (one per row) with [B, L] `logp`.
+- `advantages`: same shape as `logp`, or [B] or [B, 1] (one per row) with [B, L] `logp`.
 - `mask`: same shape as `logp`, nonzero = scored; default all ones. Unscored tokens get
   `coef = 0` whatever their values (padding may hold anything).
 - `seq_id`: [T] (or [B, L]) integer sequence of each token. Default: the row index for
@@ -505,8 +505,8 @@ def prepare(
         raise InputError("logp_old is required (the same shape as logp)")
 
     adv = _as_tensor(batch.advantages, "advantages", dev).to(ctype)
-    if len(shape) == 2 and adv.ndim == 1 and adv.shape[0] == shape[0]:
-        adv = adv[:, None].expand(shape)
+    if len(shape) == 2 and tuple(adv.shape) in ((shape[0],), (shape[0], 1)):
+        adv = adv.reshape(shape[0], 1).expand(shape)
     elif adv.ndim == 0:
         adv = adv.expand(shape)
     if tuple(adv.shape) != tuple(shape) and adv.numel() == num_tokens:
@@ -514,7 +514,7 @@ def prepare(
     if tuple(adv.shape) != tuple(shape):
         raise InputError(
             f"advantages has shape {tuple(adv.shape)}; expected {tuple(shape)}"
-            + (f" or ({shape[0]},)" if len(shape) == 2 else "")
+            + (f", ({shape[0]},) or ({shape[0]}, 1)" if len(shape) == 2 else "")
         )
     adv = adv.reshape(-1)
 
