@@ -89,6 +89,17 @@ def _record(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
     )  # fmt: skip
 
 
+def _recorded(tmp_path: Path, source: str, *args: str) -> Any:
+    """Records a script (`source`) into tmp_path/run, given its output file and `args`, and
+    returns what it wrote there (JSON)."""
+    script, computed = tmp_path / "train.py", tmp_path / "computed.json"
+    script.write_text(source)
+    result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script),
+                     str(computed), *args)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(computed.read_text())
+
+
 def _rank_scalars(run: Any, step: int, rank: int) -> dict[str, float]:
     """The scalars rank `rank` recorded at step `step` of a run (`open_run`)."""
     with safe_open(run.step(step).paths[rank], "pt") as step_file:
@@ -581,12 +592,7 @@ def test_a_closure_optimizers_steps_record_the_norm_its_closure_produced(tmp_pat
     then: each step records the norm of its first evaluation's gradients, the one at the
     parameters the step starts from (here what the closure's clip returned), not the
     gradients step() found on entry (none at step 0) nor a later evaluation's clip."""
-    script, computed = tmp_path / "train.py", tmp_path / "first.json"
-    script.write_text(CLOSURE)
-    result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script),
-                     str(computed))  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    first = json.loads(computed.read_text())
+    first = _recorded(tmp_path, CLOSURE)
     run = open_run(tmp_path / "run")
     assert run.step_numbers == [0, 1, 2]
     for n in range(3):
@@ -695,6 +701,74 @@ SCALER_SCRIPT = textwrap.dedent(
     json.dump({"skipped": skipped, "norms": norms}, open(sys.argv[1], "w"))
     """
 )
+
+
+# An optimizer whose step() raises at iteration 2 (a custom optimizer refusing a NaN, say),
+# which the script catches and goes on; the batch of iterations 0-2 is logged after the step,
+# that of 3-4 before it. The script writes each iteration's gradient norm and whether the
+# parameters moved.
+RAISING_STEP = textwrap.dedent(
+    """
+    import json, math, sys
+    import numpy as np
+    import torch
+    import stabledrl_cli as sd
+
+    class Refusing(torch.optim.SGD):
+        refuse = False
+
+        def step(self, closure=None):
+            if self.refuse:
+                raise FloatingPointError("refused")
+            return super().step(closure)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = Refusing(model.parameters(), lr=0.1)
+
+    def log(step):
+        logp = np.full((2, 3), -1.0 - step, dtype="float32")
+        assert sd.log_policy_batch(step, logp=logp, logp_old=logp, loss=float(step),
+                                   advantages=np.ones(2, dtype="float32"), policy="grpo")
+
+    norms, moved, caught = [], [], []
+    for step in range(5):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        norms.append(math.sqrt(sum(p.grad.double().norm().item() ** 2
+                                   for p in model.parameters())))
+        if step >= 3:
+            log(step)
+        before = model.weight.detach().clone()
+        optimizer.refuse = step == 2
+        try:
+            optimizer.step()
+        except FloatingPointError as exc:
+            caught.append(str(exc))
+        moved.append(not torch.equal(before, model.weight.detach()))
+        if step < 3:
+            log(step)
+    json.dump({"norms": norms, "moved": moved, "caught": caught}, open(sys.argv[1], "w"))
+    """
+)
+
+
+def test_a_step_that_raises_is_recorded_as_skipped_and_the_numbering_keeps_pace(tmp_path):
+    """An optimizer.step() that raises, caught by the script, is the iteration's step all the
+    same, recorded as not applied (optimizer_skipped 1) with the gradients it found; the script
+    still gets its exception. Before, the iteration was not recorded: 5 iterations gave 4
+    steps, iteration 3's grad norm at step 2, each later batch paired with the wrong step."""
+    seen = _recorded(tmp_path, RAISING_STEP)
+    assert seen["caught"] == ["refused"]
+    assert seen["moved"] == [True, True, False, True, True]
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2, 3, 4]
+    for n in run.step_numbers:
+        step = run.step(n)
+        assert step.scalars.get("optimizer_skipped", 0.0) == (n == 2), (n, step.scalars)
+        assert close(step.scalars["grad_norm"], seen["norms"][n]), (n, step.scalars, seen)
+        assert step.scalars["loss"] == n and float(step.get("logp")[0]) == -1.0 - n
+        assert step.scalars["lr"] == 0.1
 
 
 @pytest.mark.parametrize("fused", ["unfused", "fused"])

@@ -33,7 +33,8 @@ What each step records (all gradient norms are L2, taken before clipping):
   previous `step()` to the end of this one (absent on the first step);
 - optimizer_skipped: 1 on a step a `torch.amp.GradScaler` skipped (its gradients held an inf
   or a NaN, so `scaler.step()` left the parameters alone), or that the guard skipped
-  (`skipped_by_guard`: step() is not called): the step is recorded all the same,
+  (`skipped_by_guard`: step() is not called), or whose step() raised (the script caught
+  the exception, which goes on to it unchanged: `_raised`): the step is recorded all the same,
   with the statistics of the unscaled gradients it found, and the numbering goes on (a
   fused optimizer unscales inside its step(), which the scaler calls with the scale and the
   inf found: `_amp_state`);
@@ -189,6 +190,8 @@ class _View:
     """Its `step()` calls that ran (the post-hook's count)."""
     closure_at: int | None = None
     """Where its step()'s arguments hold the closure (`_closure_position`)."""
+    stepping: bool = False
+    """A step() is under way: its pre-hook ran, its post-hook not yet (`_raised`)."""
     closure: bool = False
     """The step under way was given a closure (`_measured`)."""
     awaiting: bool = False
@@ -240,6 +243,7 @@ def install() -> None:
             _wrap_utils("clip_grads_with_norm_", _wrap_clip_with_norm)
             _state.scaler_wrapper = _wrap_scaler_step(GradScaler.step)
             GradScaler.step = _state.scaler_wrapper  # type: ignore[method-assign]
+            _watch_raising_steps()
             bootstrap.hooks_installed()
         _state.on = True
     except Exception as exc:
@@ -814,6 +818,7 @@ def _pre_hook(
         return None
     try:
         view = _view(optimizer)
+        view.stepping = True
         at = view.closure_at
         if at is not None and len(args) <= at:
             at = None  # (not given by position)
@@ -901,13 +906,15 @@ def compile_safe(_dynamo: ModuleType) -> None:
         _fail(exc, "keeping the optimizer hooks out of torch.compile")
 
 
-def _finish_step(optimizer: Optimizer, *, skipped: bool) -> None:
-    """Records the step `optimizer` just took, or that a GradScaler `skipped` (no hook ran:
-    its statistics are taken now, from the unscaled gradients the scaler found)."""
+def _finish_step(optimizer: Optimizer, *, skipped: bool, measured: bool = False) -> None:
+    """Records the step `optimizer` just took, or that was `skipped`: by a GradScaler or the
+    guard (no hook ran: its statistics are taken now, from the unscaled gradients found), or
+    as its step() raised (`measured`: the pre-hook took them, `_raised`)."""
     step = _state.next_step
     try:
         view = _view(optimizer)
-        if skipped or view.awaiting:  # (a closure step() never called: the gradients now)
+        view.stepping = False
+        if (skipped and not measured) or view.awaiting:  # (a closure never called: now)
             view.awaiting = False
             stats = _step_stats(optimizer)
         else:
@@ -934,6 +941,43 @@ def _finish_step(optimizer: Optimizer, *, skipped: bool) -> None:
         _fail(exc, f"recording optimizer step {step}")
         return
     bootstrap.log_hook_step(step, fields)
+
+
+def _watch_raising_steps() -> None:
+    """Has every optimizer class's step(), as torch wraps it with the step hooks
+    (`Optimizer.profile_hook_step`, at the first construction of the class), call `_raised`
+    when it raises; the exception goes on to the script unchanged. Left alone (a raising
+    step unrecorded) in a torch without that wrapper."""
+    hook_step = Optimizer.__dict__.get("profile_hook_step")
+    if not isinstance(hook_step, staticmethod):
+        return
+    original = hook_step.__func__
+
+    @functools.wraps(original)
+    def profile_hook_step(func: Callable[..., Any]) -> Callable[..., Any]:
+        hooked = original(func)
+
+        @functools.wraps(hooked)
+        def step(self: Optimizer, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return hooked(self, *args, **kwargs)
+            except BaseException:
+                _raised(self)
+                raise
+
+        return step
+
+    Optimizer.profile_hook_step = staticmethod(profile_hook_step)  # type: ignore[method-assign]
+
+
+def _raised(optimizer: Optimizer) -> None:
+    """An optimizer's step() raised (its pre-hook ran, its post-hook did not): the step is
+    recorded as not applied, a GradScaler's skip is (optimizer_skipped 1, the statistics of
+    the gradients it found), so that the numbering keeps pace with the loop's steps when the
+    script catches the exception and goes on. Never raises."""
+    view = _state.views.get(optimizer)
+    if _state.on and view is not None and view.stepping:
+        _finish_step(optimizer, skipped=True, measured=True)
 
 
 def skipped_by_guard() -> None:
