@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -80,17 +80,21 @@ class Decision:
         """Scales the parameters' gradients (in place) to `scale` of their pre-clip size, given
         that they already carry the factor `applied` (e.g. clip_grad_norm_'s
         min(1, max_norm / norm)); never scales up, and does nothing unless `action` is scale.
-        `parameters`: tensors, or one tensor, as clip_grad_norm_ takes them."""
+        `parameters`: tensors, or one tensor, as clip_grad_norm_ takes them; UsageError naming
+        it for anything else (a model: its `.parameters()` are)."""
         applied = _number(applied, "applied")
         if not (math.isfinite(applied) and applied > 0):  # NaN would make every gradient NaN
             raise UsageError(f"applied must be a finite factor > 0, got {applied!r}")
+        _refuse_non_tensors(parameters)
         if self.action != "scale" or self.scale >= applied:
             return
         factor = self.scale / applied
         if isinstance(parameters, torch.Tensor):  # iterating it would give its rows
             parameters = [parameters]
+        tensors = list(parameters)
+        _refuse_non_tensors(tensors)
         with torch.no_grad():
-            for p in parameters:
+            for p in tensors:
                 if p.grad is not None:
                     p.grad.mul_(factor)
 
@@ -203,6 +207,24 @@ def _z_reason(rule: ZClip | SkipStep, z: float | None) -> str:
             break
         shown = f"{z:.{digits}g}"
     return f"{rule.name}: z {shown}"
+
+
+def _refuse_non_tensors(parameters: object) -> None:
+    """UsageError naming `parameters` (Decision.apply's) unless it is one tensor or an
+    iterable of them (a list's items checked; a generator's are once it is listed)."""
+    expected = "parameters must be a tensor or an iterable of tensors, as clip_grad_norm_ takes"
+    if isinstance(parameters, torch.Tensor):
+        return
+    if isinstance(parameters, torch.nn.Module):
+        raise UsageError(
+            f"{expected}: got a {type(parameters).__name__} model, not its .parameters()"
+        )
+    if not isinstance(parameters, Iterable) or isinstance(parameters, (str, bytes, Mapping)):
+        raise UsageError(f"{expected}, got {type(parameters).__name__}")
+    if isinstance(parameters, list | tuple):
+        for item in parameters:
+            if not isinstance(item, torch.Tensor):
+                raise UsageError(f"{expected}, got an item of type {type(item).__name__}")
 
 
 def _number(value: float | torch.Tensor, name: str) -> float:

@@ -390,6 +390,29 @@ def test_apply_takes_one_tensor_as_clip_grad_norm_does():
     assert param.grad.tolist() == [[0.5, 0.5], [0.5, 0.5]]
 
 
+@pytest.mark.parametrize(
+    ("given", "got"),
+    [
+        (torch.nn.Linear(2, 1), ": got a Linear model, not its .parameters()"),
+        (3.0, ", got float"),
+        ({"w": torch.ones(1)}, ", got dict"),
+        ([torch.ones(1), "w"], ", got an item of type str"),
+        ((x for x in [torch.ones(1), None]), ", got an item of type NoneType"),
+    ],
+)
+def test_apply_refuses_what_is_no_tensor_naming_the_argument(given, got):
+    """Before: apply(model) raised a raw TypeError ('Linear' object is not iterable) at the
+    first scaled step, apply([tensor, "w"]) an AttributeError; a model is refused at any step."""
+    expected = "parameters must be a tensor or an iterable of tensors, as clip_grad_norm_ takes"
+    with pytest.raises(UsageError) as refused:
+        Decision("scale", 0.5, "").apply(given)
+    assert str(refused.value) == expected + got
+    if not isinstance(given, torch.nn.Module):
+        return
+    with pytest.raises(UsageError):
+        Decision("none", 1.0, "").apply(given)
+
+
 def test_a_reason_shows_the_z_score_past_the_limit():
     """A z just past sigma read 'skip-step: z 6' (3 digits), as if at the limit, not past it."""
     guard = Guard(mode="skip", rule="skip-step:window=6,sigma=1.5")
