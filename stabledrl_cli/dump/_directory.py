@@ -100,8 +100,8 @@ def _merge_scalars(parts: list[dict[str, float]], sequences: list[int]) -> dict[
         merged["loss"] = float(np.mean([p["loss"] for p in parts]))
     if all("reward_mean" in p for p in parts) and sum(sequences) > 0:
         # a rank whose mean is NaN scored none of its sequences: the others' mean stands
-        scored = [(p["reward_mean"], n) for p, n in zip(parts, sequences, strict=True)]
-        scored = [(mean, n) for mean, n in scored if not math.isnan(mean)]
+        means = (p["reward_mean"] for p in parts)
+        scored = [(m, n) for m, n in zip(means, sequences, strict=True) if not math.isnan(m)]
         total = sum(n for _, n in scored)
         merged["reward_mean"] = (
             float(sum(mean * n for mean, n in scored) / total) if total > 0 else math.nan

@@ -127,20 +127,14 @@ def rank(result: ReplayResult, tuned: list[str]) -> TuneReport:
         key=lambda f: (not f.tuned, order.get(f.spec, len(order))),
     )
     on_front = [f for f in settings if f.on_front]
-    unjudged = unjudged_lines(result)
-    if not on_front:
-        return TuneReport(
-            result.run,
-            result.steps,
-            settings,
-            None,
-            "no setting was replayed",
-            result.threads,
-            unjudged,
-        )
-    best = min(on_front, key=lambda f: (len(f.risk_steps), f.mass_key, order[f.spec]))
-    evidence = _evidence(best, candidates)
-    return TuneReport(result.run, result.steps, settings, best, evidence, result.threads, unjudged)
+    best: SettingFigures | None = None
+    evidence = "no setting was replayed"
+    if on_front:
+        best = min(on_front, key=lambda f: (len(f.risk_steps), f.mass_key, order[f.spec]))
+        evidence = _evidence(best, candidates)
+    return TuneReport(
+        result.run, result.steps, settings, best, evidence, result.threads, unjudged_lines(result)
+    )
 
 
 def percent(mass: float | None) -> str:
