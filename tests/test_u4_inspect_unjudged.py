@@ -47,7 +47,7 @@ def test_a_judged_run_reads_as_before():
     rows = _rows(fixture_run("grpo"))
     assert rows["first reward collapse"] == "step 132 (window 10)"
     assert rows["non-finite steps"] == "92, 93, 94, 95"
-    assert rows["grad-norm spikes"].startswith("29, 30, 31")
+    assert rows["grad-norm spikes"].startswith("steps 29, 30, 31")
 
 
 def test_a_run_without_steps_says_so(tmp_path):

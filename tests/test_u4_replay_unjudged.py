@@ -38,7 +38,7 @@ def test_spikes_judged_and_none_found_read_none(tmp_path):
 
 def test_a_judged_run_reads_as_before():
     text, _ = _replay(str(fixture_run("grpo")))
-    assert "first reward collapse at step 132; recorded grad-norm spikes: 29,30,31" in text
+    assert "first reward collapse at step 132; recorded grad-norm spikes: steps 29,30,31" in text
     assert "collapse warning: first at step 60" in text and "observed collapse at 132" in text
 
 

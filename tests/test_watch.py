@@ -361,8 +361,8 @@ def test_once_on_a_scalar_run_shows_and_gates_its_recorded_scalars(tmp_path):
         "scalar steps: 30 of 30 (recorded scalars only, no policy batch to replay)",
         "risk steps: - (nothing replayed)",
         "drift steps: - (nothing replayed)",
-        "recorded grad-norm spikes: 25",
-        "recorded non-finite: 12",
+        "recorded grad-norm spikes: step 25",
+        "recorded non-finite: step 12",
     ]
     assert max(len(line) for line in lines[1:]) <= 80  # the first names the run
     assert "alert: step 25: grad_norm_spike: recorded grad_norm > 10x its recent median" in (
@@ -425,7 +425,7 @@ def test_once_on_a_recorded_script_exits_with_the_gates_code(recorded_script):
     )
     assert plain.returncode == 0, plain.stderr
     assert "steps: 30 (last 29); own policy: none recorded: no replay" in plain.stdout
-    assert "recorded grad-norm spikes: 25" in plain.stdout
+    assert "recorded grad-norm spikes: step 25" in plain.stdout
     assert tripped.returncode == 1
     assert "gate tripped: (run) max_spikes: 1 grad-norm spike step, limit 0" in tripped.stderr
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1

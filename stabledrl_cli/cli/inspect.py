@@ -34,8 +34,8 @@ LIST_LIMIT = 20
 all)."""
 
 
-def _steps_text(steps: list[int]) -> str:
-    return format_steps(steps, LIST_LIMIT, empty="none", separator=", ", more=" more")
+def _steps_text(steps: list[int], *, named: bool = False) -> str:
+    return format_steps(steps, LIST_LIMIT, empty="none", separator=", ", more=" more", named=named)
 
 
 def _run_table(s: RunSummary) -> Table:
@@ -248,7 +248,7 @@ def _observed_table(s: RunSummary) -> Table:
             else f"first at step {warning.first_step} ({warning.rule_text}; "
             f"{len(warning.steps)} warning steps)",
         ),
-        "grad-norm spikes": ("spike_steps", _steps_text(obs.recorded_spike_steps)),
+        "grad-norm spikes": ("spike_steps", _steps_text(obs.recorded_spike_steps, named=True)),
         "non-finite steps": ("nonfinite_steps", _steps_text(obs.nonfinite_steps)),
     }
     for what, (figure, text) in rows.items():

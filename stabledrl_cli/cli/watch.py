@@ -136,8 +136,10 @@ def _require_replayed(watcher: RunWatcher) -> None:
         raise refused
 
 
-def _steps(steps: list[int]) -> str:
-    return format_steps(steps, STEPS_LISTED, empty="none", separator=", ", more=" more")
+def _steps(steps: list[int], *, named: bool = False) -> str:
+    return format_steps(
+        steps, STEPS_LISTED, empty="none", separator=", ", more=" more", named=named
+    )
 
 
 def _policy(state: WatchState) -> str:
@@ -227,8 +229,8 @@ def _view(state: WatchState) -> Group:
     lines += [
         f"risk steps: {replayed(state.risk_steps, 'spike', 'spikes not judged')}",
         f"drift steps: {replayed(state.drift_steps, 'drift', 'not judged')}",
-        f"recorded grad-norm spikes: {_steps(state.spike_steps)}",
-        f"recorded non-finite: {_steps(state.nonfinite_steps)}",
+        f"recorded grad-norm spikes: {_steps(state.spike_steps, named=True)}",
+        f"recorded non-finite: {_steps(state.nonfinite_steps, named=True)}",
         f"collapse warning: {at(state.collapse_warning)}; reward collapse: {reward_collapse}",
     ]
     table = Table(show_edge=False)

@@ -27,14 +27,24 @@ def format_figure(value: float | None) -> str:
 
 
 def format_steps(
-    steps: list[int], limit: int, *, empty: str = "-", separator: str = ",", more: str = ""
+    steps: list[int],
+    limit: int,
+    *,
+    empty: str = "-",
+    separator: str = ",",
+    more: str = "",
+    named: bool = False,
 ) -> str:
-    """Steps cut after `limit` of them: '3,5,8 (+12)' (with more=" more": '(+12 more)')."""
+    """Steps cut after `limit` of them: '3,5,8 (+12)' (with more=" more": '(+12 more)'), led by
+    'step ' or 'steps ' when `named` (in a sentence a bare '25' reads as a count)."""
     if not steps:
         return empty
     shown = separator.join(str(s) for s in steps[:limit])
     rest = len(steps) - limit
-    return f"{shown} (+{rest}{more})" if rest > 0 else shown
+    text = f"{shown} (+{rest}{more})" if rest > 0 else shown
+    if not named:
+        return text
+    return ("step " if len(steps) == 1 else "steps ") + text
 
 
 def format_cell(

@@ -373,7 +373,7 @@ def print_observed(result: ReplayResult, console: Console) -> None:
     obs = result.observed
     collapse = obs.first_reward_collapse
     reward = "none" if collapse is None else f"at step {collapse}"
-    spikes = format_steps(obs.recorded_spike_steps, LIST_LIMIT, empty="none")
+    spikes = format_steps(obs.recorded_spike_steps, LIST_LIMIT, empty="none", named=True)
     console.print(
         f"observed (recorded run): first reward collapse "
         f"{_judged(obs, 'first_reward_collapse', reward)}; recorded grad-norm spikes: "
