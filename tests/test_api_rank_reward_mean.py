@@ -1,35 +1,83 @@
-"""A step joined from ranks where one rank's sequences could not be scored (every reward NaN,
-so its reward_mean is NaN) has the reward_mean of the scored ones, as the same step recorded
-from one process has: it was NaN, poisoning the run's reward series."""
+"""A step joined from ranks has the reward_mean the same step recorded from one process has:
+each rank weighted by its scored (not NaN) rewards, `_scored_rewards` in its header. A rank
+with every reward NaN poisoned the run's reward series (NaN); one with some NaN was weighted by
+all its sequences. A run recorded before the count joins by sequences, as it did."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pytest
 
 import stabledrl_cli as sd
 
 
-def _log(recorder: sd.Recorder, reward: list[float]) -> None:
+def _log(recorder: sd.Recorder, reward: list[float], given: bool) -> None:
+    """One step of `reward`; with `given`, its reward_mean given too (as the TRL and verl
+    captures give theirs: the mean of the scored ones)."""
     count = len(reward)
     logp = np.zeros((count, 2), dtype=np.float32)
+    rewards = np.array(reward, dtype=np.float32)
+    scored = rewards[~np.isnan(rewards)]
     recorder.log_step(
         0, logp=logp, logp_old=logp, advantages=np.zeros(count, dtype=np.float32),
-        group_id=np.arange(count), reward=np.array(reward, dtype=np.float32),
+        group_id=np.arange(count), reward=rewards,
+        reward_mean=(float(scored.mean()) if scored.size else math.nan) if given else None,
     )  # fmt: skip
 
 
-def test_a_rank_whose_rewards_are_all_nan_leaves_the_others_mean(tmp_path):
-    rewards = [[1.0, 0.0, 1.0], [math.nan, math.nan]]
+def _joined_and_alone(path, rewards: list[list[float]], given: bool = False) -> tuple[float, float]:
     with (
-        sd.Recorder(tmp_path / "ranks", world_size=2, rank=0, policy=None) as first,
-        sd.Recorder(tmp_path / "ranks", world_size=2, rank=1, policy=None) as second,
+        sd.Recorder(path / "ranks", world_size=2, rank=0, policy=None) as first,
+        sd.Recorder(path / "ranks", world_size=2, rank=1, policy=None) as second,
     ):
-        _log(first, rewards[0])
-        _log(second, rewards[1])
-    with sd.Recorder(tmp_path / "one", policy=None) as alone:
-        _log(alone, rewards[0] + rewards[1])
-    joined = sd.open_run(tmp_path / "ranks").step(0).scalars["reward_mean"]
-    assert joined == sd.open_run(tmp_path / "one").step(0).scalars["reward_mean"]
+        _log(first, rewards[0], given)
+        _log(second, rewards[1], given)
+    with sd.Recorder(path / "one", policy=None) as alone:
+        _log(alone, rewards[0] + rewards[1], given)
+    joined = sd.open_run(path / "ranks").step(0).scalars["reward_mean"]
+    return joined, sd.open_run(path / "one").step(0).scalars["reward_mean"]
+
+
+def test_a_rank_whose_rewards_are_all_nan_leaves_the_others_mean(tmp_path):
+    joined, alone = _joined_and_alone(tmp_path, [[1.0, 0.0, 1.0], [math.nan, math.nan]])
+    assert joined == alone
     assert math.isclose(joined, 2 / 3)
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_a_rank_with_some_rewards_nan_is_weighted_by_its_scored_ones(tmp_path, given):
+    """Rank 0 scored one of its two sequences: the join weighted it by both (2:2, 0.825),
+    where one process takes the mean of the three scored rewards (0.7667)."""
+    joined, alone = _joined_and_alone(tmp_path, [[1.0, math.nan], [0.5, 0.8]], given)
+    assert math.isclose(alone, (1.0 + 0.5 + 0.8) / 3, rel_tol=1e-6)
+    assert math.isclose(joined, alone, rel_tol=1e-12)
+
+
+def test_a_run_recorded_without_the_scored_count_joins_by_sequences(tmp_path):
+    """A run written before `_scored_rewards` (an older recorder) still reads: its ranks are
+    weighted by their sequences, as then."""
+    from safetensors.numpy import load_file
+
+    from stabledrl_cli.dump._stfile import encode_step, read_header
+
+    def rewrite(file, scored: str | None) -> None:
+        metadata = read_header(file, deep=False).metadata
+        kept = {k: v for k, v in metadata.items() if not k.startswith(("_crc32", "_scored_r"))}
+        kept.update({} if scored is None else {"_scored_rewards": scored})
+        file.write_bytes(b"".join(encode_step(load_file(file), kept)))
+
+    _joined_and_alone(tmp_path, [[1.0, math.nan], [0.5, 0.8]])
+    files = sorted((tmp_path / "ranks" / "steps").iterdir())
+    counts = [read_header(file, deep=False).metadata["_scored_rewards"] for file in files]
+    assert counts == ["1", "2"]
+    for file in files:
+        rewrite(file, None)
+    run = sd.open_run(tmp_path / "ranks")
+    assert run.integrity.ok
+    assert math.isclose(run.step(0).scalars["reward_mean"], (1.0 * 2 + 0.65 * 2) / 4, rel_tol=1e-6)
+    rewrite(files[1], "3")  # more scored rewards than the rank's 2 sequences
+    broken = sd.open_run(tmp_path / "ranks")
+    assert broken.step_numbers == []
+    assert "3 scored rewards of 2 sequences" in broken.integrity.findings[0].message

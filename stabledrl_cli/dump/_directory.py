@@ -18,9 +18,10 @@ range (a negative one, a seq_id past the rank's sequences) would be another rank
 `unit_grad_sketch` rows are concatenated (float16 parts are scaled to float32 first); an
 [N, k] or [U, k] array whose k differs between ranks cannot be joined (InputError);
 `unit_grad_gram` is left out (the cross-rank entries were never recorded); `param_grad_norm`
-is rank 0's. Scalars: `nonfinite` is summed, `reward_mean` weighted by sequences (a rank's
-NaN mean, none of its rewards scored, left out), `loss`
-averaged over ranks, the rest taken from rank 0. A step where some rank recorded no batch (a
+is rank 0's. Scalars: `nonfinite` is summed, `reward_mean` weighted by the rewards each rank's
+mean is over (`_scored_rewards`: those not NaN; a file without the count, no `reward` or an
+older recorder's, by its sequences; a rank's NaN mean, none of its rewards scored, left out),
+`loss` averaged over ranks, the rest taken from rank 0. A step where some rank recorded no batch (a
 scalar step, format 1.2) joins as a scalar step: a batch with a rank missing is not the step's
 batch.
 """
@@ -51,6 +52,7 @@ from stabledrl_cli.dump._schema import (
     META_NUM_SEQUENCES,
     META_NUM_TOKENS,
     META_RANK,
+    META_SCORED_REWARDS,
     META_SCORED_TOKENS,
     META_WORLD_SIZE,
     SCALAR_STEP_VERSION,
@@ -90,18 +92,19 @@ def _parse_scalars(metadata: dict[str, str]) -> dict[str, float]:
     return scalars
 
 
-def _merge_scalars(parts: list[dict[str, float]], sequences: list[int]) -> dict[str, float]:
-    """Joins the ranks' scalars of one step (rule in the module docstring)."""
+def _merge_scalars(parts: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
+    """Joins the ranks' scalars of one step, `weights` each rank's count for its reward_mean
+    (rule in the module docstring)."""
     merged = dict(parts[0])
     merged.pop("unit_grad_sketch_scale", None)  # joined sketches are float32
     if all("nonfinite" in p for p in parts):
         merged["nonfinite"] = float(sum(p["nonfinite"] for p in parts))
     if all("loss" in p for p in parts):
         merged["loss"] = float(np.mean([p["loss"] for p in parts]))
-    if all("reward_mean" in p for p in parts) and sum(sequences) > 0:
+    if all("reward_mean" in p for p in parts) and sum(weights) > 0:
         # a rank whose mean is NaN scored none of its sequences: the others' mean stands
         means = (p["reward_mean"] for p in parts)
-        scored = [(m, n) for m, n in zip(means, sequences, strict=True) if not math.isnan(m)]
+        scored = [(m, n) for m, n in zip(means, weights, strict=True) if not math.isnan(m)]
         total = sum(n for _, n in scored)
         merged["reward_mean"] = (
             float(sum(mean * n for mean, n in scored) / total) if total > 0 else math.nan
@@ -164,10 +167,20 @@ class _HeaderRecord:
     num_tokens: int
     num_sequences: int
     num_scored_tokens: int
+    num_scored_rewards: int | None = None
+    """`_scored_rewards`; None for a file without it."""
 
     @property
     def scalars(self) -> dict[str, float]:
         return dict(zip(self.scalar_names, self.scalar_values, strict=True))
+
+    @property
+    def reward_weight(self) -> int:
+        """The weight of its reward_mean in a join: the rewards the mean is over, else (no
+        count recorded) the sequences."""
+        if self.num_scored_rewards is None:
+            return self.num_sequences
+        return self.num_scored_rewards
 
 
 @dataclass(slots=True)
@@ -652,6 +665,9 @@ class DirectoryRun(Run):
             raise StepReadError(
                 "unreadable", f"{sequences} sequences: more sequences than an int32 seq_id names"
             )
+        rewards = _count(metadata, META_SCORED_REWARDS) if META_SCORED_REWARDS in metadata else None
+        if rewards is not None and rewards > sequences:
+            raise StepReadError("unreadable", f"{rewards} scored rewards of {sequences} sequences")
         _check_fields(header, tokens, sequences, scalar=scalar)
         names = tuple(scalars)
         fields = frozenset(name for name in header.tensors if name in FIELDS)
@@ -662,6 +678,7 @@ class DirectoryRun(Run):
             num_tokens=tokens,
             num_sequences=sequences,
             num_scored_tokens=scored,
+            num_scored_rewards=rewards,
         )
 
     def _check(
@@ -754,10 +771,11 @@ class DirectoryRun(Run):
             fields.discard("unit_grad_gram")
         batch = "logp" in fields  # else a scalar step (module docstring)
         sequences = [r.num_sequences if batch else 0 for r in records]
+        weights = [r.reward_weight if batch else 0 for r in records]
         scalars = [r.scalars for r in records]
         return DirectoryStep(
             step=n,
-            scalars=scalars[0] if len(records) == 1 else _merge_scalars(scalars, sequences),
+            scalars=scalars[0] if len(records) == 1 else _merge_scalars(scalars, weights),
             fields=fields if batch else fields - set(BATCH_FIELDS),
             num_tokens=sum(r.num_tokens for r in records) if batch else 0,
             num_sequences=sum(sequences),

@@ -299,6 +299,10 @@ META_WORLD_SIZE = "_world_size"
 META_NUM_TOKENS = "_num_tokens"
 META_NUM_SEQUENCES = "_num_sequences"
 META_SCORED_TOKENS = "_scored_tokens"
+META_SCORED_REWARDS = "_scored_rewards"
+"""How many of the step's rewards are scored (not NaN), what its reward_mean is a mean of: the
+weight of a rank's reward_mean in a multi-rank join. Written with every `reward` array; a file
+without it (no `reward`, an older recorder) is weighted by its sequences."""
 META_CRC_HEADER = "_crc32_header"
 META_CRC_DATA = "_crc32_data"
 

@@ -89,6 +89,7 @@ from stabledrl_cli.dump._schema import (
     META_NUM_SEQUENCES,
     META_NUM_TOKENS,
     META_RANK,
+    META_SCORED_REWARDS,
     META_SCORED_TOKENS,
     META_WORLD_SIZE,
     RECORDING_CLOSED,
@@ -581,6 +582,9 @@ class Recorder:
                 META_NUM_SEQUENCES: str(num_sequences),
                 META_SCORED_TOKENS: str(np.count_nonzero(mask) if mask is not None else 0),
             })  # fmt: skip
+            if "reward" in tensors:
+                scored = np.count_nonzero(~np.isnan(tensors["reward"]))
+                metadata[META_SCORED_REWARDS] = str(scored)
             name = step_file_name(step, self.rank, self.world_size)
             parts = encode_step(tensors, metadata, snapshot=self._writer is not None)
             item = _Write(self._steps_dir, name, parts, step, self._rewriting)
