@@ -1697,3 +1697,54 @@ def test_a_parameter_the_root_holds_is_its_own_module():
     `nn.Linear`, a top-level `pos_emb`) have no module name, so each is named alone."""
     named = [("weight", 3.0), ("bias", 4.0), ("layers.0.weight", 1.0), ("layers.0.bias", 1.0)]
     assert _module_norms(named) == [("bias", 4.0), ("weight", 3.0), ("layers.0", math.sqrt(2))]
+
+
+# An actor and a reference head, two bare `nn.Linear` roots, and a `frozen` one no optimizer
+# holds; argv[2] says how the optimizer holds them: "both" (their parameters), "named" (their
+# named parameters, whose names repeat) or "actor" (the actor's alone). The script writes each
+# root's gradient norm at each step.
+ROOTS = textwrap.dedent(
+    """
+    import json, math, sys
+    import torch
+
+    torch.manual_seed(0)
+    actor, reference, frozen = (torch.nn.Linear(4, 1) for _ in range(3))
+    held = {"both": [actor, reference], "named": [actor, reference], "actor": [actor]}[sys.argv[2]]
+    params = [item for m in held for item in
+              (m.named_parameters() if sys.argv[2] == "named" else m.parameters())]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    seen = []
+    for step in range(2):
+        optimizer.zero_grad()
+        x = torch.randn(8, 4)
+        (actor(x).pow(2).mean() + 3 * reference(x).pow(2).mean() + frozen(x).sum()).backward()
+        seen.append([{name: p.grad.double().norm().item() for name, p in m.named_parameters()}
+                     for m in held])
+        optimizer.step()
+    json.dump(seen, open(sys.argv[1], "w"))
+    """
+)
+
+
+@pytest.mark.parametrize("held", ["both", "named"])
+def test_two_roots_of_one_optimizer_keep_their_module_norms_apart(tmp_path, held):
+    """Two roots whose parameter names repeat (`weight`, `bias`): each root's norms are named
+    `<k>:<class>` (k: the order of its parameters in the optimizer), not summed into one
+    `weight` and one `bias` entry, as they were (actor and reference norms merged)."""
+    computed = _recorded(tmp_path, ROOTS, held)
+    run = open_run(tmp_path / "run")
+    for n, roots in enumerate(computed):
+        modules = {k: v for k, v in run.step(n).scalars.items() if "/module/" in k}
+        assert modules.keys() == {"grad_norm/module/0:Linear", "grad_norm/module/1:Linear"}
+        for k, norms in enumerate(roots):
+            assert close(modules[f"grad_norm/module/{k}:Linear"], math.hypot(*norms.values()))
+
+
+def test_one_root_of_an_optimizer_keeps_its_names_beside_another_root(tmp_path):
+    """A root the optimizer does not hold (a frozen reference) leaves the names as they were."""
+    (norms,) = _recorded(tmp_path, ROOTS, "actor")[0]
+    scalars = open_run(tmp_path / "run").step(0).scalars
+    assert {k: v for k, v in scalars.items() if "/module/" in k} == pytest.approx(
+        {f"grad_norm/module/{name}": norm for name, norm in norms.items()}, rel=1e-6
+    )

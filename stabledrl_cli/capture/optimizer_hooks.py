@@ -41,7 +41,8 @@ What each step records (all gradient norms are L2, taken before clipping):
 - with several parameter groups, `grad_norm/group_<g>` and `lr/group_<g>` for each group;
 - `grad_norm/module/<name>` for the `TOP_MODULES` modules with the largest gradient norm
   (a module's norm is over the parameters it holds itself; names come from the optimizer's
-  named parameters, else from the `torch.nn.Module` objects alive at the first step);
+  named parameters when none repeats, else from the root `torch.nn.Module` objects alive at
+  the first step, prefixed `<k>:<class>.` when several roots hold its parameters: `_root_names`);
 - per other optimizer i: `optimizer_<i>/grad_norm`, `optimizer_<i>/lr`,
   `optimizer_<i>/nonfinite_grads` (of its last step) and `optimizer_<i>/steps`.
 
@@ -600,20 +601,48 @@ def _view(optimizer: Optimizer) -> _View:
 
 
 def _param_names(optimizer: Optimizer) -> dict[int, str]:
-    """id(parameter) -> its qualified name: from the optimizer's named parameter groups, else
-    from the root `torch.nn.Module` objects alive now (a module no other module holds)."""
+    """id(parameter) -> its qualified name: from the optimizer's named parameter groups when
+    no name repeats, else from the root modules alive now (`_root_names`)."""
     names: dict[int, str] = {}
     for group in optimizer.param_groups:
         for name, param in zip(group.get("param_names", ()), group["params"], strict=False):
             names[id(param)] = name
-    if names:
+    if names and len(set(names.values())) == len(names):
         return names
+    return _root_names([p for group in optimizer.param_groups for p in group["params"]])
+
+
+def _root_names(params: list[torch.Tensor]) -> dict[int, str]:
+    """id(parameter) -> its name in the root `torch.nn.Module` (one no other module holds)
+    alive now that holds it, for each of `params` a root holds. When one root holds them all,
+    its names as they are; else (an actor and a reference model in one optimizer: their names
+    repeat) each root's are prefixed `<k>:<its class name>.`, k numbering the roots from 0 in
+    the order of their first parameter in `params` (one that two roots hold is the first's)."""
+    order: dict[int, int] = {}
+    for i, param in enumerate(params):
+        order.setdefault(id(param), i)
     modules = [obj for obj in gc.get_objects() if issubclass(type(obj), torch.nn.Module)]
     children = {id(child) for module in modules for child in module.children()}
+    roots: list[tuple[str, dict[int, str]]] = []
     for module in modules:
         if id(module) not in children:
-            for name, param in module.named_parameters():
-                names.setdefault(id(param), _fsdp1.clean_name(name))
+            named = {
+                id(param): _fsdp1.clean_name(name)
+                for name, param in module.named_parameters()
+                if id(param) in order
+            }
+            if named:
+                roots.append((type(module).__name__, named))
+    roots.sort(key=lambda root: (min(order[key] for key in root[1]), -len(root[1])))
+    held = set().union(*(named.keys() for _, named in roots))
+    if not roots or len(roots[0][1]) == len(held):
+        return roots[0][1] if roots else {}
+    names: dict[int, str] = {}
+    count = 0
+    for kind, named in roots:
+        fresh = [(key, name) for key, name in named.items() if key not in names]
+        names.update((key, f"{count}:{kind}.{name}") for key, name in fresh)
+        count += bool(fresh)
     return names
 
 
