@@ -906,6 +906,26 @@ def test_a_resume_trl_refuses_leaves_the_run_as_it_was(
     assert sd.open_run(out).step_numbers == [1, 2, 3, 4]
 
 
+def test_a_checkpoint_whose_rng_state_trl_cannot_load_leaves_the_run_as_it_was(
+    tiny: Any, checkpointed: dict[str, Any], tmp_path: Path
+) -> None:
+    """transformers loads a checkpoint's RNG state only as the epoch's training starts, after
+    its on_train_begin: a truncated rng_state.pth (a save killed mid-write) makes train()
+    raise there, before any step. The run's steps 1-4 are all still there, none removed for
+    a resume that never trained."""
+    out = tmp_path / "run"
+    shutil.copytree(checkpointed["run"], out)
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(checkpointed["checkpoint"], checkpoint)
+    rng = checkpoint / "rng_state.pth"
+    rng.write_bytes(rng.read_bytes()[:100])
+    trainer = _tiny_trainer(tiny, tmp_path, out)
+    with pytest.raises(RuntimeError, match="checkpoint file is corrupted"):  # torch's own
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 2  # no step trained
+    assert sd.open_run(out).step_numbers == [1, 2, 3, 4]
+
+
 def test_resume_under_stabledrl_record_with_force_keeps_the_earlier_steps(
     checkpointed: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -14,8 +14,8 @@ GRPO and RLOO trainers share these methods):
   log-probs, the masks TRL multiplied into the loss, and TRL's normaliser;
 - `_get_grad_norm` (once per optimizer step, before `optimizer.step()`): the pre-clip norm;
   the step is logged here as `state.global_step + 1`, the number `log_history` gives it.
-The run is opened by a callback's `on_train_begin` (`_RunOpener`), once TRL has loaded the
-checkpoint it resumes.
+The run is opened by a callback's `on_step_begin` of the first step (`_RunOpener`), once TRL
+has loaded all of the checkpoint it resumes (its RNG state comes after `on_train_begin`).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         (the latest): a micro-batch's inner_step counts the steps taken since."""
         self._sd_begins: tuple[str, int | None] | None = None
         """(run directory's real path, checkpoint step) of the run train() opens as its
-        training begins (`_sd_begin`)."""
+        first step begins (`_sd_begin`)."""
         super().__init__(*args, **kwargs)
         self.stabledrl_policy = self._sd_policy()
         self.add_callback(_RunOpener(self))
@@ -216,9 +216,10 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         error (an existing run, a resume the run cannot continue) is raised. A second train()
         into a run directory this process has recorded into (of this trainer or of another)
         that does not resume numbers its steps from 1 again: it warns once and runs
-        unrecorded, the first one's steps kept. The run is opened as TRL's training begins,
-        once TRL has loaded the checkpoint it resumes: a resume that TRL refuses (no
-        checkpoint there, one it cannot load) leaves the run directory as it is."""
+        unrecorded, the first one's steps kept. The run is opened as TRL's first step begins,
+        once TRL has loaded all of the checkpoint it resumes: a resume that TRL refuses (no
+        checkpoint there, one it cannot load, its RNG state included) leaves the run
+        directory as it is."""
         resume: int | None = None
         unrecorded = False
         try:
@@ -254,7 +255,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
                     buffer.warn("the run's last steps", exc)
 
     def _sd_begin(self) -> None:
-        """Opens the run train() asked for, as TRL's training begins; a run that cannot be
+        """Opens the run train() asked for, as TRL's first step begins; a run that cannot be
         written (a full or read-only disk) warns once and training runs unrecorded."""
         if self._sd_begins is None:
             return
@@ -342,14 +343,15 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
 
 
 class _RunOpener(_TrainerCallback):  # type: ignore[misc]
-    """Opens a recording trainer's run at `on_train_begin`, which transformers calls once it
-    has loaded the checkpoint that train() resumes (model, optimizer, scheduler, state)."""
+    """Opens a recording trainer's run at the first `on_step_begin` of a train(): transformers
+    calls it once it has loaded all of the checkpoint that train() resumes (model, optimizer,
+    scheduler and state before `on_train_begin`, the RNG state after it)."""
 
     def __init__(self, trainer: RecordingTrainer) -> None:
         self.trainer = trainer
 
-    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-        self.trainer._sd_begin()
+    def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.trainer._sd_begin()  # the first one's: later ones find nothing to open
 
 
 class RecordingGRPOTrainer(RecordingTrainer, TRL.GRPOTrainer):  # type: ignore[misc]
