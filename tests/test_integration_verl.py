@@ -1318,6 +1318,26 @@ def test_an_out_that_names_no_directory_is_refused_at_install(out: object, messa
     assert not stabledrl_verl.installed()
 
 
+def test_a_resumed_job_recorded_with_force_replaces_the_earlier_steps(
+    hooked: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the README says of a resumed verl job: each worker numbers its steps from 0, so
+    recording it into the earlier run's directory is refused (one warning, training goes on),
+    and with overwrite (`--force`) its steps replace the earlier ones, not continue them."""
+    run_dir, _ = hooked
+    train(actor_config(), grad_norm=0.7)
+    stabledrl_verl.uninstall()
+    assert stabledrl_verl.install(run_dir)
+    train(actor_config(), grad_norm=0.3)  # the resumed job, without overwrite
+    stabledrl_verl.uninstall()
+    assert capsys.readouterr().err.count("stabledrl: warning:") == 1
+    assert [s.scalars["grad_norm"] for s in open_run(run_dir)] == pytest.approx([0.7, 0.7])
+    assert stabledrl_verl.install(run_dir, overwrite=True)
+    train(actor_config(), grad_norm=0.3)  # with overwrite
+    stabledrl_verl.uninstall()
+    assert [s.scalars["grad_norm"] for s in open_run(run_dir)] == pytest.approx([0.3, 0.3])
+
+
 def test_a_second_install_into_another_directory_is_refused_naming_both(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
