@@ -926,6 +926,29 @@ def test_a_checkpoint_whose_rng_state_trl_cannot_load_leaves_the_run_as_it_was(
     assert sd.open_run(out).step_numbers == [1, 2, 3, 4]
 
 
+def test_a_corrupt_earlier_step_warns_once_and_the_resume_trains(
+    tiny: Any, checkpointed: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Resumed into a run whose step 1 file has a flipped byte: the Recorder cannot continue
+    the run (it verifies the steps it keeps) and changes nothing. As for a checkpoint whose
+    trainer_state.json cannot be read, that is one warning line and TRL's training runs
+    unrecorded, the run's steps as they were."""
+    out = tmp_path / "run"
+    shutil.copytree(checkpointed["run"], out)
+    step_file = out / "steps" / "step-00000001.safetensors"
+    data = bytearray(step_file.read_bytes())
+    data[-10] ^= 0xFF
+    step_file.write_bytes(bytes(data))
+    trainer = _tiny_trainer(tiny, tmp_path, out)
+    trainer.train(resume_from_checkpoint=str(checkpointed["checkpoint"]))
+    assert trainer.state.global_step == 4
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl:" in line]
+    assert len(warnings) == 1, warnings
+    assert "step 1 (step-00000001.safetensors) is unreadable" in warnings[0]
+    assert warnings[0].endswith("recording is off, training continues")
+    assert sd.open_run(out, verify=False).step_numbers == [1, 2, 3, 4]
+
+
 def test_resume_under_stabledrl_record_with_force_keeps_the_earlier_steps(
     checkpointed: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -211,9 +211,10 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
     ) -> Any:
         """The TRL trainer's `train`, recording into the run directory (continued on resume, or
         begun at the checkpoint's next step when the directory holds no run). A run that
-        cannot be written (a full or read-only disk), or a checkpoint whose trainer_state.json
-        it cannot read (`_resume_step`), warns once and training runs unrecorded; a usage
-        error (an existing run, a resume the run cannot continue) is raised. A second train()
+        cannot be written (a full or read-only disk) or continued (a corrupt step before the
+        checkpoint's), or a checkpoint whose trainer_state.json it cannot read
+        (`_resume_step`), warns once and training runs unrecorded; a usage error (an existing
+        run, a resume by another policy or world size) is raised. A second train()
         into a run directory this process has recorded into (of this trainer or of another)
         that does not resume numbers its steps from 1 again: it warns once and runs
         unrecorded, the first one's steps kept. The run is opened as TRL's first step begins,
@@ -256,13 +257,14 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
 
     def _sd_begin(self) -> None:
         """Opens the run train() asked for, as TRL's first step begins; a run that cannot be
-        written (a full or read-only disk) warns once and training runs unrecorded."""
+        written (a full or read-only disk), or continued (a step it keeps is corrupt: the
+        Recorder changes nothing), warns once and training runs unrecorded."""
         if self._sd_begins is None:
             return
         (directory, resume), self._sd_begins = self._sd_begins, None
         try:
             self._sd_buffer = self._sd_open(resume)
-        except WriteError as exc:
+        except (WriteError, InputError) as exc:
             RecordingFailure().fail(exc, "recording the run failed")
             return
         _RECORDED.add(directory)
