@@ -114,9 +114,9 @@ def paired(steps: int, block: int, clip: bool, work: Path) -> tuple[list[float],
     os.environ.update({"STABLEDRL_RUN_DIR": str(work / "paired"), "STABLEDRL_FORCE": "1"})
     from stabledrl_cli.capture import bootstrap, optimizer_hooks
 
-    # The hooks' own work (before they are registered, so that torch calls the timed ones).
-    optimizer_hooks._pre_hook = _timed(optimizer_hooks._pre_hook)  # type: ignore[method-assign]
-    optimizer_hooks._post_hook = _timed(optimizer_hooks._post_hook)  # type: ignore[method-assign]
+    # The hooks' own work: what the registered hooks call (`_step_hooks`), timed.
+    for name, hook in optimizer_hooks._step_hooks.items():
+        optimizer_hooks._step_hooks[name] = _timed(hook)
 
     model, optimizer, inputs, targets = _model_and_data()
     optimizer_hooks.install()
