@@ -253,8 +253,36 @@ def test_jsonl_flat_and_verl_file_logger(tmp_path: Path) -> None:
     )  # fmt: skip
     _, found, table = read_log(verl)
     assert found == "jsonl"
-    assert table.steps == {1: {"critic/score/mean": 0.5}, 2: {"critic/score/mean": 0.7}}
+    assert table.steps[2] == {"critic/score/mean": 0.7}
+    assert table.steps[1]["critic/score/mean"] == 0.5
+    assert math.isnan(table.steps[1]["actor/grad_norm"])  # orjson's NaN
     assert table.not_imported["val-core/acc"] == "eval"
+
+
+def test_a_non_finite_value_in_verls_file_log_stays_non_finite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verl's FileLogger writes with orjson, which spells NaN and the infinities `null`: a
+    step whose grad norm was NaN (verl skips its update) and one whose loss was inf were read
+    as steps without them, so the import counted no non-finite value and `check
+    --max-nonfinite 0` passed the run (exit 0) that verl's own console log shows `nan` in."""
+    tracking = pytest.importorskip("verl.utils.tracking", reason="needs verl")
+    log = tmp_path / "verl.jsonl"
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(log))
+    logger = tracking.FileLogger("project", "experiment")
+    for step, (loss, grad_norm) in enumerate([(0.5, 1.0), (0.4, math.nan), (math.inf, 2.0)]):
+        logger.log({"actor/loss": loss, "actor/grad_norm": grad_norm}, step + 1)
+    logger.finish()
+    assert b"null" in log.read_bytes()
+    run = tmp_path / "run"
+    runner = CliRunner()
+    done = runner.invoke(app, ["import", str(log), "--out", str(run), "--format", "json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["nonfinite"] == {"grad_norm": 1, "loss": 1}
+    checked = runner.invoke(app, ["check", str(run), "--max-nonfinite", "0", "--format", "json"])
+    assert checked.exit_code == 1, checked.output
+    (gate,) = [g for g in json.loads(checked.stdout)["gates"] if g["gate"] == "max_nonfinite"]
+    assert gate["figure"] == 2
 
 
 def test_jsonl_step_key_and_unfinished_last_line(tmp_path: Path) -> None:

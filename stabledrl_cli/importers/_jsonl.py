@@ -2,13 +2,16 @@
 
 The step key is the first of `STEP_KEYS` the first row has (or the one given). A row may hold
 its metrics at the top level or, as verl's file logger writes them, under `data`
-(`{"step": 3, "data": {...}}`). Blank lines are ignored; a line that is not a JSON object is
-an InputError naming it, except an unfinished last line (no newline: a writer was stopped),
-which is ignored with a warning.
+(`{"step": 3, "data": {...}}`); there a `null` value is NaN: verl's metrics are numbers (its
+TensorBoard logger takes no other), and the orjson it writes them with spells NaN and the
+infinities `null`, so a non-finite grad norm or loss stays one. Blank lines are ignored; a
+line that is not a JSON object is an InputError naming it, except an unfinished last line (no
+newline: a writer was stopped), which is ignored with a warning.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +55,10 @@ def read_jsonl(path: Path, step_key: str | None = None) -> StepTable:
 
 
 def _flattened(row: dict[str, Any]) -> dict[str, Any]:
-    """verl's `{"step": s, "data": {...}}` as one flat row; any other row as it is."""
+    """verl's `{"step": s, "data": {...}}` as one flat row, a null value read as NaN (what
+    orjson wrote so); any other row as it is."""
     data = row.get("data")
     if isinstance(data, dict) and all(k in ("step", "data") for k in row):
-        return {**data, **{k: v for k, v in row.items() if k != "data"}}
+        values = {k: math.nan if v is None else v for k, v in data.items()}
+        return {**values, **{k: v for k, v in row.items() if k != "data"}}
     return row
