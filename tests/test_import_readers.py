@@ -405,6 +405,32 @@ def test_tensorboard_per_tag_export_of_a_transformers_tag(tmp_path: Path) -> Non
     assert not table.steps and table.not_imported["train/train_loss"] == "summary"
 
 
+@pytest.mark.parametrize(
+    "tag, scalar",
+    [
+        ("critic/score/mean", "reward_mean"),
+        ("actor/grad_norm", "grad_norm"),
+        ("actor/pg_clipfrac", "clip_frac"),
+        ("timing_s/step", "step_time"),
+        ("train/clip_ratio/region_mean", "clip_frac"),
+        ("train/clip_ratio/low_mean", "clip_frac_low"),
+    ],
+)
+def test_tensorboard_per_tag_export_of_a_metric_with_slashes(
+    tmp_path: Path, tag: str, scalar: str
+) -> None:
+    """verl's `critic/score/mean` exported per tag arrives as `critic_score_mean`, TRL's
+    `train/clip_ratio/region_mean` as `train_clip_ratio_region_mean`: they were kept as extra
+    scalars of those names, so the import of verl's reward had no reward_mean (check
+    --fail-on-collapse: no reward to gate) and neither framework's clip fraction was
+    clip_frac. A name that maps to a standard scalar is read as that metric."""
+    log = tmp_path / f"run-Dec02_07-22-04_vm-tag-{tag.replace('/', '_')}.csv"
+    log.write_text("Wall time,Step,Value\n1700000000.5,1,0.5\n1700000001.5,2,0.25\n")
+    _, _, table = read_log(log)
+    assert table.steps == {1: {tag: 0.5}, 2: {tag: 0.25}}
+    assert map_names(table.names, ()).standard == {tag: scalar}
+
+
 def test_csv_wandb_chart_and_tensorboard_exports(tmp_path: Path) -> None:
     chart = tmp_path / "wandb.csv"
     chart.write_text(

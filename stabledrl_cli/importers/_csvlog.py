@@ -6,9 +6,10 @@ The step column is the first of `STEP_KEYS` in the header (or the one given). W&
 export (`<run> - <metric>` columns, with `__MIN`/`__MAX` envelope columns) loses the
 `<run> - ` part when every metric column has the same one. TensorBoard's per-tag export
 (`Wall time,Step,Value`) names its one metric after the file, which holds the tag with `_` for
-`/`: a leading `train_` is read as `train/` (`run-X-tag-train_loss.csv` -> `train/loss`). A row
-with more cells than the header is an InputError naming its line; a short row has empty
-trailing cells.
+`/`: a leading `train_` is read as `train/` (`run-X-tag-train_loss.csv` -> `train/loss`), and
+a name that maps to a standard scalar is read as that metric (`critic_score_mean` ->
+`critic/score/mean`). A row with more cells than the header is an InputError naming its line;
+a short row has empty trailing cells.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.importers._files import text_lines
-from stabledrl_cli.importers._names import STEP_KEYS, TRACKER_PREFIXES
+from stabledrl_cli.importers._names import STANDARD_SOURCES, STEP_KEYS, TRACKER_PREFIXES
 from stabledrl_cli.importers._table import METRIC_LIMIT, StepTable
 
 _DELIMITERS = (",", "\t", ";")
@@ -69,12 +70,21 @@ def _joined(first: tuple[int, str, bool], rest: Iterator[tuple[int, str, bool]])
 
 
 def _tag(saved: str) -> str:
-    """A tag as a file name holds it (its `/` saved as `_`), a tracker prefix restored."""
-    for prefix in TRACKER_PREFIXES:
-        flat = prefix.replace("/", "_")
-        if saved.startswith(flat) and len(saved) > len(flat):
-            return prefix + saved[len(flat) :]
-    return saved
+    """A tag as a file name holds it (its `/` saved as `_`): a tracker prefix restored, then
+    a metric that maps to a standard scalar (`critic_score_mean` is `critic/score/mean`)."""
+    prefix = next(
+        (p for p in TRACKER_PREFIXES if saved.startswith(_flat(p)) and len(saved) > len(p)), ""
+    )
+    name = saved[len(prefix) :]
+    return prefix + _STANDARD_FLAT.get(name, name)
+
+
+def _flat(name: str) -> str:
+    return name.replace("/", "_")
+
+
+_STANDARD_FLAT = {_flat(s): s for sources in STANDARD_SOURCES.values() for s in sources}
+"""A standard scalar's source as a TensorBoard per-tag file name holds it -> the source."""
 
 
 def _metric_names(header: list[str], path: Path) -> list[str]:
