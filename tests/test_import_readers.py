@@ -315,6 +315,30 @@ def test_a_step_key_no_row_has_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "name, content, skipped",
+    [
+        ("trainer_state.json", '{"log_history": [{"step": 3, "eval_loss": 1.5},'
+         ' {"step": 3, "train_runtime": 9.0, "train_loss": 1.0}]}', "1 eval, 1 summary"),
+        ("log.jsonl", '{"step": -1, "loss": 1}\n{"step": 1.5, "loss": 2}\n', "2 bad step"),
+    ],
+    ids=["eval-only-trainer-state", "bad-steps"],
+)  # fmt: skip
+def test_a_log_without_a_training_step_says_which_rows_it_skipped(
+    tmp_path: Path, name: str, content: str, skipped: str
+) -> None:
+    """A trainer_state.json of an evaluation alone, or a log whose steps are all unusable,
+    was refused with 'no training step in this log' alone, as if it held no row: the rows
+    skipped, and why, are named."""
+    log = tmp_path / name
+    log.write_text(content)
+    done = CliRunner().invoke(app, ["import", str(log), "--out", str(tmp_path / "run")])
+    assert done.exit_code == 3 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"error: {log}: no training step in this log (skipped rows: {skipped})"
+    ]
+
+
+@pytest.mark.parametrize(
     "content, message",
     [
         (b'{"step": 1, "loss": 1}\nnot json\n{"step": 2}\n', "line 2: unreadable JSON line"),

@@ -21,6 +21,7 @@ from stabledrl_cli.dump._setup import check_replaceable
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.importers import ImportSummary, import_log
 from stabledrl_cli.importers._names import listed
+from stabledrl_cli.importers._table import skipped_text
 from stabledrl_cli.vocab import ImportFormat
 
 
@@ -102,8 +103,7 @@ def _print_table(summary: ImportSummary) -> None:
     if left_out:
         lines.append(f"left out {len(left_out)} ({_reasons(left_out)}): {listed(list(left_out))}")
     if summary.skipped_rows:
-        rows = ", ".join(f"{n} {why}" for why, n in sorted(summary.skipped_rows.items()))
-        lines.append(f"skipped rows: {rows}")
+        lines.append(skipped_text(summary.skipped_rows))
     if summary.non_numeric:
         lines.append(
             f"dropped {counted(sum(summary.non_numeric.values()), 'non-numeric value')} of "

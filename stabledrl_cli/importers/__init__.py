@@ -17,7 +17,7 @@ from stabledrl_cli.importers._csvlog import read_csv
 from stabledrl_cli.importers._detect import detect_format, log_path
 from stabledrl_cli.importers._jsonl import read_jsonl
 from stabledrl_cli.importers._names import STANDARD_SOURCES
-from stabledrl_cli.importers._table import StepTable
+from stabledrl_cli.importers._table import StepTable, skipped_text
 from stabledrl_cli.importers._tfevents import read_tfevents
 from stabledrl_cli.importers._trainer_state import read_trainer_state
 from stabledrl_cli.vocab import IMPORT_FORMATS, ImportFormat
@@ -71,6 +71,8 @@ def import_log(
     """
     path, found, table = read_log(source, log_format, step_key)
     if not table.steps:
-        notes = f" ({'; '.join(table.warnings)})" if table.warnings else ""
+        skipped = [skipped_text(table.skipped_rows)] if table.skipped_rows else []
+        notes = "; ".join([*skipped, *table.warnings])
+        notes = f" ({notes})" if notes else ""
         raise InputError(f"{path}: no training step in this log{notes}")
     return write_scalar_run(table, out, log_format=found, source=path, overwrite=overwrite)

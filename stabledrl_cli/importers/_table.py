@@ -145,6 +145,11 @@ class StepTable:
             series.append(step)
 
 
+def skipped_text(skipped: Mapping[str, int]) -> str:
+    """`skipped rows: 2 bad step, 1 eval`, for a message."""
+    return "skipped rows: " + ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+
+
 def _step_number(step: object) -> int | None:
     """An integer step in [0, STEP_LIMIT] (an integral float or numeric text is fine)."""
     if isinstance(step, bool):
