@@ -121,6 +121,36 @@ def test_table_output_and_force(tmp_path: Path) -> None:
     assert forced.exit_code == 0
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["import", "", "--out", "run"], "Invalid value for 'SRC': the path is empty"),
+        (["import", "log/trainer_state.json", "--out", "", "--force"],
+         "import: the path of its run is empty"),
+        (["watch", "", "--once"], "watch: the path of the run is empty"),
+    ],
+    ids=["import-src", "import-out", "watch"],
+)  # fmt: skip
+def test_an_empty_path_is_refused_not_taken_for_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    """`import "$LOG" --out "$RUN"` with a variable unset: typer's Path made "" the working
+    directory, so an empty SRC imported the trainer_state.json there ('imported 60 steps of
+    trainer_state.json', exit 0), an empty --out with --force wrote manifest.json and steps/
+    among the working directory's files, and `watch ""` watched it. Each is refused, exit 2."""
+    (tmp_path / "log").mkdir()
+    (tmp_path / "log" / "trainer_state.json").write_bytes(TRL_STATE.read_bytes())
+    (tmp_path / "trainer_state.json").write_bytes(TRL_STATE.read_bytes())
+    runner.invoke(app, ["import", str(TRL_STATE), "--out", str(tmp_path / "imported")])
+    monkeypatch.chdir(tmp_path / ("imported" if args[0] == "watch" else "."))
+    before = sorted(p.name for p in Path().iterdir())
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in Path().iterdir()) == before
+
+
 def test_a_foreign_manifest_is_named_without_the_force_hint(tmp_path: Path) -> None:
     """A directory whose manifest.json is another tool's was 'not empty; pass --force', and
     --force was then refused ('is not a stabledrl run's manifest'): the refusal now comes

@@ -15,14 +15,26 @@ URL_READERS = "replay, check, inspect, diff, tune and pack read a run at a URL"
 
 def local_run(run: str, command: str, why: str) -> Path:
     """`run` as a local path; UsageError when it is a URL (`why`: what `command` needs a
-    local run for)."""
+    local run for) or empty."""
     if is_url(run):
         raise UsageError(f"{run}: {command} takes a local path, not a URL ({why}); {URL_READERS}")
-    return Path(run)
+    return Path(_given(run, command, "the run"))
 
 
 def local_output(value: str, command: str, what: str) -> Path:
-    """`value`, where `command` writes `what`, as a local path; UsageError when it is a URL."""
+    """`value`, where `command` writes `what`, as a local path; UsageError when it is a URL
+    or empty."""
     if is_url(value):
         raise UsageError(f"{value}: {command} writes {what} to a local path, not a URL")
-    return Path(value)
+    return Path(_given(value, command, what))
+
+
+def _given(value: str, command: str, what: str) -> str:
+    """`value`, refused when empty: Path("") is the working directory, which no one means (a
+    script's unset variable)."""
+    if not value:
+        raise UsageError(f"{command}: the path of {what} is empty; {EMPTY_PATH}")
+    return value
+
+
+EMPTY_PATH = "give a path (an empty one would be the working directory)"

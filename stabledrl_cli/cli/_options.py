@@ -14,6 +14,7 @@ from pydantic_core import PydanticCustomError
 from typer._click.core import ParameterSource
 from typer._click.globals import get_current_context
 
+from stabledrl_cli.cli._local import EMPTY_PATH
 from stabledrl_cli.dump._remote import is_url
 from stabledrl_cli.errors import quoted
 from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, DEFAULT_THREADS, MAX_THREADS
@@ -76,7 +77,10 @@ class StrictNumber:
 def local_file(value: str | Path) -> Path:
     """The parser of a local file's path (a report's `--out`, `--plot`, `--junit`,
     `--write-baseline`; `check -b`, `import SRC`): a URL is refused (typer's Path would make
-    `s3://b/r.json` the local path `s3:/b/r.json`)."""
+    `s3://b/r.json` the local path `s3:/b/r.json`), and so is an empty one (typer's Path would
+    make it the working directory)."""
+    if value == "":
+        raise PydanticCustomError("local_path", f"the path is empty; {EMPTY_PATH}", {})
     if isinstance(value, str) and is_url(value):
         raise PydanticCustomError(
             "local_path",
