@@ -592,9 +592,10 @@ def test_tensorboard_restart_drops_the_earlier_runs_later_steps(tmp_path: Path) 
     assert table.steps[9] == {"old_only": 9.0}
     assert table.replaced == 1 and table.preempted == 4  # 5 replaced; 6-9 dropped
     steps = StepTable("log", preempts=True)
-    for step, value in ((3, 1), (4, 2), (2, 3)):
+    for step, value in ((1, 0), (3, 1), (4, 2), (2, 3)):
         steps.add(step, {"loss": value})
-    assert steps.steps == {2: {"loss": 3.0}} and steps.cells == 1  # emptied steps go
+    assert steps.steps == {1: {"loss": 0.0}, 2: {"loss": 3.0}}  # emptied steps go
+    assert steps.cells == 2
 
 
 def test_transformers_tensorboard_log_imports_as_its_trainer_state(tmp_path: Path) -> None:
@@ -796,6 +797,23 @@ def test_a_number_in_a_log_is_ascii_decimal_notation() -> None:
     assert table.steps == {3: {"kl": 0.25, "gain": -math.inf}}
     assert table.skipped_rows == {"bad step": 2}
     assert table.non_numeric == {"loss": 1, "reward": 1}
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_a_log_newest_first_keeps_every_step(tmp_path: Path, suffix: str) -> None:
+    """A log sorted newest first (an export sorted by step, descending) goes back at every row:
+    each row was taken for a restart dropping the steps after it, so the import kept step 1
+    alone of 5 ('4 values dropped: steps after the step a restarted run logged again', exit
+    0). A row below every step its metric has is no restart: all 5 steps are kept."""
+    rows = [(5, 0.5), (4, 0.4), (3, 0.3), (2, 0.2), (1, 0.1)]
+    path = tmp_path / f"log.{suffix}"
+    if suffix == "jsonl":
+        _jsonl(path, [{"step": s, "loss": v} for s, v in rows])
+    else:
+        path.write_text("step,loss\n" + "".join(f"{s},{v}\n" for s, v in rows))
+    _, _, table = read_log(path)
+    assert table.steps == {s: {"loss": v} for s, v in rows}
+    assert table.preempted == 0 and table.replaced == 0
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "csv"])

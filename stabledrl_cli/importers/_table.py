@@ -6,19 +6,19 @@ the steps after its checkpoint again) and the replaced cells are counted. A tabl
 `preempts` (of a TensorBoard, JSON-lines or CSV log: a log that goes back in steps is a
 restarted run appending to it) also drops, as TensorBoard shows a restarted run, a metric's
 values at steps after the one a later row gives it: those steps of the earlier run are counted
-`preempted`. A value is a number
-(NaN and infinities are kept: finding them is the point), missing (an empty cell, a JSON
-null), or not numeric (a string, a bool, a list: dropped and counted). A row whose step is not
-an integer in [0, 2**63 - 1] is skipped; so is a row left with no training metric (an
-evaluation row, transformers' end-of-training summary, an empty row). Each bound below is an
-InputError (exit 3) when a log passes it, as is an integer value past a double's range
-(1.8e308: JSON allows it, no metric holds it).
+`preempted`; a row below every step its metric has is no restart (a log newest first) and
+drops nothing. A value is a number (NaN and infinities are kept: finding them is the point),
+missing (an empty cell, a JSON null), or not numeric (a string, a bool, a list: dropped and
+counted). A row whose step is not an integer in [0, 2**63 - 1] is skipped; so is a row left
+with no training metric (an evaluation row, transformers' end-of-training summary, an empty
+row). Each bound below is an InputError (exit 3) when a log passes it, as is an integer value
+past a double's range (1.8e308: JSON allows it, no metric holds it).
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -61,7 +61,7 @@ class StepTable:
     cells: int = 0
     warnings: list[str] = field(default_factory=list)
     """Notes for the user (e.g. an unfinished last record ignored)."""
-    _series: dict[str, list[int]] = field(default_factory=dict)
+    _series: dict[str, deque[int]] = field(default_factory=dict)
     """When `preempts`: each metric's steps, increasing."""
 
     def add(self, step: object, values: Mapping[str, object]) -> None:
@@ -132,8 +132,13 @@ class StepTable:
             raise InputError(f"{self.where}: more than {METRIC_LIMIT} {what}")
 
     def _preempt(self, name: str, step: int) -> None:
-        """Drops `name`'s values at steps after `step` (each dropped once: amortised O(1))."""
-        series = self._series.setdefault(name, [])
+        """Drops `name`'s values at steps after `step` (each dropped once: amortised O(1)),
+        unless `step` is below all of them: a restart goes back into the steps its run logged,
+        a log newest first (an export sorted so) goes below them, row after row."""
+        series = self._series.setdefault(name, deque())
+        if series and step < series[0]:
+            series.appendleft(step)
+            return
         while series and series[-1] > step:
             later = series.pop()
             del self.steps[later][name]
