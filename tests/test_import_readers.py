@@ -770,6 +770,7 @@ def test_tensorboard_records_appended_after_the_open_are_not_read(
 def test_detect_formats_by_content(tmp_path: Path) -> None:
     cases = {
         "a": b'{\n  "log_history": []\n}\n',
+        "a1": b'{"best_metric": null, "log_history": [{"step": 1, "loss": 0.5}]}\n',
         "b": b'{"step": 1}\n',
         "c": b"step,loss\n1,2\n",
         "d": _good_record(),
@@ -778,10 +779,18 @@ def test_detect_formats_by_content(tmp_path: Path) -> None:
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
         found[name] = detect_format(tmp_path / name)
-    assert found == {"a": "trainer_state", "b": "jsonl", "c": "csv", "d": "tfevents"}
+    assert found == {"a": "trainer_state", "a1": "trainer_state", "b": "jsonl", "c": "csv",
+                     "d": "tfevents"}  # fmt: skip
     (tmp_path / "e").write_bytes(b"\x00\x01\x02 hello")
     with pytest.raises(InputError, match="--format-in"):
         detect_format(tmp_path / "e")
+    # verl's file log (VERL_FILE_LOGGER_PATH may name it anything): rows of 80-odd metrics
+    # pass the 4096 bytes sniffed; a first line cut there was taken for a JSON document over
+    # several lines, and the import said 'unreadable trainer_state.json: ... Extra data'.
+    row = {"step": 1, "data": {f"actor/metric_{i}/mean": 0.123456789 for i in range(150)}}
+    (tmp_path / "verl.log").write_text(f"\n{json.dumps(row)}\n{json.dumps(row | {'step': 2})}\n")
+    assert detect_format(tmp_path / "verl.log") == "jsonl"
+    assert sorted(read_log(tmp_path / "verl.log")[2].steps) == [1, 2]
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="a directory without"):
         detect_format(tmp_path / "empty")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.importers._crc32c import masked_crc32c
-from stabledrl_cli.importers._files import open_log, subdirectories
+from stabledrl_cli.importers._files import LINE_LIMIT, open_log, subdirectories
 from stabledrl_cli.importers._names import listed
 from stabledrl_cli.importers._tfevents import EVENT_PATTERN, holds_events
 from stabledrl_cli.vocab import ImportFormat
@@ -53,11 +53,17 @@ def detect_format(path: Path) -> ImportFormat:
         return _SUFFIXES[path.suffix.lower()]
     with open_log(path) as handle:
         head = handle.read(_SNIFF)
-    if len(head) >= 12 and masked_crc32c(head[:8]) == int.from_bytes(head[8:12], "little"):
-        return "tfevents"
-    first = head.lstrip(b"\xef\xbb\xbf \t\r\n").split(b"\n", 1)[0]
-    if first.startswith(b"{"):  # one object per line, or one document over many lines
-        return "jsonl" if first.rstrip().endswith(b"}") else "trainer_state"
+        if len(head) >= 12 and masked_crc32c(head[:8]) == int.from_bytes(head[8:12], "little"):
+            return "tfevents"
+        text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+        if b"\n" not in text:  # a first line longer than the sniff (verl's rows often are)
+            handle.seek(len(head) - len(text))
+            text = handle.readline(LINE_LIMIT)
+    first = text.split(b"\n", 1)[0]
+    if first.startswith(b"{"):  # one object per line, or one document (over many lines, or
+        # on one, as json.dump writes it: its log_history tells it from a row)
+        row = first.rstrip().endswith(b"}") and b'"log_history"' not in first
+        return "jsonl" if row else "trainer_state"
     if any(d in first for d in (b",", b"\t", b";")):
         return "csv"
     raise InputError(f"{path}: cannot tell what kind of log this is; pass --format-in")
