@@ -486,9 +486,14 @@ def test_csv_wandb_chart_and_tensorboard_exports(tmp_path: Path) -> None:
         (b"step,loss\n1," + b"9" * (2 << 20) + b"\n", "longer than 1 MiB"),
         (b'step,loss\n1,"' + b"x\n" * 100_000 + b'"\n', "not CSV"),
         (b"", "empty file"),
+        # a W&B chart of two runs: both runs' rewards were kept as extras of one run
+        # ('run-a_-_train/reward', 'run-b_-_train/reward'), neither its reward_mean
+        (b"Step,run-a - train/reward,run-b - train/reward\n1,0.5,0.9\n",
+         r"the columns of 2 runs \(run-a, run-b\).*export each alone"),
     ],
-    ids=["no-step", "long-row", "repeat", "nul", "binary", "huge-line", "huge-cell", "empty"],
-)
+    ids=["no-step", "long-row", "repeat", "nul", "binary", "huge-line", "huge-cell", "empty",
+         "wandb-runs"],
+)  # fmt: skip
 def test_csv_hostile(tmp_path: Path, content: bytes, message: str) -> None:
     log = tmp_path / "log.csv"
     log.write_bytes(content)
