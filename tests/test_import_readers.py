@@ -801,6 +801,30 @@ def test_detect_formats_by_content(tmp_path: Path) -> None:
         detect_format(tmp_path / "empty")
 
 
+@pytest.mark.parametrize(
+    "log_format, message",
+    [
+        ("trainer_state", "a directory without trainer_state.json (its subdirectory "
+         "checkpoint-4 holds a log: import one)"),
+        ("jsonl", "a directory; a jsonl log is one file"),
+        ("csv", "a directory; a csv log is one file"),
+    ],
+)  # fmt: skip
+def test_a_directory_given_as_a_file_format_is_refused_saying_so(
+    tmp_path: Path, log_format: str, message: str
+) -> None:
+    """`import OUTPUT_DIR --format-in trainer_state` on a transformers output_dir that keeps
+    trainer_state.json in its checkpoint-N directories said '...: not a regular file', where
+    the same directory without --format-in is refused naming the checkpoint that holds one."""
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"log_history": []}')
+    done = CliRunner().invoke(
+        app, ["import", str(tmp_path), "--format-in", log_format, "--out", str(tmp_path / "r")]
+    )
+    assert done.exit_code == 3 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [f"error: {tmp_path}: {message}"]
+
+
 def test_a_number_in_a_log_is_ascii_decimal_notation() -> None:
     """float() and int() also read other scripts' digits and `_` separators: a step "1_0" was
     step 10 and a value "\u0661" was 1. Text such as those is not a number (docs/importing.md)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.importers._build import ImportSummary, write_scalar_run
 from stabledrl_cli.importers._csvlog import read_csv
-from stabledrl_cli.importers._detect import detect_format, log_path
+from stabledrl_cli.importers._detect import detect_format, directory_refused, log_path
 from stabledrl_cli.importers._jsonl import read_jsonl
 from stabledrl_cli.importers._names import STANDARD_SOURCES
 from stabledrl_cli.importers._table import StepTable, skipped_text
@@ -51,6 +51,8 @@ def read_log(
         raise UsageError(f"format {log_format!r} is not one of: {', '.join(IMPORT_FORMATS)}")
     path = log_path(Path(source), log_format)
     found = log_format or detect_format(path)
+    if found != "tfevents" and path.is_dir():
+        raise directory_refused(path, found)
     if step_key is not None and found in ("trainer_state", "tfevents"):
         raise UsageError(f"a step key applies to jsonl and csv logs, not to {found}")
     return path, found, _READERS[found](path, step_key)

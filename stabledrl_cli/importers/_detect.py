@@ -33,16 +33,7 @@ def detect_format(path: Path) -> ImportFormat:
     if path.is_dir():
         if holds_events(path):
             return "tfevents"
-        logs = subdirectories(path, lambda d: (d / TRAINER_STATE).is_file() or holds_events(d))
-        held = (
-            "its subdirectory {} holds a log"
-            if len(logs) == 1
-            else "its subdirectories {} hold logs"
-        )
-        hint = f" ({held.format(listed(logs))}: import one)" if logs else ""
-        raise InputError(
-            f"{path}: a directory without {TRAINER_STATE} or {EVENT_PATTERN} files{hint}"
-        )
+        raise directory_refused(path, None)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     if path.name == TRAINER_STATE:
@@ -67,3 +58,17 @@ def detect_format(path: Path) -> ImportFormat:
     if any(d in first for d in (b",", b"\t", b";")):
         return "csv"
     raise InputError(f"{path}: cannot tell what kind of log this is; pass --format-in")
+
+
+def directory_refused(path: Path, log_format: ImportFormat | None) -> InputError:
+    """The refusal of directory `path` (after `log_path`) as a log of `log_format` (None: of
+    any), naming its subdirectories that hold a log."""
+    if log_format in ("jsonl", "csv"):
+        return InputError(f"{path}: a directory; a {log_format} log is one file")
+    logs = subdirectories(path, lambda d: (d / TRAINER_STATE).is_file() or holds_events(d))
+    held = (
+        "its subdirectory {} holds a log" if len(logs) == 1 else "its subdirectories {} hold logs"
+    )
+    hint = f" ({held.format(listed(logs))}: import one)" if logs else ""
+    wanted = TRAINER_STATE if log_format else f"{TRAINER_STATE} or {EVENT_PATTERN} files"
+    return InputError(f"{path}: a directory without {wanted}{hint}")
