@@ -160,7 +160,7 @@ def test_names_left_out_are_bounded_too(monkeypatch: pytest.MonkeyPatch) -> None
     held 2 million of them (680 MB of memory, 3 minutes, a 2-million-key summary)."""
     from stabledrl_cli.importers import _table
 
-    monkeypatch.setattr(_table, "METRIC_LIMIT", 2)
+    monkeypatch.setattr(_table, "LEFT_OUT_LIMIT", 2)
     table = StepTable("log")
     table.add(0, {"eval_a": 1, "eval_b": 1, "loss": 1})
     with pytest.raises(InputError, match="more than 2 names left out"):
@@ -176,6 +176,31 @@ def test_names_left_out_are_bounded_too(monkeypatch: pytest.MonkeyPatch) -> None
     table.leave_out("histogram/b", "not a scalar")
     with pytest.raises(InputError, match="more than 2 names left out"):
         table.leave_out("histogram/c", "not a scalar")  # TensorBoard's
+
+
+def test_a_verl_evaluation_over_many_benchmarks_is_left_out_not_refused(tmp_path: Path) -> None:
+    """verl logs each benchmark's evaluation as val-core/<source>/<var>/<metric>@<n> and
+    val-aux/... (mean@32, std@32, best@n/mean, worst@n/std, maj@n/mean, ... for n = 2..32): 12
+    benchmarks with 3 variables log 1,152 names, past the 1,000 names an import left out, so
+    the whole log was refused ('more than 1000 names left out'), its training steps too."""
+    metrics = ["mean@32", "std@32"] + [
+        f"{kind}@{n}/{stat}"
+        for n in (2, 4, 8, 16, 32)
+        for kind in ("best", "worst", "maj")
+        for stat in ("mean", "std")
+    ]
+    names = [
+        f"val-{'core' if metric.endswith('@32') else 'aux'}/{source}/{var}/{metric}"
+        for source in range(12)
+        for var in ("reward", "acc", "score")
+        for metric in metrics
+    ]
+    assert len(names) == 1152
+    rows = [{"step": 1, "data": {"actor/loss": 0.5, "critic/score/mean": 1.0}}]
+    rows += [{"step": 2, "data": {"actor/loss": 0.4, **dict.fromkeys(names, 0.5)}}]
+    _, _, table = read_log(_jsonl(tmp_path / "verl.jsonl", rows))
+    assert table.steps == {1: {"actor/loss": 0.5, "critic/score/mean": 1.0}, 2: {"actor/loss": 0.4}}
+    assert len(table.not_imported) == 1152 and set(table.not_imported.values()) == {"eval"}
 
 
 def test_lines_of_a_text_log_are_bounded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

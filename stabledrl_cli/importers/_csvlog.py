@@ -22,7 +22,7 @@ from pathlib import Path
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.importers._files import text_lines
 from stabledrl_cli.importers._names import STANDARD_SOURCES, STEP_KEYS, TRACKER_PREFIXES, listed
-from stabledrl_cli.importers._table import METRIC_LIMIT, StepTable
+from stabledrl_cli.importers._table import LEFT_OUT_LIMIT, METRIC_LIMIT, StepTable
 
 _DELIMITERS = (",", "\t", ";")
 _TENSORBOARD_HEADER = ["Wall time", "Step", "Value"]
@@ -38,7 +38,7 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
     rows = csv.reader(_joined(first, lines), delimiter=delimiter, strict=True)
     try:
         header = [name.strip() for name in next(rows)]
-        if len(header) > METRIC_LIMIT + len(STEP_KEYS) + 8:
+        if len(header) > METRIC_LIMIT + LEFT_OUT_LIMIT:
             raise InputError(f"{path}: {len(header)} columns, more than a log holds")
         names = _metric_names(header, path)
         key = step_key if step_key is not None else next((k for k in STEP_KEYS if k in names), None)

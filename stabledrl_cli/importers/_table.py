@@ -30,8 +30,11 @@ from stabledrl_cli.spec import spec_float
 STEP_COUNT_LIMIT = 100_000
 """Most steps one import writes (each is a durable file in the run directory)."""
 METRIC_LIMIT = 1_000
-"""Most distinct metric names in one log imported, and most left out (not imported, or with a
-value that is not a number)."""
+"""Most distinct metric names in one log imported."""
+LEFT_OUT_LIMIT = 20_000
+"""Most distinct names left out (not imported, and, apart, with a value that is not a number):
+an evaluation over many benchmarks logs many (verl: `val-core/<source>/<var>/<metric>@<n>`,
+about a hundred a benchmark), each at most NAME_LIMIT characters (5 MB of names at most)."""
 CELL_LIMIT = 2_000_000
 """Most values held at once (bounds memory: about 100 bytes each)."""
 
@@ -88,7 +91,7 @@ class StepTable:
                     "(1.8e308)"
                 ) from None
             if value is None:
-                self._bound(name, self.non_numeric, "names left out")
+                self._bound(name, self.non_numeric, LEFT_OUT_LIMIT, "names left out")
                 self.non_numeric[name] += 1
                 continue
             kept[name] = value
@@ -105,7 +108,7 @@ class StepTable:
                 raise InputError(f"{self.where}: more than {STEP_COUNT_LIMIT} steps")
             row = self.steps[step] = {}
         for name in kept:
-            self._bound(name, self.names, "metric names")
+            self._bound(name, self.names, METRIC_LIMIT, "metric names")
             self.names.setdefault(name, None)
             if self.preempts:
                 self._preempt(name, step)
@@ -119,17 +122,17 @@ class StepTable:
 
     def leave_out(self, name: str, reason: Skip) -> None:
         """Notes a logged name that is not imported, and why (the first reason given)."""
-        self._bound(name, self.not_imported, "names left out")
+        self._bound(name, self.not_imported, LEFT_OUT_LIMIT, "names left out")
         self.not_imported.setdefault(name, reason)
 
-    def _bound(self, name: str, held: Mapping[str, object], what: str) -> None:
-        """Refuses a name new to `held` that is too long, or one name too many for it."""
+    def _bound(self, name: str, held: Mapping[str, object], limit: int, what: str) -> None:
+        """Refuses a name new to `held` that is too long, or one name past `limit` for it."""
         if name in held:
             return
         if len(name) > NAME_LIMIT:
             raise InputError(f"{self.where}: a metric name longer than {NAME_LIMIT} characters")
-        if len(held) >= METRIC_LIMIT:
-            raise InputError(f"{self.where}: more than {METRIC_LIMIT} {what}")
+        if len(held) >= limit:
+            raise InputError(f"{self.where}: more than {limit:,} {what}")
 
     def _preempt(self, name: str, step: int) -> None:
         """Drops `name`'s values at steps after `step` (each dropped once: amortised O(1)),
