@@ -949,6 +949,61 @@ def test_a_corrupt_earlier_step_warns_once_and_the_resume_trains(
     assert sd.open_run(out, verify=False).step_numbers == [1, 2, 3, 4]
 
 
+def _files(run: Path) -> dict[str, bytes]:
+    """Every file under `run`, by its path in it: what a refused resume must leave as it was."""
+    return {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (
+            {"loss_type": "grpo"},
+            "its policy is 'dapo:agg=recorded,eps_high=0.2', this recorder's 'grpo'",
+        ),
+        (
+            {"epsilon": 0.1},
+            "its policy is 'dapo:agg=recorded,eps_high=0.2', "
+            "this recorder's 'dapo:agg=recorded,eps_high=0.1,eps_low=0.1'",
+        ),
+        ({"world_size": 2}, "its world_size is 2, this recorder's 1"),
+    ],
+    ids=["loss_type", "epsilon", "world_size"],
+)
+def test_a_resume_the_run_cannot_take_warns_once_and_trains(
+    tiny: Any,
+    checkpointed: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, Any],
+    said: str,
+) -> None:
+    """Resumed into the run by a trainer whose policy is another (a changed loss_type, or
+    epsilon), or by another world size than the run's (a run its manifest says 2 ranks
+    recorded): the Recorder cannot continue the run and changes nothing. As for a corrupt
+    earlier step, that is one warning line naming both, and TRL's training runs to its end
+    unrecorded, every file of the run as it was."""
+    out = tmp_path / "run"
+    shutil.copytree(checkpointed["run"], out)
+    if "world_size" in change:
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["world_size"] = change.pop("world_size")
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    before = _files(out)
+    trainer = integration.RecordingGRPOTrainer(
+        **tiny.tiny_parts(), args=tiny.tiny_config(str(tmp_path / "trl_out"), **change),
+        stabledrl_out=out,
+    )  # fmt: skip
+    trainer.train(resume_from_checkpoint=str(checkpointed["checkpoint"]))
+    assert trainer.state.global_step == 4
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl:" in line]
+    assert warnings == [
+        f"stabledrl: warning: recording the run failed: cannot resume {out}: {said}; "
+        "recording is off, training continues"
+    ]
+    assert _files(out) == before
+
+
 def test_resume_under_stabledrl_record_with_force_keeps_the_earlier_steps(
     checkpointed: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -971,6 +1026,50 @@ def test_resume_under_stabledrl_record_with_force_keeps_the_earlier_steps(
     run = sd.open_run(tmp_path / "run")
     assert run.step_numbers == [1, 2, 3, 4]
     assert {s.step: s.scalars["loss"] for s in run.steps(1, 3)} == kept
+
+
+def test_a_new_training_into_an_existing_run_is_refused_before_it_trains(
+    tiny: Any, checkpointed: dict[str, Any], tmp_path: Path
+) -> None:
+    """Not a resume: train() without resume_from_checkpoint into a directory that holds a run
+    (another process's: a fresh script given the old DIR), without stabledrl_overwrite, is
+    refused as its first step begins (UsageError, nothing trained), the run as it was."""
+    out = tmp_path / "run"
+    shutil.copytree(checkpointed["run"], out)
+    before = _files(out)
+    trainer = _tiny_trainer(tiny, tmp_path, out)
+    with pytest.raises(UsageError, match="already exists and is not empty"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert _files(out) == before
+
+
+def test_a_resume_by_another_policy_under_stabledrl_record_trains_and_exits_2(
+    checkpointed: dict[str, Any], tmp_path: Path
+) -> None:
+    """The README's resume under `stabledrl record --force`, with another loss_type than the
+    run's: one warning line, the training runs to its end (TRL saves checkpoint-4), the run's
+    steps and manifest are as they were (but for the `recording_closed` mark, which record
+    --force removes before the command starts), and record exits 2, the usage error's code."""
+    shutil.copy(SCRIPTS / "resume_train.py", tmp_path / "train.py")
+    shutil.copytree(checkpointed["run"], tmp_path / "run")
+    shutil.copytree(checkpointed["checkpoint"], tmp_path / "trl_out" / "checkpoint-2")
+    before = _files(tmp_path / "run")
+    resumed = [
+        *cli_command("record", "--out", "run", "--force"), "--",
+        sys.executable, "train.py", "trl_out/checkpoint-2", "grpo",
+    ]  # fmt: skip
+    done = subprocess.run(resumed, cwd=tmp_path, env=child_env(), capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    warnings = [line for line in done.stderr.splitlines() if "stabledrl: warning" in line]
+    assert len(warnings) == 1, warnings
+    assert "this recorder's 'grpo'; recording is off, training continues" in warnings[0]
+    assert (tmp_path / "trl_out" / "checkpoint-4" / "trainer_state.json").is_file()
+    after = _files(tmp_path / "run")
+    manifest = json.loads(after.pop("manifest.json"))
+    assert "recording_closed" not in manifest  # record --force removes it as the command starts
+    assert {**manifest, "recording_closed": True} == json.loads(before.pop("manifest.json"))
+    assert after == before
 
 
 CRAFTED_STATES = {

@@ -212,9 +212,10 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         """The TRL trainer's `train`, recording into the run directory (continued on resume, or
         begun at the checkpoint's next step when the directory holds no run). A run that
         cannot be written (a full or read-only disk) or continued (a corrupt step before the
-        checkpoint's), or a checkpoint whose trainer_state.json it cannot read
-        (`_resume_step`), warns once and training runs unrecorded; a usage error (an existing
-        run, a resume by another policy or world size) is raised. A second train()
+        checkpoint's, a resume by another policy or world size than the run's), or a
+        checkpoint whose trainer_state.json it cannot read (`_resume_step`), warns once and
+        training runs unrecorded, the run left as it was; a new run into a directory that
+        holds one (without `stabledrl_overwrite`) is refused, UsageError. A second train()
         into a run directory this process has recorded into (of this trainer or of another)
         that does not resume numbers its steps from 1 again: it warns once and runs
         unrecorded, the first one's steps kept. The run is opened as TRL's first step begins,
@@ -257,14 +258,18 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
 
     def _sd_begin(self) -> None:
         """Opens the run train() asked for, as TRL's first step begins; a run that cannot be
-        written (a full or read-only disk), or continued (a step it keeps is corrupt: the
-        Recorder changes nothing), warns once and training runs unrecorded."""
+        written (a full or read-only disk), or continued (a step it keeps is corrupt, or the
+        resumed trainer records another policy or world size than the run's: the Recorder
+        changes nothing), warns once and training runs unrecorded. A new run that would
+        replace an existing one is refused (UsageError) before the step trains."""
         if self._sd_begins is None:
             return
         (directory, resume), self._sd_begins = self._sd_begins, None
         try:
             self._sd_buffer = self._sd_open(resume)
-        except (WriteError, InputError) as exc:
+        except (WriteError, InputError, UsageError) as exc:
+            if isinstance(exc, UsageError) and resume is None:
+                raise
             RecordingFailure().fail(exc, "recording the run failed")
             return
         _RECORDED.add(directory)
