@@ -1028,6 +1028,25 @@ def test_resume_under_stabledrl_record_with_force_keeps_the_earlier_steps(
     assert {s.step: s.scalars["loss"] for s in run.steps(1, 3)} == kept
 
 
+def test_a_resume_with_other_advantage_settings_keeps_the_runs_meta(
+    tiny: Any, checkpointed: dict[str, Any], tmp_path: Path
+) -> None:
+    """What the README says of a resume whose trainer makes its advantages otherwise
+    (scale_rewards="batch", the run's "group"): the policy spec is the same, so the run
+    continues (steps 3-4 replaced), and its manifest's meta is still the first training's."""
+    out = tmp_path / "run"
+    shutil.copytree(checkpointed["run"], out)
+    trainer = integration.RecordingGRPOTrainer(
+        **tiny.tiny_parts(),
+        args=tiny.tiny_config(str(tmp_path / "trl_out"), scale_rewards="batch"),
+        stabledrl_out=out,
+    )
+    trainer.train(resume_from_checkpoint=str(checkpointed["checkpoint"]))
+    run = sd.open_run(out)
+    assert run.step_numbers == [1, 2, 3, 4]
+    assert run.manifest["meta"]["scale_rewards"] == "group"
+
+
 def test_a_new_training_into_an_existing_run_is_refused_before_it_trains(
     tiny: Any, checkpointed: dict[str, Any], tmp_path: Path
 ) -> None:
