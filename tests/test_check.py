@@ -509,6 +509,25 @@ def test_tolerance_rule():
     assert Tolerance(value=30.0, worse="lower").improved(None)  # a collapse that went away
 
 
+@pytest.mark.parametrize(
+    ("value", "worse", "abs_tol", "rel_tol", "bound"),
+    [
+        (0.1, "higher", 0.7, 0.0, 0.8),  # in floats 0.1 + 0.7 is 0.7999999999999999
+        (0.01, "higher", 0.09, 0.0, 0.1),
+        (0.01, "lower", 0.03, 0.0, -0.02),
+        (0.01, "lower", 0.0, 0.1, 0.009),
+    ],
+)
+def test_a_figure_exactly_at_the_bound_passes(value, worse, abs_tol, rel_tol, bound):
+    """The bound is the decimal sum of the numbers the baseline writes, as the README states
+    it: a figure exactly there passes, and under --strict the mirror bound is no improvement."""
+    tol = Tolerance(value=value, worse=worse, abs_tol=abs_tol, rel_tol=rel_tol)
+    assert tol.limit() == bound and not tol.tripped(bound)
+    mirror = Tolerance(value=bound, worse=worse, abs_tol=abs_tol, rel_tol=rel_tol)
+    if rel_tol == 0:
+        assert not mirror.improved(value)
+
+
 # --- JUnit XML ---------------------------------------------------------------------------------
 def test_junit_report(runs, baseline, tmp_path):
     junit = tmp_path / "check.xml"

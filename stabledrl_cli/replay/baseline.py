@@ -33,7 +33,8 @@ is one naming more policies than `policies.MAX_POLICIES` (a check replays each).
 
 Each metric trips when today's figure is worse than `value` by more than
 `abs_tol + rel_tol * |value|` in the direction `worse` ("higher": a larger figure is worse;
-"lower": a smaller one). `null` stands for infinity: no observed collapse (never); with worse
+"lower": a smaller one), summed in decimal (`Tolerance.limit`: a figure exactly on the bound
+passes). `null` stands for infinity: no observed collapse (never); with worse
 "higher" it is refused, a gate that could never trip (`--write-baseline` leaves out a figure
 it would be: no finite update norm, and `FINITE_UPDATE_METRICS` of a policy whose every update
 is non-finite). Other keys of a metric's entry (e.g. `first`, the
@@ -55,7 +56,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from decimal import Decimal
+from decimal import Context, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,11 @@ class ReplaySettings:
         return asdict(self)
 
 
+_EXACT = Context(prec=80)
+"""Decimal arithmetic for a tolerance's bounds: two 17-digit numbers' sum and product exact
+(but for a sum across 60 orders of magnitude, rounded far below a float's precision)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Tolerance:
     """One baseline metric: its value, the direction of harm and the allowed slack."""
@@ -123,13 +129,23 @@ class Tolerance:
     abs_tol: float = 0.0
     rel_tol: float = 0.0
 
+    def _bound(self, *, worse: bool) -> float:
+        """`value` moved by the slack towards worse (or better), summed in decimal: the bound of
+        the numbers as the file writes them (0.1 and abs_tol 0.7: 0.8), where a float sum may
+        miss it by a rounding (0.7999999999999999) and trip a figure exactly on it."""
+        assert self.value is not None
+        value = Decimal(repr(self.value))
+        slack = _EXACT.add(
+            Decimal(repr(self.abs_tol)), _EXACT.multiply(Decimal(repr(self.rel_tol)), abs(value))
+        )
+        up = worse == (self.worse == "higher")
+        return float(_EXACT.add(value, slack) if up else _EXACT.subtract(value, slack))
+
     def limit(self) -> float:
         """The worst figure that still passes."""
-        value = math.inf if self.value is None else self.value
-        if math.isinf(value):
-            return value
-        slack = self.abs_tol + self.rel_tol * abs(value)
-        return value + slack if self.worse == "higher" else value - slack
+        if self.value is None or math.isinf(self.value):
+            return math.inf
+        return self._bound(worse=True)
 
     def tripped(self, figure: float | None) -> bool:
         """Worse than the limit (None: infinity; NaN always trips)."""
@@ -147,8 +163,8 @@ class Tolerance:
             return False
         if math.isinf(value) or math.isinf(current):
             return True  # from or to infinity: a change in kind (a collapse gone, norms finite)
-        slack = self.abs_tol + self.rel_tol * abs(value)
-        return current < value - slack if self.worse == "higher" else current > value + slack
+        better = self._bound(worse=False)
+        return current < better if self.worse == "higher" else current > better
 
     def to_dict(self, *, integer: bool = False) -> dict[str, object]:
         """The baseline file's entry; `integer`: the value is a count or a step, written as an
