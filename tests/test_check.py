@@ -528,6 +528,31 @@ def test_a_figure_exactly_at_the_bound_passes(value, worse, abs_tol, rel_tol, bo
         assert not mirror.improved(value)
 
 
+def test_a_figure_just_past_its_limit_is_shown_apart_from_it(runs, baseline, tmp_path):
+    """A golden baseline's slack is 1e-4 relative: at 4 digits a figure just past its limit, the
+    limit and the baseline value all read 0.1286. Each is shown to as many digits as tell the
+    three apart, in the message, the table's columns and JUnit."""
+
+    def golden(data):
+        entry = data["policies"]["grpo"]["update_norm_max"]
+        entry.update(value=entry["value"] * (1 - 2e-5), abs_tol=0.0, rel_tol=1e-5)
+
+    edited = _edit(baseline, tmp_path / "golden.json", golden)
+    junit = tmp_path / "check.xml"
+    code, data, _ = _check(str(runs["steady"]), "-b", str(edited), "--junit", str(junit))
+    gate = _gate(data, "grpo", "baseline.update_norm_max")
+    assert code == 1 and not gate["ok"]
+    figure, rest = gate["message"].removeprefix("update_norm_max ").split(", baseline ")
+    value, limit = rest.split(" (")[0].split(": above the limit ")
+    assert len({figure, value, limit}) == 3, gate["message"]
+    case = next(
+        c
+        for c in ET.parse(junit).iter("testcase")
+        if (c.get("classname"), c.get("name")) == ("stabledrl.grpo", "baseline.update_norm_max")
+    )
+    assert case.find("failure").text.startswith(f"figure {figure}, limit {limit}: ")
+
+
 # --- JUnit XML ---------------------------------------------------------------------------------
 def test_junit_report(runs, baseline, tmp_path):
     junit = tmp_path / "check.xml"

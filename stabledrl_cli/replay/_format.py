@@ -21,9 +21,26 @@ def format_number(
     return f"{value:.{digits}g}"
 
 
+FIGURE_DIGITS = 4
+"""Significant digits of a gate's figure (more where `format_figures` needs them)."""
+
+
 def format_figure(value: float | None) -> str:
     """A gate's figure: whole numbers plainly, others to 4 digits, None (infinity) as "never"."""
-    return format_number(value, 4, none="never", integers=True)
+    return format_number(value, FIGURE_DIGITS, none="never", integers=True)
+
+
+def format_figures(*values: float | None) -> list[str]:
+    """`format_figure` of each value, all to the fewest digits (4 to 17) at which different
+    finite values read differently: a figure just past its limit (a 1e-4 slack) never reads
+    as the limit, nor as the baseline value."""
+    finite = {v for v in values if v is not None and math.isfinite(v)}
+    digits = FIGURE_DIGITS
+    while digits < 17 and len({format_number(v, digits, integers=True) for v in finite}) < len(
+        finite
+    ):
+        digits += 1
+    return [format_number(v, digits, none="never", integers=True) for v in values]
 
 
 def format_steps(

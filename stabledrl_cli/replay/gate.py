@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from stabledrl_cli.errors import ConfigError, counted
-from stabledrl_cli.replay._format import format_figure
+from stabledrl_cli.replay._format import format_figures
 from stabledrl_cli.replay.baseline import (
     FINITE_UPDATE_METRICS,
     Baseline,
@@ -59,10 +59,11 @@ class GateResult:
     def shown(self) -> tuple[str, str]:
         """The figure and the limit as the table and the JUnit report show them ("n/a":
         none, for `baseline.present`)."""
-        figure, limit = (
-            "n/a" if value is None else format_figure(value) for value in (self.figure, self.limit)
+        figure, limit = format_figures(self.figure, self.limit)
+        return (
+            "n/a" if self.figure is None else figure,
+            "n/a" if self.limit is None else limit,
         )
-        return figure, limit
 
     def to_dict(self) -> dict[str, object]:
         """The check JSON's entry: infinite figures and limits as null."""
@@ -318,13 +319,11 @@ def _regression(
     # null is infinity: for a run-level step (a collapse, a warning) it means "none", for a
     # figure worse when higher (a norm of NaN updates only) it is the worst there is.
     none = "none" if name.split(".")[-1] in RUN_STEPS else "inf"
-    if figure is not None:
-        shown = format_figure(figure)
-    elif none == "inf" and tol.value is not None:
-        shown = "inf (no finite value)"
-    else:
-        shown = none
-    base = none if tol.value is None else format_figure(tol.value)
+    shown, base, limit = format_figures(figure, tol.value, tol.limit())
+    if figure is None:
+        shown = "inf (no finite value)" if none == "inf" and tol.value is not None else none
+    if tol.value is None:
+        base = none
     side = "above" if tol.worse == "higher" else "below"
     slack = f"abs_tol {tol.abs_tol:g}, rel_tol {tol.rel_tol:g}"
     if improved:
@@ -332,9 +331,9 @@ def _regression(
     elif tol.value is None:  # worse "lower": a baseline refuses a null worse when higher
         rule = f"any figure but {none} fails"
     elif tripped:
-        rule = f"{side} the limit {format_figure(tol.limit())} ({slack})"
+        rule = f"{side} the limit {limit} ({slack})"
     else:
-        rule = f"fails {side} {format_figure(tol.limit())} ({slack})"
+        rule = f"fails {side} {limit} ({slack})"
     return GateResult(
         policy=policy,
         gate=f"baseline.{name}",
