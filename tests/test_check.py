@@ -7,6 +7,7 @@ import math
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from stabledrl_cli.replay.baseline import (
     write_baseline,
 )
 from stabledrl_cli.replay.figures import RUN_METRICS, policy_metrics
+from stabledrl_cli.replay.gate import Gates, _absolute
 from stabledrl_cli.replay.junit import junit_xml, write_junit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -413,6 +415,20 @@ def test_absolute_gates(runs):
     assert "is max_collapsed: 3 collapsed steps, limit 1" in stderr
     code, data, _ = _check(str(runs["steady"]), "-p", "stabledrl", "--max-collapsed", "0")
     assert code == 0 and data["ok"]
+
+
+def test_a_discard_fraction_just_past_its_limit_reads_past_it():
+    """The message showed the figure to 4 digits and the limit to 6: a discard fraction of
+    0.12344 over --max-discard-frac 0.123435 tripped, reading 'discard_frac 0.1234, limit
+    0.123435', below its limit."""
+    policy = SimpleNamespace(
+        spec="grpo",
+        summary=SimpleNamespace(discard_frac=0.12344, collapsed_steps=[]),
+        series={"nonfinite": [False], "tokens": [100000], "discarded": [12344]},
+    )
+    (gate,) = _absolute(policy, Gates(max_discard_frac=0.123435))
+    shown, limit = gate.message.removeprefix("discard_frac ").split(", limit ")
+    assert not gate.ok and float(shown) > float(limit), gate.message
 
 
 def test_usage_errors(runs, tmp_path):

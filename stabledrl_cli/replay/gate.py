@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from stabledrl_cli.errors import ConfigError, counted
-from stabledrl_cli.replay._format import format_figures
+from stabledrl_cli.replay._format import format_figure, format_figures
 from stabledrl_cli.replay.baseline import (
     FINITE_UPDATE_METRICS,
     Baseline,
@@ -246,25 +246,27 @@ def _discard_gate(p: PolicyResult, limit: float) -> GateResult:
     if unjudged is not None:
         why = f"{unjudged}: there is no discard fraction to gate"
         return _unjudged_gate("max_discard_frac", limit, why, policy=p.spec)
-    frac, message = p.summary.discard_frac, f"discard_frac {p.summary.discard_frac:.4g}"
+    frac, bound, note = p.summary.discard_frac, "", ""
     nonfinite = np.asarray(p.series["nonfinite"], dtype=bool)
     if nonfinite.any():
         tokens = np.asarray(p.series["tokens"], dtype=np.int64)
         discarded = np.asarray(p.series["discarded"], dtype=np.int64)
         unknown, total = int(tokens[nonfinite].sum()), int(tokens.sum())
         frac = (int(discarded[~nonfinite].sum()) + unknown) / total if total else 0.0
-        message = (
-            f"discard_frac at most {frac:.4g}, counting the {counted(unknown, 'token')} of "
+        bound = "at most "
+        note = (
+            f", counting the {counted(unknown, 'token')} of "
             f"{counted(int(nonfinite.sum()), 'step')} with a non-finite update as discarded "
-            f"({p.summary.discard_frac:.4g} without them)"
+            f"({format_figure(p.summary.discard_frac)} without them)"
         )
+    shown, shown_limit = format_figures(frac, limit)
     return GateResult(
         policy=p.spec,
         gate="max_discard_frac",
         ok=frac <= limit,
         figure=frac,
         limit=limit,
-        message=f"{message}, limit {limit:g}",
+        message=f"discard_frac {bound}{shown}{note}, limit {shown_limit}",
     )
 
 
