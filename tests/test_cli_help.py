@@ -98,3 +98,14 @@ def test_record_groups_the_examples_options_in_their_own_panel():
     text = _help(["record"], 100)
     assert "\nBuilt-in example:\n" in text and "Example:" not in text
     assert "(default 400)" in text  # quoted from ExampleConfig, not restated
+
+
+@pytest.mark.parametrize("command", ["check", "watch"])
+def test_each_gate_that_trips_unjudged_says_so_in_its_help(command):
+    """A gate whose rule judged no step trips (docs/exit-codes.md): --max-collapsed on a policy
+    with no more than 5 finite update norms, --max-nonfinite on a run that records no count of
+    non-finite steps; the help said they fail only on more steps."""
+    text = " ".join(_help([command], 200).split())
+    for option in ("--max-collapsed", "--max-nonfinite", "--max-spikes", "--fail-on-collapse"):
+        shown = text.split(f" {option} ", 1)[1].split(" --", 1)[0]
+        assert "judge" in shown, (option, shown)

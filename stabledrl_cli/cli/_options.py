@@ -191,7 +191,11 @@ ThreadsOpt = Annotated[
 ]
 MaxCollapsedOpt = Annotated[
     int | None,
-    number_option("--max-collapsed", kind=int, help="Fail if a policy has more collapsed steps."),
+    number_option(
+        "--max-collapsed",
+        kind=int,
+        help="Fail if a policy has more collapsed steps, or too few update norms to judge.",
+    ),
 ]
 MaxDiscardFracOpt = Annotated[
     float | None,
@@ -204,7 +208,8 @@ MaxNonfiniteOpt = Annotated[
     number_option(
         "--max-nonfinite",
         kind=int,
-        help="Fail if a policy has more steps with a non-finite update.",
+        help="Fail if a policy has more steps with a non-finite update, or the run more "
+        "non-finite recorded steps or no count of them to judge.",
     ),
 ]
 MaxSpikesOpt = Annotated[
