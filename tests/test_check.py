@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import SimpleNamespace
@@ -570,6 +571,23 @@ def test_a_figure_just_past_its_limit_is_shown_apart_from_it(runs, baseline, tmp
 
 
 # --- JUnit XML ---------------------------------------------------------------------------------
+def test_the_readme_documents_every_key_of_the_check_json(runs, baseline):
+    """A CI script reads `check --format json`; the README documented no key of it."""
+    code, data, _ = _check(str(runs["collapsing"]), "-b", str(baseline), "--max-nonfinite", "0")
+    assert code == 1 and not data["ok"]
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("`--format json` prints one object") :]
+    section = section[: section.index("\n\n", section.index("| key |"))]
+    documented = set(re.findall(r"^\| `([a-z_]+)`(?:, `([a-z_]+)`)? \|", section, re.M))
+    keys = {key for pair in documented for key in pair if key}
+    assert keys == set(data), set(data) ^ keys
+    gates_row = next(line for line in section.splitlines() if line.startswith("| `gates` |"))
+    for key in data["gates"][0]:
+        assert f"`{key}`" in gates_row, key
+    for key in data["wrote"]:
+        assert f"`{key}`" in section, key
+
+
 def test_junit_report(runs, baseline, tmp_path):
     junit = tmp_path / "check.xml"
     result = runner.invoke(
