@@ -721,6 +721,27 @@ def test_an_output_that_cannot_be_written_comes_after_the_verdict(runs, tmp_path
         assert "max_collapsed" in result.stdout and "FAILED" in result.stdout
 
 
+def test_an_output_that_cannot_be_written_leaves_the_others_written(runs, tmp_path):
+    """--write-baseline onto a full disk beside --junit: the JUnit report was not written (the
+    first failed write ended the writing), so CI lost its gates' results to a baseline it
+    could not keep. Each output is written that can be; exit 4 names the one that cannot."""
+    junit = tmp_path / "report.xml"
+    result = runner.invoke(
+        app,
+        ["check", str(runs["collapsing"]), "-p", "grpo", "--max-collapsed", "0",
+         "--write-baseline", str(full_disk(tmp_path / "base.json")), "--junit", str(junit),
+         "--format", "json"],
+    )  # fmt: skip
+    assert result.exit_code == 4, result.output
+    assert result.stderr.strip().splitlines()[-1] == FULL_DISK_ERROR
+    assert json.loads(result.stdout)["wrote"] == {
+        "baseline": None,
+        "junit": str(junit),
+        "plot": None,
+    }
+    assert ET.parse(junit).getroot().get("failures") == "1"
+
+
 def test_a_baseline_gating_no_policy_checks_a_policy_run_on_its_observed_figures(tmp_path):
     """A baseline whose `policies` is empty gates a run with policy batches on `observed`
     alone: its empty list of policies is not passed on as a replay of none."""

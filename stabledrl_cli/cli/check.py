@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -280,6 +280,27 @@ def _baseline_policies_replayable(run: Run, baseline: Baseline) -> None:
             raise InputError(f"{baseline.path}: {exc}") from None
 
 
+def _write_outputs(
+    outputs: dict[str, tuple[Path | None, Callable[[Path], str]]],
+) -> tuple[dict[str, Path | None], list[WriteError]]:
+    """Writes each output asked for (name -> its path, None when not asked for, and its writer,
+    which returns the line on stderr that says so): the paths written, None for the others,
+    and the writes that failed. One that fails keeps no other from being written (a baseline
+    on a full disk, the JUnit report of the gates beside it)."""
+    wrote: dict[str, Path | None] = dict.fromkeys(outputs)
+    failed: list[WriteError] = []
+    for name, (path, write) in outputs.items():
+        if path is None:
+            continue
+        try:
+            err.print(write(path), highlight=False)
+        except WriteError as exc:
+            failed.append(exc)
+        else:
+            wrote[name] = path
+    return wrote, failed
+
+
 def command(
     run: RunSourceArg,
     baseline_path: Annotated[
@@ -412,30 +433,29 @@ def command(
     policies = result.policies if result is not None else []
 
     # An output that cannot be written ends the check with exit 4, after its verdict is shown.
-    wrote: dict[str, Path | None] = dict.fromkeys(("baseline", "junit", "plot"))
-    unwritten: WriteError | None = None
-    try:
-        if write_baseline_path is not None:
-            written = baseline_dict(result, settings, strict=strict, recorded=recorded)
-            write_baseline(written, write_baseline_path)
-            wrote["baseline"] = write_baseline_path
-            series = written.get("recorded")
-            count = len(series) if isinstance(series, dict) else 0
-            err.print(
-                f"wrote baseline {write_baseline_path} ({counted(len(policies), 'policy')}, "
-                f"{count} recorded series)",
-                highlight=False,
-            )
-        if junit is not None:
-            write_junit(results, run, junit, seconds=seconds)
-            wrote["junit"] = junit
-            err.print(f"wrote {junit}", highlight=False)
-        if plot is not None and result is not None:
-            plot_replay(result, plot, opened)
-            wrote["plot"] = plot
-            err.print(f"wrote {plot}", highlight=False)
-    except WriteError as exc:
-        unwritten = exc
+    def baseline_file(path: Path) -> str:
+        written = baseline_dict(result, settings, strict=strict, recorded=recorded)
+        write_baseline(written, path)
+        series = written.get("recorded")
+        count = len(series) if isinstance(series, dict) else 0
+        return (
+            f"wrote baseline {path} ({counted(len(policies), 'policy')}, {count} recorded series)"
+        )
+
+    def junit_file(path: Path) -> str:
+        write_junit(results, run, path, seconds=seconds)
+        return f"wrote {path}"
+
+    def plot_file(path: Path) -> str:
+        assert result is not None
+        plot_replay(result, path, opened)
+        return f"wrote {path}"
+
+    wrote, unwritten = _write_outputs({
+        "baseline": (write_baseline_path, baseline_file),
+        "junit": (junit, junit_file),
+        "plot": (plot if result is not None else None, plot_file),
+    })  # fmt: skip
 
     tripped = [r for r in results if not r.ok]
     if output_format == "json":
@@ -468,7 +488,9 @@ def command(
     elif results:
         hold = "holds" if len(results) == 1 else "hold"
         err.print(f"check passed: {counted(len(results), 'gate')} {hold}", highlight=False)
-    if unwritten is not None:
-        raise unwritten
+    for failed in unwritten[:-1]:
+        err.print(f"error: {failed}", highlight=False)
+    if unwritten:
+        raise unwritten[-1]
     if tripped:
         raise typer.Exit(1)
