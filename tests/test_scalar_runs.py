@@ -293,6 +293,31 @@ def test_a_hand_written_recorded_gate_on_any_scalar(tmp_path):
     assert "did not record it" in gates[1]["message"]
 
 
+def test_each_statistic_of_a_series_the_run_lacks_is_named_apart(tmp_path):
+    """A baseline gating two statistics of a series the run did not record tripped two
+    `baseline.present` gates with one message: stderr and JUnit showed the same line twice,
+    and a report that merges identical test cases counted one failure."""
+    run = _scalar_run(tmp_path / "run")
+    baseline = tmp_path / "baseline.json"
+    entry = {"value": 0.05, "worse": "higher"}
+    baseline.write_text(
+        json.dumps(
+            {
+                "schema": "stabledrl-baseline",
+                "version": 1,
+                "replay": {"spike_factor": 10.0, "window": 20, "drift_threshold": -0.1},
+                "recorded": {"missing": {"last": entry, "max": entry}},
+                "policies": {},
+            }
+        )
+    )
+    proc = runner.invoke(app, ["check", str(run), "--baseline", str(baseline), "--format", "json"])
+    assert proc.exit_code == 1
+    messages = [g["message"] for g in json.loads(proc.stdout)["gates"]]
+    assert len(messages) == 2 and len(set(messages)) == 2, messages
+    assert all("did not record it" in m for m in messages)
+
+
 @pytest.mark.parametrize(
     ("recorded", "message"),
     [

@@ -228,7 +228,7 @@ def _recorded_regressions(
                 found.append(
                     _absent(
                         None,
-                        f"recorded series {name!r} is in the baseline but the run "
+                        f"recorded series {name!r} ({stat}) is in the baseline but the run "
                         + ("has no finite value of it" if name in series else "did not record it"),
                     )
                 )
