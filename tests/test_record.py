@@ -859,7 +859,8 @@ def test_record_force_over_a_closed_run_removes_its_mark_before_the_command_runs
         capture_output=True, text=True, env=cli_environment(), timeout=TIMEOUT,
     )  # fmt: skip
     assert "exited with code 7" not in done.stderr and done.returncode != 7, done.stderr
-    assert "recording_closed" not in json.loads((out / "manifest.json").read_text())
+    # the command recorded nothing: the run is the one closed, its mark back (test below)
+    assert json.loads((out / "manifest.json").read_text())["recording_closed"] is True
 
 
 TORCH_STEPS = textwrap.dedent(
@@ -1637,3 +1638,32 @@ def test_a_step_the_guard_skips_keeps_the_hooks_steps_paired(tmp_path, monkeypat
         assert scalars["lr"] == pytest.approx(0.1 * (n + 1)), n
         assert scalars.get("optimizer_skipped", 0.0) == (1.0 if n == 2 else 0.0), n
         assert scalars["guard_action"] == (2.0 if n == 2 else 0.0)
+
+
+@pytest.mark.parametrize(
+    ("damage", "end", "policy", "code"),
+    [
+        (False, "3", "grpo", 2),  # a resume that records no step
+        (True, "6", "grpo", 3),  # refused: an earlier step is corrupt
+        (False, "6", "dapo", 2),  # refused: another policy
+    ],
+)
+def test_record_force_that_changes_no_step_gives_the_run_its_closed_mark_back(
+    tmp_path, monkeypatch, damage, end, policy, code
+):
+    """`record --force` removes a closed run's mark before its command starts; a command that
+    then records nothing (a resume refused, a loop that logs no step) leaves the run's steps
+    and manifest as they were closed. Before, the mark stayed gone: a `watch` of the run never
+    ended on 'the recording closed'. Now it is back once the command ended."""
+    first = _record_script(tmp_path, monkeypatch, RESUMED_LOOP, "0", "5", options=("-p", "grpo"))
+    assert first.returncode == 0, first.stderr
+    manifest = tmp_path / "run" / "manifest.json"
+    closed = json.loads(manifest.read_text())
+    assert closed["recording_closed"] is True
+    if damage:
+        step = next((tmp_path / "run" / "steps").glob("*000001*"))
+        step.write_bytes(step.read_bytes()[:40])
+    options = ("--force", "--no-optimizer-hooks", "-p", policy)
+    again = _record_script(tmp_path, monkeypatch, RESUMED_LOOP, "3", end, options=options)
+    assert again.returncode == code, again.stderr
+    assert json.loads(manifest.read_text()) == closed

@@ -44,7 +44,7 @@ from stabledrl_cli.capture.bootstrap import (
 )
 from stabledrl_cli.cli._output import err
 from stabledrl_cli.cli._signals import signals_handled
-from stabledrl_cli.dump._setup import reopen_run
+from stabledrl_cli.dump._setup import reclose_run, reopen_run
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.policies import resolve_spec
 
@@ -289,15 +289,19 @@ def _record(
                 highlight=False,
             )
             raise typer.Exit(SIGNALLED + stop.before)
-        if force:  # recorded again: a watch of it must not end on the run it holds now
-            reopen_run(out)
+        # recorded again: a watch of it must not end on the run it holds now
+        closed = reopen_run(out) if force else None
         err.print(
             f"recording [bold]{escape(' '.join(cmd))}[/] into {escape(str(out))}",
             highlight=False,
             markup=True,
         )
         before = _step_files(out)
-        code = _call(cmd, env, stop)
+        try:
+            code = _call(cmd, env, stop)
+        finally:  # a command that changed no step file leaves the run closed as it was
+            if closed is not None and _step_files(out) == before:
+                reclose_run(out, closed)
         failures, fatal = _reports(status)
         launched = _announced_ranks(ranks_dir)
     finally:

@@ -39,7 +39,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,7 @@ from stabledrl_cli.dump._schema import (
 )
 from stabledrl_cli.dump._stfile import read_header
 from stabledrl_cli.dump._writer_lock import WriterLock, hold_writer_lock
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.errors import InputError, UsageError, WriteError
 
 try:
     import fcntl
@@ -223,17 +223,32 @@ def amend_manifest(path: Path, name: str, value: object | None) -> None:
         _write_manifest(path, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
 
 
-def reopen_run(path: Path) -> None:
+def reopen_run(path: Path) -> dict[str, Any] | None:
     """Removes the run's `recording_closed` mark, if its manifest has one: the run is about to
     be recorded again (resumed, or replaced), so a reader must not take it for finished while
-    its step files change. Nothing for no manifest or one that cannot be read (a new one is
-    written); WriteError when the mark cannot be removed."""
+    its step files change. -> the manifest as it was closed (`reclose_run` takes it), None
+    when nothing was removed: no manifest or one that cannot be read (a new one is written),
+    or one without the mark. WriteError when the mark cannot be removed."""
     try:
         manifest = manifest_now(path)
     except (InputError, ValueError):
-        return
-    if RECORDING_CLOSED in manifest:
-        amend_manifest(path, RECORDING_CLOSED, None)
+        return None
+    if RECORDING_CLOSED not in manifest:
+        return None
+    amend_manifest(path, RECORDING_CLOSED, None)
+    return manifest
+
+
+def reclose_run(path: Path, closed: dict[str, Any]) -> None:
+    """Puts back the `recording_closed` mark that `reopen_run` removed from the manifest
+    `closed`, when the manifest is that one still but for the mark: the recording that
+    reopened the run ended without changing it (a resume refused, a command that recorded
+    nothing), so the run is the one that was closed. The caller knows its step files are
+    unchanged too. Best effort, as the mark's first write: nothing when it cannot."""
+    reopened = {name: value for name, value in closed.items() if name != RECORDING_CLOSED}
+    with suppress(InputError, ValueError, WriteError), _manifest_locked(path):
+        if manifest_now(path) == reopened:
+            _write_manifest(path, (json.dumps(closed, indent=2, allow_nan=False) + "\n").encode())
 
 
 def check_replaceable(path: Path) -> None:
