@@ -1404,3 +1404,41 @@ def test_once_names_consecutive_damaged_steps_as_one_range(tmp_path):
         f"warning: skipped 50 unreadable steps of {run} (steps 40..89 (50 steps): torn: header "
         "cut at 60 of "
     ), warning
+
+
+def test_the_live_view_keeps_the_newest_steps_on_a_short_terminal(tmp_path, monkeypatch):
+    """A terminal shorter than the view (15 rows; 20 lines: 8 of state, the table's header and
+    its last 10 steps): rich cropped the view at the bottom, where the newest steps are, so
+    the live watch showed steps 10..14 and '...', never step 19. The table now keeps the last
+    steps that fit; the view printed when the watch stops has them all."""
+    import io
+    import re
+
+    from stabledrl_cli.cli import _output, watch
+
+    live = tmp_path / "live"
+    recorder = Recorder(live, policy=None)  # open: the watch goes on
+    for n in range(20):
+        _scalar_step(recorder, n)
+    screen = io.StringIO()
+    console = _output._LineConsole(
+        file=screen, force_terminal=True, width=80, height=15, soft_wrap=True, markup=False
+    )
+    monkeypatch.setattr(watch, "err", console)
+    drawn: list[str] = []
+
+    def between_polls(seconds: float) -> None:
+        drawn.append(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    result = CliRunner().invoke(app, ["watch", str(live), "--interval", "0.01"])
+    assert result.exit_code == 130, result.output
+    rows = [line.split()[0] for line in drawn[0].splitlines() if "│" in line]
+    assert rows[-1] == "19" and "..." not in drawn[0], drawn[0]
+    assert 0 < len(rows) < 10
+    final = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())[len(drawn[0]) :]
+    assert [line.split()[0] for line in final.splitlines() if "│" in line] == [
+        str(n) for n in range(10, 20)
+    ], final
+    recorder.close()

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Group
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
@@ -249,6 +250,20 @@ def _view(state: WatchState) -> Group:
     return Group(*(plain_text(line) for line in lines), *shown)
 
 
+def _fitted(state: WatchState, console: Console) -> Group:
+    """`_view`, its table holding only the last steps that fit the terminal's height: rich
+    crops a live view taller than the terminal at its bottom, where the newest steps are.
+    Off a terminal (nothing is cropped), the whole view."""
+    view = _view(state)
+    if not console.is_terminal:
+        return view
+    over = len(console.render_lines(view, console.options, pad=False)) - console.size.height
+    if over <= 0 or not state.recent:
+        return view
+    kept = len(state.recent) - over
+    return _view(replace(state, recent=state.recent[-kept:] if kept > 0 else []))
+
+
 def _gates(watcher: RunWatcher, gates: Gates) -> list[GateResult]:
     """`check`'s absolute gates over the steps seen so far: the run-level ones on the recorded
     run, the policy ones on the own policy replayed. UsageError for a policy gate when the own
@@ -346,37 +361,41 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
     with sigterm_handled(terminate):
         try:
             with Live(_view(state), console=err, auto_refresh=False) as live:
-                while True:
-                    alerts = watcher.poll()
-                    state = watcher.state()
-                    live.update(_view(state), refresh=True)  # before the lines: they follow it
-                    if watcher.replaced > replaced:
-                        replaced, warned, seen = watcher.replaced, set(), -1
-                        line = f"{watcher.path}: the run changed under the watch: following it"
-                        live.console.print(f"{line} from its start", highlight=False)
-                    if watcher.replay is not None and watcher.replay is not noted:
-                        noted = watcher.replay  # once a run followed
-                        print_own_policy_note(noted.run, live.console)
-                    for alert in alerts:
-                        live.console.print(_alert_line(alert), highlight=False)
-                    for line in _stopped_lines(watcher, stopped):
-                        live.console.print(line, highlight=False)
-                    rejected = [] if watcher.replay is None else watcher.replay.rejected
-                    unwarned = [(n, why) for n, why in rejected if n not in warned]
-                    if unwarned:
-                        line = _rejected_line(str(watcher.path), unwarned)
-                        live.console.print(line, highlight=False)
-                        warned.update(n for n, _ in unwarned)
-                    now = time.monotonic()
-                    if watcher.closed:  # every step the run will have is read
-                        ended = "the recording closed"
-                        break
-                    if state.steps != seen:
-                        seen, last_change = state.steps, now
-                    elif until_idle is not None and now - last_change >= until_idle:
-                        ended = f"idle for {until_idle:g} s"
-                        break
-                    time.sleep(interval)
+                try:
+                    while True:
+                        alerts = watcher.poll()
+                        state = watcher.state()
+                        # before the lines: they follow it
+                        live.update(_fitted(state, live.console), refresh=True)
+                        if watcher.replaced > replaced:
+                            replaced, warned, seen = watcher.replaced, set(), -1
+                            line = f"{watcher.path}: the run changed under the watch: following it"
+                            live.console.print(f"{line} from its start", highlight=False)
+                        if watcher.replay is not None and watcher.replay is not noted:
+                            noted = watcher.replay  # once a run followed
+                            print_own_policy_note(noted.run, live.console)
+                        for alert in alerts:
+                            live.console.print(_alert_line(alert), highlight=False)
+                        for line in _stopped_lines(watcher, stopped):
+                            live.console.print(line, highlight=False)
+                        rejected = [] if watcher.replay is None else watcher.replay.rejected
+                        unwarned = [(n, why) for n, why in rejected if n not in warned]
+                        if unwarned:
+                            line = _rejected_line(str(watcher.path), unwarned)
+                            live.console.print(line, highlight=False)
+                            warned.update(n for n, _ in unwarned)
+                        now = time.monotonic()
+                        if watcher.closed:  # every step the run will have is read
+                            ended = "the recording closed"
+                            break
+                        if state.steps != seen:
+                            seen, last_change = state.steps, now
+                        elif until_idle is not None and now - last_change >= until_idle:
+                            ended = f"idle for {until_idle:g} s"
+                            break
+                        time.sleep(interval)
+                finally:  # the whole view stays on the terminal, every step of --recent
+                    live.update(_view(state))
         except (KeyboardInterrupt, Terminated) as stop:
             _end_view()
             err.print(f"stopped ({counted(state.steps, 'step')} seen)", highlight=False)
