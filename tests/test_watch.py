@@ -1442,3 +1442,24 @@ def test_the_live_view_keeps_the_newest_steps_on_a_short_terminal(tmp_path, monk
         str(n) for n in range(10, 20)
     ], final
     recorder.close()
+
+
+def test_a_reward_of_minus_infinity_leaves_the_collapse_judged(tmp_path, recwarn):
+    """A run whose reward falls from 1 to 0 at step 40 and that once recorded a reward of
+    -inf (a reward function's score for an invalid completion): the floor of the collapse
+    rule was that -inf, every level inf - inf or inf, so the rule found no collapse however
+    the reward fell ('reward collapse: none': no alert, --fail-on-collapse passed) and numpy's
+    'RuntimeWarning: invalid value encountered in subtract' was printed on stderr. The floor
+    is the lowest finite reward; the -inf makes its own windows NaN, as a NaN does."""
+    rng = np.random.default_rng(0)
+    rewards = np.concatenate([np.full(40, 1.0), np.full(40, 0.0)]) + rng.normal(0, 0.01, 80)
+    found = {}
+    for bad in (None, 75):
+        run = tmp_path / f"run-{bad}"
+        with Recorder(run, policy=None) as recorder:
+            for n, reward in enumerate(rewards):
+                recorder.log_step(n, reward_mean=-math.inf if n == bad else reward)
+        code, data, _ = _once(run, "--fail-on-collapse")
+        found[bad] = (code, data["first_reward_collapse"])
+    assert found[75] == found[None] == (1, 45)
+    assert [str(w.message) for w in recwarn if w.category is RuntimeWarning] == []

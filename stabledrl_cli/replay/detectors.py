@@ -100,8 +100,8 @@ def observed_reward_collapse(
 
     steps, rewards: [S] (per recorded step, e.g. the `reward_mean` scalar). With W = `window`
     (fixed: a trajectory's collapse step does not move when it is recorded longer) and m the
-    rolling mean of reward - floor over W steps (floor = min(rewards), or reward_range[0] when
-    lower):
+    rolling mean of reward - floor over W steps (floor = the lowest finite reward, or
+    reward_range[0] when lower):
     the first step i where m falls below half of its best value so far and stays below that
     level for 2W steps, or to the end of the run, and where the drop is beyond the reward's
     noise: best - max(m[i : i + 2W]) > (c + sqrt(2 ln(n_i / W))) * sigma_i / sqrt(W), with
@@ -120,7 +120,7 @@ def observed_reward_collapse(
         return None
     # A declared range the rewards fall below (a -1/0 reward declared (0, 1)) would leave every
     # level negative, the best never positive: no collapse could ever be found.
-    floor = float(np.nanmin(rewards))
+    floor = float(rewards[np.isfinite(rewards)].min())  # a -inf floor made every level inf
     if reward_range is not None:
         floor = min(floor, reward_range[0])
     level = rolling_mean(rewards - floor, window)
