@@ -1463,3 +1463,15 @@ def test_a_reward_of_minus_infinity_leaves_the_collapse_judged(tmp_path, recwarn
         found[bad] = (code, data["first_reward_collapse"])
     assert found[75] == found[None] == (1, 45)
     assert [str(w.message) for w in recwarn if w.category is RuntimeWarning] == []
+
+
+@pytest.mark.skipif(bool(__import__("torch").cuda.is_available()), reason="needs no CUDA device")
+def test_a_device_torch_does_not_see_is_refused_before_the_watch_waits(tmp_path):
+    """`watch RUN --device cuda` on a machine without CUDA, started before the training (its
+    run not there yet): the device was checked only when the run's first step was replayed,
+    so the watch waited (for hours, beside a real training) and then failed, exit 2; with
+    --until-idle it ended 'no step landed', exit 3. It is refused at once, exit 2."""
+    args = ["watch", str(tmp_path / "later"), "--device", "cuda", "--until-idle", "0"]
+    result = CliRunner().invoke(app, [*args, "--interval", "0.01"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == "error: device 'cuda' was asked for, but torch sees no CUDA device\n"

@@ -474,8 +474,10 @@ def command(
     with stopped_by_sigterm():
         if once:
             open_run(path)  # a missing path or a non-run: its own error, at once
+        from stabledrl_cli._device import resolve_device
         from stabledrl_cli.replay.follow import RunWatcher  # torch: the own policy's replay
 
+        resolve_device(device)  # now, not when the first step lands (hours later, live)
         watcher = RunWatcher(path, ReplayConfig(device=device), recent=recent)
         if once:
             code = _once(watcher, gates, output_format)
