@@ -1475,3 +1475,33 @@ def test_a_device_torch_does_not_see_is_refused_before_the_watch_waits(tmp_path)
     result = CliRunner().invoke(app, [*args, "--interval", "0.01"])
     assert result.exit_code == 2, result.output
     assert result.stderr == "error: device 'cuda' was asked for, but torch sees no CUDA device\n"
+
+
+def test_a_policy_gate_on_a_run_with_no_policy_is_refused_when_the_run_is_read(
+    tmp_path, monkeypatch
+):
+    """`watch RUN --max-collapsed 0` on a live run that names no policy: no step it gains can
+    ever be replayed, but the gate was refused only when the watch ended (the recording
+    closed, --until-idle), hours later beside a real training; here a Ctrl-C at the fourth
+    sleep ended it first, exit 130. It is refused at the first poll that reads the manifest,
+    exit 2, as at the end. (A run that names a policy but is scalar so far may still gain a
+    batch: refused at the end only, as before.)"""
+    live = tmp_path / "live"
+    recorder = Recorder(live, policy=None)  # open: the watch goes on
+    for n in range(3):
+        _scalar_step(recorder, n)
+    sleeps = {"n": 0}
+
+    def between_polls(seconds: float) -> None:
+        sleeps["n"] += 1
+        if sleeps["n"] > 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    result = CliRunner().invoke(app, ["watch", str(live), "--max-collapsed", "0"])
+    assert result.exit_code == 2 and sleeps["n"] == 0, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: {live}: --max-collapsed need(s) the own policy replayed, and the run names no "
+        "policy; gate it with --max-spikes, --max-nonfinite or --fail-on-collapse"
+    )
+    recorder.close()

@@ -264,27 +264,35 @@ def _fitted(state: WatchState, console: Console) -> Group:
     return _view(replace(state, recent=state.recent[-kept:] if kept > 0 else []))
 
 
+def _refuse_policy_gates(watcher: RunWatcher, gates: Gates) -> None:
+    """UsageError for a policy gate when the own policy replayed no step (as `check` refuses
+    one on a scalar run): the run names no policy or one not in the catalogue (no step it
+    gains is replayed), or it is a scalar run so far."""
+    replay = watcher.replay
+    if not gates.policy_gates or replay is None or (replay.policy is not None and replay.steps):
+        return
+    if replay.policy is None:
+        why = (
+            f"the run's policy {replay.run.policy_spec!r} is not in the catalogue"
+            if replay.run.policy_spec is not None
+            else "the run names no policy"
+        )
+    else:
+        why = "it is a scalar run so far (per-step scalars only, no policy batch)"
+    raise UsageError(
+        f"{watcher.path}: {', '.join(gates.policy_gates)} need(s) the own policy replayed, "
+        f"and {why}; gate it with --max-spikes, --max-nonfinite or --fail-on-collapse"
+    )
+
+
 def _gates(watcher: RunWatcher, gates: Gates) -> list[GateResult]:
     """`check`'s absolute gates over the steps seen so far: the run-level ones on the recorded
-    run, the policy ones on the own policy replayed. UsageError for a policy gate when the own
-    policy replayed no step (as `check` refuses one on a scalar run)."""
+    run, the policy ones on the own policy replayed (`_refuse_policy_gates`)."""
     replay = watcher.replay
     if not gates.any or replay is None or not replay.seen:
         return []
     _require_replayed(watcher)
-    if gates.policy_gates and not (replay.policy is not None and replay.steps):
-        if replay.policy is None:
-            why = (
-                f"the run's policy {replay.run.policy_spec!r} is not in the catalogue"
-                if replay.run.policy_spec is not None
-                else "the run names no policy"
-            )
-        else:
-            why = "it is a scalar run so far (per-step scalars only, no policy batch)"
-        raise UsageError(
-            f"{watcher.path}: {', '.join(gates.policy_gates)} need(s) the own policy replayed, "
-            f"and {why}; gate it with --max-spikes, --max-nonfinite or --fail-on-collapse"
-        )
+    _refuse_policy_gates(watcher, gates)
     result = replay.result() if replay.policy is not None and replay.steps else None
     return evaluate(result, gates, None, recorded=replay.recorded())
 
@@ -367,6 +375,8 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                         state = watcher.state()
                         # before the lines: they follow it
                         live.update(_fitted(state, live.console), refresh=True)
+                        if watcher.replay is not None and watcher.replay.policy is None:
+                            _refuse_policy_gates(watcher, gates)  # no step will be replayed
                         if watcher.replaced > replaced:
                             replaced, warned, seen = watcher.replaced, set(), -1
                             line = f"{watcher.path}: the run changed under the watch: following it"
