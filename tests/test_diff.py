@@ -260,8 +260,22 @@ def test_runs_equal_within_the_tolerance_show_the_steps_around_their_first_bits(
     b = _scalar_only(tmp_path / "b", [1.0, 1.0 + 1e-9, 1.0])
     result = CliRunner().invoke(app, ["diff", str(a), str(b), "--device", "cpu"])
     assert result.exit_code == 0, result.stderr
-    assert "they never part (within atol" in result.stdout
+    assert "they never part: bits first differ at step 1" in result.stdout
     assert "around step 1: discard and risk" in result.stdout
+
+
+def test_bits_that_differ_within_the_tolerance_are_not_called_a_parting(tmp_path):
+    """Bits that differ within the tolerance are not a parting: the arrays line said 'arrays
+    part at step 1' above 'they never part', a contradiction. It says they differ there, and
+    the verdict says where the bits first differ and that every value is within the tolerance."""
+    a = _scalar_only(tmp_path / "a", [1.0, 1.0, 1.0])
+    b = _scalar_only(tmp_path / "b", [1.0, 1.0 + 1e-9, 1.0])
+    result = CliRunner().invoke(app, ["diff", str(a), str(b), "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "arrays      differ at step 1" in lines
+    assert not [line for line in lines if " part at step" in line]
+    assert "they never part: bits first differ at step 1, within atol 1e-06, rtol 1e-05" in lines
 
 
 def _series_run(path: Path, **changed: float) -> Path:

@@ -53,10 +53,12 @@ def _ranges_text(ranges: list[tuple[int, int]]) -> str:
 
 
 def _parting_lines(name: str, parting: Parting | None, compared: int) -> list[str]:
+    """The kind's line and its fields; `arrays` (bits) *differ*, the other kinds *part*."""
     if parting is None:
         every = "the" if compared == 1 else "all"
         return [f"{name:<11} equal on {every} {counted(compared, 'compared step')}"]
-    return [f"{name:<11} part at step {parting.step}"] + [
+    verb = "differ" if name == KIND_NAMES["arrays"] else "part"
+    return [f"{name:<11} {verb} at step {parting.step}"] + [
         f"{'':<13}{d.field}: {d.what}" for d in parting.fields
     ]
 
@@ -76,11 +78,14 @@ def _print_table(result: DiffResult, until: int | None) -> None:
     if result.identical:
         verdict = "identical: every array of every step equal, bit for bit"
     elif result.parted_at is None:
-        verdict = "they never part"
+        verdict = "they never part: "
         if result.first["arrays"] is None:
-            verdict += ": every step both hold equal, bit for bit"
+            verdict += "every step both hold equal, bit for bit"
         else:
-            verdict += f" (within atol {result.atol:g}, rtol {result.rtol:g})"
+            verdict += (
+                f"bits first differ at step {result.first['arrays'].step}, within "
+                f"atol {result.atol:g}, rtol {result.rtol:g}"
+            )
     else:
         verdict = f"parted at step {result.parted_at}"
         if until is not None:
