@@ -416,10 +416,49 @@ def test_a_sequence_run_and_a_run_of_scalars_are_compared(tmp_path):
         for step in range(3):
             rec.log_step(step, loss=0.5)
     done = CliRunner().invoke(app, ["diff", str(a), str(b), "--format", "json"])
-    assert done.exit_code == 1, done.output
+    assert done.exit_code == 0, done.output
     report = json.loads(done.stdout)
     assert (report["common"], report["first"]["scalars"]) == (3, None)
-    assert report["first"]["inputs"]["step"] == 0
+    assert (report["scalars_only"], report["identical"]) == (3, False)
+
+
+def _logged(path: Path, losses: list[float], norms: list[float] | None = None) -> Path:
+    """A run of scalar steps logging only these losses and a reward, as an imported log (and
+    each step's parameter grad norms [1, norm], with `norms`)."""
+    with Recorder(path, policy=None) as recorder:
+        for step, loss in enumerate(losses):
+            grads = None if norms is None else np.array([1.0, norms[step]], np.float32)
+            recorder.log_step(step, loss=loss, reward_mean=0.5, param_grad_norm=grads)
+    return path
+
+
+def test_a_run_and_its_imported_log_part_where_their_scalars_do(tmp_path):
+    """Against a log of scalars only, a run's arrays and the scalars the log lacks are not
+    a parting: the run 'parted at step 0' ('logp: only in A', 'grad_norm: 2 vs absent'),
+    exit 1, whatever its log said, and stopped there (compared 1). It is compared on the
+    scalars both record: equal, exit 0; a loss that differs at step 2 parts there."""
+    a = tmp_path / "a"
+    with Recorder(a, policy="grpo", unit="sequence") as rec:
+        for step in range(4):
+            logp = np.zeros(4, np.float32)
+            rec.log_step(
+                step, logp=logp, logp_old=logp, advantages=np.ones(4, np.float32), loss=0.5,
+                reward_mean=0.5, grad_norm=2.0, param_grad_norm=np.ones(2, np.float32),
+            )  # fmt: skip
+    same = _logged(tmp_path / "same", [0.5] * 4)
+    exit_code, data = _cli(a, same)
+    assert (exit_code, data["parted_at"], data["compared"], data["scalars_only"]) == (0, None, 4, 4)
+    assert data["first"] == dict.fromkeys(("arrays", "inputs", "logprobs", "scalars"))
+    text = CliRunner().invoke(app, ["diff", str(a), str(same), "--device", "cpu"]).stdout
+    assert "inputs      not compared: one run holds scalars only" in text.splitlines()
+    assert "identical" not in text
+    exit_code, data = _cli(a, _logged(tmp_path / "other", [0.5, 0.5, 0.7, 0.5]))
+    assert (exit_code, data["parted_at"]) == (1, 2)
+    assert [f["field"] for f in data["first"]["scalars"]["fields"]] == ["loss"]
+    # an array both record is compared: its bits differ, not a parting
+    exit_code, data = _cli(a, _logged(tmp_path / "grads", [0.5] * 4, [1.0, 1.0, 1.0, 3.0]))
+    assert (exit_code, data["parted_at"], data["first"]["arrays"]["step"]) == (0, None, 3)
+    assert [f["field"] for f in data["first"]["arrays"]["fields"]] == ["param_grad_norm"]
 
 
 def test_a_step_whose_data_one_run_cannot_read_is_not_called_identical(grpo_fixture, tmp_path):

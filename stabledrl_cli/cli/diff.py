@@ -54,6 +54,8 @@ def _ranges_text(ranges: list[tuple[int, int]]) -> str:
 
 def _parting_lines(name: str, parting: Parting | None, compared: int) -> list[str]:
     """The kind's line and its fields; `arrays` (bits) *differ*, the other kinds *part*."""
+    if parting is None and not compared:
+        return [f"{name:<11} not compared: one run holds scalars only"]
     if parting is None:
         every = "the" if compared == 1 else "all"
         return [f"{name:<11} equal on {every} {counted(compared, 'compared step')}"]
@@ -73,14 +75,20 @@ def _print_table(result: DiffResult, until: int | None) -> None:
         lines.append(f"only in A: {_ranges_text(result.only_a)}")
     if result.only_b:
         lines.append(f"only in B: {_ranges_text(result.only_b)}")
+    if result.scalars_only:
+        steps = counted(result.scalars_only, "compared step")
+        lines.append(f"scalars only in one run: {steps} (the other's batch not compared)")
     for kind, name in KIND_NAMES.items():
-        lines += _parting_lines(name, result.first[kind], result.compared)
+        batches = kind in ("inputs", "logprobs")  # not compared against scalars only
+        compared = result.compared - (result.scalars_only if batches else 0)
+        lines += _parting_lines(name, result.first[kind], compared)
     if result.identical:
         verdict = "identical: every array of every step equal, bit for bit"
     elif result.parted_at is None:
         verdict = "they never part: "
         if result.first["arrays"] is None:
-            verdict += "every step both hold equal, bit for bit"
+            held = "value both record" if result.scalars_only else "step both hold"
+            verdict += f"every {held} equal, bit for bit"
         else:
             verdict += (
                 f"bits first differ at step {result.first['arrays'].step}, within "

@@ -13,9 +13,11 @@ ascending order of the steps both hold, until every kind has parted (or the step
 Two values a, b (a from run A, b from run B) agree within the tolerance when
 |a - b| <= atol + rtol * |b|, or both are NaN, or both are the same infinity. The runs *part*
 at the first step where inputs, log-probabilities or scalars differ; steps only one run holds
-are listed, not counted as parting. Around the parting step the figures of each run are set
-side by side: reward and grad norm as recorded, discard fraction and risk of the run's own
-policy replayed (`incremental.OwnReplay`, over the run's steps up to the last one shown).
+are listed, not counted as parting; against a step of scalars only (an imported log) only the
+scalars (and arrays) both record there are compared. Around the parting step the figures of
+each run are set side by side: reward and grad norm as recorded, discard fraction and risk of
+the run's own policy replayed (`incremental.OwnReplay`, over the run's steps up to the last
+one shown).
 """
 
 from __future__ import annotations
@@ -121,6 +123,9 @@ class DiffResult:
     """Steps both runs hold."""
     compared: int
     """Common steps compared (the comparison stops once every kind has parted)."""
+    scalars_only: int
+    """Compared steps that one run holds as scalars only (no policy batch: an imported log,
+    optimizer-hook steps): only what both record there was compared, not the other's batch."""
     only_a: list[tuple[int, int]]
     """Steps only run A holds, as inclusive ranges [first, last]."""
     only_b: list[tuple[int, int]]
@@ -134,8 +139,14 @@ class DiffResult:
 
     @property
     def identical(self) -> bool:
-        """Every common step bit for bit equal, and no step in one run only."""
-        return self.first["arrays"] is None and not self.only_a and not self.only_b
+        """Every common step bit for bit equal (its arrays compared), and no step in one run
+        only."""
+        return (
+            self.first["arrays"] is None
+            and not self.scalars_only
+            and not self.only_a
+            and not self.only_b
+        )
 
     def parted_before(self, until: int | None) -> bool:
         """They part before step `until` (None: at any step)."""
@@ -230,6 +241,7 @@ class _Comparison:
     rtol: float
     first: dict[DiffKind, Parting | None] = field(default_factory=lambda: dict.fromkeys(DIFF_KINDS))
     compared: int = 0
+    scalars_only: int = 0
 
     @property
     def done(self) -> bool:
@@ -253,9 +265,12 @@ class _Comparison:
         return bits, values
 
     def add(self, a: Step, b: Step) -> None:
-        """Compares one step of each run, field by field."""
+        """Compares one step of each run, field by field; against a step of scalars only
+        (no policy batch), what both record there, not the other's batch."""
         found: dict[DiffKind, list[FieldDifference]] = {kind: [] for kind in DIFF_KINDS}
-        for name in sorted(a.fields | b.fields):
+        scalars_only = a.is_scalar != b.is_scalar
+        self.scalars_only += scalars_only
+        for name in sorted(a.fields & b.fields if scalars_only else a.fields | b.fields):
             bits, values = self._array(name, a, b)
             if bits is not None:
                 found["arrays"].append(FieldDifference(field=name, what=bits))
@@ -263,7 +278,7 @@ class _Comparison:
                 found[_kind(name)].append(FieldDifference(field=name, what=values))
         for name in SCALAR_NAMES:
             x, y = a.scalars.get(name), b.scalars.get(name)
-            if x is None and y is None:
+            if (x is None and y is None) or (scalars_only and (x is None or y is None)):
                 continue
             if x is None or y is None or not _bitwise_equal(np.float64(x), np.float64(y)):
                 bits = f"{_scalar_text(x, exact=True)} vs {_scalar_text(y, exact=True)}"
@@ -420,6 +435,7 @@ def diff_runs(
         steps_b=len(steps_b),
         common=len(common),
         compared=comparison.compared,
+        scalars_only=comparison.scalars_only,
         only_a=_ranges([n for n in steps_a if n not in in_b]),
         only_b=_ranges([n for n in steps_b if n not in in_a]),
         first=first,
