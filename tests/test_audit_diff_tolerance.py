@@ -35,3 +35,17 @@ def test_values_whose_gap_overflows_differ_without_a_warning():
         warnings.simplefilter("error")
         found = _entries(np.array([1e308, 0.0]), np.array([-1e308, 0.0]), 1e-6, 1e-6)
     assert found == "1 of 2 differ, first at 0"
+
+
+def test_a_nan_or_inf_against_another_value_is_named():
+    """A NaN in one run where the other has a number: the entries were counted but the
+    largest gap shown left the NaN out ('2 of 3 differ, first at 0, max |a-b| 0.5'), as if
+    the runs differed by 0.5 at most. The non-finite ones are counted apart; NaN against NaN
+    and an infinity against the same one agree."""
+    a = np.array([1.0, np.nan, np.inf, np.nan, np.inf])
+    b = np.array([1.5, 2.0, -np.inf, np.nan, np.inf])
+    found = _entries(a, b, 1e-6, 1e-6)
+    assert found == "3 of 5 differ, first at 0, max |a-b| 0.5, 2 NaN or inf against another value"
+    assert _entries(np.array([np.nan]), np.array([0.0]), 0.0, 0.0) == (
+        "1 of 1 differ, first at 0, 1 NaN or inf against another value"
+    )

@@ -84,7 +84,8 @@ class FieldDifference:
     field: str
     what: str
     """In words: 'only in A', 'float32[64] vs float32[32]', '3 of 64 differ, first at 5, max
-    |a-b| 0.01' (the index of the first differing entry in the flattened array)."""
+    |a-b| 0.01' (the index of the first differing entry in the flattened array), ', 2 NaN or
+    inf against another value' after it when some are."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,11 +202,13 @@ def _entries(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> str | No
         return f"{_shape(a)} vs {_shape(b)}"
     x, y = a.reshape(-1), b.reshape(-1)
     gaps: np.ndarray | None = None
+    nonfinite = 0
     if _is_float(x):
         x64, y64 = x.astype(np.float64), y.astype(np.float64)
         with _past_float64():
             bad = ~np.isclose(x64, y64, rtol=rtol, atol=atol, equal_nan=True)
             gaps = np.abs(x64 - y64)[bad]
+        nonfinite = int(np.count_nonzero(~(np.isfinite(x64[bad]) & np.isfinite(y64[bad]))))
     else:
         bad = x != y
     count = int(np.count_nonzero(bad))
@@ -214,6 +217,8 @@ def _entries(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> str | No
     detail = f"{count} of {x.size} differ, first at {int(np.flatnonzero(bad)[0])}"
     if gaps is not None and np.isfinite(gaps).any():
         detail += f", max |a-b| {float(gaps[np.isfinite(gaps)].max()):.4g}"
+    if nonfinite:
+        detail += f", {nonfinite} NaN or inf against another value"
     return detail
 
 
