@@ -552,3 +552,27 @@ def test_a_negative_until_is_refused(grpo_fixture):
         result.stderr.startswith("error: Invalid value for '--until'")
         and "greater than or equal to 0" in result.stderr
     )
+
+
+def test_a_long_difference_wraps_at_80_columns_under_its_field(tmp_path):
+    """A field's description past the width (a NaN count, a large array's figures) ran on in
+    one line, 107 wide at 80 columns; it wraps at the width, its next lines under the first."""
+    runs = []
+    for name, bad in (("a", False), ("b", True)):
+        with Recorder(tmp_path / name, policy="grpo") as rec:
+            for step in range(2):
+                logp = np.full((300, 400), -1.0, np.float32)
+                if bad and step == 1:
+                    logp[5:, 7], logp[3, :] = np.nan, -1.5
+                rec.log_step(step, logp=logp, logp_old=np.full_like(logp, -1.0),
+                             advantages=np.ones(300, np.float32))  # fmt: skip
+        runs.append(str(tmp_path / name))
+    result = CliRunner().invoke(app, ["diff", *runs, "--device", "cpu"], env={"COLUMNS": "80"})
+    assert result.exit_code == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, result.stdout
+    at = lines.index("log-probs   part at step 1")
+    assert lines[at + 1].startswith("             logp: 695 of 120000 differ, first at 1200")
+    assert lines[at + 2].startswith(" " * 13) and lines[at + 2].strip()
+    joined = " ".join(line.strip() for line in lines[at + 1 : at + 3])
+    assert "295 NaN or inf against another value" in joined

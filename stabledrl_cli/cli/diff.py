@@ -9,6 +9,7 @@ step. Each run is a path or an fsspec URL.
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 from typing import Annotated
 
@@ -17,7 +18,7 @@ from rich import box
 from rich.table import Table
 
 from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, RunSourceArg, number_option
-from stabledrl_cli.cli._output import err, out, print_json
+from stabledrl_cli.cli._output import err, out, plain_text, print_json
 from stabledrl_cli.cli.replay import option_names
 from stabledrl_cli.dump import RunIntegrityWarning, open_run
 from stabledrl_cli.errors import counted
@@ -42,6 +43,8 @@ KIND_NAMES: dict[DiffKind, str] = {
 }
 
 
+MIN_WRAP = 40
+"""Columns a line is wrapped to at the least (past its indent), however narrow the width."""
 RANGES_SHOWN = 8
 """Ranges of steps in one run only listed in the table (the JSON has them all)."""
 
@@ -99,8 +102,12 @@ def _print_table(result: DiffResult, until: int | None) -> None:
         if until is not None:
             verdict += f" ({'before' if result.parted_at < until else 'at or after'} {until})"
     lines.append(verdict)
-    for line in lines:
-        out.print(line, highlight=False)
+    for line in lines:  # wrapped at the width, a field's next lines under its first
+        body = line.lstrip(" ")
+        indent = " " * (len(line) - len(body))
+        width = max(out.width - len(indent), MIN_WRAP)
+        for piece in textwrap.wrap(body, width, break_long_words=False, break_on_hyphens=False):
+            out.print(plain_text(indent + piece))
     if not result.around:
         return
     specs = result.own_policy
