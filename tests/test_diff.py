@@ -576,3 +576,21 @@ def test_a_long_difference_wraps_at_80_columns_under_its_field(tmp_path):
     assert lines[at + 2].startswith(" " * 13) and lines[at + 2].strip()
     joined = " ".join(line.strip() for line in lines[at + 1 : at + 3])
     assert "295 NaN or inf against another value" in joined
+
+
+def test_a_device_torch_does_not_see_is_refused_whether_or_not_the_runs_part(
+    grpo_fixture, monkeypatch
+):
+    """--device cuda without a GPU was refused (exit 2) only when the runs part, as their
+    figures are replayed then; runs that never part exited 0 on it: a CI job got 0 or 2, never
+    the 1 of a parting. It is refused before any comparison, parting or not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for other in (grpo_fixture, fixture_run("stabledrl")):
+        result = CliRunner().invoke(
+            app, ["diff", str(grpo_fixture), str(other), "--device", "cuda"]
+        )
+        assert result.exit_code == 2, result.output
+        assert (
+            result.stderr == "error: device 'cuda' was asked for, but torch sees no CUDA device\n"
+        )
+        assert result.stdout == ""

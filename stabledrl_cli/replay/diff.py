@@ -376,7 +376,8 @@ def diff_runs(
     config: ReplayConfig | None = None,
 ) -> DiffResult:
     """Where runs `a` and `b` part (module docstring). ConfigError (a usage error naming the
-    setting) for a negative or non-finite tolerance or a negative context; InputError when
+    setting) for a negative or non-finite tolerance or a negative context, UsageError for a
+    device torch does not see (before any comparison, whether or not they part); InputError when
     they share no step, record different units (the same arrays would mean other things), or
     when a finding of the whole run leaves one with no readable step (`whole_run_refusal`)."""
     for name, value in (("atol", atol), ("rtol", rtol)):
@@ -385,6 +386,10 @@ def diff_runs(
     if context < 0:
         raise ConfigError("context", f"must be >= 0, got {context}")
     config = config or ReplayConfig()
+    if str(config.device) not in ("auto", "cpu"):  # refused now, not only if the runs part
+        from stabledrl_cli._device import resolve_device  # torch: only for a device named
+
+        resolve_device(config.device)
     if a.unit != b.unit and not (is_scalar_run(a) or is_scalar_run(b)):  # a scalar run: no unit
         raise InputError(
             f"{a.location} records {a.unit} entries, {b.location} {b.unit} entries: their steps "
