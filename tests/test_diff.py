@@ -594,3 +594,29 @@ def test_a_device_torch_does_not_see_is_refused_whether_or_not_the_runs_part(
             result.stderr == "error: device 'cuda' was asked for, but torch sees no CUDA device\n"
         )
         assert result.stdout == ""
+
+
+def test_fields_past_those_described_are_counted(tmp_path):
+    """At most 6 differing fields are described a kind; the others went unsaid, so 8 fields
+    that differ (another seed: 4 arrays, 4 scalars) read as 6. The rest are counted: '(+2 more
+    fields)' in the table, `more` in the JSON."""
+    a = _scalar_only(tmp_path / "a", [1.0])
+    b = tmp_path / "b"
+    names = (
+        "loss",
+        "grad_norm",
+        "lr",
+        "reward_mean",
+        "entropy",
+        "kl",
+        "clip_frac",
+        "clip_frac_low",
+    )
+    with Recorder(b, policy=None, reward_range=(0.0, 1.0)) as recorder:
+        recorder.log_step(0, **dict.fromkeys(names, 0.25))  # type: ignore[arg-type]
+    exit_code, data = _cli(a, b)
+    scalars = data["first"]["scalars"]
+    assert (exit_code, len(scalars["fields"]), scalars["more"]) == (1, 6, 2)
+    text = CliRunner().invoke(app, ["diff", str(a), str(b), "--device", "cpu"]).stdout.splitlines()
+    at = text.index("scalars     part at step 0")
+    assert text[at + 7] == "             (+2 more fields)"

@@ -63,9 +63,11 @@ def _parting_lines(name: str, parting: Parting | None, compared: int) -> list[st
         every = "the" if compared == 1 else "all"
         return [f"{name:<11} equal on {every} {counted(compared, 'compared step')}"]
     verb = "differ" if name == KIND_NAMES["arrays"] else "part"
-    return [f"{name:<11} {verb} at step {parting.step}"] + [
-        f"{'':<13}{d.field}: {d.what}" for d in parting.fields
-    ]
+    lines = [f"{name:<11} {verb} at step {parting.step}"]
+    lines += [f"{'':<13}{d.field}: {d.what}" for d in parting.fields]
+    if parting.more:
+        lines.append(f"{'':<13}(+{parting.more} more {'field' if parting.more == 1 else 'fields'})")
+    return lines
 
 
 def _print_table(result: DiffResult, until: int | None) -> None:

@@ -94,6 +94,8 @@ class Parting:
 
     step: int
     fields: list[FieldDifference]
+    more: int = 0
+    """Fields that differ there too, past those described (`FIELDS_SHOWN`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,7 +299,8 @@ class _Comparison:
                 found["scalars"].append(FieldDifference(field=name, what=what))
         for kind, differences in found.items():
             if differences and self.first[kind] is None:
-                self.first[kind] = Parting(step=a.step, fields=differences[:FIELDS_SHOWN])
+                shown, more = differences[:FIELDS_SHOWN], len(differences) - FIELDS_SHOWN
+                self.first[kind] = Parting(step=a.step, fields=shown, more=max(more, 0))
         self.compared += 1
 
 
