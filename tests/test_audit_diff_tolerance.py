@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
+from _corpus import edit_header
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import Recorder
 from stabledrl_cli.replay.diff import _entries
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -49,3 +53,32 @@ def test_a_nan_or_inf_against_another_value_is_named():
     assert _entries(np.array([np.nan]), np.array([0.0]), 0.0, 0.0) == (
         "1 of 1 differ, first at 0, 1 NaN or inf against another value"
     )
+
+
+def _counted(path: Path, name: str, counts: list[float]) -> Path:
+    """A run of scalar steps recording a loss and this count scalar (`nonfinite`, which the
+    Recorder derives, written into each step's header)."""
+    with Recorder(path, policy=None) as recorder:
+        for step in range(len(counts)):
+            recorder.log_step(step, loss=0.5)
+    for step, count in enumerate(counts):
+        edit_header(path, step, lambda h, c=count: h["__metadata__"].update({name: repr(c)}))
+    return path
+
+
+@pytest.mark.parametrize("name", ["nonfinite", "nonfinite_grads", "inner_step"])
+def test_a_count_is_compared_exactly(tmp_path, name):
+    """A count scalar (non-finite values, parameters with a non-finite gradient, the inner
+    iteration) was compared within the float tolerance: 100000 against 100001 agreed (within
+    rtol 1e-5), exit 0 'they never part'. A different count is a parting: exit 1 at step 1,
+    whatever the tolerance; the loss beside it keeps the tolerance."""
+    a = _counted(tmp_path / "a", name, [0.0, 100000.0, 3.0])
+    b = _counted(tmp_path / "b", name, [0.0, 100001.0, 3.0])
+    args = ["diff", str(a), str(b), "--device", "cpu", "-f", "json", "--atol", "10"]
+    done = runner.invoke(app, args)
+    assert done.exit_code == 1, done.output
+    report = json.loads(done.stdout)
+    assert report["parted_at"] == 1
+    assert report["first"]["scalars"]["fields"] == [{"field": name, "what": "100000 vs 100001"}]
+    same = _counted(tmp_path / "same", name, [0.0, 100000.0, 3.0])
+    assert runner.invoke(app, [*args[:2], str(same), *args[3:]]).exit_code == 0

@@ -8,7 +8,8 @@ ascending order of the steps both hold, until every kind has parted (or the step
   has differs);
 - `inputs`: what training fed the loss (`INPUT_FIELDS`), exactly;
 - `logprobs`: the log-probabilities (`LOGP_FIELDS`), within a tolerance;
-- `scalars`: the step's training scalars (`SCALAR_NAMES`), within the same tolerance.
+- `scalars`: the step's training scalars (`SCALAR_NAMES`), within the same tolerance but the
+  counts (`COUNT_SCALARS`), exactly.
 
 Two values a, b (a from run A, b from run B) agree within the tolerance when
 |a - b| <= atol + rtol * |b|, or both are NaN, or both are the same infinity. The runs *part*
@@ -66,6 +67,9 @@ SCALAR_NAMES = tuple(
 """Training scalars compared within the tolerance: the standard ones (format 1.2's series
 scalars too) but the step number, the clocks and a sketch's storage scale (a run's own scalars
 are not compared)."""
+COUNT_SCALARS = ("inner_step", "nonfinite", "nonfinite_grads")
+"""Scalars that count (whole numbers): compared exactly, whatever the tolerance (one more
+non-finite value is a parting)."""
 DEFAULT_ATOL = 1e-6
 """Absolute tolerance of log-probabilities and scalars."""
 DEFAULT_RTOL = 1e-5
@@ -290,10 +294,10 @@ class _Comparison:
             if x is None or y is None or not _bitwise_equal(np.float64(x), np.float64(y)):
                 bits = f"{_scalar_text(x, exact=True)} vs {_scalar_text(y, exact=True)}"
                 found["arrays"].append(FieldDifference(field=name, what=bits))
+            exact = name in COUNT_SCALARS
+            atol, rtol = (0.0, 0.0) if exact else (self.atol, self.rtol)
             with _past_float64():
-                close = (
-                    x is not None and y is not None and np.isclose(x, y, self.rtol, self.atol, True)
-                )
+                close = x is not None and y is not None and np.isclose(x, y, rtol, atol, True)
             if not close:
                 what = f"{_scalar_text(x)} vs {_scalar_text(y)}"
                 found["scalars"].append(FieldDifference(field=name, what=what))
