@@ -600,8 +600,7 @@ def test_fields_past_those_described_are_counted(tmp_path):
     """At most 6 differing fields are described a kind; the others went unsaid, so 8 fields
     that differ (another seed: 4 arrays, 4 scalars) read as 6. The rest are counted: '(+2 more
     fields)' in the table, `more` in the JSON."""
-    a = _scalar_only(tmp_path / "a", [1.0])
-    b = tmp_path / "b"
+    a, b = tmp_path / "a", tmp_path / "b"
     names = (
         "loss",
         "grad_norm",
@@ -612,11 +611,43 @@ def test_fields_past_those_described_are_counted(tmp_path):
         "clip_frac",
         "clip_frac_low",
     )
-    with Recorder(b, policy=None, reward_range=(0.0, 1.0)) as recorder:
-        recorder.log_step(0, **dict.fromkeys(names, 0.25))  # type: ignore[arg-type]
+    for path, value in ((a, 0.5), (b, 0.25)):
+        with Recorder(path, policy=None, reward_range=(0.0, 1.0)) as recorder:
+            recorder.log_step(0, **dict.fromkeys(names, value))  # type: ignore[arg-type]
     exit_code, data = _cli(a, b)
     scalars = data["first"]["scalars"]
     assert (exit_code, len(scalars["fields"]), scalars["more"]) == (1, 6, 2)
     text = CliRunner().invoke(app, ["diff", str(a), str(b), "--device", "cpu"]).stdout.splitlines()
     at = text.index("scalars     part at step 0")
     assert text[at + 7] == "             (+2 more fields)"
+
+
+def test_two_logs_of_scalars_part_where_the_scalars_both_record_do(tmp_path):
+    """Two runs of scalars only from two sources (the optimizer hooks' grad_norm, lr and
+    step_time; an imported log's loss, reward_mean and grad_norm of the same training) parted
+    at step 0 on what only one records ('loss: absent vs 0.5'), exit 1, compared 1. As against
+    a policy batch, only the scalars both record are compared: equal grad norms exit 0 (never
+    'identical'), the scalars one run records alone listed; a grad norm differing at step 2
+    parts there."""
+    hooks, log = tmp_path / "hooks", tmp_path / "log"
+    with Recorder(hooks, policy=None) as rec:
+        for step in range(4):
+            rec.log_step(step, grad_norm=2.0, lr=1e-3, step_time=0.1)
+    with Recorder(log, policy=None) as rec:
+        for step in range(4):
+            rec.log_step(step, loss=0.5, reward_mean=0.4, grad_norm=2.0 if step != 2 else 3.0)
+    exit_code, data = _cli(hooks, log)
+    assert (exit_code, data["parted_at"]) == (1, 2), data
+    assert [f["field"] for f in data["first"]["scalars"]["fields"]] == ["grad_norm"]
+    assert data["unshared"] == {"a": ["lr"], "b": ["loss", "reward_mean"]}
+    shutil.rmtree(log)
+    with Recorder(log, policy=None) as rec:
+        for step in range(4):
+            rec.log_step(step, loss=0.5, reward_mean=0.4, grad_norm=2.0)
+    exit_code, data = _cli(hooks, log)
+    assert (exit_code, data["parted_at"], data["compared"]) == (0, None, 4)
+    assert (data["first"]["arrays"], data["identical"]) == (None, False)
+    text = CliRunner().invoke(app, ["diff", str(hooks), str(log), "--device", "cpu"]).stdout
+    lines = text.splitlines()
+    assert "not compared, recorded by A only: lr; by B only: loss, reward_mean" in lines
+    assert lines[-1] == "they never part: every value both record equal, bit for bit"

@@ -83,6 +83,13 @@ def _print_table(result: DiffResult, until: int | None) -> None:
     if result.scalars_only:
         steps = counted(result.scalars_only, "compared step")
         lines.append(f"scalars only in one run: {steps} (the other's batch not compared)")
+    alone = [
+        f"by {side.upper()} only: {', '.join(names)}"
+        for side, names in result.unshared.items()
+        if names
+    ]
+    if alone:
+        lines.append(f"not compared, recorded {'; '.join(alone)}")
     for kind, name in KIND_NAMES.items():
         batches = kind in ("inputs", "logprobs")  # not compared against scalars only
         compared = result.compared - (result.scalars_only if batches else 0)
@@ -92,7 +99,8 @@ def _print_table(result: DiffResult, until: int | None) -> None:
     elif result.parted_at is None:
         verdict = "they never part: "
         if result.first["arrays"] is None:
-            held = "value both record" if result.scalars_only else "step both hold"
+            partial = result.scalars_only or any(result.unshared.values())
+            held = "value both record" if partial else "step both hold"
             verdict += f"every {held} equal, bit for bit"
         else:
             verdict += (

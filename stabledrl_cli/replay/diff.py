@@ -14,8 +14,9 @@ ascending order of the steps both hold, until every kind has parted (or the step
 Two values a, b (a from run A, b from run B) agree within the tolerance when
 |a - b| <= atol + rtol * |b|, or both are NaN, or both are the same infinity. The runs *part*
 at the first step where inputs, log-probabilities or scalars differ; steps only one run holds
-are listed, not counted as parting; against a step of scalars only (an imported log) only the
-scalars (and arrays) both record there are compared. Around the parting step the figures of
+are listed, not counted as parting; where either step is of scalars only (an imported log,
+the optimizer hooks' steps) only the scalars (and arrays) both record there are compared, and
+those only one records are listed. Around the parting step the figures of
 each run are set side by side: reward and grad norm as recorded, discard fraction and risk of
 the run's own policy replayed (`incremental.OwnReplay`, over the run's steps up to the last
 one shown).
@@ -31,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
-from stabledrl_cli.dump._schema import SERIES_SCALARS, STANDARD_SCALARS
+from stabledrl_cli.dump._schema import SCALAR_STEP_FIELDS, SERIES_SCALARS, STANDARD_SCALARS
 from stabledrl_cli.errors import ConfigError, InputError
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.run_facts import (
@@ -133,6 +134,9 @@ class DiffResult:
     scalars_only: int
     """Compared steps that one run holds as scalars only (no policy batch: an imported log,
     optimizer-hook steps): only what both record there was compared, not the other's batch."""
+    unshared: dict[str, list[str]]
+    """Per run ("a", "b"), the scalars (and scalar-step arrays, `param_grad_norm`) it alone
+    records at a compared step where either run holds scalars only: not compared there."""
     only_a: list[tuple[int, int]]
     """Steps only run A holds, as inclusive ranges [first, last]."""
     only_b: list[tuple[int, int]]
@@ -151,6 +155,7 @@ class DiffResult:
         return (
             self.first["arrays"] is None
             and not self.scalars_only
+            and not any(self.unshared.values())
             and not self.only_a
             and not self.only_b
         )
@@ -244,6 +249,12 @@ def _kind(name: str) -> DiffKind:
     return "arrays"
 
 
+def _recorded(step: Step) -> set[str]:
+    """What a step records that a step of scalars only may: its compared scalars and
+    `SCALAR_STEP_FIELDS`."""
+    return {n for n in SCALAR_NAMES if n in step.scalars} | (step.fields & set(SCALAR_STEP_FIELDS))
+
+
 @dataclass
 class _Comparison:
     """The steps compared so far and the first parting per kind."""
@@ -253,6 +264,7 @@ class _Comparison:
     first: dict[DiffKind, Parting | None] = field(default_factory=lambda: dict.fromkeys(DIFF_KINDS))
     compared: int = 0
     scalars_only: int = 0
+    unshared: dict[str, set[str]] = field(default_factory=lambda: {"a": set(), "b": set()})
 
     @property
     def done(self) -> bool:
@@ -276,12 +288,17 @@ class _Comparison:
         return bits, values
 
     def add(self, a: Step, b: Step) -> None:
-        """Compares one step of each run, field by field; against a step of scalars only
-        (no policy batch), what both record there, not the other's batch."""
+        """Compares one step of each run, field by field; where either step is of scalars only
+        (no policy batch), what both record there (not the other's batch), listing in
+        `unshared` the scalars one records alone."""
         found: dict[DiffKind, list[FieldDifference]] = {kind: [] for kind in DIFF_KINDS}
-        scalars_only = a.is_scalar != b.is_scalar
-        self.scalars_only += scalars_only
-        for name in sorted(a.fields & b.fields if scalars_only else a.fields | b.fields):
+        shared_only = a.is_scalar or b.is_scalar
+        self.scalars_only += a.is_scalar != b.is_scalar
+        if shared_only:
+            recorded_a, recorded_b = _recorded(a), _recorded(b)
+            self.unshared["a"] |= recorded_a - recorded_b
+            self.unshared["b"] |= recorded_b - recorded_a
+        for name in sorted(a.fields & b.fields if shared_only else a.fields | b.fields):
             bits, values = self._array(name, a, b)
             if bits is not None:
                 found["arrays"].append(FieldDifference(field=name, what=bits))
@@ -289,7 +306,7 @@ class _Comparison:
                 found[_kind(name)].append(FieldDifference(field=name, what=values))
         for name in SCALAR_NAMES:
             x, y = a.scalars.get(name), b.scalars.get(name)
-            if (x is None and y is None) or (scalars_only and (x is None or y is None)):
+            if (x is None and y is None) or (shared_only and (x is None or y is None)):
                 continue
             if x is None or y is None or not _bitwise_equal(np.float64(x), np.float64(y)):
                 bits = f"{_scalar_text(x, exact=True)} vs {_scalar_text(y, exact=True)}"
@@ -453,6 +470,7 @@ def diff_runs(
         common=len(common),
         compared=comparison.compared,
         scalars_only=comparison.scalars_only,
+        unshared={side: sorted(names) for side, names in comparison.unshared.items()},
         only_a=_ranges([n for n in steps_a if n not in in_b]),
         only_b=_ranges([n for n in steps_b if n not in in_a]),
         first=first,
