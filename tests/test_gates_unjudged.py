@@ -30,6 +30,7 @@ def _gates(run, *options: str) -> tuple[int, list[dict[str, object]]]:
     return result.exit_code, json.loads(result.stdout)["gates"]
 
 
+WINDOW = "no 10 in a row (the collapse window)"
 STEADY = [1.0 + 0.01 * (step % 3) for step in range(30)]
 
 
@@ -83,26 +84,28 @@ def test_max_spikes_without_grad_norms_fails_in_a_process_in_junit_and_in_watch(
 
 
 @pytest.mark.parametrize(
-    ("steps", "rewards"),
+    ("steps", "rewards", "has"),
     [
-        (30, [math.nan] * 30),
-        (1, [0.5]),
-        (9, [0.5] * 9),
-        (30, [0.5, 0.5, math.nan] * 10),
+        (30, [math.nan] * 30, "no finite value"),
+        (1, [0.5], f"1 finite value (one a rollout), {WINDOW}"),
+        (9, [0.5] * 9, f"9 finite values (one a rollout), {WINDOW}"),
+        (30, [0.5, 0.5, math.nan] * 10, f"20 finite values (one a rollout), {WINDOW}"),
     ],
 )
-def test_fail_on_collapse_trips_when_no_reward_window_can_be_judged(tmp_path, steps, rewards):
+def test_fail_on_collapse_trips_when_no_reward_window_can_be_judged(tmp_path, steps, rewards, has):
     """The gate passed ('the recorded reward did not collapse', exit 0) on a reward the
     observed-collapse rule cannot judge: every value NaN, fewer steps than its window of 10,
-    or no 10 finite values in a row."""
+    or no 10 finite values in a row. It trips, counting the finite values the run has (it
+    said 'there is no reward to gate' of a run with 9 rewards)."""
     run = _scalar_run(tmp_path / "run", steps, reward_mean=rewards)
     code, (gate,) = _gates(run, "--fail-on-collapse")
     assert code == 1
     assert gate["gate"] == "reward_collapse" and not gate["ok"] and gate["figure"] is None
     assert gate["message"] == (
-        "the run's reward_mean has no 10 finite values in a row (the collapse window): the "
-        "collapse rule judges no step: there is no reward to gate"
+        f"the run's reward_mean has {has}: the collapse rule judges no step: there is no "
+        "reward window to gate"
     )
+    assert "no reward to gate" not in gate["message"]
     some_finite = any(math.isfinite(reward) for reward in rewards)
     code, (gate,) = _gates(run, "--fail-on-collapse", "--collapse-window", "1")
     assert (code, gate["ok"]) == ((0, True) if some_finite else (1, False))
@@ -112,10 +115,10 @@ def test_fail_on_collapse_on_an_unjudged_reward_fails_in_a_process_and_in_watch(
     run = _scalar_run(tmp_path / "short", 5, reward_mean=[0.5] * 5)
     done = run_cli("check", run, "--fail-on-collapse")
     assert done.returncode == 1, done.stderr
-    assert "(run) reward_collapse: the run's reward_mean has no 10 finite values" in done.stderr
+    assert "(run) reward_collapse: the run's reward_mean has 5 finite values" in done.stderr
     watched = runner.invoke(app, ["watch", str(run), "--once", "--fail-on-collapse"])
     assert watched.exit_code == 1, watched.output
-    assert "gate tripped: (run) reward_collapse: the run's reward_mean has no 10" in (
+    assert "gate tripped: (run) reward_collapse: the run's reward_mean has 5 finite" in (
         watched.stderr
     )
 

@@ -24,7 +24,9 @@ def _rows(run: Path) -> dict[str, str]:
 
 def test_a_one_step_run_is_not_judged_collapse_free(tmp_path):
     rows = _rows(tiny_run(tmp_path / "run", steps=1))
-    assert rows["first reward collapse"].startswith("not judged: the run's reward_mean has no 10")
+    assert rows["first reward collapse"].startswith(
+        "not judged: the run's reward_mean has 1 finite value (one a rollout), no 10 in a row"
+    )
     assert rows["collapse warning"].startswith("not judged: the run has no 3 finite")
     assert rows["grad-norm spikes"].startswith("not judged: the run recorded 1 finite")
     assert rows["non-finite steps"] == "none"  # counted on its one step

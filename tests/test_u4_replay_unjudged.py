@@ -24,7 +24,7 @@ def _replay(*args: str) -> tuple[str, str]:
 def test_a_one_step_run_is_not_judged(tmp_path):
     text, _ = _replay(str(tiny_run(tmp_path / "run", steps=1)))
     assert ": 1 step, geometry" in text
-    assert "first reward collapse not judged (the run's reward_mean has no 10 finite" in text
+    assert "first reward collapse not judged (the run's reward_mean has 1 finite value" in text
     assert "recorded grad-norm spikes: not judged (the run recorded 1 finite, nonzero" in text
     assert "collapse warning: not judged (the run has no 3 finite own-sample" in text
     assert "observed collapse not judged" in text

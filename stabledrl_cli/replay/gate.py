@@ -190,7 +190,11 @@ def _run_absolute(observed: Observed, gates: Gates) -> list[GateResult]:
     if gates.fail_on_collapse:
         found.append(
             _unjudged_run_gate(
-                observed, "reward_collapse", "first_reward_collapse", math.inf, "is no reward"
+                observed,
+                "reward_collapse",
+                "first_reward_collapse",
+                math.inf,
+                "is no reward window",
             )
             or _collapse_gate(observed)
         )

@@ -199,6 +199,9 @@ class Observed:
     noise_floor_units: int = 0
     """How many scored units (tokens, or sequences for unit "sequence") it was measured on."""
     reward_curve: RewardCurve | None = None
+    reward_values: int = 0
+    """Finite recorded reward draws, one a rollout (`detectors.reward_draws`): the values the
+    observed-collapse rule reads."""
     reward_windows: int = 0
     """Windows of `collapse_window` finite recorded rewards in a row: the levels the
     observed-collapse rule judges (0: it can find no collapse)."""
@@ -220,10 +223,13 @@ class Observed:
             if self.reward_curve is None:
                 return "the run recorded no reward_mean"
             if not self.reward_windows:
-                return (
-                    f"the run's reward_mean has no {self.collapse_window} finite values in a row "
-                    "(the collapse window): the collapse rule judges no step"
+                has = (
+                    f"{counted(self.reward_values, 'finite value')} (one a rollout), no "
+                    f"{self.collapse_window} in a row (the collapse window)"
+                    if self.reward_values
+                    else "no finite value"
                 )
+                return f"the run's reward_mean has {has}: the collapse rule judges no step"
         elif figure == "spike_steps" and self.grad_norm_values <= SPIKE_MIN_HISTORY:
             recorded = (
                 counted(self.grad_norm_values, "finite, nonzero grad_norm value")
@@ -408,6 +414,7 @@ def observe(
         noise_floor_logratio_std=noise_floor.std,
         noise_floor_units=noise_floor.count,
         reward_curve=_reward_curve(rewards, config.collapse_window),
+        reward_values=int(np.count_nonzero(np.isfinite(rewards))),
         reward_windows=finite_windows(rewards, config.collapse_window),
         collapse_window=config.collapse_window,
         collapse_warning=warning,
