@@ -897,6 +897,21 @@ def test_an_output_that_cannot_be_written_comes_after_the_results(
         assert "grpo" in result.stdout and "discard" in result.stdout, result.stdout
 
 
+def test_an_output_that_cannot_be_written_leaves_the_others_written(plain_run, tmp_path):
+    """--out onto a full disk beside --plot: the plot was not written (the first failed write
+    ended the writing). Each output is written that can be, as check's are; exit 4 names
+    the one that cannot."""
+    plot = tmp_path / "replay.png"
+    args = ["replay", str(plain_run), "-p", "grpo", "--device", "cpu", "--format", "json"]
+    result = runner.invoke(
+        app, [*args, "--out", str(full_disk(tmp_path / "report.h5")), "--plot", str(plot)]
+    )
+    assert result.exit_code == 4, result.output
+    assert result.stderr.strip().splitlines()[-1] == FULL_DISK_ERROR
+    assert f"wrote {plot}" in result.stderr
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
 @pytest.mark.parametrize("output_format", ["json", "table"])
 def test_a_bad_metrics_group_is_refused_before_the_replay(plain_run, tmp_path, output_format):
     """--metrics bogus: exit 2, one line, before any step is replayed or any output written.

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -53,6 +53,7 @@ from stabledrl_cli.cli._options import (
     number_option,
 )
 from stabledrl_cli.cli._output import err, out, print_json
+from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.cli.inspect import series_table
 from stabledrl_cli.cli.replay import (
     CollapseWindowOpt,
@@ -64,7 +65,7 @@ from stabledrl_cli.cli.replay import (
     same_file,
 )
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.errors import InputError, UsageError, WriteError, counted
+from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay._format import format_figure
 from stabledrl_cli.replay.baseline import (
@@ -280,27 +281,6 @@ def _baseline_policies_replayable(run: Run, baseline: Baseline) -> None:
             raise InputError(f"{baseline.path}: {exc}") from None
 
 
-def _write_outputs(
-    outputs: dict[str, tuple[Path | None, Callable[[Path], str]]],
-) -> tuple[dict[str, Path | None], list[WriteError]]:
-    """Writes each output asked for (name -> its path, None when not asked for, and its writer,
-    which returns the line on stderr that says so): the paths written, None for the others,
-    and the writes that failed. One that fails keeps no other from being written (a baseline
-    on a full disk, the JUnit report of the gates beside it)."""
-    wrote: dict[str, Path | None] = dict.fromkeys(outputs)
-    failed: list[WriteError] = []
-    for name, (path, write) in outputs.items():
-        if path is None:
-            continue
-        try:
-            err.print(write(path), highlight=False)
-        except WriteError as exc:
-            failed.append(exc)
-        else:
-            wrote[name] = path
-    return wrote, failed
-
-
 def command(
     run: RunSourceArg,
     baseline_path: Annotated[
@@ -451,7 +431,7 @@ def command(
         plot_replay(result, path, opened)
         return f"wrote {path}"
 
-    wrote, unwritten = _write_outputs({
+    wrote, unwritten = write_outputs({
         "baseline": (write_baseline_path, baseline_file),
         "junit": (junit, junit_file),
         "plot": (plot if result is not None else None, plot_file),
@@ -488,9 +468,6 @@ def command(
     elif results:
         hold = "holds" if len(results) == 1 else "hold"
         err.print(f"check passed: {counted(len(results), 'gate')} {hold}", highlight=False)
-    for failed in unwritten[:-1]:
-        err.print(f"error: {failed}", highlight=False)
-    if unwritten:
-        raise unwritten[-1]
+    raise_unwritten(unwritten)
     if tripped:
         raise typer.Exit(1)

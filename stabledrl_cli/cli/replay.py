@@ -3,7 +3,7 @@
 Exit codes: 0 ok; 2 usage error (an unknown policy spec, a bad option); 3 bad input (a missing
 run, a wrong format version, a step missing a field a requested policy needs, a run with no
 readable step); 4 an output that cannot be written (--out, --plot: after the results are
-shown). Steps with NaN or inf are replayed and
+shown; the other is still written). Steps with NaN or inf are replayed and
 flagged, not refused; unreadable step files, and steps whose data cannot be replayed (arrays
 of mismatched lengths, a seq_id out of range), are skipped, and a line on stderr says how many
 and why.
@@ -42,9 +42,10 @@ from stabledrl_cli.cli._options import (
     on_command_line,
 )
 from stabledrl_cli.cli._output import err, out, progress
+from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._remote import inside_local_run
-from stabledrl_cli.errors import ConfigError, UsageError, WriteError, counted
+from stabledrl_cli.errors import ConfigError, UsageError, counted
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,
     DEFAULT_SPIKE_FACTOR,
@@ -354,17 +355,17 @@ def command(
     print_own_policy_note(opened, err)
     note_skipped(result)
     note_empty_range(result)
+
     # An output that cannot be written ends the replay with exit 4, after its results are shown.
-    unwritten: WriteError | None = None
-    try:
-        if out_path is not None:
-            write_hdf5(result, out_path)
-            err.print(f"wrote {out_path}", highlight=False)
-        if plot is not None:
-            plot_replay(result, plot, opened)
-            err.print(f"wrote {plot}", highlight=False)
-    except WriteError as exc:
-        unwritten = exc
+    def report_file(path: Path) -> str:
+        write_hdf5(result, path)
+        return f"wrote {path}"
+
+    def plot_file(path: Path) -> str:
+        plot_replay(result, path, opened)
+        return f"wrote {path}"
+
+    _, unwritten = write_outputs({"out": (out_path, report_file), "plot": (plot, plot_file)})
     if output_format == "json":
         # Piece by piece: a long run's per-step rows are never all held as Python objects.
         for piece in result.iter_json():
@@ -375,8 +376,7 @@ def command(
         if detail or steps is not None:
             print_detail(result, out, groups, wide=wide, legend=legend)
         print_summary(result, out, groups, wide=wide, legend=legend)
-    if unwritten is not None:
-        raise unwritten
+    raise_unwritten(unwritten)
 
 
 command.__doc__ = (
