@@ -9,6 +9,8 @@ from _cli import ROOT, run_cli
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import open_run
+from stabledrl_cli.replay.engine import resolve_policies
 
 RUN = ROOT / "fixtures" / "grpo"
 NOTHING = {"observed": {}, "recorded": {"grad_norm": {}}, "policies": {"grpo": {}}}
@@ -54,3 +56,24 @@ def test_a_baseline_that_gates_nothing_exits_3_in_a_process(tmp_path):
     done = run_cli("check", RUN, "-b", baseline)
     assert done.returncode == 3, done.stderr
     assert "the baseline gates nothing" in done.stderr
+
+
+def test_a_baseline_gating_no_policy_replays_the_own_policy_and_the_catalogue(tmp_path):
+    """README: with no -p, check replays exactly the baseline's policies; a baseline with
+    `"policies": {}` gates none, and check then replays what replay does with no -p (the
+    run's own policy and the standard catalogue), the absolute gates evaluated on each."""
+    observed = {"spike_steps": {"value": 0, "abs_tol": 100}}
+    some = _baseline(tmp_path / "some.json", observed=observed, policies={"dapo": {}})
+    none = _baseline(tmp_path / "none.json", observed=observed, policies={})
+    replayed = {}
+    for name, baseline in (("some", some), ("none", none)):
+        args = ["check", str(RUN), "-b", str(baseline), "--max-nonfinite", "100", "-f", "json"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        replayed[name] = report["policies"]
+        gated = [g["policy"] for g in report["gates"] if g["gate"] == "max_nonfinite"]
+        assert gated == [None, *replayed[name]]  # the run's, then each policy's
+    assert replayed["some"] == ["dapo"]
+    catalogue = [p.spec for p in resolve_policies(open_run(RUN), None)[0]]
+    assert replayed["none"] == catalogue and len(catalogue) > 1
