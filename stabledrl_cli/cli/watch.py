@@ -56,6 +56,7 @@ from stabledrl_cli.cli.app import INTERRUPTED
 from stabledrl_cli.cli.inspect import LIST_LIMIT, stopped_text
 from stabledrl_cli.cli.replay import option_names
 from stabledrl_cli.dump import open_run
+from stabledrl_cli.dump._open import run_to_come
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.config import ReplayConfig
@@ -482,8 +483,8 @@ def command(
     path = local_run(run, "watch", "it polls a local directory while steps land in it")
     # before the live watch follows (it sets its own), or with --once: a line and 143
     with stopped_by_sigterm():
-        if once:
-            open_run(path)  # a missing path or a non-run: its own error, at once
+        if once or not run_to_come(path):
+            open_run(path)  # a missing path or a non-run (a FIFO): its own error, at once
         from stabledrl_cli._device import resolve_device
         from stabledrl_cli.replay.follow import RunWatcher  # torch: the own policy's replay
 

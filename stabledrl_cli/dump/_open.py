@@ -47,3 +47,10 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     if signature == HDF5_SIGNATURE:
         return ArchiveRun(run_path, verify=verify)
     raise InputError(f"{given} is not a run (expected a run directory or a .h5 archive)")
+
+
+def run_to_come(path: Path) -> bool:
+    """Whether `path` is a directory or nothing yet: a run that a watch waits for, its
+    manifest landing later. Anything else (a packed archive, a FIFO or device that never
+    becomes a run) is opened as it is, so a non-run is refused, not waited on."""
+    return path.is_dir() or not path.exists()

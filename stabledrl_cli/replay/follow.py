@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from stabledrl_cli.dump import RunIntegrityWarning, open_run
+from stabledrl_cli.dump._open import run_to_come
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
     RECORDING_CLOSED,
@@ -264,7 +265,7 @@ class RunWatcher:
     def _open(self) -> OwnReplay | None:
         if self.replay is None:
             self._manifest_key = None  # a packed archive has none
-            if not self.path.is_file():
+            if run_to_come(self.path):
                 self._manifest_key = self._manifest_now()
                 if self._manifest_key is None:  # no manifest (yet, or no more)
                     return None
