@@ -47,16 +47,19 @@ STEADY = [1.0 + 0.01 * (step % 3) for step in range(30)]
 def test_max_spikes_trips_when_no_grad_norm_can_be_judged(tmp_path, steps, series, recorded):
     """The gate passed ('0 grad-norm spike steps, limit 0', exit 0) on a run with no grad norm
     for the spike rule to judge (none recorded, every one NaN or 0, or no more than the 5 the
-    rule reads before it judges a step)."""
+    rule reads before it judges a step). Its message ends as the collapse gate's does: 'there
+    is no judged grad-norm step to gate', not 'there are no grad-norm spikes to gate' (read as
+    the run having none)."""
     run = _scalar_run(tmp_path / "run", steps, **series)
     code, (gate,) = _gates(run, "--max-spikes", "0")
     assert code == 1
     assert gate["gate"] == "max_spikes" and not gate["ok"]
     assert gate["figure"] is None and gate["limit"] == 0
     assert gate["message"] == (
-        f"the run recorded {recorded}; the spike rule judges a step after 5 such: there are "
-        "no grad-norm spikes to gate"
+        f"the run recorded {recorded}; the spike rule judges a step after 5 such: there is "
+        "no judged grad-norm step to gate"
     )
+    assert "no grad-norm spikes" not in gate["message"]
 
 
 def test_max_spikes_on_judged_grad_norms_still_counts_their_spikes(tmp_path):
