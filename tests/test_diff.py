@@ -651,3 +651,24 @@ def test_two_logs_of_scalars_part_where_the_scalars_both_record_do(tmp_path):
     lines = text.splitlines()
     assert "not compared, recorded by A only: lr; by B only: loss, reward_mean" in lines
     assert lines[-1] == "they never part: every value both record equal, bit for bit"
+
+
+def test_two_runs_of_scalars_only_say_their_batches_were_not_compared(tmp_path):
+    """Two runs of scalars only (loss and grad_norm logged with policy=None) said 'inputs
+    equal on all 4 compared steps' and 'log-probs   equal on ...', though neither holds an
+    input or a log-prob, and the JSON (first null, scalars_only 0) read as equal too. Now they
+    were not compared, as against a run's own log: batches_compared counts the steps where
+    both runs hold a policy batch, 0 here; the scalars are compared, the runs identical."""
+    for path in (tmp_path / "a", tmp_path / "b"):
+        with Recorder(path, policy=None) as rec:
+            for step in range(4):
+                rec.log_step(step, loss=0.5, grad_norm=2.0)
+    exit_code, data = _cli(tmp_path / "a", tmp_path / "b")
+    assert (exit_code, data["compared"], data["scalars_only"]) == (0, 4, 0)
+    assert (data["batches_compared"], data["identical"]) == (0, True)
+    args = ["diff", str(tmp_path / "a"), str(tmp_path / "b"), "--device", "cpu"]
+    lines = CliRunner().invoke(app, args).stdout.splitlines()
+    assert "inputs      not compared: both runs hold scalars only" in lines
+    assert "log-probs   not compared: both runs hold scalars only" in lines
+    assert "scalars     equal on all 4 compared steps" in lines
+    assert "arrays      equal on all 4 compared steps" in lines

@@ -55,10 +55,11 @@ def _ranges_text(ranges: list[tuple[int, int]]) -> str:
     return f"{shown} (+{rest} more: --format json has them all)" if rest > 0 else shown
 
 
-def _parting_lines(name: str, parting: Parting | None, compared: int) -> list[str]:
-    """The kind's line and its fields; `arrays` (bits) *differ*, the other kinds *part*."""
+def _parting_lines(name: str, parting: Parting | None, compared: int, holds: str) -> list[str]:
+    """The kind's line and its fields; `arrays` (bits) *differ*, the other kinds *part*;
+    `holds`: which run holds scalars only, when none of the kind was compared."""
     if parting is None and not compared:
-        return [f"{name:<11} not compared: one run holds scalars only"]
+        return [f"{name:<11} not compared: {holds} scalars only"]
     if parting is None:
         every = "the" if compared == 1 else "all"
         return [f"{name:<11} equal on {every} {counted(compared, 'compared step')}"]
@@ -90,10 +91,11 @@ def _print_table(result: DiffResult, until: int | None) -> None:
     ]
     if alone:
         lines.append(f"not compared, recorded {'; '.join(alone)}")
+    holds = "one run holds" if result.scalars_only else "both runs hold"
     for kind, name in KIND_NAMES.items():
-        batches = kind in ("inputs", "logprobs")  # not compared against scalars only
-        compared = result.compared - (result.scalars_only if batches else 0)
-        lines += _parting_lines(name, result.first[kind], compared)
+        batches = kind in ("inputs", "logprobs")  # not compared where a run holds scalars only
+        compared = result.batches_compared if batches else result.compared
+        lines += _parting_lines(name, result.first[kind], compared, holds)
     if result.identical:
         verdict = "identical: every array of every step equal, bit for bit"
     elif result.parted_at is None:

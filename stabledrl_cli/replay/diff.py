@@ -134,6 +134,9 @@ class DiffResult:
     scalars_only: int
     """Compared steps that one run holds as scalars only (no policy batch: an imported log,
     optimizer-hook steps): only what both record there was compared, not the other's batch."""
+    batches_compared: int
+    """Compared steps where both runs hold a policy batch: those `inputs` and `logprobs` were
+    compared on (0: not compared, both runs or one holding scalars only)."""
     unshared: dict[str, list[str]]
     """Per run ("a", "b"), the scalars (and scalar-step arrays, `param_grad_norm`) it alone
     records at a compared step where either run holds scalars only: not compared there."""
@@ -264,6 +267,7 @@ class _Comparison:
     first: dict[DiffKind, Parting | None] = field(default_factory=lambda: dict.fromkeys(DIFF_KINDS))
     compared: int = 0
     scalars_only: int = 0
+    batches_compared: int = 0
     unshared: dict[str, set[str]] = field(default_factory=lambda: {"a": set(), "b": set()})
 
     @property
@@ -294,6 +298,7 @@ class _Comparison:
         found: dict[DiffKind, list[FieldDifference]] = {kind: [] for kind in DIFF_KINDS}
         shared_only = a.is_scalar or b.is_scalar
         self.scalars_only += a.is_scalar != b.is_scalar
+        self.batches_compared += not shared_only
         if shared_only:
             recorded_a, recorded_b = _recorded(a), _recorded(b)
             self.unshared["a"] |= recorded_a - recorded_b
@@ -470,6 +475,7 @@ def diff_runs(
         common=len(common),
         compared=comparison.compared,
         scalars_only=comparison.scalars_only,
+        batches_compared=comparison.batches_compared,
         unshared={side: sorted(names) for side, names in comparison.unshared.items()},
         only_a=_ranges([n for n in steps_a if n not in in_b]),
         only_b=_ranges([n for n in steps_b if n not in in_a]),
