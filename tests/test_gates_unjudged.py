@@ -213,9 +213,9 @@ def test_max_nonfinite_trips_on_a_run_that_recorded_no_nonfinite_count(tmp_path,
         0,
     )
     assert gate["message"] == (
-        "the run recorded no nonfinite or nonfinite_grads count: there are no non-finite steps "
-        "to gate"
-    )
+        "the run recorded no nonfinite or nonfinite_grads count: there is no non-finite count to "
+        "gate"
+    )  # not 'there are no non-finite steps', which reads as a run found clean
     baseline = _baseline(tmp_path / "b.json", {"nonfinite_steps": {"value": 0}})
     code, (gate,) = _gates(run, "-b", str(baseline))
     assert (code, gate["gate"]) == (1, "baseline.present")

@@ -201,7 +201,7 @@ def _run_absolute(observed: Observed, gates: Gates) -> list[GateResult]:
     counts = (  # (gate, its run figure, limit, what the run may have none of, steps, their kind)
         ("max_spikes", "spike_steps", gates.max_spikes, "is no judged grad-norm step",
          observed.recorded_spike_steps, "grad-norm spike"),
-        ("max_nonfinite", "nonfinite_steps", gates.max_nonfinite, "are no non-finite steps",
+        ("max_nonfinite", "nonfinite_steps", gates.max_nonfinite, "is no non-finite count",
          observed.nonfinite_steps, "non-finite recorded"),
     )  # fmt: skip
     for gate, figure, limit, nothing, steps, what in counts:
