@@ -480,6 +480,27 @@ def test_tensorboard_per_tag_export_of_a_metric_with_slashes(
     assert map_names(table.names, ()).standard == {tag: scalar}
 
 
+@pytest.mark.parametrize(
+    "name, metric",
+    [
+        ("events.out.tfevents.1700000000.vm.1.0-tag-train_reward.csv", "train/reward"),
+        ("tfevents_summary.csv", "reward"),
+    ],
+)
+def test_a_csv_with_tfevents_in_its_name_is_read_as_csv(
+    tmp_path: Path, name: str, metric: str
+) -> None:
+    """`tfevents` anywhere in a name made it an event file, whatever its suffix: TensorBoard's
+    per-tag CSV of a run named after its event file, or a user's `tfevents_summary.csv`, was
+    refused as a corrupt event file. A text log's suffix tells its format first."""
+    log = tmp_path / name
+    header = "Wall time,Step,Value" if "-tag-" in name else "Wall time,Step,reward"
+    log.write_text(f"{header}\n1700000000.5,1,0.5\n1700000001.5,2,0.25\n")
+    assert detect_format(log) == "csv"
+    _, found, table = read_log(log)
+    assert found == "csv" and table.steps == {1: {metric: 0.5}, 2: {metric: 0.25}}
+
+
 def test_csv_wandb_chart_and_tensorboard_exports(tmp_path: Path) -> None:
     chart = tmp_path / "wandb.csv"
     chart.write_text(

@@ -38,10 +38,10 @@ def detect_format(path: Path) -> ImportFormat:
         raise InputError(f"{path}: no such file or directory")
     if path.name == TRAINER_STATE:
         return "trainer_state"
+    if path.suffix.lower() in _SUFFIXES:  # before the name: `run-X-tag-T.csv`, TensorBoard's
+        return _SUFFIXES[path.suffix.lower()]  # CSV of an X named after its event file, is CSV
     if "tfevents" in path.name:
         return "tfevents"
-    if path.suffix.lower() in _SUFFIXES:
-        return _SUFFIXES[path.suffix.lower()]
     with open_log(path) as handle:
         head = handle.read(_SNIFF)
         if len(head) >= 12 and masked_crc32c(head[:8]) == int.from_bytes(head[8:12], "little"):
