@@ -501,6 +501,46 @@ def test_a_csv_with_tfevents_in_its_name_is_read_as_csv(
     assert found == "csv" and table.steps == {1: {metric: 0.5}, 2: {metric: 0.25}}
 
 
+@pytest.mark.parametrize(
+    "name, metric",
+    [
+        ("run-Dec02_07-22-04_vm-tag-train_reward.json", "train/reward"),
+        ("run-.-tag-critic_score_mean.json", "critic/score/mean"),
+        ("events.out.tfevents.1700000000.vm.1.0-tag-train_reward.json", "train/reward"),
+    ],
+)
+def test_tensorboard_per_tag_json_export(tmp_path: Path, name: str, metric: str) -> None:
+    """The JSON download of a TensorBoard scalar chart, `[[wall time, step, value], ...]`
+    named as the per-tag CSV, was read as CSV and refused: 'no step column'. It is read as
+    that CSV is, its metric named the same way; NaN stays NaN."""
+    log = tmp_path / name
+    log.write_text("[[1700000000.5, 1, 0.5], [1700000001.5, 2, 0.25], [1700000002.5, 3, NaN]]")
+    assert detect_format(log) == "tensorboard_json"
+    _, found, table = read_log(log)
+    assert found == "tensorboard_json"
+    assert table.steps[1] == {metric: 0.5} and table.steps[2] == {metric: 0.25}
+    assert math.isnan(table.steps[3][metric])
+    assert map_names(table.names, ()).standard == {metric: "reward_mean"}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"a": 1}', "not TensorBoard's per-tag JSON"),
+        (b"[[1700000000.5, 1]]", r"entry 1 is not \[wall time, step, value\]"),
+        (b"[[1, 2, 3]" + b", [1, 2, 3]" * 2_000_000 + b"]", "JSON values"),
+    ],
+    ids=["object", "pair", "too-many"],
+)
+def test_tensorboard_per_tag_json_refusals(tmp_path: Path, content: bytes, message: str) -> None:
+    log = tmp_path / "run-.-tag-loss.json"
+    log.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        read_log(log, "tensorboard_json")
+    with pytest.raises(UsageError, match="step key"):
+        read_log(log, "tensorboard_json", step_key="Step")
+
+
 def test_csv_wandb_chart_and_tensorboard_exports(tmp_path: Path) -> None:
     chart = tmp_path / "wandb.csv"
     chart.write_text(

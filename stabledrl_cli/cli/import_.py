@@ -30,7 +30,7 @@ def command(
         Path,
         typer.Argument(
             help="The log: trainer_state.json (or its directory), a .jsonl or .csv file, a "
-            "TensorBoard event file or a directory of them.",
+            "TensorBoard event file or a directory of them, TensorBoard's per-tag .json export.",
             show_default=False,
             metavar="SRC",
             parser=local_file,

@@ -18,6 +18,7 @@ from stabledrl_cli.importers._detect import detect_format, directory_refused, lo
 from stabledrl_cli.importers._jsonl import read_jsonl
 from stabledrl_cli.importers._names import STANDARD_SOURCES
 from stabledrl_cli.importers._table import StepTable, skipped_text
+from stabledrl_cli.importers._tbjson import read_tensorboard_json
 from stabledrl_cli.importers._tfevents import read_tfevents
 from stabledrl_cli.importers._trainer_state import read_trainer_state
 from stabledrl_cli.vocab import IMPORT_FORMATS, ImportFormat
@@ -37,6 +38,7 @@ _READERS: dict[ImportFormat, Callable[[Path, str | None], StepTable]] = {
     "jsonl": read_jsonl,
     "csv": read_csv,
     "tfevents": lambda path, _key: read_tfevents(path),
+    "tensorboard_json": lambda path, _key: read_tensorboard_json(path),
 }
 
 
@@ -53,7 +55,7 @@ def read_log(
     found = log_format or detect_format(path)
     if found != "tfevents" and path.is_dir():
         raise directory_refused(path, found)
-    if step_key is not None and found in ("trainer_state", "tfevents"):
+    if step_key is not None and found not in ("jsonl", "csv"):
         raise UsageError(f"a step key applies to jsonl and csv logs, not to {found}")
     return path, found, _READERS[found](path, step_key)
 

@@ -70,6 +70,13 @@ def _joined(first: tuple[int, str, bool], rest: Iterator[tuple[int, str, bool]])
         yield text + "\n"
 
 
+def per_tag_metric(path: Path) -> str:
+    """The metric of TensorBoard's per-tag export at `path` (CSV or JSON), from its name
+    (`run-X-tag-TAG.csv`, else the whole stem)."""
+    stem = path.stem
+    return _tag(stem.split("-tag-", 1)[1] if "-tag-" in stem else stem)
+
+
 def _tag(saved: str) -> str:
     """A tag as a file name holds it (its `/` saved as `_`): a tracker prefix restored, then
     a metric that maps to a standard scalar (`critic_score_mean` is `critic/score/mean`)."""
@@ -91,8 +98,7 @@ _STANDARD_FLAT = {_flat(s): s for sources in STANDARD_SOURCES.values() for s in 
 def _metric_names(header: list[str], path: Path) -> list[str]:
     """The header's names: W&B's `<run> - ` prefix dropped; TensorBoard's Value named."""
     if header == _TENSORBOARD_HEADER:
-        stem = path.stem
-        return ["Wall time", "Step", _tag(stem.split("-tag-", 1)[1] if "-tag-" in stem else stem)]
+        return ["Wall time", "Step", per_tag_metric(path)]
     if len(set(header)) != len(header):
         raise InputError(f"{path}: the header repeats a column name")
     metrics = [n for n in header if n not in STEP_KEYS]

@@ -40,7 +40,7 @@ def detect_format(path: Path) -> ImportFormat:
         return "trainer_state"
     if path.suffix.lower() in _SUFFIXES:  # before the name: `run-X-tag-T.csv`, TensorBoard's
         return _SUFFIXES[path.suffix.lower()]  # CSV of an X named after its event file, is CSV
-    if "tfevents" in path.name:
+    if "tfevents" in path.name and path.suffix.lower() != ".json":  # .json: a per-tag export
         return "tfevents"
     with open_log(path) as handle:
         head = handle.read(_SNIFF)
@@ -51,6 +51,8 @@ def detect_format(path: Path) -> ImportFormat:
             handle.seek(len(head) - len(text))
             text = handle.readline(LINE_LIMIT)
     first = text.split(b"\n", 1)[0]
+    if first.startswith(b"[") and first[1:].lstrip()[:1] in (b"[", b"]", b""):  # a JSON array
+        return "tensorboard_json"
     if first.startswith(b"{"):  # one object per line, or one document (over many lines, or
         # on one, as json.dump writes it: its log_history tells it from a row)
         row = first.rstrip().endswith(b"}") and b'"log_history"' not in first
@@ -63,7 +65,7 @@ def detect_format(path: Path) -> ImportFormat:
 def directory_refused(path: Path, log_format: ImportFormat | None) -> InputError:
     """The refusal of directory `path` (after `log_path`) as a log of `log_format` (None: of
     any), naming its subdirectories that hold a log."""
-    if log_format in ("jsonl", "csv"):
+    if log_format in ("jsonl", "csv", "tensorboard_json"):
         return InputError(f"{path}: a directory; a {log_format} log is one file")
     logs = subdirectories(path, lambda d: (d / TRAINER_STATE).is_file() or holds_events(d))
     held = (

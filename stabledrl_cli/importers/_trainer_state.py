@@ -20,15 +20,16 @@ parsed whole, and the parsed values cost 30 to 100 times their bytes (an empty o
 about 80 parsed). Twice the values an import holds leaves room for the rows' bookkeeping."""
 
 
-def trainer_state_json(path: Path) -> object:
-    """The parsed JSON of a trainer_state.json, read bounded (a regular file of at most
-    DOCUMENT_LIMIT bytes and VALUE_LIMIT values) and strict (`parse_strict`, NaN and Infinity
-    read as such); InputError, one line, when it is not JSON within those bounds."""
+def trainer_state_json(path: Path, what: str = "trainer_state.json") -> object:
+    """The parsed JSON of a trainer_state.json (or another JSON document, `what` in a message),
+    read bounded (a regular file of at most DOCUMENT_LIMIT bytes and VALUE_LIMIT values) and
+    strict (`parse_strict`, NaN and Infinity read as such); InputError, one line, when it is
+    not JSON within those bounds."""
     with open_log(path, DOCUMENT_LIMIT) as handle:
         raw = handle.read(DOCUMENT_LIMIT + 1)
     if raw.count(b",") >= VALUE_LIMIT:
         raise InputError(f"{path}: more than {VALUE_LIMIT:,} JSON values (parsed whole: too many)")
-    return parse_strict(raw, str(path), "trainer_state.json", allow_nan=True)
+    return parse_strict(raw, str(path), what, allow_nan=True)
 
 
 def read_trainer_state(path: Path) -> StepTable:
