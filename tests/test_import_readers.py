@@ -962,3 +962,20 @@ def test_a_jsonl_or_csv_log_appended_across_a_restart_drops_the_dead_runs_later_
     lr = {step: row["lr"] for step, row in table.steps.items()}
     assert lr == dict.fromkeys(range(1, 5), 0.5)
     assert table.replaced == 1 and table.preempted == 2  # step 2's loss replaced; 3-4 dropped
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_a_run_name_holding_tag_keeps_the_metric_of_a_per_tag_export(
+    tmp_path: Path, suffix: str
+) -> None:
+    """The tag was taken after the first `-tag-`, so a run named `exp-tag-v1` exported
+    `run-exp-tag-v1-tag-train_reward.csv` as an extra scalar `v1-tag-train_reward`, no
+    reward_mean; the tag follows the last `-tag-`."""
+    log = tmp_path / f"run-exp-tag-v1-tag-train_reward{suffix}"
+    if suffix == ".csv":
+        log.write_text("Wall time,Step,Value\n1700000000.5,1,0.5\n1700000001.5,2,0.25\n")
+    else:
+        log.write_text("[[1700000000.5, 1, 0.5], [1700000001.5, 2, 0.25]]\n")
+    _, _, table = read_log(log)
+    assert table.steps == {1: {"train/reward": 0.5}, 2: {"train/reward": 0.25}}
+    assert map_names(table.names, ()).standard == {"train/reward": "reward_mean"}

@@ -72,9 +72,10 @@ def _joined(first: tuple[int, str, bool], rest: Iterator[tuple[int, str, bool]])
 
 def per_tag_metric(path: Path) -> str:
     """The metric of TensorBoard's per-tag export at `path` (CSV or JSON), from its name
-    (`run-X-tag-TAG.csv`, else the whole stem)."""
+    (`run-X-tag-TAG.csv`, else the whole stem). The tag follows the last `-tag-`: a run's name
+    may hold one (`exp-tag-v1`), a tag's (a metric name, its `/` saved as `_`) hardly."""
     stem = path.stem
-    return _tag(stem.split("-tag-", 1)[1] if "-tag-" in stem else stem)
+    return _tag(stem.rsplit("-tag-", 1)[1] if "-tag-" in stem else stem)
 
 
 def _tag(saved: str) -> str:
