@@ -369,6 +369,30 @@ def test_junit_and_table_show_a_missing_figure_alike(runs, baseline, tmp_path):
     assert present.find("failure").text.startswith("figure n/a, limit n/a: policy 'is'")
 
 
+def test_junit_classnames_hold_no_dot_of_a_spec_and_names_are_unique(runs, baseline, tmp_path):
+    """Jenkins splits a classname at its last '.': the class of 'two-sided:delta=4.5' read as
+    package 'stabledrl.two-sided:delta=4', class '5'. And every `baseline.present` of one class
+    shared one testcase name, told apart by its message alone."""
+
+    def edit(data):
+        data["policies"]["two-sided:delta=4.5"] = data["policies"]["grpo"]
+        data["recorded"] = {
+            series: {"max": {"value": 1.0, "worse": "higher"}} for series in ("kl", "entropy")
+        }
+
+    edited = _edit(baseline, tmp_path / "dotted.json", edit)
+    junit = tmp_path / "check.xml"
+    args = ["check", str(runs["steady"]), "-b", str(edited), "-p", "grpo", "--junit", str(junit)]
+    assert runner.invoke(app, args).exit_code == 1
+    cases = list(ET.parse(junit).getroot().iter("testcase"))
+    classes = {c.get("classname") for c in cases}
+    assert "stabledrl.two-sided:delta=4\u00b75" in classes  # U+00B7 MIDDLE DOT
+    assert all(c.count(".") == 1 for c in classes), classes
+    pairs = [(c.get("classname"), c.get("name")) for c in cases]
+    assert len(pairs) == len(set(pairs)), sorted(pairs)
+    assert ("stabledrl.run", "baseline.present (recorded.kl.max)") in pairs
+
+
 def test_replay_settings_come_from_the_baseline(runs, baseline, tmp_path):
     code, _, stderr = _check(str(runs["steady"]), "--baseline", str(baseline), "--window", "7")
     assert code == 2 and "differs from the baseline's" in stderr

@@ -55,6 +55,9 @@ class GateResult:
     limit: float | None
     """The worst figure that passes."""
     message: str
+    subject: str | None = None
+    """What a gate that may appear more than once per policy judges (`baseline.present`: the
+    figure the check has none of), for the JUnit testcase name; not in the check JSON."""
 
     def shown(self) -> tuple[str, str]:
         """The figure and the limit as the table and the JUnit report show them ("n/a":
@@ -68,6 +71,7 @@ class GateResult:
     def to_dict(self) -> dict[str, object]:
         """The check JSON's entry: infinite figures and limits as null."""
         data: dict[str, object] = asdict(self)
+        del data["subject"]
         for key, value in (("figure", self.figure), ("limit", self.limit)):
             data[key] = value if value is None or math.isfinite(value) else None
         return data
@@ -213,10 +217,17 @@ def _run_absolute(observed: Observed, gates: Gates) -> list[GateResult]:
     return found
 
 
-def _absent(policy: str | None, message: str) -> GateResult:
-    """`baseline.present`, tripped: the baseline gates what the check has no figure of."""
+def _absent(policy: str | None, message: str, subject: str | None = None) -> GateResult:
+    """`baseline.present`, tripped: the baseline gates what the check has no figure of
+    (`subject`; None: the policy itself)."""
     return GateResult(
-        policy=policy, gate="baseline.present", ok=False, figure=None, limit=None, message=message
+        policy=policy,
+        gate="baseline.present",
+        ok=False,
+        figure=None,
+        limit=None,
+        message=message,
+        subject=subject,
     )
 
 
@@ -234,6 +245,7 @@ def _recorded_regressions(
                         None,
                         f"recorded series {name!r} ({stat}) is in the baseline but the run "
                         + ("has no finite value of it" if name in series else "did not record it"),
+                        f"recorded.{name}.{stat}",
                     )
                 )
                 continue
@@ -371,7 +383,11 @@ def evaluate(
         for name, tol in baseline.observed.items():
             why = observed.unjudged(name)
             if why is not None:
-                found.append(_absent(None, f"observed.{name} is in the baseline, but {why}"))
+                found.append(
+                    _absent(
+                        None, f"observed.{name} is in the baseline, but {why}", f"observed.{name}"
+                    )
+                )
                 continue
             figure = run_figure(name, observed)
             found.append(_regression(None, f"observed.{name}", tol, figure, strict=strict))
@@ -387,7 +403,7 @@ def evaluate(
         unjudged = no_finite_update(p, named=True)
         for name, tol in baseline.policies.get(p.spec, {}).items():
             if unjudged is not None and name in FINITE_UPDATE_METRICS:
-                found.append(_absent(p.spec, f"{name} is in the baseline, but {unjudged}"))
+                found.append(_absent(p.spec, f"{name} is in the baseline, but {unjudged}", name))
                 continue
             figure = rules[name].measure(p.summary)
             why = unjudged_metric(p, name)
@@ -396,6 +412,7 @@ def evaluate(
                     _absent(
                         p.spec,
                         f"{name} is in the baseline, but for {p.spec!r} it is not judged: {why}",
+                        name,
                     )
                 )
                 continue
@@ -404,6 +421,7 @@ def evaluate(
                     _absent(
                         p.spec,
                         f"{name} is in the baseline, but {p.spec!r} has no finite value of it",
+                        name,
                     )
                 )
                 continue

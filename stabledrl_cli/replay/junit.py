@@ -13,7 +13,10 @@ from stabledrl_cli._json import unicode_text
 from stabledrl_cli.replay.gate import GateResult
 
 RUN_CLASS = "stabledrl.run"
-"""JUnit classname of run-level gates (a policy's is stabledrl.POLICY)."""
+"""JUnit classname of run-level gates (a policy's is stabledrl.POLICY, `class_of`)."""
+SPEC_DOT = "\u00b7"
+"""What a '.' of a policy spec reads as in a classname (U+00B7 MIDDLE DOT, in no spec): Jenkins
+splits a classname at its last '.', and would read `two-sided:delta=4.5` as class `5`."""
 NOT_XML = {
     code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
     for code in (*range(0x20), 0xFFFE, 0xFFFF)
@@ -28,8 +31,20 @@ def _xml(text: str) -> str:
     return unicode_text(text).translate(NOT_XML)
 
 
+def class_of(policy: str | None) -> str:
+    """The JUnit classname of a gate of `policy` (None: a run-level gate): one '.', after
+    `stabledrl`."""
+    return RUN_CLASS if policy is None else "stabledrl." + policy.replace(".", SPEC_DOT)
+
+
+def case_name(result: GateResult) -> str:
+    """The JUnit testcase name, unique within its class: the gate, and what it judges when one
+    gate may appear more than once (`baseline.present (recorded.kl.max)`)."""
+    return result.gate if result.subject is None else f"{result.gate} ({result.subject})"
+
+
 def junit_xml(results: list[GateResult], run: str, *, seconds: float = 0.0) -> bytes:
-    """One testsuite, one testcase per policy and gate (classname stabledrl.POLICY)."""
+    """One testsuite, one testcase per policy and gate (`class_of`, `case_name`)."""
     failures = str(sum(not r.ok for r in results))
     tests, time = str(len(results)), f"{seconds:.3f}"
     suites = ET.Element(
@@ -47,9 +62,8 @@ def junit_xml(results: list[GateResult], run: str, *, seconds: float = 0.0) -> b
         timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
     for r in results:
-        classname = RUN_CLASS if r.policy is None else f"stabledrl.{r.policy}"
         case = ET.SubElement(
-            suite, "testcase", classname=_xml(classname), name=_xml(r.gate), time="0"
+            suite, "testcase", classname=_xml(class_of(r.policy)), name=_xml(case_name(r)), time="0"
         )
         message = _xml(r.message)
         if not r.ok:
