@@ -14,8 +14,8 @@ import stabledrl_cli as sd
 
 
 def _log(recorder: sd.Recorder, reward: list[float], given: bool) -> None:
-    """One step of `reward`; with `given`, its reward_mean given too (as the TRL and verl
-    captures give theirs: the mean of the scored ones)."""
+    """One step of `reward`; with `given`, its reward_mean given too (the mean of the scored
+    ones, as a caller that computes its own may give it)."""
     count = len(reward)
     logp = np.zeros((count, 2), dtype=np.float32)
     rewards = np.array(reward, dtype=np.float32)

@@ -34,6 +34,7 @@ from _trl import (
     torchrun,
     train,
 )
+from safetensors import safe_open
 from tiny_configs import PARITY  # (plain data beside the tiny run's helpers, on _trl's path)
 
 import stabledrl_cli as sd
@@ -549,6 +550,43 @@ def test_unscorable_rewards_recompute_as_trl_does(tiny: Any, tmp_path: Path) -> 
         assert torch.allclose(recomputed, step["advantages"], atol=1e-5)
     own = sd.replay(out, policies=[spec], device="cpu").policies[0]
     assert own.summary.collapsed_steps == []
+
+
+def test_an_infinite_reward_gives_trls_logged_reward_and_its_weight(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """TRL logs `reward` as the nanmean of the rewards: an infinite one makes it inf. The
+    capture took the mean of the finite rewards alone (a number TRL's dashboard never showed)
+    while `_scored_rewards`, its weight in a multi-rank join, counted the infinite one too.
+    Both are now over the rewards that are not NaN, as TRL's and the Recorder's."""
+
+    def infinite(completions: list[str], **_: Any) -> list[float]:
+        rewards = [float(r) for r in tiny.count_b(completions)]
+        return [math.inf, *rewards[1:]]
+
+    out = tmp_path / "run"
+    trainer = integration.RecordingGRPOTrainer(
+        model=tiny.tiny_model(),
+        reward_funcs=infinite,
+        args=tiny.tiny_config(str(tmp_path / "trl_out"), num_iterations=1, max_steps=2),
+        train_dataset=tiny.tiny_dataset(),
+        processing_class=tiny.tiny_tokenizer(),
+        stabledrl_out=out,
+    )
+    trainer.train()
+    logged = logged_steps(trainer.state.log_history)
+    steps = list(sd.open_run(out))
+    assert [s.step for s in steps] == sorted(logged)
+    shown = [s for s in steps if "reward" in logged[s.step]]  # logged once per generation
+    assert shown and all(logged[s.step]["reward"] == math.inf for s in shown)
+    assert [s.scalars["reward_mean"] for s in shown] == [math.inf] * len(shown)
+    for step in steps:  # every step: the mean of the rewards that are not NaN
+        reward = step["reward"].double()
+        assert step.scalars["reward_mean"] == pytest.approx(float(torch.nanmean(reward)))
+    for path in sorted((out / "steps").iterdir()):  # its weight: the same rewards, counted
+        with safe_open(path, "pt") as f:
+            count = int((~torch.isnan(f.get_tensor("reward"))).sum())
+            assert f.metadata()["_scored_rewards"] == str(count)
 
 
 @pytest.fixture(scope="module")

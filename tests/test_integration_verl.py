@@ -70,10 +70,13 @@ def actor_config(**overrides: Any) -> ActorConfig:
     )
 
 
-def rollout(n_prompts: int = 4, group: int = 3, seed: int = 0, scale: float = 0.6) -> TensorDict:
+def rollout(
+    n_prompts: int = 4, group: int = 3, seed: int = 0, scale: float = 0.6, infinite: int = -1
+) -> TensorDict:
     """A rollout as verl's trainer hands it to `update_actor`: left-padded prompts, right-padded
     responses, `uid` per prompt, token-level scores, old/ref/rollout log-probs and the model's
-    "true" current log-probs in `_logp` (what the fake forward returns), some ratios extreme."""
+    "true" current log-probs in `_logp` (what the fake forward returns), some ratios extreme;
+    row `infinite` (>= 0) scored inf, its advantage kept finite."""
     gen = torch.Generator().manual_seed(seed)
     b = n_prompts * group
     prompt_len = torch.randint(1, PROMPT + 1, (b,), generator=gen)
@@ -92,6 +95,8 @@ def rollout(n_prompts: int = 4, group: int = 3, seed: int = 0, scale: float = 0.
     reward = score.sum(-1).view(n_prompts, group)
     adv = ((reward - reward.mean(1, keepdim=True)) / (reward.std(1, keepdim=True) + 1e-6)).view(b)
     adv[4] = -1.0
+    if infinite >= 0:
+        score[infinite, resp_len[infinite] - 1] = math.inf
     tensors = {
         "prompts": prompts,
         "responses": responses,
@@ -1474,6 +1479,19 @@ def test_hook_records_each_train_batch(hooked: Any) -> None:
     assert run.step(1).scalars["grad_norm"] == pytest.approx(0.7)
     assert run.step(1).scalars["lr"] == pytest.approx(1e-5)
     assert not status.exists()
+
+
+def test_an_infinite_score_gives_verls_score_mean_and_its_weight(hooked: Any) -> None:
+    """verl logs `critic/score/mean` as the plain mean of the sequence scores: an infinite
+    one makes it inf. The capture took the mean of the finite scores alone while
+    `_scored_rewards`, its weight in a multi-rank join, counted the infinite one too."""
+    run_dir, _ = hooked
+    train(actor_config(), infinite=3)
+    stabledrl_verl.uninstall()
+    steps = list(open_run(run_dir))
+    assert any(bool(torch.isinf(s["reward"]).any()) for s in steps)
+    for step in steps:  # verl's metric_utils: token_level_scores.sum(-1), then torch.mean
+        assert step.scalars["reward_mean"] == float(torch.mean(step["reward"].double()))
 
 
 @pytest.mark.parametrize("factor", [4.5, 9, None])

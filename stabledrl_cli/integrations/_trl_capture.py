@@ -116,7 +116,6 @@ class StepBuffer:
         counts = [m.token_count for m in micro if m.token_count is not None]
         token_count = torch.cat(counts) if counts else None
         clip = min(1.0, max_grad_norm / (grad_norm + 1e-6)) if max_grad_norm > 0 else 1.0
-        finite_rewards = reward[torch.isfinite(reward)]
         self.recorder.log_step(
             step,
             logp=tokens("logp"),
@@ -138,6 +137,5 @@ class StepBuffer:
             loss=sum(m.loss for m in micro),
             lr=lr,
             inner_step=self.inner_step,
-            reward_mean=float(finite_rewards.mean()) if finite_rewards.numel() else math.nan,
         )
         self.failure.stopped(self.recorder.stopped, f"recording step {step}")

@@ -198,7 +198,6 @@ class StepLog:
         if self.max_norm is not None and finite:
             clip = min(1.0, self.max_norm / (self.grad_norm + 1e-6))
         reward = torch.cat([m.reward for m in micro])
-        finite_rewards = reward[torch.isfinite(reward)]
         recorder.log_step(
             step,
             logp=tokens([m.logp for m in micro]),
@@ -218,7 +217,6 @@ class StepLog:
             loss=sum(m.loss for m in micro),
             lr=self.lr,
             inner_step=self.inner_step,
-            reward_mean=float(finite_rewards.mean()) if finite_rewards.numel() else math.nan,
             scalars=scalars,
             **optional,
         )
