@@ -9,14 +9,14 @@ from pathlib import Path
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.importers._csvlog import per_tag_metric
 from stabledrl_cli.importers._table import StepTable
-from stabledrl_cli.importers._trainer_state import trainer_state_json
+from stabledrl_cli.importers._trainer_state import bounded_json_document
 
 _WHAT = "TensorBoard's per-tag JSON"
 
 
 def read_tensorboard_json(path: Path) -> StepTable:
     """The steps of a TensorBoard per-tag JSON export (InputError when it is not one)."""
-    document = trainer_state_json(path, _WHAT)
+    document = bounded_json_document(path, _WHAT)
     if not isinstance(document, list):
         raise InputError(f"{path}: not {_WHAT} (a list of [wall time, step, value])")
     metric = per_tag_metric(path)

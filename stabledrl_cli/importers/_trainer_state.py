@@ -20,11 +20,11 @@ parsed whole, and the parsed values cost 30 to 100 times their bytes (an empty o
 about 80 parsed). Twice the values an import holds leaves room for the rows' bookkeeping."""
 
 
-def trainer_state_json(path: Path, what: str = "trainer_state.json") -> object:
-    """The parsed JSON of a trainer_state.json (or another JSON document, `what` in a message),
-    read bounded (a regular file of at most DOCUMENT_LIMIT bytes and VALUE_LIMIT values) and
-    strict (`parse_strict`, NaN and Infinity read as such); InputError, one line, when it is
-    not JSON within those bounds."""
+def bounded_json_document(path: Path, what: str = "trainer_state.json") -> object:
+    """The parsed JSON document at `path` (`what` names it in messages: a trainer_state.json,
+    or TensorBoard's per-tag JSON), read bounded (a regular file of at most DOCUMENT_LIMIT
+    bytes and VALUE_LIMIT values) and strict (`parse_strict`, NaN and Infinity read as such);
+    InputError, one line, when it is not JSON within those bounds."""
     with open_log(path, DOCUMENT_LIMIT) as handle:
         raw = handle.read(DOCUMENT_LIMIT + 1)
     if raw.count(b",") >= VALUE_LIMIT:
@@ -34,7 +34,7 @@ def trainer_state_json(path: Path, what: str = "trainer_state.json") -> object:
 
 def read_trainer_state(path: Path) -> StepTable:
     """The steps of a trainer_state.json (InputError when it is not one)."""
-    document = trainer_state_json(path)
+    document = bounded_json_document(path)
     history = document.get("log_history") if isinstance(document, dict) else None
     if not isinstance(history, list):
         raise InputError(f"{path}: not a trainer_state.json (no log_history list)")

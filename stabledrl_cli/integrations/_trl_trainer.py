@@ -37,7 +37,7 @@ from stabledrl_cli.capture.bootstrap import (
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.dump._schema import MANIFEST_NAME, path_argument, switch_argument
 from stabledrl_cli.errors import InputError, UsageError, WriteError
-from stabledrl_cli.importers._trainer_state import trainer_state_json
+from stabledrl_cli.importers._trainer_state import bounded_json_document
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
 from stabledrl_cli.integrations._trl_policy import policy_for_config, uses_loss_weight
 from stabledrl_cli.integrations._trl_version import check_trl_version
@@ -81,7 +81,7 @@ def _resume_step(trainer: Any, checkpoint: str | bool | None) -> int | None:
     """The global_step of the checkpoint `train(resume_from_checkpoint=...)` resumes, else None.
     OSError when there is no checkpoint to resume (TRL's train() refuses that with its own
     error); InputError, one line, when its trainer_state.json is not one (read bounded and
-    strict: `trainer_state_json`)."""
+    strict: `bounded_json_document`)."""
     if checkpoint is None or checkpoint is False:
         return None
     if checkpoint is True:
@@ -92,7 +92,7 @@ def _resume_step(trainer: Any, checkpoint: str | bool | None) -> int | None:
     path = Path(str(checkpoint)) / "trainer_state.json"
     if not os.path.lexists(path):
         raise FileNotFoundError(f"no {path}")
-    state = trainer_state_json(path)
+    state = bounded_json_document(path)
     step = state.get("global_step") if isinstance(state, dict) else None
     if type(step) is not int or step < 0:
         raise InputError(f"{path}: not a trainer_state.json (no global_step: a whole number >= 0)")
