@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import stabledrl_cli as sd
+from stabledrl_cli.dump._writer_lock import writers_gone
 from stabledrl_cli.errors import UsageError
 
 LOCK = ".writer.rank-0000.lock"
@@ -82,15 +83,16 @@ def test_a_recorder_in_another_process_is_refused_while_one_records(tmp_path, mo
     assert _losses(path) == {0: 1.0, 1: 1.0}
 
 
-def test_a_killed_recorders_rank_is_free_again(tmp_path):
-    """The kernel drops a killed process's lock: its run resumes, the lock file it left is
-    taken over and never read as a step."""
-    path = tmp_path / "run"
+def _killed_while_recording(path, *, policy: str | None = None, ranks: int = 1) -> None:
+    """A forked child records step 0 of each of `ranks` ranks, then is killed (-9)."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child's
-        recorder = sd.Recorder(path, policy="grpo")
-        recorder.log_step(0, loss=1.0)
+        recorders = [
+            sd.Recorder(path, policy=policy, world_size=ranks, rank=rank) for rank in range(ranks)
+        ]
+        for recorder in recorders:
+            recorder.log_step(0, loss=1.0)
         os.write(write, b"1")
         signal.pause()
     os.close(write)
@@ -98,6 +100,13 @@ def test_a_killed_recorders_rank_is_free_again(tmp_path):
     os.close(read)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
+
+
+def test_a_killed_recorders_rank_is_free_again(tmp_path):
+    """The kernel drops a killed process's lock: its run resumes, the lock file it left is
+    taken over and never read as a step."""
+    path = tmp_path / "run"
+    _killed_while_recording(path, policy="grpo")
     assert LOCK in os.listdir(path / "steps")
     run = sd.open_run(path)
     assert [s.step for s in run] == [0] and run.integrity.findings == []
@@ -144,3 +153,36 @@ def test_a_fifo_under_the_lock_files_name_is_never_waited_on(tmp_path):
     run = sd.open_run(path)
     assert [s.step for s in run] == [0]
     assert [f.kind for f in run.integrity.findings] == ["unknown_file"]
+
+
+def test_a_killed_recorder_is_told_from_a_live_one_and_a_closed_one(tmp_path):
+    """`writers_gone` (what ends a watch of a killed recording): a rank's lock file that no
+    process holds, signed under this machine's running kernel. Not while a Recorder records,
+    in this process (whose lock its probe must not drop) or another, nor once it closed."""
+    killed = tmp_path / "killed"
+    _killed_while_recording(killed)
+    assert writers_gone(killed / "steps")
+    with sd.Recorder(killed, policy=None, resume=True) as resumed:
+        assert not writers_gone(killed / "steps")
+        assert _in_a_child(lambda: str(writers_gone(killed / "steps"))) == "False"
+        second = _in_a_child(lambda: str(sd.Recorder(killed, policy=None, resume=True)))
+        assert second == f"UsageError: {_refusal(killed, 'in another process')}"  # still held
+        resumed.log_step(1, loss=1.0)
+    assert not writers_gone(killed / "steps")  # closed: its lock file is removed
+    assert _losses(killed) == {0: 1.0, 1: 1.0}
+
+    ranks = tmp_path / "ranks"
+    _killed_while_recording(ranks, ranks=2)
+    assert writers_gone(ranks / "steps")
+    (ranks / "steps" / ".writer.rank-0001.lock").write_text("another-machine\n")
+    assert not writers_gone(ranks / "steps")  # a lock taken elsewhere may not show here
+
+
+def test_a_lock_file_of_an_older_recorder_is_never_judged(tmp_path):
+    """An unsigned lock file (left by a Recorder from before the signature, or by one on a
+    file system without locks, which records unguarded) says nothing about its Recorder."""
+    path = tmp_path / "run"
+    _killed_while_recording(path)
+    (path / "steps" / LOCK).write_bytes(b"")
+    assert not writers_gone(path / "steps")
+    assert not writers_gone(tmp_path / "absent" / "steps")

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -890,6 +891,54 @@ def test_a_watch_ends_once_the_recording_closed_and_its_steps_are_read(tmp_path,
     result = CliRunner().invoke(app, ["watch", str(empty)])
     assert result.exit_code == 3
     assert result.stderr.endswith(f"{empty}: the recording closed with no readable step\n")
+
+
+_RECORD_THEN_WAIT = """
+import math, sys, time
+from stabledrl_cli.dump import Recorder
+recorder = Recorder(sys.argv[1], policy=None)
+for n in range(int(sys.argv[2])):
+    recorder.log_step(n, grad_norm=500.0 if n == 25 else 1.0, loss=0.5, reward_mean=0.5, lr=1e-3)
+print("recorded", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize(("steps", "code"), [(30, 1), (0, 3)])
+def test_a_watch_ends_once_the_recording_process_is_killed(tmp_path, steps, code):
+    """A Recorder's process killed (-9: the out-of-memory killer, say) never marks its run
+    closed; the watch now ends once it read what landed, as for a closed one (the gates'
+    code; 3 with no step). Before, it waited for ever (only --until-idle or a signal ended
+    it)."""
+    live = tmp_path / "live"
+    recorder = subprocess.Popen(
+        [sys.executable, "-c", _RECORD_THEN_WAIT, str(live), str(steps)],
+        stdout=subprocess.PIPE, text=True, env=cli_environment(),
+    )  # fmt: skip
+    try:
+        assert recorder.stdout is not None and recorder.stdout.readline() == "recorded\n"
+        with _watching(live, "--interval", "0.05", "--max-spikes", "0", seen="") as (
+            watch,
+            lines,
+            _,
+        ):
+            if steps:
+                while not any(line.startswith("alert: step 25") for line in lines):
+                    assert watch.poll() is None, "".join(lines)
+                    time.sleep(0.05)
+            recorder.kill()
+            assert watch.wait(timeout=HANG_SECONDS) == code, "".join(lines)
+    finally:
+        recorder.kill()
+        recorder.wait()
+    stderr = "".join(lines)
+    ended = "the recording's process ended without closing it (killed?)"
+    if steps:
+        assert f"{ended}: stopped (30 steps seen)" in stderr
+        assert "gate tripped: (run) max_spikes: 1 grad-norm spike step, limit 0" in stderr
+    else:
+        assert stderr.endswith(f"{live}: {ended} with no readable step\n")
+    assert "Traceback" not in stderr
 
 
 def test_a_follower_replays_the_guards_its_config_names(tmp_path):

@@ -8,16 +8,17 @@ given scalars alone) is followed as `check` treats it: its recorded scalars show
 and gated, nothing replayed.
 
 A run whose manifest is marked `recording_closed` (its Recorder closed) ends the watch once
-its steps are read, as --until-idle does.
+its steps are read, as --until-idle does; so does a run whose Recorders all ended without
+closing it (killed), seen on this machine (`RunWatcher.writer_gone`).
 
 Exit codes: 0 every gate holds (or none is given); 1 a gate tripped (--once, or when
---until-idle or the closed recording ends the watch); 2 usage error (a URL among them: watch
-follows a local path; a policy gate on a run the own policy did not replay); 3 a missing or
-corrupt run (--once), or a run whose steps cannot be replayed (a step lacks a field the own
-policy needs, or every step's data is refused); 130 stopped with Ctrl-C; 143 stopped with
-SIGTERM. A step whose data the own policy cannot be replayed with (a seq_id out of range,
-mismatched array lengths) is skipped with one stderr line naming it and why, and never read
-again.
+--until-idle, the closed recording or its killed Recorder ends the watch); 2 usage error (a
+URL among them: watch follows a local path; a policy gate on a run the own policy did not
+replay); 3 a missing or corrupt run (--once), or a run whose steps cannot be replayed (a step
+lacks a field the own policy needs, or every step's data is refused); 130 stopped with Ctrl-C;
+143 stopped with SIGTERM. A step whose data the own policy cannot be replayed with (a seq_id
+out of range, mismatched array lengths) is skipped with one stderr line naming it and why, and
+never read again.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ STEPS_LISTED = 8
 """Steps named per list in the view (JSON has them all)."""
 TERMINATED = SIGNALLED + signal.SIGTERM
 """The exit code of a watch stopped with SIGTERM (143), as a shell reports a process it ended."""
+GONE = "the recording's process ended without closing it (killed?)"
+"""Why a watch ends when the run's Recorders all ended without closing it."""
 MAX_INTERVAL = 86_400
 """The longest --interval, a day (time.sleep overflowed on 1e30 seconds)."""
 
@@ -399,6 +402,9 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                         if watcher.closed:  # every step the run will have is read
                             ended = "the recording closed"
                             break
+                        if watcher.writer_gone:  # so is it here: no Recorder is left
+                            ended = GONE
+                            break
                         if state.steps != seen:
                             seen, last_change = state.steps, now
                         elif until_idle is not None and now - last_change >= until_idle:
@@ -419,6 +425,8 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
         raise _no_step_read(
             watcher, state, f"{watcher.path}: the recording closed with no readable step"
         )
+    if state.steps == 0 and watcher.writer_gone:
+        raise _no_step_read(watcher, state, f"{watcher.path}: {GONE} with no readable step")
     if state.steps == 0:
         raise _no_step_read(
             watcher, state, f"{watcher.path}: no step landed within {until_idle:g} s"

@@ -21,12 +21,14 @@ on unguarded: the lock never stops a training that could record.
 from __future__ import annotations
 
 import os
+import struct
+import sys
 import threading
 from contextlib import suppress
 from pathlib import Path
 
 from stabledrl_cli._regular import NotRegularFile, open_regular_fd
-from stabledrl_cli.dump._schema import writer_lock_name
+from stabledrl_cli.dump._schema import WRITER_LOCK_RE, writer_lock_name
 from stabledrl_cli.errors import UsageError
 
 try:
@@ -41,6 +43,12 @@ _HELD_LOCK = threading.Lock()
 
 _TRIES = 8
 """Locks taken at most, each of a file that another Recorder removed before it was locked."""
+
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+"""Linux's name of the running kernel, new at each boot, shared by its containers."""
+
+_FLOCK = "hhqqi4x"
+"""Linux's `struct flock` on a 64-bit machine: type, whence, start, length, pid."""
 
 
 class WriterLock:
@@ -102,9 +110,67 @@ def hold_writer_lock(steps: Path, rank: int) -> WriterLock:
                 return WriterLock()
             if _locked_in_place(held, path):
                 _HELD[key] = os.getpid()
+                _sign(fd)
                 return WriterLock(fd, path, key)
             os.close(fd)
     return WriterLock()
+
+
+def writers_gone(steps: Path) -> bool:
+    """Whether the Recorders of the run whose steps folder is `steps` all ended without closing
+    it (killed, say): the folder keeps a rank's lock file (a Recorder removes its own as it
+    closes, or is dropped unclosed), each one signed under this machine's running kernel and
+    held by no process. False whenever that cannot be told: no lock file, one taken on
+    another machine or by an older Recorder (unsigned), a system without Linux's locks."""
+    kernel = _kernel()
+    if fcntl is None or kernel is None or not sys.platform.startswith("linux"):
+        return False
+    if struct.calcsize("P") != 8:
+        return False
+    try:
+        ranks = [int(m.group(1)) for m in map(WRITER_LOCK_RE.match, os.listdir(steps)) if m]
+        st = os.stat(steps)
+    except OSError:
+        return False
+    with _HELD_LOCK:  # this process's own locks: closing a descriptor of one would drop it
+        if any(_HELD.get((st.st_dev, st.st_ino, rank)) == os.getpid() for rank in ranks):
+            return False
+        return bool(ranks) and all(_released(steps / writer_lock_name(r), kernel) for r in ranks)
+
+
+def _kernel() -> bytes | None:
+    try:
+        return _BOOT_ID.read_bytes().strip()[:64] or None
+    except OSError:
+        return None
+
+
+def _sign(fd: int) -> None:
+    """Names this machine's running kernel in the held lock file (`writers_gone`)."""
+    kernel = _kernel()
+    if kernel is not None:
+        with suppress(OSError):  # unsigned, the lock still guards: never judged gone
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, kernel + b"\n", 0)
+
+
+def _released(path: Path, kernel: bytes) -> bool:
+    """Whether the lock file at `path` was signed under `kernel` and no process holds it
+    (asked with F_GETLK: taking it, even for a moment, could refuse a Recorder starting)."""
+    try:
+        fd, _ = open_regular_fd(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (OSError, NotRegularFile):
+        return False
+    try:
+        if os.pread(fd, 128, 0).strip() != kernel:
+            return False
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        answer = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
+        return bool(answer[0] == fcntl.F_UNLCK)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _open(path: Path) -> tuple[int, os.stat_result] | None:

@@ -29,6 +29,7 @@ from stabledrl_cli.dump._schema import (
 from stabledrl_cli.dump._setup import manifest_now
 from stabledrl_cli.dump._stfile import FileKey, file_key
 from stabledrl_cli.dump._views import StepSubset
+from stabledrl_cli.dump._writer_lock import writers_gone
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay.columns import ColumnArray
 from stabledrl_cli.replay.config import ReplayConfig
@@ -218,7 +219,8 @@ class RunWatcher:
     again, its alerts kept), and what is derived from the steps read is
     derived again only when more were read, or the last one changed. `closed` says when a
     poll read every step the run will have (its manifest marked `recording_closed`, or a
-    packed archive)."""
+    packed archive); `writer_gone` when two polls in a row found that its Recorders all
+    ended without closing it (killed: `writers_gone`), the second one listing after that."""
 
     def __init__(
         self, path: str | os.PathLike[str], config: ReplayConfig | None = None, *, recent: int = 10
@@ -253,6 +255,16 @@ class RunWatcher:
         """Whether the manifest was marked `recording_closed` before the last poll listed the
         steps, and was the same after: that poll read every step the run will have
         (docs/run-format.md)."""
+        self._gone_polls = 0
+        """The polls in a row, up to the last, that found the run's Recorders gone before
+        listing its steps and its manifest the same after."""
+
+    @property
+    def writer_gone(self) -> bool:
+        """Whether the run's Recorders ended without closing it, as two polls in a row found
+        before they listed its steps (the first may have met a Recorder between creating its
+        lock file and locking it): the last poll read every step the run will have."""
+        return self._gone_polls >= 2
 
     def _manifest_now(self) -> FileKey | None:
         """The key of the run directory's manifest as it is now; None without one (not yet,
@@ -318,6 +330,7 @@ class RunWatcher:
         self.recording_stopped = None
         self.recording_stops = []
         self.closed = self._closed_mark = False
+        self._gone_polls = 0
         self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
         self._alerts, self._seen = [], set()
         self._alerted = None
@@ -354,6 +367,7 @@ class RunWatcher:
         if replay is None:
             return False
         closed = self._closed_mark  # read before the listing: it lists every step
+        gone = self._manifest_key is not None and writers_gone(self.path / STEPS_DIR)
         numbers = replay.run.listed_step_numbers
         if not set(replay.seen) <= set(numbers):  # steps it read are gone
             self._start_over()
@@ -382,6 +396,7 @@ class RunWatcher:
         if not kept and self._replaced(replay):
             return True
         self.closed = closed and kept  # the mark held through the listing
+        self._gone_polls = self._gone_polls + 1 if gone and kept else 0
         return False
 
     def _landed_late(self, replay: OwnReplay, numbers: list[int]) -> bool:
