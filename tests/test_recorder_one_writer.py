@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import stabledrl_cli as sd
-from stabledrl_cli.dump._writer_lock import writers_gone
+from stabledrl_cli.dump._writer_lock import writer_states
 from stabledrl_cli.errors import UsageError
 
 LOCK = ".writer.rank-0000.lock"
@@ -156,26 +156,27 @@ def test_a_fifo_under_the_lock_files_name_is_never_waited_on(tmp_path):
 
 
 def test_a_killed_recorder_is_told_from_a_live_one_and_a_closed_one(tmp_path):
-    """`writers_gone` (what ends a watch of a killed recording): a rank's lock file that no
-    process holds, signed under this machine's running kernel. Not while a Recorder records,
-    in this process (whose lock its probe must not drop) or another, nor once it closed."""
+    """`writer_states` (what ends a watch of a recording whose Recorders ended unmarked): a
+    rank's lock file that no process holds, signed under this machine's running kernel, is
+    "released" (its Recorder died); one a Recorder holds is "held", in this process (whose
+    lock the question must not drop) or another; a closed Recorder's is gone."""
     killed = tmp_path / "killed"
     _killed_while_recording(killed)
-    assert writers_gone(killed / "steps")
+    assert writer_states(killed / "steps") == {0: "released"}
     with sd.Recorder(killed, policy=None, resume=True) as resumed:
-        assert not writers_gone(killed / "steps")
-        assert _in_a_child(lambda: str(writers_gone(killed / "steps"))) == "False"
+        assert writer_states(killed / "steps") == {0: "held"}
+        assert _in_a_child(lambda: str(writer_states(killed / "steps"))) == "{0: 'held'}"
         second = _in_a_child(lambda: str(sd.Recorder(killed, policy=None, resume=True)))
         assert second == f"UsageError: {_refusal(killed, 'in another process')}"  # still held
         resumed.log_step(1, loss=1.0)
-    assert not writers_gone(killed / "steps")  # closed: its lock file is removed
+    assert writer_states(killed / "steps") == {}  # closed: its lock file is removed
     assert _losses(killed) == {0: 1.0, 1: 1.0}
 
     ranks = tmp_path / "ranks"
     _killed_while_recording(ranks, ranks=2)
-    assert writers_gone(ranks / "steps")
+    assert writer_states(ranks / "steps") == {0: "released", 1: "released"}
     (ranks / "steps" / ".writer.rank-0001.lock").write_text("another-machine\n")
-    assert not writers_gone(ranks / "steps")  # a lock taken elsewhere may not show here
+    assert writer_states(ranks / "steps") == {0: "released", 1: "unknown"}  # may not show
 
 
 def test_a_lock_file_of_an_older_recorder_is_never_judged(tmp_path):
@@ -184,5 +185,5 @@ def test_a_lock_file_of_an_older_recorder_is_never_judged(tmp_path):
     path = tmp_path / "run"
     _killed_while_recording(path)
     (path / "steps" / LOCK).write_bytes(b"")
-    assert not writers_gone(path / "steps")
-    assert not writers_gone(tmp_path / "absent" / "steps")
+    assert writer_states(path / "steps") == {0: "unknown"}
+    assert writer_states(tmp_path / "absent" / "steps") is None

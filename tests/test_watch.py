@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from _cli import cli_command, cli_environment, run_cli, run_cli_together
 from conftest import fixture_run
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run
@@ -849,29 +849,42 @@ def test_sigterm_stops_a_watch_once_with_one_line(grpo_fixture):
     assert stderr == "stopped by SIGTERM\n"
 
 
+def _watched_to_the_end(
+    monkeypatch: pytest.MonkeyPatch, live: Path, finish: Callable[[], None]
+) -> tuple[Result, int]:
+    """`watch live --max-spikes 0` in this process, `finish()` called at its first sleep
+    between polls and Ctrl-C at its sixth; -> its result and how often it slept."""
+    sleeps = 0
+
+    def between_polls(seconds: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        if sleeps == 1:
+            finish()
+        if sleeps > 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    return CliRunner().invoke(app, ["watch", str(live), "--max-spikes", "0"]), sleeps
+
+
 def test_a_watch_ends_once_the_recording_closed_and_its_steps_are_read(tmp_path, monkeypatch):
     """A Recorder closed (its run marked `recording_closed`) between two polls: the next poll
     reads the steps that landed meanwhile and the watch ends as `--until-idle` does, with the
     gates' code; the mark is no change of run. Before, only a signal or --until-idle ended it
-    (here the fourth sleep's Ctrl-C, exit 130)."""
+    (here the sixth sleep's Ctrl-C, exit 130)."""
     live = tmp_path / "live"
     recorder = Recorder(live, policy=None)
     for n in range(20):
         _scalar_step(recorder, n)
-    sleeps = {"n": 0}
 
-    def between_polls(seconds: float) -> None:
-        sleeps["n"] += 1
-        if sleeps["n"] == 1:
-            for n in range(20, 30):
-                _scalar_step(recorder, n)
-            recorder.close()
-        if sleeps["n"] > 3:
-            raise KeyboardInterrupt
+    def finish() -> None:
+        for n in range(20, 30):
+            _scalar_step(recorder, n)
+        recorder.close()
 
-    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
-    result = CliRunner().invoke(app, ["watch", str(live), "--max-spikes", "0"])
-    assert result.exit_code == 1 and sleeps["n"] == 1, result.stderr
+    result, sleeps = _watched_to_the_end(monkeypatch, live, finish)
+    assert result.exit_code == 1 and sleeps == 1, result.stderr
     assert "the recording closed: stopped (30 steps seen)" in result.stderr
     assert "gate tripped: (run) max_spikes: 1 grad-norm spike step" in result.stderr
     assert "changed under the watch" not in result.stderr
@@ -939,6 +952,50 @@ def test_a_watch_ends_once_the_recording_process_is_killed(tmp_path, steps, code
     else:
         assert stderr.endswith(f"{live}: {ended} with no readable step\n")
     assert "Traceback" not in stderr
+
+
+def test_a_watch_ends_once_every_rank_of_a_run_closed(tmp_path, monkeypatch):
+    """A run of several ranks is never marked closed (no rank knows the others are done):
+    the watch now ends once every rank whose Recorder it saw recording let its lock go, after
+    reading what landed. Before, only --until-idle or a signal ended it (here the sixth
+    sleep's Ctrl-C, exit 130). A rank it never saw recording keeps it waiting."""
+    live = tmp_path / "live"
+    ranks = [Recorder(live, policy=None, world_size=2, rank=rank) for rank in (0, 1)]
+
+    def steps(numbers: range) -> None:
+        for recorder in ranks:
+            for n in numbers:
+                _scalar_step(recorder, n)
+
+    steps(range(20))
+
+    def finish() -> None:
+        steps(range(20, 30))
+        for recorder in ranks:
+            recorder.close()
+
+    result, sleeps = _watched_to_the_end(monkeypatch, live, finish)
+    assert result.exit_code == 1 and sleeps == 2, result.stderr
+    assert "every Recorder of the run closed: stopped (30 steps seen)" in result.stderr
+    assert "gate tripped: (run) max_spikes: 1 grad-norm spike step" in result.stderr
+
+    late = tmp_path / "late"
+    Recorder(late, policy=None, world_size=2, rank=0).close()  # rank 1 not seen recording
+    watcher = RunWatcher(late, CPU)
+    for _ in range(3):
+        watcher.poll()
+    assert watcher.writers_ended is None
+
+    dropped = tmp_path / "dropped"  # one rank, never closed: no mark, its lock let go
+    recorder = Recorder(dropped, policy=None)
+    _scalar_step(recorder, 0)
+    watcher = RunWatcher(dropped, CPU)
+    watcher.poll()
+    del recorder
+    watcher.poll()
+    assert watcher.writers_ended is None  # one poll is not enough
+    watcher.poll()
+    assert watcher.writers_ended == "closed" and not watcher.closed
 
 
 def test_a_follower_replays_the_guards_its_config_names(tmp_path):

@@ -9,7 +9,8 @@ and gated, nothing replayed.
 
 A run whose manifest is marked `recording_closed` (its Recorder closed) ends the watch once
 its steps are read, as --until-idle does; so does a run whose Recorders all ended without
-closing it (killed), seen on this machine (`RunWatcher.writer_gone`).
+marking it (killed, or the ranks of a run of several), as their lock files show on this
+machine (`RunWatcher.writers_ended`).
 
 Exit codes: 0 every gate holds (or none is given); 1 a gate tripped (--once, or when
 --until-idle, the closed recording or its killed Recorder ends the watch); 2 usage error (a
@@ -71,15 +72,13 @@ from stabledrl_cli.replay.run_facts import (
 )
 
 if TYPE_CHECKING:
-    from stabledrl_cli.replay.follow import Alert, RankProgress, RunWatcher, WatchState
+    from stabledrl_cli.replay.follow import Alert, RankProgress, RunWatcher, WatchState, WritersEnd
     from stabledrl_cli.replay.incremental import OwnReplay
 
 STEPS_LISTED = 8
 """Steps named per list in the view (JSON has them all)."""
 TERMINATED = SIGNALLED + signal.SIGTERM
 """The exit code of a watch stopped with SIGTERM (143), as a shell reports a process it ended."""
-GONE = "the recording's process ended without closing it (killed?)"
-"""Why a watch ends when the run's Recorders all ended without closing it."""
 MAX_INTERVAL = 86_400
 """The longest --interval, a day (time.sleep overflowed on 1e30 seconds)."""
 
@@ -356,6 +355,13 @@ def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
     return _report_gates(results)
 
 
+def _ended(how: WritersEnd) -> str:
+    """Why a watch ends when the run's Recorders all ended without marking it closed."""
+    if how == "killed":
+        return "the recording's process ended without closing it (killed?)"
+    return "every Recorder of the run closed"
+
+
 def _end_view() -> None:
     """Off a terminal, the live view is printed once when it stops, without its last newline."""
     if not err.is_terminal:
@@ -402,8 +408,8 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                         if watcher.closed:  # every step the run will have is read
                             ended = "the recording closed"
                             break
-                        if watcher.writer_gone:  # so is it here: no Recorder is left
-                            ended = GONE
+                        if watcher.writers_ended is not None:  # so is it: no Recorder left
+                            ended = _ended(watcher.writers_ended)
                             break
                         if state.steps != seen:
                             seen, last_change = state.steps, now
@@ -425,8 +431,9 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
         raise _no_step_read(
             watcher, state, f"{watcher.path}: the recording closed with no readable step"
         )
-    if state.steps == 0 and watcher.writer_gone:
-        raise _no_step_read(watcher, state, f"{watcher.path}: {GONE} with no readable step")
+    if state.steps == 0 and watcher.writers_ended is not None:
+        message = f"{_ended(watcher.writers_ended)} with no readable step"
+        raise _no_step_read(watcher, state, f"{watcher.path}: {message}")
     if state.steps == 0:
         raise _no_step_read(
             watcher, state, f"{watcher.path}: no step landed within {until_idle:g} s"

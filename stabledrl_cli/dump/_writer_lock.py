@@ -26,6 +26,7 @@ import sys
 import threading
 from contextlib import suppress
 from pathlib import Path
+from typing import Literal
 
 from stabledrl_cli._regular import NotRegularFile, open_regular_fd
 from stabledrl_cli.dump._schema import WRITER_LOCK_RE, writer_lock_name
@@ -116,26 +117,36 @@ def hold_writer_lock(steps: Path, rank: int) -> WriterLock:
     return WriterLock()
 
 
-def writers_gone(steps: Path) -> bool:
-    """Whether the Recorders of the run whose steps folder is `steps` all ended without closing
-    it (killed, say): the folder keeps a rank's lock file (a Recorder removes its own as it
-    closes, or is dropped unclosed), each one signed under this machine's running kernel and
-    held by no process. False whenever that cannot be told: no lock file, one taken on
-    another machine or by an older Recorder (unsigned), a system without Linux's locks."""
+WriterState = Literal["held", "released", "unknown"]
+"""What a rank's lock file left in steps/ says of its Recorder (`writer_states`)."""
+
+
+def writer_states(steps: Path) -> dict[int, WriterState] | None:
+    """Each rank with a lock file in the run's steps folder `steps`, and what it says: "held"
+    (a live Recorder holds it: of this process, or of any other the locks show), "released"
+    (no process holds it, and it was signed under this machine's running kernel: its Recorder
+    died, killed say), "unknown" (a lock taken on another machine, whose locks may not show
+    here, or by an older Recorder, unsigned; one being taken). A rank whose Recorder closed
+    (or was dropped unclosed) has no lock file. None where it cannot be told: no Linux locks
+    to ask, a folder that cannot be listed."""
     kernel = _kernel()
     if fcntl is None or kernel is None or not sys.platform.startswith("linux"):
-        return False
+        return None
     if struct.calcsize("P") != 8:
-        return False
+        return None
     try:
         ranks = [int(m.group(1)) for m in map(WRITER_LOCK_RE.match, os.listdir(steps)) if m]
         st = os.stat(steps)
     except OSError:
-        return False
+        return None
+    states: dict[int, WriterState] = {}
     with _HELD_LOCK:  # this process's own locks: closing a descriptor of one would drop it
-        if any(_HELD.get((st.st_dev, st.st_ino, rank)) == os.getpid() for rank in ranks):
-            return False
-        return bool(ranks) and all(_released(steps / writer_lock_name(r), kernel) for r in ranks)
+        for rank in ranks:
+            if _HELD.get((st.st_dev, st.st_ino, rank)) == os.getpid():
+                states[rank] = "held"
+            else:
+                states[rank] = _state(steps / writer_lock_name(rank), kernel)
+    return states
 
 
 def _kernel() -> bytes | None:
@@ -146,7 +157,7 @@ def _kernel() -> bytes | None:
 
 
 def _sign(fd: int) -> None:
-    """Names this machine's running kernel in the held lock file (`writers_gone`)."""
+    """Names this machine's running kernel in the held lock file (`writer_states`)."""
     kernel = _kernel()
     if kernel is not None:
         with suppress(OSError):  # unsigned, the lock still guards: never judged gone
@@ -154,21 +165,20 @@ def _sign(fd: int) -> None:
             os.pwrite(fd, kernel + b"\n", 0)
 
 
-def _released(path: Path, kernel: bytes) -> bool:
-    """Whether the lock file at `path` was signed under `kernel` and no process holds it
-    (asked with F_GETLK: taking it, even for a moment, could refuse a Recorder starting)."""
+def _state(path: Path, kernel: bytes) -> WriterState:
+    """What the lock file at `path` says, asked with F_GETLK (taking the lock, even for a
+    moment, could refuse a Recorder starting)."""
     try:
         fd, _ = open_regular_fd(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except (OSError, NotRegularFile):
-        return False
+        return "unknown"
     try:
-        if os.pread(fd, 128, 0).strip() != kernel:
-            return False
         query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-        answer = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
-        return bool(answer[0] == fcntl.F_UNLCK)
+        if struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))[0] != fcntl.F_UNLCK:
+            return "held"
+        return "released" if os.pread(fd, 128, 0).strip() == kernel else "unknown"
     except OSError:
-        return False
+        return "unknown"
     finally:
         os.close(fd)
 

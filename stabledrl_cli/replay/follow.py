@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from stabledrl_cli.dump._schema import (
 from stabledrl_cli.dump._setup import manifest_now
 from stabledrl_cli.dump._stfile import FileKey, file_key
 from stabledrl_cli.dump._views import StepSubset
-from stabledrl_cli.dump._writer_lock import writers_gone
+from stabledrl_cli.dump._writer_lock import writer_states
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay.columns import ColumnArray
 from stabledrl_cli.replay.config import ReplayConfig
@@ -205,6 +205,10 @@ class _RankFiles:
         self._names = names
 
 
+WritersEnd = Literal["killed", "closed"]
+"""How a run's Recorders all ended without marking it closed (`RunWatcher.writers_ended`)."""
+
+
 class RunWatcher:
     """Follows a run as it is written: each `poll` replays the steps that landed since the
     last one (a step file still under its temporary name is not listed yet) and returns the
@@ -219,8 +223,8 @@ class RunWatcher:
     again, its alerts kept), and what is derived from the steps read is
     derived again only when more were read, or the last one changed. `closed` says when a
     poll read every step the run will have (its manifest marked `recording_closed`, or a
-    packed archive); `writer_gone` when two polls in a row found that its Recorders all
-    ended without closing it (killed: `writers_gone`), the second one listing after that."""
+    packed archive); `writers_ended` how its Recorders all ended, when two polls in a row
+    found them ended (`_writers_end`), the second one listing after that."""
 
     def __init__(
         self, path: str | os.PathLike[str], config: ReplayConfig | None = None, *, recent: int = 10
@@ -255,16 +259,40 @@ class RunWatcher:
         """Whether the manifest was marked `recording_closed` before the last poll listed the
         steps, and was the same after: that poll read every step the run will have
         (docs/run-format.md)."""
-        self._gone_polls = 0
-        """The polls in a row, up to the last, that found the run's Recorders gone before
+        self._ended_polls = 0
+        """The polls in a row, up to the last, that found the run's Recorders ended before
         listing its steps and its manifest the same after."""
+        self._writers_end: WritersEnd | None = None
+        """How the last poll found them ended (`_writers_now`)."""
+        self._held: set[int] = set()
+        """The ranks whose lock a live Recorder held at a poll of this run."""
 
     @property
-    def writer_gone(self) -> bool:
-        """Whether the run's Recorders ended without closing it, as two polls in a row found
-        before they listed its steps (the first may have met a Recorder between creating its
-        lock file and locking it): the last poll read every step the run will have."""
-        return self._gone_polls >= 2
+    def writers_ended(self) -> WritersEnd | None:
+        """How the run's Recorders all ended, as two polls in a row found them before they
+        listed its steps (the first may have met a Recorder between creating its lock file
+        and locking it): "killed" (a Recorder's process died), "closed"; None while one may
+        still write. Once not None the last poll read every step the run will have."""
+        return self._writers_end if self._ended_polls >= 2 else None
+
+    def _writers_now(self, world_size: object) -> WritersEnd | None:
+        """How the run's Recorders ended, as their lock files say now (`writer_states`):
+        "killed" when each lock file left is held by no process (one at least: its Recorder
+        died), or when every rank held its lock at a poll of this watch and none holds it now,
+        one at least left unheld; "closed" when all those let it go as they closed (a run of
+        several ranks is never marked closed); None while one may still write, or when it
+        cannot be told (a lock on another machine, an older Recorder's)."""
+        states = writer_states(self.path / STEPS_DIR)
+        if states is None:
+            return None
+        self._held.update(rank for rank, state in states.items() if state == "held")
+        left = set(states.values())
+        if left == {"released"}:
+            return "killed"
+        every = isinstance(world_size, int) and set(range(world_size)) <= self._held
+        if every and left <= {"released"}:
+            return "killed" if left else "closed"
+        return None
 
     def _manifest_now(self) -> FileKey | None:
         """The key of the run directory's manifest as it is now; None without one (not yet,
@@ -330,7 +358,7 @@ class RunWatcher:
         self.recording_stopped = None
         self.recording_stops = []
         self.closed = self._closed_mark = False
-        self._gone_polls = 0
+        self._ended_polls, self._writers_end, self._held = 0, None, set()
         self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
         self._alerts, self._seen = [], set()
         self._alerted = None
@@ -367,7 +395,8 @@ class RunWatcher:
         if replay is None:
             return False
         closed = self._closed_mark  # read before the listing: it lists every step
-        gone = self._manifest_key is not None and writers_gone(self.path / STEPS_DIR)
+        world_size = replay.run.manifest.get("world_size")
+        ended = None if self._manifest_key is None else self._writers_now(world_size)
         numbers = replay.run.listed_step_numbers
         if not set(replay.seen) <= set(numbers):  # steps it read are gone
             self._start_over()
@@ -396,7 +425,8 @@ class RunWatcher:
         if not kept and self._replaced(replay):
             return True
         self.closed = closed and kept  # the mark held through the listing
-        self._gone_polls = self._gone_polls + 1 if gone and kept else 0
+        self._writers_end = ended if kept else None
+        self._ended_polls = self._ended_polls + 1 if self._writers_end else 0
         return False
 
     def _landed_late(self, replay: OwnReplay, numbers: list[int]) -> bool:
