@@ -7,14 +7,17 @@ Records steps 0..N-1 with `Recorder`, each built by `make_step(seed, step)`, and
 step number to stdout (flushed) once `log_step` has returned for it. The tests regenerate the
 same arrays from the seed to check what was read back, bit for bit. With `--stall-at K` the
 write of step K stops half-way through its data, prints "stalled" and waits to be killed: a
-crash in the middle of a write, at a known place.
+crash in the middle of a write, at a known place. `killed_while_recording` kills a recording
+process whose Recorders are open (imported by the tests).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -52,6 +55,28 @@ def stall_in_the_next_large_write() -> None:
             time.sleep(60)
 
     os.writev = writev
+
+
+def killed_while_recording(path: Path, *, policy: str | None = None, ranks: int = 1) -> None:
+    """A forked child records step 0 of each of `ranks` ranks of the run at `path`, then is
+    killed (-9) with its Recorders open: their lock files are left, held by no process."""
+    from stabledrl_cli import Recorder
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's
+        recorders = [
+            Recorder(path, policy=policy, world_size=ranks, rank=rank) for rank in range(ranks)
+        ]
+        for recorder in recorders:
+            recorder.log_step(0, loss=1.0)
+        os.write(write, b"1")
+        signal.pause()
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.close(read)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from _cli import run_cli
+from _record_worker import killed_while_recording
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -195,6 +196,31 @@ def test_inspect_says_whether_the_recording_closed(tmp_path):
         table = runner.invoke(app, ["inspect", str(path)])
         assert ("closed: its Recorder finished" in table.output) is marked
     recorder.close()
+
+
+def test_inspect_says_whether_a_recorder_is_live_or_died(tmp_path):
+    """A run a live Recorder holds says so, and one whose recording process was killed (its
+    lock files left, held by no process) says that it died, rank by rank (JSON
+    `recording_live`, `recording_died`); a closed run, an archive and a run at a URL say
+    neither. Before, a killed recording showed nothing."""
+    live, killed = tmp_path / "live", tmp_path / "killed"
+    recorder = sd.Recorder(live, policy=None)
+    recorder.log_step(0, grad_norm=1.0, loss=0.5)
+    killed_while_recording(killed, ranks=2)
+    expected = {live: ([0], [], "under way: rank 0 recording now")}
+    expected[killed] = ([], [0, 1], "ended unclosed: the process recording ranks 0, 1 died")
+    for path, (held, died, line) in expected.items():
+        summary = _json(["inspect", str(path), "--format", "json"])
+        assert (summary["recording_live"], summary["recording_died"]) == (held, died)
+        table = runner.invoke(app, ["inspect", str(path)], env={"COLUMNS": "100"})
+        assert re.search(rf"recording +│ {re.escape(line)} +│", table.stdout), table.output
+    recorder.close()
+    from stabledrl_cli.dump._packer import pack_run
+
+    pack_run(sd.open_run(killed), tmp_path / "killed.h5")
+    for path in (live, tmp_path / "killed.h5", f"file://{killed}"):
+        summary = _json(["inspect", str(path), "--format", "json"])
+        assert (summary["recording_live"], summary["recording_died"]) == ([], [])
 
 
 def test_inspect_shows_the_run_identity_a_pack_keeps(tmp_path, run_dir, grpo_fixture):

@@ -6,10 +6,10 @@ run of two policies that read as one."""
 from __future__ import annotations
 
 import os
-import signal
 
 import numpy as np
 import pytest
+from _record_worker import killed_while_recording
 
 import stabledrl_cli as sd
 from stabledrl_cli.dump._writer_lock import writer_states
@@ -83,30 +83,11 @@ def test_a_recorder_in_another_process_is_refused_while_one_records(tmp_path, mo
     assert _losses(path) == {0: 1.0, 1: 1.0}
 
 
-def _killed_while_recording(path, *, policy: str | None = None, ranks: int = 1) -> None:
-    """A forked child records step 0 of each of `ranks` ranks, then is killed (-9)."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child's
-        recorders = [
-            sd.Recorder(path, policy=policy, world_size=ranks, rank=rank) for rank in range(ranks)
-        ]
-        for recorder in recorders:
-            recorder.log_step(0, loss=1.0)
-        os.write(write, b"1")
-        signal.pause()
-    os.close(write)
-    assert os.read(read, 1) == b"1"
-    os.close(read)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-
-
 def test_a_killed_recorders_rank_is_free_again(tmp_path):
     """The kernel drops a killed process's lock: its run resumes, the lock file it left is
     taken over and never read as a step."""
     path = tmp_path / "run"
-    _killed_while_recording(path, policy="grpo")
+    killed_while_recording(path, policy="grpo")
     assert LOCK in os.listdir(path / "steps")
     run = sd.open_run(path)
     assert [s.step for s in run] == [0] and run.integrity.findings == []
@@ -161,7 +142,7 @@ def test_a_killed_recorder_is_told_from_a_live_one_and_a_closed_one(tmp_path):
     "released" (its Recorder died); one a Recorder holds is "held", in this process (whose
     lock the question must not drop) or another; a closed Recorder's is gone."""
     killed = tmp_path / "killed"
-    _killed_while_recording(killed)
+    killed_while_recording(killed)
     assert writer_states(killed / "steps") == {0: "released"}
     with sd.Recorder(killed, policy=None, resume=True) as resumed:
         assert writer_states(killed / "steps") == {0: "held"}
@@ -173,7 +154,7 @@ def test_a_killed_recorder_is_told_from_a_live_one_and_a_closed_one(tmp_path):
     assert _losses(killed) == {0: 1.0, 1: 1.0}
 
     ranks = tmp_path / "ranks"
-    _killed_while_recording(ranks, ranks=2)
+    killed_while_recording(ranks, ranks=2)
     assert writer_states(ranks / "steps") == {0: "released", 1: "released"}
     (ranks / "steps" / ".writer.rank-0001.lock").write_text("another-machine\n")
     assert writer_states(ranks / "steps") == {0: "released", 1: "unknown"}  # may not show
@@ -183,7 +164,7 @@ def test_a_lock_file_of_an_older_recorder_is_never_judged(tmp_path):
     """An unsigned lock file (left by a Recorder from before the signature, or by one on a
     file system without locks, which records unguarded) says nothing about its Recorder."""
     path = tmp_path / "run"
-    _killed_while_recording(path)
+    killed_while_recording(path)
     (path / "steps" / LOCK).write_bytes(b"")
     assert writer_states(path / "steps") == {0: "unknown"}
     assert writer_states(tmp_path / "absent" / "steps") is None

@@ -49,7 +49,7 @@ def _run_table(s: RunSummary) -> Table:
         ("run id", s.run_id or "not recorded (a run recorded before run ids)"),
         ("policy", str((s.policy or {}).get("spec", "not known"))),
         ("source", _source_text(s.source) if s.source else "recorded in the training loop"),
-        *([("recording", _recording_text(s))] if s.recording_stops or s.recording_closed else []),
+        *([("recording", _recording_text(s))] if _recording_told(s) else []),
         ("unit", s.unit),
         ("estimator", ", ".join(f"{k}={v}" for k, v in s.estimator.items()) or "not given"),
         ("reward range", str(s.reward_range) if s.reward_range else "not given"),
@@ -80,17 +80,35 @@ def _no_counts_reason(s: RunSummary) -> str:
     return "no readable step" if s.integrity.get("findings") else "no step"
 
 
+def _recording_told(s: RunSummary) -> bool:
+    """Whether the run says how its recording ended, or that it goes on."""
+    return bool(s.recording_stops or s.recording_closed or s.recording_live or s.recording_died)
+
+
 def _recording_text(s: RunSummary) -> str:
     """How the recording ended, as the run says: stopped after a failed write (a line a rank
-    that stopped, at most LIST_LIMIT), closed."""
+    that stopped, at most LIST_LIMIT), closed; or that a Recorder's process died without
+    closing it, or that it goes on (as this machine's locks show)."""
     closed = "closed: its Recorder finished, the run gains no step"
+    lines = []
+    if s.recording_live:
+        lines.append(f"under way: {_ranks(s.recording_live)} recording now")
+    if s.recording_died:
+        lines.append(f"ended unclosed: the process recording {_ranks(s.recording_died)} died")
     stops = [stopped_text(note) for note in s.recording_stops[:LIST_LIMIT]]
     hidden = len(s.recording_stops) - len(stops)
     if hidden:
         stops.append(f"... {counted(hidden, 'more rank')} stopped: --format json has them all")
     if s.recording_closed:
         stops = [f"{stops[-1]}; {closed}"] if len(stops) == 1 else [*stops, closed]
-    return "\n".join(stops)
+    return "\n".join([*lines, *stops])
+
+
+def _ranks(ranks: list[int]) -> str:
+    """`rank 0`, `ranks 0, 1`: at most LIST_LIMIT named, the rest counted."""
+    named = ", ".join(map(str, ranks[:LIST_LIMIT]))
+    more = f" and {len(ranks) - LIST_LIMIT} more" if len(ranks) > LIST_LIMIT else ""
+    return f"rank {named}" if len(ranks) == 1 else f"ranks {named}{more}"
 
 
 def stopped_text(stopped: dict[str, object]) -> str:

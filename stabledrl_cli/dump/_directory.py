@@ -75,6 +75,7 @@ from stabledrl_cli.dump._schema import (
     stops_by_rank,
 )
 from stabledrl_cli.dump._stfile import FileKey, StepHeader, file_key, read_header
+from stabledrl_cli.dump._writer_lock import WriterState, writer_states
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.spec import spec_float, spec_int
 from stabledrl_cli.vocab import GroupIds
@@ -449,6 +450,10 @@ class DirectoryRun(Run):
         self._entries_seen: dict[tuple[str, bool], _Entry] = {}
         """What each (name, regular) of the last listing is: a name listed again is not parsed
         again (a live run's listing grows by a few names a poll)."""
+
+    def recorder_states(self) -> dict[int, WriterState] | None:
+        """Each rank's lock file in steps/, as this machine's locks show it (`writer_states`)."""
+        return writer_states(self.path / STEPS_DIR)
 
     @property
     def manifest(self) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from stabledrl_cli.dump._run import Run
 from stabledrl_cli.dump._schema import HDF5_SIGNATURE, MANIFEST_LIMIT, STOP_NOTE_LIMIT
 from stabledrl_cli.dump._stfile import HEADER_LIMIT, FileKey, StepHeader, parse_header
 from stabledrl_cli.dump._store_file import StoreFile
+from stabledrl_cli.dump._writer_lock import WriterState
 from stabledrl_cli.errors import InputError, MissingExtraError, UsageError, one_line
 
 URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+._-]*)(://|::)")
@@ -201,6 +202,10 @@ class RemoteRun(_AtUrl, DirectoryRun):
         self._infos: dict[str, dict[str, Any]] = {}
         """File path -> what the last listing said of it."""
         super().__init__(Path(root), verify=verify)
+
+    def recorder_states(self) -> dict[int, WriterState] | None:
+        """None: a run at a URL is not asked for its lock files' locks."""
+        return None
 
     def named(self, path: Path) -> str:
         """`path` (under the run's path on the filesystem) as a URL: the run's URL as given,

@@ -26,6 +26,7 @@ from stabledrl_cli.dump._integrity import (
     StepReadError,
 )
 from stabledrl_cli.dump._schema import manifest_stops, step_number
+from stabledrl_cli.dump._writer_lock import WriterState
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.vocab import GroupIds, Unit
 
@@ -126,6 +127,13 @@ class Run(ABC):
         after a failed write, training going on), by rank; empty when no rank stopped. Here
         the manifest's (an archive keeps every rank's in it, `RECORDING_STOPS`)."""
         return manifest_stops(self.manifest)
+
+    def recorder_states(self) -> dict[int, WriterState] | None:
+        """What each rank's lock file left in the run says of its Recorder: "held" (recording
+        now), "released" (its process died without closing the run: killed, say), "unknown"
+        (`writer_states`); a rank whose Recorder closed has none. None where it cannot be
+        told: here (an archive holds no Recorder)."""
+        return None
 
     @property
     def listed_recording_stops(self) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stabledrl_cli.dump import RunIntegrityWarning, open_run
+from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
 from stabledrl_cli.dump._open import run_to_come
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
@@ -29,7 +29,6 @@ from stabledrl_cli.dump._schema import (
 from stabledrl_cli.dump._setup import manifest_now
 from stabledrl_cli.dump._stfile import FileKey, file_key
 from stabledrl_cli.dump._views import StepSubset
-from stabledrl_cli.dump._writer_lock import writer_states
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay.columns import ColumnArray
 from stabledrl_cli.replay.config import ReplayConfig
@@ -275,20 +274,21 @@ class RunWatcher:
         still write. Once not None the last poll read every step the run will have."""
         return self._writers_end if self._ended_polls >= 2 else None
 
-    def _writers_now(self, world_size: object) -> WritersEnd | None:
-        """How the run's Recorders ended, as their lock files say now (`writer_states`):
+    def _writers_now(self, run: Run) -> WritersEnd | None:
+        """How the run's Recorders ended, as their lock files say now (`recorder_states`):
         "killed" when each lock file left is held by no process (one at least: its Recorder
         died), or when every rank held its lock at a poll of this watch and none holds it now,
         one at least left unheld; "closed" when all those let it go as they closed (a run of
         several ranks is never marked closed); None while one may still write, or when it
         cannot be told (a lock on another machine, an older Recorder's)."""
-        states = writer_states(self.path / STEPS_DIR)
-        if states is None:
+        states = run.recorder_states()
+        if states is None:  # an archive, or no locks to ask
             return None
         self._held.update(rank for rank, state in states.items() if state == "held")
         left = set(states.values())
         if left == {"released"}:
             return "killed"
+        world_size = run.manifest.get("world_size")
         every = isinstance(world_size, int) and set(range(world_size)) <= self._held
         if every and left <= {"released"}:
             return "killed" if left else "closed"
@@ -395,8 +395,7 @@ class RunWatcher:
         if replay is None:
             return False
         closed = self._closed_mark  # read before the listing: it lists every step
-        world_size = replay.run.manifest.get("world_size")
-        ended = None if self._manifest_key is None else self._writers_now(world_size)
+        ended = self._writers_now(replay.run)
         numbers = replay.run.listed_step_numbers
         if not set(replay.seen) <= set(numbers):  # steps it read are gone
             self._start_over()

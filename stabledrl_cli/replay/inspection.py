@@ -55,6 +55,12 @@ class RunSummary:
     recording_closed: bool
     """Whether the manifest is marked `recording_closed` (its Recorder closed, its writes done:
     the run gains no step)."""
+    recording_live: list[int]
+    """The ranks a live Recorder is recording now, as this machine's locks show them
+    (`Run.recorder_states`); empty for an archive or a run at a URL."""
+    recording_died: list[int]
+    """The ranks whose Recorder's process died without closing the run (killed, say): its
+    lock file left in steps/, signed on this machine, held by no process."""
     unit: str
     estimator: dict[str, object]
     reward_range: list[float] | None
@@ -206,6 +212,7 @@ def summarize(run: Run) -> RunSummary:
     )
     policy = manifest.get("policy")
     geometry = run.geometry
+    recorders = run.recorder_states() or {}
     return RunSummary(
         run=run.location,
         format_version=manifest.get("format_version"),
@@ -218,6 +225,8 @@ def summarize(run: Run) -> RunSummary:
         recording_stopped=_mapping(manifest.get(RECORDING_STOPPED)) or None,
         recording_stops=[dict(note) for note in run.listed_recording_stops],
         recording_closed=manifest.get(RECORDING_CLOSED) is True,
+        recording_live=sorted(rank for rank, state in recorders.items() if state == "held"),
+        recording_died=sorted(rank for rank, state in recorders.items() if state == "released"),
         unit=run.unit,
         estimator=_mapping(manifest.get("estimator")),
         reward_range=list(run.reward_range) if run.reward_range else None,
