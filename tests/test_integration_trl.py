@@ -40,6 +40,7 @@ from tiny_configs import PARITY  # (plain data beside the tiny run's helpers, on
 import stabledrl_cli as sd
 from stabledrl_cli.errors import InputError, MissingExtraError, UsageError
 from stabledrl_cli.integrations import trl as integration
+from stabledrl_cli.replay.detectors import reward_draws
 
 __all__ = ["tiny"]  # the tiny run's fixture, shared with the RLOO tests
 
@@ -587,6 +588,29 @@ def test_an_infinite_reward_gives_trls_logged_reward_and_its_weight(
         with safe_open(path, "pt") as f:
             count = int((~torch.isnan(f.get_tensor("reward"))).sum())
             assert f.metadata()["_scored_rewards"] == str(count)
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_the_observed_reward_of_a_rollout_is_trls_logged_reward(
+    tiny: Any, tmp_path: Path, num_iterations: int
+) -> None:
+    """steps_per_generation (4) twice gradient_accumulation_steps (2): each rollout is
+    trained over two steps (then again, with num_iterations 2), and TRL logs its `reward`, the
+    mean over the whole rollout, at its first step. The observed-collapse rule read the first
+    step's reward_mean alone (half the rollout: 0.375 where TRL logged 0.3125); it now reads
+    the rollout's mean, TRL's number."""
+    out = tmp_path / "run"
+    trainer = train(tiny, out, num_iterations=num_iterations, max_steps=8)
+    logged = {n: e["reward"] for n, e in logged_steps(trainer.state.log_history).items()
+              if "reward" in e}  # fmt: skip
+    assert len(logged) == 4 // num_iterations  # a rollout logged every 2 * num_iterations steps
+    run = sd.open_run(out)
+    series = run.scalar_series_many(["reward_mean", "inner_step"])
+    steps, rewards = reward_draws(*series["reward_mean"], *series["inner_step"])
+    assert steps.tolist() == sorted(logged)
+    assert rewards.tolist() == pytest.approx([logged[n] for n in sorted(logged)], rel=1e-6)
+    first = sd.open_run(out).step(1).scalars["reward_mean"]
+    assert first != pytest.approx(logged[1])  # the first step holds half the rollout
 
 
 @pytest.fixture(scope="module")

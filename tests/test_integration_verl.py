@@ -29,6 +29,7 @@ from _steps import policy_batch  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
 from verl import DataProto  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
+from verl.trainer.ppo.metric_utils import compute_data_metrics  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
 from verl.workers.engine.base import BaseEngine  # noqa: E402
@@ -50,6 +51,7 @@ from stabledrl_cli.integrations._verl_policy import (  # noqa: E402
 )
 from stabledrl_cli.policies import PolicyBatch, get_policy  # noqa: E402
 from stabledrl_cli.replay.config import ReplayConfig  # noqa: E402
+from stabledrl_cli.replay.detectors import reward_draws  # noqa: E402
 from stabledrl_cli.replay.engine import replay_run  # noqa: E402
 from stabledrl_cli.spec import format_spec  # noqa: E402
 
@@ -1492,6 +1494,32 @@ def test_an_infinite_score_gives_verls_score_mean_and_its_weight(hooked: Any) ->
     assert any(bool(torch.isinf(s["reward"]).any()) for s in steps)
     for step in steps:  # verl's metric_utils: token_level_scores.sum(-1), then torch.mean
         assert step.scalars["reward_mean"] == float(torch.mean(step["reward"].double()))
+
+
+def test_the_observed_reward_of_a_rollout_is_verls_score_mean(hooked: Any) -> None:
+    """A rollout trained as two mini-batches (steps 0 and 1, inner_step 0 and 1): verl logs
+    `critic/score/mean` over the whole rollout. The observed-collapse rule read step 0's
+    mini-batch alone; it now reads the rollout's mean, verl's number."""
+    run_dir, _ = hooked
+    train(actor_config())
+    stabledrl_verl.uninstall()
+    data = rollout()
+    shown = ("prompts", "responses", "attention_mask", "response_mask", "token_level_scores")
+    batch = DataProto.from_dict(
+        tensors={
+            **{key: data[key] for key in shown},
+            "token_level_rewards": data["token_level_scores"],
+            "advantages": data["advantages"],
+            "returns": data["advantages"],
+        }
+    )
+    logged = compute_data_metrics(batch, use_critic=False)["critic/score/mean"]
+    run = open_run(run_dir)
+    series = run.scalar_series_many(["reward_mean", "inner_step"])
+    steps, rewards = reward_draws(*series["reward_mean"], *series["inner_step"])
+    assert steps.tolist() == [0]
+    assert rewards.tolist() == pytest.approx([logged], rel=1e-6)
+    assert run.step(0).scalars["reward_mean"] != pytest.approx(logged)  # half the rollout
 
 
 @pytest.mark.parametrize("factor", [4.5, 9, None])

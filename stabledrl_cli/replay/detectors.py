@@ -142,15 +142,28 @@ def observed_reward_collapse(
 def reward_draws(
     steps: np.ndarray, rewards: np.ndarray, inner_steps: np.ndarray, inner_step: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The rewards the observed-collapse rule reads: one a rollout. A rollout reused over mu
-    optimizer steps (ppo_epochs, num_iterations) logs its reward on each of them; the steps
-    whose recorded `inner_step` is above 0 repeat their rollout's draw and are left out.
+    """The rewards the observed-collapse rule reads: one a rollout, at its first step. A
+    rollout's steps are the one whose recorded `inner_step` is not above 0 and the steps after
+    it whose `inner_step` is: passes over the same sequences (ppo_epochs, num_iterations) and
+    its other mini-batches (verl's, TRL's steps_per_generation above
+    gradient_accumulation_steps). Its draw is the mean of their rewards that are not NaN (NaN
+    when none is), the rollout's own mean when its steps hold as many sequences each, as TRL
+    logs `reward` and verl `critic/score/mean`. A step before the first such start is left
+    out; a step without an inner_step is a rollout of its own.
 
-    steps, rewards: [S] the reward_mean series; inner_steps, inner_step: [I] the inner_step
-    series (steps without one are kept) -> ([D] steps, [D] rewards)."""
-    reused = inner_steps[np.asarray(inner_step, dtype=np.float64) > 0]
-    keep = ~np.isin(steps, reused)
-    return steps[keep], rewards[keep]
+    steps, rewards: [S] the reward_mean series, in step order; inner_steps, inner_step: [I]
+    the inner_step series -> ([D] steps, [D] rewards)."""
+    continued = inner_steps[np.asarray(inner_step, dtype=np.float64) > 0]
+    starts = np.union1d(
+        steps[~np.isin(steps, continued)], inner_steps[~np.isin(inner_steps, continued)]
+    )
+    rollout = np.searchsorted(starts, steps, side="right") - 1
+    scored = (rollout >= 0) & ~np.isnan(rewards)
+    sums = np.bincount(rollout[scored], weights=rewards[scored], minlength=starts.size)
+    counts = np.bincount(rollout[scored], minlength=starts.size)
+    held = np.isin(np.arange(starts.size), rollout)
+    draws = np.divide(sums, counts, out=np.full(starts.size, np.nan), where=counts > 0)
+    return starts[held], draws[held]
 
 
 def luck_of_the_best(length: int, window: int) -> np.ndarray:
