@@ -33,17 +33,19 @@ _Value = TypeVar("_Value")
 
 
 def plain_number(value: _Value) -> _Value:
-    """A numpy integer or float, or a 0-d numpy array of one, as the Python number it holds
-    (np.int64(5) -> 5; a float in the shortest form that reads back as its own dtype:
-    np.float32(0.2) -> 0.2, as it was written); anything else, a numpy bool included, as it
-    is (for the checks to take or refuse). A sweep's setting, or a policy parameter, read from
-    an array. numpy is not imported here: a value can be one of its numbers only once it is
-    loaded."""
+    """A numpy integer, float or bool, or a 0-d numpy array of one, as the Python value it
+    holds (np.int64(5) -> 5; np.True_ -> True; a float in the shortest form that reads back as
+    its own dtype: np.float32(0.2) -> 0.2, as it was written); anything else as it is (for the
+    checks to take or refuse: a setting that takes a number refuses a bool). A sweep's
+    setting, or a policy parameter, read from an array. numpy is not imported here: a value
+    can be one of its numbers only once it is loaded."""
     np = sys.modules.get("numpy")
     if np is None:
         return value
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
+    if isinstance(value, np.bool_):
+        return cast(_Value, bool(value))
     if isinstance(value, np.integer):
         return cast(_Value, int(value))
     if isinstance(value, np.floating):

@@ -162,6 +162,16 @@ def test_numpy_policy_params_are_plain_numbers(tmp_path, value):
     assert type(entry["params"]["beta"]) is int
 
 
+@pytest.mark.parametrize(("value", "text"), [(np.bool_(True), "true"), (np.array(False), "false")])
+def test_a_numpy_bool_policy_param_is_the_bool_it_holds(tmp_path, value, text):
+    """A flag read from an array (a sweep's): refused before ('policy parameter on=np.True_
+    must be a number, bool or string, not bool'); now the bool it holds, as a numpy number
+    is the number it holds."""
+    entry = _policy_entry(tmp_path, policy="my-loss", policy_params={"on": value})
+    assert entry["spec"] == f"my-loss:on={text}"
+    assert type(entry["params"]["on"]) is bool
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -2,8 +2,8 @@
 
 `Recorder(policy=...)` takes either a spec string in the one grammar of `stabledrl_cli.spec`
 (`"dapo:eps_high=0.28"`, optionally with more parameters in `policy_params`; a key given in
-both is refused; a numpy number, read from an array, as the number it holds: `plain_number`),
-or any object with `.name`, `.spec` and `.params` (a `PolicyLike`, e.g. a
+both is refused; a numpy number or bool, read from an array, as the value it holds:
+`plain_number`), or any object with `.name`, `.spec` and `.params` (a `PolicyLike`, e.g. a
 catalogue policy): the manifest then stores exactly that object's spec, name and params. The
 stored spec is canonical text (`spec.format_spec`): keys sorted, values in shortest form.
 `replayed_fields`: what a step must hold for the replay of the run's own policy (a Recorder
