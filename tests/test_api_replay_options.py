@@ -48,9 +48,12 @@ def test_guards_are_the_guards_of_the_command_line(grpo_fixture, guards, options
         ("nope", "guard 'nope': unknown guard 'nope'; valid: zclip, skip-step"),
         (3, "guards must be a guard spec or a list of them, not int"),
         ([3], "guards must be a guard spec or a list of them, not list"),
+        (["none", "zclip"], "guard none (no guard) contradicts 'zclip': give one or the other"),
     ],
 )
 def test_a_bad_guard_is_refused_before_the_run_is_read(tmp_path, guards, message):
+    """["none", "zclip"] replayed zclip, where `--guard none --guard zclip` is refused: `none`
+    (no guard) was silently overruled."""
     with pytest.raises(ConfigError) as refused:
         sd.replay(tmp_path / "no-such-run", guards=guards)
     assert str(refused.value) == message

@@ -313,7 +313,7 @@ def test_guard_none_beside_a_guard_is_refused():
     mixed = runner.invoke(app, [*base, "--guard", "none", "--guard", "zclip"])
     assert mixed.exit_code == 2
     assert mixed.stderr.strip().splitlines() == [
-        "error: --guard none (no guard) contradicts --guard 'zclip': give one or the other"
+        "error: --guard none (no guard) contradicts 'zclip': give one or the other"
     ]
     twice = runner.invoke(app, [*base, "--guard", "none", "--guard", "none", "--format", "json"])
     assert twice.exit_code == 0 and json.loads(twice.stdout)["guards"] == []

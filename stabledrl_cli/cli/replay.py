@@ -52,6 +52,7 @@ from stabledrl_cli.replay.config import (
     SPIKE_HISTORY,
     ReplayConfig,
     format_step_range,
+    guard_specs,
     parse_size,
     parse_step_range,
     replay_config,
@@ -158,19 +159,6 @@ def note_skipped(result: ReplayResult) -> None:
         "the reader's findings",
         highlight=False,
     )
-
-
-def _guard_specs(given: Sequence[str] | None) -> tuple[str, ...] | None:
-    """The --guard specs (None: not given, the default guards); `none` alone means no guard,
-    and beside a guard it would be silently overruled, so it is refused."""
-    if given is None:
-        return None
-    if "none" in given and any(spec != "none" for spec in given):
-        others = ", ".join(repr(spec) for spec in given if spec != "none")
-        raise UsageError(
-            f"--guard none (no guard) contradicts --guard {others}: give one or the other"
-        )
-    return tuple(spec for spec in given if spec != "none")
 
 
 def metric_groups(names: Sequence[str] | None) -> tuple[MetricGroup, ...]:
@@ -345,7 +333,7 @@ def command(
             collapse_window=collapse_window,
             step_range=parse_step_range(steps),
             detail=detail,
-            guards=_guard_specs(guard),
+            guards=guard_specs(guard),
         )
     chosen = replay_engine(engine, workers, ray_address)
     opened = open_run(run)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -236,6 +237,26 @@ def replay_config(
         detail=detail,
         guards=DEFAULT_GUARDS if guards is None else guards,
     )
+
+
+def guard_specs(guards: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """A replay's guards (`replay(guards=)`, `--guard`) as `ReplayConfig` takes them: None for
+    the default guards, a lone spec for one guard, "none" for no guard. ConfigError for
+    anything but specs, and for "none" beside a guard, which would silently overrule it."""
+    if guards is None:
+        return None
+    specs = [guards] if isinstance(guards, str) else guards
+    if not (isinstance(specs, list | tuple) and all(isinstance(spec, str) for spec in specs)):
+        raise ConfigError(
+            "guards", f"must be a guard spec or a list of them, not {type(guards).__name__}"
+        )
+    others = tuple(spec for spec in specs if spec != "none")
+    if others and len(others) < len(specs):
+        raise ConfigError(
+            "guard",
+            f"none (no guard) contradicts {', '.join(map(repr, others))}: give one or the other",
+        )
+    return others
 
 
 _NOT_A_BOOL = "must be True or False, not "

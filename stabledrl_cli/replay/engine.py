@@ -27,7 +27,7 @@ import torch
 
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.errors import ConfigError, InputError, UsageError, counted
+from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
 from stabledrl_cli.replay.columns import derive_series, device_metrics
 from stabledrl_cli.replay.config import (
@@ -36,6 +36,7 @@ from stabledrl_cli.replay.config import (
     DEFAULT_WINDOW,
     ReplayConfig,
     StepRange,
+    guard_specs,
     parse_size,
     replay_config,
 )
@@ -422,23 +423,10 @@ def replay(
         warning_drop=warning_drop,
         step_range=step_range,
         detail=detail,
-        guards=_guard_specs(guards),
+        guards=guard_specs(guards),
     )
     with _opened(run) as opened:
         return replay_run(opened, policies, config=config, engine=engine)
-
-
-def _guard_specs(guards: str | Sequence[str] | None) -> tuple[str, ...] | None:
-    """`replay`'s `guards` as `ReplayConfig` takes them: a lone spec is one guard, and "none"
-    (`--guard none`) stands for no guard; ConfigError for anything but specs."""
-    if guards is None:
-        return None
-    specs = [guards] if isinstance(guards, str) else guards
-    if not (isinstance(specs, list | tuple) and all(isinstance(spec, str) for spec in specs)):
-        raise ConfigError(
-            "guards", f"must be a guard spec or a list of them, not {type(guards).__name__}"
-        )
-    return tuple(spec for spec in specs if spec != "none")
 
 
 @contextmanager
