@@ -4,6 +4,7 @@ Python takes for 0 or 1, and a world_size past what readers accept; its path (an
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,29 @@ def test_a_scalar_given_as_text_is_refused_unwritten(
     with sd.Recorder(tmp_path / "run", policy=None) as recorder:
         with pytest.raises(UsageError) as refused:
             recorder.log_step(0, grad_norm=1.0, **kwargs)
+        assert str(refused.value) == message
+    assert sd.open_run(tmp_path / "run").step_numbers == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"loss": np.complex64(0.5 + 2j)}, "loss: expected a number, got complex64"),
+        ({"kl": np.complex128(1)}, "kl: expected a number, got complex128"),
+        ({"scalars": {"acc": 1j}}, "scalars['acc']: expected a number, got complex"),
+    ],
+)
+def test_a_scalar_given_as_a_complex_number_is_refused_unwritten(
+    tmp_path: Path, kwargs: dict[str, Any], message: str
+) -> None:
+    """A numpy complex scalar was recorded as its real part (loss=np.complex64(0.5+2j) gave
+    0.5, with numpy's ComplexWarning), where a Python complex was refused: refused alike
+    now, naming the field, and nothing is written."""
+    with sd.Recorder(tmp_path / "run", policy=None) as recorder:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(UsageError) as refused:
+                recorder.log_step(0, grad_norm=1.0, **kwargs)
         assert str(refused.value) == message
     assert sd.open_run(tmp_path / "run").step_numbers == []
 

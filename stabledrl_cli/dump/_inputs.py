@@ -153,6 +153,8 @@ def _scalar(value: ScalarInput | object, field: str) -> float:
     if isinstance(value, str | bytes):  # float() would parse it: a bug of the loop, unseen
         text = str(value) if isinstance(value, str) else value
         raise UsageError(f"{field}: expected a number, got text {text!r}")
+    if isinstance(value, complex | np.complexfloating):  # numpy's float() drops the imaginary
+        raise UsageError(f"{field}: expected a number, got {type(value).__name__}")
     try:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
