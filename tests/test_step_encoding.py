@@ -115,6 +115,20 @@ def test_strided_inputs_are_recorded_with_their_values(tmp_path):
     assert step["logp_old"].tolist() == [-1.0, -3.0, -5.0, -7.0]
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_an_array_of_a_numpy_subclass_is_recorded_as_its_values(tmp_path):
+    """An np.matrix [B, L] (it stays 2-D when flattened) raised numpy's TypeError ('only
+    0-dimensional arrays can be converted to Python scalars') from deep in log_step; it is
+    recorded as the plain array of its values, as a list would be."""
+    logp = np.matrix([[-1.0, -2.0], [-3.0, -4.0]], dtype=np.float32)
+    with sd.Recorder(tmp_path / "run") as rec:
+        rec.log_step(0, logp=logp, logp_old=logp, advantages=np.matrix([[1.0], [-1.0]]))
+    step = sd.open_run(tmp_path / "run").step(0)
+    assert step["logp"].tolist() == [-1.0, -2.0, -3.0, -4.0]
+    assert step["advantages"].tolist() == [1.0, 1.0, -1.0, -1.0]
+    assert step["seq_id"].tolist() == [0, 0, 1, 1]
+
+
 def test_async_log_step_writes_the_arrays_as_they_were_at_the_call(tmp_path):
     """The caller's float arrays and its bool mask (stored through a view of its bytes) may
     change as soon as log_step returns: each step holds them as they were at the call."""

@@ -48,9 +48,9 @@ def _is_tensor(value: object) -> TypeGuard[torch.Tensor]:
 
 
 def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
-    """`value` as a numpy array (a tensor moved to the CPU; bfloat16 widened to float32).
-    UsageError naming `field` for a tensor numpy cannot take (on the meta device, sparse,
-    float8, ...)."""
+    """`value` as a plain numpy array (a tensor moved to the CPU; bfloat16 widened to float32;
+    a subclass's values: an np.matrix stays 2-D when flattened). UsageError naming `field` for
+    a tensor numpy cannot take (on the meta device, sparse, float8, ...)."""
     if _is_tensor(value):
         value = value.detach()
         try:
@@ -59,7 +59,7 @@ def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
             return value.cpu().numpy()
         except Exception as exc:
             raise UsageError(f"{field}: cannot be read as an array ({exc})") from None
-    if isinstance(value, np.ndarray):
+    if type(value) is np.ndarray:
         return value
     try:
         return np.asarray(value)
