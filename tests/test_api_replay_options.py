@@ -101,6 +101,24 @@ def test_settings_that_are_numpy_numbers_are_taken_as_the_numbers_they_hold(grpo
     assert given.to_json() == plain.to_json()
 
 
+def test_a_step_range_of_torch_integers_is_the_range_of_the_ints_they_hold(grpo_fixture):
+    """step_range=(torch.tensor(5), None) (a bound read from a training's step counter) was
+    let through the check and raised TypeError ('>=' not supported between instances of
+    'numpy.ndarray' and 'Tensor') once the run was replayed; a float tensor, let through as
+    well, the same. Now an integer tensor is the int it holds, as a numpy integer is, and a
+    float one is refused before the run is read."""
+    import torch
+
+    given = sd.replay(
+        grpo_fixture, "grpo", device="cpu", guards=[], step_range=(torch.tensor(5), torch.tensor(8))
+    )
+    plain = sd.replay(grpo_fixture, "grpo", device="cpu", guards=[], step_range=(5, 8))
+    assert given.to_json() == plain.to_json()
+    assert given.step_range == (5, 8) and type(given.step_range[0]) is int
+    with pytest.raises(ConfigError, match=r"^step_range must be"):
+        sd.replay(grpo_fixture, "grpo", step_range=(torch.tensor(5.0), None))
+
+
 def test_a_numpy_number_of_the_wrong_kind_is_still_refused(tmp_path):
     for name, value in (("window", np.float64(5.0)), ("detail", np.bool_(True))):
         with pytest.raises(ConfigError, match=f"^{name} must be"):

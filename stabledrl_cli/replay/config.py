@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from stabledrl_cli.dump._schema import whole_number
 from stabledrl_cli.errors import ConfigError, quoted
 from stabledrl_cli.replay.guards import DEFAULT_GUARDS, make_guard
 from stabledrl_cli.spec import MAX_WINDOW, plain_number, spec_float, spec_int
@@ -171,12 +172,14 @@ class ReplayConfig:
                 raise ConfigError(field, problem)
         for spec in self.guards:
             make_guard(spec)  # a bad guard spec is a usage error naming it
-        if not _step_range(self.step_range):
+        step_range = _step_range(self.step_range)
+        if step_range is None:
             raise ConfigError(
                 "step_range",
                 f"must be (start, stop), each an integer or None, got {self.step_range!r}",
             )
-        start, stop = self.step_range
+        object.__setattr__(self, "step_range", step_range)
+        start, stop = step_range
         if any(bound is not None and bound < 0 for bound in (start, stop)):
             raise ConfigError(
                 "step_range",
@@ -190,16 +193,15 @@ class ReplayConfig:
             )
 
 
-def _step_range(value: object) -> bool:
-    """Whether `value` is a (start, stop) pair of integers (numpy's too) or None."""
-    return (
-        isinstance(value, tuple | list)
-        and len(value) == 2
-        and all(
-            bound is None or (hasattr(bound, "__index__") and not isinstance(bound, bool))
-            for bound in value
-        )
-    )
+def _step_range(value: object) -> StepRange | None:
+    """`value` as a (start, stop) pair of ints or None (a numpy or 0-d torch integer is the
+    int it holds), else None."""
+    if not (isinstance(value, tuple | list) and len(value) == 2):
+        return None
+    start, stop = (None if bound is None else whole_number(bound) for bound in value)
+    if (start is None) != (value[0] is None) or (stop is None) != (value[1] is None):
+        return None
+    return start, stop
 
 
 def replay_config(
