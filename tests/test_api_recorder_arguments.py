@@ -211,3 +211,22 @@ def test_a_scalar_given_as_a_bool_is_recorded_as_0_or_1(tmp_path: Path) -> None:
         recorder.log_step(0, loss=True, scalars={"skipped": np.bool_(False), "ok": True})
     scalars = sd.open_run(tmp_path / "run").step(0).scalars
     assert (scalars["loss"], scalars["skipped"], scalars["ok"]) == (1.0, 0.0, 1.0)
+
+
+def test_numpy_numbers_in_meta_and_estimator_are_the_numbers_they_hold(tmp_path: Path) -> None:
+    """A config with numpy values (a sweep's, read from an array) was refused ('meta must be
+    JSON-serializable: Object of type float32 is not JSON serializable'), where policy_params
+    takes them; now each is the Python number or bool it holds, at any depth. A NaN is still
+    refused: the manifest is strict JSON."""
+    meta = {
+        "lr": np.float32(0.001),
+        "sweep": {"steps": np.int64(400), "flags": [np.bool_(True), np.array(0.5)]},
+    }
+    with sd.Recorder(tmp_path / "run", meta=meta, estimator={"mask_samples": np.int32(2)}):
+        pass
+    manifest = sd.open_run(tmp_path / "run").manifest
+    assert manifest["meta"] == {"lr": 0.001, "sweep": {"steps": 400, "flags": [True, 0.5]}}
+    assert type(manifest["meta"]["sweep"]["steps"]) is int
+    assert manifest["estimator"] == {"mask_samples": 2}
+    with pytest.raises(UsageError, match=r"^meta must be JSON-serializable: Out of range float"):
+        sd.Recorder(tmp_path / "other", meta={"x": np.float32("nan")})

@@ -49,10 +49,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, SupportsIndex, TypeGuard, TypeVar
+from typing import Any, SupportsIndex, TypeGuard, TypeVar, cast
 
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError, UsageError, quoted, shown
+from stabledrl_cli.spec import plain_number
 from stabledrl_cli.vocab import GROUP_IDS, UNITS
 
 _Json = TypeVar("_Json")
@@ -448,13 +449,26 @@ def parse_manifest(raw: bytes | str, where: str) -> dict[str, Any]:
 
 
 def json_checked(value: _Json, what: str) -> _Json:
-    """Refuses values that JSON cannot hold, naming the argument; text that is not Unicode
+    """`value` with each numpy number or bool in it as the Python value it holds (`_plain`);
+    UsageError naming the argument for values that JSON cannot hold, text that is not Unicode
     too (a lone surrogate, which every reader of the run refuses: `_json.has_lone_surrogate`)."""
     try:
+        value = _plain(value)
         json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:  # (nested past the encoder's depth)
         raise UsageError(f"{what} must be JSON-serializable: {exc}") from None
     return value
+
+
+def _plain(value: _Json) -> _Json:
+    """`value` with each numpy number, bool or 0-d array in it, at any depth of its dicts,
+    lists and tuples, as the Python value it holds (`spec.plain_number`): a config read from
+    arrays."""
+    if isinstance(value, dict):
+        return cast(_Json, {key: _plain(item) for key, item in value.items()})
+    if isinstance(value, list | tuple):
+        return cast(_Json, [_plain(item) for item in value])
+    return plain_number(value)
 
 
 def whole_number(value: object) -> int | None:
