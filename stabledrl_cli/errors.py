@@ -104,6 +104,15 @@ def shown(value: object) -> str:
     return text if len(text) <= SHOWN_LIMIT else text[: SHOWN_LIMIT - 3] + "..."
 
 
+def type_name(value: object) -> str:
+    """The name of `value`'s type for a message, with its module unless it is Python's own:
+    numpy's bool is `numpy.bool`, not `bool` (a switch given np.True_ is not refused as 'not
+    bool')."""
+    kind = type(value)
+    module = kind.__module__
+    return kind.__name__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
 def counted(count: int, noun: str, plural: str | None = None) -> str:
     """`count` and its noun for a message: '1 gate', '2 gates', '3 policies', '2 unreadable
     steps'; `plural` when adding s (or y -> ies) does not make it ('step files were')."""

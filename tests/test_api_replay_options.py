@@ -123,6 +123,9 @@ def test_a_numpy_number_of_the_wrong_kind_is_still_refused(tmp_path):
     for name, value in (("window", np.float64(5.0)), ("detail", np.bool_(True))):
         with pytest.raises(ConfigError, match=f"^{name} must be"):
             sd.replay(tmp_path / "no-such-run", **{name: value})
+    with pytest.raises(ConfigError) as refused:  # before: 'not bool', a contradiction
+        sd.replay(tmp_path / "no-such-run", detail=np.bool_(True))
+    assert str(refused.value) == "detail must be True or False, not numpy.bool"
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ from itertools import chain
 from typing import Any, SupportsIndex, TypeGuard, TypeVar, cast
 
 from stabledrl_cli._json import parse_strict
-from stabledrl_cli.errors import InputError, UsageError, quoted, shown
+from stabledrl_cli.errors import InputError, UsageError, quoted, shown, type_name
 from stabledrl_cli.spec import plain_number
 from stabledrl_cli.vocab import GROUP_IDS, UNITS
 
@@ -496,7 +496,7 @@ def switch_argument(value: object, name: str) -> bool:
     """`value`, the switch `name`, when it is True or False, else UsageError: its truth value
     would be taken for it (overwrite="false" would replace the run)."""
     if not isinstance(value, bool):
-        raise UsageError(f"{name} must be True or False, not {type(value).__name__}")
+        raise UsageError(f"{name} must be True or False, not {type_name(value)}")
     return value
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from stabledrl_cli.dump._schema import whole_number
-from stabledrl_cli.errors import ConfigError, quoted
+from stabledrl_cli.errors import ConfigError, quoted, type_name
 from stabledrl_cli.replay.guards import DEFAULT_GUARDS, make_guard
 from stabledrl_cli.spec import MAX_WINDOW, plain_number, spec_float, spec_int
 from stabledrl_cli.vocab import Device
@@ -126,8 +126,8 @@ class ReplayConfig:
                 + type(self.device).__name__,
                 _device(self.device),
             ),
-            ("detail", _NOT_A_BOOL + type(self.detail).__name__, isinstance(self.detail, bool)),
-            ("lean", _NOT_A_BOOL + type(self.lean).__name__, isinstance(self.lean, bool)),
+            ("detail", _NOT_A_BOOL + type_name(self.detail), isinstance(self.detail, bool)),
+            ("lean", _NOT_A_BOOL + type_name(self.lean), isinstance(self.lean, bool)),
             (
                 "guards",
                 "must be a tuple of guard specs (strings), not " + _type_names(self.guards),
