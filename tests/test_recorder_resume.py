@@ -132,6 +132,30 @@ def test_resume_refuses_an_incompatible_run(tmp_path, kwargs, message):
     assert _step_files(path) == before  # nothing removed
 
 
+def test_a_resumed_run_keeps_the_param_names_its_norms_are_checked_against(tmp_path):
+    """Resuming a run whose manifest names 2 parameters wrote param_grad_norm of 1 entry (with
+    param_names=["x"], which the manifest did not take) or of 3 (with none given) unchecked,
+    where the run's first Recorder refused both: steps no name described, and no integrity
+    finding. A resume now checks the norms against the run's names, and refuses other names."""
+    path = tmp_path / "run"
+    with sd.Recorder(path, param_names=["a", "b"]) as rec:
+        rec.log_step(0, loss=1.0, param_grad_norm=[1.0, 2.0])
+    with pytest.raises(UsageError) as refused:
+        sd.Recorder(path, resume=True, param_names=["x"])
+    assert str(refused.value) == (
+        f"cannot resume {path}: its param_names are not this recorder's (2 names, 1 given)"
+    )
+    with sd.Recorder(path, resume=True) as rec:
+        with pytest.raises(
+            UsageError, match=r"^param_grad_norm: 3 entries, but param_names has 2$"
+        ):
+            rec.log_step(1, loss=1.0, param_grad_norm=[3.0, 4.0, 5.0])
+        rec.log_step(1, loss=1.0, param_grad_norm=[3.0, 4.0])
+    with sd.Recorder(path, resume=True, param_names=("a", "b")) as rec:
+        rec.log_step(2, loss=1.0, param_grad_norm=[5.0, 6.0])
+    assert sd.open_run(path).step_numbers == [0, 1, 2]
+
+
 def test_resume_refusals(tmp_path):
     with pytest.raises(UsageError, match="nothing to resume"):
         sd.Recorder(tmp_path / "new", resume=True)

@@ -70,7 +70,7 @@ from stabledrl_cli.dump._schema import (
 )
 from stabledrl_cli.dump._stfile import read_header
 from stabledrl_cli.dump._writer_lock import WriterLock, hold_writer_lock
-from stabledrl_cli.errors import InputError, UsageError, WriteError
+from stabledrl_cli.errors import InputError, UsageError, WriteError, counted
 
 try:
     import fcntl
@@ -286,6 +286,13 @@ def _check_compatible(old: dict[str, Any], new: dict[str, Any], path: Path) -> N
     was, now = (old.get("policy") or {}).get("spec"), (new.get("policy") or {}).get("spec")
     if was != now:
         raise UsageError(f"cannot resume {path}: its policy is {was!r}, this recorder's {now!r}")
+    names, given = old.get("param_names"), new.get("param_names")
+    if given is not None and given != names:  # (none given: the run's are kept, as its meta)
+        had = counted(len(names), "name") if isinstance(names, list) else "none"
+        raise UsageError(
+            f"cannot resume {path}: its param_names are not this recorder's ({had}, "
+            f"{len(given)} given)"
+        )
 
 
 def _records_again(stopped: object, resume_from: int | None) -> bool:

@@ -409,7 +409,8 @@ class Recorder:
         dropped = weakref.finalize(self, self._writer_lock.release)  # one dropped unclosed
         if resume_from is not None:
             self._last_step = resume_from - 1 if resume_from > 0 else None
-        self._num_params = len(param_names) if param_names is not None else None
+        names = self.manifest.get("param_names")  # a resumed run's own
+        self._num_params = len(names) if isinstance(names, list) else None
         self.on_write_error: OnWriteError = on_write_error
         self.stopped: str | None = None
         """Why recording stopped (on_write_error="warn" after a failed write), else None."""
