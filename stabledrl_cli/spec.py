@@ -8,10 +8,11 @@ policy always reads the same in a manifest, a replay and a baseline.
 
 from __future__ import annotations
 
+import operator
 import re
 import sys
 from collections.abc import Mapping
-from typing import TypeVar, cast
+from typing import SupportsIndex, TypeVar, cast
 
 from stabledrl_cli.errors import UsageError, quoted
 
@@ -51,6 +52,19 @@ def plain_number(value: _Value) -> _Value:
     if isinstance(value, np.floating):
         return cast(_Value, float(str(value)))
     return value
+
+
+def whole_number(value: object) -> int | None:
+    """`value` as the int it is or holds (a numpy or 0-d torch integer), else None (a bool,
+    which would be taken for 0 or 1, a float, text, a float tensor or one with no data)."""
+    if type(value) is int:
+        return value
+    if isinstance(value, SupportsIndex) and not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except (TypeError, RuntimeError):  # a float tensor; a tensor with no data (meta)
+            return None
+    return None
 
 
 def spec_int(text: str) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -318,7 +319,17 @@ def test_gmpo_mean_micro_averages_the_sums_of_the_steps_ranks(beta):
     assert_close(ours(spec, data, micro_batch=micro, logp_ref=ref, ranks=2).coef, step.coef)
 
 
-@pytest.mark.parametrize("ranks", [0, -1, 1.5, True, "2"])
+def test_ranks_given_as_a_numpy_or_torch_integer_are_the_int_they_hold():
+    """ranks=np.int64(2) (a world size read from an array) was refused ('ranks must be an
+    integer >= 1, got np.int64(2)'); it is 2, as a torch integer is."""
+    data, micro = batch(7), torch.tensor([0, 0, 1, 1, 2, 2, 2, 3])
+    joined = ours("gmpo:mean=micro", data, micro_batch=micro, ranks=2)
+    for ranks in (np.int64(2), torch.tensor(2)):
+        given = ours("gmpo:mean=micro", data, micro_batch=micro, ranks=ranks)
+        assert torch.equal(given.coef, joined.coef)
+
+
+@pytest.mark.parametrize("ranks", [0, -1, 1.5, True, "2", torch.tensor(2.0)])
 def test_a_batch_of_no_ranks_is_refused(ranks):
     with pytest.raises(UsageError, match="ranks must be an integer >= 1"):
         ours("gmpo:mean=micro", batch(1), ranks=ranks)

@@ -43,17 +43,16 @@ from __future__ import annotations
 
 import json
 import math
-import operator
 import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, SupportsIndex, TypeGuard, TypeVar, cast
+from typing import Any, TypeGuard, TypeVar, cast
 
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError, UsageError, quoted, shown, type_name
-from stabledrl_cli.spec import plain_number
+from stabledrl_cli.spec import plain_number, whole_number
 from stabledrl_cli.vocab import GROUP_IDS, UNITS
 
 _Json = TypeVar("_Json")
@@ -469,19 +468,6 @@ def _plain(value: _Json) -> _Json:
     if isinstance(value, list | tuple):
         return cast(_Json, [_plain(item) for item in value])
     return plain_number(value)
-
-
-def whole_number(value: object) -> int | None:
-    """`value` as the int it is or holds (a numpy or 0-d torch integer), else None (a bool,
-    which would be taken for 0 or 1, a float, text, a float tensor or one with no data)."""
-    if type(value) is int:
-        return value
-    if isinstance(value, SupportsIndex) and not isinstance(value, bool):
-        try:
-            return operator.index(value)
-        except (TypeError, RuntimeError):  # a float tensor; a tensor with no data (meta)
-            return None
-    return None
 
 
 def step_number(value: object, name: str = "step") -> int:

@@ -105,14 +105,13 @@ from stabledrl_cli.dump._schema import (
     step_number,
     stop_note_name,
     switch_argument,
-    whole_number,
     written_version,
 )
 from stabledrl_cli.dump._setup import amend_manifest, prepare_run
 from stabledrl_cli.dump._stfile import discard_step, encode_step, write_step
 from stabledrl_cli.dump._writer_lock import WriterLock
 from stabledrl_cli.errors import InputError, UsageError, WriteError, counted, quoted, warn
-from stabledrl_cli.spec import SpecValue
+from stabledrl_cli.spec import SpecValue, whole_number
 from stabledrl_cli.vocab import GROUP_IDS, ON_WRITE_ERROR, UNITS, GroupIds, OnWriteError, Unit
 
 

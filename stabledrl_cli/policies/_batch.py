@@ -43,6 +43,7 @@ import torch
 from stabledrl_cli.errors import InputError, UsageError, one_line
 from stabledrl_cli.policies._advantages import recompute_advantages
 from stabledrl_cli.policies._masked import above, as_bytes, below, count, finite_sum, keep_times
+from stabledrl_cli.spec import whole_number
 from stabledrl_cli.vocab import ADV_MODES, UNITS, AdvMode, Unit
 
 _T = TypeVar("_T")
@@ -489,7 +490,8 @@ def prepare(
         raise UsageError(f"a batch is a PolicyBatch, not {type(batch).__name__}")
     if batch.unit not in UNITS:
         raise UsageError(f"unknown unit {batch.unit!r}; valid: {', '.join(UNITS)}")
-    if isinstance(batch.ranks, bool) or not isinstance(batch.ranks, int) or batch.ranks < 1:
+    ranks = whole_number(batch.ranks)  # a numpy or 0-d torch integer: the int it holds
+    if ranks is None or ranks < 1:
         raise UsageError(f"ranks must be an integer >= 1, got {batch.ranks!r}")
     target = torch.device(device) if device is not None else None
     logp_raw = _as_tensor(batch.logp, "logp", target)
@@ -601,5 +603,5 @@ def prepare(
         split_sequences=_split_count(batch.group_split, n_seq, dev),
         has_group_id=group_raw is not None,
         unit=batch.unit,
-        ranks=batch.ranks,
+        ranks=ranks,
     )

@@ -12,10 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from stabledrl_cli.dump._schema import whole_number
 from stabledrl_cli.errors import ConfigError, quoted, type_name
 from stabledrl_cli.replay.guards import DEFAULT_GUARDS, make_guard
-from stabledrl_cli.spec import MAX_WINDOW, plain_number, spec_float, spec_int
+from stabledrl_cli.spec import MAX_WINDOW, plain_number, spec_float, spec_int, whole_number
 from stabledrl_cli.vocab import Device
 
 DEFAULT_MEMORY_BUDGET = 16 * 2**20
