@@ -5,7 +5,7 @@
 >>> norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
 >>> decision = guard.before_step(grad_norm=norm, batch=batch)
 >>> if not decision.skip:
-...     decision.apply(params)
+...     decision.apply(params, applied=min(1.0, 1.0 / (norm + 1e-6)))
 ...     optimizer.step()
 >>> recorder.log_step(step, ..., grad_norm=norm, scalars=guard.scalars(decision))
 

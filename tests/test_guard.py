@@ -426,3 +426,15 @@ def test_a_reason_shows_the_z_score_past_the_limit():
     for norm in (1.0, 2.0, 3.0):
         far.before_step(grad_norm=norm)
     assert far.before_step(grad_norm=9.0).reason == "skip-step: z 7"
+
+
+def test_the_module_example_applies_a_decision_as_the_guard_page_does():
+    """The module docstring's example called `decision.apply(params)` after
+    clip_grad_norm_(params, 1.0): in mode scale that scales the clipped gradient again (a
+    norm-10 step with scale 0.3 ended at 0.03 of its pre-clip size, not 0.1); docs/guard.md
+    passes the factor the clip applied, as `apply` needs."""
+    import stabledrl_cli.guard as guard_module
+
+    example = [line.strip() for line in (guard_module.__doc__ or "").splitlines()]
+    applies = [line for line in example if "decision.apply(" in line]
+    assert applies == ["...     decision.apply(params, applied=min(1.0, 1.0 / (norm + 1e-6)))"]
