@@ -232,3 +232,7 @@ def test_numpy_numbers_in_meta_and_estimator_are_the_numbers_they_hold(tmp_path:
     assert manifest["estimator"] == {"mask_samples": 2}
     with pytest.raises(UsageError, match=r"^meta must be JSON-serializable: Out of range float"):
         sd.Recorder(tmp_path / "other", meta={"x": np.float32("nan")})
+    circular: dict[str, object] = {"lr": np.float32(0.1)}
+    circular["self"] = circular
+    with pytest.raises(UsageError, match=r"^meta must be JSON-serializable: Circular reference"):
+        sd.Recorder(tmp_path / "other", meta=circular)

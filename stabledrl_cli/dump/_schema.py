@@ -452,17 +452,26 @@ def json_checked(value: _Json, what: str) -> _Json:
     UsageError naming the argument for values that JSON cannot hold, text that is not Unicode
     too (a lone surrogate, which every reader of the run refuses: `_json.has_lone_surrogate`)."""
     try:
-        value = _plain(value)
-        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False, default=_plain_or_refused)
+        text.encode("utf-8")
+        return _plain(value)
     except (TypeError, ValueError, RecursionError) as exc:  # (nested past the encoder's depth)
         raise UsageError(f"{what} must be JSON-serializable: {exc}") from None
-    return value
+
+
+def _plain_or_refused(value: object) -> object:
+    """json.dumps's hook for what it cannot write: a numpy number, bool or 0-d array as the
+    Python value it holds (`spec.plain_number`), else TypeError, json's own."""
+    plain = plain_number(value)
+    if plain is value:
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+    return plain
 
 
 def _plain(value: _Json) -> _Json:
     """`value` with each numpy number, bool or 0-d array in it, at any depth of its dicts,
-    lists and tuples, as the Python value it holds (`spec.plain_number`): a config read from
-    arrays."""
+    lists and tuples, as the Python value it holds: a config read from arrays (checked by
+    `json_checked`: no cycle, a depth JSON takes)."""
     if isinstance(value, dict):
         return cast(_Json, {key: _plain(item) for key, item in value.items()})
     if isinstance(value, list | tuple):
