@@ -37,6 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from stabledrl_cli.errors import ConfigError, UsageError, one_line
@@ -228,12 +229,17 @@ def _refuse_non_tensors(parameters: object) -> None:
 
 
 def _number(value: float | torch.Tensor, name: str) -> float:
-    """`value`, the argument `name`, as a float: a real number, or a one-element tensor read
-    detached (one that requires grad would make torch warn 'Converting a tensor with
-    requires_grad=True to a scalar' into the training's log); UsageError naming `name` for
-    anything else (a tensor of several values or of complex numbers, one with no data on the
-    meta device, a string, None). An integer past float's range is infinite."""
+    """`value`, the argument `name`, as a float: a real number, a numpy array of one (as the
+    Recorder takes it), or a one-element tensor read detached (one that requires grad would
+    make torch warn 'Converting a tensor with requires_grad=True to a scalar' into the
+    training's log); UsageError naming `name` for anything else (a tensor or array of several
+    values or of complex numbers, one with no data on the meta device, a string, None). An
+    integer past float's range is infinite."""
     expected = f"{name} must be a number or a one-element tensor"
+    if isinstance(value, np.ndarray):
+        if value.size != 1:
+            raise UsageError(f"{expected}, got an array of {value.size} elements")
+        value = value.reshape(-1)[0]
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise UsageError(f"{expected}, got a tensor of {value.numel()} elements")

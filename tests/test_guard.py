@@ -371,6 +371,30 @@ def test_a_tensor_the_guard_cannot_read_as_a_number_is_a_usage_error(value, mess
     assert guard.counts == {"none": 0, "scale": 0, "skip": 0}
 
 
+def test_a_numpy_array_of_one_number_is_the_number_it_holds():
+    """grad_norm=np.array(50.0) (a norm turned into numpy with .numpy()), which the
+    Recorder records, was refused by the guard ('grad_norm must be a number or a one-element
+    tensor, got ndarray'); a numpy array of one number is now taken as a one-element tensor
+    is, in before_step and apply, and one of several numbers is refused, named."""
+    given, plain = (
+        Guard(mode="scale", rule="zclip:warmup=5"),
+        Guard(mode="scale", rule="zclip:warmup=5"),
+    )
+    for norm in NORMS:
+        decision = given.before_step(grad_norm=np.array(norm), loss=np.array([[0.5]]))
+        assert decision == plain.before_step(grad_norm=norm, loss=0.5)
+    param = torch.nn.Parameter(torch.zeros(1))
+    param.grad = torch.ones(1)
+    decision.apply([param], applied=np.float32(1.0))
+    Decision("scale", 0.25, "").apply([param], applied=np.array([0.5]))
+    assert param.grad.tolist() == [0.5]
+    with pytest.raises(UsageError) as refused:
+        given.before_step(grad_norm=np.array([1.0, 2.0]))
+    assert str(refused.value) == (
+        "grad_norm must be a number or a one-element tensor, got an array of 2 elements"
+    )
+
+
 def test_a_policy_that_is_neither_a_spec_nor_a_policy_is_refused_when_the_guard_is_made():
     """Before: Guard(policy=3) was taken, and failed later with an AttributeError ('int' object
     has no attribute 'spec') from manifest_note, or 'weights' from the first before_step
