@@ -65,3 +65,17 @@ def test_steps_of_a_number_the_run_does_not_hold_warns_that_it_has_no_such_step(
     assert [str(w.message) for w in warned] == [
         f"{run_path}: skipping step 7: missing_rank: no file of step 7: the run does not hold it"
     ]
+
+
+def test_a_scalar_asked_for_as_an_array_is_named_as_a_scalar(run_path: Path) -> None:
+    """step["loss"] said only "step 1 has no field 'loss'; it has: []", of a step that
+    recorded loss: the KeyError now says where it is (step.scalars['loss'])."""
+    step = sd.open_run(run_path).step(1)
+    with pytest.raises(KeyError) as missing:
+        step["loss"]
+    assert missing.value.args[0] == (
+        "step 1 has no field 'loss'; it has: []; 'loss' is a scalar: step.scalars['loss']"
+    )
+    with pytest.raises(KeyError) as missing:
+        step.array("lr")
+    assert missing.value.args[0] == "step 1 has no field 'lr'; it has: []"

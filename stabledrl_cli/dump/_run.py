@@ -99,9 +99,13 @@ class Step(ABC):
 
     def array(self, name: str) -> np.ndarray:
         """`step[name]` as the numpy array it is read into (no torch): KeyError for a field the
-        step did not record, InputError if it cannot be read."""
+        step did not record (saying so of one of its scalars), InputError if it cannot be read."""
         if name not in self.fields:
-            raise KeyError(f"step {self.step} has no field {name!r}; it has: {sorted(self.fields)}")
+            scalar = name in self.scalars
+            where = f"; {name!r} is a scalar: step.scalars[{name!r}]" if scalar else ""
+            raise KeyError(
+                f"step {self.step} has no field {name!r}; it has: {sorted(self.fields)}{where}"
+            )
         return self._read(name)
 
     @abstractmethod
