@@ -236,7 +236,6 @@ REFUSED = [
         "use_bias_correction_kl and sequence-level",
     ),
     ({"loss_type": "grpo", "entropy_coef": 0.01}, "entropy bonus"),
-    ({"loss_type": "grpo", "delta": 1.1}, "delta must be >"),
 ]
 
 
@@ -371,6 +370,7 @@ TOKEN_CLIP = {
     "dapo",
     "dapo-token-mean",
     "delta",
+    "delta-below-eps-high",
     "beta",
     "entropy-mask",
     "beta-bias-corrected",
@@ -387,6 +387,7 @@ TOKEN_CLIP = {
 
 SEQUENCE_CLIP = {
     "gspo",
+    "gspo-delta-below-eps-high",
     "luspo-sequence",
     "gspo-beta-off-policy",
     "luspo-sequence-beta",
@@ -408,10 +409,15 @@ RECORDED_SCALE = {
 """Cases whose loss TRL's eps (0.2) with the recorded `loss_scale` (agg=recorded) gives."""
 
 
-def _trl_clip_ratios(step: Any, eps_low: float, eps_high: float) -> dict[str, float]:
+def _trl_clip_ratios(
+    step: Any, eps_low: float, eps_high: float, delta: float | None
+) -> dict[str, float]:
     """TRL's clip_ratio/*_mean of one step from the recorded arrays: per micro-batch, masked
-    fractions over scored tokens (strict bounds), then their unweighted mean."""
+    fractions over scored tokens (strict bounds) of the ratio after its `delta` cap, then
+    their unweighted mean."""
     ratio = torch.exp(step["logp"] - step["logp_old"])
+    if delta is not None:
+        ratio = torch.clamp(ratio, max=delta)
     adv, mask = step["advantages"], step["mask"].bool()
     micro = step["micro_batch"][step["seq_id"].long()]
     low = (ratio < 1 - eps_low) & (adv < 0)
@@ -438,7 +444,9 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
     if case in TOKEN_CLIP:  # the recorded micro-batches reproduce TRL's own clip metrics
         logged = logged_steps(trainer.state.log_history)
         for step in sd.open_run(out):
-            ratios = _trl_clip_ratios(step, trainer.epsilon_low, trainer.epsilon_high)
+            ratios = _trl_clip_ratios(
+                step, trainer.epsilon_low, trainer.epsilon_high, trainer.args.delta
+            )
             for name, value in ratios.items():
                 assert value == pytest.approx(logged[step.step][name], abs=1e-6), name
     if case in TOKEN_CLIP | SEQUENCE_CLIP:  # replay's TRL metrics of the own policy are TRL's

@@ -177,15 +177,19 @@ TOKEN_REFS = {
 }
 
 
-def ref_gspo(logp, logp_old, adv, mask, eps_low=3e-4, eps_high=4e-4, log_ratio_max=None, **_):
+def ref_gspo(
+    logp, logp_old, adv, mask, eps_low=3e-4, eps_high=4e-4, log_ratio_max=None, delta=None, **_
+):
     # TRL: log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1);
+    # coef_1 = torch.clamp(coef_1, max=delta) after coef_2 is taken;
     # log_ratio_max: verl's clamp of it (its max=10)
     log_ratio = logp - logp_old
     log_s = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
     if log_ratio_max is not None:
         log_s = log_s.clamp(max=log_ratio_max)
     s = torch.exp(log_s)
-    term = torch.min(s * adv, torch.clamp(s, 1 - eps_low, 1 + eps_high) * adv)
+    capped = s if delta is None else torch.clamp(s, max=delta)
+    term = torch.min(capped * adv, torch.clamp(s, 1 - eps_low, 1 + eps_high) * adv)
     return term
 
 
@@ -327,8 +331,14 @@ CASES = [
     ("dapo", "ppo", {"eps_high": 0.28}, (0.8, 1.28)),
     ("dual-clip", "dual-clip", {"c": 3.0}, (0.8, 1.2)),
     ("two-sided:delta=4", "two-sided", {"delta": 4.0}, (0.8, 1.2, 4.0)),
+    # TRL takes a delta at or below 1 + eps_high (it recommends above)
+    ("two-sided:delta=1.2", "two-sided", {"delta": 1.2}, (0.8, 1.2)),
+    ("two-sided:delta=1.1", "two-sided", {"delta": 1.1}, (0.8, 1.1)),
+    ("two-sided:delta=0.9", "two-sided", {"delta": 0.9}, (0.8, 0.9)),
     ("gspo", "gspo", {}, (0.9997, 1.0004)),
     ("gspo:log_ratio_max=0.5", "gspo", {"log_ratio_max": 0.5}, ()),
+    ("gspo:delta=1.0001", "gspo", {"delta": 1.0001}, ()),
+    ("gspo:delta=1.5", "gspo", {"delta": 1.5}, ()),
     ("gspo:form=token,log_ratio_max=0.5", "gspo-token", {"log_ratio_max": 0.5}, ()),
     ("cispo", "cispo", {}, (4.0,)),
     ("cispo:cap=4", "cispo", {"cap": 4.0}, (4.0,)),

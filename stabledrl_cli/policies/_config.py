@@ -247,15 +247,12 @@ class TwoSidedConfig(ClipConfig):
     """TRL's two-sided clip (`delta`)."""
 
     delta: float | None = None
-    """Two-sided clip: r <- min(r, delta) in the unclipped branch (required, > 1 + eps_high;
-    INTELLECT-2 used 4)."""
+    """Two-sided clip: r <- min(r, delta) in the unclipped branch (required, > 0; INTELLECT-2
+    used 4, TRL recommends above 1 + eps_high and takes any)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.delta is not None and not self.delta > 1.0 + self.high:
-            raise UsageError(
-                f"delta must be > 1 + eps_high = {1.0 + self.high:g}, got {self.delta!r}"
-            )
+        check_min("delta", self.delta, 0.0, strict=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,17 +279,15 @@ class GSPOConfig(AggConfig):
     log_ratio_max=10); none: uncapped (the paper, TRL)."""
     delta: float | None = None
     """TRL's two-sided clip of the sequence ratio: s_i <- min(s_i, delta) in the unclipped
-    branch (> 1 + eps_high), so a sequence with A < 0 and s_i > delta is discarded; none: off."""
+    branch (> 0; TRL recommends above 1 + eps_high), so a sequence with A < 0 and s_i past
+    both delta and 1 + eps_high is discarded, and one with A > 0 past either; none: off."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_min("eps_low", self.eps_low, 0.0, strict=False)
         check_min("eps_high", self.eps_high, 0.0, strict=False)
         check_min("log_ratio_max", self.log_ratio_max, 0.0, strict=True)
-        if self.delta is not None and not self.delta > 1.0 + self.eps_high:
-            raise UsageError(
-                f"delta must be > 1 + eps_high = {1.0 + self.eps_high:g}, got {self.delta!r}"
-            )
+        check_min("delta", self.delta, 0.0, strict=True)
 
 
 # TRL's recommended absolute cap on the CISPO weight.

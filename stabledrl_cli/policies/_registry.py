@@ -157,7 +157,8 @@ REGISTRY: dict[str, PolicyEntry] = {
             "min(min(r, delta) A, clip(r, 1-eps_low, 1+eps_high) A) / norm",
             "TRL GRPOConfig.delta (INTELLECT-2)",
             required={"delta": "4"},
-            conventions="A < 0 with r > delta is discarded (TRL's clip metrics do not count it)",
+            conventions="A < 0 with r > max(delta, 1+eps_high) is discarded (TRL's clip metrics "
+            "do not count it); a delta below 1+eps_high discards A > 0 past delta",
         ),
         PolicyEntry(
             "gspo",

@@ -14,8 +14,9 @@ compute_policy_loss_gspo clamps it at M = 10: a sequence past the cap has s_i = 
 coef 0 (discarded), one exactly at it keeps its gradient (torch.clamp's). The paper and TRL
 (grpo_trainer's log_importance_weights) do not cap it: the default, none.
 delta=D is TRL's two-sided clip (`GRPOConfig.delta`) on the sequence ratio: each token's term
-is min(min(s_i, D) A_t, clip(s_i) A_t), so a sequence with A < 0 and s_i > D is discarded
-(TRL 1.16 grpo_trainer: `coef_1 = torch.clamp(coef_1, max=delta)` after the sequence ratio).
+is min(min(s_i, D) A_t, clip(s_i) A_t), so a sequence with A < 0 and s_i above both D and
+1 + eps_high is discarded, and one with A > 0 and s_i > D (TRL 1.16 grpo_trainer:
+`coef_1 = torch.clamp(coef_1, max=delta)` after the sequence ratio).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class GSPOPolicy(Policy):
     """GSPO (arXiv:2507.18071; TRL importance_sampling_level="sequence"): per token
     `min(s_i A, clip(s_i, 1-eps_low, 1+eps_high) A) / norm` (default N |y_i|),
     s_i = exp(min(mean_t log r_t, log_ratio_max)), s_i capped at delta in the first term when
-    given; a sequence whose clip binds, past the cap, or with A < 0 past delta, is discarded
-    whole."""
+    given; a sequence whose clip binds, past the cap, with A > 0 past delta or with A < 0 past
+    both delta and 1 + eps_high, is discarded whole."""
 
     config: GSPOConfig
 
@@ -50,11 +51,13 @@ class GSPOPolicy(Policy):
         seq_ratio = prep.per_token(torch.exp(log_seq_ratio))
         unclipped = seq_ratio if cfg.delta is None else torch.clamp(seq_ratio, max=cfg.delta)
         value = torch.minimum(ratio_times(unclipped, adv), torch.clamp(seq_ratio, low, high) * adv)
-        discarded = (above(adv, 0.0) & above(seq_ratio, high)) | (
+        # the two-sided cap: min(s, delta, high) A for A > 0, max(min(s, delta), clip(s)) A below
+        top = high if cfg.delta is None else min(high, cfg.delta)
+        discarded = (above(adv, 0.0) & above(seq_ratio, top)) | (
             below(adv, 0.0) & below(seq_ratio, low)
         )
-        if cfg.delta is not None:  # the two-sided cap zeroes A < 0, s_i > delta
-            discarded = discarded | (below(adv, 0.0) & above(seq_ratio, cfg.delta))
+        if cfg.delta is not None:
+            discarded = discarded | (below(adv, 0.0) & above(seq_ratio, max(high, cfg.delta)))
         if past_cap is not None:  # the clamp zeroes those sequences' gradient
             discarded = discarded | past_cap
         scale = prep.weight_over(norm)

@@ -67,8 +67,10 @@ class DualClipPolicy(TokenPolicy):
 
 
 class TwoSidedPolicy(TokenPolicy):
-    """TRL `delta` (INTELLECT-2): `min(min(r, delta) A, clip(r) A)`; discards A < 0, r > delta
-    as well (TRL's clip metrics do not count these)."""
+    """TRL `delta` (INTELLECT-2): `min(min(r, delta) A, clip(r) A)`, which is
+    `min(r, delta, 1 + eps_high) A` for A > 0 and `max(min(r, delta), clip(r)) A` for A < 0:
+    discards A > 0 with r > min(delta, 1 + eps_high), and A < 0 with r < 1 - eps_low or
+    r > max(delta, 1 + eps_high) (TRL's clip metrics do not count the last)."""
 
     config: TwoSidedConfig
 
@@ -79,8 +81,8 @@ class TwoSidedPolicy(TokenPolicy):
         low, high = 1.0 - cfg.eps_low, 1.0 + cfg.high
         capped = torch.clamp(ratio, max=cfg.delta)
         value = torch.minimum(capped * adv, torch.clamp(ratio, low, high) * adv)
-        discarded = (above(adv, 0.0) & above(ratio, high)) | (
-            below(adv, 0.0) & (below(ratio, low) | above(ratio, cfg.delta))
+        discarded = (above(adv, 0.0) & above(ratio, min(high, cfg.delta))) | (
+            below(adv, 0.0) & (below(ratio, low) | above(ratio, max(high, cfg.delta)))
         )
         # r A only where the indicator keeps it: an overflowed r never meets a zero there.
         dvalue = keep_times(~discarded, ratio_times(ratio, adv))

@@ -3,15 +3,15 @@
 
 - TRL 1.16 (`GRPOTrainer._compute_loss`): `clip_ratio/low_mean` = (r < 1 - eps_low) & (A < 0),
   `clip_ratio/high_mean` = (r > 1 + eps_high) & (A > 0), `clip_ratio/region_mean` = either
-  (grpo-family policies; r is min(r, delta) for two-sided, the sequence ratio for gspo), and
-  `cispo_clip_ratio` = (r > cap) & (A > 0) (cispo's TRL form). Each is a fraction over a
-  micro-batch's scored entries (mask = 1; A = 0 entries count in the denominator, which is
-  clamped to >= 1), over its rows for gspo (one value a sequence); TRL logs the unweighted
-  mean of the per-micro-batch values. `clip_ratio/low_min` and `clip_ratio/high_max` are the
-  nanmin / nanmax over a micro-batch call's rows (on every rank) of each row's low / high
-  fraction of its scored entries (NaN for a row without one; gspo: the row's hit), averaged
-  over the calls that have a value. `vespo/phi_seq_mean` (vespo) is the mean of each row's
-  gamma weight phi over a micro-batch's rows, averaged the same way.
+  (grpo-family policies; r is min(r, delta) for two-sided, the sequence ratio for gspo, capped
+  at delta too), and `cispo_clip_ratio` = (r > cap) & (A > 0) (cispo's TRL form). Each is a
+  fraction over a micro-batch's scored entries (mask = 1; A = 0 entries count in the
+  denominator, which is clamped to >= 1), over its rows for gspo (one value a sequence); TRL
+  logs the unweighted mean of the per-micro-batch values. `clip_ratio/low_min` and
+  `clip_ratio/high_max` are the nanmin / nanmax over a micro-batch call's rows (on every rank)
+  of each row's low / high fraction of its scored entries (NaN for a row without one; gspo: the
+  row's hit), averaged over the calls that have a value. `vespo/phi_seq_mean` (vespo) is the
+  mean of each row's gamma weight phi over a micro-batch's rows, averaged the same way.
 - verl 0.9.1 (`core_algos.compute_policy_loss_vanilla`, `_gspo`, `_cispo`, `_sapo`):
   `pg_clipfrac` and `pg_clipfrac_lower` over a micro-batch's scored entries (denominator
   count + 1e-8), r = exp(clamp(log r, -20, 20)) (gspo: exp(min(mean log r of the sequence,
@@ -262,9 +262,10 @@ def _trl(
     adv = w.advantages
     if isinstance(config, GSPOConfig):
         seq_adv = prep.seq_sum(adv) / prep.seq_len.clamp(min=1.0)
-        low, high, either = _clip_hits(
-            prep, torch.exp(prep.seq_mean_log_ratio), seq_adv, config.eps_low, config.eps_high
-        )
+        seq_ratio = torch.exp(prep.seq_mean_log_ratio)
+        if config.delta is not None:
+            seq_ratio = torch.clamp(seq_ratio, max=config.delta)  # as for two-sided, below
+        low, high, either = _clip_hits(prep, seq_ratio, seq_adv, config.eps_low, config.eps_high)
         return [
             _row_mean(low, micro),
             _row_mean(high, micro),

@@ -17,6 +17,13 @@ PARITY: dict[str, dict[str, Any]] = {
     "sapo": {"loss_type": "sapo"},
     "gspo": {"loss_type": "grpo", "importance_sampling_level": "sequence"},
     "delta": {"loss_type": "dapo", "delta": 1.5},
+    # a delta TRL takes below 1 + epsilon_high (it recommends above): A > 0 past it discarded
+    "delta-below-eps-high": {"loss_type": "dapo", "delta": 1.1},
+    "gspo-delta-below-eps-high": {
+        "loss_type": "grpo",
+        "importance_sampling_level": "sequence",
+        "delta": 1.1,
+    },
     "beta": {"loss_type": "grpo", "beta": 0.1, "use_bias_correction_kl": False},
     "entropy-mask": {"loss_type": "dapo", "top_entropy_quantile": 0.5},
     "beta-bias-corrected": {"loss_type": "grpo", "beta": 0.1},  # TRL's default correction
