@@ -122,3 +122,44 @@ def test_plot_of_a_run_with_nothing_finite(tmp_path):
     assert np.isnan(result.policies[0].series["update_norm"]).all()
     out = plot_replay(result, tmp_path / "nan.png")
     assert _png_size(out) == (1400, _height(1))
+
+
+def _reward_panel(result: sd.ReplayResult, path: Path, monkeypatch) -> tuple[str, list[str]]:
+    """The replay plot's reward panel as drawn: its left title and its texts."""
+    from matplotlib.figure import Figure
+
+    drawn: list[Figure] = []
+    savefig = Figure.savefig
+
+    def keep(fig: Figure, *args: object, **kwargs: object) -> None:
+        drawn.append(fig)
+        savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    plot_replay(result, path)
+    reward_ax = drawn[0].axes[1]
+    return reward_ax.get_title(loc="left"), [t.get_text() for t in reward_ax.texts]
+
+
+@pytest.mark.parametrize("reward", [0.5, float("nan")])
+def test_the_reward_panel_says_not_judged_where_the_collapse_rule_judged_no_step(
+    tmp_path, monkeypatch, reward
+):
+    """A run too short for the collapse rules (2 rollouts: W = 10, the warning's window 3), or
+    of NaN rewards only: the table says 'not judged', the plot said 'no observed collapse', a
+    clean bill the rule never gave (and drew an empty reward panel with nothing to say why)."""
+    with sd.Recorder(tmp_path / "run", policy="grpo") as rec:
+        for step in range(2):
+            rec.log_step(
+                step,
+                logp=torch.full((2, 3), -1.0),
+                logp_old=torch.full((2, 3), -1.1),
+                advantages=torch.tensor([1.0, -1.0]),
+                reward=torch.full((2,), reward),
+            )
+    result = sd.replay(tmp_path / "run", ["grpo"], device="cpu")
+    assert result.observed.unjudged("first_reward_collapse") is not None
+    title, texts = _reward_panel(result, tmp_path / "run.png", monkeypatch)
+    assert "observed collapse not judged" in title and "no observed collapse" not in title
+    assert "collapse warning not judged" in title
+    assert (texts == ["no finite reward recorded"]) == math.isnan(reward), texts

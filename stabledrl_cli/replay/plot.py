@@ -116,23 +116,27 @@ def _reward_panel(ax: Any, result: ReplayResult, run: Run) -> None:
         window = min(result.observed.collapse_window, steps.size)
         ax.plot(steps, reward, color=_REWARD, linewidth=0.8)
         ax.plot(steps, rolling_mean(reward, window), color=_REWARD_MEAN, linewidth=1.6)
-    else:
-        ax.text(0.5, 0.5, "no reward recorded", transform=ax.transAxes, ha="center", va="center")
+    if not np.isfinite(reward).any():
+        what = "no finite reward recorded" if steps.size else "no reward recorded"
+        ax.text(0.5, 0.5, what, transform=ax.transAxes, ha="center", va="center")
     observed = result.observed
     _marks_at_edge(ax, np.asarray(observed.recorded_spike_steps, dtype=np.int64), 1.0,
                    marker="v", color=_SPIKE, markersize=6)  # fmt: skip
     _marks_at_edge(ax, np.asarray(observed.nonfinite_steps, dtype=np.int64), 1.0,
                    marker="x", color=_NONFINITE, markersize=6)  # fmt: skip
     _mark_run_events(ax, result)
-    events = [
-        f"observed collapse at step {observed.first_reward_collapse}"
-        if observed.first_reward_collapse is not None
-        else "no observed collapse",
-    ]
+    if observed.first_reward_collapse is not None:
+        events = [f"observed collapse at step {observed.first_reward_collapse}"]
+    elif observed.unjudged("first_reward_collapse") is not None:  # as replay's table says
+        events = ["observed collapse not judged"]
+    else:
+        events = ["no observed collapse"]
     warning = observed.collapse_warning
     if warning.first_step is not None:
         lead = f", {warning.lead_steps} steps ahead" if warning.lead_steps is not None else ""
         events.append(f"collapse warning from step {warning.first_step}{lead}")
+    elif observed.unjudged("collapse_warning_first_step") is not None:
+        events.append("collapse warning not judged")
     ax.set_title("recorded reward: " + "; ".join(events), loc="left", fontsize=10, pad=_PAD)
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
