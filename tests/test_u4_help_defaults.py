@@ -11,6 +11,11 @@ from typer.testing import CliRunner
 from stabledrl_cli.capture.geometry import GeometryConfig
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.example.config import ExampleConfig
+from stabledrl_cli.replay.config import (
+    DEFAULT_COLLAPSE_WINDOW,
+    DEFAULT_DRIFT_THRESHOLD,
+    DEFAULT_WINDOW,
+)
 
 runner = CliRunner()
 
@@ -56,7 +61,18 @@ def test_record_help_states_each_default(option, default):
     [
         ("--policy", "default: the run's own policy, then the standard catalogue"),
         ("--max-grad-norm", "default: none, clip_scale 1"),
+        ("--window", f"default {DEFAULT_WINDOW}"),
+        ("--drift-threshold", f"default {DEFAULT_DRIFT_THRESHOLD:g}"),
+        ("--collapse-window", f"default {DEFAULT_COLLAPSE_WINDOW}"),
     ],
 )
 def test_replay_help_states_each_default(option, default):
     assert default in _help("replay")[option]
+
+
+@pytest.mark.parametrize("option", ["--window", "--drift-threshold", "--collapse-window"])
+def test_only_check_speaks_of_a_baseline(option):
+    """replay takes no baseline, yet its help gave these defaults as 'calibrated, or the
+    baseline's' (check's words), without the number."""
+    assert "baseline" not in _help("replay")[option]
+    assert "or the baseline's" in _help("check")[option]

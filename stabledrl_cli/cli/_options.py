@@ -17,7 +17,14 @@ from typer._click.globals import get_current_context
 from stabledrl_cli.cli._local import EMPTY_PATH
 from stabledrl_cli.dump._remote import is_url
 from stabledrl_cli.errors import quoted
-from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, DEFAULT_THREADS, MAX_THREADS
+from stabledrl_cli.replay.config import (
+    DEFAULT_COLLAPSE_WINDOW,
+    DEFAULT_DRIFT_THRESHOLD,
+    DEFAULT_MEMORY_BUDGET,
+    DEFAULT_THREADS,
+    DEFAULT_WINDOW,
+    MAX_THREADS,
+)
 from stabledrl_cli.spec import INT_DIGITS, SPEC_SYNTAX, reads_as_zero, spec_float, spec_int
 from stabledrl_cli.vocab import Device, OutputFormat, ReplayEngine
 
@@ -140,25 +147,47 @@ PlotOpt = Annotated[
         help="Draw the reward and each policy's update norms to this PNG (needs the plot extra).",
     ),
 ]
-WindowOpt = Annotated[
-    int | None,
-    number_option(
+_OR_BASELINE = ", or the baseline's"
+"""What a detector option of `check` adds to its default: a baseline's setting wins."""
+
+
+def _window(default_note: str) -> Any:
+    return number_option(
         "--window",
         kind=int,
         metavar="N",
-        help="Drift: steps in the rolling mean of net_push (default: calibrated, or the "
-        "baseline's).",
-    ),
-]
-DriftThresholdOpt = Annotated[
-    float | None,
-    number_option(
+        help="Drift: steps in the rolling mean of net_push (default "
+        f"{DEFAULT_WINDOW}, calibrated{default_note}).",
+    )
+
+
+def _drift_threshold(default_note: str) -> Any:
+    return number_option(
         "--drift-threshold",
         kind=float,
         metavar="X",
-        help="Drift: rolling mean of net_push below this (default: calibrated, or the baseline's).",
-    ),
-]
+        help="Drift: rolling mean of net_push below this (default "
+        f"{DEFAULT_DRIFT_THRESHOLD:g}, calibrated{default_note}).",
+    )
+
+
+def _collapse_window(default_note: str) -> Any:
+    return number_option(
+        "--collapse-window",
+        kind=int,
+        metavar="N",
+        help="Observed collapse: steps in the rolling mean of the recorded reward (default "
+        f"{DEFAULT_COLLAPSE_WINDOW}{default_note}).",
+    )
+
+
+WindowOpt = Annotated[int | None, _window("")]
+DriftThresholdOpt = Annotated[float | None, _drift_threshold("")]
+CollapseWindowOpt = Annotated[int | None, _collapse_window("")]
+BaselineWindowOpt = Annotated[int | None, _window(_OR_BASELINE)]
+BaselineDriftThresholdOpt = Annotated[float | None, _drift_threshold(_OR_BASELINE)]
+BaselineCollapseWindowOpt = Annotated[int | None, _collapse_window(_OR_BASELINE)]
+"""`check`'s detector options: a baseline's setting is the default where it has one."""
 ChunkSizeOpt = Annotated[
     int | None,
     number_option(

@@ -34,8 +34,10 @@ import typer
 from rich.table import Table
 
 from stabledrl_cli.cli._options import (
+    BaselineCollapseWindowOpt,
+    BaselineDriftThresholdOpt,
+    BaselineWindowOpt,
     DeviceOpt,
-    DriftThresholdOpt,
     EngineOpt,
     FailOnCollapseOpt,
     FormatOpt,
@@ -47,7 +49,6 @@ from stabledrl_cli.cli._options import (
     PolicyOpt,
     RayAddressOpt,
     RunSourceArg,
-    WindowOpt,
     WorkersOpt,
     local_file,
     number_option,
@@ -56,7 +57,6 @@ from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.cli.inspect import series_table
 from stabledrl_cli.cli.replay import (
-    CollapseWindowOpt,
     check_outputs,
     note_skipped,
     option_names,
@@ -331,9 +331,9 @@ def command(
             help=f"Spike threshold (default {DEFAULT_SPIKE_FACTOR:g}, or the baseline's).",
         ),
     ] = None,
-    window: WindowOpt = None,
-    drift_threshold: DriftThresholdOpt = None,
-    collapse_window: CollapseWindowOpt = None,
+    window: BaselineWindowOpt = None,
+    drift_threshold: BaselineDriftThresholdOpt = None,
+    collapse_window: BaselineCollapseWindowOpt = None,
     engine: EngineOpt = "local",
     workers: WorkersOpt = None,
     ray_address: RayAddressOpt = None,

@@ -26,6 +26,7 @@ import typer
 
 from stabledrl_cli.cli._options import (
     ChunkSizeOpt,
+    CollapseWindowOpt,
     DeviceOpt,
     DriftThresholdOpt,
     EngineOpt,
@@ -47,7 +48,6 @@ from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._remote import inside_local_run
 from stabledrl_cli.errors import ConfigError, UsageError, counted
 from stabledrl_cli.replay.config import (
-    DEFAULT_COLLAPSE_WINDOW,
     DEFAULT_SPIKE_FACTOR,
     SPIKE_HISTORY,
     ReplayConfig,
@@ -67,16 +67,6 @@ from stabledrl_cli.vocab import METRIC_GROUPS, MetricGroup, ReplayEngine
 if TYPE_CHECKING:
     from stabledrl_cli.replay.engine import Engine
 
-CollapseWindowOpt = Annotated[
-    int | None,
-    number_option(
-        "--collapse-window",
-        kind=int,
-        metavar="N",
-        help="Observed collapse: steps in the rolling mean of the recorded reward (default "
-        f"{DEFAULT_COLLAPSE_WINDOW}, or the baseline's).",
-    ),
-]
 FLAGS = {"step_range": "--steps"}
 """Library setting -> its option, where the option is not --SETTING-WITH-DASHES."""
 
