@@ -57,3 +57,9 @@ def test_detail_over_every_step_is_titled_so():
     assert "grpo (own): every step" in text and "steps :" not in text
     ranged, _ = _replay(str(fixture_run("grpo")), "--steps", "100:", "--no-legend")
     assert "grpo (own): steps 100:" in ranged
+
+
+def test_an_empty_step_range_of_a_one_step_run_counts_one_step(tmp_path):
+    """The warning said '(1 steps replayed)'."""
+    _, stderr = _replay(str(tiny_run(tmp_path / "run", steps=1)), "--steps", "5:9")
+    assert "(1 step replayed); no per-step rows" in " ".join(stderr.split())

@@ -211,7 +211,7 @@ def note_empty_range(result: ReplayResult) -> None:
     if len(result.policies[0].series) == 0:
         err.print(
             f"warning: --steps {format_step_range(result.step_range)} selects no step of "
-            f"{result.run} ({result.steps} steps replayed); no per-step rows",
+            f"{result.run} ({counted(result.steps, 'step')} replayed); no per-step rows",
             highlight=False,
         )
 
