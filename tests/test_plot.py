@@ -9,6 +9,7 @@ import re
 import struct
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -124,8 +125,8 @@ def test_plot_of_a_run_with_nothing_finite(tmp_path):
     assert _png_size(out) == (1400, _height(1))
 
 
-def _reward_panel(result: sd.ReplayResult, path: Path, monkeypatch) -> tuple[str, list[str]]:
-    """The replay plot's reward panel as drawn: its left title and its texts."""
+def _drawn(result: sd.ReplayResult, path: Path, monkeypatch) -> Any:
+    """The replay plot's figure, as drawn."""
     from matplotlib.figure import Figure
 
     drawn: list[Figure] = []
@@ -137,7 +138,12 @@ def _reward_panel(result: sd.ReplayResult, path: Path, monkeypatch) -> tuple[str
 
     monkeypatch.setattr(Figure, "savefig", keep)
     plot_replay(result, path)
-    reward_ax = drawn[0].axes[1]
+    return drawn[0]
+
+
+def _reward_panel(result: sd.ReplayResult, path: Path, monkeypatch) -> tuple[str, list[str]]:
+    """The replay plot's reward panel as drawn: its left title and its texts."""
+    reward_ax = _drawn(result, path, monkeypatch).axes[1]
     return reward_ax.get_title(loc="left"), [t.get_text() for t in reward_ax.texts]
 
 
@@ -163,3 +169,17 @@ def test_the_reward_panel_says_not_judged_where_the_collapse_rule_judged_no_step
     assert "observed collapse not judged" in title and "no observed collapse" not in title
     assert "collapse warning not judged" in title
     assert (texts == ["no finite reward recorded"]) == math.isnan(reward), texts
+
+
+def test_the_title_of_a_one_step_replay_counts_one_step(tmp_path, monkeypatch):
+    """It read '(1 steps, geometry coef)'."""
+    with sd.Recorder(tmp_path / "run", policy="grpo") as rec:
+        rec.log_step(
+            0,
+            logp=torch.full((2, 3), -1.0),
+            logp_old=torch.full((2, 3), -1.1),
+            advantages=torch.tensor([1.0, -1.0]),
+        )
+    result = sd.replay(tmp_path / "run", ["grpo"], device="cpu")
+    title = _drawn(result, tmp_path / "run.png", monkeypatch).get_suptitle()
+    assert "(1 step, geometry coef)" in title, title

@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 from stabledrl_cli._atomic import output_path
 from stabledrl_cli.dump import Run, open_run
-from stabledrl_cli.errors import MissingExtraError, UsageError
+from stabledrl_cli.errors import MissingExtraError, UsageError, counted
 from stabledrl_cli.replay.detectors import rolling_mean
 from stabledrl_cli.replay.report import BEST_RULE
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
@@ -133,7 +133,9 @@ def _reward_panel(ax: Any, result: ReplayResult, run: Run) -> None:
         events = ["no observed collapse"]
     warning = observed.collapse_warning
     if warning.first_step is not None:
-        lead = f", {warning.lead_steps} steps ahead" if warning.lead_steps is not None else ""
+        lead = (
+            "" if warning.lead_steps is None else f", {counted(warning.lead_steps, 'step')} ahead"
+        )
         events.append(f"collapse warning from step {warning.first_step}{lead}")
     elif observed.unjudged("collapse_warning_first_step") is not None:
         events.append("collapse warning not judged")
@@ -299,7 +301,8 @@ def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | N
         reward_ax.set_xlim(*limits)
     fig.suptitle(
         f"stabledrl replay of {Path(result.run).name}: what each policy's update would have "
-        f"been on the recorded batches ({result.steps} steps, geometry {result.geometry})",
+        f"been on the recorded batches ({counted(result.steps, 'step')}, geometry "
+        f"{result.geometry})",
         fontsize=12,
         parse_math=False,  # the run's name as written: a `$` in it started mathtext
     )
