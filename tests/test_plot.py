@@ -183,3 +183,24 @@ def test_the_title_of_a_one_step_replay_counts_one_step(tmp_path, monkeypatch):
     result = sd.replay(tmp_path / "run", ["grpo"], device="cpu")
     title = _drawn(result, tmp_path / "run.png", monkeypatch).get_suptitle()
     assert "(1 step, geometry coef)" in title, title
+
+
+def test_a_panel_says_which_of_its_rules_judged_no_step(tmp_path, monkeypatch, grpo_fixture_replay):
+    """On a run shorter than the drift window, with too few update norms for the spike rule,
+    each panel read 'risk 0 · bias 0', a clean bill; replay's table says under its counts that
+    they say nothing. A judged run's panel reads as before."""
+    with sd.Recorder(tmp_path / "run", policy="grpo") as rec:
+        for step in range(3):
+            rec.log_step(
+                step,
+                logp=torch.full((2, 3), -1.0),
+                logp_old=torch.full((2, 3), -1.1),
+                advantages=torch.tensor([1.0, -1.0]),
+            )
+    result = sd.replay(tmp_path / "run", ["grpo"], device="cpu")
+    assert set(result.policies[0].summary.unjudged) == {"drift", "spike"}
+    (panel,) = _drawn(result, tmp_path / "run.png", monkeypatch).axes[2:]
+    title = " ".join(panel.get_title(loc="left").split())
+    assert "risk 0 (spikes not judged) · bias not judged ·" in title, title
+    judged = _drawn(grpo_fixture_replay, tmp_path / "grpo.png", monkeypatch).axes[2]
+    assert "risk 28 · bias 111 ·" in " ".join(judged.get_title(loc="left").split())

@@ -14,7 +14,7 @@ from stabledrl_cli.replay.plot import plot_replay
 
 
 def _panel_titles(monkeypatch: pytest.MonkeyPatch, run: Path, out: Path) -> list[str]:
-    """The left titles of the replay plot's policy panels, as drawn."""
+    """The left titles of the replay plot's policy panels, as drawn, their wrapping undone."""
     drawn: list[Figure] = []
     savefig = Figure.savefig
 
@@ -24,7 +24,7 @@ def _panel_titles(monkeypatch: pytest.MonkeyPatch, run: Path, out: Path) -> list
 
     monkeypatch.setattr(Figure, "savefig", keep)
     plot_replay(sd.replay(run, ["is", "grpo"], device="cpu"), out)
-    return [ax.get_title(loc="left") for ax in drawn[0].axes[2:]]
+    return [" ".join(ax.get_title(loc="left").split()) for ax in drawn[0].axes[2:]]
 
 
 def _record(run: Path, logp: float, advantage: float) -> None:

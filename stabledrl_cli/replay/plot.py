@@ -178,8 +178,12 @@ def _policy_title(policy: PolicyResult, scale: str, width: int) -> str:
     summary = policy.summary
     tags = "".join(t for t, on in ((" (own)", policy.own), (" (best)", policy.best)) if on)
     named = textwrap.wrap(policy.spec.replace(",", ", ") + tags, width, break_on_hyphens=False)
+    # A rule that judged no step leaves a count of 0 that says nothing (replay's table says so
+    # under its counts).
+    spikes = " (spikes not judged)" if "spike" in summary.unjudged else ""
+    bias = "not judged" if "drift" in summary.unjudged else str(len(summary.drift_steps))
     figures = (
-        f"risk {len(summary.collapsed_steps)} · bias {len(summary.drift_steps)} · "
+        f"risk {len(summary.collapsed_steps)}{spikes} · bias {bias} · "
         f"discarded {summary.discard_frac:.0%} ({scale})"
     )
     named_lines = [line.replace(", ", ",") for line in named]
