@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _cli import FULL_DISK_ERROR, full_disk, run_cli_together
+from _cli import FULL_DISK_ERROR, cli_command, cli_environment, full_disk, run_cli_together
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -895,6 +895,24 @@ def test_an_output_that_cannot_be_written_comes_after_the_results(
         assert [p["spec"] for p in json.loads(result.stdout)["policies"]] == ["grpo"]
     else:
         assert "grpo" in result.stdout and "discard" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("output_format", ["table", "json"])
+def test_stdout_on_a_full_disk_is_an_output_not_written(plain_run, output_format):
+    """`replay RUN > out.json` on a full disk ended 'internal error: OSError: [Errno 28] No
+    space left on device (a bug: ...)', exit 70; it is an output that cannot be written:
+    exit 4, one line naming stdout, and nothing after it."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system: the tests' full disk")
+    args = ["replay", plain_run, "-p", "grpo", "--device", "cpu", "--format", output_format]
+    with open("/dev/full", "w") as stdout:
+        done = subprocess.run(
+            cli_command(*args), stdout=stdout, stderr=subprocess.PIPE, text=True,
+            env=cli_environment(), timeout=300,
+        )  # fmt: skip
+    assert done.returncode == 4, done.stderr
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("replaying")]
+    assert lines == ["error: stdout: cannot write it (no space left on device)"], done.stderr
 
 
 def test_an_output_that_cannot_be_written_leaves_the_others_written(plain_run, tmp_path):

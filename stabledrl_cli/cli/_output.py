@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console, ConsoleDimensions
@@ -22,6 +23,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from stabledrl_cli._atomic import write_error
 from stabledrl_cli.errors import LINE_BREAKS
 
 # Piped or redirected tables keep their natural width up to this, instead of wrapping at 80.
@@ -58,8 +60,38 @@ class _LiveConsole(Console):
         return super().render_str(text.translate(ESCAPED_CONTROLS), **kwargs)
 
 
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # not a real file (e.g. under CliRunner)
+        pass
+
+
+@contextmanager
+def stdout_written() -> Iterator[None]:
+    """Writes to stdout in the block: one the system refuses (`> out.json` on a full disk) is
+    an output not written, a WriteError naming stdout (exit 4), not a bug; a reader gone
+    (BrokenPipeError) is left to the error map (exit 141)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        silence_stdout()
+        raise write_error(Path("stdout"), exc) from None
+
+
 class _DataConsole(_LiveConsole):
-    """stdout: when it is not a terminal and COLUMNS is unset, tables are not squeezed to 80."""
+    """stdout: when it is not a terminal and COLUMNS is unset, tables are not squeezed to 80;
+    a write the system refuses is a WriteError (`stdout_written`)."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        with stdout_written():
+            super().print(*objects, **kwargs)
 
     @property  # type: ignore[misc]  # read-only here: nothing sets a data console's size
     def size(self) -> ConsoleDimensions:
@@ -97,8 +129,9 @@ def print_json(data: Any) -> None:
     # Imported here: json_safe imports numpy (~50 ms), which `--help` and tables never need.
     from stabledrl_cli._json import json_safe
 
-    sys.stdout.write(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
-    sys.stdout.flush()
+    with stdout_written():
+        sys.stdout.write(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+        sys.stdout.flush()
 
 
 def progress_enabled() -> bool:

@@ -27,7 +27,7 @@ from typer.core import TyperCommand, TyperGroup
 from stabledrl_cli._process import SIGNALLED
 from stabledrl_cli._version import __version__
 from stabledrl_cli.cli import _help
-from stabledrl_cli.cli._output import err
+from stabledrl_cli.cli._output import err, silence_stdout
 from stabledrl_cli.errors import StabledrlError
 
 
@@ -157,15 +157,6 @@ def exit_code_for(exc: BaseException) -> tuple[int, str]:
     )
 
 
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null, so the interpreter's last flush cannot fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (AttributeError, OSError, ValueError):  # not a real file (e.g. under CliRunner)
-        pass
-
-
 def usage_message(exc: UsageError) -> str:
     """A command line's error in one line, with where its help is (click prints three)."""
     where = exc.ctx.command_path if exc.ctx is not None else "stabledrl"
@@ -186,7 +177,7 @@ def mapped_errors(debug: bool) -> Iterator[None]:
     except (typer.Exit, typer.Abort, typer.TyperException):
         raise
     except BrokenPipeError:
-        _silence_stdout()
+        silence_stdout()
         raise typer.Exit(BROKEN_PIPE) from None
     except (Exception, KeyboardInterrupt) as exc:
         code, message = exit_code_for(exc)

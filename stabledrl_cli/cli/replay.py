@@ -42,7 +42,7 @@ from stabledrl_cli.cli._options import (
     number_option,
     on_command_line,
 )
-from stabledrl_cli.cli._output import err, out, progress
+from stabledrl_cli.cli._output import err, out, progress, stdout_written
 from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._remote import inside_local_run
@@ -346,10 +346,11 @@ def command(
     _, unwritten = write_outputs({"out": (out_path, report_file), "plot": (plot, plot_file)})
     if output_format == "json":
         # Piece by piece: a long run's per-step rows are never all held as Python objects.
-        for piece in result.iter_json():
-            sys.stdout.write(piece)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        with stdout_written():
+            for piece in result.iter_json():
+                sys.stdout.write(piece)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
     else:
         if detail or steps is not None:
             print_detail(result, out, groups, wide=wide, legend=legend)
