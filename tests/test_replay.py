@@ -34,7 +34,7 @@ from stabledrl_cli.replay.baseline import (
     write_baseline,
 )
 from stabledrl_cli.replay.config import ReplayConfig, parse_size, parse_step_range
-from stabledrl_cli.replay.detectors import drift_flags
+from stabledrl_cli.replay.detectors import drift_flags, rolling_mean
 from stabledrl_cli.replay.engine import replay_run
 from stabledrl_cli.replay.gate import Gates, evaluate
 from stabledrl_cli.replay.hdf5 import REPORT_KIND, read_hdf5, write_hdf5
@@ -267,6 +267,22 @@ def test_drift_flags_needs_a_full_window_below_threshold():
     flags = drift_flags(net, window=3, threshold=-0.2)
     # window [0, -.5, -.5] = -0.33 < -0.2 at index 2; NaN windows are not flagged.
     assert flags.tolist() == [False, False, True, True, False, False, False, True]
+
+
+def test_a_huge_net_push_leaves_no_trace_once_out_of_the_window(grpo_fixture):
+    """The trailing mean was a difference of running sums: once a step's net_push of -1e35
+    (an overflowed ratio on an A < 0 token, as llada grpo runs record) was in the sum, every
+    later window's mean came out 0 (or some 1e17), so the 11 windows of -0.2 after it were not
+    flagged, and on fixtures/grpo `-p is --window 1` missed steps 133 and 134 (net_push
+    -1.62 and -0.40, after steps of -6.8e13)."""
+    net = np.array([-1e35] + [-0.2] * 60)
+    flags = drift_flags(net, window=50, threshold=-0.15)
+    assert flags.tolist() == [False] * 49 + [True] * 12
+    assert rolling_mean(np.array([1e20, 1.0, 3.0]), 2).tolist()[1:] == [5e19, 2.0]
+    result = sd.replay(grpo_fixture, ["is"], device="cpu", window=1)
+    push = np.asarray(result.policies[0].series["net_push"], dtype=np.float64)
+    below = np.asarray(result.policies[0].series["step"])[np.isfinite(push) & (push < -0.15)]
+    assert result.policies[0].summary.drift_steps == below.tolist()
 
 
 def test_spike_flagged_for_grpo_not_for_stabledrl(plain_run):

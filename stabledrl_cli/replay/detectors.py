@@ -42,16 +42,32 @@ def rolling_mean(values: np.ndarray, window: int, min_periods: int | None = None
     if n == 0:
         return out
     finite = np.isfinite(values)
-    sums = np.concatenate(([0.0], np.cumsum(np.where(finite, values, 0.0))))
     bad = np.concatenate(([0], np.cumsum(~finite)))
     index = np.arange(n)
     start = np.maximum(index - window + 1, 0)
     count = index + 1 - start
-    means = (sums[index + 1] - sums[start]) / count
+    means = _window_sums(np.where(finite, values, 0.0), min(window, n), start) / count
     has_bad = (bad[index + 1] - bad[start]) > 0
     ok = count >= min_periods
     out[ok] = np.where(has_bad[ok], np.nan, means[ok])
     return out
+
+
+def _window_sums(values: np.ndarray, block: int, start: np.ndarray) -> np.ndarray:
+    """out[i] = sum(values[start[i] : i + 1]), each window at most `block` long and, when
+    shorter, starting at 0 or at a multiple of `block`. Summed within blocks of `block`
+    values: a window is the tail of one block plus the head of the next, so a sum holds the
+    window's values only (a difference of running sums would keep the rounding of a 1e35
+    long gone from the window, and read a window of -0.2 as 0)."""
+    n = values.shape[0]
+    blocks = np.zeros(-(-n // block) * block)
+    blocks[:n] = values
+    blocks = blocks.reshape(-1, block)
+    heads = np.cumsum(blocks, axis=1).reshape(-1)[:n]
+    tails = np.cumsum(blocks[:, ::-1], axis=1)[:, ::-1].reshape(-1)[:n]
+    index = np.arange(n)
+    one_block = start // block == index // block
+    return np.where(one_block, heads, tails[start] + heads)
 
 
 def spike_flags(
