@@ -1,7 +1,9 @@
-"""How a child process ended, in words and as the shell's exit code."""
+"""How a child process ended, in words and as the shell's exit code; the CPUs this process
+may run children on."""
 
 from __future__ import annotations
 
+import os
 import signal
 
 SIGNALLED = 128
@@ -26,3 +28,12 @@ def shell_exit_code(returncode: int) -> int:
     """The exit code a shell reports for a child with this return code: itself, or 128 + N for
     one killed by signal N."""
     return SIGNALLED - returncode if returncode < 0 else returncode
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (`taskset`, a Slurm job's or a
+    container's cpuset), where the system tells it, else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity on this system (macOS, Windows)
+        return os.cpu_count() or 1

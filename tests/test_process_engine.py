@@ -417,3 +417,28 @@ def test_the_error_of_the_first_failing_shard_is_raised_whichever_ends_first():
             os.close(fd)
         for conn in (first_parent, first_child, second_parent, second_child):
             conn.close()
+
+
+@pytest.mark.parametrize(
+    ("machine", "usable", "expected"), [(64, {0}, 1), (1000, set(range(1000)), 256)]
+)
+def test_the_default_workers_are_the_cpus_this_process_may_use(
+    tmp_path, monkeypatch, machine, usable, expected
+):
+    """Without --workers the engine forked a worker per CPU of the machine (os.cpu_count):
+    under `taskset -c 0`, a Slurm job's or a container's cpuset, 2 (or 64) replays' memory for
+    one CPU; and past 256 CPUs more workers than --workers may ask for. Now a worker per CPU
+    this process may use (its affinity), at most 256."""
+    run = open_run(tiny_run(tmp_path / "run", steps=2))
+    asked: list[int] = []
+
+    def shards(*args: object) -> object:
+        asked.append(args[-1])  # type: ignore[arg-type]
+        raise InputError("stop here")
+
+    monkeypatch.setattr(os, "cpu_count", lambda: machine)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: usable, raising=False)
+    monkeypatch.setattr(process_engine, "shard_tasks", shards)
+    with pytest.raises(InputError, match="stop here"):
+        replay_run(run, ["grpo"], config=ReplayConfig(device="cpu"), engine=ProcessEngine())
+    assert asked == [expected]

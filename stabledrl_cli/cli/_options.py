@@ -272,8 +272,8 @@ WorkersOpt = Annotated[
         "--workers",
         kind=int,
         metavar="N",
-        help="--engine processes or ray: shards computed at once (default: the machine's or "
-        "the cluster's CPUs).",
+        help="--engine processes or ray: shards computed at once (default: the CPUs this "
+        "process may use, at most 256, or the cluster's).",
     ),
 ]
 RayAddressOpt = Annotated[

@@ -33,7 +33,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from urllib.parse import urlsplit
 
-from stabledrl_cli._process import how_it_ended
+from stabledrl_cli._process import how_it_ended, usable_cpus
 from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import UsageError, WorkerDiedError
 from stabledrl_cli.policies import Policy
@@ -238,8 +238,9 @@ def _compute(
 
 @dataclass
 class ProcessEngine:
-    """A replay's streaming pass on `workers` processes of this machine (None: its CPUs; at
-    most `MAX_THREADS`, as a replay's threads: each process forked holds a replay's memory)."""
+    """A replay's streaming pass on `workers` processes of this machine (None: a worker per
+    CPU this process may use, `usable_cpus`; at most `MAX_THREADS`, as a replay's threads: each
+    process forked holds a replay's memory)."""
 
     workers: int | None = None
 
@@ -261,7 +262,7 @@ class ProcessEngine:
                 f"{run.location}: a memory:// run lives in this process only, and this platform "
                 "cannot fork its workers: replay it with the local engine"
             )
-        workers = self.workers or os.cpu_count() or 1
+        workers = self.workers or min(usable_cpus(), MAX_THREADS)
         tasks, sizes = shard_tasks(run, policies, own_index, config, workers)
         context = multiprocessing.get_context("fork" if forks else "spawn")
 
