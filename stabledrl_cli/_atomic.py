@@ -65,6 +65,17 @@ _REASONS = {
 """What a write's error is called where the system's own words would puzzle."""
 
 
+def missing_directory(target: Path) -> str | None:
+    """Why `target` cannot be made where it is named: its directory does not exist, or is not
+    a directory (a regular file); None when it is one."""
+    parent = target.parent
+    if parent.is_dir():
+        return None
+    if os.path.lexists(parent):
+        return f"{parent} is not a directory"
+    return f"directory {parent} does not exist"
+
+
 def write_error(target: Path, exc: OSError) -> WriteError:
     """The one-line error of a failed write of `target`."""
     reason = _REASONS.get(exc.errno or 0) or exc.strerror or str(exc)

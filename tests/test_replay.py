@@ -913,6 +913,20 @@ def test_an_output_that_cannot_be_written_comes_after_the_results(
         assert "grpo" in result.stdout and "discard" in result.stdout, result.stdout
 
 
+@pytest.mark.parametrize(
+    "args", [["replay", "-p", "grpo", "--out"], ["replay", "-p", "grpo", "--plot"], ["pack"]]
+)
+def test_an_output_under_a_regular_file_is_named_so(plain_run, tmp_path, args):
+    """--out, --plot (and pack's archive) under a path that is a regular file said 'directory
+    FILE does not exist', of a file that exists; the line now says it is not a directory."""
+    (tmp_path / "notes.txt").write_text("x")
+    target = tmp_path / "notes.txt" / ("replay.png" if "--plot" in args else "report.h5")
+    result = runner.invoke(app, [args[0], str(plain_run), *args[1:], str(target)])
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path / 'notes.txt'} is not a directory" in result.stderr, result.stderr
+    assert "does not exist" not in result.stderr
+
+
 @pytest.mark.parametrize("output_format", ["table", "json"])
 def test_stdout_on_a_full_disk_is_an_output_not_written(plain_run, output_format):
     """`replay RUN > out.json` on a full disk ended 'internal error: OSError: [Errno 28] No

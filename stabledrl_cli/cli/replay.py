@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from stabledrl_cli._atomic import missing_directory
 from stabledrl_cli.cli._options import (
     ChunkSizeOpt,
     CollapseWindowOpt,
@@ -96,8 +97,9 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
         if target.is_dir():
             raise UsageError(f"{flag} {target} is a directory; give the report a file name")
     for flag, path in targets.items():
-        if path is not None and not path.parent.is_dir():
-            raise UsageError(f"{flag} {path}: directory {path.parent} does not exist")
+        problem = None if path is None else missing_directory(path)
+        if problem is not None:
+            raise UsageError(f"{flag} {path}: {problem}")
     for i, (flag, target) in enumerate(named):
         for other_flag, other in named[i + 1 :]:
             if same_file(target, other):

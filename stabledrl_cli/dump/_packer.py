@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from stabledrl_cli._atomic import output_path
+from stabledrl_cli._atomic import missing_directory, output_path
 from stabledrl_cli._json import unicode_text
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
@@ -371,8 +371,9 @@ def check_pack_target(
         raise UsageError(f"{out} is inside the run {run.location}; write the archive outside it")
     if out.is_dir():
         raise UsageError(f"{out} is a directory; give the archive's file name, e.g. {out}/run.h5")
-    if not out.parent.is_dir():
-        raise UsageError(f"{out}: directory {out.parent} does not exist")
+    problem = missing_directory(out)
+    if problem is not None:
+        raise UsageError(f"{out}: {problem}")
     if os.path.lexists(out) and not force:
         raise UsageError(f"{out} already exists; {to_force} to overwrite it")
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from stabledrl_cli._atomic import output_path
+from stabledrl_cli._atomic import missing_directory, output_path
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import MissingExtraError, UsageError, counted
 from stabledrl_cli.replay.detectors import rolling_mean
@@ -80,8 +80,9 @@ def check_plot_path(path: str | os.PathLike[str]) -> Path:
     target = Path(path)
     if target.suffix.lower() != ".png":
         raise UsageError(f"{target}: a plot is a PNG; give a file name ending in .png")
-    if not target.parent.is_dir():
-        raise UsageError(f"{target}: directory {target.parent} does not exist")
+    problem = missing_directory(target)
+    if problem is not None:
+        raise UsageError(f"{target}: {problem}")
     return target
 
 
