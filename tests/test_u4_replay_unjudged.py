@@ -5,6 +5,8 @@ selects no step (a warning, and no empty per-step tables)."""
 
 from __future__ import annotations
 
+import json
+
 from _corpus import tiny_run
 from conftest import fixture_run
 from typer.testing import CliRunner
@@ -63,3 +65,16 @@ def test_an_empty_step_range_of_a_one_step_run_counts_one_step(tmp_path):
     """The warning said '(1 steps replayed)'."""
     _, stderr = _replay(str(tiny_run(tmp_path / "run", steps=1)), "--steps", "5:9")
     assert "(1 step replayed); no per-step rows" in " ".join(stderr.split())
+
+
+def test_a_guard_that_judged_no_step_says_so(tmp_path):
+    """30 recorded grad norms: skip-step starts judging after 64 (its window // 2), so it
+    judged none, yet the line read 'skip-step would act on none', a clean bill; the JSON
+    gave no way to tell. zclip (25 norms of warmup) judged the last 5."""
+    run = str(tiny_run(tmp_path / "run", steps=30))
+    text, _ = _replay(run)
+    assert "zclip would act on none;" in text
+    assert "skip-step judged no step (its statistics need more than the 30 recorded" in text
+    result = runner.invoke(app, ["replay", run, "-p", "grpo", "--format", "json"])
+    judged = {g["guard"]: g["judged"] for g in json.loads(result.stdout)["guards"]}
+    assert judged == {"zclip": 5, "skip-step": 0}

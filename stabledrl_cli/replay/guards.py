@@ -331,6 +331,10 @@ class GuardReport:
     spec: str
     steps_seen: int
     acted: list[GuardedStep] = field(default_factory=list)
+    judged: int = 0
+    """Steps the guard decided by its rule (a z-score, or zclip's `max_norm`); 0 while it only
+    collects its statistics (zclip's warmup, skip-step's first window // 2 steps), when its
+    clipped and skipped counts of 0 say nothing."""
 
     def count(self, action: GuardAction) -> int:
         """Steps the guard would have treated with `action`."""
@@ -353,6 +357,7 @@ class GuardReport:
             "nonfinite": self.count("nonfinite"),
             "removed_norm": self.removed_norm,
             "acted": [s.to_dict() for s in self.acted],
+            "judged": self.judged,
         }
 
 
@@ -371,32 +376,41 @@ class GuardReplay:
             made.setdefault(guard_spec(guard), guard)
         self._guards = list(made.values())
         self._acted: list[list[GuardedStep]] = [[] for _ in self._guards]
+        self._judged = [0 for _ in self._guards]
         self._steps = 0
 
     def extend(self, series: Iterable[GuardInput]) -> None:
         """Feeds the next steps, in step order, to every guard."""
-        self._steps += _feed(self._guards, self._acted, series)
+        self._steps += _feed(self._guards, self._acted, self._judged, series)
 
     def reports(self, pending: Iterable[GuardInput] = ()) -> list[GuardReport]:
         """One report a guard over the steps fed so far, then `pending` (steps that may still
         change: fed to copies of the guards, not kept)."""
         guards = copy.deepcopy(self._guards)
         later: list[list[GuardedStep]] = [[] for _ in guards]
-        steps = self._steps + _feed(guards, later, pending)
+        judged = list(self._judged)
+        steps = self._steps + _feed(guards, later, judged, pending)
         return [
-            GuardReport(spec=guard_spec(guard), steps_seen=steps, acted=acted + more)
-            for guard, acted, more in zip(guards, self._acted, later, strict=True)
+            GuardReport(spec=guard_spec(guard), steps_seen=steps, acted=acted + more, judged=count)
+            for guard, acted, more, count in zip(guards, self._acted, later, judged, strict=True)
         ]
 
 
-def _feed(guards: list[Guard], acted: list[list[GuardedStep]], series: Iterable[GuardInput]) -> int:
-    """Feeds `series` to each guard, appending the steps it acts on to its `acted` list;
-    -> the steps fed."""
+def _feed(
+    guards: list[Guard],
+    acted: list[list[GuardedStep]],
+    judged: list[int],
+    series: Iterable[GuardInput],
+) -> int:
+    """Feeds `series` to each guard, appending the steps it acts on to its `acted` list and
+    counting in `judged` those its rule decided (`GuardReport.judged`); -> the steps fed."""
     fed = 0
     for step, norm, loss in series:
         fed += 1
-        for guard, found in zip(guards, acted, strict=True):
+        for i, (guard, found) in enumerate(zip(guards, acted, strict=True)):
             decision = guard.update(float(norm), None if loss is None else float(loss))
+            if decision.z is not None or decision.action in ("clip", "skip"):
+                judged[i] += 1
             if decision.action != "none":
                 found.append(
                     GuardedStep(

@@ -403,7 +403,17 @@ def guards_text(reports: Sequence[GuardReport]) -> str:
             for action, verb in verbs
             if report.count(action)
         ]
-        parts.append(f"{report.spec} would " + (", ".join(acted) if acted else "act on none"))
+        if report.judged:
+            parts.append(f"{report.spec} would " + (", ".join(acted) if acted else "act on none"))
+            continue
+        why = (
+            f"its statistics need more than the {counted(report.steps_seen, 'recorded grad norm')}"
+            if report.steps_seen
+            else "the run recorded no grad norm"
+        )
+        parts.append(
+            f"{report.spec} judged no step ({why})" + "".join(f", would {a}" for a in acted)
+        )
     return "guards on the recorded grad norms: " + "; ".join(parts)
 
 
