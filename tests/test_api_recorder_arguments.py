@@ -236,3 +236,30 @@ def test_numpy_numbers_in_meta_and_estimator_are_the_numbers_they_hold(tmp_path:
     circular["self"] = circular
     with pytest.raises(UsageError, match=r"^meta must be JSON-serializable: Circular reference"):
         sd.Recorder(tmp_path / "other", meta=circular)
+
+
+def test_whole_number_rewards_advantages_and_weights_are_taken_as_floats(tmp_path: Path) -> None:
+    """A 0/1 correctness reward as an integer or bool tensor, +-1 advantages as integers and a
+    0/1 loss weight were refused ('expected a floating dtype'): under `record` one such batch
+    turned recording off for the rest of the run. They are stored as the float32 numbers
+    they are; a log-probability still must be a float."""
+    import torch
+
+    logp = np.zeros((2, 3), np.float32)
+    with sd.Recorder(tmp_path / "run", policy="grpo") as recorder:
+        recorder.log_step(
+            0,
+            logp=logp,
+            logp_old=logp,
+            advantages=torch.tensor([1, -1]),
+            reward=torch.tensor([True, False]),
+            loss_weight=np.ones((2, 3), np.uint8),
+            group_id=np.zeros(2, np.int32),
+        )
+        with pytest.raises(UsageError, match=r"^logp: expected a floating dtype, got int64$"):
+            recorder.log_step(1, logp=np.zeros((2, 3), np.int64), logp_old=logp, advantages=logp)
+    (step,) = sd.open_run(tmp_path / "run")
+    assert step.array("reward").tolist() == [1.0, 0.0]
+    assert step.array("advantages").tolist() == [1.0, 1.0, 1.0, -1.0, -1.0, -1.0]
+    assert step.array("loss_weight").dtype == np.float32
+    assert step.array("reward").dtype == np.float32 and step.scalars["reward_mean"] == 0.5

@@ -281,7 +281,7 @@ def test_a_foreign_manifest_is_named_without_the_overwrite_hint(tmp_path):
         ({"group_id": np.array([0, 1, 2])}, "group_id"),
         ({"group_id": np.array([0, -1])}, "group_id"),
         ({"reward": np.array([1.0])}, "reward"),
-        ({"reward": np.array([1, 0])}, "reward"),
+        ({"reward": np.array(["1", "0"])}, "reward"),
         ({"logp_ref": np.zeros(2, np.float32)}, "logp_ref"),
         ({"unit_grad_gram": np.eye(3, dtype=np.float32)}, "unit_grad_gram"),
         ({"unit_grad_sketch": np.zeros((4, 2), np.float16)}, "unit_grad_sketch"),

@@ -80,12 +80,19 @@ def _stored(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
     return array if array.dtype is dtype else array.astype(dtype, copy=False)
 
 
+NUMBER_FIELDS = frozenset({"reward", "advantages", "loss_weight"})
+"""Float fields whose values are often whole numbers in a training (rewards, advantages and
+weights of 0/1): integer and bool arrays are taken for them too."""
+
+
 def _float_array(array: np.ndarray, field: str) -> np.ndarray:
     """`array` in float32. A float64 value past float32's range is stored as inf, as a
     training's own float32 cast makes it, and counts in the step's `nonfinite`; numpy's
     overflow warning, which names neither the field nor the step, is not printed on the
-    training's stderr."""
-    if array.dtype.kind not in _FLOAT_KINDS:
+    training's stderr. A field of `NUMBER_FIELDS` also takes integers and bools (a 0/1
+    correctness reward, +-1 advantages), stored as the floats they are."""
+    kinds = _FLOAT_KINDS + (_INT_KINDS + "b" if field in NUMBER_FIELDS else "")
+    if array.dtype.kind not in kinds:
         raise UsageError(f"{field}: expected a floating dtype, got {array.dtype}")
     with np.errstate(over="ignore"):
         return _stored(array, _FLOAT32)
