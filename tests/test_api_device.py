@@ -4,10 +4,14 @@ the replay: torch would fail later, deep in the replay ('invalid device ordinal'
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from stabledrl_cli._device import resolve_device
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import UsageError
 
 
@@ -27,3 +31,21 @@ def test_a_cuda_index_past_the_gpus_is_refused(one_gpu, device):
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "auto"])
 def test_the_gpus_torch_sees_are_taken(one_gpu, device):
     assert resolve_device(device).type == "cuda"
+
+
+@pytest.mark.parametrize(
+    "command", [["replay"], ["check", "--max-spikes", "9"], ["watch", "--once"]]
+)
+def test_the_cli_takes_a_gpu_by_its_index(one_gpu, command):
+    """`--device cuda:1` was refused by the option itself ("'cuda:1' is not one of 'auto',
+    'cpu', 'cuda', 'mps'") on any machine, though the library takes it and the README says the
+    option does: now the option takes cuda:N and the command checks it against the GPUs torch
+    sees (one here: cuda:1 is refused naming them); a name that is no device is refused by
+    the option."""
+    run = str(Path(__file__).parents[1] / "fixtures" / "grpo")
+    past = CliRunner().invoke(app, [*command, run, "--device", "cuda:1"])
+    assert past.exit_code == 2, past.output
+    assert "torch sees 1 CUDA device (cuda:0)" in past.stderr
+    bad = CliRunner().invoke(app, [*command, run, "--device", "gpu"])
+    assert bad.exit_code == 2
+    assert "'gpu' is not one of auto, cpu, cuda, cuda:N, mps" in bad.stderr

@@ -82,7 +82,7 @@ def test_root_options_and_examples(width):
 
 def test_metavars_are_readable():
     text = _help(["replay"], 120)
-    for shown in ("RUN", "-p, --policy SPEC", "--device auto|cpu|cuda|mps", "--plot FILE.png",
+    for shown in ("RUN", "-p, --policy SPEC", "--device auto|cpu|cuda[:N]|mps", "--plot FILE.png",
                   "--window N", "--spike-factor FLOAT", "-o, --out PATH"):  # fmt: skip
         assert shown in text, shown
     assert "Usage: stabledrl pack [OPTIONS] RUN OUT.h5" in _help(["pack"], 80)

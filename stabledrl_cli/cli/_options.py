@@ -6,6 +6,7 @@ whose default is `None` falls back to the library's default.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,7 +27,7 @@ from stabledrl_cli.replay.config import (
     MAX_THREADS,
 )
 from stabledrl_cli.spec import INT_DIGITS, SPEC_SYNTAX, reads_as_zero, spec_float, spec_int
-from stabledrl_cli.vocab import Device, OutputFormat, ReplayEngine
+from stabledrl_cli.vocab import DEVICES, OutputFormat, ReplayEngine
 
 _INT_NOTATION = f"at most {INT_DIGITS} ASCII digits with an optional sign, such as 12"
 _FLOAT_NOTATION = "ASCII decimal or exponent notation, such as 0.5 or 1e-4"
@@ -132,8 +133,28 @@ PolicyOpt = Annotated[
         "--policy", "-p", metavar="SPEC", help=f"Policy spec: {SPEC_SYNTAX} (repeatable)."
     ),
 ]
+_GPU = re.compile(r"cuda:\d{1,4}")
+"""A GPU by its index, as torch names it (`cuda:1`)."""
+
+
+def device_choice(value: str) -> str:
+    """The parser of `--device`: a name of `vocab.DEVICES`, or `cuda:N`. Whether torch sees
+    that device is checked where the command resolves it (`_device.resolve_device`: exit 2)."""
+    if value in DEVICES or _GPU.fullmatch(value):
+        return value
+    raise PydanticCustomError(
+        "device", "{value} is not one of auto, cpu, cuda, cuda:N, mps", {"value": quoted(value)}
+    )
+
+
 DeviceOpt = Annotated[
-    Device, typer.Option("--device", help="Where to compute (auto: cuda, then mps, then cpu).")
+    str,
+    typer.Option(
+        "--device",
+        metavar="auto|cpu|cuda[:N]|mps",
+        parser=device_choice,
+        help="Where to compute (auto: cuda, then mps, then cpu; cuda:N: GPU N).",
+    ),
 ]
 FormatOpt = Annotated[
     OutputFormat, typer.Option("--format", "-f", help="table (human) or json (data on stdout).")
