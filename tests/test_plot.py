@@ -204,3 +204,25 @@ def test_a_panel_says_which_of_its_rules_judged_no_step(tmp_path, monkeypatch, g
     assert "risk 0 (spikes not judged) · bias not judged ·" in title, title
     judged = _drawn(grpo_fixture_replay, tmp_path / "grpo.png", monkeypatch).axes[2]
     assert "risk 28 · bias 111 ·" in " ".join(judged.get_title(loc="left").split())
+
+
+def test_a_plot_of_a_steps_range_shows_that_range_and_counts_it(
+    grpo_fixture, tmp_path, monkeypatch
+):
+    """`replay --steps 100:140 --plot` (the form of replay's help example) drew each policy's
+    curve over 100..139 on an axis of the whole run, under a title counting the whole run
+    ('risk 28 · bias 111', '(160 steps'), and the reward panel's edge marks of the steps
+    outside it beside the axes. Every panel now shows the range, the policy titles count its
+    steps, and the figure's title names it."""
+    result = sd.replay(grpo_fixture, ["grpo"], device="cpu", step_range=(100, 140))
+    figure = _drawn(result, tmp_path / "range.png", monkeypatch)
+    assert "(steps 100:140 of 160 steps, geometry gram)" in figure.get_suptitle()
+    reward_ax, panel = figure.axes[1], figure.axes[2]
+    assert reward_ax.get_xlim() == panel.get_xlim() == (99.0, 140.0)
+    series = result.policies[0].series
+    risk, bias = int(np.sum(series["collapsed"])), int(np.sum(series["drift"]))
+    assert (risk, bias) == (13, 40)
+    assert f"risk {risk} · bias {bias} ·" in " ".join(panel.get_title(loc="left").split())
+    for line in reward_ax.lines:  # the edge marks (a transform of their own) in view
+        x = np.asarray(line.get_xdata(), dtype=float)
+        assert x.size == 0 or ((x >= 99) & (x <= 140)).all() or line.get_linestyle() != "None"

@@ -29,9 +29,11 @@ import numpy.typing as npt
 from stabledrl_cli._atomic import missing_directory, output_path
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import MissingExtraError, UsageError, counted
+from stabledrl_cli.replay.config import format_step_range
 from stabledrl_cli.replay.detectors import rolling_mean
 from stabledrl_cli.replay.report import BEST_RULE
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
+from stabledrl_cli.replay.summary import in_range
 
 INSTALL_COMMAND = "pip install -e '.[plot]'"
 """How to get the extra (the package installs from a checkout; it is not published)."""
@@ -121,10 +123,15 @@ def _reward_panel(ax: Any, result: ReplayResult, run: Run) -> None:
         what = "no finite reward recorded" if steps.size else "no reward recorded"
         ax.text(0.5, 0.5, what, transform=ax.transAxes, ha="center", va="center")
     observed = result.observed
-    _marks_at_edge(ax, np.asarray(observed.recorded_spike_steps, dtype=np.int64), 1.0,
-                   marker="v", color=_SPIKE, markersize=6)  # fmt: skip
-    _marks_at_edge(ax, np.asarray(observed.nonfinite_steps, dtype=np.int64), 1.0,
-                   marker="x", color=_NONFINITE, markersize=6)  # fmt: skip
+
+    def shown(marked: list[int]) -> Steps:  # drawn outside the axes: only those in view
+        at = np.asarray(marked, dtype=np.int64)
+        return at[in_range(at, result.step_range)] if _ranged(result) else at
+
+    _marks_at_edge(ax, shown(observed.recorded_spike_steps), 1.0, marker="v", color=_SPIKE,
+                   markersize=6)  # fmt: skip
+    _marks_at_edge(ax, shown(observed.nonfinite_steps), 1.0, marker="x", color=_NONFINITE,
+                   markersize=6)  # fmt: skip
     _mark_run_events(ax, result)
     if observed.first_reward_collapse is not None:
         events = [f"observed collapse at step {observed.first_reward_collapse}"]
@@ -172,21 +179,26 @@ def _title_characters(columns: int) -> int:
     return int(points / (_TITLE_POINTS * _CHAR_EMS))
 
 
-def _policy_title(policy: PolicyResult, scale: str, width: int) -> str:
+def _policy_title(policy: PolicyResult, scale: str, width: int, ranged: bool) -> str:
     """The spec and its tags, wrapped at its commas to `width` characters a line (a value
     longer than that is broken), then the panel's figures and `scale` (what the norms are
-    divided by), wrapped too, on lines of their own."""
+    divided by), wrapped too, on lines of their own. `ranged`: the panel shows the steps of
+    `--steps` only, and its figures count those (the summary's count the whole run)."""
     summary = policy.summary
+    series = policy.series
+    risk, drift = len(summary.collapsed_steps), len(summary.drift_steps)
+    discard_frac = summary.discard_frac
+    if ranged:
+        risk, drift = int(np.sum(series["collapsed"])), int(np.sum(series["drift"]))
+        tokens = float(np.sum(series["tokens"]))
+        discard_frac = float(np.sum(series["discarded"])) / tokens if tokens else 0.0
     tags = "".join(t for t, on in ((" (own)", policy.own), (" (best)", policy.best)) if on)
     named = textwrap.wrap(policy.spec.replace(",", ", ") + tags, width, break_on_hyphens=False)
     # A rule that judged no step leaves a count of 0 that says nothing (replay's table says so
     # under its counts).
     spikes = " (spikes not judged)" if "spike" in summary.unjudged else ""
-    bias = "not judged" if "drift" in summary.unjudged else str(len(summary.drift_steps))
-    figures = (
-        f"risk {len(summary.collapsed_steps)}{spikes} · bias {bias} · "
-        f"discarded {summary.discard_frac:.0%} ({scale})"
-    )
+    bias = "not judged" if "drift" in summary.unjudged else str(drift)
+    figures = f"risk {risk}{spikes} · bias {bias} · discarded {discard_frac:.0%} ({scale})"
     named_lines = [line.replace(", ", ",") for line in named]
     return "\n".join(named_lines + textwrap.wrap(figures, width))
 
@@ -216,9 +228,8 @@ def _policy_panel(ax: Any, policy: PolicyResult, result: ReplayResult, title_wid
     for start, stop in _spans(steps, np.asarray(series["drift"], dtype=bool)):
         ax.axvspan(start - 0.5, stop + 0.5, color=_BIAS, alpha=0.3, linewidth=0)
     _mark_run_events(ax, result)
-    ax.set_title(
-        _policy_title(policy, scale, title_width), loc="left", fontsize=_TITLE_POINTS, pad=_PAD
-    )
+    title = _policy_title(policy, scale, title_width, _ranged(result))
+    ax.set_title(title, loc="left", fontsize=_TITLE_POINTS, pad=_PAD)
     ax.set_ylabel("× median")
     ax.grid(alpha=0.3)
 
@@ -260,9 +271,17 @@ def _footnote(result: ReplayResult) -> str:
     return "\n".join(textwrap.fill(line, 190) for line in text.splitlines())
 
 
+def _ranged(result: ReplayResult) -> bool:
+    """Whether the policies' series hold the steps of a `--steps` range only."""
+    return result.step_range != (None, None)
+
+
 def _steps_range(result: ReplayResult, run_steps: Steps) -> tuple[float, float] | None:
-    """The x-range every panel shares: the policies' steps, else the recorded reward's."""
+    """The x-range every panel shares: the policies' steps and the recorded reward's, or the
+    policies' alone when they hold a `--steps` range (every panel shows that range)."""
     steps = [np.asarray(p.series["step"], dtype=np.int64) for p in result.policies]
+    if _ranged(result) and any(s.size for s in steps):
+        run_steps = np.zeros(0, dtype=np.int64)
     every = np.concatenate([*steps, run_steps]) if steps or run_steps.size else run_steps
     if every.size == 0:
         return None
@@ -304,10 +323,12 @@ def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | N
     limits = _steps_range(result, run.scalar_series("reward_mean")[0].astype(np.int64))
     if limits is not None:
         reward_ax.set_xlim(*limits)
+    steps = counted(result.steps, "step")
+    if _ranged(result):
+        steps = f"steps {format_step_range(result.step_range)} of {steps}"
     fig.suptitle(
         f"stabledrl replay of {Path(result.run).name}: what each policy's update would have "
-        f"been on the recorded batches ({counted(result.steps, 'step')}, geometry "
-        f"{result.geometry})",
+        f"been on the recorded batches ({steps}, geometry {result.geometry})",
         fontsize=12,
         parse_math=False,  # the run's name as written: a `$` in it started mathtext
     )
