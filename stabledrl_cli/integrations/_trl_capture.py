@@ -9,14 +9,20 @@ non-zero) and recording stops.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from stabledrl_cli.capture.bootstrap import RecordingFailure
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.errors import UsageError
+from stabledrl_cli.importers._names import STANDARD_SOURCES
 from stabledrl_cli.integrations._rows import every_row
+
+LOGGED_SCALARS = ("entropy", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "step_time")
+"""The standard scalars a step takes from the metrics TRL logs, under the names `stabledrl
+import` gives them (STANDARD_SOURCES: `entropy`, `kl`, `clip_ratio/region_mean`, ...)."""
 
 
 @dataclass
@@ -46,6 +52,35 @@ class MicroBatch:
     """[B] the tokens each row's log-prob sums over (a sequence-unit trainer's)."""
 
 
+@dataclass
+class LoggedMetrics:
+    """The metrics TRL logs, step by step. TRL appends each value it computes to a list
+    (`trainer._metrics["train"]`: one a micro-batch for the loss's, one a rollout or an
+    optimizer step for others) and its `log` gives each list's mean over its values that are
+    not NaN, then empties them all; the values appended since the previous optimizer step are
+    this step's own."""
+
+    marks: dict[str, tuple[list[float], int]] = field(default_factory=dict)
+    """TRL's name -> (its list, the values it held at the previous step)."""
+
+    def step(self, metrics: Mapping[str, list[float]]) -> dict[str, float]:
+        """The step's LOGGED_SCALARS: each one's values since the previous step, averaged as
+        TRL's `log` averages them (a mean over the values that are not NaN; none, where TRL
+        logs None). With logging_steps=1 each is the value TRL logs for the step."""
+        scalars: dict[str, float] = {}
+        for standard in LOGGED_SCALARS:
+            name = next((s for s in STANDARD_SOURCES[standard] if s in metrics), None)
+            if name is None:
+                continue
+            values = metrics[name]
+            held, count = self.marks.get(name, (None, 0))
+            valid = [v for v in values[count if held is values else 0 :] if not math.isnan(v)]
+            if valid:
+                scalars[standard] = sum(valid) / len(valid)
+        self.marks = {name: (values, len(values)) for name, values in metrics.items()}
+        return scalars
+
+
 def _flat(rows: list[torch.Tensor], kept: list[torch.Tensor]) -> torch.Tensor:
     """Concatenates the kept tokens of each micro-batch, row-major: [T]."""
     return torch.cat([r[k] for r, k in zip(rows, kept, strict=True)])
@@ -67,6 +102,7 @@ class StepBuffer:
         self.micro: list[MicroBatch] = []
         self.inner_step = 0
         self.failure = RecordingFailure()
+        self.logged = LoggedMetrics()
 
     @property
     def failed(self) -> bool:
@@ -83,9 +119,19 @@ class StepBuffer:
             self.inner_step = inner_step
         self.micro.append(micro)
 
-    def log(self, step: int, *, grad_norm: float, max_grad_norm: float, lr: float) -> None:
-        """Logs the gathered micro-batches as optimizer step `step`, then empties the buffer.
-        UsageError when none was gathered: the step's loss never went through TRL's."""
+    def log(
+        self,
+        step: int,
+        *,
+        grad_norm: float,
+        max_grad_norm: float,
+        lr: float,
+        metrics: Mapping[str, list[float]],
+    ) -> None:
+        """Logs the gathered micro-batches as optimizer step `step`, with its LOGGED_SCALARS
+        (`metrics`: TRL's lists, `LoggedMetrics`), then empties the buffer. UsageError when
+        none was gathered: the step's loss never went through TRL's."""
+        logged = self.logged.step(metrics)
         micro, self.micro = self.micro, []
         if not micro:
             raise UsageError(
@@ -137,5 +183,6 @@ class StepBuffer:
             loss=sum(m.loss for m in micro),
             lr=lr,
             inner_step=self.inner_step,
+            scalars=logged,
         )
         self.failure.stopped(self.recorder.stopped, f"recording step {step}")

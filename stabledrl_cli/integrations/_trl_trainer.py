@@ -12,8 +12,10 @@ GRPO and RLOO trainers share these methods):
 - `_compute_loss` (per micro-batch), with `_get_per_token_logps_and_entropies` read while it
   runs (GRPO's also `get_high_entropy_mask` and `get_off_policy_mask`): the current
   log-probs, the masks TRL multiplied into the loss, and TRL's normaliser;
-- `_get_grad_norm` (once per optimizer step, before `optimizer.step()`): the pre-clip norm;
-  the step is logged here as `state.global_step + 1`, the number `log_history` gives it.
+- `_get_grad_norm` (once per optimizer step, before `optimizer.step()`): the pre-clip norm,
+  and the values TRL's metrics (`_metrics["train"]`) took during the step, every one of them
+  appended by then; the step is logged here as `state.global_step + 1`, the number
+  `log_history` gives it.
 The run is opened by a callback's `on_step_begin` of the first step (`_RunOpener`), once TRL
 has loaded all of the checkpoint it resumes (its RNG state comes after `on_train_begin`).
 """
@@ -343,6 +345,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
                     grad_norm=float(norm),
                     max_grad_norm=float(self.args.max_grad_norm),
                     lr=float(self._get_learning_rate()),
+                    metrics=self._metrics["train"],
                 )
             except Exception as exc:
                 self._sd_buffer.warn(f"step {step}", exc)

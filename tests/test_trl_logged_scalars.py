@@ -1,0 +1,93 @@
+"""A recorded TRL run carries, step by step, the standard scalars TRL logs (entropy, kl, the
+clip fractions, step time) with TRL's values, as `stabledrl import` of the same training's
+trainer_state.json gives them; a baseline written from either run gates the other."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _cli import run_cli
+from _trl import tiny, train
+
+import stabledrl_cli as sd
+
+__all__ = ["tiny"]
+
+FROM_LOG = ("reward_mean", "loss", "grad_norm", "lr", "entropy", "kl", "clip_frac",
+            "clip_frac_low", "clip_frac_high", "step_time")  # fmt: skip
+"""The standard scalars TRL's log gives the tiny run (beta > 0: kl)."""
+
+EVERY_STEP = {"num_iterations": 1, "steps_per_generation": 2, "beta": 0.04, "max_steps": 3}
+"""A rollout a step, so that TRL logs every metric at every step (its reward too)."""
+
+
+def _standard(run: Any) -> dict[int, dict[str, float]]:
+    """The standard scalars of each step of `run`."""
+    return {s.step: {k: v for k, v in s.scalars.items() if k in FROM_LOG} for s in run}
+
+
+def _recorded_and_imported(tiny: Any, tmp_path: Path, rloo: bool, **config: Any) -> Any:
+    recorded = tmp_path / "recorded"
+    trainer = train(tiny, recorded, rloo=rloo, **config)
+    state = tmp_path / "trainer_state.json"
+    trainer.state.save_to_json(str(state))
+    imported = tmp_path / "imported"
+    result = run_cli("import", state, "--out", imported)
+    assert result.returncode == 0, result.stderr
+    return trainer, recorded, imported
+
+
+@pytest.mark.parametrize("rloo", [False, True], ids=["grpo", "rloo"])
+def test_a_recorded_run_holds_the_scalars_its_log_gives(
+    tiny: Any, tmp_path: Path, rloo: bool
+) -> None:
+    """The recorded run held reward_mean, loss, grad_norm and lr only: a baseline from the
+    imported log tripped baseline.present on recorded.clip_frac, entropy, kl. Now both runs
+    hold the same standard scalars, step by step, and each run passes the other's baseline."""
+    _, recorded, imported = _recorded_and_imported(tiny, tmp_path, rloo, **EVERY_STEP)
+    mine, theirs = _standard(sd.open_run(recorded)), _standard(sd.open_run(imported))
+    assert sorted(mine) == sorted(theirs) == [1, 2, 3]
+    for step, logged in theirs.items():
+        assert set(logged) == set(FROM_LOG)
+        assert set(mine[step]) == set(logged), step
+        for name, value in logged.items():
+            if name == "step_time":  # TRL's own float, through JSON and back
+                assert mine[step][name] == value
+            else:
+                assert mine[step][name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
+    for run, other in ((imported, recorded), (recorded, imported)):
+        baseline = tmp_path / f"{run.name}.json"
+        written = run_cli("check", run, "--write-baseline", baseline)
+        assert written.returncode == 0, written.stderr
+        figures = json.loads(baseline.read_text())
+        figures["policies"] = {}  # the recorded run's replays: a log has none
+        figures["observed"] = {"nonfinite_steps": figures["observed"]["nonfinite_steps"]}
+        assert set(figures["recorded"]) == set(FROM_LOG) - {"loss", "lr", "step_time"}
+        baseline.write_text(json.dumps(figures))
+        gated = run_cli("check", other, "-b", baseline)
+        assert gated.returncode == 0, gated.stdout + gated.stderr
+
+
+def test_a_step_holds_its_own_metrics_when_trl_logs_several_steps_at_once(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """logging_steps=2: TRL logs the mean over two steps' values; each recorded step holds
+    the mean over its own, the values TRL logs for it with logging_steps=1."""
+    config = {**EVERY_STEP, "max_steps": 4}
+    once = train(tiny, tmp_path / "a" / "run", **config)
+    twice = train(tiny, tmp_path / "b" / "run", **config, logging_steps=2)
+    each = _standard(sd.open_run(tmp_path / "a" / "run"))
+    paired = _standard(sd.open_run(tmp_path / "b" / "run"))
+    logged = {h["step"]: h for h in twice.state.log_history if "clip_ratio/region_mean" in h}
+    assert sorted(logged) == [2, 4]
+    for step in (1, 2, 3, 4):
+        assert paired[step]["entropy"] == each[step]["entropy"]
+        assert paired[step]["kl"] == each[step]["kl"]
+    pair_mean = (paired[1]["entropy"] + paired[2]["entropy"]) / 2
+    assert logged[2]["entropy"] == pytest.approx(pair_mean, rel=1e-12)
+    assert once.state.log_history[0]["entropy"] == each[1]["entropy"]
+    assert not math.isnan(each[1]["entropy"])
