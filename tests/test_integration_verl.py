@@ -23,9 +23,10 @@ import torch
 
 verl = pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
 
-from _cli import cli_environment, record_python  # noqa: E402
+from _cli import cli_environment, record_python, run_cli  # noqa: E402
 from _ports import free_port  # noqa: E402
 from _steps import policy_batch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
 from verl import DataProto  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
@@ -1234,6 +1235,64 @@ def test_engine_actor_settings_replay_verls_logged_metrics(
     if "engine" in settings:  # a micro-batch per sequence
         assert int(run.step(0)["micro_batch"].max()) + 1 == run.step(0)["reward"].numel()
     assert run.step(4).scalars["update_skipped"] == 1
+
+
+@pytest.mark.parametrize(
+    ("world", "settings"), [(1, {}), (2, {}), *((p.values[0], p.values[1]) for p in ACTOR_SETTINGS)]
+)
+def test_engine_steps_hold_verls_clip_frac_and_kl(
+    world: int, settings: dict[str, Any], engine_runs: EngineRuns
+) -> None:
+    """A recorded verl step held verl's pg_clipfrac under verl's own name only, as rank 0's
+    mean, and no kl: a baseline from verl's imported log gating `recorded.clip_frac` or
+    `recorded.kl` tripped baseline.present. Each step now holds verl's own values of the
+    optimizer step over every rank (what `train_mini_batch` returns for it) as `clip_frac` and,
+    with use_kl_loss, `kl`: the names `stabledrl import` gives `actor/pg_clipfrac` and
+    `actor/kl_loss`."""
+    run, ranks = engine_runs(world, settings=settings)
+    kl = bool(settings.get("actor", {}).get("use_kl_loss"))
+    for n, step in enumerate(run.steps(0, 4)):
+        logged = ranks[0]["steps"][n]
+        assert step.scalars["clip_frac"] == logged["pg_clipfrac"]
+        assert ("kl" in step.scalars) == kl
+        if kl:
+            assert step.scalars["kl"] == logged["kl_loss"]
+    for path in sorted((run.path / "steps").glob("step-0000000[0-3]*.safetensors")):
+        with safe_open(path, "pt") as f:  # each rank's file: verl's number over every rank
+            number = int(path.name.split(".")[0].split("-")[1])
+            assert float(f.metadata()["clip_frac"]) == ranks[0]["steps"][number]["pg_clipfrac"]
+
+
+def test_a_baseline_from_verls_log_gates_the_recorded_run(
+    engine_runs: EngineRuns, tmp_path: Path
+) -> None:
+    """verl's file log of the job, had each training step taken one optimizer step (a line a
+    step of verl's own metrics of it), imported: the baseline it writes gates the recorded run
+    (its clip_frac, kl and grad_norm figures hold), and the recorded run's gates the import
+    (its replays and own-sample collapse figure, which a log cannot have, left out)."""
+    run, ranks = engine_runs(1, settings={"actor": KL_LOSS})
+    names = {"actor/pg_clipfrac": "pg_clipfrac", "actor/kl_loss": "kl_loss",
+             "actor/grad_norm": "grad_norm"}  # fmt: skip
+    lines = [
+        json.dumps({"step": n + 1, "data": {ours: step[key] for ours, key in names.items()}})
+        for n, step in enumerate(ranks[0]["steps"])
+    ]
+    log = tmp_path / "verl.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    imported = tmp_path / "imported"
+    assert run_cli("import", log, "--out", imported).returncode == 0
+    for source, other in ((imported, run.path), (run.path, imported)):
+        baseline = tmp_path / f"{source.name}.json"
+        assert run_cli("check", source, "--write-baseline", baseline).returncode == 0
+        figures = json.loads(baseline.read_text())
+        figures["policies"] = {}
+        figures["observed"] = {"nonfinite_steps": figures["observed"]["nonfinite_steps"]}
+        if source == run.path:
+            assert set(figures["recorded"]) >= {"clip_frac", "kl", "grad_norm"}
+            figures["recorded"].pop("reward_mean")  # the log above has no score
+        baseline.write_text(json.dumps(figures))
+        gated = run_cli("check", other, "-b", baseline)
+        assert gated.returncode == 0, gated.stdout + gated.stderr
 
 
 def test_engine_entropy_bonus_is_refused_in_one_line_and_training_goes_on(

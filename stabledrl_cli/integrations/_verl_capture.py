@@ -18,9 +18,12 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
+from verl.utils.metric import Metric
+from verl.utils.py_functional import rename_dict
 from verl.workers.utils.padding import no_padding_2_padding
 
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.importers._names import STANDARD_SOURCES
 from stabledrl_cli.integrations._rows import every_row
 from stabledrl_cli.integrations._verl_policy import agg_mode, token_loss_scale
 
@@ -28,6 +31,10 @@ VERL_METRICS = ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl")
 """verl's per-micro-batch policy metrics, recorded under verl's own names as the rank's mean
 over its micro-batches (verl logs the mean over ranks and micro-batches; replay recomputes
 the first two as `verl_pg_clipfrac`, `verl_pg_clipfrac_lower`)."""
+
+LOGGED_SCALARS = ("clip_frac", "kl")
+"""The standard scalars a step takes from verl's metrics of it, under the names `stabledrl
+import` gives verl's logged `actor/pg_clipfrac` and `actor/kl_loss` (STANDARD_SOURCES)."""
 
 _OPTIONAL = {
     "loss_weight": "rollout_is_weights",
@@ -75,6 +82,22 @@ def _metric_value(value: Any) -> float:
     if isinstance(value, torch.Tensor):
         return float(value.detach().float().item())
     return float(value)
+
+
+def logged_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The LOGGED_SCALARS of one optimizer step, from verl's metrics of it (the `metrics` of
+    `TrainingWorker.train_batch`'s output: a `Metric` of the step's micro-batches, a list of
+    them over the data-parallel ranks), named as verl's trainer logs them (`rename_dict`) and
+    reduced by verl's `Metric.aggregate_dp`, as `train_mini_batch` reduces them."""
+    logged = rename_dict(dict(metrics), "actor/")
+    scalars: dict[str, float] = {}
+    for standard in LOGGED_SCALARS:
+        name = next((s for s in STANDARD_SOURCES[standard] if s in logged), None)
+        value = logged.get(name) if name is not None else None
+        ranks = value if isinstance(value, list) else [value]
+        if ranks and all(isinstance(rank, Metric) for rank in ranks):
+            scalars[standard] = float(Metric.aggregate_dp(ranks))
+    return scalars
 
 
 def _non_tensor(data: TensorDict, key: str) -> Any:

@@ -27,6 +27,7 @@ from stabledrl_cli.integrations._verl_capture import (
     MicroBatch,
     StepLog,
     capture_micro_batch,
+    logged_scalars,
 )
 from stabledrl_cli.integrations._verl_policy import (
     agg_mode,
@@ -36,6 +37,16 @@ from stabledrl_cli.integrations._verl_policy import (
 )
 
 LossFunction = Callable[..., Any]
+
+
+@dataclass
+class PendingStep:
+    """An optimizer step taken, not written yet."""
+
+    log: StepLog
+    recorder: Recorder
+    micro: list[MicroBatch]
+    groups: Groups | None
 
 
 @dataclass
@@ -52,6 +63,11 @@ class Session:
     """Updates since the current rollout arrived."""
     groups: Groups | None = None
     """The current rollout's prompt groups, when `train_mini_batch` gathered them."""
+    in_worker: bool = False
+    """Inside `TrainingWorker.train_batch`, which writes the step once verl's metrics of it
+    are in."""
+    pending: PendingStep | None = None
+    """The step the engine took, waiting for verl's metrics of it (`in_worker`)."""
     failure: RecordingFailure = field(default_factory=RecordingFailure)
     originals: dict[str, Callable[..., Any]] = field(default_factory=dict)
     """verl's own methods, restored by `uninstall()`."""
@@ -73,6 +89,21 @@ class Session:
                 recorder.close()
             except Exception as exc:
                 self.fail(exc, "closing the verl run")
+
+    def write(self, output: TensorDict | None) -> None:
+        """Writes the pending step as step `step`, with the LOGGED_SCALARS of verl's metrics
+        of it in `output`, `TrainingWorker.train_batch`'s (None: without them)."""
+        pending, self.pending = self.pending, None
+        if pending is None or self.off:
+            return
+        try:
+            if output is not None:
+                pending.log.scalars.update(logged_scalars(tu.get(output, "metrics")))
+            pending.log.write(pending.recorder, self.step, pending.micro, pending.groups)
+            self.failure.stopped(pending.recorder.stopped, f"recording step {self.step}")
+            self.step += 1
+        except Exception as exc:
+            self.fail(exc, f"recording step {self.step}")
 
     def open(self, engine: Any, config: Any, first: MicroBatch) -> Recorder:
         """The Recorder of this data-parallel rank, opened on the first step."""
@@ -192,13 +223,32 @@ def train_batch_hook(session: Session) -> Callable[..., Any]:
                     inner_step=session.inner_step,
                 )
                 recorder = session.open(self, config, micro[0])
-                log.write(recorder, session.step, micro, session.groups)
-                session.failure.stopped(recorder.stopped, f"recording step {session.step}")
-                session.step += 1
+                session.pending = PendingStep(log, recorder, micro, session.groups)
             except Exception as exc:
                 session.fail(exc, f"recording step {session.step}")
+            if not session.in_worker:
+                session.write(None)
         session.inner_step = 0 if last else session.inner_step + 1
         return outputs
+
+    return train_batch
+
+
+def worker_train_batch_hook(session: Session) -> Callable[..., Any]:
+    """`TrainingWorker.train_batch`, writing the step its engine took with verl's metrics of
+    it (gathered over the data-parallel ranks there)."""
+    original = session.originals["worker_train_batch"]
+
+    @functools.wraps(original)
+    def train_batch(self: Any, data: TensorDict) -> Any:
+        output = None
+        session.in_worker = True
+        try:
+            output = original(self, data)
+        finally:
+            session.in_worker = False
+            session.write(output)
+        return output
 
     return train_batch
 

@@ -29,6 +29,10 @@ What is hooked, in the worker process:
   Critic and SFT losses pass through untouched; the actor's loss under on-policy
   distillation (`distillation_ppo_loss`) is refused like a configuration the catalogue
   cannot express (below).
+- `TrainingWorker.train_batch`: the step its engine took is written once it returns, with
+  verl's own metrics of the step (gathered over the data-parallel ranks there): `clip_frac`
+  and `kl` (`logged_scalars`). Without `TrainingWorker` the step is written at once, without
+  them.
 - `TrainingWorker.train_mini_batch`: once per rollout, the data-parallel ranks exchange their
   `uid`s (one `all_gather_object`), so prompt groups get the same global id on every rank and
   a group with members on another rank or in another mini-batch is marked `group_split`.
@@ -147,6 +151,7 @@ def _hooked_session(out: Path, overwrite: bool) -> Session:
         Session,
         train_batch_hook,
         train_mini_batch_hook,
+        worker_train_batch_hook,
     )
 
     session = Session(out, overwrite)
@@ -156,6 +161,8 @@ def _hooked_session(out: Path, overwrite: bool) -> Session:
     if worker is not None:
         session.originals["train_mini_batch"] = worker.train_mini_batch
         worker.train_mini_batch = train_mini_batch_hook(session)
+        session.originals["worker_train_batch"] = worker.train_batch
+        worker.train_batch = worker_train_batch_hook(session)
     return session
 
 
@@ -207,6 +214,7 @@ def uninstall() -> None:
     worker = _training_worker()
     if worker is not None and "train_mini_batch" in session.originals:
         worker.train_mini_batch = session.originals["train_mini_batch"]
+        worker.train_batch = session.originals["worker_train_batch"]
     session.close()
 
 
