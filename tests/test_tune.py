@@ -147,6 +147,12 @@ def test_grid_ends_written_with_a_leading_point():
         ("clip-cov:seed=1_0|2", "seed expects an integer of at most 30 digits, got '1_0'"),
         ("clip-cov:seed=1e400|2", "seed expects an integer of at most 30 digits, got '1e400'"),
         ("clip-cov:seed=0..1e400:3", "seed expects a finite number, got '1e400'"),
+        # a grid mistyped was 'policy parameter eps_high=... cannot go into a spec string'
+        ("dapo:eps_high=0.2..0.5:log", "eps_high: bad grid '0.2..0.5:log'; a grid is LOW..HIGH:N"),
+        ("dapo:eps_high=0.2..0.5:3:3", "eps_high: bad grid '0.2..0.5:3:3'"),
+        ("dapo:eps_high=0.2-0.5:3", "eps_high: bad grid '0.2-0.5:3'"),
+        ("dapo:eps_high=0.2..0.5:3|0.7", "eps_high: bad grid '0.2..0.5:3|0.7'"),
+        ("dapo:eps_high=0.2..0.5", "eps_high: bad grid '0.2..0.5'"),
     ],
 )
 def test_bad_sweeps_are_usage_errors(sweep, message):

@@ -51,6 +51,11 @@ def grid_values(text: str, where: str, *, integer: bool = False) -> list[str]:
     must be whole numbers and its points are rounded to whole numbers (listed values are taken
     as written)."""
     match = _range(text)
+    if match is None and (":" in text or ".." in text):  # no value of a spec holds either
+        raise UsageError(
+            f"{where}: bad grid {quoted(text)}; a grid is LOW..HIGH:N or LOW..HIGH:logN "
+            f"(N from 2 to {MAX_POINTS})"
+        )
     if match is None:
         values = [part.strip() for part in text.split("|")]
         if any(not v for v in values):
