@@ -99,6 +99,25 @@ def test_integer_keys_keep_the_values_written():
         expand("clip-cov:seed=1.4|2")
 
 
+def test_integer_key_grids_are_exact_past_float_precision():
+    """A range over an integer key was computed in floats: `seed=9007199254740993..
+    9007199254740995:3` tuned seeds ...992, ...994 and ...996, neither end written, and
+    `seed=0..1e23:2` ended at 99999999999999991611392; an end of .5 past 2**53 read as whole."""
+    assert grid_values("9007199254740993..9007199254740995:3", "x", integer=True) == [
+        "9007199254740993",
+        "9007199254740994",
+        "9007199254740995",
+    ]
+    assert grid_values("0..1e23:2", "x", integer=True) == ["0", "1" + "0" * 23]
+    assert grid_values("9007199254740992..9007199254740993:2", "x", integer=True) == [
+        "9007199254740992",
+        "9007199254740993",
+    ]
+    assert grid_values("1e20..1e21:log2", "x", integer=True) == ["1" + "0" * 20, "1" + "0" * 21]
+    with pytest.raises(UsageError, match="runs between whole numbers"):
+        grid_values("0..9007199254740993.5:2", "x", integer=True)
+
+
 def test_integer_key_grid_ends_are_whole_numbers():
     """A range over an integer key whose end is not a whole number tuned other values than
     the ones written: `seed=0.5..3.5:2` tuned seed 0 and 4, `max_len=100.5..200:3` max_len

@@ -21,6 +21,8 @@ import itertools
 import math
 import typing
 from collections.abc import Sequence
+from decimal import Decimal
+from fractions import Fraction
 
 from stabledrl_cli.errors import UsageError, quoted
 from stabledrl_cli.policies import MAX_POLICIES, REGISTRY, resolve_spec
@@ -69,9 +71,11 @@ def grid_values(text: str, where: str, *, integer: bool = False) -> list[str]:
         shown = digits if len(digits) <= 12 else f"a {len(digits)}-digit number"
         raise UsageError(f"{where}: a grid takes 2 to {MAX_POINTS} points, got {shown}")
     count = int(digits)
-    if not low < high:
+    first, last = Decimal(low_text), Decimal(high_text)  # exact, where floats stop at 2**53
+    if not first < last:
         raise UsageError(f"{where}: a grid runs from low to high, got {quoted(text)}")
-    if integer and not (low.is_integer() and high.is_integer()):  # as replay -p refuses 0.5
+    whole = first == first.to_integral_value() and last == last.to_integral_value()
+    if integer and not whole:  # as replay -p refuses 0.5
         raise UsageError(
             f"{where}: a grid over an integer key runs between whole numbers, got {quoted(text)}"
         )
@@ -87,7 +91,15 @@ def grid_values(text: str, where: str, *, integer: bool = False) -> list[str]:
         relative_step = (high / scale - low / scale) / (count - 1)
     points[-1] = high
     if integer:  # the points themselves, not their 4-digit forms: 0..12345:2 ends at 12345
-        return list(dict.fromkeys(str(round(p)) for p in points))
+        start, stop = int(first), int(last)  # linear points in integers too
+        between = (
+            [round(p) for p in points[1:-1]]
+            if log
+            else [
+                round(start + (stop - start) * Fraction(i, count - 1)) for i in range(1, count - 1)
+            ]
+        )
+        return list(dict.fromkeys(str(v) for v in (start, *between, stop)))
     # 4 significant digits, more when the points lie closer than that tells apart (a grid
     # of 1.0000001..1.0000002 was rounded to 1, a value the user never wrote)
     apart = 2 + math.ceil(-math.log10(relative_step)) if relative_step > 0 else 17  # underflow
