@@ -261,3 +261,24 @@ def test_record_cli_rejects_llada_token_units_with_exit_2(tmp_path):
     )
     assert result.exit_code == 2
     assert "llada" in result.output
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ("grpo:beta=0.1", "logp_ref"),
+        ("grpo:agg=recorded", "loss_scale"),
+        ("grpo:tis=token-truncate", "logp_rollout"),
+    ],
+)
+def test_record_refuses_a_policy_the_example_cannot_feed_before_it_trains(tmp_path, spec, field):
+    """`record -p grpo:beta=0.1` pretrained, wrote a manifest (and step 0's checkpoint), then
+    failed at the first RL step ('needs batch field(s) logp_ref, which this batch lacks'),
+    leaving a run without steps that a second `record` refused as not empty."""
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["record", "--out", str(out), "--rl-steps", "1", "-p", spec])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1
+    assert f"needs {field}, which the built-in example does not compute" in result.output
+    assert "pretraining" not in result.output
+    assert not out.exists()

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from stabledrl_cli.errors import UsageError
+from stabledrl_cli.policies import resolve_spec
 from stabledrl_cli.vocab import ESTIMATORS, UNITS, Estimator, Unit
 
 MAX_RL_STEPS = 100_000
@@ -48,6 +49,9 @@ def default_estimator(unit: Unit) -> Estimator:
     return "llada" if unit == "sequence" else "elbo"
 
 
+POLICY_FIELDS = frozenset({"group_id", "reward"})
+"""The optional batch fields the example gives its policy (`trainer.policy_loss`): no
+reference model's logp_ref, recorded loss_scale or rollout engine's logp_rollout."""
 MAX_SEQUENCES = 4096
 """Sequences a rollout (group_size x prompts_per_rollout) or a pretraining batch may hold: a
 bound on the example's memory whatever a checkpoint's settings say."""
@@ -147,6 +151,13 @@ class ExampleConfig:
             if failed:
                 raise UsageError(message)
         EstimatorConfig(kind=self.estimator_kind, same_mask=self.same_mask)
+        _, policy = resolve_spec(self.policy)
+        missing = sorted(policy.required_fields(self.unit) - POLICY_FIELDS)
+        if missing:  # refused before it pretrains, not at its first RL step
+            raise UsageError(
+                f"policy {self.policy!r} needs {', '.join(missing)}, which the built-in example "
+                "does not compute (record a trainer that logs it: record -- CMD)"
+            )
         if self.unit == "token" and self.estimator == "llada":
             raise UsageError(
                 "estimator llada is a sequence-level estimator (1/t weights a sum over the "
