@@ -98,3 +98,15 @@ def test_bad_spec_exit_code_through_a_real_process():
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["policies"][0]["params"]["delta"] == 4.0
+
+
+def test_the_footer_names_every_shared_key_only_for_the_policies_that_take_it(monkeypatch):
+    """The footer said 'Every policy also takes beta ... and adv=...; agg=...', where
+    stabledrl and gmpo refuse agg ('unknown key 'agg' for policy 'stabledrl'')."""
+    monkeypatch.setenv("COLUMNS", "400")
+    footer = " ".join(runner.invoke(app, ["policies"]).stdout.split("spec: ", 1)[1].split())
+    without = sorted(n for n, entry in REGISTRY.items() if "agg" not in entry.keys)
+    assert without == ["gmpo", "stabledrl"]
+    assert "all but gmpo and stabledrl take agg=token-mean|" in footer
+    for key in ("beta", "adv=", "rows=", "tis="):
+        assert key in footer.split("all but", 1)[0]

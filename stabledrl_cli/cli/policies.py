@@ -18,6 +18,7 @@ from stabledrl_cli.cli._options import FormatOpt, PolicyOpt
 from stabledrl_cli.cli._output import out, print_json
 from stabledrl_cli.policies import (
     CONVENTIONS,
+    REGISTRY,
     STANDARD_CATALOGUE,
     PolicyEntry,
     catalogue,
@@ -145,11 +146,13 @@ def command(policy: PolicyOpt = None, fmt: FormatOpt = "table") -> None:
         _table(rows, bool(policy)) if _fits(rows, bool(policy)) else _blocks(rows, bool(policy))
     )
     if not policy:
+        without_agg = " and ".join(sorted(n for n, e in REGISTRY.items() if "agg" not in e.keys))
         out.print(
-            f"spec: {SPEC_SYNTAX}.  Every policy also takes beta (KL, needs logp_ref) and "
-            f"adv={'|'.join(ADV_MODES)}; agg={'|'.join(AGGS)} "
-            f"(constant needs max_len, recorded needs loss_scale); rows={'|'.join(ROWS)}; "
-            f"tis={'|'.join(ROLLOUT_IS)} with tis_min, tis_max (needs logp_rollout)",
+            f"spec: {SPEC_SYNTAX}.  Every policy also takes beta (KL, needs logp_ref), "
+            f"adv={'|'.join(ADV_MODES)}, rows={'|'.join(ROWS)} and "
+            f"tis={'|'.join(ROLLOUT_IS)} with tis_min, tis_max (needs logp_rollout); all but "
+            f"{without_agg} take agg={'|'.join(AGGS)} (constant needs max_len, recorded needs "
+            "loss_scale)",
             highlight=False,
             soft_wrap=False,
         )
