@@ -75,6 +75,9 @@ class BranchOutcome:
     replayed_in_span: int = 0
     """How many of the branch's steps the replay covered: the original's recorded batches of
     those step numbers that the replay replayed."""
+    diverged_at: int | None = None
+    """The step after which the branch's weights were not finite, where it stopped training
+    (`TrainResult.diverged_at`); None: it trained every step asked."""
 
     @property
     def collapsed(self) -> bool | None:
@@ -123,6 +126,7 @@ class BranchOutcome:
             "first_reward_collapse": self.first_reward_collapse,
             "not_judged": self.not_judged,
             "final_reward": self.final_reward,
+            "diverged_at": self.diverged_at,
             "replay": {
                 "collapsed_steps": list(self.replay_collapsed_steps),
                 "drift_steps": list(self.replay_drift_steps),
@@ -327,7 +331,9 @@ def run_branches(
         honoured = BranchRequest.from_env(request.to_env())
         assert honoured is not None  # to_env always sets the checkpoint
         started = None if on_branch is None else partial(on_branch, request)
-        train_branch(honoured, force=force, device=device, on_step=on_step, on_start=started)
+        training = train_branch(
+            honoured, force=force, device=device, on_step=on_step, on_start=started
+        )
         branch = open_run(request.run_dir)
         branch_rewards, branch_draws = _rewards(branch)
         collapse, not_judged = _trajectory_collapse(
@@ -349,6 +355,7 @@ def run_branches(
                 final_reward=_final_reward(branch_rewards[1]),
                 replay_collapsed_steps=[s for s in summary.collapsed_steps if s >= at_step],
                 replay_drift_steps=[s for s in summary.drift_steps if s >= at_step],
+                diverged_at=training.diverged_at,
             )
         )
     return BranchReport(

@@ -69,7 +69,7 @@ def test_branch_records_each_policy_as_a_run_and_reports_it_beside_the_replay(re
     for entry in report["branches"]:
         assert set(entry) == {
             "policy", "run", "steps", "collapsed", "first_reward_collapse", "not_judged",
-            "final_reward", "replay", "compared", "agree",
+            "final_reward", "diverged_at", "replay", "compared", "agree",
         }  # fmt: skip
         assert set(entry["replay"]) == {"collapsed_steps", "drift_steps", "flagged"}
         assert all(step >= 8 for step in entry["replay"]["collapsed_steps"])
@@ -490,3 +490,18 @@ def test_the_branch_variables_are_read_within_bounds(recorded, tmp_path, steps, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0] and len(lines[0]) < 200, result.stderr
     assert not (tmp_path / "branch").exists()
+
+
+def test_a_branch_whose_weights_diverge_says_where_it_stopped(tmp_path):
+    """A branch whose weights went non-finite stopped after 2 of its 12 steps, where the
+    table said only 'not judged, reward 0.213' under '12 steps each' and the JSON gave
+    'steps': 2 without why; both now say after which step it diverged."""
+    config = ExampleConfig(seed=0, steps=2, pretrain_steps=5, lr=1e30, skip_nonfinite=False)
+    run = _record(tmp_path / "run", config, every=4)
+    args = ["branch", str(run), "--at", "0", "-p", "grpo", "--rl-steps", "12"]
+    report = json.loads(CliRunner().invoke(app, [*args, "--format", "json"]).stdout)
+    (entry,) = report["branches"]
+    assert (report["steps"], entry["steps"], entry["diverged_at"]) == (12, 2, 1)
+    table = CliRunner(env={"COLUMNS": "200"}).invoke(app, [*args, "--force"])
+    assert table.exit_code == 0, table.output
+    assert ", diverged after step 1 " in table.stdout

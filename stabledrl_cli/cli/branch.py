@@ -57,9 +57,10 @@ def _table(report: BranchReport) -> Table:
             b.collapsed, f"collapsed at {b.first_reward_collapse}"
         )
         reward = f", reward {b.final_reward:.3f}" if b.final_reward is not None else ""
+        diverged = f", diverged after step {b.diverged_at}" if b.diverged_at is not None else ""
         table.add_row(
             b.policy,
-            outcome + reward,
+            outcome + reward + diverged,
             format_steps(b.replay_collapsed_steps, LIST_LIMIT, empty="none"),
             format_steps(b.replay_drift_steps, LIST_LIMIT, empty="none"),
             _compared(b),
@@ -80,7 +81,8 @@ def _compared(branch: BranchOutcome) -> str:
 LEGEND = (
     "branch: the observed-collapse rule over the original's steps before the branch point "
     "and the branch's after it (not judged: fewer reward draws in a row, one a rollout, than "
-    "its window; final reward: its last 10% of steps). replay risk/drift "
+    "its window; final reward: its last 10% of steps; diverged after step N: its weights "
+    "were not finite after step N, where it stopped). replay risk/drift "
     "steps: the one-step replay of the policy on the original's recorded batches, from the "
     "branch point on. compared: the branch's steps, over which agree compares; partial when "
     "the original's replay does not cover each of them (steps the original never recorded, "
