@@ -194,7 +194,8 @@ def _run(
         (grad,) = torch.autograd.grad(loss, leaf)
         grads.append(-grad[every_row(m["mask"].bool())])
     assert trainer._sd_buffer is not None
-    trainer._sd_buffer.log(1, grad_norm=1.0, max_grad_norm=1.0, lr=1e-6)
+    metrics = trainer._metrics["train"]  # as RecordingTrainer._get_grad_norm passes them
+    trainer._sd_buffer.log(1, grad_norm=1.0, max_grad_norm=1.0, lr=1e-6, metrics=metrics)
     trainer._sd_buffer.recorder.close()
     return trainer, total, torch.cat(grads)
 

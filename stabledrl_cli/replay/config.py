@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
+
 from stabledrl_cli.errors import ConfigError, quoted, type_name
 from stabledrl_cli.replay.guards import DEFAULT_GUARDS, make_guard
 from stabledrl_cli.spec import MAX_WINDOW, plain_number, spec_float, spec_int, whole_number
@@ -317,6 +319,17 @@ def parse_step_range(text: str | None) -> StepRange:
         raise ConfigError(
             "step_range", f"expects A:B (A <= step < B), got {quoted(text)}"
         ) from None
+
+
+def in_range(steps: np.ndarray, step_range: StepRange) -> np.ndarray:
+    """[S] bool: start <= step < stop."""
+    start, stop = step_range
+    keep = np.ones(steps.shape[0], dtype=bool)
+    if start is not None:
+        keep &= steps >= start
+    if stop is not None:
+        keep &= steps < stop
+    return keep
 
 
 def format_step_range(step_range: StepRange) -> str:

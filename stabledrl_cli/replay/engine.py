@@ -37,6 +37,7 @@ from stabledrl_cli.replay.config import (
     ReplayConfig,
     StepRange,
     guard_specs,
+    in_range,
     parse_size,
     replay_config,
 )
@@ -51,7 +52,7 @@ from stabledrl_cli.replay.run_facts import (
 )
 from stabledrl_cli.replay.step_data import check_step, run_unit
 from stabledrl_cli.replay.stream import StreamedRun, detail_pass, stream_run
-from stabledrl_cli.replay.summary import best_index, in_range, summarize_policy
+from stabledrl_cli.replay.summary import best_index, summarize_policy
 from stabledrl_cli.vocab import ReplayEngine, RunGeometryKind, StepGeometryKind
 
 __all__ = [

@@ -29,11 +29,10 @@ import numpy.typing as npt
 from stabledrl_cli._atomic import missing_directory, output_path
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import MissingExtraError, UsageError, counted
-from stabledrl_cli.replay.config import format_step_range
+from stabledrl_cli.replay.config import format_step_range, in_range
 from stabledrl_cli.replay.detectors import rolling_mean
 from stabledrl_cli.replay.report import BEST_RULE
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
-from stabledrl_cli.replay.summary import in_range
 
 INSTALL_COMMAND = "pip install -e '.[plot]'"
 """How to get the extra (the package installs from a checkout; it is not published)."""

@@ -10,7 +10,7 @@ import numpy as np
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.columns import Aggregate, ColumnArray
-from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY, StepRange
+from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY
 from stabledrl_cli.replay.detectors import rolling_mean
 from stabledrl_cli.replay.result import PolicySummary, StepSeries
 from stabledrl_cli.replay.stream import StreamedRun
@@ -166,14 +166,3 @@ def best_index(summaries: list[PolicySummary]) -> int | None:
         return (len(s.drift_steps), mass if mass is not None and math.isfinite(mass) else math.inf)
 
     return min(candidates, key=key)
-
-
-def in_range(steps: np.ndarray, step_range: StepRange) -> np.ndarray:
-    """[S] bool: start <= step < stop."""
-    start, stop = step_range
-    keep = np.ones(steps.shape[0], dtype=bool)
-    if start is not None:
-        keep &= steps >= start
-    if stop is not None:
-        keep &= steps < stop
-    return keep
