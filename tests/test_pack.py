@@ -752,3 +752,24 @@ def test_pack_refuses_to_replace_the_archive_it_packs(tmp_path, how):
         f"error: {out} is inside the run {source}; write the archive outside it\n"
     )
     assert archive.read_bytes() == before
+
+
+def test_a_run_written_while_it_is_packed_carries_the_findings_of_the_steps_packed(tmp_path):
+    """The findings come from the listing the steps were packed from: a step that lands and
+    one in flight meanwhile are not in the archive, nor findings of the archive."""
+    run = tmp_path / "run"
+    batch = {"logp": -torch.ones(2, 3), "logp_old": -torch.ones(2, 3), "advantages": torch.ones(2)}
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(3):
+            rec.log_step(step, **batch, mask=torch.ones(2, 3))
+
+        def record_more(_: int) -> None:
+            if rec.last_step == 2:
+                rec.log_step(3, **batch, mask=torch.ones(2, 3))
+                (run / "steps" / ".step-00000004.safetensors.tmp-999").write_bytes(b"x")
+
+        out = tmp_path / "run.h5"
+        summary = pack_run(open_run(run), out, progress=record_more)
+    archive = open_run(out)
+    assert (summary.steps, summary.findings) == (3, [])
+    assert archive.step_numbers == [0, 1, 2] and archive.integrity.findings == []

@@ -838,7 +838,14 @@ class DirectoryRun(Run):
     @property
     def integrity(self) -> IntegrityReport:
         """Every step file checked in full (data CRC), temporary and stray files, gaps."""
-        listing = self._scan()
+        return self._integrity(self._scan())
+
+    @property
+    def listed_integrity(self) -> IntegrityReport:
+        return self._integrity(self._listing)
+
+    def _integrity(self, listing: _Listing) -> IntegrityReport:
+        """`integrity` of the files of `listing`."""
         findings = self._step_findings(listing, deep=True)
         for n, path in listing.temps:
             findings.append(

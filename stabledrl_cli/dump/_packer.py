@@ -387,8 +387,8 @@ def _write_archive(
     compression: PackCompression,
 ) -> tuple[_Packer, IntegrityReport]:
     """Every readable step of `run` (each checked in full as it is read), then the run's
-    integrity report: its full check finds each step file checked already, so a file is read
-    once (a run at a URL is not fetched twice)."""
+    integrity report as of the listing packed: its full check finds each step file checked
+    already, so a file is read once (a run at a URL is not fetched twice)."""
     handle.attrs["kind"] = RUN_KIND
     handle.attrs["tool_version"] = __version__
     handle.attrs["source"] = unicode_text(run.location)  # h5py refuses a lone surrogate
@@ -403,7 +403,7 @@ def _write_archive(
             if progress is not None:
                 progress(1)
     packer.finish()
-    integrity = run.integrity
+    integrity = run.listed_integrity  # of the listing packed: a live run grows meanwhile
     findings = [  # a file name that is not UTF-8, escaped: readers refuse a lone surrogate
         {k: unicode_text(v) if isinstance(v, str) else v for k, v in f.to_dict().items()}
         for f in integrity.findings

@@ -161,6 +161,13 @@ class Run(ABC):
     def integrity(self) -> IntegrityReport:
         """Every finding of a full check of the run (data checksums included)."""
 
+    @property
+    def listed_integrity(self) -> IntegrityReport:
+        """`integrity` as of the run's last listing (`listed_step_numbers`'): the findings of
+        the steps a pass over it read, not of those that landed since (a live run). `integrity`
+        here."""
+        return self.integrity
+
     def header_findings(self) -> list[Finding]:
         """The findings of the run's step files that its reader skips before any data is read
         (a torn or unreadable header, a missing rank; an archive's steps left out when it was
