@@ -773,3 +773,15 @@ def test_a_run_written_while_it_is_packed_carries_the_findings_of_the_steps_pack
     archive = open_run(out)
     assert (summary.steps, summary.findings) == (3, [])
     assert archive.step_numbers == [0, 1, 2] and archive.integrity.findings == []
+
+
+def test_pack_warns_that_the_run_is_being_recorded(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "run.h5"
+    with sd.Recorder(run, policy="grpo") as rec:
+        ones = torch.ones(1, 3)
+        rec.log_step(0, logp=-ones, logp_old=-ones, advantages=ones[:, 0], mask=ones)
+        live = runner.invoke(app, ["pack", str(run), str(out)])
+    closed = runner.invoke(app, ["pack", str(run), str(out), "--force"])
+    assert live.exit_code == closed.exit_code == 0
+    warning = f"warning: {run} is being recorded now (a live Recorder holds it); the archive"
+    assert warning in " ".join(live.stderr.split()) and "warning" not in closed.stderr

@@ -4,7 +4,8 @@ RUN is a path or an fsspec URL (`memory://`, `file://`, `s3://`...), read in pla
 local path.
 
 Exit codes: 0 packed (a run with integrity findings is packed too: its readable steps, with the
-findings carried into the archive and named on stderr); 2 OUT exists without --force, or its
+findings carried into the archive and named on stderr; a run being recorded now, the steps listed
+when the pack began, with a warning); 2 OUT exists without --force, or its
 directory is missing, or it is inside the run's directory or is the archive packed (with
 --force too), or OUT is a URL, or RUN is a URL that cannot be read (an unknown scheme, a
 missing package, a chained or `reference://` URL); 3 a missing, non-run or unreadable RUN; 143
@@ -58,6 +59,12 @@ def command(
         progress("packing", len(opened.listed_step_numbers), complete=True) as advance,
     ):
         summary = pack_run(opened, target, force=force, progress=advance, compression=compression)
+    if "held" in (opened.recorder_states() or {}).values():
+        err.print(
+            f"warning: {run} is being recorded now (a live Recorder holds it); the archive holds "
+            f"the {counted(summary.steps, 'step')} listed when the pack began",
+            highlight=False,
+        )
     if summary.findings:
         kinds = sorted({f.kind for f in summary.findings})
         err.print(
