@@ -627,15 +627,11 @@ def refuse_another_run_dir(out: str | os.PathLike[str], given_as: str, leave_out
         )
 
 
-def integration_records() -> bool:
+def integration_records() -> None:
     """An integration (TRL, verl) records this process's steps itself: the optimizer hooks
-    stand down here, so that they never write step files beside its own. -> whether this
-    process recorded steps of record's run before (the hooks' of a warm-up, say, or
-    `log_policy_batch`'s): the run is theirs, and the integration's cannot go beside them."""
+    stand down here, so that they never write step files beside its own."""
     global _integration
     _integration = True
-    with _lock:
-        return _recorder is not None or _held is not None
 
 
 def hooks_wanted() -> bool:

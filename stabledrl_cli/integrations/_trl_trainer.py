@@ -139,9 +139,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         self.stabledrl_out, self._sd_overwrite = run_dir(
             stabledrl_out, stabledrl_overwrite, type(self).__name__
         )
-        self._sd_preceded = integration_records()  # record's optimizer hooks stand down
-        """Whether record's run holds steps this process recorded before the trainer was made
-        (`integration_records`)."""
+        integration_records()  # the optimizer hooks of `stabledrl record` stand down
         self._sd_buffer: StepBuffer | None = None
         self._sd_seen: dict[str, torch.Tensor] | None = None
         self._sd_rewards: torch.Tensor | None = None
@@ -222,9 +220,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         holds one (without `stabledrl_overwrite`) is refused, UsageError. A second train()
         into a run directory this process has recorded into (of this trainer or of another)
         that does not resume numbers its steps from 1 again: it warns once and runs
-        unrecorded, the first one's steps kept; so does a train() under `stabledrl record`
-        whose process recorded steps there before the trainer was made (the optimizer hooks'
-        steps of a warm-up), those steps kept. The run is opened as TRL's first step begins,
+        unrecorded, the first one's steps kept. The run is opened as TRL's first step begins,
         once TRL has loaded all of the checkpoint it resumes: a resume that TRL refuses (no
         checkpoint there, one it cannot load, its RNG state included) leaves the run
         directory as it is."""
@@ -240,9 +236,15 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         if unrecorded:  # out of the except: TRL's own error is not shown as a sequel of ours
             return super().train(resume_from_checkpoint, *args, **kwargs)
         directory = os.path.realpath(self.stabledrl_out)
-        refusal = self._sd_refusal(directory, resume)
-        if refusal is not None:
-            RecordingFailure().fail(*refusal)
+        if directory in _RECORDED and resume is None:
+            RecordingFailure().fail(
+                UsageError(
+                    f"{self.stabledrl_out} holds an earlier training of this process, whose "
+                    "step numbers a new train() starts again (resume_from_checkpoint= "
+                    "continues it)"
+                ),
+                "recording a second train()",
+            )
             return super().train(resume_from_checkpoint, *args, **kwargs)
         self._sd_begins = (directory, resume)
         try:
@@ -255,27 +257,6 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
                     buffer.recorder.close()
                 except Exception as exc:
                     buffer.warn("the run's last steps", exc)
-
-    def _sd_refusal(self, directory: str, resume: int | None) -> tuple[UsageError, str] | None:
-        """(why, context) when train() cannot record into the run `directory` (its real
-        path): record's run holds steps this process recorded before the trainer was made, or
-        an earlier training of this process whose step numbers a train() that does not resume
-        would start again; else None."""
-        name = type(self).__name__
-        if self._sd_preceded:
-            return UsageError(
-                f"{self.stabledrl_out} holds steps this process recorded before {name} was "
-                "made (a warm-up's optimizer steps, say), beside which its steps, numbered "
-                f"from 1, cannot go: `stabledrl record --no-optimizer-hooks` records {name}'s "
-                "steps instead"
-            ), "recording the run"
-        if directory in _RECORDED and resume is None:
-            return UsageError(
-                f"{self.stabledrl_out} holds an earlier training of this process, whose "
-                "step numbers a new train() starts again (resume_from_checkpoint= "
-                "continues it)"
-            ), "recording a second train()"
-        return None
 
     def _sd_begin(self) -> None:
         """Opens the run train() asked for, as TRL's first step begins; a run that cannot be
