@@ -1294,6 +1294,38 @@ def test_training_that_raises_keeps_its_finished_steps(tiny: Any, tmp_path: Path
     assert own.summary.loss_parity < 1e-5
 
 
+def test_training_that_raises_before_its_first_step_leaves_no_run(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """A reward function that raises at the first rollout: the run was opened as the first
+    step began and no step was recorded. Before, its manifest and empty steps/ stayed, and
+    the fixed script's rerun into the directory was refused ('already exists and is not empty
+    (manifest.json); pass overwrite=True'; under `stabledrl record`, 'pass --force'). Now the
+    directory is left as the training found it, and the rerun records."""
+
+    def broken(completions: list[str], **_: Any) -> list[float]:
+        raise KeyError("answer")
+
+    out = tmp_path / "run"
+
+    def trainer(reward: Any) -> Any:
+        return integration.RecordingGRPOTrainer(
+            model=tiny.tiny_model(),
+            reward_funcs=reward,
+            args=tiny.tiny_config(str(tmp_path / "trl_out"), loss_type="grpo", max_steps=2),
+            train_dataset=tiny.tiny_dataset(),
+            processing_class=tiny.tiny_tokenizer(),
+            stabledrl_out=out,
+        )
+
+    with pytest.raises(KeyError, match="answer"):
+        trainer(broken).train()
+    assert not out.exists() or list(out.iterdir()) == []
+    fixed = trainer(tiny.count_b)
+    fixed.train()
+    assert sd.open_run(out).step_numbers == [1, 2]
+
+
 SECOND_TRAINING = [("same trainer", True), ("another trainer", True), ("another trainer", False)]
 """(who trains second, stabledrl_overwrite): TRL numbers the second training's steps from 1."""
 

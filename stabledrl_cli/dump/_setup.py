@@ -117,6 +117,17 @@ def _remove(path: Path) -> None:
         raise write_error(path, exc) from None
 
 
+def remove_stepless_run(path: Path) -> None:
+    """Removes the run at `path` when it holds no step (an empty steps directory): its
+    manifest and steps directory, the directory left as a new run finds it. WriteError when
+    the manifest cannot be removed."""
+    try:
+        (path / STEPS_DIR).rmdir()
+    except OSError:  # a step or a note there: the run stays
+        return
+    _remove(path / MANIFEST_NAME)
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
     if not (path / MANIFEST_NAME).is_file():
         raise UsageError(f"{path}: nothing to resume (no {MANIFEST_NAME})")

@@ -38,6 +38,7 @@ from stabledrl_cli.capture.bootstrap import (
 )
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.dump._schema import MANIFEST_NAME, path_argument, switch_argument
+from stabledrl_cli.dump._setup import remove_stepless_run
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.importers._trainer_state import bounded_json_document
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
@@ -147,6 +148,9 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         self._sd_rollout_step = 0
         """The optimizer steps taken when TRL generated the rollout its micro-batches use now
         (the latest): a micro-batch's inner_step counts the steps taken since."""
+        self._sd_new_run = False
+        """Whether the open run is a new one-rank run (removed when train() raises before its
+        first step)."""
         self._sd_begins: tuple[str, int | None] | None = None
         """(run directory's real path, checkpoint step) of the run train() opens as its
         first step begins (`_sd_begin`)."""
@@ -190,12 +194,14 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         }
         if resume is not None and not (self.stabledrl_out / MANIFEST_NAME).is_file():
             resume = None  # no run here to continue: a new one, from the checkpoint's next step
+        world_size = self.accelerator.num_processes
+        self._sd_new_run = resume is None and world_size == 1
         recorder = Recorder(
             self.stabledrl_out,
             policy=policy,
             meta=meta,
             unit=self._sd_unit,
-            world_size=self.accelerator.num_processes,
+            world_size=world_size,
             rank=self.accelerator.process_index,
             overwrite=self._sd_overwrite and resume is None,
             group_ids="global",
@@ -223,7 +229,8 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         unrecorded, the first one's steps kept. The run is opened as TRL's first step begins,
         once TRL has loaded all of the checkpoint it resumes: a resume that TRL refuses (no
         checkpoint there, one it cannot load, its RNG state included) leaves the run
-        directory as it is."""
+        directory as it is, and so does a new run's training (of one rank) that raises
+        before its first step is recorded: the run opened for it is removed."""
         resume: int | None = None
         unrecorded = False
         try:
@@ -248,13 +255,18 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             return super().train(resume_from_checkpoint, *args, **kwargs)
         self._sd_begins = (directory, resume)
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+            self._sd_new_run = False  # a training that ends keeps its run, stepless or not
+            return output
         finally:
             self._sd_begins = None
             buffer, self._sd_buffer = self._sd_buffer, None
             if buffer is not None:
                 try:
                     buffer.recorder.close()
+                    if self._sd_new_run and buffer.recorder.last_step is None:
+                        remove_stepless_run(self.stabledrl_out)  # raised before its first step
+                        _RECORDED.discard(directory)
                 except Exception as exc:
                     buffer.warn("the run's last steps", exc)
 
