@@ -80,6 +80,15 @@ def test_policy_option_resolves_specs():
     assert table.exit_code == 0 and "stabledrl:c=3" in table.stdout
 
 
+def test_specs_of_one_policy_are_listed_once():
+    """`-p dapo -p dapo:eps_high=0.28` resolve to one policy, which replay replays once;
+    `policies` listed it twice."""
+    args = ["policies", "-p", "dapo", "-p", "dapo:eps_high=0.28", "-p", "grpo", "-f", "json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert [row["spec"] for row in json.loads(result.stdout)["policies"]] == ["dapo", "grpo"]
+
+
 def test_bad_spec_exits_2_with_one_line_naming_the_choices():
     result = runner.invoke(app, ["policies", "-p", "ppo:eps_lo=0.1"])
     assert result.exit_code == 2

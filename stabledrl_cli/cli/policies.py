@@ -75,11 +75,14 @@ def _catalogue_rows() -> list[PolicyRow]:
 
 
 def _spec_rows(specs: list[str]) -> list[PolicyRow]:
-    rows = []
+    """A row for each policy the specs name, once: two specs of one policy (`dapo` and
+    `dapo:eps_high=0.28`) are one row, as replay replays them once."""
+    rows: dict[str, PolicyRow] = {}
     for spec in specs:
         entry, config = resolve_spec(spec)
-        rows.append(_row(entry, entry.spec_of(config), config.params(), []))
-    return rows
+        canonical = entry.spec_of(config)
+        rows.setdefault(canonical, _row(entry, canonical, config.params(), []))
+    return list(rows.values())
 
 
 _UNBOUNDED = 100_000
