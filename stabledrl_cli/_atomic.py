@@ -76,9 +76,21 @@ def missing_directory(target: Path) -> str | None:
     return f"directory {parent} does not exist"
 
 
+_LIBRARY_ERRNO = re.compile(r"\berrno = (\d+)")
+"""The system's error number as HDF5's messages quote it (h5py raises an OSError without
+`errno` whose text is HDF5's whole error stack)."""
+
+
 def write_error(target: Path, exc: OSError) -> WriteError:
-    """The one-line error of a failed write of `target`."""
-    reason = _REASONS.get(exc.errno or 0) or exc.strerror or str(exc)
+    """The one-line error of a failed write of `target`: the system's reason, also where a
+    library only quotes its error number (HDF5)."""
+    code = exc.errno
+    quoted = _LIBRARY_ERRNO.search(str(exc)) if code is None else None
+    if quoted is not None:
+        code = int(quoted.group(1))
+        reason = _REASONS.get(code) or os.strerror(code)
+    else:
+        reason = _REASONS.get(code or 0) or exc.strerror or str(exc)
     return WriteError(f"{target}: cannot write it ({reason})")
 
 

@@ -1000,3 +1000,24 @@ def test_no_report_is_written_inside_the_run_it_reads(tmp_path):
     result = runner.invoke(app, ["replay", str(run), "-p", "grpo", "--out", str(beside)])
     assert result.exit_code == 0, result.output
     assert beside.is_file()
+
+
+def test_an_hdf5_write_refused_by_the_system_names_the_reason(grpo_fixture, tmp_path, monkeypatch):
+    """h5py raises an OSError without errno whose text is HDF5's error stack; `replay -o` on
+    a read-only file system said "cannot write it (Unable to synchronously create file
+    (unable to open file: name = ..., errno = 30, error message = ...))". It now gives the
+    system's reason, as for any other write (exit 4)."""
+    import h5py
+
+    def refused(name: object, mode: str = "r", **kwargs: object) -> object:
+        raise OSError(
+            f"Unable to synchronously create file (unable to open file: name = '{name}', "
+            "errno = 30, error message = 'Read-only file system', flags = 13, o_flags = 242)"
+        )
+
+    monkeypatch.setattr(h5py, "File", refused)
+    out = tmp_path / "out.h5"
+    result = runner.invoke(app, ["replay", str(grpo_fixture), "-p", "grpo", "-o", str(out)])
+    assert result.exit_code == 4, result.output
+    assert f"{out}: cannot write it (Read-only file system)" in result.stderr
+    assert "Unable to synchronously" not in result.stderr
