@@ -49,7 +49,7 @@ def test_a_report_given_a_directory_is_refused_before_the_replay(tmp_path):
             result = runner.invoke(app, list(map(str, [*args, flag, directory])))
             assert (result.exit_code, result.stderr) == (
                 2,
-                f"error: {flag} {directory} is a directory; give the report a file name\n",
+                f"error: {flag} {directory} is a directory; give a file name\n",
             ), (flag, result.output)
 
 

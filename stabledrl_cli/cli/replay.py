@@ -95,7 +95,7 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
         if inside_local_run(target, run):
             raise UsageError(f"{flag} {target} is inside the run {run}; write it outside the run")
         if target.is_dir():
-            raise UsageError(f"{flag} {target} is a directory; give the report a file name")
+            raise UsageError(f"{flag} {target} is a directory; give a file name")
     for flag, path in targets.items():
         problem = None if path is None else missing_directory(path)
         if problem is not None:
