@@ -783,6 +783,57 @@ def test_readme_snippet_records_under_stabledrl_record(tiny: Any, tmp_path: Path
     assert run.policy_spec == "dapo:agg=recorded,eps_high=0.2"  # TRL's default loss_type
 
 
+WARM_UP = (
+    "import sys, torch\n"
+    "from tiny_grpo import *\n"
+    "from stabledrl_cli.integrations.trl import RecordingGRPOTrainer\n"
+    "parts = tiny_parts()\n"
+    "optimizer = torch.optim.SGD(parts['model'].parameters(), lr=1e-3)\n"
+    "for _ in range(int(sys.argv[1])):  # a warm-up before GRPO\n"
+    "    ids = torch.randint(2, 12, (2, 5))\n"
+    "    parts['model'](input_ids=ids, labels=ids).loss.backward()\n"
+    "    optimizer.step()\n"
+    "trainer = RecordingGRPOTrainer(**parts, args=tiny_config('o', max_steps=2))\n"
+    "trainer.train()\n"
+    "print('trained', trainer.state.global_step)\n"
+)
+"""A script whose model takes optimizer steps (argv[1] of them) before a recording trainer
+is made."""
+
+
+@pytest.mark.parametrize(
+    ("warm_up", "options", "code", "recorded"),
+    [(1, [], 2, [0]), (2, [], 2, [0, 1]), (2, ["--no-optimizer-hooks"], 0, [1, 2])],
+)
+def test_optimizer_steps_before_the_trainer_under_record_leave_the_training_running(
+    tiny: Any, tmp_path: Path, warm_up: int, options: list[str], code: int, recorded: list[int]
+) -> None:
+    """A warm-up's optimizer steps before RecordingGRPOTrainer, under `stabledrl record`: the
+    hooks record them (the one step they hold until the next event, or the run they opened),
+    and the trainer's steps, numbered from 1, cannot go beside them. Before, two steps made
+    the trainer's first step raise the Recorder's 'still open in this process' (the training
+    ended unrun) and one step made record fail at exit ('already exists and is not empty').
+    Now the training runs unrecorded, said in one warning line naming the option that records
+    its steps instead, the hooks' steps kept, and record exits 2; with
+    --no-optimizer-hooks the run holds the trainer's steps."""
+    script = tmp_path / "train.py"
+    script.write_text(WARM_UP)
+    command = [*cli_command("record", "--out", "run", *options), "--",
+               sys.executable, str(script), str(warm_up)]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True)
+    assert done.returncode == code, done.stderr[-2000:]
+    assert "trained 2" in done.stdout
+    assert "Traceback" not in done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "stabledrl: warning" in line]
+    if code:
+        assert len(warnings) == 1 and "--no-optimizer-hooks" in warnings[0], warnings
+    else:
+        assert warnings == []
+    run = sd.open_run(tmp_path / "run")
+    assert run.step_numbers == recorded
+    assert run.policy_spec == (None if code else "dapo:agg=recorded,eps_high=0.2")
+
+
 # -- two ranks -------------------------------------------------------------------------------
 def _assert_step_files(out: Path) -> None:
     names = sorted(p.name for p in (out / "steps").iterdir())

@@ -634,6 +634,20 @@ def integration_records() -> None:
     _integration = True
 
 
+def recorded_into(directory: str | os.PathLike[str]) -> bool:
+    """Whether this process recorded steps of record's run (the optimizer hooks' of a warm-up,
+    say, or `log_policy_batch`'s; the hooks' first step held included) and that run is
+    `directory`: an integration's steps, numbered from 1 again, cannot go beside them."""
+    with _lock:
+        if _recorder is not None:
+            run = os.fspath(_recorder.path)
+        elif _held is not None:
+            run = os.environ.get(ENV_RUN_DIR, "")
+        else:
+            return False
+    return bool(run) and os.path.realpath(run) == os.path.realpath(directory)
+
+
 def hooks_wanted() -> bool:
     """Whether the optimizer hooks should record in this process."""
     return not _failure.off and not _integration

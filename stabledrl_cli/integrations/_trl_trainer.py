@@ -34,6 +34,7 @@ from stabledrl_cli.capture.bootstrap import (
     ENV_RUN_DIR,
     RecordingFailure,
     integration_records,
+    recorded_into,
     refuse_another_run_dir,
 )
 from stabledrl_cli.dump import Recorder
@@ -226,7 +227,9 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         holds one (without `stabledrl_overwrite`) is refused, UsageError. A second train()
         into a run directory this process has recorded into (of this trainer or of another)
         that does not resume numbers its steps from 1 again: it warns once and runs
-        unrecorded, the first one's steps kept. The run is opened as TRL's first step begins,
+        unrecorded, the first one's steps kept; so does a train() under `stabledrl record`
+        whose process recorded steps into record's run before (the optimizer hooks' steps of
+        a warm-up), those steps kept. The run is opened as TRL's first step begins,
         once TRL has loaded all of the checkpoint it resumes: a resume that TRL refuses (no
         checkpoint there, one it cannot load, its RNG state included) leaves the run
         directory as it is, and so does a new run's training (of one rank) that raises
@@ -243,15 +246,9 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         if unrecorded:  # out of the except: TRL's own error is not shown as a sequel of ours
             return super().train(resume_from_checkpoint, *args, **kwargs)
         directory = os.path.realpath(self.stabledrl_out)
-        if directory in _RECORDED and resume is None:
-            RecordingFailure().fail(
-                UsageError(
-                    f"{self.stabledrl_out} holds an earlier training of this process, whose "
-                    "step numbers a new train() starts again (resume_from_checkpoint= "
-                    "continues it)"
-                ),
-                "recording a second train()",
-            )
+        refusal = self._sd_refusal(directory, resume)
+        if refusal is not None:
+            RecordingFailure().fail(*refusal)
             return super().train(resume_from_checkpoint, *args, **kwargs)
         self._sd_begins = (directory, resume)
         try:
@@ -269,6 +266,27 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
                         _RECORDED.discard(directory)
                 except Exception as exc:
                     buffer.warn("the run's last steps", exc)
+
+    def _sd_refusal(self, directory: str, resume: int | None) -> tuple[UsageError, str] | None:
+        """(why, context) when train() cannot record into the run `directory` (its real
+        path): this process recorded steps of `stabledrl record`'s run there before
+        (`recorded_into`), or an earlier training of this process whose step numbers a
+        train() that does not resume would start again; else None."""
+        name = type(self).__name__
+        if recorded_into(directory):
+            return UsageError(
+                f"{self.stabledrl_out} holds steps this process recorded before {name}'s "
+                "train() (a warm-up's optimizer steps, say), beside which its steps, numbered "
+                f"from 1, cannot go: `stabledrl record --no-optimizer-hooks` records {name}'s "
+                "steps instead"
+            ), "recording the run"
+        if directory in _RECORDED and resume is None:
+            return UsageError(
+                f"{self.stabledrl_out} holds an earlier training of this process, whose "
+                "step numbers a new train() starts again (resume_from_checkpoint= "
+                "continues it)"
+            ), "recording a second train()"
+        return None
 
     def _sd_begin(self) -> None:
         """Opens the run train() asked for, as TRL's first step begins; a run that cannot be
