@@ -1414,3 +1414,33 @@ def test_a_second_training_never_replaces_the_first_ones_steps(
     assert {s.step: s.scalars["loss"] for s in sd.open_run(out)} == first
     warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl:" in line]
     assert len(warnings) == 1 and "second train()" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("given", "warned"), [("grpo", True), ("dapo:agg=recorded", False), (None, False)]
+)
+def test_a_record_policy_the_trainer_does_not_record_is_named(
+    tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: Any, given: Any, warned: bool
+) -> None:
+    """`stabledrl record -p grpo -- python train.py` with a dapo GRPOConfig recorded dapo, TRL's
+    loss, and said nothing of the -p (it is `log_policy_batch`'s spec): one warning now names
+    both; a -p naming the trainer's own policy, or none, says nothing."""
+    if given is None:
+        monkeypatch.delenv("STABLEDRL_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("STABLEDRL_POLICY", given)
+    trainer = integration.RecordingGRPOTrainer(
+        model=tiny.tiny_model(),
+        reward_funcs=tiny.count_b,
+        args=tiny.tiny_config(str(tmp_path / "trl_out"), loss_type="dapo", epsilon_high=0.28),
+        train_dataset=tiny.tiny_dataset(),
+        processing_class=tiny.tiny_tokenizer(),
+        stabledrl_out=tmp_path / "run",
+    )
+    assert trainer.stabledrl_policy.spec.startswith("dapo")
+    lines = [line for line in capfd.readouterr().err.splitlines() if "stabledrl:" in line]
+    expected = (
+        f"stabledrl: warning: record --policy grpo is not what RecordingGRPOTrainer records: "
+        f"it records TRL's loss as its config makes it, {trainer.stabledrl_policy.spec}"
+    )
+    assert lines == ([expected] if warned else [])

@@ -31,6 +31,7 @@ import torch
 
 from stabledrl_cli.capture.bootstrap import (
     ENV_FORCE,
+    ENV_POLICY,
     ENV_RUN_DIR,
     RecordingFailure,
     integration_records,
@@ -40,12 +41,12 @@ from stabledrl_cli.capture.bootstrap import (
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.dump._schema import MANIFEST_NAME, path_argument, switch_argument
 from stabledrl_cli.dump._setup import remove_stepless_run
-from stabledrl_cli.errors import InputError, UsageError, WriteError
+from stabledrl_cli.errors import InputError, UsageError, WriteError, warn
 from stabledrl_cli.importers._trainer_state import bounded_json_document
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
 from stabledrl_cli.integrations._trl_policy import policy_for_config, uses_loss_weight
 from stabledrl_cli.integrations._trl_version import check_trl_version
-from stabledrl_cli.policies import Policy
+from stabledrl_cli.policies import Policy, get_policy
 from stabledrl_cli.vocab import Unit
 
 GROUP_KEY = "stabledrl_group_id"
@@ -157,6 +158,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         first step begins (`_sd_begin`)."""
         super().__init__(*args, **kwargs)
         self.stabledrl_policy = self._sd_policy()
+        self._sd_note_record_policy()
         self.add_callback(_RunOpener(self))
 
     # -- what each recording trainer says for itself ------------------------------------------
@@ -266,6 +268,24 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
                         _RECORDED.discard(directory)
                 except Exception as exc:
                     buffer.warn("the run's last steps", exc)
+
+    def _sd_note_record_policy(self) -> None:
+        """One warning when `stabledrl record --policy SPEC` ($STABLEDRL_POLICY) names another
+        policy than the trainer records: that spec is `log_policy_batch`'s, and the trainer
+        records the loss TRL computes from its config."""
+        given = os.environ.get(ENV_POLICY)
+        if not given:
+            return
+        try:
+            named = get_policy(given).spec
+        except UsageError:
+            named = given
+        if named != self.stabledrl_policy.spec:
+            warn(
+                f"stabledrl: warning: record --policy {given} is not what "
+                f"{type(self).__name__} records: it records TRL's loss as its config makes "
+                f"it, {self.stabledrl_policy.spec}\n"
+            )
 
     def _sd_refusal(self, directory: str, resume: int | None) -> tuple[UsageError, str] | None:
         """(why, context) when train() cannot record into the run `directory` (its real
