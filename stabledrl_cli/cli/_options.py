@@ -172,34 +172,36 @@ _OR_BASELINE = ", or the baseline's"
 """What a detector option of `check` adds to its default: a baseline's setting wins."""
 
 
-def _window(default_note: str) -> Any:
-    return number_option(
-        "--window",
-        kind=int,
-        metavar="N",
-        help="Drift: steps in the rolling mean of net_push (default "
-        f"{DEFAULT_WINDOW}, calibrated{default_note}).",
-    )
+def _detector(flag: str, kind: type[int] | type[float], what: str, default: str) -> Any:
+    """The option of a detector setting, by the note on its default ("" for replay's,
+    `_OR_BASELINE` for check's): `what` it sets, then its default."""
+
+    def option(default_note: str) -> Any:
+        return number_option(
+            flag,
+            kind=kind,
+            metavar="N" if kind is int else "X",
+            help=f"{what} (default {default}{default_note}).",
+        )
+
+    return option
 
 
-def _drift_threshold(default_note: str) -> Any:
-    return number_option(
-        "--drift-threshold",
-        kind=float,
-        metavar="X",
-        help="Drift: rolling mean of net_push below this (default "
-        f"{DEFAULT_DRIFT_THRESHOLD:g}, calibrated{default_note}).",
-    )
-
-
-def _collapse_window(default_note: str) -> Any:
-    return number_option(
-        "--collapse-window",
-        kind=int,
-        metavar="N",
-        help="Observed collapse: steps in the rolling mean of the recorded reward (default "
-        f"{DEFAULT_COLLAPSE_WINDOW}{default_note}).",
-    )
+_window = _detector(
+    "--window", int, "Drift: steps in the rolling mean of net_push", f"{DEFAULT_WINDOW}, calibrated"
+)
+_drift_threshold = _detector(
+    "--drift-threshold",
+    float,
+    "Drift: rolling mean of net_push below this",
+    f"{DEFAULT_DRIFT_THRESHOLD:g}, calibrated",
+)
+_collapse_window = _detector(
+    "--collapse-window",
+    int,
+    "Observed collapse: steps in the rolling mean of the recorded reward",
+    f"{DEFAULT_COLLAPSE_WINDOW}",
+)
 
 
 WindowOpt = Annotated[int | None, _window("")]
