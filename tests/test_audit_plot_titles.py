@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from _plots import drawn_figure
 
 import stabledrl_cli as sd
 from stabledrl_cli.replay.plot import plot_replay
@@ -18,24 +19,13 @@ def test_each_panel_title_fits_over_its_panel(grpo_fixture, grpo_fixture_replay,
     """A panel's title (its spec, then risk, bias, discarded and the median) was one line:
     over three columns (13 policies or more) every title ran into the next panel's, 'grpo' and
     its figures too, and over two a long spec did the same."""
-    from matplotlib.figure import Figure
-
-    drawn: list[Figure] = []
-    savefig = Figure.savefig
-
-    def keep(fig: Figure, *args: object, **kwargs: object) -> None:
-        drawn.append(fig)
-        savefig(fig, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", keep)
     spec = "two-sided:delta=4,eps_high=0.3456789012345678,eps_low=0.123456789012345"
     policies = [
         dataclasses.replace(grpo_fixture_replay.policies[i % 2], spec=spec if i % 3 else "grpo")
         for i in range(count)
     ]
     many = dataclasses.replace(grpo_fixture_replay, policies=policies)
-    plot_replay(many, tmp_path / "titles.png", sd.open_run(grpo_fixture))
-    (fig,) = drawn
+    fig = drawn_figure(monkeypatch, many, tmp_path / "titles.png", sd.open_run(grpo_fixture))
     renderer = fig.canvas.get_renderer()
     panels = fig.axes[2:]  # after the legend and the reward panel
     assert len(panels) == count

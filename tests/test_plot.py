@@ -9,11 +9,11 @@ import re
 import struct
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from _plots import drawn_figure
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -125,25 +125,24 @@ def test_plot_of_a_run_with_nothing_finite(tmp_path):
     assert _png_size(out) == (1400, _height(1))
 
 
-def _drawn(result: sd.ReplayResult, path: Path, monkeypatch) -> Any:
-    """The replay plot's figure, as drawn."""
-    from matplotlib.figure import Figure
-
-    drawn: list[Figure] = []
-    savefig = Figure.savefig
-
-    def keep(fig: Figure, *args: object, **kwargs: object) -> None:
-        drawn.append(fig)
-        savefig(fig, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", keep)
-    plot_replay(result, path)
-    return drawn[0]
+def _short_grpo_replay(run: Path, steps: int, **arrays: torch.Tensor) -> sd.ReplayResult:
+    """grpo's replay of a run of `steps` identical 2 x 3 steps (r = e^0.1, A = +-1) recorded
+    at `run`, each with `arrays` too."""
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(steps):
+            rec.log_step(
+                step,
+                logp=torch.full((2, 3), -1.0),
+                logp_old=torch.full((2, 3), -1.1),
+                advantages=torch.tensor([1.0, -1.0]),
+                **arrays,
+            )
+    return sd.replay(run, ["grpo"], device="cpu")
 
 
 def _reward_panel(result: sd.ReplayResult, path: Path, monkeypatch) -> tuple[str, list[str]]:
     """The replay plot's reward panel as drawn: its left title and its texts."""
-    reward_ax = _drawn(result, path, monkeypatch).axes[1]
+    reward_ax = drawn_figure(monkeypatch, result, path).axes[1]
     return reward_ax.get_title(loc="left"), [t.get_text() for t in reward_ax.texts]
 
 
@@ -154,16 +153,7 @@ def test_the_reward_panel_says_not_judged_where_the_collapse_rule_judged_no_step
     """A run too short for the collapse rules (2 rollouts: W = 10, the warning's window 3), or
     of NaN rewards only: the table says 'not judged', the plot said 'no observed collapse', a
     clean bill the rule never gave (and drew an empty reward panel with nothing to say why)."""
-    with sd.Recorder(tmp_path / "run", policy="grpo") as rec:
-        for step in range(2):
-            rec.log_step(
-                step,
-                logp=torch.full((2, 3), -1.0),
-                logp_old=torch.full((2, 3), -1.1),
-                advantages=torch.tensor([1.0, -1.0]),
-                reward=torch.full((2,), reward),
-            )
-    result = sd.replay(tmp_path / "run", ["grpo"], device="cpu")
+    result = _short_grpo_replay(tmp_path / "run", 2, reward=torch.full((2,), reward))
     assert result.observed.unjudged("first_reward_collapse") is not None
     title, texts = _reward_panel(result, tmp_path / "run.png", monkeypatch)
     assert "observed collapse not judged" in title and "no observed collapse" not in title
@@ -173,15 +163,8 @@ def test_the_reward_panel_says_not_judged_where_the_collapse_rule_judged_no_step
 
 def test_the_title_of_a_one_step_replay_counts_one_step(tmp_path, monkeypatch):
     """It read '(1 steps, geometry coef)'."""
-    with sd.Recorder(tmp_path / "run", policy="grpo") as rec:
-        rec.log_step(
-            0,
-            logp=torch.full((2, 3), -1.0),
-            logp_old=torch.full((2, 3), -1.1),
-            advantages=torch.tensor([1.0, -1.0]),
-        )
-    result = sd.replay(tmp_path / "run", ["grpo"], device="cpu")
-    title = _drawn(result, tmp_path / "run.png", monkeypatch).get_suptitle()
+    result = _short_grpo_replay(tmp_path / "run", 1)
+    title = drawn_figure(monkeypatch, result, tmp_path / "run.png").get_suptitle()
     assert "(1 step, geometry coef)" in title, title
 
 
@@ -189,20 +172,12 @@ def test_a_panel_says_which_of_its_rules_judged_no_step(tmp_path, monkeypatch, g
     """On a run shorter than the drift window, with too few update norms for the spike rule,
     each panel read 'risk 0 · bias 0', a clean bill; replay's table says under its counts that
     they say nothing. A judged run's panel reads as before."""
-    with sd.Recorder(tmp_path / "run", policy="grpo") as rec:
-        for step in range(3):
-            rec.log_step(
-                step,
-                logp=torch.full((2, 3), -1.0),
-                logp_old=torch.full((2, 3), -1.1),
-                advantages=torch.tensor([1.0, -1.0]),
-            )
-    result = sd.replay(tmp_path / "run", ["grpo"], device="cpu")
+    result = _short_grpo_replay(tmp_path / "run", 3)
     assert set(result.policies[0].summary.unjudged) == {"drift", "spike"}
-    (panel,) = _drawn(result, tmp_path / "run.png", monkeypatch).axes[2:]
+    (panel,) = drawn_figure(monkeypatch, result, tmp_path / "run.png").axes[2:]
     title = " ".join(panel.get_title(loc="left").split())
     assert "risk 0 (spikes not judged) · bias not judged ·" in title, title
-    judged = _drawn(grpo_fixture_replay, tmp_path / "grpo.png", monkeypatch).axes[2]
+    judged = drawn_figure(monkeypatch, grpo_fixture_replay, tmp_path / "grpo.png").axes[2]
     assert "risk 28 · bias 111 ·" in " ".join(judged.get_title(loc="left").split())
 
 
@@ -215,7 +190,7 @@ def test_a_plot_of_a_steps_range_shows_that_range_and_counts_it(
     outside it beside the axes. Every panel now shows the range, the policy titles count its
     steps, and the figure's title names it."""
     result = sd.replay(grpo_fixture, ["grpo"], device="cpu", step_range=(100, 140))
-    figure = _drawn(result, tmp_path / "range.png", monkeypatch)
+    figure = drawn_figure(monkeypatch, result, tmp_path / "range.png")
     assert "(steps 100:140 of 160 steps, geometry gram)" in figure.get_suptitle()
     reward_ax, panel = figure.axes[1], figure.axes[2]
     assert reward_ax.get_xlim() == panel.get_xlim() == (99.0, 140.0)

@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from matplotlib.figure import Figure
+from _plots import drawn_figure
 
 import stabledrl_cli as sd
-from stabledrl_cli.replay.plot import plot_replay
 
 
 def _panel_titles(monkeypatch: pytest.MonkeyPatch, run: Path, out: Path) -> list[str]:
     """The left titles of the replay plot's policy panels, as drawn, their wrapping undone."""
-    drawn: list[Figure] = []
-    savefig = Figure.savefig
-
-    def keep(self: Figure, *args: Any, **kwargs: Any) -> None:
-        drawn.append(self)
-        savefig(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", keep)
-    plot_replay(sd.replay(run, ["is", "grpo"], device="cpu"), out)
-    return [" ".join(ax.get_title(loc="left").split()) for ax in drawn[0].axes[2:]]
+    figure = drawn_figure(monkeypatch, sd.replay(run, ["is", "grpo"], device="cpu"), out)
+    return [" ".join(ax.get_title(loc="left").split()) for ax in figure.axes[2:]]
 
 
 def _record(run: Path, logp: float, advantage: float) -> None:

@@ -1,0 +1,34 @@
+"""The replay plot as drawn: its matplotlib figure, for the tests that read its titles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import stabledrl_cli as sd
+from stabledrl_cli.dump import Run
+from stabledrl_cli.replay.plot import plot_replay
+
+
+def drawn_figure(
+    monkeypatch: pytest.MonkeyPatch,
+    result: sd.ReplayResult,
+    path: Path,
+    run: Run | None = None,
+) -> Any:
+    """The figure `plot_replay(result, path, run)` draws, kept as it is saved."""
+    from matplotlib.figure import Figure
+
+    drawn: list[Figure] = []
+    savefig = Figure.savefig
+
+    def keep(fig: Figure, *args: object, **kwargs: object) -> None:
+        drawn.append(fig)
+        savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    plot_replay(result, path, run)
+    (figure,) = drawn
+    return figure
