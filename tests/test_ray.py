@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
-from stabledrl_cli.errors import InputError, UsageError, WorkerDiedError
+from stabledrl_cli.errors import ConfigError, InputError, UsageError, WorkerDiedError
 from stabledrl_cli.replay import ray_engine
 from stabledrl_cli.replay.config import replay_config
 from stabledrl_cli.replay.engine import named_engine, replay, replay_run
@@ -356,13 +356,30 @@ def test_a_local_cluster_of_more_workers_than_cpus_is_refused(synthetic):
     """Not a cluster of a process a worker on a 2-core machine: one line naming --workers as
     the command spells it, exit 2, no cluster."""
     pytest.importorskip("ray", reason=NO_RAY)
-    workers = (os.cpu_count() or 1) + 1
+    workers = len(os.sched_getaffinity(0)) + 1
     done = _replay_in_a_process([str(synthetic), "--engine", "ray", "--workers", str(workers)])
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
-        f"error: --workers {workers}: a local Ray cluster runs one worker a CPU and this machine "
-        f"has {os.cpu_count() or 1}; join a larger cluster with --ray-address (or RAY_ADDRESS)"
+        f"error: --workers {workers}: a local Ray cluster runs one worker a CPU and this process "
+        f"may use {workers - 1}; join a larger cluster with --ray-address (or RAY_ADDRESS)"
     ]
+
+
+@pytest.mark.parametrize(("usable", "workers", "expected"), [({0}, None, 1), ({0, 1}, 2, 2)])
+def test_a_local_cluster_has_the_cpus_this_process_may_use(monkeypatch, usable, workers, expected):
+    """A local cluster was sized from the machine's CPUs (os.cpu_count): under `taskset -c 0`, a
+    Slurm job's or a container's cpuset, a Ray worker a CPU of the machine on one CPU. Now from
+    the CPUs this process may use (its affinity)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: usable, raising=False)
+    assert ray_engine._local_workers(workers) == expected
+
+
+def test_more_workers_than_this_process_may_use_are_refused(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    with pytest.raises(ConfigError, match="this process may use 1;"):
+        ray_engine._local_workers(2)
 
 
 def test_an_address_that_refuses_is_a_usage_error(synthetic):

@@ -32,6 +32,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from stabledrl_cli._process import usable_cpus
 from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import (
     ConfigError,
@@ -151,13 +152,14 @@ def _cluster(ray: ModuleType, address: str | None, workers: int | None) -> Itera
 
 
 def _local_workers(workers: int | None) -> int:
-    """The CPUs of a local cluster started for `workers` (None: this machine's): at most one
-    worker a CPU, since a local cluster of more would start a process for each."""
-    cpus = os.cpu_count() or 1
+    """The CPUs of a local cluster started for `workers` (None: those this process may use,
+    `usable_cpus`): at most one worker a CPU, since a local cluster of more would start a
+    process for each."""
+    cpus = usable_cpus()
     if workers is not None and workers > cpus:
         raise ConfigError(
             "workers",
-            f"{workers}: a local Ray cluster runs one worker a CPU and this machine has "
+            f"{workers}: a local Ray cluster runs one worker a CPU and this process may use "
             f"{cpus}; join a larger cluster with --ray-address (or RAY_ADDRESS)",
         )
     return workers or cpus
