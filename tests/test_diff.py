@@ -365,6 +365,7 @@ def test_a_torn_step_file_is_named_on_stderr_not_passed_off_as_missing(grpo_fixt
     assert len(warning) == 1 and f"{torn}: skipped 2 unreadable step files" in warning[0]
     assert "step 150: torn" in warning[0] and "step 151: torn" in warning[0]
     assert "only in B: 150..151" in result.stdout
+    assert "unreadable in A, not compared: 150..151" in result.stdout.splitlines()
 
 
 def test_a_run_whose_every_step_is_torn_names_them_beside_its_error(grpo_fixture, tmp_path):
@@ -477,12 +478,14 @@ def test_a_step_whose_data_one_run_cannot_read_is_not_called_identical(grpo_fixt
     data = json.loads(result.stdout)
     assert data["identical"] is False
     assert data["only_a"] == [[5, 5]] and data["only_b"] == []
+    assert data["unreadable_a"] == [] and data["unreadable_b"] == [[5, 5]]
     assert (data["steps_a"], data["steps_b"], data["common"]) == (160, 159, 159)
     assert data["compared"] == 159
     warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "step 5" in warning[0] and "checksum" in warning[0]
     text = CliRunner().invoke(app, ["diff", str(grpo_fixture), str(damaged), "--device", "cpu"])
     assert "only in A: 5" in text.stdout and "identical" not in text.stdout
+    assert "unreadable in B, not compared: 5" in text.stdout.splitlines()
 
 
 def test_runs_that_share_no_readable_step_are_exit_3(tmp_path):

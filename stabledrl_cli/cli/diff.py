@@ -81,6 +81,9 @@ def _print_table(result: DiffResult, until: int | None) -> None:
         lines.append(f"only in A: {_ranges_text(result.only_a)}")
     if result.only_b:
         lines.append(f"only in B: {_ranges_text(result.only_b)}")
+    for run, unreadable in (("A", result.unreadable_a), ("B", result.unreadable_b)):
+        if unreadable:
+            lines.append(f"unreadable in {run}, not compared: {_ranges_text(unreadable)}")
     if result.scalars_only:
         steps = counted(result.scalars_only, "compared step")
         lines.append(f"scalars only in one run: {steps} (the other's batch not compared)")

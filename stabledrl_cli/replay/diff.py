@@ -150,6 +150,10 @@ class DiffResult:
     own_policy: dict[str, str | None]
     """The own policy replayed for each run ("a", "b"), None when not in the catalogue."""
     around: list[SideBySide] = field(default_factory=list)
+    unreadable_a: list[tuple[int, int]] = field(default_factory=list)
+    """Steps run A has a file for but cannot read (torn, corrupt, a rank missing), as inclusive
+    ranges: not among its steps, so not compared (one B holds is in `only_b`)."""
+    unreadable_b: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def identical(self) -> bool:
@@ -173,6 +177,8 @@ class DiffResult:
         data["first"] = {kind: data["first"][kind] for kind in self.first}
         data["only_a"] = [list(r) for r in self.only_a]
         data["only_b"] = [list(r) for r in self.only_b]
+        data["unreadable_a"] = [list(r) for r in self.unreadable_a]
+        data["unreadable_b"] = [list(r) for r in self.unreadable_b]
         data["identical"] = self.identical
         return data
 
@@ -347,20 +353,23 @@ def _pairs(
             yield read[0], read[1]
 
 
-def _warn_skipped(run: Run, listed: list[int]) -> None:
+def _warn_skipped(run: Run, listed: list[int]) -> set[int]:
     """One warning naming the step files the run's reader skips at its header check (torn,
-    unreadable, a missing rank): they are not among its steps, so not compared."""
+    unreadable, a missing rank): they are not among its steps, so not compared. -> their
+    steps."""
     known = set(listed)
-    reasons = [
-        f.message
+    skipped = [
+        f
         for f in run.header_findings()
         if f.kind in SKIPPED_KINDS and f.step is not None and f.step not in known
     ]
+    reasons = [f.message for f in skipped]
     if reasons:
         noun = "step file" if len(reasons) == 1 else "step files"
         shown = shown_reasons(reasons)
         message = f"{run.location}: skipped {len(reasons)} unreadable {noun} ({shown})"
         warnings.warn(message, RunIntegrityWarning, stacklevel=3)
+    return {f.step for f in skipped if f.step is not None}
 
 
 def _figures(
@@ -429,15 +438,14 @@ def diff_runs(
         if refusal is not None:
             raise InputError(refusal)
     steps_a, steps_b = a.step_numbers, b.step_numbers
-    _warn_skipped(a, steps_a)
-    _warn_skipped(b, steps_b)
+    skipped = (_warn_skipped(a, steps_a), _warn_skipped(b, steps_b))
     in_b = set(steps_b)
     common = [n for n in steps_a if n in in_b]
     share_none = InputError(f"{a.location} and {b.location} share no step: nothing to compare")
     if not common:
         raise share_none
     comparison = _Comparison(atol=atol, rtol=rtol)
-    unread: tuple[set[int], set[int]] = (set(), set())
+    unread = skipped
     for step_a, step_b in _pairs(a, b, common, unread):
         comparison.add(step_a, step_b)
         if comparison.done:
@@ -483,4 +491,6 @@ def diff_runs(
         parted_at=parted_at,
         own_policy={"a": own_spec(a), "b": own_spec(b)},
         around=around,
+        unreadable_a=_ranges(sorted(unread_a)),
+        unreadable_b=_ranges(sorted(unread_b)),
     )
