@@ -49,9 +49,10 @@ so the trainer's own step is preferred)."""
 
 BOOKKEEPING = frozenset({
     *STEP_KEYS, "epoch", "_runtime", "_timestamp", "timestamp", "wall_time",
-    "Wall time", "time", "total_flos",
+    "Wall time", "time", "total_flos", "training/global_step", "training/epoch",
 })  # fmt: skip
-"""Logged names that are not metrics of a step."""
+"""Logged names that are not metrics of a step (verl's trainer logs its step and epoch as
+`training/global_step` and `training/epoch` among the step's metrics)."""
 
 _ROW_INDEX = re.compile(r"(Unnamed: \d+)?")
 """pandas' row index, which DataFrame.to_csv writes under an empty header (read back by pandas
