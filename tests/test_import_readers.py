@@ -561,6 +561,29 @@ def test_csv_wandb_chart_and_tensorboard_exports(tmp_path: Path) -> None:
     assert table.steps == {2: {"loss": 3.0}} and table.non_numeric == {"loss": 1}
 
 
+def test_a_wandb_chart_of_a_run_whose_name_holds_a_dash_keeps_its_metric_names(
+    tmp_path: Path,
+) -> None:
+    """W&B names a chart export's column `<run> - <metric>`; a run named `qwen-7b - grpo` lost
+    its name at its first ` - `, so its metrics were `grpo - critic/score/mean`, ...: imported
+    as extras (`grpo_-_critic/score/mean`), with no reward_mean or grad_norm to gate. The run's
+    name is what precedes the last ` - ` (no framework's metric name holds one); two such runs
+    are still two."""
+    run = "qwen-7b - grpo"
+    chart = tmp_path / "wandb.csv"
+    chart.write_text(
+        f"Step,{run} - critic/score/mean,{run} - critic/score/mean__MIN,"
+        f"{run} - actor/grad_norm\n1,0.5,0.25,1.5\n"
+    )
+    _, _, table = read_log(chart)
+    assert table.steps == {
+        1: {"critic/score/mean": 0.5, "critic/score/mean__MIN": 0.25, "actor/grad_norm": 1.5}
+    }
+    chart.write_text("Step,a - seed 1 - loss,a - seed 2 - loss\n1,0.5,0.9\n")
+    with pytest.raises(InputError, match=r"the columns of 2 runs \(a - seed 1, a - seed 2\)"):
+        read_log(chart)
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

@@ -4,13 +4,14 @@ cells where a metric was not logged at that step.
 The delimiter is a tab in a `.tsv` file, else the header's most frequent of `,`, tab and `;`.
 The step column is the first of `STEP_KEYS` in the header (or the one given). W&B's chart
 export (`<run> - <metric>` columns, with `__MIN`/`__MAX` envelope columns) loses the
-`<run> - ` part when every metric column has the same one (a chart of several runs is
-refused: one import is one run). TensorBoard's per-tag export (`Wall time,Step,Value`) names
-its one metric after the file, which holds the tag with `_` for `/`: a leading `train_` is
-read as `train/` (`run-X-tag-train_loss.csv` -> `train/loss`), and a name that maps to a
-standard scalar is read as that metric (`critic_score_mean` -> `critic/score/mean`). A row
-with more cells than the header is an InputError naming its line; a short row has empty
-trailing cells.
+`<run> - ` part (up to the last ` - `: a run's name may hold one, no framework's metric name
+does) when every metric column has the same one (a chart of several runs is refused: one
+import is one run). TensorBoard's per-tag export (`Wall time,Step,Value`) names its one
+metric after the file, which holds the tag with `_` for `/`: a leading `train_` is read as
+`train/` (`run-X-tag-train_loss.csv` -> `train/loss`), and a name that maps to a standard
+scalar is read as that metric (`critic_score_mean` -> `critic/score/mean`). A row with more
+cells than the header is an InputError naming its line; a short row has empty trailing
+cells.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def _metric_names(header: list[str], path: Path) -> list[str]:
     if len(set(header)) != len(header):
         raise InputError(f"{path}: the header repeats a column name")
     metrics = [n for n in header if n not in STEP_KEYS]
-    prefixes = {n.split(" - ", 1)[0] for n in metrics if " - " in n}
+    prefixes = {n.rpartition(" - ")[0] for n in metrics if " - " in n}
     if not prefixes or not all(" - " in n for n in metrics):
         return header
     if len(prefixes) > 1:
@@ -111,4 +112,4 @@ def _metric_names(header: list[str], path: Path) -> list[str]:
             f"{path}: the columns of {len(prefixes)} runs ({listed(sorted(prefixes))}), as a "
             "W&B chart of several exports them: an import is of one run; export each alone"
         )
-    return [n.split(" - ", 1)[1] if " - " in n else n for n in header]
+    return [n.rpartition(" - ")[2] if " - " in n else n for n in header]
