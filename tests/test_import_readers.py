@@ -480,6 +480,29 @@ def test_tensorboard_per_tag_export_of_a_metric_with_slashes(
     assert map_names(table.names, ()).standard == {tag: scalar}
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+@pytest.mark.parametrize(
+    "tag", ["val-core/openai/gsm8k/acc/mean@4", "val-aux/num_turns/min", "val/loss"]
+)
+def test_tensorboard_per_tag_export_of_an_evaluation_metric_is_left_out(
+    tmp_path: Path, tag: str, suffix: str
+) -> None:
+    """verl's validation metric `val-core/openai/gsm8k/acc/mean@4` exported per tag arrives as
+    `val-core_openai_gsm8k_acc_mean@4`: imported as a training metric of that name (steps 0
+    and 5, exit 0), where the event file it came from leaves it out as evaluation. A leading
+    evaluation prefix is read as the one it was, and the export has no training step."""
+    log = tmp_path / f"run-.-tag-{tag.replace('/', '_')}{suffix}"
+    log.write_text(
+        "Wall time,Step,Value\n1700000000.5,0,0.5\n1700000001.5,5,0.75\n"
+        if suffix == ".csv"
+        else "[[1700000000.5, 0, 0.5], [1700000001.5, 5, 0.75]]"
+    )
+    _, _, table = read_log(log)
+    assert not table.steps and table.skipped_rows == {"eval": 2}
+    (name,) = [n for n, why in table.not_imported.items() if why != "bookkeeping"]
+    assert name.startswith(tag.split("/")[0] + "/") and table.not_imported[name] == "eval"
+
+
 @pytest.mark.parametrize(
     "name, metric",
     [

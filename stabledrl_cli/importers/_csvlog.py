@@ -8,7 +8,8 @@ export (`<run> - <metric>` columns, with `__MIN`/`__MAX` envelope columns) loses
 does) when every metric column has the same one (a chart of several runs is refused: one
 import is one run). TensorBoard's per-tag export (`Wall time,Step,Value`) names its one
 metric after the file, which holds the tag with `_` for `/`: a leading `train_` is read as
-`train/` (`run-X-tag-train_loss.csv` -> `train/loss`), and a name that maps to a standard
+`train/` (`run-X-tag-train_loss.csv` -> `train/loss`), a leading evaluation prefix as that
+prefix (`val-core_` -> verl's `val-core/`, left out), and a name that maps to a standard
 scalar is read as that metric (`critic_score_mean` -> `critic/score/mean`). A row with more
 cells than the header is an InputError naming its line; a short row has empty trailing
 cells.
@@ -22,7 +23,13 @@ from pathlib import Path
 
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.importers._files import text_lines
-from stabledrl_cli.importers._names import STANDARD_SOURCES, STEP_KEYS, TRACKER_PREFIXES, listed
+from stabledrl_cli.importers._names import (
+    EVAL_PREFIXES,
+    STANDARD_SOURCES,
+    STEP_KEYS,
+    TRACKER_PREFIXES,
+    listed,
+)
 from stabledrl_cli.importers._table import LEFT_OUT_LIMIT, METRIC_LIMIT, StepTable
 
 _DELIMITERS = (",", "\t", ";")
@@ -80,10 +87,11 @@ def per_tag_metric(path: Path) -> str:
 
 
 def _tag(saved: str) -> str:
-    """A tag as a file name holds it (its `/` saved as `_`): a tracker prefix restored, then
-    a metric that maps to a standard scalar (`critic_score_mean` is `critic/score/mean`)."""
+    """A tag as a file name holds it (its `/` saved as `_`): a tracker or evaluation prefix
+    restored (`val-core_x` is verl's `val-core/x`, left out as in the event file), then a
+    metric that maps to a standard scalar (`critic_score_mean` is `critic/score/mean`)."""
     prefix = next(
-        (p for p in TRACKER_PREFIXES if saved.startswith(_flat(p)) and len(saved) > len(p)), ""
+        (p for p in _SAVED_PREFIXES if saved.startswith(_flat(p)) and len(saved) > len(p)), ""
     )
     name = saved[len(prefix) :]
     return prefix + _STANDARD_FLAT.get(name, name)
@@ -92,6 +100,9 @@ def _tag(saved: str) -> str:
 def _flat(name: str) -> str:
     return name.replace("/", "_")
 
+
+_SAVED_PREFIXES = (*TRACKER_PREFIXES, *(p for p in EVAL_PREFIXES if p.endswith("/")))
+"""The prefixes a per-tag file name restores."""
 
 _STANDARD_FLAT = {_flat(s): s for sources in STANDARD_SOURCES.values() for s in sources}
 """A standard scalar's source as a TensorBoard per-tag file name holds it -> the source."""
