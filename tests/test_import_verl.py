@@ -9,8 +9,9 @@ micro-batch, aggregated as the engine and `_update_actor` aggregate them
 `compute_throughout_metrics`, validation from `process_validation_metrics`. What no CPU piece
 of verl computes without a model and an optimizer, the actor's `grad_norm` and `lr`, and its
 entropy, are given (the engine's `_postprocess_output` logs them under these names).
-Ray, the rollout (vLLM/SGLang need a GPU) and the trainer loop itself are not run: the
-trainer cannot even be imported here (verl's rollout router needs `cachetools`).
+Ray, the rollout (vLLM/SGLang need a GPU) and the trainer loop itself are not run, nor is
+the trainer's module imported (it imports the rollout servers; in verl 0.9.1 their router
+needs `cachetools`, of verl's `verl-core` extra).
 """
 
 from __future__ import annotations
@@ -91,12 +92,14 @@ def _validation_metrics(seed: int) -> dict[str, Any]:
     accuracy = [float((seed + i) % 3 == 0) for i in range(8)]
     uids = [f"q{i // 2}" for i in range(8)]
     found = process_validation_metrics(["gsm8k"] * 8, uids, {"acc": accuracy})
-    return {
-        f"val-{'core' if name.startswith('mean') else 'aux'}/{source}/{var}/{name}": value
-        for source, variables in found.items()
-        for var, metrics in variables.items()
-        for name, value in metrics.items()
-    }
+    named = {}
+    for source, variables in found.items():
+        for var, metrics in variables.items():
+            n_max = max(int(name.split("@")[-1].split("/")[0]) for name in metrics)
+            for name, value in metrics.items():
+                core = name.startswith(("mean", "maj", "best")) and f"@{n_max}" in name
+                named[f"val-{'core' if core else 'aux'}/{source}/{var}/{name}"] = value
+    return named
 
 
 def write_verl_log(
