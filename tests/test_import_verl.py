@@ -8,7 +8,8 @@ micro-batch, aggregated as the engine and `_update_actor` aggregate them
 `compute_data_metrics`, `compute_timing_metrics` (timed by `marked_timer`) and
 `compute_throughout_metrics`, validation from `process_validation_metrics`. What no CPU piece
 of verl computes without a model and an optimizer, the actor's `grad_norm` and `lr`, and its
-entropy, are given (the engine's `_postprocess_output` logs them under these names).
+entropy, are given (under the names the engine's `_postprocess_output` and the trainer log
+them).
 Ray, the rollout (vLLM/SGLang need a GPU) and the trainer loop itself are not run, nor is
 the trainer's module imported (it imports the rollout servers; in verl 0.9.1 their router
 needs `cachetools`, of verl's `verl-core` extra).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,21 +112,24 @@ def write_verl_log(
     collapse_from: int | None = None,
     ratio_scale: float = 0.6,
     grad_norms: dict[int, float] | None = None,
+    resumed_at: int = 0,
 ) -> tuple[Path, Path]:
     """verl's file log and tensorboard directory of a run of `steps` trainer steps (from 1,
     validated before training at step 0 and at step 4). From step `collapse_from` on every
     response scores 0; `ratio_scale` spreads the actor's ratios (more clipping);
-    `grad_norms` gives a step's grad norm (else 1 + step / 100)."""
+    `grad_norms` gives a step's grad norm (else 1 + step / 100). `resumed_at`: the run
+    resumes from that step's checkpoint (validated there, then trains the steps after it,
+    each on another rollout than the first run's)."""
     log, events = directory / "verl.jsonl", directory / "tensorboard"
     monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(log))
     monkeypatch.setenv("TENSORBOARD_DIR", str(events))
     tracking = Tracking("project", "experiment", ["console", "file", "tensorboard"])
-    tracking.log(data=_validation_metrics(0), step=0)
-    for step in range(1, steps + 1):
+    tracking.log(data=_validation_metrics(resumed_at), step=resumed_at)
+    for step in range(resumed_at + 1, steps + 1):
         timing: dict[str, float] = {}
         with marked_timer("step", timing):
             with marked_timer("gen", timing):
-                td = rollout(seed=step, scale=ratio_scale)
+                td = rollout(seed=step + 100 * bool(resumed_at), scale=ratio_scale)
                 if collapse_from is not None and step >= collapse_from:
                     td["token_level_scores"] = td["token_level_scores"] * 0
             with marked_timer("update_actor", timing):
@@ -277,3 +282,24 @@ def test_a_nan_grad_norm_in_verls_logs_is_a_nonfinite_step(
         assert summary["nonfinite"] == {"grad_norm": 2}, name
         values = [s.scalars["grad_norm"] for s in sd.open_run(tmp_path / name)]
         assert values[0] == pytest.approx(1.01) and not np.isfinite(values[1:]).any(), name
+
+
+def test_a_resumed_verl_run_imports_its_restart_from_tensorboard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verl resumed from step 3's checkpoint after reaching step 5: its tensorboard directory
+    (the same for both runs) imports steps 1-3 of the first run and 4-6 of the second, the
+    first run's 4-5 dropped; its file log, which verl truncates as a run starts, holds 4-6."""
+    log, events = write_verl_log(tmp_path, monkeypatch, steps=5)
+    first = _rows(log)
+    time.sleep(1.1)  # event file names order the runs by the second they started
+    write_verl_log(tmp_path, monkeypatch, steps=6, resumed_at=3)
+    second = _rows(log)
+    assert sorted(second) == [3, 4, 5, 6]  # 3: the validation on resuming
+    summary = _import(events, tmp_path / "run")
+    assert summary["steps"] == 6 and summary["preempted"] > 0
+    for step in sd.open_run(tmp_path / "run"):
+        row = (first if step.step <= 3 else second)[step.step]
+        for standard, name in VERL_STANDARD.items():
+            assert step.scalars[standard] == _float32(row[name]), (step.step, standard)
+    assert _import(log, tmp_path / "file")["steps"] == 3
