@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from _cli import run_cli, run_cli_together
 from typer.testing import CliRunner
@@ -91,12 +92,15 @@ def test_trl_trainer_state_imports_every_metric_and_value(tmp_path: Path) -> Non
 
 
 def test_a_fresh_trl_run_still_maps_every_metric(tmp_path: Path) -> None:
-    """The committed fixture is what TRL logs today: same metric names, all mapped."""
+    """The committed fixture is what TRL logs today: same metric names, all mapped. The same
+    run's TensorBoard log (TRL's trainer reporting to tensorboard) imports as its
+    trainer_state.json does: the same steps and scalars, the values as float32."""
     pytest.importorskip("trl", reason="needs trl 1.16 (pip install -e '.[trl]')")
+    pytest.importorskip("tensorboard", reason="needs tensorboard (the dev extra)")
     sys.path.insert(0, str(SCRIPTS))
     import make_trainer_state
 
-    state = make_trainer_state.trainer_state(tmp_path, max_steps=4)
+    state = make_trainer_state.trainer_state(tmp_path, max_steps=4, report_to="tensorboard")
     (tmp_path / "fresh.json").write_text(json.dumps(state))
     summary = _import(str(tmp_path / "fresh.json"), "--format-in", "trainer_state",
                       "--out", str(tmp_path / "run"))  # fmt: skip
@@ -104,6 +108,17 @@ def test_a_fresh_trl_run_still_maps_every_metric(tmp_path: Path) -> None:
     committed = json.loads(TRL_STATE.read_text())
     names = {k for row in _training_rows(committed).values() for k in row}
     assert {k for row in _training_rows(state).values() for k in row} == names
+    (events,) = (tmp_path / "out" / "runs").iterdir()
+    from_events = _import(str(events), "--out", str(tmp_path / "events"))
+    assert from_events["mapped"] == {s: f"train/{n}" for s, n in summary["mapped"].items()}
+    assert from_events["counts"] == summary["counts"]
+    for logged, read in zip(sd.open_run(tmp_path / "run"), sd.open_run(tmp_path / "events"),
+                            strict=True):  # fmt: skip
+        assert read.step == logged.step
+        standard = [name for name in summary["mapped"] if name in logged.scalars]
+        assert standard == [name for name in summary["mapped"] if name in read.scalars]
+        for name in standard:
+            assert read.scalars[name] == np.float32(logged.scalars[name]), (read.step, name)
 
 
 def test_table_output_and_force(tmp_path: Path) -> None:
