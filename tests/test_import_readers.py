@@ -863,6 +863,28 @@ def test_tensorboard_crafted_files(tmp_path: Path, content: bytes, message: str)
         read_log(log)
 
 
+def test_an_event_of_more_tags_than_a_log_holds_is_refused_as_they_are_read(
+    tmp_path: Path,
+) -> None:
+    """One 1.3 MB event of 100,000 scalar tags: its tags were all held (a dict of each tag's
+    value, 17 MB here) before the table refused the 1,001st metric name; a 33 MB record of 2.3
+    million took 491 MB and 17 s to refuse. Now the event is refused at its 21,001st tag."""
+    import tracemalloc
+
+    values = [summary_pb2.Summary.Value(tag=f"{i:x}", simple_value=1.0) for i in range(100_000)]
+    event = event_pb2.Event(step=1, summary=summary_pb2.Summary(value=values))
+    log = tmp_path / "events.out.tfevents.1.host"
+    log.write_bytes(_record(event.SerializeToString()))
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="record at byte 0: an event of more than 21,000"):
+            read_log(log)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
 def test_tensorboard_unfinished_last_record_is_ignored(tmp_path: Path) -> None:
     log = tmp_path / "events.out.tfevents.1.host"
     log.write_bytes(_good_record() + _good_record()[:30])

@@ -30,7 +30,7 @@ from stabledrl_cli.importers._names import (
     TRACKER_PREFIXES,
     listed,
 )
-from stabledrl_cli.importers._table import LEFT_OUT_LIMIT, METRIC_LIMIT, StepTable
+from stabledrl_cli.importers._table import ROW_NAME_LIMIT, StepTable
 
 _DELIMITERS = (",", "\t", ";")
 _TENSORBOARD_HEADER = ["Wall time", "Step", "Value"]
@@ -46,7 +46,7 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
     rows = csv.reader(_joined(first, lines), delimiter=delimiter, strict=True)
     try:
         header = [name.strip() for name in next(rows)]
-        if len(header) > METRIC_LIMIT + LEFT_OUT_LIMIT:
+        if len(header) > ROW_NAME_LIMIT:
             raise InputError(f"{path}: {len(header)} columns, more than a log holds")
         names = _metric_names(header, path)
         key = step_key if step_key is not None else next((k for k in STEP_KEYS if k in names), None)

@@ -35,6 +35,9 @@ LEFT_OUT_LIMIT = 20_000
 """Most distinct names left out (not imported, and, apart, with a value that is not a number):
 an evaluation over many benchmarks logs many (verl: `val-core/<source>/<var>/<metric>@<n>`,
 about a hundred a benchmark), each at most NAME_LIMIT characters (5 MB of names at most)."""
+ROW_NAME_LIMIT = METRIC_LIMIT + LEFT_OUT_LIMIT
+"""Most names one row may give (a CSV header's columns, a TensorBoard event's tags): the table
+would refuse more, and a reader refuses them before it holds them."""
 CELL_LIMIT = 2_000_000
 """Most values held at once (bounds memory: about 100 bytes each)."""
 

@@ -42,7 +42,7 @@ from stabledrl_cli.importers._proto import (
     signed64,
     text,
 )
-from stabledrl_cli.importers._table import StepTable
+from stabledrl_cli.importers._table import ROW_NAME_LIMIT, StepTable
 
 TFEVENTS_LIMIT = 256 << 20
 """Most bytes of event files read in one import (checksums are computed in Python)."""
@@ -101,12 +101,11 @@ def read_tfevents(path: Path) -> StepTable:
         with open_log(file, TFEVENTS_LIMIT) as handle:
             size = os.fstat(handle.fileno()).st_size
             for offset, record in _records(handle, file, table, size):
+                where = f"{file}: record at byte {offset}"
                 try:
-                    _add_event(record, table, plugins)
+                    _add_event(record, table, plugins, where)
                 except ProtoError as exc:
-                    raise InputError(
-                        f"{file}: record at byte {offset} is not a TensorBoard event ({exc})"
-                    ) from None
+                    raise InputError(f"{where} is not a TensorBoard event ({exc})") from None
     runs = subdirectories(path, holds_events) if path.is_dir() else []
     if runs:
         held = (
@@ -153,8 +152,9 @@ def _records(
         offset += 16 + length
 
 
-def _add_event(record: memoryview, table: StepTable, plugins: dict[str, str]) -> None:
-    """Adds an Event's scalar summary values to `table` as one row."""
+def _add_event(record: memoryview, table: StepTable, plugins: dict[str, str], where: str) -> None:
+    """Adds an Event's scalar summary values to `table` as one row (`where` names the record:
+    an event of more tags than a log holds is refused as they are read)."""
     step: int | None = 0
     values: dict[str, object] = {}
     for number, wire, value in fields(record):
@@ -166,6 +166,11 @@ def _add_event(record: memoryview, table: StepTable, plugins: dict[str, str]) ->
             for summary_field in fields(value):
                 if summary_field[0] == 1 and summary_field[1] == LENGTH:
                     _add_value(summary_field, values, plugins, table)
+                    if len(values) > ROW_NAME_LIMIT:
+                        raise InputError(
+                            f"{where}: an event of more than {ROW_NAME_LIMIT:,} scalar tags, "
+                            "more than a log holds"
+                        )
     if values:
         table.add(step, values)
 
