@@ -194,6 +194,35 @@ def test_a_checkpoint_whose_step_or_rollout_is_no_count_is_refused_naming_it(tmp
         load_checkpoint(path)
 
 
+def test_a_checkpoint_that_unpacks_past_its_size_is_refused_before_it_is_loaded(tmp_path):
+    """A zip bomb: torch.save stores its members uncompressed, but torch.load also inflates a
+    compressed one, allocating its whole size first. A 3.3 MB checkpoint whose tensor storage
+    was deflated from 2 GiB of zeros made `branch` take 2.4 GB (13 s) before its 'not a
+    readable checkpoint (RuntimeError)'; it is refused from the zip directory's sizes."""
+    import io
+    import zipfile
+
+    from stabledrl_cli.example.checkpoint import FORMAT
+
+    saved = io.BytesIO()
+    data = {"format": FORMAT, "step": 4, "rollout": 1, "model": {"w": torch.zeros(4)},
+            "optimizer": {}, "rng": torch.zeros(1, dtype=torch.uint8), "config": {}}  # fmt: skip
+    torch.save(data, saved)
+    path = tmp_path / "step-00000004.pt"
+    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(path, "w") as bomb:
+        for member in source.infolist():
+            if member.filename.endswith("/data/0"):  # the storage of `w`
+                member.compress_type = zipfile.ZIP_DEFLATED
+                with bomb.open(member, "w") as inflated:
+                    for _ in range(64):
+                        inflated.write(bytes(1 << 20))
+            else:
+                bomb.writestr(member, source.read(member))
+    size = path.stat().st_size
+    with pytest.raises(InputError, match=rf"unpacks to \d+ bytes, more than its {size}\)$"):
+        load_checkpoint(path)
+
+
 @pytest.fixture(scope="module")
 def _saved_state(tmp_path_factory):
     config = ExampleConfig(seed=2, steps=8, pretrain_steps=2)

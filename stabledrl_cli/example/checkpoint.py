@@ -14,7 +14,9 @@ What: the model's parameters, the AdamW state (moments and step counts), the one
 generator's state, the step and rollout index, and the example's settings (`ExampleConfig`
 as a dict). Written with `torch.save` through `_atomic.write_atomic`; read with
 `torch.load(weights_only=True)`, which accepts tensors, numbers, strings, lists and dicts
-only: a checkpoint is data, never code.
+only: a checkpoint is data, never code. torch.save stores its zip archive's members
+uncompressed; one whose members would unpack to more than the file's size (a compressed one,
+or a size it does not hold) is refused before torch.load allocates them.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import io
 import os
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -152,10 +155,18 @@ def load_checkpoint(path: str | Path) -> TrainingState:
     """The state a checkpoint holds; InputError (exit 3) for a file that is not one."""
     path = Path(path)
     try:
-        fh, _ = open_regular(path)  # a FIFO so named would block torch.load
+        fh, info = open_regular(path)  # a FIFO so named would block torch.load
         with fh, warnings.catch_warnings():  # torch warns of a pickle protocol it did not write
             warnings.simplefilter("ignore")
+            unpacked = _unpacked_size(fh)
+            if unpacked > info.st_size:
+                raise InputError(
+                    f"{path}: not a readable checkpoint (its zip archive unpacks to {unpacked} "
+                    f"bytes, more than its {info.st_size})"
+                )
             data = torch.load(fh, map_location="cpu", weights_only=True)
+    except InputError:
+        raise
     except FileNotFoundError:
         raise InputError(f"{path}: no such checkpoint") from None
     except NotRegularFile:
@@ -176,6 +187,22 @@ def load_checkpoint(path: str | Path) -> TrainingState:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{path}: incomplete checkpoint ({exc})") from None
+
+
+def _unpacked_size(handle: BinaryIO) -> int:
+    """The bytes torch.load would unpack from the file at `handle` when it reads it as a zip
+    archive (it begins with a zip entry, as torch decides): its members' sizes, as its
+    directory gives them; 0 for a file torch reads otherwise (its legacy format). A zip
+    archive whose directory cannot be read raises zipfile.BadZipFile."""
+    start = handle.read(4)
+    handle.seek(0)
+    if start != b"PK\x03\x04":
+        return 0
+    try:
+        with zipfile.ZipFile(handle) as archive:
+            return sum(member.file_size for member in archive.infolist())
+    finally:
+        handle.seek(0)
 
 
 def _count(value: object, key: str, path: Path) -> int:
