@@ -297,6 +297,45 @@ def _attribute_error_then_a_heap_that_hangs(tmp: Path) -> Path:
     return out
 
 
+def _one_heap_object(write: Callable[[h5py.File, list[str]], None]) -> Callable[[Path], Path]:
+    """An archive where `write` stored 65 variable-length strings, one of 1 MiB then 64 short
+    ones, whose references (16 bytes each) are then all rewritten to point at the long one's
+    object in the global heap: 1.8 MB on disk, 65 MiB once read (many more references, and a
+    longer object, make it any size: 1000 made the probe's child take 2 GB)."""
+
+    def make(tmp: Path) -> Path:
+        out = packed(tmp)
+        with h5py.File(out, "r+") as handle:
+            write(handle, ["B" * (1 << 20)] + [f"s{i:05d}" for i in range(64)])
+        raw = bytearray(out.read_bytes())
+        long = struct.pack("<I", 1 << 20)
+        at = raw.index(long)
+        while struct.unpack("<I", raw[at + 16 : at + 20])[0] != 6:
+            at = raw.index(long, at + 1)
+        for short in range(1, 65):
+            raw[at + 16 * short : at + 16 * (short + 1)] = raw[at : at + 16]
+        out.write_bytes(bytes(raw))
+        return out
+
+    return make
+
+
+def _strings_attribute(owner: str, name: str) -> Callable[[h5py.File, list[str]], None]:
+    def write(handle: h5py.File, strings: list[str]) -> None:
+        target = handle[owner]
+        if name in target.attrs:
+            del target.attrs[name]
+        target.attrs.create(name, data=strings, dtype=h5py.string_dtype())
+
+    return write
+
+
+def _manifest_of_strings(handle: h5py.File, strings: list[str]) -> None:
+    """The manifest text a scalar of a variable-length sequence of variable-length strings."""
+    of_strings = h5py.vlen_dtype(h5py.string_dtype())
+    replace_dataset(handle, "manifest", shape=(), dtype=of_strings)[()] = np.array(strings, object)
+
+
 def _stored_chunk(
     field: str, *, size: int | None = None, address: int | None = None
 ) -> Callable[[Path], Path]:
@@ -349,11 +388,12 @@ def _ragged_mismatch(handle: h5py.File) -> None:
 
 def checksum_an_array(name: str) -> Callable[[h5py.File], None]:
     """`name`'s checksum attribute stored as an array of its own checksum, twice: a value
-    that is no text."""
+    that is no text. Fixed-length strings: an array of variable-length ones refuses the
+    archive whatever it holds (`_one_heap_object`)."""
 
     def change(handle: h5py.File) -> None:
-        crc = handle[name].attrs[CRC_ATTR]
-        handle[name].attrs[CRC_ATTR] = np.array([crc, crc], dtype=h5py.string_dtype())
+        crc = handle[name].attrs[CRC_ATTR].encode()
+        handle[name].attrs[CRC_ATTR] = np.array([crc, crc])
 
     return change
 
@@ -789,6 +829,10 @@ CASES: list[Case] = [
     Case("archive_chunk_of_zero_bytes_replay", _stored_chunk("tokens/logp", size=0), "replay", 3),
     Case("archive_chunk_larger_than_it_can_be", _stored_chunk("tokens/mask", size=1 << 30), "inspect", 3),
     Case("archive_chunk_past_the_end", _stored_chunk("tokens/logp", address=1 << 40), "inspect", 3),
+    Case("archive_attribute_of_strings_at_one_heap_object", _one_heap_object(_strings_attribute("/", "x")), "inspect", 3),
+    Case("archive_kind_of_strings_at_one_heap_object", _one_heap_object(_strings_attribute("/", "kind")), "replay", 3),
+    Case("archive_index_attribute_of_strings_at_one_heap_object", _one_heap_object(_strings_attribute("steps/step", "crc32")), "pack", 3),
+    Case("archive_manifest_of_strings_at_one_heap_object", _one_heap_object(_manifest_of_strings), "inspect", 3),
     Case("archive_group_btree_broken", _break_btree(0), "inspect", 3),
     Case("archive_chunk_btree_broken", _break_btree(2), "inspect", 0, "unreadable"),
     Case("archive_chunk_btree_broken_pack", _break_btree(2), "pack", 0),

@@ -12,8 +12,10 @@ declared size exceeds what the file can hold (`DEFLATE_RATIO` times the file's s
 cannot expand more than that) and any dataset of an index or text (read whole) larger than the
 file itself, any chunk larger than `CHUNK_LIMIT`, any stored chunk whose size or place in the
 chunk index is impossible (`_bad_stored_chunk`: libhdf5 crashes reading a chunk of 0 bytes),
-any array dataset of a non-numeric dtype, and any dataset with no value at all (an empty
-dataspace, h5py's `Empty`).
+any array dataset of a non-numeric dtype, any dataset with no value at all (an empty
+dataspace, h5py's `Empty`), and any attribute or text whose values could unpack past the file
+(`unbounded_type`: variable-length data, whose elements may all point at one object of the
+global heap), before its value is read.
 Index and scalar datasets (the per-step CRC-32s of `checksums/` among them) carry a CRC32
 (attribute `crc32`, `index_crc`) written by `pack`.
 
@@ -31,7 +33,7 @@ import h5py
 import numpy as np
 
 from stabledrl_cli.dump._layout import CHECKSUMS
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, quoted
 
 CRC_ATTR = "crc32"
 """The attribute holding an index dataset's checksum (`index_crc` of its values)."""
@@ -113,6 +115,38 @@ def attributes(oid: h5py.h5o.ObjectID) -> h5py.AttributeManager:
     return h5py.AttributeManager(_Held(oid))
 
 
+def unbounded_type(type_id: h5py.h5t.TypeID, elements: int) -> bool:
+    """Whether `elements` values of `type_id` could unpack to more than the file holds once
+    read: variable-length data (each element points at an object of the file's global heap,
+    and any number of them may point at one: 1000 references to a 1 MiB string take 16 KB on
+    disk, 1 GB read), except one variable-length string, no larger than its object (pack
+    writes every attribute and text so). A string inside a compound or array type counts as
+    variable (libhdf5 does not say which it is without looking deeper)."""
+    if type_id.get_class() == h5py.h5t.STRING:
+        return bool(type_id.is_variable_str()) and elements > 1
+    return bool(type_id.detect_class(h5py.h5t.VLEN) or type_id.detect_class(h5py.h5t.STRING))
+
+
+def check_attributes(
+    oid: h5py.h5o.ObjectID, owner: str, where: str, only: str | None = None
+) -> None:
+    """Refuses (InputError naming `where`, the archive) an attribute of object `oid` (named
+    `owner`) of an `unbounded_type`, from its type and shape, before any value is read: all
+    of its attributes, or the one named `only`, if it has it."""
+    if only is None:
+        opened = (h5py.h5a.open(oid, index=i) for i in range(h5py.h5a.get_num_attrs(oid)))
+    else:
+        opened = (h5py.h5a.open(oid, n) for n in [only.encode()] if h5py.h5a.exists(oid, n))
+    for attribute in opened:
+        if unbounded_type(attribute.get_type(), attribute.get_space().get_simple_extent_npoints()):
+            name = attribute.name.decode("utf-8", "backslashreplace")
+            raise InputError(
+                f"{where}: refused: attribute {quoted(name)} "
+                f"of {owner} holds variable-length data other than one string (its elements "
+                "could all point at one heap object)"
+            )
+
+
 def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, where: str, file_size: int) -> None:
     def refuse(why: str) -> InputError:
         return InputError(f"{where}: refused: dataset {name} {why}")
@@ -130,7 +164,7 @@ def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, where: str, file_size
     dtype = dataset.dtype
     declared = int(np.prod(dataset.shape, dtype=object)) * dtype.itemsize
     if name in TEXT_DATASETS:
-        if dataset.shape != () or dtype.kind not in "OSU":
+        if dataset.shape != () or (dtype.kind != "S" and h5py.check_string_dtype(dtype) is None):
             raise refuse("is not a string")
     elif dtype.kind not in "biuf":
         raise refuse(f"has dtype {dtype} (numbers expected)")
@@ -227,6 +261,7 @@ def walk_objects(
             return True
         try:
             target = h5py.h5o.open(handle.id, raw)
+            check_attributes(target, name, where)
             attrs = dict(attributes(target).items())  # parsed here, in the probe's child first
             if isinstance(target, h5py.h5d.DatasetID):
                 _check_dataset(name, target, where, file_size)

@@ -25,7 +25,12 @@ from pathlib import Path
 import h5py
 
 from stabledrl_cli.dump import _archive_checks
-from stabledrl_cli.dump._archive_checks import H5_ERRORS, TEXT_DATASETS, walk_objects
+from stabledrl_cli.dump._archive_checks import (
+    H5_ERRORS,
+    TEXT_DATASETS,
+    check_attributes,
+    walk_objects,
+)
 from stabledrl_cli.dump._archive_prefetch import Prefetch, Prefetched, decode_prefetched
 from stabledrl_cli.dump._store_file import StoreFile
 from stabledrl_cli.errors import InputError, one_line
@@ -95,11 +100,15 @@ def _child_report(source: Path | StoreFile, where: str, file_size: int) -> bytes
         return _report({"error": f"{where}: unreadable HDF5 file ({one_line(exc)})"})
     try:
         with handle:
-            attrs = dict(handle.attrs.items())
             identity = file_identity(handle)
             # Values are handed over only where the reader can take them: for the very file the
             # child read, so never for one read through a file object (fsspec: no identity).
             prefetch = None if identity is None else Prefetch()
+            try:
+                check_attributes(handle.id, "the root", where)
+            except InputError as exc:
+                return _report({"error": str(exc)})
+            attrs = dict(handle.attrs.items())
             if prefetch is not None:
                 prefetch.root(attrs)
             try:

@@ -23,6 +23,7 @@ from stabledrl_cli.dump._archive_checks import (
     CRC_ATTR,
     H5_ERRORS,
     attributes,
+    check_attributes,
     crc_matches,
     index_crc,
     index_type,
@@ -311,6 +312,7 @@ class ArchiveRun(Run):
         """A root attribute of the archive, decoded (None when it has none)."""
         if name in self._prefetched.root:
             return self._prefetched.root.pop(name)
+        check_attributes(self._file.id, "the root", self.location, only=name)
         return decode(self._file.attrs.get(name))
 
     def _load(self) -> None:
