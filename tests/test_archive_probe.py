@@ -8,10 +8,12 @@ import json
 import os
 import shutil
 import signal
+import struct
 import time
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 from _corpus import packed
 
@@ -112,6 +114,44 @@ def test_a_child_that_dies_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(_archive_probe, "_child_report", crash)
     with pytest.raises(InputError, match=r"crashed libhdf5 \(signal 9;"):
+        _probe(archive)
+
+
+def test_a_child_that_runs_out_of_its_memory_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child may add `PROBE_MEMORY` beyond the archive's size to its parent's address space;
+    an allocation past it refuses the archive. It took what it asked for (here lazily: numpy's
+    empty pages), the reader then reading the file itself."""
+    archive = packed(tmp_path)
+    real = _archive_probe._child_report
+
+    def greedy(*args: object) -> bytes:
+        held = np.empty(3 * _archive_probe.PROBE_MEMORY, dtype=np.uint8)
+        return real(*args) if held.size else b""
+
+    monkeypatch.setattr(_archive_probe, "_child_report", greedy)
+    with pytest.raises(InputError, match="took more memory than the file's size can explain"):
+        _probe(archive)
+
+
+def test_a_string_that_claims_gigabytes_is_refused_within_the_childs_memory(
+    tmp_path: Path,
+) -> None:
+    """A variable-length string's stored length claims 2 GiB where its heap object holds 37
+    bytes: libhdf5 allocated and filled the 2 GiB in the child (7 s) before it found the
+    mismatch; the child's allocation now fails at once, and the archive is refused."""
+    archive = packed(tmp_path)
+    text = "Q" * 37
+    with h5py.File(archive, "r+") as handle:
+        handle.attrs["note"] = text
+    data = bytearray(archive.read_bytes())
+    heaps = [i for i in range(len(data) - 3) if data[i : i + 4] == b"GCOL"]
+    stored = [data.find(struct.pack("<IQ", len(text), heap)) for heap in heaps]
+    (at,) = [i for i in stored if i >= 0]
+    data[at : at + 4] = struct.pack("<I", 0x7FFFFFFF)
+    archive.write_bytes(data)
+    with pytest.raises(InputError, match="memory allocation failed"):
         _probe(archive)
 
 

@@ -4,8 +4,9 @@ libhdf5 itself can loop forever or crash on a crafted file (a global heap whose 
 object has size 0 makes reading any string attribute spin with the GIL held: no signal or
 thread can stop it). So `probe` first reads the archive's metadata (every link, every
 attribute, the manifest and integrity texts) in a forked child under a time limit, running
-`_archive_checks.check_objects` there: a child that hangs, dies or meets an h5py error refuses
-the archive (InputError), and only then does the process itself open it (its own reads take
+`_archive_checks.check_objects` there: a child that hangs, dies, meets an h5py error or runs
+out of the memory it is given (`PROBE_MEMORY` beyond the file's size) refuses the archive
+(InputError), and only then does the process itself open it (its own reads take
 other paths through libhdf5, and a path past an error the child met can hang). The child hands
 back what the checks found, with the file's identity, and the values the reader reads before
 its first step (`_archive_prefetch`), so that the reader neither walks the same file's objects
@@ -38,6 +39,10 @@ from stabledrl_cli.errors import InputError, one_line
 PROBE_SECONDS = 20.0
 """How long the forked child may take to read an archive's metadata (an honest one: well
 under a second)."""
+PROBE_MEMORY = 1 << 30
+"""Address space the forked child may add to its parent's, beyond the archive's size: an
+honest archive's metadata takes a few MB, but a crafted string may claim 4 GiB, which
+libhdf5 allocates before it reads it."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,27 @@ def _child_report(source: Path | StoreFile, where: str, file_size: int) -> bytes
     return _report({"datasets": datasets, "identity": identity, "prefetch": header}, payload)
 
 
+_TOO_LARGE = "reading its HDF5 metadata took more memory than the file's size can explain"
+
+
+def _limit_address_space(extra: int) -> None:
+    """Caps this process's address space at its current size plus `extra` bytes (Linux), so
+    that an allocation past it fails (MemoryError; libhdf5's, an h5py error) instead of taking
+    the machine's memory."""
+    try:
+        import resource  # POSIX only, as the fork this runs after
+
+        with open("/proc/self/statm", "rb") as statm:
+            current = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        limit = current + extra
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ImportError, OSError, ValueError):  # no /proc (macOS), a limit the system refuses
+        pass
+
+
 def _report(fields: dict[str, object], payload: bytes = b"") -> bytes:
     """A report: one JSON line (with the payload's length), then the payload."""
     return json.dumps({**fields, "payload": len(payload)}).encode() + b"\n" + payload
@@ -202,7 +228,8 @@ def probe(
     """Reads the archive's metadata and runs the checks in a forked child (module
     docstring); InputError if the child does not finish within `seconds` (default
     `PROBE_SECONDS`), is killed by a signal, or h5py fails to read the metadata there (as the
-    reader would refuse it: "unreadable HDF5 file" or "corrupt run archive"). Returns what the
+    reader would refuse it: "unreadable HDF5 file" or "corrupt run archive"), or needs more
+    memory than `PROBE_MEMORY` beyond the file's size there. Returns what the
     child found otherwise. The parent waits on a pipe the
     child closes once its report is written, not on its exit. Without fork (Windows) this
     reads nothing and returns an empty `Probed`. fileobj: the archive as a binary file object
@@ -218,7 +245,11 @@ def probe(
     if pid == 0:  # the child: report, then leave without running any exit handler
         try:
             os.close(read_end)
-            report = _child_report(path if fileobj is None else fileobj, where, file_size)
+            _limit_address_space(PROBE_MEMORY + file_size)
+            try:
+                report = _child_report(path if fileobj is None else fileobj, where, file_size)
+            except MemoryError:
+                report = _report({"error": f"{where}: refused: {_TOO_LARGE}"})
             failure = None if fileobj is None else fileobj.take_failure()
             if failure is not None:  # h5py's error names what it parsed, not why
                 report = _report({"error": f"{where}: cannot read it: {failure}"})
