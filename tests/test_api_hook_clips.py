@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -158,3 +159,43 @@ def test_a_gradient_freed_and_made_again_is_not_the_one_a_clip_left():
     param.grad = None  # zero_grad(set_to_none=True), then a new gradient of the same version
     param.grad = torch.ones(3).mul_(2.0)
     assert not _unchanged(then, _grad_states([param])[id(param)])
+
+
+SPENT_GENERATOR = textwrap.dedent(
+    """
+    import torch
+
+    model = torch.nn.Linear(4, 1)
+    params = model.parameters()
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    for step in range(2):
+        model(torch.ones(3, 4)).sum().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # spent by the optimizer: no clip
+        optimizer.step()
+        optimizer.zero_grad()
+    """
+)
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+def test_torchs_warning_of_a_spent_generator_names_the_scripts_line(tmp_path, keyword):
+    """torch warns when clip_grad_norm_ gets an empty generator (one the optimizer spent: the
+    script clips nothing). Before, the hooks' wrapper handed torch a list: no warning under
+    `stabledrl record`; now the script's own line warns, as without it."""
+    text = SPENT_GENERATOR
+    if keyword:
+        text = text.replace(
+            "clip_grad_norm_(params, 1.0)", "clip_grad_norm_(parameters=params, max_norm=1.0)"
+        )
+    script = tmp_path / "train.py"
+    script.write_text(text)
+    plain = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
+    warned = [line for line in plain.stderr.splitlines() if "UserWarning" in line]
+    assert warned == [f"{script}:9: UserWarning: `parameters` is an empty generator, no "
+                      "gradient clipping will occur."]  # fmt: skip
+    result = _record("--out", str(tmp_path / "run"), "--", sys.executable, str(script))
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if "UserWarning" in line] == warned
+    assert open_run(tmp_path / "run").step_numbers == [0, 1]

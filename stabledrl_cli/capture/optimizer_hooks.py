@@ -68,6 +68,8 @@ import inspect
 import math
 import numbers
 import time
+import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -340,10 +342,35 @@ def _wrap_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Ten
     def clip_grad_norm_(*args: Any, **kwargs: Any) -> torch.Tensor:
         if torch.compiler.is_compiling():  # traced by torch.compile (module docstring)
             return original(*args, **kwargs)
+        args, kwargs = _generator_listed(args, kwargs)
         with _torch_clip():
             return _recorded_clip(original, args, kwargs)
 
     return clip_grad_norm_
+
+
+_SPENT_GENERATOR = "`parameters` is an empty generator, no gradient clipping will occur."
+"""torch's clip_grad_norm_ warning of parameters given as an empty generator (one the script
+spent already, making its optimizer: it clips nothing)."""
+
+
+def _generator_listed(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """clip_grad_norm_'s arguments, its parameters given as a generator made a list (which the
+    hooks read, then torch's clip). An empty one warns as torch does, naming the line that
+    called the clip: torch's own warning would name the hooks' line, or, given the list,
+    never come."""
+    keyword = "parameters" in kwargs
+    given = kwargs["parameters"] if keyword else args[0] if args else None
+    if not isinstance(given, types.GeneratorType):
+        return args, kwargs
+    params = list(given)
+    if not params:
+        warnings.warn(_SPENT_GENERATOR, stacklevel=3)
+    if keyword:
+        return args, {**kwargs, "parameters": params}
+    return (params, *args[1:]), kwargs
 
 
 def _recorded_clip(
