@@ -464,10 +464,38 @@ def _refuse_unknown(given: Iterable[str], method: str, what: str) -> None:
 def _write(step: _Step, recorder: Recorder, *, replace: bool) -> bool:
     """Logs the step (a rewrite of the last one when `replace`); False when recording is off."""
     global _last
+    if not replace and _last is not None:
+        _refuse_parted(step, _last)
     _last = step
     log = recorder.rewrite_step if replace else recorder.log_step
     log(step.number, **step.fields())
     return not _failure.stopped(recorder.stopped, _stopped_at(recorder, step.number))
+
+
+_NUMBERED_BY_STEPS = (
+    "under the optimizer hooks, a batch's number is its optimizer step's (the run optimizer's "
+    "step() calls, from 0): number the batches so, or record with --no-optimizer-hooks"
+)
+
+
+def _refuse_parted(step: _Step, last: _Step) -> None:
+    """UsageError when `step`, one half alone, does not follow `last`, the run's last step,
+    which holds only the other half: the loop's batch numbers and its optimizer steps have
+    parted (an optimizer.step() the loop skipped, optimizer steps before its first batch).
+    A half behind one of its own kind (a batch number logged twice) is left to the Recorder's
+    refusal."""
+    from stabledrl_cli.dump._schema import step_number  # loaded with the Recorder already
+
+    number, behind = step_number(step.number), step_number(last.number)
+    if number > behind:
+        return
+    if step.hooks is not None and last.hooks is None:
+        parted = f"optimizer step {number} comes after log_policy_batch({behind})"
+    elif step.batch is not None and last.batch is None:
+        parted = f"log_policy_batch({number}) comes after optimizer step {behind}"
+    else:
+        return
+    raise UsageError(f"{parted}: {_NUMBERED_BY_STEPS}")
 
 
 def _stopped_at(recorder: Recorder, noticed: int | None) -> str:

@@ -1,0 +1,54 @@
+"""Under the optimizer hooks, `log_policy_batch(n)` and the run optimizer's n-th `step()` are one
+step. A loop whose batch numbers and optimizer steps part (it skips `optimizer.step()` on an
+inf gradient, or took optimizer steps before its first batch) has its recording stopped: the
+line that says so names the two halves that part and the way out, not only that a step number
+'does not follow' another the script never logged."""
+
+from __future__ import annotations
+
+import pytest
+from _cli import cli_environment, record_python
+
+SCRIPT = """
+import torch
+import stabledrl_cli as sd
+
+model = torch.nn.Linear(2, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+for _ in range({warm_up}):
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+for step in range(4):
+    model(torch.ones(1, 2)).sum().backward()
+    sd.log_policy_batch(step, logp=[-1.0], logp_old=[-1.0], advantages=[1.0], seq_id=[0])
+    if step != {skipped}:  # the loop's own skip of a step with an inf gradient
+        optimizer.step()
+    optimizer.zero_grad()
+print("trained")
+"""
+
+HOW = (
+    "under the optimizer hooks, a batch's number is its optimizer step's (the run optimizer's "
+    "step() calls, from 0): number the batches so, or record with --no-optimizer-hooks"
+)
+
+
+@pytest.mark.parametrize(
+    ("warm_up", "skipped", "said"),
+    [
+        (0, 1, "recording optimizer step 1: optimizer step 1 comes after log_policy_batch(2)"),
+        (3, -1, "log_policy_batch failed at step 0: log_policy_batch(0) comes after optimizer "
+                "step 2"),
+    ],
+    ids=["a skipped optimizer.step()", "optimizer steps before the first batch"],
+)  # fmt: skip
+def test_batches_and_optimizer_steps_that_part_are_named(tmp_path, warm_up, skipped, said):
+    """Before: 'recording optimizer step 1: step 1 does not follow step 2; steps must
+    increase' and 'log_policy_batch failed at step 0: step 0 does not follow step 2; steps must
+    increase'."""
+    script = SCRIPT.format(warm_up=warm_up, skipped=skipped)
+    done, errors = record_python(script, "-p", "grpo", cwd=tmp_path, env=cli_environment())
+    assert done.returncode == 2, done.stderr
+    assert "trained" in done.stdout
+    assert errors == [f"error: recording failed: {said}: {HOW}"], done.stderr
