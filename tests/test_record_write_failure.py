@@ -162,3 +162,19 @@ def test_the_step_named_is_the_one_whose_write_failed(tmp_path: Path) -> None:
     note = json.loads((run / "manifest.json").read_text())["recording_stopped"]
     assert note["step"] == 3
     assert open_run(run).step_numbers == [0, 1, 2]
+
+
+def test_a_failed_write_in_the_background_is_said_once(tmp_path: Path) -> None:
+    """A step the Recorder's thread failed to write is told as a synchronous one is, its file
+    first. Before: 'error: recording failed: recording stopped at step 3: recording failed:
+    .../step-00000003.safetensors: cannot write it (no space left on device)', and the
+    manifest's note (which inspect shows) began 'recording failed: ' as well."""
+    run = tmp_path / "run"
+    result = _record(tmp_path, HOOKS_CHILD, run)
+    assert result.returncode == 4, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    file = run / "steps" / "step-00000003.safetensors"
+    written = f"{file}: cannot write it (no space left on device)"
+    assert errors == [f"error: recording failed: recording stopped at step 3: {written}"]
+    reason = json.loads((run / "manifest.json").read_text())["recording_stopped"]["reason"]
+    assert reason == written

@@ -726,7 +726,7 @@ def _writer_failure(path: Path, failures: list[_Failure]) -> WriteError:
     if later:
         shown = later[:_LATER_STEPS_SHOWN] + (["..."] if len(later) > _LATER_STEPS_SHOWN else [])
         message += f"; {counted(len(later), 'later step')} not written either ({', '.join(shown)})"
-    return WriteError(f"recording failed: {message}")
+    return WriteError(message)
 
 
 def _close_at_exit(ref: weakref.ref[Recorder], writer: _Writer, path: Path) -> None:
