@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 from _cli import cli_environment, record_python
 
+from stabledrl_cli import open_run
+
 SCRIPT = """
 import torch
 import stabledrl_cli as sd
@@ -52,3 +54,49 @@ def test_batches_and_optimizer_steps_that_part_are_named(tmp_path, warm_up, skip
     assert done.returncode == 2, done.stderr
     assert "trained" in done.stdout
     assert errors == [f"error: recording failed: {said}: {HOW}"], done.stderr
+
+
+LOGGED_AFTER = """
+import torch
+import stabledrl_cli as sd
+
+model = torch.nn.Linear(2, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+for step in range(5):
+    model(torch.ones(1, 2)).sum().backward()
+    if step != {skipped}:  # the loop's own skip of a step with an inf gradient
+        optimizer.step()
+    optimizer.zero_grad()
+    sd.log_policy_batch(step, logp=[-1.0], logp_old=[-1.0], advantages=[1.0], seq_id=[0])
+print("trained")
+"""
+
+
+def test_a_skipped_optimizer_step_of_a_loop_that_logs_after_it_is_warned_of(tmp_path):
+    """A loop that logs each batch after its optimizer step and skips step() at step 2: from
+    there on each batch is paired with the next iteration's optimizer step (batch 2 with the
+    step of iteration 3, ...), which nothing said (exit 0, no line). The hooks cannot tell it
+    from a loop that turned to logging its batches first, which pairs rightly: the step that
+    pairs a batch logged first, in a loop that paired its first batch after, warns once."""
+    script = LOGGED_AFTER.format(skipped=2)
+    done, _ = record_python(script, "-p", "grpo", cwd=tmp_path, env=cli_environment())
+    assert done.returncode == 0, done.stderr
+    assert "trained" in done.stdout
+    warned = [line for line in done.stderr.splitlines() if "came before" in line]
+    assert warned == [
+        "stabledrl: warning: log_policy_batch(2) came before its optimizer step, where the "
+        "loop's first batch came after its own: if the loop skipped an optimizer.step() (an "
+        "inf gradient, without a GradScaler), each batch from there on is recorded with the "
+        f"next iteration's optimizer step; {HOW}"
+    ], done.stderr
+    assert open_run(tmp_path / "run").step_numbers == [0, 1, 2, 3, 4]
+
+
+def test_a_loop_that_logs_after_its_optimizer_steps_records_them_all(tmp_path):
+    script = LOGGED_AFTER.format(skipped=-1)
+    done, _ = record_python(script, "-p", "grpo", cwd=tmp_path, env=cli_environment())
+    assert done.returncode == 0, done.stderr
+    assert "came before" not in done.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2, 3, 4]
+    assert all(run.step(n).scalars.get("lr") == 0.1 for n in run.step_numbers)

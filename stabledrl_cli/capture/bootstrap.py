@@ -73,7 +73,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from stabledrl_cli._regular import NotRegularFile, open_regular
@@ -326,6 +326,11 @@ class _Step:
     number: Any
     batch: dict[str, Any] | None = None
     hooks: dict[str, Any] | None = None
+    hooks_first: bool = field(init=False)
+    """Whether the optimizer's half came first (the step was made with it)."""
+
+    def __post_init__(self) -> None:
+        self.hooks_first = self.hooks is not None
 
     def fields(self) -> dict[str, Any]:
         """Both halves as one set of log_step keywords; the batch's win, scalars merged: a
@@ -343,6 +348,9 @@ class _Step:
 
 _last: _Step | None = None
 """The last step written (its halves are kept until the next step starts)."""
+_hooks_first: bool | None = None
+"""Whether the loop's optimizer step comes before its batch: the order of the first step
+that paired both halves (None until one has)."""
 _held: _Step | None = None
 """The hooks' first step, waiting for the next event to open the run (module docstring)."""
 _integration = False
@@ -463,9 +471,14 @@ def _refuse_unknown(given: Iterable[str], method: str, what: str) -> None:
 
 def _write(step: _Step, recorder: Recorder, *, replace: bool) -> bool:
     """Logs the step (a rewrite of the last one when `replace`); False when recording is off."""
-    global _last
+    global _last, _hooks_first
     if not replace and _last is not None:
         _refuse_parted(step, _last)
+    if step.batch is not None and step.hooks is not None:
+        if _hooks_first is None:
+            _hooks_first = step.hooks_first
+        elif _hooks_first and not step.hooks_first:
+            _warn_order_turned(step.number)
     _last = step
     log = recorder.rewrite_step if replace else recorder.log_step
     log(step.number, **step.fields())
@@ -476,6 +489,26 @@ _NUMBERED_BY_STEPS = (
     "under the optimizer hooks, a batch's number is its optimizer step's (the run optimizer's "
     "step() calls, from 0): number the batches so, or record with --no-optimizer-hooks"
 )
+
+
+_warned_order = False
+
+
+def _warn_order_turned(number: Any) -> None:
+    """Warns once that step `number` paired its batch before its optimizer step, where the
+    loop's first step paired it after: what a loop that logs after the step and skipped one
+    shows (each later batch then pairs with the next iteration's step), or one that changed
+    its order."""
+    global _warned_order
+    if _warned_order:
+        return
+    _warned_order = True
+    warn(
+        f"stabledrl: warning: log_policy_batch({number}) came before its optimizer step, where "
+        "the loop's first batch came after its own: if the loop skipped an optimizer.step() "
+        "(an inf gradient, without a GradScaler), each batch from there on is recorded with "
+        f"the next iteration's optimizer step; {_NUMBERED_BY_STEPS}\n"
+    )
 
 
 def _refuse_parted(step: _Step, last: _Step) -> None:
