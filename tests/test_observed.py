@@ -366,6 +366,26 @@ def test_recorded_series_stats_of_values_near_the_float_range_are_finite():
     assert stats.median == huge and stats.max == huge and stats.min == 1.0
 
 
+@pytest.mark.parametrize("steps", [3, 30, 1000])
+def test_recorded_series_stats_of_a_series_at_the_float_range_are_its_value(steps):
+    """A series of float64's largest value, 3 or 30 steps long, overflowed the mean of the
+    values divided by their count too: numpy's 'overflow encountered in reduce' on stderr and
+    `check --write-baseline` ended in an internal error (exit 70, 'a baseline cannot hold
+    inf'); of 1000 steps its median read 1.7976931348623155e308, below every value."""
+    from stabledrl_cli.replay.recorded import series_stats
+
+    huge = 1.7976931348623157e308
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = series_stats(np.full(steps, huge))
+    assert stats.median == huge
+    assert stats.mean == pytest.approx(huge, rel=1e-15) and stats.tail == pytest.approx(huge)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mixed = series_stats(np.array([huge, -huge, huge]))
+    assert mixed.mean == pytest.approx(huge / 3, rel=1e-12) and mixed.median == huge
+
+
 def _growing_sequence_run(
     path, *, counts: bool, drop_at: int | None = None, uncounted_step: int | None = None
 ):

@@ -10,6 +10,7 @@ is none); `nonfinite` counts the others.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -71,13 +72,15 @@ def series_stats(values: np.ndarray) -> SeriesStats:
 
 def _in_range(statistic: Callable[[np.ndarray], Any], finite: np.ndarray) -> float:
     """`statistic` (a mean or median) of finite values; when values near float64's largest
-    overflow its sum, the same of the values divided by their count, times it: a sum of
-    those stays in range, and the statistic is finite, as every value is."""
+    overflow its sum, the same of the values scaled by the power of two that brings the
+    largest below 1 (exactly), scaled back: a sum of those stays in range, and the statistic,
+    no larger than the largest value, is finite, as every value is."""
     with np.errstate(over="ignore"):
         value = float(statistic(finite))
     if np.isfinite(value):
         return value
-    return float(statistic(finite / finite.size)) * finite.size
+    _, exponent = math.frexp(float(np.abs(finite).max()))
+    return math.ldexp(float(statistic(np.ldexp(finite, -exponent))), exponent)
 
 
 @dataclass(frozen=True, kw_only=True)
