@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _cli import run_cli
+from _cli import run_cli, run_cli_together
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -247,6 +248,41 @@ def test_a_written_baseline_gates_where_the_reward_ended_not_its_last_batch(tmp_
     )
     assert worse.exit_code == 1
     assert "baseline.recorded.reward_mean.tail" in worse.stderr
+
+
+@pytest.mark.parametrize(
+    ("norms", "strict_gates_max"),
+    [([1.0] * (STEPS - 1) + [1.7e308], True), ([sys.float_info.max] * STEPS, False)],
+    ids=["one-step-at-1.7e308", "every-step-at-the-largest-float"],
+)
+def test_a_baseline_written_from_a_run_near_the_float_range_passes_it(
+    tmp_path, norms, strict_gates_max
+):
+    """A recorded grad norm of 1.7e308 (finite) was written as grad_norm.max with its 25%
+    slack, a limit past the largest float that `check -b` on the same run then refused (exit
+    3, 'puts the limit past the largest float'). --write-baseline leaves such a gate out (no
+    figure could trip it); the strict baseline's 1e-4 slack keeps it where it fits."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy=None) as rec:
+        for step, norm in enumerate(norms):
+            rec.log_step(step, grad_norm=norm)
+    loose, strict = tmp_path / "loose.json", tmp_path / "strict.json"
+    wrote = run_cli_together(
+        ["check", run, "--write-baseline", loose],
+        ["check", run, "--write-baseline", strict, "--strict"],
+    )
+    assert [w.returncode for w in wrote] == [0, 0], [w.stderr for w in wrote]
+    checks = run_cli_together(
+        *(["check", run, "-b", baseline, *flag] for baseline in (loose, strict)
+          for flag in ([], ["--strict"]))
+    )  # fmt: skip
+    for done in (*wrote, *checks):
+        assert "Warning" not in done.stderr, done.stderr
+    assert [c.returncode for c in checks] == [0, 0, 0, 0], [c.stderr for c in checks]
+    grad_norm = json.loads(loose.read_text())["recorded"].get("grad_norm", {})
+    assert "max" not in grad_norm
+    strict_norm = json.loads(strict.read_text())["recorded"].get("grad_norm", {})
+    assert ("max" in strict_norm) == strict_gates_max
 
 
 def test_only_a_clip_fraction_regression_trips(tmp_path):

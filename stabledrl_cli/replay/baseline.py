@@ -37,7 +37,8 @@ Each metric trips when today's figure is worse than `value` by more than
 passes). `null` stands for infinity: no observed collapse (never); with worse
 "higher" it is refused, a gate that could never trip (`--write-baseline` leaves out a figure
 it would be: no finite update norm, and `FINITE_UPDATE_METRICS` of a policy whose every update
-is non-finite). Other keys of a metric's entry (e.g. `first`, the
+is non-finite), as is a figure whose slack puts its limit past the largest float (refused on
+reading: `Tolerance.bounded`). Other keys of a metric's entry (e.g. `first`, the
 first flagged step) are notes for the reader and are not compared; another key at the top or
 under `replay` is refused (`BASELINE_KEYS`).
 
@@ -147,6 +148,11 @@ class Tolerance:
             return math.inf
         return self._bound(worse=True)
 
+    def bounded(self) -> bool:
+        """The limit is a float: a finite value whose slack puts it past the largest float
+        (1.7e308 with rel_tol 0.25) is a gate no figure could cross."""
+        return math.isfinite(self.limit())
+
     def tripped(self, figure: float | None) -> bool:
         """Worse than the limit (None: infinity; NaN always trips)."""
         current = math.inf if figure is None else figure
@@ -254,7 +260,7 @@ def _tolerance(data: object, where: str, default_worse: Worse | None) -> Toleran
         abs_tol=abs_tol,
         rel_tol=rel_tol,
     )
-    if value is not None and not math.isfinite(tolerance.limit()):
+    if value is not None and not tolerance.bounded():
         raise InputError(
             f"{where}: value {value:g} with abs_tol {abs_tol:g} and rel_tol {rel_tol:g} puts "
             "the limit past the largest float, a gate that could never trip"
@@ -536,12 +542,14 @@ def _recorded_entries(recorded: RecordedRun, *, strict: bool) -> dict[str, objec
             value = stats.stat(stat)
             if value is None:
                 continue
-            entries[stat] = Tolerance(
+            tolerance = Tolerance(
                 value=value,
                 worse=rule.worse,
                 abs_tol=0.0 if strict else rule.abs_tol,
                 rel_tol=STRICT_REL_TOL if strict else rule.rel_tol,
-            ).to_dict()
+            )
+            if tolerance.bounded():  # else a gate that could never trip, which a reader refuses
+                entries[stat] = tolerance.to_dict()
         if entries:
             section[name] = entries
     return section
@@ -614,9 +622,10 @@ def baseline_dict(
             value = baseline_figure(p, name)
             if value is None:
                 continue  # no finite value, or a figure that says nothing: nothing to gate
-            entry = Tolerance(
-                value=value, worse=rule.worse, abs_tol=abs_tol, rel_tol=rel_tol
-            ).to_dict(integer=rule.integer)
+            tolerance = Tolerance(value=value, worse=rule.worse, abs_tol=abs_tol, rel_tol=rel_tol)
+            if not tolerance.bounded():
+                continue  # a gate that could never trip, which a reader refuses
+            entry = tolerance.to_dict(integer=rule.integer)
             steps = {
                 "collapsed_steps": p.summary.collapsed_steps,
                 "drift_steps": p.summary.drift_steps,
