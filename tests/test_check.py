@@ -325,6 +325,27 @@ def test_strict_baseline_has_noise_tolerances_and_is_two_sided(runs, tmp_path):
     assert [g["gate"] for g in data["gates"] if not g["ok"]] == ["baseline.collapsed_steps"]
 
 
+def test_rewriting_a_strict_baseline_through_its_own_check_keeps_it_strict(runs, tmp_path):
+    """`check RUN -b golden.json --write-baseline golden.json` (accepting a shift) checked
+    two-sided, as the baseline is strict, then rewrote it loose: "strict": false, counts with
+    10% slack, so the next check passed a shift of either kind. A baseline written while
+    checking against a strict one is strict, as its replay settings and policies are the
+    baseline's."""
+    golden = tmp_path / "golden.json"
+    wrote = runner.invoke(
+        app, ["check", str(runs["steady"]), *POLICIES, "--write-baseline", str(golden), "--strict"]
+    )
+    assert wrote.exit_code == 0, wrote.output
+    _edit(golden, golden, lambda d: d["policies"]["is"]["collapsed_steps"].update(value=3))
+    code, _, _ = _check(str(runs["steady"]), "-b", str(golden), "--write-baseline", str(golden))
+    assert code == 1  # checked against the old figures, two-sided
+    rewritten = json.loads(golden.read_text())
+    assert rewritten["strict"] is True
+    assert rewritten["policies"]["is"]["collapsed_steps"]["rel_tol"] == 0
+    code, _, _ = _check(str(runs["steady"]), "-b", str(golden))
+    assert code == 0
+
+
 def test_a_detector_change_fails_until_the_baseline_is_rewritten(runs, baseline, monkeypatch):
     real = columns.drift_flags
     monkeypatch.setattr(
