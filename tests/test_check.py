@@ -376,6 +376,27 @@ def test_policy_missing_from_the_check_is_a_tripped_gate(runs, baseline):
     assert "'is' is in the baseline but was not checked" in stderr
 
 
+@pytest.mark.parametrize("width", [30, 40])
+def test_a_narrow_terminal_keeps_every_gates_name_in_the_table(runs, baseline, width):
+    """At 40 columns the status, figure and limit columns took the width and the gate column
+    shrank to nothing: a table of statuses and figures with no policy or gate named (the
+    fixture's own baseline check alike). The names are folded into a column of their own,
+    the table wider than the terminal rather than without them."""
+    args = ["check", str(runs["steady"]), "-b", str(baseline)]
+    shown = runner.invoke(app, args, env={"COLUMNS": str(width)})
+    assert shown.exit_code == 0, shown.output
+    first_cells = [
+        line.strip("│").split("│")[0].strip()
+        for line in shown.stdout.splitlines()
+        if line.startswith("│ ")
+    ]
+    names = "".join(first_cells)
+    gates = json.loads(runner.invoke(app, [*args, "--format", "json"]).stdout)["gates"]
+    for gate in gates:
+        assert (gate["policy"] or "(run)") in names
+        assert gate["gate"].removeprefix("baseline.") in names
+
+
 def test_junit_and_table_show_a_missing_figure_alike(runs, baseline, tmp_path):
     """A gate with no figure (baseline.present) showed 'n/a' in the table and null in the JSON,
     but 'figure never, limit never' in the JUnit report, where 'never' means no collapse."""

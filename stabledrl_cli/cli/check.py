@@ -101,6 +101,9 @@ from stabledrl_cli.replay.run_facts import (
 _BORDERS = 1  # the table's left edge; each column adds its right edge and padding
 _CELL_PADDING = 3
 _MIN_DETAIL = 12
+_MIN_GATE = 12
+"""The narrowest the gate column of a grouped table gets, its names folded: on a narrower
+terminal the table overflows rather than lose them."""
 _HEADERS = ("policy", "gate", "status", "figure", "limit")
 """The columns shown whole (the detail takes what is left of the width)."""
 _BASELINE_PREFIX = "baseline."
@@ -144,8 +147,8 @@ def _flat_table(rows: list[Row], widths: list[int]) -> Table:
 def _grouped_table(rows: list[Row]) -> tuple[Table, list[str]]:
     """A line per policy, under it a line per gate of the policy (a baseline gate shown by
     its key in the baseline file), then the detail if at least `_MIN_DETAIL` columns are
-    left; only a gate name too long for the terminal is folded. The table and the legend
-    lines that say so."""
+    left; only a gate name too long for the terminal is folded (in `_MIN_GATE` columns at
+    least). The table and the legend lines that say so."""
     by_policy: dict[str, list[Row]] = {}
     for policy, gate, *cells in rows:
         shown = _INDENT + gate.removeprefix(_BASELINE_PREFIX)
@@ -156,6 +159,9 @@ def _grouped_table(rows: list[Row]) -> tuple[Table, list[str]]:
     table.add_column(_HEADERS[1], overflow="fold")
     for header, width in zip(_HEADERS[2:], widths[1:], strict=True):
         table.add_column(header, no_wrap=True, min_width=width)
+    narrowest = _width([min(widths[0], _MIN_GATE), *widths[1:]])
+    if narrowest > out.width:  # else the gate column shrinks to nothing
+        table.width = narrowest
     detailed = _add_detail(table, _width(widths))
     for policy, group in by_policy.items():
         table.add_row(policy)
