@@ -390,6 +390,20 @@ def _close_at_child_end() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
+def _records_its_out() -> str:
+    """What a Recorder of record's --out refused in this process is told
+    (`holds_in_this_process`): record's own Recorder holds it, and how to record with one's
+    own instead."""
+    if os.environ.get(ENV_OPTIMIZER_HOOKS) == "0":
+        how = "log_policy_batch; a script that opens a Recorder of its own there calls none"
+    else:
+        how = (
+            "its optimizer hooks; a script that opens a Recorder of its own there runs under "
+            "`stabledrl record --no-optimizer-hooks`"
+        )
+    return f"`stabledrl record` records its --out with {how}"
+
+
 def _open(
     policy: str | PolicyLike | None,
     recorder_kwargs: dict[str, Any],
@@ -411,7 +425,9 @@ def _open(
     if policy is None and batch:
         raise UsageError(NO_POLICY)
     from stabledrl_cli.dump import Recorder  # the training script may never log a step
+    from stabledrl_cli.dump._writer_lock import holds_in_this_process
 
+    holds_in_this_process(run_dir, _records_its_out())
     _refuse_unknown(recorder_kwargs, "__init__", "a key of recorder_kwargs")
     force = os.environ.pop(ENV_FORCE, "") not in ("", "0")  # this run, not a later one
     recorder_kwargs.setdefault("on_write_error", "warn")  # a full disk never stops training

@@ -48,10 +48,6 @@ _TRIES = 8
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 """Linux's name of the running kernel, new at each boot, shared by its containers."""
 
-_BOOTSTRAP = "stabledrl_cli.capture.bootstrap"
-"""`record`'s side in the training process, which records its --out with a Recorder of its
-own (the optimizer hooks', log_policy_batch's); never imported here."""
-
 _FLOCK = "hhqqi4x"
 """Linux's `struct flock` on a 64-bit machine: type, whence, start, length, pid."""
 
@@ -209,19 +205,23 @@ def _locked_in_place(held: os.stat_result, path: Path) -> bool:
     return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
 
+_HOLDERS: dict[str, str] = {}
+"""Run directory (its real path) -> what to say of the Recorder that a caller in this process
+opens on it for its own ends (`holds_in_this_process`)."""
+
+
+def holds_in_this_process(run: str | os.PathLike[str], why: str) -> None:
+    """Says, for any Recorder of `run` refused in this process while another one of it is
+    open here, `why` (who records the run, and what to do instead): `stabledrl record`'s side
+    in the training process records its --out with a Recorder the script never made."""
+    _HOLDERS[os.path.realpath(run)] = why
+
+
 def _held_elsewhere(run: Path, rank: int, where: str) -> UsageError:
     held = f"{run}: rank {rank} of this run is being recorded by another Recorder, still open"
-    record = sys.modules.get(_BOOTSTRAP) if where == "in this process" else None
-    out = os.environ.get(record.ENV_RUN_DIR, "") if record is not None else ""
-    if record is not None and out and os.path.realpath(out) == os.path.realpath(run):
-        if os.environ.get(record.ENV_OPTIMIZER_HOOKS) == "0":
-            how = "log_policy_batch; a script that opens a Recorder of its own there calls none"
-        else:
-            how = (
-                "its optimizer hooks; a script that opens a Recorder of its own there runs "
-                "under `stabledrl record --no-optimizer-hooks`"
-            )
-        return UsageError(f"{held} {where}: `stabledrl record` records its --out with {how}")
+    why = _HOLDERS.get(os.path.realpath(run)) if where == "in this process" else None
+    if why is not None:
+        return UsageError(f"{held} {where}: {why}")
     return UsageError(
         f"{held} {where}; close it first (a run takes one Recorder a rank), or record elsewhere"
     )
