@@ -456,6 +456,25 @@ def test_replay_settings_come_from_the_baseline(runs, baseline, tmp_path):
     assert code == 2 and "--collapse-window 10 differs from the baseline's 20" in stderr
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("--drift-threshold", "nan", "--drift-threshold must be finite"),
+        ("--spike-factor", "0.5", "--spike-factor must be a finite number > 1"),
+        ("--window", "0", "--window must be an integer in [1, 1e+09]"),
+    ],
+)
+def test_a_setting_out_of_its_range_is_named_so_beside_a_baseline(
+    runs, baseline, option, value, said
+):
+    """Beside a baseline, an out-of-range setting read as one that differs from the
+    baseline's ('--drift-threshold nan differs from the baseline's -0.15 ... write a new
+    baseline with it', which no baseline could hold); it is named as without one."""
+    code, _, stderr = _check(str(runs["steady"]), "--baseline", str(baseline), option, value)
+    assert code == 2
+    assert stderr.strip().splitlines() == [f"error: {said}"]
+
+
 # --- absolute gates ----------------------------------------------------------------------------
 def test_absolute_gates(runs):
     code, data, stderr = _check(

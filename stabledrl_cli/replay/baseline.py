@@ -59,6 +59,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from decimal import Context, Decimal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,6 +82,7 @@ from stabledrl_cli.replay.config import (
     DEFAULT_DRIFT_THRESHOLD,
     DEFAULT_SPIKE_FACTOR,
     DEFAULT_WINDOW,
+    ReplayConfig,
 )
 from stabledrl_cli.replay.figures import (
     RUN_COUNTS,
@@ -496,14 +498,17 @@ def check_settings(
     collapse_window: int | None = None,
 ) -> ReplaySettings:
     """The settings a check replays with: the baseline's (so it compares like with like),
-    else the defaults, each overridden by a given value. A given value that contradicts the
-    baseline is a `ConfigError` naming the setting."""
+    else the defaults, each overridden by a given value. A given value out of its range
+    (`ReplayConfig`'s checks), or one that contradicts the baseline, is a `ConfigError`
+    naming the setting."""
     given = {
         "spike_factor": spike_factor,
         "window": window,
         "drift_threshold": drift_threshold,
         "collapse_window": collapse_window,
     }
+    overridden: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
+    ReplayConfig(**overridden)  # its checks, as a replay's
     if baseline is None:
         return ReplaySettings(
             spike_factor=DEFAULT_SPIKE_FACTOR if spike_factor is None else spike_factor,
