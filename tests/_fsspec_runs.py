@@ -1,9 +1,16 @@
-"""Runs for the fsspec tests (test_fsspec*.py): a small multi-rank run with a corrupt step, and
-a copy of a run on fsspec's in-memory filesystem."""
+"""Runs for the fsspec tests (test_fsspec*.py): a small multi-rank run with a corrupt step, a
+copy of a run on fsspec's in-memory filesystem, and a folder served over HTTP."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
+import io
+import re
+import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -69,3 +76,39 @@ def count_reads(monkeypatch) -> tuple[list[str], list[str]]:
 
     monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "cat_file", counting)
     return whole, ranged
+
+
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Python's file server (3.11 ignores `Range`), answering a ranged GET with its bytes (206),
+    as a store does."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def send_head(self):
+        path = Path(self.translate_path(self.path))
+        asked = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+        if asked is None or not path.is_file():
+            return super().send_head()
+        data = path.read_bytes()
+        start = int(asked[1])
+        body = data[start : int(asked[2]) + 1 if asked[2] else len(data)]
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)
+
+
+@contextlib.contextmanager
+def served(folder: Path) -> Iterator[str]:
+    """`folder` served over HTTP on 127.0.0.1, ranged reads answered -> its URL (no slash)."""
+    handler = functools.partial(_RangeHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -18,7 +18,7 @@ import fsspec
 import h5py
 import pytest
 from _cli import cli_command, cli_environment, run_cli_together
-from _fsspec_runs import count_reads, small_run, to_memory
+from _fsspec_runs import count_reads, served, small_run, to_memory
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -68,6 +68,23 @@ def test_archive_url_replays_to_the_local_json(run_dir, tmp_path, scheme):
     result = replay(url, POLICIES, device="cpu")
     assert result.run == url and same_json(result, local)
     assert open_run(url).integrity.findings == open_run(archive).integrity.findings
+
+
+def test_an_archive_over_http_replays_to_the_local_json(tmp_path):
+    """An asynchronous filesystem's file (http's; s3fs's, gcsfs's) waits on its process's event
+    loop thread, which the archive probe's fork does not copy: the probe hung its 20 s, and the
+    archive was refused as 'a corrupt or crafted archive' (exit 3). The probe's child now opens
+    the file anew."""
+    archive = tmp_path / "run.h5"
+    pack_run(open_run(small_run(tmp_path / "good", world_size=1, steps=3, corrupt=False)), archive)
+    local = replay(archive, POLICIES, device="cpu")
+    with served(tmp_path) as root:
+        url = f"{root}/run.h5"
+        result = replay(url, POLICIES, device="cpu")
+        inspected = runner.invoke(app, ["inspect", url, "--format", "json"])
+    assert result.run == url and same_json(result, local)
+    assert inspected.exit_code == 0, inspected.output
+    assert json.loads(inspected.stdout)["run"] == url
 
 
 def test_each_step_file_is_read_whole_once(run_dir, local_replay, monkeypatch):

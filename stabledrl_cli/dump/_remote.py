@@ -317,7 +317,7 @@ class RemoteArchiveRun(_AtUrl, ArchiveRun):
         super().__init__(
             Path(root),
             verify=verify,
-            fileobj=StoreFile(fs.open(root, "rb")),
+            fileobj=StoreFile(fs.open(root, "rb"), lambda: url_filesystem(url)[0].open(root, "rb")),
             size=size,
             key=_file_key(info),
         )

@@ -6,12 +6,19 @@ run archive (OSError)", a step as "archive data checksum failed", and a store's 
 (httpx's, gcsfs's HttpError: no OSError) as an internal error. This file object keeps the
 store's error, raises it to h5py as an OSError, and lets the reader ask what it was, so a
 message says the store failed and quotes it.
+
+A forked child (the archive probe's) cannot read through its parent's file object when the
+filesystem is asynchronous (http, s3fs, gcsfs): the file waits on its parent's event loop, a
+thread the fork does not copy, and the read hung. So the first read in another process opens
+the file anew (`reopen`), at the same position, on a filesystem of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
+from collections.abc import Callable
 from typing import Any
 
 from stabledrl_cli.errors import one_line
@@ -20,10 +27,23 @@ from stabledrl_cli.errors import one_line
 class StoreFile(io.RawIOBase):
     """A binary file object of the store (fsspec's) whose failures are kept (`take_failure`)."""
 
-    def __init__(self, file: Any) -> None:
+    def __init__(self, file: Any, reopen: Callable[[], Any] | None = None) -> None:
+        """reopen: opens the file anew, on a filesystem made in the calling process."""
         super().__init__()
         self._file = file
+        self._reopen = reopen
+        self._pid = os.getpid()
         self._failure: str | None = None
+
+    def _here(self) -> Any:
+        """The file, opened anew at its position when this process is not the one that
+        opened it."""
+        if self._reopen is not None and self._pid != os.getpid():
+            position = self._file.tell()
+            self._file = self._reopen()
+            self._file.seek(position)
+            self._pid = os.getpid()
+        return self._file
 
     def _failed(self, exc: Exception) -> OSError:
         if self._failure is None:
@@ -44,7 +64,7 @@ class StoreFile(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         try:
-            data = self._file.read(len(memoryview(buffer)))
+            data = self._here().read(len(memoryview(buffer)))
         except Exception as exc:
             raise self._failed(exc) from exc
         memoryview(buffer).cast("B")[: len(data)] = data
@@ -52,13 +72,13 @@ class StoreFile(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         try:
-            return int(self._file.seek(offset, whence))
+            return int(self._here().seek(offset, whence))
         except Exception as exc:
             raise self._failed(exc) from exc
 
     def tell(self) -> int:
         try:
-            return int(self._file.tell())
+            return int(self._here().tell())
         except Exception as exc:
             raise self._failed(exc) from exc
 
