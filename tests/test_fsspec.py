@@ -654,3 +654,39 @@ def test_a_store_failing_under_an_archives_step_skips_that_step_named_so(
     assert result.skipped == [
         f"step 0: cannot read: the store failed ({error.__name__}: connection reset by the store)"
     ]
+
+
+def test_credentials_in_a_url_are_never_written(tmp_path):
+    """A URL's credentials (`http://user:password@host/...`) were written wherever the run is
+    named: the JSON's `run`, warnings, findings, error lines, pack's archive (its `source` and
+    findings), replay's HDF5 report, check's JUnit report. They are written `***` there now;
+    the run is still read with them."""
+    archive = tmp_path / "served" / "run.h5"
+    archive.parent.mkdir()
+    pack_run(open_run(small_run(tmp_path / "run", world_size=1)), archive)
+    secret = "s3cretPW"
+    with served(archive.parent) as root:
+        url = root.replace("://", f"://alice:{secret}@") + "/run.h5"
+        shown = root.replace("://", "://***@") + "/run.h5"
+        report, packed, junit = tmp_path / "r.h5", tmp_path / "p.h5", tmp_path / "j.xml"
+        results = [
+            runner.invoke(app, args)
+            for args in (
+                ["inspect", url, "--format", "json"],
+                ["replay", url, "--format", "json", "-o", str(report)],
+                ["check", url, "--max-spikes", "99", "--junit", str(junit), "--format", "json"],
+                ["diff", url, str(tmp_path / "run"), "--format", "json"],
+                ["pack", url, str(packed)],
+                ["inspect", url.replace("run.h5", "none.h5")],
+                ["inspect", url.replace(root.rpartition(":")[2], "1")],
+                ["watch", url],
+            )
+        ]
+    assert [r.exit_code for r in results] == [0, 0, 0, 0, 0, 3, 2, 2]
+    assert json.loads(results[0].stdout)["run"] == shown
+    written = [r.stdout + r.stderr for r in results]
+    written += [p.read_bytes().decode("latin-1") for p in (report, packed, junit)]
+    assert all(secret not in text for text in written)
+    assert shown in results[1].stderr and "***@" in results[6].stderr
+    with h5py.File(packed) as handle:
+        assert handle.attrs["source"] == shown

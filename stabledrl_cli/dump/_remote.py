@@ -12,7 +12,9 @@ says it holds that many. A packed `.h5` is read by h5py through an fsspec file o
 
 A run at a URL is named by that URL as given, protocol included, wherever a message, warning
 or finding names it or one of its files (`memory://b/run/steps/step-00000005.safetensors`,
-never the path on the filesystem, `/b/run/steps/...`), a filesystem's own error included.
+never the path on the filesystem, `/b/run/steps/...`), a filesystem's own error included;
+credentials in it (`https://user:token@host/...`) are written `***` (`https://***@host/...`):
+messages, JSON and the files written from the run never hold them (`shown`).
 
 What a URL may name (docs/trust.md): exactly one filesystem and a path on it. Chained URLs
 (`simplecache::s3://...`) and the `reference://` filesystem, whose JSON maps paths to other
@@ -45,6 +47,8 @@ from stabledrl_cli.errors import InputError, MissingExtraError, UsageError, one_
 URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+._-]*)(://|::)")
 """A URL: a scheme (fsspec's may hold `_`: `async_wrapper://`), then `://` (or `::`, fsspec's
 chaining); a Windows drive letter has one colon and no slashes."""
+CREDENTIALS_RE = re.compile(r"://([^/?#]*)@")
+"""What comes before a URL's host: its credentials (`user:password@`)."""
 REFUSED_PROTOCOLS = frozenset({"reference"})
 """Filesystems whose files point to other locations."""
 UNCHECKED_WHOLE_READ = 64 << 20
@@ -58,6 +62,21 @@ def is_url(text: str) -> bool:
     return URL_RE.match(text) is not None
 
 
+def shown(url: str) -> str:
+    """`url` as messages and reports name it: the credentials before its host written `***`."""
+    return hidden(url, url)
+
+
+def hidden(text: str, url: str) -> str:
+    """`text` (a message, a filesystem's error) with the credentials of `url` (`user:password`
+    before a host, in each URL of a chain) written `***`."""
+    if not is_url(url):
+        return text
+    for credentials in CREDENTIALS_RE.findall(url):
+        text = text.replace(credentials + "@", "***@")
+    return text
+
+
 def url_filesystem(url: str) -> tuple[Any, str]:
     """-> (the fsspec filesystem, the path on it) of a run URL.
 
@@ -66,39 +85,45 @@ def url_filesystem(url: str) -> tuple[Any, str]:
     archive only a chained URL names), a filesystem that cannot be made (a host
     that refuses the connection or cannot be found: some filesystems connect when made)."""
     match = URL_RE.match(url)
+    name = shown(url)
     if match is None:
-        raise UsageError(f"{url!r} is not a URL")
+        raise UsageError(f"{name!r} is not a URL")
     protocol = match.group(1).lower()
     if "::" in url:
-        raise UsageError(f"{url}: chained URLs are not read; give the run's own URL")
+        raise UsageError(f"{name}: chained URLs are not read; give the run's own URL")
     if protocol in REFUSED_PROTOCOLS:
-        raise UsageError(f"{url}: {protocol}:// maps paths to other URLs; give the run's own URL")
+        raise UsageError(f"{name}: {protocol}:// maps paths to other URLs; give the run's own URL")
     try:
         import fsspec
         from fsspec.archive import AbstractArchiveFileSystem
         from fsspec.core import url_to_fs
     except ImportError:
-        raise MissingExtraError(f"{url}: reading URLs needs fsspec: pip install fsspec") from None
+        raise MissingExtraError(f"{name}: reading URLs needs fsspec: pip install fsspec") from None
     if protocol not in fsspec.available_protocols():
-        raise UsageError(f"{url}: unknown URL scheme {protocol}://")
+        raise UsageError(f"{name}: unknown URL scheme {protocol}://")
     try:
         archive = issubclass(fsspec.get_filesystem_class(protocol), AbstractArchiveFileSystem)
     except ImportError as exc:
-        raise MissingExtraError(f"{url}: {protocol}:// needs a package: {exc}") from None
+        raise MissingExtraError(
+            f"{name}: {protocol}:// needs a package: {hidden(str(exc), url)}"
+        ) from None
     if archive:
         raise UsageError(
-            f"{url}: {protocol}:// reads inside an archive that only a chained URL can name, "
+            f"{name}: {protocol}:// reads inside an archive that only a chained URL can name, "
             "and those are not read: unpack it and give the run's own path"
         )
     try:
         fs, root = url_to_fs(protocol + url[match.end(1) :])  # a scheme's case is no part of it
     except ImportError as exc:
-        raise MissingExtraError(f"{url}: {protocol}:// needs a package: {exc}") from None
+        raise MissingExtraError(
+            f"{name}: {protocol}:// needs a package: {hidden(str(exc), url)}"
+        ) from None
     except ValueError as exc:
-        raise UsageError(f"{url}: {one_line(exc)}") from None
+        raise UsageError(f"{name}: {hidden(one_line(exc), url)}") from None
     except TypeError as exc:  # a filesystem that needs arguments a URL cannot give
+        why = hidden(one_line(exc), url)
         raise UsageError(
-            f"{url}: {protocol}:// cannot be opened from a URL alone ({one_line(exc)})"
+            f"{name}: {protocol}:// cannot be opened from a URL alone ({why})"
         ) from None
     except Exception as exc:  # the filesystem's own code, connecting: any failure is the URL's
         raise _unreachable(url, exc) from None
@@ -107,7 +132,8 @@ def url_filesystem(url: str) -> tuple[Any, str]:
 
 def _unreachable(url: str, exc: BaseException) -> UsageError:
     """The usage error (exit 2) of a URL whose host could not be reached, saying why."""
-    return UsageError(f"{url}: cannot reach it ({type(exc).__name__}: {one_line(exc)})")
+    why = hidden(one_line(exc), url)
+    return UsageError(f"{shown(url)}: cannot reach it ({type(exc).__name__}: {why})")
 
 
 def local_path(location: str) -> str | None:
@@ -146,7 +172,8 @@ def _said(exc: OSError, root: str, url: str) -> str:
     """What the filesystem said of a failed call, `root` (the run's path on it) written as
     `url`: a store's errors name the path they were given."""
     text = exc.strerror or str(exc)
-    return text.replace(root, url.rstrip("/")) if root.strip("/") else text
+    text = text.replace(root, shown(url).rstrip("/")) if root.strip("/") else text
+    return hidden(text, url)
 
 
 def _regular(info: dict[str, Any]) -> bool:
@@ -154,9 +181,15 @@ def _regular(info: dict[str, Any]) -> bool:
 
 
 class _AtUrl:
-    """A run read through fsspec: named by its URL (`location` and `source`)."""
+    """A run read through fsspec: named by its URL (`url`, `location`: as `shown`), and opened
+    in another process from it as given (`source`)."""
 
     url: str
+    given: str
+
+    def _at(self, given: str) -> None:
+        self.given = given
+        self.url = shown(given)
 
     @property
     def location(self) -> str:
@@ -164,7 +197,7 @@ class _AtUrl:
 
     @property
     def source(self) -> str:
-        return self.url
+        return self.given
 
 
 class _FailingAsOSError:
@@ -197,7 +230,7 @@ class RemoteRun(_AtUrl, DirectoryRun):
     (`named`)."""
 
     def __init__(self, url: str, fs: Any, root: str, *, verify: bool = True) -> None:
-        self.url = url
+        self._at(url)
         self.fs = _FailingAsOSError(fs)
         self._infos: dict[str, dict[str, Any]] = {}
         """File path -> what the last listing said of it."""
@@ -214,7 +247,7 @@ class RemoteRun(_AtUrl, DirectoryRun):
         return self.url if inside == "." else f"{self.url.rstrip('/')}/{inside}"
 
     def _said(self, exc: OSError) -> str:
-        return _said(exc, str(self.path), self.url)
+        return _said(exc, str(self.path), self.given)
 
     @property
     def size_bytes(self) -> int:
@@ -312,7 +345,7 @@ class RemoteArchiveRun(_AtUrl, ArchiveRun):
     def __init__(
         self, url: str, fs: Any, root: str, info: dict[str, Any], *, verify: bool = True
     ) -> None:
-        self.url = url
+        self._at(url)
         self._size = size = int(info.get("size") or 0)
         super().__init__(
             Path(root),
@@ -334,7 +367,8 @@ def _missing_hint(url: str, fs: Any, root: str) -> str:
     reads as the relative path `localhost/PATH`), `/PATH`. Else ''."""
     match = URL_RE.match(url)
     rest = url[match.end() :] if match else ""
-    candidates = [(unquote(root), f"%-escapes are read as written: give {unquote(url)!r}")]
+    written = unquote(shown(url))
+    candidates = [(unquote(root), f"%-escapes are read as written: give {written!r}")]
     if rest.lower().startswith("localhost/") and local_path(url) is not None:
         path = rest[len("localhost") :]
         candidates.insert(0, (path, f"a host is read as part of the path: give 'file://{path}'"))
@@ -353,6 +387,7 @@ def open_url(url: str, *, verify: bool = True) -> Run:
     local path), UsageError (exit 2) for a URL that cannot be read at all (its host refuses the
     connection, cannot be found, its filesystem's code fails on it...)."""
     fs, root = url_filesystem(url)
+    name = shown(url)
     try:
         found = fs.info(root)  # a link here is the user's: its target's type
         directory = found.get("type") == "directory"
@@ -362,17 +397,16 @@ def open_url(url: str, *, verify: bool = True) -> Run:
         refused = exc.__cause__
         if isinstance(refused, OSError) and not isinstance(refused, FileNotFoundError):
             raise _unreachable(url, refused) from None  # http's, for a host it cannot reach
-        raise InputError(f"no such run: {url}{_missing_hint(url, fs, root)}") from None
+        raise InputError(f"no such run: {name}{_missing_hint(url, fs, root)}") from None
     except PermissionError as exc:
-        raise InputError(f"cannot read {url}: {_said(exc, root, url)}") from None
+        raise InputError(f"cannot read {name}: {_said(exc, root, url)}") from None
     except OSError as exc:
-        raise UsageError(f"cannot read {url}: {one_line(_said(exc, root, url))}") from None
+        raise UsageError(f"cannot read {name}: {one_line(_said(exc, root, url))}") from None
     except Exception as exc:  # the filesystem's own code (huggingface_hub's httpx errors...)
-        raise UsageError(
-            f"cannot read {url}: the filesystem fails on it ({type(exc).__name__}: {one_line(exc)})"
-        ) from None
+        why = f"{type(exc).__name__}: {hidden(one_line(exc), url)}"
+        raise UsageError(f"cannot read {name}: the filesystem fails on it ({why})") from None
     if directory:
         return RemoteRun(url, fs, root, verify=verify)
     if signature == HDF5_SIGNATURE:
         return RemoteArchiveRun(url, fs, root, found, verify=verify)
-    raise InputError(f"{url} is not a run (expected a run directory or a .h5 archive)")
+    raise InputError(f"{name} is not a run (expected a run directory or a .h5 archive)")
