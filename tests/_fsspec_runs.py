@@ -78,12 +78,15 @@ def count_reads(monkeypatch) -> tuple[list[str], list[str]]:
     return whole, ranged
 
 
-class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Python's file server (3.11 ignores `Range`), answering a ranged GET with its bytes (206),
-    as a store does."""
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Python's file server, which (3.11) ignores `Range`: a ranged GET gets the whole file."""
 
     def log_message(self, *args) -> None:
         pass
+
+
+class _RangeHandler(_QuietHandler):
+    """Python's file server answering a ranged GET with its bytes (206), as a store does."""
 
     def send_head(self):
         path = Path(self.translate_path(self.path))
@@ -101,9 +104,11 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def served(folder: Path) -> Iterator[str]:
-    """`folder` served over HTTP on 127.0.0.1, ranged reads answered -> its URL (no slash)."""
-    handler = functools.partial(_RangeHandler, directory=str(folder))
+def served(folder: Path, *, ranges: bool = True) -> Iterator[str]:
+    """`folder` served over HTTP on 127.0.0.1, ranged reads answered (`ranges`) or given the
+    whole file -> its URL (no slash)."""
+    kind = _RangeHandler if ranges else _QuietHandler
+    handler = functools.partial(kind, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

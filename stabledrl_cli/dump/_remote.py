@@ -343,14 +343,15 @@ class RemoteArchiveRun(_AtUrl, ArchiveRun):
     """A packed .h5 read by h5py through an fsspec file object."""
 
     def __init__(
-        self, url: str, fs: Any, root: str, info: dict[str, Any], *, verify: bool = True
+        self, url: str, store: StoreFile, root: str, info: dict[str, Any], *, verify: bool = True
     ) -> None:
+        """store: the archive at `root` (`_archive_store`)."""
         self._at(url)
         self._size = size = int(info.get("size") or 0)
         super().__init__(
             Path(root),
             verify=verify,
-            fileobj=StoreFile(fs.open(root, "rb"), lambda: url_filesystem(url)[0].open(root, "rb")),
+            fileobj=store,
             size=size,
             key=_file_key(info),
         )
@@ -358,6 +359,26 @@ class RemoteArchiveRun(_AtUrl, ArchiveRun):
     @property
     def size_bytes(self) -> int:
         return self._size
+
+
+def _archive_store(url: str, file: Any, root: str, size: int) -> StoreFile | None:
+    """The file at `root` (`file`, opened by its filesystem) as h5py reads it, when it begins
+    as an HDF5 file does; else None (closed). Its signature is read through it, not by a
+    ranged `cat_file`: a server that ignores ranges (Python's http.server) sent the whole body
+    for that, where a file object reads a block. Its last byte is read too: a store that can
+    read no further than its first block fails here, once, not under every step (exit 3)."""
+    store = StoreFile(file, lambda: url_filesystem(url)[0].open(root, "rb"))
+    try:
+        if store.read(len(HDF5_SIGNATURE)) != HDF5_SIGNATURE:
+            store.close()
+            return None
+        store.seek(max(size - 1, 0))
+        store.read(1)
+        store.seek(0)
+    except OSError:
+        store.close()
+        raise InputError(f"{shown(url)}: cannot read it: {store.take_failure()}") from None
+    return store
 
 
 def _missing_hint(url: str, fs: Any, root: str) -> str:
@@ -391,8 +412,7 @@ def open_url(url: str, *, verify: bool = True) -> Run:
     try:
         found = fs.info(root)  # a link here is the user's: its target's type
         directory = found.get("type") == "directory"
-        is_file = found.get("type") == "file"
-        signature = fs.cat_file(root, start=0, end=len(HDF5_SIGNATURE)) if is_file else b""
+        file = fs.open(root, "rb") if found.get("type") == "file" else None
     except FileNotFoundError as exc:
         refused = exc.__cause__
         if isinstance(refused, OSError) and not isinstance(refused, FileNotFoundError):
@@ -407,6 +427,8 @@ def open_url(url: str, *, verify: bool = True) -> Run:
         raise UsageError(f"cannot read {name}: the filesystem fails on it ({why})") from None
     if directory:
         return RemoteRun(url, fs, root, verify=verify)
-    if signature == HDF5_SIGNATURE:
-        return RemoteArchiveRun(url, fs, root, found, verify=verify)
+    size = int(found.get("size") or 0)
+    archive = None if file is None else _archive_store(url, file, root, size)
+    if archive is not None:
+        return RemoteArchiveRun(url, archive, root, found, verify=verify)
     raise InputError(f"{name} is not a run (expected a run directory or a .h5 archive)")
