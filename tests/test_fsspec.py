@@ -113,6 +113,23 @@ def test_an_archive_on_a_server_that_ignores_ranges(tmp_path, monkeypatch):
     assert len(refused.stderr.splitlines()) == 1
 
 
+def test_a_run_directory_over_http_says_how_to_read_it(run_dir):
+    """http:// lists no directory (a server's listing is a page, a file): a run directory
+    served so was 'not a run (expected a run directory or a .h5 archive)', which it is. The
+    line says what it is and how to read it (exit 3 as before)."""
+    with served(run_dir.parent) as root:
+        results = [runner.invoke(app, ["inspect", f"{root}/run{end}"]) for end in ("/", "")]
+        stray = runner.invoke(app, ["inspect", f"{root}/"])
+    for end, result in zip(("/", ""), results, strict=True):
+        assert result.exit_code == 3, result.output
+        assert result.stderr == (
+            f"error: {root}/run{end} is a run directory that http:// cannot read: it lists no "
+            "directory (a server's page is a file); pack the run (stabledrl pack) and give the "
+            ".h5's URL\n"
+        )
+    assert stray.exit_code == 3 and "is not a run" in stray.stderr
+
+
 def test_each_step_file_is_read_whole_once(run_dir, local_replay, monkeypatch):
     """A replay reads each step file's bytes once (headers by ranged reads), the integrity
     check after the pass included."""

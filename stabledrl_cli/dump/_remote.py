@@ -38,7 +38,12 @@ from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.dump._directory import DirectoryRun, symlink_refused
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._run import Run
-from stabledrl_cli.dump._schema import HDF5_SIGNATURE, MANIFEST_LIMIT, STOP_NOTE_LIMIT
+from stabledrl_cli.dump._schema import (
+    HDF5_SIGNATURE,
+    MANIFEST_LIMIT,
+    MANIFEST_NAME,
+    STOP_NOTE_LIMIT,
+)
 from stabledrl_cli.dump._stfile import HEADER_LIMIT, FileKey, StepHeader, parse_header
 from stabledrl_cli.dump._store_file import StoreFile
 from stabledrl_cli.dump._writer_lock import WriterState
@@ -381,6 +386,15 @@ def _archive_store(url: str, file: Any, root: str, size: int) -> StoreFile | Non
     return store
 
 
+def _holds_manifest(fs: Any, root: str) -> bool:
+    """Whether `root`, a file to its filesystem, has a run's manifest under it: a run directory
+    that the filesystem serves as a page (http's)."""
+    try:
+        return bool(fs.exists(f"{root.rstrip('/')}/{MANIFEST_NAME}"))
+    except Exception:  # the filesystem's own errors: no manifest read
+        return False
+
+
 def _missing_hint(url: str, fs: Any, root: str) -> str:
     """Why a URL names nothing when another reading of it names a file: its path with its
     %-escapes decoded (`file:///tmp/a%20b`, as `Path.as_uri()` writes `/tmp/a b`: fsspec reads
@@ -431,4 +445,10 @@ def open_url(url: str, *, verify: bool = True) -> Run:
     archive = None if file is None else _archive_store(url, file, root, size)
     if archive is not None:
         return RemoteArchiveRun(url, archive, root, found, verify=verify)
+    if _holds_manifest(fs, root):
+        raise InputError(
+            f"{name} is a run directory that {url.partition(':')[0].lower()}:// cannot read: "
+            "it lists no directory (a server's page is a file); pack the run (stabledrl "
+            "pack) and give the .h5's URL"
+        )
     raise InputError(f"{name} is not a run (expected a run directory or a .h5 archive)")
