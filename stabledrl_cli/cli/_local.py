@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stabledrl_cli.dump._remote import is_url, shown
+from stabledrl_cli.dump._remote import is_url, redacted
 from stabledrl_cli.errors import UsageError
 
 URL_READERS = "replay, check, inspect, diff, tune and pack read a run at a URL"
@@ -18,7 +18,7 @@ def local_run(run: str, command: str, why: str) -> Path:
     local run for) or empty."""
     if is_url(run):
         raise UsageError(
-            f"{shown(run)}: {command} takes a local path, not a URL ({why}); {URL_READERS}"
+            f"{redacted(run)}: {command} takes a local path, not a URL ({why}); {URL_READERS}"
         )
     return Path(_given(run, command, "the run"))
 
@@ -27,7 +27,7 @@ def local_output(value: str, command: str, what: str) -> Path:
     """`value`, where `command` writes `what`, as a local path; UsageError when it is a URL
     or empty."""
     if is_url(value):
-        raise UsageError(f"{shown(value)}: {command} writes {what} to a local path, not a URL")
+        raise UsageError(f"{redacted(value)}: {command} writes {what} to a local path, not a URL")
     return Path(_given(value, command, what))
 
 

@@ -16,7 +16,7 @@ from typer._click.core import ParameterSource
 from typer._click.globals import get_current_context
 
 from stabledrl_cli.cli._local import EMPTY_PATH
-from stabledrl_cli.dump._remote import is_url, shown
+from stabledrl_cli.dump._remote import is_url, redacted
 from stabledrl_cli.errors import quoted
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,
@@ -93,7 +93,7 @@ def local_file(value: str | Path) -> Path:
         raise PydanticCustomError(
             "local_path",
             "{value} is a URL; give a local path",
-            {"value": shown(value)},
+            {"value": redacted(value)},
         )
     return Path(value)
 

@@ -65,7 +65,7 @@ from stabledrl_cli.cli.replay import (
     same_file,
 )
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.dump._remote import shown
+from stabledrl_cli.dump._remote import redacted
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay._format import format_figure
@@ -410,7 +410,7 @@ def command(
     steps = result.steps if result is not None else recorded.steps
     if baseline is not None and baseline.run.get("steps") not in (None, steps):
         err.print(
-            f"note: {shown(run)} has {steps} steps, the baseline's run had "
+            f"note: {redacted(run)} has {steps} steps, the baseline's run had "
             f"{baseline.run['steps']}: step counts are compared as they are",
             highlight=False,
         )
@@ -431,7 +431,7 @@ def command(
         )
 
     def junit_file(path: Path) -> str:
-        write_junit(results, shown(run), path, seconds=seconds)
+        write_junit(results, redacted(run), path, seconds=seconds)
         return f"wrote {path}"
 
     def plot_file(path: Path) -> str:
@@ -448,7 +448,7 @@ def command(
     tripped = [r for r in results if not r.ok]
     if output_format == "json":
         print_json({
-            "run": shown(run),
+            "run": redacted(run),
             "ok": not tripped,
             "gates_checked": len(results),
             "tripped": len(tripped),
@@ -461,7 +461,7 @@ def command(
             "wrote": {name: None if path is None else str(path) for name, path in wrote.items()},
         })  # fmt: skip
     elif results:
-        _print_table(results, shown(run))
+        _print_table(results, redacted(run))
     elif result is not None:
         _print_figures(result)
     else:

@@ -24,7 +24,7 @@ from stabledrl_cli.cli._output import err, out, print_json, progress
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.dump._packer import check_pack_target
-from stabledrl_cli.dump._remote import shown
+from stabledrl_cli.dump._remote import redacted
 from stabledrl_cli.errors import counted
 from stabledrl_cli.vocab import PackCompression
 
@@ -62,14 +62,14 @@ def command(
         summary = pack_run(opened, target, force=force, progress=advance, compression=compression)
     if "held" in (opened.recorder_states() or {}).values():
         err.print(
-            f"warning: {shown(run)} is being recorded now (a live Recorder holds it); the "
+            f"warning: {redacted(run)} is being recorded now (a live Recorder holds it); the "
             f"archive holds the {counted(summary.steps, 'step')} listed when the pack began",
             highlight=False,
         )
     if summary.findings:
         kinds = sorted({f.kind for f in summary.findings})
         err.print(
-            f"warning: {shown(run)} has {len(summary.findings)} integrity finding(s) "
+            f"warning: {redacted(run)} has {len(summary.findings)} integrity finding(s) "
             f"({', '.join(kinds)}); packed its {summary.steps} readable steps and carried the "
             "findings into the archive (stabledrl inspect shows them)",
             highlight=False,

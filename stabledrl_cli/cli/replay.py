@@ -46,7 +46,7 @@ from stabledrl_cli.cli._options import (
 from stabledrl_cli.cli._output import err, out, progress, stdout_written
 from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.dump import Run, open_run
-from stabledrl_cli.dump._remote import inside_local_run, shown
+from stabledrl_cli.dump._remote import inside_local_run, redacted
 from stabledrl_cli.errors import ConfigError, UsageError, counted
 from stabledrl_cli.replay.config import (
     DEFAULT_SPIKE_FACTOR,
@@ -94,7 +94,7 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
     for flag, target in named:
         if inside_local_run(target, run):
             raise UsageError(
-                f"{flag} {target} is inside the run {shown(run)}; write it outside the run"
+                f"{flag} {target} is inside the run {redacted(run)}; write it outside the run"
             )
         if target.is_dir():
             raise UsageError(f"{flag} {target} is a directory; give a file name")

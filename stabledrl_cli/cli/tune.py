@@ -37,7 +37,7 @@ from stabledrl_cli.cli.replay import (
     replay_with_progress,
 )
 from stabledrl_cli.dump import open_run
-from stabledrl_cli.dump._remote import shown
+from stabledrl_cli.dump._remote import redacted
 from stabledrl_cli.errors import WriteError, counted
 from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, parse_size, replay_config
 from stabledrl_cli.replay.report import print_legend, print_whole, stack_headers
@@ -161,7 +161,7 @@ def command(
     own = own_policy(opened) if keep_own else None
     if own is not None and own.spec not in specs:
         specs.append(own.spec)
-    err.print(f"tuning {counted(len(settings), 'setting')} over {shown(run)}", highlight=False)
+    err.print(f"tuning {counted(len(settings), 'setting')} over {redacted(run)}", highlight=False)
     result = replay_with_progress(opened, specs, config, chosen)
     if keep_own:
         print_own_policy_note(opened, err)

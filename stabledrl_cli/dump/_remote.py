@@ -14,7 +14,7 @@ A run at a URL is named by that URL as given, protocol included, wherever a mess
 or finding names it or one of its files (`memory://b/run/steps/step-00000005.safetensors`,
 never the path on the filesystem, `/b/run/steps/...`), a filesystem's own error included;
 credentials in it (`https://user:token@host/...`) are written `***` (`https://***@host/...`):
-messages, JSON and the files written from the run never hold them (`shown`).
+messages, JSON and the files written from the run never hold them (`redacted`).
 
 What a URL may name (docs/trust.md): exactly one filesystem and a path on it. Chained URLs
 (`simplecache::s3://...`) and the `reference://` filesystem, whose JSON maps paths to other
@@ -67,12 +67,12 @@ def is_url(text: str) -> bool:
     return URL_RE.match(text) is not None
 
 
-def shown(url: str) -> str:
+def redacted(url: str) -> str:
     """`url` as messages and reports name it: the credentials before its host written `***`."""
-    return hidden(url, url)
+    return redacted_in(url, url)
 
 
-def hidden(text: str, url: str) -> str:
+def redacted_in(text: str, url: str) -> str:
     """`text` (a message, a filesystem's error) with the credentials of `url` (`user:password`
     before a host, in each URL of a chain) written `***`."""
     if not is_url(url):
@@ -90,7 +90,7 @@ def url_filesystem(url: str) -> tuple[Any, str]:
     archive only a chained URL names), a filesystem that cannot be made (a host
     that refuses the connection or cannot be found: some filesystems connect when made)."""
     match = URL_RE.match(url)
-    name = shown(url)
+    name = redacted(url)
     if match is None:
         raise UsageError(f"{name!r} is not a URL")
     protocol = match.group(1).lower()
@@ -110,7 +110,7 @@ def url_filesystem(url: str) -> tuple[Any, str]:
         archive = issubclass(fsspec.get_filesystem_class(protocol), AbstractArchiveFileSystem)
     except ImportError as exc:
         raise MissingExtraError(
-            f"{name}: {protocol}:// needs a package: {hidden(str(exc), url)}"
+            f"{name}: {protocol}:// needs a package: {redacted_in(str(exc), url)}"
         ) from None
     if archive:
         raise UsageError(
@@ -121,12 +121,12 @@ def url_filesystem(url: str) -> tuple[Any, str]:
         fs, root = url_to_fs(protocol + url[match.end(1) :])  # a scheme's case is no part of it
     except ImportError as exc:
         raise MissingExtraError(
-            f"{name}: {protocol}:// needs a package: {hidden(str(exc), url)}"
+            f"{name}: {protocol}:// needs a package: {redacted_in(str(exc), url)}"
         ) from None
     except ValueError as exc:
-        raise UsageError(f"{name}: {hidden(one_line(exc), url)}") from None
+        raise UsageError(f"{name}: {redacted_in(one_line(exc), url)}") from None
     except TypeError as exc:  # a filesystem that needs arguments a URL cannot give
-        why = hidden(one_line(exc), url)
+        why = redacted_in(one_line(exc), url)
         raise UsageError(
             f"{name}: {protocol}:// cannot be opened from a URL alone ({why})"
         ) from None
@@ -137,8 +137,8 @@ def url_filesystem(url: str) -> tuple[Any, str]:
 
 def _unreachable(url: str, exc: BaseException) -> UsageError:
     """The usage error (exit 2) of a URL whose host could not be reached, saying why."""
-    why = hidden(one_line(exc), url)
-    return UsageError(f"{shown(url)}: cannot reach it ({type(exc).__name__}: {why})")
+    why = redacted_in(one_line(exc), url)
+    return UsageError(f"{redacted(url)}: cannot reach it ({type(exc).__name__}: {why})")
 
 
 def local_path(location: str) -> str | None:
@@ -177,8 +177,8 @@ def _said(exc: OSError, root: str, url: str) -> str:
     """What the filesystem said of a failed call, `root` (the run's path on it) written as
     `url`: a store's errors name the path they were given."""
     text = exc.strerror or str(exc)
-    text = text.replace(root, shown(url).rstrip("/")) if root.strip("/") else text
-    return hidden(text, url)
+    text = text.replace(root, redacted(url).rstrip("/")) if root.strip("/") else text
+    return redacted_in(text, url)
 
 
 def _regular(info: dict[str, Any]) -> bool:
@@ -186,7 +186,7 @@ def _regular(info: dict[str, Any]) -> bool:
 
 
 class _AtUrl:
-    """A run read through fsspec: named by its URL (`url`, `location`: as `shown`), and opened
+    """A run read through fsspec: named by its URL (`url`, `location`: as `redacted`), and opened
     in another process from it as given (`source`)."""
 
     url: str
@@ -194,7 +194,7 @@ class _AtUrl:
 
     def _at(self, given: str) -> None:
         self.given = given
-        self.url = shown(given)
+        self.url = redacted(given)
 
     @property
     def location(self) -> str:
@@ -382,7 +382,7 @@ def _archive_store(url: str, file: Any, root: str, size: int) -> StoreFile | Non
         store.seek(0)
     except OSError:
         store.close()
-        raise InputError(f"{shown(url)}: cannot read it: {store.take_failure()}") from None
+        raise InputError(f"{redacted(url)}: cannot read it: {store.take_failure()}") from None
     return store
 
 
@@ -402,7 +402,7 @@ def _missing_hint(url: str, fs: Any, root: str) -> str:
     reads as the relative path `localhost/PATH`), `/PATH`. Else ''."""
     match = URL_RE.match(url)
     rest = url[match.end() :] if match else ""
-    written = unquote(shown(url))
+    written = unquote(redacted(url))
     candidates = [(unquote(root), f"%-escapes are read as written: give {written!r}")]
     if rest.lower().startswith("localhost/") and local_path(url) is not None:
         path = rest[len("localhost") :]
@@ -422,7 +422,7 @@ def open_url(url: str, *, verify: bool = True) -> Run:
     local path), UsageError (exit 2) for a URL that cannot be read at all (its host refuses the
     connection, cannot be found, its filesystem's code fails on it...)."""
     fs, root = url_filesystem(url)
-    name = shown(url)
+    name = redacted(url)
     try:
         found = fs.info(root)  # a link here is the user's: its target's type
         directory = found.get("type") == "directory"
@@ -437,7 +437,7 @@ def open_url(url: str, *, verify: bool = True) -> Run:
     except OSError as exc:
         raise UsageError(f"cannot read {name}: {one_line(_said(exc, root, url))}") from None
     except Exception as exc:  # the filesystem's own code (huggingface_hub's httpx errors...)
-        why = f"{type(exc).__name__}: {hidden(one_line(exc), url)}"
+        why = f"{type(exc).__name__}: {redacted_in(one_line(exc), url)}"
         raise UsageError(f"cannot read {name}: the filesystem fails on it ({why})") from None
     if directory:
         return RemoteRun(url, fs, root, verify=verify)
