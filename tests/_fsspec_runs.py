@@ -108,7 +108,26 @@ def served(folder: Path, *, ranges: bool = True) -> Iterator[str]:
     """`folder` served over HTTP on 127.0.0.1, ranged reads answered (`ranges`) or given the
     whole file -> its URL (no slash)."""
     kind = _RangeHandler if ranges else _QuietHandler
-    handler = functools.partial(kind, directory=str(folder))
+    with _serving(functools.partial(kind, directory=str(folder))) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def answering(status: int) -> Iterator[str]:
+    """A server on 127.0.0.1 that answers every request with `status` -> its URL."""
+
+    class Answer(_QuietHandler):
+        def send_head(self):
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    with _serving(Answer) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serving(handler) -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

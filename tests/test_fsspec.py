@@ -18,7 +18,7 @@ import fsspec
 import h5py
 import pytest
 from _cli import cli_command, cli_environment, run_cli_together
-from _fsspec_runs import count_reads, served, small_run, to_memory
+from _fsspec_runs import answering, count_reads, served, small_run, to_memory
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -128,6 +128,27 @@ def test_a_run_directory_over_http_says_how_to_read_it(run_dir):
             ".h5's URL\n"
         )
     assert stray.exit_code == 3 and "is not a run" in stray.stderr
+
+
+@pytest.mark.parametrize(
+    ("status", "says"),
+    [
+        (401, "the server answered 401 Unauthorized"),
+        (403, "the server answered 403 Forbidden"),
+        (500, "the server answered 500 Internal Server Error"),
+    ],
+)
+def test_an_http_refusal_is_not_a_missing_run(status, says):
+    """fsspec says FileNotFoundError for any HTTP error: a run the server refused to give (a
+    wrong password, 403, a server's failure) was 'no such run'. The line quotes the answer
+    (exit 3 as before); a 404 is still 'no such run'."""
+    with answering(status) as root:
+        result = runner.invoke(app, ["inspect", f"{root}/run.h5"])
+    assert result.exit_code == 3, result.output
+    assert result.stderr == f"error: cannot read {root}/run.h5: {says}\n"
+    with answering(404) as root:
+        missing = runner.invoke(app, ["inspect", f"{root}/run.h5"])
+    assert missing.stderr == f"error: no such run: {root}/run.h5\n"
 
 
 def test_each_step_file_is_read_whole_once(run_dir, local_replay, monkeypatch):

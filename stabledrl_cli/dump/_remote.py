@@ -54,6 +54,9 @@ URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+._-]*)(://|::)")
 chaining); a Windows drive letter has one colon and no slashes."""
 CREDENTIALS_RE = re.compile(r"://([^/?#]*)@")
 """What comes before a URL's host: its credentials (`user:password@`)."""
+MISSING_STATUSES = frozenset({404, 410})
+"""The HTTP statuses that say nothing is there (any other, 401, 403, 500..., refuses a run that
+may well be)."""
 REFUSED_PROTOCOLS = frozenset({"reference"})
 """Filesystems whose files point to other locations."""
 UNCHECKED_WHOLE_READ = 64 << 20
@@ -431,6 +434,10 @@ def open_url(url: str, *, verify: bool = True) -> Run:
         refused = exc.__cause__
         if isinstance(refused, OSError) and not isinstance(refused, FileNotFoundError):
             raise _unreachable(url, refused) from None  # http's, for a host it cannot reach
+        status = getattr(refused, "status", None)  # http's answer, whatever it was
+        if isinstance(status, int) and status not in MISSING_STATUSES:
+            answer = redacted_in(one_line(getattr(refused, "message", "")), url)
+            raise InputError(f"cannot read {name}: the server answered {status} {answer}") from None
         raise InputError(f"no such run: {name}{_missing_hint(url, fs, root)}") from None
     except PermissionError as exc:
         raise InputError(f"cannot read {name}: {_said(exc, root, url)}") from None
