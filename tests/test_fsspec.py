@@ -754,3 +754,26 @@ def test_credentials_in_a_url_are_never_written(tmp_path):
     assert shown in results[1].stderr and "***@" in results[6].stderr
     with h5py.File(packed) as handle:
         assert handle.attrs["source"] == shown
+
+
+def test_a_store_error_naming_the_url_hides_its_credentials(tmp_path, monkeypatch):
+    """A store's error that names the file it failed on, with the credentials of its URL, was
+    quoted as it was: 'cannot read it: the store failed (OSError: /alice:s3cretPW@bucket/...'.
+    They are written `***` there too."""
+    from fsspec.implementations.memory import MemoryFile
+
+    archive = tmp_path / "run.h5"
+    pack_run(open_run(small_run(tmp_path / "run", world_size=1, steps=3, corrupt=False)), archive)
+    fsspec.filesystem("memory").pipe("/alice:s3cretPW@bucket/run.h5", archive.read_bytes())
+
+    def failing(self, *args):
+        raise OSError(f"{self.path}: connection reset by the store")
+
+    monkeypatch.setattr(MemoryFile, "read", failing)
+    monkeypatch.setattr(MemoryFile, "readinto", failing)
+    result = runner.invoke(app, ["inspect", "memory://alice:s3cretPW@bucket/run.h5"])
+    assert result.exit_code == 3, result.output
+    assert result.stderr == (
+        "error: memory://***@bucket/run.h5: cannot read it: the store failed (OSError: "
+        "/***@bucket/run.h5: connection reset by the store)\n"
+    )

@@ -375,7 +375,11 @@ def _archive_store(url: str, file: Any, root: str, size: int) -> StoreFile | Non
     ranged `cat_file`: a server that ignores ranges (Python's http.server) sent the whole body
     for that, where a file object reads a block. Its last byte is read too: a store that can
     read no further than its first block fails here, once, not under every step (exit 3)."""
-    store = StoreFile(file, lambda: url_filesystem(url)[0].open(root, "rb"))
+    store = StoreFile(
+        file,
+        lambda: url_filesystem(url)[0].open(root, "rb"),
+        lambda text: redacted_in(text, url),
+    )
     try:
         if store.read(len(HDF5_SIGNATURE)) != HDF5_SIGNATURE:
             store.close()

@@ -27,11 +27,18 @@ from stabledrl_cli.errors import one_line
 class StoreFile(io.RawIOBase):
     """A binary file object of the store (fsspec's) whose failures are kept (`take_failure`)."""
 
-    def __init__(self, file: Any, reopen: Callable[[], Any] | None = None) -> None:
-        """reopen: opens the file anew, on a filesystem made in the calling process."""
+    def __init__(
+        self,
+        file: Any,
+        reopen: Callable[[], Any] | None = None,
+        written: Callable[[str], str] = str,
+    ) -> None:
+        """reopen: opens the file anew, on a filesystem made in the calling process. written:
+        how a failure is written (a URL's credentials hidden)."""
         super().__init__()
         self._file = file
         self._reopen = reopen
+        self._written = written
         self._pid = os.getpid()
         self._failure: str | None = None
 
@@ -47,7 +54,8 @@ class StoreFile(io.RawIOBase):
 
     def _failed(self, exc: Exception) -> OSError:
         if self._failure is None:
-            self._failure = f"the store failed ({type(exc).__name__}: {one_line(exc)})"
+            why = self._written(f"{type(exc).__name__}: {one_line(exc)}")
+            self._failure = f"the store failed ({why})"
         return OSError(self._failure)
 
     def take_failure(self) -> str | None:
