@@ -81,6 +81,13 @@ def one_line(message: BaseException | str) -> str:
     return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 3] + "..."
 
 
+def described(exc: BaseException) -> str:
+    """Another library's error as `Type: message` on one line (`one_line`), or `Type` alone
+    when it says nothing more (a timeout: `FSTimeoutError`, not `FSTimeoutError: `)."""
+    message = one_line(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
 QUOTE_LIMIT = 40
 """Characters of a user's value quoted in an error line; a longer one is cut (its length said)."""
 

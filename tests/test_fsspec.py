@@ -777,3 +777,31 @@ def test_a_store_error_naming_the_url_hides_its_credentials(tmp_path, monkeypatc
         "error: memory://***@bucket/run.h5: cannot read it: the store failed (OSError: "
         "/***@bucket/run.h5: connection reset by the store)\n"
     )
+
+
+def test_a_store_error_that_says_nothing_is_named_by_its_type(tmp_path, monkeypatch):
+    """A store's error with no message (fsspec's FSTimeoutError, after a server stalled
+    mid-body) was quoted 'the store failed (TimeoutError: )' under an archive, and as nothing
+    under a run directory ('step 1 is unreadable: cannot read: '). It is named by its type."""
+    from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
+
+    directory = small_run(tmp_path / "run", world_size=1, steps=3, corrupt=False)
+    archive = tmp_path / "run.h5"
+    pack_run(open_run(directory), archive)
+    url, run = to_memory(archive), open_run(to_memory(directory))
+
+    def stalled_cat(self, path, start=None, end=None, **kwargs):
+        raise TimeoutError
+
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", stalled_cat)
+    with pytest.raises(InputError, match=r"step 1 is unreadable: cannot read: TimeoutError$"):
+        run.step(1)
+
+    def stalled(self, *args):
+        raise TimeoutError
+
+    monkeypatch.setattr(MemoryFile, "read", stalled)
+    monkeypatch.setattr(MemoryFile, "readinto", stalled)
+    result = runner.invoke(app, ["inspect", url])
+    assert result.exit_code == 3, result.output
+    assert result.stderr == f"error: {url}: cannot read it: the store failed (TimeoutError)\n"

@@ -47,7 +47,13 @@ from stabledrl_cli.dump._schema import (
 from stabledrl_cli.dump._stfile import HEADER_LIMIT, FileKey, StepHeader, parse_header
 from stabledrl_cli.dump._store_file import StoreFile
 from stabledrl_cli.dump._writer_lock import WriterState
-from stabledrl_cli.errors import InputError, MissingExtraError, UsageError, one_line
+from stabledrl_cli.errors import (
+    InputError,
+    MissingExtraError,
+    UsageError,
+    described,
+    one_line,
+)
 
 URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+._-]*)(://|::)")
 """A URL: a scheme (fsspec's may hold `_`: `async_wrapper://`), then `://` (or `::`, fsspec's
@@ -179,7 +185,7 @@ def _file_key(info: dict[str, Any]) -> FileKey:
 def _said(exc: OSError, root: str, url: str) -> str:
     """What the filesystem said of a failed call, `root` (the run's path on it) written as
     `url`: a store's errors name the path they were given."""
-    text = exc.strerror or str(exc)
+    text = exc.strerror or str(exc) or type(exc).__name__  # a timeout says nothing else
     text = text.replace(root, redacted(url).rstrip("/")) if root.strip("/") else text
     return redacted_in(text, url)
 
@@ -227,7 +233,7 @@ class _FailingAsOSError:
             except OSError:
                 raise
             except Exception as exc:
-                raise OSError(f"{type(exc).__name__}: {one_line(exc)}") from exc
+                raise OSError(described(exc)) from exc
 
         return call
 

@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from stabledrl_cli.errors import one_line
+from stabledrl_cli.errors import described
 
 
 class StoreFile(io.RawIOBase):
@@ -54,8 +54,7 @@ class StoreFile(io.RawIOBase):
 
     def _failed(self, exc: Exception) -> OSError:
         if self._failure is None:
-            why = self._written(f"{type(exc).__name__}: {one_line(exc)}")
-            self._failure = f"the store failed ({why})"
+            self._failure = f"the store failed ({self._written(described(exc))})"
         return OSError(self._failure)
 
     def take_failure(self) -> str | None:
