@@ -126,9 +126,17 @@ def answering(status: int) -> Iterator[str]:
         yield url
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    """A server whose dropped connections (a client that stops reading) print nothing: its
+    thread's stderr is the command's under CliRunner."""
+
+    def handle_error(self, request, client_address):
+        pass
+
+
 @contextlib.contextmanager
 def _serving(handler) -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _QuietServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
