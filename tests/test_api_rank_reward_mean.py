@@ -81,3 +81,25 @@ def test_a_run_recorded_without_the_scored_count_joins_by_sequences(tmp_path):
     broken = sd.open_run(tmp_path / "ranks")
     assert broken.step_numbers == []
     assert "3 scored rewards of 2 sequences" in broken.integrity.findings[0].message
+
+
+def _log_parts(path, parts: list[list[float]]) -> float:
+    """One step whose rewards are split over len(parts) ranks as `parts` (a rank's part may
+    be empty); the joined step's reward_mean."""
+    recorders = [
+        sd.Recorder(path, world_size=len(parts), rank=rank, policy=None)
+        for rank in range(len(parts))
+    ]
+    for recorder, rewards in zip(recorders, parts, strict=True):
+        _log(recorder, rewards, False)
+        recorder.close()
+    return sd.open_run(path).step(0).scalars["reward_mean"]
+
+
+@pytest.mark.parametrize("empty", [0, 1, 3])
+def test_a_rank_with_an_empty_part_leaves_the_others_mean(tmp_path, empty):
+    """A rank with no sequence at a step records no reward_mean: the join took rank 0's mean
+    alone (0.5 of 4 ranks' 0.6), or none at all when rank 0's part was the empty one."""
+    parts = [[1.0, 0.0], [1.0], [0.0, 1.0]]
+    parts.insert(empty, [])
+    assert _log_parts(tmp_path, parts) == pytest.approx(0.6)

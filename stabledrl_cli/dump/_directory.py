@@ -20,7 +20,8 @@ range (a negative one, a seq_id past the rank's sequences) would be another rank
 `unit_grad_gram` is left out (the cross-rank entries were never recorded); `param_grad_norm`
 is rank 0's. Scalars: `nonfinite` is summed, `reward_mean` weighted by the rewards each rank's
 mean is over (`_scored_rewards`: those not NaN; a file without the count, no `reward` or an
-older recorder's, by its sequences; a rank's NaN mean, none of its rewards scored, left out),
+older recorder's, by its sequences; a rank's NaN mean, none of its rewards scored, left out,
+as a rank's part with no sequence, which has no mean),
 `loss` averaged over ranks, the rest taken from rank 0. A step where some rank recorded no batch (a
 scalar step, format 1.2) joins as a scalar step: a batch with a rank missing is not the step's
 batch.
@@ -102,9 +103,14 @@ def _merge_scalars(parts: list[dict[str, float]], weights: list[int]) -> dict[st
         merged["nonfinite"] = float(sum(p["nonfinite"] for p in parts))
     if all("loss" in p for p in parts):
         merged["loss"] = float(np.mean([p["loss"] for p in parts]))
-    if all("reward_mean" in p for p in parts) and sum(weights) > 0:
-        # a rank whose mean is NaN scored none of its sequences: the others' mean stands
-        means = (p["reward_mean"] for p in parts)
+    # a rank whose mean is NaN, or with none over no reward (an empty part), scored none of
+    # its sequences: the others' mean stands
+    given = [
+        p.get("reward_mean", math.nan if n == 0 else None)
+        for p, n in zip(parts, weights, strict=True)
+    ]
+    means = [m for m in given if m is not None]
+    if len(means) == len(parts) and sum(weights) > 0:
         scored = [(m, n) for m, n in zip(means, weights, strict=True) if not math.isnan(m)]
         total = sum(n for _, n in scored)
         merged["reward_mean"] = (
