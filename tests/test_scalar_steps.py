@@ -10,8 +10,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import pack_run
 from stabledrl_cli.dump._stfile import encode_step, read_header
 from stabledrl_cli.errors import UsageError
@@ -159,6 +161,30 @@ def test_multi_rank_scalar_steps_join(tmp_path):
     zero, one = run.steps()
     assert zero.is_scalar and zero.scalars["grad_norm"] == 1.0
     assert one.is_scalar and one.num_tokens == 0 and one.fields == set()
+
+
+def test_a_step_no_rank_gave_a_token_joins_as_a_scalar_step(tmp_path):
+    """Each rank's part of step 1 is empty (a rank may log one): the joined batch held no
+    token, which replay, check and watch met with an internal error (exit 70, torch's
+    'amax(): Expected reduction dim'). One rank's file refuses such a step; joined, it is a
+    scalar step, its scalars kept."""
+    path = tmp_path / "run"
+    recorders = [sd.Recorder(path, world_size=2, rank=r) for r in (0, 1)]
+    for rank, rec in enumerate(recorders):
+        for step in range(3):
+            rows = 0 if step == 1 else 2
+            rec.log_step(step, **_batch(rows), reward=torch.ones(rows), loss=0.5 + rank)
+        rec.close()
+    run = sd.open_run(path)
+    assert run.integrity.ok and run.step_numbers == [0, 1, 2]
+    empty = run.step(1)
+    assert empty.is_scalar and empty.num_tokens == 0 and empty.scalars["loss"] == 1.0
+    result = CliRunner().invoke(app, ["replay", str(path), "-p", "grpo", "-f", "json"])
+    assert result.exit_code == 0, result.output
+    replayed = json.loads(result.stdout)
+    assert replayed["steps"] == 2 and replayed["scalar_steps"] == 1
+    pack_run(run, tmp_path / "run.h5")
+    assert sd.open_run(tmp_path / "run.h5").step(1).is_scalar
 
 
 def test_scalar_names_that_hdf5_reads_as_paths_pack(tmp_path):

@@ -24,7 +24,8 @@ older recorder's, by its sequences; a rank's NaN mean, none of its rewards score
 as a rank's part with no sequence, which has no mean),
 `loss` averaged over ranks, the rest taken from rank 0. A step where some rank recorded no batch (a
 scalar step, format 1.2) joins as a scalar step: a batch with a rank missing is not the step's
-batch.
+batch; so does one where no rank's batch holds a token (each part empty), which one rank's
+file could not be.
 """
 
 from __future__ import annotations
@@ -780,7 +781,8 @@ class DirectoryRun(Run):
         fields = set(records[0].fields).intersection(*(r.fields for r in records[1:]))
         if len(records) > 1:
             fields.discard("unit_grad_gram")
-        batch = "logp" in fields  # else a scalar step (module docstring)
+        # else a scalar step (module docstring)
+        batch = "logp" in fields and any(r.num_tokens for r in records)
         sequences = [r.num_sequences if batch else 0 for r in records]
         weights = [r.reward_weight if batch else 0 for r in records]
         scalars = [r.scalars for r in records]
