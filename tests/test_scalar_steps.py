@@ -16,7 +16,7 @@ import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import pack_run
 from stabledrl_cli.dump._stfile import encode_step, read_header
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import InputError, UsageError
 
 
 def _batch(rows: int = 2, cols: int = 3) -> dict:
@@ -185,6 +185,37 @@ def test_a_step_no_rank_gave_a_token_joins_as_a_scalar_step(tmp_path):
     assert replayed["steps"] == 2 and replayed["scalar_steps"] == 1
     pack_run(run, tmp_path / "run.h5")
     assert sd.open_run(tmp_path / "run.h5").step(1).is_scalar
+
+
+def test_an_archive_step_of_a_batch_with_no_token_is_skipped(tmp_path, monkeypatch):
+    """An archive packed from such a run before it joined as a scalar step holds a batch of
+    no token: replay of it died with exit 70 (torch's 'amax(): Expected reduction dim').
+    The archive's reader now refuses the step, as a run of one rank's reader does."""
+    from stabledrl_cli.dump._directory import DirectoryRun, DirectoryStep
+
+    path = tmp_path / "run"
+    recorders = [sd.Recorder(path, world_size=2, rank=r) for r in (0, 1)]
+    for rec in recorders:
+        for step in range(3):
+            rec.log_step(step, **_batch(0 if step == 1 else 2))
+        rec.close()
+    joined = DirectoryRun._try_step
+
+    def as_packed_before(self, n, **kwargs):  # the empty batch kept, as pack stored it
+        step = joined(self, n, **kwargs)
+        if isinstance(step, DirectoryStep) and step.is_scalar:
+            step.fields = set(step.records[0].fields)
+        return step
+
+    monkeypatch.setattr(DirectoryRun, "_try_step", as_packed_before)
+    pack_run(sd.open_run(path), tmp_path / "run.h5")
+    monkeypatch.undo()
+    archive = sd.open_run(tmp_path / "run.h5")
+    assert archive.step_numbers == [0, 2]
+    with pytest.raises(InputError, match="step 1 is unreadable: the step has no tokens"):
+        archive.step(1)
+    result = CliRunner().invoke(app, ["replay", str(tmp_path / "run.h5"), "-p", "grpo"])
+    assert result.exit_code == 0, result.output
 
 
 def test_scalar_names_that_hdf5_reads_as_paths_pack(tmp_path):

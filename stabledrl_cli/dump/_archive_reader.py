@@ -455,8 +455,8 @@ class ArchiveRun(Run):
         datasets (a slice out of range, counts that disagree with offsets, a ragged shape that
         does not match its slice, a repeated, negative or descending step number, scored tokens
         past the tokens, a step scalar that is not the step's number, a batch without one of its
-        required fields, a step without a batch that counts tokens: what a step file's header
-        may not say either); each is a finding."""
+        required fields, a step without a batch that counts tokens, a batch of no token: what
+        a step file's header may not say either); each is a finding."""
         count, handle = len(self._numbers), self._file
         reasons: dict[int, str] = {}
 
@@ -495,6 +495,7 @@ class ArchiveRun(Run):
                 )
         counted = (tokens != 0) | (self._counts["num_sequences"] != 0) | (scored != 0)
         mark(~batch & counted, "a step without a batch counts tokens")
+        mark(batch & (tokens == 0), "the step has no tokens")
         for group, names, counts in (
             ("tokens", TOKEN_FIELDS, self._counts["num_tokens"]),
             ("sequences", SEQUENCE_FIELDS, self._counts["num_sequences"]),
