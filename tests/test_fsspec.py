@@ -720,18 +720,26 @@ def test_a_store_failing_under_an_archives_step_skips_that_step_named_so(
     ]
 
 
-def test_credentials_in_a_url_are_never_written(tmp_path):
-    """A URL's credentials (`http://user:password@host/...`) were written wherever the run is
-    named: the JSON's `run`, warnings, findings, error lines, pack's archive (its `source` and
-    findings), replay's HDF5 report, check's JUnit report. They are written `***` there now;
-    the run is still read with them."""
+PRESIGNED = "?X-Amz-Credential=AKIDEXAMPLE&X-Amz-Expires=600&X-Amz-Signature="
+
+
+@pytest.mark.parametrize("where", ["userinfo", "presigned query"])
+def test_credentials_in_a_url_are_never_written(tmp_path, where):
+    """A URL's credentials (`http://user:password@host/...`, a presigned URL's signature) were
+    written wherever the run is named: the JSON's `run`, warnings, findings, error lines,
+    pack's archive (its `source` and findings), replay's HDF5 report, check's JUnit report.
+    They are written `***` there now; the run is still read with them."""
     archive = tmp_path / "served" / "run.h5"
     archive.parent.mkdir()
     pack_run(open_run(small_run(tmp_path / "run", world_size=1)), archive)
     secret = "s3cretPW"
     with served(archive.parent) as root:
-        url = root.replace("://", f"://alice:{secret}@") + "/run.h5"
-        shown = root.replace("://", "://***@") + "/run.h5"
+        if where == "userinfo":
+            url = root.replace("://", f"://alice:{secret}@") + "/run.h5"
+            shown = root.replace("://", "://***@") + "/run.h5"
+        else:
+            url = f"{root}/run.h5{PRESIGNED}{secret}"
+            shown = f"{root}/run.h5" + PRESIGNED.replace("AKIDEXAMPLE", "***") + "***"
         report, packed, junit = tmp_path / "r.h5", tmp_path / "p.h5", tmp_path / "j.xml"
         results = [
             runner.invoke(app, args)
@@ -751,7 +759,7 @@ def test_credentials_in_a_url_are_never_written(tmp_path):
     written = [r.stdout + r.stderr for r in results]
     written += [p.read_bytes().decode("latin-1") for p in (report, packed, junit)]
     assert all(secret not in text for text in written)
-    assert shown in results[1].stderr and "***@" in results[6].stderr
+    assert shown in results[1].stderr and "***" in results[6].stderr
     with h5py.File(packed) as handle:
         assert handle.attrs["source"] == shown
 

@@ -60,6 +60,11 @@ URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+._-]*)(://|::)")
 chaining); a Windows drive letter has one colon and no slashes."""
 CREDENTIALS_RE = re.compile(r"://([^/?#]*)@")
 """What comes before a URL's host: its credentials (`user:password@`)."""
+SECRET_QUERY_RE = re.compile(
+    r"[?&]([^=&#]*(?:signature|sig|token|credential|secret|password|key)[^=&#]*)=([^&#]+)", re.I
+)
+"""A query parameter of a URL that carries a secret (a presigned URL's `X-Amz-Signature`,
+`X-Amz-Security-Token`, `X-Goog-Credential`, an Azure SAS's `sig`): its name and value."""
 MISSING_STATUSES = frozenset({404, 410})
 """The HTTP statuses that say nothing is there (any other, 401, 403, 500..., refuses a run that
 may well be)."""
@@ -77,17 +82,21 @@ def is_url(text: str) -> bool:
 
 
 def redacted(url: str) -> str:
-    """`url` as messages and reports name it: the credentials before its host written `***`."""
+    """`url` as messages and reports name it: the credentials before its host, and the values
+    of its query's secrets (`SECRET_QUERY_RE`), written `***`."""
     return redacted_in(url, url)
 
 
 def redacted_in(text: str, url: str) -> str:
     """`text` (a message, a filesystem's error) with the credentials of `url` (`user:password`
-    before a host, in each URL of a chain) written `***`."""
+    before a host, in each URL of a chain, and its query's secrets: `SECRET_QUERY_RE`) written
+    `***`."""
     if not is_url(url):
         return text
     for credentials in CREDENTIALS_RE.findall(url):
         text = text.replace(credentials + "@", "***@")
+    for name, value in SECRET_QUERY_RE.findall(url):
+        text = text.replace(f"{name}={value}", f"{name}=***")
     return text
 
 
