@@ -7,7 +7,9 @@ at when it was looked up."""
 from __future__ import annotations
 
 import os
+import select
 import stat
+import time
 from typing import BinaryIO
 
 
@@ -41,3 +43,35 @@ def open_regular_fd(
         os.close(fd)
         raise NotRegularFile(os.fspath(path))
     return fd, info
+
+
+def read_pipe(path: str | os.PathLike[str], limit: int, seconds: float) -> bytes:
+    """What the pipe `path` (a FIFO, a shell's `<(...)`) gives until its writer closes it: at
+    most `limit` + 1 bytes (a longer stream is cut there, for the caller to refuse), within
+    `seconds` (TimeoutError past them: a writer that never ends). A FIFO that no process
+    writes gives nothing at once. Raises NotRegularFile when `path` is no pipe, or the
+    OSError of the open or of a read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise NotRegularFile(os.fspath(path))
+        deadline = time.monotonic() + seconds
+        parts: list[bytes] = []
+        size = 0
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while size <= limit:
+            try:
+                part = os.read(fd, limit + 1 - size)
+            except BlockingIOError:  # a writer, nothing written yet
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not poller.poll(max(1, round(remaining * 1000))):
+                    raise TimeoutError(f"its writer gave no end in {seconds:g} s") from None
+                continue
+            if not part:  # the writer closed it (or none had it open)
+                break
+            parts.append(part)
+            size += len(part)
+        return b"".join(parts)
+    finally:
+        os.close(fd)

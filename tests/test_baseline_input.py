@@ -135,7 +135,7 @@ def test_a_baseline_that_is_a_directory_exits_3_naming_it(tmp_path: Path) -> Non
     result = CliRunner().invoke(app, ["check", str(FIXTURE), "--baseline", str(folder)])
     assert result.exit_code == 3, result.output
     lines = result.stderr.strip().splitlines()
-    assert lines == [f"error: {folder}: the baseline is not a regular file"], result.stderr
+    assert lines == [f"error: {folder}: the baseline is not a file or a pipe"], result.stderr
 
 
 LONG = "x" * 100_000

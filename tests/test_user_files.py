@@ -8,6 +8,7 @@ of the machine."""
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 import subprocess
 import threading
@@ -23,6 +24,7 @@ from stabledrl_cli._atomic import output_path, write_output
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import WriteError
+from stabledrl_cli.replay import baseline as baseline_module
 
 runner = CliRunner()
 QUICK = 60.0
@@ -69,10 +71,45 @@ def test_a_baseline_that_is_a_fifo_or_a_device_is_refused_unread(run, tmp_path):
     read, so /dev/zero is safe to name here)."""
     fifo = tmp_path / "baseline.json"
     os.mkfifo(fifo)
-    for named in (fifo, Path("/dev/zero")):
+    said = {
+        fifo: "the baseline pipe gave nothing (no process wrote to it)",
+        Path("/dev/zero"): "the baseline is not a file or a pipe",
+    }
+    for named, why in said.items():
         done = run_cli("check", run, "-b", named, "--format", "json", timeout=QUICK)
         assert done.returncode == 3, done.stderr
-        assert done.stderr == f"error: {named}: the baseline is not a regular file\n"
+        assert done.stderr == f"error: {named}: {why}\n"
+
+
+def test_a_baseline_from_a_shells_process_substitution_is_read(run, tmp_path):
+    """`check -b <(git show main:ci/baseline.json)`, a baseline read from version control in
+    CI, was refused: 'the baseline is not a regular file', exit 3. A pipe is read to its end
+    (within PIPE_SECONDS, at most BASELINE_LIMIT bytes), a slow writer waited for."""
+    written = tmp_path / "b.json"
+    wrote = runner.invoke(app, ["check", str(run), "-p", "grpo", "--write-baseline", str(written)])
+    assert wrote.exit_code == 0, wrote.output
+    command = " ".join(shlex.quote(str(part)) for part in cli_command("check", run))
+    done = subprocess.run(
+        ["bash", "-c", f"{command} -b <(sleep 0.5; cat {shlex.quote(str(written))})"],
+        capture_output=True, text=True, timeout=QUICK, env=cli_environment(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "check passed" in done.stderr
+
+
+def test_a_baseline_pipe_whose_writer_never_ends_is_refused(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(baseline_module, "PIPE_SECONDS", 0.3)
+    fifo = tmp_path / "baseline.json"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR)  # holds the FIFO open for writing, writes nothing
+    try:
+        result = runner.invoke(app, ["check", str(run), "-p", "grpo", "-b", str(fifo)])
+    finally:
+        os.close(writer)
+    assert result.exit_code == 3, result.output
+    assert result.stderr == (
+        f"error: {fifo}: cannot read the baseline (its writer gave no end in 0.3 s)\n"
+    )
 
 
 def test_a_baseline_through_a_symlink_is_read(run, tmp_path):
