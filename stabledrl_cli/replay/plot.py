@@ -288,7 +288,8 @@ def _steps_range(result: ReplayResult, run_steps: Steps) -> tuple[float, float] 
 
 
 def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | None = None) -> Path:
-    """Draws `result` (and `run`'s recorded reward; default: reopened from result.run) to a PNG.
+    """Draws `result` (and `run`'s recorded reward; default: reopened from result.run, which
+    names a URL without its credentials: pass the open `run` for a run read with them) to a PNG.
 
     Written atomically (WriteError when it cannot be). MissingExtraError (exit 2) without
     matplotlib.
