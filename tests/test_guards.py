@@ -213,6 +213,15 @@ def test_replay_report_counts_and_removed_norm() -> None:
     assert data["skipped"] == 1 and data["steps"] == len(norms)
 
 
+def test_removed_norm_is_a_float_when_no_guard_acts() -> None:
+    """docs/replay-json.md types `removed_norm` as a float: a guard that acted on no step wrote
+    the integer 0 (Python's sum of nothing), so a typed reader met 0 beside 1.49."""
+    reports = replay_guards(range(10), [1.0] * 10, None)
+    assert all(not r.acted for r in reports)
+    for report in reports:
+        assert '"removed_norm": 0.0' in json.dumps(report.to_dict())
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

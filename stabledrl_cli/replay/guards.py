@@ -345,7 +345,8 @@ class GuardReport:
         """sum over clipped and skipped finite steps of grad_norm (1 - scale): how much update
         norm the guard takes away (before the optimizer's own clip)."""
         return sum(
-            s.grad_norm * (1.0 - s.scale) for s in self.acted if s.action in ("clip", "skip")
+            (s.grad_norm * (1.0 - s.scale) for s in self.acted if s.action in ("clip", "skip")),
+            0.0,
         )
 
     def to_dict(self) -> dict[str, object]:
