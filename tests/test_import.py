@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,17 @@ def _import(*args: str) -> dict[str, Any]:
     assert result.exit_code == 0, result.output
     summary: dict[str, Any] = json.loads(result.stdout)
     return summary
+
+
+def test_the_docs_document_every_key_of_the_import_json(tmp_path: Path) -> None:
+    """A script reads `import --format json`; docs/importing.md named two of its 15 keys."""
+    summary = _import(str(TRL_STATE), "--out", str(tmp_path / "run"))
+    text = (ROOT / "docs" / "importing.md").read_text()
+    section = text[text.index("`--format json` prints one JSON document") :]
+    section = section[: section.index("\n\n", section.index("| key |"))]
+    rows = re.findall(r"^\| ((?:`[a-z_]+`(?:, )?)+) \|", section, re.M)
+    documented = {key for row in rows for key in re.findall(r"`([a-z_]+)`", row)}
+    assert documented == set(summary), documented ^ set(summary)
 
 
 def test_a_log_whose_file_name_is_not_utf8_imports_to_a_readable_run(tmp_path: Path) -> None:
