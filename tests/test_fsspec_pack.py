@@ -7,6 +7,7 @@ one line on stderr with its exit code."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import fsspec
@@ -218,3 +219,18 @@ def test_a_store_that_cannot_list_the_run_leaves_no_archive(run_dir, tmp_path, m
     result = runner.invoke(app, ["pack", url, str(tmp_path / "run.h5")])
     assert one_error_line(result, 3) == f"error: {url}: cannot list it (access denied to {url})"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_readme_documents_every_key_of_the_pack_json(run_dir, tmp_path):
+    """A script reads `pack --format json`; the README documented none of its keys."""
+    summary = pack_json(str(run_dir), tmp_path / "run.h5")
+    assert summary["integrity"]["findings"]
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("`pack --format json` prints one JSON document") :]
+    section = section[: section.index("\n\n", section.index("| key |"))]
+    rows = re.findall(r"^\| ((?:`[a-z_]+`(?:, )?)+) \|", section, re.M)
+    documented = {key for row in rows for key in re.findall(r"`([a-z_]+)`", row)}
+    assert documented == set(summary), documented ^ set(summary)
+    integrity = next(line for line in section.splitlines() if line.startswith("| `integrity`"))
+    for key in [*summary["integrity"], *summary["integrity"]["findings"][0]]:
+        assert f"`{key}`" in integrity, key
