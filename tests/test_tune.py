@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -228,6 +229,19 @@ def test_front_is_the_non_dominated_set_and_holds_the_recommendation(grpo_tune):
     assert best.spec.startswith("stabledrl")
     assert all(len(s.risk_steps) > 50 for s in tuned if s.spec.startswith("dapo"))
     assert "no risk step" in report.evidence or "fewest" in report.evidence
+
+
+def test_the_readme_documents_every_key_of_the_tune_json(grpo_tune):
+    """A script reads `tune --format json`; the README documented none of its keys."""
+    data = grpo_tune[2].to_dict()
+    text = (FIXTURES.parent / "README.md").read_text()
+    section = text[text.index("`tune --format json` prints one JSON document") :]
+    section = section[: section.index("\n\n", section.index("| key |"))]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.M))
+    assert documented == set(data), documented ^ set(data)
+    settings = next(line for line in section.splitlines() if line.startswith("| `settings`"))
+    for key in data["settings"][0]:
+        assert f"`{key}`" in settings, key
 
 
 def test_settings_figures_equal_a_replay_of_each_alone(grpo_tune):
