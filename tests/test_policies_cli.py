@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from pathlib import Path
 
 from _cli import run_cli_together
 from typer.testing import CliRunner
@@ -119,3 +121,17 @@ def test_the_footer_names_every_shared_key_only_for_the_policies_that_take_it(mo
     assert "all but gmpo and stabledrl take agg=token-mean|" in footer
     for key in ("beta", "adv=", "rows=", "tis="):
         assert key in footer.split("all but", 1)[0]
+
+
+def test_the_docs_document_every_key_of_the_policies_json():
+    """A script reads `policies --format json`; docs/policies.md documented none of its keys."""
+    result = runner.invoke(app, ["policies", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    text = (Path(__file__).resolve().parents[1] / "docs" / "policies.md").read_text()
+    section = text[text.index("`stabledrl policies --format json` prints one JSON document") :]
+    section = section[: section.index("\n\n", section.index("| key |"))]
+    assert set(re.findall(r"^\| `([a-z_]+)` \|", section, re.M)) == set(data)
+    row = next(line for line in section.splitlines() if line.startswith("| `policies`"))
+    for key in data["policies"][0]:
+        assert f"`{key}`" in row, key
