@@ -89,6 +89,28 @@ def test_inspect_json(run_dir):
     assert warning["steps"][0] == 38 and all(s % 2 == 0 for s in warning["steps"])
 
 
+def test_the_readme_documents_every_key_of_the_inspect_json():
+    """A script reads `inspect --format json`; the README documented `integrity` alone."""
+    data = _json(["inspect", str(ROOT / "fixtures" / "grpo"), "--format", "json"])
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("The whole of `inspect --format json`") :]
+    section = section[: section.index("\n\n", section.index("| key |"))]
+    rows = {
+        key: line
+        for line in section.splitlines()
+        for key in re.findall(r"`([a-z_]+)`", line.split(" | ")[0])
+    }
+    assert set(rows) == set(data), set(rows) ^ set(data)
+    for key, value in data["observed"].items():
+        assert f"`{key}`" in rows["observed"], key
+        for inner in value if isinstance(value, dict) else {}:
+            assert f"`{inner}`" in rows["observed"], (key, inner)
+    for guard in data["observed"]["guards"]:
+        assert all(f"`{key}`" in rows["observed"] for key in guard), guard
+    for stat in data["series"]["loss"]:
+        assert f"`{stat}`" in rows["series"], stat
+
+
 def test_inspect_table(run_dir):
     result = runner.invoke(app, ["inspect", str(run_dir)])
     assert result.exit_code == 0, result.output
