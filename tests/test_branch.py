@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -247,6 +248,30 @@ def test_a_torn_step_of_the_original_is_named_and_counted_not_skipped_silently(r
         f"warning: skipped 1 unreadable, incomplete or invalid step of {run} (step 23: torn: "
     )
     assert warnings[0].endswith("); replayed 23; `stabledrl inspect` lists the reader's findings")
+
+
+def test_the_docs_document_every_key_of_a_branchs_json_entry():
+    """docs/branching.md's table of a branch's entry left out its policy, run and steps."""
+    entry = BranchOutcome(
+        policy="grpo", run=Path("b"), steps=8, first_reward_collapse=None, final_reward=0.5,
+        replay_collapsed_steps=[20], span=(8, 15), replayed_in_span=8,
+    ).to_dict()  # fmt: skip
+    text = (Path(__file__).resolve().parents[1] / "docs" / "branching.md").read_text()
+    section = text[text.index("| JSON key | meaning |") :]
+    section = section[: section.index("\n\n")]
+    documented = {
+        key
+        for line in section.splitlines()
+        for key in re.findall(r"`([a-z_.]+)`", line.split(" | ")[0])
+    }
+    keys = {
+        f"{key}.{inner}"
+        for key, value in entry.items()
+        if isinstance(value, dict)
+        for inner in value
+    }
+    keys |= {key for key, value in entry.items() if not isinstance(value, dict)}
+    assert keys <= documented, keys - documented
 
 
 def test_agree_compares_the_branchs_steps_only():
