@@ -15,6 +15,9 @@ of ranks < r, and `micro_batch` by (max micro_batch + 1) of ranks < r, so both s
 `group_id` is offset the same way when the manifest's group_ids is "per_rank" (the default),
 and left alone when it is "global" (ids shared by all ranks). An offset id outside its rank's
 range (a negative one, a seq_id past the rank's sequences) would be another rank's: InputError.
+With global ids, a group the ranks marked `group_split` is whole in the joined step when it
+holds as many members as the trainer generated for each prompt (the manifest's
+`meta.num_generations`): the join clears its mark.
 `unit_grad_sketch` rows are concatenated (float16 parts are scaled to float32 first); an
 [N, k] or [U, k] array whose k differs between ranks cannot be joined (InputError);
 `unit_grad_gram` is left out (the cross-rank entries were never recorded); `param_grad_norm`
@@ -231,6 +234,8 @@ class DirectoryStep(Step):
     named: Callable[[Path], str] = field(default=str, repr=False)
     """How messages name a file: `DirectoryRun.named` of the run."""
     group_ids: GroupIds = field(default="per_rank", repr=False)
+    group_size: int | None = field(default=None, repr=False)
+    """The members of a whole prompt group (`Run.group_size`), for a join of global ids."""
     handed: set[tuple[int, str]] = field(default_factory=set, repr=False)
     """(rank, name) of the arrays handed out as views of the rank's buffer; asking for one
     again reads the file anew (a caller may have changed the first in place)."""
@@ -238,7 +243,22 @@ class DirectoryStep(Step):
     def _read(self, name: str) -> np.ndarray:
         if len(self.paths) == 1:
             return self._read_rank(0, name)
-        return self._joined(name)
+        joined = self._joined(name)
+        if name == "group_split" and self.group_ids == "global" and self.group_size:
+            return self._whole_groups_cleared(joined)
+        return joined
+
+    def _whole_groups_cleared(self, split: np.ndarray) -> np.ndarray:
+        """`split` with the marks of the groups whose `group_size` members are all here
+        cleared: the ranks each held part of them, the joined step holds them whole."""
+        if "group_id" not in self.fields:
+            return split
+        # global ids join as they are: read without handing them out (no file read again)
+        ids = np.concatenate([self._rank_array(r, "group_id") for r in range(len(self.paths))])
+        _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+        whole = counts[inverse.reshape(-1)] == self.group_size
+        cleared: np.ndarray = np.where(whole, 0, split).astype(split.dtype)
+        return cleared
 
     def _file(self, rank: int) -> StepHeader:
         """The rank's file read whole: the one the record was checked from."""
@@ -261,6 +281,10 @@ class DirectoryStep(Step):
             self.files[rank] = None
             self.handed = {(r, n) for r, n in self.handed if r != rank}
         self.handed.add((rank, name))
+        return self._rank_array(rank, name)
+
+    def _rank_array(self, rank: int, name: str) -> np.ndarray:
+        """The rank's array, a view of its file's buffer."""
         try:
             return self._file(rank).array(name)
         except ValueError as exc:  # offsets past the buffer: the file is not what was checked
@@ -801,6 +825,7 @@ class DirectoryRun(Run):
             loader=self._load,
             named=self.named,
             group_ids=self.group_ids,
+            group_size=self.group_size,
         )
 
     @property

@@ -226,6 +226,14 @@ class Run(ABC):
         return cast(GroupIds, self.manifest.get("group_ids", "per_rank"))
 
     @property
+    def group_size(self) -> int | None:
+        """The members of a whole prompt group: the manifest's `meta.num_generations` (as the
+        TRL integration records it), None unless a positive integer."""
+        meta = self.manifest.get("meta")
+        size = meta.get("num_generations") if isinstance(meta, dict) else None
+        return size if type(size) is int and size > 0 else None
+
+    @property
     def policy_spec(self) -> str | None:
         policy = self.manifest.get("policy") or {}
         spec = policy.get("spec") if isinstance(policy, dict) else None
