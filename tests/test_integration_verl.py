@@ -1581,6 +1581,17 @@ def test_the_observed_reward_of_a_rollout_is_verls_score_mean(hooked: Any) -> No
     assert run.step(0).scalars["reward_mean"] != pytest.approx(logged)  # half the rollout
 
 
+def test_the_manifest_records_rollout_n_as_num_generations(hooked: Any) -> None:
+    """meta.num_generations (rollout.n) tells a multi-rank join when a group the ranks share
+    is whole, so it clears the group's group_split (docs/run-format.md)."""
+    run_dir, _ = hooked
+    train(actor_config())
+    stabledrl_verl.uninstall()
+    run = open_run(run_dir)
+    assert run.manifest["meta"]["num_generations"] == 3
+    assert run.group_size == 3
+
+
 @pytest.mark.parametrize("factor", [4.5, 9, None])
 def test_geo_mean_records_the_loss_scale_factor_verl_used(hooked: Any, factor: Any) -> None:
     """verl's GMPO term ignores loss_scale_factor, which only its KL-free loss_agg_mode

@@ -228,7 +228,7 @@ class Run(ABC):
     @property
     def group_size(self) -> int | None:
         """The members of a whole prompt group: the manifest's `meta.num_generations` (as the
-        TRL integration records it), None unless a positive integer."""
+        TRL and verl integrations record it), None unless a positive integer."""
         meta = self.manifest.get("meta")
         size = meta.get("num_generations") if isinstance(meta, dict) else None
         return size if type(size) is int and size > 0 else None

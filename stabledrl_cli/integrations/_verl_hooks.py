@@ -122,6 +122,7 @@ class Session:
                     "loss_agg_mode": agg_mode(config),
                     "loss_scale_factor": config.loss_scale_factor,
                     "loss": "verl's policy loss (pg + kl) of a rank; the step's is their mean",
+                    **_num_generations(config),
                 },
                 world_size=world_size,
                 rank=int(engine.get_data_parallel_rank()) if world_size > 1 else 0,
@@ -130,6 +131,13 @@ class Session:
                 on_write_error="warn",
             )
         return self.recorder
+
+
+def _num_generations(config: Any) -> dict[str, int]:
+    """The manifest's `num_generations`: the responses verl generates a prompt
+    (`rollout_n`, rollout.n), by which a multi-rank join tells a whole group; none unknown."""
+    n = getattr(config, "rollout_n", None)
+    return {"num_generations": n} if type(n) is int and n > 0 else {}
 
 
 def _is_partial_of(loss_function: Any, module: str, name: str) -> bool:
