@@ -55,23 +55,33 @@ def read_pipe(path: str | os.PathLike[str], limit: int, seconds: float) -> bytes
     try:
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             raise NotRegularFile(os.fspath(path))
-        deadline = time.monotonic() + seconds
-        parts: list[bytes] = []
-        size = 0
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        while size <= limit:
-            try:
-                part = os.read(fd, limit + 1 - size)
-            except BlockingIOError:  # a writer, nothing written yet
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not poller.poll(max(1, round(remaining * 1000))):
-                    raise TimeoutError(f"its writer gave no end in {seconds:g} s") from None
-                continue
-            if not part:  # the writer closed it (or none had it open)
-                break
-            parts.append(part)
-            size += len(part)
-        return b"".join(parts)
+        try:
+            return read_until_closed(fd, time.monotonic() + seconds, limit)
+        except TimeoutError:
+            raise TimeoutError(f"its writer gave no end in {seconds:g} s") from None
     finally:
         os.close(fd)
+
+
+def read_until_closed(fd: int, deadline: float, limit: int | None = None) -> bytes:
+    """What the pipe `fd` gives until its writer closes it (or until `limit` + 1 bytes), read
+    without blocking; TimeoutError at `deadline` (`time.monotonic()`). A pipe that no process
+    has open for writing gives nothing at once."""
+    os.set_blocking(fd, False)
+    parts: list[bytes] = []
+    size = 0
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while limit is None or size <= limit:
+        try:
+            part = os.read(fd, 1 << 16 if limit is None else limit + 1 - size)
+        except BlockingIOError:  # a writer, nothing written yet
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(max(1, round(remaining * 1000))):
+                raise TimeoutError from None
+            continue
+        if not part:  # the writer closed it (or none had it open)
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)

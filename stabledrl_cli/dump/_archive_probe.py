@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import h5py
 
+from stabledrl_cli._regular import read_until_closed
 from stabledrl_cli.dump import _archive_checks
 from stabledrl_cli.dump._archive_checks import (
     H5_ERRORS,
@@ -183,21 +183,6 @@ def _parse_report(data: bytes) -> Probed | None:
     )
 
 
-def _read_until_eof(fd: int, deadline: float) -> bytes | None:
-    """Everything written to pipe `fd` until its writer closes it, or None at `deadline`."""
-    parts: list[bytes] = []
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not poller.poll(max(1, round(remaining * 1000))):
-            return None
-        part = os.read(fd, 1 << 16)
-        if not part:
-            return b"".join(parts)
-        parts.append(part)
-
-
 _UNREAPED: set[int] = set()
 """Probe children that had handed back their report but were still exiting: reaped by the
 next probe (as `subprocess` reaps its finished children)."""
@@ -261,7 +246,9 @@ def probe(
             os._exit(0)
     os.close(write_end)
     try:
-        data = _read_until_eof(read_end, time.monotonic() + limit)
+        data: bytes | None = read_until_closed(read_end, time.monotonic() + limit)
+    except TimeoutError:
+        data = None
     except BaseException:
         os.kill(pid, signal.SIGKILL)
         _wait(pid, 0)
