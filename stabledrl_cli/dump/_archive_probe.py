@@ -34,7 +34,7 @@ from stabledrl_cli.dump._archive_checks import (
 )
 from stabledrl_cli.dump._archive_prefetch import Prefetch, Prefetched, decode_prefetched
 from stabledrl_cli.dump._store_file import StoreFile
-from stabledrl_cli.errors import InputError, one_line
+from stabledrl_cli.errors import InputError, described, one_line
 
 PROBE_SECONDS = 20.0
 """How long the forked child may take to read an archive's metadata (an honest one: well
@@ -129,8 +129,7 @@ def _child_report(source: Path | StoreFile, where: str, file_size: int) -> bytes
                     if prefetch is not None:
                         prefetch.text(name, text)
     except (SystemError, *H5_ERRORS) as exc:
-        why = f"{type(exc).__name__}: {one_line(exc)}"
-        return _report({"error": f"{where}: corrupt run archive ({why})"})
+        return _report({"error": f"{where}: corrupt run archive ({described(exc)})"})
     if prefetch is None:
         return _report({"datasets": datasets, "identity": identity})
     header, payload = prefetch.encode()

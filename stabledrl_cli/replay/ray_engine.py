@@ -39,7 +39,7 @@ from stabledrl_cli.errors import (
     MissingExtraError,
     UsageError,
     WorkerDiedError,
-    one_line,
+    described,
     task_cause,
 )
 from stabledrl_cli.policies import Policy
@@ -233,7 +233,7 @@ def map_shards(
         raise WorkerDiedError(
             f"{location}: a Ray worker died while computing "
             f"{shard_named(tasks[i], i, len(tasks))}, after Ray's retries of it "
-            f"({type(first).__name__}: {one_line(first)}); {WORKER_ADVICE}"
+            f"({described(first)}); {WORKER_ADVICE}"
         ) from None
     cause = task_cause(first)
     if cause is not None:
