@@ -11,7 +11,7 @@ is kept as an extra scalar under its own name, sanitised.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -39,6 +39,13 @@ STANDARD_SOURCES: dict[str, tuple[str, ...]] = {
     "step_time": ("step_time", "timing_s/step", "perf/time_per_step"),
 }
 """Standard scalar -> the logged names that carry it, most preferred first."""
+
+
+def standard_source(standard: str, logged: Container[str]) -> str | None:
+    """The first of `standard`'s sources (`STANDARD_SOURCES`, in order of preference) that
+    `logged` holds; None when it holds none."""
+    return next((s for s in STANDARD_SOURCES[standard] if s in logged), None)
+
 
 TRACKER_PREFIXES = ("train/",)
 """Removed before a name is looked up (what the W&B and TensorBoard callbacks prepend)."""
@@ -138,10 +145,10 @@ def map_names(names: Iterable[str], reserved: Iterable[str]) -> NameMap:
     for name in ordered:
         by_lookup.setdefault(lookup_name(name), []).append(name)
     mapping = NameMap()
-    for standard, sources in STANDARD_SOURCES.items():
-        found = next((by_lookup[s][0] for s in sources if s in by_lookup), None)
-        if found is not None:
-            mapping.standard[found] = standard
+    for standard in STANDARD_SOURCES:
+        source = standard_source(standard, by_lookup)
+        if source is not None:
+            mapping.standard[by_lookup[source][0]] = standard
     taken = set(reserved) | set(STANDARD_SOURCES)
     for name in ordered:
         if name in mapping.standard:

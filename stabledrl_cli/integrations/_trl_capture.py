@@ -17,7 +17,7 @@ import torch
 from stabledrl_cli.capture.bootstrap import RecordingFailure
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.errors import UsageError
-from stabledrl_cli.importers._names import STANDARD_SOURCES
+from stabledrl_cli.importers._names import standard_source
 from stabledrl_cli.integrations._rows import every_row
 
 LOGGED_SCALARS = ("entropy", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "step_time")
@@ -69,7 +69,7 @@ class LoggedMetrics:
         logs None). With logging_steps=1 each is the value TRL logs for the step."""
         scalars: dict[str, float] = {}
         for standard in LOGGED_SCALARS:
-            name = next((s for s in STANDARD_SOURCES[standard] if s in metrics), None)
+            name = standard_source(standard, metrics)
             if name is None:
                 continue
             values = metrics[name]

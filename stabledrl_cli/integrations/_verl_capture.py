@@ -23,7 +23,7 @@ from verl.utils.py_functional import rename_dict
 from verl.workers.utils.padding import no_padding_2_padding
 
 from stabledrl_cli.dump import Recorder
-from stabledrl_cli.importers._names import STANDARD_SOURCES
+from stabledrl_cli.importers._names import standard_source
 from stabledrl_cli.integrations._rows import every_row
 from stabledrl_cli.integrations._verl_policy import agg_mode, token_loss_scale
 
@@ -92,7 +92,7 @@ def logged_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     logged = rename_dict(dict(metrics), "actor/")
     scalars: dict[str, float] = {}
     for standard in LOGGED_SCALARS:
-        name = next((s for s in STANDARD_SOURCES[standard] if s in logged), None)
+        name = standard_source(standard, logged)
         value = logged.get(name) if name is not None else None
         ranks = value if isinstance(value, list) else [value]
         if ranks and all(isinstance(rank, Metric) for rank in ranks):
