@@ -8,6 +8,7 @@ import functools
 import http.server
 import io
 import re
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -124,6 +125,27 @@ def answering(status: int) -> Iterator[str]:
 
     with _serving(Answer) as url:
         yield url
+
+
+@contextlib.contextmanager
+def stalled() -> Iterator[str]:
+    """A host on 127.0.0.1 that accepts every connection and never answers -> its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        for connection in held:
+            connection.close()
 
 
 class _QuietServer(http.server.ThreadingHTTPServer):

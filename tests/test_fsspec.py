@@ -18,7 +18,7 @@ import fsspec
 import h5py
 import pytest
 from _cli import cli_command, cli_environment, run_cli_together
-from _fsspec_runs import answering, count_reads, served, small_run, to_memory
+from _fsspec_runs import answering, count_reads, served, small_run, stalled, to_memory
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -272,6 +272,20 @@ def test_an_http_host_that_refuses_is_exit_2_in_a_real_process(run_dir):
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: http://127.0.0.1:1/run: cannot reach it (Client"), line
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("name", ["run.h5", "run"])
+def test_a_host_that_never_answers_is_an_error_not_a_hang(run_dir, monkeypatch, name):
+    """A host that takes the connection and never answers held `inspect` past 400 s (aiohttp's
+    5-minute timeout a request, then the next request's); now a stall of
+    `HTTP_STALL_SECONDS` is a usage error (exit 2) that says so."""
+    monkeypatch.setattr(_remote, "HTTP_STALL_SECONDS", 0.5)
+    with stalled() as root:
+        result = runner.invoke(app, ["inspect", f"{root}/{name}"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {root}/{name}: ") and "no answer for 0.5 s" in line, line
+    assert result.stdout == ""
 
 
 def reading(command: str, url: str, other: Path) -> list[str]:

@@ -70,6 +70,9 @@ MISSING_STATUSES = frozenset({404, 410})
 may well be)."""
 REFUSED_PROTOCOLS = frozenset({"reference"})
 """Filesystems whose files point to other locations."""
+HTTP_STALL_SECONDS = 60.0
+"""Seconds an HTTP(S) host may leave a connection attempt or a read without an answer before
+the request fails (aiohttp's own bound is 5 minutes a request, however fast the bytes come)."""
 UNCHECKED_WHOLE_READ = 64 << 20
 """Bytes of a step file read whole in one request before its header is read: a larger one's
 header is read first, and the file only if it holds what the header says (a file padded past
@@ -136,7 +139,8 @@ def url_filesystem(url: str) -> tuple[Any, str]:
             "and those are not read: unpack it and give the run's own path"
         )
     try:
-        fs, root = url_to_fs(protocol + url[match.end(1) :])  # a scheme's case is no part of it
+        # a scheme's case is no part of it
+        fs, root = url_to_fs(protocol + url[match.end(1) :], **_storage_options(protocol))
     except ImportError as exc:
         raise MissingExtraError(
             f"{name}: {protocol}:// needs a package: {redacted_in(str(exc), url)}"
@@ -153,10 +157,30 @@ def url_filesystem(url: str) -> tuple[Any, str]:
     return fs, str(root)
 
 
+def _storage_options(protocol: str) -> dict[str, Any]:
+    """The options a filesystem is made with: HTTP(S) requests fail on a stall of
+    `HTTP_STALL_SECONDS`, never on their length."""
+    if protocol not in ("http", "https"):
+        return {}
+    import aiohttp
+
+    stall = aiohttp.ClientTimeout(
+        total=None, sock_connect=HTTP_STALL_SECONDS, sock_read=HTTP_STALL_SECONDS
+    )
+    return {"client_kwargs": {"timeout": stall}}
+
+
 def _unreachable(url: str, exc: BaseException) -> UsageError:
     """The usage error (exit 2) of a URL whose host could not be reached, saying why."""
+    if isinstance(exc, TimeoutError):
+        return UsageError(f"{redacted(url)}: cannot reach it (no answer for {stall_text()})")
     why = redacted_in(one_line(exc), url)
     return UsageError(f"{redacted(url)}: cannot reach it ({type(exc).__name__}: {why})")
+
+
+def stall_text() -> str:
+    """`HTTP_STALL_SECONDS` as a message says it: `60 s`."""
+    return f"{HTTP_STALL_SECONDS:g} s"
 
 
 def local_path(location: str) -> str | None:
