@@ -242,11 +242,20 @@ def _entries(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> str | No
     return detail
 
 
-def _scalar_text(value: float | None, *, exact: bool = False) -> str:
-    """6 significant digits, or (exact) as many as tell it from any other float."""
+def _scalar_text(value: float | None, *, digits: int | None = None) -> str:
+    """`digits` significant digits, or (None) as many as tell it from any other float."""
     if value is None:
         return "absent"
-    return repr(float(value)) if exact else f"{value:.6g}"
+    return repr(float(value)) if digits is None else f"{value:.{digits}g}"
+
+
+def _scalars_text(x: float | None, y: float | None) -> str:
+    """'x vs y' with 6 significant digits, or the fewest more that tell the two apart."""
+    for digits in range(6, 17):
+        texts = _scalar_text(x, digits=digits), _scalar_text(y, digits=digits)
+        if texts[0] != texts[1]:
+            return " vs ".join(texts)
+    return f"{_scalar_text(x)} vs {_scalar_text(y)}"
 
 
 def _kind(name: str) -> DiffKind:
@@ -320,14 +329,14 @@ class _Comparison:
             if (x is None and y is None) or (shared_only and (x is None or y is None)):
                 continue
             if x is None or y is None or not _bitwise_equal(np.float64(x), np.float64(y)):
-                bits = f"{_scalar_text(x, exact=True)} vs {_scalar_text(y, exact=True)}"
+                bits = f"{_scalar_text(x)} vs {_scalar_text(y)}"
                 found["arrays"].append(FieldDifference(field=name, what=bits))
             exact = name in COUNT_SCALARS
             atol, rtol = (0.0, 0.0) if exact else (self.atol, self.rtol)
             with _past_float64():
                 close = x is not None and y is not None and np.isclose(x, y, rtol, atol, True)
             if not close:
-                what = f"{_scalar_text(x)} vs {_scalar_text(y)}"
+                what = _scalars_text(x, y)
                 found["scalars"].append(FieldDifference(field=name, what=what))
         for kind, differences in found.items():
             if differences and self.first[kind] is None:

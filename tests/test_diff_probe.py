@@ -1,0 +1,40 @@
+"""`stabledrl diff` as a demanding user reads it: what a parting says, at the tolerances given."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import Recorder
+
+runner = CliRunner()
+
+
+def _scalar_run(path: Path, losses: list[float]) -> Path:
+    """A run of scalar steps with these recorded losses."""
+    with Recorder(path, policy=None) as recorder:
+        for step, loss in enumerate(losses):
+            recorder.log_step(step, loss=loss, grad_norm=1.0)
+    return path
+
+
+def test_a_parting_scalar_shows_the_digits_that_tell_its_values_apart(tmp_path):
+    """Under --atol 0 --rtol 0 a loss of 0.1 against 0.1000001 parts, and the scalars line
+    said 'loss: 0.1 vs 0.1' (6 significant digits): a parting between two values shown
+    equal. It takes the digits past 6 that tell them apart; 6 still where they do."""
+    a = _scalar_run(tmp_path / "a", [0.5, 0.1, 0.25])
+    b = _scalar_run(tmp_path / "b", [0.5, 0.1000001, 0.75])
+    args = ["diff", str(a), str(b), "--device", "cpu", "--atol", "0", "--rtol", "0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "             loss: 0.1 vs 0.1000001" in result.stdout.splitlines()
+    done = runner.invoke(app, [*args, "--until", "2", "-f", "json"])
+    scalars = json.loads(done.stdout)["first"]["scalars"]
+    assert scalars["fields"] == [{"field": "loss", "what": "0.1 vs 0.1000001"}]
+    c = _scalar_run(tmp_path / "c", [0.5, 0.123456789, 0.25])
+    done = runner.invoke(app, ["diff", str(a), str(c), "--device", "cpu", "-f", "json"])
+    what = json.loads(done.stdout)["first"]["scalars"]["fields"][0]["what"]
+    assert what == "0.1 vs 0.123457"
