@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+from _corpus import flip_bit, step_path, tiny_run
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -38,3 +40,23 @@ def test_a_parting_scalar_shows_the_digits_that_tell_its_values_apart(tmp_path):
     done = runner.invoke(app, ["diff", str(a), str(c), "--device", "cpu", "-f", "json"])
     what = json.loads(done.stdout)["first"]["scalars"]["fields"][0]["what"]
     assert what == "0.1 vs 0.123457"
+
+
+def test_a_step_neither_run_can_read_is_not_called_identical(tmp_path):
+    """Two copies of a run whose step 1 lost its data (a flipped bit) and its step 2 file's
+    tail (torn): neither step was compared, each listed 'unreadable in A' and 'in B', yet the
+    verdict read 'identical: every array of every step equal, bit for bit' (JSON identical
+    true). They never part (exit 0), but are not called identical."""
+    a = tiny_run(tmp_path / "a")
+    flip_bit(step_path(a, 1), step_path(a, 1).stat().st_size - 1)
+    torn = step_path(a, 2)
+    torn.write_bytes(torn.read_bytes()[:100])
+    b = shutil.copytree(a, tmp_path / "b")
+    done = runner.invoke(app, ["diff", str(a), str(b), "--device", "cpu", "-f", "json"])
+    assert done.exit_code == 0, done.output
+    data = json.loads(done.stdout)
+    assert data["unreadable_a"] == data["unreadable_b"] == [[1, 2]]
+    assert (data["compared"], data["parted_at"], data["identical"]) == (2, None, False)
+    text = runner.invoke(app, ["diff", str(a), str(b), "--device", "cpu"]).stdout
+    assert "they never part: every step both hold equal, bit for bit" in text.splitlines()
+    assert "identical" not in text

@@ -157,14 +157,16 @@ class DiffResult:
 
     @property
     def identical(self) -> bool:
-        """Every common step bit for bit equal (its arrays compared), and no step in one run
-        only."""
+        """Every common step bit for bit equal (its arrays compared), no step in one run only,
+        and none that either run cannot read."""
         return (
             self.first["arrays"] is None
             and not self.scalars_only
             and not any(self.unshared.values())
             and not self.only_a
             and not self.only_b
+            and not self.unreadable_a
+            and not self.unreadable_b
         )
 
     def parted_before(self, until: int | None) -> bool:
