@@ -60,3 +60,30 @@ def test_a_step_neither_run_can_read_is_not_called_identical(tmp_path):
     text = runner.invoke(app, ["diff", str(a), str(b), "--device", "cpu"]).stdout
     assert "they never part: every step both hold equal, bit for bit" in text.splitlines()
     assert "identical" not in text
+
+
+def _rewarded(path: Path, scale: float) -> Path:
+    """A run of scalar steps whose figures take 7 or 8 characters: a small negative reward,
+    a grad norm in the thousands."""
+    with Recorder(path, policy=None) as recorder:
+        for step in range(4):
+            recorder.log_step(
+                step, reward_mean=-0.0123 * scale * (step + 1), grad_norm=1234.5 * scale
+            )
+    return path
+
+
+def test_the_figures_around_a_parting_are_never_cut_at_80_columns(tmp_path, monkeypatch):
+    """Rewards of -0.0185 and grad norms of 1850 side by side: at 80 columns the table was
+    81 wide and still cut them ('-0.01…', '1.85e+…'). Its headers stack a word a line where
+    the table would not fit, so every figure is whole within 80 columns."""
+    monkeypatch.setenv("COLUMNS", "80")
+    a, b = _rewarded(tmp_path / "a", 1.0), _rewarded(tmp_path / "b", 1.5)
+    result = runner.invoke(app, ["diff", str(a), str(b), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.splitlines()
+    title = next(i for i, line in enumerate(lines) if line.startswith("around step 0"))
+    table = lines[title + 1 :]
+    assert "…" not in result.stdout
+    assert max(len(line) for line in table) <= 80, result.stdout
+    assert table[-1].split() == ["3", "-0.0492", "-0.0738", "1.23e+03", "1.85e+03", *["-"] * 4]

@@ -32,7 +32,7 @@ from stabledrl_cli.replay.diff import (
     Parting,
     diff_runs,
 )
-from stabledrl_cli.replay.report import print_title
+from stabledrl_cli.replay.report import print_whole, stack_headers
 from stabledrl_cli.vocab import DiffKind
 
 KIND_NAMES: dict[DiffKind, str] = {
@@ -139,7 +139,7 @@ def _print_table(result: DiffResult, until: int | None) -> None:
     )
     for header in ("step", *(f"{h} {side}" for h in ("rew", "gnorm", "disc", "risk")
                              for side in ("A", "B"))):  # fmt: skip
-        table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
+        table.add_column(header, justify="right", no_wrap=True)
     for row in result.around:
         cells = [str(row.step)]
         for name in ("reward_mean", "grad_norm", "discard_frac", "risk"):
@@ -148,8 +148,8 @@ def _print_table(result: DiffResult, until: int | None) -> None:
                     format_cell(side.get(name), percent=name == "discard_frac", yes="RISK", no="ok")
                 )
         table.add_row(*cells)
-    print_title(table, out)
-    out.print(table)
+    stack_headers(table, out)  # a figure is never cut, the table never wider than it must be
+    print_whole(table, out)
 
 
 def command(
