@@ -28,6 +28,7 @@ from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.inspection import RunSummary, summarize
 from stabledrl_cli.replay.recorded import SeriesStats
 from stabledrl_cli.replay.report import print_title, print_unbroken
+from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
 
 LIST_LIMIT = 20
 """Step lists, and integrity rows, longer than this are cut in the table (JSON has them
@@ -73,11 +74,13 @@ def _run_table(s: RunSummary) -> Table:
 
 
 def _no_counts_reason(s: RunSummary) -> str:
-    """Why a run has no scored-entry counts: its steps are scalar ones, none could be read,
-    or it has none."""
+    """Why a run has no scored-entry counts: its steps are scalar ones, none could be read
+    (a finding of a step the reader skips), or it has none."""
     if s.steps:
         return "no policy batch"
-    return "no readable step" if s.integrity.get("findings") else "no step"
+    findings = s.integrity.get("findings")
+    skipped = isinstance(findings, list) and any(f["kind"] in SKIPPED_KINDS for f in findings)
+    return "no readable step" if skipped else "no step"
 
 
 def _recording_told(s: RunSummary) -> bool:

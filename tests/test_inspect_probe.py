@@ -1,0 +1,31 @@
+"""`stabledrl inspect` as a demanding user reads it: what its rows claim of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+
+
+def _rows(run: Path) -> dict[str, str]:
+    """The run and observed tables' rows at a width that wraps none: what -> value."""
+    result = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    cells = [line.strip("│ ").split("│") for line in result.stdout.splitlines()]
+    return {row[0].strip(): row[1].strip() for row in cells if len(row) == 2}
+
+
+def test_a_run_of_no_step_beside_a_stray_file_is_not_said_to_have_unreadable_ones(tmp_path):
+    """A run that recorded no step, a note someone left in its steps/ (an `unknown_file`
+    finding): 'scored tokens / step' read 'n/a (no readable step)', as if it held steps that
+    could not be read. Only a finding of a step the reader skips (torn, unreadable, a missing
+    rank) says so; this run has no step."""
+    run = tmp_path / "run"
+    sd.Recorder(run, policy="grpo").close()
+    (run / "steps" / "README.txt").write_text("notes\n")
+    rows = _rows(run)
+    assert rows["steps"] == "0"
+    assert rows["scored tokens / step"] == "n/a (no step)"
