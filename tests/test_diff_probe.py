@@ -87,3 +87,14 @@ def test_the_figures_around_a_parting_are_never_cut_at_80_columns(tmp_path, monk
     assert "…" not in result.stdout
     assert max(len(line) for line in table) <= 80, result.stdout
     assert table[-1].split() == ["3", "-0.0492", "-0.0738", "1.23e+03", "1.85e+03", *["-"] * 4]
+
+
+def test_the_help_tells_run_a_from_run_b(monkeypatch):
+    """The help read 'Usage: stabledrl diff [OPTIONS] RUN RUN' over two identical RUN lines,
+    where docs/diff.md and every figure of the output speak of A and B: it names them RUN_A
+    and RUN_B, each its own line."""
+    monkeypatch.setenv("COLUMNS", "80")
+    text = runner.invoke(app, ["diff", "--help"]).stdout
+    assert "Usage: stabledrl diff [OPTIONS] RUN_A RUN_B" in text
+    lines = text.splitlines()
+    assert [line.split()[0] for line in lines if line.startswith("  RUN")] == ["RUN_A", "RUN_B"]

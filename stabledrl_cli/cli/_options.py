@@ -119,13 +119,11 @@ RunArg = Annotated[
     ),
 ]
 """A run read only at a local path (`cli._local.local_run` refuses a URL in one line)."""
+RUN_SOURCE_HELP = (
+    "Run directory or .h5 archive, a path or an fsspec URL (memory://, file://, s3://...)."
+)
 RunSourceArg = Annotated[
-    str,
-    typer.Argument(
-        help="Run directory or .h5 archive, a path or an fsspec URL (memory://, file://, s3://...).",
-        show_default=False,
-        metavar="RUN",
-    ),
+    str, typer.Argument(help=RUN_SOURCE_HELP, show_default=False, metavar="RUN")
 ]
 PolicyOpt = Annotated[
     list[str] | None,

@@ -17,7 +17,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, RunSourceArg, number_option
+from stabledrl_cli.cli._options import RUN_SOURCE_HELP, DeviceOpt, FormatOpt, number_option
 from stabledrl_cli.cli._output import err, out, plain_text, print_json
 from stabledrl_cli.cli.replay import option_names
 from stabledrl_cli.dump import RunIntegrityWarning, open_run
@@ -153,8 +153,18 @@ def _print_table(result: DiffResult, until: int | None) -> None:
 
 
 def command(
-    run_a: RunSourceArg,
-    run_b: RunSourceArg,
+    run_a: Annotated[
+        str,
+        typer.Argument(
+            help=f"{RUN_SOURCE_HELP} A in the output.", show_default=False, metavar="RUN_A"
+        ),
+    ],
+    run_b: Annotated[
+        str,
+        typer.Argument(
+            help=f"{RUN_SOURCE_HELP} B in the output.", show_default=False, metavar="RUN_B"
+        ),
+    ],
     until: Annotated[
         int | None,
         number_option(
