@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 from _corpus import flip_bit, step_path, tiny_run
 from typer.testing import CliRunner
 
@@ -98,3 +99,40 @@ def test_the_help_tells_run_a_from_run_b(monkeypatch):
     assert "Usage: stabledrl diff [OPTIONS] RUN_A RUN_B" in text
     lines = text.splitlines()
     assert [line.split()[0] for line in lines if line.startswith("  RUN")] == ["RUN_A", "RUN_B"]
+
+
+def _graded(path: Path, norms: np.ndarray | None) -> Path:
+    """Three steps of one policy batch, the same in every run, with these parameter grad
+    norms (None: not recorded)."""
+    with Recorder(path, policy="grpo", unit="sequence") as recorder:
+        for step in range(3):
+            logp = -np.ones(4, np.float32)
+            recorder.log_step(
+                step, logp=logp, logp_old=logp, advantages=np.ones(4, np.float32), loss=0.5,
+                grad_norm=1.0, param_grad_norm=norms,
+            )  # fmt: skip
+    return path
+
+
+def test_bits_no_kind_parts_on_are_not_said_within_the_tolerance(tmp_path):
+    """Runs equal but for an array only `arrays` compares, bit for bit (parameter grad
+    norms, gradient geometry): the verdict read 'bits first differ at step 0, within atol
+    1e-06, rtol 1e-05', though no tolerance applies to them (here B alone records them). It
+    names them; the JSON lists them under `bits_only`."""
+    a = _graded(tmp_path / "a", None)
+    b = _graded(tmp_path / "b", np.array([1.0, 2.0], np.float32))
+    result = runner.invoke(app, ["diff", str(a), str(b), "--device", "cpu"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert (
+        "they never part: bits first differ at step 0, within atol 1e-06, rtol 1e-05 but for "
+        "param_grad_norm (compared bit for bit only)"
+    ) in result.stdout.splitlines()
+    done = runner.invoke(app, ["diff", str(a), str(b), "--device", "cpu", "-f", "json"])
+    data = json.loads(done.stdout)
+    assert (data["parted_at"], data["bits_only"], data["identical"]) == (
+        None,
+        ["param_grad_norm"],
+        False,
+    )
+    same = runner.invoke(app, ["diff", str(a), str(a), "--device", "cpu", "-f", "json"])
+    assert json.loads(same.stdout)["bits_only"] == []

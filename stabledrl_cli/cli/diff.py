@@ -112,6 +112,8 @@ def _print_table(result: DiffResult, until: int | None) -> None:
                 f"bits first differ at step {result.first['arrays'].step}, within "
                 f"atol {result.atol:g}, rtol {result.rtol:g}"
             )
+            if result.bits_only:
+                verdict += f" but for {', '.join(result.bits_only)} (compared bit for bit only)"
     else:
         verdict = f"parted at step {result.parted_at}"
         if until is not None:

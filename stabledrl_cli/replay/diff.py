@@ -154,6 +154,9 @@ class DiffResult:
     """Steps run A has a file for but cannot read (torn, corrupt, a rank missing), as inclusive
     ranges: not among its steps, so not compared (one B holds is in `only_b`)."""
     unreadable_b: list[tuple[int, int]] = field(default_factory=list)
+    bits_only: list[str] = field(default_factory=list)
+    """The arrays no kind parts on (gradient geometry, `param_grad_norm`) whose bits differ at
+    a compared step: no tolerance applies to them."""
 
     @property
     def identical(self) -> bool:
@@ -286,6 +289,7 @@ class _Comparison:
     scalars_only: int = 0
     batches_compared: int = 0
     unshared: dict[str, set[str]] = field(default_factory=lambda: {"a": set(), "b": set()})
+    bits_only: set[str] = field(default_factory=set)
 
     @property
     def done(self) -> bool:
@@ -324,6 +328,8 @@ class _Comparison:
             bits, values = self._array(name, a, b)
             if bits is not None:
                 found["arrays"].append(FieldDifference(field=name, what=bits))
+                if _kind(name) == "arrays":
+                    self.bits_only.add(name)
             if values is not None and _kind(name) != "arrays":
                 found[_kind(name)].append(FieldDifference(field=name, what=values))
         for name in SCALAR_NAMES:
@@ -504,4 +510,5 @@ def diff_runs(
         around=around,
         unreadable_a=_ranges(sorted(unread_a)),
         unreadable_b=_ranges(sorted(unread_b)),
+        bits_only=sorted(comparison.bits_only),
     )
