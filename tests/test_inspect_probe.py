@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from _corpus import step_path, tiny_run
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -29,3 +31,14 @@ def test_a_run_of_no_step_beside_a_stray_file_is_not_said_to_have_unreadable_one
     rows = _rows(run)
     assert rows["steps"] == "0"
     assert rows["scored tokens / step"] == "n/a (no step)"
+
+
+def test_a_step_file_of_one_byte_is_said_in_the_singular(tmp_path):
+    """A step file cut to 1 byte read 'torn: 1 bytes, shorter than a safetensors header'."""
+    run = tiny_run(tmp_path / "run")
+    step_path(run, 1).write_bytes(b"x")
+    result = CliRunner().invoke(app, ["inspect", str(run), "-f", "json"])
+    findings = json.loads(result.stdout)["integrity"]["findings"]
+    assert [f["message"] for f in findings] == [
+        "step 1: torn: 1 byte, shorter than a safetensors header"
+    ]

@@ -30,7 +30,7 @@ from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import META_CRC_DATA, META_CRC_HEADER, temp_file_name
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import UsageError, counted
 
 HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on the header size
 _CHUNK = 1 << 22
@@ -368,7 +368,9 @@ def parse_header(
     try:
         prefix = fh.read(8)
         if len(prefix) < 8:
-            raise StepReadError("torn", f"{size} bytes, shorter than a safetensors header")
+            raise StepReadError(
+                "torn", f"{counted(size, 'byte')}, shorter than a safetensors header"
+            )
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > HEADER_LIMIT:
             raise StepReadError("unreadable", f"header length {header_len} is not plausible")
