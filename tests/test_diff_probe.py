@@ -136,3 +136,22 @@ def test_bits_no_kind_parts_on_are_not_said_within_the_tolerance(tmp_path):
     )
     same = runner.invoke(app, ["diff", str(a), str(a), "--device", "cpu", "-f", "json"])
     assert json.loads(same.stdout)["bits_only"] == []
+
+
+def test_a_step_a_rank_never_wrote_is_not_called_an_unreadable_file(tmp_path):
+    """A 2-rank run whose rank 1 wrote no file for step 2: diff warned 'skipped 1 unreadable
+    step file (step 2: incomplete, no file for rank(s) [1])', of a file that does not exist.
+    The step is counted as incomplete; a torn file beside it as an unreadable file."""
+    a = tiny_run(tmp_path / "a", world_size=2)
+    b = shutil.copytree(a, tmp_path / "b")
+    (b / "steps" / "step-00000002.rank-0001.safetensors").unlink()
+    torn = b / "steps" / "step-00000003.rank-0000.safetensors"
+    torn.write_bytes(torn.read_bytes()[:100])
+    result = runner.invoke(app, ["diff", str(a), str(b), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1, result.stderr
+    assert warning[0].startswith(
+        f"warning: {b}: skipped 1 incomplete step and 1 unreadable step file (step 2: incomplete"
+    )
+    assert "unreadable in B, not compared: 2..3" in result.stdout.splitlines()

@@ -33,7 +33,7 @@ import numpy as np
 
 from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
 from stabledrl_cli.dump._schema import SCALAR_STEP_FIELDS, SERIES_SCALARS, STANDARD_SCALARS
-from stabledrl_cli.errors import ConfigError, InputError
+from stabledrl_cli.errors import ConfigError, InputError, counted
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.run_facts import (
     SKIPPED_KINDS,
@@ -372,8 +372,8 @@ def _pairs(
 
 def _warn_skipped(run: Run, listed: list[int]) -> set[int]:
     """One warning naming the step files the run's reader skips at its header check (torn,
-    unreadable, a missing rank): they are not among its steps, so not compared. -> their
-    steps."""
+    unreadable) and the steps a rank wrote no file of (incomplete): they are not among its
+    steps, so not compared. -> their steps."""
     known = set(listed)
     skipped = [
         f
@@ -382,9 +382,13 @@ def _warn_skipped(run: Run, listed: list[int]) -> set[int]:
     ]
     reasons = [f.message for f in skipped]
     if reasons:
-        noun = "step file" if len(reasons) == 1 else "step files"
-        shown = shown_reasons(reasons)
-        message = f"{run.location}: skipped {len(reasons)} unreadable {noun} ({shown})"
+        incomplete = sum(f.kind == "missing_rank" for f in skipped)  # no file to read
+        counts = (
+            (incomplete, "incomplete step"),
+            (len(reasons) - incomplete, "unreadable step file"),
+        )
+        what = " and ".join(counted(n, noun) for n, noun in counts if n)
+        message = f"{run.location}: skipped {what} ({shown_reasons(reasons)})"
         warnings.warn(message, RunIntegrityWarning, stacklevel=3)
     return {f.step for f in skipped if f.step is not None}
 
