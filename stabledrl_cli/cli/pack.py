@@ -77,12 +77,24 @@ def command(
     if output_format == "json":
         print_json(summary.to_dict())
         return
-    ratio = summary.source_bytes / summary.archive_bytes if summary.archive_bytes else 0.0
+    change = _size_change(summary.source_bytes, summary.archive_bytes)
     out.print(
         f"packed {counted(summary.steps, 'step')} ({counted(summary.tokens, opened.unit)}) of "
         f"{summary.source} into "
         f"{summary.out}: {summary.source_bytes / 1e6:.2f} MB -> "
-        f"{summary.archive_bytes / 1e6:.2f} MB ({ratio:.2g}x)",
+        f"{summary.archive_bytes / 1e6:.2f} MB ({change})",
         highlight=False,
         soft_wrap=False,  # wrapped at the terminal's width, as import's lines are
     )
+
+
+def _size_change(source_bytes: int, archive_bytes: int) -> str:
+    """How the archive's size compares with the run's: `3.1x smaller`, `9.4x larger`, `same size`
+    (a ratio alone read both ways: 0.11x said an archive nine times the run's size)."""
+    if source_bytes == archive_bytes:
+        return "same size"
+    if not source_bytes or not archive_bytes:
+        return "n/a"
+    if archive_bytes < source_bytes:
+        return f"{source_bytes / archive_bytes:.2g}x smaller"
+    return f"{archive_bytes / source_bytes:.2g}x larger"
