@@ -42,3 +42,18 @@ def test_a_step_file_of_one_byte_is_said_in_the_singular(tmp_path):
     assert [f["message"] for f in findings] == [
         "step 1: torn: 1 byte, shorter than a safetensors header"
     ]
+
+
+def test_a_manifest_without_its_writer_or_date_says_so(tmp_path):
+    """A manifest someone rewrote without `tool_version` and `created` read 'v1.0 (written by
+    stabledrl None)' and 'created None'; a value that is not a string is no version or date
+    either."""
+    run = tiny_run(tmp_path / "run")
+    manifest = run / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["tool_version"]
+    data["created"] = {"by": "hand"}
+    manifest.write_text(json.dumps(data))
+    rows = _rows(run)
+    assert rows["format"] == f"v{data['format_version']} (writer not recorded)"
+    assert rows["created"] == "not recorded"

@@ -39,14 +39,21 @@ def _steps_text(steps: list[int], *, named: bool = False) -> str:
     return format_steps(steps, LIST_LIMIT, empty="none", separator=", ", more=" more", named=named)
 
 
+def _writer_text(tool_version: object) -> str:
+    """Which stabledrl wrote the run, as its manifest says (a rewritten one may not)."""
+    if isinstance(tool_version, str):
+        return f"written by stabledrl {tool_version}"
+    return "writer not recorded"
+
+
 def _run_table(s: RunSummary) -> Table:
     counts = s.tokens_per_step
     table = Table(title=f"Run {s.run}", show_header=False, title_justify="left")
     table.add_column("what", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold")  # a long spec folds, never cut
     rows = [
-        ("format", f"v{s.format_version} (written by stabledrl {s.tool_version})"),
-        ("created", str(s.created)),
+        ("format", f"v{s.format_version} ({_writer_text(s.tool_version)})"),
+        ("created", s.created if isinstance(s.created, str) else "not recorded"),
         ("run id", s.run_id or "not recorded (a run recorded before run ids)"),
         ("policy", str((s.policy or {}).get("spec", "not known"))),
         ("source", _source_text(s.source) if s.source else "recorded in the training loop"),
