@@ -142,17 +142,23 @@ def note_skipped(result: ReplayResult) -> None:
             f"{result.steps}",
             highlight=False,
         )
-    if not result.skipped:
-        return
     from stabledrl_cli.replay.run_facts import shown_reasons
 
-    skipped = counted(len(result.skipped), "unreadable, incomplete or invalid step")
-    err.print(
-        f"warning: skipped {skipped} of {result.run} "
-        f"({shown_reasons(result.skipped)}); replayed {result.steps}; `stabledrl inspect` lists "
-        "the reader's findings",
-        highlight=False,
-    )
+    if result.skipped:
+        skipped = counted(len(result.skipped), "unreadable, incomplete or invalid step")
+        err.print(
+            f"warning: skipped {skipped} of {result.run} "
+            f"({shown_reasons(result.skipped)}); replayed {result.steps}; `stabledrl inspect` "
+            "lists the reader's findings",
+            highlight=False,
+        )
+    if result.missing:
+        err.print(
+            f"warning: {result.run} misses steps between its recorded ones "
+            f"({shown_reasons(result.missing)}): never written, or lost; replayed "
+            f"{result.steps}; `stabledrl inspect` lists the reader's findings",
+            highlight=False,
+        )
 
 
 def metric_groups(names: Sequence[str] | None) -> tuple[MetricGroup, ...]:

@@ -222,6 +222,9 @@ class ReplayResult:
     """Why each skipped step was skipped (not in the JSON): the reader's reason for each step
     it could not read, then the replay's for each step whose data it could not use
     (`stream.StreamedRun.rejected`); each names its step."""
+    missing: list[str] = field(default_factory=list)
+    """Why steps are missing between the run's recorded ones (not in the JSON): one reason a
+    run of them (`run_facts.missing_reasons`)."""
     threads: int = 1
     """CPU threads the replay computed with (`ReplayConfig.threads`)."""
     scalar_steps: int = 0

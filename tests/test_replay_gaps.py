@@ -1,0 +1,59 @@
+"""A run with steps missing between recorded ones (a step file deleted, replaced by a link, or
+never written by a recording resumed after a crash): every command that replays it says so."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from _corpus import step_path, tiny_run
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def _holed(tmp_path: Path, how: str) -> Path:
+    """A tiny run whose steps 2 and 3 are gone (`deleted`) or are links (`linked`)."""
+    run = tiny_run(tmp_path / "run", steps=12)
+    for step in (2, 3):
+        step_path(run, step).unlink()
+        if how == "linked":
+            os.symlink(os.devnull, step_path(run, step))
+    return run
+
+
+@pytest.mark.parametrize("how", ["deleted", "linked"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["replay", "-p", "grpo"],
+        ["check", "--max-collapsed", "0"],
+        ["tune", "-p", "dapo:eps_high=0.2|0.3"],
+    ],
+)
+def test_steps_missing_between_recorded_ones_are_said(tmp_path, how, command):
+    """Steps 2 and 3 of a run recorded every step gone: replay, check and tune replayed the
+    other 6 and said nothing (exit 0, no line on stderr); the results stand on the steps
+    held, and one warning names the missing ones."""
+    run = _holed(tmp_path, how)
+    result = runner.invoke(app, [command[0], str(run), *command[1:]])
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert line == (
+        f"warning: {run} misses steps between its recorded ones (steps 2..3 missing (2 "
+        "step(s), stride 1)): never written, or lost; replayed 10; `stabledrl inspect` lists "
+        "the reader's findings"
+    ), line
+
+
+def test_a_run_recorded_every_few_steps_has_no_missing_step(tmp_path):
+    """Steps recorded at a stride (0, 2, 4, 6) miss none."""
+    run = tiny_run(tmp_path / "run", steps=8)
+    for step in (1, 3, 5, 7):
+        step_path(run, step).unlink()
+    result = runner.invoke(app, ["replay", str(run), "-p", "grpo"])
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.stderr, result.stderr
