@@ -1550,6 +1550,38 @@ def test_the_live_view_keeps_the_newest_steps_on_a_short_terminal(tmp_path, monk
     recorder.close()
 
 
+def test_the_live_view_wraps_a_line_wider_than_the_terminal(grpo_fixture, tmp_path, monkeypatch):
+    """On an 80-column terminal the live view cut each line at the 80th column: 10 steps of
+    a run, and the drift line read `drift steps: none (not judged: the drift rule judges a
+    step after 50 finite net_`, the rest of why lost (the console soft-wraps, so rich's live
+    display crops). Its lines now wrap, as --once's do."""
+    import io
+    import re
+
+    from stabledrl_cli.cli import _output, watch
+
+    live = tmp_path / "live"
+    live.mkdir()
+    _land_manifest(grpo_fixture, live)
+    _land(grpo_fixture, live, range(10))
+    screen = io.StringIO()
+    console = _output._LineConsole(
+        file=screen, force_terminal=True, width=80, height=40, soft_wrap=True, markup=False
+    )
+    monkeypatch.setattr(watch, "err", console)
+
+    def between_polls(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    result = CliRunner().invoke(app, ["watch", str(live), "--interval", "0.01", "--device", "cpu"])
+    assert result.exit_code == 130, result.output
+    drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert max(len(line) for line in drawn.splitlines()) <= 80
+    words = " ".join(drawn.split())
+    assert "net_push values in a row, and the run has 10 steps)" in words, drawn
+
+
 def test_a_reward_of_minus_infinity_leaves_the_collapse_judged(tmp_path, recwarn):
     """A run whose reward falls from 1 to 0 at step 40 and that once recorded a reward of
     -inf (a reward function's score for an invalid completion): the floor of the collapse

@@ -38,9 +38,13 @@ ESCAPED_CONTROLS = {
 note, a scalar's name) never moves the cursor, clears, retitles or recolours the terminal."""
 
 
-def plain_text(text: str) -> Text:
+def plain_text(text: str, *, wrapped: bool = False) -> Text:
     """`text` as a rich Text, its control characters escaped (`ESCAPED_CONTROLS`): a Text
-    goes to the console as it is, past `_LiveConsole.render_str`'s escaping."""
+    goes to the console as it is, past `_LiveConsole.render_str`'s escaping. `wrapped`: it
+    wraps at the console's width even on a soft-wrapping console, where a live display would
+    crop it."""
+    if wrapped:
+        return Text(text.translate(ESCAPED_CONTROLS), no_wrap=False, overflow="fold")
     return Text(text.translate(ESCAPED_CONTROLS))
 
 

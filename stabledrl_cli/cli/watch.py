@@ -206,7 +206,8 @@ def _view(state: WatchState) -> Group:
     ranks = ranks_text(state)
     if state.waiting is not None:
         waiting = [state.waiting] if ranks is None else [state.waiting, ranks]
-        return Group(*(plain_text(line) for line in [f"stabledrl watch {state.run}", *waiting]))
+        lines = [f"stabledrl watch {state.run}", *waiting]
+        return Group(*(plain_text(line, wrapped=True) for line in lines))
 
     def at(step: int | None) -> str:
         return "none" if step is None else f"step {step}"
@@ -250,7 +251,7 @@ def _view(state: WatchState) -> Group:
             format_cell(row.drift),
         )
     shown = [table] if state.recent else []  # --recent 0: no table, not a header alone
-    return Group(*(plain_text(line) for line in lines), *shown)
+    return Group(*(plain_text(line, wrapped=True) for line in lines), *shown)
 
 
 def _fitted(state: WatchState, console: Console) -> Group:
