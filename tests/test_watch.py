@@ -345,8 +345,11 @@ def test_recent_0_shows_no_table(tmp_path):
     run = _scalar_run(tmp_path / "run", range(8), policy=None)
     shown = CliRunner().invoke(app, ["watch", str(run), "--once", "--recent", "0"])
     assert shown.exit_code == 0, shown.stderr
-    # 8 steps: fewer reward values than the collapse window, so the rule judged none of them
-    assert shown.stdout.splitlines()[-1] == "collapse warning: none; reward collapse: not judged"
+    # 8 steps: fewer reward values than the collapse window, so the rule judged none of them;
+    # no policy batch, so neither did the collapse warning's
+    assert (
+        shown.stdout.splitlines()[-1] == "collapse warning: not judged; reward collapse: not judged"
+    )
     with_rows = CliRunner().invoke(app, ["watch", str(run), "--once", "--recent", "2"])
     header = "step ┃ reward ┃ grad norm ┃ discard ┃ risk ┃ drift"
     assert with_rows.stdout.splitlines()[-4].split() == header.split()

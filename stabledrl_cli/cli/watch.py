@@ -212,14 +212,20 @@ def _view(state: WatchState) -> Group:
     def at(step: int | None) -> str:
         return "none" if step is None else f"step {step}"
 
+    def listed(steps: list[int], rule: str, judged: str = "not judged", named: bool = True) -> str:
+        why = state.unjudged.get(rule)
+        return _steps(steps, named=named) + ("" if why is None else f" ({judged}: {why})")
+
     def replayed(steps: list[int], rule: str, judged: str) -> str:
         if not state.replayed_steps:
             return "- (nothing replayed)"
-        why = state.unjudged.get(rule)
-        return _steps(steps) + ("" if why is None else f" ({judged}: {why})")
+        return listed(steps, rule, judged, named=False)
 
-    collapse = state.first_reward_collapse
-    reward_collapse = "not judged" if "first_reward_collapse" in state.unjudged else at(collapse)
+    def first(step: int | None, rule: str) -> str:
+        return "not judged" if rule in state.unjudged else at(step)
+
+    warning = first(state.collapse_warning, "collapse_warning")
+    reward_collapse = first(state.first_reward_collapse, "first_reward_collapse")
 
     lines = [
         f"stabledrl watch {state.run}",
@@ -234,9 +240,9 @@ def _view(state: WatchState) -> Group:
     lines += [
         f"risk steps: {replayed(state.risk_steps, 'spike', 'spikes not judged')}",
         f"drift steps: {replayed(state.drift_steps, 'drift', 'not judged')}",
-        f"recorded grad-norm spikes: {_steps(state.spike_steps, named=True)}",
-        f"recorded non-finite: {_steps(state.nonfinite_steps, named=True)}",
-        f"collapse warning: {at(state.collapse_warning)}; reward collapse: {reward_collapse}",
+        f"recorded grad-norm spikes: {listed(state.spike_steps, 'spike_steps')}",
+        f"recorded non-finite: {listed(state.nonfinite_steps, 'nonfinite_steps')}",
+        f"collapse warning: {warning}; reward collapse: {reward_collapse}",
     ]
     table = Table(show_edge=False)
     for header in ("step", "reward", "grad norm", "discard", "risk", "drift"):

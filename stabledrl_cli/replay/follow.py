@@ -123,10 +123,20 @@ class WatchState:
     unjudged: dict[str, str] = field(default_factory=dict)
     """The rules that judged no step of the steps seen, each with why: the own policy's
     `drift` and `spike` (as a replay's `PolicySummary.unjudged`) and the recorded run's
-    `first_reward_collapse` (`Observed.unjudged`): their none says nothing."""
+    (`RECORDED_RULES`, `Observed.unjudged`): their none says nothing."""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+RECORDED_RULES = {
+    "spike_steps": "spike_steps",
+    "nonfinite_steps": "nonfinite_steps",
+    "collapse_warning": "collapse_warning_first_step",
+    "first_reward_collapse": "first_reward_collapse",
+}
+"""The recorded run's figures of `WatchState` (its keys) whose rule may judge no step -> the
+run figure `Observed.unjudged` names it by."""
 
 
 def _flag_steps(series: dict[str, ColumnArray], name: str) -> list[int]:
@@ -563,9 +573,10 @@ class RunWatcher:
         if series:
             geometry = [str(kind) for kind in series["geometry"]]
             unjudged.update(unjudged_rules(series, geometry, replay.config.window))
-        collapse_unjudged = observed.unjudged("first_reward_collapse")
-        if collapse_unjudged is not None:
-            unjudged["first_reward_collapse"] = collapse_unjudged
+        for key, figure in RECORDED_RULES.items():
+            why = observed.unjudged(figure)
+            if why is not None:
+                unjudged[key] = why
         shown = seen[-self.recent :] if self.recent > 0 else []
         index = {int(n): i for i, n in enumerate(series.get("step", []))}
         headers = {h.step: h for h in replay.headers(shown)}
