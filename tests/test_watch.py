@@ -817,6 +817,50 @@ def test_sigterm_stops_the_watch_as_ctrl_c_does(grpo_fixture, tmp_path):
     assert stderr.endswith("stopped (160 steps seen)\n") and "Traceback" not in stderr
 
 
+def _stop_as_the_console_leaves_its_buffer(monkeypatch, stop: BaseException, at: int) -> None:
+    """Raises `stop` as a signal's handler would at the entry of rich's `_exit_buffer` (the
+    `at`-th call), before it counts the exit: where a Ctrl-C or SIGTERM lands when it comes as
+    the watch prints a line."""
+    from rich.console import Console
+
+    leave = Console._exit_buffer
+    calls = iter(range(1, 10**9))
+
+    def landing(self: Console) -> None:
+        if next(calls) == at:
+            raise stop
+        leave(self)
+
+    monkeypatch.setattr(Console, "_exit_buffer", landing)
+
+
+@pytest.mark.parametrize("stop, code", [(KeyboardInterrupt(), 130), (None, 143)])
+def test_a_stop_that_lands_as_a_line_is_printed_loses_no_later_line(
+    grpo_fixture, tmp_path, monkeypatch, stop, code
+):
+    """Ctrl-C or SIGTERM landing as rich left its buffer after an alert's line (a stop in
+    the first call of `_exit_buffer`, before it counted the exit): the console stayed one
+    buffer deep, and nothing after was written: no last view, no `stopped (160 steps seen)`,
+    exit 130 or 143 all the same (test_sigterm_stops_the_watch_as_ctrl_c_does failed so on a
+    loaded machine). The lines after the stop are written, those buffered before them too."""
+    from stabledrl_cli.cli._signals import Terminated
+
+    live = tmp_path / "live"
+    shutil.copytree(grpo_fixture, live)  # no recording_closed mark: the watch goes on
+    _stop_as_the_console_leaves_its_buffer(monkeypatch, stop or Terminated(), at=3)
+    args = ["watch", str(live), "--interval", "0.01", "--recent", "2", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == code, result.output
+    assert "steps: 160 (last 159); own policy: grpo" in result.stderr
+    assert result.stderr.endswith("stopped (160 steps seen)\n"), result.stderr
+    _stop_as_the_console_leaves_its_buffer(monkeypatch, stop or Terminated(), at=3)
+    once = CliRunner().invoke(app, ["watch", str(live), "--once", "--device", "cpu"])
+    if stop is None:  # --once stopped by SIGTERM says so
+        assert once.exit_code == 143 and once.stderr.endswith("stopped by SIGTERM\n"), once.output
+    else:
+        assert once.exit_code == 130 and once.stderr.endswith("error: interrupted\n"), once.output
+
+
 _POLL_THAT_WAITS = """
 import signal, sys
 from stabledrl_cli.replay import follow, incremental

@@ -128,6 +128,16 @@ out = _DataConsole(soft_wrap=True, markup=False, emoji=False)
 err = _LineConsole(stderr=True, soft_wrap=True, markup=False, emoji=False)
 
 
+def writing_again() -> None:
+    """Makes the CLI's consoles write again after a stop (Ctrl-C, SIGTERM) that a print was cut
+    by: one raised as rich entered or left its buffer (a signal's handler runs at any call)
+    leaves the buffer's depth a step too deep, and every later line (the watch's last view,
+    `stopped (N steps seen)`, `error: interrupted`) would stay buffered, never written. Called
+    outside any print, where the depth is 0: what was buffered is written with the next line."""
+    for console in (out, err):
+        console._buffer_index = 0
+
+
 def print_json(data: Any) -> None:
     """`data` as indented JSON on stdout (numpy and non-finite values made JSON-safe)."""
     # Imported here: json_safe imports numpy (~50 ms), which `--help` and tables never need.

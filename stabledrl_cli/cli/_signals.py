@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from stabledrl_cli._process import SIGNALLED
-from stabledrl_cli.cli._output import err
+from stabledrl_cli.cli._output import err, writing_again
 
 Handler = Callable[[int, FrameType | None], Any]
 
@@ -102,5 +102,6 @@ def stopped_by_sigterm() -> Iterator[None]:
         with lost_stops_delivered_again(), sigterm_handled(terminate):
             yield
     except Terminated:
+        writing_again()
         err.print("stopped by SIGTERM", highlight=False)
         raise typer.Exit(SIGNALLED + signal.SIGTERM) from None

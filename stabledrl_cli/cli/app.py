@@ -27,7 +27,7 @@ from typer.core import TyperCommand, TyperGroup
 from stabledrl_cli._process import SIGNALLED
 from stabledrl_cli._version import __version__
 from stabledrl_cli.cli import _help
-from stabledrl_cli.cli._output import err, silence_stdout
+from stabledrl_cli.cli._output import err, silence_stdout, writing_again
 from stabledrl_cli.errors import StabledrlError
 
 
@@ -180,6 +180,8 @@ def mapped_errors(debug: bool) -> Iterator[None]:
         silence_stdout()
         raise typer.Exit(BROKEN_PIPE) from None
     except (Exception, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            writing_again()
         code, message = exit_code_for(exc)
         if debug:
             traceback.print_exception(exc, file=sys.stderr)

@@ -47,7 +47,7 @@ from stabledrl_cli.cli._options import (
     RunArg,
     number_option,
 )
-from stabledrl_cli.cli._output import err, out, plain_text, print_json
+from stabledrl_cli.cli._output import err, out, plain_text, print_json, writing_again
 from stabledrl_cli.cli._signals import (
     Terminated,
     sigterm_handled,
@@ -427,6 +427,7 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                 finally:  # the whole view stays on the terminal, every step of --recent
                     live.update(_view(state))
         except (KeyboardInterrupt, Terminated) as stop:
+            writing_again()
             _end_view()
             err.print(f"stopped ({counted(state.steps, 'step')} seen)", highlight=False)
             return TERMINATED if isinstance(stop, Terminated) else INTERRUPTED
