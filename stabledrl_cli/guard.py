@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from stabledrl_cli.errors import ConfigError, UsageError, one_line
+from stabledrl_cli.errors import ConfigError, UsageError, counted, one_line
 from stabledrl_cli.policies import Policy, PolicyBatch, get_policy, prepare
 from stabledrl_cli.replay.guards import SkipStep, ZClip, guard_spec, make_guard
 from stabledrl_cli.vocab import GUARD_MODES, GuardMode
@@ -158,9 +158,8 @@ class Guard:
             else:
                 decision = Decision("skip", 0.0, why, ruled.z)
         if policy is not None and bad and decision.action != "skip":
-            decision = Decision(
-                "skip", 0.0, f"{policy.spec}: {bad} non-finite coefficients", ruled.z
-            )
+            why = f"{policy.spec}: {counted(bad, 'non-finite coefficient')}"
+            decision = Decision("skip", 0.0, why, ruled.z)
         self.counts[decision.action] += 1
         if decision.skip:
             _skipped_under_record()

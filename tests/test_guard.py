@@ -113,7 +113,7 @@ def test_the_batch_rule_skips_a_non_finite_update_of_the_own_policy():
         unit="sequence",
     )
     decision = guard.before_step(grad_norm=1.0, batch=batch)
-    assert decision.skip and decision.reason == "grpo: 1 non-finite coefficients"
+    assert decision.skip and decision.reason == "grpo: 1 non-finite coefficient"
     fine = PolicyBatch(
         logp=torch.tensor([-1.0, -2.0, -1.0, -1.5]),
         logp_old=torch.tensor([-1.0, -2.0, -1.0, -1.5]),
