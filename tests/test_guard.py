@@ -280,7 +280,9 @@ def read(which):
         )
         Guard(policy="grpo").before_step(grad_norm=1.0, batch=batch)
     else:
-        Decision("scale", 0.5, "test").apply([torch.nn.Parameter(torch.ones(2))], applied=live)
+        param = torch.nn.Parameter(torch.ones(2))
+        param.grad = torch.ones(2)
+        Decision("scale", 0.5, "test").apply([param], applied=live)
 
 outcomes, warned = {}, None
 for which in sys.argv[1:]:
@@ -412,6 +414,26 @@ def test_apply_takes_one_tensor_as_clip_grad_norm_does():
     param.grad = torch.ones(2, 2)
     Decision("scale", 0.5, "").apply(param)
     assert param.grad.tolist() == [[0.5, 0.5], [0.5, 0.5]]
+
+
+def test_apply_refuses_the_gradients_in_place_of_their_parameters():
+    """docs/guard.md said apply takes 'the gradients' tensors': apply([p.grad for p in
+    params]) scaled each gradient's own .grad, None, so it did nothing, silently, on a step
+    the guard scales. Tensors none of which holds a .grad are refused, naming the argument;
+    parameters of which some hold none (frozen ones) are scaled where they do."""
+    model = torch.nn.Linear(2, 1)
+    model(torch.ones(1, 2)).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    with pytest.raises(UsageError) as refused:
+        Decision("scale", 0.5, "").apply([g for g in grads if g is not None])
+    assert str(refused.value) == (
+        "parameters: none of the 2 tensors holds a .grad to scale: give the parameters, as "
+        "clip_grad_norm_ takes them, not their gradients"
+    )
+    Decision("none", 1.0, "").apply([g for g in grads if g is not None])  # nothing to scale
+    model.bias.grad = None
+    Decision("scale", 0.5, "").apply(model.parameters())
+    assert model.weight.grad.tolist() == [[0.5, 0.5]] and model.bias.grad is None
 
 
 @pytest.mark.parametrize(
