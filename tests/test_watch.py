@@ -861,6 +861,22 @@ def test_a_stop_that_lands_as_a_line_is_printed_loses_no_later_line(
         assert once.exit_code == 130 and once.stderr.endswith("error: interrupted\n"), once.output
 
 
+def test_a_closed_stderr_exits_141_not_as_a_tripped_gate(grpo_fixture):
+    """`stabledrl watch RUN --once 2>&1 | head -2` (its alerts are on stderr): rich's own
+    broken-pipe handling of the stderr console exited 1, a tripped gate to cron or CI, with
+    no gate given. A closed stderr now ends it as a closed stdout does: quietly, exit 141."""
+    from stabledrl_cli.cli.app import BROKEN_PIPE
+
+    for args in (["--once"], ["--interval", "0.05"]):
+        watch = subprocess.Popen(
+            cli_command("watch", grpo_fixture, *args, "--device", "cpu"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_environment(),
+        )  # fmt: skip
+        assert watch.stderr is not None
+        watch.stderr.close()  # before the watch writes its first alert
+        assert watch.wait(timeout=HANG_SECONDS) == BROKEN_PIPE, args
+
+
 _POLL_THAT_WAITS = """
 import signal, sys
 from stabledrl_cli.replay import follow, incremental

@@ -58,6 +58,12 @@ class _LiveConsole(Console):
         if not self.is_jupyter:  # rich sizes a notebook's output once, on purpose
             self._width = kwargs.get("width")
 
+    def on_broken_pipe(self) -> None:
+        """A reader closed the stream (`| head`; `2>&1 | head` for stderr): the CLI's error
+        map exits quietly (141), not rich, whose SystemExit(1) would read as a tripped gate."""
+        self.quiet = True
+        raise BrokenPipeError
+
     def render_str(self, text: str, **kwargs: Any) -> Text:
         """Every string printed (table cells and titles too) with its control characters
         escaped (`ESCAPED_CONTROLS`); rich's own styling is added after, not escaped."""
@@ -103,11 +109,6 @@ class _DataConsole(_LiveConsole):
         if not self.is_terminal and "COLUMNS" not in os.environ:
             return ConsoleDimensions(max(size.width, PIPE_WIDTH), size.height)
         return size
-
-    def on_broken_pipe(self) -> None:
-        """A reader closed stdout (`| head`): the CLI's error map exits quietly, not rich."""
-        self.quiet = True
-        raise BrokenPipeError
 
 
 class _LineConsole(_LiveConsole):
