@@ -82,8 +82,9 @@ class Decision:
         that they already carry the factor `applied` (e.g. clip_grad_norm_'s
         min(1, max_norm / norm)); never scales up, and does nothing unless `action` is scale.
         `parameters`: tensors, or one tensor, as clip_grad_norm_ takes them; UsageError naming
-        it for anything else (a model: its `.parameters()` are), and for tensors none of which
-        holds a `.grad` on a step it scales (their gradients, given in their place)."""
+        it for anything else (a model: its `.parameters()` are), and on a step it scales for no
+        tensor (a generator clip_grad_norm_ used up) or tensors none of which holds a `.grad`
+        (their gradients, given in their place)."""
         applied = _number(applied, "applied")
         if not (math.isfinite(applied) and applied > 0):  # NaN would make every gradient NaN
             raise UsageError(f"applied must be a finite factor > 0, got {applied!r}")
@@ -95,6 +96,11 @@ class Decision:
             parameters = [parameters]
         tensors = list(parameters)
         _refuse_non_tensors(tensors)
+        if not tensors:
+            raise UsageError(
+                "parameters: no tensor to scale (an iterator already used up, as "
+                "model.parameters() is by clip_grad_norm_: give a list of them to both)"
+            )
         if not any(p.grad is not None for p in tensors):  # their gradients, given in their place
             raise UsageError(
                 f"parameters: none of the {len(tensors)} tensors holds a .grad to scale: give the "

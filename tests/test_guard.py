@@ -436,6 +436,23 @@ def test_apply_refuses_the_gradients_in_place_of_their_parameters():
     assert model.weight.grad.tolist() == [[0.5, 0.5]] and model.bias.grad is None
 
 
+def test_apply_names_a_generator_clip_grad_norm_used_up():
+    """`params = model.parameters()`, `clip_grad_norm_(params, ...)`, then `apply(params)`
+    (the page's example with a generator): apply got no tensor and scaled nothing, silently;
+    since bae64de it said 'none of the 0 tensors holds a .grad ... not their gradients', a
+    wrong lead. It now names the used-up iterator."""
+    model = torch.nn.Linear(2, 1)
+    model(torch.ones(1, 2)).sum().backward()
+    params = model.parameters()
+    torch.nn.utils.clip_grad_norm_(params, 100.0)
+    with pytest.raises(UsageError) as refused:
+        Decision("scale", 0.5, "").apply(params)
+    assert str(refused.value) == (
+        "parameters: no tensor to scale (an iterator already used up, as model.parameters() "
+        "is by clip_grad_norm_: give a list of them to both)"
+    )
+
+
 @pytest.mark.parametrize(
     ("given", "got"),
     [
