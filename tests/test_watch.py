@@ -1575,6 +1575,25 @@ def test_once_names_consecutive_damaged_steps_as_one_range(tmp_path):
     ), warning
 
 
+def test_a_watch_that_ends_names_the_damaged_steps_before_its_gates(tmp_path):
+    """A closed run whose steps 4..5 are torn: `--once` named them, the live watch that ended
+    on the closed recording (then evaluated the same gates over the same steps) said nothing,
+    so a CI job's `watch --until-idle ... --max-spikes 0` passed over skipped steps silently.
+    A watch that ends names them, as --once does, before its gates' lines."""
+    run = tmp_path / "run"
+    _norms_run(run, range(10), 1.0)
+    for n in (4, 5):
+        victim = run / "steps" / f"step-{n:08d}.safetensors"
+        victim.write_bytes(victim.read_bytes()[:60])
+    result = CliRunner().invoke(app, ["watch", str(run), "--interval", "0.01", "--max-spikes", "9"])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    warning = [n for n, line in enumerate(lines) if line.startswith("warning: skipped 2 unre")]
+    assert len(warning) == 1 and "(steps 4..5 (2 steps): torn: " in lines[warning[0]], lines
+    assert lines[warning[0] - 1] == "the recording closed: stopped (8 steps seen)"
+    assert lines[warning[0] + 1] == "gates passed: 1 gate holds"
+
+
 def test_the_live_view_keeps_the_newest_steps_on_a_short_terminal(tmp_path, monkeypatch):
     """A terminal shorter than the view (15 rows; 20 lines: 8 of state, the table's header and
     its last 10 steps): rich cropped the view at the bottom, where the newest steps are, so

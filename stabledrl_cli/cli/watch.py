@@ -447,6 +447,7 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
             watcher, state, f"{watcher.path}: no step landed within {until_idle:g} s"
         )
     err.print(f"{ended}: stopped ({counted(state.steps, 'step')} seen)", highlight=False)
+    _warn_damaged(watcher)  # as --once names them: the gates below skipped them
     _require_replayed(watcher)
     return _report_gates(_gates(watcher, gates))
 
