@@ -57,3 +57,17 @@ def test_a_run_recorded_every_few_steps_has_no_missing_step(tmp_path):
     result = runner.invoke(app, ["replay", str(run), "-p", "grpo"])
     assert result.exit_code == 0, result.output
     assert "warning" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("how", ["deleted", "linked"])
+def test_watch_once_says_the_steps_missing_too(tmp_path, how):
+    """`watch --once` over the same run read its 10 steps, passed its gate and said nothing of
+    steps 2 and 3."""
+    run = _holed(tmp_path, how)
+    result = runner.invoke(app, ["watch", str(run), "--once", "--max-nonfinite", "0"])
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert line == (
+        f"warning: {run} misses steps between its recorded ones (steps 2..3 missing (2 "
+        "step(s), stride 1)): never written, or lost; `stabledrl inspect` lists every finding"
+    ), line

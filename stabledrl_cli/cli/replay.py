@@ -154,11 +154,21 @@ def note_skipped(result: ReplayResult) -> None:
         )
     if result.missing:
         err.print(
-            f"warning: {result.run} misses steps between its recorded ones "
-            f"({shown_reasons(result.missing)}): never written, or lost; replayed "
-            f"{result.steps}; `stabledrl inspect` lists the reader's findings",
+            f"{missing_line(result.run, result.missing)}; replayed {result.steps}; "
+            "`stabledrl inspect` lists the reader's findings",
             highlight=False,
         )
+
+
+def missing_line(run: str, reasons: list[str]) -> str:
+    """The warning that `run` misses steps between its recorded ones (`reasons`:
+    `run_facts.missing_reasons`)."""
+    from stabledrl_cli.replay.run_facts import shown_reasons
+
+    return (
+        f"warning: {run} misses steps between its recorded ones ({shown_reasons(reasons)}): "
+        "never written, or lost"
+    )
 
 
 def metric_groups(names: Sequence[str] | None) -> tuple[MetricGroup, ...]:

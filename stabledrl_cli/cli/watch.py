@@ -56,7 +56,7 @@ from stabledrl_cli.cli._signals import (
 )
 from stabledrl_cli.cli.app import INTERRUPTED
 from stabledrl_cli.cli.inspect import LIST_LIMIT, stopped_text
-from stabledrl_cli.cli.replay import option_names
+from stabledrl_cli.cli.replay import missing_line, option_names
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.dump._open import run_to_come
 from stabledrl_cli.errors import InputError, UsageError, counted
@@ -66,6 +66,7 @@ from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
 from stabledrl_cli.replay.inspection import group_findings
 from stabledrl_cli.replay.run_facts import (
     DAMAGED_KINDS,
+    missing_reasons,
     print_own_policy_note,
     shown_reasons,
     whole_run_refusal,
@@ -318,10 +319,17 @@ def _report_gates(results: list[GateResult]) -> int:
 
 
 def _warn_damaged(watcher: RunWatcher) -> None:
-    """Prints `_damaged_line`, if any."""
+    """Prints `_damaged_line`, if any, and the warning of steps missing between the recorded
+    ones, as replay does."""
     damaged = _damaged_line(watcher)
     if damaged is not None:
         err.print(damaged, highlight=False)
+    missing = [] if watcher.replay is None else missing_reasons(watcher.replay.run)
+    if missing:
+        line = (
+            f"{missing_line(str(watcher.path), missing)}; `stabledrl inspect` lists every finding"
+        )
+        err.print(line, highlight=False)
 
 
 def _no_step_read(watcher: RunWatcher, state: WatchState, message: str) -> InputError:
