@@ -1725,3 +1725,14 @@ def test_a_policy_gate_on_a_run_with_no_policy_is_refused_when_the_run_is_read(
         "policy; gate it with --max-spikes, --max-nonfinite or --fail-on-collapse"
     )
     recorder.close()
+
+
+def test_a_run_under_a_file_is_refused_not_waited_for(tmp_path):
+    """`watch notes.txt/run`: no run can ever appear under a regular file, yet the live watch
+    waited for its manifest until killed (`--once` said 'no such run', exit 3). It is refused
+    at once, as `--once` refuses it."""
+    (tmp_path / "notes.txt").write_text("x")
+    run = tmp_path / "notes.txt" / "run"
+    result = CliRunner().invoke(app, ["watch", str(run), "--until-idle", "30"])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.splitlines()[-1] == f"error: no such run: {run}"

@@ -50,7 +50,13 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
 
 
 def run_to_come(path: Path) -> bool:
-    """Whether `path` is a directory or nothing yet: a run that a watch waits for, its
-    manifest landing later. Anything else (a packed archive, a FIFO or device that never
-    becomes a run) is opened as it is, so a non-run is refused, not waited on."""
-    return path.is_dir() or not path.exists()
+    """Whether `path` is a directory or nothing yet, under a directory: a run that a watch
+    waits for, its manifest landing later. Anything else (a packed archive, a FIFO or device
+    that never becomes a run, a path under a regular file) is opened as it is, so a non-run is
+    refused, not waited on."""
+    if path.is_dir():
+        return True
+    if path.exists():
+        return False
+    existing = next((p for p in path.absolute().parents if p.exists()), None)
+    return existing is not None and existing.is_dir()
