@@ -146,13 +146,19 @@ class Guard:
     ) -> Decision:
         """The decision for the step whose pre-clip gradient norm is `grad_norm` (loss: its loss,
         which the skip-step rule also watches; batch: its batch, for the batch rule; a tensor
-        still in the autograd graph is read detached). UsageError for a negative grad_norm or
-        a batch without a field the policy needs, InputError for a malformed batch, before the
-        rule sees the step (a NaN or inf grad norm is a non-finite step: skipped)."""
+        still in the autograd graph is read detached). UsageError for a negative grad_norm, a
+        batch without a field the policy needs or a batch given a guard without a policy,
+        InputError for a malformed batch, before the rule sees the step (a NaN or inf grad
+        norm is a non-finite step: skipped)."""
         norm = _number(grad_norm, "grad_norm")
         if norm < 0:
             raise UsageError(f"grad_norm must be >= 0 (a norm), got {norm!r}")
         policy, bad = self.policy, 0
+        if batch is not None and policy is None:
+            raise UsageError(
+                "batch: the batch rule needs the run's policy: make the guard with "
+                "Guard(..., policy=SPEC), or give no batch"
+            )
         if batch is not None and policy is not None:
             bad = _nonfinite_coefficients(policy, batch)
         ruled = self.rule.update(norm, None if loss is None else _number(loss, "loss"))

@@ -124,6 +124,23 @@ def test_the_batch_rule_skips_a_non_finite_update_of_the_own_policy():
     assert guard.before_step(grad_norm=1.0, batch=fine).action == "none"
 
 
+def test_a_batch_given_to_a_guard_without_a_policy_is_refused_not_ignored():
+    """`Guard(mode="skip").before_step(grad_norm=1.0, batch=batch)` with a batch whose update
+    is NaN: the batch rule needs the run's policy, so the batch was ignored in silence and the
+    step went on ('none'); it is refused, as every other input the guard cannot use is, before
+    its grad norm enters the rule's statistics."""
+    guard, fresh = Guard(mode="skip"), Guard(mode="skip")
+    batch = PolicyBatch(
+        logp=torch.tensor([[float("nan"), -1.0]]),
+        logp_old=torch.zeros(1, 2),
+        advantages=torch.ones(1),
+    )
+    with pytest.raises(UsageError, match=r"batch: the batch rule needs the run's policy"):
+        guard.before_step(grad_norm=1.0, batch=batch)
+    assert guard.before_step(grad_norm=1.0) == fresh.before_step(grad_norm=1.0)
+    assert guard.counts == fresh.counts
+
+
 def test_bad_settings_are_usage_errors():
     with pytest.raises(UsageError, match="unknown guard mode"):
         Guard(mode="off")  # type: ignore[arg-type]
