@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from stabledrl_cli.cli._local import local_output
-from stabledrl_cli.cli._options import DeviceOpt, number_option
+from stabledrl_cli.cli._options import DeviceOpt, number_option, on_command_line
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
 from stabledrl_cli.cli.app import debug_requested
@@ -191,6 +191,20 @@ def _deprecated_steps(rl_steps: int | None, steps: int | None) -> int | None:
     return steps
 
 
+def _example_options_given(ctx: typer.Context) -> list[str]:
+    """The options of the built-in example (its help panels, and --device) given on the
+    command line, each by the name given (`--no-skip-nonfinite` for a flag's off side)."""
+    given = []
+    for param in ctx.command.params:
+        panel = getattr(param, "rich_help_panel", None)
+        if param.name is None or not on_command_line(param.name):
+            continue
+        if panel in (EXAMPLE, GEOMETRY) or param.name == "device":
+            off = ctx.params[param.name] is False and param.secondary_opts
+            given.append(param.secondary_opts[0] if off else param.opts[0])
+    return given
+
+
 def _default(name: str) -> str:
     """`ExampleConfig`'s default of a field, for the help."""
     return f"default {getattr(DEFAULTS, name)}"
@@ -254,6 +268,7 @@ def command(
             max=MAX_RL_STEPS,
             hidden=True,
             help="Deprecated alias of --rl-steps.",
+            rich_help_panel=EXAMPLE,
         ),
     ] = None,
     checkpoint_every: Annotated[
@@ -451,6 +466,12 @@ def command(
             raise UsageError(
                 "--geometry records the built-in example; a training script passes "
                 "geometry to its Recorder (see stabledrl_cli.capture.geometry)"
+            )
+        given = _example_options_given(ctx)
+        if given:
+            raise UsageError(
+                f"{', '.join(given)}: for the built-in example; a training command (-- CMD) "
+                "trains with its own settings"
             )
         run_command(out, cmd, force, policy, optimizer_hooks, debug=debug_requested(ctx))
         return

@@ -1,0 +1,52 @@
+"""`stabledrl record -- CMD` refuses the built-in example's options rather than ignore them:
+the command trains with its own settings, so `--rl-steps 5` beside it would promise what
+never happens."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+
+COMMAND = ["--", sys.executable, "-c", "pass"]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--rl-steps", "5"],
+        ["--steps", "5"],
+        ["--seed", "3"],
+        ["--lr", "0.01"],
+        ["--estimator", "elbo"],
+        ["--same-mask"],
+        ["--unit", "token"],
+        ["--max-grad-norm", "2"],
+        ["--no-skip-nonfinite"],
+        ["--threads", "1"],
+        ["--guard", "skip"],
+        ["--guard-rule", "zclip"],
+        ["--device", "cpu"],
+    ],
+)
+def test_an_option_of_the_built_in_example_beside_a_command_is_a_usage_error(
+    tmp_path, option: list[str]
+) -> None:
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["record", "--out", str(out), *option, *COMMAND])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert option[0] in errors[0] and "built-in example" in errors[0]
+    assert not out.exists()
+
+
+def test_the_options_of_a_command_still_run_it(tmp_path) -> None:
+    out = tmp_path / "run"
+    args = ["record", "--out", str(out), "-p", "grpo", "--no-optimizer-hooks", *COMMAND]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "recorded no step" in result.stderr
