@@ -1442,22 +1442,24 @@ def test_the_exit_that_reports_a_handled_error_pickles_as_pythons_own(tmp_path, 
 
 
 @pytest.mark.parametrize(
-    ("first_line", "why"),
+    ("first_line", "mode", "why"),
     [
-        (None, "command not found: {cmd}"),
-        (b"#!/no/such/interpreter\n", "cannot run {cmd}: its #! line names /no/such/interpreter, "
-         "which does not exist"),
-        (b"just text, no #! line\n", "cannot run {cmd}: Exec format error"),
+        (None, 0o755, "command not found: {cmd}"),
+        (b"#!/no/such/interpreter\n", 0o755, "cannot run {cmd}: its #! line names "
+         "/no/such/interpreter, which does not exist"),
+        (b"just text, no #! line\n", 0o755, "cannot run {cmd}: Exec format error"),
+        (b"#!/bin/sh\n", 0o644, "cannot run {cmd}: Permission denied"),
     ],
 )  # fmt: skip
-def test_a_command_the_system_cannot_start_is_one_line_and_exit_2(tmp_path, first_line, why):
+def test_a_command_the_system_cannot_start_is_one_line_and_exit_2(tmp_path, first_line, mode, why):
     """A script whose interpreter is missing made exec say the script itself did not exist
     (exit 3, "No such file or directory"), and a file the system cannot execute exited 3
-    with the OSError's text: each is now a usage error saying why, before any step."""
+    with the OSError's text: each is now a usage error saying why, before any step. A file
+    without the execute bit was said to be "command not found": it is there, not runnable."""
     cmd = tmp_path / "train.sh"
     if first_line is not None:
         cmd.write_bytes(first_line + b"exit 0\n")
-        cmd.chmod(0o755)
+        cmd.chmod(mode)
     out = tmp_path / "run"
     done = subprocess.run(
         [*cli_command(), "record", "--out", str(out), "--", str(cmd)],
