@@ -1173,12 +1173,16 @@ def test_an_out_that_is_a_symlink_to_nothing_is_refused_as_not_a_directory(tmp_p
     assert out.is_symlink() and not (tmp_path / "nowhere").exists()
 
 
-@pytest.mark.parametrize("manifest", ['{"name": "webapp"}', '{"format": "other-tool"}'])
+@pytest.mark.parametrize(
+    "manifest", ['{"name": "webapp"}', '{"format": "other-tool"}', '["a.png", "b.png"]', "42"]
+)
 def test_force_never_overwrites_a_manifest_that_is_no_runs(tmp_path, manifest):
-    """`--force` replaces a run: a directory whose manifest.json is another tool's (a JSON
-    object of no stabledrl run) is refused before the command starts (exit 2, one line), the
-    file kept; it was overwritten with the run's manifest. (A manifest that is no JSON is a
-    damaged run's, and replaced: test_record_force_over_a_manifest_that_is_no_file...)"""
+    """`--force` replaces a run: a directory whose manifest.json is another tool's (JSON of no
+    stabledrl run: an object of another kind, or a list, a number...) is refused before the
+    command starts (exit 2, one line), the file kept; it was overwritten with the run's
+    manifest (a list or a number until the list of files `["a.png", "b.png"]` was lost so).
+    (A manifest that is no JSON is a damaged run's, and replaced:
+    test_record_force_over_a_manifest_that_is_no_file...)"""
     out = tmp_path / "webapp"
     out.mkdir()
     (out / "manifest.json").write_text(manifest)

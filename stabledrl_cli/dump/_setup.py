@@ -263,16 +263,17 @@ def reclose_run(path: Path, closed: dict[str, Any]) -> None:
 
 
 def check_replaceable(path: Path) -> None:
-    """UsageError when the directory `path` holds another tool's manifest.json (a JSON object
-    that is no stabledrl run's manifest): replacing a run rewrites its manifest, and never
-    overwrites that. A manifest that cannot be read as JSON (a damaged run's, a FIFO or a
-    link put in its place) is a run's to replace."""
+    """UsageError when the directory `path` holds another tool's manifest.json (JSON that is
+    no stabledrl run's manifest: an object of another kind, a list, a number...): replacing a
+    run rewrites its manifest, and never overwrites that. A manifest that cannot be read as
+    JSON (a damaged run's, a FIFO or a link put in its place) is a run's to replace."""
     try:
-        manifest = manifest_now(path)
-    except (InputError, ValueError):
+        if manifest_now(path).get("format") == RUN_KIND:
+            return
+    except InputError:
         return
-    if manifest.get("format") == RUN_KIND:
-        return
+    except ValueError:  # JSON, but no object: no Recorder wrote it
+        pass
     where = path / MANIFEST_NAME
     raise UsageError(
         f"{where} is not a stabledrl run's manifest: replacing a run would overwrite it; "
