@@ -50,3 +50,16 @@ def test_the_options_of_a_command_still_run_it(tmp_path) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "recorded no step" in result.stderr
+
+
+def test_a_separator_with_no_command_after_it_is_a_usage_error(tmp_path) -> None:
+    """`record --out R -- $TRAIN` with $TRAIN empty trained and recorded the built-in example
+    into R, as if no `--` had been given."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["record", "--out", str(out), "--rl-steps", "1", "--"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        "error: no command after --: give the training command after it, or leave -- out "
+        "to record the built-in example"
+    ]
+    assert not out.exists()

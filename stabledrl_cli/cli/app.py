@@ -141,6 +141,7 @@ BROKEN_PIPE = SIGNALLED + signal.SIGPIPE  # 141
 INTERRUPTED = SIGNALLED + signal.SIGINT  # 130
 _DEBUG_FLAG = "--debug"
 _DEBUG_KEY = "stabledrl.debug"
+_SEPARATOR_KEY = "stabledrl.separator"
 
 
 def exit_code_for(exc: BaseException) -> tuple[int, str]:
@@ -193,6 +194,12 @@ def mapped_errors(debug: bool) -> Iterator[None]:
 def debug_requested(ctx: Context) -> bool:
     """Whether `--debug` or STABLEDRL_DEBUG asks for tracebacks in place of error lines."""
     return bool(ctx.meta.get(_DEBUG_KEY)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def separator_given(ctx: Context) -> bool:
+    """Whether the command line holds a bare `--` (`record --out R -- CMD`), even with nothing
+    after it."""
+    return bool(ctx.meta.get(_SEPARATOR_KEY))
 
 
 def _hoist_debug(args: Sequence[str]) -> list[str]:
@@ -269,6 +276,7 @@ class LazyGroup(TyperGroup):
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
         hoisted = _hoist_debug(args)
         ctx.meta[_DEBUG_KEY] = _DEBUG_FLAG in hoisted[:1]
+        ctx.meta[_SEPARATOR_KEY] = "--" in hoisted
         with mapped_errors(debug=False):
             result: list[str] = super().parse_args(ctx, hoisted)
         return result

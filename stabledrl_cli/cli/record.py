@@ -20,7 +20,7 @@ from stabledrl_cli.cli._local import local_output
 from stabledrl_cli.cli._options import DeviceOpt, number_option, on_command_line
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
-from stabledrl_cli.cli.app import debug_requested
+from stabledrl_cli.cli.app import debug_requested, separator_given
 from stabledrl_cli.dump._setup import check_replaceable, directory_or_nothing
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
@@ -442,6 +442,11 @@ def command(
     each stabledrl_cli.log_policy_batch(step, ...) call records a policy batch, merged into
     optimizer step number `step` (docs/recording.md).
     """
+    if not cmd and separator_given(ctx):  # `-- $TRAIN` with $TRAIN empty
+        raise UsageError(
+            "no command after --: give the training command after it, or leave -- out to "
+            "record the built-in example"
+        )
     rl_steps = _deprecated_steps(rl_steps, steps)
     out = local_output(out_arg, "record", "its run")
     _check_out(out, force)
