@@ -63,3 +63,16 @@ def test_a_separator_with_no_command_after_it_is_a_usage_error(tmp_path) -> None
         "to record the built-in example"
     ]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--no-optimizer-hooks", "--optimizer-hooks"])
+def test_the_optimizer_hooks_switch_without_a_command_is_a_usage_error(tmp_path, flag) -> None:
+    """The switch is for `-- CMD` (its help says so): the built-in example ignored it."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["record", "--out", str(out), "--rl-steps", "1", flag])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        f"error: {flag}: for a training command (-- CMD); the built-in example records its "
+        "steps through its own Recorder"
+    ]
+    assert not out.exists()

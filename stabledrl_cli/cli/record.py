@@ -480,6 +480,12 @@ def command(
             )
         run_command(out, cmd, force, policy, optimizer_hooks, debug=debug_requested(ctx))
         return
+    if on_command_line("optimizer_hooks"):
+        flag = "--optimizer-hooks" if optimizer_hooks else "--no-optimizer-hooks"
+        raise UsageError(
+            f"{flag}: for a training command (-- CMD); the built-in example records its steps "
+            "through its own Recorder"
+        )
     geometry_config = None
     if geometry is not None:
         from stabledrl_cli.capture.geometry import GeometryConfig  # imports torch
