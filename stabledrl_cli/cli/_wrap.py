@@ -57,7 +57,7 @@ UNCAUGHT = 1
 NO_STEP = (
     "the command recorded no step: no torch optimizer.step() ran in a Python process of the "
     "command (the optimizer hooks record those; not with --no-optimizer-hooks, `python -I`, "
-    "`-E` or `-S`) and it never called stabledrl_cli.log_policy_batch(step, ...)"
+    "`-E` or `-S`) and no call of stabledrl_cli.log_policy_batch(step, ...) recorded one"
 )
 
 

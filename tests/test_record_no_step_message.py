@@ -1,0 +1,30 @@
+"""`record -- CMD` whose command recorded no step says so truthfully: a command that called
+log_policy_batch with batches that hold no token was told it 'never called' it."""
+
+from __future__ import annotations
+
+import sys
+
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+
+EMPTY_BATCH = (
+    "import numpy as np, stabledrl_cli as sd\n"
+    "sd.log_policy_batch(0, logp=np.zeros(0), logp_old=np.zeros(0), advantages=np.zeros(0),"
+    " seq_id=np.zeros(0, dtype=np.int32))\n"
+)
+
+
+def test_a_command_whose_only_batch_held_no_token_is_not_said_to_never_call_it(tmp_path):
+    out = tmp_path / "run"
+    args = ["record", "--out", str(out), "-p", "grpo", "--", sys.executable, "-c", EMPTY_BATCH]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    last = result.stderr.splitlines()[-1]
+    assert last == (
+        "error: the command recorded no step: no torch optimizer.step() ran in a Python process "
+        "of the command (the optimizer hooks record those; not with --no-optimizer-hooks, "
+        "`python -I`, `-E` or `-S`) and no call of stabledrl_cli.log_policy_batch(step, ...) "
+        "recorded one"
+    )
