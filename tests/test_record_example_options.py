@@ -76,3 +76,20 @@ def test_the_optimizer_hooks_switch_without_a_command_is_a_usage_error(tmp_path,
         "steps through its own Recorder"
     ]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "train.py"], ["train.py", "--force"]])
+def test_a_command_not_after_a_separator_is_a_usage_error(tmp_path, command) -> None:
+    """Without `--` the command's own options were read as record's: `record --out R python
+    train.py --force` took the script's --force as its own (replacing the run at R) and ran
+    the script without it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "kept.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["record", "--out", str(out), *command])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        "error: put the training command after --: stabledrl record --out RUN -- CMD (before "
+        "--, the command's own options would be read as record's)"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["kept.txt"]

@@ -196,10 +196,11 @@ def debug_requested(ctx: Context) -> bool:
     return bool(ctx.meta.get(_DEBUG_KEY)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def separator_given(ctx: Context) -> bool:
-    """Whether the command line holds a bare `--` (`record --out R -- CMD`), even with nothing
-    after it."""
-    return bool(ctx.meta.get(_SEPARATOR_KEY))
+def after_separator(ctx: Context) -> list[str] | None:
+    """The arguments after the command line's bare `--` (`record --out R -- CMD`), [] for a
+    `--` with nothing after it; None without one."""
+    after: list[str] | None = ctx.meta.get(_SEPARATOR_KEY)
+    return after
 
 
 def _hoist_debug(args: Sequence[str]) -> list[str]:
@@ -276,7 +277,7 @@ class LazyGroup(TyperGroup):
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
         hoisted = _hoist_debug(args)
         ctx.meta[_DEBUG_KEY] = _DEBUG_FLAG in hoisted[:1]
-        ctx.meta[_SEPARATOR_KEY] = "--" in hoisted
+        ctx.meta[_SEPARATOR_KEY] = hoisted[hoisted.index("--") + 1 :] if "--" in hoisted else None
         with mapped_errors(debug=False):
             result: list[str] = super().parse_args(ctx, hoisted)
         return result

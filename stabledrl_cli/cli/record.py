@@ -20,7 +20,7 @@ from stabledrl_cli.cli._local import local_output
 from stabledrl_cli.cli._options import DeviceOpt, number_option, on_command_line
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
-from stabledrl_cli.cli.app import debug_requested, separator_given
+from stabledrl_cli.cli.app import after_separator, debug_requested
 from stabledrl_cli.dump._setup import check_replaceable, directory_or_nothing
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
@@ -442,7 +442,13 @@ def command(
     each stabledrl_cli.log_policy_batch(step, ...) call records a policy batch, merged into
     optimizer step number `step` (docs/recording.md).
     """
-    if not cmd and separator_given(ctx):  # `-- $TRAIN` with $TRAIN empty
+    after = after_separator(ctx)
+    if cmd and (after is None or len(cmd) > len(after)):  # some of it came before `--`
+        raise UsageError(
+            "put the training command after --: stabledrl record --out RUN -- CMD (before --, "
+            "the command's own options would be read as record's)"
+        )
+    if not cmd and after is not None:  # `-- $TRAIN` with $TRAIN empty
         raise UsageError(
             "no command after --: give the training command after it, or leave -- out to "
             "record the built-in example"
