@@ -220,6 +220,14 @@ class Command(TyperCommand):
         _help.prepare_params(params)
         return params
 
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        try:
+            parsed: list[str] = super().parse_args(ctx, args)
+        except UsageError as exc:  # click's parser leaves some ("requires an argument") unplaced
+            exc.ctx = exc.ctx or ctx  # so its line names this command's help
+            raise
+        return parsed
+
     def collect_usage_pieces(self, ctx: Context) -> list[str]:
         return _help.usage_pieces(ctx, self.get_params(ctx))
 
