@@ -26,8 +26,8 @@ class UsageError(StabledrlError, ValueError):
 
 
 class ConfigError(UsageError):
-    """A replay, gate or guard setting out of range (exit 2), naming the setting (`field`) so a
-    front end can name its own option for it."""
+    """A replay, gate, guard or example setting out of range (exit 2), naming the setting
+    (`field`) so a front end can name its own option for it."""
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field} {problem}")

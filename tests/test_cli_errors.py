@@ -171,10 +171,10 @@ def test_threads_of_the_example_are_bounded(tmp_path, command: str, threads: str
     ("args", "message"),
     [
         (["watch", "unused", "--interval", "1e30"], "--interval must be in (0, 86400] seconds"),
-        (["record", "--rl-steps", "1", "--seed", str(10**29)], "seed must be an integer in"),
+        (["record", "--rl-steps", "1", "--seed", str(10**29)], "--seed must be an integer in"),
         (["record", "--rl-steps", "1", "--seed", str(10**30)], "'--seed': not an integer"),
-        (["record", "--rl-steps", "1", "--lr", "inf"], "lr must be a finite number > 0, got inf"),
-        (["record", "--rl-steps", "1", "--max-grad-norm", "inf"], "max_grad_norm must be a fin"),
+        (["record", "--rl-steps", "1", "--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["record", "--rl-steps", "1", "--max-grad-norm", "inf"], "--max-grad-norm must be a fin"),
         (["replay", "unused", "--guard", "skip-step:sigma=inf"], "sigma expects a finite number"),
     ],
     ids=[

@@ -93,3 +93,27 @@ def test_a_command_not_after_a_separator_is_a_usage_error(tmp_path, command) -> 
         "--, the command's own options would be read as record's)"
     ]
     assert sorted(p.name for p in out.iterdir()) == ["kept.txt"]
+
+
+@pytest.mark.parametrize(
+    ("options", "line"),
+    [
+        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["--max-grad-norm", "0"], "--max-grad-norm must be a finite number > 0, got 0.0"),
+        (["--seed", str(2**63)], f"--seed must be an integer in [-2**63, 2**63 - 1], got {2**63}"),
+        (["--geometry-every", "0"], "--geometry-every must be an integer >= 1, got 0"),
+        (["--geometry-k", "0"], "--geometry-k must be an integer >= 1, got 0"),
+        (["--geometry-k", "9000"], "--geometry-k must be at most 8192 (a relative error of 0.8%), "
+         "got 9000"),
+        (["--geometry-seed", "-5"], "--geometry-seed must be an integer >= 0, got -5"),
+    ],
+)  # fmt: skip
+def test_a_value_out_of_range_names_the_option_given(tmp_path, options, line) -> None:
+    """`--lr nan` said 'lr must be ...' and `--geometry-every 0` 'geometry every must be ...':
+    the library's names for them, where every other bad value names the option."""
+    geometry = ["--geometry", "sketch"] if options[0].startswith("--geometry") else []
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["record", "--out", str(out), *geometry, *options])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [f"error: {line}"]
+    assert not out.exists()

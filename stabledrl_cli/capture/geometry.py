@@ -49,7 +49,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from stabledrl_cli.capture._omega import OMEGA_BLOCK_ROWS, omega_factors
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import ConfigError, UsageError
 from stabledrl_cli.geometry import GRAM_KEY, SKETCH_KEY
 from stabledrl_cli.vocab import (
     GEOMETRY_KINDS,
@@ -130,16 +130,16 @@ class GeometryConfig:
         for name in ("every", "k", "max_gram_units", "chunk_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"geometry {name} must be an integer >= 1, got {value!r}")
+                raise ConfigError(f"geometry {name}", f"must be an integer >= 1, got {value!r}")
         if self.k > MAX_SKETCH_K:
-            raise UsageError(
-                f"geometry k must be at most {MAX_SKETCH_K} (a relative error of 0.8%), "
-                f"got {self.k}"
+            raise ConfigError(
+                "geometry k",
+                f"must be at most {MAX_SKETCH_K} (a relative error of 0.8%), got {self.k}",
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise UsageError(f"geometry seed must be an integer >= 0, got {self.seed!r}")
+            raise ConfigError("geometry seed", f"must be an integer >= 0, got {self.seed!r}")
         if self.seed >= 1 << 64:
-            raise UsageError(f"geometry seed must be below 2**64, got {self.seed}")
+            raise ConfigError("geometry seed", f"must be below 2**64, got {self.seed}")
         if self.params is not None:
             if isinstance(self.params, str):
                 object.__setattr__(self, "params", (self.params,))

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 DEFAULTS = ExampleConfig()
 EXAMPLE = "Built-in example"
 GEOMETRY = "Gradient geometry (built-in example)"
+GEOMETRY_NUMBERS = ("every", "k", "seed")
+"""The geometry settings given as --geometry-NAME numbers."""
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -492,33 +494,37 @@ def command(
             f"{flag}: for a training command (-- CMD); the built-in example records its steps "
             "through its own Recorder"
         )
+    from stabledrl_cli.cli.replay import option_names  # the example's settings as options
+
     geometry_config = None
     if geometry is not None:
         from stabledrl_cli.capture.geometry import GeometryConfig  # imports torch
 
         base = GeometryConfig(kind=geometry)
-        geometry_config = replace(
-            base,
-            every=base.every if geometry_every is None else geometry_every,
-            k=base.k if geometry_k is None else geometry_k,
-            seed=base.seed if geometry_seed is None else geometry_seed,
-            params=tuple(geometry_params) if geometry_params else base.params,
-            method=base.method if geometry_method is None else geometry_method,
-            storage_dtype=base.storage_dtype if geometry_dtype is None else geometry_dtype,
-        )
+        with option_names({f"geometry {name}": f"--geometry-{name}" for name in GEOMETRY_NUMBERS}):
+            geometry_config = replace(
+                base,
+                every=base.every if geometry_every is None else geometry_every,
+                k=base.k if geometry_k is None else geometry_k,
+                seed=base.seed if geometry_seed is None else geometry_seed,
+                params=tuple(geometry_params) if geometry_params else base.params,
+                method=base.method if geometry_method is None else geometry_method,
+                storage_dtype=base.storage_dtype if geometry_dtype is None else geometry_dtype,
+            )
     elif geometry_given:
         raise UsageError("the --geometry-* options need --geometry gram or --geometry sketch")
-    config = ExampleConfig(
-        seed=DEFAULTS.seed if seed is None else seed,
-        steps=DEFAULTS.steps if rl_steps is None else rl_steps,
-        lr=DEFAULTS.lr if lr is None else lr,
-        policy=DEFAULTS.policy if policy is None else policy,
-        estimator=estimator,  # None: the library picks it by unit
-        same_mask=DEFAULTS.same_mask if same_mask is None else same_mask,
-        unit=DEFAULTS.unit if unit is None else unit,
-        max_grad_norm=DEFAULTS.max_grad_norm if max_grad_norm is None else max_grad_norm,
-        skip_nonfinite=DEFAULTS.skip_nonfinite if skip_nonfinite is None else skip_nonfinite,
-    )
+    with option_names({"steps": "--rl-steps"}):
+        config = ExampleConfig(
+            seed=DEFAULTS.seed if seed is None else seed,
+            steps=DEFAULTS.steps if rl_steps is None else rl_steps,
+            lr=DEFAULTS.lr if lr is None else lr,
+            policy=DEFAULTS.policy if policy is None else policy,
+            estimator=estimator,  # None: the library picks it by unit
+            same_mask=DEFAULTS.same_mask if same_mask is None else same_mask,
+            unit=DEFAULTS.unit if unit is None else unit,
+            max_grad_norm=DEFAULTS.max_grad_norm if max_grad_norm is None else max_grad_norm,
+            skip_nonfinite=DEFAULTS.skip_nonfinite if skip_nonfinite is None else skip_nonfinite,
+        )
     if guard_rule is not None and guard is None:
         raise UsageError("--guard-rule needs --guard skip or --guard scale")
     _run_example(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import ConfigError, UsageError
 from stabledrl_cli.policies import resolve_spec
 from stabledrl_cli.vocab import ESTIMATORS, UNITS, Estimator, Unit
 
@@ -105,51 +105,63 @@ class ExampleConfig:
             raise UsageError(f"unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
         if self.estimator is None:
             object.__setattr__(self, "estimator", default_estimator(self.unit))
-        problems = [
-            (self.steps < 1, f"steps must be >= 1, got {self.steps}"),
+        problems: list[tuple[bool, UsageError]] = [
+            (self.steps < 1, ConfigError("steps", f"must be >= 1, got {self.steps}")),
             (
                 not -(2**63) <= self.seed < 2**63,
-                f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed}",
+                ConfigError("seed", f"must be an integer in [-2**63, 2**63 - 1], got {self.seed}"),
             ),
             (
                 not (self.lr > 0 and math.isfinite(self.lr)),
-                f"lr must be a finite number > 0, got {self.lr}",
+                ConfigError("lr", f"must be a finite number > 0, got {self.lr}"),
             ),
             (  # finite: the manifest's meta holds it (JSON has no infinity)
                 not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)),
-                f"max_grad_norm must be a finite number > 0, got {self.max_grad_norm}",
+                ConfigError(
+                    "max_grad_norm", f"must be a finite number > 0, got {self.max_grad_norm}"
+                ),
             ),
-            (self.pretrain_steps < 0, f"pretrain_steps must be >= 0, got {self.pretrain_steps}"),
+            (
+                self.pretrain_steps < 0,
+                ConfigError("pretrain_steps", f"must be >= 0, got {self.pretrain_steps}"),
+            ),
             (
                 not (self.pretrain_lr > 0 and math.isfinite(self.pretrain_lr)),
-                f"pretrain_lr must be a finite number > 0, got {self.pretrain_lr}",
+                ConfigError("pretrain_lr", f"must be a finite number > 0, got {self.pretrain_lr}"),
             ),
             (
                 not 0 <= self.pretrain_noise <= 1,
-                f"pretrain_noise must be a number in [0, 1], got {self.pretrain_noise}",
+                ConfigError(
+                    "pretrain_noise", f"must be a number in [0, 1], got {self.pretrain_noise}"
+                ),
             ),
             (
                 min(self.mu, self.group_size, self.prompts_per_rollout, self.digits) < 1,
-                "mu, group_size, prompts_per_rollout and digits must be >= 1",
+                UsageError("mu, group_size, prompts_per_rollout and digits must be >= 1"),
             ),
             (
                 self.group_size * self.prompts_per_rollout > MAX_SEQUENCES,
-                f"a rollout of group_size x prompts_per_rollout = "
-                f"{self.group_size * self.prompts_per_rollout} sequences is past "
-                f"{MAX_SEQUENCES}",
+                UsageError(
+                    f"a rollout of group_size x prompts_per_rollout = "
+                    f"{self.group_size * self.prompts_per_rollout} sequences is past "
+                    f"{MAX_SEQUENCES}"
+                ),
             ),
             (
                 not 1 <= self.pretrain_batch <= MAX_SEQUENCES,
-                f"pretrain_batch must be in [1, {MAX_SEQUENCES}], got {self.pretrain_batch}",
+                ConfigError(
+                    "pretrain_batch",
+                    f"must be in [1, {MAX_SEQUENCES}], got {self.pretrain_batch}",
+                ),
             ),
             (
                 self.digits > MAX_DIGITS,
-                f"digits must be in [1, {MAX_DIGITS}], got {self.digits}",
+                ConfigError("digits", f"must be in [1, {MAX_DIGITS}], got {self.digits}"),
             ),
         ]
-        for failed, message in problems:
+        for failed, error in problems:
             if failed:
-                raise UsageError(message)
+                raise error
         EstimatorConfig(kind=self.estimator_kind, same_mask=self.same_mask)
         _, policy = resolve_spec(self.policy)
         missing = sorted(policy.required_fields(self.unit) - POLICY_FIELDS)
