@@ -163,7 +163,7 @@ def test_square_brackets_in_the_command_and_a_failure_are_printed_as_they_are(
         monkeypatch, capfd, "--out", str(tmp_path / "run"), "--", *command
     )
     assert code == 5, stderr + child_err
-    assert f"recording {' '.join(command)} into" in stderr
+    assert f"recording {shlex.join(command)} into" in stderr
     assert "warning: recording failed: log_policy_batch failed at step 0" in stderr
     assert "[/bad]" in stderr.splitlines()[1]
 

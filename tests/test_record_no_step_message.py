@@ -3,6 +3,7 @@ log_policy_batch with batches that hold no token was told it 'never called' it."
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 from typer.testing import CliRunner
@@ -28,3 +29,12 @@ def test_a_command_whose_only_batch_held_no_token_is_not_said_to_never_call_it(t
         "`python -I`, `-E` or `-S`) and no call of stabledrl_cli.log_policy_batch(step, ...) "
         "recorded one"
     )
+
+
+def test_the_command_recorded_is_shown_as_a_shell_would_take_it(tmp_path):
+    """'recording python -c print("a b") into R' lost the quoting: the line could not be run
+    again as shown."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-c", 'print("a b")']
+    result = CliRunner().invoke(app, ["record", "--out", str(out), "--", *command])
+    assert result.stderr.splitlines()[0] == f"recording {shlex.join(command)} into {out}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -293,7 +294,7 @@ def _record(
         # recorded again: a watch of it must not end on the run it holds now
         closed = reopen_run(out) if force else None
         err.print(
-            f"recording [bold]{escape(' '.join(cmd))}[/] into {escape(str(out))}",
+            f"recording [bold]{escape(shlex.join(cmd))}[/] into {escape(str(out))}",
             highlight=False,
             markup=True,
         )
