@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -38,3 +39,13 @@ def test_the_command_recorded_is_shown_as_a_shell_would_take_it(tmp_path):
     command = [sys.executable, "-c", 'print("a b")']
     result = CliRunner().invoke(app, ["record", "--out", str(out), "--", *command])
     assert result.stderr.splitlines()[0] == f"recording {shlex.join(command)} into {out}"
+
+
+@pytest.mark.parametrize(("name", "shown"), [("", "''"), (" ", "' '"), ("no such", "'no such'")])
+def test_a_command_not_found_is_named_so_an_empty_one_shows(tmp_path, name, shown):
+    """`record --out R -- "$TRAIN"` with $TRAIN empty said 'error: command not found: ', the
+    name it could not find invisible."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["record", "--out", str(out), "--", name])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [f"error: command not found: {shown}"]

@@ -226,7 +226,7 @@ def run_command(
     the command's uncaught stabledrl error shows its traceback too."""
     program = shutil.which(cmd[0])
     if program is None and not (os.sep in cmd[0] and os.path.lexists(cmd[0])):
-        raise UsageError(f"command not found: {cmd[0]}")
+        raise UsageError(f"command not found: {shlex.quote(cmd[0])}")
     # A path that is there but not executable: exec says why (`_started`).
     interpreter = None if program is None else _missing_interpreter(program)
     if interpreter is not None:  # exec would say the script itself is missing
