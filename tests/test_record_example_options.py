@@ -117,3 +117,21 @@ def test_a_value_out_of_range_names_the_option_given(tmp_path, options, line) ->
     assert result.exit_code == 2, result.output
     assert result.stderr.splitlines() == [f"error: {line}"]
     assert not out.exists()
+
+
+def test_checkpoints_that_is_a_file_is_refused_before_the_run_changes(tmp_path) -> None:
+    """With --checkpoint-every, a RUN/checkpoints that is a file failed the first checkpoint
+    write after pretraining, exit 4, the run it replaced (--force) already gone."""
+    out = tmp_path / "run"
+    first = CliRunner().invoke(app, ["record", "--out", str(out), "--rl-steps", "1"])
+    assert first.exit_code == 0, first.output
+    (out / "checkpoints").write_text("mine")
+    before = sorted(p.name for p in (out / "steps").iterdir())
+    args = ["record", "--out", str(out), "--force", "--rl-steps", "1", "--checkpoint-every", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 4, result.output
+    assert result.stderr.splitlines() == [
+        f"error: {out / 'checkpoints'}: cannot write it (Not a directory)"
+    ]
+    assert sorted(p.name for p in (out / "steps").iterdir()) == before
+    assert (out / "checkpoints").read_text() == "mine"

@@ -7,6 +7,8 @@ The example's options default to None: an option not given takes `ExampleConfig`
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +18,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from stabledrl_cli._atomic import write_error
 from stabledrl_cli.cli._local import local_output
 from stabledrl_cli.cli._options import DeviceOpt, number_option, on_command_line
 from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
@@ -151,6 +154,10 @@ def _run_example(
     directory = checkpoints_dir(out)  # a symlink is refused before the run changes
     plan = None
     if checkpoint_every is not None:
+        if directory.exists() and not directory.is_dir():  # so is a file in its place
+            raise write_error(
+                directory, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            )
         plan = CheckpointPlan(directory=directory, every=checkpoint_every)
     with (
         Recorder(out, overwrite=force, **kwargs) as recorder,
