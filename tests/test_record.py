@@ -1673,3 +1673,44 @@ def test_record_force_that_changes_no_step_gives_the_run_its_closed_mark_back(
     again = _record_script(tmp_path, monkeypatch, RESUMED_LOOP, "3", end, options=options)
     assert again.returncode == code, again.stderr
     assert json.loads(manifest.read_text()) == closed
+
+
+OWN_POLICY_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    import stabledrl_cli as sd
+
+    for step in range(2):
+        sd.log_policy_batch(step, policy="POLICY", logp=np.zeros((2, 3), "float32"),
+                            logp_old=np.zeros((2, 3), "float32"), advantages=np.ones(2, "float32"))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("given", "scripts", "warned"),
+    [("grpo", "dapo", True), ("dapo", "dapo:eps_high=0.28", False), ("grpo", "grpo", False)],
+)
+def test_a_script_that_names_another_policy_than_record_is_told(
+    tmp_path, monkeypatch, capfd, given, scripts, warned
+):
+    """`record -p grpo -- python train.py` whose script calls log_policy_batch(policy='dapo'):
+    the run recorded dapo in silence, though --policy's help says it is the policy the
+    command's log_policy_batch records. The script's still wins (it knows what it trains
+    with); one warning says so. The same policy written two ways warns of nothing."""
+    script = tmp_path / "own.py"
+    script.write_text(OWN_POLICY_SCRIPT.replace("POLICY", scripts))
+    out = tmp_path / "run"
+    code, _, _, child_err = _record(
+        monkeypatch, capfd, "--out", str(out), "-p", given, "--", sys.executable, str(script)
+    )
+    assert code == 0, child_err
+    assert open_run(out).manifest["policy"]["name"] == scripts.split(":")[0]
+    lines = [line for line in child_err.splitlines() if "record --policy" in line]
+    if warned:
+        assert lines == [
+            f"stabledrl: warning: log_policy_batch(policy=...) names {scripts}, record "
+            f"--policy {given}: the run records the script's, {scripts}"
+        ], child_err
+    else:
+        assert lines == [], child_err

@@ -421,7 +421,10 @@ def _open(
     run_dir = os.environ.get(ENV_RUN_DIR)
     if not run_dir:
         raise UsageError(f"{ENV_RUN_DIR} is not set (run the script under `stabledrl record`)")
-    policy = policy or os.environ.get(ENV_POLICY) or None
+    given = os.environ.get(ENV_POLICY) or None
+    if policy is not None and given is not None:
+        _warn_policies_differ(policy, given)
+    policy = policy or given
     if policy is None and batch:
         raise UsageError(NO_POLICY)
     from stabledrl_cli.dump import Recorder  # the training script may never log a step
@@ -508,6 +511,24 @@ _NUMBERED_BY_STEPS = (
 
 
 _warned_order = False
+
+
+def _warn_policies_differ(scripts: str | PolicyLike, given: str) -> None:
+    """Warns when the script's `log_policy_batch(policy=...)` names another policy than
+    `record --policy` (`$STABLEDRL_POLICY`): the script's is recorded. Specs that do not
+    resolve are left to the Recorder's refusal."""
+    from stabledrl_cli.policies import resolve_spec
+
+    ours = scripts if isinstance(scripts, str) else scripts.spec
+    try:
+        (entry, config), (other, other_config) = resolve_spec(ours), resolve_spec(given)
+    except UsageError:
+        return
+    if (entry.name, config) != (other.name, other_config):
+        warn(
+            f"stabledrl: warning: log_policy_batch(policy=...) names {ours}, record --policy "
+            f"{given}: the run records the script's, {ours}\n"
+        )
 
 
 def _warn_order_turned(number: Any) -> None:

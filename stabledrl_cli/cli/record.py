@@ -247,7 +247,8 @@ def command(
             "-p",
             metavar="SPEC",
             help=f"Policy spec that makes the loss ({_default('policy')}); with -- CMD, the "
-            "policy the command's log_policy_batch records.",
+            "policy the command's log_policy_batch records (a policy= it names wins, with a "
+            "warning).",
             show_default=False,
         ),
     ] = None,
