@@ -28,11 +28,11 @@ from stabledrl_cli.policies.ppo import ppo_terms
 
 
 def covariance(prep: PreparedBatch, adv: torch.Tensor) -> torch.Tensor:
-    """[T] (A - mean A)(logp - mean logp), means over the scored tokens."""
-    scored = prep.mask.to(prep.dtype)
-    count = scored.sum().clamp(min=1.0)
-    mean_adv = (adv * scored).sum() / count
-    mean_logp = (torch.where(prep.mask, prep.logp, 0.0)).sum() / count
+    """[T] (A - mean A)(logp - mean logp), means over the scored tokens (an unscored entry's
+    value never enters, a NaN or an infinity there neither)."""
+    count = prep.num_scored
+    mean_adv = torch.where(prep.mask, adv, 0.0).sum() / count
+    mean_logp = torch.where(prep.mask, prep.logp, 0.0).sum() / count
     return (adv - mean_adv) * (prep.logp - mean_logp)
 
 
