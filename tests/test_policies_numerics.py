@@ -3,14 +3,17 @@
 Over log r in [-1e4, 1e4], in float32 and float64, with finite inputs:
 - no coefficient is ever NaN (no 0 * inf: sapo's 4 s (1 - s) r A is computed in log space, a
   zero indicator never multiplies an overflowed ratio);
-- a coefficient is infinite only on a policy's unbounded branch (`is`; ppo/grpo/dapo with
-  A < 0 on the unclipped branch; gspo's kept sequences with A < 0) and only where |r A|
-  exceeds the dtype's largest number (docs/policies.md, Numerics).
+- a coefficient is infinite only on a policy's unbounded branch (`is` and kl-cov; ppo/grpo/
+  dapo, gppo and clip-cov with A < 0 on the unclipped branch; gspo's and gmpo's kept sequences
+  with A < 0) and only where |r A| exceeds the dtype's largest number (docs/policies.md,
+  Numerics, which names the same policies).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +22,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stabledrl_cli import PolicyBatch, get_policy
-from stabledrl_cli.policies import STANDARD_CATALOGUE, prepare
+from stabledrl_cli.policies import REGISTRY, STANDARD_CATALOGUE, prepare
 
 SPECS = [
     *STANDARD_CATALOGUE,
+    *(name for name in REGISTRY if name != "two-sided"),
     "ppo",
     "dual-clip:c=1.5",
     "cispo:eps_low=0.2,eps_high=0.28",
@@ -38,18 +42,40 @@ SPECS = [
     "stabledrl:rows=all",
 ]
 
-# Families whose coefficient has an unbounded branch (r A with no bound on r).
-UNBOUNDED = {"ppo", "grpo", "dapo", "is", "gspo"}
+# Policies whose coefficient has an unbounded branch (r A with no bound on r).
+UNBOUNDED = {"ppo", "grpo", "dapo", "is", "gspo", "gppo", "clip-cov", "kl-cov", "gmpo"}
+EVERY_TOKEN = {"is", "kl-cov"}
+"""Their unbounded branch is every token with A != 0 (no clip)."""
 
 
 def unbounded_branch(name: str, w, prep) -> torch.Tensor:
     """[T] bool: tokens on the policy's unbounded branch (their coefficient is r A / norm)."""
     adv = w.advantages
-    if name == "is":
+    if name in EVERY_TOKEN:
         return adv != 0
     if name in UNBOUNDED:
         return (adv < 0) & ~w.discarded
     return torch.zeros_like(adv, dtype=torch.bool)
+
+
+def log_ratio_of(name: str, prep, adv: torch.Tensor) -> torch.Tensor:
+    """[T] the log ratio a policy's coefficient is r A of: the token's, gspo's sequence mean,
+    or gmpo's sequence mean of the log ratios clipped on the side A exploits (default eps)."""
+    if name == "gspo":
+        return prep.seq_mean_log_ratio[prep.seq]
+    if name == "gmpo":
+        x = prep.log_ratio
+        clipped = torch.where(adv < 0, torch.maximum(x, x.clamp(-0.4, 0.4)), x.clamp(max=0.4))
+        return (prep.seq_sum(clipped) / prep.seq_len.clamp(min=1.0))[prep.seq]
+    return prep.log_ratio
+
+
+def test_the_docs_name_every_policy_with_an_unbounded_branch():
+    text = " ".join((Path(__file__).parents[1] / "docs" / "policies.md").read_text().split())
+    sentence = re.search(r"A coefficient is infinite only on a policy's.*?Every other policy", text)
+    assert sentence is not None
+    named = set(re.findall(r"`([a-z-]+)`", sentence.group(0))) & set(REGISTRY)
+    assert named == UNBOUNDED
 
 
 @st.composite
@@ -89,7 +115,7 @@ def test_coefficients_are_finite_where_the_maths_is(batch):
         w = policy.weights(prep)
         assert not torch.isnan(w.coef).any(), spec
         inf = torch.isinf(w.coef)
-        log_ratio = prep.seq_mean_log_ratio[prep.seq] if policy.name == "gspo" else prep.log_ratio
+        log_ratio = log_ratio_of(policy.name, prep, w.advantages)
         magnitude = log_ratio + torch.log(w.advantages.abs())  # log |r A|, before 1 / norm
         may_overflow = unbounded_branch(policy.name, w, prep) & prep.mask
         assert not (inf & ~may_overflow).any(), spec
