@@ -5,6 +5,8 @@ autograd of Klear-Reasoner's surrogate as its repository writes it."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -161,6 +163,31 @@ def test_discarded_and_clipped_match_verl_clip_fractions(seed):
             metrics["actor/pg_clipfrac_lower"], abs=1e-7
         )
         assert w.discarded[mask].any()
+
+
+def test_dual_clip_at_c_keeps_r_a_where_verls_autograd_halves_it():
+    """float32 log r whose exp is exactly c = 3: verl's min(-r A, -c A) ties, and its gradient
+    splits; the catalogue's bound rule keeps r A, as docs/policies.md says."""
+    log_r = torch.tensor(math.log(3.0), dtype=torch.float32)
+    while float(torch.exp(log_r)) != 3.0:
+        log_r = torch.nextafter(log_r, torch.tensor(0.0 if torch.exp(log_r) > 3 else 9.0))
+    logp = torch.tensor([[-1.0, -2.0, -0.5]])
+    data = {
+        "logp": logp,
+        "logp_old": logp - torch.stack([log_r, log_r, torch.tensor(0.1)]),
+        "adv": torch.full((1, 3), -1.0),
+        "mask": torch.ones(1, 3),
+    }
+    value, grad, metrics = verl_loss_and_grad("vanilla", {}, {}, {**data, "mask": data["mask"] > 0})
+    w = ours("dual-clip", data)
+    assert_close(w.objective, -value)
+    assert_close(w.coef, torch.tensor([-1.0, -1.0, -torch.exp(torch.tensor(0.1)) / 3]))
+    assert_close(w.coef[:2], -2 * grad.reshape(-1)[:2])
+    assert_close(w.coef[2], -grad.reshape(-1)[2])
+    assert not w.discarded.any() and metrics["actor/pg_clipfrac_lower"] == 0.0
+    section = (Path(__file__).parents[1] / "docs" / "policies.md").read_text().split("### ")
+    dual_clip = next(part for part in section if part.startswith("Dual clip"))
+    assert "r A / 2" in dual_clip
 
 
 @pytest.mark.parametrize(
