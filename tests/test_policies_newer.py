@@ -232,6 +232,47 @@ def test_rollout_correction_equals_verl(mode, spec, level, threshold, tis):
         assert bool(weights.discarded[zeroed].all())
 
 
+@pytest.mark.parametrize(
+    ("level", "threshold", "tis"),
+    [
+        ("token", "1e-10_2.0", "token-mask,tis_min=1e-10"),
+        ("token", 1e12, "token-truncate,tis_max=1e12"),
+        ("sequence", "1e-10_2.0", "sequence-mask,tis_min=1e-10"),
+    ],
+)
+def test_rollout_correction_past_verls_log_weight_clamp(level, threshold, tis):
+    """verl clamps the log weight (the token's, or the sequence's sum) to [-20, 20] before exp;
+    the catalogue, as TRL, does not: equal inside the clamp, apart past it only where a bound
+    lies beyond e^+-20, as docs/policies.md says."""
+    pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_weights
+
+    log_weight = torch.tensor([[-25.0, 25.0, 0.3], [-25.0, -2.0, 0.3], [0.2, -0.1, 0.05]])
+    logp = -torch.arange(1.0, 10.0).reshape(3, 3) / 4
+    data = {"logp": logp, "logp_old": logp - 0.05, "adv": torch.ones(3, 3)}
+    data["mask"] = torch.ones(3, 3)
+    verl_weight, _ = compute_rollout_correction_weights(
+        log_ratio=log_weight.double(), response_mask=data["mask"].double(), rollout_is=level,
+        rollout_is_threshold=threshold,
+    )  # fmt: skip
+    rollout = data["logp_old"] - log_weight
+    got = ours(f"reinforce:tis={tis}", data, logp_rollout=rollout).coef.double() * 9
+    if level == "sequence":
+        log_weight = log_weight.sum(-1, keepdim=True).expand(3, 3)
+    log_weight, verl_weight = log_weight.reshape(-1).double(), verl_weight.reshape(-1)
+    inside = log_weight.abs() <= 20
+    assert_close(got[inside], verl_weight[inside], rtol=1e-6, atol=0)
+    unclamped = torch.exp(log_weight)
+    if "truncate" in tis:
+        expected = unclamped.clamp(max=1e12)
+    else:
+        expected = torch.where((unclamped < 1e-10) | (unclamped > 2.0), 0.0, unclamped)
+    assert_close(got, expected, rtol=1e-6, atol=0)
+    assert not torch.allclose(got[~inside], verl_weight[~inside], rtol=0.5, atol=0)
+    docs = (Path(__file__).parents[1] / "docs" / "policies.md").read_text()
+    assert "verl clamps it to [-20, 20] before `exp`" in docs
+
+
 # ---- GPPO ------------------------------------------------------------------------------------
 def klear_gppo_loss(logp, logp_old, adv, mask, eps_low=0.2, eps_high=0.2):
     """Kwai-Klear/KlearReasoner `compute_policy_loss` (gradient-preserving clip), without its
