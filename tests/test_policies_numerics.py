@@ -145,3 +145,23 @@ def test_sapo_and_two_sided_past_the_float32_overflow(dtype):
     # grpo's A < 0 unclipped branch with r = inf: its maths is infinite there.
     grpo = get_policy("grpo").weights(batch)
     assert torch.isinf(grpo.coef[2]) and grpo.coef[0] == 0
+
+
+def test_a_sequence_sum_of_log_r_past_float32_is_counted_nonfinite_not_hidden():
+    """The Numerics paragraph's one exception, held to it: float32 log-probs of -3e38 overflow
+    stabledrl's per-sequence sum of log r; a group whose every sum is -inf has NaN
+    coefficients, each counted in `nonfinite`. At -1e4 the same batch is finite."""
+    policy = get_policy("stabledrl")
+
+    def batch(logp: float) -> PolicyBatch:
+        return PolicyBatch(
+            logp=torch.full((2, 4), logp),
+            logp_old=torch.zeros(2, 4),
+            advantages=torch.tensor([1.0, -1.0]),
+            group_id=torch.tensor([0, 0]),
+        )
+
+    past = policy.weights(batch(-3e38))
+    assert torch.isnan(past.coef).all() and int(past.nonfinite) == 8
+    within = policy.weights(batch(-1e4))
+    assert torch.isfinite(within.coef).all() and int(within.nonfinite) == 0
