@@ -17,6 +17,7 @@ from _cli import run_cli
 
 import stabledrl_cli as sd
 from stabledrl_cli.dump import RunIntegrityWarning, _stfile, pack_run
+from stabledrl_cli.dump._integrity import gap_findings
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 
 
@@ -645,6 +646,24 @@ def test_a_bad_file_stays_out_until_it_changes(tmp_path):
     assert step.scalars["loss"] == 0.5
     assert (step.num_tokens, step.num_sequences) == (15, 3)
     assert run.scalar_series("loss")[1].tolist() == [0.5] * 4
+
+
+@pytest.mark.parametrize(
+    ("steps", "gaps"),
+    [
+        ([10, 20, 30, 37], []),  # every 10th, then the last step: no step is missing
+        ([1, 10, 20, 30], []),  # TRL's logging_first_step, then every 10th
+        ([0, 1, 5], ["steps 2..4 missing (3 step(s), stride 1)"]),
+        ([0, 10, 20, 50, 60, 63], ["steps 30..40 missing (2 step(s), stride 10)"]),
+    ],
+)
+def test_a_gap_is_a_whole_number_of_strides(steps, gaps):
+    """A log of every 10th step that ends off the stride (10, 20, 30, 37: TRL's last step)
+    read 'steps 17..13 missing (0 step(s), stride 7)' and 'steps 27..23 ...', against the
+    smallest difference (7): `inspect` called a whole log damaged. The stride is the most
+    common difference (the smallest of those as common), and only a difference of a whole
+    number of strides misses steps."""
+    assert [f.message for f in gap_findings(steps)] == gaps
 
 
 def test_gaps_follow_the_recording_stride(tmp_path):
