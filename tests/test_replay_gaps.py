@@ -3,6 +3,7 @@ never written by a recording resumed after a crash): every command that replays 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from _corpus import step_path, tiny_run
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.replay.hdf5 import read_hdf5
 
 runner = CliRunner()
 
@@ -47,6 +49,25 @@ def test_steps_missing_between_recorded_ones_are_said(tmp_path, how, command):
         "step(s), stride 1)): never written, or lost; replayed 10; `stabledrl inspect` lists "
         "the reader's findings"
     ), line
+
+
+def test_the_json_counts_the_steps_missing_and_skipped(tmp_path):
+    """replay's JSON held no word of a damaged run: `steps` 9 alone, for a run whose steps 2
+    and 3 were gone and step 5 torn. It counts them: `missing_steps` 2, `skipped_steps` 1;
+    0 and 0 for the whole run."""
+    run = _holed(tmp_path, "deleted")
+    step_path(run, 5).write_bytes(b"x")
+    whole = tiny_run(tmp_path / "whole", steps=12)
+    for path, counts in ((run, (9, 2, 1)), (whole, (12, 0, 0))):
+        result = runner.invoke(app, ["replay", str(path), "-p", "grpo", "-f", "json"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert (data["steps"], data["missing_steps"], data["skipped_steps"]) == counts
+        report = tmp_path / f"{path.name}.h5"
+        wrote = runner.invoke(app, ["replay", str(path), "-p", "grpo", "--out", str(report)])
+        assert wrote.exit_code == 0, wrote.output
+        attrs = read_hdf5(report)["attrs"]
+        assert (attrs["steps"], attrs["missing_steps"], attrs["skipped_steps"]) == counts
 
 
 def test_a_run_recorded_every_few_steps_has_no_missing_step(tmp_path):

@@ -66,6 +66,7 @@ from stabledrl_cli.spec import SPEC_SYNTAX
 from stabledrl_cli.vocab import METRIC_GROUPS, MetricGroup, ReplayEngine
 
 if TYPE_CHECKING:
+    from stabledrl_cli.dump._integrity import Gap
     from stabledrl_cli.replay.engine import Engine
 
 FLAGS = {"step_range": "--steps"}
@@ -160,14 +161,14 @@ def note_skipped(result: ReplayResult) -> None:
         )
 
 
-def missing_line(run: str, reasons: list[str]) -> str:
-    """The warning that `run` misses steps between its recorded ones (`reasons`:
-    `run_facts.missing_reasons`)."""
+def missing_line(run: str, missing: Sequence[Gap]) -> str:
+    """The warning that `run` misses steps between its recorded ones (`missing`:
+    `run_facts.missing_steps`)."""
     from stabledrl_cli.replay.run_facts import shown_reasons
 
+    reasons = shown_reasons([gap.message for gap in missing])
     return (
-        f"warning: {run} misses steps between its recorded ones ({shown_reasons(reasons)}): "
-        "never written, or lost"
+        f"warning: {run} misses steps between its recorded ones ({reasons}): never written, or lost"
     )
 
 

@@ -61,7 +61,23 @@ class IntegrityReport:
         return {"ok": self.ok, "findings": [f.to_dict() for f in self.findings]}
 
 
-def gap_findings(steps: list[int]) -> list[Finding]:
+@dataclass(frozen=True)
+class Gap:
+    """Steps `first`..`last` (every `stride`-th: `missing` of them) missing between two recorded
+    ones."""
+
+    first: int
+    last: int
+    missing: int
+    stride: int
+
+    @property
+    def message(self) -> str:
+        span = f"step {self.first}" if self.missing == 1 else f"steps {self.first}..{self.last}"
+        return f"{span} missing ({self.missing} step(s), stride {self.stride})"
+
+
+def gaps(steps: list[int]) -> list[Gap]:
     """Missing step numbers, against the run's stride: the most common difference between
     recorded steps (the smallest of those as common). Only a difference of a whole number of
     strides misses steps: a log of every 10th step that also holds its first or its last
@@ -75,12 +91,13 @@ def gap_findings(steps: list[int]) -> list[Finding]:
     diffs = np.diff(array)
     values, counts = np.unique(diffs, return_counts=True)
     stride = int(values[counts.argmax()])  # ascending values: the first most common
-    findings: list[Finding] = []
+    found: list[Gap] = []
     for index in np.flatnonzero((diffs > stride) & (diffs % stride == 0)):
         first, last = int(array[index]) + stride, int(array[index + 1]) - stride
-        missing = (last - first) // stride + 1
-        span = f"step {first}" if missing == 1 else f"steps {first}..{last}"
-        findings.append(
-            Finding("gap", first, None, f"{span} missing ({missing} step(s), stride {stride})")
-        )
-    return findings
+        found.append(Gap(first, last, (last - first) // stride + 1, stride))
+    return found
+
+
+def gap_findings(steps: list[int]) -> list[Finding]:
+    """The `gap` findings of `gaps(steps)`."""
+    return [Finding("gap", gap.first, None, gap.message) for gap in gaps(steps)]

@@ -42,6 +42,8 @@ def write_hdf5(result: ReplayResult, path: str | os.PathLike[str]) -> Path:
         handle.attrs["run_policy_spec"] = result.run_policy_spec or ""
         handle.attrs["steps"] = result.steps
         handle.attrs["scalar_steps"] = result.scalar_steps
+        handle.attrs["skipped_steps"] = result.skipped_steps
+        handle.attrs["missing_steps"] = result.missing_steps
         handle.attrs["geometry"] = result.geometry
         handle.attrs["geometry_coverage"] = result.geometry_coverage
         handle.attrs["observed"] = _json(result.observed.contract_dict())

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stabledrl_cli._json import json_safe, stand_in
+from stabledrl_cli.dump._integrity import Gap
 from stabledrl_cli.replay.columns import ColumnArray
 from stabledrl_cli.replay.config import StepRange
 from stabledrl_cli.replay.observed import Observed
@@ -222,9 +223,9 @@ class ReplayResult:
     """Why each skipped step was skipped (not in the JSON): the reader's reason for each step
     it could not read, then the replay's for each step whose data it could not use
     (`stream.StreamedRun.rejected`); each names its step."""
-    missing: list[str] = field(default_factory=list)
-    """Why steps are missing between the run's recorded ones (not in the JSON): one reason a
-    run of them (`run_facts.missing_reasons`)."""
+    missing: list[Gap] = field(default_factory=list)
+    """The runs of steps missing between the run's recorded ones (`run_facts.missing_steps`;
+    the JSON counts their steps, `missing_steps`)."""
     threads: int = 1
     """CPU threads the replay computed with (`ReplayConfig.threads`)."""
     scalar_steps: int = 0
@@ -238,6 +239,16 @@ class ReplayResult:
         raise KeyError(
             f"no policy {spec!r} in this replay; it has {[p.spec for p in self.policies]}"
         )
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped: unreadable, incomplete, or with data the replay cannot use."""
+        return len(self.skipped)
+
+    @property
+    def missing_steps(self) -> int:
+        """Steps missing between the run's recorded ones."""
+        return sum(gap.missing for gap in self.missing)
 
     @property
     def own(self) -> PolicyResult | None:
@@ -264,6 +275,8 @@ class ReplayResult:
                 "guards": [g.to_dict() for g in self.observed.guards],
                 "threads": self.threads,
                 "scalar_steps": self.scalar_steps,
+                "skipped_steps": self.skipped_steps,
+                "missing_steps": self.missing_steps,
             }
         )
         return data

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from stabledrl_cli.dump import Finding, Run
-from stabledrl_cli.dump._integrity import gap_findings
+from stabledrl_cli.dump._integrity import Gap, gaps
 from stabledrl_cli.errors import UsageError, counted, quoted
 from stabledrl_cli.integrations._verl_facts import VERL_SEQ_LOG_RATIO_MAX, verl_gspo_config
 from stabledrl_cli.policies import resolve_spec
@@ -109,11 +109,10 @@ def skipped_reasons(run: Run) -> list[str]:
     return [f.message for f in _skipped_findings(run)]
 
 
-def missing_reasons(run: Run) -> list[str]:
-    """One reason per run of steps missing between the ones the run lists, against the
-    smallest stride between them (its `gap` findings, from the listing alone): steps a
-    recording never wrote or lost."""
-    return [f.message for f in gap_findings(run.listed_step_numbers)]
+def missing_steps(run: Run) -> list[Gap]:
+    """The runs of steps missing between the ones the run lists, against its stride (its
+    `gap` findings, from the listing alone): steps a recording never wrote or lost."""
+    return gaps(run.listed_step_numbers)
 
 
 def _skipped_findings(run: Run) -> list[Finding]:
