@@ -11,6 +11,7 @@ import pytest
 from _corpus import step_path, tiny_run
 from typer.testing import CliRunner
 
+import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.replay.hdf5 import read_hdf5
 
@@ -92,3 +93,33 @@ def test_watch_once_says_the_steps_missing_too(tmp_path, how):
         f"warning: {run} misses steps between its recorded ones (steps 2..3 missing (2 "
         "step(s), stride 1)): never written, or lost; `stabledrl inspect` lists every finding"
     ), line
+
+
+def test_check_of_a_run_of_scalar_steps_says_so_too(tmp_path):
+    """`check` of a run of scalar steps only (an optimizer-hooks recording, an import) whose
+    step 2 was deleted and step 3 torn read the 8 others and said nothing of either: no line
+    on stderr, the JSON's `steps` 8 alone. It warns as a replay does, and its JSON counts
+    them, as check's JSON of a replayed run does."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy=None) as recorder:
+        for step in range(10):
+            recorder.log_step(step, grad_norm=1.0 + 0.01 * step, loss=0.5)
+    step_path(run, 2).unlink()
+    step_path(run, 3).write_bytes(b"x")
+    result = runner.invoke(app, ["check", str(run), "--max-spikes", "5", "-f", "json"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: skipped 1 unreadable, incomplete or invalid step of {run} (step 3: torn: 1 "
+        "byte, shorter than a safetensors header); read 8; `stabledrl inspect` lists the "
+        "reader's findings",
+        f"warning: {run} misses steps between its recorded ones (step 2 missing (1 step(s), "
+        "stride 1)): never written, or lost; read 8; `stabledrl inspect` lists the reader's "
+        "findings",
+    ], result.stderr
+    data = json.loads(result.stdout)
+    assert (data["steps"], data["skipped_steps"], data["missing_steps"]) == (8, 1, 1)
+    whole = tiny_run(tmp_path / "whole", steps=12)
+    replayed = runner.invoke(app, ["check", str(whole), "--max-collapsed", "0", "-f", "json"])
+    data = json.loads(replayed.stdout)
+    assert (data["steps"], data["skipped_steps"], data["missing_steps"]) == (12, 0, 0)

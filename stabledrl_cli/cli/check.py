@@ -63,8 +63,10 @@ from stabledrl_cli.cli.replay import (
     replay_engine,
     replay_with_progress,
     same_file,
+    warn_damaged,
 )
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
+from stabledrl_cli.dump._integrity import missing_count
 from stabledrl_cli.dump._remote import redacted
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.policies import get_policy
@@ -93,6 +95,7 @@ from stabledrl_cli.replay.report import (
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import (
     is_scalar_run,
+    missing_steps,
     no_steps_message,
     print_own_policy_note,
     skipped_reasons,
@@ -263,12 +266,8 @@ def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) 
                 f"{', '.join(policy_options)} need(s) replayed policies; gate it with "
                 "--baseline, --max-spikes, --max-nonfinite or --fail-on-collapse"
             )
-        if skipped:
-            err.print(
-                f"warning: skipped {counted(len(skipped), 'unreadable step')} of {run.location} "
-                f"({skipped[0]}); `stabledrl inspect` lists every finding",
-                highlight=False,
-            )
+        read = f"read {len(run.step_numbers)}"
+        warn_damaged(run.location, skipped, missing_steps(run), read)
         if not run.step_numbers:
             raise InputError(no_steps_message(run, skipped))
         return observe(run, config)
@@ -447,6 +446,11 @@ def command(
 
     tripped = [r for r in results if not r.ok]
     if output_format == "json":
+        if result is None:
+            skipped_steps = len(skipped_reasons(opened))
+            missing = missing_count(missing_steps(opened))
+        else:
+            skipped_steps, missing = result.skipped_steps, result.missing_steps
         print_json({
             "run": redacted(run),
             "ok": not tripped,
@@ -456,6 +460,8 @@ def command(
             "replay": settings.to_dict(),
             "scalar_run": result is None,
             "steps": steps,
+            "skipped_steps": skipped_steps,
+            "missing_steps": missing,
             "policies": [p.spec for p in policies],
             "gates": [r.to_dict() for r in results],
             "wrote": {name: None if path is None else str(path) for name, path in wrote.items()},

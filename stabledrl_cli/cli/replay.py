@@ -132,9 +132,8 @@ def same_file(target: Path, other: Path) -> bool:
 
 
 def note_skipped(result: ReplayResult) -> None:
-    """A line on stderr when steps were skipped (the reader could not read them, or the replay
-    could not use their data): how many, and the first reasons; and
-    one when the run has scalar steps, which hold nothing to replay."""
+    """A line on stderr when the run has scalar steps, which hold nothing to replay, and the
+    warnings of its skipped and missing steps (`warn_damaged`)."""
     if result.scalar_steps:
         noun = "step has" if result.scalar_steps == 1 else "steps have"
         err.print(
@@ -143,20 +142,26 @@ def note_skipped(result: ReplayResult) -> None:
             f"{result.steps}",
             highlight=False,
         )
+    warn_damaged(result.run, result.skipped, result.missing, f"replayed {result.steps}")
+
+
+def warn_damaged(run: str, skipped: Sequence[str], missing: Sequence[Gap], done: str) -> None:
+    """The warnings on stderr of a run's steps skipped (`skipped`: one reason each: the reader
+    could not read them, or the replay could not use their data) and of its steps missing
+    between recorded ones; `done`: what was made of the others (`replayed 9`)."""
     from stabledrl_cli.replay.run_facts import shown_reasons
 
-    if result.skipped:
-        skipped = counted(len(result.skipped), "unreadable, incomplete or invalid step")
+    if skipped:
+        count = counted(len(skipped), "unreadable, incomplete or invalid step")
         err.print(
-            f"warning: skipped {skipped} of {result.run} "
-            f"({shown_reasons(result.skipped)}); replayed {result.steps}; `stabledrl inspect` "
-            "lists the reader's findings",
+            f"warning: skipped {count} of {run} ({shown_reasons(skipped)}); {done}; "
+            "`stabledrl inspect` lists the reader's findings",
             highlight=False,
         )
-    if result.missing:
+    if missing:
         err.print(
-            f"{missing_line(result.run, result.missing)}; replayed {result.steps}; "
-            "`stabledrl inspect` lists the reader's findings",
+            f"{missing_line(run, missing)}; {done}; `stabledrl inspect` lists the reader's "
+            "findings",
             highlight=False,
         )
 

@@ -15,6 +15,7 @@ Finding kinds:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -96,6 +97,11 @@ def gaps(steps: list[int]) -> list[Gap]:
         first, last = int(array[index]) + stride, int(array[index + 1]) - stride
         found.append(Gap(first, last, (last - first) // stride + 1, stride))
     return found
+
+
+def missing_count(found: Sequence[Gap]) -> int:
+    """The steps the `found` gaps miss, in all."""
+    return sum(gap.missing for gap in found)
 
 
 def gap_findings(steps: list[int]) -> list[Finding]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stabledrl_cli._json import json_safe, stand_in
-from stabledrl_cli.dump._integrity import Gap
+from stabledrl_cli.dump._integrity import Gap, missing_count
 from stabledrl_cli.replay.columns import ColumnArray
 from stabledrl_cli.replay.config import StepRange
 from stabledrl_cli.replay.observed import Observed
@@ -248,7 +248,7 @@ class ReplayResult:
     @property
     def missing_steps(self) -> int:
         """Steps missing between the run's recorded ones."""
-        return sum(gap.missing for gap in self.missing)
+        return missing_count(self.missing)
 
     @property
     def own(self) -> PolicyResult | None:
