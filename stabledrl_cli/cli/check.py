@@ -95,9 +95,9 @@ from stabledrl_cli.replay.report import (
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import (
     is_scalar_run,
-    missing_steps,
     no_steps_message,
     print_own_policy_note,
+    run_gaps,
     skipped_reasons,
     steps_skipped,
 )
@@ -267,7 +267,7 @@ def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) 
                 "--baseline, --max-spikes, --max-nonfinite or --fail-on-collapse"
             )
         read = f"read {len(run.step_numbers)}"
-        warn_damaged(run.location, skipped, missing_steps(run), read)
+        warn_damaged(run.location, skipped, run_gaps(run), read)
         if not run.step_numbers:
             raise InputError(no_steps_message(run, skipped))
         return observe(run, config)
@@ -448,7 +448,7 @@ def command(
     if output_format == "json":
         if result is None:
             skipped_steps = len(skipped_reasons(opened))
-            missing = missing_count(missing_steps(opened))
+            missing = missing_count(run_gaps(opened))
         else:
             skipped_steps, missing = result.skipped_steps, result.missing_steps
         print_json({

@@ -168,7 +168,7 @@ def warn_damaged(run: str, skipped: Sequence[str], missing: Sequence[Gap], done:
 
 def missing_line(run: str, missing: Sequence[Gap]) -> str:
     """The warning that `run` misses steps between its recorded ones (`missing`:
-    `run_facts.missing_steps`)."""
+    `run_facts.run_gaps`)."""
     from stabledrl_cli.replay.run_facts import shown_reasons
 
     reasons = shown_reasons([gap.message for gap in missing])

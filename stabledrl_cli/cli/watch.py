@@ -66,8 +66,8 @@ from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
 from stabledrl_cli.replay.inspection import group_findings
 from stabledrl_cli.replay.run_facts import (
     DAMAGED_KINDS,
-    missing_steps,
     print_own_policy_note,
+    run_gaps,
     shown_reasons,
     whole_run_refusal,
 )
@@ -324,7 +324,7 @@ def _warn_damaged(watcher: RunWatcher) -> None:
     damaged = _damaged_line(watcher)
     if damaged is not None:
         err.print(damaged, highlight=False)
-    missing = [] if watcher.replay is None else missing_steps(watcher.replay.run)
+    missing = [] if watcher.replay is None else run_gaps(watcher.replay.run)
     if missing:
         line = (
             f"{missing_line(str(watcher.path), missing)}; `stabledrl inspect` lists every finding"

@@ -173,14 +173,10 @@ def _storage_options(protocol: str) -> dict[str, Any]:
 def _unreachable(url: str, exc: BaseException) -> UsageError:
     """The usage error (exit 2) of a URL whose host could not be reached, saying why."""
     if isinstance(exc, TimeoutError):
-        return UsageError(f"{redacted(url)}: cannot reach it (no answer for {stall_text()})")
+        stall = f"{HTTP_STALL_SECONDS:g} s"
+        return UsageError(f"{redacted(url)}: cannot reach it (no answer for {stall})")
     why = redacted_in(one_line(exc), url)
     return UsageError(f"{redacted(url)}: cannot reach it ({type(exc).__name__}: {why})")
-
-
-def stall_text() -> str:
-    """`HTTP_STALL_SECONDS` as a message says it: `60 s`."""
-    return f"{HTTP_STALL_SECONDS:g} s"
 
 
 def local_path(location: str) -> str | None:

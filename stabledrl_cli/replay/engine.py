@@ -45,9 +45,9 @@ from stabledrl_cli.replay.metrics import TopSequence
 from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult, StepSeries
 from stabledrl_cli.replay.run_facts import (
-    missing_steps,
     no_steps_message,
     own_spec,
+    run_gaps,
     skipped_reasons,
     steps_skipped,
 )
@@ -365,7 +365,7 @@ def replay_result(
         run_policy_spec=run.policy_spec,
         step_range=config.step_range,
         skipped=skipped,
-        missing=missing_steps(run),
+        missing=run_gaps(run),
         threads=config.threads,
         scalar_steps=stream.scalar_steps,
     )

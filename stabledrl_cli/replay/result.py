@@ -224,7 +224,7 @@ class ReplayResult:
     it could not read, then the replay's for each step whose data it could not use
     (`stream.StreamedRun.rejected`); each names its step."""
     missing: list[Gap] = field(default_factory=list)
-    """The runs of steps missing between the run's recorded ones (`run_facts.missing_steps`;
+    """The runs of steps missing between the run's recorded ones (`run_facts.run_gaps`;
     the JSON counts their steps, `missing_steps`)."""
     threads: int = 1
     """CPU threads the replay computed with (`ReplayConfig.threads`)."""

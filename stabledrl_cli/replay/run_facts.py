@@ -109,7 +109,7 @@ def skipped_reasons(run: Run) -> list[str]:
     return [f.message for f in _skipped_findings(run)]
 
 
-def missing_steps(run: Run) -> list[Gap]:
+def run_gaps(run: Run) -> list[Gap]:
     """The runs of steps missing between the ones the run lists, against its stride (its
     `gap` findings, from the listing alone): steps a recording never wrote or lost."""
     return gaps(run.listed_step_numbers)
