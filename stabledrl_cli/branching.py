@@ -36,7 +36,7 @@ from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.config import DEFAULT_COLLAPSE_WINDOW
 from stabledrl_cli.replay.detectors import observed_reward_collapse, reward_draws
 from stabledrl_cli.replay.engine import replay
-from stabledrl_cli.replay.observed import finite_windows
+from stabledrl_cli.replay.observed import reward_windows
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
 
@@ -206,7 +206,7 @@ def _trajectory_collapse(
     steps = np.concatenate([original[0][keep], branch[0]])
     rewards = np.concatenate([original[1][keep], branch[1]])
     window = DEFAULT_COLLAPSE_WINDOW
-    if finite_windows(rewards, window) == 0:
+    if reward_windows(rewards, window) == 0:
         draws = counted(int(np.count_nonzero(np.isfinite(rewards))), "finite reward draw")
         return None, (
             f"the trajectory has {draws} (one a rollout), no {window} in a row (the collapse "

@@ -92,14 +92,14 @@ def test_max_spikes_without_grad_norms_fails_in_a_process_in_junit_and_in_watch(
         (30, [math.nan] * 30, "no finite value"),
         (1, [0.5], f"1 finite value (one a rollout), {WINDOW}"),
         (9, [0.5] * 9, f"9 finite values (one a rollout), {WINDOW}"),
-        (30, [0.5, 0.5, math.nan] * 10, f"20 finite values (one a rollout), {WINDOW}"),
+        (27, [0.5, math.nan, math.nan] * 9, f"9 finite values (one a rollout), {WINDOW}"),
     ],
 )
 def test_fail_on_collapse_trips_when_no_reward_window_can_be_judged(tmp_path, steps, rewards, has):
     """The gate passed ('the recorded reward did not collapse', exit 0) on a reward the
-    observed-collapse rule cannot judge: every value NaN, fewer steps than its window of 10,
-    or no 10 finite values in a row. It trips, counting the finite values the run has (it
-    said 'there is no reward to gate' of a run with 9 rewards)."""
+    observed-collapse rule cannot judge: every value NaN, or fewer finite ones than its window
+    of 10 (a NaN one is no draw). It trips, counting the finite values the run has (it said
+    'there is no reward to gate' of a run with 9 rewards)."""
     run = _scalar_run(tmp_path / "run", steps, reward_mean=rewards)
     code, (gate,) = _gates(run, "--fail-on-collapse")
     assert code == 1
@@ -112,6 +112,13 @@ def test_fail_on_collapse_trips_when_no_reward_window_can_be_judged(tmp_path, st
     some_finite = any(math.isfinite(reward) for reward in rewards)
     code, (gate,) = _gates(run, "--fail-on-collapse", "--collapse-window", "1")
     assert (code, gate["ok"]) == ((0, True) if some_finite else (1, False))
+
+
+def test_fail_on_collapse_judges_a_reward_with_a_nan_step_in_three(tmp_path):
+    """Its NaN steps are no draws (no sample scored): 20 draws, judged; it tripped before."""
+    run = _scalar_run(tmp_path / "run", 30, reward_mean=[0.5, 0.5, math.nan] * 10)
+    code, (gate,) = _gates(run, "--fail-on-collapse")
+    assert (code, gate["ok"], gate["figure"]) == (0, True, None)
 
 
 def test_fail_on_collapse_on_an_unjudged_reward_fails_in_a_process_and_in_watch(tmp_path):

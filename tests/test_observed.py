@@ -506,3 +506,35 @@ def test_a_rollout_reused_over_several_steps_counts_as_one_reward_draw(tmp_path)
     assert falling.first_reward_collapse is not None
     assert 4 * (40 - 10) <= falling.first_reward_collapse < 4 * (40 + 20)
     assert falling.first_reward_collapse % 4 == 0  # a rollout's first step
+
+
+def _reward_run(path, rewards: np.ndarray):
+    with sd.Recorder(path, policy=None, reward_range=(0.0, 1.0)) as rec:
+        for step, reward in enumerate(rewards):
+            rec.log_step(step, reward_mean=float(reward))
+    return sd.open_run(path)
+
+
+def test_a_step_with_no_scored_reward_is_no_reward_draw(tmp_path):
+    """A step none of whose samples was scored (TRL's None reward) logs a NaN reward_mean.
+    Its NaN made every window of 10 holding it NaN and broke 'stays below for 20 steps': one
+    such step in 25 put a fall from 0.6 to 0.02 at step 200 at step 290, one in 15 hid it
+    ('none'), one in 7 left the rule judging no step. They are left out."""
+    noise = 0.03 * np.random.default_rng(0).standard_normal(300)
+    falling = np.where(np.arange(300) < 200, 0.6, 0.02) + noise
+    for every in (25, 15, 7):
+        gappy = falling.copy()
+        gappy[5::every] = np.nan
+        observed = observe(_reward_run(tmp_path / f"falling{every}", gappy))
+        assert observed.unjudged("first_reward_collapse") is None, every
+        assert observed.first_reward_collapse is not None, every
+        assert 200 <= observed.first_reward_collapse <= 210, (every, observed)
+    flat = np.random.default_rng(1).binomial(16, 0.5, size=300) / 16
+    flat[3::7] = np.nan
+    observed = observe(_reward_run(tmp_path / "flat", flat))
+    assert observed.unjudged("first_reward_collapse") is None
+    assert observed.first_reward_collapse is None
+    kept = ~np.isnan(gappy)
+    assert observed_reward_collapse(np.arange(300), gappy, (0.0, 1.0)) == (
+        observed_reward_collapse(np.arange(300)[kept], gappy[kept], (0.0, 1.0))
+    )

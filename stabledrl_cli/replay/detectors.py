@@ -124,13 +124,15 @@ def observed_reward_collapse(
     sigma_i the per-step noise of the rewards before the window, their largest step left out
     (`noise_before`), n_i the steps up to i and c `noise_margin`. The square root is how far
     the best of n_i / W independent W-step means rises above their level by luck alone.
+    A NaN reward (a step none of whose samples was scored) is left out, as if not recorded.
     """
     steps = np.asarray(steps)
     rewards = np.asarray(rewards, dtype=np.float64)
     if steps.shape != rewards.shape:
         raise ValueError(f"steps {steps.shape} and rewards {rewards.shape} differ in shape")
     order = np.argsort(steps, kind="stable")
-    steps, rewards = steps[order], rewards[order]
+    scored = order[~np.isnan(rewards[order])]  # a NaN reward (nothing scored) is no draw
+    steps, rewards = steps[scored], rewards[scored]
     n = rewards.shape[0]
     if n < window or not np.isfinite(rewards).any():
         return None

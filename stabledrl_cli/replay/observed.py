@@ -203,8 +203,8 @@ class Observed:
     """Finite recorded reward draws, one a rollout (`detectors.reward_draws`): the values the
     observed-collapse rule reads."""
     reward_windows: int = 0
-    """Windows of `collapse_window` finite recorded rewards in a row: the levels the
-    observed-collapse rule judges (0: it can find no collapse)."""
+    """Windows of `collapse_window` finite recorded rewards in a row, NaN ones left out: the
+    levels the observed-collapse rule judges (0: it can find no collapse)."""
     collapse_window: int = DEFAULT_COLLAPSE_WINDOW
     """W of the observed-collapse rule it was found with."""
     collapse_warning: CollapseWarning = field(default_factory=CollapseWarning)
@@ -339,6 +339,12 @@ def finite_windows(values: np.ndarray, window: int) -> int:
     return int(np.count_nonzero(np.isfinite(rolling_mean(values, window))))
 
 
+def reward_windows(rewards: np.ndarray, window: int) -> int:
+    """How many windows of `window` finite reward draws [S] in a row the observed-collapse rule
+    judges: a NaN draw (nothing scored) is left out, as the rule leaves it out."""
+    return finite_windows(rewards[~np.isnan(rewards)], window)
+
+
 def _reward_curve(rewards: np.ndarray, window: int) -> RewardCurve | None:
     if rewards.size == 0:
         return None
@@ -415,7 +421,7 @@ def observe(
         noise_floor_units=noise_floor.count,
         reward_curve=_reward_curve(rewards, config.collapse_window),
         reward_values=int(np.count_nonzero(np.isfinite(rewards))),
-        reward_windows=finite_windows(rewards, config.collapse_window),
+        reward_windows=reward_windows(rewards, config.collapse_window),
         collapse_window=config.collapse_window,
         collapse_warning=warning,
         guards=guard_reports
