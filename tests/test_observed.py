@@ -538,3 +538,15 @@ def test_a_step_with_no_scored_reward_is_no_reward_draw(tmp_path):
     assert observed_reward_collapse(np.arange(300), gappy, (0.0, 1.0)) == (
         observed_reward_collapse(np.arange(300)[kept], gappy[kept], (0.0, 1.0))
     )
+
+
+def test_the_reward_curve_reads_the_collapse_rules_draws(tmp_path):
+    """With a NaN reward_mean (no sample scored) among its first or last 10 steps, inspect's
+    reward curve read 'first n/a, ... last n/a' though the collapse rule judged the run."""
+    flat = np.random.default_rng(1).binomial(16, 0.5, size=40) / 16
+    flat[3::7] = np.nan
+    curve = observe(_reward_run(tmp_path / "flat", flat)).to_dict()["reward_curve"]
+    draws = flat[~np.isnan(flat)]
+    assert curve["first"] == pytest.approx(draws[:10].mean())
+    assert curve["best"] == pytest.approx(max(draws[i : i + 10].mean() for i in range(25)))
+    assert curve["last"] == pytest.approx(draws[-10:].mean())

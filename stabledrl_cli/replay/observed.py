@@ -346,6 +346,8 @@ def reward_windows(rewards: np.ndarray, window: int) -> int:
 
 
 def _reward_curve(rewards: np.ndarray, window: int) -> RewardCurve | None:
+    scored = rewards[~np.isnan(rewards)]  # the collapse rule's draws, when there are any
+    rewards = scored if scored.size else rewards
     if rewards.size == 0:
         return None
     window = min(window, rewards.size)  # a run shorter than W: one window over all of it
