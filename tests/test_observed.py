@@ -550,3 +550,18 @@ def test_the_reward_curve_reads_the_collapse_rules_draws(tmp_path):
     assert curve["first"] == pytest.approx(draws[:10].mean())
     assert curve["best"] == pytest.approx(max(draws[i : i + 10].mean() for i in range(25)))
     assert curve["last"] == pytest.approx(draws[-10:].mean())
+
+
+def test_without_a_reward_range_a_small_lasting_fall_reads_as_a_collapse():
+    """docs/collapse.md: the floor is then the run's own lowest reward, so a success rate
+    stepping from 0.8 to 0.7 is a 'collapse' unless reward_range=(0, 1) is declared."""
+    steps = np.arange(500)
+    for seed in range(3):
+        noise = np.random.default_rng(seed).standard_normal(500)
+        stepped = np.where(steps < 250, 0.8, 0.7) + 0.03 * noise
+        found = observed_reward_collapse(steps, stepped)
+        assert found is not None and 250 <= found <= 270, (seed, found)
+        assert observed_reward_collapse(steps, stepped, (0.0, 1.0)) is None
+        negative = np.where(steps < 250, -1.0, -1.3) + 0.05 * noise
+        found = observed_reward_collapse(steps, negative)
+        assert found is not None and 250 <= found <= 270, (seed, found)
