@@ -565,3 +565,12 @@ def test_without_a_reward_range_a_small_lasting_fall_reads_as_a_collapse():
         negative = np.where(steps < 250, -1.0, -1.3) + 0.05 * noise
         found = observed_reward_collapse(steps, negative)
         assert found is not None and 250 <= found <= 270, (seed, found)
+
+
+def test_a_single_early_success_of_a_sparse_reward_reads_as_a_collapse():
+    """docs/collapse.md: below a success rate of 0.02 the noise is read too low. One success
+    in 16 at step 20, then none until the run learns from step 220, is reported at 186."""
+    rewards = np.zeros(420)
+    rewards[20] = 1 / 16
+    rewards[220:] = np.linspace(0.0, 0.6, 200)
+    assert observed_reward_collapse(np.arange(420), rewards, (0.0, 1.0)) == 186
