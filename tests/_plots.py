@@ -1,4 +1,4 @@
-"""The replay plot as drawn: its matplotlib figure, for the tests that read its titles."""
+"""The plots as drawn: their matplotlib figures, for the tests that read their titles."""
 
 from __future__ import annotations
 
@@ -12,13 +12,8 @@ from stabledrl_cli.dump import Run
 from stabledrl_cli.replay.plot import plot_replay
 
 
-def drawn_figure(
-    monkeypatch: pytest.MonkeyPatch,
-    result: sd.ReplayResult,
-    path: Path,
-    run: Run | None = None,
-) -> Any:
-    """The figure `plot_replay(result, path, run)` draws, kept as it is saved."""
+def kept_figures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """A list that each figure saved from now on is appended to, as it is saved."""
     from matplotlib.figure import Figure
 
     drawn: list[Figure] = []
@@ -29,6 +24,17 @@ def drawn_figure(
         savefig(fig, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", keep)
+    return drawn
+
+
+def drawn_figure(
+    monkeypatch: pytest.MonkeyPatch,
+    result: sd.ReplayResult,
+    path: Path,
+    run: Run | None = None,
+) -> Any:
+    """The figure `plot_replay(result, path, run)` draws, kept as it is saved."""
+    drawn = kept_figures(monkeypatch)
     plot_replay(result, path, run)
     (figure,) = drawn
     return figure

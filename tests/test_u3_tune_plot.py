@@ -6,8 +6,11 @@ from pathlib import Path
 
 import torch
 from _cli import run_cli
+from _plots import kept_figures
 
 import stabledrl_cli as sd
+from stabledrl_cli.tune.front import SettingFigures, TuneReport
+from stabledrl_cli.tune.plot import plot_front
 
 
 def test_a_plot_with_no_finite_setting_is_drawn_without_a_warning(tmp_path: Path) -> None:
@@ -31,3 +34,26 @@ def test_a_plot_with_no_finite_setting_is_drawn_without_a_warning(tmp_path: Path
     lines = result.stderr.strip().splitlines()
     assert lines[0].startswith("tuning 2 settings over ") and lines[-1] == f"wrote {png}"
     assert not [line for line in lines[1:-1] if not line.startswith("replaying")], lines
+
+
+def _setting(spec: str, risk: int, mass: float) -> SettingFigures:
+    return SettingFigures(
+        spec=spec,
+        risk_steps=list(range(risk)),
+        nonfinite_steps=risk,
+        spike_steps=0,
+        drift_steps=0,
+        discarded_mass=mass,
+        discard_frac=mass,
+        on_front=True,
+    )
+
+
+def test_the_title_of_a_one_step_tune_counts_one_step(tmp_path: Path, monkeypatch) -> None:
+    """It read 'stabledrl tune: run (1 steps)'; replay's plot and tune's table say '1 step'."""
+    setting = _setting("is", 0, 0.0)
+    report = TuneReport("runs/run", 1, [setting], setting, "", threads=1)
+    drawn = kept_figures(monkeypatch)
+    plot_front(report, tmp_path / "front.png")
+    (figure,) = drawn
+    assert figure.axes[0].get_title() == "stabledrl tune: run (1 step)"

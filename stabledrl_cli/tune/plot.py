@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from stabledrl_cli._atomic import output_path
+from stabledrl_cli.errors import counted
 from stabledrl_cli.replay.plot import require_matplotlib
 from stabledrl_cli.tune.front import TuneReport
 
@@ -51,8 +52,9 @@ def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
         )
     ax.set_xlabel("risk steps (non-finite, spike or bias)")
     ax.set_ylabel("discarded gradient, median per step (%)")
+    steps = counted(report.steps, "step")
     ax.set_title(  # the run's name as written: a `$` in it started mathtext
-        f"stabledrl tune: {Path(report.run).name} ({report.steps} steps)", parse_math=False
+        f"stabledrl tune: {Path(report.run).name} ({steps})", parse_math=False
     )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
