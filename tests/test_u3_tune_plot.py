@@ -57,3 +57,19 @@ def test_the_title_of_a_one_step_tune_counts_one_step(tmp_path: Path, monkeypatc
     plot_front(report, tmp_path / "front.png")
     (figure,) = drawn
     assert figure.axes[0].get_title() == "stabledrl tune: run (1 step)"
+
+
+def test_the_risk_axis_counts_whole_steps(tmp_path: Path, monkeypatch) -> None:
+    """Risk steps are a count: with every setting at 0 the axis was ticked -0.04 .. 0.04, and
+    at 0 and 1 in halves; every tick is now a whole number of steps, none below 0."""
+    for risks in ((0, 0), (0, 1), (0, 3), (4, 4)):
+        settings = [_setting(f"is:c={i + 1}", risk, 0.1 * i) for i, risk in enumerate(risks)]
+        report = TuneReport("runs/run", 9, settings, settings[0], "", threads=1)
+        drawn = kept_figures(monkeypatch)
+        plot_front(report, tmp_path / "front.png")
+        (figure,) = drawn
+        ax = figure.axes[0]
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert len(ticks) > 1 and all(float(t).is_integer() for t in ticks), (risks, ticks)
+        assert low >= -0.5 and low <= min(risks) and max(risks) <= high, (risks, low, high)

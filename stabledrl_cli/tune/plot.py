@@ -19,6 +19,7 @@ def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(7.0, 4.5))
     FigureCanvasAgg(fig)
@@ -50,6 +51,11 @@ def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
             label=f"recommended: {best.spec}",
             zorder=3,
         )
+    low, high = ax.get_xlim()  # a count of steps: whole ticks, two at least, none below 0
+    if high - low < 2:
+        low = max((low + high) / 2 - 1, -0.5)
+        ax.set_xlim(low, low + 2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("risk steps (non-finite, spike or bias)")
     ax.set_ylabel("discarded gradient, median per step (%)")
     steps = counted(report.steps, "step")
