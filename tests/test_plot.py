@@ -201,3 +201,20 @@ def test_a_plot_of_a_steps_range_shows_that_range_and_counts_it(
     for line in reward_ax.lines:  # the edge marks (a transform of their own) in view
         x = np.asarray(line.get_xdata(), dtype=float)
         assert x.size == 0 or ((x >= 99) & (x <= 140)).all() or line.get_linestyle() != "None"
+
+
+def test_the_reward_panel_reads_its_steps_over_panels_narrower_than_it(
+    grpo_fixture, grpo_fixture_replay, tmp_path, monkeypatch
+):
+    """The reward panel spans the figure; two policy panels a row are each half as wide, so
+    its marks cannot be read off their axes (the fixture's observed collapse at step 132 is
+    drawn over step 100 or so of the right panel). Its step labels were hidden, as if a panel
+    of its width were below; they are shown over narrower panels, and hidden over a single
+    policy's (its panel has the same axis right below)."""
+    figure = drawn_figure(monkeypatch, grpo_fixture_replay, tmp_path / "two.png")
+    labels = [t.get_text() for t in figure.axes[1].get_xticklabels() if t.get_visible()]
+    assert any(label.strip() for label in labels), labels
+    one = sd.replay(grpo_fixture, ["grpo"], device="cpu", step_range=(0, 20))
+    reward_ax, panel = drawn_figure(monkeypatch, one, tmp_path / "one.png").axes[1:3]
+    assert not [t for t in reward_ax.get_xticklabels() if t.get_visible() and t.get_text()]
+    assert [t for t in panel.get_xticklabels() if t.get_visible() and t.get_text()]

@@ -319,7 +319,7 @@ def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | N
         _policy_panel(ax, policy, result, _title_characters(columns))
         below = i + columns < len(result.policies)
         ax.tick_params(labelbottom=not below)
-    reward_ax.tick_params(labelbottom=not result.policies)
+    reward_ax.tick_params(labelbottom=columns > 1 or not result.policies)  # none right below
     limits = _steps_range(result, run.scalar_series("reward_mean")[0].astype(np.int64))
     if limits is not None:
         reward_ax.set_xlim(*limits)
