@@ -7,9 +7,10 @@ past 12 policies), all on the same step axis: the replayed update norm divided b
 own median, on a log scale fitted to that policy alone (so a bounded policy's wiggles are as
 visible as an unbounded one's blow-ups; the raw median is in the panel's title). Each panel
 marks spikes, non-finite updates (at the top edge, never clipped: a log axis cannot show NaN),
-risk steps (ticks along the bottom), bias steps (shaded) and the observed collapse. One legend
-for the whole figure sits above the panels, outside the data; the footnote says what `(own)`
-and `(best)` mean (as in replay's table). The default catalogue fits in about 1100 px of height.
+risk steps (ticks along the bottom), zero updates (circles along the bottom: a log axis cannot
+show 0 either), bias steps (shaded) and the observed collapse. One legend for the whole figure
+sits above the panels, outside the data; the footnote says what `(own)` and `(best)` mean (as
+in replay's table). The default catalogue fits in about 1100 px of height.
 
 matplotlib is an optional extra (`pip install -e '.[plot]'` in a checkout), imported here
 only, with the Agg backend (no display; the object API, so no global pyplot state is touched).
@@ -222,6 +223,8 @@ def _policy_panel(ax: Any, policy: PolicyResult, result: ReplayResult, title_wid
     else:  # a zero update is finite, but a log axis cannot show it either
         scale = "every finite update is 0" if np.isfinite(norm).any() else "no finite update"
     _marks_at_edge(ax, steps[nonfinite], 1.0, marker="x", color=_NONFINITE, markersize=6)
+    _marks_at_edge(ax, steps[norm == 0], 0.0, marker="o", color=_NORM, fillstyle="none",
+                   markersize=5)  # fmt: skip
     collapsed = np.asarray(series["collapsed"], dtype=bool)
     _marks_at_edge(ax, steps[collapsed], 0.0, marker="|", color=_RISK, markersize=9)
     for start, stop in _spans(steps, np.asarray(series["drift"], dtype=bool)):
@@ -257,6 +260,9 @@ def _legend_handles(result: ReplayResult) -> list[Any]:
     ]  # fmt: skip
     if result.observed.collapse_warning.first_step is not None:
         handles.append(line(_WARNING, "collapse warning (first step)", linestyle="-."))
+    if any(np.any(np.asarray(p.series["update_norm"]) == 0) for p in result.policies):
+        handles.append(line(_NORM, "update 0 (bottom edge)", marker="o", fillstyle="none",
+                            markersize=6, linestyle="none"))  # fmt: skip
     return handles
 
 
