@@ -63,7 +63,7 @@ def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
         f"stabledrl tune: {Path(report.run).name} ({steps})", parse_math=False
     )
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     else:
         ax.text(0.5, 0.5, "no setting has a finite discarded gradient (n/a in the ranking)",
                 ha="center", va="center", transform=ax.transAxes)  # fmt: skip
