@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 import re
 import sys
+import textwrap
 from collections.abc import Mapping
 from typing import SupportsIndex, TypeVar, cast
 
@@ -127,6 +128,13 @@ def split_spec(spec: str, kind: str = "policy") -> tuple[str, dict[str, str]]:
                 raise SpecError(spec, kind, f"key {quoted(key)} given twice")
             raw[key] = value
     return name, raw
+
+
+def wrap_spec(text: str, width: int) -> list[str]:
+    """`text` (a spec, maybe tagged after it) in lines of at most `width` characters, each
+    broken after a comma where it can be (a part longer than `width` is broken inside)."""
+    lines = textwrap.wrap(text.replace(",", ", "), max(width, 1), break_on_hyphens=False)
+    return [line.replace(", ", ",") for line in lines]
 
 
 def format_value(value: SpecValue) -> str:

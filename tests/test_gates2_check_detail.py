@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
+import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 
 runner = CliRunner()
@@ -44,3 +46,28 @@ def test_every_gates_detail_is_shown_whole(grpo_fixture, gates, width):
     data = json.loads(runner.invoke(app, [*args, "--format", "json"]).stdout)
     messages = ["".join(g["message"].split()) for g in data["gates"]]
     assert ["".join(d.split()) for d in _details(shown.stdout)] == messages
+
+
+def test_a_long_policy_spec_is_broken_at_its_commas(tmp_path):
+    """A spec wider than the gate column was folded at the column's edge, inside a value
+    ('...,eps_high=0.345678' over '9,eps_low=...' at 80 columns): the figure 0.3456789 read
+    as 0.345678. Each line now ends at a comma, every value whole."""
+    spec = "grpo:agg=seq-mean-token-sum-norm,eps_high=0.3456789,eps_low=0.1234567,max_len=4096"
+    with sd.Recorder(tmp_path / "run", policy="grpo") as recorder:
+        for step in range(4):
+            recorder.log_step(
+                step,
+                logp=torch.full((2, 3), -1.0),
+                logp_old=torch.full((2, 3), -1.1),
+                advantages=torch.tensor([1.0, -1.0]),
+            )
+    args = ["check", str(tmp_path / "run"), "--device", "cpu", "-p", spec]
+    shown = runner.invoke(app, [*args, "--max-discard-frac", "1"], env={"COLUMNS": "80"})
+    assert shown.exit_code == 0, shown.output
+    assert max(len(line) for line in shown.stdout.splitlines()) <= 80
+    lines = [line.strip("│ ") for line in shown.stdout.splitlines() if line.startswith("│ ")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("grpo:"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("max_discard_frac"))
+    spec_lines = [line.split("│")[0].strip() for line in lines[start:end]]
+    assert "".join(spec_lines) == spec, spec_lines
+    assert len(spec_lines) > 1 and all(line.endswith(",") for line in spec_lines[:-1])

@@ -101,6 +101,7 @@ from stabledrl_cli.replay.run_facts import (
     skipped_reasons,
     steps_skipped,
 )
+from stabledrl_cli.spec import wrap_spec
 
 _BORDERS = 1  # the table's left edge; each column adds its right edge and padding
 _CELL_PADDING = 3
@@ -166,9 +167,10 @@ def _grouped_table(rows: list[Row]) -> tuple[Table, list[str]]:
     narrowest = _width([min(widths[0], _MIN_GATE), *widths[1:]])
     if narrowest > out.width:  # else the gate column shrinks to nothing
         table.width = narrowest
+    gate_width = max(out.width, narrowest) - _width(widths[1:]) - _CELL_PADDING
     detailed = _add_detail(table, _width(widths))
     for policy, group in by_policy.items():
-        table.add_row(policy)
+        table.add_row("\n".join(wrap_spec(policy, gate_width)))
         for line in group:
             table.add_row(*(line if detailed else line[:-1]))
         table.add_section()

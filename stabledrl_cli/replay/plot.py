@@ -34,6 +34,7 @@ from stabledrl_cli.replay.config import format_step_range, in_range
 from stabledrl_cli.replay.detectors import rolling_mean
 from stabledrl_cli.replay.report import BEST_RULE
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
+from stabledrl_cli.spec import wrap_spec
 
 INSTALL_COMMAND = "pip install -e '.[plot]'"
 """How to get the extra (the package installs from a checkout; it is not published)."""
@@ -193,14 +194,13 @@ def _policy_title(policy: PolicyResult, scale: str, width: int, ranged: bool) ->
         tokens = float(np.sum(series["tokens"]))
         discard_frac = float(np.sum(series["discarded"])) / tokens if tokens else 0.0
     tags = "".join(t for t, on in ((" (own)", policy.own), (" (best)", policy.best)) if on)
-    named = textwrap.wrap(policy.spec.replace(",", ", ") + tags, width, break_on_hyphens=False)
+    named = wrap_spec(policy.spec + tags, width)
     # A rule that judged no step leaves a count of 0 that says nothing (replay's table says so
     # under its counts).
     spikes = " (spikes not judged)" if "spike" in summary.unjudged else ""
     bias = "not judged" if "drift" in summary.unjudged else str(drift)
     figures = f"risk {risk}{spikes} · bias {bias} · discarded {discard_frac:.0%} ({scale})"
-    named_lines = [line.replace(", ", ",") for line in named]
-    return "\n".join(named_lines + textwrap.wrap(figures, width))
+    return "\n".join(named + textwrap.wrap(figures, width))
 
 
 def _policy_panel(ax: Any, policy: PolicyResult, result: ReplayResult, title_width: int) -> None:
