@@ -88,3 +88,18 @@ def test_the_legend_covers_no_setting(tmp_path: Path, monkeypatch) -> None:
     renderer = figure.canvas.get_renderer()
     legend = ax.get_legend().get_window_extent(renderer)
     assert not legend.overlaps(ax.get_window_extent(renderer)), (legend, ax.bbox)
+
+
+def test_the_plot_says_which_rules_judged_no_step(tmp_path: Path, monkeypatch) -> None:
+    """On a 30-step run the drift rule (a window of 50) judges no step: tune's table says under
+    it 'bias: not judged (...): its 0 says nothing', and its recommendation that its 0 risk
+    steps say nothing. The plot drew every setting at 0 risk steps with nothing to say so;
+    it now shows the table's not-judged lines under its axes."""
+    line = "bias: not judged (the drift rule judges a step after 50 ...): its 0 says nothing"
+    setting = _setting("is", 0, 0.0)
+    report = TuneReport("runs/run", 30, [setting], setting, "", threads=1, unjudged=[line])
+    drawn = kept_figures(monkeypatch)
+    plot_front(report, tmp_path / "front.png")
+    (figure,) = drawn
+    texts = [" ".join(t.get_text().split()) for t in figure.axes[0].texts]
+    assert line in texts, texts

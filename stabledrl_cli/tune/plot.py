@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 
 from stabledrl_cli._atomic import output_path
@@ -14,8 +15,9 @@ from stabledrl_cli.tune.front import TuneReport
 
 def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
     """Draws every setting (x: risk steps, y: median discarded gradient), the front as a line
-    and the recommendation circled; a note instead when no setting has a finite one. Written
-    atomically. MissingExtraError without matplotlib."""
+    and the recommendation circled; a note instead when no setting has a finite one; under
+    the axes, the rules that judged no step of some setting. Written atomically.
+    MissingExtraError without matplotlib."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -67,6 +69,9 @@ def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
     else:
         ax.text(0.5, 0.5, "no setting has a finite discarded gradient (n/a in the ranking)",
                 ha="center", va="center", transform=ax.transAxes)  # fmt: skip
+    if report.unjudged:  # as under tune's table: a count of 0 there is not a clean bill
+        note = "\n".join(textwrap.fill(line, 100) for line in report.unjudged)
+        ax.text(0, -0.16, note, va="top", fontsize=8, transform=ax.transAxes)
     target = Path(path)
     with output_path(target) as temp:
         fig.savefig(temp, format="png", dpi=110, bbox_inches="tight")
