@@ -218,3 +218,15 @@ def test_the_reward_panel_reads_its_steps_over_panels_narrower_than_it(
     reward_ax, panel = drawn_figure(monkeypatch, one, tmp_path / "one.png").axes[1:3]
     assert not [t for t in reward_ax.get_xticklabels() if t.get_visible() and t.get_text()]
     assert [t for t in panel.get_xticklabels() if t.get_visible() and t.get_text()]
+
+
+def test_a_steps_range_that_selects_no_step_says_so(tmp_path, monkeypatch):
+    """`replay --steps 100:200 --plot` over a 3-step run (replay warns: 'selects no step')
+    titled its empty panel 'risk 0 · ... · discarded 0% (no finite update)', the words of a
+    policy whose every update is NaN, over no step at all; it now says there is none."""
+    run = tmp_path / "run"
+    _short_grpo_replay(run, 3)
+    result = sd.replay(run, ["grpo"], device="cpu", step_range=(100, 200))
+    (panel,) = drawn_figure(monkeypatch, result, tmp_path / "run.png").axes[2:]
+    title = " ".join(panel.get_title(loc="left").split())
+    assert title == "grpo (own) no step in the --steps range", title

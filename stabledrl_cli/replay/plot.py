@@ -184,7 +184,8 @@ def _policy_title(policy: PolicyResult, scale: str, width: int, ranged: bool) ->
     """The spec and its tags, wrapped at its commas to `width` characters a line (a value
     longer than that is broken), then the panel's figures and `scale` (what the norms are
     divided by), wrapped too, on lines of their own. `ranged`: the panel shows the steps of
-    `--steps` only, and its figures count those (the summary's count the whole run)."""
+    `--steps` only, and its figures count those (the summary's count the whole run); a
+    range that selects no step is said instead of them."""
     summary = policy.summary
     series = policy.series
     risk, drift = len(summary.collapsed_steps), len(summary.drift_steps)
@@ -195,6 +196,8 @@ def _policy_title(policy: PolicyResult, scale: str, width: int, ranged: bool) ->
         discard_frac = float(np.sum(series["discarded"])) / tokens if tokens else 0.0
     tags = "".join(t for t, on in ((" (own)", policy.own), (" (best)", policy.best)) if on)
     named = wrap_spec(policy.spec + tags, width)
+    if not len(series["step"]):  # a --steps range that selects none: no figure says anything
+        return "\n".join([*named, "no step in the --steps range"])
     # A rule that judged no step leaves a count of 0 that says nothing (replay's table says so
     # under its counts).
     spikes = " (spikes not judged)" if "spike" in summary.unjudged else ""
