@@ -230,3 +230,22 @@ def test_a_steps_range_that_selects_no_step_says_so(tmp_path, monkeypatch):
     (panel,) = drawn_figure(monkeypatch, result, tmp_path / "run.png").axes[2:]
     title = " ".join(panel.get_title(loc="left").split())
     assert title == "grpo (own) no step in the --steps range", title
+
+
+def test_a_panel_s_discarded_share_reads_as_replay_s_table(tmp_path, monkeypatch):
+    """grpo discarding 2 of 720 tokens over the run: replay's table says 0.3%, the panel said
+    'discarded 0%', as for a policy that discards none. It now reads as the table does."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(60):
+            logp_old = torch.full((2, 6), -1.0)
+            if step in (10, 40):
+                logp_old[0, 0] = -2.0  # r = e: past 1 + eps_high for A > 0, discarded
+            rec.log_step(step, logp=torch.full((2, 6), -1.0), logp_old=logp_old,
+                         advantages=torch.tensor([1.0, -1.0]))  # fmt: skip
+    result = sd.replay(run, ["grpo"], device="cpu")
+    assert result.policies[0].summary.discard_frac == pytest.approx(2 / 720)
+    table = runner.invoke(app, ["replay", str(run), "-p", "grpo", "--device", "cpu"]).stdout
+    assert "0.3%" in table
+    (panel,) = drawn_figure(monkeypatch, result, tmp_path / "run.png").axes[2:]
+    assert "discarded 0.3% (" in " ".join(panel.get_title(loc="left").split())

@@ -32,7 +32,7 @@ from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import MissingExtraError, UsageError, counted
 from stabledrl_cli.replay.config import format_step_range, in_range
 from stabledrl_cli.replay.detectors import rolling_mean
-from stabledrl_cli.replay.report import BEST_RULE
+from stabledrl_cli.replay.report import BEST_RULE, percent
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.spec import wrap_spec
 
@@ -202,7 +202,7 @@ def _policy_title(policy: PolicyResult, scale: str, width: int, ranged: bool) ->
     # under its counts).
     spikes = " (spikes not judged)" if "spike" in summary.unjudged else ""
     bias = "not judged" if "drift" in summary.unjudged else str(drift)
-    figures = f"risk {risk}{spikes} · bias {bias} · discarded {discard_frac:.0%} ({scale})"
+    figures = f"risk {risk}{spikes} · bias {bias} · discarded {percent(discard_frac)} ({scale})"
     return "\n".join(named + textwrap.wrap(figures, width))
 
 

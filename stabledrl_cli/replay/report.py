@@ -60,7 +60,8 @@ def _policy_cell(p: PolicyResult) -> str:
     return p.spec + (f" ({', '.join(marks)})" if marks else "")
 
 
-def _percent(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """A share as replay's table shows it: one decimal (0.3%), n/a for None or NaN."""
     return "n/a" if value is None or math.isnan(value) else f"{value:.1%}"
 
 
@@ -107,12 +108,12 @@ def _first(steps: list[int]) -> str:
 SUMMARY_COLUMNS: tuple[SummaryColumn, ...] = (
     SummaryColumn(header="policy", cell=_policy_cell, how="the policy spec",
                   compact=True, numeric=False),
-    SummaryColumn(header="discard", cell=lambda p: _percent(p.summary.discard_frac),
+    SummaryColumn(header="discard", cell=lambda p: percent(p.summary.discard_frac),
                   how="over the run", sources=("discard_frac",), compact=True),
     SummaryColumn(header="+A/-A",
                   cell=lambda p: f"{p.summary.discarded_pos}/{p.summary.discarded_neg}",
                   how="run totals, A > 0 / A < 0", sources=("discarded_pos", "discarded_neg")),
-    SummaryColumn(header="mass", cell=lambda p: _percent(p.summary.discarded_mass_frac),
+    SummaryColumn(header="mass", cell=lambda p: percent(p.summary.discarded_mass_frac),
                   how="median over steps", sources=("discarded_mass_frac",)),
     SummaryColumn(header="clipped", cell=lambda p: str(p.summary.clipped),
                   how="run total", sources=("clipped",)),
