@@ -249,3 +249,29 @@ def test_a_panel_s_discarded_share_reads_as_replay_s_table(tmp_path, monkeypatch
     assert "0.3%" in table
     (panel,) = drawn_figure(monkeypatch, result, tmp_path / "run.png").axes[2:]
     assert "discarded 0.3% (" in " ".join(panel.get_title(loc="left").split())
+
+
+def test_the_reward_s_rolling_mean_is_the_collapse_rule_s(tmp_path, monkeypatch):
+    """The observed-collapse rule reads one reward a rollout and its rolling mean over W of
+    them (W=10 in the legend). The plot's mean was over W recorded steps: on 30 steps of 3
+    passes a rollout (10 rollouts) it drew a W=10 mean from step 9 on, averaging 3 or 4
+    rollouts. It is now the mean over W rollouts, drawn at each rollout's first step: one
+    point here, at step 27."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(30):
+            rec.log_step(
+                step,
+                logp=torch.full((2, 3), -1.0),
+                logp_old=torch.full((2, 3), -1.1),
+                advantages=torch.tensor([1.0, -1.0]),
+                reward=torch.full((2,), float(step // 3)),
+                inner_step=step % 3,
+            )
+    result = sd.replay(run, ["grpo"], device="cpu")
+    reward_ax = drawn_figure(monkeypatch, result, tmp_path / "run.png").axes[1]
+    per_step, mean = reward_ax.get_lines()[:2]
+    assert len(per_step.get_xdata()) == 30
+    xs, ys = np.asarray(mean.get_xdata()), np.asarray(mean.get_ydata(), dtype=float)
+    drawn = np.isfinite(ys)
+    assert list(xs[drawn]) == [27] and list(ys[drawn]) == [4.5], (xs, ys)

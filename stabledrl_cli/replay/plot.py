@@ -1,16 +1,17 @@
 """`--plot FILE.png`: a replay as one picture that compares the policies.
 
-On top, across the figure: the recorded reward (per step, and its rolling mean over the
-observed-collapse window W), the recorded grad-norm spikes and non-finite steps, the observed
-collapse and the run's collapse warning. Below, one small panel per policy (two columns, three
-past 12 policies), all on the same step axis: the replayed update norm divided by that policy's
-own median, on a log scale fitted to that policy alone (so a bounded policy's wiggles are as
-visible as an unbounded one's blow-ups; the raw median is in the panel's title). Each panel
-marks spikes, non-finite updates (at the top edge, never clipped: a log axis cannot show NaN),
-risk steps (ticks along the bottom), zero updates (circles along the bottom: a log axis cannot
-show 0 either), bias steps (shaded) and the observed collapse. One legend for the whole figure
-sits above the panels, outside the data; the footnote says what `(own)` and `(best)` mean (as
-in replay's table). The default catalogue fits in about 1100 px of height.
+On top, across the figure: the recorded reward (per step, and the observed-collapse rule's
+rolling mean over W rollouts, one reward each), the recorded grad-norm spikes and non-finite
+steps, the observed collapse and the run's collapse warning. Below, one small panel per
+policy (two columns, three past 12 policies), all on the same step axis: the replayed update
+norm divided by that policy's own median, on a log scale fitted to that policy alone (so a
+bounded policy's wiggles are as visible as an unbounded one's blow-ups; the raw median is in
+the panel's title). Each panel marks spikes, non-finite updates (at the top edge, never
+clipped: a log axis cannot show NaN), risk steps (ticks along the bottom), zero updates
+(circles along the bottom: a log axis cannot show 0 either), bias steps (shaded) and the
+observed collapse. One legend for the whole figure sits above the panels, outside the data;
+the footnote says what `(own)` and `(best)` mean (as in replay's table). The default
+catalogue fits in about 1100 px of height.
 
 matplotlib is an optional extra (`pip install -e '.[plot]'` in a checkout), imported here
 only, with the Agg backend (no display; the object API, so no global pyplot state is touched).
@@ -31,7 +32,7 @@ from stabledrl_cli._atomic import missing_directory, output_path
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import MissingExtraError, UsageError, counted
 from stabledrl_cli.replay.config import format_step_range, in_range
-from stabledrl_cli.replay.detectors import rolling_mean
+from stabledrl_cli.replay.detectors import reward_draws, rolling_mean
 from stabledrl_cli.replay.report import BEST_RULE, percent
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.spec import wrap_spec
@@ -115,11 +116,15 @@ def _mark_run_events(ax: Any, result: ReplayResult) -> None:
 
 
 def _reward_panel(ax: Any, result: ReplayResult, run: Run) -> None:
-    steps, reward = run.scalar_series("reward_mean")
+    series = run.scalar_series_many(["reward_mean", "inner_step"])
+    steps, reward = series["reward_mean"]
     if steps.size:
-        window = min(result.observed.collapse_window, steps.size)
         ax.plot(steps, reward, color=_REWARD, linewidth=0.8)
-        ax.plot(steps, rolling_mean(reward, window), color=_REWARD_MEAN, linewidth=1.6)
+        # The observed-collapse rule's mean: over W rollouts, one reward each, at its first step.
+        rollouts, draws = reward_draws(steps, reward, *series["inner_step"])
+        window = result.observed.collapse_window
+        means = rolling_mean(draws, window) if draws.size >= window else np.full(draws.size, np.nan)
+        ax.plot(rollouts, means, color=_REWARD_MEAN, linewidth=1.6)
     if not np.isfinite(reward).any():
         what = "no finite reward recorded" if steps.size else "no reward recorded"
         ax.text(0.5, 0.5, what, transform=ax.transAxes, ha="center", va="center")
@@ -252,7 +257,7 @@ def _legend_handles(result: ReplayResult) -> list[Any]:
 
     handles: list[Any] = [
         line(_REWARD, "reward per step", linewidth=0.8),
-        line(_REWARD_MEAN, f"reward, rolling mean (W={result.observed.collapse_window})",
+        line(_REWARD_MEAN, f"reward, rolling mean (W={result.observed.collapse_window} rollouts)",
              linewidth=1.6),
         line(_NORM, "update norm / policy's median", linewidth=1.0),
         mark(_SPIKE, "^", "spike (replayed ▲, recorded ▼)"),
