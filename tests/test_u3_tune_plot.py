@@ -103,3 +103,17 @@ def test_the_plot_says_which_rules_judged_no_step(tmp_path: Path, monkeypatch) -
     (figure,) = drawn
     texts = [" ".join(t.get_text().split()) for t in figure.axes[0].texts]
     assert line in texts, texts
+
+
+def test_settings_drawn_at_one_point_are_counted(tmp_path: Path, monkeypatch) -> None:
+    """`tune -p 'stabledrl:c=1.5..20:log8'` on a short run: all 8 settings at 0 risk steps and
+    0.0% discarded gradient were one dot, read as one setting; a point that stands for
+    several settings now says how many ('×8')."""
+    settings = [_setting(f"stabledrl:c={c}", 0, 0.0) for c in range(1, 9)]
+    settings.append(_setting("is", 1, 0.5))
+    report = TuneReport("runs/run", 30, settings, settings[0], "", threads=1)
+    drawn = kept_figures(monkeypatch)
+    plot_front(report, tmp_path / "front.png")
+    (figure,) = drawn
+    texts = [t.get_text() for t in figure.axes[0].texts]
+    assert texts == ["×8"], texts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 from stabledrl_cli._atomic import output_path
@@ -14,10 +15,10 @@ from stabledrl_cli.tune.front import TuneReport
 
 
 def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
-    """Draws every setting (x: risk steps, y: median discarded gradient), the front as a line
-    and the recommendation circled; a note instead when no setting has a finite one; under
-    the axes, the rules that judged no step of some setting. Written atomically.
-    MissingExtraError without matplotlib."""
+    """Draws every setting (x: risk steps, y: median discarded gradient; a point several
+    share counted beside it), the front as a line and the recommendation circled; a note
+    instead when no setting has a finite one; under the axes, the rules that judged no step
+    of some setting. Written atomically. MissingExtraError without matplotlib."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -35,6 +36,10 @@ def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
         if points:
             xs, ys = zip(*points, strict=True)
             ax.scatter(xs, ys, s=18, color=colour, label=label, zorder=2)
+        for (x, y), count in Counter(points).items():  # one dot that stands for several
+            if count > 1:
+                ax.annotate(f"×{count}", (x, y), xytext=(5, 3), textcoords="offset points",
+                            fontsize=8, color=colour)  # fmt: skip
     front = sorted(
         (len(s.risk_steps), s.mass_key * 100)
         for s in report.settings
