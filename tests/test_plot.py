@@ -275,3 +275,31 @@ def test_the_reward_s_rolling_mean_is_the_collapse_rule_s(tmp_path, monkeypatch)
     xs, ys = np.asarray(mean.get_xdata()), np.asarray(mean.get_ydata(), dtype=float)
     drawn = np.isfinite(ys)
     assert list(xs[drawn]) == [27] and list(ys[drawn]) == [4.5], (xs, ys)
+
+
+def test_lines_break_where_steps_are_missing(tmp_path, monkeypatch):
+    """Steps 0-9 and 30-39 recorded, 10-29 missing: the reward and each policy's update norm
+    were drawn as straight lines from step 9 to step 30, values no step had. Each line now
+    breaks where the steps jump by more than twice their usual stride (steps 40, 42, ...
+    after it, every other step, are still one line)."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in [*range(10), *range(30, 40), *range(40, 60, 2)]:
+            rec.log_step(
+                step,
+                logp=torch.full((2, 3), -1.0 + 0.01 * step),
+                logp_old=torch.full((2, 3), -1.1),
+                advantages=torch.tensor([1.0, -1.0]),
+                reward=torch.full((2,), float(step)),
+            )
+    result = sd.replay(run, ["grpo"], device="cpu")
+    figure = drawn_figure(monkeypatch, result, tmp_path / "run.png")
+    reward_line = figure.axes[1].get_lines()[0]
+    norm_line = figure.axes[2].get_lines()[0]
+    for line in (reward_line, norm_line):
+        xs = np.asarray(line.get_xdata(), dtype=float)
+        ys = np.asarray(line.get_ydata(), dtype=float)
+        # between the last point before the hole and the first after it, a NaN breaks the line
+        at = int(np.flatnonzero(xs == 9)[0])
+        assert np.isnan(ys[at + 1]) and xs[at + 2] == 30, (xs, ys)
+        assert np.isnan(ys).sum() == 1, (xs, ys)

@@ -10,8 +10,8 @@ the panel's title). Each panel marks spikes, non-finite updates (at the top edge
 clipped: a log axis cannot show NaN), risk steps (ticks along the bottom), zero updates
 (circles along the bottom: a log axis cannot show 0 either), bias steps (shaded) and the
 observed collapse. One legend for the whole figure sits above the panels, outside the data;
-the footnote says what `(own)` and `(best)` mean (as in replay's table). The default
-catalogue fits in about 1100 px of height.
+the footnote says what `(own)` and `(best)` mean (as in replay's table). Lines break over a
+hole in the steps. The default catalogue fits in about 1100 px of height.
 
 matplotlib is an optional extra (`pip install -e '.[plot]'` in a checkout), imported here
 only, with the Agg backend (no display; the object API, so no global pyplot state is touched).
@@ -105,6 +105,18 @@ def _marks_at_edge(ax: Any, steps: Steps, edge: float, **style: Any) -> None:
                 **style)  # fmt: skip
 
 
+def _broken_at_holes(steps: Steps, values: npt.ArrayLike) -> tuple[Any, Any]:
+    """`steps` and `values` with a NaN point in each hole, where the steps jump by more than
+    twice their usual (median) stride: a line through them breaks there, not bridging steps
+    that have no value."""
+    stride = np.diff(steps)
+    holes = np.flatnonzero(stride > 2 * np.median(stride)) + 1 if stride.size else stride
+    return (
+        np.insert(steps.astype(np.float64), holes, np.nan),
+        np.insert(np.asarray(values, dtype=np.float64), holes, np.nan),
+    )
+
+
 def _mark_run_events(ax: Any, result: ReplayResult) -> None:
     """The observed collapse (dashed red) and the collapse warning (dash-dot green)."""
     collapse = result.observed.first_reward_collapse
@@ -119,7 +131,7 @@ def _reward_panel(ax: Any, result: ReplayResult, run: Run) -> None:
     series = run.scalar_series_many(["reward_mean", "inner_step"])
     steps, reward = series["reward_mean"]
     if steps.size:
-        ax.plot(steps, reward, color=_REWARD, linewidth=0.8)
+        ax.plot(*_broken_at_holes(steps, reward), color=_REWARD, linewidth=0.8)
         # The observed-collapse rule's mean: over W rollouts, one reward each, at its first step.
         rollouts, draws = reward_draws(steps, reward, *series["inner_step"])
         window = result.observed.collapse_window
@@ -222,7 +234,8 @@ def _policy_panel(ax: Any, policy: PolicyResult, result: ReplayResult, title_wid
         scale = f"median {median:.3g}"
         ratio = norm / median
         # NaN breaks the line at steps it cannot show, instead of bridging them.
-        ax.plot(steps, np.where(shown, ratio, np.nan), color=_NORM, linewidth=1.0)
+        ax.plot(*_broken_at_holes(steps, np.where(shown, ratio, np.nan)), color=_NORM,
+                linewidth=1.0)  # fmt: skip
         spike = np.asarray(series["spike"], dtype=bool) & shown
         ax.plot(steps[spike], ratio[spike], linestyle="none", marker="^", color=_SPIKE,
                 markersize=5, zorder=4)  # fmt: skip
