@@ -1,4 +1,4 @@
-"""`stabledrl tune --plot` on settings with no finite discarded gradient."""
+"""`stabledrl tune --plot`, and the words of tune's table."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 from _cli import run_cli
 from _plots import kept_figures
+from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.tune.front import SettingFigures, TuneReport
 from stabledrl_cli.tune.plot import plot_front
 
@@ -117,3 +119,25 @@ def test_settings_drawn_at_one_point_are_counted(tmp_path: Path, monkeypatch) ->
     (figure,) = drawn
     texts = [t.get_text() for t in figure.axes[0].texts]
     assert texts == ["×8"], texts
+
+
+def test_the_table_legend_says_what_the_own_row_is(tmp_path: Path) -> None:
+    """tune's table ends with the run's own policy, 'grpo (own)', unmarked and unranked; its
+    legend explained '*', 'f' and every column but not that row, which reads as a setting
+    that lost. A legend line now says what it is; with --no-own (no such row) none does."""
+    with sd.Recorder(tmp_path / "run", policy="grpo") as recorder:
+        for step in range(6):
+            recorder.log_step(
+                step,
+                logp=torch.full((2, 3), -1.0),
+                logp_old=torch.full((2, 3), -1.1),
+                advantages=torch.tensor([1.0, -1.0]),
+            )
+    args = ["tune", str(tmp_path / "run"), "-p", "dapo:eps_high=0.2|0.5", "--device", "cpu"]
+    shown = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
+    assert shown.exit_code == 0, shown.output
+    assert "grpo (own)" in shown.stdout
+    legend = "(own): the policy the run was trained with, shown for reference, not ranked"
+    assert legend in " ".join(shown.stdout.split())
+    alone = CliRunner().invoke(app, [*args, "--no-own"], env={"COLUMNS": "80"})
+    assert "(own)" not in alone.stdout

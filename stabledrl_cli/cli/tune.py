@@ -69,6 +69,9 @@ TuneMemoryBudgetOpt = Annotated[
 ]
 
 
+_OWN_LEGEND = "(own): the policy the run was trained with, shown for reference, not ranked"
+
+
 def _row(s: SettingFigures, report: TuneReport) -> list[str]:
     mark = "*" if s is report.recommended else ("f" if s.on_front else "")
     return [
@@ -102,10 +105,12 @@ def _print_table(report: TuneReport) -> None:
     print_whole(table, out)
     for line in report.unjudged:
         out.print(line, highlight=False, soft_wrap=False)
+    own = [_OWN_LEGEND] if not all(s.tuned for s in report.settings) else []
     print_legend(
         [
             "* recommended, f on the front (no other setting has as few risk steps and as "
             "little discarded gradient, and less of one)",
+            *own,
             "risk: steps whose replayed update is non-finite, spikes or drifts (nf/spk/bias)",
             "disc. grad: median share of the IS update discarded per step; disc. tok: "
             "discarded eligible tokens",
