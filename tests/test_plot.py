@@ -270,7 +270,8 @@ def test_the_reward_s_rolling_mean_is_the_collapse_rule_s(tmp_path, monkeypatch)
             )
     result = sd.replay(run, ["grpo"], device="cpu")
     reward_ax = drawn_figure(monkeypatch, result, tmp_path / "run.png").axes[1]
-    per_step, mean = reward_ax.get_lines()[:2]
+    lines = reward_ax.get_lines()
+    per_step, mean = lines[0], next(line for line in lines if line.get_color() == "black")
     assert len(per_step.get_xdata()) == 30
     xs, ys = np.asarray(mean.get_xdata()), np.asarray(mean.get_ydata(), dtype=float)
     drawn = np.isfinite(ys)
@@ -303,3 +304,21 @@ def test_lines_break_where_steps_are_missing(tmp_path, monkeypatch):
         at = int(np.flatnonzero(xs == 9)[0])
         assert np.isnan(ys[at + 1]) and xs[at + 2] == 30, (xs, ys)
         assert np.isnan(ys).sum() == 1, (xs, ys)
+
+
+def test_a_one_step_run_s_values_are_drawn(tmp_path, monkeypatch):
+    """A one-step run's reward and update norm are single points, which a line without markers
+    does not draw: every panel was blank, the reward panel's y axis around a value not shown.
+    A point with no neighbour on its line (one step, or one between holes or non-finite
+    steps) is now drawn as a dot."""
+    result = _short_grpo_replay(tmp_path / "run", 1, reward=torch.full((2,), 0.5))
+    figure = drawn_figure(monkeypatch, result, tmp_path / "run.png")
+    for ax in figure.axes[1:]:
+        dots = [
+            (list(line.get_xdata()), list(line.get_ydata()))
+            for line in ax.get_lines()
+            if line.get_marker() == "." and len(line.get_xdata())
+        ]
+        assert len(dots) == 1 and dots[0][0] == [0], dots
+    reward_dots = [line for line in figure.axes[1].get_lines() if line.get_marker() == "."]
+    assert list(reward_dots[0].get_ydata()) == [0.5]

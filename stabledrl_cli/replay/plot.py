@@ -117,6 +117,17 @@ def _broken_at_holes(steps: Steps, values: npt.ArrayLike) -> tuple[Any, Any]:
     )
 
 
+def _plot_series(ax: Any, steps: Steps, values: npt.ArrayLike, **style: Any) -> None:
+    """A line through `values` at `steps`, broken over holes and non-finite values; a point
+    with no neighbour on it (which a line does not draw) as a dot."""
+    xs, ys = _broken_at_holes(steps, values)
+    ax.plot(xs, ys, **style)
+    drawn = np.isfinite(ys)
+    before, after = np.r_[False, drawn[:-1]], np.r_[drawn[1:], False]
+    alone = drawn & ~before & ~after
+    ax.plot(xs[alone], ys[alone], linestyle="none", marker=".", color=style["color"])
+
+
 def _mark_run_events(ax: Any, result: ReplayResult) -> None:
     """The observed collapse (dashed red) and the collapse warning (dash-dot green)."""
     collapse = result.observed.first_reward_collapse
@@ -131,7 +142,7 @@ def _reward_panel(ax: Any, result: ReplayResult, run: Run) -> None:
     series = run.scalar_series_many(["reward_mean", "inner_step"])
     steps, reward = series["reward_mean"]
     if steps.size:
-        ax.plot(*_broken_at_holes(steps, reward), color=_REWARD, linewidth=0.8)
+        _plot_series(ax, steps, reward, color=_REWARD, linewidth=0.8)
         # The observed-collapse rule's mean: over W rollouts, one reward each, at its first step.
         rollouts, draws = reward_draws(steps, reward, *series["inner_step"])
         window = result.observed.collapse_window
@@ -234,8 +245,7 @@ def _policy_panel(ax: Any, policy: PolicyResult, result: ReplayResult, title_wid
         scale = f"median {median:.3g}"
         ratio = norm / median
         # NaN breaks the line at steps it cannot show, instead of bridging them.
-        ax.plot(*_broken_at_holes(steps, np.where(shown, ratio, np.nan)), color=_NORM,
-                linewidth=1.0)  # fmt: skip
+        _plot_series(ax, steps, np.where(shown, ratio, np.nan), color=_NORM, linewidth=1.0)
         spike = np.asarray(series["spike"], dtype=bool) & shown
         ax.plot(steps[spike], ratio[spike], linestyle="none", marker="^", color=_SPIKE,
                 markersize=5, zorder=4)  # fmt: skip
