@@ -322,3 +322,14 @@ def test_a_one_step_run_s_values_are_drawn(tmp_path, monkeypatch):
         assert len(dots) == 1 and dots[0][0] == [0], dots
     reward_dots = [line for line in figure.axes[1].get_lines() if line.get_marker() == "."]
     assert list(reward_dots[0].get_ydata()) == [0.5]
+
+
+def test_the_step_axis_is_ticked_at_whole_steps(tmp_path, monkeypatch):
+    """Steps are whole numbers: a one-step run's axis was ticked -1.00, -0.75, ... 1.00, and
+    a 2-step run's in quarters. Every tick is now a whole step."""
+    for steps in (1, 2):
+        result = _short_grpo_replay(tmp_path / f"run{steps}", steps)
+        panel = drawn_figure(monkeypatch, result, tmp_path / f"run{steps}.png").axes[2]
+        low, high = panel.get_xlim()
+        ticks = [t for t in panel.get_xticks() if low <= t <= high]
+        assert len(ticks) > 1 and all(float(t).is_integer() for t in ticks), (steps, ticks)

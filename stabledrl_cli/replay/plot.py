@@ -334,6 +334,7 @@ def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | N
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     target = check_plot_path(path)
     run = run if run is not None else open_run(result.run)
@@ -349,6 +350,7 @@ def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | N
     legend_ax.legend(handles=_legend_handles(result), loc="center", ncol=5, fontsize=8,
                      frameon=False)  # fmt: skip
     reward_ax = fig.add_subplot(grid[1, :])
+    reward_ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: shared by every panel
     _reward_panel(reward_ax, result, run)
     for i, policy in enumerate(result.policies):
         row, column = divmod(i, columns)
