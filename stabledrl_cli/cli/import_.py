@@ -7,6 +7,7 @@ missing, unreadable, of an unknown format, malformed, past a bound, or has no tr
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +19,7 @@ from stabledrl_cli.cli._options import FormatOpt, local_file
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump._setup import check_replaceable
-from stabledrl_cli.errors import UsageError, counted
+from stabledrl_cli.errors import UsageError, counted, quoted
 from stabledrl_cli.importers import ImportSummary, import_log
 from stabledrl_cli.importers._names import listed
 from stabledrl_cli.importers._table import skipped_text
@@ -56,11 +57,21 @@ def command(
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace RUN if it holds a run.")] = False,
+    reward_range: Annotated[
+        str | None,
+        typer.Option(
+            "--reward-range",
+            metavar="LOW,HIGH",
+            help="The range the logged reward spans (0,1 for a success rate): the floor the "
+            "collapse rule measures a fall against (default: the run's own lowest reward).",
+        ),
+    ] = None,
     output_format: FormatOpt = "table",
 ) -> None:
     """Import a logged run (TRL/transformers trainer_state.json, JSON lines, CSV, TensorBoard)
     as a scalar run that inspect and check read: known metrics under the run's standard names,
     the others kept as extra scalars."""
+    span = None if reward_range is None else _reward_range(reward_range)
     run = local_output(out_arg, "import", "its run")
     if run.is_dir() and any(run.iterdir()):
         check_replaceable(run)  # another tool's manifest: --force would not replace it
@@ -69,13 +80,35 @@ def command(
                 f"{run} exists and is not empty; pass --force to replace the run in it"
             )
     with stopped_by_sigterm():
-        summary = import_log(source, run, log_format=format_in, step_key=step_key, overwrite=force)
+        summary = import_log(
+            source,
+            run,
+            log_format=format_in,
+            step_key=step_key,
+            overwrite=force,
+            reward_range=span,
+        )
     for warning in summary.warnings:
         err.print(f"warning: {warning}", highlight=False)
     if output_format == "json":
         print_json(summary.to_dict())
         return
     _print_table(summary)
+
+
+def _reward_range(text: str) -> tuple[float, float]:
+    """--reward-range's LOW,HIGH: two finite numbers, LOW < HIGH (else a usage error)."""
+    parts = text.split(",")
+    try:
+        low, high = (float(part) for part in parts) if len(parts) == 2 else (math.nan, math.nan)
+    except ValueError:
+        low = high = math.nan
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise UsageError(
+            f"--reward-range {quoted(text)}: give LOW,HIGH, two finite numbers with LOW < HIGH "
+            "(0,1 for a success rate)"
+        )
+    return low, high
 
 
 def _print_table(summary: ImportSummary) -> None:

@@ -67,8 +67,10 @@ def import_log(
     log_format: ImportFormat | None = None,
     step_key: str | None = None,
     overwrite: bool = False,
+    reward_range: tuple[float, float] | None = None,
 ) -> ImportSummary:
-    """Reads the log at `source` and writes its training steps as a scalar run at `out`.
+    """Reads the log at `source` and writes its training steps as a scalar run at `out`,
+    whose reward spans `reward_range` (low, high) when given (the collapse rule's floor).
 
     InputError (exit 3) for an unreadable log or one with no training step; the Recorder's
     errors for `out` (UsageError when it holds a run and not `overwrite`; WriteError).
@@ -79,4 +81,6 @@ def import_log(
         notes = "; ".join([*skipped, *table.warnings])
         notes = f" ({notes})" if notes else ""
         raise InputError(f"{path}: no training step in this log{notes}")
-    return write_scalar_run(table, out, log_format=found, source=path, overwrite=overwrite)
+    return write_scalar_run(
+        table, out, log_format=found, source=path, overwrite=overwrite, reward_range=reward_range
+    )

@@ -65,6 +65,7 @@ def write_scalar_run(
     log_format: ImportFormat,
     source: Path,
     overwrite: bool,
+    reward_range: tuple[float, float] | None = None,
 ) -> ImportSummary:
     """Writes `table`'s steps to a new run at `out` (a scalar step each, policy unknown).
     Stopped midway (Ctrl-C, a failed write), it leaves no run there (`_discard`)."""
@@ -76,7 +77,9 @@ def write_scalar_run(
     nonfinite: dict[str, int] = {}
     ordered = sorted(table.steps)
     existed = os.path.lexists(out)
-    recorder = Recorder(out, policy=None, source=origin, overwrite=overwrite)
+    recorder = Recorder(
+        out, policy=None, source=origin, overwrite=overwrite, reward_range=reward_range
+    )
     try:
         with recorder:
             for step in ordered:
