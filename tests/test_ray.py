@@ -339,14 +339,14 @@ def test_ray_address_without_engine_ray_is_a_usage_error(tmp_path, command):
     assert json.loads(exported.stdout)
 
 
-def _replay_in_a_process(args: list[str]) -> subprocess.CompletedProcess[str]:
+def _replay_in_a_process(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "NO_COLOR": "1"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
         [sys.executable, "-m", "stabledrl_cli", "replay", *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         cwd=REPO,
         env=env,
     )
@@ -392,6 +392,24 @@ def test_an_address_that_refuses_is_a_usage_error(synthetic):
     assert len(lines) == 1 and lines[0].startswith(
         "error: cannot join the Ray cluster at 127.0.0.1:1: "
     ), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("127.0.0.1:99999", "Port out of range 0-65535"),
+        ("localhost:-5", "Port could not be cast to integer value as '-5'"),
+        ("ray://127.0.0.1:70000", "Port out of range 0-65535"),
+        ("[::1", "Invalid IPv6 URL"),
+    ],
+)
+def test_an_address_of_no_port_is_a_usage_error(synthetic, address, why):
+    """Ray waits on a port out of range for minutes, and an unclosed IPv6 bracket was exit 70."""
+    pytest.importorskip("ray", reason=NO_RAY)
+    args = [str(synthetic), "--engine", "ray", "--ray-address", address]
+    done = _replay_in_a_process(args, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"error: cannot join the Ray cluster at {address}: {why}\n"
 
 
 def test_a_memory_run_is_refused_before_a_cluster_starts(synthetic):

@@ -167,12 +167,13 @@ def _local_workers(workers: int | None) -> int:
 
 def _require_reachable(address: str) -> None:
     """UsageError unless `address` ("host:port" or "ray://host:port"; "auto" and other forms are
-    left to Ray) accepts a TCP connection within `JOIN_SECONDS`."""
-    parts = urlsplit(address if "://" in address else f"//{address}")
+    left to Ray) accepts a TCP connection within `JOIN_SECONDS`; one whose port is not one (out
+    of range, not a number) or whose host is malformed too, which Ray would wait on for minutes."""
     try:
+        parts = urlsplit(address if "://" in address else f"//{address}")
         host, port = parts.hostname, parts.port
-    except ValueError:  # a port that is not a number: Ray's own error names it
-        return
+    except ValueError as exc:
+        raise UsageError(f"cannot join the Ray cluster at {address}: {exc}") from None
     if host is None or port is None:
         return
     try:
