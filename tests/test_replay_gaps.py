@@ -123,3 +123,20 @@ def test_check_of_a_run_of_scalar_steps_says_so_too(tmp_path):
     replayed = runner.invoke(app, ["check", str(whole), "--max-collapsed", "0", "-f", "json"])
     data = json.loads(replayed.stdout)
     assert (data["steps"], data["skipped_steps"], data["missing_steps"]) == (12, 0, 0)
+
+
+def test_a_step_skipped_at_packing_is_not_also_missing(tmp_path):
+    """A run with step 5 torn, packed: replaying the archive warned of step 5 twice, skipped
+    (torn) and missing between recorded ones (the archive holds no step 5); the directory
+    warned once. Both warn once."""
+    run = tiny_run(tmp_path / "run", steps=12)
+    step_path(run, 5).write_bytes(b"x")
+    archive = tmp_path / "run.h5"
+    assert runner.invoke(app, ["pack", str(run), str(archive)]).exit_code == 0
+    for path in (run, archive):
+        result = runner.invoke(app, ["replay", str(path), "-p", "grpo", "-f", "json"])
+        assert result.exit_code == 0, result.output
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and "step 5: torn" in warnings[0], result.stderr
+        data = json.loads(result.stdout)
+        assert (data["skipped_steps"], data["missing_steps"]) == (1, 0)

@@ -111,8 +111,11 @@ def skipped_reasons(run: Run) -> list[str]:
 
 def run_gaps(run: Run) -> list[Gap]:
     """The runs of steps missing between the ones the run lists, against its stride (its
-    `gap` findings, from the listing alone): steps a recording never wrote or lost."""
-    return gaps(run.listed_step_numbers)
+    `gap` findings): steps a recording never wrote or lost. A step the reader skips at its
+    header check (a torn file; in an archive, a step left out when it was packed) is there,
+    named as skipped, not missing."""
+    named = {f.step for f in run.header_findings() if f.step is not None and f.kind != "gap"}
+    return gaps(sorted(set(run.listed_step_numbers) | named))
 
 
 def _skipped_findings(run: Run) -> list[Finding]:
