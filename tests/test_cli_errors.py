@@ -96,14 +96,22 @@ def test_version():
     assert result.exit_code == 0 and result.stdout.strip() == f"stabledrl {__version__}"
 
 
-def test_a_closed_stdout_exits_quietly():
-    """`stabledrl policies --format json | true`: no traceback, no error line, exit 141."""
+@pytest.mark.parametrize(
+    ("closing", "status"),
+    [("| true", "${PIPESTATUS[0]}"), (">&-", "$?")],
+    ids=["reader-gone", "closed-at-start"],
+)
+def test_a_closed_stdout_exits_quietly(closing, status):
+    """`stabledrl policies --format json | true`: no traceback, no error line, exit 141. So
+    with fd 1 closed as the command starts (`>&-`, Python's sys.stdout None), where json
+    ended in 'internal error: AttributeError: 'NoneType' object has no attribute 'write''
+    (exit 70) and a table went nowhere with exit 0."""
     env = {**os.environ, "NO_COLOR": "1"}
     env.pop("STABLEDRL_DEBUG", None)
     for fmt in ("json", "table"):
         proc = subprocess.run(
-            f"{sys.executable} -m stabledrl_cli policies --format {fmt} | true;"
-            ' echo "status=${PIPESTATUS[0]}" >&2',
+            f"{sys.executable} -m stabledrl_cli policies --format {fmt} {closing};"
+            f' echo "status={status}" >&2',
             shell=True,
             executable="/bin/bash",
             capture_output=True,

@@ -83,7 +83,10 @@ def silence_stdout() -> None:
 def stdout_written() -> Iterator[None]:
     """Writes to stdout in the block: one the system refuses (`> out.json` on a full disk) is
     an output not written, a WriteError naming stdout (exit 4), not a bug; a reader gone
-    (BrokenPipeError) is left to the error map (exit 141)."""
+    (BrokenPipeError) is left to the error map (exit 141), and so is a stdout closed before
+    the command started (`>&-`: Python's sys.stdout is None), whose data went nowhere."""
+    if sys.stdout is None:
+        raise BrokenPipeError
     try:
         yield
     except BrokenPipeError:
