@@ -1444,3 +1444,30 @@ def test_a_record_policy_the_trainer_does_not_record_is_named(
         f"it records TRL's loss as its config makes it, {trainer.stabledrl_policy.spec}"
     )
     assert lines == ([expected] if warned else [])
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_a_declared_reward_range_is_the_runs(tiny: Any, tmp_path: Path, trainer: str) -> None:
+    """A recording trainer could declare no reward range, so every TRL run's collapse floor was
+    its own lowest reward (docs/collapse.md: a success rate stepping from 0.8 to 0.7 then
+    reads as a collapse). stabledrl_reward_range=(0, 1) is the run's manifest's; a range
+    that is no (low, high) is refused at construction."""
+    config = tiny.tiny_rloo_config if "RLOO" in trainer else tiny.tiny_config
+    out = tmp_path / "run"
+    recording = getattr(integration, trainer)(
+        **tiny.tiny_parts(),
+        args=config(str(tmp_path / "trl_out")),
+        stabledrl_out=out,
+        stabledrl_reward_range=(0.0, 1.0),
+    )
+    recording.train()
+    assert sd.open_run(out).manifest["reward_range"] == [0.0, 1.0]
+    with pytest.raises(UsageError) as refused:
+        getattr(integration, trainer)(
+            **tiny.tiny_parts(),
+            args=config(str(tmp_path / "trl_out2")),
+            stabledrl_out=tmp_path / "other",
+            stabledrl_reward_range=(1.0, 0.0),
+        )
+    assert str(refused.value).startswith("stabledrl_reward_range must be (low, high)")
+    assert not (tmp_path / "other").exists()

@@ -132,14 +132,14 @@ def _fixed_time() -> float | None:
     return seconds
 
 
-def _checked_reward_range(value: Iterable[float]) -> tuple[float, float]:
-    """(low, high), two finite numbers with low < high, else UsageError."""
+def checked_reward_range(value: Iterable[float], name: str = "reward_range") -> tuple[float, float]:
+    """(low, high), two finite numbers with low < high, else UsageError naming `name`."""
     try:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
         low = high = math.nan
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise UsageError(f"reward_range must be (low, high), finite, low < high; got {value!r}")
+        raise UsageError(f"{name} must be (low, high), finite, low < high; got {value!r}")
     return low, high
 
 
@@ -346,7 +346,7 @@ class Recorder:
         if resume_from is not None:
             resume_from = step_number(resume_from)
         if reward_range is not None:
-            reward_range = _checked_reward_range(reward_range)
+            reward_range = checked_reward_range(reward_range)
         if param_names is not None:
             param_names = _names(param_names)
         if source is not None and not (

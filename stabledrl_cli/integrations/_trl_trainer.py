@@ -41,6 +41,7 @@ from stabledrl_cli.capture.bootstrap import (
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.dump._schema import MANIFEST_NAME, path_argument, switch_argument
 from stabledrl_cli.dump._setup import remove_stepless_run
+from stabledrl_cli.dump._writer import checked_reward_range
 from stabledrl_cli.errors import InputError, UsageError, WriteError, warn
 from stabledrl_cli.importers._trainer_state import bounded_json_document
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
@@ -121,10 +122,12 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
     sequence-level loss).
 
     Arguments: those of the TRL trainer, plus `stabledrl_out` (the run directory; default
-    $STABLEDRL_RUN_DIR from `stabledrl record --out DIR -- ...`) and `stabledrl_overwrite`
-    (replace an existing run: True or False). Raises UsageError at construction when there is
-    no run directory, `stabledrl_out` is another one than record's --out, or the configuration
-    cannot be expressed by the catalogue.
+    $STABLEDRL_RUN_DIR from `stabledrl record --out DIR -- ...`), `stabledrl_overwrite`
+    (replace an existing run: True or False) and `stabledrl_reward_range` ((low, high) the
+    reward spans, (0, 1) for a success rate: the collapse rule's floor; a resumed run keeps
+    its own). Raises UsageError at construction when there is no run directory,
+    `stabledrl_out` is another one than record's --out, the range is no (low, high), or the
+    configuration cannot be expressed by the catalogue.
     """
 
     _sd_trainer: str
@@ -137,10 +140,16 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         *args: Any,
         stabledrl_out: str | os.PathLike[str] | None = None,
         stabledrl_overwrite: bool = False,
+        stabledrl_reward_range: tuple[float, float] | None = None,
         **kwargs: Any,
     ) -> None:
         self.stabledrl_out, self._sd_overwrite = run_dir(
             stabledrl_out, stabledrl_overwrite, type(self).__name__
+        )
+        self._sd_reward_range = (
+            None
+            if stabledrl_reward_range is None
+            else checked_reward_range(stabledrl_reward_range, "stabledrl_reward_range")
         )
         integration_records()  # the optimizer hooks of `stabledrl record` stand down
         self._sd_buffer: StepBuffer | None = None
@@ -208,6 +217,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             rank=self.accelerator.process_index,
             overwrite=self._sd_overwrite and resume is None,
             group_ids="global",
+            reward_range=self._sd_reward_range,
             on_write_error="warn",
             resume=resume is not None,
             resume_from=None if resume is None else resume + 1,
