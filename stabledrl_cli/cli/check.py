@@ -66,7 +66,7 @@ from stabledrl_cli.cli.replay import (
     warn_damaged,
 )
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.dump._integrity import missing_count
+from stabledrl_cli.dump._integrity import Gap, missing_count
 from stabledrl_cli.dump._remote import redacted
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.policies import get_policy
@@ -250,9 +250,12 @@ def _flagged_count(observed: Observed, name: str, steps: Sequence[int]) -> str:
     return "not judged" if observed.unjudged(name) is not None else str(len(steps))
 
 
-def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) -> Observed:
-    """The observed behaviour of a scalar run (nothing to replay); UsageError for an option
-    that needs replayed policies, InputError for a run with no readable step."""
+def _scalar_observed(
+    run: Run, config: ReplayConfig, policy_options: list[str]
+) -> tuple[Observed, list[str], list[Gap]]:
+    """The observed behaviour of a scalar run (nothing to replay), with why each step it
+    skipped was skipped and the gaps between its steps (both warned of); UsageError for an
+    option that needs replayed policies, InputError for a run with no readable step."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RunIntegrityWarning)  # counted below
         skipped = skipped_reasons(run)
@@ -268,11 +271,11 @@ def _scalar_observed(run: Run, config: ReplayConfig, policy_options: list[str]) 
                 f"{', '.join(policy_options)} need(s) replayed policies; gate it with "
                 "--baseline, --max-spikes, --max-nonfinite or --fail-on-collapse"
             )
-        read = f"read {len(run.step_numbers)}"
-        warn_damaged(run.location, skipped, run_gaps(run), read)
+        missing = run_gaps(run)
+        warn_damaged(run.location, skipped, missing, f"read {len(run.step_numbers)}")
         if not run.step_numbers:
             raise InputError(no_steps_message(run, skipped))
-        return observe(run, config)
+        return observe(run, config), skipped, missing
 
 
 def _baseline_policies_replayable(run: Run, baseline: Baseline) -> None:
@@ -397,14 +400,15 @@ def command(
     result: ReplayResult | None = None
     if is_scalar_run(opened):
         policy_options = gates.policy_gates + (["--policy"] if policy else [])
-        observed = _scalar_observed(opened, config, policy_options + (["--plot"] if plot else []))
+        scalar_options = policy_options + (["--plot"] if plot else [])
+        observed, skipped, missing = _scalar_observed(opened, config, scalar_options)
     else:
         if baseline is not None and not policy:
             _baseline_policies_replayable(opened, baseline)
         result = replay_with_progress(opened, specs, config, chosen)
         print_own_policy_note(opened, err)
         note_skipped(result)
-        observed = result.observed
+        observed, skipped, missing = result.observed, result.skipped, result.missing
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RunIntegrityWarning)
         recorded = recorded_run(opened, observed)
@@ -448,11 +452,6 @@ def command(
 
     tripped = [r for r in results if not r.ok]
     if output_format == "json":
-        if result is None:
-            skipped_steps = len(skipped_reasons(opened))
-            missing = missing_count(run_gaps(opened))
-        else:
-            skipped_steps, missing = result.skipped_steps, result.missing_steps
         print_json({
             "run": redacted(run),
             "ok": not tripped,
@@ -462,8 +461,8 @@ def command(
             "replay": settings.to_dict(),
             "scalar_run": result is None,
             "steps": steps,
-            "skipped_steps": skipped_steps,
-            "missing_steps": missing,
+            "skipped_steps": len(skipped),
+            "missing_steps": missing_count(missing),
             "policies": [p.spec for p in policies],
             "gates": [r.to_dict() for r in results],
             "wrote": {name: None if path is None else str(path) for name, path in wrote.items()},

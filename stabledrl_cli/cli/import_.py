@@ -7,7 +7,6 @@ missing, unreadable, of an unknown format, malformed, past a bound, or has no tr
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +18,7 @@ from stabledrl_cli.cli._options import FormatOpt, local_file
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump._setup import check_replaceable
+from stabledrl_cli.dump._writer import checked_reward_range
 from stabledrl_cli.errors import UsageError, counted, quoted
 from stabledrl_cli.importers import ImportSummary, import_log
 from stabledrl_cli.importers._names import listed
@@ -97,18 +97,15 @@ def command(
 
 
 def _reward_range(text: str) -> tuple[float, float]:
-    """--reward-range's LOW,HIGH: two finite numbers, LOW < HIGH (else a usage error)."""
-    parts = text.split(",")
+    """--reward-range's LOW,HIGH, checked as the Recorder checks a reward_range (else a usage
+    error that says how to write it)."""
     try:
-        low, high = (float(part) for part in parts) if len(parts) == 2 else (math.nan, math.nan)
-    except ValueError:
-        low = high = math.nan
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        return checked_reward_range(text.split(","))
+    except UsageError:
         raise UsageError(
             f"--reward-range {quoted(text)}: give LOW,HIGH, two finite numbers with LOW < HIGH "
             "(0,1 for a success rate)"
-        )
-    return low, high
+        ) from None
 
 
 def _print_table(summary: ImportSummary) -> None:

@@ -132,8 +132,11 @@ def _fixed_time() -> float | None:
     return seconds
 
 
-def checked_reward_range(value: Iterable[float], name: str = "reward_range") -> tuple[float, float]:
-    """(low, high), two finite numbers with low < high, else UsageError naming `name`."""
+def checked_reward_range(
+    value: Iterable[float | str], name: str = "reward_range"
+) -> tuple[float, float]:
+    """(low, high), two finite numbers (or their text) with low < high, else UsageError
+    naming `name`."""
     try:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
