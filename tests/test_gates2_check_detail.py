@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from _corpus import tiny_run
 from typer.testing import CliRunner
 
-import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 
 runner = CliRunner()
@@ -53,14 +52,7 @@ def test_a_long_policy_spec_is_broken_at_its_commas(tmp_path):
     ('...,eps_high=0.345678' over '9,eps_low=...' at 80 columns): the figure 0.3456789 read
     as 0.345678. Each line now ends at a comma, every value whole."""
     spec = "grpo:agg=seq-mean-token-sum-norm,eps_high=0.3456789,eps_low=0.1234567,max_len=4096"
-    with sd.Recorder(tmp_path / "run", policy="grpo") as recorder:
-        for step in range(4):
-            recorder.log_step(
-                step,
-                logp=torch.full((2, 3), -1.0),
-                logp_old=torch.full((2, 3), -1.1),
-                advantages=torch.tensor([1.0, -1.0]),
-            )
+    tiny_run(tmp_path / "run", steps=4)
     args = ["check", str(tmp_path / "run"), "--device", "cpu", "-p", spec]
     shown = runner.invoke(app, [*args, "--max-discard-frac", "1"], env={"COLUMNS": "80"})
     assert shown.exit_code == 0, shown.output

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from _corpus import step_path, tiny_run
+from _inspect import inspect_rows
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
-
-
-def _rows(run: Path) -> dict[str, str]:
-    """The run and observed tables' rows at a width that wraps none: what -> value."""
-    result = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "300"})
-    assert result.exit_code == 0, result.output
-    cells = [line.strip("│ ").split("│") for line in result.stdout.splitlines()]
-    return {row[0].strip(): row[1].strip() for row in cells if len(row) == 2}
 
 
 def test_a_run_of_no_step_beside_a_stray_file_is_not_said_to_have_unreadable_ones(tmp_path):
@@ -28,7 +20,7 @@ def test_a_run_of_no_step_beside_a_stray_file_is_not_said_to_have_unreadable_one
     run = tmp_path / "run"
     sd.Recorder(run, policy="grpo").close()
     (run / "steps" / "README.txt").write_text("notes\n")
-    rows = _rows(run)
+    rows = inspect_rows(run)
     assert rows["steps"] == "0"
     assert rows["scored tokens / step"] == "n/a (no step)"
 
@@ -54,6 +46,6 @@ def test_a_manifest_without_its_writer_or_date_says_so(tmp_path):
     del data["tool_version"]
     data["created"] = {"by": "hand"}
     manifest.write_text(json.dumps(data))
-    rows = _rows(run)
+    rows = inspect_rows(run)
     assert rows["format"] == f"v{data['format_version']} (writer not recorded)"
     assert rows["created"] == "not recorded"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from _cli import run_cli
+from _corpus import tiny_run
 from _plots import kept_figures
 from typer.testing import CliRunner
 
@@ -125,14 +126,7 @@ def test_the_table_legend_says_what_the_own_row_is(tmp_path: Path) -> None:
     """tune's table ends with the run's own policy, 'grpo (own)', unmarked and unranked; its
     legend explained '*', 'f' and every column but not that row, which reads as a setting
     that lost. A legend line now says what it is; with --no-own (no such row) none does."""
-    with sd.Recorder(tmp_path / "run", policy="grpo") as recorder:
-        for step in range(6):
-            recorder.log_step(
-                step,
-                logp=torch.full((2, 3), -1.0),
-                logp_old=torch.full((2, 3), -1.1),
-                advantages=torch.tensor([1.0, -1.0]),
-            )
+    tiny_run(tmp_path / "run", steps=6)
     args = ["tune", str(tmp_path / "run"), "-p", "dapo:eps_high=0.2|0.5", "--device", "cpu"]
     shown = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
     assert shown.exit_code == 0, shown.output

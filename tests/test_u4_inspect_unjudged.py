@@ -4,26 +4,15 @@ a run whose every step is damaged."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from _corpus import flip_bit, step_path, tiny_run
+from _inspect import inspect_rows
 from conftest import fixture_run
-from typer.testing import CliRunner
 
 import stabledrl_cli as sd
-from stabledrl_cli.cli.app import app
-
-
-def _rows(run: Path) -> dict[str, str]:
-    """The observed and run tables' rows at a width that wraps none: what -> value."""
-    result = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "300"})
-    assert result.exit_code == 0, result.output
-    cells = [line.strip("│ ").split("│") for line in result.stdout.splitlines()]
-    return {row[0].strip(): row[1].strip() for row in cells if len(row) == 2}
 
 
 def test_a_one_step_run_is_not_judged_collapse_free(tmp_path):
-    rows = _rows(tiny_run(tmp_path / "run", steps=1))
+    rows = inspect_rows(tiny_run(tmp_path / "run", steps=1))
     assert rows["first reward collapse"].startswith(
         "not judged: the run's reward_mean has 1 finite value (one a rollout), no 10 in a row"
     )
@@ -37,7 +26,7 @@ def test_a_run_whose_every_step_is_damaged(tmp_path):
     for step in range(3):
         path = step_path(run, step)
         flip_bit(path, path.stat().st_size - 5)
-    rows = _rows(run)
+    rows = inspect_rows(run)
     assert rows["steps"] == "0"
     assert rows["scored tokens / step"] == "n/a (no readable step)"
     for what in ("first reward collapse", "collapse warning", "grad-norm spikes",
@@ -46,7 +35,7 @@ def test_a_run_whose_every_step_is_damaged(tmp_path):
 
 
 def test_a_judged_run_reads_as_before():
-    rows = _rows(fixture_run("grpo"))
+    rows = inspect_rows(fixture_run("grpo"))
     assert rows["first reward collapse"] == "step 132 (window 10)"
     assert rows["non-finite steps"] == "92, 93, 94, 95"
     assert rows["grad-norm spikes"].startswith("steps 29, 30, 31")
@@ -54,4 +43,4 @@ def test_a_judged_run_reads_as_before():
 
 def test_a_run_without_steps_says_so(tmp_path):
     sd.Recorder(tmp_path / "run", policy="grpo").close()
-    assert _rows(tmp_path / "run")["scored tokens / step"] == "n/a (no step)"
+    assert inspect_rows(tmp_path / "run")["scored tokens / step"] == "n/a (no step)"
