@@ -1,7 +1,8 @@
 """`stabledrl check RUN`: a CI gate on a recorded run's replay.
 
 Replays the run, then checks absolute gates (per policy: --max-collapsed, --max-discard-frac,
---max-nonfinite; on the recorded run: --fail-on-collapse, --max-spikes, --max-nonfinite) and
+--max-nonfinite; on the recorded run: --fail-on-collapse, --max-spikes, --max-nonfinite,
+--max-lost-steps) and
 regressions against a baseline file (--baseline; the format in replay/baseline.py and the
 README), whose `recorded` section gates the run's recorded scalar series. A scalar run (no
 policy batch: an imported log, an optimizer-hook recording) is not replayed: its run-level
@@ -81,7 +82,7 @@ from stabledrl_cli.replay.baseline import (
 )
 from stabledrl_cli.replay.config import DEFAULT_SPIKE_FACTOR, ReplayConfig
 from stabledrl_cli.replay.figures import policy_metrics
-from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
+from stabledrl_cli.replay.gate import GateResult, Gates, LostSteps, evaluate
 from stabledrl_cli.replay.junit import write_junit
 from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.plot import plot_replay
@@ -269,7 +270,7 @@ def _scalar_observed(
             raise UsageError(
                 f"{run.location} is a scalar run (per-step scalars only, no policy batch): "
                 f"{', '.join(policy_options)} need(s) replayed policies; gate it with "
-                "--baseline, --max-spikes, --max-nonfinite or --fail-on-collapse"
+                "--baseline, --max-spikes, --max-nonfinite, --max-lost-steps or --fail-on-collapse"
             )
         missing = run_gaps(run)
         warn_damaged(run.location, skipped, missing, f"read {len(run.step_numbers)}")
@@ -309,6 +310,15 @@ def command(
     max_nonfinite: MaxNonfiniteOpt = None,
     max_spikes: MaxSpikesOpt = None,
     fail_on_collapse: FailOnCollapseOpt = False,
+    max_lost_steps: Annotated[
+        int | None,
+        number_option(
+            "--max-lost-steps",
+            kind=int,
+            help="Fail if the run lacks more steps: skipped (unreadable or unusable) plus "
+            "missing between its recorded ones.",
+        ),
+    ] = None,
     write_baseline_path: Annotated[
         Path | None,
         typer.Option(
@@ -357,11 +367,13 @@ def command(
             max_nonfinite=max_nonfinite,
             max_spikes=max_spikes,
             fail_on_collapse=fail_on_collapse,
+            max_lost_steps=max_lost_steps,
         )
     if baseline_path is None and not gates.any and write_baseline_path is None:
         raise UsageError(
             "nothing to check: give --baseline FILE, a --max-collapsed / --max-discard-frac / "
-            "--max-nonfinite / --max-spikes limit, --fail-on-collapse, or --write-baseline FILE"
+            "--max-nonfinite / --max-spikes / --max-lost-steps limit, --fail-on-collapse, or "
+            "--write-baseline FILE"
         )
     if strict and baseline_path is None and write_baseline_path is None:
         raise UsageError(
@@ -420,7 +432,8 @@ def command(
             highlight=False,
         )
     two_sided = strict or (baseline is not None and baseline.strict)
-    results = evaluate(result, gates, baseline, strict=two_sided, recorded=recorded)
+    lost = LostSteps(skipped=len(skipped), missing=missing_count(missing))
+    results = evaluate(result, gates, baseline, strict=two_sided, recorded=recorded, lost=lost)
     seconds = time.perf_counter() - started
     policies = result.policies if result is not None else []
 
@@ -461,8 +474,8 @@ def command(
             "replay": settings.to_dict(),
             "scalar_run": result is None,
             "steps": steps,
-            "skipped_steps": len(skipped),
-            "missing_steps": missing_count(missing),
+            "skipped_steps": lost.skipped,
+            "missing_steps": lost.missing,
             "policies": [p.spec for p in policies],
             "gates": [r.to_dict() for r in results],
             "wrote": {name: None if path is None else str(path) for name, path in wrote.items()},

@@ -13,8 +13,9 @@ judged none of).
 Run-level gates read the recorded run (`recorded.RecordedRun`), so a run without a policy batch
 (an imported log, an optimizer-hook recording) is gated too: --fail-on-collapse (the observed
 reward collapse), --max-spikes (recorded grad-norm spikes), --max-nonfinite (non-finite
-recorded steps; per policy, steps with a non-finite replayed update), and the baseline's
-`observed` and `recorded` sections.
+recorded steps; per policy, steps with a non-finite replayed update), --max-lost-steps (steps
+the run lacks: skipped as unreadable or unusable, or missing between its recorded ones), and
+the baseline's `observed` and `recorded` sections.
 """
 
 from __future__ import annotations
@@ -92,12 +93,16 @@ class Gates:
     """Steps whose recorded grad_norm is a spike allowed in the run."""
     fail_on_collapse: bool = False
     """Trip when the recorded reward collapsed (the observed-collapse rule)."""
+    max_lost_steps: int | None = None
+    """Steps the run may lack: skipped (unreadable, incomplete, or whose data cannot be
+    replayed) plus missing between its recorded ones (`dump._integrity.gaps`)."""
 
     def __post_init__(self) -> None:
         for name, value in (
             ("max_collapsed", self.max_collapsed),
             ("max_nonfinite", self.max_nonfinite),
             ("max_spikes", self.max_spikes),
+            ("max_lost_steps", self.max_lost_steps),
         ):
             if value is not None and value < 0:
                 raise ConfigError(name, f"must be >= 0, got {value}")
@@ -115,6 +120,7 @@ class Gates:
                 self.max_discard_frac,
                 self.max_nonfinite,
                 self.max_spikes,
+                self.max_lost_steps,
             )
         )
 
@@ -189,7 +195,31 @@ def _unjudged_run_gate(
     )
 
 
-def _run_absolute(observed: Observed, gates: Gates) -> list[GateResult]:
+@dataclass(frozen=True)
+class LostSteps:
+    """The steps a run lacks, as its replay or read counted them."""
+
+    skipped: int = 0
+    """Steps skipped: unreadable, incomplete, or whose data cannot be replayed."""
+    missing: int = 0
+    """Steps missing between the recorded ones, against the run's stride."""
+
+
+def _lost_gate(lost: LostSteps, limit: int) -> GateResult:
+    """--max-lost-steps: trips when the run lacks more steps than `limit`."""
+    total = lost.skipped + lost.missing
+    parts = [f"{lost.skipped} skipped", f"{lost.missing} missing between recorded ones"]
+    return GateResult(
+        policy=None,
+        gate="max_lost_steps",
+        ok=total <= limit,
+        figure=float(total),
+        limit=float(limit),
+        message=f"{counted(total, 'step')} lost ({', '.join(parts)}), limit {limit}",
+    )
+
+
+def _run_absolute(observed: Observed, gates: Gates, lost: LostSteps) -> list[GateResult]:
     found = []
     if gates.fail_on_collapse:
         found.append(
@@ -214,6 +244,8 @@ def _run_absolute(observed: Observed, gates: Gates) -> list[GateResult]:
                 _unjudged_run_gate(observed, gate, figure, limit, nothing)
                 or _count_gate(gate, steps, limit, what)
             )
+    if gates.max_lost_steps is not None:
+        found.append(_lost_gate(lost, gates.max_lost_steps))
     return found
 
 
@@ -369,6 +401,7 @@ def evaluate(
     *,
     strict: bool = False,
     recorded: RecordedRun | None = None,
+    lost: LostSteps | None = None,
 ) -> list[GateResult]:
     """Every gate, passed or tripped, in a stable order: the run's, then each policy's.
 
@@ -376,7 +409,8 @@ def evaluate(
     policy the baseline names trips `baseline.present`); recorded: the run's recorded series
     and observed behaviour (None: the replay's observed behaviour, and no recorded series).
     strict: a baseline figure that moved beyond its tolerance in either direction trips (for
-    a project's own golden runs, where any shift must be acknowledged by a new baseline)."""
+    a project's own golden runs, where any shift must be acknowledged by a new baseline).
+    lost: the steps the run lacks, for --max-lost-steps (None: none)."""
     observed = observed_of(result, recorded)
     found: list[GateResult] = []
     if baseline is not None:
@@ -391,7 +425,7 @@ def evaluate(
                 continue
             figure = run_figure(name, observed)
             found.append(_regression(None, f"observed.{name}", tol, figure, strict=strict))
-    found.extend(_run_absolute(observed, gates))
+    found.extend(_run_absolute(observed, gates, lost or LostSteps()))
     if baseline is not None:
         found.extend(_recorded_regressions(recorded, baseline, strict=strict))
     policies = result.policies if result is not None else []
