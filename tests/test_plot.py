@@ -333,3 +333,29 @@ def test_the_step_axis_is_ticked_at_whole_steps(tmp_path, monkeypatch):
         low, high = panel.get_xlim()
         ticks = [t for t in panel.get_xticks() if low <= t <= high]
         assert len(ticks) > 1 and all(float(t).is_integer() for t in ticks), (steps, ticks)
+
+
+def test_the_reward_s_rolling_mean_leaves_out_an_unscored_rollout(tmp_path, monkeypatch):
+    """A rollout none of whose samples was scored (reward NaN) is no draw for the collapse
+    rule: over 20 rollouts with step 10's unscored, it judges 10 windows of W=10 draws. The
+    plot's mean took the NaN in and drew 1 point (step 9), blank from there to the end; it now
+    draws the rule's 10 means, at the scored rollouts 9, 11, 12, ..., 19."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(20):
+            rec.log_step(
+                step,
+                logp=torch.full((2, 3), -1.0),
+                logp_old=torch.full((2, 3), -1.1),
+                advantages=torch.tensor([1.0, -1.0]),
+                reward=torch.full((2,), float("nan") if step == 10 else float(step)),
+            )
+    result = sd.replay(run, ["grpo"], device="cpu")
+    assert result.observed.reward_windows == 10
+    reward_ax = drawn_figure(monkeypatch, result, tmp_path / "run.png").axes[1]
+    mean = next(line for line in reward_ax.get_lines() if line.get_color() == "black")
+    xs, ys = np.asarray(mean.get_xdata()), np.asarray(mean.get_ydata(), dtype=float)
+    drawn = np.isfinite(ys)
+    assert list(xs[drawn]) == [9, *range(11, 20)], (xs, ys)
+    scored = [float(s) for s in range(20) if s != 10]
+    assert ys[drawn] == pytest.approx([np.mean(scored[i - 9 : i + 1]) for i in range(9, 19)])

@@ -145,6 +145,8 @@ def _reward_panel(ax: Any, result: ReplayResult, run: Run) -> None:
         _plot_series(ax, steps, reward, color=_REWARD, linewidth=0.8)
         # The observed-collapse rule's mean: over W rollouts, one reward each, at its first step.
         rollouts, draws = reward_draws(steps, reward, *series["inner_step"])
+        scored = ~np.isnan(draws)  # an unscored rollout is no draw, as for the rule
+        rollouts, draws = rollouts[scored], draws[scored]
         window = result.observed.collapse_window
         means = rolling_mean(draws, window) if draws.size >= window else np.full(draws.size, np.nan)
         ax.plot(rollouts, means, color=_REWARD_MEAN, linewidth=1.6)
