@@ -76,8 +76,8 @@ class BranchOutcome:
     """How many of the branch's steps the replay covered: the original's recorded batches of
     those step numbers that the replay replayed."""
     diverged_at: int | None = None
-    """The step after which the branch's weights were not finite, where it stopped training
-    (`TrainResult.diverged_at`); None: it trained every step asked."""
+    """The step after which the branch's weights or outputs were not finite, where it stopped
+    training (`TrainResult.diverged_at`); None: it trained every step asked."""
 
     @property
     def collapsed(self) -> bool | None:

@@ -282,3 +282,16 @@ def test_record_refuses_a_policy_the_example_cannot_feed_before_it_trains(tmp_pa
     assert f"needs {field}, which the built-in example does not compute" in result.output
     assert "pretraining" not in result.output
     assert not out.exists()
+
+
+def test_a_model_whose_outputs_overflow_stops_as_diverged_not_as_a_bug(tmp_path):
+    """`record --lr 1000` (a finite lr it takes): after 4 steps the weights were finite (up to
+    7e5) but the model's outputs were not, and the next rollout's sampler raised 'probability
+    tensor contains either inf, nan or element < 0': exit 70, 'internal error'. The run now
+    stops there as a diverged one, its 4 steps recorded and the summary saying after which."""
+    out = tmp_path / "run"
+    args = ["record", "--out", str(out), "--rl-steps", "40", "--lr", "1000"]
+    result = CliRunner(env={"COLUMNS": "120"}).invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "weights or outputs not finite after step 3: stopped" in result.stderr
+    assert len(_steps_of(out)) == 4

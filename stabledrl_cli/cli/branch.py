@@ -82,7 +82,7 @@ LEGEND = (
     "branch: the observed-collapse rule over the original's steps before the branch point "
     "and the branch's after it (not judged: fewer reward draws in a row, one a rollout, than "
     "its window; final reward: its last 10% of steps; diverged after step N: its weights "
-    "were not finite after step N, where it stopped). replay risk/drift "
+    "or outputs were not finite after step N, where it stopped). replay risk/drift "
     "steps: the one-step replay of the policy on the original's recorded batches, from the "
     "branch point on. compared: the branch's steps, over which agree compares; partial when "
     "the original's replay does not cover each of them (steps the original never recorded, "

@@ -96,7 +96,8 @@ def _summary(
         skipped = " (updates skipped)" if config.skip_nonfinite else ""
         summary.add_row("non-finite steps", f"{result.nonfinite_steps}{skipped}")
     if result.diverged_at is not None:
-        summary.add_row("diverged", f"weights not finite after step {result.diverged_at}: stopped")
+        stopped = f"weights or outputs not finite after step {result.diverged_at}: stopped"
+        summary.add_row("diverged", stopped)
     summary.add_row("wall time", f"{result.wall_seconds:.1f} s")
     summary.add_row("ms / RL step", f"{result.ms_per_step:.1f}")
     summary.add_row("run", str(out))

@@ -13,6 +13,11 @@ from torch import nn
 from stabledrl_cli.example.task import MASK, N_DIGITS
 
 
+class NonFiniteOutput(ArithmeticError):
+    """The model's output at a hidden position is not finite: there is nothing to sample
+    from (weights grown past what its activations can hold, though each is finite)."""
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -21,7 +26,8 @@ def generate(
     generator: torch.Generator,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """prompts: [B, P] -> completions [B, completion_len] (digits only)."""
+    """prompts: [B, P] -> completions [B, completion_len] (digits only). NonFiniteOutput when
+    the model's probabilities are not finite (before anything is drawn from `generator`)."""
     batch, prompt_len = prompts.shape
     device = prompts.device
     x = torch.cat([prompts, torch.full((batch, completion_len), MASK, device=device)], dim=1)
@@ -30,6 +36,8 @@ def generate(
         hidden = x[:, prompt_len:] == MASK
         logits = model(x)[:, prompt_len:, :N_DIGITS] / temperature
         probs = logits.softmax(dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            raise NonFiniteOutput
         # Sampling draws from the CPU generator so a seed gives the same run on any device.
         flat = probs.reshape(-1, N_DIGITS).cpu()
         sampled = torch.multinomial(flat, 1, generator=generator).view(batch, completion_len)

@@ -60,7 +60,7 @@ from stabledrl_cli.example.estimator import (
     unit_logp,
 )
 from stabledrl_cli.example.pretrain import pretrain
-from stabledrl_cli.example.sampler import generate
+from stabledrl_cli.example.sampler import NonFiniteOutput, generate
 from stabledrl_cli.example.task import VOCAB_SIZE, SortTask
 from stabledrl_cli.guard import Guard
 from stabledrl_cli.policies import Policy, PolicyBatch, Weights, get_policy
@@ -91,7 +91,7 @@ class TrainResult:
 
     steps: int
     """RL optimizer steps taken by this call, from the checkpoint it resumed when it resumed
-    one (fewer than asked when the weights diverged)."""
+    one (fewer than asked when the model diverged)."""
     start_reward: float
     """Mean reward over the first 10% of the steps."""
     final_reward: float
@@ -103,7 +103,8 @@ class TrainResult:
     nonfinite_steps: int
     """Steps whose grad norm or loss was not finite (recorded; their update skipped by default)."""
     diverged_at: int | None
-    """The step after which the weights were not finite (the run stopped there), or None."""
+    """The step after which the weights, or the outputs they gave, were not finite (the run
+    stopped there), or None."""
 
     @property
     def ms_per_step(self) -> float:
@@ -369,7 +370,11 @@ def train(
             due = checkpoints.next_due(step)
         prompts = task.sample_prompts(config.prompts_per_rollout, rng)
         prompts = prompts.repeat_interleave(config.group_size, dim=0).to(device)
-        completions = generate(model, prompts, width, rng)
+        try:
+            completions = generate(model, prompts, width, rng)
+        except NonFiniteOutput:  # finite weights whose activations overflow
+            diverged_at = step - 1
+            break
         tokens = torch.cat([prompts, completions], dim=1)
         reward = task.reward(prompts, completions)
         group_mean = reward.view(-1, config.group_size).mean(dim=1, keepdim=True)
