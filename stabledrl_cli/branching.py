@@ -31,7 +31,7 @@ from stabledrl_cli.dump._schema import STEPS_DIR
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.example.branch import train_branch
 from stabledrl_cli.example.checkpoint import CHECKPOINTS_DIR, list_checkpoints
-from stabledrl_cli.example.config import MAX_RL_STEPS
+from stabledrl_cli.example.config import MAX_RL_STEPS, refuse_untrainable
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.config import DEFAULT_COLLAPSE_WINDOW
 from stabledrl_cli.replay.detectors import observed_reward_collapse, reward_draws
@@ -301,6 +301,8 @@ def run_branches(
     end = max([at_step if last is None else last, *skipped]) + 1  # a torn last step counts too
     count = _steps_to_end(run_dir, at_step, end) if steps is None else steps
     specs = list(dict.fromkeys(get_policy(spec).spec for spec in policies))
+    for spec in specs:  # as record refuses it, before the replay asks the run for its fields
+        refuse_untrainable(spec, original.unit)
     base = run_dir / BRANCHES_DIR if out is None else out
     if out is None and os.path.islink(base):  # the run's own folder, never written through
         raise symlink_refused(str(base))

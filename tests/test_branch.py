@@ -530,3 +530,20 @@ def test_a_branch_whose_weights_diverge_says_where_it_stopped(tmp_path):
     table = CliRunner(env={"COLUMNS": "200"}).invoke(app, [*args, "--force"])
     assert table.exit_code == 0, table.output
     assert ", diverged after step 1 " in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"), [("grpo:beta=0.1", "logp_ref"), ("grpo:tis=token-truncate", "logp_rollout")]
+)
+def test_a_policy_the_example_cannot_train_is_a_usage_error(recorded, tmp_path, spec, field):
+    """`branch RUN -p grpo:beta=0.1` exited 3, 'RUN: step 0 has no logp_ref, which policy
+    ... needs', as if the run were unreadable (and named step 0 of a branch at 8), where
+    `record -p` and the protocol refuse the same policy as a usage error; now it is one too:
+    exit 2, the line `record` gives, before any branch trains."""
+    out = tmp_path / "branches"
+    args = ["branch", str(recorded), "--at", "8", "-p", "grpo", "-p", spec, "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert f"needs {field}, which the built-in example does not compute" in line
+    assert not out.exists()

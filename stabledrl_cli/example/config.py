@@ -52,6 +52,19 @@ def default_estimator(unit: Unit) -> Estimator:
 POLICY_FIELDS = frozenset({"group_id", "reward"})
 """The optional batch fields the example gives its policy (`trainer.policy_loss`): no
 reference model's logp_ref, recorded loss_scale or rollout engine's logp_rollout."""
+
+
+def refuse_untrainable(spec: str, unit: Unit) -> None:
+    """UsageError when the policy `spec` needs a batch field the example does not compute."""
+    _, policy = resolve_spec(spec)
+    missing = sorted(policy.required_fields(unit) - POLICY_FIELDS)
+    if missing:
+        raise UsageError(
+            f"policy {spec!r} needs {', '.join(missing)}, which the built-in example does not "
+            "compute (record a trainer that logs it: record -- CMD)"
+        )
+
+
 MAX_SEQUENCES = 4096
 """Sequences a rollout (group_size x prompts_per_rollout) or a pretraining batch may hold: a
 bound on the example's memory whatever a checkpoint's settings say."""
@@ -163,13 +176,7 @@ class ExampleConfig:
             if failed:
                 raise error
         EstimatorConfig(kind=self.estimator_kind, same_mask=self.same_mask)
-        _, policy = resolve_spec(self.policy)
-        missing = sorted(policy.required_fields(self.unit) - POLICY_FIELDS)
-        if missing:  # refused before it pretrains, not at its first RL step
-            raise UsageError(
-                f"policy {self.policy!r} needs {', '.join(missing)}, which the built-in example "
-                "does not compute (record a trainer that logs it: record -- CMD)"
-            )
+        refuse_untrainable(self.policy, self.unit)  # before it pretrains, not at its first step
         if self.unit == "token" and self.estimator == "llada":
             raise UsageError(
                 "estimator llada is a sequence-level estimator (1/t weights a sum over the "
