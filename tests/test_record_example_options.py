@@ -135,3 +135,19 @@ def test_checkpoints_that_is_a_file_is_refused_before_the_run_changes(tmp_path) 
     ]
     assert sorted(p.name for p in (out / "steps").iterdir()) == before
     assert (out / "checkpoints").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "option", [["--geometry-k", "64"], ["--geometry-seed", "5"], ["--geometry-method", "jvp"]]
+)
+def test_a_sketch_setting_beside_a_gram_is_a_usage_error(tmp_path, option) -> None:
+    """`--geometry gram --geometry-method jvp` (or -k, -seed) recorded an exact Gram and
+    ignored the setting unsaid, where `--geometry gram --geometry-dtype float16` is refused:
+    the example's Gram is never a sketch (its 64 or 320 units are far below the 2048 at which
+    a Gram falls back to one). Now exit 2, one line naming the option."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["record", "--out", str(out), "--geometry", "gram", *option])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert option[0] in line and "--geometry sketch" in line
+    assert not out.exists()

@@ -506,6 +506,17 @@ def command(
     from stabledrl_cli.cli.replay import option_names  # the example's settings as options
 
     geometry_config = None
+    sketch_settings = {
+        "--geometry-k": geometry_k,
+        "--geometry-seed": geometry_seed,
+        "--geometry-method": geometry_method,
+    }
+    given_to_gram = [name for name, value in sketch_settings.items() if value is not None]
+    if geometry == "gram" and given_to_gram:
+        raise UsageError(
+            f"{', '.join(given_to_gram)}: for --geometry sketch; a Gram matrix is exact (no "
+            "width, no Omega, no method to choose)"
+        )
     if geometry is not None:
         from stabledrl_cli.capture.geometry import GeometryConfig  # imports torch
 
