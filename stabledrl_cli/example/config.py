@@ -15,8 +15,9 @@ from stabledrl_cli.vocab import ESTIMATORS, UNITS, Estimator, Unit
 
 MAX_RL_STEPS = 100_000
 """RL steps the built-in example trains at most (`record --rl-steps`, `branch --rl-steps` and
-a branch's default count): about 40 min and 2 GB of steps at its 25 ms and 19 kB a step, 250
-times its default; a larger count (10**30) would train until stopped."""
+a branch's default count): about 40 min and 260 MB of steps at its 25 ms and 2.6 kB a step
+(2 GB at a Gram's 19 kB), 250 times its default; a larger count (10**30) would train until
+stopped."""
 
 
 @dataclass(frozen=True, kw_only=True)
