@@ -547,3 +547,23 @@ def test_a_policy_the_example_cannot_train_is_a_usage_error(recorded, tmp_path, 
     (line,) = result.stderr.strip().splitlines()
     assert f"needs {field}, which the built-in example does not compute" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "geometry", [{"kind": "cube"}, {"k": "many"}, {"params": [1]}, {"colour": 1}, [1, 2]]
+)
+def test_a_checkpoint_whose_geometry_the_example_cannot_take_exits_3(recorded, tmp_path, geometry):
+    """Checkpoints carry the geometry their run records (a branch records it too): settings
+    that are not a GeometryConfig's are refused as the checkpoint's other settings are."""
+    run = tmp_path / "spoilt"
+    shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
+    path = checkpoints_dir(run) / "step-00000008.pt"
+    state = torch.load(path, weights_only=True)
+    state["geometry"] = {"kind": "gram", **geometry} if isinstance(geometry, dict) else geometry
+    torch.save(state, path)
+    args = ["branch", str(run), "--at", "8", "-p", "grpo", "--rl-steps", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 3, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {path}: "), line
+    assert not (run / "branches").exists()

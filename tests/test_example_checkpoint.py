@@ -275,3 +275,24 @@ def test_a_checkpoint_training_cannot_go_on_from_is_refused_before_the_branch(
     with pytest.raises(InputError, match=message):
         check_restorable(load_checkpoint(path), config)
     check_restorable(load_checkpoint(saved), config)  # the checkpoint as written restores
+
+
+def test_a_branch_records_the_geometry_its_original_recorded(tmp_path):
+    """A run recorded with `--geometry gram` branched under its own policy trained the same
+    steps, bit for bit, but recorded no geometry: `diff` said the two parted at the branch
+    point (unit_grad_gram and grad_norm_covered only in the original, exit 1) and the branch
+    replayed with the coefficient proxy. Its checkpoints now carry the geometry settings."""
+    from stabledrl_cli.capture.geometry import GeometryConfig
+
+    config = ExampleConfig(seed=2, steps=8, pretrain_steps=2)
+    geometry = GeometryConfig(kind="gram", every=2)
+    original = tmp_path / "original"
+    with Recorder(original, **recorder_kwargs(config, get_policy("grpo"), geometry)) as recorder:
+        plan = CheckpointPlan(directory=checkpoints_dir(original), every=4)
+        train(config, recorder=recorder, geometry=geometry, checkpoints=plan)
+    args = ["branch", str(original), "--at", "4", "-p", "grpo", "--out", str(tmp_path / "b")]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    branch = tmp_path / "b" / "grpo@4"
+    diff = CliRunner().invoke(app, ["diff", str(original), str(branch)])
+    assert diff.exit_code == 0, diff.stdout
+    assert open_run(branch).manifest["geometry"] == open_run(original).manifest["geometry"]

@@ -9,9 +9,10 @@ from dataclasses import replace
 
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.capture.branch_protocol import BranchRequest
+from stabledrl_cli.capture.geometry import GeometryConfig
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.errors import InputError, UsageError, quoted
-from stabledrl_cli.example.checkpoint import load_checkpoint
+from stabledrl_cli.example.checkpoint import TrainingState, load_checkpoint
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
 from stabledrl_cli.example.trainer import (
     StepInfo,
@@ -60,6 +61,22 @@ def branch_config(saved: dict[str, object], request: BranchRequest) -> ExampleCo
     return replace(config, policy=request.policy, steps=request.at + request.steps)
 
 
+def branch_geometry(state: TrainingState) -> GeometryConfig | None:
+    """The geometry the checkpoint's run recorded, which its branch records too (None: none).
+    Settings that are not a `GeometryConfig`'s are an InputError (exit 3) naming the file."""
+    saved = state.geometry
+    if saved is None:
+        return None
+    params = saved.get("params")
+    try:
+        if params is not None and not all(isinstance(p, str) for p in params):
+            raise TypeError("params are not name patterns")
+        return GeometryConfig(**{**saved, "params": None if params is None else tuple(params)})
+    except (TypeError, UsageError) as exc:
+        where = state.source or f"the checkpoint at step {state.step}"
+        raise InputError(f"{where}: geometry settings the example cannot take ({exc})") from None
+
+
 def train_branch(
     request: BranchRequest,
     *,
@@ -88,8 +105,9 @@ def train_branch(
         )
     config = branch_config(state.config, request)
     check_restorable(state, config)  # before the branch run is opened (and --force clears it)
+    geometry = branch_geometry(state)
     policy = get_policy(config.policy)
-    kwargs = recorder_kwargs(config, policy)
+    kwargs = recorder_kwargs(config, policy, geometry)
     kwargs["meta"]["branch"] = {
         "checkpoint": str(request.checkpoint),
         "at": request.at,
@@ -109,5 +127,6 @@ def train_branch(
             recorder=recorder,
             device=resolve_device(device),
             on_step=step_done,
+            geometry=geometry,
             resume=state,
         )

@@ -11,10 +11,11 @@ batch (prompts, completions, old log-likelihoods) is drawn afresh from the resto
 generator, exactly as the original run drew it.
 
 What: the model's parameters, the AdamW state (moments and step counts), the one training
-generator's state, the step and rollout index, and the example's settings (`ExampleConfig`
-as a dict). Written with `torch.save` through `_atomic.write_atomic`; read with
-`torch.load(weights_only=True)`, which accepts tensors, numbers, strings, lists and dicts
-only: a checkpoint is data, never code. torch.save stores its zip archive's members
+generator's state, the step and rollout index, the example's settings (`ExampleConfig`
+as a dict) and the geometry the run records (`GeometryConfig` as a dict, or None). Written
+with `torch.save` through `_atomic.write_atomic`; read with `torch.load(weights_only=True)`,
+which accepts tensors, numbers, strings, lists and dicts only: a checkpoint is data, never
+code. torch.save stores its zip archive's members
 uncompressed; one whose members would unpack to more than the file's size (a compressed one,
 or a size it does not hold) is refused before torch.load allocates them.
 """
@@ -64,6 +65,9 @@ class TrainingState:
     """The training generator's `get_state()` (uint8)."""
     config: dict[str, Any]
     """`dataclasses.asdict(ExampleConfig)` of the run that wrote it."""
+    geometry: dict[str, Any] | None = None
+    """`dataclasses.asdict(GeometryConfig)` of the geometry the run records, which a branch
+    records too; None for a run without (or a checkpoint written before the key)."""
     source: Path | None = None
     """The file it was read from (named in messages), None for a state not read from one."""
 
@@ -143,6 +147,7 @@ def save_checkpoint(directory: Path, state: TrainingState) -> Path:
             "optimizer": state.optimizer,
             "rng": state.rng,
             "config": state.config,
+            "geometry": state.geometry,
         },
         buffer,
     )
@@ -183,6 +188,7 @@ def load_checkpoint(path: str | Path) -> TrainingState:
             optimizer=dict(data["optimizer"]),
             rng=data["rng"],
             config=dict(data["config"]),
+            geometry=None if data.get("geometry") is None else dict(data["geometry"]),
             source=path,
         )
     except (KeyError, TypeError, ValueError) as exc:

@@ -247,8 +247,9 @@ def _training_state(
     optimizer: torch.optim.Optimizer,
     rng: torch.Generator,
     config: ExampleConfig,
+    geometry: GeometryConfig | None,
 ) -> TrainingState:
-    """The loop's state at a rollout boundary, on the CPU."""
+    """The loop's state at a rollout boundary, on the CPU, with the geometry the run records."""
     return TrainingState(
         step=step,
         rollout=rollout,
@@ -256,6 +257,7 @@ def _training_state(
         optimizer=_cpu(optimizer.state_dict()),
         rng=rng.get_state(),
         config=asdict(config),
+        geometry=None if geometry is None else asdict(geometry),
     )
 
 
@@ -365,7 +367,7 @@ def train(
         if checkpoints is not None and step >= due:
             save_checkpoint(
                 checkpoints.directory,
-                _training_state(step, rollout, model, optimizer, rng, config),
+                _training_state(step, rollout, model, optimizer, rng, config, geometry),
             )
             due = checkpoints.next_due(step)
         prompts = task.sample_prompts(config.prompts_per_rollout, rng)
