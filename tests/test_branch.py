@@ -555,15 +555,46 @@ def test_a_policy_the_example_cannot_train_is_a_usage_error(recorded, tmp_path, 
 def test_a_checkpoint_whose_geometry_the_example_cannot_take_exits_3(recorded, tmp_path, geometry):
     """Checkpoints carry the geometry their run records (a branch records it too): settings
     that are not a GeometryConfig's are refused as the checkpoint's other settings are."""
+    saved = {"kind": "gram", **geometry} if isinstance(geometry, dict) else geometry
+    _branch_of_spoilt_checkpoint_refused(recorded, tmp_path, "geometry", saved, "")
+
+
+def _branch_of_spoilt_checkpoint_refused(
+    recorded: Path, tmp_path: Path, key: str, value: object, said: str
+) -> None:
+    """A copy of `recorded` whose step-8 checkpoint holds `value` under `key`: branching it
+    exits 3 in one line naming the checkpoint, then `said`, before any branch trains."""
     run = tmp_path / "spoilt"
     shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
     path = checkpoints_dir(run) / "step-00000008.pt"
     state = torch.load(path, weights_only=True)
-    state["geometry"] = {"kind": "gram", **geometry} if isinstance(geometry, dict) else geometry
+    state[key] = value
     torch.save(state, path)
     args = ["branch", str(run), "--at", "8", "-p", "grpo", "--rl-steps", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 3, result.output
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"error: {path}: "), line
+    assert line.startswith(f"error: {path}: {said}"), line
     assert not (run / "branches").exists()
+
+
+@pytest.mark.parametrize(
+    ("guard", "said"),
+    [
+        ({"mode": "skip", "rule": "nope", "norms": torch.zeros(8, dtype=torch.float64)},
+         "a guard the example cannot take"),
+        ({"mode": "hold", "rule": "zclip", "norms": torch.zeros(8, dtype=torch.float64)},
+         "a guard the example cannot take"),
+        ({"mode": "skip", "rule": "zclip", "norms": torch.zeros(8)},
+         "guard norms that are not a float64 vector"),
+        ({"mode": "skip", "rule": "zclip", "norms": [1.0] * 8},
+         "guard norms that are not a float64 vector"),
+        ({"mode": "skip", "rule": "zclip", "norms": torch.zeros(3, dtype=torch.float64)},
+         "3 guard norms for the 8 steps before step 8 (one a step)"),
+    ],
+)  # fmt: skip
+def test_a_checkpoint_whose_guard_the_example_cannot_take_exits_3(recorded, tmp_path, guard, said):
+    """Checkpoints carry their run's guard and the grad norms it was asked about, from which a
+    branch rebuilds it: a guard or norms that could not have been written are refused as the
+    checkpoint's other settings are, before any branch trains."""
+    _branch_of_spoilt_checkpoint_refused(recorded, tmp_path, "guard", guard, said)

@@ -296,3 +296,25 @@ def test_a_branch_records_the_geometry_its_original_recorded(tmp_path):
     diff = CliRunner().invoke(app, ["diff", str(original), str(branch)])
     assert diff.exit_code == 0, diff.stdout
     assert open_run(branch).manifest["geometry"] == open_run(original).manifest["geometry"]
+
+
+def test_a_branch_of_a_guarded_run_goes_on_under_its_guard(tmp_path):
+    """`record --guard ... --checkpoint-every N` saved checkpoints without the guard, and a
+    branch from one trained unguarded: under the run's own policy it parted from its original
+    at step 22 (diff exit 1), the guard having skipped step 21 there. Checkpoints now carry
+    the guard and the grad norms it was asked about; the branch rebuilds it from them and
+    never parts, skipping step 21 as the original did."""
+    original = tmp_path / "original"
+    guard = ["--guard", "skip", "--guard-rule", "skip-step:window=8,sigma=2"]
+    args = ["record", "--out", str(original), "--rl-steps", "24", "--checkpoint-every", "8"]
+    recorded = CliRunner().invoke(app, [*args, *guard])
+    assert recorded.exit_code == 0, recorded.output
+    skipped = open_run(original).scalar_series("guard_action")
+    assert 21 in skipped[0][skipped[1] == 2]  # the guard acts after the branch point
+    args = ["branch", str(original), "--at", "8", "-p", "grpo", "--out", str(tmp_path / "b")]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    branch = tmp_path / "b" / "grpo@8"
+    diff = CliRunner().invoke(app, ["diff", str(original), str(branch)])
+    assert diff.exit_code == 0, diff.stdout
+    meta = open_run(branch).manifest["meta"]
+    assert meta["guard"] == open_run(original).manifest["meta"]["guard"]

@@ -7,6 +7,8 @@ import typing
 from collections.abc import Callable
 from dataclasses import replace
 
+import torch
+
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.capture.branch_protocol import BranchRequest
 from stabledrl_cli.capture.geometry import GeometryConfig
@@ -21,8 +23,10 @@ from stabledrl_cli.example.trainer import (
     recorder_kwargs,
     train,
 )
+from stabledrl_cli.guard import Guard
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.policies._spec import base_type
+from stabledrl_cli.vocab import GuardMode
 
 _SETTING_TYPES: dict[object, tuple[tuple[type, ...], str]] = {
     int: ((int,), "an integer"),
@@ -77,6 +81,31 @@ def branch_geometry(state: TrainingState) -> GeometryConfig | None:
         raise InputError(f"{where}: geometry settings the example cannot take ({exc})") from None
 
 
+def branch_guard(state: TrainingState) -> Guard | None:
+    """The checkpoint's guard, in the state the run's guard was in when it was written (its
+    rule fed the same grad norms), which the branch trains under; None for an unguarded run.
+    A mode, rule or norms `Guard` cannot take are an InputError (exit 3) naming the file."""
+    saved = state.guard
+    if saved is None:
+        return None
+    where = state.source or f"the checkpoint at step {state.step}"
+    norms = saved.get("norms")
+    if not isinstance(norms, torch.Tensor) or norms.dtype != torch.float64 or norms.dim() != 1:
+        raise InputError(f"{where}: guard norms that are not a float64 vector")
+    if norms.numel() != state.step:  # the guard is asked about every step
+        raise InputError(
+            f"{where}: {norms.numel()} guard norms for the {state.step} steps before step "
+            f"{state.step} (one a step)"
+        )
+    try:
+        guard = Guard(typing.cast(GuardMode, saved.get("mode")), saved.get("rule"))
+    except UsageError as exc:
+        raise InputError(f"{where}: a guard the example cannot take ({exc})") from None
+    for norm in norms.tolist():
+        guard.rule.update(norm)
+    return guard
+
+
 def train_branch(
     request: BranchRequest,
     *,
@@ -106,8 +135,11 @@ def train_branch(
     config = branch_config(state.config, request)
     check_restorable(state, config)  # before the branch run is opened (and --force clears it)
     geometry = branch_geometry(state)
+    guard = branch_guard(state)
     policy = get_policy(config.policy)
     kwargs = recorder_kwargs(config, policy, geometry)
+    if guard is not None:
+        kwargs["meta"]["guard"] = guard.manifest_note()
     kwargs["meta"]["branch"] = {
         "checkpoint": str(request.checkpoint),
         "at": request.at,
@@ -129,4 +161,5 @@ def train_branch(
             on_step=step_done,
             geometry=geometry,
             resume=state,
+            guard=guard,
         )

@@ -12,7 +12,8 @@ generator, exactly as the original run drew it.
 
 What: the model's parameters, the AdamW state (moments and step counts), the one training
 generator's state, the step and rollout index, the example's settings (`ExampleConfig`
-as a dict) and the geometry the run records (`GeometryConfig` as a dict, or None). Written
+as a dict), the geometry the run records (`GeometryConfig` as a dict, or None) and its
+guard (mode, rule and the grad norms fed to it so far, or None). Written
 with `torch.save` through `_atomic.write_atomic`; read with `torch.load(weights_only=True)`,
 which accepts tensors, numbers, strings, lists and dicts only: a checkpoint is data, never
 code. torch.save stores its zip archive's members
@@ -68,6 +69,10 @@ class TrainingState:
     geometry: dict[str, Any] | None = None
     """`dataclasses.asdict(GeometryConfig)` of the geometry the run records, which a branch
     records too; None for a run without (or a checkpoint written before the key)."""
+    guard: dict[str, Any] | None = None
+    """The run's guard: `mode`, `rule` (its canonical spec) and `norms` (float64 [n]: every
+    grad norm it was asked about, in order, from which a branch rebuilds its state); None
+    for an unguarded run (or a checkpoint written before the key)."""
     source: Path | None = None
     """The file it was read from (named in messages), None for a state not read from one."""
 
@@ -148,6 +153,7 @@ def save_checkpoint(directory: Path, state: TrainingState) -> Path:
             "rng": state.rng,
             "config": state.config,
             "geometry": state.geometry,
+            "guard": state.guard,
         },
         buffer,
     )
@@ -189,6 +195,7 @@ def load_checkpoint(path: str | Path) -> TrainingState:
             rng=data["rng"],
             config=dict(data["config"]),
             geometry=None if data.get("geometry") is None else dict(data["geometry"]),
+            guard=None if data.get("guard") is None else dict(data["guard"]),
             source=path,
         )
     except (KeyError, TypeError, ValueError) as exc:

@@ -43,6 +43,7 @@ from stabledrl_cli.capture.geometry import (
     covered_parameters,
 )
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.errors import UsageError
 from stabledrl_cli.example._model import ModelConfig, TinyDiffusionLM
 from stabledrl_cli.example.checkpoint import (
     CheckpointPlan,
@@ -248,8 +249,10 @@ def _training_state(
     rng: torch.Generator,
     config: ExampleConfig,
     geometry: GeometryConfig | None,
+    guard: dict[str, Any] | None,
 ) -> TrainingState:
-    """The loop's state at a rollout boundary, on the CPU, with the geometry the run records."""
+    """The loop's state at a rollout boundary, on the CPU, with the geometry the run records
+    and its guard (`guard_record`)."""
     return TrainingState(
         step=step,
         rollout=rollout,
@@ -258,7 +261,19 @@ def _training_state(
         rng=rng.get_state(),
         config=asdict(config),
         geometry=None if geometry is None else asdict(geometry),
+        guard=guard,
     )
+
+
+def guard_record(guard: Guard, norms: list[float]) -> dict[str, Any]:
+    """A checkpoint's `guard`: the guard's mode and rule, and the grad norms it was asked about
+    (`norms`, in order), from which a branch rebuilds it (`example.branch.branch_guard`)."""
+    note = guard.manifest_note()
+    return {
+        "mode": note["mode"],
+        "rule": note["rule"],
+        "norms": torch.tensor(norms, dtype=torch.float64),
+    }
 
 
 def policy_loss(
@@ -363,11 +378,28 @@ def train(
     step = first_step = 0 if resume is None else resume.step
     rollout = 0 if resume is None else resume.rollout
     due = 0 if checkpoints is None or resume is None else checkpoints.next_due(step)
+    if resume is not None and (resume.guard is None) != (guard is None):
+        raise UsageError(
+            "a resume goes on under the guard its checkpoint holds (`branch.branch_guard`): "
+            + ("give it" if guard is None else "the checkpoint holds none")
+        )
+    guard_norms: list[float] = (
+        [] if resume is None or resume.guard is None else resume.guard["norms"].tolist()
+    )
     while step < config.steps:
         if checkpoints is not None and step >= due:
             save_checkpoint(
                 checkpoints.directory,
-                _training_state(step, rollout, model, optimizer, rng, config, geometry),
+                _training_state(
+                    step,
+                    rollout,
+                    model,
+                    optimizer,
+                    rng,
+                    config,
+                    geometry,
+                    None if guard is None else guard_record(guard, guard_norms),
+                ),
             )
             due = checkpoints.next_due(step)
         prompts = task.sample_prompts(config.prompts_per_rollout, rng)
@@ -410,7 +442,10 @@ def train(
                 (tokens, sample.noise_mask.to(device), sample.weights.to(device)),
                 step,
             )
-            decision = guard.before_step(grad_norm=grad_norm) if guard is not None else None
+            decision = None
+            if guard is not None:
+                decision = guard.before_step(grad_norm=grad_norm)
+                guard_norms.append(grad_norm)
             guarded = decision is not None and decision.skip
             if decision is not None and not guarded:
                 decision.apply(params, applied=clip_scale)
