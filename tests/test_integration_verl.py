@@ -1896,3 +1896,43 @@ def test_nested_responses_replay_verls_horizon_of_each_micro_batch(
         assert -own.steps[step.step]["objective"] == pytest.approx(step.scalars["loss"], abs=1e-6)
         off = max(off, abs(fixed.steps[step.step]["objective"] + step.scalars["loss"]))
     assert off > 1e-3
+
+
+def widened(td: TensorDict, extra: int) -> TensorDict:
+    """A `rollout`'s rows with their responses padded by `extra` more positions (none scored),
+    as a loop padding each batch to its own width hands them over."""
+    for key in (*RESPONSE_FIELDS, "_logp", "attention_mask"):
+        td[key] = torch.nn.functional.pad(td[key], (0, extra))
+    tu.assign_non_tensor(td, max_response_len=td["response_mask"].shape[-1])
+    return td
+
+
+def test_a_step_padded_to_another_width_stops_the_recording_in_one_line(
+    hooked: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """seq-mean-token-sum-norm without loss_scale_factor divides by the padded response width,
+    which the run's spec holds as max_len from its first step (7): a later step padded to 9
+    was recorded all the same, its replay 7/9 of the loss verl trained on. That step now
+    stops the recording with one warning naming both specs; step 0 stays, training goes on."""
+    run_dir, status = hooked
+    loss = functools.partial(ppo_loss, config=actor_config(loss_agg_mode="seq-mean-token-sum-norm"))
+    data = rollout()
+    engine = StubEngine()
+    for rows, extra in ((range(6), 0), (range(6, 12), 2)):
+        batch = widened(tu.index_select_tensor_dict(data, torch.tensor(list(rows))), extra)
+        tu.assign_non_tensor(batch, global_batch_size=6)
+        assert engine.train_batch(batch, loss_function=loss)["metrics"]["grad_norm"] == 0.7
+    stabledrl_verl.uninstall()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl" in line]
+    assert warnings == [
+        "stabledrl: warning: recording step 1: cannot record this verl run: the step maps to "
+        "dual-clip:agg=seq-mean-token-sum-norm,max_len=9,rows=all, not the run's "
+        "dual-clip:agg=seq-mean-token-sum-norm,max_len=7,rows=all: its padded response width "
+        "or log-prob dtype changed (a fixed loss_scale_factor keeps seq-mean-token-sum-norm's "
+        "horizon); recording is off, training continues"
+    ]
+    assert status.read_text().startswith("2\t")
+    run = open_run(run_dir)
+    assert run.step_numbers == [0]
+    (own,) = replay_run(run, [run.policy_spec or ""], config=ReplayConfig(device="cpu")).policies
+    assert -own.steps[0]["objective"] == pytest.approx(run.step(0).scalars["loss"], abs=1e-6)

@@ -33,6 +33,7 @@ from stabledrl_cli.integrations._verl_policy import (
     agg_mode,
     distillation_refused,
     loss_mode,
+    policy_changed,
     policy_for_actor_config,
 )
 
@@ -57,6 +58,8 @@ class Session:
     overwrite: bool
     recorder: Recorder | None = None
     """Opened at the first recorded step (it needs the rank and the actor's config)."""
+    policy_spec: str = ""
+    """The spec the run records, mapped from the actor's config and its first micro-batch."""
     step: int = 0
     """The next step number (this process's count of recorded optimizer steps)."""
     inner_step: int = 0
@@ -105,13 +108,15 @@ class Session:
         except Exception as exc:
             self.fail(exc, f"recording step {self.step}")
 
-    def open(self, engine: Any, config: Any, first: MicroBatch) -> Recorder:
-        """The Recorder of this data-parallel rank, opened on the first step."""
+    def open(self, engine: Any, config: Any, micro: list[MicroBatch]) -> Recorder:
+        """The Recorder of this data-parallel rank, opened on the first step; UsageError when
+        a step's micro-batches map to another policy than the run's (`_same_policy`)."""
         if self.recorder is None:
             world_size = int(engine.get_data_parallel_size())
             policy = policy_for_actor_config(
-                config, response_width=first.response_width, logp_dtype=first.logp_dtype
+                config, response_width=micro[0].response_width, logp_dtype=micro[0].logp_dtype
             )
+            self.policy_spec = policy.spec
             self.recorder = Recorder(
                 self.out,
                 policy=policy,
@@ -130,7 +135,18 @@ class Session:
                 group_ids="global" if self.groups is not None or world_size == 1 else "per_rank",
                 on_write_error="warn",
             )
+        self._same_policy(config, micro)
         return self.recorder
+
+    def _same_policy(self, config: Any, micro: list[MicroBatch]) -> None:
+        """UsageError when this step's micro-batches map to another policy than the run's:
+        seq-mean-token-sum-norm without loss_scale_factor divides by each micro-batch's padded
+        response width, kl_cov and dppo compute in its log-probs' dtype, and the run's spec
+        holds the first step's."""
+        for width, dtype in {(m.response_width, m.logp_dtype) for m in micro}:
+            spec = policy_for_actor_config(config, response_width=width, logp_dtype=dtype).spec
+            if spec != self.policy_spec:
+                raise policy_changed(spec, self.policy_spec)
 
 
 def _num_generations(config: Any) -> dict[str, int]:
@@ -230,7 +246,7 @@ def train_batch_hook(session: Session) -> Callable[..., Any]:
                     lr=seen["lr"],
                     inner_step=session.inner_step,
                 )
-                recorder = session.open(self, config, micro[0])
+                recorder = session.open(self, config, micro)
                 session.pending = PendingStep(log, recorder, micro, session.groups)
             except Exception as exc:
                 session.fail(exc, f"recording step {session.step}")

@@ -64,7 +64,9 @@ reproduce verl's loss, not the registered one); on-policy distillation
 and k3 (k1, abs, k2, the straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`);
 kl_cov and dppo of a model whose log-probs are float64 (a float32 recording cannot compute in
 them as verl does); seq-mean-token-sum-norm with a `loss_scale_factor` that is not a whole
-number (max_len is an integer), but for geo_mean, which ignores it.
+number (max_len is an integer), but for geo_mean, which ignores it; a step whose
+micro-batches map to another spec than the run's first step (`policy_changed`: another padded
+width or log-prob dtype).
 """
 
 from __future__ import annotations
@@ -161,6 +163,15 @@ def distillation_refused() -> UsageError:
     return _refuse(
         "on-policy distillation (distillation.enabled): the actor's loss, verl's "
         "distillation_ppo_loss, adds a teacher's distillation loss the catalogue has no term for"
+    )
+
+
+def policy_changed(spec: str, run_spec: str) -> UsageError:
+    """The refusal of a step whose micro-batches map to `spec`, not the run's `run_spec`."""
+    return _refuse(
+        f"the step maps to {spec}, not the run's {run_spec}: its padded response width or "
+        "log-prob dtype changed (a fixed loss_scale_factor keeps seq-mean-token-sum-norm's "
+        "horizon)"
     )
 
 
