@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -1936,3 +1937,46 @@ def test_a_step_padded_to_another_width_stops_the_recording_in_one_line(
     assert run.step_numbers == [0]
     (own,) = replay_run(run, [run.policy_spec or ""], config=ReplayConfig(device="cpu")).policies
     assert -own.steps[0]["objective"] == pytest.approx(run.step(0).scalars["loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("declared", ["argument", "environment"])
+def test_a_declared_reward_range_is_the_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, declared: str
+) -> None:
+    """verl runs could declare no reward range (Ray calls the setup hook with no argument), so
+    each run's collapse floor was its own lowest reward (docs/collapse.md). install() takes
+    reward_range=(low, high), and the setup hook reads $STABLEDRL_REWARD_RANGE=LOW,HIGH."""
+    monkeypatch.setenv("STABLEDRL_RUN_DIR", str(tmp_path / "run"))
+    if declared == "argument":
+        assert stabledrl_verl.install(tmp_path / "run", reward_range=(0, 1))
+    else:
+        monkeypatch.setenv("STABLEDRL_REWARD_RANGE", "0,1")
+        assert stabledrl_verl.install()
+    train(actor_config())
+    stabledrl_verl.uninstall()
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1]
+    assert run.reward_range == (0.0, 1.0)
+
+
+def test_a_bad_reward_range_is_refused_at_install_and_warned_by_the_setup_hook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad range given as the argument, or in $STABLEDRL_REWARD_RANGE with an `out`, is a
+    UsageError at install; the setup hook (no `out`) warns once and training goes on
+    unrecorded, as for a verl it cannot record (raising would crash every Ray worker)."""
+    with pytest.raises(UsageError) as refused:
+        stabledrl_verl.install(tmp_path / "run", reward_range=(1, 0))
+    assert str(refused.value) == "reward_range must be (low, high), finite, low < high; got (1, 0)"
+    monkeypatch.setenv("STABLEDRL_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("STABLEDRL_REWARD_RANGE", "0..1")
+    reason = "$STABLEDRL_REWARD_RANGE '0..1': give LOW,HIGH, two finite numbers with LOW < HIGH"
+    with pytest.raises(UsageError, match=re.escape(reason)):
+        stabledrl_verl.install(tmp_path / "run")
+    assert not stabledrl_verl.install()
+    assert not stabledrl_verl.installed() and not (tmp_path / "run").exists()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl" in line]
+    assert warnings == [
+        f"stabledrl: warning: cannot record this process: {reason} (0,1 for a success rate); "
+        "recording is off, training continues"
+    ]

@@ -18,8 +18,8 @@ from stabledrl_cli.cli._options import FormatOpt, local_file
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump._setup import check_replaceable
-from stabledrl_cli.dump._writer import checked_reward_range
-from stabledrl_cli.errors import UsageError, counted, quoted
+from stabledrl_cli.dump._writer import reward_range_text
+from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.importers import ImportSummary, import_log
 from stabledrl_cli.importers._names import listed
 from stabledrl_cli.importers._table import skipped_text
@@ -71,7 +71,7 @@ def command(
     """Import a logged run (TRL/transformers trainer_state.json, JSON lines, CSV, TensorBoard)
     as a scalar run that inspect and check read: known metrics under the run's standard names,
     the others kept as extra scalars."""
-    span = None if reward_range is None else _reward_range(reward_range)
+    span = None if reward_range is None else reward_range_text(reward_range, "--reward-range")
     run = local_output(out_arg, "import", "its run")
     if run.is_dir() and any(run.iterdir()):
         check_replaceable(run)  # another tool's manifest: --force would not replace it
@@ -94,18 +94,6 @@ def command(
         print_json(summary.to_dict())
         return
     _print_table(summary)
-
-
-def _reward_range(text: str) -> tuple[float, float]:
-    """--reward-range's LOW,HIGH, checked as the Recorder checks a reward_range (else a usage
-    error that says how to write it)."""
-    try:
-        return checked_reward_range(text.split(","))
-    except UsageError:
-        raise UsageError(
-            f"--reward-range {quoted(text)}: give LOW,HIGH, two finite numbers with LOW < HIGH "
-            "(0,1 for a success rate)"
-        ) from None
 
 
 def _print_table(summary: ImportSummary) -> None:

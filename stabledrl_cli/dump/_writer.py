@@ -146,6 +146,18 @@ def checked_reward_range(
     return low, high
 
 
+def reward_range_text(text: str, name: str) -> tuple[float, float]:
+    """A reward range written LOW,HIGH (`name`: where it was given, say --reward-range),
+    checked as `checked_reward_range` checks one; else UsageError saying how to write it."""
+    try:
+        return checked_reward_range(text.split(","))
+    except UsageError:
+        raise UsageError(
+            f"{name} {quoted(text)}: give LOW,HIGH, two finite numbers with LOW < HIGH "
+            "(0,1 for a success rate)"
+        ) from None
+
+
 def _whole(value: int) -> int:
     """A count given as a numpy or 0-d torch integer as the int it holds; anything else as it
     is, for the Recorder's checks to refuse."""

@@ -56,6 +56,8 @@ class Session:
 
     out: Path
     overwrite: bool
+    reward_range: tuple[float, float] | None = None
+    """(low, high) the reward spans, recorded in the manifest."""
     recorder: Recorder | None = None
     """Opened at the first recorded step (it needs the rank and the actor's config)."""
     policy_spec: str = ""
@@ -129,6 +131,7 @@ class Session:
                     "loss": "verl's policy loss (pg + kl) of a rank; the step's is their mean",
                     **_num_generations(config),
                 },
+                reward_range=self.reward_range,
                 world_size=world_size,
                 rank=int(engine.get_data_parallel_rank()) if world_size > 1 else 0,
                 overwrite=self.overwrite,

@@ -10,7 +10,9 @@ clean way is Ray's per-worker setup hook, given to `ray.init` through verl's con
 with HOOK=stabledrl_cli.integrations.verl.install. Under `stabledrl record --out DIR --
 python -m verl.trainer.main_ppo ...` the run directory is already exported as
 $STABLEDRL_RUN_DIR (a local Ray cluster's workers inherit the driver's environment) and the
-setup hook is the only addition; $STABLEDRL_FORCE=1 overwrites an existing run. Steps are
+setup hook is the only addition; $STABLEDRL_FORCE=1 overwrites an existing run and
+$STABLEDRL_REWARD_RANGE=LOW,HIGH (0,1 for a success rate) records the reward's range, the
+observed-collapse rule's floor (Ray calls the hook with no argument). Steps are
 numbered by each process from 0, so a job resumed from a checkpoint needs a new directory or
 $STABLEDRL_FORCE=1. Without a run directory `install()` does nothing, so the hook is
 harmless in every other process. In one process (a custom loop
@@ -71,6 +73,7 @@ from stabledrl_cli.capture.bootstrap import (
     refuse_another_run_dir,
 )
 from stabledrl_cli.dump._schema import path_argument, switch_argument
+from stabledrl_cli.dump._writer import checked_reward_range, reward_range_text
 from stabledrl_cli.errors import MissingExtraError, UsageError
 from stabledrl_cli.integrations._verl_facts import SUPPORTED_VERL, supported_verl
 from stabledrl_cli.integrations._verl_policy import LOSS_MODES, policy_for_actor_config
@@ -89,6 +92,9 @@ __all__ = [
 ]
 
 _lock = threading.Lock()
+
+ENV_REWARD_RANGE = "STABLEDRL_REWARD_RANGE"
+"""LOW,HIGH: the reward range `install()` records when it is given none."""
 
 
 def check_verl_version() -> str:
@@ -115,37 +121,65 @@ def installed() -> bool:
     return _session is not None
 
 
-def install(out: str | os.PathLike[str] | None = None, *, overwrite: bool | None = None) -> bool:
+def install(
+    out: str | os.PathLike[str] | None = None,
+    *,
+    overwrite: bool | None = None,
+    reward_range: tuple[float, float] | None = None,
+) -> bool:
     """Hooks verl's engine in this process. out: the run directory, default
     $STABLEDRL_RUN_DIR; without either this does nothing and returns False. overwrite: replace
-    an existing run (default $STABLEDRL_FORCE). Returns True when recording is installed.
+    an existing run (default $STABLEDRL_FORCE). reward_range: (low, high) the reward spans,
+    recorded in the manifest (default $STABLEDRL_REWARD_RANGE, LOW,HIGH; else none). Returns
+    True when recording is installed.
     Once installed, a call without `out` or with the same directory returns True and changes
     nothing; one naming another directory raises UsageError naming both (its steps would go
     on into the first: uninstall() first). Raises UsageError for an `overwrite` that is not
-    None, True or False, for an `out` that is empty or no path, and when `out` is another
+    None, True or False, for a `reward_range` that is not two finite numbers, low < high, for
+    an `out` that is empty or no path, and when `out` is another
     directory than $STABLEDRL_RUN_DIR (`stabledrl record --out`, whose optimizer hooks stand
     down for verl: record would find no step there), and MissingExtraError / UsageError when verl is
-    absent or not 0.9.x and `out` is given; without `out` (the Ray setup hook) that is one
-    warning, `stabledrl record` is told, and this returns False."""
+    absent or not 0.9.x or $STABLEDRL_REWARD_RANGE is no LOW,HIGH and `out` is given; without
+    `out` (the Ray setup hook) that is one warning, `stabledrl record` is told, and this
+    returns False."""
     global _session
     if overwrite is not None:
         switch_argument(overwrite, "overwrite")
+    if reward_range is not None:
+        reward_range = checked_reward_range(reward_range)
     with _lock:
         if _session is not None:
             _refuse_another_out(_session.out, out)
             return True
         target = _run_dir(out)
-        if not target or not _verl_recordable(explicit=out is not None):
+        if not target:
+            return False
+        try:
+            check_verl_version()
+            span = reward_range if reward_range is not None else _env_reward_range()
+        except UsageError as exc:
+            if out is not None:
+                raise
+            # the Ray setup hook: raising there would crash every Ray worker
+            RecordingFailure().fail(exc, "cannot record this process")
             return False
         if overwrite is None:
             overwrite = os.environ.get(ENV_FORCE, "") not in ("", "0")
-        _session = session = _hooked_session(Path(target), overwrite)
+        _session = session = _hooked_session(Path(target), overwrite, span)
     integration_records()  # the optimizer hooks of `stabledrl record` stand down
     atexit.register(session.close)
     return True
 
 
-def _hooked_session(out: Path, overwrite: bool) -> Session:
+def _env_reward_range() -> tuple[float, float] | None:
+    """$STABLEDRL_REWARD_RANGE's LOW,HIGH; None when it is unset or empty."""
+    text = os.environ.get(ENV_REWARD_RANGE, "")
+    return reward_range_text(text, f"${ENV_REWARD_RANGE}") if text else None
+
+
+def _hooked_session(
+    out: Path, overwrite: bool, reward_range: tuple[float, float] | None
+) -> Session:
     """A new recording into `out`, verl's engine (and TrainingWorker) methods wrapped for it."""
     from verl.workers.engine.base import BaseEngine
 
@@ -156,7 +190,7 @@ def _hooked_session(out: Path, overwrite: bool) -> Session:
         worker_train_batch_hook,
     )
 
-    session = Session(out, overwrite)
+    session = Session(out, overwrite, reward_range)
     session.originals["train_batch"] = BaseEngine.train_batch
     BaseEngine.train_batch = train_batch_hook(session)
     worker = _training_worker()
@@ -176,21 +210,6 @@ def _refuse_another_out(recording: Path, out: str | os.PathLike[str] | None) -> 
             f"install(out={os.fspath(out)}): this process already records into {recording}; "
             "call uninstall() first to record into another directory"
         )
-
-
-def _verl_recordable(*, explicit: bool) -> bool:
-    """Whether this process's verl is one the integration hooks. When it is not: UsageError
-    for an explicit `out`; else (the Ray setup hook, `stabledrl record`'s run directory) one
-    warning and `stabledrl record` told, and training goes on unrecorded (a setup hook that
-    raises crashes every Ray worker)."""
-    try:
-        check_verl_version()
-    except UsageError as exc:
-        if explicit:
-            raise
-        RecordingFailure().fail(exc, "cannot record this process")
-        return False
-    return True
 
 
 def _run_dir(out: str | os.PathLike[str] | None) -> str | os.PathLike[str] | None:
