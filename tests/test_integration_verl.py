@@ -29,6 +29,7 @@ from _ports import free_port  # noqa: E402
 from _steps import policy_batch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 from verl import DataProto  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
 from verl.trainer.ppo.metric_utils import compute_data_metrics  # noqa: E402
@@ -39,6 +40,7 @@ from verl.workers.engine.utils import prepare_micro_batches  # noqa: E402
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding, response_to_nested  # noqa: E402
 
+from stabledrl_cli.cli.app import app  # noqa: E402
 from stabledrl_cli.dump import Recorder, open_run  # noqa: E402
 from stabledrl_cli.errors import UsageError  # noqa: E402
 from stabledrl_cli.integrations import verl as stabledrl_verl  # noqa: E402
@@ -1908,6 +1910,18 @@ def widened(td: TensorDict, extra: int) -> TensorDict:
     return td
 
 
+def train_then_widen(config: ActorConfig) -> None:
+    """Two optimizer steps of the stub engine with verl's ppo_loss: rows 0-5 of the rollout
+    padded as it pads them (7 positions), then rows 6-11 padded to 9."""
+    loss = functools.partial(ppo_loss, config=config)
+    data = rollout()
+    engine = StubEngine()
+    for rows, extra in ((range(6), 0), (range(6, 12), 2)):
+        batch = widened(tu.index_select_tensor_dict(data, torch.tensor(list(rows))), extra)
+        tu.assign_non_tensor(batch, global_batch_size=6)
+        assert engine.train_batch(batch, loss_function=loss)["metrics"]["grad_norm"] == 0.7
+
+
 def test_a_step_padded_to_another_width_stops_the_recording_in_one_line(
     hooked: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1916,13 +1930,7 @@ def test_a_step_padded_to_another_width_stops_the_recording_in_one_line(
     was recorded all the same, its replay 7/9 of the loss verl trained on. That step now
     stops the recording with one warning naming both specs; step 0 stays, training goes on."""
     run_dir, status = hooked
-    loss = functools.partial(ppo_loss, config=actor_config(loss_agg_mode="seq-mean-token-sum-norm"))
-    data = rollout()
-    engine = StubEngine()
-    for rows, extra in ((range(6), 0), (range(6, 12), 2)):
-        batch = widened(tu.index_select_tensor_dict(data, torch.tensor(list(rows))), extra)
-        tu.assign_non_tensor(batch, global_batch_size=6)
-        assert engine.train_batch(batch, loss_function=loss)["metrics"]["grad_norm"] == 0.7
+    train_then_widen(actor_config(loss_agg_mode="seq-mean-token-sum-norm"))
     stabledrl_verl.uninstall()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl" in line]
     assert warnings == [
@@ -1980,3 +1988,21 @@ def test_a_bad_reward_range_is_refused_at_install_and_warned_by_the_setup_hook(
         f"stabledrl: warning: cannot record this process: {reason} (0,1 for a success rate); "
         "recording is off, training continues"
     ]
+
+
+def test_a_recording_the_hook_stops_is_noted_in_the_run(hooked: Any) -> None:
+    """The hook stopped recording at step 1 (a step it cannot record) while training went on,
+    and the run said nothing of it: inspect read 'closed: its Recorder finished', a run that
+    looks whole. The stop is now the manifest's recording_stopped, as a failed write's is."""
+    run_dir, _ = hooked
+    train_then_widen(actor_config(loss_agg_mode="seq-mean-token-sum-norm"))
+    stabledrl_verl.uninstall()
+    run = open_run(run_dir)
+    assert run.step_numbers == [0]
+    note = run.manifest["recording_stopped"]
+    assert (note["step"], note["rank"]) == (1, 0)
+    assert note["reason"].startswith("recording step 1: cannot record this verl run: the step ")
+    shown = CliRunner().invoke(app, ["inspect", str(run_dir)], env={"COLUMNS": "300"})
+    assert shown.exit_code == 0, shown.output
+    stopped = "stopped at step 1 (rank 0): recording step 1: cannot record this verl run"
+    assert stopped in shown.stdout

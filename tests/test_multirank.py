@@ -258,6 +258,6 @@ def test_both_ranks_that_stop_under_record_keep_their_notes(tmp_path: Path) -> N
     shown = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "300"})
     assert shown.exit_code == 0, shown.output
     for rank, step in ((0, 2), (1, 3)):
-        assert f"stopped at step {step} (rank {rank}) after a failed write" in shown.stdout
+        assert f"stopped at step {step} (rank {rank}):" in shown.stdout
     stops = sd.open_run(run).recording_stops
     assert [(n["rank"], n["step"]) for n in stops] == [(0, 2), (1, 3)]

@@ -695,7 +695,7 @@ def test_a_stopped_recording_is_named_by_once_and_by_the_live_watch(
     an idle watch, or a cron `--once` whose gates pass, would say nothing of it. One warning
     line says so (it was silent: only `inspect` showed it)."""
     live = _landed_40(grpo_fixture, tmp_path)
-    stopped = "recording stopped at step 40 (rank 0) after a failed write: disk full"
+    stopped = "recording stopped at step 40 (rank 0): disk full"
 
     def between_polls(seconds: float) -> None:
         _stop_recording(live)
@@ -1337,7 +1337,7 @@ def test_a_stopped_recordings_reason_of_several_lines_is_one_warning_line(grpo_f
     assert once.exit_code == 0, once.output
     told = [line for line in once.stderr.splitlines() if "b/steps" in line or "forged" in line]
     assert told == [
-        f"warning: {live}: recording stopped at step 40 (rank 0) after a failed write: "
+        f"warning: {live}: recording stopped at step 40 (rank 0): "
         "recording failed: /runs/a b/steps: No space left on device forged line; the "
         "training's later steps are not in the run"
     ]

@@ -137,11 +137,12 @@ class RecordingFailure:
     def __init__(self) -> None:
         self.off = False
 
-    def fail(self, exc: BaseException, context: str) -> None:
+    def fail(self, exc: BaseException, context: str) -> str | None:
         """Warns once and tells `stabledrl record`; recording is off from now on. A tool
-        error keeps its exit code; anything else the Recorder could not take is bad input."""
+        error keeps its exit code; anything else the Recorder could not take is bad input.
+        -> the message reported, None when recording was off already."""
         if self.off:
-            return
+            return None
         self.off = True
         if isinstance(exc, StabledrlError):
             code, reason = exc.exit_code, str(exc)
@@ -150,6 +151,7 @@ class RecordingFailure:
         message = f"{context}: {reason}"
         warn(f"stabledrl: warning: {message}; recording is off, training continues\n")
         report_failure(code, message)
+        return message
 
     def stopped(self, reason: str | None, context: str) -> bool:
         """After a `log_step`: when the Recorder stopped itself (`on_write_error="warn"`: it

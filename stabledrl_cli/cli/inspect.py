@@ -96,7 +96,8 @@ def _recording_told(s: RunSummary) -> bool:
 
 
 def _recording_text(s: RunSummary) -> str:
-    """How the recording ended, as the run says: stopped after a failed write (a line a rank
+    """How the recording ended, as the run says: stopped (a failed write, a step the verl
+    integration could not record: a line a rank
     that stopped, at most LIST_LIMIT), closed; or that a Recorder's process died without
     closing it, or that it goes on (as this machine's locks show)."""
     closed = "closed: its Recorder finished, the run gains no step"
@@ -125,9 +126,8 @@ def stopped_text(stopped: dict[str, object]) -> str:
     """The manifest's recording_stopped in one line: where, and why (its reason, an error's
     text that may name a path holding a newline, on one line)."""
     return (
-        f"stopped at step {stopped.get('step')} (rank {stopped.get('rank')}) after a failed "
-        f"write: {one_line(str(stopped.get('reason')))}; the training's later steps are not in "
-        "the run"
+        f"stopped at step {stopped.get('step')} (rank {stopped.get('rank')}): "
+        f"{one_line(str(stopped.get('reason')))}; the training's later steps are not in the run"
     )
 
 

@@ -128,8 +128,8 @@ class Run(ABC):
     @property
     def recording_stops(self) -> list[dict[str, Any]]:
         """Every rank's `recording_stopped` note ({step, rank, reason}: its recording stopped
-        after a failed write, training going on), by rank; empty when no rank stopped. Here
-        the manifest's (an archive keeps every rank's in it, `RECORDING_STOPS`)."""
+        after a failed write or `note_stop`, training going on), by rank; empty when no rank
+        stopped. Here the manifest's (an archive keeps every rank's in it, `RECORDING_STOPS`)."""
         return manifest_stops(self.manifest)
 
     def recorder_states(self) -> dict[int, WriterState] | None:

@@ -427,7 +427,8 @@ class Recorder:
         self._num_params = len(names) if isinstance(names, list) else None
         self.on_write_error: OnWriteError = on_write_error
         self.stopped: str | None = None
-        """Why recording stopped (on_write_error="warn" after a failed write), else None."""
+        """Why recording stopped (on_write_error="warn" after a failed write, or `note_stop`),
+        else None."""
         self.stopped_step: int | None = None
         """The step whose write failed when recording stopped (an async write's failure is
         noticed at a later step's `log_step`), else None."""
@@ -666,9 +667,22 @@ class Recorder:
         in the manifest."""
         if self.on_write_error == "raise":
             raise error from cause
-        self.stopped, self.stopped_step = str(error), step
         warn(f"stabledrl: warning: recording stopped, training goes on: {error}\n")
-        note = {"step": step, "rank": self.rank, "reason": json_text(str(error))}
+        self._note_stop(str(error), step)
+
+    def note_stop(self, reason: str, step: int | None) -> None:
+        """Stops recording for `reason`, which the caller has reported (an integration that
+        cannot record `step`, training going on): later steps are not written, and the stop
+        is noted as a failed write's is under on_write_error="warn". A no-op once stopped."""
+        with self._lock:
+            if self.stopped is None and not self._closed:
+                self._note_stop(reason, step)
+
+    def _note_stop(self, reason: str, step: int | None) -> None:
+        """Marks the Recorder stopped and notes it: the manifest's `recording_stopped` and, with
+        several ranks, the rank's own note file (best effort both)."""
+        self.stopped, self.stopped_step = reason, step
+        note = {"step": step, "rank": self.rank, "reason": json_text(reason)}
         if self.world_size > 1:  # the rank's own file: the manifest's one note is shared
             with suppress(WriteError):  # best effort, as the manifest's
                 write_atomic(self.path / STEPS_DIR / stop_note_name(self.rank), note_text(note))

@@ -78,8 +78,11 @@ class Session:
     """verl's own methods, restored by `uninstall()`."""
 
     def fail(self, exc: BaseException, context: str) -> None:
-        """Reports the first failure once (stderr and `stabledrl record`); recording stops."""
-        self.failure.fail(exc, context)
+        """Reports the first failure once (stderr and `stabledrl record`); recording stops,
+        noted in the run (its manifest's `recording_stopped`) once the Recorder is open."""
+        message = self.failure.fail(exc, context)
+        if message is not None and self.recorder is not None:
+            self.recorder.note_stop(message, self.step)
 
     @property
     def off(self) -> bool:

@@ -53,7 +53,8 @@ under Ulysses). Recording never breaks training: a configuration the catalogue c
 express (`policy_for_actor_config`), a verl outside SUPPORTED_VERL met by `install()` without
 `out` (the setup hook: raising there would crash every Ray worker) or any recording failure
 is reported once on stderr (and to `stabledrl record`) and recording stops; the steps
-before it stay.
+before it stay, and a run already opened notes the stop (its manifest's `recording_stopped`,
+which `inspect` and `watch` show).
 """
 
 from __future__ import annotations

@@ -260,7 +260,8 @@ class RunWatcher:
         """How often the run changed under the watcher (and was followed again from the start)."""
         self.recording_stopped: dict[str, Any] | None = None
         """The manifest's `recording_stopped` ({step, rank, reason}: a Recorder's note that its
-        recording stopped after a failed write, training going on), as last read."""
+        recording stopped after a failed write or `note_stop`, training going on), as last
+        read."""
         self.recording_stops: list[dict[str, Any]] = []
         """Every rank's `recording_stopped` note, by rank, as the last poll read them: the
         manifest's and each rank's own note file (`Run.recording_stops`)."""

@@ -47,7 +47,7 @@ class RunSummary:
     """Where the run came from (the manifest's `source`: an import, optimizer hooks), if given."""
     recording_stopped: dict[str, object] | None
     """The manifest's `recording_stopped` ({step, rank, reason}) when the recording stopped
-    after a failed write: the run ends before the training did."""
+    (a failed write, `Recorder.note_stop`): the run ends before the training did."""
     recording_stops: list[dict[str, object]]
     """Every rank's `recording_stopped` note, by rank (`Run.recording_stops`: the manifest's
     and each rank's own note file in a run of several ranks, as the integrity check listed
