@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -279,6 +280,23 @@ def test_no_run_directory_is_a_usage_error(
             **tiny.tiny_parts(),
             args=config(str(tmp_path / "trl_out")),
         )
+
+
+def test_stabledrl_force_false_does_not_replace_the_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """$STABLEDRL_FORCE=false read as true (any text but empty or 0 did): the trainer replaced
+    the run. It is off now, and text that is no switch is refused naming it."""
+    from stabledrl_cli.integrations._trl_trainer import run_dir
+
+    monkeypatch.setenv("STABLEDRL_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("STABLEDRL_FORCE", "false")
+    assert run_dir(None, False, "RecordingGRPOTrainer") == (tmp_path / "run", False)
+    monkeypatch.setenv("STABLEDRL_FORCE", "yes")
+    assert run_dir(None, False, "RecordingGRPOTrainer") == (tmp_path / "run", True)
+    monkeypatch.setenv("STABLEDRL_FORCE", "maybe")
+    with pytest.raises(UsageError, match=re.escape("$STABLEDRL_FORCE='maybe': not a switch")):
+        run_dir(None, False, "RecordingGRPOTrainer")
 
 
 def test_a_run_directory_other_than_records_out_is_refused_in_one_line(

@@ -2006,3 +2006,22 @@ def test_a_recording_the_hook_stops_is_noted_in_the_run(hooked: Any) -> None:
     assert shown.exit_code == 0, shown.output
     stopped = "stopped at step 1 (rank 0): recording step 1: cannot record this verl run"
     assert stopped in shown.stdout
+
+
+def test_stabledrl_force_false_keeps_an_existing_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """$STABLEDRL_FORCE=false read as true (any text but empty or 0 did) and replaced the run;
+    it is now off, and text that is no switch is refused as a bad reward range is: a
+    UsageError with an `out`, one warning from the setup hook."""
+    monkeypatch.setenv("STABLEDRL_FORCE", "false")
+    assert stabledrl_verl.install(tmp_path / "run")
+    assert stabledrl_verl._session is not None and not stabledrl_verl._session.overwrite
+    stabledrl_verl.uninstall()
+    monkeypatch.setenv("STABLEDRL_FORCE", "maybe")
+    with pytest.raises(UsageError, match=re.escape("$STABLEDRL_FORCE='maybe': not a switch")):
+        stabledrl_verl.install(tmp_path / "other")
+    monkeypatch.setenv("STABLEDRL_RUN_DIR", str(tmp_path / "other"))
+    assert not stabledrl_verl.install() and not stabledrl_verl.installed()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl" in line]
+    assert len(warnings) == 1 and "$STABLEDRL_FORCE='maybe': not a switch" in warnings[0]

@@ -98,6 +98,25 @@ ENV_STATUS_FILE = "STABLEDRL_STATUS_FILE"
 ENV_RANKS_DIR = "STABLEDRL_RANKS_DIR"
 ENV_TORCH_RANK = "RANK"
 ENV_TORCH_WORLD_SIZE = "WORLD_SIZE"
+FORCE_ON = ("1", "true", "yes", "on")
+FORCE_OFF = ("", "0", "false", "no", "off")
+"""$STABLEDRL_FORCE's spellings (any case, spaces aside): replace an existing run, or not."""
+
+
+def env_force(*, take: bool = False) -> bool:
+    """$STABLEDRL_FORCE as a switch (`FORCE_ON`, `FORCE_OFF`; unset: off); take: remove it from
+    the environment too. Any other text is a UsageError naming it: `false` or a typo must
+    never replace a run."""
+    text = os.environ.pop(ENV_FORCE, "") if take else os.environ.get(ENV_FORCE, "")
+    value = text.strip().lower()
+    if value not in FORCE_ON + FORCE_OFF:
+        raise UsageError(
+            f"${ENV_FORCE}={text!r}: not a switch; give 1 to replace an existing run (or "
+            "true, yes, on), 0 not to (or false, no, off, nothing)"
+        )
+    return value in FORCE_ON
+
+
 ENV_DEBUG = "STABLEDRL_DEBUG"
 ENV_OPTIMIZER_HOOKS = "STABLEDRL_OPTIMIZER_HOOKS"
 """"0": the sitecustomize installs no optimizer hooks (`record --no-optimizer-hooks`)."""
@@ -434,7 +453,7 @@ def _open(
 
     holds_in_this_process(run_dir, _records_its_out())
     _refuse_unknown(recorder_kwargs, "__init__", "a key of recorder_kwargs")
-    force = os.environ.pop(ENV_FORCE, "") not in ("", "0")  # this run, not a later one
+    force = env_force(take=True)  # this run, not a later one
     recorder_kwargs.setdefault("on_write_error", "warn")  # a full disk never stops training
     for name, value in _launcher_rank().items():
         recorder_kwargs.setdefault(name, value)

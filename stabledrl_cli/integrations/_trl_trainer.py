@@ -30,10 +30,10 @@ from typing import Any
 import torch
 
 from stabledrl_cli.capture.bootstrap import (
-    ENV_FORCE,
     ENV_POLICY,
     ENV_RUN_DIR,
     RecordingFailure,
+    env_force,
     integration_records,
     recorded_into,
     refuse_another_run_dir,
@@ -80,7 +80,7 @@ def run_dir(out: str | os.PathLike[str] | None, overwrite: bool, trainer: str) -
             f"{trainer} needs a run directory: pass stabledrl_out=DIR, or run the "
             "script under `stabledrl record --out DIR -- python train.py`"
         )
-    return Path(env), overwrite or os.environ.get(ENV_FORCE, "") not in ("", "0")
+    return Path(env), overwrite or env_force()
 
 
 def _resume_step(trainer: Any, checkpoint: str | bool | None) -> int | None:

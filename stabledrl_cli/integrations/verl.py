@@ -67,9 +67,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stabledrl_cli.capture.bootstrap import (
-    ENV_FORCE,
     ENV_RUN_DIR,
     RecordingFailure,
+    env_force,
     integration_records,
     refuse_another_run_dir,
 )
@@ -158,14 +158,14 @@ def install(
         try:
             check_verl_version()
             span = reward_range if reward_range is not None else _env_reward_range()
+            if overwrite is None:
+                overwrite = env_force()
         except UsageError as exc:
             if out is not None:
                 raise
             # the Ray setup hook: raising there would crash every Ray worker
             RecordingFailure().fail(exc, "cannot record this process")
             return False
-        if overwrite is None:
-            overwrite = os.environ.get(ENV_FORCE, "") not in ("", "0")
         _session = session = _hooked_session(Path(target), overwrite, span)
     integration_records()  # the optimizer hooks of `stabledrl record` stand down
     atexit.register(session.close)

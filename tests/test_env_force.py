@@ -1,0 +1,40 @@
+"""$STABLEDRL_FORCE, read by the TRL and verl integrations and by a recorded script's first
+step: `false` (or a typo) replaced an existing run, as any text but empty or 0 did."""
+
+from __future__ import annotations
+
+import pytest
+
+from stabledrl_cli.capture.bootstrap import env_force
+from stabledrl_cli.errors import UsageError
+
+
+@pytest.mark.parametrize("text", ["1", "true", "TRUE", "yes", "on", " On "])
+def test_a_switch_on_replaces(monkeypatch, text):
+    monkeypatch.setenv("STABLEDRL_FORCE", text)
+    assert env_force() is True
+
+
+@pytest.mark.parametrize("text", ["", "0", "false", "False", "no", "off", " 0 "])
+def test_a_switch_off_does_not(monkeypatch, text):
+    monkeypatch.setenv("STABLEDRL_FORCE", text)
+    assert env_force() is False
+
+
+def test_unset_is_off(monkeypatch):
+    monkeypatch.delenv("STABLEDRL_FORCE", raising=False)
+    assert env_force() is False
+
+
+@pytest.mark.parametrize("text", ["maybe", "2", "fasle", "-1"])
+def test_any_other_text_is_refused_naming_it(monkeypatch, text):
+    monkeypatch.setenv("STABLEDRL_FORCE", text)
+    with pytest.raises(UsageError) as refused:
+        env_force()
+    assert str(refused.value).startswith(f"$STABLEDRL_FORCE={text!r}: not a switch; give 1 ")
+
+
+def test_take_removes_it_from_the_environment(monkeypatch):
+    monkeypatch.setenv("STABLEDRL_FORCE", "1")
+    assert env_force(take=True) is True
+    assert env_force() is False
