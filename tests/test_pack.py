@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import warnings
 import zlib
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from _corpus import edit_header
+from _corpus import edit_header, tiny_run
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -546,16 +545,27 @@ def test_pack_run_rejects_existing_target_in_python(rich_run, tmp_path):
         pack_run(open_run(rich_run), out)
 
 
-def test_empty_run_packs(tmp_path):
-    path = tmp_path / "empty"
-    sd.Recorder(path).close()
-    out = tmp_path / "empty.h5"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        pack_run(open_run(path), out)
-    archive = open_run(out)
-    assert archive.step_numbers == [] and archive.integrity.ok and list(archive.steps()) == []
-    assert os.path.getsize(out) > 0
+def test_a_run_with_no_readable_step_is_refused_and_leaves_no_archive(tmp_path):
+    """A run of no step, or whose every step file is torn, packed into an archive of no step
+    and exited 0 ('packed 0 steps'): a CI job shipped an archive that every replay refuses.
+    Exit 3, as `replay` refuses such a run, naming the first finding; no file at OUT.h5."""
+    empty = tmp_path / "empty"
+    sd.Recorder(empty).close()
+    torn = tiny_run(tmp_path / "torn")
+    for step_file in (torn / "steps").iterdir():
+        step_file.write_bytes(step_file.read_bytes()[:50])
+    for run, said in (
+        (empty, "the run has no steps; nothing to pack"),
+        (torn, "no readable step to pack (4 integrity findings, the first: step 0: torn:"),
+    ):
+        out = tmp_path / f"{run.name}.h5"
+        result = runner.invoke(app, ["pack", str(run), str(out)])
+        assert result.exit_code == 3, result.output
+        assert f"error: {run}: {said}" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and result.stdout == ""
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "torn"]
+        with pytest.raises(InputError, match=r"nothing to pack|no readable step to pack"):
+            pack_run(open_run(run), out)
 
 
 def test_check_reads_the_archive_like_the_directory(rich_run, rich_archive, tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+from _corpus import read_step, rewrite_step
 from _fsspec_runs import to_memory
 from test_recorder_write_errors import _flat
 from typer.testing import CliRunner
@@ -195,9 +196,15 @@ def test_watch_names_every_rank_that_stopped(both_stopped: Path) -> None:
 
 def test_pack_cuts_the_reasons_of_many_ranks_to_fit_the_manifests_bound(tmp_path: Path) -> None:
     """4096 ranks that all stopped on a full shared disk, each naming its long path: the notes
-    whole would take the archive's manifest past the 1 MiB its readers take."""
+    whole would take the archive's manifest past the 1 MiB its readers take. Step 0 was
+    written by every rank (rank 0's file copied): a run of no step is refused."""
     run, ranks = tmp_path / "run", 4096
-    sd.Recorder(run, world_size=ranks, rank=0).close()
+    with sd.Recorder(run, world_size=ranks, rank=0) as recorder:
+        recorder.log_step(0, loss=0.5)
+    header, data = read_step(run / "steps" / "step-00000000.rank-0000.safetensors")
+    for rank in range(1, ranks):
+        header["__metadata__"]["_rank"] = str(rank)
+        rewrite_step(run / "steps" / f"step-00000000.rank-{rank:04d}.safetensors", header, data)
     reason = "/mnt/" + "d" * 2000 + ": cannot write it (no space left on device)"
     for rank in range(ranks):
         note = {"step": 7, "rank": rank, "reason": reason}
@@ -287,7 +294,8 @@ def test_a_manifests_notes_are_one_a_rank_with_its_own_note_too(tmp_path: Path) 
     recording_stopped note, and names another rank twice: that note was hidden, and the
     rank was given twice."""
     run, archive = tmp_path / "run", tmp_path / "run.h5"
-    sd.Recorder(run).close()
+    with sd.Recorder(run) as recorder:
+        recorder.log_step(0, loss=0.5)
     pack_run(sd.open_run(run), archive)
     with h5py.File(archive, "r+") as handle:
         manifest = json.loads(handle["manifest"][()])

@@ -8,7 +8,8 @@ findings carried into the archive and named on stderr; a run being recorded now,
 when the pack began, with a warning); 2 OUT exists without --force, or its
 directory is missing, or it is inside the run's directory or is the archive packed (with
 --force too), or OUT is a URL, or RUN is a URL that cannot be read (an unknown scheme, a
-missing package, a chained or `reference://` URL); 3 a missing, non-run or unreadable RUN; 143
+missing package, a chained or `reference://` URL); 3 a missing, non-run or unreadable RUN, or
+one with no readable step (none recorded, or every one damaged: no archive written); 143
 stopped by SIGTERM (as by Ctrl-C, 130: the temporary file is removed, OUT is as it was).
 """
 

@@ -46,7 +46,7 @@ from stabledrl_cli.dump._schema import (
     manifest_stops,
     written_version,
 )
-from stabledrl_cli.errors import InputError, UsageError, quoted
+from stabledrl_cli.errors import InputError, UsageError, counted, quoted
 from stabledrl_cli.vocab import PACK_COMPRESSIONS, PackCompression
 
 
@@ -457,6 +457,17 @@ def _cut(text: str, shown: int) -> str:
     return text if len(text) <= shown + 3 else text[:shown] + "..."
 
 
+def _nothing_to_pack(run: Run, integrity: IntegrityReport) -> str:
+    """Why a run packs no step: it has none, or every one was skipped (its first finding)."""
+    if not integrity.findings:
+        return f"{run.location}: the run has no steps; nothing to pack"
+    found = counted(len(integrity.findings), "integrity finding")
+    return (
+        f"{run.location}: no readable step to pack ({found}, the first: "
+        f"{integrity.findings[0].message})"
+    )
+
+
 def pack_run(
     run: Run,
     out: str | os.PathLike[str],
@@ -474,11 +485,13 @@ def pack_run(
     read either (`_layout.FILTERS`).
 
     The source's integrity findings (torn, corrupt or temporary step files, gaps) are carried
-    into the archive; the steps they name are not packed. UsageError (exit 2) if `out` exists
-    and not `force`, or lies inside the run's directory, `force` or not (`check_pack_target`);
-    the target name is untouched until the archive is complete (written under a temporary name
-    beside it, then renamed: a killed pack leaves no file under the target name). A failed
-    write (a full disk) raises WriteError (exit 4), its temporary file removed.
+    into the archive; the steps they name are not packed. InputError (exit 3) when no step is
+    left to pack (a run of no step, or every one damaged), no file written. UsageError (exit
+    2) if `out` exists and not `force`, or lies inside the run's directory, `force` or not
+    (`check_pack_target`); the target name is untouched until the archive is complete (written
+    under a temporary name beside it, then renamed: a killed pack leaves no file under the
+    target name). A failed write (a full disk) raises WriteError (exit 4), its temporary file
+    removed.
     """
     if compression not in PACK_COMPRESSIONS:
         raise UsageError(f"compression {compression!r}: expected one of {list(PACK_COMPRESSIONS)}")
@@ -502,6 +515,8 @@ def pack_run(
             guarded.close()
         if guarded.error is not None:
             raise guarded.error
+        if not packer.numbers:
+            raise InputError(_nothing_to_pack(run, integrity))
         archive_bytes = temp.stat().st_size  # a FIFO or device written in place has no size
     return PackSummary(
         source=run.location,
