@@ -797,3 +797,21 @@ def test_pack_warns_that_the_run_is_being_recorded(tmp_path):
     assert live.exit_code == closed.exit_code == 0
     warning = f"warning: {run} is being recorded now (a live Recorder holds it); the archive"
     assert warning in " ".join(live.stderr.split()) and "warning" not in closed.stderr
+
+
+def test_an_out_ending_in_a_slash_is_refused_not_written_as_a_file(rich_run, tmp_path):
+    """`pack RUN archives/` (no such directory yet) wrote the archive as a FILE named
+    `archives`, exit 0, and `pack RUN afile/ --force` replaced the file `afile`: a name ending
+    in / names a directory, never the archive's file. Exit 2, nothing written."""
+    (tmp_path / "afile").write_text("kept")
+    for given, force in ((f"{tmp_path}/archives/", []), (f"{tmp_path}/afile/", ["--force"])):
+        result = runner.invoke(app, ["pack", str(rich_run), given, *force])
+        assert result.exit_code == 2, result.output
+        name = given.rstrip("/")
+        assert result.stderr == (
+            f"error: {given} ends in /: give the archive's file name, e.g. {name}/run.h5\n"
+        )
+        with pytest.raises(UsageError, match="ends in /"):
+            pack_run(open_run(rich_run), given, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert (tmp_path / "afile").read_text() == "kept"

@@ -5,12 +5,13 @@ local path.
 
 Exit codes: 0 packed (a run with integrity findings is packed too: its readable steps, with the
 findings carried into the archive and named on stderr; a run being recorded now, the steps listed
-when the pack began, with a warning); 2 OUT exists without --force, or its
-directory is missing, or it is inside the run's directory or is the archive packed (with
---force too), or OUT is a URL, or RUN is a URL that cannot be read (an unknown scheme, a
-missing package, a chained or `reference://` URL); 3 a missing, non-run or unreadable RUN, or
-one with no readable step (none recorded, or every one damaged: no archive written); 143
-stopped by SIGTERM (as by Ctrl-C, 130: the temporary file is removed, OUT is as it was).
+when the pack began, with a warning); 2 OUT exists without --force, or is a directory or a name
+ending in / (which names one), or its directory is missing, or it is inside the run's directory
+or is the archive packed (with --force too), or OUT is a URL, or RUN is a URL that cannot be
+read (an unknown scheme, a missing package, a chained or `reference://` URL); 3 a missing,
+non-run or unreadable RUN, or one with no readable step (none recorded, or every one damaged:
+no archive written); 143 stopped by SIGTERM (as by Ctrl-C, 130: the temporary file is
+removed, OUT is as it was).
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def command(
 ) -> None:
     """Pack a run (a path or a URL) into one HDF5 file (chunked, checksummed, compressed);
     open_run, replay and check read it."""
-    target = local_output(archive, "pack", "OUT.h5")
+    local_output(archive, "pack", "OUT.h5")  # not a URL, not empty
     opened = open_run(run)  # its manifest: a missing run is named first
-    check_pack_target(target, opened, force, to_force="pass --force")  # before any step is read
+    # Before any step is read; from the name as given: a trailing / names a directory.
+    target = check_pack_target(archive, opened, force, to_force="pass --force")
     with (
         stopped_by_sigterm(),
         progress("packing", len(opened.listed_step_numbers), complete=True) as advance,

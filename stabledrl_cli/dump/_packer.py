@@ -359,23 +359,30 @@ class PackSummary:
 
 
 def check_pack_target(
-    out: Path, run: Run, force: bool, *, to_force: str = "pass force=True"
-) -> None:
-    """UsageError unless `pack_run` may write `out`: not a directory, in one that exists, not
-    inside `run`'s directory nor `run`'s archive itself (symlinks resolved: an archive there
-    would replace a file of the run, or sit among its files), and no entry of that name at all
-    (a file, a symlink even to nothing, a FIFO...) unless `force` (then written as
+    given: str | os.PathLike[str], run: Run, force: bool, *, to_force: str = "pass force=True"
+) -> Path:
+    """`given` as the archive's path, UsageError unless `pack_run` may write it: not a
+    directory, nor a name ending in / (which names one), in one that exists, not inside
+    `run`'s directory nor `run`'s archive itself (symlinks resolved: an archive there would
+    replace a file of the run, or sit among its files), and no entry of that name at all (a
+    file, a symlink even to nothing, a FIFO...) unless `force` (then written as
     `_atomic.output_path` writes: a link's target replaced, a FIFO or device written in place).
     `to_force`: how the message tells the caller to force it (the command's `pass --force`)."""
+    out = Path(given)
     if inside_local_run(out, run.location):
         raise UsageError(f"{out} is inside the run {run.location}; write the archive outside it")
     if out.is_dir():
         raise UsageError(f"{out} is a directory; give the archive's file name, e.g. {out}/run.h5")
+    if os.fspath(given).endswith(os.sep):
+        raise UsageError(
+            f"{given} ends in {os.sep}: give the archive's file name, e.g. {out}/run.h5"
+        )
     problem = missing_directory(out)
     if problem is not None:
         raise UsageError(f"{out}: {problem}")
     if os.path.lexists(out) and not force:
         raise UsageError(f"{out} already exists; {to_force} to overwrite it")
+    return out
 
 
 def _write_archive(
@@ -495,8 +502,7 @@ def pack_run(
     """
     if compression not in PACK_COMPRESSIONS:
         raise UsageError(f"compression {compression!r}: expected one of {list(PACK_COMPRESSIONS)}")
-    target = Path(out)
-    check_pack_target(target, run, force)
+    target = check_pack_target(out, run, force)
     try:
         manifest_text = _archive_manifest(run)
     except (TypeError, ValueError) as exc:
