@@ -815,3 +815,23 @@ def test_an_out_ending_in_a_slash_is_refused_not_written_as_a_file(rich_run, tmp
             pack_run(open_run(rich_run), given, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
     assert (tmp_path / "afile").read_text() == "kept"
+
+
+def test_pack_run_takes_a_path_as_replay_does_and_refuses_bad_arguments(rich_run, tmp_path):
+    """`pack_run("runs/x", "x.h5")` raised AttributeError ('str' object has no attribute
+    'location'), an `out` of None or bytes a TypeError, and `force="no"` overwrote the archive
+    (its truth value taken). The run is opened from a path or URL (and closed after), as
+    `replay` opens it; a bad argument is a UsageError naming it, nothing written."""
+    out = tmp_path / "x.h5"
+    summary = pack_run(str(rich_run), out)
+    assert summary.steps == STEPS and open_run(out).step_numbers == list(range(STEPS))
+    before = out.read_bytes()
+    for args, kwargs, said in (
+        ((rich_run, out), {"force": "no"}, "force must be True or False, not str"),
+        ((rich_run, None), {}, "out must be a str or a path object, not NoneType"),
+        ((rich_run, os.fsencode(out)), {}, "out must be a str or a path object, not bytes"),
+        ((3, tmp_path / "y.h5"), {}, "run must be a path, a URL or an opened Run, not int"),
+    ):
+        with pytest.raises(UsageError, match=said):
+            pack_run(*args, **kwargs)
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from stabledrl_cli._regular import NotRegularFile, open_regular
@@ -11,7 +13,7 @@ from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._remote import is_url, open_url
 from stabledrl_cli.dump._run import Run
 from stabledrl_cli.dump._schema import HDF5_SIGNATURE, path_argument, switch_argument
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, UsageError
 
 
 def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
@@ -47,6 +49,23 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     if signature == HDF5_SIGNATURE:
         return ArchiveRun(run_path, verify=verify)
     raise InputError(f"{given} is not a run (expected a run directory or a .h5 archive)")
+
+
+@contextmanager
+def opened_run(run: str | os.PathLike[str] | Run) -> Iterator[Run]:
+    """`run` opened for the block (a Run given is the caller's, left open); an archive opened
+    here is closed at the block's end, whether the block succeeded or failed: the error a
+    caller keeps holds the block's frames, which would keep the file open."""
+    if isinstance(run, Run):
+        yield run
+        return
+    if not isinstance(run, (str, os.PathLike)):
+        raise UsageError(f"run must be a path, a URL or an opened Run, not {type(run).__name__}")
+    opened = open_run(run)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 def run_to_come(path: Path) -> bool:

@@ -34,6 +34,7 @@ from stabledrl_cli.dump._layout import (
     needs_escape,
     scalar_dataset_name,
 )
+from stabledrl_cli.dump._open import opened_run
 from stabledrl_cli.dump._remote import inside_local_run
 from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import (
@@ -44,6 +45,8 @@ from stabledrl_cli.dump._schema import (
     RECORDING_STOPS,
     RUN_KIND,
     manifest_stops,
+    path_argument,
+    switch_argument,
     written_version,
 )
 from stabledrl_cli.errors import InputError, UsageError, counted, quoted
@@ -476,7 +479,7 @@ def _nothing_to_pack(run: Run, integrity: IntegrityReport) -> str:
 
 
 def pack_run(
-    run: Run,
+    run: str | os.PathLike[str] | Run,
     out: str | os.PathLike[str],
     *,
     force: bool = False,
@@ -484,7 +487,9 @@ def pack_run(
     compression: PackCompression = "fast",
 ) -> PackSummary:
     """Writes `run` (every readable step) into one HDF5 file at `out`, atomically (a symlink,
-    device or FIFO named `out` is written in place: `_atomic.output_path`).
+    device or FIFO named `out` is written in place: `_atomic.output_path`). run: a run
+    directory, archive or URL, opened here and closed when it returns or raises, or an opened
+    Run, left open.
 
     progress: called with 1 after each step is packed. compression: "fast" (only the fields a
     deflate halves are compressed: a replay reads the archive near the directory's speed) or
@@ -502,7 +507,19 @@ def pack_run(
     """
     if compression not in PACK_COMPRESSIONS:
         raise UsageError(f"compression {compression!r}: expected one of {list(PACK_COMPRESSIONS)}")
-    target = check_pack_target(out, run, force)
+    given = path_argument(out, "out", "the archive's file")
+    force = switch_argument(force, "force")
+    with opened_run(run) as source:
+        return _pack(source, check_pack_target(given, source, force), progress, compression)
+
+
+def _pack(
+    run: Run,
+    target: Path,
+    progress: Callable[[int], None] | None,
+    compression: PackCompression,
+) -> PackSummary:
+    """`pack_run` of an opened run into a `target` checked already."""
     try:
         manifest_text = _archive_manifest(run)
     except (TypeError, ValueError) as exc:

@@ -496,16 +496,16 @@ def switch_argument(value: object, name: str) -> bool:
     return value
 
 
-def path_argument(path: object, name: str = "path") -> str:
+def path_argument(path: object, name: str = "path", what: str = "the run's directory") -> str:
     """A run's `path` as given to `Recorder` or `open_run` (or an integration's run directory,
-    the argument `name`): a non-empty str or path object (its text returned), else UsageError
-    (None, a number, bytes; "" would be the working directory, which no caller means; a NUL,
-    which the system refuses)."""
+    or `pack_run`'s archive: `what`, the argument `name`): a non-empty str or path object (its
+    text returned), else UsageError (None, a number, bytes; "" would be the working directory,
+    which no caller means; a NUL, which the system refuses)."""
     text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
     if not isinstance(text, str):
         raise UsageError(f"{name} must be a str or a path object, not {type(path).__name__}")
     if not text:
-        raise UsageError(f"{name} is empty: name the run's directory")
+        raise UsageError(f"{name} is empty: name {what}")
     if "\x00" in text:
         raise UsageError(f"{name} {quoted(text)} holds a NUL character, which no file name can")
     return text

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from stabledrl_cli._device import resolve_device
-from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
+from stabledrl_cli.dump import Run, RunIntegrityWarning
+from stabledrl_cli.dump._open import opened_run
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
 from stabledrl_cli.replay.columns import derive_series, device_metrics
@@ -428,22 +429,5 @@ def replay(
         detail=detail,
         guards=guard_specs(guards),
     )
-    with _opened(run) as opened:
+    with opened_run(run) as opened:
         return replay_run(opened, policies, config=config, engine=engine)
-
-
-@contextmanager
-def _opened(run: str | os.PathLike[str] | Run) -> Iterator[Run]:
-    """`run` opened for the block (a Run given is the caller's, left open); an archive opened
-    here is closed at the block's end, whether its replay succeeded or failed: the error a
-    caller keeps holds the replay's frames, which would keep the file open."""
-    if isinstance(run, Run):
-        yield run
-        return
-    if not isinstance(run, (str, os.PathLike)):
-        raise UsageError(f"run must be a path, a URL or an opened Run, not {type(run).__name__}")
-    opened = open_run(run)
-    try:
-        yield opened
-    finally:
-        opened.close()
