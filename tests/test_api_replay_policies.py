@@ -27,3 +27,18 @@ def test_a_generator_of_specs_replays_as_their_list(grpo_fixture):
 def test_bytes_are_refused_as_bytes(grpo_fixture):
     with pytest.raises(UsageError, match="a list of them, not bytes"):
         sd.replay(grpo_fixture, b"grpo", device="cpu")
+
+
+def test_a_policy_is_found_by_the_spec_it_was_replayed_from(grpo_fixture):
+    """`result.policy("grpo:eps_low=0.2")` after replaying that spec raised KeyError ("no
+    policy ... it has ['grpo']"): it looked up only the canonical spec. The spec given, or the
+    Policy, is found by its canonical spec; one not replayed is still a KeyError listing them."""
+    given = ["grpo:eps_low=0.2", "dapo:eps_high=0.300", sd.get_policy("cispo")]
+    result = sd.replay(grpo_fixture, given, device="cpu", step_range=(0, 2))
+    assert [p.spec for p in result.policies] == ["grpo", "dapo:eps_high=0.3", "cispo"]
+    for spec, policy in zip(given, result.policies, strict=True):
+        assert result.policy(spec) is policy
+    assert result.policy("grpo") is result.policies[0]
+    for missing in ("ppo", "nope:x=1"):
+        with pytest.raises(KeyError, match=r"it has \['grpo', 'dapo:eps_high=0.3', 'cispo'\]"):
+            result.policy(missing)

@@ -22,12 +22,15 @@ import numpy as np
 
 from stabledrl_cli._json import json_safe, stand_in
 from stabledrl_cli.dump._integrity import Gap, missing_count
+from stabledrl_cli.errors import UsageError
+from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.columns import ColumnArray
 from stabledrl_cli.replay.config import StepRange
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.vocab import RunGeometryKind
 
 if TYPE_CHECKING:
+    from stabledrl_cli.policies import Policy
     from stabledrl_cli.replay.metrics import TopSequence
 
 JsonRow = dict[str, object]
@@ -231,10 +234,15 @@ class ReplayResult:
     scalar_steps: int = 0
     """Steps without a policy batch (per-step scalars only, format 1.2), not replayed."""
 
-    def policy(self, spec: str) -> PolicyResult:
-        """The result of the policy with this canonical spec (KeyError lists the specs)."""
+    def policy(self, spec: str | Policy) -> PolicyResult:
+        """The result of the policy of this spec, or Policy, as `replay` took it: found by its
+        canonical spec ("grpo:eps_low=0.2" is "grpo"; KeyError lists the specs)."""
+        try:
+            wanted = get_policy(spec).spec
+        except UsageError:  # no catalogue spec: perhaps a custom Policy's own
+            wanted = str(spec)
         for p in self.policies:
-            if p.spec == spec:
+            if p.spec == wanted:
                 return p
         raise KeyError(
             f"no policy {spec!r} in this replay; it has {[p.spec for p in self.policies]}"
