@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import stabledrl_cli as sd
-from stabledrl_cli.dump import RunIntegrityWarning
+from stabledrl_cli.dump import RunIntegrityWarning, pack_run
 from stabledrl_cli.errors import InputError, UsageError
 
 
@@ -79,3 +79,23 @@ def test_a_scalar_asked_for_as_an_array_is_named_as_a_scalar(run_path: Path) -> 
     with pytest.raises(KeyError) as missing:
         step.array("lr")
     assert missing.value.args[0] == "step 1 has no field 'lr'; it has: []"
+
+
+def test_a_step_reads_as_the_mapping_its_indexing_makes_it(tmp_path: Path) -> None:
+    """`step[name]`, `step.get(name)` and `name in step` read a step as a mapping of its
+    fields, but `step.keys()` raised "'list' object is not callable" on a directory's step (an
+    internal list of file keys) and AttributeError on an archive's, and `list(step)` and
+    `dict(step)` KeyError "step 0 has no field 0". keys() and iteration give the field names,
+    sorted, from either reader; dict(step) every array as a tensor."""
+    rng = np.random.default_rng(0)
+    logp = -rng.random((2, 3)).astype(np.float32)
+    with sd.Recorder(tmp_path / "run", policy="grpo") as recorder:
+        recorder.log_step(0, logp=logp, logp_old=logp, advantages=np.ones(2, np.float32))
+    pack_run(tmp_path / "run", tmp_path / "run.h5")
+    for source in ("run", "run.h5"):
+        with sd.open_run(tmp_path / source) as run:
+            step = run.step(0)
+            assert step.keys() == list(step) == sorted(step.fields)
+            arrays = dict(step)
+            assert sorted(arrays) == sorted(step.fields)
+            assert np.array_equal(arrays["logp"].numpy(), logp.reshape(-1)), source

@@ -222,7 +222,7 @@ class DirectoryStep(Step):
     """One file per rank, in rank order."""
     records: list[_HeaderRecord] = field(repr=False)
     """Per rank, what its file's header says."""
-    keys: list[FileKey] = field(repr=False)
+    file_keys: list[FileKey] = field(repr=False)
     """Per rank, the key of the file its record was checked from."""
     header_crcs: list[int] = field(repr=False)
     """Per rank, the CRC of the header bytes checked (a later read of the file skips its
@@ -269,7 +269,7 @@ class DirectoryStep(Step):
                 loaded = self.loader(path, self.header_crcs[rank])
             except StepReadError as exc:
                 raise InputError(f"{self.named(path)}: cannot read it: {exc}") from None
-            if loaded.key != self.keys[rank] or loaded.header_crc != self.header_crcs[rank]:
+            if loaded.key != self.file_keys[rank] or loaded.header_crc != self.header_crcs[rank]:
                 raise InputError(
                     f"{self.named(path)}: changed since it was checked; open the run again"
                 )
@@ -819,7 +819,7 @@ class DirectoryRun(Run):
             num_scored_tokens=sum(r.num_scored_tokens for r in records) if batch else 0,
             paths=[ranks[r] for r in range(self.world_size)],
             records=records,
-            keys=[check.key for _, check, _ in checked],
+            file_keys=[check.key for _, check, _ in checked],
             header_crcs=[check.header_crc for _, check, _ in checked],
             files=[loaded for _, _, loaded in checked],
             loader=self._load,

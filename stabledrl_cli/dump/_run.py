@@ -4,7 +4,8 @@ A `Run` (a run directory, or a packed archive) lists its readable steps, hands o
 per optimizer step, reports its integrity, and derives the rest from those: iteration that
 skips an untrustworthy step with a `RunIntegrityWarning`, header-only iteration, per-step
 scalar series. A `Step` knows its scalars, fields and counts at once; `step[name]` (a torch
-tensor) and `step.array(name)` (numpy) read one array when it is asked for.
+tensor) and `step.array(name)` (numpy) read one array when it is asked for, and the step reads
+as a mapping of its fields (`keys()`, iteration, `get`, `in`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ class Step(ABC):
 
     def __contains__(self, name: object) -> bool:
         return name in self.fields
+
+    def keys(self) -> list[str]:
+        """The step's fields, sorted: with `step[name]`, `dict(step)` reads every array."""
+        return sorted(self.fields)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
 
     @property
     def is_scalar(self) -> bool:
