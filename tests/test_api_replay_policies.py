@@ -42,3 +42,16 @@ def test_a_policy_is_found_by_the_spec_it_was_replayed_from(grpo_fixture):
     for missing in ("ppo", "nope:x=1"):
         with pytest.raises(KeyError, match=r"it has \['grpo', 'dapo:eps_high=0.3', 'cispo'\]"):
             result.policy(missing)
+
+
+def test_a_policys_series_reads_as_the_columns_its_indexing_names(grpo_fixture):
+    """`series[name]` and `name in series` read a policy's series as a mapping of columns, but
+    `list(series)` raised KeyError 0 (iteration fell back to indexing by integers) and an
+    unknown column a bare KeyError 'nope'. Iterating gives the column names, in their order,
+    and an unknown column's KeyError names the columns there are."""
+    series = sd.replay(grpo_fixture, "grpo", device="cpu").policies[0].series
+    names = list(series)
+    assert names == list(series.columns) and names[0] == "step" and "update_norm" in names
+    assert dict(zip(names, (series[n] for n in names), strict=True)).keys() == series.columns.keys()
+    with pytest.raises(KeyError, match=r"no column 'nope'; the series has \['step', 'tokens'"):
+        series["nope"]

@@ -79,10 +79,17 @@ class StepSeries:
         return {name: value for name, value in self.__dict__.items() if name != "_derived"}
 
     def __getitem__(self, name: str) -> ColumnArray:
-        return self.columns[name]
+        columns = self.columns
+        if name not in columns:
+            raise KeyError(f"no column {name!r}; the series has {list(columns)}")
+        return columns[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self.columns
+
+    def __iter__(self) -> Iterator[str]:
+        """The column names, in their order (as `in` and indexing take them)."""
+        return iter(list(self.columns))
 
     def __len__(self) -> int:
         """The number of steps."""
