@@ -270,7 +270,8 @@ def test_pack_cli_json_summary_and_refuses_overwrite(rich_run, tmp_path):
     # ratio under 1 that reads as a shrink.
     assert data["archive_bytes"] > data["source_bytes"]
     growth = data["archive_bytes"] / data["source_bytes"]
-    assert f"({growth:.2g}x larger)" in forced.stdout, forced.stdout
+    shown = f"{growth:.2g}" if growth < 10 else f"{growth:.0f}"
+    assert f"({shown}x larger)" in forced.stdout, forced.stdout
     missing_dir = runner.invoke(app, ["pack", str(rich_run), str(tmp_path / "no" / "x.h5")])
     assert missing_dir.exit_code == 2 and "does not exist" in missing_dir.stderr
     to_dir = runner.invoke(app, ["pack", str(rich_run), str(tmp_path)])
@@ -835,3 +836,16 @@ def test_pack_run_takes_a_path_as_replay_does_and_refuses_bad_arguments(rich_run
         with pytest.raises(UsageError, match=said):
             pack_run(*args, **kwargs)
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]
+
+
+def test_the_size_change_is_said_in_plain_digits(tmp_path):
+    """A tiny run's archive (HDF5's fixed overhead, its chunks) is some hundred times its size:
+    the line said '(1.1e+02x larger)'. Ratios from 10 up are whole numbers."""
+    run = tiny_run(tmp_path / "run")
+    result = runner.invoke(app, ["pack", str(run), str(tmp_path / "run.h5"), "--format", "json"])
+    data = json.loads(result.stdout)
+    growth = data["archive_bytes"] / data["source_bytes"]
+    assert growth > 10, data
+    again = runner.invoke(app, ["pack", str(run), str(tmp_path / "run.h5"), "--force"])
+    said = " ".join(again.stdout.split())  # wrapped at the terminal's width
+    assert f"({growth:.0f}x larger)" in said and "e+" not in said, said

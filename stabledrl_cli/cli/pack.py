@@ -92,12 +92,18 @@ def command(
 
 
 def _size_change(source_bytes: int, archive_bytes: int) -> str:
-    """How the archive's size compares with the run's: `3.1x smaller`, `9.4x larger`, `same size`
-    (a ratio alone read both ways: 0.11x said an archive nine times the run's size)."""
+    """How the archive's size compares with the run's: `3.1x smaller`, `9.4x larger`, `110x
+    larger`, `same size` (a ratio alone read both ways: 0.11x said an archive nine times the
+    run's size)."""
     if source_bytes == archive_bytes:
         return "same size"
     if not source_bytes or not archive_bytes:
         return "n/a"
     if archive_bytes < source_bytes:
-        return f"{source_bytes / archive_bytes:.2g}x smaller"
-    return f"{archive_bytes / source_bytes:.2g}x larger"
+        return f"{_times(source_bytes / archive_bytes)} smaller"
+    return f"{_times(archive_bytes / source_bytes)} larger"
+
+
+def _times(ratio: float) -> str:
+    """`ratio` (>= 1) as `3.1x` or `110x`: two significant digits below 10, never 1.1e+02x."""
+    return f"{ratio:.2g}x" if ratio < 10 else f"{ratio:.0f}x"
