@@ -55,3 +55,17 @@ def test_a_policys_series_reads_as_the_columns_its_indexing_names(grpo_fixture):
     assert dict(zip(names, (series[n] for n in names), strict=True)).keys() == series.columns.keys()
     with pytest.raises(KeyError, match=r"no column 'nope'; the series has \['step', 'tokens'"):
         series["nope"]
+
+
+def test_a_replay_result_shows_itself_in_one_line(grpo_fixture):
+    """A notebook cell ending in `result` printed the dataclass's repr: 22,368 characters for
+    the fixture's 160 steps and 10 policies (every parameter, summary, flagged step and
+    observed series). It is one line naming the run, its steps and the policies, own and best."""
+    result = sd.replay(grpo_fixture, device="cpu")
+    shown = repr(result)
+    specs = [p.spec for p in result.policies]
+    assert len(specs) == 10 and len(shown) < 400 and "\n" not in shown, shown
+    assert shown == (
+        f"ReplayResult(run={result.run!r}, steps=160, policies={specs}, own='grpo', "
+        f"best={result.best.spec if result.best else None!r})"
+    )

@@ -241,6 +241,16 @@ class ReplayResult:
     scalar_steps: int = 0
     """Steps without a policy batch (per-step scalars only, format 1.2), not replayed."""
 
+    def __repr__(self) -> str:
+        """One line: the run, its steps and the policies (`.policies`, `.observed` and
+        `.to_dict()` hold the rest)."""
+        own, best = self.own, self.best
+        return (
+            f"ReplayResult(run={self.run!r}, steps={self.steps}, "
+            f"policies={[p.spec for p in self.policies]}, own={own.spec if own else None!r}, "
+            f"best={best.spec if best else None!r})"
+        )
+
     def policy(self, spec: str | Policy) -> PolicyResult:
         """The result of the policy of this spec, or Policy, as `replay` took it: found by its
         canonical spec ("grpo:eps_low=0.2" is "grpo"; KeyError lists the specs)."""
