@@ -69,3 +69,12 @@ def test_a_replay_result_shows_itself_in_one_line(grpo_fixture):
         f"ReplayResult(run={result.run!r}, steps=160, policies={specs}, own='grpo', "
         f"best={result.best.spec if result.best else None!r})"
     )
+
+
+def test_a_series_shows_its_steps_and_columns(grpo_fixture):
+    """`result.policies[0].series` showed 'StepSeries(given=None)', as if it held nothing (its
+    columns are derived when read). It names its steps and columns."""
+    series = sd.replay(grpo_fixture, "grpo", device="cpu").policies[0].series
+    shown = repr(series)
+    assert shown.startswith("StepSeries(160 steps; columns: step, tokens, discarded,"), shown
+    assert shown.endswith(")") and "given" not in shown and len(shown) < 1000

@@ -96,6 +96,9 @@ class StepSeries:
         columns = self.columns
         return len(columns["step"]) if "step" in columns else 0
 
+    def __repr__(self) -> str:
+        return f"StepSeries({len(self)} steps; columns: {', '.join(self.columns)})"
+
     def select(self, keep: np.ndarray) -> StepSeries:
         """The steps where `keep` ([S] bool) is true (derived when read, as this series)."""
         if self.given is not None:
