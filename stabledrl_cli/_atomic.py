@@ -27,6 +27,7 @@ import re
 import stat
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -34,10 +35,20 @@ from typing import NamedTuple
 
 from stabledrl_cli.errors import WriteError
 
+_NAME_MAX = 255
+"""Bytes a file name may take (Linux's and macOS's file systems)."""
+
 
 def temp_name(target: Path) -> Path:
-    """The temporary name of `target` while it is written: `.NAME.tmp-PID` beside it."""
-    return target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    """The temporary name of `target` while it is written: `.NAME.tmp-PID` beside it, NAME cut
+    (and the CRC-32 of the whole name added) when the whole would pass `_NAME_MAX` bytes: a
+    name the file system takes must not fail for its temporary name."""
+    tail = f".tmp-{os.getpid()}"
+    name = os.fsencode(target.name)
+    if 1 + len(name) + len(tail) > _NAME_MAX:
+        tail = f".{zlib.crc32(name):08x}{tail}"
+        name = name[: _NAME_MAX - 1 - len(tail)]
+    return target.with_name(f".{os.fsdecode(name)}{tail}")
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -849,3 +849,14 @@ def test_the_size_change_is_said_in_plain_digits(tmp_path):
     again = runner.invoke(app, ["pack", str(run), str(tmp_path / "run.h5"), "--force"])
     said = " ".join(again.stdout.split())  # wrapped at the terminal's width
     assert f"({growth:.0f}x larger)" in said and "e+" not in said, said
+
+
+def test_an_archive_name_the_file_system_takes_is_written_however_long(rich_run, tmp_path):
+    """A name of 253 bytes (the file system takes 255) failed, exit 4 '(File name too long)':
+    the temporary name beside it, `.NAME.tmp-PID`, was the one too long. The temporary name is
+    cut to fit; the archive is written under the name given."""
+    out = tmp_path / ("a" * 250 + ".h5")
+    result = runner.invoke(app, ["pack", str(rich_run), str(out)])
+    assert result.exit_code == 0, result.output
+    assert open_run(out).step_numbers == list(range(STEPS))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
