@@ -860,3 +860,16 @@ def test_an_archive_name_the_file_system_takes_is_written_however_long(rich_run,
     assert result.exit_code == 0, result.output
     assert open_run(out).step_numbers == list(range(STEPS))
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_an_archive_name_longer_than_the_file_system_takes_is_an_output_error(rich_run, tmp_path):
+    """A name of 263 bytes was refused with exit 3, the code of a bad input, as if the run
+    were at fault ('error: NAME: File name too long', from the check of the target). It is
+    the output the system refuses: exit 4, 'cannot write it (File name too long)'."""
+    out = tmp_path / ("a" * 260 + ".h5")
+    result = runner.invoke(app, ["pack", str(rich_run), str(out)])
+    assert result.exit_code == 4, result.output
+    assert result.stderr == f"error: {out}: cannot write it (File name too long)\n"
+    with pytest.raises(WriteError, match="File name too long"):
+        pack_run(rich_run, out)
+    assert list(tmp_path.iterdir()) == []

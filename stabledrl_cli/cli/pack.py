@@ -10,7 +10,8 @@ ending in / (which names one), or its directory is missing, or it is inside the 
 or is the archive packed (with --force too), or OUT is a URL, or RUN is a URL that cannot be
 read (an unknown scheme, a missing package, a chained or `reference://` URL); 3 a missing,
 non-run or unreadable RUN, or one with no readable step (none recorded, or every one damaged:
-no archive written); 143 stopped by SIGTERM (as by Ctrl-C, 130: the temporary file is
+no archive written); 4 OUT could not be written (a full disk, a name longer than the file
+system takes); 143 stopped by SIGTERM (as by Ctrl-C, 130: the temporary file is
 removed, OUT is as it was).
 """
 

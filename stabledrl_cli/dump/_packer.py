@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from stabledrl_cli._atomic import missing_directory, output_path
+from stabledrl_cli._atomic import missing_directory, output_path, write_error
 from stabledrl_cli._json import unicode_text
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
@@ -370,17 +370,25 @@ def check_pack_target(
     replace a file of the run, or sit among its files), and no entry of that name at all (a
     file, a symlink even to nothing, a FIFO...) unless `force` (then written as
     `_atomic.output_path` writes: a link's target replaced, a FIFO or device written in place).
-    `to_force`: how the message tells the caller to force it (the command's `pass --force`)."""
+    `to_force`: how the message tells the caller to force it (the command's `pass --force`).
+    WriteError when the system cannot tell (a name longer than the file system takes)."""
     out = Path(given)
-    if inside_local_run(out, run.location):
-        raise UsageError(f"{out} is inside the run {run.location}; write the archive outside it")
-    if out.is_dir():
-        raise UsageError(f"{out} is a directory; give the archive's file name, e.g. {out}/run.h5")
-    if os.fspath(given).endswith(os.sep):
-        raise UsageError(
-            f"{given} ends in {os.sep}: give the archive's file name, e.g. {out}/run.h5"
-        )
-    problem = missing_directory(out)
+    try:
+        if inside_local_run(out, run.location):
+            raise UsageError(
+                f"{out} is inside the run {run.location}; write the archive outside it"
+            )
+        if out.is_dir():
+            raise UsageError(
+                f"{out} is a directory; give the archive's file name, e.g. {out}/run.h5"
+            )
+        if os.fspath(given).endswith(os.sep):
+            raise UsageError(
+                f"{given} ends in {os.sep}: give the archive's file name, e.g. {out}/run.h5"
+            )
+        problem = missing_directory(out)
+    except OSError as exc:  # a name longer than the file system takes, ...
+        raise write_error(out, exc) from None
     if problem is not None:
         raise UsageError(f"{out}: {problem}")
     if os.path.lexists(out) and not force:
