@@ -78,3 +78,18 @@ def test_a_series_shows_its_steps_and_columns(grpo_fixture):
     shown = repr(series)
     assert shown.startswith("StepSeries(160 steps; columns: step, tokens, discarded,"), shown
     assert shown.endswith(")") and "given" not in shown and len(shown) < 1000
+
+
+def test_a_policys_result_shows_itself_in_one_short_line(grpo_fixture):
+    """`result.policies` (or `result.best`) printed each policy's dataclass repr: its every
+    parameter and summary figure, and the lists of flagged steps (22,000 characters for the
+    fixture's 10 policies). Each is one line: its spec, own and best, and its headline figures."""
+    result = sd.replay(grpo_fixture, device="cpu")
+    grpo = result.policy("grpo")
+    summary = grpo.summary
+    assert repr(grpo) == (
+        f"PolicyResult(spec='grpo', own=True, best=False, "
+        f"discard_frac={summary.discard_frac:.4g}, collapsed_steps={len(summary.collapsed_steps)}, "
+        f"first_collapse={summary.first_collapse}, drift_steps={len(summary.drift_steps)})"
+    )
+    assert len(repr(result.policies)) < 2000

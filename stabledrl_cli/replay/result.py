@@ -190,6 +190,17 @@ class PolicyResult:
     detail: dict[int, list[TopSequence]] | None = field(default=None, repr=False)
     """step -> top sequences of that flagged step (with `detail`; None without it)."""
 
+    def __repr__(self) -> str:
+        """One line: the spec, own and best, and the headline figures (`.summary` holds them
+        all, with the flagged steps)."""
+        summary = self.summary
+        return (
+            f"PolicyResult(spec={self.spec!r}, own={self.own}, best={self.best}, "
+            f"discard_frac={summary.discard_frac:.4g}, "
+            f"collapsed_steps={len(summary.collapsed_steps)}, "
+            f"first_collapse={summary.first_collapse}, drift_steps={len(summary.drift_steps)})"
+        )
+
     @property
     def steps(self) -> list[JsonRow]:
         """Per-step rows over the reported range."""
