@@ -873,3 +873,28 @@ def test_an_archive_name_longer_than_the_file_system_takes_is_an_output_error(ri
     with pytest.raises(WriteError, match="File name too long"):
         pack_run(rich_run, out)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_field_whose_dtype_narrows_is_refused_naming_the_field_and_step(tmp_path):
+    """A sketch recorded as float16 (with its scale), then as float32, cannot share one
+    dataset: the refusal said 'error: data: a step stores float32, an earlier one float16'
+    ("data", the dataset inside ragged/unit_grad_sketch), naming neither run, step nor field."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as recorder:
+        for step, dtype in enumerate((torch.float16, torch.float32)):
+            logp = -torch.rand(2, 3, generator=torch.Generator().manual_seed(step))
+            recorder.log_step(
+                step,
+                logp=logp,
+                logp_old=logp,
+                advantages=torch.ones(2),
+                unit_grad_sketch=torch.ones(2, 4, dtype=dtype),
+                unit_grad_sketch_scale=1.0 if dtype == torch.float16 else None,
+            )
+    result = runner.invoke(app, ["pack", str(run), str(tmp_path / "run.h5")])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"error: {run}: step 1: unit_grad_sketch is float32, an earlier step's float16; an "
+        "archive keeps one dtype a field: cannot pack it"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

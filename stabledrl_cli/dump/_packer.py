@@ -167,9 +167,11 @@ class _Column:
         first: np.ndarray,
         offsets: list[int],
         filters: dict[str, Any],
+        field_name: str,
     ) -> None:
-        """offsets: the earlier steps' offsets into the column; each lacks the field (fill)."""
-        self.name = name
+        """offsets: the earlier steps' offsets into the column; each lacks the field (fill).
+        field_name: the step's field it holds, as messages name it."""
+        self.field_name = field_name
         self.dtype = np.dtype(first.dtype)
         self.length = offsets[-1]
         self.dataset = group.create_dataset(
@@ -188,8 +190,9 @@ class _Column:
         """The CRC-32 of `count` fill entries as a reader reads them back (zeros)."""
         return crc32(bytes(count * self.dtype.itemsize))
 
-    def append(self, values: np.ndarray | None, count: int) -> None:
-        """Writes `values` ([count], or None: leave `count` fill entries) at the end."""
+    def append(self, values: np.ndarray | None, count: int, where: str) -> None:
+        """Writes `values` ([count], or None: leave `count` fill entries) at the end; `where`:
+        the run and step, as a refusal names them."""
         start, self.length = self.length, self.length + count
         self.dataset.resize((self.length,))
         if values is None or count == 0:
@@ -199,8 +202,8 @@ class _Column:
         if values.dtype != self.dtype:
             if not np.can_cast(values.dtype, self.dtype, casting="safe"):
                 raise InputError(
-                    f"{self.name}: a step stores {values.dtype}, an earlier one {self.dtype}; "
-                    "a run archive keeps one dtype a field"
+                    f"{where}: {self.field_name} is {values.dtype}, an earlier step's "
+                    f"{self.dtype}; an archive keeps one dtype a field: cannot pack it"
                 )
             values = values.astype(self.dtype)
         values = np.ascontiguousarray(values)
@@ -224,9 +227,12 @@ class _Packer:
     ragged_offsets: dict[str, list[int]] = field(default_factory=dict)
     ragged_shapes: dict[str, list[tuple[int, ...] | None]] = field(default_factory=dict)
 
-    def _column(self, group: str, name: str, first: np.ndarray, offsets: list[int]) -> _Column:
-        """The dataset `group/name`, created for its `first` values (their dtype and filters)
-        after the fill entries of the earlier steps (`offsets` into it)."""
+    def _column(
+        self, group: str, name: str, first: np.ndarray, offsets: list[int], field_name: str
+    ) -> _Column:
+        """The dataset `group/name` of the step's field `field_name`, created for its `first`
+        values (their dtype and filters) after the fill entries of the earlier steps (`offsets`
+        into it)."""
         key = f"{group}/{name}"
         if key not in self.columns:
             self.columns[key] = _Column(
@@ -235,14 +241,16 @@ class _Packer:
                 first,
                 offsets,
                 _filters(self.compression, first),
+                field_name,
             )
         return self.columns[key]
 
     def add(self, step: Step, where: str) -> None:
+        at = f"{where}: step {step.step}"
         for name in step.scalars:
             if not name or "\x00" in name:  # HDF5 ends a name at a NUL and has no empty one
                 raise InputError(
-                    f"{where}: step {step.step}: scalar {quoted(name)} has no HDF5 name "
+                    f"{at}: scalar {quoted(name)} has no HDF5 name "
                     "(empty, or holding a NUL character); cannot pack it"
                 )
         arrays = {name: step.array(name) for name in sorted(step.fields)}
@@ -256,13 +264,13 @@ class _Packer:
                 array = arrays.get(name)
                 if array is not None and array.shape != (count,):
                     raise InputError(
-                        f"{where}: step {step.step}: {name} has shape {list(array.shape)}, "
+                        f"{at}: {name} has shape {list(array.shape)}, "
                         f"expected [{count}]; cannot pack it"
                     )
                 if array is not None:
-                    self._column(group, name, array, offsets).append(array, count)
+                    self._column(group, name, array, offsets, name).append(array, count, at)
                 elif f"{group}/{name}" in self.columns:  # an optional field this step lacks
-                    self.columns[f"{group}/{name}"].append(None, count)
+                    self.columns[f"{group}/{name}"].append(None, count, at)
             offsets.append(offsets[-1] + count)
         for name in RAGGED_FIELDS:
             array = arrays.get(name)
@@ -272,10 +280,10 @@ class _Packer:
                 # The first step with it: earlier steps lack it.
                 self.ragged_offsets[name] = [0] * (len(self.numbers) + 1)
                 self.ragged_shapes[name] = [None] * len(self.numbers)
-                self._column(f"ragged/{name}", "data", array, self.ragged_offsets[name])
+                self._column(f"ragged/{name}", "data", array, self.ragged_offsets[name], name)
             size = 0 if array is None else array.size
             flat = None if array is None else array.reshape(-1)
-            self.columns[f"ragged/{name}/data"].append(flat, size)
+            self.columns[f"ragged/{name}/data"].append(flat, size, at)
             self.ragged_offsets[name].append(self.ragged_offsets[name][-1] + size)
             self.ragged_shapes[name].append(None if array is None else array.shape)
         self.numbers.append(step.step)
