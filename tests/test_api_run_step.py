@@ -99,3 +99,24 @@ def test_a_step_reads_as_the_mapping_its_indexing_makes_it(tmp_path: Path) -> No
             arrays = dict(step)
             assert sorted(arrays) == sorted(step.fields)
             assert np.array_equal(arrays["logp"].numpy(), logp.reshape(-1)), source
+
+
+@pytest.mark.parametrize("number", [True, 1.0, "1", None, -1])
+def test_steps_of_what_is_no_step_number_is_a_usage_error(run_path: Path, number: object) -> None:
+    """run.step(1.0) is refused, but run.steps_of([1.0]) read step 1 as a step whose .step was
+    1.0 (True: True), and steps_of(["1"]) or [-1] warned that the run did not hold the step.
+    Each number is checked as step() checks it; a numpy integer reads as its int."""
+    for source in (run_path, _packed(run_path)):
+        with sd.open_run(source) as run, pytest.raises(UsageError) as refused:
+            list(run.steps_of([0, number]))  # type: ignore[list-item]
+        assert str(refused.value) == f"step must be an int in [0, 2**63 - 1], got {number!r}"
+        with sd.open_run(source) as run:
+            [step] = run.steps_of([np.int64(1)])  # type: ignore[list-item]
+            assert type(step.step) is int and step.step == 1
+
+
+def _packed(run_path: Path) -> Path:
+    archive = run_path.with_suffix(".h5")
+    if not archive.exists():
+        pack_run(run_path, archive)
+    return archive

@@ -287,8 +287,9 @@ class Run(ABC):
 
     def steps_of(self, numbers: Iterable[int]) -> Iterator[Step]:
         """The steps of these numbers, in their order (e.g. a shard of a listing made
-        elsewhere); one missing or corrupt is skipped with a warning."""
-        yield from self._steps_skipping(numbers, quiet=())
+        elsewhere); one missing or corrupt is skipped with a warning. UsageError, as it comes,
+        for a number that is no step number (as `step` refuses it)."""
+        yield from self._steps_skipping((step_number(n) for n in numbers), quiet=())
 
     def _steps_skipping(self, numbers: Iterable[int], quiet: tuple[str, ...]) -> Iterator[Step]:
         """Each step of `numbers` read whole; one that cannot be is skipped, with a warning
