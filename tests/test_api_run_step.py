@@ -120,3 +120,24 @@ def _packed(run_path: Path) -> Path:
     if not archive.exists():
         pack_run(run_path, archive)
     return archive
+
+
+def test_scalar_series_of_what_is_no_scalar_name_is_a_usage_error(run_path: Path) -> None:
+    """run.scalar_series_many("loss") (a name where a list of them goes) returned the series of
+    'l', 'o' and 's', each empty, and scalar_series(3) or (b"loss") an empty series: as if the
+    run had not recorded them. A name must be a str, and the names a list of them."""
+    for source in (run_path, _packed(run_path)):
+        _scalar_names_refused(source)
+
+
+def _scalar_names_refused(source: Path) -> None:
+    with sd.open_run(source) as run:
+        for call, said in (
+            (lambda: run.scalar_series_many("loss"), "names must be a list of scalar names"),
+            (lambda: run.scalar_series_many(["loss", 3]), "a scalar name is a str, not int"),
+            (lambda: run.scalar_series(b"loss"), "a scalar name is a str, not bytes"),
+        ):
+            with pytest.raises(UsageError, match=said):
+                call()
+        steps, values = run.scalar_series_many(("loss",))["loss"]
+        assert steps.tolist() == [0, 1, 2] and values.tolist() == [0.0, 1.0, 2.0]

@@ -11,6 +11,7 @@ group_split) read as before: their steps simply lack those fields.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from stabledrl_cli.dump._layout import (
     decode_json_text,
     scalar_name,
 )
-from stabledrl_cli.dump._run import Run, Step
+from stabledrl_cli.dump._run import Run, Step, scalar_names
 from stabledrl_cli.dump._schema import (
     BATCH_FIELDS,
     FIELDS,
@@ -688,12 +689,12 @@ class ArchiveRun(Run):
     def step_numbers(self) -> list[int]:
         return [int(n) for i, n in enumerate(self._numbers) if i not in self._bad]
 
-    def scalar_series_many(self, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def scalar_series_many(self, names: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """From the scalar datasets (no per-step objects)."""
         readable = np.ones(len(self._numbers), dtype=bool)
         readable[list(self._bad)] = False
         result = {}
-        for name in names:
+        for name in scalar_names(names):
             if name not in self._scalar_values:
                 result[name] = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
                 continue

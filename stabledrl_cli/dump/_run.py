@@ -28,7 +28,7 @@ from stabledrl_cli.dump._integrity import (
 )
 from stabledrl_cli.dump._schema import manifest_stops, step_number
 from stabledrl_cli.dump._writer_lock import WriterState
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, UsageError, type_name
 from stabledrl_cli.vocab import GroupIds, Unit
 
 if TYPE_CHECKING:
@@ -60,6 +60,18 @@ def size_on_disk(path: Path) -> int:
             except OSError:
                 continue
     return total
+
+
+def scalar_names(names: Iterable[str]) -> list[str]:
+    """`names` as `Run.scalar_series_many` takes them, UsageError unless each is a str and
+    `names` is no str itself (one name where a list of them goes: its characters)."""
+    if isinstance(names, str):
+        raise UsageError(f"names must be a list of scalar names, not the str {names!r}")
+    names = list(names)
+    for name in names:
+        if not isinstance(name, str):
+            raise UsageError(f"a scalar name is a str, not {type_name(name)}")
+    return names
 
 
 @dataclass(eq=False, kw_only=True)
@@ -319,9 +331,10 @@ class Run(ABC):
         S counts the steps that recorded it."""
         return self.scalar_series_many([name])[name]
 
-    def scalar_series_many(self, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """`scalar_series` of several scalars in one pass over the headers."""
-        pairs: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
+    def scalar_series_many(self, names: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """`scalar_series` of several scalars in one pass over the headers. UsageError for a
+        name that is no str, or one name where a list of them goes (`scalar_names`)."""
+        pairs: dict[str, list[tuple[int, float]]] = {name: [] for name in scalar_names(names)}
         for step in self.step_headers():
             for name in names:
                 if name in step.scalars:
