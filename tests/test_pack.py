@@ -898,3 +898,19 @@ def test_a_field_whose_dtype_narrows_is_refused_naming_the_field_and_step(tmp_pa
         "archive keeps one dtype a field: cannot pack it"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_compact_manifest_near_the_bound_packs_into_an_archive_that_reads(tmp_path):
+    """A run whose manifest.json is written compactly, 921 KB (under the 1 MiB a manifest may
+    take), packed with exit 0 into an archive no command could open ('corrupt run archive
+    (manifest is not a bounded string)'): the archive re-wrote the manifest indented, 1.2 MB.
+    It is written compactly when indented it would not fit; the archive reads as the run."""
+    run = tiny_run(tmp_path / "run", steps=1)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["meta"] = {"names": ["x" * 20] * 40000}
+    (run / "manifest.json").write_text(json.dumps(manifest, separators=(",", ":")))
+    out = tmp_path / "run.h5"
+    result = runner.invoke(app, ["pack", str(run), str(out)])
+    assert result.exit_code == 0, result.output
+    with open_run(out) as archive:
+        assert archive.manifest == open_run(run).manifest and archive.step_numbers == [0]

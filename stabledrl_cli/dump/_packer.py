@@ -462,20 +462,35 @@ def _archive_manifest(run: Run) -> str:
     when the run has notes of its own beyond the manifest's (a run of several ranks). Their
     reasons are cut (`REASON_SHOWN`, halved until the manifest fits its readers' bound)."""
     manifest, stops = run.manifest, run.recording_stops
-    text = json.dumps(manifest, indent=2, allow_nan=False)
     if stops == manifest_stops(manifest):
+        text = _fitting(manifest)
+        if text is None:
+            raise InputError(
+                f"{run.location}: cannot pack it: its manifest passes the {MANIFEST_LIMIT} "
+                "bytes an archive's manifest may take"
+            )
         return text
     shown = REASON_SHOWN
     while shown >= 0:
         cut = [{**note, "reason": _cut(note["reason"], shown)} for note in stops]
-        text = json.dumps({**manifest, RECORDING_STOPS: cut}, indent=2, allow_nan=False)
-        if len(text.encode()) <= MANIFEST_LIMIT:
+        text = _fitting({**manifest, RECORDING_STOPS: cut})
+        if text is not None:
             return text
         shown = shown // 2 if shown else -1
     raise InputError(
         f"{run.location}: cannot pack it: its manifest and the stop notes of its "
         f"{len(stops)} ranks pass the {MANIFEST_LIMIT} bytes an archive's manifest may take"
     )
+
+
+def _fitting(manifest: dict[str, Any]) -> str | None:
+    """`manifest` as JSON within the `MANIFEST_LIMIT` bytes an archive's readers take:
+    indented, or compact when indented it would not fit (a run's own manifest.json, written
+    compactly, may be near the bound); None when neither fits."""
+    text = json.dumps(manifest, indent=2, allow_nan=False)
+    if len(text.encode()) > MANIFEST_LIMIT:
+        text = json.dumps(manifest, separators=(",", ":"), allow_nan=False)
+    return text if len(text.encode()) <= MANIFEST_LIMIT else None
 
 
 def _cut(text: str, shown: int) -> str:
