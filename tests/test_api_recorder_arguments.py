@@ -4,6 +4,8 @@ Python takes for 0 or 1, and a world_size past what readers accept; its path (an
 
 from __future__ import annotations
 
+import errno
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 import stabledrl_cli as sd
+from stabledrl_cli import _atomic
 from stabledrl_cli.dump._schema import step_file_name
 from stabledrl_cli.errors import UsageError
 
@@ -263,3 +266,34 @@ def test_whole_number_rewards_advantages_and_weights_are_taken_as_floats(tmp_pat
     assert step.array("advantages").tolist() == [1.0, 1.0, 1.0, -1.0, -1.0, -1.0]
     assert step.array("loss_weight").dtype == np.float32
     assert step.array("reward").dtype == np.float32 and step.scalars["reward_mean"] == 0.5
+
+
+def test_a_recorder_shows_whether_it_records(tmp_path, monkeypatch, capsys):
+    """A Recorder showed 'Recorder(PATH, unit='token', rank=0)' whether it recorded, was closed,
+    or had stopped recording after a failed write (on_write_error="warn": every later log_step
+    returns without writing), so a notebook could not tell. Its repr says which."""
+    flat = {
+        "logp": np.full(4, -1.0, np.float32),
+        "logp_old": np.zeros(4, np.float32),
+        "advantages": np.ones(4, np.float32),
+        "seq_id": np.array([0, 0, 1, 1]),
+    }
+    path = tmp_path / "run"
+    recorder = sd.Recorder(path, on_write_error="warn")
+    assert repr(recorder) == f"Recorder({str(path)!r}, unit='token', rank=0, state='recording')"
+
+    def full(fd: int, buffers: list[memoryview]) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_atomic.os, "writev", full)
+    recorder.log_step(0, **flat)
+    monkeypatch.undo()
+    capsys.readouterr()
+    stopped = f"Recorder({str(path)!r}, unit='token', rank=0, state='stopped at step 0')"
+    assert repr(recorder) == stopped
+    recorder.close()
+    assert repr(recorder) == stopped
+    other = tmp_path / "other"
+    closed = sd.Recorder(other)
+    closed.close()
+    assert repr(closed) == f"Recorder({str(other)!r}, unit='token', rank=0, state='closed')"

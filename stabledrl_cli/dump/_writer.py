@@ -739,7 +739,10 @@ class Recorder:
             warn(f"stabledrl: warning: {error}\n")
 
     def __repr__(self) -> str:
-        return f"Recorder({str(self.path)!r}, unit={self.unit!r}, rank={self.rank})"
+        state = "closed" if self._closed else "recording"
+        if self.stopped is not None:  # log_step writes nothing more
+            state = f"stopped at step {self.stopped_step}"
+        return f"Recorder({str(self.path)!r}, unit={self.unit!r}, rank={self.rank}, {state=})"
 
 
 _LATER_STEPS_SHOWN = 5
