@@ -3,6 +3,7 @@ step read under a bool or float as its number, nor an InputError that the run la
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,20 @@ def _scalar_names_refused(source: Path) -> None:
                 call()
         steps, values = run.scalar_series_many(("loss",))["loss"]
         assert steps.tolist() == [0, 1, 2] and values.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_an_archives_run_and_steps_pickle_as_a_directorys_do(run_path: Path) -> None:
+    """A directory's run and steps pickle (a multiprocessing pool's workers take them); an
+    archive's raised TypeError 'h5py objects cannot be pickled'. An archive's run pickles as
+    the way to open it again (its source), so its steps read the same in another process; a
+    closed one is refused as reading it is."""
+    archive = _packed(run_path)
+    with sd.open_run(archive) as run:
+        step = run.step(1)
+        again, step_again = pickle.loads(pickle.dumps((run, step)))
+        assert again.step_numbers == run.step_numbers == [0, 1, 2]
+        assert step_again.step == 1 and step_again.scalars == step.scalars
+        assert [s.scalars["loss"] for s in again] == [0.0, 1.0, 2.0]
+        again.close()
+    with pytest.raises(UsageError, match="the run was closed"):
+        pickle.dumps(run)

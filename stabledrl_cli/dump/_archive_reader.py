@@ -11,8 +11,9 @@ group_split) read as before: their steps simply lack those fields.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,11 @@ class _ArchiveChecks:
     key: FileKey
     chunks: dict[str, frozenset[int]]
     steps: dict[str, frozenset[int]]
+
+
+def _archive_at(source: str, *, verify: bool) -> Run:
+    """The archive at the local path `source`, opened again (`ArchiveRun.__reduce__`)."""
+    return ArchiveRun(Path(source), verify=verify)
 
 
 class ArchiveRun(Run):
@@ -571,6 +577,17 @@ class ArchiveRun(Run):
         if self._store is not None:
             self._store.close()
         self._closed = True
+
+    def __reduce__(self) -> tuple[Callable[..., Run], tuple[str]]:
+        """Pickled as the way to open it again, from its `source` (its HDF5 file cannot be),
+        as a directory's run pickles whole: a worker process given either reads the same run.
+        UsageError once closed."""
+        self.check_open()
+        return self._reopen(), (self.source,)
+
+    def _reopen(self) -> Callable[[str], Run]:
+        """How `__reduce__` opens the run again from its `source`."""
+        return partial(_archive_at, verify=self.verify)
 
     def check_open(self) -> None:
         """UsageError once the run is closed: its data can no longer be read (h5py would find

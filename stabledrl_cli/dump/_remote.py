@@ -29,7 +29,9 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -398,6 +400,9 @@ class RemoteArchiveRun(_AtUrl, ArchiveRun):
             size=size,
             key=_file_key(info),
         )
+
+    def _reopen(self) -> Callable[[str], Run]:
+        return partial(open_url, verify=self.verify)
 
     @property
     def size_bytes(self) -> int:
