@@ -6,6 +6,7 @@ whose default is `None` falls back to the library's default.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -98,6 +99,19 @@ def local_file(value: str | Path) -> Path:
     return Path(value)
 
 
+def report_path(value: str | Path) -> Path:
+    """The parser of a report's local path (`replay --out`, `--plot`, `--junit`,
+    `--write-baseline`): a `local_file` naming a file. A name ending in / names a directory
+    and is refused: `Path` drops the slash, and the report would be written as a file of the
+    directory's name."""
+    path = local_file(value)
+    if isinstance(value, str) and value.endswith(("/", os.sep)):
+        raise PydanticCustomError(
+            "local_path", "{value} ends in /: give the report's file name", {"value": value}
+        )
+    return path
+
+
 def number_option(
     *param_decls: str,
     kind: type[int] | type[float],
@@ -162,7 +176,7 @@ PlotOpt = Annotated[
     typer.Option(
         "--plot",
         metavar="FILE.png",
-        parser=local_file,
+        parser=report_path,
         help="Draw the reward and each policy's update norms to this PNG (needs the plot extra).",
     ),
 ]

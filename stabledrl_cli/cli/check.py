@@ -53,6 +53,7 @@ from stabledrl_cli.cli._options import (
     WorkersOpt,
     local_file,
     number_option,
+    report_path,
 )
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
@@ -323,14 +324,14 @@ def command(
         Path | None,
         typer.Option(
             "--write-baseline",
-            parser=local_file,
+            parser=report_path,
             help="Record today's figures per policy to this file.",
         ),
     ] = None,
     junit: Annotated[
         Path | None,
         typer.Option(
-            "--junit", parser=local_file, help="Write a JUnit XML report (one case a gate)."
+            "--junit", parser=report_path, help="Write a JUnit XML report (one case a gate)."
         ),
     ] = None,
     plot: PlotOpt = None,

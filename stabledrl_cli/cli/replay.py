@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from stabledrl_cli._atomic import missing_directory
+from stabledrl_cli._atomic import missing_directory, write_error
 from stabledrl_cli.cli._options import (
     ChunkSizeOpt,
     CollapseWindowOpt,
@@ -39,9 +39,9 @@ from stabledrl_cli.cli._options import (
     ThreadsOpt,
     WindowOpt,
     WorkersOpt,
-    local_file,
     number_option,
     on_command_line,
+    report_path,
 )
 from stabledrl_cli.cli._output import err, out, progress, stdout_written
 from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
@@ -93,16 +93,20 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
     the other), and a plot can be drawn (a missing extra fails fast, exit 2)."""
     named = [(flag, path) for flag, path in {**targets, "--plot": plot}.items() if path is not None]
     for flag, target in named:
-        if inside_local_run(target, run):
+        try:
+            inside = inside_local_run(target, run)
+            directory = target.is_dir()
+            problem = missing_directory(target) if flag != "--plot" else None
+        except OSError as exc:  # a name longer than the file system takes, ...
+            raise write_error(target, exc) from None
+        if inside:
             raise UsageError(
                 f"{flag} {target} is inside the run {redacted(run)}; write it outside the run"
             )
-        if target.is_dir():
+        if directory:
             raise UsageError(f"{flag} {target} is a directory; give a file name")
-    for flag, path in targets.items():
-        problem = None if path is None else missing_directory(path)
         if problem is not None:
-            raise UsageError(f"{flag} {path}: {problem}")
+            raise UsageError(f"{flag} {target}: {problem}")
     for i, (flag, target) in enumerate(named):
         for other_flag, other in named[i + 1 :]:
             if same_file(target, other):
@@ -271,7 +275,7 @@ def command(
     out_path: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", parser=local_file, help="Write the per-step arrays to this .h5."
+            "--out", "-o", parser=report_path, help="Write the per-step arrays to this .h5."
         ),
     ] = None,
     spike_factor: Annotated[

@@ -26,7 +26,7 @@ from stabledrl_cli.cli._options import (
     RunSourceArg,
     ThreadsOpt,
     WorkersOpt,
-    local_file,
+    report_path,
 )
 from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli.replay import (
@@ -135,7 +135,7 @@ def command(
         typer.Option(
             "--plot",
             metavar="FILE.png",
-            parser=local_file,
+            parser=report_path,
             help="Draw the settings' discarded gradient against risk steps, the front and the "
             "recommendation (needs the plot extra).",
         ),
