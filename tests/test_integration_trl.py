@@ -37,8 +37,10 @@ from _trl import (
 )
 from safetensors import safe_open
 from tiny_configs import PARITY  # (plain data beside the tiny run's helpers, on _trl's path)
+from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import InputError, MissingExtraError, UsageError
 from stabledrl_cli.integrations import trl as integration
 from stabledrl_cli.replay.detectors import reward_draws
@@ -749,6 +751,33 @@ def test_recording_failure_warns_once_and_training_continues(
     warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl:" in line]
     assert len(warnings) == 1
     assert "disk on fire" in warnings[0] and "training continues" in warnings[0]
+
+
+def test_a_step_the_trainer_cannot_record_is_noted_in_the_run(
+    tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A micro-batch of step 3 the trainer cannot capture stopped the recording while TRL
+    trained on to step 4, and the run said nothing of it: inspect read 'closed: its Recorder
+    finished', a run of 2 steps that looks whole. The stop is now the manifest's
+    recording_stopped, as a failed write's is, and inspect shows it."""
+    captured = integration.RecordingGRPOTrainer._sd_micro_batch
+
+    def failing_at_step_3(self: Any, *args: Any) -> Any:
+        if self.state.global_step == 2:
+            raise ValueError("cannot take this one")
+        return captured(self, *args)
+
+    monkeypatch.setattr(integration.RecordingGRPOTrainer, "_sd_micro_batch", failing_at_step_3)
+    out = tmp_path / "run"
+    trainer = train(tiny, out)
+    assert trainer.state.global_step == 4
+    run = sd.open_run(out)
+    assert run.step_numbers == [1, 2]
+    reason = "recording a micro-batch failed: ValueError: cannot take this one"
+    assert run.manifest["recording_stopped"] == {"step": 3, "rank": 0, "reason": reason}
+    shown = CliRunner().invoke(app, ["inspect", str(out)], env={"COLUMNS": "300"})
+    assert shown.exit_code == 0, shown.output
+    assert f"stopped at step 3 (rank 0): {reason}" in shown.stdout
 
 
 def test_a_run_directory_that_cannot_be_written_warns_once_and_training_runs(

@@ -15,7 +15,7 @@ estimator, reward_range (null or [low, high]), world_size, group_ids, geometry, 
 fields (each field's per and dtype), source (format 1.2, optional: where the run came from, an
 object with at least a string `kind`, e.g. {"kind": "import", "format": ..., "file": ...}), and,
 only when a Recorder with on_write_error="warn" stopped after a failed write (or was stopped
-by `note_stop`: a step the verl integration cannot record),
+by `note_stop`: a step the TRL or verl integration cannot record),
 recording_stopped {step, rank, reason} (one note: with several ranks, each rank's is also a
 file of its own in steps/, `STOP_NOTE_RE`); and recording_closed (true) once a Recorder of a
 world_size 1 run closed, its writes done (`RECORDING_CLOSED`); and run_id (`RUN_ID`, a

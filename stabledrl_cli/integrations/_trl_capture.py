@@ -3,7 +3,7 @@
 Framework-free: the trainer subclass (`_trl_trainer`) hands each micro-batch's tensors to
 `StepBuffer.add` and the step's scalars to `StepBuffer.log`. Recording never breaks training:
 the first failure is reported once on stderr (and to `stabledrl record`, which then exits
-non-zero) and recording stops.
+non-zero) and recording stops, noted in the run (its manifest's `recording_stopped`).
 """
 
 from __future__ import annotations
@@ -109,9 +109,12 @@ class StepBuffer:
         """Whether recording is off (after its first failure)."""
         return self.failure.off
 
-    def warn(self, what: str, exc: BaseException) -> None:
-        """Reports the first failure on stderr and to `stabledrl record`; stops recording."""
-        self.failure.fail(exc, f"recording {what} failed")
+    def warn(self, what: str, exc: BaseException, step: int) -> None:
+        """Reports the first failure on stderr and to `stabledrl record`; stops recording,
+        noted in the run as stopped at `step` (the optimizer step it cannot record)."""
+        message = self.failure.fail(exc, f"recording {what} failed")
+        if message is not None:
+            self.recorder.note_stop(message, step)
 
     def add(self, micro: MicroBatch, inner_step: int) -> None:
         """One micro-batch (moved to CPU); the first of a step sets the step's inner_step."""

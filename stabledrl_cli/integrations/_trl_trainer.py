@@ -277,7 +277,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
                         remove_stepless_run(self.stabledrl_out)  # raised before its first step
                         _RECORDED.discard(directory)
                 except Exception as exc:
-                    buffer.warn("the run's last steps", exc)
+                    buffer.warn("the run's last steps", exc, self.state.global_step + 1)
 
     def _sd_note_record_policy(self) -> None:
         """One warning when `stabledrl record --policy SPEC` ($STABLEDRL_POLICY) names another
@@ -351,7 +351,8 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
                 try:
                     self._sd_tag_rows(output, len(inputs))
                 except Exception as exc:
-                    self._sd_buffer.warn("the rollout's groups and rewards", exc)
+                    step = self.state.global_step + 1
+                    self._sd_buffer.warn("the rollout's groups and rewards", exc, step)
         return output
 
     def _sd_tag_rows(self, output: dict[str, Any], local_rows: int) -> None:
@@ -390,7 +391,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             inner = int(self.state.global_step) - self._sd_rollout_step
             self._sd_buffer.add(self._sd_micro_batch(inputs, loss, seen), inner_step=inner)
         except Exception as exc:
-            self._sd_buffer.warn("a micro-batch", exc)
+            self._sd_buffer.warn("a micro-batch", exc, int(self.state.global_step) + 1)
         return loss
 
     # -- optimizer step ---------------------------------------------------------------------
@@ -408,7 +409,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
                     metrics=self._metrics["train"],
                 )
             except Exception as exc:
-                self._sd_buffer.warn(f"step {step}", exc)
+                self._sd_buffer.warn(f"step {step}", exc, step)
         return norm
 
 
