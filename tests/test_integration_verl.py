@@ -1852,17 +1852,68 @@ def test_distillation_loss_is_refused_in_one_line_and_training_goes_on(
     assert not (run_dir / "steps").exists() or not list((run_dir / "steps").iterdir())
 
 
-def test_other_losses_pass_through(hooked: Any) -> None:
-    """Critic, SFT or any other loss function: not recorded, not touched."""
+def test_other_losses_pass_through(hooked: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Any other loss function: not recorded, not touched, said once; recording stays on
+    (an actor's ppo_loss in the same process is recorded)."""
     calls = []
 
     def other_loss(model_output: Any, data: TensorDict, dp_group: Any = None) -> Any:
         calls.append(data.shape[0])
         return torch.tensor(0.0), {}
 
-    run_dir, _ = hooked
+    run_dir, status = hooked
     train(actor_config(), loss=other_loss)
     assert calls == [2, 2, 2, 2, 2, 2]
+    assert not (run_dir / "steps").exists() or not list((run_dir / "steps").iterdir())
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl" in line]
+    name = f"{__name__}.test_other_losses_pass_through.<locals>.other_loss"
+    assert warnings == [
+        f"stabledrl: warning: verl's engine trains with the loss {name}, which is not "
+        "recorded (verl's ppo_loss is): its steps are not in the run"
+    ]
+    assert not status.exists()
+    train(actor_config())
+    stabledrl_verl.uninstall()
+    assert open_run(run_dir).step_numbers == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["value_loss", "sft_loss"])
+def test_verls_critic_and_sft_losses_pass_through_unsaid(
+    hooked: Any, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from verl.workers.utils import losses
+
+    loss = functools.partial(getattr(losses, name), config=None)
+    engine = LosslessEngine()
+    for mb in tu.make_iterator(rollout(), mini_batch_size=6, epochs=1, seed=0):
+        tu.assign_non_tensor(mb, global_batch_size=6)
+        engine.train_batch(mb, loss_function=loss)
+    assert "stabledrl" not in capsys.readouterr().err
+
+
+def test_an_actor_loss_of_its_own_is_refused_in_one_line(
+    hooked: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A recipe's own actor loss (set_loss_fn with functools.partial(loss, config=the actor's
+    config), as verl's trainer gives its ppo_loss) passed through unrecorded and unsaid, and
+    `stabledrl record` then ended with 'no torch optimizer.step() ran' after two steps had
+    trained. It is refused as distillation is: one warning naming it, record told."""
+
+    def recipe_loss(config: ActorConfig, model_output: Any, data: TensorDict, dp_group: Any = None):
+        loss, metrics = ppo_loss(config, model_output, data, dp_group)
+        return 2 * loss, metrics
+
+    run_dir, status = hooked
+    train(actor_config(), loss=functools.partial(recipe_loss, config=actor_config()))
+    stabledrl_verl.uninstall()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl" in line]
+    said = (
+        "cannot record this verl run: the actor trains with the loss "
+        f"{__name__}.test_an_actor_loss_of_its_own_is_refused_in_one_line.<locals>.recipe_loss, "
+        "not verl's ppo_loss"
+    )
+    assert len(warnings) == 1 and said in warnings[0], warnings
+    assert status.read_text().startswith("2\t") and said in status.read_text()
     assert not (run_dir / "steps").exists() or not list((run_dir / "steps").iterdir())
 
 

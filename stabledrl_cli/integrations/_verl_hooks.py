@@ -19,9 +19,11 @@ from typing import Any
 import torch.distributed as dist
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
+from verl.workers.config import ActorConfig
 
 from stabledrl_cli.capture.bootstrap import RecordingFailure
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.errors import UsageError, warn
 from stabledrl_cli.integrations._verl_capture import (
     Groups,
     MicroBatch,
@@ -31,6 +33,7 @@ from stabledrl_cli.integrations._verl_capture import (
 )
 from stabledrl_cli.integrations._verl_policy import (
     agg_mode,
+    custom_loss_refused,
     distillation_refused,
     loss_mode,
     policy_changed,
@@ -74,6 +77,8 @@ class Session:
     pending: PendingStep | None = None
     """The step the engine took, waiting for verl's metrics of it (`in_worker`)."""
     failure: RecordingFailure = field(default_factory=RecordingFailure)
+    unrecorded: set[str] = field(default_factory=set)
+    """The losses of verl's engine that are not recorded and have been said (`passed_over`)."""
     originals: dict[str, Callable[..., Any]] = field(default_factory=dict)
     """verl's own methods, restored by `uninstall()`."""
 
@@ -83,6 +88,15 @@ class Session:
         message = self.failure.fail(exc, context)
         if message is not None and self.recorder is not None:
             self.recorder.note_stop(message, self.step)
+
+    def passed_over(self, name: str) -> None:
+        """Says once that the engine trains with the loss `name`, which is not recorded."""
+        if name not in self.unrecorded and not self.off:
+            self.unrecorded.add(name)
+            warn(
+                f"stabledrl: warning: verl's engine trains with the loss {name}, which is not "
+                "recorded (verl's ppo_loss is): its steps are not in the run\n"
+            )
 
     @property
     def off(self) -> bool:
@@ -184,6 +198,39 @@ def _is_distillation_loss(loss_function: Any) -> bool:
     )
 
 
+VERLS_UNRECORDED_LOSSES = ("value_loss", "sft_loss")
+"""verl's own losses that train no policy (a critic's, SFT's): they pass through unsaid."""
+
+
+def _loss_name(loss_function: Any) -> str:
+    """The loss function's module.name (a partial's function's)."""
+    func = getattr(loss_function, "func", loss_function)
+    module = getattr(func, "__module__", None)
+    name = getattr(func, "__qualname__", None) or type(func).__name__
+    return f"{module}.{name}" if module else name
+
+
+def _refusal(loss_function: Any) -> UsageError | None:
+    """Why an actor's loss cannot be recorded: verl's distillation loss, or a loss of its own
+    given verl's actor config (`functools.partial(loss, config=ActorConfig)`, as verl's
+    trainer gives ppo_loss); else None."""
+    if _is_distillation_loss(loss_function):
+        return distillation_refused()
+    keywords = getattr(loss_function, "keywords", None)
+    config = keywords.get("config") if isinstance(keywords, dict) else None
+    if isinstance(config, ActorConfig) and not _is_actor_loss(loss_function):
+        return custom_loss_refused(_loss_name(loss_function))
+    return None
+
+
+def _is_unrecorded_verl_loss(loss_function: Any) -> bool:
+    """True for verl's own critic and SFT losses (`VERLS_UNRECORDED_LOSSES`)."""
+    return any(
+        _is_partial_of(loss_function, "verl.workers.utils.losses", name)
+        for name in VERLS_UNRECORDED_LOSSES
+    )
+
+
 def _learning_rate(engine: Any) -> float | None:
     optimizer = getattr(engine, "optimizer", None)
     groups = getattr(optimizer, "param_groups", None)
@@ -201,10 +248,14 @@ def train_batch_hook(session: Session) -> Callable[..., Any]:
 
     @functools.wraps(original)
     def train_batch(self: Any, data: TensorDict, loss_function: LossFunction) -> Any:
-        refused = _is_distillation_loss(loss_function) and not session.off
-        if refused and self.is_mp_src_rank_with_outputs():
-            session.fail(distillation_refused(), f"recording step {session.step}")
-        recording = not session.off and _is_actor_loss(loss_function)
+        actor = _is_actor_loss(loss_function)
+        if not (actor or session.off) and self.is_mp_src_rank_with_outputs():
+            refusal = _refusal(loss_function)
+            if refusal is not None:
+                session.fail(refusal, f"recording step {session.step}")
+            elif not _is_unrecorded_verl_loss(loss_function):
+                session.passed_over(_loss_name(loss_function))
+        recording = not session.off and actor
         if not (recording and self.is_mp_src_rank_with_outputs()):
             return original(self, data, loss_function)
         config = getattr(loss_function, "keywords", {})["config"]

@@ -166,6 +166,14 @@ def distillation_refused() -> UsageError:
     )
 
 
+def custom_loss_refused(name: str) -> UsageError:
+    """The refusal of an actor that trains on a loss of its own (`name`), not verl's."""
+    return _refuse(
+        f"the actor trains with the loss {name}, not verl's ppo_loss: the recorder captures "
+        "the terms of verl's own loss only"
+    )
+
+
 def policy_changed(spec: str, run_spec: str) -> UsageError:
     """The refusal of a step whose micro-batches map to `spec`, not the run's `run_spec`."""
     return _refuse(

@@ -28,9 +28,10 @@ What is hooked, in the worker process:
   is wrapped: after verl's own loss, the tensors it used (`capture_micro_batch`) are taken,
   and the engine's `optimizer_step()` is shadowed on the instance for the step to read the
   pre-clip norm it returns (verl skips the update when it is not finite: `update_skipped`).
-  Critic and SFT losses pass through untouched; the actor's loss under on-policy
-  distillation (`distillation_ppo_loss`) is refused like a configuration the catalogue
-  cannot express (below).
+  verl's critic and SFT losses pass through untouched, and so does any other loss, said in
+  one warning naming it; the actor's loss under on-policy distillation
+  (`distillation_ppo_loss`) or one of its own (a partial given verl's ActorConfig) is
+  refused like a configuration the catalogue cannot express (below).
 - `TrainingWorker.train_batch`: the step its engine took is written once it returns, with
   verl's own metrics of the step (gathered over the data-parallel ranks there): `clip_frac`
   and `kl` (`logged_scalars`). Without `TrainingWorker` the step is written at once, without
