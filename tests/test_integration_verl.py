@@ -1513,15 +1513,18 @@ def train(
     unscored: list[int] | None = None,
     logp_dtype: torch.dtype = torch.float32,
     nested: bool = False,
+    without_uid: bool = False,
     **rollout_kw: Any,
 ) -> Any:
     """Two optimizer steps of the stub engine with verl's ppo_loss (or `loss`), over rows 0-5
     and 6-11 of the rollout; the rows in `unscored` have an all-zero response mask; the
     model's log-probs come out in `logp_dtype`; `nested`: the responses come nested
-    (`nested_responses`)."""
+    (`nested_responses`); `without_uid`: the batch has no `uid`."""
     engine = StubEngine(grad_norm, logp_dtype)
     loss = loss or functools.partial(ppo_loss, config=config)
     data = rollout(**rollout_kw)
+    if without_uid:
+        data = data.exclude("uid")
     for key in ("response_mask", "loss_mask"):
         data[key][unscored or []] = 0
     if nested:
@@ -1889,6 +1892,24 @@ def test_verls_critic_and_sft_losses_pass_through_unsaid(
         tu.assign_non_tensor(mb, global_batch_size=6)
         engine.train_batch(mb, loss_function=loss)
     assert "stabledrl" not in capsys.readouterr().err
+
+
+def test_a_batch_without_uids_records_no_groups(hooked: Any) -> None:
+    """A loop of one's own whose batch has no `uid`: every sequence was recorded as one
+    prompt group, not split, so `replay -p grpo:adv=center` recomputed advantages over the
+    whole step and said nothing. The groups are unknown, so none is recorded: that replay is
+    refused in one line (exit 3), and the one that keeps the advantages runs."""
+    run_dir, _ = hooked
+    train(actor_config(), without_uid=True)
+    stabledrl_verl.uninstall()
+    run = open_run(run_dir)
+    assert run.step_numbers == [0, 1]
+    assert "group_id" not in run.step(0).fields and "group_split" not in run.step(0).fields
+    refused = CliRunner().invoke(app, ["replay", str(run_dir), "-p", "grpo:adv=center"])
+    assert refused.exit_code == 3, refused.output
+    said = "step 0 has no 'group_id', which policy 'grpo:adv=center' needs"
+    assert refused.stderr.strip().splitlines() == [f"error: {run_dir}: {said}"]
+    assert CliRunner().invoke(app, ["replay", str(run_dir), "-p", "grpo"]).exit_code == 0
 
 
 def test_an_actor_loss_of_its_own_is_refused_in_one_line(

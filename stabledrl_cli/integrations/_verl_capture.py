@@ -56,8 +56,9 @@ class MicroBatch:
     """[B, L] bool, the response mask: the scored tokens."""
     loss_scale: torch.Tensor
     """[B, L] the normaliser of each token's term in the step's objective (all ranks)."""
-    uid: list[str]
-    """[B] verl's prompt-group id of each sequence."""
+    uid: list[str] | None
+    """[B] verl's prompt-group id of each sequence; None when the batch has no `uid` (a loop
+    of one's own): its prompt groups are unknown."""
     reward: torch.Tensor
     """[B] sum of `token_level_scores` (NaN when absent)."""
     loss: float
@@ -136,7 +137,7 @@ def capture_micro_batch(
         advantages=padded["advantages"].detach().float().cpu(),
         mask=mask,
         loss_scale=loss_scale,
-        uid=[str(u) for u in data["uid"]] if "uid" in data else [""] * mask.shape[0],
+        uid=[str(u) for u in data["uid"]] if "uid" in data else None,
         reward=reward,
         loss=loss,
         metrics={name: _metric_value(metrics[name]) for name in VERL_METRICS if name in metrics},
@@ -168,6 +169,22 @@ class Groups:
         return cls({uid: i for i, uid in enumerate(sorted(size))}, size)
 
 
+def _group_fields(
+    micro: list[MicroBatch], groups: Groups | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(group_id, group_split) of a step's sequences (`StepLog.write`); (None, None) when a
+    micro-batch has no uids."""
+    if any(m.uid is None for m in micro):
+        return None, None
+    uids = [uid for m in micro for uid in m.uid or ()]
+    groups = groups if groups is not None and all(u in groups.index for u in uids) else None
+    local = Groups.of(uids)
+    index = (groups or local).index
+    group_id = torch.tensor([index[u] for u in uids], dtype=torch.int64)
+    split = [groups is not None and local.size[u] < groups.size[u] for u in uids]
+    return group_id, torch.tensor(split, dtype=torch.uint8)
+
+
 @dataclass
 class StepLog:
     """The scalars of one optimizer step, beside its micro-batches."""
@@ -185,7 +202,9 @@ class StepLog:
         self, recorder: Recorder, step: int, micro: list[MicroBatch], groups: Groups | None
     ) -> None:
         """Logs the micro-batches as optimizer step `step` (groups: the rollout's, else the
-        step's own uids number the groups and none is marked split)."""
+        step's own uids number the groups and none is marked split; without a micro-batch's
+        uids the step records no group_id nor group_split: a replay that recomputes
+        advantages by group is refused, not given one group of every sequence)."""
         kept = [every_row(m.mask) for m in micro]
 
         def tokens(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -199,12 +218,7 @@ class StepLog:
                 for start, k in zip(starts, kept, strict=True)
             ]
         )
-        uids = [uid for m in micro for uid in m.uid]
-        groups = groups if groups is not None and all(u in groups.index for u in uids) else None
-        local = Groups.of(uids)
-        index = (groups or local).index
-        group_id = torch.tensor([index[u] for u in uids], dtype=torch.int64)
-        split = [groups is not None and local.size[u] < groups.size[u] for u in uids]
+        group_id, split = _group_fields(micro, groups)
         optional = {
             name: tokens([m.optional[name] for m in micro])
             for name in _OPTIONAL
@@ -233,7 +247,7 @@ class StepLog:
             micro_batch=torch.cat(
                 [torch.full((n,), i, dtype=torch.int64) for i, n in enumerate(sizes)]
             ),
-            group_split=torch.tensor(split, dtype=torch.uint8),
+            group_split=split,
             loss_scale=tokens([m.loss_scale for m in micro]),
             grad_norm=self.grad_norm,
             grad_norm_clipped=self.grad_norm * clip,
