@@ -1115,6 +1115,28 @@ def engine_process(
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600 * len(jobs))
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["first-rollout", "later-rollout"])
+def test_a_prompt_of_its_own_rollout_n_keeps_its_split_marks(tmp_path: Path, first: bool) -> None:
+    """verl's v1 trainer lets a prompt take its own `__rollout_n__`: here prompt 0 has 6
+    responses, rollout.n 3, on verl's real engine over 2 ranks. The run recorded
+    num_generations 3, so a step holding 3 of its 6 read as whole (its split marks cleared:
+    adv= recomputed it from half the group). A first rollout of such groups now records no
+    num_generations (every partial group stays marked); a later one is said once."""
+    done = engine_process(2, [(tmp_path, "vanilla", {"own_rollout_n": [0 if first else 1]})])
+    assert done.returncode == 0, done.stderr[-3000:]
+    run, _ = engine_result(tmp_path, 2)
+    warned = [line for line in done.stderr.splitlines() if "stabledrl: warning" in line]
+    if not first:
+        assert run.manifest["meta"]["num_generations"] == 3
+        assert len(warned) == 2, warned  # once on each rank
+        assert "prompt groups of 6 responses, not the run's num_generations 3" in warned[0]
+        return
+    assert "num_generations" not in run.manifest["meta"] and warned == []
+    for step in list(run)[:4]:
+        ids, split = step["group_id"].numpy(), step["group_split"].numpy()
+        assert split[ids == 0].tolist() == [1] * int((ids == 0).sum())  # never all 6 here
+
+
 def test_engine_steps_are_recorded(engine_run: Any) -> None:
     """One step per (epoch, mini-batch), per-rank files, verl's pre-clip norm and skip."""
     run, ranks = engine_run

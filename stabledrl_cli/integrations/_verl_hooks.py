@@ -77,6 +77,10 @@ class Session:
     pending: PendingStep | None = None
     """The step the engine took, waiting for verl's metrics of it (`in_worker`)."""
     failure: RecordingFailure = field(default_factory=RecordingFailure)
+    group_size: int | None = None
+    """The run's `meta.num_generations` (once it is open; None without one)."""
+    said_group_sizes: bool = False
+    """Whether `check_group_sizes` has warned."""
     unrecorded: set[str] = field(default_factory=set)
     """The losses of verl's engine that are not recorded and have been said (`passed_over`)."""
     originals: dict[str, Callable[..., Any]] = field(default_factory=dict)
@@ -96,6 +100,22 @@ class Session:
             warn(
                 f"stabledrl: warning: verl's engine trains with the loss {name}, which is not "
                 "recorded (verl's ppo_loss is): its steps are not in the run\n"
+            )
+
+    def check_group_sizes(self) -> None:
+        """Says once when the current rollout has a prompt group of another size than the
+        run's `num_generations` (written at its first step: a later rollout's prompts took
+        their own `__rollout_n__`)."""
+        size = self.group_size
+        if self.groups is None or size is None or self.said_group_sizes or self.off:
+            return
+        other = sorted({n for n in self.groups.size.values() if n != size})
+        if other:
+            self.said_group_sizes = True
+            warn(
+                f"stabledrl: warning: a rollout has prompt groups of {other[0]} responses, "
+                f"not the run's num_generations {size} (a prompt's own __rollout_n__): a "
+                "multi-rank step may show a part of such a group as whole (replay's adv=)\n"
             )
 
     @property
@@ -136,6 +156,8 @@ class Session:
                 config, response_width=micro[0].response_width, logp_dtype=micro[0].logp_dtype
             )
             self.policy_spec = policy.spec
+            generations = _num_generations(config, self.groups)
+            self.group_size = generations.get("num_generations")
             self.recorder = Recorder(
                 self.out,
                 policy=policy,
@@ -146,7 +168,7 @@ class Session:
                     "loss_agg_mode": agg_mode(config),
                     "loss_scale_factor": config.loss_scale_factor,
                     "loss": "verl's policy loss (pg + kl) of a rank; the step's is their mean",
-                    **_num_generations(config),
+                    **generations,
                 },
                 reward_range=self.reward_range,
                 world_size=world_size,
@@ -169,11 +191,17 @@ class Session:
                 raise policy_changed(spec, self.policy_spec)
 
 
-def _num_generations(config: Any) -> dict[str, int]:
+def _num_generations(config: Any, groups: Groups | None) -> dict[str, int]:
     """The manifest's `num_generations`: the responses verl generates a prompt
-    (`rollout_n`, rollout.n), by which a multi-rank join tells a whole group; none unknown."""
+    (`rollout_n`, rollout.n), by which a multi-rank join tells a whole group; none unknown,
+    nor when a group of the rollout has another size (verl's v1 trainer takes a prompt's own
+    `__rollout_n__`): a join would take a part of a larger group for a whole one."""
     n = getattr(config, "rollout_n", None)
-    return {"num_generations": n} if type(n) is int and n > 0 else {}
+    if type(n) is not int or n <= 0:
+        return {}
+    if groups is not None and any(size != n for size in groups.size.values()):
+        return {}
+    return {"num_generations": n}
 
 
 def _is_partial_of(loss_function: Any, module: str, name: str) -> bool:
@@ -361,6 +389,7 @@ def train_mini_batch_hook(session: Session) -> Callable[..., Any]:
             except Exception as exc:
                 session.groups = None
                 session.fail(exc, "gathering the rollout's prompt groups")
+            session.check_group_sizes()
         session.inner_step = 0
         return original(self, data)
 

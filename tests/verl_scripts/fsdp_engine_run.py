@@ -11,10 +11,12 @@ kl_cov with kl_cov_ratio 0.2): one rollout for 2 ppo epochs x 2 mini-batches, th
 mini-batch with a NaN advantage (verl skips that update). SETTINGS, a JSON object, sets more:
 "actor" (ActorConfig fields, e.g. use_kl_loss, loss_scale_factor, entropy_coeff), "engine"
 (FSDPEngineConfig fields, e.g. use_dynamic_bsz, micro_batch_size_per_gpu) and
-"calculate_entropy" (as verl's trainer sets it). Each job builds its own model, worker and
-hook (install(OUT), uninstall() at its end), and each rank writes verl's own logged metrics
-of each mini-batch to RESULT.json (rank 0) or RESULT.json.rank<r>. Rank 0 writes the line
-"fsdp_engine_run.py: job N" to stderr as job N (from 0) starts.
+"calculate_entropy" (as verl's trainer sets it) and "own_rollout_n" (the batches, 0 the
+rollout and 1 the NaN one, whose prompt 1 takes prompt 0's uid: one prompt of 6 responses,
+as a prompt's own `__rollout_n__` gives it in verl's v1 trainer). Each job builds its own
+model, worker and hook (install(OUT), uninstall() at its end), and each rank writes verl's
+own logged metrics of each mini-batch to RESULT.json (rank 0) or RESULT.json.rank<r>. Rank 0
+writes the line "fsdp_engine_run.py: job N" to stderr as job N (from 0) starts.
 
 Where CPU stops, and the stand-ins used here: verl falls back to the CUDA platform without an
 accelerator, so a CPU platform is registered through verl's plugin registry (cpu_platform)
@@ -53,6 +55,7 @@ dist.init_process_group("gloo")
 
 import verl.models.transformers.monkey_patch as monkey_patch  # noqa: E402
 from distributed_exit import exit_without_finalizing  # noqa: E402
+from tensordict import NonTensorStack  # noqa: E402
 from test_integration_verl import actor_config, rollout  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
@@ -137,7 +140,11 @@ def train(out: str, result: str, loss_mode: str, settings: str) -> None:
     bad = tu.index_select_tensor_dict(mine, torch.arange(mini))
     bad["advantages"][0, 0] = float("nan")
     steps = []
-    for batch, epochs in ((mine, 2), (bad, 1)):
+    for number, (batch, epochs) in enumerate(((mine, 2), (bad, 1))):
+        if number in options.get("own_rollout_n", []):
+            uids = ["prompt-0" if uid == "prompt-1" else uid for uid in batch["uid"]]
+            batch = batch.clone()
+            batch["uid"] = NonTensorStack(*uids)
         tu.assign_non_tensor(
             batch,
             global_batch_size=mini * world,
