@@ -2119,3 +2119,26 @@ def test_stabledrl_force_false_keeps_an_existing_run(
     assert not stabledrl_verl.install() and not stabledrl_verl.installed()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl" in line]
     assert len(warnings) == 1 and "$STABLEDRL_FORCE='maybe': not a switch" in warnings[0]
+
+
+def test_a_command_whose_optimizer_stepped_under_the_integration_is_not_said_to_never_step(
+    tmp_path: Path,
+) -> None:
+    """Under record, a process where verl's integration records instead of the optimizer hooks
+    (a loss it does not record, an optimizer outside verl's engine) stepped its optimizer and
+    recorded no step: record said 'no torch optimizer.step() ran', which was false. It now
+    names the integration as what recorded instead, and points at its warnings."""
+    script = (
+        "import torch\n"
+        "from stabledrl_cli.integrations import verl\n"
+        "assert verl.install()\n"
+        "model = torch.nn.Linear(2, 1)\n"
+        "optimizer = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "model(torch.ones(1, 2)).sum().backward()\n"
+        "optimizer.step()\n"
+    )
+    done, _ = record_python(script, cwd=tmp_path, env=cli_environment())
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the command recorded no step: "), line
+    assert "nor where the TRL or verl integration records instead: its warnings say" in line

@@ -26,9 +26,10 @@ def test_a_command_whose_only_batch_held_no_token_is_not_said_to_never_call_it(t
     last = result.stderr.splitlines()[-1]
     assert last == (
         "error: the command recorded no step: no torch optimizer.step() ran in a Python process "
-        "of the command (the optimizer hooks record those; not with --no-optimizer-hooks, "
-        "`python -I`, `-E` or `-S`) and no call of stabledrl_cli.log_policy_batch(step, ...) "
-        "recorded one"
+        "of the command where the optimizer hooks record it (not with --no-optimizer-hooks, "
+        "`python -I`, `-E` or `-S`, nor where the TRL or verl integration records instead: its "
+        "warnings say what it did not record) and no call of "
+        "stabledrl_cli.log_policy_batch(step, ...) recorded one"
     )
 
 

@@ -57,8 +57,10 @@ UNCAUGHT = 1
 
 NO_STEP = (
     "the command recorded no step: no torch optimizer.step() ran in a Python process of the "
-    "command (the optimizer hooks record those; not with --no-optimizer-hooks, `python -I`, "
-    "`-E` or `-S`) and no call of stabledrl_cli.log_policy_batch(step, ...) recorded one"
+    "command where the optimizer hooks record it (not with --no-optimizer-hooks, `python -I`, "
+    "`-E` or `-S`, nor where the TRL or verl integration records instead: its warnings say "
+    "what it did not record) and no call of stabledrl_cli.log_policy_batch(step, ...) "
+    "recorded one"
 )
 
 
