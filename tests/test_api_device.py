@@ -49,3 +49,18 @@ def test_the_cli_takes_a_gpu_by_its_index(one_gpu, command):
     bad = CliRunner().invoke(app, [*command, run, "--device", "gpu"])
     assert bad.exit_code == 2
     assert "'gpu' is not one of auto, cpu, cuda, cuda:N, mps" in bad.stderr
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps", "cuda:3"])
+def test_tune_refuses_a_missing_device_in_one_line(device, monkeypatch):
+    """`tune --device cuda` without a GPU printed its 'tuning 1 setting over RUN' header, then
+    the refusal: two lines for one bad option. The refusal is now the only line, as replay's."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    run = str(Path(__file__).parents[1] / "fixtures" / "grpo")
+    result = CliRunner().invoke(app, ["tune", run, "-p", "grpo", "--device", device])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        f"error: device {device!r} was asked for, but torch sees no "
+        f"{'MPS' if device == 'mps' else 'CUDA'} device"
+    ]

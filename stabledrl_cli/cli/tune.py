@@ -151,6 +151,7 @@ def command(
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Sweep policy parameters over a run; rank settings by discarded gradient and risk."""
+    from stabledrl_cli._device import resolve_device
     from stabledrl_cli.replay.engine import own_policy
 
     settings = expand_all(sweeps)
@@ -160,6 +161,7 @@ def command(
             replay_config(device=device, threads=threads, memory_budget=budget), lean=True
         )
     check_outputs(run, plot, {})
+    resolve_device(config.device)  # refused before the header, as by replay
     chosen = replay_engine(engine, workers, ray_address)
     opened = open_run(run)
     specs = list(settings)
