@@ -147,3 +147,27 @@ def test_a_torch_device_is_checked_as_its_name_is(grpo_fixture, device, message)
         with pytest.raises(UsageError) as refused:
             sd.replay(grpo_fixture, "grpo", device=given)
         assert str(refused.value) == message
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("threads", 2.0, "threads must be an integer in [1, 256], not float"),
+        ("threads", True, "threads must be an integer in [1, 256], not bool"),
+        ("memory_budget", b"16M", "memory_budget must be an integer >= 1, not bytes"),
+        ("memory_budget", 2.5e7, "memory_budget must be an integer >= 1, not float"),
+        ("chunk_size", "8", "chunk_size must be an integer >= 1, not str"),
+        ("window", 5.0, "window must be an integer in [1, 1e+09], not float"),
+        ("spike_factor", "5", "spike_factor must be a finite number > 1, not str"),
+        ("threads", 0, "threads must be an integer in [1, 256]"),
+        ("spike_factor", 0.5, "spike_factor must be a finite number > 1"),
+    ],
+)
+def test_a_setting_of_the_wrong_type_is_refused_naming_the_type(tmp_path, name, value, message):
+    """README: a setting of the wrong type raises UsageError naming the setting and the type
+    given. The numbers did not name it: threads=2.0, memory_budget=b"16M" or chunk_size="8"
+    read 'threads must be an integer in [1, 256]', as if 2.0 were out of range. They now end
+    ', not float' (bytes, str, ...); a number of the right type out of range keeps its words."""
+    with pytest.raises(ConfigError) as refused:
+        sd.replay(tmp_path / "no-such-run", **{name: value})
+    assert str(refused.value) == message

@@ -170,7 +170,7 @@ class ReplayConfig:
         )
         for field, problem, ok in checks:
             if not ok:
-                raise ConfigError(field, problem)
+                raise ConfigError(field, problem + _wrong_type(field, getattr(self, field)))
         for spec in self.guards:
             make_guard(spec)  # a bad guard spec is a usage error naming it
         step_range = _step_range(self.step_range)
@@ -276,6 +276,33 @@ def _device(value: object) -> bool:
     """Whether `value` is a device name or a torch.device (torch is loaded if one exists)."""
     torch = sys.modules.get("torch")
     return isinstance(value, str) or (torch is not None and isinstance(value, torch.device))
+
+
+_INTEGER_SETTINGS = frozenset(
+    {
+        "chunk_size",
+        "memory_budget",
+        "threads",
+        "window",
+        "collapse_window",
+        "warning_window",
+        "top_k",
+    }
+)
+_NUMBER_SETTINGS = frozenset({"spike_factor", "drift_threshold", "warning_drop", "max_grad_norm"})
+
+
+def _wrong_type(field: str, value: object) -> str:
+    """', not TYPE' when a numeric setting is refused for its type rather than its size
+    (threads=2.0, memory_budget=b"16M"); '' otherwise (the other settings name the type in
+    their own words)."""
+    if field in _INTEGER_SETTINGS:
+        fits = type(value) is int
+    elif field in _NUMBER_SETTINGS:
+        fits = type(value) in (int, float)
+    else:
+        return ""
+    return "" if fits else f", not {type_name(value)}"
 
 
 def _type_names(value: object) -> str:
