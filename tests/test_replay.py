@@ -475,9 +475,12 @@ def test_memory_budget_sizes(text, size):
 
 
 @pytest.mark.parametrize(
-    "text", ["", "0", "-1M", "lots", "1X", "nan", "\u0661M", "1_0M", "\uff11G"]
+    "text",
+    ["", "0", "-1M", "lots", "1X", "nan", "\u0661M", "1_0M", "\uff11G", "1e308T", "1.7e308K"],
 )
 def test_bad_memory_budget_is_a_usage_error(plain_run, text):
+    """1e308T (a finite number, an infinite size) was an internal error: OverflowError,
+    exit 70."""
     with pytest.raises(UsageError, match=r"^memory_budget expects a size"):
         parse_size(text)
     result = CliRunner().invoke(app, ["replay", str(plain_run), "--memory-budget", text])

@@ -380,6 +380,7 @@ def parse_size(text: str, field: str = "memory_budget") -> int:
         value = spec_float(number.strip())
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0) or value * SIZE_UNITS[unit] < 1:
+    size = value * SIZE_UNITS[unit]  # inf for 1e308T
+    if not (math.isfinite(size) and size >= 1):
         raise ConfigError(field, f"expects a size such as 256M or 1G, got {quoted(text)}")
-    return int(value * SIZE_UNITS[unit])
+    return int(size)
