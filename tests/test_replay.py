@@ -751,6 +751,9 @@ def test_bad_options_exit_2(plain_run):
         (["--guard", f"skip-step:window={10**23}"], "window must be an integer in [6, 1e+09]"),
         (["--guard", f"zclip:warmup={10**23}"], "warmup must be an integer in [1, 1e+09]"),
         (["--steps", "5:5"], "--steps 5:5 is empty"),
+        # Before, an unset $RANGE (--steps "") printed a row for every step of the run
+        (["--steps", ""], "--steps is empty; give A:B (A <= step < B), or : for every step"),
+        (["--steps", " "], "--steps is empty; give A:B"),
         # Before, -5: replayed every step: a bound below the first step selected nothing out
         (["--steps", "-5:"], "--steps -5: has a negative bound: steps are numbered from 0"),
         (["--steps", ":-1"], "--steps :-1 has a negative bound"),

@@ -330,9 +330,13 @@ def _finite(value: object) -> bool:
 
 def parse_step_range(text: str | None) -> StepRange:
     """'A:B' -> (A, B) meaning A <= step < B; either side may be empty ('100:', ':50'); 'A'
-    alone is the one step A. None or '' -> (None, None)."""
-    if text is None or text.strip() == "":
+    alone is the one step A; ':' every step. None (not given) -> (None, None). An empty text
+    is refused: `--steps "$RANGE"` with $RANGE unset is no range, and asked for every step's
+    row."""
+    if text is None:
         return None, None
+    if text.strip() == "":
+        raise ConfigError("step_range", "is empty; give A:B (A <= step < B), or : for every step")
     start, sep, stop = text.partition(":")
     try:
         if not sep:
