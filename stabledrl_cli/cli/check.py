@@ -46,10 +46,12 @@ from stabledrl_cli.cli._options import (
     MaxDiscardFracOpt,
     MaxNonfiniteOpt,
     MaxSpikesOpt,
+    MemoryBudgetOpt,
     PlotOpt,
     PolicyOpt,
     RayAddressOpt,
     RunSourceArg,
+    ThreadsOpt,
     WorkersOpt,
     local_file,
     number_option,
@@ -81,7 +83,12 @@ from stabledrl_cli.replay.baseline import (
     load_baseline,
     write_baseline,
 )
-from stabledrl_cli.replay.config import DEFAULT_SPIKE_FACTOR, ReplayConfig
+from stabledrl_cli.replay.config import (
+    DEFAULT_SPIKE_FACTOR,
+    ReplayConfig,
+    parse_size,
+    replay_config,
+)
 from stabledrl_cli.replay.figures import policy_metrics
 from stabledrl_cli.replay.gate import GateResult, Gates, LostSteps, evaluate
 from stabledrl_cli.replay.junit import write_junit
@@ -356,6 +363,8 @@ def command(
     window: BaselineWindowOpt = None,
     drift_threshold: BaselineDriftThresholdOpt = None,
     collapse_window: BaselineCollapseWindowOpt = None,
+    memory_budget: MemoryBudgetOpt = None,
+    threads: ThreadsOpt = None,
     engine: EngineOpt = "local",
     workers: WorkersOpt = None,
     ray_address: RayAddressOpt = None,
@@ -398,8 +407,10 @@ def command(
             drift_threshold=drift_threshold,
             collapse_window=collapse_window,
         )
-        config = ReplayConfig(
+        config = replay_config(
             device=device,
+            memory_budget=None if memory_budget is None else parse_size(memory_budget),
+            threads=threads,
             spike_factor=settings.spike_factor,
             window=settings.window,
             drift_threshold=settings.drift_threshold,
