@@ -535,3 +535,42 @@ def test_an_async_recorder_dropped_unclosed_holds_its_rank_until_its_queue_is_wr
         again.log_step(3, grad_norm=1.0, loss=3.0)
     run = sd.open_run(path)
     assert run.step_numbers == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_close_from_a_signal_handler_during_log_step_comes_after_the_step(
+    tmp_path, monkeypatch, mode
+):
+    """A close made by a signal handler that runs in the thread of a log_step under way (the
+    handler of a script that closes its logger on SIGTERM, then trains on or exits): the
+    step is recorded whole and the run marked closed after it. Before, the close went
+    through the Recorder's own lock at once: async, the writer thread was stopped before the
+    step was queued, so a step whose log_step returned was never written; sync, the run was
+    marked closed before the step landed."""
+    from stabledrl_cli.dump import _setup, _writer
+
+    run = tmp_path / "run"
+    recorder = sd.Recorder(run, policy=None, async_writes=mode == "async")
+    recorder.log_step(0, grad_norm=1.0)
+    encode, amend = _writer.encode_step, _setup.amend_manifest
+    step = run / "steps" / "step-00000001.safetensors"
+    landed: list[bool] = []
+
+    def encode_then_signal(*args: object, **kwargs: object) -> object:
+        parts = encode(*args, **kwargs)  # type: ignore[arg-type]
+        recorder.close()  # as a handler run between two bytecodes of log_step
+        assert (run / "steps" / "step-00000000.safetensors").exists()  # (then os._exit, say)
+        return parts
+
+    def telling_amend(path: Path, name: str, value: object | None) -> None:
+        landed.append(step.exists())
+        amend(path, name, value)
+
+    monkeypatch.setattr(_writer, "encode_step", encode_then_signal)
+    monkeypatch.setattr(_writer, "amend_manifest", telling_amend)
+    recorder.log_step(1, grad_norm=1.0)
+    assert step.exists()
+    assert landed == [True]
+    assert _closed_mark(run) is True
+    with pytest.raises(UsageError, match="closed Recorder"):
+        recorder.log_step(2, grad_norm=1.0)

@@ -37,7 +37,8 @@ last rank's to stop, and a node's own directory may have none).
 
 A Recorder may be used from several threads: each `log_step` (and `rewrite_step`) holds the
 Recorder's lock, so a step's check, encoding and hand-over happen whole, in the order the
-calls take the lock; the step numbers must increase in that order (threads take turns).
+calls take the lock; the step numbers must increase in that order (threads take turns). A
+close that a signal handler makes in the thread of a step under way waits for that step.
 
 A Recorder writes from the process that made it: in a forked child `log_step` and `flush`
 raise UsageError (the child would write under the parent's file names, and its copy of the
@@ -441,6 +442,10 @@ class Recorder:
         self._rewriting = False
         self._lock = threading.RLock()
         """Held by each log_step (rewrite_step, flush's check, close): one step at a time."""
+        self._step_thread: int | None = None
+        """The thread whose log_step (or rewrite_step) is under way, else None."""
+        self._close_deferred = False
+        """Whether a close came from that thread itself (a signal handler) during the step."""
         self._writer: _Writer | None = None
         if async_writes:
             self._writer = _Writer(queue_size, halt_on_error=on_write_error == "warn")
@@ -516,7 +521,7 @@ class Recorder:
         UsageError naming the field for a missing field, a bad shape, dtype or id (nothing is
         written), WriteError if the file cannot be written."""
         self._check_process("log_step")  # (before the lock, which a fork may copy held)
-        with self._lock:
+        with self._step_under_way():
             if self._closed:
                 raise UsageError("log_step on a closed Recorder")
             if self.stopped is not None:
@@ -625,12 +630,31 @@ class Recorder:
         write fails. `record`'s optimizer hooks use it to add the second half of a step
         (capture/bootstrap.py)."""
         self._check_process("rewrite_step")
-        with self._lock:
+        with self._step_under_way():
             self._rewriting = True
             try:
                 self.log_step(step, **fields)
             finally:
                 self._rewriting = False
+
+    @contextmanager
+    def _step_under_way(self) -> Iterator[None]:
+        """Holds the Recorder's lock for a step. A close made meanwhile by a signal handler in
+        this thread (which the lock lets through) is done once the step is written whole or
+        given up, a failed write it reports then a warning line (its caller has returned)."""
+        with self._lock:
+            if self._step_thread is not None:  # rewrite_step's own log_step
+                yield
+                return
+            self._step_thread = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._step_thread = None
+                if self._close_deferred:
+                    self._close_deferred = False
+                    with _warned_at_the_end():
+                        self.close()
 
     def _check_process(self, call: str) -> None:
         """UsageError in a child forked from the process that made this Recorder: the child
@@ -695,7 +719,13 @@ class Recorder:
         while it drains (a second Ctrl-C) is finished by the next call, at the latest by the
         one at exit. In a forked child it only closes the child's copy: the writer is the
         parent's. Once nothing is left to write, the rank is free for another Recorder
-        (`_writer_lock`)."""
+        (`_writer_lock`). Made by a signal handler in the thread of a step under way, it
+        writes the queued steps and leaves the rest to the step's end."""
+        if self._step_thread == threading.get_ident():  # a signal handler's, during a step
+            self._close_deferred = True
+            if self._writer is not None and self._writer.is_alive():
+                self._writer.queue.join()  # the steps before it, for a handler that os._exits
+            return
         own = os.getpid() == self._pid
         writer = self._writer if own else None
         try:
