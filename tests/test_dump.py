@@ -863,3 +863,39 @@ def test_a_float64_past_float32s_range_is_recorded_as_inf_without_a_numpy_warnin
             rec.log_step(0, **{**_flat(), "logp": np.array([1e300, 0, 0, 0])})
     step = sd.open_run(tmp_path / "run").step(0)
     assert step["logp"][0].item() == math.inf and step.scalars["nonfinite"] == 1.0
+
+
+def test_an_async_log_step_waits_for_room_in_a_full_queue_as_the_docs_say(tmp_path, monkeypatch):
+    """async_writes on a disk slower than the training: once `queue_size` steps wait and one
+    is being written, log_step waits for the writer to take one (the training runs at most
+    `queue_size + 1` steps ahead of the disk, the loss bound on a crash). The docs said the
+    training thread never waits for the disk; they now say when it does."""
+    import threading
+
+    from _cli import ROOT
+
+    from stabledrl_cli.dump import _writer
+
+    disk = threading.Event()
+    write = _writer.write_step
+
+    def slow_disk(*args: object) -> None:
+        disk.wait()
+        write(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_writer, "write_step", slow_disk)
+    with sd.Recorder(tmp_path / "run", policy=None, async_writes=True, queue_size=2) as rec:
+        for step in range(3):  # one taken by the writer, two waiting
+            rec.log_step(step, grad_norm=1.0)
+        fourth = threading.Thread(target=rec.log_step, args=(3,), kwargs={"grad_norm": 1.0})
+        fourth.start()
+        fourth.join(timeout=0.3)
+        assert fourth.is_alive()  # the queue is full: it waits
+        disk.set()
+        fourth.join(timeout=60)
+        assert not fourth.is_alive()
+    assert sd.open_run(tmp_path / "run").step_numbers == [0, 1, 2, 3]
+    for doc in ("docs/run-format.md", "docs/recording.md"):
+        text = " ".join((ROOT / doc).read_text().split())
+        assert "never waits for the disk" not in text, doc
+        assert "finds the queue full waits" in text, doc

@@ -4,11 +4,12 @@ Durability. By default `log_step` returns once the step's file is fsynced, renam
 final name and the directory fsynced: a crash after that cannot lose it. With
 `async_writes=True`, `log_step` checks the inputs and encodes the file's bytes (a snapshot:
 the caller may reuse its tensors at once), then hands them to a writer thread through a
-queue of `queue_size` entries. On a crash (kill -9, power loss) at most `queue_size + 1` steps
-that `log_step` had returned for are lost: the ones waiting in the queue and the one being
-written. A SIGTERM that would end the process at once (its default action, when the Recorder
-is made in the main thread) loses none: the queue is written first (`_sigterm`). A step that
-is lost is lost whole: readers never see a partial file under a final name. `close()` (or
+queue of `queue_size` entries (a `log_step` that finds the queue full waits for room in it).
+On a crash (kill -9, power loss) at most `queue_size + 1` steps that `log_step` had
+returned for are lost: the ones waiting in the queue and the one being written. A SIGTERM
+that would end the process at once (its default action, when the Recorder is made in the
+main thread) loses none: the queue is written first (`_sigterm`). A step that is lost is
+lost whole: readers never see a partial file under a final name. `close()` (or
 leaving the `with` block) drains the queue; at exit, the queue of a Recorder that was never
 closed is drained too (even when the Recorder was dropped; in a child
 process of `multiprocessing`, as its target returns: `_child_end`), unless its caller closes
