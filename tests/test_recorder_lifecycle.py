@@ -574,3 +574,38 @@ def test_a_close_from_a_signal_handler_during_log_step_comes_after_the_step(
     assert _closed_mark(run) is True
     with pytest.raises(UsageError, match="closed Recorder"):
         recorder.log_step(2, grad_norm=1.0)
+
+
+LATE_HANDLER = textwrap.dedent(
+    """
+    import atexit, sys
+    import numpy as np
+    import stabledrl_cli as sd
+
+    def arrays():
+        return dict(logp=np.zeros(3), logp_old=np.zeros(3), advantages=np.ones(3),
+                    seq_id=np.zeros(3, dtype=np.int32))
+
+    def last_words():
+        recorder.log_step(2, **arrays())
+        print("the handler went on")
+
+    atexit.register(last_words)  # before the Recorder: Python runs it after the Recorder's
+    recorder = sd.Recorder(sys.argv[1], policy="grpo", async_writes=True)
+    for step in range(2):
+        recorder.log_step(step, **arrays())
+    """
+)
+
+
+def test_an_exit_handler_registered_before_an_async_recorder_still_records(tmp_path):
+    """An exit handler of the script registered before an async Recorder runs after the
+    Recorder's own (last registered, first run), which closed it: its log_step raised 'on a
+    closed Recorder', Python printed 'Exception ignored in atexit callback' and the rest of
+    the handler (a checkpoint's save, say) was skipped. The Recorder's exit handler now writes
+    the queued steps and marks the run closed but leaves the Recorder writing: step 2 is
+    recorded and the handler goes on."""
+    run, out = _recorded(LATE_HANDLER, tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2]
+    assert out == "the handler went on\n"
+    assert run.manifest.get("recording_closed") is True

@@ -746,6 +746,31 @@ class Recorder:
             if writer is None or not writer.is_alive():
                 self._writer_lock.release()
 
+    def end_at_exit(self) -> None:
+        """At exit (the Recorder's own exit handler, async_writes): its queued steps are
+        written and the run marked closed, as by `close`, but the Recorder stays open, writing
+        at once: an exit handler of the script registered before the Recorder was made runs
+        after this one (Python runs them last-registered first), and a step it logs is
+        recorded rather than refused (which would skip the rest of that handler)."""
+        if self._closed or os.getpid() != self._pid:
+            self.close()  # finishes a close interrupted while it drained; a forked child's copy
+            return
+        writer = self._writer
+        if writer is not None and writer.is_alive():
+            with self._lock:
+                writer.stop()
+                self._cancel_on_sigterm()
+                try:
+                    self._raise_writer_error()
+                finally:
+                    self._writer = None  # later steps are written by log_step itself
+        if not self._closed_marked and self.rank == 0 and self.world_size == 1:
+            with self._lock:
+                self._closed_marked = True
+                with suppress(ValueError, InputError, WriteError):  # best effort
+                    amend_manifest(self.path, RECORDING_CLOSED, True)
+        self._writer_lock.release()  # the process ends: the run reads as closed, not died
+
     def closed_by_caller_at_exit(self) -> None:
         """Leaves closing this Recorder at exit to the caller (`close`), which does it later
         than the Recorder's own exit handler (async_writes) would run: that handler is
@@ -799,7 +824,7 @@ def _close_at_exit(ref: weakref.ref[Recorder], writer: _Writer, path: Path) -> N
     recorder = ref()
     with _warned_at_the_end():
         if recorder is not None:
-            recorder.close()
+            recorder.end_at_exit()
         else:  # (in a forked child the copy's thread is not alive: nothing to do)
             writer.stop()
             _raise_failures(writer, path)
