@@ -914,3 +914,46 @@ def test_a_compact_manifest_near_the_bound_packs_into_an_archive_that_reads(tmp_
     assert result.exit_code == 0, result.output
     with open_run(out) as archive:
         assert archive.manifest == open_run(run).manifest and archive.step_numbers == [0]
+
+
+def test_an_archive_packed_before_format_1_2_reads_its_scalar_names_with_a_slash(tmp_path):
+    """A tool before format 1.2 packed a scalar `eval/acc` as HDF5 made of it: a dataset `acc`
+    in a group `scalars/eval`. Before, such an archive was refused whole ("corrupt run archive
+    (no dataset scalars/eval)", exit 3); it reads now, the scalar named as recorded."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, unit="sequence", reward_range=(0.0, 1.0)) as rec:
+        for step in range(3):
+            rec.log_step(
+                step,
+                logp=[-1.0, -2.0],
+                logp_old=[-1.0, -2.0],
+                advantages=[0.5, -0.5],
+                group_id=[0, 0],
+                reward=[1.0, 0.0],
+                scalars={"eval_acc": 0.25 * step},
+            )
+    archive = tmp_path / "old.h5"
+    pack_run(run, archive, compression="small")
+    with h5py.File(archive, "r+") as handle:
+        assert handle.attrs["format_version"] == "1.0"
+        for group in ("scalars", "scalars_recorded"):
+            handle.move(f"{group}/eval_acc", f"{group}/eval/acc")
+    steps = list(open_run(archive).steps())
+    assert [s.scalars["eval/acc"] for s in steps] == [0.0, 0.25, 0.5]
+    result = runner.invoke(app, ["inspect", str(archive), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert "eval/acc" in json.loads(result.stdout)["scalars"]
+
+
+def test_an_empty_group_in_a_pre_1_2_archive_scalars_is_still_a_missing_dataset(tmp_path):
+    run = tmp_path / "run"
+    with sd.Recorder(run, unit="sequence") as rec:
+        rec.log_step(0, logp=[-1.0], logp_old=[-1.0], advantages=[0.5], scalars={"x": 1.0})
+    archive = tmp_path / "old.h5"
+    pack_run(run, archive, compression="small")
+    with h5py.File(archive, "r+") as handle:
+        for group in ("scalars", "scalars_recorded"):
+            del handle[f"{group}/x"]
+            handle.create_group(f"{group}/x")
+    with pytest.raises(InputError, match="no dataset scalars/x"):
+        open_run(archive)

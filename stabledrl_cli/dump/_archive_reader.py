@@ -37,6 +37,7 @@ from stabledrl_cli.dump._layout import (
     ARCHIVE_MAJOR,
     RAGGED_FIELDS,
     REPLAY_REPORT_KIND,
+    SCALAR_ESCAPE_VERSION,
     SEQUENCE_FIELDS,
     STEP_COUNTS,
     TOKEN_FIELDS,
@@ -376,8 +377,8 @@ class ArchiveRun(Run):
             if has_data and name not in self._present:  # its steps would read without it
                 raise self._no_dataset(f"present/{name}")
         self._check_data_datasets()
-        recorded = set(self._members("scalars_recorded"))
-        values = set(self._members("scalars"))
+        recorded = set(self._scalar_members("scalars_recorded"))
+        values = set(self._scalar_members("scalars"))
         for group, missing in (
             ("scalars", recorded - values),
             ("scalars_recorded", values - recorded),
@@ -631,6 +632,22 @@ class ArchiveRun(Run):
         if not isinstance(found, h5py.Group):
             raise InputError(f"{self.location}: corrupt run archive (no group {group})")
         return list(found)
+
+    def _scalar_members(self, group: str) -> list[str]:
+        """The scalar dataset names in `group`: in an archive before format 1.2, which wrote a
+        name with "/" as HDF5 makes of it (groups), the paths under `group` that end in a
+        dataset (or in an empty group, which then reads as the dataset it lacks)."""
+        names = self._members(group)
+        if not names or self.format_version >= SCALAR_ESCAPE_VERSION:
+            return names
+        paths: list[str] = []
+
+        def leaf(path: str, item: h5py.Dataset | h5py.Group) -> None:
+            if isinstance(item, h5py.Dataset) or not len(item):
+                paths.append(path)
+
+        self._file[group].visititems(leaf)
+        return paths
 
     def _slice(self, where: str, index: int, begin: int, end: int) -> np.ndarray:
         """Entries [begin, end) of the data dataset `where`, step `index`'s slice; the chunks

@@ -29,8 +29,8 @@ filter, or, a data dataset written without it, by a CRC-32 of each step's slice)
                              its slice of fill values, zeros)
 
 A scalar's dataset name is its name with "%" and "/" written %25 and %2F (and a name "." or
-".." written %2E, %2E%2E), since HDF5 reads "/" as a path (format 1.2; an older archive holds
-no such name and is read as it is).
+".." written %2E, %2E%2E), since HDF5 reads "/" as a path (format 1.2; an older archive wrote
+a name with "/" as that path, groups, and is read so: each dataset's path under the group).
 
 The archive's format_version follows the run format's rule: 1.3 when the packed run uses a 1.3
 addition (a token_count), else 1.2 when it uses a 1.2 addition (a scalar step: no batch field
