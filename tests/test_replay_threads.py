@@ -91,3 +91,30 @@ def test_a_rejected_step_is_named_as_with_one_thread(tmp_path, make):
     many = sd.replay(run, ["grpo"], device="cpu", threads=3)
     assert len(one.skipped) == 1 and one.skipped[0].startswith("step 2: ")
     assert many.to_dict() | {"threads": 1} == one.to_dict()
+
+
+def _replay_note(run: Path, *options: str) -> str:
+    """The stderr of a replay with `options`, its progress lines left out."""
+    result = CliRunner().invoke(app, ["replay", str(run), "--format", "json", *options])
+    assert result.exit_code == 0, result.output
+    return "\n".join(line for line in result.stderr.splitlines() if "replaying" not in line)
+
+
+def test_threads_a_budget_leaves_idle_are_named_with_the_budget_that_fills_them(large_steps):
+    note = _replay_note(large_steps, "--threads", "4", "--memory-budget", "4M")
+    assert note.startswith("note: --threads 4 computed at most 1 step side by side"), note
+    assert "--memory-budget (4M)" in note
+    suggested = note.rsplit("--memory-budget ", 1)[1].split()[0]
+    assert _replay_note(large_steps, "--threads", "4", "--memory-budget", suggested) == ""
+
+
+def test_threads_a_chunk_size_leaves_idle_are_named_with_the_chunk_size(large_steps):
+    note = _replay_note(large_steps, "--threads", "4", "--chunk-size", "2")
+    assert "computed at most 2 steps side by side" in note
+    assert "--chunk-size 4 or more lets all 4 work" in note
+    assert _replay_note(large_steps, "--threads", "4", "--chunk-size", "4") == ""
+
+
+def test_threads_beyond_the_run_steps_or_one_thread_make_no_note(large_steps):
+    assert _replay_note(large_steps, "--threads", "8", "--memory-budget", "1G") == ""
+    assert _replay_note(large_steps, "--memory-budget", "4M") == ""

@@ -26,6 +26,7 @@ from stabledrl_cli.replay.config import (
     DEFAULT_THREADS,
     DEFAULT_WINDOW,
     MAX_THREADS,
+    format_size,
 )
 from stabledrl_cli.spec import INT_DIGITS, SPEC_SYNTAX, reads_as_zero, spec_float, spec_int
 from stabledrl_cli.vocab import DEVICES, OutputFormat, ReplayEngine
@@ -239,7 +240,7 @@ MemoryBudgetOpt = Annotated[
         metavar="SIZE",
         help="Step arrays and their rows of metrics held at a time (the chunk computed and "
         "the one read ahead, half each), e.g. 256M or 1G "
-        f"(default {DEFAULT_MEMORY_BUDGET // 2**20}M).",
+        f"(default {format_size(DEFAULT_MEMORY_BUDGET)}).",
     ),
 ]
 ThreadsOpt = Annotated[

@@ -14,6 +14,7 @@ options and the run never load torch (tests/test_startup.py).
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import sys
@@ -52,6 +53,7 @@ from stabledrl_cli.replay.config import (
     DEFAULT_SPIKE_FACTOR,
     SPIKE_HISTORY,
     ReplayConfig,
+    format_size,
     format_step_range,
     guard_specs,
     parse_size,
@@ -231,7 +233,33 @@ def replay_with_progress(
         option_names(),
         progress("replaying", len(run.listed_step_numbers), complete=True) as advance,
     ):
-        return replay_run(run, policies, config=config, progress=advance, engine=engine)
+        result = replay_run(run, policies, config=config, progress=advance, engine=engine)
+    note_idle_threads(result, config)
+    return result
+
+
+def note_idle_threads(result: ReplayResult, config: ReplayConfig) -> None:
+    """A line on stderr when chunks closed with fewer steps than `--threads`, so that some
+    threads never computed, with the option that lets them all work: a chunk's steps are
+    computed side by side, and a chunk holds about half `--memory-budget` of step arrays,
+    at most `--chunk-size` steps."""
+    widest, threads = result.widest_chunk, result.threads
+    if not 0 < widest < threads:
+        return
+    if config.chunk_size is not None and config.chunk_size < threads:
+        remedy = f"--chunk-size {threads} or more lets all {threads} work"
+    else:
+        budget = math.ceil(config.memory_budget * threads / widest / 2**20)
+        remedy = (
+            f"a chunk holds about half --memory-budget "
+            f"({format_size(config.memory_budget)}); --memory-budget {budget}M lets all "
+            f"{threads} work"
+        )
+    err.print(
+        f"note: --threads {threads} computed at most {counted(widest, 'step')} side by side, "
+        f"as a chunk held no more; {remedy}",
+        highlight=False,
+    )
 
 
 def note_empty_range(result: ReplayResult) -> None:

@@ -39,7 +39,12 @@ from stabledrl_cli.cli.replay import (
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.dump._remote import redacted
 from stabledrl_cli.errors import WriteError, counted
-from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET, parse_size, replay_config
+from stabledrl_cli.replay.config import (
+    DEFAULT_MEMORY_BUDGET,
+    format_size,
+    parse_size,
+    replay_config,
+)
 from stabledrl_cli.replay.report import print_legend, print_whole, stack_headers
 from stabledrl_cli.replay.run_facts import print_own_policy_note
 from stabledrl_cli.tune.front import SettingFigures, TuneReport, percent, rank
@@ -64,7 +69,7 @@ TuneMemoryBudgetOpt = Annotated[
         metavar="SIZE",
         help="Step arrays held at a time (the chunk computed and the one read ahead, half "
         "each; a step's settings are evaluated in groups of about half as much again, whatever "
-        f"their number), e.g. 256M or 1G (default {DEFAULT_MEMORY_BUDGET // 2**20}M).",
+        f"their number), e.g. 256M or 1G (default {format_size(DEFAULT_MEMORY_BUDGET)}).",
     ),
 ]
 

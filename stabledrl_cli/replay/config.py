@@ -388,3 +388,10 @@ def parse_size(text: str, field: str = "memory_budget") -> int:
     if not (math.isfinite(size) and size >= 1):
         raise ConfigError(field, f"expects a size such as 256M or 1G, got {quoted(text)}")
     return int(size)
+
+
+def format_size(size: int) -> str:
+    """268435456 -> '256M': bytes as `parse_size` reads them, in the largest unit that
+    divides them."""
+    scale, unit = max((scale, unit) for unit, scale in SIZE_UNITS.items() if size % scale == 0)
+    return f"{size // scale}{unit}"

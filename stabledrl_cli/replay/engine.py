@@ -368,6 +368,7 @@ def replay_result(
         skipped=skipped,
         missing=run_gaps(run),
         threads=config.threads,
+        widest_chunk=stream.widest_chunk,
         scalar_steps=stream.scalar_steps,
     )
 

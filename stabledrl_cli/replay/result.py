@@ -252,6 +252,9 @@ class ReplayResult:
     the JSON counts their steps, `missing_steps`)."""
     threads: int = 1
     """CPU threads the replay computed with (`ReplayConfig.threads`)."""
+    widest_chunk: int = 0
+    """The most steps of a chunk the memory budget or chunk size closed, 0 when none was (not
+    in the JSON: `stream.StreamedRun.widest_chunk`)."""
     scalar_steps: int = 0
     """Steps without a policy batch (per-step scalars only, format 1.2), not replayed."""
 

@@ -187,7 +187,7 @@ def merge_streams(run: Run, parts: list[StreamedRun], policies: int) -> Streamed
     geometry: list[StepGeometryKind] = []
     approximate = np.zeros(policies, dtype=bool)
     floor, likelihood = NoiseFloor(), OwnLikelihood()
-    scalar_steps = 0
+    scalar_steps = widest = 0
     rejected: list[tuple[int, str]] = []
     parts.reverse()
     while parts:
@@ -204,6 +204,7 @@ def merge_streams(run: Run, parts: list[StreamedRun], policies: int) -> Streamed
         likelihood.extend(part.likelihood)
         scalar_steps += part.scalar_steps
         rejected.extend(part.rejected)
+        widest = max(widest, part.widest_chunk)
     return StreamedRun(
         step_numbers=np.concatenate(numbers),
         metrics=metrics.rows,
@@ -215,4 +216,5 @@ def merge_streams(run: Run, parts: list[StreamedRun], policies: int) -> Streamed
         likelihood=likelihood,
         scalar_steps=scalar_steps,
         rejected=tuple(rejected),
+        widest_chunk=widest,
     )

@@ -115,6 +115,10 @@ class StreamedRun:
     """(step, reason) of each step whose data the pass could not use (module docstring), in
     step order: skipped, as the reader skips an unreadable step; the reason starts with
     "step N: "."""
+    widest_chunk: int = 0
+    """The most steps of a chunk that the memory budget or the chunk size closed (a sharded
+    pass: of any shard's), 0 when every chunk held the rest of the steps: a replay's threads
+    compute a chunk's steps side by side, so below `threads`, some of them never worked."""
     reader_checks: tuple[object, ...] = ()
     """What the readers of a sharded pass checked of the run (`Run.checks`, one a shard), for
     the driver's run to adopt; a local pass leaves its checks in the run it read."""
@@ -219,7 +223,7 @@ def stream_run(
     chunks = read_ahead(
         _read_chunks(run, policies, chunk_size, chunk_budget, scalar_steps, rejected, steps)
     )
-    computed = 0
+    computed = widest = 0
     refused = 0  # steps rejected here (the others, by `_read_chunks`, are in no chunk)
     outcome = partial(
         _step_row,
@@ -254,6 +258,8 @@ def stream_run(
             if rows:
                 metrics.append(torch.stack(rows))
             done = len(chunk)
+            if held >= chunk_budget or done == chunk_size:
+                widest = max(widest, done)
             computed += held
             # The chunk's steps hold their files' buffers: dropped before the next chunk is read.
             del chunk, arrays, measures, rows, outcomes, step, result
@@ -275,6 +281,7 @@ def stream_run(
         likelihood=likelihood,
         scalar_steps=len(scalar_steps),
         rejected=tuple(sorted(rejected)),
+        widest_chunk=widest,
     )
 
 
