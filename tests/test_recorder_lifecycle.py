@@ -507,7 +507,9 @@ def test_an_async_recorder_dropped_unclosed_holds_its_rank_until_its_queue_is_wr
     """A dropped async Recorder gave its rank up at once (its finalizer), with steps still
     queued: a second Recorder of the rank then took the run (overwrite=True removed its
     files) and the first's queue landed in it afterwards, two runs' steps mixed. Now the rank
-    stays held until the queue is written."""
+    stays held until the queue is written, and a second Recorder of the rank in the process
+    (a notebook cell run again) waits for that, where it was refused ('still open in this
+    process; close it first', with nothing left to close)."""
     import gc
 
     import stabledrl_cli.dump._writer as writer
@@ -526,15 +528,44 @@ def test_an_async_recorder_dropped_unclosed_holds_its_rank_until_its_queue_is_wr
     thread = rec._writer
     del rec
     gc.collect()
-    with pytest.raises(UsageError, match="being recorded by another Recorder"):
-        sd.Recorder(path, policy=None, overwrite=True)
+    made: list[sd.Recorder] = []
+    second = threading.Thread(
+        target=lambda: made.append(sd.Recorder(path, policy=None, resume=True))
+    )
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and not made  # waits: the queue is not written
+    assert sd.open_run(path).step_numbers == []
     disk.set()
-    thread.join(30)
+    second.join(30)
     assert not thread.is_alive()
-    with sd.Recorder(path, policy=None, resume=True) as again:
+    with made[0] as again:
+        assert again.last_step == 2
         again.log_step(3, grad_norm=1.0, loss=3.0)
     run = sd.open_run(path)
     assert run.step_numbers == [0, 1, 2, 3]
+
+
+def test_a_recorder_made_at_once_after_an_async_one_was_dropped_resumes_it(tmp_path):
+    """A training function that records with an async Recorder and returns without closing
+    it, called again on the same run: the new Recorder of the rank, made while the dropped
+    one's steps are still being written, waits for them and resumes after the last."""
+
+    def step(recorder: sd.Recorder, number: int) -> None:
+        batch = np.zeros((16, 1024), np.float32)
+        recorder.log_step(number, logp=batch, logp_old=batch, advantages=np.ones(16, np.float32))
+
+    def train(first: int, resume: bool) -> None:
+        recorder = sd.Recorder(tmp_path / "run", policy="grpo", async_writes=True, resume=resume)
+        assert recorder.last_step == (first - 1 if resume else None)
+        for number in range(first, first + 5):
+            step(recorder, number)
+
+    train(0, resume=False)
+    train(5, resume=True)
+    with sd.Recorder(tmp_path / "run", policy="grpo", resume=True) as last:
+        assert last.last_step == 9
+    assert sd.open_run(tmp_path / "run").step_numbers == list(range(10))
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

@@ -258,6 +258,7 @@ class _Writer(threading.Thread):
         releases the rank's `lock`, never before (a second Recorder of the rank would take the
         run while they land in it). Never waits: a full queue's last write ends the thread."""
         self._at_end = lock
+        lock.release_soon()
         with suppress(queue.Full):
             self.queue.put_nowait(None)  # (a thread waiting on an empty queue)
         if not self.is_alive():

@@ -41,6 +41,9 @@ _HELD: dict[tuple[int, int, int], int] = {}
 """(device, inode of steps/, rank) of each lock this process holds, with the process id that
 took it: a forked child's copy of the table names its parent's locks, not its own."""
 _HELD_LOCK = threading.Lock()
+_RELEASING: dict[tuple[int, int, int], threading.Event] = {}
+"""The locks of `_HELD` whose Recorder was dropped unclosed, set once released: its writer
+thread still writes the queued steps (`WriterLock.release_soon`)."""
 
 _TRIES = 8
 """Locks taken at most, each of a file that another Recorder removed before it was locked."""
@@ -68,6 +71,7 @@ class WriterLock:
         self._path = path
         self._key = key
         self._pid = os.getpid()
+        self._released = threading.Event()
 
     def release(self) -> None:
         if self._fd is None or self._path is None or os.getpid() != self._pid:
@@ -79,6 +83,16 @@ class WriterLock:
             os.close(fd)
             if self._key is not None:
                 _HELD.pop(self._key, None)
+                _RELEASING.pop(self._key, None)
+        self._released.set()
+
+    def release_soon(self) -> None:
+        """Its Recorder was dropped unclosed and its writer thread releases the lock once the
+        queued steps are written: a new Recorder of the rank in this process waits for that
+        instead of being refused (a notebook cell run again). Takes no lock: it runs in the
+        Recorder's finalizer, perhaps from a collection in the middle of `hold_writer_lock`."""
+        if self._key is not None and self._fd is not None:
+            _RELEASING[self._key] = self._released
 
 
 def hold_writer_lock(steps: Path, rank: int) -> WriterLock:
@@ -93,6 +107,10 @@ def hold_writer_lock(steps: Path, rank: int) -> WriterLock:
     except OSError:
         return WriterLock()
     key = (st.st_dev, st.st_ino, rank)
+    with _HELD_LOCK:
+        releasing = _RELEASING.get(key) if _HELD.get(key) == os.getpid() else None
+    if releasing is not None:  # set by the dropped Recorder's writer thread, however it ends
+        releasing.wait()
     with _HELD_LOCK:
         if _HELD.get(key) == os.getpid():
             raise _held_elsewhere(steps.parent, rank, "in this process")
@@ -111,6 +129,7 @@ def hold_writer_lock(steps: Path, rank: int) -> WriterLock:
                 return WriterLock()
             if _locked_in_place(held, path):
                 _HELD[key] = os.getpid()
+                _RELEASING.pop(key, None)
                 _sign(fd)
                 return WriterLock(fd, path, key)
             os.close(fd)
