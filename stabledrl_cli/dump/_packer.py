@@ -158,7 +158,12 @@ def _filters(compression: PackCompression, first: np.ndarray) -> dict[str, Any]:
 class _Column:
     """A growing 1-D dataset: appended step by step, with fill where a step lacks the field.
     Written without Fletcher32 (`FILTERS["plain"]`), it keeps the CRC-32 of each step's slice
-    (`crcs`, for `checksums/`)."""
+    (`crcs`, for `checksums/`).
+
+    Its first `CHUNK_ELEMENTS` entries are held in memory and the dataset is made once they
+    are all there, chunked at `CHUNK_ELEMENTS`, or at `finish` with one chunk of exactly its
+    entries: an uncompressed chunk takes its whole size on disk, and a run of a few hundred
+    values a field would otherwise take 128 KiB a field."""
 
     def __init__(
         self,
@@ -174,14 +179,9 @@ class _Column:
         self.field_name = field_name
         self.dtype = np.dtype(first.dtype)
         self.length = offsets[-1]
-        self.dataset = group.create_dataset(
-            name,
-            shape=(self.length,),
-            maxshape=(None,),
-            dtype=self.dtype,
-            chunks=(CHUNK_ELEMENTS,),
-            **filters,
-        )
+        self._group, self._name, self._filters = group, name, filters
+        self.dataset: h5py.Dataset | None = None
+        self._held: list[tuple[int, np.ndarray]] = []  # (start, values) not written yet
         self.crcs: list[int] | None = None
         if not filters.get("fletcher32"):
             self.crcs = [self._fill_crc(int(n)) for n in np.diff(offsets)]
@@ -190,26 +190,53 @@ class _Column:
         """The CRC-32 of `count` fill entries as a reader reads them back (zeros)."""
         return crc32(bytes(count * self.dtype.itemsize))
 
+    def _write(self) -> None:
+        """Makes the dataset (chunks of `CHUNK_ELEMENTS`, or of its entries when fewer) and
+        writes the values held."""
+        self.dataset = self._group.create_dataset(
+            self._name,
+            shape=(self.length,),
+            maxshape=(None,),
+            dtype=self.dtype,
+            chunks=(max(1, min(self.length, CHUNK_ELEMENTS)),),
+            **self._filters,
+        )
+        for start, values in self._held:
+            self.dataset[start : start + len(values)] = values
+        self._held.clear()
+
     def append(self, values: np.ndarray | None, count: int, where: str) -> None:
         """Writes `values` ([count], or None: leave `count` fill entries) at the end; `where`:
         the run and step, as a refusal names them."""
         start, self.length = self.length, self.length + count
-        self.dataset.resize((self.length,))
-        if values is None or count == 0:
-            if self.crcs is not None:
-                self.crcs.append(self._fill_crc(count))
-            return
-        if values.dtype != self.dtype:
+        if values is not None and count and values.dtype != self.dtype:
             if not np.can_cast(values.dtype, self.dtype, casting="safe"):
                 raise InputError(
                     f"{where}: {self.field_name} is {values.dtype}, an earlier step's "
                     f"{self.dtype}; an archive keeps one dtype a field: cannot pack it"
                 )
             values = values.astype(self.dtype)
-        values = np.ascontiguousarray(values)
-        self.dataset[start : self.length] = values
-        if self.crcs is not None:
-            self.crcs.append(crc32(values))
+        if values is None or count == 0:
+            if self.crcs is not None:
+                self.crcs.append(self._fill_crc(count))
+        else:
+            values = np.ascontiguousarray(values)
+            if self.crcs is not None:
+                self.crcs.append(crc32(values))
+            if self.dataset is None:
+                self._held.append((start, values.copy()))  # the step's arrays are not kept
+        if self.dataset is None:
+            if self.length >= CHUNK_ELEMENTS:
+                self._write()
+            return
+        self.dataset.resize((self.length,))
+        if values is not None and count:
+            self.dataset[start : self.length] = values
+
+    def finish(self) -> None:
+        """Writes the dataset of a column shorter than a chunk."""
+        if self.dataset is None:
+            self._write()
 
 
 @dataclass
@@ -298,6 +325,8 @@ class _Packer:
 
     def finish(self) -> None:
         handle, count = self.handle, len(self.numbers)
+        for column in self.columns.values():
+            column.finish()
         steps = handle.require_group("steps")
         _index_dataset(steps, "step", np.array(self.numbers, dtype=np.int64))
         for name, values in self.counts.items():
