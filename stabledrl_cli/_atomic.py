@@ -6,7 +6,9 @@ Every writer (step files, manifests, archives, reports, baselines, JUnit, plots)
 `write_atomic` (bytes in hand; `write_durably` is the same with the paths already spelled
 out, for step files) or `atomic_path` (a library such as h5py or matplotlib writes the
 temporary file itself). A failed write removes the temporary file and raises `WriteError`
-naming the target; "no space left on device" is named as such.
+naming the target; "no space left on device" is named as such. A writer killed outright
+(SIGKILL, a crash) leaves its temporary file; `atomic_path` removes those of its target whose
+process is gone before it writes (`clear_stale_temps`), so they never pile up.
 
 A file the user names (an archive, a report, a baseline, JUnit, a plot) goes through
 `write_output` or `output_path` instead. A symlink there is followed: the file it names is
@@ -35,20 +37,88 @@ from typing import NamedTuple
 
 from stabledrl_cli.errors import WriteError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock (and no stale temporary file is cleared there)
+    fcntl = None  # type: ignore[assignment]
+
 _NAME_MAX = 255
 """Bytes a file name may take (Linux's and macOS's file systems)."""
 
 
-def temp_name(target: Path) -> Path:
-    """The temporary name of `target` while it is written: `.NAME.tmp-PID` beside it, NAME cut
-    (and the CRC-32 of the whole name added) when the whole would pass `_NAME_MAX` bytes: a
-    name the file system takes must not fail for its temporary name."""
-    tail = f".tmp-{os.getpid()}"
+def temp_name(target: Path, pid: int | None = None) -> Path:
+    """The temporary name of `target` while process `pid` (default: this one) writes it:
+    `.NAME.tmp-PID` beside it, NAME cut (and the CRC-32 of the whole name added) when the
+    whole would pass `_NAME_MAX` bytes: a name the file system takes must not fail for its
+    temporary name."""
+    tail = f".tmp-{os.getpid() if pid is None else pid}"
     name = os.fsencode(target.name)
     if 1 + len(name) + len(tail) > _NAME_MAX:
         tail = f".{zlib.crc32(name):08x}{tail}"
         name = name[: _NAME_MAX - 1 - len(tail)]
     return target.with_name(f".{os.fsdecode(name)}{tail}")
+
+
+_TEMP_PID = re.compile(r".*\.tmp-([0-9]+)", re.DOTALL)
+"""A temporary name's writer (`temp_name`)."""
+
+
+def _gone(pid: int) -> bool:
+    """Whether no process `pid` runs here (a process of another user runs)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
+def _unlocked(path: Path) -> bool:
+    """Whether no process holds a `flock` of the file at `path` (where there is `flock`; HDF5
+    holds one of each file it writes, and `pack` of its archive)."""
+    if fcntl is None:
+        return True
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def mark_writing(fd: int) -> None:
+    """Takes a `flock` of the open temporary file `fd` (released when the process ends), which
+    tells `clear_stale_temps` of any process, here or on another machine sharing the file
+    system, that it is being written; best effort (no `flock`, or a file system without
+    locks: its process alone tells)."""
+    if fcntl is not None:
+        with suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def clear_stale_temps(target: Path) -> None:
+    """Removes the temporary files of `target` (`temp_name`) that a killed writer left: those
+    whose process no longer runs and that no process holds a `flock` of. The temporary file
+    of a write under way (another process's, or this one's) is left alone, and so is any
+    other file. Does nothing where processes cannot be asked after (not a POSIX system), nor
+    where the directory cannot be listed; a file that cannot be removed stays."""
+    if os.name != "posix":
+        return
+    with suppress(OSError), os.scandir(target.parent) as entries:
+        for entry in entries:
+            found = _TEMP_PID.fullmatch(entry.name) if entry.name.startswith(".") else None
+            if found is None or len(found.group(1)) > 10:  # no process number is that long
+                continue
+            pid = int(found.group(1))
+            if pid <= 0 or pid == os.getpid() or temp_name(target, pid).name != entry.name:
+                continue
+            path = Path(entry.path)
+            with suppress(OSError):
+                if entry.is_file(follow_symlinks=False) and _gone(pid) and _unlocked(path):
+                    path.unlink()
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -211,9 +281,12 @@ def _discard(temp: str | Path) -> None:
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """`with atomic_path(target) as temp:` the body writes the file at `temp` and closes it;
     on leaving, the file is fsynced and renamed onto `target` (and the directory fsynced). On
-    any exception the temporary file is removed; an OSError becomes `WriteError`."""
+    any exception the temporary file is removed; an OSError becomes `WriteError`. The
+    temporary files of `target` that killed writers left are removed first
+    (`clear_stale_temps`)."""
     final = Path(target)
     tmp = temp_name(final)
+    clear_stale_temps(final)
     try:
         yield tmp
         fsync_file(tmp)

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -19,6 +21,7 @@ from _corpus import edit_header, tiny_run
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli import _atomic
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.cli.pack import _size_change
 from stabledrl_cli.dump import RunIntegrityWarning, _layout, _packer, open_run, pack_run
@@ -345,26 +348,64 @@ pack_run(open_run(sys.argv[1]), sys.argv[2])
 """
 
 
-def test_killed_pack_leaves_no_file_under_the_target(rich_run, tmp_path):
-    out = tmp_path / "run.h5"
+@contextmanager
+def _half_done_pack(run: Path, out: Path) -> Iterator[subprocess.Popen]:
+    """A process packing `run` into `out`, stopped (asleep) after its sixth step; killed on
+    leaving if it still runs."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_WORKER, str(rich_run), str(out)],
+        [sys.executable, "-c", _KILLED_WORKER, str(run), str(out)],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert proc.stdout.readline().strip() == "midway"  # blocks until the pack is half done
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
         proc.stdout.close()
+
+
+def test_killed_pack_leaves_no_file_under_the_target(rich_run, tmp_path):
+    out = tmp_path / "run.h5"
+    with _half_done_pack(rich_run, out) as proc:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert not out.exists()
     leftovers = [p.name for p in tmp_path.iterdir()]
     assert len(leftovers) == 1 and leftovers[0].startswith(".run.h5.tmp-")
     # open_run never mistakes the half-written temporary file for the archive.
     assert runner.invoke(app, ["inspect", str(out)]).exit_code == 3
+
+
+def test_a_later_pack_removes_the_temporary_file_of_a_killed_pack_not_of_a_live_one(
+    rich_run, tmp_path, monkeypatch
+):
+    """A pack killed by SIGKILL left `.run.h5.tmp-PID` beside the target forever: every later
+    pack left it there (measured: the built-in example's pack killed mid-write, then a pack
+    to the same name: both the archive and the 5.8 kB temporary file stayed). A pack now
+    removes the temporary files of its target whose writer is gone; a live pack's (its
+    process runs, and it holds a flock of the file: a process on another machine sharing
+    the file system is seen so), and files of other names, stay."""
+    out = tmp_path / "run.h5"
+    with _half_done_pack(rich_run, out) as proc:
+        live = tmp_path / f".run.h5.tmp-{proc.pid}"
+        pack_run(rich_run, out, force=True)  # beside a live pack
+        assert live.exists()
+        with monkeypatch.context() as patch:  # as if its process ran elsewhere: its flock
+            patch.setattr(_atomic, "_gone", lambda pid: True)
+            pack_run(rich_run, out, force=True)
+        assert live.exists()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    other = tmp_path / f".other.h5.tmp-{proc.pid}"  # another target's
+    other.write_bytes(b"x")
+    assert live.exists()
+    result = runner.invoke(app, ["pack", str(rich_run), str(out), "--force"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "run.h5"]
+    assert open_run(out).step_numbers == list(range(STEPS))
 
 
 def test_pack_carries_integrity_findings(rich_run, tmp_path):

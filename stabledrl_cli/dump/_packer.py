@@ -16,7 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from stabledrl_cli._atomic import missing_directory, output_path, write_error
+from stabledrl_cli._atomic import mark_writing, missing_directory, output_path, write_error
 from stabledrl_cli._json import unicode_text
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
@@ -68,6 +68,7 @@ class _GuardedFile(io.RawIOBase):
         super().__init__()
         # Unbuffered: a buffered file would raise a deferred write error from seek or tell.
         self._raw = open(path, "w+b", buffering=0)  # noqa: SIM115 -- closed by close()
+        mark_writing(self._raw.fileno())  # h5py's file-object driver takes no lock of its own
         self.error: OSError | None = None
 
     def readable(self) -> bool:
