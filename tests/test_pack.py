@@ -939,29 +939,50 @@ def test_an_archive_name_longer_than_the_file_system_takes_is_an_output_error(ri
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_field_whose_dtype_narrows_is_refused_naming_the_field_and_step(tmp_path):
-    """A sketch recorded as float16 (with its scale), then as float32, cannot share one
-    dataset: the refusal said 'error: data: a step stores float32, an earlier one float16'
-    ("data", the dataset inside ragged/unit_grad_sketch), naming neither run, step nor field."""
+@pytest.mark.parametrize("chunk", [_layout.CHUNK_ELEMENTS, 16])
+@pytest.mark.parametrize("compression", ["fast", "small"])
+def test_a_field_recorded_narrower_then_wider_is_widened_and_replays_as_its_directory(
+    tmp_path, monkeypatch, chunk, compression
+):
+    """A sketch recorded as float16 (with its scale), then as float32, could not be packed:
+    'error: RUN: step 3: unit_grad_sketch is float32, an earlier step's float16; an archive
+    keeps one dtype a field: cannot pack it' (exit 3), for a run that replays. The field is
+    now widened to float32 (every float16 is a float32 exactly: the entries already written
+    are rewritten, also once the dataset is on disk, chunks of 16 here), a float16 step after
+    it is cast to it, and the archive reads and replays as the directory does."""
+    monkeypatch.setattr(_packer, "CHUNK_ELEMENTS", chunk)
     run = tmp_path / "run"
+    gen = torch.Generator().manual_seed(0)
+    dtypes = (torch.float16, None, torch.float16, torch.float32, torch.float32, torch.float16)
     with sd.Recorder(run, policy="grpo") as recorder:
-        for step, dtype in enumerate((torch.float16, torch.float32)):
-            logp = -torch.rand(2, 3, generator=torch.Generator().manual_seed(step))
+        for step, dtype in enumerate(dtypes):
+            logp = -torch.rand(4, 5, generator=gen)
+            sketch = torch.randn(20, 3, generator=gen)
             recorder.log_step(
                 step,
                 logp=logp,
-                logp_old=logp,
-                advantages=torch.ones(2),
-                unit_grad_sketch=torch.ones(2, 4, dtype=dtype),
-                unit_grad_sketch_scale=1.0 if dtype == torch.float16 else None,
+                logp_old=logp + 0.01 * torch.randn(4, 5, generator=gen),
+                advantages=torch.randn(4, generator=gen),
+                unit_grad_sketch=None if dtype is None else sketch.to(dtype),
+                unit_grad_sketch_scale=0.7 if dtype == torch.float16 else None,
+                grad_norm=1.0,
+                grad_norm_covered=1.0,
             )
-    result = runner.invoke(app, ["pack", str(run), str(tmp_path / "run.h5")])
-    assert result.exit_code == 3, result.output
-    assert result.stderr.splitlines()[-1] == (
-        f"error: {run}: step 1: unit_grad_sketch is float32, an earlier step's float16; an "
-        "archive keeps one dtype a field: cannot pack it"
-    )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    out = tmp_path / "run.h5"
+    result = runner.invoke(app, ["pack", str(run), str(out), "--compression", compression])
+    assert result.exit_code == 0, result.output
+    with h5py.File(out, "r") as handle:
+        assert handle["ragged/unit_grad_sketch/data"].dtype == np.float32
+        assert [n for n in handle["ragged/unit_grad_sketch"]] == ["data", "shape", "step_offsets"]
+    source, archive = open_run(run), open_run(out)
+    for a, b in zip(source.steps(), archive.steps(), strict=True):
+        assert a.fields == b.fields and _same_scalars(a.scalars, b.scalars)
+        for name in a.fields:
+            assert b[name].dtype == torch.float32 or name != "unit_grad_sketch"
+            torch.testing.assert_close(a[name].to(b[name].dtype), b[name], rtol=0, atol=0)
+    report = _cli_json(["inspect", str(out), "--format", "json"])
+    assert report["integrity"]["ok"], report["integrity"]
+    assert _replay_json(out) == _replay_json(run)
 
 
 def test_a_compact_manifest_near_the_bound_packs_into_an_archive_that_reads(tmp_path):

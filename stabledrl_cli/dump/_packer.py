@@ -10,6 +10,7 @@ import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,12 @@ class _Column:
     Its first `CHUNK_ELEMENTS` entries are held in memory and the dataset is made once they
     are all there, chunked at `CHUNK_ELEMENTS`, or at `finish` with one chunk of exactly its
     entries: an uncompressed chunk takes its whole size on disk, and a run of a few hundred
-    values a field would otherwise take 128 KiB a field."""
+    values a field would otherwise take 128 KiB a field.
+
+    Its dtype is the first values', widened when a later step's values are of a dtype that
+    holds every earlier one exactly (a sketch recorded as float16, then float32): the
+    entries written so far are rewritten in it. Values of a narrower dtype are cast to it
+    (exactly); a dtype neither way is refused."""
 
     def __init__(
         self,
@@ -182,41 +188,74 @@ class _Column:
         self.length = offsets[-1]
         self._group, self._name, self._filters = group, name, filters
         self.dataset: h5py.Dataset | None = None
-        self._held: list[tuple[int, np.ndarray]] = []  # (start, values) not written yet
+        self._held: dict[int, np.ndarray] = {}  # values not written yet, by their start
+        self._steps = [(int(a), int(b - a)) for a, b in pairwise(offsets)]
         self.crcs: list[int] | None = None
         if not filters.get("fletcher32"):
-            self.crcs = [self._fill_crc(int(n)) for n in np.diff(offsets)]
+            self.crcs = [self._fill_crc(count) for _, count in self._steps]
 
     def _fill_crc(self, count: int) -> int:
         """The CRC-32 of `count` fill entries as a reader reads them back (zeros)."""
         return crc32(bytes(count * self.dtype.itemsize))
 
-    def _write(self) -> None:
-        """Makes the dataset (chunks of `CHUNK_ELEMENTS`, or of its entries when fewer) and
-        writes the values held."""
-        self.dataset = self._group.create_dataset(
-            self._name,
-            shape=(self.length,),
+    def _create(self, name: str, length: int) -> h5py.Dataset:
+        """An empty dataset of the column's dtype and filters, of `length` entries, chunked
+        at `CHUNK_ELEMENTS` or at its length when shorter."""
+        return self._group.create_dataset(
+            name,
+            shape=(length,),
             maxshape=(None,),
             dtype=self.dtype,
-            chunks=(max(1, min(self.length, CHUNK_ELEMENTS)),),
+            chunks=(max(1, min(length, CHUNK_ELEMENTS)),),
             **self._filters,
         )
-        for start, values in self._held:
+
+    def _write(self) -> None:
+        """Makes the dataset and writes the values held."""
+        self.dataset = self._create(self._name, self.length)
+        for start, values in self._held.items():
             self.dataset[start : start + len(values)] = values
         self._held.clear()
+
+    def _widen(self, dtype: np.dtype) -> None:
+        """The column's dtype made `dtype`, which holds each entry so far exactly: the
+        entries written (or held) rewritten in it, and their steps' CRC-32s."""
+        self.dtype = dtype
+        if self.dataset is None:
+            self._held = {start: v.astype(dtype) for start, v in self._held.items()}
+        else:
+            narrow = self.dataset
+            wide = self._create(f"{self._name}.wide", narrow.shape[0])
+            for start in range(0, narrow.shape[0], CHUNK_ELEMENTS):
+                wide[start : start + CHUNK_ELEMENTS] = narrow[start : start + CHUNK_ELEMENTS]
+            del self._group[self._name]
+            self._group.move(wide.name, self._name)
+            self.dataset = self._group[self._name]
+        if self.crcs is not None:
+            self.crcs = [self._stored_crc(start, count) for start, count in self._steps]
+
+    def _stored_crc(self, start: int, count: int) -> int:
+        """The CRC-32 of the entries [start, start + count) as stored (or held)."""
+        if self.dataset is not None:
+            return crc32(np.ascontiguousarray(self.dataset[start : start + count]))
+        held = self._held.get(start) if count else None  # an empty step shares its start
+        return self._fill_crc(count) if held is None else crc32(held)
 
     def append(self, values: np.ndarray | None, count: int, where: str) -> None:
         """Writes `values` ([count], or None: leave `count` fill entries) at the end; `where`:
         the run and step, as a refusal names them."""
-        start, self.length = self.length, self.length + count
         if values is not None and count and values.dtype != self.dtype:
-            if not np.can_cast(values.dtype, self.dtype, casting="safe"):
+            if np.can_cast(values.dtype, self.dtype, casting="safe"):
+                values = values.astype(self.dtype)
+            elif np.can_cast(self.dtype, values.dtype, casting="safe"):
+                self._widen(np.dtype(values.dtype))
+            else:
                 raise InputError(
                     f"{where}: {self.field_name} is {values.dtype}, an earlier step's "
-                    f"{self.dtype}; an archive keeps one dtype a field: cannot pack it"
+                    f"{self.dtype}, and neither holds the other's values: cannot pack it"
                 )
-            values = values.astype(self.dtype)
+        start, self.length = self.length, self.length + count
+        self._steps.append((start, count))
         if values is None or count == 0:
             if self.crcs is not None:
                 self.crcs.append(self._fill_crc(count))
@@ -225,7 +264,7 @@ class _Column:
             if self.crcs is not None:
                 self.crcs.append(crc32(values))
             if self.dataset is None:
-                self._held.append((start, values.copy()))  # the step's arrays are not kept
+                self._held[start] = values.copy()  # the step's arrays are not kept
         if self.dataset is None:
             if self.length >= CHUNK_ELEMENTS:
                 self._write()
