@@ -1,7 +1,9 @@
 """The HDF5 archive of a run (`stabledrl pack`): its layout, shared by the packer and reader.
 
-Layout (every array dataset chunked and compressed as `FILTERS` says; checked by HDF5's Fletcher32
-filter, or, a data dataset written without it, by a CRC-32 of each step's slice):
+Layout (every data dataset, `tokens/NAME`, `sequences/NAME` and `ragged/NAME/data`, chunked
+and compressed as `FILTERS` says and checked by HDF5's Fletcher32 filter, or, written without
+it, by a CRC-32 of each step's slice; every other dataset stored whole, contiguous, and checked
+by its `crc32` attribute, `_archive_checks`):
     attrs: kind = "stabledrl-run", format_version, tool_version, source (the packed path)
     manifest                 the run's manifest.json as one JSON string dataset (an HDF5
                              attribute fails past 64 KiB, a manifest with param_names can be
