@@ -408,6 +408,32 @@ def test_a_later_pack_removes_the_temporary_file_of_a_killed_pack_not_of_a_live_
     assert open_run(out).step_numbers == list(range(STEPS))
 
 
+def test_pack_says_which_files_of_the_run_directory_the_archive_does_not_hold(tmp_path):
+    """A run recorded with --checkpoint-every 2 packed as '0.44 MB -> 0.05 MB (9.5x
+    smaller)', silent that its 0.43 MB checkpoints/ (which `stabledrl branch` reads from the
+    run directory) are not in the archive: a user deleting the directory for its archive lost
+    them. The size now counts what the archive holds, and a warning names what it does not
+    (a run's dot-named notes and locks are its own, not named)."""
+    run = tiny_run(tmp_path / "run")
+    held = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step-00000002.pt").write_bytes(bytes(400_000))
+    (run / "notes.txt").write_text("mine")
+    (run / ".writer.rank-0000.lock").write_bytes(b"")
+    out = tmp_path / "run.h5"
+    result = runner.invoke(app, ["pack", str(run), str(out), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["source_bytes"] == held
+    assert data["left_out"] == {"checkpoints/": 400_000, "notes.txt": 4}
+    assert (
+        f"warning: {run}: the archive holds its manifest and steps, not checkpoints/, notes.txt "
+        "(0.40 MB): keep the run directory for them (stabledrl branch reads checkpoints/ there)"
+    ) in " ".join(result.stderr.split())
+    again = runner.invoke(app, ["pack", str(out), str(tmp_path / "again.h5")])
+    assert again.exit_code == 0 and "warning" not in again.stderr, again.output
+
+
 def test_pack_carries_integrity_findings(rich_run, tmp_path):
     damaged = tmp_path / "damaged"
     damaged.mkdir()

@@ -4,15 +4,16 @@ RUN is a path or an fsspec URL (`memory://`, `file://`, `s3://`...), read in pla
 local path.
 
 Exit codes: 0 packed (a run with integrity findings is packed too: its readable steps, with the
-findings carried into the archive and named on stderr; a run being recorded now, the steps listed
-when the pack began, with a warning); 2 OUT exists without --force, or is a directory or a name
-ending in / (which names one), or its directory is missing, or it is inside the run's directory
-or is the archive packed (with --force too), or OUT is a URL, or RUN is a URL that cannot be
-read (an unknown scheme, a missing package, a chained or `reference://` URL); 3 a missing,
-non-run or unreadable RUN, or one with no readable step (none recorded, or every one damaged:
-no archive written); 4 OUT could not be written (a full disk, a name longer than the file
-system takes); 143 stopped by SIGTERM (as by Ctrl-C, 130: the temporary file is
-removed, OUT is as it was).
+findings carried into the archive and named on stderr; a run being recorded now, the steps
+listed when the pack began, with a warning; a run directory with more than its manifest and
+steps, such as checkpoints/, with a warning naming what the archive leaves out); 2 OUT exists
+without --force, or is a directory or a name ending in / (which names one), or its directory is
+missing, or it is inside the run's directory or is the archive packed (with --force too), or OUT
+is a URL, or RUN is a URL that cannot be read (an unknown scheme, a missing package, a chained
+or `reference://` URL); 3 a missing, non-run or unreadable RUN, or one with no readable step
+(none recorded, or every one damaged: no archive written); 4 OUT could not be written (a full
+disk, a name longer than the file system takes); 143 stopped by SIGTERM (as by Ctrl-C, 130: the
+temporary file is removed, OUT is as it was).
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ def command(
         err.print(
             f"warning: {redacted(run)} is being recorded now (a live Recorder holds it); the "
             f"archive holds the {counted(summary.steps, 'step')} listed when the pack began",
+            highlight=False,
+        )
+    if summary.left_out:
+        branch = " (stabledrl branch reads checkpoints/ there)"
+        branch = branch if "checkpoints/" in summary.left_out else ""
+        err.print(
+            f"warning: {redacted(run)}: the archive holds its manifest and steps, not "
+            f"{', '.join(summary.left_out)} ({sum(summary.left_out.values()) / 1e6:.2f} MB): "
+            f"keep the run directory for them{branch}",
             highlight=False,
         )
     if summary.findings:

@@ -9,6 +9,7 @@ import os
 import warnings
 import zlib
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -36,15 +37,17 @@ from stabledrl_cli.dump._layout import (
     scalar_dataset_name,
 )
 from stabledrl_cli.dump._open import opened_run
-from stabledrl_cli.dump._remote import inside_local_run
-from stabledrl_cli.dump._run import Run, Step
+from stabledrl_cli.dump._remote import inside_local_run, local_path
+from stabledrl_cli.dump._run import Run, Step, size_on_disk
 from stabledrl_cli.dump._schema import (
     COUNT_FIELDS,
     EXTENSION_FIELDS,
     FIELDS,
     MANIFEST_LIMIT,
+    MANIFEST_NAME,
     RECORDING_STOPS,
     RUN_KIND,
+    STEPS_DIR,
     manifest_stops,
     path_argument,
     switch_argument,
@@ -423,8 +426,12 @@ class PackSummary:
     steps: int
     tokens: int
     source_bytes: int
+    """Bytes of the run's files that the archive holds (`left_out` not counted)."""
     archive_bytes: int
     findings: list[Finding]
+    left_out: dict[str, int] = field(default_factory=dict)
+    """The entries of the run's directory that the archive does not hold (`_left_out`), with
+    their bytes."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -434,8 +441,27 @@ class PackSummary:
             "tokens": self.tokens,
             "source_bytes": self.source_bytes,
             "archive_bytes": self.archive_bytes,
+            "left_out": self.left_out,
             "integrity": IntegrityReport(self.findings).to_dict(),
         }
+
+
+def _left_out(run: Run) -> dict[str, int]:
+    """The entries of a run directory on this machine that an archive does not hold, by name (a
+    directory's ending in /), with their bytes: all but its manifest, its steps/ and its
+    dot-named files (notes, locks, temporary files): checkpoints/, branches/ (`stabledrl
+    branch` reads and writes them in the run directory), a user's own files. {} for an
+    archive, or a run at a URL of another filesystem."""
+    local = local_path(run.location)
+    if local is None or not os.path.isdir(local):
+        return {}
+    found: dict[str, int] = {}
+    with suppress(OSError), os.scandir(local) as entries:
+        for entry in entries:
+            if not entry.name.startswith(".") and entry.name not in (MANIFEST_NAME, STEPS_DIR):
+                name = unicode_text(entry.name) + ("/" if entry.is_dir() else "")
+                found[name] = size_on_disk(Path(entry.path))
+    return dict(sorted(found.items()))
 
 
 def check_pack_target(
@@ -627,6 +653,8 @@ def _pack(
             f"{run.location}: its manifest cannot be written as JSON ({exc})"
         ) from None
     source_bytes = run.size_bytes  # before the archive: a store that cannot list leaves none
+    unpacked = _left_out(run)
+    source_bytes = max(0, source_bytes - sum(unpacked.values()))
     with output_path(target) as temp:
         guarded = _GuardedFile(temp)
         try:
@@ -649,4 +677,5 @@ def _pack(
         source_bytes=source_bytes,
         archive_bytes=archive_bytes,
         findings=list(integrity.findings),
+        left_out=unpacked,
     )
