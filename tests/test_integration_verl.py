@@ -34,6 +34,7 @@ from verl import DataProto  # noqa: E402
 from verl.trainer.ppo import core_algos  # noqa: E402
 from verl.trainer.ppo.metric_utils import compute_data_metrics  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.utils.tracking import Tracking  # noqa: E402
 from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
 from verl.workers.engine.base import BaseEngine  # noqa: E402
 from verl.workers.engine.utils import prepare_micro_batches  # noqa: E402
@@ -992,6 +993,11 @@ ACTOR_SETTINGS = [
 """(world, the engine run's SETTINGS, the spec recorded) of each actor-settings engine run."""
 
 
+LR_WARMUP = {"optimizer": {"lr_warmup_steps": 3}, "rollouts": 3}
+"""SETTINGS of an engine run whose learning rate changes every rollout: verl's warmup over 3
+scheduler steps (one a rollout), the rollout trained 3 times before the NaN one."""
+
+
 REFUSED_JOB = ("vanilla", {"actor": {"entropy_coeff": 0.01}, "calculate_entropy": True})
 """(loss_mode, SETTINGS) of an engine run the hook refuses: the entropy bonus (verl's trainer
 then computes the entropy)."""
@@ -1005,7 +1011,7 @@ def engine_jobs(world: int) -> list[tuple[str, dict[str, Any]]]:
         ("vanilla", {}),
         *((loss_mode, {}) for loss_mode, _ in MICRO_BATCH_MODES),
         *(("vanilla", each) for each in settings),
-        *([REFUSED_JOB] if world == 1 else []),
+        *([("vanilla", LR_WARMUP), REFUSED_JOB] if world == 1 else []),
     ]
 
 
@@ -1318,6 +1324,41 @@ def test_a_baseline_from_verls_log_gates_the_recorded_run(
         baseline.write_text(json.dumps(figures))
         gated = run_cli("check", other, "-b", baseline)
         assert gated.returncode == 0, gated.stdout + gated.stderr
+
+
+def test_verls_logged_lr_is_imported_as_the_lr_the_recorded_step_used(
+    engine_runs: EngineRuns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verl logs `actor/lr` after its scheduler stepped (`lr_scheduler_step()`'s return): the
+    lr of the next training step's updates. Imported as logged, training step s carried the
+    lr of step s + 1 (a warmup's 3.3e-4 at step 1, whose updates the integration recorded at
+    0.0). A step's lr is the one its update used: the import now takes step s's from step
+    s - 1's line, equal to the recorded steps of rollout s - 1, and the first has none."""
+    run, ranks = engine_runs(1, settings=LR_WARMUP)
+    logged = ranks[0]["logged"]
+    log = tmp_path / "verl.jsonl"
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(log))
+    tracking = Tracking("project", "experiment", ["file"])
+    for step, metrics in enumerate(logged, start=1):  # RayPPOTrainer.fit's steps
+        tracking.log(data=metrics, step=step)
+    tracking.logger["file"].finish()
+    done = run_cli("import", log, "--out", tmp_path / "imported", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert (
+        "actor/lr logged at step s is the learning rate set after step s's update"
+        in (json.loads(done.stdout)["warnings"][0])
+    )
+    imported = {step.step: step.scalars.get("lr") for step in open_run(tmp_path / "imported")}
+    rollouts: dict[int, set[float]] = {}
+    rollout = -1
+    for step in run:  # the recorded optimizer steps, by rollout
+        rollout += step.scalars["inner_step"] == 0
+        rollouts.setdefault(rollout, set()).add(step.scalars["lr"])
+    assert len(rollouts) == len(logged) == 4
+    assert imported[1] is None
+    for number, lrs in rollouts.items():
+        assert lrs == {imported[number + 1]} if number else lrs == {0.0}
+    assert len({imported[2], imported[3], imported[4]}) == 3  # the warmup moved it
 
 
 def test_engine_entropy_bonus_is_refused_in_one_line_and_training_goes_on(

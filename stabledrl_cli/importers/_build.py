@@ -18,7 +18,7 @@ from stabledrl_cli.dump._schema import (
     step_file_name,
 )
 from stabledrl_cli.dump._writer import Recorder
-from stabledrl_cli.importers._names import NameMap, map_names
+from stabledrl_cli.importers._names import LOGGED_AFTER_THE_STEP, NameMap, lookup_name, map_names
 from stabledrl_cli.importers._table import StepTable
 from stabledrl_cli.vocab import ImportFormat
 
@@ -76,6 +76,10 @@ def write_scalar_run(
     counts: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
     ordered = sorted(table.steps)
+    warnings = list(table.warnings)
+    shifted = _shift_to_the_step_that_used_it(table, mapping)
+    if shifted:
+        warnings.append(shifted)
     existed = os.path.lexists(out)
     recorder = Recorder(
         out, policy=None, source=origin, overwrite=overwrite, reward_range=reward_range
@@ -108,7 +112,28 @@ def write_scalar_run(
         non_numeric=dict(table.non_numeric),
         replaced=table.replaced,
         preempted=table.preempted,
-        warnings=list(table.warnings),
+        warnings=warnings,
+    )
+
+
+def _shift_to_the_step_that_used_it(table: StepTable, mapping: NameMap) -> str | None:
+    """Moves each value of a LOGGED_AFTER_THE_STEP source mapped to a standard scalar from
+    the step that logged it to the next step (s + 1), the step whose update used it: the
+    first step is left without one, and a value logged at a step whose next one the log
+    lacks (its last) is dropped. A step keeps its place with no value left. Returns the note
+    for the summary's warnings (None when nothing moved)."""
+    names = [n for n in mapping.standard if lookup_name(n) in LOGGED_AFTER_THE_STEP]
+    if not names:
+        return None
+    for name in names:
+        values = {s: row.pop(name) for s, row in table.steps.items() if name in row}
+        for step, value in values.items():
+            if step + 1 in table.steps:
+                table.steps[step + 1][name] = value
+    shown = ", ".join(names)
+    return (
+        f"{shown} logged at step s is the learning rate set after step s's update: imported "
+        "as step s + 1's (the one its update used), so the first step has none"
     )
 
 

@@ -41,6 +41,13 @@ STANDARD_SOURCES: dict[str, tuple[str, ...]] = {
 """Standard scalar -> the logged names that carry it, most preferred first."""
 
 
+LOGGED_AFTER_THE_STEP = frozenset({"actor/lr"})
+"""Sources whose value at step s belongs to step s + 1: verl's `actor/lr` is the lr its
+scheduler set after step s's updates (`lr_scheduler_step()` returns it), the lr of step
+s + 1's. A run's `lr` is the one the step's update used (as the integrations record it and
+transformers logs `learning_rate`), so step s takes the value logged at step s - 1."""
+
+
 def standard_source(standard: str, logged: Container[str]) -> str | None:
     """The first of `standard`'s sources (`STANDARD_SOURCES`, in order of preference) that
     `logged` holds; None when it holds none."""

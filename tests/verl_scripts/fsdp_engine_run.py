@@ -11,11 +11,15 @@ kl_cov with kl_cov_ratio 0.2): one rollout for 2 ppo epochs x 2 mini-batches, th
 mini-batch with a NaN advantage (verl skips that update). SETTINGS, a JSON object, sets more:
 "actor" (ActorConfig fields, e.g. use_kl_loss, loss_scale_factor, entropy_coeff), "engine"
 (FSDPEngineConfig fields, e.g. use_dynamic_bsz, micro_batch_size_per_gpu) and
-"calculate_entropy" (as verl's trainer sets it) and "own_rollout_n" (the batches, 0 the
-rollout and 1 the NaN one, whose prompt 1 takes prompt 0's uid: one prompt of 6 responses,
-as a prompt's own `__rollout_n__` gives it in verl's v1 trainer). Each job builds its own
+"optimizer" (FSDPOptimizerConfig fields, e.g. lr_warmup_steps), "rollouts" (how many times
+the first rollout is trained before the NaN one, default 1), "calculate_entropy" (as verl's
+trainer sets it) and "own_rollout_n" (the batches, 0 the rollout and 1 the NaN one, whose
+prompt 1 takes prompt 0's uid: one prompt of 6 responses, as a prompt's own
+`__rollout_n__` gives it in verl's v1 trainer). Each job builds its own
 model, worker and hook (install(OUT), uninstall() at its end), and each rank writes verl's
-own logged metrics of each mini-batch to RESULT.json (rank 0) or RESULT.json.rank<r>. Rank 0
+own logged metrics of each mini-batch to RESULT.json (rank 0) or RESULT.json.rank<r>
+("steps"), and the actor's metrics of each rollout as verl's trainer logs them ("logged":
+`rename_dict(..., "actor/")` reduced by `reduce_metrics`, as `_update_actor` and `fit` do). Rank 0
 writes the line "fsdp_engine_run.py: job N" to stderr as job N (from 0) starts.
 
 Where CPU stops, and the stand-ins used here: verl falls back to the CUDA platform without an
@@ -61,6 +65,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from verl.trainer.config.config import CheckpointConfig  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.utils.metric import reduce_metrics  # noqa: E402
+from verl.utils.py_functional import rename_dict  # noqa: E402
 from verl.workers.config import (  # noqa: E402
     FSDPEngineConfig,
     FSDPOptimizerConfig,
@@ -94,9 +100,10 @@ def tiny_model(path: str) -> None:
     fast.save_pretrained(path)
 
 
-def worker(path: str, engine: dict[str, Any]) -> TrainingWorker:
+def worker(path: str, engine: dict[str, Any], optimizer: dict[str, Any]) -> TrainingWorker:
     """verl's own TrainingWorker (outside Ray: it reads RANK, WORLD_SIZE, MASTER_* itself),
-    its FSDPEngineConfig fields overridden by `engine`."""
+    its FSDPEngineConfig fields overridden by `engine`, its FSDPOptimizerConfig's by
+    `optimizer`."""
     model = HFModelConfig(
         path=path, use_remove_padding=True, override_config={"attn_implementation": "sdpa"}
     )
@@ -113,7 +120,7 @@ def worker(path: str, engine: dict[str, Any]) -> TrainingWorker:
                 **engine,
             }
         ),
-        optimizer_config=FSDPOptimizerConfig(lr=1e-3, clip_grad=0.5),
+        optimizer_config=FSDPOptimizerConfig(**{"lr": 1e-3, "clip_grad": 0.5, **optimizer}),
         checkpoint_config=CheckpointConfig(),
     )
     built = TrainingWorker(config)
@@ -130,7 +137,7 @@ def train(out: str, result: str, loss_mode: str, settings: str) -> None:
         tiny_model(model_dir[0] or "")
     dist.broadcast_object_list(model_dir, src=0)
     assert stabledrl_verl.install(out, overwrite=True)
-    actor = worker(model_dir[0] or "", options.get("engine", {}))
+    actor = worker(model_dir[0] or "", options.get("engine", {}), options.get("optimizer", {}))
     policy_loss = {"kl_cov_ratio": 0.2} if loss_mode == "kl_cov" else {}
     config = actor_config(loss_mode=loss_mode, policy_loss=policy_loss, **options.get("actor", {}))
     actor.set_loss_fn(functools.partial(ppo_loss, config=config))
@@ -139,8 +146,9 @@ def train(out: str, result: str, loss_mode: str, settings: str) -> None:
     mini = 6
     bad = tu.index_select_tensor_dict(mine, torch.arange(mini))
     bad["advantages"][0, 0] = float("nan")
-    steps = []
-    for number, (batch, epochs) in enumerate(((mine, 2), (bad, 1))):
+    steps, logged = [], []
+    batches = [(mine, 2)] * int(options.get("rollouts", 1)) + [(bad, 1)]
+    for number, (batch, epochs) in enumerate(batches):
         if number in options.get("own_rollout_n", []):
             uids = ["prompt-0" if uid == "prompt-1" else uid for uid in batch["uid"]]
             batch = batch.clone()
@@ -157,6 +165,7 @@ def train(out: str, result: str, loss_mode: str, settings: str) -> None:
         )
         output = actor.train_mini_batch(batch)
         metrics = tu.get(output, "metrics")
+        logged.append(reduce_metrics(rename_dict(dict(metrics), "actor/")))
         for n in range(len(metrics["grad_norm"])):
             steps.append(
                 {  # verl's logged values of each mini-batch (optimizer step)
@@ -174,7 +183,8 @@ def train(out: str, result: str, loss_mode: str, settings: str) -> None:
             )
     stabledrl_verl.uninstall()
     target = result if rank == 0 else f"{result}.rank{rank}"
-    Path(target).write_text(json.dumps({"rank": rank, "world": world, "steps": steps}))
+    results = {"rank": rank, "world": world, "steps": steps, "logged": logged}
+    Path(target).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":
