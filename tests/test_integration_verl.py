@@ -1127,15 +1127,23 @@ def test_a_prompt_of_its_own_rollout_n_keeps_its_split_marks(tmp_path: Path, fir
     responses, rollout.n 3, on verl's real engine over 2 ranks. The run recorded
     num_generations 3, so a step holding 3 of its 6 read as whole (its split marks cleared:
     adv= recomputed it from half the group). A first rollout of such groups now records no
-    num_generations (every partial group stays marked); a later one is said once."""
-    done = engine_process(2, [(tmp_path, "vanilla", {"own_rollout_n": [0 if first else 1]})])
+    num_generations (every partial group stays marked). A later one (the second of three
+    rollouts, shuffled so that each of its 4 steps holds 3 of the 6) was only warned of, its
+    steps still read 3 of 6 as whole; its steps now record no prompt groups, said once a
+    rank, and the other rollouts' steps keep theirs."""
+    settings = {"own_rollout_n": [0]} if first else {"own_rollout_n": [1], "rollouts": 2, "seed": 6}
+    done = engine_process(2, [(tmp_path, "vanilla", settings)])
     assert done.returncode == 0, done.stderr[-3000:]
     run, _ = engine_result(tmp_path, 2)
     warned = [line for line in done.stderr.splitlines() if "stabledrl: warning" in line]
     if not first:
         assert run.manifest["meta"]["num_generations"] == 3
+        assert run.step_numbers == list(range(9))
+        for step in run:
+            assert ("group_id" in step.fields) == (step.step not in (4, 5, 6, 7)), step.step
         assert len(warned) == 2, warned  # once on each rank
         assert "prompt groups of 6 responses, not the run's num_generations 3" in warned[0]
+        assert "record no prompt groups" in warned[0]
         return
     assert "num_generations" not in run.manifest["meta"] and warned == []
     for step in list(run)[:4]:

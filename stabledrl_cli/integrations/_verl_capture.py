@@ -159,6 +159,9 @@ class Groups:
     """uid -> global group id (rank of the uid among the rollout's sorted uids)."""
     size: dict[str, int]
     """uid -> number of the group's sequences in the rollout, over all ranks."""
+    recorded: bool = True
+    """False when the rollout's steps record no prompt groups (`Session.check_group_sizes`:
+    a multi-rank run whose join would take part of a larger group for a whole one)."""
 
     @classmethod
     def of(cls, uids: list[str]) -> Groups:
@@ -173,8 +176,8 @@ def _group_fields(
     micro: list[MicroBatch], groups: Groups | None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(group_id, group_split) of a step's sequences (`StepLog.write`); (None, None) when a
-    micro-batch has no uids."""
-    if any(m.uid is None for m in micro):
+    micro-batch has no uids or the rollout's groups are not recorded (`Groups.recorded`)."""
+    if any(m.uid is None for m in micro) or (groups is not None and not groups.recorded):
         return None, None
     uids = [uid for m in micro for uid in m.uid or ()]
     groups = groups if groups is not None and all(u in groups.index for u in uids) else None
@@ -203,8 +206,9 @@ class StepLog:
     ) -> None:
         """Logs the micro-batches as optimizer step `step` (groups: the rollout's, else the
         step's own uids number the groups and none is marked split; without a micro-batch's
-        uids the step records no group_id nor group_split: a replay that recomputes
-        advantages by group is refused, not given one group of every sequence)."""
+        uids, or when the rollout's groups are not recorded, the step records no group_id nor
+        group_split: a replay that recomputes advantages by group is refused, not given one
+        group of every sequence)."""
         kept = [every_row(m.mask) for m in micro]
 
         def tokens(rows: list[torch.Tensor]) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,8 @@ class Session:
     failure: RecordingFailure = field(default_factory=RecordingFailure)
     group_size: int | None = None
     """The run's `meta.num_generations` (once it is open; None without one)."""
+    world_size: int = 1
+    """The run's data-parallel ranks (once it is open)."""
     said_group_sizes: bool = False
     """Whether `check_group_sizes` has warned."""
     unrecorded: set[str] = field(default_factory=set)
@@ -103,19 +105,28 @@ class Session:
             )
 
     def check_group_sizes(self) -> None:
-        """Says once when the current rollout has a prompt group of another size than the
-        run's `num_generations` (written at its first step: a later rollout's prompts took
-        their own `__rollout_n__`)."""
-        size = self.group_size
-        if self.groups is None or size is None or self.said_group_sizes or self.off:
+        """Leaves the prompt groups of the current rollout unrecorded (`Groups.recorded`)
+        when it has a group of another size than the run's `num_generations` (written at its
+        first step: a later rollout's prompts took their own `__rollout_n__`) and the run has
+        several ranks, whose join would take the part of such a group a step holds for the
+        whole group when its size is num_generations; said once. Every rank decides the same
+        (the rollout's groups are gathered over the ranks). One rank's step has no join: its
+        split marks are the rollout's own sizes, kept."""
+        size, groups = self.group_size, self.groups
+        if groups is None or size is None or self.world_size == 1 or self.off:
             return
-        other = sorted({n for n in self.groups.size.values() if n != size})
-        if other:
+        other = sorted({n for n in groups.size.values() if n != size})
+        if not other:
+            return
+        self.groups = replace(groups, recorded=False)
+        if not self.said_group_sizes:
             self.said_group_sizes = True
             warn(
                 f"stabledrl: warning: a rollout has prompt groups of {other[0]} responses, "
-                f"not the run's num_generations {size} (a prompt's own __rollout_n__): a "
-                "multi-rank step may show a part of such a group as whole (replay's adv=)\n"
+                f"not the run's num_generations {size} (a prompt's own __rollout_n__): the "
+                "steps of such a rollout record no prompt groups (group_id, group_split), "
+                "since the join of the ranks would read part of such a group as whole; a "
+                "replay that recomputes advantages (adv=) is refused at them\n"
             )
 
     @property
@@ -158,6 +169,7 @@ class Session:
             self.policy_spec = policy.spec
             generations = _num_generations(config, self.groups)
             self.group_size = generations.get("num_generations")
+            self.world_size = world_size
             self.recorder = Recorder(
                 self.out,
                 policy=policy,

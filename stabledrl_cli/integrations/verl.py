@@ -41,7 +41,8 @@ What is hooked, in the worker process:
   a group with members on another rank or in another mini-batch is marked `group_split`
   (the manifest's `meta.num_generations`, rollout.n, lets the join of the ranks clear the marks
   of a group whose members are all in the step; none is recorded when the first rollout has a
-  group of another size, a prompt's own `__rollout_n__`, and a later one's is warned of).
+  group of another size, a prompt's own `__rollout_n__`; a later rollout with such a group
+  records no prompt groups when the run has several ranks, said in one warning).
 
 Engines: exercised on verl's FSDP2 engine (tests/verl_scripts). Megatron, torchtitan and
 automodel inherit `train_batch` and call the loss function and `optimizer_step()` the same

@@ -12,7 +12,8 @@ mini-batch with a NaN advantage (verl skips that update). SETTINGS, a JSON objec
 "actor" (ActorConfig fields, e.g. use_kl_loss, loss_scale_factor, entropy_coeff), "engine"
 (FSDPEngineConfig fields, e.g. use_dynamic_bsz, micro_batch_size_per_gpu) and
 "optimizer" (FSDPOptimizerConfig fields, e.g. lr_warmup_steps), "rollouts" (how many times
-the first rollout is trained before the NaN one, default 1), "calculate_entropy" (as verl's
+the first rollout is trained before the NaN one, default 1), "seed" (of the mini-batches'
+shuffle, plus the rank; default 0), "calculate_entropy" (as verl's
 trainer sets it) and "own_rollout_n" (the batches, 0 the rollout and 1 the NaN one, whose
 prompt 1 takes prompt 0's uid: one prompt of 6 responses, as a prompt's own
 `__rollout_n__` gives it in verl's v1 trainer). Each job builds its own
@@ -158,7 +159,7 @@ def train(out: str, result: str, loss_mode: str, settings: str) -> None:
             global_batch_size=mini * world,
             mini_batch_size=mini * world,
             epochs=epochs,
-            seed=rank,
+            seed=int(options.get("seed", 0)) + rank,
             dataloader_kwargs={"shuffle": True},
             calculate_entropy=bool(options.get("calculate_entropy", False)),
             temperature=1.0,
