@@ -1983,6 +1983,38 @@ def test_a_batch_without_uids_records_no_groups(hooked: Any) -> None:
     assert CliRunner().invoke(app, ["replay", str(run_dir), "-p", "grpo"]).exit_code == 0
 
 
+@pytest.mark.parametrize("mode", ["my_clip", "vanilla"], ids=["own-name", "over-vanilla"])
+def test_a_policy_loss_of_a_users_own_records_no_policy_said_in_the_run(
+    hooked: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """A policy loss the user registers as a plain function (`register_policy_loss(mode)`,
+    under a name of its own or over verl's vanilla) was refused with a warning: the job
+    trained and left no run. Its steps are now recorded with no policy, the manifest's
+    meta.policy_unidentified (which inspect shows) naming the function, said in one
+    warning: no catalogue policy is replayed as the run's own, and the recorded batches
+    replay under a policy asked for."""
+
+    def my_clip(**kwargs: Any) -> Any:
+        return core_algos.compute_policy_loss_vanilla(**kwargs)
+
+    monkeypatch.setitem(core_algos.POLICY_LOSS_REGISTRY, mode, my_clip)
+    run_dir, status = hooked
+    train(actor_config(loss_mode=mode))
+    stabledrl_verl.uninstall()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "stabledrl" in line]
+    name = f"{__name__}.test_a_policy_loss_of_a_users_own_records_no_policy_said_in_the_run"
+    said = f"loss_mode {mode!r} is registered to {name}.<locals>.my_clip"
+    assert len(warnings) == 1 and said in warnings[0], warnings
+    assert not status.exists()
+    run = open_run(run_dir)
+    assert run.step_numbers == [0, 1] and run.policy_spec is None
+    assert said in run.manifest["meta"]["policy_unidentified"]
+    shown = CliRunner().invoke(app, ["inspect", str(run_dir)], env={"COLUMNS": "400"})
+    assert "meta.policy_unidentified" in shown.output and "my_clip" in shown.output
+    (replayed,) = replay_run(run, ["dual-clip"], config=ReplayConfig(device="cpu")).policies
+    assert len(replayed.steps) == 2
+
+
 def test_an_actor_loss_of_its_own_is_refused_in_one_line(
     hooked: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

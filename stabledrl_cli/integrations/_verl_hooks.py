@@ -38,6 +38,7 @@ from stabledrl_cli.integrations._verl_policy import (
     loss_mode,
     policy_changed,
     policy_for_actor_config,
+    unidentified_loss,
 )
 
 LossFunction = Callable[..., Any]
@@ -64,7 +65,8 @@ class Session:
     recorder: Recorder | None = None
     """Opened at the first recorded step (it needs the rank and the actor's config)."""
     policy_spec: str = ""
-    """The spec the run records, mapped from the actor's config and its first micro-batch."""
+    """The spec the run records, mapped from the actor's config and its first micro-batch;
+    "" when the actor's loss is a user's (`unidentified_loss`: the run records no policy)."""
     step: int = 0
     """The next step number (this process's count of recorded optimizer steps)."""
     inner_step: int = 0
@@ -163,10 +165,18 @@ class Session:
         a step's micro-batches map to another policy than the run's (`_same_policy`)."""
         if self.recorder is None:
             world_size = int(engine.get_data_parallel_size())
-            policy = policy_for_actor_config(
-                config, response_width=micro[0].response_width, logp_dtype=micro[0].logp_dtype
-            )
-            self.policy_spec = policy.spec
+            unidentified = unidentified_loss(config)
+            policy = None
+            if unidentified is None:
+                policy = policy_for_actor_config(
+                    config, response_width=micro[0].response_width, logp_dtype=micro[0].logp_dtype
+                )
+                self.policy_spec = policy.spec
+            else:
+                warn(
+                    f"stabledrl: warning: {unidentified}; its steps are recorded with no "
+                    "policy (the manifest's meta.policy_unidentified)\n"
+                )
             generations = _num_generations(config, self.groups)
             self.group_size = generations.get("num_generations")
             self.world_size = world_size
@@ -181,6 +191,7 @@ class Session:
                     "loss_scale_factor": config.loss_scale_factor,
                     "loss": "verl's policy loss (pg + kl) of a rank; the step's is their mean",
                     **generations,
+                    **({"policy_unidentified": unidentified} if unidentified else {}),
                 },
                 reward_range=self.reward_range,
                 world_size=world_size,
@@ -189,7 +200,8 @@ class Session:
                 group_ids="global" if self.groups is not None or world_size == 1 else "per_rank",
                 on_write_error="warn",
             )
-        self._same_policy(config, micro)
+        if self.policy_spec:
+            self._same_policy(config, micro)
         return self.recorder
 
     def _same_policy(self, config: Any, micro: list[MicroBatch]) -> None:

@@ -59,7 +59,8 @@ normalises its KL term by loss_agg_mode, gmpo's by its own row mean), sapo with 
 unless loss_agg_mode is seq-mean-token-mean (verl's sapo term is always seq-mean-token-mean,
 its KL term loss_agg_mode's; beta shares the policy term's); dro, bypass_mode and any
 user-registered loss mode, also one registered over a mode above (the mapped policy would
-reproduce verl's loss, not the registered one); on-policy distillation
+reproduce verl's loss, not the registered one: the hook records such a loss's steps with no
+policy instead, `unidentified_loss`); on-policy distillation
 (`distillation_ppo_loss`, refused by the hook on the engine); KL types other than low_var_kl
 and k3 (k1, abs, k2, the straight-through "+" forms); the entropy bonus (`entropy_coeff != 0`);
 kl_cov and dppo of a model whose log-probs are float64 (a float32 recording cannot compute in
@@ -212,24 +213,37 @@ def _kl_loss(config: Any) -> bool:
     return bool(config.use_kl_loss) and float(config.kl_loss_coef) != 0.0
 
 
-def _refuse_a_replaced_loss(mode: str) -> None:
-    """Refuses a loss mode whose registered loss (`core_algos.register_policy_loss(mode)`)
-    is not verl's own `compute_policy_loss_<mode>`: the mapped policy reproduces verl's, not
-    the one that trains. Without verl there is no registry to ask."""
+def unidentified_loss(config: Any) -> str | None:
+    """Why the actor's policy loss is none the catalogue can name, when the loss mode is a
+    user's (`core_algos.register_policy_loss(mode)`: a function of its own under a new name,
+    or over one of verl's modes, replacing verl's `compute_policy_loss_<mode>`); None for
+    verl's own loss of that mode, or a mode the registry lacks (verl refuses it), or without
+    verl (no registry to ask). Its steps are recorded with no policy: the mapped policy
+    would reproduce verl's loss, not the one that trains."""
     try:
         from verl.trainer.ppo import core_algos
     except ImportError:
-        return
+        return None
+    mode = loss_mode(config)
     registered = core_algos.POLICY_LOSS_REGISTRY.get(mode)
     own = getattr(core_algos, f"compute_policy_loss_{mode}", None)
-    if registered is not own:
-        name = getattr(registered, "__qualname__", repr(registered))
-        where = getattr(registered, "__module__", None)
-        raise _refuse(
-            f"loss_mode {mode!r} is registered to {where + '.' if where else ''}{name}, not "
-            f"verl's own compute_policy_loss_{mode}: the catalogue reproduces verl's loss "
-            "(register yours under a name of its own to train with it unrecorded)"
-        )
+    if registered is None or registered is own:
+        return None
+    name = getattr(registered, "__qualname__", repr(registered))
+    where = getattr(registered, "__module__", None)
+    verls = f"not verl's own compute_policy_loss_{mode}" if own else "not one of verl's losses"
+    return (
+        f"loss_mode {mode!r} is registered to {where + '.' if where else ''}{name}, {verls}: "
+        "no catalogue policy is the run's own"
+    )
+
+
+def _refuse_a_replaced_loss(config: Any) -> None:
+    """Refuses a loss mode registered to a user's function (`unidentified_loss`): the
+    mapped policy reproduces verl's, not the one that trains."""
+    reason = unidentified_loss(config)
+    if reason is not None:
+        raise _refuse(reason)
 
 
 def _check_recordable(config: Any) -> None:
@@ -247,9 +261,9 @@ def _check_recordable(config: Any) -> None:
             "verl aggregates its sapo term seq-mean-token-mean and its KL term by "
             "loss_agg_mode, the catalogue's beta term as its policy term"
         )
+    _refuse_a_replaced_loss(config)
     if mode not in LOSS_MODES:
         raise _refuse(f"loss_mode {mode!r} is not one of {', '.join(LOSS_MODES)}")
-    _refuse_a_replaced_loss(mode)
     if agg_mode(config) not in AGG_MODES:
         raise _refuse(
             f"loss_agg_mode {config.loss_agg_mode!r} is not one of {', '.join(AGG_MODES)}"

@@ -31,7 +31,9 @@ What is hooked, in the worker process:
   verl's critic and SFT losses pass through untouched, and so does any other loss, said in
   one warning naming it; the actor's loss under on-policy distillation
   (`distillation_ppo_loss`) or one of its own (a partial given verl's ActorConfig) is
-  refused like a configuration the catalogue cannot express (below).
+  refused like a configuration the catalogue cannot express (below). A policy loss the user
+  registered (`register_policy_loss`, under a name of its own or over verl's) is recorded
+  with no policy, the manifest's `meta.policy_unidentified` naming it.
 - `TrainingWorker.train_batch`: the step its engine took is written once it returns, with
   verl's own metrics of the step (gathered over the data-parallel ranks there): `clip_frac`
   and `kl` (`logged_scalars`). Without `TrainingWorker` the step is written at once, without
