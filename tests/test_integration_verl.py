@@ -1269,8 +1269,7 @@ def test_engine_actor_settings_replay_verls_logged_metrics(
         cells = [micro_batch_of(step, int(i)) for i in torch.unique(step["micro_batch"])]
         ppo_kl = [verl_ppo_kl(cell) for cell in cells]
         assert sum(ppo_kl) / len(ppo_kl) == pytest.approx(logged["ppo_kl"], abs=1e-6)
-        if world == 1:  # a multi-rank step's scalars other than loss are rank 0's
-            assert step.scalars["actor/ppo_kl"] == pytest.approx(logged["ppo_kl"], abs=1e-6)
+        assert step.scalars["actor/ppo_kl"] == logged["ppo_kl"]  # verl's, over every rank
     if "engine" in settings:  # a micro-batch per sequence
         assert int(run.step(0)["micro_batch"].max()) + 1 == run.step(0)["reward"].numel()
     assert run.step(4).scalars["update_skipped"] == 1
@@ -1287,12 +1286,16 @@ def test_engine_steps_hold_verls_clip_frac_and_kl(
     `recorded.kl` tripped baseline.present. Each step now holds verl's own values of the
     optimizer step over every rank (what `train_mini_batch` returns for it) as `clip_frac` and,
     with use_kl_loss, `kl`: the names `stabledrl import` gives `actor/pg_clipfrac` and
-    `actor/kl_loss`."""
+    `actor/kl_loss`. Its `actor/pg_clipfrac`, `actor/pg_clipfrac_lower` and `actor/ppo_kl`,
+    under the names verl's dashboard shows, were the rank's own mean (2 ranks: 0.303 where
+    verl logged 0.259); they are now verl's numbers of the step too."""
     run, ranks = engine_runs(world, settings=settings)
     kl = bool(settings.get("actor", {}).get("use_kl_loss"))
     for n, step in enumerate(run.steps(0, 4)):
         logged = ranks[0]["steps"][n]
         assert step.scalars["clip_frac"] == logged["pg_clipfrac"]
+        for name in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):  # verl's, under its names
+            assert step.scalars[f"actor/{name}"] == logged[name], (n, name)
         assert ("kl" in step.scalars) == kl
         if kl:
             assert step.scalars["kl"] == logged["kl_loss"]
@@ -1300,6 +1303,8 @@ def test_engine_steps_hold_verls_clip_frac_and_kl(
         with safe_open(path, "pt") as f:  # each rank's file: verl's number over every rank
             number = int(path.name.split(".")[0].split("-")[1])
             assert float(f.metadata()["clip_frac"]) == ranks[0]["steps"][number]["pg_clipfrac"]
+            ppo_kl = float(f.metadata()["actor/ppo_kl"])
+            assert ppo_kl == ranks[0]["steps"][number]["ppo_kl"]
 
 
 def test_a_baseline_from_verls_log_gates_the_recorded_run(

@@ -28,9 +28,10 @@ from stabledrl_cli.integrations._rows import every_row
 from stabledrl_cli.integrations._verl_policy import agg_mode, token_loss_scale
 
 VERL_METRICS = ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl")
-"""verl's per-micro-batch policy metrics, recorded under verl's own names as the rank's mean
-over its micro-batches (verl logs the mean over ranks and micro-batches; replay recomputes
-the first two as `verl_pg_clipfrac`, `verl_pg_clipfrac_lower`)."""
+"""verl's per-micro-batch policy metrics, recorded under verl's own names as verl logs them
+for the optimizer step, over every rank (`logged_scalars`), or without verl's metrics of the
+step (no `TrainingWorker`) as the rank's mean over its micro-batches (replay recomputes the
+first two as `verl_pg_clipfrac`, `verl_pg_clipfrac_lower`)."""
 
 LOGGED_SCALARS = ("clip_frac", "kl")
 """The standard scalars a step takes from verl's metrics of it, under the names `stabledrl
@@ -89,15 +90,17 @@ def logged_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The LOGGED_SCALARS of one optimizer step, from verl's metrics of it (the `metrics` of
     `TrainingWorker.train_batch`'s output: a `Metric` of the step's micro-batches, a list of
     them over the data-parallel ranks), named as verl's trainer logs them (`rename_dict`) and
-    reduced by verl's `Metric.aggregate_dp`, as `train_mini_batch` reduces them."""
+    reduced by verl's `Metric.aggregate_dp`, as `train_mini_batch` reduces them; and the
+    VERL_METRICS under verl's own names, reduced the same way."""
     logged = rename_dict(dict(metrics), "actor/")
+    sources = {standard: standard_source(standard, logged) for standard in LOGGED_SCALARS}
+    sources.update({name: name for name in VERL_METRICS})
     scalars: dict[str, float] = {}
-    for standard in LOGGED_SCALARS:
-        name = standard_source(standard, logged)
+    for recorded, name in sources.items():
         value = logged.get(name) if name is not None else None
         ranks = value if isinstance(value, list) else [value]
         if ranks and all(isinstance(rank, Metric) for rank in ranks):
-            scalars[standard] = float(Metric.aggregate_dp(ranks))
+            scalars[recorded] = float(Metric.aggregate_dp(ranks))
     return scalars
 
 
@@ -231,7 +234,7 @@ class StepLog:
         scalars = dict(self.scalars)
         for name in VERL_METRICS:
             values = [m.metrics[name] for m in micro if name in m.metrics]
-            if values:
+            if values and name not in scalars:  # verl's own over every rank, when given
                 scalars[name] = sum(values) / len(values)
         finite = math.isfinite(self.grad_norm)
         scalars["update_skipped"] = 0.0 if finite else 1.0
