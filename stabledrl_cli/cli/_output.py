@@ -79,6 +79,19 @@ def silence_stdout() -> None:
         pass
 
 
+def is_standard_output(path: Path) -> bool:
+    """Whether writing the file at `path` writes this process's stdout: /dev/stdout, or the
+    file or pipe stdout goes to under any name; never /dev/null, where any number of outputs
+    may go. False under a stdout that is no file (CliRunner's)."""
+    try:
+        target = os.stat(path)
+        stdout = os.fstat(sys.stdout.fileno())
+        discarded = os.stat(os.devnull)
+    except (AttributeError, OSError, ValueError):
+        return False
+    return os.path.samestat(target, stdout) and not os.path.samestat(target, discarded)
+
+
 @contextmanager
 def stdout_written() -> Iterator[None]:
     """Writes to stdout in the block: one the system refuses (`> out.json` on a full disk) is

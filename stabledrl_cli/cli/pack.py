@@ -24,12 +24,12 @@ import typer
 
 from stabledrl_cli.cli._local import local_output
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
-from stabledrl_cli.cli._output import err, out, print_json, progress
+from stabledrl_cli.cli._output import err, is_standard_output, out, print_json, progress
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.dump._packer import check_pack_target
 from stabledrl_cli.dump._remote import redacted
-from stabledrl_cli.errors import counted
+from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.vocab import PackCompression
 
 
@@ -60,6 +60,13 @@ def command(
     opened = open_run(run)  # its manifest: a missing run is named first
     # Before any step is read; from the name as given: a trailing / names a directory.
     target = check_pack_target(archive, opened, force, to_force="pass --force")
+    # An archive piped on (`pack RUN /dev/stdout --force | ...`): its summary goes to stderr.
+    piped = is_standard_output(target)
+    if piped and output_format == "json":
+        raise UsageError(
+            f"{archive} is the standard output, where --format json prints the summary; "
+            "give a file name, or drop --format json (the summary then goes to stderr)"
+        )
     with (
         stopped_by_sigterm(),
         progress("packing", len(opened.listed_step_numbers), complete=True) as advance,
@@ -92,7 +99,7 @@ def command(
         print_json(summary.to_dict())
         return
     change = _size_change(summary.source_bytes, summary.archive_bytes)
-    out.print(
+    (err if piped else out).print(
         f"packed {counted(summary.steps, 'step')} ({counted(summary.tokens, opened.unit)}) of "
         f"{summary.source} into "
         f"{summary.out}: {summary.source_bytes / 1e6:.2f} MB -> "

@@ -44,7 +44,7 @@ from stabledrl_cli.cli._options import (
     on_command_line,
     report_path,
 )
-from stabledrl_cli.cli._output import err, out, progress, stdout_written
+from stabledrl_cli.cli._output import err, is_standard_output, out, progress, stdout_written
 from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._remote import inside_local_run, redacted
@@ -90,9 +90,10 @@ def option_names(flags: Mapping[str, str] = FLAGS) -> Iterator[None]:
 def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) -> None:
     """Before the replay: the output files' directories exist (targets: option -> path), none
     lies inside the run read (`run`, a directory or an archive: a report there would replace
-    one of its files, or sit among them, as `pack` refuses too) or is a directory (its write
-    would fail once the replay is done), no two name one file (the last written would replace
-    the other), and a plot can be drawn (a missing extra fails fast, exit 2)."""
+    one of its files, or sit among them, as `pack` refuses too), is a directory (its write
+    would fail once the replay is done) or the standard output (the results printed there
+    would follow a binary report into one stream), no two name one file (the last written
+    would replace the other), and a plot can be drawn (a missing extra fails fast, exit 2)."""
     named = [(flag, path) for flag, path in {**targets, "--plot": plot}.items() if path is not None]
     for flag, target in named:
         try:
@@ -107,6 +108,11 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
             )
         if directory:
             raise UsageError(f"{flag} {target} is a directory; give a file name")
+        if is_standard_output(target):
+            raise UsageError(
+                f"{flag} {target} is the standard output, where the results are printed; "
+                "give a file name"
+            )
         if problem is not None:
             raise UsageError(f"{flag} {target}: {problem}")
     for i, (flag, target) in enumerate(named):
