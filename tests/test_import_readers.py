@@ -234,6 +234,38 @@ def test_trainer_state_reads_nan_and_skips_eval_and_summary(tmp_path: Path) -> N
     assert table.skipped_rows == {"eval": 1, "summary": 1, "not an object": 1}
 
 
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_log_history_saved_alone_is_read_as_a_trainer_state(
+    tmp_path: Path, indent: int | None
+) -> None:
+    """`json.dump(trainer.state.log_history, f)`, TRL's logged rows as a JSON array of objects,
+    was refused: on one line read as CSV ('the header repeats a column name'), indented as
+    TensorBoard's per-tag JSON ('entry 1 is not [wall time, step, value]'). It is read as the
+    log_history of a trainer_state.json: eval rows and the summary left out."""
+    rows = [
+        {"loss": -0.2238, "grad_norm": 1.19, "learning_rate": 0.03, "reward": 0.3125,
+         "clip_ratio/region_mean": 0.0, "epoch": 0.125, "step": 1},
+        {"loss": 0.0521, "grad_norm": 1.29, "learning_rate": 0.0225,
+         "clip_ratio/region_mean": 0.1762, "epoch": 0.25, "step": 2},
+        {"eval_loss": 0.3, "eval_reward": 0.5, "epoch": 0.25, "step": 2},
+        {"train_runtime": 2.5, "train_loss": -0.0974, "epoch": 0.25, "step": 2},
+    ]  # fmt: skip
+    log = tmp_path / "log_history.json"
+    log.write_text(json.dumps(rows, indent=indent))
+    assert detect_format(log) == "trainer_state"
+    _, found, table = read_log(log)
+    assert found == "trainer_state"
+    assert table.steps[1]["reward"] == 0.3125 and table.steps[2]["loss"] == 0.0521
+    assert table.steps[2]["clip_ratio/region_mean"] == 0.1762
+    assert table.skipped_rows == {"eval": 1, "summary": 1}
+    bracketed = tmp_path / "bracketed.txt"  # a header that begins with [ is still CSV
+    bracketed.write_text("[step],loss\n1,0.5\n")
+    assert detect_format(bracketed) == "csv"
+    log.write_text("[1, 2]")  # an array of no rows is still no log_history
+    with pytest.raises(InputError, match="no log_history"):
+        read_log(log, "trainer_state")
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

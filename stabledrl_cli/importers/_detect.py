@@ -51,6 +51,9 @@ def detect_format(path: Path) -> ImportFormat:
             handle.seek(len(head) - len(text))
             text = handle.readline(LINE_LIMIT)
     first = text.split(b"\n", 1)[0]
+    if first.startswith(b"[") and text[1:].lstrip()[:1] == b"{":  # a JSON array of objects:
+        # the rows of a log_history (json.dump of trainer.state.log_history, indented or not)
+        return "trainer_state"
     if first.startswith(b"[") and first[1:].lstrip()[:1] in (b"[", b"]", b""):  # a JSON array
         return "tensorboard_json"
     if first.startswith(b"{"):  # one object per line, or one document (over many lines, or

@@ -1,4 +1,5 @@
-"""transformers' `trainer_state.json` (TRL writes the same file): its `log_history`.
+"""transformers' `trainer_state.json` (TRL writes the same file): its `log_history`, or that
+list saved alone (`json.dump(trainer.state.log_history, f)`: a JSON array of its rows).
 
 Each entry of `log_history` is one logged row with its `step` (the optimizer step). Evaluation
 rows (`eval_*` metrics) and the end-of-training summary (`train_runtime`, `train_loss`, ...)
@@ -32,12 +33,21 @@ def bounded_json_document(path: Path, what: str = "trainer_state.json") -> objec
     return parse_strict(raw, str(path), what, allow_nan=True)
 
 
+def _rows(document: list[object]) -> bool:
+    """Whether a JSON array is a log_history of its own (`json.dump(trainer.state.log_history,
+    f)`): it begins with an object."""
+    return bool(document) and isinstance(document[0], dict)
+
+
 def read_trainer_state(path: Path) -> StepTable:
-    """The steps of a trainer_state.json (InputError when it is not one)."""
+    """The steps of a trainer_state.json, or of its `log_history` saved alone (a JSON array of
+    its rows); InputError when it is neither."""
     document = bounded_json_document(path)
-    history = document.get("log_history") if isinstance(document, dict) else None
-    if not isinstance(history, list):
-        raise InputError(f"{path}: not a trainer_state.json (no log_history list)")
+    history = document.get("log_history") if isinstance(document, dict) else document
+    if not isinstance(history, list) or (history is document and not _rows(history)):
+        raise InputError(
+            f"{path}: not a trainer_state.json (no log_history list, nor a list of its rows)"
+        )
     table = StepTable(str(path))
     for entry in history:
         if not isinstance(entry, dict):
