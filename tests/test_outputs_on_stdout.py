@@ -1,7 +1,9 @@
 """A file output that is the command's own standard output (`/dev/stdout`, or the file stdout
 is redirected to): `pack` pipes its archive on with the summary on stderr; a report of
-`replay`, `check` or `tune`, whose results go to stdout too, is refused (exit 2) instead of
-written into one stream with them (an HDF5 report that ended in the results table)."""
+`replay`, `check` or `tune` that is binary (`--out`'s HDF5, `--plot`'s PNG), whose results
+go to stdout too, is refused (exit 2) instead of written into one stream with them (an HDF5
+report that ended in the results table); a text report (`--junit`) is printed beside them
+(tests/test_user_files.py)."""
 
 from __future__ import annotations
 
@@ -45,17 +47,16 @@ def test_a_report_on_stdout_is_refused_before_the_replay(tmp_path: Path) -> None
     for args, flag, target in [
         (("replay", run, "--out", "/dev/stdout"), "--out", "/dev/stdout"),
         (("replay", run, "--out", report), "--out", report),
-        (("check", run, "--max-collapsed", "9", "--junit", report), "--junit", report),
-        (("check", run, "--max-collapsed", "9", "--write-baseline", report),
-         "--write-baseline", report),
+        (("check", run, "--max-collapsed", "9", "--plot", report.with_suffix(".png")),
+         "--plot", report.with_suffix(".png")),
     ]:  # fmt: skip
-        done = _run_to(report, *args)
+        done = _run_to(target if flag == "--plot" else report, *args)
         assert done.returncode == 2, (args, done.stderr)
         assert done.stderr == (
             f"error: {flag} {target} is the standard output, where the results are printed; "
             "give a file name\n"
         )
-        assert report.read_bytes() == b""
+        assert Path(target if flag == "--plot" else report).read_bytes() == b""
 
 
 def test_reports_and_stdout_all_to_dev_null_are_no_clash(tmp_path: Path) -> None:

@@ -87,12 +87,17 @@ def option_names(flags: Mapping[str, str] = FLAGS) -> Iterator[None]:
         raise UsageError(f"{flag} {exc.problem}") from None
 
 
+BINARY_REPORTS = ("--out", "--plot")
+"""The report options whose file (HDF5, PNG) is no text to print beside the results."""
+
+
 def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) -> None:
     """Before the replay: the output files' directories exist (targets: option -> path), none
     lies inside the run read (`run`, a directory or an archive: a report there would replace
     one of its files, or sit among them, as `pack` refuses too), is a directory (its write
-    would fail once the replay is done) or the standard output (the results printed there
-    would follow a binary report into one stream), no two name one file (the last written
+    would fail once the replay is done) or, for a binary report, the standard output (the
+    results printed there would follow it into one stream; a text report is printed beside
+    them), no two name one file (the last written
     would replace the other), and a plot can be drawn (a missing extra fails fast, exit 2)."""
     named = [(flag, path) for flag, path in {**targets, "--plot": plot}.items() if path is not None]
     for flag, target in named:
@@ -108,7 +113,7 @@ def check_outputs(run: str, plot: Path | None, targets: dict[str, Path | None]) 
             )
         if directory:
             raise UsageError(f"{flag} {target} is a directory; give a file name")
-        if is_standard_output(target):
+        if flag in BINARY_REPORTS and is_standard_output(target):
             raise UsageError(
                 f"{flag} {target} is the standard output, where the results are printed; "
                 "give a file name"
