@@ -598,3 +598,33 @@ def test_a_checkpoint_whose_guard_the_example_cannot_take_exits_3(recorded, tmp_
     branch rebuilds it: a guard or norms that could not have been written are refused as the
     checkpoint's other settings are, before any branch trains."""
     _branch_of_spoilt_checkpoint_refused(recorded, tmp_path, "guard", guard, said)
+
+
+def test_record_force_removes_the_branches_of_the_run_it_replaces(recorded, tmp_path):
+    """`record --force` over a run kept RUN/branches: the new run carried the branch runs of
+    the one it replaced (`branch` of the old run, then `record --force`: branches/grpo@8 still
+    there, its steps another run's). They go with the old run's steps and checkpoints; anything
+    in RUN/branches that is not a branch run's is refused before the run changes."""
+    run = tmp_path / "run"
+    shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))  # other tests'
+    args = ["branch", str(run), "--at", "8", "-p", "grpo", "--rl-steps", "2"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    left = run / "branches" / "grpo@8" / "steps" / ".step-00000010.safetensors.tmp-4242"
+    left.write_bytes(b"half a step")  # a killed branch's: a run's file too
+    shutil.copytree(run, tmp_path / "mine")
+    record = ["record", "--force", "--rl-steps", "1", "--device", "cpu"]
+
+    result = CliRunner().invoke(app, [*record, "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "manifest.json", "steps"]
+
+    mine = tmp_path / "mine"
+    note = mine / "branches" / "grpo@8" / "notes.txt"
+    note.write_text("mine")
+    before = sorted(p.name for p in (mine / "steps").iterdir())
+    refused = CliRunner().invoke(app, [*record, "--out", str(mine)])
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr.startswith(f"error: {note}: not a file of a branch run; ")
+    assert note.read_text() == "mine"  # nothing changed
+    assert sorted(p.name for p in (mine / "steps").iterdir()) == before
+    assert (mine / "branches" / "grpo@8" / "manifest.json").is_file()

@@ -121,6 +121,7 @@ def _run_example(
     from stabledrl_cli._device import resolve_device
     from stabledrl_cli.cli.replay import option_names
     from stabledrl_cli.dump import Recorder
+    from stabledrl_cli.example.branch import old_branches, remove_branches
     from stabledrl_cli.example.checkpoint import CheckpointPlan, checkpoints_dir, clear_checkpoints
     from stabledrl_cli.example.trainer import recorder_kwargs, train
     from stabledrl_cli.guard import Guard
@@ -160,11 +161,13 @@ def _run_example(
                 directory, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
             )
         plan = CheckpointPlan(directory=directory, every=checkpoint_every)
+    branches = old_branches(out)  # refused before the run changes
     with (
         Recorder(out, overwrite=force, **kwargs) as recorder,
         progress,
     ):
         clear_checkpoints(out)  # a run recorded over another keeps none of its checkpoints
+        remove_branches(branches)  # nor its branches
         result = train(
             config,
             recorder=recorder,

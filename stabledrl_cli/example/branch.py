@@ -3,16 +3,31 @@ branch from a checkpoint under another policy and record it as a run of its own.
 
 from __future__ import annotations
 
+import os
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from stabledrl_cli._atomic import write_error
 from stabledrl_cli._device import resolve_device
-from stabledrl_cli.capture.branch_protocol import BranchRequest
+from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, BranchRequest
 from stabledrl_cli.capture.geometry import GeometryConfig
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.dump._directory import symlink_refused
+from stabledrl_cli.dump._schema import (
+    MANIFEST_NAME,
+    STEP_FILE_RE,
+    STEPS_DIR,
+    STOP_NOTE_RE,
+    TEMP_FILE_RE,
+    TEMP_STOP_NOTE_RE,
+    WRITER_LOCK_RE,
+)
+from stabledrl_cli.dump._setup import check_replaceable
 from stabledrl_cli.errors import InputError, UsageError, quoted
 from stabledrl_cli.example.checkpoint import TrainingState, load_checkpoint
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
@@ -104,6 +119,69 @@ def branch_guard(state: TrainingState) -> Guard | None:
     for norm in norms.tolist():
         guard.rule.update(norm)
     return guard
+
+
+_RUN_FILES = (STEP_FILE_RE, TEMP_FILE_RE, STOP_NOTE_RE, TEMP_STOP_NOTE_RE, WRITER_LOCK_RE)
+"""The names of what a Recorder leaves in a run's steps/ folder."""
+_TEMP_MANIFEST_RE = re.compile(rf"^\.{re.escape(MANIFEST_NAME)}\.tmp-[0-9a-f-]+$")
+"""A manifest a killed Recorder left half-written (`_setup._write_manifest`)."""
+
+
+def _run_files(run: Path) -> list[Path]:
+    """The files of the branch run `run` (its manifest, its steps/ folder's step files, notes,
+    locks and temporaries), folders last; UsageError naming the first entry a Recorder does
+    not write, or a manifest that is no stabledrl run's."""
+    files: list[Path] = []
+
+    def refused(entry: Path) -> UsageError:
+        return UsageError(
+            f"{entry}: not a file of a branch run; recording over the run (--force) removes "
+            "its branches, never another file: remove it, or record elsewhere"
+        )
+
+    if os.path.islink(run) or not run.is_dir():
+        raise refused(run)
+    for entry in sorted(run.iterdir()):
+        if entry.name == STEPS_DIR and entry.is_dir() and not entry.is_symlink():
+            for name in sorted(os.listdir(entry)):
+                if not any(pattern.match(name) for pattern in _RUN_FILES):
+                    raise refused(entry / name)
+                files.append(entry / name)
+            files.append(entry)
+        elif entry.name == MANIFEST_NAME or _TEMP_MANIFEST_RE.match(entry.name):
+            if entry.name == MANIFEST_NAME:
+                check_replaceable(run)
+            files.append(entry)
+        else:
+            raise refused(entry)
+    return [*files, run]
+
+
+def old_branches(run_dir: Path) -> list[Path]:
+    """The files of the branch runs of the run at `run_dir` (RUN/branches, `stabledrl branch`),
+    folders after their contents; [] without any. A run recorded again over (`record --force`)
+    must not keep the branches of the run it replaces. Refused before anything is removed:
+    RUN/branches as a symlink (InputError), or anything in it that is not a branch run
+    (UsageError naming it)."""
+    base = run_dir / BRANCHES_DIR
+    if os.path.islink(base):
+        raise symlink_refused(str(base))
+    if not base.is_dir():
+        return []
+    files = [path for run in sorted(base.iterdir()) for path in _run_files(run)]
+    return [*files, base]
+
+
+def remove_branches(files: list[Path]) -> None:
+    """Removes the `files` of `old_branches`; WriteError naming one that cannot be removed."""
+    for path in files:
+        try:
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise write_error(path, exc) from None
 
 
 def train_branch(
