@@ -391,14 +391,19 @@ def test_a_checkpoint_with_settings_the_example_cannot_take_exits_3(
     assert "steps into" not in result.stderr  # no branch announced: none started
 
 
-def test_the_example_honours_the_environment_in_a_process_of_its_own(recorded, tmp_path):
-    request = BranchRequest(
+def _cispo_at_16(recorded: Path, tmp_path: Path) -> BranchRequest:
+    """Two steps of cispo from the checkpoint at step 16, into tmp_path/cispo@16."""
+    return BranchRequest(
         checkpoint=checkpoints_dir(recorded) / "step-00000016.pt",
         policy="cispo",
         run_dir=tmp_path / "cispo@16",
         at=16,
         steps=2,
     )
+
+
+def test_the_example_honours_the_environment_in_a_process_of_its_own(recorded, tmp_path):
+    request = _cispo_at_16(recorded, tmp_path)
     env = {**os.environ, **request.to_env()}
     command = [sys.executable, "-m", "stabledrl_cli.example"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
@@ -490,6 +495,39 @@ def test_a_far_step_file_never_makes_the_default_branch_train_past_the_bound(rec
         "(step 99999999), more than the 100000 a branch trains; pass --rl-steps N (steps=N)"
     ]
     assert not (run / "branches").exists()
+
+
+def test_the_example_replaces_a_branch_run_under_stabledrl_force(
+    recorded, tmp_path, monkeypatch, capsys
+):
+    """`python -m stabledrl_cli.example` ignored $STABLEDRL_FORCE, which `record` and the
+    integrations honour: run again into its STABLEDRL_RUN_DIR with STABLEDRL_FORCE=1 it was
+    refused ('not empty; pass overwrite=True', an option it has none of), exit 2. It now
+    replaces the run; without the switch the line says to set it; a switch that is no switch
+    is refused naming it, and the run stays."""
+    request = _cispo_at_16(recorded, tmp_path)
+    for name, value in request.to_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("STABLEDRL_FORCE", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        assert example_main() == 0
+        first = open_run(request.run_dir).manifest["run_id"]
+        assert example_main() == 2
+        assert capsys.readouterr().err == (
+            f"stabledrl: error: {request.run_dir} is not empty; set STABLEDRL_FORCE=1 to "
+            "replace the run in it\n"
+        )
+        monkeypatch.setenv("STABLEDRL_FORCE", "maybe")
+        assert example_main() == 2
+        assert "$STABLEDRL_FORCE='maybe': not a switch" in capsys.readouterr().err
+        assert open_run(request.run_dir).manifest["run_id"] == first
+        monkeypatch.setenv("STABLEDRL_FORCE", "1")
+        assert example_main() == 0
+    finally:
+        torch.set_num_threads(threads)
+    replaced = open_run(request.run_dir)
+    assert replaced.manifest["run_id"] != first and replaced.step_numbers == [16, 17]
 
 
 @pytest.mark.parametrize(

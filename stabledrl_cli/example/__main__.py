@@ -3,8 +3,10 @@
 The built-in example honouring the branch protocol (stabledrl_cli.branching) as a user's
 trainer would: STABLEDRL_RESUME_CHECKPOINT, STABLEDRL_POLICY_OVERRIDE, STABLEDRL_RUN_DIR,
 STABLEDRL_BRANCH_AT and STABLEDRL_BRANCH_STEPS name the branch; it is trained by
-`train_branch`, the function `stabledrl branch` calls. Without STABLEDRL_RESUME_CHECKPOINT it
-says what to set and exits 2; an error is one stderr line and its exit code.
+`train_branch`, the function `stabledrl branch` calls. A STABLEDRL_RUN_DIR that is not empty
+is refused unless STABLEDRL_FORCE is on (`capture.bootstrap.env_force`, as the integrations
+read it): then the branch replaces the run in it. Without STABLEDRL_RESUME_CHECKPOINT it says
+what to set and exits 2; an error is one stderr line and its exit code.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import sys
 
 import torch
 
+from stabledrl_cli.capture.bootstrap import ENV_FORCE, env_force
 from stabledrl_cli.capture.branch_protocol import ENV_RESUME_CHECKPOINT, request_from_environment
-from stabledrl_cli.errors import StabledrlError
+from stabledrl_cli.dump._setup import directory_or_nothing
+from stabledrl_cli.errors import StabledrlError, UsageError
 from stabledrl_cli.example.branch import train_branch
 
 
@@ -29,8 +33,12 @@ def main() -> int:
                 file=sys.stderr,
             )
             return 2
+        force = env_force()
+        run_dir = request.run_dir
+        if not force and directory_or_nothing(run_dir, str(run_dir)) and any(run_dir.iterdir()):
+            raise UsageError(f"{run_dir} is not empty; set {ENV_FORCE}=1 to replace the run in it")
         torch.set_num_threads(1)  # the arrays are then the same as a single-threaded record
-        result = train_branch(request)
+        result = train_branch(request, force=force)
     except StabledrlError as exc:
         print(f"stabledrl: error: {exc}", file=sys.stderr)
         return exc.exit_code
