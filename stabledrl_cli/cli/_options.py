@@ -285,6 +285,15 @@ MaxSpikesOpt = Annotated[
         help="Fail if the recorded grad norm has more spikes, or too few values to judge.",
     ),
 ]
+MaxLostStepsOpt = Annotated[
+    int | None,
+    number_option(
+        "--max-lost-steps",
+        kind=int,
+        help="Fail if the run lacks more steps: skipped (unreadable or unusable) plus "
+        "missing between its recorded ones.",
+    ),
+]
 FailOnCollapseOpt = Annotated[
     bool,
     typer.Option(

@@ -44,6 +44,7 @@ from stabledrl_cli.cli._options import (
     FormatOpt,
     MaxCollapsedOpt,
     MaxDiscardFracOpt,
+    MaxLostStepsOpt,
     MaxNonfiniteOpt,
     MaxSpikesOpt,
     MemoryBudgetOpt,
@@ -318,15 +319,7 @@ def command(
     max_nonfinite: MaxNonfiniteOpt = None,
     max_spikes: MaxSpikesOpt = None,
     fail_on_collapse: FailOnCollapseOpt = False,
-    max_lost_steps: Annotated[
-        int | None,
-        number_option(
-            "--max-lost-steps",
-            kind=int,
-            help="Fail if the run lacks more steps: skipped (unreadable or unusable) plus "
-            "missing between its recorded ones.",
-        ),
-    ] = None,
+    max_lost_steps: MaxLostStepsOpt = None,
     write_baseline_path: Annotated[
         Path | None,
         typer.Option(

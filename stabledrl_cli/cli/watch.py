@@ -3,9 +3,9 @@
 Live: a rich view on stderr, refreshed as steps land (polled every --interval seconds), and one
 stderr line per new alert. `--once`: the current state on stdout (table or --format json) and
 the exit code of the gates (`check`'s absolute gates: on the run's own policy, and on the
-recorded run). A scalar run (per-step scalars only: an optimizer-hook recording, a Recorder
-given scalars alone) is followed as `check` treats it: its recorded scalars shown, alerted on
-and gated, nothing replayed.
+recorded run, --max-lost-steps on the steps it lacks so far). A scalar run (per-step scalars
+only: an optimizer-hook recording, a Recorder given scalars alone) is followed as `check`
+treats it: its recorded scalars shown, alerted on and gated, nothing replayed.
 
 A run whose manifest is marked `recording_closed` (its Recorder closed) ends the watch once
 its steps are read, as --until-idle does; so does a run whose Recorders all ended without
@@ -42,6 +42,7 @@ from stabledrl_cli.cli._options import (
     FormatOpt,
     MaxCollapsedOpt,
     MaxDiscardFracOpt,
+    MaxLostStepsOpt,
     MaxNonfiniteOpt,
     MaxSpikesOpt,
     RunArg,
@@ -58,11 +59,12 @@ from stabledrl_cli.cli.app import INTERRUPTED
 from stabledrl_cli.cli.inspect import LIST_LIMIT, stopped_text
 from stabledrl_cli.cli.replay import missing_line, option_names
 from stabledrl_cli.dump import open_run
+from stabledrl_cli.dump._integrity import missing_count
 from stabledrl_cli.dump._open import run_to_come
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
+from stabledrl_cli.replay.gate import GateResult, Gates, LostSteps, evaluate
 from stabledrl_cli.replay.inspection import group_findings
 from stabledrl_cli.replay.run_facts import (
     DAMAGED_KINDS,
@@ -296,16 +298,31 @@ def _refuse_policy_gates(watcher: RunWatcher, gates: Gates) -> None:
     )
 
 
+def _lost(replay: OwnReplay) -> LostSteps:
+    """The steps the run lacks so far, as the watch's warnings name them (`_warn_damaged`,
+    `_rejected_line`): skipped, their file damaged or their data unusable by the own policy,
+    and missing between the recorded ones. A step some rank has not written yet is neither:
+    the ranks of a live run lag."""
+    damaged = {
+        f.step
+        for f in replay.run.header_findings()
+        if f.kind in DAMAGED_KINDS and f.step is not None
+    }
+    skipped = damaged | {step for step, _ in replay.rejected}
+    return LostSteps(skipped=len(skipped), missing=missing_count(run_gaps(replay.run)))
+
+
 def _gates(watcher: RunWatcher, gates: Gates) -> list[GateResult]:
     """`check`'s absolute gates over the steps seen so far: the run-level ones on the recorded
-    run, the policy ones on the own policy replayed (`_refuse_policy_gates`)."""
+    run (and the steps it lacks, `_lost`), the policy ones on the own policy replayed
+    (`_refuse_policy_gates`)."""
     replay = watcher.replay
     if not gates.any or replay is None or not replay.seen:
         return []
     _require_replayed(watcher)
     _refuse_policy_gates(watcher, gates)
     result = replay.result() if replay.policy is not None and replay.steps else None
-    return evaluate(result, gates, None, recorded=replay.recorded())
+    return evaluate(result, gates, None, recorded=replay.recorded(), lost=_lost(replay))
 
 
 def _report_gates(results: list[GateResult]) -> int:
@@ -491,6 +508,7 @@ def command(
     max_discard_frac: MaxDiscardFracOpt = None,
     max_nonfinite: MaxNonfiniteOpt = None,
     max_spikes: MaxSpikesOpt = None,
+    max_lost_steps: MaxLostStepsOpt = None,
     fail_on_collapse: FailOnCollapseOpt = False,
     output_format: FormatOpt = "table",
     device: DeviceOpt = "auto",
@@ -503,6 +521,7 @@ def command(
             max_nonfinite=max_nonfinite,
             max_spikes=max_spikes,
             fail_on_collapse=fail_on_collapse,
+            max_lost_steps=max_lost_steps,
         )
     if not 0 < interval <= MAX_INTERVAL:
         raise UsageError(f"--interval must be in (0, {MAX_INTERVAL}] seconds, got {interval:g}")
