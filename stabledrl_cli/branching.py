@@ -24,13 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
-from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, BranchRequest, branch_dir
+from stabledrl_cli.capture.branch_protocol import (
+    BRANCHES_DIR,
+    CHECKPOINTS_DIR,
+    BranchRequest,
+    branch_dir,
+)
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._directory import symlink_refused
 from stabledrl_cli.dump._schema import STEPS_DIR
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.example.branch import train_branch
-from stabledrl_cli.example.checkpoint import CHECKPOINTS_DIR, list_checkpoints
+from stabledrl_cli.example.checkpoint import list_checkpoints
 from stabledrl_cli.example.config import MAX_RL_STEPS, refuse_untrainable
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.config import DEFAULT_COLLAPSE_WINDOW

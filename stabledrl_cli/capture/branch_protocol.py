@@ -34,6 +34,8 @@ ENV_BRANCH_AT = "STABLEDRL_BRANCH_AT"
 ENV_BRANCH_STEPS = "STABLEDRL_BRANCH_STEPS"
 BRANCHES_DIR = "branches"
 """A run's sub-directory of branch runs (`RUN/branches/POLICY@STEP`)."""
+CHECKPOINTS_DIR = "checkpoints"
+"""A run's sub-directory of the built-in example's checkpoints (`RUN/checkpoints`)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -43,9 +43,11 @@ from stabledrl_cli.capture.bootstrap import (
     ENV_STATUS_FILE,
     read_status,
 )
+from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, CHECKPOINTS_DIR
 from stabledrl_cli.cli._output import err
 from stabledrl_cli.cli._signals import signals_handled
-from stabledrl_cli.dump._setup import reclose_run, reopen_run
+from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED, RUN_ID
+from stabledrl_cli.dump._setup import manifest_now, reclose_run, reopen_run
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.policies import resolve_spec
 
@@ -266,6 +268,7 @@ def _record(
     stop: _Stop,
 ) -> None:
     """`run_command`'s work once CMD is known to start, under `stop`."""
+    old = _example_files(out) if force else []  # refused before anything changes
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # under a file, read-only, ...: an output that cannot be written
@@ -301,11 +304,17 @@ def _record(
             markup=True,
         )
         before = _step_files(out)
+        was = _resumed_as(out)
         try:
             code = _call(cmd, env, stop)
         finally:  # a command that changed no step file leaves the run closed as it was
-            if closed is not None and _step_files(out) == before:
+            changed = _step_files(out) != before
+            if closed is not None and not changed:
                 reclose_run(out, closed)
+            if old and changed and _resumed_as(out) != was:  # the command replaced the run
+                from stabledrl_cli.example.branch import remove_old_run_files
+
+                remove_old_run_files(old)
         failures, fatal = _reports(status)
         launched = _announced_ranks(ranks_dir)
     finally:
@@ -339,6 +348,32 @@ def _record(
         )
         raise UsageError(NO_STEP + earlier)
     _check_ranks(out, list(after), new, launched)
+
+
+def _example_files(out: Path) -> list[Path]:
+    """The built-in example's checkpoints and branch runs in `out` (`old_run_files`), which a
+    command that replaces the run there must not leave in its run; refused as `record` refuses
+    them for the example (a symlink, what is no branch run's in RUN/branches)."""
+    if not any(os.path.lexists(out / name) for name in (BRANCHES_DIR, CHECKPOINTS_DIR)):
+        return []
+    from stabledrl_cli.example.branch import old_run_files  # imports torch
+
+    return old_run_files(out)
+
+
+_RESUME_CHANGES = (RUN_ID, RECORDING_CLOSED, RECORDING_STOPPED)
+"""What a resume changes of the manifest it continues (`dump._setup`); a replaced run has a
+manifest of its own."""
+
+
+def _resumed_as(out: Path) -> dict[str, object] | None:
+    """The manifest of the run at `out` but for what a resume of it changes (`_RESUME_CHANGES`);
+    None when it has none that reads."""
+    try:
+        manifest = manifest_now(out)
+    except (InputError, ValueError, OSError):
+        return None
+    return {name: value for name, value in manifest.items() if name not in _RESUME_CHANGES}
 
 
 def _world_size(out: Path, name: str) -> int | None:

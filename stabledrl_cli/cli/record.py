@@ -121,8 +121,8 @@ def _run_example(
     from stabledrl_cli._device import resolve_device
     from stabledrl_cli.cli.replay import option_names
     from stabledrl_cli.dump import Recorder
-    from stabledrl_cli.example.branch import old_branches, remove_branches
-    from stabledrl_cli.example.checkpoint import CheckpointPlan, checkpoints_dir, clear_checkpoints
+    from stabledrl_cli.example.branch import old_run_files, remove_old_run_files
+    from stabledrl_cli.example.checkpoint import CheckpointPlan, checkpoints_dir
     from stabledrl_cli.example.trainer import recorder_kwargs, train
     from stabledrl_cli.guard import Guard
     from stabledrl_cli.policies import get_policy
@@ -161,13 +161,12 @@ def _run_example(
                 directory, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
             )
         plan = CheckpointPlan(directory=directory, every=checkpoint_every)
-    branches = old_branches(out)  # refused before the run changes
+    old = old_run_files(out)  # refused before the run changes
     with (
         Recorder(out, overwrite=force, **kwargs) as recorder,
         progress,
     ):
-        clear_checkpoints(out)  # a run recorded over another keeps none of its checkpoints
-        remove_branches(branches)  # nor its branches
+        remove_old_run_files(old)  # a run recorded over another keeps no checkpoint or branch
         result = train(
             config,
             recorder=recorder,

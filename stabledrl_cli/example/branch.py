@@ -29,7 +29,7 @@ from stabledrl_cli.dump._schema import (
 )
 from stabledrl_cli.dump._setup import check_replaceable
 from stabledrl_cli.errors import InputError, UsageError, quoted
-from stabledrl_cli.example.checkpoint import TrainingState, load_checkpoint
+from stabledrl_cli.example.checkpoint import TrainingState, checkpoint_files, load_checkpoint
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
 from stabledrl_cli.example.trainer import (
     StepInfo,
@@ -172,8 +172,15 @@ def old_branches(run_dir: Path) -> list[Path]:
     return [*files, base]
 
 
-def remove_branches(files: list[Path]) -> None:
-    """Removes the `files` of `old_branches`; WriteError naming one that cannot be removed."""
+def old_run_files(run_dir: Path) -> list[Path]:
+    """What the built-in example wrote beside the run at `run_dir` that a run recorded over it
+    must not keep: its checkpoints (`checkpoint_files`) and its branch runs (`old_branches`),
+    folders after their contents. Refused as those refuse, before anything is removed."""
+    return [*checkpoint_files(run_dir), *old_branches(run_dir)]
+
+
+def remove_old_run_files(files: list[Path]) -> None:
+    """Removes the `files` of `old_run_files`; WriteError naming one that cannot be removed."""
     for path in files:
         try:
             if path.is_dir() and not path.is_symlink():

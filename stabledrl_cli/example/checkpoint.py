@@ -36,11 +36,10 @@ import torch
 
 from stabledrl_cli._atomic import fsync_dir, write_atomic, write_error
 from stabledrl_cli._regular import NotRegularFile, open_regular
+from stabledrl_cli.capture.branch_protocol import CHECKPOINTS_DIR
 from stabledrl_cli.dump._directory import symlink_refused
 from stabledrl_cli.errors import InputError, UsageError
 
-CHECKPOINTS_DIR = "checkpoints"
-"""The run's sub-directory of checkpoints."""
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})\.pt$")
 TEMP_CHECKPOINT_RE = re.compile(r"^\.step-\d{8}\.pt\.tmp-\d+$")
 """A checkpoint still being written (`_atomic.temp_name`), or left by a writer killed then."""
@@ -122,18 +121,14 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def clear_checkpoints(run_dir: str | Path) -> None:
-    """Removes a run's checkpoints (a run recorded again over it must not keep stale ones),
-    and those a killed writer left under their temporary names."""
+def checkpoint_files(run_dir: str | Path) -> list[Path]:
+    """A run's checkpoint files (a run recorded again over it must not keep stale ones), and
+    those a killed writer left under their temporary names."""
     directory = checkpoints_dir(run_dir)
     paths = [path for _, path in list_checkpoints(run_dir) if path.is_file()]
     if directory.is_dir():
         paths += [p for p in directory.iterdir() if TEMP_CHECKPOINT_RE.match(p.name)]
-    for path in paths:
-        try:
-            path.unlink()
-        except OSError as exc:
-            raise write_error(path, exc) from None
+    return paths
 
 
 def save_checkpoint(directory: Path, state: TrainingState) -> Path:

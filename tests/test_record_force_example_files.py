@@ -1,0 +1,76 @@
+"""`record --force -- CMD` over a run of the built-in example kept its checkpoints and branch
+runs (RUN/checkpoints, RUN/branches) in the command's new run: `branch` read the example's
+checkpoints as the new run's. They go once the command replaced the run (its manifest is a
+new run's), and stay with a run the command resumed (the same manifest, steps appended)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from _cli import cli_environment, record_python
+
+from stabledrl_cli.dump import Recorder
+
+LOOP = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import stabledrl_cli as sd
+
+    start, end = int(sys.argv[1]), int(sys.argv[2])
+    kwargs = {"resume": True, "resume_from": start} if start else None
+    for step in range(start, end):
+        logp = np.full((2, 3), -1.0, dtype="float32")
+        sd.log_policy_batch(
+            step, recorder_kwargs=kwargs, logp=logp, logp_old=logp,
+            advantages=np.ones(2, dtype="float32"),
+        )
+    """
+)
+OPTIONS = ("--force", "-p", "grpo", "--no-optimizer-hooks")
+
+
+def _loop(tmp_path: Path, start: int, end: int, *options: str):
+    script = f"import sys; sys.argv[1:] = ['{start}', '{end}']\n{LOOP}"
+    return record_python(script, *options, cwd=tmp_path, env=cli_environment())
+
+
+def _with_example_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A run of 3 steps with a checkpoint and a branch run beside it, as the example leaves."""
+    first, _ = _loop(tmp_path, 0, 3, "-p", "grpo", "--no-optimizer-hooks")
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "step-00000000.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"the old run's checkpoint")
+    with Recorder(run / "branches" / "grpo@0", policy="grpo") as branch:
+        branch.log_step(0, grad_norm=1.0)
+    return run, checkpoint
+
+
+def test_a_command_that_replaces_the_run_leaves_no_checkpoint_or_branch_of_it(tmp_path):
+    run, checkpoint = _with_example_files(tmp_path)
+    resumed, errors = _loop(tmp_path, 2, 4, *OPTIONS)
+    assert resumed.returncode == 0 and errors == [], resumed.stderr
+    assert checkpoint.is_file() and (run / "branches" / "grpo@0" / "manifest.json").is_file()
+
+    replaced, errors = _loop(tmp_path, 0, 2, *OPTIONS)
+    assert replaced.returncode == 0 and errors == [], replaced.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "manifest.json", "steps"]
+    assert list((run / "checkpoints").iterdir()) == []
+
+
+def test_what_is_no_branch_runs_is_refused_before_the_command_starts(tmp_path):
+    run, checkpoint = _with_example_files(tmp_path)
+    mine = run / "branches" / "notes.txt"
+    mine.write_text("mine")
+    script = "print('the command ran')"
+    refused, errors = record_python(script, *OPTIONS, cwd=tmp_path, env=cli_environment())
+    assert refused.returncode == 2 and "the command ran" not in refused.stdout
+    assert errors == [
+        f"error: {Path('run') / 'branches' / 'notes.txt'}: not a file of a branch run; recording "
+        "over the run (--force) removes its branches, never another file: remove it, or record "
+        "elsewhere"
+    ]
+    assert mine.read_text() == "mine" and checkpoint.is_file()
