@@ -127,6 +127,7 @@ def test_record_over_a_run_removes_the_half_checkpoint_a_killed_writer_left(tmp_
     (`.step-XXXXXXXX.pt.tmp-PID`): recording again over the run (--force) removes it with the
     run's other checkpoints, as it removes the step files' temporaries. It stayed, for good."""
     out = tmp_path / "run"
+    Recorder(out, policy="grpo").close()
     left = out / "checkpoints" / ".step-00000008.pt.tmp-4242"
     left.parent.mkdir(parents=True)
     left.write_bytes(b"half a checkpoint")
@@ -136,6 +137,26 @@ def test_record_over_a_run_removes_the_half_checkpoint_a_killed_writer_left(tmp_
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert not left.exists() and other.exists()
+
+
+def test_record_force_never_removes_checkpoints_of_a_directory_that_holds_no_run(tmp_path):
+    """`record --out PROJECT --force` into a folder that holds no run but a
+    `checkpoints/step-00001000.pt` of its own (a project's training checkpoint) removed that
+    file as an old run's checkpoint. It is refused, exit 2, before anything changes."""
+    out = tmp_path / "project"
+    mine = out / "checkpoints" / "step-00001000.pt"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my model's weights")
+    args = ["record", "--out", str(out), "--force", "--rl-steps", "1", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: {mine}: no run's ({out} holds no manifest.json); recording over a run "
+        "(--force) removes its checkpoints and branches, never what is no run's: remove it, or "
+        "record elsewhere\n"
+    )
+    assert mine.read_bytes() == b"my model's weights"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
 
 
 @pytest.mark.parametrize("every", [None, "4"])

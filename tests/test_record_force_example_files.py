@@ -74,3 +74,19 @@ def test_what_is_no_branch_runs_is_refused_before_the_command_starts(tmp_path):
         "elsewhere"
     ]
     assert mine.read_text() == "mine" and checkpoint.is_file()
+
+
+def test_checkpoints_of_a_directory_that_holds_no_run_are_refused_not_removed(tmp_path):
+    """A project folder recorded into with --force: its own `checkpoints/step-00001000.pt` is
+    no run's, and the command's recording would have removed it."""
+    mine = tmp_path / "run" / "checkpoints" / "step-00001000.pt"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my model's weights")
+    script = "print('the command ran')"
+    refused, errors = record_python(script, *OPTIONS, cwd=tmp_path, env=cli_environment())
+    assert refused.returncode == 2 and "the command ran" not in refused.stdout
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: {Path('run') / 'checkpoints' / 'step-00001000.pt'}: no run's (run holds no "
+        "manifest.json); "
+    )
+    assert mine.read_bytes() == b"my model's weights"

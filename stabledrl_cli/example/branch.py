@@ -175,8 +175,17 @@ def old_branches(run_dir: Path) -> list[Path]:
 def old_run_files(run_dir: Path) -> list[Path]:
     """What the built-in example wrote beside the run at `run_dir` that a run recorded over it
     must not keep: its checkpoints (`checkpoint_files`) and its branch runs (`old_branches`),
-    folders after their contents. Refused as those refuse, before anything is removed."""
-    return [*checkpoint_files(run_dir), *old_branches(run_dir)]
+    folders after their contents. Refused as those refuse, before anything is removed, and
+    (UsageError) when `run_dir` holds such files but no run (no manifest): they are no run's
+    (a project's own `checkpoints/step-00001000.pt`), and --force replaces a run only."""
+    files = [*checkpoint_files(run_dir), *old_branches(run_dir)]
+    if files and not os.path.lexists(run_dir / MANIFEST_NAME):
+        raise UsageError(
+            f"{files[0]}: no run's ({run_dir} holds no {MANIFEST_NAME}); recording over a run "
+            "(--force) removes its checkpoints and branches, never what is no run's: remove "
+            "it, or record elsewhere"
+        )
+    return files
 
 
 def remove_old_run_files(files: list[Path]) -> None:
