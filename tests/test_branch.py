@@ -531,6 +531,35 @@ def test_the_example_replaces_a_branch_run_under_stabledrl_force(
 
 
 @pytest.mark.parametrize(
+    ("raised", "code", "line"),
+    [
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (RuntimeError("boom"), 70, "internal error: RuntimeError: boom (a bug: rerun with "),
+    ],
+    ids=["ctrl-c", "a-bug"],
+)
+def test_the_example_ends_as_the_commands_do_without_a_traceback(
+    recorded, tmp_path, monkeypatch, capsys, raised, code, line
+):
+    """Ctrl-C on `python -m stabledrl_cli.example` printed a 40-line KeyboardInterrupt
+    traceback (the process killed by SIGINT); an error not of stabledrl's a traceback too.
+    Now one line and the code `stabledrl` gives (130, 70); STABLEDRL_DEBUG=1: the traceback."""
+    for name, value in _cispo_at_16(recorded, tmp_path).to_env().items():
+        monkeypatch.setenv(name, value)
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr("stabledrl_cli.example.__main__.train_branch", stopped)
+    monkeypatch.delenv("STABLEDRL_DEBUG", raising=False)
+    assert example_main() == code
+    assert capsys.readouterr().err.startswith(f"stabledrl: error: {line}")
+    monkeypatch.setenv("STABLEDRL_DEBUG", "1")
+    assert example_main() == code
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     ("steps", "says"),
     [("100001", "at most 100000 steps, got 100001"), ("1" * 5000, "(5000 characters)")],
     ids=["past-the-bound", "5000-digits"],

@@ -6,19 +6,24 @@ STABLEDRL_BRANCH_AT and STABLEDRL_BRANCH_STEPS name the branch; it is trained by
 `train_branch`, the function `stabledrl branch` calls. A STABLEDRL_RUN_DIR that is not empty
 is refused unless STABLEDRL_FORCE is on (`capture.bootstrap.env_force`, as the integrations
 read it): then the branch replaces the run in it. Without STABLEDRL_RESUME_CHECKPOINT it says
-what to set and exits 2; an error is one stderr line and its exit code.
+what to set and exits 2; an error is one stderr line and its exit code, as the `stabledrl`
+commands give it (Ctrl-C: `interrupted`, 130, the steps trained so far recorded and the run
+closed; STABLEDRL_DEBUG=1: the traceback instead).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 import torch
 
 from stabledrl_cli.capture.bootstrap import ENV_FORCE, env_force
 from stabledrl_cli.capture.branch_protocol import ENV_RESUME_CHECKPOINT, request_from_environment
+from stabledrl_cli.cli.app import DEBUG_ENV, exit_code_for
 from stabledrl_cli.dump._setup import directory_or_nothing
-from stabledrl_cli.errors import StabledrlError, UsageError
+from stabledrl_cli.errors import UsageError
 from stabledrl_cli.example.branch import train_branch
 
 
@@ -39,9 +44,13 @@ def main() -> int:
             raise UsageError(f"{run_dir} is not empty; set {ENV_FORCE}=1 to replace the run in it")
         torch.set_num_threads(1)  # the arrays are then the same as a single-threaded record
         result = train_branch(request, force=force)
-    except StabledrlError as exc:
-        print(f"stabledrl: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except (Exception, KeyboardInterrupt) as exc:
+        code, message = exit_code_for(exc)
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exception(exc, file=sys.stderr)
+        else:
+            print(f"stabledrl: error: {message}", file=sys.stderr)
+        return code
     print(f"branch {request.policy}@{request.at}: {result.steps} steps in {request.run_dir}")
     return 0
 
