@@ -251,21 +251,22 @@ def _steps_to_end(run_dir: Path, at: int, end: int) -> int:
     return count
 
 
-def _check_not_the_original(branch: Path, run_dir: Path) -> None:
+def check_not_the_original(branch: Path, run_dir: Path, *, given: str = "--out") -> None:
     """UsageError when the branch run `branch` would be `run_dir`, the run it branches from
     (--out its parent, the run named POLICY@STEP: --force would replace it), or lie in that
-    run's steps or checkpoints folder (the run would hold a file that is not its own)."""
+    run's steps or checkpoints folder (the run would hold a file that is not its own); the line
+    says to give another `given` (what named the branch run's place)."""
     where = branch.resolve()
     original = run_dir.resolve()
     if where == original:
         raise UsageError(
-            f"{run_dir}: a branch run would be the run it branches from; pass another --out"
+            f"{run_dir}: a branch run would be the run it branches from; pass another {given}"
         )
     for folder in (STEPS_DIR, CHECKPOINTS_DIR):
         if where.is_relative_to(original / folder):
             raise UsageError(
                 f"{branch}: a branch run would be inside the {folder} folder of {run_dir}, the "
-                "run it branches from; pass another --out"
+                f"run it branches from; pass another {given}"
             )
 
 
@@ -322,7 +323,7 @@ def run_branches(
         for spec in specs
     ]
     for request in requests:  # before any branch trains, with --force too
-        _check_not_the_original(request.run_dir, run_dir)
+        check_not_the_original(request.run_dir, run_dir)
         if os.path.lexists(request.run_dir) and not request.run_dir.is_dir():
             raise UsageError(f"{request.run_dir} exists and is not a directory")
     if not force:

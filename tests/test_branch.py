@@ -530,6 +530,33 @@ def test_the_example_replaces_a_branch_run_under_stabledrl_force(
     assert replaced.manifest["run_id"] != first and replaced.step_numbers == [16, 17]
 
 
+@pytest.mark.parametrize("where", [".", "steps/x", "checkpoints/x"])
+def test_the_example_never_records_a_branch_over_or_into_its_original(
+    recorded, tmp_path, monkeypatch, capsys, where
+):
+    """STABLEDRL_RUN_DIR naming the checkpoint's own run, with STABLEDRL_FORCE=1: the branch
+    replaced the original's 24 steps with its 2 (its checkpoints left describing another
+    trajectory); naming a folder inside its steps, it wrote a run there. `stabledrl branch`
+    refuses both; so does the module now, exit 2, before anything changes."""
+    run = tmp_path / "run"
+    shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
+    request = replace(
+        _cispo_at_16(recorded, tmp_path),
+        checkpoint=checkpoints_dir(run) / "step-00000016.pt",
+        run_dir=run / where,
+    )
+    for name, value in request.to_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("STABLEDRL_FORCE", "1")
+    assert example_main() == 2
+    line = capsys.readouterr().err
+    assert line.startswith("stabledrl: error: ") and line.count("\n") == 1
+    assert "the run it branches from; pass another STABLEDRL_RUN_DIR" in line
+    assert open_run(run).step_numbers == list(range(24))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "manifest.json", "steps"]
+    assert not (run / "steps" / "x").exists()
+
+
 @pytest.mark.parametrize(
     ("raised", "code", "line"),
     [

@@ -5,7 +5,9 @@ trainer would: STABLEDRL_RESUME_CHECKPOINT, STABLEDRL_POLICY_OVERRIDE, STABLEDRL
 STABLEDRL_BRANCH_AT and STABLEDRL_BRANCH_STEPS name the branch; it is trained by
 `train_branch`, the function `stabledrl branch` calls. A STABLEDRL_RUN_DIR that is not empty
 is refused unless STABLEDRL_FORCE is on (`capture.bootstrap.env_force`, as the integrations
-read it): then the branch replaces the run in it. Without STABLEDRL_RESUME_CHECKPOINT it says
+read it): then the branch replaces the run in it, but for the run of the checkpoint
+(RUN/checkpoints/step-XXXXXXXX.pt), which a branch never replaces or writes into, as
+`stabledrl branch` refuses it. Without STABLEDRL_RESUME_CHECKPOINT it says
 what to set and exits 2; an error is one stderr line and its exit code, as the `stabledrl`
 commands give it (Ctrl-C: `interrupted`, 130, the steps trained so far recorded and the run
 closed; STABLEDRL_DEBUG=1: the traceback instead).
@@ -19,8 +21,13 @@ import traceback
 
 import torch
 
-from stabledrl_cli.capture.bootstrap import ENV_FORCE, env_force
-from stabledrl_cli.capture.branch_protocol import ENV_RESUME_CHECKPOINT, request_from_environment
+from stabledrl_cli.branching import check_not_the_original
+from stabledrl_cli.capture.bootstrap import ENV_FORCE, ENV_RUN_DIR, env_force
+from stabledrl_cli.capture.branch_protocol import (
+    CHECKPOINTS_DIR,
+    ENV_RESUME_CHECKPOINT,
+    request_from_environment,
+)
 from stabledrl_cli.cli.app import DEBUG_ENV, exit_code_for
 from stabledrl_cli.dump._setup import directory_or_nothing
 from stabledrl_cli.errors import UsageError
@@ -40,6 +47,9 @@ def main() -> int:
             return 2
         force = env_force()
         run_dir = request.run_dir
+        checkpoints = request.checkpoint.parent
+        if checkpoints.name == CHECKPOINTS_DIR:  # a run's: never replaced by its branch
+            check_not_the_original(run_dir, checkpoints.parent, given=ENV_RUN_DIR)
         if not force and directory_or_nothing(run_dir, str(run_dir)) and any(run_dir.iterdir()):
             raise UsageError(f"{run_dir} is not empty; set {ENV_FORCE}=1 to replace the run in it")
         torch.set_num_threads(1)  # the arrays are then the same as a single-threaded record
