@@ -47,6 +47,7 @@ from stabledrl_cli.cli._options import (
     MaxSpikesOpt,
     RunArg,
     number_option,
+    on_command_line,
 )
 from stabledrl_cli.cli._output import err, out, plain_text, print_json, writing_again
 from stabledrl_cli.cli._signals import (
@@ -531,6 +532,12 @@ def command(
         raise UsageError(f"--recent must be >= 0, got {recent}")
     if output_format == "json" and not once:
         raise UsageError("--format json needs --once (the live view is on stderr)")
+    live = {"interval": "--interval", "until_idle": "--until-idle"}
+    given = [flag for name, flag in live.items() if on_command_line(name)]
+    if once and given:
+        raise UsageError(
+            f"{', '.join(given)}: for a live watch; --once reads the run once, as it is now"
+        )
     path = local_run(run, "watch", "it polls a local directory while steps land in it")
     # before the live watch follows (it sets its own), or with --once: a line and 143
     with stopped_by_sigterm():
