@@ -296,8 +296,9 @@ def _record(
                 highlight=False,
             )
             raise typer.Exit(SIGNALLED + stop.before)
-        # recorded again: a watch of it must not end on the run it holds now
+        # recorded again: a watch of it must not end on the run it holds now, closed or killed
         closed = reopen_run(out) if force else None
+        dead = _take_dead_locks(out) if force else {}
         err.print(
             f"recording [bold]{escape(shlex.join(cmd))}[/] into {escape(str(out))}",
             highlight=False,
@@ -311,6 +312,8 @@ def _record(
             changed = _step_files(out) != before
             if closed is not None and not changed:
                 reclose_run(out, closed)
+            if not changed:
+                _put_back(dead)
             if old and changed and _resumed_as(out) != was:  # the command replaced the run
                 from stabledrl_cli.example.branch import remove_old_run_files
 
@@ -348,6 +351,33 @@ def _record(
         )
         raise UsageError(NO_STEP + earlier)
     _check_ranks(out, list(after), new, launched)
+
+
+def _take_dead_locks(out: Path) -> dict[Path, bytes]:
+    """Removes the lock files of the run's Recorders that died (`writer_states`: released; a
+    killed recording leaves them): a watch takes them for a recording that ended, and would
+    stop on the old run while the command starts. -> each one removed, with its bytes."""
+    from stabledrl_cli.dump._schema import STEPS_DIR, writer_lock_name
+    from stabledrl_cli.dump._writer_lock import writer_states
+
+    steps = out / STEPS_DIR
+    taken = {}
+    for rank, state in (writer_states(steps) or {}).items():
+        path = steps / writer_lock_name(rank)
+        if state == "released":
+            with suppress(OSError):
+                text = path.read_bytes()
+                path.unlink()
+                taken[path] = text
+    return taken
+
+
+def _put_back(locks: dict[Path, bytes]) -> None:
+    """Writes back the lock files `_take_dead_locks` removed (a command that changed no step
+    file leaves the run as it was: killed), but where one is there again. Best effort."""
+    for path, text in locks.items():
+        with suppress(OSError), open(path, "xb") as lock:
+            lock.write(text)
 
 
 def _example_files(out: Path) -> list[Path]:
