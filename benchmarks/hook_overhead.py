@@ -169,6 +169,15 @@ def main() -> None:
     if args.loop:
         loop(args.steps, args.clip, args.times)
         return
+    # every median below needs a kept step: a run's steps after --warmup, and a hooked block
+    # (the second of each pair) with a step after the first, which carries the switch
+    if args.repeats < 1 or args.steps <= args.warmup:
+        parser.error(f"--repeats must be >= 1 and --steps more than --warmup ({args.warmup})")
+    if args.block < 2 or args.paired_steps < 2 * args.block:
+        parser.error(
+            "--block must be >= 2 and --paired-steps at least 2 x --block "
+            f"({args.paired_steps} steps in blocks of {args.block} time no step with the hooks)"
+        )
     times: dict[tuple[bool, str], list[float]] = {}
     per_repeat: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,35 @@
+"""The benchmarks behind the README's figures refuse options they cannot measure with, in one
+usage line (argparse's exit 2), instead of running and dying on an empty median."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--steps", "3", "--warmup", "3"], "--steps more than --warmup (3)"),
+        (["--repeats", "1", "--steps", "2", "--warmup", "1", "--paired-steps", "4"],
+         "--paired-steps at least 2 x --block (4 steps in blocks of 5"),
+        (["--block", "1"], "--block must be >= 2"),
+    ],
+)  # fmt: skip
+def test_hook_overhead_refuses_a_shape_that_times_no_step(args: list[str], words: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "hook_overhead.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert words in done.stderr.splitlines()[-1]
+    assert done.stdout == ""
