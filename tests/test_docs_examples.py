@@ -205,3 +205,18 @@ def test_lines_left_out_or_added_unmarked_are_differences() -> None:
     assert match(["title", "row 2", ELIDED], printed, []) == "not printed there: 'row 2'"
     assert match(["title", "row 1", "row 2"], printed, []) == "stdout goes on, unshown: 'row 3'"
     assert match(["title", "row 9", ELIDED], printed, []) == "not printed there: 'row 9'"
+
+
+def test_each_record_into_the_quick_starts_run_passes_force() -> None:
+    """The Quick start records runs/demo, and `record` refuses a directory that is not empty
+    (exit 2): a later block's `stabledrl record --out runs/demo` runs as written only with
+    --force."""
+    refused = [
+        f"{page.relative_to(ROOT).as_posix()}: {line.strip()}"
+        for page in PAGES
+        for block in re.findall(r"```[a-z]*\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
+        for line in block.replace("\\\n", " ").splitlines()
+        if re.search(r"stabledrl record (\S+ )*--out runs/demo\b", line)
+        and "--force" not in line.split(" -- ")[0]
+    ]
+    assert not refused, refused
