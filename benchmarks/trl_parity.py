@@ -76,11 +76,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     names = args.only or {None: CONFIGS, "grpo": PARITY, "rloo": RLOO_PARITY}[args.trainer]
-    print(f"{'configuration':<22} {'worst rel':>10} {'worst abs':>10}  policy spec recorded")
+    width = max(len("configuration"), *map(len, names))
+    print(f"{'configuration':<{width}} {'worst rel':>10} {'worst abs':>10}  policy spec recorded")
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
             spec, rel, absolute = parity(name, Path(tmp))
-        print(f"{name:<22} {rel:>10.2g} {absolute:>10.2g}  {spec}", flush=True)
+        print(f"{name:<{width}} {rel:>10.2g} {absolute:>10.2g}  {spec}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ usage line (argparse's exit 2), instead of running and dying on an empty median.
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +35,22 @@ def test_hook_overhead_refuses_a_shape_that_times_no_step(args: list[str], words
     assert "Traceback" not in done.stderr
     assert words in done.stderr.splitlines()[-1]
     assert done.stdout == ""
+
+
+def test_trl_parity_aligns_its_columns_under_the_longest_configuration_name(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("trl")
+    spec = importlib.util.spec_from_file_location(
+        "trl_parity", ROOT / "benchmarks" / "trl_parity.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "parity", lambda name, where: ("grpo", 2.5e-07, 2.2e-08))
+    names = ["grpo", "gspo-delta-below-eps-high"]
+    monkeypatch.setattr(sys, "argv", ["trl_parity.py", "--only", *names])
+    module.main()
+    header, *rows = capsys.readouterr().out.splitlines()
+    ends = {re.match(r"\S+\s+\S+", line).end() for line in rows}  # type: ignore[union-attr]
+    assert ends == {header.index("worst rel") + len("worst rel")}, [header, *rows]
