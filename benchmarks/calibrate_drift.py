@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if 0 in args.seeds:
         parser.error("seed 0 is the fixtures' seed: it is the held-out test, not calibration data")
+    if args.steps < max(WINDOWS):
+        parser.error(
+            f"--steps {args.steps} is shorter than the window of {max(WINDOWS)} steps, whose "
+            "rolling mean it would not judge; give at least that many"
+        )
     torch.set_num_threads(args.threads)
     args.runs_dir.mkdir(parents=True, exist_ok=True)
 

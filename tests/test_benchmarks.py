@@ -67,3 +67,22 @@ def test_the_readme_counts_the_configurations_trl_parity_runs() -> None:
     readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
     assert f"trl_parity.py --trainer grpo` records {len(PARITY)} TRL configurations" in readme
     assert f"trl_parity.py --trainer rloo`: {len(RLOO_PARITY)} RLOO configurations" in readme
+
+
+def test_calibrate_drift_refuses_runs_shorter_than_its_longest_window(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run shorter than a window has no rolling mean to judge: the table read `nan` and
+    'does NOT separate' for that window (the default's), under numpy's all-NaN warnings."""
+    spec = importlib.util.spec_from_file_location(
+        "calibrate_drift", ROOT / "benchmarks" / "calibrate_drift.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as refused:
+        module.main(["--seeds", "1", "--steps", "8", "--estimators", "elbo", "--record-only",
+                     "--runs-dir", str(tmp_path)])  # fmt: skip
+    assert refused.value.code == 2
+    assert "--steps 8 is shorter than the window of 50 steps" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
