@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,30 @@ def test_calibrate_drift_refuses_runs_shorter_than_its_longest_window(
     assert refused.value.code == 2
     assert "--steps 8 is shorter than the window of 50 steps" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_each_benchmark_command_of_a_code_block_parses_as_written() -> None:
+    """Each `python benchmarks/NAME.py ...` line of a README or docs code block, its options
+    followed by one no script takes: argparse names that option, not a missing argument
+    (the Development block's bare `collapse_suite.py` lacked its phase: exit 2)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    commands = {
+        tuple(shlex.split(found.group(1), comments=True))
+        for page in pages
+        for block in re.findall(r"```[a-z]*\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
+        for found in re.finditer(r"^python (benchmarks/\S+\.py.*)$", block, re.M)
+    }
+    assert len(commands) >= 15
+    started = {}
+    for script, *args in sorted(commands):
+        args = args[: args.index(">")] if ">" in args else args
+        started[f"{script} {shlex.join(args)}"] = subprocess.Popen(
+            [sys.executable, str(ROOT / script), *args, "--not-an-option-of-any-benchmark"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+    refused = []
+    for command, process in started.items():
+        _, stderr = process.communicate(timeout=120)
+        if "unrecognized arguments: --not-an-option-of-any-benchmark" not in stderr:
+            refused.append(f"{command}: {stderr.strip()[-200:]}")
+    assert not refused, refused
