@@ -1307,6 +1307,46 @@ def test_engine_steps_hold_verls_clip_frac_and_kl(
             assert ppo_kl == ranks[0]["steps"][number]["ppo_kl"]
 
 
+@pytest.mark.parametrize(
+    ("world", "settings"), [(1, {}), (2, {}), *((p.values[0], p.values[1]) for p in ACTOR_SETTINGS)]
+)
+def test_engine_steps_hold_verls_loss_terms_under_its_names(
+    world: int, settings: dict[str, Any], engine_runs: EngineRuns
+) -> None:
+    """A recorded verl step held `loss` (verl's `actor/loss`, pg_loss + kl_coef * kl_loss) but
+    none of the terms verl's dashboard plots beside it: no `actor/pg_loss`, `actor/kl_coef`
+    nor `actor/entropy_loss`. Each now holds verl's own of the optimizer step over every rank,
+    under verl's names, with verl's reduction, and a training step's mean of them is what
+    verl's trainer logs for it; a term verl does not log is not recorded."""
+    run, ranks = engine_runs(world, settings=settings)
+    actor = settings.get("actor", {})
+    steps = list(run.steps(0, 4))
+    for n, step in enumerate(steps):
+        logged = ranks[0]["steps"][n]
+        assert step.scalars["actor/pg_loss"] == logged["pg_loss"]
+        if "entropy_loss" in logged:
+            assert step.scalars["actor/entropy_loss"] == logged["entropy_loss"]
+        else:
+            assert "actor/entropy_loss" not in step.scalars
+        if actor.get("use_kl_loss"):
+            assert step.scalars["actor/kl_coef"] == pytest.approx(actor["kl_loss_coef"])
+            loss = logged["pg_loss"] + step.scalars["actor/kl_coef"] * step.scalars["kl"]
+            assert step.scalars["loss"] == pytest.approx(loss, abs=1e-6)
+        else:
+            assert "actor/kl_coef" not in step.scalars
+    for name in ("actor/pg_loss", "actor/kl_coef", "actor/entropy_loss"):
+        trainer = ranks[0]["logged"][0]  # the rollout's 4 optimizer steps, as the trainer logs
+        assert (name in trainer) == (name in steps[0].scalars), name
+        if name in trainer:
+            mean = sum(step.scalars[name] for step in steps) / len(steps)
+            assert mean == pytest.approx(trainer[name], rel=1e-9), name
+    for path in sorted((run.path / "steps").glob("step-0000000[0-3]*.safetensors")):
+        with safe_open(path, "pt") as f:  # each rank's file: verl's number over every rank
+            number = int(path.name.split(".")[0].split("-")[1])
+            pg_loss = float(f.metadata()["actor/pg_loss"])
+            assert pg_loss == ranks[0]["steps"][number]["pg_loss"]
+
+
 def test_a_baseline_from_verls_log_gates_the_recorded_run(
     engine_runs: EngineRuns, tmp_path: Path
 ) -> None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
-from verl.utils.metric import Metric
+from verl.utils.metric import Metric, reduce_metrics
 from verl.utils.py_functional import rename_dict
 from verl.workers.utils.padding import no_padding_2_padding
 
@@ -36,6 +37,12 @@ first two as `verl_pg_clipfrac`, `verl_pg_clipfrac_lower`)."""
 LOGGED_SCALARS = ("clip_frac", "kl")
 """The standard scalars a step takes from verl's metrics of it, under the names `stabledrl
 import` gives verl's logged `actor/pg_clipfrac` and `actor/kl_loss` (STANDARD_SOURCES)."""
+
+VERL_LOSS_METRICS = ("actor/pg_loss", "actor/kl_coef", "actor/entropy_loss")
+"""verl's loss terms of the optimizer step, recorded under verl's own names from verl's
+metrics of it only (`logged_scalars`): the policy-gradient loss, the KL loss's coefficient
+(use_kl_loss) and the entropy (calculate_entropy), which `stabledrl import` keeps under these
+names too."""
 
 _OPTIONAL = {
     "loss_weight": "rollout_is_weights",
@@ -86,21 +93,36 @@ def _metric_value(value: Any) -> float:
     return float(value)
 
 
+def _logged_value(name: str, value: Any) -> float | None:
+    """One of verl's metrics of an optimizer step as verl's trainer logs it for a training
+    step of that one update: a `Metric` (a list of them over the data-parallel ranks) reduced
+    by `Metric.aggregate_dp`, as `train_mini_batch` reduces it; plain numbers (`kl_coef`, one
+    a micro-batch, a list of them a rank) joined over the ranks as `train_mini_batch` joins
+    them and reduced by `reduce_metrics`, as the trainer does. None for anything else."""
+    ranks = value if isinstance(value, list) else [value]
+    if ranks and all(isinstance(rank, Metric) for rank in ranks):
+        return float(Metric.aggregate_dp(ranks))
+    numbers = list(chain.from_iterable(r if isinstance(r, list) else [r] for r in ranks))
+    if numbers and all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers):
+        return float(reduce_metrics({name: numbers})[name])
+    return None
+
+
 def logged_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The LOGGED_SCALARS of one optimizer step, from verl's metrics of it (the `metrics` of
     `TrainingWorker.train_batch`'s output: a `Metric` of the step's micro-batches, a list of
     them over the data-parallel ranks), named as verl's trainer logs them (`rename_dict`) and
-    reduced by verl's `Metric.aggregate_dp`, as `train_mini_batch` reduces them; and the
-    VERL_METRICS under verl's own names, reduced the same way."""
+    reduced as verl reduces them (`_logged_value`); and the VERL_METRICS and
+    VERL_LOSS_METRICS under verl's own names, reduced the same way."""
     logged = rename_dict(dict(metrics), "actor/")
     sources = {standard: standard_source(standard, logged) for standard in LOGGED_SCALARS}
-    sources.update({name: name for name in VERL_METRICS})
+    sources.update({name: name for name in (*VERL_METRICS, *VERL_LOSS_METRICS)})
     scalars: dict[str, float] = {}
     for recorded, name in sources.items():
-        value = logged.get(name) if name is not None else None
-        ranks = value if isinstance(value, list) else [value]
-        if ranks and all(isinstance(rank, Metric) for rank in ranks):
-            scalars[recorded] = float(Metric.aggregate_dp(ranks))
+        if name is not None and name in logged:
+            value = _logged_value(name, logged[name])
+            if value is not None:
+                scalars[recorded] = value
     return scalars
 
 

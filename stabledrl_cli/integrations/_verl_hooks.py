@@ -146,8 +146,9 @@ class Session:
                 self.fail(exc, "closing the verl run")
 
     def write(self, output: TensorDict | None) -> None:
-        """Writes the pending step as step `step`, with the LOGGED_SCALARS of verl's metrics
-        of it in `output`, `TrainingWorker.train_batch`'s (None: without them)."""
+        """Writes the pending step as step `step`, with the scalars `logged_scalars` takes
+        from verl's metrics of it in `output`, `TrainingWorker.train_batch`'s (None: without
+        them)."""
         pending, self.pending = self.pending, None
         if pending is None or self.off:
             return

@@ -35,9 +35,9 @@ What is hooked, in the worker process:
   registered (`register_policy_loss`, under a name of its own or over verl's) is recorded
   with no policy, the manifest's `meta.policy_unidentified` naming it.
 - `TrainingWorker.train_batch`: the step its engine took is written once it returns, with
-  verl's own metrics of the step (gathered over the data-parallel ranks there): `clip_frac`
-  and `kl` (`logged_scalars`). Without `TrainingWorker` the step is written at once, without
-  them.
+  verl's own metrics of the step (gathered over the data-parallel ranks there): `clip_frac`,
+  `kl` and verl's loss terms under its names (`logged_scalars`). Without `TrainingWorker` the
+  step is written at once, without them.
 - `TrainingWorker.train_mini_batch`: once per rollout, the data-parallel ranks exchange their
   `uid`s (one `all_gather_object`), so prompt groups get the same global id on every rank and
   a group with members on another rank or in another mini-batch is marked `group_split`

@@ -178,8 +178,11 @@ def train(out: str, result: str, loss_mode: str, settings: str) -> None:
                         ("pg_clipfrac_lower", "actor/pg_clipfrac_lower"),
                         ("ppo_kl", "actor/ppo_kl"),
                         ("kl_loss", "kl_loss"),
+                        ("entropy_loss", "actor/entropy_loss"),
                     )
-                    if key in metrics  # kl_cov logs no clip fractions
+                    # kl_cov logs no clip fractions; kl_loss needs use_kl_loss, entropy_loss
+                    # calculate_entropy
+                    if key in metrics
                 }
             )
     stabledrl_verl.uninstall()
