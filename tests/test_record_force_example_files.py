@@ -5,6 +5,7 @@ new run's), and stay with a run the command resumed (the same manifest, steps ap
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -90,3 +91,39 @@ def test_checkpoints_of_a_directory_that_holds_no_run_are_refused_not_removed(tm
         "manifest.json); "
     )
     assert mine.read_bytes() == b"my model's weights"
+
+
+def test_a_file_browsers_files_go_with_the_branch_runs_anything_else_is_refused(tmp_path):
+    """A .DS_Store Finder left in a branch run (macOS opens RUN/branches/grpo@0 once) made
+    `record --force` refuse until it was removed by hand: such files (.DS_Store, ._NAME,
+    Thumbs.db) are no one's data and go with the branch runs; a folder so named is refused."""
+    run, _ = _with_example_files(tmp_path)
+    branch = run / "branches" / "grpo@0"
+    browsers = [
+        run / "branches" / ".DS_Store",
+        branch / ".DS_Store",
+        branch / "._manifest.json",
+        branch / "steps" / "Thumbs.db",
+        branch / "steps" / "._step-00000000.safetensors",
+    ]
+    for path in browsers:
+        path.write_bytes(b"\0")
+    shutil.copytree(run, tmp_path / "mine")
+
+    replaced, errors = _loop(tmp_path, 0, 2, *OPTIONS)
+    assert replaced.returncode == 0 and errors == [], replaced.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "manifest.json", "steps"]
+
+    mine = tmp_path / "mine" / "branches" / "grpo@0" / "steps" / ".DS_Store"
+    mine.mkdir()  # a folder: not what a file browser leaves
+    script = "print('the command ran')"
+    refused, errors = record_python(
+        script, *OPTIONS, cwd=tmp_path, env=cli_environment(), out="mine"
+    )
+    assert refused.returncode == 2 and "the command ran" not in refused.stdout
+    assert errors == [
+        f"error: {Path('mine') / 'branches' / 'grpo@0' / 'steps' / '.DS_Store'}: not a file of a "
+        "branch run; recording over the run (--force) removes its branches, never another file: "
+        "remove it, or record elsewhere"
+    ]
+    assert mine.is_dir() and (tmp_path / "mine" / "branches" / ".DS_Store").is_file()

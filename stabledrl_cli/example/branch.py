@@ -125,12 +125,21 @@ _RUN_FILES = (STEP_FILE_RE, TEMP_FILE_RE, STOP_NOTE_RE, TEMP_STOP_NOTE_RE, WRITE
 """The names of what a Recorder leaves in a run's steps/ folder."""
 _TEMP_MANIFEST_RE = re.compile(rf"^\.{re.escape(MANIFEST_NAME)}\.tmp-[0-9a-f-]+$")
 """A manifest a killed Recorder left half-written (`_setup._write_manifest`)."""
+_OS_FILE_RE = re.compile(r"^(\.DS_Store|\._.+|Thumbs\.db|desktop\.ini)$")
+"""The files an operating system's file browser leaves in any folder it shows (macOS Finder's
+.DS_Store and ._NAME AppleDouble files, Windows Explorer's Thumbs.db and desktop.ini): never
+a user's data, removed with the branch runs they were found among."""
+
+
+def _os_file(entry: Path) -> bool:
+    """Whether `entry` is a file browser's file (`_OS_FILE_RE`), not a folder so named."""
+    return bool(_OS_FILE_RE.match(entry.name)) and (entry.is_symlink() or not entry.is_dir())
 
 
 def _run_files(run: Path) -> list[Path]:
     """The files of the branch run `run` (its manifest, its steps/ folder's step files, notes,
-    locks and temporaries), folders last; UsageError naming the first entry a Recorder does
-    not write, or a manifest that is no stabledrl run's."""
+    locks and temporaries, and a file browser's files in either folder), folders last;
+    UsageError naming the first other entry, or a manifest that is no stabledrl run's."""
     files: list[Path] = []
 
     def refused(entry: Path) -> UsageError:
@@ -144,13 +153,16 @@ def _run_files(run: Path) -> list[Path]:
     for entry in sorted(run.iterdir()):
         if entry.name == STEPS_DIR and entry.is_dir() and not entry.is_symlink():
             for name in sorted(os.listdir(entry)):
-                if not any(pattern.match(name) for pattern in _RUN_FILES):
+                known = any(pattern.match(name) for pattern in _RUN_FILES)
+                if not known and not _os_file(entry / name):
                     raise refused(entry / name)
                 files.append(entry / name)
             files.append(entry)
         elif entry.name == MANIFEST_NAME or _TEMP_MANIFEST_RE.match(entry.name):
             if entry.name == MANIFEST_NAME:
                 check_replaceable(run)
+            files.append(entry)
+        elif _os_file(entry):
             files.append(entry)
         else:
             raise refused(entry)
@@ -162,13 +174,18 @@ def old_branches(run_dir: Path) -> list[Path]:
     folders after their contents; [] without any. A run recorded again over (`record --force`)
     must not keep the branches of the run it replaces. Refused before anything is removed:
     RUN/branches as a symlink (InputError), or anything in it that is not a branch run
-    (UsageError naming it)."""
+    (UsageError naming it); a file browser's file (.DS_Store) in it or in a branch run goes with
+    them."""
     base = run_dir / BRANCHES_DIR
     if os.path.islink(base):
         raise symlink_refused(str(base))
     if not base.is_dir():
         return []
-    files = [path for run in sorted(base.iterdir()) for path in _run_files(run)]
+    files = [
+        path
+        for run in sorted(base.iterdir())
+        for path in ([run] if _os_file(run) else _run_files(run))
+    ]
     return [*files, base]
 
 
