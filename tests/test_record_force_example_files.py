@@ -6,11 +6,15 @@ new run's), and stay with a run the command resumed (the same manifest, steps ap
 from __future__ import annotations
 
 import shutil
+import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from _cli import cli_environment, record_python
+from typer.testing import CliRunner
 
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder
 
 LOOP = textwrap.dedent(
@@ -127,3 +131,24 @@ def test_a_file_browsers_files_go_with_the_branch_runs_anything_else_is_refused(
         "remove it, or record elsewhere"
     ]
     assert mine.is_dir() and (tmp_path / "mine" / "branches" / ".DS_Store").is_file()
+
+
+@pytest.mark.parametrize("command", [(), ("--", sys.executable, "-c", "print('it ran')")])
+def test_a_folder_named_as_a_checkpoint_is_refused_before_the_run_changes(tmp_path, command):
+    """`mkdir RUN/checkpoints/step-00000008.pt` survived `record --force`: the example's
+    checkpoint at step 8 then failed to be written (exit 4, the old run already replaced), or,
+    saved at other steps, the new run's `branch --at 8` exited 3 on it. Refused as anything
+    else --force would not remove is, exit 2, before the run or the command changes anything."""
+    run, checkpoint = _with_example_files(tmp_path)
+    folder = run / "checkpoints" / "step-00000008.pt"
+    folder.mkdir()
+    before = sorted(p.name for p in (run / "steps").iterdir())
+    args = ["record", "--out", str(run), "--force", *command]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr == (
+        f"error: {folder}: not a checkpoint file; recording over the run (--force) removes its "
+        "checkpoints, never another file: remove it, or record elsewhere\n"
+    )
+    assert "it ran" not in refused.stdout and folder.is_dir() and checkpoint.is_file()
+    assert sorted(p.name for p in (run / "steps").iterdir()) == before

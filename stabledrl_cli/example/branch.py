@@ -192,10 +192,19 @@ def old_branches(run_dir: Path) -> list[Path]:
 def old_run_files(run_dir: Path) -> list[Path]:
     """What the built-in example wrote beside the run at `run_dir` that a run recorded over it
     must not keep: its checkpoints (`checkpoint_files`) and its branch runs (`old_branches`),
-    folders after their contents. Refused as those refuse, before anything is removed, and
-    (UsageError) when `run_dir` holds such files but no run (no manifest): they are no run's
-    (a project's own `checkpoints/step-00001000.pt`), and --force replaces a run only."""
-    files = [*checkpoint_files(run_dir), *old_branches(run_dir)]
+    folders after their contents. Refused as those refuse, before anything is removed; a
+    UsageError names an entry named as a checkpoint that is no file (a directory
+    `step-00000008.pt`: the new run would save its checkpoint there, or `branch` read it), and
+    `run_dir` holding such files but no run (no manifest): they are no run's (a project's own
+    `checkpoints/step-00001000.pt`), and --force replaces a run only."""
+    checkpoints = checkpoint_files(run_dir)
+    for path in checkpoints:
+        if not path.is_symlink() and not path.is_file():
+            raise UsageError(
+                f"{path}: not a checkpoint file; recording over the run (--force) removes its "
+                "checkpoints, never another file: remove it, or record elsewhere"
+            )
+    files = [*checkpoints, *old_branches(run_dir)]
     if files and not os.path.lexists(run_dir / MANIFEST_NAME):
         raise UsageError(
             f"{files[0]}: no run's ({run_dir} holds no {MANIFEST_NAME}); recording over a run "

@@ -122,10 +122,11 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def checkpoint_files(run_dir: str | Path) -> list[Path]:
-    """A run's checkpoint files (a run recorded again over it must not keep stale ones), and
-    those a killed writer left under their temporary names."""
+    """The entries of a run's checkpoints folder named as checkpoints (a run recorded again
+    over it must not keep stale ones), and those a killed writer left under their temporary
+    names: whatever each is (a directory so named too, which the caller judges)."""
     directory = checkpoints_dir(run_dir)
-    paths = [path for _, path in list_checkpoints(run_dir) if path.is_file()]
+    paths = [path for _, path in list_checkpoints(run_dir)]
     if directory.is_dir():
         paths += [p for p in directory.iterdir() if TEMP_CHECKPOINT_RE.match(p.name)]
     return paths
