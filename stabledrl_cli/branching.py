@@ -26,13 +26,12 @@ import numpy as np
 
 from stabledrl_cli.capture.branch_protocol import (
     BRANCHES_DIR,
-    CHECKPOINTS_DIR,
     BranchRequest,
     branch_dir,
+    check_outside_run_folders,
 )
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._directory import symlink_refused
-from stabledrl_cli.dump._schema import STEPS_DIR
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.example.branch import train_branch
 from stabledrl_cli.example.checkpoint import list_checkpoints
@@ -254,20 +253,14 @@ def _steps_to_end(run_dir: Path, at: int, end: int) -> int:
 def check_not_the_original(branch: Path, run_dir: Path, *, given: str = "--out") -> None:
     """UsageError when the branch run `branch` would be `run_dir`, the run it branches from
     (--out its parent, the run named POLICY@STEP: --force would replace it), or lie in that
-    run's steps or checkpoints folder (the run would hold a file that is not its own); the line
-    says to give another `given` (what named the branch run's place)."""
-    where = branch.resolve()
-    original = run_dir.resolve()
-    if where == original:
+    run's steps or checkpoints folder (`check_outside_run_folders`); the line says to give
+    another `given` (what named the branch run's place)."""
+    if branch.resolve() == run_dir.resolve():
         raise UsageError(
             f"{run_dir}: a branch run would be the run it branches from; pass another {given}"
         )
-    for folder in (STEPS_DIR, CHECKPOINTS_DIR):
-        if where.is_relative_to(original / folder):
-            raise UsageError(
-                f"{branch}: a branch run would be inside the {folder} folder of {run_dir}, the "
-                f"run it branches from; pass another {given}"
-            )
+    original = f"{run_dir}, the run it branches from"
+    check_outside_run_folders(branch, run_dir, what="a branch run", run=original, given=given)
 
 
 def run_branches(

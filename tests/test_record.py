@@ -1714,3 +1714,36 @@ def test_a_script_that_names_another_policy_than_record_is_told(
         ], child_err
     else:
         assert lines == [], child_err
+
+
+@pytest.mark.parametrize(
+    ("inside", "folder", "run"),
+    [
+        ("steps/x", "steps", ""),
+        ("checkpoints", "checkpoints", ""),
+        ("branches/grpo@0/steps/x", "steps", "branches/grpo@0"),
+    ],
+)
+@pytest.mark.parametrize("command", [(), ("--", sys.executable, "-c", "print('it ran')")])
+def test_an_out_inside_a_runs_steps_or_checkpoints_folder_is_refused(
+    tmp_path, inside, folder, run, command
+):
+    """`record --out RUN/steps/x` recorded a run there (exit 0), which left RUN holding a file
+    that is not its own (an unknown_file finding), where `branch --out` refuses the place:
+    refused as branch refuses it, exit 2, before anything is written (the run of a branch run
+    included)."""
+    original = tmp_path / "run"
+    for path in (original, original / "branches" / "grpo@0"):
+        with Recorder(path, policy="grpo") as recorder:
+            recorder.log_step(0, grad_norm=1.0)
+    (original / "checkpoints").mkdir()
+    before = sorted(original.rglob("*"))
+    out = original / inside
+    args = ["record", "--out", str(out), *(command or ("--rl-steps", "1"))]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr == (
+        f"error: {out}: a run would be inside the {folder} folder of {original / run}; pass "
+        "another --out\n"
+    )
+    assert "it ran" not in refused.stdout and sorted(original.rglob("*")) == before

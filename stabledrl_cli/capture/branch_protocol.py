@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stabledrl_cli.capture.bootstrap import ENV_RUN_DIR
+from stabledrl_cli.dump._schema import STEPS_DIR
 from stabledrl_cli.errors import UsageError, quoted
 from stabledrl_cli.spec import INT_DIGITS, spec_int
 
@@ -36,6 +37,22 @@ BRANCHES_DIR = "branches"
 """A run's sub-directory of branch runs (`RUN/branches/POLICY@STEP`)."""
 CHECKPOINTS_DIR = "checkpoints"
 """A run's sub-directory of the built-in example's checkpoints (`RUN/checkpoints`)."""
+
+
+def check_outside_run_folders(
+    place: Path, run_dir: Path, *, what: str, run: str, given: str
+) -> None:
+    """UsageError when `place`, where `what` would be written (`a run`), lies in the steps or
+    checkpoints folder of the run at `run_dir`: that run would hold a file that is not its
+    own. The line names the run as `run` and says to give another `given` (what named the
+    place)."""
+    where = place.resolve()
+    for folder in (STEPS_DIR, CHECKPOINTS_DIR):
+        if where.is_relative_to(run_dir.resolve() / folder):
+            raise UsageError(
+                f"{place}: {what} would be inside the {folder} folder of {run}; pass another "
+                f"{given}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
