@@ -1722,6 +1722,9 @@ def test_a_script_that_names_another_policy_than_record_is_told(
         ("steps/x", "steps", ""),
         ("checkpoints", "checkpoints", ""),
         ("branches/grpo@0/steps/x", "steps", "branches/grpo@0"),
+        ("branches", "branches", ""),
+        ("branches/mine", "branches", ""),
+        ("branches/grpo@0/x", "branches", ""),
     ],
 )
 @pytest.mark.parametrize("command", [(), ("--", sys.executable, "-c", "print('it ran')")])
@@ -1731,7 +1734,8 @@ def test_an_out_inside_a_runs_steps_or_checkpoints_folder_is_refused(
     """`record --out RUN/steps/x` recorded a run there (exit 0), which left RUN holding a file
     that is not its own (an unknown_file finding), where `branch --out` refuses the place:
     refused as branch refuses it, exit 2, before anything is written (the run of a branch run
-    included)."""
+    included). In RUN/branches, where only branch runs go, `record --out RUN --force` then
+    exited 2 ('RUN/branches/manifest.json: not a file of a branch run')."""
     original = tmp_path / "run"
     for path in (original, original / "branches" / "grpo@0"):
         with Recorder(path, policy="grpo") as recorder:

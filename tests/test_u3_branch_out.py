@@ -42,21 +42,26 @@ def test_a_branch_onto_the_original_run_is_refused(
     assert sd.open_run(run).step_numbers == list(range(8))
 
 
-@pytest.mark.parametrize("folder", ["steps", "checkpoints"])
+@pytest.mark.parametrize(
+    ("out", "folder"),
+    [("steps", "steps"), ("checkpoints", "checkpoints"), ("branches/mine", "branches")],
+)
 def test_a_branch_inside_the_runs_own_folders_is_refused(
-    recorded: Path, tmp_path: Path, folder: str
+    recorded: Path, tmp_path: Path, out: str, folder: str
 ) -> None:
     """--out RUN/steps put the branch run in the original's steps folder, which inspect then
-    reported as an unknown file of the original run (an integrity finding)."""
+    reported as an unknown file of the original run (an integrity finding); --out
+    RUN/branches/mine put it at RUN/branches/mine/grpo@4, after which `record --out RUN --force`
+    exited 2 ('RUN/branches/mine/grpo@4: not a file of a branch run')."""
     run = _copy(recorded, tmp_path)
-    args = ["--at", "4", "-p", "grpo", "--rl-steps", "2", "--out", run / folder]
+    args = ["--at", "4", "-p", "grpo", "--rl-steps", "2", "--out", run / out]
     result = run_cli("branch", run, *args, timeout=120)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: {run / folder / 'grpo@4'}: a branch run would be inside the {folder} folder "
+        f"error: {run / out / 'grpo@4'}: a branch run would be inside the {folder} folder "
         f"of {run}, the run it branches from; pass another --out"
     ]
-    assert not (run / folder / "grpo@4").exists()
+    assert not (run / out / "grpo@4").exists()
     assert sd.open_run(run).integrity.findings == []
 
 

@@ -40,15 +40,19 @@ CHECKPOINTS_DIR = "checkpoints"
 
 
 def check_outside_run_folders(
-    place: Path, run_dir: Path, *, what: str, run: str, given: str
+    place: Path, run_dir: Path, *, what: str, run: str, given: str, branch: bool = False
 ) -> None:
-    """UsageError when `place`, where `what` would be written (`a run`), lies in the steps or
-    checkpoints folder of the run at `run_dir`: that run would hold a file that is not its
-    own. The line names the run as `run` and says to give another `given` (what named the
-    place)."""
+    """UsageError when `place`, where `what` would be written (`a run`), lies in the steps,
+    checkpoints or branches folder of the run at `run_dir`: that run would hold a file that is
+    not its own, which recording over it (--force) refuses to remove. A `branch` run may be one
+    folder down in the branches folder (RUN/branches/POLICY@STEP), where --force removes it.
+    The line names the run as `run` and says to give another `given` (what named the place)."""
     where = place.resolve()
-    for folder in (STEPS_DIR, CHECKPOINTS_DIR):
-        if where.is_relative_to(run_dir.resolve() / folder):
+    for folder in (STEPS_DIR, CHECKPOINTS_DIR, BRANCHES_DIR):
+        inside = run_dir.resolve() / folder
+        if branch and folder == BRANCHES_DIR and where.parent == inside:
+            continue
+        if where.is_relative_to(inside):
             raise UsageError(
                 f"{place}: {what} would be inside the {folder} folder of {run}; pass another "
                 f"{given}"

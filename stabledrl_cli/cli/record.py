@@ -52,9 +52,9 @@ GEOMETRY_NUMBERS = ("every", "k", "seed")
 
 
 def _check_not_in_a_run(out: Path) -> None:
-    """UsageError when --out lies in the steps or checkpoints folder of a run (a folder above
-    it holding a manifest, a branch run's too), as `branch --out` is refused: the run would
-    hold a file that is not its own."""
+    """UsageError when --out lies in the steps, checkpoints or branches folder of a run (a
+    folder above it holding a manifest, a branch run's too), as `branch --out` is refused: the
+    run would hold a file that is not its own."""
     for parent in (*out.parents, *out.resolve().parents):  # as given first, for the line
         if os.path.lexists(parent / MANIFEST_NAME):
             check_outside_run_folders(out, parent, what="a run", run=str(parent), given="--out")
