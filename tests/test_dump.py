@@ -899,3 +899,32 @@ def test_an_async_log_step_waits_for_room_in_a_full_queue_as_the_docs_say(tmp_pa
         text = " ".join((ROOT / doc).read_text().split())
         assert "never waits for the disk" not in text, doc
         assert "finds the queue full waits" in text, doc
+
+
+_OS_FILES = (".DS_Store", "._step-00000000.safetensors", "Thumbs.db", "desktop.ini")
+"""What macOS Finder and Windows Explorer leave in a folder they show."""
+
+
+def test_a_file_browsers_files_are_no_finding_and_go_when_the_run_is_recorded_over(tmp_path):
+    """A .DS_Store (._NAME, Thumbs.db, desktop.ini) in RUN/steps was an `unknown_file` finding
+    of `inspect` for good, and recording over the run (overwrite=True, `record --force`) left
+    it there and in RUN: the reader now passes over them (a folder so named is still a
+    finding), and the run recorded over goes without them."""
+    path = tmp_path / "run"
+    with sd.Recorder(path, policy="grpo") as recorder:
+        recorder.log_step(0, grad_norm=1.0)
+    for folder in (path, path / "steps"):
+        for name in _OS_FILES:
+            (folder / name).write_bytes(b"\0\5\26\7")
+    assert sd.open_run(path).integrity.findings == []
+    (path / "steps" / "._folder").mkdir()
+    (finding,) = sd.open_run(path).integrity.findings
+    assert (finding.kind, finding.message) == (
+        "unknown_file",
+        "._folder: not a step file of this run",
+    )
+    with sd.Recorder(path, policy="grpo", overwrite=True) as recorder:
+        recorder.log_step(0, grad_norm=2.0)
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "steps"]
+    names = sorted(p.name for p in (path / "steps").iterdir())
+    assert names == ["._folder", "step-00000000.safetensors"]

@@ -60,6 +60,7 @@ from stabledrl_cli.dump._schema import (
     META_SCORED_REWARDS,
     META_SCORED_TOKENS,
     META_WORLD_SIZE,
+    OS_FILE_RE,
     SCALAR_STEP_VERSION,
     SEQUENCE_LIMIT,
     STEP_FILE_RE,
@@ -617,6 +618,8 @@ class DirectoryRun(Run):
         known, self._entries_seen = self._entries_seen, {}
         for name, regular in found:
             if regular and WRITER_LOCK_RE.match(name):  # a live Recorder's, no step's data
+                continue
+            if regular and OS_FILE_RE.match(name):  # a file browser's (.DS_Store): no run's
                 continue
             entry = known.get((name, regular)) or self._entry(steps_dir, name, regular)
             self._entries_seen[name, regular] = entry

@@ -55,6 +55,7 @@ from stabledrl_cli.dump._directory import (
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
+    OS_FILE_RE,
     RECORDING_CLOSED,
     RECORDING_STOPPED,
     RUN_ID,
@@ -115,6 +116,25 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     except OSError as exc:
         raise write_error(path, exc) from None
+
+
+def os_file(entry: Path) -> bool:
+    """Whether `entry` is a file browser's file (`OS_FILE_RE`), not a folder so named."""
+    return bool(OS_FILE_RE.match(entry.name)) and (entry.is_symlink() or not entry.is_dir())
+
+
+def _remove_os_files(path: Path) -> None:
+    """Removes a file browser's files (`os_file`: .DS_Store...) from the run at `path` and its
+    steps directory: a run recorded over another keeps none of the old run's folders' litter.
+    WriteError naming one that cannot be removed."""
+    for folder in (path, path / STEPS_DIR):
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:  # no such folder yet (or no folder: the recording refuses it)
+            continue
+        for name in names:
+            if os_file(folder / name):
+                _remove(folder / name)
 
 
 def remove_stepless_run(path: Path) -> None:
@@ -435,6 +455,8 @@ def _ready(
             reopen_run(path)  # before any step file changes
         for file, _number, _temporary in chain(*_own_files(steps, rank, world_size)):
             _remove(file)
+        if rank == 0:
+            _remove_os_files(path)
     elif is_dir:
         # Other ranks may have made steps/ already: only what this rank would clobber counts.
         others = [n for n in os.listdir(path) if n != STEPS_DIR] if rank == 0 else []

@@ -27,7 +27,7 @@ from stabledrl_cli.dump._schema import (
     TEMP_STOP_NOTE_RE,
     WRITER_LOCK_RE,
 )
-from stabledrl_cli.dump._setup import check_replaceable
+from stabledrl_cli.dump._setup import check_replaceable, os_file
 from stabledrl_cli.errors import InputError, UsageError, quoted
 from stabledrl_cli.example.checkpoint import TrainingState, checkpoint_files, load_checkpoint
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
@@ -125,15 +125,6 @@ _RUN_FILES = (STEP_FILE_RE, TEMP_FILE_RE, STOP_NOTE_RE, TEMP_STOP_NOTE_RE, WRITE
 """The names of what a Recorder leaves in a run's steps/ folder."""
 _TEMP_MANIFEST_RE = re.compile(rf"^\.{re.escape(MANIFEST_NAME)}\.tmp-[0-9a-f-]+$")
 """A manifest a killed Recorder left half-written (`_setup._write_manifest`)."""
-_OS_FILE_RE = re.compile(r"^(\.DS_Store|\._.+|Thumbs\.db|desktop\.ini)$")
-"""The files an operating system's file browser leaves in any folder it shows (macOS Finder's
-.DS_Store and ._NAME AppleDouble files, Windows Explorer's Thumbs.db and desktop.ini): never
-a user's data, removed with the branch runs they were found among."""
-
-
-def _os_file(entry: Path) -> bool:
-    """Whether `entry` is a file browser's file (`_OS_FILE_RE`), not a folder so named."""
-    return bool(_OS_FILE_RE.match(entry.name)) and (entry.is_symlink() or not entry.is_dir())
 
 
 def _run_files(run: Path) -> list[Path]:
@@ -154,7 +145,7 @@ def _run_files(run: Path) -> list[Path]:
         if entry.name == STEPS_DIR and entry.is_dir() and not entry.is_symlink():
             for name in sorted(os.listdir(entry)):
                 known = any(pattern.match(name) for pattern in _RUN_FILES)
-                if not known and not _os_file(entry / name):
+                if not known and not os_file(entry / name):
                     raise refused(entry / name)
                 files.append(entry / name)
             files.append(entry)
@@ -162,7 +153,7 @@ def _run_files(run: Path) -> list[Path]:
             if entry.name == MANIFEST_NAME:
                 check_replaceable(run)
             files.append(entry)
-        elif _os_file(entry):
+        elif os_file(entry):
             files.append(entry)
         else:
             raise refused(entry)
@@ -184,7 +175,7 @@ def old_branches(run_dir: Path) -> list[Path]:
     files = [
         path
         for run in sorted(base.iterdir())
-        for path in ([run] if _os_file(run) else _run_files(run))
+        for path in ([run] if os_file(run) else _run_files(run))
     ]
     return [*files, base]
 
