@@ -928,3 +928,22 @@ def test_a_file_browsers_files_are_no_finding_and_go_when_the_run_is_recorded_ov
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "steps"]
     names = sorted(p.name for p in (path / "steps").iterdir())
     assert names == ["._folder", "step-00000000.safetensors"]
+
+
+def test_a_folder_holding_only_a_file_browsers_files_is_recorded_into(tmp_path):
+    """A folder made in Finder (its .DS_Store, Thumbs.db...) was refused by a Recorder as 'already
+    exists and is not empty (.DS_Store); pass overwrite=True': it is recorded into as an empty
+    one, and any other file is still refused."""
+    path = tmp_path / "run"
+    path.mkdir()
+    for name in _OS_FILES:
+        (path / name).write_bytes(b"\0")
+    with sd.Recorder(path, policy="grpo") as recorder:
+        recorder.log_step(0, grad_norm=1.0)
+    assert sd.open_run(path).step_numbers == [0]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".DS_Store").write_bytes(b"\0")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match=r"not empty \(notes\.txt\)"):
+        sd.Recorder(other, policy="grpo")

@@ -59,6 +59,17 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def test_an_out_holding_only_a_file_browsers_files_is_empty(tmp_path):
+    """`record --out DIR`, DIR a folder made in Finder (a .DS_Store in it), exited 2 ('--out DIR
+    is not empty; pass --force'): DIR is recorded into as an empty folder would be."""
+    out = tmp_path / "made in finder"
+    out.mkdir()
+    (out / ".DS_Store").write_bytes(b"\0")
+    result = CliRunner().invoke(app, ["record", "--out", str(out), "--rl-steps", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert open_run(out).step_numbers == [0]
+
+
 def _child_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The environment a wrapped command sees: the package's root first on its path (the
     script runs from its own folder), and no run directory inherited from outside."""

@@ -26,7 +26,7 @@ from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
 from stabledrl_cli.cli.app import after_separator, debug_requested
 from stabledrl_cli.dump._schema import MANIFEST_NAME
-from stabledrl_cli.dump._setup import check_replaceable, directory_or_nothing
+from stabledrl_cli.dump._setup import check_replaceable, directory_or_nothing, os_file
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
 from stabledrl_cli.replay.config import MAX_THREADS
@@ -61,7 +61,8 @@ def _check_not_in_a_run(out: Path) -> None:
 
 
 def _check_out(out: Path, force: bool) -> None:
-    if directory_or_nothing(out, f"--out {out}") and any(out.iterdir()):
+    # a file browser's file (.DS_Store: a folder made in Finder) makes no folder a run's
+    if directory_or_nothing(out, f"--out {out}") and not all(map(os_file, out.iterdir())):
         check_replaceable(out)  # before the command starts: its recorder would refuse
         if not force:
             raise UsageError(

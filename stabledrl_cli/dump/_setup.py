@@ -459,7 +459,9 @@ def _ready(
             _remove_os_files(path)
     elif is_dir:
         # Other ranks may have made steps/ already: only what this rank would clobber counts.
-        others = [n for n in os.listdir(path) if n != STEPS_DIR] if rank == 0 else []
+        # A file browser's file (.DS_Store: a folder made in Finder) makes no folder a run's.
+        listed = os.listdir(path) if rank == 0 else []
+        others = [n for n in listed if n != STEPS_DIR and not os_file(path / n)]
         mine = [file.name for file, _, _ in chain(*_own_files(steps, rank, world_size))]
         if MANIFEST_NAME in others:
             check_replaceable(path)  # another tool's: overwrite=True would not help either
