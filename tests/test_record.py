@@ -70,6 +70,37 @@ def test_an_out_holding_only_a_file_browsers_files_is_empty(tmp_path):
     assert open_run(out).step_numbers == [0]
 
 
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [
+        ("steps", "not a directory (where a run keeps its step files)"),
+        ("manifest.json", "not a file (where a run keeps its manifest)"),
+    ],
+)
+def test_force_refuses_a_steps_file_or_a_manifest_folder(tmp_path, name, what):
+    """RUN/steps a file (or RUN/manifest.json a folder): `record --out RUN --force` exited 4
+    ('RUN/steps: cannot write it (File exists)'), its manifest reopened, as did every later
+    try: it is refused as what --force never removes is, exit 2, before the run changes."""
+    out = tmp_path / "run"
+    with Recorder(out, policy="grpo") as recorder:
+        recorder.log_step(0, grad_norm=1.0)
+    place = out / name
+    if name == "steps":
+        shutil.rmtree(place)
+        place.write_text("mine")
+    else:
+        place.unlink()
+        place.mkdir()
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    result = CliRunner().invoke(app, ["record", "--out", str(out), "--force", "--rl-steps", "1"])
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr == (
+        f"error: {place}: {what}; replacing a run never removes it: remove it, or record "
+        "elsewhere\n"
+    )
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
 def _child_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The environment a wrapped command sees: the package's root first on its path (the
     script runs from its own folder), and no run directory inherited from outside."""

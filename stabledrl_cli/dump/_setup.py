@@ -286,7 +286,16 @@ def check_replaceable(path: Path) -> None:
     """UsageError when the directory `path` holds another tool's manifest.json (JSON that is
     no stabledrl run's manifest: an object of another kind, a list, a number...): replacing a
     run rewrites its manifest, and never overwrites that. A manifest that cannot be read as
-    JSON (a damaged run's, a FIFO or a link put in its place) is a run's to replace."""
+    JSON (a damaged run's, a FIFO or a link put in its place) is a run's to replace. So is a
+    UsageError a `steps` that is no directory (a file) or a manifest that is one: the new run
+    could not be written there, and replacing a run removes its files, never another."""
+    for name, kept, folder in ((STEPS_DIR, "step files", True), (MANIFEST_NAME, "manifest", False)):
+        place = path / name
+        if os.path.lexists(place) and not os.path.islink(place) and place.is_dir() != folder:
+            raise UsageError(
+                f"{place}: not a {'directory' if folder else 'file'} (where a run keeps its "
+                f"{kept}); replacing a run never removes it: remove it, or record elsewhere"
+            )
     try:
         if manifest_now(path).get("format") == RUN_KIND:
             return
