@@ -152,3 +152,24 @@ def test_a_folder_named_as_a_checkpoint_is_refused_before_the_run_changes(tmp_pa
     )
     assert "it ran" not in refused.stdout and folder.is_dir() and checkpoint.is_file()
     assert sorted(p.name for p in (run / "steps").iterdir()) == before
+
+
+@pytest.mark.parametrize("command", [(), ("--", sys.executable, "-c", "print('it ran')")])
+def test_a_file_named_branches_is_refused_before_the_run_changes(tmp_path, command):
+    """A file at RUN/branches survived `record --force` (exit 0), and every `branch` of the
+    new run then exited 4 ('RUN/branches/grpo@0: cannot write it (Not a directory)'): refused
+    as anything else --force would not remove is, exit 2, before the run or the command
+    changes anything."""
+    run = tmp_path / "run"
+    with Recorder(run, policy="grpo") as recorder:
+        recorder.log_step(0, grad_norm=1.0)
+    (run / "branches").write_text("mine")
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    refused = CliRunner().invoke(app, ["record", "--out", str(run), "--force", *command])
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr == (
+        f"error: {run / 'branches'}: not a folder of branch runs; recording over the run "
+        "(--force) removes its branches, never another file: remove it, or record elsewhere\n"
+    )
+    assert "it ran" not in refused.stdout
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before

@@ -164,14 +164,19 @@ def old_branches(run_dir: Path) -> list[Path]:
     """The files of the branch runs of the run at `run_dir` (RUN/branches, `stabledrl branch`),
     folders after their contents; [] without any. A run recorded again over (`record --force`)
     must not keep the branches of the run it replaces. Refused before anything is removed:
-    RUN/branches as a symlink (InputError), or anything in it that is not a branch run
-    (UsageError naming it); a file browser's file (.DS_Store) in it or in a branch run goes with
-    them."""
+    RUN/branches as a symlink (InputError), as no folder (a file, which `branch` could never
+    write into) or anything in it that is not a branch run (UsageError naming it); a file
+    browser's file (.DS_Store) in it or in a branch run goes with them."""
     base = run_dir / BRANCHES_DIR
     if os.path.islink(base):
         raise symlink_refused(str(base))
-    if not base.is_dir():
+    if not os.path.lexists(base):
         return []
+    if not base.is_dir():
+        raise UsageError(
+            f"{base}: not a folder of branch runs; recording over the run (--force) removes "
+            "its branches, never another file: remove it, or record elsewhere"
+        )
     files = [
         path
         for run in sorted(base.iterdir())
