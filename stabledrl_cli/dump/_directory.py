@@ -806,8 +806,8 @@ class DirectoryRun(Run):
             return exc
         records = [record for record, _, _ in checked]
         fields = set(records[0].fields).intersection(*(r.fields for r in records[1:]))
-        if len(records) > 1:
-            fields.discard("unit_grad_gram")
+        unjoined = frozenset(fields & {"unit_grad_gram"} if len(records) > 1 else ())
+        fields -= unjoined
         # else a scalar step (module docstring)
         batch = "logp" in fields and any(r.num_tokens for r in records)
         sequences = [r.num_sequences if batch else 0 for r in records]
@@ -820,6 +820,7 @@ class DirectoryRun(Run):
             num_tokens=sum(r.num_tokens for r in records) if batch else 0,
             num_sequences=sum(sequences),
             num_scored_tokens=sum(r.num_scored_tokens for r in records) if batch else 0,
+            unjoined=unjoined if batch else frozenset(),
             paths=[ranks[r] for r in range(self.world_size)],
             records=records,
             file_keys=[check.key for _, check, _ in checked],

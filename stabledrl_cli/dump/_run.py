@@ -87,6 +87,9 @@ class Step(ABC):
     num_sequences: int
     num_scored_tokens: int
     """Tokens with mask = 1."""
+    unjoined: frozenset[str] = frozenset()
+    """Fields every rank's file holds that the step leaves out, since the ranks' parts do not
+    combine (`unit_grad_gram` of a multi-rank step)."""
 
     def __contains__(self, name: object) -> bool:
         return name in self.fields

@@ -158,6 +158,17 @@ def _run_geometry(kinds: tuple[StepGeometryKind, ...]) -> tuple[RunGeometryKind,
     return ("mixed" if distinct else "coef"), coverage
 
 
+def _per_rank_grams(run: Run, step_numbers: np.ndarray) -> bool:
+    """Whether the first replayed step of `run` had a Gram matrix on each of its ranks, which
+    the join left out (they do not combine: `Step.unjoined`)."""
+    if not step_numbers.size:
+        return False
+    try:
+        return "unit_grad_gram" in run.step(int(step_numbers[0])).unjoined
+    except InputError:  # gone since the streaming pass read it
+        return False
+
+
 def _flagged_steps(series: list[StepSeries], keep: np.ndarray) -> dict[int, list[int]]:
     """step -> indices of the policies that flagged it (collapsed or drift), in range."""
     flagged: dict[int, list[int]] = {}
@@ -345,6 +356,7 @@ def replay_result(
                 details = [*detail_pass(run, resolved, flagged, device, config.top_k)]
     geometry, coverage = _run_geometry(stream.geometry)
     return ReplayResult(
+        per_rank_grams=geometry == "coef" and _per_rank_grams(run, stream.step_numbers),
         run=run.location,
         steps=int(stream.step_numbers.shape[0]),
         geometry=geometry,

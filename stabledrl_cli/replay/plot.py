@@ -300,8 +300,13 @@ def _legend_handles(result: ReplayResult) -> list[Any]:
 
 
 def _footnote(result: ReplayResult) -> str:
+    why = (
+        "its ranks' Gram matrices do not combine across ranks"
+        if result.per_rank_grams
+        else "the run recorded no gradient geometry"
+    )
     proxy = (
-        "  Update norms are coefficient norms (a proxy): the run recorded no gradient geometry."
+        f"  Update norms are coefficient norms (a proxy): {why}."
         if result.geometry == "coef"
         else ""
     )

@@ -1,0 +1,55 @@
+"""A multi-rank run whose ranks each recorded a Gram matrix: the join leaves the Grams out
+(per-rank Grams do not combine), and replay says so instead of "no gradient geometry"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+
+
+def _record(out: Path, *, gram: bool) -> None:
+    rng = np.random.default_rng(0)
+    recorders = [
+        sd.Recorder(out, policy="grpo", world_size=2, rank=r, overwrite=True, unit="sequence")
+        for r in range(2)
+    ]
+    for step in range(3):
+        for recorder in recorders:
+            logp = rng.normal(-1.0, 0.1, 4).astype(np.float32)
+            grads = rng.normal(size=(4, 6)).astype(np.float32)
+            geometry = {"unit_grad_gram": grads @ grads.T} if gram else {}
+            recorder.log_step(
+                step,
+                logp=logp,
+                logp_old=logp + 0.01,
+                advantages=np.array([1.0, -1.0, 0.5, -0.5], dtype=np.float32),
+                grad_norm_covered=1.0,
+                **geometry,
+            )
+    for recorder in recorders:
+        recorder.close()
+
+
+def test_replay_of_per_rank_grams_says_they_do_not_combine(tmp_path: Path) -> None:
+    _record(tmp_path / "gram", gram=True)
+    _record(tmp_path / "none", gram=False)
+    with sd.open_run(tmp_path / "gram") as run:
+        step = run.step(0)
+        assert "unit_grad_gram" not in step.fields
+        assert step.unjoined == frozenset({"unit_grad_gram"})
+    runner = CliRunner()
+    gram = runner.invoke(app, ["replay", str(tmp_path / "gram")], terminal_width=400)
+    assert gram.exit_code == 0, gram.output
+    assert "geometry coef" in gram.output
+    assert "the run's ranks recorded Gram matrices (unit_grad_gram), which do not" in gram.output
+    assert "recorded no gradient geometry" not in gram.output
+    none = runner.invoke(app, ["replay", str(tmp_path / "none")], terminal_width=400)
+    assert none.exit_code == 0, none.output
+    assert "the run recorded no gradient geometry" in none.output
+    assert sd.replay(tmp_path / "gram").per_rank_grams
+    assert not sd.replay(tmp_path / "none").per_rank_grams
