@@ -53,3 +53,37 @@ def test_replay_of_per_rank_grams_says_they_do_not_combine(tmp_path: Path) -> No
     assert "the run recorded no gradient geometry" in none.output
     assert sd.replay(tmp_path / "gram").per_rank_grams
     assert not sd.replay(tmp_path / "none").per_rank_grams
+
+
+def _one_rank(out: Path, *, covered: float | None, gram_entry: float = 0.0) -> None:
+    rng = np.random.default_rng(1)
+    with sd.Recorder(out, policy="grpo", overwrite=True, unit="sequence") as recorder:
+        for step in range(3):
+            logp = rng.normal(-1.0, 0.1, 4).astype(np.float32)
+            grads = rng.normal(size=(4, 6)).astype(np.float32)
+            gram = grads @ grads.T
+            gram[0, 0] += gram_entry
+            recorder.log_step(
+                step,
+                logp=logp,
+                logp_old=logp + 0.01,
+                advantages=np.array([1.0, -1.0, 0.5, -0.5], dtype=np.float32),
+                unit_grad_gram=gram,
+                **({} if covered is None else {"grad_norm_covered": covered}),
+            )
+
+
+def test_fidelity_without_grad_norm_covered_names_what_is_missing(tmp_path: Path) -> None:
+    """A run with a Gram on every step but no grad_norm_covered has no fidelity: the line says
+    the recorded norm is missing, not the geometry it has."""
+    _one_rank(tmp_path / "nocov", covered=None)
+    _one_rank(tmp_path / "nan", covered=1.0, gram_entry=float("nan"))
+    runner = CliRunner()
+    nocov = runner.invoke(app, ["replay", str(tmp_path / "nocov")], terminal_width=400)
+    assert nocov.exit_code == 0, nocov.output
+    assert "geometry gram (coverage 100%)" in nocov.output
+    assert "fidelity n/a (needs grad_norm_covered on the steps with geometry)" in nocov.output
+    nan = runner.invoke(app, ["replay", str(tmp_path / "nan")], terminal_width=400)
+    assert nan.exit_code == 0, nan.output
+    assert "fidelity n/a (no step with geometry has a finite replayed update norm)" in nan.output
+    assert "needs gradient geometry" not in nocov.output + nan.output

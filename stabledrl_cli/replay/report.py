@@ -341,7 +341,7 @@ def print_summary(
         note = (
             f"own policy {own.spec}: loss parity {format_number(s.loss_parity)} (median "
             f"relative error of -J vs the recorded loss), fidelity {format_number(s.fidelity)}"
-            + (" (needs gradient geometry)" if s.fidelity is None else "")
+            + (f" ({result.fidelity_gap})" if s.fidelity is None else "")
         )
     hidden = "" if wide else "  More columns: --wide."
     for line in (note, FOOTER + hidden):

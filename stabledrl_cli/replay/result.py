@@ -257,6 +257,9 @@ class ReplayResult:
     in the JSON: `stream.StreamedRun.widest_chunk`)."""
     scalar_steps: int = 0
     """Steps without a policy batch (per-step scalars only, format 1.2), not replayed."""
+    fidelity_gap: str = ""
+    """Why the own policy's fidelity is None (`summary.fidelity_gap`; "" when it is not: not
+    in the JSON, whose fidelity is null)."""
     per_rank_grams: bool = False
     """The run's ranks recorded Gram matrices, which do not combine across ranks: its update
     norms are coefficient norms all the same (not in the JSON, whose geometry is "coef")."""

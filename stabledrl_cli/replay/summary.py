@@ -90,6 +90,20 @@ def unjudged_rules(
     return found
 
 
+def fidelity_gap(stream: StreamedRun, norms: np.ndarray) -> str:
+    """Why the own policy's `fidelity` is None, given its replayed update norms [S]: what the
+    run lacks for `_relative_error` to compare any step."""
+    measured = np.array([kind != "coef" for kind in stream.geometry], dtype=bool)
+    if not measured.any():
+        return "needs gradient geometry"
+    covered = stream.grad_norm_covered[measured]
+    if not np.isfinite(covered).any():
+        return "needs grad_norm_covered on the steps with geometry"
+    if not np.isfinite(norms[measured]).any():
+        return "no step with geometry has a finite replayed update norm"
+    return "no step with geometry has a finite, nonzero grad_norm_covered and update norm"
+
+
 def summarize_policy(
     series: StepSeries,
     stream: StreamedRun,
