@@ -9,6 +9,8 @@ Both stand on this module, which imports neither.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from stabledrl_cli.errors import InputError, UsageError
@@ -91,6 +93,47 @@ def require_scale(stored: torch.Tensor, scale: torch.Tensor | float | None) -> N
         raise InputError(
             "float16 gradient geometry without its per-step scale: refusing to read it "
             "(float16 overflows on spike steps)"
+        )
+
+
+GRAM_ASYMMETRY = 1e-3
+"""The most |K_uv - K_vu| a Gram matrix may show, relative to sqrt(K_uu K_vv) (plus its
+square times the largest diagonal entry, for units whose gradients are next to 0): float32
+rounding of the two dot products stays far below it."""
+
+
+def check_gram(gram: torch.Tensor) -> None:
+    """InputError for a [U, U] matrix that is no Gram matrix G G^T: a negative diagonal entry
+    (a squared norm) or one not symmetric (beyond `GRAM_ASYMMETRY`). Non-finite entries, a
+    step's non-finite gradients, are left to give non-finite norms."""
+    values = gram.double()
+    diagonal = torch.diagonal(values)
+    negative = torch.nonzero(diagonal < 0).flatten()
+    if negative.numel():
+        u = int(negative[0])
+        raise InputError(
+            f"unit_grad_gram is no Gram matrix: its diagonal entry [{u}, {u}] is "
+            f"{float(diagonal[u]):.6g}, and a squared gradient norm cannot be negative"
+        )
+    scale = (diagonal[:, None] * diagonal[None, :]).sqrt()
+    finite = diagonal[torch.isfinite(diagonal)]
+    floor = float(finite.max()) * GRAM_ASYMMETRY**2 if finite.numel() else 0.0
+    gap = (values - values.T).abs()
+    bad = torch.nonzero(gap > GRAM_ASYMMETRY * scale + floor)
+    if bad.numel():
+        u, v = (int(i) for i in bad[0])
+        raise InputError(
+            f"unit_grad_gram is no Gram matrix: it is not symmetric ([{u}, {v}] is "
+            f"{float(values[u, v]):.6g}, [{v}, {u}] is {float(values[v, u]):.6g})"
+        )
+
+
+def check_scale(scale: torch.Tensor | float) -> None:
+    """InputError for a per-step geometry scale that is not a finite number > 0."""
+    value = float(scale)
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(
+            f"{SKETCH_SCALE_KEY} is {value!r}: a per-step scale is a finite number > 0"
         )
 
 

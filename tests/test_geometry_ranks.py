@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -87,3 +88,59 @@ def test_fidelity_without_grad_norm_covered_names_what_is_missing(tmp_path: Path
     assert nan.exit_code == 0, nan.output
     assert "fidelity n/a (no step with geometry has a finite replayed update norm)" in nan.output
     assert "needs gradient geometry" not in nocov.output + nan.output
+
+
+def _crafted(out: Path, **geometry: object) -> None:
+    with sd.Recorder(out, policy="grpo", overwrite=True, unit="sequence") as recorder:
+        for step in range(2):
+            logp = np.full(4, -1.0, dtype=np.float32)
+            recorder.log_step(
+                step,
+                logp=logp,
+                logp_old=logp,
+                advantages=np.array([1.0, -1.0, 0.5, -0.5], dtype=np.float32),
+                grad_norm_covered=1.0,
+                **geometry,  # type: ignore[arg-type]
+            )
+
+
+GRADS = np.arange(24, dtype=np.float32).reshape(4, 6) / 10
+ASYMMETRIC = GRADS @ GRADS.T
+ASYMMETRIC[0, 1] += 1.0
+SKETCH = np.ones((4, 3), dtype=np.float16)
+
+
+@pytest.mark.parametrize(
+    ("geometry", "said"),
+    [
+        ({"unit_grad_gram": -(GRADS @ GRADS.T)}, "its diagonal entry [0, 0] is -0.55"),
+        ({"unit_grad_gram": ASYMMETRIC}, "it is not symmetric ([0, 1] is 2.45, [1, 0] is 1.45)"),
+        (
+            {"unit_grad_sketch": SKETCH, "unit_grad_sketch_scale": 0.0},
+            "unit_grad_sketch_scale is 0.0: a per-step scale is a finite number > 0",
+        ),
+    ],
+    ids=["negative-diagonal", "asymmetric", "zero-scale"],
+)
+def test_replay_refuses_geometry_that_is_no_gram_or_scale(
+    tmp_path: Path, geometry: dict[str, object], said: str
+) -> None:
+    """A negative or asymmetric Gram, or a sketch scaled by 0, read as update norms 0 (or
+    norms of another matrix) and fidelity 1.0: each step is refused, naming what is wrong."""
+    _crafted(tmp_path / "run", **geometry)
+    result = CliRunner().invoke(app, ["replay", str(tmp_path / "run")], terminal_width=400)
+    assert result.exit_code == 3, result.output
+    assert "no step could be read" in result.output
+    assert said in result.output
+    assert "Traceback" not in result.output
+
+
+def test_replay_takes_a_gram_with_rounding_and_nonfinite_entries(tmp_path: Path) -> None:
+    """float32 rounding of K_uv vs K_vu, a unit with a zero gradient and a NaN entry (a step's
+    non-finite gradients) are no reason to refuse a step."""
+    gram = (GRADS @ GRADS.T).astype(np.float64)
+    gram[0, 1] *= 1 + 1e-6
+    gram[3, :] = gram[:, 3] = 0.0
+    gram[1, 2] = gram[2, 1] = np.nan
+    _crafted(tmp_path / "run", unit_grad_gram=gram.astype(np.float32))
+    assert sd.replay(tmp_path / "run").geometry == "gram"

@@ -23,6 +23,8 @@ import torch
 
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.geometry import (
+    check_gram,
+    check_scale,
     decode_geometry,
     geometry_product,
     product_dtype,
@@ -104,6 +106,10 @@ class StepGeometry:
             )
         try:
             require_scale(stored, scale)
+            if kind == "gram":
+                check_gram(stored)
+            if scale is not None:
+                check_scale(scale)
         except InputError as exc:
             raise InputError(f"step {step}: {exc}") from None
         return cls(kind, stored.to(prep.device), scale, per_sequence)
