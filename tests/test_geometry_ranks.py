@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.errors import UsageError
 
 
 def _record(out: Path, *, gram: bool) -> None:
@@ -144,3 +145,10 @@ def test_replay_takes_a_gram_with_rounding_and_nonfinite_entries(tmp_path: Path)
     gram[1, 2] = gram[2, 1] = np.nan
     _crafted(tmp_path / "run", unit_grad_gram=gram.astype(np.float32))
     assert sd.replay(tmp_path / "run").geometry == "gram"
+
+
+def test_recorder_refuses_a_step_with_both_geometries(tmp_path: Path) -> None:
+    """A step records a Gram or a sketch (docs/run-format.md); given both, replay used the
+    Gram and never read the sketch."""
+    with pytest.raises(UsageError, match="records one geometry or the other, not both"):
+        _crafted(tmp_path / "run", unit_grad_gram=GRADS @ GRADS.T, unit_grad_sketch=GRADS)

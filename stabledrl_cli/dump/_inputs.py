@@ -311,6 +311,11 @@ def _batch_tensors(
     shown = f"U = {num_tokens}"
     if unit == "token":
         shown += f" (entries) or {num_sequences} (sequences)"
+    if "unit_grad_gram" in given and "unit_grad_sketch" in given:
+        raise UsageError(
+            "unit_grad_gram and unit_grad_sketch: a step records one geometry or the other, "
+            "not both"
+        )
     if "unit_grad_gram" in given:
         gram = _float_array(given.pop("unit_grad_gram"), "unit_grad_gram")
         if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] not in units:
