@@ -9,10 +9,9 @@ Both stand on this module, which imports neither.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from stabledrl_cli.dump._inputs import sketch_scale_problem
 from stabledrl_cli.errors import InputError, UsageError
 
 GRAM_KEY = "unit_grad_gram"
@@ -129,12 +128,10 @@ def check_gram(gram: torch.Tensor) -> None:
 
 
 def check_scale(scale: torch.Tensor | float) -> None:
-    """InputError for a per-step geometry scale that is not a finite number > 0."""
-    value = float(scale)
-    if not math.isfinite(value) or value <= 0:
-        raise InputError(
-            f"{SKETCH_SCALE_KEY} is {value!r}: a per-step scale is a finite number > 0"
-        )
+    """InputError for a per-step geometry scale <= 0 (`sketch_scale_problem`)."""
+    problem = sketch_scale_problem(float(scale))
+    if problem is not None:
+        raise InputError(problem)
 
 
 def product_dtype(device: torch.device, *, gram: bool) -> torch.dtype:

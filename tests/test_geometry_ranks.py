@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import _inputs
 from stabledrl_cli.errors import UsageError
 
 
@@ -118,17 +119,20 @@ SKETCH = np.ones((4, 3), dtype=np.float16)
         ({"unit_grad_gram": ASYMMETRIC}, "it is not symmetric ([0, 1] is 2.45, [1, 0] is 1.45)"),
         (
             {"unit_grad_sketch": SKETCH, "unit_grad_sketch_scale": 0.0},
-            "unit_grad_sketch_scale is 0.0: a per-step scale is a finite number > 0",
+            "unit_grad_sketch_scale is 0.0: a per-step scale is > 0",
         ),
     ],
     ids=["negative-diagonal", "asymmetric", "zero-scale"],
 )
 def test_replay_refuses_geometry_that_is_no_gram_or_scale(
-    tmp_path: Path, geometry: dict[str, object], said: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, geometry: dict[str, object], said: str
 ) -> None:
     """A negative or asymmetric Gram, or a sketch scaled by 0, read as update norms 0 (or
-    norms of another matrix) and fidelity 1.0: each step is refused, naming what is wrong."""
+    norms of another matrix) and fidelity 1.0: each step is refused, naming what is wrong.
+    (The scale is written as another writer would, past the Recorder's own check.)"""
+    monkeypatch.setattr(_inputs, "sketch_scale_problem", lambda value: None)
     _crafted(tmp_path / "run", **geometry)
+    monkeypatch.undo()
     result = CliRunner().invoke(app, ["replay", str(tmp_path / "run")], terminal_width=400)
     assert result.exit_code == 3, result.output
     assert "no step could be read" in result.output
@@ -152,3 +156,17 @@ def test_recorder_refuses_a_step_with_both_geometries(tmp_path: Path) -> None:
     Gram and never read the sketch."""
     with pytest.raises(UsageError, match="records one geometry or the other, not both"):
         _crafted(tmp_path / "run", unit_grad_gram=GRADS @ GRADS.T, unit_grad_sketch=GRADS)
+
+
+@pytest.mark.parametrize("scale", [0.0, -2.0, float("-inf")])
+def test_recorder_refuses_a_sketch_scale_not_above_zero(tmp_path: Path, scale: float) -> None:
+    with pytest.raises(UsageError, match=r"unit_grad_sketch_scale is .*: a per-step scale is > 0"):
+        _crafted(tmp_path / "run", unit_grad_sketch=SKETCH, unit_grad_sketch_scale=scale)
+
+
+def test_a_nan_sketch_scale_gives_nonfinite_norms(tmp_path: Path) -> None:
+    """A NaN scale (a step's non-finite gradients) is recorded and replayed: norms NaN."""
+    _crafted(tmp_path / "run", unit_grad_sketch=SKETCH, unit_grad_sketch_scale=float("nan"))
+    own = sd.replay(tmp_path / "run").own
+    assert own is not None
+    assert own.summary.update_norm_median is None

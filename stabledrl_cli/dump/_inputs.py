@@ -341,6 +341,15 @@ def _batch_tensors(
     return tensors, num_sequences
 
 
+def sketch_scale_problem(value: float) -> str | None:
+    """What is wrong with a per-step geometry scale (`unit_grad_sketch_scale`), None when it is
+    > 0 or NaN: a scale <= 0 would read every norm of the step as 0 or flip the sketch's sign;
+    a NaN or inf one (a step's non-finite gradients) gives non-finite norms."""
+    if not value <= 0:
+        return None
+    return f"unit_grad_sketch_scale is {value!r}: a per-step scale is > 0"
+
+
 def _step_scalars(
     step: int,
     scalars: Mapping[str, ScalarInput | None],
@@ -367,6 +376,9 @@ def _step_scalars(
         if name in SERIES_SCALARS and name in out:
             raise UsageError(f"scalars: {name!r} is given twice (as {name}= and in scalars=)")
         out[name] = _scalar(value, f"scalars[{name!r}]")
+    problem = sketch_scale_problem(out.get("unit_grad_sketch_scale", 1.0))
+    if problem is not None:
+        raise UsageError(problem)
     if "reward_mean" not in out and "reward" in tensors and tensors["reward"].size:
         reward = tensors["reward"]
         reward = reward[~np.isnan(reward)]  # NaN: a sequence that could not be scored
