@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from stabledrl_cli.dump._inputs import sketch_scale_problem
+from stabledrl_cli.dump._inputs import gram_problem, sketch_scale_problem
 from stabledrl_cli.errors import InputError, UsageError
 
 GRAM_KEY = "unit_grad_gram"
@@ -95,36 +95,11 @@ def require_scale(stored: torch.Tensor, scale: torch.Tensor | float | None) -> N
         )
 
 
-GRAM_ASYMMETRY = 1e-3
-"""The most |K_uv - K_vu| a Gram matrix may show, relative to sqrt(K_uu K_vv) (plus its
-square times the largest diagonal entry, for units whose gradients are next to 0): float32
-rounding of the two dot products stays far below it."""
-
-
 def check_gram(gram: torch.Tensor) -> None:
-    """InputError for a [U, U] matrix that is no Gram matrix G G^T: a negative diagonal entry
-    (a squared norm) or one not symmetric (beyond `GRAM_ASYMMETRY`). Non-finite entries, a
-    step's non-finite gradients, are left to give non-finite norms."""
-    values = gram.double()
-    diagonal = torch.diagonal(values)
-    negative = torch.nonzero(diagonal < 0).flatten()
-    if negative.numel():
-        u = int(negative[0])
-        raise InputError(
-            f"unit_grad_gram is no Gram matrix: its diagonal entry [{u}, {u}] is "
-            f"{float(diagonal[u]):.6g}, and a squared gradient norm cannot be negative"
-        )
-    scale = (diagonal[:, None] * diagonal[None, :]).sqrt()
-    finite = diagonal[torch.isfinite(diagonal)]
-    floor = float(finite.max()) * GRAM_ASYMMETRY**2 if finite.numel() else 0.0
-    gap = (values - values.T).abs()
-    bad = torch.nonzero(gap > GRAM_ASYMMETRY * scale + floor)
-    if bad.numel():
-        u, v = (int(i) for i in bad[0])
-        raise InputError(
-            f"unit_grad_gram is no Gram matrix: it is not symmetric ([{u}, {v}] is "
-            f"{float(values[u, v]):.6g}, [{v}, {u}] is {float(values[v, u]):.6g})"
-        )
+    """InputError for a [U, U] matrix that is no Gram matrix G G^T (`gram_problem`)."""
+    problem = gram_problem(gram.detach().cpu().numpy())
+    if problem is not None:
+        raise InputError(problem)
 
 
 def check_scale(scale: torch.Tensor | float) -> None:

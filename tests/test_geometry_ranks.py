@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +130,9 @@ def test_replay_refuses_geometry_that_is_no_gram_or_scale(
 ) -> None:
     """A negative or asymmetric Gram, or a sketch scaled by 0, read as update norms 0 (or
     norms of another matrix) and fidelity 1.0: each step is refused, naming what is wrong.
-    (The scale is written as another writer would, past the Recorder's own check.)"""
+    (Written as another writer would, past the Recorder's own checks.)"""
     monkeypatch.setattr(_inputs, "sketch_scale_problem", lambda value: None)
+    monkeypatch.setattr(_inputs, "gram_problem", lambda gram: None)
     _crafted(tmp_path / "run", **geometry)
     monkeypatch.undo()
     result = CliRunner().invoke(app, ["replay", str(tmp_path / "run")], terminal_width=400)
@@ -170,3 +172,15 @@ def test_a_nan_sketch_scale_gives_nonfinite_norms(tmp_path: Path) -> None:
     own = sd.replay(tmp_path / "run").own
     assert own is not None
     assert own.summary.update_norm_median is None
+
+
+@pytest.mark.parametrize(
+    ("gram", "said"),
+    [(-(GRADS @ GRADS.T), "diagonal entry [0, 0] is -0.55"), (ASYMMETRIC, "not symmetric")],
+    ids=["negative-diagonal", "asymmetric"],
+)
+def test_recorder_refuses_a_matrix_that_is_no_gram(
+    tmp_path: Path, gram: np.ndarray, said: str
+) -> None:
+    with pytest.raises(UsageError, match=r"unit_grad_gram is no Gram matrix: .*" + re.escape(said)):
+        _crafted(tmp_path / "run", unit_grad_gram=gram)

@@ -322,6 +322,9 @@ def _batch_tensors(
             raise UsageError(
                 f"unit_grad_gram: expected [U, U] with {shown}, got {list(gram.shape)}"
             )
+        problem = gram_problem(gram)
+        if problem is not None:
+            raise UsageError(problem)
         tensors["unit_grad_gram"] = gram
     if "unit_grad_sketch" in given:
         sketch = given.pop("unit_grad_sketch")
@@ -339,6 +342,39 @@ def _batch_tensors(
             )
         tensors["unit_grad_sketch"] = sketch
     return tensors, num_sequences
+
+
+GRAM_ASYMMETRY = 1e-3
+"""The most |K_uv - K_vu| a Gram matrix may show, relative to sqrt(K_uu K_vv) (plus its
+square times the largest diagonal entry, for units whose gradients are next to 0): float32
+rounding of the two dot products stays far below it."""
+
+
+def gram_problem(gram: np.ndarray) -> str | None:
+    """What makes a [U, U] matrix no Gram matrix G G^T, None when nothing does: a negative
+    diagonal entry (a squared norm), or asymmetry beyond `GRAM_ASYMMETRY`. Non-finite
+    entries (a step's non-finite gradients) are no problem: they give non-finite norms."""
+    values = gram.astype(np.float64)
+    diagonal = np.diagonal(values)
+    with np.errstate(invalid="ignore"):
+        negative = np.flatnonzero(diagonal < 0)
+        if negative.size:
+            u = int(negative[0])
+            return (
+                f"unit_grad_gram is no Gram matrix: its diagonal entry [{u}, {u}] is "
+                f"{diagonal[u]:.6g}, and a squared gradient norm cannot be negative"
+            )
+        finite = diagonal[np.isfinite(diagonal)]
+        floor = float(finite.max()) * GRAM_ASYMMETRY**2 if finite.size else 0.0
+        scale = np.sqrt(diagonal[:, None] * diagonal[None, :])
+        bad = np.argwhere(np.abs(values - values.T) > GRAM_ASYMMETRY * scale + floor)
+    if bad.size:
+        u, v = (int(i) for i in bad[0])
+        return (
+            f"unit_grad_gram is no Gram matrix: it is not symmetric ([{u}, {v}] is "
+            f"{values[u, v]:.6g}, [{v}, {u}] is {values[v, u]:.6g})"
+        )
+    return None
 
 
 def sketch_scale_problem(value: float) -> str | None:
