@@ -28,7 +28,7 @@ from stabledrl_cli.capture.branch_protocol import (
     BRANCHES_DIR,
     BranchRequest,
     branch_dir,
-    check_outside_run_folders,
+    check_not_the_original,
 )
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._directory import symlink_refused
@@ -248,22 +248,6 @@ def _steps_to_end(run_dir: Path, at: int, end: int) -> int:
             "pass --rl-steps N (steps=N)"
         )
     return count
-
-
-def check_not_the_original(branch: Path, run_dir: Path, *, given: str = "--out") -> None:
-    """UsageError when the branch run `branch` would be `run_dir`, the run it branches from
-    (--out its parent, the run named POLICY@STEP: --force would replace it), or lie in that
-    run's steps or checkpoints folder, or deeper than POLICY@STEP in its branches folder
-    (`check_outside_run_folders`); the line says to give another `given` (what named the
-    branch run's place)."""
-    if branch.resolve() == run_dir.resolve():
-        raise UsageError(
-            f"{run_dir}: a branch run would be the run it branches from; pass another {given}"
-        )
-    original = f"{run_dir}, the run it branches from"
-    check_outside_run_folders(
-        branch, run_dir, what="a branch run", run=original, given=given, branch=True
-    )
 
 
 def run_branches(

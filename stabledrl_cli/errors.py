@@ -3,14 +3,25 @@
 0 ok; 1 a check failed (gate tripped); 2 usage error; 3 unreadable or corrupt input; 4 an
 output could not be written (disk full, permission, missing directory); 71 a worker process
 of a replay died (killed: often the out-of-memory killer). Library code raises
-these in the library's own terms (`window must be >= 1`, not a flag name); `cli/app.py` turns
-them into one line on stderr and the exit code.
+these in the library's own terms (`window must be >= 1`, not a flag name); `exit_code_for`
+maps any exception to its exit code and line, which `cli/app.py` (and the example's module)
+print on stderr.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+
+from stabledrl_cli._process import SIGNALLED
+
+DEBUG_ENV = "STABLEDRL_DEBUG"
+"""Set (not 0), a command or the example's module shows a traceback in place of the line."""
+INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h)
+"""An unexpected exception: a bug of the tool, not a tripped gate (1) nor bad input (3)."""
+INTERRUPTED = SIGNALLED + signal.SIGINT  # 130
+"""Ctrl-C: as a shell reports a process SIGINT ended."""
 
 
 class StabledrlError(Exception):
@@ -146,3 +157,17 @@ def warn(line: str) -> None:
         sys.stderr.flush()
     except (AttributeError, OSError, ValueError):
         pass
+
+
+def exit_code_for(exc: BaseException) -> tuple[int, str]:
+    """The ordered error map: domain errors first, then the OS's, then anything else."""
+    if isinstance(exc, StabledrlError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return 3, f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        return INTERRUPTED, "interrupted"
+    return INTERNAL_ERROR, (
+        f"internal error: {type(exc).__name__}: {exc} (a bug: rerun with --debug for the "
+        "traceback, and please report it)"
+    )

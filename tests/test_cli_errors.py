@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from stabledrl_cli import Recorder
 from stabledrl_cli.cli import app as app_module
-from stabledrl_cli.cli.app import BROKEN_PIPE, INTERNAL_ERROR, CommandEntry, app
-from stabledrl_cli.errors import InputError, UsageError, WriteError
+from stabledrl_cli.cli.app import BROKEN_PIPE, CommandEntry, app
+from stabledrl_cli.errors import INTERNAL_ERROR, InputError, UsageError, WriteError
 
 
 @pytest.fixture

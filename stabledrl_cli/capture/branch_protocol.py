@@ -126,3 +126,19 @@ def branch_dir(base: Path, policy: str, at: int) -> Path:
 def request_from_environment() -> BranchRequest | None:
     """The branch this process is asked to train (`BranchRequest.from_env(os.environ)`)."""
     return BranchRequest.from_env(os.environ)
+
+
+def check_not_the_original(branch: Path, run_dir: Path, *, given: str = "--out") -> None:
+    """UsageError when the branch run `branch` would be `run_dir`, the run it branches from
+    (--out its parent, the run named POLICY@STEP: --force would replace it), or lie in that
+    run's steps or checkpoints folder, or deeper than POLICY@STEP in its branches folder
+    (`check_outside_run_folders`); the line says to give another `given` (what named the
+    branch run's place)."""
+    if branch.resolve() == run_dir.resolve():
+        raise UsageError(
+            f"{run_dir}: a branch run would be the run it branches from; pass another {given}"
+        )
+    original = f"{run_dir}, the run it branches from"
+    check_outside_run_folders(
+        branch, run_dir, what="a branch run", run=original, given=given, branch=True
+    )

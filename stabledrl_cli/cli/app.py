@@ -28,7 +28,7 @@ from stabledrl_cli._process import SIGNALLED
 from stabledrl_cli._version import __version__
 from stabledrl_cli.cli import _help
 from stabledrl_cli.cli._output import err, silence_stdout, writing_again
-from stabledrl_cli.errors import StabledrlError
+from stabledrl_cli.errors import DEBUG_ENV, exit_code_for
 
 
 @dataclass(frozen=True)
@@ -132,30 +132,11 @@ ROOT_EXAMPLES = (
 )
 """Shown under `Examples` in `stabledrl --help`."""
 
-DEBUG_ENV = "STABLEDRL_DEBUG"
-# An unexpected exception is a bug of the tool, not a tripped gate (1) nor bad input (3).
-INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h)
 # A reader that closed our stdout (`| head`): exit quietly, as a process killed by SIGPIPE.
 BROKEN_PIPE = SIGNALLED + signal.SIGPIPE  # 141
-# Ctrl-C: as a shell reports a process SIGINT ended.
-INTERRUPTED = SIGNALLED + signal.SIGINT  # 130
 _DEBUG_FLAG = "--debug"
 _DEBUG_KEY = "stabledrl.debug"
 _SEPARATOR_KEY = "stabledrl.separator"
-
-
-def exit_code_for(exc: BaseException) -> tuple[int, str]:
-    """The ordered error map: domain errors first, then the OS's, then anything else."""
-    if isinstance(exc, StabledrlError):
-        return exc.exit_code, str(exc)
-    if isinstance(exc, OSError) and exc.filename is not None:
-        return 3, f"{exc.filename}: {exc.strerror or exc}"
-    if isinstance(exc, KeyboardInterrupt):
-        return INTERRUPTED, "interrupted"
-    return INTERNAL_ERROR, (
-        f"internal error: {type(exc).__name__}: {exc} (a bug: rerun with --debug for the "
-        "traceback, and please report it)"
-    )
 
 
 def usage_message(exc: UsageError) -> str:

@@ -56,13 +56,12 @@ from stabledrl_cli.cli._signals import (
     stopped_by_sigterm,
     terminate,
 )
-from stabledrl_cli.cli.app import INTERRUPTED
 from stabledrl_cli.cli.inspect import LIST_LIMIT, stopped_text
 from stabledrl_cli.cli.replay import missing_line, option_names
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.dump._integrity import missing_count
 from stabledrl_cli.dump._open import run_to_come
-from stabledrl_cli.errors import InputError, UsageError, counted
+from stabledrl_cli.errors import INTERRUPTED, InputError, UsageError, counted
 from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.gate import GateResult, Gates, LostSteps, evaluate

@@ -21,16 +21,15 @@ import traceback
 
 import torch
 
-from stabledrl_cli.branching import check_not_the_original
 from stabledrl_cli.capture.bootstrap import ENV_FORCE, ENV_RUN_DIR, env_force
 from stabledrl_cli.capture.branch_protocol import (
     CHECKPOINTS_DIR,
     ENV_RESUME_CHECKPOINT,
+    check_not_the_original,
     request_from_environment,
 )
-from stabledrl_cli.cli.app import DEBUG_ENV, exit_code_for
 from stabledrl_cli.dump._setup import directory_or_nothing
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import DEBUG_ENV, UsageError, exit_code_for
 from stabledrl_cli.example.branch import train_branch
 
 
