@@ -714,20 +714,28 @@ def test_multi_rank_step_joins_ranks(tmp_path):
 
 
 def test_multi_rank_sketches_join_and_gram_is_left_out(tmp_path):
-    path = tmp_path / "run"
-    for rank, scale in ((0, 0.5), (1, 2.0)):
-        with sd.Recorder(path, world_size=2, rank=rank, unit="sequence") as rec:
-            rec.log_step(
-                0,
-                logp=np.zeros(2, np.float32),
-                logp_old=np.zeros(2, np.float32),
-                advantages=np.ones(2, np.float32),
-                unit_grad_sketch=np.full((2, 3), 4.0, np.float16),
-                unit_grad_sketch_scale=scale,
-                unit_grad_gram=np.eye(2, dtype=np.float32),
-            )
-    step = sd.open_run(path).step(0)
-    assert "unit_grad_gram" not in step.fields  # the cross-rank entries were never recorded
+    """Ranks' sketches join into the global batch's; their Grams do not (a step records one
+    geometry or the other, so each is its own run here)."""
+    for geometry in ("sketch", "gram"):
+        path = tmp_path / geometry
+        for rank, scale in ((0, 0.5), (1, 2.0)):
+            logged = (
+                {"unit_grad_sketch": np.full((2, 3), 4.0, np.float16),
+                 "unit_grad_sketch_scale": scale}
+                if geometry == "sketch"
+                else {"unit_grad_gram": np.eye(2, dtype=np.float32)}
+            )  # fmt: skip
+            with sd.Recorder(path, world_size=2, rank=rank, unit="sequence") as rec:
+                rec.log_step(
+                    0,
+                    logp=np.zeros(2, np.float32),
+                    logp_old=np.zeros(2, np.float32),
+                    advantages=np.ones(2, np.float32),
+                    **logged,
+                )
+    gram_step = sd.open_run(tmp_path / "gram").step(0)
+    assert "unit_grad_gram" not in gram_step.fields  # the cross-rank entries were never recorded
+    step = sd.open_run(tmp_path / "sketch").step(0)
     sketch = step["unit_grad_sketch"]
     assert sketch.dtype == torch.float32
     assert sketch[:, 0].tolist() == [2.0, 2.0, 8.0, 8.0]  # each rank dequantized by its scale
