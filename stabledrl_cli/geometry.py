@@ -14,13 +14,6 @@ import torch
 from stabledrl_cli.dump._inputs import gram_problem, sketch_scale_problem
 from stabledrl_cli.errors import InputError, UsageError
 
-GRAM_KEY = "unit_grad_gram"
-"""The step field of an exact Gram matrix K: [U, U]."""
-SKETCH_KEY = "unit_grad_sketch"
-"""The step field of a sketch S: [U, k]."""
-SKETCH_SCALE_KEY = f"{SKETCH_KEY}_scale"
-"""The per-step scale of float16 sketch storage (a scalar of the step)."""
-
 
 def decode_geometry(
     stored: torch.Tensor, scale: torch.Tensor | float | None = None

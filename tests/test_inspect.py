@@ -417,3 +417,33 @@ def test_the_integrity_table_shows_20_rows_and_counts_the_rest_by_kind(tmp_path)
     assert len(rows) == 20 and "step 39: incomplete" in rows[-1]
     assert "... 31 more rows (missing_rank: 30, torn: 1): --format json has them all" in lines
     assert len(_json(["inspect", str(path), "--format", "json"])["integrity"]["groups"]) == 51
+
+
+@pytest.mark.parametrize(
+    ("logged", "shown"), [("unit_grad_gram", "gram"), ("unit_grad_sketch", "sketch")]
+)
+def test_geometry_a_loop_logs_undeclared_is_named_from_its_steps(tmp_path, logged, shown):
+    """A loop of one's own that logs a Gram (or a sketch) per step without declaring geometry
+    to the Recorder: inspect said 'geometry none' where replay used it ('geometry gram
+    (coverage 100%)')."""
+    rng = np.random.default_rng(0)
+    with sd.Recorder(tmp_path / "run", policy="grpo", unit="sequence") as recorder:
+        for step in range(2):
+            grads = rng.normal(size=(4, 10)).astype(np.float32)
+            geometry = (
+                {"unit_grad_gram": grads @ grads.T}
+                if logged == "unit_grad_gram"
+                else {"unit_grad_sketch": grads}
+            )
+            recorder.log_step(
+                step,
+                logp=np.zeros(4, np.float32),
+                logp_old=np.zeros(4, np.float32),
+                advantages=np.array([1, -1, 1, -1], np.float32),
+                grad_norm_covered=1.0,
+                **geometry,
+            )
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "run")], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if "│ geometry" in line)
+    assert f"{shown} on its steps (the manifest declares none)" in row

@@ -49,8 +49,8 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from stabledrl_cli.capture._omega import OMEGA_BLOCK_ROWS, omega_factors
+from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
 from stabledrl_cli.errors import ConfigError, UsageError
-from stabledrl_cli.geometry import GRAM_KEY, SKETCH_KEY
 from stabledrl_cli.vocab import (
     GEOMETRY_KINDS,
     SKETCH_METHODS,

@@ -23,6 +23,7 @@ from rich.table import Table
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import out, print_json
 from stabledrl_cli.dump import open_run
+from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
 from stabledrl_cli.errors import counted, one_line
 from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.inspection import RunSummary, summarize
@@ -62,7 +63,7 @@ def _run_table(s: RunSummary) -> Table:
         ("estimator", ", ".join(f"{k}={v}" for k, v in s.estimator.items()) or "not given"),
         ("reward range", str(s.reward_range) if s.reward_range else "not given"),
         ("world size", str(s.world_size)),
-        ("geometry", _geometry_text(s.geometry) if s.geometry else "none"),
+        ("geometry", _geometry_text(s.geometry) if s.geometry else _logged_geometry(s.fields)),
         ("steps", _steps_row(s)),
         (
             f"scored {s.unit}s / step",
@@ -187,6 +188,19 @@ def _geometry_text(geometry: dict[str, object]) -> str:
     if isinstance(covered, list) and isinstance(numel, int):
         parts.append(f"{len(covered)} tensors, {numel:,} parameters covered")
     return ", ".join(parts)
+
+
+GEOMETRY_FIELDS = {GRAM_KEY: "gram", SKETCH_KEY: "sketch"}
+"""The step fields that hold gradient geometry, and its kind."""
+
+
+def _logged_geometry(fields: list[str]) -> str:
+    """The geometry of a run whose manifest declares none: what its steps hold (a loop of
+    one's own may log a Gram or a sketch without declaring it to the Recorder), else none."""
+    kinds = [kind for field, kind in GEOMETRY_FIELDS.items() if field in fields]
+    if not kinds:
+        return "none"
+    return f"{' and '.join(kinds)} on its steps (the manifest declares none)"
 
 
 META_SHOWN = 200

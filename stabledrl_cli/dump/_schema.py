@@ -56,6 +56,13 @@ from stabledrl_cli.errors import InputError, UsageError, quoted, shown, type_nam
 from stabledrl_cli.spec import plain_number, whole_number
 from stabledrl_cli.vocab import GROUP_IDS, UNITS
 
+GRAM_KEY = "unit_grad_gram"
+"""The step field of an exact Gram matrix K: [U, U]."""
+SKETCH_KEY = "unit_grad_sketch"
+"""The step field of a sketch S: [U, k]."""
+SKETCH_SCALE_KEY = f"{SKETCH_KEY}_scale"
+"""The per-step scale of float16 sketch storage (a scalar of the step)."""
+
 _Json = TypeVar("_Json")
 
 RUN_KIND = "stabledrl-run"
@@ -256,11 +263,9 @@ FIELDS: dict[str, FieldSpec] = {
         # 1.3: how many tokens a sequence entry's log-probs sum over (unit "sequence").
         FieldSpec(name="token_count", per="sequence", dtype="int32"),
         FieldSpec(name="token_ids", per="sequence", dtype="int64", ndim=2),
-        FieldSpec(name="unit_grad_gram", per="unit_pairs", dtype="float32", ndim=2),
+        FieldSpec(name=GRAM_KEY, per="unit_pairs", dtype="float32", ndim=2),
         # float16 with the per-step scalar `unit_grad_sketch_scale`.
-        FieldSpec(
-            name="unit_grad_sketch", per="unit_rows", dtype="float32", ndim=2, also=("float16",)
-        ),
+        FieldSpec(name=SKETCH_KEY, per="unit_rows", dtype="float32", ndim=2, also=("float16",)),
         FieldSpec(name="param_grad_norm", per="param", dtype="float32"),
     )
 }
@@ -285,7 +290,7 @@ STANDARD_SCALARS = (
     "reward_mean",
     "nonfinite",
     "wall_time",
-    "unit_grad_sketch_scale",
+    SKETCH_SCALE_KEY,
 )
 # 1.2: standard names with one meaning for the scalars that optimizer hooks and imported logs
 # record (units in docs/run-format.md). Given as `log_step` keywords or in `scalars=`.

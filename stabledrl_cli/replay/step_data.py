@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from stabledrl_cli.dump import Run, Step
+from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY, SKETCH_SCALE_KEY
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.geometry import GRAM_KEY, SKETCH_KEY, SKETCH_SCALE_KEY
 from stabledrl_cli.policies import Policy, PolicyBatch, PreparedBatch, prepare
 from stabledrl_cli.replay.framework import MicroBatches, micro_batches
 from stabledrl_cli.replay.metrics import StepGeometry
