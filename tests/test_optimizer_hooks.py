@@ -377,18 +377,28 @@ UNWRITABLE = textwrap.dedent(
 
 
 def test_a_run_that_cannot_be_written_never_breaks_training(tmp_path):
-    """A module run with `python -m`, whose run directory cannot be written."""
-    (tmp_path / "train.py").write_text(UNWRITABLE)
+    """A module run with `python -m`, whose run directory cannot be written once it trains
+    (a file where the steps folder goes: one there before the command is refused up front,
+    exit 2)."""
+    spoiler = textwrap.dedent(
+        """
+        import os, pathlib, shutil
+        steps = pathlib.Path(os.environ["STABLEDRL_RUN_DIR"]) / "steps"
+        if steps.is_dir():
+            shutil.rmtree(steps)
+        steps.write_text("not a directory")  # the run's steps cannot be written
+        """
+    )
+    (tmp_path / "train.py").write_text(spoiler + UNWRITABLE)
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "steps").write_text("not a directory")  # the run's steps cannot be written
     result = _record(
         "--out", str(out), "--force", "--", sys.executable, "-m", "train", cwd=tmp_path
     )
     assert "trained" in result.stdout  # training ran to its end
     assert result.stderr.count("recording is off, training continues") == 1
-    assert result.returncode == 4, result.stderr  # a run that cannot be written
-    assert "recording failed" in result.stderr
+    # the place refused as it is up front (exit 2), after the training ran
+    assert result.returncode == 2, result.stderr
+    assert "recording failed" in result.stderr and "steps: not a directory" in result.stderr
 
 
 IN_A_CHILD = textwrap.dedent(
