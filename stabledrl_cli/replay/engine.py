@@ -52,7 +52,7 @@ from stabledrl_cli.replay.run_facts import (
     skipped_reasons,
     steps_skipped,
 )
-from stabledrl_cli.replay.step_data import check_step, run_unit
+from stabledrl_cli.replay.step_data import check_step, run_ranks, run_unit
 from stabledrl_cli.replay.stream import StreamedRun, detail_pass, stream_run
 from stabledrl_cli.replay.summary import best_index, fidelity_gap, summarize_policy
 from stabledrl_cli.vocab import ReplayEngine, RunGeometryKind, StepGeometryKind
@@ -160,8 +160,9 @@ def _run_geometry(kinds: tuple[StepGeometryKind, ...]) -> tuple[RunGeometryKind,
 
 def _per_rank_grams(run: Run, step_numbers: np.ndarray) -> bool:
     """Whether the first replayed step of `run` had a Gram matrix on each of its ranks, which
-    the join left out (they do not combine: `Step.unjoined`)."""
-    if not step_numbers.size:
+    the join left out (they do not combine: `Step.unjoined`). A one-rank run has none, and
+    its step is not looked up again after the streaming pass."""
+    if not step_numbers.size or run_ranks(run) < 2:
         return False
     try:
         return "unit_grad_gram" in run.step(int(step_numbers[0])).unjoined
