@@ -737,11 +737,8 @@ class Recorder:
                     writer.stop()
                     self._cancel_on_sigterm()
                     self._raise_writer_error()
-            if own and not self._closed_marked and self.rank == 0 and self.world_size == 1:
-                with self._lock:  # a log_step under way in another thread lands first
-                    self._closed = self._closed_marked = True
-                    with suppress(ValueError, InputError, WriteError):  # best effort
-                        amend_manifest(self.path, RECORDING_CLOSED, True)
+            if own:
+                self._mark_run_closed(closing=True)
             self._closed = True
         finally:
             if writer is None or not writer.is_alive():
@@ -765,12 +762,21 @@ class Recorder:
                     self._raise_writer_error()
                 finally:
                     self._writer = None  # later steps are written by log_step itself
-        if not self._closed_marked and self.rank == 0 and self.world_size == 1:
-            with self._lock:
-                self._closed_marked = True
-                with suppress(ValueError, InputError, WriteError):  # best effort
-                    amend_manifest(self.path, RECORDING_CLOSED, True)
+        self._mark_run_closed(closing=False)
         self._writer_lock.release()  # the process ends: the run reads as closed, not died
+
+    def _mark_run_closed(self, *, closing: bool) -> None:
+        """Marks the run `recording_closed` (rank 0 of a world_size 1 run: module docstring),
+        once, best effort, under the lock: a log_step under way in another thread lands first.
+        `closing`: the Recorder closes with it (`close`); else it goes on writing at once
+        (`end_at_exit`)."""
+        if self._closed_marked or self.rank != 0 or self.world_size != 1:
+            return
+        with self._lock:
+            self._closed = self._closed or closing
+            self._closed_marked = True
+            with suppress(ValueError, InputError, WriteError):  # best effort
+                amend_manifest(self.path, RECORDING_CLOSED, True)
 
     def closed_by_caller_at_exit(self) -> None:
         """Leaves closing this Recorder at exit to the caller (`close`), which does it later
