@@ -409,6 +409,27 @@ def test_a_later_pack_removes_the_temporary_file_of_a_killed_pack_not_of_a_live_
     assert open_run(out).step_numbers == list(range(STEPS))
 
 
+def test_pack_does_not_name_a_file_browsers_files_as_left_out(tmp_path):
+    """A run whose folder a file browser had shown packed with 'warning: ... not Thumbs.db,
+    desktop.ini (0.00 MB): keep the run directory for them' and those two in the JSON's
+    left_out, though every reader and --force treat them as no run's. They are not named now;
+    a folder that only bears such a name is."""
+    run = tiny_run(tmp_path / "run")
+    for name in ("Thumbs.db", "desktop.ini", ".DS_Store", "._manifest.json"):
+        (run / name).write_bytes(b"junk")
+    out = tmp_path / "run.h5"
+    result = runner.invoke(app, ["pack", str(run), str(out), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["left_out"] == {}
+    assert "warning" not in result.stderr
+    (run / "Thumbs.db").unlink()
+    (run / "Thumbs.db").mkdir()
+    (run / "Thumbs.db" / "mine.txt").write_text("mine")
+    result = runner.invoke(app, ["pack", str(run), str(out), "--force", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["left_out"] == {"Thumbs.db/": 4}
+
+
 def test_pack_says_which_files_of_the_run_directory_the_archive_does_not_hold(tmp_path):
     """A run recorded with --checkpoint-every 2 packed as '0.44 MB -> 0.05 MB (9.5x
     smaller)', silent that its 0.43 MB checkpoints/ (which `stabledrl branch` reads from the

@@ -53,6 +53,7 @@ from stabledrl_cli.dump._schema import (
     switch_argument,
     written_version,
 )
+from stabledrl_cli.dump._setup import os_file
 from stabledrl_cli.errors import InputError, UsageError, counted, quoted
 from stabledrl_cli.vocab import PACK_COMPRESSIONS, PackCompression
 
@@ -449,16 +450,18 @@ class PackSummary:
 def _left_out(run: Run) -> dict[str, int]:
     """The entries of a run directory on this machine that an archive does not hold, by name (a
     directory's ending in /), with their bytes: all but its manifest, its steps/ and its
-    dot-named files (notes, locks, temporary files): checkpoints/, branches/ (`stabledrl
-    branch` reads and writes them in the run directory), a user's own files. {} for an
-    archive, or a run at a URL of another filesystem."""
+    dot-named files (notes, locks, temporary files) and a file browser's files (`os_file`:
+    Thumbs.db, desktop.ini): checkpoints/, branches/ (`stabledrl branch` reads and writes
+    them in the run directory), a user's own files. {} for an archive, or a run at a URL of
+    another filesystem."""
     local = local_path(run.location)
     if local is None or not os.path.isdir(local):
         return {}
     found: dict[str, int] = {}
     with suppress(OSError), os.scandir(local) as entries:
         for entry in entries:
-            if not entry.name.startswith(".") and entry.name not in (MANIFEST_NAME, STEPS_DIR):
+            skipped = entry.name.startswith(".") or entry.name in (MANIFEST_NAME, STEPS_DIR)
+            if not skipped and not os_file(Path(entry.path)):
                 name = unicode_text(entry.name) + ("/" if entry.is_dir() else "")
                 found[name] = size_on_disk(Path(entry.path))
     return dict(sorted(found.items()))
