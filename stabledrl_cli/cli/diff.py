@@ -23,7 +23,7 @@ from stabledrl_cli.cli.replay import option_names
 from stabledrl_cli.dump import RunIntegrityWarning, open_run
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay._format import format_cell
-from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY, ReplayConfig
 from stabledrl_cli.replay.diff import (
     DEFAULT_ATOL,
     DEFAULT_CONTEXT,
@@ -142,16 +142,28 @@ def _print_table(result: DiffResult, until: int | None) -> None:
     for header in ("step", *(f"{h} {side}" for h in ("rew", "gnorm", "disc", "risk")
                              for side in ("A", "B"))):  # fmt: skip
         table.add_column(header, justify="right", no_wrap=True)
+    unjudged = False
     for row in result.around:
         cells = [str(row.step)]
         for name in ("reward_mean", "grad_norm", "discard_frac", "risk"):
             for side in (row.a, row.b):
+                if name == "risk" and side.get("risk_judged") is False:
+                    unjudged = True
+                    cells.append("n/j")
+                    continue
                 cells.append(
                     format_cell(side.get(name), percent=name == "discard_frac", yes="RISK", no="ok")
                 )
         table.add_row(*cells)
     stack_headers(table, out)  # a figure is never cut, the table never wider than it must be
     print_whole(table, out)
+    if unjudged:
+        note = (
+            f"n/j: not judged, the spike rule judges a step after {SPIKE_MIN_HISTORY} finite, "
+            "nonzero update norms of one kind before it"
+        )
+        for piece in textwrap.wrap(note, max(out.width, MIN_WRAP), break_on_hyphens=False):
+            out.print(plain_text(piece))
 
 
 def command(

@@ -105,6 +105,16 @@ def spike_flags(
     return flags
 
 
+def spike_judged(values: np.ndarray, min_history: int = SPIKE_MIN_HISTORY) -> np.ndarray:
+    """values: [S] -> [S] bool: the steps `spike_flags` compares with a median, the finite,
+    non-zero values with `min_history` such values before them (a step before those is
+    neither a spike nor judged one)."""
+    values = np.asarray(values, dtype=np.float64)
+    judged = np.zeros(values.shape[0], dtype=bool)
+    judged[np.flatnonzero(np.isfinite(values) & (values != 0))[min_history:]] = True
+    return judged
+
+
 def observed_reward_collapse(
     steps: np.ndarray,
     rewards: np.ndarray,
