@@ -21,8 +21,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from stabledrl_cli.replay.config import CLIP_EPS, ReplayConfig
-from stabledrl_cli.replay.detectors import drift_flags, spike_flags
+from stabledrl_cli.replay.config import CLIP_EPS, SPIKE_MIN_HISTORY, ReplayConfig
+from stabledrl_cli.replay.detectors import drift_flags, spike_flags, spike_judged
 from stabledrl_cli.vocab import MetricGroup, StepGeometryKind, Worse
 
 ColumnKind = Literal["int", "float", "bool", "str"]
@@ -160,6 +160,18 @@ def _spike(inputs: SeriesInputs) -> ColumnArray:
     for same in (measured, ~measured):
         spike[same] = spike_flags(norm[same], factor=inputs.config.spike_factor)
     return spike
+
+
+def _spike_judged(inputs: SeriesInputs) -> ColumnArray:
+    """The steps `_spike` compared with a median (`spike_judged`, in each kind's history), and
+    those without a finite, nonzero norm, which are never a spike (a non-finite one is counted
+    as non-finite): False on a kind's first finite, nonzero norms only."""
+    norm = inputs.float("update_norm")
+    measured = np.array([kind != "coef" for kind in inputs.geometry], dtype=bool)
+    judged: ColumnArray = ~np.isfinite(norm) | (norm == 0)
+    for same in (measured, ~measured):
+        judged[same] |= spike_judged(norm[same])
+    return judged
 
 
 def _nonfinite(inputs: SeriesInputs) -> ColumnArray:
@@ -387,6 +399,14 @@ COLUMNS: tuple[Column, ...] = (
         kind="float",
         meaning="Scored entries whose coefficient is NaN or inf.",
         reported=False,
+    ),
+    Column(
+        name="spike_judged",
+        kind="bool",
+        meaning="The spike rule judged the step: false on the first "
+        f"{SPIKE_MIN_HISTORY} finite, non-zero update norms of its kind, which have no history "
+        "to compare with (n/j in the per-step table's flags).",
+        derive=_spike_judged,
     ),
 )
 """The registry: every per-step column, in the order of a JSON step row."""

@@ -34,9 +34,7 @@ import numpy as np
 from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
 from stabledrl_cli.dump._schema import SCALAR_STEP_FIELDS, SERIES_SCALARS, STANDARD_SCALARS
 from stabledrl_cli.errors import ConfigError, InputError, counted
-from stabledrl_cli.replay.columns import ColumnArray
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.detectors import spike_judged
 from stabledrl_cli.replay.run_facts import (
     SKIPPED_KINDS,
     is_scalar_run,
@@ -117,7 +115,7 @@ class SideBySide:
 FIGURES = ("reward_mean", "grad_norm", "discard_frac", "risk", "risk_judged")
 """The figures set side by side: recorded reward and pre-clip grad norm, the own policy's
 replayed discard fraction and risk (a spike or non-finite update; None, with `risk_judged`
-False, on a step the spike rule had not judged yet: `spike_judged`)."""
+False, on a step the spike rule had not judged: the `spike_judged` column)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -413,7 +411,6 @@ def _figures(
         warnings.warn(message, RunIntegrityWarning, stacklevel=2)
         series = {}
     index = {int(n): i for i, n in enumerate(series.get("step", []))}
-    judged = _spike_judged(series) if series else np.zeros(0, dtype=bool)
     wanted = set(steps)
     out: dict[int, dict[str, float | bool | None]] = {}
     for header in run.step_headers():
@@ -425,22 +422,10 @@ def _figures(
             "reward_mean": header.scalars.get("reward_mean"),
             "grad_norm": header.scalars.get("grad_norm"),
             "discard_frac": None if i is None else float(series["discard_frac"][i]),
-            "risk": risk if risk or i is None or judged[i] else None,
-            "risk_judged": None if i is None else bool(risk or judged[i]),
+            "risk": risk if i is None or series["spike_judged"][i] else None,
+            "risk_judged": None if i is None else bool(series["spike_judged"][i]),
         }
     return out
-
-
-def _spike_judged(series: dict[str, ColumnArray]) -> np.ndarray:
-    """[S] bool: the own policy's steps the spike rule judged (`spike_judged` among the steps
-    whose update norm was measured the same way, as the rule compares them), and those with no
-    update (a zero norm), which cannot spike."""
-    norms = np.asarray(series["update_norm"], dtype=np.float64)
-    measured = np.array([kind != "coef" for kind in series["geometry"]], dtype=bool)
-    judged: np.ndarray = norms == 0
-    for same in (measured, ~measured):
-        judged[same] |= spike_judged(norms[same])
-    return judged
 
 
 def diff_runs(

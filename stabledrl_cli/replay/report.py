@@ -4,7 +4,7 @@ run, and with `--detail` or `--steps` the per-step rows and the flagged steps' s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -15,7 +15,7 @@ from stabledrl_cli.errors import counted
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.columns import CellFormat
-from stabledrl_cli.replay.config import format_step_range
+from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY, format_step_range
 from stabledrl_cli.replay.guards import GuardAction, GuardReport
 from stabledrl_cli.replay.observed import CollapseWarning, Observed
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
@@ -421,6 +421,12 @@ def guards_text(reports: Sequence[GuardReport]) -> str:
     return "guards on the recorded grad norms: " + "; ".join(parts)
 
 
+def _unflagged(row: Mapping[str, object]) -> str:
+    """A step row's flags cell when no flag is set: "n/j" when the spike rule did not judge
+    the step (`spike_judged`: no history yet), else "-"."""
+    return "-" if row["spike_judged"] else "n/j"
+
+
 def _cell(value: object, how: CellFormat) -> str:
     if how == "int":
         return "n/a" if value is None else str(value)
@@ -439,7 +445,11 @@ def detail_legend(shown: Sequence[columns.Column], flags: Sequence[str]) -> list
         if c.table is not None
     ]
     flagged = "; ".join(f"{name}: {_MEANINGS[name].rstrip('.')}" for name in flags)
-    return [*lines, f"flags: {flagged}"]
+    unjudged = (
+        f"n/j: none, and the spike rule did not judge the step (the first {SPIKE_MIN_HISTORY} "
+        "finite, non-zero update norms of a kind have no history to compare with)"
+    )
+    return [*lines, f"flags: {flagged}; {unjudged}"]
 
 
 COMPACT_STEP_COLUMNS = ("step", "discard_frac", "update_norm", "net_push")
@@ -480,7 +490,7 @@ def print_detail(
         title = f"{p.spec}{' (' + ', '.join(marks) + ')' if marks else ''}: {span}"
         rows = [
             [_cell(row[c.name], c.table.format) for c in shown if c.table is not None]
-            + [",".join(name for name in flags if row[name]) or "-"]
+            + [",".join(name for name in flags if row[name]) or _unflagged(row)]
             for row in p.series.iter_rows()
         ]
         widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]

@@ -1,9 +1,11 @@
-"""`diff`'s side-by-side risk on steps the spike rule has not judged yet.
+"""Steps the spike rule has not judged: a kind's first 5 finite, nonzero update norms.
 
-Two example runs of other seeds part at step 0; the table around it said `ok` for steps 0-3
-(grad norms of 8e5 among them), though the spike rule judges a step only after 5 finite,
-nonzero update norms before it: it had judged none of them. Such a step is `n/j` in the
-table, with a line saying why, and `risk` null with `risk_judged` false in the JSON.
+Two example runs of other seeds part at step 0; `diff`'s table around it said `ok` for steps
+0-3 (grad norms of 8e5 among them), and `replay --detail` showed no flag ('-') on them (update
+norms of 6e4 against 0.03 later), though the spike rule judges a step only after 5 finite,
+nonzero update norms before it: it had judged none of them. Such a step is `n/j` in both
+tables, with a line saying why, `spike_judged` false in a replay's JSON step rows and, in
+diff's, `risk` null with `risk_judged` false.
 """
 
 from __future__ import annotations
@@ -75,3 +77,22 @@ def test_steps_the_spike_rule_judged_show_their_risk(tmp_path):
             assert side["risk_judged"] is True and side["risk"] is False
     text = _diff(a, b)
     assert "n/j" not in text.stdout and " ok" in text.stdout
+
+
+def test_replay_marks_the_steps_the_spike_rule_did_not_judge(tmp_path):
+    run = _run(tmp_path / "a", parts_at=None)
+    result = CliRunner().invoke(
+        app, ["replay", str(run), "-p", "grpo", "--device", "cpu", "--format", "json"]
+    )
+    steps = json.loads(result.stdout)["policies"][0]["steps"]
+    assert [row["spike_judged"] for row in steps] == [False] * 5 + [True] * (STEPS - 5)
+    table = CliRunner().invoke(
+        app, ["replay", str(run), "-p", "grpo", "--device", "cpu", "--detail"]
+    )
+    flags = {
+        int(cells[0]): cells[-1]
+        for line in table.stdout.splitlines()
+        if len(cells := line.replace("│", " ").split()) > 1 and cells[0].isdigit()
+    }
+    assert flags == {n: "n/j" if n < 5 else "-" for n in range(STEPS)}
+    assert "n/j: none, and the spike rule did not judge the step" in " ".join(table.stdout.split())
