@@ -248,26 +248,45 @@ def write_atomic(
 
 
 def write_durably(
-    final: str, temp: str, directory: str, parts: Iterable[bytes | memoryview]
+    final: str,
+    temp: str,
+    directory: str,
+    parts: Iterable[bytes | memoryview],
+    *,
+    durable: bool = True,
 ) -> None:
     """`write_atomic` of paths already spelled out as strings (no `Path` on a hot path):
     `parts` written to `temp` and fsynced, `temp` renamed onto `final`, `directory` (the
     directory of both) fsynced. WriteError naming `final` if that fails; `temp` is removed
-    whatever stops the write (an interrupt too), as far as the system lets it be."""
+    whatever stops the write (an interrupt too), as far as the system lets it be. With
+    `durable` False nothing is fsynced: the whole file is under `final` (it survives its
+    process being killed), and `make_durable` makes it survive a crash of the system."""
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, parts)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp, final)
-        fsync_dir(directory)
+        if durable:
+            fsync_dir(directory)
     except BaseException as exc:
         _discard(temp)
         if isinstance(exc, OSError):
             raise write_error(Path(final), exc) from None
         raise
+
+
+def make_durable(final: str, directory: str) -> None:
+    """Makes a file that `write_durably(..., durable=False)` wrote durable: its data and its
+    name in `directory` fsynced. WriteError naming `final` if that fails."""
+    try:
+        fsync_file(Path(final))
+        fsync_dir(directory)
+    except OSError as exc:
+        raise write_error(Path(final), exc) from None
 
 
 def _discard(temp: str | Path) -> None:

@@ -821,19 +821,19 @@ def test_token_ids_are_names_not_indices_so_negative_ones_are_kept(tmp_path):
 def test_async_writer_failure_reaches_the_caller(tmp_path, monkeypatch):
     from stabledrl_cli import _atomic
 
-    def no_space(fd, buffers):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def no_disk(fd):  # the writer thread's fsync of a step
+        raise OSError(errno.EIO, "Input/output error")
 
     rec = sd.Recorder(tmp_path / "run", async_writes=True, queue_size=1)
-    monkeypatch.setattr(_atomic.os, "writev", no_space)
+    monkeypatch.setattr(_atomic.os, "fsync", no_disk)
     rec.log_step(0, **_flat())
-    with pytest.raises(WriteError, match=r"step-00000000\.safetensors.*no space left"):
+    with pytest.raises(WriteError, match=r"step-00000000\.safetensors.*Input/output error"):
         rec.flush()
-    with pytest.raises(WriteError, match=r"step-00000001\.safetensors.*no space left"):
+    with pytest.raises(WriteError, match=r"step-00000001\.safetensors.*Input/output error"):
         rec.log_step(1, **_flat())  # raises if the thread has met step 1's failure, else close
         rec.close()
     rec.close()  # each failure is raised once
-    assert os.listdir(tmp_path / "run" / "steps") == []  # the temporary file is removed
+    assert os.listdir(tmp_path / "run" / "steps") == []  # the files that failed are removed
 
 
 def test_per_rank_ids_that_outgrow_their_dtype_across_ranks_are_refused(tmp_path):
@@ -885,13 +885,13 @@ def test_an_async_log_step_waits_for_room_in_a_full_queue_as_the_docs_say(tmp_pa
     from stabledrl_cli.dump import _writer
 
     disk = threading.Event()
-    write = _writer.write_step
+    durable = _writer.make_step_durable
 
     def slow_disk(*args: object) -> None:
         disk.wait()
-        write(*args)  # type: ignore[arg-type]
+        durable(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_writer, "write_step", slow_disk)
+    monkeypatch.setattr(_writer, "make_step_durable", slow_disk)
     with sd.Recorder(tmp_path / "run", policy=None, async_writes=True, queue_size=2) as rec:
         for step in range(3):  # one taken by the writer, two waiting
             rec.log_step(step, grad_norm=1.0)

@@ -484,9 +484,9 @@ TERMINATED = textwrap.dedent(
     import stabledrl_cli.dump._writer as writer
 
     shown = {signal.SIG_DFL: "default", signal.SIG_IGN: "ignored"}.get
-    if sys.argv[1] == "slow-disk":  # each step takes the Recorder's thread 0.3 s to write
-        write = writer._write
-        writer._write = lambda item: (time.sleep(0.3), write(item))[1]
+    if sys.argv[1] == "slow-disk":  # each step takes the Recorder's thread 0.3 s to fsync
+        durable = writer._make_durable
+        writer._make_durable = lambda item: (time.sleep(0.3), durable(item))[1]
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(int(sys.argv[2])):

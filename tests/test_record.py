@@ -1426,13 +1426,13 @@ INTERRUPTED_DRAIN_SCRIPT = textwrap.dedent(
 
     LATE = 4
     disk = threading.Event()  # a slow disk for the late step: it waits in the queue
-    write, stop = writer._write, writer._Writer.stop
+    durable, stop = writer._make_durable, writer._Writer.stop
 
 
-    def slow_write(item):
+    def slow_durable(item):
         if item.step == LATE:
             disk.wait()
-        write(item)
+        durable(item)
 
 
     def stop_interrupted_once(self):
@@ -1448,7 +1448,7 @@ INTERRUPTED_DRAIN_SCRIPT = textwrap.dedent(
         optimizer.step()
 
 
-    writer._write, writer._Writer.stop = slow_write, stop_interrupted_once
+    writer._make_durable, writer._Writer.stop = slow_durable, stop_interrupted_once
     atexit.register(late_step)
     import torch
 

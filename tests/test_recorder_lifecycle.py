@@ -96,13 +96,14 @@ INTERRUPTED_CLOSE = textwrap.dedent(
     import stabledrl_cli as sd
     import stabledrl_cli.dump._writer as writer
 
-    gate, real_write = threading.Event(), writer.write_step
+    gate, real_durable = threading.Event(), writer.make_step_durable
 
-    def held_write(*args):  # the disk is slow: nothing is written until close() waits
+    def held_durable(*args):  # the disk is slow: nothing is fsynced until close() waits
         gate.wait()
-        real_write(*args)
+        real_durable(*args)
+        print("durable", args[1], flush=True)
 
-    writer.write_step = held_write
+    writer.make_step_durable = held_durable
     rec = sd.Recorder(sys.argv[1], async_writes=True)
     for step in range(6):
         rec.log_step(step, logp=np.zeros(4, np.float32), logp_old=np.zeros(4, np.float32),
@@ -127,8 +128,9 @@ def test_a_close_interrupted_while_it_drains_is_finished_at_exit(tmp_path):
     # A close() interrupted in its drain (Ctrl-C twice) must not lose the queued steps: the
     # next close, at the latest the one at exit, finishes it.
     path = tmp_path / "run"
-    run, _ = _recorded(INTERRUPTED_CLOSE, path)
+    run, stdout = _recorded(INTERRUPTED_CLOSE, path)
     assert run.step_numbers == list(range(6))
+    assert stdout.split()[1::2] == [f"step-{n:08d}.safetensors" for n in range(6)]
 
 
 DROPPED_UNCLOSED = textwrap.dedent(
@@ -138,13 +140,14 @@ DROPPED_UNCLOSED = textwrap.dedent(
     import stabledrl_cli as sd
     import stabledrl_cli.dump._writer as writer
 
-    gate, real_write = threading.Event(), writer.write_step
+    gate, real_durable = threading.Event(), writer.make_step_durable
 
-    def held_write(*args):  # the disk is slow: nothing is written before the process ends
+    def held_durable(*args):  # the disk is slow: nothing is fsynced before the process ends
         gate.wait()
-        real_write(*args)
+        real_durable(*args)
+        print("durable", args[1], flush=True)
 
-    writer.write_step = held_write
+    writer.make_step_durable = held_durable
 
     def train(path):
         rec = sd.Recorder(path, async_writes=True)  # never closed, dropped on return
@@ -160,8 +163,9 @@ DROPPED_UNCLOSED = textwrap.dedent(
 
 def test_an_async_recorder_dropped_unclosed_still_writes_its_queue_at_exit(tmp_path):
     path = tmp_path / "run"
-    run, _ = _recorded(DROPPED_UNCLOSED, path)
+    run, stdout = _recorded(DROPPED_UNCLOSED, path)
     assert run.step_numbers == list(range(8))
+    assert stdout.split()[1::2] == [f"step-{n:08d}.safetensors" for n in range(8)]
 
 
 TRAINED_IN_A_CHILD = textwrap.dedent(
@@ -171,13 +175,14 @@ TRAINED_IN_A_CHILD = textwrap.dedent(
     import stabledrl_cli as sd
     import stabledrl_cli.dump._writer as writer
 
-    real_write = writer.write_step
+    real_durable = writer.make_step_durable
 
-    def slow_write(*args):  # a slow disk: steps are still queued when the training returns
+    def slow_durable(*args):  # a slow disk: steps are still queued when the training returns
         time.sleep(0.1)
-        real_write(*args)
+        real_durable(*args)
+        print("durable", args[1], flush=True)
 
-    writer.write_step = slow_write
+    writer.make_step_durable = slow_durable
 
     def train(path):
         rec = sd.Recorder(path, async_writes=True)  # never closed: the child just returns
@@ -204,8 +209,9 @@ def test_a_recorder_in_a_multiprocessing_child_writes_its_queue_as_the_child_end
     script = tmp_path / "train.py"  # (a file: spawn and forkserver import the child's code)
     script.write_text(TRAINED_IN_A_CHILD)
     path = tmp_path / "run"
-    run, _ = _recorded_file(script, path, start_method)
+    run, stdout = _recorded_file(script, path, start_method)
     assert run.step_numbers == list(range(6))
+    assert stdout.split()[1::2] == [f"step-{n:08d}.safetensors" for n in range(6)]
 
 
 @pytest.mark.parametrize("async_writes", [False, True])
@@ -362,10 +368,10 @@ def test_a_close_from_another_thread_marks_the_run_after_a_step_under_way(tmp_pa
     step = run / "steps" / "step-00000001.safetensors"
     landed: list[bool] = []
 
-    def slow_write(item: object) -> None:
+    def slow_write(item: object, *, durable: bool = True) -> None:
         writing.set()
         lock.wanted.wait()  # until close waits for the lock (or marks the run without it)
-        write(item)  # type: ignore[arg-type]
+        write(item, durable=durable)  # type: ignore[arg-type]
 
     def telling_amend(path: Path, name: str, value: object | None) -> None:
         landed.append(step.exists())
@@ -514,13 +520,13 @@ def test_an_async_recorder_dropped_unclosed_holds_its_rank_until_its_queue_is_wr
 
     import stabledrl_cli.dump._writer as writer
 
-    real_write, disk = writer.write_step, threading.Event()
+    real_durable, disk = writer.make_step_durable, threading.Event()
 
-    def slow_write(*args):
+    def slow_durable(*args):
         disk.wait(30)
-        real_write(*args)
+        real_durable(*args)
 
-    monkeypatch.setattr(writer, "write_step", slow_write)
+    monkeypatch.setattr(writer, "make_step_durable", slow_durable)
     path = tmp_path / "run"
     rec = sd.Recorder(path, policy=None, async_writes=True)
     for step in range(3):
@@ -535,7 +541,7 @@ def test_an_async_recorder_dropped_unclosed_holds_its_rank_until_its_queue_is_wr
     second.start()
     second.join(0.5)
     assert second.is_alive() and not made  # waits: the queue is not written
-    assert sd.open_run(path).step_numbers == []
+    assert sd.open_run(path).step_numbers == [0, 1, 2]  # each under its name, not fsynced
     disk.set()
     second.join(30)
     assert not thread.is_alive()

@@ -41,6 +41,16 @@ def _fail_after(monkeypatch, calls: int, error: int) -> None:
     monkeypatch.setattr(_atomic.os, "writev", writev)
 
 
+def _fsync_fails(monkeypatch) -> None:
+    """os.fsync in the atomic writer fails (EIO): a step async_writes put under its name does
+    not reach the disk."""
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(_atomic.os, "fsync", failing)
+
+
 @pytest.mark.parametrize("async_writes", [False, True])
 def test_no_space_mid_step_is_a_write_error_and_leaves_no_temporary_file(
     tmp_path, monkeypatch, async_writes
@@ -173,33 +183,50 @@ def test_warn_mode_stops_recording_once_and_notes_it_in_the_manifest(
     assert run.step_numbers == [0] and run.integrity.ok
 
 
-def test_an_async_write_failure_is_raised_once_and_no_later_step_is_lost(tmp_path, monkeypatch):
-    """async_writes with on_write_error="raise": one failed write (step 1) was raised by every
-    later log_step, flush and close, and no later step was written (the writer dropped each
-    one): steps 2 and 3 of a disk that had room again were lost. Now, as with synchronous
-    writes, the failure is raised once, by the next call, naming its step: a step queued
-    behind it is written, and the log_step that raises it has its own step queued."""
+def test_an_async_write_failure_is_raised_at_once_as_a_synchronous_one(tmp_path, monkeypatch):
+    """async_writes puts the step's whole file under its name before log_step returns (so a
+    process killed next keeps it): a write that fails there (a full disk) is raised by that
+    log_step, naming its step, as without async_writes; the later steps are written."""
+    path = tmp_path / "run"
+    rec = sd.Recorder(path, async_writes=True)
+    rec.log_step(0, **_flat(0))
+    _fail_after(monkeypatch, calls=0, error=errno.ENOSPC)
+    with pytest.raises(WriteError, match=r"step-00000001\.safetensors.*no space left on device"):
+        rec.log_step(1, **_flat(1))
+    monkeypatch.undo()
+    rec.log_step(2, **_flat(2))
+    rec.close()
+    run = sd.open_run(path)
+    assert run.step_numbers == [0, 2]
+    assert [s["logp"][0].item() for s in run] == [-1.0, -3.0]
+
+
+def test_an_async_fsync_failure_is_raised_once_and_no_later_step_is_lost(tmp_path, monkeypatch):
+    """The writer thread fsyncs each step: one that fails (step 1, EIO) was raised by every
+    later log_step, flush and close, and no later step was made durable. It is raised once, by
+    the next call, naming its step, whose file is removed (its data may not be on the disk); a
+    step queued behind it is written, and the log_step that raises it has its own step in."""
     path = tmp_path / "run"
     rec = sd.Recorder(path, async_writes=True)
     rec.log_step(0, **_flat(0))
     rec.flush()
-    real_writev, calls = os.writev, []
-    writing_step_2, go_on = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+    syncing_step_2, go_on = threading.Event(), threading.Event()
 
-    def fails_once(fd: int, buffers: list[memoryview]) -> int:
-        calls.append(fd)
-        if len(calls) == 1:  # step 1
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        if len(calls) == 2:  # step 2: step 1's failure is in by now
-            writing_step_2.set()
+    def fails_once(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.endswith("step-00000001.safetensors"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        if name.endswith("step-00000002.safetensors"):  # step 1's failure is in by now
+            syncing_step_2.set()
             go_on.wait(timeout=60)
-        return real_writev(fd, buffers)
+        real_fsync(fd)
 
-    monkeypatch.setattr(_atomic.os, "writev", fails_once)
+    monkeypatch.setattr(_atomic.os, "fsync", fails_once)
     rec.log_step(1, **_flat(1))
     rec.log_step(2, **_flat(2))
-    assert writing_step_2.wait(timeout=60)
-    with pytest.raises(WriteError, match=r"step-00000001\.safetensors.*no space left on device"):
+    assert syncing_step_2.wait(timeout=60)
+    with pytest.raises(WriteError, match=r"step-00000001\.safetensors.*Input/output error"):
         rec.log_step(3, **_flat(3))
     go_on.set()
     rec.flush()
@@ -213,23 +240,24 @@ def test_an_async_write_failure_is_raised_once_and_no_later_step_is_lost(tmp_pat
 def test_async_write_failures_before_the_caller_is_told_are_named_in_one_error(
     tmp_path, monkeypatch
 ):
-    """Steps 0 to 2 fail while the caller logs: flush raises once, naming step 0's file and
-    the two later steps; close then has nothing more to raise."""
+    """Steps 0 to 2 fail to reach the disk while the caller logs: flush raises once, naming
+    step 0's file and the two later steps, whose files are removed; close then has nothing
+    more to raise."""
     rec = sd.Recorder(tmp_path / "run", async_writes=True)
     go_on = threading.Event()
 
-    def full(fd: int, buffers: list[memoryview]) -> int:
+    def failing(fd: int) -> None:
         go_on.wait(timeout=60)  # until the three steps are queued
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(_atomic.os, "writev", full)
+    monkeypatch.setattr(_atomic.os, "fsync", failing)
     for step in range(3):
         rec.log_step(step, **_flat(step))
     go_on.set()
     with pytest.raises(WriteError) as failed:
         rec.flush()
     message = str(failed.value)
-    assert "step-00000000.safetensors: cannot write it (no space left on device)" in message
+    assert "step-00000000.safetensors: cannot write it (Input/output error)" in message
     assert message.endswith("; 2 later steps not written either (1, 2)"), message
     monkeypatch.undo()
     rec.close()
@@ -346,17 +374,17 @@ def test_a_failed_write_at_the_end_of_a_with_block_leaves_the_trainings_own_erro
     under `stabledrl record`, which prints a stabledrl error as one line, the training's
     error was not shown at all). With no exception under way, the close still raises it."""
     rec = sd.Recorder(tmp_path / "run", async_writes=True)
-    _fail_after(monkeypatch, calls=0, error=errno.ENOSPC)
+    _fsync_fails(monkeypatch)
     with pytest.raises(RuntimeError, match="the training's own error"), rec:
         rec.log_step(0, **_flat(0))
         raise RuntimeError("the training's own error")
     lines = capfd.readouterr().err.splitlines()
     assert len(lines) == 1 and "step-00000000.safetensors" in lines[0]
-    assert "no space left on device" in lines[0]
+    assert "Input/output error" in lines[0]
     monkeypatch.undo()
     other = sd.Recorder(tmp_path / "other", async_writes=True)
-    _fail_after(monkeypatch, calls=0, error=errno.ENOSPC)
-    with pytest.raises(WriteError, match="no space left on device"), other:
+    _fsync_fails(monkeypatch)
+    with pytest.raises(WriteError, match="Input/output error"), other:
         other.log_step(0, **_flat(0))
 
 
@@ -366,11 +394,11 @@ import numpy as np
 import stabledrl_cli as sd
 from stabledrl_cli import _atomic
 
-def no_space(fd, buffers):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+def failing(fd):
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
 
 rec = sd.Recorder(sys.argv[1], async_writes=True)
-_atomic.os.writev = no_space
+_atomic.os.fsync = failing  # the writer thread's fsync of the step: a queued write fails
 flat = np.zeros(4, np.float32)
 rec.log_step(0, logp=flat, logp_old=flat, advantages=flat, seq_id=[0, 0, 1, 1])
 if sys.argv[2] == "dropped":
@@ -394,4 +422,4 @@ def test_a_write_that_fails_as_the_process_exits_is_one_warning_line(tmp_path, h
     assert done.returncode == 0 and done.stdout == "training done\n"
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr
-    assert "step-00000000.safetensors" in lines[0] and "no space left on device" in lines[0]
+    assert "step-00000000.safetensors" in lines[0] and "Input/output error" in lines[0]

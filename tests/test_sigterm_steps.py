@@ -101,8 +101,8 @@ SLOW_ASYNC_RECORDER = textwrap.dedent(
     import stabledrl_cli.dump._writer as writer
     from stabledrl_cli import Recorder
 
-    write = writer._write
-    writer._write = lambda item: (time.sleep(0.2), write(item))  # a slow disk
+    durable = writer._make_durable
+    writer._make_durable = lambda item: (time.sleep(0.2), durable(item))  # a slow disk
     recorder = Recorder(sys.argv[1], policy="grpo", async_writes=True)
     for step in range(6):
         recorder.log_step(

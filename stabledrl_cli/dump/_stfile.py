@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from stabledrl_cli._atomic import fsync_dir, write_durably
+from stabledrl_cli._atomic import fsync_dir, make_durable, write_durably
 from stabledrl_cli._json import NotUtf8, has_lone_surrogate, utf8_text
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.dump._crc import crc32
@@ -63,13 +63,13 @@ _LITTLE_ENDIAN = {"<", "|"} | ({"="} if sys.byteorder == "little" else set())
 
 
 def encode_step(
-    tensors: dict[str, np.ndarray], metadata: dict[str, str], *, snapshot: bool = False
+    tensors: dict[str, np.ndarray], metadata: dict[str, str]
 ) -> list[bytes | memoryview]:
     """The file's bytes as parts: length, header, then each tensor's bytes, laid out as
     safetensors' own writer does (the same bytes as `safetensors.numpy.save` plus the CRCs).
 
-    The tensors' parts are views of the arrays (nothing is copied) unless `snapshot`: then
-    they are copies, so the caller may change its arrays before the parts are written."""
+    The tensors' parts are views of the arrays (nothing is copied): write them before the
+    arrays change."""
     layout = _layout(tuple([(name, array.dtype, array.shape) for name, array in tensors.items()]))
     data: list[bytes | memoryview] = []
     crc = 0
@@ -78,8 +78,6 @@ def encode_step(
         if swapped:
             array = array.astype(array.dtype.newbyteorder("<"))
         stored = np.ascontiguousarray(array)
-        if snapshot:
-            stored = stored.copy()
         part = stored.reshape(-1).data.cast("B")
         crc = crc32(part, crc)
         data.append(part)
@@ -187,15 +185,25 @@ def _with_header_crc(text: str, data_crc: str) -> str:
     return text[: end - 1 - len(_PLACEHOLDER)] + header_crc + text[end - 1 :]
 
 
-def write_step(directory: str, name: str, parts: list[bytes | memoryview]) -> None:
-    """Writes step file `name` into `directory` atomically and durably; WriteError naming it
-    if that fails."""
+def write_step(
+    directory: str, name: str, parts: list[bytes | memoryview], *, durable: bool = True
+) -> None:
+    """Writes step file `name` into `directory` atomically and durably (with `durable` False
+    under its name, whole, not yet fsynced: `make_step_durable`); WriteError naming it if that
+    fails."""
     write_durably(
         f"{directory}{os.sep}{name}",
         f"{directory}{os.sep}{temp_file_name(name, os.getpid())}",
         directory,
         parts,
+        durable=durable,
     )
+
+
+def make_step_durable(directory: str, name: str) -> None:
+    """Fsyncs step file `name` of `directory` and the directory (`write_step(...,
+    durable=False)` wrote it); WriteError naming it if that fails."""
+    make_durable(f"{directory}{os.sep}{name}", directory)
 
 
 def discard_step(directory: str, name: str) -> None:

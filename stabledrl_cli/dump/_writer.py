@@ -2,14 +2,16 @@
 
 Durability. By default `log_step` returns once the step's file is fsynced, renamed to its
 final name and the directory fsynced: a crash after that cannot lose it. With
-`async_writes=True`, `log_step` checks the inputs and encodes the file's bytes (a snapshot:
-the caller may reuse its tensors at once), then hands them to a writer thread through a
+`async_writes=True`, `log_step` checks the inputs and writes the whole file under its final
+name (the caller may reuse its tensors at once; a process killed next, kill -9 or the
+out-of-memory killer, keeps it), unfsynced, then hands the fsync to a writer thread through a
 queue of `queue_size` entries (a `log_step` that finds the queue full waits for room in it).
-On a crash (kill -9, power loss) at most `queue_size + 1` steps that `log_step` had
-returned for are lost: the ones waiting in the queue and the one being written. A SIGTERM
+A crash of the machine (power loss) may take at most `queue_size + 1` steps that `log_step`
+had returned for: the ones waiting in the queue and the one being fsynced, missing or read
+as damaged (their checksums). A SIGTERM
 that would end the process at once (its default action, when the Recorder is made in the
-main thread) loses none: the queue is written first (`_sigterm`). A step that is lost is
-lost whole: readers never see a partial file under a final name. `close()` (or
+main thread) loses none: the queue is written first (`_sigterm`). Short of a crash of the
+machine, readers never see a partial file under a final name. `close()` (or
 leaving the `with` block) drains the queue; at exit, the queue of a Recorder that was never
 closed is drained too (even when the Recorder was dropped; in a child
 process of `multiprocessing`, as its target returns: `_child_end`), unless its caller closes
@@ -21,13 +23,14 @@ has no mark, so a killed recording never leaves one; `resume=True` and `overwrit
 remove it.
 
 A failed write (a full disk, a read-only directory) raises WriteError (exit 4) naming the
-file, from `log_step` (synchronous) or once from the next `log_step`, `flush` or `close`
-(async, with the later steps whose writes failed before it; a `log_step` that raises it has
-queued its own step; a close as a `with` block ends on an exception warns instead: the
-block's exception goes on); its temporary file is removed and the steps written before it
-stay intact. The Recorder goes on: each later step is written, or fails, on its own. A failed
-`rewrite_step` also removes the step's earlier file (its first half, which would otherwise
-read as a whole step), as far as the directory lets it: that step is not recorded. With
+file, from `log_step`; an fsync that fails in the writer thread (async) once from the next
+`log_step`, `flush` or `close` (with the later steps whose fsyncs failed before it, their
+files removed; a `log_step` that raises it has written its own step; a close as a `with`
+block ends on an exception warns instead: the block's exception goes on); its temporary file
+is removed and the steps written before it stay intact. The Recorder goes on: each later
+step is written, or fails, on its own. A failed `rewrite_step` also removes the step's
+earlier file (its first half, which would otherwise read as a whole step), as far as the
+directory lets it: that step is not recorded. With
 `on_write_error="warn"` (what `record -- CMD` and the integrations pass: recording must never
 stop training) the first failure instead prints one warning on stderr, stops recording (later
 `log_step` calls return at once) and records in the manifest's `recording_stopped`
@@ -110,7 +113,7 @@ from stabledrl_cli.dump._schema import (
     written_version,
 )
 from stabledrl_cli.dump._setup import amend_manifest, prepare_run
-from stabledrl_cli.dump._stfile import discard_step, encode_step, write_step
+from stabledrl_cli.dump._stfile import discard_step, encode_step, make_step_durable, write_step
 from stabledrl_cli.dump._writer_lock import WriterLock
 from stabledrl_cli.errors import InputError, UsageError, WriteError, counted, quoted, warn
 from stabledrl_cli.spec import SpecValue, whole_number
@@ -200,14 +203,25 @@ class _Write(NamedTuple):
     replaces: bool
 
 
-def _write(item: _Write) -> None:
-    """Writes the step file; when that fails, a file it was to replace (the step's first
-    half) is removed too, so that the step is not left looking whole: WriteError."""
+def _write(item: _Write, *, durable: bool = True) -> None:
+    """Writes the step file (`durable` False: not yet fsynced, `_make_durable`); when that
+    fails, a file it was to replace (the step's first half) is removed too, so that the step
+    is not left looking whole: WriteError."""
     try:
-        write_step(item.directory, item.name, item.parts)
+        write_step(item.directory, item.name, item.parts, durable=durable)
     except WriteError:
         if item.replaces:
             discard_step(item.directory, item.name)
+        raise
+
+
+def _make_durable(item: _Write) -> None:
+    """Fsyncs a step file `_write` wrote not durable; when that fails the file is removed (its
+    data may not be on the disk): WriteError."""
+    try:
+        make_step_durable(item.directory, item.name)
+    except WriteError:
+        discard_step(item.directory, item.name)
         raise
 
 
@@ -219,9 +233,10 @@ class _Failure(NamedTuple):
 
 
 class _Writer(threading.Thread):
-    """Writes queued steps in order and keeps the failed writes until the caller takes them.
-    `halt_on_error`: after a failed write, the later steps are not written (recording stops:
-    on_write_error="warn"); else each step is written as a synchronous Recorder would."""
+    """Makes queued steps durable in order (`_make_durable`: their files are under their
+    names already) and keeps the failed ones until the caller takes them. `halt_on_error`:
+    after a failure, the later steps are not fsynced (recording stops:
+    on_write_error="warn"); else each step is made durable as a synchronous Recorder would."""
 
     def __init__(self, queue_size: int, *, halt_on_error: bool) -> None:
         super().__init__(name="stabledrl-recorder", daemon=True)
@@ -265,11 +280,11 @@ class _Writer(threading.Thread):
             lock.release()
 
     def _write(self, item: _Write) -> None:
-        """Writes `item` (unless halted); a failure is kept for the caller."""
+        """Makes `item`'s file durable (unless halted); a failure is kept for the caller."""
         if self._halted:
             return
         try:
-            _write(item)
+            _make_durable(item)
         except BaseException as exc:
             with self._failures_lock:
                 self._failures.append(_Failure(item.step, exc))
@@ -609,16 +624,16 @@ class Recorder:
                 scored = np.count_nonzero(~np.isnan(tensors["reward"]))
                 metadata[META_SCORED_REWARDS] = str(scored)
             name = step_file_name(step, self.rank, self.world_size)
-            parts = encode_step(tensors, metadata, snapshot=self._writer is not None)
-            item = _Write(self._steps_dir, name, parts, step, self._rewriting)
-            if self._writer is None:
-                try:
-                    _write(item)
-                except WriteError as exc:
-                    self._write_failed(exc, step)
-                    return
-            else:
-                self._writer.queue.put(item)
+            item = _Write(
+                self._steps_dir, name, encode_step(tensors, metadata), step, self._rewriting
+            )
+            try:
+                _write(item, durable=self._writer is None)
+            except WriteError as exc:
+                self._write_failed(exc, step)
+                return
+            if self._writer is not None:
+                self._writer.queue.put(item._replace(parts=[]))
             self._last_step = step
             self._raise_writer_error()  # an earlier step's failed write: this one is queued
 
