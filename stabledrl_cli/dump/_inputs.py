@@ -80,9 +80,10 @@ def _stored(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
     return array if array.dtype is dtype else array.astype(dtype, copy=False)
 
 
-NUMBER_FIELDS = frozenset({"reward", "advantages", "loss_weight"})
+NUMBER_FIELDS = frozenset({"reward", "advantages", "loss_weight", "loss_scale"})
 """Float fields whose values are often whole numbers in a training (rewards, advantages and
-weights of 0/1): integer and bool arrays are taken for them too."""
+weights of 0/1, a normaliser that is a token count): integer and bool arrays are taken for
+them too."""
 
 
 def _float_array(array: np.ndarray, field: str) -> np.ndarray:
@@ -241,6 +242,8 @@ def _batch_tensors(
     def token_field(name: str, array: np.ndarray) -> np.ndarray:
         if name == "advantages" and two_d and array.shape in ((shape[0],), (shape[0], 1)):
             return array.reshape(-1).repeat(shape[1])  # each row's advantage, per token
+        if name == "loss_scale" and array.ndim == 0:  # the step's one normaliser, every unit's
+            return np.full(logp.size, array, dtype=array.dtype)
         if array.shape != shape:
             raise UsageError(
                 f"{name}: shape {list(array.shape)} does not match logp's {list(shape)}"
