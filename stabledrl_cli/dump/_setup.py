@@ -422,13 +422,13 @@ def prepare_run(
     if os.path.islink(steps):  # its step files would be removed and written out of the run
         raise symlink_refused(str(steps))
     # Held before any file changes; a new run's steps/ is made first (nothing to guard yet).
-    lock = hold_writer_lock(steps, rank) if steps.is_dir() else None
+    lock = hold_writer_lock(steps, rank, world_size) if steps.is_dir() else None
     try:
         manifest, last = _ready(
             path, manifest, is_dir, rank=rank, world_size=world_size, overwrite=overwrite,
             resume=resume, resume_from=resume_from,
         )  # fmt: skip
-        lock = lock or hold_writer_lock(steps, rank)
+        lock = lock or hold_writer_lock(steps, rank, world_size)
         if rank == 0 and text is not None:
             with _manifest_locked(path):
                 _write_manifest(path, text)

@@ -95,10 +95,11 @@ class WriterLock:
             _RELEASING[self._key] = self._released
 
 
-def hold_writer_lock(steps: Path, rank: int) -> WriterLock:
-    """Locks rank `rank`'s lock file in the existing directory `steps` for this Recorder;
-    UsageError when another live Recorder, in this process or another on this host, holds it.
-    Unlocked (recording unguarded) when the file system gives no lock."""
+def hold_writer_lock(steps: Path, rank: int, world_size: int) -> WriterLock:
+    """Locks rank `rank`'s lock file in the existing directory `steps` for this Recorder (of a
+    run of `world_size` ranks); UsageError when another live Recorder, in this process or
+    another on this host, holds it. Unlocked (recording unguarded) when the file system gives
+    no lock."""
     path = steps / writer_lock_name(rank)
     if fcntl is None:
         return WriterLock()
@@ -113,7 +114,7 @@ def hold_writer_lock(steps: Path, rank: int) -> WriterLock:
         releasing.wait()
     with _HELD_LOCK:
         if _HELD.get(key) == os.getpid():
-            raise _held_elsewhere(steps.parent, rank, "in this process")
+            raise _held_elsewhere(steps.parent, rank, "in this process", world_size)
         for _ in range(_TRIES):
             opened = _open(path)
             if opened is None:
@@ -123,7 +124,9 @@ def hold_writer_lock(steps: Path, rank: int) -> WriterLock:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except (BlockingIOError, PermissionError):
                 os.close(fd)
-                raise _held_elsewhere(steps.parent, rank, "in another process") from None
+                raise _held_elsewhere(
+                    steps.parent, rank, "in another process", world_size
+                ) from None
             except OSError:  # no lock service (ENOLCK) or no locks on this file
                 os.close(fd)
                 return WriterLock()
@@ -236,11 +239,25 @@ def holds_in_this_process(run: str | os.PathLike[str], why: str) -> None:
     _HOLDERS[os.path.realpath(run)] = why
 
 
-def _held_elsewhere(run: Path, rank: int, where: str) -> UsageError:
+def _held_elsewhere(run: Path, rank: int, where: str, world_size: int) -> UsageError:
+    """Why a Recorder of rank `rank` (of `world_size`) cannot have `run`: the Recorder holding
+    it, and what to do. A process that its launcher made one of several ranks (torchrun's RANK
+    and WORLD_SIZE) but whose Recorder says another number of ranks is told to give its own."""
     held = f"{run}: rank {rank} of this run is being recorded by another Recorder, still open"
     why = _HOLDERS.get(os.path.realpath(run)) if where == "in this process" else None
     if why is not None:
         return UsageError(f"{held} {where}: {why}")
+    launched_rank, launched = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "")
+    if (
+        where == "in another process"
+        and launched.isdigit()
+        and int(launched) not in (1, world_size)
+    ):
+        return UsageError(
+            f"{held} {where}: this process is rank {launched_rank} of {launched} (RANK and "
+            "WORLD_SIZE, set by its launcher), and each rank records its own steps: "
+            f"Recorder(path, world_size={launched}, rank={launched_rank})"
+        )
     return UsageError(
         f"{held} {where}; close it first (a run takes one Recorder a rank), or record elsewhere"
     )
