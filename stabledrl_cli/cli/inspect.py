@@ -273,7 +273,9 @@ def _observed_table(s: RunSummary) -> Table:
         f"first {format_number(curve.first, 4)}, best {format_number(curve.best, 4)}, "
         f"last {format_number(curve.last, 4)} (window {curve.window})"
         if curve
-        else "no reward recorded",
+        else "no reward recorded"
+        if not obs.reward_steps
+        else f"none read: {obs.no_reward_draws()}",
     )
     collapse = obs.first_reward_collapse
     warning = obs.collapse_warning

@@ -202,6 +202,9 @@ class Observed:
     reward_values: int = 0
     """Finite recorded reward draws, one a rollout (`detectors.reward_draws`): the values the
     observed-collapse rule reads."""
+    reward_steps: int = 0
+    """Steps that recorded a reward_mean: more than the draws where a rollout spans steps, and
+    none of them gives one when no step starts a rollout (`no_reward_draws`)."""
     reward_windows: int = 0
     """Windows of `collapse_window` finite recorded rewards in a row, NaN ones left out: the
     levels the observed-collapse rule judges (0: it can find no collapse)."""
@@ -221,7 +224,7 @@ class Observed:
         judged some."""
         if figure == "first_reward_collapse":
             if self.reward_curve is None:
-                return "the run recorded no reward_mean"
+                return self.no_reward_draws()
             if not self.reward_windows:
                 has = (
                     f"{counted(self.reward_values, 'finite value')} (one a rollout), no "
@@ -248,6 +251,18 @@ class Observed:
                 "a row (steps with a policy batch) for the collapse warning to judge"
             )
         return None
+
+    def no_reward_draws(self) -> str:
+        """Why the run gives the observed-collapse rule no reward (`reward_curve` is None): it
+        recorded none, or each step that did is a later update of a rollout whose first, the
+        one recorded at inner_step 0, the run does not hold (a loop counting from 1, say)."""
+        if not self.reward_steps:
+            return "the run recorded no reward_mean"
+        return (
+            f"the run's {counted(self.reward_steps, 'step')} with a reward_mean all record "
+            "inner_step above 0, later updates of a rollout that starts at inner_step 0 on no "
+            "step of the run (inner_step counts a rollout's updates from 0)"
+        )
 
     def contract_dict(self) -> dict[str, object]:
         """The `observed` entry of the replay JSON contract."""
@@ -423,6 +438,7 @@ def observe(
         noise_floor_units=noise_floor.count,
         reward_curve=_reward_curve(rewards, config.collapse_window),
         reward_values=int(np.count_nonzero(np.isfinite(rewards))),
+        reward_steps=int(series["reward_mean"][0].size),
         reward_windows=reward_windows(rewards, config.collapse_window),
         collapse_window=config.collapse_window,
         collapse_warning=warning,
