@@ -513,7 +513,7 @@ def _write(step: _Step, recorder: Recorder, *, replace: bool) -> bool:
     """Logs the step (a rewrite of the last one when `replace`); False when recording is off."""
     global _last, _hooks_first
     if not replace and _last is not None:
-        _refuse_parted(step, _last)
+        _refuse_parted(step, _last, recorder.resumed_after)
     if step.batch is not None and step.hooks is not None:
         if _hooks_first is None:
             _hooks_first = step.hooks_first
@@ -569,13 +569,15 @@ def _warn_order_turned(number: Any) -> None:
     )
 
 
-def _refuse_parted(step: _Step, last: _Step) -> None:
+def _refuse_parted(step: _Step, last: _Step, resumed_after: int | None) -> None:
     """UsageError when `step`, one half alone, does not follow `last`, the run's last step,
     which holds only the other half: the loop's batch numbers and its optimizer steps have
-    parted (an optimizer.step() the loop skipped, optimizer steps before its first batch).
-    A half behind one of its own kind (a batch number logged twice) is left to the Recorder's
-    refusal."""
+    parted (an optimizer.step() the loop skipped, optimizer steps before its first batch, a
+    training resumed from a checkpoint before `resumed_after`, the last step of the run the
+    Recorder resumed without resume_from). A half behind one of its own kind (a batch number
+    logged twice) is left to the Recorder's refusal."""
     from stabledrl_cli.dump._schema import step_number  # loaded with the Recorder already
+    from stabledrl_cli.dump._writer import resumed_before
 
     number, behind = step_number(step.number), step_number(last.number)
     if number > behind:
@@ -586,6 +588,9 @@ def _refuse_parted(step: _Step, last: _Step) -> None:
         parted = f"log_policy_batch({number}) comes after optimizer step {behind}"
     else:
         return
+    if resumed_after is not None and number <= resumed_after:
+        keyword = "recorder_kwargs resume_from"
+        raise UsageError(parted + resumed_before(resumed_after, number, keyword))
     raise UsageError(f"{parted}: {_NUMBERED_BY_STEPS}")
 
 

@@ -307,6 +307,17 @@ class _Writer(threading.Thread):
         self.join()
 
 
+def resumed_before(last: int, step: int, keyword: str = "resume_from") -> str:
+    """What a Recorder resumed without `resume_from` on a run that ends at step `last` says
+    of a `step` at or before it: the training resumed from an earlier checkpoint, and gives
+    the Recorder `keyword` (how the script passes resume_from)."""
+    return (
+        f" (the run this Recorder resumed ends at step {last}; a training resumed from an "
+        f"earlier checkpoint passes {keyword}={step}, which records the steps from {step} "
+        "on again)"
+    )
+
+
 class Recorder:
     """Records a training run, one optimizer step at a time (format in docs/run-format.md).
 
@@ -441,6 +452,9 @@ class Recorder:
         dropped = weakref.finalize(self, self._writer_lock.release)  # one dropped unclosed
         if resume_from is not None:
             self._last_step = resume_from - 1 if resume_from > 0 else None
+        self.resumed_after: int | None = self._last_step if resume and resume_from is None else None
+        """The run's last step that a resume without `resume_from` kept (the steps go on after
+        it), else None: a training resumed from an earlier checkpoint gives resume_from."""
         names = self.manifest.get("param_names")  # a resumed run's own
         self._num_params = len(names) if isinstance(names, list) else None
         self.on_write_error: OnWriteError = on_write_error
@@ -554,6 +568,11 @@ class Recorder:
             if self._last_step is not None and step <= self._last_step and not self._rewriting:
                 raise UsageError(
                     f"step {step} does not follow step {self._last_step}; steps must increase"
+                    + (
+                        resumed_before(self._last_step, step)
+                        if self._last_step == self.resumed_after
+                        else ""
+                    )
                 )
             tensors, values, num_sequences = build_step(
                 unit=self.unit,

@@ -1,0 +1,89 @@
+"""A training that crashed after step 4 and resumes from its checkpoint of step 3 into the
+same run with `resume=True` alone: the run goes on after its last step, so step 3 is refused.
+The refusal names the way out, resume_from=3, not only 'steps must increase' (a Recorder) or
+'number the batches so, or record with --no-optimizer-hooks' (under the optimizer hooks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from _cli import cli_environment, record_python
+
+import stabledrl_cli as sd
+from stabledrl_cli.errors import UsageError
+
+
+def _batch(step: int) -> dict[str, torch.Tensor]:
+    logp = -torch.rand(2, 3, generator=torch.Generator().manual_seed(step))
+    return {"logp": logp, "logp_old": logp, "advantages": torch.tensor([1.0, -1.0])}
+
+
+def test_a_recorder_resumed_after_its_last_step_names_resume_from(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(5):
+            rec.log_step(step, **_batch(step))
+    with sd.Recorder(run, policy="grpo", resume=True) as rec:
+        assert rec.resumed_after == 4
+        with pytest.raises(UsageError) as refused:
+            rec.log_step(3, **_batch(3))
+    assert str(refused.value) == (
+        "step 3 does not follow step 4; steps must increase (the run this Recorder resumed "
+        "ends at step 4; a training resumed from an earlier checkpoint passes resume_from=3, "
+        "which records the steps from 3 on again)"
+    )
+    with sd.Recorder(run, policy="grpo", resume=True, resume_from=3) as rec:
+        assert rec.resumed_after is None
+        rec.log_step(3, **_batch(3))
+    assert sd.open_run(run).step_numbers == [0, 1, 2, 3]
+
+
+def test_a_step_logged_twice_after_a_resume_is_refused_as_before(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as rec:
+        rec.log_step(0, **_batch(0))
+    with sd.Recorder(run, policy="grpo", resume=True) as rec:
+        rec.log_step(1, **_batch(1))
+        with pytest.raises(
+            UsageError, match=r"^step 1 does not follow step 1; steps must increase$"
+        ):
+            rec.log_step(1, **_batch(1))
+
+
+SCRIPT = """
+import os
+import torch
+import stabledrl_cli as sd
+
+start, stop = int(os.environ["START"]), int(os.environ["STOP"])
+model = torch.nn.Linear(4, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+kwargs = {"recorder_kwargs": {"resume": True}} if start else {}
+for step in range(start, stop):
+    optimizer.zero_grad()
+    model(torch.randn(2, 4)).pow(2).mean().backward()
+    optimizer.step()
+    logp = -torch.rand(2, 3)
+    sd.log_policy_batch(step, logp=logp, logp_old=logp, advantages=torch.ones(2), **kwargs)
+"""
+
+
+def test_under_the_optimizer_hooks_the_refusal_names_recorder_kwargs(tmp_path: Path) -> None:
+    """The hooks number the resumed training's optimizer steps on from the run's last (5, 6,
+    ...), so its batch 3 comes after optimizer step 5."""
+    env = cli_environment()
+    done, _ = record_python(
+        SCRIPT, "-p", "grpo", cwd=tmp_path, env={**env, "START": "0", "STOP": "5"}
+    )
+    assert done.returncode == 0, done.stderr
+    resumed = {**env, "START": "3", "STOP": "6"}
+    done, errors = record_python(SCRIPT, "-p", "grpo", "--force", cwd=tmp_path, env=resumed)
+    assert done.returncode == 2, done.stderr
+    assert errors[-1] == (
+        "error: recording failed: log_policy_batch failed at step 3: log_policy_batch(3) comes "
+        "after optimizer step 5 (the run this Recorder resumed ends at step 4; a training "
+        "resumed from an earlier checkpoint passes recorder_kwargs resume_from=3, which "
+        "records the steps from 3 on again)"
+    )
