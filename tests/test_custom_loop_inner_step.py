@@ -6,14 +6,17 @@ run recorded no reward."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import pytest
 import torch
 from _inspect import inspect_rows
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.errors import UsageError
 
 STEPS = 12
 
@@ -70,3 +73,15 @@ def test_a_run_without_reward_still_says_so(tmp_path: Path) -> None:
     rows = inspect_rows(run)
     assert rows["reward (rolling mean)"] == "no reward recorded"
     assert rows["first reward collapse"] == "not judged: the run recorded no reward_mean"
+
+
+@pytest.mark.parametrize("given", [-1, 0.5, 1.5, math.nan, math.inf, torch.tensor(-1)])
+def test_an_inner_step_that_counts_no_updates_is_refused(tmp_path: Path, given: object) -> None:
+    """-1 (a loop's 'unknown'), a fraction or NaN would be recorded and read as no rollout's
+    first update: the noise floor and the collapse warning would measure no step."""
+    with sd.Recorder(tmp_path / "run", policy="grpo") as rec:
+        logp = -torch.rand(4, 5)
+        with pytest.raises(UsageError, match=r"^inner_step: .* a whole number >= 0 .*, got "):
+            rec.log_step(0, logp=logp, logp_old=logp, advantages=torch.ones(4), inner_step=given)
+        rec.log_step(0, logp=logp, logp_old=logp, advantages=torch.ones(4), inner_step=2)
+    assert sd.open_run(tmp_path / "run").step(0).scalars["inner_step"] == 2

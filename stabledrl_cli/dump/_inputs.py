@@ -418,6 +418,12 @@ def _step_scalars(
     problem = sketch_scale_problem(out.get("unit_grad_sketch_scale", 1.0))
     if problem is not None:
         raise UsageError(problem)
+    inner_step = out.get("inner_step", 0.0)
+    if not (math.isfinite(inner_step) and inner_step >= 0 and inner_step == math.floor(inner_step)):
+        raise UsageError(
+            f"inner_step: a count of the updates on a rollout before this one, a whole number "
+            f">= 0 (0: its first, where the parameters are the sampling ones), got {inner_step!r}"
+        )
     if "reward_mean" not in out and "reward" in tensors and tensors["reward"].size:
         reward = tensors["reward"]
         reward = reward[~np.isnan(reward)]  # NaN: a sequence that could not be scored
