@@ -238,6 +238,12 @@ def _batch_tensors(
     if logp.ndim not in (1, 2):
         raise UsageError(f"logp: expected shape [T] or [B, L], got {list(logp.shape)}")
     shape = logp.shape
+    if unit == "sequence" and two_d and shape[1] != 1 and "seq_id" not in given:
+        raise UsageError(
+            f"logp: shape {list(shape)} holds {shape[1]} entries a row, but unit 'sequence' "
+            "records one entry a sequence: pass [N] arrays, one per sequence (per_seq_elbo[0] "
+            "of a [1, N] ELBO), or seq_id"
+        )
 
     def token_field(name: str, array: np.ndarray) -> np.ndarray:
         if name == "advantages" and two_d and array.shape in ((shape[0],), (shape[0], 1)):
