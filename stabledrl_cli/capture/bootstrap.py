@@ -569,6 +569,26 @@ def _warn_order_turned(number: Any) -> None:
     )
 
 
+_first_batch_logged = False
+"""Whether log_policy_batch was called (`_warn_numbered_from_1` looks at the first batch)."""
+
+
+def _warn_numbered_from_1(number: int) -> None:
+    """Warns when the run's first batch, `number`, which pairs with no optimizer step yet,
+    comes right after the optimizer step before it, which had no batch: what a loop shows
+    whose batches are numbered from 1 (a global_step counted after the update) and logged
+    after the step (each batch then pairs with the next iteration's optimizer step), or one
+    that logs its first batch at step 1, before its step."""
+    if _last is None or _last.batch is not None or _last.number != number - 1:
+        return
+    warn(
+        f"stabledrl: warning: the loop's first batch, log_policy_batch({number}), came after "
+        f"optimizer step {number - 1}, which had none: a loop that numbers its batches from 1 "
+        "(a global_step counted after the update) has each batch recorded with the next "
+        f"iteration's optimizer step; {_NUMBERED_BY_STEPS}\n"
+    )
+
+
 def _refuse_parted(step: _Step, last: _Step, resumed_after: int | None) -> None:
     """UsageError when `step`, one half alone, does not follow `last`, the run's last step,
     which holds only the other half: the loop's batch numbers and its optimizer steps have
@@ -678,6 +698,7 @@ def log_policy_batch(
     A field or a `recorder_kwargs` key the Recorder does not take is a usage error (exit 2),
     named, as the steps `log_step` refuses are. Never raises.
     """
+    global _first_batch_logged
     if _failure.off:
         return False
     try:
@@ -687,6 +708,7 @@ def log_policy_batch(
                 f"recorder_kwargs must be a dict, got {type(recorder_kwargs).__name__}"
             )
         with _lock:
+            first_batch, _first_batch_logged = not _first_batch_logged, True
             kwargs = dict(recorder_kwargs or {})
             pairs_held = _held is not None and _held.number == step
             if not pairs_held:
@@ -702,6 +724,8 @@ def log_policy_batch(
             if _last is not None and _last.number == step and _last.batch is None:
                 _last.batch = fields
                 return _write(_last, recorder, replace=True)
+            if first_batch:
+                _warn_numbered_from_1(step)
             return _write(_Step(step, batch=_snapshot(fields)), recorder, replace=False)
     except Exception as exc:
         _failure.fail(exc, f"log_policy_batch failed at step {step}")
