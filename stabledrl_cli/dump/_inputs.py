@@ -93,10 +93,23 @@ def _float_array(array: np.ndarray, field: str) -> np.ndarray:
     training's stderr. A field of `NUMBER_FIELDS` also takes integers and bools (a 0/1
     correctness reward, +-1 advantages), stored as the floats they are."""
     kinds = _FLOAT_KINDS + (_INT_KINDS + "b" if field in NUMBER_FIELDS else "")
+    if field == "reward" and array.dtype.kind == "O":
+        array = _rewards_with_none(array)
     if array.dtype.kind not in kinds:
         raise UsageError(f"{field}: expected a floating dtype, got {array.dtype}")
     with np.errstate(over="ignore"):
         return _stored(array, _FLOAT32)
+
+
+def _rewards_with_none(array: np.ndarray) -> np.ndarray:
+    """Rewards given as Python objects (`[1.0, None]`: TRL's reward functions return None
+    for a completion they do not score) as float64, None as NaN (no reward, as the recorded
+    field says it); the array as it was when an entry is not a number."""
+    values = [math.nan if value is None else value for value in array.reshape(-1)]
+    try:
+        return np.array(values, dtype=np.float64).reshape(array.shape)
+    except (TypeError, ValueError):
+        return array
 
 
 def _int_array(array: np.ndarray, field: str, dtype: str, *, index: bool = True) -> np.ndarray:
