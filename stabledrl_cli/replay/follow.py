@@ -513,9 +513,10 @@ class RunWatcher:
     def _raise(self, candidates: list[Alert]) -> list[Alert]:
         new = []
         for alert in sorted(candidates, key=lambda a: (a.step, ALERT_KINDS.index(a.kind))):
+            # Once per step, the reward collapse too: on a live run it stays below "to the
+            # end" of the steps so far, so one the reward recovers from vanishes (or moves
+            # later), and a collapse found later is a new one.
             key = (alert.kind, alert.step)
-            if alert.kind in ("collapse_warning", "reward_collapse"):
-                key = (alert.kind, -1)  # once per run
             if key not in self._seen:
                 self._seen.add(key)
                 new.append(alert)
