@@ -40,6 +40,16 @@ def run_figure(name: str, observed: Observed) -> float | None:
     return None if step is None else float(step)
 
 
+def run_flagged_steps(name: str, observed: Observed) -> list[int]:
+    """The steps a run-level count of the recorded run counts ([] for a figure that is a
+    step itself)."""
+    if name == "spike_steps":
+        return list(observed.recorded_spike_steps)
+    if name == "nonfinite_steps":
+        return list(observed.nonfinite_steps)
+    return []
+
+
 @dataclass(frozen=True, kw_only=True)
 class MetricRule:
     """How a baseline metric is measured and its default tolerance."""
@@ -54,6 +64,8 @@ class MetricRule:
     """The figure from a policy's summary (None: infinity)."""
     integer: bool = False
     """A count: a strict baseline compares it exactly."""
+    flagged: Callable[[PolicySummary], list[int]] | None = None
+    """The steps a count counts, in step order (None: not a count of steps)."""
 
 
 def _finite(value: float | None) -> float | None:
@@ -71,6 +83,7 @@ BUILTIN_METRICS: dict[str, MetricRule] = {
         rel_tol=0.1,
         measure=lambda s: float(len(s.collapsed_steps)),
         integer=True,
+        flagged=lambda s: s.collapsed_steps,
     ),
     "drift_steps": MetricRule(
         worse="higher",
@@ -78,6 +91,7 @@ BUILTIN_METRICS: dict[str, MetricRule] = {
         rel_tol=0.1,
         measure=lambda s: float(len(s.drift_steps)),
         integer=True,
+        flagged=lambda s: s.drift_steps,
     ),
     "discard_frac": MetricRule(
         worse="higher", abs_tol=0.002, rel_tol=0.05, measure=lambda s: _finite(s.discard_frac)

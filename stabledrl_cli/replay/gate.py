@@ -34,7 +34,7 @@ from stabledrl_cli.replay.baseline import (
     no_finite_update,
     unjudged_metric,
 )
-from stabledrl_cli.replay.figures import RUN_STEPS, policy_metrics, run_figure
+from stabledrl_cli.replay.figures import RUN_STEPS, policy_metrics, run_figure, run_flagged_steps
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import RecordedRun, observed_of
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
@@ -361,9 +361,24 @@ def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
     return found
 
 
+def _passed_at(steps: list[int], limit: float) -> str:
+    """Where a count of flagged `steps` (in step order) went past `limit`, and the steps."""
+    if len(steps) <= limit:
+        return ""
+    return f"; past it at step {steps[math.floor(limit)]} (steps {_steps_shown(steps)})"
+
+
 def _regression(
-    policy: str | None, name: str, tol: Tolerance, figure: float | None, *, strict: bool
+    policy: str | None,
+    name: str,
+    tol: Tolerance,
+    figure: float | None,
+    *,
+    strict: bool,
+    flagged: list[int] | None = None,
 ) -> GateResult:
+    """A baseline metric's gate; flagged: the steps a count of steps counts, named when it
+    trips."""
     tripped = tol.tripped(figure)
     improved = strict and not tripped and tol.improved(figure)
     # null is infinity: for a run-level step (a collapse, a warning) it means "none", for a
@@ -381,7 +396,7 @@ def _regression(
     elif tol.value is None:  # worse "lower": a baseline refuses a null worse when higher
         rule = f"any figure but {none} fails"
     elif tripped:
-        rule = f"{side} the limit {limit} ({slack})"
+        rule = f"{side} the limit {limit} ({slack})" + _passed_at(flagged or [], tol.limit())
     else:
         rule = f"fails {side} {limit} ({slack})"
     return GateResult(
@@ -424,7 +439,10 @@ def evaluate(
                 )
                 continue
             figure = run_figure(name, observed)
-            found.append(_regression(None, f"observed.{name}", tol, figure, strict=strict))
+            flagged = run_flagged_steps(name, observed)
+            found.append(
+                _regression(None, f"observed.{name}", tol, figure, strict=strict, flagged=flagged)
+            )
     found.extend(_run_absolute(observed, gates, lost or LostSteps()))
     if baseline is not None:
         found.extend(_recorded_regressions(recorded, baseline, strict=strict))
@@ -459,7 +477,9 @@ def evaluate(
                     )
                 )
                 continue
-            found.append(_regression(p.spec, name, tol, figure, strict=strict))
+            rule = rules[name]
+            steps = rule.flagged(p.summary) if rule.flagged is not None else None
+            found.append(_regression(p.spec, name, tol, figure, strict=strict, flagged=steps))
     if baseline is not None:
         replayed = {p.spec for p in policies}
         for spec in baseline.policies:
