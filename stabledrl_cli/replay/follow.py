@@ -489,14 +489,13 @@ class RunWatcher:
             found.append(
                 Alert(kind="drift", step=step, message=f"{spec} replayed: bias (drift) begins")
             )
-        warning = observed.collapse_warning.first_step
-        if warning is not None:
+        warning = observed.collapse_warning
+        if warning.first_step is not None:
             found.append(
                 Alert(
                     kind="collapse_warning",
-                    step=warning,
-                    message=f"own-sample likelihood {observed.collapse_warning.drop:g}+ nats "
-                    "below its best",
+                    step=warning.first_step,
+                    message=f"{warning.measured} {warning.drop:g}+ nats below its best",
                 )
             )
         collapse = observed.first_reward_collapse

@@ -76,10 +76,14 @@ class CollapseWarning:
     """The observed collapse step minus `first_step` (None: either is missing)."""
 
     @property
+    def measured(self) -> str:
+        """What the warning measures, in words."""
+        return f"own-sample {'per-token ' if self.measure == 'token' else ''}likelihood"
+
+    @property
     def rule_text(self) -> str:
         """What made a step warn, in words (the tables' note)."""
-        what = "per-token likelihood" if self.measure == "token" else "likelihood"
-        return f"own-sample {what} fell by > {self.drop:g} nats"
+        return f"{self.measured} fell by > {self.drop:g} nats"
 
     def to_dict(self) -> dict[str, object]:
         """The replay JSON's `collapse_warning` entry."""
