@@ -170,9 +170,9 @@ def test_a_baseline_figure_the_run_gives_its_rule_nothing_to_judge_trips(tmp_pat
         "observed.first_reward_collapse is in the baseline, but the run recorded no reward_mean",
         "observed.spike_steps is in the baseline, but the run recorded no finite, nonzero "
         "grad_norm; the spike rule judges a step after 5 such",
-        "observed.collapse_warning_first_step is in the baseline, but the run has no 3 finite "
-        "own-sample likelihoods in a row (steps with a policy batch) for the collapse warning "
-        "to judge",
+        "observed.collapse_warning_first_step is in the baseline, but the run has no "
+        "own-sample likelihood (a step with a policy batch, one a rollout) for the collapse "
+        "warning to judge",
     ]
     done = run_cli("check", run, "-b", baseline)
     assert done.returncode == 1, done.stderr

@@ -16,7 +16,9 @@ def test_a_one_step_run_is_not_judged_collapse_free(tmp_path):
     assert rows["first reward collapse"].startswith(
         "not judged: the run's reward_mean has 1 finite value (one a rollout), no 10 in a row"
     )
-    assert rows["collapse warning"].startswith("not judged: the run has no 3 finite")
+    assert rows["collapse warning"].startswith(
+        "not judged: the run has 1 own-sample likelihood (one a rollout"
+    )
     assert rows["grad-norm spikes"].startswith("not judged: the run recorded 1 finite")
     assert rows["non-finite steps"] == "none"  # counted on its one step
 

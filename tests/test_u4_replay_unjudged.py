@@ -28,7 +28,9 @@ def test_a_one_step_run_is_not_judged(tmp_path):
     assert ": 1 step, geometry" in text
     assert "first reward collapse not judged (the run's reward_mean has 1 finite value" in text
     assert "recorded grad-norm spikes: not judged (the run recorded 1 finite, nonzero" in text
-    assert "collapse warning: not judged (the run has no 3 finite own-sample" in text
+    assert (
+        "collapse warning: not judged (the run has 1 own-sample likelihood (one a rollout" in text
+    )
     assert "observed collapse not judged" in text
     assert "collapse none" not in text
 

@@ -58,7 +58,9 @@ def test_watch_says_when_the_recorded_runs_rules_have_judged_nothing(tmp_path):
     assert unjudged["spike_steps"] == (
         "the run recorded no finite, nonzero grad_norm; the spike rule judges a step after 5 such"
     )
-    assert unjudged["collapse_warning"].startswith("the run has no 3 finite own-sample")
+    assert unjudged["collapse_warning"].startswith(
+        "the run has 2 own-sample likelihoods (one a rollout"
+    )
     view = runner.invoke(app, ["watch", str(run), "--once"], env={"COLUMNS": "200"})
     lines = view.stdout.splitlines()
     assert f"recorded grad-norm spikes: none (not judged: {unjudged['spike_steps']})" in lines

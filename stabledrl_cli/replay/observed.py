@@ -68,6 +68,9 @@ class CollapseWarning:
     drop: float = DEFAULT_WARNING_DROP
     steps: list[int] = field(default_factory=list)
     """Steps whose measurement warns."""
+    measurements: int = 0
+    """Measurements taken: one a rollout (its step with `inner_step` 0, or every step with a
+    policy batch when the run records no inner_step)."""
     windows: int = 0
     """Windows of `window` finite measurements in a row: the ones the warning judges (0: it
     can never warn)."""
@@ -250,9 +253,16 @@ class Observed:
         elif figure == "nonfinite_steps" and not self.nonfinite_counted:
             return f"the run recorded no {' or '.join(NONFINITE_COUNTS)} count"
         elif figure == "collapse_warning_first_step" and not self.collapse_warning.windows:
+            warning = self.collapse_warning
+            if not warning.measurements:
+                return (
+                    "the run has no own-sample likelihood (a step with a policy batch, one a "
+                    "rollout) for the collapse warning to judge"
+                )
             return (
-                f"the run has no {self.collapse_warning.window} finite own-sample likelihoods in "
-                "a row (steps with a policy batch) for the collapse warning to judge"
+                f"the run has {counted(warning.measurements, 'own-sample likelihood')} (one a "
+                "rollout: its step with inner_step 0, or every step when none records it), no "
+                f"{warning.window} finite in a row for the collapse warning to judge"
             )
         return None
 
@@ -428,6 +438,7 @@ def observe(
         window=config.warning_window,
         drop=config.warning_drop,
         steps=[int(s) for s in warn_steps],
+        measurements=int(measurements.size),
         windows=finite_windows(measurements, config.warning_window),
         first_step=first,
         lead_steps=collapse - first if collapse is not None and first is not None else None,
