@@ -68,6 +68,10 @@ SCALAR_NAMES = tuple(
 """Training scalars compared within the tolerance: the standard ones (format 1.2's series
 scalars too) but the step number, the clocks and a sketch's storage scale (a run's own scalars
 are not compared)."""
+GEOMETRY_SCALARS = ("grad_norm_covered",)
+"""Scalars a run records with its gradient geometry: one only one run records (the other
+recorded none) differs in bits only, as the geometry does; both record it: within the
+tolerance."""
 COUNT_SCALARS = ("inner_step", "nonfinite", "nonfinite_grads")
 """Scalars that count (whole numbers): compared exactly, whatever the tolerance (one more
 non-finite value is a parting)."""
@@ -340,6 +344,9 @@ class _Comparison:
             if x is None or y is None or not _bitwise_equal(np.float64(x), np.float64(y)):
                 bits = f"{_scalar_text(x)} vs {_scalar_text(y)}"
                 found["arrays"].append(FieldDifference(field=name, what=bits))
+            if name in GEOMETRY_SCALARS and (x is None or y is None):
+                self.bits_only.add(name)  # recorded with geometry one run did not record
+                continue
             exact = name in COUNT_SCALARS
             atol, rtol = (0.0, 0.0) if exact else (self.atol, self.rtol)
             with _past_float64():
