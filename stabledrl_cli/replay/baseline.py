@@ -92,6 +92,7 @@ from stabledrl_cli.replay.figures import (
     policy_metrics,
     run_figure,
 )
+from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import SERIES_RULES, RecordedRun, observed_of
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.spec import MAX_WINDOW, reads_as_zero
@@ -547,11 +548,15 @@ def check_settings(
     return baseline.replay
 
 
-def _observed_entry(name: str, figure: float | None, *, window: int, strict: bool) -> Tolerance:
-    """A run-level figure's entry: steps resolve to within the observed-collapse window W,
-    counts may grow by 10%."""
+def _observed_entry(name: str, observed: Observed, *, window: int, strict: bool) -> Tolerance:
+    """A run-level figure's entry: steps resolve to within W (the observed-collapse window),
+    the collapse step to within the steps its W reward draws span (W rollouts of mu steps
+    each: W mu); counts may grow by 10%."""
+    figure = run_figure(name, observed)
     if name in RUN_COUNTS:
         return Tolerance(value=figure, worse="higher", rel_tol=0.0 if strict else 0.1)
+    if name == "first_reward_collapse":
+        window *= observed.reward_draw_steps
     return Tolerance(value=figure, worse="lower", abs_tol=0.0 if strict else float(window))
 
 
@@ -676,7 +681,7 @@ def baseline_dict(
         "replay": settings.to_dict(),
         "observed": {
             name: _observed_entry(
-                name, run_figure(name, observed), window=settings.collapse_window, strict=strict
+                name, observed, window=settings.collapse_window, strict=strict
             ).to_dict(integer=True)
             for name in RUN_METRICS
             if observed.unjudged(name) is None  # else a gate that could never trip

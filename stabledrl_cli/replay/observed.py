@@ -217,6 +217,9 @@ class Observed:
     levels the observed-collapse rule judges (0: it can find no collapse)."""
     collapse_window: int = DEFAULT_COLLAPSE_WINDOW
     """W of the observed-collapse rule it was found with."""
+    reward_draw_steps: int = 1
+    """Steps from one reward draw to the next (their median; 1 with fewer than two draws): a
+    rollout reused over 4 steps draws every 4th step, so W draws span W times as many."""
     collapse_warning: CollapseWarning = field(default_factory=CollapseWarning)
     guards: list[GuardReport] = field(default_factory=list)
     """What each adaptive grad-norm guard would have done to the recorded steps (guards.py)."""
@@ -374,6 +377,14 @@ def reward_windows(rewards: np.ndarray, window: int) -> int:
     return finite_windows(rewards[~np.isnan(rewards)], window)
 
 
+def draw_steps(steps: np.ndarray) -> int:
+    """The median number of steps between successive reward draws (`steps` [D], in step
+    order); 1 with fewer than two."""
+    if steps.size < 2:
+        return 1
+    return max(1, round(float(np.median(np.diff(steps)))))
+
+
 def _reward_curve(rewards: np.ndarray, window: int) -> RewardCurve | None:
     scored = rewards[~np.isnan(rewards)]  # the collapse rule's draws, when there are any
     rewards = scored if scored.size else rewards
@@ -456,6 +467,7 @@ def observe(
         reward_steps=int(series["reward_mean"][0].size),
         reward_windows=reward_windows(rewards, config.collapse_window),
         collapse_window=config.collapse_window,
+        reward_draw_steps=draw_steps(reward_steps),
         collapse_warning=warning,
         guards=guard_reports
         if guard_reports is not None
