@@ -211,11 +211,12 @@ def test_an_async_fsync_failure_is_raised_once_and_no_later_step_is_lost(tmp_pat
     rec.log_step(0, **_flat(0))
     rec.flush()
     real_fsync = os.fsync
-    syncing_step_2, go_on = threading.Event(), threading.Event()
+    logged_2, syncing_step_2, go_on = threading.Event(), threading.Event(), threading.Event()
 
     def fails_once(fd: int) -> None:
         name = os.readlink(f"/proc/self/fd/{fd}")
         if name.endswith("step-00000001.safetensors"):
+            logged_2.wait(timeout=60)  # step 2 is logged before step 1's failure is in
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         if name.endswith("step-00000002.safetensors"):  # step 1's failure is in by now
             syncing_step_2.set()
@@ -225,6 +226,7 @@ def test_an_async_fsync_failure_is_raised_once_and_no_later_step_is_lost(tmp_pat
     monkeypatch.setattr(_atomic.os, "fsync", fails_once)
     rec.log_step(1, **_flat(1))
     rec.log_step(2, **_flat(2))
+    logged_2.set()
     assert syncing_step_2.wait(timeout=60)
     with pytest.raises(WriteError, match=r"step-00000001\.safetensors.*Input/output error"):
         rec.log_step(3, **_flat(3))
