@@ -4,6 +4,7 @@ usage line (argparse's exit 2), instead of running and dying on an empty median.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shlex
 import subprocess
@@ -89,6 +90,48 @@ def test_calibrate_drift_refuses_runs_shorter_than_its_longest_window(
     assert not any(tmp_path.iterdir())
 
 
+PRELOADED_RUNNER = """
+import json, os, runpy, sys, tempfile
+import h5py, numpy, torch  # what most benchmarks import before they parse: once, not a script
+import stabledrl_cli.replay.engine
+
+root, commands = sys.argv[1], json.loads(sys.argv[2])
+started = {}
+for script, *args in commands:
+    err = tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:  # the benchmark, as `python SCRIPT ARGS` runs it: its own process and streams
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(err.fileno(), 2)
+        code = 1
+        try:
+            sys.argv = [os.path.join(root, script), *args]
+            sys.path[0] = os.path.dirname(sys.argv[0])
+            runpy.run_path(sys.argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    started[pid] = (" ".join([script, *args]), err)
+stderrs = {}
+for pid, (command, err) in started.items():
+    os.waitpid(pid, 0)
+    err.seek(0)
+    stderrs[command] = err.read().decode(errors="replace")
+print(json.dumps(stderrs))
+"""
+"""Runs each benchmark command given as JSON (argv[2]) in a process of its own, forked from one
+that imported torch, numpy and h5py once (each benchmark imports them before it parses its
+options: 18 interpreters importing torch took most of this test's time); prints each command's
+stderr as JSON."""
+
+
 def test_each_benchmark_command_of_a_code_block_parses_as_written() -> None:
     """Each `python benchmarks/NAME.py ...` line of a README or docs code block, its options
     followed by one no script takes: argparse names that option, not a missing argument
@@ -101,16 +144,21 @@ def test_each_benchmark_command_of_a_code_block_parses_as_written() -> None:
         for found in re.finditer(r"^python (benchmarks/\S+\.py.*)$", block, re.M)
     }
     assert len(commands) >= 15
-    started = {}
-    for script, *args in sorted(commands):
-        args = args[: args.index(">")] if ">" in args else args
-        started[f"{script} {shlex.join(args)}"] = subprocess.Popen(
-            [sys.executable, str(ROOT / script), *args, "--not-an-option-of-any-benchmark"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        )  # fmt: skip
-    refused = []
-    for command, process in started.items():
-        _, stderr = process.communicate(timeout=120)
-        if "unrecognized arguments: --not-an-option-of-any-benchmark" not in stderr:
-            refused.append(f"{command}: {stderr.strip()[-200:]}")
+    given = [
+        [*(command[: command.index(">")] if ">" in command else command),
+         "--not-an-option-of-any-benchmark"]
+        for command in sorted(commands)
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", PRELOADED_RUNNER, str(ROOT), json.dumps(given)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    stderrs = json.loads(done.stdout)
+    assert len(stderrs) == len(commands)
+    refused = [
+        f"{command}: {stderr.strip()[-200:]}"
+        for command, stderr in stderrs.items()
+        if "unrecognized arguments: --not-an-option-of-any-benchmark" not in stderr
+    ]
     assert not refused, refused
