@@ -87,9 +87,14 @@ class StepSeries:
     def __contains__(self, name: str) -> bool:
         return name in self.columns
 
+    def keys(self) -> list[str]:
+        """The column names, in their order: with `series[name]`, `dict(series)` (and so
+        `pandas.DataFrame(dict(series))`) holds every column."""
+        return list(self.columns)
+
     def __iter__(self) -> Iterator[str]:
         """The column names, in their order (as `in` and indexing take them)."""
-        return iter(list(self.columns))
+        return iter(self.keys())
 
     def __len__(self) -> int:
         """The number of steps."""
