@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from stabledrl_cli._repr import compact_repr
 from stabledrl_cli.errors import ConfigError, UsageError, quoted
 from stabledrl_cli.policies._spec import finite_number
 from stabledrl_cli.spec import (
@@ -335,6 +336,10 @@ class GuardReport:
     """Steps the guard decided by its rule (a z-score, or zclip's `max_norm`); 0 while it only
     collects its statistics (zclip's warmup, skip-step's first window // 2 steps), when its
     clipped and skipped counts of 0 say nothing."""
+
+    def __repr__(self) -> str:
+        """The fields, a long list of steps as its first items and its length."""
+        return compact_repr(self)
 
     def count(self, action: GuardAction) -> int:
         """Steps the guard would have treated with `action`."""

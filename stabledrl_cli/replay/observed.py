@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from stabledrl_cli._repr import compact_repr
 from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import InputError, counted
 from stabledrl_cli.replay.config import (
@@ -77,6 +78,10 @@ class CollapseWarning:
     first_step: int | None = None
     lead_steps: int | None = None
     """The observed collapse step minus `first_step` (None: either is missing)."""
+
+    def __repr__(self) -> str:
+        """The fields, a long list of steps as its first items and its length."""
+        return compact_repr(self)
 
     @property
     def measured(self) -> str:
@@ -223,6 +228,10 @@ class Observed:
     collapse_warning: CollapseWarning = field(default_factory=CollapseWarning)
     guards: list[GuardReport] = field(default_factory=list)
     """What each adaptive grad-norm guard would have done to the recorded steps (guards.py)."""
+
+    def __repr__(self) -> str:
+        """The fields, a long list of steps as its first items and its length."""
+        return compact_repr(self)
 
     def to_dict(self) -> dict[str, object]:
         """Every field, JSON-ready (NaN still to be mapped to null)."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stabledrl_cli._json import json_safe, stand_in
+from stabledrl_cli._repr import compact_repr
 from stabledrl_cli.dump._integrity import Gap, missing_count
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies import get_policy
@@ -166,6 +167,10 @@ class PolicySummary:
     unjudged: dict[str, str] = field(default_factory=dict)
     """Why the drift or the spike rule judged no step of the policy, by rule ("drift",
     "spike"): its count of 0 then says nothing (`summary.unjudged_rules`)."""
+
+    def __repr__(self) -> str:
+        """The fields, a long list of steps as its first items and its length."""
+        return compact_repr(self)
 
     def to_dict(self) -> JsonRow:
         """The contract's summary keys in order, then the column figures."""
