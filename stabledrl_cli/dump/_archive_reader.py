@@ -102,7 +102,7 @@ def _unreadable(exc: BaseException, store_failure: str | None) -> StepReadError:
     return StepReadError("unreadable", f"archive data checksum failed: {exc}")
 
 
-@dataclass(eq=False, kw_only=True)
+@dataclass(eq=False, kw_only=True, repr=False)  # Step's repr
 class ArchiveStep(Step):
     """A Step of a packed run: `step[name]` reads the step's slice of the archive."""
 

@@ -215,7 +215,7 @@ class _DirectoryChecks:
     files: dict[str, _Checked]
 
 
-@dataclass(eq=False, kw_only=True)
+@dataclass(eq=False, kw_only=True, repr=False)  # Step's repr
 class DirectoryStep(Step):
     """A Step of a run directory: `step[name]` reads the rank files (joined, module docstring)."""
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import numpy as np
 
+from stabledrl_cli._repr import compact_repr
 from stabledrl_cli.dump._integrity import (
     Finding,
     IntegrityReport,
@@ -90,6 +91,9 @@ class Step(ABC):
     unjoined: frozenset[str] = frozenset()
     """Fields every rank's file holds that the step leaves out, since the ranks' parts do not
     combine (`unit_grad_gram` of a multi-rank step)."""
+
+    def __repr__(self) -> str:
+        return compact_repr(self)
 
     def __contains__(self, name: object) -> bool:
         return name in self.fields
