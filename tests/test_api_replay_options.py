@@ -120,12 +120,13 @@ def test_a_step_range_of_torch_integers_is_the_range_of_the_ints_they_hold(grpo_
 
 
 def test_a_numpy_number_of_the_wrong_kind_is_still_refused(tmp_path):
-    for name, value in (("window", np.float64(5.0)), ("detail", np.bool_(True))):
+    """(A numpy bool is the bool it holds: tests/test_api_numpy_bools.py.)"""
+    for name, value in (("window", np.float64(5.0)), ("detail", np.float64(1.0))):
         with pytest.raises(ConfigError, match=f"^{name} must be"):
             sd.replay(tmp_path / "no-such-run", **{name: value})
-    with pytest.raises(ConfigError) as refused:  # before: 'not bool', a contradiction
-        sd.replay(tmp_path / "no-such-run", detail=np.bool_(True))
-    assert str(refused.value) == "detail must be True or False, not numpy.bool"
+    with pytest.raises(ConfigError) as refused:
+        sd.replay(tmp_path / "no-such-run", detail=np.int64(1))
+    assert str(refused.value) == "detail must be True or False, not int"
 
 
 @pytest.mark.parametrize(

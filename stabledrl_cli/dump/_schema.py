@@ -500,7 +500,9 @@ def step_number(value: object, name: str = "step") -> int:
 
 def switch_argument(value: object, name: str) -> bool:
     """`value`, the switch `name`, when it is True or False, else UsageError: its truth value
-    would be taken for it (overwrite="false" would replace the run)."""
+    would be taken for it (overwrite="false" would replace the run). A numpy bool is the bool
+    it holds."""
+    value = plain_number(value)
     if not isinstance(value, bool):
         raise UsageError(f"{name} must be True or False, not {type_name(value)}")
     return value

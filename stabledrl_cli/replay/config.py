@@ -223,7 +223,7 @@ def replay_config(
     guards: tuple[str, ...] | None = None,
 ) -> ReplayConfig:
     """A `ReplayConfig` in which None stands for the default of that setting, and a numpy
-    number (a sweep's setting read from an array) for the Python number it holds."""
+    number or bool (a sweep's setting read from an array) for the Python value it holds."""
     return ReplayConfig(
         device=device,
         chunk_size=plain_number(chunk_size),
@@ -237,7 +237,7 @@ def replay_config(
         warning_window=_or_default(warning_window, DEFAULT_WARNING_WINDOW),
         warning_drop=_or_default(warning_drop, DEFAULT_WARNING_DROP),
         step_range=step_range,
-        detail=detail,
+        detail=plain_number(detail),
         guards=DEFAULT_GUARDS if guards is None else guards,
     )
 
