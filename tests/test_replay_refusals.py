@@ -175,6 +175,12 @@ def test_an_own_policy_that_cannot_act_on_the_runs_units_is_noted_not_a_usage_er
         (None, "grpo", "run must be a path, a URL or an opened Run, not NoneType"),
         (3, "grpo", "run must be a path, a URL or an opened Run, not int"),
         ("fixtures/grpo", 3, "policies must be a spec, a Policy or a list of them, not int"),
+        # a dict replayed its keys, its values dropped silently
+        (
+            "fixtures/grpo",
+            {"grpo": {"eps": 0.1}},
+            "policies must be a spec, a Policy or a list of them, not dict",
+        ),
     ],
 )
 def test_the_api_names_an_argument_of_the_wrong_type(run, policies, message):

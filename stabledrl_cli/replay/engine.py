@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Protocol
@@ -97,8 +97,8 @@ def resolve_policies(run: Run, specs: PolicySpecs) -> tuple[list[Policy], int | 
     if isinstance(specs, (str, Policy)):
         specs = [specs]
     elif specs is not None and (
-        isinstance(specs, (bytes, bytearray)) or not isinstance(specs, Iterable)
-    ):
+        isinstance(specs, (bytes, bytearray, Mapping)) or not isinstance(specs, Iterable)
+    ):  # a dict's keys would be replayed, its values (parameters?) silently dropped
         raise UsageError(
             f"policies must be a spec, a Policy or a list of them, not {type(specs).__name__}"
         )
