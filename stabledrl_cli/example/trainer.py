@@ -43,7 +43,7 @@ from stabledrl_cli.capture.geometry import (
     covered_parameters,
 )
 from stabledrl_cli.dump import Recorder
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.example._model import ModelConfig, TinyDiffusionLM
 from stabledrl_cli.example.checkpoint import (
     CheckpointPlan,
@@ -119,7 +119,16 @@ def _model_config(config: ExampleConfig) -> ModelConfig:
 
 def check_restorable(state: TrainingState, config: ExampleConfig) -> None:
     """InputError unless `state` restores into the model, AdamW optimizer and generator that
-    `config` makes (`checkpoint.restore`): a check before a run is opened to resume it."""
+    `config` makes (`checkpoint.restore`), or sits off a rollout boundary (a step that is not
+    its rollout's first, rollout x mu: the recorded rollout indices would not be the
+    original's): a check before a run is opened to resume it."""
+    if state.step != state.rollout * config.mu:
+        where = state.source or f"the checkpoint at step {state.step}"
+        raise InputError(
+            f"{where}: it resumes at step {state.step} and rollout {state.rollout}, off a rollout "
+            f"boundary (rollout {state.rollout} of mu = {config.mu} steps starts at step "
+            f"{state.rollout * config.mu})"
+        )
     model = TinyDiffusionLM(_model_config(config))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     restore(state, model, optimizer, torch.Generator())
