@@ -38,7 +38,7 @@ from stabledrl_cli._atomic import fsync_dir, write_atomic, write_error
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.capture.branch_protocol import CHECKPOINTS_DIR
 from stabledrl_cli.dump._directory import symlink_refused
-from stabledrl_cli.errors import InputError, UsageError
+from stabledrl_cli.errors import InputError, UsageError, quoted
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})\.pt$")
 TEMP_CHECKPOINT_RE = re.compile(r"^\.step-\d{8}\.pt\.tmp-\d+$")
@@ -180,7 +180,14 @@ def load_checkpoint(path: str | Path) -> TrainingState:
         raise InputError(f"{path}: not a checkpoint (not a regular file)") from None
     except Exception as exc:  # torch raises many kinds for a file that is not a checkpoint
         raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    found = data.get("format") if isinstance(data, dict) else None
+    family = FORMAT.rpartition("/")[0] + "/"
+    if isinstance(found, str) and found != FORMAT and found.startswith(family):
+        raise InputError(
+            f"{path}: a checkpoint of format {quoted(found)}, which this version of stabledrl "
+            f"cannot read (it reads {FORMAT})"
+        )
+    if found != FORMAT:
         raise InputError(f"{path}: not a stabledrl example checkpoint (format {FORMAT})")
     try:
         return TrainingState(
