@@ -257,7 +257,7 @@ def train_branch(
     if guard is not None:
         kwargs["meta"]["guard"] = guard.manifest_note()
     kwargs["meta"]["branch"] = {
-        "checkpoint": str(request.checkpoint),
+        "checkpoint": os.path.abspath(request.checkpoint),  # not the cwd's relative path
         "at": request.at,
         "steps": request.steps,
         "policy_override": policy.spec,
