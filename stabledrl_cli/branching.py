@@ -274,8 +274,8 @@ def run_branches(
     """
     if not policies:
         raise UsageError("name at least one policy to branch with")
+    original = open_run(run_dir)  # first: a folder that is no run is not a run without checkpoints
     at_step, checkpoint = checkpoint_for(run_dir, at)
-    original = open_run(run_dir)
     last = max(original.step_numbers, default=None)
     if last is not None and last < at_step:
         raise InputError(
