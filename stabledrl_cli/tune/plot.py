@@ -67,7 +67,7 @@ def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
     ax.set_ylabel("discarded gradient, median per step (%)")
     steps = counted(report.steps, "step")
     ax.set_title(  # the run's name as written: a `$` in it started mathtext
-        f"stabledrl tune: {Path(report.run).name} ({steps})", parse_math=False
+        f"stabledrl tune: {_run_name(report.run)} ({steps})", parse_math=False
     )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
@@ -81,3 +81,12 @@ def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
     with output_path(target) as temp:
         fig.savefig(temp, format="png", dpi=110, bbox_inches="tight")
     return target
+
+
+def _run_name(run: str) -> str:
+    """The run's folder name as written; for `.`, `..` or `/`, the name of the folder they
+    name (`tune . --plot` titled its plot `stabledrl tune:  (40 steps)`)."""
+    name = Path(run).name
+    if name in ("", ".", ".."):
+        return Path(os.path.abspath(run)).name or run
+    return name
