@@ -373,7 +373,7 @@ def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | N
     if _ranged(result):
         steps = f"steps {format_step_range(result.step_range)} of {steps}"
     fig.suptitle(
-        f"stabledrl replay of {Path(result.run).name}: what each policy's update would have "
+        f"stabledrl replay of {run_name(result.run)}: what each policy's update would have "
         f"been on the recorded batches ({steps}, geometry {result.geometry})",
         fontsize=12,
         parse_math=False,  # the run's name as written: a `$` in it started mathtext
@@ -382,3 +382,12 @@ def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | N
     with output_path(target) as temp:
         fig.savefig(temp, format="png")
     return target
+
+
+def run_name(run: str) -> str:
+    """The run's folder name as written, for a plot's title; for `.`, `..` or `/`, the name of
+    the folder they name (`tune . --plot` titled its plot `stabledrl tune:  (40 steps)`)."""
+    name = Path(run).name
+    if name in ("", ".", ".."):
+        return Path(os.path.abspath(run)).name or run
+    return name

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from stabledrl_cli._atomic import output_path
 from stabledrl_cli.errors import counted
-from stabledrl_cli.replay.plot import require_matplotlib
+from stabledrl_cli.replay.plot import require_matplotlib, run_name
 from stabledrl_cli.tune.front import TuneReport
 
 
@@ -67,7 +67,7 @@ def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
     ax.set_ylabel("discarded gradient, median per step (%)")
     steps = counted(report.steps, "step")
     ax.set_title(  # the run's name as written: a `$` in it started mathtext
-        f"stabledrl tune: {_run_name(report.run)} ({steps})", parse_math=False
+        f"stabledrl tune: {run_name(report.run)} ({steps})", parse_math=False
     )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
@@ -81,12 +81,3 @@ def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
     with output_path(target) as temp:
         fig.savefig(temp, format="png", dpi=110, bbox_inches="tight")
     return target
-
-
-def _run_name(run: str) -> str:
-    """The run's folder name as written; for `.`, `..` or `/`, the name of the folder they
-    name (`tune . --plot` titled its plot `stabledrl tune:  (40 steps)`)."""
-    name = Path(run).name
-    if name in ("", ".", ".."):
-        return Path(os.path.abspath(run)).name or run
-    return name
