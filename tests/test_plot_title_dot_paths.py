@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from _cli import ROOT
 from _plots import drawn_figure, kept_figures
-from test_u3_tune_plot import _setting
+from test_tune_plot import _setting
 
 import stabledrl_cli as sd
 from stabledrl_cli.tune.front import TuneReport
