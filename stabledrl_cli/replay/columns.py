@@ -14,7 +14,7 @@ needs; they never leave the replay.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -150,16 +150,30 @@ def _clip_scale(inputs: SeriesInputs) -> ColumnArray:
         return np.minimum(1.0, bound / (norm + CLIP_EPS))
 
 
-def _spike(inputs: SeriesInputs) -> ColumnArray:
-    """Norms from recorded geometry and coefficient norms (the proxy) are in different units
-    (on the example, ~13x apart): in a mixed run each step's spike history holds only steps
+def measured_steps(geometry: Sequence[str]) -> npt.NDArray[np.bool_]:
+    """[S] bool: the steps whose update norm recorded gradient geometry measured (a Gram
+    matrix or a sketch), not the coefficient-norm proxy ("coef")."""
+    return np.array([kind != "coef" for kind in geometry], dtype=bool)
+
+
+def _per_kind(
+    inputs: SeriesInputs, rule: Callable[[npt.NDArray[np.float64]], ColumnArray]
+) -> ColumnArray:
+    """`rule` ([S'] norms -> [S'] bool) applied to the update norms of each kind apart: norms
+    from recorded geometry and coefficient norms (the proxy) are in different units (on the
+    example, ~13x apart), so in a mixed run each step's spike history holds only steps
     measured the same way, else every geometry step among proxy steps would be a "spike"."""
     norm = inputs.float("update_norm")
-    measured = np.array([kind != "coef" for kind in inputs.geometry], dtype=bool)
-    spike = np.zeros(norm.shape[0], dtype=bool)
+    measured = measured_steps(inputs.geometry)
+    flags = np.zeros(norm.shape[0], dtype=bool)
     for same in (measured, ~measured):
-        spike[same] = spike_flags(norm[same], factor=inputs.config.spike_factor)
-    return spike
+        flags[same] = rule(norm[same])
+    return flags
+
+
+def _spike(inputs: SeriesInputs) -> ColumnArray:
+    factor = inputs.config.spike_factor
+    return _per_kind(inputs, lambda norms: spike_flags(norms, factor=factor))
 
 
 def _spike_judged(inputs: SeriesInputs) -> ColumnArray:
@@ -167,10 +181,7 @@ def _spike_judged(inputs: SeriesInputs) -> ColumnArray:
     those without a finite, nonzero norm, which are never a spike (a non-finite one is counted
     as non-finite): False on a kind's first finite, nonzero norms only."""
     norm = inputs.float("update_norm")
-    measured = np.array([kind != "coef" for kind in inputs.geometry], dtype=bool)
-    judged: ColumnArray = ~np.isfinite(norm) | (norm == 0)
-    for same in (measured, ~measured):
-        judged[same] |= spike_judged(norm[same])
+    judged: ColumnArray = ~np.isfinite(norm) | (norm == 0) | _per_kind(inputs, spike_judged)
     return judged
 
 

@@ -80,7 +80,7 @@ def unjudged_rules(
         )
     norms = np.asarray(series["update_norm"], dtype=np.float64)
     history = (np.isfinite(norms) & (norms != 0)).astype(np.int64)
-    measured = np.array([kind != "coef" for kind in geometry], dtype=bool)
+    measured = columns.measured_steps(geometry)
     most = max(int(history[measured].sum()), int(history[~measured].sum()))
     if most <= SPIKE_MIN_HISTORY:
         found["spike"] = (
@@ -93,7 +93,7 @@ def unjudged_rules(
 def fidelity_gap(stream: StreamedRun, norms: np.ndarray) -> str:
     """Why the own policy's `fidelity` is None, given its replayed update norms [S]: what the
     run lacks for `_relative_error` to compare any step."""
-    measured = np.array([kind != "coef" for kind in stream.geometry], dtype=bool)
+    measured = columns.measured_steps(stream.geometry)
     if not measured.any():
         return "needs gradient geometry"
     covered = stream.grad_norm_covered[measured]
@@ -125,7 +125,7 @@ def summarize_policy(
     drift = np.asarray(series["drift"], dtype=bool)
     fidelity = loss_parity = None
     if own:
-        measured = np.array([kind != "coef" for kind in stream.geometry], dtype=bool)
+        measured = columns.measured_steps(stream.geometry)
         if measured.any():
             fidelity = _relative_error(norms[measured], stream.grad_norm_covered[measured])
         objective = np.asarray(series["objective"], dtype=np.float64)
