@@ -194,7 +194,8 @@ def _object(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
 
 
 class _Write(NamedTuple):
-    """A step file for the writer thread: `replaces` when it rewrites the step's file."""
+    """A step file to write (`_write`; queued for its fsync without its `parts`):
+    `replaces` when it rewrites the step's file."""
 
     directory: str
     name: str
@@ -655,7 +656,7 @@ class Recorder:
             if self._writer is not None:
                 self._writer.queue.put(item._replace(parts=[]))
             self._last_step = step
-            self._raise_writer_error()  # an earlier step's failed write: this one is queued
+            self._raise_writer_error()  # an earlier step's failed fsync: this one is written
 
     def _now(self) -> float:
         """Wall-clock seconds, or SOURCE_DATE_EPOCH when it was set as the Recorder was made."""
