@@ -12,6 +12,22 @@ from stabledrl_cli.dump import Run
 from stabledrl_cli.replay.plot import plot_replay
 
 
+def nonfinite_run(path: Path) -> Path:
+    """A run of 6 steps whose every replayed update is non-finite (NaN log-probs) and which
+    records no reward, under policy `is`."""
+    import torch
+
+    with sd.Recorder(path, policy="is") as recorder:
+        for step in range(6):
+            recorder.log_step(
+                step,
+                logp=torch.full((2, 3), float("nan")),
+                logp_old=torch.full((2, 3), -1.0),
+                advantages=torch.tensor([1.0, -1.0]),
+            )
+    return path
+
+
 def kept_figures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """A list that each figure saved from now on is appended to, as it is saved."""
     from matplotlib.figure import Figure

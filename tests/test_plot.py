@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _plots import drawn_figure
+from _plots import drawn_figure, nonfinite_run
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -111,14 +111,7 @@ def test_plot_needs_a_png_name_in_an_existing_directory(grpo_fixture, tmp_path):
 
 def test_plot_of_a_run_with_nothing_finite(tmp_path):
     """Every update non-finite and no reward: the picture is still drawn, not a crash."""
-    with sd.Recorder(tmp_path / "run", policy="is") as rec:
-        for step in range(6):
-            rec.log_step(
-                step,
-                logp=torch.full((2, 3), float("nan")),
-                logp_old=torch.full((2, 3), -1.0),
-                advantages=torch.tensor([1.0, -1.0]),
-            )
+    nonfinite_run(tmp_path / "run")
     result = sd.replay(tmp_path / "run", ["is"], device="cpu")
     assert np.isnan(result.policies[0].series["update_norm"]).all()
     out = plot_replay(result, tmp_path / "nan.png")

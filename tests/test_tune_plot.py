@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from _cli import run_cli
 from _corpus import tiny_run
-from _plots import kept_figures
+from _plots import kept_figures, nonfinite_run
 from typer.testing import CliRunner
 
-import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.tune.front import SettingFigures, TuneReport
 from stabledrl_cli.tune.plot import plot_front
@@ -21,14 +19,7 @@ def test_a_plot_with_no_finite_setting_is_drawn_without_a_warning(tmp_path: Path
     front has no point to draw. The plot is written and stderr holds only tune's own lines;
     before, matplotlib's 'No artists with labels found to put in legend' UserWarning and the
     source line it quoted came out between them, above an empty frame."""
-    with sd.Recorder(tmp_path / "run", policy="is") as recorder:
-        for step in range(6):
-            recorder.log_step(
-                step,
-                logp=torch.full((2, 3), float("nan")),
-                logp_old=torch.full((2, 3), -1.0),
-                advantages=torch.tensor([1.0, -1.0]),
-            )
+    nonfinite_run(tmp_path / "run")
     png = tmp_path / "front.png"
     sweep = "dapo:eps_high=0.2|0.3"
     result = run_cli("tune", tmp_path / "run", "-p", sweep, "--device", "cpu", "--plot", png)
