@@ -73,3 +73,24 @@ def test_a_count_gate_that_holds_lists_no_step(tmp_path: Path) -> None:
     assert (
         gate["message"] == "collapsed_steps 1, baseline 1: fails above 1.1 (abs_tol 0, rel_tol 0.1)"
     )
+
+
+def test_a_hand_edited_negative_baseline_trips_at_the_first_step(tmp_path: Path) -> None:
+    """A baseline edited to a negative figure is past its limit from the first flagged step (a
+    count's limit -0.9 named the last step, 27), and a negative figure with no flagged step
+    (a grad norm) trips with its message: it was an IndexError, exit 70."""
+    baseline = tmp_path / "b.json"
+    run = _run(tmp_path / "run", spikes=(20, 24, 27))
+    args = ["check", str(run), "-p", "grpo", "--device", "cpu"]
+    assert runner.invoke(app, [*args, "--write-baseline", str(baseline)]).exit_code == 0
+    edited = json.loads(baseline.read_text())
+    edited["policies"]["grpo"]["collapsed_steps"]["value"] = -1
+    edited["recorded"]["grad_norm"]["max"]["value"] = -1
+    baseline.write_text(json.dumps(edited))
+    result = runner.invoke(app, [*args, "-b", str(baseline), "--format", "json"])
+    assert result.exit_code == 1, result.output
+    gates = {g["gate"]: g for g in json.loads(result.stdout)["gates"] if not g["ok"]}
+    assert gates["baseline.collapsed_steps"]["message"].endswith(
+        "; past it at step 20 (steps 20, 24, 27)"
+    )
+    assert gates["baseline.recorded.grad_norm.max"]["message"].startswith("recorded.grad_norm.max ")

@@ -363,9 +363,10 @@ def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
 
 def _passed_at(steps: list[int], limit: float) -> str:
     """Where a count of flagged `steps` (in step order) went past `limit`, and the steps."""
-    if len(steps) <= limit:
+    if not steps or len(steps) <= limit:
         return ""
-    return f"; past it at step {steps[math.floor(limit)]} (steps {_steps_shown(steps)})"
+    past = steps[max(0, math.floor(limit))]
+    return f"; past it at step {past} (steps {_steps_shown(steps)})"
 
 
 def _regression(
