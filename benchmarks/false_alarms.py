@@ -37,7 +37,9 @@ def emit(args: argparse.Namespace, title: str, settings: dict, rows: list[dict])
     print(" ".join(f"{key:>7}" for key in rows[0]))
     for row in rows:
         cells = [
-            "-" if value is None else f"{value:.2f}" if key in SHARES else f"{value:g}"
+            "-" if value is None
+            else value if isinstance(value, str)
+            else f"{value:.2f}" if key in SHARES else f"{value:g}"
             for key, value in row.items()
-        ]
+        ]  # fmt: skip
         print(" ".join(f"{cell:>7}" for cell in cells))
