@@ -21,7 +21,7 @@ def test_a_per_token_warning_is_alerted_as_per_token(tmp_path: Path) -> None:
     measure, where the replay's line reads 'own-sample per-token likelihood fell by > 0.5'."""
     _growing_sequence_run(tmp_path / "drop", counts=True, drop_at=25)
     assert _warning_alerts(tmp_path / "drop") == [
-        "26: own-sample per-token likelihood 0.5+ nats below its best"
+        "27: own-sample per-token likelihood 0.5+ nats below its best"
     ]
 
 

@@ -53,6 +53,24 @@ def rolling_mean(values: np.ndarray, window: int, min_periods: int | None = None
     return out
 
 
+def rolling_median(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing median over `window` values: out[i] = median(values[i - window + 1 : i + 1]).
+
+    values: [S] -> [S]; NaN until `window` values exist, and where the window holds a
+    non-finite value (as `rolling_mean`). Unlike a mean, one stray value cannot move it past
+    the others: a median of 3 moves only when two of the three do."""
+    values = np.asarray(values, dtype=np.float64)
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    out = np.full(values.shape[0], np.nan)
+    if values.shape[0] < window:
+        return out
+    windows = sliding_window_view(values, window)
+    judged = np.isfinite(windows).all(axis=1)
+    out[window - 1 :][judged] = np.median(windows[judged], axis=1)
+    return out
+
+
 def _window_sums(values: np.ndarray, block: int, start: np.ndarray) -> np.ndarray:
     """out[i] = sum(values[start[i] : i + 1]), each window at most `block` long and, when
     shorter, starting at 0 or at a multiple of `block`. Summed within blocks of `block`
@@ -292,20 +310,23 @@ def collapse_warning(
 ) -> np.ndarray:
     """The steps whose measurement warns of a collapse (docs/collapse.md).
 
-    steps, values: [M] the measurements (`own_likelihood_series`). m_j = mean of the last
-    `window` values (NaN until `window` exist, or when one of them is NaN); measurement j warns
-    when max_{i <= j} m_i - m_j exceeds both `drop` and the measurements' noise:
-    (c + 2 sqrt(2 ln(j / window))) * sigma_j / sqrt(window), with sigma_j their per-step noise
-    before the window (`noise_before`) and c `noise_margin`. The best mean and the current
-    one can each stray about sqrt(2 ln(j / window)) standard errors by luck, one up and one
-    down.
+    steps, values: [M] the measurements (`own_likelihood_series`). m_j = median of the last
+    `window` values (`rolling_median`: NaN until `window` exist, or when one of them is NaN);
+    measurement j has fallen when max_{i <= j} m_i - m_j exceeds both `drop` and the
+    measurements' noise: (c + 2 sqrt(2 ln(j / window))) * sigma_j / sqrt(window), with sigma_j
+    their per-step noise before the window (`noise_before`) and c `noise_margin`. The best
+    level and the current one can each stray about sqrt(2 ln(j / window)) standard errors by
+    luck, one up and one down. It warns when measurement j - 1 has fallen too: one odd batch,
+    high or low, moves no median of 3, and two in a row must then move two medians.
     -> [K] int64 the steps that warn."""
     steps = np.asarray(steps, dtype=np.int64)
     values = np.asarray(values, dtype=np.float64)
-    means = rolling_mean(values, window)
-    best = np.fmax.accumulate(means) if means.size else means  # NaN never wins
+    levels = rolling_median(values, window)
+    best = np.fmax.accumulate(levels) if levels.size else levels  # NaN never wins
     luck = noise_margin + 2 * luck_of_the_best(values.shape[0], window)
     needed = np.maximum(drop, luck * noise_before(values, window) / np.sqrt(window))
-    warns = np.isfinite(means) & (best - means > needed)
+    fallen = np.isfinite(levels) & (best - levels > needed)
+    warns = np.zeros_like(fallen)
+    warns[1:] = fallen[1:] & fallen[:-1]
     out: np.ndarray = steps[warns]
     return out

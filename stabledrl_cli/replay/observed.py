@@ -59,7 +59,8 @@ WARNING_DETECTOR = "own_likelihood_drop"
 @dataclass(frozen=True, kw_only=True)
 class CollapseWarning:
     """The run-level collapse warning (docs/collapse.md): where the policy's likelihood of its
-    own fresh samples fell by more than `drop` nats below its best mean so far."""
+    own fresh samples (the median of `window` measurements) fell by more than `drop` nats
+    below its best so far, on two measurements in a row."""
 
     detector: str = WARNING_DETECTOR
     measure: str = "unit"
