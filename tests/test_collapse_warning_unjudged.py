@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 import stabledrl_cli as sd
+from stabledrl_cli.replay.detectors import collapse_warning, warning_judged
 from stabledrl_cli.replay.observed import observe
 
 
@@ -34,8 +35,10 @@ def test_the_line_counts_one_likelihood_a_rollout(tmp_path: Path) -> None:
     assert observed.collapse_warning.measurements == 2
     assert observed.unjudged("collapse_warning_first_step") == (
         "the run has 2 own-sample likelihoods (one a rollout: its step with inner_step 0, or "
-        "every step when none records it), no 3 finite in a row for the collapse warning to "
-        "judge"
+        "every step when none records it), too few for the collapse warning to judge: it "
+        "needs the median of 3 finite in a row to fall below an earlier one on two "
+        "measurements in a row, beyond the noise of 3 before them (6 measurements, none "
+        "missing)"
     )
 
 
@@ -46,16 +49,27 @@ def test_a_run_without_inner_steps_measures_every_step(tmp_path: Path) -> None:
         observed.unjudged("collapse_warning_first_step")
     )
     assert (
-        observe(_run(tmp_path / "three", [None] * 3)).unjudged("collapse_warning_first_step")
-        is None
+        observe(_run(tmp_path / "six", [None] * 6)).unjudged("collapse_warning_first_step") is None
     )
 
 
-def test_a_scalar_run_has_no_likelihood(tmp_path: Path) -> None:
-    with sd.Recorder(tmp_path / "scalars", policy=None) as rec:
-        for step in range(4):
-            rec.log_step(step, reward_mean=0.5)
-    assert observe(sd.open_run(tmp_path / "scalars")).unjudged("collapse_warning_first_step") == (
-        "the run has no own-sample likelihood (a step with a policy batch, one a rollout) for "
-        "the collapse warning to judge"
-    )
+def test_a_run_too_short_to_warn_is_not_judged(tmp_path: Path) -> None:
+    """3 to 5 measurements were reported judged, but no fall can warn on them: the median of 3
+    must fall below an earlier one on two measurements in a row, and beyond the noise of the
+    measurements before its window (while fewer than 3 precede it, the fall is in its own
+    noise)."""
+    for count in (3, 5):
+        observed = observe(_run(tmp_path / f"n{count}", [None] * count))
+        assert observed.collapse_warning.judged == 0
+        assert "too few for the collapse warning to judge" in str(
+            observed.unjudged("collapse_warning_first_step")
+        )
+    falling = np.array([0.12, 0.12, -0.47, -1.02, -1.02, -1.02])
+    steps = np.arange(falling.size)
+    assert collapse_warning(steps, falling).tolist() == [5]
+    assert warning_judged(falling) == 1
+    assert warning_judged(falling[:5]) == 0
+    rng = np.random.default_rng(0)
+    for _ in range(2000):  # no series of 5 measurements warns
+        five = np.cumsum(rng.normal(size=5) * rng.choice([0.01, 1.0, 10.0]))
+        assert collapse_warning(steps[:5], five).size == 0

@@ -25,6 +25,7 @@ def test_watch_once_says_what_its_rules_have_not_judged(tmp_path):
         "spike",
         "first_reward_collapse",
         "spike_steps",
+        "collapse_warning",
     }, state
     assert state["unjudged"]["drift"].startswith("the drift rule judges a step after 50 ")
     view = runner.invoke(app, ["watch", str(run), "--once"], env={"COLUMNS": "200"})
@@ -34,7 +35,7 @@ def test_watch_once_says_what_its_rules_have_not_judged(tmp_path):
         line.startswith("risk steps: none (spikes not judged: the spike rule") for line in lines
     )
     assert any(line.startswith("drift steps: none (not judged: the drift rule") for line in lines)
-    assert "collapse warning: none; reward collapse: not judged" in lines, lines
+    assert "collapse warning: not judged; reward collapse: not judged" in lines, lines
 
 
 def test_a_run_the_rules_judge_names_only_what_it_never_recorded(tmp_path):

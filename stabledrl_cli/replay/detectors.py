@@ -223,8 +223,10 @@ def luck_of_the_best(length: int, window: int) -> np.ndarray:
 
 def noise_before(values: np.ndarray, window: int, *, skip_largest: bool = False) -> np.ndarray:
     """values: [S] in step order -> [S] sigma_i, the per-step noise of the values before the
-    window that ends at i (values[: i - window + 1]), so that a fall inside that window does
-    not count as noise; of values[: i + 1] while fewer than `window` values precede the window.
+    window that ends at i and of the step into it (the differences among values[: i - window
+    + 2]), so that a fall inside that window does not count as noise (a fall at its first
+    value does, once); of values[: i + 1] while fewer than `window` values precede the window.
+    The rules' noise margins were chosen with this estimate (docs/collapse.md).
 
     sigma: the root mean square of successive differences over sqrt(2) (a white noise's
     standard deviation; a trend adds little to it). Differences touching a non-finite value
@@ -330,3 +332,17 @@ def collapse_warning(
     warns[1:] = fallen[1:] & fallen[:-1]
     out: np.ndarray = steps[warns]
     return out
+
+
+def warning_judged(values: np.ndarray, window: int = DEFAULT_WARNING_WINDOW) -> int:
+    """How many measurements `collapse_warning` judges: j, whose median and the one before it
+    are finite (`window` finite measurements in a row each) and have a finite median before
+    them to have fallen from, and before whose window `window` measurements give the noise
+    (before that, a fall counts in its own noise: with the default margin no series of 5
+    measurements can warn). values: [M] -> a count (0: the warning judges none)."""
+    finite = np.isfinite(rolling_median(np.asarray(values, dtype=np.float64), window))
+    earlier = np.cumsum(finite) - finite  # finite medians before each measurement
+    judged = np.zeros_like(finite)
+    judged[1:] = finite[1:] & finite[:-1] & (earlier[:-1] > 0)
+    judged[: 2 * window - 1] = False
+    return int(np.count_nonzero(judged))

@@ -27,6 +27,7 @@ from stabledrl_cli.replay.detectors import (
     reward_draws,
     rolling_mean,
     spike_flags,
+    warning_judged,
 )
 from stabledrl_cli.replay.guards import GuardReport, replay_guards
 from stabledrl_cli.vocab import Unit
@@ -74,11 +75,12 @@ class CollapseWarning:
     """Measurements taken: one a rollout (its step with `inner_step` 0, or every step with a
     policy batch when the run records no inner_step)."""
     windows: int = 0
-    """Windows of `window` finite measurements in a row: the ones the warning judges (0: it
-    can never warn)."""
+    """Windows of `window` finite measurements in a row."""
     first_step: int | None = None
     lead_steps: int | None = None
     """The observed collapse step minus `first_step` (None: either is missing)."""
+    judged: int = 0
+    """Measurements the warning judges (`detectors.warning_judged`; 0: it judges none)."""
 
     def __repr__(self) -> str:
         """The fields, a long list of steps as its first items and its length."""
@@ -265,7 +267,7 @@ class Observed:
             )
         elif figure == "nonfinite_steps" and not self.nonfinite_counted:
             return f"the run recorded no {' or '.join(NONFINITE_COUNTS)} count"
-        elif figure == "collapse_warning_first_step" and not self.collapse_warning.windows:
+        elif figure == "collapse_warning_first_step" and not self.collapse_warning.judged:
             warning = self.collapse_warning
             if not warning.measurements:
                 return (
@@ -274,8 +276,11 @@ class Observed:
                 )
             return (
                 f"the run has {counted(warning.measurements, 'own-sample likelihood')} (one a "
-                "rollout: its step with inner_step 0, or every step when none records it), no "
-                f"{warning.window} finite in a row for the collapse warning to judge"
+                "rollout: its step with inner_step 0, or every step when none records it), too "
+                "few for the collapse warning to judge: it needs the median of "
+                f"{warning.window} finite in a row to fall below an earlier one on two "
+                f"measurements in a row, beyond the noise of {warning.window} before them "
+                f"({2 * warning.window} measurements, none missing)"
             )
         return None
 
@@ -461,6 +466,7 @@ def observe(
         steps=[int(s) for s in warn_steps],
         measurements=int(measurements.size),
         windows=finite_windows(measurements, config.warning_window),
+        judged=warning_judged(measurements, config.warning_window),
         first_step=first,
         lead_steps=collapse - first if collapse is not None and first is not None else None,
     )
