@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from _cli import run_cli
 from _trl import tiny, train
+from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
 
 __all__ = ["tiny"]
 
@@ -91,3 +93,35 @@ def test_a_step_holds_its_own_metrics_when_trl_logs_several_steps_at_once(
     assert logged[2]["entropy"] == pytest.approx(pair_mean, rel=1e-12)
     assert once.state.log_history[0]["entropy"] == each[1]["entropy"]
     assert not math.isnan(each[1]["entropy"])
+
+
+def test_a_baseline_from_trls_log_gates_the_recording_of_a_rollout_over_several_steps(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """TRL's defaults of the tiny run: a rollout trained over 4 steps (steps_per_generation 4,
+    gradient_accumulation_steps 2, num_iterations 2), the second cut at step 6. TRL logs
+    `reward` once a rollout, at its first step; the recorded run's reward_mean statistics were
+    over its 6 steps (mean 0.5417 where the log's were 0.6562), so the baseline written from
+    TRL's own log of the run failed `check` of its recording (reward_mean.mean and .tail).
+    They are now over the rollouts' draws: TRL's numbers, and the baseline holds both ways."""
+    trainer, recorded, imported = _recorded_and_imported(tiny, tmp_path, False, max_steps=6)
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    assert len(rewards) == 2
+    runner = CliRunner()
+    stats = {}
+    for run in (recorded, imported):
+        done = runner.invoke(app, ["inspect", str(run), "--format", "json"])
+        assert done.exit_code == 0, done.output
+        stats[run.name] = json.loads(done.stdout)["series"]["reward_mean"]
+    for stat in ("steps", "first", "last", "min", "max", "mean", "tail"):
+        assert stats["recorded"][stat] == pytest.approx(stats["imported"][stat], rel=1e-6), stat
+    assert stats["recorded"]["mean"] == pytest.approx(sum(rewards) / 2, rel=1e-6)
+    for run, other in ((imported, recorded), (recorded, imported)):
+        baseline = tmp_path / f"{run.name}.json"
+        written = runner.invoke(app, ["check", str(run), "--write-baseline", str(baseline)])
+        assert written.exit_code == 0, written.output
+        figures = json.loads(baseline.read_text())
+        only = {"recorded": {"reward_mean": figures["recorded"]["reward_mean"]}}
+        baseline.write_text(json.dumps({**figures, **only, "policies": {}, "observed": {}}))
+        gated = runner.invoke(app, ["check", str(other), "-b", str(baseline)])
+        assert gated.exit_code == 0, gated.output

@@ -5,7 +5,10 @@ an optimizer-hook recording) has them too.
 
 A series statistic is taken over the finite values of the steps that recorded the scalar:
 first, last, min, max, mean, median, tail (the mean of the last `TAIL_STEPS`) (None when there
-is none); `nonfinite` counts the others.
+is none); `nonfinite` counts the others. `reward_mean`'s values are its draws, one a rollout
+(`detectors.reward_draws`, what the observed-collapse rule reads): the framework's logged
+reward (TRL's `reward`, verl's `critic/score/mean`), where a rollout is trained over several
+recorded steps and the framework's log has one value for it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 
 from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._views import ReadSteps
+from stabledrl_cli.replay.detectors import reward_draws
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.vocab import SeriesStat, Worse
@@ -107,10 +111,12 @@ class RecordedRun:
 
 def recorded_run(run: Run, observed: Observed) -> RecordedRun:
     """`run`'s recorded series from its step headers (no array is read; one walk over them),
-    with `observed`."""
+    with `observed`; reward_mean's are its draws, one a rollout (module docstring)."""
     headers = list(run.step_headers())
     names = sorted(set().union(*(h.scalars for h in headers)) - set(BOOKKEEPING_SCALARS))
-    series = ReadSteps.of(run, headers).scalar_series_many(names)
+    series = ReadSteps.of(run, headers).scalar_series_many([*names, "inner_step"])
+    if "reward_mean" in names:
+        series["reward_mean"] = reward_draws(*series["reward_mean"], *series["inner_step"])
     source = run.manifest.get("source")
     return RecordedRun(
         run=run.location,
