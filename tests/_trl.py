@@ -46,10 +46,13 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def train(tiny: Any, out: Path, *, rloo: bool = False, **config: Any) -> Any:
+def train(
+    tiny: Any, out: Path, *, rloo: bool = False, callbacks: list[Any] | None = None, **config: Any
+) -> Any:
     """The tiny run recorded into `out` by RecordingGRPOTrainer (RecordingRLOOTrainer when
-    `rloo`) with these config overrides, trained; returns the trainer. beta > 0 loads the
-    model from a directory (TRL builds the reference model from its path)."""
+    `rloo`) with these config overrides and the trainer's `callbacks`, trained; returns the
+    trainer. beta > 0 loads the model from a directory (TRL builds the reference model from
+    its path)."""
     from stabledrl_cli.integrations import trl as integration
 
     model = (
@@ -63,6 +66,7 @@ def train(tiny: Any, out: Path, *, rloo: bool = False, **config: Any) -> Any:
         args=make_config(str(out.parent / "trl_out"), **config),
         train_dataset=tiny.tiny_dataset(),
         processing_class=tiny.tiny_tokenizer(),
+        callbacks=callbacks,
         stabledrl_out=out,
     )
     trainer.train()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from _cli import run_cli
 from _trl import tiny, train
 from typer.testing import CliRunner
@@ -33,6 +34,8 @@ def _standard(run: Any) -> dict[int, dict[str, float]]:
 
 
 def _recorded_and_imported(tiny: Any, tmp_path: Path, rloo: bool, **config: Any) -> Any:
+    """(trainer, recorded run, run imported from its trainer_state.json) of the tiny run
+    trained with `config` (`_trl.train`'s keywords)."""
     recorded = tmp_path / "recorded"
     trainer = train(tiny, recorded, rloo=rloo, **config)
     state = tmp_path / "trainer_state.json"
@@ -125,3 +128,28 @@ def test_a_baseline_from_trls_log_gates_the_recording_of_a_rollout_over_several_
         baseline.write_text(json.dumps({**figures, **only, "policies": {}, "observed": {}}))
         gated = runner.invoke(app, ["check", str(other), "-b", str(baseline)])
         assert gated.exit_code == 0, gated.output
+
+
+def test_a_step_whose_loss_went_nan_is_nan_where_trls_log_shows_a_finite_loss(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """transformers' logging_nan_inf_filter (on by default) logs no non-finite loss: step 2,
+    whose loss is NaN (a weight made NaN as it begins), is logged with loss 0.0 beside its
+    grad_norm NaN (docs/importing.md, `loss`). The recorded step holds the loss NaN, as
+    computed, and both runs count the step non-finite."""
+    from transformers import TrainerCallback
+
+    class Poison(TrainerCallback):  # type: ignore[misc]
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 1:  # step 2 trains on step 1's rollout: no generation
+                with torch.no_grad():
+                    next(kwargs["model"].parameters()).mul_(math.nan)
+
+    trainer, recorded, imported = _recorded_and_imported(
+        tiny, tmp_path, False, max_steps=2, callbacks=[Poison()]
+    )
+    logged = {h["step"]: h for h in trainer.state.log_history if "grad_norm" in h}
+    assert logged[2]["loss"] == 0.0 and math.isnan(logged[2]["grad_norm"])
+    mine, theirs = sd.open_run(recorded).step(2), sd.open_run(imported).step(2)
+    assert math.isnan(mine.scalars["loss"]) and theirs.scalars["loss"] == 0.0
+    assert mine.scalars["nonfinite"] > 0 and theirs.scalars["nonfinite"] > 0
