@@ -58,6 +58,8 @@ from stabledrl_cli.policies import PolicyBatch, get_policy  # noqa: E402
 from stabledrl_cli.replay.config import ReplayConfig  # noqa: E402
 from stabledrl_cli.replay.detectors import reward_draws  # noqa: E402
 from stabledrl_cli.replay.engine import replay_run  # noqa: E402
+from stabledrl_cli.replay.observed import observe  # noqa: E402
+from stabledrl_cli.replay.recorded import recorded_run  # noqa: E402
 from stabledrl_cli.spec import format_spec  # noqa: E402
 
 PROMPT, RESPONSE = 4, 7
@@ -1348,23 +1350,32 @@ def test_engine_steps_hold_verls_loss_terms_under_its_names(
 
 
 def test_a_baseline_from_verls_log_gates_the_recorded_run(
-    engine_runs: EngineRuns, tmp_path: Path
+    engine_runs: EngineRuns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """verl's file log of the job, had each training step taken one optimizer step (a line a
-    step of verl's own metrics of it), imported: the baseline it writes gates the recorded run
-    (its clip_frac, kl and grad_norm figures hold), and the recorded run's gates the import
-    (its replays and own-sample collapse figure, which a log cannot have, left out)."""
+    """verl's file log of the job (a line a training step: each actor metric the mean over
+    its 2 ppo epochs x 2 mini-batches, as verl's trainer logs it), imported: the baseline it
+    writes failed the recorded run, whose series were over optimizer steps (a token-mean
+    job's clip_frac.max 0.722, the log's 0.577, over the limit 0.644; the test's statistics
+    were over 5 steps, the log's 2). A verl run's series now take one value a training step, as
+    verl logs them: the two runs' statistics are equal, and each run's baseline gates the
+    other (the recorded run's replays and own-sample collapse figure, which a log cannot
+    have, left out)."""
     run, ranks = engine_runs(1, settings={"actor": KL_LOSS})
-    names = {"actor/pg_clipfrac": "pg_clipfrac", "actor/kl_loss": "kl_loss",
-             "actor/grad_norm": "grad_norm"}  # fmt: skip
-    lines = [
-        json.dumps({"step": n + 1, "data": {ours: step[key] for ours, key in names.items()}})
-        for n, step in enumerate(ranks[0]["steps"])
-    ]
     log = tmp_path / "verl.jsonl"
-    log.write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(log))
+    tracking = Tracking("project", "experiment", ["file"])
+    for step, metrics in enumerate(ranks[0]["logged"], start=1):  # RayPPOTrainer.fit's steps
+        tracking.log(data=metrics, step=step)
+    tracking.logger["file"].finish()
     imported = tmp_path / "imported"
     assert run_cli("import", log, "--out", imported).returncode == 0
+    series = [recorded_run(open_run(r), observe(open_run(r))).series for r in (run.path, imported)]
+    for name in ("clip_frac", "kl", "grad_norm", "loss", "actor/pg_loss", "actor/ppo_kl"):
+        mine, theirs = series[0][name], series[1][name]
+        assert (mine.steps, mine.nonfinite) == (theirs.steps, theirs.nonfinite), name
+        assert mine.steps == 2  # the rollout's 4 optimizer steps, then the NaN one's
+        for stat in ("first", "last", "min", "max", "mean", "median", "tail"):
+            assert mine.stat(stat) == pytest.approx(theirs.stat(stat), rel=1e-6), (name, stat)
     for source, other in ((imported, run.path), (run.path, imported)):
         baseline = tmp_path / f"{source.name}.json"
         assert run_cli("check", source, "--write-baseline", baseline).returncode == 0

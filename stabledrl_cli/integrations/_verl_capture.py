@@ -26,23 +26,8 @@ from verl.workers.utils.padding import no_padding_2_padding
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.importers._names import standard_source
 from stabledrl_cli.integrations._rows import every_row
+from stabledrl_cli.integrations._verl_facts import LOGGED_SCALARS, VERL_LOSS_METRICS, VERL_METRICS
 from stabledrl_cli.integrations._verl_policy import agg_mode, token_loss_scale
-
-VERL_METRICS = ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl")
-"""verl's per-micro-batch policy metrics, recorded under verl's own names as verl logs them
-for the optimizer step, over every rank (`logged_scalars`), or without verl's metrics of the
-step (no `TrainingWorker`) as the rank's mean over its micro-batches (replay recomputes the
-first two as `verl_pg_clipfrac`, `verl_pg_clipfrac_lower`)."""
-
-LOGGED_SCALARS = ("clip_frac", "kl")
-"""The standard scalars a step takes from verl's metrics of it, under the names `stabledrl
-import` gives verl's logged `actor/pg_clipfrac` and `actor/kl_loss` (STANDARD_SOURCES)."""
-
-VERL_LOSS_METRICS = ("actor/pg_loss", "actor/kl_coef", "actor/entropy_loss")
-"""verl's loss terms of the optimizer step, recorded under verl's own names from verl's
-metrics of it only (`logged_scalars`): the policy-gradient loss, the KL loss's coefficient
-(use_kl_loss) and the entropy (calculate_entropy), which `stabledrl import` keeps under these
-names too."""
 
 _OPTIONAL = {
     "loss_weight": "rollout_is_weights",

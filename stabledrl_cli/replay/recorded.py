@@ -8,7 +8,9 @@ first, last, min, max, mean, median, tail (the mean of the last `TAIL_STEPS`) (N
 is none); `nonfinite` counts the others. `reward_mean`'s values are its draws, one a rollout
 (`detectors.reward_draws`, what the observed-collapse rule reads): the framework's logged
 reward (TRL's `reward`, verl's `critic/score/mean`), where a rollout is trained over several
-recorded steps and the framework's log has one value for it.
+recorded steps and the framework's log has one value for it. A verl run's scalars that verl
+logs once a training step (`TRAINING_STEP_MEANS`: loss, grad_norm, clip_frac, kl, ...) take
+one value a rollout too, the mean over its optimizer steps, as verl logs them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 
 from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._views import ReadSteps
+from stabledrl_cli.integrations._verl_facts import TRAINING_STEP_MEANS
 from stabledrl_cli.replay.detectors import reward_draws
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.result import ReplayResult
@@ -115,8 +118,13 @@ def recorded_run(run: Run, observed: Observed) -> RecordedRun:
     headers = list(run.step_headers())
     names = sorted(set().union(*(h.scalars for h in headers)) - set(BOOKKEEPING_SCALARS))
     series = ReadSteps.of(run, headers).scalar_series_many([*names, "inner_step"])
+    inner = series["inner_step"]
     if "reward_mean" in names:
-        series["reward_mean"] = reward_draws(*series["reward_mean"], *series["inner_step"])
+        series["reward_mean"] = reward_draws(*series["reward_mean"], *inner)
+    meta = run.manifest.get("meta")
+    if isinstance(meta, dict) and meta.get("framework") == "verl":
+        for name in set(TRAINING_STEP_MEANS) & set(names):
+            series[name] = _training_step_means(*series[name], *inner)
     source = run.manifest.get("source")
     return RecordedRun(
         run=run.location,
@@ -127,6 +135,18 @@ def recorded_run(run: Run, observed: Observed) -> RecordedRun:
         observed=observed,
         series={name: series_stats(series[name][1]) for name in names},
     )
+
+
+def _training_step_means(
+    steps: np.ndarray, values: np.ndarray, inner_steps: np.ndarray, inner_step: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The value verl's trainer logs for each training step of a verl run (a rollout: its
+    steps as `detectors.reward_draws` groups them), at its first step: the mean of its
+    optimizer steps' values, NaN when one is not finite (verl's `reduce_metrics`, np.mean)."""
+    finite = np.isfinite(values)
+    starts, means = reward_draws(steps, np.where(finite, values, 0.0), inner_steps, inner_step)
+    _, unfinished = reward_draws(steps, (~finite).astype(np.float64), inner_steps, inner_step)
+    return starts, np.where(unfinished > 0, np.nan, means)
 
 
 def observed_of(result: ReplayResult | None, recorded: RecordedRun | None) -> Observed:
