@@ -153,3 +153,22 @@ def test_a_step_whose_loss_went_nan_is_nan_where_trls_log_shows_a_finite_loss(
     mine, theirs = sd.open_run(recorded).step(2), sd.open_run(imported).step(2)
     assert math.isnan(mine.scalars["loss"]) and theirs.scalars["loss"] == 0.0
     assert mine.scalars["nonfinite"] > 0 and theirs.scalars["nonfinite"] > 0
+
+
+def test_diff_of_a_recording_and_trls_log_of_a_rollout_over_several_steps_does_not_part(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """The tiny run's rollouts are trained over 4 steps each (steps_per_generation 4,
+    gradient_accumulation_steps 2, num_iterations 2). `diff` of the recording and its
+    imported log parted at step 1 (reward_mean 0.375 vs TRL's 0.3125): each step's own reward
+    against TRL's one a rollout. It compares reward_mean one a rollout, as TRL logs it."""
+    trainer, recorded, imported = _recorded_and_imported(tiny, tmp_path, False, max_steps=6)
+    logged = {h["step"]: h["reward"] for h in trainer.state.log_history if "reward" in h}
+    assert sorted(logged) == [1, 5]
+    done = CliRunner().invoke(app, ["diff", str(recorded), str(imported), "--format", "json"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    assert (report["parted_at"], report["first"]["scalars"], report["compared"]) == (None, None, 6)
+    assert "reward_mean" not in report["unshared"]["a"]
+    steps = {s.step: s.scalars for s in sd.open_run(recorded)}
+    assert steps[1]["reward_mean"] != pytest.approx(logged[1], rel=1e-3)  # each step its own

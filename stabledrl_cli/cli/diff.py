@@ -145,7 +145,7 @@ def _print_table(result: DiffResult, until: int | None) -> None:
     unjudged = False
     for row in result.around:
         cells = [str(row.step)]
-        for name in ("reward_mean", "grad_norm", "discard_frac", "risk"):
+        for name in ("reward_draw", "grad_norm", "discard_frac", "risk"):
             for side in (row.a, row.b):
                 if name == "risk" and side.get("risk_judged") is False:
                     unjudged = True

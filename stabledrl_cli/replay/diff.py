@@ -11,15 +11,22 @@ ascending order of the steps both hold, until every kind has parted (or the step
 - `scalars`: the step's training scalars (`SCALAR_NAMES`), within the same tolerance but the
   counts (`COUNT_SCALARS`), exactly.
 
+`reward_mean` is compared at a rollout's first step as the observed-collapse rule reads it
+(`detectors.reward_draws`, over the steps both runs hold): the mean of its steps' rewards,
+TRL's logged `reward` (a recording of a rollout trained over several steps holds each step's
+own, the framework's log one a rollout); at its other steps, as recorded where both runs
+record it (a reward there only one run records is not listed as unshared: it is in the
+draw).
+
 Two values a, b (a from run A, b from run B) agree within the tolerance when
 |a - b| <= atol + rtol * |b|, or both are NaN, or both are the same infinity. The runs *part*
 at the first step where inputs, log-probabilities or scalars differ; steps only one run holds
 are listed, not counted as parting; where either step is of scalars only (an imported log,
 the optimizer hooks' steps) only the scalars (and arrays) both record there are compared, and
-those only one records are listed. Around the parting step the figures of
-each run are set side by side: reward and grad norm as recorded, discard fraction and risk of
-the run's own policy replayed (`incremental.OwnReplay`, over the run's steps up to the last
-one shown).
+those only one records are listed. Around the parting step the figures of each run are set
+side by side: reward and grad norm as recorded, the rollout's reward as compared, discard
+fraction and risk of the run's own policy replayed (`incremental.OwnReplay`, over the run's
+steps up to the last one shown).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
 from stabledrl_cli.dump._schema import SCALAR_STEP_FIELDS, SERIES_SCALARS, STANDARD_SCALARS
 from stabledrl_cli.errors import ConfigError, InputError, counted
 from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.detectors import reward_draws
 from stabledrl_cli.replay.run_facts import (
     SKIPPED_KINDS,
     is_scalar_run,
@@ -116,10 +124,11 @@ class SideBySide:
     b: dict[str, float | bool | None]
 
 
-FIGURES = ("reward_mean", "grad_norm", "discard_frac", "risk", "risk_judged")
-"""The figures set side by side: recorded reward and pre-clip grad norm, the own policy's
-replayed discard fraction and risk (a spike or non-finite update; None, with `risk_judged`
-False, on a step the spike rule had not judged: the `spike_judged` column)."""
+FIGURES = ("reward_mean", "reward_draw", "grad_norm", "discard_frac", "risk", "risk_judged")
+"""The figures set side by side: recorded reward, the rollout's reward as compared (at its
+first step, `_RolloutRewards`) and pre-clip grad norm, the own policy's replayed discard
+fraction and risk (a spike or non-finite update; None, with `risk_judged` False, on a step the
+spike rule had not judged: the `spike_judged` column)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -277,10 +286,50 @@ def _kind(name: str) -> DiffKind:
     return "arrays"
 
 
-def _recorded(step: Step) -> set[str]:
-    """What a step records that a step of scalars only may: its compared scalars and
+@dataclass(frozen=True)
+class _RolloutRewards:
+    """A run's reward_mean draws (`reward_draws`: one a rollout, the mean of its steps'
+    rewards, at its first step), over the steps both runs hold, from their headers (no step's
+    data read)."""
+
+    starts: np.ndarray
+    draws: np.ndarray
+
+    @classmethod
+    def of(cls, run: Run, steps: list[int]) -> _RolloutRewards:
+        """`run`'s draws over `steps` (the steps both runs hold)."""
+        series = run.scalar_series_many(["reward_mean", "inner_step"])
+        held = {}
+        for name, (numbers, values) in series.items():
+            common = np.isin(numbers, steps)
+            held[name] = numbers[common], values[common]
+        return cls(*reward_draws(*held["reward_mean"], *held["inner_step"]))
+
+    def at(self, step: int) -> float | None:
+        """The draw of the rollout that starts at `step`; None at any other step."""
+        i = int(np.searchsorted(self.starts, step))
+        found = i < self.starts.size and self.starts[i] == step
+        return float(self.draws[i]) if found else None
+
+    def inside(self, step: int) -> bool:
+        """`step` is a rollout's, not its first: its reward is in the rollout's draw."""
+        return bool(self.starts.size) and step > self.starts[0] and self.at(step) is None
+
+
+def _compared_scalars(step: Step, rewards: _RolloutRewards) -> dict[str, float]:
+    """The step's `SCALAR_NAMES` as compared: reward_mean its rollout's draw (`rewards`) at
+    the rollout's first step, the step's own elsewhere."""
+    scalars = {n: step.scalars[n] for n in SCALAR_NAMES if n in step.scalars}
+    draw = rewards.at(step.step)
+    if draw is not None:
+        scalars["reward_mean"] = draw
+    return scalars
+
+
+def _recorded(step: Step, scalars: dict[str, float]) -> set[str]:
+    """What a step records that a step of scalars only may: its compared `scalars` and
     `SCALAR_STEP_FIELDS`."""
-    return {n for n in SCALAR_NAMES if n in step.scalars} | (step.fields & set(SCALAR_STEP_FIELDS))
+    return set(scalars) | (step.fields & set(SCALAR_STEP_FIELDS))
 
 
 @dataclass
@@ -289,6 +338,8 @@ class _Comparison:
 
     atol: float
     rtol: float
+    rewards: tuple[_RolloutRewards, _RolloutRewards]
+    """Each run's reward_mean draws (A's, B's)."""
     first: dict[DiffKind, Parting | None] = field(default_factory=lambda: dict.fromkeys(DIFF_KINDS))
     compared: int = 0
     scalars_only: int = 0
@@ -320,15 +371,20 @@ class _Comparison:
     def add(self, a: Step, b: Step) -> None:
         """Compares one step of each run, field by field; where either step is of scalars only
         (no policy batch), what both record there (not the other's batch), listing in
-        `unshared` the scalars one records alone."""
+        `unshared` the scalars one records alone; reward_mean one a rollout (`rewards`)."""
         found: dict[DiffKind, list[FieldDifference]] = {kind: [] for kind in DIFF_KINDS}
         shared_only = a.is_scalar or b.is_scalar
         self.scalars_only += a.is_scalar != b.is_scalar
         self.batches_compared += not shared_only
+        scalars_a = _compared_scalars(a, self.rewards[0])
+        scalars_b = _compared_scalars(b, self.rewards[1])
         if shared_only:
-            recorded_a, recorded_b = _recorded(a), _recorded(b)
-            self.unshared["a"] |= recorded_a - recorded_b
-            self.unshared["b"] |= recorded_b - recorded_a
+            recorded = {"a": _recorded(a, scalars_a), "b": _recorded(b, scalars_b)}
+            for side, step, rewards in (("a", a, self.rewards[0]), ("b", b, self.rewards[1])):
+                alone = recorded[side] - recorded["b" if side == "a" else "a"]
+                if rewards.inside(step.step):  # its reward is in its rollout's draw
+                    alone.discard("reward_mean")
+                self.unshared[side] |= alone
         for name in sorted(a.fields & b.fields if shared_only else a.fields | b.fields):
             bits, values = self._array(name, a, b)
             if bits is not None:
@@ -338,7 +394,7 @@ class _Comparison:
             if values is not None and _kind(name) != "arrays":
                 found[_kind(name)].append(FieldDifference(field=name, what=values))
         for name in SCALAR_NAMES:
-            x, y = a.scalars.get(name), b.scalars.get(name)
+            x, y = scalars_a.get(name), scalars_b.get(name)
             if (x is None and y is None) or (shared_only and (x is None or y is None)):
                 continue
             if x is None or y is None or not _bitwise_equal(np.float64(x), np.float64(y)):
@@ -402,11 +458,11 @@ def _warn_skipped(run: Run, listed: list[int]) -> set[int]:
 
 
 def _figures(
-    run: Run, steps: list[int], config: ReplayConfig
+    run: Run, steps: list[int], config: ReplayConfig, rewards: _RolloutRewards
 ) -> dict[int, dict[str, float | bool | None]]:
     """step -> FIGURES of `run` at `steps` (its own policy replayed over the run's steps up to
     the last of them; its figures None, with a warning, when its steps lack a field it
-    needs)."""
+    needs), with its reward draws `rewards`."""
     from stabledrl_cli.replay.incremental import OwnReplay  # torch: only for runs that part
 
     follower = OwnReplay(run, config)
@@ -427,6 +483,7 @@ def _figures(
         risk = None if i is None else bool(series["collapsed"][i])
         out[header.step] = {
             "reward_mean": header.scalars.get("reward_mean"),
+            "reward_draw": rewards.at(header.step),
             "grad_norm": header.scalars.get("grad_norm"),
             "discard_frac": None if i is None else float(series["discard_frac"][i]),
             "risk": risk if i is None or series["spike_judged"][i] else None,
@@ -475,7 +532,8 @@ def diff_runs(
     share_none = InputError(f"{a.location} and {b.location} share no step: nothing to compare")
     if not common:
         raise share_none
-    comparison = _Comparison(atol=atol, rtol=rtol)
+    rewards = (_RolloutRewards.of(a, common), _RolloutRewards.of(b, common))
+    comparison = _Comparison(atol=atol, rtol=rtol, rewards=rewards)
     unread = skipped
     for step_a, step_b in _pairs(a, b, common, unread):
         comparison.add(step_a, step_b)
@@ -498,7 +556,8 @@ def diff_runs(
     if focus is not None:
         at = common.index(focus)
         shown = common[max(0, at - context) : at + context + 1]
-        figures_a, figures_b = _figures(a, shown, config), _figures(b, shown, config)
+        figures_a = _figures(a, shown, config, rewards[0])
+        figures_b = _figures(b, shown, config, rewards[1])
         empty = dict.fromkeys(FIGURES)
         around = [
             SideBySide(step=n, a=figures_a.get(n, empty), b=figures_b.get(n, empty)) for n in shown
