@@ -73,14 +73,22 @@ def test_a_path_that_names_no_directory_is_refused(
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("switch", ["overwrite", "resume", "async_writes"])
-@pytest.mark.parametrize("value", ["false", 0, None, np.int64(0)])
+@pytest.mark.parametrize(
+    ("switch", "value"),
+    [
+        (switch, value)
+        for switch in ("overwrite", "resume", "async_writes")
+        for value in ("false", 0, None, np.int64(0))
+        if (switch, value) != ("overwrite", None)  # its default: record's --force, or not
+    ],
+)
 def test_a_switch_that_is_not_true_or_false_is_refused_and_the_run_kept(
     tmp_path: Path, switch: str, value: object
 ) -> None:
     """Before: a switch was taken for its truth value: overwrite="false" (a config's text)
     removed the run's steps, 0 and None were taken for False. (A numpy bool is the bool it
-    holds: tests/test_api_numpy_bools.py.)"""
+    holds: tests/test_api_numpy_bools.py.) overwrite=None is its default, which
+    tests/test_record_force_own_recorder.py checks."""
     run = tmp_path / "run"
     with sd.Recorder(run) as recorder:
         recorder.log_step(0, loss=1.0)

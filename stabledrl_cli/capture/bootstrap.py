@@ -5,8 +5,9 @@ it and the optimizer hooks (`optimizer_hooks`) write together.
 - STABLEDRL_RUN_DIR: the run directory to write;
 - STABLEDRL_FORCE: "1" when --force was given (record into a non-empty directory: replace its
   run, or continue it when the script resumes it, recorder_kwargs resume=True); the process
-  that opens the run takes it out of its environment, so that a process it starts later (a
-  spawned worker with an optimizer of its own) finds the run and does not replace it;
+  that opens the run (here, or by a Recorder of the script's own: `_run_env.forced_run`)
+  takes it out of its environment, so that a process it starts later (a spawned worker with
+  an optimizer of its own) finds the run and does not replace it;
 - STABLEDRL_POLICY: the --policy spec, when given;
 - STABLEDRL_STATUS_FILE: a file of `record`'s, where the child reports a recording failure;
 - STABLEDRL_RANKS_DIR: a directory of `record`'s, where each process of the command that runs
@@ -77,6 +78,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from stabledrl_cli._regular import NotRegularFile, open_regular
+from stabledrl_cli._run_env import ENV_FORCE as ENV_FORCE  # record exports them (module doc)
+from stabledrl_cli._run_env import ENV_RUN_DIR as ENV_RUN_DIR
+from stabledrl_cli._run_env import env_force as env_force
 from stabledrl_cli._sigterm import steps_written_on_sigterm
 from stabledrl_cli.errors import (
     InputError,
@@ -91,32 +95,11 @@ if TYPE_CHECKING:
     from stabledrl_cli.dump import Recorder
     from stabledrl_cli.dump._policy import PolicyLike
 
-ENV_RUN_DIR = "STABLEDRL_RUN_DIR"
-ENV_FORCE = "STABLEDRL_FORCE"
 ENV_POLICY = "STABLEDRL_POLICY"
 ENV_STATUS_FILE = "STABLEDRL_STATUS_FILE"
 ENV_RANKS_DIR = "STABLEDRL_RANKS_DIR"
 ENV_TORCH_RANK = "RANK"
 ENV_TORCH_WORLD_SIZE = "WORLD_SIZE"
-FORCE_ON = ("1", "true", "yes", "on")
-FORCE_OFF = ("", "0", "false", "no", "off")
-"""$STABLEDRL_FORCE's spellings (any case, spaces aside): replace an existing run, or not."""
-
-
-def env_force(*, take: bool = False) -> bool:
-    """$STABLEDRL_FORCE as a switch (`FORCE_ON`, `FORCE_OFF`; unset: off); take: remove it from
-    the environment too. Any other text is a UsageError naming it: `false` or a typo must
-    never replace a run."""
-    text = os.environ.pop(ENV_FORCE, "") if take else os.environ.get(ENV_FORCE, "")
-    value = text.strip().lower()
-    if value not in FORCE_ON + FORCE_OFF:
-        raise UsageError(
-            f"${ENV_FORCE}={text!r}: not a switch; give 1 to replace an existing run (or "
-            "true, yes, on), 0 not to (or false, no, off, nothing)"
-        )
-    return value in FORCE_ON
-
-
 ENV_DEBUG = "STABLEDRL_DEBUG"
 ENV_OPTIMIZER_HOOKS = "STABLEDRL_OPTIMIZER_HOOKS"
 """"0": the sitecustomize installs no optimizer hooks (`record --no-optimizer-hooks`)."""
@@ -453,7 +436,6 @@ def _open(
 
     holds_in_this_process(run_dir, _records_its_out())
     _refuse_unknown(recorder_kwargs, "__init__", "a key of recorder_kwargs")
-    force = env_force(take=True)  # this run, not a later one
     recorder_kwargs.setdefault("on_write_error", "warn")  # a full disk never stops training
     for name, value in _launcher_rank().items():
         recorder_kwargs.setdefault(name, value)
@@ -464,10 +446,9 @@ def _open(
         # The training thread never waits for the disk; but a pool's worker, which ends by a
         # SIGTERM, has each step written before step() returns.
         recorder_kwargs.setdefault("async_writes", not in_pool_worker())
-    # --force lets the command record into a non-empty directory: a run the script resumes
-    # (resume=True) goes on, any other is replaced.
-    overwrite = force and not recorder_kwargs.get("resume")
-    _recorder = Recorder(run_dir, policy=policy, overwrite=overwrite, **recorder_kwargs)
+    # --force lets the command record into a non-empty directory: the Recorder replaces the
+    # run, or continues the one the script resumes (resume=True), and takes the switch.
+    _recorder = Recorder(run_dir, policy=policy, **recorder_kwargs)
     if recorder_kwargs.get("resume") and _recorder.last_step is not None:
         _hooks_start = _recorder.last_step + 1
     if _announce_rank is not None:

@@ -82,6 +82,7 @@ import numpy as np
 from stabledrl_cli._atomic import write_atomic, write_error
 from stabledrl_cli._child_end import at_child_end
 from stabledrl_cli._json import json_text
+from stabledrl_cli._run_env import forced_run
 from stabledrl_cli._sigterm import steps_written_on_sigterm
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._inputs import ArrayInput, ScalarInput, build_step
@@ -331,12 +332,13 @@ class Recorder:
     its `unit` rules out (stabledrl:level=token on sequence units) is refused. source: where
     the run came from, a JSON object with a string "kind" (format 1.2), or None.
     Refuses an existing non-empty directory unless `overwrite=True` (removes this recorder's
-    own step files and, on rank 0, rewrites the manifest) or `resume=True` (continues the run:
-    steps at or after `resume_from` are replaced, earlier ones kept and verified; see
-    `_setup`). Rank 0 gives the run a new identity (the manifest's `run_id`) when it creates
-    or overwrites it, or when a resume replaces steps (`_setup`). With `world_size > 1`
-    every rank makes its own Recorder on the same path; rank 0 writes the manifest, each rank
-    its own step files. `group_ids="global"` says that
+    own step files and, on rank 0, rewrites the manifest; not given, it is True for the run
+    directory of `stabledrl record --force`: `_run_env.forced_run`) or `resume=True`
+    (continues the run: steps at or after `resume_from` are replaced, earlier ones kept and
+    verified; see `_setup`). Rank 0 gives the run a new identity (the manifest's `run_id`)
+    when it creates or overwrites it, or when a resume replaces steps (`_setup`). With
+    `world_size > 1` every rank makes its own Recorder on the same path; rank 0 writes the
+    manifest, each rank its own step files. `group_ids="global"` says that
     the recorded group_ids are prompt-group ids shared by all ranks. A relative `path` is
     taken from the working directory as the Recorder is made: a later `os.chdir` of the
     process (hydra's job chdir, say) does not move the run.
@@ -353,7 +355,7 @@ class Recorder:
         reward_range: tuple[float, float] | None = None,
         world_size: int = 1,
         rank: int = 0,
-        overwrite: bool = False,
+        overwrite: bool | None = None,
         async_writes: bool = False,
         queue_size: int = 8,
         geometry: dict[str, Any] | None = None,
@@ -381,7 +383,8 @@ class Recorder:
             )
         if not (is_count(queue_size) and queue_size >= 1):
             raise UsageError(f"queue_size must be an int >= 1, got {queue_size!r}")
-        overwrite = switch_argument(overwrite, "overwrite")
+        if overwrite is not None:
+            overwrite = switch_argument(overwrite, "overwrite")
         resume = switch_argument(resume, "resume")
         async_writes = switch_argument(async_writes, "async_writes")
         if resume and overwrite:
@@ -407,6 +410,8 @@ class Recorder:
             self.path = Path(path).absolute()
         except OSError as exc:  # a relative path in a working directory since removed
             raise write_error(Path(path), exc) from None
+        if overwrite is None:  # `stabledrl record --force` of its --out, unless resumed
+            overwrite = forced_run(self.path) and not resume
         self._fixed_time = _fixed_time()
         self._steps_dir = os.fspath(self.path / STEPS_DIR)
         self.unit = unit
