@@ -282,6 +282,18 @@ def reclose_run(path: Path, closed: dict[str, Any]) -> None:
             _write_manifest(path, (json.dumps(closed, indent=2, allow_nan=False) + "\n").encode())
 
 
+def in_the_way(path: Path) -> tuple[Path, bool] | None:
+    """The first of the run directory `path`'s `steps` and manifest that is there as what no
+    run can be written into: a file where `steps` goes, a directory where the manifest goes
+    (a symlink is left to the readers and writers, which refuse it themselves); with whether a
+    directory goes there. None when neither is in the way."""
+    for name, folder in ((STEPS_DIR, True), (MANIFEST_NAME, False)):
+        place = path / name
+        if os.path.lexists(place) and not os.path.islink(place) and place.is_dir() != folder:
+            return place, folder
+    return None
+
+
 def check_replaceable(path: Path) -> None:
     """UsageError when the directory `path` holds another tool's manifest.json (JSON that is
     no stabledrl run's manifest: an object of another kind, a list, a number...): replacing a
@@ -289,13 +301,14 @@ def check_replaceable(path: Path) -> None:
     JSON (a damaged run's, a FIFO or a link put in its place) is a run's to replace. So is a
     UsageError a `steps` that is no directory (a file) or a manifest that is one: the new run
     could not be written there, and replacing a run removes its files, never another."""
-    for name, kept, folder in ((STEPS_DIR, "step files", True), (MANIFEST_NAME, "manifest", False)):
-        place = path / name
-        if os.path.lexists(place) and not os.path.islink(place) and place.is_dir() != folder:
-            raise UsageError(
-                f"{place}: not a {'directory' if folder else 'file'} (where a run keeps its "
-                f"{kept}); replacing a run never removes it: remove it, or record elsewhere"
-            )
+    found = in_the_way(path)
+    if found is not None:
+        place, folder = found
+        kept = "step files" if folder else "manifest"
+        raise UsageError(
+            f"{place}: not a {'directory' if folder else 'file'} (where a run keeps its "
+            f"{kept}); replacing a run never removes it: remove it, or record elsewhere"
+        )
     try:
         if manifest_now(path).get("format") == RUN_KIND:
             return

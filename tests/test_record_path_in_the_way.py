@@ -1,0 +1,53 @@
+"""A file put where `stabledrl record`'s run goes (its --out, or the run's `steps`) while the
+command runs, before its first step opens the run: a write failure, exit 4 with one line
+naming the path, and training goes on. Before: exit 2, a usage error, for a path the user
+never gave ('.../run exists and is not a directory'; with --force '.../steps: not a
+directory ... replacing a run never removes it'), and '.../steps: cannot write it (File
+exists)' without --force."""
+
+from __future__ import annotations
+
+import pytest
+from _cli import cli_environment, record_python
+
+TRAIN = """
+import torch
+
+model = torch.nn.Linear(2, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+for _ in range(3):
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+print("trained")
+"""
+SCRIPT = """
+import os, shutil
+
+run = os.environ["STABLEDRL_RUN_DIR"]
+place = os.path.join(run, {name!r}) if {name!r} else run
+if os.path.isdir(place):
+    shutil.rmtree(place)
+open(place, "w").close()  # a file where a directory goes, after record checked the run
+"""
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["new run", "--force"])
+@pytest.mark.parametrize("name", ["", "steps"], ids=["the run directory", "its steps"])
+def test_a_file_in_the_runs_place_is_a_write_failure(tmp_path, name, force):
+    run = tmp_path / "run"
+    if force:  # a run recorded before, which --force replaces
+        done, _ = record_python(TRAIN, cwd=tmp_path, env=cli_environment())
+        assert done.returncode == 0, done.stderr
+    options = ["--force"] if force else []
+    done, errors = record_python(
+        SCRIPT.format(name=name) + TRAIN, *options, cwd=tmp_path, env=cli_environment()
+    )
+    assert done.returncode == 4, done.stderr
+    assert "trained" in done.stdout  # recording never breaks the training
+    place = run / name if name else run
+    assert errors[-1] == (
+        f"error: recording failed: recording optimizer step 1: {place}: cannot write it "
+        "(Not a directory)"
+    ), done.stderr
+    assert "Traceback" not in done.stderr
