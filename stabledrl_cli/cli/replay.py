@@ -148,6 +148,20 @@ def same_file(target: Path, other: Path) -> bool:
         return True
 
 
+def _note_stopped(run: Run, named: str) -> None:
+    """A warning on stderr for each rank whose recording stopped before the training ended
+    (an interrupted training, a full disk: the run's `recording_stopped` notes, as `inspect`
+    and `watch` show them), at most LIST_LIMIT: the replay covers the steps before it only."""
+    from stabledrl_cli.cli.inspect import LIST_LIMIT, stopped_text
+
+    stops = run.recording_stops
+    for note in stops[:LIST_LIMIT]:
+        err.print(f"warning: {named}: recording {stopped_text(note)}", highlight=False)
+    if len(stops) > LIST_LIMIT:
+        more = counted(len(stops) - LIST_LIMIT, "more rank")
+        err.print(f"warning: {named}: {more} stopped: inspect has them all", highlight=False)
+
+
 def note_skipped(result: ReplayResult) -> None:
     """A line on stderr when the run has scalar steps, which hold nothing to replay, and the
     warnings of its skipped and missing steps (`warn_damaged`)."""
@@ -400,6 +414,7 @@ def command(
     from stabledrl_cli.replay.run_facts import print_own_policy_note
 
     print_own_policy_note(opened, err)
+    _note_stopped(opened, result.run)
     note_skipped(result)
     note_empty_range(result)
 

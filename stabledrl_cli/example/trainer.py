@@ -309,6 +309,25 @@ def policy_loss(
     return -(weights.coef.detach() * arrays["logp"]).sum(), weights
 
 
+def note_cut_short(recorder: Recorder, cut: BaseException, first: int, end: int) -> None:
+    """Notes in `recorder`'s run that its training of steps `first`..`end` - 1 was cut short by
+    `cut` (Ctrl-C, an error), at the first step it does not hold (`Recorder.note_stop`: the
+    manifest's `recording_stopped`, which `inspect` and `replay` show): closed by its `with`
+    block on the way out, the run would read as a finished one of fewer steps."""
+    last = recorder.last_step
+    at = first if last is None or last < first else last + 1
+    how = (
+        "interrupted (Ctrl-C)"
+        if isinstance(cut, KeyboardInterrupt)
+        else f"stopped by {type(cut).__name__}: {cut}"
+    )
+    recorder.note_stop(
+        f"training {how} at step {at}, {at - first} of the {end - first} steps asked "
+        f"({first}..{end - 1}) recorded",
+        at,
+    )
+
+
 def train(
     config: ExampleConfig,
     *,
@@ -395,117 +414,123 @@ def train(
     guard_norms: list[float] = (
         [] if resume is None or resume.guard is None else resume.guard["norms"].tolist()
     )
-    while step < config.steps:
-        if checkpoints is not None and step >= due:
-            save_checkpoint(
-                checkpoints.directory,
-                _training_state(
-                    step,
-                    rollout,
-                    model,
-                    optimizer,
-                    rng,
-                    config,
-                    geometry,
-                    None if guard is None else guard_record(guard, guard_norms),
-                ),
-            )
-            due = checkpoints.next_due(step)
-        prompts = task.sample_prompts(config.prompts_per_rollout, rng)
-        prompts = prompts.repeat_interleave(config.group_size, dim=0).to(device)
-        try:
-            completions = generate(model, prompts, width, rng)
-        except NonFiniteOutput:  # finite weights whose activations overflow
-            diverged_at = step - 1
-            break
-        tokens = torch.cat([prompts, completions], dim=1)
-        reward = task.reward(prompts, completions)
-        group_mean = reward.view(-1, config.group_size).mean(dim=1, keepdim=True)
-        advantages = (reward.view(-1, config.group_size) - group_mean).reshape(-1)
-        old_sample = draw_mask(n_seq, prompt_len, width, estimator.kind, rng)
-        with torch.no_grad():
-            logp_old = estimate(tokens, old_sample)
-
-        for inner_step in range(config.mu):
-            if step >= config.steps:
-                break
-            if estimator.same_mask:
-                sample = old_sample
-            else:
-                sample = draw_mask(n_seq, prompt_len, width, estimator.kind, rng)
-            logp = estimate(tokens, sample)
-            score_mask = sample.noise_mask[:, prompt_len:].to(device)
-            arrays = _rollout_arrays(config, reward, advantages, logp, logp_old, score_mask)
-            surrogate, weights = policy_loss(policy, arrays, config.unit)
-            coef = weights.coef.detach()
-            optimizer.zero_grad(set_to_none=True)
-            torch.autograd.backward(surrogate)
-            covered_norm = covered_grad_norm(model, geometry) if geometry is not None else None
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            clip_scale = min(1.0, config.max_grad_norm / (grad_norm + 1e-6))
-            # On the parameters and inputs this backward used, before the optimizer moves them.
-            step_geometry = _step_geometry(
-                model,
-                geometry,
-                unit_fn,
-                (tokens, sample.noise_mask.to(device), sample.weights.to(device)),
-                step,
-            )
-            decision = None
-            if guard is not None:
-                decision = guard.before_step(grad_norm=grad_norm)
-                guard_norms.append(grad_norm)
-            guarded = decision is not None and decision.skip
-            if decision is not None and not guarded:
-                decision.apply(params, applied=clip_scale)
-            if (math.isfinite(grad_norm) or not config.skip_nonfinite) and not guarded:
-                optimizer.step()
-
-            loss = -float(weights.objective)
-            reward_mean = float(reward.mean())
-            if not math.isfinite(grad_norm) or not math.isfinite(loss):
-                nonfinite += 1
-            rewards_seen.append(reward_mean)
-            cpu_arrays = {k: v.detach().cpu() for k, v in arrays.items()}
-            if recorder is not None:
-                recorder.log_step(
-                    step,
-                    **cpu_arrays,
-                    grad_norm=grad_norm,
-                    grad_norm_clipped=grad_norm * clip_scale,
-                    loss=loss,
-                    lr=config.lr,
-                    inner_step=inner_step,
-                    grad_norm_covered=covered_norm,
-                    **step_geometry,
-                    scalars={
-                        "rollout": rollout,
-                        "surrogate_loss": float(surrogate.detach()),
-                        **(Guard.scalars(decision) if decision is not None else {}),
-                    },
+    try:
+        while step < config.steps:
+            if checkpoints is not None and step >= due:
+                save_checkpoint(
+                    checkpoints.directory,
+                    _training_state(
+                        step,
+                        rollout,
+                        model,
+                        optimizer,
+                        rng,
+                        config,
+                        geometry,
+                        None if guard is None else guard_record(guard, guard_norms),
+                    ),
                 )
-            if on_step is not None:
-                on_step(
-                    StepInfo(
-                        step=step,
-                        inner_step=inner_step,
-                        rollout=rollout,
-                        reward_mean=reward_mean,
-                        grad_norm=grad_norm,
-                        loss=loss,
-                        arrays=cpu_arrays,
-                        coef=coef.cpu(),
-                        grad_norm_covered=covered_norm,
-                        geometry=step_geometry,
-                    )
-                )
-            step += 1
-            if not all(bool(torch.isfinite(p).all()) for p in params):
+                due = checkpoints.next_due(step)
+            prompts = task.sample_prompts(config.prompts_per_rollout, rng)
+            prompts = prompts.repeat_interleave(config.group_size, dim=0).to(device)
+            try:
+                completions = generate(model, prompts, width, rng)
+            except NonFiniteOutput:  # finite weights whose activations overflow
                 diverged_at = step - 1
                 break
-        rollout += 1
-        if diverged_at is not None:
-            break
+            tokens = torch.cat([prompts, completions], dim=1)
+            reward = task.reward(prompts, completions)
+            group_mean = reward.view(-1, config.group_size).mean(dim=1, keepdim=True)
+            advantages = (reward.view(-1, config.group_size) - group_mean).reshape(-1)
+            old_sample = draw_mask(n_seq, prompt_len, width, estimator.kind, rng)
+            with torch.no_grad():
+                logp_old = estimate(tokens, old_sample)
+
+            for inner_step in range(config.mu):
+                if step >= config.steps:
+                    break
+                if estimator.same_mask:
+                    sample = old_sample
+                else:
+                    sample = draw_mask(n_seq, prompt_len, width, estimator.kind, rng)
+                logp = estimate(tokens, sample)
+                score_mask = sample.noise_mask[:, prompt_len:].to(device)
+                arrays = _rollout_arrays(config, reward, advantages, logp, logp_old, score_mask)
+                surrogate, weights = policy_loss(policy, arrays, config.unit)
+                coef = weights.coef.detach()
+                optimizer.zero_grad(set_to_none=True)
+                torch.autograd.backward(surrogate)
+                covered_norm = covered_grad_norm(model, geometry) if geometry is not None else None
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+                clip_scale = min(1.0, config.max_grad_norm / (grad_norm + 1e-6))
+                # On the parameters and inputs this backward used, before the optimizer moves them.
+                step_geometry = _step_geometry(
+                    model,
+                    geometry,
+                    unit_fn,
+                    (tokens, sample.noise_mask.to(device), sample.weights.to(device)),
+                    step,
+                )
+                decision = None
+                if guard is not None:
+                    decision = guard.before_step(grad_norm=grad_norm)
+                    guard_norms.append(grad_norm)
+                guarded = decision is not None and decision.skip
+                if decision is not None and not guarded:
+                    decision.apply(params, applied=clip_scale)
+                if (math.isfinite(grad_norm) or not config.skip_nonfinite) and not guarded:
+                    optimizer.step()
+
+                loss = -float(weights.objective)
+                reward_mean = float(reward.mean())
+                if not math.isfinite(grad_norm) or not math.isfinite(loss):
+                    nonfinite += 1
+                rewards_seen.append(reward_mean)
+                cpu_arrays = {k: v.detach().cpu() for k, v in arrays.items()}
+                if recorder is not None:
+                    recorder.log_step(
+                        step,
+                        **cpu_arrays,
+                        grad_norm=grad_norm,
+                        grad_norm_clipped=grad_norm * clip_scale,
+                        loss=loss,
+                        lr=config.lr,
+                        inner_step=inner_step,
+                        grad_norm_covered=covered_norm,
+                        **step_geometry,
+                        scalars={
+                            "rollout": rollout,
+                            "surrogate_loss": float(surrogate.detach()),
+                            **(Guard.scalars(decision) if decision is not None else {}),
+                        },
+                    )
+                if on_step is not None:
+                    on_step(
+                        StepInfo(
+                            step=step,
+                            inner_step=inner_step,
+                            rollout=rollout,
+                            reward_mean=reward_mean,
+                            grad_norm=grad_norm,
+                            loss=loss,
+                            arrays=cpu_arrays,
+                            coef=coef.cpu(),
+                            grad_norm_covered=covered_norm,
+                            geometry=step_geometry,
+                        )
+                    )
+                step += 1
+                if not all(bool(torch.isfinite(p).all()) for p in params):
+                    diverged_at = step - 1
+                    break
+            rollout += 1
+            if diverged_at is not None:
+                break
+
+    except BaseException as cut:  # Ctrl-C, an error: the run must not read as a finished one
+        if recorder is not None:
+            note_cut_short(recorder, cut, first_step, config.steps)
+        raise
 
     finished = time.perf_counter()
     window = max(1, len(rewards_seen) // 10)
