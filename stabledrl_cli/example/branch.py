@@ -3,18 +3,20 @@ branch from a checkpoint under another policy and record it as a run of its own.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import typing
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from stabledrl_cli._atomic import write_error
 from stabledrl_cli._device import resolve_device
-from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, BranchRequest
+from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, CHECKPOINTS_DIR, BranchRequest
 from stabledrl_cli.capture.geometry import GeometryConfig
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.dump._directory import symlink_refused
@@ -27,7 +29,7 @@ from stabledrl_cli.dump._schema import (
     TEMP_STOP_NOTE_RE,
     WRITER_LOCK_RE,
 )
-from stabledrl_cli.dump._setup import check_replaceable, os_file
+from stabledrl_cli.dump._setup import check_replaceable, manifest_now, os_file
 from stabledrl_cli.errors import InputError, UsageError, quoted
 from stabledrl_cli.example.checkpoint import TrainingState, checkpoint_files, load_checkpoint
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
@@ -222,6 +224,51 @@ def remove_old_run_files(files: list[Path]) -> None:
             raise write_error(path, exc) from None
 
 
+def _as_json(value: object) -> object:
+    """`value` as a manifest holds it (tuples as lists...), to compare with one read back."""
+    return json.loads(json.dumps(value))
+
+
+def check_its_run(state: TrainingState, kwargs: dict[str, Any]) -> None:
+    """InputError (exit 3) when a checkpoint in a run's checkpoints folder says another run
+    than that run's manifest (a hand-edited seed, say): its settings (`config`), the geometry
+    it records and its guard (`kwargs`: the branch's Recorder arguments, made from the
+    checkpoint) must be the run's, or its branch would train and record, under the run's name,
+    what the run never was. A checkpoint outside a run, or of a run whose manifest cannot be
+    read, says no run to compare."""
+    where = state.source
+    if where is None or where.parent.name != CHECKPOINTS_DIR:
+        return
+    run = where.parent.parent
+    try:
+        manifest = manifest_now(run)
+    except (InputError, ValueError, OSError):
+        return
+    meta = manifest.get("meta")
+    meta = meta if isinstance(meta, dict) else {}
+    claims = {
+        "its settings are": (_as_json(state.config), meta.get("example_config")),
+        "its geometry is": (_as_json(kwargs["geometry"]), manifest.get("geometry")),
+        "its guard is": (_as_json(kwargs["meta"].get("guard")), meta.get("guard")),
+    }
+    for what, (held, runs) in claims.items():
+        if held == runs:
+            continue
+        if isinstance(held, dict) and isinstance(runs, dict):
+            key = next(k for k in (*held, *runs) if held.get(k) != runs.get(k))
+            said = f"{key} {held.get(key)!r} in the checkpoint, {runs.get(key)!r} in the run"
+        else:
+            said = f"{_some(held)} in the checkpoint, {_some(runs)} in the run"
+        raise InputError(
+            f"{where}: not a checkpoint of the run it is in: {what} not the run's "
+            f"({said}: {run / MANIFEST_NAME})"
+        )
+
+
+def _some(value: object) -> str:
+    return "none" if value is None else "one"
+
+
 def train_branch(
     request: BranchRequest,
     *,
@@ -235,7 +282,8 @@ def train_branch(
 
     The manifest's meta carries `branch`: the checkpoint, its step and the policy override.
     UsageError for more than MAX_RL_STEPS steps; InputError when the checkpoint does not
-    resume at `request.at`, or its state does not fit the model (checked before the branch
+    resume at `request.at`, says another run than the one it is in (`check_its_run`), or its
+    state does not fit the model (checked before the branch
     run is opened). `on_start` is called once the
     checkpoint is taken, before the first step trains.
     """
@@ -256,6 +304,7 @@ def train_branch(
     kwargs = recorder_kwargs(config, policy, geometry)
     if guard is not None:
         kwargs["meta"]["guard"] = guard.manifest_note()
+    check_its_run(state, kwargs)
     kwargs["meta"]["branch"] = {
         "checkpoint": os.path.abspath(request.checkpoint),  # not the cwd's relative path
         "at": request.at,
