@@ -470,6 +470,9 @@ class Recorder:
         self.stopped_step: int | None = None
         """The step whose write failed when recording stopped (an async write's failure is
         noticed at a later step's `log_step`), else None."""
+        self._unnoted_stop: dict[str, Any] | None = None
+        """The `recording_stopped` note the manifest refused (a full disk), else None: the
+        run is marked closed only once it holds it, or it would read as a whole recording."""
         self._closed = False
         self._closed_marked = False
         """Whether close marked the run `recording_closed` (rank 0 of a world_size 1 run: the
@@ -753,8 +756,10 @@ class Recorder:
         if self.world_size > 1:  # the rank's own file: the manifest's one note is shared
             with suppress(WriteError):  # best effort, as the manifest's
                 write_atomic(self.path / STEPS_DIR / stop_note_name(self.rank), note_text(note))
-        with suppress(ValueError, InputError, WriteError):  # best effort: the disk that refused
-            amend_manifest(self.path, RECORDING_STOPPED, note)  # the step may refuse it too
+        try:  # best effort: the disk that refused the step may refuse it too
+            amend_manifest(self.path, RECORDING_STOPPED, note)
+        except (ValueError, InputError, WriteError):
+            self._unnoted_stop = note  # tried again before the run is marked closed
 
     def close(self) -> None:
         """Drains the queue (async mode), stops the writer and marks the run `recording_closed`
@@ -817,6 +822,9 @@ class Recorder:
             self._closed = self._closed or closing
             self._closed_marked = True
             with suppress(ValueError, InputError, WriteError):  # best effort
+                if self._unnoted_stop is not None:  # never closed as if whole: unmarked then
+                    amend_manifest(self.path, RECORDING_STOPPED, self._unnoted_stop)
+                    self._unnoted_stop = None
                 amend_manifest(self.path, RECORDING_CLOSED, True)
 
     def closed_by_caller_at_exit(self) -> None:
