@@ -5,12 +5,16 @@ Ground floor: read by the Recorder (dump/), the bootstrap and the integrations a
 
 from __future__ import annotations
 
+import errno
 import os
 
 from stabledrl_cli.errors import UsageError
 
 ENV_RUN_DIR = "STABLEDRL_RUN_DIR"
 ENV_FORCE = "STABLEDRL_FORCE"
+ENV_RANKS_DIR = "STABLEDRL_RANKS_DIR"
+"""A directory of `record`'s for the command's processes (`capture.bootstrap`), where a
+Recorder that replaces record's run under --force also says so (`forced_run`)."""
 FORCE_ON = ("1", "true", "yes", "on")
 FORCE_OFF = ("", "0", "false", "no", "off")
 """$STABLEDRL_FORCE's spellings (any case, spaces aside): replace an existing run, or not."""
@@ -30,13 +34,27 @@ def env_force(*, take: bool = False) -> bool:
     return value in FORCE_ON
 
 
-def forced_run(path: str | os.PathLike[str]) -> bool:
-    """Whether a Recorder that opens `path` without saying `overwrite` replaces the run there:
-    `path` is $STABLEDRL_RUN_DIR (`stabledrl record --out`) and $STABLEDRL_FORCE is on
-    (`--force`). The first such Recorder of the process takes the switch out of its
+def forced_run(path: str | os.PathLike[str], rank: int) -> bool:
+    """Whether a Recorder of `rank` that opens `path` without saying `overwrite` replaces the
+    run there: `path` is $STABLEDRL_RUN_DIR (`stabledrl record --out`) and $STABLEDRL_FORCE is
+    on (`--force`). The first such Recorder of the process takes the switch out of its
     environment: it is this run's, not a later one's (a second Recorder there, or a process
-    started later, finds the new run and does not replace its steps)."""
+    started later, finds the new run and does not replace its steps). Under `record`, it is
+    the first of the command's processes too (a file of the rank's in $STABLEDRL_RANKS_DIR):
+    a second process that records the rank (`python a.py && python b.py`) finds the steps the
+    first recorded, which --force does not replace."""
     run_dir = os.environ.get(ENV_RUN_DIR)
     if not run_dir or os.path.realpath(path) != os.path.realpath(run_dir):
         return False
-    return env_force(take=True)
+    if not env_force(take=True):
+        return False
+    replaced = os.environ.get(ENV_RANKS_DIR)
+    if not replaced:
+        return True
+    try:
+        os.close(os.open(os.path.join(replaced, f"replaced.rank-{rank}"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    except OSError as exc:  # record's directory gone: its command outlived it
+        return exc.errno != errno.ENOENT
+    return True

@@ -79,6 +79,7 @@ from typing import TYPE_CHECKING, Any
 
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli._run_env import ENV_FORCE as ENV_FORCE  # record exports them (module doc)
+from stabledrl_cli._run_env import ENV_RANKS_DIR as ENV_RANKS_DIR
 from stabledrl_cli._run_env import ENV_RUN_DIR as ENV_RUN_DIR
 from stabledrl_cli._run_env import env_force as env_force
 from stabledrl_cli._sigterm import steps_written_on_sigterm
@@ -97,7 +98,6 @@ if TYPE_CHECKING:
 
 ENV_POLICY = "STABLEDRL_POLICY"
 ENV_STATUS_FILE = "STABLEDRL_STATUS_FILE"
-ENV_RANKS_DIR = "STABLEDRL_RANKS_DIR"
 ENV_TORCH_RANK = "RANK"
 ENV_TORCH_WORLD_SIZE = "WORLD_SIZE"
 ENV_DEBUG = "STABLEDRL_DEBUG"

@@ -411,7 +411,7 @@ class Recorder:
         except OSError as exc:  # a relative path in a working directory since removed
             raise write_error(Path(path), exc) from None
         if overwrite is None:  # `stabledrl record --force` of its --out, unless resumed
-            overwrite = forced_run(self.path) and not resume
+            overwrite = forced_run(self.path, rank) and not resume
         self._fixed_time = _fixed_time()
         self._steps_dir = os.fspath(self.path / STEPS_DIR)
         self.unit = unit
