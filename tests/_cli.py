@@ -48,6 +48,24 @@ def record_python(
     return done, [line for line in done.stderr.splitlines() if "error" in line.lower()]
 
 
+def torch_training(steps: int, each: str = "") -> str:
+    """A script that takes `steps` optimizer steps of a tiny torch model (numbered `step` from
+    0), each followed by the statement `each`, then prints `trained`: what `record`'s optimizer
+    hooks record as scalar steps."""
+    return f"""
+import torch
+
+model = torch.nn.Linear(2, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+for step in range({steps}):
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    {each}
+print("trained")
+"""
+
+
 def run_cli_together(
     *commands: Sequence[object], cwd: Path = ROOT, timeout: float = TIMEOUT
 ) -> list[subprocess.CompletedProcess[str]]:

@@ -8,19 +8,9 @@ exists)' without --force."""
 from __future__ import annotations
 
 import pytest
-from _cli import cli_environment, record_python
+from _cli import cli_environment, record_python, torch_training
 
-TRAIN = """
-import torch
-
-model = torch.nn.Linear(2, 1)
-optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-for _ in range(3):
-    model(torch.ones(1, 2)).sum().backward()
-    optimizer.step()
-    optimizer.zero_grad()
-print("trained")
-"""
+TRAIN = torch_training(3)
 SCRIPT = """
 import os, shutil
 

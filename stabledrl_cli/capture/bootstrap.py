@@ -114,6 +114,9 @@ NO_POLICY = (
 
 _lock = threading.Lock()
 _recorder: Recorder | None = None
+_interrupted = False
+"""Whether a KeyboardInterrupt (Ctrl-C) went uncaught in this process: it ends, and `close`
+notes in the run that its training was cut short (`Recorder.note_interrupted`)."""
 
 
 def report_failure(code: int, message: str, *, fatal: bool = False) -> None:
@@ -216,9 +219,11 @@ def uncaught_error(exc: BaseException) -> bool:
     stabledrl error is reported and, unless STABLEDRL_DEBUG is set, printed as one line;
     torchrun's failure after such a rank is silenced. -> whether sys.excepthook (the
     traceback) is to be skipped."""
+    global _interrupted
     path = os.environ.get(ENV_STATUS_FILE)
     if not path:
         return False
+    _interrupted = _interrupted or isinstance(exc, KeyboardInterrupt)
     debug = os.environ.get(ENV_DEBUG, "") not in ("", "0")
     if isinstance(exc, StabledrlError):
         exc = task_cause(exc) or exc
@@ -877,6 +882,8 @@ def close() -> None:
     with _lock:
         recorder, _recorder = _recorder, None
     if recorder is not None:
+        if _interrupted:  # after the held step: it is whole, and recorded
+            recorder.note_interrupted()
         try:
             try:
                 recorder.close()

@@ -470,6 +470,8 @@ class Recorder:
         self.stopped_step: int | None = None
         """The step whose write failed when recording stopped (an async write's failure is
         noticed at a later step's `log_step`), else None."""
+        self._interrupted = False
+        """Whether the training was interrupted (`note_interrupted`): noted as it closes."""
         self._unnoted_stop: dict[str, Any] | None = None
         """The `recording_stopped` note the manifest refused (a full disk), else None: the
         run is marked closed only once it holds it, or it would read as a whole recording."""
@@ -748,10 +750,22 @@ class Recorder:
             if self.stopped is None and not self._closed:
                 self._note_stop(reason, step)
 
+    def note_interrupted(self) -> None:
+        """The training was interrupted (Ctrl-C): as the Recorder closes, once its steps are
+        written, the run notes it after the last step it holds (the manifest's
+        `recording_stopped`; the Recorder is not stopped by it, so no failure is reported),
+        unless a failed write stopped recording already: closed on the way out, the run would
+        read as a finished one of fewer steps."""
+        self._interrupted = True
+
     def _note_stop(self, reason: str, step: int | None) -> None:
-        """Marks the Recorder stopped and notes it: the manifest's `recording_stopped` and, with
-        several ranks, the rank's own note file (best effort both)."""
+        """Marks the Recorder stopped and notes it (`_write_stop_note`)."""
         self.stopped, self.stopped_step = reason, step
+        self._write_stop_note(reason, step)
+
+    def _write_stop_note(self, reason: str, step: int | None) -> None:
+        """The manifest's `recording_stopped` and, with several ranks, the rank's own note file
+        (best effort both)."""
         note = {"step": step, "rank": self.rank, "reason": json_text(reason)}
         if self.world_size > 1:  # the rank's own file: the manifest's one note is shared
             with suppress(WriteError):  # best effort, as the manifest's
@@ -783,6 +797,11 @@ class Recorder:
                     writer.stop()
                     self._cancel_on_sigterm()
                     self._raise_writer_error()
+            if own and self._interrupted and self.stopped is None and not self._closed_marked:
+                last = self._last_step
+                after = "before its first step" if last is None else f"after step {last}"
+                step = None if last is None else last + 1
+                self._write_stop_note(f"training interrupted (Ctrl-C) {after}", step)
             if own:
                 self._mark_run_closed(closing=True)
             self._closed = True
@@ -841,10 +860,13 @@ class Recorder:
 
     def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
         """Closes the Recorder. When the block raised, its exception goes on: a failed write
-        that the close reports (async writes) is then a warning, not an error in its place."""
+        that the close reports (async writes) is then a warning, not an error in its place;
+        a Ctrl-C is noted in the run first (`note_interrupted`)."""
         if exc is None:
             self.close()
             return
+        if isinstance(exc, KeyboardInterrupt):
+            self.note_interrupted()
         try:
             self.close()
         except WriteError as error:
