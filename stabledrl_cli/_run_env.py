@@ -34,6 +34,23 @@ def env_force(*, take: bool = False) -> bool:
     return value in FORCE_ON
 
 
+def records_out(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is the run directory of a `stabledrl record` whose command this process
+    belongs to: $STABLEDRL_RUN_DIR, exported by record with $STABLEDRL_RANKS_DIR (a script or
+    a launcher that sets the first itself runs under no `record`)."""
+    return bool(os.environ.get(ENV_RANKS_DIR)) and _is_run_dir(path)
+
+
+def _is_run_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is $STABLEDRL_RUN_DIR."""
+    run_dir = os.environ.get(ENV_RUN_DIR)
+    return (
+        run_dir is not None
+        and run_dir != ""
+        and os.path.realpath(path) == os.path.realpath(run_dir)
+    )
+
+
 def forced_run(path: str | os.PathLike[str], rank: int) -> bool:
     """Whether a Recorder of `rank` that opens `path` without saying `overwrite` replaces the
     run there: `path` is $STABLEDRL_RUN_DIR (`stabledrl record --out`) and $STABLEDRL_FORCE is
@@ -43,10 +60,7 @@ def forced_run(path: str | os.PathLike[str], rank: int) -> bool:
     the first of the command's processes too (a file of the rank's in $STABLEDRL_RANKS_DIR):
     a second process that records the rank (`python a.py && python b.py`) finds the steps the
     first recorded, which --force does not replace."""
-    run_dir = os.environ.get(ENV_RUN_DIR)
-    if not run_dir or os.path.realpath(path) != os.path.realpath(run_dir):
-        return False
-    if not env_force(take=True):
+    if not _is_run_dir(path) or not env_force(take=True):
         return False
     replaced = os.environ.get(ENV_RANKS_DIR)
     if not replaced:

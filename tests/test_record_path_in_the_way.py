@@ -41,3 +41,42 @@ def test_a_file_in_the_runs_place_is_a_write_failure(tmp_path, name, force):
         "(Not a directory)"
     ), done.stderr
     assert "Traceback" not in done.stderr
+
+
+OWN = """
+from stabledrl_cli import Recorder
+
+try:
+    Recorder(run{kwargs})
+finally:
+    print("trained")
+"""
+
+
+@pytest.mark.parametrize(
+    ("options", "kwargs"),
+    [([], ""), (["--force"], ""), ([], ", overwrite=True")],
+    ids=["new run", "--force", "overwrite=True"],
+)
+@pytest.mark.parametrize("name", ["", "steps"], ids=["the run directory", "its steps"])
+def test_a_scripts_own_recorder_finds_a_file_in_the_runs_place(tmp_path, name, options, kwargs):
+    """The script's own Recorder of record's run reports it as record's own Recorder does:
+    exit 4 naming the path (before: exit 2 with --force or overwrite=True, 'not a directory
+    (where a run keeps its step files); replacing a run never removes it'; 'cannot write it
+    (File exists)' without)."""
+    run = tmp_path / "run"
+    if options:  # a run recorded before, which --force replaces
+        done, _ = record_python(TRAIN, cwd=tmp_path, env=cli_environment())
+        assert done.returncode == 0, done.stderr
+    done, errors = record_python(
+        SCRIPT.format(name=name) + OWN.format(kwargs=kwargs),
+        "--no-optimizer-hooks",
+        *options,
+        cwd=tmp_path,
+        env=cli_environment(),
+    )
+    assert done.returncode == 4, done.stderr
+    assert "trained" in done.stdout
+    place = run / name if name else run
+    assert errors == [f"error: {place}: cannot write it (Not a directory)"], done.stderr
+    assert "Traceback" not in done.stderr

@@ -413,24 +413,6 @@ def _records_its_out() -> str:
     return f"`stabledrl record` records its --out with {how}"
 
 
-def _refuse_in_the_way(run_dir: str) -> None:
-    """WriteError when the run directory, or its `steps` or manifest, is something no run can
-    be written into (a file where a directory goes): `record` checked them before the command
-    started, so it came there while the command ran, and the run cannot be written (exit 4, as
-    a step's write that fails on it later), where the Recorder refuses a path given so."""
-    from pathlib import Path
-
-    from stabledrl_cli._atomic import write_error
-    from stabledrl_cli.dump._setup import in_the_way
-
-    path = Path(run_dir)
-    found = (path, True) if os.path.lexists(path) and not path.is_dir() else in_the_way(path)
-    if found is not None:
-        place, folder = found
-        code = errno.ENOTDIR if folder else errno.EISDIR
-        raise write_error(place, OSError(code, os.strerror(code)))
-
-
 def _open(
     policy: str | PolicyLike | None,
     recorder_kwargs: dict[str, Any],
@@ -448,7 +430,11 @@ def _open(
     run_dir = os.environ.get(ENV_RUN_DIR)
     if not run_dir:
         raise UsageError(f"{ENV_RUN_DIR} is not set (run the script under `stabledrl record`)")
-    _refuse_in_the_way(run_dir)
+    from pathlib import Path
+
+    from stabledrl_cli.dump._setup import refuse_in_the_way
+
+    refuse_in_the_way(Path(run_dir))
     given = os.environ.get(ENV_POLICY) or None
     if policy is not None and given is not None:
         _warn_policies_differ(policy, given)

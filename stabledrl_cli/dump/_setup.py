@@ -34,6 +34,7 @@ Any failure to write or remove a file is WriteError naming it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -292,6 +293,20 @@ def in_the_way(path: Path) -> tuple[Path, bool] | None:
         if os.path.lexists(place) and not os.path.islink(place) and place.is_dir() != folder:
             return place, folder
     return None
+
+
+def refuse_in_the_way(path: Path) -> None:
+    """WriteError when the run directory `path` of `stabledrl record`, or its `steps` or
+    manifest, is something no run can be written into (a file where a directory goes):
+    `record` checked them before its command started, so it came there while the command ran,
+    and the run cannot be written (exit 4, as a step's write that fails on it later), where a
+    Recorder refuses a path given so (exit 2). Called by record's own Recorder (the bootstrap)
+    and by a script's Recorder of record's run alike."""
+    found = (path, True) if os.path.lexists(path) and not path.is_dir() else in_the_way(path)
+    if found is not None:
+        place, folder = found
+        code = errno.ENOTDIR if folder else errno.EISDIR
+        raise write_error(place, OSError(code, os.strerror(code)))
 
 
 def check_replaceable(path: Path) -> None:

@@ -82,7 +82,7 @@ import numpy as np
 from stabledrl_cli._atomic import write_atomic, write_error
 from stabledrl_cli._child_end import at_child_end
 from stabledrl_cli._json import json_text
-from stabledrl_cli._run_env import forced_run
+from stabledrl_cli._run_env import forced_run, records_out
 from stabledrl_cli._sigterm import steps_written_on_sigterm
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._inputs import ArrayInput, ScalarInput, build_step
@@ -113,7 +113,7 @@ from stabledrl_cli.dump._schema import (
     switch_argument,
     written_version,
 )
-from stabledrl_cli.dump._setup import amend_manifest, prepare_run
+from stabledrl_cli.dump._setup import amend_manifest, prepare_run, refuse_in_the_way
 from stabledrl_cli.dump._stfile import discard_step, encode_step, make_step_durable, write_step
 from stabledrl_cli.dump._writer_lock import WriterLock
 from stabledrl_cli.errors import InputError, UsageError, WriteError, counted, quoted, warn
@@ -410,6 +410,8 @@ class Recorder:
             self.path = Path(path).absolute()
         except OSError as exc:  # a relative path in a working directory since removed
             raise write_error(Path(path), exc) from None
+        if records_out(self.path):  # a file put in its place while record's command runs
+            refuse_in_the_way(self.path)
         if overwrite is None:  # `stabledrl record --force` of its --out, unless resumed
             overwrite = forced_run(self.path, rank) and not resume
         self._fixed_time = _fixed_time()
