@@ -1688,15 +1688,24 @@ def test_force_replaces_the_run_once_not_again_from_a_process_the_command_starts
     """--force is for the run the command finds: a worker the recording process spawns later
     (its own optimizer, rank 0 again) must not replace that process's finished steps. It
     cannot record beside them either (the parent's Recorder holds rank 0: `_writer_lock`): it
-    warns, training goes on, and `record` says so."""
+    warns, training goes on, and `record` says so: what happened and the ways out, where it
+    said 'another Recorder, still open in another process; close it first' (a Recorder the
+    user never made)."""
     script, out = tmp_path / "train.py", tmp_path / "run"
     script.write_text(SPAWNS)
     out.mkdir()
     (out / "old").write_text("a run that --force replaces")
     result = _record("--out", str(out), "--force", "--", sys.executable, str(script))
     assert "trained" in result.stdout
-    refusal = "rank 0 of this run is being recorded by another Recorder, still open in another"
-    assert result.returncode == 2 and refusal in result.stderr, result.stderr
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.splitlines()[-1]
+    assert line.startswith(f"error: recording failed: recording optimizer step 1: {out}: a child ")
+    assert line.endswith(
+        "stepped an optimizer of its own under `stabledrl record`'s optimizer hooks while rank 0 "
+        "of the run is recorded by another process: its steps are not recorded. Record with "
+        "--no-optimizer-hooks, or have the workers not step optimizers, or record them as ranks "
+        "of their own (Recorder(path, world_size=N, rank=R))"
+    ), result.stderr
     run = open_run(out)
     assert run.step_numbers == list(range(7))  # the parent's 5 + 2, none the worker's
     assert run.scalar_series("lr")[1].tolist() == [0.1] * 7

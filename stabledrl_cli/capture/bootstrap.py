@@ -413,6 +413,29 @@ def _records_its_out() -> str:
     return f"`stabledrl record` records its --out with {how}"
 
 
+def _refuse_child_of_recording(run_dir: str, rank: int) -> None:
+    """UsageError when this process is a child of `multiprocessing` (a Pool's worker, say)
+    whose optimizer steps under the hooks while another process, the one that started it,
+    records the rank: a run takes one process a rank, so the child's steps are not recorded.
+    Says so, and the ways out, where the Recorder would only say that another one holds it."""
+    import multiprocessing
+    from pathlib import Path
+
+    from stabledrl_cli.dump._writer_lock import writer_states
+
+    parent = multiprocessing.parent_process()
+    if parent is None or (writer_states(Path(run_dir) / "steps") or {}).get(rank) != "held":
+        return
+    raise UsageError(
+        f"{run_dir}: a child process of the command (pid {os.getpid()}, started by "
+        f"multiprocessing from pid {parent.pid}) stepped an optimizer of its own under "
+        f"`stabledrl record`'s optimizer hooks while rank {rank} of the run is recorded by "
+        "another process: its steps are not recorded. Record with --no-optimizer-hooks, or "
+        "have the workers not step optimizers, or record them as ranks of their own "
+        "(Recorder(path, world_size=N, rank=R))"
+    )
+
+
 def _open(
     policy: str | PolicyLike | None,
     recorder_kwargs: dict[str, Any],
@@ -458,7 +481,12 @@ def _open(
         recorder_kwargs.setdefault("async_writes", not in_pool_worker())
     # --force lets the command record into a non-empty directory: the Recorder replaces the
     # run, or continues the one the script resumes (resume=True), and takes the switch.
-    _recorder = Recorder(run_dir, policy=policy, **recorder_kwargs)
+    try:
+        _recorder = Recorder(run_dir, policy=policy, **recorder_kwargs)
+    except UsageError:
+        if hooks:
+            _refuse_child_of_recording(run_dir, recorder_kwargs.get("rank", 0))
+        raise
     if recorder_kwargs.get("resume") and _recorder.last_step is not None:
         _hooks_start = _recorder.last_step + 1
     if _announce_rank is not None:
