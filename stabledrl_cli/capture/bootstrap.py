@@ -114,9 +114,9 @@ NO_POLICY = (
 
 _lock = threading.Lock()
 _recorder: Recorder | None = None
-_interrupted = False
-"""Whether a KeyboardInterrupt (Ctrl-C) went uncaught in this process: it ends, and `close`
-notes in the run that its training was cut short (`Recorder.note_interrupted`)."""
+_interrupted: BaseException | None = None
+"""The first exception that went uncaught in this process (Ctrl-C, an error): it ends, and
+`close` notes in the run how its training was cut short (`Recorder.note_interrupted`)."""
 
 
 def report_failure(code: int, message: str, *, fatal: bool = False) -> None:
@@ -223,7 +223,7 @@ def uncaught_error(exc: BaseException) -> bool:
     path = os.environ.get(ENV_STATUS_FILE)
     if not path:
         return False
-    _interrupted = _interrupted or isinstance(exc, KeyboardInterrupt)
+    _interrupted = exc if _interrupted is None else _interrupted
     debug = os.environ.get(ENV_DEBUG, "") not in ("", "0")
     if isinstance(exc, StabledrlError):
         exc = task_cause(exc) or exc
@@ -896,8 +896,8 @@ def close() -> None:
     with _lock:
         recorder, _recorder = _recorder, None
     if recorder is not None:
-        if _interrupted:  # after the held step: it is whole, and recorded
-            recorder.note_interrupted()
+        if _interrupted is not None:  # after the held step: it is whole, and recorded
+            recorder.note_interrupted(_interrupted)
         try:
             try:
                 recorder.close()

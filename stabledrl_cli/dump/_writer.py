@@ -472,8 +472,9 @@ class Recorder:
         self.stopped_step: int | None = None
         """The step whose write failed when recording stopped (an async write's failure is
         noticed at a later step's `log_step`), else None."""
-        self._interrupted = False
-        """Whether the training was interrupted (`note_interrupted`): noted as it closes."""
+        self._interrupted: str | None = None
+        """How the training was cut short (`note_interrupted`), noted as it closes; None: it
+        was not."""
         self._unnoted_stop: dict[str, Any] | None = None
         """The `recording_stopped` note the manifest refused (a full disk), else None: the
         run is marked closed only once it holds it, or it would read as a whole recording."""
@@ -752,13 +753,14 @@ class Recorder:
             if self.stopped is None and not self._closed:
                 self._note_stop(reason, step)
 
-    def note_interrupted(self) -> None:
-        """The training was interrupted (Ctrl-C): as the Recorder closes, once its steps are
-        written, the run notes it after the last step it holds (the manifest's
-        `recording_stopped`; the Recorder is not stopped by it, so no failure is reported),
-        unless a failed write stopped recording already: closed on the way out, the run would
-        read as a finished one of fewer steps."""
-        self._interrupted = True
+    def note_interrupted(self, cause: BaseException | None = None) -> None:
+        """The training was cut short, by Ctrl-C or by `cause` (the exception that ended it;
+        None: a KeyboardInterrupt): as the Recorder closes, once its steps are written, the
+        run notes it after the last step it holds (the manifest's `recording_stopped`: how,
+        `cut_short`; the Recorder is not stopped by it, so no failure is reported), unless a
+        failed write stopped recording already: closed on the way out, the run would read as
+        a finished one of fewer steps."""
+        self._interrupted = cut_short(cause or KeyboardInterrupt())
 
     def _note_stop(self, reason: str, step: int | None) -> None:
         """Marks the Recorder stopped and notes it (`_write_stop_note`)."""
@@ -803,7 +805,7 @@ class Recorder:
                 last = self._last_step
                 after = "before its first step" if last is None else f"after step {last}"
                 step = None if last is None else last + 1
-                self._write_stop_note(f"training interrupted (Ctrl-C) {after}", step)
+                self._write_stop_note(f"training {self._interrupted} {after}", step)
             if own:
                 self._mark_run_closed(closing=True)
             self._closed = True
@@ -863,12 +865,12 @@ class Recorder:
     def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
         """Closes the Recorder. When the block raised, its exception goes on: a failed write
         that the close reports (async writes) is then a warning, not an error in its place;
-        a Ctrl-C is noted in the run first (`note_interrupted`)."""
-        if exc is None:
+        the run first notes how its training was cut short (`note_interrupted`), but by a
+        `sys.exit(0)`, the script's own normal end."""
+        if exc is None or (isinstance(exc, SystemExit) and exc.code in (None, 0)):
             self.close()
             return
-        if isinstance(exc, KeyboardInterrupt):
-            self.note_interrupted()
+        self.note_interrupted(exc)
         try:
             self.close()
         except WriteError as error:
@@ -880,6 +882,24 @@ class Recorder:
             state = f"stopped at step {self.stopped_step}"
         return f"Recorder({str(self.path)!r}, unit={self.unit!r}, rank={self.rank}, {state=})"
 
+
+def cut_short(cause: BaseException) -> str:
+    """How an exception that ended a training cut it short, in a few words for its run's stop
+    note: `interrupted (Ctrl-C)`, `ended by sys.exit(2)`, `stopped by RuntimeError: CUDA out
+    of memory` (its message's first line, at most `_CAUSE_SHOWN` characters)."""
+    if isinstance(cause, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(cause, SystemExit):
+        return f"ended by sys.exit({cause.code!r})"
+    lines = str(cause).strip().splitlines()
+    message = lines[0] if lines else ""
+    if len(message) > _CAUSE_SHOWN:
+        message = message[: _CAUSE_SHOWN - 3] + "..."
+    return f"stopped by {type(cause).__name__}" + (f": {message}" if message else "")
+
+
+_CAUSE_SHOWN = 200
+"""The most characters of an exception's message a stop note gives."""
 
 _LATER_STEPS_SHOWN = 5
 """The later failed steps a writer thread's error names (the rest as '...')."""

@@ -43,6 +43,7 @@ from stabledrl_cli.capture.geometry import (
     covered_parameters,
 )
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.dump._writer import cut_short
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.example._model import ModelConfig, TinyDiffusionLM
 from stabledrl_cli.example.checkpoint import (
@@ -316,13 +317,8 @@ def note_cut_short(recorder: Recorder, cut: BaseException, first: int, end: int)
     block on the way out, the run would read as a finished one of fewer steps."""
     last = recorder.last_step
     at = first if last is None or last < first else last + 1
-    how = (
-        "interrupted (Ctrl-C)"
-        if isinstance(cut, KeyboardInterrupt)
-        else f"stopped by {type(cut).__name__}: {cut}"
-    )
     recorder.note_stop(
-        f"training {how} at step {at}, {at - first} of the {end - first} steps asked "
+        f"training {cut_short(cut)} at step {at}, {at - first} of the {end - first} steps asked "
         f"({first}..{end - 1}) recorded",
         at,
     )
