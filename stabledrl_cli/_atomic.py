@@ -162,9 +162,9 @@ _LIBRARY_ERRNO = re.compile(r"\berrno = (\d+)")
 `errno` whose text is HDF5's whole error stack)."""
 
 
-def write_error(target: Path, exc: OSError) -> WriteError:
-    """The one-line error of a failed write of `target`: the system's reason, also where a
-    library only quotes its error number (HDF5)."""
+def write_error(target: Path, exc: OSError, failed: str = "cannot write it") -> WriteError:
+    """The one-line error of a failed write of `target`: what `failed` and the system's
+    reason, also where a library only quotes its error number (HDF5)."""
     code = exc.errno
     quoted = _LIBRARY_ERRNO.search(str(exc)) if code is None else None
     if quoted is not None:
@@ -172,7 +172,7 @@ def write_error(target: Path, exc: OSError) -> WriteError:
         reason = _REASONS.get(code) or os.strerror(code)
     else:
         reason = _REASONS.get(code or 0) or exc.strerror or str(exc)
-    return WriteError(f"{target}: cannot write it ({reason})")
+    return WriteError(f"{target}: {failed} ({reason})")
 
 
 def _iov_max() -> int:
@@ -281,12 +281,14 @@ def write_durably(
 
 def make_durable(final: str, directory: str) -> None:
     """Makes a file that `write_durably(..., durable=False)` wrote durable: its data and its
-    name in `directory` fsynced. WriteError naming `final` if that fails."""
+    name in `directory` fsynced. WriteError naming `final` if that fails ("not made durable":
+    the file was written whole, and may be gone from under its name, say its directory moved
+    away)."""
     try:
         fsync_file(Path(final))
         fsync_dir(directory)
     except OSError as exc:
-        raise write_error(Path(final), exc) from None
+        raise write_error(Path(final), exc, "not made durable") from None
 
 
 def _discard(temp: str | Path) -> None:

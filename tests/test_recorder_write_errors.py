@@ -259,8 +259,8 @@ def test_async_write_failures_before_the_caller_is_told_are_named_in_one_error(
     with pytest.raises(WriteError) as failed:
         rec.flush()
     message = str(failed.value)
-    assert "step-00000000.safetensors: cannot write it (Input/output error)" in message
-    assert message.endswith("; 2 later steps not written either (1, 2)"), message
+    assert "step-00000000.safetensors: not made durable (Input/output error)" in message
+    assert message.endswith("; 2 later steps not made durable either (1, 2)"), message
     monkeypatch.undo()
     rec.close()
     assert os.listdir(tmp_path / "run" / "steps") == []

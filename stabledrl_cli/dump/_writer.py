@@ -23,7 +23,9 @@ has no mark, so a killed recording never leaves one; `resume=True` and `overwrit
 remove it.
 
 A failed write (a full disk, a read-only directory) raises WriteError (exit 4) naming the
-file, from `log_step`; an fsync that fails in the writer thread (async) once from the next
+file, from `log_step` (async: once the steps queued before it are made durable; one that is
+not leads that one error, `_step_failed`); an fsync that fails in the writer thread (async:
+"not made durable", also for a file gone from under its name) once from the next
 `log_step`, `flush` or `close` (with the later steps whose fsyncs failed before it, their
 files removed; a `log_step` that raises it has written its own step; a close as a `with`
 block ends on an exception warns instead: the block's exception goes on); its temporary file
@@ -32,7 +34,8 @@ step is written, or fails, on its own. A failed `rewrite_step` also removes the 
 earlier file (its first half, which would otherwise read as a whole step), as far as the
 directory lets it: that step is not recorded. With
 `on_write_error="warn"` (what `record -- CMD` and the integrations pass: recording must never
-stop training) the first failure instead prints one warning on stderr, stops recording (later
+stop training) the first failure instead prints one warning on stderr (async: the steps
+queued behind it are removed, not made durable, and counted in it), stops recording (later
 `log_step` calls return at once) and records in the manifest's `recording_stopped`
 ({step, rank, reason}) that and why recording stopped (best effort: a full disk may refuse
 that too); a rank of a world_size > 1 run first writes the same note into a file of its own,
@@ -237,8 +240,9 @@ class _Failure(NamedTuple):
 class _Writer(threading.Thread):
     """Makes queued steps durable in order (`_make_durable`: their files are under their
     names already) and keeps the failed ones until the caller takes them. `halt_on_error`:
-    after a failure, the later steps are not fsynced (recording stops:
-    on_write_error="warn"); else each step is made durable as a synchronous Recorder would."""
+    after a failure, the later steps are not fsynced but removed, and kept as failed too
+    (recording stops: on_write_error="warn"); else each step is made durable as a
+    synchronous Recorder would."""
 
     def __init__(self, queue_size: int, *, halt_on_error: bool) -> None:
         super().__init__(name="stabledrl-recorder", daemon=True)
@@ -249,7 +253,8 @@ class _Writer(threading.Thread):
         """The failed writes the caller has not taken, oldest first (at most a queue's worth
         and one between two takes: each `log_step` takes them)."""
         self._failures_lock = threading.Lock()
-        self._halted = False
+        self._halted: BaseException | None = None
+        """The failure that halted the thread (`halt_on_error`)."""
         self._at_end: WriterLock | None = None
         """The rank's lock of a Recorder dropped unclosed, released as the thread ends
         (`release_when_written`)."""
@@ -282,15 +287,18 @@ class _Writer(threading.Thread):
             lock.release()
 
     def _write(self, item: _Write) -> None:
-        """Makes `item`'s file durable (unless halted); a failure is kept for the caller."""
-        if self._halted:
-            return
+        """Makes `item`'s file durable (halted: removes it); a failure is kept for the
+        caller."""
         try:
+            if self._halted is not None:
+                discard_step(item.directory, item.name)
+                raise self._halted
             _make_durable(item)
         except BaseException as exc:
             with self._failures_lock:
                 self._failures.append(_Failure(item.step, exc))
-            self._halted = self.halt_on_error
+            if self.halt_on_error:
+                self._halted = exc
 
     def take_failures(self) -> list[_Failure]:
         """The failed writes since the last call, oldest first (each is reported once)."""
@@ -664,7 +672,7 @@ class Recorder:
             try:
                 _write(item, durable=self._writer is None)
             except WriteError as exc:
-                self._write_failed(exc, step)
+                self._step_failed(exc, step)
                 return
             if self._writer is not None:
                 self._writer.queue.put(item._replace(parts=[]))
@@ -726,14 +734,41 @@ class Recorder:
             self._raise_writer_error()
 
     def _raise_writer_error(self) -> None:
-        """Reports the writer thread's failed writes since the last report, once."""
-        if self._writer is None or self.stopped is not None:
-            return
-        failures = self._writer.take_failures()
+        """Reports the writer thread's failed writes since the last report, once. A halted
+        thread (on_write_error="warn") has the rest of its queue removed first, so that the
+        one report counts them all."""
+        failures = self._writer_failures(drained=False)
         if failures:
             first = failures[0]
             error = _writer_failure(self.path, failures)
             self._write_failed(error, first.step, cause=first.error)
+
+    def _writer_failures(self, *, drained: bool) -> list[_Failure]:
+        """The writer thread's failed writes not yet reported, oldest first; `drained`: once
+        every queued step is made durable or has failed (else only when the thread is
+        halted)."""
+        writer = self._writer
+        if writer is None or self.stopped is not None:
+            return []
+        failures = writer.take_failures()
+        if writer.is_alive() and (drained or (failures and writer.halt_on_error)):
+            writer.queue.join()
+            failures += writer.take_failures()
+        return failures
+
+    def _step_failed(self, error: WriteError, step: int) -> None:
+        """Reports that `step`'s own write failed (`error`). With async writes the steps
+        queued before it are made durable first: when one of them is not, the one report
+        names the first such step (and the stop note's step is that one), then the later
+        ones and `step`."""
+        failures = self._writer_failures(drained=True)
+        if not failures:
+            self._write_failed(error, step)
+            return
+        first = failures[0]
+        message = _writer_failure(self.path, failures)
+        own = WriteError(f"{message}; step {step} not written either: {error}")
+        self._write_failed(own, first.step, cause=first.error)
 
     def _write_failed(
         self, error: WriteError, step: int | None, cause: BaseException | None = None
@@ -906,14 +941,16 @@ _LATER_STEPS_SHOWN = 5
 
 
 def _writer_failure(path: Path, failures: list[_Failure]) -> WriteError:
-    """The error of the run at `path` whose writer thread failed to write `failures` (at least
-    one): the first one's error, and the later steps that were not written either."""
+    """The error of the run at `path` whose writer thread failed to make `failures` durable
+    (at least one): the first one's error, and the later steps not made durable either."""
     exc = failures[0].error
     message = str(exc) if isinstance(exc, WriteError) else f"{path}: {exc!r}"
     later = [str(failure.step) for failure in failures[1:]]
     if later:
         shown = later[:_LATER_STEPS_SHOWN] + (["..."] if len(later) > _LATER_STEPS_SHOWN else [])
-        message += f"; {counted(len(later), 'later step')} not written either ({', '.join(shown)})"
+        message += (
+            f"; {counted(len(later), 'later step')} not made durable either ({', '.join(shown)})"
+        )
     return WriteError(message)
 
 
