@@ -35,7 +35,7 @@ earlier file (its first half, which would otherwise read as a whole step), as fa
 directory lets it: that step is not recorded. With
 `on_write_error="warn"` (what `record -- CMD` and the integrations pass: recording must never
 stop training) the first failure instead prints one warning on stderr (async: the steps
-queued behind it are removed, not made durable, and counted in it), stops recording (later
+queued behind it stay under their names, not made durable), stops recording (later
 `log_step` calls return at once) and records in the manifest's `recording_stopped`
 ({step, rank, reason}) that and why recording stopped (best effort: a full disk may refuse
 that too); a rank of a world_size > 1 run first writes the same note into a file of its own,
@@ -240,9 +240,8 @@ class _Failure(NamedTuple):
 class _Writer(threading.Thread):
     """Makes queued steps durable in order (`_make_durable`: their files are under their
     names already) and keeps the failed ones until the caller takes them. `halt_on_error`:
-    after a failure, the later steps are not fsynced but removed, and kept as failed too
-    (recording stops: on_write_error="warn"); else each step is made durable as a
-    synchronous Recorder would."""
+    after a failure, the later steps are not fsynced (recording stops: on_write_error="warn";
+    their files stay); else each step is made durable as a synchronous Recorder would."""
 
     def __init__(self, queue_size: int, *, halt_on_error: bool) -> None:
         super().__init__(name="stabledrl-recorder", daemon=True)
@@ -287,12 +286,11 @@ class _Writer(threading.Thread):
             lock.release()
 
     def _write(self, item: _Write) -> None:
-        """Makes `item`'s file durable (halted: removes it); a failure is kept for the
-        caller."""
+        """Makes `item`'s file durable (unless halted: it stays under its name, whole in the
+        page cache, as a killed process leaves it); a failure is kept for the caller."""
+        if self._halted is not None:
+            return
         try:
-            if self._halted is not None:
-                discard_step(item.directory, item.name)
-                raise self._halted
             _make_durable(item)
         except BaseException as exc:
             with self._failures_lock:
