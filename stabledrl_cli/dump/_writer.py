@@ -252,8 +252,7 @@ class _Writer(threading.Thread):
         """The failed writes the caller has not taken, oldest first (at most a queue's worth
         and one between two takes: each `log_step` takes them)."""
         self._failures_lock = threading.Lock()
-        self._halted: BaseException | None = None
-        """The failure that halted the thread (`halt_on_error`)."""
+        self._halted = False
         self._at_end: WriterLock | None = None
         """The rank's lock of a Recorder dropped unclosed, released as the thread ends
         (`release_when_written`)."""
@@ -288,15 +287,14 @@ class _Writer(threading.Thread):
     def _write(self, item: _Write) -> None:
         """Makes `item`'s file durable (unless halted: it stays under its name, whole in the
         page cache, as a killed process leaves it); a failure is kept for the caller."""
-        if self._halted is not None:
+        if self._halted:
             return
         try:
             _make_durable(item)
         except BaseException as exc:
             with self._failures_lock:
                 self._failures.append(_Failure(item.step, exc))
-            if self.halt_on_error:
-                self._halted = exc
+            self._halted = self.halt_on_error
 
     def take_failures(self) -> list[_Failure]:
         """The failed writes since the last call, oldest first (each is reported once)."""
@@ -732,9 +730,7 @@ class Recorder:
             self._raise_writer_error()
 
     def _raise_writer_error(self) -> None:
-        """Reports the writer thread's failed writes since the last report, once. A halted
-        thread (on_write_error="warn") has the rest of its queue removed first, so that the
-        one report counts them all."""
+        """Reports the writer thread's failed writes since the last report, once."""
         failures = self._writer_failures(drained=False)
         if failures:
             first = failures[0]
@@ -743,13 +739,12 @@ class Recorder:
 
     def _writer_failures(self, *, drained: bool) -> list[_Failure]:
         """The writer thread's failed writes not yet reported, oldest first; `drained`: once
-        every queued step is made durable or has failed (else only when the thread is
-        halted)."""
+        every queued step is made durable or has failed."""
         writer = self._writer
         if writer is None or self.stopped is not None:
             return []
         failures = writer.take_failures()
-        if writer.is_alive() and (drained or (failures and writer.halt_on_error)):
+        if drained and writer.is_alive():
             writer.queue.join()
             failures += writer.take_failures()
         return failures
