@@ -1704,7 +1704,7 @@ def test_force_replaces_the_run_once_not_again_from_a_process_the_command_starts
     line = result.stderr.splitlines()[-1]
     assert line.startswith(f"error: recording failed: recording optimizer step 1: {out}: a child ")
     assert line.endswith(
-        "stepped an optimizer of its own under `stabledrl record`'s optimizer hooks while rank 0 "
+        "stepped an optimizer under `stabledrl record`'s optimizer hooks while rank 0 "
         "of the run is recorded by another process: its steps are not recorded. Record with "
         "--no-optimizer-hooks, or have the workers not step optimizers, or record them as ranks "
         "of their own (Recorder(path, world_size=N, rank=R))"
@@ -1712,6 +1712,56 @@ def test_force_replaces_the_run_once_not_again_from_a_process_the_command_starts
     run = open_run(out)
     assert run.step_numbers == list(range(7))  # the parent's 5 + 2, none the worker's
     assert run.scalar_series("lr")[1].tolist() == [0.1] * 7
+
+
+FORKS = textwrap.dedent(
+    """
+    import multiprocessing, sys, torch
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train(steps, own):
+        net = torch.nn.Linear(2, 1) if own else model
+        opt = torch.optim.SGD(net.parameters(), lr=0.5) if own else optimizer
+        for _ in range(steps):
+            net(torch.randn(1, 2)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+    if __name__ == "__main__":
+        first, own = int(sys.argv[1]), sys.argv[2] == "own"
+        train(first, False)
+        child = multiprocessing.get_context("fork").Process(target=train, args=(3, own))
+        child.start()
+        child.join()
+        train(2, False)
+        print("trained", child.exitcode, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize(("first", "optimizer"), [(5, "own"), (5, "copy"), (1, "copy")])
+def test_a_forked_child_that_steps_records_nothing_and_says_so(tmp_path, first, optimizer):
+    """A child forked from the process whose optimizer is the run's holds a copy of the hooks'
+    state. Its own optimizer's steps were summarised into a run step it never takes: left out
+    without a line, record exit 0. The copy of the run's optimizer wrote steps under the run's
+    numbers; forked after the first step (held, not yet written) it opened the run itself and
+    recorded its 3 steps as the run's 1-3, the parent then refused and its own steps lost. Now
+    the fork's first step turns recording off there, says why, and record exits 2; the
+    parent's steps are the run's, all of them."""
+    script, out = tmp_path / "train.py", tmp_path / "run"
+    script.write_text(FORKS)
+    result = _record("--out", str(out), "--", sys.executable, str(script), str(first), optimizer)
+    assert "trained 0" in result.stdout
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.splitlines()[-1]
+    assert line.startswith("error: recording failed: an optimizer step in a forked process: a ")
+    assert "stepped an optimizer under `stabledrl record`'s optimizer hooks while pid " in line
+    assert "records the run's optimizer: its steps are not recorded. Record with " in line
+    run = open_run(out)
+    assert run.step_numbers == list(range(first + 2))
+    assert run.scalar_series("lr")[1].tolist() == [0.1] * (first + 2)
 
 
 def test_a_parameter_the_root_holds_is_its_own_module():

@@ -413,6 +413,26 @@ def _records_its_out() -> str:
     return f"`stabledrl record` records its --out with {how}"
 
 
+def _child_stepped(started: str, recorded_by: str) -> UsageError:
+    """What a process of the command that is not the rank's recording one is told when it
+    steps an optimizer under the hooks: `started`, how it came to be; `recorded_by`, who
+    records the run."""
+    return UsageError(
+        f"a child process of the command (pid {os.getpid()}, {started}) stepped an optimizer "
+        f"under `stabledrl record`'s optimizer hooks while {recorded_by}: its steps are not "
+        "recorded. Record with --no-optimizer-hooks, or have the workers not step optimizers, "
+        "or record them as ranks of their own (Recorder(path, world_size=N, rank=R))"
+    )
+
+
+def forked_child_stepped(parent_pid: int) -> UsageError:
+    """The error of an optimizer step in a process forked from `parent_pid`, whose optimizer
+    is the run's: the fork holds a copy of the recording state, and records nothing."""
+    return _child_stepped(
+        f"forked from pid {parent_pid}", f"pid {parent_pid} records the run's optimizer"
+    )
+
+
 def _refuse_child_of_recording(run_dir: str, rank: int) -> None:
     """UsageError when this process is a child of `multiprocessing` (a Pool's worker, say)
     whose optimizer steps under the hooks while another process, the one that started it,
@@ -426,14 +446,11 @@ def _refuse_child_of_recording(run_dir: str, rank: int) -> None:
     parent = multiprocessing.parent_process()
     if parent is None or (writer_states(Path(run_dir) / "steps") or {}).get(rank) != "held":
         return
-    raise UsageError(
-        f"{run_dir}: a child process of the command (pid {os.getpid()}, started by "
-        f"multiprocessing from pid {parent.pid}) stepped an optimizer of its own under "
-        f"`stabledrl record`'s optimizer hooks while rank {rank} of the run is recorded by "
-        "another process: its steps are not recorded. Record with --no-optimizer-hooks, or "
-        "have the workers not step optimizers, or record them as ranks of their own "
-        "(Recorder(path, world_size=N, rank=R))"
+    error = _child_stepped(
+        f"started by multiprocessing from pid {parent.pid}",
+        f"rank {rank} of the run is recorded by another process",
     )
+    raise UsageError(f"{run_dir}: {error}")
 
 
 def _open(
