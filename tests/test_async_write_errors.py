@@ -154,32 +154,50 @@ DROPPED_UNCLOSED = textwrap.dedent(
 
     _atomic.os.fsync = held
     rec = sd.Recorder(path, async_writes=True, on_write_error="warn")
-    for step in range(10):
+    for step in range(int(sys.argv[2])):
         rec.log_step(
             step, logp=np.full(4, -1.0, np.float32), logp_old=np.zeros(4, np.float32),
             advantages=np.ones(4, np.float32), seq_id=np.array([0, 0, 1, 1]),
         )
         if step == 5:
             os.rename(os.path.join(path, "steps"), os.path.join(path, "moved"))
-            go_on.set()
+    go_on.set()  # after step 5 once the training logged more; else as the Recorder is dropped
     del rec
     print("training went on", flush=True)
     """
 )
 
 
-def test_a_dropped_recorder_warns_once_not_again_at_exit(tmp_path: Path) -> None:
-    path = tmp_path / "run"
+def _dropped_unclosed(path: Path, steps: int) -> list[str]:
+    """Runs DROPPED_UNCLOSED for `steps` steps; -> its stderr's lines."""
     done = subprocess.run(
-        [sys.executable, "-c", DROPPED_UNCLOSED, str(path)],
+        [sys.executable, "-c", DROPPED_UNCLOSED, str(path), str(steps)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0 and done.stdout == "training went on\n", done.stderr
-    warnings = done.stderr.splitlines()
+    return done.stderr.splitlines()
+
+
+def test_a_dropped_recorder_warns_once_not_again_at_exit(tmp_path: Path) -> None:
+    path = tmp_path / "run"
+    warnings = _dropped_unclosed(path, 10)
     # halted after step 0: steps 1-5 are not fsynced (gone with the folder, whole), nor counted
     report = _first_failed_at(path, 0, "")
     assert warnings == [f"stabledrl: warning: recording stopped, training goes on: {report}"]
     stopped = json.loads((path / "manifest.json").read_text())["recording_stopped"]
     assert stopped["step"] == 0 and stopped["reason"] == report
+
+
+def test_a_dropped_recorder_whose_failure_is_found_at_exit_notes_it(tmp_path: Path) -> None:
+    """The Recorder dropped before its thread failed to make step 0 durable: the exit handler
+    warned, but the run held no stop note, reading as a recording whose process died."""
+    path = tmp_path / "run"
+    warnings = _dropped_unclosed(path, 6)
+    report = f"{path / 'steps'}/step-00000000.safetensors: not made durable (No such file or "
+    report += "directory)"
+    assert warnings == [f"stabledrl: warning: {report}"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["recording_stopped"] == {"step": 0, "rank": 0, "reason": report}
+    assert "recording_closed" not in manifest  # dropped unclosed, as without a failure

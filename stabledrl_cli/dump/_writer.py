@@ -482,6 +482,7 @@ class Recorder:
         self._unnoted_stop: dict[str, Any] | None = None
         """The `recording_stopped` note the manifest refused (a full disk), else None: the
         run is marked closed only once it holds it, or it would read as a whole recording."""
+        self._stop_note = _StopNote(self.path, self.rank, self.world_size)
         self._closed = False
         self._closed_marked = False
         """Whether close marked the run `recording_closed` (rank 0 of a world_size 1 run: the
@@ -499,13 +500,17 @@ class Recorder:
         if async_writes:
             self._writer = _Writer(queue_size, halt_on_error=on_write_error == "warn")
             self._writer.start()
+            # one dropped unclosed notes a failure found at the end as it would have
+            noted = self._stop_note if on_write_error == "warn" else None
             self._at_exit = functools.partial(
-                _close_at_exit, weakref.ref(self), self._writer, self.path
+                _close_at_exit, weakref.ref(self), self._writer, self.path, noted
             )
             atexit.register(self._at_exit)
             self._cancel_at_child_end = at_child_end(self._at_exit)
             self._cancel_on_sigterm = steps_written_on_sigterm(
-                functools.partial(_written_on_sigterm, weakref.ref(self), self._writer, self.path)
+                functools.partial(
+                    _written_on_sigterm, weakref.ref(self), self._writer, self.path, noted
+                )
             )
             # one dropped unclosed frees its rank once its queued steps are written; not at
             # exit, where the thread still writes what a late exit handler logs (`_at_exit`)
@@ -796,16 +801,11 @@ class Recorder:
         self._write_stop_note(reason, step)
 
     def _write_stop_note(self, reason: str, step: int | None) -> None:
-        """The manifest's `recording_stopped` and, with several ranks, the rank's own note file
-        (best effort both)."""
-        note = {"step": step, "rank": self.rank, "reason": json_text(reason)}
-        if self.world_size > 1:  # the rank's own file: the manifest's one note is shared
-            with suppress(WriteError):  # best effort, as the manifest's
-                write_atomic(self.path / STEPS_DIR / stop_note_name(self.rank), note_text(note))
-        try:  # best effort: the disk that refused the step may refuse it too
-            amend_manifest(self.path, RECORDING_STOPPED, note)
-        except (ValueError, InputError, WriteError):
-            self._unnoted_stop = note  # tried again before the run is marked closed
+        """Notes the stop (`_StopNote`); one the manifest refused is tried again before the run
+        is marked closed."""
+        refused = self._stop_note.write(reason, step)
+        if refused is not None:
+            self._unnoted_stop = refused
 
     def close(self) -> None:
         """Drains the queue (async mode), stops the writer and marks the run `recording_closed`
@@ -947,7 +947,32 @@ def _writer_failure(path: Path, failures: list[_Failure]) -> WriteError:
     return WriteError(message)
 
 
-def _close_at_exit(ref: weakref.ref[Recorder], writer: _Writer, path: Path) -> None:
+class _StopNote(NamedTuple):
+    """Where a rank's stop note goes: the manifest's `recording_stopped` and, with several
+    ranks, the rank's own note file (best effort both). Kept apart from the Recorder so that
+    the exit handler of one dropped unclosed still notes a failure it finds."""
+
+    path: Path
+    rank: int
+    world_size: int
+
+    def write(self, reason: str, step: int | None) -> dict[str, Any] | None:
+        """Writes the note of a stop at `step` for `reason`; -> the note when the manifest
+        refused it (the disk that refused the step may refuse it too), else None."""
+        note = {"step": step, "rank": self.rank, "reason": json_text(reason)}
+        if self.world_size > 1:  # the rank's own file: the manifest's one note is shared
+            with suppress(WriteError):
+                write_atomic(self.path / STEPS_DIR / stop_note_name(self.rank), note_text(note))
+        try:
+            amend_manifest(self.path, RECORDING_STOPPED, note)
+        except (ValueError, InputError, WriteError):
+            return note
+        return None
+
+
+def _close_at_exit(
+    ref: weakref.ref[Recorder], writer: _Writer, path: Path, noted: _StopNote | None
+) -> None:
     """At exit: closes the Recorder; one dropped unclosed still has its queued steps written.
     A write that fails then, and that its caller has not been told of, is one warning line: no
     caller is left to raise it to."""
@@ -957,10 +982,12 @@ def _close_at_exit(ref: weakref.ref[Recorder], writer: _Writer, path: Path) -> N
             recorder.end_at_exit()
         else:  # (in a forked child the copy's thread is not alive: nothing to do)
             writer.stop()
-            _raise_failures(writer, path)
+            _raise_failures(writer, path, noted)
 
 
-def _written_on_sigterm(ref: weakref.ref[Recorder], writer: _Writer, path: Path) -> None:
+def _written_on_sigterm(
+    ref: weakref.ref[Recorder], writer: _Writer, path: Path, noted: _StopNote | None
+) -> None:
     """On a SIGTERM that ends the process at once (`_sigterm`): the queued steps are written,
     without the Recorder's lock (the training thread may have been stopped holding it), and
     the run is left unclosed, as a killed recording leaves it. A write that fails then is one
@@ -972,14 +999,18 @@ def _written_on_sigterm(ref: weakref.ref[Recorder], writer: _Writer, path: Path)
         if recorder is not None:
             recorder._raise_writer_error()
         else:
-            _raise_failures(writer, path)
+            _raise_failures(writer, path, noted)
 
 
-def _raise_failures(writer: _Writer, path: Path) -> None:
-    """The writer's failed writes that no Recorder took, as its WriteError."""
+def _raise_failures(writer: _Writer, path: Path, noted: _StopNote | None) -> None:
+    """The writer's failed writes that no Recorder took, as its WriteError, noted first as the
+    Recorder would have (`noted`: on_write_error="warn"; None: not noted)."""
     failures = writer.take_failures()
     if failures:
-        raise _writer_failure(path, failures)
+        error = _writer_failure(path, failures)
+        if noted is not None:
+            noted.write(str(error), failures[0].step)
+        raise error
 
 
 @contextmanager
