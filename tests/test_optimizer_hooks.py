@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -1701,20 +1702,30 @@ def test_force_replaces_the_run_once_not_again_from_a_process_the_command_starts
     result = _record("--out", str(out), "--force", "--", sys.executable, str(script))
     assert "trained" in result.stdout
     assert result.returncode == 2, result.stderr
-    line = result.stderr.splitlines()[-1]
-    assert line.startswith(f"error: recording failed: recording optimizer step 1: {out}: a child ")
-    assert line.endswith(
-        "stepped an optimizer under `stabledrl record`'s optimizer hooks while rank 0 "
-        "of the run is recorded by another process: its steps are not recorded. Record with "
-        "--no-optimizer-hooks, or have the workers not step optimizers, or record them as ranks "
-        "of their own (Recorder(path, world_size=N, rank=R))"
-    ), result.stderr
+    _said_a_child_stepped(result.stderr)
     run = open_run(out)
     assert run.step_numbers == list(range(7))  # the parent's 5 + 2, none the worker's
     assert run.scalar_series("lr")[1].tolist() == [0.1] * 7
 
 
-FORKS = textwrap.dedent(
+def _said_a_child_stepped(stderr: str) -> None:
+    """`record`'s last line says that a child process of the command stepped an optimizer
+    while the process it was started from records the run, and the ways out."""
+    line = stderr.splitlines()[-1]
+    assert line.startswith(
+        "error: recording failed: an optimizer step in a child process: a child process of the "
+        "command (pid "
+    ), stderr
+    assert re.search(
+        r"started from pid (\d+)\) stepped an optimizer under `stabledrl record`'s optimizer "
+        r"hooks while pid \1 records the run's optimizer: its steps are not recorded\. Record "
+        r"with --no-optimizer-hooks, or have the workers not step optimizers, or record them "
+        r"as ranks of their own \(Recorder\(path, world_size=N, rank=R\)\)$",
+        line,
+    ), stderr
+
+
+CHILD_STEPS = textwrap.dedent(
     """
     import multiprocessing, sys, torch
 
@@ -1730,9 +1741,9 @@ FORKS = textwrap.dedent(
             opt.zero_grad()
 
     if __name__ == "__main__":
-        first, own = int(sys.argv[1]), sys.argv[2] == "own"
+        first, own, start = int(sys.argv[1]), sys.argv[2] == "own", sys.argv[3]
         train(first, False)
-        child = multiprocessing.get_context("fork").Process(target=train, args=(3, own))
+        child = multiprocessing.get_context(start).Process(target=train, args=(3, own))
         child.start()
         child.join()
         train(2, False)
@@ -1741,24 +1752,26 @@ FORKS = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(("first", "optimizer"), [(5, "own"), (5, "copy"), (1, "copy")])
-def test_a_forked_child_that_steps_records_nothing_and_says_so(tmp_path, first, optimizer):
-    """A child forked from the process whose optimizer is the run's holds a copy of the hooks'
-    state. Its own optimizer's steps were summarised into a run step it never takes: left out
-    without a line, record exit 0. The copy of the run's optimizer wrote steps under the run's
-    numbers; forked after the first step (held, not yet written) it opened the run itself and
-    recorded its 3 steps as the run's 1-3, the parent then refused and its own steps lost. Now
-    the fork's first step turns recording off there, says why, and record exits 2; the
-    parent's steps are the run's, all of them."""
+@pytest.mark.parametrize(
+    ("start", "first", "optimizer"),
+    [("fork", 5, "own"), ("fork", 5, "copy"), ("fork", 1, "copy"), ("spawn", 1, "own")],
+)
+def test_a_child_that_steps_records_nothing_and_says_so(tmp_path, start, first, optimizer):
+    """A child started from the process whose optimizer is the run's records none of its
+    steps. Before: forked, its own optimizer's steps were summarised into a run step it never
+    takes (left out without a line, record exit 0); its copy of the run's optimizer wrote
+    steps under the run's numbers. Started after the parent's first step (held, not written:
+    the run not yet open), forked or spawned, it opened the run itself and recorded its 3
+    steps as the run's (lr 0.5), the parent then refused (`already exists`) and its own steps
+    lost. Now its first step turns recording off there, says why, record exits 2, and the
+    run's steps are the parent's, all of them."""
     script, out = tmp_path / "train.py", tmp_path / "run"
-    script.write_text(FORKS)
-    result = _record("--out", str(out), "--", sys.executable, str(script), str(first), optimizer)
+    script.write_text(CHILD_STEPS)
+    argv = [str(first), optimizer, start]
+    result = _record("--out", str(out), "--", sys.executable, str(script), *argv)
     assert "trained 0" in result.stdout
     assert result.returncode == 2, result.stderr
-    line = result.stderr.splitlines()[-1]
-    assert line.startswith("error: recording failed: an optimizer step in a forked process: a ")
-    assert "stepped an optimizer under `stabledrl record`'s optimizer hooks while pid " in line
-    assert "records the run's optimizer: its steps are not recorded. Record with " in line
+    _said_a_child_stepped(result.stderr)
     run = open_run(out)
     assert run.step_numbers == list(range(first + 2))
     assert run.scalar_series("lr")[1].tolist() == [0.1] * (first + 2)

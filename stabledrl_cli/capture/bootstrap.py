@@ -103,6 +103,10 @@ ENV_TORCH_WORLD_SIZE = "WORLD_SIZE"
 ENV_DEBUG = "STABLEDRL_DEBUG"
 ENV_OPTIMIZER_HOOKS = "STABLEDRL_OPTIMIZER_HOOKS"
 """"0": the sitecustomize installs no optimizer hooks (`record --no-optimizer-hooks`)."""
+ENV_HOOKS_RECORDER = "STABLEDRL_HOOKS_RECORDER"
+"""The pid of the process whose optimizer became the run's under the hooks, set by it at that
+optimizer's first step: a process started from it later (forked, spawned, a subprocess)
+inherits it and records none of its own optimizer steps (`optimizer_hooks._step_stats`)."""
 FATAL = "E"
 """Marks a status line of a tool error that ended a process of the command (module docstring)."""
 _CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
@@ -425,11 +429,11 @@ def _child_stepped(started: str, recorded_by: str) -> UsageError:
     )
 
 
-def forked_child_stepped(parent_pid: int) -> UsageError:
-    """The error of an optimizer step in a process forked from `parent_pid`, whose optimizer
-    is the run's: the fork holds a copy of the recording state, and records nothing."""
+def descendant_stepped(recording_pid: int) -> UsageError:
+    """The error of an optimizer step under the hooks in a process started (forked, spawned)
+    from `recording_pid`, whose optimizer is the run's (`ENV_HOOKS_RECORDER`)."""
     return _child_stepped(
-        f"forked from pid {parent_pid}", f"pid {parent_pid} records the run's optimizer"
+        f"started from pid {recording_pid}", f"pid {recording_pid} records the run's optimizer"
     )
 
 

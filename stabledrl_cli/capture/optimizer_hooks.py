@@ -14,9 +14,9 @@ is one recorded step, numbered 0, 1, 2, ... in this process (a run's steps, like
 Another optimizer's steps since the run optimizer's previous step are summarised in the next
 recorded step as `optimizer_<i>/...` scalars (i: the order in which the optimizers first
 stepped; the run's is 0). When the run's optimizer is garbage-collected, the next optimizer
-that steps becomes the run's optimizer and the numbering goes on. A process forked from the
-one whose optimizer became the run's holds a copy of this state and records none of its steps:
-its first optimizer step turns recording off there and fails `record` (`_step_stats`).
+that steps becomes the run's optimizer and the numbering goes on. A process started (forked,
+spawned) from the one whose optimizer became the run's records none of its steps: its first
+optimizer step turns recording off there and fails `record` (`_step_stats`).
 
 What each step records (all gradient norms are L2, taken before clipping):
 - grad_norm: what `clip_grad_norm_` returned when the script clipped this optimizer's
@@ -213,9 +213,6 @@ class _State:
         default_factory=weakref.WeakKeyDictionary
     )
     run_optimizer: weakref.ref[Optimizer] | None = None
-    run_pid: int | None = None
-    """The process whose optimizer became the run's: the one that records (a process forked
-    from it holds a copy of this state, and records nothing: `_step_stats`)."""
     optimizers_seen: int = 0
     next_step: int = 0
     clips: list[_Clip] = field(default_factory=list)
@@ -863,14 +860,14 @@ def _leave(optimizer: Optimizer) -> None:
 
 def _step_stats(optimizer: Optimizer) -> _Stats | None:
     """The statistics of the step `optimizer` is about to take, or None when recording is off
-    here (`_leave`) or this process is a fork of the recording one (`_State.run_pid`)."""
+    here (`_leave`) or this process was started from the recording one
+    (`bootstrap.ENV_HOOKS_RECORDER`)."""
     if not bootstrap.hooks_wanted():
         _leave(optimizer)
         return None
-    if _state.run_pid not in (None, os.getpid()):
-        _fail(
-            bootstrap.forked_child_stepped(_state.run_pid), "an optimizer step in a forked process"
-        )
+    recording = os.environ.get(bootstrap.ENV_HOOKS_RECORDER, "")
+    if recording.isdigit() and int(recording) != os.getpid():
+        _fail(bootstrap.descendant_stepped(int(recording)), "an optimizer step in a child process")
         uninstall()
         return None
     return _stats(optimizer, _view(optimizer))
@@ -935,7 +932,8 @@ def _measured(optimizer: Optimizer, closure: Callable[..., Any]) -> Callable[...
 def _is_run_optimizer(optimizer: Optimizer) -> bool:
     run = _state.run_optimizer() if _state.run_optimizer is not None else None
     if run is None:
-        _state.run_optimizer, _state.run_pid = weakref.ref(optimizer), os.getpid()
+        _state.run_optimizer = weakref.ref(optimizer)
+        os.environ[bootstrap.ENV_HOOKS_RECORDER] = str(os.getpid())
         return True
     return run is optimizer
 

@@ -36,6 +36,7 @@ from stabledrl_cli.capture._site.stabledrl_ranks import announced_rank
 from stabledrl_cli.capture.bootstrap import (
     ENV_DEBUG,
     ENV_FORCE,
+    ENV_HOOKS_RECORDER,
     ENV_OPTIMIZER_HOOKS,
     ENV_POLICY,
     ENV_RANKS_DIR,
@@ -191,6 +192,7 @@ def _with_site(env: dict[str, str], optimizer_hooks: bool) -> None:
     given = env.get("PYTHONPATH")
     env["PYTHONPATH"] = os.pathsep.join([str(SITE_DIR), given] if given else [str(SITE_DIR)])
     env[ENV_OPTIMIZER_HOOKS] = "1" if optimizer_hooks else "0"
+    env.pop(ENV_HOOKS_RECORDER, None)  # a record run inside another's command: its own
 
 
 SCRATCH_REMOVALS = 3
