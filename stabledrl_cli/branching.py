@@ -38,7 +38,11 @@ from stabledrl_cli.example.checkpoint import list_checkpoints
 from stabledrl_cli.example.config import MAX_RL_STEPS, refuse_untrainable
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.config import DEFAULT_COLLAPSE_WINDOW
-from stabledrl_cli.replay.detectors import observed_reward_collapse, reward_draws
+from stabledrl_cli.replay.detectors import (
+    REWARD_DRAW_SCALARS,
+    observed_reward_collapse,
+    run_reward_draws,
+)
 from stabledrl_cli.replay.engine import replay
 from stabledrl_cli.replay.observed import reward_windows
 from stabledrl_cli.replay.result import ReplayResult
@@ -225,8 +229,8 @@ _Series = tuple[np.ndarray, np.ndarray]
 def _rewards(run: Run) -> tuple[_Series, _Series]:
     """The run's reward_mean series, and its draws, one a rollout (`detectors.reward_draws`),
     from one pass over the headers."""
-    series = run.scalar_series_many(["reward_mean", "inner_step"])
-    return series["reward_mean"], reward_draws(*series["reward_mean"], *series["inner_step"])
+    series = run.scalar_series_many(REWARD_DRAW_SCALARS)
+    return series["reward_mean"], run_reward_draws(series)
 
 
 def _final_reward(rewards: np.ndarray) -> float | None:

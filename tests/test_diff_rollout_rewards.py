@@ -120,3 +120,45 @@ def test_a_reward_inside_a_rollout_that_differs_still_parts_there(tmp_path: Path
     exit_code, data = _diff(*runs)
     assert (exit_code, data["parted_at"], data["identical"]) == (1, 2, False)
     assert data["first"]["scalars"]["fields"] == [{"field": "reward_mean", "what": "nan vs 0.25"}]
+
+
+def test_a_rollout_begun_inside_a_step_is_compared_at_that_step(tmp_path: Path) -> None:
+    """TRL's gradient_accumulation_steps 4, steps_per_generation 2, num_iterations 3: rollouts
+    begin at steps 1 and 4 and inside steps 2 and 5 (whose first micro-batches train the one
+    before: inner_step 1), and TRL logs `reward` at 1, 2, 4, 5. The draws merged steps 2-3
+    into step 1's rollout (0.3125 against TRL's 0.375): the recording parted from its log at
+    step 1. A step's `rollout_reward` (the capture's mark of the rollouts begun in it, TRL's
+    number) starts a draw there, its value; a run without it reads as before."""
+    logged = {1: 0.375, 2: 0.25, 4: 1.375, 5: 0.75}
+    own = [0.375, 0.3125, 0.25, 1.375, 1.0625, 0.75]
+
+    def recording(path: Path, begun: dict[int, float]) -> Path:
+        logp = np.zeros(4, np.float32)
+        with Recorder(path, policy="grpo", unit="sequence") as rec:
+            for step, inner, reward in zip(range(1, 7), [0, 1, 1, 0, 1, 1], own, strict=True):
+                mark = {"rollout_reward": begun[step]} if step in begun else {}
+                rec.log_step(
+                    step, logp=logp, logp_old=logp, advantages=np.ones(4, np.float32),
+                    loss=0.1 * step, reward_mean=reward, inner_step=inner, scalars=mark,
+                )  # fmt: skip
+        return path
+
+    log = tmp_path / "log"
+    with Recorder(log, policy=None) as rec:
+        for step in range(1, 7):
+            rewards = {"reward_mean": logged[step]} if step in logged else {}
+            rec.log_step(step, loss=0.1 * step, **rewards)  # type: ignore[arg-type]
+    exit_code, data = _diff(recording(tmp_path / "marked", logged), log)
+    assert (exit_code, data["parted_at"], data["unshared"]) == (
+        0,
+        None,
+        {"a": ["inner_step"], "b": []},
+    )
+    exit_code, data = _diff(recording(tmp_path / "older", {}), log)
+    assert (exit_code, data["parted_at"]) == (1, 1)
+    assert data["first"]["scalars"]["fields"] == [
+        {"field": "reward_mean", "what": "0.3125 vs 0.375"}
+    ]
+    exit_code, data = _diff(recording(tmp_path / "other", {**logged, 2: 0.5}), tmp_path / "marked")
+    assert (exit_code, data["parted_at"]) == (1, 2)
+    assert data["first"]["scalars"]["fields"] == [{"field": "reward_mean", "what": "0.5 vs 0.25"}]

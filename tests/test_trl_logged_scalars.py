@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
 
 __all__ = ["tiny"]
 
@@ -172,3 +173,36 @@ def test_diff_of_a_recording_and_trls_log_of_a_rollout_over_several_steps_does_n
     assert "reward_mean" not in report["unshared"]["a"]
     steps = {s.step: s.scalars for s in sd.open_run(recorded)}
     assert steps[1]["reward_mean"] != pytest.approx(logged[1], rel=1e-3)  # each step its own
+
+
+def test_rollouts_begun_inside_a_step_are_drawn_as_trl_logs_them(tiny: Any, tmp_path: Path) -> None:
+    """gradient_accumulation_steps 4, steps_per_generation 2, num_iterations 3: a rollout (6
+    micro-batches) begins inside steps 2 and 5, which train the one before it too. TRL logged
+    `reward` at steps 1, 2, 4, 5 (0.375, 0.25, 1.375, 0.75); the draws merged each rollout
+    begun inside a step with the one before (steps 1 and 4: 0.3125, 1.0625), so the
+    recording's reward statistics were not its log's and `diff` of the two parted at step 1.
+    The capture records `rollout_reward` where TRL generated a rollout, TRL's number: the
+    draws are TRL's `reward` at every step that logs one."""
+    config = {"gradient_accumulation_steps": 4, "steps_per_generation": 2, "num_iterations": 3}
+    trainer, recorded, imported = _recorded_and_imported(
+        tiny, tmp_path, False, **config, max_steps=6
+    )
+    logged = {h["step"]: h["reward"] for h in trainer.state.log_history if "reward" in h}
+    assert sorted(logged) == [1, 2, 4, 5]
+    run = sd.open_run(recorded)
+    assert [s.scalars["inner_step"] for s in run] == [0, 1, 1, 0, 1, 1]  # 2, 5: begun inside
+    steps, draws = run_reward_draws(run.scalar_series_many(REWARD_DRAW_SCALARS))
+    assert dict(zip(steps.tolist(), draws.tolist(), strict=True)) == logged
+    runner = CliRunner()
+    stats = {}
+    for path in (recorded, imported):
+        done = runner.invoke(app, ["inspect", str(path), "--format", "json"])
+        assert done.exit_code == 0, done.output
+        stats[path.name] = json.loads(done.stdout)["series"]
+    assert stats["recorded"]["reward_mean"] == stats["imported"]["reward_mean"]
+    assert "rollout_reward" not in stats["recorded"]  # it is reward_mean's draws
+    done = runner.invoke(app, ["diff", str(recorded), str(imported), "--format", "json"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    assert (report["parted_at"], report["first"]["scalars"], report["compared"]) == (None, None, 6)
+    assert "rollout_reward" not in report["unshared"]["a"]

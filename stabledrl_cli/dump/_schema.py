@@ -293,7 +293,9 @@ STANDARD_SCALARS = (
     SKETCH_SCALE_KEY,
 )
 # 1.2: standard names with one meaning for the scalars that optimizer hooks and imported logs
-# record (units in docs/run-format.md). Given as `log_step` keywords or in `scalars=`.
+# record (units in docs/run-format.md). Given as `log_step` keywords or in `scalars=`; and
+# `rollout_reward` (in `scalars=`), the TRL integration's mark of the rollouts generated
+# during a step, with their mean reward (`detectors.reward_draws`).
 SERIES_SCALARS = (
     "entropy",
     "kl",
@@ -302,6 +304,7 @@ SERIES_SCALARS = (
     "clip_frac_high",
     "step_time",
     "nonfinite_grads",
+    "rollout_reward",
 )
 # Bookkeeping in the same metadata; user scalars may not start with "_".
 META_FORMAT = "_format_version"

@@ -23,6 +23,9 @@ from stabledrl_cli.integrations._rows import every_row
 LOGGED_SCALARS = ("entropy", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "step_time")
 """The standard scalars a step takes from the metrics TRL logs, under the names `stabledrl
 import` gives them (STANDARD_SOURCES: `entropy`, `kl`, `clip_ratio/region_mean`, ...)."""
+ROLLOUT_REWARD_SOURCE = "reward"
+"""TRL's metric of a generated rollout's mean reward (one value a rollout, appended as TRL
+generates it): a step during which TRL generated one records their mean as `rollout_reward`."""
 
 
 @dataclass
@@ -66,19 +69,30 @@ class LoggedMetrics:
     def step(self, metrics: Mapping[str, list[float]]) -> dict[str, float]:
         """The step's LOGGED_SCALARS: each one's values since the previous step, averaged as
         TRL's `log` averages them (a mean over the values that are not NaN; none, where TRL
-        logs None). With logging_steps=1 each is the value TRL logs for the step."""
+        logs None). With logging_steps=1 each is the value TRL logs for the step. And
+        `rollout_reward` where TRL generated rollouts during the step: the mean of their
+        rewards as TRL logs `reward` (NaN where it logs None: none scored), the mark of a
+        rollout begun in the step that `detectors.reward_draws` reads."""
         scalars: dict[str, float] = {}
         for standard in LOGGED_SCALARS:
             name = standard_source(standard, metrics)
             if name is None:
                 continue
-            values = metrics[name]
-            held, count = self.marks.get(name, (None, 0))
-            valid = [v for v in values[count if held is values else 0 :] if not math.isnan(v)]
+            valid = [v for v in self._since(name, metrics) if not math.isnan(v)]
             if valid:
                 scalars[standard] = sum(valid) / len(valid)
+        begun = self._since(ROLLOUT_REWARD_SOURCE, metrics)
+        if begun:  # TRL generated rollouts during the step: their mean, NaN when none scored
+            valid = [v for v in begun if not math.isnan(v)]
+            scalars["rollout_reward"] = sum(valid) / len(valid) if valid else math.nan
         self.marks = {name: (values, len(values)) for name, values in metrics.items()}
         return scalars
+
+    def _since(self, name: str, metrics: Mapping[str, list[float]]) -> list[float]:
+        """The values TRL appended to its list `name` since the previous step."""
+        values = metrics.get(name, [])
+        held, count = self.marks.get(name, (None, 0))
+        return values[count if held is values else 0 :]
 
 
 def _flat(rows: list[torch.Tensor], kept: list[torch.Tensor]) -> torch.Tensor:

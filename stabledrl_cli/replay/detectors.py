@@ -5,6 +5,8 @@ Rules and defaults: docs/collapse.md. numpy in, numpy out.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -185,9 +187,20 @@ def observed_reward_collapse(
     return int(steps[hits[0]]) if hits.size else None
 
 
+REWARD_DRAW_SCALARS = ("reward_mean", "inner_step", "rollout_reward")
+"""The scalars a run's reward draws are read from (`run_reward_draws`)."""
+
+_Series = tuple[np.ndarray, np.ndarray]
+
+
 def reward_draws(
-    steps: np.ndarray, rewards: np.ndarray, inner_steps: np.ndarray, inner_step: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+    steps: np.ndarray,
+    rewards: np.ndarray,
+    inner_steps: np.ndarray,
+    inner_step: np.ndarray,
+    begun_steps: np.ndarray | None = None,
+    begun: np.ndarray | None = None,
+) -> _Series:
     """The rewards the observed-collapse rule reads: one a rollout, at its first step. A
     rollout's steps are the one whose recorded `inner_step` is not above 0 and the steps after
     it whose `inner_step` is: passes over the same sequences (ppo_epochs, num_iterations) and
@@ -195,21 +208,36 @@ def reward_draws(
     gradient_accumulation_steps). Its draw is the mean of their rewards that are not NaN (NaN
     when none is), the rollout's own mean when its steps hold as many sequences each, as TRL
     logs `reward` and verl `critic/score/mean`. A step before the first such start is left
-    out; a step without an inner_step is a rollout of its own.
+    out; a step without an inner_step is a rollout of its own. A step that records
+    `rollout_reward` (`begun`: the rollouts the training generated during the step, their
+    mean reward, as TRL logs `reward`) starts one too, whatever its inner_step, and that is
+    its draw: so a rollout begun inside a step that trains an earlier one is drawn at that
+    step, apart from the earlier one, as TRL logs it.
 
     steps, rewards: [S] the reward_mean series, in step order; inner_steps, inner_step: [I]
-    the inner_step series -> ([D] steps, [D] rewards)."""
+    the inner_step series; begun_steps, begun: [B] the rollout_reward series (None: none)
+    -> ([D] steps, [D] rewards)."""
+    marked = np.zeros(0, dtype=np.int64) if begun_steps is None else begun_steps
     continued = inner_steps[np.asarray(inner_step, dtype=np.float64) > 0]
-    starts = np.union1d(
+    first = np.union1d(
         steps[~np.isin(steps, continued)], inner_steps[~np.isin(inner_steps, continued)]
     )
+    starts = np.union1d(first, marked)
     rollout = np.searchsorted(starts, steps, side="right") - 1
     scored = (rollout >= 0) & ~np.isnan(rewards)
     sums = np.bincount(rollout[scored], weights=rewards[scored], minlength=starts.size)
     counts = np.bincount(rollout[scored], minlength=starts.size)
-    held = np.isin(np.arange(starts.size), rollout)
+    held = np.isin(np.arange(starts.size), rollout) | np.isin(starts, marked)
     draws = np.divide(sums, counts, out=np.full(starts.size, np.nan), where=counts > 0)
+    if begun is not None:
+        draws[np.searchsorted(starts, marked)] = begun
     return starts[held], draws[held]
+
+
+def run_reward_draws(series: Mapping[str, _Series]) -> _Series:
+    """`reward_draws` of a run's `REWARD_DRAW_SCALARS` series (as `scalar_series_many` gives
+    them)."""
+    return reward_draws(*series["reward_mean"], *series["inner_step"], *series["rollout_reward"])
 
 
 def luck_of_the_best(length: int, window: int) -> np.ndarray:

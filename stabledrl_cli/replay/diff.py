@@ -12,11 +12,12 @@ ascending order of the steps both hold, until every kind has parted (or the step
   counts (`COUNT_SCALARS`), exactly.
 
 `reward_mean` is compared at a rollout's first step as the observed-collapse rule reads it
-(`detectors.reward_draws`, over the steps both runs hold): the mean of its steps' rewards,
-TRL's logged `reward` (a recording of a rollout trained over several steps holds each step's
-own, the framework's log one a rollout); at its other steps, as recorded where both runs
-record it (a reward there only one run records is not listed as unshared: it is in the
-draw).
+(`detectors.reward_draws`, over the steps both runs hold): the mean of its steps' rewards, or
+the step's `rollout_reward` where it records one (a TRL recording: the rollouts TRL generated
+during the step), TRL's logged `reward` (a recording of a rollout trained over several steps
+holds each step's own, the framework's log one a rollout); at its other steps, as recorded
+where both runs record it (a reward there only one run records is not listed as unshared: it
+is in the draw). `rollout_reward` is compared so, as reward_mean's draw, not on its own.
 
 Two values a, b (a from run A, b from run B) agree within the tolerance when
 |a - b| <= atol + rtol * |b|, or both are NaN, or both are the same infinity. The runs *part*
@@ -42,7 +43,7 @@ from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
 from stabledrl_cli.dump._schema import SCALAR_STEP_FIELDS, SERIES_SCALARS, STANDARD_SCALARS
 from stabledrl_cli.errors import ConfigError, InputError, counted
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.detectors import reward_draws
+from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
 from stabledrl_cli.replay.run_facts import (
     SKIPPED_KINDS,
     is_scalar_run,
@@ -71,11 +72,11 @@ LOGP_FIELDS = ("logp", "logp_old", "logp_ref", "logp_rollout")
 SCALAR_NAMES = tuple(
     name
     for name in (*STANDARD_SCALARS, *SERIES_SCALARS)
-    if name not in ("step", "wall_time", "step_time", "unit_grad_sketch_scale")
+    if name not in ("step", "wall_time", "step_time", "unit_grad_sketch_scale", "rollout_reward")
 )
 """Training scalars compared within the tolerance: the standard ones (format 1.2's series
-scalars too) but the step number, the clocks and a sketch's storage scale (a run's own scalars
-are not compared)."""
+scalars too) but the step number, the clocks, a sketch's storage scale and `rollout_reward`
+(compared as reward_mean's draw, `_RolloutRewards`) (a run's own scalars are not compared)."""
 GEOMETRY_SCALARS = ("grad_norm_covered",)
 """Scalars a run records with its gradient geometry: one only one run records (the other
 recorded none) differs in bits only, as the geometry does; both record it: within the
@@ -289,8 +290,8 @@ def _kind(name: str) -> DiffKind:
 @dataclass(frozen=True)
 class _RolloutRewards:
     """A run's reward_mean draws (`reward_draws`: one a rollout, the mean of its steps'
-    rewards, at its first step), over the steps both runs hold, from their headers (no step's
-    data read)."""
+    rewards or its recorded `rollout_reward`, at its first step), over the steps both runs
+    hold, from their headers (no step's data read)."""
 
     starts: np.ndarray
     draws: np.ndarray
@@ -298,12 +299,12 @@ class _RolloutRewards:
     @classmethod
     def of(cls, run: Run, steps: list[int]) -> _RolloutRewards:
         """`run`'s draws over `steps` (the steps both runs hold)."""
-        series = run.scalar_series_many(["reward_mean", "inner_step"])
+        series = run.scalar_series_many(REWARD_DRAW_SCALARS)
         held = {}
         for name, (numbers, values) in series.items():
             common = np.isin(numbers, steps)
             held[name] = numbers[common], values[common]
-        return cls(*reward_draws(*held["reward_mean"], *held["inner_step"]))
+        return cls(*run_reward_draws(held))
 
     def at(self, step: int) -> float | None:
         """The draw of the rollout that starts at `step`; None at any other step."""

@@ -20,12 +20,13 @@ from stabledrl_cli.replay.config import (
     ReplayConfig,
 )
 from stabledrl_cli.replay.detectors import (
+    REWARD_DRAW_SCALARS,
     collapse_warning,
     observed_reward_collapse,
     own_likelihood,
     own_likelihood_series,
-    reward_draws,
     rolling_mean,
+    run_reward_draws,
     spike_flags,
     warning_judged,
 )
@@ -437,10 +438,8 @@ def observe(
     them step by step); None: replayed here.
     """
     config = config or ReplayConfig()
-    series = run.scalar_series_many(
-        ["reward_mean", "inner_step", "grad_norm", "loss", *NONFINITE_COUNTS]
-    )
-    reward_steps, rewards = reward_draws(*series["reward_mean"], *series["inner_step"])
+    series = run.scalar_series_many([*REWARD_DRAW_SCALARS, "grad_norm", "loss", *NONFINITE_COUNTS])
+    reward_steps, rewards = run_reward_draws(series)
     norm_steps, grad_norms = series["grad_norm"]
     bad = np.union1d(
         *(

@@ -32,7 +32,7 @@ from stabledrl_cli._atomic import missing_directory, output_path
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import MissingExtraError, UsageError, counted
 from stabledrl_cli.replay.config import format_step_range, in_range
-from stabledrl_cli.replay.detectors import reward_draws, rolling_mean
+from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, rolling_mean, run_reward_draws
 from stabledrl_cli.replay.report import BEST_RULE, percent
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.spec import wrap_spec
@@ -139,12 +139,12 @@ def _mark_run_events(ax: Any, result: ReplayResult) -> None:
 
 
 def _reward_panel(ax: Any, result: ReplayResult, run: Run) -> None:
-    series = run.scalar_series_many(["reward_mean", "inner_step"])
+    series = run.scalar_series_many(REWARD_DRAW_SCALARS)
     steps, reward = series["reward_mean"]
     if steps.size:
         _plot_series(ax, steps, reward, color=_REWARD, linewidth=0.8)
         # The observed-collapse rule's mean: over W rollouts, one reward each, at its first step.
-        rollouts, draws = reward_draws(steps, reward, *series["inner_step"])
+        rollouts, draws = run_reward_draws(series)
         scored = ~np.isnan(draws)  # an unscored rollout is no draw, as for the rule
         rollouts, draws = rollouts[scored], draws[scored]
         window = result.observed.collapse_window

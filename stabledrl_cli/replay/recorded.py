@@ -8,9 +8,11 @@ first, last, min, max, mean, median, tail (the mean of the last `TAIL_STEPS`) (N
 is none); `nonfinite` counts the others. `reward_mean`'s values are its draws, one a rollout
 (`detectors.reward_draws`, what the observed-collapse rule reads): the framework's logged
 reward (TRL's `reward`, verl's `critic/score/mean`), where a rollout is trained over several
-recorded steps and the framework's log has one value for it. A verl run's scalars that verl
-logs once a training step (`TRAINING_STEP_MEANS`: loss, grad_norm, clip_frac, kl, ...) take
-one value a rollout too, the mean over its optimizer steps, as verl logs them.
+recorded steps and the framework's log has one value for it (a TRL step's `rollout_reward`,
+its mark of the rollouts begun in it, is in those draws, not a series of its own). A verl
+run's scalars that verl logs once a training step (`TRAINING_STEP_MEANS`: loss, grad_norm,
+clip_frac, kl, ...) take one value a rollout too, the mean over its optimizer steps, as verl
+logs them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.integrations._verl_facts import TRAINING_STEP_MEANS
-from stabledrl_cli.replay.detectors import reward_draws
+from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, reward_draws, run_reward_draws
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.vocab import SeriesStat, Worse
@@ -116,11 +118,13 @@ def recorded_run(run: Run, observed: Observed) -> RecordedRun:
     """`run`'s recorded series from its step headers (no array is read; one walk over them),
     with `observed`; reward_mean's are its draws, one a rollout (module docstring)."""
     headers = list(run.step_headers())
-    names = sorted(set().union(*(h.scalars for h in headers)) - set(BOOKKEEPING_SCALARS))
-    series = ReadSteps.of(run, headers).scalar_series_many([*names, "inner_step"])
+    names = sorted(
+        set().union(*(h.scalars for h in headers)) - {*BOOKKEEPING_SCALARS, "rollout_reward"}
+    )
+    series = ReadSteps.of(run, headers).scalar_series_many([*names, *REWARD_DRAW_SCALARS])
     inner = series["inner_step"]
     if "reward_mean" in names:
-        series["reward_mean"] = reward_draws(*series["reward_mean"], *inner)
+        series["reward_mean"] = run_reward_draws(series)
     meta = run.manifest.get("meta")
     if isinstance(meta, dict) and meta.get("framework") == "verl":
         for name in set(TRAINING_STEP_MEANS) & set(names):
