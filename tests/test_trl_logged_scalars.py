@@ -206,3 +206,43 @@ def test_rollouts_begun_inside_a_step_are_drawn_as_trl_logs_them(tiny: Any, tmp_
     report = json.loads(done.stdout)
     assert (report["parted_at"], report["first"]["scalars"], report["compared"]) == (None, None, 6)
     assert "rollout_reward" not in report["unshared"]["a"]
+
+
+def test_diff_of_a_recording_and_its_log_written_every_two_steps_compares_their_means(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """logging_steps=2: TRL's row at step 2 holds the means over steps 1 and 2 (loss, reward,
+    entropy, clip ratios), grad_norm and lr step 2's own. `diff` of the recording and its
+    imported log parted at step 2 (loss 0.0520725 vs -0.0858591: step 2's own against the
+    mean); the import keeps trainer_state.json's logging_steps and diff compares the
+    recording's means over each row's steps, saying so. A log that does not say how it was
+    written (log_history saved alone) is compared step by step, with a note."""
+    trainer, recorded, imported = _recorded_and_imported(
+        tiny, tmp_path, False, logging_steps=2, max_steps=4
+    )
+    source = sd.open_run(imported).manifest["source"]
+    assert source["logging_steps"] == 2
+    runner = CliRunner()
+    done = runner.invoke(app, ["diff", str(recorded), str(imported), "--format", "json"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    assert (report["parted_at"], report["first"]["scalars"], report["compared"]) == (None, None, 2)
+    assert report["only_a"] == [[1, 1], [3, 3]]
+    assert "reward_mean" not in report["unshared"]["a"]
+    assert report["notes"][0].startswith("B is a log written every 2 steps")
+    steps = {s.step: s.scalars for s in sd.open_run(recorded)}
+    logged = {h["step"]: h for h in trainer.state.log_history if "grad_norm" in h}
+    pair = (steps[1]["loss"] + steps[2]["loss"]) / 2
+    assert logged[2]["loss"] == pytest.approx(pair, rel=1e-5)
+    assert logged[2]["loss"] != pytest.approx(steps[2]["loss"], rel=1e-3)  # the mean, not 2's
+    table = runner.invoke(app, ["diff", str(imported), str(recorded)])  # either way round
+    assert table.exit_code == 0 and "note: A is a log written every 2 steps" in table.stdout
+    history = tmp_path / "history.json"
+    history.write_text(json.dumps(trainer.state.log_history))
+    alone = tmp_path / "alone"
+    assert run_cli("import", history, "--out", alone).returncode == 0
+    assert "logging_steps" not in sd.open_run(alone).manifest["source"]
+    done = runner.invoke(app, ["diff", str(recorded), str(alone), "--format", "json"])
+    assert done.exit_code == 1 and json.loads(done.stdout)["parted_at"] == 2
+    note = json.loads(done.stdout)["notes"][0]
+    assert note.startswith("B is an imported log whose rows skip steps A holds (step 3")

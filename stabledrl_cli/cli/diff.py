@@ -94,6 +94,7 @@ def _print_table(result: DiffResult, until: int | None) -> None:
     ]
     if alone:
         lines.append(f"not compared, recorded {'; '.join(alone)}")
+    lines += [f"note: {note}" for note in result.notes]
     holds = "one run holds" if result.scalars_only else "both runs hold"
     for kind, name in KIND_NAMES.items():
         batches = kind in ("inputs", "logprobs")  # not compared where a run holds scalars only

@@ -52,6 +52,9 @@ class ImportSummary:
     preempted: int
     """TensorBoard: values at steps after the one a restarted run logged again, dropped."""
     warnings: list[str] = field(default_factory=list)
+    logging_steps: int | None = None
+    """k of a log that says it was written every k steps (trainer_state.json's
+    `logging_steps`, kept in the manifest's `source`); None where it does not say."""
 
     def to_dict(self) -> dict[str, Any]:
         """The `import --format json` object."""
@@ -72,7 +75,14 @@ def write_scalar_run(
     mapping = map_names(table.names, (*STANDARD_SCALARS, *SERIES_SCALARS))
     mapped = {standard: name for name, standard in mapping.standard.items()}
     name = unicode_text(source.name)  # a lone surrogate would make the manifest unreadable
-    origin = {"kind": "import", "format": log_format, "file": name, "mapped": mapped}
+    origin: dict[str, object] = {
+        "kind": "import",
+        "format": log_format,
+        "file": name,
+        "mapped": mapped,
+    }
+    if table.logging_steps is not None:  # its rows are means over that many steps
+        origin["logging_steps"] = table.logging_steps
     counts: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
     ordered = sorted(table.steps)
@@ -113,6 +123,7 @@ def write_scalar_run(
         replaced=table.replaced,
         preempted=table.preempted,
         warnings=warnings,
+        logging_steps=table.logging_steps,
     )
 
 

@@ -67,6 +67,11 @@ class StepTable:
     cells: int = 0
     warnings: list[str] = field(default_factory=list)
     """Notes for the user (e.g. an unfinished last record ignored)."""
+    logging_steps: int | None = None
+    """k of a log that says it was written every k steps (trainer_state.json's
+    `logging_steps`): a row holds the means over the steps since the row before of the
+    metrics the trainer averages (transformers' `loss`, TRL's); None where the log does not
+    say."""
     _series: dict[str, deque[int]] = field(default_factory=dict)
     """When `preempts`: each metric's steps, increasing."""
 

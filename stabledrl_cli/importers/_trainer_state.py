@@ -3,11 +3,14 @@ list saved alone (`json.dump(trainer.state.log_history, f)`: a JSON array of its
 
 Each entry of `log_history` is one logged row with its `step` (the optimizer step). Evaluation
 rows (`eval_*` metrics) and the end-of-training summary (`train_runtime`, `train_loss`, ...)
-are skipped; NaN and Infinity, which Python's JSON writer emits, are read as such.
+are skipped; NaN and Infinity, which Python's JSON writer emits, are read as such. The file's
+`logging_steps` (a whole number >= 1) says the rows were written every k steps: the table
+keeps it (`StepTable.logging_steps`); the list saved alone does not say.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from stabledrl_cli._json import parse_strict
@@ -39,6 +42,16 @@ def _rows(document: list[object]) -> bool:
     return bool(document) and isinstance(document[0], dict)
 
 
+def _logging_steps(value: object) -> int | None:
+    """transformers' `logging_steps` as a whole number >= 1 (TrainingArguments holds a float:
+    2.0 is 2); None for anything else (a ratio of the run's steps is saved resolved)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not (math.isfinite(value) and value >= 1 and value == int(value)):
+        return None
+    return int(value)
+
+
 def read_trainer_state(path: Path) -> StepTable:
     """The steps of a trainer_state.json, or of its `log_history` saved alone (a JSON array of
     its rows); InputError when it is neither."""
@@ -49,6 +62,8 @@ def read_trainer_state(path: Path) -> StepTable:
             f"{path}: not a trainer_state.json (no log_history list, nor a list of its rows)"
         )
     table = StepTable(str(path))
+    if isinstance(document, dict):
+        table.logging_steps = _logging_steps(document.get("logging_steps"))
     for entry in history:
         if not isinstance(entry, dict):
             table.skipped_rows["not an object"] += 1

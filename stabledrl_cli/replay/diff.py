@@ -18,6 +18,9 @@ during the step), TRL's logged `reward` (a recording of a rollout trained over s
 holds each step's own, the framework's log one a rollout); at its other steps, as recorded
 where both runs record it (a reward there only one run records is not listed as unshared: it
 is in the draw). `rollout_reward` is compared so, as reward_mean's draw, not on its own.
+Against an imported log written every k steps (its manifest's `source.logging_steps`), whose
+rows hold means over the steps since the row before, a run of every step is compared by its
+means over those steps (`_WindowMeans`); the result's `notes` say so.
 
 Two values a, b (a from run A, b from run B) agree within the tolerance when
 |a - b| <= atol + rtol * |b|, or both are NaN, or both are the same infinity. The runs *part*
@@ -32,6 +35,7 @@ steps up to the last one shown).
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 from collections.abc import Iterator
@@ -77,6 +81,10 @@ SCALAR_NAMES = tuple(
 """Training scalars compared within the tolerance: the standard ones (format 1.2's series
 scalars too) but the step number, the clocks, a sketch's storage scale and `rollout_reward`
 (compared as reward_mean's draw, `_RolloutRewards`) (a run's own scalars are not compared)."""
+WINDOW_MEAN_SCALARS = ("loss", "entropy", "kl", "clip_frac", "clip_frac_low", "clip_frac_high")
+"""Scalars a log written every k steps holds, at a row, as the mean over the steps since the
+row before (transformers' `loss`, TRL's metrics); its `reward_mean` is the mean over the
+rollouts generated there (`_WindowMeans`). Its `grad_norm` and `lr` are the row's step's own."""
 GEOMETRY_SCALARS = ("grad_norm_covered",)
 """Scalars a run records with its gradient geometry: one only one run records (the other
 recorded none) differs in bits only, as the geometry does; both record it: within the
@@ -172,6 +180,9 @@ class DiffResult:
     bits_only: list[str] = field(default_factory=list)
     """The arrays no kind parts on (gradient geometry, `param_grad_norm`) whose bits differ at
     a compared step: no tolerance applies to them."""
+    notes: list[str] = field(default_factory=list)
+    """How the steps of a log written every k steps were compared (`_WindowMeans`), or that a
+    log's rows skip steps the other run holds without saying how it was written."""
 
     @property
     def identical(self) -> bool:
@@ -317,10 +328,73 @@ class _RolloutRewards:
         return bool(self.starts.size) and step > self.starts[0] and self.at(step) is None
 
 
-def _compared_scalars(step: Step, rewards: _RolloutRewards) -> dict[str, float]:
-    """The step's `SCALAR_NAMES` as compared: reward_mean its rollout's draw (`rewards`) at
-    the rollout's first step, the step's own elsewhere."""
+def logging_steps(run: Run) -> int:
+    """k of an imported log whose manifest says it was written every k steps (its `source`'s
+    `logging_steps`, from trainer_state.json); 1 for any other run."""
+    source = run.manifest.get("source")
+    if not isinstance(source, dict) or source.get("kind") != "import":
+        return 1
+    k = source.get("logging_steps")
+    return k if type(k) is int and k > 1 else 1
+
+
+@dataclass(frozen=True)
+class _WindowMeans:
+    """What a run of every step gives at the rows of a log written every k steps (the other
+    run, `logging_steps`): at a row's step s, each `WINDOW_MEAN_SCALARS`' mean over the run's
+    steps since the log's row before, at most k (transformers' window: from its last row's
+    step, or k steps back at the log's first row), over those that record it; and
+    reward_mean the mean of the rollouts' draws (`reward_draws`, over all of the run's steps)
+    that start in the window, NaN ones left out, as TRL's log averages its `reward` (none
+    where no rollout starts there: TRL logs none). A row whose window the run does not hold
+    whole gives nothing: the step's own values are compared there."""
+
+    k: int
+    values: dict[int, dict[str, float]]
+
+    @classmethod
+    def of(cls, run: Run, rows: list[int], k: int) -> _WindowMeans:
+        """`run`'s means over the windows of a log of `rows` (its steps) written every `k`."""
+        series = run.scalar_series_many([*WINDOW_MEAN_SCALARS, *REWARD_DRAW_SCALARS])
+        starts, draws = run_reward_draws(series)
+        held = set(run.step_numbers)
+        values: dict[int, dict[str, float]] = {}
+        before: int | None = None
+        for row in rows:
+            low = row - k + 1 if before is None else max(before + 1, row - k + 1)
+            before = row
+            if not all(n in held for n in range(low, row + 1)):
+                continue
+            means = {}
+            for name in WINDOW_MEAN_SCALARS:
+                steps, found = series[name]
+                inside = found[(steps >= low) & (steps <= row)]
+                if inside.size:
+                    means[name] = float(np.mean(inside))
+            inside = draws[(starts >= low) & (starts <= row)]
+            if inside.size:
+                scored = inside[~np.isnan(inside)]
+                means["reward_mean"] = float(np.mean(scored)) if scored.size else math.nan
+            values[row] = means
+        return cls(k, values)
+
+    def at(self, step: int) -> dict[str, float] | None:
+        """The means at the log's row `step`; None where the run does not hold its window."""
+        return self.values.get(step)
+
+
+def _compared_scalars(
+    step: Step, rewards: _RolloutRewards, window: _WindowMeans | None
+) -> dict[str, float]:
+    """The step's `SCALAR_NAMES` as compared: against a log written every k steps, the means
+    over its row's window (`window`) where the run holds it; else reward_mean its rollout's
+    draw (`rewards`) at the rollout's first step, the step's own elsewhere."""
     scalars = {n: step.scalars[n] for n in SCALAR_NAMES if n in step.scalars}
+    means = None if window is None else window.at(step.step)
+    if means is not None:
+        for name in (*WINDOW_MEAN_SCALARS, "reward_mean"):
+            scalars.pop(name, None)
+        return {**scalars, **means}
     draw = rewards.at(step.step)
     if draw is not None:
         scalars["reward_mean"] = draw
@@ -341,6 +415,9 @@ class _Comparison:
     rtol: float
     rewards: tuple[_RolloutRewards, _RolloutRewards]
     """Each run's reward_mean draws (A's, B's)."""
+    windows: tuple[_WindowMeans | None, _WindowMeans | None] = (None, None)
+    """Each run's means over the rows of the other, a log written every k steps (None: the
+    other is not)."""
     first: dict[DiffKind, Parting | None] = field(default_factory=lambda: dict.fromkeys(DIFF_KINDS))
     compared: int = 0
     scalars_only: int = 0
@@ -377,8 +454,8 @@ class _Comparison:
         shared_only = a.is_scalar or b.is_scalar
         self.scalars_only += a.is_scalar != b.is_scalar
         self.batches_compared += not shared_only
-        scalars_a = _compared_scalars(a, self.rewards[0])
-        scalars_b = _compared_scalars(b, self.rewards[1])
+        scalars_a = _compared_scalars(a, self.rewards[0], self.windows[0])
+        scalars_b = _compared_scalars(b, self.rewards[1], self.windows[1])
         if shared_only:
             recorded = {"a": _recorded(a, scalars_a), "b": _recorded(b, scalars_b)}
             for side, step, rewards in (("a", a, self.rewards[0]), ("b", b, self.rewards[1])):
@@ -459,11 +536,16 @@ def _warn_skipped(run: Run, listed: list[int]) -> set[int]:
 
 
 def _figures(
-    run: Run, steps: list[int], config: ReplayConfig, rewards: _RolloutRewards
+    run: Run,
+    steps: list[int],
+    config: ReplayConfig,
+    rewards: _RolloutRewards,
+    window: _WindowMeans | None,
 ) -> dict[int, dict[str, float | bool | None]]:
     """step -> FIGURES of `run` at `steps` (its own policy replayed over the run's steps up to
     the last of them; its figures None, with a warning, when its steps lack a field it
-    needs), with its reward draws `rewards`."""
+    needs), with its reward draws `rewards`, or its means over the other run's rows
+    (`window`) where it has them."""
     from stabledrl_cli.replay.incremental import OwnReplay  # torch: only for runs that part
 
     follower = OwnReplay(run, config)
@@ -482,15 +564,61 @@ def _figures(
             continue
         i = index.get(header.step)
         risk = None if i is None else bool(series["collapsed"][i])
+        means = None if window is None else window.at(header.step)
         out[header.step] = {
             "reward_mean": header.scalars.get("reward_mean"),
-            "reward_draw": rewards.at(header.step),
+            "reward_draw": rewards.at(header.step) if means is None else means.get("reward_mean"),
             "grad_norm": header.scalars.get("grad_norm"),
             "discard_frac": None if i is None else float(series["discard_frac"][i]),
             "risk": risk if i is None or series["spike_judged"][i] else None,
             "risk_judged": None if i is None else bool(series["spike_judged"][i]),
         }
     return out
+
+
+def _windows(
+    a: Run, b: Run, steps_a: list[int], steps_b: list[int], common: list[int]
+) -> tuple[tuple[_WindowMeans | None, _WindowMeans | None], list[str]]:
+    """(each run's means over the rows of the other where that one is a log written every k
+    steps and it is not, `_WindowMeans`; the notes that say so, or that an imported log's
+    rows skip steps the other run holds while it does not say how it was written)."""
+    k = (logging_steps(a), logging_steps(b))
+    windows: list[_WindowMeans | None] = [None, None]
+    notes = []
+    sides = (("A", a, steps_a), ("B", b, steps_b))
+    for i, (name, run, steps) in enumerate(sides):
+        other, every, _ = sides[1 - i]
+        if k[1 - i] > 1 and k[i] == 1:
+            windows[i] = _WindowMeans.of(run, steps_b if i == 0 else steps_a, k[1 - i])
+            notes.append(
+                f"{other} is a log written every {k[1 - i]} steps (its logging_steps): a row "
+                f"holds means over the steps since the row before, so {name}'s "
+                f"{', '.join(WINDOW_MEAN_SCALARS)} and reward_mean are compared as their means "
+                "over those steps (grad_norm and lr as they are: the row's step's own)"
+            )
+            continue
+        source = every.manifest.get("source")
+        imported = isinstance(source, dict) and source.get("kind") == "import"
+        between = _skipped_between(common, steps)
+        if imported and k[1 - i] == 1 and between is not None:
+            notes.append(
+                f"{other} is an imported log whose rows skip steps {name} holds ({between}) "
+                "and that does not say how it was written: a log written every k steps "
+                "holds at a row means over the steps since the row before (loss, TRL's "
+                f"metrics), compared here with {name}'s step alone (import its "
+                "trainer_state.json, which says)"
+            )
+    return (windows[0], windows[1]), notes
+
+
+def _skipped_between(rows: list[int], steps: list[int]) -> str | None:
+    """The first of `steps` strictly between two consecutive `rows` (both ascending), as text
+    ('step 3, between rows 2 and 4'); None when none is."""
+    for n in steps:
+        after = bisect.bisect_right(rows, n)
+        if 0 < after < len(rows) and rows[after - 1] != n:
+            return f"step {n}, between rows {rows[after - 1]} and {rows[after]}"
+    return None
 
 
 def diff_runs(
@@ -534,7 +662,8 @@ def diff_runs(
     if not common:
         raise share_none
     rewards = (_RolloutRewards.of(a, common), _RolloutRewards.of(b, common))
-    comparison = _Comparison(atol=atol, rtol=rtol, rewards=rewards)
+    windows, notes = _windows(a, b, steps_a, steps_b, common)
+    comparison = _Comparison(atol=atol, rtol=rtol, rewards=rewards, windows=windows)
     unread = skipped
     for step_a, step_b in _pairs(a, b, common, unread):
         comparison.add(step_a, step_b)
@@ -557,8 +686,8 @@ def diff_runs(
     if focus is not None:
         at = common.index(focus)
         shown = common[max(0, at - context) : at + context + 1]
-        figures_a = _figures(a, shown, config, rewards[0])
-        figures_b = _figures(b, shown, config, rewards[1])
+        figures_a = _figures(a, shown, config, rewards[0], windows[0])
+        figures_b = _figures(b, shown, config, rewards[1], windows[1])
         empty = dict.fromkeys(FIGURES)
         around = [
             SideBySide(step=n, a=figures_a.get(n, empty), b=figures_b.get(n, empty)) for n in shown
@@ -585,4 +714,5 @@ def diff_runs(
         unreadable_a=_ranges(sorted(unread_a)),
         unreadable_b=_ranges(sorted(unread_b)),
         bits_only=sorted(comparison.bits_only),
+        notes=notes,
     )
