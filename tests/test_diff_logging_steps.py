@@ -18,21 +18,28 @@ from stabledrl_cli.importers import import_log
 
 LOSS = [0.1, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3]
 """Steps 1-7's own loss."""
-BEGUN = {1: 0.25, 3: 0.5, 5: 0.75, 7: 1.0}
-"""The rollouts begun at steps 1, 3, 5, 7 (one every two steps), their rewards."""
+BEGUN = {1: [0.25], 3: [0.5], 4: [0.1, 0.3], 5: [0.75], 7: [1.0]}
+"""The rewards of the rollouts begun at steps 1, 3, 4, 5, 7 (two at step 4: TRL's log of
+steps 4-6 averages three, 0.3833, not the steps' two means, 0.475)."""
 
 
 def _recording(path: Path, steps: range = range(1, 8), loss: list[float] = LOSS) -> Path:
     """A recording of steps `steps`, each with its own `loss`, grad_norm, entropy and reward
-    (a rollout begun every other step, its `rollout_reward`)."""
+    (the rollouts begun in it, `BEGUN`: their `rollout_reward` and `rollout_count`)."""
     logp = np.zeros(4, np.float32)
     with Recorder(path, policy="grpo", unit="sequence") as rec:
         for step in steps:
-            mark = {"rollout_reward": BEGUN[step]} if step in BEGUN else {}
+            begun = BEGUN.get(step, [])
+            mark = (
+                {"rollout_reward": sum(begun) / len(begun), "rollout_count": len(begun)}
+                if begun
+                else {}
+            )
             rec.log_step(
                 step, logp=logp, logp_old=logp, advantages=np.ones(4, np.float32),
-                loss=loss[step - 1], grad_norm=float(step), reward_mean=BEGUN.get(step, 0.0),
-                inner_step=0 if step in BEGUN else 1, scalars={"entropy": 2.0 * step, **mark},
+                loss=loss[step - 1], grad_norm=float(step), inner_step=0 if begun else 1,
+                reward_mean=mark.get("rollout_reward", 0.0),
+                scalars={"entropy": 2.0 * step, **mark},
             )  # fmt: skip
     return path
 
@@ -45,7 +52,7 @@ def _log(tmp_path: Path, *, say: bool) -> Path:
     for row, steps in windows.items():
         entry = {"step": row, "loss": float(np.mean([LOSS[s - 1] for s in steps]))}
         entry |= {"grad_norm": float(row), "entropy": float(np.mean([2.0 * s for s in steps]))}
-        begun = [BEGUN[s] for s in steps if s in BEGUN]
+        begun = [r for s in steps for r in BEGUN.get(s, [])]
         rows.append(entry | ({"reward": float(np.mean(begun))} if begun else {}))
     document: object = {"global_step": 7, "logging_steps": 3, "log_history": rows}
     state = tmp_path / ("trainer_state.json" if say else "history.json")

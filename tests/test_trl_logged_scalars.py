@@ -200,7 +200,7 @@ def test_rollouts_begun_inside_a_step_are_drawn_as_trl_logs_them(tiny: Any, tmp_
         assert done.exit_code == 0, done.output
         stats[path.name] = json.loads(done.stdout)["series"]
     assert stats["recorded"]["reward_mean"] == stats["imported"]["reward_mean"]
-    assert "rollout_reward" not in stats["recorded"]  # it is reward_mean's draws
+    assert not {"rollout_reward", "rollout_count"} & set(stats["recorded"])  # reward's draws
     done = runner.invoke(app, ["diff", str(recorded), str(imported), "--format", "json"])
     assert done.exit_code == 0, done.output
     report = json.loads(done.stdout)
@@ -246,3 +246,26 @@ def test_diff_of_a_recording_and_its_log_written_every_two_steps_compares_their_
     assert done.exit_code == 1 and json.loads(done.stdout)["parted_at"] == 2
     note = json.loads(done.stdout)["notes"][0]
     assert note.startswith("B is an imported log whose rows skip steps A holds (step 3")
+
+
+def test_a_row_over_steps_of_several_rollouts_each_weighs_them_as_trl(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """gradient_accumulation_steps 3, steps_per_generation 2, logging_steps=2: step 1
+    generates two rollouts, step 2 one, and TRL's row at step 2 logs `reward` as the mean of
+    the three (0.4167), where the mean of the steps' two means is 0.375: diff parted there on
+    reward_mean. Each step records `rollout_count`, the means are weighted by it."""
+    config = {"gradient_accumulation_steps": 3, "steps_per_generation": 2, "num_iterations": 1}
+    trainer, recorded, imported = _recorded_and_imported(
+        tiny, tmp_path, False, **config, per_device_train_batch_size=2, num_generations=2,
+        logging_steps=2, max_steps=2,
+    )  # fmt: skip
+    steps = {s.step: s.scalars for s in sd.open_run(recorded)}
+    assert [steps[n]["rollout_count"] for n in (1, 2)] == [2, 1]
+    logged = next(h["reward"] for h in trainer.state.log_history if "reward" in h)
+    weighted = (2 * steps[1]["rollout_reward"] + steps[2]["rollout_reward"]) / 3
+    assert logged == pytest.approx(weighted, rel=1e-12)
+    assert logged != pytest.approx((steps[1]["rollout_reward"] + steps[2]["rollout_reward"]) / 2)
+    done = CliRunner().invoke(app, ["diff", str(recorded), str(imported), "--format", "json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["first"]["scalars"] is None

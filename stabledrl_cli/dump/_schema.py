@@ -294,8 +294,7 @@ STANDARD_SCALARS = (
 )
 # 1.2: standard names with one meaning for the scalars that optimizer hooks and imported logs
 # record (units in docs/run-format.md). Given as `log_step` keywords or in `scalars=`; and
-# `rollout_reward` (in `scalars=`), the TRL integration's mark of the rollouts generated
-# during a step, with their mean reward (`detectors.reward_draws`).
+# ROLLOUT_SCALARS (in `scalars=`).
 SERIES_SCALARS = (
     "entropy",
     "kl",
@@ -305,7 +304,12 @@ SERIES_SCALARS = (
     "step_time",
     "nonfinite_grads",
     "rollout_reward",
+    "rollout_count",
 )
+ROLLOUT_SCALARS = ("rollout_reward", "rollout_count")
+"""The TRL integration's mark of the rollouts generated during a step: their mean reward (the
+step's reward draw, `detectors.reward_draws`) and how many it is a mean of. Not series of
+their own: they are reward_mean's draws."""
 # Bookkeeping in the same metadata; user scalars may not start with "_".
 META_FORMAT = "_format_version"
 META_RANK = "_rank"

@@ -25,7 +25,8 @@ LOGGED_SCALARS = ("entropy", "kl", "clip_frac", "clip_frac_low", "clip_frac_high
 import` gives them (STANDARD_SOURCES: `entropy`, `kl`, `clip_ratio/region_mean`, ...)."""
 ROLLOUT_REWARD_SOURCE = "reward"
 """TRL's metric of a generated rollout's mean reward (one value a rollout, appended as TRL
-generates it): a step during which TRL generated one records their mean as `rollout_reward`."""
+generates it): a step during which TRL generated one records their mean as `rollout_reward`,
+and how many it is a mean of as `rollout_count`."""
 
 
 @dataclass
@@ -72,7 +73,8 @@ class LoggedMetrics:
         logs None). With logging_steps=1 each is the value TRL logs for the step. And
         `rollout_reward` where TRL generated rollouts during the step: the mean of their
         rewards as TRL logs `reward` (NaN where it logs None: none scored), the mark of a
-        rollout begun in the step that `detectors.reward_draws` reads."""
+        rollout begun in the step that `detectors.reward_draws` reads; and `rollout_count`,
+        how many rollouts that is a mean of (a log written every k steps averages them)."""
         scalars: dict[str, float] = {}
         for standard in LOGGED_SCALARS:
             name = standard_source(standard, metrics)
@@ -85,6 +87,7 @@ class LoggedMetrics:
         if begun:  # TRL generated rollouts during the step: their mean, NaN when none scored
             valid = [v for v in begun if not math.isnan(v)]
             scalars["rollout_reward"] = sum(valid) / len(valid) if valid else math.nan
+            scalars["rollout_count"] = float(len(valid))
         self.marks = {name: (values, len(values)) for name, values in metrics.items()}
         return scalars
 

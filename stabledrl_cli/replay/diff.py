@@ -44,7 +44,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
-from stabledrl_cli.dump._schema import SCALAR_STEP_FIELDS, SERIES_SCALARS, STANDARD_SCALARS
+from stabledrl_cli.dump._schema import (
+    ROLLOUT_SCALARS,
+    SCALAR_STEP_FIELDS,
+    SERIES_SCALARS,
+    STANDARD_SCALARS,
+)
 from stabledrl_cli.errors import ConfigError, InputError, counted
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
@@ -76,10 +81,10 @@ LOGP_FIELDS = ("logp", "logp_old", "logp_ref", "logp_rollout")
 SCALAR_NAMES = tuple(
     name
     for name in (*STANDARD_SCALARS, *SERIES_SCALARS)
-    if name not in ("step", "wall_time", "step_time", "unit_grad_sketch_scale", "rollout_reward")
+    if name not in ("step", "wall_time", "step_time", "unit_grad_sketch_scale", *ROLLOUT_SCALARS)
 )
 """Training scalars compared within the tolerance: the standard ones (format 1.2's series
-scalars too) but the step number, the clocks, a sketch's storage scale and `rollout_reward`
+scalars too) but the step number, the clocks, a sketch's storage scale and ROLLOUT_SCALARS
 (compared as reward_mean's draw, `_RolloutRewards`) (a run's own scalars are not compared)."""
 WINDOW_MEAN_SCALARS = ("loss", "entropy", "kl", "clip_frac", "clip_frac_low", "clip_frac_high")
 """Scalars a log written every k steps holds, at a row, as the mean over the steps since the
@@ -345,9 +350,11 @@ class _WindowMeans:
     steps since the log's row before, at most k (transformers' window: from its last row's
     step, or k steps back at the log's first row), over those that record it; and
     reward_mean the mean of the rollouts' draws (`reward_draws`, over all of the run's steps)
-    that start in the window, NaN ones left out, as TRL's log averages its `reward` (none
-    where no rollout starts there: TRL logs none). A row whose window the run does not hold
-    whole gives nothing: the step's own values are compared there."""
+    that start in the window, NaN ones left out, each weighted by the rollouts it is a mean of
+    (its step's `rollout_count`; 1 where none is recorded), as TRL's log averages its
+    `reward`, one value a rollout (none where no rollout starts there: TRL logs none). A row
+    whose window the run does not hold whole gives nothing: the step's own values are
+    compared there."""
 
     k: int
     values: dict[int, dict[str, float]]
@@ -355,8 +362,14 @@ class _WindowMeans:
     @classmethod
     def of(cls, run: Run, rows: list[int], k: int) -> _WindowMeans:
         """`run`'s means over the windows of a log of `rows` (its steps) written every `k`."""
-        series = run.scalar_series_many([*WINDOW_MEAN_SCALARS, *REWARD_DRAW_SCALARS])
+        series = run.scalar_series_many(
+            [*WINDOW_MEAN_SCALARS, *REWARD_DRAW_SCALARS, "rollout_count"]
+        )
         starts, draws = run_reward_draws(series)
+        counted_steps, counts = series["rollout_count"]
+        weights = np.ones(starts.size)
+        known = np.isin(starts, counted_steps)
+        weights[known] = counts[np.searchsorted(counted_steps, starts[known])]
         held = set(run.step_numbers)
         values: dict[int, dict[str, float]] = {}
         before: int | None = None
@@ -371,10 +384,14 @@ class _WindowMeans:
                 inside = found[(steps >= low) & (steps <= row)]
                 if inside.size:
                     means[name] = float(np.mean(inside))
-            inside = draws[(starts >= low) & (starts <= row)]
-            if inside.size:
-                scored = inside[~np.isnan(inside)]
-                means["reward_mean"] = float(np.mean(scored)) if scored.size else math.nan
+            window = (starts >= low) & (starts <= row)
+            if window.any():
+                scored = window & ~np.isnan(draws) & (weights > 0)
+                means["reward_mean"] = (
+                    float(np.average(draws[scored], weights=weights[scored]))
+                    if scored.any()
+                    else math.nan
+                )
             values[row] = means
         return cls(k, values)
 

@@ -9,7 +9,8 @@ is none); `nonfinite` counts the others. `reward_mean`'s values are its draws, o
 (`detectors.reward_draws`, what the observed-collapse rule reads): the framework's logged
 reward (TRL's `reward`, verl's `critic/score/mean`), where a rollout is trained over several
 recorded steps and the framework's log has one value for it (a TRL step's `rollout_reward`,
-its mark of the rollouts begun in it, is in those draws, not a series of its own). A verl
+its mark of the rollouts begun in it, is in those draws, not a series of its own, nor its
+`rollout_count`). A verl
 run's scalars that verl logs once a training step (`TRAINING_STEP_MEANS`: loss, grad_norm,
 clip_frac, kl, ...) take one value a rollout too, the mean over its optimizer steps, as verl
 logs them.
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from stabledrl_cli.dump import Run
+from stabledrl_cli.dump._schema import ROLLOUT_SCALARS
 from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.integrations._verl_facts import TRAINING_STEP_MEANS
 from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, reward_draws, run_reward_draws
@@ -119,7 +121,7 @@ def recorded_run(run: Run, observed: Observed) -> RecordedRun:
     with `observed`; reward_mean's are its draws, one a rollout (module docstring)."""
     headers = list(run.step_headers())
     names = sorted(
-        set().union(*(h.scalars for h in headers)) - {*BOOKKEEPING_SCALARS, "rollout_reward"}
+        set().union(*(h.scalars for h in headers)) - {*BOOKKEEPING_SCALARS, *ROLLOUT_SCALARS}
     )
     series = ReadSteps.of(run, headers).scalar_series_many([*names, *REWARD_DRAW_SCALARS])
     inner = series["inner_step"]
