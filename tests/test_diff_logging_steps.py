@@ -44,9 +44,9 @@ def _recording(path: Path, steps: range = range(1, 8), loss: list[float] = LOSS)
     return path
 
 
-def _log(tmp_path: Path, *, say: bool) -> Path:
+def _log(tmp_path: Path, *, say: bool, k: int = 3) -> Path:
     """TRL's log of the same training with logging_steps=3 and logging_first_step: rows at
-    1, 3, 6 and the last step, 7; trainer_state.json (saying k) or its list alone."""
+    1, 3, 6 and the last step, 7; trainer_state.json (saying `k`) or its list alone."""
     windows = {1: [1], 3: [2, 3], 6: [4, 5, 6], 7: [7]}
     rows = []
     for row, steps in windows.items():
@@ -54,12 +54,12 @@ def _log(tmp_path: Path, *, say: bool) -> Path:
         entry |= {"grad_norm": float(row), "entropy": float(np.mean([2.0 * s for s in steps]))}
         begun = [r for s in steps for r in BEGUN.get(s, [])]
         rows.append(entry | ({"reward": float(np.mean(begun))} if begun else {}))
-    document: object = {"global_step": 7, "logging_steps": 3, "log_history": rows}
+    document: object = {"global_step": 7, "logging_steps": k, "log_history": rows}
     state = tmp_path / ("trainer_state.json" if say else "history.json")
     state.write_text(json.dumps(document if say else rows))
-    out = tmp_path / ("imported" if say else "alone")
+    out = tmp_path / (f"imported-{k}" if say else "alone")
     summary = import_log(state, out, log_format="trainer_state")
-    assert summary.logging_steps == (3 if say else None)
+    assert summary.logging_steps == (k if say else None)
     return out
 
 
@@ -118,3 +118,5 @@ def test_a_log_that_does_not_say_is_compared_step_by_step_with_a_note(tmp_path: 
     ]
     table = CliRunner().invoke(app, ["diff", str(recorded), str(alone)]).stdout
     assert "note: B is an imported log whose rows skip steps A holds" in table
+    exit_code, data = _diff(recorded, _log(tmp_path, say=True, k=1))  # it says: every step
+    assert (exit_code, data["parted_at"], data["notes"]) == (1, 3, [])

@@ -615,9 +615,13 @@ def _windows(
             )
             continue
         source = every.manifest.get("source")
-        imported = isinstance(source, dict) and source.get("kind") == "import"
+        silent = (  # an imported log that does not say k
+            isinstance(source, dict)
+            and source.get("kind") == "import"
+            and "logging_steps" not in source
+        )
         between = _skipped_between(common, steps)
-        if imported and k[1 - i] == 1 and between is not None:
+        if silent and between is not None:
             notes.append(
                 f"{other} is an imported log whose rows skip steps {name} holds ({between}) "
                 "and that does not say how it was written: a log written every k steps "
