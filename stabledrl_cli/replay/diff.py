@@ -356,8 +356,8 @@ class _WindowMeans:
     whose window the run does not hold whole gives nothing: the step's own values are
     compared there."""
 
-    k: int
     values: dict[int, dict[str, float]]
+    """The log's row -> the means over its window (rows whose window the run holds whole)."""
 
     @classmethod
     def of(cls, run: Run, rows: list[int], k: int) -> _WindowMeans:
@@ -393,7 +393,7 @@ class _WindowMeans:
                     else math.nan
                 )
             values[row] = means
-        return cls(k, values)
+        return cls(values)
 
     def at(self, step: int) -> dict[str, float] | None:
         """The means at the log's row `step`; None where the run does not hold its window."""
@@ -604,9 +604,9 @@ def _windows(
     notes = []
     sides = (("A", a, steps_a), ("B", b, steps_b))
     for i, (name, run, steps) in enumerate(sides):
-        other, every, _ = sides[1 - i]
+        other, every, rows = sides[1 - i]
         if k[1 - i] > 1 and k[i] == 1:
-            windows[i] = _WindowMeans.of(run, steps_b if i == 0 else steps_a, k[1 - i])
+            windows[i] = _WindowMeans.of(run, rows, k[1 - i])
             notes.append(
                 f"{other} is a log written every {k[1 - i]} steps (its logging_steps): a row "
                 f"holds means over the steps since the row before, so {name}'s "
