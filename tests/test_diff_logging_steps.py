@@ -87,6 +87,18 @@ def test_a_run_of_every_step_is_compared_by_its_means_over_each_rows_steps(
     assert data["first"]["scalars"]["fields"] == [{"field": "loss", "what": "1 vs 0.9"}]
 
 
+def test_the_import_says_its_rows_are_means(tmp_path: Path) -> None:
+    """The import's table said nothing of k: it now names it, and what a row holds."""
+    _log(tmp_path, say=True)
+    done = CliRunner().invoke(
+        app, ["import", str(tmp_path / "trainer_state.json"), "--out", str(tmp_path / "again")]
+    )
+    assert done.exit_code == 0, done.output
+    assert "written every 3 steps (logging_steps): a row's loss and TRL's metrics are" in " ".join(
+        done.stdout.split()
+    )
+
+
 def test_a_row_whose_steps_the_run_lacks_is_compared_with_the_steps_own(tmp_path: Path) -> None:
     """A recording without step 5 cannot give row 6's mean: its step 6 is compared as it is."""
     imported = _log(tmp_path, say=True)

@@ -130,6 +130,12 @@ def _print_table(summary: ImportSummary) -> None:
     if summary.replaced:
         replaced = counted(summary.replaced, "value")
         lines.append(f"{replaced} replaced by a later row of the same step")
+    if summary.logging_steps is not None and summary.logging_steps > 1:
+        lines.append(
+            f"written every {summary.logging_steps} steps (logging_steps): a row's loss and "
+            "TRL's metrics are means over the steps since the row before, its grad_norm and "
+            "lr its step's own"
+        )
     if summary.preempted:
         lines.append(
             f"{counted(summary.preempted, 'value')} dropped: steps after the step a restarted run "
