@@ -44,10 +44,14 @@ def _recording(path: Path, steps: range = range(1, 8), loss: list[float] = LOSS)
     return path
 
 
-def _log(tmp_path: Path, *, say: bool, k: int = 3) -> Path:
-    """TRL's log of the same training with logging_steps=3 and logging_first_step: rows at
-    1, 3, 6 and the last step, 7; trainer_state.json (saying `k`) or its list alone."""
-    windows = {1: [1], 3: [2, 3], 6: [4, 5, 6], 7: [7]}
+WINDOWS = {1: [1], 3: [2, 3], 6: [4, 5, 6], 7: [7]}
+"""logging_steps=3 and logging_first_step: rows at 1, 3, 6 and the last step, 7, each over
+the steps since the row before."""
+
+
+def _log(tmp_path: Path, *, say: bool, k: int = 3, windows: dict[int, list[int]] = WINDOWS) -> Path:
+    """TRL's log of the same training, a row a window of `windows`; trainer_state.json
+    (saying `k`) or its list alone."""
     rows = []
     for row, steps in windows.items():
         entry = {"step": row, "loss": float(np.mean([LOSS[s - 1] for s in steps]))}
@@ -72,7 +76,7 @@ def _diff(a: Path, b: Path) -> tuple[int, dict]:
 def test_a_run_of_every_step_is_compared_by_its_means_over_each_rows_steps(
     tmp_path: Path,
 ) -> None:
-    """The windows are transformers': from the step after the row before, at most k steps
+    """The windows are transformers': from the step after the row before, not k steps
     back (row 1 alone, 2-3, 4-6, then the last step's 7 alone), either run first."""
     recorded, imported = _recording(tmp_path / "run"), _log(tmp_path, say=True)
     for a, b, side in ((recorded, imported, "a"), (imported, recorded, "b")):
@@ -85,6 +89,15 @@ def test_a_run_of_every_step_is_compared_by_its_means_over_each_rows_steps(
     exit_code, data = _diff(_recording(tmp_path / "changed", loss=changed), imported)
     assert (exit_code, data["parted_at"]) == (1, 6)
     assert data["first"]["scalars"]["fields"] == [{"field": "loss", "what": "1 vs 0.9"}]
+
+
+def test_a_log_of_a_row_an_epoch_is_compared_over_each_epochs_steps(tmp_path: Path) -> None:
+    """logging_strategy="epoch" with TRL's default logging_steps, 10, and epochs of 3 and 4
+    steps: the state's logging_steps is not the rows' spacing, a row's window still starts
+    after the row before."""
+    epochs = _log(tmp_path, say=True, k=10, windows={3: [1, 2, 3], 7: [4, 5, 6, 7]})
+    exit_code, data = _diff(_recording(tmp_path / "run"), epochs)
+    assert (exit_code, data["parted_at"], data["compared"]) == (0, None, 2)
 
 
 def test_the_import_says_its_rows_are_means(tmp_path: Path) -> None:

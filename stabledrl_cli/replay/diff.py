@@ -347,8 +347,9 @@ def logging_steps(run: Run) -> int:
 class _WindowMeans:
     """What a run of every step gives at the rows of a log written every k steps (the other
     run, `logging_steps`): at a row's step s, each `WINDOW_MEAN_SCALARS`' mean over the run's
-    steps since the log's row before, at most k (transformers' window: from its last row's
-    step, or k steps back at the log's first row), over those that record it; and
+    steps since the log's row before (transformers' window: from its last row's step, from
+    step 1 at the log's first row, whatever its logging_strategy), over those that record it;
+    and
     reward_mean the mean of the rollouts' draws (`reward_draws`, over all of the run's steps)
     that start in the window, NaN ones left out, each weighted by the rollouts it is a mean of
     (its step's `rollout_count`; 1 where none is recorded), as TRL's log averages its
@@ -360,8 +361,8 @@ class _WindowMeans:
     """The log's row -> the means over its window (rows whose window the run holds whole)."""
 
     @classmethod
-    def of(cls, run: Run, rows: list[int], k: int) -> _WindowMeans:
-        """`run`'s means over the windows of a log of `rows` (its steps) written every `k`."""
+    def of(cls, run: Run, rows: list[int]) -> _WindowMeans:
+        """`run`'s means over the windows of a log of `rows` (its steps)."""
         series = run.scalar_series_many(
             [*WINDOW_MEAN_SCALARS, *REWARD_DRAW_SCALARS, "rollout_count"]
         )
@@ -374,7 +375,7 @@ class _WindowMeans:
         values: dict[int, dict[str, float]] = {}
         before: int | None = None
         for row in rows:
-            low = row - k + 1 if before is None else max(before + 1, row - k + 1)
+            low = 1 if before is None else before + 1
             before = row
             if not all(n in held for n in range(low, row + 1)):
                 continue
@@ -606,7 +607,7 @@ def _windows(
     for i, (name, run, steps) in enumerate(sides):
         other, every, rows = sides[1 - i]
         if k[1 - i] > 1 and k[i] == 1:
-            windows[i] = _WindowMeans.of(run, rows, k[1 - i])
+            windows[i] = _WindowMeans.of(run, rows)
             notes.append(
                 f"{other} is a log written every {k[1 - i]} steps (its logging_steps): a row "
                 f"holds means over the steps since the row before, so {name}'s "
