@@ -25,6 +25,7 @@ in a forked child before the reader's process touches the file.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -162,7 +163,7 @@ def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, where: str, file_size
             f"{where}: corrupt run archive (dataset {name} is h5py.Empty: no shape, no values)"
         )
     dtype = dataset.dtype
-    declared = int(np.prod(dataset.shape, dtype=object)) * dtype.itemsize
+    declared = math.prod(dataset.shape) * dtype.itemsize  # Python ints: exact
     if name in TEXT_DATASETS:
         if dataset.shape != () or (dtype.kind != "S" and h5py.check_string_dtype(dtype) is None):
             raise refuse("is not a string")
@@ -173,7 +174,7 @@ def _check_dataset(name: str, dataset: h5py.h5d.DatasetID, where: str, file_size
     if declared > bound:
         raise refuse(f"declares {declared} bytes, more than a {file_size}-byte archive can hold")
     if layout == h5py.h5d.CHUNKED:
-        chunk = int(np.prod(plist.get_chunk(), dtype=object)) * dtype.itemsize
+        chunk = math.prod(plist.get_chunk()) * dtype.itemsize
         if chunk > CHUNK_LIMIT:
             raise refuse(f"has {chunk}-byte chunks")
         bad = _bad_stored_chunk(dataset, plist, chunk, file_size)
@@ -201,15 +202,17 @@ def _bad_stored_chunk(
     found: list[str] = []
 
     def check(info: h5py.h5d.StoreInfo) -> None:
+        # Called once a chunk (tens of thousands in a large archive): a message is made only
+        # for a bad one.
         if found:
             return
-        at = f"has a chunk at {info.chunk_offset}"
+        size = info.size
         if info.filter_mask:
-            found.append(f"{at} that skips its filters (mask {info.filter_mask})")
-        elif not smallest <= info.size <= largest:
-            found.append(f"{at} of {info.size} bytes (expected {smallest} to {largest})")
-        elif info.byte_offset + info.size > file_size:
-            found.append(f"{at} past the end of the {file_size}-byte file")
+            found.append(f"{_chunk_at(info)} that skips its filters (mask {info.filter_mask})")
+        elif not smallest <= size <= largest:
+            found.append(f"{_chunk_at(info)} of {size} bytes (expected {smallest} to {largest})")
+        elif info.byte_offset + size > file_size:
+            found.append(f"{_chunk_at(info)} past the end of the {file_size}-byte file")
 
     try:
         if hasattr(dataset, "chunk_iter"):
@@ -220,6 +223,10 @@ def _bad_stored_chunk(
     except H5_ERRORS:
         pass  # a broken chunk index: the reader meets it too, and skips the steps it holds
     return found[0] if found else None
+
+
+def _chunk_at(info: h5py.h5d.StoreInfo) -> str:
+    return f"has a chunk at {info.chunk_offset}"
 
 
 OnDataset = Callable[[str, h5py.h5d.DatasetID, dict[str, Any]], None]
