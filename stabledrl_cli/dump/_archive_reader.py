@@ -369,9 +369,14 @@ class ArchiveRun(Run):
             if name in FIELDS
         }
         count = len(self._numbers)
+        # Which fields' data datasets the archive holds, each looked up once (a lookup by path
+        # in libhdf5): the checks below and `_mark_inconsistent_steps` ask again.
+        self._data_paths = {where for where in map(_data_dataset, FIELDS) if where in handle}
         for name in FIELDS:
             where = _data_dataset(name)
-            has_data = where in handle and (name not in RAGGED_FIELDS or name in self._ragged)
+            has_data = where in self._data_paths and (
+                name not in RAGGED_FIELDS or name in self._ragged
+            )
             if name in self._present and self._present[name].any() and not has_data:
                 raise self._no_dataset(where)
             if has_data and name not in self._present:  # its steps would read without it
@@ -432,7 +437,7 @@ class ArchiveRun(Run):
         refused (InputError): every step of the field would be unreadable, or read unchecked."""
         for name, spec in FIELDS.items():
             where = _data_dataset(name)
-            if where not in self._file:
+            if where not in self._data_paths:
                 continue
             dataset = self._dataset(where)
             self._require_type(where, dataset.dtype, dataset.shape, spec.dtypes, 1)
@@ -465,7 +470,7 @@ class ArchiveRun(Run):
         past the tokens, a step scalar that is not the step's number, a batch without one of its
         required fields, a step without a batch that counts tokens, a batch of no token: what
         a step file's header may not say either); each is a finding."""
-        count, handle = len(self._numbers), self._file
+        count = len(self._numbers)
         reasons: dict[int, str] = {}
 
         def mark(bad: np.ndarray, why: str) -> None:
@@ -510,7 +515,9 @@ class ArchiveRun(Run):
         ):
             offsets = self._offsets[group].astype(np.int64)
             lengths = [
-                self._dataset(f"{group}/{n}").shape[0] for n in names if f"{group}/{n}" in handle
+                self._dataset(f"{group}/{n}").shape[0]
+                for n in names
+                if f"{group}/{n}" in self._data_paths
             ]
             # Without a dataset of the group (no per-sequence field but seq_id) nothing is read
             # from its range: the offsets only have to agree with the counts.
