@@ -35,10 +35,11 @@ GENERATOR_VERSION = 1
 """Bumped whenever the generator's output changes, so stale cached runs are rebuilt."""
 ARCHIVE = "fast"
 """How the cached `run.h5` is packed (`pack_run`'s default compression)."""
-PACKED = f"{ARCHIVE}, format 2"
-"""What a cached `run.h5` was packed as (`done.json`'s "archive"): its compression and the
-archive format (2: per-step CRC-32s instead of Fletcher32 on the uncompressed datasets). A
-cached run packed otherwise is packed again."""
+PACKED = f"{ARCHIVE}, format 2, 256 KiB uncompressed chunks"
+"""What a cached `run.h5` was packed as (`done.json`'s "archive"): its compression, the
+archive format (2: per-step CRC-32s instead of Fletcher32 on the uncompressed datasets) and
+the uncompressed datasets' chunks (256 KiB, `_packer.PLAIN_CHUNK_WIDTH`; 32 Ki entries before).
+A cached run packed otherwise is packed again."""
 GROUP_SIZE = 8
 
 

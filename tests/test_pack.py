@@ -184,7 +184,9 @@ def test_a_small_run_packs_into_chunks_of_its_own_size(tmp_path, monkeypatch):
     """A 4-step run of 12 tokens a step (6.6 kB of step files) packed into 704 kB: every data
     dataset was chunked at 32 Ki entries, and an uncompressed chunk takes its whole 128 KiB
     on disk. A column shorter than a chunk is now one chunk of its length; a longer one keeps
-    CHUNK_ELEMENTS (here lowered to 16) and reads back the same."""
+    CHUNK_ELEMENTS (here lowered to 16) if compressed, CHUNK_ELEMENTS x 8 bytes if not (32
+    float32 entries here: 131,072 float16 sketch entries at the real size), and reads back
+    the same."""
     run = tiny_run(tmp_path / "run")
     summary = pack_run(run, tmp_path / "run.h5")
     assert summary.archive_bytes < summary.source_bytes + 64_000
@@ -195,8 +197,13 @@ def test_a_small_run_packs_into_chunks_of_its_own_size(tmp_path, monkeypatch):
     pack_run(run, tmp_path / "small-chunks.h5")
     with h5py.File(tmp_path / "small-chunks.h5", "r") as handle:
         chunked = _chunked(handle)
-    assert chunked["tokens/logp"] == (48, (16,)) and chunked["sequences/reward"] == (16, (16,))
-    assert all(chunks == (min(length, 16),) for length, chunks in chunked.values())
+        widths = {d.name.lstrip("/"): 16 * 8 // d.dtype.itemsize for d in _data_datasets(handle)}
+        plain = {d.name.lstrip("/") for d in _data_datasets(handle) if d.compression is None}
+    assert chunked["tokens/logp"] == (48, (32,)) and chunked["sequences/reward"] == (16, (16,))
+    assert plain and all(
+        chunks == (min(length, max(16, widths[name]) if name in plain else 16),)
+        for name, (length, chunks) in chunked.items()
+    )
     assert _replay_json(tmp_path / "small-chunks.h5") == _replay_json(run)
 
 

@@ -161,15 +161,31 @@ def _filters(compression: PackCompression, first: np.ndarray) -> dict[str, Any]:
     return FILTERS["deflated" if halved else "plain"]
 
 
+PLAIN_CHUNK_WIDTH = 8
+"""An uncompressed data dataset's chunk holds `CHUNK_ELEMENTS` x 8 bytes (256 KiB), however
+narrow its dtype: 131,072 entries of a float16 sketch, not 32,768. A step's slice of it then
+takes a quarter of the chunk lookups and reads (a k=128 sketch's step: 32, not 128), and the
+chunk index, which the archive's opening walks, a quarter of the entries. No read of a step
+decompresses anything there, which is what keeps a compressed one's chunks at
+`CHUNK_ELEMENTS`."""
+
+
+def _chunk_elements(dtype: np.dtype, filters: dict[str, Any]) -> int:
+    """Entries in a chunk of a data dataset of `dtype` written with `filters`."""
+    if filters:  # compressed: a step's read decompresses its whole chunks
+        return CHUNK_ELEMENTS
+    return max(CHUNK_ELEMENTS, CHUNK_ELEMENTS * PLAIN_CHUNK_WIDTH // dtype.itemsize)
+
+
 class _Column:
     """A growing 1-D dataset: appended step by step, with fill where a step lacks the field.
     Written without Fletcher32 (`FILTERS["plain"]`), it keeps the CRC-32 of each step's slice
     (`crcs`, for `checksums/`).
 
-    Its first `CHUNK_ELEMENTS` entries are held in memory and the dataset is made once they
-    are all there, chunked at `CHUNK_ELEMENTS`, or at `finish` with one chunk of exactly its
-    entries: an uncompressed chunk takes its whole size on disk, and a run of a few hundred
-    values a field would otherwise take 128 KiB a field.
+    Its first chunk's entries (`_chunk_elements`) are held in memory and the dataset is made
+    once they are all there, chunked at that length, or at `finish` with one chunk of exactly
+    its entries: an uncompressed chunk takes its whole size on disk, and a run of a few hundred
+    values a field would otherwise take a whole chunk (up to 256 KiB) a field.
 
     Its dtype is the first values', widened when a later step's values are of a dtype that
     holds every earlier one exactly (a sketch recorded as float16, then float32): the
@@ -191,6 +207,7 @@ class _Column:
         self.dtype = np.dtype(first.dtype)
         self.length = offsets[-1]
         self._group, self._name, self._filters = group, name, filters
+        self.chunk = _chunk_elements(self.dtype, filters)
         self.dataset: h5py.Dataset | None = None
         self._held: dict[int, np.ndarray] = {}  # values not written yet, by their start
         self._steps = [(int(a), int(b - a)) for a, b in pairwise(offsets)]
@@ -204,13 +221,13 @@ class _Column:
 
     def _create(self, name: str, length: int) -> h5py.Dataset:
         """An empty dataset of the column's dtype and filters, of `length` entries, chunked
-        at `CHUNK_ELEMENTS` or at its length when shorter."""
+        at `chunk` entries or at its length when shorter."""
         return self._group.create_dataset(
             name,
             shape=(length,),
             maxshape=(None,),
             dtype=self.dtype,
-            chunks=(max(1, min(length, CHUNK_ELEMENTS)),),
+            chunks=(max(1, min(length, self.chunk)),),
             **self._filters,
         )
 
@@ -225,13 +242,14 @@ class _Column:
         """The column's dtype made `dtype`, which holds each entry so far exactly: the
         entries written (or held) rewritten in it, and their steps' CRC-32s."""
         self.dtype = dtype
+        self.chunk = _chunk_elements(dtype, self._filters)
         if self.dataset is None:
             self._held = {start: v.astype(dtype) for start, v in self._held.items()}
         else:
             narrow = self.dataset
             wide = self._create(f"{self._name}.wide", narrow.shape[0])
-            for start in range(0, narrow.shape[0], CHUNK_ELEMENTS):
-                wide[start : start + CHUNK_ELEMENTS] = narrow[start : start + CHUNK_ELEMENTS]
+            for start in range(0, narrow.shape[0], self.chunk):
+                wide[start : start + self.chunk] = narrow[start : start + self.chunk]
             del self._group[self._name]
             self._group.move(wide.name, self._name)
             self.dataset = self._group[self._name]
@@ -270,7 +288,7 @@ class _Column:
             if self.dataset is None:
                 self._held[start] = values.copy()  # the step's arrays are not kept
         if self.dataset is None:
-            if self.length >= CHUNK_ELEMENTS:
+            if self.length >= self.chunk:
                 self._write()
             return
         self.dataset.resize((self.length,))
