@@ -3,7 +3,10 @@ step read under a bool or float as its number, nor an InputError that the run la
 
 from __future__ import annotations
 
+import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +162,30 @@ def test_an_archives_run_and_steps_pickle_as_a_directorys_do(run_path: Path) -> 
         again.close()
     with pytest.raises(UsageError, match="the run was closed"):
         pickle.dumps(run)
+
+
+def test_a_scalar_named_twice_or_by_an_iterator_is_read_once_a_step(run_path: Path) -> None:
+    """A directory run's scalar_series_many(["loss", "loss"]) held each step's loss twice, and
+    scalar_series_many(iter(["loss"])) no value at all; `inspect` asks for `inner_step` beside
+    every recorded scalar, so its series counted 800 steps of inner_step in a 400-step run (and
+    its `tail` averaged the last 5 steps, not 10). An archive's read each step once."""
+    for source in (run_path, _packed(run_path)):
+        with sd.open_run(source) as run:
+            for names in (["loss", "loss"], iter(["loss"]), (n for n in ("loss",))):
+                steps, values = run.scalar_series_many(names)["loss"]
+                assert steps.tolist() == [0, 1, 2] and values.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_inspect_counts_each_step_of_inner_step_once(tmp_path: Path) -> None:
+    with sd.Recorder(tmp_path / "run", policy=None) as recorder:
+        for n in range(12):
+            recorder.log_step(n, loss=float(n), inner_step=n % 4)
+    done = subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "inspect", str(tmp_path / "run"), "-f", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    inner = json.loads(done.stdout)["series"]["inner_step"]
+    assert inner["steps"] == 12
+    assert inner["tail"] == pytest.approx(np.mean([n % 4 for n in range(2, 12)]))

@@ -339,11 +339,12 @@ class Run(ABC):
         return self.scalar_series_many([name])[name]
 
     def scalar_series_many(self, names: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """`scalar_series` of several scalars in one pass over the headers. UsageError for a
-        name that is no str, or one name where a list of them goes (`scalar_names`)."""
+        """`scalar_series` of several scalars in one pass over the headers, each named once
+        however often `names` names it. UsageError for a name that is no str, or one name where
+        a list of them goes (`scalar_names`)."""
         pairs: dict[str, list[tuple[int, float]]] = {name: [] for name in scalar_names(names)}
         for step in self.step_headers():
-            for name in names:
+            for name in pairs:
                 if name in step.scalars:
                     pairs[name].append((step.step, step.scalars[name]))
         return {
