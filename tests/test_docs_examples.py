@@ -139,19 +139,19 @@ def match(shown: list[str], stdout: list[str], stderr: list[str]) -> str | None:
     """None when `shown` is what the command printed (module docstring), else what differs."""
     streams = {"stdout": stdout, "stderr": stderr}
     position = dict.fromkeys(streams, 0)
-    previous: str | None = None
+    elided = dict.fromkeys(streams, False)  # a `...` shown since the stream's last line
     for line in shown:
         if line.strip() == ELIDED:
-            previous = None
+            elided = dict.fromkeys(streams, True)
             continue
         for name, lines in streams.items():
             start = position[name]
-            if previous == name:
-                at = start if start < len(lines) and lines[start] == line else None
-            else:
+            if elided[name]:
                 at = next((i for i in range(start, len(lines)) if lines[i] == line), None)
+            else:
+                at = start if start < len(lines) and lines[start] == line else None
             if at is not None:
-                position[name], previous = at + 1, name
+                position[name], elided[name] = at + 1, False
                 break
         else:
             return f"not printed there: {line!r}"
@@ -200,11 +200,14 @@ def test_lines_left_out_or_added_unmarked_are_differences() -> None:
     printed = ["title", "row 1", "row 2", "row 3"]
     assert match(["title", "row 1", "row 2", "row 3"], printed, []) is None
     assert match(["title", ELIDED, "row 3"], printed, []) is None
-    assert match(["row 1", "row 2", ELIDED], printed, ["alert"]) is None
+    assert match([ELIDED, "row 1", "row 2", ELIDED], printed, ["alert"]) is None
     assert match(["alert", "title", ELIDED], printed, ["alert"]) is None
     assert match(["title", "row 2", ELIDED], printed, []) == "not printed there: 'row 2'"
     assert match(["title", "row 1", "row 2"], printed, []) == "stdout goes on, unshown: 'row 3'"
     assert match(["title", "row 9", ELIDED], printed, []) == "not printed there: 'row 9'"
+    assert match(["row 1", "row 2", "row 3"], printed, []) == "not printed there: 'row 1'"
+    assert match(["title", "row 1", "alert", "row 2", "row 3"], printed, ["alert"]) is None
+    assert match(["title", "row 2", "row 3"], printed, []) == "not printed there: 'row 2'"
 
 
 def test_each_record_into_the_quick_starts_run_passes_force() -> None:
