@@ -48,8 +48,8 @@ def command(
             "--compression",
             help="fast: compress only the fields a deflate halves (masks, ids, advantages "
             "repeated per token), so replay reads the archive near the directory's speed; "
-            "small: gzip with shuffle on every field, the smallest file (log-probabilities "
-            "shrink by a fifth), about 2.5x slower to read than fast.",
+            "small: gzip on every field (with shuffle where it helps), the smallest file "
+            "(log-probabilities shrink by a fifth), about 2.5x slower to read than fast.",
         ),
     ] = "fast",
     output_format: FormatOpt = "table",

@@ -67,11 +67,15 @@ fewer entries is one chunk of its length (an uncompressed chunk takes its whole 
 uncompressed one of a narrower dtype holds 256 KiB of entries (`_packer.PLAIN_CHUNK_WIDTH`)."""
 FILTERS: dict[str, dict[str, Any]] = {
     "small": {"compression": "gzip", "compression_opts": 4, "shuffle": True, "fletcher32": True},
+    "small-unshuffled": {"compression": "gzip", "compression_opts": 4, "fletcher32": True},
     "deflated": {"compression": "gzip", "compression_opts": 1, "fletcher32": True},
     "plain": {},
 }
-"""HDF5 filters of a data dataset: every one under `pack --compression small` (the smallest
-archive; gzip's inflate and HDF5's unshuffle make reading it ~3.8x the directory's floor);
+"""HDF5 filters of a data dataset: under `pack --compression small` (the smallest archive;
+gzip's inflate and HDF5's unshuffle make reading it ~3.8x the directory's floor) every one is
+gzipped, with HDF5's byte shuffle where it makes the field's first values smaller (float
+log-probabilities of many digits) and without it where it makes them larger (values of few
+distinct bit patterns, whose repeats the shuffle breaks up);
 under `fast`, "deflated" for a field whose first values a level-1 deflate halves (runs: masks,
 ids, per-sequence values repeated per token, which then inflate at memory speed), "plain" for
 the rest (log-probabilities and sketches: high-entropy floats that gzip shrinks by a fifth at

@@ -153,11 +153,13 @@ def _text_dataset(handle: h5py.File, name: str, text: str) -> None:
 
 def _filters(compression: PackCompression, first: np.ndarray) -> dict[str, Any]:
     """A data dataset's HDF5 filters (`FILTERS`), chosen from the first values it gets."""
+    values = np.ascontiguousarray(first.reshape(-1)[:CHUNK_ELEMENTS])
+    sample = values.view(np.uint8)
     if compression == "small":
-        return FILTERS["small"]
-    sample = np.ascontiguousarray(first.reshape(-1)[:CHUNK_ELEMENTS]).view(np.uint8)
-    deflate = zlib.compressobj(1, zlib.DEFLATED, -15)  # raw: no header to outweigh a small sample
-    halved = 2 * len(deflate.compress(sample.data) + deflate.flush()) <= sample.nbytes
+        shuffled = sample.reshape(-1, values.itemsize).T  # HDF5's shuffle: byte k of each value
+        smaller = _deflated_size(shuffled, 4) < _deflated_size(sample, 4)
+        return FILTERS["small" if smaller else "small-unshuffled"]
+    halved = 2 * _deflated_size(sample, 1) <= sample.nbytes
     return FILTERS["deflated" if halved else "plain"]
 
 
@@ -175,6 +177,12 @@ def _chunk_elements(dtype: np.dtype, filters: dict[str, Any]) -> int:
     if filters:  # compressed: a step's read decompresses its whole chunks
         return CHUNK_ELEMENTS
     return max(CHUNK_ELEMENTS, CHUNK_ELEMENTS * PLAIN_CHUNK_WIDTH // dtype.itemsize)
+
+
+def _deflated_size(data: np.ndarray, level: int) -> int:
+    """Bytes of `data` deflated raw (no header to outweigh a small sample) at `level`."""
+    deflate = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return len(deflate.compress(np.ascontiguousarray(data).data) + deflate.flush())
 
 
 class _Column:
@@ -640,7 +648,8 @@ def pack_run(
 
     progress: called with 1 after each step is packed. compression: "fast" (only the fields a
     deflate halves are compressed: a replay reads the archive near the directory's speed) or
-    "small" (every field gzip with shuffle: the smallest file, ~2.5x slower to read); readers
+    "small" (every field gzip, with shuffle where it helps: the smallest file, ~2.5x slower to
+    read); readers
     read either (`_layout.FILTERS`).
 
     The source's integrity findings (torn, corrupt or temporary step files, gaps) are carried
