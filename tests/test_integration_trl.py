@@ -27,6 +27,7 @@ from _cli import cli_command, record_python
 from _steps import policy_batch
 from _trl import (
     SCRIPTS,
+    SKIP_REASON,
     TRL_METRICS,
     assert_replays_trl_rloo,
     child_env,
@@ -289,6 +290,7 @@ def test_stabledrl_force_false_does_not_replace_the_run(
 ) -> None:
     """$STABLEDRL_FORCE=false read as true (any text but empty or 0 did): the trainer replaced
     the run. It is off now, and text that is no switch is refused naming it."""
+    pytest.importorskip("trl", reason=SKIP_REASON)  # _trl_trainer imports it
     from stabledrl_cli.integrations._trl_trainer import run_dir
 
     monkeypatch.setenv("STABLEDRL_RUN_DIR", str(tmp_path / "run"))
