@@ -184,3 +184,22 @@ def test_a_recorder_writes_its_steps_without_importing_the_readers():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["policies"], ["policies", "-f", "json"]])
+def test_help_and_policies_do_not_import_the_archive_reader(args: list[str]) -> None:
+    """No run is read: h5py (the archive reader's), which the options' URL handling pulled in
+    through the URL readers, was a tenth of a second of `stabledrl policies`' start."""
+    code = textwrap.dedent(f"""
+        import sys
+        from typer.testing import CliRunner
+        from stabledrl_cli.cli.app import app
+        result = CliRunner().invoke(app, {args!r})
+        assert result.exit_code == 0, result.output
+        print("h5py" in sys.modules)
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"

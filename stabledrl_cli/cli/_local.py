@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stabledrl_cli.dump._remote import is_url, redacted
+from stabledrl_cli._url import is_url, redacted
 from stabledrl_cli.errors import UsageError
 
 URL_READERS = "replay, check, inspect, diff, tune and pack read a run at a URL"

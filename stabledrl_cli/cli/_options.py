@@ -16,8 +16,8 @@ from pydantic_core import PydanticCustomError
 from typer._click.core import ParameterSource
 from typer._click.globals import get_current_context
 
+from stabledrl_cli._url import is_url, redacted
 from stabledrl_cli.cli._local import EMPTY_PATH
-from stabledrl_cli.dump._remote import is_url, redacted
 from stabledrl_cli.errors import quoted
 from stabledrl_cli.replay.config import (
     DEFAULT_COLLAPSE_WINDOW,

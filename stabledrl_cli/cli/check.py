@@ -34,6 +34,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from stabledrl_cli._url import redacted
 from stabledrl_cli.cli._options import (
     BaselineCollapseWindowOpt,
     BaselineDriftThresholdOpt,
@@ -72,7 +73,6 @@ from stabledrl_cli.cli.replay import (
 )
 from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
 from stabledrl_cli.dump._integrity import Gap, missing_count
-from stabledrl_cli.dump._remote import redacted
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay._format import format_figure

@@ -22,13 +22,13 @@ from typing import Annotated
 
 import typer
 
+from stabledrl_cli._url import redacted
 from stabledrl_cli.cli._local import local_output
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import err, is_standard_output, out, print_json, progress
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.dump._packer import check_pack_target
-from stabledrl_cli.dump._remote import redacted
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.vocab import PackCompression
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from stabledrl_cli._atomic import missing_directory, write_error
+from stabledrl_cli._url import redacted
 from stabledrl_cli.cli._options import (
     ChunkSizeOpt,
     CollapseWindowOpt,
@@ -47,7 +48,7 @@ from stabledrl_cli.cli._options import (
 from stabledrl_cli.cli._output import err, is_standard_output, out, progress, stdout_written
 from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.dump import Run, open_run
-from stabledrl_cli.dump._remote import inside_local_run, redacted
+from stabledrl_cli.dump._remote import inside_local_run
 from stabledrl_cli.errors import ConfigError, UsageError, counted
 from stabledrl_cli.replay.config import (
     DEFAULT_SPIKE_FACTOR,

@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from stabledrl_cli._url import redacted
 from stabledrl_cli.cli._options import (
     DeviceOpt,
     EngineOpt,
@@ -37,7 +38,6 @@ from stabledrl_cli.cli.replay import (
     replay_with_progress,
 )
 from stabledrl_cli.dump import open_run
-from stabledrl_cli.dump._remote import redacted
 from stabledrl_cli.errors import WriteError, counted
 from stabledrl_cli.replay.config import (
     DEFAULT_MEMORY_BUDGET,

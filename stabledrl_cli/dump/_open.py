@@ -8,9 +8,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stabledrl_cli._regular import NotRegularFile, open_regular
+from stabledrl_cli._url import is_url
 from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.dump._directory import DirectoryRun
-from stabledrl_cli.dump._remote import is_url, open_url
+from stabledrl_cli.dump._remote import open_url
 from stabledrl_cli.dump._run import Run
 from stabledrl_cli.dump._schema import HDF5_SIGNATURE, path_argument, switch_argument
 from stabledrl_cli.errors import InputError, UsageError

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from stabledrl_cli._url import URL_RE, redacted, redacted_in
 from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.dump._directory import DirectoryRun, symlink_refused
 from stabledrl_cli.dump._integrity import StepReadError
@@ -57,16 +57,6 @@ from stabledrl_cli.errors import (
     one_line,
 )
 
-URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+._-]*)(://|::)")
-"""A URL: a scheme (fsspec's may hold `_`: `async_wrapper://`), then `://` (or `::`, fsspec's
-chaining); a Windows drive letter has one colon and no slashes."""
-CREDENTIALS_RE = re.compile(r"://([^/?#]*)@")
-"""What comes before a URL's host: its credentials (`user:password@`)."""
-SECRET_QUERY_RE = re.compile(
-    r"[?&]([^=&#]*(?:signature|sig|token|credential|secret|password|key)[^=&#]*)=([^&#]+)", re.I
-)
-"""A query parameter of a URL that carries a secret (a presigned URL's `X-Amz-Signature`,
-`X-Amz-Security-Token`, `X-Goog-Credential`, an Azure SAS's `sig`): its name and value."""
 MISSING_STATUSES = frozenset({404, 410})
 """The HTTP statuses that say nothing is there (any other, 401, 403, 500..., refuses a run that
 may well be)."""
@@ -79,30 +69,6 @@ UNCHECKED_WHOLE_READ = 64 << 20
 """Bytes of a step file read whole in one request before its header is read: a larger one's
 header is read first, and the file only if it holds what the header says (a file padded past
 its data is never loaded: a few GB of zeros after a 1 KB step)."""
-
-
-def is_url(text: str) -> bool:
-    """Whether `text` is a URL (`scheme://...`) rather than a local path."""
-    return URL_RE.match(text) is not None
-
-
-def redacted(url: str) -> str:
-    """`url` as messages and reports name it: the credentials before its host, and the values
-    of its query's secrets (`SECRET_QUERY_RE`), written `***`."""
-    return redacted_in(url, url)
-
-
-def redacted_in(text: str, url: str) -> str:
-    """`text` (a message, a filesystem's error) with the credentials of `url` (`user:password`
-    before a host, in each URL of a chain, and its query's secrets: `SECRET_QUERY_RE`) written
-    `***`."""
-    if not is_url(url):
-        return text
-    for credentials in CREDENTIALS_RE.findall(url):
-        text = text.replace(credentials + "@", "***@")
-    for name, value in SECRET_QUERY_RE.findall(url):
-        text = text.replace(f"{name}={value}", f"{name}=***")
-    return text
 
 
 def url_filesystem(url: str) -> tuple[Any, str]:
