@@ -76,6 +76,12 @@ def own_net_push(path: Path) -> tuple[np.ndarray, int | None]:
     return net_push, result.observed.first_reward_collapse
 
 
+def _figure(value: float) -> str:
+    """A table cell: 3 decimals, or 2 significant digits in e-notation from a million up (a
+    diverged run's net_push, -1.2e+34, would otherwise print 35 digits)."""
+    return f"{value:.1e}" if abs(value) >= 1e6 else f"{value:.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -125,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         })  # fmt: skip
         r = rows[-1]
         print(
-            f"| {est} | {arm} | {seed} | {r['mean']:.3f} | {r['p10']:.3f} | {r['p50']:.3f} | "
-            f"{r['p90']:.3f} | {collapse if collapse is not None else 'none'} | "
-            + " | ".join(f"{minima[w]:.3f}" for w in WINDOWS)
+            f"| {est} | {arm} | {seed} | {_figure(r['mean'])} | {_figure(r['p10'])} | "
+            f"{_figure(r['p50'])} | {_figure(r['p90'])} | "
+            f"{collapse if collapse is not None else 'none'} | "
+            + " | ".join(_figure(minima[w]) for w in WINDOWS)
             + " |"
         )
     print()
