@@ -8,7 +8,9 @@ any URL in one line). `pack` of a URL: test_fsspec_pack.py."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -24,6 +26,7 @@ from typer.testing import CliRunner
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import RunIntegrityWarning, _remote, open_run, pack_run
 from stabledrl_cli.dump._remote import RemoteRun
+from stabledrl_cli.dump._store_file import StoreFile
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import replay, replay_run
@@ -829,3 +832,29 @@ def test_a_store_error_that_says_nothing_is_named_by_its_type(tmp_path, monkeypa
     result = runner.invoke(app, ["inspect", url])
     assert result.exit_code == 3, result.output
     assert result.stderr == f"error: {url}: cannot read it: the store failed (TimeoutError)\n"
+
+
+def test_no_garbage_collection_starts_while_the_store_is_read(tmp_path):
+    """h5py holds its lock while it reads an archive through `StoreFile`, and an asynchronous
+    store's read (http's) waits on its event loop's thread: a garbage collection there that
+    freed an h5py object waited on that lock, and the read hung (the probe's 20 s: 'refused:
+    ... a corrupt or crafted archive', exit 3, 2 in 80 runs of
+    test_credentials_in_a_url_are_never_written under -n 2 and load). No collection starts,
+    on any thread, while the store is read; it runs again after."""
+    archive = tmp_path / "run.h5"
+    pack_run(open_run(small_run(tmp_path / "run", world_size=1, steps=2, corrupt=False)), archive)
+    collecting: list[bool] = []
+
+    class Store(io.BytesIO):
+        def read(self, size=-1):
+            collecting.append(gc.isenabled())
+            return super().read(size)
+
+        def seek(self, offset, whence=io.SEEK_SET):
+            collecting.append(gc.isenabled())
+            return super().seek(offset, whence)
+
+    with h5py.File(StoreFile(Store(archive.read_bytes())), "r") as handle:
+        assert handle.attrs["source"] == str(tmp_path / "run")
+    assert collecting and not any(collecting)
+    assert gc.isenabled()
