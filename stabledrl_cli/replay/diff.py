@@ -40,6 +40,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -333,13 +334,17 @@ class _RolloutRewards:
         return bool(self.starts.size) and step > self.starts[0] and self.at(step) is None
 
 
+def _import_source(run: Run) -> dict[str, Any] | None:
+    """The manifest's `source` of an imported log (`stabledrl import`); None for any other
+    run."""
+    source = run.manifest.get("source")
+    return source if isinstance(source, dict) and source.get("kind") == "import" else None
+
+
 def logging_steps(run: Run) -> int:
     """k of an imported log whose manifest says it was written every k steps (its `source`'s
     `logging_steps`, from trainer_state.json); 1 for any other run."""
-    source = run.manifest.get("source")
-    if not isinstance(source, dict) or source.get("kind") != "import":
-        return 1
-    k = source.get("logging_steps")
+    k = (_import_source(run) or {}).get("logging_steps")
     return k if type(k) is int and k > 1 else 1
 
 
@@ -615,12 +620,8 @@ def _windows(
                 "over those steps (grad_norm and lr as they are: the row's step's own)"
             )
             continue
-        source = every.manifest.get("source")
-        silent = (  # an imported log that does not say k
-            isinstance(source, dict)
-            and source.get("kind") == "import"
-            and "logging_steps" not in source
-        )
+        source = _import_source(every)
+        silent = source is not None and "logging_steps" not in source  # an import without k
         between = _skipped_between(common, steps)
         if silent and between is not None:
             notes.append(
