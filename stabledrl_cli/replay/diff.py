@@ -91,6 +91,10 @@ WINDOW_MEAN_SCALARS = ("loss", "entropy", "kl", "clip_frac", "clip_frac_low", "c
 """Scalars a log written every k steps holds, at a row, as the mean over the steps since the
 row before (transformers' `loss`, TRL's metrics); its `reward_mean` is the mean over the
 rollouts generated there (`_WindowMeans`). Its `grad_norm` and `lr` are the row's step's own."""
+SERIES_READ = (*REWARD_DRAW_SCALARS, *WINDOW_MEAN_SCALARS, "rollout_count")
+"""The scalars read from each run's headers, in one pass, for its reward draws and, against a
+log written every k steps, its means over the log's rows."""
+_Series = dict[str, tuple[np.ndarray, np.ndarray]]
 GEOMETRY_SCALARS = ("grad_norm_covered",)
 """Scalars a run records with its gradient geometry: one only one run records (the other
 recorded none) differs in bits only, as the geometry does; both record it: within the
@@ -314,9 +318,9 @@ class _RolloutRewards:
     draws: np.ndarray
 
     @classmethod
-    def of(cls, run: Run, steps: list[int]) -> _RolloutRewards:
-        """`run`'s draws over `steps` (the steps both runs hold)."""
-        series = run.scalar_series_many(REWARD_DRAW_SCALARS)
+    def of(cls, series: _Series, steps: list[int]) -> _RolloutRewards:
+        """A run's draws over `steps` (the steps both runs hold), from its `series`
+        (`SERIES_READ`)."""
         held = {}
         for name, (numbers, values) in series.items():
             common = np.isin(numbers, steps)
@@ -366,17 +370,15 @@ class _WindowMeans:
     """The log's row -> the means over its window (rows whose window the run holds whole)."""
 
     @classmethod
-    def of(cls, run: Run, rows: list[int]) -> _WindowMeans:
-        """`run`'s means over the windows of a log of `rows` (its steps)."""
-        series = run.scalar_series_many(
-            [*WINDOW_MEAN_SCALARS, *REWARD_DRAW_SCALARS, "rollout_count"]
-        )
+    def of(cls, series: _Series, numbers: list[int], rows: list[int]) -> _WindowMeans:
+        """A run's means over the windows of a log of `rows` (its steps), from its `series`
+        (`SERIES_READ`) and its step `numbers`."""
         starts, draws = run_reward_draws(series)
         counted_steps, counts = series["rollout_count"]
         weights = np.ones(starts.size)
         known = np.isin(starts, counted_steps)
         weights[known] = counts[np.searchsorted(counted_steps, starts[known])]
-        held = set(run.step_numbers)
+        held = set(numbers)
         values: dict[int, dict[str, float]] = {}
         before: int | None = None
         for row in rows:
@@ -600,7 +602,12 @@ def _figures(
 
 
 def _windows(
-    a: Run, b: Run, steps_a: list[int], steps_b: list[int], common: list[int]
+    a: Run,
+    b: Run,
+    steps_a: list[int],
+    steps_b: list[int],
+    common: list[int],
+    series: tuple[_Series, _Series],
 ) -> tuple[tuple[_WindowMeans | None, _WindowMeans | None], list[str]]:
     """(each run's means over the rows of the other where that one is a log written every k
     steps and it is not, `_WindowMeans`; the notes that say so, or that an imported log's
@@ -609,10 +616,10 @@ def _windows(
     windows: list[_WindowMeans | None] = [None, None]
     notes = []
     sides = (("A", a, steps_a), ("B", b, steps_b))
-    for i, (name, run, steps) in enumerate(sides):
+    for i, (name, _, steps) in enumerate(sides):
         other, every, rows = sides[1 - i]
         if k[1 - i] > 1 and k[i] == 1:
-            windows[i] = _WindowMeans.of(run, rows)
+            windows[i] = _WindowMeans.of(series[i], steps, rows)
             notes.append(
                 f"{other} is a log written every {k[1 - i]} steps (its logging_steps): a row "
                 f"holds means over the steps since the row before, so {name}'s "
@@ -684,8 +691,9 @@ def diff_runs(
     share_none = InputError(f"{a.location} and {b.location} share no step: nothing to compare")
     if not common:
         raise share_none
-    rewards = (_RolloutRewards.of(a, common), _RolloutRewards.of(b, common))
-    windows, notes = _windows(a, b, steps_a, steps_b, common)
+    series = (a.scalar_series_many(SERIES_READ), b.scalar_series_many(SERIES_READ))
+    rewards = (_RolloutRewards.of(series[0], common), _RolloutRewards.of(series[1], common))
+    windows, notes = _windows(a, b, steps_a, steps_b, common, series)
     comparison = _Comparison(atol=atol, rtol=rtol, rewards=rewards, windows=windows)
     unread = skipped
     for step_a, step_b in _pairs(a, b, common, unread):
