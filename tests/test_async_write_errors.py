@@ -149,7 +149,7 @@ DROPPED_UNCLOSED = textwrap.dedent(
 
     def held(fd):
         if threading.current_thread().name == "stabledrl-recorder":
-            go_on.wait(60)
+            assert go_on.wait(60), "the fsyncs were never let go"
         real_fsync(fd)
 
     _atomic.os.fsync = held
@@ -161,7 +161,9 @@ DROPPED_UNCLOSED = textwrap.dedent(
         )
         if step == 5:
             os.rename(os.path.join(path, "steps"), os.path.join(path, "moved"))
-    go_on.set()  # after step 5 once the training logged more; else as the Recorder is dropped
+            if int(sys.argv[2]) > 6:  # the training logs more: step 6 waits for these fsyncs
+                go_on.set()
+    go_on.set()  # else as the Recorder is dropped
     del rec
     print("training went on", flush=True)
     """
