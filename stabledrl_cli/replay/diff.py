@@ -20,7 +20,10 @@ where both runs record it (a reward there only one run records is not listed as 
 is in the draw). `rollout_reward` is compared so, as reward_mean's draw, not on its own.
 Against an imported log written every k steps (its manifest's `source.logging_steps`), whose
 rows hold means over the steps since the row before, a run of every step is compared by its
-means over those steps (`_WindowMeans`); the result's `notes` say so.
+means over those steps (`_WindowMeans`); the result's `notes` say so. A verl recording (a
+step an optimizer step) against verl's imported log (a step a training step) is compared a
+training step at a time, numbered as the log's (`_TrainingSteps`): the result's steps, ranges
+and parting are then training steps, as its `notes` say.
 
 Two values a, b (a from run A, b from run B) agree within the tolerance when
 |a - b| <= atol + rtol * |b|, or both are NaN, or both are the same infinity. The runs *part*
@@ -53,7 +56,8 @@ from stabledrl_cli.dump._schema import (
 )
 from stabledrl_cli.errors import ConfigError, InputError, counted
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
+from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, reward_draws, run_reward_draws
+from stabledrl_cli.replay.recorded import training_step_means
 from stabledrl_cli.replay.run_facts import (
     SKIPPED_KINDS,
     is_scalar_run,
@@ -91,9 +95,13 @@ WINDOW_MEAN_SCALARS = ("loss", "entropy", "kl", "clip_frac", "clip_frac_low", "c
 """Scalars a log written every k steps holds, at a row, as the mean over the steps since the
 row before (transformers' `loss`, TRL's metrics); its `reward_mean` is the mean over the
 rollouts generated there (`_WindowMeans`). Its `grad_norm` and `lr` are the row's step's own."""
-SERIES_READ = (*REWARD_DRAW_SCALARS, *WINDOW_MEAN_SCALARS, "rollout_count")
+SERIES_READ = (*REWARD_DRAW_SCALARS, *WINDOW_MEAN_SCALARS, "rollout_count", "grad_norm", "lr")
 """The scalars read from each run's headers, in one pass, for its reward draws and, against a
-log written every k steps, its means over the log's rows."""
+log written every k steps, its means over the log's rows (against verl's log, a verl
+recording's means over its training steps, `_TrainingSteps`)."""
+VERL_LOG_SOURCES = ("actor/loss", "actor/grad_norm")
+"""The metrics of verl's log (`stabledrl import`'s `mapped` sources) that mark it verl's and
+a row of it an actor update's (`_TrainingSteps`)."""
 _Series = dict[str, tuple[np.ndarray, np.ndarray]]
 GEOMETRY_SCALARS = ("grad_norm_covered",)
 """Scalars a run records with its gradient geometry: one only one run records (the other
@@ -368,6 +376,9 @@ class _WindowMeans:
 
     values: dict[int, dict[str, float]]
     """The log's row -> the means over its window (rows whose window the run holds whole)."""
+    whole: bool = False
+    """The means are every scalar compared there (a verl recording's training step,
+    `_TrainingSteps`): none of the step's own is."""
 
     @classmethod
     def of(cls, series: _Series, numbers: list[int], rows: list[int]) -> _WindowMeans:
@@ -408,6 +419,84 @@ class _WindowMeans:
         return self.values.get(step)
 
 
+def _is_verl_recording(run: Run) -> bool:
+    """A run the verl integration recorded (its manifest's `meta.framework`), not an import."""
+    meta = run.manifest.get("meta")
+    framework = meta.get("framework") if isinstance(meta, dict) else None
+    return framework == "verl" and _import_source(run) is None
+
+
+def _is_verl_log(run: Run) -> bool:
+    """verl's log imported (`stabledrl import`): its `loss` or `grad_norm` read from verl's
+    `VERL_LOG_SOURCES`."""
+    mapped = (_import_source(run) or {}).get("mapped")
+    return isinstance(mapped, dict) and any(v in VERL_LOG_SOURCES for v in mapped.values())
+
+
+TRAINING_STEP_SCALARS = ("loss", "grad_norm", "lr", "clip_frac", "kl")
+"""The compared scalars verl's log holds at a training step as the mean over its optimizer
+steps (`_TrainingSteps`)."""
+
+
+@dataclass(frozen=True)
+class _TrainingSteps:
+    """A verl recording (one step an optimizer step, numbered from 0) as verl's log holds it:
+    one step a training step (a rollout: a step whose `inner_step` is 0 and the steps after
+    it whose inner_step is above 0), numbered as the log's: the recording's k-th rollout (from
+    0) is the log's step `first` + k, `first` the log's first row of an actor update (its
+    `loss` or `grad_norm`: the rows before it are a critic's warmup or before a resume). At a
+    training step its `TRAINING_STEP_SCALARS` are the means over the rollout's steps (NaN
+    when one is, as verl's `reduce_metrics`), its reward_mean the rollout's draw
+    (`reward_draws`), its `nonfinite` the non-finite of its loss and grad_norm, as an
+    imported step counts them; nothing else of the recording is compared there."""
+
+    read: dict[int, int]
+    """Training step -> the recording's step read for it (its rollout's first)."""
+    window: _WindowMeans
+    """The scalars compared at each rollout's first step (`whole`)."""
+
+    @classmethod
+    def of(cls, series: _Series, numbers: list[int], log: _Series) -> _TrainingSteps | None:
+        """The recording's training steps, from its `series` (`SERIES_READ`) and step
+        `numbers`, lined up with the log's (its `series`); None when either has none."""
+        inner = series["inner_step"]
+        steps = np.asarray(numbers, dtype=np.int64)
+        starts, _ = reward_draws(steps, np.zeros(steps.size), *inner)
+        actor = np.union1d(log["loss"][0], log["grad_norm"][0])
+        if not (starts.size and actor.size):
+            return None
+        means: dict[int, dict[str, float]] = {int(n): {} for n in starts}
+        for name in TRAINING_STEP_SCALARS:
+            for n, value in zip(*training_step_means(*series[name], *inner), strict=True):
+                means[int(n)][name] = float(value)
+        for n, value in zip(*run_reward_draws(series), strict=True):
+            means[int(n)]["reward_mean"] = float(value)
+        for values in means.values():
+            counted = (name for name in ("loss", "grad_norm") if name in values)
+            values["nonfinite"] = float(sum(not math.isfinite(values[n]) for n in counted))
+        first = int(actor[0])
+        read = {first + k: int(n) for k, n in enumerate(starts)}
+        return cls(read, _WindowMeans(means, whole=True))
+
+    def number(self, step: int) -> int | None:
+        """The training step the recording's `step` belongs to; None before its first."""
+        numbers = list(self.read)
+        i = bisect.bisect_right(list(self.read.values()), step) - 1
+        return numbers[i] if i >= 0 else None
+
+    def note(self, recording: str, log: str) -> str:
+        """What the `notes` say of this alignment (`recording`, `log`: "A", "B")."""
+        first, start = next(iter(self.read.items()))
+        return (
+            f"{recording} is a verl recording (a step an optimizer step, from 0) and {log} "
+            f"verl's log (a step a training step): {recording}'s steps are compared a training "
+            f"step at a time, numbered as {log}'s ({recording}'s rollout from step {start} as "
+            f"{log}'s step {first}, {log}'s first with an actor update, and so on), its "
+            f"{', '.join(TRAINING_STEP_SCALARS)} as their means over the rollout's optimizer "
+            "steps, as verl logs them, and reward_mean as the rollout's"
+        )
+
+
 def _compared_scalars(
     step: Step, rewards: _RolloutRewards, window: _WindowMeans | None
 ) -> dict[str, float]:
@@ -416,6 +505,8 @@ def _compared_scalars(
     draw (`rewards`) at the rollout's first step, the step's own elsewhere."""
     scalars = {n: step.scalars[n] for n in SCALAR_NAMES if n in step.scalars}
     means = None if window is None else window.at(step.step)
+    if means is not None and window is not None and window.whole:
+        return dict(means)
     if means is not None:
         for name in (*WINDOW_MEAN_SCALARS, "reward_mean"):
             scalars.pop(name, None)
@@ -471,10 +562,12 @@ class _Comparison:
         )
         return bits, values
 
-    def add(self, a: Step, b: Step) -> None:
-        """Compares one step of each run, field by field; where either step is of scalars only
-        (no policy batch), what both record there (not the other's batch), listing in
-        `unshared` the scalars one records alone; reward_mean one a rollout (`rewards`)."""
+    def add(self, number: int, a: Step, b: Step) -> None:
+        """Compares one step of each run, as step `number` (a verl recording's training step
+        against verl's log: `_TrainingSteps`), field by field; where either step is of
+        scalars only (no policy batch), what both record there (not the other's batch),
+        listing in `unshared` the scalars one records alone; reward_mean one a rollout
+        (`rewards`)."""
         found: dict[DiffKind, list[FieldDifference]] = {kind: [] for kind in DIFF_KINDS}
         shared_only = a.is_scalar or b.is_scalar
         self.scalars_only += a.is_scalar != b.is_scalar
@@ -516,25 +609,32 @@ class _Comparison:
         for kind, differences in found.items():
             if differences and self.first[kind] is None:
                 shown, more = differences[:FIELDS_SHOWN], len(differences) - FIELDS_SHOWN
-                self.first[kind] = Parting(step=a.step, fields=shown, more=max(more, 0))
+                self.first[kind] = Parting(step=number, fields=shown, more=max(more, 0))
         self.compared += 1
 
 
 def _pairs(
-    a: Run, b: Run, common: list[int], unread: tuple[set[int], set[int]]
-) -> Iterator[tuple[Step, Step]]:
-    """Each common step read from both runs. A step a run cannot read (its data corrupt) is
-    skipped with a warning and added to that run's set in `unread` (A's, B's)."""
+    a: Run,
+    b: Run,
+    common: list[int],
+    unread: tuple[set[int], set[int]],
+    reads: tuple[dict[int, int], dict[int, int]],
+) -> Iterator[tuple[int, Step, Step]]:
+    """Each common step (a compared number) read from both runs, each at its step `reads`
+    gives for the number (the number itself where it gives none). A step a run cannot read
+    (its data corrupt) is skipped with a warning and its number added to that run's set in
+    `unread` (A's, B's)."""
     for n in common:
         read = []
-        for run, skipped in zip((a, b), unread, strict=True):
+        for run, skipped, at in zip((a, b), unread, reads, strict=True):
+            step = at.get(n, n)
             try:
-                read.append(run.step(n))
+                read.append(run.step(step))
             except InputError as exc:
-                warnings.warn(f"skipping step {n}: {exc}", RunIntegrityWarning, stacklevel=2)
+                warnings.warn(f"skipping step {step}: {exc}", RunIntegrityWarning, stacklevel=2)
                 skipped.add(n)
         if len(read) == 2:
-            yield read[0], read[1]
+            yield n, read[0], read[1]
 
 
 def _warn_skipped(run: Run, listed: list[int]) -> set[int]:
@@ -562,17 +662,21 @@ def _warn_skipped(run: Run, listed: list[int]) -> set[int]:
 
 def _figures(
     run: Run,
-    steps: list[int],
+    numbers: list[int],
     config: ReplayConfig,
     rewards: _RolloutRewards,
     window: _WindowMeans | None,
+    reads: dict[int, int],
 ) -> dict[int, dict[str, float | bool | None]]:
-    """step -> FIGURES of `run` at `steps` (its own policy replayed over the run's steps up to
-    the last of them; its figures None, with a warning, when its steps lack a field it
-    needs), with its reward draws `rewards`, or its means over the other run's rows
-    (`window`) where it has them."""
+    """compared number -> FIGURES of `run` at `numbers`, each at the run's step `reads` gives
+    for it (the number itself where it gives none: `_pairs`) (its own policy replayed over
+    the run's steps up to the last of them; its figures None, with a warning, when its steps
+    lack a field it needs), with its reward draws `rewards`, or its means over the other
+    run's rows (`window`) where it has them."""
     from stabledrl_cli.replay.incremental import OwnReplay  # torch: only for runs that part
 
+    numbered = {reads.get(n, n): n for n in numbers}
+    steps = sorted(numbered)
     follower = OwnReplay(run, config)
     try:
         follower.extend([n for n in run.step_numbers if n <= steps[-1]])
@@ -590,10 +694,10 @@ def _figures(
         i = index.get(header.step)
         risk = None if i is None else bool(series["collapsed"][i])
         means = None if window is None else window.at(header.step)
-        out[header.step] = {
+        out[numbered[header.step]] = {
             "reward_mean": header.scalars.get("reward_mean"),
             "reward_draw": rewards.at(header.step) if means is None else means.get("reward_mean"),
-            "grad_norm": header.scalars.get("grad_norm"),
+            "grad_norm": {**header.scalars, **(means or {})}.get("grad_norm"),
             "discard_frac": None if i is None else float(series["discard_frac"][i]),
             "risk": risk if i is None or series["spike_judged"][i] else None,
             "risk_judged": None if i is None else bool(series["spike_judged"][i]),
@@ -641,6 +745,23 @@ def _windows(
     return (windows[0], windows[1]), notes
 
 
+def _training_steps(
+    a: Run, b: Run, steps: tuple[list[int], list[int]], series: tuple[_Series, _Series]
+) -> tuple[int, _TrainingSteps] | None:
+    """(0 for A, 1 for B: the run that is a verl recording, its `_TrainingSteps`) where the
+    other run is verl's log imported; None otherwise."""
+    for side, (recording, log) in enumerate(((a, b), (b, a))):
+        if _is_verl_recording(recording) and _is_verl_log(log):
+            training = _TrainingSteps.of(series[side], steps[side], series[1 - side])
+            return None if training is None else (side, training)
+    return None
+
+
+def _sides(side: int, mine: Any, other: Any) -> tuple[Any, Any]:
+    """(A's, B's): `mine` is run `side`'s (0 A, 1 B), `other` the other's."""
+    return (mine, other) if side == 0 else (other, mine)
+
+
 def _skipped_between(rows: list[int], steps: list[int]) -> str | None:
     """The first of `steps` strictly between two consecutive `rows` (both ascending), as text
     ('step 3, between rows 2 and 4'); None when none is."""
@@ -686,18 +807,37 @@ def diff_runs(
             raise InputError(refusal)
     steps_a, steps_b = a.step_numbers, b.step_numbers
     skipped = (_warn_skipped(a, steps_a), _warn_skipped(b, steps_b))
+    series = (a.scalar_series_many(SERIES_READ), b.scalar_series_many(SERIES_READ))
+    training = _training_steps(a, b, (steps_a, steps_b), series)
+    reads: tuple[dict[int, int], dict[int, int]] = ({}, {})
+    notes = []
+    if training is not None:  # a verl recording against verl's log: by training step
+        side, steps = training
+        reads = (steps.read, {}) if side == 0 else ({}, steps.read)
+        # a training step one of whose step files cannot be read: unreadable, not compared
+        lost = {steps.number(n) for n in skipped[side]} - {None}
+        held = [n for n in steps.read if n not in lost]
+        skipped = _sides(side, lost, skipped[1 - side])
+        steps_a, steps_b = _sides(side, held, (steps_a, steps_b)[1 - side])
+        notes.append(steps.note(*_sides(side, "A", "B")))
     in_b = set(steps_b)
     common = [n for n in steps_a if n in in_b]
     share_none = InputError(f"{a.location} and {b.location} share no step: nothing to compare")
     if not common:
         raise share_none
-    series = (a.scalar_series_many(SERIES_READ), b.scalar_series_many(SERIES_READ))
-    rewards = (_RolloutRewards.of(series[0], common), _RolloutRewards.of(series[1], common))
-    windows, notes = _windows(a, b, steps_a, steps_b, common, series)
+    rewards = (
+        _RolloutRewards.of(series[0], [reads[0].get(n, n) for n in common]),
+        _RolloutRewards.of(series[1], [reads[1].get(n, n) for n in common]),
+    )
+    windows: tuple[_WindowMeans | None, _WindowMeans | None]
+    if training is not None:
+        windows = _sides(training[0], training[1].window, None)
+    else:
+        windows, notes = _windows(a, b, steps_a, steps_b, common, series)
     comparison = _Comparison(atol=atol, rtol=rtol, rewards=rewards, windows=windows)
     unread = skipped
-    for step_a, step_b in _pairs(a, b, common, unread):
-        comparison.add(step_a, step_b)
+    for number, step_a, step_b in _pairs(a, b, common, unread, reads):
+        comparison.add(number, step_a, step_b)
         if comparison.done:
             break
     if not comparison.compared:  # every common step unreadable in one run or the other
@@ -717,11 +857,14 @@ def diff_runs(
     if focus is not None:
         at = common.index(focus)
         shown = common[max(0, at - context) : at + context + 1]
-        figures_a = _figures(a, shown, config, rewards[0], windows[0])
-        figures_b = _figures(b, shown, config, rewards[1], windows[1])
+        figures = [
+            _figures(run, shown, config, rewards[i], windows[i], reads[i])
+            for i, run in enumerate((a, b))
+        ]
         empty = dict.fromkeys(FIGURES)
         around = [
-            SideBySide(step=n, a=figures_a.get(n, empty), b=figures_b.get(n, empty)) for n in shown
+            SideBySide(step=n, a=figures[0].get(n, empty), b=figures[1].get(n, empty))
+            for n in shown
         ]
     in_a = set(steps_a)
     return DiffResult(

@@ -130,7 +130,7 @@ def recorded_run(run: Run, observed: Observed) -> RecordedRun:
     meta = run.manifest.get("meta")
     if isinstance(meta, dict) and meta.get("framework") == "verl":
         for name in set(TRAINING_STEP_MEANS) & set(names):
-            series[name] = _training_step_means(*series[name], *inner)
+            series[name] = training_step_means(*series[name], *inner)
     source = run.manifest.get("source")
     return RecordedRun(
         run=run.location,
@@ -143,7 +143,7 @@ def recorded_run(run: Run, observed: Observed) -> RecordedRun:
     )
 
 
-def _training_step_means(
+def training_step_means(
     steps: np.ndarray, values: np.ndarray, inner_steps: np.ndarray, inner_step: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """The value verl's trainer logs for each training step of a verl run (a rollout: its

@@ -1,0 +1,144 @@
+"""A verl recording against verl's own log of the same job (its file logger's JSON lines, as
+verl's trainer writes them, imported): the numbers stabledrl shows of the recording are
+comparable with verl's dashboard. verl's real FSDP2 engine is trained on CPU
+(verl_scripts/fsdp_engine_run.py, as tests/test_integration_verl.py runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+verl = pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
+
+from test_integration_verl import KL_LOSS, rollout  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+from verl.utils.tracking import Tracking  # noqa: E402
+
+from stabledrl_cli.cli.app import app  # noqa: E402
+
+ENGINE_SCRIPT = Path(__file__).parent / "verl_scripts" / "fsdp_engine_run.py"
+ROLLOUTS = 3
+"""Times the job trains its rollout (2 ppo epochs x 2 mini-batches: 4 optimizer steps each)
+before the NaN one (1 optimizer step): verl's training steps 1-3, then 4."""
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """(the recorded run, verl's log lines of it: each training step's actor metrics as the
+    trainer reduces them, with `critic/score/mean`, the mean score of the step's sequences,
+    and the trainer's counters, as `RayPPOTrainer.fit` logs them)."""
+    tmp = tmp_path_factory.mktemp("verl-job")
+    settings = {"actor": KL_LOSS, "rollouts": ROLLOUTS}
+    command = [sys.executable, str(ENGINE_SCRIPT), tmp / "run", tmp / "result.json", "vanilla"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*map(str, command), json.dumps(settings)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = json.loads((tmp / "result.json").read_text())["logged"]
+    scores = rollout(n_prompts=4, seed=1)["token_level_scores"].sum(-1)
+    batches = [scores] * ROLLOUTS + [scores[:6]]  # the script's NaN batch: its first 6 rows
+    lines = []
+    for step, (metrics, batch) in enumerate(zip(logged, batches, strict=True), start=1):
+        line = {**metrics, "critic/score/mean": float(batch.mean()), "training/global_step": step}
+        lines.append({**line, "actor/entropy": 2.5, "timing_s/step": 1.0})
+    return tmp / "run", lines
+
+
+def verl_log(path: Path, lines: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`lines` written by verl's own file logger at `path`, a line a training step from 1."""
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(path))
+    tracking = Tracking("project", "experiment", ["file"])
+    for step, metrics in enumerate(lines, start=1):
+        tracking.log(data=metrics, step=step)
+    tracking.logger["file"].finish()
+    return path
+
+
+def imported(tmp_path: Path, lines: list[dict[str, Any]], mp: pytest.MonkeyPatch) -> Path:
+    """verl's log of `lines`, imported by `stabledrl import`."""
+    out = tmp_path / "imported"
+    done = CliRunner().invoke(
+        app, ["import", str(verl_log(tmp_path / "v.jsonl", lines, mp)), "--out", str(out)]
+    )
+    assert done.exit_code == 0, done.output
+    return out
+
+
+def diff(a: Path, b: Path) -> tuple[int, dict[str, Any]]:
+    """`stabledrl diff A B --format json`: (its exit code, its document)."""
+    done = CliRunner().invoke(app, ["diff", str(a), str(b), "--format", "json"])
+    return done.exit_code, json.loads(done.stdout)
+
+
+def test_a_recording_and_verls_log_of_it_are_compared_by_training_step(
+    job: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`diff` of a verl recording (optimizer steps 0-12) against verl's log of the same job
+    (training steps 1-4) paired optimizer step 1 with training step 1 and parted there (exit
+    1: loss 0.79862, the second mini-batch's, against verl's 0.870076, the mean of the
+    rollout's 4 updates). The recording is now compared a training step at a time, numbered
+    as verl's log: they never part, either way round."""
+    run, lines = job
+    log = imported(tmp_path, lines, monkeypatch)
+    for a, b in ((run, log), (log, run)):
+        code, result = diff(a, b)
+        assert code == 0, result
+        assert result["parted_at"] is None
+        assert (result["steps_a"], result["steps_b"], result["common"]) == (4, 4, 4)
+        assert (result["only_a"], result["only_b"]) == ([], [])
+        assert "compared a training step at a time" in result["notes"][0]
+
+
+def test_a_training_step_verl_logged_otherwise_parts_there(
+    job: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The alignment hides no difference: a log whose training step 2 holds another grad
+    norm (a spike in one of its updates) parts from the recording at step 2, on grad_norm,
+    the recording's figure the mean of that rollout's 4 optimizer steps, as verl's."""
+    run, lines = job
+    changed = [dict(line) for line in lines]
+    changed[1]["actor/grad_norm"] *= 1.5
+    code, result = diff(run, imported(tmp_path, changed, monkeypatch))
+    assert code == 1
+    assert result["parted_at"] == 2
+    assert [f["field"] for f in result["first"]["scalars"]["fields"]] == ["grad_norm"]
+    mine = next(row["a"]["grad_norm"] for row in result["around"] if row["step"] == 2)
+    assert mine == pytest.approx(lines[1]["actor/grad_norm"], rel=1e-6)
+
+
+def test_a_log_whose_first_steps_train_no_actor_lines_up_from_its_first_actor_update(
+    job: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verl's `critic_warmup=1` logs training step 1 without an actor update (its score, no
+    `actor/*`): the recording's first rollout is the log's step 2, its last step 5."""
+    run, lines = job
+    warmup = {"critic/score/mean": lines[0]["critic/score/mean"], "training/global_step": 1}
+    code, result = diff(run, imported(tmp_path, [warmup, *lines], monkeypatch))
+    assert code == 0, result
+    assert (result["steps_a"], result["common"], result["only_b"]) == (4, 4, [[1, 1]])
+    assert "A's rollout from step 0 as B's step 2" in result["notes"][0]
+
+
+def test_a_training_step_with_an_unreadable_step_file_is_unreadable_not_compared(
+    job: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A torn step file (optimizer step 5, the second rollout's second update) leaves that
+    training step's means short of one update: training step 2 is unreadable in the
+    recording, listed so, and not compared; the others are."""
+    run, lines = job
+    torn = tmp_path / "run"
+    shutil.copytree(run, torn)
+    step = torn / "steps" / "step-00000005.safetensors"
+    step.write_bytes(step.read_bytes()[:100])
+    code, result = diff(torn, imported(tmp_path, lines, monkeypatch))
+    assert code == 0, result
+    assert (result["unreadable_a"], result["only_b"], result["common"]) == ([[2, 2]], [[2, 2]], 3)
