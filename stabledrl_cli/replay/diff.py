@@ -20,10 +20,11 @@ where both runs record it (a reward there only one run records is not listed as 
 is in the draw). `rollout_reward` is compared so, as reward_mean's draw, not on its own.
 Against an imported log written every k steps (its manifest's `source.logging_steps`), whose
 rows hold means over the steps since the row before, a run of every step is compared by its
-means over those steps (`_WindowMeans`); the result's `notes` say so. A verl recording (a
+means over those steps (`WindowMeans`); the result's `notes` say so. A verl recording (a
 step an optimizer step) against verl's imported log (a step a training step) is compared a
-training step at a time, numbered as the log's (`_TrainingSteps`): the result's steps, ranges
-and parting are then training steps, as its `notes` say.
+training step at a time, numbered as the log's (`TrainingSteps`): the result's steps, ranges
+and parting are then training steps, as its `notes` say. How the steps line up is
+`alignment`'s.
 
 Two values a, b (a from run A, b from run B) agree within the tolerance when
 |a - b| <= atol + rtol * |b|, or both are NaN, or both are the same infinity. The runs *part*
@@ -38,7 +39,6 @@ steps up to the last one shown).
 
 from __future__ import annotations
 
-import bisect
 import math
 import warnings
 from collections.abc import Iterator
@@ -55,9 +55,15 @@ from stabledrl_cli.dump._schema import (
     STANDARD_SCALARS,
 )
 from stabledrl_cli.errors import ConfigError, InputError, counted
+from stabledrl_cli.replay.alignment import (
+    SERIES_READ,
+    WINDOW_MEAN_SCALARS,
+    RolloutRewards,
+    WindowMeans,
+    log_windows,
+    training_steps,
+)
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, reward_draws, run_reward_draws
-from stabledrl_cli.replay.recorded import training_step_means
 from stabledrl_cli.replay.run_facts import (
     SKIPPED_KINDS,
     is_scalar_run,
@@ -90,19 +96,7 @@ SCALAR_NAMES = tuple(
 )
 """Training scalars compared within the tolerance: the standard ones (format 1.2's series
 scalars too) but the step number, the clocks, a sketch's storage scale and ROLLOUT_SCALARS
-(compared as reward_mean's draw, `_RolloutRewards`) (a run's own scalars are not compared)."""
-WINDOW_MEAN_SCALARS = ("loss", "entropy", "kl", "clip_frac", "clip_frac_low", "clip_frac_high")
-"""Scalars a log written every k steps holds, at a row, as the mean over the steps since the
-row before (transformers' `loss`, TRL's metrics); its `reward_mean` is the mean over the
-rollouts generated there (`_WindowMeans`). Its `grad_norm` and `lr` are the row's step's own."""
-SERIES_READ = (*REWARD_DRAW_SCALARS, *WINDOW_MEAN_SCALARS, "rollout_count", "grad_norm", "lr")
-"""The scalars read from each run's headers, in one pass, for its reward draws and, against a
-log written every k steps, its means over the log's rows (against verl's log, a verl
-recording's means over its training steps, `_TrainingSteps`)."""
-VERL_LOG_SOURCES = ("actor/loss", "actor/grad_norm")
-"""The metrics of verl's log (`stabledrl import`'s `mapped` sources) that mark it verl's and
-a row of it an actor update's (`_TrainingSteps`)."""
-_Series = dict[str, tuple[np.ndarray, np.ndarray]]
+(compared as reward_mean's draw, `RolloutRewards`) (a run's own scalars are not compared)."""
 GEOMETRY_SCALARS = ("grad_norm_covered",)
 """Scalars a run records with its gradient geometry: one only one run records (the other
 recorded none) differs in bits only, as the geometry does; both record it: within the
@@ -153,7 +147,7 @@ class SideBySide:
 
 FIGURES = ("reward_mean", "reward_draw", "grad_norm", "discard_frac", "risk", "risk_judged")
 """The figures set side by side: recorded reward, the rollout's reward as compared (at its
-first step, `_RolloutRewards`) and pre-clip grad norm, the own policy's replayed discard
+first step, `RolloutRewards`) and pre-clip grad norm, the own policy's replayed discard
 fraction and risk (a spike or non-finite update; None, with `risk_judged` False, on a step the
 spike rule had not judged: the `spike_judged` column)."""
 
@@ -199,7 +193,7 @@ class DiffResult:
     """The arrays no kind parts on (gradient geometry, `param_grad_norm`) whose bits differ at
     a compared step: no tolerance applies to them."""
     notes: list[str] = field(default_factory=list)
-    """How the steps of a log written every k steps were compared (`_WindowMeans`), or that a
+    """How the steps of a log written every k steps were compared (`WindowMeans`), or that a
     log's rows skip steps the other run holds without saying how it was written."""
 
     @property
@@ -316,189 +310,8 @@ def _kind(name: str) -> DiffKind:
     return "arrays"
 
 
-@dataclass(frozen=True)
-class _RolloutRewards:
-    """A run's reward_mean draws (`reward_draws`: one a rollout, the mean of its steps'
-    rewards or its recorded `rollout_reward`, at its first step), over the steps both runs
-    hold, from their headers (no step's data read)."""
-
-    starts: np.ndarray
-    draws: np.ndarray
-
-    @classmethod
-    def of(cls, series: _Series, steps: list[int]) -> _RolloutRewards:
-        """A run's draws over `steps` (the steps both runs hold), from its `series`
-        (`SERIES_READ`)."""
-        held = {}
-        for name, (numbers, values) in series.items():
-            common = np.isin(numbers, steps)
-            held[name] = numbers[common], values[common]
-        return cls(*run_reward_draws(held))
-
-    def at(self, step: int) -> float | None:
-        """The draw of the rollout that starts at `step`; None at any other step."""
-        i = int(np.searchsorted(self.starts, step))
-        found = i < self.starts.size and self.starts[i] == step
-        return float(self.draws[i]) if found else None
-
-    def inside(self, step: int) -> bool:
-        """`step` is a rollout's, not its first: its reward is in the rollout's draw."""
-        return bool(self.starts.size) and step > self.starts[0] and self.at(step) is None
-
-
-def _import_source(run: Run) -> dict[str, Any] | None:
-    """The manifest's `source` of an imported log (`stabledrl import`); None for any other
-    run."""
-    source = run.manifest.get("source")
-    return source if isinstance(source, dict) and source.get("kind") == "import" else None
-
-
-def logging_steps(run: Run) -> int:
-    """k of an imported log whose manifest says it was written every k steps (its `source`'s
-    `logging_steps`, from trainer_state.json); 1 for any other run."""
-    k = (_import_source(run) or {}).get("logging_steps")
-    return k if type(k) is int and k > 1 else 1
-
-
-@dataclass(frozen=True)
-class _WindowMeans:
-    """What a run of every step gives at the rows of a log written every k steps (the other
-    run, `logging_steps`): at a row's step s, each `WINDOW_MEAN_SCALARS`' mean over the run's
-    steps since the log's row before (transformers' window: from its last row's step, from
-    step 1 at the log's first row, whatever its logging_strategy), over those that record it;
-    and
-    reward_mean the mean of the rollouts' draws (`reward_draws`, over all of the run's steps)
-    that start in the window, NaN ones left out, each weighted by the rollouts it is a mean of
-    (its step's `rollout_count`; 1 where none is recorded), as TRL's log averages its
-    `reward`, one value a rollout (none where no rollout starts there: TRL logs none). A row
-    whose window the run does not hold whole gives nothing: the step's own values are
-    compared there."""
-
-    values: dict[int, dict[str, float]]
-    """The log's row -> the means over its window (rows whose window the run holds whole)."""
-    whole: bool = False
-    """The means are every scalar compared there (a verl recording's training step,
-    `_TrainingSteps`): none of the step's own is."""
-
-    @classmethod
-    def of(cls, series: _Series, numbers: list[int], rows: list[int]) -> _WindowMeans:
-        """A run's means over the windows of a log of `rows` (its steps), from its `series`
-        (`SERIES_READ`) and its step `numbers`."""
-        starts, draws = run_reward_draws(series)
-        counted_steps, counts = series["rollout_count"]
-        weights = np.ones(starts.size)
-        known = np.isin(starts, counted_steps)
-        weights[known] = counts[np.searchsorted(counted_steps, starts[known])]
-        held = set(numbers)
-        values: dict[int, dict[str, float]] = {}
-        before: int | None = None
-        for row in rows:
-            low = 1 if before is None else before + 1
-            before = row
-            if not all(n in held for n in range(low, row + 1)):
-                continue
-            means = {}
-            for name in WINDOW_MEAN_SCALARS:
-                steps, found = series[name]
-                inside = found[(steps >= low) & (steps <= row)]
-                if inside.size:
-                    means[name] = float(np.mean(inside))
-            window = (starts >= low) & (starts <= row)
-            if window.any():
-                scored = window & ~np.isnan(draws) & (weights > 0)
-                means["reward_mean"] = (
-                    float(np.average(draws[scored], weights=weights[scored]))
-                    if scored.any()
-                    else math.nan
-                )
-            values[row] = means
-        return cls(values)
-
-    def at(self, step: int) -> dict[str, float] | None:
-        """The means at the log's row `step`; None where the run does not hold its window."""
-        return self.values.get(step)
-
-
-def _is_verl_recording(run: Run) -> bool:
-    """A run the verl integration recorded (its manifest's `meta.framework`), not an import."""
-    meta = run.manifest.get("meta")
-    framework = meta.get("framework") if isinstance(meta, dict) else None
-    return framework == "verl" and _import_source(run) is None
-
-
-def _is_verl_log(run: Run) -> bool:
-    """verl's log imported (`stabledrl import`): its `loss` or `grad_norm` read from verl's
-    `VERL_LOG_SOURCES`."""
-    mapped = (_import_source(run) or {}).get("mapped")
-    return isinstance(mapped, dict) and any(v in VERL_LOG_SOURCES for v in mapped.values())
-
-
-TRAINING_STEP_SCALARS = ("loss", "grad_norm", "lr", "clip_frac", "kl")
-"""The compared scalars verl's log holds at a training step as the mean over its optimizer
-steps (`_TrainingSteps`)."""
-
-
-@dataclass(frozen=True)
-class _TrainingSteps:
-    """A verl recording (one step an optimizer step, numbered from 0) as verl's log holds it:
-    one step a training step (a rollout: a step whose `inner_step` is 0 and the steps after
-    it whose inner_step is above 0), numbered as the log's: the recording's k-th rollout (from
-    0) is the log's step `first` + k, `first` the log's first row of an actor update (its
-    `loss` or `grad_norm`: the rows before it are a critic's warmup or before a resume). At a
-    training step its `TRAINING_STEP_SCALARS` are the means over the rollout's steps (NaN
-    when one is, as verl's `reduce_metrics`), its reward_mean the rollout's draw
-    (`reward_draws`), its `nonfinite` the non-finite of its loss and grad_norm, as an
-    imported step counts them; nothing else of the recording is compared there."""
-
-    read: dict[int, int]
-    """Training step -> the recording's step read for it (its rollout's first)."""
-    window: _WindowMeans
-    """The scalars compared at each rollout's first step (`whole`)."""
-
-    @classmethod
-    def of(cls, series: _Series, numbers: list[int], log: _Series) -> _TrainingSteps | None:
-        """The recording's training steps, from its `series` (`SERIES_READ`) and step
-        `numbers`, lined up with the log's (its `series`); None when either has none."""
-        inner = series["inner_step"]
-        steps = np.asarray(numbers, dtype=np.int64)
-        starts, _ = reward_draws(steps, np.zeros(steps.size), *inner)
-        actor = np.union1d(log["loss"][0], log["grad_norm"][0])
-        if not (starts.size and actor.size):
-            return None
-        means: dict[int, dict[str, float]] = {int(n): {} for n in starts}
-        for name in TRAINING_STEP_SCALARS:
-            for n, value in zip(*training_step_means(*series[name], *inner), strict=True):
-                means[int(n)][name] = float(value)
-        for n, value in zip(*run_reward_draws(series), strict=True):
-            means[int(n)]["reward_mean"] = float(value)
-        for values in means.values():
-            counted = (name for name in ("loss", "grad_norm") if name in values)
-            values["nonfinite"] = float(sum(not math.isfinite(values[n]) for n in counted))
-        first = int(actor[0])
-        read = {first + k: int(n) for k, n in enumerate(starts)}
-        return cls(read, _WindowMeans(means, whole=True))
-
-    def number(self, step: int) -> int | None:
-        """The training step the recording's `step` belongs to; None before its first."""
-        numbers = list(self.read)
-        i = bisect.bisect_right(list(self.read.values()), step) - 1
-        return numbers[i] if i >= 0 else None
-
-    def note(self, recording: str, log: str) -> str:
-        """What the `notes` say of this alignment (`recording`, `log`: "A", "B")."""
-        first, start = next(iter(self.read.items()))
-        return (
-            f"{recording} is a verl recording (a step an optimizer step, from 0) and {log} "
-            f"verl's log (a step a training step): {recording}'s steps are compared a training "
-            f"step at a time, numbered as {log}'s ({recording}'s rollout from step {start} as "
-            f"{log}'s step {first}, {log}'s first with an actor update, and so on), its "
-            f"{', '.join(TRAINING_STEP_SCALARS)} as their means over the rollout's optimizer "
-            "steps, as verl logs them, and reward_mean as the rollout's"
-        )
-
-
 def _compared_scalars(
-    step: Step, rewards: _RolloutRewards, window: _WindowMeans | None
+    step: Step, rewards: RolloutRewards, window: WindowMeans | None
 ) -> dict[str, float]:
     """The step's `SCALAR_NAMES` as compared: against a log written every k steps, the means
     over its row's window (`window`) where the run holds it; else reward_mean its rollout's
@@ -529,9 +342,9 @@ class _Comparison:
 
     atol: float
     rtol: float
-    rewards: tuple[_RolloutRewards, _RolloutRewards]
+    rewards: tuple[RolloutRewards, RolloutRewards]
     """Each run's reward_mean draws (A's, B's)."""
-    windows: tuple[_WindowMeans | None, _WindowMeans | None] = (None, None)
+    windows: tuple[WindowMeans | None, WindowMeans | None] = (None, None)
     """Each run's means over the rows of the other, a log written every k steps (None: the
     other is not)."""
     first: dict[DiffKind, Parting | None] = field(default_factory=lambda: dict.fromkeys(DIFF_KINDS))
@@ -564,7 +377,7 @@ class _Comparison:
 
     def add(self, number: int, a: Step, b: Step) -> None:
         """Compares one step of each run, as step `number` (a verl recording's training step
-        against verl's log: `_TrainingSteps`), field by field; where either step is of
+        against verl's log: `TrainingSteps`), field by field; where either step is of
         scalars only (no policy batch), what both record there (not the other's batch),
         listing in `unshared` the scalars one records alone; reward_mean one a rollout
         (`rewards`)."""
@@ -664,8 +477,8 @@ def _figures(
     run: Run,
     numbers: list[int],
     config: ReplayConfig,
-    rewards: _RolloutRewards,
-    window: _WindowMeans | None,
+    rewards: RolloutRewards,
+    window: WindowMeans | None,
     reads: dict[int, int],
 ) -> dict[int, dict[str, float | bool | None]]:
     """compared number -> FIGURES of `run` at `numbers`, each at the run's step `reads` gives
@@ -705,71 +518,9 @@ def _figures(
     return out
 
 
-def _windows(
-    a: Run,
-    b: Run,
-    steps_a: list[int],
-    steps_b: list[int],
-    common: list[int],
-    series: tuple[_Series, _Series],
-) -> tuple[tuple[_WindowMeans | None, _WindowMeans | None], list[str]]:
-    """(each run's means over the rows of the other where that one is a log written every k
-    steps and it is not, `_WindowMeans`; the notes that say so, or that an imported log's
-    rows skip steps the other run holds while it does not say how it was written)."""
-    k = (logging_steps(a), logging_steps(b))
-    windows: list[_WindowMeans | None] = [None, None]
-    notes = []
-    sides = (("A", a, steps_a), ("B", b, steps_b))
-    for i, (name, _, steps) in enumerate(sides):
-        other, every, rows = sides[1 - i]
-        if k[1 - i] > 1 and k[i] == 1:
-            windows[i] = _WindowMeans.of(series[i], steps, rows)
-            notes.append(
-                f"{other} is a log written every {k[1 - i]} steps (its logging_steps): a row "
-                f"holds means over the steps since the row before, so {name}'s "
-                f"{', '.join(WINDOW_MEAN_SCALARS)} and reward_mean are compared as their means "
-                "over those steps (grad_norm and lr as they are: the row's step's own)"
-            )
-            continue
-        source = _import_source(every)
-        silent = source is not None and "logging_steps" not in source  # an import without k
-        between = _skipped_between(common, steps)
-        if silent and between is not None:
-            notes.append(
-                f"{other} is an imported log whose rows skip steps {name} holds ({between}) "
-                "and that does not say how it was written: a log written every k steps "
-                "holds at a row means over the steps since the row before (loss, TRL's "
-                f"metrics), compared here with {name}'s step alone (import its "
-                "trainer_state.json, which says)"
-            )
-    return (windows[0], windows[1]), notes
-
-
-def _training_steps(
-    a: Run, b: Run, steps: tuple[list[int], list[int]], series: tuple[_Series, _Series]
-) -> tuple[int, _TrainingSteps] | None:
-    """(0 for A, 1 for B: the run that is a verl recording, its `_TrainingSteps`) where the
-    other run is verl's log imported; None otherwise."""
-    for side, (recording, log) in enumerate(((a, b), (b, a))):
-        if _is_verl_recording(recording) and _is_verl_log(log):
-            training = _TrainingSteps.of(series[side], steps[side], series[1 - side])
-            return None if training is None else (side, training)
-    return None
-
-
 def _sides(side: int, mine: Any, other: Any) -> tuple[Any, Any]:
     """(A's, B's): `mine` is run `side`'s (0 A, 1 B), `other` the other's."""
     return (mine, other) if side == 0 else (other, mine)
-
-
-def _skipped_between(rows: list[int], steps: list[int]) -> str | None:
-    """The first of `steps` strictly between two consecutive `rows` (both ascending), as text
-    ('step 3, between rows 2 and 4'); None when none is."""
-    for n in steps:
-        after = bisect.bisect_right(rows, n)
-        if 0 < after < len(rows) and rows[after - 1] != n:
-            return f"step {n}, between rows {rows[after - 1]} and {rows[after]}"
-    return None
 
 
 def diff_runs(
@@ -808,7 +559,7 @@ def diff_runs(
     steps_a, steps_b = a.step_numbers, b.step_numbers
     skipped = (_warn_skipped(a, steps_a), _warn_skipped(b, steps_b))
     series = (a.scalar_series_many(SERIES_READ), b.scalar_series_many(SERIES_READ))
-    training = _training_steps(a, b, (steps_a, steps_b), series)
+    training = training_steps(a, b, (steps_a, steps_b), series)
     reads: tuple[dict[int, int], dict[int, int]] = ({}, {})
     notes = []
     if training is not None:  # a verl recording against verl's log: by training step
@@ -826,14 +577,14 @@ def diff_runs(
     if not common:
         raise share_none
     rewards = (
-        _RolloutRewards.of(series[0], [reads[0].get(n, n) for n in common]),
-        _RolloutRewards.of(series[1], [reads[1].get(n, n) for n in common]),
+        RolloutRewards.of(series[0], [reads[0].get(n, n) for n in common]),
+        RolloutRewards.of(series[1], [reads[1].get(n, n) for n in common]),
     )
-    windows: tuple[_WindowMeans | None, _WindowMeans | None]
+    windows: tuple[WindowMeans | None, WindowMeans | None]
     if training is not None:
         windows = _sides(training[0], training[1].window, None)
     else:
-        windows, notes = _windows(a, b, steps_a, steps_b, common, series)
+        windows, notes = log_windows(a, b, steps_a, steps_b, common, series)
     comparison = _Comparison(atol=atol, rtol=rtol, rewards=rewards, windows=windows)
     unread = skipped
     for number, step_a, step_b in _pairs(a, b, common, unread, reads):
