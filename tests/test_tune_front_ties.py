@@ -1,15 +1,17 @@
-"""`tune`'s front and recommendation on settings that discard the same gradient: figures that
-differ only in float32 rounding are one figure, not a ranking."""
+"""`tune`'s front, recommendation and plot on settings that discard the same gradient: figures
+that differ only in float32 rounding are one figure, not a ranking."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from _plots import kept_figures
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.tune.front import SettingFigures, _dominates
+from stabledrl_cli.tune.front import SettingFigures, TuneReport, _dominates
+from stabledrl_cli.tune.plot import plot_front
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -59,3 +61,22 @@ def test_a_real_difference_in_discarded_gradient_still_dominates():
     assert _dominates(high, _setting("e", 3, None)) and not _dominates(_setting("e", 3, None), high)
     zero, tiny = _setting("f", 0, 0.0), _setting("g", 0, 1e-9)
     assert _dominates(zero, tiny)
+
+
+def test_settings_a_float32_rounding_apart_are_counted_as_one_point(tmp_path: Path, monkeypatch):
+    """`tune fixtures/grpo -p 'dapo:agg=constant,max_len=32..1000:log4' -p dapo`: five settings
+    at 114 risk steps and 57.83808% discarded gradient, one dot, three of their medians
+    apart in the eighth digit (float32 rounding). The plot counted the two exactly equal ones,
+    '×2'; the ranking holds all five equal, and the point now says '×5'. A setting 0.5% apart
+    is a point of its own."""
+    masses = [0.57838078351888186, 0.5783808065397184, 0.57838080771677184]
+    masses += [0.57838080771677184, 0.5783808284427228]
+    settings = [_setting(f"dapo:agg=constant,max_len={i}", 114, m) for i, m in enumerate(masses)]
+    settings.append(_setting("dapo:eps_high=0.5", 114, 0.575))
+    report = TuneReport("runs/run", 160, settings, settings[0], "", threads=1)
+    drawn = kept_figures(monkeypatch)
+    plot_front(report, tmp_path / "front.png")
+    (figure,) = drawn
+    texts = figure.axes[0].texts
+    assert [t.get_text() for t in texts] == ["×5"]
+    assert tuple(texts[0].xy) == (114, masses[0] * 100)

@@ -82,14 +82,19 @@ def figures_of(policy: PolicyResult, *, tuned: bool) -> SettingFigures:
 
 
 MASS_RTOL = 1e-5
-"""Discarded gradients this close, relative to the larger, are one figure (`_less_mass`):
+"""Discarded gradients this close, relative to the larger, are one figure (`same_mass`):
 settings that discard the same share differ by about 1e-7 (float32 rounding: 1.2e-7 on a
 sketched run), a share the table shows to 0.1%."""
 
 
+def same_mass(a: float, b: float) -> bool:
+    """Whether discarded gradients `a` and `b` (`mass_key`s) are one figure (`MASS_RTOL`)."""
+    return math.isclose(a, b, rel_tol=MASS_RTOL)
+
+
 def _less_mass(a: float, b: float) -> bool:
-    """Whether discarded gradient `a` (a `mass_key`) is below `b` by more than rounding."""
-    return a < b and not math.isclose(a, b, rel_tol=MASS_RTOL)
+    """Whether discarded gradient `a` is below `b` by more than rounding."""
+    return a < b and not same_mass(a, b)
 
 
 def _dominates(a: SettingFigures, b: SettingFigures) -> bool:

@@ -5,20 +5,33 @@ from __future__ import annotations
 import math
 import os
 import textwrap
-from collections import Counter
 from pathlib import Path
 
 from stabledrl_cli._atomic import output_path
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay.plot import require_matplotlib, run_name
-from stabledrl_cli.tune.front import TuneReport
+from stabledrl_cli.tune.front import TuneReport, same_mass
+
+
+def _shared(points: list[tuple[int, float]]) -> list[tuple[tuple[int, float], int]]:
+    """Each point of `points` (risk steps, discarded gradient in %) with how many settings it
+    stands for: those at as many risk steps whose discarded gradients the ranking holds equal
+    (`same_mass`: float32 rounding apart), counted at the first, the lowest, of them."""
+    shared: list[tuple[tuple[int, float], int]] = []
+    for x, y in sorted(points):
+        if shared and shared[-1][0][0] == x and same_mass(shared[-1][0][1], y):
+            shared[-1] = (shared[-1][0], shared[-1][1] + 1)
+        else:
+            shared.append(((x, y), 1))
+    return shared
 
 
 def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
     """Draws every setting (x: risk steps, y: median discarded gradient; a point several
-    share counted beside it), the front as a line and the recommendation circled; a note
-    instead when no setting has a finite one; under the axes, the rules that judged no step
-    of some setting. Written atomically. MissingExtraError without matplotlib."""
+    share, as the ranking holds them equal, counted beside it), the front as a line and the
+    recommendation circled; a note instead when no setting has a finite one; under the axes,
+    the rules that judged no step of some setting. Written atomically. MissingExtraError
+    without matplotlib."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -36,7 +49,7 @@ def plot_front(report: TuneReport, path: str | os.PathLike[str]) -> Path:
         if points:
             xs, ys = zip(*points, strict=True)
             ax.scatter(xs, ys, s=18, color=colour, label=label, zorder=2)
-        for (x, y), count in Counter(points).items():  # one dot that stands for several
+        for (x, y), count in _shared(points):  # one dot that stands for several
             if count > 1:
                 ax.annotate(f"×{count}", (x, y), xytext=(5, 3), textcoords="offset points",
                             fontsize=8, color=colour)  # fmt: skip
