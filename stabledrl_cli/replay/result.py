@@ -193,7 +193,8 @@ class PolicyResult:
     """The run's own policy (from its manifest)."""
     best: bool
     """`summary.best_index`: among the policies without risk (collapsed) steps, the fewest
-    drift steps, then the lowest discarded_mass_frac; never with one policy replayed."""
+    drift steps, then the lowest discarded_mass_frac (within rounding: the first given); never
+    with one policy replayed."""
     summary: PolicySummary
     series: StepSeries = field(repr=False)
     """Per-step columns over the reported range."""

@@ -7,8 +7,8 @@ Per setting, from its replay summary (docs/replay-json.md):
 - discarded gradient: `discarded_mass_frac`, the median over steps of the share of the plain
   importance-sampling update the setting's rule throws away.
 A setting is on the front when no other has at most as many risk steps and at most as much
-discarded gradient, one of them strictly fewer. Two discarded gradients within `MASS_RTOL` of
-each other are the same figure: the replay computes each token's term in float32, so a setting
+discarded gradient, one of them strictly fewer. Two discarded gradients within `summary.MASS_RTOL`
+of each other are the same figure: the replay computes each token's term in float32, so a setting
 that only rescales the loss (`agg=constant,max_len=L`) gives the same share a few float32 steps
 apart. The recommendation is the front's setting with the fewest risk steps, then the least
 discarded gradient, then the first given.
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from stabledrl_cli.replay.report import unjudged_lines
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
+from stabledrl_cli.replay.summary import same_mass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,17 +80,6 @@ def figures_of(policy: PolicyResult, *, tuned: bool) -> SettingFigures:
         tuned=tuned,
         unjudged=dict(summary.unjudged),
     )
-
-
-MASS_RTOL = 1e-5
-"""Discarded gradients this close, relative to the larger, are one figure (`same_mass`):
-settings that discard the same share differ by about 1e-7 (float32 rounding: 1.2e-7 on a
-sketched run), a share the table shows to 0.1%."""
-
-
-def same_mass(a: float, b: float) -> bool:
-    """Whether discarded gradients `a` and `b` (`mass_key`s) are one figure (`MASS_RTOL`)."""
-    return math.isclose(a, b, rel_tol=MASS_RTOL)
 
 
 def _less_mass(a: float, b: float) -> bool:
