@@ -148,8 +148,9 @@ _REASONS = {
 
 def missing_directory(target: Path) -> str | None:
     """Why `target` cannot be made where it is named: its directory does not exist, or is not
-    a directory (a regular file); None when it is one."""
-    parent = target.parent
+    a directory (a regular file); None when it is one. A link is written where it leads
+    (`_output`), so its target's directory is the one checked (a dangling link's too)."""
+    parent = _output(target).path.parent
     if parent.is_dir():
         return None
     if os.path.lexists(parent):
