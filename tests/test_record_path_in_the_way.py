@@ -7,6 +7,9 @@ exists)' without --force."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 from _cli import cli_environment, record_python, torch_training
 
@@ -22,13 +25,22 @@ open(place, "w").close()  # a file where a directory goes, after record checked 
 """
 
 
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run `stabledrl record` recorded of TRAIN, recorded once for the module; each test
+    that has --force replace a run copies it (the tests replace or remove their copy)."""
+    tmp = tmp_path_factory.mktemp("recorded")
+    done, _ = record_python(TRAIN, cwd=tmp, env=cli_environment())
+    assert done.returncode == 0, done.stderr
+    return tmp / "run"
+
+
 @pytest.mark.parametrize("force", [False, True], ids=["new run", "--force"])
 @pytest.mark.parametrize("name", ["", "steps"], ids=["the run directory", "its steps"])
-def test_a_file_in_the_runs_place_is_a_write_failure(tmp_path, name, force):
+def test_a_file_in_the_runs_place_is_a_write_failure(tmp_path, name, force, recorded):
     run = tmp_path / "run"
     if force:  # a run recorded before, which --force replaces
-        done, _ = record_python(TRAIN, cwd=tmp_path, env=cli_environment())
-        assert done.returncode == 0, done.stderr
+        shutil.copytree(recorded, run)
     options = ["--force"] if force else []
     done, errors = record_python(
         SCRIPT.format(name=name) + TRAIN, *options, cwd=tmp_path, env=cli_environment()
@@ -59,15 +71,16 @@ finally:
     ids=["new run", "--force", "overwrite=True"],
 )
 @pytest.mark.parametrize("name", ["", "steps"], ids=["the run directory", "its steps"])
-def test_a_scripts_own_recorder_finds_a_file_in_the_runs_place(tmp_path, name, options, kwargs):
+def test_a_scripts_own_recorder_finds_a_file_in_the_runs_place(
+    tmp_path, name, options, kwargs, recorded
+):
     """The script's own Recorder of record's run reports it as record's own Recorder does:
     exit 4 naming the path (before: exit 2 with --force or overwrite=True, 'not a directory
     (where a run keeps its step files); replacing a run never removes it'; 'cannot write it
     (File exists)' without)."""
     run = tmp_path / "run"
     if options:  # a run recorded before, which --force replaces
-        done, _ = record_python(TRAIN, cwd=tmp_path, env=cli_environment())
-        assert done.returncode == 0, done.stderr
+        shutil.copytree(recorded, run)
     done, errors = record_python(
         SCRIPT.format(name=name) + OWN.format(kwargs=kwargs),
         "--no-optimizer-hooks",
