@@ -41,11 +41,21 @@ def _loop(tmp_path: Path, start: int, end: int, *options: str):
     return record_python(script, *options, cwd=tmp_path, env=cli_environment())
 
 
-def _with_example_files(tmp_path: Path) -> tuple[Path, Path]:
-    """A run of 3 steps with a checkpoint and a branch run beside it, as the example leaves."""
-    first, _ = _loop(tmp_path, 0, 3, "-p", "grpo", "--no-optimizer-hooks")
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run of LOOP's steps 0-2 under `stabledrl record`, recorded once for the module
+    (`_with_example_files` gives each test its own copy)."""
+    tmp = tmp_path_factory.mktemp("recorded")
+    first, _ = _loop(tmp, 0, 3, "-p", "grpo", "--no-optimizer-hooks")
     assert first.returncode == 0, first.stderr
+    return tmp / "run"
+
+
+def _with_example_files(tmp_path: Path, recorded: Path) -> tuple[Path, Path]:
+    """A run of 3 steps (a copy of `recorded`) with a checkpoint and a branch run beside it, as
+    the example leaves."""
     run = tmp_path / "run"
+    shutil.copytree(recorded, run)
     checkpoint = run / "checkpoints" / "step-00000000.pt"
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b"the old run's checkpoint")
@@ -54,8 +64,8 @@ def _with_example_files(tmp_path: Path) -> tuple[Path, Path]:
     return run, checkpoint
 
 
-def test_a_command_that_replaces_the_run_leaves_no_checkpoint_or_branch_of_it(tmp_path):
-    run, checkpoint = _with_example_files(tmp_path)
+def test_a_command_that_replaces_the_run_leaves_no_checkpoint_or_branch_of_it(tmp_path, recorded):
+    run, checkpoint = _with_example_files(tmp_path, recorded)
     resumed, errors = _loop(tmp_path, 2, 4, *OPTIONS)
     assert resumed.returncode == 0 and errors == [], resumed.stderr
     assert checkpoint.is_file() and (run / "branches" / "grpo@0" / "manifest.json").is_file()
@@ -66,8 +76,8 @@ def test_a_command_that_replaces_the_run_leaves_no_checkpoint_or_branch_of_it(tm
     assert list((run / "checkpoints").iterdir()) == []
 
 
-def test_what_is_no_branch_runs_is_refused_before_the_command_starts(tmp_path):
-    run, checkpoint = _with_example_files(tmp_path)
+def test_what_is_no_branch_runs_is_refused_before_the_command_starts(tmp_path, recorded):
+    run, checkpoint = _with_example_files(tmp_path, recorded)
     mine = run / "branches" / "notes.txt"
     mine.write_text("mine")
     script = "print('the command ran')"
@@ -97,11 +107,11 @@ def test_checkpoints_of_a_directory_that_holds_no_run_are_refused_not_removed(tm
     assert mine.read_bytes() == b"my model's weights"
 
 
-def test_a_file_browsers_files_go_with_the_branch_runs_anything_else_is_refused(tmp_path):
+def test_a_file_browsers_files_go_with_the_branch_runs_anything_else_is_refused(tmp_path, recorded):
     """A .DS_Store Finder left in a branch run (macOS opens RUN/branches/grpo@0 once) made
     `record --force` refuse until it was removed by hand: such files (.DS_Store, ._NAME,
     Thumbs.db) are no one's data and go with the branch runs; a folder so named is refused."""
-    run, _ = _with_example_files(tmp_path)
+    run, _ = _with_example_files(tmp_path, recorded)
     branch = run / "branches" / "grpo@0"
     browsers = [
         run / "branches" / ".DS_Store",
@@ -134,12 +144,14 @@ def test_a_file_browsers_files_go_with_the_branch_runs_anything_else_is_refused(
 
 
 @pytest.mark.parametrize("command", [(), ("--", sys.executable, "-c", "print('it ran')")])
-def test_a_folder_named_as_a_checkpoint_is_refused_before_the_run_changes(tmp_path, command):
+def test_a_folder_named_as_a_checkpoint_is_refused_before_the_run_changes(
+    tmp_path, recorded, command
+):
     """`mkdir RUN/checkpoints/step-00000008.pt` survived `record --force`: the example's
     checkpoint at step 8 then failed to be written (exit 4, the old run already replaced), or,
     saved at other steps, the new run's `branch --at 8` exited 3 on it. Refused as anything
     else --force would not remove is, exit 2, before the run or the command changes anything."""
-    run, checkpoint = _with_example_files(tmp_path)
+    run, checkpoint = _with_example_files(tmp_path, recorded)
     folder = run / "checkpoints" / "step-00000008.pt"
     folder.mkdir()
     before = sorted(p.name for p in (run / "steps").iterdir())
