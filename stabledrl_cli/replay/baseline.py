@@ -19,7 +19,8 @@ editable by hand:
 
 `observed` holds run-level figures of the recorded run: the steps `first_reward_collapse` and
 `collapse_warning_first_step` (worse lower) and the counts `spike_steps` (recorded grad-norm
-spikes) and `nonfinite_steps` (worse higher); a figure whose rule judged no step of the run
+spikes) and `nonfinite_steps` (worse higher; of a verl recording, its training steps that
+hold one, as verl's log counts them); a figure whose rule judged no step of the run
 (`Observed.unjudged`: no reward to judge, say) is not written, and a check on such a run trips
 `baseline.present` for it. `recorded` (optional) gates the run's recorded
 scalar series, any of them: name -> statistic (first, last, min, max, mean, median over the

@@ -17,7 +17,9 @@ RUN_STEPS = ("first_reward_collapse", "collapse_warning_first_step")
 collapse warning's first step, each worse when lower, null meaning never."""
 RUN_COUNTS = ("spike_steps", "nonfinite_steps")
 """Run-level counts of a baseline's `observed` entry, from the recorded series: steps whose
-recorded grad_norm is a spike, and non-finite steps; each worse when higher."""
+recorded grad_norm is a spike, and non-finite steps (a verl recording's training steps that
+hold one, as verl's log counts them: `Observed.counted_nonfinite`); each worse when
+higher."""
 RUN_METRICS = (*RUN_STEPS, *RUN_COUNTS)
 """Every figure a baseline's `observed` entry may hold (each optional)."""
 RUN_WORSE: dict[str, Worse] = {
@@ -31,7 +33,7 @@ def run_figure(name: str, observed: Observed) -> float | None:
     if name == "spike_steps":
         return float(len(observed.recorded_spike_steps))
     if name == "nonfinite_steps":
-        return float(len(observed.nonfinite_steps))
+        return float(len(observed.counted_nonfinite()[0]))
     step = (
         observed.first_reward_collapse
         if name == "first_reward_collapse"
@@ -40,14 +42,15 @@ def run_figure(name: str, observed: Observed) -> float | None:
     return None if step is None else float(step)
 
 
-def run_flagged_steps(name: str, observed: Observed) -> list[int]:
-    """The steps a run-level count of the recorded run counts ([] for a figure that is a
-    step itself)."""
+def run_flagged_steps(name: str, observed: Observed) -> tuple[list[int], str]:
+    """(the steps a run-level count of the recorded run counts, what they are: "step", or
+    "training step" for a verl recording's non-finite ones); [] for a figure that is a step
+    itself."""
     if name == "spike_steps":
-        return list(observed.recorded_spike_steps)
+        return list(observed.recorded_spike_steps), "step"
     if name == "nonfinite_steps":
-        return list(observed.nonfinite_steps)
-    return []
+        return observed.counted_nonfinite()
+    return [], "step"
 
 
 @dataclass(frozen=True, kw_only=True)

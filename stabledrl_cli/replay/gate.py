@@ -361,12 +361,13 @@ def _absolute(p: PolicyResult, gates: Gates) -> list[GateResult]:
     return found
 
 
-def _passed_at(steps: list[int], limit: float) -> str:
-    """Where a count of flagged `steps` (in step order) went past `limit`, and the steps."""
+def _passed_at(steps: list[int], limit: float, unit: str = "step") -> str:
+    """Where a count of flagged `steps` (in step order; each a `unit`: a step, or a verl
+    recording's training step) went past `limit`, and the steps."""
     if not steps or len(steps) <= limit:
         return ""
     past = steps[max(0, math.floor(limit))]
-    return f"; past it at step {past} (steps {_steps_shown(steps)})"
+    return f"; past it at {unit} {past} ({unit}s {_steps_shown(steps)})"
 
 
 def _regression(
@@ -377,9 +378,10 @@ def _regression(
     *,
     strict: bool,
     flagged: list[int] | None = None,
+    unit: str = "step",
 ) -> GateResult:
-    """A baseline metric's gate; flagged: the steps a count of steps counts, named when it
-    trips."""
+    """A baseline metric's gate; flagged: the steps a count of steps counts (each a `unit`),
+    named when it trips."""
     tripped = tol.tripped(figure)
     improved = strict and not tripped and tol.improved(figure)
     # null is infinity: for a run-level step (a collapse, a warning) it means "none", for a
@@ -397,7 +399,7 @@ def _regression(
     elif tol.value is None:  # worse "lower": a baseline refuses a null worse when higher
         rule = f"any figure but {none} fails"
     elif tripped:
-        rule = f"{side} the limit {limit} ({slack})" + _passed_at(flagged or [], tol.limit())
+        rule = f"{side} the limit {limit} ({slack})" + _passed_at(flagged or [], tol.limit(), unit)
     else:
         rule = f"fails {side} {limit} ({slack})"
     return GateResult(
@@ -440,9 +442,11 @@ def evaluate(
                 )
                 continue
             figure = run_figure(name, observed)
-            flagged = run_flagged_steps(name, observed)
+            flagged, unit = run_flagged_steps(name, observed)
             found.append(
-                _regression(None, f"observed.{name}", tol, figure, strict=strict, flagged=flagged)
+                _regression(
+                    None, f"observed.{name}", tol, figure, strict=strict, flagged=flagged, unit=unit
+                )
             )
     found.extend(_run_absolute(observed, gates, lost or LostSteps()))
     if baseline is not None:

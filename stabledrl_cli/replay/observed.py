@@ -25,6 +25,7 @@ from stabledrl_cli.replay.detectors import (
     observed_reward_collapse,
     own_likelihood,
     own_likelihood_series,
+    reward_draws,
     rolling_mean,
     run_reward_draws,
     spike_flags,
@@ -182,6 +183,30 @@ def unit_token_counts(
     return gathered
 
 
+def is_verl_recording(run: Run) -> bool:
+    """A run the verl integration recorded (its manifest's `meta.framework`), one step an
+    optimizer step; not verl's log imported."""
+    meta, source = run.manifest.get("meta"), run.manifest.get("source")
+    imported = isinstance(source, dict) and source.get("kind") == "import"
+    return isinstance(meta, dict) and meta.get("framework") == "verl" and not imported
+
+
+def training_step_starts(
+    steps: np.ndarray, inner_steps: np.ndarray, inner_step: np.ndarray
+) -> np.ndarray:
+    """[T] the first step of each training step of a verl recording (a rollout, as
+    `detectors.reward_draws` groups the steps: one whose `inner_step` is 0 and the steps after
+    it above 0), in step order, from its `steps` [S] and inner_step series ([I] steps, values):
+    the training step of a step s is `np.searchsorted(starts, s, side="right")`, from 1 as
+    verl's log numbers them. Steps before the first rollout (its first step unreadable) are a
+    training step of their own, the first."""
+    known = np.union1d(steps, inner_steps)
+    starts, _ = reward_draws(known, np.zeros(known.size), inner_steps, inner_step)
+    if known.size and (starts.size == 0 or known[0] < starts[0]):
+        starts = np.insert(starts, 0, known[0])
+    return starts
+
+
 def host_array(values: torch.Tensor) -> np.ndarray:
     """[U] numpy array of a tensor: a view of a CPU tensor whose dtype numpy has, else a
     float32 copy on the host (exact for the half-precision types)."""
@@ -210,6 +235,10 @@ class Observed:
     nonfinite_counted: int = 0
     """Steps that recorded a `nonfinite` or `nonfinite_grads` count (0: `nonfinite_steps` says
     nothing)."""
+    nonfinite_training_steps: list[int] | None = None
+    """A verl recording's training steps (`training_step_starts`, numbered from 1 as verl's log
+    numbers them) that hold any of `nonfinite_steps`: the non-finite steps verl's log shows, and
+    the count a baseline's `nonfinite_steps` gates; None for any other run."""
     noise_floor_logratio_std: float | None = None
     """std of logp - logp_old over the finite scored entries of steps with inner_step 0."""
     noise_floor_units: int = 0
@@ -240,6 +269,14 @@ class Observed:
     def to_dict(self) -> dict[str, object]:
         """Every field, JSON-ready (NaN still to be mapped to null)."""
         return asdict(self)
+
+    def counted_nonfinite(self) -> tuple[list[int], str]:
+        """(the non-finite steps the run-level count counts, what they are): a verl
+        recording's `nonfinite_training_steps`, "training step", as verl's log counts them;
+        `nonfinite_steps`, "step", for any other run."""
+        if self.nonfinite_training_steps is not None:
+            return list(self.nonfinite_training_steps), "training step"
+        return list(self.nonfinite_steps), "step"
 
     def unjudged(self, figure: str) -> str | None:
         """Why the rule of a run-level figure (`figures.RUN_METRICS`) judged no step of this
@@ -447,6 +484,10 @@ def observe(
             for steps, counts in (series["nonfinite"], series["nonfinite_grads"])
         )
     )  # a NaN count counts as non-finite too
+    training = None
+    if is_verl_recording(run):
+        starts = training_step_starts(bad, *series["inner_step"])
+        training = np.unique(np.searchsorted(starts, bad, side="right")).tolist()
     collapse = observed_reward_collapse(
         reward_steps, rewards, run.reward_range, window=config.collapse_window
     )
@@ -475,6 +516,7 @@ def observe(
         grad_norm_values=int(np.count_nonzero(np.isfinite(grad_norms) & (grad_norms != 0))),
         nonfinite_steps=[int(s) for s in bad],
         nonfinite_counted=int(np.union1d(*(series[name][0] for name in NONFINITE_COUNTS)).size),
+        nonfinite_training_steps=training,
         noise_floor_logratio_std=noise_floor.std,
         noise_floor_units=noise_floor.count,
         reward_curve=_reward_curve(rewards, config.collapse_window),

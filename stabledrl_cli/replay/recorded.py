@@ -30,7 +30,7 @@ from stabledrl_cli.dump._schema import ROLLOUT_SCALARS
 from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.integrations._verl_facts import TRAINING_STEP_MEANS
 from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, reward_draws, run_reward_draws
-from stabledrl_cli.replay.observed import Observed
+from stabledrl_cli.replay.observed import Observed, is_verl_recording
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.vocab import SeriesStat, Worse
 
@@ -127,8 +127,7 @@ def recorded_run(run: Run, observed: Observed) -> RecordedRun:
     inner = series["inner_step"]
     if "reward_mean" in names:
         series["reward_mean"] = run_reward_draws(series)
-    meta = run.manifest.get("meta")
-    if isinstance(meta, dict) and meta.get("framework") == "verl":
+    if is_verl_recording(run):
         for name in set(TRAINING_STEP_MEANS) & set(names):
             series[name] = training_step_means(*series[name], *inner)
     source = run.manifest.get("source")
