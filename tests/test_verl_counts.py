@@ -106,3 +106,26 @@ def test_a_tripped_non_finite_count_names_the_training_steps(
     code, document = checked(run, "--max-nonfinite", 7, "-p", "grpo")
     assert code == 1
     assert gate(document, "max_nonfinite")["figure"] == 8
+
+
+def test_the_step_count_note_counts_the_recordings_training_steps_too(
+    blown_up: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`check` of the recording against a baseline from verl's log noted `run has 9 steps, the
+    baseline's run had 3`: optimizer steps against training steps, the same job. Either
+    count matching is no note now; another count is noted in both."""
+    run, imported = blown_up
+    baseline = tmp_path / "log.json"
+    assert cli("check", imported, "--write-baseline", baseline).exit_code == 0
+    done = cli("check", run, "-b", baseline, "--device", "cpu")
+    assert done.exit_code == 0, done.output
+    assert "note:" not in done.stderr
+    written = json.loads(baseline.read_text())
+    written["run"]["steps"] = 5
+    baseline.write_text(json.dumps(written))
+    done = cli("check", run, "-b", baseline, "--device", "cpu")
+    assert done.exit_code == 0, done.output
+    assert (
+        "has 9 steps (optimizer steps; 3 training steps, a line each in verl's log), the "
+        "baseline's run had 5: step counts are compared as they are"
+    ) in " ".join(done.stderr.split())

@@ -255,6 +255,23 @@ def _collapse_text(observed: Observed) -> str:
     return "none" if collapse is None else f"step {collapse}"
 
 
+def _note_step_counts(run: str, steps: int, training: int | None, baseline: Baseline) -> None:
+    """The note on stderr when the run has another number of steps than the baseline's run
+    (`steps`; `training`: a verl recording's training steps, None for any other run, whose
+    count verl's imported log has as its steps: either count matching is no note)."""
+    theirs = baseline.run.get("steps")
+    if theirs in (None, steps, training):
+        return
+    counts = f"{steps} steps"
+    if training is not None:
+        counts += f" (optimizer steps; {training} training steps, a line each in verl's log)"
+    err.print(
+        f"note: {run} has {counts}, the baseline's run had {theirs}: step counts are compared "
+        "as they are",
+        highlight=False,
+    )
+
+
 def _flagged_count(observed: Observed, name: str, steps: Sequence[int]) -> str:
     """How many steps the run-level rule of `name` flagged, or not judged."""
     return "not judged" if observed.unjudged(name) is not None else str(len(steps))
@@ -430,12 +447,8 @@ def command(
         warnings.simplefilter("ignore", RunIntegrityWarning)
         recorded = recorded_run(opened, observed)
     steps = result.steps if result is not None else recorded.steps
-    if baseline is not None and baseline.run.get("steps") not in (None, steps):
-        err.print(
-            f"note: {redacted(run)} has {steps} steps, the baseline's run had "
-            f"{baseline.run['steps']}: step counts are compared as they are",
-            highlight=False,
-        )
+    if baseline is not None:
+        _note_step_counts(redacted(run), steps, recorded.training_steps, baseline)
     two_sided = strict or (baseline is not None and baseline.strict)
     lost = LostSteps(skipped=len(skipped), missing=missing_count(missing))
     results = evaluate(result, gates, baseline, strict=two_sided, recorded=recorded, lost=lost)

@@ -30,7 +30,7 @@ from stabledrl_cli.dump._schema import ROLLOUT_SCALARS
 from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.integrations._verl_facts import TRAINING_STEP_MEANS
 from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, reward_draws, run_reward_draws
-from stabledrl_cli.replay.observed import Observed, is_verl_recording
+from stabledrl_cli.replay.observed import Observed, is_verl_recording, training_step_starts
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.vocab import SeriesStat, Worse
 
@@ -107,6 +107,9 @@ class RecordedRun:
     """Readable steps, scalar steps included."""
     scalar_steps: int
     """Steps without a policy batch (format 1.2)."""
+    training_steps: int | None = None
+    """A verl recording's training steps (rollouts: `observed.training_step_starts`), a line
+    each in verl's log; None for any other run."""
     observed: Observed
     series: dict[str, SeriesStats]
     """scalar name -> its statistics, for every recorded scalar but `BOOKKEEPING_SCALARS`."""
@@ -127,9 +130,12 @@ def recorded_run(run: Run, observed: Observed) -> RecordedRun:
     inner = series["inner_step"]
     if "reward_mean" in names:
         series["reward_mean"] = run_reward_draws(series)
+    training_steps = None
     if is_verl_recording(run):
         for name in set(TRAINING_STEP_MEANS) & set(names):
             series[name] = training_step_means(*series[name], *inner)
+        numbers = np.array([h.step for h in headers], dtype=np.int64)
+        training_steps = int(training_step_starts(numbers, *inner).size)
     source = run.manifest.get("source")
     return RecordedRun(
         run=run.location,
@@ -137,6 +143,7 @@ def recorded_run(run: Run, observed: Observed) -> RecordedRun:
         source=dict(source) if isinstance(source, dict) else None,
         steps=len(headers),
         scalar_steps=sum(1 for h in headers if h.is_scalar),
+        training_steps=training_steps,
         observed=observed,
         series={name: series_stats(series[name][1]) for name in names},
     )
