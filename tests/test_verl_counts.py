@@ -129,3 +129,20 @@ def test_the_step_count_note_counts_the_recordings_training_steps_too(
         "has 9 steps (optimizer steps; 3 training steps, a line each in verl's log), the "
         "baseline's run had 5: step counts are compared as they are"
     ) in " ".join(done.stderr.split())
+
+
+def test_inspect_names_the_training_step_of_each_non_finite_step(
+    blown_up: tuple[Path, Path],
+) -> None:
+    """`inspect` listed the recording's non-finite steps `1, 2, 3, 4, 5, 6, 7, 8`, optimizer
+    steps, where verl's dashboard shows training steps 1-3: it names those too, in the table
+    and (a key of its own, the others as they were) in the JSON."""
+    run, _ = blown_up
+    done = cli("inspect", run)
+    assert done.exit_code == 0, done.output
+    row = next(line for line in done.stdout.splitlines() if "non-finite steps" in line)
+    assert "│ 1, 2, 3, 4, 5, 6, 7, 8 (training steps 1, 2, 3) " in row, row
+    done = cli("inspect", run, "--format", "json")
+    observed = json.loads(done.stdout)["observed"]
+    assert observed["nonfinite_steps"] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert observed["nonfinite_training_steps"] == [1, 2, 3]

@@ -27,6 +27,7 @@ from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
 from stabledrl_cli.errors import counted, one_line
 from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.inspection import RunSummary, summarize
+from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import SeriesStats
 from stabledrl_cli.replay.report import print_title, print_unbroken
 from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
@@ -38,6 +39,16 @@ all)."""
 
 def _steps_text(steps: list[int], *, named: bool = False) -> str:
     return format_steps(steps, LIST_LIMIT, empty="none", separator=", ", more=" more", named=named)
+
+
+def _nonfinite_text(observed: Observed) -> str:
+    """The non-finite steps, and a verl recording's training steps that hold them, as verl's
+    log numbers them: `8, 9 (training step 3)`."""
+    text = _steps_text(observed.nonfinite_steps)
+    training = observed.nonfinite_training_steps
+    if not (training and observed.nonfinite_steps):
+        return text
+    return f"{text} (training {_steps_text(training, named=True)})"
 
 
 def _writer_text(tool_version: object) -> str:
@@ -293,7 +304,7 @@ def _observed_table(s: RunSummary) -> Table:
             f"{len(warning.steps)} warning steps)",
         ),
         "grad-norm spikes": ("spike_steps", _steps_text(obs.recorded_spike_steps, named=True)),
-        "non-finite steps": ("nonfinite_steps", _steps_text(obs.nonfinite_steps)),
+        "non-finite steps": ("nonfinite_steps", _nonfinite_text(obs)),
     }
     for what, (figure, text) in rows.items():
         unjudged = obs.unjudged(figure)  # "none" would claim a judgement no step had
