@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,4 +146,22 @@ def test_inspect_names_the_training_step_of_each_non_finite_step(
     done = cli("inspect", run, "--format", "json")
     observed = json.loads(done.stdout)["observed"]
     assert observed["nonfinite_steps"] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert observed["nonfinite_training_steps"] == [1, 2, 3]
+
+
+def test_a_rollout_whose_first_step_is_unreadable_keeps_its_training_step(
+    blown_up: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A torn step file at a rollout's first optimizer step (step 4, training step 2's)
+    merged its rollout into the one before: `1, 2, 3, 5, 6, 7, 8 (training steps 1, 2)`, step
+    8 numbered 2 where verl's log has 3. Its later steps' inner_step counts back to where it
+    started: training steps 1, 2, 3, counted as the log's."""
+    run, _ = blown_up
+    torn = tmp_path / "torn"
+    shutil.copytree(run, torn)
+    step = torn / "steps" / "step-00000004.safetensors"
+    step.write_bytes(step.read_bytes()[:100])
+    done = cli("inspect", torn, "--format", "json")
+    observed = json.loads(done.stdout)["observed"]
+    assert observed["nonfinite_steps"] == [1, 2, 3, 5, 6, 7, 8]
     assert observed["nonfinite_training_steps"] == [1, 2, 3]

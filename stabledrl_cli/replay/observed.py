@@ -25,7 +25,6 @@ from stabledrl_cli.replay.detectors import (
     observed_reward_collapse,
     own_likelihood,
     own_likelihood_series,
-    reward_draws,
     rolling_mean,
     run_reward_draws,
     spike_flags,
@@ -194,17 +193,16 @@ def is_verl_recording(run: Run) -> bool:
 def training_step_starts(
     steps: np.ndarray, inner_steps: np.ndarray, inner_step: np.ndarray
 ) -> np.ndarray:
-    """[T] the first step of each training step of a verl recording (a rollout, as
-    `detectors.reward_draws` groups the steps: one whose `inner_step` is 0 and the steps after
-    it above 0), in step order, from its `steps` [S] and inner_step series ([I] steps, values):
-    the training step of a step s is `np.searchsorted(starts, s, side="right")`, from 1 as
-    verl's log numbers them. Steps before the first rollout (its first step unreadable) are a
-    training step of their own, the first."""
-    known = np.union1d(steps, inner_steps)
-    starts, _ = reward_draws(known, np.zeros(known.size), inner_steps, inner_step)
-    if known.size and (starts.size == 0 or known[0] < starts[0]):
-        starts = np.insert(starts, 0, known[0])
-    return starts
+    """[T] the first step of each training step of a verl recording (a rollout: its step
+    whose `inner_step` is 0 and the steps after it above 0), in step order, from its `steps`
+    [S] and inner_step series ([I] steps, values): the training step of a step s is
+    `np.searchsorted(starts, s, side="right")`, from 1 as verl's log numbers them. A step's
+    inner_step counts the updates since its rollout's first step (verl's hook: 0 there, one
+    more each step after), so a rollout starts at s - inner_step of each of its steps, its
+    first step's file unreadable or not; a step without one is a rollout of its own."""
+    counted = np.isfinite(inner_step)
+    firsts = inner_steps[counted] - inner_step[counted].astype(np.int64)
+    return np.union1d(firsts, np.setdiff1d(steps, inner_steps[counted]))
 
 
 def host_array(values: torch.Tensor) -> np.ndarray:
