@@ -18,6 +18,7 @@ import pytest
 
 verl = pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
 
+from _ports import free_port  # noqa: E402
 from test_integration_verl import KL_LOSS  # noqa: E402
 from typer.testing import CliRunner, Result  # noqa: E402
 from verl.utils.tracking import Tracking  # noqa: E402
@@ -40,7 +41,8 @@ def blown_up(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     command = [sys.executable, ENGINE_SCRIPT, tmp / "run", tmp / "result.json", "vanilla"]
     done = subprocess.run(
         [*map(str, command), json.dumps(BLOWN_UP)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())},
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     logged = json.loads((tmp / "result.json").read_text())["logged"]

@@ -17,6 +17,7 @@ import pytest
 
 verl = pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
 
+from _ports import free_port  # noqa: E402
 from test_integration_verl import KL_LOSS, rollout  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 from verl.utils.tracking import Tracking  # noqa: E402
@@ -37,7 +38,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, 
     tmp = tmp_path_factory.mktemp("verl-job")
     settings = {"actor": KL_LOSS, "rollouts": ROLLOUTS}
     command = [sys.executable, str(ENGINE_SCRIPT), tmp / "run", tmp / "result.json", "vanilla"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     done = subprocess.run(
         [*map(str, command), json.dumps(settings)],
         env=env, capture_output=True, text=True, timeout=600,
