@@ -19,6 +19,7 @@ import numpy as np
 
 from stabledrl_cli.dump import Run
 from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, reward_draws, run_reward_draws
+from stabledrl_cli.replay.observed import is_verl_recording
 from stabledrl_cli.replay.recorded import training_step_means
 
 WINDOW_MEAN_SCALARS = ("loss", "entropy", "kl", "clip_frac", "clip_frac_low", "clip_frac_high")
@@ -139,13 +140,6 @@ class WindowMeans:
         return self.values.get(step)
 
 
-def _is_verl_recording(run: Run) -> bool:
-    """A run the verl integration recorded (its manifest's `meta.framework`), not an import."""
-    meta = run.manifest.get("meta")
-    framework = meta.get("framework") if isinstance(meta, dict) else None
-    return framework == "verl" and import_source(run) is None
-
-
 def _is_verl_log(run: Run) -> bool:
     """verl's log imported (`stabledrl import`): its `loss` or `grad_norm` read from verl's
     `VERL_LOG_SOURCES`."""
@@ -263,7 +257,7 @@ def training_steps(
     """(0 for A, 1 for B: the run that is a verl recording, its `TrainingSteps`) where the
     other run is verl's log imported; None otherwise."""
     for side, (recording, log) in enumerate(((a, b), (b, a))):
-        if _is_verl_recording(recording) and _is_verl_log(log):
+        if is_verl_recording(recording) and _is_verl_log(log):
             training = TrainingSteps.of(series[side], steps[side], series[1 - side])
             return None if training is None else (side, training)
     return None
