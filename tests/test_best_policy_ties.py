@@ -12,7 +12,8 @@ from conftest import fixture_run
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.replay.summary import MASS_RTOL, best_index, same_mass
+from stabledrl_cli.replay.result import MASS_RTOL, same_mass
+from stabledrl_cli.replay.summary import best_index
 
 RESCALED = [f"dual-clip:agg=constant,max_len={n}" for n in (101, 32, 1000)]
 

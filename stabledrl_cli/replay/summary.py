@@ -12,7 +12,7 @@ from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.columns import Aggregate, ColumnArray
 from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY
 from stabledrl_cli.replay.detectors import rolling_mean
-from stabledrl_cli.replay.result import PolicySummary, StepSeries
+from stabledrl_cli.replay.result import PolicySummary, StepSeries, same_mass
 from stabledrl_cli.replay.stream import StreamedRun
 
 
@@ -164,19 +164,6 @@ def summarize_policy(
         column_figures=figures,
         unjudged=unjudged_rules(series, list(stream.geometry), window),
     )
-
-
-MASS_RTOL = 1e-5
-"""Discarded gradients this close, relative to the larger, are one figure (`same_mass`): the
-replay computes each token's term in float32, so policies that discard the same share (a
-setting that only rescales the loss, `agg=constant,max_len=L`) differ by about 1e-7 (1.2e-7
-on a sketched run), a share the tables show to 0.1%."""
-
-
-def same_mass(a: float, b: float) -> bool:
-    """Whether discarded gradients `a` and `b` are one figure (`MASS_RTOL`; two infinities of
-    one sign are)."""
-    return math.isclose(a, b, rel_tol=MASS_RTOL)
 
 
 def best_index(summaries: list[PolicySummary]) -> int | None:

@@ -7,7 +7,7 @@ Per setting, from its replay summary (docs/replay-json.md):
 - discarded gradient: `discarded_mass_frac`, the median over steps of the share of the plain
   importance-sampling update the setting's rule throws away.
 A setting is on the front when no other has at most as many risk steps and at most as much
-discarded gradient, one of them strictly fewer. Two discarded gradients within `summary.MASS_RTOL`
+discarded gradient, one of them strictly fewer. Two discarded gradients within `result.MASS_RTOL`
 of each other are the same figure: the replay computes each token's term in float32, so a setting
 that only rescales the loss (`agg=constant,max_len=L`) gives the same share a few float32 steps
 apart. The recommendation is the front's setting with the fewest risk steps, then the least
@@ -20,8 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 from stabledrl_cli.replay.report import unjudged_lines
-from stabledrl_cli.replay.result import PolicyResult, ReplayResult
-from stabledrl_cli.replay.summary import same_mass
+from stabledrl_cli.replay.result import PolicyResult, ReplayResult, same_mass
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from stabledrl_cli._atomic import output_path
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay.plot import require_matplotlib, run_name
-from stabledrl_cli.replay.summary import same_mass
+from stabledrl_cli.replay.result import same_mass
 from stabledrl_cli.tune.front import TuneReport
 
 
