@@ -248,18 +248,37 @@ def replay_engine(engine: ReplayEngine, workers: int | None, address: str | None
 
 
 def replay_with_progress(
-    run: Run, policies: Sequence[str] | None, config: ReplayConfig, engine: Engine | None = None
+    run: Run,
+    policies: Sequence[str] | None,
+    config: ReplayConfig,
+    engine: Engine | None = None,
+    *,
+    header: str | None = None,
 ) -> ReplayResult:
     """`replay_run` with its progress on stderr: a bar in a terminal, a line per tenth (at
     least every 30 s) without one. A setting the engine refuses as it starts (more local Ray
-    workers than CPUs) is named by its option."""
+    workers than CPUs) is named by its option. `header`, a line on stderr, comes once the
+    first step is computed (or the replay returns): a run refused before, such as a run with
+    nothing to replay, gets its one error line alone."""
     from stabledrl_cli.replay.engine import replay_run
+
+    pending = [] if header is None else [header]
+
+    def say_header() -> None:
+        while pending:
+            err.print(pending.pop(), highlight=False)
 
     with (
         option_names(),
-        progress("replaying", len(run.listed_step_numbers), complete=True) as advance,
+        progress("replaying", len(run.listed_step_numbers), complete=True) as report,
     ):
+
+        def advance(n: int) -> None:
+            say_header()
+            report(n)
+
         result = replay_run(run, policies, config=config, progress=advance, engine=engine)
+        say_header()  # a replay that reported no step
     note_idle_threads(result, config)
     return result
 

@@ -173,8 +173,8 @@ def command(
     own = own_policy(opened) if keep_own else None
     if own is not None and own.spec not in specs:
         specs.append(own.spec)
-    err.print(f"tuning {counted(len(settings), 'setting')} over {redacted(run)}", highlight=False)
-    result = replay_with_progress(opened, specs, config, chosen)
+    header = f"tuning {counted(len(settings), 'setting')} over {redacted(run)}"
+    result = replay_with_progress(opened, specs, config, chosen, header=header)
     if keep_own:
         print_own_policy_note(opened, err)
     note_skipped(result)
