@@ -129,16 +129,23 @@ def test_a_log_whose_first_steps_train_no_actor_lines_up_from_its_first_actor_up
     assert "A's rollout from step 0 as B's step 2" in result["notes"][0]
 
 
+@pytest.mark.parametrize("torn_step", [5, 4])
 def test_a_training_step_with_an_unreadable_step_file_is_unreadable_not_compared(
-    job: tuple[Path, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    job: tuple[Path, list[dict[str, Any]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    torn_step: int,
 ) -> None:
-    """A torn step file (optimizer step 5, the second rollout's second update) leaves that
-    training step's means short of one update: training step 2 is unreadable in the
-    recording, listed so, and not compared; the others are."""
+    """A torn step file leaves its training step (2) unreadable in the recording, listed so,
+    and not compared; the others are: optimizer step 5, the second rollout's second update,
+    and step 4, its first. With step 4 unread, the rollout's other steps (inner_step above 0)
+    were grouped with the rollout before, so training step 1's means took in step 2's updates
+    and parted from verl's log at step 1 (reward_mean 0.0714286 against 0.0833333); each
+    step's rollout now starts at its step minus its inner_step."""
     run, lines = job
     torn = tmp_path / "run"
     shutil.copytree(run, torn)
-    step = torn / "steps" / "step-00000005.safetensors"
+    step = torn / "steps" / f"step-{torn_step:08d}.safetensors"
     step.write_bytes(step.read_bytes()[:100])
     code, result = diff(torn, imported(tmp_path, lines, monkeypatch))
     assert code == 0, result

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from stabledrl_cli.dump import Run
-from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, reward_draws, run_reward_draws
-from stabledrl_cli.replay.observed import is_verl_recording
+from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
+from stabledrl_cli.replay.observed import is_verl_recording, training_step_starts
 from stabledrl_cli.replay.recorded import training_step_means
 
 WINDOW_MEAN_SCALARS = ("loss", "entropy", "kl", "clip_frac", "clip_frac_low", "clip_frac_high")
@@ -155,13 +155,14 @@ steps (`TrainingSteps`)."""
 @dataclass(frozen=True)
 class TrainingSteps:
     """A verl recording (one step an optimizer step, numbered from 0) as verl's log holds it:
-    one step a training step (a rollout: a step whose `inner_step` is 0 and the steps after
-    it whose inner_step is above 0), numbered as the log's: the recording's k-th rollout (from
+    one step a training step (a rollout: `observed.training_step_starts`, each step's from its
+    step minus its inner_step), numbered as the log's: the recording's k-th rollout (from
     0) is the log's step `first` + k, `first` the log's first row of an actor update (its
     `loss` or `grad_norm`: the rows before it are a critic's warmup or before a resume). At a
     training step its `TRAINING_STEP_SCALARS` are the means over the rollout's steps (NaN
-    when one is, as verl's `reduce_metrics`), its reward_mean the rollout's draw
-    (`reward_draws`), its `nonfinite` the non-finite of its loss and grad_norm, as an
+    when one is, as verl's `reduce_metrics`), its reward_mean the mean of its steps' rewards
+    that are not NaN (the rollout's draw), its `nonfinite` the non-finite of its loss and
+    grad_norm, as an
     imported step counts them; nothing else of the recording is compared there."""
 
     read: dict[int, int]
@@ -175,7 +176,7 @@ class TrainingSteps:
         `numbers`, lined up with the log's (its `series`); None when either has none."""
         inner = series["inner_step"]
         steps = np.asarray(numbers, dtype=np.int64)
-        starts, _ = reward_draws(steps, np.zeros(steps.size), *inner)
+        starts = training_step_starts(steps, *inner)
         actor = np.union1d(log["loss"][0], log["grad_norm"][0])
         if not (starts.size and actor.size):
             return None
@@ -183,7 +184,10 @@ class TrainingSteps:
         for name in TRAINING_STEP_SCALARS:
             for n, value in zip(*training_step_means(*series[name], *inner), strict=True):
                 means[int(n)][name] = float(value)
-        for n, value in zip(*run_reward_draws(series), strict=True):
+        reward_steps, rewards = series["reward_mean"]
+        drawn = ~np.isnan(rewards)  # a rollout's draw: the mean of its rewards that are not NaN
+        draws = training_step_means(reward_steps[drawn], rewards[drawn], *inner)
+        for n, value in zip(*draws, strict=True):
             means[int(n)]["reward_mean"] = float(value)
         for values in means.values():
             counted = (name for name in ("loss", "grad_norm") if name in values)

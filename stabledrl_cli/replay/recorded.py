@@ -29,7 +29,7 @@ from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._schema import ROLLOUT_SCALARS
 from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.integrations._verl_facts import TRAINING_STEP_MEANS
-from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, reward_draws, run_reward_draws
+from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
 from stabledrl_cli.replay.observed import Observed, is_verl_recording, training_step_starts
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.vocab import SeriesStat, Worse
@@ -152,13 +152,19 @@ def recorded_run(run: Run, observed: Observed) -> RecordedRun:
 def training_step_means(
     steps: np.ndarray, values: np.ndarray, inner_steps: np.ndarray, inner_step: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The value verl's trainer logs for each training step of a verl run (a rollout: its
-    steps as `detectors.reward_draws` groups them), at its first step: the mean of its
-    optimizer steps' values, NaN when one is not finite (verl's `reduce_metrics`, np.mean)."""
+    """The value verl's trainer logs for each training step of a verl run (a rollout:
+    `observed.training_step_starts`, so a rollout whose first step is unread keeps its own),
+    at its first step: the mean of its optimizer steps' values, NaN when one is not finite
+    (verl's `reduce_metrics`, np.mean). steps, values: [S] the series; inner_steps,
+    inner_step: [I] the inner_step series -> ([T] first steps, [T] means)."""
+    starts = training_step_starts(steps, inner_steps, inner_step)
+    held = np.searchsorted(starts, steps, side="right") - 1
+    firsts, group = np.unique(starts[held], return_inverse=True)
+    counts = np.bincount(group, minlength=firsts.size)
     finite = np.isfinite(values)
-    starts, means = reward_draws(steps, np.where(finite, values, 0.0), inner_steps, inner_step)
-    _, unfinished = reward_draws(steps, (~finite).astype(np.float64), inner_steps, inner_step)
-    return starts, np.where(unfinished > 0, np.nan, means)
+    sums = np.bincount(group, weights=np.where(finite, values, 0.0), minlength=firsts.size)
+    unfinished = np.bincount(group, weights=~finite, minlength=firsts.size)
+    return firsts, np.where(unfinished > 0, np.nan, sums / counts)
 
 
 def observed_of(result: ReplayResult | None, recorded: RecordedRun | None) -> Observed:
