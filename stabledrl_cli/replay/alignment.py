@@ -13,13 +13,12 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from stabledrl_cli.dump import Run
 from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
-from stabledrl_cli.replay.observed import is_verl_recording, training_step_starts
+from stabledrl_cli.replay.observed import import_source, is_verl_recording, training_step_starts
 from stabledrl_cli.replay.recorded import training_step_means
 
 WINDOW_MEAN_SCALARS = ("loss", "entropy", "kl", "clip_frac", "clip_frac_low", "clip_frac_high")
@@ -65,13 +64,6 @@ class RolloutRewards:
     def inside(self, step: int) -> bool:
         """`step` is a rollout's, not its first: its reward is in the rollout's draw."""
         return bool(self.starts.size) and step > self.starts[0] and self.at(step) is None
-
-
-def import_source(run: Run) -> dict[str, Any] | None:
-    """The manifest's `source` of an imported log (`stabledrl import`); None for any other
-    run."""
-    source = run.manifest.get("source")
-    return source if isinstance(source, dict) and source.get("kind") == "import" else None
 
 
 def logging_steps(run: Run) -> int:

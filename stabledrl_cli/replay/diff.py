@@ -564,7 +564,7 @@ def diff_runs(
     notes = []
     if training is not None:  # a verl recording against verl's log: by training step
         side, steps = training
-        reads = (steps.read, {}) if side == 0 else ({}, steps.read)
+        reads = _sides(side, steps.read, {})
         # a training step one of whose step files cannot be read: unreadable, not compared
         lost = {steps.number(n) for n in skipped[side]} - {None}
         held = [n for n in steps.read if n not in lost]

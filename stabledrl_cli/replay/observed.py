@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -182,12 +182,19 @@ def unit_token_counts(
     return gathered
 
 
+def import_source(run: Run) -> dict[str, Any] | None:
+    """The manifest's `source` of an imported log (`stabledrl import`); None for any other
+    run."""
+    source = run.manifest.get("source")
+    return source if isinstance(source, dict) and source.get("kind") == "import" else None
+
+
 def is_verl_recording(run: Run) -> bool:
     """A run the verl integration recorded (its manifest's `meta.framework`), one step an
-    optimizer step; not verl's log imported."""
-    meta, source = run.manifest.get("meta"), run.manifest.get("source")
-    imported = isinstance(source, dict) and source.get("kind") == "import"
-    return isinstance(meta, dict) and meta.get("framework") == "verl" and not imported
+    optimizer step; not verl's log imported (`import_source`)."""
+    meta = run.manifest.get("meta")
+    framework = meta.get("framework") if isinstance(meta, dict) else None
+    return framework == "verl" and import_source(run) is None
 
 
 def training_step_starts(
