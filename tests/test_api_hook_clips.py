@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_optimizer_hooks import _record, close
 
-from stabledrl_cli.capture.optimizer_hooks import _grad_states, _unchanged
+from stabledrl_cli.capture._clip_records import grad_states, unchanged
 from stabledrl_cli.dump import Run, open_run
 
 
@@ -151,14 +151,14 @@ def test_a_gradient_freed_and_made_again_is_not_the_one_a_clip_left():
     still another gradient, whose clip is its own."""
     param = torch.nn.Parameter(torch.ones(3))
     param.grad = torch.ones(3)
-    then = _grad_states([param])[id(param)]
-    assert _unchanged(then, _grad_states([param])[id(param)])
+    then = grad_states([param])[id(param)]
+    assert unchanged(then, grad_states([param])[id(param)])
     param.grad.mul_(0.5)  # clipped again in place
-    assert not _unchanged(then, _grad_states([param])[id(param)])
-    then = _grad_states([param])[id(param)]
+    assert not unchanged(then, grad_states([param])[id(param)])
+    then = grad_states([param])[id(param)]
     param.grad = None  # zero_grad(set_to_none=True), then a new gradient of the same version
     param.grad = torch.ones(3).mul_(2.0)
-    assert not _unchanged(then, _grad_states([param])[id(param)])
+    assert not unchanged(then, grad_states([param])[id(param)])
 
 
 SPENT_GENERATOR = textwrap.dedent(

@@ -665,7 +665,7 @@ def test_the_clip_wrapper_clips_exactly_as_torch_does():
     for bit, and each gradient's norm before clipping."""
     import torch
 
-    from stabledrl_cli.capture.optimizer_hooks import clip_norms
+    from stabledrl_cli.capture._clip_records import clip_norms
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in ((5, 7), (3,), (2, 2, 2))]

@@ -75,7 +75,7 @@ _CHILD_FAILED = "torch.distributed.elastic.multiprocessing.errors.ChildFailedErr
 
 def _install_hooks(_torch: ModuleType) -> None:
     try:
-        from stabledrl_cli.capture import optimizer_hooks
+        from stabledrl_cli.capture import _clip_records, optimizer_hooks
     except Exception as exc:
         # errors.warn, which this Python cannot import: no stderr (`2>&-`) breaks no training
         with contextlib.suppress(AttributeError, OSError, ValueError):
@@ -85,7 +85,7 @@ def _install_hooks(_torch: ModuleType) -> None:
             )
         return
     optimizer_hooks.install()
-    _when_imported(_FSDP1, optimizer_hooks.wrap_fsdp)
+    _when_imported(_FSDP1, _clip_records.wrap_fsdp)
     _when_imported(_DYNAMO, optimizer_hooks.compile_safe)
 
 

@@ -1,0 +1,402 @@
+"""The gradient clips a step's grad_norm comes from (`optimizer_hooks`): wraps
+`torch.nn.utils.clip_grad_norm_`, `clip_grads_with_norm_` (with `get_total_norm`, for the
+norm type of its total) and FSDP1's `FullyShardedDataParallel.clip_grad_norm_` to keep each
+clip's pre-clip gradient norms and total until the step of their optimizer claims them
+(`take_clips`, `clip_totals`). The wrappers call torch's own clip, which they never change,
+and pass through when recording is off or torch.compile traces them."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import math
+import types
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.utils
+import torch.nn.utils.clip_grad
+
+from stabledrl_cli.capture import _fsdp1, _norms, bootstrap
+from stabledrl_cli.capture._hook_state import Clip, GradState, OptimizerView, fail, state
+
+PENDING_CLIPS = 8
+"""clip_grad_norm_ results kept for an optimizer step to claim (the oldest are dropped)."""
+
+
+def _clip_signature(
+    parameters: list[torch.Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> None:
+    """The arguments of torch.nn.utils.clip_grad_norm_ (for binding a call)."""
+
+
+_CLIP_ARGUMENTS = inspect.signature(_clip_signature)
+
+
+def _is_l2(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether `clip_grad_norm_(parameters, *args, **kwargs)` takes an L2 norm."""
+    try:
+        norm_type = _CLIP_ARGUMENTS.bind([], *args, **kwargs).arguments.get("norm_type", 2.0)
+        return float(norm_type) == 2.0
+    except (TypeError, ValueError):
+        return False
+
+
+def clip_norms(
+    parameters: list[torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, list[float], float, bool | None] | None:
+    """The first half of `clip_grad_norm_(parameters, *args, **kwargs)` as torch documents and
+    computes it (`get_total_norm`; the second half is `clip_grads_with_norm_`), keeping the
+    per-gradient norms: (total norm, each gradient's norm, max_norm, foreach). None outside
+    the common case (an L2 norm of plain dense gradients on one CPU or CUDA device in one
+    dtype, no error_if_nonfinite) or for arguments torch would refuse."""
+    try:
+        bound = _CLIP_ARGUMENTS.bind(parameters, *args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    options = bound.arguments
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if (
+        not hasattr(torch.nn.utils, "clip_grads_with_norm_")
+        or options["norm_type"] != 2.0
+        or options["error_if_nonfinite"]
+        or options["foreach"] is False
+        or not grads
+        or any(type(g) is not torch.Tensor or g.is_sparse for g in grads)
+        or grads[0].device.type not in ("cpu", "cuda")
+        or any(g.device != grads[0].device or g.dtype != grads[0].dtype for g in grads)
+    ):
+        return None
+    with torch.no_grad():
+        norms = torch.stack(torch._foreach_norm(grads, 2.0))
+        total = torch.linalg.vector_norm(norms, 2.0)
+    return total, norms.tolist(), options["max_norm"], options["foreach"]
+
+
+@contextlib.contextmanager
+def _torch_clip() -> Iterator[None]:
+    """While one of the hooks' clip wrappers runs torch's clip (`HookState.torch_clipping`)."""
+    state.torch_clipping += 1
+    try:
+        yield
+    finally:
+        state.torch_clipping -= 1
+
+
+def _wrap_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(original)
+    def clip_grad_norm_(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced by torch.compile (module docstring)
+            return original(*args, **kwargs)
+        args, kwargs = _generator_listed(args, kwargs)
+        with _torch_clip():
+            return _recorded_clip(original, args, kwargs)
+
+    return clip_grad_norm_
+
+
+_SPENT_GENERATOR = "`parameters` is an empty generator, no gradient clipping will occur."
+"""torch's clip_grad_norm_ warning of parameters given as an empty generator (one the script
+spent already, making its optimizer: it clips nothing)."""
+
+
+def _generator_listed(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """clip_grad_norm_'s arguments, its parameters given as a generator made a list (which the
+    hooks read, then torch's clip). An empty one warns as torch does, naming the line that
+    called the clip: torch's own warning would name the hooks' line, or, given the list,
+    never come."""
+    keyword = "parameters" in kwargs
+    given = kwargs["parameters"] if keyword else args[0] if args else None
+    if not isinstance(given, types.GeneratorType):
+        return args, kwargs
+    params = list(given)
+    if not params:
+        warnings.warn(_SPENT_GENERATOR, stacklevel=3)
+    if keyword:
+        return args, {**kwargs, "parameters": params}
+    return (params, *args[1:]), kwargs
+
+
+def _recorded_clip(
+    original: Callable[..., torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """`original(*args, **kwargs)` (torch's clip_grad_norm_), its clip recorded."""
+    if not state.on or not bootstrap.hooks_wanted() or not (args or "parameters" in kwargs):
+        return original(*args, **kwargs)
+    keyword = "parameters" in kwargs
+    given = kwargs.pop("parameters") if keyword else args[0]
+    params = [given] if isinstance(given, torch.Tensor) else list(given)
+    rest = args if keyword else args[1:]
+    with_grad = [p for p in params if p.grad is not None]
+    before = grad_states(with_grad)
+    try:
+        measured = clip_norms(params, rest, kwargs)
+        if measured is None:  # an uncommon call (DTensor gradients): measure, torch clips
+            norms, local = _norms.measure(with_grad, {})
+            unreduced = _norms.unreduced_copies(with_grad)
+    except Exception as exc:
+        fail(exc, "reading the gradients in clip_grad_norm_")
+        return original(params, *rest, **kwargs)
+    if measured is None:
+        total = original(params, *rest, **kwargs)
+        l2 = _is_l2(rest, kwargs)
+        whole = total if l2 and not local else None
+        clip = Clip(norms, whole, local, l2 and bool(local), unreduced=unreduced)
+    else:
+        total, listed, max_norm, foreach = measured
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach)
+        clip = Clip(dict(zip(map(id, with_grad), listed, strict=True)), total)
+    if with_grad:
+        _keep(clip, before, with_grad)
+    return total
+
+
+def grad_states(params: Iterable[torch.Tensor]) -> dict[int, GradState]:
+    """id(parameter) -> its gradient and that gradient's version counter (`unchanged`)."""
+    return {id(p): (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
+
+
+def unchanged(then: GradState | None, now: GradState | None) -> bool:
+    """Whether a gradient is the one it was, neither zeroed, made again nor changed in place
+    since (no gradient then and now: nothing happened to it either)."""
+    if then is None or now is None:
+        return then is now
+    return then[0]() is now[0]() and then[1] == now[1]
+
+
+def _keep(clip: Clip, before: dict[int, GradState], params: Iterable[torch.Tensor]) -> None:
+    """Keeps a clip of `params` for the next step of their optimizer to claim (`before`: their
+    `grad_states` as it began). A parameter that a clip kept before it clipped
+    too counts for one of the two: the earlier, when the gradient is as that clip left it
+    (this clip clips it again: a clip_grad_norm_ with max_norm=inf that reads the norm, then
+    the real one), else this one (the earlier clip's gradient is gone since, zeroed or made
+    again: the script skipped that step's optimizer.step())."""
+    clip.after = grad_states(params)
+    again: set[int] = set()
+    kept: list[Clip] = []
+    for pending in state.clips:
+        shared = pending.parameters() & clip.parameters()
+        same = {key for key in shared if unchanged(pending.after.get(key), before.get(key))}
+        again |= same
+        if shared - same:
+            pending = pending.beyond(shared - same)
+        if pending.norms or pending.local:
+            kept.append(pending)
+    if again:
+        clip = clip.beyond(again)
+    if clip.norms or clip.local:
+        kept.append(clip)
+    state.clips[:] = kept[-PENDING_CLIPS:]
+
+
+def _wrap_utils(name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Wraps torch.nn.utils.`name` (and torch.nn.utils.clip_grad.`name`, in a torch that
+    defines it there under that name), when this torch has it."""
+    original = getattr(torch.nn.utils, name, None)
+    if original is None:
+        return
+    wrapper = wrap(original)
+    for module in (torch.nn.utils, torch.nn.utils.clip_grad):
+        if getattr(module, name, None) is original:
+            setattr(module, name, wrapper)
+
+
+def _total_norm_signature(
+    tensors: list[torch.Tensor],
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> None:
+    """The arguments of torch.nn.utils.get_total_norm (for binding a call)."""
+
+
+def _clip_with_norm_signature(
+    parameters: list[torch.Tensor],
+    max_norm: float,
+    total_norm: torch.Tensor,
+    foreach: bool | None = None,
+) -> None:
+    """The arguments of torch.nn.utils.clip_grads_with_norm_ (for binding a call)."""
+
+
+_TOTAL_NORM_ARGUMENTS = inspect.signature(_total_norm_signature)
+_CLIP_WITH_NORM_ARGUMENTS = inspect.signature(_clip_with_norm_signature)
+
+
+def _wrap_total_norm(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`get_total_norm(tensors, norm_type=2.0, ...)` notes whether its norm is L2: the total
+    a script then gives clip_grads_with_norm_ is its grad_norm only when it is."""
+
+    @functools.wraps(original)
+    def get_total_norm(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if state.on and not state.torch_clipping and not torch.compiler.is_compiling():
+            try:
+                bound = _TOTAL_NORM_ARGUMENTS.bind(*args, **kwargs)
+                state.l2_total = float(bound.arguments.get("norm_type", 2.0)) == 2.0
+            except (TypeError, ValueError):
+                state.l2_total = False
+        return original(*args, **kwargs)
+
+    return get_total_norm
+
+
+def _whole_value(total: object) -> torch.Tensor | float | None:
+    """A total norm's whole value without a collective: a plain one-element tensor or a
+    number, a DTensor's local tensor when it is replicated on every mesh dimension (as
+    accelerate gives it); None for any other (a Partial DTensor is whole only once reduced)."""
+    if isinstance(total, (int, float)):
+        return float(total)
+    if not isinstance(total, torch.Tensor):
+        return None
+    value = total
+    if _norms.is_dtensor(total):
+        dtensor: Any = total
+        if not all(p.is_replicate() for p in dtensor.placements):
+            return None
+        value = dtensor.to_local()
+    return value.detach() if value.numel() == 1 else None
+
+
+def _wrap_clip_with_norm(original: Callable[..., None]) -> Callable[..., None]:
+    """`clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None)`, the second half
+    of a clip whose first half is get_total_norm: its parameters' gradient norms are measured
+    before it clips (a DTensor's local shard, summed at the step: no collective here), and
+    total_norm, when the latest get_total_norm took an L2 norm and its whole value needs no
+    collective, is the step's grad_norm (once for all the calls given it); else the L2 norm
+    of the gradients it clipped, summed from those measures."""
+
+    @functools.wraps(original)
+    def clip_grads_with_norm_(*args: Any, **kwargs: Any) -> None:
+        if (
+            not state.on
+            or state.torch_clipping
+            or torch.compiler.is_compiling()
+            or not bootstrap.hooks_wanted()
+        ):
+            return original(*args, **kwargs)
+        try:
+            bound = _CLIP_WITH_NORM_ARGUMENTS.bind(*args, **kwargs)
+        except TypeError:
+            return original(*args, **kwargs)
+        given = bound.arguments["parameters"]
+        params = [given] if isinstance(given, torch.Tensor) else list(given)
+        bound.arguments["parameters"] = params
+        try:
+            with_grad = [p for p in params if p.grad is not None]
+            before = grad_states(with_grad)
+            norms, local = _norms.measure(with_grad, {})
+            unreduced = _norms.unreduced_copies(with_grad)
+            total = _whole_value(bound.arguments["total_norm"]) if state.l2_total else None
+        except Exception as exc:
+            fail(exc, "reading the gradients in clip_grads_with_norm_")
+            return original(*bound.args, **bound.kwargs)
+        original(*bound.args, **bound.kwargs)
+        if with_grad:
+            shared = total is not None
+            _keep(Clip(norms, total, local, not shared, shared, unreduced), before, with_grad)
+
+    return clip_grads_with_norm_
+
+
+def wrap_fsdp(module: ModuleType) -> None:
+    """Wraps FullyShardedDataParallel.clip_grad_norm_ of FSDP1's module (torch.distributed.fsdp,
+    once the process has imported it: the sitecustomize waits for it); once, idempotent."""
+    if state.fsdp_clip_wrapper is not None:
+        return
+    try:
+        fsdp = module.FullyShardedDataParallel
+        state.fsdp_clip_wrapper = _wrap_fsdp_clip(fsdp.clip_grad_norm_)
+        fsdp.clip_grad_norm_ = state.fsdp_clip_wrapper
+    except Exception as exc:
+        fail(exc, "wrapping FullyShardedDataParallel.clip_grad_norm_")
+
+
+def _wrap_fsdp_clip(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """FSDP1's `model.clip_grad_norm_(max_norm, norm_type=2.0)`: the local norms of its shards'
+    parts and of its other gradients are taken before it clips (summed over the ranks at the
+    step); the whole L2 norm it returns is the step's grad_norm. With no sharded parameter it
+    calls torch.nn.utils.clip_grad_norm_, which records itself."""
+
+    @functools.wraps(original)
+    def clip_grad_norm_(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not state.on or not bootstrap.hooks_wanted():
+            return original(self, *args, **kwargs)
+        try:
+            shards = _fsdp1.shards_of(self)
+            if not shards:
+                return original(self, *args, **kwargs)
+            params = list(self.parameters())
+            before = grad_states(params)
+            norms, local = _norms.measure(params, shards)
+            norm_type = args[1] if len(args) > 1 else kwargs.get("norm_type", 2.0)
+        except Exception as exc:
+            fail(exc, "reading the gradients in FullyShardedDataParallel.clip_grad_norm_")
+            return original(self, *args, **kwargs)
+        with _torch_clip():
+            total = original(self, *args, **kwargs)
+        _keep(Clip(norms, total if float(norm_type) == 2.0 else None, local), before, params)
+        return total
+
+    return clip_grad_norm_
+
+
+def take_clips(view: OptimizerView) -> list[Clip]:
+    """The clip_grad_norm_ calls on this optimizer's parameters since its last step, which
+    are consumed. A clip of other optimizers' parameters too (an actor and a critic clipped
+    together) gives each optimizer its own parameters' part, summed from their norms before
+    it: its total is no optimizer's."""
+    mine: list[Clip] = []
+    kept: list[Clip] = []
+    for clip in state.clips:
+        params = clip.parameters()
+        others = params - view.ids
+        if others == params:
+            kept.append(clip)
+        elif others:
+            mine.append(clip.beyond(others))
+            kept.append(clip.beyond(params - others))
+        else:
+            mine.append(clip)
+    state.clips[:] = kept
+    return mine
+
+
+def clip_totals(clips: list[Clip], whole: dict[int, float]) -> list[float]:
+    """The L2 totals of a step's clips (`whole`: id(parameter) -> whole gradient norm), each
+    total that clip_grads_with_norm_ calls shared counted once."""
+    totals: list[float] = []
+    shared: set[float | None] = set()
+    for clip in clips:
+        total = clip.l2(whole)
+        if total is None:
+            continue
+        if clip.shared:
+            key = None if math.isnan(total) else total
+            if key in shared:
+                continue
+            shared.add(key)
+        totals.append(total)
+    return totals
+
+
+def wrap_clips() -> None:
+    """Wraps torch's clip_grad_norm_, get_total_norm and clip_grads_with_norm_ (once)."""
+    if state.clip_wrapper is not None:
+        return
+    state.clip_wrapper = _wrap_clip(torch.nn.utils.clip_grad.clip_grad_norm_)
+    torch.nn.utils.clip_grad.clip_grad_norm_ = state.clip_wrapper
+    torch.nn.utils.clip_grad_norm_ = state.clip_wrapper
+    _wrap_utils("get_total_norm", _wrap_total_norm)
+    _wrap_utils("clip_grads_with_norm_", _wrap_clip_with_norm)
