@@ -47,10 +47,36 @@ def _is_tensor(value: object) -> TypeGuard[torch.Tensor]:
     return torch is not None and isinstance(value, torch.Tensor)
 
 
+def stack_tensors(value: object) -> torch.Tensor | None:
+    """A list or tuple of torch tensors (a loop's per-sequence ELBOs, 0-d and still in the
+    autograd graph; rows of one length) as the one tensor they stack into, detached, on the
+    first one's device (a number among them too); None for anything else (checked by its first
+    item). numpy cannot read such a list when a tensor requires grad, is bfloat16 or is off
+    the CPU. torch's RuntimeError or TypeError for items that do not stack (shapes or devices
+    that differ, text)."""
+    if not isinstance(value, list | tuple) or not value or not _is_tensor(value[0]):
+        return None
+    loaded = sys.modules["torch"]  # (loaded: the list holds a tensor)
+    device = value[0].device
+    items = [
+        item.detach() if _is_tensor(item) else loaded.as_tensor(item, device=device)
+        for item in value
+    ]
+    stacked: torch.Tensor = loaded.stack(items)
+    return stacked
+
+
 def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
-    """`value` as a plain numpy array (a tensor moved to the CPU; bfloat16 widened to float32;
-    a subclass's values: an np.matrix stays 2-D when flattened). UsageError naming `field` for
-    a tensor numpy cannot take (on the meta device, sparse, float8, ...)."""
+    """`value` as a plain numpy array (a tensor, or a list of them stacked: `stack_tensors`,
+    moved to the CPU; bfloat16 widened to float32; a subclass's values: an np.matrix stays 2-D
+    when flattened). UsageError naming `field` for a tensor numpy cannot take (on the meta
+    device, sparse, float8, ...)."""
+    try:
+        stacked = stack_tensors(value)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise UsageError(f"{field}: cannot be read as an array ({exc})") from None
+    if stacked is not None:
+        value = stacked
     if _is_tensor(value):
         value = value.detach()
         try:

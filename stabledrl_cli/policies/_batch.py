@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from stabledrl_cli.dump._inputs import stack_tensors
 from stabledrl_cli.errors import InputError, UsageError, one_line
 from stabledrl_cli.policies._advantages import recompute_advantages
 from stabledrl_cli.policies._masked import above, as_bytes, below, count, finite_sum, keep_times
@@ -94,13 +95,20 @@ class PolicyBatch:
 def _as_tensor(value: ArrayLike, name: str, device: torch.device | None) -> torch.Tensor:
     """`value` as a tensor on `device` (None: where it is); InputError naming `name` for what
     holds no real numbers (text, objects, a ragged list, complex values, whose imaginary part
-    would be dropped), no data (a tensor on the meta device) or is not dense (sparse)."""
-    if isinstance(value, torch.Tensor):
+    would be dropped), no data (a tensor on the meta device) or is not dense (sparse). A list
+    of tensors is the tensor they stack into (`stack_tensors`)."""
+    try:
+        stacked = stack_tensors(value)
+    except (RuntimeError, TypeError, ValueError) as exc:  # shapes or devices that differ
+        raise InputError(f"{name}: cannot be read as an array ({one_line(exc)})") from None
+    if stacked is not None:
+        tensor = stacked
+    elif isinstance(value, torch.Tensor):
         tensor = value.detach()
     elif isinstance(value, np.ndarray) or np.isscalar(value) or isinstance(value, (list, tuple)):
         try:
             array = np.asarray(value)
-        except ValueError as exc:  # a ragged list
+        except (RuntimeError, TypeError, ValueError) as exc:  # ragged; tensors numpy refuses
             raise InputError(f"{name}: cannot be read as an array ({one_line(exc)})") from None
         if array.dtype.kind not in "biuf":
             raise InputError(f"{name}: expected real numbers, got dtype {array.dtype}")
