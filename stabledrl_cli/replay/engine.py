@@ -28,7 +28,7 @@ import torch
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli.dump import Run, RunIntegrityWarning
 from stabledrl_cli.dump._open import opened_run
-from stabledrl_cli.errors import InputError, UsageError, counted
+from stabledrl_cli.errors import InputError, UsageError, counted, type_name
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
 from stabledrl_cli.replay.columns import derive_series, device_metrics
 from stabledrl_cli.replay.config import (
@@ -99,11 +99,12 @@ def resolve_policies(run: Run, specs: PolicySpecs) -> tuple[list[Policy], int | 
     elif specs is not None and (
         isinstance(specs, (bytes, bytearray, Mapping)) or not isinstance(specs, Iterable)
     ):  # a dict's keys would be replayed, its values (parameters?) silently dropped
-        raise UsageError(
-            f"policies must be a spec, a Policy or a list of them, not {type(specs).__name__}"
-        )
+        raise _not_policies(specs)
     if specs is not None:
-        specs = list(specs)  # a generator, filtered down to nothing, is an empty list too
+        try:
+            specs = list(specs)  # a generator, filtered down to nothing, is an empty list too
+        except TypeError:  # a 0-d numpy array or tensor: iterable by its type, not its value
+            raise _not_policies(specs) from None
     if specs is not None and not specs:
         raise UsageError(
             "no policy to replay (an empty list): name one, or pass None for the run's own "
@@ -127,6 +128,14 @@ def resolve_policies(run: Run, specs: PolicySpecs) -> tuple[list[Policy], int | 
     for policy in policies:
         policy.required_fields(run_unit(run))  # level=token on a sequence run: a usage error, now
     return policies, own_index
+
+
+def _not_policies(specs: object) -> UsageError:
+    """The error of a `policies` argument that is no spec, Policy or list of them."""
+    kind = type_name(specs)
+    if getattr(specs, "ndim", None) == 0:
+        kind = f"a 0-d {kind}"
+    return UsageError(f"policies must be a spec, a Policy or a list of them, not {kind}")
 
 
 class NothingToReplay(InputError):
