@@ -22,7 +22,9 @@ Shapes and defaults of `PolicyBatch`:
 - `group_split`: [N] per sequence, nonzero where the sequence's prompt group is known to be
   split across optimizer steps or ranks: `adv=center|zscore|rloo` refuses to recompute a
   baseline from such a group's part (it would silently treat one group as two).
-- `logp_ref`, `loss_weight`, `loss_scale`: same shape as `logp`.
+- `logp_ref`, `loss_weight`, `loss_scale`: same shape as `logp`; `loss_scale` may also be one
+  number (a 0-d tensor, say `completion_length.sum()`), the normaliser of every unit, as
+  `Recorder.log_step` takes it.
 - `unit`: "token" or "sequence" (what one entry is; see docs/run-format.md). Under "sequence"
   each entry is a whole sequence: a `seq_id` that repeats is refused (InputError).
 - `ranks`: how many data-parallel ranks' files the step joins (a run's `world_size`); default
@@ -81,7 +83,8 @@ class PolicyBatch:
     loss_weight: ArrayLike | None = None
     """Per-token multiplier the run applied to each token's term; default 1."""
     loss_scale: ArrayLike | None = None
-    """Per-token normalizer the run actually used (agg=recorded)."""
+    """Per-token normalizer the run actually used (agg=recorded), or one number for every
+    token."""
     micro_batch: ArrayLike | None = None
     """[N] micro-batch of each sequence within the step; default one micro-batch."""
     group_split: ArrayLike | None = None
@@ -465,11 +468,21 @@ def _split_count(group_split: ArrayLike | None, n_seq: int, device: torch.device
 
 
 def _flat_like(
-    value: ArrayLike | None, name: str, shape: torch.Size, device: torch.device, dtype: torch.dtype
+    value: ArrayLike | None,
+    name: str,
+    shape: torch.Size,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    one_number: bool = False,
 ) -> torch.Tensor | None:
+    """`value` as a [T] tensor of `dtype` on `device`, given in `shape` (or as its T values);
+    `one_number`: a 0-d value is every entry's (loss_scale, the step's one normaliser)."""
     if value is None:
         return None
     tensor = _as_tensor(value, name, device)
+    if one_number and tensor.ndim == 0:
+        tensor = tensor.expand(shape)
     if tuple(tensor.shape) != tuple(shape) and tensor.numel() == int(np.prod(shape)):
         tensor = tensor.reshape(shape)
     if tuple(tensor.shape) != tuple(shape):
@@ -606,7 +619,7 @@ def prepare(
         logp_rollout=_flat_like(batch.logp_rollout, "logp_rollout", shape, dev, ctype),
         reward=reward,
         loss_weight=_flat_like(batch.loss_weight, "loss_weight", shape, dev, ctype),
-        loss_scale=_flat_like(batch.loss_scale, "loss_scale", shape, dev, ctype),
+        loss_scale=_flat_like(batch.loss_scale, "loss_scale", shape, dev, ctype, one_number=True),
         micro_batch=None if micro_raw is None else _dense_index(micro_raw)[0],
         split_sequences=_split_count(batch.group_split, n_seq, dev),
         has_group_id=group_raw is not None,
