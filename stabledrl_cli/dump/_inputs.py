@@ -264,6 +264,17 @@ def build_step(
     return tensors, values, num_sequences
 
 
+def rows_of_entries(shape: tuple[int, ...]) -> str:
+    """Why a [B, L] logp (L > 1) without seq_id cannot be a unit 'sequence' step: each of its
+    rows would be one sequence of L entries, where such a step has one entry a sequence (a
+    [1, N] ELBO given without its [0], say)."""
+    return (
+        f"logp: shape {list(shape)} holds {shape[1]} entries a row, but unit 'sequence' "
+        "records one entry a sequence: pass [N] arrays, one per sequence (per_seq_elbo[0] "
+        "of a [1, N] ELBO), or seq_id"
+    )
+
+
 def _batch_tensors(
     unit: Unit, given: dict[str, np.ndarray], *, sketch_scaled: bool
 ) -> tuple[dict[str, np.ndarray], int]:
@@ -278,11 +289,7 @@ def _batch_tensors(
         raise UsageError(f"logp: expected shape [T] or [B, L], got {list(logp.shape)}")
     shape = logp.shape
     if unit == "sequence" and two_d and shape[1] != 1 and "seq_id" not in given:
-        raise UsageError(
-            f"logp: shape {list(shape)} holds {shape[1]} entries a row, but unit 'sequence' "
-            "records one entry a sequence: pass [N] arrays, one per sequence (per_seq_elbo[0] "
-            "of a [1, N] ELBO), or seq_id"
-        )
+        raise UsageError(rows_of_entries(shape))
 
     def token_field(name: str, array: np.ndarray) -> np.ndarray:
         if name == "advantages" and two_d and array.shape in ((shape[0],), (shape[0], 1)):

@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from stabledrl_cli.dump._inputs import stack_tensors
+from stabledrl_cli.dump._inputs import rows_of_entries, stack_tensors
 from stabledrl_cli.errors import InputError, UsageError, one_line
 from stabledrl_cli.policies._advantages import recompute_advantages
 from stabledrl_cli.policies._masked import above, as_bytes, below, count, finite_sum, keep_times
@@ -521,6 +521,8 @@ def prepare(
     dev = logp_raw.device
     ctype = _compute_dtype(logp_raw, dtype)
     shape = logp_raw.shape
+    if batch.unit == "sequence" and len(shape) == 2 and shape[1] != 1 and batch.seq_id is None:
+        raise InputError(rows_of_entries(tuple(shape)))
     num_tokens = int(logp_raw.numel())
     logp = logp_raw.to(ctype).reshape(-1)
     logp_old = _flat_like(batch.logp_old, "logp_old", shape, dev, ctype)
