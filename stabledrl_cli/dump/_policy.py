@@ -95,6 +95,22 @@ def policy_entry(
     }
 
 
+def same_policy(first: str | None, second: str | None) -> bool:
+    """Whether two manifests' specs name one policy: the same text, or catalogue specs of one
+    canonical form (`grpo:eps_low=0.2` is `grpo` given its default; `dapo` is
+    `dapo:eps_high=0.28`), as `replay` tells the run's own policy. A spec the catalogue does
+    not resolve (a custom policy) is the same only as its own text."""
+    if first == second:
+        return True
+    if first is None or second is None:
+        return False
+    try:
+        canonical = [entry.spec_of(config) for entry, config in map(resolve_spec, (first, second))]
+    except UsageError:
+        return False
+    return canonical[0] == canonical[1]
+
+
 def replayed_fields(spec: str | None, unit: Unit) -> frozenset[str]:
     """The step fields beyond logp, logp_old, advantages, mask and seq_id that the replay of a
     run's own policy `spec` needs (`BaseConfig.required_fields`, no torch): none when the run

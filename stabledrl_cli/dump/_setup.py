@@ -54,6 +54,7 @@ from stabledrl_cli.dump._directory import (
     symlink_refused,
 )
 from stabledrl_cli.dump._integrity import StepReadError
+from stabledrl_cli.dump._policy import same_policy
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
     OS_FILE_RE,
@@ -353,7 +354,7 @@ def _check_compatible(old: dict[str, Any], new: dict[str, Any], path: Path) -> N
                 f"cannot resume {path}: its {name} is {was!r}, this recorder's {now!r}"
             )
     was, now = (old.get("policy") or {}).get("spec"), (new.get("policy") or {}).get("spec")
-    if was != now:
+    if not same_policy(was, now):  # (the run keeps its own spelling of it)
         raise UsageError(f"cannot resume {path}: its policy is {was!r}, this recorder's {now!r}")
     names, given = old.get("param_names"), new.get("param_names")
     if given is not None and given != names:  # (none given: the run's are kept, as its meta)
