@@ -16,6 +16,7 @@ refused (`NothingToReplay`, exit 3): `inspect` shows it and `check` gates its re
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -189,18 +190,35 @@ def _flagged_steps(series: list[StepSeries], keep: np.ndarray) -> dict[int, list
     return flagged
 
 
+class _SingleThreaded:
+    """The blocks of `single_torch_thread` under way in this process (replays that threads of
+    the caller run side by side) and torch's thread count before the first of them."""
+
+    lock = threading.Lock()
+    blocks = 0
+    before = 1
+
+
 @contextmanager
 def single_torch_thread() -> Iterator[None]:
     """torch's intra-op CPU threads set to 1 for the block, then restored: a replay's figures
     do not depend on the machine's cores (reductions split across threads sum in another
     order) and a shared machine is not oversubscribed. A replay's own `threads` compute steps
-    side by side instead (`stream.computing_threads`)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    side by side instead (`stream.computing_threads`). Blocks of several threads overlap: the
+    first sets 1, the last restores the count the first found (each restoring its own would
+    leave 1, the count another block set)."""
+    with _SingleThreaded.lock:
+        if _SingleThreaded.blocks == 0:
+            _SingleThreaded.before = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _SingleThreaded.blocks += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _SingleThreaded.lock:
+            _SingleThreaded.blocks -= 1
+            if _SingleThreaded.blocks == 0:
+                torch.set_num_threads(_SingleThreaded.before)
 
 
 class Engine(Protocol):
