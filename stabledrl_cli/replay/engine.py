@@ -190,35 +190,57 @@ def _flagged_steps(series: list[StepSeries], keep: np.ndarray) -> dict[int, list
     return flagged
 
 
-class _SingleThreaded:
-    """The blocks of `single_torch_thread` under way in this process (replays that threads of
-    the caller run side by side) and torch's thread count before the first of them."""
+class _SharedSetting:
+    """A process-wide setting (torch's thread count, a warnings filter) that a replay changes
+    for its pass, when replays run side by side in threads of one process: the first block in
+    changes it, the last out restores what the first found (each block restoring what it found
+    itself would leave the setting another block made, for good)."""
 
-    lock = threading.Lock()
-    blocks = 0
-    before = 1
+    def __init__(self, change: Callable[[], Callable[[], None]]) -> None:
+        """`change` makes the setting and returns what restores the one it replaced."""
+        self._change = change
+        self._lock = threading.Lock()
+        self._blocks = 0
+        self._restore: Callable[[], None] | None = None
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """The setting made for the block (and every block under way beside it)."""
+        with self._lock:
+            if self._blocks == 0:
+                self._restore = self._change()
+            self._blocks += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._blocks -= 1
+                if self._blocks == 0 and self._restore is not None:
+                    restore, self._restore = self._restore, None
+                    restore()
 
 
-@contextmanager
-def single_torch_thread() -> Iterator[None]:
-    """torch's intra-op CPU threads set to 1 for the block, then restored: a replay's figures
-    do not depend on the machine's cores (reductions split across threads sum in another
-    order) and a shared machine is not oversubscribed. A replay's own `threads` compute steps
-    side by side instead (`stream.computing_threads`). Blocks of several threads overlap: the
-    first sets 1, the last restores the count the first found (each restoring its own would
-    leave 1, the count another block set)."""
-    with _SingleThreaded.lock:
-        if _SingleThreaded.blocks == 0:
-            _SingleThreaded.before = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _SingleThreaded.blocks += 1
-    try:
-        yield
-    finally:
-        with _SingleThreaded.lock:
-            _SingleThreaded.blocks -= 1
-            if _SingleThreaded.blocks == 0:
-                torch.set_num_threads(_SingleThreaded.before)
+def _one_torch_thread() -> Callable[[], None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return partial(torch.set_num_threads, before)
+
+
+def _integrity_warnings_ignored() -> Callable[[], None]:
+    caught = warnings.catch_warnings()
+    caught.__enter__()
+    warnings.simplefilter("ignore", RunIntegrityWarning)
+    return partial(caught.__exit__, None, None, None)
+
+
+single_torch_thread = _SharedSetting(_one_torch_thread).held
+"""torch's intra-op CPU threads set to 1 for the block, then restored: a replay's figures do
+not depend on the machine's cores (reductions split across threads sum in another order) and a
+shared machine is not oversubscribed. A replay's own `threads` compute steps side by side
+instead (`stream.computing_threads`)."""
+integrity_warnings_ignored = _SharedSetting(_integrity_warnings_ignored).held
+"""The reader's `RunIntegrityWarning`s ignored for the block: a replay counts the steps it
+skips and `inspect` names them."""
 
 
 class Engine(Protocol):
@@ -322,9 +344,7 @@ def replay_run(
         # Its workers read the steps: a request they cannot serve is refused before they start.
         # The local pass checks each step as it reads it, the first before any is computed.
         check_first_step(run, resolved)
-    with warnings.catch_warnings():
-        # Corrupt steps are skipped by the reader: counted below, named by `inspect`.
-        warnings.simplefilter("ignore", RunIntegrityWarning)
+    with integrity_warnings_ignored():  # the skipped steps are counted below
         with single_torch_thread():
             stream = engine.stream(run, resolved, own_index, config, progress)
         skipped = skipped_reasons(run) + [reason for _, reason in stream.rejected]
@@ -376,8 +396,7 @@ def replay_result(
     every_step = bool(keep.all())
     details: list[dict[int, list[TopSequence]] | None] = [None for _ in resolved]
     if config.detail:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RunIntegrityWarning)
+        with integrity_warnings_ignored():
             flagged = _flagged_steps(series, keep)
             device = resolve_device(config.device)
             with single_torch_thread():
