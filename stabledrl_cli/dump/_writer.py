@@ -828,6 +828,7 @@ class Recorder:
                     self._closed = True
                     writer.stop()
                     self._cancel_on_sigterm()
+                    self._drop_exit_handlers()  # (held the writer until the process ended)
                     self._raise_writer_error()
             if own and self._interrupted and self.stopped is None and not self._closed_marked:
                 last = self._last_step
@@ -884,8 +885,12 @@ class Recorder:
         removed. `record -- CMD` closes its run after every exit handler of the command, so
         that one registered before the run opened may still log a step."""
         if self._writer is not None:
-            atexit.unregister(self._at_exit)
-            self._cancel_at_child_end()
+            self._drop_exit_handlers()
+
+    def _drop_exit_handlers(self) -> None:
+        """Removes this Recorder's exit handlers (async_writes), which hold its writer."""
+        atexit.unregister(self._at_exit)
+        self._cancel_at_child_end()
 
     def __enter__(self) -> Recorder:
         return self
