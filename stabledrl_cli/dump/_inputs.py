@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
+from stabledrl_cli._batch_inputs import is_tensor, rows_of_entries, stack_tensors
 from stabledrl_cli.dump._schema import BATCH_FIELDS, FIELDS, SERIES_SCALARS, STANDARD_SCALARS
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.vocab import Unit
@@ -40,32 +41,6 @@ _FLOAT32 = np.dtype("float32")
 _UINT8 = np.dtype("uint8")
 
 
-def _is_tensor(value: object) -> TypeGuard[torch.Tensor]:
-    """Whether `value` is a torch tensor: never when torch is not loaded (a Recorder given
-    numpy arrays does not load it)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(value, torch.Tensor)
-
-
-def stack_tensors(value: object) -> torch.Tensor | None:
-    """A list or tuple of torch tensors (a loop's per-sequence ELBOs, 0-d and still in the
-    autograd graph; rows of one length) as the one tensor they stack into, detached, on the
-    first one's device (a number among them too); None for anything else (checked by its first
-    item). numpy cannot read such a list when a tensor requires grad, is bfloat16 or is off
-    the CPU. torch's RuntimeError or TypeError for items that do not stack (shapes or devices
-    that differ, text)."""
-    if not isinstance(value, list | tuple) or not value or not _is_tensor(value[0]):
-        return None
-    loaded = sys.modules["torch"]  # (loaded: the list holds a tensor)
-    device = value[0].device
-    items = [
-        item.detach() if _is_tensor(item) else loaded.as_tensor(item, device=device)
-        for item in value
-    ]
-    stacked: torch.Tensor = loaded.stack(items)
-    return stacked
-
-
 def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
     """`value` as a plain numpy array (a tensor, or a list of them stacked: `stack_tensors`,
     moved to the CPU; bfloat16 widened to float32; a subclass's values: an np.matrix stays 2-D
@@ -77,7 +52,7 @@ def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
         raise UsageError(f"{field}: cannot be read as an array ({exc})") from None
     if stacked is not None:
         value = stacked
-    if _is_tensor(value):
+    if is_tensor(value):
         value = value.detach()
         try:
             if value.dtype is sys.modules["torch"].bfloat16:
@@ -96,7 +71,7 @@ def to_numpy(value: ArrayInput, field: str) -> np.ndarray:
 def element_count(value: ArrayInput, field: str) -> int:
     """How many elements `value` holds (a tensor's without moving it to the CPU); UsageError
     naming `field` as `to_numpy`."""
-    if _is_tensor(value):
+    if is_tensor(value):
         return int(value.numel())
     return int(to_numpy(value, field).size)
 
@@ -189,7 +164,7 @@ def _scalar(value: ScalarInput | object, field: str) -> float:
     array of one; UsageError naming `field` for anything else, text included."""
     if type(value) is float:
         return value
-    if isinstance(value, np.ndarray) or _is_tensor(value):
+    if isinstance(value, np.ndarray) or is_tensor(value):
         count = value.size if isinstance(value, np.ndarray) else value.numel()
         if count != 1:
             raise UsageError(f"{field}: expected a scalar, got {count} values")
@@ -262,17 +237,6 @@ def build_step(
     assert _FIELD_NAMES.issuperset(tensors)
     values = _step_scalars(step, scalars, user_scalars, tensors)
     return tensors, values, num_sequences
-
-
-def rows_of_entries(shape: tuple[int, ...]) -> str:
-    """Why a [B, L] logp (L > 1) without seq_id cannot be a unit 'sequence' step: each of its
-    rows would be one sequence of L entries, where such a step has one entry a sequence (a
-    [1, N] ELBO given without its [0], say)."""
-    return (
-        f"logp: shape {list(shape)} holds {shape[1]} entries a row, but unit 'sequence' "
-        "records one entry a sequence: pass [N] arrays, one per sequence (per_seq_elbo[0] "
-        "of a [1, N] ELBO), or seq_id"
-    )
 
 
 def _batch_tensors(

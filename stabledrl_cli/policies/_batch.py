@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from stabledrl_cli.dump._inputs import rows_of_entries, stack_tensors
+from stabledrl_cli._batch_inputs import rows_of_entries, stack_tensors
 from stabledrl_cli.errors import InputError, UsageError, one_line
 from stabledrl_cli.policies._advantages import recompute_advantages
 from stabledrl_cli.policies._masked import above, as_bytes, below, count, finite_sum, keep_times
