@@ -23,6 +23,7 @@ has loaded all of the checkpoint it resumes (its RNG state comes after `on_train
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,9 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
     reward spans, (0, 1) for a success rate: the collapse rule's floor; a resumed run keeps
     its own). Raises UsageError at construction when there is no run directory,
     `stabledrl_out` is another one than record's --out, the range is no (low, high), or the
-    configuration cannot be expressed by the catalogue.
+    configuration cannot be expressed by the catalogue (all but an MoE router loss refused
+    from the arguments, before the TRL trainer loads the model or creates its output
+    directory).
     """
 
     _sd_trainer: str
@@ -151,6 +154,11 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             if stabledrl_reward_range is None
             else checked_reward_range(stabledrl_reward_range, "stabledrl_reward_range")
         )
+        try:
+            given = inspect.signature(super().__init__).bind(*args, **kwargs).arguments
+        except TypeError:
+            given = {}  # arguments the TRL trainer refuses itself, saying why
+        self._sd_check_arguments(given)
         integration_records()  # the optimizer hooks of `stabledrl record` stand down
         self._sd_buffer: StepBuffer | None = None
         self._sd_seen: dict[str, torch.Tensor] | None = None
@@ -171,6 +179,12 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         self.add_callback(_RunOpener(self))
 
     # -- what each recording trainer says for itself ------------------------------------------
+    def _sd_check_arguments(self, given: dict[str, Any]) -> None:
+        """UsageError, one line, when the TRL trainer's arguments (`given`, by name) make a loss
+        the catalogue cannot express: checked before the TRL trainer loads a model or creates
+        its output directory (what the loaded model adds, an MoE router loss, `_sd_policy`
+        refuses once it is built)."""
+
     def _sd_policy(self) -> Policy:
         """The catalogue policy that reproduces the trainer's loss (its config, an MoE router
         loss); UsageError, one line, when there is none."""
@@ -430,6 +444,11 @@ class RecordingGRPOTrainer(RecordingTrainer, TRL.GRPOTrainer):  # type: ignore[m
     token (`RecordingTrainer` says the arguments)."""
 
     _sd_trainer = "GRPOTrainer"
+
+    def _sd_check_arguments(self, given: dict[str, Any]) -> None:
+        config = given.get("args")
+        if isinstance(config, TRL.GRPOConfig):  # None: TRL's default config, which maps
+            policy_for_config(config, rollout_func=given.get("rollout_func") is not None)
 
     def _sd_policy(self) -> Policy:
         return policy_for_config(

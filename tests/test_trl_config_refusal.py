@@ -1,0 +1,78 @@
+"""A TRL configuration the catalogue cannot express is refused by the recording trainer from
+its arguments, before TRL's own `__init__` loads the model (a reference model, a vLLM engine)
+or creates its output directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _trl import tiny
+
+from stabledrl_cli.errors import UsageError
+
+__all__ = ["tiny"]
+
+REFUSAL = (
+    "cannot record this TRL run: sequence-level sampling with loss_type 'cispo'; only 'grpo', "
+    "'bnpo', 'dr_grpo', 'dapo', 'luspo', 'vespo' map"
+)
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_a_refused_config_is_refused_before_trl_loads_the_model(
+    tiny: Any, tmp_path: Path, positional: bool
+) -> None:
+    """Before: TRL's __init__ ran first, so the model path was loaded (here it names no model:
+    TRL's OSError came instead of the refusal) and TRL's output_dir created."""
+    from stabledrl_cli.integrations.trl import RecordingGRPOTrainer
+
+    model = str(tmp_path / "no-model")
+    config = tiny.tiny_config(
+        str(tmp_path / "trl_out"), loss_type="cispo", importance_sampling_level="sequence"
+    )
+    given: dict[str, Any] = {"stabledrl_out": tmp_path / "run"}
+    with pytest.raises(UsageError) as refused:
+        if positional:  # GRPOTrainer(model, reward_funcs, args, train_dataset)
+            RecordingGRPOTrainer(model, tiny.count_b, config, tiny.tiny_dataset(), **given)
+        else:
+            RecordingGRPOTrainer(
+                model=model,
+                reward_funcs=tiny.count_b,
+                args=config,
+                train_dataset=tiny.tiny_dataset(),
+                **given,
+            )
+    assert str(refused.value) == REFUSAL
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rollout_func_is_seen_before_trl_builds_the_trainer(tiny: Any, tmp_path: Path) -> None:
+    """The early check maps a config as the built trainer does: a rollout_func (rows=all) is
+    no refusal, and the trainer records the spec it maps to."""
+    from stabledrl_cli.integrations.trl import RecordingGRPOTrainer
+
+    trainer = RecordingGRPOTrainer(
+        **tiny.tiny_parts(),
+        args=tiny.tiny_config(str(tmp_path / "trl_out"), loss_type="grpo"),
+        rollout_func=tiny.env_masked_rollout(),
+        stabledrl_out=tmp_path / "run",
+    )
+    assert trainer.stabledrl_policy.spec == "grpo:rows=all"
+
+
+def test_arguments_that_are_no_grpo_config_are_left_to_trl(tiny: Any, tmp_path: Path) -> None:
+    """A TrainingArguments given as args is TRL's to refuse, in its own words: the early check
+    reads a GRPOConfig only."""
+    from transformers import TrainingArguments
+
+    from stabledrl_cli.integrations.trl import RecordingGRPOTrainer
+
+    with pytest.raises(AttributeError, match="'TrainingArguments' object has no attribute") as info:
+        RecordingGRPOTrainer(
+            **tiny.tiny_parts(),
+            args=TrainingArguments(str(tmp_path / "trl_out"), use_cpu=True, report_to="none"),
+            stabledrl_out=tmp_path / "run",
+        )
+    assert "loss_type" not in str(info.value)  # (the catalogue mapping's first read)
