@@ -259,7 +259,9 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         once TRL has loaded all of the checkpoint it resumes: a resume that TRL refuses (no
         checkpoint there, one it cannot load, its RNG state included) leaves the run
         directory as it is, and so does a new run's training (of one rank) that raises
-        before its first step is recorded: the run opened for it is removed."""
+        before its first step is recorded: the run opened for it is removed. A training that
+        an exception ends after that (Ctrl-C, an error; not sys.exit(0)) notes how in the run
+        (`Recorder.note_interrupted`), as a with-Recorder block does."""
         resume: int | None = None
         unrecorded = False
         try:
@@ -277,16 +279,23 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             RecordingFailure().fail(*refusal)
             return super().train(resume_from_checkpoint, *args, **kwargs)
         self._sd_begins = (directory, resume)
+        cut: BaseException | None = None
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
             self._sd_new_run = False  # a training that ends keeps its run, stepless or not
             return output
+        except BaseException as exc:
+            cut = exc  # what ended the training: the run notes it as it closes
+            raise
         finally:
             self._sd_begins = None
             buffer, self._sd_buffer = self._sd_buffer, None
             if buffer is not None:
                 try:
-                    buffer.recorder.close()
+                    if cut is None:
+                        buffer.recorder.close()
+                    else:  # as a with-Recorder block the exception leaves
+                        buffer.recorder.__exit__(type(cut), cut, cut.__traceback__)
                     if self._sd_new_run and buffer.recorder.last_step is None:
                         remove_stepless_run(self.stabledrl_out)  # raised before its first step
                         _RECORDED.discard(directory)
