@@ -76,3 +76,51 @@ def test_arguments_that_are_no_grpo_config_are_left_to_trl(tiny: Any, tmp_path: 
             stabledrl_out=tmp_path / "run",
         )
     assert "loss_type" not in str(info.value)  # (the catalogue mapping's first read)
+
+
+ROUTER_REFUSAL = (
+    "cannot record this TRL run: the MoE router loss (router_aux_loss_coef 0.001, the model "
+    "config's unless the TRL config sets it) is not in the catalogue; router_aux_loss_coef=0.0 "
+    "in the TRL config trains without it"
+)
+
+
+@pytest.mark.parametrize("trainer", ["RecordingGRPOTrainer", "RecordingRLOOTrainer"])
+def test_an_moe_model_with_its_default_router_loss_is_refused_saying_where_it_comes_from(
+    tiny: Any, tmp_path: Path, trainer: str
+) -> None:
+    """A Mixture-of-Experts model whose TRL config never sets router_aux_loss_coef: TRL adds
+    the router loss with the model config's coefficient. Before, the refusal named
+    router_aux_loss_coef alone, a setting the script never gave, and said nothing of how to
+    train without it; with router_aux_loss_coef=0.0 the run records."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from stabledrl_cli.integrations import trl as integration
+
+    def moe() -> Any:
+        torch.manual_seed(0)
+        config = Qwen3MoeConfig(
+            vocab_size=12, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+            num_experts=2, num_experts_per_tok=1, pad_token_id=0, eos_token_id=1,
+        )  # fmt: skip
+        assert config.router_aux_loss_coef == 0.001
+        return Qwen3MoeForCausalLM(config)
+
+    make_config = tiny.tiny_rloo_config if "RLOO" in trainer else tiny.tiny_config
+
+    def recording(**config: Any) -> Any:
+        return getattr(integration, trainer)(
+            model=moe(),
+            reward_funcs=tiny.count_b,
+            args=make_config(str(tmp_path / "trl_out"), **config),
+            train_dataset=tiny.tiny_dataset(),
+            processing_class=tiny.tiny_tokenizer(),
+            stabledrl_out=tmp_path / "run",
+        )
+
+    with pytest.raises(UsageError) as refused:
+        recording()
+    assert str(refused.value) == ROUTER_REFUSAL
+    assert recording(router_aux_loss_coef=0.0).stabledrl_policy is not None

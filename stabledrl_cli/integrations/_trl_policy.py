@@ -68,7 +68,13 @@ _SEQUENCE_LEVEL = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "vespo")
 sequence ratio (gspo) under the loss type's own normaliser (vespo's ignores it)."""
 
 
-_ROUTER_LOSS = "the MoE router loss (router_aux_loss_coef) is not in the catalogue"
+def _router_loss(coefficient: float) -> UsageError:
+    """The refusal of an MoE router loss TRL adds with `coefficient`."""
+    return _refuse(
+        f"the MoE router loss (router_aux_loss_coef {coefficient:g}, the model config's unless "
+        "the TRL config sets it) is not in the catalogue; router_aux_loss_coef=0.0 in the TRL "
+        "config trains without it"
+    )
 
 
 def _refuse(reason: str) -> UsageError:
@@ -116,7 +122,7 @@ def _aggregation(config: Any, every_row: bool) -> dict[str, SpecValue]:
     return {"agg": "token-mean" if same_window else "recorded"}
 
 
-def _check_recordable(config: Any, aux_loss: bool) -> None:
+def _check_recordable(config: Any, aux_loss: float) -> None:
     loss_type = config.loss_type
     if loss_type not in LOSS_TYPES:
         raise _refuse(f"loss_type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
@@ -125,7 +131,7 @@ def _check_recordable(config: Any, aux_loss: bool) -> None:
             "the entropy bonus (entropy_coef, use_adaptive_entropy) is not in the catalogue"
         )
     if aux_loss:
-        raise _refuse(_ROUTER_LOSS)
+        raise _router_loss(aux_loss)
     sequence = config.importance_sampling_level == "sequence"
     if sequence and loss_type not in _SEQUENCE_LEVEL:
         raise _refuse(
@@ -141,11 +147,11 @@ def _check_recordable(config: Any, aux_loss: bool) -> None:
         )
 
 
-def policy_for_config(config: Any, *, aux_loss: bool = False, rollout_func: bool = False) -> Policy:
+def policy_for_config(config: Any, *, aux_loss: float = 0.0, rollout_func: bool = False) -> Policy:
     """The catalogue policy reproducing a TRL 1.16 `GRPOConfig` (table in the module
     docstring; its `.spec` is canonical, e.g. `grpo` for TRL's grpo defaults) of a trainer
-    given a `rollout_func` or not; UsageError, one line, for a configuration the catalogue
-    cannot express."""
+    given a `rollout_func` or not, whose MoE router loss TRL adds with coefficient `aux_loss`
+    (0: none); UsageError, one line, for a configuration the catalogue cannot express."""
     _check_recordable(config, aux_loss)
     epsilons = _epsilons(config)
     # a truncated completion that TRL masks, or a rollout_func's env_mask, can leave a row no
@@ -191,10 +197,10 @@ def policy_for_config(config: Any, *, aux_loss: bool = False, rollout_func: bool
     return _policy(name, params)
 
 
-def rloo_policy_for_config(config: Any, *, aux_loss: bool = False) -> Policy:
+def rloo_policy_for_config(config: Any, *, aux_loss: float = 0.0) -> Policy:
     """The catalogue policy reproducing a TRL 1.16 `RLOOConfig`'s loss on a run recorded one
     entry a completion (module docstring; `ppo:agg=micro-token-mean` for TRL's defaults);
-    UsageError, one line, for an MoE router loss."""
+    UsageError, one line, for an MoE router loss (TRL's coefficient `aux_loss`, 0: none)."""
     if aux_loss:
-        raise _refuse(_ROUTER_LOSS)
+        raise _router_loss(aux_loss)
     return _policy("ppo", {**_epsilons(config), "agg": "micro-token-mean"})

@@ -111,6 +111,12 @@ _RECORDED: set[str] = set()
 process."""
 
 
+def router_loss(trainer: Any) -> float:
+    """The coefficient with which a TRL trainer adds its model's MoE router loss, 0.0 for
+    none."""
+    return float(trainer.router_aux_loss_coef) if trainer.aux_loss_enabled else 0.0
+
+
 def cpu_float32(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of what a TRL loss used, detached, as float32 on the CPU (what a step stores)."""
     return tensor.detach().to("cpu", torch.float32)
@@ -461,7 +467,7 @@ class RecordingGRPOTrainer(RecordingTrainer, TRL.GRPOTrainer):  # type: ignore[m
 
     def _sd_policy(self) -> Policy:
         return policy_for_config(
-            self.args, aux_loss=self.aux_loss_enabled, rollout_func=self.rollout_func is not None
+            self.args, aux_loss=router_loss(self), rollout_func=self.rollout_func is not None
         )
 
     def _sd_meta(self) -> dict[str, Any]:
