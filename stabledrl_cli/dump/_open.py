@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,11 +33,11 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
         return open_url(path, verify=verify)
     run_path = Path(path)
     try:
-        exists, is_dir = run_path.exists(), run_path.is_dir()
-    except OSError as exc:  # a name longer than the file system takes, ...
+        is_dir = stat.S_ISDIR(run_path.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        raise InputError(f"no such run: {given}") from None
+    except OSError as exc:  # a symlink loop, a name longer than the file system takes, ...
         raise InputError(f"cannot read {given}: {exc.strerror or exc}") from None
-    if not exists:
-        raise InputError(f"no such run: {given}")
     if is_dir:
         return DirectoryRun(run_path, verify=verify)
     try:
@@ -72,11 +73,13 @@ def opened_run(run: str | os.PathLike[str] | Run) -> Iterator[Run]:
 def run_to_come(path: Path) -> bool:
     """Whether `path` is a directory or nothing yet, under a directory: a run that a watch
     waits for, its manifest landing later. Anything else (a packed archive, a FIFO or device
-    that never becomes a run, a path under a regular file) is opened as it is, so a non-run is
-    refused, not waited on."""
-    if path.is_dir():
-        return True
-    if path.exists():
+    that never becomes a run, a path under a regular file, a symlink loop) is opened as it
+    is, so a non-run is refused, not waited on."""
+    try:
+        return stat.S_ISDIR(path.stat().st_mode)
+    except FileNotFoundError:
+        pass  # nothing there yet (a dangling symlink too: what it names may come)
+    except OSError:
         return False
     existing = next((p for p in path.absolute().parents if p.exists()), None)
     return existing is not None and existing.is_dir()

@@ -34,8 +34,12 @@ def detect_format(path: Path) -> ImportFormat:
         if holds_events(path):
             return "tfevents"
         raise directory_refused(path, None)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or directory")
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise InputError(f"{path}: no such file or directory") from None
+    except OSError as exc:  # a symlink loop, a name longer than the file system takes, ...
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if path.name == TRAINER_STATE:
         return "trainer_state"
     if path.suffix.lower() in _SUFFIXES:  # before the name: `run-X-tag-T.csv`, TensorBoard's
