@@ -29,6 +29,7 @@ from stabledrl_cli.importers._names import (
     STEP_KEYS,
     TRACKER_PREFIXES,
     listed,
+    skip_reason,
 )
 from stabledrl_cli.importers._table import ROW_NAME_LIMIT, StepTable
 
@@ -56,16 +57,22 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
             )
         column = names.index(key)
         table = StepTable(str(path), preempts=True)
+        for name in names[:column] + names[column + 1 :]:  # once, not once a row
+            reason = skip_reason(name)
+            if reason is not None:
+                table.leave_out(name, reason)
         for cells in rows:
-            if not any(cell.strip() for cell in cells):
-                continue
             if len(cells) > len(names):
                 raise InputError(
                     f"{path}: line {rows.line_num}: {len(cells)} cells, the header has {len(names)}"
                 )
-            values = {n: c.strip() for i, (n, c) in enumerate(zip(names, cells, strict=False))
-                      if i != column}  # fmt: skip
-            table.add(cells[column].strip() if column < len(cells) else None, values)
+            # the filled cells only: a wide export is mostly empty cells, each one a metric
+            # not logged at the step, which would cost a lookup every row
+            values = {names[i]: text for i, cell in enumerate(cells)
+                      if cell and i != column and (text := cell.strip())}  # fmt: skip
+            step = cells[column].strip() if column < len(cells) else ""
+            if values or step:
+                table.add(step or None, values)
     except csv.Error as exc:
         raise InputError(f"{path}: line {rows.line_num}: not CSV ({exc})") from None
     return table
