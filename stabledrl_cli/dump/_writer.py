@@ -120,7 +120,7 @@ from stabledrl_cli.dump._setup import amend_manifest, prepare_run, refuse_in_the
 from stabledrl_cli.dump._stfile import discard_step, encode_step, make_step_durable, write_step
 from stabledrl_cli.dump._writer_lock import WriterLock
 from stabledrl_cli.errors import InputError, UsageError, WriteError, counted, quoted, warn
-from stabledrl_cli.spec import SpecValue, whole_number
+from stabledrl_cli.spec import SpecValue, reads_as_zero, spec_float, whole_number
 from stabledrl_cli.vocab import GROUP_IDS, ON_WRITE_ERROR, UNITS, GroupIds, OnWriteError, Unit
 
 
@@ -156,11 +156,16 @@ def checked_reward_range(
 
 
 def reward_range_text(text: str, name: str) -> tuple[float, float]:
-    """A reward range written LOW,HIGH (`name`: where it was given, say --reward-range),
-    checked as `checked_reward_range` checks one; else UsageError saying how to write it."""
+    """A reward range written LOW,HIGH (`name`: where it was given, say --reward-range), each
+    number in ASCII notation (`spec_float`: not `1_0` nor other scripts' digits, which float()
+    reads) and not one too small for a float (`1e-400` would read as 0), checked as
+    `checked_reward_range` checks one; else UsageError saying how to write it."""
     try:
-        return checked_reward_range(text.split(","))
-    except UsageError:
+        parts = [(part, spec_float(part.strip())) for part in text.split(",")]
+        if any(reads_as_zero(part, value) for part, value in parts):
+            raise ValueError("a number too small for a float")
+        return checked_reward_range([value for _, value in parts])
+    except (ValueError, UsageError):
         raise UsageError(
             f"{name} {quoted(text)}: give LOW,HIGH, two finite numbers with LOW < HIGH "
             "(0,1 for a success rate)"
