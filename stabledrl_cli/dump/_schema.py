@@ -102,17 +102,20 @@ SEQUENCE_LIMIT = 1 << 31
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 """The first bytes of an HDF5 file (a packed run)."""
-STEP_FILE_RE = re.compile(r"^step-(\d{8,})(?:\.rank-(\d{4,}))?\.safetensors$")
-STOP_NOTE_RE = re.compile(r"^stopped\.rank-(\d{4,})\.json$")
+# The names of a run's files below match as the writer spells them only: ASCII digits (`\d`
+# also takes other scripts', which int() reads) and `\Z` (`$` also matches before a final
+# newline: `stopped.rank-0001.json\n` was read as rank 1's note).
+STEP_FILE_RE = re.compile(r"^step-([0-9]{8,})(?:\.rank-([0-9]{4,}))?\.safetensors\Z")
+STOP_NOTE_RE = re.compile(r"^stopped\.rank-([0-9]{4,})\.json\Z")
 """A rank's own `recording_stopped` note in steps/ (`stop_note_name`), written by a Recorder of
 a world_size > 1 run as it stops: the ranks of a run, or of a node's own directory, never
 write the same file."""
-TEMP_STOP_NOTE_RE = re.compile(r"^\.stopped\.rank-(\d{4,})\.json\.tmp-\d+$")
+TEMP_STOP_NOTE_RE = re.compile(r"^\.stopped\.rank-([0-9]{4,})\.json\.tmp-[0-9]+\Z")
 """A rank's note while it is written (`_atomic.temp_name` of its name): in flight, not read."""
-WRITER_LOCK_RE = re.compile(r"^\.writer\.rank-(\d{4,})\.lock$")
+WRITER_LOCK_RE = re.compile(r"^\.writer\.rank-([0-9]{4,})\.lock\Z")
 """The file a live Recorder of a rank holds locked (`writer_lock_name`; `dump._writer_lock`):
 no step's data, never read; it goes when the Recorder closes."""
-OS_FILE_RE = re.compile(r"^(\.DS_Store|\._.+|Thumbs\.db|desktop\.ini)$")
+OS_FILE_RE = re.compile(r"^(\.DS_Store|\._.+|Thumbs\.db|desktop\.ini)\Z")
 """The files an operating system's file browser leaves in any folder it shows (macOS Finder's
 .DS_Store and ._NAME AppleDouble files, Windows Explorer's Thumbs.db and desktop.ini): never
 a user's data nor a run's. Readers pass over them; recording over a run (overwrite=True,
@@ -120,7 +123,7 @@ a user's data nor a run's. Readers pass over them; recording over a run (overwri
 STOP_NOTE_LIMIT = 1 << 16
 """Bytes a rank's note may take (its reason is an error's text, a path or two in it)."""
 # Temporary names start with a dot so that no glob for finished steps ever matches them.
-TEMP_FILE_RE = re.compile(r"^\.step-(\d{8,})(?:\.rank-(\d{4,}))?\.safetensors\.tmp-\d+$")
+TEMP_FILE_RE = re.compile(r"^\.step-([0-9]{8,})(?:\.rank-([0-9]{4,}))?\.safetensors\.tmp-[0-9]+\Z")
 
 
 def step_file_name(step: int, rank: int, world_size: int) -> str:
