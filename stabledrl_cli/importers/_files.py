@@ -3,6 +3,7 @@ length limit, and text must be UTF-8. Every refusal is an InputError (exit 3) na
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -75,13 +76,17 @@ def decoded(raw: bytes, where: str) -> str:
 
 def text_lines(path: Path) -> Iterator[tuple[int, str, bool]]:
     """(line number from 1, text without its newline, whether a newline ended it) of a text
-    log: at most LINE_COUNT_LIMIT lines, each at most LINE_LIMIT bytes."""
+    log as it was when opened (its size then: lines a live writer appends later are not read,
+    or the import of a log written faster than it is read would end past a bound it never
+    had): at most LINE_COUNT_LIMIT lines, each at most LINE_LIMIT bytes."""
     with open_log(path) as handle:
+        left = os.fstat(handle.fileno()).st_size
         number = 0
-        while True:
-            raw = handle.readline(LINE_LIMIT + 1)
+        while left > 0:
+            raw = handle.readline(min(LINE_LIMIT + 1, left))
             if not raw:
                 return
+            left -= len(raw)
             number += 1
             if number > LINE_COUNT_LIMIT:
                 raise InputError(f"{path}: more than {LINE_COUNT_LIMIT} lines")
