@@ -24,7 +24,7 @@ from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import out, print_json
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
-from stabledrl_cli.errors import counted, one_line
+from stabledrl_cli.errors import LINE_BREAKS, counted, one_line
 from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.inspection import RunSummary, summarize
 from stabledrl_cli.replay.observed import Observed
@@ -240,7 +240,11 @@ def _print_integrity(s: RunSummary) -> None:
         table.add_column(column, overflow="fold")  # a long step or name folds, never cut
     for g in groups[:LIST_LIMIT]:
         path = findings[g["first_finding"]]["path"]
-        table.add_row(g["kind"], _group_steps(g), _group_file(path, g["steps"]), g["message"])
+        file, message = _group_file(path, g["steps"]), g["message"]
+        # a file name is the run's data: a line break in it shows escaped, never as a line of
+        # its own (`step-00000001.safetensors\n` would read as the real step's file)
+        row = (file.translate(LINE_BREAKS), message.translate(LINE_BREAKS))
+        table.add_row(g["kind"], _group_steps(g), *row)
     out.print(table)
     hidden = _hidden_rows(groups)
     if hidden is not None:
