@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stabledrl_cli._json import parse_strict
-from stabledrl_cli.errors import InputError, counted
+from stabledrl_cli.errors import InputError, counted, quoted
 from stabledrl_cli.importers._files import text_lines
 from stabledrl_cli.importers._names import STEP_KEYS
 from stabledrl_cli.importers._table import StepTable
@@ -50,7 +50,9 @@ def read_jsonl(path: Path, step_key: str | None = None) -> StepTable:
         rows, keyed = rows + 1, keyed + (key in values)
         table.add(values.pop(key, None), values)
     if rows and not keyed:  # only a key given by --step-key can be missing from every row
-        raise InputError(f"{path}: no row of {counted(rows, 'row')} has the step key {step_key!r}")
+        raise InputError(
+            f"{path}: no row of {counted(rows, 'row')} has the step key {quoted(str(step_key))}"
+        )
     return table
 
 
