@@ -146,7 +146,7 @@ PolicyOpt = Annotated[
         "--policy", "-p", metavar="SPEC", help=f"Policy spec: {SPEC_SYNTAX} (repeatable)."
     ),
 ]
-_GPU = re.compile(r"cuda:\d{1,4}")
+_GPU = re.compile(r"cuda:[0-9]{1,4}")
 """A GPU by its index, as torch names it (`cuda:1`)."""
 
 

@@ -125,7 +125,7 @@ def branch_guard(state: TrainingState) -> Guard | None:
 
 _RUN_FILES = (STEP_FILE_RE, TEMP_FILE_RE, STOP_NOTE_RE, TEMP_STOP_NOTE_RE, WRITER_LOCK_RE)
 """The names of what a Recorder leaves in a run's steps/ folder."""
-_TEMP_MANIFEST_RE = re.compile(rf"^\.{re.escape(MANIFEST_NAME)}\.tmp-[0-9a-f-]+$")
+_TEMP_MANIFEST_RE = re.compile(rf"^\.{re.escape(MANIFEST_NAME)}\.tmp-[0-9a-f-]+\Z")
 """A manifest a killed Recorder left half-written (`_setup._write_manifest`)."""
 
 

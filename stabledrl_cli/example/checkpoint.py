@@ -40,8 +40,10 @@ from stabledrl_cli.capture.branch_protocol import CHECKPOINTS_DIR
 from stabledrl_cli.dump._directory import symlink_refused
 from stabledrl_cli.errors import InputError, UsageError, quoted
 
-CHECKPOINT_RE = re.compile(r"^step-(\d{8})\.pt$")
-TEMP_CHECKPOINT_RE = re.compile(r"^\.step-\d{8}\.pt\.tmp-\d+$")
+# ASCII digits and `\Z` (the writer's spelling only: `\d` takes other scripts' digits, `$` a
+# name's final newline), as the run's own file names (`dump._schema.STEP_FILE_RE`)
+CHECKPOINT_RE = re.compile(r"^step-([0-9]{8})\.pt\Z")
+TEMP_CHECKPOINT_RE = re.compile(r"^\.step-[0-9]{8}\.pt\.tmp-[0-9]+\Z")
 """A checkpoint still being written (`_atomic.temp_name`), or left by a writer killed then."""
 FORMAT = "stabledrl-example-checkpoint/1"
 """The `format` key every checkpoint carries."""

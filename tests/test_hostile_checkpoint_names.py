@@ -1,0 +1,38 @@
+"""A run's checkpoints and the branch's temporary manifest are named in ASCII digits, ending
+where the name ends: a file whose name has a final newline or another script's digits is a
+user's file, never listed as a checkpoint (nor deleted as one by a run recorded over it), and
+`--device cuda:N` takes ASCII digits only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from stabledrl_cli.capture.branch_protocol import CHECKPOINTS_DIR
+from stabledrl_cli.example.checkpoint import checkpoint_files, list_checkpoints
+
+ODD_NAMES = ("step-00000001.pt\n", "step-\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0663.pt",
+             ".step-00000004.pt.tmp-1\n")  # fmt: skip
+
+
+def test_only_the_writers_names_are_checkpoints(tmp_path: Path) -> None:
+    directory = tmp_path / CHECKPOINTS_DIR
+    directory.mkdir()
+    for name in (*ODD_NAMES, "step-00000002.pt", ".step-00000005.pt.tmp-7"):
+        (directory / name).write_bytes(b"x")
+    assert list_checkpoints(tmp_path) == [(2, directory / "step-00000002.pt")]
+    assert sorted(p.name for p in checkpoint_files(tmp_path)) == [
+        ".step-00000005.pt.tmp-7",
+        "step-00000002.pt",
+    ]
+
+
+def test_a_gpu_index_in_other_digits_is_no_device() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "replay", "fixtures/grpo", "--device",
+         "cuda:\u0661"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "is not one of auto, cpu, cuda, cuda:N, mps" in done.stderr
