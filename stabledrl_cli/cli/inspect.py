@@ -136,9 +136,12 @@ def _ranks(ranks: list[int]) -> str:
 
 def stopped_text(stopped: dict[str, object]) -> str:
     """The manifest's recording_stopped in one line: where, and why (its reason, an error's
-    text that may name a path holding a newline, on one line)."""
+    text that may name a path holding a newline, on one line). A note of no step (null: the
+    training stopped before its first step, as its reason says) names none."""
+    step = stopped.get("step")
+    where = "" if step is None else f"at step {step} "
     return (
-        f"stopped at step {stopped.get('step')} (rank {stopped.get('rank')}): "
+        f"stopped {where}(rank {stopped.get('rank')}): "
         f"{one_line(str(stopped.get('reason')))}; the training's later steps are not in the run"
     )
 
