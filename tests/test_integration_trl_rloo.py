@@ -24,8 +24,6 @@ from test_readme import block_after
 from tiny_configs import RLOO_PARITY  # (plain data beside the tiny run's helpers, on _trl's path)
 
 import stabledrl_cli as sd
-from stabledrl_cli.errors import UsageError
-from stabledrl_cli.integrations import trl as integration
 
 __all__ = ["tiny"]  # the tiny run's fixture, shared with the GRPO tests
 
@@ -83,13 +81,6 @@ def test_own_policy_reproduces_trl_rloo(tiny: Any, tmp_path: Path, case: str) ->
         truncated = [int((s["logp"] == 0).sum()) for s in run]
         assert all(n > 0 for n in truncated)
         assert all(bool((s["logp_old"][s["logp"] == 0] == 0).all()) for s in run)
-
-
-def test_router_loss_is_refused_in_one_line(tiny: Any) -> None:
-    config = tiny.tiny_rloo_config("unused")
-    with pytest.raises(UsageError, match="cannot record this TRL run: the MoE router") as info:
-        integration.rloo_policy_for_config(config, aux_loss=True)
-    assert "\n" not in str(info.value)
 
 
 def test_readme_rloo_snippet_records_under_stabledrl_record(tmp_path: Path) -> None:

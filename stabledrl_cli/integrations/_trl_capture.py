@@ -16,6 +16,7 @@ import torch
 
 from stabledrl_cli.capture.bootstrap import RecordingFailure
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.dump._schema import LOSS_AUX
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.importers._names import standard_source
 from stabledrl_cli.integrations._rows import every_row
@@ -54,6 +55,9 @@ class MicroBatch:
     logp_rollout: torch.Tensor | None = None
     token_count: torch.Tensor | None = None
     """[B] the tokens each row's log-prob sums over (a sequence-unit trainer's)."""
+    loss_aux: float | None = None
+    """The part of `loss` that is the MoE router loss TRL added (its coefficient times the
+    router's load-balancing loss, scaled as TRL scales it), None without one."""
 
 
 @dataclass
@@ -182,6 +186,8 @@ class StepBuffer:
         counts = [m.token_count for m in micro if m.token_count is not None]
         token_count = torch.cat(counts) if counts else None
         clip = min(1.0, max_grad_norm / (grad_norm + 1e-6)) if max_grad_norm > 0 else 1.0
+        if micro[0].loss_aux is not None:  # kept apart from the policy's loss, as TRL adds it
+            logged[LOSS_AUX] = sum(m.loss_aux or 0.0 for m in micro)
         self.recorder.log_step(
             step,
             logp=tokens("logp"),

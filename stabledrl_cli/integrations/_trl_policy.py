@@ -43,12 +43,13 @@ Refused, one line each (the catalogue cannot express them, so recording them wou
 wrong): sequence-level sampling with cispo or sapo (a sequence ratio under their rule);
 beta > 0 with `use_bias_correction_kl` and sequence-level sampling (the KL times the
 sequence ratio); vespo with vLLM importance sampling (TRL folds the sampler's ratio into w); the
-entropy bonus (`entropy_coef`, `use_adaptive_entropy`); an MoE router loss.
+entropy bonus (`entropy_coef`, `use_adaptive_entropy`). An MoE router loss is no part of
+the policy: the step records it apart (`dump._schema.LOSS_AUX`), for both trainers.
 
 RLOO (`RLOOConfig`, recorded one entry a completion): `ppo:eps_low,eps_high,
 agg=micro-token-mean`, the PPO clip of each completion's ratio, each micro-batch's mean over
 its completions, averaged; beta is not in the spec (TRL subtracts it times the sequence KL
-from the reward, so it is in the recorded advantages). Refused: an MoE router loss.
+from the reward, so it is in the recorded advantages).
 """
 
 from __future__ import annotations
@@ -66,15 +67,6 @@ _PPO_NAMES = {"grpo": "grpo", "bnpo": "ppo", "dr_grpo": "ppo", "dapo": "dapo", "
 _SEQUENCE_LEVEL = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "vespo")
 """Loss types whose loss TRL's sequence-level sampling leaves expressible: the PPO clip of the
 sequence ratio (gspo) under the loss type's own normaliser (vespo's ignores it)."""
-
-
-def _router_loss(coefficient: float) -> UsageError:
-    """The refusal of an MoE router loss TRL adds with `coefficient`."""
-    return _refuse(
-        f"the MoE router loss (router_aux_loss_coef {coefficient:g}, the model config's unless "
-        "the TRL config sets it) is not in the catalogue; router_aux_loss_coef=0.0 in the TRL "
-        "config trains without it"
-    )
 
 
 def _refuse(reason: str) -> UsageError:
@@ -122,7 +114,7 @@ def _aggregation(config: Any, every_row: bool) -> dict[str, SpecValue]:
     return {"agg": "token-mean" if same_window else "recorded"}
 
 
-def _check_recordable(config: Any, aux_loss: float) -> None:
+def _check_recordable(config: Any) -> None:
     loss_type = config.loss_type
     if loss_type not in LOSS_TYPES:
         raise _refuse(f"loss_type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
@@ -130,8 +122,6 @@ def _check_recordable(config: Any, aux_loss: float) -> None:
         raise _refuse(
             "the entropy bonus (entropy_coef, use_adaptive_entropy) is not in the catalogue"
         )
-    if aux_loss:
-        raise _router_loss(aux_loss)
     sequence = config.importance_sampling_level == "sequence"
     if sequence and loss_type not in _SEQUENCE_LEVEL:
         raise _refuse(
@@ -147,12 +137,12 @@ def _check_recordable(config: Any, aux_loss: float) -> None:
         )
 
 
-def policy_for_config(config: Any, *, aux_loss: float = 0.0, rollout_func: bool = False) -> Policy:
+def policy_for_config(config: Any, *, rollout_func: bool = False) -> Policy:
     """The catalogue policy reproducing a TRL 1.16 `GRPOConfig` (table in the module
     docstring; its `.spec` is canonical, e.g. `grpo` for TRL's grpo defaults) of a trainer
-    given a `rollout_func` or not, whose MoE router loss TRL adds with coefficient `aux_loss`
-    (0: none); UsageError, one line, for a configuration the catalogue cannot express."""
-    _check_recordable(config, aux_loss)
+    given a `rollout_func` or not; UsageError, one line, for a configuration the catalogue
+    cannot express."""
+    _check_recordable(config)
     epsilons = _epsilons(config)
     # a truncated completion that TRL masks, or a rollout_func's env_mask, can leave a row no
     # scored token
@@ -197,10 +187,7 @@ def policy_for_config(config: Any, *, aux_loss: float = 0.0, rollout_func: bool 
     return _policy(name, params)
 
 
-def rloo_policy_for_config(config: Any, *, aux_loss: float = 0.0) -> Policy:
+def rloo_policy_for_config(config: Any) -> Policy:
     """The catalogue policy reproducing a TRL 1.16 `RLOOConfig`'s loss on a run recorded one
-    entry a completion (module docstring; `ppo:agg=micro-token-mean` for TRL's defaults);
-    UsageError, one line, for an MoE router loss (TRL's coefficient `aux_loss`, 0: none)."""
-    if aux_loss:
-        raise _router_loss(aux_loss)
+    entry a completion (module docstring; `ppo:agg=micro-token-mean` for TRL's defaults)."""
     return _policy("ppo", {**_epsilons(config), "agg": "micro-token-mean"})

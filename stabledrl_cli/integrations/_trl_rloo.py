@@ -26,7 +26,6 @@ from stabledrl_cli.integrations._trl_trainer import (
     TRL,
     RecordingTrainer,
     cpu_float32,
-    router_loss,
 )
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.vocab import Unit
@@ -40,7 +39,7 @@ class RecordingRLOOTrainer(RecordingTrainer, TRL.RLOOTrainer):  # type: ignore[m
     _sd_unit: Unit = "sequence"
 
     def _sd_policy(self) -> Policy:
-        return rloo_policy_for_config(self.args, aux_loss=router_loss(self))
+        return rloo_policy_for_config(self.args)
 
     def _sd_meta(self) -> dict[str, Any]:
         args = self.args

@@ -111,12 +111,6 @@ _RECORDED: set[str] = set()
 process."""
 
 
-def router_loss(trainer: Any) -> float:
-    """The coefficient with which a TRL trainer adds its model's MoE router loss, 0.0 for
-    none."""
-    return float(trainer.router_aux_loss_coef) if trainer.aux_loss_enabled else 0.0
-
-
 def cpu_float32(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of what a TRL loss used, detached, as float32 on the CPU (what a step stores)."""
     return tensor.detach().to("cpu", torch.float32)
@@ -134,9 +128,9 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
     reward spans, (0, 1) for a success rate: the collapse rule's floor; a resumed run keeps
     its own). Raises UsageError at construction when there is no run directory,
     `stabledrl_out` is another one than record's --out, the range is no (low, high), or the
-    configuration cannot be expressed by the catalogue (all but an MoE router loss refused
-    from the arguments, before the TRL trainer loads the model or creates its output
-    directory).
+    configuration cannot be expressed by the catalogue (refused from the arguments, before the
+    TRL trainer loads the model or creates its output directory). An MoE model's router loss,
+    which TRL adds to the policy's, is recorded apart (`_sd_router_term`).
     """
 
     _sd_trainer: str
@@ -188,12 +182,11 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
     def _sd_check_arguments(self, given: dict[str, Any]) -> None:
         """UsageError, one line, when the TRL trainer's arguments (`given`, by name) make a loss
         the catalogue cannot express: checked before the TRL trainer loads a model or creates
-        its output directory (what the loaded model adds, an MoE router loss, `_sd_policy`
-        refuses once it is built)."""
+        its output directory."""
 
     def _sd_policy(self) -> Policy:
-        """The catalogue policy that reproduces the trainer's loss (its config, an MoE router
-        loss); UsageError, one line, when there is none."""
+        """The catalogue policy that reproduces the trainer's loss (its config); UsageError,
+        one line, when there is none."""
         raise NotImplementedError
 
     def _sd_meta(self) -> dict[str, Any]:
@@ -206,6 +199,22 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         """What `_compute_loss` used for one micro-batch (`loss`, its return; `seen`, the
         tensors read while it ran), on CPU."""
         raise NotImplementedError
+
+    def _sd_router_meta(self) -> dict[str, float]:
+        """The manifest's `meta.router_aux_loss_coef`: the coefficient of the MoE router loss
+        TRL adds (an MoE model's, unless the TRL config sets it: 0 adds none); {} without
+        one."""
+        if not self.aux_loss_enabled:
+            return {}
+        return {"router_aux_loss_coef": float(self.router_aux_loss_coef)}
+
+    def _sd_router_term(self, aux_loss: float) -> float:
+        """The term of a micro-batch's recorded loss that is the MoE router's load-balancing
+        loss `aux_loss`: `router_aux_loss_coef` times it, over the gradient accumulation
+        steps (GRPO's loss divides it so; RLOO's is divided whole by the HF Trainer, as its
+        recorded loss is): the micro-batch's part of the step's `loss_aux`."""
+        accumulation = float(self.current_gradient_accumulation_steps)
+        return float(self.router_aux_loss_coef) * aux_loss / accumulation
 
     # -- the run ----------------------------------------------------------------------------
     def _sd_open(self, resume: int | None) -> StepBuffer:
@@ -222,6 +231,7 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             "num_iterations": args.num_iterations,
             "max_completion_length": args.max_completion_length,
             "reward_weights": [float(w) for w in self.reward_weights.tolist()],
+            **self._sd_router_meta(),
             **self._sd_meta(),
         }
         if resume is not None and not (self.stabledrl_out / MANIFEST_NAME).is_file():
@@ -405,6 +415,8 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
         result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         if self._sd_seen is not None and "logp" not in self._sd_seen:
             self._sd_seen["logp"] = result[0].detach()
+            if len(result) > 2 and isinstance(result[2], torch.Tensor):  # an MoE router loss
+                self._sd_seen["aux_loss"] = result[2].detach()
         return result
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Any:
@@ -418,7 +430,10 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             seen, self._sd_seen = self._sd_seen, None
         try:
             inner = int(self.state.global_step) - self._sd_rollout_step
-            self._sd_buffer.add(self._sd_micro_batch(inputs, loss, seen), inner_step=inner)
+            micro = self._sd_micro_batch(inputs, loss, seen)
+            if "aux_loss" in seen:
+                micro.loss_aux = self._sd_router_term(float(seen["aux_loss"]))
+            self._sd_buffer.add(micro, inner_step=inner)
         except Exception as exc:
             self._sd_buffer.warn("a micro-batch", exc, int(self.state.global_step) + 1)
         return loss
@@ -466,9 +481,7 @@ class RecordingGRPOTrainer(RecordingTrainer, TRL.GRPOTrainer):  # type: ignore[m
             policy_for_config(config, rollout_func=given.get("rollout_func") is not None)
 
     def _sd_policy(self) -> Policy:
-        return policy_for_config(
-            self.args, aux_loss=router_loss(self), rollout_func=self.rollout_func is not None
-        )
+        return policy_for_config(self.args, rollout_func=self.rollout_func is not None)
 
     def _sd_meta(self) -> dict[str, Any]:
         args = self.args

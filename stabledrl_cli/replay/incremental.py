@@ -45,7 +45,7 @@ from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.rows import RowBuffer
 from stabledrl_cli.replay.run_facts import no_steps_message, skipped_reasons
-from stabledrl_cli.replay.stream import StreamedRun, stream_run
+from stabledrl_cli.replay.stream import StreamedRun, policy_loss, stream_run
 from stabledrl_cli.vocab import StepGeometryKind
 
 
@@ -144,7 +144,7 @@ class OwnReplay:
                 floor, gathered = measurements_of(subset)
                 read = [h.step for h in batches]
                 self._geometry.extend("coef" for _ in read)
-                self._loss.append(np.array([h.scalars.get("loss", np.nan) for h in batches]))
+                self._loss.append(np.array([policy_loss(h.scalars) for h in batches]))
                 self._covered.append(np.full(len(read), np.nan))
             else:
                 with single_torch_thread():

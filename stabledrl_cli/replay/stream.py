@@ -32,7 +32,7 @@ for, a problem of the request, and skipping the step would drop it for every oth
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -44,6 +44,7 @@ import torch
 
 from stabledrl_cli._memory import heap_kept, release_freed_memory
 from stabledrl_cli.dump import Run, Step
+from stabledrl_cli.dump._schema import LOSS_AUX
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import Policy, PreparedBatch
 from stabledrl_cli.replay import columns
@@ -102,7 +103,8 @@ class StreamedRun:
     approximate: np.ndarray
     """[P] bool: some step's norm summed varying token coefficients into one sequence unit."""
     loss: np.ndarray
-    """[S] float64: the recorded loss (NaN where not recorded)."""
+    """[S] float64: the recorded loss less its part outside the policy (`policy_loss`; NaN
+    where not recorded)."""
     grad_norm_covered: np.ndarray
     """[S] float64: the recorded norm over the covered parameters (NaN where not recorded)."""
     noise_floor: NoiseFloor
@@ -122,6 +124,12 @@ class StreamedRun:
     reader_checks: tuple[object, ...] = ()
     """What the readers of a sharded pass checked of the run (`Run.checks`, one a shard), for
     the driver's run to adopt; a local pass leaves its checks in the run it read."""
+
+
+def policy_loss(scalars: Mapping[str, float]) -> float:
+    """A step's recorded loss less its part outside the policy's objective (`LOSS_AUX`: an
+    MoE router loss), what the run's own policy replays to; NaN where no loss is recorded."""
+    return scalars.get("loss", math.nan) - scalars.get(LOSS_AUX, 0.0)
 
 
 def step_row_bytes(policies: int) -> int:
@@ -253,7 +261,7 @@ def stream_run(
                 floor.extend(moments)
                 numbers.append(step.step)
                 kinds.append(kind)
-                loss.append(step.scalars.get("loss", math.nan))
+                loss.append(policy_loss(step.scalars))
                 covered.append(step.scalars.get("grad_norm_covered", math.nan))
             if rows:
                 metrics.append(torch.stack(rows))
