@@ -26,7 +26,6 @@ The replay engine (torch) is imported where it runs: `--help` never loads torch.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -71,8 +70,8 @@ from stabledrl_cli.cli.replay import (
     same_file,
     warn_damaged,
 )
-from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
-from stabledrl_cli.dump._integrity import Gap, missing_count
+from stabledrl_cli.dump import Run, open_run
+from stabledrl_cli.dump._integrity import Gap, integrity_warnings_ignored, missing_count
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay._format import format_figure
@@ -283,8 +282,7 @@ def _scalar_observed(
     """The observed behaviour of a scalar run (nothing to replay), with why each step it
     skipped was skipped and the gaps between its steps (both warned of); UsageError for an
     option that needs replayed policies, InputError for a run with no readable step."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RunIntegrityWarning)  # counted below
+    with integrity_warnings_ignored():  # counted below
         skipped = skipped_reasons(run)
         if policy_options and skipped:  # the skipped files may have held the policy batches
             raise InputError(
@@ -443,8 +441,7 @@ def command(
         print_own_policy_note(opened, err)
         note_skipped(result)
         observed, skipped, missing = result.observed, result.skipped, result.missing
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RunIntegrityWarning)
+    with integrity_warnings_ignored():
         recorded = recorded_run(opened, observed)
     steps = result.steps if result is not None else recorded.steps
     if baseline is not None:

@@ -15,15 +15,32 @@ Finding kinds:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 
+from stabledrl_cli._shared_setting import SharedSetting
+
 
 class RunIntegrityWarning(UserWarning):
     """A step a reader skipped while iterating (the same fact is in `run.integrity`)."""
+
+
+def _ignore_integrity_warnings() -> Callable[[], None]:
+    caught = warnings.catch_warnings()
+    caught.__enter__()
+    warnings.simplefilter("ignore", RunIntegrityWarning)
+    return partial(caught.__exit__, None, None, None)
+
+
+integrity_warnings_ignored = SharedSetting(_ignore_integrity_warnings).held
+"""The reader's `RunIntegrityWarning`s ignored for the block, in every thread (a warnings
+filter is the process's): for a pass that counts the steps it skips, or reports them from
+`run.integrity`. The last of the blocks under way side by side restores the filters."""
 
 
 class StepReadError(Exception):

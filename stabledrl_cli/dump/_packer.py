@@ -6,7 +6,6 @@ import errno
 import io
 import json
 import os
-import warnings
 import zlib
 from collections.abc import Callable
 from contextlib import suppress
@@ -23,7 +22,11 @@ from stabledrl_cli._json import unicode_text
 from stabledrl_cli._version import __version__
 from stabledrl_cli.dump._archive_checks import CRC_ATTR, index_crc
 from stabledrl_cli.dump._crc import crc32
-from stabledrl_cli.dump._integrity import Finding, IntegrityReport, RunIntegrityWarning
+from stabledrl_cli.dump._integrity import (
+    Finding,
+    IntegrityReport,
+    integrity_warnings_ignored,
+)
 from stabledrl_cli.dump._layout import (
     CHECKSUMS_VERSION,
     CHUNK_ELEMENTS,
@@ -544,8 +547,7 @@ def _write_archive(
     handle.attrs["source"] = unicode_text(run.location)  # h5py refuses a lone surrogate
     _text_dataset(handle, "manifest", manifest_text)
     packer = _Packer(handle, compression)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RunIntegrityWarning)  # the integrity report names them
+    with integrity_warnings_ignored():  # the integrity report names them
         for step in run.steps():
             if guarded.error is not None:  # the disk is full: stop early, fail at the end
                 break

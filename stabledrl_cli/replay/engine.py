@@ -16,10 +16,7 @@ refused (`NothingToReplay`, exit 3): `inspect` shows it and `check` gates its re
 from __future__ import annotations
 
 import os
-import threading
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Protocol
 
@@ -27,7 +24,9 @@ import numpy as np
 import torch
 
 from stabledrl_cli._device import resolve_device
-from stabledrl_cli.dump import Run, RunIntegrityWarning
+from stabledrl_cli._shared_setting import SharedSetting
+from stabledrl_cli.dump import Run
+from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._open import opened_run
 from stabledrl_cli.errors import InputError, UsageError, counted, type_name
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
@@ -190,57 +189,17 @@ def _flagged_steps(series: list[StepSeries], keep: np.ndarray) -> dict[int, list
     return flagged
 
 
-class _SharedSetting:
-    """A process-wide setting (torch's thread count, a warnings filter) that a replay changes
-    for its pass, when replays run side by side in threads of one process: the first block in
-    changes it, the last out restores what the first found (each block restoring what it found
-    itself would leave the setting another block made, for good)."""
-
-    def __init__(self, change: Callable[[], Callable[[], None]]) -> None:
-        """`change` makes the setting and returns what restores the one it replaced."""
-        self._change = change
-        self._lock = threading.Lock()
-        self._blocks = 0
-        self._restore: Callable[[], None] | None = None
-
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        """The setting made for the block (and every block under way beside it)."""
-        with self._lock:
-            if self._blocks == 0:
-                self._restore = self._change()
-            self._blocks += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._blocks -= 1
-                if self._blocks == 0 and self._restore is not None:
-                    restore, self._restore = self._restore, None
-                    restore()
-
-
 def _one_torch_thread() -> Callable[[], None]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     return partial(torch.set_num_threads, before)
 
 
-def _integrity_warnings_ignored() -> Callable[[], None]:
-    caught = warnings.catch_warnings()
-    caught.__enter__()
-    warnings.simplefilter("ignore", RunIntegrityWarning)
-    return partial(caught.__exit__, None, None, None)
-
-
-single_torch_thread = _SharedSetting(_one_torch_thread).held
+single_torch_thread = SharedSetting(_one_torch_thread).held
 """torch's intra-op CPU threads set to 1 for the block, then restored: a replay's figures do
 not depend on the machine's cores (reductions split across threads sum in another order) and a
 shared machine is not oversubscribed. A replay's own `threads` compute steps side by side
 instead (`stream.computing_threads`)."""
-integrity_warnings_ignored = _SharedSetting(_integrity_warnings_ignored).held
-"""The reader's `RunIntegrityWarning`s ignored for the block: a replay counts the steps it
-skips and `inspect` names them."""
 
 
 class Engine(Protocol):

@@ -15,13 +15,13 @@ it (`follow.RunWatcher`); `diff` replays the steps around the point two runs par
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
 from stabledrl_cli._device import resolve_device
-from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
+from stabledrl_cli.dump import Run, Step
+from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._views import ReadSteps, StepSubset
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import Policy
@@ -123,8 +123,7 @@ class OwnReplay:
         new = sorted(n for n in set(numbers) if last is None or n > last)
         tail, self._tail = self._tail, None
         opened, self._open = self._open, None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RunIntegrityWarning)
+        with integrity_warnings_ignored():
             if opened is not None:
                 self._read_again(opened)
             if not new:
@@ -254,8 +253,7 @@ class OwnReplay:
     def recorded(self) -> RecordedRun:
         """The recorded series of the steps read so far, with their observed behaviour: what
         `check`'s run-level gates read."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RunIntegrityWarning)
+        with integrity_warnings_ignored():
             return recorded_run(ReadSteps(self.run, self._headers, self.seen), self.observed())
 
     def skipped(self) -> list[str]:

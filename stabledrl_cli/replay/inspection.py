@@ -4,13 +4,13 @@ A scalar run (no policy batch: an imported log, an optimizer-hook recording) rea
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from stabledrl_cli.dump import Finding, IntegrityReport, Run, RunIntegrityWarning
+from stabledrl_cli.dump import Finding, IntegrityReport, Run
+from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED, RUN_ID
 from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.replay.observed import NoiseFloor, Observed, OwnLikelihood, observe
@@ -192,8 +192,7 @@ def summarize(run: Run) -> RunSummary:
     before any of its data is used; the integrity check and the headers after it find each
     file checked already, so a file is read once. The headers are walked once after the pass:
     the observed behaviour and the recorded series are derived from that walk."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RunIntegrityWarning)  # in `integrity` below
+    with integrity_warnings_ignored():  # in `integrity` below
         invalid, floor, likelihood = _replayable(run)
         report = run.integrity
         headers = list(run.step_headers())

@@ -16,7 +16,6 @@ shards the same way: a task carries any list of policies.
 from __future__ import annotations
 
 import itertools
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -25,7 +24,8 @@ import torch
 
 from stabledrl_cli._device import resolve_device
 from stabledrl_cli._version import __version__
-from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
+from stabledrl_cli.dump import Run, open_run
+from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.errors import ConfigError, StabledrlError, UsageError
 from stabledrl_cli.policies import Policy
 from stabledrl_cli.replay.config import ReplayConfig
@@ -142,8 +142,7 @@ def stream_shard(task: ShardTask) -> StreamedRun:
         )
     torch.set_num_threads(1)
     run = open_run(task.source, verify=task.verify)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RunIntegrityWarning)
+    with integrity_warnings_ignored():
         try:
             streamed = stream_run(
                 run,
