@@ -76,3 +76,38 @@ def test_a_training_that_ends_normally_notes_no_stop(
         _train(tiny, out, cut, "RecordingGRPOTrainer")
     run = sd.open_run(out)
     assert RECORDING_STOPPED not in run.manifest and run.manifest[RECORDING_CLOSED] is True
+
+
+def test_an_optimizer_step_that_raises_notes_its_update_unapplied(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """CUDA out of memory in the optimizer's step (Adam's first step makes its state): the step
+    is recorded as its gradients were clipped, before TRL's optimizer step, whose update never
+    applied. Before, the note said `after step 3` where TRL finished 2 steps."""
+    from transformers import TrainerCallback
+
+    from stabledrl_cli.integrations import trl as integration
+
+    class OutOfMemory(TrainerCallback):  # type: ignore[misc]
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if state.global_step == 2:
+                raise RuntimeError("CUDA out of memory")
+
+    out = tmp_path / "run"
+    trainer = integration.RecordingGRPOTrainer(
+        **tiny.tiny_parts(),
+        args=tiny.tiny_config(str(tmp_path / "trl_out")),
+        callbacks=[OutOfMemory()],
+        stabledrl_out=out,
+    )
+    with pytest.raises(RuntimeError):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    run = sd.open_run(out)
+    assert run.step_numbers == [1, 2, 3]
+    assert run.manifest[RECORDING_STOPPED] == {
+        "step": 4,
+        "rank": 0,
+        "reason": "training stopped by RuntimeError: CUDA out of memory in step 3, its update "
+        "not applied",
+    }

@@ -482,6 +482,7 @@ class Recorder:
         """The step whose write failed when recording stopped (an async write's failure is
         noticed at a later step's `log_step`), else None."""
         self._interrupted: str | None = None
+        self._unapplied = False
         """How the training was cut short (`note_interrupted`), noted as it closes; None: it
         was not."""
         self._unnoted_stop: dict[str, Any] | None = None
@@ -791,14 +792,21 @@ class Recorder:
             if self.stopped is None and not self._closed:
                 self._note_stop(reason, step)
 
-    def note_interrupted(self, cause: BaseException | None = None) -> None:
+    def note_interrupted(
+        self, cause: BaseException | None = None, *, unapplied: bool = False
+    ) -> None:
         """The training was cut short, by Ctrl-C or by `cause` (the exception that ended it;
         None: a KeyboardInterrupt): as the Recorder closes, once its steps are written, the
         run notes it after the last step it holds (the manifest's `recording_stopped`: how,
         `cut_short`; the Recorder is not stopped by it, so no failure is reported), unless a
         failed write stopped recording already: closed on the way out, the run would read as
-        a finished one of fewer steps."""
-        self._interrupted = cut_short(cause or KeyboardInterrupt())
+        a finished one of fewer steps. `unapplied`: the exception came in the optimizer step
+        of the last step the run holds (CUDA out of memory in Adam's first step), whose batch
+        is recorded but whose update never applied: the note says so. The first note holds
+        (a with-block's after an integration's own)."""
+        if self._interrupted is None:
+            self._interrupted = cut_short(cause or KeyboardInterrupt())
+            self._unapplied = unapplied
 
     def _note_stop(self, reason: str, step: int | None) -> None:
         """Marks the Recorder stopped and notes it (`_write_stop_note`)."""
@@ -838,6 +846,8 @@ class Recorder:
             if own and self._interrupted and self.stopped is None and not self._closed_marked:
                 last = self._last_step
                 after = "before its first step" if last is None else f"after step {last}"
+                if last is not None and self._unapplied:
+                    after = f"in step {last}, its update not applied"
                 step = None if last is None else last + 1
                 self._write_stop_note(f"training {self._interrupted} {after}", step)
             if own:
@@ -905,7 +915,7 @@ class Recorder:
         that the close reports (async writes) is then a warning, not an error in its place;
         the run first notes how its training was cut short (`note_interrupted`), but by a
         `sys.exit(0)`, the script's own normal end."""
-        if exc is None or (isinstance(exc, SystemExit) and exc.code in (None, 0)):
+        if exc is None or normal_end(exc):
             self.close()
             return
         self.note_interrupted(exc)
@@ -919,6 +929,12 @@ class Recorder:
         if self.stopped is not None:  # log_step writes nothing more
             state = f"stopped at step {self.stopped_step}"
         return f"Recorder({str(self.path)!r}, unit={self.unit!r}, rank={self.rank}, {state=})"
+
+
+def normal_end(exc: BaseException) -> bool:
+    """Whether an exception that ends a training is the script's own normal end: sys.exit(0)
+    (or sys.exit() alone), which notes no stop."""
+    return isinstance(exc, SystemExit) and exc.code in (None, 0)
 
 
 def cut_short(cause: BaseException) -> str:

@@ -42,7 +42,7 @@ from stabledrl_cli.capture.bootstrap import (
 from stabledrl_cli.dump import Recorder
 from stabledrl_cli.dump._schema import MANIFEST_NAME, path_argument, switch_argument
 from stabledrl_cli.dump._setup import remove_stepless_run
-from stabledrl_cli.dump._writer import checked_reward_range
+from stabledrl_cli.dump._writer import checked_reward_range, normal_end
 from stabledrl_cli.errors import InputError, UsageError, WriteError, warn
 from stabledrl_cli.importers._trainer_state import bounded_json_document
 from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
@@ -308,10 +308,13 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             buffer, self._sd_buffer = self._sd_buffer, None
             if buffer is not None:
                 try:
-                    if cut is None:
-                        buffer.recorder.close()
-                    else:  # as a with-Recorder block the exception leaves
-                        buffer.recorder.__exit__(type(cut), cut, cut.__traceback__)
+                    if cut is not None and not normal_end(cut):
+                        # a step recorded as its gradients were clipped, whose optimizer
+                        # step raised (TRL counts it done once the step ends): not applied
+                        last = buffer.recorder.last_step
+                        unapplied = last is not None and last > self.state.global_step
+                        buffer.recorder.note_interrupted(cut, unapplied=unapplied)
+                    buffer.recorder.close()
                     if self._sd_new_run and buffer.recorder.last_step is None:
                         remove_stepless_run(self.stabledrl_out)  # raised before its first step
                         _RECORDED.discard(directory)
