@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ def _run_table(s: RunSummary) -> Table:
             else f"n/a ({_no_counts_reason(s)})",
         ),
         ("fields", ", ".join(s.fields) or "none"),
-        ("scalars", ", ".join(s.scalars) or "none"),
+        ("scalars", _names_text(s.scalars)),
         ("size on disk", f"{s.size_bytes / 1e6:.2f} MB"),
     ]
     rows += [(f"meta.{k}", _shortened(v)) for k, v in s.meta.items()]
@@ -163,11 +164,27 @@ def _steps_row(s: RunSummary) -> str:
     return text
 
 
+SERIES_SHOWN = 200
+"""Rows of a recorded-series table, and names of the run table's scalars row, shown (a step
+may hold 10,000 scalars: `--format json` has them all)."""
+
+
+def _names_text(names: list[str]) -> str:
+    """`names` joined, at most SERIES_SHOWN of them, the rest counted."""
+    text = ", ".join(names[:SERIES_SHOWN]) or "none"
+    hidden = len(names) - SERIES_SHOWN
+    return text if hidden <= 0 else f"{text} ... and {hidden:,} more: --format json has them all"
+
+
 def series_table(series: dict[str, SeriesStats], title: str) -> Table:
     """One row per recorded scalar: steps, first, last, min, max (finite values; the number
-    of non-finite ones beside the step count, wrapped under it where the width is short).
+    of non-finite ones beside the step count, wrapped under it where the width is short), at
+    most SERIES_SHOWN of them, then a caption counting the rest.
     Each name is whole on its line: print it with `print_unbroken`."""
-    table = Table(title=title, title_justify="left")
+    hidden = len(series) - SERIES_SHOWN
+    caption = f"... and {hidden:,} more series: --format json has them all" if hidden > 0 else None
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    series = dict(islice(series.items(), SERIES_SHOWN))
     widest = max((cell_len(name) for name in series), default=0)
     table.add_column("scalar", no_wrap=True, min_width=widest)
     table.add_column("steps", justify="right")

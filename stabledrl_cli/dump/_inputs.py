@@ -16,7 +16,13 @@ import numpy as np
 import numpy.typing as npt
 
 from stabledrl_cli._batch_inputs import is_tensor, rows_of_entries, stack_tensors
-from stabledrl_cli.dump._schema import BATCH_FIELDS, FIELDS, SERIES_SCALARS, STANDARD_SCALARS
+from stabledrl_cli.dump._schema import (
+    BATCH_FIELDS,
+    FIELDS,
+    MAX_SCALARS,
+    SERIES_SCALARS,
+    STANDARD_SCALARS,
+)
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.vocab import Unit
 
@@ -412,6 +418,12 @@ def _step_scalars(
     tensors: dict[str, np.ndarray],
 ) -> dict[str, float]:
     """The step's scalars: the keywords, the user's own, reward_mean and nonfinite derived."""
+    given = len(user_scalars or {})
+    if given > MAX_SCALARS:
+        raise UsageError(
+            f"scalars: {given:,} names, more than the {MAX_SCALARS:,} a step may hold "
+            "(docs/run-format.md#scalars)"
+        )
     out: dict[str, float] = {"step": float(step)}
     for name, value in scalars.items():
         if value is not None:

@@ -318,6 +318,14 @@ load-balancing loss): replay compares the run's own policy with `loss` less it
 """The TRL integration's mark of the rollouts generated during a step: their mean reward (the
 step's reward draw, `detectors.reward_draws`) and how many it is a mean of. Not series of
 their own: they are reward_mean's draws."""
+MAX_SCALARS = 10_000
+"""The most scalars of one's own (`scalars=`) a step may hold: real runs log tens to a few
+thousand; `log_step` refuses more (a usage error naming the count)."""
+MAX_METADATA = MAX_SCALARS + 100
+"""The most entries a step file's header metadata may hold (MAX_SCALARS, the standard
+scalars, the bookkeeping and a newer minor's text entries): a file holding more is unreadable,
+a finding like a corrupt one, read no further (millions of crafted keys would cost minutes and
+gigabytes to read)."""
 # Bookkeeping in the same metadata; user scalars may not start with "_".
 META_FORMAT = "_format_version"
 META_RANK = "_rank"

@@ -29,7 +29,12 @@ from stabledrl_cli._json import NotUtf8, has_lone_surrogate, utf8_text
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._integrity import StepReadError
-from stabledrl_cli.dump._schema import META_CRC_DATA, META_CRC_HEADER, temp_file_name
+from stabledrl_cli.dump._schema import (
+    MAX_METADATA,
+    META_CRC_DATA,
+    META_CRC_HEADER,
+    temp_file_name,
+)
 from stabledrl_cli.errors import UsageError, counted
 
 HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on the header size
@@ -404,6 +409,12 @@ def parse_header(
             if not isinstance(header, dict):
                 raise StepReadError("unreadable", "header is not a JSON object")
             metadata = header.get("__metadata__") or {}
+            if isinstance(metadata, dict) and len(metadata) > MAX_METADATA:  # before its CRC
+                raise StepReadError(
+                    "unreadable",
+                    f"header metadata has {len(metadata):,} entries, more than the "
+                    f"{MAX_METADATA:,} a step holds",
+                )
             expected = metadata.get(META_CRC_HEADER) if isinstance(metadata, dict) else None
             if expected is None:
                 raise StepReadError("unreadable", "no header checksum (not a stabledrl step file)")

@@ -1,0 +1,68 @@
+"""Bounds on a step's scalars: refused past MAX_SCALARS at write, a file holding more is an
+unreadable step (a finding) at read, and `inspect` draws a bounded series table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli import inspect as inspect_cli
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import _schema, _stfile
+from stabledrl_cli.errors import UsageError
+
+
+def _step(rec: sd.Recorder, step: int, scalars: dict[str, float]) -> None:
+    rec.log_step(
+        step,
+        logp=np.zeros(4, np.float32),
+        logp_old=np.zeros(4, np.float32),
+        advantages=np.ones(4, np.float32),
+        seq_id=np.array([0, 0, 1, 1]),
+        group_id=np.array([0, 0]),
+        reward=np.zeros(2),
+        scalars=scalars,
+    )
+
+
+def test_log_step_refuses_more_scalars_than_the_bound(tmp_path: Path) -> None:
+    with sd.Recorder(tmp_path / "run") as rec:
+        too_many = {f"s{i}": 1.0 for i in range(_schema.MAX_SCALARS + 1)}
+        with pytest.raises(UsageError, match="10,001 names, more than the 10,000"):
+            _step(rec, 0, too_many)
+        _step(rec, 0, {f"s{i}": 1.0 for i in range(_schema.MAX_SCALARS)})
+    assert len(sd.open_run(tmp_path / "run").step(0).scalars) > _schema.MAX_SCALARS
+
+
+def test_a_step_file_over_the_bound_is_a_finding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with sd.Recorder(tmp_path / "run") as rec:
+        _step(rec, 0, {"a": 1.0})
+        _step(rec, 1, {f"s{i}": 1.0 for i in range(50)})
+    monkeypatch.setattr(_stfile, "MAX_METADATA", 40)
+    result = CliRunner().invoke(app, ["replay", str(tmp_path / "run"), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert "step 1: unreadable: header metadata has 6" in result.stderr
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "run"), "--format", "json"])
+    assert result.exit_code == 0
+    assert '"unreadable"' in result.stdout
+
+
+def test_inspect_draws_a_bounded_series_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with sd.Recorder(tmp_path / "run") as rec:
+        _step(rec, 0, {f"mine{i:02}": float(i) for i in range(30)})
+    monkeypatch.setattr(inspect_cli, "SERIES_SHOWN", 10)
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "run")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "mine05" in result.stdout and "mine29" not in result.stdout
+    assert "more series: --format json has them all" in result.stdout
+    assert "more: --format json has them all" in result.stdout
+    json_out = CliRunner().invoke(app, ["inspect", str(tmp_path / "run"), "--format", "json"])
+    assert "mine29" in json_out.stdout
