@@ -193,23 +193,46 @@ def _grouped_table(rows: list[Row]) -> tuple[Table, list[str]]:
     return table, legend
 
 
+GATES_SHOWN = 100
+"""Gates the table draws, and tripped gates stderr names, at most (a baseline may hold
+thousands of series): past it, the tripped ones first, then a line counting the rest;
+`--format json` and `--junit` have every gate."""
+
+
+def _shown(results: list[GateResult]) -> tuple[list[GateResult], str | None]:
+    """The gates the table draws (the tripped first when they are more than GATES_SHOWN), and
+    the line counting the others (None when it draws them all)."""
+    if len(results) <= GATES_SHOWN:
+        return results, None
+    ordered = [r for r in results if not r.ok] + [r for r in results if r.ok]
+    hidden = ordered[GATES_SHOWN:]
+    failed = sum(not r.ok for r in hidden)
+    return ordered[:GATES_SHOWN], (
+        f"... and {counted(len(hidden), 'more gate')} ({failed} tripped): "
+        "--format json and --junit have every gate"
+    )
+
+
 def _print_table(results: list[GateResult], run: str) -> None:
-    """A row per gate at any width: naming its policy when the policy, gate, status, figure
-    and limit fit whole on a line (the detail takes what is left, wrapped onto the row's
-    next lines); else `_grouped_table`."""
+    """A row per gate at any width, at most GATES_SHOWN (`_shown`): naming its policy when the
+    policy, gate, status, figure and limit fit whole on a line (the detail takes what is left,
+    wrapped onto the row's next lines); else `_grouped_table`."""
+    shown, more = _shown(results)
     rows: list[Row] = [
         (r.policy or "(run)", r.gate, "ok" if r.ok else "FAILED", *r.shown(), r.message)
-        for r in results
+        for r in shown
     ]
     # The title is text, wrapped to the width: a long run path never widens the table.
     out.print(f"stabledrl check {run}", highlight=False, soft_wrap=False)
     widths = _whole_widths(_HEADERS, rows)
     if _width([*widths, _MIN_DETAIL]) <= out.width:
         out.print(_flat_table(rows, widths))
-        return
-    table, legend = _grouped_table(rows)
-    out.print(table)
-    print_legend(legend, out)
+    else:
+        table, legend = _grouped_table(rows)
+        out.print(table)
+        print_legend(legend, out)
+    if more is not None:
+        out.print(more, highlight=False)
 
 
 def _print_recorded(recorded: RecordedRun) -> None:
@@ -506,8 +529,11 @@ def command(
             f"check failed: {len(tripped)} of {counted(len(results), 'gate')} tripped",
             highlight=False,
         )
-        for r in tripped:
+        for r in tripped[:GATES_SHOWN]:
             err.print(f"  {r.policy or '(run)'} {r.gate}: {r.message}", highlight=False)
+        if len(tripped) > GATES_SHOWN:
+            hidden = counted(len(tripped) - GATES_SHOWN, "more tripped gate")
+            err.print(f"  ... and {hidden}: --format json and --junit have them all")
     elif results:
         hold = "holds" if len(results) == 1 else "hold"
         err.print(f"check passed: {counted(len(results), 'gate')} {hold}", highlight=False)
