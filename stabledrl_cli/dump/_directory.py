@@ -351,6 +351,9 @@ class DirectoryStep(Step):
         return shifted
 
 
+UNKNOWN_LISTED = 100
+"""Stray files of steps/ listed as a finding each, at most: any more are one finding that
+counts them (300,000 junk files would be 300,000 findings, gigabytes of report)."""
 _SETTLED_NS = 2_000_000_000
 """How long before a listing the steps directory must have last changed for the listing to be
 reused (far above any filesystem's timestamp granularity)."""
@@ -893,10 +896,17 @@ class DirectoryRun(Run):
                     f"step {n}: temporary file {path.name} (in flight, or left by a killed writer)",
                 )
             )
-        for path, reason in listing.unknown:
+        for path, reason in listing.unknown[:UNKNOWN_LISTED]:
             findings.append(
                 Finding("unknown_file", None, self.named(path), f"{path.name}: {reason}")
             )
+        unlisted = len(listing.unknown) - UNKNOWN_LISTED
+        if unlisted > 0:
+            message = (
+                f"{unlisted:,} more files in steps/ that are not step files of this run, "
+                f"not listed one by one (the first {UNKNOWN_LISTED} are)"
+            )
+            findings.append(Finding("unknown_file", None, None, message))
         findings.extend(self._stop_notes(listing)[1])
         # Steps with any file (even a bad or temporary one) are reported as such, not as gaps.
         findings.extend(gap_findings(sorted(set(listing.finals) | {n for n, _ in listing.temps})))
