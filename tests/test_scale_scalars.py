@@ -3,6 +3,7 @@ unreadable step (a finding) at read, and `inspect` draws a bounded series table.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,25 @@ def test_inspect_draws_a_bounded_series_table(
     assert "more: --format json has them all" in result.stdout
     json_out = CliRunner().invoke(app, ["inspect", str(tmp_path / "run"), "--format", "json"])
     assert "mine29" in json_out.stdout
+
+
+def test_a_step_file_of_too_many_tensors_is_a_finding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with sd.Recorder(tmp_path / "run", policy=None) as rec:
+        rec.log_step(0, loss=1.0)
+        rec.log_step(1, loss=1.0)
+    step_file = tmp_path / "run" / "steps" / "step-00000001.safetensors"
+    header = _stfile.read_header(step_file, deep=False)
+    assert not header.tensors
+    tensors = {f"extra{i}": np.zeros(0, np.uint8) for i in range(8)}
+    metadata = {k: v for k, v in header.metadata.items() if not k.startswith("_crc32")}
+    step_file.write_bytes(b"".join(bytes(p) for p in _stfile.encode_step(tensors, metadata)))
+    assert sd.open_run(tmp_path / "run").integrity.ok  # a newer minor's fields: ignored
+    monkeypatch.setattr(_stfile, "MAX_TENSORS", 7)
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "run"), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    (finding,) = json.loads(result.stdout)["integrity"]["findings"]
+    assert finding["message"] == (
+        "step 1: unreadable: header has 8 tensors, more than the 7 a step holds"
+    )

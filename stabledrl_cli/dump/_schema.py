@@ -326,6 +326,9 @@ MAX_METADATA = MAX_SCALARS + 100
 scalars, the bookkeeping and a newer minor's text entries): a file holding more is unreadable,
 a finding like a corrupt one, read no further (millions of crafted keys would cost minutes and
 gigabytes to read)."""
+MAX_TENSORS = 1_000
+"""The most tensors a step file may hold (FIELDS are about twenty; the rest is room for a
+newer minor's): a file holding more is unreadable, read no further, as for MAX_METADATA."""
 # Bookkeeping in the same metadata; user scalars may not start with "_".
 META_FORMAT = "_format_version"
 META_RANK = "_rank"

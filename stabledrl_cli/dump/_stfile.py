@@ -31,6 +31,7 @@ from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._schema import (
     MAX_METADATA,
+    MAX_TENSORS,
     META_CRC_DATA,
     META_CRC_HEADER,
     temp_file_name,
@@ -408,8 +409,15 @@ def parse_header(
         else:
             if not isinstance(header, dict):
                 raise StepReadError("unreadable", "header is not a JSON object")
+            tensor_count = len(header) - (_METADATA_KEY in header)
+            if tensor_count > MAX_TENSORS:  # before its CRC: millions cost minutes and GBs
+                raise StepReadError(
+                    "unreadable",
+                    f"header has {tensor_count:,} tensors, more than the {MAX_TENSORS:,} a step "
+                    "holds",
+                )
             metadata = header.get("__metadata__") or {}
-            if isinstance(metadata, dict) and len(metadata) > MAX_METADATA:  # before its CRC
+            if isinstance(metadata, dict) and len(metadata) > MAX_METADATA:
                 raise StepReadError(
                     "unreadable",
                     f"header metadata has {len(metadata):,} entries, more than the "
