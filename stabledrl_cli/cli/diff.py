@@ -71,6 +71,15 @@ def _parting_lines(name: str, parting: Parting | None, compared: int, holds: str
     return lines
 
 
+def _unshared_text(name: str, result: DiffResult) -> str:
+    """A scalar one run alone records at some compared steps, with the steps it was compared
+    at where both record it."""
+    steps = result.unshared_compared.get(name)
+    if steps is None:
+        return name
+    return f"{name} (compared at the {counted(steps, 'step')} both record it)"
+
+
 def _print_table(result: DiffResult, until: int | None) -> None:
     out.print(f"stabledrl diff {result.run_a} {result.run_b}", highlight=False, soft_wrap=False)
     lines = [
@@ -88,7 +97,7 @@ def _print_table(result: DiffResult, until: int | None) -> None:
         steps = counted(result.scalars_only, "compared step")
         lines.append(f"scalars only in one run: {steps} (the other's batch not compared)")
     alone = [
-        f"by {side.upper()} only: {', '.join(names)}"
+        f"by {side.upper()} only: {', '.join(_unshared_text(name, result) for name in names)}"
         for side, names in result.unshared.items()
         if names
     ]

@@ -175,6 +175,9 @@ class DiffResult:
     unshared: dict[str, list[str]]
     """Per run ("a", "b"), the scalars (and scalar-step arrays, `param_grad_norm`) it alone
     records at a compared step where either run holds scalars only: not compared there."""
+    unshared_compared: dict[str, int]
+    """Of the `unshared` names, those both runs record at other compared steps, each with the
+    number of them: compared there (verl's imported `lr`, which its first step lacks)."""
     only_a: list[tuple[int, int]]
     """Steps only run A holds, as inclusive ranges [first, last]."""
     only_b: list[tuple[int, int]]
@@ -352,6 +355,8 @@ class _Comparison:
     scalars_only: int = 0
     batches_compared: int = 0
     unshared: dict[str, set[str]] = field(default_factory=lambda: {"a": set(), "b": set()})
+    shared: dict[str, int] = field(default_factory=dict)
+    """Per scalar, the compared steps where both runs record it."""
     bits_only: set[str] = field(default_factory=set)
 
     @property
@@ -387,8 +392,10 @@ class _Comparison:
         self.batches_compared += not shared_only
         scalars_a = _compared_scalars(a, self.rewards[0], self.windows[0])
         scalars_b = _compared_scalars(b, self.rewards[1], self.windows[1])
+        recorded = {"a": _recorded(a, scalars_a), "b": _recorded(b, scalars_b)}
+        for name in recorded["a"] & recorded["b"]:
+            self.shared[name] = self.shared.get(name, 0) + 1
         if shared_only:
-            recorded = {"a": _recorded(a, scalars_a), "b": _recorded(b, scalars_b)}
             for side, step, rewards in (("a", a, self.rewards[0]), ("b", b, self.rewards[1])):
                 alone = recorded[side] - recorded["b" if side == "a" else "a"]
                 if rewards.inside(step.step):  # its reward is in its rollout's draw
@@ -630,6 +637,11 @@ def diff_runs(
         scalars_only=comparison.scalars_only,
         batches_compared=comparison.batches_compared,
         unshared={side: sorted(names) for side, names in comparison.unshared.items()},
+        unshared_compared={
+            name: comparison.shared[name]
+            for name in sorted(set().union(*comparison.unshared.values()))
+            if name in comparison.shared
+        },
         only_a=_ranges([n for n in steps_a if n not in in_b]),
         only_b=_ranges([n for n in steps_b if n not in in_a]),
         first=first,
