@@ -2,7 +2,7 @@
 then logged to a `Recorder`.
 
 `capture_micro_batch` reads a micro-batch's TensorDict (the padded response tensors verl's
-`ppo_loss` selects, plus `uid`, `token_level_scores`, `rollout_log_probs` and the global
+`ppo_loss` selects, plus `uid`, the token scores, `rollout_log_probs` and the global
 normalisers) and the model's log-probs; `StepLog` turns a step's micro-batches into one
 `Recorder.log_step` call. Token arrays keep each response's scored tokens (a response without
 any keeps its first position, unscored, so the sequence stays in the step).
@@ -36,6 +36,11 @@ _OPTIONAL = {
 }
 """Recorded field -> verl's key in the actor's batch."""
 
+_SCORES = ("token_level_scores", "rm_scores")
+"""verl's keys of the token scores, in order: the trainer's `token_level_scores`, else the
+reward's `rm_scores`, which verl's v1 trainer (`trainer.use_v1`, verl 0.9's default) hands
+the actor instead (its token_level_scores, equal to them, never reach it)."""
+
 
 @dataclass
 class MicroBatch:
@@ -53,7 +58,7 @@ class MicroBatch:
     """[B] verl's prompt-group id of each sequence; None when the batch has no `uid` (a loop
     of one's own): its prompt groups are unknown."""
     reward: torch.Tensor
-    """[B] sum of `token_level_scores` (NaN when absent)."""
+    """[B] sum of `token_level_scores`, else of `rm_scores` (`_SCORES`; NaN when absent)."""
     loss: float
     """verl's policy loss of the micro-batch, pg (+ kl_loss_coef * kl): a rank's losses sum to
     dp_size times its share of the step's objective, so their mean over ranks is the step's."""
@@ -122,7 +127,7 @@ def capture_micro_batch(
     micro-batch's TensorDict; metrics: what `ppo_loss` returned)."""
     log_prob = no_padding_2_padding(model_output["log_probs"].detach(), data)
     names = ["response_mask", "old_log_probs", "advantages"]
-    names += [key for key in (*_OPTIONAL.values(), "token_level_scores") if key in data]
+    names += [key for key in (*_OPTIONAL.values(), *_SCORES) if key in data]
     padded = data.select(*names).to_padded_tensor()
     mask = padded["response_mask"].to(torch.bool).cpu()
     loss_scale = token_loss_scale(
@@ -132,7 +137,7 @@ def capture_micro_batch(
         global_batch_size=_non_tensor(data, "global_batch_size"),
         loss_scale_factor=config.loss_scale_factor,
     )
-    scores = padded.get("token_level_scores", None)
+    scores = next((padded[key] for key in _SCORES if key in padded), None)
     reward = (
         scores.detach().float().sum(-1).cpu()
         if scores is not None

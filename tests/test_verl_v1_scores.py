@@ -1,0 +1,55 @@
+"""The rewards of a verl 0.9 job under its default trainer (`trainer.use_v1=True`): the v1
+trainer hands the actor the reward's `rm_scores` and never its `token_level_scores` (it sets
+them, equal, on its own copy for the advantages), so the recording read no score: every
+step's `reward` NaN and no `reward_mean`, the observed-collapse rule and diff's reward left
+with nothing."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+
+verl = pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
+
+import torch  # noqa: E402
+from test_integration_verl import (  # noqa: E402
+    StubEngine,
+    actor_config,
+    nested_responses,
+    rollout,
+)
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.workers.utils.losses import ppo_loss  # noqa: E402
+
+from stabledrl_cli.dump import open_run  # noqa: E402
+from stabledrl_cli.integrations import verl as stabledrl_verl  # noqa: E402
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["v1-nested", "padded"])
+def test_a_batch_of_rm_scores_records_its_rewards(tmp_path: Path, nested: bool) -> None:
+    """The rollout's scores as `rm_scores` only (nested, as the v1 trainer hands them over;
+    and padded): each recorded sequence's reward is its scores' sum, and each step's
+    reward_mean their mean, as verl's `critic/score/mean` takes them."""
+    data = rollout()
+    sums = data["token_level_scores"].sum(-1)
+    if nested:
+        data = nested_responses(data)
+    data["rm_scores"] = data["token_level_scores"]
+    data = data.exclude("token_level_scores")
+    engine = StubEngine()
+    loss = functools.partial(ppo_loss, config=actor_config())
+    assert stabledrl_verl.install(tmp_path / "run")
+    try:
+        for mb in tu.make_iterator(data, mini_batch_size=6, epochs=1, seed=0):
+            tu.assign_non_tensor(mb, global_batch_size=6)
+            engine.train_batch(mb, loss_function=loss)
+    finally:
+        stabledrl_verl.uninstall()
+    steps = list(open_run(tmp_path / "run"))
+    assert len(steps) == 2
+    rewards = torch.cat([step["reward"] for step in steps])
+    assert sorted(rewards.tolist()) == sorted(sums.tolist())
+    for step in steps:
+        assert step.scalars["reward_mean"] == pytest.approx(float(step["reward"].mean()))
