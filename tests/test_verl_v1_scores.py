@@ -14,6 +14,7 @@ import pytest
 verl = pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
 
 import torch  # noqa: E402
+from tensordict import NonTensorStack  # noqa: E402
 from test_integration_verl import (  # noqa: E402
     StubEngine,
     actor_config,
@@ -53,3 +54,38 @@ def test_a_batch_of_rm_scores_records_its_rewards(tmp_path: Path, nested: bool) 
     assert sorted(rewards.tolist()) == sorted(sums.tolist())
     for step in steps:
         assert step.scalars["reward_mean"] == pytest.approx(float(step["reward"].mean()))
+
+
+def test_verls_padding_samples_are_not_in_the_reward_mean(tmp_path: Path) -> None:
+    """The v1 trainer appends no-op samples to make the batch divisible by the mini-batch
+    size (`upsample_batch_to_divisible_size`: uid "pad" + a uuid4's hex, response unscored,
+    rm_scores 0), and leaves them out of `critic/score/mean`. The recording counted their 0
+    scores: a mini-batch of 4 real sequences and 2 padding ones recorded reward_mean 2/3 of
+    verl's. They are now unscored (reward NaN), so reward_mean is the mean over the real
+    sequences; they stay in the step, which verl's sequence count holds."""
+    data = rollout()
+    pads = [4, 5, 10, 11]
+    uids = [str(u) for u in data["uid"]]
+    for row in pads:
+        uids[row] = "pad" + "0123456789abcdef" * 2
+    data["uid"] = NonTensorStack(*uids)
+    for key in ("response_mask", "loss_mask"):
+        data[key][pads] = 0
+    data["token_level_scores"][pads] = 0.0
+    data["token_level_scores"][[0, 6]] = 1.0  # a real sequence scored in each mini-batch
+    sums = data["token_level_scores"].sum(-1)
+    engine = StubEngine()
+    loss = functools.partial(ppo_loss, config=actor_config())
+    assert stabledrl_verl.install(tmp_path / "run")
+    try:
+        for mb in tu.make_iterator(data, mini_batch_size=6, epochs=1, seed=None):
+            tu.assign_non_tensor(mb, global_batch_size=6)
+            engine.train_batch(mb, loss_function=loss)
+    finally:
+        stabledrl_verl.uninstall()
+    steps = list(open_run(tmp_path / "run"))
+    real = [row for row in range(12) if row not in pads]
+    assert len(steps) == 2 and sum(int(step["reward"].numel()) for step in steps) == 12
+    assert sum(int(step["reward"].isnan().sum()) for step in steps) == len(pads)
+    for step, rows in zip(steps, (real[:4], real[4:]), strict=True):
+        assert step.scalars["reward_mean"] == pytest.approx(float(sums[rows].mean()))

@@ -11,6 +11,7 @@ any keeps its first position, unscored, so the sequence stays in the step).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import chain
@@ -58,7 +59,8 @@ class MicroBatch:
     """[B] verl's prompt-group id of each sequence; None when the batch has no `uid` (a loop
     of one's own): its prompt groups are unknown."""
     reward: torch.Tensor
-    """[B] sum of `token_level_scores`, else of `rm_scores` (`_SCORES`; NaN when absent)."""
+    """[B] sum of `token_level_scores`, else of `rm_scores` (`_SCORES`; NaN when absent, and
+    for verl's padding samples, `is_padding_sample`)."""
     loss: float
     """verl's policy loss of the micro-batch, pg (+ kl_loss_coef * kl): a rank's losses sum to
     dp_size times its share of the step's objective, so their mean over ranks is the step's."""
@@ -116,6 +118,19 @@ def logged_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     return scalars
 
 
+_PADDING_UID = re.compile(r"pad[0-9a-f]{32}\Z")
+"""The uid verl's v1 trainer gives its padding samples (`upsample_batch_to_divisible_size`:
+"pad" + a uuid4's hex)."""
+
+
+def is_padding_sample(uid: str, mask: torch.Tensor) -> bool:
+    """Whether a sequence is one of the no-op samples verl's v1 trainer appends to make the
+    batch divisible by the mini-batch size (its uid `_PADDING_UID`, its response unscored:
+    `mask` [L] all False). verl's loss leaves it out, but for the sequence count it divides
+    by; its logged scores (`critic/score/mean`) leave it out too."""
+    return not bool(mask.any()) and _PADDING_UID.match(uid) is not None
+
+
 def _non_tensor(data: TensorDict, key: str) -> Any:
     return tu.get_non_tensor_data(data=data, key=key, default=None)
 
@@ -143,6 +158,10 @@ def capture_micro_batch(
         if scores is not None
         else torch.full((mask.shape[0],), math.nan)
     )
+    uids = [str(u) for u in data["uid"]] if "uid" in data else None
+    if uids is not None:  # verl's padding samples count in no score verl logs
+        padding = [is_padding_sample(uid, row) for uid, row in zip(uids, mask, strict=True)]
+        reward[torch.tensor(padding, dtype=torch.bool)] = math.nan
     loss = _metric_value(metrics["actor/pg_loss"])
     if config.use_kl_loss and "kl_loss" in metrics:
         loss += float(config.kl_loss_coef) * _metric_value(metrics["kl_loss"])
@@ -152,7 +171,7 @@ def capture_micro_batch(
         advantages=padded["advantages"].detach().float().cpu(),
         mask=mask,
         loss_scale=loss_scale,
-        uid=[str(u) for u in data["uid"]] if "uid" in data else None,
+        uid=uids,
         reward=reward,
         loss=loss,
         metrics={name: _metric_value(metrics[name]) for name in VERL_METRICS if name in metrics},
