@@ -26,6 +26,11 @@ from verl.workers.utils.losses import ppo_loss  # noqa: E402
 
 from stabledrl_cli.dump import open_run  # noqa: E402
 from stabledrl_cli.integrations import verl as stabledrl_verl  # noqa: E402
+from stabledrl_cli.integrations._verl_capture import Groups  # noqa: E402
+from stabledrl_cli.integrations._verl_hooks import Session, _num_generations  # noqa: E402
+
+PAD_UID = "pad" + "0123456789abcdef" * 2
+"""A uid of verl's v1 padding samples ("pad" + a uuid4's hex)."""
 
 
 @pytest.mark.parametrize("nested", [True, False], ids=["v1-nested", "padded"])
@@ -67,7 +72,7 @@ def test_verls_padding_samples_are_not_in_the_reward_mean(tmp_path: Path) -> Non
     pads = [4, 5, 10, 11]
     uids = [str(u) for u in data["uid"]]
     for row in pads:
-        uids[row] = "pad" + "0123456789abcdef" * 2
+        uids[row] = PAD_UID
     data["uid"] = NonTensorStack(*uids)
     for key in ("response_mask", "loss_mask"):
         data[key][pads] = 0
@@ -89,3 +94,27 @@ def test_verls_padding_samples_are_not_in_the_reward_mean(tmp_path: Path) -> Non
     assert sum(int(step["reward"].isnan().sum()) for step in steps) == len(pads)
     for step, rows in zip(steps, (real[:4], real[4:]), strict=True):
         assert step.scalars["reward_mean"] == pytest.approx(float(sums[rows].mean()))
+
+
+def test_verls_padding_group_keeps_num_generations_and_the_prompt_groups(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A rollout of rollout.n 3 with 2 padding samples (their own uid, a group of 2): the run
+    recorded no num_generations, as for a prompt of its own __rollout_n__, and on several
+    ranks a later rollout padded so recorded no prompt groups, warned as 'prompt groups of 2
+    responses, not the run's num_generations 3 (a prompt's own __rollout_n__)'. The padding
+    group is no prompt's: num_generations is 3 and the groups are recorded, unsaid; a real
+    group of another size still is refused."""
+    prompts = [f"prompt-{i // 3}" for i in range(12)]
+    padded = Groups.of([*prompts, PAD_UID, PAD_UID])
+    config = actor_config()
+    assert _num_generations(config, padded) == {"num_generations": 3}
+    assert _num_generations(config, Groups.of([*prompts, "prompt-9", "prompt-9"])) == {}
+    session = Session(Path("unused"), overwrite=False, group_size=3, world_size=2)
+    session.groups = padded
+    session.check_group_sizes()
+    assert session.groups.recorded and capsys.readouterr().err == ""
+    session.groups = Groups.of([*prompts, "prompt-9", "prompt-9"])
+    session.check_group_sizes()
+    assert not session.groups.recorded
+    assert "prompt groups of 2 responses" in capsys.readouterr().err

@@ -128,7 +128,13 @@ def is_padding_sample(uid: str, mask: torch.Tensor) -> bool:
     batch divisible by the mini-batch size (its uid `_PADDING_UID`, its response unscored:
     `mask` [L] all False). verl's loss leaves it out, but for the sequence count it divides
     by; its logged scores (`critic/score/mean`) leave it out too."""
-    return not bool(mask.any()) and _PADDING_UID.match(uid) is not None
+    return not bool(mask.any()) and is_padding_uid(uid)
+
+
+def is_padding_uid(uid: str) -> bool:
+    """Whether a prompt-group id is the one verl's v1 trainer gives its padding samples (a
+    group of as many as the batch lacked, not a prompt's rollout.n)."""
+    return _PADDING_UID.match(uid) is not None
 
 
 def _non_tensor(data: TensorDict, key: str) -> Any:
@@ -196,6 +202,11 @@ class Groups:
     recorded: bool = True
     """False when the rollout's steps record no prompt groups (`Session.check_group_sizes`:
     a multi-rank run whose join would take part of a larger group for a whole one)."""
+
+    def prompt_sizes(self) -> set[int]:
+        """The sizes of the rollout's prompt groups, verl's padding samples' group left out
+        (`is_padding_uid`)."""
+        return {n for uid, n in self.size.items() if not is_padding_uid(uid)}
 
     @classmethod
     def of(cls, uids: list[str]) -> Groups:

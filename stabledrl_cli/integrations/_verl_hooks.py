@@ -113,11 +113,12 @@ class Session:
         several ranks, whose join would take the part of such a group a step holds for the
         whole group when its size is num_generations; said once. Every rank decides the same
         (the rollout's groups are gathered over the ranks). One rank's step has no join: its
-        split marks are the rollout's own sizes, kept."""
+        split marks are the rollout's own sizes, kept. The group of verl's padding samples
+        is no prompt's (`Groups.prompt_sizes`): its rows are unscored, whatever the join reads."""
         size, groups = self.group_size, self.groups
         if groups is None or size is None or self.world_size == 1 or self.off:
             return
-        other = sorted({n for n in groups.size.values() if n != size})
+        other = sorted(groups.prompt_sizes() - {size})
         if not other:
             return
         self.groups = replace(groups, recorded=False)
@@ -220,11 +221,12 @@ def _num_generations(config: Any, groups: Groups | None) -> dict[str, int]:
     """The manifest's `num_generations`: the responses verl generates a prompt
     (`rollout_n`, rollout.n), by which a multi-rank join tells a whole group; none unknown,
     nor when a group of the rollout has another size (verl's v1 trainer takes a prompt's own
-    `__rollout_n__`): a join would take a part of a larger group for a whole one."""
+    `__rollout_n__`): a join would take a part of a larger group for a whole one. The group
+    of verl's padding samples is no prompt's (`Groups.prompt_sizes`)."""
     n = getattr(config, "rollout_n", None)
     if type(n) is not int or n <= 0:
         return {}
-    if groups is not None and any(size != n for size in groups.size.values()):
+    if groups is not None and groups.prompt_sizes() - {n}:
         return {}
     return {"num_generations": n}
 
