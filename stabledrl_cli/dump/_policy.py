@@ -62,11 +62,13 @@ def policy_entry(
     policy: str | PolicyLike, policy_params: Mapping[str, SpecValue] | None
 ) -> dict[str, Any]:
     """The manifest's policy entry; UsageError for a bad spec, a bad parameter, or a key given
-    both in the spec string and in `policy_params`."""
+    both in the spec string and in `policy_params`. A parameter given as None is left at its
+    default, as the spec leaves it (`format_spec`): neither is written."""
     if isinstance(policy, str):
         name, raw = split_spec(policy)
         params: dict[str, Any] = {key: _typed(text) for key, text in raw.items()}
-        policy_params = {k: plain_number(v) for k, v in (policy_params or {}).items()}
+        given = (policy_params or {}).items()
+        policy_params = {k: plain_number(v) for k, v in given if v is not None}
         twice = sorted(set(params) & set(policy_params))
         if twice:
             raise UsageError(
