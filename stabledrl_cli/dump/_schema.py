@@ -310,14 +310,14 @@ SERIES_SCALARS = (
     "rollout_count",
 )
 ROLLOUT_SCALARS = ("rollout_reward", "rollout_count")
+"""The TRL integration's mark of the rollouts generated during a step: their mean reward (the
+step's reward draw, `detectors.reward_draws`) and how many it is a mean of. Not series of
+their own: they are reward_mean's draws."""
 LOSS_AUX = "loss_aux"
 """The part of a step's recorded `loss` outside the policy's objective, which no policy of the
 catalogue models (the TRL integration's MoE router loss, its coefficient times the router's
 load-balancing loss): replay compares the run's own policy with `loss` less it
 (`loss_parity`). A scalar of the step's, absent where the loss has no such part."""
-"""The TRL integration's mark of the rollouts generated during a step: their mean reward (the
-step's reward draw, `detectors.reward_draws`) and how many it is a mean of. Not series of
-their own: they are reward_mean's draws."""
 MAX_SCALARS = 10_000
 """The most scalars of one's own (`scalars=`) a step may hold: real runs log tens to a few
 thousand; `log_step` refuses more (a usage error naming the count)."""

@@ -482,9 +482,11 @@ class Recorder:
         """The step whose write failed when recording stopped (an async write's failure is
         noticed at a later step's `log_step`), else None."""
         self._interrupted: str | None = None
-        self._unapplied = False
         """How the training was cut short (`note_interrupted`), noted as it closes; None: it
         was not."""
+        self._unapplied = False
+        """The exception came in the optimizer step of the last step the run holds: its
+        update never applied (`note_interrupted`)."""
         self._unnoted_stop: dict[str, Any] | None = None
         """The `recording_stopped` note the manifest refused (a full disk), else None: the
         run is marked closed only once it holds it, or it would read as a whole recording."""
