@@ -55,6 +55,10 @@ def test_an_moe_models_router_loss_is_recorded_apart(
     for step in run:  # TRL's loss, router loss included, as its dashboard shows it
         assert step.scalars["loss"] == pytest.approx(logged[step.step]["loss"], rel=1e-5)
         assert 0 < step.scalars["loss_aux"] < 0.01
+        # TRL logs the router's loss, a mean over the step's micro-batches (one per
+        # accumulation step): its term in the loss is the coefficient times that mean
+        logged_term = 0.001 * logged[step.step]["aux_loss"]
+        assert step.scalars["loss_aux"] == pytest.approx(logged_term, rel=1e-5)
     own = sd.replay(out, [recording.stabledrl_policy.spec], device="cpu").own
     assert own is not None
     parity = own.summary.loss_parity
