@@ -7,8 +7,10 @@ command's lines, in order, each on stdout or stderr, and a session that does not
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,3 +225,28 @@ def test_each_record_into_the_quick_starts_run_passes_force() -> None:
         and "--force" not in line.split(" -- ")[0]
     ]
     assert not refused, refused
+
+
+def marked_block(page: Path, marker: str) -> str:
+    """The fenced code block right after `<!-- test: MARKER -->` on `page`."""
+    text = page.read_text(encoding="utf-8")
+    found = re.search(rf"<!-- test: {re.escape(marker)} -->\n```[a-z]*\n(.*?)```", text, re.S)
+    assert found, f"{page.name} has no code block marked {marker!r}"
+    return found.group(1)
+
+
+SPIKE_PAGES = [ROOT / "README.md", ROOT / "docs" / "watch.md"]
+
+
+@pytest.mark.parametrize("page", SPIKE_PAGES, ids=lambda page: page.name)
+def test_the_scalar_watch_session_runs_on_the_script_the_page_shows(
+    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scalar run `watch` follows is recorded from a script the page shows (`spike.py`),
+    and the session prints what the page shows: a reader can run it as written."""
+    (tmp_path / "spike.py").write_text(marked_block(page, "spike.py"), encoding="utf-8")
+    [session] = [s for s in sessions(page) if "spike.py" in s[0].args]
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    differences = play(session)
+    assert not differences, "\n".join(differences)
