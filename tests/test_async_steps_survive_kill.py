@@ -22,8 +22,8 @@ from _cli import ROOT, cli_command
 from stabledrl_cli import open_run
 
 SLOW_DISK = """
-import stabledrl_cli.dump._writer as writer
-writer._make_durable = lambda item: __import__("time").sleep(60)  # nothing reaches the disk
+import stabledrl_cli.dump._step_writes as writer
+writer.make_durable = lambda item: __import__("time").sleep(60)  # nothing reaches the disk
 """
 
 KILLED_RECORDER = SLOW_DISK + textwrap.dedent(

@@ -882,16 +882,16 @@ def test_an_async_log_step_waits_for_room_in_a_full_queue_as_the_docs_say(tmp_pa
 
     from _cli import ROOT
 
-    from stabledrl_cli.dump import _writer
+    from stabledrl_cli.dump import _step_writes
 
     disk = threading.Event()
-    durable = _writer.make_step_durable
+    durable = _step_writes.make_step_durable
 
     def slow_disk(*args: object) -> None:
         disk.wait()
         durable(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_writer, "make_step_durable", slow_disk)
+    monkeypatch.setattr(_step_writes, "make_step_durable", slow_disk)
     with sd.Recorder(tmp_path / "run", policy=None, async_writes=True, queue_size=2) as rec:
         for step in range(3):  # one taken by the writer, two waiting
             rec.log_step(step, grad_norm=1.0)

@@ -485,12 +485,12 @@ TERMINATED = textwrap.dedent(
     if sys.argv[1] == "ignored":  # before the hooks are installed (as torch is imported)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     import torch
-    import stabledrl_cli.dump._writer as writer
+    import stabledrl_cli.dump._step_writes as writer
 
     shown = {signal.SIG_DFL: "default", signal.SIG_IGN: "ignored"}.get
     if sys.argv[1] == "slow-disk":  # each step takes the Recorder's thread 0.3 s to fsync
-        durable = writer._make_durable
-        writer._make_durable = lambda item: (time.sleep(0.3), durable(item))[1]
+        durable = writer.make_durable
+        writer.make_durable = lambda item: (time.sleep(0.3), durable(item))[1]
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(int(sys.argv[2])):

@@ -1422,11 +1422,11 @@ def test_a_forked_child_that_ends_leaves_the_parents_run_alone(tmp_path, monkeyp
 INTERRUPTED_DRAIN_SCRIPT = textwrap.dedent(
     """
     import atexit, threading
-    import stabledrl_cli.dump._writer as writer
+    import stabledrl_cli.dump._step_writes as writer
 
     LATE = 4
     disk = threading.Event()  # a slow disk for the late step: it waits in the queue
-    durable, stop = writer._make_durable, writer._Writer.stop
+    durable, stop = writer.make_durable, writer.WriteThread.stop
 
 
     def slow_durable(item):
@@ -1448,7 +1448,7 @@ INTERRUPTED_DRAIN_SCRIPT = textwrap.dedent(
         optimizer.step()
 
 
-    writer._make_durable, writer._Writer.stop = slow_durable, stop_interrupted_once
+    writer.make_durable, writer.WriteThread.stop = slow_durable, stop_interrupted_once
     atexit.register(late_step)
     import torch
 

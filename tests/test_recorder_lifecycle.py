@@ -94,7 +94,7 @@ INTERRUPTED_CLOSE = textwrap.dedent(
     import sys, threading
     import numpy as np
     import stabledrl_cli as sd
-    import stabledrl_cli.dump._writer as writer
+    import stabledrl_cli.dump._step_writes as writer
 
     gate, real_durable = threading.Event(), writer.make_step_durable
 
@@ -108,14 +108,14 @@ INTERRUPTED_CLOSE = textwrap.dedent(
     for step in range(6):
         rec.log_step(step, logp=np.zeros(4, np.float32), logp_old=np.zeros(4, np.float32),
                      advantages=np.ones(4, np.float32), seq_id=np.array([0, 0, 1, 1]))
-    real_join = writer._Writer.join
+    real_join = writer.WriteThread.join
 
     def interrupted_join(self, *args):  # a second Ctrl-C while close() drains the queue
-        writer._Writer.join = real_join
+        writer.WriteThread.join = real_join
         gate.set()
         raise KeyboardInterrupt
 
-    writer._Writer.join = interrupted_join
+    writer.WriteThread.join = interrupted_join
     try:
         rec.close()
     except KeyboardInterrupt:
@@ -138,7 +138,7 @@ DROPPED_UNCLOSED = textwrap.dedent(
     import atexit, sys, threading
     import numpy as np
     import stabledrl_cli as sd
-    import stabledrl_cli.dump._writer as writer
+    import stabledrl_cli.dump._step_writes as writer
 
     gate, real_durable = threading.Event(), writer.make_step_durable
 
@@ -173,7 +173,7 @@ TRAINED_IN_A_CHILD = textwrap.dedent(
     import multiprocessing, sys, time
     import numpy as np
     import stabledrl_cli as sd
-    import stabledrl_cli.dump._writer as writer
+    import stabledrl_cli.dump._step_writes as writer
 
     real_durable = writer.make_step_durable
 
@@ -364,7 +364,7 @@ def test_a_close_from_another_thread_marks_the_run_after_a_step_under_way(tmp_pa
     lock = _TellingLock()
     recorder._lock = lock  # type: ignore[assignment]
     writing = threading.Event()
-    write, amend = _writer._write, _setup.amend_manifest
+    write, amend = _writer.write_step_file, _setup.amend_manifest
     step = run / "steps" / "step-00000001.safetensors"
     landed: list[bool] = []
 
@@ -378,7 +378,7 @@ def test_a_close_from_another_thread_marks_the_run_after_a_step_under_way(tmp_pa
         lock.wanted.set()
         amend(path, name, value)
 
-    monkeypatch.setattr(_writer, "_write", slow_write)
+    monkeypatch.setattr(_writer, "write_step_file", slow_write)
     monkeypatch.setattr(_writer, "amend_manifest", telling_amend)
     logging = threading.Thread(target=recorder.log_step, args=(1,), kwargs={"grad_norm": 1.0})
     logging.start()
@@ -518,7 +518,7 @@ def test_an_async_recorder_dropped_unclosed_holds_its_rank_until_its_queue_is_wr
     process; close it first', with nothing left to close)."""
     import gc
 
-    import stabledrl_cli.dump._writer as writer
+    import stabledrl_cli.dump._step_writes as writer
 
     real_durable, disk = writer.make_step_durable, threading.Event()
 

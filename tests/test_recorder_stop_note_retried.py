@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import stabledrl_cli.dump._step_writes as step_writes
 import stabledrl_cli.dump._writer as writer
 from stabledrl_cli.dump import Recorder, open_run
 from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED
@@ -19,8 +20,9 @@ BATCH = {"logp": [-1.0], "logp_old": [-1.0], "advantages": [1.0]}
 
 
 def _full_disk_at(monkeypatch: pytest.MonkeyPatch, step: int, manifest_refusals: int) -> None:
-    """The write of `step`'s file fails, and the next `manifest_refusals` manifest writes."""
-    write, amend = writer.write_step, writer.amend_manifest
+    """The write of `step`'s file fails, and the next `manifest_refusals` manifest writes
+    (the stop note's and the closed mark's alike)."""
+    write, amend = step_writes.write_step, step_writes.amend_manifest
     refusals = [manifest_refusals]
 
     def write_step(directory, name, *args, **kwargs):
@@ -34,8 +36,9 @@ def _full_disk_at(monkeypatch: pytest.MonkeyPatch, step: int, manifest_refusals:
             raise WriteError(f"{path}: cannot write it (no space left on device)")
         return amend(path, name, value)
 
-    monkeypatch.setattr(writer, "write_step", write_step)
-    monkeypatch.setattr(writer, "amend_manifest", amend_manifest)
+    monkeypatch.setattr(step_writes, "write_step", write_step)
+    for module in (step_writes, writer):
+        monkeypatch.setattr(module, "amend_manifest", amend_manifest)
 
 
 def _record(path: Path) -> None:

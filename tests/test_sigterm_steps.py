@@ -98,11 +98,11 @@ SLOW_ASYNC_RECORDER = textwrap.dedent(
     """
     import os, signal, sys, time
     import numpy as np
-    import stabledrl_cli.dump._writer as writer
+    import stabledrl_cli.dump._step_writes as writer
     from stabledrl_cli import Recorder
 
-    durable = writer._make_durable
-    writer._make_durable = lambda item: (time.sleep(0.2), durable(item))  # a slow disk
+    durable = writer.make_durable
+    writer.make_durable = lambda item: (time.sleep(0.2), durable(item))  # a slow disk
     recorder = Recorder(sys.argv[1], policy="grpo", async_writes=True)
     for step in range(6):
         recorder.log_step(

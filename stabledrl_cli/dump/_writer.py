@@ -71,20 +71,18 @@ import datetime as _dt
 import functools
 import math
 import os
-import queue
 import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from stabledrl_cli._atomic import write_atomic, write_error
+from stabledrl_cli._atomic import write_error
 from stabledrl_cli._child_end import at_child_end
-from stabledrl_cli._json import json_text
 from stabledrl_cli._run_env import forced_run, records_out
 from stabledrl_cli._sigterm import steps_written_on_sigterm
 from stabledrl_cli._version import __version__
@@ -108,18 +106,24 @@ from stabledrl_cli.dump._schema import (
     WORLD_SIZE_LIMIT,
     is_count,
     json_checked,
-    note_text,
     path_argument,
     step_file_name,
     step_number,
-    stop_note_name,
     switch_argument,
     written_version,
 )
 from stabledrl_cli.dump._setup import amend_manifest, prepare_run, refuse_in_the_way
-from stabledrl_cli.dump._stfile import discard_step, encode_step, make_step_durable, write_step
-from stabledrl_cli.dump._writer_lock import WriterLock
-from stabledrl_cli.errors import InputError, UsageError, WriteError, counted, quoted, warn
+from stabledrl_cli.dump._step_writes import (
+    Failure,
+    StepWrite,
+    StopNote,
+    WriteThread,
+    raise_failures,
+    write_step_file,
+    writer_failure,
+)
+from stabledrl_cli.dump._stfile import encode_step
+from stabledrl_cli.errors import InputError, UsageError, WriteError, quoted, warn
 from stabledrl_cli.spec import SpecValue, reads_as_zero, spec_float, whole_number
 from stabledrl_cli.vocab import GROUP_IDS, ON_WRITE_ERROR, UNITS, GroupIds, OnWriteError, Unit
 
@@ -200,122 +204,6 @@ def _object(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise UsageError(f"{what} must be a dict, got {type(value).__name__}")
     return dict(value)
-
-
-class _Write(NamedTuple):
-    """A step file to write (`_write`; queued for its fsync without its `parts`):
-    `replaces` when it rewrites the step's file."""
-
-    directory: str
-    name: str
-    parts: list[bytes | memoryview]
-    step: int
-    replaces: bool
-
-
-def _write(item: _Write, *, durable: bool = True) -> None:
-    """Writes the step file (`durable` False: not yet fsynced, `_make_durable`); when that
-    fails, a file it was to replace (the step's first half) is removed too, so that the step
-    is not left looking whole: WriteError."""
-    try:
-        write_step(item.directory, item.name, item.parts, durable=durable)
-    except WriteError:
-        if item.replaces:
-            discard_step(item.directory, item.name)
-        raise
-
-
-def _make_durable(item: _Write) -> None:
-    """Fsyncs a step file `_write` wrote not durable; when that fails the file is removed (its
-    data may not be on the disk): WriteError."""
-    try:
-        make_step_durable(item.directory, item.name)
-    except WriteError:
-        discard_step(item.directory, item.name)
-        raise
-
-
-class _Failure(NamedTuple):
-    """A step whose write failed in the writer thread."""
-
-    step: int
-    error: BaseException
-
-
-class _Writer(threading.Thread):
-    """Makes queued steps durable in order (`_make_durable`: their files are under their
-    names already) and keeps the failed ones until the caller takes them. `halt_on_error`:
-    after a failure, the later steps are not fsynced (recording stops: on_write_error="warn";
-    their files stay); else each step is made durable as a synchronous Recorder would."""
-
-    def __init__(self, queue_size: int, *, halt_on_error: bool) -> None:
-        super().__init__(name="stabledrl-recorder", daemon=True)
-        self.queue: queue.Queue[_Write | None] = queue.Queue(maxsize=queue_size)
-        """Steps to write, in order; None stops the thread."""
-        self.halt_on_error = halt_on_error
-        self._failures: list[_Failure] = []
-        """The failed writes the caller has not taken, oldest first (at most a queue's worth
-        and one between two takes: each `log_step` takes them)."""
-        self._failures_lock = threading.Lock()
-        self._halted = False
-        self._at_end: WriterLock | None = None
-        """The rank's lock of a Recorder dropped unclosed, released as the thread ends
-        (`release_when_written`)."""
-
-    def run(self) -> None:
-        try:
-            while True:
-                item = self.queue.get()
-                try:
-                    if item is None:
-                        return
-                    self._write(item)
-                finally:
-                    self.queue.task_done()
-                if self._at_end is not None and self.queue.empty():
-                    return
-        finally:
-            if self._at_end is not None:
-                self._at_end.release()
-
-    def release_when_written(self, lock: WriterLock) -> None:
-        """Its Recorder was dropped unclosed: the thread writes the queued steps, then ends and
-        releases the rank's `lock`, never before (a second Recorder of the rank would take the
-        run while they land in it). Never waits: a full queue's last write ends the thread."""
-        self._at_end = lock
-        lock.release_soon()
-        with suppress(queue.Full):
-            self.queue.put_nowait(None)  # (a thread waiting on an empty queue)
-        if not self.is_alive():
-            lock.release()
-
-    def _write(self, item: _Write) -> None:
-        """Makes `item`'s file durable (unless halted: it stays under its name, whole in the
-        page cache, as a killed process leaves it); a failure is kept for the caller."""
-        if self._halted:
-            return
-        try:
-            _make_durable(item)
-        except BaseException as exc:
-            with self._failures_lock:
-                self._failures.append(_Failure(item.step, exc))
-            self._halted = self.halt_on_error
-
-    def take_failures(self) -> list[_Failure]:
-        """The failed writes since the last call, oldest first (each is reported once)."""
-        with self._failures_lock:
-            failures, self._failures = self._failures, []
-        return failures
-
-    def stop(self) -> None:
-        """Writes every queued step, then ends the thread (at once when it has ended). The
-        stop marker is put with a timeout in a loop that ends with the thread, so a call after
-        an interrupted one never waits on a thread that is gone."""
-        while self.is_alive():
-            with suppress(queue.Full):
-                self.queue.put(None, timeout=1.0)
-                break
-        self.join()
 
 
 def resumed_before(last: int, step: int, keyword: str = "resume_from") -> str:
@@ -490,7 +378,7 @@ class Recorder:
         self._unnoted_stop: dict[str, Any] | None = None
         """The `recording_stopped` note the manifest refused (a full disk), else None: the
         run is marked closed only once it holds it, or it would read as a whole recording."""
-        self._stop_note = _StopNote(self.path, self.rank, self.world_size)
+        self._stop_note = StopNote(self.path, self.rank, self.world_size)
         self._closed = False
         self._closed_marked = False
         """Whether close marked the run `recording_closed` (rank 0 of a world_size 1 run: the
@@ -504,9 +392,9 @@ class Recorder:
         """The thread whose log_step (or rewrite_step) is under way, else None."""
         self._close_deferred = False
         """Whether a close came from that thread itself (a signal handler) during the step."""
-        self._writer: _Writer | None = None
+        self._writer: WriteThread | None = None
         if async_writes:
-            self._writer = _Writer(queue_size, halt_on_error=on_write_error == "warn")
+            self._writer = WriteThread(queue_size, halt_on_error=on_write_error == "warn")
             self._writer.start()
             # one dropped unclosed notes a failure found at the end as it would have
             noted = self._stop_note if on_write_error == "warn" else None
@@ -675,11 +563,11 @@ class Recorder:
                 scored = np.count_nonzero(~np.isnan(tensors["reward"]))
                 metadata[META_SCORED_REWARDS] = str(scored)
             name = step_file_name(step, self.rank, self.world_size)
-            item = _Write(
+            item = StepWrite(
                 self._steps_dir, name, encode_step(tensors, metadata), step, self._rewriting
             )
             try:
-                _write(item, durable=self._writer is None)
+                write_step_file(item, durable=self._writer is None)
             except WriteError as exc:
                 self._step_failed(exc, step)
                 return
@@ -747,10 +635,10 @@ class Recorder:
         failures = self._writer_failures(drained=False)
         if failures:
             first = failures[0]
-            error = _writer_failure(self.path, failures)
+            error = writer_failure(self.path, failures)
             self._write_failed(error, first.step, cause=first.error)
 
-    def _writer_failures(self, *, drained: bool) -> list[_Failure]:
+    def _writer_failures(self, *, drained: bool) -> list[Failure]:
         """The writer thread's failed writes not yet reported, oldest first; `drained`: once
         every queued step is made durable or has failed."""
         writer = self._writer
@@ -772,7 +660,7 @@ class Recorder:
             self._write_failed(error, step)
             return
         first = failures[0]
-        message = _writer_failure(self.path, failures)
+        message = writer_failure(self.path, failures)
         own = WriteError(f"{message}; step {step} not written either: {error}")
         self._write_failed(own, first.step, cause=first.error)
 
@@ -816,7 +704,7 @@ class Recorder:
         self._write_stop_note(reason, step)
 
     def _write_stop_note(self, reason: str, step: int | None) -> None:
-        """Notes the stop (`_StopNote`); one the manifest refused is tried again before the run
+        """Notes the stop (`StopNote`); one the manifest refused is tried again before the run
         is marked closed."""
         refused = self._stop_note.write(reason, step)
         if refused is not None:
@@ -957,49 +845,9 @@ def cut_short(cause: BaseException) -> str:
 _CAUSE_SHOWN = 200
 """The most characters of an exception's message a stop note gives."""
 
-_LATER_STEPS_SHOWN = 5
-"""The later failed steps a writer thread's error names (the rest as '...')."""
-
-
-def _writer_failure(path: Path, failures: list[_Failure]) -> WriteError:
-    """The error of the run at `path` whose writer thread failed to make `failures` durable
-    (at least one): the first one's error, and the later steps not made durable either."""
-    exc = failures[0].error
-    message = str(exc) if isinstance(exc, WriteError) else f"{path}: {exc!r}"
-    later = [str(failure.step) for failure in failures[1:]]
-    if later:
-        shown = later[:_LATER_STEPS_SHOWN] + (["..."] if len(later) > _LATER_STEPS_SHOWN else [])
-        message += (
-            f"; {counted(len(later), 'later step')} not made durable either ({', '.join(shown)})"
-        )
-    return WriteError(message)
-
-
-class _StopNote(NamedTuple):
-    """Where a rank's stop note goes: the manifest's `recording_stopped` and, with several
-    ranks, the rank's own note file (best effort both). Kept apart from the Recorder so that
-    the exit handler of one dropped unclosed still notes a failure it finds."""
-
-    path: Path
-    rank: int
-    world_size: int
-
-    def write(self, reason: str, step: int | None) -> dict[str, Any] | None:
-        """Writes the note of a stop at `step` for `reason`; -> the note when the manifest
-        refused it (the disk that refused the step may refuse it too), else None."""
-        note = {"step": step, "rank": self.rank, "reason": json_text(reason)}
-        if self.world_size > 1:  # the rank's own file: the manifest's one note is shared
-            with suppress(WriteError):
-                write_atomic(self.path / STEPS_DIR / stop_note_name(self.rank), note_text(note))
-        try:
-            amend_manifest(self.path, RECORDING_STOPPED, note)
-        except (ValueError, InputError, WriteError):
-            return note
-        return None
-
 
 def _close_at_exit(
-    ref: weakref.ref[Recorder], writer: _Writer, path: Path, noted: _StopNote | None
+    ref: weakref.ref[Recorder], writer: WriteThread, path: Path, noted: StopNote | None
 ) -> None:
     """At exit: closes the Recorder; one dropped unclosed still has its queued steps written.
     A write that fails then, and that its caller has not been told of, is one warning line: no
@@ -1010,11 +858,11 @@ def _close_at_exit(
             recorder.end_at_exit()
         else:  # (in a forked child the copy's thread is not alive: nothing to do)
             writer.stop()
-            _raise_failures(writer, path, noted)
+            raise_failures(writer, path, noted)
 
 
 def _written_on_sigterm(
-    ref: weakref.ref[Recorder], writer: _Writer, path: Path, noted: _StopNote | None
+    ref: weakref.ref[Recorder], writer: WriteThread, path: Path, noted: StopNote | None
 ) -> None:
     """On a SIGTERM that ends the process at once (`_sigterm`): the queued steps are written,
     without the Recorder's lock (the training thread may have been stopped holding it), and
@@ -1027,18 +875,7 @@ def _written_on_sigterm(
         if recorder is not None:
             recorder._raise_writer_error()
         else:
-            _raise_failures(writer, path, noted)
-
-
-def _raise_failures(writer: _Writer, path: Path, noted: _StopNote | None) -> None:
-    """The writer's failed writes that no Recorder took, as its WriteError, noted first as the
-    Recorder would have (`noted`: on_write_error="warn"; None: not noted)."""
-    failures = writer.take_failures()
-    if failures:
-        error = _writer_failure(path, failures)
-        if noted is not None:
-            noted.write(str(error), failures[0].step)
-        raise error
+            raise_failures(writer, path, noted)
 
 
 @contextmanager
