@@ -53,14 +53,16 @@ def terminate(signum: int, frame: FrameType | None) -> None:
 
 @contextmanager
 def lost_stops_delivered_again() -> Iterator[None]:
-    """Inside: a `Terminated` that Python swallowed is raised again. The handler raises where
-    the main thread happens to be, and there it can be a weakref callback or a `__del__` (h5py
-    runs them as it closes objects): Python prints "Exception ignored in ..." and goes on, and
-    the work would finish, deaf to SIGTERM. `sys.unraisablehook` sees each such exception: for a
-    `Terminated` it puts `terminate` back, and a thread sends SIGTERM to the main thread again
-    once the hook has returned (sent from the hook itself, it would be raised, and lost, there),
-    so it is raised within a few milliseconds, in the work. Work that ends before that ends as
-    it would have without the signal. Other exceptions go to the hook there was."""
+    """Inside: a `Terminated` or a Ctrl-C's KeyboardInterrupt that Python swallowed is raised
+    again. A handler raises where the main thread happens to be, and there it can be a weakref
+    callback or a `__del__` (h5py runs them as it closes objects) or an import's lock
+    callback: Python prints "Exception ignored in ..." and goes on, and the work would finish
+    and exit 0, deaf to the signal. `sys.unraisablehook` sees each such exception: for a
+    `Terminated` it puts `terminate` back, and a thread sends the signal (SIGTERM, or SIGINT for
+    a KeyboardInterrupt) to the main thread again once the hook has returned (sent from the
+    hook itself, it would be raised, and lost, there), so it is raised within a few
+    milliseconds, in the work. Work that ends before that ends as it would have without the
+    signal. Other exceptions go to the hook there was."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -68,12 +70,16 @@ def lost_stops_delivered_again() -> Iterator[None]:
     inside = threading.Event()
 
     def deliver_again(unraisable: Any) -> None:
-        if not isinstance(unraisable.exc_value, Terminated):
+        if isinstance(unraisable.exc_value, Terminated):
+            signal.signal(signal.SIGTERM, terminate)
+            signum = signal.SIGTERM
+        elif isinstance(unraisable.exc_value, KeyboardInterrupt):
+            signum = signal.SIGINT
+        else:
             previous(unraisable)
             return
         hook_returned = threading.Event()
-        signal.signal(signal.SIGTERM, terminate)
-        resend = threading.Thread(target=_resend, args=(hook_returned, inside), daemon=True)
+        resend = threading.Thread(target=_resend, args=(signum, hook_returned, inside), daemon=True)
         resend.start()
         hook_returned.set()
 
@@ -86,17 +92,20 @@ def lost_stops_delivered_again() -> Iterator[None]:
         sys.unraisablehook = previous
 
 
-def _resend(hook_returned: threading.Event, inside: threading.Event) -> None:
+def _resend(
+    signum: signal.Signals, hook_returned: threading.Event, inside: threading.Event
+) -> None:
     hook_returned.wait()
     if inside.is_set():
-        _thread.interrupt_main(signal.SIGTERM)
+        _thread.interrupt_main(signum)
 
 
 @contextmanager
 def stopped_by_sigterm() -> Iterator[None]:
     """Inside: SIGTERM stops the work as Ctrl-C does, its half-written output removed on the
-    way out, then ends the command with 143 and the line `stopped by SIGTERM` (a stop raised
-    inside a finalizer, where Python swallows it, is raised again: `lost_stops_delivered_again`).
+    way out, then ends the command with 143 and the line `stopped by SIGTERM` (a stop or a
+    Ctrl-C raised inside a finalizer, where Python swallows it, is raised again:
+    `lost_stops_delivered_again`).
     Outside, SIGTERM ends the process at once, as before."""
     try:
         with lost_stops_delivered_again(), sigterm_handled(terminate):

@@ -28,6 +28,7 @@ from stabledrl_cli._process import SIGNALLED
 from stabledrl_cli._version import __version__
 from stabledrl_cli.cli import _help
 from stabledrl_cli.cli._output import err, silence_stdout, writing_again
+from stabledrl_cli.cli._signals import lost_stops_delivered_again
 from stabledrl_cli.errors import DEBUG_ENV, exit_code_for
 
 
@@ -280,7 +281,8 @@ class LazyGroup(TyperGroup):
         return name, command, rest
 
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
-        with mapped_errors(debug_requested(ctx)):
+        # A Ctrl-C that Python swallowed in a finalizer is raised again, so it still stops
+        with mapped_errors(debug_requested(ctx)), lost_stops_delivered_again():
             return super().invoke(ctx)
 
 
