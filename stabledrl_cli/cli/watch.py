@@ -68,6 +68,7 @@ from stabledrl_cli.replay.gate import GateResult, Gates, LostSteps, evaluate
 from stabledrl_cli.replay.inspection import group_findings
 from stabledrl_cli.replay.run_facts import (
     DAMAGED_KINDS,
+    SKIPPED_KINDS,
     print_own_policy_note,
     run_gaps,
     shown_reasons,
@@ -90,20 +91,32 @@ def _alert_line(alert: Alert) -> str:
     return f"alert: step {alert.step}: {alert.kind}: {alert.message}"
 
 
+def _skipped_kinds(watcher: RunWatcher) -> tuple[str, ...]:
+    """The integrity findings of the step files the reader skipped that the run lacks: the
+    damaged ones (`DAMAGED_KINDS`), and, once the run gains no step (its recording closed, a
+    packed archive, or its Recorders ended), a step some rank never wrote, as `check` counts it
+    (`SKIPPED_KINDS`); before that such a step is not lacking: the ranks of a live run lag."""
+    ended = watcher.closed or watcher.writers_ended is not None
+    return SKIPPED_KINDS if ended else DAMAGED_KINDS
+
+
 def _damaged_line(watcher: RunWatcher) -> str | None:
-    """The warning naming the step files the reader skipped as damaged (`DAMAGED_KINDS`; not a
-    step some rank has not written yet: the ranks of a live run lag), as `check` names them,
-    consecutive steps alike as one (`group_findings`, as inspect's rows); None without one.
+    """The warning naming the step files the reader skipped that the run lacks
+    (`_skipped_kinds`), as `check` names them, consecutive steps alike as one
+    (`group_findings`, as inspect's rows); None without one.
     From the headers the watch read: no file is read again for it."""
     replay = watcher.replay
     if replay is None:
         return None
-    damaged = [f for f in replay.run.header_findings() if f.kind in DAMAGED_KINDS]
+    kinds = _skipped_kinds(watcher)
+    damaged = [f for f in replay.run.header_findings() if f.kind in kinds]
     if not damaged:
         return None
     reasons = [row.message for row in group_findings(damaged, replay.seen)]
+    incomplete = any(f.kind not in DAMAGED_KINDS for f in damaged)
+    what = "unreadable or incomplete step" if incomplete else "unreadable step"
     return (
-        f"warning: skipped {counted(len(damaged), 'unreadable step')} of {watcher.path} "
+        f"warning: skipped {counted(len(damaged), what)} of {watcher.path} "
         f"({shown_reasons(reasons)}); "
         "`stabledrl inspect` lists every finding"
     )
@@ -298,15 +311,14 @@ def _refuse_policy_gates(watcher: RunWatcher, gates: Gates) -> None:
     )
 
 
-def _lost(replay: OwnReplay) -> LostSteps:
+def _lost(watcher: RunWatcher, replay: OwnReplay) -> LostSteps:
     """The steps the run lacks so far, as the watch's warnings name them (`_warn_damaged`,
-    `_rejected_line`): skipped, their file damaged or their data unusable by the own policy,
-    and missing between the recorded ones. A step some rank has not written yet is neither:
-    the ranks of a live run lag."""
+    `_rejected_line`): skipped (`_skipped_kinds`: their file damaged, or, once the run gains no
+    step, some rank's never written) or their data unusable by the own policy, and missing
+    between the recorded ones."""
+    kinds = _skipped_kinds(watcher)
     damaged = {
-        f.step
-        for f in replay.run.header_findings()
-        if f.kind in DAMAGED_KINDS and f.step is not None
+        f.step for f in replay.run.header_findings() if f.kind in kinds and f.step is not None
     }
     skipped = damaged | {step for step, _ in replay.rejected}
     return LostSteps(skipped=len(skipped), missing=missing_count(run_gaps(replay.run)))
@@ -322,7 +334,7 @@ def _gates(watcher: RunWatcher, gates: Gates) -> list[GateResult]:
     _require_replayed(watcher)
     _refuse_policy_gates(watcher, gates)
     result = replay.result() if replay.policy is not None and replay.steps else None
-    return evaluate(result, gates, None, recorded=replay.recorded(), lost=_lost(replay))
+    return evaluate(result, gates, None, recorded=replay.recorded(), lost=_lost(watcher, replay))
 
 
 def _report_gates(results: list[GateResult]) -> int:

@@ -1,0 +1,74 @@
+"""`watch --max-lost-steps`: a step some rank never wrote is lost once the run gains no step.
+
+A 2-rank torchrun whose rank 1 died in step 3 (rank 0 had written it) left steps 0-2 whole and
+step 3 without rank 1's file. `check RUN --max-lost-steps 0` tripped (1 step lost), but a
+live `watch RUN --max-lost-steps 0` that saw the recording end ("the recording's process ended
+without closing it (killed?)") said "gates passed", exit 0, and so did `watch RUN.h5 --once
+--max-lost-steps 0` on its packed archive: the watch took the step for one a lagging rank has
+not written yet, which a run that gains no step never has. While the run is recorded it still
+is not lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import Recorder, open_run, pack_run
+
+GATE = ["--max-lost-steps", "0", "--device", "cpu"]
+LOST = "1 step lost (1 skipped, 0 missing between recorded ones), limit 0"
+
+
+def _ranks(run: Path) -> list[Recorder]:
+    """Two ranks recording scalar steps 0-9 each, then rank 0 step 10: rank 1's is to come."""
+    ranks = [Recorder(run, policy=None, world_size=2, rank=rank) for rank in (0, 1)]
+    for recorder in ranks:
+        for n in range(10):
+            recorder.log_step(n, grad_norm=1.0 + 0.1 * (n % 3), loss=0.5, lr=1e-3)
+    ranks[0].log_step(10, grad_norm=1.0, loss=0.5, lr=1e-3)
+    return ranks
+
+
+def test_a_step_a_rank_never_wrote_is_lost_once_the_recording_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    ranks = _ranks(run)
+    live = CliRunner().invoke(app, ["watch", str(run), "--once", *GATE])
+    assert live.exit_code == 0, live.output  # rank 1 may still write step 10
+    sleeps = 0
+
+    def between_polls(seconds: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        if sleeps == 1:  # the training ends: rank 1 never writes step 10
+            for recorder in ranks:
+                recorder.close()
+        if sleeps > 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
+    ended = CliRunner().invoke(app, ["watch", str(run), *GATE])
+    assert "every Recorder of the run closed: stopped (10 steps seen)" in ended.stderr
+    assert ended.exit_code == 1, ended.stderr
+    assert ended.stderr.rstrip().endswith(f"gate tripped: (run) max_lost_steps: {LOST}")
+    assert "step 10: incomplete, no file for rank(s) [1]" in ended.stderr
+
+
+def test_a_packed_run_lacks_the_step_a_rank_never_wrote_as_check_says(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for recorder in _ranks(run):
+        recorder.close()
+    archive = tmp_path / "run.h5"
+    pack_run(open_run(run), archive)
+    args = [*GATE, "-f", "json"]
+    watch = CliRunner().invoke(app, ["watch", str(archive), "--once", *args])
+    check = CliRunner().invoke(app, ["check", str(archive), *args])
+    assert watch.exit_code == 1 == check.exit_code, watch.output
+    gates = json.loads(watch.stdout)["gates"]
+    assert gates == json.loads(check.stdout)["gates"]
+    assert gates[0]["message"] == LOST
