@@ -242,7 +242,7 @@ class RunWatcher:
         self.config = config or ReplayConfig()
         self.recent = recent
         self.replay: OwnReplay | None = None
-        self._waiting: str | None = f"waiting for {self.path / 'manifest.json'}"
+        self._waiting: str | None = self._reading()
         self._alerts: list[Alert] = []
         self._seen: set[tuple[str, int]] = set()
         self._listed: set[int] = set()
@@ -357,6 +357,11 @@ class RunWatcher:
         resume removes the `recording_closed` mark before any step file changes."""
         return self._manifest_key is None or self._manifest_now() == self._manifest_key
 
+    def _reading(self) -> str:
+        """What the view says before a poll has read the path: never that the manifest is
+        awaited, which a first poll of a long run, reading its steps, would show for long."""
+        return f"reading {self.path}"
+
     def _start_over(self) -> None:
         """Drops all that was read of the run: the path is followed again from its start. A
         replacement counts once: a recording over the run removes its step files, then writes
@@ -370,7 +375,7 @@ class RunWatcher:
         self.recording_stops = []
         self.closed = self._closed_mark = False
         self._ended_polls, self._writers_end, self._held = 0, None, set()
-        self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
+        self._waiting = self._reading()
         self._alerts, self._seen = [], set()
         self._alerted = None
 
@@ -387,6 +392,7 @@ class RunWatcher:
             self._start_over()
         replay = self.replay
         if replay is None:
+            self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
             return []
         if not replay.seen:
             self._waiting = f"waiting for the first step of {self.path}"
