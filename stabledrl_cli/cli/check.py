@@ -64,6 +64,7 @@ from stabledrl_cli.cli.inspect import series_table
 from stabledrl_cli.cli.replay import (
     check_outputs,
     note_skipped,
+    note_stopped,
     option_names,
     replay_engine,
     replay_with_progress,
@@ -464,6 +465,7 @@ def command(
         print_own_policy_note(opened, err)
         note_skipped(result)
         observed, skipped, missing = result.observed, result.skipped, result.missing
+    note_stopped(opened, redacted(run))  # a run cut short passes its gates on fewer steps
     with integrity_warnings_ignored():
         recorded = recorded_run(opened, observed)
     steps = result.steps if result is not None else recorded.steps

@@ -149,10 +149,11 @@ def same_file(target: Path, other: Path) -> bool:
         return True
 
 
-def _note_stopped(run: Run, named: str) -> None:
+def note_stopped(run: Run, named: str) -> None:
     """A warning on stderr for each rank whose recording stopped before the training ended
     (an interrupted training, a full disk: the run's `recording_stopped` notes, as `inspect`
-    and `watch` show them), at most LIST_LIMIT: the replay covers the steps before it only."""
+    and `watch` show them), at most LIST_LIMIT: a replay, a check or a tune covers the steps
+    before it only."""
     from stabledrl_cli.cli.inspect import LIST_LIMIT, stopped_text
 
     stops = run.recording_stops
@@ -434,7 +435,7 @@ def command(
     from stabledrl_cli.replay.run_facts import print_own_policy_note
 
     print_own_policy_note(opened, err)
-    _note_stopped(opened, result.run)
+    note_stopped(opened, result.run)
     note_skipped(result)
     note_empty_range(result)
 

@@ -33,6 +33,7 @@ from stabledrl_cli.cli._output import err, out, print_json
 from stabledrl_cli.cli.replay import (
     check_outputs,
     note_skipped,
+    note_stopped,
     option_names,
     replay_engine,
     replay_with_progress,
@@ -177,6 +178,7 @@ def command(
     result = replay_with_progress(opened, specs, config, chosen, header=header)
     if keep_own:
         print_own_policy_note(opened, err)
+    note_stopped(opened, result.run)
     note_skipped(result)
     report = rank(result, settings)
     # Written before the results are printed (a reader that closes stdout early, `| head`,
