@@ -381,7 +381,8 @@ def _write_in_place(output: _Output, parts: Iterable[bytes | memoryview]) -> Non
     file truncated) but never waiting for a FIFO's reader; a regular file fsynced. This
     process's own descriptor (`/dev/stdout`) is written through a copy of it, after what
     Python holds for it, at its offset (a shell's `>` there would truncate the file it writes
-    and then overwrite the command's own output). WriteError naming the path."""
+    and then overwrite the command's own output). WriteError naming the path; BrokenPipeError
+    when the reader of this process's own stream went away (`pack RUN /dev/stdout | head`)."""
     target, own = output.path, output.descriptor
     try:
         if own is None:
@@ -400,6 +401,8 @@ def _write_in_place(output: _Output, parts: Iterable[bytes | memoryview]) -> Non
         if stat.S_ISREG(os.fstat(fd).st_mode):
             os.fsync(fd)
     except OSError as exc:
+        if own is not None and isinstance(exc, BrokenPipeError):
+            raise  # the reader of this process's stdout or stderr gone: a quiet stop (141)
         raise write_error(target, exc) from None
     finally:
         os.close(fd)
