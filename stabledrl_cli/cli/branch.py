@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.cells import cell_len
 from rich.table import Table
 
 from stabledrl_cli.capture.branch_protocol import BranchRequest
@@ -25,12 +26,15 @@ from stabledrl_cli.example.config import MAX_RL_STEPS
 from stabledrl_cli.replay._format import format_steps
 from stabledrl_cli.replay.config import MAX_THREADS
 from stabledrl_cli.replay.report import print_legend, print_title
+from stabledrl_cli.spec import wrap_spec
 
 if TYPE_CHECKING:  # branching imports torch: a refused RUN costs no torch import
     from stabledrl_cli.branching import BranchOutcome, BranchReport
 
 LIST_LIMIT = 8
 """Step lists longer than this are cut in the table (JSON has them all)."""
+SPEC_WIDTH = 24
+"""The table's policy specs are broken at a comma past this many characters a line."""
 
 
 def _table(report: BranchReport) -> Table:
@@ -49,20 +53,24 @@ def _table(report: BranchReport) -> Table:
         f"{counted(report.steps, 'step')} each; {how}",
         title_justify="left",
     )
-    columns = ("policy", "branch", "replay risk steps", "replay drift steps", "compared", "agree")
-    for column in columns:
+    # each line of a spec whole, broken at its commas, and step lists at their spaces: never
+    # inside a key, a value or a step number
+    specs = ["\n".join(wrap_spec(b.policy, SPEC_WIDTH)) for b in report.branches]
+    widest = max((cell_len(line) for spec in specs for line in spec.splitlines()), default=0)
+    table.add_column("policy", no_wrap=True, min_width=widest)
+    for column in ("branch", "replay risk steps", "replay drift steps", "compared", "agree"):
         table.add_column(column, overflow="fold")
-    for b in report.branches:
+    for spec, b in zip(specs, report.branches, strict=True):
         outcome = {None: "not judged", False: "held"}.get(
             b.collapsed, f"collapsed at {b.first_reward_collapse}"
         )
         reward = f", reward {b.final_reward:.3f}" if b.final_reward is not None else ""
         diverged = f", diverged after step {b.diverged_at}" if b.diverged_at is not None else ""
         table.add_row(
-            b.policy,
+            spec,
             outcome + reward + diverged,
-            format_steps(b.replay_collapsed_steps, LIST_LIMIT, empty="none"),
-            format_steps(b.replay_drift_steps, LIST_LIMIT, empty="none"),
+            format_steps(b.replay_collapsed_steps, LIST_LIMIT, empty="none", separator=", "),
+            format_steps(b.replay_drift_steps, LIST_LIMIT, empty="none", separator=", "),
             _compared(b),
             {True: "yes", False: "no", None: "n/a"}[b.agree],
         )
