@@ -266,6 +266,45 @@ def test_a_log_history_saved_alone_is_read_as_a_trainer_state(
         read_log(log, "trainer_state")
 
 
+def test_a_json_array_of_rows_takes_its_step_key_as_json_lines_do(tmp_path: Path) -> None:
+    """A W&B history saved by pandas (`run.history().to_json(path, orient="records")`: rows
+    with `_step`, `_runtime`, `train/global_step`) is a JSON array of objects, read as a
+    log_history, whose rows' step is `step` only: 'no training step in this log (skipped rows:
+    3 bad step)', exit 3, and `--step-key` was refused ('applies to jsonl and csv logs'). Its
+    step key is now found as in JSON lines (the trainer's step before W&B's `_step`), or
+    given; a trainer_state.json's rows keep `step`, where a step key is refused."""
+    rows = [
+        {"_step": 0, "_runtime": 1.5, "train/global_step": 10, "train/loss": 0.5,
+         "train/reward": 0.25},
+        {"_step": 1, "_runtime": 2.5, "train/global_step": 20, "train/loss": None,
+         "train/reward": 0.5},
+        {"_step": 2, "_runtime": 2.6, "train/global_step": 20, "eval/loss": 0.7},
+    ]  # fmt: skip
+    log = tmp_path / "history.json"
+    log.write_text(json.dumps(rows))
+    _, found, table = read_log(log)
+    assert found == "trainer_state"
+    assert table.steps == {
+        10: {"train/loss": 0.5, "train/reward": 0.25}, 20: {"train/reward": 0.5}
+    }  # fmt: skip
+    assert table.skipped_rows == {"eval": 1}
+    _, _, by_key = read_log(log, step_key="_step")
+    assert sorted(by_key.steps) == [0, 1]
+    assert "train/global_step" in by_key.not_imported  # bookkeeping, not a metric
+    log.write_text(json.dumps([{"iteration": 3, "loss": 1.0}]))
+    with pytest.raises(InputError, match="entry 1 has no step key"):
+        read_log(log)
+    assert read_log(log, step_key="iteration")[2].steps == {3: {"loss": 1.0}}
+    state = tmp_path / "trainer_state.json"
+    state.write_text(json.dumps({"log_history": [{"step": 1, "loss": 1.0}]}))
+    with pytest.raises(UsageError, match="no step key applies"):
+        read_log(state, step_key="iteration")
+    done = CliRunner().invoke(
+        app, ["import", str(log), "--out", str(tmp_path / "run"), "--step-key", "iteration"]
+    )
+    assert done.exit_code == 0, done.output
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

@@ -52,8 +52,9 @@ def command(
         typer.Option(
             "--step-key",
             metavar="NAME",
-            help="jsonl or csv: the key or column holding the step (default: step, "
-            "global_step, train/global_step, trainer/global_step, Step or _step).",
+            help="jsonl, csv or a JSON array of rows: the key or column holding the step "
+            "(default: step, global_step, train/global_step, trainer/global_step, Step or "
+            "_step).",
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace RUN if it holds a run.")] = False,

@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 _READERS: dict[ImportFormat, Callable[[Path, str | None], StepTable]] = {
-    "trainer_state": lambda path, _key: read_trainer_state(path),
+    "trainer_state": read_trainer_state,
     "jsonl": read_jsonl,
     "csv": read_csv,
     "tfevents": lambda path, _key: read_tfevents(path),
@@ -48,15 +48,18 @@ def read_log(
     step_key: str | None = None,
 ) -> tuple[Path, ImportFormat, StepTable]:
     """(the file or directory read, its format, its steps). `log_format` None: detected.
-    step_key: the JSON-lines key or CSV column holding the step (default: detected)."""
+    step_key: the JSON-lines or JSON array rows' key or CSV column holding the step (default:
+    detected)."""
     if log_format is not None and log_format not in IMPORT_FORMATS:
         raise UsageError(f"format {log_format!r} is not one of: {', '.join(IMPORT_FORMATS)}")
     path = log_path(Path(source), log_format)
     found = log_format or detect_format(path)
     if found != "tfevents" and path.is_dir():
         raise directory_refused(path, found)
-    if step_key is not None and found not in ("jsonl", "csv"):
-        raise UsageError(f"a step key applies to jsonl and csv logs, not to {found}")
+    if step_key is not None and found not in ("jsonl", "csv", "trainer_state"):
+        raise UsageError(
+            f"a step key applies to jsonl and csv logs and JSON arrays of rows, not to {found}"
+        )
     return path, found, _READERS[found](path, step_key)
 
 

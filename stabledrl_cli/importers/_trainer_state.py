@@ -1,7 +1,10 @@
 """transformers' `trainer_state.json` (TRL writes the same file): its `log_history`, or that
-list saved alone (`json.dump(trainer.state.log_history, f)`: a JSON array of its rows).
+list saved alone (`json.dump(trainer.state.log_history, f)`: a JSON array of its rows), or
+any JSON array of rows (pandas' `to_json(orient="records")` of a W&B history).
 
-Each entry of `log_history` is one logged row with its `step` (the optimizer step). Evaluation
+Each entry of `log_history` is one logged row with its `step` (the optimizer step); an array's
+rows have theirs under the first of `STEP_KEYS` its first row has (`step` in a log_history),
+or the key given. Evaluation
 rows (`eval_*` metrics) and the end-of-training summary (`train_runtime`, `train_loss`, ...)
 are skipped; NaN and Infinity, which Python's JSON writer emits, are read as such. The file's
 `logging_steps` (a whole number >= 1) says the rows were written every k steps: the table
@@ -14,8 +17,9 @@ import math
 from pathlib import Path
 
 from stabledrl_cli._json import parse_strict
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.importers._files import DOCUMENT_LIMIT, open_log
+from stabledrl_cli.importers._names import STEP_KEYS
 from stabledrl_cli.importers._table import CELL_LIMIT, StepTable
 
 VALUE_LIMIT = 2 * CELL_LIMIT
@@ -52,9 +56,11 @@ def _logging_steps(value: object) -> int | None:
     return int(value)
 
 
-def read_trainer_state(path: Path) -> StepTable:
-    """The steps of a trainer_state.json, or of its `log_history` saved alone (a JSON array of
-    its rows); InputError when it is neither."""
+def read_trainer_state(path: Path, step_key: str | None = None) -> StepTable:
+    """The steps of a trainer_state.json, or of its `log_history` saved alone or another JSON
+    array of rows (their step under `step_key`, default the first of `STEP_KEYS` the first row
+    has); InputError when it is neither, UsageError for a `step_key` of a trainer_state.json
+    (its rows' step is `step`)."""
     document = bounded_json_document(path)
     history = document.get("log_history") if isinstance(document, dict) else document
     if not isinstance(history, list) or (history is document and not _rows(history)):
@@ -62,11 +68,25 @@ def read_trainer_state(path: Path) -> StepTable:
             f"{path}: not a trainer_state.json (no log_history list, nor a list of its rows)"
         )
     table = StepTable(str(path))
+    key: str | None = "step"
     if isinstance(document, dict):
+        if step_key is not None:
+            raise UsageError(
+                f"{path}: a trainer_state.json's rows give their step as step: no step key applies"
+            )
         table.logging_steps = _logging_steps(document.get("logging_steps"))
+    else:
+        first = history[0]
+        assert isinstance(first, dict)  # _rows
+        key = step_key or next((k for k in STEP_KEYS if k in first), None)
+        if key is None:
+            raise InputError(
+                f"{path}: entry 1 has no step key (one of {', '.join(STEP_KEYS)}; or pass "
+                "--step-key)"
+            )
     for entry in history:
         if not isinstance(entry, dict):
             table.skipped_rows["not an object"] += 1
             continue
-        table.add(entry.get("step"), entry)
+        table.add(entry.get(key), {k: v for k, v in entry.items() if k != key})
     return table
