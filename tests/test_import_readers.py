@@ -768,19 +768,22 @@ def test_tensorboard_later_file_wins_and_negative_steps_skip(tmp_path: Path) -> 
     assert table.replaced == 1 and table.skipped_rows == {"bad step": 1}
 
 
-def test_tensorboard_restart_drops_the_earlier_runs_later_steps(tmp_path: Path) -> None:
+@pytest.mark.parametrize("session_start", [True, False])
+def test_tensorboard_restart_drops_the_earlier_runs_later_steps(
+    tmp_path: Path, session_start: bool
+) -> None:
     """A run checkpointed at step 5, stopped at step 9 and restarted from its checkpoint (a new
     event file) that got to step 7: TensorBoard shows 0-4 of the first run and 5-7 of the second
-    (a record at step s preempts its tag's records at steps >= s; tensorboard's own reader does
-    the same on the restart's SessionLog START). The first run's steps 8-9 are no longer part
-    of the run; a tag the restart did not log again keeps its steps."""
+    (a record at step s preempts its tag's records at steps >= s). A restart that says so, with
+    a SessionLog START at step 5 (what `SummaryWriter(purge_step=5)` writes), drops every tag's
+    steps from 5 on, as tensorboard's own reader does: the first run's `old_only` at 5-9 was
+    imported (steps 8-9 of it alone: 10 steps where TensorBoard shows 8). A restart without
+    one drops a tag's steps as it logs the tag again: a tag it does not log keeps its steps."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     def run(name: str, steps: range, offset: float, restart: int | None = None) -> None:
-        with SummaryWriter(str(tmp_path / name)) as writer:
-            if restart is not None:
-                start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-                writer.file_writer.add_event(event_pb2.Event(session_log=start, step=restart))
+        purge = restart if session_start else None  # it writes the SessionLog START
+        with SummaryWriter(str(tmp_path / name), purge_step=purge) as writer:
             for step in steps:
                 writer.add_scalar("loss", offset + step, step)
                 if restart is None:
@@ -793,17 +796,30 @@ def test_tensorboard_restart_drops_the_earlier_runs_later_steps(tmp_path: Path) 
     _, _, table = read_log(tmp_path)
     loss = {step: row["loss"] for step, row in table.steps.items() if "loss" in row}
     assert loss == {0: 0.0, 1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 105.0, 6: 106.0, 7: 107.0}
-    accumulator = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    assert {e.step: e.value for e in accumulator.Scalars("loss")} == loss
-    assert sorted(table.steps) == list(range(10))  # old_only's steps 8-9 stay
-    assert table.steps[9] == {"old_only": 9.0}
-    assert table.replaced == 1 and table.preempted == 4  # 5 replaced; 6-9 dropped
+    old_only = {step: row["old_only"] for step, row in table.steps.items() if "old_only" in row}
+    if session_start:
+        accumulator = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        assert {e.step: e.value for e in accumulator.Scalars("loss")} == loss
+        assert {e.step: e.value for e in accumulator.Scalars("old_only")} == old_only
+        assert sorted(table.steps) == list(range(8))
+        assert table.replaced == 0 and table.preempted == 10  # each tag's 5-9
+        assert table.cells == 13
+    else:
+        assert sorted(table.steps) == list(range(10))  # old_only's steps 8-9 stay
+        assert old_only == {step: float(step) for step in range(10)}
+        assert table.replaced == 1 and table.preempted == 4  # 5 replaced; 6-9 dropped
     steps = StepTable("log", preempts=True)
     for step, value in ((1, 0), (3, 1), (4, 2), (2, 3)):
         steps.add(step, {"loss": value})
     assert steps.steps == {1: {"loss": 0.0}, 2: {"loss": 3.0}}  # emptied steps go
     assert steps.cells == 2
+    steps.add(3, {"kl": 1})  # step 3 made again
+    steps.restart(3)
+    steps.restart(2)
+    assert steps.steps == {1: {"loss": 0.0}} and steps.cells == 1 and steps.preempted == 4
+    steps.add(2, {"loss": 5})  # loss's steps go on from 1
+    assert steps.steps == {1: {"loss": 0.0}, 2: {"loss": 5.0}} and steps.preempted == 4
 
 
 def test_transformers_tensorboard_log_imports_as_its_trainer_state(tmp_path: Path) -> None:

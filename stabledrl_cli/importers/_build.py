@@ -50,7 +50,8 @@ class ImportSummary:
     replaced: int
     """Values replaced by a later row of the same step."""
     preempted: int
-    """TensorBoard: values at steps after the one a restarted run logged again, dropped."""
+    """Values at steps after the one a restarted run logged again, dropped (and, in
+    TensorBoard, every value from the step a SessionLog START gives on)."""
     warnings: list[str] = field(default_factory=list)
     logging_steps: int | None = None
     """k of a log that says it was written every k steps (trainer_state.json's

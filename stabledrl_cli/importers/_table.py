@@ -7,16 +7,19 @@ the steps after its checkpoint again) and the replaced cells are counted. A tabl
 restarted run appending to it) also drops, as TensorBoard shows a restarted run, a metric's
 values at steps after the one a later row gives it: those steps of the earlier run are counted
 `preempted`; a row below every step its metric has is no restart (a log newest first) and
-drops nothing. A value is a number (NaN and infinities are kept: finding them is the point),
-missing (an empty cell, a JSON null), or not numeric (a string, a bool, a list: dropped and
-counted). A row whose step is not an integer in [0, 2**63 - 1] is skipped; so is a row left
-with no training metric (an evaluation row, transformers' end-of-training summary, an empty
-row). Each bound below is an InputError (exit 3) when a log passes it, as is an integer value
-past a double's range (1.8e308: JSON allows it, no metric holds it).
+drops nothing. A log that says where its run restarted (`restart`: TensorBoard's SessionLog
+START) drops every metric's values from that step on. A value is a number (NaN and infinities
+are kept: finding them is the point), missing (an empty cell, a JSON null), or not numeric (a
+string, a bool, a list: dropped and counted). A row whose step is not an integer in
+[0, 2**63 - 1] is skipped; so is a row left with no training metric (an evaluation row,
+transformers' end-of-training summary, an empty row). Each bound below is an InputError
+(exit 3) when a log passes it, as is an integer value past a double's range (1.8e308: JSON
+allows it, no metric holds it).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import Counter, deque
 from collections.abc import Mapping
@@ -74,6 +77,9 @@ class StepTable:
     say."""
     _series: dict[str, deque[int]] = field(default_factory=dict)
     """When `preempts`: each metric's steps, increasing."""
+    _made: list[int] = field(default_factory=list)
+    """When `preempts`: the steps of the rows made, negated (a max-heap; a row's step may be
+    there after the row is gone, or twice), for `restart`."""
 
     def add(self, step: object, values: Mapping[str, object]) -> None:
         """Adds one logged row (its step as logged; its values as parsed by the reader)."""
@@ -115,6 +121,8 @@ class StepTable:
             if len(self.steps) >= STEP_COUNT_LIMIT:
                 raise InputError(f"{self.where}: more than {STEP_COUNT_LIMIT} steps")
             row = self.steps[step] = {}
+            if self.preempts:
+                heapq.heappush(self._made, -step)
         for name in kept:
             self._bound(name, self.names, METRIC_LIMIT, "metric names")
             self.names.setdefault(name, None)
@@ -159,6 +167,22 @@ class StepTable:
                 del self.steps[later]
         if not series or series[-1] < step:
             series.append(step)
+
+    def restart(self, step: int) -> None:
+        """Drops every metric's values at `step` and after (counted `preempted`): a run that
+        says it restarted there (TensorBoard's SessionLog START, which
+        `SummaryWriter(purge_step=step)` writes), as TensorBoard drops them, the metrics the
+        restarted run does not log again too. Each row dropped once: amortised O(1)."""
+        while self._made and -self._made[0] >= step:
+            row = self.steps.pop(-heapq.heappop(self._made), None)
+            if row is None:  # gone already (emptied by `_preempt`, or made twice)
+                continue
+            for name in row:
+                series = self._series[name]
+                while series and series[-1] >= step:
+                    series.pop()
+            self.cells -= len(row)
+            self.preempted += len(row)
 
 
 def skipped_text(skipped: Mapping[str, int]) -> str:

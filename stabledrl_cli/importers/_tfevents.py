@@ -10,7 +10,9 @@ protobuf (step = field 2, summary = field 5); each `Summary.Value` (tag = 1) hol
 Files are read in name order (their names start with the time they were created), records in
 file order, so when two events give one tag at one step the later one wins, and, as TensorBoard
 shows a run restarted from a checkpoint, an event that gives a tag an earlier step than the
-tag's last one drops the tag's values at the steps after it. A record longer
+tag's last one drops the tag's values at the steps after it, and a SessionLog START event
+at step s (`SummaryWriter(purge_step=s)`: a run restarted there) drops every tag's values at s
+and after, as TensorBoard does. A record longer
 than RECORD_LIMIT, a checksum mismatch or a malformed protobuf is an InputError naming the file
 and the record's offset; an unfinished last record (the writer was stopped mid-write) is
 ignored with a warning.
@@ -67,6 +69,8 @@ _DTYPES: dict[int, tuple[int, int, str]] = {
     19: (13, VARINT, "<e"),  # DT_HALF: half_val (bits)
 }
 _BFLOAT16, _HALF, _FLOAT = 14, 19, 1
+_SESSION_START = 1
+"""SessionLog.status START: a run (re)started at the event's step."""
 
 
 def event_files(path: Path) -> list[Path]:
@@ -157,10 +161,16 @@ def _add_event(record: memoryview, table: StepTable, plugins: dict[str, str], wh
     an event of more tags than a log holds is refused as they are read)."""
     step: int | None = 0
     values: dict[str, object] = {}
+    restarted = False
     for number, wire, value in fields(record):
         if number == 2 and wire == VARINT:
             assert isinstance(value, int)
             step = signed64(value)
+        elif number == 7 and wire == LENGTH:  # session_log
+            assert isinstance(value, memoryview)
+            restarted = any(
+                n == 1 and w == VARINT and v == _SESSION_START for n, w, v in fields(value)
+            )
         elif number == 5 and wire == LENGTH:
             assert isinstance(value, memoryview)
             for summary_field in fields(value):
@@ -171,6 +181,8 @@ def _add_event(record: memoryview, table: StepTable, plugins: dict[str, str], wh
                             f"{where}: an event of more than {ROW_NAME_LIMIT:,} scalar tags, "
                             "more than a log holds"
                         )
+    if restarted and step is not None and step >= 0:
+        table.restart(step)
     if values:
         table.add(step, values)
 
