@@ -1119,6 +1119,33 @@ def test_a_jsonl_or_csv_log_appended_across_a_restart_drops_the_dead_runs_later_
     assert table.replaced == 1 and table.preempted == 2  # step 2's loss replaced; 3-4 dropped
 
 
+def test_a_csv_header_written_again_by_a_restarted_writer_names_the_rows_after_it(
+    tmp_path: Path,
+) -> None:
+    """A run restarted from its checkpoint at step 3 appended to its CSV with a header of its
+    own (`csv.DictWriter(open(path, "a"), fieldnames=list(row)).writeheader()`), whose columns
+    came in another order: its rows were read under the first header, so step 3's loss 0.25 and
+    reward 0.35 were imported swapped (loss 0.35, reward 0.25); with a column more, the import
+    was refused ('line 8: 5 cells, the header has 3'). The rows after a header read under it,
+    its step column wherever it is."""
+    log = tmp_path / "metrics.csv"
+    log.write_text(
+        "step,loss,reward\n1,0.5,0.1\n2,0.4,0.2\n3,0.3,0.3\n4,0.2,0.4\n"
+        "step,reward,loss\n3,0.35,0.25\n"
+    )
+    _, _, table = read_log(log)
+    assert table.steps[3] == {"loss": 0.25, "reward": 0.35}
+    assert sorted(table.steps) == [1, 2, 3] and table.skipped_rows == {}
+    assert table.replaced == 2 and table.preempted == 2  # step 3's two; step 4's two dropped
+    with log.open("a") as more:
+        more.write("kl,reward,loss,eval_loss,step\n0.01,0.45,0.2,0.7,4\n")  # step moved
+    _, _, table = read_log(log)
+    assert table.steps[4] == {"kl": 0.01, "loss": 0.2, "reward": 0.45}
+    assert table.not_imported == {"eval_loss": "eval"}
+    done = CliRunner().invoke(app, ["import", str(log), "--out", str(tmp_path / "run")])
+    assert done.exit_code == 0, done.output
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".json"])
 def test_a_run_name_holding_tag_keeps_the_metric_of_a_per_tag_export(
     tmp_path: Path, suffix: str

@@ -10,9 +10,11 @@ import is one run). TensorBoard's per-tag export (`Wall time,Step,Value`) names 
 metric after the file, which holds the tag with `_` for `/`: a leading `train_` is read as
 `train/` (`run-X-tag-train_loss.csv` -> `train/loss`), a leading evaluation prefix as that
 prefix (`val-core_` -> verl's `val-core/`, left out), and a name that maps to a standard
-scalar is read as that metric (`critic_score_mean` -> `critic/score/mean`). A row with more
-cells than the header is an InputError naming its line; a short row has empty trailing
-cells.
+scalar is read as that metric (`critic_score_mean` -> `critic/score/mean`). A row holding
+the step column's name and another of the header's is a header again (a restarted writer
+appending to the file writes its own, its columns maybe others or in another order): the rows
+after it are read under it. A row with more cells than its header is an InputError naming
+its line; a short row has empty trailing cells.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from stabledrl_cli.importers._names import (
     skip_reason,
 )
 from stabledrl_cli.importers._table import ROW_NAME_LIMIT, StepTable
+from stabledrl_cli.spec import spec_float
 
 _DELIMITERS = (",", "\t", ";")
 _TENSORBOARD_HEADER = ["Wall time", "Step", "Value"]
@@ -45,23 +48,25 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
         raise InputError(f"{path}: empty file")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else max(_DELIMITERS, key=first[1].count)
     rows = csv.reader(_joined(first, lines), delimiter=delimiter, strict=True)
+    table = StepTable(str(path), preempts=True)
     try:
-        header = [name.strip() for name in next(rows)]
-        if len(header) > ROW_NAME_LIMIT:
-            raise InputError(f"{path}: {len(header)} columns, more than a log holds")
-        names = _metric_names(header, path)
+        names = _metric_names(_header(next(rows), path), path)
         key = step_key if step_key is not None else next((k for k in STEP_KEYS if k in names), None)
         if key is None or key not in names:
             raise InputError(
                 f"{path}: no step column (one of {', '.join(STEP_KEYS)}; or pass --step-key)"
             )
-        column = names.index(key)
-        table = StepTable(str(path), preempts=True)
-        for name in names[:column] + names[column + 1 :]:  # once, not once a row
-            reason = skip_reason(name)
-            if reason is not None:
-                table.leave_out(name, reason)
+        column = _columns(names, key, table)
         for cells in rows:
+            if _header_again(cells, column, key, names):  # a writer that restarted appending to
+                # the file, its columns maybe others, in another order
+                names = _metric_names(_header(cells, path), path)
+                if key not in names:
+                    raise InputError(
+                        f"{path}: line {rows.line_num}: a header without the step column {key}"
+                    )
+                column = _columns(names, key, table)
+                continue
             if len(cells) > len(names):
                 raise InputError(
                     f"{path}: line {rows.line_num}: {len(cells)} cells, the header has {len(names)}"
@@ -76,6 +81,39 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
     except csv.Error as exc:
         raise InputError(f"{path}: line {rows.line_num}: not CSV ({exc})") from None
     return table
+
+
+def _header_again(cells: list[str], column: int, key: str, names: list[str]) -> bool:
+    """Whether a row is a header (of the step column `key` and another of the header before,
+    `names`: no row of values holds those names), wherever its step column is. A row whose
+    cell in the step `column` is a number is none (a wide row's cells are not all looked at)."""
+    step = cells[column].strip() if column < len(cells) else ""
+    if not step:  # a row without a step: no header either
+        return False
+    try:
+        spec_float(step)
+    except ValueError:
+        given = {cell.strip() for cell in cells}
+        return key in given and any(name in given for name in names if name != key)
+    return False
+
+
+def _header(cells: list[str], path: Path) -> list[str]:
+    """A header row's names, refused past the columns a log holds."""
+    if len(cells) > ROW_NAME_LIMIT:
+        raise InputError(f"{path}: {len(cells)} columns, more than a log holds")
+    return [name.strip() for name in cells]
+
+
+def _columns(names: list[str], key: str, table: StepTable) -> int:
+    """The step column of a header's `names`; its names that are not imported noted in
+    `table` (once a header, not once a row)."""
+    column = names.index(key)
+    for name in names[:column] + names[column + 1 :]:
+        reason = skip_reason(name)
+        if reason is not None:
+            table.leave_out(name, reason)
+    return column
 
 
 def _joined(first: tuple[int, str, bool], rest: Iterator[tuple[int, str, bool]]) -> Iterator[str]:
