@@ -162,3 +162,25 @@ def test_a_rollout_begun_inside_a_step_is_compared_at_that_step(tmp_path: Path) 
     exit_code, data = _diff(recording(tmp_path / "other", {**logged, 2: 0.5}), tmp_path / "marked")
     assert (exit_code, data["parted_at"]) == (1, 2)
     assert data["first"]["scalars"]["fields"] == [{"field": "reward_mean", "what": "0.5 vs 0.25"}]
+
+
+def test_the_table_shows_the_reward_compared_where_a_rollouts_first_step_is_not_shared(
+    tmp_path: Path,
+) -> None:
+    """A log of every second step (TRL's TensorBoard log, logging_steps 2, which does not
+    say so) against the recording: no rollout's first step is shared, so each shared step's
+    own reward is compared, and the parting names it (0.25 vs 0.3125). The side-by-side
+    table showed `-` for the recording there, the value the parting line compared unseen."""
+    recording = _recording(tmp_path / "recorded", REWARDS)
+    with Recorder(tmp_path / "log", policy=None) as rec:
+        for step, reward in ((2, 0.3125), (4, None), (6, 0.875), (8, None)):
+            rewards = {} if reward is None else {"reward_mean": reward}
+            rec.log_step(step, loss=0.1 * step, **rewards)  # type: ignore[arg-type]
+    exit_code, data = _diff(recording, tmp_path / "log")
+    assert (exit_code, data["parted_at"]) == (1, 2)
+    parting = {f["field"]: f["what"] for f in data["first"]["scalars"]["fields"]}
+    assert parting == {"reward_mean": "0.25 vs 0.3125"}
+    shown = {
+        row["step"]: (row["a"]["reward_draw"], row["b"]["reward_draw"]) for row in data["around"]
+    }
+    assert shown == {2: (0.25, 0.3125), 4: (0.25, None), 6: (0.75, 0.875), 8: (0.75, None)}

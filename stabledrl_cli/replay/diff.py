@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -333,6 +333,25 @@ def _compared_scalars(
     return scalars
 
 
+def _compared_reward(
+    step: int,
+    scalars: Mapping[str, float],
+    rewards: RolloutRewards,
+    means: Mapping[str, float] | None,
+) -> float | None:
+    """The reward_mean compared at `step` (`_compared_scalars`), as the side-by-side table
+    shows it: the mean over the other run's row's window (`means`), else the draw of the
+    rollout that starts there, else the step's own where no rollout draw among the compared
+    steps holds it (a rollout whose first step the other run lacks); None inside a rollout,
+    whose reward its first step shows."""
+    if means is not None:
+        return means.get("reward_mean")
+    draw = rewards.at(step)
+    if draw is not None or rewards.inside(step):
+        return draw
+    return scalars.get("reward_mean")
+
+
 def _recorded(step: Step, scalars: dict[str, float]) -> set[str]:
     """What a step records that a step of scalars only may: its compared `scalars` and
     `SCALAR_STEP_FIELDS`."""
@@ -516,7 +535,7 @@ def _figures(
         means = None if window is None else window.at(header.step)
         out[numbered[header.step]] = {
             "reward_mean": header.scalars.get("reward_mean"),
-            "reward_draw": rewards.at(header.step) if means is None else means.get("reward_mean"),
+            "reward_draw": _compared_reward(header.step, header.scalars, rewards, means),
             "grad_norm": {**header.scalars, **(means or {})}.get("grad_norm"),
             "discard_frac": None if i is None else float(series["discard_frac"][i]),
             "risk": risk if i is None or series["spike_judged"][i] else None,
