@@ -90,10 +90,10 @@ SKIPPED_BY_THE_SCRIPT = textwrap.dedent(
         if step == 1:
             model.weight.grad[0, 0] = float("nan")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01).item()
+        seen.append(grad_norm)
         if not math.isfinite(grad_norm):  # the script's own rule: no step on a NaN gradient
             continue
         optimizer.step()
-        seen.append(grad_norm)
     json.dump(seen, open(sys.argv[1], "w"))
     """
 )
@@ -102,11 +102,14 @@ SKIPPED_BY_THE_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("zero", ["none", "zeros"])
 def test_a_clip_whose_step_the_script_skipped_is_not_the_next_steps(tmp_path, zero):
     """The clip of an iteration that the script skipped (no optimizer.step()) measured other
-    gradients than the next iteration's clip: the next step records its own clip's norm."""
+    gradients than the next iteration's clip: the next step records its own clip's norm, and
+    the skipped one is recorded as skipped (optimizer_skipped 1, its NaN norm)."""
     run, mine = _recorded(tmp_path, SKIPPED_BY_THE_SCRIPT, zero)
-    assert run.step_numbers == [0, 1, 2]
-    for n in range(3):
-        assert close(run.step(n).scalars["grad_norm"], mine[n]), (n, run.step(n).scalars, mine)
+    assert run.step_numbers == [0, 1, 2, 3]
+    for n in range(4):
+        scalars = run.step(n).scalars
+        assert close(scalars["grad_norm"], mine[n]), (n, scalars, mine)
+        assert scalars.get("optimizer_skipped", 0.0) == (n == 1), (n, scalars)
 
 
 TWO_OPTIMIZERS_ONE_CLIP = textwrap.dedent(

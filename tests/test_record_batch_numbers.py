@@ -6,6 +6,8 @@ line that says so names the two halves that part and the way out, not only that 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from _cli import cli_environment, record_python
 
@@ -100,3 +102,48 @@ def test_a_loop_that_logs_after_its_optimizer_steps_records_them_all(tmp_path):
     run = open_run(tmp_path / "run")
     assert run.step_numbers == [0, 1, 2, 3, 4]
     assert all(run.step(n).scalars.get("lr") == 0.1 for n in run.step_numbers)
+
+
+CLIPPED_AND_SKIPPED = """
+import math, sys
+import torch
+import stabledrl_cli as sd
+
+torch.manual_seed(0)
+model = torch.nn.Linear(2, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+zero = optimizer.zero_grad if sys.argv[1] == "optimizer" else model.zero_grad
+for step in range(5):
+    zero()
+    model(torch.randn(3, 2)).sum().backward()
+    if step == 2:
+        model.weight.grad[0, 0] = float("nan")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    sd.log_policy_batch(step, logp=[-1.0], logp_old=[-1.0], advantages=[1.0], seq_id=[0],
+                        loss=float(step))
+    if math.isfinite(grad_norm):  # the loop's own rule: no update on a NaN gradient
+        optimizer.step()
+print("trained")
+"""
+
+
+@pytest.mark.parametrize("zero", ["optimizer", "model"])
+def test_a_step_the_loop_skips_after_its_clip_is_recorded_as_skipped(tmp_path, zero):
+    """A loop that clips, logs its batch, and skips optimizer.step() on a NaN grad norm: the
+    iteration's gradients, which the clip measured, are zeroed with no step. Before, the skip
+    was not recorded, the next optimizer step took its number, 'optimizer step 2 comes after
+    log_policy_batch(3)' stopped recording (exit 2), and the NaN was in no step. Now it is
+    recorded as a GradScaler's skip is: optimizer_skipped 1, its NaN grad norm, with its
+    batch; every later batch with its own optimizer step."""
+    script = CLIPPED_AND_SKIPPED.replace("sys.argv[1]", repr(zero))
+    done, errors = record_python(script, "-p", "grpo", cwd=tmp_path, env=cli_environment())
+    assert done.returncode == 0, done.stderr
+    assert "trained" in done.stdout and not errors, done.stderr
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2, 3, 4]
+    for n in run.step_numbers:
+        scalars = run.step(n).scalars
+        assert scalars["loss"] == n, (n, scalars)
+        assert scalars.get("optimizer_skipped", 0.0) == (n == 2), (n, scalars)
+        assert math.isnan(scalars["grad_norm"]) == (n == 2), (n, scalars)
+    assert run.step(2).scalars["nonfinite_grads"] == 1

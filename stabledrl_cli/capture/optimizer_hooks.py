@@ -35,7 +35,9 @@ What each step records (all gradient norms are L2, taken before clipping):
 - optimizer_skipped: 1 on a step a `torch.amp.GradScaler` skipped (its gradients held an inf
   or a NaN, so `scaler.step()` left the parameters alone), or that the guard skipped
   (`skipped_by_guard`: step() is not called), or whose step() raised (the script caught
-  the exception, which goes on to it unchanged: `_raised`): the step is recorded all the same,
+  the exception, which goes on to it unchanged: `_raised`), or that the loop skipped after
+  a clip measured its gradients (zero_grad() zeroes them unstepped:
+  `_skipped_before_zeroing`): the step is recorded all the same,
   with the statistics of the unscaled gradients it found, and the numbering goes on (a
   fused optimizer unscales inside its step(), which the scaler calls with the scale and the
   inf found: `_amp_state`);
@@ -83,7 +85,13 @@ from torch.optim.optimizer import (
 )
 
 from stabledrl_cli.capture import _fsdp1, _norms, bootstrap
-from stabledrl_cli.capture._clip_records import clip_totals, take_clips, wrap_clips
+from stabledrl_cli.capture._clip_records import (
+    clip_totals,
+    grad_states,
+    take_clips,
+    unchanged,
+    wrap_clips,
+)
 from stabledrl_cli.capture._hook_state import (
     Clip,
     OptimizerView,
@@ -113,6 +121,7 @@ def install() -> None:
             state.scaler_wrapper = _wrap_scaler_step(GradScaler.step)
             GradScaler.step = state.scaler_wrapper  # type: ignore[method-assign]
             _watch_raising_steps()
+            _watch_zero_grads()
             bootstrap.hooks_installed()
         state.on = True
     except Exception as exc:
@@ -525,6 +534,61 @@ def _raised(optimizer: Optimizer) -> None:
     view = state.views.get(optimizer)
     if state.on and view is not None and view.stepping:
         _finish_step(optimizer, skipped=True, measured=True)
+
+
+def _watch_zero_grads() -> None:
+    """Has `Optimizer.zero_grad` and `torch.nn.Module.zero_grad` see, before they zero the
+    gradients, whether a clip measured them for a step the loop then skipped
+    (`_skipped_before_zeroing`). Inside torch.compile they are left as torch's."""
+
+    def wrapped(
+        original: Callable[..., None], params: Callable[[Any], Iterable[torch.Tensor]]
+    ) -> Callable[..., None]:
+        @functools.wraps(original)
+        def zero_grad(self: Any, *args: Any, **kwargs: Any) -> None:
+            if state.on and state.clips and not torch.compiler.is_compiling():
+                _skipped_before_zeroing(self if isinstance(self, Optimizer) else None, params(self))
+            return original(self, *args, **kwargs)
+
+        return zero_grad
+
+    Optimizer.zero_grad = wrapped(Optimizer.zero_grad, _optimizer_params)  # type: ignore[method-assign]
+    module_params = torch.nn.Module.parameters
+    torch.nn.Module.zero_grad = wrapped(torch.nn.Module.zero_grad, module_params)  # type: ignore[method-assign]
+
+
+def _optimizer_params(optimizer: Optimizer) -> Iterable[torch.Tensor]:
+    return (p for group in optimizer.param_groups for p in group["params"])
+
+
+def _skipped_before_zeroing(zeroing: Optimizer | None, params: Iterable[torch.Tensor]) -> None:
+    """zero_grad() (of `zeroing`, an optimizer, or of a module: None) is about to zero
+    gradients of the run optimizer's parameters that a clip measured and left as they are,
+    with no step() of that optimizer since: the loop skipped its step (its own rule on a
+    non-finite grad norm, say). The step is recorded as a GradScaler's skip is
+    (optimizer_skipped 1, the statistics of the gradients the clip found), so that the
+    numbering keeps pace with the loop's iterations. Before any optimizer has stepped, an
+    optimizer's own zero_grad() makes it the run's. Never raises."""
+    try:
+        run = state.run_optimizer() if state.run_optimizer is not None else None
+        optimizer = run if run is not None else zeroing
+        if optimizer is None or (zeroing is not None and zeroing is not optimizer):
+            return
+        view = state.views.get(optimizer)
+        if view is not None and view.stepping:  # a closure's zero_grad(), inside step()
+            return
+        ids = view.ids if view is not None else {id(p) for p in _optimizer_params(optimizer)}
+        clipped = {key for clip in state.clips for key in clip.parameters() if key in ids}
+        now = grad_states(p for p in params if id(p) in clipped)
+        if any(
+            unchanged(clip.after.get(key), state_now)
+            for clip in state.clips
+            for key, state_now in now.items()
+            if key in clip.after
+        ):
+            _finish_step(optimizer, skipped=True)
+    except Exception as exc:
+        fail(exc, "recording the optimizer step the loop skipped")
 
 
 def skipped_by_guard() -> None:
