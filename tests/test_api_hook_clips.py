@@ -202,3 +202,43 @@ def test_torchs_warning_of_a_spent_generator_names_the_scripts_line(tmp_path, ke
     assert result.returncode == 0, result.stderr
     assert [line for line in result.stderr.splitlines() if "UserWarning" in line] == warned
     assert open_run(tmp_path / "run").step_numbers == [0, 1]
+
+
+CLIPPED_BY_VALUE = textwrap.dedent(
+    """
+    import json, math, sys
+    import torch
+    from torch.nn.utils import clip_grad_value_
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    for step in range(4):
+        optimizer.zero_grad()
+        model(torch.randn(16, 6)).pow(2).mean().backward()
+        if step == 1:
+            model[1].weight.grad[0, 0] = float("inf")
+        if step == 2:
+            model[1].weight.grad[0, 1] = 1e3  # a spike
+        norm = lambda ps: math.sqrt(sum(p.grad.double().norm().item() ** 2 for p in ps))
+        seen.append({"grad_norm": norm(model.parameters()), "last": norm(model[1].parameters())})
+        clip_grad_value_(model.parameters(), 0.01)
+        optimizer.step()
+    json.dump(seen, open(sys.argv[1], "w"))
+    """
+)
+
+
+def test_a_clip_by_value_records_the_norms_before_it(tmp_path):
+    """clip_grad_value_ clamps each gradient element: the step's norms are those of the
+    gradients before it, as for a norm clip. Before, they were the clamped ones: the spike's
+    step recorded 0.08 for 1000, and the inf gradient's a finite norm with nonfinite_grads 0."""
+    run, mine = _recorded(tmp_path, CLIPPED_BY_VALUE)
+    assert run.step_numbers == [0, 1, 2, 3]
+    for n in range(4):
+        scalars = run.step(n).scalars
+        assert close(scalars["grad_norm"], mine[n]["grad_norm"]), (n, scalars, mine)
+        assert close(scalars["grad_norm/module/1"], mine[n]["last"]), (n, scalars, mine)
+        assert scalars["nonfinite_grads"] == (n == 1), (n, scalars)
+    assert math.isinf(run.step(1).scalars["grad_norm"])

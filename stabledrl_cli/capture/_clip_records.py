@@ -1,9 +1,10 @@
 """The gradient clips a step's grad_norm comes from (`optimizer_hooks`): wraps
 `torch.nn.utils.clip_grad_norm_`, `clip_grads_with_norm_` (with `get_total_norm`, for the
-norm type of its total) and FSDP1's `FullyShardedDataParallel.clip_grad_norm_` to keep each
-clip's pre-clip gradient norms and total until the step of their optimizer claims them
-(`take_clips`, `clip_totals`). The wrappers call torch's own clip, which they never change,
-and pass through when recording is off or torch.compile traces them."""
+norm type of its total), `clip_grad_value_` and FSDP1's
+`FullyShardedDataParallel.clip_grad_norm_` to keep each clip's pre-clip gradient norms and
+total until the step of their optimizer claims them (`take_clips`, `clip_totals`). The
+wrappers call torch's own clip, which they never change, and pass through when recording is
+off or torch.compile traces them."""
 
 from __future__ import annotations
 
@@ -231,6 +232,13 @@ def _clip_with_norm_signature(
     """The arguments of torch.nn.utils.clip_grads_with_norm_ (for binding a call)."""
 
 
+def _clip_value_signature(
+    parameters: list[torch.Tensor], clip_value: float, foreach: bool | None = None
+) -> None:
+    """The arguments of torch.nn.utils.clip_grad_value_ (for binding a call)."""
+
+
+_CLIP_VALUE_ARGUMENTS = inspect.signature(_clip_value_signature)
 _TOTAL_NORM_ARGUMENTS = inspect.signature(_total_norm_signature)
 _CLIP_WITH_NORM_ARGUMENTS = inspect.signature(_clip_with_norm_signature)
 
@@ -269,6 +277,33 @@ def _whole_value(total: object) -> torch.Tensor | float | None:
     return value.detach() if value.numel() == 1 else None
 
 
+def _bound_listed(
+    signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> inspect.BoundArguments | None:
+    """A clip's arguments bound to `signature`, its `parameters` made a list (a generator is
+    then read by the hooks and by torch's clip alike); None for arguments it does not take,
+    which torch's clip then refuses."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    given = bound.arguments["parameters"]
+    bound.arguments["parameters"] = [given] if isinstance(given, torch.Tensor) else list(given)
+    return bound
+
+
+def _measured_clip(
+    params: list[torch.Tensor],
+) -> tuple[list[torch.Tensor], dict[int, GradState], Clip]:
+    """(those of `params` with a gradient, their `grad_states`, a Clip of their gradient
+    norms taken before a clip changes them: a DTensor's local shard, summed at the step, a
+    Partial one copied; its total is the caller's to set)."""
+    with_grad = [p for p in params if p.grad is not None]
+    norms, local = _norms.measure(with_grad, {})
+    clip = Clip(norms, None, local, unreduced=_norms.unreduced_copies(with_grad))
+    return with_grad, grad_states(with_grad), clip
+
+
 def _wrap_clip_with_norm(original: Callable[..., None]) -> Callable[..., None]:
     """`clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None)`, the second half
     of a clip whose first half is get_total_norm: its parameters' gradient norms are measured
@@ -286,26 +321,19 @@ def _wrap_clip_with_norm(original: Callable[..., None]) -> Callable[..., None]:
             or not bootstrap.hooks_wanted()
         ):
             return original(*args, **kwargs)
-        try:
-            bound = _CLIP_WITH_NORM_ARGUMENTS.bind(*args, **kwargs)
-        except TypeError:
+        bound = _bound_listed(_CLIP_WITH_NORM_ARGUMENTS, args, kwargs)
+        if bound is None:
             return original(*args, **kwargs)
-        given = bound.arguments["parameters"]
-        params = [given] if isinstance(given, torch.Tensor) else list(given)
-        bound.arguments["parameters"] = params
         try:
-            with_grad = [p for p in params if p.grad is not None]
-            before = grad_states(with_grad)
-            norms, local = _norms.measure(with_grad, {})
-            unreduced = _norms.unreduced_copies(with_grad)
+            with_grad, before, clip = _measured_clip(bound.arguments["parameters"])
             total = _whole_value(bound.arguments["total_norm"]) if state.l2_total else None
         except Exception as exc:
             fail(exc, "reading the gradients in clip_grads_with_norm_")
             return original(*bound.args, **bound.kwargs)
         original(*bound.args, **bound.kwargs)
         if with_grad:
-            shared = total is not None
-            _keep(Clip(norms, total, local, not shared, shared, unreduced), before, with_grad)
+            clip.total, clip.shared, clip.summed = total, total is not None, total is None
+            _keep(clip, before, with_grad)
 
     return clip_grads_with_norm_
 
@@ -391,8 +419,43 @@ def clip_totals(clips: list[Clip], whole: dict[int, float]) -> list[float]:
     return totals
 
 
+def _wrap_clip_value(original: Callable[..., None]) -> Callable[..., None]:
+    """`clip_grad_value_(parameters, clip_value, foreach=None)`, which clamps each gradient
+    element: its parameters' gradient norms are measured before it clamps (a DTensor's local
+    shard, summed at the step), and the step's grad_norm is their L2 norm, as for a norm
+    clip; a gradient that held a NaN or an inf counts as non-finite, though the clamp made an
+    inf finite."""
+
+    @functools.wraps(original)
+    def clip_grad_value_(*args: Any, **kwargs: Any) -> None:
+        if not state.on or torch.compiler.is_compiling() or not bootstrap.hooks_wanted():
+            return original(*args, **kwargs)
+        bound = _bound_listed(_CLIP_VALUE_ARGUMENTS, args, kwargs)
+        if bound is None:
+            return original(*args, **kwargs)
+        try:
+            with_grad, before, clip = _measured_clip(bound.arguments["parameters"])
+            clip.nonfinite = {
+                key
+                for key, grad in ((id(p), p.grad) for p in with_grad)
+                if not math.isfinite(clip.norms.get(key, 0.0))
+                and grad is not None
+                and not bool(torch.isfinite(grad).all())
+            }
+        except Exception as exc:
+            fail(exc, "reading the gradients in clip_grad_value_")
+            return original(*bound.args, **bound.kwargs)
+        original(*bound.args, **bound.kwargs)
+        if with_grad:
+            clip.summed = True
+            _keep(clip, before, with_grad)
+
+    return clip_grad_value_
+
+
 def wrap_clips() -> None:
-    """Wraps torch's clip_grad_norm_, get_total_norm and clip_grads_with_norm_ (once)."""
+    """Wraps torch's clip_grad_norm_, get_total_norm, clip_grads_with_norm_ and
+    clip_grad_value_ (once)."""
     if state.clip_wrapper is not None:
         return
     state.clip_wrapper = _wrap_clip(torch.nn.utils.clip_grad.clip_grad_norm_)
@@ -400,3 +463,4 @@ def wrap_clips() -> None:
     torch.nn.utils.clip_grad_norm_ = state.clip_wrapper
     _wrap_utils("get_total_norm", _wrap_total_norm)
     _wrap_utils("clip_grads_with_norm_", _wrap_clip_with_norm)
+    _wrap_utils("clip_grad_value_", _wrap_clip_value)

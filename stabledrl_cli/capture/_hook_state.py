@@ -51,6 +51,9 @@ class Clip:
     (`_norms.unreduced_copies`), reduced whole at the step instead of the clipped one."""
     after: dict[int, GradState] = field(default_factory=dict)
     """id(parameter) -> its gradient as the clip left it (`grad_states`)."""
+    nonfinite: set[int] = field(default_factory=set)
+    """id() of each parameter whose plain gradient held a NaN or an inf before a clip that
+    may have made it finite (clip_grad_value_ clamps an inf to the clip value)."""
 
     def parameters(self) -> set[int]:
         """id() of each parameter it clipped (that had a gradient)."""
@@ -67,6 +70,7 @@ class Clip:
             summed=True,
             unreduced={key: copy for key, copy in self.unreduced.items() if key not in clipped},
             after=self.after,
+            nonfinite=self.nonfinite - clipped,
         )
 
     def l2(self, whole: dict[int, float]) -> float | None:

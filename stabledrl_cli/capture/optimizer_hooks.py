@@ -27,7 +27,8 @@ What each step records (all gradient norms are L2, taken before clipping):
   the `total_norm` it gave
   `clip_grads_with_norm_` (once, however many groups it clipped with it: accelerate's and
   transformers' clip of gradients on several DTensor meshes), else the norm of all its
-  gradients, computed here; absent when no parameter has a gradient. A step given a closure
+  gradients, computed here (before a `clip_grad_value_` clamps them); absent when no
+  parameter has a gradient. A step given a closure
   (LBFGS) is measured when the closure's first call returns, once it has made the gradients;
 - nonfinite_grads: parameters whose gradient holds a NaN or an inf;
 - lr: the first parameter group's learning rate; step_time: wall seconds from the end of the
@@ -255,6 +256,7 @@ def _stats(optimizer: Optimizer, view: OptimizerView) -> Stats:
     seen: dict[int, float] = {}
     local: dict[int, list[float]] = {}
     unreduced: dict[int, torch.Tensor] = {}
+    held_nonfinite: set[int] = set()
     failure: Exception | None = None
     state.l2_total = None
     try:
@@ -263,6 +265,7 @@ def _stats(optimizer: Optimizer, view: OptimizerView) -> Stats:
             seen.update(clip.norms)
             local.update(clip.local)
             unreduced.update(clip.unreduced)
+            held_nonfinite |= clip.nonfinite
         missing = [
             p for p in params if id(p) not in local and (id(p) in shards or id(p) not in seen)
         ]
@@ -288,7 +291,10 @@ def _stats(optimizer: Optimizer, view: OptimizerView) -> Stats:
     nonfinite = sum(
         1
         for param, norm in plain_norms
-        if not math.isfinite(norm) and param.grad is not None and _holds_nonfinite(param.grad)
+        if not math.isfinite(norm)
+        and (
+            id(param) in held_nonfinite or (param.grad is not None and _holds_nonfinite(param.grad))
+        )
     ) + sum(1 for _, norm in pieces if not math.isfinite(norm))
     group_squares: list[float | None] = [None] * len(optimizer.param_groups)
     for g, norm in zip(groups, norms, strict=True):
