@@ -1833,3 +1833,47 @@ def test_one_root_of_an_optimizer_keeps_its_names_beside_another_root(tmp_path):
     assert {k: v for k, v in scalars.items() if "/module/" in k} == pytest.approx(
         {f"grad_norm/module/{name}": norm for name, norm in norms.items()}, rel=1e-6
     )
+
+
+# A model trained bare, under DistributedDataParallel (one gloo rank) or torch.compile
+# (argv[2]); the optimizer holds the model's parameters.
+WRAPPED = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    trained = model
+    if sys.argv[2] == "ddp":
+        torch.distributed.init_process_group(
+            "gloo", init_method="file://" + sys.argv[1] + ".store", rank=0, world_size=1
+        )
+        trained = torch.nn.parallel.DistributedDataParallel(model)
+    elif sys.argv[2] == "compiled":
+        trained = torch.compile(model, backend="eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    for step in range(2):
+        optimizer.zero_grad()
+        trained(torch.randn(8, 4)).pow(2).mean().backward()
+        seen.append({name: torch.cat([p.grad.flatten() for p in m.parameters()]).norm().item()
+                     for name, m in (("0", model[0]), ("2", model[2]))})
+        optimizer.step()
+    json.dump(seen, open(sys.argv[1], "w"))
+    """
+)
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "compiled"])
+def test_a_wrapped_model_records_its_modules_under_the_names_it_has_alone(tmp_path, wrapper):
+    """DDP and torch.compile wrap the model as their own root: its module norms were recorded
+    as `module.0`, `module.2` (DDP) and `_orig_mod.0`, `_orig_mod.2` (compiled), where the bare
+    model records `0` and `2`, so `diff` of the two runs shared none of them."""
+    computed = _recorded(tmp_path, WRAPPED, wrapper)
+    run = open_run(tmp_path / "run")
+    for n, norms in enumerate(computed):
+        modules = {k: v for k, v in run.step(n).scalars.items() if "/module/" in k}
+        assert modules.keys() == {"grad_norm/module/0", "grad_norm/module/2"}, modules
+        for name, norm in norms.items():
+            assert close(modules[f"grad_norm/module/{name}"], norm), (n, modules, norms)

@@ -71,6 +71,7 @@ import inspect
 import math
 import numbers
 import os
+import sys
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -174,7 +175,9 @@ def _param_names(optimizer: Optimizer) -> dict[int, str]:
 
 def _root_names(params: list[torch.Tensor]) -> dict[int, str]:
     """id(parameter) -> its name in the root `torch.nn.Module` (one no other module holds)
-    alive now that holds it, for each of `params` a root holds. When one root holds them all,
+    alive now that holds it, for each of `params` a root holds (in the model a wrapper root
+    holds: `_unwrapped`, so that DDP and torch.compile add no `module.` or `_orig_mod.` to
+    the names the model gives alone). When one root holds them all,
     its names as they are; else (an actor and a reference model in one optimizer: their names
     repeat) each root's are prefixed `<k>:<its class name>.`, k numbering the roots from 0 in
     the order of their first parameter in `params` (one that two roots hold is the first's)."""
@@ -184,8 +187,9 @@ def _root_names(params: list[torch.Tensor]) -> dict[int, str]:
     modules = [obj for obj in gc.get_objects() if issubclass(type(obj), torch.nn.Module)]
     children = {id(child) for module in modules for child in module.children()}
     roots: list[tuple[str, dict[int, str]]] = []
-    for module in modules:
-        if id(module) not in children:
+    for root in modules:
+        if id(root) not in children:
+            module = _unwrapped(root)
             named = {
                 id(param): _fsdp1.clean_name(name)
                 for name, param in module.named_parameters()
@@ -204,6 +208,22 @@ def _root_names(params: list[torch.Tensor]) -> dict[int, str]:
         names.update((key, f"{count}:{kind}.{name}") for key, name in fresh)
         count += bool(fresh)
     return names
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The model that a wrapper holds, whose parameter names are the model's own: the
+    `module` of DistributedDataParallel and DataParallel, the `_orig_mod` of torch.compile's
+    OptimizedModule (looked for only once the process has imported torch._dynamo); else
+    `module`."""
+    parallel = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    while True:
+        if isinstance(module, parallel) and isinstance(module.module, torch.nn.Module):
+            module = module.module
+        elif compiled is not None and isinstance(module, compiled):
+            module = module._orig_mod
+        else:
+            return module
 
 
 def _holds_nonfinite(grad: torch.Tensor) -> bool:
