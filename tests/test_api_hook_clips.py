@@ -85,11 +85,17 @@ SKIPPED_BY_THE_SCRIPT = textwrap.dedent(
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     seen = []
     for step in range(4):
-        optimizer.zero_grad(set_to_none=sys.argv[2] == "none")
+        optimizer.zero_grad(set_to_none=sys.argv[2] != "zeros")
         model(torch.randn(16, 6)).pow(2).mean().backward()
         if step == 1:
             model.weight.grad[0, 0] = float("nan")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01).item()
+        refuse = sys.argv[2] == "refused"
+        try:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), 0.01, error_if_nonfinite=refuse
+            ).item()
+        except RuntimeError:  # torch refuses a non-finite norm, clipping nothing
+            grad_norm = math.nan
         seen.append(grad_norm)
         if not math.isfinite(grad_norm):  # the script's own rule: no step on a NaN gradient
             continue
@@ -99,11 +105,13 @@ SKIPPED_BY_THE_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("zero", ["none", "zeros"])
+@pytest.mark.parametrize("zero", ["none", "zeros", "refused"])
 def test_a_clip_whose_step_the_script_skipped_is_not_the_next_steps(tmp_path, zero):
     """The clip of an iteration that the script skipped (no optimizer.step()) measured other
     gradients than the next iteration's clip: the next step records its own clip's norm, and
-    the skipped one is recorded as skipped (optimizer_skipped 1, its NaN norm)."""
+    the skipped one is recorded as skipped (optimizer_skipped 1, its NaN norm). So is a clip
+    that torch refused (`error_if_nonfinite=True` raised): before, that iteration was in no
+    step (3 steps for 4 iterations, the NaN in none)."""
     run, mine = _recorded(tmp_path, SKIPPED_BY_THE_SCRIPT, zero)
     assert run.step_numbers == [0, 1, 2, 3]
     for n in range(4):

@@ -151,7 +151,12 @@ def _recorded_clip(
         fail(exc, "reading the gradients in clip_grad_norm_")
         return original(params, *rest, **kwargs)
     if measured is None:
-        total = original(params, *rest, **kwargs)
+        try:
+            total = original(params, *rest, **kwargs)
+        except Exception:  # refused before it clipped (error_if_nonfinite): the loop's to skip
+            if with_grad:
+                _keep(Clip(norms, None, local, True, unreduced=unreduced), before, with_grad)
+            raise
         l2 = _is_l2(rest, kwargs)
         whole = total if l2 and not local else None
         clip = Clip(norms, whole, local, l2 and bool(local), unreduced=unreduced)
