@@ -69,9 +69,11 @@ _wakeup: tuple[int, int] | None = None
 _paused: int | None = None
 """SIGTERM's C-level action while a thread forks (`_before_fork`), put back after it."""
 
-_ending = threading.Lock()
+_ending = threading.RLock()
 """Taken by the first of the handler and the watching thread to end the process; never given
-back, so the other waits for the end."""
+back, so the other waits for the end. Reentrant: a second SIGTERM that comes while the main
+thread runs the handler (before SIGTERM is ignored) runs it again in that thread, which then
+ends the process itself rather than wait for its own lock."""
 
 
 def steps_written_on_sigterm(write_steps: Callable[[], None]) -> Callable[[], None]:
@@ -188,7 +190,7 @@ def _forked_child() -> None:
     """The child takes the default action, and lets the parent's wakeup pipe go (a signal to
     the child would wake the parent's thread, which would end the parent)."""
     global _wakeup, _ending, _paused
-    _ending, _paused = threading.Lock(), None
+    _ending, _paused = threading.RLock(), None
     if _get_handler(signal.SIGTERM) is _handled:
         _set_handler(signal.SIGTERM, signal.SIG_DFL)
     if _wakeup is not None:

@@ -62,6 +62,35 @@ def test_a_main_thread_held_in_a_c_call_still_has_its_steps_written_and_ends() -
     assert result.stderr == ""
 
 
+def test_a_second_sigterm_that_comes_inside_the_first_ones_handler_still_ends_it() -> None:
+    """Slurm signals the command directly and through `record`: the second SIGTERM can come
+    while the main thread runs the first one's handler, before it set SIGTERM ignored, and
+    Python runs the handler again there, in the same thread. Before, that second run waited
+    for the lock the first held: the process never ended, SIGTERM ignored from then on (a
+    recording test that signals `record`'s process group hung so)."""
+    body = """
+        import stabledrl_cli._sigterm as handling
+
+        plain = handling._set_action
+        def set_action(action):  # the second SIGTERM, as the first one's handler runs
+            handling._set_action = plain
+            os.kill(os.getpid(), signal.SIGTERM)
+            return plain(action)
+        handling._set_action = set_action
+        os.kill(os.getpid(), signal.SIGTERM)  # the first, handled by the main thread
+        time.sleep(30)
+        """
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", HEAD + textwrap.dedent(body)],
+            capture_output=True, text=True, cwd=ROOT, timeout=20,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:  # (killed by run)
+        pytest.fail("the process did not end")
+    assert (result.stdout, result.returncode) == ("written True\n", -signal.SIGTERM)
+    assert result.stderr == ""
+
+
 def test_a_forked_child_ends_at_once_and_its_parent_lives_on() -> None:
     """The child shares the parent's wakeup pipe until it lets it go: a SIGTERM to the child
     would otherwise wake the parent's thread, which would end the parent."""
