@@ -47,8 +47,8 @@ from stabledrl_cli.capture.bootstrap import (
 from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, CHECKPOINTS_DIR
 from stabledrl_cli.cli._output import err
 from stabledrl_cli.cli._signals import signals_handled
-from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED, RUN_ID
-from stabledrl_cli.dump._setup import manifest_now, reclose_run, reopen_run
+from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED, RUN_ID, canonical_step
+from stabledrl_cli.dump._setup import amend_manifest, manifest_now, reclose_run, reopen_run
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.policies import resolve_spec
 
@@ -327,6 +327,8 @@ def _record(
     if code == UNCAUGHT and fatal:  # a tool error ended the command: its line is out already
         raise typer.Exit(fatal[0])
     if code != 0:
+        if code > 0 and changed:
+            _note_exit_code(out, code)
         for _, reason in failures:
             err.print(
                 f"[yellow]warning:[/] recording failed: {escape(reason)}",
@@ -353,6 +355,26 @@ def _record(
         )
         raise UsageError(NO_STEP + earlier)
     _check_ranks(out, list(after), new, launched)
+
+
+def _note_exit_code(out: Path, code: int) -> None:
+    """Notes in the run that the training command exited with error `code` (a script's
+    `sys.exit(3)`, which raises no exception the recording process could note) when its
+    Recorder closed it with no stop note: closed and unnoted, it would read as a whole
+    training. The note is the one an uncaught exception gives, after the run's last step
+    (`training command exited with code 3 after step 2`). Best effort: a run that cannot be
+    read or amended is left as it is."""
+    try:
+        manifest = manifest_now(out)
+        if manifest.get(RECORDING_CLOSED) is not True or RECORDING_STOPPED in manifest:
+            return
+        steps = [found[0] for found in map(canonical_step, _step_files(out)) if found]
+        if steps:
+            last = max(steps)
+            reason = f"training command {how_it_ended(code)} after step {last}"
+            amend_manifest(out, RECORDING_STOPPED, {"step": last + 1, "rank": 0, "reason": reason})
+    except (InputError, ValueError, WriteError):
+        pass
 
 
 def _take_dead_locks(out: Path) -> dict[Path, bytes]:
