@@ -67,7 +67,9 @@ def _check_out(out: Path, force: bool) -> None:
         if not force:
             raise UsageError(
                 f"--out {out} is not empty; pass --force to record into it (a new recording "
-                "replaces its run, a resumed training continues it)"
+                "replaces its run; one that resumes it continues it: TRL's "
+                "train(resume_from_checkpoint=...), a script's log_policy_batch with "
+                "recorder_kwargs resume=True)"
             )
 
 
