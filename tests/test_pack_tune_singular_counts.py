@@ -27,3 +27,13 @@ def test_a_run_of_one_step_is_counted_in_the_singular(tmp_path: Path) -> None:
     tuned = runner.invoke(app, ["tune", str(tmp_path / "run"), "-p", "grpo", "--device", "cpu"])
     assert tuned.exit_code == 0, tuned.output
     assert tuned.stdout.startswith(f"tune {tmp_path / 'run'}: 1 step, 1 setting")
+
+
+def test_a_run_of_scalars_only_is_not_said_to_pack_tokens(tmp_path: Path) -> None:
+    """pack of an imported log or an optimizer-hook recording said '(0 tokens)'."""
+    with sd.Recorder(tmp_path / "run", policy=None) as recorder:
+        for step in range(3):
+            recorder.log_step(step, grad_norm=1.0, loss=0.5)
+    packed = CliRunner().invoke(app, ["pack", str(tmp_path / "run"), str(tmp_path / "run.h5")])
+    assert packed.exit_code == 0, packed.output
+    assert packed.stdout.startswith(f"packed 3 steps (scalars only) of {tmp_path / 'run'} into ")

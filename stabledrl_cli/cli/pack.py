@@ -99,8 +99,10 @@ def command(
         print_json(summary.to_dict())
         return
     change = _size_change(summary.source_bytes, summary.archive_bytes)
+    # no token: steps of scalars only (a batch holds at least one), an imported log say
+    held = counted(summary.tokens, opened.unit) if summary.tokens else "scalars only"
     (err if piped else out).print(
-        f"packed {counted(summary.steps, 'step')} ({counted(summary.tokens, opened.unit)}) of "
+        f"packed {counted(summary.steps, 'step')} ({held}) of "
         f"{summary.source} into "
         f"{summary.out}: {summary.source_bytes / 1e6:.2f} MB -> "
         f"{summary.archive_bytes / 1e6:.2f} MB ({change})",
