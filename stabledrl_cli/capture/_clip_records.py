@@ -309,6 +309,44 @@ def _measured_clip(
     return with_grad, grad_states(with_grad), clip
 
 
+def _wrap_measured(
+    original: Callable[..., None],
+    arguments: inspect.Signature,
+    name: str,
+    complete: Callable[[inspect.BoundArguments, list[torch.Tensor], Clip], None],
+) -> Callable[..., None]:
+    """A clip `original` (torch's `name`, of `arguments`) that changes its parameters'
+    gradients in place: they are measured before it does (`_measured_clip`), `complete` sets
+    what the Clip takes from the call's arguments, and the Clip is kept for the step once the
+    clip is done. Passes through when recording is off, inside torch's own clip_grad_norm_ or
+    a torch.compile trace, and for arguments it does not take; a failure to measure is
+    reported (`fail`) and the clip runs as torch's."""
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        if (
+            not state.on
+            or state.torch_clipping
+            or torch.compiler.is_compiling()
+            or not bootstrap.hooks_wanted()
+        ):
+            return original(*args, **kwargs)
+        bound = _bound_listed(arguments, args, kwargs)
+        if bound is None:
+            return original(*args, **kwargs)
+        try:
+            with_grad, before, clip = _measured_clip(bound.arguments["parameters"])
+            complete(bound, with_grad, clip)
+        except Exception as exc:
+            fail(exc, f"reading the gradients in {name}")
+            return original(*bound.args, **bound.kwargs)
+        original(*bound.args, **bound.kwargs)
+        if with_grad:
+            _keep(clip, before, with_grad)
+
+    return wrapper
+
+
 def _wrap_clip_with_norm(original: Callable[..., None]) -> Callable[..., None]:
     """`clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None)`, the second half
     of a clip whose first half is get_total_norm: its parameters' gradient norms are measured
@@ -317,30 +355,11 @@ def _wrap_clip_with_norm(original: Callable[..., None]) -> Callable[..., None]:
     collective, is the step's grad_norm (once for all the calls given it); else the L2 norm
     of the gradients it clipped, summed from those measures."""
 
-    @functools.wraps(original)
-    def clip_grads_with_norm_(*args: Any, **kwargs: Any) -> None:
-        if (
-            not state.on
-            or state.torch_clipping
-            or torch.compiler.is_compiling()
-            or not bootstrap.hooks_wanted()
-        ):
-            return original(*args, **kwargs)
-        bound = _bound_listed(_CLIP_WITH_NORM_ARGUMENTS, args, kwargs)
-        if bound is None:
-            return original(*args, **kwargs)
-        try:
-            with_grad, before, clip = _measured_clip(bound.arguments["parameters"])
-            total = _whole_value(bound.arguments["total_norm"]) if state.l2_total else None
-        except Exception as exc:
-            fail(exc, "reading the gradients in clip_grads_with_norm_")
-            return original(*bound.args, **bound.kwargs)
-        original(*bound.args, **bound.kwargs)
-        if with_grad:
-            clip.total, clip.shared, clip.summed = total, total is not None, total is None
-            _keep(clip, before, with_grad)
+    def complete(bound: inspect.BoundArguments, with_grad: list[torch.Tensor], clip: Clip) -> None:
+        total = _whole_value(bound.arguments["total_norm"]) if state.l2_total else None
+        clip.total, clip.shared, clip.summed = total, total is not None, total is None
 
-    return clip_grads_with_norm_
+    return _wrap_measured(original, _CLIP_WITH_NORM_ARGUMENTS, "clip_grads_with_norm_", complete)
 
 
 def wrap_fsdp(module: ModuleType) -> None:
@@ -431,31 +450,17 @@ def _wrap_clip_value(original: Callable[..., None]) -> Callable[..., None]:
     clip; a gradient that held a NaN or an inf counts as non-finite, though the clamp made an
     inf finite."""
 
-    @functools.wraps(original)
-    def clip_grad_value_(*args: Any, **kwargs: Any) -> None:
-        if not state.on or torch.compiler.is_compiling() or not bootstrap.hooks_wanted():
-            return original(*args, **kwargs)
-        bound = _bound_listed(_CLIP_VALUE_ARGUMENTS, args, kwargs)
-        if bound is None:
-            return original(*args, **kwargs)
-        try:
-            with_grad, before, clip = _measured_clip(bound.arguments["parameters"])
-            clip.nonfinite = {
-                key
-                for key, grad in ((id(p), p.grad) for p in with_grad)
-                if not math.isfinite(clip.norms.get(key, 0.0))
-                and grad is not None
-                and not bool(torch.isfinite(grad).all())
-            }
-        except Exception as exc:
-            fail(exc, "reading the gradients in clip_grad_value_")
-            return original(*bound.args, **bound.kwargs)
-        original(*bound.args, **bound.kwargs)
-        if with_grad:
-            clip.summed = True
-            _keep(clip, before, with_grad)
+    def complete(bound: inspect.BoundArguments, with_grad: list[torch.Tensor], clip: Clip) -> None:
+        clip.nonfinite = {
+            key
+            for key, grad in ((id(p), p.grad) for p in with_grad)
+            if not math.isfinite(clip.norms.get(key, 0.0))
+            and grad is not None
+            and not bool(torch.isfinite(grad).all())
+        }
+        clip.summed = True
 
-    return clip_grad_value_
+    return _wrap_measured(original, _CLIP_VALUE_ARGUMENTS, "clip_grad_value_", complete)
 
 
 def wrap_clips() -> None:
