@@ -74,7 +74,7 @@ import os
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -146,6 +146,11 @@ def _wrap_scaler_step(original: Callable[..., float | None]) -> Callable[..., fl
     return step
 
 
+def _optimizer_params(optimizer: Optimizer) -> Iterator[torch.Tensor]:
+    """The optimizer's parameters, group by group."""
+    return (p for group in optimizer.param_groups for p in group["params"])
+
+
 def _view(optimizer: Optimizer) -> OptimizerView:
     view = state.views.get(optimizer)
     if view is None:
@@ -155,7 +160,7 @@ def _view(optimizer: Optimizer) -> OptimizerView:
     shape = tuple(len(group["params"]) for group in optimizer.param_groups)
     if shape != view.shape:
         view.shape = shape
-        view.ids = frozenset(id(p) for group in optimizer.param_groups for p in group["params"])
+        view.ids = frozenset(id(p) for p in _optimizer_params(optimizer))
         view.names = None
         view.shards = None
     return view
@@ -170,7 +175,7 @@ def _param_names(optimizer: Optimizer) -> dict[int, str]:
             names[id(param)] = name
     if names and len(set(names.values())) == len(names):
         return names
-    return _root_names([p for group in optimizer.param_groups for p in group["params"]])
+    return _root_names(list(_optimizer_params(optimizer)))
 
 
 def _root_names(params: list[torch.Tensor]) -> dict[int, str]:
@@ -254,7 +259,7 @@ def _step_params(
     """(group index of each, the parameters a step measures, id -> FSDP1 Shard): those with a
     gradient, and every FSDP1 shard (a rank that holds none of one still sums it)."""
     if view.shards is None:
-        every = [p for group in optimizer.param_groups for p in group["params"]]
+        every = list(_optimizer_params(optimizer))
         view.shards = _fsdp1.optimizer_shards(every)
     shards = view.shards
     groups: list[int] = []
@@ -581,10 +586,6 @@ def _watch_zero_grads() -> None:
     Optimizer.zero_grad = wrapped(Optimizer.zero_grad, _optimizer_params)  # type: ignore[method-assign]
     module_params = torch.nn.Module.parameters
     torch.nn.Module.zero_grad = wrapped(torch.nn.Module.zero_grad, module_params)  # type: ignore[method-assign]
-
-
-def _optimizer_params(optimizer: Optimizer) -> Iterable[torch.Tensor]:
-    return (p for group in optimizer.param_groups for p in group["params"])
 
 
 def _skipped_before_zeroing(zeroing: Optimizer | None, params: Iterable[torch.Tensor]) -> None:
