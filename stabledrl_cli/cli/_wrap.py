@@ -327,15 +327,16 @@ def _record(
     if code == UNCAUGHT and fatal:  # a tool error ended the command: its line is out already
         raise typer.Exit(fatal[0])
     if code != 0:
+        files = list(_step_files(out))
         if code > 0 and changed:
-            _note_exit_code(out, code)
+            _note_exit_code(out, code, files)
         for _, reason in failures:
             err.print(
                 f"[yellow]warning:[/] recording failed: {escape(reason)}",
                 highlight=False,
                 markup=True,
             )
-        steps = len(_step_files(out))
+        steps = len(files)
         held = f"{steps} step file(s): `stabledrl inspect {out}`" if steps else "no step file"
         err.print(
             f"the training command {how_it_ended(code)}; the run holds {held}", highlight=False
@@ -357,18 +358,18 @@ def _record(
     _check_ranks(out, list(after), new, launched)
 
 
-def _note_exit_code(out: Path, code: int) -> None:
+def _note_exit_code(out: Path, code: int, files: list[str]) -> None:
     """Notes in the run that the training command exited with error `code` (a script's
     `sys.exit(3)`, which raises no exception the recording process could note) when its
     Recorder closed it with no stop note: closed and unnoted, it would read as a whole
-    training. The note is the one an uncaught exception gives, after the run's last step
-    (`training command exited with code 3 after step 2`). Best effort: a run that cannot be
-    read or amended is left as it is."""
+    training. The note is the one an uncaught exception gives, after the last step of the
+    run's step `files` (`training command exited with code 3 after step 2`). Best effort: a
+    run that cannot be read or amended is left as it is."""
     try:
         manifest = manifest_now(out)
         if manifest.get(RECORDING_CLOSED) is not True or RECORDING_STOPPED in manifest:
             return
-        steps = [found[0] for found in map(canonical_step, _step_files(out)) if found]
+        steps = [found[0] for found in map(canonical_step, files) if found]
         if steps:
             last = max(steps)
             reason = f"training command {how_it_ended(code)} after step {last}"
