@@ -89,3 +89,41 @@ def test_a_step_file_of_too_many_tensors_is_a_finding(
     assert finding["message"] == (
         "step 1: unreadable: header has 8 tensors, more than the 7 a step holds"
     )
+
+
+def test_a_step_header_of_too_many_json_items_is_refused_before_it_is_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crafted header of small items (`[[],[],...]`, 3 bytes each) parsed into 26x its size
+    (100 MB: 2.6 GB); it is now an unreadable step, counted before json.loads is called."""
+    with sd.Recorder(tmp_path / "run", policy=None) as rec:
+        rec.log_step(0, loss=1.0)
+        rec.log_step(1, loss=1.0)
+    crafted = b'{"x":[' + b",".join([b"[]"] * _stfile.HEADER_ITEM_LIMIT) + b"]}"
+    crafted += b" " * (-len(crafted) % 8)
+    step_file = tmp_path / "run" / "steps" / "step-00000001.safetensors"
+    step_file.write_bytes(len(crafted).to_bytes(8, "little") + crafted)
+    parsed: list[int] = []
+    decode = _stfile.utf8_text  # what the reader calls on a header just before parsing it
+    monkeypatch.setattr(_stfile, "utf8_text", lambda raw: parsed.append(len(raw)) or decode(raw))
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "run"), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    (finding,) = json.loads(result.stdout)["integrity"]["findings"]
+    assert finding["message"] == (
+        "step 1: unreadable: header holds 2,000,001 JSON items, more than the 1,000,000 a "
+        "step holds"
+    )
+    assert all(size < 1000 for size in parsed)  # step 0's header only, never the crafted one
+
+
+def test_log_step_refuses_a_header_its_readers_would_not_parse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_stfile, "HEADER_ITEM_LIMIT", 100)
+    with sd.Recorder(tmp_path / "run") as rec:
+        refused = r"header holds [\d,]+ JSON items .* more than the 100 "
+        with pytest.raises(UsageError, match=refused):
+            _step(rec, 0, {"a,b,c" * 20: 1.0})
+        _step(rec, 0, {"abc": 1.0})
+    run = sd.open_run(tmp_path / "run")
+    assert run.step_numbers == [0] and run.integrity.ok
