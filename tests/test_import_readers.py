@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from stabledrl_cli import _json
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.importers import _trainer_state, detect_format, read_log
@@ -321,19 +322,30 @@ def test_trainer_state_refusals(tmp_path: Path, text: str, message: str) -> None
         read_log(state)
 
 
+@pytest.mark.parametrize(
+    "items",
+    [",".join(["{}"] * 1000), ",".join(["[" * 10 + "]" * 10] * 100)],
+    ids=["empty-objects", "nested-arrays"],
+)
 def test_a_trainer_state_of_too_many_values_is_refused_before_it_is_parsed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, items: str
 ) -> None:
     """It is parsed whole, and a parsed value costs 30-100 times its bytes: 30 MB of empty
-    objects took 827 MB before its refusal (no step in it), so 128 MiB would take 3.5 GB."""
+    objects took 827 MB before its refusal (no step in it), so 128 MiB would take 3.5 GB.
+    Arrays nested 500 deep hold 500 values a comma: 32 MB of them took 1.69 GB when only
+    commas were counted."""
     state = tmp_path / "trainer_state.json"
-    state.write_text('{"log_history": [' + ",".join(["{}"] * 1000) + "]}")
+    state.write_text('{"log_history": [' + items + "]}")
     monkeypatch.setattr(_trainer_state, "VALUE_LIMIT", 999)
-    parsed: list[object] = []
-    monkeypatch.setattr(_trainer_state, "parse_strict", lambda *a, **k: parsed.append(a))
-    with pytest.raises(InputError, match="more than 999 JSON values"):
+    decoded: list[object] = []  # what parse_strict calls just before it parses
+    monkeypatch.setattr(_json, "utf8_text", lambda raw: decoded.append(raw))
+    with pytest.raises(
+        InputError,
+        match=r"JSON values \(commas and brackets counted\), more "
+        "than the 999 read",
+    ):
         read_log(state)
-    assert parsed == []
+    assert decoded == []
 
 
 # -- JSON lines -------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from stabledrl_cli._atomic import fsync_dir, make_durable, write_durably
-from stabledrl_cli._json import NotUtf8, has_lone_surrogate, utf8_text
+from stabledrl_cli._json import NotUtf8, has_lone_surrogate, json_items, utf8_text
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.dump._crc import crc32
 from stabledrl_cli.dump._integrity import StepReadError
@@ -40,16 +40,9 @@ from stabledrl_cli.errors import UsageError, counted
 
 HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on the header size
 HEADER_ITEM_LIMIT = 1_000_000
-"""The most JSON items a step header may hold, counted before it is parsed (`header_items`):
-a real header holds at most about 30,000 (MAX_METADATA entries, MAX_TENSORS of a few items
+"""The most JSON items a step header may hold, counted before it is parsed (`json_items`): a
+real header holds at most about 30,000 (MAX_METADATA entries, MAX_TENSORS of a few items
 each), while 100 MB of crafted small items (`[[],[],...]`) would parse into 2.6 GB."""
-
-
-def header_items(raw: bytes) -> int:
-    """An upper bound on how many JSON values the header bytes `raw` hold, without parsing
-    them: a value past the first follows a comma or opens an array or object (the count
-    includes those characters inside strings, so it never falls short)."""
-    return raw.count(b",") + raw.count(b"[") + raw.count(b"{")
 
 
 _CHUNK = 1 << 22
@@ -111,7 +104,7 @@ def encode_step(
             f"the step's header of {len(encoded)} bytes is larger than {HEADER_LIMIT} bytes, "
             "the most its readers read: record fewer or shorter scalar names"
         )
-    if (items := header_items(encoded)) > HEADER_ITEM_LIMIT:
+    if (items := json_items(encoded)) > HEADER_ITEM_LIMIT:
         raise UsageError(
             f"the step's header holds {items:,} JSON items (commas and brackets counted), "
             f"more than the {HEADER_ITEM_LIMIT:,} its readers read: record fewer scalars or "
@@ -412,7 +405,7 @@ def parse_header(
         raw = fh.read(header_len)
         if len(raw) < header_len:
             raise StepReadError("torn", f"header cut at {8 + len(raw)} of {8 + header_len} bytes")
-        if (items := header_items(raw)) > HEADER_ITEM_LIMIT:  # before parsing: GBs if crafted
+        if (items := json_items(raw)) > HEADER_ITEM_LIMIT:  # before parsing: GBs if crafted
             raise StepReadError(
                 "unreadable",
                 f"header holds {items:,} JSON items, more than the {HEADER_ITEM_LIMIT:,} a step "

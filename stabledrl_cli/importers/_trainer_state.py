@@ -23,9 +23,10 @@ from stabledrl_cli.importers._names import STEP_KEYS
 from stabledrl_cli.importers._table import CELL_LIMIT, StepTable
 
 VALUE_LIMIT = 2 * CELL_LIMIT
-"""Most JSON values (commas, counted before parsing) a trainer_state.json may hold: it is
-parsed whole, and the parsed values cost 30 to 100 times their bytes (an empty object 3 bytes,
-about 80 parsed). Twice the values an import holds leaves room for the rows' bookkeeping."""
+"""Most JSON values (`json_items`, counted before parsing) a trainer_state.json may hold: it
+is parsed whole, and the parsed values cost 30 to 100 times their bytes (an empty object 3
+bytes, about 80 parsed). Twice the values an import holds leaves room for the rows'
+bookkeeping."""
 
 
 def bounded_json_document(path: Path, what: str = "trainer_state.json") -> object:
@@ -35,9 +36,7 @@ def bounded_json_document(path: Path, what: str = "trainer_state.json") -> objec
     InputError, one line, when it is not JSON within those bounds."""
     with open_log(path, DOCUMENT_LIMIT) as handle:
         raw = handle.read(DOCUMENT_LIMIT + 1)
-    if raw.count(b",") >= VALUE_LIMIT:
-        raise InputError(f"{path}: more than {VALUE_LIMIT:,} JSON values (parsed whole: too many)")
-    return parse_strict(raw, str(path), what, allow_nan=True)
+    return parse_strict(raw, str(path), what, allow_nan=True, max_items=VALUE_LIMIT)
 
 
 def _rows(document: list[object]) -> bool:
