@@ -1836,7 +1836,8 @@ def test_one_root_of_an_optimizer_keeps_its_names_beside_another_root(tmp_path):
 
 
 # A model trained bare, under DistributedDataParallel (one gloo rank) or torch.compile
-# (argv[2]); the optimizer holds the model's parameters.
+# (argv[2]); the optimizer holds the model's parameters, named by the trained module when
+# argv[3] is "named" (`SGD(ddp.named_parameters())`).
 WRAPPED = textwrap.dedent(
     """
     import json, sys
@@ -1852,7 +1853,8 @@ WRAPPED = textwrap.dedent(
         trained = torch.nn.parallel.DistributedDataParallel(model)
     elif sys.argv[2] == "compiled":
         trained = torch.compile(model, backend="eager")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    held = trained.named_parameters() if sys.argv[3] == "named" else model.parameters()
+    optimizer = torch.optim.SGD(held, lr=0.1)
     seen = []
     for step in range(2):
         optimizer.zero_grad()
@@ -1865,12 +1867,17 @@ WRAPPED = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "compiled"])
-def test_a_wrapped_model_records_its_modules_under_the_names_it_has_alone(tmp_path, wrapper):
+@pytest.mark.parametrize(
+    "wrapper, held",
+    [(w, h) for w in ("ddp", "compiled") for h in ("parameters", "named")] + [("bare", "named")],
+)
+def test_a_wrapped_model_records_its_modules_under_the_names_it_has_alone(tmp_path, wrapper, held):
     """DDP and torch.compile wrap the model as their own root: its module norms were recorded
     as `module.0`, `module.2` (DDP) and `_orig_mod.0`, `_orig_mod.2` (compiled), where the bare
-    model records `0` and `2`, so `diff` of the two runs shared none of them."""
-    computed = _recorded(tmp_path, WRAPPED, wrapper)
+    model records `0` and `2`, so `diff` of the two runs shared none of them. So were they
+    when the optimizer took the wrapper's named parameters (`SGD(ddp.named_parameters())`),
+    whose names the optimizer keeps."""
+    computed = _recorded(tmp_path, WRAPPED, wrapper, held)
     run = open_run(tmp_path / "run")
     for n, norms in enumerate(computed):
         modules = {k: v for k, v in run.step(n).scalars.items() if "/module/" in k}

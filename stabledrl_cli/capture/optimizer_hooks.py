@@ -166,16 +166,24 @@ def _view(optimizer: Optimizer) -> OptimizerView:
     return view
 
 
+_WRAPPER_ROOTS = ("module.", "_orig_mod.")
+"""How the names a wrapper gives (DDP's and DataParallel's, torch.compile's: `_unwrapped`)
+begin: `AdamW(ddp.named_parameters())` names its parameters `module.<the model's name>`."""
+
+
 def _param_names(optimizer: Optimizer) -> dict[int, str]:
     """id(parameter) -> its qualified name: from the optimizer's named parameter groups when
-    no name repeats, else from the root modules alive now (`_root_names`)."""
+    no name repeats and none is a wrapper's, else from the root modules alive now
+    (`_root_names`; a wrapper's names where those miss a parameter)."""
     names: dict[int, str] = {}
     for group in optimizer.param_groups:
         for name, param in zip(group.get("param_names", ()), group["params"], strict=False):
-            names[id(param)] = name
-    if names and len(set(names.values())) == len(names):
+            names[id(param)] = _fsdp1.clean_name(name)
+    unique = len(set(names.values())) == len(names)
+    if names and unique and not any(n.startswith(_WRAPPER_ROOTS) for n in names.values()):
         return names
-    return _root_names(list(_optimizer_params(optimizer)))
+    rooted = _root_names(list(_optimizer_params(optimizer)))
+    return rooted if not unique or rooted.keys() >= names.keys() else names
 
 
 def _root_names(params: list[torch.Tensor]) -> dict[int, str]:
