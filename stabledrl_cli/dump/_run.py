@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from abc import ABC, abstractmethod
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,17 +343,18 @@ class Run(ABC):
         """`scalar_series` of several scalars in one pass over the headers, each named once
         however often `names` names it. UsageError for a name that is no str, or one name where
         a list of them goes (`scalar_names`)."""
-        pairs: dict[str, list[tuple[int, float]]] = {name: [] for name in scalar_names(names)}
+        found = {name: (array("q"), array("d")) for name in scalar_names(names)}
         for step in self.step_headers():
-            for name in pairs:
-                if name in step.scalars:
-                    pairs[name].append((step.step, step.scalars[name]))
+            scalars = step.scalars
+            held = scalars.keys() & found.keys() if len(scalars) < len(found) else found
+            for name in held:
+                if name in scalars:
+                    numbers, values = found[name]
+                    numbers.append(step.step)
+                    values.append(scalars[name])
         return {
-            name: (
-                np.array([p[0] for p in found], dtype=np.int64),
-                np.array([p[1] for p in found], dtype=np.float64),
-            )
-            for name, found in pairs.items()
+            name: (np.array(numbers, dtype=np.int64), np.array(values, dtype=np.float64))
+            for name, (numbers, values) in found.items()
         }
 
     def close(self) -> None:
