@@ -8,6 +8,7 @@ verl_ppo_kl of each step are the mean over its micro-batches of what verl's `ppo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +38,19 @@ DUAL_CLIPS = [
 
 
 def replayed_against_verl(
-    mode: str, settings: dict[str, Any], agg: str, tmp_path: Path
+    mode: str,
+    settings: dict[str, Any],
+    agg: str,
+    tmp_path: Path,
+    make: Callable[[float], Any] = lambda scale: rollout(scale=scale),
 ) -> dict[str, list[tuple[float, float]]]:
     """metric -> (verl's mean over a step's micro-batches, replay's) for every step of the
-    four recordings (rollout weights or not, moderate or extreme ratios)."""
+    four recordings (rollout weights or not, moderate or extreme ratios) of the rollouts
+    `make(scale)` gives."""
     pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in METRICS}
     for n, (weights, scale) in enumerate((w, s) for w in (True, False) for s in (0.6, 12.0)):
         config = actor_config(loss_mode=mode, loss_agg_mode=agg, **settings)
-        steps = micro_batches(rollout(scale=scale), mini=6, micro=2, with_weights=weights)
+        steps = micro_batches(make(scale), mini=6, micro=2, with_weights=weights)
         captured, _ = record(config, steps, tmp_path / f"run{n}")
         run = open_run(tmp_path / f"run{n}")
         (replayed,) = replay_run(
@@ -107,3 +113,18 @@ def test_the_legend_says_what_verl_lower_counts_for_each_policy() -> None:
     assert "0 for gspo, cispo and sapo" in lower
     assert "dppo: outside its trust region" in clip
     assert "gmpo: A > 0 and log r outside [-eps_low, eps_high]" in clip
+
+
+def nan_rollout(scale: float) -> Any:
+    """A `rollout` whose model gives a NaN log-prob on a scored token (a step that blew up)."""
+    td = rollout(scale=scale)
+    td["_logp"][1, 0] = math.nan
+    return td
+
+
+@pytest.mark.parametrize("mode", LOSS_MODES)
+def test_verl_metrics_equal_verls_own_with_a_nan_log_prob(mode: str, tmp_path: Path) -> None:
+    """verl counts cispo's clip as r != clamp(r) and geo_mean's as log r != clamp(log r), which
+    a NaN ratio passes: the replay counts that token clipped as verl logs it."""
+    settings = {**ASYMMETRIC, **SETTINGS.get(mode, {})}
+    assert_equal(replayed_against_verl(mode, settings, "token-mean", tmp_path, nan_rollout))

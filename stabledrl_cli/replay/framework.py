@@ -17,11 +17,12 @@
   count + 1e-8), r = exp(clamp(log r, -20, 20)) (gspo: exp(min(mean log r of the sequence,
   10))), averaged unweighted over the micro-batches. vanilla: (A > 0 & r > 1 + eps_high) |
   (A < 0 & r < 1 - eps_low), lower (A < 0 & r > c) for dual-clip; cispo's verl form: r outside
-  [1 - eps_low, 1 + eps_high] whatever A, lower 0; sapo: 0 and 0 (what verl logs); dppo
-  (`_dppo_tv`, `_dppo_kl`): entries outside the trust region (A = 0 ones on the lower side),
-  lower: entries inside it whose ratio exceeds c; gmpo (`_geo_mean`): entries whose log r
-  lies outside [-eps_low, eps_high] (unclamped) with A > 0, lower the same with A < 0;
-  clip-cov (`_clip_cov`): the entries its draw chose (verl's corr == 0), lower not logged.
+  [1 - eps_low, 1 + eps_high] whatever A, or NaN (verl counts r != clamp(r)), lower 0; sapo: 0
+  and 0 (what verl logs); dppo (`_dppo_tv`, `_dppo_kl`): entries outside the trust region
+  (A = 0 ones on the lower side), lower: entries inside it whose ratio exceeds c; gmpo
+  (`_geo_mean`): entries whose log r lies outside [-eps_low, eps_high] (unclamped), or is NaN
+  (log r != clamp(log r)), with A > 0, lower the same with A < 0; clip-cov (`_clip_cov`): the
+  entries its draw chose (verl's corr == 0), lower not logged.
   `ppo_kl`: the mean of -log r over a micro-batch's scored entries (the same denominator and
   averaging), log r clamped to [-20, 20] (vanilla, cispo, sapo, dppo) or not (gspo, clip_cov,
   geo_mean); kl_cov logs the mean of |log r| instead.
@@ -253,6 +254,12 @@ def _verl_ratio(prep: PreparedBatch, *bounds: float) -> torch.Tensor:
     return prep.ratio if inside else prep.clamped_ratio(VERL_LOG_RATIO_CLAMP)
 
 
+def _verl_unequal_nan(prep: PreparedBatch) -> torch.Tensor:
+    """[T] bool: a NaN log r, which verl's cispo (`ratio != clamp(ratio)`) and geo_mean
+    (`log r != clamp(log r)`) count as clipped, NaN being unequal to itself."""
+    return prep.memo("verl_unequal_nan", lambda: torch.isnan(prep.log_ratio))
+
+
 def _trl(
     policy: Policy, w: Weights, prep: PreparedBatch, micro: MicroBatches, nan: torch.Tensor
 ) -> list[torch.Tensor]:
@@ -336,7 +343,8 @@ def _verl(
     if isinstance(config, CISPOConfig) and config.eps_low is not None:
         ceiling = 1.0 + (config.eps_low if config.eps_high is None else config.eps_high)
         ratio = _verl_ratio(prep, 1.0 - config.eps_low, ceiling)
-        return [frac(below(ratio, 1.0 - config.eps_low) | above(ratio, ceiling)), zero]
+        outside = below(ratio, 1.0 - config.eps_low) | above(ratio, ceiling)
+        return [frac(outside | _verl_unequal_nan(prep)), zero]
     if isinstance(config, SAPOConfig):
         return [zero, zero]
     if isinstance(config, DPPOConfig):  # outside the trust region; inside it, r truncated at c
@@ -344,6 +352,7 @@ def _verl(
         return [frac(~valid), frac(valid & above(ratio, config.c))]
     if isinstance(config, GMPOConfig):  # log r outside [-eps_low, eps_high], by the sign of A
         outside = below(prep.log_ratio, -config.eps_low) | above(prep.log_ratio, config.eps_high)
+        outside = outside | _verl_unequal_nan(prep)
         return [frac(outside & above(adv, 0.0)), frac(outside & below(adv, 0.0))]
     return [nan, nan]
 
