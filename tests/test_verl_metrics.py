@@ -128,3 +128,22 @@ def test_verl_metrics_equal_verls_own_with_a_nan_log_prob(mode: str, tmp_path: P
     a NaN ratio passes: the replay counts that token clipped as verl logs it."""
     settings = {**ASYMMETRIC, **SETTINGS.get(mode, {})}
     assert_equal(replayed_against_verl(mode, settings, "token-mean", tmp_path, nan_rollout))
+
+
+def neg_inf_rollout(scale: float) -> Any:
+    """A `rollout` whose model gives a sampled token probability 0 (log-prob -inf), in a row
+    of A < 0 (row 4)."""
+    td = rollout(scale=scale)
+    td["_logp"][4, 0] = -math.inf
+    return td
+
+
+@pytest.mark.parametrize("mode", LOSS_MODES)
+def test_verl_metrics_equal_verls_own_with_a_log_prob_of_minus_inf(
+    mode: str, tmp_path: Path
+) -> None:
+    """verl's gspo ratio of a token is exp(log_prob - log_prob.detach() + mean log r), NaN
+    where log_prob is -inf (its sequence's other tokens have the ratio 0): verl counts that
+    token unclipped, the others clipped (A < 0), and so does the replay."""
+    settings = {**ASYMMETRIC, **SETTINGS.get(mode, {})}
+    assert_equal(replayed_against_verl(mode, settings, "token-mean", tmp_path, neg_inf_rollout))

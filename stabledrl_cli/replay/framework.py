@@ -15,7 +15,8 @@
 - verl 0.9.1 (`core_algos.compute_policy_loss_vanilla`, `_gspo`, `_cispo`, `_sapo`):
   `pg_clipfrac` and `pg_clipfrac_lower` over a micro-batch's scored entries (denominator
   count + 1e-8), r = exp(clamp(log r, -20, 20)) (gspo: exp(min(mean log r of the sequence,
-  10))), averaged unweighted over the micro-batches. vanilla: (A > 0 & r > 1 + eps_high) |
+  10)), NaN on an entry whose own log-prob is not finite), averaged unweighted over the
+  micro-batches. vanilla: (A > 0 & r > 1 + eps_high) |
   (A < 0 & r < 1 - eps_low), lower (A < 0 & r > c) for dual-clip; cispo's verl form: r outside
   [1 - eps_low, 1 + eps_high] whatever A, or NaN (verl counts r != clamp(r)), lower 0; sapo: 0
   and 0 (what verl logs); dppo (`_dppo_tv`, `_dppo_kl`): entries outside the trust region
@@ -325,7 +326,9 @@ def _verl(
         _, _, either = _clip_hits(
             prep, prep.per_token(seq_ratio), adv, config.eps_low, config.eps_high
         )
-        return [frac(either), zero]
+        # verl's token ratio exp(log_prob - log_prob.detach() + mean log r) is NaN where the
+        # token's own log-prob is not finite: never clipped there
+        return [frac(either & torch.isfinite(prep.logp)), zero]
     if isinstance(config, ClipCovConfig):  # the share of tokens its draw zeroes (corr == 0)
         return [frac(clip_cov_draw(prep, adv, config)[2]), nan]
     if isinstance(config, ClipConfig):
