@@ -190,6 +190,25 @@ def test_dual_clip_at_c_keeps_r_a_where_verls_autograd_halves_it():
     assert "r A / 2" in dual_clip
 
 
+VERL_CLAMPED = ("vanilla", "gspo", "sapo", "cispo", "gpg", "dppo_tv", "dppo_kl")
+"""verl's losses that clamp log r (gspo: its sequence mean) before exp."""
+
+
+@pytest.mark.parametrize("mode", [*VERL_CLAMPED, "geo_mean", "kl_cov"])
+def test_a_logp_old_of_minus_inf_is_flagged_where_verl_trains_on(mode: str) -> None:
+    """A scored token whose recorded logp_old is -inf: verl's clamped losses keep a finite loss
+    and gradient (its unclamped geo_mean and kl_cov do not), while every replayed policy flags
+    the input (docs/policies.md, Numerics, says both)."""
+    data = batch(0)
+    data["logp_old"][0, 0] = -math.inf
+    value, grad, _ = verl_loss_and_grad(mode, {}, {}, {**data, "mask": data["mask"] > 0})
+    trains_on = math.isfinite(float(value)) and bool(torch.isfinite(grad).all())
+    assert trains_on == (mode in VERL_CLAMPED)
+    assert int(ours("dapo", data).nonfinite) == 1
+    numerics = " ".join((Path(__file__).parents[1] / "docs" / "policies.md").read_text().split())
+    assert "its vanilla, gspo, sapo, cispo, gpg and dppo losses keep a finite loss" in numerics
+
+
 @pytest.mark.parametrize(
     ("mode", "spec"),
     [("gpg", "gpg"), ("dppo_tv", "dppo"), ("kl_cov", "kl-cov:ratio=0.1"), ("geo_mean", "gmpo")],
