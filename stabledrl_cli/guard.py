@@ -77,10 +77,12 @@ class Decision:
         parameters: torch.Tensor | Iterable[torch.Tensor],
         *,
         applied: float | torch.Tensor = 1.0,
-    ) -> None:
+    ) -> float:
         """Scales the parameters' gradients (in place) to `scale` of their pre-clip size, given
         that they already carry the factor `applied` (e.g. clip_grad_norm_'s
         min(1, max_norm / norm)); never scales up, and does nothing unless `action` is scale.
+        Returns the factor it multiplied them by: 1.0 when it left them as they were (no
+        scale, or a clip that had already cut them to `scale` or below).
         `parameters`: tensors, or one tensor, as clip_grad_norm_ takes them; UsageError naming
         it for anything else (a model: its `.parameters()` are), and on a step it scales for no
         tensor (a generator clip_grad_norm_ used up) or tensors none of which holds a `.grad`
@@ -90,7 +92,7 @@ class Decision:
             raise UsageError(f"applied must be a finite factor > 0, got {applied!r}")
         _refuse_non_tensors(parameters)
         if self.action != "scale" or self.scale >= applied:
-            return
+            return 1.0
         factor = self.scale / applied
         if isinstance(parameters, torch.Tensor):  # iterating it would give its rows
             parameters = [parameters]
@@ -110,6 +112,7 @@ class Decision:
             for p in tensors:
                 if p.grad is not None:
                     p.grad.mul_(factor)
+        return factor
 
 
 class Guard:

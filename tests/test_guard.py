@@ -220,6 +220,50 @@ def test_record_guard_scale_records_each_decision(tmp_path):
     assert "guard_action" in json.loads(inspected.stdout)["scalars"]
 
 
+def test_apply_returns_the_factor_it_multiplied_the_gradients_by():
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.ones(2)
+    assert Decision("scale", 0.25, "").apply([param], applied=0.5) == 0.5
+    assert param.grad.tolist() == [0.5, 0.5]
+    assert Decision("scale", 0.25, "").apply([param], applied=0.1) == 1.0  # the clip cut more
+    assert Decision("none", 1.0, "").apply([param], applied=0.5) == 1.0
+    assert param.grad.tolist() == [0.5, 0.5]
+
+
+SCALE_RULE = "zclip:alpha=0.1,warmup=2,z_thresh=0.5"
+"""Flags 5 of the example's first 12 steps, whose ZClip thresholds lie between 0.5 and 2."""
+
+
+def _record_cli(out, *options: str):
+    args = ["record", "--out", str(out), "--rl-steps", "12", "--device", "cpu", *options]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_record_guard_scale_says_which_flagged_steps_the_clip_had_cut_further(tmp_path):
+    """`record --guard scale` said '6 scaled' on a run bit for bit the unguarded one: at the
+    default --max-grad-norm 1 clip_grad_norm_ had cut each flagged step's gradient further than
+    the guard's factor, and apply, which never scales up, left it. It now tells them apart."""
+    guarded = _record_cli(
+        tmp_path / "left", "--guard", "scale", "--guard-rule", SCALE_RULE, "--max-grad-norm", "0.5"
+    )
+    assert (
+        f"guard (scale, {SCALE_RULE}): 0 steps skipped, 5 steps flagged to scale (recorded as "
+        "guard_action), 0 of them scaled: clip_grad_norm_ (--max-grad-norm 0.5) had already cut "
+        "each one's gradient further"
+    ) in " ".join(guarded.stderr.split())
+    _record_cli(tmp_path / "plain", "--max-grad-norm", "0.5")
+    result = diff_runs(
+        open_run(tmp_path / "plain"), open_run(tmp_path / "left"), config=ReplayConfig()
+    )
+    assert result.parted_at is None  # the guard changed nothing
+    scaled = _record_cli(
+        tmp_path / "scaled", "--guard", "scale", "--guard-rule", SCALE_RULE, "--max-grad-norm", "2"
+    )
+    assert "0 steps skipped, 5 scaled (recorded as guard_action)" in scaled.stderr
+
+
 def test_record_guard_rule_needs_guard(tmp_path):
     result = CliRunner().invoke(
         app, ["record", "--out", str(tmp_path / "r"), "--guard-rule", "zclip"]

@@ -42,6 +42,7 @@ from stabledrl_cli.vocab import (
 if TYPE_CHECKING:
     from stabledrl_cli.capture.geometry import GeometryConfig
     from stabledrl_cli.example.trainer import StepInfo, TrainResult
+    from stabledrl_cli.guard import Guard
     from stabledrl_cli.policies import Policy
 
 DEFAULTS = ExampleConfig()
@@ -193,13 +194,24 @@ def _run_example(
         )
     err.print(_summary(config, policy, geometry, result, out))
     if guard is not None:
-        counts = guard.counts
-        err.print(
-            f"guard ({guard.mode}, {guard.manifest_note()['rule']}): "
-            f"{counted(counts['skip'], 'step')} skipped, {counts['scale']} scaled (recorded as "
-            "guard_action)",
-            highlight=False,
-        )
+        err.print(_guard_line(guard, result.guard_scaled, config.max_grad_norm), highlight=False)
+
+
+def _guard_line(guard: Guard, scaled: int, max_grad_norm: float) -> str:
+    """`record`'s closing line on what the guard did: the steps it skipped, and those it
+    scaled, apart from the steps it flagged to scale whose gradient clip_grad_norm_ had
+    already cut further (`Decision.apply` leaves them: the run is as it would be unguarded)."""
+    counts = guard.counts
+    done = f"guard ({guard.mode}, {guard.manifest_note()['rule']}): "
+    done += f"{counted(counts['skip'], 'step')} skipped, "
+    if counts["scale"] == scaled:
+        return done + f"{scaled} scaled (recorded as guard_action)"
+    left = counts["scale"] - scaled
+    return done + (
+        f"{counted(counts['scale'], 'step')} flagged to scale (recorded as guard_action), "
+        f"{scaled} of them scaled: clip_grad_norm_ (--max-grad-norm {max_grad_norm:g}) had "
+        f"already cut {f'the other {left}' if scaled else 'each one'}'s gradient further"
+    )
 
 
 STEPS_DEPRECATED = (

@@ -107,6 +107,9 @@ class TrainResult:
     diverged_at: int | None
     """The step after which the weights, or the outputs they gave, were not finite (the run
     stopped there), or None."""
+    guard_scaled: int = 0
+    """Steps whose gradient the guard scaled (`Decision.apply`): a step it flagged to scale
+    whose clipped gradient clip_grad_norm_ had already cut further is not one."""
 
     @property
     def ms_per_step(self) -> float:
@@ -397,7 +400,7 @@ def train(
         return token_logp(model, tokens, mask_sample.noise_mask)[:, prompt_len:]
 
     rewards_seen: list[float] = []
-    nonfinite = 0
+    nonfinite = guard_scaled = 0
     diverged_at: int | None = None
     step = first_step = 0 if resume is None else resume.step
     rollout = 0 if resume is None else resume.rollout
@@ -473,7 +476,7 @@ def train(
                     guard_norms.append(grad_norm)
                 guarded = decision is not None and decision.skip
                 if decision is not None and not guarded:
-                    decision.apply(params, applied=clip_scale)
+                    guard_scaled += decision.apply(params, applied=clip_scale) < 1.0
                 if (math.isfinite(grad_norm) or not config.skip_nonfinite) and not guarded:
                     optimizer.step()
 
@@ -538,4 +541,5 @@ def train(
         rl_seconds=finished - rl_started,
         nonfinite_steps=nonfinite,
         diverged_at=diverged_at,
+        guard_scaled=guard_scaled,
     )
