@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -234,8 +235,8 @@ SCALE_RULE = "zclip:alpha=0.1,warmup=2,z_thresh=0.5"
 """Flags 5 of the example's first 12 steps, whose ZClip thresholds lie between 0.5 and 2."""
 
 
-def _record_cli(out, *options: str):
-    args = ["record", "--out", str(out), "--rl-steps", "12", "--device", "cpu", *options]
+def _record_cli(out, *options: str, steps: int = 12):
+    args = ["record", "--out", str(out), "--rl-steps", str(steps), "--device", "cpu", *options]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return result
@@ -262,6 +263,18 @@ def test_record_guard_scale_says_which_flagged_steps_the_clip_had_cut_further(tm
         tmp_path / "scaled", "--guard", "scale", "--guard-rule", SCALE_RULE, "--max-grad-norm", "2"
     )
     assert "0 steps skipped, 5 scaled (recorded as guard_action)" in scaled.stderr
+
+
+def test_record_says_the_guard_skipped_the_non_finite_updates_under_no_skip_nonfinite(tmp_path):
+    """`record --lr 1e30 --no-skip-nonfinite --guard skip` said 'non-finite steps 3', as if
+    their updates had been taken, though the guard, which skips a non-finite grad norm, had
+    skipped all three; it now says '3 (updates skipped)'."""
+    diverging = ("--lr", "1e30", "--no-skip-nonfinite")
+    result = _record_cli(tmp_path / "run", *diverging, "--guard", "skip", steps=8)
+    assert re.search(r"non-finite steps +│ 3 \(updates skipped\) +│", result.stderr)
+    assert "3 steps skipped, 0 scaled" in result.stderr
+    plain = _record_cli(tmp_path / "plain", *diverging, steps=8)
+    assert re.search(r"non-finite steps +│ 1 +│", plain.stderr)  # its update was taken
 
 
 def test_record_guard_rule_needs_guard(tmp_path):

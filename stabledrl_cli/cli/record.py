@@ -108,7 +108,11 @@ def _summary(
     summary.add_row("reward (first 10%)", f"{result.start_reward:.3f}")
     summary.add_row("final reward (last 10%)", f"{result.final_reward:.3f}")
     if result.nonfinite_steps:
-        skipped = " (updates skipped)" if config.skip_nonfinite else ""
+        skipped = ""
+        if result.nonfinite_skipped == result.nonfinite_steps:
+            skipped = " (updates skipped)"
+        elif result.nonfinite_skipped:
+            skipped = f" ({counted(result.nonfinite_skipped, 'update')} skipped)"
         summary.add_row("non-finite steps", f"{result.nonfinite_steps}{skipped}")
     if result.diverged_at is not None:
         stopped = f"weights or outputs not finite after step {result.diverged_at}: stopped"

@@ -104,6 +104,9 @@ class TrainResult:
     """The RL phase alone, wall clock."""
     nonfinite_steps: int
     """Steps whose grad norm or loss was not finite (recorded; their update skipped by default)."""
+    nonfinite_skipped: int
+    """Those of `nonfinite_steps` whose update was not taken (by `skip_nonfinite`, or by the
+    guard, which skips a non-finite grad norm whatever `skip_nonfinite` says)."""
     diverged_at: int | None
     """The step after which the weights, or the outputs they gave, were not finite (the run
     stopped there), or None."""
@@ -400,7 +403,7 @@ def train(
         return token_logp(model, tokens, mask_sample.noise_mask)[:, prompt_len:]
 
     rewards_seen: list[float] = []
-    nonfinite = guard_scaled = 0
+    nonfinite = nonfinite_skipped = guard_scaled = 0
     diverged_at: int | None = None
     step = first_step = 0 if resume is None else resume.step
     rollout = 0 if resume is None else resume.rollout
@@ -477,13 +480,15 @@ def train(
                 guarded = decision is not None and decision.skip
                 if decision is not None and not guarded:
                     guard_scaled += decision.apply(params, applied=clip_scale) < 1.0
-                if (math.isfinite(grad_norm) or not config.skip_nonfinite) and not guarded:
+                stepped = (math.isfinite(grad_norm) or not config.skip_nonfinite) and not guarded
+                if stepped:
                     optimizer.step()
 
                 loss = -float(weights.objective)
                 reward_mean = float(reward.mean())
                 if not math.isfinite(grad_norm) or not math.isfinite(loss):
                     nonfinite += 1
+                    nonfinite_skipped += not stepped
                 rewards_seen.append(reward_mean)
                 cpu_arrays = {k: v.detach().cpu() for k, v in arrays.items()}
                 if recorder is not None:
@@ -540,6 +545,7 @@ def train(
         wall_seconds=finished - started,
         rl_seconds=finished - rl_started,
         nonfinite_steps=nonfinite,
+        nonfinite_skipped=nonfinite_skipped,
         diverged_at=diverged_at,
         guard_scaled=guard_scaled,
     )
