@@ -139,6 +139,9 @@ class Guard:
             raise ConfigError("rule", exc.problem) from None
         self.policy = None if policy is None else get_policy(policy)
         self.counts: dict[Action, int] = dict.fromkeys(ACTION_CODES, 0)
+        self.judged = 0
+        """Steps the grad-norm rule decided (`GuardDecision.judged`): 0 while it only gathers
+        its statistics, when `counts` of 0 skipped and scaled say nothing."""
 
     def before_step(
         self,
@@ -165,6 +168,7 @@ class Guard:
         if batch is not None and policy is not None:
             bad = _nonfinite_coefficients(policy, batch)
         ruled = self.rule.update(norm, None if loss is None else _number(loss, "loss"))
+        self.judged += ruled.judged
         decision = Decision("none", 1.0, "", ruled.z)
         if ruled.action == "nonfinite":
             decision = Decision("skip", 0.0, "non-finite grad norm or loss", None)

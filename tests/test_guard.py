@@ -277,6 +277,22 @@ def test_record_says_the_guard_skipped_the_non_finite_updates_under_no_skip_nonf
     assert re.search(r"non-finite steps +│ 1 +│", plain.stderr)  # its update was taken
 
 
+def test_record_says_when_the_guards_rule_judged_no_step(tmp_path):
+    """`record --rl-steps 6 --guard skip` said '0 steps skipped, 0 scaled', a clean bill, where
+    skip-step (window 128) had judged none of the 6 steps, gathering its statistics, as
+    `replay --guard skip-step` says of the same run; record now says so too."""
+    result = _record_cli(tmp_path / "run", "--guard", "skip", steps=6)
+    line = "0 steps skipped, 0 scaled (recorded as guard_action); its rule judged no step (its "
+    line += "statistics need more than the 6 grad norms it was given)"
+    assert line in " ".join(result.stderr.split())
+    judging = _record_cli(tmp_path / "judged", "--guard", "skip", "--guard-rule", RULE, steps=6)
+    assert "judged no step" not in judging.stderr
+    guard = Guard(mode="skip", rule="skip-step:window=6")
+    for norm in (1.0, 1.1, math.nan, 0.9, 1.0):
+        guard.before_step(grad_norm=norm)
+    assert guard.judged == 2  # from the third finite norm on (half a window); NaN is dropped
+
+
 def test_record_guard_rule_needs_guard(tmp_path):
     result = CliRunner().invoke(
         app, ["record", "--out", str(tmp_path / "r"), "--guard-rule", "zclip"]

@@ -209,13 +209,21 @@ def _guard_line(guard: Guard, scaled: int, max_grad_norm: float) -> str:
     done = f"guard ({guard.mode}, {guard.manifest_note()['rule']}): "
     done += f"{counted(counts['skip'], 'step')} skipped, "
     if counts["scale"] == scaled:
-        return done + f"{scaled} scaled (recorded as guard_action)"
-    left = counts["scale"] - scaled
-    return done + (
-        f"{counted(counts['scale'], 'step')} flagged to scale (recorded as guard_action), "
-        f"{scaled} of them scaled: clip_grad_norm_ (--max-grad-norm {max_grad_norm:g}) had "
-        f"already cut {f'the other {left}' if scaled else 'each one'}'s gradient further"
-    )
+        done += f"{scaled} scaled (recorded as guard_action)"
+    else:
+        left = counts["scale"] - scaled
+        done += (
+            f"{counted(counts['scale'], 'step')} flagged to scale (recorded as guard_action), "
+            f"{scaled} of them scaled: clip_grad_norm_ (--max-grad-norm {max_grad_norm:g}) had "
+            f"already cut {f'the other {left}' if scaled else 'each one'}'s gradient further"
+        )
+    asked = sum(counts.values())
+    if asked and not guard.judged:  # as replay --guard says it of the same run
+        done += (
+            f"; its rule judged no step (its statistics need more than the "
+            f"{counted(asked, 'grad norm')} it was given)"
+        )
+    return done
 
 
 STEPS_DEPRECATED = (

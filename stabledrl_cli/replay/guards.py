@@ -72,6 +72,13 @@ class GuardDecision:
     threshold: float | None
     """The norm a clip brings the gradient down to; None for other actions."""
 
+    @property
+    def judged(self) -> bool:
+        """The rule decided the step (a z-score, or zclip's `max_norm`): False while it only
+        collects its statistics (zclip's warmup, skip-step's first window // 2 steps), and for
+        a non-finite step, which it drops unjudged."""
+        return self.z is not None or self.action in ("clip", "skip")
+
 
 _NONE = GuardDecision("none", 1.0, None, None)
 _NONFINITE = GuardDecision("nonfinite", 0.0, None, None)
@@ -415,8 +422,7 @@ def _feed(
         fed += 1
         for i, (guard, found) in enumerate(zip(guards, acted, strict=True)):
             decision = guard.update(float(norm), None if loss is None else float(loss))
-            if decision.z is not None or decision.action in ("clip", "skip"):
-                judged[i] += 1
+            judged[i] += decision.judged
             if decision.action != "none":
                 found.append(
                     GuardedStep(
