@@ -316,15 +316,16 @@ def policy_loss(
     return -(weights.coef.detach() * arrays["logp"]).sum(), weights
 
 
-def note_cut_short(recorder: Recorder, cut: BaseException, first: int, end: int) -> None:
-    """Notes in `recorder`'s run that its training of steps `first`..`end` - 1 was cut short by
-    `cut` (Ctrl-C, an error), at the first step it does not hold (`Recorder.note_stop`: the
-    manifest's `recording_stopped`, which `inspect` and `replay` show): closed by its `with`
-    block on the way out, the run would read as a finished one of fewer steps."""
+def note_cut_short(recorder: Recorder, how: str, first: int, end: int) -> None:
+    """Notes in `recorder`'s run that its training of steps `first`..`end` - 1 was cut short,
+    `how` (`cut_short` of the Ctrl-C or error; a divergence), at the first step it does not
+    hold (`Recorder.note_stop`: the manifest's `recording_stopped`, which `inspect` and
+    `replay` show): closed by its `with` block on the way out, the run would read as a
+    finished one of fewer steps."""
     last = recorder.last_step
     at = first if last is None or last < first else last + 1
     recorder.note_stop(
-        f"training {cut_short(cut)} at step {at}, {at - first} of the {end - first} steps asked "
+        f"training {how} at step {at}, {at - first} of the {end - first} steps asked "
         f"({first}..{end - 1}) recorded",
         at,
     )
@@ -533,8 +534,11 @@ def train(
 
     except BaseException as cut:  # Ctrl-C, an error: the run must not read as a finished one
         if recorder is not None:
-            note_cut_short(recorder, cut, first_step, config.steps)
+            note_cut_short(recorder, cut_short(cut), first_step, config.steps)
         raise
+    if recorder is not None and diverged_at is not None:  # nor a run that diverged
+        how = f"stopped (its weights or outputs were not finite after step {diverged_at})"
+        note_cut_short(recorder, how, first_step, config.steps)
 
     finished = time.perf_counter()
     window = max(1, len(rewards_seen) // 10)
