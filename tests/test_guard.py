@@ -293,6 +293,24 @@ def test_record_says_when_the_guards_rule_judged_no_step(tmp_path):
     assert guard.judged == 2  # from the third finite norm on (half a window); NaN is dropped
 
 
+def test_a_step_the_guard_scales_records_the_norm_the_optimizer_got(tmp_path):
+    """On a step the guard scaled below clip_grad_norm_'s cut, `grad_norm_clipped` (the norm
+    after clipping, docs/run-format.md) was the clip's alone: 2.0 where the guard had brought
+    the gradient to 0.543 (grad norm 2.356 x guard_scale 0.2306); it is now that norm."""
+    _record_cli(
+        tmp_path / "run", "--guard", "scale", "--guard-rule", SCALE_RULE, "--max-grad-norm", "2"
+    )
+    headers = list(open_run(tmp_path / "run").step_headers())
+    scaled = [h.scalars for h in headers if h.scalars["guard_action"] == 1]
+    assert len(scaled) == 5
+    for s in scaled:
+        assert s["grad_norm_clipped"] == pytest.approx(s["grad_norm"] * s["guard_scale"])
+    for h in headers:
+        if h.scalars["guard_action"] == 0:
+            s = h.scalars
+            assert s["grad_norm_clipped"] == pytest.approx(min(s["grad_norm"], 2.0), rel=1e-5)
+
+
 def test_record_guard_rule_needs_guard(tmp_path):
     result = CliRunner().invoke(
         app, ["record", "--out", str(tmp_path / "r"), "--guard-rule", "zclip"]

@@ -479,8 +479,10 @@ def train(
                     decision = guard.before_step(grad_norm=grad_norm)
                     guard_norms.append(grad_norm)
                 guarded = decision is not None and decision.skip
+                scaled = 1.0  # the guard's factor on the clipped gradient (Decision.apply)
                 if decision is not None and not guarded:
-                    guard_scaled += decision.apply(params, applied=clip_scale) < 1.0
+                    scaled = decision.apply(params, applied=clip_scale)
+                    guard_scaled += scaled < 1.0
                 stepped = (math.isfinite(grad_norm) or not config.skip_nonfinite) and not guarded
                 if stepped:
                     optimizer.step()
@@ -497,7 +499,7 @@ def train(
                         step,
                         **cpu_arrays,
                         grad_norm=grad_norm,
-                        grad_norm_clipped=grad_norm * clip_scale,
+                        grad_norm_clipped=grad_norm * clip_scale * scaled,
                         loss=loss,
                         lr=config.lr,
                         inner_step=inner_step,
