@@ -4,10 +4,13 @@ help, and says the library's own default."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
+from stabledrl_cli.capture.bootstrap import NO_POLICY
 from stabledrl_cli.capture.geometry import GeometryConfig
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.example.config import ExampleConfig
@@ -76,3 +79,23 @@ def test_only_check_speaks_of_a_baseline(option):
     baseline's' (check's words), without the number."""
     assert "baseline" not in _help("replay")[option]
     assert "or the baseline's" in _help("check")[option]
+
+
+def test_record_policy_help_says_a_command_has_no_default(tmp_path):
+    """The help said '(default grpo)' for every use, where `record -- CMD` whose script calls
+    log_policy_batch without policy= records nothing: a command's policy has no default."""
+    assert "no default there" in _help("record")["--policy"]
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import numpy as np, stabledrl_cli as sd\n"
+        "sd.log_policy_batch(0, logp=np.zeros(2, np.float32), logp_old=np.zeros(2, np.float32),"
+        " advantages=np.ones(2, np.float32))\n",
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "record", "--out", str(tmp_path / "run"),
+         "--no-optimizer-hooks", "--", sys.executable, str(script)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert NO_POLICY in done.stderr

@@ -287,9 +287,9 @@ def command(
             "--policy",
             "-p",
             metavar="SPEC",
-            help=f"Policy spec that makes the loss ({_default('policy')}); with -- CMD, the "
-            "policy the command's log_policy_batch records (a policy= it names wins, with a "
-            "warning).",
+            help=f"Policy spec that makes the example's loss ({_default('policy')}); with -- "
+            "CMD, the policy the command's log_policy_batch records (no default there: one or "
+            "the first call's policy= is needed; a policy= it names wins, with a warning).",
             show_default=False,
         ),
     ] = None,
