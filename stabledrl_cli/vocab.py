@@ -101,7 +101,9 @@ stderr, stop recording and note it in the manifest (`recording_stopped`) and, a 
 run of several, in a note file of its own (docs/run-format.md)."""
 ON_WRITE_ERROR: tuple[OnWriteError, ...] = get_args(OnWriteError)
 
-ImportFormat = Literal["trainer_state", "jsonl", "csv", "tfevents", "tensorboard_json"]
+ImportFormat = Literal[
+    "trainer_state", "jsonl", "csv", "tfevents", "tensorboard_json", "verl_console"
+]
 """Logs `stabledrl import` reads: transformers' trainer_state.json, JSON lines, CSV as trackers
 export it, TensorBoard event files, TensorBoard's per-tag JSON export."""
 IMPORT_FORMATS: tuple[ImportFormat, ...] = get_args(ImportFormat)

@@ -31,7 +31,8 @@ def command(
         Path,
         typer.Argument(
             help="The log: trainer_state.json (or its directory), a .jsonl or .csv file, a "
-            "TensorBoard event file or a directory of them, TensorBoard's per-tag .json export.",
+            "TensorBoard event file or a directory of them, TensorBoard's per-tag .json export, "
+            "verl's console output.",
             show_default=False,
             metavar="SRC",
             parser=local_file,

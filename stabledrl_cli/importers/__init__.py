@@ -21,6 +21,7 @@ from stabledrl_cli.importers._table import StepTable, skipped_text
 from stabledrl_cli.importers._tbjson import read_tensorboard_json
 from stabledrl_cli.importers._tfevents import read_tfevents
 from stabledrl_cli.importers._trainer_state import read_trainer_state
+from stabledrl_cli.importers._verl_console import read_verl_console
 from stabledrl_cli.vocab import IMPORT_FORMATS, ImportFormat
 
 __all__ = [
@@ -39,6 +40,7 @@ _READERS: dict[ImportFormat, Callable[[Path, str | None], StepTable]] = {
     "csv": read_csv,
     "tfevents": lambda path, _key: read_tfevents(path),
     "tensorboard_json": lambda path, _key: read_tensorboard_json(path),
+    "verl_console": lambda path, _key: read_verl_console(path),
 }
 
 

@@ -9,6 +9,7 @@ from stabledrl_cli.importers._crc32c import masked_crc32c
 from stabledrl_cli.importers._files import LINE_LIMIT, open_log, subdirectories
 from stabledrl_cli.importers._names import listed
 from stabledrl_cli.importers._tfevents import EVENT_PATTERN, holds_events
+from stabledrl_cli.importers._verl_console import SCAN_LIMIT, holds_console_steps
 from stabledrl_cli.vocab import ImportFormat
 
 TRAINER_STATE = "trainer_state.json"
@@ -66,13 +67,19 @@ def detect_format(path: Path) -> ImportFormat:
         return "jsonl" if row else "trainer_state"
     if any(d in first for d in (b",", b"\t", b";")):
         return "csv"
-    raise InputError(f"{path}: cannot tell what kind of log this is; pass --format-in")
+    if holds_console_steps(path):
+        return "verl_console"
+    raise InputError(
+        f"{path}: cannot tell what kind of log this is (no JSON, CSV or TensorBoard data, no "
+        f"verl console line `step:N - name:value` in its first {SCAN_LIMIT >> 20} MiB); pass "
+        "--format-in"
+    )
 
 
 def directory_refused(path: Path, log_format: ImportFormat | None) -> InputError:
     """The refusal of directory `path` (after `log_path`) as a log of `log_format` (None: of
     any), naming its subdirectories that hold a log."""
-    if log_format in ("jsonl", "csv", "tensorboard_json"):
+    if log_format in ("jsonl", "csv", "tensorboard_json", "verl_console"):
         return InputError(f"{path}: a directory; a {log_format} log is one file")
     logs = subdirectories(path, lambda d: (d / TRAINER_STATE).is_file() or holds_events(d))
     held = (

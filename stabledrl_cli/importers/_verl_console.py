@@ -1,0 +1,75 @@
+"""verl's console log: the lines its `console` logger (`LocalLogger`) prints, a training step
+each, found among whatever else the job printed (a Slurm output file, a saved terminal).
+
+verl prints `step:N - name:value - name:value ...`: each value is `pprint.pformat` of a
+number (`0.5`, `nan`, `True`; a numpy number under numpy 2 as `np.float64(0.5)`). Under Ray,
+whose driver prints its actors' lines, a line begins with the actor's tag
+(`(TaskRunner pid=2873) `, colour codes around it) and may end with Ray's count of lines it
+folded (` [repeated 2x across cluster]`). Every other line is not verl's and is passed over;
+a `step:` line whose metrics are not `name:value` pairs is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from stabledrl_cli.importers._files import LINE_LIMIT, open_log, text_lines
+from stabledrl_cli.importers._table import StepTable
+
+SCAN_LIMIT = 64 << 20
+"""How far into a file `holds_console_steps` looks for a step line: a job prints its setup
+(Ray's start, the config, model loading, a validation) before its first step."""
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+_STEP_LINE = re.compile(r"(?:\([^()]*\) +)?step:(\S*)(.*)")
+_FOLDED = re.compile(r" *\[repeated \d+x across cluster\]$")
+_NUMPY_NUMBER = re.compile(r"np\.(?:float|int|uint)\d*\((.*)\)")
+_SNIFF_COLOURS = re.compile(rb"\x1b\[[0-9;]*m")
+_SNIFF_LINE = re.compile(rb"(?:^|\) )step:\d+ - [^ :]+:")
+STEP_PAIRS = "not name:value pairs"
+"""`skipped_rows`' reason for a step line whose metrics do not read as verl prints them."""
+
+
+def read_verl_console(path: Path) -> StepTable:
+    """The steps of a verl console log (InputError for a file that cannot be read as text)."""
+    table = StepTable(str(path), preempts=True)
+    for _, text, _ in text_lines(path):
+        found = _STEP_LINE.fullmatch(_FOLDED.sub("", _COLOURS.sub("", text)))
+        if found is None:
+            continue
+        step, rest = found.groups()
+        values = _metrics(rest)
+        if values is None:
+            table.skipped_rows[STEP_PAIRS] += 1
+        else:
+            table.add(step, values)
+    return table
+
+
+def _metrics(rest: str) -> dict[str, object] | None:
+    """The name -> value text of what follows a line's `step:N` (` - name:value` each, a
+    numpy number's value unwrapped); None when it is not that."""
+    if not rest:
+        return {}
+    if not rest.startswith(" - "):
+        return None
+    values: dict[str, object] = {}
+    for pair in rest[3:].split(" - "):
+        name, colon, value = pair.rpartition(":")
+        if not colon or not name:
+            return None
+        numpy_number = _NUMPY_NUMBER.fullmatch(value)
+        values[name] = numpy_number[1] if numpy_number else value
+    return values
+
+
+def holds_console_steps(path: Path) -> bool:
+    """Whether one of the lines in the first SCAN_LIMIT bytes of the file at `path` is a verl
+    console step line (`step:N - name:value`, after an actor's tag or none)."""
+    with open_log(path) as handle:
+        read = 0
+        while read < SCAN_LIMIT and (line := handle.readline(LINE_LIMIT)):
+            read += len(line)
+            if _SNIFF_LINE.search(_SNIFF_COLOURS.sub(b"", line)):
+                return True
+    return False

@@ -1,0 +1,167 @@
+"""`import` of verl's console log: the lines verl's own `LocalLogger` prints, as a Ray driver
+prints them (an actor's tag, colour codes), read as verl's own file logger's JSON lines of the
+same metrics are read; other lines passed over; detection among the other formats."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stabledrl_cli import open_run
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.importers import detect_format, read_log
+
+pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
+
+# verl's trainer's rows (its metric names): a validation before training at step 0, then
+# training steps whose values are numpy numbers, a NaN grad norm, ints and a bool.
+LOGGED = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+
+    def rows():
+        yield 0, {"val-core/openai/gsm8k/reward/mean@1": np.float64(0.25)}
+        for step in range(1, 6):
+            yield step, {
+                "actor/pg_loss": np.float64(-0.01 * step),
+                "actor/grad_norm": float("nan") if step == 3 else np.float32(1.5 + step),
+                "actor/pg_clipfrac": np.float32(0.125),
+                "actor/ppo_kl": 1e-07 * step,
+                "critic/score/mean": np.float64(0.1 * step),
+                "response_length/mean": 181.5,
+                "timing_s/gen": np.float64(2.0),
+                "training/global_step": step,
+                "training/epoch": np.int64(0),
+                "actor/lr_warmup_done": step > 2,
+            }
+
+    def log():
+        from verl.utils.logger import LocalLogger
+        from verl.utils.tracking import FileLogger
+
+        console = LocalLogger(print_to_console=True)
+        file_log = FileLogger("project", "experiment")
+        print("loading the model", flush=True)
+        for step, data in rows():
+            console.log(data=data, step=step)
+            file_log.log(data=data, step=step)
+        file_log.finish()
+
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
+    ray.get(ray.remote(log).options(name="TaskRunner").remote())
+    waited = time.monotonic() + 60  # the driver prints its actors' lines as they come
+    while "step:5 - " not in open(sys.argv[1]).read() and time.monotonic() < waited:
+        time.sleep(0.2)
+    ray.shutdown()
+    """
+)
+
+
+def _logged(tmp_path: Path) -> tuple[Path, Path]:
+    """Runs LOGGED, its lines printed by Ray's driver: (its console output, verl's file log
+    of the same rows)."""
+    script, console, file_log = tmp_path / "train.py", tmp_path / "out.log", tmp_path / "f.jsonl"
+    script.write_text(LOGGED, encoding="utf-8")
+    env = {**os.environ, "VERL_FILE_LOGGER_PATH": str(file_log), "RAY_AUTH_MODE": "disabled"}
+    with console.open("w", encoding="utf-8") as out:
+        done = subprocess.run(
+            [sys.executable, str(script), str(console)], stdout=out, stderr=subprocess.PIPE,
+            text=True, env=env, timeout=240,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return console, file_log
+
+
+def _scalars(run: Path) -> dict[int, dict[str, float]]:
+    """Each step's scalars but the time the import wrote it."""
+    opened = open_run(run)
+    return {
+        s.step: {k: v for k, v in s.scalars.items() if k != "wall_time"}
+        for s in opened.step_headers()
+    }
+
+
+def _same(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[s].keys() == b[s].keys()
+        and all(a[s][k] == b[s][k] or (math.isnan(a[s][k]) and math.isnan(b[s][k])) for k in a[s])
+        for s in a
+    )
+
+
+def test_a_console_log_imports_as_verls_file_log_of_the_same_rows(tmp_path):
+    pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
+    console, file_log = _logged(tmp_path)
+    text = console.read_text(encoding="utf-8")
+    assert "step:1 - actor/pg_loss:np.float64(-0.01)" in text  # verl's own spelling
+    assert "\x1b[36m(TaskRunner pid=" in text and ")\x1b[0m step:1 - " in text
+    assert detect_format(console) == "verl_console"
+    runner = CliRunner()
+    results = [
+        runner.invoke(app, ["import", str(log), "--out", str(tmp_path / name), "--format", "json"])
+        for log, name in ((console, "console"), (file_log, "file"))
+    ]
+    for result in results:
+        assert result.exit_code == 0, result.output
+    from_console, from_file = (json.loads(r.stdout) for r in results)
+    assert from_console["format"] == "verl_console" and from_file["format"] == "jsonl"
+    for key in ("steps", "first_step", "last_step", "mapped", "extra", "counts", "nonfinite",
+                "skipped_rows", "not_imported", "non_numeric"):  # fmt: skip
+        assert from_console[key] == from_file[key], key
+    assert from_console["steps"] == 5 and from_console["skipped_rows"] == {"eval": 1}
+    assert from_console["nonfinite"] == {"grad_norm": 1}
+    assert from_console["non_numeric"] == {"actor/lr_warmup_done": 5}
+    assert _same(_scalars(tmp_path / "console"), _scalars(tmp_path / "file"))
+
+
+def test_lines_that_are_not_verls_are_passed_over_and_a_bad_step_line_counted(tmp_path):
+    log = tmp_path / "slurm-1.out"
+    log.write_text(
+        "2026-12-05 10:00:00 INFO worker.py:1 -- Started a local Ray instance.\n"
+        "{'actor_rollout_ref': {'actor': {'ppo_epochs': 1}}}\n"
+        "global step:3 - loss:1\n"  # not at a line's start: another program's
+        "step:1 - actor/pg_loss:0.5 - critic/score/mean:0.25\n"
+        "(TaskRunner pid=7) step:2 - actor/pg_loss:0.25 - critic/score/mean:0.5 "
+        "[repeated 2x across cluster]\n"
+        "step:3 - actor/pg_loss 0.1\n"
+        "step:4 - actor/pg_loss:inf - critic/score/mean:np.float32(nan)\n",
+        encoding="utf-8",
+    )
+    _, found, table = read_log(log)
+    assert found == "verl_console"
+    assert table.steps == {
+        1: {"actor/pg_loss": 0.5, "critic/score/mean": 0.25},
+        2: {"actor/pg_loss": 0.25, "critic/score/mean": 0.5},
+        4: {"actor/pg_loss": math.inf, "critic/score/mean": table.steps[4]["critic/score/mean"]},
+    }
+    assert math.isnan(table.steps[4]["critic/score/mean"])
+    assert table.skipped_rows == {"not name:value pairs": 1}
+
+
+def test_a_log_of_no_known_kind_names_what_was_looked_for(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("epoch 1 loss 0.5\nepoch 2 loss 0.4\n", encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "stabledrl_cli", "import", str(log), "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 3
+    assert result.stderr.strip().splitlines() == [
+        f"error: {log}: cannot tell what kind of log this is (no JSON, CSV or TensorBoard data, "
+        "no verl console line `step:N - name:value` in its first 64 MiB); pass --format-in"
+    ]
+    forced = CliRunner().invoke(
+        app, ["import", str(log), "--out", str(tmp_path / "r"), "--format-in", "verl_console"]
+    )
+    assert forced.exit_code == 3 and "no training step in this log" in forced.stderr
