@@ -60,6 +60,24 @@ def test_resume_keeps_earlier_steps_and_replaces_later_ones(tmp_path):
     assert manifest_after == manifest_kept
 
 
+@pytest.mark.parametrize("resume_from, warned", [(10, True), (6, False), (3, False)])
+def test_a_resume_point_past_the_runs_end_warns_of_the_gap(tmp_path, capfd, resume_from, warned):
+    """resume_from=10 on a run ending at step 5 left steps 6..9 missing with no word until
+    `inspect` found the gap; the Recorder says so as it opens the run."""
+    path = tmp_path / "run"
+    _record(path, range(6))
+    capfd.readouterr()
+    _record(path, [resume_from], resume=True, resume_from=resume_from)
+    err = capfd.readouterr().err
+    if warned:
+        assert err == (
+            f"stabledrl: warning: {path}: resume_from=10 is past the run's last step, 5: steps "
+            "6..9 will be missing (inspect reports the gap)\n"
+        )
+    else:
+        assert err == ""
+
+
 def test_resume_without_a_resume_point_appends(tmp_path):
     path = tmp_path / "run"
     _record(path, range(3))

@@ -356,6 +356,14 @@ class Recorder:
         )
         dropped = weakref.finalize(self, self._writer_lock.release)  # one dropped unclosed
         if resume_from is not None:
+            kept = self._last_step
+            if kept is not None and resume_from > kept + 1:  # a gap readers report, said now
+                whose = f" (rank {rank})" if world_size > 1 else ""
+                warn(
+                    f"stabledrl: warning: {self.path}: resume_from={resume_from} is past the "
+                    f"run's last step{whose}, {kept}: steps {kept + 1}..{resume_from - 1} will be "
+                    "missing (inspect reports the gap)\n"
+                )
             self._last_step = resume_from - 1 if resume_from > 0 else None
         self.resumed_after: int | None = self._last_step if resume and resume_from is None else None
         """The run's last step that a resume without `resume_from` kept (the steps go on after
