@@ -21,10 +21,11 @@ holds as many members as the trainer generated for each prompt (the manifest's
 `unit_grad_sketch` rows are concatenated (float16 parts are scaled to float32 first); an
 [N, k] or [U, k] array whose k differs between ranks cannot be joined (InputError);
 `unit_grad_gram` is left out (the cross-rank entries were never recorded); `param_grad_norm`
-is rank 0's. Scalars: `nonfinite` is summed, `reward_mean` weighted by the rewards each rank's
-mean is over (`_scored_rewards`: those not NaN; a file without the count, no `reward` or an
-older recorder's, by its sequences; a rank's NaN mean, none of its rewards scored, left out,
-as a rank's part with no sequence, which has no mean),
+is rank 0's. Scalars: `nonfinite` sums the ranks' non-finite batch entries, plus the joined
+`loss` and `grad_norm` if not finite (one each, not one a rank), `reward_mean` weighted by the
+rewards each rank's mean is over (`_scored_rewards`: those not NaN; a file without the count,
+no `reward` or an older recorder's, by its sequences; a rank's NaN mean, none of its rewards
+scored, left out, as a rank's part with no sequence, which has no mean),
 `loss` averaged over ranks, the rest taken from rank 0. A step where some rank recorded no batch (a
 scalar step, format 1.2) joins as a scalar step: a batch with a rank missing is not the step's
 batch; so does one where no rank's batch holds a token (each part empty), which one rank's
@@ -99,15 +100,23 @@ def _parse_scalars(metadata: dict[str, str]) -> dict[str, float]:
     return scalars
 
 
+def _nonfinite_norms(scalars: dict[str, float]) -> int:
+    """How many of a step's `loss` and `grad_norm` are not finite: what its `nonfinite`
+    counts beside its batch's entries (the writer's rule)."""
+    return sum(1 for name in ("loss", "grad_norm") if not math.isfinite(scalars.get(name, 0.0)))
+
+
 def _merge_scalars(parts: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
     """Joins the ranks' scalars of one step, `weights` each rank's count for its reward_mean
     (rule in the module docstring)."""
     merged = dict(parts[0])
     merged.pop("unit_grad_sketch_scale", None)  # joined sketches are float32
-    if all("nonfinite" in p for p in parts):
-        merged["nonfinite"] = float(sum(p["nonfinite"] for p in parts))
     if all("loss" in p for p in parts):
         merged["loss"] = float(np.mean([p["loss"] for p in parts]))
+    if all("nonfinite" in p for p in parts):
+        # each rank's count holds its own loss and grad_norm; the joined step holds one of each
+        entries = sum(p["nonfinite"] - _nonfinite_norms(p) for p in parts)
+        merged["nonfinite"] = float(entries + _nonfinite_norms(merged))
     # a rank whose mean is NaN, or with none over no reward (an empty part), scored none of
     # its sequences: the others' mean stands
     given = [
