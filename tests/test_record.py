@@ -340,6 +340,22 @@ def test_steps_a_rank_did_not_record_are_named_by_record(tmp_path, monkeypatch):
     assert open_run(tmp_path / "run").step_numbers == [0, 1]
 
 
+@pytest.mark.parametrize(("steps", "torn"), [("4,2", 2), ("4,0", 4)])
+def test_steps_a_crashed_rank_did_not_record_are_named_by_record(
+    tmp_path, monkeypatch, steps, torn
+):
+    """Rank 1 crashes after 2 steps of rank 0's 4 (or before its first): record exits with
+    the command's code and names the steps readers skip, as after a command that exited 0.
+    Before, it said only that the run holds 6 (4) step files."""
+    crash = SCRIPT + "if steps < 4:\n    raise RuntimeError('rank 1 crashed')\n"
+    result = _ranks(tmp_path, monkeypatch, steps, script=crash)
+    assert result.returncode == 1, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("warning")]
+    assert line.startswith(f"warning: {torn} step(s) the command recorded are incomplete")
+    assert f"step {4 - torn}: incomplete, no file for rank(s) [1]" in line
+    assert result.stderr.splitlines()[-1].startswith("the training command exited with code 1")
+
+
 def _node(tmp_path: Path, monkeypatch, node: int, steps: str, *options: str, **ranks):
     """`_ranks` on node `node` of a job of 2 nodes of 2 ranks each (ranks 2 * node and
     2 * node + 1 of 4). Its launcher runs as rank `node` of 2, as a job scheduler numbers

@@ -327,7 +327,8 @@ def _record(
     if code == UNCAUGHT and fatal:  # a tool error ended the command: its line is out already
         raise typer.Exit(fatal[0])
     if code != 0:
-        files = list(_step_files(out))
+        after = _step_files(out)
+        files = list(after)
         if code > 0 and changed:
             _note_exit_code(out, code, files)
         for _, reason in failures:
@@ -336,6 +337,8 @@ def _record(
                 highlight=False,
                 markup=True,
             )
+        new = [name for name, stamp in after.items() if before.get(name) != stamp]
+        _check_ranks(out, files, new, launched, failed=True)
         steps = len(files)
         held = f"{steps} step file(s): `stabledrl inspect {out}`" if steps else "no step file"
         err.print(
@@ -473,15 +476,21 @@ and a launcher that runs as a rank of its own (a node's number) adds one more.""
 
 
 def _check_ranks(
-    out: Path, names: list[str], new: list[str], launched: set[tuple[int, int]]
+    out: Path,
+    names: list[str],
+    new: list[str],
+    launched: set[tuple[int, int]],
+    *,
+    failed: bool = False,
 ) -> None:
-    """After a command that exited 0, of a run of several ranks: UsageError when a rank that
-    the command launched (`launched`: `_announced_ranks`) holds no step file (no step of the
-    run is whole: readers skip every one, and without rank 0 the run has no manifest); a
-    warning line naming the steps those ranks wrote that miss one of their files (readers skip
-    them). The run's other ranks run elsewhere (another node's `record`, into the same
-    directory or its own) and are left alone; so is a rank that holds step files of an
-    earlier recording only (a job relaunched in part under --force)."""
+    """After the command, of a run of several ranks: a warning line naming the steps that the
+    ranks the command launched (`launched`: `_announced_ranks`) wrote and that miss one of
+    their files (readers skip them: a rank that crashed, say); before it, for a command that
+    exited 0 (not `failed`), UsageError when such a rank holds no step file (no step of the
+    run is whole: readers skip every one, and without rank 0 the run has no manifest). The
+    run's other ranks run elsewhere (another node's `record`, into the same directory or its
+    own) and are left alone; so is a rank that holds step files of an earlier recording only
+    (a job relaunched in part under --force)."""
     from stabledrl_cli.dump._schema import canonical_step
 
     files = [found for found in map(canonical_step, names) if found is not None]
@@ -492,7 +501,7 @@ def _check_ranks(
     here = {rank for rank, size in launched if size == world_size and rank < world_size}
     ranks = {rank for _, rank in files}
     silent = sorted(here - ranks)
-    if silent:
+    if silent and not failed:
         raise UsageError(
             f"rank(s) {_ranks_named(silent)} of the run's {world_size} recorded no step: no "
             f"step of {out} is whole (the other ranks wrote {len(files)} step file(s)), so "
