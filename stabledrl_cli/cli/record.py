@@ -56,7 +56,9 @@ def _check_not_in_a_run(out: Path) -> None:
     """UsageError when --out lies in the steps, checkpoints or branches folder of a run (a
     folder above it holding a manifest, a branch run's too), as `branch --out` is refused: the
     run would hold a file that is not its own."""
-    for parent in (*out.parents, *out.resolve().parents):  # as given first, for the line
+    # realpath, not resolve: a symlink loop raises RuntimeError there (Python < 3.13); it is
+    # left for the writes to refuse (a loop is no run's folder)
+    for parent in (*out.parents, *Path(os.path.realpath(out)).parents):  # as given first
         if os.path.lexists(parent / MANIFEST_NAME):
             check_outside_run_folders(out, parent, what="a run", run=str(parent), given="--out")
 
