@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -425,3 +426,45 @@ def test_a_write_that_fails_as_the_process_exits_is_one_warning_line(tmp_path, h
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr
     assert "step-00000000.safetensors" in lines[0] and "Input/output error" in lines[0]
+
+
+@pytest.mark.parametrize("on_write_error", ["raise", "warn"])
+def test_a_failed_rewrite_names_its_own_reason_while_the_first_half_is_queued(
+    tmp_path, monkeypatch, on_write_error
+):
+    """An async Recorder's rewrite of step 1 fails (a full disk) while the first half's fsync
+    is still queued: the error is the rewrite's (no space left on device), and the first half
+    is removed once the writer thread is done with it. Before: it was removed first, so the
+    queued fsync failed and the error led with 'step-00000001.safetensors: not made durable
+    (No such file or directory)'."""
+    path = tmp_path / "run"
+    rec = sd.Recorder(path, async_writes=True, on_write_error=on_write_error)
+    rec.log_step(0, **_flat(0))
+    rec.flush()
+    drained, go_on = rec._writer.queue.join, threading.Event()
+    real_fsync_file = _atomic.fsync_file
+
+    def waits(file: Path) -> None:  # the first half's fsync waits until the failure drains
+        go_on.wait(timeout=60)
+        real_fsync_file(file)
+
+    def join() -> None:
+        go_on.set()
+        drained()
+
+    monkeypatch.setattr(_atomic, "fsync_file", waits)
+    monkeypatch.setattr(rec._writer.queue, "join", join)
+    rec.log_step(1, grad_norm=1.0)  # the first half: scalars, its fsync queued
+    _fail_after(monkeypatch, calls=0, error=errno.ENOSPC)
+    expected = f"{path}/steps/step-00000001.safetensors: cannot write it (no space left on device)"
+    if on_write_error == "raise":
+        with pytest.raises(WriteError) as failed:
+            rec.rewrite_step(1, grad_norm=1.0, **_flat(1))
+        message = str(failed.value)
+    else:
+        rec.rewrite_step(1, grad_norm=1.0, **_flat(1))  # one warning line, recording stops
+        message = rec.stopped
+    assert message == expected
+    monkeypatch.undo()
+    rec.close()
+    assert os.listdir(path / "steps") == ["step-00000000.safetensors"]

@@ -1,8 +1,8 @@
-"""How a `Recorder` (`_writer`) puts a step's file on disk: `write_step_file` (a failed
-rewrite removes the step's first half too) and, for an asynchronous Recorder, the writer
-thread that makes the files `log_step` wrote under their final names durable (fsync), in
-order, keeping the ones that failed until the Recorder takes them; with the stop note and
-the error that such failures make.
+"""How a `Recorder` (`_writer`) puts a step's file on disk: `write_step_file` (the step's
+first half that a failed rewrite leaves is removed by `discard_replaced`) and, for an
+asynchronous Recorder, the writer thread that makes the files `log_step` wrote under their
+final names durable (fsync), in order, keeping the ones that failed until the Recorder takes
+them; with the stop note and the error that such failures make.
 """
 
 from __future__ import annotations
@@ -34,15 +34,19 @@ class StepWrite(NamedTuple):
 
 
 def write_step_file(item: StepWrite, *, durable: bool = True) -> None:
-    """Writes the step file (`durable` False: not yet fsynced, `make_durable`); when that
-    fails, a file it was to replace (the step's first half) is removed too, so that the step
-    is not left looking whole: WriteError."""
-    try:
-        write_step(item.directory, item.name, item.parts, durable=durable)
-    except WriteError:
-        if item.replaces:
-            discard_step(item.directory, item.name)
-        raise
+    """Writes the step file (`durable` False: not yet fsynced, `make_durable`); WriteError
+    when that fails, which leaves a file it was to replace (the step's first half) to
+    `discard_replaced`."""
+    write_step(item.directory, item.name, item.parts, durable=durable)
+
+
+def discard_replaced(item: StepWrite) -> None:
+    """After `write_step_file` of `item` failed: a file it was to replace (the step's first
+    half) is removed, so that the step is not left looking whole. Called once the writer
+    thread is done with that file (its fsync queued: removed before, it would fail as "not
+    made durable (No such file or directory)" in place of the write's own reason)."""
+    if item.replaces:
+        discard_step(item.directory, item.name)
 
 
 def make_durable(item: StepWrite) -> None:

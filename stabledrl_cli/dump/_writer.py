@@ -118,6 +118,7 @@ from stabledrl_cli.dump._step_writes import (
     StepWrite,
     StopNote,
     WriteThread,
+    discard_replaced,
     raise_failures,
     write_step_file,
     writer_failure,
@@ -577,7 +578,7 @@ class Recorder:
             try:
                 write_step_file(item, durable=self._writer is None)
             except WriteError as exc:
-                self._step_failed(exc, step)
+                self._step_failed(exc, item)
                 return
             if self._writer is not None:
                 self._writer.queue.put(item._replace(parts=[]))
@@ -658,12 +659,15 @@ class Recorder:
             failures += writer.take_failures()
         return failures
 
-    def _step_failed(self, error: WriteError, step: int) -> None:
-        """Reports that `step`'s own write failed (`error`). With async writes the steps
-        queued before it are made durable first: when one of them is not, the one report
-        names the first such step (and the stop note's step is that one), then the later
-        ones and `step`."""
+    def _step_failed(self, error: WriteError, item: StepWrite) -> None:
+        """Reports that `item`'s own write failed (`error`), after removing the step's first
+        half when it was to replace it (`discard_replaced`). With async writes the steps
+        queued before it are made durable first (that first half too): when one of them is
+        not, the one report names the first such step (and the stop note's step is that
+        one), then the later ones and `item`'s."""
         failures = self._writer_failures(drained=True)
+        discard_replaced(item)
+        step = item.step
         if not failures:
             self._write_failed(error, step)
             return
