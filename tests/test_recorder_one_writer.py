@@ -168,3 +168,33 @@ def test_a_lock_file_of_an_older_recorder_is_never_judged(tmp_path):
     (path / "steps" / LOCK).write_bytes(b"")
     assert writer_states(path / "steps") == {0: "unknown"}
     assert writer_states(tmp_path / "absent" / "steps") is None
+
+
+def test_a_closed_recorder_whose_lock_file_cannot_be_removed_never_reads_as_died(
+    tmp_path, monkeypatch
+):
+    """steps/ made read-only while recording (the lock file cannot be removed at close): the
+    file left names no kernel, so the closed run never reads as one whose Recorder died.
+    Before: `inspect` said 'ended unclosed: the process recording rank 0 died' above 'closed:
+    its Recorder finished' (`record -- CMD` into a run whose steps/ was chmod 555 mid-run)."""
+    from stabledrl_cli.dump import _writer_lock
+    from stabledrl_cli.replay.inspection import summarize
+
+    path = tmp_path / "run"
+    rec = sd.Recorder(path, policy=None)
+    rec.log_step(0, loss=1.0)
+    real_unlink = os.unlink
+
+    def refused(name, *args, **kwargs):
+        if str(name).endswith(LOCK):
+            raise PermissionError(13, "Permission denied", str(name))
+        return real_unlink(name, *args, **kwargs)
+
+    monkeypatch.setattr(_writer_lock.os, "unlink", refused)
+    rec.close()
+    monkeypatch.undo()
+    assert (path / "steps" / LOCK).exists()  # left: steps/ refused its removal
+    assert writer_states(path / "steps") == {0: "unknown"}
+    summary = summarize(sd.open_run(path))
+    assert summary.recording_closed and summary.recording_died == []
+    assert _losses(path) == {0: 1.0}

@@ -78,8 +78,13 @@ class WriterLock:
             return
         fd, self._fd = self._fd, None
         with _HELD_LOCK:
-            with suppress(OSError):  # gone already, or a read-only run: locked again next time
+            try:
                 os.unlink(self._path)
+            except FileNotFoundError:
+                pass
+            except OSError:  # a read-only steps/: left, unsigned, so never read as died
+                with suppress(OSError):
+                    os.ftruncate(fd, 0)
             os.close(fd)
             if self._key is not None:
                 _HELD.pop(self._key, None)
@@ -148,8 +153,9 @@ def writer_states(steps: Path) -> dict[int, WriterState] | None:
     (a live Recorder holds it: of this process, or of any other the locks show), "released"
     (no process holds it, and it was signed under this machine's running kernel: its Recorder
     died, killed say), "unknown" (a lock taken on another machine, whose locks may not show
-    here, or by an older Recorder, unsigned; one being taken). A rank whose Recorder closed
-    (or was dropped unclosed) has no lock file. None where it cannot be told: no Linux locks
+    here, or by an older Recorder, unsigned; one being taken; one whose Recorder closed but
+    could not remove it: `WriterLock.release`). A rank whose Recorder closed (or was dropped
+    unclosed) has no lock file. None where it cannot be told: no Linux locks
     to ask, a folder that cannot be listed."""
     kernel = _kernel()
     if fcntl is None or kernel is None or not sys.platform.startswith("linux"):
