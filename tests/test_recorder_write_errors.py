@@ -468,3 +468,37 @@ def test_a_failed_rewrite_names_its_own_reason_while_the_first_half_is_queued(
     monkeypatch.undo()
     rec.close()
     assert os.listdir(path / "steps") == ["step-00000000.safetensors"]
+
+
+@pytest.mark.parametrize("on_write_error", ["raise", "warn"])
+def test_a_step_whose_directory_fsync_failed_is_not_left_in_the_run(
+    tmp_path, monkeypatch, on_write_error
+):
+    """A synchronous Recorder's step whose file was renamed into place but whose directory's
+    fsync then failed (EIO) is reported unwritten and is not in the run, as an async step
+    whose fsync fails is removed. Before: the run held step 1 while its stop note said
+    'stopped at step 1 ... step-00000001.safetensors: cannot write it (Input/output error)'."""
+    import stat
+
+    path = tmp_path / "run"
+    rec = sd.Recorder(path, policy=None, on_write_error=on_write_error)
+    rec.log_step(0, loss=1.0)
+    real_fsync = os.fsync
+
+    def directory_fails(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(_atomic.os, "fsync", directory_fails)
+    expected = f"{path}/steps/step-00000001.safetensors: cannot write it (Input/output error)"
+    if on_write_error == "raise":
+        with pytest.raises(WriteError) as failed:
+            rec.log_step(1, loss=2.0)
+        assert str(failed.value) == expected
+    else:
+        rec.log_step(1, loss=2.0)
+        assert rec.stopped == expected
+    monkeypatch.undo()
+    rec.close()
+    assert sd.open_run(path).step_numbers == [0]

@@ -1,5 +1,5 @@
-"""How a `Recorder` (`_writer`) puts a step's file on disk: `write_step_file` (the step's
-first half that a failed rewrite leaves is removed by `discard_replaced`) and, for an
+"""How a `Recorder` (`_writer`) puts a step's file on disk: `write_step_file` (what a failed
+write leaves under the step's name is removed by `discard_failed`) and, for an
 asynchronous Recorder, the writer thread that makes the files `log_step` wrote under their
 final names durable (fsync), in order, keeping the ones that failed until the Recorder takes
 them; with the stop note and the error that such failures make.
@@ -35,18 +35,20 @@ class StepWrite(NamedTuple):
 
 def write_step_file(item: StepWrite, *, durable: bool = True) -> None:
     """Writes the step file (`durable` False: not yet fsynced, `make_durable`); WriteError
-    when that fails, which leaves a file it was to replace (the step's first half) to
-    `discard_replaced`."""
+    when that fails, which leaves what is under the step's name to `discard_failed`."""
     write_step(item.directory, item.name, item.parts, durable=durable)
 
 
-def discard_replaced(item: StepWrite) -> None:
-    """After `write_step_file` of `item` failed: a file it was to replace (the step's first
-    half) is removed, so that the step is not left looking whole. Called once the writer
-    thread is done with that file (its fsync queued: removed before, it would fail as "not
-    made durable (No such file or directory)" in place of the write's own reason)."""
-    if item.replaces:
-        discard_step(item.directory, item.name)
+def discard_failed(item: StepWrite) -> None:
+    """After `write_step_file` of `item` failed: what is under the step's name is removed, so
+    that a step reported unwritten is not in the run: the file it was to replace (the step's
+    first half, which would pass for a whole step), or its own file when only the directory's
+    fsync failed after the rename (whole, its name perhaps not on the disk: an async fsync
+    that fails removes it too). A new step's name holds no other file (`_setup` removes the
+    steps a Recorder records again). Called once the writer thread is done with that file
+    (its fsync queued: removed before, it would fail as "not made durable (No such file or
+    directory)" in place of the write's own reason)."""
+    discard_step(item.directory, item.name)
 
 
 def make_durable(item: StepWrite) -> None:

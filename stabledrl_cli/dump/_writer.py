@@ -118,7 +118,7 @@ from stabledrl_cli.dump._step_writes import (
     StepWrite,
     StopNote,
     WriteThread,
-    discard_replaced,
+    discard_failed,
     raise_failures,
     write_step_file,
     writer_failure,
@@ -660,13 +660,13 @@ class Recorder:
         return failures
 
     def _step_failed(self, error: WriteError, item: StepWrite) -> None:
-        """Reports that `item`'s own write failed (`error`), after removing the step's first
-        half when it was to replace it (`discard_replaced`). With async writes the steps
+        """Reports that `item`'s own write failed (`error`), after removing what the write left
+        under the step's name (`discard_failed`). With async writes the steps
         queued before it are made durable first (that first half too): when one of them is
         not, the one report names the first such step (and the stop note's step is that
         one), then the later ones and `item`'s."""
         failures = self._writer_failures(drained=True)
-        discard_replaced(item)
+        discard_failed(item)
         step = item.step
         if not failures:
             self._write_failed(error, step)
