@@ -198,3 +198,48 @@ def test_a_closed_recorder_whose_lock_file_cannot_be_removed_never_reads_as_died
     summary = summarize(sd.open_run(path))
     assert summary.recording_closed and summary.recording_died == []
     assert _losses(path) == {0: 1.0}
+
+
+def test_a_recorder_started_with_another_on_one_directory_is_told_it_is_recorded(
+    tmp_path, monkeypatch
+):
+    """Two jobs given one output at once (two `record --out RUN` started together: RUN made
+    empty by each): the Recorder that finds the run made by the other after it looked for
+    steps/ (so before it could lock) is refused as the one in another process, not as a run
+    that is not empty. Before: 'RUN already exists and is not empty (manifest.json); pass
+    overwrite=True to replace the run, or resume=True to continue it' (2 of 3 tries)."""
+    from stabledrl_cli.dump import _setup
+
+    path = tmp_path / "run"
+    path.mkdir()  # `record` makes --out before its command starts
+    ready_read, ready_write = os.pipe()
+    end_read, end_write = os.pipe()
+    real_ready, children = _setup._ready, []
+
+    def the_other_first(*args, **kwargs):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child's: the other job's Recorder, held
+            try:
+                os.close(end_write)  # its end comes as the test closes its own
+                _setup._ready = real_ready  # (the child's copy of the patch)
+                other = sd.Recorder(path, policy=None)
+                os.write(ready_write, b"1")
+                os.read(end_read, 1)
+                other.close()
+            finally:
+                os._exit(0)
+        children.append(pid)
+        assert os.read(ready_read, 1) == b"1"
+        return real_ready(*args, **kwargs)
+
+    monkeypatch.setattr(_setup, "_ready", the_other_first)
+    try:
+        with pytest.raises(UsageError) as refused:
+            sd.Recorder(path, policy=None)
+    finally:
+        os.close(end_write)
+        for pid in children:
+            os.waitpid(pid, 0)
+        for fd in (ready_read, ready_write, end_read):
+            os.close(fd)
+    assert str(refused.value) == _refusal(path, "in another process")

@@ -72,7 +72,7 @@ from stabledrl_cli.dump._schema import (
     parse_manifest,
 )
 from stabledrl_cli.dump._stfile import read_header
-from stabledrl_cli.dump._writer_lock import WriterLock, hold_writer_lock
+from stabledrl_cli.dump._writer_lock import WriterLock, hold_writer_lock, refuse_if_held
 from stabledrl_cli.errors import InputError, UsageError, WriteError, counted
 
 try:
@@ -453,10 +453,15 @@ def prepare_run(
     # Held before any file changes; a new run's steps/ is made first (nothing to guard yet).
     lock = hold_writer_lock(steps, rank, world_size) if steps.is_dir() else None
     try:
-        manifest, last = _ready(
-            path, manifest, is_dir, rank=rank, world_size=world_size, overwrite=overwrite,
-            resume=resume, resume_from=resume_from,
-        )  # fmt: skip
+        try:
+            manifest, last = _ready(
+                path, manifest, is_dir, rank=rank, world_size=world_size, overwrite=overwrite,
+                resume=resume, resume_from=resume_from,
+            )  # fmt: skip
+        except UsageError:
+            if lock is None:  # steps/ made meanwhile, by a Recorder started with this one
+                refuse_if_held(steps, rank, world_size)
+            raise
         lock = lock or hold_writer_lock(steps, rank, world_size)
         if rank == 0 and text is not None:
             with _manifest_locked(path):

@@ -144,6 +144,25 @@ def hold_writer_lock(steps: Path, rank: int, world_size: int) -> WriterLock:
     return WriterLock()
 
 
+def refuse_if_held(steps: Path, rank: int, world_size: int) -> None:
+    """UsageError (`_held_elsewhere`) when a live Recorder holds rank `rank`'s lock in `steps`,
+    asked without taking it (`writer_states`): for a Recorder that found the run's directory
+    filled by one that started with it, before it could lock (two jobs given one output at
+    once), whose refusal says that rather than that the run is not empty. Nothing where it
+    cannot be told."""
+    states = writer_states(steps)
+    if states is None or states.get(rank) != "held":
+        return
+    try:
+        st = os.stat(steps)
+    except OSError:
+        return
+    with _HELD_LOCK:
+        mine = _HELD.get((st.st_dev, st.st_ino, rank)) == os.getpid()
+    where = "in this process" if mine else "in another process"
+    raise _held_elsewhere(steps.parent, rank, where, world_size)
+
+
 WriterState = Literal["held", "released", "unknown"]
 """What a rank's lock file left in steps/ says of its Recorder (`writer_states`)."""
 
