@@ -8,12 +8,16 @@ Without ray installed, the cluster tests skip (saying so); the missing-extra one
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -339,9 +343,14 @@ def test_ray_address_without_engine_ray_is_a_usage_error(tmp_path, command):
     assert json.loads(exported.stdout)
 
 
-def _replay_in_a_process(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _replay_in_a_process(
+    args: list[str], timeout: float = 300, address: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`stabledrl replay ARGS` in a process of its own, with `address` as RAY_ADDRESS."""
     env = {**os.environ, "NO_COLOR": "1"}
     env.pop("RAY_ADDRESS", None)
+    if address is not None:
+        env["RAY_ADDRESS"] = address
     return subprocess.run(
         [sys.executable, "-m", "stabledrl_cli", "replay", *args],
         capture_output=True,
@@ -392,6 +401,46 @@ def test_an_address_that_refuses_is_a_usage_error(synthetic):
     assert len(lines) == 1 and lines[0].startswith(
         "error: cannot join the Ray cluster at 127.0.0.1:1: "
     ), done.stderr
+
+
+@pytest.fixture
+def http_port() -> Iterator[int]:
+    """The port of an HTTP server (as the dashboard's 8265 is), serving on a thread."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_address_that_answers_as_another_server_is_a_usage_error(synthetic, http_port):
+    """RAY_ADDRESS at the dashboard's HTTP port (or any server but Ray's) accepts the connection:
+    Ray then waited on it for more than 5 minutes, printing a log line every few seconds."""
+    pytest.importorskip("ray", reason=NO_RAY)
+    address = f"127.0.0.1:{http_port}"
+    done = _replay_in_a_process([str(synthetic), "--engine", "ray"], timeout=60, address=address)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"error: cannot join the Ray cluster at {address}: it answers, but not as Ray does "
+        f"(gRPC); {ray_engine._RAY_PORTS}\n"
+    )
+
+
+def test_an_address_that_never_answers_is_refused_after_join_seconds(monkeypatch):
+    """A port that accepts and stays silent (a hung server) is refused once JOIN_SECONDS pass."""
+    monkeypatch.setattr(ray_engine, "JOIN_SECONDS", 0.2)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(UsageError, match="it accepts a connection but gave no answer within"):
+            ray_engine._require_reachable(address)
+
+
+def test_a_cluster_address_passes_the_check(cluster):
+    """The check lets a Ray cluster's own address (its GCS, a gRPC server) through."""
+    ray_engine._require_reachable(cluster.get_runtime_context().gcs_address)
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -167,8 +168,10 @@ def _local_workers(workers: int | None) -> int:
 
 def _require_reachable(address: str) -> None:
     """UsageError unless `address` ("host:port" or "ray://host:port"; "auto" and other forms are
-    left to Ray) accepts a TCP connection within `JOIN_SECONDS`; one whose port is not one (out
-    of range, not a number) or whose host is malformed too, which Ray would wait on for minutes."""
+    left to Ray) accepts a TCP connection and answers as a gRPC server does (Ray's GCS and its
+    client server are gRPC servers), within `JOIN_SECONDS` in all: one whose port is not one (out
+    of range, not a number), whose host is malformed, or that answers as another server (the
+    dashboard's HTTP port) or not at all, is refused, where Ray would wait on it for minutes."""
     try:
         parts = urlsplit(address if "://" in address else f"//{address}")
         host, port = parts.hostname, parts.port
@@ -176,12 +179,52 @@ def _require_reachable(address: str) -> None:
         raise UsageError(f"cannot join the Ray cluster at {address}: {exc}") from None
     if host is None or port is None:
         return
+    deadline = time.monotonic() + JOIN_SECONDS
     try:
-        with socket.create_connection((host, port), timeout=JOIN_SECONDS):
-            pass
+        sock = socket.create_connection((host, port), timeout=JOIN_SECONDS)
     except OSError as exc:
         why = exc.strerror or type(exc).__name__
         raise UsageError(f"cannot join the Ray cluster at {address}: {why}") from None
+    answer = b""
+    with sock:
+        if _tls():  # a TLS cluster's server takes a handshake first: left to Ray
+            return
+        try:
+            sock.sendall(_HTTP2_PREFACE)
+            while len(answer) < _FRAME_HEADER:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = sock.recv(_FRAME_HEADER - len(answer))
+                if not chunk:
+                    break
+                answer += chunk
+        except TimeoutError:
+            raise UsageError(
+                f"cannot join the Ray cluster at {address}: it accepts a connection but gave no "
+                f"answer within {JOIN_SECONDS:g} s; {_RAY_PORTS}"
+            ) from None
+        except OSError:  # reset by a server that does not speak HTTP/2: no answer, below
+            pass
+    if len(answer) < _FRAME_HEADER or answer[3] != _SETTINGS:
+        raise UsageError(
+            f"cannot join the Ray cluster at {address}: it answers, but not as Ray does "
+            f"(gRPC); {_RAY_PORTS}"
+        )
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+"""What an HTTP/2 (gRPC) client sends first: the connection preface and an empty SETTINGS frame,
+to which a gRPC server answers with a SETTINGS frame of its own."""
+_FRAME_HEADER = 9
+_SETTINGS = 4
+_RAY_PORTS = (
+    "give the head node's GCS address (host:6379 by default) or its Ray Client's "
+    "(ray://host:10001), not the dashboard's (8265)"
+)
+
+
+def _tls() -> bool:
+    """Whether Ray's connections use TLS (`RAY_USE_TLS`, as Ray reads it)."""
+    return os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
 
 
 def map_shards(
