@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import http.server
+import itertools
 import json
 import logging
 import os
@@ -161,6 +162,29 @@ def test_workers_read_a_run_through_its_url(cluster, synthetic):
     sharded = replay(url, ["grpo"], device="cpu", chunk_size=3, engine=RayEngine(workers=2))
     assert sharded.run == url
     assert dataclasses.replace(sharded, run=local.run).to_json() == local.to_json()
+
+
+def test_workers_bounds_the_shards_computed_at_once_on_a_joined_cluster(
+    cluster, synthetic, tmp_path
+):
+    """--workers 1 on a cluster of 2 CPUs (one joined, not started for the replay) computes one
+    shard at a time, as the docs and the advice after a worker died (fewer --workers) say.
+    Before, every shard was submitted at once and the cluster ran one a CPU."""
+    log = tmp_path / "shards"
+    log.mkdir()
+
+    def timed(task: ShardTask) -> object:
+        start = time.monotonic()
+        rows = stream_shard(task)
+        time.sleep(0.3)
+        (log / f"{start}").write_text(f"{start} {time.monotonic()}")
+        return rows
+
+    result = replay(synthetic, ["grpo"], device="cpu", engine=RayEngine(workers=1, shard_fn=timed))
+    assert result.to_json() == replay(synthetic, ["grpo"], device="cpu").to_json()
+    spans = sorted(tuple(map(float, f.read_text().split())) for f in log.iterdir())
+    assert len(spans) == 4
+    assert all(end <= later for (_, end), (later, _) in itertools.pairwise(spans)), spans
 
 
 def test_a_worker_dying_mid_shard_retries_that_shard_only(cluster, synthetic, tmp_path):
@@ -521,7 +545,7 @@ def test_the_first_failing_shard_in_step_order_is_raised_whichever_ends_first(cl
         raise InputError("run: step 20 has no 'logp_ref'")
 
     with pytest.raises(InputError) as raised:
-        ray_engine.map_shards(cluster, shard, [0, 1], [1, 1], location="run")  # type: ignore[arg-type]
+        ray_engine.map_shards(cluster, shard, [0, 1], [1, 1], workers=2, location="run")  # type: ignore[arg-type]
     assert str(raised.value) == "run: step 20 has no 'logp_ref'"
 
 

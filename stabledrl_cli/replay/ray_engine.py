@@ -115,7 +115,14 @@ class RayEngine:
             if gpus and not ray.cluster_resources().get("GPU"):
                 raise UsageError("device cuda was asked for, but the Ray cluster has no GPU")
             parts = map_shards(
-                ray, self.shard_fn, tasks, sizes, progress, gpus, location=run.location
+                ray,
+                self.shard_fn,
+                tasks,
+                sizes,
+                progress,
+                gpus,
+                workers=workers,
+                location=run.location,
             )
         return merge_streams(run, parts, len(policies))
 
@@ -235,14 +242,16 @@ def map_shards(
     progress: Callable[[int], None] | None = None,
     gpus: int = 0,
     *,
+    workers: int,
     location: str,
 ) -> list[Rows]:
-    """`fn` over `tasks` as Ray tasks, -> their results in task order; `progress(sizes[i])` as
-    task i finishes. A task whose worker died is retried (`SHARD_RETRIES`), and one whose last
-    attempt died too raises WorkerDiedError naming it (and the run's `location`); the tool's own
-    error in one is raised here. Once a task fails, the tasks before it are waited for and the
-    later ones cancelled, and the first failing task's error in task order is raised (a local
-    replay raises its first step's error, not the first to arrive)."""
+    """`fn` over `tasks` as Ray tasks, at most `workers` at once (a joined cluster would run one
+    a CPU of it), -> their results in task order; `progress(sizes[i])` as task i finishes. A
+    task whose worker died is retried (`SHARD_RETRIES`), and one whose last attempt died too
+    raises WorkerDiedError naming it (and the run's `location`); the tool's own error in one is
+    raised here. Once a task fails, the tasks before it are waited for and the later ones
+    cancelled or never started, and the first failing task's error in task order is raised (a
+    local replay raises its first step's error, not the first to arrive)."""
     lost = (
         ray.exceptions.WorkerCrashedError,
         ray.exceptions.OutOfMemoryError,
@@ -251,12 +260,19 @@ def map_shards(
     remote = ray.remote(fn).options(
         num_cpus=1, num_gpus=gpus, max_retries=SHARD_RETRIES, retry_exceptions=False
     )
-    refs = [remote.remote(task) for task in tasks]
-    index = {ref: i for i, ref in enumerate(refs)}
+    index: dict[Any, int] = {}
     results: dict[int, Rows] = {}
     failed: dict[int, Exception] = {}
-    pending = list(refs)
-    while waited := [ref for ref in pending if index[ref] < min(failed, default=len(tasks))]:
+    pending: list[Any] = []
+    while True:
+        first_failed = min(failed, default=len(tasks))
+        while len(index) < first_failed and len(pending) < workers:
+            ref = remote.remote(tasks[len(index)])
+            index[ref] = len(index)
+            pending.append(ref)
+        waited = [ref for ref in pending if index[ref] < first_failed]
+        if not waited:
+            break
         done, _ = ray.wait(waited, num_returns=1)
         pending.remove(done[0])
         i = index[done[0]]
