@@ -13,13 +13,13 @@ import itertools
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +187,55 @@ def test_workers_bounds_the_shards_computed_at_once_on_a_joined_cluster(
     assert all(end <= later for (_, end), (later, _) in itertools.pairwise(spans)), spans
 
 
+SLOW_SHARDS = """
+import sys, time
+from stabledrl_cli.cli.app import main
+from stabledrl_cli.replay import ray_engine
+
+READY, computing = sys.argv.pop(1), ray_engine.map_shards
+
+
+def slow_shards(ray, fn, *args, **kwargs):
+    def slow(task):
+        open(READY, "w").close()
+        time.sleep(120)
+        return fn(task)
+
+    return computing(ray, slow, *args, **kwargs)
+
+
+ray_engine.map_shards = slow_shards
+main()
+"""
+
+
+def test_sigterm_stops_the_cluster_and_exits_143(synthetic, tmp_path):
+    """SIGTERM while the shards compute: the cluster the replay started is stopped, and the
+    command ends with the line and the code of a stop by SIGTERM. Before, Ray's handler aborted
+    the process (exit 134, a C++ stack trace on stderr) or exited 1, and left Ray's agent
+    processes running."""
+    pytest.importorskip("ray", reason=NO_RAY)
+    ready = tmp_path / "computing"
+    env = {**os.environ, "NO_COLOR": "1"}
+    env.pop("RAY_ADDRESS", None)
+    args = [str(ready), "replay", str(synthetic), "--engine", "ray", "--workers", "1"]
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SHARDS, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143, err
+    assert err.splitlines()[-1] == "stopped by SIGTERM", err
+    assert "SIGTERM received" not in err and not out
+
+
 def test_a_worker_dying_mid_shard_retries_that_shard_only(cluster, synthetic, tmp_path):
     """The worker computing the second shard reads a step of it, then exits: Ray computes
     that shard again; every step is replayed once."""
@@ -320,12 +369,16 @@ def test_check_engine_ray_is_the_local_check(cluster, synthetic, tmp_path, monke
     marks = tmp_path / "shards"
     marks.mkdir()
 
-    def marked_shard(task: ShardTask):
-        (marks / f"shard-{task.steps[0]}").touch()
-        return stream_shard(task)
+    computing = ray_engine.map_shards
 
-    # the CLI takes the engine class from its module when it runs
-    monkeypatch.setattr(ray_engine, "RayEngine", partial(RayEngine, shard_fn=marked_shard))
+    def marked_shards(ray, fn, *args, **kwargs):
+        def marked_shard(task: ShardTask):
+            (marks / f"shard-{task.steps[0]}").touch()
+            return fn(task)
+
+        return computing(ray, marked_shard, *args, **kwargs)
+
+    monkeypatch.setattr(ray_engine, "map_shards", marked_shards)
     args = ["check", str(synthetic), "-p", "grpo", "-p", "stabledrl", "--device", "cpu"]
     args += ["--max-nonfinite", "0", "--max-discard-frac", "0.5", "--format", "json"]
     local = runner.invoke(app, args)

@@ -101,16 +101,29 @@ def _resend(
 
 
 @contextmanager
-def stopped_by_sigterm() -> Iterator[None]:
+def stopped_by_sigterm(*, as_interrupt: bool = False) -> Iterator[None]:
     """Inside: SIGTERM stops the work as Ctrl-C does, its half-written output removed on the
     way out, then ends the command with 143 and the line `stopped by SIGTERM` (a stop or a
     Ctrl-C raised inside a finalizer, where Python swallows it, is raised again:
     `lost_stops_delivered_again`).
-    Outside, SIGTERM ends the process at once, as before."""
+    Outside, SIGTERM ends the process at once, as before. `as_interrupt`: the stop is raised
+    as a KeyboardInterrupt, for work that waits in Ray, whose wait turns any other exception
+    raised in it into a SystemError."""
+    received = threading.Event()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        received.set()
+        if not as_interrupt:
+            terminate(signum, frame)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
     try:
-        with lost_stops_delivered_again(), sigterm_handled(terminate):
+        with lost_stops_delivered_again(), sigterm_handled(stop):
             yield
-    except Terminated:
+    except (Terminated, KeyboardInterrupt):
+        if not received.is_set():
+            raise
         writing_again()
         err.print("stopped by SIGTERM", highlight=False)
         raise typer.Exit(SIGNALLED + signal.SIGTERM) from None

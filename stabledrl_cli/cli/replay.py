@@ -19,7 +19,7 @@ import os
 import stat
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -46,6 +46,7 @@ from stabledrl_cli.cli._options import (
     report_path,
 )
 from stabledrl_cli.cli._output import err, is_standard_output, out, progress, stdout_written
+from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._remote import inside_local_run
@@ -262,6 +263,7 @@ def replay_with_progress(
     first step is computed (or the replay returns): a run refused before, such as a run with
     nothing to replay, gets its one error line alone."""
     from stabledrl_cli.replay.engine import replay_run
+    from stabledrl_cli.replay.ray_engine import RayEngine
 
     pending = [] if header is None else [header]
 
@@ -271,6 +273,8 @@ def replay_with_progress(
 
     with (
         option_names(),
+        # SIGTERM stops a Ray replay as Ctrl-C does, so that the cluster it started is stopped
+        stopped_by_sigterm(as_interrupt=True) if isinstance(engine, RayEngine) else nullcontext(),
         progress("replaying", len(run.listed_step_numbers), complete=True) as report,
     ):
 

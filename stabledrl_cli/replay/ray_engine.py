@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -146,17 +148,36 @@ def _cluster(ray: ModuleType, address: str | None, workers: int | None) -> Itera
                 options["num_cpus"] = _local_workers(workers)
             else:
                 _require_reachable(address)
+            sigterm = _sigterm_handler()
             try:
                 ray.init(address=address, **options)
             except Exception as exc:  # Ray's own errors include a bare Exception (node start)
                 where = "a new local cluster" if address == "local" else address
                 raise UsageError(f"cannot start or join the Ray cluster ({where}): {exc}") from None
+            finally:
+                _restore_sigterm(sigterm)
             started = True
         try:
             yield workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
         finally:
             if started:
                 ray.shutdown()
+
+
+def _sigterm_handler() -> signal.Handlers | Callable[..., Any] | int | None:
+    """SIGTERM's handler now, None where it cannot be set again (outside the main thread, or
+    one not set from Python)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.getsignal(signal.SIGTERM)
+
+
+def _restore_sigterm(handler: signal.Handlers | Callable[..., Any] | int | None) -> None:
+    """SIGTERM's handler from before `ray.init` put Ray's in its place: Ray's driver aborted the
+    process on SIGTERM (exit 134, a C++ stack trace on stderr) or exited 1, leaving its agent
+    processes running; the command's own (`stopped_by_sigterm`) stops the cluster first."""
+    if handler is not None:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _local_workers(workers: int | None) -> int:
