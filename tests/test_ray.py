@@ -420,6 +420,22 @@ def test_ray_address_without_engine_ray_is_a_usage_error(tmp_path, command):
     assert json.loads(exported.stdout)
 
 
+@pytest.mark.parametrize("command", list(ENGINE_COMMANDS))
+def test_an_empty_ray_address_is_a_usage_error(tmp_path, command):
+    """`--ray-address "$HEAD"` with HEAD unset: refused before a cluster starts. Before, it
+    was read as no address and the replay ran on a local cluster started for it, exit 0."""
+    pytest.importorskip("ray", reason=NO_RAY)
+    run = tiny_run(tmp_path / "run")
+    args = [command, str(run), "--device", "cpu", *ENGINE_COMMANDS[command], "--engine", "ray"]
+    result = runner.invoke(app, [*args, "--workers", "1", "--ray-address", ""])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        "error: --ray-address is empty: give the cluster's address (host:6379, or auto), or "
+        "leave the option out for a local cluster started for this run\n"
+    )
+    assert result.stdout == ""
+
+
 def _replay_in_a_process(
     args: list[str], timeout: float = 300, address: str | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -226,8 +226,8 @@ def replay_engine(engine: ReplayEngine, workers: int | None, address: str | None
     """The --engine's engine, None for the local one (the replay's default, loading torch only
     when a step is replayed): --workers or --ray-address on the command line without --engine
     ray is a usage error (RAY_ADDRESS in the environment alone is not: people export it for
-    every command, and the local engine ignores it), and so is --engine ray without ray
-    installed."""
+    every command, and the local engine ignores it), and so are --engine ray without ray
+    installed and an empty --ray-address (an unset variable; an empty RAY_ADDRESS is none)."""
     if engine == "local":
         if workers is not None:
             raise UsageError("--workers needs --engine processes or ray")
@@ -246,6 +246,11 @@ def replay_engine(engine: ReplayEngine, workers: int | None, address: str | None
     from stabledrl_cli.replay.ray_engine import RayEngine, require_ray
 
     require_ray()
+    if not address and on_command_line("ray_address"):
+        raise UsageError(
+            "--ray-address is empty: give the cluster's address (host:6379, or auto), or leave "
+            "the option out for a local cluster started for this run"
+        )
     return RayEngine(address=address, workers=workers)
 
 
