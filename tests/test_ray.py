@@ -597,6 +597,40 @@ def test_a_local_cluster_that_fails_to_start_is_a_usage_error(synthetic, monkeyp
     ]
 
 
+REFUSED_TOKEN = """Failed to connect to GCS. Last connection error: \
+Traceback (most recent call last):
+  File "python/ray/includes/common.pxi", line 119, in ray._raylet.check_status
+ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: Authentication token is missing \
+or incorrect. Note: RAY_AUTH_MODE is currently 'disabled' (not 'token'). Ensure that the token...
+"""
+"""The cause of Ray 2.60's ConnectionError when a cluster refuses the driver's token (abridged)."""
+
+
+def test_a_cluster_that_refuses_the_token_says_so(synthetic, monkeypatch):
+    """Joining a cluster of token authentication without the token: the error line says why
+    and what the driver needs. Before, it said only `Failed to connect to Ray cluster at ADDR`,
+    as for a cluster that is down."""
+    ray = pytest.importorskip("ray", reason=NO_RAY)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379") from (
+            RuntimeError(REFUSED_TOKEN)
+        )
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    args = ["replay", str(synthetic), "--engine", "ray", "--ray-address", "auto"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: cannot start or join the Ray cluster (auto): Failed to connect to Ray cluster at "
+        "10.0.0.5:6379 (AuthenticationError: RPC error: InvalidAuthToken: Authentication token "
+        "is missing or incorrect); a cluster that `ray start` started takes a driver with "
+        "RAY_AUTH_MODE=token and its token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or "
+        "RAY_AUTH_TOKEN)"
+    ]
+
+
 def test_the_first_failing_shard_in_step_order_is_raised_whichever_ends_first(cluster, tmp_path):
     """Two shards fail, the second first: the first shard's error is raised, as a local replay
     raises its first step's. Before, the first error to arrive was, so the step named could

@@ -153,7 +153,9 @@ def _cluster(ray: ModuleType, address: str | None, workers: int | None) -> Itera
                 ray.init(address=address, **options)
             except Exception as exc:  # Ray's own errors include a bare Exception (node start)
                 where = "a new local cluster" if address == "local" else address
-                raise UsageError(f"cannot start or join the Ray cluster ({where}): {exc}") from None
+                raise UsageError(
+                    f"cannot start or join the Ray cluster ({where}): {_join_error(exc)}"
+                ) from None
             finally:
                 _restore_sigterm(sigterm)
             started = True
@@ -162,6 +164,23 @@ def _cluster(ray: ModuleType, address: str | None, workers: int | None) -> Itera
         finally:
             if started:
                 ray.shutdown()
+
+
+def _join_error(exc: Exception) -> str:
+    """Ray's error from `ray.init`, with what its cause says: Ray's `Failed to connect to Ray
+    cluster at ADDR` holds nothing else, the cause (a traceback as text) the error itself, its
+    first sentence kept; for a token refused, what the driver needs."""
+    why = str(exc)
+    cause = str(exc.__cause__ or "").strip()
+    if cause:
+        last = cause.splitlines()[-1].removeprefix("ray.exceptions.").split(". ")[0]
+        why = f"{why} ({last})"
+    if "InvalidAuthToken" in why:
+        why += (
+            "; a cluster that `ray start` started takes a driver with RAY_AUTH_MODE=token and "
+            "its token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+        )
+    return why
 
 
 def _sigterm_handler() -> signal.Handlers | Callable[..., Any] | int | None:
