@@ -236,6 +236,36 @@ def test_sigterm_stops_the_cluster_and_exits_143(synthetic, tmp_path):
     assert "SIGTERM received" not in err and not out
 
 
+SIGTERM_AS_RAY_STARTS = """
+import signal, sys, ray
+from stabledrl_cli.cli.app import main
+
+
+def starting(*args, **kwargs):
+    sys.exit(signal.SIGTERM)  # what Ray's handler does with a SIGTERM while ray.init runs
+
+
+ray.init = starting
+main()
+"""
+
+
+def test_sigterm_while_the_cluster_starts_exits_143(synthetic):
+    """Ray's handler, set while ray.init runs, exits with code 15 (sys.exit(SIGTERM)): the
+    replay now stops as on a SIGTERM after the start, exit 143 with its line. Before, it
+    ended with exit 15, a code docs/exit-codes.md does not have."""
+    pytest.importorskip("ray", reason=NO_RAY)
+    env = {**os.environ, "NO_COLOR": "1"}
+    env.pop("RAY_ADDRESS", None)
+    args = ["replay", str(synthetic), "--engine", "ray", "--workers", "1"]
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AS_RAY_STARTS, *args],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 143, done.stderr
+    assert done.stderr == "stopped by SIGTERM\n" and not done.stdout
+
+
 def test_a_worker_dying_mid_shard_retries_that_shard_only(cluster, synthetic, tmp_path):
     """The worker computing the second shard reads a step of it, then exits: Ray computes
     that shard again; every step is replayed once."""

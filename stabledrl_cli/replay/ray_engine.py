@@ -150,14 +150,21 @@ def _cluster(ray: ModuleType, address: str | None, workers: int | None) -> Itera
                 _require_reachable(address)
             sigterm = _sigterm_handler()
             try:
-                ray.init(address=address, **options)
+                try:
+                    ray.init(address=address, **options)
+                finally:
+                    _restore_sigterm(sigterm)
             except Exception as exc:  # Ray's own errors include a bare Exception (node start)
                 where = "a new local cluster" if address == "local" else address
                 raise UsageError(
                     f"cannot start or join the Ray cluster ({where}): {_join_error(exc)}"
                 ) from None
-            finally:
-                _restore_sigterm(sigterm)
+            except SystemExit as stop:  # Ray's handler while it starts: sys.exit(SIGTERM)
+                if stop.code != signal.SIGTERM:
+                    raise
+                ray.shutdown()  # the processes its node started
+                signal.raise_signal(signal.SIGTERM)  # to the handler Ray's replaced
+                raise
             started = True
         try:
             yield workers or max(int(ray.cluster_resources().get("CPU", 1)), 1)
