@@ -365,12 +365,17 @@ def _note_exit_code(out: Path, code: int, files: list[str]) -> None:
     """Notes in the run that the training command exited with error `code` (a script's
     `sys.exit(3)`, which raises no exception the recording process could note) when its
     Recorder closed it with no stop note: closed and unnoted, it would read as a whole
-    training. The note is the one an uncaught exception gives, after the last step of the
-    run's step `files` (`training command exited with code 3 after step 2`). Best effort: a
-    run that cannot be read or amended is left as it is."""
+    training. A run of several ranks is never marked closed: it is noted when every rank's
+    Recorder closed (`_ranks_closed`) and none noted a stop (a rank that raised under
+    `torch.multiprocessing.spawn`, whose wrapper catches the error and calls `sys.exit(1)`).
+    The note is the one an uncaught exception gives, after the last step of the run's step
+    `files` (`training command exited with code 3 after step 2`). Best effort: a run that
+    cannot be read or amended is left as it is."""
     try:
         manifest = manifest_now(out)
-        if manifest.get(RECORDING_CLOSED) is not True or RECORDING_STOPPED in manifest:
+        if RECORDING_STOPPED in manifest:
+            return
+        if manifest.get(RECORDING_CLOSED) is not True and not _ranks_closed(out, manifest):
             return
         steps = [found[0] for found in map(canonical_step, files) if found]
         if steps:
@@ -379,6 +384,25 @@ def _note_exit_code(out: Path, code: int, files: list[str]) -> None:
             amend_manifest(out, RECORDING_STOPPED, {"step": last + 1, "rank": 0, "reason": reason})
     except (InputError, ValueError, WriteError):
         pass
+
+
+def _ranks_closed(out: Path, manifest: dict[str, object]) -> bool:
+    """Whether the run at `out` (its `manifest`) is of several ranks whose Recorders all
+    closed, none noting a stop: no rank's lock file is left (a killed Recorder leaves its
+    own), no rank's stop note file is in steps/. False where the locks cannot be told."""
+    from stabledrl_cli.dump._schema import STEPS_DIR, STOP_NOTE_RE
+    from stabledrl_cli.dump._writer_lock import writer_states
+
+    world_size = manifest.get("world_size")
+    if not isinstance(world_size, int) or world_size < 2:
+        return False
+    steps = out / STEPS_DIR
+    if writer_states(steps) != {}:
+        return False
+    try:
+        return not any(STOP_NOTE_RE.match(name) for name in os.listdir(steps))
+    except OSError:
+        return False
 
 
 def _take_dead_locks(out: Path) -> dict[Path, bytes]:
