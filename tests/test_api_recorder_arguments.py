@@ -41,6 +41,19 @@ def test_a_count_of_the_wrong_kind_is_refused_before_the_run_is_made(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_rank_of_several_not_given_is_refused_before_the_run_is_made(tmp_path: Path) -> None:
+    """Before: Recorder(path, world_size=2) took rank 0 in every process; all but the first
+    were refused with 'rank 0 of this run is being recorded by another Recorder', and the one
+    taken may have recorded another rank's shard as rank 0's."""
+    with pytest.raises(UsageError, match=r"^rank= is missing: a Recorder of world_size=2 "):
+        sd.Recorder(tmp_path / "run", world_size=2)
+    assert not (tmp_path / "run").exists()
+    with sd.Recorder(tmp_path / "one") as recorder:  # one rank: it is rank 0
+        assert recorder.rank == 0
+    with sd.Recorder(tmp_path / "two", world_size=2, rank=1) as recorder:
+        assert recorder.rank == 1
+
+
 def test_the_largest_world_size_is_taken(tmp_path: Path) -> None:
     with sd.Recorder(tmp_path / "run", world_size=4096, rank=0) as recorder:
         recorder.log_step(0, loss=1.0)

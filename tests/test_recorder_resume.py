@@ -137,7 +137,7 @@ def test_resume_verifies_the_kept_steps(tmp_path):
     [
         ({"policy": "grpo"}, "its policy is 'dapo:eps_high=0.28', this recorder's 'grpo'"),
         ({"unit": "sequence"}, "its unit is 'token'"),
-        ({"world_size": 2}, "its world_size is 1"),
+        ({"world_size": 2, "rank": 0}, "its world_size is 1"),
         ({"group_ids": "global"}, "its group_ids is 'per_rank'"),
     ],
 )

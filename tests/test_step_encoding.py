@@ -212,7 +212,7 @@ def test_the_recorded_counts_match_the_arrays(tmp_path):
     a step: [B, L] arrays (ids are the rows), flat arrays with ids, unit sequence, a scalar
     step, and a rank's step without tokens."""
     logp = np.full((4, 3), -1.0, np.float32)
-    with sd.Recorder(tmp_path / "token", unit="token", world_size=2) as rec:
+    with sd.Recorder(tmp_path / "token", unit="token", world_size=2, rank=0) as rec:
         rec.log_step(0, logp=logp, logp_old=logp, advantages=np.ones(4, np.float32),
                      mask=np.tri(4, 3, dtype=bool))  # fmt: skip
         rec.log_step(1, logp=logp[0], logp_old=logp[0], advantages=logp[0],

@@ -235,8 +235,9 @@ class Recorder:
     (continues the run: steps at or after `resume_from` are replaced, earlier ones kept and
     verified; see `_setup`). Rank 0 gives the run a new identity (the manifest's `run_id`)
     when it creates or overwrites it, or when a resume replaces steps (`_setup`). With
-    `world_size > 1` every rank makes its own Recorder on the same path; rank 0 writes the
-    manifest, each rank its own step files. `group_ids="global"` says that
+    `world_size > 1` every rank makes its own Recorder on the same path, giving its `rank`
+    (refused without one: it is 0 only for world_size 1); rank 0 writes the manifest, each
+    rank its own step files. `group_ids="global"` says that
     the recorded group_ids are prompt-group ids shared by all ranks. A relative `path` is
     taken from the working directory as the Recorder is made: a later `os.chdir` of the
     process (hydra's job chdir, say) does not move the run.
@@ -252,7 +253,7 @@ class Recorder:
         estimator: dict[str, Any] | None = None,
         reward_range: tuple[float, float] | None = None,
         world_size: int = 1,
-        rank: int = 0,
+        rank: int | None = None,
         overwrite: bool | None = None,
         async_writes: bool = False,
         queue_size: int = 8,
@@ -268,11 +269,18 @@ class Recorder:
             raise UsageError(f"unit {unit!r} is not one of: {', '.join(UNITS)}")
         if group_ids not in GROUP_IDS:
             raise UsageError(f"group_ids {group_ids!r} is not one of: {', '.join(GROUP_IDS)}")
-        world_size, rank, queue_size = _whole(world_size), _whole(rank), _whole(queue_size)
+        world_size, queue_size = _whole(world_size), _whole(queue_size)
         if not (is_count(world_size) and 1 <= world_size <= WORLD_SIZE_LIMIT):
             raise UsageError(
                 f"world_size must be an int in [1, {WORLD_SIZE_LIMIT}], got {world_size!r}"
             )
+        if rank is None and world_size > 1:  # each process would take rank 0
+            raise UsageError(
+                f"rank= is missing: a Recorder of world_size={world_size} records one rank, "
+                f"and each process gives its own: Recorder(path, world_size={world_size}, "
+                "rank=R) (under torchrun, R is int(os.environ['RANK']))"
+            )
+        rank = _whole(0 if rank is None else rank)
         if not (is_count(rank) and 0 <= rank < world_size):
             raise UsageError(f"rank must be an int in [0, {world_size}), got {rank!r}")
         if on_write_error not in ON_WRITE_ERROR:
