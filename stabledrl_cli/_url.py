@@ -5,11 +5,15 @@ reports and written files give it, its credentials and secret query values writt
 
 from __future__ import annotations
 
+import os
 import re
 
 URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+._-]*)(://|::)")
 """A URL: a scheme (fsspec's may hold `_`: `async_wrapper://`), then `://` (or `::`, fsspec's
 chaining); a Windows drive letter has one colon and no slashes."""
+SLASHLESS_FILE_RE = re.compile(r"^(?:file|local):(?!//)(.+)", re.I)
+"""A local file URL without the `//` after its scheme (`file:runs/a`, RFC 8089's `file:/tmp/a`):
+no URL to `is_url`, so a local path named `file:runs/a`."""
 CREDENTIALS_RE = re.compile(r"://([^/?#]*)@")
 """What comes before a URL's host: its credentials (`user:password@`)."""
 SECRET_QUERY_RE = re.compile(
@@ -41,3 +45,16 @@ def redacted_in(text: str, url: str) -> str:
     for name, value in SECRET_QUERY_RE.findall(url):
         text = text.replace(f"{name}={value}", f"{name}=***")
     return text
+
+
+def slashless_hint(path: str) -> str:
+    """Why `path`, missing, names no run when it is a local file URL written without `//`
+    (`file:runs/a`, read as a local path of that name): ` (...)` giving the URL of the path
+    after the scheme. Else ''."""
+    match = SLASHLESS_FILE_RE.match(path)
+    if match is None:
+        return ""
+    url = "file://" + os.path.abspath(match.group(1))
+    return (
+        f" (a file URL takes '//' after its scheme, else it is read as a local path: give {url!r})"
+    )

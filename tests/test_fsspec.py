@@ -633,6 +633,42 @@ def test_a_file_url_with_the_localhost_host_says_what_would_name_the_run(run_dir
     assert runner.invoke(app, ["inspect", missing]).stderr == f"error: no such run: {missing}\n"
 
 
+def test_a_url_whose_query_or_fragment_hides_the_run_says_what_would_name_it(run_dir, tmp_path):
+    """fsspec reads a `file://` URL's query and fragment as part of its path: `file:///RUN?x=1`
+    said a bare 'no such run' (exit 3) for a run that is there. It now gives the URL that names
+    it, its secrets never written; a path that names nothing keeps the bare line."""
+    path = run_dir.absolute().as_posix()
+    archive = tmp_path / "run.h5"
+    pack_run(open_run(run_dir), archive)
+    for url, what in (
+        (f"file://{path}?x=1&X-Amz-Signature=s3cr3t", "a query"),
+        (f"file://{path}#step", "a fragment"),
+        (f"{archive.as_uri()}?v=2", "a query"),
+    ):
+        result = runner.invoke(app, ["inspect", url])
+        assert result.exit_code == 3, result.output
+        assert "s3cr3t" not in result.stderr
+        bare = url.partition("?")[0].partition("#")[0]
+        assert result.stderr.endswith(f" ({what} is read as part of the path: give {bare!r})\n")
+    missing = f"file://{path}-missing?x=1"
+    assert runner.invoke(app, ["inspect", missing]).stderr == f"error: no such run: {missing}\n"
+
+
+@pytest.mark.parametrize("written", ["file:fixtures/grpo", "FILE:/no/such/run", "local:a/b"])
+def test_a_file_url_without_slashes_says_how_to_write_it(written):
+    """`file:fixtures/grpo` (no `//`) is no URL: it was read as a local path of that name and
+    said a bare 'no such run' (exit 3), with no hint that the URL's form was at fault. The
+    line (exit 3 still) now gives the `file://` URL of the path after the scheme."""
+    result = runner.invoke(app, ["inspect", written])
+    assert result.exit_code == 3, result.output
+    url = "file://" + os.path.abspath(written.partition(":")[2])
+    assert result.stderr == (
+        f"error: no such run: {written} (a file URL takes '//' after its scheme, else it is "
+        f"read as a local path: give {url!r})\n"
+    )
+    assert runner.invoke(app, ["inspect", "run:1"]).stderr == "error: no such run: run:1\n"
+
+
 def test_a_url_given_as_a_local_input_file_is_refused(run_dir, tmp_path):
     """`check RUN -b s3://b/base.json` said 'no such baseline: s3:/b/base.json' and `import
     s3://b/log.jsonl` 's3:/b/log.jsonl: no such file or directory' (exit 3): typer's Path

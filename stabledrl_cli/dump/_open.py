@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stabledrl_cli._regular import NotRegularFile, open_regular
-from stabledrl_cli._url import is_url
+from stabledrl_cli._url import is_url, slashless_hint
 from stabledrl_cli.dump._archive_reader import ArchiveRun
 from stabledrl_cli.dump._directory import DirectoryRun
 from stabledrl_cli.dump._remote import open_url
@@ -35,7 +35,7 @@ def open_run(path: str | os.PathLike[str], *, verify: bool = True) -> Run:
     try:
         is_dir = stat.S_ISDIR(run_path.stat().st_mode)
     except (FileNotFoundError, NotADirectoryError):
-        raise InputError(f"no such run: {given}") from None
+        raise InputError(f"no such run: {given}{slashless_hint(given)}") from None
     except OSError as exc:  # a symlink loop, a name longer than the file system takes, ...
         raise InputError(f"cannot read {given}: {exc.strerror or exc}") from None
     if is_dir:

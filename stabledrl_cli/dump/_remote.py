@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -65,6 +66,9 @@ REFUSED_PROTOCOLS = frozenset({"reference"})
 HTTP_STALL_SECONDS = 60.0
 """Seconds an HTTP(S) host may leave a connection attempt or a read without an answer before
 the request fails (aiohttp's own bound is 5 minutes a request, however fast the bytes come)."""
+QUERY_RE = re.compile(r"[?#]")
+"""Where a URL's query or fragment starts, which a filesystem of paths (`file://`, `memory://`)
+reads as part of the path."""
 UNCHECKED_WHOLE_READ = 64 << 20
 """Bytes of a step file read whole in one request before its header is read: a larger one's
 header is read first, and the file only if it holds what the header says (a file padded past
@@ -412,11 +416,19 @@ def _missing_hint(url: str, fs: Any, root: str) -> str:
     """Why a URL names nothing when another reading of it names a file: its path with its
     %-escapes decoded (`file:///tmp/a%20b`, as `Path.as_uri()` writes `/tmp/a b`: fsspec reads
     a URL's path as written), or, for a `file://localhost/PATH` (RFC 8089's host, which fsspec
-    reads as the relative path `localhost/PATH`), `/PATH`. Else ''."""
+    reads as the relative path `localhost/PATH`), `/PATH`, or its path without the query or
+    fragment that the filesystem read as part of it (`file:///tmp/run?x=1`). Else ''."""
     match = URL_RE.match(url)
     rest = url[match.end() :] if match else ""
     written = unquote(redacted(url))
     candidates = [(unquote(root), f"%-escapes are read as written: give {written!r}")]
+    in_root, in_url = QUERY_RE.search(root), QUERY_RE.search(url)
+    if in_root is not None and in_url is not None:
+        what = "a query" if in_root.group() == "?" else "a fragment"
+        bare = redacted(url[: in_url.start()])
+        candidates.append(
+            (root[: in_root.start()], f"{what} is read as part of the path: give {bare!r}")
+        )
     if rest.lower().startswith("localhost/") and local_path(url) is not None:
         path = rest[len("localhost") :]
         candidates.insert(0, (path, f"a host is read as part of the path: give 'file://{path}'"))
