@@ -264,6 +264,57 @@ def test_inspect_shows_the_run_identity_a_pack_keeps(tmp_path, run_dir, grpo_fix
     assert table.exit_code == 0 and "not recorded (a run recorded before run ids)" in table.stdout
 
 
+def test_an_archive_says_how_the_recording_stood_when_packed(tmp_path):
+    """`inspect` of a run a live Recorder holds says `under way`, of one whose process was
+    killed `ended unclosed`; the archive `pack` made of either said neither (integrity ok, as
+    if the recording had finished). The archive's manifest now keeps how the Recorders stood
+    (`recording_when_packed`) and its inspect says so; a closed run's archive says nothing of
+    it, and a repack keeps it."""
+    from stabledrl_cli.dump._packer import pack_run
+
+    live, killed, closed = tmp_path / "live", tmp_path / "killed", tmp_path / "closed"
+    recorder = sd.Recorder(live, policy=None)
+    recorder.log_step(0, grad_norm=1.0, loss=0.5)
+    killed_while_recording(killed, ranks=2)
+    with sd.Recorder(closed, policy=None) as finished:
+        finished.log_step(0, grad_norm=1.0, loss=0.5)
+    for run in (live, killed, closed):
+        pack_run(sd.open_run(run), tmp_path / f"{run.name}.h5")
+    recorder.close()
+    pack_run(sd.open_run(tmp_path / "live.h5"), tmp_path / "repacked.h5")
+    expected = {
+        "live": ({"live": [0], "died": []}, "under way when packed: rank 0 recording then"),
+        "repacked": ({"live": [0], "died": []}, "under way when packed: rank 0 recording then"),
+        "killed": (
+            {"live": [], "died": [0, 1]},
+            "ended unclosed when packed: the process recording ranks 0, 1 had died",
+        ),
+    }
+    for name, (packed, line) in expected.items():
+        archive = str(tmp_path / f"{name}.h5")
+        summary = _json(["inspect", archive, "--format", "json"])
+        assert summary["recording_when_packed"] == packed
+        assert (summary["recording_live"], summary["recording_died"]) == ([], [])
+        table = runner.invoke(app, ["inspect", archive], env={"COLUMNS": "200"})
+        assert re.search(rf"recording +│ {re.escape(line)}", table.stdout), table.output
+    summary = _json(["inspect", str(tmp_path / "closed.h5"), "--format", "json"])
+    assert summary["recording_when_packed"] is None and summary["recording_closed"] is True
+
+
+def test_a_malformed_recording_when_packed_is_a_corrupt_manifest(tmp_path):
+    """The archive manifest's `recording_when_packed` is {"live": [ranks], "died": [ranks]};
+    another shape is refused as a corrupt manifest (exit 3), naming the field."""
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy=None) as recorder:
+        recorder.log_step(0, grad_norm=1.0, loss=0.5)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["recording_when_packed"] = {"live": ["0"]}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["inspect", str(run)])
+    assert result.exit_code == 3, result.output
+    assert "corrupt manifest: recording_when_packed must be" in result.stderr
+
+
 def test_control_characters_from_a_run_reach_the_terminal_escaped(tmp_path):
     """A crafted manifest's text (a meta value, the source, the recording_stopped note) and a
     scalar's name are shown with their control characters escaped: they never clear the

@@ -105,20 +105,37 @@ def _no_counts_reason(s: RunSummary) -> str:
 
 def _recording_told(s: RunSummary) -> bool:
     """Whether the run says how its recording ended, or that it goes on."""
-    return bool(s.recording_stops or s.recording_closed or s.recording_live or s.recording_died)
+    return bool(
+        s.recording_stops
+        or s.recording_closed
+        or s.recording_live
+        or s.recording_died
+        or s.recording_when_packed
+    )
 
 
 def _recording_text(s: RunSummary) -> str:
     """How the recording ended, as the run says: stopped (a failed write, a step the verl
     integration could not record: a line a rank
     that stopped, at most LIST_LIMIT), closed; or that a Recorder's process died without
-    closing it, or that it goes on (as this machine's locks show)."""
+    closing it, or that it goes on (as this machine's locks show); of an archive, how it stood
+    when packed."""
     closed = "closed: its Recorder finished, the run gains no step"
     lines = []
     if s.recording_live:
         lines.append(f"under way: {_ranks(s.recording_live)} recording now")
     if s.recording_died:
         lines.append(f"ended unclosed: the process recording {_ranks(s.recording_died)} died")
+    packed = s.recording_when_packed or {}
+    if packed.get("live"):
+        lines.append(
+            f"under way when packed: {_ranks(packed['live'])} recording then; the archive "
+            "holds the steps written by then"
+        )
+    if packed.get("died"):
+        lines.append(
+            f"ended unclosed when packed: the process recording {_ranks(packed['died'])} had died"
+        )
     stops = [stopped_text(note) for note in s.recording_stops[:LIST_LIMIT]]
     hidden = len(s.recording_stops) - len(stops)
     if hidden:

@@ -49,6 +49,7 @@ from stabledrl_cli.dump._schema import (
     MANIFEST_LIMIT,
     MANIFEST_NAME,
     RECORDING_STOPS,
+    RECORDING_WHEN_PACKED,
     RUN_KIND,
     STEPS_DIR,
     manifest_stops,
@@ -585,9 +586,13 @@ notes of many ranks would take it past `MANIFEST_LIMIT`."""
 
 def _archive_manifest(run: Run) -> str:
     """The archive's manifest: the run's, with every rank's stop note as its `recording_stops`
-    when the run has notes of its own beyond the manifest's (a run of several ranks). Their
+    when the run has notes of its own beyond the manifest's (a run of several ranks), and the
+    ranks a Recorder was recording or had died on as its `recording_when_packed`. The notes'
     reasons are cut (`REASON_SHOWN`, halved until the manifest fits its readers' bound)."""
     manifest, stops = run.manifest, run.recording_stops
+    live, died = run.recorder_ranks()
+    if live or died:
+        manifest = {**manifest, RECORDING_WHEN_PACKED: {"live": live, "died": died}}
     if stops == manifest_stops(manifest):
         text = _fitting(manifest)
         if text is None:

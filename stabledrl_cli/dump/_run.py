@@ -167,6 +167,13 @@ class Run(ABC):
         told: here (an archive holds no Recorder)."""
         return None
 
+    def recorder_ranks(self) -> tuple[list[int], list[int]]:
+        """(the ranks a live Recorder records now, those whose process died without closing
+        the run), as `recorder_states` tells them; empty where it cannot."""
+        states = self.recorder_states() or {}
+        live = sorted(rank for rank, state in states.items() if state == "held")
+        return live, sorted(rank for rank, state in states.items() if state == "released")
+
     @property
     def listed_recording_stops(self) -> list[dict[str, Any]]:
         """`recording_stops` as of the run's last listing (`listed_step_numbers`'): what a

@@ -86,6 +86,11 @@ RECORDING_STOPS = "recording_stops"
 """Every rank's `recording_stopped` note, a list ordered by rank: what a reader gives of a
 run whose ranks stopped (`Run.recording_stops`), and where an archive keeps them (its
 manifest's copy: `stabledrl pack`)."""
+RECORDING_WHEN_PACKED = "recording_when_packed"
+"""In an archive's copy of the manifest only (`stabledrl pack`): how the run's Recorders stood
+when it was packed, as its lock files said (`Run.recorder_states`): {"live": ranks recording
+then, "died": ranks whose process had died without closing the run}, absent when neither.
+It changes no format version: an older reader leaves it alone."""
 RUN_ID = "run_id"
 """The manifest's run identity (docs/run-format.md), new with each recording of the run: it
 changes no format version, a reader that does not know it leaves it alone."""
@@ -439,6 +444,13 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
     stops = manifest.get(RECORDING_STOPS)
     if stops is not None and not (isinstance(stops, list) and all(map(is_stop_note, stops))):
         raise corrupt(RECORDING_STOPS, f"null or a list of {STOP_NOTE_SHAPE}")
+    packed = manifest.get(RECORDING_WHEN_PACKED)
+    if packed is not None and not (
+        isinstance(packed, dict)
+        and set(packed) <= {"live", "died"}
+        and all(isinstance(ranks, list) and all(map(is_count, ranks)) for ranks in packed.values())
+    ):
+        raise corrupt(RECORDING_WHEN_PACKED, 'null or {"live": [ranks], "died": [ranks]}')
     infinite = _infinite_number(manifest)
     if infinite is not None:
         raise InputError(

@@ -11,7 +11,12 @@ import numpy as np
 
 from stabledrl_cli.dump import Finding, IntegrityReport, Run
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
-from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED, RUN_ID
+from stabledrl_cli.dump._schema import (
+    RECORDING_CLOSED,
+    RECORDING_STOPPED,
+    RECORDING_WHEN_PACKED,
+    RUN_ID,
+)
 from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.replay.observed import NoiseFloor, Observed, OwnLikelihood, observe
 from stabledrl_cli.replay.recorded import SeriesStats, recorded_run
@@ -61,6 +66,10 @@ class RunSummary:
     recording_died: list[int]
     """The ranks whose Recorder's process died without closing the run (killed, say): its
     lock file left in steps/, signed on this machine, held by no process."""
+    recording_when_packed: dict[str, list[int]] | None
+    """Of an archive packed from a run whose recording had not finished: {"live": the ranks a
+    Recorder was recording then, "died": those whose process had died without closing the
+    run} (the archive manifest's `recording_when_packed`); None else."""
     unit: str
     estimator: dict[str, object]
     reward_range: list[float] | None
@@ -211,7 +220,8 @@ def summarize(run: Run) -> RunSummary:
     )
     policy = manifest.get("policy")
     geometry = run.geometry
-    recorders = run.recorder_states() or {}
+    live, died = run.recorder_ranks()
+    packed = manifest.get(RECORDING_WHEN_PACKED)
     return RunSummary(
         run=run.location,
         format_version=manifest.get("format_version"),
@@ -224,8 +234,11 @@ def summarize(run: Run) -> RunSummary:
         recording_stopped=_mapping(manifest.get(RECORDING_STOPPED)) or None,
         recording_stops=[dict(note) for note in run.listed_recording_stops],
         recording_closed=manifest.get(RECORDING_CLOSED) is True,
-        recording_live=sorted(rank for rank, state in recorders.items() if state == "held"),
-        recording_died=sorted(rank for rank, state in recorders.items() if state == "released"),
+        recording_live=live,
+        recording_died=died,
+        recording_when_packed=(
+            {"live": packed.get("live", []), "died": packed.get("died", [])} if packed else None
+        ),
         unit=run.unit,
         estimator=_mapping(manifest.get("estimator")),
         reward_range=list(run.reward_range) if run.reward_range else None,
