@@ -82,6 +82,7 @@ from stabledrl_cli._run_env import ENV_FORCE as ENV_FORCE  # record exports them
 from stabledrl_cli._run_env import ENV_RANKS_DIR as ENV_RANKS_DIR
 from stabledrl_cli._run_env import ENV_RUN_DIR as ENV_RUN_DIR
 from stabledrl_cli._run_env import env_force as env_force
+from stabledrl_cli._run_env import records_out
 from stabledrl_cli._sigterm import steps_written_on_sigterm
 from stabledrl_cli.errors import (
     InputError,
@@ -476,7 +477,7 @@ def _open(
         raise UsageError(f"{ENV_RUN_DIR} is not set (run the script under `stabledrl record`)")
     from pathlib import Path
 
-    from stabledrl_cli.dump._setup import refuse_in_the_way
+    from stabledrl_cli.dump._setup import RunNotEmpty, refuse_in_the_way
 
     refuse_in_the_way(Path(run_dir))
     given = os.environ.get(ENV_POLICY) or None
@@ -504,9 +505,11 @@ def _open(
     # run, or continues the one the script resumes (resume=True), and takes the switch.
     try:
         _recorder = Recorder(run_dir, policy=policy, **recorder_kwargs)
-    except UsageError:
+    except UsageError as exc:
         if hooks:
             _refuse_child_of_recording(run_dir, recorder_kwargs.get("rank", 0))
+        if isinstance(exc, RunNotEmpty) and records_out(run_dir):
+            raise exc.for_record() from None  # the user typed a command: name record's --force
         raise
     if recorder_kwargs.get("resume") and _recorder.last_step is not None:
         _hooks_start = _recorder.last_step + 1

@@ -26,7 +26,12 @@ from stabledrl_cli.cli._output import ProgressLines, err, progress_enabled
 from stabledrl_cli.cli._wrap import run_command
 from stabledrl_cli.cli.app import after_separator, debug_requested
 from stabledrl_cli.dump._schema import MANIFEST_NAME
-from stabledrl_cli.dump._setup import check_replaceable, directory_or_nothing, os_file
+from stabledrl_cli.dump._setup import (
+    RECORD_FORCE_HINT,
+    check_replaceable,
+    directory_or_nothing,
+    os_file,
+)
 from stabledrl_cli.errors import UsageError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS, ExampleConfig
 from stabledrl_cli.replay.config import MAX_THREADS
@@ -68,12 +73,7 @@ def _check_out(out: Path, force: bool) -> None:
     if directory_or_nothing(out, f"--out {out}") and not all(map(os_file, out.iterdir())):
         check_replaceable(out)  # before the command starts: its recorder would refuse
         if not force:
-            raise UsageError(
-                f"--out {out} is not empty; pass --force to record into it (a new recording "
-                "replaces its run; one that resumes it continues it: TRL's "
-                "train(resume_from_checkpoint=...), a script's log_policy_batch with "
-                "recorder_kwargs resume=True)"
-            )
+            raise UsageError(f"--out {out} is not empty; pass --force {RECORD_FORCE_HINT}")
 
 
 def _progress() -> Progress:

@@ -227,6 +227,38 @@ def _write_manifest(path: Path, text: bytes) -> None:
     write_atomic(target, text, temp=temp.with_name(f"{temp.name}-{uuid.uuid4().hex}"))
 
 
+RECORD_FORCE_HINT = (
+    "to record into it (a new recording replaces its run; one that resumes it continues it: "
+    "TRL's train(resume_from_checkpoint=...), a script's log_policy_batch with recorder_kwargs "
+    "resume=True)"
+)
+"""How `stabledrl record --force` records into an --out that holds a run: told by record's
+own check before the command starts, and by its command's Recorder (`RunNotEmpty`)."""
+
+
+class RunNotEmpty(UsageError):
+    """A Recorder's refusal of a directory that is not empty (neither overwrite=True nor
+    resume=True given), naming the first file found (`found`) and those two arguments; the
+    Recorder that `stabledrl record -- CMD` makes for its command says `for_record` instead:
+    the user typed a command, not a Recorder's arguments."""
+
+    def __init__(self, path: Path, found: str) -> None:
+        self.path, self.found = path, found
+        self.refused = f"{path} already exists and is not empty ({found})"
+        super().__init__(
+            f"{self.refused}; pass overwrite=True to replace the run, or resume=True to continue it"
+        )
+
+    def __reduce__(self) -> tuple[type[RunNotEmpty], tuple[Path, str]]:
+        return type(self), (self.path, self.found)  # (pickled: the arguments are not args)
+
+    def for_record(self) -> UsageError:
+        """The refusal as `stabledrl record`'s: a run that appeared in --out after record
+        checked it (another job recording there), or that an earlier process of the command
+        recorded (`python a.py && python b.py`)."""
+        return UsageError(f"{self.refused}; run `stabledrl record --force` {RECORD_FORCE_HINT}")
+
+
 def directory_or_nothing(path: Path, named: str) -> bool:
     """Whether `path` is a directory (False: nothing is there). UsageError naming it as
     `named` when something else is in the way (a file, a symlink to nothing), WriteError when
@@ -509,11 +541,7 @@ def _ready(
         if MANIFEST_NAME in others:
             check_replaceable(path)  # another tool's: overwrite=True would not help either
         if others or mine:
-            raise UsageError(
-                f"{path} already exists and is not empty ({(others + mine)[0]}); "
-                "pass overwrite=True to replace the run, or resume=True "
-                "to continue it"
-            )
+            raise RunNotEmpty(path, (others + mine)[0])
     for directory in (path, steps):  # the line names the run when the run cannot be made
         try:
             directory.mkdir(parents=True, exist_ok=True)
