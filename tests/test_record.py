@@ -1220,14 +1220,17 @@ def test_an_out_named_longer_than_the_file_system_takes_cannot_be_written(tmp_pa
 
 
 @pytest.mark.parametrize("how", [["--", sys.executable, "-c", "pass"], ["--rl-steps", "2"]])
-def test_an_out_that_is_a_symlink_to_nothing_is_refused_as_not_a_directory(tmp_path, how):
-    """A dangling symlink named as --out exists, and is no directory: exit 2 and one line, as
-    for a file (it was exit 4, 'cannot write it (File exists)', once mkdir met the link)."""
+def test_an_out_that_is_a_symlink_to_nothing_is_refused_as_one(tmp_path, how):
+    """A dangling symlink named as --out is no directory: exit 2 and one line that says where
+    it leads (it was exit 4, 'cannot write it (File exists)', once mkdir met the link; then
+    'exists and is not a directory', of a name that names nothing that exists)."""
     out = tmp_path / "run"
     out.symlink_to(tmp_path / "nowhere")
     result = CliRunner().invoke(app, ["record", "--out", str(out), *how])
     assert result.exit_code == 2, result.output
-    assert result.stderr == f"error: --out {out} exists and is not a directory\n"
+    assert result.stderr == (
+        f"error: --out {out} is a symlink to {tmp_path / 'nowhere'}, which does not exist\n"
+    )
     assert out.is_symlink() and not (tmp_path / "nowhere").exists()
 
 

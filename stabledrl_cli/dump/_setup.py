@@ -261,18 +261,32 @@ class RunNotEmpty(UsageError):
 
 def directory_or_nothing(path: Path, named: str) -> bool:
     """Whether `path` is a directory (False: nothing is there). UsageError naming it as
-    `named` when something else is in the way (a file, a symlink to nothing), WriteError when
-    the system cannot tell (a name longer than the file system takes, ...). The path is looked
-    for before it is asked whether it is a directory: another rank of the run may make the
-    directory in between, and what was not there then is no file in the way."""
+    `named` when something else is in the way (a file, a symlink to nothing: `_in_the_way`
+    says which), WriteError when the system cannot tell (a name longer than the file system
+    takes, ...). The path is looked for before it is asked whether it is a directory: another
+    rank of the run may make the directory in between, and what was not there then is no file
+    in the way."""
     exists = os.path.lexists(path)
     try:
         is_dir = path.is_dir()
     except OSError as exc:
         raise write_error(path, exc) from None
     if exists and not is_dir:
-        raise UsageError(f"{named} exists and is not a directory")
+        raise UsageError(f"{named} {_in_the_way(path)}")
     return is_dir
+
+
+def _in_the_way(path: Path) -> str:
+    """What is at `path` where a directory goes, said after its name: a symlink whose target
+    is missing (`ln -s /nonexistent/x out`) is said to be one, not a thing that exists."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        with suppress(OSError):  # gone meanwhile, or made no link by another process
+            return f"is a symlink to {os.readlink(path)}, which does not exist"
+    except OSError:  # a symlink loop, ...: something is there, and no directory
+        pass
+    return "exists and is not a directory"
 
 
 def amend_manifest(path: Path, name: str, value: object | None) -> None:
