@@ -49,7 +49,7 @@ def test_a_file_in_the_runs_place_is_a_write_failure(tmp_path, name, force, reco
     assert "trained" in done.stdout  # recording never breaks the training
     place = run / name if name else run
     assert errors[-1] == (
-        f"error: recording failed: recording optimizer step 1: {place}: cannot write it "
+        f"error: recording failed: recording optimizer step 0: {place}: cannot write it "
         "(Not a directory)"
     ), done.stderr
     assert "Traceback" not in done.stderr

@@ -781,6 +781,7 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
     global _held
     if not hooks_wanted():
         return
+    held = None  # the held first step, written (and the run opened) with this one
     try:
         with _lock:
             _close_at_child_end()
@@ -792,7 +793,9 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
 
                 _held = _Step(step, hooks=fields)
                 return
+            held = _held
             _release_held(None, {})
+            held = None
             recorder = _open(None, {}, batch=False, hooks=True)
             step += _hooks_start
             if _last is not None and _last.number == step and _last.hooks is None:
@@ -800,8 +803,8 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
                 _write(_last, recorder, replace=True)
             else:
                 _write(_Step(step, hooks=fields), recorder, replace=False)
-    except Exception as exc:
-        _failure.fail(exc, f"recording optimizer step {step}")
+    except Exception as exc:  # named by the first step it loses: the held one's, if not written
+        _failure.fail(exc, f"recording optimizer step {step if held is None else held.number}")
 
 
 def refuse_another_run_dir(out: str | os.PathLike[str], given_as: str, leave_out: str) -> None:

@@ -1,0 +1,30 @@
+"""`stabledrl record -- CMD` on a disk too full to take the run's manifest: the warning and
+the error name the first optimizer step that is lost, step 0 (held until the next event
+opens the run), not the step that opened it. Before: 'recording optimizer step 1: ...
+manifest.json: cannot write it (no space left on device)', though step 0 was lost too."""
+
+from __future__ import annotations
+
+from _cli import cli_environment, record_python, torch_training
+
+FULL = """
+import errno, os
+from stabledrl_cli._atomic import write_error
+import stabledrl_cli.dump._setup as setup
+
+def full(target, text, *, temp):  # the disk takes no manifest (ENOSPC)
+    raise write_error(target, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+setup.write_atomic = full
+"""
+
+
+def test_the_warning_names_step_0(tmp_path):
+    done, errors = record_python(FULL + torch_training(3), cwd=tmp_path, env=cli_environment())
+    assert done.returncode == 4, done.stderr
+    assert "trained" in done.stdout  # recording never breaks training
+    lost = f"recording optimizer step 0: {tmp_path / 'run' / 'manifest.json'}: cannot write it"
+    lines = done.stderr.splitlines()
+    assert any(line.startswith(f"stabledrl: warning: {lost}") for line in lines), lines
+    assert errors[-1].startswith(f"error: recording failed: {lost}"), errors
+    assert "step 1" not in done.stderr
