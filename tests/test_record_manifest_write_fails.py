@@ -5,6 +5,7 @@ manifest.json: cannot write it (no space left on device)', though step 0 was los
 
 from __future__ import annotations
 
+import pytest
 from _cli import cli_environment, record_python, torch_training
 
 FULL = """
@@ -19,8 +20,20 @@ setup.write_atomic = full
 """
 
 
-def test_the_warning_names_step_0(tmp_path):
-    done, errors = record_python(FULL + torch_training(3), cwd=tmp_path, env=cli_environment())
+BATCH = (
+    "__import__('stabledrl_cli').log_policy_batch("
+    "step + 1, logp=[-1.0], logp_old=[-1.0], advantages=[1.0])"
+)
+
+
+@pytest.mark.parametrize(
+    "each", ["", BATCH], ids=["optimizer steps", "policy batches numbered from 1"]
+)
+def test_the_warning_names_step_0(tmp_path, each):
+    """Before, with policy batches numbered from 1 (the batch 1 opens the run, writing the
+    optimizer's step 0 first): 'log_policy_batch failed at step 1: ...'."""
+    script = FULL + torch_training(3, each)
+    done, errors = record_python(script, cwd=tmp_path, env=cli_environment())
     assert done.returncode == 4, done.stderr
     assert "trained" in done.stdout  # recording never breaks training
     lost = f"recording optimizer step 0: {tmp_path / 'run' / 'manifest.json'}: cannot write it"

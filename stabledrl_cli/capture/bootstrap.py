@@ -744,6 +744,7 @@ def log_policy_batch(
     global _first_batch_logged
     if _failure.off:
         return False
+    held = None  # a held optimizer step before this one, written (and the run opened) first
     try:
         _refuse_unknown(fields, "log_step", "a field of log_policy_batch")
         if recorder_kwargs is not None and not isinstance(recorder_kwargs, Mapping):
@@ -755,7 +756,9 @@ def log_policy_batch(
             kwargs = dict(recorder_kwargs or {})
             pairs_held = _held is not None and _held.number == step
             if not pairs_held:
+                held = _held
                 _release_held(policy, kwargs)
+                held = None
             recorder = _open(policy, kwargs, batch=True, hooks=pairs_held)
             if _no_token(step, fields, recorder):
                 _release_held(policy, kwargs)  # the optimizer's half alone
@@ -770,8 +773,13 @@ def log_policy_batch(
             if first_batch:
                 _warn_numbered_from_1(step)
             return _write(_Step(step, batch=_snapshot(fields)), recorder, replace=False)
-    except Exception as exc:
-        _failure.fail(exc, f"log_policy_batch failed at step {step}")
+    except Exception as exc:  # named by the first step it loses: the held one's, if not written
+        _failure.fail(
+            exc,
+            f"log_policy_batch failed at step {step}"
+            if held is None
+            else f"recording optimizer step {held.number}",
+        )
         return False
 
 
