@@ -32,6 +32,7 @@ from stabledrl_cli.capture.branch_protocol import (
 )
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._directory import symlink_refused
+from stabledrl_cli.dump._setup import directory_or_nothing
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.example.branch import train_branch
 from stabledrl_cli.example.checkpoint import list_checkpoints
@@ -308,8 +309,7 @@ def run_branches(
     ]
     for request in requests:  # before any branch trains, with --force too
         check_not_the_original(request.run_dir, run_dir)
-        if os.path.lexists(request.run_dir) and not request.run_dir.is_dir():
-            raise UsageError(f"{request.run_dir} exists and is not a directory")
+        directory_or_nothing(request.run_dir, str(request.run_dir))
     if not force:
         taken = [r.run_dir for r in requests if r.run_dir.exists() and any(r.run_dir.iterdir())]
         if taken:

@@ -419,22 +419,32 @@ def test_the_example_without_a_branch_request_says_what_to_set(monkeypatch, caps
     assert ENV_RESUME_CHECKPOINT in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("dangling", [False, True], ids=["file", "dangling-symlink"])
 @pytest.mark.parametrize("force", [[], ["--force"]], ids=["no-force", "force"])
 def test_a_file_where_a_branch_run_goes_is_refused_before_any_branch_trains(
-    recorded, tmp_path, force
+    recorded, tmp_path, force, dangling
 ):
     """A regular file at RUN/branches/POLICY@STEP: without --force the line was the bare
     'Not a directory' (exit 3); with it, the branches before that policy's trained first and
-    the refusal (exit 2) came after them."""
+    the refusal (exit 2) came after them. A symlink to nothing there was said to exist."""
     run = tmp_path / "run"
     shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
     (run / "branches").mkdir()
-    (run / "branches" / "grpo@8").write_text("not a run")
+    in_the_way = run / "branches" / "grpo@8"
+    if dangling:
+        in_the_way.symlink_to(tmp_path / "gone")
+    else:
+        in_the_way.write_text("not a run")
     args = ["--at", "8", "-p", "stabledrl", "-p", "grpo", "--rl-steps", "2", *force]
     result = run_cli("branch", run, *args, timeout=120)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert lines == [f"error: {run / 'branches' / 'grpo@8'} exists and is not a directory"]
+    said = (
+        f"is a symlink to {tmp_path / 'gone'}, which does not exist"
+        if dangling
+        else "exists and is not a directory"
+    )
+    assert lines == [f"error: {in_the_way} {said}"]
     assert sorted(p.name for p in (run / "branches").iterdir()) == ["grpo@8"]
 
 
