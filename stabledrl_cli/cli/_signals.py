@@ -121,9 +121,9 @@ def stopped_by_sigterm(*, as_interrupt: bool = False) -> Iterator[None]:
     try:
         with lost_stops_delivered_again(), sigterm_handled(stop):
             yield
-    except (Terminated, KeyboardInterrupt):
-        if not received.is_set():
-            raise
+    except (Terminated, KeyboardInterrupt) as stopped:
+        if isinstance(stopped, KeyboardInterrupt) and not received.is_set():
+            raise  # a Ctrl-C, not a SIGTERM (a Terminated is one however it was raised)
         writing_again()
         err.print("stopped by SIGTERM", highlight=False)
         raise typer.Exit(SIGNALLED + signal.SIGTERM) from None
