@@ -400,7 +400,7 @@ def test_a_run_that_cannot_be_written_never_breaks_training(tmp_path):
     # a write failure, reported after the training ran
     assert result.returncode == 4, result.stderr
     assert result.stderr.splitlines()[-1] == (
-        f"error: recording failed: recording optimizer step 1: {out / 'steps'}: cannot write it "
+        f"error: recording failed: recording optimizer step 0: {out / 'steps'}: cannot write it "
         "(Not a directory)"
     ), result.stderr
 
