@@ -78,6 +78,7 @@ from stabledrl_cli.dump._schema import (
     check_readable_version,
     is_stop_note,
     manifest_stops,
+    nonfinite_norms,
     parse_manifest,
     stops_by_rank,
 )
@@ -100,12 +101,6 @@ def _parse_scalars(metadata: dict[str, str]) -> dict[str, float]:
     return scalars
 
 
-def _nonfinite_norms(scalars: dict[str, float]) -> int:
-    """How many of a step's `loss` and `grad_norm` are not finite: what its `nonfinite`
-    counts beside its batch's entries (the writer's rule)."""
-    return sum(1 for name in ("loss", "grad_norm") if not math.isfinite(scalars.get(name, 0.0)))
-
-
 def _merge_scalars(parts: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
     """Joins the ranks' scalars of one step, `weights` each rank's count for its reward_mean
     (rule in the module docstring)."""
@@ -115,8 +110,8 @@ def _merge_scalars(parts: list[dict[str, float]], weights: list[int]) -> dict[st
         merged["loss"] = float(np.mean([p["loss"] for p in parts]))
     if all("nonfinite" in p for p in parts):
         # each rank's count holds its own loss and grad_norm; the joined step holds one of each
-        entries = sum(p["nonfinite"] - _nonfinite_norms(p) for p in parts)
-        merged["nonfinite"] = float(entries + _nonfinite_norms(merged))
+        entries = sum(p["nonfinite"] - nonfinite_norms(p) for p in parts)
+        merged["nonfinite"] = float(entries + nonfinite_norms(merged))
     # a rank whose mean is NaN, or with none over no reward (an empty part), scored none of
     # its sequences: the others' mean stands
     given = [

@@ -22,6 +22,7 @@ from stabledrl_cli.dump._schema import (
     MAX_SCALARS,
     SERIES_SCALARS,
     STANDARD_SCALARS,
+    nonfinite_norms,
 )
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.vocab import Unit
@@ -461,8 +462,5 @@ def _step_scalars(
     if "mask" in tensors:
         batch = [tensors[n] for n in ("logp", "logp_old", "advantages")]
         nonfinite = _nonfinite_count(batch, tensors["mask"])
-    for name in ("loss", "grad_norm"):
-        if name in out and not math.isfinite(out[name]):
-            nonfinite += 1
-    out["nonfinite"] = float(nonfinite)
+    out["nonfinite"] = float(nonfinite + nonfinite_norms(out))
     return out

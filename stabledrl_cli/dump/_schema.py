@@ -353,6 +353,13 @@ _VERSION_RE = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
 """A format version: a string of ASCII digits, a dot, ASCII digits (at most 9 each)."""
 
 
+def nonfinite_norms(scalars: dict[str, float]) -> int:
+    """How many of a step's `loss` and `grad_norm` are given and not finite: what its
+    `nonfinite` counts beside its batch's non-finite entries (the writer's rule, which a join
+    of ranks' steps follows)."""
+    return sum(1 for name in ("loss", "grad_norm") if not math.isfinite(scalars.get(name, 0.0)))
+
+
 def parse_version(text: object, what: str) -> tuple[int, int]:
     """ "1.0" -> (1, 0); anything else (a number, other digits than ASCII's, more than 9
     digits a part) is corrupt input."""
