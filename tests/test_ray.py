@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from _corpus import seq_id_past_int32, tiny_run
 from typer.testing import CliRunner
 
@@ -593,6 +594,21 @@ def test_a_memory_run_is_refused_before_a_cluster_starts(synthetic):
     started = ray.is_initialized()
     with pytest.raises(UsageError, match="a memory:// run lives in this process only"):
         replay(open_run(url), ["grpo"], device="cpu", engine=RayEngine(workers=1))
+    assert ray.is_initialized() == started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is of cuda where torch has none")
+def test_cuda_without_a_gpu_is_refused_before_a_local_cluster_starts(synthetic, monkeypatch):
+    """A new local cluster's node is this one: `--device cuda` where torch sees no GPU is the
+    local replay's usage error, before Ray starts (it took ~10 s to start, then refuse)."""
+    ray = pytest.importorskip("ray", reason=NO_RAY)
+    started = ray.is_initialized()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    result = runner.invoke(
+        app, ["replay", str(synthetic), "--engine", "ray", "--workers", "1", "--device", "cuda"]
+    )
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr == "error: device 'cuda' was asked for, but torch sees no CUDA device\n"
     assert ray.is_initialized() == started
 
 

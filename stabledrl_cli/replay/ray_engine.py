@@ -35,6 +35,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from stabledrl_cli._device import resolve_device
 from stabledrl_cli._process import usable_cpus
 from stabledrl_cli.dump import Run
 from stabledrl_cli.errors import (
@@ -111,6 +112,8 @@ class RayEngine:
                 "cannot read it: replay it with the local engine, or from a path or URL every "
                 "node can read"
             )
+        if str(config.device).startswith("cuda") and _starts_a_cluster(ray, self.address):
+            resolve_device(config.device)  # its node is this one: refused before it starts
         with _cluster(ray, self.address, self.workers) as workers:
             tasks, sizes = shard_tasks(run, policies, own_index, config, workers)
             gpus = 1 if str(config.device).startswith("cuda") else 0
@@ -137,7 +140,7 @@ def _cluster(ray: ModuleType, address: str | None, workers: int | None) -> Itera
     with contextlib.redirect_stdout(sys.stderr):
         started = False
         if not ray.is_initialized():
-            address = address or os.environ.get("RAY_ADDRESS") or None
+            address = _asked_address(address)
             options: dict[str, Any] = {
                 "include_dashboard": False,
                 "logging_level": logging.ERROR,
@@ -171,6 +174,16 @@ def _cluster(ray: ModuleType, address: str | None, workers: int | None) -> Itera
         finally:
             if started:
                 ray.shutdown()
+
+
+def _asked_address(address: str | None) -> str | None:
+    """The cluster to join: `address`, else `RAY_ADDRESS`; None for a new local one."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _starts_a_cluster(ray: ModuleType, address: str | None) -> bool:
+    """Whether the replay starts a new local cluster (on this node) rather than joining one."""
+    return not ray.is_initialized() and _asked_address(address) is None
 
 
 def _join_error(exc: Exception) -> str:
