@@ -95,6 +95,12 @@ GroupIds = Literal["per_rank", "global"]
 ids past the ranks before it), or global prompt-group ids shared by all ranks (left as is)."""
 GROUP_IDS: tuple[GroupIds, ...] = get_args(GroupIds)
 
+LossNorm = Literal["global", "per_rank"]
+"""How a multi-rank run's ranks normalised their losses: over every rank's part (counts
+gathered across the ranks: verl, TRL's dapo, cispo and vespo), or each rank over its own part,
+the data-parallel all-reduce then averaging the ranks (a plain DistributedDataParallel loop)."""
+LOSS_NORMS: tuple[LossNorm, ...] = get_args(LossNorm)
+
 OnWriteError = Literal["raise", "warn"]
 """What a Recorder does when a step cannot be written: raise WriteError, or warn once on
 stderr, stop recording and note it in the manifest (`recording_stopped`) and, a rank of a

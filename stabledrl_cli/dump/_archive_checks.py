@@ -33,7 +33,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from stabledrl_cli.dump._layout import CHECKSUMS
+from stabledrl_cli.dump._layout import CHECKSUMS, RANK_SEQUENCES
 from stabledrl_cli.errors import InputError, quoted
 
 CRC_ATTR = "crc32"
@@ -77,7 +77,7 @@ def index_type(name: str) -> tuple[str, int]:
     """The dtype (numpy's name) and number of dimensions `pack` writes index dataset `name`
     in (`is_index`; run-format.md's table): float64 `scalars/*`, uint8 flags (`present/*`,
     `scalars_recorded/*`), uint32 per-step CRC-32s (`checksums/*`), int64 `[S, ndim]` ragged
-    shapes, int64 step numbers, counts and offsets."""
+    shapes and `steps/rank_sequences` [S, R], int64 step numbers, counts and offsets."""
     group, last = name.split("/")[0], name.split("/")[-1]
     if group == "scalars":
         return "float64", 1
@@ -85,7 +85,8 @@ def index_type(name: str) -> tuple[str, int]:
         return "uint32", 1
     if group in ("present", "scalars_recorded"):
         return "uint8", 1
-    return "int64", 2 if group == "ragged" and last == "shape" else 1
+    tables = (group == "ragged" and last == "shape") or name == f"steps/{RANK_SEQUENCES}"
+    return "int64", 2 if tables else 1
 
 
 def crc_matches(stored: object, crc: str) -> bool:

@@ -36,6 +36,7 @@ from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadErro
 from stabledrl_cli.dump._layout import (
     ARCHIVE_MAJOR,
     RAGGED_FIELDS,
+    RANK_SEQUENCES,
     REPLAY_REPORT_KIND,
     SCALAR_ESCAPE_VERSION,
     SEQUENCE_FIELDS,
@@ -353,6 +354,11 @@ class ArchiveRun(Run):
             )
         self._numbers = self._index("steps/step").astype(np.int64)
         self._counts = {name: self._index(f"steps/{name}") for name in STEP_COUNTS}
+        self._rank_sequences = (
+            self._index(f"steps/{RANK_SEQUENCES}")
+            if RANK_SEQUENCES in self._members("steps", required=True)
+            else None
+        )
         self._offsets = {
             group: self._index(f"{group}/step_offsets") for group in ("tokens", "sequences")
         }
@@ -414,8 +420,28 @@ class ArchiveRun(Run):
             raise InputError(
                 f"{location}: corrupt run archive (index lengths do not match the steps)"
             )
+        self._check_rank_sequences()
         self._index_of = {int(n): i for i, n in enumerate(self._numbers)}
         self._mark_inconsistent_steps()
+
+    def _check_rank_sequences(self) -> None:
+        """`steps/rank_sequences`, when the archive has it, splits each step's sequences over
+        the run's ranks (a row of 0s: a step without a batch), else InputError."""
+        table = self._rank_sequences
+        if table is None:
+            return
+        sequences = self._counts["num_sequences"]
+        sums = table.sum(axis=1) if table.size else np.zeros(len(table), dtype=np.int64)
+        if (
+            table.shape != (len(self._numbers), self.world_size)
+            or self.world_size < 2
+            or (table < 0).any()
+            or ((sums != sequences) & (sums != 0)).any()
+        ):
+            raise InputError(
+                f"{self.location}: corrupt run archive (steps/{RANK_SEQUENCES} does not split "
+                f"each step's sequences over the run's {self.world_size} ranks)"
+            )
 
     def _ragged_shapes(self, name: str) -> np.ndarray:
         """ragged/NAME/shape ([S, ndim]: `_index`), its columns the field's dimensions, else
@@ -721,10 +747,18 @@ class ArchiveRun(Run):
             num_tokens=counts["num_tokens"],
             num_sequences=counts["num_sequences"],
             num_scored_tokens=counts["num_scored_tokens"],
+            rank_sequences=self._ranks_of(index),
             archive=self,
             index=index,
             loaded=loaded,
         )
+
+    def _ranks_of(self, index: int) -> tuple[int, ...]:
+        """`Step.rank_sequences` of the step at `index`: () without the table, or for a step
+        without a batch."""
+        if self._rank_sequences is None or not self._rank_sequences[index].any():
+            return ()
+        return tuple(int(n) for n in self._rank_sequences[index])
 
     @property
     def step_numbers(self) -> list[int]:

@@ -26,10 +26,11 @@ is rank 0's. Scalars: `nonfinite` sums the ranks' non-finite batch entries, plus
 rewards each rank's mean is over (`_scored_rewards`: those not NaN; a file without the count,
 no `reward` or an older recorder's, by its sequences; a rank's NaN mean, none of its rewards
 scored, left out, as a rank's part with no sequence, which has no mean),
-`loss` averaged over ranks, the rest taken from rank 0. A step where some rank recorded no batch (a
-scalar step, format 1.2) joins as a scalar step: a batch with a rank missing is not the step's
-batch; so does one where no rank's batch holds a token (each part empty), which one rank's
-file could not be.
+`loss` averaged over ranks, the rest taken from rank 0. A step where some rank recorded no
+batch (a scalar step, format 1.2) joins as a scalar step: a batch with a rank missing is not
+the step's batch; so does one where no rank's batch holds a token (each part empty), which one
+rank's file could not be. A joined batch keeps each rank's number of sequences
+(`rank_sequences`), for a replay that normalises each rank's part alone (`loss_norm`).
 """
 
 from __future__ import annotations
@@ -828,6 +829,7 @@ class DirectoryRun(Run):
             num_sequences=sum(sequences),
             num_scored_tokens=sum(r.num_scored_tokens for r in records) if batch else 0,
             unjoined=unjoined if batch else frozenset(),
+            rank_sequences=tuple(sequences) if len(records) > 1 and batch else (),
             paths=[ranks[r] for r in range(self.world_size)],
             records=records,
             file_keys=[check.key for _, check, _ in checked],

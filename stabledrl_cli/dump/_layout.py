@@ -12,6 +12,10 @@ by its `crc32` attribute, `_archive_checks`):
     steps/step               int64 [S]       step numbers, ascending
     steps/num_tokens         int64 [S]       T of each step (also num_sequences,
                              num_scored_tokens)
+    steps/rank_sequences     int64 [S, R]    a run of R > 1 ranks: the sequences of each
+                             rank's part of each step (0s for a step without a batch), so a
+                             replay can normalise each rank's part alone (loss_norm
+                             "per_rank"); absent in an archive of one rank, or an older one
     scalars/NAME             float64 [S]     one per-step scalar (NaN where not recorded)
     scalars_recorded/NAME    uint8 [S]       1 where the step recorded it (a recorded NaN
                              is a fact, not a gap)
@@ -59,6 +63,8 @@ SEQUENCE_FIELDS = tuple(
 )
 RAGGED_FIELDS = tuple(n for n in FIELDS if n not in TOKEN_FIELDS and n not in SEQUENCE_FIELDS)
 STEP_COUNTS = ("num_tokens", "num_sequences", "num_scored_tokens")
+RANK_SEQUENCES = "rank_sequences"
+"""`steps/rank_sequences`, [S, R]: each rank's sequences of each step of a multi-rank run."""
 
 CHUNK_ELEMENTS = 1 << 15
 """32 Ki elements (128 KiB of float32) a chunk: small enough that reading one step's slice

@@ -32,6 +32,7 @@ from stabledrl_cli.dump._layout import (
     CHUNK_ELEMENTS,
     FILTERS,
     RAGGED_FIELDS,
+    RANK_SEQUENCES,
     SEQUENCE_FIELDS,
     STEP_COUNTS,
     TOKEN_FIELDS,
@@ -323,6 +324,7 @@ class _Packer:
     counts: dict[str, list[int]] = field(default_factory=lambda: {n: [] for n in STEP_COUNTS})
     scalars: list[dict[str, float]] = field(default_factory=list)
     fields: list[set[str]] = field(default_factory=list)
+    rank_sequences: list[tuple[int, ...]] = field(default_factory=list)
     offsets: dict[str, list[int]] = field(default_factory=lambda: {"tokens": [0], "sequences": [0]})
     columns: dict[str, _Column] = field(default_factory=dict)
     ragged_offsets: dict[str, list[int]] = field(default_factory=dict)
@@ -396,6 +398,7 @@ class _Packer:
             self.counts[name].append(int(value))
         self.scalars.append(dict(step.scalars))
         self.fields.append(set(step.fields))
+        self.rank_sequences.append(step.rank_sequences)
 
     def finish(self) -> None:
         handle, count = self.handle, len(self.numbers)
@@ -405,6 +408,12 @@ class _Packer:
         _index_dataset(steps, "step", np.array(self.numbers, dtype=np.int64))
         for name, values in self.counts.items():
             _index_dataset(steps, name, np.array(values, dtype=np.int64))
+        ranks = max(map(len, self.rank_sequences), default=0)
+        if ranks:  # steps joined from several ranks: each rank's sequences (0s: no batch)
+            table = np.zeros((count, ranks), dtype=np.int64)
+            for i, sizes in enumerate(self.rank_sequences):
+                table[i, : len(sizes)] = sizes
+            _index_dataset(steps, RANK_SEQUENCES, table)
         for group, offsets in self.offsets.items():
             _index_dataset(
                 handle.require_group(group), "step_offsets", np.array(offsets, dtype=np.int64)

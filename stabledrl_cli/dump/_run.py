@@ -31,7 +31,7 @@ from stabledrl_cli.dump._integrity import (
 from stabledrl_cli.dump._schema import manifest_stops, step_number
 from stabledrl_cli.dump._writer_lock import WriterState
 from stabledrl_cli.errors import InputError, UsageError, type_name
-from stabledrl_cli.vocab import GroupIds, Unit
+from stabledrl_cli.vocab import GroupIds, LossNorm, Unit
 
 if TYPE_CHECKING:
     import torch
@@ -92,6 +92,10 @@ class Step(ABC):
     unjoined: frozenset[str] = frozenset()
     """Fields every rank's file holds that the step leaves out, since the ranks' parts do not
     combine (`unit_grad_gram` of a multi-rank step)."""
+    rank_sequences: tuple[int, ...] = ()
+    """The sequences of each rank's part, in rank order, of a step joined from several ranks'
+    files (rank r's are the joined step's next ones, as `seq_id` numbers them); () for a step
+    of one file."""
 
     def __repr__(self) -> str:
         return compact_repr(self)
@@ -259,6 +263,11 @@ class Run(ABC):
     def group_ids(self) -> GroupIds:
         """How the run numbers its prompt groups across ranks (per_rank unless recorded)."""
         return cast(GroupIds, self.manifest.get("group_ids", "per_rank"))
+
+    @property
+    def loss_norm(self) -> LossNorm:
+        """How the run's ranks normalised their losses (global unless recorded "per_rank")."""
+        return cast(LossNorm, self.manifest.get("loss_norm", "global"))
 
     @property
     def group_size(self) -> int | None:

@@ -32,6 +32,13 @@ prompt groups from 0 (a reader joining the ranks of a step offsets each rank's i
 ranks before it), "global" when the ids are prompt-group ids shared by all ranks (a group
 split across ranks keeps one id; the join leaves them alone).
 
+loss_norm (absent means "global"; written only as "per_rank"): how the ranks of a multi-rank
+run normalised their losses. "global": over every rank's part (token and sequence counts
+gathered across the ranks), so a replay normalises over the joined step; "per_rank": each rank
+over its own part, the all-reduce averaging the ranks, so a replay normalises each rank's part
+on its own and divides by world_size. It changes no format version: a reader that does not
+know it replays the run as "global".
+
 Versions. A file records the oldest format version that describes it: 1.0, 1.1 when it uses
 a 1.1 addition (the step fields `micro_batch` and `group_split`, or group_ids = "global"), 1.2
 when it uses a 1.2 addition (a scalar step; a null policy or a `source` in the manifest), 1.3
@@ -54,7 +61,7 @@ from typing import Any, TypeGuard, TypeVar, cast
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError, UsageError, quoted, shown, type_name
 from stabledrl_cli.spec import plain_number, whole_number
-from stabledrl_cli.vocab import GROUP_IDS, UNITS
+from stabledrl_cli.vocab import GROUP_IDS, LOSS_NORMS, UNITS
 
 GRAM_KEY = "unit_grad_gram"
 """The step field of an exact Gram matrix K: [U, U]."""
@@ -412,6 +419,8 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
         raise corrupt("unit", " or ".join(UNITS))
     if manifest.get("group_ids", "per_rank") not in GROUP_IDS:
         raise corrupt("group_ids", " or ".join(GROUP_IDS))
+    if manifest.get("loss_norm", "global") not in LOSS_NORMS:
+        raise corrupt("loss_norm", " or ".join(LOSS_NORMS))
     world_size = manifest.get("world_size")
     if (
         isinstance(world_size, bool)

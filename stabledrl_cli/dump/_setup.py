@@ -80,7 +80,7 @@ try:
 except ImportError:  # Windows: no flock; the manifest is changed without a lock, as before
     fcntl = None  # type: ignore[assignment]
 
-_MUST_AGREE = ("unit", "world_size", "group_ids")
+_MUST_AGREE = ("unit", "world_size", "group_ids", "loss_norm")
 
 
 _Owned = list[tuple[Path, int, bool]]
@@ -392,7 +392,7 @@ def new_run_id() -> str:
 
 
 def _check_compatible(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
-    defaults = {"group_ids": "per_rank"}
+    defaults = {"group_ids": "per_rank", "loss_norm": "global"}
     for name in _MUST_AGREE:
         was, now = old.get(name, defaults.get(name)), new.get(name, defaults.get(name))
         if was != now:

@@ -52,7 +52,9 @@ raise UsageError (the child would write under the parent's file names, and its c
 queue has no writer thread), and `close` leaves the parent's writer alone.
 
 Keywords of `Recorder` beyond the run's facts: `group_ids` ("per_rank", the default, or
-"global": the recorded group_ids are global prompt-group ids, see `_schema`), `source` (format
+"global": the recorded group_ids are global prompt-group ids, see `_schema`), `loss_norm`
+("global", the default, or "per_rank": each rank normalised its loss over its own part, see
+`_schema`), `source` (format
 1.2: where the run came from, e.g. {"kind": "import", ...}), `overwrite`, `resume` and
 `resume_from` (how an existing directory is treated, see `_setup`). `policy=None` (format 1.2)
 records that the run's policy is not known.
@@ -126,7 +128,16 @@ from stabledrl_cli.dump._step_writes import (
 from stabledrl_cli.dump._stfile import encode_step
 from stabledrl_cli.errors import InputError, UsageError, WriteError, quoted, warn
 from stabledrl_cli.spec import SpecValue, reads_as_zero, spec_float, whole_number
-from stabledrl_cli.vocab import GROUP_IDS, ON_WRITE_ERROR, UNITS, GroupIds, OnWriteError, Unit
+from stabledrl_cli.vocab import (
+    GROUP_IDS,
+    LOSS_NORMS,
+    ON_WRITE_ERROR,
+    UNITS,
+    GroupIds,
+    LossNorm,
+    OnWriteError,
+    Unit,
+)
 
 
 def _fixed_time() -> float | None:
@@ -238,7 +249,11 @@ class Recorder:
     `world_size > 1` every rank makes its own Recorder on the same path, giving its `rank`
     (refused without one: it is 0 only for world_size 1); rank 0 writes the manifest, each
     rank its own step files. `group_ids="global"` says that
-    the recorded group_ids are prompt-group ids shared by all ranks. A relative `path` is
+    the recorded group_ids are prompt-group ids shared by all ranks. `loss_norm="per_rank"`
+    says that each rank normalised its loss over its own part of the step (its own token or
+    sequence counts) and the data-parallel all-reduce averaged the ranks' gradients, as a
+    plain DistributedDataParallel loop does; the default "global" says the normalisers counted
+    every rank's part. A relative `path` is
     taken from the working directory as the Recorder is made: a later `os.chdir` of the
     process (hydra's job chdir, say) does not move the run.
     """
@@ -260,6 +275,7 @@ class Recorder:
         geometry: dict[str, Any] | None = None,
         param_names: Iterable[str] | None = None,
         group_ids: GroupIds = "per_rank",
+        loss_norm: LossNorm = "global",
         resume: bool = False,
         resume_from: int | None = None,
         on_write_error: OnWriteError = "raise",
@@ -269,6 +285,8 @@ class Recorder:
             raise UsageError(f"unit {unit!r} is not one of: {', '.join(UNITS)}")
         if group_ids not in GROUP_IDS:
             raise UsageError(f"group_ids {group_ids!r} is not one of: {', '.join(GROUP_IDS)}")
+        if loss_norm not in LOSS_NORMS:
+            raise UsageError(f"loss_norm {loss_norm!r} is not one of: {', '.join(LOSS_NORMS)}")
         world_size, queue_size = _whole(world_size), _whole(queue_size)
         if not (is_count(world_size) and 1 <= world_size <= WORLD_SIZE_LIMIT):
             raise UsageError(
@@ -341,6 +359,7 @@ class Recorder:
             "reward_range": list(reward_range) if reward_range is not None else None,
             "world_size": world_size,
             "group_ids": group_ids,
+            **({"loss_norm": loss_norm} if loss_norm == "per_rank" else {}),
             "geometry": (
                 json_checked(_object(geometry, "geometry"), "geometry")
                 if geometry is not None

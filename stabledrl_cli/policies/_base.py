@@ -71,6 +71,8 @@ def agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
 
 
 def _agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
+    if prep.seq_rank is not None:
+        return _rank_agg_norm(prep, config)
     agg = config.agg
     ones = torch.ones_like(prep.logp)
     if agg == "token-mean":
@@ -90,12 +92,61 @@ def _agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
         assert config.max_len is not None  # AggConfig requires it
         return n_seq * float(config.max_len) * ones
     if agg == "seq-mean-token-sum-norm":
-        if config.max_len is not None:
-            return n_seq * float(config.max_len) * ones
-        # verl's horizon loss_mask.shape[-1]: the longest response of each micro-batch.
-        horizon = torch.zeros(prep.num_micro, dtype=prep.dtype, device=prep.device)
-        horizon = horizon.scatter_reduce(0, prep.seq_micro, prep.seq_len, reduce="amax")
-        return n_seq * prep.per_token(horizon.clamp(min=1.0)[prep.seq_micro])
+        return n_seq * _horizon(prep, config)
+    return _recorded_scale(prep)
+
+
+def _rank_agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
+    """[T] norm_t of a step whose ranks each normalised their own part (`prep.seq_rank`): the
+    normaliser `config.agg` gives over the token's rank's part alone, times the ranks R (the
+    all-reduce's mean of the ranks' gradients)."""
+    assert prep.seq_rank is not None
+    rank, ranks = prep.seq_rank, float(prep.ranks)
+
+    def per_rank(per_seq: torch.Tensor) -> torch.Tensor:
+        """[N] -> [N]: R times the sum over the sequence's rank's part, clamped to >= 1."""
+        sums = torch.zeros(prep.ranks, dtype=per_seq.dtype, device=per_seq.device)
+        return (sums.index_add_(0, rank, per_seq).clamp(min=1.0) * ranks)[rank]
+
+    agg = config.agg
+    if agg == "token-mean":
+        return prep.per_token(per_rank(prep.seq_len))
+    if agg == "token-sum":
+        return torch.full_like(prep.logp, ranks)
+    if agg == "micro-token-mean":
+        # Z_k K_r R: each micro-batch's token mean, averaged over its rank's K_r micro-batches
+        # (a micro-batch is one rank's), then over the ranks.
+        tokens = prep.micro_sum(prep.seq_len).clamp(min=1.0)
+        micro_rank = torch.zeros(prep.num_micro, dtype=torch.int64, device=prep.device)
+        micro_rank = micro_rank.scatter_reduce(0, prep.seq_micro, rank, reduce="amax")
+        micros = torch.bincount(micro_rank, minlength=prep.ranks).to(prep.dtype)
+        return prep.per_token((tokens * micros[micro_rank] * ranks)[prep.seq_micro])
+    if agg == "recorded":
+        return _recorded_scale(prep) * ranks
+    live = prep.seq_live.to(prep.dtype) if config.rows == "scored" else None
+    n_seq = prep.per_token(per_rank(torch.ones_like(prep.seq_len) if live is None else live))
+    if agg == "seq-mean-token-mean":
+        return n_seq * prep.seq_len_tokens
+    if agg == "seq-mean-token-sum":
+        return n_seq
+    if agg == "constant":
+        assert config.max_len is not None  # AggConfig requires it
+        return n_seq * float(config.max_len)
+    return n_seq * _horizon(prep, config)  # seq-mean-token-sum-norm
+
+
+def _horizon(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
+    """[T] H of `seq-mean-token-sum-norm`: `max_len` when given, else verl's horizon
+    loss_mask.shape[-1], the longest response of each micro-batch."""
+    if config.max_len is not None:
+        return torch.full_like(prep.logp, float(config.max_len))
+    horizon = torch.zeros(prep.num_micro, dtype=prep.dtype, device=prep.device)
+    horizon = horizon.scatter_reduce(0, prep.seq_micro, prep.seq_len, reduce="amax")
+    return prep.per_token(horizon.clamp(min=1.0)[prep.seq_micro])
+
+
+def _recorded_scale(prep: PreparedBatch) -> torch.Tensor:
+    """[T] the recorded `loss_scale` (`agg=recorded`), UsageError without it."""
     if prep.loss_scale is None:
         raise UsageError("agg=recorded needs the recorded `loss_scale`, which this batch lacks")
     return prep.loss_scale

@@ -30,6 +30,12 @@ Shapes and defaults of `PolicyBatch`:
 - `ranks`: how many data-parallel ranks' files the step joins (a run's `world_size`); default
   1. A loss each rank sums over its own micro-batches (`gmpo:mean=micro`) is averaged over
   them, as the ranks' gradient all-reduce averages.
+- `rank`: [N] per sequence, the data-parallel rank in [0, ranks) whose part of the step the
+  sequence was in, for a step whose ranks each normalised their loss over their own part (a
+  run recorded with `loss_norm="per_rank"`); default None: the normalisers count the whole
+  step. Given, every `agg` normaliser is counted over each rank's part alone and multiplied by
+  `ranks` (each rank's mean, averaged over the ranks as the all-reduce does), and a
+  micro-batch is one rank's: a rank's part is one micro-batch without a `micro_batch`.
 """
 
 from __future__ import annotations
@@ -93,6 +99,8 @@ class PolicyBatch:
     """What one entry is: "token", or "sequence" for sequence-level likelihood estimators."""
     ranks: int = 1
     """Data-parallel ranks whose micro-batches the step joins (a run's world_size)."""
+    rank: ArrayLike | None = None
+    """[N] data-parallel rank of each sequence, when each rank normalised its own loss."""
 
 
 def _as_tensor(value: ArrayLike, name: str, device: torch.device | None) -> torch.Tensor:
@@ -196,6 +204,9 @@ class PreparedBatch:
     unit: Unit = "token"
     ranks: int = 1
     """Data-parallel ranks whose micro-batches the step joins (`PolicyBatch.ranks`)."""
+    seq_rank: torch.Tensor | None = None
+    """[N] int64 rank in [0, ranks) of each sequence (`PolicyBatch.rank`): each rank normalised
+    its own part; None: the normalisers count the whole step."""
     _adv_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False)
     """Per-step shared tensors (`memo`); a `dataclasses.replace` copy starts its own."""
@@ -556,9 +567,15 @@ def prepare(
     micro_raw = (
         None if batch.micro_batch is None else _as_tensor(batch.micro_batch, "micro_batch", dev)
     )
+    rank_raw = None if batch.rank is None else _as_tensor(batch.rank, "rank", dev)
     per_seq = {
         name: arr
-        for name, arr in (("group_id", group_raw), ("reward", reward), ("micro_batch", micro_raw))
+        for name, arr in (
+            ("group_id", group_raw),
+            ("reward", reward),
+            ("micro_batch", micro_raw),
+            ("rank", rank_raw),
+        )
         if arr is not None
     }
     for name, arr in per_seq.items():
@@ -607,6 +624,13 @@ def prepare(
         seq_group, n_groups = _dense_index(group_raw)
     else:
         seq_group, n_groups = torch.zeros(n_seq, dtype=torch.int64, device=dev), 1
+    seq_rank = None if rank_raw is None else _rank_index(rank_raw, ranks)
+    micro = micro_raw
+    if seq_rank is not None and micro_raw is None:  # each rank's part is a micro-batch
+        micro = seq_rank
+    elif seq_rank is not None and micro_raw is not None:  # (rank, micro_batch) pairs
+        local, width = _dense_index(micro_raw)
+        micro = seq_rank * width + local
 
     return PreparedBatch(
         logp=logp,
@@ -622,9 +646,23 @@ def prepare(
         reward=reward,
         loss_weight=_flat_like(batch.loss_weight, "loss_weight", shape, dev, ctype),
         loss_scale=_flat_like(batch.loss_scale, "loss_scale", shape, dev, ctype, one_number=True),
-        micro_batch=None if micro_raw is None else _dense_index(micro_raw)[0],
+        micro_batch=None if micro is None else _dense_index(micro)[0],
         split_sequences=_split_count(batch.group_split, n_seq, dev),
         has_group_id=group_raw is not None,
         unit=batch.unit,
         ranks=ranks,
+        seq_rank=seq_rank,
     )
+
+
+def _rank_index(rank: torch.Tensor, ranks: int) -> torch.Tensor:
+    """`PolicyBatch.rank` as int64, InputError unless whole numbers in [0, ranks)."""
+    if rank.is_floating_point() and not torch.equal(rank, rank.trunc()):
+        raise InputError("rank must hold whole numbers, the rank of each sequence")
+    index = rank.to(torch.int64)
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= ranks):
+        raise InputError(
+            f"rank must lie in [0, {ranks}) (ranks={ranks}); got ranks in "
+            f"[{int(index.min())}, {int(index.max())}]"
+        )
+    return index

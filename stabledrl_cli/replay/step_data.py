@@ -67,11 +67,12 @@ def check_step(step: Step, policies: Sequence[Policy], unit: Unit, where: str) -
             )
 
 
-def read_arrays(step: Step, where: str) -> Arrays:
+def read_arrays(step: Step, where: str, *, per_rank: bool = False) -> Arrays:
     """The step's arrays a replay uses (CPU), with their lengths checked, and the step's counts
     against them: its sequences against the ones seq_id names (N = max(seq_id) + 1: no
     sequence without an entry), its scored entries against the mask's; a recorded
-    token_count is >= 0."""
+    token_count is >= 0. `per_rank` (a run whose ranks normalised their own losses,
+    `run_per_rank`): a step joined from several ranks has its sequences' ranks as "rank"."""
     names = (*TOKEN_FIELDS, *SEQUENCE_FIELDS, *GEOMETRY_FIELDS)
     arrays = {name: step[name] for name in names if name in step.fields}
     length = arrays["logp"].reshape(-1).shape[0]
@@ -107,6 +108,9 @@ def read_arrays(step: Step, where: str) -> Arrays:
             f"{where}: step {step.step}: token_count holds {int(counts.min())}; a sequence's "
             "token count is a whole number >= 0"
         )
+    if per_rank and step.rank_sequences:
+        sizes = torch.tensor(step.rank_sequences)
+        arrays["rank"] = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
     return arrays
 
 
@@ -147,6 +151,7 @@ def prepared(step: Step, arrays: Arrays, unit: Unit, where: str, ranks: int) -> 
         group_split=arrays.get("group_split"),
         unit=unit,
         ranks=ranks,
+        rank=arrays.get("rank"),
     )
     try:
         return prepare(batch)
@@ -196,7 +201,7 @@ def replay_rejection(run: Run, step: Step) -> tuple[tuple[int, str] | None, Arra
     (`rejection`) or None, and the arrays read (empty when they could not be)."""
     where = run.location
     try:
-        arrays = read_arrays(step, where)
+        arrays = read_arrays(step, where, per_rank=run_per_rank(run))
     except InputError as exc:
         return rejection(step.step, exc, where), {}
     try:
@@ -210,6 +215,12 @@ def run_ranks(run: Run) -> int:
     """The ranks the run was recorded on (the reader has validated the manifest's
     world_size)."""
     return int(run.manifest.get("world_size", 1))
+
+
+def run_per_rank(run: Run) -> bool:
+    """Whether the run's ranks normalised their losses each over their own part (the
+    manifest's `loss_norm`)."""
+    return run.loss_norm == "per_rank"
 
 
 def run_unit(run: Run) -> Unit:

@@ -68,6 +68,7 @@ from stabledrl_cli.replay.step_data import (
     prepared,
     read_arrays,
     rejection,
+    run_per_rank,
     run_ranks,
     run_unit,
     step_geometry,
@@ -155,7 +156,7 @@ def _read_chunks(
     scalar step (no batch) to `scalar_steps`, and each step whose arrays it cannot read to
     `rejected` (`rejection`); InputError for a step that lacks a field a policy needs
     (`step_data.check_step`)."""
-    where, unit = run.location, run_unit(run)
+    where, unit, per_rank = run.location, run_unit(run), run_per_rank(run)
     row_bytes = step_row_bytes(len(policies))
     steps: list[Step] = []
     arrays: list[Arrays] = []
@@ -167,7 +168,7 @@ def _read_chunks(
             continue
         check_step(step, policies, unit, where)  # a problem of the request: raised
         try:
-            step_arrays = read_arrays(step, where)
+            step_arrays = read_arrays(step, where, per_rank=per_rank)
         except InputError as exc:
             rejected.append(rejection(step.step, exc, where))
             continue
@@ -392,7 +393,7 @@ def detail_pass(
     out: list[dict[int, list[TopSequence]]] = [{} for _ in policies]
     for number in sorted(flagged):
         step = run.step(number)
-        arrays = read_arrays(step, where)
+        arrays = read_arrays(step, where, per_rank=run_per_rank(run))
         to_device([arrays], device)
         prep = prepared(step, arrays, unit, where, ranks)
         geometry = step_geometry(step, arrays, prep, where)

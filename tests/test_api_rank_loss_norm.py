@@ -1,0 +1,187 @@
+"""A multi-rank run replays the loss its ranks optimised. Under DistributedDataParallel each
+rank's loss is its own (a mean over its own tokens or sequences) and the all-reduce averages
+the ranks' gradients: recorded with `loss_norm="per_rank"`, a replay normalises each rank's
+part alone and divides by the ranks. The default, "global", is the normalisation over every
+rank's part (verl's `agg_loss` with the global token count, TRL's dapo): the joined step's.
+
+Before, a replay pooled every rank's tokens whatever the ranks did: with a rank of 1 token
+beside one of 24 the replayed update pointed the other way (a torch DDP run on gloo gave
+w.grad -0.0451, the pooled coefficients +0.1040), and with an empty rank it was 2x the
+trained one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import stabledrl_cli as sd
+from stabledrl_cli.errors import UsageError
+
+EPS = 0.2
+LENGTHS = {"uneven": [[1], [8, 8, 8]], "empty": [[], [8, 8, 8]], "three": [[2, 5], [4], [3, 3, 1]]}
+
+
+def _parts(lengths: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+    """Each rank's part of one step: flat tokens, their sequence ids, advantages."""
+    gen = torch.Generator().manual_seed(3)
+    parts = []
+    for sizes in lengths:
+        n = sum(sizes)
+        seq_id = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes).long())
+        adv = (torch.rand(len(sizes), generator=gen) - 0.4)[seq_id]
+        logp_old = -torch.rand(n, generator=gen)
+        logp = logp_old + 0.3 * torch.randn(n, generator=gen)
+        parts.append({"logp": logp, "logp_old": logp_old, "advantages": adv, "seq_id": seq_id})
+    return parts
+
+
+def _rank_loss(part: dict[str, torch.Tensor], logp: torch.Tensor, agg: str) -> torch.Tensor:
+    """A rank's PPO-clip loss over its own part: its token mean (ppo) or the mean over its
+    sequences of their token means (grpo); 0 on an empty part."""
+    ratio = torch.exp(logp - part["logp_old"])
+    adv = part["advantages"]
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - EPS, 1 + EPS) * adv)
+    if agg == "token-mean":
+        return per_token.sum() / max(len(per_token), 1)
+    seq_id, n = part["seq_id"], int(part["seq_id"].max()) + 1 if len(part["seq_id"]) else 0
+    sums = torch.zeros(n).index_add(0, seq_id, per_token)
+    counts = torch.zeros(n).index_add(0, seq_id, torch.ones_like(per_token))
+    return (sums / counts).sum() / max(n, 1)
+
+
+def _trained(parts: list[dict[str, torch.Tensor]], agg: str) -> tuple[float, float]:
+    """(J, |dJ/dlogp|) of what DDP optimised: the mean of the ranks' losses (the all-reduce
+    averages their gradients), J = -loss."""
+    logps = [p["logp"].clone().requires_grad_(True) for p in parts]
+    loss = sum(_rank_loss(p, lp, agg) for p, lp in zip(parts, logps, strict=True)) / len(parts)
+    assert isinstance(loss, torch.Tensor)
+    loss.backward()
+    coef = torch.cat([lp.grad for lp in logps if lp.grad is not None])
+    return -loss.item(), float(coef.norm())
+
+
+def _record(path: Path, parts: list[dict[str, torch.Tensor]], **kwargs: object) -> None:
+    for rank, part in enumerate(parts):
+        with sd.Recorder(path, world_size=len(parts), rank=rank, **kwargs) as recorder:  # type: ignore[arg-type]
+            recorder.log_step(0, **part)
+
+
+def _replayed(path: Path, spec: str) -> tuple[float, float]:
+    [policy] = json.loads(sd.replay(path, policies=[spec]).to_json())["policies"]
+    [row] = policy["steps"]
+    return row["objective"], row["update_norm"]
+
+
+@pytest.mark.parametrize("layout", sorted(LENGTHS))
+@pytest.mark.parametrize(("spec", "agg"), [("ppo", "token-mean"), ("grpo", "seq-mean-token-mean")])
+def test_a_per_rank_run_replays_what_ddp_optimised(tmp_path, layout, spec, agg):
+    parts = _parts(LENGTHS[layout])
+    _record(tmp_path / "run", parts, policy=spec, loss_norm="per_rank")
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["loss_norm"] == "per_rank"
+    objective, norm = _replayed(tmp_path / "run", spec)
+    trained_objective, trained_norm = _trained(parts, agg)
+    assert objective == pytest.approx(trained_objective, rel=1e-5)
+    assert norm == pytest.approx(trained_norm, rel=1e-5)
+
+
+def test_a_global_run_replays_the_normalisation_over_every_ranks_part(tmp_path):
+    """verl's token-mean (each rank's sum over the global token count, times dp_size, then the
+    all-reduce's mean) and TRL's dapo: the pooled token mean, which the default keeps."""
+    parts = _parts(LENGTHS["uneven"])
+    _record(tmp_path / "run", parts, policy="ppo")
+    assert "loss_norm" not in json.loads((tmp_path / "run" / "manifest.json").read_text())
+    logps = [p["logp"].clone().requires_grad_(True) for p in parts]
+    tokens = sum(len(p["logp"]) for p in parts)
+    ranks = len(parts)
+    losses = [
+        _rank_loss(p, lp, "token-mean") * len(lp) / tokens * ranks
+        for p, lp in zip(parts, logps, strict=True)
+    ]
+    loss = sum(losses) / ranks
+    assert isinstance(loss, torch.Tensor)
+    loss.backward()
+    coef = torch.cat([lp.grad for lp in logps if lp.grad is not None])
+    objective, norm = _replayed(tmp_path / "run", "ppo")
+    assert objective == pytest.approx(-loss.item(), rel=1e-5)
+    assert norm == pytest.approx(float(coef.norm()), rel=1e-5)
+    # the same step read per rank is another objective: the choice is the run's data
+    per_rank = tmp_path / "per_rank"
+    _record(per_rank, parts, policy="ppo", loss_norm="per_rank")
+    assert _replayed(per_rank, "ppo")[0] != pytest.approx(objective, rel=1e-3)
+
+
+def test_a_ranks_micro_batches_are_its_own(tmp_path):
+    """micro-token-mean on a per-rank run: each micro-batch's token mean, averaged over its
+    rank's micro-batches, then over the ranks (rank 0 has 2 micro-batches, rank 1 one)."""
+    parts = _parts([[2, 5], [7, 3]])
+    micro = [np.array([0, 1]), np.array([0, 0])]
+    spec = "ppo:agg=micro-token-mean"
+    for rank, part in enumerate(parts):
+        kwargs = {"world_size": 2, "rank": rank, "policy": spec, "loss_norm": "per_rank"}
+        with sd.Recorder(tmp_path, **kwargs) as recorder:  # type: ignore[arg-type]
+            recorder.log_step(0, micro_batch=micro[rank], **part)
+    means = []
+    for part, micro_ids in zip(parts, micro, strict=True):
+        logp = part["logp"]
+        by_micro = [
+            _rank_loss({k: v[part_mask] for k, v in part.items()}, logp[part_mask], "token-mean")
+            for m in np.unique(micro_ids)
+            for part_mask in [torch.from_numpy(micro_ids[part["seq_id"].numpy()] == m)]
+        ]
+        means.append(sum(by_micro) / len(by_micro))
+    assert _replayed(tmp_path, spec)[0] == pytest.approx(-float(sum(means) / 2), rel=1e-5)
+
+
+def test_loss_norm_is_checked(tmp_path):
+    with pytest.raises(UsageError, match="loss_norm 'mean' is not one of: global, per_rank"):
+        sd.Recorder(tmp_path / "run", loss_norm="mean")  # type: ignore[arg-type]
+    _record(tmp_path / "run", _parts(LENGTHS["uneven"]), policy="ppo", loss_norm="per_rank")
+    with pytest.raises(UsageError, match="its loss_norm is 'per_rank', this recorder's 'global'"):
+        sd.Recorder(tmp_path / "run", world_size=2, rank=0, policy="ppo", resume=True)
+
+
+def test_a_packed_per_rank_run_replays_as_its_directory(tmp_path):
+    """The archive keeps each rank's sequences of each step (`steps/rank_sequences`): its
+    replay normalises each rank's part as the directory's does."""
+    from typer.testing import CliRunner
+
+    from stabledrl_cli.cli.app import app
+
+    run, archive = tmp_path / "run", tmp_path / "run.h5"
+    _record(run, _parts(LENGTHS["three"]), policy="ppo", loss_norm="per_rank")
+    packed = CliRunner().invoke(app, ["pack", str(run), str(archive)])
+    assert packed.exit_code == 0, packed.output
+    assert sd.open_run(archive).step(0).rank_sequences == (2, 1, 3)
+    directory, from_archive = (json.loads(sd.replay(p).to_json()) for p in (run, archive))
+    assert directory.pop("run") != from_archive.pop("run")
+    assert from_archive == directory
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "dapo",
+        "cispo",
+        "gspo",
+        "gmpo:mean=micro",
+        "reinforce:agg=token-sum",
+        "ppo:agg=constant,max_len=8",
+    ],
+)
+def test_a_per_rank_step_is_the_mean_of_its_ranks_replayed_alone(tmp_path, spec):
+    """Whatever the policy's normaliser: the objective is the mean of each rank's part
+    replayed as a run of its own, the coefficients each rank's over the ranks."""
+    parts = _parts(LENGTHS["three"])
+    _record(tmp_path / "ranks", parts, policy=spec, loss_norm="per_rank")
+    alone = []
+    for rank, part in enumerate(parts):
+        with sd.Recorder(tmp_path / f"rank{rank}", policy=spec) as recorder:
+            recorder.log_step(0, **part)
+        alone.append(_replayed(tmp_path / f"rank{rank}", spec))
+    objective, norm = _replayed(tmp_path / "ranks", spec)
+    assert objective == pytest.approx(np.mean([o for o, _ in alone]), rel=1e-5)
+    assert norm == pytest.approx(np.sqrt(sum(n * n for _, n in alone)) / len(parts), rel=1e-5)
