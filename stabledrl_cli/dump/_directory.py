@@ -25,12 +25,14 @@ is rank 0's. Scalars: `nonfinite` sums the ranks' non-finite batch entries, plus
 `loss` and `grad_norm` if not finite (one each, not one a rank), `reward_mean` weighted by the
 rewards each rank's mean is over (`_scored_rewards`: those not NaN; a file without the count,
 no `reward` or an older recorder's, by its sequences; a rank's NaN mean, none of its rewards
-scored, left out, as a rank's part with no sequence, which has no mean),
-`loss` averaged over ranks, the rest taken from rank 0. A step where some rank recorded no
-batch (a scalar step, format 1.2) joins as a scalar step: a batch with a rank missing is not
-the step's batch; so does one where no rank's batch holds a token (each part empty), which one
-rank's file could not be. A joined batch keeps each rank's number of sequences
-(`rank_sequences`), for a replay that normalises each rank's part alone (`loss_norm`).
+scored, left out, as a rank's part with no sequence, which has no mean, and a rank that logged
+none), `loss` averaged over the ranks that logged one, any other scalar the lowest rank's that
+logged it (rank 0's when it did: a grad_norm is every rank's after the all-reduce). A step
+where some rank recorded no batch (a scalar step, format 1.2) joins as a scalar step: a batch
+with a rank missing is not the step's batch; so does one where no rank's batch holds a token
+(each part empty), which one rank's file could not be. A joined batch keeps each rank's number
+of sequences (`rank_sequences`), for a replay that normalises each rank's part alone
+(`loss_norm`).
 """
 
 from __future__ import annotations
@@ -105,26 +107,28 @@ def _parse_scalars(metadata: dict[str, str]) -> dict[str, float]:
 def _merge_scalars(parts: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
     """Joins the ranks' scalars of one step, `weights` each rank's count for its reward_mean
     (rule in the module docstring)."""
-    merged = dict(parts[0])
+    names = sorted(set().union(*parts))  # each scalar the lowest rank's that logged it
+    merged = {name: next(p[name] for p in parts if name in p) for name in names}
     merged.pop("unit_grad_sketch_scale", None)  # joined sketches are float32
-    if all("loss" in p for p in parts):
-        merged["loss"] = float(np.mean([p["loss"] for p in parts]))
+    losses = [p["loss"] for p in parts if "loss" in p]
+    if losses:
+        merged["loss"] = float(np.mean(losses))
     if all("nonfinite" in p for p in parts):
         # each rank's count holds its own loss and grad_norm; the joined step holds one of each
         entries = sum(p["nonfinite"] - nonfinite_norms(p) for p in parts)
         merged["nonfinite"] = float(entries + nonfinite_norms(merged))
     # a rank whose mean is NaN, or with none over no reward (an empty part), scored none of
-    # its sequences: the others' mean stands
+    # its sequences: the others' mean stands, as it does for a rank that logged none
     given = [
         p.get("reward_mean", math.nan if n == 0 else None)
         for p, n in zip(parts, weights, strict=True)
     ]
-    means = [m for m in given if m is not None]
-    if len(means) == len(parts) and sum(weights) > 0:
-        scored = [(m, n) for m, n in zip(means, weights, strict=True) if not math.isnan(m)]
-        total = sum(n for _, n in scored)
+    scored = [(m, n) for m, n in zip(given, weights, strict=True) if m is not None]
+    if scored and sum(weights) > 0:
+        kept = [(m, n) for m, n in scored if not math.isnan(m)]
+        total = sum(n for _, n in kept)
         merged["reward_mean"] = (
-            float(sum(mean * n for mean, n in scored) / total) if total > 0 else math.nan
+            float(sum(mean * n for mean, n in kept) / total) if total > 0 else math.nan
         )
     return merged
 
