@@ -12,7 +12,8 @@ each optimizer step with `log_policy_batch` (or a `Recorder`):
   mask (the old policy: logp_old); every inner step draws a fresh mask and `per_seq_elbo` is the
   current ELBO (logp, the tensor the gradient flows through); the weights are a softmax over the
   batch of min(per_seq_elbo - ref_elbo, log ais_clip_iw); loss = -sum(w * A * per_seq_elbo).
-  Policy spec: `stabledrl:norm=batch` (one softmax over the step, as the public code).
+  Policy spec: `stabledrl:norm=batch` (one softmax over the step's 4 prompts; the public
+  code's softmax runs over one prompt's completions a round, `stabledrl`: docs/custom-loops.md).
 - `--style d1` (dllm-reasoning/d1, `DiffuGRPOTrainer.compute_loss`): the unit is the token.
   Every completion token is masked and each prompt token with probability p_mask_prompt,
   under `mask_seeds[this_itr_idx]`, the same seed for the old, current and reference log-probs

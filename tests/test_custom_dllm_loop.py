@@ -5,6 +5,7 @@ The replay of the run's own policy must give the loop's own loss on every step."
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -123,3 +124,37 @@ def test_spg_loss_is_reinforce_with_recorded_length_weights(tmp_path: Path) -> N
     own = sd.replay(tmp_path / "run", policies=[spec], device="cpu").own
     assert own is not None
     assert float(own.series["objective"][0]) == pytest.approx(-float(loss), rel=1e-6)
+
+
+def test_stabledrl_step_of_accumulated_rounds_replays_the_loops_loss(tmp_path: Path) -> None:
+    """StableDRL's configs accumulate 4 rounds a step (grad_accumulation), each one prompt's
+    completions with a softmax of its own, loss / grad_accumulation each. docs/custom-loops.md
+    records the rounds concatenated, groups numbered over the step, under the spec its table
+    names: replaying it gives the loop's loss (the page said stabledrl:norm=batch with
+    arange(B) // num_generations, one softmax over the step: loss parity 0.186)."""
+    row = re.search(r"\| StableDRL, `use_snis=True` \| `([^`]+)`", (ROOT / "docs" /
+                    "custom-loops.md").read_text())  # fmt: skip
+    assert row
+    spec, grad_accumulation, num_generations, c = row.group(1), 4, 8, 5.0
+    gen = torch.Generator().manual_seed(0)
+    rounds: list[dict[str, torch.Tensor]] = []
+    losses = []
+    for round_idx in range(grad_accumulation):
+        per_seq_elbo = -1 + 0.5 * torch.randn(num_generations, generator=gen)
+        ref_elbo = per_seq_elbo + 0.6 * torch.randn(num_generations, generator=gen)
+        rewards = torch.rand(num_generations, generator=gen)
+        advantages = rewards - rewards.mean()
+        w = torch.softmax(torch.clamp(per_seq_elbo - ref_elbo, max=math.log(c)), dim=0)
+        losses.append(-torch.sum(w * advantages * per_seq_elbo))
+        b = num_generations
+        rounds.append({"logp": per_seq_elbo, "logp_old": ref_elbo, "advantages": advantages,
+                       "reward": rewards,
+                       "group_id": round_idx * (b // num_generations)
+                       + torch.arange(b) // num_generations})  # fmt: skip
+    loss = sum(losses) / grad_accumulation
+    with sd.Recorder(tmp_path / "run", policy=spec, unit="sequence") as recorder:
+        recorder.log_step(0, **{k: torch.cat([r[k] for r in rounds]) for k in rounds[0]},
+                          loss=loss, inner_step=0)  # fmt: skip
+    own = sd.replay(tmp_path / "run", policies=[spec], device="cpu").own
+    assert own is not None
+    assert float(own.series["objective"][0]) == pytest.approx(-float(loss), rel=1e-5)
