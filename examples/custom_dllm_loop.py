@@ -161,6 +161,8 @@ def main() -> None:
             optimizer.zero_grad()
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            # inner_step: the updates on this rollout before this one, here the iteration index
+            # (d1's own this_itr_idx is not that count: docs/custom-loops.md)
             record = {**{k: v.detach() for k, v in fields.items()}, "advantages": advantages,
                       "group_id": group_id, "reward": rewards, "loss": loss.detach(),
                       "grad_norm": grad_norm, "lr": LR, "inner_step": this_itr_idx}  # fmt: skip
