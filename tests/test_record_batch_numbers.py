@@ -147,3 +147,26 @@ def test_a_step_the_loop_skips_after_its_clip_is_recorded_as_skipped(tmp_path, z
         assert scalars.get("optimizer_skipped", 0.0) == (n == 2), (n, scalars)
         assert math.isnan(scalars["grad_norm"]) == (n == 2), (n, scalars)
     assert run.step(2).scalars["nonfinite_grads"] == 1
+
+
+def test_a_batch_logged_once_a_round_is_named(tmp_path):
+    """A loop that logs each accumulation round of a step (StableDRL's grad_accumulation, a
+    micro-batch) with the step's number: the second call stopped recording with 'step 0 does
+    not follow step 0; steps must increase', which did not say that a step is one call."""
+    script = (
+        "import stabledrl_cli as sd\n"
+        "for step in range(2):\n"
+        "    for round_idx in range(2):\n"
+        "        sd.log_policy_batch(step, logp=[-1.0], logp_old=[-1.0], advantages=[1.0],"
+        " seq_id=[0])\n"
+        "print('trained')\n"
+    )
+    done, errors = record_python(script, "-p", "grpo", cwd=tmp_path, env=cli_environment())
+    assert done.returncode == 2, done.stderr
+    assert "trained" in done.stdout
+    assert errors == [
+        "error: recording failed: log_policy_batch failed at step 0: log_policy_batch(0) was "
+        "called twice: a step is one call, after its last backward(), its micro-batches' (or "
+        "accumulation rounds') arrays concatenated, micro_batch= naming each sequence's"
+    ], done.stderr
+    assert open_run(tmp_path / "run").step_numbers == [0]

@@ -637,14 +637,21 @@ def _refuse_parted(step: _Step, last: _Step, resumed_after: int | None) -> None:
     which holds only the other half: the loop's batch numbers and its optimizer steps have
     parted (an optimizer.step() the loop skipped, optimizer steps before its first batch, a
     training resumed from a checkpoint before `resumed_after`, the last step of the run the
-    Recorder resumed without resume_from). A half behind one of its own kind (a batch number
-    logged twice) is left to the Recorder's refusal."""
+    Recorder resumed without resume_from), or when `step` is a batch of the number `last`'s
+    batch has (a loop that logs each micro-batch or accumulation round of a step). Another half
+    behind one of its own kind is left to the Recorder's refusal."""
     from stabledrl_cli.dump._schema import step_number  # loaded with the Recorder already
     from stabledrl_cli.dump._writer import resumed_before
 
     number, behind = step_number(step.number), step_number(last.number)
     if number > behind:
         return
+    if number == behind and step.batch is not None and last.batch is not None:
+        raise UsageError(
+            f"log_policy_batch({number}) was called twice: a step is one call, after its last "
+            "backward(), its micro-batches' (or accumulation rounds') arrays concatenated, "
+            "micro_batch= naming each sequence's"
+        )
     if step.hooks is not None and last.hooks is None:
         parted = f"optimizer step {number} comes after log_policy_batch({behind})"
     elif step.batch is not None and last.batch is None:
