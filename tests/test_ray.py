@@ -602,14 +602,16 @@ def test_cuda_without_a_gpu_is_refused_before_a_local_cluster_starts(synthetic, 
     """A new local cluster's node is this one: `--device cuda` where torch sees no GPU is the
     local replay's usage error, before Ray starts (it took ~10 s to start, then refuse)."""
     ray = pytest.importorskip("ray", reason=NO_RAY)
-    started = ray.is_initialized()
+    starts: list[object] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a process with no cluster yet
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: starts.append(kwargs))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     result = runner.invoke(
         app, ["replay", str(synthetic), "--engine", "ray", "--workers", "1", "--device", "cuda"]
     )
     assert result.exit_code == 2, result.stderr
     assert result.stderr == "error: device 'cuda' was asked for, but torch sees no CUDA device\n"
-    assert ray.is_initialized() == started
+    assert starts == []
 
 
 def test_the_api_takes_an_engine_by_its_cli_name(synthetic):
