@@ -40,6 +40,18 @@ def test_a_1_by_n_elbo_is_refused_naming_its_shape(
     )
 
 
+def test_an_estimate_a_mask_a_row_is_refused_naming_the_mean(tmp_path: Path) -> None:
+    """[N, K]: K Monte Carlo masks' ELBOs of each sequence (the [1, N] hint did not fit)."""
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.5, -0.5])
+    with pytest.raises(UsageError) as refused:
+        _log(tmp_path / "run", -torch.rand(N, 2), advantages)
+    assert str(refused.value) == (
+        "logp: shape [8, 2] holds 2 entries a row, but unit 'sequence' records one entry a "
+        "sequence: pass [N] arrays, one per sequence (the mean over its 2 masks of an [N, K] "
+        "of Monte Carlo estimates, .mean(-1)), or seq_id"
+    )
+
+
 def test_one_entry_a_row_and_the_documented_index_are_recorded(tmp_path: Path) -> None:
     _log(tmp_path / "column", -torch.rand(N, 1), torch.randn(N))
     _log(tmp_path / "indexed", -torch.rand(1, N)[0], torch.randn(N))
