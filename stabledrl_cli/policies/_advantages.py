@@ -14,6 +14,14 @@ a property of its rewards, not of which tokens a mask kept. A NaN reward marks a
 sequence (TRL turns a reward function's None into NaN): as TRL does, it is left out of its
 group's statistics (nanmean, nanstd) and its advantage is 0; the group keeps its size, so a
 group with one rewarded member is not a singleton (its member's A is 0, TRL's too).
+
+The statistics are computed in float64 on the CPU, whatever the replay's device and dtype,
+then given in the reward's: a group whose rewards are all equal has mean r and std 0
+exactly, so A = 0, the figure the formula gives. A float32 sum of its rewards can be an ulp
+or more off their mean, and zscore's 1e-4 magnifies that: summed one by one, as a group
+index adds them, 64 rewards of 0.9 gave A = -5.3e-3. TRL's own float32 mean (torch.nanmean
+over the group's row) can be an ulp off as well: its advantages of such a group are that
+noise, -6.0e-4 for the same 64 rewards on the CPU, where replay's are 0.
 """
 
 from __future__ import annotations
@@ -30,11 +38,20 @@ ZSCORE_EPS = 1e-4
 def recompute_advantages(
     reward: torch.Tensor, seq_group: torch.Tensor, n_groups: int, mode: AdvMode
 ) -> torch.Tensor:
-    """reward: [N] (NaN: unscorable), seq_group: [N] dense group index -> advantages [N]."""
+    """reward: [N] (NaN: unscorable), seq_group: [N] dense group index -> advantages [N], in
+    the reward's dtype and on its device (computed in float64 on the CPU)."""
     if mode not in ADV_MODES[1:]:
         raise UsageError(
             f"adv must be one of {', '.join(ADV_MODES[1:])} to recompute; got {mode!r}"
         )
+    exact = _advantages(reward.to("cpu", torch.float64), seq_group.cpu(), n_groups, mode)
+    return exact.to(reward.device, reward.dtype)
+
+
+def _advantages(
+    reward: torch.Tensor, seq_group: torch.Tensor, n_groups: int, mode: AdvMode
+) -> torch.Tensor:
+    """`recompute_advantages` of a float64 reward on the CPU."""
     unscorable = torch.isnan(reward)
     reward = reward.masked_fill(unscorable, 0.0)
     zeros = torch.zeros(n_groups, dtype=reward.dtype, device=reward.device)
