@@ -1,6 +1,6 @@
 """Advantage normalization from per-sequence rewards and groups (`adv=` of every policy).
 
-- center: r_i - mean_g(r)                   (Dr.GRPO; StableDRL's code)
+- center: r_i - mean_g(r)                   (Dr.GRPO; StableDRL's code; TRL scale_rewards="none")
 - zscore: (r_i - mean_g) / (std_g + 1e-4)    (TRL scale_rewards="group"; std is torch.std's
   unbiased estimate, as TRL computes it)
 - rloo:   r_i - mean of the other members of g
