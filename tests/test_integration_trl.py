@@ -240,6 +240,8 @@ REFUSED = [
         "use_bias_correction_kl and sequence-level",
     ),
     ({"loss_type": "grpo", "entropy_coef": 0.01}, "entropy bonus"),
+    # was a TypeError traceback (int(None)) at construction
+    ({"loss_type": "dr_grpo", "max_completion_length": None}, "max_completion_length"),
 ]
 
 

@@ -43,7 +43,8 @@ Refused, one line each (the catalogue cannot express them, so recording them wou
 wrong): sequence-level sampling with cispo or sapo (a sequence ratio under their rule);
 beta > 0 with `use_bias_correction_kl` and sequence-level sampling (the KL times the
 sequence ratio); vespo with vLLM importance sampling (TRL folds the sampler's ratio into w); the
-entropy bonus (`entropy_coef`, `use_adaptive_entropy`). An MoE router loss is no part of
+entropy bonus (`entropy_coef`, `use_adaptive_entropy`); dr_grpo without a
+`max_completion_length` (None: TRL's own loss cannot divide by it). An MoE router loss is no part of
 the policy: the step records it apart (`dump._schema.LOSS_AUX`), for both trainers.
 
 RLOO (`RLOOConfig`, recorded one entry a completion): `ppo:eps_low,eps_high,
@@ -130,6 +131,11 @@ def _check_recordable(config: Any) -> None:
         )
     if loss_type == "vespo" and config.use_vllm and config.vllm_importance_sampling_correction:
         raise _refuse("vespo with vLLM importance sampling (TRL folds the sampler ratio into w)")
+    if loss_type == "dr_grpo" and config.max_completion_length is None:
+        raise _refuse(
+            "loss_type 'dr_grpo' divides by max_completion_length, which is None (TRL's own "
+            "loss raises a TypeError at the first step): set max_completion_length"
+        )
     if config.beta != 0.0 and config.use_bias_correction_kl and sequence:
         raise _refuse(
             "beta > 0 with use_bias_correction_kl and sequence-level sampling (the KL times "
