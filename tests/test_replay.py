@@ -209,6 +209,32 @@ def test_loss_parity_flags_a_zero_loss_beside_an_objective_that_is_not(tmp_path)
     assert own.summary.loss_parity is not None and own.summary.loss_parity > 1.0
 
 
+@pytest.mark.parametrize(
+    ("loss", "advantages", "gap"),
+    [
+        (0.0, 0.0, "each step with a finite loss and -J has both 0 to float32 rounding"),
+        (None, 1.0, "the run recorded no finite loss"),
+    ],
+)
+def test_a_loss_parity_without_a_step_to_compare_says_why(tmp_path, loss, advantages, gap):
+    """On-policy GRPO over whole groups (TRL's default num_iterations=1), or all-equal rewards
+    in every group: each step's loss and -J are 0 to rounding, and the table said 'loss parity
+    n/a (median relative error of -J vs the recorded loss)', as for a comparison that failed.
+    It now says why there is none, as fidelity's does."""
+    with sd.Recorder(tmp_path / "run", policy="grpo", unit="sequence") as rec:
+        for step in range(2):
+            logp = np.full(4, -1.0, dtype=np.float32)
+            scalars = {} if loss is None else {"loss": loss}
+            rec.log_step(step, logp=logp, logp_old=logp, advantages=np.full(4, advantages),
+                         **scalars)  # fmt: skip
+    result = sd.replay(tmp_path / "run", ["grpo"], device="cpu")
+    assert result.own is not None and result.own.summary.loss_parity is None
+    assert result.loss_parity_gap.startswith(gap)
+    shown = runner.invoke(app, ["replay", str(tmp_path / "run")], terminal_width=400)
+    assert shown.exit_code == 0, shown.output
+    assert f"own policy grpo: loss parity n/a ({gap}" in shown.output
+
+
 def test_with_policies_replays_exactly_those_and_marks_own(plain_run):
     data = _json([str(plain_run), "-p", "stabledrl", "-p", "ppo:agg=seq-mean-token-mean",
                   "-p", "stabledrl"])  # fmt: skip

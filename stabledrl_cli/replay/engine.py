@@ -54,7 +54,12 @@ from stabledrl_cli.replay.run_facts import (
 )
 from stabledrl_cli.replay.step_data import check_step, run_ranks, run_unit
 from stabledrl_cli.replay.stream import StreamedRun, detail_pass, stream_run
-from stabledrl_cli.replay.summary import best_index, fidelity_gap, summarize_policy
+from stabledrl_cli.replay.summary import (
+    best_index,
+    fidelity_gap,
+    parity_gap,
+    summarize_policy,
+)
 from stabledrl_cli.vocab import ReplayEngine, RunGeometryKind, StepGeometryKind
 
 __all__ = [
@@ -361,11 +366,15 @@ def replay_result(
             with single_torch_thread():
                 details = [*detail_pass(run, resolved, flagged, device, config.top_k)]
     geometry, coverage = _run_geometry(stream.geometry)
-    gap = ""
+    gap = parity = ""
     if own_index is not None and summaries[own_index].fidelity is None:
         gap = fidelity_gap(stream, np.asarray(series[own_index]["update_norm"], dtype=np.float64))
+    if own_index is not None and summaries[own_index].loss_parity is None:
+        objective = np.asarray(series[own_index]["objective"], dtype=np.float64)
+        parity = parity_gap(objective, stream.loss)
     return ReplayResult(
         fidelity_gap=gap,
+        loss_parity_gap=parity,
         per_rank_grams=geometry == "coef" and _per_rank_grams(run, stream.step_numbers),
         run=run.location,
         steps=int(stream.step_numbers.shape[0]),

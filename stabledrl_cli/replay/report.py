@@ -339,8 +339,13 @@ def print_summary(
     else:
         s = own.summary
         note = (
-            f"own policy {own.spec}: loss parity {format_number(s.loss_parity)} (median "
-            f"relative error of -J vs the recorded loss), fidelity {format_number(s.fidelity)}"
+            f"own policy {own.spec}: loss parity {format_number(s.loss_parity)} ("
+            + (
+                result.loss_parity_gap
+                if s.loss_parity is None
+                else "median relative error of -J vs the recorded loss"
+            )
+            + f"), fidelity {format_number(s.fidelity)}"
             + (f" ({result.fidelity_gap})" if s.fidelity is None else "")
         )
     hidden = "" if wide else "  More columns: --wide."

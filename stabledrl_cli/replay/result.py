@@ -285,6 +285,9 @@ class ReplayResult:
     fidelity_gap: str = ""
     """Why the own policy's fidelity is None (`summary.fidelity_gap`; "" when it is not: not
     in the JSON, whose fidelity is null)."""
+    loss_parity_gap: str = ""
+    """Why the own policy's loss_parity is None (`summary.parity_gap`; "" when it is not: not
+    in the JSON, whose loss_parity is null)."""
     per_rank_grams: bool = False
     """The run's ranks recorded Gram matrices, which do not combine across ranks: its update
     norms are coefficient norms all the same (not in the JSON, whose geometry is "coef")."""

@@ -104,6 +104,21 @@ def fidelity_gap(stream: StreamedRun, norms: np.ndarray) -> str:
     return "no step with geometry has a finite, nonzero grad_norm_covered and update norm"
 
 
+def parity_gap(objective: np.ndarray, loss: np.ndarray) -> str:
+    """Why the own policy's `loss_parity` is None, given its replayed objective J [S] and the
+    recorded loss [S]: what leaves `_relative_error` no step to compare."""
+    finite = np.isfinite(loss)
+    if not finite.any():
+        return "the run recorded no finite loss"
+    if not (finite & np.isfinite(objective)).any():
+        return "no step with a finite loss has a finite -J"
+    return (
+        "each step with a finite loss and -J has both 0 to float32 rounding, nothing to "
+        "compare: terms that cancel, as on-policy GRPO's over whole groups, or no nonzero "
+        "advantage"
+    )
+
+
 def summarize_policy(
     series: StepSeries,
     stream: StreamedRun,
