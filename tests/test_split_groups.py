@@ -3,10 +3,16 @@ recorded `group_split` makes advantage re-normalisation refuse, and adv=recorded
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+import stabledrl_cli as sd
 from stabledrl_cli import PolicyBatch, get_policy
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.errors import UsageError
 
 
@@ -36,3 +42,24 @@ def test_recorded_advantages_of_a_split_group_replay_as_recorded() -> None:
     split = get_policy("grpo").weights(_batch([1, 1, 1, 1])).coef
     whole = get_policy("grpo").weights(_batch(None)).coef
     assert torch.equal(split, whole)
+
+
+def test_a_replay_refused_for_a_split_group_names_the_step(tmp_path: Path) -> None:
+    """`replay -p grpo:adv=zscore` of a run whose step 1 holds part of a group said 'error:
+    adv=zscore recomputes ... 2 sequences of this step belong to groups split ...', naming no
+    step of the run: it now names the run and the step, exit 2 as before."""
+    with sd.Recorder(tmp_path / "run", policy="grpo", unit="sequence") as recorder:
+        for step, split in ((0, [0, 0, 0, 0]), (1, [0, 0, 1, 1])):
+            batch = _batch(split)
+            recorder.log_step(
+                step,
+                logp=batch.logp,
+                logp_old=batch.logp_old,
+                advantages=batch.advantages,
+                group_id=batch.group_id,
+                reward=batch.reward,
+                group_split=np.array(split, dtype=np.uint8),
+            )
+    result = CliRunner().invoke(app, ["replay", str(tmp_path / "run"), "-p", "grpo:adv=zscore"])
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path / 'run'}: step 1: adv=zscore recomputes" in " ".join(result.stderr.split())

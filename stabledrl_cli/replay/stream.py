@@ -45,7 +45,7 @@ import torch
 from stabledrl_cli._memory import heap_kept, release_freed_memory
 from stabledrl_cli.dump import Run, Step
 from stabledrl_cli.dump._schema import LOSS_AUX
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.policies import Policy, PreparedBatch
 from stabledrl_cli.replay import columns
 from stabledrl_cli.replay.config import DEFAULT_MEMORY_BUDGET
@@ -349,8 +349,9 @@ def _step_row(
     memory_budget: int,
 ) -> StepRow | InputError:
     """The step's `StepRow`, or the InputError that rejects data the step cannot be replayed
-    with (named by run and step). A replay evaluates every policy at once; a lean one (`tune`,
-    whose settings may number thousands) a group at a time (`group_size`), each group's
+    with (named by run and step); a UsageError of a policy that cannot act on the step's data
+    is raised named by run and step too. A replay evaluates every policy at once; a lean one
+    (`tune`, whose settings may number thousands) a group at a time (`group_size`), each group's
     weights and memo (a copy of the prepared batch a group) dropped before the next group's
     are made; it leaves cosine_to_own out (NaN), which a ranking does not read. Each
     policy's row is computed on its own, so no figure depends on the grouping but, with a
@@ -377,6 +378,8 @@ def _step_row(
             del weights  # before the next group's are made
     except InputError as exc:
         return exc
+    except UsageError as exc:  # a policy that cannot act on this step's data (adv= of a group
+        raise UsageError(f"{where}: step {step.step}: {exc}") from None  # split across steps)
     return torch.cat(rows), geometry.kind, np.concatenate(varies) if varies else None
 
 
