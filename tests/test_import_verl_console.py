@@ -125,10 +125,19 @@ def test_a_console_log_imports_as_verls_file_log_of_the_same_rows(tmp_path):
     assert _same(_scalars(tmp_path / "console"), _scalars(tmp_path / "file"))
 
 
-def test_lines_that_are_not_verls_are_passed_over_and_a_bad_step_line_counted(tmp_path):
+@pytest.mark.parametrize(
+    "first",
+    [
+        "2026-12-05 10:00:00 INFO worker.py:1 -- Started a local Ray instance.",
+        # as Ray's logging prints it (milliseconds after a comma, a tab): was taken for a CSV
+        # header, "no step column"
+        "2026-12-05 10:00:00,123\tINFO worker.py:1 -- Started a local Ray instance.",
+    ],
+)
+def test_lines_that_are_not_verls_are_passed_over_and_a_bad_step_line_counted(tmp_path, first):
     log = tmp_path / "slurm-1.out"
     log.write_text(
-        "2026-12-05 10:00:00 INFO worker.py:1 -- Started a local Ray instance.\n"
+        first + "\n"
         "{'actor_rollout_ref': {'actor': {'ppo_epochs': 1}}}\n"
         "global step:3 - loss:1\n"  # not at a line's start: another program's
         "step:1 - actor/pg_loss:0.5 - critic/score/mean:0.25\n"

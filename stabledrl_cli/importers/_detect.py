@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.importers._crc32c import masked_crc32c
-from stabledrl_cli.importers._files import LINE_LIMIT, open_log, subdirectories
+from stabledrl_cli.importers._files import (
+    LINE_LIMIT,
+    SCAN_LIMIT,
+    first_line_kind,
+    open_log,
+    subdirectories,
+)
 from stabledrl_cli.importers._names import listed
 from stabledrl_cli.importers._tfevents import EVENT_PATTERN, holds_events
-from stabledrl_cli.importers._verl_console import SCAN_LIMIT, holds_console_steps
+from stabledrl_cli.importers._verl_console import SNIFF_LINE
 from stabledrl_cli.vocab import ImportFormat
 
 TRAINER_STATE = "trainer_state.json"
+TRANSFORMERS_LINE = re.compile(rb"(?:^|\) )\{'[^'\n]+': ")
+"""A line of transformers' console output: `print(logs)` (PrinterCallback) or the progress
+bar's `tqdm.write(str(logs))` (ProgressCallback), a Python dict's repr, after a Ray actor's tag
+or none."""
+_CONSOLES = {"verl_console": SNIFF_LINE, "transformers_console": TRANSFORMERS_LINE}
+"""The console logs told among a job's other output, verl's first: its trainer prints dicts
+too (its validation metrics)."""
 _SNIFF = 4096
 _SUFFIXES: dict[str, ImportFormat] = {
     ".csv": "csv",
@@ -61,18 +75,44 @@ def detect_format(path: Path) -> ImportFormat:
         return "trainer_state"
     if first.startswith(b"[") and first[1:].lstrip()[:1] in (b"[", b"]", b""):  # a JSON array
         return "tensorboard_json"
+    if TRANSFORMERS_LINE.match(first):  # a Python dict's repr, not JSON: a console's line
+        return _console_format(path)
     if first.startswith(b"{"):  # one object per line, or one document (over many lines, or
         # on one, as json.dump writes it: its log_history tells it from a row)
         row = first.rstrip().endswith(b"}") and b'"log_history"' not in first
         return "jsonl" if row else "trainer_state"
-    if any(d in first for d in (b",", b"\t", b";")):
-        return "csv"
-    if holds_console_steps(path):
+    if any(d in first for d in (b",", b"\t", b";")):  # a header, or a job's first line
+        return _console_format(path, "csv")  # (Ray's `2026-12-06 02:00:00,123\tINFO ...`)
+    return _console_format(path)
+
+
+def _console_format(path: Path, otherwise: ImportFormat | None = None) -> ImportFormat:
+    """The format of a console log among a job's other output: verl's; transformers' is
+    refused; a file of neither is of the format `otherwise`, or (None) of a kind that cannot
+    be told."""
+    console = first_line_kind(path, _CONSOLES)
+    if console == "verl_console":
         return "verl_console"
+    if console == "transformers_console":
+        raise transformers_console_refused(path)
+    if otherwise is not None:
+        return otherwise
     raise InputError(
         f"{path}: cannot tell what kind of log this is (no JSON, CSV or TensorBoard data, no "
         f"verl console line `step:N - name:value` in its first {SCAN_LIMIT >> 20} MiB); pass "
         "--format-in"
+    )
+
+
+def transformers_console_refused(path: Path) -> InputError:
+    """The refusal of transformers' (TRL's) console output, which no format reads: its lines
+    carry no step number (the step goes to `log_history` alone), and its progress bar prints
+    each float to 4 significant digits."""
+    return InputError(
+        f"{path}: transformers' console output (`{{'loss': ...}}` lines), which holds no step "
+        "numbers (and values to 4 digits): import the run's trainer_state.json (in its "
+        "output_dir's checkpoint-N folders, or trainer.state.save_to_json(PATH)), or log it "
+        'with report_to="tensorboard"'
     )
 
 

@@ -4,7 +4,8 @@ length limit, and text must be UTF-8. Every refusal is an InputError (exit 3) na
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -96,3 +97,24 @@ def text_lines(path: Path) -> Iterator[tuple[int, str, bool]]:
             if b"\0" in raw:
                 raise InputError(f"{path}: line {number} holds a NUL byte (binary data?)")
             yield number, decoded(raw, f"{path}: line {number}").rstrip("\r\n"), ended
+
+
+SCAN_LIMIT = 64 << 20
+"""How far into a file `first_line_kind` looks for a console line: a job prints its setup
+(Ray's start, the config, model loading, a validation) before its first step."""
+_SCAN_COLOURS = re.compile(rb"\x1b\[[0-9;]*m")
+
+
+def first_line_kind(path: Path, kinds: Mapping[str, re.Pattern[bytes]]) -> str | None:
+    """The first of `kinds`, in their order, whose pattern `search`es a line in the first
+    SCAN_LIMIT bytes of the file at `path` (colour codes taken out); None if none does."""
+    found: set[str] = set()
+    with open_log(path) as handle:
+        read = 0
+        while read < SCAN_LIMIT and (line := handle.readline(LINE_LIMIT)):
+            read += len(line)
+            line = _SCAN_COLOURS.sub(b"", line)
+            found.update(kind for kind, pattern in kinds.items() if pattern.search(line))
+            if next(iter(kinds)) in found:
+                break
+    return next((kind for kind in kinds if kind in found), None)

@@ -14,18 +14,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from stabledrl_cli.importers._files import LINE_LIMIT, open_log, text_lines
+from stabledrl_cli.importers._files import text_lines
 from stabledrl_cli.importers._table import StepTable
 
-SCAN_LIMIT = 64 << 20
-"""How far into a file `holds_console_steps` looks for a step line: a job prints its setup
-(Ray's start, the config, model loading, a validation) before its first step."""
 _COLOURS = re.compile(r"\x1b\[[0-9;]*m")
 _STEP_LINE = re.compile(r"(?:\([^()]*\) +)?step:(\S*)(.*)")
 _FOLDED = re.compile(r" *\[repeated \d+x across cluster\]$")
 _NUMPY_NUMBER = re.compile(r"np\.(?:float|int|uint)\d*\((.*)\)")
-_SNIFF_COLOURS = re.compile(rb"\x1b\[[0-9;]*m")
-_SNIFF_LINE = re.compile(rb"(?:^|\) )step:\d+ - [^ :]+:")
+SNIFF_LINE = re.compile(rb"(?:^|\) )step:\d+ - [^ :]+:")
+"""A verl console step line (after an actor's tag or none), colour codes taken out."""
 STEP_PAIRS = "not name:value pairs"
 """`skipped_rows`' reason for a step line whose metrics do not read as verl prints them."""
 
@@ -61,15 +58,3 @@ def _metrics(rest: str) -> dict[str, object] | None:
         numpy_number = _NUMPY_NUMBER.fullmatch(value)
         values[name] = numpy_number[1] if numpy_number else value
     return values
-
-
-def holds_console_steps(path: Path) -> bool:
-    """Whether one of the lines in the first SCAN_LIMIT bytes of the file at `path` is a verl
-    console step line (`step:N - name:value`, after an actor's tag or none)."""
-    with open_log(path) as handle:
-        read = 0
-        while read < SCAN_LIMIT and (line := handle.readline(LINE_LIMIT)):
-            read += len(line)
-            if _SNIFF_LINE.search(_SNIFF_COLOURS.sub(b"", line)):
-                return True
-    return False
