@@ -1129,3 +1129,44 @@ def test_an_empty_group_in_a_pre_1_2_archive_scalars_is_still_a_missing_dataset(
             handle.create_group(f"{group}/x")
     with pytest.raises(InputError, match="no dataset scalars/x"):
         open_run(archive)
+
+
+def test_pack_names_the_arrays_of_a_newer_minor_version_it_leaves_out(tmp_path):
+    """A run whose step files hold an array of a newer minor version (read as the docs say:
+    the field ignored) packed with exit 0 and no word, its archive without the array: a run
+    shared by a newer release, packed and the directory deleted, lost it. The warning names
+    it, as the JSON's unknown_fields."""
+    from stabledrl_cli.dump._stfile import encode_step, read_header
+
+    run = tiny_run(tmp_path / "run")
+    step_file = run / "steps" / "step-00000001.safetensors"
+    metadata = {
+        k: v for k, v in read_header(step_file, deep=True).metadata.items() if k[:6] != "_crc32"
+    }
+    metadata["_format_version"] = "1.9"
+    step = open_run(run).step(1)
+    arrays = {name: step.array(name) for name in step}
+    arrays["future_array"] = np.ones(3, np.float32)
+    _atomic.write_atomic(step_file, encode_step(arrays, metadata))
+    out = tmp_path / "run.h5"
+    result = runner.invoke(app, ["pack", str(run), str(out), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["unknown_fields"] == ["future_array"]
+    assert (
+        f"warning: {run}: its steps hold 1 array that run format 1.3, the newest this "
+        "stabledrl reads, does not name ('future_array': a newer version's fields); the archive "
+        "leaves them out: pack the run with the stabledrl that recorded it to keep them"
+    ) in " ".join(result.stderr.split())
+    again = runner.invoke(app, ["pack", str(out), str(tmp_path / "again.h5"), "--format", "json"])
+    assert again.exit_code == 0 and "warning" not in again.stderr, again.output
+    assert json.loads(again.stdout)["unknown_fields"] == []
+    with h5py.File(out, "r+") as handle:  # an archive a newer minor packed, with its field
+        steps = handle["steps/step"].shape[0]
+        present = handle["present"].create_dataset("future_array", data=np.ones(steps, np.uint8))
+        present.attrs["crc32"] = np.uint32(zlib.crc32(present[()].tobytes()))
+    again = runner.invoke(
+        app, ["pack", str(out), str(tmp_path / "again.h5"), "--force", "--format", "json"]
+    )
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["unknown_fields"] == ["future_array"]
+    assert "its steps hold 1 array that run format 1.3" in again.stderr

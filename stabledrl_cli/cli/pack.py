@@ -27,10 +27,13 @@ from stabledrl_cli.cli._local import local_output
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import err, is_standard_output, out, print_json, progress
 from stabledrl_cli.cli._signals import stopped_by_sigterm
-from stabledrl_cli.dump import open_run, pack_run
+from stabledrl_cli.dump import FORMAT_VERSION, open_run, pack_run
 from stabledrl_cli.dump._packer import check_pack_target
-from stabledrl_cli.errors import UsageError, counted
+from stabledrl_cli.errors import UsageError, counted, quoted
 from stabledrl_cli.vocab import PackCompression
+
+UNKNOWN_SHOWN = 10
+"""Names of arrays the archive leaves out that pack's warning shows (a step holds up to 1,000)."""
 
 
 def command(
@@ -85,6 +88,17 @@ def command(
             f"warning: {redacted(run)}: the archive holds its manifest and steps, not "
             f"{', '.join(summary.left_out)} ({sum(summary.left_out.values()) / 1e6:.2f} MB): "
             f"keep the run directory for them{branch}",
+            highlight=False,
+        )
+    if summary.unknown_fields:
+        unknown = summary.unknown_fields
+        names = ", ".join(map(quoted, unknown[:UNKNOWN_SHOWN]))
+        names += f" and {len(unknown) - UNKNOWN_SHOWN} more" if len(unknown) > UNKNOWN_SHOWN else ""
+        err.print(
+            f"warning: {redacted(run)}: its steps hold {counted(len(unknown), 'array')} "
+            f"that run format {FORMAT_VERSION}, the newest this stabledrl reads, does not name "
+            f"({names}: a newer version's fields); the archive leaves them out: pack the run "
+            "with the stabledrl that recorded it to keep them",
             highlight=False,
         )
     if summary.findings:

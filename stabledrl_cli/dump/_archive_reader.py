@@ -113,6 +113,10 @@ class ArchiveStep(Step):
     loaded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     """Arrays already read (and checked) when the step was loaded; each is handed out once."""
 
+    @property
+    def unknown_fields(self) -> frozenset[str]:
+        return self.archive.unknown_fields
+
     def _read(self, name: str) -> np.ndarray:
         if name in self.loaded:
             return self.loaded.pop(name)
@@ -369,11 +373,13 @@ class ArchiveRun(Run):
         }
         # Per-step facts stay columns ([S] arrays), turned into a Step's set and dict only when
         # that step is loaded: a long archive costs a few bytes a step, not a dict a step.
+        present = self._members("present", required=True)
         self._present = {
-            name: self._index(f"present/{name}").astype(bool)
-            for name in self._members("present", required=True)
-            if name in FIELDS
+            name: self._index(f"present/{name}").astype(bool) for name in present if name in FIELDS
         }
+        self.unknown_fields = frozenset(present).difference(FIELDS)
+        """The fields of a newer minor version the archive holds (`present/NAME`): never read,
+        each step's `unknown_fields` (a step's own `present/NAME` is not read either)."""
         count = len(self._numbers)
         # Which fields' data datasets the archive holds, each looked up once (a lookup by path
         # in libhdf5): the checks below and `_mark_inconsistent_steps` ask again.

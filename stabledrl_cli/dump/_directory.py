@@ -190,6 +190,8 @@ class _HeaderRecord:
     num_scored_tokens: int
     num_scored_rewards: int | None = None
     """`_scored_rewards`; None for a file without it."""
+    unknown_fields: frozenset[str] = frozenset()
+    """The file's tensors that are no schema field (a newer minor version's)."""
 
     @property
     def scalars(self) -> dict[str, float]:
@@ -249,6 +251,10 @@ class DirectoryStep(Step):
     handed: set[tuple[int, str]] = field(default_factory=set, repr=False)
     """(rank, name) of the arrays handed out as views of the rank's buffer; asking for one
     again reads the file anew (a caller may have changed the first in place)."""
+
+    @property
+    def unknown_fields(self) -> frozenset[str]:
+        return frozenset().union(*(record.unknown_fields for record in self.records))
 
     def _read(self, name: str) -> np.ndarray:
         if len(self.paths) == 1:
@@ -722,8 +728,10 @@ class DirectoryRun(Run):
         _check_fields(header, tokens, sequences, scalar=scalar)
         names = tuple(scalars)
         fields = frozenset(name for name in header.tensors if name in FIELDS)
+        unknown = frozenset(header.tensors).difference(FIELDS)
         return _HeaderRecord(
             fields=self._shared.setdefault(fields, fields),
+            unknown_fields=self._shared.setdefault(unknown, unknown),
             scalar_names=self._shared.setdefault(names, names),
             scalar_values=tuple(scalars.values()),
             num_tokens=tokens,

@@ -325,6 +325,8 @@ class _Packer:
     scalars: list[dict[str, float]] = field(default_factory=list)
     fields: list[set[str]] = field(default_factory=list)
     rank_sequences: list[tuple[int, ...]] = field(default_factory=list)
+    unknown_fields: set[str] = field(default_factory=set)
+    """Arrays of the packed steps that no field of this format version names: not packed."""
     offsets: dict[str, list[int]] = field(default_factory=lambda: {"tokens": [0], "sequences": [0]})
     columns: dict[str, _Column] = field(default_factory=dict)
     ragged_offsets: dict[str, list[int]] = field(default_factory=dict)
@@ -399,6 +401,7 @@ class _Packer:
         self.scalars.append(dict(step.scalars))
         self.fields.append(set(step.fields))
         self.rank_sequences.append(step.rank_sequences)
+        self.unknown_fields |= step.unknown_fields
 
     def finish(self) -> None:
         handle, count = self.handle, len(self.numbers)
@@ -472,6 +475,9 @@ class PackSummary:
     left_out: dict[str, int] = field(default_factory=dict)
     """The entries of the run's directory that the archive does not hold (`_left_out`), with
     their bytes."""
+    unknown_fields: list[str] = field(default_factory=list)
+    """Arrays of the run's step files that this format version does not know (a newer minor
+    version's fields), sorted: the archive does not hold them."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -482,6 +488,7 @@ class PackSummary:
             "source_bytes": self.source_bytes,
             "archive_bytes": self.archive_bytes,
             "left_out": self.left_out,
+            "unknown_fields": self.unknown_fields,
             "integrity": IntegrityReport(self.findings).to_dict(),
         }
 
@@ -724,4 +731,5 @@ def _pack(
         archive_bytes=archive_bytes,
         findings=list(integrity.findings),
         left_out=unpacked,
+        unknown_fields=sorted(packer.unknown_fields),
     )

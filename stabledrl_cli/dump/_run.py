@@ -100,6 +100,12 @@ class Step(ABC):
     def __repr__(self) -> str:
         return compact_repr(self)
 
+    @property
+    def unknown_fields(self) -> frozenset[str]:
+        """Arrays of the step's files that no field of this format version names (a newer
+        minor version's fields): never read, so never packed either."""
+        return frozenset()
+
     def __contains__(self, name: object) -> bool:
         return name in self.fields
 
