@@ -550,7 +550,11 @@ def test_usage_errors(runs, tmp_path):
         ),
         (lambda d: d["policies"]["is"].update(speed={"value": 1}), "unknown metric 'speed'"),
         (lambda d: d["policies"].update({"nope:x=1": {}}), "policy 'nope:x=1'"),
-        (lambda d: d["observed"].update(other={"value": 1}), "unknown observed metric"),
+        (
+            lambda d: d["observed"].update(other={"value": 1}),
+            "unknown observed metric 'other' (known: first_reward_collapse, "
+            "collapse_warning_first_step, spike_steps, nonfinite_steps)",
+        ),
         (lambda d: d.update(strict="yes"), "'strict' must be true or false"),
         (lambda d: d["replay"].update(window=1e30), "replay.window must be an integer in"),
         (lambda d: d["replay"].update(collapse_window=0), "replay.collapse_window must be"),

@@ -483,7 +483,7 @@ def load_baseline(path: str | os.PathLike[str]) -> Baseline:
     for name, entry in observed_data.items():
         if name not in RUN_METRICS:
             raise InputError(
-                f"{where}: unknown observed metric {quoted(name)} (known: {RUN_METRICS})"
+                f"{where}: unknown observed metric {quoted(name)} (known: {', '.join(RUN_METRICS)})"
             )
         observed[name] = _tolerance(entry, f"{where}: observed.{name}", RUN_WORSE[name])
     if "policies" not in data:
