@@ -10,8 +10,10 @@ import pytest
 from _cli import run_cli
 from typer.testing import CliRunner
 
+from stabledrl_cli._version import __version__
 from stabledrl_cli.cli import check
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.errors import InputError
 from stabledrl_cli.policies import MAX_POLICIES
 from stabledrl_cli.replay.baseline import load_baseline
 
@@ -318,3 +320,33 @@ def test_a_baseline_naming_more_policies_than_tune_takes_exits_3_before_replayin
 
 def _no_replay(*args: object, **kwargs: object) -> None:
     raise AssertionError("replayed")
+
+
+@pytest.mark.parametrize(
+    ("written_by", "named"),
+    [
+        ("99.0.0", True),
+        (__version__, False),
+        ("99.0.0.dev1", True),
+        ("0.0.9", False),
+        (None, False),
+    ],
+)
+def test_a_baseline_a_newer_stabledrl_wrote_names_it_when_a_key_is_unknown_here(
+    tmp_path: Path, written_by: str | None, named: bool
+) -> None:
+    """A baseline that a newer release wrote with a gate this one does not know (releases add
+    observed figures and statistics within baseline version 1) was refused as "unknown
+    observed metric 'new_figure' (known: ...)", read as a damaged file; the line now names the
+    newer stabledrl that wrote it and says to upgrade (exit 3 as before)."""
+    data = _baseline_with(("observed", "new_figure"), {"value": 0, "worse": "higher"})
+    if written_by is not None:
+        data["tool_version"] = written_by
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(data))
+    with pytest.raises(InputError) as raised:
+        load_baseline(baseline)
+    assert raised.value.exit_code == 3
+    assert str(raised.value).startswith(f"{baseline}: unknown observed metric 'new_figure' (known")
+    hint = f"; the baseline was written by stabledrl 99.0.0, newer than this one ({__version__}): "
+    assert (hint in str(raised.value)) == named

@@ -55,6 +55,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -463,10 +464,40 @@ def _recorded(data: object, where: str) -> dict[str, dict[SeriesStat, Tolerance]
     return recorded
 
 
+_RELEASE_RE = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})\.([0-9]{1,9})")
+"""A release's MAJOR.MINOR.MICRO at the start of a `tool_version` (a suffix such as `.dev1`
+after it is not compared)."""
+
+
+def _newer_tool(data: dict[str, object]) -> str | None:
+    """The baseline's `tool_version` when it names a newer release than this one, else None."""
+    written = data.get("tool_version")
+    mine = _RELEASE_RE.match(__version__)
+    theirs = _RELEASE_RE.match(written) if isinstance(written, str) else None
+    if mine is None or theirs is None:
+        return None
+    newer = tuple(map(int, theirs.groups())) > tuple(map(int, mine.groups()))
+    return theirs.group(0) if newer else None
+
+
 def load_baseline(path: str | os.PathLike[str]) -> Baseline:
-    """Reads and validates a baseline file; InputError (exit 3) names the first problem."""
-    where = str(path)
+    """Reads and validates a baseline file; InputError (exit 3) names the first problem, and
+    the newer stabledrl that wrote the baseline, if one did (its new keys are unknown here)."""
     data = _read(path)
+    try:
+        return _baseline(data, str(path))
+    except InputError as exc:
+        newer = _newer_tool(data)
+        if newer is None:
+            raise
+        raise InputError(
+            f"{exc}; the baseline was written by stabledrl {newer}, newer than this one "
+            f"({__version__}): upgrade stabledrl"
+        ) from None
+
+
+def _baseline(data: dict[str, object], where: str) -> Baseline:
+    """`load_baseline` of a baseline read (`_read`)."""
     _known_keys(data, BASELINE_KEYS, where)
     settings = _settings(data.get("replay"), where)
     run = data.get("run", {})
