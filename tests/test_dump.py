@@ -504,7 +504,7 @@ def test_version_newer_major_refused_newer_minor_read(tmp_path):
     path = tmp_path / "run"
     with sd.Recorder(path) as rec:
         rec.log_step(0, **_flat())
-    _rewrite_manifest(path, format_version="2.0")
+    _rewrite_manifest(path, format_version="3.0")
     with pytest.raises(InputError, match="newer"):
         sd.open_run(path)
     _rewrite_manifest(path, format_version="1.9", some_future_field={"x": 1})
@@ -532,6 +532,30 @@ def test_version_newer_major_refused_newer_minor_read(tmp_path):
     write_atomic(step_path, encode_step(tensors, metadata))
     assert run.step_numbers == [0]
     assert [f.kind for f in run.integrity.findings] == ["unreadable"]
+
+
+def test_a_per_rank_run_says_format_2_so_a_reader_of_major_1_refuses_it(tmp_path):
+    """A run recorded with loss_norm="per_rank" said format 1.0, and a stabledrl of before
+    loss_norm replayed it as "global" with exit 0: 2 ranks of 1 and 24 tokens under dapo gave
+    update norm 0.204 and objective 0.108 where the ranks trained 0.349 and 0.375. Its manifest
+    now says 2.0, which a reader of major version 1 refuses ("upgrade stabledrl", exit 3);
+    this one reads it, and a "global" run says 1.0 as before."""
+    from stabledrl_cli.dump import pack_run
+    from stabledrl_cli.dump._schema import check_readable_version
+
+    for loss_norm, version in (("per_rank", "2.0"), ("global", "1.0")):
+        path = tmp_path / loss_norm
+        for rank in range(2):
+            with sd.Recorder(path, world_size=2, rank=rank, loss_norm=loss_norm) as rec:
+                rec.log_step(0, **_flat())
+        written = json.loads((path / "manifest.json").read_text())["format_version"]
+        assert written == version
+        assert sd.open_run(path).step_numbers == [0]
+        pack_run(path, tmp_path / f"{loss_norm}.h5", compression="small")
+        with h5py.File(tmp_path / f"{loss_norm}.h5") as handle:
+            assert handle.attrs["format_version"] == version
+    with pytest.raises(InputError, match=r"run format 2\.0 is newer than this tool reads \(1\.x\)"):
+        check_readable_version("2.0", "manifest.json")
 
 
 @pytest.mark.parametrize(

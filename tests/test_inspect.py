@@ -186,7 +186,7 @@ def test_bad_runs_exit_3_with_one_line(tmp_path, run_dir, case):
     elif case == "newer_major":
         target = run_dir
         manifest = json.loads((run_dir / "manifest.json").read_text())
-        manifest["format_version"] = "2.1"
+        manifest["format_version"] = "3.1"
         (run_dir / "manifest.json").write_text(json.dumps(manifest))
     for fmt in ("json", "table"):
         result = runner.invoke(app, ["inspect", str(target), "--format", fmt])

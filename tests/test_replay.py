@@ -753,7 +753,7 @@ def test_progress_ends_at_the_listed_steps_when_some_are_damaged(tmp_path):
 def test_wrong_format_version_exits_3(tmp_path):
     path = record_run(tmp_path / "run", steps=2)
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["format_version"] = "2.0"
+    manifest["format_version"] = "3.0"
     (path / "manifest.json").write_text(json.dumps(manifest))
     result = runner.invoke(app, ["replay", str(path)])
     assert result.exit_code == 3 and "newer" in result.stderr

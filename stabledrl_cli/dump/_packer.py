@@ -49,6 +49,7 @@ from stabledrl_cli.dump._schema import (
     FIELDS,
     MANIFEST_LIMIT,
     MANIFEST_NAME,
+    PER_RANK_VERSION,
     RECORDING_STOPS,
     RECORDING_WHEN_PACKED,
     RUN_KIND,
@@ -590,7 +591,11 @@ def _write_archive(
     )
     uses_1_3 = any(f"sequences/{name}" in packer.columns for name in COUNT_FIELDS)
     handle.attrs["format_version"] = (
-        CHECKSUMS_VERSION if packer.checksummed else written_version(extended, uses_1_2, uses_1_3)
+        CHECKSUMS_VERSION
+        if packer.checksummed
+        else PER_RANK_VERSION
+        if manifest.get("loss_norm") == "per_rank"
+        else written_version(extended, uses_1_2, uses_1_3)
     )
     return packer, integrity
 

@@ -76,6 +76,12 @@ RUN_KIND = "stabledrl-run"
 FORMAT_VERSION = "1.3"
 """The newest format version this tool reads and writes."""
 FORMAT_MAJOR = 1
+PER_RANK_VERSION = "2.0"
+"""The format version of a manifest whose `loss_norm` is "per_rank": a reader of major version
+1 knows no `loss_norm` and would replay the run as "global", with other figures and no word,
+where it refuses a major version it does not know ("upgrade stabledrl")."""
+MANIFEST_MAJOR = 2
+"""The newest major version of a manifest this tool reads: 1, or `PER_RANK_VERSION`'s."""
 BASE_VERSION = "1.0"
 """The version of a file that uses no 1.1, 1.2 or 1.3 addition."""
 SCALAR_STEP_VERSION = (1, 2)
@@ -409,7 +415,7 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
     A newer major version, or a field of the wrong type, raises InputError naming the field
     (exit 3). Fields this version does not know (a newer minor's) are left alone.
     """
-    version = check_readable_version(manifest.get("format_version"), where)
+    version = check_readable_version(manifest.get("format_version"), where, MANIFEST_MAJOR)
 
     def corrupt(name: str, expected: str) -> InputError:
         value = shown(manifest.get(name))
