@@ -534,6 +534,37 @@ def test_version_newer_major_refused_newer_minor_read(tmp_path):
     assert [f.kind for f in run.integrity.findings] == ["unreadable"]
 
 
+@pytest.mark.parametrize(
+    ("version", "change", "newer"),
+    [
+        ("1.9", {"unit": "chunk"}, "; the run says format 1.9, newer than the 1.3 this"),
+        ("1.3", {"unit": "chunk"}, None),
+        ("2.1", {"loss_norm": "per_node"}, "; the run says format 2.1, newer than the 2.0 this"),
+        ("1.0", {"group_ids": "per_node"}, None),
+    ],
+)
+def test_a_value_a_newer_minor_may_add_is_refused_saying_the_run_is_newer(
+    tmp_path, version, change, newer
+):
+    """A run of a newer minor version whose manifest holds a value this one does not know (1.1
+    added group_ids "global" so) was refused as a 'corrupt manifest' and nothing else, read as
+    damage; the line now says the run's format is newer than this tool's and to upgrade."""
+    path = tmp_path / "run"
+    with sd.Recorder(path) as rec:
+        rec.log_step(0, **_flat())
+    _rewrite_manifest(path, format_version=version, **change)
+    with pytest.raises(InputError) as raised:
+        sd.open_run(path)
+    message = str(raised.value)
+    assert (
+        f"corrupt manifest: {next(iter(change))} must be" in message and raised.value.exit_code == 3
+    )
+    if newer is None:
+        assert "the run says format" not in message
+    else:
+        assert message.endswith(f"{newer} stabledrl reads: upgrade stabledrl")
+
+
 def test_a_per_rank_run_says_format_2_so_a_reader_of_major_1_refuses_it(tmp_path):
     """A run recorded with loss_norm="per_rank" said format 1.0, and a stabledrl of before
     loss_norm replayed it as "global" with exit 0: 2 ranks of 1 and 24 tokens under dapo gave

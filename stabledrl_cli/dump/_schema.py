@@ -416,10 +416,20 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
     (exit 3). Fields this version does not know (a newer minor's) are left alone.
     """
     version = check_readable_version(manifest.get("format_version"), where, MANIFEST_MAJOR)
+    known = FORMAT_VERSION if version[0] == FORMAT_MAJOR else PER_RANK_VERSION
+    # A newer minor may give a field a value this version does not know (1.1 did: group_ids).
+    newer = (
+        f"; the run says format {version[0]}.{version[1]}, newer than the {known} this "
+        "stabledrl reads: upgrade stabledrl"
+        if version > parse_version(known, where)
+        else ""
+    )
 
     def corrupt(name: str, expected: str) -> InputError:
         value = shown(manifest.get(name))
-        return InputError(f"{where}: corrupt manifest: {name} must be {expected}, got {value}")
+        return InputError(
+            f"{where}: corrupt manifest: {name} must be {expected}, got {value}{newer}"
+        )
 
     if manifest.get("unit") not in UNITS:
         raise corrupt("unit", " or ".join(UNITS))
