@@ -223,11 +223,22 @@ def ref_vespo(logp, logp_old, adv, mask, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, l
 
 
 def ref_stabledrl(
-    logp, logp_old, adv, mask, group, weight, c=5.0, level="seq", norm="group", rows="scored"
+    logp,
+    logp_old,
+    adv,
+    mask,
+    group,
+    weight,
+    c=5.0,
+    level="seq",
+    norm="group",
+    rows="scored",
+    micro=None,
 ):
     """compute_loss_spg with use_snis: detached clipped log-weights, softmax per group
-    (rows=all: a row without scored tokens has log w = 0, as in the public code)."""
-    segments = group if norm == "group" else torch.zeros_like(group)
+    (rows=all: a row without scored tokens has log w = 0, as in the public code); norm=micro:
+    one compute_loss_spg a micro-batch `micro` (a round), the rounds' losses averaged."""
+    segments = {"group": group, "micro": micro}.get(norm, torch.zeros_like(group))
     n_groups = 0
     total = torch.zeros((), dtype=F64)
     for g in segments.unique().tolist():
@@ -249,7 +260,7 @@ def ref_stabledrl(
             log_w = (logp - logp_old)[idx][sel].clamp(max=math.log(c))
             w = torch.softmax(log_w.detach(), dim=0)
             total = total + (w * (weight[idx] * adv[idx] * logp[idx])[sel]).sum()
-    return total / (max(n_groups, 1) if norm == "group" else 1)
+    return total / (max(n_groups, 1) if norm in ("group", "micro") else 1)
 
 
 def kl_k3(logp, logp_ref):
@@ -765,6 +776,17 @@ AGG_CASES = [
     ),
     ("stabledrl:rows=all", "stabledrl", {"rows": "all"}),
     ("stabledrl:rows=all,norm=batch", "stabledrl", {"rows": "all", "norm": "batch"}),
+    ("stabledrl:norm=micro", "stabledrl", {"norm": "micro", "micro": MICRO}),
+    (
+        "stabledrl:rows=all,norm=micro",
+        "stabledrl",
+        {"rows": "all", "norm": "micro", "micro": MICRO},
+    ),
+    (
+        "stabledrl:level=token,norm=micro",
+        "stabledrl",
+        {"level": "token", "norm": "micro", "micro": MICRO},
+    ),
 ]
 
 

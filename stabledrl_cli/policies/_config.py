@@ -373,8 +373,9 @@ class StableDRLConfig(BaseConfig):
     """Ceiling of the importance weight, applied whatever the sign of A (c > 1)."""
     level: Literal["seq", "token"] = "seq"
     """Weight per sequence (mean log-ratio) or per token (token units only)."""
-    norm: Literal["group", "batch"] = "group"
-    """Self-normalize within each group and average over groups, or once over the step."""
+    norm: Literal["group", "batch", "micro"] = "group"
+    """Self-normalize within each group and average over groups, once over the step, or
+    within each micro-batch (a gradient-accumulation round) and average over them."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -3,10 +3,13 @@
 
 level=seq (default), per sequence i of group g:
   log w_i = min(mean_{t in i} log r_t, log c)       (whatever the sign of A; detached)
-  w~_i    = softmax of log w over the live sequences of g (norm=group) or of the step (batch)
+  w~_i    = softmax of log w over the live sequences of g (norm=group), of the step (batch),
+            or of micro-batch g (micro: each gradient-accumulation round's softmax over its
+            own batch, the public code's `loss / grad_accumulation` the mean over rounds)
   J       = (1 / n_groups) sum_g sum_{i in g} w~_i ELBO_i(A),
             ELBO_i(A) = sum_{t in i} w_t A_t logp_t / |y_i|
-  coef_t  = w~_i A_t w_t / (n_groups |y_i|)          (n_groups = 1 for norm=batch)
+  coef_t  = w~_i A_t w_t / (n_groups |y_i|)          (n_groups = 1 for norm=batch; the
+            micro-batches for norm=micro)
 level=token (token units only): log w_t = min(log r_t, log c), softmax over the scored tokens of
 the group (or step), coef_t = w~_t A_t w_t / n_groups.
 
@@ -71,6 +74,9 @@ class StableDRLPolicy(Policy):
                 return prep.seq_group, prep.n_groups_total, prep.num_live_groups
             n_groups = torch.tensor(float(prep.n_groups_total), dtype=prep.dtype)
             return prep.seq_group, prep.n_groups_total, n_groups.to(prep.device)
+        if self.config.norm == "micro":
+            members = prep.micro_sum(self._members(prep).to(prep.dtype))
+            return prep.seq_micro, prep.num_micro, (members > 0).sum().to(prep.dtype)
         zeros = torch.zeros_like(prep.seq_group)
         return zeros, 1, torch.ones((), dtype=prep.dtype, device=prep.device)
 
