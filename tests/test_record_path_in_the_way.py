@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from _cli import cli_environment, record_python, torch_training
 
+from stabledrl_cli import Recorder
+
 TRAIN = torch_training(3)
 SCRIPT = """
 import os, shutil
@@ -27,12 +29,14 @@ open(place, "w").close()  # a file where a directory goes, after record checked 
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run `stabledrl record` recorded of TRAIN, recorded once for the module; each test
-    that has --force replace a run copies it (the tests replace or remove their copy)."""
-    tmp = tmp_path_factory.mktemp("recorded")
-    done, _ = record_python(TRAIN, cwd=tmp, env=cli_environment())
-    assert done.returncode == 0, done.stderr
-    return tmp / "run"
+    """A run of 3 optimizer steps as record's hooks write TRAIN's, written once for the module
+    by a Recorder in this process (no training process to start); each test that has --force
+    replace a run copies it (the tests replace or remove their copy)."""
+    run = tmp_path_factory.mktemp("recorded") / "run"
+    with Recorder(run, policy=None) as recorder:
+        for step in range(3):
+            recorder.log_step(step, grad_norm=1.0, lr=0.1)
+    return run
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["new run", "--force"])
