@@ -29,22 +29,20 @@ from stabledrl_cli.capture.branch_protocol import (
     BranchRequest,
     branch_dir,
     check_not_the_original,
+    list_checkpoints,
 )
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._directory import symlink_refused
 from stabledrl_cli.dump._setup import directory_or_nothing
 from stabledrl_cli.errors import InputError, UsageError, counted
-from stabledrl_cli.example.branch import train_branch
-from stabledrl_cli.example.checkpoint import list_checkpoints
 from stabledrl_cli.example.config import MAX_RL_STEPS, refuse_untrainable
-from stabledrl_cli.policies import get_policy
+from stabledrl_cli.policies._registry import resolve_spec
 from stabledrl_cli.replay.config import DEFAULT_COLLAPSE_WINDOW
 from stabledrl_cli.replay.detectors import (
     REWARD_DRAW_SCALARS,
     observed_reward_collapse,
     run_reward_draws,
 )
-from stabledrl_cli.replay.engine import replay
 from stabledrl_cli.replay.observed import reward_windows
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
@@ -264,6 +262,7 @@ def run_branches(
     out: Path | None = None,
     force: bool = False,
     device: str = "cpu",
+    threads: int | None = None,
     on_branch: Callable[[BranchRequest], None] | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> BranchReport:
@@ -272,7 +271,8 @@ def run_branches(
 
     steps: steps per branch (None: to the original's last step file, one the reader skips
     included: it is named in `original_skipped_steps`; a UsageError past MAX_RL_STEPS). out:
-    where the branch runs go (default RUN/branches). on_branch: called as each branch starts
+    where the branch runs go (default RUN/branches). threads: torch's CPU threads for the
+    replay and the branches (None: as they are). on_branch: called as each branch starts
     to train (its checkpoint taken: a checkpoint refused calls nothing); on_step: with
     each branch step's number. InputError when the run holds no readable step at or after
     the checkpoint's: there is no recorded batch to replay beside a branch.
@@ -291,7 +291,10 @@ def run_branches(
     skipped = sorted({f.step for f in findings if f.kind in SKIPPED_KINDS and f.step is not None})
     end = max([at_step if last is None else last, *skipped]) + 1  # a torn last step counts too
     count = _steps_to_end(run_dir, at_step, end) if steps is None else steps
-    specs = list(dict.fromkeys(get_policy(spec).spec for spec in policies))
+    # canonical specs from the catalogue (no torch): a refused branch costs no torch import
+    specs = list(
+        dict.fromkeys(entry.spec_of(config) for entry, config in map(resolve_spec, policies))
+    )
     for spec in specs:  # as record refuses it, before the replay asks the run for its fields
         refuse_untrainable(spec, original.unit)
     base = run_dir / BRANCHES_DIR if out is None else out
@@ -316,6 +319,13 @@ def run_branches(
             raise UsageError(
                 f"{taken[0]} is not empty; pass --force (force=True) to overwrite the branches"
             )
+    import torch  # only now: a branch refused above costs no torch import (seconds)
+
+    from stabledrl_cli.example.branch import train_branch
+    from stabledrl_cli.replay.engine import replay
+
+    if threads is not None:
+        torch.set_num_threads(threads)
     _, original_draws = _rewards(original)
     outcomes = []
     replayed = replay(original, policies=specs, device=device)

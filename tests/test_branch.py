@@ -26,13 +26,14 @@ from stabledrl_cli.capture.branch_protocol import (
     ENV_POLICY_OVERRIDE,
     ENV_RESUME_CHECKPOINT,
     BranchRequest,
+    checkpoints_dir,
 )
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.example import ExampleConfig
 from stabledrl_cli.example.__main__ import main as example_main
-from stabledrl_cli.example.checkpoint import CheckpointPlan, checkpoints_dir
+from stabledrl_cli.example.checkpoint import CheckpointPlan
 from stabledrl_cli.example.trainer import recorder_kwargs, train
 from stabledrl_cli.policies import get_policy
 

@@ -11,9 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from stabledrl_cli.branching import run_branches
+from stabledrl_cli.capture.branch_protocol import checkpoints_dir
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run
-from stabledrl_cli.example.checkpoint import CheckpointPlan, checkpoints_dir
+from stabledrl_cli.example.checkpoint import CheckpointPlan
 from stabledrl_cli.example.config import ExampleConfig
 from stabledrl_cli.example.trainer import recorder_kwargs, train
 from stabledrl_cli.policies import get_policy

@@ -11,10 +11,10 @@ import torch
 from test_branch import _record
 from typer.testing import CliRunner
 
+from stabledrl_cli.capture.branch_protocol import checkpoints_dir
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.example import ExampleConfig
-from stabledrl_cli.example.checkpoint import checkpoints_dir
 
 
 @pytest.fixture(scope="module")

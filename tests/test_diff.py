@@ -21,10 +21,11 @@ from _corpus import flip_bit, read_step, rewrite_step, step_path, tiny_run
 from conftest import fixture_run
 from typer.testing import CliRunner
 
+from stabledrl_cli.capture.branch_protocol import checkpoints_dir
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run, pack_run
 from stabledrl_cli.example import ExampleConfig
-from stabledrl_cli.example.checkpoint import CheckpointPlan, checkpoints_dir, load_checkpoint
+from stabledrl_cli.example.checkpoint import CheckpointPlan, load_checkpoint
 from stabledrl_cli.example.trainer import recorder_kwargs, train
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.config import ReplayConfig

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stabledrl_cli.capture.branch_protocol import CHECKPOINTS_DIR
-from stabledrl_cli.example.checkpoint import checkpoint_files, list_checkpoints
+from stabledrl_cli.capture.branch_protocol import CHECKPOINTS_DIR, list_checkpoints
+from stabledrl_cli.example.checkpoint import checkpoint_files
 
 ODD_NAMES = ("step-00000001.pt\n", "step-\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0663.pt",
              ".step-00000004.pt.tmp-1\n")  # fmt: skip

@@ -20,11 +20,13 @@ honour them for users' own trainers):
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from stabledrl_cli.capture.bootstrap import ENV_RUN_DIR
+from stabledrl_cli.dump._directory import symlink_refused
 from stabledrl_cli.dump._schema import STEPS_DIR
 from stabledrl_cli.errors import UsageError, quoted
 from stabledrl_cli.spec import INT_DIGITS, spec_int
@@ -37,6 +39,33 @@ BRANCHES_DIR = "branches"
 """A run's sub-directory of branch runs (`RUN/branches/POLICY@STEP`)."""
 CHECKPOINTS_DIR = "checkpoints"
 """A run's sub-directory of the built-in example's checkpoints (`RUN/checkpoints`)."""
+# ASCII digits and `\Z` (the writer's spelling only: `\d` takes other scripts' digits, `$` a
+# name's final newline), as the run's own file names (`dump._schema.STEP_FILE_RE`)
+CHECKPOINT_RE = re.compile(r"^step-([0-9]{8})\.pt\Z")
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    """RUN/checkpoints; InputError when it is a symlink: a run's checkpoints are never read,
+    written or removed through a link (docs/trust.md)."""
+    directory = Path(run_dir) / CHECKPOINTS_DIR
+    if os.path.islink(directory):
+        raise symlink_refused(str(directory))
+    return directory
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint of a run, ascending; [] without any. Every entry named
+    as one is listed, whatever it is: one that is no file (a directory, a FIFO) is refused
+    when it is loaded, naming it, rather than skipped for an earlier checkpoint unsaid."""
+    directory = checkpoints_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
 
 
 def check_outside_run_folders(

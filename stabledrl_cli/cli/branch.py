@@ -10,12 +10,13 @@ no readable step at or after the checkpoint (nothing to replay beside a branch).
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.cells import cell_len
 from rich.table import Table
 
+from stabledrl_cli.branching import BranchOutcome, BranchReport, run_branches
 from stabledrl_cli.capture.branch_protocol import BranchRequest
 from stabledrl_cli.cli._local import local_output, local_run
 from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, number_option
@@ -27,9 +28,6 @@ from stabledrl_cli.replay._format import format_steps
 from stabledrl_cli.replay.config import MAX_THREADS
 from stabledrl_cli.replay.report import print_legend, print_title
 from stabledrl_cli.spec import wrap_spec
-
-if TYPE_CHECKING:  # branching imports torch: a refused RUN costs no torch import
-    from stabledrl_cli.branching import BranchOutcome, BranchReport
 
 LIST_LIMIT = 8
 """Step lists longer than this are cut in the table (JSON has them all)."""
@@ -190,11 +188,6 @@ def command(
     out_dir = None if out_arg is None else local_output(out_arg, "branch", "its branch runs")
     if not run.is_dir():
         raise InputError(f"{run}: not a run directory (branch reads the checkpoints in one)")
-    import torch  # here, not for `branch --help` or a refused RUN
-
-    from stabledrl_cli.branching import run_branches
-
-    torch.set_num_threads(threads)
     with _BranchProgress() as branches:
         report = run_branches(
             run,
@@ -204,6 +197,7 @@ def command(
             out=out_dir,
             force=force,
             device=device,
+            threads=threads,
             on_branch=branches.start,
             on_step=branches.advance,
         )

@@ -24,7 +24,6 @@ or a size it does not hold) is refused before torch.load allocates them.
 from __future__ import annotations
 
 import io
-import os
 import re
 import warnings
 import zipfile
@@ -36,13 +35,9 @@ import torch
 
 from stabledrl_cli._atomic import fsync_dir, write_atomic, write_error
 from stabledrl_cli._regular import NotRegularFile, open_regular
-from stabledrl_cli.capture.branch_protocol import CHECKPOINTS_DIR
-from stabledrl_cli.dump._directory import symlink_refused
+from stabledrl_cli.capture.branch_protocol import checkpoints_dir, list_checkpoints
 from stabledrl_cli.errors import InputError, UsageError, quoted
 
-# ASCII digits and `\Z` (the writer's spelling only: `\d` takes other scripts' digits, `$` a
-# name's final newline), as the run's own file names (`dump._schema.STEP_FILE_RE`)
-CHECKPOINT_RE = re.compile(r"^step-([0-9]{8})\.pt\Z")
 TEMP_CHECKPOINT_RE = re.compile(r"^\.step-[0-9]{8}\.pt\.tmp-[0-9]+\Z")
 """A checkpoint still being written (`_atomic.temp_name`), or left by a writer killed then."""
 FORMAT = "stabledrl-example-checkpoint/1"
@@ -94,33 +89,9 @@ class CheckpointPlan:
         return (step // self.every + 1) * self.every
 
 
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    """RUN/checkpoints; InputError when it is a symlink: a run's checkpoints are never read,
-    written or removed through a link (docs/trust.md)."""
-    directory = Path(run_dir) / CHECKPOINTS_DIR
-    if os.path.islink(directory):
-        raise symlink_refused(str(directory))
-    return directory
-
-
 def checkpoint_path(directory: Path, step: int) -> Path:
     """The file of the checkpoint that resumes at `step`."""
     return directory / f"step-{step:08d}.pt"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint of a run, ascending; [] without any. Every entry named
-    as one is listed, whatever it is: one that is no file (a directory, a FIFO) is refused
-    when it is loaded, naming it, rather than skipped for an earlier checkpoint unsaid."""
-    directory = checkpoints_dir(run_dir)
-    if not directory.is_dir():
-        return []
-    found = []
-    for path in directory.iterdir():
-        match = CHECKPOINT_RE.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
 
 
 def checkpoint_files(run_dir: str | Path) -> list[Path]:
