@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from _cli import run_cli
+from _cli import run_cli, run_cli_together
 
 import stabledrl_cli as sd
 from stabledrl_cli.dump import RunIntegrityWarning, _stfile, pack_run
@@ -821,10 +821,11 @@ def test_multi_rank_arrays_whose_columns_differ_are_an_input_error(tmp_path):
         ):
             step.array(name)
     assert sd.open_run(path).step(0)["token_ids"].shape == (4, 3)
-    packed = run_cli("pack", path, tmp_path / "out.h5")
+    packed, replayed = run_cli_together(
+        ("pack", path, tmp_path / "out.h5"), ("replay", path, "-p", "grpo", "--device", "cpu")
+    )
     assert packed.returncode == 3, packed.stderr
     assert "cannot join the ranks' " in packed.stderr and "Traceback" not in packed.stderr
-    replayed = run_cli("replay", path, "-p", "grpo", "--device", "cpu")
     assert replayed.returncode == 0, replayed.stderr
     assert (
         "step 1:" in replayed.stderr
