@@ -2,9 +2,9 @@
 and the help of `replay`, `check`, `tune`, `inspect`, `diff` and `watch`; `import` and `pack`
 (their help and their input checks), and `pack` of a run; a Recorder of numpy arrays and its
 run read back, and its refusal of a step without a field its policy needs; `diff` of two
-runs that never part; `check` and `inspect` of a scalar run (inspect of a run with a policy
-batch checks each step with replay's own code, torch's); and the refusals of bad input by
-these, `watch` and `branch`."""
+runs that never part; `replay`, `check` and `tune` refusing an unknown policy; `check` and
+`inspect` of a scalar run (inspect of a run with a policy batch checks each step with
+replay's own code, torch's); and the refusals of bad input by these, `watch` and `branch`."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ PROBES = {
                 raise AssertionError("a step without logp_ref was recorded")
             recorder.log_step(0, logp=-ones, logp_old=-ones, advantages=ones, logp_ref=-ones)
     """,
-    "diff of two runs that never part, and its refusals": """
+    "diff of two runs that never part, its refusals, and a bad policy to replay, check, tune": """
         import shutil, tempfile
         import numpy as np
         import stabledrl_cli as sd
@@ -112,6 +112,9 @@ PROBES = {
         assert CliRunner().invoke(app, ["diff", home + "/a", home + "/none"]).exit_code == 3
         bad = CliRunner().invoke(app, ["diff", home + "/a", home + "/b", "--atol", "-1"])
         assert bad.exit_code == 2, bad.output
+        for command in (["replay"], ["check", "--max-spikes", "0"], ["tune"]):
+            bad = CliRunner().invoke(app, [*command, home + "/a", "-p", "nonsense"])
+            assert bad.exit_code == 2 and "unknown policy 'nonsense'" in bad.stderr, bad.output
     """,
     "check and inspect of a scalar run, and check of a missing run": """
         import tempfile

@@ -51,6 +51,7 @@ from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._remote import inside_local_run
 from stabledrl_cli.errors import ConfigError, UsageError, counted
+from stabledrl_cli.policies._registry import resolve_spec
 from stabledrl_cli.replay.config import (
     DEFAULT_SPIKE_FACTOR,
     SPIKE_HISTORY,
@@ -267,6 +268,8 @@ def replay_with_progress(
     workers than CPUs) is named by its option. `header`, a line on stderr, comes once the
     first step is computed (or the replay returns): a run refused before, such as a run with
     nothing to replay, gets its one error line alone."""
+    for spec in policies or ():  # a bad spec is refused before the engine loads torch
+        resolve_spec(spec)
     from stabledrl_cli.replay.engine import replay_run
     from stabledrl_cli.replay.ray_engine import RayEngine
 

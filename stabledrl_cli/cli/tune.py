@@ -157,16 +157,16 @@ def command(
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Sweep policy parameters over a run; rank settings by discarded gradient and risk."""
-    from stabledrl_cli._device import resolve_device
-    from stabledrl_cli.replay.engine import own_policy
-
-    settings = expand_all(sweeps)
+    settings = expand_all(sweeps)  # a bad sweep is refused before torch loads (seconds)
     with option_names():  # a bad option is refused before the run is read or a line printed
         budget = None if memory_budget is None else parse_size(memory_budget)
         config = replace(
             replay_config(device=device, threads=threads, memory_budget=budget), lean=True
         )
     check_outputs(run, plot, {})
+    from stabledrl_cli._device import resolve_device
+    from stabledrl_cli.replay.engine import own_policy
+
     resolve_device(config.device)  # refused before the header, as by replay
     chosen = replay_engine(engine, workers, ray_address)
     opened = open_run(run)
