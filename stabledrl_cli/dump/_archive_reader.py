@@ -437,7 +437,7 @@ class ArchiveRun(Run):
         if table is None:
             return
         sequences = self._counts["num_sequences"]
-        sums = table.sum(axis=1) if table.size else np.zeros(len(table), dtype=np.int64)
+        sums = table.sum(axis=1)  # [S, R]: `_index` checked its dimensions
         if (
             table.shape != (len(self._numbers), self.world_size)
             or self.world_size < 2

@@ -49,7 +49,6 @@ from stabledrl_cli.dump._schema import (
     FIELDS,
     MANIFEST_LIMIT,
     MANIFEST_NAME,
-    PER_RANK_VERSION,
     RECORDING_STOPS,
     RECORDING_WHEN_PACKED,
     RUN_KIND,
@@ -593,9 +592,7 @@ def _write_archive(
     handle.attrs["format_version"] = (
         CHECKSUMS_VERSION
         if packer.checksummed
-        else PER_RANK_VERSION
-        if manifest.get("loss_norm") == "per_rank"
-        else written_version(extended, uses_1_2, uses_1_3)
+        else written_version(extended, uses_1_2, uses_1_3, per_rank=run.loss_norm == "per_rank")
     )
     return packer, integrity
 

@@ -101,7 +101,6 @@ from stabledrl_cli.dump._schema import (
     META_SCORED_REWARDS,
     META_SCORED_TOKENS,
     META_WORLD_SIZE,
-    PER_RANK_VERSION,
     RECORDING_CLOSED,
     RECORDING_STOPPED,
     RUN_KIND,
@@ -346,9 +345,11 @@ class Recorder:
         self.rank = rank
         manifest: dict[str, Any] = {
             "format": RUN_KIND,
-            "format_version": PER_RANK_VERSION
-            if loss_norm == "per_rank"
-            else written_version(group_ids == "global", policy is None or source is not None),
+            "format_version": written_version(
+                group_ids == "global",
+                policy is None or source is not None,
+                per_rank=loss_norm == "per_rank",
+            ),
             "tool_version": __version__,
             "created": _dt.datetime.fromtimestamp(self._now(), _dt.timezone.utc).isoformat(
                 timespec="seconds"
