@@ -5,7 +5,11 @@ comparable with verl's dashboard. verl's real FSDP2 engine is trained on CPU
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,11 +22,18 @@ import pytest
 verl = pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
 
 from _ports import free_port  # noqa: E402
-from test_integration_verl import KL_LOSS, rollout  # noqa: E402
+from test_integration_verl import KL_LOSS, StubEngine, actor_config, rollout  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
+from verl import DataProto  # noqa: E402
+from verl.trainer.ppo.metric_utils import compute_data_metrics  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.utils.logger.aggregate_logger import LocalLogger  # noqa: E402
+from verl.utils.metric import reduce_metrics  # noqa: E402
 from verl.utils.tracking import Tracking  # noqa: E402
+from verl.workers.utils.losses import ppo_loss  # noqa: E402
 
 from stabledrl_cli.cli.app import app  # noqa: E402
+from stabledrl_cli.integrations import verl as stabledrl_verl  # noqa: E402
 
 ENGINE_SCRIPT = Path(__file__).parent / "verl_scripts" / "fsdp_engine_run.py"
 ROLLOUTS = 3
@@ -150,3 +161,73 @@ def test_a_training_step_with_an_unreadable_step_file_is_unreadable_not_compared
     code, result = diff(torn, imported(tmp_path, lines, monkeypatch))
     assert code == 0, result
     assert (result["unreadable_a"], result["only_b"], result["common"]) == ([[2, 2]], [[2, 2]], 3)
+
+
+class Norms(StubEngine):
+    """The stand-in engine whose optimizer steps return the pre-clip norms `norms`, in turn."""
+
+    def __init__(self, norms: list[float]) -> None:
+        super().__init__()
+        self.norms = norms
+
+    def optimizer_step(self) -> float:
+        return self.norms.pop(0)
+
+
+def score_mean(data: Any) -> float:
+    """verl's `critic/score/mean` of a rollout (the trainer's `compute_data_metrics`)."""
+    shown = ("prompts", "responses", "attention_mask", "response_mask", "token_level_scores")
+    tensors = {key: data[key] for key in shown}
+    tensors["token_level_rewards"] = data["token_level_scores"]
+    tensors["advantages"] = tensors["returns"] = data["advantages"]
+    batch = DataProto.from_dict(tensors=tensors)
+    return float(compute_data_metrics(batch, use_critic=False)["critic/score/mean"])
+
+
+def test_an_infinite_grad_norm_or_score_is_compared_as_verl_logs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verl logs a training step's `actor/grad_norm` as np.mean over its optimizer steps, inf
+    when one update's norm is (an overflow, the update skipped), and `critic/score/mean` inf
+    when a score is. The recording's training-step means made every non-finite mean NaN, so
+    `diff` against verl's console log of the same job parted at step 1 (grad_norm nan vs inf,
+    reward_mean nan vs inf). Its file log spells inf `null`, read as NaN: no parting there
+    either."""
+    monkeypatch.setenv("STABLEDRL_STATUS_FILE", str(tmp_path / "status"))
+    assert stabledrl_verl.install(tmp_path / "run")
+    engine, loss = (
+        Norms([0.5, math.inf, 0.25, 0.75]),
+        functools.partial(ppo_loss, config=actor_config()),
+    )
+    lines = []
+    try:
+        for seed, infinite in ((1, 3), (2, -1)):  # 2 training steps of 2 mini-batches each
+            data = rollout(seed=seed, infinite=infinite)
+            norms = []
+            for n, mini in enumerate(tu.make_iterator(data, mini_batch_size=6, epochs=1, seed=0)):
+                tu.assign_non_tensor(mini, global_batch_size=6, update_lr_scheduler=n == 1)
+                norms.append(engine.train_batch(mini, loss_function=loss)["metrics"]["grad_norm"])
+            scores = {"critic/score/mean": score_mean(data)}
+            lines.append({**reduce_metrics({"actor/grad_norm": norms}), **scores})
+    finally:
+        stabledrl_verl.uninstall()
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        for step, line in enumerate(lines, start=1):
+            LocalLogger().log(line, step=step)
+    assert console.getvalue().startswith(
+        "step:1 - actor/grad_norm:np.float64(inf) - critic/score/mean:inf"
+    )
+    (tmp_path / "console.txt").write_text(console.getvalue())
+    logs = {
+        "console": tmp_path / "console.txt",
+        "file": verl_log(tmp_path / "v.jsonl", lines, monkeypatch),
+    }
+    assert '"actor/grad_norm":null' in logs["file"].read_text()
+    for kind, log in logs.items():
+        out = tmp_path / f"imported-{kind}"
+        done = CliRunner().invoke(app, ["import", str(log), "--out", str(out)])
+        assert done.exit_code == 0, done.output
+        code, result = diff(tmp_path / "run", out)
+        assert code == 0, (kind, result)
+        assert (result["parted_at"], result["common"]) == (None, 2)

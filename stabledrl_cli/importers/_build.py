@@ -84,6 +84,8 @@ def write_scalar_run(
     }
     if table.logging_steps is not None:  # its rows are means over that many steps
         origin["logging_steps"] = table.logging_steps
+    if table.nonfinite_null:  # its NaN may have been an infinity
+        origin["nonfinite_null"] = True
     counts: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
     ordered = sorted(table.steps)

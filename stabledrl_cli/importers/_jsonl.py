@@ -40,7 +40,8 @@ def read_jsonl(path: Path, step_key: str | None = None) -> StepTable:
             break
         if not isinstance(row, dict):
             raise InputError(f"{where}: not a JSON object")
-        values = _flattened(row)
+        values, verl = _flattened(row)
+        table.nonfinite_null |= verl
         if key is None:
             key = next((k for k in STEP_KEYS if k in values), None)
             if key is None:
@@ -56,11 +57,11 @@ def read_jsonl(path: Path, step_key: str | None = None) -> StepTable:
     return table
 
 
-def _flattened(row: dict[str, Any]) -> dict[str, Any]:
-    """verl's `{"step": s, "data": {...}}` as one flat row, a null value read as NaN (what
-    orjson wrote so); any other row as it is."""
+def _flattened(row: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """(verl's `{"step": s, "data": {...}}` as one flat row, a null value read as NaN (what
+    orjson wrote so), True); any other row as it is, False."""
     data = row.get("data")
     if isinstance(data, dict) and all(k in ("step", "data") for k in row):
         values = {k: math.nan if v is None else v for k, v in data.items()}
-        return {**values, **{k: v for k, v in row.items() if k != "data"}}
-    return row
+        return {**values, **{k: v for k, v in row.items() if k != "data"}}, True
+    return row, False

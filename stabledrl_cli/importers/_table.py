@@ -70,6 +70,9 @@ class StepTable:
     cells: int = 0
     warnings: list[str] = field(default_factory=list)
     """Notes for the user (e.g. an unfinished last record ignored)."""
+    nonfinite_null: bool = False
+    """Whether the log spells NaN and the infinities alike (verl's file log: orjson's `null`),
+    read as NaN: a NaN of it may have been an infinity."""
     logging_steps: int | None = None
     """k of a log that says it was written every k steps (trainer_state.json's
     `logging_steps`): a row holds the means over the steps since the row before of the

@@ -43,8 +43,8 @@ TRAINING_STEP_MEANS = (
 )
 """The scalars of a recorded verl step (an optimizer step) that verl's trainer logs once a
 training step (a rollout), as the mean over its optimizer steps (`reduce_metrics`' np.mean:
-NaN when one is); `lr`, the same for all of them, as `stabledrl import` gives the log's
-`actor/lr` (a step later)."""
+NaN when one is, inf when one is inf); `lr`, the same for all of them, as `stabledrl import`
+gives the log's `actor/lr` (a step later)."""
 
 
 def supported_verl(version: str) -> bool:

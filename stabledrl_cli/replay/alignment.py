@@ -152,10 +152,11 @@ class TrainingSteps:
     0) is the log's step `first` + k, `first` the log's first row of an actor update (its
     `loss` or `grad_norm`: the rows before it are a critic's warmup or before a resume). At a
     training step its `TRAINING_STEP_SCALARS` are the means over the rollout's steps (NaN
-    when one is, as verl's `reduce_metrics`), its reward_mean the mean of its steps' rewards
-    that are not NaN (the rollout's draw), its `nonfinite` the non-finite of its loss and
-    grad_norm, as an
-    imported step counts them; nothing else of the recording is compared there."""
+    when one is, inf when one is inf, as verl's `reduce_metrics`), its reward_mean the mean of
+    its steps' rewards that are not NaN (the rollout's draw), its `nonfinite` the non-finite
+    of its loss and grad_norm, as an imported step counts them; nothing else of the recording
+    is compared there. Against verl's file log, which spells NaN and the infinities alike
+    (its import's `nonfinite_null`), an infinite mean is NaN, as the log reads."""
 
     read: dict[int, int]
     """Training step -> the recording's step read for it (its rollout's first)."""
@@ -163,9 +164,12 @@ class TrainingSteps:
     """The scalars compared at each rollout's first step (`whole`)."""
 
     @classmethod
-    def of(cls, series: Series, numbers: list[int], log: Series) -> TrainingSteps | None:
+    def of(
+        cls, series: Series, numbers: list[int], log: Series, *, nonfinite_null: bool
+    ) -> TrainingSteps | None:
         """The recording's training steps, from its `series` (`SERIES_READ`) and step
-        `numbers`, lined up with the log's (its `series`); None when either has none."""
+        `numbers`, lined up with the log's (its `series`; `nonfinite_null`: a log that reads
+        an infinity as NaN); None when either has none."""
         inner = series["inner_step"]
         steps = np.asarray(numbers, dtype=np.int64)
         starts = training_step_starts(steps, *inner)
@@ -184,6 +188,8 @@ class TrainingSteps:
         for values in means.values():
             counted = (name for name in ("loss", "grad_norm") if name in values)
             values["nonfinite"] = float(sum(not math.isfinite(values[n]) for n in counted))
+            if nonfinite_null:
+                values.update({n: math.nan for n, v in values.items() if math.isinf(v)})
         first = int(actor[0])
         read = {first + k: int(n) for k, n in enumerate(starts)}
         return cls(read, WindowMeans(means, whole=True))
@@ -254,7 +260,10 @@ def training_steps(
     other run is verl's log imported; None otherwise."""
     for side, (recording, log) in enumerate(((a, b), (b, a))):
         if is_verl_recording(recording) and _is_verl_log(log):
-            training = TrainingSteps.of(series[side], steps[side], series[1 - side])
+            null = (import_source(log) or {}).get("nonfinite_null") is True
+            training = TrainingSteps.of(
+                series[side], steps[side], series[1 - side], nonfinite_null=null
+            )
             return None if training is None else (side, training)
     return None
 

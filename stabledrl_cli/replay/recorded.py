@@ -154,17 +154,15 @@ def training_step_means(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The value verl's trainer logs for each training step of a verl run (a rollout:
     `observed.training_step_starts`, so a rollout whose first step is unread keeps its own),
-    at its first step: the mean of its optimizer steps' values, NaN when one is not finite
-    (verl's `reduce_metrics`, np.mean). steps, values: [S] the series; inner_steps,
-    inner_step: [I] the inner_step series -> ([T] first steps, [T] means)."""
+    at its first step: the plain mean of its optimizer steps' values, as verl's
+    `reduce_metrics` (np.mean) takes it: NaN when one is, inf when one is inf. steps, values:
+    [S] the series; inner_steps, inner_step: [I] the inner_step series -> ([T] first steps,
+    [T] means)."""
     starts = training_step_starts(steps, inner_steps, inner_step)
     held = np.searchsorted(starts, steps, side="right") - 1
     firsts, group = np.unique(starts[held], return_inverse=True)
     counts = np.bincount(group, minlength=firsts.size)
-    finite = np.isfinite(values)
-    sums = np.bincount(group, weights=np.where(finite, values, 0.0), minlength=firsts.size)
-    unfinished = np.bincount(group, weights=~finite, minlength=firsts.size)
-    return firsts, np.where(unfinished > 0, np.nan, sums / counts)
+    return firsts, np.bincount(group, weights=values, minlength=firsts.size) / counts
 
 
 def observed_of(result: ReplayResult | None, recorded: RecordedRun | None) -> Observed:
