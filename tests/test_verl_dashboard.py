@@ -184,6 +184,32 @@ def score_mean(data: Any) -> float:
     return float(compute_data_metrics(batch, use_critic=False)["critic/score/mean"])
 
 
+def trained(
+    run: Path, monkeypatch: pytest.MonkeyPatch, norms: list[float], infinite: int = -1
+) -> list[dict[str, Any]]:
+    """verl's lines (`actor/grad_norm`, `critic/score/mean`) of 2 training steps of 2
+    mini-batches each, recorded into `run` by the hook: verl's ppo_loss on the stand-in
+    engine whose updates have the pre-clip norms `norms`; row `infinite` of the first
+    rollout scored inf."""
+    monkeypatch.setenv("STABLEDRL_STATUS_FILE", str(run.parent / "status"))
+    assert stabledrl_verl.install(run)
+    engine, loss = Norms(list(norms)), functools.partial(ppo_loss, config=actor_config())
+    lines = []
+    try:
+        for seed, row in ((1, infinite), (2, -1)):
+            data = rollout(seed=seed, infinite=row)
+            grad_norms = []
+            for n, mini in enumerate(tu.make_iterator(data, mini_batch_size=6, epochs=1, seed=0)):
+                tu.assign_non_tensor(mini, global_batch_size=6, update_lr_scheduler=n == 1)
+                output = engine.train_batch(mini, loss_function=loss)
+                grad_norms.append(output["metrics"]["grad_norm"])
+            scores = {"critic/score/mean": score_mean(data)}
+            lines.append({**reduce_metrics({"actor/grad_norm": grad_norms}), **scores})
+    finally:
+        stabledrl_verl.uninstall()
+    return lines
+
+
 def test_an_infinite_grad_norm_or_score_is_compared_as_verl_logs_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -193,24 +219,7 @@ def test_an_infinite_grad_norm_or_score_is_compared_as_verl_logs_it(
     `diff` against verl's console log of the same job parted at step 1 (grad_norm nan vs inf,
     reward_mean nan vs inf). Its file log spells inf `null`, read as NaN: no parting there
     either."""
-    monkeypatch.setenv("STABLEDRL_STATUS_FILE", str(tmp_path / "status"))
-    assert stabledrl_verl.install(tmp_path / "run")
-    engine, loss = (
-        Norms([0.5, math.inf, 0.25, 0.75]),
-        functools.partial(ppo_loss, config=actor_config()),
-    )
-    lines = []
-    try:
-        for seed, infinite in ((1, 3), (2, -1)):  # 2 training steps of 2 mini-batches each
-            data = rollout(seed=seed, infinite=infinite)
-            norms = []
-            for n, mini in enumerate(tu.make_iterator(data, mini_batch_size=6, epochs=1, seed=0)):
-                tu.assign_non_tensor(mini, global_batch_size=6, update_lr_scheduler=n == 1)
-                norms.append(engine.train_batch(mini, loss_function=loss)["metrics"]["grad_norm"])
-            scores = {"critic/score/mean": score_mean(data)}
-            lines.append({**reduce_metrics({"actor/grad_norm": norms}), **scores})
-    finally:
-        stabledrl_verl.uninstall()
+    lines = trained(tmp_path / "run", monkeypatch, [0.5, math.inf, 0.25, 0.75], infinite=3)
     console = io.StringIO()
     with contextlib.redirect_stdout(console):
         for step, line in enumerate(lines, start=1):
@@ -231,3 +240,18 @@ def test_an_infinite_grad_norm_or_score_is_compared_as_verl_logs_it(
         code, result = diff(tmp_path / "run", out)
         assert code == 0, (kind, result)
         assert (result["parted_at"], result["common"]) == (None, 2)
+
+
+def test_watch_names_the_training_step_of_a_non_finite_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verl recording's non-finite update (optimizer step 3, the second rollout's second)
+    is at training step 2 on verl's dashboard: `watch` named optimizer step 3 alone while
+    `inspect` named both; it now says `step 3 (training step 2)`, and its JSON holds
+    `nonfinite_training_steps`."""
+    trained(tmp_path / "run", monkeypatch, [0.5, 0.25, 0.75, math.nan])
+    done = CliRunner().invoke(app, ["watch", str(tmp_path / "run"), "--once", "-f", "json"])
+    state = json.loads(done.stdout)
+    assert (state["nonfinite_steps"], state["nonfinite_training_steps"]) == ([3], [2])
+    done = CliRunner().invoke(app, ["watch", str(tmp_path / "run"), "--once"])
+    assert "recorded non-finite: step 3 (training step 2)" in done.stdout

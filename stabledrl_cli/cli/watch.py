@@ -232,6 +232,16 @@ def _view(state: WatchState) -> Group:
         why = state.unjudged.get(rule)
         return _steps(steps, named=named) + ("" if why is None else f" ({judged}: {why})")
 
+    def nonfinite() -> str:
+        """The recorded non-finite steps, and a verl recording's training steps that hold
+        them, as verl's log numbers them: `step 8 (training step 3)`."""
+        training = state.nonfinite_training_steps
+        if not (training and state.nonfinite_steps):
+            return listed(state.nonfinite_steps, "nonfinite_steps")
+        return (
+            f"{_steps(state.nonfinite_steps, named=True)} (training {_steps(training, named=True)})"
+        )
+
     def replayed(steps: list[int], rule: str, judged: str) -> str:
         if not state.replayed_steps:
             return "- (nothing replayed)"
@@ -257,7 +267,7 @@ def _view(state: WatchState) -> Group:
         f"risk steps: {replayed(state.risk_steps, 'spike', 'spikes not judged')}",
         f"drift steps: {replayed(state.drift_steps, 'drift', 'not judged')}",
         f"recorded grad-norm spikes: {listed(state.spike_steps, 'spike_steps')}",
-        f"recorded non-finite: {listed(state.nonfinite_steps, 'nonfinite_steps')}",
+        f"recorded non-finite: {nonfinite()}",
         f"collapse warning: {warning}; reward collapse: {reward_collapse}",
     ]
     table = Table(show_edge=False)

@@ -107,6 +107,9 @@ class WatchState:
     """Steps whose recorded grad_norm is a spike."""
     nonfinite_steps: list[int]
     """Recorded non-finite steps."""
+    nonfinite_training_steps: list[int] | None
+    """A verl recording's training steps that hold them, numbered as verl's log numbers them
+    (`Observed.nonfinite_training_steps`); None for any other run."""
     collapse_warning: int | None
     """The collapse warning's first step."""
     first_reward_collapse: int | None
@@ -567,6 +570,7 @@ class RunWatcher:
                 drift_steps=[],
                 spike_steps=[],
                 nonfinite_steps=[],
+                nonfinite_training_steps=None,
                 collapse_warning=None,
                 first_reward_collapse=None,
                 alerts=list(self._alerts),
@@ -615,6 +619,7 @@ class RunWatcher:
             drift_steps=_flag_steps(series, "drift"),
             spike_steps=list(observed.recorded_spike_steps),
             nonfinite_steps=list(observed.nonfinite_steps),
+            nonfinite_training_steps=observed.nonfinite_training_steps,
             collapse_warning=observed.collapse_warning.first_step,
             first_reward_collapse=observed.first_reward_collapse,
             alerts=list(self._alerts),
