@@ -185,3 +185,38 @@ def test_a_per_rank_step_is_the_mean_of_its_ranks_replayed_alone(tmp_path, spec)
     objective, norm = _replayed(tmp_path / "ranks", spec)
     assert objective == pytest.approx(np.mean([o for o, _ in alone]), rel=1e-5)
     assert norm == pytest.approx(np.sqrt(sum(n * n for _, n in alone)) / len(parts), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "stabledrl:norm=batch",
+        "stabledrl:norm=group",
+        "stabledrl:norm=micro",
+        "stabledrl:norm=group,rows=all",
+        "stabledrl:norm=micro,level=token",
+        "ppo:agg=micro-token-mean",
+    ],
+)
+def test_stabledrl_softmaxes_each_ranks_part_alone(tmp_path, spec):
+    """A StableDRL loop under DDP runs its softmax over its own rank's batch (or its rounds,
+    or its groups) and the all-reduce averages the ranks' losses: with ranks of 1 and 2 groups
+    and micro-batches, and an empty rank, the objective is the mean over the ranks of each
+    rank's part replayed alone. Before, norm=batch put one softmax over the joined step
+    (objective -0.0432 where the ranks' mean is -0.0063), norm=group and norm=micro averaged
+    over every rank's groups or rounds at once (-0.0437 against -0.0062)."""
+    parts = [*_parts([[2, 3], [4, 1, 2, 3]]), _parts([[]])[0]]
+    groups = [np.array([0, 0]), np.array([0, 0, 1, 1]), np.array([], dtype=int)]
+    micro = [np.array([0, 0]), np.array([0, 1, 1, 1]), np.array([], dtype=int)]
+    for rank, part in enumerate(parts):
+        kwargs = {"world_size": 3, "rank": rank, "policy": spec, "loss_norm": "per_rank"}
+        with sd.Recorder(tmp_path / "ranks", **kwargs) as recorder:  # type: ignore[arg-type]
+            recorder.log_step(0, group_id=groups[rank], micro_batch=micro[rank], **part)
+    alone = []
+    for rank, part in enumerate(parts[:2]):
+        with sd.Recorder(tmp_path / f"rank{rank}", policy=spec) as recorder:
+            recorder.log_step(0, group_id=groups[rank], micro_batch=micro[rank], **part)
+        alone.append(_replayed(tmp_path / f"rank{rank}", spec))
+    objective, norm = _replayed(tmp_path / "ranks", spec)
+    assert objective == pytest.approx(sum(o for o, _ in alone) / 3, rel=1e-5)
+    assert norm == pytest.approx(np.sqrt(sum(n * n for _, n in alone)) / 3, rel=1e-5)

@@ -9,7 +9,8 @@ level=seq (default), per sequence i of group g:
   J       = (1 / n_groups) sum_g sum_{i in g} w~_i ELBO_i(A),
             ELBO_i(A) = sum_{t in i} w_t A_t logp_t / |y_i|
   coef_t  = w~_i A_t w_t / (n_groups |y_i|)          (n_groups = 1 for norm=batch; the
-            micro-batches for norm=micro)
+            micro-batches for norm=micro; with loss_norm per_rank, R times the segments of
+            the sequence's rank, a segment one rank's)
 level=token (token units only): log w_t = min(log r_t, log c), softmax over the scored tokens of
 the group (or step), coef_t = w~_t A_t w_t / n_groups.
 
@@ -68,17 +69,42 @@ class StableDRLPolicy(Policy):
         return torch.ones_like(prep.seq_live)
 
     def _segments(self, prep: PreparedBatch) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """-> (group index of each sequence [N], number of segments, n_groups 0-d)."""
+        """-> (segment of each sequence [N], number of segments, divisor [N]: n_groups, or of a
+        run whose ranks each normalised their own part, R times its rank's segments)."""
+        if prep.seq_rank is not None:
+            return self._rank_segments(prep, prep.seq_rank)
+        n = torch.ones_like(prep.seq_len)
         if self.config.norm == "group":
             if self.config.rows == "scored":
-                return prep.seq_group, prep.n_groups_total, prep.num_live_groups
-            n_groups = torch.tensor(float(prep.n_groups_total), dtype=prep.dtype)
-            return prep.seq_group, prep.n_groups_total, n_groups.to(prep.device)
+                return prep.seq_group, prep.n_groups_total, prep.num_live_groups * n
+            return prep.seq_group, prep.n_groups_total, prep.n_groups_total * n
         if self.config.norm == "micro":
             members = prep.micro_sum(self._members(prep).to(prep.dtype))
-            return prep.seq_micro, prep.num_micro, (members > 0).sum().to(prep.dtype)
-        zeros = torch.zeros_like(prep.seq_group)
-        return zeros, 1, torch.ones((), dtype=prep.dtype, device=prep.device)
+            return prep.seq_micro, prep.num_micro, (members > 0).sum().to(prep.dtype) * n
+        return torch.zeros_like(prep.seq_group), 1, n
+
+    def _rank_segments(
+        self, prep: PreparedBatch, rank: torch.Tensor
+    ) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """`_segments` of a step whose ranks each ran their own loss (loss_norm per_rank): a
+        segment is one rank's (its batch, group or micro-batch), and each rank's objective
+        averages over its own segments with a member, the all-reduce over the R ranks."""
+        within = {"group": prep.seq_group, "micro": prep.seq_micro}.get(self.config.norm)
+        if within is None:
+            seg, n_seg = rank, prep.ranks
+        else:
+            pairs = rank * (int(within.max()) + 1 if len(within) else 1) + within
+            seg_ids, seg = torch.unique(pairs, return_inverse=True)
+            n_seg = len(seg_ids)
+        members = torch.zeros(n_seg, dtype=prep.dtype, device=prep.device)
+        members = members.index_add(0, seg, self._members(prep).to(prep.dtype)) > 0
+        if self.config.norm == "group" and self.config.rows == "all":
+            members = torch.ones_like(members)
+        seg_rank = torch.zeros(n_seg, dtype=torch.int64, device=prep.device)
+        seg_rank = seg_rank.scatter_reduce(0, seg, rank, reduce="amax")
+        counted = torch.zeros(prep.ranks, dtype=prep.dtype, device=prep.device)
+        counted = counted.index_add(0, seg_rank, members.to(prep.dtype)).clamp(min=1.0)
+        return seg, n_seg, (counted * prep.ranks)[rank]
 
     def norm(self, prep: PreparedBatch) -> torch.Tensor:
         cfg = self.config
@@ -90,10 +116,10 @@ class StableDRLPolicy(Policy):
             live = self._members(prep).to(prep.dtype)
             seg_size = torch.zeros(n_seg, dtype=prep.dtype, device=prep.device)
             seg_size = seg_size.index_add(0, seg_of_seq, live).clamp(min=1.0)
-            return n_groups * prep.per_token(seg_size[seg_of_seq]) * prep.seq_len_tokens
+            return prep.per_token(n_groups * seg_size[seg_of_seq]) * prep.seq_len_tokens
         seg_tokens = torch.zeros(n_seg, dtype=prep.dtype, device=prep.device)
         seg_tokens = seg_tokens.index_add(0, seg_of_seq, prep.seq_len).clamp(min=1.0)
-        return n_groups * prep.per_token(seg_tokens[seg_of_seq])
+        return prep.per_token(n_groups * seg_tokens[seg_of_seq])
 
     def _policy_terms(
         self, prep: PreparedBatch, adv: torch.Tensor, norm: torch.Tensor
@@ -116,7 +142,7 @@ class StableDRLPolicy(Policy):
             )
             clipped = above(prep.log_ratio, log_c)
             per_token = share
-        coef = per_token * adv * prep.weight / n_groups
+        coef = per_token * adv * prep.weight / prep.per_token(n_groups)
         objective = masked_sum(prep.mask, coef * prep.logp)
         return PolicyTerms(
             coef=coef, objective=objective, discarded=torch.zeros_like(clipped), clipped=clipped
