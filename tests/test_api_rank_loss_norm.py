@@ -168,13 +168,17 @@ def test_a_packed_per_rank_run_replays_as_its_directory(tmp_path):
         "cispo",
         "gspo",
         "gmpo:mean=micro",
+        "gmpo",
+        "kl-cov:ratio=0.2",
         "reinforce:agg=token-sum",
         "ppo:agg=constant,max_len=8",
     ],
 )
 def test_a_per_rank_step_is_the_mean_of_its_ranks_replayed_alone(tmp_path, spec):
     """Whatever the policy's normaliser: the objective is the mean of each rank's part
-    replayed as a run of its own, the coefficients each rank's over the ranks."""
+    replayed as a run of its own, the coefficients each rank's over the ranks. gmpo's
+    mean=step and kl-cov's step selection were over the joined step (objective -0.1412 and
+    -0.1796 where the ranks' mean is -0.1802 and -0.1750)."""
     parts = _parts(LENGTHS["three"])
     _record(tmp_path / "ranks", parts, policy=spec, loss_norm="per_rank")
     alone = []

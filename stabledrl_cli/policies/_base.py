@@ -96,6 +96,13 @@ def _agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
     return _recorded_scale(prep)
 
 
+def rank_sum(prep: PreparedBatch, per_seq: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """[N] -> [N]: R times the sum over the sequence's rank's part (`rank`, its
+    `prep.seq_rank`), clamped to >= 1: a rank's own count, averaged over the R ranks."""
+    sums = torch.zeros(prep.ranks, dtype=per_seq.dtype, device=per_seq.device)
+    return (sums.index_add_(0, rank, per_seq).clamp(min=1.0) * float(prep.ranks))[rank]
+
+
 def _rank_agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
     """[T] norm_t of a step whose ranks each normalised their own part (`prep.seq_rank`): the
     normaliser `config.agg` gives over the token's rank's part alone, times the ranks R (the
@@ -104,9 +111,7 @@ def _rank_agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
     rank, ranks = prep.seq_rank, float(prep.ranks)
 
     def per_rank(per_seq: torch.Tensor) -> torch.Tensor:
-        """[N] -> [N]: R times the sum over the sequence's rank's part, clamped to >= 1."""
-        sums = torch.zeros(prep.ranks, dtype=per_seq.dtype, device=per_seq.device)
-        return (sums.index_add_(0, rank, per_seq).clamp(min=1.0) * ranks)[rank]
+        return rank_sum(prep, per_seq, rank)
 
     agg = config.agg
     if agg == "token-mean":

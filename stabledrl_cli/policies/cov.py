@@ -39,7 +39,8 @@ def covariance(prep: PreparedBatch, adv: torch.Tensor) -> torch.Tensor:
 def top_covariance(
     prep: PreparedBatch, adv: torch.Tensor, ratio: float, logp_dtype: str, *, per_micro: bool
 ) -> torch.Tensor:
-    """[T] bool: in each micro-batch (per_micro; else the whole step) with scored tokens, the
+    """[T] bool: in each micro-batch (per_micro; else the whole step, or each rank's part of
+    a step whose ranks each normalised their own: `seq_rank`) with scored tokens, the
     max(1, int(ratio x its scored tokens)) of largest (A - mean A)(logp - mean logp), means
     over its scored tokens. As verl's kl_cov: on the CPU, over the scored tokens in order,
     logp centred in the run's `logp_dtype` (float32: the replay's own), so that a tie or
@@ -47,14 +48,15 @@ def top_covariance(
     way."""
     chosen = torch.zeros(prep.num_tokens, dtype=torch.bool)
     scored, adv_cpu, logp = prep.mask.cpu(), adv.detach().cpu(), prep.logp.cpu()
-    micro = (
-        prep.per_token(prep.seq_micro).cpu()
-        if per_micro
-        else torch.zeros(prep.num_tokens, dtype=torch.int64)
-    )
+    if per_micro:
+        micro, parts = prep.per_token(prep.seq_micro).cpu(), prep.num_micro
+    elif prep.seq_rank is not None:  # each rank selected over its own part
+        micro, parts = prep.per_token(prep.seq_rank).cpu(), prep.ranks
+    else:
+        micro, parts = torch.zeros(prep.num_tokens, dtype=torch.int64), 1
     if logp_dtype != "float32":
         logp = logp.to(getattr(torch, logp_dtype))
-    for k in range(prep.num_micro if per_micro else 1):
+    for k in range(parts):
         members = torch.nonzero(scored & (micro == k)).flatten()
         if members.numel():
             a, lp = adv_cpu[members], logp[members]

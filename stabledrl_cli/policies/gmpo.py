@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from stabledrl_cli.policies._base import Policy, PolicyTerms, num_sequences
+from stabledrl_cli.policies._base import Policy, PolicyTerms, num_sequences, rank_sum
 from stabledrl_cli.policies._batch import PreparedBatch
 from stabledrl_cli.policies._config import GMPOConfig
 from stabledrl_cli.policies._masked import above, below, keep_times
@@ -41,13 +41,16 @@ class GMPOPolicy(Policy):
         """[N] N_i, the rows of the mean each sequence's term is in (clamped to >= 1), times
         the step's ranks with mean=micro on recorded micro-batches (once per step, mean and
         rows). A step without a recorded `micro_batch` is one micro-batch: mean=micro is
-        mean=step, on any number of ranks (its ranks' parts cannot be told apart)."""
+        mean=step, on any number of ranks (its ranks' parts cannot be told apart), but for
+        a run whose ranks each normalised their own part (`seq_rank`): R times its rank's."""
         mean, rows = self.config.mean, self.config.rows
 
         def build() -> torch.Tensor:
+            counted = prep.seq_live if rows == "scored" else torch.ones_like(prep.seq_live)
+            if mean == "step" and prep.seq_rank is not None:  # each rank's one mean
+                return rank_sum(prep, counted.to(prep.dtype), prep.seq_rank)
             if mean == "step" or prep.micro_batch is None:  # one micro-batch: mean=step
                 return num_sequences(prep, rows).expand(prep.n_seq)
-            counted = prep.seq_live if rows == "scored" else torch.ones_like(prep.seq_live)
             rows_per_micro = prep.micro_sum(counted.to(prep.dtype)).clamp(min=1.0)
             return (rows_per_micro * float(prep.ranks))[prep.seq_micro]
 
