@@ -65,3 +65,28 @@ def test_transformers_console_output_names_the_log_to_import(
         'with report_to="tensorboard"\n'
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_slurm_output_of_the_progress_bar_and_its_lines_is_refused_the_same(
+    tmp_path: Path,
+) -> None:
+    """sbatch writes a job's stdout and stderr to one file: the progress bar (stderr) and its
+    carriage returns, which clear it before each `{'loss': ...}` line. Before, such a file
+    was read as a CSV (the bar's commas): 'line 1: not CSV (new-line character seen in
+    unquoted field ...)'."""
+    out = io.StringIO()
+    callback = trainer_callback.ProgressCallback()
+    state = trainer_callback.TrainerState(max_steps=4, epoch=0.5)
+    control = trainer_callback.TrainerControl()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        callback.on_train_begin(None, state, control)
+        for step, logs in enumerate(LOGS, start=1):
+            state.global_step = step
+            callback.on_step_end(None, state, control)
+            callback.on_log(None, state, control, logs={**logs, "epoch": state.epoch})
+    assert "\r{'loss': " in out.getvalue()
+    log = tmp_path / "slurm-1234.out"
+    log.write_text(out.getvalue())
+    result = RUNNER.invoke(app, ["import", str(log), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.startswith(f"error: {log}: transformers' console output (`{{'loss'")

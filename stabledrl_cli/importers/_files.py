@@ -107,14 +107,20 @@ _SCAN_COLOURS = re.compile(rb"\x1b\[[0-9;]*m")
 
 def first_line_kind(path: Path, kinds: Mapping[str, re.Pattern[bytes]]) -> str | None:
     """The first of `kinds`, in their order, whose pattern `search`es a line in the first
-    SCAN_LIMIT bytes of the file at `path` (colour codes taken out); None if none does."""
+    SCAN_LIMIT bytes of the file at `path` (colour codes taken out; a carriage return starts
+    a line, as on the terminal: a progress bar's, in a file of stdout and stderr both); None
+    if none does."""
     found: set[str] = set()
     with open_log(path) as handle:
         read = 0
         while read < SCAN_LIMIT and (line := handle.readline(LINE_LIMIT)):
             read += len(line)
-            line = _SCAN_COLOURS.sub(b"", line)
-            found.update(kind for kind, pattern in kinds.items() if pattern.search(line))
+            parts = _SCAN_COLOURS.sub(b"", line).split(b"\r")
+            found.update(
+                kind
+                for kind, pattern in kinds.items()
+                if any(pattern.search(part) for part in parts)
+            )
             if next(iter(kinds)) in found:
                 break
     return next((kind for kind in kinds if kind in found), None)
