@@ -224,3 +224,23 @@ def test_stabledrl_softmaxes_each_ranks_part_alone(tmp_path, spec):
     objective, norm = _replayed(tmp_path / "ranks", spec)
     assert objective == pytest.approx(sum(o for o, _ in alone) / 3, rel=1e-5)
     assert norm == pytest.approx(np.sqrt(sum(n * n for _, n in alone)) / 3, rel=1e-5)
+
+
+def test_inspect_says_how_the_ranks_normalised(tmp_path):
+    """The replay's figures of a multi-rank run rest on its loss_norm: inspect shows it, in
+    its table and JSON, for the directory and its archive alike. Before, neither said it."""
+    from typer.testing import CliRunner
+
+    from stabledrl_cli.cli.app import app
+
+    runner = CliRunner()
+    _record(tmp_path / "run", _parts(LENGTHS["uneven"]), policy="ppo", loss_norm="per_rank")
+    _record(tmp_path / "global", _parts(LENGTHS["uneven"]), policy="ppo")
+    assert (
+        runner.invoke(app, ["pack", str(tmp_path / "run"), str(tmp_path / "run.h5")]).exit_code == 0
+    )
+    for run, norm in (("run", "per_rank"), ("run.h5", "per_rank"), ("global", "global")):
+        shown = runner.invoke(app, ["inspect", str(tmp_path / run), "--format", "json"])
+        assert json.loads(shown.stdout)["loss_norm"] == norm
+        table = runner.invoke(app, ["inspect", str(tmp_path / run)], env={"COLUMNS": "80"})
+        assert f"2 (loss_norm {norm}: " in table.stdout

@@ -59,6 +59,15 @@ def _writer_text(tool_version: object) -> str:
     return "writer not recorded"
 
 
+def _world_text(s: RunSummary) -> str:
+    """The world size, and of several ranks what a replay normalises over (loss_norm)."""
+    if not isinstance(s.world_size, int) or s.world_size < 2:
+        return str(s.world_size)
+    if s.loss_norm == "per_rank":
+        return f"{s.world_size} (loss_norm per_rank: each rank over its own part)"
+    return f"{s.world_size} (loss_norm global: over every rank's part)"
+
+
 def _run_table(s: RunSummary) -> Table:
     counts = s.tokens_per_step
     table = Table(title=f"Run {s.run}", show_header=False, title_justify="left")
@@ -74,7 +83,7 @@ def _run_table(s: RunSummary) -> Table:
         ("unit", s.unit),
         ("estimator", ", ".join(f"{k}={v}" for k, v in s.estimator.items()) or "not given"),
         ("reward range", str(s.reward_range) if s.reward_range else "not given"),
-        ("world size", str(s.world_size)),
+        ("world size", _world_text(s)),
         ("geometry", _geometry_text(s.geometry) if s.geometry else _logged_geometry(s.fields)),
         ("steps", _steps_row(s)),
         (

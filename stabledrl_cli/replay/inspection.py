@@ -74,6 +74,9 @@ class RunSummary:
     estimator: dict[str, object]
     reward_range: list[float] | None
     world_size: object
+    loss_norm: str
+    """How the ranks normalised their losses (the manifest's `loss_norm`; "global" when it
+    says none): what a replay of a step joined from several ranks normalises over."""
     geometry: dict[str, object] | None
     """The manifest's geometry entry; None without recorded geometry."""
     steps: int
@@ -243,6 +246,7 @@ def summarize(run: Run) -> RunSummary:
         estimator=_mapping(manifest.get("estimator")),
         reward_range=list(run.reward_range) if run.reward_range else None,
         world_size=manifest.get("world_size"),
+        loss_norm=run.loss_norm,
         geometry=dict(geometry) if geometry else None,
         steps=len(headers),
         scalar_steps=recorded.scalar_steps,
