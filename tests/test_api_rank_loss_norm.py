@@ -244,3 +244,25 @@ def test_inspect_says_how_the_ranks_normalised(tmp_path):
         assert json.loads(shown.stdout)["loss_norm"] == norm
         table = runner.invoke(app, ["inspect", str(tmp_path / run)], env={"COLUMNS": "80"})
         assert f"2 (loss_norm {norm}: " in table.stdout
+
+
+def test_diff_notes_runs_whose_ranks_normalised_apart(tmp_path):
+    """Equal arrays recorded once per_rank and once global are other losses to a replay
+    (ppo: objective -0.0292 against 0.2674 on ranks of 1 and 24 tokens): diff, which compares
+    the arrays, said only 'they never part: every step both hold equal, bit for bit'."""
+    from typer.testing import CliRunner
+
+    from stabledrl_cli.cli.app import app
+
+    parts = _parts(LENGTHS["uneven"])
+    _record(tmp_path / "per_rank", parts, policy="ppo", loss_norm="per_rank")
+    _record(tmp_path / "global", parts, policy="ppo")
+    args = ["diff", str(tmp_path / "per_rank"), str(tmp_path / "global")]
+    shown = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
+    assert shown.exit_code == 0, shown.output
+    note = "note: A says loss_norm per_rank, B global: equal arrays replay as other losses"
+    assert note in shown.stdout.splitlines()
+    _record(tmp_path / "one", parts[1:], policy="ppo", loss_norm="per_rank")
+    _record(tmp_path / "one_global", parts[1:], policy="ppo")
+    args = ["diff", str(tmp_path / "one"), str(tmp_path / "one_global"), "--format", "json"]
+    assert json.loads(CliRunner().invoke(app, args).stdout)["notes"] == []

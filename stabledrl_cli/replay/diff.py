@@ -549,6 +549,17 @@ def _sides(side: int, mine: Any, other: Any) -> tuple[Any, Any]:
     return (mine, other) if side == 0 else (other, mine)
 
 
+def _loss_norm_note(a: Run, b: Run) -> list[str]:
+    """A note when the runs' ranks normalised their losses apart (a run of one rank's is
+    either): equal arrays are then other losses to a replay."""
+    norms = [
+        run.loss_norm if int(run.manifest.get("world_size", 1)) > 1 else "global" for run in (a, b)
+    ]
+    if norms[0] == norms[1]:
+        return []
+    return [f"A says loss_norm {norms[0]}, B {norms[1]}: equal arrays replay as other losses"]
+
+
 def diff_runs(
     a: Run,
     b: Run,
@@ -611,6 +622,7 @@ def diff_runs(
         windows = _sides(training[0], training[1].window, None)
     else:
         windows, notes = log_windows(a, b, steps_a, steps_b, common, series)
+    notes += _loss_norm_note(a, b)
     comparison = _Comparison(atol=atol, rtol=rtol, rewards=rewards, windows=windows)
     unread = skipped
     for number, step_a, step_b in _pairs(a, b, common, unread, reads):
