@@ -72,3 +72,22 @@ def test_a_packed_run_lacks_the_step_a_rank_never_wrote_as_check_says(tmp_path: 
     gates = json.loads(watch.stdout)["gates"]
     assert gates == json.loads(check.stdout)["gates"]
     assert gates[0]["message"] == LOST
+
+
+def test_a_step_every_rank_went_past_is_lost_on_a_live_run(tmp_path: Path) -> None:
+    """A rank that logged no step 5 (a part with no sequence, say) and went on to step 9:
+    its step 5 never comes, since a rank's steps increase. `watch --once --max-lost-steps 0`
+    on the run still recording said 'gates passed' (exit 0) where check trips."""
+    run = tmp_path / "run"
+    ranks = [Recorder(run, policy=None, world_size=2, rank=rank) for rank in (0, 1)]
+    for rank, recorder in enumerate(ranks):
+        for n in range(10):
+            if (rank, n) != (0, 5):
+                recorder.log_step(n, grad_norm=1.0 + 0.1 * (n % 3), loss=0.5, lr=1e-3)
+    watched = CliRunner().invoke(app, ["watch", str(run), "--once", *GATE])
+    check = CliRunner().invoke(app, ["check", str(run), *GATE])
+    for recorder in ranks:
+        recorder.close()
+    assert watched.exit_code == 1 == check.exit_code, watched.stderr
+    assert watched.stderr.rstrip().endswith(f"gate tripped: (run) max_lost_steps: {LOST}")
+    assert "step 5: incomplete, no file for rank(s) [0]" in watched.stderr

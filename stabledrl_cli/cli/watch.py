@@ -59,7 +59,7 @@ from stabledrl_cli.cli._signals import (
 from stabledrl_cli.cli.inspect import LIST_LIMIT, stopped_text
 from stabledrl_cli.cli.replay import missing_line, option_names
 from stabledrl_cli.dump import open_run
-from stabledrl_cli.dump._integrity import missing_count
+from stabledrl_cli.dump._integrity import Finding, missing_count
 from stabledrl_cli.dump._open import run_to_come
 from stabledrl_cli.errors import INTERRUPTED, InputError, UsageError, counted
 from stabledrl_cli.replay._format import format_cell, format_steps
@@ -91,26 +91,38 @@ def _alert_line(alert: Alert) -> str:
     return f"alert: step {alert.step}: {alert.kind}: {alert.message}"
 
 
-def _skipped_kinds(watcher: RunWatcher) -> tuple[str, ...]:
+def _lacking(watcher: RunWatcher) -> list[Finding]:
     """The integrity findings of the step files the reader skipped that the run lacks: the
-    damaged ones (`DAMAGED_KINDS`), and, once the run gains no step (its recording closed, a
-    packed archive, or its Recorders ended), a step some rank never wrote, as `check` counts it
-    (`SKIPPED_KINDS`); before that such a step is not lacking: the ranks of a live run lag."""
+    damaged ones (`DAMAGED_KINDS`), and a step some rank never wrote (`SKIPPED_KINDS`), as
+    `check` counts it, once the run gains no step (its recording closed, a packed archive, or
+    its Recorders ended) or every rank wrote a later step (a rank's steps increase); before
+    that such a step is not lacking: the ranks of a live run lag."""
+    replay = watcher.replay
+    if replay is None:
+        return []
     ended = watcher.closed or watcher.writers_ended is not None
-    return SKIPPED_KINDS if ended else DAMAGED_KINDS
+    ranks = watcher.rank_progress()
+    lasts = [rank.last_step for rank in ranks if rank.last_step is not None]
+    passed = min(lasts) if lasts and len(lasts) == len(ranks) else None
+    return [
+        f
+        for f in replay.run.header_findings()
+        if f.kind in DAMAGED_KINDS
+        or (
+            f.kind in SKIPPED_KINDS
+            and (ended or (passed is not None and f.step is not None and f.step < passed))
+        )
+    ]
 
 
 def _damaged_line(watcher: RunWatcher) -> str | None:
     """The warning naming the step files the reader skipped that the run lacks
-    (`_skipped_kinds`), as `check` names them, consecutive steps alike as one
+    (`_lacking`), as `check` names them, consecutive steps alike as one
     (`group_findings`, as inspect's rows); None without one.
     From the headers the watch read: no file is read again for it."""
     replay = watcher.replay
-    if replay is None:
-        return None
-    kinds = _skipped_kinds(watcher)
-    damaged = [f for f in replay.run.header_findings() if f.kind in kinds]
-    if not damaged:
+    damaged = _lacking(watcher)
+    if replay is None or not damaged:
         return None
     reasons = [row.message for row in group_findings(damaged, replay.seen)]
     incomplete = any(f.kind not in DAMAGED_KINDS for f in damaged)
@@ -323,13 +335,10 @@ def _refuse_policy_gates(watcher: RunWatcher, gates: Gates) -> None:
 
 def _lost(watcher: RunWatcher, replay: OwnReplay) -> LostSteps:
     """The steps the run lacks so far, as the watch's warnings name them (`_warn_damaged`,
-    `_rejected_line`): skipped (`_skipped_kinds`: their file damaged, or, once the run gains no
-    step, some rank's never written) or their data unusable by the own policy, and missing
-    between the recorded ones."""
-    kinds = _skipped_kinds(watcher)
-    damaged = {
-        f.step for f in replay.run.header_findings() if f.kind in kinds and f.step is not None
-    }
+    `_rejected_line`): skipped (`_lacking`: their file damaged, or some rank's never written
+    once the run gains no step or every rank went past it) or their data unusable by the own
+    policy, and missing between the recorded ones."""
+    damaged = {f.step for f in _lacking(watcher) if f.step is not None}
     skipped = damaged | {step for step, _ in replay.rejected}
     return LostSteps(skipped=len(skipped), missing=missing_count(run_gaps(replay.run)))
 
