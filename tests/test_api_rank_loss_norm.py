@@ -170,6 +170,7 @@ def test_a_packed_per_rank_run_replays_as_its_directory(tmp_path):
         "gmpo:mean=micro",
         "gmpo",
         "kl-cov:ratio=0.2",
+        "clip-cov:ratio=1,lb=-1,ub=0.01",
         "reinforce:agg=token-sum",
         "ppo:agg=constant,max_len=8",
     ],
@@ -178,7 +179,8 @@ def test_a_per_rank_step_is_the_mean_of_its_ranks_replayed_alone(tmp_path, spec)
     """Whatever the policy's normaliser: the objective is the mean of each rank's part
     replayed as a run of its own, the coefficients each rank's over the ranks. gmpo's
     mean=step and kl-cov's step selection were over the joined step (objective -0.1412 and
-    -0.1796 where the ranks' mean is -0.1802 and -0.1750)."""
+    -0.1796 where the ranks' mean is -0.1802 and -0.1750), and clip-cov's means and draw
+    (ratio 1: -0.0508 against -0.0522)."""
     parts = _parts(LENGTHS["three"])
     _record(tmp_path / "ranks", parts, policy=spec, loss_norm="per_rank")
     alone = []

@@ -27,13 +27,24 @@ from stabledrl_cli.policies._masked import keep_times, ratio_times
 from stabledrl_cli.policies.ppo import ppo_terms
 
 
-def covariance(prep: PreparedBatch, adv: torch.Tensor) -> torch.Tensor:
-    """[T] (A - mean A)(logp - mean logp), means over the scored tokens (an unscored entry's
-    value never enters, a NaN or an infinity there neither)."""
-    count = prep.num_scored
-    mean_adv = torch.where(prep.mask, adv, 0.0).sum() / count
-    mean_logp = torch.where(prep.mask, prep.logp, 0.0).sum() / count
+def covariance(prep: PreparedBatch, adv: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """[T] (A - mean A)(logp - mean logp), means over the scored tokens of `part` ([T] bool:
+    the step, or one rank's part of it; an unscored entry's value never enters, a NaN or an
+    infinity there neither)."""
+    scored = prep.mask & part
+    count = scored.sum().to(prep.dtype).clamp(min=1.0)
+    mean_adv = torch.where(scored, adv, 0.0).sum() / count
+    mean_logp = torch.where(scored, prep.logp, 0.0).sum() / count
     return (adv - mean_adv) * (prep.logp - mean_logp)
+
+
+def _parts(prep: PreparedBatch) -> list[torch.Tensor]:
+    """[T] bool each: the step, or of a step whose ranks each normalised their own part
+    (`seq_rank`), each rank's part: what one process computes its loss over."""
+    if prep.seq_rank is None:
+        return [torch.ones_like(prep.mask)]
+    rank = prep.per_token(prep.seq_rank)
+    return [rank == r for r in range(prep.ranks)]
 
 
 def top_covariance(
@@ -66,28 +77,32 @@ def top_covariance(
     return chosen.to(prep.device)
 
 
-def selection_size(prep: PreparedBatch, ratio: float) -> int:
+def selection_size(scored: int, ratio: float) -> int:
     """max(1, int(ratio x scored tokens)): verl's clip_num / k_percent_nums."""
-    return max(1, int(ratio * int(prep.mask.sum())))
+    return max(1, int(ratio * scored))
 
 
 def clip_cov_draw(
     prep: PreparedBatch, adv: torch.Tensor, cfg: ClipCovConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """([T] PPO's clipped value, [T] bool clipped by PPO's rule, [T] bool chosen by the draw)
-    of clip-cov over `adv` (the advantages cfg makes): once per step and configuration, for
-    the policy and for verl's `pg_clipfrac` (the share of tokens the draw chose)."""
+    of clip-cov over `adv` (the advantages cfg makes), over the step or each rank's part
+    (`_parts`): once per step and configuration, for the policy and for verl's `pg_clipfrac`
+    (the share of tokens the draw chose)."""
 
     def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         value, clipped_by_rule = ppo_terms(prep.ratio, adv, cfg.eps_low, cfg.high)
-        cov = covariance(prep, adv)
-        candidates = prep.mask & ~clipped_by_rule & (cov > cfg.lb) & (cov < cfg.ub)
-        index = torch.nonzero(candidates.cpu()).flatten()
-        shape_key = prep.num_tokens * 1_000_003 + int(prep.mask.sum())
-        generator = torch.Generator().manual_seed((cfg.seed * 2_654_435_761 + shape_key) % 2**63)
-        chosen_index = index[torch.randperm(index.numel(), generator=generator)]
-        chosen_index = chosen_index[: selection_size(prep, cfg.ratio)].to(prep.device)
-        chosen = torch.zeros_like(prep.mask).index_fill_(0, chosen_index, True)
+        chosen = torch.zeros_like(prep.mask)
+        for part in _parts(prep):
+            cov = covariance(prep, adv, part)
+            candidates = part & prep.mask & ~clipped_by_rule & (cov > cfg.lb) & (cov < cfg.ub)
+            index = torch.nonzero(candidates.cpu()).flatten()
+            scored = int((prep.mask & part).sum())
+            shape_key = int(part.sum()) * 1_000_003 + scored
+            seed = (cfg.seed * 2_654_435_761 + shape_key) % 2**63
+            order = torch.randperm(index.numel(), generator=torch.Generator().manual_seed(seed))
+            chosen_index = index[order][: selection_size(scored, cfg.ratio)].to(prep.device)
+            chosen = chosen.index_fill_(0, chosen_index, True)
         return value, clipped_by_rule, chosen
 
     key = ("clip_cov_draw", cfg.eps_low, cfg.high, cfg.lb, cfg.ub, cfg.ratio, cfg.seed, cfg.adv)
