@@ -73,6 +73,15 @@ def test_replay_help_states_each_default(option, default):
     assert default in _help("replay")[option]
 
 
+@pytest.mark.parametrize("command", ["replay", "check"])
+def test_collapse_window_help_counts_rewards_not_steps(command):
+    """The help said 'steps in the rolling mean of the recorded reward', where W counts reward
+    draws, one a rollout: on the built-in example (4 steps a rollout) W = 10 spans 40 steps."""
+    text = _help(command)["--collapse-window"]
+    assert "one a rollout" in text
+    assert "steps in the rolling mean" not in text
+
+
 @pytest.mark.parametrize("option", ["--window", "--drift-threshold", "--collapse-window"])
 def test_only_check_speaks_of_a_baseline(option):
     """replay takes no baseline, yet its help gave these defaults as 'calibrated, or the

@@ -212,7 +212,7 @@ _drift_threshold = _detector(
 _collapse_window = _detector(
     "--collapse-window",
     int,
-    "Observed collapse: steps in the rolling mean of the recorded reward",
+    "Observed collapse: rewards (one a rollout) in the rolling mean of the recorded reward",
     f"{DEFAULT_COLLAPSE_WINDOW}",
 )
 
