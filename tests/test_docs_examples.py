@@ -235,15 +235,12 @@ def marked_block(page: Path, marker: str) -> str:
     return found.group(1)
 
 
-SPIKE_PAGES = [ROOT / "README.md", ROOT / "docs" / "watch.md"]
-
-
-@pytest.mark.parametrize("page", SPIKE_PAGES, ids=lambda page: page.name)
 def test_the_scalar_watch_session_runs_on_the_script_the_page_shows(
-    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The scalar run `watch` follows is recorded from a script the page shows (`spike.py`),
     and the session prints what the page shows: a reader can run it as written."""
+    page = ROOT / "docs" / "watch.md"
     (tmp_path / "spike.py").write_text(marked_block(page, "spike.py"), encoding="utf-8")
     [session] = [s for s in sessions(page) if "spike.py" in s[0].args]
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
