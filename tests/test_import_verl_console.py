@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,17 @@ def test_lines_that_are_not_verls_are_passed_over_and_a_bad_step_line_counted(tm
     }
     assert math.isnan(table.steps[4]["critic/score/mean"])
     assert table.skipped_rows == {"not name:value pairs": 1}
+
+
+def test_a_long_run_of_spaces_is_read_in_linear_time(tmp_path):
+    """Ray's ` [repeated 2x across cluster]` was looked for with a pattern starting with ` *`,
+    tried at each space of a line: 40,000 spaces took 7 s, this line minutes."""
+    log = tmp_path / "slurm-1.out"
+    log.write_bytes(b"step:1 - actor/pg_loss:0.5\n" + b" " * 100_000 + b"x\n")
+    started = time.perf_counter()
+    _, found, table = read_log(log)
+    assert time.perf_counter() - started < 1.0
+    assert found == "verl_console" and table.steps == {1: {"actor/pg_loss": 0.5}}
 
 
 def test_a_log_of_no_known_kind_names_what_was_looked_for(tmp_path):

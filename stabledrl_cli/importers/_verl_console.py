@@ -19,7 +19,7 @@ from stabledrl_cli.importers._table import StepTable
 
 _COLOURS = re.compile(r"\x1b\[[0-9;]*m")
 _STEP_LINE = re.compile(r"(?:\([^()]*\) +)?step:(\S*)(.*)")
-_FOLDED = re.compile(r" *\[repeated \d+x across cluster\]$")
+_FOLDED = re.compile(r"\[repeated \d+x across cluster\]$")
 _NUMPY_NUMBER = re.compile(r"np\.(?:float|int|uint)\d*\((.*)\)")
 SNIFF_LINE = re.compile(rb"(?:^|\) )step:\d+ - [^ :]+:")
 """A verl console step line (after an actor's tag or none), colour codes taken out."""
@@ -31,7 +31,7 @@ def read_verl_console(path: Path) -> StepTable:
     """The steps of a verl console log (InputError for a file that cannot be read as text)."""
     table = StepTable(str(path), preempts=True)
     for _, text, _ in text_lines(path):
-        found = _STEP_LINE.fullmatch(_FOLDED.sub("", _COLOURS.sub("", text)))
+        found = _STEP_LINE.fullmatch(_unfolded(_COLOURS.sub("", text)))
         if found is None:
             continue
         step, rest = found.groups()
@@ -41,6 +41,14 @@ def read_verl_console(path: Path) -> StepTable:
         else:
             table.add(step, values)
     return table
+
+
+def _unfolded(text: str) -> str:
+    """`text` without Ray's count of the lines it folded at its end, nor the spaces before it.
+    Searched for without those spaces: a pattern starting with ` *` was tried at each space of
+    a long run of them, quadratic time (a line of 40,000 spaces took 7 s)."""
+    found = _FOLDED.search(text)
+    return text[: found.start()].rstrip(" ") if found else text
 
 
 def _metrics(rest: str) -> dict[str, object] | None:
