@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+import typing
 import weakref
 from pathlib import Path
 
@@ -136,6 +137,19 @@ def test_integer_key_grid_ends_are_whole_numbers():
         "clip-cov:seed=2",
         "clip-cov:seed=3",
     ]
+
+
+def test_a_grids_settings_resolve_their_config_types_once(monkeypatch):
+    """Each setting was typed with typing.get_type_hints, which evaluates every annotation of
+    the config anew: two thirds of what 4096 settings cost (1.32 s CPU, 0.42 s with the
+    types resolved once per config class)."""
+    calls = []
+    resolve = typing.get_type_hints
+    monkeypatch.setattr(
+        typing, "get_type_hints", lambda *a, **k: calls.append(a) or resolve(*a, **k)
+    )
+    assert len(expand("ppo:eps_low=0.1..0.3:20,eps_high=0.2..0.4:5")) == 100
+    assert len(calls) <= 1
 
 
 def test_grid_ends_written_with_a_leading_point():

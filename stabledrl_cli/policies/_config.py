@@ -9,7 +9,6 @@ The maths that uses each config lives in the family's compute module (docs/polic
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import typing
 from dataclasses import dataclass
@@ -60,15 +59,21 @@ FLOAT32_TINY = float.fromhex("0x1p-126")
 subnormal in float32, so it is refused (`cap=1e-320` would act as the refused cap=0)."""
 
 
-@functools.cache
-def _type_hints(cls: type) -> dict[str, object]:
-    """A config class's resolved annotations (resolved once: every config checks them)."""
-    return typing.get_type_hints(cls)
+_HINTS: dict[type, dict[str, object]] = {}
+
+
+def type_hints(cls: type) -> dict[str, object]:
+    """A config class's resolved annotations, resolved once (every config checks them, every
+    spec is typed by them): the caller must not change the dict."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def literal_choices(cls: type, name: str) -> tuple[str, ...] | None:
     """The allowed values of a Literal-typed field, else None."""
-    hint = _type_hints(cls)[name]
+    hint = type_hints(cls)[name]
     if typing.get_origin(hint) is Literal:
         return typing.get_args(hint)
     return None

@@ -6,7 +6,6 @@ imports on first use. A failed lookup lists the valid names or keys."""
 from __future__ import annotations
 
 import importlib
-import typing
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -30,6 +29,7 @@ from stabledrl_cli.policies._config import (
     TwoSidedConfig,
     VESPOConfig,
     param_order,
+    type_hints,
 )
 from stabledrl_cli.policies._spec import convert_value
 from stabledrl_cli.spec import format_spec, split_spec
@@ -322,7 +322,7 @@ def parse_spec(spec: str) -> tuple[PolicyEntry, dict[str, ParamValue]]:
     entry = REGISTRY.get(name)
     if entry is None:
         raise UsageError(f"unknown policy {quoted(name)}; valid: {', '.join(REGISTRY)}")
-    hints = typing.get_type_hints(entry.config)
+    hints = type_hints(entry.config)
     params: dict[str, ParamValue] = {}
     for key, text in raw.items():
         if key not in entry.keys:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import typing
 from collections.abc import Sequence
 from decimal import Decimal
 from fractions import Fraction
 
 from stabledrl_cli.errors import UsageError, quoted
 from stabledrl_cli.policies import MAX_POLICIES, REGISTRY, resolve_spec
+from stabledrl_cli.policies._config import type_hints
 from stabledrl_cli.policies._spec import base_type, finite_number
 from stabledrl_cli.spec import format_spec, format_value
 
@@ -109,7 +109,7 @@ def grid_values(text: str, where: str, *, integer: bool = False) -> list[str]:
 
 
 def _integer_keys(name: str) -> set[str]:
-    hints = typing.get_type_hints(REGISTRY[name].config)
+    hints = type_hints(REGISTRY[name].config)
     return {key for key, hint in hints.items() if base_type(hint) is int}
 
 
