@@ -56,16 +56,16 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
             raise InputError(
                 f"{path}: no step column (one of {', '.join(STEP_KEYS)}; or pass --step-key)"
             )
-        column = _columns(names, key, table)
+        column, named = _columns(names, key, table), set(names)
         for cells in rows:
-            if _header_again(cells, column, key, names):  # a writer that restarted appending to
+            if _header_again(cells, column, key, named):  # a writer that restarted appending to
                 # the file, its columns maybe others, in another order
                 names = _metric_names(_header(cells, path), path)
                 if key not in names:
                     raise InputError(
                         f"{path}: line {rows.line_num}: a header without the step column {key}"
                     )
-                column = _columns(names, key, table)
+                column, named = _columns(names, key, table), set(names)
                 continue
             if len(cells) > len(names):
                 raise InputError(
@@ -83,10 +83,12 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
     return table
 
 
-def _header_again(cells: list[str], column: int, key: str, names: list[str]) -> bool:
+def _header_again(cells: list[str], column: int, key: str, names: set[str]) -> bool:
     """Whether a row is a header (of the step column `key` and another of the header before,
     `names`: no row of values holds those names), wherever its step column is. A row whose
-    cell in the step `column` is a number is none (a wide row's cells are not all looked at)."""
+    cell in the step `column` is a number is none (a wide row's cells are not all looked at).
+    The row's cells are looked up among the names, not the names among its cells: a row of
+    one cell under a header of 20,000 columns cost 20,000 lookups."""
     step = cells[column].strip() if column < len(cells) else ""
     if not step:  # a row without a step: no header either
         return False
@@ -94,7 +96,7 @@ def _header_again(cells: list[str], column: int, key: str, names: list[str]) -> 
         spec_float(step)
     except ValueError:
         given = {cell.strip() for cell in cells}
-        return key in given and any(name in given for name in names if name != key)
+        return key in given and any(cell in names for cell in given if cell != key)
     return False
 
 
