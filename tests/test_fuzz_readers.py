@@ -20,7 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from fuzz_readers import CRAFTED, MANIFEST_NOTES, exercise, exercise_followed
 
 from stabledrl_cli.capture.bootstrap import read_status
-from stabledrl_cli.dump import RunIntegrityWarning
+from stabledrl_cli.dump import RunIntegrityWarning, open_run
+from stabledrl_cli.errors import StabledrlError
+from stabledrl_cli.importers import import_log
+from stabledrl_cli.replay.inspection import summarize
 
 FAST = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
@@ -152,3 +155,37 @@ def test_random_bytes_as_records_status_file(tmp_path_factory: Any, data: bytes)
     failures, fatal = read_status(path)
     assert failures[0] == (2, "reason") and fatal[0] == 3
     assert all(0 < code < 256 for code in [*fatal, *(code for code, _ in failures)])
+
+
+LOGS = {
+    "trainer_state.json": '{"log_history": [{"step": 1, "loss": 0.5, "grad_norm": NaN}], '
+    '"logging_steps": 1}',
+    "log.jsonl": '{"step": 1, "reward": 0.5}\n{"step": 2, "data": {"actor/loss": null}}\n',
+    "log.csv": "step,reward,Unnamed: 0\n1,0.5,0\n2,nan,1\nstep,loss\n1,3\n",
+    "run-x-tag-train_loss.json": "[[1.0, 1, 0.5], [2.0, 2, 0.25]]",
+    "slurm.out": "(TaskRunner pid=3) step:1 - critic/score/mean:np.float64(0.5) - a:nan "
+    "[repeated 2x across cluster]\nstep:2 - actor/loss:0.1\n",
+}
+
+
+@FAST
+@given(
+    name=st.sampled_from(sorted(LOGS)),
+    at=st.floats(0, 1),
+    cut=st.integers(0, 8),
+    text=st.text(alphabet='{}[]",:;\t\n -0123456789.eEnaNstp/\x1b', max_size=24),
+)
+def test_edited_logs_through_import(
+    tmp_path_factory: Any, name: str, at: float, cut: int, text: str
+) -> None:
+    """A log of each format with a few characters replaced by log syntax: imported (and the
+    run it writes read back as `inspect` reads it), or refused as a StabledrlError."""
+    work = tmp_path_factory.mktemp("log")
+    log = LOGS[name]
+    where = int(at * len(log))
+    (work / name).write_text(log[:where] + text + log[where + cut :])
+    try:
+        import_log(work / name, work / "run")
+        summarize(open_run(work / "run")).to_dict()
+    except StabledrlError:
+        pass
