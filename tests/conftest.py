@@ -10,6 +10,13 @@ from pathlib import Path
 
 import pytest
 
+# One intra-op thread in each test process and in each process a test starts (they inherit
+# it): the 2 pytest workers already fill the machine's 2 cores, and torch's default of a
+# thread a core made their threads spin against each other (measured: farm-bench, median
+# of 2, test_record_exit_code_note and test_trl_cut_short: 26 % less CPU). A test of
+# thread counts sets its own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from stabledrl_cli.replay.engine import replay
 from stabledrl_cli.replay.result import ReplayResult
 
