@@ -144,6 +144,21 @@ def test_loss_norm_is_checked(tmp_path):
         sd.Recorder(tmp_path / "run", world_size=2, rank=0, policy="ppo", resume=True)
 
 
+def test_only_a_run_of_several_ranks_says_per_rank_with_format_2(tmp_path):
+    """A reader of major version 1 refuses a 2.0 run: a run of one rank recorded per_rank,
+    which it would replay alike (its part is the whole step), said 2.0 all the same."""
+    parts = _parts(LENGTHS["uneven"])
+    for name, ranks, norm in (("one", parts[1:], "per_rank"), ("two", parts, "per_rank")):
+        _record(tmp_path / name, ranks, policy="ppo", loss_norm=norm)
+    _record(tmp_path / "one_global", parts[1:], policy="ppo")
+    version = {
+        name: json.loads((tmp_path / name / "manifest.json").read_text())["format_version"]
+        for name in ("one", "two", "one_global")
+    }
+    assert version == {"one": "1.0", "two": "2.0", "one_global": "1.0"}
+    assert _replayed(tmp_path / "one", "ppo") == _replayed(tmp_path / "one_global", "ppo")
+
+
 def test_a_packed_per_rank_run_replays_as_its_directory(tmp_path):
     """The archive keeps each rank's sequences of each step (`steps/rank_sequences`): its
     replay normalises each rank's part as the directory's does."""

@@ -592,7 +592,9 @@ def _write_archive(
     handle.attrs["format_version"] = (
         CHECKSUMS_VERSION
         if packer.checksummed
-        else written_version(extended, uses_1_2, uses_1_3, per_rank=run.loss_norm == "per_rank")
+        else written_version(
+            extended, uses_1_2, uses_1_3, loss_norm=run.loss_norm, world_size=manifest["world_size"]
+        )
     )
     return packer, integrity
 

@@ -36,9 +36,10 @@ loss_norm (absent means "global"; written only as "per_rank"): how the ranks of 
 run normalised their losses. "global": over every rank's part (token and sequence counts
 gathered across the ranks), so a replay normalises over the joined step; "per_rank": each rank
 over its own part, the all-reduce averaging the ranks, so a replay normalises each rank's part
-on its own and divides by world_size. Such a manifest says `PER_RANK_VERSION` (2.0): a
-reader of major version 1, which does not know loss_norm and would replay the run as
-"global", refuses it.
+on its own and divides by world_size. Such a manifest of a run of several ranks says
+`PER_RANK_VERSION` (2.0): a reader of major version 1, which does not know loss_norm and would
+replay the run as "global", refuses it. A run of one rank replays alike either way, and keeps
+the 1.x version its other fields give.
 
 Versions. A file records the oldest format version that describes it: 1.0, 1.1 when it uses
 a 1.1 addition (the step fields `micro_batch` and `group_split`, or group_ids = "global"), 1.2
@@ -220,12 +221,19 @@ def temp_file_name(final_name: str, pid: int) -> str:
 
 
 def written_version(
-    uses_1_1: bool, uses_1_2: bool = False, uses_1_3: bool = False, *, per_rank: bool = False
+    uses_1_1: bool,
+    uses_1_2: bool = False,
+    uses_1_3: bool = False,
+    *,
+    loss_norm: str = "global",
+    world_size: int = 1,
 ) -> str:
     """The format version to record in a file: `PER_RANK_VERSION` for the manifest (or
-    archive) of a run whose `loss_norm` is "per_rank", else 1.3 if it uses a 1.3 addition,
-    else 1.2 if it uses a 1.2 addition, else 1.1 if it uses a 1.1 addition, else 1.0."""
-    if per_rank:
+    archive) of a run of several ranks whose `loss_norm` is "per_rank" (one rank's part is
+    the whole step, which a reader of major version 1 replays alike), else 1.3 if it uses a
+    1.3 addition, else 1.2 if it uses a 1.2 addition, else 1.1 if it uses a 1.1 addition,
+    else 1.0."""
+    if loss_norm == "per_rank" and world_size > 1:
         return PER_RANK_VERSION
     if uses_1_3:
         return "1.3"

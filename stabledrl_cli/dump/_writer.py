@@ -348,7 +348,8 @@ class Recorder:
             "format_version": written_version(
                 group_ids == "global",
                 policy is None or source is not None,
-                per_rank=loss_norm == "per_rank",
+                loss_norm=loss_norm,
+                world_size=world_size,
             ),
             "tool_version": __version__,
             "created": _dt.datetime.fromtimestamp(self._now(), _dt.timezone.utc).isoformat(
