@@ -283,3 +283,29 @@ def test_diff_notes_runs_whose_ranks_normalised_apart(tmp_path):
     _record(tmp_path / "one_global", parts[1:], policy="ppo")
     args = ["diff", str(tmp_path / "one"), str(tmp_path / "one_global"), "--format", "json"]
     assert json.loads(CliRunner().invoke(app, args).stdout)["notes"] == []
+
+
+def test_check_refuses_a_baseline_of_policies_replayed_with_another_loss_norm(tmp_path):
+    """A per_rank run checked against a global run's baseline of equal arrays tripped on
+    update_norm_median 0.1781 against 0.0559, and gspo passed (0.0230 under 0.0362), with no
+    word that the figures are of other losses. A run of one rank counts as either."""
+    from typer.testing import CliRunner
+
+    from stabledrl_cli.cli.app import app
+
+    runner = CliRunner()
+    parts = _parts(LENGTHS["uneven"])
+    _record(tmp_path / "per_rank", parts, policy="ppo", loss_norm="per_rank")
+    _record(tmp_path / "global", parts, policy="ppo")
+    _record(tmp_path / "one", parts[1:], policy="ppo", loss_norm="per_rank")
+    base = tmp_path / "base.json"
+    args = ["check", str(tmp_path / "global"), "-p", "ppo", "--write-baseline", str(base)]
+    assert runner.invoke(app, args).exit_code == 0
+    assert json.loads(base.read_text())["run"]["loss_norm"] == "global"
+    shown = runner.invoke(app, ["check", str(tmp_path / "per_rank"), "-b", str(base)])
+    assert shown.exit_code == 3, shown.output
+    assert "policy figures are of loss_norm global" in shown.stderr
+    assert "replays as per_rank: other losses, not comparable" in shown.stderr
+    one = runner.invoke(app, ["check", str(tmp_path / "one"), "-b", str(base)])
+    assert one.exit_code in (0, 1), one.output
+    assert "loss_norm" not in one.stderr

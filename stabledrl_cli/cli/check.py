@@ -15,7 +15,8 @@ Exit codes: 0 every gate holds; 1 a gate tripped (each named with its figure); 2
 missing, a policy gate or --policy or --plot on a scalar run, a URL that cannot be read at all,
 --engine ray without ray); 3 bad input (a missing or corrupt run, a URL with nothing there, a
 run with no readable step, a malformed baseline, one of a newer version or one that gates
-nothing, a baseline naming a policy the run cannot replay); 4 an output that cannot be written
+nothing, a baseline naming a policy the run cannot replay, a baseline of policies replayed with
+another loss_norm); 4 an output that cannot be written
 (after the results and the verdict are shown). Unreadable step files, and steps whose data
 cannot be replayed, are skipped with a line on stderr (how many, and why); a check never passes
 on zero steps.
@@ -107,6 +108,7 @@ from stabledrl_cli.replay.run_facts import (
     is_scalar_run,
     no_steps_message,
     print_own_policy_note,
+    replayed_loss_norm,
     run_gaps,
     skipped_reasons,
     steps_skipped,
@@ -341,6 +343,20 @@ def _baseline_policies_replayable(run: Run, baseline: Baseline) -> None:
             raise InputError(f"{baseline.path}: {exc}") from None
 
 
+def _baseline_loss_norm_agrees(run: Run, baseline: Baseline) -> None:
+    """InputError naming the baseline when it gates policies replayed with another loss_norm
+    than the run's (a per_rank run against a global run's baseline): equal arrays are other
+    losses then, and its figures no limit of this run's."""
+    theirs, ours = baseline.run.get("loss_norm"), replayed_loss_norm(run)
+    if theirs is None or theirs == ours or not any(baseline.policies.values()):
+        return
+    raise InputError(
+        f"{baseline.path}: its policy figures are of loss_norm {theirs}, {run.location} "
+        f"replays as {ours}: other losses, not comparable; write the baseline from a {ours} "
+        "run (--write-baseline)"
+    )
+
+
 def command(
     run: RunSourceArg,
     baseline_path: Annotated[
@@ -459,6 +475,8 @@ def command(
         scalar_options = policy_options + (["--plot"] if plot else [])
         observed, skipped, missing = _scalar_observed(opened, config, scalar_options)
     else:
+        if baseline is not None:
+            _baseline_loss_norm_agrees(opened, baseline)
         if baseline is not None and not policy:
             _baseline_policies_replayable(opened, baseline)
         result = replay_with_progress(opened, specs, config, chosen)
@@ -480,7 +498,13 @@ def command(
     # An output that cannot be written ends the check with exit 4, after its verdict is shown.
     def baseline_file(path: Path) -> str:
         # Strict as the baseline checked against is: rewriting a golden one keeps it golden.
-        written = baseline_dict(result, settings, strict=two_sided, recorded=recorded)
+        written = baseline_dict(
+            result,
+            settings,
+            strict=two_sided,
+            recorded=recorded,
+            loss_norm=replayed_loss_norm(opened),
+        )
         write_baseline(written, path)
         series = written.get("recorded")
         count = len(series) if isinstance(series, dict) else 0

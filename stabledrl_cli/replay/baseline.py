@@ -6,7 +6,7 @@ editable by hand:
 
     {"schema": "stabledrl-baseline", "version": 1, "created": "...", "tool_version": "0.1.0",
      "strict": false,
-     "run": {"path": "fixtures/demo", "steps": 120, "policy": "grpo", "unit": "sequence"},
+     "run": {"path": "fixtures/demo", "steps": 120, "policy": "grpo", "loss_norm": "global"},
      "replay": {"spike_factor": 10.0, "window": 20, "drift_threshold": -0.1,
                 "collapse_window": 10},
      "observed": {"first_reward_collapse": {"value": 87, "worse": "lower", "abs_tol": 10,
@@ -16,6 +16,10 @@ editable by hand:
                                          "rel_tol": 0.1}}},
      "policies": {"grpo": {"collapsed_steps": {"value": 3, "worse": "higher",
                                                "abs_tol": 0, "rel_tol": 0.1}, ...}}}
+
+`run` notes the run the figures came from; its `loss_norm` (of a replay: what it normalised
+over, "global" for a run of one rank) must be the checked run's when the baseline gates a
+policy, whose figures are of another loss else (`check` refuses, exit 3).
 
 `observed` holds run-level figures of the recorded run: the steps `first_reward_collapse` and
 `collapse_warning_first_step` (worse lower) and the counts `spike_steps` (recorded grad-norm
@@ -98,7 +102,7 @@ from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import SERIES_RULES, RecordedRun, observed_of
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.spec import MAX_WINDOW, reads_as_zero
-from stabledrl_cli.vocab import SERIES_STATS, WORSE, SeriesStat, Worse
+from stabledrl_cli.vocab import LOSS_NORMS, SERIES_STATS, WORSE, SeriesStat, Worse
 
 BASELINE_SCHEMA = "stabledrl-baseline"
 BASELINE_VERSION = 1
@@ -503,6 +507,11 @@ def _baseline(data: dict[str, object], where: str) -> Baseline:
     run = data.get("run", {})
     if not isinstance(run, dict):
         raise InputError(f"{where}: 'run' must be an object")
+    if run.get("loss_norm", "global") not in LOSS_NORMS:
+        raise InputError(
+            f"{where}: run.loss_norm must be {' or '.join(LOSS_NORMS)}, "
+            f"got {shown(run['loss_norm'])}"
+        )
     if run.get("steps") is not None:
         steps = _number(run, "steps", f"{where}: run")
         if not steps.is_integer() or steps < 0:
@@ -665,13 +674,15 @@ def baseline_dict(
     *,
     strict: bool = False,
     recorded: RecordedRun | None = None,
+    loss_norm: str = "global",
 ) -> dict[str, object]:
     """Today's figures as a baseline, ready for `write_baseline`: default tolerances, or with
     `strict` a golden baseline (float-noise tolerances, and shifts either way trip).
 
     result: the replay (None for a run without a policy batch: no policy entries);
     recorded: the run's recorded series (None: no `recorded` section; required without a
-    replay)."""
+    replay); loss_norm: what the replay normalised over (`run_facts.replayed_loss_norm`),
+    written of a replay."""
     observed = observed_of(result, recorded)
     policies: dict[str, object] = {}
     for p in result.policies if result is not None else []:
@@ -703,6 +714,8 @@ def baseline_dict(
         path, count, policy = recorded.run, recorded.steps, recorded.policy
     # A path's bytes that are not UTF-8 as \xNN, not the lone surrogates no reader takes back.
     run = {"path": unicode_text(path), "steps": count, "policy": policy}
+    if result is not None:
+        run["loss_norm"] = loss_norm
     return {
         "schema": BASELINE_SCHEMA,
         "version": BASELINE_VERSION,

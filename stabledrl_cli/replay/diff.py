@@ -68,6 +68,7 @@ from stabledrl_cli.replay.run_facts import (
     SKIPPED_KINDS,
     is_scalar_run,
     own_spec,
+    replayed_loss_norm,
     shown_reasons,
     whole_run_refusal,
 )
@@ -552,9 +553,7 @@ def _sides(side: int, mine: Any, other: Any) -> tuple[Any, Any]:
 def _loss_norm_note(a: Run, b: Run) -> list[str]:
     """A note when the runs' ranks normalised their losses apart (a run of one rank's is
     either): equal arrays are then other losses to a replay."""
-    norms = [
-        run.loss_norm if int(run.manifest.get("world_size", 1)) > 1 else "global" for run in (a, b)
-    ]
+    norms = [replayed_loss_norm(run) for run in (a, b)]
     if norms[0] == norms[1]:
         return []
     return [f"A says loss_norm {norms[0]}, B {norms[1]}: equal arrays replay as other losses"]

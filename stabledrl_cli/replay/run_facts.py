@@ -154,6 +154,12 @@ def no_steps_message(run: Run, skipped: list[str]) -> str:
     return f"{run.location}: no step could be read ({steps_skipped(skipped)})"
 
 
+def replayed_loss_norm(run: Run) -> str:
+    """What a replay of the run's steps normalises over: its `loss_norm`, or "global" for a
+    run of one rank, whose one part is the whole step (either replays alike)."""
+    return run.loss_norm if int(run.manifest.get("world_size", 1)) > 1 else "global"
+
+
 def is_scalar_run(run: Run) -> bool:
     """Whether the run has readable steps and none holds a policy batch."""
     scalar = None
