@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import stabledrl_cli as sd
-from stabledrl_cli.errors import UsageError
+from stabledrl_cli.errors import InputError, UsageError
 
 EPS = 0.2
 LENGTHS = {"uneven": [[1], [8, 8, 8]], "empty": [[], [8, 8, 8]], "three": [[2, 5], [4], [3, 3, 1]]}
@@ -174,6 +174,23 @@ def test_a_packed_per_rank_run_replays_as_its_directory(tmp_path):
     directory, from_archive = (json.loads(sd.replay(p).to_json()) for p in (run, archive))
     assert directory.pop("run") != from_archive.pop("run")
     assert from_archive == directory
+
+
+def test_a_per_rank_archive_without_its_ranks_sequences_is_refused(tmp_path):
+    """Without `steps/rank_sequences` the archive of a per_rank run of 2 ranks replayed as a
+    global one, with no word: update norm 0.0559 where its directory's is 0.1781."""
+    import h5py
+    from typer.testing import CliRunner
+
+    from stabledrl_cli.cli.app import app
+
+    run, archive = tmp_path / "run", tmp_path / "run.h5"
+    _record(run, _parts(LENGTHS["uneven"]), policy="ppo", loss_norm="per_rank")
+    assert CliRunner().invoke(app, ["pack", str(run), str(archive)]).exit_code == 0
+    with h5py.File(archive, "a") as handle:
+        del handle["steps/rank_sequences"]
+    with pytest.raises(InputError, match=r"corrupt run archive \(no steps/rank_sequences: "):
+        sd.open_run(archive).step(0)
 
 
 @pytest.mark.parametrize(

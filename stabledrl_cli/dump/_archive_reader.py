@@ -432,9 +432,21 @@ class ArchiveRun(Run):
 
     def _check_rank_sequences(self) -> None:
         """`steps/rank_sequences`, when the archive has it, splits each step's sequences over
-        the run's ranks (a row of 0s: a step without a batch), else InputError."""
+        the run's ranks (a row of 0s: a step without a batch), else InputError; so does an
+        archive of a per_rank run of several ranks without it, which a replay would read as
+        global (pack writes it for every step with a batch)."""
         table = self._rank_sequences
         if table is None:
+            if (
+                self._manifest.get("loss_norm") == "per_rank"
+                and self.world_size > 1
+                and self._counts["num_sequences"].any()
+            ):
+                raise InputError(
+                    f"{self.location}: corrupt run archive (no steps/{RANK_SEQUENCES}: a "
+                    f"loss_norm per_rank run of {self.world_size} ranks replays each rank's "
+                    "sequences alone)"
+                )
             return
         sequences = self._counts["num_sequences"]
         sums = table.sum(axis=1)  # [S, R]: `_index` checked its dimensions
