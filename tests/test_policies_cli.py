@@ -82,6 +82,26 @@ def test_policy_option_resolves_specs():
     assert table.exit_code == 0 and "stabledrl:c=3" in table.stdout
 
 
+def test_a_specs_conventions_are_of_its_own_values():
+    """`policies -p stabledrl:norm=micro` said 'groups averaged (norm=group)', the default's
+    convention: each value of a key a convention rests on says its own, and no other's."""
+    for entry in REGISTRY.values():
+        for key, values in entry.clauses.items():
+            for value, clause in values.items():
+                spec = f"{entry.name}:{key}={value}"
+                if entry.name == "stabledrl" and key == "level" and value == "token":
+                    spec += ",rows=scored"
+                args = ["policies", "-p", spec, "-f", "json"]
+                result = runner.invoke(app, args)
+                assert result.exit_code == 0, result.output
+                [row] = json.loads(result.stdout)["policies"]
+                assert clause in row["conventions"], spec
+                others = [c for v, c in values.items() if v != value]
+                assert not any(c in row["conventions"] for c in others), spec
+    table = runner.invoke(app, ["policies", "-p", "stabledrl:norm=micro"])
+    assert "norm=group" not in table.stdout and "(norm=micro)" in table.stdout
+
+
 def test_specs_of_one_policy_are_listed_once():
     """`-p dapo -p dapo:eps_high=0.28` resolve to one policy, which replay replays once;
     `policies` listed it twice."""

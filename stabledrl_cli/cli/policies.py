@@ -66,7 +66,7 @@ def _row(
         keys=entry.keys,
         formula=entry.formula,
         source=entry.source,
-        conventions=entry.conventions,
+        conventions=entry.conventions_of(params),
     )
 
 

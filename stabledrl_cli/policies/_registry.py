@@ -54,6 +54,19 @@ class PolicyEntry:
     conventions: str = ""
     """Where this name's defaults follow one source and differ from another (docs/policies.md,
     Conventions), with the knob that selects the other."""
+    clauses: dict[str, dict[str, str]] = field(default_factory=dict)
+    """key -> its value -> the convention that value keeps, after `conventions` in the row of
+    a spec with it (a value not listed adds none): what a key's default says is not said of
+    a spec that sets another."""
+
+    def conventions_of(self, params: dict[str, ParamValue]) -> str:
+        """The conventions of a spec of this name with `params` (every parameter)."""
+        chosen = [
+            values[str(params[key])]
+            for key, values in self.clauses.items()
+            if str(params.get(key)) in values
+        ]
+        return "; ".join(part for part in (self.conventions, *chosen) if part)
 
     @property
     def keys(self) -> list[str]:
@@ -117,14 +130,15 @@ REGISTRY: dict[str, PolicyEntry] = {
             f"{_FAMILIES}.ppo:PPOPolicy",
             _PPO_FORMULA,
             "TRL GRPOTrainer._compute_loss; verl core_algos.compute_policy_loss_vanilla",
-            conventions="Z of the step (verl token-mean); strict clip bounds; r unclamped",
+            conventions="strict clip bounds; r unclamped",
+            clauses={"agg": {"token-mean": "Z of the step (verl token-mean)"}},
         ),
         PolicyEntry(
             "grpo",
             "ppo-clip",
             ClipConfig,
             f"{_FAMILIES}.ppo:PPOPolicy",
-            _PPO_FORMULA + ", norm = N |y_i|",
+            _PPO_FORMULA + ", norm = N |y_i| by default",
             "TRL loss_type=grpo (DeepSeekMath GRPO)",
             {"agg": "seq-mean-token-mean"},
             conventions=_ROWS,
@@ -134,7 +148,7 @@ REGISTRY: dict[str, PolicyEntry] = {
             "ppo-clip",
             ClipConfig,
             f"{_FAMILIES}.ppo:PPOPolicy",
-            _PPO_FORMULA + ", clip-higher eps_high=0.28, norm = Z",
+            _PPO_FORMULA + ", clip-higher (eps_high 0.28), norm = Z by default",
             "DAPO arXiv:2503.14476; TRL loss_type=dapo",
             {"eps_high": 0.28, "agg": "token-mean"},
             conventions="Z of the optimizer step (TRL: of the generation batch, the same when "
@@ -218,7 +232,8 @@ REGISTRY: dict[str, PolicyEntry] = {
             f"{_FAMILIES}.reference:ReinforcePolicy",
             "A logp / norm (no ratio)",
             "verl core_algos.compute_policy_loss_gpg (GPG); REINFORCE",
-            conventions="no ratio; Z of the step (verl token-mean)",
+            conventions="no ratio",
+            clauses={"agg": {"token-mean": "Z of the step (verl token-mean)"}},
         ),
         PolicyEntry(
             "stabledrl",
@@ -227,8 +242,22 @@ REGISTRY: dict[str, PolicyEntry] = {
             f"{_FAMILIES}.stabledrl:StableDRLPolicy",
             "mean_g sum_i softmax_g(min(mean_t log r_t, log c)) A_i ELBO_i",
             "StableDRL arXiv:2603.06743; networks/llada_svpo.py::compute_loss_spg (use_snis)",
-            conventions="rows=scored: a row without scored tokens leaves the softmax (the "
-            "public code gives it log w = 0: rows=all); groups averaged (norm=group)",
+            clauses={
+                "level": {
+                    "token": "level=token: log w_t = min(log r_t, log c), one weight a token"
+                },
+                "rows": {
+                    "scored": "rows=scored: a row without scored tokens leaves the softmax (the "
+                    "public code gives it log w = 0: rows=all)",
+                    "all": "rows=all: a row without scored tokens keeps log w = 0 in the "
+                    "softmax, as the public code",
+                },
+                "norm": {
+                    "group": "g a prompt group, groups averaged (norm=group)",
+                    "batch": "g the whole step: one softmax (norm=batch)",
+                    "micro": "g a micro-batch: a softmax each, their mean (norm=micro)",
+                },
+            },
         ),
         PolicyEntry(
             "gpg",
@@ -237,7 +266,8 @@ REGISTRY: dict[str, PolicyEntry] = {
             f"{_FAMILIES}.reference:ReinforcePolicy",
             "A logp / norm (no ratio)",
             "GPG arXiv:2504.02546; verl loss_mode=gpg (compute_policy_loss_gpg)",
-            conventions="the same as reinforce, under verl's name; Z of the step",
+            conventions="the same as reinforce, under verl's name",
+            clauses={"agg": {"token-mean": "Z of the step (verl token-mean)"}},
         ),
         PolicyEntry(
             "gppo",
@@ -265,8 +295,14 @@ REGISTRY: dict[str, PolicyEntry] = {
             f"{_FAMILIES}.cov:KLCovPolicy",
             "(r A - kl_coef |log r| on the top ratio x Z tokens by cov) / norm",
             "arXiv:2505.22617 (Entropy Mechanism); verl loss_mode=kl_cov",
-            conventions="cov over the step (verl: per micro-batch, cov=micro); kl_coef 0.1 as "
-            "verl's ActorConfig (its function's fallback is 1)",
+            conventions="kl_coef 0.1 by default as verl's ActorConfig (its function's "
+            "fallback is 1)",
+            clauses={
+                "cov": {
+                    "step": "cov over the step (verl: per micro-batch, cov=micro)",
+                    "micro": "cov per recorded micro-batch, as verl (cov=micro)",
+                }
+            },
         ),
         PolicyEntry(
             "gmpo",
@@ -276,9 +312,20 @@ REGISTRY: dict[str, PolicyEntry] = {
             "mean_i A_i exp(mean_t sgn(A) min(sgn(A) log r, sgn(A) clip(log r)))",
             "GMPO arXiv:2507.20673; verl loss_mode=geo_mean (compute_policy_loss_geo_mean)",
             {"rows": "all"},
-            conventions="rows=all as verl's mean over the batch; eps 0.4 as the paper (verl "
-            "uses its clip_ratio); |y_i| + 1e-8 as verl; mean=step one mean over the step "
-            "(verl: mean=micro, each micro-batch's mean, summed)",
+            conventions="eps 0.4 by default as the paper (verl uses its clip_ratio); "
+            "|y_i| + 1e-8 as verl",
+            clauses={
+                "rows": {
+                    "all": "rows=all as verl's mean over the batch",
+                    "scored": "rows=scored: a row without scored tokens leaves the mean (verl: "
+                    "rows=all)",
+                },
+                "mean": {
+                    "step": "mean=step one mean over the step (verl: mean=micro, each "
+                    "micro-batch's mean, summed)",
+                    "micro": "mean=micro each micro-batch's mean, summed, as verl",
+                },
+            },
         ),
         PolicyEntry(
             "dppo",
@@ -287,7 +334,7 @@ REGISTRY: dict[str, PolicyEntry] = {
             f"{_FAMILIES}.dppo:DPPOPolicy",
             "sg(min(r, c)) A logp / norm where p - p_old (tv) or binary KL (kl) stays in bound",
             "DPPO arXiv:2602.04879; verl loss_mode=dppo_tv / dppo_kl; prime-rl",
-            conventions="log r clamped to [-20, 20] as verl; c = 3 as verl's ActorConfig",
+            conventions="log r clamped to [-20, 20] as verl; c 3 by default as verl's ActorConfig",
         ),
     )
 }
