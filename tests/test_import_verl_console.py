@@ -170,6 +170,18 @@ def test_a_long_run_of_spaces_is_read_in_linear_time(tmp_path):
     assert found == "verl_console" and table.steps == {1: {"actor/pg_loss": 0.5}}
 
 
+def test_a_line_of_unclosed_progress_bar_ends_is_read_in_linear_time(tmp_path):
+    """A tqdm bar's end (`[00:00<00:01, 1.0it/s]`) was looked for with `[^\\]]*`, which runs
+    to the line's end at each `[00:00<` that never closes: 8,000 of them took 2 s, a line at
+    the 1 MiB bound minutes."""
+    log = tmp_path / "slurm-1.out"
+    log.write_bytes(b"step:1 - actor/pg_loss:0.5\n" + b"[00:00<" * 100_000 + b"\n")
+    started = time.perf_counter()
+    _, found, table = read_log(log)
+    assert time.perf_counter() - started < 5.0
+    assert found == "verl_console" and table.steps == {1: {"actor/pg_loss": 0.5}}
+
+
 def test_a_log_of_no_known_kind_names_what_was_looked_for(tmp_path):
     log = tmp_path / "train.log"
     log.write_text("epoch 1 loss 0.5\nepoch 2 loss 0.4\n", encoding="utf-8")
@@ -186,3 +198,29 @@ def test_a_log_of_no_known_kind_names_what_was_looked_for(tmp_path):
         app, ["import", str(log), "--out", str(tmp_path / "r"), "--format-in", "verl_console"]
     )
     assert forced.exit_code == 3 and "no training step in this log" in forced.stderr
+
+
+def test_verls_lines_stuck_to_its_progress_bar_import(tmp_path, capsys):
+    """verl's trainer draws a tqdm bar on stderr and logs each step on stdout: in one file
+    the step's line follows the bar's last draw with no newline
+    (`\\rTraining Progress:  33%|...| 1/3 [00:00<00:00, 6.66it/s]step:2 - ...`). The file was
+    read as CSV (the bar's commas: 'line 1: not CSV', exit 3), and a step line stuck to the
+    bar was passed over (2 steps of 3 imported)."""
+    from tqdm import tqdm
+    from verl.utils.logger import LocalLogger
+
+    console = LocalLogger(print_to_console=True)
+    bar = tqdm(total=3, desc="Training Progress", file=sys.stdout, mininterval=0, miniters=1)
+    for step in range(1, 4):
+        console.log(data={"critic/score/mean": 0.25 * step, "actor/pg_loss": -0.5}, step=step)
+        bar.update(1)
+    bar.close()
+    log = tmp_path / "slurm-1.out"
+    log.write_text(capsys.readouterr().out)
+    assert "]step:2 - " in log.read_text()
+    assert detect_format(log) == "verl_console"
+    result = CliRunner().invoke(app, ["import", str(log), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    scalars = _scalars(tmp_path / "run")
+    assert sorted(scalars) == [1, 2, 3]
+    assert [scalars[s]["reward_mean"] for s in (1, 2, 3)] == [0.25, 0.5, 0.75]

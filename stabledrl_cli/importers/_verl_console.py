@@ -5,8 +5,13 @@ verl prints `step:N - name:value - name:value ...`: each value is `pprint.pforma
 number (`0.5`, `nan`, `True`; a numpy number under numpy 2 as `np.float64(0.5)`). Under Ray,
 whose driver prints its actors' lines, a line begins with the actor's tag
 (`(TaskRunner pid=2873) `, colour codes around it) and may end with Ray's count of lines it
-folded (` [repeated 2x across cluster]`). Every other line is not verl's and is passed over;
-a `step:` line whose metrics are not `name:value` pairs is skipped and counted.
+folded (` [repeated 2x across cluster]`). In a file of stdout and stderr both, a line may
+begin with the carriage returns of a progress bar and the bar tqdm drew last, with no newline
+before verl's (`\rTraining Progress:  33%|###  | 1/3 [00:01<00:02, 1.0it/s]step:2 - ...`):
+what the terminal shows, the text after the last carriage return, is read, and the bar,
+which ends in tqdm's `[elapsed<remaining, rate]`, passed over. Every other line is not verl's
+and is passed over; a `step:` line whose metrics are not `name:value` pairs is skipped and
+counted.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ from stabledrl_cli.importers._files import text_lines
 from stabledrl_cli.importers._table import StepTable
 
 _COLOURS = re.compile(r"\x1b\[[0-9;]*m")
-_STEP_LINE = re.compile(r"(?:\([^()]*\) +)?step:(\S*)(.*)")
+_BAR = r"\[(?:\d+:)?\d\d:\d\d(?:<[^][]*)?, [^][]*\]"
+"""The end of a tqdm progress bar: `[elapsed<remaining, rate]` (`[00:01<00:02, 1.0it/s]`)."""
+_STEP_LINE = re.compile(rf"(?:\([^()]*\) +)?(?:.*{_BAR})?step:(\S*)(.*)")
 _FOLDED = re.compile(r"\[repeated \d+x across cluster\]$")
 _NUMPY_NUMBER = re.compile(r"np\.(?:float|int|uint)\d*\((.*)\)")
-SNIFF_LINE = re.compile(rb"(?:^|\) )step:\d+ - [^ :]+:")
-"""A verl console step line (after an actor's tag or none), colour codes taken out."""
+SNIFF_LINE = re.compile(rb"(?:^|\) |" + _BAR.encode() + rb")step:\d+ - [^ :]+:")
+"""A verl console step line (after an actor's tag, a progress bar or none), colour codes
+taken out."""
 STEP_PAIRS = "not name:value pairs"
 """`skipped_rows`' reason for a step line whose metrics do not read as verl prints them."""
 
@@ -31,7 +39,8 @@ def read_verl_console(path: Path) -> StepTable:
     """The steps of a verl console log (InputError for a file that cannot be read as text)."""
     table = StepTable(str(path), preempts=True)
     for _, text, _ in text_lines(path):
-        found = _STEP_LINE.fullmatch(_unfolded(_COLOURS.sub("", text)))
+        shown = text.rpartition("\r")[2]  # what a terminal shows of a progress bar's line
+        found = _STEP_LINE.fullmatch(_unfolded(_COLOURS.sub("", shown)))
         if found is None:
             continue
         step, rest = found.groups()
