@@ -196,6 +196,24 @@ def test_bad_runs_exit_3_with_one_line(tmp_path, run_dir, case):
         assert "internal error" not in result.stderr
 
 
+def test_a_run_of_a_newer_minor_says_what_is_not_read(run_dir):
+    """A manifest of format 1.9 with a field this stabledrl does not know was shown as 'v1.9'
+    with no word that what 1.9 adds is not read."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest.update(format_version="1.9", shiny_new={"a": 1})
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    table = runner.invoke(app, ["inspect", str(run_dir)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    note = "v1.9 (written by stabledrl {}); newer than the v1.3 this stabledrl reads: fields it "
+    assert note.format(sd.__version__) + "adds are not read (upgrade stabledrl)" in table.stdout
+    data = json.loads(runner.invoke(app, ["inspect", str(run_dir), "-f", "json"]).stdout)
+    assert (data["format_version"], data["format_known"]) == ("1.9", "1.3")
+    manifest["format_version"] = "1.3"
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    data = json.loads(runner.invoke(app, ["inspect", str(run_dir), "-f", "json"]).stdout)
+    assert data["format_known"] is None
+
+
 def test_exit_code_in_a_real_process(tmp_path):
     """The error map end to end: exit 3, one line on stderr, nothing on stdout, no traceback."""
     missing = run_cli("inspect", tmp_path / "nope")

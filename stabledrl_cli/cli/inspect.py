@@ -59,6 +59,18 @@ def _writer_text(tool_version: object) -> str:
     return "writer not recorded"
 
 
+def _format_text(s: RunSummary) -> str:
+    """The run's format version and writer, and of a newer minor version than this stabledrl
+    knows that what it adds is not read."""
+    text = f"v{s.format_version} ({_writer_text(s.tool_version)})"
+    if s.format_known is None:
+        return text
+    return (
+        f"{text}; newer than the v{s.format_known} this stabledrl reads: fields it adds are "
+        "not read (upgrade stabledrl)"
+    )
+
+
 def _world_text(s: RunSummary) -> str:
     """The world size, and of several ranks what a replay normalises over (loss_norm)."""
     if not isinstance(s.world_size, int) or s.world_size < 2:
@@ -74,7 +86,7 @@ def _run_table(s: RunSummary) -> Table:
     table.add_column("what", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold")  # a long spec folds, never cut
     rows = [
-        ("format", f"v{s.format_version} ({_writer_text(s.tool_version)})"),
+        ("format", _format_text(s)),
         ("created", s.created if isinstance(s.created, str) else "not recorded"),
         ("run id", s.run_id or "not recorded (a run recorded before run ids)"),
         ("policy", str((s.policy or {}).get("spec", "not known"))),

@@ -423,6 +423,14 @@ def _finite_number(value: object) -> bool:
         return False
 
 
+def known_version_below(version: tuple[int, int]) -> str | None:
+    """The newest version of a manifest's major this stabledrl knows, when the manifest's
+    (readable) `version` is a newer minor of it, whose added fields it leaves unread; None
+    else."""
+    known = FORMAT_VERSION if version[0] == FORMAT_MAJOR else PER_RANK_VERSION
+    return known if version > parse_version(known, known) else None
+
+
 def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
     """Checks the manifest fields a reader relies on; returns the format version.
 
@@ -430,12 +438,12 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
     (exit 3). Fields this version does not know (a newer minor's) are left alone.
     """
     version = check_readable_version(manifest.get("format_version"), where, MANIFEST_MAJOR)
-    known = FORMAT_VERSION if version[0] == FORMAT_MAJOR else PER_RANK_VERSION
+    known = known_version_below(version)
     # A newer minor may give a field a value this version does not know (1.1 did: group_ids).
     newer = (
         f"; the run says format {version[0]}.{version[1]}, newer than the {known} this "
         "stabledrl reads: upgrade stabledrl"
-        if version > parse_version(known, where)
+        if known is not None
         else ""
     )
 

@@ -16,6 +16,8 @@ from stabledrl_cli.dump._schema import (
     RECORDING_STOPPED,
     RECORDING_WHEN_PACKED,
     RUN_ID,
+    known_version_below,
+    parse_version,
 )
 from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.replay.observed import NoiseFloor, Observed, OwnLikelihood, observe
@@ -38,6 +40,9 @@ class RunSummary:
     run: str
     format_version: object
     """The manifest's format version, as written."""
+    format_known: str | None
+    """The newest version of the run's major this stabledrl knows, when the run's is a newer
+    minor (whose added fields it leaves unread); None else."""
     tool_version: object
     """The stabledrl version that wrote the run, as written."""
     created: object
@@ -228,6 +233,7 @@ def summarize(run: Run) -> RunSummary:
     return RunSummary(
         run=run.location,
         format_version=manifest.get("format_version"),
+        format_known=known_version_below(parse_version(manifest["format_version"], run.location)),
         tool_version=manifest.get("tool_version"),
         created=manifest.get("created"),
         run_id=manifest.get(RUN_ID),
