@@ -103,12 +103,23 @@ QUOTE_LIMIT = 40
 """Characters of a user's value quoted in an error line; a longer one is cut (its length said)."""
 
 
-def quoted(text: str) -> str:
-    """`text` quoted for an error line (`'abc'`), its first `QUOTE_LIMIT` characters if longer
+SPEC_QUOTE_LIMIT = 120
+"""Characters of a policy, guard or sweep spec quoted: a spec is quoted whole up to it (three
+times `QUOTE_LIMIT`: a spec past 40 characters is common, one past 120 rare), so that two
+specs that part late, their keys sorted, are told apart; a longer one is cut as any value."""
+
+
+def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """`text` quoted for an error line (`'abc'`), its first `limit` characters if longer
     (`'1111'... (5000 characters)`): a value pasted by mistake stays one short line."""
-    if len(text) <= QUOTE_LIMIT:
+    if len(text) <= limit:
         return repr(text)
-    return f"{text[:QUOTE_LIMIT]!r}... ({len(text)} characters)"
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def quoted_spec(spec: str) -> str:
+    """A policy, guard or sweep spec `quoted`, whole up to `SPEC_QUOTE_LIMIT` characters."""
+    return quoted(spec, SPEC_QUOTE_LIMIT)
 
 
 SHOWN_LIMIT = 60

@@ -15,7 +15,7 @@ import textwrap
 from collections.abc import Mapping
 from typing import SupportsIndex, TypeVar, cast
 
-from stabledrl_cli.errors import UsageError, quoted
+from stabledrl_cli.errors import UsageError, quoted, quoted_spec
 
 SPEC_SYNTAX = "NAME or NAME:key=value,key=value"
 MAX_WINDOW = 10**9
@@ -97,7 +97,7 @@ class SpecError(UsageError):
     is wrong with it (for a caller that names the spec its own way)."""
 
     def __init__(self, spec: str, kind: str, reason: str) -> None:
-        super().__init__(f"bad {kind} spec {quoted(spec)}: {reason}")
+        super().__init__(f"bad {kind} spec {quoted_spec(spec)}: {reason}")
         self.reason = reason
 
 

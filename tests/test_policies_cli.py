@@ -102,6 +102,16 @@ def test_a_specs_conventions_are_of_its_own_values():
     assert "norm=group" not in table.stdout and "(norm=micro)" in table.stdout
 
 
+def test_a_long_spec_is_quoted_whole():
+    """Specs of 51 characters were quoted to their first 40 ('ppo:agg=token-mean,eps_high=0.28,
+    eps_low'... (51 characters)): two that part late read the same."""
+    for value in ("0.1", "0.2"):
+        spec = f"ppo:agg=token-mean,eps_high=0.28,eps_low={value},tis=zz"
+        result = runner.invoke(app, ["policies", "-p", spec])
+        assert result.exit_code == 2
+        assert f"policy spec {spec!r}: tis must be" in " ".join(result.stderr.split())
+
+
 def test_specs_of_one_policy_are_listed_once():
     """`-p dapo -p dapo:eps_high=0.28` resolve to one policy, which replay replays once;
     `policies` listed it twice."""

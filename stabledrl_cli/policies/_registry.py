@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from stabledrl_cli.errors import UsageError, quoted
+from stabledrl_cli.errors import UsageError, quoted, quoted_spec
 from stabledrl_cli.policies._config import (
     AggConfig,
     BaseConfig,
@@ -380,7 +380,7 @@ def parse_spec(spec: str) -> tuple[PolicyEntry, dict[str, ParamValue]]:
         try:
             params[key] = convert_value(key, text, hints[key])
         except UsageError as exc:
-            raise UsageError(f"policy spec {quoted(spec)}: {exc}") from None
+            raise UsageError(f"policy spec {quoted_spec(spec)}: {exc}") from None
     return entry, params
 
 
@@ -390,4 +390,4 @@ def resolve_spec(spec: str) -> tuple[PolicyEntry, BaseConfig]:
     try:
         return entry, entry.make_config(params)
     except UsageError as exc:
-        raise UsageError(f"policy spec {quoted(spec)}: {exc}") from None
+        raise UsageError(f"policy spec {quoted_spec(spec)}: {exc}") from None

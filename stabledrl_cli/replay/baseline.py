@@ -80,6 +80,7 @@ from stabledrl_cli.errors import (
     UsageError,
     counted,
     quoted,
+    quoted_spec,
     shown,
 )
 from stabledrl_cli.policies import MAX_POLICIES, get_policy
@@ -424,7 +425,7 @@ def _policies(data: object, where: str) -> dict[str, dict[str, Tolerance]]:
         try:
             canonical = get_policy(spec).spec
         except UsageError as exc:
-            raise InputError(f"{where}: policy {quoted(spec)}: {exc}") from None
+            raise InputError(f"{where}: policy {quoted_spec(spec)}: {exc}") from None
         if not isinstance(metrics, dict):
             raise InputError(
                 f"{where}: policies.{_key(spec)} must be an object of metric -> tolerance"
@@ -439,7 +440,9 @@ def _policies(data: object, where: str) -> dict[str, dict[str, Tolerance]]:
                 )
             entry[name] = _tolerance(tol, f"{where}: policies.{_key(spec)}.{name}", rule.worse)
         if canonical in policies:
-            raise InputError(f"{where}: policy {quoted(spec)} appears twice (as {canonical!r})")
+            raise InputError(
+                f"{where}: policy {quoted_spec(spec)} appears twice (as {canonical!r})"
+            )
         policies[canonical] = entry
     return policies
 

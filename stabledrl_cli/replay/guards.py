@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from stabledrl_cli._repr import compact_repr
-from stabledrl_cli.errors import ConfigError, UsageError, quoted
+from stabledrl_cli.errors import ConfigError, UsageError, quoted, quoted_spec
 from stabledrl_cli.policies._spec import finite_number
 from stabledrl_cli.spec import (
     MAX_WINDOW,
@@ -273,7 +273,7 @@ def make_guard(spec: str) -> Guard:
         return _parsed_guard(spec)
     except UsageError as exc:
         reason = exc.reason if isinstance(exc, SpecError) else str(exc)
-        raise ConfigError("guard", f"{quoted(spec)}: {reason}") from None
+        raise ConfigError("guard", f"{quoted_spec(spec)}: {reason}") from None
 
 
 def _parsed_guard(spec: str) -> Guard:

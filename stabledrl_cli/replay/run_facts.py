@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from stabledrl_cli.dump import Finding, Run
 from stabledrl_cli.dump._integrity import Gap, gaps
-from stabledrl_cli.errors import UsageError, counted, quoted
+from stabledrl_cli.errors import UsageError, counted, quoted_spec
 from stabledrl_cli.integrations._verl_facts import VERL_SEQ_LOG_RATIO_MAX, verl_gspo_config
 from stabledrl_cli.policies import resolve_spec
 
@@ -51,8 +51,8 @@ def own_policy_note(run: Run) -> str | None:
     own = _own_policy(run)
     if own.problem is not None:
         return (
-            f"note: the run's own policy {quoted(run.policy_spec or '')} is none the catalogue "
-            f"replays ({own.problem}); no policy is marked as the run's own"
+            f"note: the run's own policy {quoted_spec(run.policy_spec or '')} is none the "
+            f"catalogue replays ({own.problem}); no policy is marked as the run's own"
         )
     if own.recorded_spec == own.spec:
         return None

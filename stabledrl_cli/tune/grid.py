@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 from fractions import Fraction
 
-from stabledrl_cli.errors import UsageError, quoted
+from stabledrl_cli.errors import UsageError, quoted, quoted_spec
 from stabledrl_cli.policies import MAX_POLICIES, REGISTRY, resolve_spec
 from stabledrl_cli.policies._config import type_hints
 from stabledrl_cli.policies._spec import base_type, finite_number
@@ -119,7 +119,7 @@ def expand(sweep: str) -> list[str]:
     name = name.strip()
     if name not in REGISTRY:
         raise UsageError(
-            f"unknown policy {quoted(name)} in {quoted(sweep)}; valid: {', '.join(REGISTRY)}"
+            f"unknown policy {quoted(name)} in {quoted_spec(sweep)}; valid: {', '.join(REGISTRY)}"
         )
     keys: list[str] = []
     axes: list[list[str]] = []
@@ -129,22 +129,23 @@ def expand(sweep: str) -> list[str]:
             key, value = key.strip(), value.strip()
             if not sep or not key or not value:
                 raise UsageError(
-                    f"bad sweep {quoted(sweep)}: {quoted(part.strip())}; expected {SWEEP_SYNTAX}"
+                    f"bad sweep {quoted_spec(sweep)}: {quoted(part.strip())}; "
+                    f"expected {SWEEP_SYNTAX}"
                 )
             if key in keys:
-                raise UsageError(f"bad sweep {quoted(sweep)}: key {quoted(key)} given twice")
+                raise UsageError(f"bad sweep {quoted_spec(sweep)}: key {quoted(key)} given twice")
             if key not in REGISTRY[name].keys:  # before its values: the line names it bounded
                 raise UsageError(
                     f"unknown key {quoted(key)} for policy {name!r}; "
                     f"valid keys: {', '.join(REGISTRY[name].keys)}"
                 )
-            where = f"sweep {quoted(sweep)}, {key}"
+            where = f"sweep {quoted_spec(sweep)}, {key}"
             values = grid_values(value, where, integer=key in _integer_keys(name))
             keys.append(key)
             axes.append(values)
     total = math.prod(len(a) for a in axes)
     if total > MAX_POLICIES:
-        raise UsageError(f"sweep {quoted(sweep)} has {total} settings; at most {MAX_POLICIES}")
+        raise UsageError(f"sweep {quoted_spec(sweep)} has {total} settings; at most {MAX_POLICIES}")
     specs = []
     for combo in itertools.product(*axes):
         text = format_spec(name, dict(zip(keys, combo, strict=True)))
