@@ -118,8 +118,10 @@ def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
 
 
 def quoted_spec(spec: str) -> str:
-    """A policy, guard or sweep spec `quoted`, whole up to `SPEC_QUOTE_LIMIT` characters."""
-    return quoted(spec, SPEC_QUOTE_LIMIT)
+    """A policy, guard or sweep spec `quoted`, whole up to `SPEC_QUOTE_LIMIT` characters (two
+    long specs that differ at their end stay apart); a longer one is no spec anyone typed, and
+    is cut as any pasted value."""
+    return quoted(spec, SPEC_QUOTE_LIMIT if len(spec) <= SPEC_QUOTE_LIMIT else QUOTE_LIMIT)
 
 
 SHOWN_LIMIT = 60
