@@ -159,23 +159,20 @@ def test_lines_that_are_not_verls_are_passed_over_and_a_bad_step_line_counted(tm
     assert table.skipped_rows == {"not name:value pairs": 1}
 
 
-def test_a_long_run_of_spaces_is_read_in_linear_time(tmp_path):
-    """Ray's ` [repeated 2x across cluster]` was looked for with a pattern starting with ` *`,
-    tried at each space of a line: 40,000 spaces took 7 s, this line minutes."""
-    log = tmp_path / "slurm-1.out"
-    log.write_bytes(b"step:1 - actor/pg_loss:0.5\n" + b" " * 100_000 + b"x\n")
-    started = time.perf_counter()
-    _, found, table = read_log(log)
-    assert time.perf_counter() - started < 1.0
-    assert found == "verl_console" and table.steps == {1: {"actor/pg_loss": 0.5}}
+SLOW_LINES = {
+    "spaces": b" " * 100_000 + b"x",
+    "unclosed bar ends": b"[00:00<" * 100_000,
+}
+"""Lines a pattern read in quadratic time. Ray's ` [repeated 2x across cluster]` was looked
+for with a pattern starting with ` *`, tried at each space of a line (40,000 spaces took 7 s);
+a tqdm bar's end (`[00:00<00:01, 1.0it/s]`) with `[^\\]]*`, which ran to the line's end at
+each `[00:00<` that never closes (8,000 of them took 2 s). Each of these lines took minutes."""
 
 
-def test_a_line_of_unclosed_progress_bar_ends_is_read_in_linear_time(tmp_path):
-    """A tqdm bar's end (`[00:00<00:01, 1.0it/s]`) was looked for with `[^\\]]*`, which runs
-    to the line's end at each `[00:00<` that never closes: 8,000 of them took 2 s, a line at
-    the 1 MiB bound minutes."""
+@pytest.mark.parametrize("line", SLOW_LINES.values(), ids=SLOW_LINES)
+def test_a_line_that_was_read_in_quadratic_time_is_read_in_linear_time(tmp_path, line):
     log = tmp_path / "slurm-1.out"
-    log.write_bytes(b"step:1 - actor/pg_loss:0.5\n" + b"[00:00<" * 100_000 + b"\n")
+    log.write_bytes(b"step:1 - actor/pg_loss:0.5\n" + line + b"\n")
     started = time.perf_counter()
     _, found, table = read_log(log)
     assert time.perf_counter() - started < 5.0
