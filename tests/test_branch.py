@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cli import run_cli
 from typer.testing import CliRunner
 
 from stabledrl_cli.branching import BranchOutcome
@@ -163,8 +162,8 @@ def test_the_protocol_round_trips_through_the_environment(tmp_path):
 
 def test_a_run_without_checkpoints_exits_3_saying_how_to_record_them(tmp_path):
     run = _record(tmp_path / "plain", ExampleConfig(seed=3, steps=2, pretrain_steps=1), None)
-    result = run_cli("branch", run, "--at", "0", "-p", "grpo", timeout=120)
-    assert result.returncode == 3, result.stderr
+    result = CliRunner().invoke(app, ["branch", str(run), "--at", "0", "-p", "grpo"])
+    assert result.exit_code == 3, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--checkpoint-every" in lines[0]
     assert not (run / "branches").exists()
@@ -179,8 +178,8 @@ def test_a_run_with_no_step_after_the_checkpoint_exits_3_before_training(recorde
     shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
     for n in range(16, 24):
         (run / "steps" / f"step-{n:08d}.safetensors").unlink()
-    result = run_cli("branch", run, "--at", "16", "-p", "grpo", *steps, timeout=120)
-    assert result.returncode == 3, result.stderr
+    result = CliRunner().invoke(app, ["branch", str(run), "--at", "16", "-p", "grpo", *steps])
+    assert result.exit_code == 3, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no step at or after step 16" in lines[0], lines
     assert "last step 15" in lines[0]
@@ -437,8 +436,8 @@ def test_a_file_where_a_branch_run_goes_is_refused_before_any_branch_trains(
     else:
         in_the_way.write_text("not a run")
     args = ["--at", "8", "-p", "stabledrl", "-p", "grpo", "--rl-steps", "2", *force]
-    result = run_cli("branch", run, *args, timeout=120)
-    assert result.returncode == 2, result.stderr
+    result = CliRunner().invoke(app, ["branch", str(run), *args])
+    assert result.exit_code == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     said = (
         f"is a symlink to {tmp_path / 'gone'}, which does not exist"
@@ -479,8 +478,9 @@ def test_branch_runs_are_never_written_through_a_symlinked_branches_folder(recor
     shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
     elsewhere.mkdir()
     (run / "branches").symlink_to(elsewhere)
-    result = run_cli("branch", run, "--at", "8", "-p", "grpo", "--rl-steps", "2", timeout=120)
-    assert result.returncode == 3, result.stderr
+    args = ["branch", str(run), "--at", "8", "-p", "grpo", "--rl-steps", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 3, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: {run / 'branches'}: a symlink (nothing in a run is followed out of it)"
     ]
@@ -499,8 +499,8 @@ def test_a_far_step_file_never_makes_the_default_branch_train_past_the_bound(rec
     (steps / "step-99999999.safetensors").write_bytes(
         (steps / "step-00000023.safetensors").read_bytes()[:100]
     )
-    result = run_cli("branch", run, "--at", "8", "-p", "grpo", timeout=120)
-    assert result.returncode == 2, result.stderr
+    result = CliRunner().invoke(app, ["branch", str(run), "--at", "8", "-p", "grpo"])
+    assert result.exit_code == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: {run}: 99999992 steps from the checkpoint at step 8 to the last step file "
         "(step 99999999), more than the 100000 a branch trains; pass --rl-steps N (steps=N)"
@@ -602,23 +602,21 @@ def test_the_example_ends_as_the_commands_do_without_a_traceback(
     [("100001", "at most 100000 steps, got 100001"), ("1" * 5000, "(5000 characters)")],
     ids=["past-the-bound", "5000-digits"],
 )
-def test_the_branch_variables_are_read_within_bounds(recorded, tmp_path, steps, says):
+def test_the_branch_variables_are_read_within_bounds(
+    recorded, tmp_path, monkeypatch, capsys, steps, says
+):
     """STABLEDRL_BRANCH_STEPS=10**30: `python -m stabledrl_cli.example` trained until stopped
     (199 step files in 40 s), past the 100,000 steps `branch --rl-steps` takes; 5000 digits:
     the line quoted them whole. Now one short line, exit 2, before the branch run is made."""
-    env = {
-        **os.environ,
-        ENV_RESUME_CHECKPOINT: str(checkpoints_dir(recorded) / "step-00000008.pt"),
-        ENV_POLICY_OVERRIDE: "grpo",
-        ENV_RUN_DIR: str(tmp_path / "branch"),
-        ENV_BRANCH_AT: "8",
-        ENV_BRANCH_STEPS: steps,
-    }
-    command = [sys.executable, "-m", "stabledrl_cli.example"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and says in lines[0] and len(lines[0]) < 200, result.stderr
+    monkeypatch.setenv(ENV_RESUME_CHECKPOINT, str(checkpoints_dir(recorded) / "step-00000008.pt"))
+    monkeypatch.setenv(ENV_POLICY_OVERRIDE, "grpo")
+    monkeypatch.setenv(ENV_RUN_DIR, str(tmp_path / "branch"))
+    monkeypatch.setenv(ENV_BRANCH_AT, "8")
+    monkeypatch.setenv(ENV_BRANCH_STEPS, steps)
+    assert example_main() == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and len(lines[0]) < 200, err
     assert not (tmp_path / "branch").exists()
 
 

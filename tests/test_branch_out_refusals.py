@@ -6,16 +6,22 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _cli import run_cli
+from typer.testing import CliRunner, Result
 
 import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+
+
+def _stabledrl(*args: object) -> Result:
+    """`stabledrl ARGS...` in this process; its exit code and both streams."""
+    return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("u3_branch") / "grpo@4"
-    result = run_cli("record", "--out", run, "--rl-steps", "8", "--checkpoint-every", "4")
-    assert result.returncode == 0, result.stderr
+    result = _stabledrl("record", "--out", run, "--rl-steps", "8", "--checkpoint-every", "4")
+    assert result.exit_code == 0, result.stderr
     return run
 
 
@@ -34,8 +40,8 @@ def test_a_branch_onto_the_original_run_is_refused(
     replaced the original's 8 steps with its own 2 (the run it branched from, gone)."""
     run = _copy(recorded, tmp_path)
     args = ["--at", "4", "-p", "grpo", "--rl-steps", "2", "--out", tmp_path, *force]
-    result = run_cli("branch", run, *args, timeout=120)
-    assert result.returncode == 2, result.stderr
+    result = _stabledrl("branch", run, *args)
+    assert result.exit_code == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: {run}: a branch run would be the run it branches from; pass another --out"
     ]
@@ -55,8 +61,8 @@ def test_a_branch_inside_the_runs_own_folders_is_refused(
     exited 2 ('RUN/branches/mine/grpo@4: not a file of a branch run')."""
     run = _copy(recorded, tmp_path)
     args = ["--at", "4", "-p", "grpo", "--rl-steps", "2", "--out", run / out]
-    result = run_cli("branch", run, *args, timeout=120)
-    assert result.returncode == 2, result.stderr
+    result = _stabledrl("branch", run, *args)
+    assert result.exit_code == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: {run / out / 'grpo@4'}: a branch run would be inside the {folder} folder "
         f"of {run}, the run it branches from; pass another --out"
@@ -68,8 +74,8 @@ def test_a_branch_inside_the_runs_own_folders_is_refused(
 def test_a_branch_of_one_step_is_counted_in_the_singular(recorded: Path, tmp_path: Path) -> None:
     """The branch's start line and the table's title said '1 steps'."""
     args = ["--at", "4", "-p", "grpo", "--rl-steps", "1", "--out", tmp_path]
-    result = run_cli("branch", recorded, *args, timeout=120)
-    assert result.returncode == 0, result.stderr
+    result = _stabledrl("branch", recorded, *args)
+    assert result.exit_code == 0, result.stderr
     assert f"branch grpo@4: 1 step into {tmp_path / 'grpo@4'}" in result.stderr.splitlines()
     assert "1 step each;" in " ".join(result.stdout.split())
 
@@ -79,8 +85,8 @@ def test_a_url_given_as_the_run_is_refused_in_one_line(tmp_path: Path) -> None:
     into a path, as if nothing were there. branch trains from a local run's checkpoints: a URL
     is refused as watch refuses one, exit 2, naming the commands that read a URL."""
     url = tmp_path.as_uri()
-    result = run_cli("branch", url, "--at", "0", "-p", "grpo")
-    assert result.returncode == 2, result.stderr
+    result = _stabledrl("branch", url, "--at", "0", "-p", "grpo")
+    assert result.exit_code == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {url}: branch takes a local path, not a URL (")
     assert line.endswith("replay, check, inspect, diff, tune and pack read a run at a URL")
