@@ -174,8 +174,8 @@ def test_a_baseline_figure_the_run_gives_its_rule_nothing_to_judge_trips(tmp_pat
         "own-sample likelihood (a step with a policy batch, one a rollout) for the collapse "
         "warning to judge",
     ]
-    done = run_cli("check", run, "-b", baseline)
-    assert done.returncode == 1, done.stderr
+    done = runner.invoke(app, ["check", str(run), "-b", str(baseline)])
+    assert done.exit_code == 1, done.stderr
     assert "(run) baseline.present: observed.spike_steps is in the baseline, but" in done.stderr
 
 
@@ -226,8 +226,8 @@ def test_max_nonfinite_trips_on_a_run_that_recorded_no_nonfinite_count(tmp_path,
     baseline = _baseline(tmp_path / "b.json", {"nonfinite_steps": {"value": 0}})
     code, (gate,) = _gates(run, "-b", str(baseline))
     assert (code, gate["gate"]) == (1, "baseline.present")
-    done = run_cli("check", run, "--max-nonfinite", "0")
-    assert done.returncode == 1, done.stderr
+    done = runner.invoke(app, ["check", str(run), "--max-nonfinite", "0"])
+    assert done.exit_code == 1, done.stderr
     assert "(run) max_nonfinite: the run recorded no nonfinite or nonfinite_grads" in done.stderr
     counted = _scalar_run(tmp_path / "counted", 30, reward_mean=[0.5] * 30, grad_norm=STEADY)
     code, (gate,) = _gates(counted, "--max-nonfinite", "0")

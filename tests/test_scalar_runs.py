@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _cli import run_cli, run_cli_together
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -82,8 +82,8 @@ def _gates(data: dict) -> dict[str, dict]:
 
 def test_replay_refuses_a_scalar_run_with_one_line_and_exit_3(tmp_path):
     run = _scalar_run(tmp_path / "run")
-    proc = run_cli("replay", str(run), "-p", "grpo")
-    assert proc.returncode == 3, proc.stderr
+    proc = runner.invoke(app, ["replay", str(run), "-p", "grpo"])
+    assert proc.exit_code == 3, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and proc.stdout == ""
     assert "nothing to replay: a scalar run (60 steps" in lines[0]
@@ -167,8 +167,8 @@ def test_check_gates_a_scalar_run_without_a_baseline(tmp_path):
     data = json.loads(passed.stdout)
     assert data["ok"] and data["scalar_run"] and data["policies"] == []
     assert set(_gates(data)) == {"(run) reward_collapse", "(run) max_spikes", "(run) max_nonfinite"}
-    failed = run_cli("check", str(sick), *gates)
-    assert failed.returncode == 1, failed.stderr
+    failed = runner.invoke(app, ["check", str(sick), *gates])
+    assert failed.exit_code == 1, failed.stderr
     tripped = {name for name, g in _gates(json.loads(failed.stdout)).items() if not g["ok"]}
     assert tripped == {"(run) reward_collapse", "(run) max_spikes", "(run) max_nonfinite"}
     assert "1 grad-norm spike step, limit 0 (steps 40)" in failed.stderr
@@ -200,8 +200,8 @@ def test_check_with_a_baseline_passes_and_trips_on_a_scalar_run(tmp_path):
     same = runner.invoke(app, ["check", str(healthy), "--baseline", str(baseline)])
     assert same.exit_code == 0, same.output
     sick = _scalar_run(tmp_path / "sick", collapse=True, spike=True, nonfinite=True, clip=0.3)
-    proc = run_cli("check", str(sick), "--baseline", str(baseline), "--format", "json")
-    assert proc.returncode == 1, proc.stderr
+    proc = runner.invoke(app, ["check", str(sick), "--baseline", str(baseline), "--format", "json"])
+    assert proc.exit_code == 1, proc.stderr
     tripped = {name for name, g in _gates(json.loads(proc.stdout)).items() if not g["ok"]}
     assert {
         "(run) baseline.observed.first_reward_collapse",
@@ -267,18 +267,22 @@ def test_a_baseline_written_from_a_run_near_the_float_range_passes_it(
         for step, norm in enumerate(norms):
             rec.log_step(step, grad_norm=norm)
     loose, strict = tmp_path / "loose.json", tmp_path / "strict.json"
-    wrote = run_cli_together(
-        ["check", run, "--write-baseline", loose],
-        ["check", run, "--write-baseline", strict, "--strict"],
-    )
-    assert [w.returncode for w in wrote] == [0, 0], [w.stderr for w in wrote]
-    checks = run_cli_together(
-        *(["check", run, "-b", baseline, *flag] for baseline in (loose, strict)
-          for flag in ([], ["--strict"]))
-    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        wrote = [
+            runner.invoke(app, ["check", str(run), "--write-baseline", str(loose)]),
+            runner.invoke(app, ["check", str(run), "--write-baseline", str(strict), "--strict"]),
+        ]
+        assert [w.exit_code for w in wrote] == [0, 0], [w.stderr for w in wrote]
+        checks = [
+            runner.invoke(app, ["check", str(run), "-b", str(baseline), *flag])
+            for baseline in (loose, strict)
+            for flag in ([], ["--strict"])
+        ]
+    assert [str(w.message) for w in warned] == []
     for done in (*wrote, *checks):
         assert "Warning" not in done.stderr, done.stderr
-    assert [c.returncode for c in checks] == [0, 0, 0, 0], [c.stderr for c in checks]
+    assert [c.exit_code for c in checks] == [0, 0, 0, 0], [c.stderr for c in checks]
     grad_norm = json.loads(loose.read_text())["recorded"].get("grad_norm", {})
     assert "max" not in grad_norm
     strict_norm = json.loads(strict.read_text())["recorded"].get("grad_norm", {})
@@ -400,8 +404,8 @@ def test_a_policy_gate_on_a_mixed_run_whose_batch_steps_are_torn_is_bad_input(tm
     for step in (1, 3):
         torn = run / "steps" / f"step-{step:08d}.safetensors"
         torn.write_bytes(torn.read_bytes()[:10])
-    done = run_cli("check", run, "--max-collapsed", "0")
-    assert done.returncode == 3, done.stderr
+    done = runner.invoke(app, ["check", str(run), "--max-collapsed", "0"])
+    assert done.exit_code == 3, done.stderr
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"error: {run}: no readable step holds a policy batch (2 steps ")
     assert line.endswith("--max-collapsed need(s) replayed policies")
