@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 
 import pytest
-from _cli import run_cli_together
 from _corpus import edit_archive, edit_manifest, flip_index
+from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import pack_run
 from stabledrl_cli.errors import InputError, StabledrlError, UsageError
 from stabledrl_cli.replay.engine import LocalEngine, NothingToReplay
@@ -50,8 +51,9 @@ def _open_files(path: Path) -> list[str]:
 def test_a_multirank_scalar_run_with_a_rank_behind_has_nothing_to_replay(tmp_path):
     complete = _multirank_scalar_run(tmp_path / "complete", behind=0)
     lagging = _multirank_scalar_run(tmp_path / "lagging")
-    done, lagged = run_cli_together(["replay", complete, "-p", "grpo"], ["replay", lagging])
-    assert done.returncode == lagged.returncode == 3, (done.stderr, lagged.stderr)
+    done = CliRunner().invoke(app, ["replay", str(complete), "-p", "grpo"])
+    lagged = CliRunner().invoke(app, ["replay", str(lagging)])
+    assert done.exit_code == lagged.exit_code == 3, (done.stderr, lagged.stderr)
     assert done.stdout == lagged.stdout == ""
     assert f"{complete}: nothing to replay: a scalar run ({STEPS} steps" in done.stderr
     (line,) = lagged.stderr.strip().splitlines()
@@ -89,8 +91,8 @@ def test_a_scalar_run_with_a_torn_step_has_nothing_to_replay_and_names_it(tmp_pa
 def test_an_archive_whose_index_fails_its_checksum_is_named_as_such(tmp_path, command):
     archive = edit_archive(tmp_path, flip_index("steps/step"))
     gate = ["--max-collapsed", "0"] if command == "check" else []
-    (done,) = run_cli_together([command, archive, "-p", "grpo", *gate])
-    assert done.returncode == 3, done.stderr
+    done = CliRunner().invoke(app, [command, str(archive), "-p", "grpo", *gate])
+    assert done.exit_code == 3, done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line == (
         f"error: {archive}: no step could be read (archive index steps/step: checksum "
@@ -156,17 +158,16 @@ def test_an_own_policy_that_cannot_act_on_the_runs_units_is_noted_not_a_usage_er
         for step in range(3):
             rec.log_step(step, logp=[-1.0, -2.0], logp_old=[-1.1, -2.0], advantages=[1.0, -1.0])
     edit_manifest(run, lambda manifest: manifest["policy"].update(spec="stabledrl:level=token"))
-    replayed, asked = run_cli_together(
-        ["replay", run, "--format", "json"], ["replay", run, "-p", "stabledrl:level=token"]
-    )
-    assert replayed.returncode == 0, replayed.stderr
+    replayed = CliRunner().invoke(app, ["replay", str(run), "--format", "json"])
+    asked = CliRunner().invoke(app, ["replay", str(run), "-p", "stabledrl:level=token"])
+    assert replayed.exit_code == 0, replayed.stderr
     assert not any(policy["own"] for policy in json.loads(replayed.stdout)["policies"])
     text = " ".join(replayed.stderr.split())
     assert "note: the run's own policy 'stabledrl:level=token' is none the catalogue replays" in (
         text
     )
     assert "level=token needs token units" in text
-    assert asked.returncode == 2, asked.stderr  # a spec the user gives is the user's to fix
+    assert asked.exit_code == 2, asked.stderr  # a spec the user gives is the user's to fix
 
 
 @pytest.mark.parametrize(
