@@ -424,17 +424,16 @@ def recorded_script(tmp_path_factory) -> Path:
 
 def test_once_on_a_recorded_script_exits_with_the_gates_code(recorded_script):
     run = recorded_script
-    plain, tripped, refused = run_cli_together(
-        ["watch", run, "--once"],
-        ["watch", run, "--once", "--max-spikes", "0", "--max-nonfinite", "0"],
-        ["watch", run, "--once", "--max-discard-frac", "0.5"],
-    )
-    assert plain.returncode == 0, plain.stderr
+    plain = CliRunner().invoke(app, ["watch", str(run), "--once"])
+    gates = ["--max-spikes", "0", "--max-nonfinite", "0"]
+    tripped = CliRunner().invoke(app, ["watch", str(run), "--once", *gates])
+    refused = CliRunner().invoke(app, ["watch", str(run), "--once", "--max-discard-frac", "0.5"])
+    assert plain.exit_code == 0, plain.stderr
     assert "steps: 30 (last 29); own policy: none recorded: no replay" in plain.stdout
     assert "recorded grad-norm spikes: step 25" in plain.stdout
-    assert tripped.returncode == 1
+    assert tripped.exit_code == 1
     assert "gate tripped: (run) max_spikes: 1 grad-norm spike step, limit 0" in tripped.stderr
-    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
 
 
 @contextmanager
