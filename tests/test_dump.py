@@ -13,9 +13,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from _cli import run_cli, run_cli_together
+from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import RunIntegrityWarning, _stfile, pack_run
 from stabledrl_cli.dump._integrity import gap_findings
 from stabledrl_cli.errors import InputError, UsageError, WriteError
@@ -821,12 +822,11 @@ def test_multi_rank_arrays_whose_columns_differ_are_an_input_error(tmp_path):
         ):
             step.array(name)
     assert sd.open_run(path).step(0)["token_ids"].shape == (4, 3)
-    packed, replayed = run_cli_together(
-        ("pack", path, tmp_path / "out.h5"), ("replay", path, "-p", "grpo", "--device", "cpu")
-    )
-    assert packed.returncode == 3, packed.stderr
+    packed = CliRunner().invoke(app, ["pack", str(path), str(tmp_path / "out.h5")])
+    replayed = CliRunner().invoke(app, ["replay", str(path), "-p", "grpo", "--device", "cpu"])
+    assert packed.exit_code == 3, packed.stderr
     assert "cannot join the ranks' " in packed.stderr and "Traceback" not in packed.stderr
-    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.exit_code == 0, replayed.stderr
     assert (
         "step 1:" in replayed.stderr
         and "cannot join the ranks' unit_grad_sketch" in replayed.stderr
@@ -859,7 +859,7 @@ def test_token_ids_of_one_name_a_sequence_are_read_back(tmp_path):
     run = sd.open_run(path)
     assert run.integrity.ok, run.integrity.findings
     assert run.step(0).array("token_ids").tolist() == [[7], [-9]]
-    assert run_cli("pack", path, tmp_path / "run.h5").returncode == 0
+    assert CliRunner().invoke(app, ["pack", str(path), str(tmp_path / "run.h5")]).exit_code == 0
     assert sd.open_run(tmp_path / "run.h5").step(0).array("token_ids").tolist() == [[7], [-9]]
 
 
@@ -912,8 +912,8 @@ def test_per_rank_ids_that_outgrow_their_dtype_across_ranks_are_refused(tmp_path
     assert step.array("seq_id").tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     with pytest.raises(InputError, match="cannot join the ranks' group_id"):
         step.array("group_id")
-    replayed = run_cli("replay", path, "-p", "grpo")
-    assert replayed.returncode == 3, replayed.stderr
+    replayed = CliRunner().invoke(app, ["replay", str(path), "-p", "grpo"])
+    assert replayed.exit_code == 3, replayed.stderr
     lines = [x for x in replayed.stderr.splitlines() if not x.startswith("replaying: ")]
     assert len(lines) == 1 and "no step could be read" in lines[0] and "int32 range" in lines[0]
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _cli import run_cli_together
 from _corpus import edit_archive, flip_index, packed
+from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import NothingToReplay
 from stabledrl_cli.replay.incremental import OwnReplay
@@ -37,11 +38,10 @@ def test_watch_names_an_archive_index_that_fails_its_checksum(tmp_path, index):
     "error: RUN.h5: the run has no readable step yet": no step file was skipped, and none
     will be readable later."""
     archive = _index_failure(tmp_path, index)
-    once, followed = run_cli_together(
-        ["watch", archive, "--once", "--device", "cpu"],
-        ["watch", archive, "--until-idle", "0", "--interval", "0.1", "--device", "cpu"],
-    )
-    assert once.returncode == followed.returncode == 3, (once.stderr, followed.stderr)
+    once = CliRunner().invoke(app, ["watch", str(archive), "--once", "--device", "cpu"])
+    follow = ["--until-idle", "0", "--interval", "0.1", "--device", "cpu"]
+    followed = CliRunner().invoke(app, ["watch", str(archive), *follow])
+    assert once.exit_code == followed.exit_code == 3, (once.stderr, followed.stderr)
     assert once.stderr.strip().splitlines() == [_refusal(archive, index)]
     followed_lines = followed.stderr.strip().splitlines()
     assert followed_lines[-1] == _refusal(archive, index)
@@ -87,6 +87,6 @@ def test_diff_names_an_archive_index_that_fails_its_checksum(tmp_path, damaged):
     intact = packed(tmp_path)
     other = _index_failure(tmp_path / "other") if damaged == "both" else intact
     a, b = (intact, broken) if damaged == "B" else (broken, other)
-    (done,) = run_cli_together(["diff", a, b, "--device", "cpu"])
-    assert done.returncode == 3, done.stderr
+    done = CliRunner().invoke(app, ["diff", str(a), str(b), "--device", "cpu"])
+    assert done.exit_code == 3, done.stderr
     assert done.stderr.strip().splitlines() == [_refusal(broken)]
