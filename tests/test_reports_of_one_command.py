@@ -78,7 +78,8 @@ def test_a_report_given_the_baseline_it_checks_against_is_refused(tmp_path):
     JUnit report and the plot may not name the baseline read; refused before the replay,
     the baseline as it was. --write-baseline may (it writes the next baseline)."""
     baseline = tmp_path / "base.png"
-    assert run_cli("check", GRPO, "-p", "grpo", "--write-baseline", baseline).returncode == 0
+    wrote = ["check", str(GRPO), "-p", "grpo", "--write-baseline", str(baseline)]
+    assert runner.invoke(app, wrote).exit_code == 0
     before = baseline.read_bytes()
     (tmp_path / "link.xml").symlink_to(baseline)
     for flag, target in (
@@ -99,13 +100,14 @@ def test_a_report_given_the_baseline_it_checks_against_is_refused(tmp_path):
     assert result.exit_code == 0, result.output
 
 
-def test_a_report_given_a_url_is_refused_before_the_replay(tmp_path):
+def test_a_report_given_a_url_is_refused_before_the_replay(tmp_path, monkeypatch):
     """`replay RUN --out s3://b/r.h5` (or --plot, --junit, --write-baseline, tune --plot):
     typer's Path made the URL the local path `s3:/b/r.h5`; where a directory `s3:/b` was
     there, the report was written into it (exit 0, 'wrote s3:/b/r.h5'), else the line blamed a
     missing directory `s3:/b`. A report is written to a local path: a URL is refused, exit 2,
     one line, nothing written."""
     (tmp_path / "s3:" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
     cases = [
         ("--out", ["replay", GRPO, "-p", "grpo"], "s3://b/r.h5"),
         ("--plot", ["replay", GRPO, "-p", "grpo"], "s3://b/r.png"),
@@ -114,8 +116,8 @@ def test_a_report_given_a_url_is_refused_before_the_replay(tmp_path):
         ("--plot", ["tune", GRPO, "-p", "stabledrl:c=3..5:2"], "s3://b/t.png"),
     ]
     for flag, args, url in cases:
-        done = run_cli(*args, flag, url, cwd=tmp_path)
-        assert done.returncode == 2, (flag, done.stderr)
+        done = runner.invoke(app, [*map(str, args), flag, url])
+        assert done.exit_code == 2, (flag, done.stderr)
         (line,) = done.stderr.splitlines()
         assert line.startswith("error: Invalid value for '") and (
             f"{url} is a URL; give a local path" in line

@@ -149,8 +149,8 @@ def test_rank_ids_that_would_collide_with_another_ranks_are_refused(
     assert json.loads(replayed.stdout)["steps"] == 3
     named = [line for line in _lines(replayed.stderr) if "step 1:" in line]
     assert len(named) == 1 and why in named[0], replayed.stderr
-    packed = run_cli("pack", run, tmp_path / "out.h5")
-    assert packed.returncode == 3, packed.stderr
+    packed = runner.invoke(app, ["pack", str(run), str(tmp_path / "out.h5")])
+    assert packed.exit_code == 3, packed.stderr
     assert why in packed.stderr and "Traceback" not in packed.stderr
 
 
@@ -334,6 +334,6 @@ def test_more_sequences_than_an_int32_seq_id_names_is_unreadable(tmp_path):
     findings = open_run(run).integrity.findings
     assert [(f.kind, f.step) for f in findings] == [("unreadable", 1), ("unreadable", 2)]
     assert "more sequences than an int32 seq_id names" in findings[0].message
-    packed = run_cli("pack", run, tmp_path / "out.h5")
-    assert packed.returncode == 0, packed.stderr
+    packed = runner.invoke(app, ["pack", str(run), str(tmp_path / "out.h5")])
+    assert packed.exit_code == 0, packed.stderr
     assert open_run(tmp_path / "out.h5").step_numbers == [0, 3]
