@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-from _cli import run_cli
 from _trl import tiny, train
 from typer.testing import CliRunner
 
@@ -42,8 +41,8 @@ def _recorded_and_imported(tiny: Any, tmp_path: Path, rloo: bool, **config: Any)
     state = tmp_path / "trainer_state.json"
     trainer.state.save_to_json(str(state))
     imported = tmp_path / "imported"
-    result = run_cli("import", state, "--out", imported)
-    assert result.returncode == 0, result.stderr
+    result = CliRunner().invoke(app, ["import", str(state), "--out", str(imported)])
+    assert result.exit_code == 0, result.stderr
     return trainer, recorded, imported
 
 
@@ -67,15 +66,15 @@ def test_a_recorded_run_holds_the_scalars_its_log_gives(
                 assert mine[step][name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
     for run, other in ((imported, recorded), (recorded, imported)):
         baseline = tmp_path / f"{run.name}.json"
-        written = run_cli("check", run, "--write-baseline", baseline)
-        assert written.returncode == 0, written.stderr
+        written = CliRunner().invoke(app, ["check", str(run), "--write-baseline", str(baseline)])
+        assert written.exit_code == 0, written.stderr
         figures = json.loads(baseline.read_text())
         figures["policies"] = {}  # the recorded run's replays: a log has none
         figures["observed"] = {"nonfinite_steps": figures["observed"]["nonfinite_steps"]}
         assert set(figures["recorded"]) == set(FROM_LOG) - {"loss", "lr", "step_time"}
         baseline.write_text(json.dumps(figures))
-        gated = run_cli("check", other, "-b", baseline)
-        assert gated.returncode == 0, gated.stdout + gated.stderr
+        gated = CliRunner().invoke(app, ["check", str(other), "-b", str(baseline)])
+        assert gated.exit_code == 0, gated.stdout + gated.stderr
 
 
 def test_a_step_holds_its_own_metrics_when_trl_logs_several_steps_at_once(
@@ -240,7 +239,7 @@ def test_diff_of_a_recording_and_its_log_written_every_two_steps_compares_their_
     history = tmp_path / "history.json"
     history.write_text(json.dumps(trainer.state.log_history))
     alone = tmp_path / "alone"
-    assert run_cli("import", history, "--out", alone).returncode == 0
+    assert runner.invoke(app, ["import", str(history), "--out", str(alone)]).exit_code == 0
     assert "logging_steps" not in sd.open_run(alone).manifest["source"]
     done = runner.invoke(app, ["diff", str(recorded), str(alone), "--format", "json"])
     assert done.exit_code == 1 and json.loads(done.stdout)["parted_at"] == 2
