@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _cli import run_cli_together
 from test_verl_recorded_gspo import OLD_SPEC, VERL_META, VERL_SPEC, recorded_run
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
 
 NOTE = (
     f"note: the run's own policy is '{VERL_SPEC}', the loss verl 0.9.1 computed: its "
@@ -19,15 +21,17 @@ def test_check_tune_and_watch_print_the_own_policy_note_once(tmp_path: Path) -> 
     """check, tune and watch printed no note (replay alone did)."""
     run = recorded_run(tmp_path / "run", OLD_SPEC, VERL_META)
     commands = {
-        "replay": ["replay", run],
-        "check": ["check", run, "--max-nonfinite", "5"],
-        "tune": ["tune", run, "-p", "gspo:eps_low=0.1..0.2:2"],
-        "watch": ["watch", run, "--once"],
+        "replay": ["replay", str(run)],
+        "check": ["check", str(run), "--max-nonfinite", "5"],
+        "tune": ["tune", str(run), "-p", "gspo:eps_low=0.1..0.2:2"],
+        "watch": ["watch", str(run), "--once"],
     }
-    done = run_cli_together(*commands.values())
-    for name, result in zip(commands, done, strict=True):
-        assert result.returncode == 0, (name, result.stderr)
+    for name, args in commands.items():
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, (name, result.stderr)
         assert " ".join(result.stderr.split()).count(NOTE) == 1, (name, result.stderr)
-    no_own = run_cli_together(["tune", run, "-p", "gspo:eps_low=0.1..0.2:2", "--no-own"])[0]
-    assert no_own.returncode == 0, no_own.stderr
+    no_own = CliRunner().invoke(
+        app, ["tune", str(run), "-p", "gspo:eps_low=0.1..0.2:2", "--no-own"]
+    )
+    assert no_own.exit_code == 0, no_own.stderr
     assert "lacks verl's cap" not in no_own.stderr
