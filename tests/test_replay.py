@@ -742,8 +742,8 @@ def test_progress_ends_at_the_listed_steps_when_some_are_damaged(tmp_path):
     data = bytearray(flipped.read_bytes())
     data[-3] ^= 1
     flipped.write_bytes(bytes(data))
-    (done,) = run_cli_together(["replay", path, "-p", "grpo", "--format", "json"], timeout=120)
-    assert done.returncode == 0, done.stderr
+    done = runner.invoke(app, ["replay", str(path), "-p", "grpo", "--format", "json"])
+    assert done.exit_code == 0, done.stderr
     assert json.loads(done.stdout)["steps"] == 8
     shown = [line for line in done.stderr.splitlines() if line.startswith("replaying: ")]
     assert shown[-1] == "replaying: 10/10 (100%)", done.stderr
