@@ -162,3 +162,35 @@ def test_each_benchmark_command_of_a_code_block_parses_as_written() -> None:
         if "unrecognized arguments: --not-an-option-of-any-benchmark" not in stderr
     ]
     assert not refused, refused
+
+
+def test_collapse_real_records_and_evaluates_one_short_run_of_each_kind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`collapse_real.py record` then `evaluate --format json` on one short example run (one
+    `stabledrl record` process) and one short TRL run: the JSON keys docs/collapse.md names."""
+    pytest.importorskip("trl")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import collapse_real  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    names = ["lr0.001_llada_seed1", "trl_grpo_reward_zero_s2"]
+    shape = ["--cache", str(tmp_path), "--steps", "8", "--trl-steps", "3", "--seeds", "1",
+             "--only", *names]  # fmt: skip
+    assert collapse_real.main(["record", *shape]) == 0
+    capsys.readouterr()
+    assert collapse_real.main(["evaluate", *shape, "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["confusion"]) == {"warned_collapsed", "quiet_collapsed", "warned_held",
+                                        "quiet_held"}  # fmt: skip
+    assert sum(report["confusion"].values()) == 2
+    assert set(report["held_flagged"]) <= {"example", "trl"}
+    assert [(r["name"], r["kind"], r["steps"]) for r in report["runs"]] == [
+        (names[0], "example", 8), (names[1], "trl", 3)
+    ]  # fmt: skip
+    assert set(report["runs"][0]) == {
+        "name", "kind", "label", "steps", "warning_first", "observed_collapse",
+        "recorded_spikes", "nonfinite", "risk_steps", "bias_steps",
+    }  # fmt: skip
+    assert set(report["runs"][0]["label"]) == {"collapsed", "reason", "best", "last", "rollouts"}
