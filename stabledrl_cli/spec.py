@@ -130,11 +130,13 @@ def split_spec(spec: str, kind: str = "policy") -> tuple[str, dict[str, str]]:
     return name, raw
 
 
-def wrap_spec(text: str, width: int) -> list[str]:
+def wrap_spec(text: str, width: int, *, whole: bool = False) -> list[str]:
     """`text` (a spec, maybe tagged after it) in lines of at most `width` characters, each
-    broken after a comma where it can be (a part longer than `width` is broken inside)."""
-    lines = textwrap.wrap(text.replace(",", ", "), max(width, 1), break_on_hyphens=False)
-    return [line.replace(", ", ",") for line in lines]
+    broken after its name's colon or a comma where it can be (a part longer than `width` is
+    broken inside; with `whole`, a line of its own)."""
+    spaced = text.replace(":", ": ", 1).replace(",", ", ")
+    lines = textwrap.wrap(spaced, max(width, 1), break_long_words=not whole, break_on_hyphens=False)
+    return [line.replace(": ", ":", 1).replace(", ", ",") for line in lines]
 
 
 def format_value(value: SpecValue) -> str:

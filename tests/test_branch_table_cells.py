@@ -3,7 +3,10 @@
 `branch RUN -p 'dapo:eps_high=0.28,eps_low=0.15' -p 'stabledrl:c=3.5'` folded the policy cells
 at the column's edge, inside a key or a value (`dapo:eps_low` over `=0.15`, `stabledrl:c=`
 over `3.5`), and its replay risk steps inside a number (`25,26,28,2` over `9,30,31`: step 29
-read as 2 and 9). A spec is now broken at its commas only, a step list at its spaces."""
+read as 2 and 9). A spec is now broken at its commas only, a step list at its spaces. A part
+longer than the column (`ppo:agg=seq-mean-token-mean,`, 28 characters) was broken inside
+(`ppo:agg=seq-mean-token-m` over `ean,`): it is broken after its name's colon, and a key=value
+longer than the column widens it."""
 
 from __future__ import annotations
 
@@ -16,7 +19,13 @@ from rich.console import Console
 from stabledrl_cli.branching import BranchOutcome, BranchReport
 from stabledrl_cli.cli.branch import _table
 
-SPECS = ["dapo:eps_low=0.15", "stabledrl:c=3.5", "two-sided:delta=4,eps_high=0.3,eps_low=0.1"]
+SPECS = [
+    "dapo:eps_low=0.15",
+    "stabledrl:c=3.5",
+    "two-sided:delta=4,eps_high=0.3,eps_low=0.1",
+    "ppo:agg=seq-mean-token-mean,eps_high=0.28,eps_low=0.123456,rows=all",
+    "ppo:agg=seq-mean-token-sum-norm,max_len=4096",
+]
 
 
 def _shown(width: int) -> list[list[str]]:
@@ -52,6 +61,6 @@ def test_specs_and_step_numbers_are_never_broken_inside() -> None:
         specs = "".join(row[0] for row in rows)
         assert specs == "".join(SPECS), rows
         for line in (row[0] for row in rows if row[0]):  # it ends at a comma or ends a spec
-            assert line.endswith(",") or any(spec.endswith(line) for spec in SPECS), line
+            assert line.endswith((",", ":")) or any(spec.endswith(line) for spec in SPECS), line
         steps = " ".join(row[2] for row in rows if row[2])
-        assert re.findall(r"\d+", steps) == ["25", "26", "28", "29", "30", "31"] * 3, steps
+        assert re.findall(r"\d+", steps) == ["25", "26", "28", "29", "30", "31"] * 5, steps

@@ -285,3 +285,55 @@ def test_inspect_shows_each_recorded_series_name_whole(grpo_fixture, tmp_path):
     lines = _run(["inspect", str(tmp_path / "run")], 80).splitlines()
     assert len([line for line in lines if line.startswith(f"│ {long_name} ")]) == 1
     assert "│ grad_norm " in "\n".join(lines)
+
+
+LONG_SPECS = tuple(
+    f"ppo:agg=seq-mean-token-mean,eps_high=0.28,eps_low={low},rows=all"
+    for low in ("0.123456", "0.123457")
+)
+"""Two 67-character specs that part late, as a sweep's settings do."""
+
+
+def _spec_cells(text: str, column: int) -> list[str]:
+    """The cells of a table's `column` (1: its first), a line each."""
+    return [line.split("│")[column].strip() for line in text.splitlines() if line.startswith("│")]
+
+
+def _shown_whole(text: str, column: int, specs: tuple[str, ...] = LONG_SPECS) -> None:
+    """Each of `specs` is in the column's lines joined, each key=value whole on a line."""
+    cells = _spec_cells(text, column)
+    for spec in specs:
+        assert spec in "".join(cells), cells
+        for part in re.split("[:,]", spec):
+            assert any(part in cell for cell in cells), (part, cells)
+
+
+@pytest.mark.parametrize("command", ["replay", "tune"])
+def test_long_specs_are_folded_at_their_commas_in_80_columns(tmp_path, command):
+    """Two 67-character specs made replay's table 115 columns wide at 80 and tune's 112, a
+    spec on one line. Each is now broken at its commas onto the lines below its row: 72 and
+    76 wide. replay --wide still shows a spec on one line (every column, overflowing)."""
+    run = str(tiny_run(tmp_path / "run"))
+    if command == "replay":
+        args = ["replay", run, "-p", LONG_SPECS[0], "-p", LONG_SPECS[1], "--device", "cpu"]
+    else:
+        sweep = "ppo:agg=seq-mean-token-mean,eps_high=0.28,eps_low=0.123456|0.123457,rows=all"
+        args = ["tune", run, "-p", sweep, "--device", "cpu"]
+    text = _run(args, 80)
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    _shown_whole(text, 1 if command == "replay" else 2)
+    if command == "replay":
+        wide = _run([*args, "--wide"], 80)
+        for spec in LONG_SPECS:
+            assert len([line for line in wide.splitlines() if f"│ {spec} " in line]) == 1
+
+
+def test_inspect_breaks_a_long_policy_at_its_commas(tmp_path):
+    """inspect folded a run's 67-character policy at the column's edge, inside a value:
+    'ppo:agg=seq-mean-token-mean,eps_high=0.28,eps_low=0.1' over '23456,rows=all', eps_low
+    read as 0.1. It is now broken at a comma."""
+    with sd.Recorder(tmp_path / "run", policy=LONG_SPECS[0]) as rec:
+        rec.log_step(0, grad_norm=1.0)
+    text = _run(["inspect", str(tmp_path / "run")], 80)
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    _shown_whole(text[: text.index("Integrity")], 2, LONG_SPECS[:1])

@@ -13,7 +13,6 @@ from contextlib import ExitStack
 from typing import Annotated
 
 import typer
-from rich.cells import cell_len
 from rich.table import Table
 
 from stabledrl_cli.branching import BranchOutcome, BranchReport, run_branches
@@ -26,8 +25,7 @@ from stabledrl_cli.errors import InputError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS
 from stabledrl_cli.replay._format import format_steps
 from stabledrl_cli.replay.config import MAX_THREADS
-from stabledrl_cli.replay.report import print_legend, print_title
-from stabledrl_cli.spec import wrap_spec
+from stabledrl_cli.replay.report import fold_specs, print_legend, print_title
 
 LIST_LIMIT = 8
 """Step lists longer than this are cut in the table (JSON has them all)."""
@@ -53,8 +51,7 @@ def _table(report: BranchReport) -> Table:
     )
     # each line of a spec whole, broken at its commas, and step lists at their spaces: never
     # inside a key, a value or a step number
-    specs = ["\n".join(wrap_spec(b.policy, SPEC_WIDTH)) for b in report.branches]
-    widest = max((cell_len(line) for spec in specs for line in spec.splitlines()), default=0)
+    specs, widest = fold_specs([b.policy for b in report.branches], SPEC_WIDTH)
     table.add_column("policy", no_wrap=True, min_width=widest)
     for column in ("branch", "replay risk steps", "replay drift steps", "compared", "agree"):
         table.add_column(column, overflow="fold")

@@ -30,7 +30,7 @@ from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.inspection import RunSummary, summarize
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import SeriesStats
-from stabledrl_cli.replay.report import print_title, print_unbroken
+from stabledrl_cli.replay.report import fold_specs, print_title, print_unbroken, spec_room
 from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
 
 LIST_LIMIT = 20
@@ -84,7 +84,7 @@ def _run_table(s: RunSummary) -> Table:
     counts = s.tokens_per_step
     table = Table(title=f"Run {s.run}", show_header=False, title_justify="left")
     table.add_column("what", style="bold", no_wrap=True)
-    table.add_column("value", overflow="fold")  # a long spec folds, never cut
+    table.add_column("value", overflow="fold")  # a long name or list folds, never cut
     rows = [
         ("format", _format_text(s)),
         ("created", s.created if isinstance(s.created, str) else "not recorded"),
@@ -109,8 +109,9 @@ def _run_table(s: RunSummary) -> Table:
         ("size on disk", f"{s.size_bytes / 1e6:.2f} MB"),
     ]
     rows += [(f"meta.{k}", _shortened(v)) for k, v in s.meta.items()]
-    for row in rows:
-        table.add_row(*row)
+    room = spec_room([max(len(what) for what, _ in rows)], out.width)
+    for what, value in rows:  # a long spec broken at its commas, never inside a value
+        table.add_row(what, fold_specs([value], room)[0][0] if what == "policy" else value)
     return table
 
 

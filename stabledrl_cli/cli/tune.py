@@ -46,7 +46,13 @@ from stabledrl_cli.replay.config import (
     parse_size,
     replay_config,
 )
-from stabledrl_cli.replay.report import print_legend, print_whole, stack_headers
+from stabledrl_cli.replay.report import (
+    fold_specs,
+    print_legend,
+    print_whole,
+    spec_room,
+    stack_headers,
+)
 from stabledrl_cli.replay.run_facts import print_own_policy_note
 from stabledrl_cli.tune.front import SettingFigures, TuneReport, percent, rank
 from stabledrl_cli.tune.grid import SWEEP_SYNTAX, expand_all
@@ -78,6 +84,11 @@ TuneMemoryBudgetOpt = Annotated[
 _OWN_LEGEND = "(own): the policy the run was trained with, shown for reference, not ranked"
 
 
+_HEADERS = ("", "setting", "risk", "nf/spk/bias", "disc. grad", "disc. tok")
+_BESIDE = [(i, header) for i, header in enumerate(_HEADERS) if header != "setting"]
+"""The columns beside the setting, whose cells are shown whole."""
+
+
 def _row(s: SettingFigures, report: TuneReport) -> list[str]:
     mark = "*" if s is report.recommended else ("f" if s.on_front else "")
     return [
@@ -96,17 +107,16 @@ def _print_table(report: TuneReport) -> None:
         f"{counted(sum(s.tuned for s in report.settings), 'setting')}",
         title_justify="left",
     )
-    for name, justify in (
-        ("", "left"),
-        ("setting", "left"),
-        ("risk", "right"),
-        ("nf/spk/bias", "right"),
-        ("disc. grad", "right"),
-        ("disc. tok", "right"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for setting in report.settings:
-        table.add_row(*_row(setting, report))
+    rows = [_row(setting, report) for setting in report.settings]
+    # a setting is folded only where the table does not fit with its headers stacked
+    beside = [max([*map(len, h.split()), *(len(row[i]) for row in rows)]) for i, h in _BESIDE]
+    settings, widest = fold_specs([row[1] for row in rows], spec_room(beside, out.width))
+    table.add_column("")
+    table.add_column("setting", no_wrap=True, min_width=widest)
+    for name in _HEADERS[2:]:
+        table.add_column(name, justify="right")
+    for row, setting in zip(rows, settings, strict=True):
+        table.add_row(row[0], setting, *row[2:])
     stack_headers(table, out)
     print_whole(table, out)
     for line in report.unjudged:

@@ -19,6 +19,7 @@ from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY, format_step_range
 from stabledrl_cli.replay.guards import GuardAction, GuardReport
 from stabledrl_cli.replay.observed import CollapseWarning, Observed
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
+from stabledrl_cli.spec import wrap_spec
 from stabledrl_cli.vocab import MetricGroup
 
 BEST_RULE = (
@@ -204,6 +205,21 @@ def _table_width(part: Sequence[int], widths: Sequence[int]) -> int:
     return 1 + sum(widths[i] + 3 for i in part)
 
 
+def spec_room(widths: Sequence[int], width: int) -> int:
+    """The columns a spec column has in a table `width` wide beside columns whose widest cells
+    are `widths` wide."""
+    return width - _table_width(range(len(widths) + 1), [*widths, 0])
+
+
+def fold_specs(specs: Sequence[str], room: int) -> tuple[list[str], int]:
+    """`specs` (each a spec, maybe tagged after it) as the cells of a column `room` wide, each
+    broken at its commas onto the lines below (`wrap_spec`), never inside a key=value (one wider
+    than `room` is a line of its own: the table overflows rather than break it); and their
+    widest line's width, the min_width of the no_wrap column that shows each whole."""
+    cells = ["\n".join(wrap_spec(spec, room, whole=True)) for spec in specs]
+    return cells, max((len(line) for cell in cells for line in cell.splitlines()), default=0)
+
+
 def print_title(table: Table, console: Console) -> None:
     """Prints `table`'s title as a line of text wrapped to the console, and takes it off the
     table: a title as long as a run's path must never widen the table it names."""
@@ -308,13 +324,19 @@ def print_summary(
     rows = [[column.cell(p) for column in shown] for p in result.policies]
     widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
     requested = [c.requested for c in shown]
+    if not wide:  # with `wide`, a spec on one line: the table overflows the terminal on purpose
+        beside = [w for w, c in zip(widths[1:], shown[1:], strict=True) if not c.requested]
+        cells, folded = fold_specs([row[0] for row in rows], spec_room(beside, console.width))
+        for row, cell in zip(rows, cells, strict=True):
+            row[0] = cell
+        widths[0] = max(len(headers[0]), folded)
     for n, part in enumerate(_table_parts(requested, widths, console.width, wide=wide)):
         table = Table(title=title if n == 0 else None, title_justify="left")
         for i in part:
             if shown[i].numeric:  # never narrower than its widest cell: a number is never cut
                 table.add_column(headers[i], no_wrap=True, min_width=widths[i], justify="right")
-            else:
-                table.add_column(headers[i], no_wrap=True, overflow="ellipsis")
+            else:  # the policy, its lines whole
+                table.add_column(headers[i], no_wrap=True, min_width=widths[i])
         for row in rows:
             table.add_row(*(row[i] for i in part))
         print_whole(table, console)
