@@ -214,6 +214,33 @@ def test_a_run_of_a_newer_minor_says_what_is_not_read(run_dir):
     assert data["format_known"] is None
 
 
+@pytest.mark.parametrize(("version", "known"), [("2.7", "2.0"), ("1.9", "1.3"), ("2.0", None)])
+def test_an_archive_of_a_newer_minor_says_what_is_not_read(run_dir, tmp_path, version, known):
+    """An archive whose own format_version said 2.7 (or 1.9) was shown by its manifest's
+    version alone, 'v1.0 (written by stabledrl X)', with no word of the archive's nor that
+    what its newer minor adds is not read. The format row now names the archive's version
+    with the manifest's note; the JSON archive_version and archive_known."""
+    import h5py
+
+    from stabledrl_cli.dump._packer import pack_run
+
+    archive = tmp_path / "run.h5"
+    pack_run(sd.open_run(run_dir), archive)
+    with h5py.File(archive, "a") as handle:
+        handle.attrs["format_version"] = version
+    table = runner.invoke(app, ["inspect", str(archive)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    newer = f"; newer than the v{known} this stabledrl reads: fields it adds are not read"
+    row = f"; archive v{version}" + (newer if known else " ")
+    assert row in table.stdout, table.stdout
+    data = json.loads(runner.invoke(app, ["inspect", str(archive), "-f", "json"]).stdout)
+    assert (data["archive_version"], data["archive_known"], data["format_known"]) == (
+        version, known, None,
+    )  # fmt: skip
+    data = json.loads(runner.invoke(app, ["inspect", str(run_dir), "-f", "json"]).stdout)
+    assert (data["archive_version"], data["archive_known"]) == (None, None)
+
+
 def test_exit_code_in_a_real_process(tmp_path):
     """The error map end to end: exit 3, one line on stderr, nothing on stdout, no traceback."""
     missing = run_cli("inspect", tmp_path / "nope")

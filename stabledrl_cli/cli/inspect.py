@@ -60,14 +60,22 @@ def _writer_text(tool_version: object) -> str:
 
 
 def _format_text(s: RunSummary) -> str:
-    """The run's format version and writer, and of a newer minor version than this stabledrl
-    knows that what it adds is not read."""
-    text = f"v{s.format_version} ({_writer_text(s.tool_version)})"
-    if s.format_known is None:
+    """The run's format version and writer, then a packed archive's own version; of a newer
+    minor version than this stabledrl knows, that what it adds is not read."""
+    text = f"v{s.format_version} ({_writer_text(s.tool_version)})" + _newer(s.format_known)
+    if s.archive_version is None:
         return text
+    return f"{text}; archive v{s.archive_version}" + _newer(s.archive_known)
+
+
+def _newer(known: str | None) -> str:
+    """What a version newer than the `known` one this stabledrl reads leaves unread; "" of a
+    version it knows (`known` None)."""
+    if known is None:
+        return ""
     return (
-        f"{text}; newer than the v{s.format_known} this stabledrl reads: fields it adds are "
-        "not read (upgrade stabledrl)"
+        f"; newer than the v{known} this stabledrl reads: fields it adds are not read "
+        "(upgrade stabledrl)"
     )
 
 

@@ -623,6 +623,10 @@ class ArchiveRun(Run):
     def manifest(self) -> dict[str, Any]:
         return self._manifest
 
+    @property
+    def archive_version(self) -> tuple[int, int] | None:
+        return self.format_version
+
     def close(self) -> None:
         self._open.clear()
         self._file.close()

@@ -164,6 +164,12 @@ class Run(ABC):
         """The run's manifest (fields in `stabledrl_cli.dump._schema`)."""
 
     @property
+    def archive_version(self) -> tuple[int, int] | None:
+        """A packed archive's own format version (its `format_version` attribute, which says
+        what the archive's layout adds to its manifest's); None for a run directory."""
+        return None
+
+    @property
     def recording_stops(self) -> list[dict[str, Any]]:
         """Every rank's `recording_stopped` note ({step, rank, reason}: its recording stopped
         after a failed write or `note_stop`, training going on), by rank; empty when no rank

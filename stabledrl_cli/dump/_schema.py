@@ -424,8 +424,8 @@ def _finite_number(value: object) -> bool:
 
 
 def known_version_below(version: tuple[int, int]) -> str | None:
-    """The newest version of a manifest's major this stabledrl knows, when the manifest's
-    (readable) `version` is a newer minor of it, whose added fields it leaves unread; None
+    """The newest version of a manifest's (or an archive's) major this stabledrl knows, when
+    the (readable) `version` is a newer minor of it, whose added fields it leaves unread; None
     else."""
     known = FORMAT_VERSION if version[0] == FORMAT_MAJOR else PER_RANK_VERSION
     return known if version > parse_version(known, known) else None

@@ -43,6 +43,10 @@ class RunSummary:
     format_known: str | None
     """The newest version of the run's major this stabledrl knows, when the run's is a newer
     minor (whose added fields it leaves unread); None else."""
+    archive_version: str | None
+    """A packed archive's own format version (`Run.archive_version`); None for a directory."""
+    archive_known: str | None
+    """`format_known` of `archive_version`."""
     tool_version: object
     """The stabledrl version that wrote the run, as written."""
     created: object
@@ -230,10 +234,13 @@ def summarize(run: Run) -> RunSummary:
     geometry = run.geometry
     live, died = run.recorder_ranks()
     packed = manifest.get(RECORDING_WHEN_PACKED)
+    archive = run.archive_version
     return RunSummary(
         run=run.location,
         format_version=manifest.get("format_version"),
         format_known=known_version_below(parse_version(manifest["format_version"], run.location)),
+        archive_version=None if archive is None else f"{archive[0]}.{archive[1]}",
+        archive_known=None if archive is None else known_version_below(archive),
         tool_version=manifest.get("tool_version"),
         created=manifest.get("created"),
         run_id=manifest.get(RUN_ID),
