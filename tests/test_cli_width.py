@@ -308,20 +308,22 @@ def _shown_whole(text: str, column: int, specs: tuple[str, ...] = LONG_SPECS) ->
             assert any(part in cell for cell in cells), (part, cells)
 
 
-@pytest.mark.parametrize("command", ["replay", "tune"])
+@pytest.mark.parametrize("command", ["replay", "tune", "check"])
 def test_long_specs_are_folded_at_their_commas_in_80_columns(tmp_path, command):
-    """Two 67-character specs made replay's table 115 columns wide at 80 and tune's 112, a
-    spec on one line. Each is now broken at its commas onto the lines below its row: 72 and
-    76 wide. replay --wide still shows a spec on one line (every column, overflowing)."""
+    """Two 67-character specs made replay's table 115 columns wide at 80, tune's 112 and the
+    figures of check --write-baseline 119, a spec on one line. Each is now broken at its
+    commas onto the lines below its row: 72, 76 and 77 wide. replay --wide still shows a spec
+    on one line (every column, overflowing)."""
     run = str(tiny_run(tmp_path / "run"))
-    if command == "replay":
-        args = ["replay", run, "-p", LONG_SPECS[0], "-p", LONG_SPECS[1], "--device", "cpu"]
-    else:
+    args = [command, run, "-p", LONG_SPECS[0], "-p", LONG_SPECS[1], "--device", "cpu"]
+    if command == "check":
+        args += ["--write-baseline", str(tmp_path / "baseline.json")]
+    if command == "tune":
         sweep = "ppo:agg=seq-mean-token-mean,eps_high=0.28,eps_low=0.123456|0.123457,rows=all"
         args = ["tune", run, "-p", sweep, "--device", "cpu"]
     text = _run(args, 80)
     assert max(len(line) for line in text.splitlines()) <= 80, text
-    _shown_whole(text, 1 if command == "replay" else 2)
+    _shown_whole(text, 2 if command == "tune" else 1)
     if command == "replay":
         wide = _run([*args, "--wide"], 80)
         for spec in LONG_SPECS:

@@ -98,10 +98,13 @@ from stabledrl_cli.replay.observed import Observed, observe
 from stabledrl_cli.replay.plot import plot_replay
 from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
 from stabledrl_cli.replay.report import (
+    fold_specs,
     print_legend,
     print_unbroken,
     print_whole,
+    spec_room,
     stack_headers,
+    stacked_width,
 )
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import (
@@ -261,12 +264,16 @@ def _print_figures(result: ReplayResult) -> None:
         title_justify="left",
     )
     names = list(policy_metrics())
-    table.add_column("policy", no_wrap=True)
+    figures = [[baseline_figure(p, name) for name in names] for p in result.policies]
+    rows = [["n/a" if f is None else format_figure(f) for f in row] for row in figures]
+    # a spec is folded only where the table does not fit with its headers stacked
+    beside = [stacked_width(name, (row[i] for row in rows)) for i, name in enumerate(names)]
+    specs, widest = fold_specs([p.spec for p in result.policies], spec_room(beside, out.width))
+    table.add_column("policy", no_wrap=True, min_width=widest)
     for name in names:
         table.add_column(name, justify="right", no_wrap=True)
-    for p in result.policies:
-        figures = [baseline_figure(p, name) for name in names]
-        table.add_row(p.spec, *("n/a" if f is None else format_figure(f) for f in figures))
+    for spec, row in zip(specs, rows, strict=True):
+        table.add_row(spec, *row)
     stack_headers(table, out)
     print_whole(table, out)
 

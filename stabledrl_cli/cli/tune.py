@@ -52,6 +52,7 @@ from stabledrl_cli.replay.report import (
     print_whole,
     spec_room,
     stack_headers,
+    stacked_width,
 )
 from stabledrl_cli.replay.run_facts import print_own_policy_note
 from stabledrl_cli.tune.front import SettingFigures, TuneReport, percent, rank
@@ -109,7 +110,7 @@ def _print_table(report: TuneReport) -> None:
     )
     rows = [_row(setting, report) for setting in report.settings]
     # a setting is folded only where the table does not fit with its headers stacked
-    beside = [max([*map(len, h.split()), *(len(row[i]) for row in rows)]) for i, h in _BESIDE]
+    beside = [stacked_width(header, (row[i] for row in rows)) for i, header in _BESIDE]
     settings, widest = fold_specs([row[1] for row in rows], spec_room(beside, out.width))
     table.add_column("")
     table.add_column("setting", no_wrap=True, min_width=widest)

@@ -4,7 +4,7 @@ run, and with `--detail` or `--steps` the per-step rows and the flagged steps' s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -259,6 +259,11 @@ def stack_headers(table: Table, console: Console) -> None:
         for column in table.columns:
             if isinstance(column.header, str):
                 column.header = column.header.translate(_HEADER_BREAKS)
+
+
+def stacked_width(header: str, cells: Iterable[str]) -> int:
+    """The width of a column of `cells` under `header` stacked a word a line (`stack_headers`)."""
+    return max([*map(len, header.translate(_HEADER_BREAKS).splitlines()), *map(len, cells)])
 
 
 def _natural_width(table: Table, console: Console) -> int:
