@@ -339,3 +339,17 @@ def test_inspect_breaks_a_long_policy_at_its_commas(tmp_path):
     text = _run(["inspect", str(tmp_path / "run")], 80)
     assert max(len(line) for line in text.splitlines()) <= 80, text
     _shown_whole(text[: text.index("Integrity")], 2, LONG_SPECS[:1])
+
+
+def test_watch_breaks_a_long_own_policy_at_its_commas(tmp_path):
+    """watch --once folded a 110-character own policy at the 80th column, inside a value
+    ('...,rows=all,tis=token-tr' over 'uncate,...'). It is now on the lines below its step
+    count, broken at its commas."""
+    spec = f"{LONG_SPECS[0]},tis=token-truncate,tis_max=2.5,tis_min=0.5"
+    with sd.Recorder(tmp_path / "run", policy=spec) as rec:
+        rec.log_step(0, grad_norm=1.0)
+    lines = _run(["watch", str(tmp_path / "run"), "--once", "--device", "cpu"], 80).splitlines()
+    assert max(len(line) for line in lines) <= 80, lines
+    start = lines.index("steps: 1 (last 0); own policy:") + 1
+    shown = lines[start : start + 2]
+    assert "".join(shown) == spec and all(line.endswith(",") for line in shown[:-1]), shown

@@ -74,6 +74,7 @@ from stabledrl_cli.replay.run_facts import (
     shown_reasons,
     whole_run_refusal,
 )
+from stabledrl_cli.spec import wrap_spec
 
 if TYPE_CHECKING:
     from stabledrl_cli.replay.follow import Alert, RankProgress, RunWatcher, WatchState, WritersEnd
@@ -229,8 +230,9 @@ def _with_ranks(message: str, state: WatchState) -> str:
     return message if ranks is None else f"{message} ({ranks})"
 
 
-def _view(state: WatchState) -> Group:
-    """The state as a few lines and a table of the last steps."""
+def _view(state: WatchState, width: int) -> Group:
+    """The state as a few lines and a table of the last steps; an own policy too long for the
+    `width` beside its step count is on the lines below it, broken at its commas."""
     ranks = ranks_text(state)
     if state.waiting is not None:
         waiting = [state.waiting] if ranks is None else [state.waiting, ranks]
@@ -265,9 +267,14 @@ def _view(state: WatchState) -> Group:
     warning = first(state.collapse_warning, "collapse_warning")
     reward_collapse = first(state.first_reward_collapse, "first_reward_collapse")
 
+    steps, policy = f"steps: {state.steps} (last {state.last_step}); own policy:", _policy(state)
     lines = [
         f"stabledrl watch {state.run}",
-        f"steps: {state.steps} (last {state.last_step}); own policy: {_policy(state)}",
+        *(
+            [f"{steps} {policy}"]
+            if len(steps) + 1 + len(policy) <= width
+            else [steps, *wrap_spec(policy, width, whole=True)]
+        ),
         *([ranks] if ranks is not None else []),
     ]
     if state.scalar_steps:
@@ -302,14 +309,14 @@ def _fitted(state: WatchState, console: Console) -> Group:
     """`_view`, its table holding only the last steps that fit the terminal's height: rich
     crops a live view taller than the terminal at its bottom, where the newest steps are.
     Off a terminal (nothing is cropped), the whole view."""
-    view = _view(state)
+    view = _view(state, console.width)
     if not console.is_terminal:
         return view
     over = len(console.render_lines(view, console.options, pad=False)) - console.size.height
     if over <= 0 or not state.recent:
         return view
     kept = len(state.recent) - over
-    return _view(replace(state, recent=state.recent[-kept:] if kept > 0 else []))
+    return _view(replace(state, recent=state.recent[-kept:] if kept > 0 else []), console.width)
 
 
 def _refuse_policy_gates(watcher: RunWatcher, gates: Gates) -> None:
@@ -414,7 +421,7 @@ def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
         data["ok"] = all(r.ok for r in results)
         print_json(data)
     else:
-        out.print(_view(state), highlight=False, soft_wrap=False)  # a long path wraps
+        out.print(_view(state, out.width), highlight=False, soft_wrap=False)  # a long path wraps
     return _report_gates(results)
 
 
@@ -441,7 +448,7 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
     state = watcher.state()  # as the view shows it
     with sigterm_handled(terminate):
         try:
-            with Live(_view(state), console=err, auto_refresh=False) as live:
+            with Live(_view(state, err.width), console=err, auto_refresh=False) as live:
                 try:
                     while True:
                         alerts = watcher.poll()
@@ -481,7 +488,7 @@ def _follow(watcher: RunWatcher, gates: Gates, interval: float, until_idle: floa
                             break
                         time.sleep(interval)
                 finally:  # the whole view stays on the terminal, every step of --recent
-                    live.update(_view(state))
+                    live.update(_view(state, live.console.width))
         except (KeyboardInterrupt, Terminated) as stop:
             writing_again()
             _end_view()
