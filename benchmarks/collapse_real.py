@@ -42,7 +42,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "trl_scripts"))
-from collapse_suite import Arm, RunSpec, record  # type: ignore[import-not-found]
+from collapse_suite import (  # type: ignore[import-not-found]
+    Arm,
+    RunSpec,
+    mark_recorded,
+    record,
+    record_options,
+    recorded_as,
+)
 
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
@@ -99,7 +106,7 @@ def record_trl(run: TrlRun, cache: Path, steps: int) -> Path:
     from stabledrl_cli.integrations.trl import RecordingGRPOTrainer
 
     out = cache / run.name
-    if (out / ".done").is_file():
+    if recorded_as(out, trl_settings(run, steps)):
         return out
     calls = 0
 
@@ -126,8 +133,13 @@ def record_trl(run: TrlRun, cache: Path, steps: int) -> Path:
         trainer.train()
     finally:
         torch.set_num_threads(threads)
-    (out / ".done").write_text("ok\n")
+    mark_recorded(out, trl_settings(run, steps))
     return out
+
+
+def trl_settings(run: TrlRun, steps: int) -> dict[str, Any]:
+    """What a cached TRL run was recorded with."""
+    return {"config": run.config, "zero_after": run.zero_after, "steps": steps}
 
 
 # --- phase 2 ---------------------------------------------------------------------------------
@@ -288,9 +300,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i}/{len(runs)}] {name} {time.perf_counter() - started:.0f} s",
                   file=sys.stderr, flush=True)  # fmt: skip
         return 0
-    missing = [name for name, _, _ in runs if not (args.cache / name / ".done").is_file()]
+    settings = {
+        name: record_options(what) if kind == "example" else trl_settings(what, args.trl_steps)
+        for name, kind, what in runs
+    }
+    missing = [name for name in settings if not recorded_as(args.cache / name, settings[name])]
     if missing:
-        raise SystemExit(f"{args.cache / missing[0]}: not recorded; run `record` first")
+        raise SystemExit(
+            f"{args.cache / missing[0]}: not recorded with these options; run `record` first"
+        )
     rows = [evaluate_run(name, kind, args.cache / name) for name, kind, _ in runs]
     if args.format == "json":
         report = {"confusion": confusion(rows), "held_flagged": held_flagged(rows),

@@ -101,20 +101,42 @@ def grid(steps: int) -> list[RunSpec]:
     ]
 
 
-def record(spec: RunSpec, cache: Path, *, suffix: str = "", extra: Sequence[str] = ()) -> Path:
-    """Records one run into the cache (a finished run, marked by `.done`, is kept)."""
-    out = cache / f"{spec.name}{suffix}"
-    if (out / ".done").is_file():
-        return out
-    command = [
-        sys.executable, "-m", "stabledrl_cli", "record", "--out", str(out), "--force",
-        "--threads", "1", "--seed", str(spec.seed), "--rl-steps", str(spec.steps),
+def recorded_as(out: Path, settings: object) -> bool:
+    """Whether `out` is a finished run recorded with `settings` (what its `.done` holds): a
+    cached run recorded with others (fewer steps, another lr) is recorded again, never read
+    as this one."""
+    done = out / ".done"
+    return done.is_file() and done.read_text() == _settings_text(settings)
+
+
+def mark_recorded(out: Path, settings: object) -> None:
+    """Marks `out` a finished run recorded with `settings`."""
+    (out / ".done").write_text(_settings_text(settings))
+
+
+def _settings_text(settings: object) -> str:
+    return json.dumps(settings, sort_keys=True) + "\n"
+
+
+def record_options(spec: RunSpec, extra: Sequence[str] = ()) -> list[str]:
+    """`stabledrl record`'s options for `spec` (after `--out`)."""
+    return [
+        "--force", "--threads", "1", "--seed", str(spec.seed), "--rl-steps", str(spec.steps),
         "--lr", repr(spec.arm.lr), "--policy", spec.arm.policy, "--estimator", spec.estimator,
         *(["--same-mask"] if spec.arm.same_mask else []), *extra,
     ]  # fmt: skip
+
+
+def record(spec: RunSpec, cache: Path, *, suffix: str = "", extra: Sequence[str] = ()) -> Path:
+    """Records one run into the cache (a finished run of the same options is kept)."""
+    out = cache / f"{spec.name}{suffix}"
+    options = record_options(spec, extra)
+    if recorded_as(out, options):
+        return out
+    command = [sys.executable, "-m", "stabledrl_cli", "record", "--out", str(out), *options]
     env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-    (out / ".done").write_text("ok\n")
+    mark_recorded(out, options)
     return out
 
 
@@ -237,8 +259,8 @@ def evaluate(specs: Sequence[RunSpec], cache: Path) -> list[Labelled]:
     labelled = []
     for spec in specs:
         path = cache / spec.name
-        if not (path / ".done").is_file():
-            raise SystemExit(f"{path}: not recorded; run `collapse_suite.py record` first")
+        if not recorded_as(path, record_options(spec)):
+            raise SystemExit(f"{path}: not recorded with these options; run `record` first")
         labelled.append(label(spec, open_run(path)))
     return labelled
 
