@@ -109,13 +109,9 @@ def _rank_agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
     all-reduce's mean of the ranks' gradients)."""
     assert prep.seq_rank is not None
     rank, ranks = prep.seq_rank, float(prep.ranks)
-
-    def per_rank(per_seq: torch.Tensor) -> torch.Tensor:
-        return rank_sum(prep, per_seq, rank)
-
     agg = config.agg
     if agg == "token-mean":
-        return prep.per_token(per_rank(prep.seq_len))
+        return prep.per_token(rank_sum(prep, prep.seq_len, rank))
     if agg == "token-sum":
         return torch.full_like(prep.logp, ranks)
     if agg == "micro-token-mean":
@@ -129,7 +125,8 @@ def _rank_agg_norm(prep: PreparedBatch, config: AggConfig) -> torch.Tensor:
     if agg == "recorded":
         return _recorded_scale(prep) * ranks
     live = prep.seq_live.to(prep.dtype) if config.rows == "scored" else None
-    n_seq = prep.per_token(per_rank(torch.ones_like(prep.seq_len) if live is None else live))
+    counted = torch.ones_like(prep.seq_len) if live is None else live
+    n_seq = prep.per_token(rank_sum(prep, counted, rank))
     if agg == "seq-mean-token-mean":
         return n_seq * prep.seq_len_tokens
     if agg == "seq-mean-token-sum":

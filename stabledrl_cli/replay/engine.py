@@ -49,10 +49,11 @@ from stabledrl_cli.replay.run_facts import (
     no_steps_message,
     own_spec,
     run_gaps,
+    run_ranks,
     skipped_reasons,
     steps_skipped,
 )
-from stabledrl_cli.replay.step_data import check_step, run_ranks, run_unit
+from stabledrl_cli.replay.step_data import check_step, run_unit
 from stabledrl_cli.replay.stream import StreamedRun, detail_pass, stream_run
 from stabledrl_cli.replay.summary import (
     best_index,

@@ -154,10 +154,16 @@ def no_steps_message(run: Run, skipped: list[str]) -> str:
     return f"{run.location}: no step could be read ({steps_skipped(skipped)})"
 
 
+def run_ranks(run: Run) -> int:
+    """The ranks the run was recorded on (the reader has validated the manifest's
+    world_size)."""
+    return int(run.manifest.get("world_size", 1))
+
+
 def replayed_loss_norm(run: Run) -> str:
     """What a replay of the run's steps normalises over: its `loss_norm`, or "global" for a
     run of one rank, whose one part is the whole step (either replays alike)."""
-    return run.loss_norm if int(run.manifest.get("world_size", 1)) > 1 else "global"
+    return run.loss_norm if run_ranks(run) > 1 else "global"
 
 
 def is_scalar_run(run: Run) -> bool:

@@ -27,6 +27,7 @@ from stabledrl_cli.replay.observed import (
     logratio_moments,
     unit_token_counts,
 )
+from stabledrl_cli.replay.run_facts import run_ranks
 from stabledrl_cli.vocab import Unit
 
 BASE_FIELDS = ("logp", "logp_old", "advantages", "mask", "seq_id")
@@ -209,12 +210,6 @@ def replay_rejection(run: Run, step: Step) -> tuple[tuple[int, str] | None, Arra
     except InputError as exc:
         return rejection(step.step, exc, where), arrays
     return None, arrays
-
-
-def run_ranks(run: Run) -> int:
-    """The ranks the run was recorded on (the reader has validated the manifest's
-    world_size)."""
-    return int(run.manifest.get("world_size", 1))
 
 
 def run_per_rank(run: Run) -> bool:

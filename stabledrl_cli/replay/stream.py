@@ -59,6 +59,7 @@ from stabledrl_cli.replay.metrics import (
 from stabledrl_cli.replay.observed import NoiseFloor, OwnLikelihood
 from stabledrl_cli.replay.read_ahead import read_ahead
 from stabledrl_cli.replay.rows import RowBuffer
+from stabledrl_cli.replay.run_facts import run_ranks
 from stabledrl_cli.replay.step_data import (
     Arrays,
     Measures,
@@ -69,7 +70,6 @@ from stabledrl_cli.replay.step_data import (
     read_arrays,
     rejection,
     run_per_rank,
-    run_ranks,
     run_unit,
     step_geometry,
     to_device,
