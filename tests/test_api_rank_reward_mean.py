@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import stabledrl_cli as sd
+from stabledrl_cli.errors import UsageError
 
 
 def _log(recorder: sd.Recorder, reward: list[float], given: bool) -> None:
@@ -103,3 +104,29 @@ def test_a_rank_with_an_empty_part_leaves_the_others_mean(tmp_path, empty):
     parts = [[1.0, 0.0], [1.0], [0.0, 1.0]]
     parts.insert(empty, [])
     assert _log_parts(tmp_path, parts) == pytest.approx(0.6)
+
+
+def test_a_joined_steps_reward_count_is_its_ranks_together(tmp_path):
+    """`reward_count`, the rewards a step's reward_mean is a mean of (its weight in its
+    rollout's draw), is each rank's own: the joined step's is their sum, as its mean is over
+    all of them."""
+    logp = np.zeros((2, 2), dtype=np.float32)
+    for rank, count in enumerate((2.0, 1.0)):
+        with sd.Recorder(tmp_path, world_size=2, rank=rank, policy=None) as recorder:
+            recorder.log_step(
+                0, logp=logp, logp_old=logp, advantages=np.zeros(2, dtype=np.float32),
+                reward=np.array([1.0, math.nan if count == 1 else 0.0], dtype=np.float32),
+                scalars={"reward_count": count},
+            )  # fmt: skip
+    assert sd.open_run(tmp_path).step(0).scalars["reward_count"] == 3
+
+
+@pytest.mark.parametrize("count", [-1.0, 2.5, math.nan, math.inf])
+def test_a_reward_count_that_is_no_count_is_refused(tmp_path, count):
+    logp = np.zeros((2, 2), dtype=np.float32)
+    refused = pytest.raises(UsageError, match=r"^scalars: .reward_count. is how many .*, got ")
+    with sd.Recorder(tmp_path, policy=None) as recorder, refused:
+        recorder.log_step(
+            0, logp=logp, logp_old=logp, advantages=np.zeros(2, dtype=np.float32),
+            scalars={"reward_count": count},
+        )  # fmt: skip

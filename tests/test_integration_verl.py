@@ -1154,7 +1154,8 @@ def test_a_prompt_of_its_own_rollout_n_keeps_its_split_marks(tmp_path: Path, fir
 
 
 def test_engine_steps_are_recorded(engine_run: Any) -> None:
-    """One step per (epoch, mini-batch), per-rank files, verl's pre-clip norm and skip."""
+    """One step per (epoch, mini-batch), per-rank files, verl's pre-clip norm and skip; its
+    `reward_count` the sequences scored on every rank (a join took rank 0's alone)."""
     run, ranks = engine_run
     world = len(ranks)
     assert run.manifest["world_size"] == world
@@ -1163,6 +1164,7 @@ def test_engine_steps_are_recorded(engine_run: Any) -> None:
     verl_steps = ranks[0]["steps"]
     for n, step in enumerate(run):
         assert step.scalars["inner_step"] == [0, 1, 2, 3, 0][n]
+        assert step.scalars["reward_count"] == 6 * world  # every rank's scored sequences
         if n < 4:
             assert step.scalars["grad_norm"] == pytest.approx(verl_steps[n]["grad_norm"], rel=1e-6)
             assert step.scalars["grad_norm_clipped"] <= 0.5 + 1e-6

@@ -26,11 +26,12 @@ is rank 0's. Scalars: `nonfinite` sums the ranks' non-finite batch entries, plus
 rewards each rank's mean is over (`_scored_rewards`: those not NaN; a file without the count,
 no `reward` or an older recorder's, by its sequences; a rank's NaN mean, none of its rewards
 scored, left out, as a rank's part with no sequence, which has no mean, and a rank that logged
-none), `loss` averaged over the ranks that logged one, any other scalar the lowest rank's that
-logged it (rank 0's when it did: a grad_norm is every rank's after the all-reduce). A step
-where some rank recorded no batch (a scalar step, format 1.2) joins as a scalar step: a batch
-with a rank missing is not the step's batch; so does one where no rank's batch holds a token
-(each part empty), which one rank's file could not be. A joined batch keeps each rank's number
+none), `reward_count` summed over the ranks that logged one, `loss` averaged over the ranks
+that logged one, any other scalar the lowest rank's that logged it (rank 0's when it did: a
+grad_norm is every rank's after the all-reduce). A step where some rank recorded no batch (a
+scalar step, format 1.2) joins as a scalar step: a batch with a rank missing is not the step's
+batch; so does one where no rank's batch holds a token (each part empty), which one rank's
+file could not be. A joined batch keeps each rank's number
 of sequences (`rank_sequences`), for a replay that normalises each rank's part alone
 (`loss_norm`).
 """
@@ -65,6 +66,7 @@ from stabledrl_cli.dump._schema import (
     META_SCORED_TOKENS,
     META_WORLD_SIZE,
     OS_FILE_RE,
+    REWARD_COUNT,
     SCALAR_STEP_VERSION,
     SEQUENCE_LIMIT,
     STEP_FILE_RE,
@@ -113,6 +115,9 @@ def _merge_scalars(parts: list[dict[str, float]], weights: list[int]) -> dict[st
     losses = [p["loss"] for p in parts if "loss" in p]
     if losses:
         merged["loss"] = float(np.mean(losses))
+    counts = [p[REWARD_COUNT] for p in parts if REWARD_COUNT in p]
+    if counts:  # each rank's rewards are its own: the step's are theirs together
+        merged[REWARD_COUNT] = float(sum(counts))
     if all("nonfinite" in p for p in parts):
         # each rank's count holds its own loss and grad_norm; the joined step holds one of each
         entries = sum(p["nonfinite"] - nonfinite_norms(p) for p in parts)

@@ -20,6 +20,7 @@ from stabledrl_cli.dump._schema import (
     BATCH_FIELDS,
     FIELDS,
     MAX_SCALARS,
+    REWARD_COUNT,
     SERIES_SCALARS,
     STANDARD_SCALARS,
     nonfinite_norms,
@@ -412,6 +413,11 @@ def sketch_scale_problem(value: float) -> str | None:
     return f"unit_grad_sketch_scale is {value!r}: a per-step scale is > 0"
 
 
+def _is_count(value: float) -> bool:
+    """Whether a scalar is a count: a whole number >= 0."""
+    return math.isfinite(value) and value >= 0 and value == math.floor(value)
+
+
 def _step_scalars(
     step: int,
     scalars: Mapping[str, ScalarInput | None],
@@ -448,10 +454,15 @@ def _step_scalars(
     if problem is not None:
         raise UsageError(problem)
     inner_step = out.get("inner_step", 0.0)
-    if not (math.isfinite(inner_step) and inner_step >= 0 and inner_step == math.floor(inner_step)):
+    if not _is_count(inner_step):
         raise UsageError(
             f"inner_step: a count of the updates on a rollout before this one, a whole number "
             f">= 0 (0: its first, where the parameters are the sampling ones), got {inner_step!r}"
+        )
+    if not _is_count(out.get(REWARD_COUNT, 0.0)):
+        raise UsageError(
+            f"scalars: {REWARD_COUNT!r} is how many rewards reward_mean is a mean of, a whole "
+            f"number >= 0, got {out[REWARD_COUNT]!r}"
         )
     if "reward_mean" not in out and "reward" in tensors and tensors["reward"].size:
         reward = tensors["reward"]

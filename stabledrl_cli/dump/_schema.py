@@ -340,11 +340,18 @@ SERIES_SCALARS = (
     "nonfinite_grads",
     "rollout_reward",
     "rollout_count",
+    "reward_count",
 )
 ROLLOUT_SCALARS = ("rollout_reward", "rollout_count")
 """The TRL integration's mark of the rollouts generated during a step: their mean reward (the
 step's reward draw, `detectors.reward_draws`) and how many it is a mean of. Not series of
 their own: they are reward_mean's draws."""
+REWARD_COUNT = "reward_count"
+"""How many rewards a step's `reward_mean` is a mean of (its sequences scored, over every
+rank): its weight in its rollout's reward draw (`detectors.reward_draws`). The verl
+integration records it; a step without it weighs as much as any other of its rollout."""
+DRAW_SCALARS = (*ROLLOUT_SCALARS, REWARD_COUNT)
+"""The scalars reward_mean's draws are made of, not series of their own."""
 LOSS_AUX = "loss_aux"
 """The part of a step's recorded `loss` outside the policy's objective, which no policy of the
 catalogue models (the TRL integration's MoE router loss, its coefficient times the router's

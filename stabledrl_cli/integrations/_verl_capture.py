@@ -25,6 +25,7 @@ from verl.utils.py_functional import rename_dict
 from verl.workers.utils.padding import no_padding_2_padding
 
 from stabledrl_cli.dump import Recorder
+from stabledrl_cli.dump._schema import REWARD_COUNT
 from stabledrl_cli.importers._names import standard_source
 from stabledrl_cli.integrations._rows import every_row
 from stabledrl_cli.integrations._verl_facts import LOGGED_SCALARS, VERL_LOSS_METRICS, VERL_METRICS
@@ -284,6 +285,7 @@ class StepLog:
         if self.max_norm is not None and finite:
             clip = min(1.0, self.max_norm / (self.grad_norm + 1e-6))
         reward = torch.cat([m.reward for m in micro])
+        scalars[REWARD_COUNT] = float(reward.isnan().logical_not().sum())
         recorder.log_step(
             step,
             logp=tokens([m.logp for m in micro]),

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from stabledrl_cli.dump import Run
-from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
+from stabledrl_cli.dump._schema import REWARD_COUNT
+from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, count_weights, run_reward_draws
 from stabledrl_cli.replay.observed import import_source, is_verl_recording, training_step_starts
 from stabledrl_cli.replay.recorded import training_step_means
 
@@ -98,10 +99,7 @@ class WindowMeans:
         """A run's means over the windows of a log of `rows` (its steps), from its `series`
         (`SERIES_READ`) and its step `numbers`."""
         starts, draws = run_reward_draws(series)
-        counted_steps, counts = series["rollout_count"]
-        weights = np.ones(starts.size)
-        known = np.isin(starts, counted_steps)
-        weights[known] = counts[np.searchsorted(counted_steps, starts[known])]
+        weights = count_weights(starts, *series["rollout_count"])
         held = set(numbers)
         values: dict[int, dict[str, float]] = {}
         before: int | None = None
@@ -181,8 +179,11 @@ class TrainingSteps:
             for n, value in zip(*training_step_means(*series[name], *inner), strict=True):
                 means[int(n)][name] = float(value)
         reward_steps, rewards = series["reward_mean"]
-        drawn = ~np.isnan(rewards)  # a rollout's draw: the mean of its rewards that are not NaN
-        draws = training_step_means(reward_steps[drawn], rewards[drawn], *inner)
+        weights = count_weights(reward_steps, *series[REWARD_COUNT])
+        drawn = ~np.isnan(rewards) & (weights > 0)  # a rollout's draw, as `reward_draws`'
+        draws = training_step_means(
+            reward_steps[drawn], rewards[drawn], *inner, weights=weights[drawn]
+        )
         for n, value in zip(*draws, strict=True):
             means[int(n)]["reward_mean"] = float(value)
         for values in means.values():

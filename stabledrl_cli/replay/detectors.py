@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from stabledrl_cli.dump._schema import REWARD_COUNT
 from stabledrl_cli.replay.config import (
     COLLAPSE_NOISE_MARGIN,
     DEFAULT_COLLAPSE_WINDOW,
@@ -187,10 +188,21 @@ def observed_reward_collapse(
     return int(steps[hits[0]]) if hits.size else None
 
 
-REWARD_DRAW_SCALARS = ("reward_mean", "inner_step", "rollout_reward")
+REWARD_DRAW_SCALARS = ("reward_mean", "inner_step", "rollout_reward", REWARD_COUNT)
 """The scalars a run's reward draws are read from (`run_reward_draws`)."""
 
 _Series = tuple[np.ndarray, np.ndarray]
+
+
+def count_weights(steps: np.ndarray, counted_steps: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """[S] the weight of the reward of each of `steps` in a mean over several: the count it is
+    a mean of (counted_steps, counts: [C] a count's series, in step order: `reward_count`,
+    `rollout_count`); 1 at a step without one, as at every step of a run recorded before
+    it."""
+    weights = np.ones(steps.size)
+    known = np.isin(steps, counted_steps)
+    weights[known] = counts[np.searchsorted(counted_steps, steps[known])]
+    return weights
 
 
 def reward_draws(
@@ -200,33 +212,39 @@ def reward_draws(
     inner_step: np.ndarray,
     begun_steps: np.ndarray | None = None,
     begun: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> _Series:
     """The rewards the observed-collapse rule reads: one a rollout, at its first step. A
     rollout's steps are the one whose recorded `inner_step` is not above 0 and the steps after
     it whose `inner_step` is: passes over the same sequences (ppo_epochs, num_iterations) and
     its other mini-batches (verl's, TRL's steps_per_generation above
     gradient_accumulation_steps). Its draw is the mean of their rewards that are not NaN (NaN
-    when none is), the rollout's own mean when its steps hold as many sequences each, as TRL
-    logs `reward` and verl `critic/score/mean`. A step before the first such start is left
-    out; a step without an inner_step is a rollout of its own. A step that records
+    when none is), each weighted by `weights` (`count_weights` of `reward_count`: the rewards
+    a step's mean is over, so the draw is the rollout's own mean over its scored sequences, as
+    TRL logs `reward` and verl `critic/score/mean`, also where verl's padding samples leave
+    some mini-batches fewer; 1 where unknown: the rollout's own mean when its steps hold as
+    many sequences each); a step of weight 0 holds no reward. A step before the first such start is
+    left out; a step without an inner_step is a rollout of its own. A step that records
     `rollout_reward` (`begun`: the rollouts the training generated during the step, their
     mean reward, as TRL logs `reward`) starts one too, whatever its inner_step, and that is
     its draw: so a rollout begun inside a step that trains an earlier one is drawn at that
     step, apart from the earlier one, as TRL logs it.
 
     steps, rewards: [S] the reward_mean series, in step order; inner_steps, inner_step: [I]
-    the inner_step series; begun_steps, begun: [B] the rollout_reward series (None: none)
-    -> ([D] steps, [D] rewards)."""
+    the inner_step series; begun_steps, begun: [B] the rollout_reward series (None: none);
+    weights: [S] (None: 1 each) -> ([D] steps, [D] rewards)."""
     marked = np.zeros(0, dtype=np.int64) if begun_steps is None else begun_steps
+    weights = np.ones(steps.size) if weights is None else weights
     continued = inner_steps[np.asarray(inner_step, dtype=np.float64) > 0]
     first = np.union1d(
         steps[~np.isin(steps, continued)], inner_steps[~np.isin(inner_steps, continued)]
     )
     starts = np.union1d(first, marked)
     rollout = np.searchsorted(starts, steps, side="right") - 1
-    scored = (rollout >= 0) & ~np.isnan(rewards)
-    sums = np.bincount(rollout[scored], weights=rewards[scored], minlength=starts.size)
-    counts = np.bincount(rollout[scored], minlength=starts.size)
+    scored = (rollout >= 0) & ~np.isnan(rewards) & (weights > 0)
+    weighted = rewards[scored] * weights[scored]
+    sums = np.bincount(rollout[scored], weights=weighted, minlength=starts.size)
+    counts = np.bincount(rollout[scored], weights=weights[scored], minlength=starts.size)
     held = np.isin(np.arange(starts.size), rollout) | np.isin(starts, marked)
     draws = np.divide(sums, counts, out=np.full(starts.size, np.nan), where=counts > 0)
     if begun is not None:
@@ -236,8 +254,12 @@ def reward_draws(
 
 def run_reward_draws(series: Mapping[str, _Series]) -> _Series:
     """`reward_draws` of a run's `REWARD_DRAW_SCALARS` series (as `scalar_series_many` gives
-    them)."""
-    return reward_draws(*series["reward_mean"], *series["inner_step"], *series["rollout_reward"])
+    them), each step's reward weighted by its `reward_count` (`count_weights`)."""
+    steps, rewards = series["reward_mean"]
+    weights = count_weights(steps, *series[REWARD_COUNT])
+    return reward_draws(
+        steps, rewards, *series["inner_step"], *series["rollout_reward"], weights=weights
+    )
 
 
 def luck_of_the_best(length: int, window: int) -> np.ndarray:

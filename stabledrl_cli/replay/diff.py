@@ -49,7 +49,7 @@ import numpy as np
 
 from stabledrl_cli.dump import Run, RunIntegrityWarning, Step
 from stabledrl_cli.dump._schema import (
-    ROLLOUT_SCALARS,
+    DRAW_SCALARS,
     SCALAR_STEP_FIELDS,
     SERIES_SCALARS,
     STANDARD_SCALARS,
@@ -93,10 +93,10 @@ LOGP_FIELDS = ("logp", "logp_old", "logp_ref", "logp_rollout")
 SCALAR_NAMES = tuple(
     name
     for name in (*STANDARD_SCALARS, *SERIES_SCALARS)
-    if name not in ("step", "wall_time", "step_time", "unit_grad_sketch_scale", *ROLLOUT_SCALARS)
+    if name not in ("step", "wall_time", "step_time", "unit_grad_sketch_scale", *DRAW_SCALARS)
 )
 """Training scalars compared within the tolerance: the standard ones (format 1.2's series
-scalars too) but the step number, the clocks, a sketch's storage scale and ROLLOUT_SCALARS
+scalars too) but the step number, the clocks, a sketch's storage scale and DRAW_SCALARS
 (compared as reward_mean's draw, `RolloutRewards`) (a run's own scalars are not compared)."""
 GEOMETRY_SCALARS = ("grad_norm_covered",)
 """Scalars a run records with its gradient geometry: one only one run records (the other

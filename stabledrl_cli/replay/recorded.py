@@ -10,7 +10,7 @@ is none); `nonfinite` counts the others. `reward_mean`'s values are its draws, o
 reward (TRL's `reward`, verl's `critic/score/mean`), where a rollout is trained over several
 recorded steps and the framework's log has one value for it (a TRL step's `rollout_reward`,
 its mark of the rollouts begun in it, is in those draws, not a series of its own, nor its
-`rollout_count`). A verl
+`rollout_count`, nor a step's `reward_count`, the weight of its reward there). A verl
 run's scalars that verl logs once a training step (`TRAINING_STEP_MEANS`: loss, grad_norm,
 clip_frac, kl, ...) take one value a rollout too, the mean over its optimizer steps, as verl
 logs them.
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from stabledrl_cli.dump import Run
-from stabledrl_cli.dump._schema import ROLLOUT_SCALARS
+from stabledrl_cli.dump._schema import DRAW_SCALARS
 from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.integrations._verl_facts import TRAINING_STEP_MEANS
 from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
@@ -124,7 +124,7 @@ def recorded_run(run: Run, observed: Observed) -> RecordedRun:
     with `observed`; reward_mean's are its draws, one a rollout (module docstring)."""
     headers = list(run.step_headers())
     names = sorted(
-        set().union(*(h.scalars for h in headers)) - {*BOOKKEEPING_SCALARS, *ROLLOUT_SCALARS}
+        set().union(*(h.scalars for h in headers)) - {*BOOKKEEPING_SCALARS, *DRAW_SCALARS}
     )
     series = ReadSteps.of(run, headers).scalar_series_many([*names, *REWARD_DRAW_SCALARS])
     inner = series["inner_step"]
@@ -150,19 +150,26 @@ def recorded_run(run: Run, observed: Observed) -> RecordedRun:
 
 
 def training_step_means(
-    steps: np.ndarray, values: np.ndarray, inner_steps: np.ndarray, inner_step: np.ndarray
+    steps: np.ndarray,
+    values: np.ndarray,
+    inner_steps: np.ndarray,
+    inner_step: np.ndarray,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The value verl's trainer logs for each training step of a verl run (a rollout:
     `observed.training_step_starts`, so a rollout whose first step is unread keeps its own),
     at its first step: the plain mean of its optimizer steps' values, as verl's
     `reduce_metrics` (np.mean) takes it: NaN when one is, inf when one is inf. steps, values:
-    [S] the series; inner_steps, inner_step: [I] the inner_step series -> ([T] first steps,
-    [T] means)."""
+    [S] the series; inner_steps, inner_step: [I] the inner_step series; weights: [S] each
+    value's weight (None: alike, verl's mean) -> ([T] first steps, [T] means)."""
     starts = training_step_starts(steps, inner_steps, inner_step)
     held = np.searchsorted(starts, steps, side="right") - 1
     firsts, group = np.unique(starts[held], return_inverse=True)
-    counts = np.bincount(group, minlength=firsts.size)
-    return firsts, np.bincount(group, weights=values, minlength=firsts.size) / counts
+    if weights is None:
+        counts = np.bincount(group, minlength=firsts.size)
+        return firsts, np.bincount(group, weights=values, minlength=firsts.size) / counts
+    totals = np.bincount(group, weights=weights, minlength=firsts.size)
+    return firsts, np.bincount(group, weights=values * weights, minlength=firsts.size) / totals
 
 
 def observed_of(result: ReplayResult | None, recorded: RecordedRun | None) -> Observed:
