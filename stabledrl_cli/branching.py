@@ -43,7 +43,7 @@ from stabledrl_cli.replay.detectors import (
     observed_reward_collapse,
     run_reward_draws,
 )
-from stabledrl_cli.replay.observed import reward_windows
+from stabledrl_cli.replay.observed import is_verl_recording, reward_windows
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
 
@@ -229,7 +229,7 @@ def _rewards(run: Run) -> tuple[_Series, _Series]:
     """The run's reward_mean series, and its draws, one a rollout (`detectors.reward_draws`),
     from one pass over the headers."""
     series = run.scalar_series_many(REWARD_DRAW_SCALARS)
-    return series["reward_mean"], run_reward_draws(series)
+    return series["reward_mean"], run_reward_draws(series, verl=is_verl_recording(run))
 
 
 def _final_reward(rewards: np.ndarray) -> float | None:

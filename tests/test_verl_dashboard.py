@@ -163,6 +163,27 @@ def test_a_training_step_with_an_unreadable_step_file_is_unreadable_not_compared
     assert (result["unreadable_a"], result["only_b"], result["common"]) == ([[2, 2]], [[2, 2]], 3)
 
 
+def test_inspect_reads_a_reward_a_training_step_when_a_rollouts_first_step_is_unreadable(
+    job: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """With the second rollout's first step file torn (step 4), inspect's reward series took
+    that rollout's other steps (5-7, inner_step 1-3) into the first rollout's draw: 3 values
+    (0.0714, 0.0833, 0) beside its 4 training steps of grad_norm, where verl logs a
+    `critic/score/mean` for each of the 4 (0.0833, 0.0833, 0.0833, 0). A verl recording's
+    rollout now starts at its steps' step minus inner_step, as verl's training steps do: 4
+    draws, the first rollout's verl's own."""
+    run, lines = job
+    torn = tmp_path / "run"
+    shutil.copytree(run, torn)
+    step = torn / "steps" / "step-00000004.safetensors"
+    step.write_bytes(step.read_bytes()[:100])
+    done = CliRunner().invoke(app, ["inspect", str(torn), "--format", "json"])
+    series = json.loads(done.stdout)["series"]
+    assert series["reward_mean"]["steps"] == series["grad_norm"]["steps"] == len(lines)
+    first = lines[0]["critic/score/mean"]
+    assert series["reward_mean"]["first"] == pytest.approx(first, rel=1e-6)
+
+
 class Norms(StubEngine):
     """The stand-in engine whose optimizer steps return the pre-clip norms `norms`, in turn."""
 

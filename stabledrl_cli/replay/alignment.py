@@ -18,8 +18,13 @@ import numpy as np
 
 from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._schema import REWARD_COUNT
-from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, count_weights, run_reward_draws
-from stabledrl_cli.replay.observed import import_source, is_verl_recording, training_step_starts
+from stabledrl_cli.replay.detectors import (
+    REWARD_DRAW_SCALARS,
+    count_weights,
+    run_reward_draws,
+    training_step_starts,
+)
+from stabledrl_cli.replay.observed import import_source, is_verl_recording
 from stabledrl_cli.replay.recorded import training_step_means
 
 WINDOW_MEAN_SCALARS = ("loss", "entropy", "kl", "clip_frac", "clip_frac_low", "clip_frac_high")
@@ -47,14 +52,14 @@ class RolloutRewards:
     draws: np.ndarray
 
     @classmethod
-    def of(cls, series: Series, steps: list[int]) -> RolloutRewards:
+    def of(cls, series: Series, steps: list[int], *, verl: bool = False) -> RolloutRewards:
         """A run's draws over `steps` (the steps both runs hold), from its `series`
-        (`SERIES_READ`)."""
+        (`SERIES_READ`); `verl`: the run is a verl recording (`reward_draws`)."""
         held = {}
         for name, (numbers, values) in series.items():
             common = np.isin(numbers, steps)
             held[name] = numbers[common], values[common]
-        return cls(*run_reward_draws(held))
+        return cls(*run_reward_draws(held, verl=verl))
 
     def at(self, step: int) -> float | None:
         """The draw of the rollout that starts at `step`; None at any other step."""

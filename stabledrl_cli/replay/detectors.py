@@ -205,6 +205,21 @@ def count_weights(steps: np.ndarray, counted_steps: np.ndarray, counts: np.ndarr
     return weights
 
 
+def training_step_starts(
+    steps: np.ndarray, inner_steps: np.ndarray, inner_step: np.ndarray
+) -> np.ndarray:
+    """[T] the first step of each training step of a verl recording (a rollout: its step
+    whose `inner_step` is 0 and the steps after it above 0), in step order, from its `steps`
+    [S] and inner_step series ([I] steps, values): the training step of a step s is
+    `np.searchsorted(starts, s, side="right")`, from 1 as verl's log numbers them. A step's
+    inner_step counts the updates since its rollout's first step (verl's hook: 0 there, one
+    more each step after), so a rollout starts at s - inner_step of each of its steps, its
+    first step's file unreadable or not; a step without one is a rollout of its own."""
+    counted = np.isfinite(inner_step)
+    firsts = inner_steps[counted] - inner_step[counted].astype(np.int64)
+    return np.union1d(firsts, np.setdiff1d(steps, inner_steps[counted]))
+
+
 def reward_draws(
     steps: np.ndarray,
     rewards: np.ndarray,
@@ -213,6 +228,8 @@ def reward_draws(
     begun_steps: np.ndarray | None = None,
     begun: np.ndarray | None = None,
     weights: np.ndarray | None = None,
+    *,
+    verl: bool = False,
 ) -> _Series:
     """The rewards the observed-collapse rule reads: one a rollout, at its first step. A
     rollout's steps are the one whose recorded `inner_step` is not above 0 and the steps after
@@ -228,7 +245,10 @@ def reward_draws(
     `rollout_reward` (`begun`: the rollouts the training generated during the step, their
     mean reward, as TRL logs `reward`) starts one too, whatever its inner_step, and that is
     its draw: so a rollout begun inside a step that trains an earlier one is drawn at that
-    step, apart from the earlier one, as TRL logs it.
+    step, apart from the earlier one, as TRL logs it. Of a verl recording (`verl`), whose
+    hook counts inner_step from its rollout's first step, a rollout starts at each of its
+    steps' step minus its inner_step (`training_step_starts`, verl's training steps), so one
+    whose first step is unread keeps its own draw there, not merged with the one before.
 
     steps, rewards: [S] the reward_mean series, in step order; inner_steps, inner_step: [I]
     the inner_step series; begun_steps, begun: [B] the rollout_reward series (None: none);
@@ -236,8 +256,12 @@ def reward_draws(
     marked = np.zeros(0, dtype=np.int64) if begun_steps is None else begun_steps
     weights = np.ones(steps.size) if weights is None else weights
     continued = inner_steps[np.asarray(inner_step, dtype=np.float64) > 0]
-    first = np.union1d(
-        steps[~np.isin(steps, continued)], inner_steps[~np.isin(inner_steps, continued)]
+    first = (
+        training_step_starts(steps, inner_steps, inner_step)
+        if verl
+        else np.union1d(
+            steps[~np.isin(steps, continued)], inner_steps[~np.isin(inner_steps, continued)]
+        )
     )
     starts = np.union1d(first, marked)
     rollout = np.searchsorted(starts, steps, side="right") - 1
@@ -252,13 +276,14 @@ def reward_draws(
     return starts[held], draws[held]
 
 
-def run_reward_draws(series: Mapping[str, _Series]) -> _Series:
+def run_reward_draws(series: Mapping[str, _Series], *, verl: bool = False) -> _Series:
     """`reward_draws` of a run's `REWARD_DRAW_SCALARS` series (as `scalar_series_many` gives
-    them), each step's reward weighted by its `reward_count` (`count_weights`)."""
+    them), each step's reward weighted by its `reward_count` (`count_weights`); `verl`: the
+    run is a verl recording (`observed.is_verl_recording`)."""
     steps, rewards = series["reward_mean"]
     weights = count_weights(steps, *series[REWARD_COUNT])
     return reward_draws(
-        steps, rewards, *series["inner_step"], *series["rollout_reward"], weights=weights
+        steps, rewards, *series["inner_step"], *series["rollout_reward"], weights, verl=verl
     )
 
 

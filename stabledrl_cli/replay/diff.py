@@ -64,6 +64,7 @@ from stabledrl_cli.replay.alignment import (
     training_steps,
 )
 from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.observed import is_verl_recording
 from stabledrl_cli.replay.run_facts import (
     SKIPPED_KINDS,
     is_scalar_run,
@@ -612,9 +613,10 @@ def diff_runs(
     share_none = InputError(f"{a.location} and {b.location} share no step: nothing to compare")
     if not common:
         raise share_none
+    verl = (is_verl_recording(a), is_verl_recording(b))
     rewards = (
-        RolloutRewards.of(series[0], [reads[0].get(n, n) for n in common]),
-        RolloutRewards.of(series[1], [reads[1].get(n, n) for n in common]),
+        RolloutRewards.of(series[0], [reads[0].get(n, n) for n in common], verl=verl[0]),
+        RolloutRewards.of(series[1], [reads[1].get(n, n) for n in common], verl=verl[1]),
     )
     windows: tuple[WindowMeans | None, WindowMeans | None]
     if training is not None:

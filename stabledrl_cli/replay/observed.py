@@ -28,6 +28,7 @@ from stabledrl_cli.replay.detectors import (
     rolling_mean,
     run_reward_draws,
     spike_flags,
+    training_step_starts,
     warning_judged,
 )
 from stabledrl_cli.replay.guards import GuardReport, replay_guards
@@ -195,21 +196,6 @@ def is_verl_recording(run: Run) -> bool:
     meta = run.manifest.get("meta")
     framework = meta.get("framework") if isinstance(meta, dict) else None
     return framework == "verl" and import_source(run) is None
-
-
-def training_step_starts(
-    steps: np.ndarray, inner_steps: np.ndarray, inner_step: np.ndarray
-) -> np.ndarray:
-    """[T] the first step of each training step of a verl recording (a rollout: its step
-    whose `inner_step` is 0 and the steps after it above 0), in step order, from its `steps`
-    [S] and inner_step series ([I] steps, values): the training step of a step s is
-    `np.searchsorted(starts, s, side="right")`, from 1 as verl's log numbers them. A step's
-    inner_step counts the updates since its rollout's first step (verl's hook: 0 there, one
-    more each step after), so a rollout starts at s - inner_step of each of its steps, its
-    first step's file unreadable or not; a step without one is a rollout of its own."""
-    counted = np.isfinite(inner_step)
-    firsts = inner_steps[counted] - inner_step[counted].astype(np.int64)
-    return np.union1d(firsts, np.setdiff1d(steps, inner_steps[counted]))
 
 
 def host_array(values: torch.Tensor) -> np.ndarray:
@@ -481,7 +467,8 @@ def observe(
     """
     config = config or ReplayConfig()
     series = run.scalar_series_many([*REWARD_DRAW_SCALARS, "grad_norm", "loss", *NONFINITE_COUNTS])
-    reward_steps, rewards = run_reward_draws(series)
+    verl = is_verl_recording(run)
+    reward_steps, rewards = run_reward_draws(series, verl=verl)
     norm_steps, grad_norms = series["grad_norm"]
     bad = np.union1d(
         *(
@@ -490,7 +477,7 @@ def observe(
         )
     )  # a NaN count counts as non-finite too
     training = None
-    if is_verl_recording(run):
+    if verl:
         starts = training_step_starts(bad, *series["inner_step"])
         training = np.unique(np.searchsorted(starts, bad, side="right")).tolist()
     collapse = observed_reward_collapse(

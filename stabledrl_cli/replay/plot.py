@@ -33,6 +33,7 @@ from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.errors import MissingExtraError, UsageError, counted
 from stabledrl_cli.replay.config import format_step_range, in_range
 from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, rolling_mean, run_reward_draws
+from stabledrl_cli.replay.observed import is_verl_recording
 from stabledrl_cli.replay.report import BEST_RULE, percent
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.spec import wrap_spec
@@ -144,7 +145,7 @@ def _reward_panel(ax: Any, result: ReplayResult, run: Run) -> None:
     if steps.size:
         _plot_series(ax, steps, reward, color=_REWARD, linewidth=0.8)
         # The observed-collapse rule's mean: over W rollouts, one reward each, at its first step.
-        rollouts, draws = run_reward_draws(series)
+        rollouts, draws = run_reward_draws(series, verl=is_verl_recording(run))
         scored = ~np.isnan(draws)  # an unscored rollout is no draw, as for the rule
         rollouts, draws = rollouts[scored], draws[scored]
         window = result.observed.collapse_window

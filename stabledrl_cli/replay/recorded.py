@@ -29,8 +29,12 @@ from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._schema import DRAW_SCALARS
 from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.integrations._verl_facts import TRAINING_STEP_MEANS
-from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
-from stabledrl_cli.replay.observed import Observed, is_verl_recording, training_step_starts
+from stabledrl_cli.replay.detectors import (
+    REWARD_DRAW_SCALARS,
+    run_reward_draws,
+    training_step_starts,
+)
+from stabledrl_cli.replay.observed import Observed, is_verl_recording
 from stabledrl_cli.replay.result import ReplayResult
 from stabledrl_cli.vocab import SeriesStat, Worse
 
@@ -128,10 +132,11 @@ def recorded_run(run: Run, observed: Observed) -> RecordedRun:
     )
     series = ReadSteps.of(run, headers).scalar_series_many([*names, *REWARD_DRAW_SCALARS])
     inner = series["inner_step"]
+    verl = is_verl_recording(run)
     if "reward_mean" in names:
-        series["reward_mean"] = run_reward_draws(series)
+        series["reward_mean"] = run_reward_draws(series, verl=verl)
     training_steps = None
-    if is_verl_recording(run):
+    if verl:
         for name in set(TRAINING_STEP_MEANS) & set(names):
             series[name] = training_step_means(*series[name], *inner)
         numbers = np.array([h.step for h in headers], dtype=np.int64)
