@@ -240,8 +240,8 @@ def reward_draws(
     a step's mean is over, so the draw is the rollout's own mean over its scored sequences, as
     TRL logs `reward` and verl `critic/score/mean`, also where verl's padding samples leave
     some mini-batches fewer; 1 where unknown: the rollout's own mean when its steps hold as
-    many sequences each); a step of weight 0 holds no reward. A step before the first such start is
-    left out; a step without an inner_step is a rollout of its own. A step that records
+    many sequences each); a step of weight 0 holds no reward. A step before the first such
+    start is left out; a step without an inner_step is a rollout of its own. A step that records
     `rollout_reward` (`begun`: the rollouts the training generated during the step, their
     mean reward, as TRL logs `reward`) starts one too, whatever its inner_step, and that is
     its draw: so a rollout begun inside a step that trains an earlier one is drawn at that
@@ -255,14 +255,13 @@ def reward_draws(
     weights: [S] (None: 1 each) -> ([D] steps, [D] rewards)."""
     marked = np.zeros(0, dtype=np.int64) if begun_steps is None else begun_steps
     weights = np.ones(steps.size) if weights is None else weights
-    continued = inner_steps[np.asarray(inner_step, dtype=np.float64) > 0]
-    first = (
-        training_step_starts(steps, inner_steps, inner_step)
-        if verl
-        else np.union1d(
+    if verl:
+        first = training_step_starts(steps, inner_steps, inner_step)
+    else:
+        continued = inner_steps[np.asarray(inner_step, dtype=np.float64) > 0]
+        first = np.union1d(
             steps[~np.isin(steps, continued)], inner_steps[~np.isin(inner_steps, continued)]
         )
-    )
     starts = np.union1d(first, marked)
     rollout = np.searchsorted(starts, steps, side="right") - 1
     scored = (rollout >= 0) & ~np.isnan(rewards) & (weights > 0)
