@@ -254,7 +254,8 @@ class StepLog:
         step's own uids number the groups and none is marked split; without a micro-batch's
         uids, or when the rollout's groups are not recorded, the step records no group_id nor
         group_split: a replay that recomputes advantages by group is refused, not given one
-        group of every sequence)."""
+        group of every sequence), with its `reward_count`, the sequences scored (verl's
+        padding samples are not): the weight of its reward in its rollout's."""
         kept = [every_row(m.mask) for m in micro]
 
         def tokens(rows: list[torch.Tensor]) -> torch.Tensor:
