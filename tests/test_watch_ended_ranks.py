@@ -18,6 +18,8 @@ from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run, pack_run
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.follow import RunWatcher, WatchState
 
 GATE = ["--max-lost-steps", "0", "--device", "cpu"]
 LOST = "1 step lost (1 skipped, 0 missing between recorded ones), limit 0"
@@ -91,3 +93,33 @@ def test_a_step_every_rank_went_past_is_lost_on_a_live_run(tmp_path: Path) -> No
     assert watched.exit_code == 1 == check.exit_code, watched.stderr
     assert watched.stderr.rstrip().endswith(f"gate tripped: (run) max_lost_steps: {LOST}")
     assert "step 5: incomplete, no file for rank(s) [0]" in watched.stderr
+
+
+def _fresh_state(run: Path) -> WatchState:
+    """What a watch started now sees of `run` (as `--once` does)."""
+    watcher = RunWatcher(run, ReplayConfig(device="cpu"))
+    watcher.poll()
+    return watcher.state()
+
+
+def test_a_step_read_that_loses_a_ranks_file_is_read_as_the_run_now_is(tmp_path: Path) -> None:
+    """A 2-rank run's step 3, read, then its rank 1 file removed (a user cleaning up): the
+    watcher went on showing 10 steps, step 3 among them, where a watch started then (and
+    check) reads 9 and counts step 3 lost. Now the run is followed again from its start, as
+    when a step read is removed from a run of one rank."""
+    run = tmp_path / "run"
+    ranks = [Recorder(run, policy=None, world_size=2, rank=rank) for rank in (0, 1)]
+    for recorder in ranks:
+        for n in range(10):
+            recorder.log_step(n, grad_norm=1.0 + 0.1 * (n % 3), loss=0.5, lr=1e-3)
+    watcher = RunWatcher(run, ReplayConfig(device="cpu"))
+    watcher.poll()
+    (run / "steps" / "step-00000003.rank-0001.safetensors").unlink()
+    watcher.poll()
+    assert watcher.replaced == 1 and watcher.replay is not None
+    assert watcher.replay.seen == [0, 1, 2, *range(4, 10)]
+    assert watcher.state() == _fresh_state(run)
+    for recorder in ranks:
+        recorder.close()
+    check = CliRunner().invoke(app, ["check", str(run), *GATE])
+    assert check.exit_code == 1 and LOST in check.stdout + check.stderr

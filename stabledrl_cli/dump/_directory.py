@@ -875,6 +875,12 @@ class DirectoryRun(Run):
         """The steps with a final file name in the listing (no file opened, nor stat'ed)."""
         return sorted(self._scan().finals)
 
+    @property
+    def listed_partial_step_numbers(self) -> list[int]:
+        return [
+            n for n, ranks in sorted(self._listing.finals.items()) if len(ranks) < self.world_size
+        ]
+
     def _has_step(self, n: int) -> bool:
         return n in self._listing.finals or n in self._scan().finals
 

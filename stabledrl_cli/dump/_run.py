@@ -208,6 +208,13 @@ class Run(ABC):
         return self.step_numbers
 
     @property
+    def listed_partial_step_numbers(self) -> list[int]:
+        """The steps of the run's last listing (`listed_step_numbers`') some rank has no file
+        of, ascending, not listed again: a step a reader following the run read is gone once
+        one of its files is. [] here: every step is whole."""
+        return []
+
+    @property
     @abstractmethod
     def integrity(self) -> IntegrityReport:
         """Every finding of a full check of the run (data checksums included)."""

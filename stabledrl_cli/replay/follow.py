@@ -226,7 +226,8 @@ class RunWatcher:
     last one (a step file still under its temporary name is not listed yet) and returns the
     new alerts. A path with no manifest yet is waited for. A run changed under the watcher
     (its manifest removed, or rewritten as another run's: `record --force` over it, or a
-    resume that writes steps again, each with a new `run_id`; or steps it read removed) is
+    resume that writes steps again, each with a new `run_id`; or steps it read removed, or a
+    rank's file of one) is
     dropped with all that was read of it, and the path followed again from the start
     (`replaced` counts how often). A step read is not read again (but the last one, which a
     recording may still rewrite: a Recorder rewrites no other under the same `run_id`,
@@ -417,7 +418,7 @@ class RunWatcher:
         closed = self._closed_mark  # read before the listing: it lists every step
         ended = self._writers_now(replay.run)
         numbers = replay.run.listed_step_numbers
-        if not set(replay.seen) <= set(numbers):  # steps it read are gone
+        if self._gone(replay, numbers):
             self._start_over()
             replay = self._open()
             if replay is None:
@@ -447,6 +448,15 @@ class RunWatcher:
         self._writers_end = ended if kept else None
         self._ended_polls = self._ended_polls + 1 if self._writers_end else 0
         return False
+
+    @staticmethod
+    def _gone(replay: OwnReplay, numbers: list[int]) -> bool:
+        """Whether a step read is gone from the listing `numbers`, or some rank's file of it
+        is (a rank's files removed: the step is no more, or lacks that rank)."""
+        seen = set(replay.seen)
+        return not seen <= set(numbers) or not seen.isdisjoint(
+            replay.run.listed_partial_step_numbers
+        )
 
     def _landed_late(self, replay: OwnReplay, numbers: list[int]) -> bool:
         """Whether a step below the last one read is new to the listing (files landed out of
