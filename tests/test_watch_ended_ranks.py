@@ -18,6 +18,8 @@ from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import Recorder, open_run, pack_run
+from stabledrl_cli.dump._schema import writer_lock_name
+from stabledrl_cli.dump._writer_lock import _kernel
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.follow import RunWatcher, WatchState
 
@@ -61,19 +63,42 @@ def test_a_step_a_rank_never_wrote_is_lost_once_the_recording_ended(
     assert "step 10: incomplete, no file for rank(s) [1]" in ended.stderr
 
 
+def _lost_as_check(run: Path) -> None:
+    """`watch --once` trips the gate as check does: step 10 is lost."""
+    args = [*GATE, "-f", "json"]
+    watch = CliRunner().invoke(app, ["watch", str(run), "--once", *args])
+    check = CliRunner().invoke(app, ["check", str(run), *args])
+    assert watch.exit_code == 1 == check.exit_code, watch.output
+    gates = json.loads(watch.stdout)["gates"]
+    assert gates == json.loads(check.stdout)["gates"]
+    assert gates[0]["message"] == LOST
+
+
 def test_a_packed_run_lacks_the_step_a_rank_never_wrote_as_check_says(tmp_path: Path) -> None:
     run = tmp_path / "run"
     for recorder in _ranks(run):
         recorder.close()
     archive = tmp_path / "run.h5"
     pack_run(open_run(run), archive)
-    args = [*GATE, "-f", "json"]
-    watch = CliRunner().invoke(app, ["watch", str(archive), "--once", *args])
-    check = CliRunner().invoke(app, ["check", str(archive), *args])
-    assert watch.exit_code == 1 == check.exit_code, watch.output
-    gates = json.loads(watch.stdout)["gates"]
-    assert gates == json.loads(check.stdout)["gates"]
-    assert gates[0]["message"] == LOST
+    _lost_as_check(archive)
+
+
+def test_once_on_a_killed_run_lacks_the_step_a_rank_never_wrote_as_check_says(
+    tmp_path: Path,
+) -> None:
+    """Both ranks' processes killed: their lock files left, held by no process, signed under
+    this machine's kernel. A live watch ends on them at its second poll; `watch --once`
+    polled once, took step 10 for one rank 1 may still write and said 'gates passed', exit 0,
+    where check trips. It now polls again, as the live watch does."""
+    kernel = _kernel()
+    if kernel is None:
+        pytest.skip("no Linux boot id: a lock's state cannot be told here")
+    run = tmp_path / "run"
+    for recorder in _ranks(run):
+        recorder.close()
+    for rank in (0, 1):  # what a killed Recorder leaves
+        (run / "steps" / writer_lock_name(rank)).write_bytes(kernel + b"\n")
+    _lost_as_check(run)
 
 
 def test_a_step_every_rank_went_past_is_lost_on_a_live_run(tmp_path: Path) -> None:

@@ -401,6 +401,8 @@ def _no_step_read(watcher: RunWatcher, state: WatchState, message: str) -> Input
 
 def _once(watcher: RunWatcher, gates: Gates, output_format: str) -> int:
     watcher.poll()
+    if watcher.ending:  # the second poll a live watch makes: the run gains no step then
+        watcher.poll()
     if watcher.replay is not None:
         print_own_policy_note(watcher.replay.run, err)
     state = watcher.state()

@@ -289,6 +289,12 @@ class RunWatcher:
         still write. Once not None the last poll read every step the run will have."""
         return self._writers_end if self._ended_polls >= 2 else None
 
+    @property
+    def ending(self) -> bool:
+        """Whether the last poll found the run's Recorders ended and no poll before it did: the
+        next poll tells (`writers_ended`)."""
+        return self._ended_polls == 1
+
     def _writers_now(self, run: Run) -> WritersEnd | None:
         """How the run's Recorders ended, as their lock files say now (`recorder_states`):
         "killed" when each lock file left is held by no process (one at least: its Recorder
