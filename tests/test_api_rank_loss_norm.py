@@ -326,3 +326,23 @@ def test_check_refuses_a_baseline_of_policies_replayed_with_another_loss_norm(tm
     one = runner.invoke(app, ["check", str(tmp_path / "one"), "-b", str(base)])
     assert one.exit_code in (0, 1), one.output
     assert "loss_norm" not in one.stderr
+
+
+@pytest.mark.parametrize("logged", [False, True])
+def test_an_empty_rank_adds_a_loss_of_0_and_the_loss_parity_holds(tmp_path, logged):
+    """Rank 0's part empty, rank 1 logging its own loss: the joined loss was rank 1's alone
+    when rank 0 logged none, twice the ranks' mean that DDP optimised (0.281 for 0.141), and
+    the own policy's loss_parity 0.5 where each part replays its rank's loss exactly. An empty
+    part that logged no loss now adds a loss of 0, as one that logged its 0 does."""
+    parts = _parts(LENGTHS["empty"])
+    for rank, part in enumerate(parts):
+        own = _rank_loss(part, part["logp"], "token-mean").item()  # 0 on the empty part
+        loss = {"loss": own} if len(part["logp"]) or logged else {}
+        with sd.Recorder(
+            tmp_path, world_size=2, rank=rank, policy="ppo", loss_norm="per_rank"
+        ) as recorder:
+            recorder.log_step(0, **part, **loss)
+    trained, _ = _trained(parts, "token-mean")
+    assert sd.open_run(tmp_path).step(0).scalars["loss"] == pytest.approx(-trained, rel=1e-6)
+    [policy] = json.loads(sd.replay(tmp_path, policies=["ppo"]).to_json())["policies"]
+    assert policy["summary"]["loss_parity"] < 1e-6

@@ -27,11 +27,12 @@ rewards each rank's mean is over (`_scored_rewards`: those not NaN; a file witho
 no `reward` or an older recorder's, by its sequences; a rank's NaN mean, none of its rewards
 scored, left out, as a rank's part with no sequence, which has no mean, and a rank that logged
 none), `reward_count` summed over the ranks that logged one, `loss` averaged over the ranks
-that logged one, any other scalar the lowest rank's that logged it (rank 0's when it did: a
-grad_norm is every rank's after the all-reduce). A step where some rank recorded no batch (a
-scalar step, format 1.2) joins as a scalar step: a batch with a rank missing is not the step's
-batch; so does one where no rank's batch holds a token (each part empty), which one rank's
-file could not be. A joined batch keeps each rank's number
+that logged one and, in a batch, those of an empty part that logged none (its loss 0: the
+all-reduce averages its zero gradient in), any other scalar the lowest rank's that logged it
+(rank 0's when it did: a grad_norm is every rank's after the all-reduce). A step where some
+rank recorded no batch (a scalar step, format 1.2) joins as a scalar step: a batch with a rank
+missing is not the step's batch; so does one where no rank's batch holds a token (each part
+empty), which one rank's file could not be. A joined batch keeps each rank's number
 of sequences (`rank_sequences`), for a replay that normalises each rank's part alone
 (`loss_norm`).
 """
@@ -106,15 +107,20 @@ def _parse_scalars(metadata: dict[str, str]) -> dict[str, float]:
     return scalars
 
 
-def _merge_scalars(parts: list[dict[str, float]], weights: list[int]) -> dict[str, float]:
-    """Joins the ranks' scalars of one step, `weights` each rank's count for its reward_mean
-    (rule in the module docstring)."""
+def _merge_scalars(
+    parts: list[dict[str, float]], weights: list[int], sequences: list[int]
+) -> dict[str, float]:
+    """Joins the ranks' scalars of one step, `weights` each rank's count for its reward_mean,
+    `sequences` each rank's part's (all 0 for a scalar step) (rule in the module docstring)."""
     names = sorted(set().union(*parts))  # each scalar the lowest rank's that logged it
     merged = {name: next(p[name] for p in parts if name in p) for name in names}
     merged.pop("unit_grad_sketch_scale", None)  # joined sketches are float32
     losses = [p["loss"] for p in parts if "loss" in p]
     if losses:
-        merged["loss"] = float(np.mean(losses))
+        # an empty part's rank adds a zero gradient to the all-reduce's mean: a loss of 0
+        empty = sum(1 for p, n in zip(parts, sequences, strict=True) if n == 0 and "loss" not in p)
+        batch = any(sequences)
+        merged["loss"] = float(np.mean(losses + [0.0] * (empty if batch else 0)))
     counts = [p[REWARD_COUNT] for p in parts if REWARD_COUNT in p]
     if counts:  # each rank's rewards are its own: the step's are theirs together
         merged[REWARD_COUNT] = float(sum(counts))
@@ -840,7 +846,9 @@ class DirectoryRun(Run):
         scalars = [r.scalars for r in records]
         return DirectoryStep(
             step=n,
-            scalars=scalars[0] if len(records) == 1 else _merge_scalars(scalars, weights),
+            scalars=scalars[0]
+            if len(records) == 1
+            else _merge_scalars(scalars, weights, sequences),
             fields=fields if batch else fields - set(BATCH_FIELDS),
             num_tokens=sum(r.num_tokens for r in records) if batch else 0,
             num_sequences=sum(sequences),
