@@ -1391,6 +1391,34 @@ def test_a_recording_over_the_run_counts_as_one_replacement(tmp_path):
     assert watcher.replaced == 1 and watcher.state().steps == 2
 
 
+def test_a_rank_that_restarts_alone_and_writes_steps_again_is_read_again(tmp_path):
+    """Rank 1 of a 2-rank run restarts alone and resumes from step 7, writing steps 7-9 again
+    between two polls (their file names as before), its rewards now 1 where they were 0: the
+    watcher kept rank 1's old part of steps 7 and 8 (reward 0.0 where a watch started then
+    reads 0.5), since only rank 0's resume gave the run a new run_id. Each rank's does now."""
+    run = tmp_path / "run"
+
+    def record(rank: int, steps: range, reward: float, **kwargs: object) -> None:
+        with Recorder(run, policy="grpo", world_size=2, rank=rank, **kwargs) as rec:
+            for n in steps:
+                logp = np.full((2, 3), -1.0, np.float32)
+                rec.log_step(
+                    n, logp=logp, logp_old=logp, advantages=np.array([1.0, -1.0], np.float32),
+                    reward=np.full(2, reward, np.float32),
+                )  # fmt: skip
+
+    record(0, range(10), 0.0)
+    record(1, range(10), 0.0)
+    watcher = RunWatcher(run, CPU)
+    watcher.poll()
+    record(1, range(7, 10), 1.0, resume=True, resume_from=7)
+    watcher.poll()
+    fresh = RunWatcher(run, CPU)
+    fresh.poll()
+    assert [row.reward_mean for row in fresh.state().recent[-3:]] == [0.5, 0.5, 0.5]
+    assert watcher.replaced == 1 and watcher.state() == fresh.state()
+
+
 def _landed_but(source: Path, target: Path, missing: int, end: int = 40) -> Path:
     """`target`: steps 0 to `end` - 1 of the run `source` landed as a Recorder lands them, but
     step `missing`."""

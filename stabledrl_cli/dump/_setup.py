@@ -21,10 +21,11 @@ another live Recorder of the rank records into the directory.
   (the resumed training writes them again), and temporary files left by a killed writer.
 
 The run identity (the manifest's `run_id`, `new_run_id`): rank 0 writes a new one into every
-fresh manifest (a new run, an overwritten one) and, when a resume removed any of its step
-files, into the kept manifest once they are gone: a reader that saw the old identity may have
-read a step the resumed training writes again under the same name. A resume that removes no
-step file (it appends) keeps the identity: every step a reader read is still as it was.
+fresh manifest (a new run, an overwritten one), and a rank whose resume removed any of its step
+files writes one into the kept manifest once they are gone: a reader that saw the old identity
+may have read a step the resumed training writes again under the same name. A resume that
+removes no step file (it appends) keeps the identity: every step a reader read is still as it
+was.
 
 Ranks change the manifest one at a time (`_manifest_locked`), each change made to the
 manifest as the others left it.
@@ -451,8 +452,8 @@ def _resume(
             _remove(note)
     for file, _ in replaced:
         _remove(file)
-    if rank == 0 and not all(temporary for _, temporary in replaced):
-        # steps a reader may have read are written again: a new identity
+    if not all(temporary for _, temporary in replaced):
+        # steps a reader may have read are written again (this rank's part): a new identity
         existing[RUN_ID] = new_run_id()
         amend_manifest(path, RUN_ID, existing[RUN_ID])
     return existing, last

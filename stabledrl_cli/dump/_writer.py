@@ -245,7 +245,7 @@ class Recorder:
     directory of `stabledrl record --force`: `_run_env.forced_run`) or `resume=True`
     (continues the run: steps at or after `resume_from` are replaced, earlier ones kept and
     verified; see `_setup`). Rank 0 gives the run a new identity (the manifest's `run_id`)
-    when it creates or overwrites it, or when a resume replaces steps (`_setup`). With
+    when it creates or overwrites it, and a rank whose resume replaces its steps (`_setup`). With
     `world_size > 1` every rank makes its own Recorder on the same path, giving its `rank`
     (refused without one: it is 0 only for world_size 1); rank 0 writes the manifest, each
     rank its own step files. `group_ids="global"` says that
