@@ -101,23 +101,58 @@ def test_once_on_a_killed_run_lacks_the_step_a_rank_never_wrote_as_check_says(
     _lost_as_check(run)
 
 
-def test_a_step_every_rank_went_past_is_lost_on_a_live_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("steps", "lacking"),
+    [
+        (
+            {0: [n for n in range(10) if n != 5], 1: range(10)},
+            "step 5: incomplete, no file for rank(s) [0]",
+        ),
+        ({0: range(10), 1: [*range(9), 10]}, "step 9: incomplete, no file for rank(s) [1]"),
+    ],
+)
+def test_a_step_every_rank_went_past_is_lost_on_a_live_run(
+    tmp_path: Path, steps: dict[int, list[int]], lacking: str
+) -> None:
     """A rank that logged no step 5 (a part with no sequence, say) and went on to step 9:
     its step 5 never comes, since a rank's steps increase. `watch --once --max-lost-steps 0`
-    on the run still recording said 'gates passed' (exit 0) where check trips."""
+    on the run still recording said 'gates passed' (exit 0) where check trips. So it did of
+    a step at the last step of the rank furthest behind, rank 1's step 9 that it skipped for
+    step 10 where rank 0 is at step 9: each rank went past it or wrote it."""
     run = tmp_path / "run"
     ranks = [Recorder(run, policy=None, world_size=2, rank=rank) for rank in (0, 1)]
     for rank, recorder in enumerate(ranks):
-        for n in range(10):
-            if (rank, n) != (0, 5):
-                recorder.log_step(n, grad_norm=1.0 + 0.1 * (n % 3), loss=0.5, lr=1e-3)
+        for n in steps[rank]:
+            recorder.log_step(n, grad_norm=1.0 + 0.1 * (n % 3), loss=0.5, lr=1e-3)
     watched = CliRunner().invoke(app, ["watch", str(run), "--once", *GATE])
     check = CliRunner().invoke(app, ["check", str(run), *GATE])
     for recorder in ranks:
         recorder.close()
     assert watched.exit_code == 1 == check.exit_code, watched.stderr
-    assert watched.stderr.rstrip().endswith(f"gate tripped: (run) max_lost_steps: {LOST}")
-    assert "step 5: incomplete, no file for rank(s) [0]" in watched.stderr
+    assert lacking in watched.stderr
+    if 10 not in steps[1]:  # check counts step 10 too, which rank 0 may still write
+        assert watched.stderr.rstrip().endswith(f"gate tripped: (run) max_lost_steps: {LOST}")
+
+
+def test_a_step_a_rank_that_stopped_recording_lacks_is_lost_on_a_live_run(tmp_path: Path) -> None:
+    """Rank 1's recording stopped at step 5 (a failed write, training going on), rank 0 went
+    on to step 9: `watch --once --max-lost-steps 0` warned that the training's later steps
+    are not in the run and said 'gates passed' (exit 0), where check counts steps 5-9 lost
+    (5), since rank 1 had not gone past them; it never will."""
+    run = tmp_path / "run"
+    ranks = [Recorder(run, policy=None, world_size=2, rank=rank) for rank in (0, 1)]
+    for n in range(10):
+        for recorder in ranks[: 1 if n >= 5 else 2]:
+            recorder.log_step(n, grad_norm=1.0 + 0.1 * (n % 3), loss=0.5, lr=1e-3)
+    ranks[1].note_stop("disk full", 5)
+    watched = CliRunner().invoke(app, ["watch", str(run), "--once", *GATE, "-f", "json"])
+    check = CliRunner().invoke(app, ["check", str(run), *GATE, "-f", "json"])
+    for recorder in ranks:
+        recorder.close()
+    assert watched.exit_code == 1 == check.exit_code, watched.stderr
+    gates = json.loads(watched.stdout)["gates"]
+    assert gates == json.loads(check.stdout)["gates"]
+    assert gates[0]["message"].startswith("5 steps lost (5 skipped")
 
 
 def _fresh_state(run: Path) -> WatchState:

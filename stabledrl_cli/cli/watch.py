@@ -96,24 +96,41 @@ def _lacking(watcher: RunWatcher) -> list[Finding]:
     """The integrity findings of the step files the reader skipped that the run lacks: the
     damaged ones (`DAMAGED_KINDS`), and a step some rank never wrote (`SKIPPED_KINDS`), as
     `check` counts it, once the run gains no step (its recording closed, a packed archive, or
-    its Recorders ended) or every rank wrote a later step (a rank's steps increase); before
-    that such a step is not lacking: the ranks of a live run lag."""
+    its Recorders ended) or every rank that may still write it is past it (`_writing_ranks`:
+    a rank's steps increase); before that such a step is not lacking: the ranks of a live run
+    lag."""
     replay = watcher.replay
     if replay is None:
         return []
-    ended = watcher.closed or watcher.writers_ended is not None
     ranks = watcher.rank_progress()
-    lasts = [rank.last_step for rank in ranks if rank.last_step is not None]
-    passed = min(lasts) if lasts and len(lasts) == len(ranks) else None
+    writing = _writing_ranks(watcher, ranks)
+    ended = watcher.closed or watcher.writers_ended is not None or bool(ranks and not writing)
+    lasts = [rank.last_step for rank in writing if rank.last_step is not None]
+    passed = min(lasts) if lasts and len(lasts) == len(writing) else None
     return [
         f
         for f in replay.run.header_findings()
         if f.kind in DAMAGED_KINDS
         or (
             f.kind in SKIPPED_KINDS
-            and (ended or (passed is not None and f.step is not None and f.step < passed))
+            and (ended or (passed is not None and f.step is not None and f.step <= passed))
         )
     ]
+
+
+def _writing_ranks(watcher: RunWatcher, ranks: list[RankProgress]) -> list[RankProgress]:
+    """The ranks of `ranks` that may still write a step: all but those whose recording
+    stopped after their last step file (their note, `recording_stops`; a rank that wrote a
+    step since was resumed)."""
+    stops = {note["rank"]: note.get("step") for note in watcher.recording_stops}
+
+    def stopped(rank: RankProgress) -> bool:
+        if rank.rank not in stops:
+            return False
+        step = stops[rank.rank]
+        return step is None or rank.last_step is None or rank.last_step < step
+
+    return [rank for rank in ranks if not stopped(rank)]
 
 
 def _damaged_line(watcher: RunWatcher) -> str | None:
@@ -343,8 +360,8 @@ def _refuse_policy_gates(watcher: RunWatcher, gates: Gates) -> None:
 def _lost(watcher: RunWatcher, replay: OwnReplay) -> LostSteps:
     """The steps the run lacks so far, as the watch's warnings name them (`_warn_damaged`,
     `_rejected_line`): skipped (`_lacking`: their file damaged, or some rank's never written
-    once the run gains no step or every rank went past it) or their data unusable by the own
-    policy, and missing between the recorded ones."""
+    once the run gains no step or no rank may still write it) or their data unusable by the
+    own policy, and missing between the recorded ones."""
     damaged = {f.step for f in _lacking(watcher) if f.step is not None}
     skipped = damaged | {step for step, _ in replay.rejected}
     return LostSteps(skipped=len(skipped), missing=missing_count(run_gaps(replay.run)))
