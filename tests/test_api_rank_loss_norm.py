@@ -346,3 +346,21 @@ def test_an_empty_rank_adds_a_loss_of_0_and_the_loss_parity_holds(tmp_path, logg
     assert sd.open_run(tmp_path).step(0).scalars["loss"] == pytest.approx(-trained, rel=1e-6)
     [policy] = json.loads(sd.replay(tmp_path, policies=["ppo"]).to_json())["policies"]
     assert policy["summary"]["loss_parity"] < 1e-6
+
+
+def test_each_ranks_loss_aux_leaves_the_loss_parity_exact(tmp_path):
+    """Three ranks each logging its own loss and its own MoE router loss apart (`loss_aux`,
+    as the TRL integration does on every process): the join took rank 0's loss_aux beside the
+    ranks' mean loss, and the own policy's loss_parity was 0.082 where each part replays its
+    rank's policy loss exactly. loss_aux is now the mean over the loss's ranks too."""
+    parts = _parts(LENGTHS["three"])
+    aux = [0.01, 0.05, 0.02]
+    for rank, part in enumerate(parts):
+        own = _rank_loss(part, part["logp"], "token-mean").item()
+        with sd.Recorder(
+            tmp_path, world_size=3, rank=rank, policy="ppo", loss_norm="per_rank"
+        ) as recorder:
+            recorder.log_step(0, **part, loss=own + aux[rank], scalars={"loss_aux": aux[rank]})
+    assert sd.open_run(tmp_path).step(0).scalars["loss_aux"] == pytest.approx(np.mean(aux))
+    [policy] = json.loads(sd.replay(tmp_path, policies=["ppo"]).to_json())["policies"]
+    assert policy["summary"]["loss_parity"] < 1e-6

@@ -28,12 +28,13 @@ no `reward` or an older recorder's, by its sequences; a rank's NaN mean, none of
 scored, left out, as a rank's part with no sequence, which has no mean, and a rank that logged
 none), `reward_count` summed over the ranks that logged one, `loss` averaged over the ranks
 that logged one and, in a batch, those of an empty part that logged none (its loss 0: the
-all-reduce averages its zero gradient in), any other scalar the lowest rank's that logged it
-(rank 0's when it did: a grad_norm is every rank's after the all-reduce). A step where some
-rank recorded no batch (a scalar step, format 1.2) joins as a scalar step: a batch with a rank
-missing is not the step's batch; so does one where no rank's batch holds a token (each part
-empty), which one rank's file could not be. A joined batch keeps each rank's number
-of sequences (`rank_sequences`), for a replay that normalises each rank's part alone
+all-reduce averages its zero gradient in), `loss_aux` over the same ranks (0 where one logged
+none), any other scalar the lowest rank's that logged it (rank 0's when it did: a grad_norm is
+every rank's after the all-reduce). A step where some rank recorded no batch (a scalar step,
+format 1.2) joins as a scalar step: a batch with a rank missing is not the step's batch; so
+does one where no rank's batch holds a token (each part empty), which one rank's file could
+not be. A joined batch keeps each rank's number of sequences (`rank_sequences`), for a replay
+that normalises each rank's part alone
 (`loss_norm`).
 """
 
@@ -57,6 +58,7 @@ from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import (
     BATCH_FIELDS,
     FIELDS,
+    LOSS_AUX,
     MANIFEST_LIMIT,
     MANIFEST_NAME,
     META_FORMAT,
@@ -115,12 +117,14 @@ def _merge_scalars(
     names = sorted(set().union(*parts))  # each scalar the lowest rank's that logged it
     merged = {name: next(p[name] for p in parts if name in p) for name in names}
     merged.pop("unit_grad_sketch_scale", None)  # joined sketches are float32
-    losses = [p["loss"] for p in parts if "loss" in p]
-    if losses:
+    logged = [p for p in parts if "loss" in p]
+    if logged:
         # an empty part's rank adds a zero gradient to the all-reduce's mean: a loss of 0
-        empty = sum(1 for p, n in zip(parts, sequences, strict=True) if n == 0 and "loss" not in p)
-        batch = any(sequences)
-        merged["loss"] = float(np.mean(losses + [0.0] * (empty if batch else 0)))
+        idle = sum(1 for p, n in zip(parts, sequences, strict=True) if n == 0 and "loss" not in p)
+        zeros = [0.0] * idle if any(sequences) else []
+        merged["loss"] = float(np.mean([p["loss"] for p in logged] + zeros))
+        if any(LOSS_AUX in p for p in logged):  # the loss's part outside the policy, alike
+            merged[LOSS_AUX] = float(np.mean([p.get(LOSS_AUX, 0.0) for p in logged] + zeros))
     counts = [p[REWARD_COUNT] for p in parts if REWARD_COUNT in p]
     if counts:  # each rank's rewards are its own: the step's are theirs together
         merged[REWARD_COUNT] = float(sum(counts))
