@@ -21,11 +21,14 @@ another live Recorder of the rank records into the directory.
   (the resumed training writes them again), and temporary files left by a killed writer.
 
 The run identity (the manifest's `run_id`, `new_run_id`): rank 0 writes a new one into every
-fresh manifest (a new run, an overwritten one), and a rank whose resume removed any of its step
-files writes one into the kept manifest once they are gone: a reader that saw the old identity
-may have read a step the resumed training writes again under the same name. A resume that
-removes no step file (it appends) keeps the identity: every step a reader read is still as it
-was.
+fresh manifest (a new run, an overwritten one) and, when a resume removed any of its step
+files, into the kept manifest once they are gone; so does another rank's resume that removed
+its file of a step whole until then (every rank's file there): a reader that saw the old
+identity may have read such a step, which the resumed training writes again under the same
+name. A step that already lacked a rank's file no reader holds (`stabledrl watch` reads the run
+again once a step it read lacks one), so the ranks of a restart that all resume give the run
+one or two new identities, not one a rank. A resume that removes no step file (it appends)
+keeps the identity: every step a reader read is still as it was.
 
 Ranks change the manifest one at a time (`_manifest_locked`), each change made to the
 manifest as the others left it.
@@ -69,6 +72,7 @@ from stabledrl_cli.dump._schema import (
     STOP_NOTE_RE,
     TEMP_FILE_RE,
     TEMP_STOP_NOTE_RE,
+    canonical_step,
     check_manifest,
     parse_manifest,
 )
@@ -104,6 +108,15 @@ def _own_files(steps: Path, rank: int, world_size: int) -> tuple[_Owned, _Owned]
         elif note is not None and (world_size == 1 or int(note.group(1)) == rank):
             notes.append((steps / name, int(note.group(1)), temporary))
     return step_files, notes
+
+
+def _whole_steps(steps: Path, world_size: int) -> set[int]:
+    """The steps every rank's file of is in `steps` (a reader may have read them)."""
+    files: dict[int, int] = {}
+    for found in map(canonical_step, os.listdir(steps)):
+        if found is not None and found[1] < world_size:
+            files[found[0]] = files.get(found[0], 0) + 1
+    return {step for step, count in files.items() if count == world_size}
 
 
 def _stop_note_of(path: Path, rank: int) -> dict[str, Any] | None:
@@ -427,11 +440,11 @@ def _resume(
     _check_compatible(existing, manifest, path)
     existing.pop(RECORDING_CLOSED, None)
     last: int | None = None
-    replaced: list[tuple[Path, bool]] = []
+    replaced: _Owned = []
     step_files, notes = _own_files(path / STEPS_DIR, rank, world_size)
     for file, step, temporary in step_files:
         if temporary or (resume_from is not None and step >= resume_from):
-            replaced.append((file, temporary))
+            replaced.append((file, step, temporary))
             continue
         try:
             read_header(file, deep=True)
@@ -450,9 +463,11 @@ def _resume(
     for note, note_rank, temporary in notes:
         if temporary or _records_again(_stop_note_of(note, note_rank), resume_from):
             _remove(note)
-    for file, _ in replaced:
+    rewritten = {step for _, step, temporary in replaced if not temporary}
+    whole = _whole_steps(path / STEPS_DIR, world_size) if rank and rewritten else set()
+    for file, _, _ in replaced:
         _remove(file)
-    if not all(temporary for _, temporary in replaced):
+    if rewritten and (rank == 0 or not rewritten.isdisjoint(whole)):
         # steps a reader may have read are written again (this rank's part): a new identity
         existing[RUN_ID] = new_run_id()
         amend_manifest(path, RUN_ID, existing[RUN_ID])
