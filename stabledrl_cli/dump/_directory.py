@@ -847,12 +847,11 @@ class DirectoryRun(Run):
         batch = "logp" in fields and any(r.num_tokens for r in records)
         sequences = [r.num_sequences if batch else 0 for r in records]
         weights = [r.reward_weight if batch else 0 for r in records]
-        scalars = [r.scalars for r in records]
+        parts = [r.scalars for r in records]
+        scalars = parts[0] if len(records) == 1 else _merge_scalars(parts, weights, sequences)
         return DirectoryStep(
             step=n,
-            scalars=scalars[0]
-            if len(records) == 1
-            else _merge_scalars(scalars, weights, sequences),
+            scalars=scalars,
             fields=fields if batch else fields - set(BATCH_FIELDS),
             num_tokens=sum(r.num_tokens for r in records) if batch else 0,
             num_sequences=sum(sequences),
