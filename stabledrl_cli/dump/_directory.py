@@ -34,8 +34,7 @@ every rank's after the all-reduce). A step where some rank recorded no batch (a 
 format 1.2) joins as a scalar step: a batch with a rank missing is not the step's batch; so
 does one where no rank's batch holds a token (each part empty), which one rank's file could
 not be. A joined batch keeps each rank's number of sequences (`rank_sequences`), for a replay
-that normalises each rank's part alone
-(`loss_norm`).
+that normalises each rank's part alone (`loss_norm`).
 """
 
 from __future__ import annotations
