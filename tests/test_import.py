@@ -42,6 +42,27 @@ def _import(*args: str) -> dict[str, Any]:
     return summary
 
 
+def test_trls_wandb_history_imports_the_steps_of_its_trainer_state(tmp_path: Path) -> None:
+    """A real TRL run's W&B history (its rows as wandb's reader prints them, as JSON lines)
+    holds TRL's `profiling/Time taken: ...` rows, one a profiled call at the step logged last:
+    they made a step 0 of their own and 6 extra scalars (the step's last call), 4 steps
+    where its trainer_state.json has 3. They are left out, as bookkeeping."""
+    folder = ROOT / "fixtures" / "imports" / "wandb-trl"
+    rows = [json.loads(line)["item"] for line in (folder / "history.jsonl").open()]
+    media = ("completions.",)  # the table W&B writes as a group of keys: not a JSON-lines metric
+    log = tmp_path / "history.jsonl"
+    log.write_text("".join(
+        json.dumps({k: v for k, v in row.items() if not k.startswith(media)}) + "\n"
+        for row in rows
+    ))  # fmt: skip
+    history = _import(str(log), "--out", str(tmp_path / "h"))
+    state = _import(str(folder / "trainer_state.json"), "--out", str(tmp_path / "s"))
+    assert (history["steps"], history["first_step"]) == (state["steps"], state["first_step"])
+    assert sorted(history["extra"]) == sorted(f"train/{n}" for n in state["extra"])
+    assert all(history["not_imported"][n] == "bookkeeping"
+               for n in {k for row in rows for k in row} if n.startswith("profiling/"))  # fmt: skip
+
+
 def test_the_docs_document_every_key_of_the_import_json(tmp_path: Path) -> None:
     """A script reads `import --format json`; docs/importing.md named two of its 15 keys."""
     summary = _import(str(TRL_STATE), "--out", str(tmp_path / "run"))

@@ -113,17 +113,18 @@ def write_verl_log(
     ratio_scale: float = 0.6,
     grad_norms: dict[int, float] | None = None,
     resumed_at: int = 0,
+    backends: tuple[str, ...] = ("console", "file", "tensorboard"),
 ) -> tuple[Path, Path]:
     """verl's file log and tensorboard directory of a run of `steps` trainer steps (from 1,
     validated before training at step 0 and at step 4). From step `collapse_from` on every
     response scores 0; `ratio_scale` spreads the actor's ratios (more clipping);
     `grad_norms` gives a step's grad norm (else 1 + step / 100). `resumed_at`: the run
     resumes from that step's checkpoint (validated there, then trains the steps after it,
-    each on another rollout than the first run's)."""
+    each on another rollout than the first run's). `backends`: verl's `trainer.logger`."""
     log, events = directory / "verl.jsonl", directory / "tensorboard"
     monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(log))
     monkeypatch.setenv("TENSORBOARD_DIR", str(events))
-    tracking = Tracking("project", "experiment", ["console", "file", "tensorboard"])
+    tracking = Tracking("project", "experiment", list(backends))
     tracking.log(data=_validation_metrics(resumed_at), step=resumed_at)
     for step in range(resumed_at + 1, steps + 1):
         timing: dict[str, float] = {}

@@ -68,6 +68,10 @@ BOOKKEEPING = frozenset({
 """Logged names that are not metrics of a step (verl's trainer logs its step and epoch as
 `training/global_step` and `training/epoch` among the step's metrics)."""
 
+PROFILING_PREFIX = "profiling/"
+"""TRL's `profiling/Time taken: <Class>.<method>`: one call's seconds, logged to W&B (and
+MLflow, Trackio) at each call, several a step, none in trainer_state.json: not a step's."""
+
 _ROW_INDEX = re.compile(r"(Unnamed: \d+)?")
 """pandas' row index, which DataFrame.to_csv writes under an empty header (read back by pandas
 and written again: `Unnamed: 0`)."""
@@ -105,7 +109,7 @@ def skip_reason(name: str) -> Skip | None:
     `lookup_name` gives it (transformers' TensorBoard and W&B callbacks log the summary as
     `train/train_runtime`, ...)."""
     name = lookup_name(name)
-    if name in BOOKKEEPING or _ROW_INDEX.fullmatch(name):
+    if name in BOOKKEEPING or _ROW_INDEX.fullmatch(name) or name.startswith(PROFILING_PREFIX):
         return "bookkeeping"
     if name in SUMMARY:
         return "summary"
