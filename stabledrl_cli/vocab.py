@@ -108,10 +108,11 @@ run of several, in a note file of its own (docs/run-format.md)."""
 ON_WRITE_ERROR: tuple[OnWriteError, ...] = get_args(OnWriteError)
 
 ImportFormat = Literal[
-    "trainer_state", "jsonl", "csv", "tfevents", "tensorboard_json", "verl_console"
+    "trainer_state", "jsonl", "csv", "tfevents", "tensorboard_json", "verl_console", "wandb"
 ]
 """Logs `stabledrl import` reads: transformers' trainer_state.json, JSON lines, CSV as trackers
-export it, TensorBoard event files, TensorBoard's per-tag JSON export."""
+export it, TensorBoard event files, TensorBoard's per-tag JSON export, verl's console output,
+W&B's run file."""
 IMPORT_FORMATS: tuple[ImportFormat, ...] = get_args(ImportFormat)
 
 MetricGroup = Literal["trl", "verl", "counts"]

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import sys
 import tempfile
 import warnings
+import zlib
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +21,12 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from fuzz_readers import CRAFTED, MANIFEST_NOTES, exercise, exercise_followed
+from test_import_wandb import proto_field
 
 from stabledrl_cli.capture.bootstrap import read_status
 from stabledrl_cli.dump import RunIntegrityWarning, open_run
 from stabledrl_cli.errors import StabledrlError
-from stabledrl_cli.importers import import_log
+from stabledrl_cli.importers import import_log, read_log
 from stabledrl_cli.replay.inspection import summarize
 
 FAST = settings(
@@ -189,3 +193,48 @@ def test_edited_logs_through_import(
         summarize(open_run(work / "run")).to_dict()
     except StabledrlError:
         pass
+
+
+WANDB_RUN = Path(__file__).resolve().parents[1] / "fixtures/imports/wandb-verl/run-verltiny.wandb"
+
+
+@FAST
+@given(
+    edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), max_size=4),
+    cut=st.floats(0.0, 1.0),
+    items=st.lists(
+        st.tuples(
+            st.lists(st.sampled_from(["_step", "loss", "a", "_type", "", "train/global_step"]),
+                     min_size=1, max_size=3),
+            st.text(alphabet='{}[]",:0123456789.eE-NaInfity', max_size=12).map(str.encode),
+        ),
+        max_size=5,
+    ),
+)  # fmt: skip
+def test_edited_wandb_run_files_through_import(
+    tmp_path_factory: Any,
+    edits: list[tuple[float, int]],
+    cut: float,
+    items: list[tuple[list[str], bytes]],
+) -> None:
+    """A real W&B run file with bytes replaced and cut short (read), and a history record of
+    crafted keys and value_json whose checksum holds (imported, and read back): nothing but a
+    StabledrlError."""
+    raw = bytearray(WANDB_RUN.read_bytes())
+    for where, value in edits:
+        raw[int(where * len(raw))] = value
+    del raw[max(7, int(cut * len(raw))) :]
+    work = tmp_path_factory.mktemp("wandb")
+    (work / "run-a.wandb").write_bytes(raw)
+    with suppress(StabledrlError):
+        read_log(work / "run-a.wandb")
+    history = b"".join(
+        proto_field(1, b"".join(proto_field(2, k.encode()) for k in keys) + proto_field(16, v))
+        for keys, v in items
+    )
+    record, kind = proto_field(2, history), bytes((1,))
+    framed = struct.pack("<IH", zlib.crc32(record, zlib.crc32(kind)), len(record)) + kind
+    (work / "run-b.wandb").write_bytes(raw[:7] + framed + record)
+    with suppress(StabledrlError):
+        import_log(work / "run-b.wandb", work / "run")
+        summarize(open_run(work / "run")).to_dict()

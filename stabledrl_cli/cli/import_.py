@@ -32,7 +32,8 @@ def command(
         typer.Argument(
             help="The log: trainer_state.json (or its directory), a .jsonl or .csv file, a "
             "TensorBoard event file or a directory of them, TensorBoard's per-tag .json export, "
-            "verl's console output.",
+            "verl's console output, a W&B run file (run-<id>.wandb, or its wandb/run-... "
+            "directory).",
             show_default=False,
             metavar="SRC",
             parser=local_file,
@@ -46,14 +47,19 @@ def command(
     ],
     format_in: Annotated[
         ImportFormat | None,
-        typer.Option("--format-in", help="The log's format (default: from its name and content)."),
+        typer.Option(
+            "--format-in",
+            metavar="FORMAT",
+            help="The log's format: trainer_state, jsonl, csv, tfevents, tensorboard_json, "
+            "verl_console or wandb (default: from its name and content).",
+        ),
     ] = None,
     step_key: Annotated[
         str | None,
         typer.Option(
             "--step-key",
             metavar="NAME",
-            help="jsonl, csv or a JSON array of rows: the key or column holding the step "
+            help="jsonl, csv, W&B or a JSON array of rows: the key or column holding the step "
             "(default: step, global_step, train/global_step, trainer/global_step, Step or "
             "_step).",
         ),

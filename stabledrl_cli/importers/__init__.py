@@ -22,6 +22,7 @@ from stabledrl_cli.importers._tbjson import read_tensorboard_json
 from stabledrl_cli.importers._tfevents import read_tfevents
 from stabledrl_cli.importers._trainer_state import read_trainer_state
 from stabledrl_cli.importers._verl_console import read_verl_console
+from stabledrl_cli.importers._wandb import read_wandb
 from stabledrl_cli.vocab import IMPORT_FORMATS, ImportFormat
 
 __all__ = [
@@ -41,6 +42,7 @@ _READERS: dict[ImportFormat, Callable[[Path, str | None], StepTable]] = {
     "tfevents": lambda path, _key: read_tfevents(path),
     "tensorboard_json": lambda path, _key: read_tensorboard_json(path),
     "verl_console": lambda path, _key: read_verl_console(path),
+    "wandb": read_wandb,
 }
 
 
@@ -58,9 +60,9 @@ def read_log(
     found = log_format or detect_format(path)
     if found != "tfevents" and path.is_dir():
         raise directory_refused(path, found)
-    if step_key is not None and found not in ("jsonl", "csv", "trainer_state"):
+    if step_key is not None and found not in ("jsonl", "csv", "trainer_state", "wandb"):
         raise UsageError(
-            f"a step key applies to jsonl and csv logs and JSON arrays of rows, not to {found}"
+            f"a step key applies to jsonl, csv and W&B logs and JSON arrays of rows, not to {found}"
         )
     return path, found, _READERS[found](path, step_key)
 

@@ -17,6 +17,7 @@ from stabledrl_cli.importers._files import (
 from stabledrl_cli.importers._names import listed
 from stabledrl_cli.importers._tfevents import EVENT_PATTERN, holds_events
 from stabledrl_cli.importers._verl_console import SNIFF_LINE
+from stabledrl_cli.importers._wandb import HEADER, WANDB_PATTERN, wandb_files
 from stabledrl_cli.vocab import ImportFormat
 
 TRAINER_STATE = "trainer_state.json"
@@ -33,13 +34,23 @@ _SUFFIXES: dict[str, ImportFormat] = {
     ".tsv": "csv",
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
+    ".wandb": "wandb",
 }
 
 
 def log_path(path: Path, log_format: ImportFormat | None) -> Path:
-    """The file or directory to read: a directory holding trainer_state.json stands for it."""
-    if path.is_dir() and log_format in (None, "trainer_state") and (path / TRAINER_STATE).is_file():
+    """The file or directory to read: a directory holding trainer_state.json stands for it,
+    and one holding a W&B run file (`wandb/run-<date>-<id>/`, `wandb/latest-run`) for that."""
+    if not path.is_dir():
+        return path
+    if log_format in (None, "trainer_state") and (path / TRAINER_STATE).is_file():
         return path / TRAINER_STATE
+    if log_format in (None, "wandb"):
+        runs = wandb_files(path)
+        if len(runs) > 1:
+            raise InputError(f"{path}: W&B run files {listed(runs)}: import one")
+        if runs:
+            return path / runs[0]
     return path
 
 
@@ -65,6 +76,8 @@ def detect_format(path: Path) -> ImportFormat:
         head = handle.read(_SNIFF)
         if len(head) >= 12 and masked_crc32c(head[:8]) == int.from_bytes(head[8:12], "little"):
             return "tfevents"
+        if head.startswith(HEADER):
+            return "wandb"
         text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
         if b"\n" not in text:  # a first line longer than the sniff (verl's rows often are)
             handle.seek(len(head) - len(text))
@@ -121,10 +134,17 @@ def directory_refused(path: Path, log_format: ImportFormat | None) -> InputError
     any), naming its subdirectories that hold a log."""
     if log_format in ("jsonl", "csv", "tensorboard_json", "verl_console"):
         return InputError(f"{path}: a directory; a {log_format} log is one file")
-    logs = subdirectories(path, lambda d: (d / TRAINER_STATE).is_file() or holds_events(d))
+    if log_format == "wandb":
+        return InputError(f"{path}: a directory without a {WANDB_PATTERN} file")
+    logs = subdirectories(
+        path, lambda d: (d / TRAINER_STATE).is_file() or holds_events(d) or bool(wandb_files(d))
+    )
     held = (
         "its subdirectory {} holds a log" if len(logs) == 1 else "its subdirectories {} hold logs"
     )
     hint = f" ({held.format(listed(logs))}: import one)" if logs else ""
-    wanted = TRAINER_STATE if log_format else f"{TRAINER_STATE} or {EVENT_PATTERN} files"
+    wanted = (
+        TRAINER_STATE if log_format
+        else f"{TRAINER_STATE}, {EVENT_PATTERN} files or a {WANDB_PATTERN} file"
+    )  # fmt: skip
     return InputError(f"{path}: a directory without {wanted}{hint}")

@@ -45,7 +45,7 @@ def _rows(document: list[object]) -> bool:
     return bool(document) and isinstance(document[0], dict)
 
 
-def _logging_steps(value: object) -> int | None:
+def whole_logging_steps(value: object) -> int | None:
     """transformers' `logging_steps` as a whole number >= 1 (TrainingArguments holds a float:
     2.0 is 2); None for anything else (a ratio of the run's steps is saved resolved)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -73,7 +73,7 @@ def read_trainer_state(path: Path, step_key: str | None = None) -> StepTable:
             raise UsageError(
                 f"{path}: a trainer_state.json's rows give their step as step: no step key applies"
             )
-        table.logging_steps = _logging_steps(document.get("logging_steps"))
+        table.logging_steps = whole_logging_steps(document.get("logging_steps"))
     else:
         first = history[0]
         assert isinstance(first, dict)  # _rows

@@ -1,0 +1,264 @@
+"""`stabledrl import` of W&B run files (`run-<id>.wandb`) that real wandb 0.31 wrote offline:
+a tiny TRL GRPOTrainer run and verl's own Tracking (fixtures/imports/wandb-*, made by
+tests/trl_scripts/make_wandb_runs.py). The reader's history equals what wandb's own reader
+prints of the same file (`wandb leet inspect --json`, kept beside it as history.jsonl); the
+TRL run imports as its trainer_state.json does, verl's as its file log does."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
+from stabledrl_cli.importers import detect_format, read_log
+from stabledrl_cli.importers._names import STEP_KEYS, skip_reason
+from stabledrl_cli.importers._wandb import HEADER
+
+runner = CliRunner()
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "imports"
+TRL, VERL = FIXTURES / "wandb-trl", FIXTURES / "wandb-verl"
+TRL_FILE, VERL_FILE = TRL / "run-trltiny.wandb", VERL / "run-verltiny.wandb"
+BLOCK = 32 << 10
+
+
+def _as_wandb_prints(value: Any) -> Any:
+    """A value as `wandb leet inspect --json` prints it (NaN and the infinities as text)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {math.inf: "Infinity", -math.inf: "-Infinity"}.get(value, "NaN")
+    return value
+
+
+def _wandbs_history(folder: Path) -> dict[int, dict[str, Any]]:
+    """The training rows of history.jsonl by step: media (a key group with a `_type`) and
+    names import leaves out taken away, a later row's value of a step winning."""
+    rows = [json.loads(line)["item"] for line in (folder / "history.jsonl").open()]
+    key = next(k for k in STEP_KEYS if k in rows[0])
+    steps: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        media = {n[: -len("._type")] for n in row if n.endswith("._type")}
+        kept = {
+            n: v
+            for n, v in row.items()
+            if n != key and skip_reason(n) is None and not any(n.startswith(f"{m}.") for m in media)
+        }
+        if kept:
+            steps.setdefault(row[key], {}).update(kept)
+    return steps
+
+
+@pytest.mark.parametrize("folder", [TRL, VERL], ids=["trl", "verl"])
+def test_the_history_is_what_wandbs_own_reader_prints(folder: Path) -> None:
+    """Every step and value of the history, as wandb printed it; records split across the
+    file's 32 KiB blocks read whole (each fixture has one: its second block begins with the
+    last part of a record)."""
+    (wandb_file,) = folder.glob("*.wandb")
+    assert wandb_file.read_bytes()[BLOCK + 6] == 4  # LevelDB's `last` fragment
+    path, found, table = read_log(wandb_file)
+    assert (path, found) == (wandb_file, "wandb")
+    ours = {
+        step: {n: _as_wandb_prints(v) for n, v in row.items()} for step, row in table.steps.items()
+    }
+    assert ours == _wandbs_history(folder)
+    assert table.non_numeric == {} and table.warnings == []
+
+
+def test_the_protobuf_fields_are_wandbs() -> None:
+    """Each history record our reader frames, parsed by wandb's own protobuf classes, holds the
+    keys and value_json our reader read."""
+    internal = pytest.importorskip(
+        "wandb.proto.wandb_internal_pb2", reason="needs wandb (the dev extra)"
+    )
+    from stabledrl_cli.importers._table import StepTable
+    from stabledrl_cli.importers._wandb import _records
+
+    with VERL_FILE.open("rb") as handle:
+        handle.read(len(HEADER))
+        records = list(_records(handle, VERL_FILE, StepTable(""), VERL_FILE.stat().st_size))
+    parsed = [internal.Record.FromString(bytes(r)) for _, r in records]
+    histories = [r.history for r in parsed if r.WhichOneof("record_type") == "history"]
+    printed = [json.loads(line)["item"] for line in (VERL / "history.jsonl").open()]
+    assert len(histories) == len(printed)
+    for history, row in zip(histories, printed, strict=True):
+        items = {".".join(i.nested_key or [i.key]): json.loads(i.value_json) for i in history.item}
+        assert {n: _as_wandb_prints(v) for n, v in items.items()} == row
+
+
+def _import(*args: str) -> dict[str, Any]:
+    result = runner.invoke(app, ["import", *args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    summary: dict[str, Any] = json.loads(result.stdout)
+    return summary
+
+
+def _scalars(run: Path) -> dict[int, dict[str, float]]:
+    """Each step's scalars but the time it was imported at."""
+    return {
+        step.step: {n: v for n, v in step.scalars.items() if n != "wall_time"}
+        for step in sd.open_run(run)
+    }
+
+
+def _same(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]]) -> bool:
+    """Equal steps and values, NaN equal to NaN."""
+    return a.keys() == b.keys() and all(
+        x.keys() == y.keys()
+        and all(x[n] == y[n] or (math.isnan(x[n]) and math.isnan(y[n])) for n in x)
+        for x, y in ((a[s], b[s]) for s in a)
+    )
+
+
+def test_a_trl_run_imports_as_its_trainer_state_does(tmp_path: Path) -> None:
+    """TRL's W&B history is keyed by `train/global_step` (W&B's `_step` counts its 59 log
+    calls: each profiled call is one, `profiling/Time taken: ...`, left out); its config's
+    logging_steps is kept; the completions table is not a scalar."""
+    from_wandb = _import(str(TRL_FILE), "--out", str(tmp_path / "w"))
+    from_state = _import(str(TRL / "trainer_state.json"), "--out", str(tmp_path / "s"))
+    assert _scalars(tmp_path / "w") == _scalars(tmp_path / "s")
+    assert (from_wandb["first_step"], from_wandb["last_step"]) == (2, 6)
+    assert from_wandb["mapped"] == {s: f"train/{n}" for s, n in from_state["mapped"].items()}
+    assert from_wandb["counts"] == from_state["counts"]
+    assert from_wandb["logging_steps"] == from_state["logging_steps"] == 2
+    assert from_wandb["not_imported"]["completions"] == "not a scalar"
+    profiled = [n for n in from_wandb["not_imported"] if n.startswith("profiling/Time taken: ")]
+    assert profiled and all(from_wandb["not_imported"][n] == "bookkeeping" for n in profiled)
+    manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
+    assert manifest["source"]["format"] == "wandb" and manifest["source"]["logging_steps"] == 2
+
+
+def test_a_verl_run_imports_as_its_file_log_does(tmp_path: Path) -> None:
+    """verl logs its step as W&B's `_step`; a NaN grad norm (value_json `NaN`, a bare JSON
+    constant, not text) is NaN."""
+    from_wandb = _import(str(VERL_FILE), "--out", str(tmp_path / "w"))
+    from_log = _import(str(VERL / "verl.jsonl"), "--out", str(tmp_path / "j"))
+    assert _same(_scalars(tmp_path / "w"), _scalars(tmp_path / "j"))
+    assert from_wandb["nonfinite"] == from_log["nonfinite"] == {"grad_norm": 1}
+    assert from_wandb["skipped_rows"] == from_log["skipped_rows"] == {"eval": 1}
+    assert from_wandb["mapped"] == from_log["mapped"]
+
+
+def test_a_run_directory_stands_for_its_wandb_file(tmp_path: Path) -> None:
+    """`wandb/run-<date>-<id>/` and `wandb/latest-run` import their run file; `wandb/` itself
+    is refused naming the runs it holds."""
+    runs = tmp_path / "wandb"
+    run = runs / "offline-run-20261206_074646-trltiny"
+    (run / "files").mkdir(parents=True)
+    shutil.copyfile(TRL_FILE, run / TRL_FILE.name)
+    (runs / "latest-run").symlink_to(run.name)
+    for source in (run, runs / "latest-run"):
+        assert read_log(source)[:2] == (source / TRL_FILE.name, "wandb")
+        assert _import(str(source), "--out", str(tmp_path / "r"), "--force")["steps"] == 3
+    done = runner.invoke(app, ["import", str(runs), "--out", str(tmp_path / "x")])
+    assert done.exit_code == 3 and len(done.stderr.strip().splitlines()) == 1
+    assert "latest-run, offline-run-20261206_074646-trltiny hold logs: import one" in done.stderr
+    done = runner.invoke(
+        app, ["import", str(runs), "--format-in", "wandb", "--out", str(tmp_path / "x")]
+    )
+    assert done.exit_code == 3
+    assert done.stderr == f"error: {runs}: a directory without a run-*.wandb file\n"
+    shutil.copyfile(TRL_FILE, run / "run-other.wandb")
+    done = runner.invoke(app, ["import", str(run), "--out", str(tmp_path / "x")])
+    assert done.exit_code == 3
+    assert "W&B run files run-other.wandb, run-trltiny.wandb: import one" in done.stderr
+
+
+def _fragment(kind: int, data: bytes) -> bytes:
+    """A LevelDB log fragment as wandb frames it: CRC-32 of its type and data, length, type."""
+    return struct.pack("<IHB", zlib.crc32(data, zlib.crc32(bytes((kind,)))), len(data), kind)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes((*out, value))
+
+
+def proto_field(number: int, data: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def _history(*items: tuple[str, str]) -> bytes:
+    """A Record whose history holds `items` (key, value_json; a key with `.` given as its
+    parts, nested_key, as wandb writes a nested dict's)."""
+    body = b"".join(
+        proto_field(
+            1,
+            b"".join(proto_field(2, part.encode()) for part in k.split("."))
+            + proto_field(16, v.encode()),
+        )
+        for k, v in items
+    )
+    return proto_field(2, body)
+
+
+def _file(*records: bytes) -> bytes:
+    return HEADER + b"".join(_fragment(1, r) + r for r in records)
+
+
+def _refused(tmp_path: Path, raw: bytes, message: str) -> None:
+    (tmp_path / "run-x.wandb").write_bytes(raw)
+    done = runner.invoke(app, ["import", str(tmp_path / "run-x.wandb"), "--out", f"{tmp_path}/r"])
+    assert done.exit_code == 3, done.output
+    assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_run_still_being_written_imports_its_whole_records(tmp_path: Path) -> None:
+    """wandb-core writes whole 32 KiB blocks: a live run's file ends inside a record (as one
+    cut by kill -9 anywhere): the records before it import, with one warning."""
+    raw = VERL_FILE.read_bytes()
+    for cut in (BLOCK, BLOCK - 100, len(raw) - 3):
+        (tmp_path / "run-x.wandb").write_bytes(raw[:cut])
+        summary = _import(str(tmp_path / "run-x.wandb"), "--out", str(tmp_path / "r"), "--force")
+        (warning,) = summary["warnings"][:1]
+        assert "unfinished last record ignored" in warning
+        assert 0 < summary["steps"] <= 10
+
+
+def test_damaged_and_crafted_files_are_refused_in_one_line(tmp_path: Path) -> None:
+    raw = bytearray(VERL_FILE.read_bytes())
+    raw[BLOCK // 2] ^= 0xFF
+    _refused(tmp_path, bytes(raw), "checksum mismatch")
+    _refused(tmp_path, b"not a run\n" * 10, "not a W&B run file")
+    (tmp_path / "renamed").write_bytes(raw)
+    assert detect_format(tmp_path / "renamed") == "wandb"
+    huge = HEADER + struct.pack("<IHB", 0, 0xFFFF, 1) + b"x" * 100
+    _refused(tmp_path, huge, "byte 7: not a W&B record fragment")
+    claim = proto_field(2, b"\x0a\x80\x80\x80\x80\x08")  # an item claiming 2**31 bytes
+    _refused(tmp_path, _file(claim), "runs past the end")
+    spanning = HEADER + _fragment(4, b"x") + b"x"  # a `last` part with no first
+    _refused(tmp_path, spanning, "out of order")
+
+
+def _import_raw(tmp_path: Path, raw: bytes) -> dict[str, Any]:
+    (tmp_path / "run-x.wandb").write_bytes(raw)
+    return _import(str(tmp_path / "run-x.wandb"), "--out", str(tmp_path / "r"), "--force")
+
+
+def test_values_that_are_not_numbers(tmp_path: Path) -> None:
+    """NaN and Infinity (bare JSON constants, as wandb writes them) are kept; a value_json that
+    is not JSON is dropped with a warning; text is not a number; nested keys join with `.`."""
+    summary = _import_raw(
+        tmp_path,
+        _file(
+            _history(("_step", "1"), ("loss", "NaN"), ("grad_norm", "Infinity"), ("x", "{oops")),
+            _history(("_step", "2"), ("loss", "1.5"), ("note", '"text"'), ("a.b", "3")),
+        ),
+    )
+    assert summary["nonfinite"] == {"loss": 1, "grad_norm": 1}
+    assert summary["extra"]["a.b"] == "a.b"
+    assert summary["non_numeric"] == {"x": 1, "note": 1}
+    assert summary["warnings"] == [f"{tmp_path / 'run-x.wandb'}: 1 history value not JSON, dropped"]
+    assert os.path.exists(tmp_path / "r" / "manifest.json")
