@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.importers import detect_format, read_log
-from stabledrl_cli.importers._names import STEP_KEYS, skip_reason
+from stabledrl_cli.importers._names import skip_reason
 from stabledrl_cli.importers._wandb import HEADER
 
 runner = CliRunner()
@@ -38,13 +38,14 @@ def _as_wandb_prints(value: Any) -> Any:
     return value
 
 
-def _wandbs_history(folder: Path) -> dict[int, dict[str, Any]]:
-    """The training rows of history.jsonl by step: media (a key group with a `_type`) and
-    names import leaves out taken away, a later row's value of a step winning."""
+def _wandbs_history(folder: Path, step_metric: str) -> dict[int, dict[str, Any]]:
+    """The training rows of history.jsonl by step (their `step_metric`'s, or `_step`'s in a
+    row without it): media (a key group with a `_type`) and names import leaves out taken
+    away, a later row's value of a step winning."""
     rows = [json.loads(line)["item"] for line in (folder / "history.jsonl").open()]
-    key = next(k for k in STEP_KEYS if k in rows[0])
     steps: dict[int, dict[str, Any]] = {}
     for row in rows:
+        key = step_metric if step_metric in row else "_step"
         media = {n[: -len("._type")] for n in row if n.endswith("._type")}
         kept = {
             n: v
@@ -56,11 +57,15 @@ def _wandbs_history(folder: Path) -> dict[int, dict[str, Any]]:
     return steps
 
 
-@pytest.mark.parametrize("folder", [TRL, VERL], ids=["trl", "verl"])
-def test_the_history_is_what_wandbs_own_reader_prints(folder: Path) -> None:
-    """Every step and value of the history, as wandb printed it; records split across the
-    file's 32 KiB blocks read whole (each fixture has one: its second block begins with the
-    last part of a record)."""
+@pytest.mark.parametrize(
+    "folder, step_metric", [(TRL, "train/global_step"), (VERL, "_step")], ids=["trl", "verl"]
+)
+def test_the_history_is_what_wandbs_own_reader_prints(folder: Path, step_metric: str) -> None:
+    """Every step and value of the history, as wandb printed it, at the step W&B plots it
+    against (transformers' callback declares `train/global_step` for every metric: the row
+    the script logged before training has none); records split across the file's 32 KiB
+    blocks read whole (each fixture has one: its second block begins with the last part of a
+    record)."""
     (wandb_file,) = folder.glob("*.wandb")
     assert wandb_file.read_bytes()[BLOCK + 6] == 4  # LevelDB's `last` fragment
     path, found, table = read_log(wandb_file)
@@ -68,7 +73,7 @@ def test_the_history_is_what_wandbs_own_reader_prints(folder: Path) -> None:
     ours = {
         step: {n: _as_wandb_prints(v) for n, v in row.items()} for step, row in table.steps.items()
     }
-    assert ours == _wandbs_history(folder)
+    assert ours == _wandbs_history(folder, step_metric)
     assert table.non_numeric == {} and table.warnings == []
 
 
@@ -118,13 +123,15 @@ def _same(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]]) -> boo
 
 
 def test_a_trl_run_imports_as_its_trainer_state_does(tmp_path: Path) -> None:
-    """TRL's W&B history is keyed by `train/global_step` (W&B's `_step` counts its 59 log
-    calls: each profiled call is one, `profiling/Time taken: ...`, left out); its config's
-    logging_steps is kept; the completions table is not a scalar."""
+    """TRL's W&B history is keyed by `train/global_step`, the step metric transformers'
+    callback declares, though the row the script logged before training has none (W&B's
+    `_step` counts its 60 log calls: each profiled call is one, `profiling/Time taken: ...`,
+    left out); its config's logging_steps is kept; the completions table is not a scalar."""
     from_wandb = _import(str(TRL_FILE), "--out", str(tmp_path / "w"))
     from_state = _import(str(TRL / "trainer_state.json"), "--out", str(tmp_path / "s"))
     assert _scalars(tmp_path / "w") == _scalars(tmp_path / "s")
     assert (from_wandb["first_step"], from_wandb["last_step"]) == (2, 6)
+    assert from_wandb["skipped_rows"]["eval"] == 1  # the baseline evaluation, at _step 0
     assert from_wandb["mapped"] == {s: f"train/{n}" for s, n in from_state["mapped"].items()}
     assert from_wandb["counts"] == from_state["counts"]
     assert from_wandb["logging_steps"] == from_state["logging_steps"] == 2

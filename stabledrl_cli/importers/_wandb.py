@@ -7,8 +7,10 @@ of its type byte and data, its length, its type: full, or first, middle and last
 split across blocks) and its data; a block's last 6 bytes or fewer, too few for a header, are
 zeros. A record is a protobuf `wandb_internal_pb2.Record`. Its `history` (one `wandb.log`
 call: items of a key, or nested keys joined with `.`, and a `value_json`) is one row, its step
-under the first of `STEP_KEYS` the first row has (`train/global_step` for transformers' and
-TRL's callback, else W&B's `_step`: verl logs its step there); a media value (an item group
+under the step metric the run declared for every metric (a `metric` record:
+`define_metric("*", step_metric=...)`, `train/global_step` in transformers' and so TRL's
+callback) from its declaration on, else under the first of `STEP_KEYS` the first row has
+(W&B's `_step`: verl logs its step there); a media value (an item group
 with a `_type`: a table, an image, a histogram) is not a scalar. The `config` (in the `run`
 record and in `config` records) gives transformers' `logging_steps`. System metrics, the
 summary, console output and files are other records, not read.
@@ -54,7 +56,7 @@ WANDB_LIMIT = 256 << 20
 _BLOCK = 32 << 10
 _FRAGMENT = struct.Struct("<IHB")
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-_HISTORY, _CONFIG, _RUN = 2, 5, 17
+_HISTORY, _CONFIG, _METRIC, _RUN = 2, 5, 12, 17
 """Record fields read; RunRecord.config is field 4."""
 _NOT_JSON = object()
 """A value_json that is not JSON: not a number."""
@@ -81,7 +83,7 @@ def wandb_files(path: Path) -> list[str]:
 def read_wandb(path: Path, step_key: str | None = None) -> StepTable:
     """The steps of a W&B run file's history (InputError when it is not one)."""
     table = StepTable(str(path), preempts=True)
-    key = step_key
+    declared = first = None
     rows = keyed = not_json = 0
     with open_log(path, WANDB_LIMIT) as handle:
         size = os.fstat(handle.fileno()).st_size
@@ -96,10 +98,14 @@ def read_wandb(path: Path, step_key: str | None = None) -> StepTable:
                 ) from None
             if found is None:
                 continue
+            if isinstance(found, str):
+                declared = found
+                continue
             values, bad = found
             not_json += bad
+            key = step_key or declared or first
             if key is None:
-                key = next((k for k in STEP_KEYS if k in values), None)
+                key = first = next((k for k in STEP_KEYS if k in values), None)
                 if key is None:
                     raise InputError(
                         f"{path}: record at byte {offset}: a history row without a step key "
@@ -107,10 +113,10 @@ def read_wandb(path: Path, step_key: str | None = None) -> StepTable:
                     )
             rows, keyed = rows + 1, keyed + (key in values)
             table.add(values.pop(key, None), values)
-    if rows and not keyed:
+    if rows and not keyed:  # only a key given by --step-key can be missing from every row
         raise InputError(
             f"{path}: none of its {counted(rows, 'history row')} has the step key "
-            f"{quoted(str(key))}"
+            f"{quoted(str(step_key))}"
         )
     if not_json:
         table.warnings.append(f"{path}: {counted(not_json, 'history value')} not JSON, dropped")
@@ -167,15 +173,18 @@ def _records(
 
 def _history_or_config(
     record: memoryview, table: StepTable
-) -> tuple[dict[str, object], int] | None:
-    """A history record's (row, values that are not JSON); a config's `logging_steps` noted in
-    `table`; None for any other record."""
+) -> tuple[dict[str, object], int] | str | None:
+    """A history record's (row, values that are not JSON); the step metric a metric record
+    declares for every metric (`define_metric("*", step_metric=...)`); a config's
+    `logging_steps` noted in `table`; None for any other record."""
     for number, wire, value in fields(record):
         if wire != LENGTH:
             continue
         assert isinstance(value, memoryview)
         if number == _HISTORY:
             return _row(value, table)
+        if number == _METRIC:
+            return _step_metric(value)
         if number == _CONFIG:
             _config(value, table)
         elif number == _RUN:
@@ -244,6 +253,12 @@ def _json(raw: int | memoryview) -> object:
         return parse_strict(bytes(raw), "", "value", allow_nan=True)
     except (InputError, ValueError):  # UnicodeDecodeError and JSONDecodeError too
         return _NOT_JSON
+
+
+def _step_metric(metric: memoryview) -> str | None:
+    """A MetricRecord's step_metric when its glob_name is `*` (every metric), else None."""
+    found = {n: text(v) for n, w, v in fields(metric) if n in (2, 4) and w == LENGTH}
+    return found.get(4) or None if found.get(2) == "*" else None
 
 
 def _config(config: memoryview, table: StepTable) -> None:

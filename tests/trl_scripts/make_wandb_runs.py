@@ -5,8 +5,9 @@ tests. The committed fixtures come from:
     python make_wandb_runs.py ../../fixtures/imports
 
 which writes, under `wandb-trl/`, a tiny TRL GRPOTrainer run with `report_to="wandb"`
-(make_trainer_state's settings, 6 steps logged every 2, completions logged as a W&B table)
-and that run's `trainer_state.json`; under `wandb-verl/`, 10 steps (and 2 validations) logged
+(make_trainer_state's settings, 6 steps logged every 2, completions logged as a W&B table;
+the run started by the script, which logs an evaluation before training) and that run's
+`trainer_state.json`; under `wandb-verl/`, 10 steps (and 2 validations) logged
 by verl's own `Tracking` to W&B and to its file log (`verl.jsonl`), as test_import_verl
 computes them, step 4's grad norm NaN. Beside each `.wandb` file, `history.jsonl` holds its
 history records as wandb's own reader prints them (`wandb leet inspect --json`), the numbers
@@ -49,6 +50,8 @@ def _trl(work: Path) -> Path:
     from trl import GRPOTrainer
 
     config = {**SETTINGS, "max_steps": 6, "logging_steps": 2, "log_completions": True}
+    wandb.init()  # the user's, before the trainer's callback defines its step metric
+    wandb.log({"eval/reward": 0.25})  # say, a baseline evaluation
     trainer = GRPOTrainer(
         model=tiny_grpo.tiny_model_dir(str(work / "model")),
         reward_funcs=tiny_grpo.count_b,
