@@ -134,8 +134,6 @@ def directory_refused(path: Path, log_format: ImportFormat | None) -> InputError
     any), naming its subdirectories that hold a log."""
     if log_format in ("jsonl", "csv", "tensorboard_json", "verl_console"):
         return InputError(f"{path}: a directory; a {log_format} log is one file")
-    if log_format == "wandb":
-        return InputError(f"{path}: a directory without a {WANDB_PATTERN} file")
     logs = subdirectories(
         path, lambda d: (d / TRAINER_STATE).is_file() or holds_events(d) or bool(wandb_files(d))
     )
@@ -143,8 +141,8 @@ def directory_refused(path: Path, log_format: ImportFormat | None) -> InputError
         "its subdirectory {} holds a log" if len(logs) == 1 else "its subdirectories {} hold logs"
     )
     hint = f" ({held.format(listed(logs))}: import one)" if logs else ""
-    wanted = (
-        TRAINER_STATE if log_format
-        else f"{TRAINER_STATE}, {EVENT_PATTERN} files or a {WANDB_PATTERN} file"
-    )  # fmt: skip
+    wanted = {
+        None: f"{TRAINER_STATE}, {EVENT_PATTERN} files or a {WANDB_PATTERN} file",
+        "wandb": f"a {WANDB_PATTERN} file",
+    }.get(log_format, TRAINER_STATE)
     return InputError(f"{path}: a directory without {wanted}{hint}")
