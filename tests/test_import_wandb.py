@@ -151,6 +151,10 @@ def test_a_verl_run_imports_as_its_file_log_does(tmp_path: Path) -> None:
     assert from_wandb["nonfinite"] == from_log["nonfinite"] == {"grad_norm": 1}
     assert from_wandb["skipped_rows"] == from_log["skipped_rows"] == {"eval": 1}
     assert from_wandb["mapped"] == from_log["mapped"]
+    manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
+    assert manifest["source"]["tracker_run"] == {  # verl's Tracking(project, experiment)
+        "id": "verltiny", "name": "experiment", "project": "project"
+    }  # fmt: skip
 
 
 def test_a_run_directory_stands_for_its_wandb_file(tmp_path: Path) -> None:

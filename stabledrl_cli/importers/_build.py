@@ -86,6 +86,8 @@ def write_scalar_run(
         origin["logging_steps"] = table.logging_steps
     if table.nonfinite_null:  # its NaN may have been an infinity
         origin["nonfinite_null"] = True
+    if table.tracker_run:
+        origin["tracker_run"] = table.tracker_run
     counts: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
     ordered = sorted(table.steps)

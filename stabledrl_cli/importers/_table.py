@@ -73,6 +73,8 @@ class StepTable:
     nonfinite_null: bool = False
     """Whether the log spells NaN and the infinities alike (verl's file log: orjson's `null`),
     read as NaN: a NaN of it may have been an infinity."""
+    tracker_run: dict[str, str] = field(default_factory=dict)
+    """The run as its tracker names it (a W&B run file's `id`, `name`, `project`)."""
     logging_steps: int | None = None
     """k of a log that says it was written every k steps (trainer_state.json's
     `logging_steps`): a row holds the means over the steps since the row before of the
