@@ -18,7 +18,7 @@ from typing import Any
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError, counted, quoted
 from stabledrl_cli.importers._files import text_lines
-from stabledrl_cli.importers._names import STEP_KEYS
+from stabledrl_cli.importers._names import first_step_key
 from stabledrl_cli.importers._table import StepTable
 
 
@@ -43,11 +43,7 @@ def read_jsonl(path: Path, step_key: str | None = None) -> StepTable:
         values, verl = _flattened(row)
         table.nonfinite_null |= verl
         if key is None:
-            key = next((k for k in STEP_KEYS if k in values), None)
-            if key is None:
-                raise InputError(
-                    f"{where}: no step key (one of {', '.join(STEP_KEYS)}; or pass --step-key)"
-                )
+            key = first_step_key(values, where)
         rows, keyed = rows + 1, keyed + (key in values)
         table.add(values.pop(key, None), values)
     if rows and not keyed:  # only a key given by --step-key can be missing from every row

@@ -15,6 +15,8 @@ from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from stabledrl_cli.errors import InputError
+
 STANDARD_SOURCES: dict[str, tuple[str, ...]] = {
     # TRL `reward`: mean total reward of the generation batch; verl `critic/score/mean`: mean
     # sequence score; `critic/rewards/mean` is that score minus the in-reward KL penalty when
@@ -60,6 +62,18 @@ TRACKER_PREFIXES = ("train/",)
 STEP_KEYS = ("step", "global_step", "train/global_step", "trainer/global_step", "Step", "_step")
 """Columns or keys that may hold the step, most preferred first (W&B's `_step` counts log calls,
 so the trainer's own step is preferred)."""
+
+
+def first_step_key(row: Container[str], where: str) -> str:
+    """The first of STEP_KEYS that `row` (a log's first row) holds: the log's step key;
+    InputError naming `where` when it holds none."""
+    key = next((k for k in STEP_KEYS if k in row), None)
+    if key is None:
+        raise InputError(
+            f"{where}: no step key (one of {', '.join(STEP_KEYS)}; or pass --step-key)"
+        )
+    return key
+
 
 BOOKKEEPING = frozenset({
     *STEP_KEYS, "epoch", "_runtime", "_timestamp", "timestamp", "wall_time",

@@ -35,7 +35,7 @@ from typing import BinaryIO
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError, counted, quoted
 from stabledrl_cli.importers._files import ENTRY_LIMIT, open_log
-from stabledrl_cli.importers._names import NAME_LIMIT, STEP_KEYS
+from stabledrl_cli.importers._names import NAME_LIMIT, first_step_key
 from stabledrl_cli.importers._proto import (
     FIXED64,
     LENGTH,
@@ -108,12 +108,7 @@ def read_wandb(path: Path, step_key: str | None = None) -> StepTable:
             not_json += bad
             key = step_key or declared or first
             if key is None:
-                key = first = next((k for k in STEP_KEYS if k in values), None)
-                if key is None:
-                    raise InputError(
-                        f"{path}: record at byte {offset}: a history row without a step key "
-                        f"(one of {', '.join(STEP_KEYS)}; or pass --step-key)"
-                    )
+                key = first = first_step_key(values, f"{path}: record at byte {offset}")
             rows, keyed = rows + 1, keyed + (key in values)
             table.add(values.pop(key, None), values)
     if rows and not keyed:  # only a key given by --step-key can be missing from every row
