@@ -31,6 +31,35 @@ def test_a_huge_meta_value_is_cut_in_the_table(tmp_path: Path) -> None:
     assert json.loads(data.stdout)["meta"]["big"] == big
 
 
+def test_a_meta_of_many_keys_shows_50_and_counts_the_rest(tmp_path: Path) -> None:
+    """A config flattened into meta (40,000 keys: 9 s and 3.9 MB of table before, rich
+    rendering each row) shows its first 50 keys and a row counting the rest; the JSON keeps
+    every key."""
+    meta = {f"k{i}": i for i in range(1000)}
+    run = _recorded(tmp_path / "run", meta)
+    table = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "80"})
+    assert table.exit_code == 0, table.output
+    shown = [line for line in table.stdout.splitlines() if line.startswith("│ meta.k")]
+    assert len(shown) == 50 and "│ meta.k49 " in shown[-1], shown[-1:]
+    assert "950 more keys: --format json has them all" in table.stdout
+    data = CliRunner().invoke(app, ["inspect", str(run), "--format", "json"])
+    assert json.loads(data.stdout)["meta"] == meta
+
+
+def test_a_long_meta_key_folds_and_leaves_the_values_their_room(tmp_path: Path) -> None:
+    """A meta key of 300 characters took the whole 80 columns: every value of the run table
+    read blank. It folds in the first column, cut at 200 characters as a value is."""
+    run = _recorded(tmp_path / "run", {"y" * 300: "kept", "lr": 0.1})
+    table = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "80"})
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert "grpo" in next(line for line in lines if line.startswith("│ policy "))
+    assert "kept" in next(line for line in lines if line.startswith("│ meta.yyy"))
+    keys = "".join(line.split("│")[1].replace(" ", "") for line in lines if line[:1] == "│")
+    assert "y" * 195 + "...(300characters;--formatjsonhasitwhole)" in keys, keys
+
+
 def _recorded(path: Path, meta: dict[str, object]) -> Path:
     with Recorder(path, policy="grpo", meta=meta) as rec:
         logp = torch.zeros(2, 3)

@@ -91,7 +91,8 @@ def _world_text(s: RunSummary) -> str:
 def _run_table(s: RunSummary) -> Table:
     counts = s.tokens_per_step
     table = Table(title=f"Run {s.run}", show_header=False, title_justify="left")
-    table.add_column("what", style="bold", no_wrap=True)
+    # a meta key (the run's own text) past WHAT_WIDTH folds, so the values keep their room
+    table.add_column("what", style="bold", overflow="fold", max_width=WHAT_WIDTH)
     table.add_column("value", overflow="fold")  # a long name or list folds, never cut
     rows = [
         ("format", _format_text(s)),
@@ -116,8 +117,8 @@ def _run_table(s: RunSummary) -> Table:
         ("scalars", _names_text(s.scalars)),
         ("size on disk", f"{s.size_bytes / 1e6:.2f} MB"),
     ]
-    rows += [(f"meta.{k}", _shortened(v)) for k, v in s.meta.items()]
-    room = spec_room([max(len(what) for what, _ in rows)], out.width)
+    rows += _meta_rows(s.meta)
+    room = spec_room([min(max(len(what) for what, _ in rows), WHAT_WIDTH)], out.width)
     for what, value in rows:  # a long spec broken at its commas, never inside a value
         table.add_row(what, fold_specs([value], room)[0][0] if what == "policy" else value)
     return table
@@ -281,12 +282,30 @@ def _logged_geometry(fields: list[str]) -> str:
     return f"{' and '.join(kinds)} on its steps (the manifest declares none)"
 
 
+WHAT_WIDTH = 32
+"""The run table's first column at its widest (every label of its own fits)."""
+META_KEYS_SHOWN = 50
+"""Meta keys the run table shows (a config flattened into meta may hold 40,000: rich takes
+0.2 ms a row to render, `--format json` has them all)."""
 META_SHOWN = 200
-"""Characters of a meta value the table shows (`--format json` has it whole)."""
+"""Characters of a meta key or value the table shows (`--format json` has it whole)."""
+
+
+def _meta_rows(meta: dict[str, object]) -> list[tuple[str, str]]:
+    """The run table's meta rows: the first META_KEYS_SHOWN keys, then a row counting the
+    rest."""
+    rows = [
+        (f"meta.{_shortened(k)}", _shortened(v)) for k, v in islice(meta.items(), META_KEYS_SHOWN)
+    ]
+    hidden = len(meta) - META_KEYS_SHOWN
+    if hidden > 0:
+        rows.append(("meta ...", f"{hidden:,} more keys: --format json has them all"))
+    return rows
 
 
 def _shortened(value: object) -> str:
-    """A meta value as text, cut at META_SHOWN characters: a multi-MB value never prints whole."""
+    """A meta key or value as text, cut at META_SHOWN characters: a multi-MB one never prints
+    whole."""
     text = value if isinstance(value, str) else json.dumps(value)
     if len(text) <= META_SHOWN:
         return text
