@@ -10,6 +10,8 @@ import io
 import json
 import math
 import struct
+import time
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -492,6 +494,36 @@ def test_csv_tracker_export(tmp_path: Path) -> None:
     assert table.steps[4] == {"train/reward": 0.7}
     assert table.non_numeric == {"note": 1}
     assert table.not_imported == {"eval/loss": "eval"}
+
+
+def test_a_long_number_in_a_csv_is_a_number(tmp_path: Path) -> None:
+    """A number of more than 64 characters was dropped as non-numeric: '%.70f' of a loss,
+    and 2.2e-308 written out exactly (1,076 characters). Up to 1,100 characters are read;
+    longer text is not a number; an integer past a double's range is refused, as in JSON
+    (it would read as infinity: a non-finite step no logger wrote)."""
+    largest_subnormal = 2.225073858507201e-308
+    exact = format(Decimal(largest_subnormal), "f")
+    assert len(exact) == 1076
+    log = tmp_path / "log.csv"
+    log.write_text(f"step,loss,kl,note\n1,{0.123456789:.70f},{exact},{'1' * 1101}\n")
+    _, _, table = read_log(log)
+    assert table.steps == {1: {"loss": 0.123456789, "kl": largest_subnormal}}
+    assert table.non_numeric == {"note": 1}
+    log.write_text(f"step,loss\n1,0.5\n2,{'9' * 400}\n")
+    with pytest.raises(InputError, match="step 2: loss is an integer past a double's range"):
+        read_log(log)
+
+
+def test_a_csv_cell_of_many_digits_is_no_number_at_once(tmp_path: Path) -> None:
+    """A step cell of 20,000 digits and a letter took 9 s to tell it is no number (spec_float's
+    pattern tried each split of the digits: quadratic, 34 s at 30,000 digits); a CSV cell
+    may hold 128 KiB."""
+    log = tmp_path / "log.csv"
+    log.write_text(f"step,loss\n1,0.5\n{'1' * 20_000}x,0.4\n{'2' * 20_000}e,0.3\n")
+    start = time.perf_counter()
+    _, _, table = read_log(log)
+    assert time.perf_counter() - start < 1
+    assert table.steps == {1: {"loss": 0.5}} and table.skipped_rows == {"bad step": 2}
 
 
 def test_csv_from_pandas_leaves_out_its_row_index(tmp_path: Path) -> None:

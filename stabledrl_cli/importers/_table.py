@@ -43,6 +43,10 @@ ROW_NAME_LIMIT = METRIC_LIMIT + LEFT_OUT_LIMIT
 would refuse more, and a reader refuses them before it holds them."""
 CELL_LIMIT = 2_000_000
 """Most values held at once (bounds memory: about 100 bytes each)."""
+NUMBER_LIMIT = 1_100
+"""Most characters of a number in text: every double written out exactly fits (the longest,
+2.2e-308 in positional notation, is 1,076); longer text is not a number, never copied whole
+to be parsed (a JSON string of 100 MB)."""
 
 
 @dataclass
@@ -200,7 +204,10 @@ def _step_number(step: object) -> int | None:
     if isinstance(step, bool):
         return None
     if isinstance(step, str):
-        step = _number(step)
+        try:
+            step = _number(step)
+        except OverflowError:  # past every step
+            return None
     if isinstance(step, float):
         if not (math.isfinite(step) and step.is_integer()):
             return None
@@ -212,14 +219,18 @@ def _step_number(step: object) -> int | None:
 
 def _number(raw: object) -> float | None:
     """A logged value as a float, None when it is not a number; OverflowError for an integer
-    past a double's range (a JSON integer has no bound)."""
+    past a double's range (a JSON integer has no bound; nor has text, up to NUMBER_LIMIT)."""
     if isinstance(raw, bool):
         return None
     if isinstance(raw, (int, float)):
         return float(raw)
-    if isinstance(raw, str) and len(raw) <= 64:
-        try:
-            return spec_float(raw.strip())  # not float(): it reads "1_0" and other digits
-        except ValueError:
-            return None
-    return None
+    if not isinstance(raw, str) or len(raw) > NUMBER_LIMIT:
+        return None
+    text = raw.strip()
+    try:
+        value = spec_float(text)  # not float(): it reads "1_0" and other digits
+    except ValueError:
+        return None
+    if math.isinf(value) and text.lstrip("+-").isdigit():
+        raise OverflowError(text)
+    return value
