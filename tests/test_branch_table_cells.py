@@ -6,7 +6,9 @@ over `3.5`), and its replay risk steps inside a number (`25,26,28,2` over `9,30,
 read as 2 and 9). A spec is now broken at its commas only, a step list at its spaces. A part
 longer than the column (`ppo:agg=seq-mean-token-mean,`, 28 characters) was broken inside
 (`ppo:agg=seq-mean-token-m` over `ean,`): it is broken after its name's colon, and a key=value
-longer than the column widens it."""
+longer than the column widens it. The columns beside the policy kept no word whole where a
+pair of 28 characters left them little room (`rep`/`lay`/`ris`/`k` at 60 columns): each word
+of theirs is whole on a line, the table overflowing a terminal too narrow for that."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pathlib import Path
 from rich.console import Console
 
 from stabledrl_cli.branching import BranchOutcome, BranchReport
-from stabledrl_cli.cli.branch import _table
+from stabledrl_cli.cli.branch import _HEADERS, _table
+from stabledrl_cli.replay.report import print_whole
 
 SPECS = [
     "dapo:eps_low=0.15",
@@ -49,15 +52,22 @@ def _shown(width: int) -> list[list[str]]:
         branches=branches, replayed=None,
     )  # fmt: skip
     console = Console(width=width, record=True, file=io.StringIO())
-    console.print(_table(report))
+    print_whole(_table(report, width), console)
     lines = console.export_text().splitlines()
-    assert max(len(line) for line in lines) <= width
+    if width >= 80:
+        assert max(len(line) for line in lines) <= width
+    headers = [[cell.strip() for cell in line.split("┃")[2:-1]] for line in lines if "┃" in line]
+    assert [" ".join(filter(None, words)) for words in zip(*headers, strict=True)] == list(
+        _HEADERS
+    ), headers
     return [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if "│" in line]
 
 
 def test_specs_and_step_numbers_are_never_broken_inside() -> None:
-    for width in (80, 120):
+    for width in (60, 80, 120):
         rows = _shown(width)
+        outcomes = " ".join(row[1] for row in rows if row[1]).split()
+        assert set(outcomes) == {"not", "judged,", "reward", "0.591"}, outcomes
         specs = "".join(row[0] for row in rows)
         assert specs == "".join(SPECS), rows
         for line in (row[0] for row in rows if row[0]):  # it ends at a comma or ends a spec

@@ -25,15 +25,26 @@ from stabledrl_cli.errors import InputError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS
 from stabledrl_cli.replay._format import format_steps
 from stabledrl_cli.replay.config import MAX_THREADS
-from stabledrl_cli.replay.report import fold_specs, print_legend, print_title
+from stabledrl_cli.replay.report import (
+    fold_specs,
+    print_legend,
+    print_whole,
+    shared_widths,
+    spec_room,
+    stacked_width,
+)
 
 LIST_LIMIT = 8
 """Step lists longer than this are cut in the table (JSON has them all)."""
 SPEC_WIDTH = 24
-"""The table's policy specs are broken at a comma past this many characters a line."""
+"""Where the other columns do not fit whole beside the specs, a spec is broken at a comma
+past this many characters a line (fewer where the width leaves less)."""
+_HEADERS = ("branch", "replay risk steps", "replay drift steps", "compared", "agree")
+"""The columns beside the policy."""
 
 
-def _table(report: BranchReport) -> Table:
+def _table(report: BranchReport, width: int) -> Table:
+    """The branches a row each, their specs folded to fit `width` where the other columns allow."""
     moved = (
         f" (the last checkpoint before step {report.requested_at})"
         if report.at != report.requested_at
@@ -49,27 +60,41 @@ def _table(report: BranchReport) -> Table:
         f"{counted(report.steps, 'step')} each; {how}",
         title_justify="left",
     )
-    # each line of a spec whole, broken at its commas, and step lists at their spaces: never
-    # inside a key, a value or a step number
-    specs, widest = fold_specs([b.policy for b in report.branches], SPEC_WIDTH)
+    rows = [_cells(b) for b in report.branches]
+    # each line of a spec whole, broken at its commas, beside the other columns with each
+    # word of theirs whole on a line: never inside a key, a value, a word or a step number
+    narrowest = [
+        stacked_width(header, (word for row in rows for word in row[i].split()))
+        for i, header in enumerate(_HEADERS)
+    ]
+    natural = [stacked_width(h, (row[i] for row in rows)) for i, h in enumerate(_HEADERS)]
+    room = spec_room(narrowest, width)
+    fold = max(spec_room(natural, width), min(SPEC_WIDTH, room))
+    specs, widest = fold_specs([b.policy for b in report.branches], fold)
+    widest = max(widest, len("policy"))
     table.add_column("policy", no_wrap=True, min_width=widest)
-    for column in ("branch", "replay risk steps", "replay drift steps", "compared", "agree"):
-        table.add_column(column, overflow="fold")
-    for spec, b in zip(specs, report.branches, strict=True):
-        outcome = {None: "not judged", False: "held"}.get(
-            b.collapsed, f"collapsed at {b.first_reward_collapse}"
-        )
-        reward = f", reward {b.final_reward:.3f}" if b.final_reward is not None else ""
-        diverged = f", diverged after step {b.diverged_at}" if b.diverged_at is not None else ""
-        table.add_row(
-            spec,
-            outcome + reward + diverged,
-            format_steps(b.replay_collapsed_steps, LIST_LIMIT, empty="none", separator=", "),
-            format_steps(b.replay_drift_steps, LIST_LIMIT, empty="none", separator=", "),
-            _compared(b),
-            {True: "yes", False: "no", None: "n/a"}[b.agree],
-        )
+    shown = shared_widths(narrowest, natural, room - widest)
+    for column, column_width in zip(_HEADERS, shown, strict=True):
+        table.add_column(column, width=column_width)
+    for spec, row in zip(specs, rows, strict=True):
+        table.add_row(spec, *row)
     return table
+
+
+def _cells(b: BranchOutcome) -> list[str]:
+    """A branch's cells beside its policy."""
+    outcome = {None: "not judged", False: "held"}.get(
+        b.collapsed, f"collapsed at {b.first_reward_collapse}"
+    )
+    reward = f", reward {b.final_reward:.3f}" if b.final_reward is not None else ""
+    diverged = f", diverged after step {b.diverged_at}" if b.diverged_at is not None else ""
+    return [
+        outcome + reward + diverged,
+        format_steps(b.replay_collapsed_steps, LIST_LIMIT, empty="none", separator=", "),
+        format_steps(b.replay_drift_steps, LIST_LIMIT, empty="none", separator=", "),
+        _compared(b),
+        {True: "yes", False: "no", None: "n/a"}[b.agree],
+    ]
 
 
 def _compared(branch: BranchOutcome) -> str:
@@ -202,7 +227,5 @@ def command(
     if output_format == "json":
         print_json(report.to_dict())
         return
-    table = _table(report)
-    print_title(table, out)  # a long run path wraps, above the table
-    out.print(table)
+    print_whole(_table(report, out.width), out)  # a long run path wraps, above the table
     print_legend([LEGEND], out)

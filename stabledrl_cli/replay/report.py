@@ -211,6 +211,22 @@ def spec_room(widths: Sequence[int], width: int) -> int:
     return width - _table_width(range(len(widths) + 1), [*widths, 0])
 
 
+def shared_widths(narrowest: Sequence[int], natural: Sequence[int], room: int) -> list[int]:
+    """Widths of wrapping columns beside a spec column in a table whose spec column has `room`
+    columns to spare (`spec_room` of `narrowest`, less the spec column's width): each column
+    its `narrowest` (its longest word) and a share of the spare, one a column in turn, up to
+    its `natural` width (its cells on a line each). Never under the narrowest, where rich's
+    own shrinking breaks words: a table too narrow overflows the terminal instead."""
+    widths = list(narrowest)
+    wanting = [i for i, want in enumerate(natural) if want > widths[i]]
+    while room > 0 and wanting:
+        for i in wanting[:room]:
+            widths[i] += 1
+        room -= len(wanting[:room])
+        wanting = [i for i in wanting if natural[i] > widths[i]]
+    return widths
+
+
 def fold_specs(specs: Sequence[str], room: int) -> tuple[list[str], int]:
     """`specs` (each a spec, maybe tagged after it) as the cells of a column `room` wide, each
     broken at its commas onto the lines below (`wrap_spec`), never inside a key=value (one wider
