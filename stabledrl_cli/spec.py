@@ -131,13 +131,26 @@ def split_spec(spec: str, kind: str = "policy") -> tuple[str, dict[str, str]]:
     return name, raw
 
 
+class _SpecWrapper(textwrap.TextWrapper):
+    """Breaks a line at its spaces and after each colon or comma, as between words: a spec
+    after its name's colon and between its `key=value` parts, never inside one."""
+
+    wordsep_simple_re = re.compile(r"(\s+|(?<=[:,])(?=\S))")
+
+
 def wrap_spec(text: str, width: int, *, whole: bool = False) -> list[str]:
     """`text` (a spec, maybe tagged after it) in lines of at most `width` characters, each
     broken after its name's colon or a comma where it can be (a part longer than `width` is
     broken inside; with `whole`, a line of its own)."""
-    spaced = text.replace(":", ": ", 1).replace(",", ", ")
-    lines = textwrap.wrap(spaced, max(width, 1), break_long_words=not whole, break_on_hyphens=False)
-    return [line.replace(": ", ":", 1).replace(", ", ",") for line in lines]
+    wrapper = _SpecWrapper(max(width, 1), break_long_words=not whole, break_on_hyphens=False)
+    return wrapper.wrap(text)
+
+
+def wrap_line(text: str, width: int, *, whole: bool = False) -> list[str]:
+    """A line of text that may name specs, wrapped at its spaces to `width`; a word longer
+    than that (a long spec) broken as `wrap_spec` breaks it, never inside a key=value."""
+    lines = textwrap.wrap(text, max(width, 1), break_long_words=False, break_on_hyphens=False)
+    return [part for line in lines for part in wrap_spec(line, width, whole=whole)]
 
 
 def format_value(value: SpecValue) -> str:

@@ -222,6 +222,14 @@ def test_diff_wraps_the_title_naming_both_own_policies(grpo_fixture, tmp_path):
     """The title over diff's table names each run's own policy spec: runs trained with
     settings of their own made it 113 wide; it wraps at the width, each spec whole."""
     specs = {"a": "grpo:eps_high=0.28,eps_low=0.15", "b": "two-sided:delta=4"}
+    text = _diff_of_own_policies(grpo_fixture, tmp_path, specs)
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    words = text.split()
+    assert f"(A {specs['a']}," in " ".join(words) and f"B {specs['b']})" in " ".join(words)
+
+
+def _diff_of_own_policies(grpo_fixture, tmp_path, specs: dict[str, str]) -> str:
+    """diff's output at 80 columns of two runs that part, their own policies `specs` (a, b)."""
     for (name, spec), run in zip(
         specs.items(), (grpo_fixture, fixture_run("stabledrl")), strict=True
     ):
@@ -233,9 +241,7 @@ def test_diff_wraps_the_title_naming_both_own_policies(grpo_fixture, tmp_path):
     result = runner.invoke(app, ["diff", str(tmp_path / "a"), str(tmp_path / "b")],
                            env={"COLUMNS": "80"})  # fmt: skip
     assert result.exit_code == 1, result.output  # they part
-    assert max(len(line) for line in result.stdout.splitlines()) <= 80, result.stdout
-    words = result.stdout.split()
-    assert f"(A {specs['a']}," in " ".join(words) and f"B {specs['b']})" in " ".join(words)
+    return result.stdout
 
 
 def test_check_figures_fit_80_columns(grpo_fixture, tmp_path):
@@ -353,3 +359,41 @@ def test_watch_breaks_a_long_own_policy_at_its_commas(tmp_path):
     start = lines.index("steps: 1 (last 0); own policy:") + 1
     shown = lines[start : start + 2]
     assert "".join(shown) == spec and all(line.endswith(",") for line in shown[:-1]), shown
+
+
+LONGER = "ppo:adv=rloo,agg=seq-mean-token-mean,eps_high=0.2812345,eps_low=0.1234567,rows=all"
+"""A spec of 83 characters: past a line of 80."""
+
+
+def _lines_from(lines: list[str], start: str) -> list[str]:
+    """The lines from the first that starts with `start` to the end."""
+    return lines[next(i for i, line in enumerate(lines) if line.startswith(start)) :]
+
+
+def _broken_between_pairs(lines: list[str], spec: str) -> None:
+    """`spec` is in `lines` broken only between its parts: each key=value whole on a line."""
+    assert spec in "".join(lines), lines
+    for part in re.split("[:,]", spec):
+        assert any(part in line for line in lines), (part, lines)
+
+
+def test_tune_breaks_a_long_recommended_setting_between_its_pairs(tmp_path):
+    """tune's recommended line split an 83-character setting at the 80th column, inside a
+    value. It now breaks after a comma."""
+    sweep = LONGER.replace("eps_low=0.1234567", "eps_low=0.1234567|0.1234568")
+    args = ["tune", str(tiny_run(tmp_path / "run")), "-p", sweep, "--no-own", "--device", "cpu"]
+    lines = _run(args, 80).splitlines()
+    recommended = _lines_from(lines, "recommended:")
+    assert max(len(line) for line in recommended) <= 80, recommended
+    spec = json.loads(_run([*args, "-f", "json"], 250))["recommended"]
+    _broken_between_pairs(recommended, spec)
+
+
+def test_diff_breaks_a_long_own_policy_in_its_title_between_its_pairs(grpo_fixture, tmp_path):
+    """diff's title over its table split an 83-character own policy at the 80th column, inside
+    a value. It now breaks after a comma."""
+    text = _diff_of_own_policies(grpo_fixture, tmp_path, {"a": LONGER, "b": "stabledrl"})
+    title = _lines_from(text.splitlines(), "around step")
+    title = title[: next(i for i, line in enumerate(title) if "step" in line.split()[:1])]
+    assert max(len(line) for line in title) <= 80, title
+    _broken_between_pairs(title, LONGER)

@@ -55,6 +55,7 @@ from stabledrl_cli.replay.report import (
     stacked_width,
 )
 from stabledrl_cli.replay.run_facts import print_own_policy_note
+from stabledrl_cli.spec import wrap_line
 from stabledrl_cli.tune.front import SettingFigures, TuneReport, percent, rank
 from stabledrl_cli.tune.grid import SWEEP_SYNTAX, expand_all
 
@@ -134,12 +135,10 @@ def _print_table(report: TuneReport) -> None:
         ],
         out,
     )
-    if report.recommended is not None:
-        out.print(
-            f"recommended: {report.recommended.spec}: {report.evidence}",
-            highlight=False,
-            soft_wrap=False,
-        )
+    if report.recommended is not None:  # a spec broken at its commas, never inside a value
+        line = f"recommended: {report.recommended.spec}: {report.evidence}"
+        for piece in wrap_line(line, out.width, whole=True):
+            out.print(piece, highlight=False, soft_wrap=True)
 
 
 def command(

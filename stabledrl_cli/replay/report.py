@@ -19,7 +19,7 @@ from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY, format_step_range
 from stabledrl_cli.replay.guards import GuardAction, GuardReport
 from stabledrl_cli.replay.observed import CollapseWarning, Observed
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
-from stabledrl_cli.spec import wrap_spec
+from stabledrl_cli.spec import wrap_line, wrap_spec
 from stabledrl_cli.vocab import MetricGroup
 
 BEST_RULE = (
@@ -237,10 +237,12 @@ def fold_specs(specs: Sequence[str], room: int) -> tuple[list[str], int]:
 
 
 def print_title(table: Table, console: Console) -> None:
-    """Prints `table`'s title as a line of text wrapped to the console, and takes it off the
-    table: a title as long as a run's path must never widen the table it names."""
+    """Prints `table`'s title as lines of text wrapped to the console, a spec too long for a
+    line broken at its commas (`wrap_line`), and takes it off the table: a title as long as a
+    run's path must never widen the table it names."""
     if table.title is not None:
-        console.print(table.title, highlight=False, soft_wrap=False)
+        for line in wrap_line(str(table.title), console.width):
+            console.print(line, highlight=False, soft_wrap=False)
         table.title = None
 
 
