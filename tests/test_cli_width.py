@@ -397,3 +397,16 @@ def test_diff_breaks_a_long_own_policy_in_its_title_between_its_pairs(grpo_fixtu
     title = title[: next(i for i, line in enumerate(title) if "step" in line.split()[:1])]
     assert max(len(line) for line in title) <= 80, title
     _broken_between_pairs(title, LONGER)
+
+
+def test_replay_stacks_its_headers_to_fit_a_long_pair_in_60_columns(tmp_path):
+    """At 60 columns replay's table was 65 wide: `agg=seq-mean-token-mean,` (24 characters)
+    had 19 beside the headers on a line. Where a pair does not fit, the headers stack a word
+    a line, which leaves it room: 60 wide, each pair whole."""
+    run = str(tiny_run(tmp_path / "run"))
+    args = ["replay", run, "-p", LONG_SPECS[0], "-p", "grpo", "--device", "cpu", "--no-legend"]
+    text = _run(args, 60)
+    table = [line for line in text.splitlines() if line[:1] in "┏┃┡│└"]
+    assert max(len(line) for line in table) <= 60, "\n".join(table)
+    _shown_whole(text, 1, LONG_SPECS[:1])
+    assert "first" in table[1] and "risk" in table[2]  # "first risk", stacked

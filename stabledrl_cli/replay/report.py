@@ -347,9 +347,17 @@ def print_summary(
     rows = [[column.cell(p) for column in shown] for p in result.policies]
     widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
     requested = [c.requested for c in shown]
+    stacked = False  # the headers a word a line, where a key=value needs the room
     if not wide:  # with `wide`, a spec on one line: the table overflows the terminal on purpose
         beside = [w for w, c in zip(widths[1:], shown[1:], strict=True) if not c.requested]
-        cells, folded = fold_specs([row[0] for row in rows], spec_room(beside, console.width))
+        room = spec_room(beside, console.width)
+        cells, folded = fold_specs([row[0] for row in rows], room)
+        stacked = folded > room  # a key=value wider than the room: stacked headers leave more
+        if stacked:
+            for i in range(1, len(shown)):
+                widths[i] = stacked_width(headers[i], (row[i] for row in rows))
+            beside = [w for w, c in zip(widths[1:], shown[1:], strict=True) if not c.requested]
+            cells, folded = fold_specs([row[0] for row in rows], spec_room(beside, console.width))
         for row, cell in zip(rows, cells, strict=True):
             row[0] = cell
         widths[0] = max(len(headers[0]), folded)
@@ -362,6 +370,8 @@ def print_summary(
                 table.add_column(headers[i], no_wrap=True, min_width=widths[i])
         for row in rows:
             table.add_row(*(row[i] for i in part))
+        if stacked:
+            stack_headers(table, console)
         print_whole(table, console)
     if caption is not None:  # text under the table, wrapped to the console like the legend
         print_legend([caption], console)
