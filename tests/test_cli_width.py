@@ -410,3 +410,17 @@ def test_replay_stacks_its_headers_to_fit_a_long_pair_in_60_columns(tmp_path):
     assert max(len(line) for line in table) <= 60, "\n".join(table)
     _shown_whole(text, 1, LONG_SPECS[:1])
     assert "first" in table[1] and "risk" in table[2]  # "first risk", stacked
+
+
+def test_inspect_keeps_the_run_id_whole_in_60_columns(tmp_path):
+    """At 60 columns inspect folded the 32-character run id inside (30 and 2), and its
+    integrity line ran to 67 columns. The labels now wrap at their spaces to leave the id and
+    the policy's lines whole, and the line wraps: 60 wide."""
+    with sd.Recorder(tmp_path / "run", policy=LONG_SPECS[0], unit="sequence") as rec:
+        rec.log_step(0, grad_norm=1.0)
+    text = _run(["inspect", str(tmp_path / "run")], 60)
+    run_id = json.loads(_run(["inspect", str(tmp_path / "run"), "-f", "json"], 60))["run_id"]
+    run = text[: text.index("Observed")].splitlines()
+    assert max(len(line) for line in run) <= 60, "\n".join(run)
+    assert any(f"│ {run_id} " in line for line in run), "\n".join(run)
+    _shown_whole(text[: text.index("Integrity")], 2, LONG_SPECS[:1])

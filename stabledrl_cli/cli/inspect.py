@@ -30,7 +30,13 @@ from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.inspection import RunSummary, summarize
 from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import SeriesStats
-from stabledrl_cli.replay.report import fold_specs, print_title, print_unbroken, spec_room
+from stabledrl_cli.replay.report import (
+    fold_specs,
+    print_title,
+    print_unbroken,
+    spec_room,
+    stacked_width,
+)
 from stabledrl_cli.replay.run_facts import SKIPPED_KINDS
 
 LIST_LIMIT = 20
@@ -90,15 +96,12 @@ def _world_text(s: RunSummary) -> str:
 
 def _run_table(s: RunSummary) -> Table:
     counts = s.tokens_per_step
-    table = Table(title=f"Run {s.run}", show_header=False, title_justify="left")
-    # a meta key (the run's own text) past WHAT_WIDTH folds, so the values keep their room
-    table.add_column("what", style="bold", overflow="fold", max_width=WHAT_WIDTH)
-    table.add_column("value", overflow="fold")  # a long name or list folds, never cut
+    spec = str((s.policy or {}).get("spec", "not known"))
     rows = [
         ("format", _format_text(s)),
         ("created", s.created if isinstance(s.created, str) else "not recorded"),
         ("run id", s.run_id or "not recorded (a run recorded before run ids)"),
-        ("policy", str((s.policy or {}).get("spec", "not known"))),
+        ("policy", spec),
         ("source", _source_text(s.source) if s.source else "recorded in the training loop"),
         *([("recording", _recording_text(s))] if _recording_told(s) else []),
         ("unit", s.unit),
@@ -118,9 +121,21 @@ def _run_table(s: RunSummary) -> Table:
         ("size on disk", f"{s.size_bytes / 1e6:.2f} MB"),
     ]
     rows += _meta_rows(s.meta)
-    room = spec_room([min(max(len(what) for what, _ in rows), WHAT_WIDTH)], out.width)
-    for what, value in rows:  # a long spec broken at its commas, never inside a value
-        table.add_row(what, fold_specs([value], room)[0][0] if what == "policy" else value)
+    labels = [what for what, _ in rows]
+    room = spec_room([min(max(map(len, labels)), WHAT_WIDTH)], out.width)
+    (policy,), widest = fold_specs([spec], room)  # broken at its commas, never in a value
+    narrowest = min(
+        stacked_width("", (word for what in labels for word in what.split())), WHAT_WIDTH
+    )
+    whole = min(max(widest, len(s.run_id or "")), spec_room([narrowest], out.width))
+    table = Table(title=f"Run {s.run}", show_header=False, title_justify="left")
+    # a meta key (the run's own text) past WHAT_WIDTH folds, so the values keep their room;
+    # the labels wrap at their spaces for the run id and the policy's lines to be whole
+    labels_width = min(WHAT_WIDTH, spec_room([whole], out.width))
+    table.add_column("what", style="bold", overflow="fold", max_width=labels_width)
+    table.add_column("value", overflow="fold", min_width=whole)  # a long list folds, never cut
+    for what, value in rows:
+        table.add_row(what, policy if what == "policy" else value)
     return table
 
 
@@ -315,7 +330,11 @@ def _shortened(value: object) -> str:
 def _print_integrity(s: RunSummary) -> None:
     findings, groups = s.integrity.get("findings"), s.integrity.get("groups")
     if not isinstance(findings, list) or not isinstance(groups, list) or not findings:
-        out.print("Integrity: ok (every step file complete, checksums match, no gaps)")
+        out.print(
+            "Integrity: ok (every step file complete, checksums match, no gaps)",
+            highlight=False,
+            soft_wrap=False,  # wrapped to the width
+        )
         return
     title = f"Integrity: {len(findings)} finding(s)"
     if len(groups) < len(findings):
