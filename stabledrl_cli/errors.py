@@ -73,6 +73,13 @@ class MissingExtraError(UsageError):
     """An optional extra is not installed; the message carries the install command."""
 
 
+def install_command(extra: str) -> str:
+    """The command that adds an optional extra, run in any directory: pip keeps the stabledrl
+    installed (a wheel or a checkout, editable or not) and installs the extra's pinned packages
+    beside it."""
+    return f"pip install 'stabledrl[{extra}]'"
+
+
 REASON_LIMIT = 300
 """Characters of another library's error message kept in one of ours."""
 

@@ -89,7 +89,7 @@ def test_missing_trl_names_the_install_command(
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "version", absent)
-    with pytest.raises(MissingExtraError, match=r"pip install -e '\.\[trl\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'stabledrl\[trl\]'"):
         getattr(integration, trainer)
 
 

@@ -390,7 +390,7 @@ def test_engine_ray_without_ray_says_how_to_install_it_exit_2(synthetic):
     )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "pip install -e '.[ray]'" in lines[0], done.stderr
+    assert len(lines) == 1 and "pip install 'stabledrl[ray]'" in lines[0], done.stderr
     assert done.stdout == ""
 
 

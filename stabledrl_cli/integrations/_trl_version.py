@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from stabledrl_cli.errors import MissingExtraError, UsageError
+from stabledrl_cli.errors import MissingExtraError, UsageError, install_command
 
 SUPPORTED_TRL = "1.16.x"
 """The TRL releases whose private GRPOTrainer and RLOOTrainer methods the integration
@@ -17,7 +17,9 @@ def check_trl_version() -> str:
     try:
         version = importlib.metadata.version("trl")
     except importlib.metadata.PackageNotFoundError:
-        raise MissingExtraError("the TRL integration needs trl: pip install -e '.[trl]'") from None
+        raise MissingExtraError(
+            f"the TRL integration needs trl: {install_command('trl')}"
+        ) from None
     if version.split(".")[:2] != ["1", "16"]:
         raise UsageError(f"the TRL integration supports trl {SUPPORTED_TRL}; found trl {version}")
     return version

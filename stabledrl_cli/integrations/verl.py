@@ -80,7 +80,7 @@ from stabledrl_cli.capture.bootstrap import (
 )
 from stabledrl_cli.dump._schema import path_argument, switch_argument
 from stabledrl_cli.dump._writer import checked_reward_range, reward_range_text
-from stabledrl_cli.errors import MissingExtraError, UsageError
+from stabledrl_cli.errors import MissingExtraError, UsageError, install_command
 from stabledrl_cli.integrations._verl_facts import SUPPORTED_VERL, supported_verl
 from stabledrl_cli.integrations._verl_policy import LOSS_MODES, policy_for_actor_config
 
@@ -110,7 +110,7 @@ def check_verl_version() -> str:
         version = importlib.metadata.version("verl")
     except importlib.metadata.PackageNotFoundError:
         raise MissingExtraError(
-            "the verl integration needs verl: pip install -e '.[verl]'"
+            f"the verl integration needs verl: {install_command('verl')}"
         ) from None
     if not supported_verl(version):
         raise UsageError(

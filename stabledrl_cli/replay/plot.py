@@ -13,7 +13,7 @@ observed collapse. One legend for the whole figure sits above the panels, outsid
 the footnote says what `(own)` and `(best)` mean (as in replay's table). Lines break over a
 hole in the steps. The default catalogue fits in about 1100 px of height.
 
-matplotlib is an optional extra (`pip install -e '.[plot]'` in a checkout), imported here
+matplotlib is an optional extra (`pip install 'stabledrl[plot]'`), imported here
 only, with the Agg backend (no display; the object API, so no global pyplot state is touched).
 """
 
@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from stabledrl_cli._atomic import missing_directory, output_path
 from stabledrl_cli.dump import Run, open_run
-from stabledrl_cli.errors import MissingExtraError, UsageError, counted
+from stabledrl_cli.errors import MissingExtraError, UsageError, counted, install_command
 from stabledrl_cli.replay.config import format_step_range, in_range
 from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, rolling_mean, run_reward_draws
 from stabledrl_cli.replay.observed import is_verl_recording
@@ -38,8 +38,7 @@ from stabledrl_cli.replay.report import BEST_RULE, percent
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.spec import wrap_spec
 
-INSTALL_COMMAND = "pip install -e '.[plot]'"
-"""How to get the extra (the package installs from a checkout; it is not published)."""
+INSTALL_COMMAND = install_command("plot")
 OWN_NOTE = "(own): the policy the run was trained with. (best) is picked by the rule:"
 
 _WIDTH_IN = 14.0

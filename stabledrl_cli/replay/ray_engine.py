@@ -15,8 +15,8 @@ Every worker opens the run from its `Run.source`: the same path on every node (a
 system) or a URL every node can read (fsspec, `docs/scaling.md`), and needs the same stabledrl
 version (a shard refuses another).
 
-`ray` is an optional extra (`pip install -e '.[ray]'`); it is imported only when the engine
-runs.
+`ray` is an optional extra (`pip install 'stabledrl[ray]'`); it is imported only when the
+engine runs.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from stabledrl_cli.errors import (
     UsageError,
     WorkerDiedError,
     described,
+    install_command,
     task_cause,
 )
 from stabledrl_cli.policies import Policy
@@ -59,7 +60,7 @@ from stabledrl_cli.replay.shards import (
 )
 from stabledrl_cli.replay.stream import StreamedRun
 
-INSTALL_HINT = "pip install -e '.[ray]'"
+INSTALL_HINT = install_command("ray")
 SHARD_RETRIES = 3
 """Times Ray computes a shard again after the worker computing it died."""
 JOIN_SECONDS = 10.0

@@ -1,0 +1,73 @@
+"""How the package installs for a user who does not work in its checkout: what pyproject.toml
+ships, and the install commands the tool prints for a missing extra."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from collections.abc import Callable
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stabledrl_cli.errors import MissingExtraError
+from stabledrl_cli.integrations._trl_version import check_trl_version
+from stabledrl_cli.integrations.verl import check_verl_version
+from stabledrl_cli.replay.plot import require_matplotlib
+from stabledrl_cli.replay.ray_engine import require_ray
+
+tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11")
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "stabledrl_cli"
+
+
+def _pyproject() -> dict[str, Any]:
+    with (REPO / "pyproject.toml").open("rb") as file:
+        return tomllib.load(file)
+
+
+def _absent_distribution(name: str) -> str:
+    raise importlib.metadata.PackageNotFoundError(name)
+
+
+@pytest.mark.parametrize(
+    ("extra", "module", "check"),
+    [
+        ("plot", "matplotlib", require_matplotlib),
+        ("ray", "ray", require_ray),
+        ("trl", "trl", check_trl_version),
+        ("verl", "verl", check_verl_version),
+    ],
+)
+def test_a_missing_extra_names_a_command_that_works_in_any_directory(
+    extra: str, module: str, check: Callable[[], object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pip install -e '.[plot]'` only works in the checkout's root (elsewhere pip finds no
+    project, or installs the project of the directory the user trains in); the extra's own
+    name does in any directory, for a wheel install as for a checkout."""
+    monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setattr(importlib.metadata, "version", _absent_distribution)
+    with pytest.raises(MissingExtraError) as error:
+        check()
+    command = f"pip install '{_pyproject()['project']['name']}[{extra}]'"
+    assert str(error.value).endswith(command)
+    assert extra in _pyproject()["project"]["optional-dependencies"]
+
+
+def test_package_data_ships_every_file_outside_a_package() -> None:
+    """setuptools ships a package's .py files by itself; any other file under stabledrl_cli/
+    (py.typed, the files of capture/_site/, which is no package) only when a package-data
+    glob names it, and an installed wheel would lack it."""
+    globs = _pyproject()["tool"]["setuptools"]["package-data"]["stabledrl_cli"]
+    unshipped = [
+        name
+        for path in PACKAGE.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+        if path.suffix != ".py" or not (path.parent / "__init__.py").is_file()
+        for name in [path.relative_to(PACKAGE).as_posix()]
+        if not any(fnmatch(name, glob) for glob in globs)
+    ]
+    assert unshipped == []
