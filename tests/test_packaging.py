@@ -71,3 +71,12 @@ def test_package_data_ships_every_file_outside_a_package() -> None:
         if not any(fnmatch(name, glob) for glob in globs)
     ]
     assert unshipped == []
+
+
+def test_the_declared_license_ships_its_text() -> None:
+    """Apache-2.0 asks that its text go with every copy: the wheel and the sdist carry the
+    files `license-files` names (each must exist, or the build fails)."""
+    project = _pyproject()["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License\n" in text and "Version 2.0, January 2004" in text
