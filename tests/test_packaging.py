@@ -80,3 +80,12 @@ def test_the_declared_license_ships_its_text() -> None:
     assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
     text = (REPO / "LICENSE").read_text()
     assert "Apache License\n" in text and "Version 2.0, January 2004" in text
+
+
+def test_the_version_has_one_source() -> None:
+    """The distribution's version (importlib.metadata, pip) is read from the one the tool prints
+    and writes into each run's manifest, so the two cannot differ."""
+    pyproject = _pyproject()
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    version = pyproject["tool"]["setuptools"]["dynamic"]["version"]
+    assert version == {"attr": "stabledrl_cli._version.__version__"}
