@@ -4,6 +4,7 @@ ships, and the install commands the tool prints for a missing extra."""
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import sys
 from collections.abc import Callable
 from fnmatch import fnmatch
@@ -89,3 +90,17 @@ def test_the_version_has_one_source() -> None:
     assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
     version = pyproject["tool"]["setuptools"]["dynamic"]["version"]
     assert version == {"attr": "stabledrl_cli._version.__version__"}
+
+
+def test_the_sdist_carries_every_folder_the_tests_read() -> None:
+    """setuptools alone puts tests/test*.py in the sdist but not their helpers (conftest.py,
+    _cli.py) nor fixtures/: 115 test modules of an unpacked sdist failed to collect. Each
+    top-level folder a test reads is grafted by MANIFEST.in."""
+    grafted = re.findall(r"^graft (\S+)$", (REPO / "MANIFEST.in").read_text(), re.M)
+    read = {
+        name
+        for test in (REPO / "tests").glob("*.py")
+        for name in re.findall(r'(?:ROOT|REPO|parents\[1\]) / "([^"]+)"', test.read_text())
+        if (REPO / name).is_dir() and name != PACKAGE.name
+    }
+    assert read and read <= {*grafted}, read - {*grafted}
