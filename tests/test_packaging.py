@@ -104,3 +104,12 @@ def test_the_sdist_carries_every_folder_the_tests_read() -> None:
         if (REPO / name).is_dir() and name != PACKAGE.name
     }
     assert read and read <= {*grafted}, read - {*grafted}
+
+
+def test_the_torch_floor_is_a_release_the_optimizer_hooks_run_on() -> None:
+    """With torch 2.2.2 (the old floor) `record -- CMD` recorded no step: the hooks could not
+    import torch.amp.grad_scaler; with 2.3.1 they stopped on `_foreach_norm(..., dtype=)`. 2.4.1
+    records, replays and branches. The README's torch range is pyproject's."""
+    torch = [d for d in _pyproject()["project"]["dependencies"] if d.startswith("torch")]
+    assert torch == ["torch>=2.4,<3"]
+    assert "have a torch in `>=2.4,<3`" in (REPO / "README.md").read_text()
