@@ -113,3 +113,20 @@ def test_the_torch_floor_is_a_release_the_optimizer_hooks_run_on() -> None:
     torch = [d for d in _pyproject()["project"]["dependencies"] if d.startswith("torch")]
     assert torch == ["torch>=2.4,<3"]
     assert "have a torch in `>=2.4,<3`" in (REPO / "README.md").read_text()
+
+
+def test_the_docs_install_an_extra_by_its_name_alone() -> None:
+    """The README's verl line read `pip install -c <(echo torch==2.13.0) 'stabledrl[verl]'`:
+    the constraint swapped a user's torch 2.4.1 for 2.13.0 (pip --dry-run), as it would the
+    torch 2.11 of a verl job. Each extra the docs install is `pip install 'stabledrl[X]'`."""
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    commands = [
+        (doc.name, " ".join(found.group(0).split()), found.group(1))
+        for doc in docs
+        for found in re.finditer(
+            r"pip install(?:(?!pip install)[^`])*?'stabledrl\[(\w+)\]'", doc.read_text()
+        )
+    ]
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert commands and all(extra in extras for _, _, extra in commands)
+    assert [c for c in commands if c[1] != f"pip install 'stabledrl[{c[2]}]'"] == []
