@@ -11,6 +11,7 @@ print on stderr.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 
@@ -74,10 +75,21 @@ class MissingExtraError(UsageError):
 
 
 def install_command(extra: str) -> str:
-    """The command that adds an optional extra, run in any directory: pip keeps the stabledrl
-    installed (a wheel or a checkout, editable or not) and installs the extra's pinned packages
-    beside it."""
-    return f"pip install 'stabledrl[{extra}]'"
+    """The command that adds an optional extra, in any directory and with any pip: its pinned
+    packages as the installed stabledrl's metadata names them (`pip install 'matplotlib<4,>=3.7'`),
+    so that pip never looks the unpublished name `stabledrl` up on a package index; the
+    extra by name when no metadata says (a checkout run without installing it)."""
+    import importlib.metadata  # not at start-up: only a missing extra's message reads it
+
+    try:
+        declared = importlib.metadata.requires("stabledrl") or []
+    except importlib.metadata.PackageNotFoundError:
+        declared = []
+    marker = re.compile(rf"""extra\s*==\s*["']{re.escape(extra)}["']""")
+    wanted = [r.split(";")[0].strip() for r in declared if marker.search(r.partition(";")[2])]
+    if not wanted:
+        return f"pip install 'stabledrl[{extra}]'"
+    return "pip install " + " ".join(f"'{requirement}'" for requirement in wanted)
 
 
 REASON_LIMIT = 300

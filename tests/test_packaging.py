@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from stabledrl_cli.errors import MissingExtraError
+from stabledrl_cli.errors import MissingExtraError, install_command
 from stabledrl_cli.integrations._trl_version import check_trl_version
 from stabledrl_cli.integrations.verl import check_verl_version
 from stabledrl_cli.replay.plot import require_matplotlib
@@ -47,15 +47,32 @@ def test_a_missing_extra_names_a_command_that_works_in_any_directory(
     extra: str, module: str, check: Callable[[], object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`pip install -e '.[plot]'` only works in the checkout's root (elsewhere pip finds no
-    project, or installs the project of the directory the user trains in); the extra's own
-    name does in any directory, for a wheel install as for a checkout."""
+    project, or installs the project of the directory the user trains in), and `pip install
+    'stabledrl[plot]'` with another environment's pip looks the unpublished name up on a
+    package index: the message names the extra's own pinned packages, pyproject.toml's."""
     monkeypatch.setitem(sys.modules, module, None)
     monkeypatch.setattr(importlib.metadata, "version", _absent_distribution)
     with pytest.raises(MissingExtraError) as error:
         check()
-    command = f"pip install '{_pyproject()['project']['name']}[{extra}]'"
-    assert str(error.value).endswith(command)
-    assert extra in _pyproject()["project"]["optional-dependencies"]
+    command = str(error.value).rpartition(": ")[2]
+    assert command.startswith("pip install '")
+    named = {_requirement(part.strip("'")) for part in command.split()[2:]}
+    pinned = _pyproject()["project"]["optional-dependencies"][extra]
+    assert named == {_requirement(line) for line in pinned}
+
+
+def _requirement(text: str) -> tuple[str, frozenset[str]]:
+    """A requirement's name and its version bounds, in any order."""
+    name, bounds = re.fullmatch(r"([A-Za-z0-9_.-]+)(.*)", text).groups()  # type: ignore[union-attr]
+    return name, frozenset(bounds.replace(" ", "").split(","))
+
+
+def test_an_extra_is_named_when_no_metadata_says_its_packages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A checkout run without installing it has no metadata to read: the extra by name."""
+    monkeypatch.setattr(importlib.metadata, "requires", _absent_distribution)
+    assert install_command("plot") == "pip install 'stabledrl[plot]'"
 
 
 def test_package_data_ships_every_file_outside_a_package() -> None:

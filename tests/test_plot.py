@@ -90,7 +90,7 @@ def test_check_plot_writes_even_when_a_gate_trips(grpo_fixture, tmp_path):
 @pytest.mark.parametrize("command", ["replay", "check"])
 def test_missing_matplotlib_says_how_to_get_it(command, grpo_fixture, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    with pytest.raises(MissingExtraError, match=re.escape("pip install 'stabledrl[plot]'")):
+    with pytest.raises(MissingExtraError, match=re.escape(INSTALL_COMMAND)):
         require_matplotlib()
     assert issubclass(MissingExtraError, UsageError)
     out = tmp_path / "x.png"

@@ -31,7 +31,13 @@ from typer.testing import CliRunner
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
-from stabledrl_cli.errors import ConfigError, InputError, UsageError, WorkerDiedError
+from stabledrl_cli.errors import (
+    ConfigError,
+    InputError,
+    UsageError,
+    WorkerDiedError,
+    install_command,
+)
 from stabledrl_cli.replay import ray_engine
 from stabledrl_cli.replay.config import replay_config
 from stabledrl_cli.replay.engine import named_engine, replay, replay_run
@@ -390,7 +396,7 @@ def test_engine_ray_without_ray_says_how_to_install_it_exit_2(synthetic):
     )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "pip install 'stabledrl[ray]'" in lines[0], done.stderr
+    assert len(lines) == 1 and install_command("ray") in lines[0], done.stderr
     assert done.stdout == ""
 
 
