@@ -1018,11 +1018,14 @@ def test_a_watch_ends_once_the_recording_process_is_killed(tmp_path, steps, code
     assert "Traceback" not in stderr
 
 
-def test_a_watch_ends_once_every_rank_of_a_run_closed(tmp_path, monkeypatch):
-    """A run of several ranks is never marked closed (no rank knows the others are done):
-    the watch now ends once every rank whose Recorder it saw recording let its lock go, after
-    reading what landed. Before, only --until-idle or a signal ended it (here the sixth
-    sleep's Ctrl-C, exit 130). A rank it never saw recording keeps it waiting."""
+@pytest.mark.parametrize("marked", [True, False])
+def test_a_watch_ends_once_every_rank_of_a_run_closed(tmp_path, monkeypatch, marked):
+    """The last rank of a run of several to close marks it `recording_closed` (each adds
+    itself to `recording_closed_ranks`): the watch ends on it as on a run of one rank's. A run
+    without the mark (an older Recorder's, or a mark that did not land) ends once every rank
+    whose Recorder the watch saw recording let its lock go, after reading what landed. Before,
+    only --until-idle or a signal ended it (here the sixth sleep's Ctrl-C, exit 130). A rank
+    it never saw recording keeps it waiting."""
     live = tmp_path / "live"
     ranks = [Recorder(live, policy=None, world_size=2, rank=rank) for rank in (0, 1)]
 
@@ -1037,10 +1040,15 @@ def test_a_watch_ends_once_every_rank_of_a_run_closed(tmp_path, monkeypatch):
         steps(range(20, 30))
         for recorder in ranks:
             recorder.close()
+        if not marked:
+            manifest = json.loads((live / "manifest.json").read_text())
+            del manifest["recording_closed"], manifest["recording_closed_ranks"]
+            (live / "manifest.json").write_text(json.dumps(manifest))
 
     result, sleeps = _watched_to_the_end(monkeypatch, live, finish)
-    assert result.exit_code == 1 and sleeps == 2, result.stderr
-    assert "every Recorder of the run closed: stopped (30 steps seen)" in result.stderr
+    assert result.exit_code == 1 and sleeps == 1 + (not marked), result.stderr
+    ended = "the recording closed" if marked else "every Recorder of the run closed"
+    assert f"{ended}: stopped (30 steps seen)" in result.stderr
     assert "gate tripped: (run) max_spikes: 1 grad-norm spike step" in result.stderr
 
     late = tmp_path / "late"
@@ -1362,7 +1370,13 @@ def test_once_names_a_damaged_step_file_but_not_a_rank_still_writing(tmp_path):
     """`watch --once` skipped a torn step file in silence, where replay and check name it
     (docs/exit-codes.md says it does too). A step whose other rank has not landed its file
     yet is a live run's lag, not damage: no warning."""
-    run = _two_rank_run(tmp_path / "run", {0: range(5), 1: range(4)})
+    run = _two_rank_run(tmp_path / "run", {0: range(5)})
+    writing = Recorder(run, policy="grpo", world_size=2, rank=1)  # still writing: run unclosed
+    logp_old = -np.ones((2, 3), np.float32)
+    for n in range(4):
+        writing.log_step(
+            n, logp=logp_old + 0.01, logp_old=logp_old, advantages=np.array([1.0, -1.0], np.float32)
+        )
     code, _, stderr = _once(run)
     assert code == 0 and "unreadable" not in stderr, stderr
     (run / "steps" / "step-00000002.rank-0001.safetensors").write_bytes(b"garbage")
@@ -1373,6 +1387,7 @@ def test_once_names_a_damaged_step_file_but_not_a_rank_still_writing(tmp_path):
         f"warning: skipped 1 unreadable step of {run} (step 2: torn: 7 bytes, shorter than a "
         "safetensors header); `stabledrl inspect` lists every finding"
     ], stderr
+    writing.close()
 
 
 def test_a_recording_over_the_run_counts_as_one_replacement(tmp_path):

@@ -57,7 +57,7 @@ def test_a_step_a_rank_never_wrote_is_lost_once_the_recording_ended(
 
     monkeypatch.setattr("stabledrl_cli.cli.watch.time.sleep", between_polls)
     ended = CliRunner().invoke(app, ["watch", str(run), *GATE])
-    assert "every Recorder of the run closed: stopped (10 steps seen)" in ended.stderr
+    assert "the recording closed: stopped (10 steps seen)" in ended.stderr
     assert ended.exit_code == 1, ended.stderr
     assert ended.stderr.rstrip().endswith(f"gate tripped: (run) max_lost_steps: {LOST}")
     assert "step 10: incomplete, no file for rank(s) [1]" in ended.stderr
@@ -183,3 +183,52 @@ def test_a_step_read_that_loses_a_ranks_file_is_read_as_the_run_now_is(tmp_path:
         recorder.close()
     check = CliRunner().invoke(app, ["check", str(run), *GATE])
     assert check.exit_code == 1 and LOST in check.stdout + check.stderr
+
+
+def test_a_run_whose_ranks_all_closed_before_the_watch_lacks_the_step_as_check_says(
+    tmp_path: Path,
+) -> None:
+    """Both ranks closed before the watch started: no lock file left, and a run of several
+    ranks was never marked closed, so `watch --once --max-lost-steps 0` took step 10 for one
+    rank 1 may still write and said 'gates passed' (exit 0) where check trips. Each rank's
+    close now adds it to `recording_closed_ranks` and the last one marks the run closed:
+    inspect says so, as of a run of one rank, and so does the packed archive."""
+    run = tmp_path / "run"
+    ranks = _ranks(run)
+    ranks[1].close()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["recording_closed_ranks"] == [1] and "recording_closed" not in manifest
+    ranks[0].close()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["recording_closed_ranks"] == [0, 1] and manifest["recording_closed"] is True
+    _lost_as_check(run)
+    archive = tmp_path / "run.h5"
+    pack_run(open_run(run), archive)
+    for path in (run, archive):
+        shown = CliRunner().invoke(app, ["inspect", str(path)], env={"COLUMNS": "200"})
+        assert "closed: every rank's Recorder finished, the run gains no step" in shown.stdout
+
+
+def test_a_rank_that_resumes_or_overwrites_reopens_the_closed_run(tmp_path: Path) -> None:
+    """A rank recording again takes its close back before any step file changes (a watch must
+    not end on the run while it writes); the other ranks' closes stand, and the run is closed
+    again once that rank closes."""
+    run = tmp_path / "run"
+    for recorder in _ranks(run):
+        recorder.close()
+
+    def closed() -> tuple[list[int] | None, bool]:
+        manifest = json.loads((run / "manifest.json").read_text())
+        return manifest.get("recording_closed_ranks"), "recording_closed" in manifest
+
+    resumed = Recorder(run, policy=None, world_size=2, rank=1, resume=True, resume_from=10)
+    assert closed() == ([0], False)
+    resumed.log_step(10, grad_norm=1.0, loss=0.5, lr=1e-3)
+    resumed.close()
+    assert closed() == ([0, 1], True)
+    Recorder(run, policy=None, world_size=2, rank=1, overwrite=True).close()
+    assert closed() == ([0, 1], True)
+    again = Recorder(run, policy=None, world_size=2, rank=0, overwrite=True)
+    assert closed() == (None, False)  # a fresh manifest
+    again.close()
+    assert closed() == ([0], False)

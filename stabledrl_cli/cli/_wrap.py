@@ -47,7 +47,13 @@ from stabledrl_cli.capture.bootstrap import (
 from stabledrl_cli.capture.branch_protocol import BRANCHES_DIR, CHECKPOINTS_DIR
 from stabledrl_cli.cli._output import err
 from stabledrl_cli.cli._signals import signals_handled
-from stabledrl_cli.dump._schema import RECORDING_CLOSED, RECORDING_STOPPED, RUN_ID, canonical_step
+from stabledrl_cli.dump._schema import (
+    RECORDING_CLOSED,
+    RECORDING_CLOSED_RANKS,
+    RECORDING_STOPPED,
+    RUN_ID,
+    canonical_step,
+)
 from stabledrl_cli.dump._setup import amend_manifest, manifest_now, reclose_run, reopen_run
 from stabledrl_cli.errors import InputError, UsageError, WriteError
 from stabledrl_cli.policies import resolve_spec
@@ -365,8 +371,9 @@ def _note_exit_code(out: Path, code: int, files: list[str]) -> None:
     """Notes in the run that the training command exited with error `code` (a script's
     `sys.exit(3)`, which raises no exception the recording process could note) when its
     Recorder closed it with no stop note: closed and unnoted, it would read as a whole
-    training. A run of several ranks is never marked closed: it is noted when every rank's
-    Recorder closed (`_ranks_closed`) and none noted a stop (a rank that raised under
+    training. A run of several ranks is marked closed by the last rank to close, and noted
+    too when every rank's Recorder closed without the mark (`_ranks_closed`) and none noted a
+    stop (a rank that raised under
     `torch.multiprocessing.spawn`, whose wrapper catches the error and calls `sys.exit(1)`).
     The note is the one an uncaught exception gives, after the last step of the run's step
     `files` (`training command exited with code 3 after step 2`). Best effort: a run that
@@ -443,7 +450,7 @@ def _example_files(out: Path) -> list[Path]:
     return old_run_files(out)
 
 
-_RESUME_CHANGES = (RUN_ID, RECORDING_CLOSED, RECORDING_STOPPED)
+_RESUME_CHANGES = (RUN_ID, RECORDING_CLOSED, RECORDING_CLOSED_RANKS, RECORDING_STOPPED)
 """What a resume changes of the manifest it continues (`dump._setup`); a replaced run has a
 manifest of its own."""
 

@@ -166,7 +166,8 @@ def _recording_text(s: RunSummary) -> str:
     that stopped, at most LIST_LIMIT), closed; or that a Recorder's process died without
     closing it, or that it goes on (as this machine's locks show); of an archive, how it stood
     when packed."""
-    closed = "closed: its Recorder finished, the run gains no step"
+    whose = "every rank's Recorder" if isinstance(s.world_size, int) and s.world_size > 1 else None
+    closed = f"closed: {whose or 'its Recorder'} finished, the run gains no step"
     lines = []
     if s.recording_live:
         lines.append(f"under way: {_ranks(s.recording_live)} recording now")

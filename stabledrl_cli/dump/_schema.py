@@ -17,8 +17,9 @@ object with at least a string `kind`, e.g. {"kind": "import", "format": ..., "fi
 only when a Recorder with on_write_error="warn" stopped after a failed write (or was stopped
 by `note_stop`: a step the TRL or verl integration cannot record),
 recording_stopped {step, rank, reason} (one note: with several ranks, each rank's is also a
-file of its own in steps/, `STOP_NOTE_RE`); and recording_closed (true) once a Recorder of a
-world_size 1 run closed, its writes done (`RECORDING_CLOSED`); and run_id (`RUN_ID`, a
+file of its own in steps/, `STOP_NOTE_RE`); and recording_closed (true) once the run's
+Recorders closed, their writes done (`RECORDING_CLOSED`; with several ranks, the ranks closed
+so far in recording_closed_ranks, `RECORDING_CLOSED_RANKS`); and run_id (`RUN_ID`, a
 string unique to each recording of the run: a new one when a run is created or replaced, or a
 resume replaces steps; absent in a run recorded before it existed). policy may be null
 (format 1.2): the run's policy is not known (an imported log, an optimizer-hook recording).
@@ -91,9 +92,12 @@ SCALAR_STEP_VERSION = (1, 2)
 MANIFEST_NAME = "manifest.json"
 RECORDING_CLOSED = "recording_closed"
 """The manifest's mark (true) that the run's recording closed: every step it will have is
-written. Only a closed Recorder of a world_size 1 run writes it, a resumed or overwritten
-run clears it before any step file changes; older readers leave it alone, as every field
-they do not know."""
+written. A closed Recorder of a world_size 1 run writes it, and of a larger run the rank whose
+close completes `RECORDING_CLOSED_RANKS`; a resumed or overwritten run clears it before any
+step file changes; older readers leave it alone, as every field they do not know."""
+RECORDING_CLOSED_RANKS = "recording_closed_ranks"
+"""The ranks of a world_size > 1 run whose Recorder closed, its writes done (ascending), each
+added by its rank under the manifest's lock; a resuming or overwriting rank removes its own."""
 RECORDING_STOPPED = "recording_stopped"
 """The manifest's note ({step, rank, reason}) that a Recorder stopped recording after a write
 failed (`on_write_error="warn"`): the training went on, that rank recorded no later step."""
@@ -499,6 +503,9 @@ def check_manifest(manifest: dict[str, Any], where: str) -> tuple[int, int]:
         raise corrupt("param_names", "null or a list of strings")
     if not isinstance(manifest.get(RECORDING_CLOSED, False), bool):
         raise corrupt(RECORDING_CLOSED, "true or false")
+    closed = manifest.get(RECORDING_CLOSED_RANKS)
+    if closed is not None and not (isinstance(closed, list) and all(map(is_count, closed))):
+        raise corrupt(RECORDING_CLOSED_RANKS, "null or a list of ranks")
     stopped = manifest.get(RECORDING_STOPPED)
     if stopped is not None and not is_stop_note(stopped):
         raise corrupt(RECORDING_STOPPED, f"null or {STOP_NOTE_SHAPE}")

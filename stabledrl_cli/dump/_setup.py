@@ -6,19 +6,21 @@ another live Recorder of the rank records into the directory.
 - New (the default): the directory must be absent or empty of what this recorder would write
   (for rank 0: anything besides steps/; for every rank: its own step and note files).
 - `overwrite=True`: removes this recorder's own step files and `recording_stopped` note
-  file, never another rank's (with world_size 1 every one is its own); rank 0 removes the
-  old manifest's `recording_closed` mark first, and writes a fresh manifest once they are
+  file, never another rank's (with world_size 1 every one is its own); each rank first
+  removes the old manifest's `recording_closed` mark and its own rank of
+  `recording_closed_ranks` (`reopen_run`), and rank 0 writes a fresh manifest once they are
   gone.
 - `resume=True`: continues the run in place. Its manifest must agree on unit, world_size,
   group_ids and the policy spec (else UsageError); it is kept as it is, but for its
-  `recording_closed` mark, which rank 0 removes before any step file changes: the run is
-  recorded again; and for a `recording_stopped` note when `resume_from` is at or before the
-  step it names (that step and the later ones are recorded again), which rank 0 or the rank
-  it names removes, as each rank does with its own note file (steps/stopped.rank-NNNN.json:
-  one that does not read as a note is left, for its readers to report). Of this rank's step
-  files, those before `resume_from` are kept and verified in full first (data checksum: a
-  corrupt one is InputError, and nothing has changed), then those at or after it are removed
-  (the resumed training writes them again), and temporary files left by a killed writer.
+  `recording_closed` mark and this rank of `recording_closed_ranks`, which each rank removes
+  before any step file of its own changes: the run is recorded again; and for a
+  `recording_stopped` note when `resume_from` is at or before the step it names (that step
+  and the later ones are recorded again), which rank 0 or the rank it names removes, as each
+  rank does with its own note file (steps/stopped.rank-NNNN.json: one that does not read as
+  a note is left, for its readers to report). Of this rank's step files, those before
+  `resume_from` are kept and verified in full first (data checksum: a corrupt one is
+  InputError, and nothing has changed), then those at or after it are removed (the resumed
+  training writes them again), and temporary files left by a killed writer.
 
 The run identity (the manifest's `run_id`, `new_run_id`): rank 0 writes a new one into every
 fresh manifest (a new run, an overwritten one) and, when a resume removed any of its step
@@ -43,7 +45,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from itertools import chain
 from pathlib import Path
@@ -63,6 +65,7 @@ from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
     OS_FILE_RE,
     RECORDING_CLOSED,
+    RECORDING_CLOSED_RANKS,
     RECORDING_STOPPED,
     RUN_ID,
     RUN_KIND,
@@ -307,38 +310,82 @@ def amend_manifest(path: Path, name: str, value: object | None) -> None:
     """Rewrites the run's manifest (atomically) with `name` set to `value`, or without it for
     None, in the manifest as it is then (`_manifest_locked`: another rank's change is kept).
     InputError, ValueError or WriteError when it cannot."""
-    with _manifest_locked(path):
-        manifest = manifest_now(path)
+
+    def amended(manifest: dict[str, Any]) -> None:
         if value is None:
             manifest.pop(name, None)
         else:
             manifest[name] = value
+
+    _change_manifest(path, amended)
+
+
+def _change_manifest(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrites the run's manifest (atomically) as `change` changes it in place, the manifest
+    as it is then (`amend_manifest`)."""
+    with _manifest_locked(path):
+        manifest = manifest_now(path)
+        change(manifest)
         _write_manifest(path, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
 
 
-def reopen_run(path: Path) -> dict[str, Any] | None:
-    """Removes the run's `recording_closed` mark, if its manifest has one: the run is about to
-    be recorded again (resumed, or replaced), so a reader must not take it for finished while
-    its step files change. -> the manifest as it was closed (`reclose_run` takes it), None
-    when nothing was removed: no manifest or one that cannot be read (a new one is written),
-    or one without the mark. WriteError when the mark cannot be removed."""
+def _closed_ranks(manifest: dict[str, Any]) -> list[int]:
+    """The manifest's `recording_closed_ranks`, [] without a list of them."""
+    ranks = manifest.get(RECORDING_CLOSED_RANKS)
+    return ranks if isinstance(ranks, list) else []
+
+
+def close_rank(path: Path, rank: int, world_size: int) -> None:
+    """Adds `rank` of a run of `world_size` > 1 ranks to its `recording_closed_ranks` (its
+    Recorder closed, its writes done) and, when every rank is in them then, marks the run
+    `recording_closed`: no rank can tell alone that the others are done. InputError,
+    ValueError or WriteError when it cannot."""
+
+    def closed(manifest: dict[str, Any]) -> None:
+        ranks = sorted({*_closed_ranks(manifest), rank})
+        manifest[RECORDING_CLOSED_RANKS] = ranks
+        if ranks == list(range(world_size)):
+            manifest[RECORDING_CLOSED] = True
+
+    _change_manifest(path, closed)
+
+
+def reopen_run(path: Path, rank: int | None = None) -> dict[str, Any] | None:
+    """Removes the run's `recording_closed` mark, if its manifest has one, and its
+    `recording_closed_ranks`: the run is about to be recorded again (resumed, or replaced), so
+    a reader must not take it for finished while its step files change; with `rank` (a
+    Recorder's), only that rank of `recording_closed_ranks`, the other ranks' closes stand.
+    -> the manifest as it was closed (`reclose_run` takes it), None when nothing was removed:
+    no manifest or one that cannot be read (a new one is written), or one without the mark
+    and the rank. WriteError when the mark cannot be removed."""
     try:
         manifest = manifest_now(path)
     except (InputError, ValueError):
         return None
-    if RECORDING_CLOSED not in manifest:
+    ranks = _closed_ranks(manifest)
+    if RECORDING_CLOSED not in manifest and (rank not in ranks if rank is not None else not ranks):
         return None
-    amend_manifest(path, RECORDING_CLOSED, None)
+
+    def reopened(now: dict[str, Any]) -> None:
+        now.pop(RECORDING_CLOSED, None)
+        left = [r for r in _closed_ranks(now) if rank is not None and r != rank]
+        if left:
+            now[RECORDING_CLOSED_RANKS] = left
+        else:
+            now.pop(RECORDING_CLOSED_RANKS, None)
+
+    _change_manifest(path, reopened)
     return manifest
 
 
 def reclose_run(path: Path, closed: dict[str, Any]) -> None:
-    """Puts back the `recording_closed` mark that `reopen_run` removed from the manifest
-    `closed`, when the manifest is that one still but for the mark: the recording that
-    reopened the run ended without changing it (a resume refused, a command that recorded
-    nothing), so the run is the one that was closed. The caller knows its step files are
-    unchanged too. Best effort, as the mark's first write: nothing when it cannot."""
-    reopened = {name: value for name, value in closed.items() if name != RECORDING_CLOSED}
+    """Puts back the `recording_closed` mark (and `recording_closed_ranks`) that `reopen_run`
+    removed from the manifest `closed`, when the manifest is that one still but for them: the
+    recording that reopened the run ended without changing it (a resume refused, a command
+    that recorded nothing), so the run is the one that was closed. The caller knows its step
+    files are unchanged too. Best effort, as the mark's first write: nothing when it cannot."""
+    marks = (RECORDING_CLOSED, RECORDING_CLOSED_RANKS)
+    reopened = {name: value for name, value in closed.items() if name not in marks}
     with suppress(InputError, ValueError, WriteError), _manifest_locked(path):
         if manifest_now(path) == reopened:
             _write_manifest(path, (json.dumps(closed, indent=2, allow_nan=False) + "\n").encode())
@@ -454,8 +501,7 @@ def _resume(
                 f"resume from step {step} or earlier"
             ) from None
         last = step if last is None else max(last, step)
-    if rank == 0:
-        reopen_run(path)  # before any step file changes
+    reopen_run(path, rank)  # before any step file changes
     stopped = existing.get(RECORDING_STOPPED) or {}
     if _records_again(stopped, resume_from) and rank in (0, stopped["rank"]):
         del existing[RECORDING_STOPPED]
@@ -556,8 +602,7 @@ def _ready(
         manifest, last = _resume(path, manifest, rank, world_size, resume_from)
     elif overwrite:
         check_replaceable(path)
-        if rank == 0:
-            reopen_run(path)  # before any step file changes
+        reopen_run(path, rank)  # before any step file changes
         for file, _number, _temporary in chain(*_own_files(steps, rank, world_size)):
             _remove(file)
         if rank == 0:

@@ -18,7 +18,9 @@ process of `multiprocessing`, as its target returns: `_child_end`), unless its c
 it at exit itself (`closed_by_caller_at_exit`); a write that fails then is a warning line. A
 Recorder dropped unclosed keeps its rank's lock (`_writer_lock`) until its queue is written. Once
 its writes are done, `close()` marks a world_size 1 run `recording_closed` in its manifest
-(best effort): a reader following the run knows no step will come. An open Recorder's run
+(best effort): a reader following the run knows no step will come. A rank of a larger run adds
+itself to the manifest's `recording_closed_ranks` instead, and the rank that completes them
+marks the run `recording_closed` (`_setup.close_rank`). An open Recorder's run
 has no mark, so a killed recording never leaves one; `resume=True` and `overwrite=True`
 remove it.
 
@@ -114,7 +116,7 @@ from stabledrl_cli.dump._schema import (
     switch_argument,
     written_version,
 )
-from stabledrl_cli.dump._setup import amend_manifest, prepare_run, refuse_in_the_way
+from stabledrl_cli.dump._setup import amend_manifest, close_rank, prepare_run, refuse_in_the_way
 from stabledrl_cli.dump._step_writes import (
     Failure,
     StepWrite,
@@ -420,8 +422,8 @@ class Recorder:
         self._stop_note = StopNote(self.path, self.rank, self.world_size)
         self._closed = False
         self._closed_marked = False
-        """Whether close marked the run `recording_closed` (rank 0 of a world_size 1 run: the
-        other ranks of a larger run may still be writing)."""
+        """Whether close marked the run `recording_closed` (or, with several ranks, this rank
+        closed: `close_rank`)."""
         self._pid = os.getpid()
         """The process that made this Recorder, the only one it writes from."""
         self._rewriting = False
@@ -754,7 +756,7 @@ class Recorder:
 
     def close(self) -> None:
         """Drains the queue (async mode), stops the writer and marks the run `recording_closed`
-        (rank 0 of a world_size 1 run: module docstring). Idempotent; a close interrupted
+        (with several ranks, this rank closed: module docstring). Idempotent; a close interrupted
         while it drains (a second Ctrl-C) is finished by the next call, at the latest by the
         one at exit. In a forked child it only closes the child's copy: the writer is the
         parent's. Once nothing is left to write, the rank is free for another Recorder
@@ -811,11 +813,11 @@ class Recorder:
         self._writer_lock.release()  # the process ends: the run reads as closed, not died
 
     def _mark_run_closed(self, *, closing: bool) -> None:
-        """Marks the run `recording_closed` (rank 0 of a world_size 1 run: module docstring),
-        once, best effort, under the lock: a log_step under way in another thread lands first.
-        `closing`: the Recorder closes with it (`close`); else it goes on writing at once
-        (`end_at_exit`)."""
-        if self._closed_marked or self.rank != 0 or self.world_size != 1:
+        """Marks the run `recording_closed` (with several ranks, this rank closed: module
+        docstring), once, best effort, under the lock: a log_step under way in another thread
+        lands first. `closing`: the Recorder closes with it (`close`); else it goes on writing
+        at once (`end_at_exit`)."""
+        if self._closed_marked:
             return
         with self._lock:
             self._closed = self._closed or closing
@@ -824,7 +826,10 @@ class Recorder:
                 if self._unnoted_stop is not None:  # never closed as if whole: unmarked then
                     amend_manifest(self.path, RECORDING_STOPPED, self._unnoted_stop)
                     self._unnoted_stop = None
-                amend_manifest(self.path, RECORDING_CLOSED, True)
+                if self.world_size == 1:
+                    amend_manifest(self.path, RECORDING_CLOSED, True)
+                else:
+                    close_rank(self.path, self.rank, self.world_size)
 
     def closed_by_caller_at_exit(self) -> None:
         """Leaves closing this Recorder at exit to the caller (`close`), which does it later

@@ -21,6 +21,7 @@ from stabledrl_cli.dump._open import run_to_come
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
     RECORDING_CLOSED,
+    RECORDING_CLOSED_RANKS,
     RECORDING_STOPPED,
     STEPS_DIR,
     canonical_step,
@@ -299,9 +300,10 @@ class RunWatcher:
         """How the run's Recorders ended, as their lock files say now (`recorder_states`):
         "killed" when each lock file left is held by no process (one at least: its Recorder
         died), or when every rank held its lock at a poll of this watch and none holds it now,
-        one at least left unheld; "closed" when all those let it go as they closed (a run of
-        several ranks is never marked closed); None while one may still write, or when it
-        cannot be told (a lock on another machine, an older Recorder's)."""
+        one at least left unheld; "closed" when all those let it go as they closed (a run
+        whose last rank's mark did not land, or recorded before ranks marked it); None while
+        one may still write, or when it cannot be told (a lock on another machine, an older
+        Recorder's)."""
         states = run.recorder_states()
         if states is None:  # an archive, or no locks to ask
             return None
@@ -339,8 +341,9 @@ class RunWatcher:
 
     def _replaced(self, replay: OwnReplay) -> bool:
         """The run read so far is gone: its manifest was removed, or rewritten as another
-        run's (a change beyond `recording_stopped` and `recording_closed`, the notes a Recorder
-        adds to its own run: a new `run_id` among them)."""
+        run's (a change beyond `recording_stopped`, `recording_closed` and
+        `recording_closed_ranks`, the notes a Recorder adds to its own run: a new `run_id`
+        among them)."""
         if self._manifest_key is None:  # a packed archive: never written while it is read
             return False
         key = self._manifest_now()
@@ -355,7 +358,7 @@ class RunWatcher:
             return True  # reopened, it says what is wrong with it
 
         def run_of(manifest: dict[str, Any]) -> dict[str, Any]:
-            notes = (RECORDING_STOPPED, RECORDING_CLOSED)
+            notes = (RECORDING_STOPPED, RECORDING_CLOSED, RECORDING_CLOSED_RANKS)
             return {k: v for k, v in manifest.items() if k not in notes}
 
         self.recording_stopped = _stopped_note(now)
