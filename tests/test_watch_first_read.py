@@ -14,6 +14,7 @@ from conftest import fixture_run
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import open_run, pack_run
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.follow import RunWatcher
 
@@ -23,9 +24,25 @@ CPU = ReplayConfig(device="cpu")
 def test_the_view_before_a_poll_says_the_run_is_read(tmp_path: Path) -> None:
     run = fixture_run("grpo")
     assert RunWatcher(run, CPU).state().waiting == f"reading {run}"
-    awaited = RunWatcher(tmp_path / "later", CPU)
+    later = tmp_path / "later"
+    later.mkdir()
+    awaited = RunWatcher(later, CPU)
     awaited.poll()
-    assert awaited.state().waiting == f"waiting for {tmp_path / 'later' / 'manifest.json'}"
+    assert awaited.state().waiting == f"waiting for {later / 'manifest.json'}"
+
+
+def test_a_path_with_nothing_there_yet_is_awaited_as_itself(tmp_path: Path) -> None:
+    """`watch run.h5` before `pack` wrote it said 'waiting for run.h5/manifest.json', a file
+    no archive has: what comes there is a run directory or a packed archive."""
+    archive = tmp_path / "run.h5"
+    awaited = RunWatcher(archive, CPU)
+    awaited.poll()
+    assert awaited.state().waiting == (
+        f"waiting for {archive} to appear (a run directory or a packed archive)"
+    )
+    pack_run(open_run(fixture_run("grpo")), archive)
+    awaited.poll()
+    assert awaited.closed and awaited.state().steps == len(open_run(archive).step_numbers)
 
 
 def test_ctrl_c_while_the_first_poll_reads_the_steps(monkeypatch: pytest.MonkeyPatch) -> None:

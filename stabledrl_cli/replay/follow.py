@@ -375,6 +375,13 @@ class RunWatcher:
         awaited, which a first poll of a long run, reading its steps, would show for long."""
         return f"reading {self.path}"
 
+    def _awaited(self) -> str:
+        """What the view says while the path holds no run: a directory's manifest is awaited;
+        a path with nothing there, the run directory or packed archive to come there."""
+        if self.path.is_dir():
+            return f"waiting for {self.path / MANIFEST_NAME}"
+        return f"waiting for {self.path} to appear (a run directory or a packed archive)"
+
     def _start_over(self) -> None:
         """Drops all that was read of the run: the path is followed again from its start. A
         replacement counts once: a recording over the run removes its step files, then writes
@@ -405,7 +412,7 @@ class RunWatcher:
             self._start_over()
         replay = self.replay
         if replay is None:
-            self._waiting = f"waiting for {self.path / MANIFEST_NAME}"
+            self._waiting = self._awaited()
             return []
         if not replay.seen:
             self._waiting = f"waiting for the first step of {self.path}"
