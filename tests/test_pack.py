@@ -1171,3 +1171,22 @@ def test_pack_names_the_arrays_of_a_newer_minor_version_it_leaves_out(tmp_path):
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["unknown_fields"] == ["future_array"]
     assert "its steps hold 1 array that run format 1.3" in again.stderr
+
+
+def test_the_progress_total_counts_the_steps_packed(tmp_path: Path) -> None:
+    """A 2-rank run of 16 steps whose rank 1 wrote 11: pack's progress counted to 16/16 (the
+    last line jumping from 10/16), then its warning said 'packed its 11 readable steps'. A
+    step some rank lacks is never read: the total is the steps every rank wrote."""
+    run = tmp_path / "run"
+    ranks = [sd.Recorder(run, policy=None, world_size=2, rank=rank) for rank in (0, 1)]
+    for n in range(16):
+        for recorder in ranks[: 1 if n >= 11 else 2]:
+            recorder.log_step(n, grad_norm=1.0, loss=0.5)
+    for recorder in ranks:
+        recorder.close()
+    result = CliRunner().invoke(app, ["pack", str(run), str(tmp_path / "run.h5")])
+    assert result.exit_code == 0, result.stderr
+    shown = [line for line in result.stderr.splitlines() if line.startswith("packing:")]
+    assert shown and all("/11 (" in line for line in shown), result.stderr
+    assert shown[-1] == "packing: 11/11 (100%)"
+    assert "packed its 11 readable steps" in result.stderr
