@@ -521,7 +521,10 @@ def test_a_watcher_starts_over_on_a_run_replaced_under_it(grpo_fixture, tmp_path
 
     shutil.rmtree(live)
     assert watcher.poll() == []
-    assert "manifest.json" in (watcher.state().waiting or "")
+    assert (
+        watcher.state().waiting
+        == f"waiting for {live} to appear (a run directory or a packed archive)"
+    )
 
     _scalar_run(live, range(5), policy=None)
     assert watcher.poll() == []
