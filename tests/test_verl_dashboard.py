@@ -276,3 +276,25 @@ def test_watch_names_the_training_step_of_a_non_finite_update(
     assert (state["nonfinite_steps"], state["nonfinite_training_steps"]) == ([3], [2])
     done = CliRunner().invoke(app, ["watch", str(tmp_path / "run"), "--once"])
     assert "recorded non-finite: step 3 (training step 2)" in done.stdout
+
+
+def test_watch_shows_each_steps_training_step_reward_as_verl_logs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """watch's table showed each optimizer step's own mini-batch reward_mean (0 and 0.167 for
+    training step 1, whose `critic/score/mean` verl logs as 0.0833) beside a non-finite line
+    that already names verl's training steps. Each row now names its training step and shows
+    that training step's reward, as verl logs it."""
+    lines = trained(tmp_path / "run", monkeypatch, [0.5, 0.25, 0.75, 0.6])
+    done = CliRunner().invoke(app, ["watch", str(tmp_path / "run"), "--once", "-f", "json"])
+    assert done.exit_code == 0, done.output
+    recent = json.loads(done.stdout)["recent"]
+    assert [row["training_step"] for row in recent] == [1, 1, 2, 2]
+    logged = [line["critic/score/mean"] for line in lines]
+    assert [row["reward_mean"] for row in recent] == pytest.approx(
+        [logged[0], logged[0], logged[1], logged[1]]
+    )
+    assert logged[0] == pytest.approx(1 / 12)
+    done = CliRunner().invoke(app, ["watch", str(tmp_path / "run"), "--once"])
+    header = next(line for line in done.stdout.splitlines() if "reward" in line and "┃" in line)
+    assert header.split("┃")[:3] == [" step ", " training step ", " reward "]

@@ -306,12 +306,16 @@ def _view(state: WatchState, width: int) -> Group:
         f"recorded non-finite: {nonfinite()}",
         f"collapse warning: {warning}; reward collapse: {reward_collapse}",
     ]
+    # a verl recording's reward is its training step's, as verl logs it: labelled so
+    verl = any(row.training_step is not None for row in state.recent)
     table = Table(show_edge=False)
-    for header in ("step", "reward", "grad norm", "discard", "risk", "drift"):
+    headers = ("step", *(["training step"] if verl else []), "reward", "grad norm", "discard")
+    for header in (*headers, "risk", "drift"):
         table.add_column(header, justify="right", no_wrap=True)
     for row in state.recent:
         table.add_row(
             str(row.step),
+            *([str(row.training_step)] if verl else []),
             format_cell(row.reward_mean),
             format_cell(row.grad_norm),
             format_cell(row.discard_frac, percent=True),

@@ -29,12 +29,17 @@ from stabledrl_cli.dump._schema import (
 )
 from stabledrl_cli.dump._setup import manifest_now
 from stabledrl_cli.dump._stfile import FileKey, file_key
-from stabledrl_cli.dump._views import StepSubset
+from stabledrl_cli.dump._views import ReadSteps, StepSubset
 from stabledrl_cli.errors import InputError
 from stabledrl_cli.replay.columns import ColumnArray
 from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.detectors import (
+    REWARD_DRAW_SCALARS,
+    run_reward_draws,
+    training_step_starts,
+)
 from stabledrl_cli.replay.incremental import OwnReplay
-from stabledrl_cli.replay.observed import Observed
+from stabledrl_cli.replay.observed import Observed, is_verl_recording
 from stabledrl_cli.replay.summary import unjudged_rules
 from stabledrl_cli.vocab import ALERT_KINDS, AlertKind
 
@@ -62,6 +67,25 @@ class StepRow:
     discard_frac: float | None
     risk: bool | None
     drift: bool | None
+    training_step: int | None = None
+    """Of a verl recording: the training step that holds the step, from 1 as verl's log numbers
+    them, whose reward `reward_mean` is then (`_training_rewards`); None for any other run."""
+
+
+def _training_rewards(replay: OwnReplay, steps: list[int]) -> dict[int, tuple[int, float | None]]:
+    """Of a verl recording, each of `steps` -> (its training step, from 1 as verl's log
+    numbers them; that training step's reward as verl logs it, `critic/score/mean`: its
+    rollout's draw, `detectors.run_reward_draws`, None where it recorded no reward), over the
+    steps read so far."""
+    read = ReadSteps.of(replay.run, replay.headers(replay.seen))
+    scalars = read.scalar_series_many(list(REWARD_DRAW_SCALARS))
+    starts = training_step_starts(np.asarray(replay.seen, np.int64), *scalars["inner_step"])
+    drawn = dict(zip(*(a.tolist() for a in run_reward_draws(scalars, verl=True)), strict=True))
+    rewards = {}
+    for n in steps:
+        training = int(np.searchsorted(starts, n, side="right"))
+        rewards[n] = (training, drawn.get(int(starts[training - 1])))
+    return rewards
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -617,14 +641,17 @@ class RunWatcher:
         shown = seen[-self.recent :] if self.recent > 0 else []
         index = {int(n): i for i, n in enumerate(series.get("step", []))}
         headers = {h.step: h for h in replay.headers(shown)}
+        verl = _training_rewards(replay, shown) if is_verl_recording(replay.run) else {}
         rows = []
         for n in shown:
             i, header = index.get(n), headers.get(n)
             scalars = header.scalars if header is not None else {}
+            training, reward = verl.get(n, (None, scalars.get("reward_mean")))
             rows.append(
                 StepRow(
                     step=n,
-                    reward_mean=scalars.get("reward_mean"),
+                    training_step=training,
+                    reward_mean=reward,
                     grad_norm=scalars.get("grad_norm"),
                     discard_frac=None if i is None else float(series["discard_frac"][i]),
                     risk=None if i is None else bool(series["collapsed"][i]),
