@@ -665,6 +665,8 @@ def test_a_run_path_with_an_emoji_code_prints_as_written(tmp_path: Path) -> None
         ({"recording_stopped": {"step": 2, "rank": 0}}, "recording_stopped"),
         ({"recording_stopped": "disk full"}, "recording_stopped"),
         ({"recording_closed": "yes"}, "recording_closed"),
+        ({"recording_closed_ranks": [0, "1"]}, "recording_closed_ranks"),
+        ({"recording_closed_ranks": True}, "recording_closed_ranks"),
     ],
 )
 def test_a_recording_note_of_another_shape_is_a_corrupt_manifest(
