@@ -42,7 +42,7 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.errors import InputError, MissingExtraError, UsageError
+from stabledrl_cli.errors import InputError, MissingExtraError, UsageError, install_command
 from stabledrl_cli.integrations import trl as integration
 from stabledrl_cli.replay.detectors import reward_draws
 
@@ -89,7 +89,7 @@ def test_missing_trl_names_the_install_command(
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "version", absent)
-    with pytest.raises(MissingExtraError, match=r"pip install 'stabledrl\[trl\]'"):
+    with pytest.raises(MissingExtraError, match=re.escape(install_command("trl"))):
         getattr(integration, trainer)
 
 
