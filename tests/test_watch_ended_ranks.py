@@ -155,6 +155,32 @@ def test_a_step_a_rank_that_stopped_recording_lacks_is_lost_on_a_live_run(tmp_pa
     assert gates[0]["message"].startswith("5 steps lost (5 skipped")
 
 
+def test_a_resumed_rank_that_lags_is_waited_for(tmp_path: Path) -> None:
+    """Both ranks of a 2-rank run stopped after step 4 (their notes say step 5) and resumed,
+    appending: rank 0 wrote step 5, rank 1 not yet. The notes stayed as they were, so watch
+    took rank 1 for stopped and `--once --max-lost-steps 0` counted step 5 lost (exit 1) where
+    rank 1 is only behind; a resume now marks its rank's note `resumed`."""
+    run = tmp_path / "run"
+    ranks = [Recorder(run, policy=None, world_size=2, rank=rank) for rank in (0, 1)]
+    for n in range(5):
+        for recorder in ranks:
+            recorder.log_step(n, grad_norm=1.0 + 0.1 * (n % 3), loss=0.5, lr=1e-3)
+    for recorder in ranks:
+        recorder.note_stop("training stopped by KeyboardInterrupt", 5)
+        recorder.close()
+    ranks = [Recorder(run, policy=None, world_size=2, rank=rank, resume=True) for rank in (0, 1)]
+    ranks[0].log_step(5, grad_norm=1.0, loss=0.5, lr=1e-3)
+    watched = CliRunner().invoke(app, ["watch", str(run), "--once", *GATE, "-f", "json"])
+    stops = open_run(run).recording_stops
+    for recorder in ranks:
+        recorder.close()
+    assert watched.exit_code == 0, watched.stderr
+    assert [(note["rank"], note["step"], note.get("resumed")) for note in stops] == [
+        (0, 5, True),
+        (1, 5, True),
+    ]
+
+
 def _fresh_state(run: Path) -> WatchState:
     """What a watch started now sees of `run` (as `--once` does)."""
     watcher = RunWatcher(run, ReplayConfig(device="cpu"))

@@ -61,6 +61,7 @@ from stabledrl_cli.cli.replay import missing_line, option_names
 from stabledrl_cli.dump import open_run
 from stabledrl_cli.dump._integrity import Finding, missing_count
 from stabledrl_cli.dump._open import run_to_come
+from stabledrl_cli.dump._schema import STOP_RESUMED
 from stabledrl_cli.errors import INTERRUPTED, InputError, UsageError, counted
 from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.config import ReplayConfig
@@ -120,9 +121,13 @@ def _lacking(watcher: RunWatcher) -> list[Finding]:
 
 def _writing_ranks(watcher: RunWatcher, ranks: list[RankProgress]) -> list[RankProgress]:
     """The ranks of `ranks` that may still write a step: all but those whose recording
-    stopped after their last step file (their note, `recording_stops`; a rank that wrote a
-    step since was resumed)."""
-    stops = {note["rank"]: note.get("step") for note in watcher.recording_stops}
+    stopped after their last step file (their note, `recording_stops`, unless a resume of the
+    rank marked it `resumed`; a rank that wrote a step since was resumed)."""
+    stops = {
+        note["rank"]: note.get("step")
+        for note in watcher.recording_stops
+        if note.get(STOP_RESUMED) is not True
+    }
 
     def stopped(rank: RankProgress) -> bool:
         if rank.rank not in stops:

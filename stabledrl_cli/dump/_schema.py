@@ -101,6 +101,11 @@ added by its rank under the manifest's lock; a resuming or overwriting rank remo
 RECORDING_STOPPED = "recording_stopped"
 """The manifest's note ({step, rank, reason}) that a Recorder stopped recording after a write
 failed (`on_write_error="warn"`): the training went on, that rank recorded no later step."""
+STOP_RESUMED = "resumed"
+"""In a `recording_stopped` note (manifest's or a rank's file), true once a resume of its rank
+appended to the run after the stop (a resume that records the stopped step again removes the
+note): the note stays, for the steps it says are missing, but its rank records again. It
+changes no format version: an older reader leaves the key alone."""
 RECORDING_STOPS = "recording_stops"
 """Every rank's `recording_stopped` note, a list ordered by rank: what a reader gives of a
 run whose ranks stopped (`Run.recording_stops`), and where an archive keeps them (its

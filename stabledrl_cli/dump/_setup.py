@@ -73,10 +73,13 @@ from stabledrl_cli.dump._schema import (
     STEPS_DIR,
     STOP_NOTE_LIMIT,
     STOP_NOTE_RE,
+    STOP_RESUMED,
     TEMP_FILE_RE,
     TEMP_STOP_NOTE_RE,
     canonical_step,
     check_manifest,
+    is_stop_note,
+    note_text,
     parse_manifest,
 )
 from stabledrl_cli.dump._stfile import read_header
@@ -506,9 +509,15 @@ def _resume(
     if _records_again(stopped, resume_from) and rank in (0, stopped["rank"]):
         del existing[RECORDING_STOPPED]
         amend_manifest(path, RECORDING_STOPPED, None)
+    elif is_stop_note(stopped) and stopped["rank"] == rank:
+        existing[RECORDING_STOPPED] = {**stopped, STOP_RESUMED: True}
+        amend_manifest(path, RECORDING_STOPPED, existing[RECORDING_STOPPED])
     for note, note_rank, temporary in notes:
-        if temporary or _records_again(_stop_note_of(note, note_rank), resume_from):
+        kept = None if temporary else _stop_note_of(note, note_rank)
+        if temporary or _records_again(kept, resume_from):
             _remove(note)
+        elif kept is not None:  # its rank records again: a reader no longer waits on the stop
+            write_atomic(note, note_text({**kept, STOP_RESUMED: True}))
     rewritten = {step for _, step, temporary in replaced if not temporary}
     whole = _whole_steps(path / STEPS_DIR, world_size) if rank and rewritten else set()
     for file, _, _ in replaced:
