@@ -273,3 +273,18 @@ def test_values_that_are_not_numbers(tmp_path: Path) -> None:
     assert summary["non_numeric"] == {"x": 1, "note": 1}
     assert summary["warnings"] == [f"{tmp_path / 'run-x.wandb'}: 1 history value not JSON, dropped"]
     assert os.path.exists(tmp_path / "r" / "manifest.json")
+
+
+def test_a_logging_steps_past_a_doubles_range_is_no_setting(tmp_path: Path) -> None:
+    """A config's (or trainer_state.json's) logging_steps of 400 digits stopped import with an
+    internal error (OverflowError, exit 70): it is no setting, the history imports."""
+    digits = "9" * 400
+    update = proto_field(1, b"logging_steps") + proto_field(16, digits.encode())
+    summary = _import_raw(
+        tmp_path,
+        _file(proto_field(5, proto_field(1, update)), _history(("_step", "1"), ("loss", "0.5"))),
+    )
+    assert summary["steps"] == 1 and summary["logging_steps"] is None
+    state = tmp_path / "trainer_state.json"
+    state.write_text(f'{{"logging_steps": {digits}, "log_history": [{{"step": 1, "loss": 0.5}}]}}')
+    assert _import(str(state), "--out", str(tmp_path / "s"))["logging_steps"] is None

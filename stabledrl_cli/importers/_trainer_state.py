@@ -14,6 +14,7 @@ keeps it (`StepTable.logging_steps`); the list saved alone does not say.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 from stabledrl_cli._json import parse_strict
@@ -47,8 +48,11 @@ def _rows(document: list[object]) -> bool:
 
 def whole_logging_steps(value: object) -> int | None:
     """transformers' `logging_steps` as a whole number >= 1 (TrainingArguments holds a float:
-    2.0 is 2); None for anything else (a ratio of the run's steps is saved resolved)."""
+    2.0 is 2); None for anything else (a ratio of the run's steps is saved resolved, an
+    integer past a double's range is no setting)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int) and abs(value) > sys.float_info.max:
         return None
     if not (math.isfinite(value) and value >= 1 and value == int(value)):
         return None
