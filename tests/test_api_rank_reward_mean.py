@@ -12,6 +12,7 @@ import pytest
 
 import stabledrl_cli as sd
 from stabledrl_cli.errors import UsageError
+from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, run_reward_draws
 
 
 def _log(recorder: sd.Recorder, reward: list[float], given: bool) -> None:
@@ -130,3 +131,24 @@ def test_a_reward_count_that_is_no_count_is_refused(tmp_path, count):
             0, logp=logp, logp_old=logp, advantages=np.zeros(2, dtype=np.float32),
             scalars={"reward_count": count},
         )  # fmt: skip
+
+
+def test_a_rank_that_logged_no_reward_count_counts_the_rewards_its_mean_adds(tmp_path):
+    """Of a rollout of two steps, 4 rewards of 1 then 4 of 0 over 2 ranks, rank 1 logging no
+    reward_count at the first: the join counted rank 0's 2 there against the 4 its mean is
+    over, the draw 1/3 where the rollout's mean is 0.5."""
+    for rank in (0, 1):
+        with sd.Recorder(tmp_path, world_size=2, rank=rank, policy=None) as recorder:
+            for step, reward in enumerate((1.0, 0.0)):
+                counted = rank == 0 or step == 1
+                recorder.log_step(
+                    step, logp=np.zeros((2, 2), dtype=np.float32),
+                    logp_old=np.zeros((2, 2), dtype=np.float32),
+                    advantages=np.zeros(2, dtype=np.float32),
+                    reward=np.full(2, reward, dtype=np.float32), inner_step=step,
+                    scalars={"reward_count": 2.0} if counted else None,
+                )  # fmt: skip
+    run = sd.open_run(tmp_path)
+    assert run.step(0).scalars["reward_count"] == 4
+    series = run.scalar_series_many(REWARD_DRAW_SCALARS)
+    assert run_reward_draws(series)[1].tolist() == [0.5]

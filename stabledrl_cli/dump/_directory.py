@@ -26,7 +26,8 @@ is rank 0's. Scalars: `nonfinite` sums the ranks' non-finite batch entries, plus
 rewards each rank's mean is over (`_scored_rewards`: those not NaN; a file without the count,
 no `reward` or an older recorder's, by its sequences; a rank's NaN mean, none of its rewards
 scored, left out, as a rank's part with no sequence, which has no mean, and a rank that logged
-none), `reward_count` summed over the ranks that logged one, `loss` averaged over the ranks
+none), `reward_count` summed over the ranks (a rank that logged none, where another did: the
+rewards its mean in the join is over), `loss` averaged over the ranks
 that logged one and, in a batch, those of an empty part that logged none (its loss 0: the
 all-reduce averages its zero gradient in), `loss_aux` over the same ranks (0 where one logged
 none), any other scalar the lowest rank's that logged it (rank 0's when it did: a grad_norm is
@@ -124,9 +125,6 @@ def _merge_scalars(
         merged["loss"] = float(np.mean([p["loss"] for p in logged] + zeros))
         if any(LOSS_AUX in p for p in logged):  # the loss's part outside the policy, alike
             merged[LOSS_AUX] = float(np.mean([p.get(LOSS_AUX, 0.0) for p in logged] + zeros))
-    counts = [p[REWARD_COUNT] for p in parts if REWARD_COUNT in p]
-    if counts:  # each rank's rewards are its own: the step's are theirs together
-        merged[REWARD_COUNT] = float(sum(counts))
     if all("nonfinite" in p for p in parts):
         # each rank's count holds its own loss and grad_norm; the joined step holds one of each
         entries = sum(p["nonfinite"] - nonfinite_norms(p) for p in parts)
@@ -143,6 +141,13 @@ def _merge_scalars(
         total = sum(n for _, n in kept)
         merged["reward_mean"] = (
             float(sum(mean * n for mean, n in kept) / total) if total > 0 else math.nan
+        )
+    if any(REWARD_COUNT in p for p in parts):  # the rewards the joined mean is over
+        merged[REWARD_COUNT] = float(
+            sum(
+                p.get(REWARD_COUNT, n if m is not None and not math.isnan(m) else 0)
+                for p, m, n in zip(parts, given, weights, strict=True)
+            )
         )
     return merged
 
