@@ -64,6 +64,8 @@ _RUN_NAMES = {1: "id", 8: "name", 3: "project"}
 _NOT_JSON = object()
 """A value_json that is not JSON: not a number."""
 _SHORT = 64
+_Groups = dict[str | None, "_Groups"]
+"""Media key groups as a tree of their keys (`_group`)."""
 _DECODER = json.JSONDecoder()
 """JSON, NaN and Infinity read as such (as Python's writer and wandb write them)."""
 
@@ -209,17 +211,38 @@ def _row(history: memoryview, table: StepTable) -> tuple[dict[str, object], int]
                     f"{table.where}: a history row of more than {ROW_NAME_LIMIT:,} values, more "
                     "than a log holds"
                 )
-    media = {keys[:-1] for keys, _ in items if len(keys) > 1 and keys[-1] == "_type"}
+    media: _Groups = {}
+    for keys, _ in items:
+        if len(keys) > 1 and keys[-1] == "_type":
+            node = media
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[None] = {}
     values: dict[str, object] = {}
     not_json = 0
     for keys, value in items:
-        group = next((keys[:n] for n in range(1, len(keys)) if keys[:n] in media), None)
+        group = _group(keys, media)
         if group is not None or isinstance(value, dict):
             table.leave_out(".".join(group or keys), "not a scalar")
             continue
         not_json += value is _NOT_JSON
         values[".".join(keys)] = value
     return values, not_json
+
+
+def _group(keys: tuple[str, ...], media: _Groups) -> tuple[str, ...] | None:
+    """The media group `keys` is in (its shortest proper prefix that is one), else None;
+    `media` holds the groups as a tree of their keys, None marking a group's end, so a row is
+    read in time linear in its keys however deep they nest."""
+    node = media
+    for n, key in enumerate(keys[:-1], 1):
+        found = node.get(key)
+        if found is None:
+            return None
+        if None in found:
+            return keys[:n]
+        node = found
+    return None
 
 
 def _item(item: memoryview) -> tuple[tuple[str, ...], object]:
