@@ -295,7 +295,7 @@ def test_a_json_array_of_rows_takes_its_step_key_as_json_lines_do(tmp_path: Path
     assert sorted(by_key.steps) == [0, 1]
     assert "train/global_step" in by_key.not_imported  # bookkeeping, not a metric
     log.write_text(json.dumps([{"iteration": 3, "loss": 1.0}]))
-    with pytest.raises(InputError, match="entry 1 has no step key"):
+    with pytest.raises(InputError, match="entry 1: no step key"):
         read_log(log)
     assert read_log(log, step_key="iteration")[2].steps == {3: {"loss": 1.0}}
     state = tmp_path / "trainer_state.json"

@@ -144,6 +144,33 @@ def test_a_trl_run_imports_as_its_trainer_state_does(tmp_path: Path) -> None:
     assert manifest["source"]["format"] == "wandb" and manifest["source"]["logging_steps"] == 2
 
 
+@pytest.mark.parametrize("as_array", [False, True], ids=["jsonl", "json-array"])
+def test_a_trl_export_imports_as_its_trainer_state_does(tmp_path: Path, as_array: bool) -> None:
+    """W&B's export of a TRL run (`scan_history()`'s rows as JSON lines, or as one JSON array)
+    holds `_step` in every row and `train/global_step` from the trainer's callback on, not in
+    the row the script logged before training: its steps are `train/global_step`'s (they were
+    `_step`'s, 18, 37 and 56 for TRL's 2, 4 and 6), and diff finds it identical to the run's
+    trainer_state.json."""
+    export = TRL / "export.jsonl"
+    if as_array:
+        export = tmp_path / "history.json"
+        rows = [json.loads(line) for line in (TRL / "export.jsonl").open()]
+        export.write_text(json.dumps(rows))
+    from_export = _import(str(export), "--out", str(tmp_path / "e"))
+    _import(str(TRL / "trainer_state.json"), "--out", str(tmp_path / "s"))
+    assert (from_export["first_step"], from_export["last_step"]) == (2, 6)
+    assert _scalars(tmp_path / "e") == _scalars(tmp_path / "s")
+    done = runner.invoke(app, ["diff", str(tmp_path / "s"), str(tmp_path / "e")])
+    assert done.exit_code == 0 and "\nidentical: " in done.stdout
+
+
+def test_a_verl_export_imports_as_its_file_log_does(tmp_path: Path) -> None:
+    """verl's W&B export is keyed by `_step`, verl's step (its rows hold no other step key)."""
+    _import(str(VERL / "export.jsonl"), "--out", str(tmp_path / "e"))
+    _import(str(VERL / "verl.jsonl"), "--out", str(tmp_path / "j"))
+    assert _same(_scalars(tmp_path / "e"), _scalars(tmp_path / "j"))
+
+
 def test_a_verl_run_imports_as_its_file_log_does(tmp_path: Path) -> None:
     """verl logs its step as W&B's `_step`; a NaN grad norm (value_json `NaN`, a bare JSON
     constant, not text) is NaN."""

@@ -1,6 +1,8 @@
 """JSON lines: one object per line, each a logged row with a step key.
 
-The step key is the first of `STEP_KEYS` the first row has (or the one given). A row may hold
+The step key is the first of `STEP_KEYS` the first row has (or the one given), until a row
+holds one before it in them: that one from that row on (`step_key_from`: a W&B export's
+`train/global_step` after its `_step`). A row may hold
 its metrics at the top level or, as verl's file logger writes them, under `data`
 (`{"step": 3, "data": {...}}`); there a `null` value is NaN: verl's metrics are numbers (its
 TensorBoard logger takes no other), and the orjson it writes them with spells NaN and the
@@ -18,7 +20,7 @@ from typing import Any
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError, counted, quoted
 from stabledrl_cli.importers._files import text_lines
-from stabledrl_cli.importers._names import first_step_key
+from stabledrl_cli.importers._names import step_key_from
 from stabledrl_cli.importers._table import StepTable
 
 
@@ -42,8 +44,7 @@ def read_jsonl(path: Path, step_key: str | None = None) -> StepTable:
             raise InputError(f"{where}: not a JSON object")
         values, verl = _flattened(row)
         table.nonfinite_null |= verl
-        if key is None:
-            key = first_step_key(values, where)
+        key = step_key if step_key is not None else step_key_from(values, key, where)
         rows, keyed = rows + 1, keyed + (key in values)
         table.add(values.pop(key, None), values)
     if rows and not keyed:  # only a key given by --step-key can be missing from every row

@@ -64,15 +64,20 @@ STEP_KEYS = ("step", "global_step", "train/global_step", "trainer/global_step", 
 so the trainer's own step is preferred)."""
 
 
-def first_step_key(row: Container[str], where: str) -> str:
-    """The first of STEP_KEYS that `row` (a log's first row) holds: the log's step key;
-    InputError naming `where` when it holds none."""
-    key = next((k for k in STEP_KEYS if k in row), None)
-    if key is None:
+def step_key_from(row: Container[str], key: str | None, where: str) -> str:
+    """The step key of a log from `row` on, `key` that of the rows before (None: `row` is the
+    first): the first of STEP_KEYS `row` holds that comes before `key` in them, else `key`. A
+    W&B history takes its step metric from the row that first holds it (a TRL run's
+    `train/global_step`, in each row from its callback's `define_metric` on: the rows before,
+    a script's own, hold `_step` alone). InputError naming `where` when the first row holds
+    none."""
+    better = STEP_KEYS if key is None else STEP_KEYS[: STEP_KEYS.index(key)]
+    found = next((k for k in better if k in row), key)
+    if found is None:
         raise InputError(
             f"{where}: no step key (one of {', '.join(STEP_KEYS)}; or pass --step-key)"
         )
-    return key
+    return found
 
 
 BOOKKEEPING = frozenset({

@@ -3,12 +3,12 @@ list saved alone (`json.dump(trainer.state.log_history, f)`: a JSON array of its
 any JSON array of rows (pandas' `to_json(orient="records")` of a W&B history).
 
 Each entry of `log_history` is one logged row with its `step` (the optimizer step); an array's
-rows have theirs under the first of `STEP_KEYS` its first row has (`step` in a log_history),
-or the key given. Evaluation
-rows (`eval_*` metrics) and the end-of-training summary (`train_runtime`, `train_loss`, ...)
-are skipped; NaN and Infinity, which Python's JSON writer emits, are read as such. The file's
-`logging_steps` (a whole number >= 1) says the rows were written every k steps: the table
-keeps it (`StepTable.logging_steps`); the list saved alone does not say.
+rows have theirs under the key given, else as JSON lines' rows (`step_key_from`: the first of
+`STEP_KEYS` its first row has, until a row holds one before it; `step` in a log_history).
+Evaluation rows (`eval_*` metrics) and the end-of-training summary (`train_runtime`,
+`train_loss`, ...) are skipped; NaN and Infinity, which Python's JSON writer emits, are read
+as such. The file's `logging_steps` (a whole number >= 1) says the rows were written every k
+steps: the table keeps it (`StepTable.logging_steps`); the list saved alone does not say.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError, UsageError
 from stabledrl_cli.importers._files import DOCUMENT_LIMIT, open_log
-from stabledrl_cli.importers._names import STEP_KEYS
+from stabledrl_cli.importers._names import step_key_from
 from stabledrl_cli.importers._table import CELL_LIMIT, StepTable
 
 VALUE_LIMIT = 2 * CELL_LIMIT
@@ -79,17 +79,13 @@ def read_trainer_state(path: Path, step_key: str | None = None) -> StepTable:
             )
         table.logging_steps = whole_logging_steps(document.get("logging_steps"))
     else:
-        first = history[0]
-        assert isinstance(first, dict)  # _rows
-        key = step_key or next((k for k in STEP_KEYS if k in first), None)
-        if key is None:
-            raise InputError(
-                f"{path}: entry 1 has no step key (one of {', '.join(STEP_KEYS)}; or pass "
-                "--step-key)"
-            )
-    for entry in history:
+        key = step_key
+    keyed_by_rows = key is None  # as JSON lines are
+    for number, entry in enumerate(history, 1):
         if not isinstance(entry, dict):
             table.skipped_rows["not an object"] += 1
             continue
+        if keyed_by_rows:
+            key = step_key_from(entry, key, f"{path}: entry {number}")
         table.add(entry.get(key), {k: v for k, v in entry.items() if k != key})
     return table

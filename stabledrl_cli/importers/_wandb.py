@@ -9,8 +9,8 @@ zeros. A record is a protobuf `wandb_internal_pb2.Record`. Its `history` (one `w
 call: items of a key, or nested keys joined with `.`, and a `value_json`) is one row, its step
 under the step metric the run declared for every metric (a `metric` record:
 `define_metric("*", step_metric=...)`, `train/global_step` in transformers' and so TRL's
-callback) from its declaration on, else under the first of `STEP_KEYS` the first row has
-(W&B's `_step`: verl logs its step there); a media value (an item group
+callback) from its declaration on, else as JSON lines' rows are (`step_key_from`: W&B's
+`_step`, where verl logs its step); a media value (an item group
 with a `_type`: a table, an image, a histogram) is not a scalar. The `config` (in the `run`
 record and in `config` records) gives transformers' `logging_steps`, the `run` record its
 id, name and project (`StepTable.tracker_run`). System metrics, the
@@ -35,7 +35,7 @@ from typing import BinaryIO
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli.errors import InputError, counted, quoted
 from stabledrl_cli.importers._files import ENTRY_LIMIT, open_log
-from stabledrl_cli.importers._names import NAME_LIMIT, first_step_key
+from stabledrl_cli.importers._names import NAME_LIMIT, step_key_from
 from stabledrl_cli.importers._proto import (
     FIXED64,
     LENGTH,
@@ -108,9 +108,9 @@ def read_wandb(path: Path, step_key: str | None = None) -> StepTable:
                 continue
             values, bad = found
             not_json += bad
-            key = step_key or declared or first
+            key = step_key or declared
             if key is None:
-                key = first = first_step_key(values, f"{path}: record at byte {offset}")
+                key = first = step_key_from(values, first, f"{path}: record at byte {offset}")
             rows, keyed = rows + 1, keyed + (key in values)
             table.add(values.pop(key, None), values)
     if rows and not keyed:  # only a key given by --step-key can be missing from every row

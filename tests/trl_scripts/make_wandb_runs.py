@@ -11,8 +11,13 @@ the run started by the script, which logs an evaluation before training) and tha
 by verl's own `Tracking` to W&B and to its file log (`verl.jsonl`), as test_import_verl
 computes them, step 4's grad norm NaN. Beside each `.wandb` file, `history.jsonl` holds its
 history records as wandb's own reader prints them (`wandb leet inspect --json`), the numbers
-the tests compare with. wandb writes offline (WANDB_MODE=offline) with system metrics,
-console capture and machine info off, so each file stays under 50 KB.
+the tests compare with, and `export.jsonl` the history as W&B's public API gives it once the
+run is synced, which offline it cannot be: `for row in run.scan_history(): f.write(
+json.dumps(row) + "\n")`, where each row is the record's items by key (`HistoryScan`, wandb
+0.31: `{item.key: json.loads(item.value_json)}`), a medium (a key group with a `_type`: TRL's
+`completions` table) one object under its key, as wandb-core uploads it. wandb writes
+offline (WANDB_MODE=offline) with system metrics, console capture and machine info off, so
+each file stays under 50 KB.
 """
 
 from __future__ import annotations
@@ -91,6 +96,30 @@ def _history(wandb_file: Path) -> str:
     )
 
 
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+"""What leet prints for value_json's bare NaN and infinities (neither run logs text)."""
+
+
+def _export(history: str) -> str:
+    """`history` (history.jsonl's records) as `scan_history()` rows, one JSON object a line."""
+    lines = []
+    for line in history.splitlines():
+        item = json.loads(line)["item"]
+        media = {n[: -len("._type")] for n in item if n.endswith("._type")}
+        row: dict[str, object] = {}
+        for name, printed in item.items():
+            value = _NONFINITE.get(printed, printed) if isinstance(printed, str) else printed
+            group = next((m for m in media if name.startswith(f"{m}.")), None)
+            if group is None:
+                row[name] = value
+            else:
+                nested = row.setdefault(group, {})
+                assert isinstance(nested, dict)
+                nested[name[len(group) + 1 :]] = value
+        lines.append(json.dumps(row) + "\n")
+    return "".join(lines)
+
+
 def make(target: Path, name: str, run_id: str) -> None:
     """Runs `name` (trl or verl) with W&B offline and copies its files to target/wandb-name."""
     import wandb
@@ -104,7 +133,9 @@ def make(target: Path, name: str, run_id: str) -> None:
         (wandb_file,) = Path(work, "wandb").glob(f"*run-*/run-{run_id}.wandb")
         shutil.copyfile(other, out / other.name)
         shutil.copyfile(wandb_file, out / wandb_file.name)
-        (out / "history.jsonl").write_text(_history(wandb_file))
+        history = _history(wandb_file)
+        (out / "history.jsonl").write_text(history)
+        (out / "export.jsonl").write_text(_export(history))
 
 
 if __name__ == "__main__":
