@@ -31,6 +31,9 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "imports"
 TRL, VERL = FIXTURES / "wandb-trl", FIXTURES / "wandb-verl"
 TRL_FILE, VERL_FILE = TRL / "run-trltiny.wandb", VERL / "run-verltiny.wandb"
 BLOCK = 32 << 10
+ROWS_LEFT = {"eval": 1, "profiling": 51, "media": 4, "no metrics": 1}
+"""The TRL run's history rows that hold no training metric, by what they hold: the script's
+evaluation, TRL's profiled calls' seconds, the completions table, the last step's epoch."""
 
 
 def _as_wandb_prints(value: Any) -> Any:
@@ -138,6 +141,7 @@ def test_a_trl_run_imports_as_its_trainer_state_does(tmp_path: Path) -> None:
     assert from_wandb["counts"] == from_state["counts"]
     assert from_wandb["logging_steps"] == from_state["logging_steps"] == 2
     assert from_wandb["not_imported"]["completions"] == "not a scalar"
+    assert from_wandb["skipped_rows"] == ROWS_LEFT
     profiled = [n for n in from_wandb["not_imported"] if n.startswith("profiling/Time taken: ")]
     assert profiled and all(from_wandb["not_imported"][n] == "bookkeeping" for n in profiled)
     manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
@@ -159,6 +163,8 @@ def test_a_trl_export_imports_as_its_trainer_state_does(tmp_path: Path, as_array
     from_export = _import(str(export), "--out", str(tmp_path / "e"))
     _import(str(TRL / "trainer_state.json"), "--out", str(tmp_path / "s"))
     assert (from_export["first_step"], from_export["last_step"]) == (2, 6)
+    assert from_export["skipped_rows"] == ROWS_LEFT and from_export["non_numeric"] == {}
+    assert from_export["not_imported"]["completions"] == "not a scalar"
     assert _scalars(tmp_path / "e") == _scalars(tmp_path / "s")
     done = runner.invoke(app, ["diff", str(tmp_path / "s"), str(tmp_path / "e")])
     assert done.exit_code == 0 and "\nidentical: " in done.stdout

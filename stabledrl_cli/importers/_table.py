@@ -27,7 +27,13 @@ from dataclasses import dataclass, field
 
 from stabledrl_cli.dump._schema import STEP_LIMIT
 from stabledrl_cli.errors import InputError
-from stabledrl_cli.importers._names import NAME_LIMIT, Skip, skip_reason
+from stabledrl_cli.importers._names import (
+    NAME_LIMIT,
+    PROFILING_PREFIX,
+    TRACKER_PREFIXES,
+    Skip,
+    skip_reason,
+)
 from stabledrl_cli.spec import spec_float
 
 STEP_COUNT_LIMIT = 100_000
@@ -60,7 +66,8 @@ class StepTable:
     names: dict[str, None] = field(default_factory=dict)
     """Training metric names in first-seen order."""
     skipped_rows: Counter[str] = field(default_factory=Counter)
-    """Reason -> rows skipped ("bad step", "eval", "summary", "no metrics")."""
+    """Reason -> rows skipped ("bad step", "eval", "summary", "profiling", "media", "no
+    metrics")."""
     not_imported: dict[str, Skip] = field(default_factory=dict)
     """Logged names left out -> why (bookkeeping, eval, summary)."""
     non_numeric: Counter[str] = field(default_factory=Counter)
@@ -100,9 +107,11 @@ class StepTable:
         reasons: set[str] = set()
         for name, raw in values.items():
             reason = skip_reason(name)
+            if reason is None and isinstance(raw, dict):  # a JSON object: W&B's media
+                reason = "not a scalar"
             if reason is not None:
                 self.leave_out(name, reason)
-                reasons.add(reason)
+                reasons.add(_PROFILING if name.startswith(_PROFILED) else reason)
                 continue
             if raw is None or raw == "":
                 continue
@@ -119,7 +128,7 @@ class StepTable:
                 continue
             kept[name] = value
         if not kept:
-            why = next((r for r in ("eval", "summary") if r in reasons), "no metrics")
+            why = next((_ROW_REASONS[r] for r in _ROW_REASONS if r in reasons), "no metrics")
             self.skipped_rows[why] += 1
             return
         self._merge(number, kept)
@@ -192,6 +201,16 @@ class StepTable:
                     series.pop()
             self.cells -= len(row)
             self.preempted += len(row)
+
+
+_PROFILING = "profiling"
+_PROFILED = tuple(p + PROFILING_PREFIX for p in ("", *TRACKER_PREFIXES))
+"""A row of TRL's `profiling/Time taken: ...` alone (logged to W&B at each profiled call)."""
+_ROW_REASONS = {"eval": "eval", "summary": "summary", _PROFILING: _PROFILING,
+                "not a scalar": "media"}  # fmt: skip
+"""A reason of a row's names -> the row's, when it keeps no training metric: the first of them
+the row has (TRL logs each profiled call's seconds to W&B in a row of its own, several a step;
+a W&B medium, a table or an image, may be logged alone too); else `no metrics`."""
 
 
 def skipped_text(skipped: Mapping[str, int]) -> str:

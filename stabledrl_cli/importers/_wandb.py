@@ -222,8 +222,8 @@ def _row(history: memoryview, table: StepTable) -> tuple[dict[str, object], int]
     not_json = 0
     for keys, value in items:
         group = _group(keys, media)
-        if group is not None or isinstance(value, dict):
-            table.leave_out(".".join(group or keys), "not a scalar")
+        if group is not None:
+            values[".".join(group)] = {}  # a JSON object: not a scalar (StepTable.add)
             continue
         not_json += value is _NOT_JSON
         values[".".join(keys)] = value
