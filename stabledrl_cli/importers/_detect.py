@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, counted
 from stabledrl_cli.importers._crc32c import masked_crc32c
 from stabledrl_cli.importers._files import (
     LINE_LIMIT,
@@ -21,6 +21,8 @@ from stabledrl_cli.importers._wandb import HEADER, WANDB_PATTERN, wandb_files
 from stabledrl_cli.vocab import ImportFormat
 
 TRAINER_STATE = "trainer_state.json"
+LATEST_RUN = "latest-run"
+"""W&B's link, in its `wandb/` folder, to the run started last."""
 TRANSFORMERS_LINE = re.compile(rb"(?:^|\) )\{'[^'\n]+': ")
 """A line of transformers' console output: `print(logs)` (PrinterCallback) or the progress
 bar's `tqdm.write(str(logs))` (ProgressCallback), a Python dict's repr, after a Ray actor's tag
@@ -131,12 +133,17 @@ def transformers_console_refused(path: Path) -> InputError:
 
 def directory_refused(path: Path, log_format: ImportFormat | None) -> InputError:
     """The refusal of directory `path` (after `log_path`) as a log of `log_format` (None: of
-    any), naming its subdirectories that hold a log."""
+    any), naming its subdirectories that hold a log; W&B's `wandb/` folder (a `latest-run`)
+    refused naming its newest run, as which run is meant is the user's to say."""
     if log_format in ("jsonl", "csv", "tensorboard_json", "verl_console"):
         return InputError(f"{path}: a directory; a {log_format} log is one file")
     logs = subdirectories(
         path, lambda d: (d / TRAINER_STATE).is_file() or holds_events(d) or bool(wandb_files(d))
     )
+    if log_format in (None, "wandb") and LATEST_RUN in logs and wandb_files(path / LATEST_RUN):
+        # W&B's folder: its newest run is the likely one, not a sure one (another may start)
+        runs = counted(len(logs) - 1 or 1, "W&B run")
+        return InputError(f"{path}: {runs}: import one ({path / LATEST_RUN} is the newest)")
     held = (
         "its subdirectory {} holds a log" if len(logs) == 1 else "its subdirectories {} hold logs"
     )
