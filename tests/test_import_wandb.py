@@ -170,6 +170,17 @@ def test_a_trl_export_imports_as_its_trainer_state_does(tmp_path: Path, as_array
     assert done.exit_code == 0 and "\nidentical: " in done.stdout
 
 
+def test_a_trl_csv_export_imports_as_its_trainer_state_does(tmp_path: Path) -> None:
+    """`run.history().to_csv()` of the TRL run: its `train/global_step` column is the step
+    (empty in the row the script logged before training, an evaluation, which was counted a
+    `bad step`); the completions table is text there (pandas writes a dict's repr)."""
+    from_export = _import(str(TRL / "export.csv"), "--out", str(tmp_path / "e"))
+    _import(str(TRL / "trainer_state.json"), "--out", str(tmp_path / "s"))
+    assert _scalars(tmp_path / "e") == _scalars(tmp_path / "s")
+    assert from_export["skipped_rows"] == {"eval": 1, "profiling": 51, "no metrics": 5}
+    assert from_export["non_numeric"] == {"completions": 4}
+
+
 def test_a_verl_export_imports_as_its_file_log_does(tmp_path: Path) -> None:
     """verl's W&B export is keyed by `_step`, verl's step (its rows hold no other step key)."""
     _import(str(VERL / "export.jsonl"), "--out", str(tmp_path / "e"))

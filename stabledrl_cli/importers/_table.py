@@ -100,18 +100,19 @@ class StepTable:
     def add(self, step: object, values: Mapping[str, object]) -> None:
         """Adds one logged row (its step as logged; its values as parsed by the reader)."""
         number = _step_number(step)
-        if number is None:
-            self.skipped_rows["bad step"] += 1
+        if number is None:  # the row's content says why, when it holds no training metric (a
+            # W&B export's column of the trainer's step is empty in the rows before its start)
+            left = [(n, r) for n, v in values.items() if (r := _left_out_as(n, v)) is not None]
+            whole = left and len(left) == len(values)
+            self.skipped_rows[_row_reason(left) if whole else "bad step"] += 1
             return
         kept: dict[str, float] = {}
-        reasons: set[str] = set()
+        left = []
         for name, raw in values.items():
-            reason = skip_reason(name)
-            if reason is None and isinstance(raw, dict):  # a JSON object: W&B's media
-                reason = "not a scalar"
+            reason = _left_out_as(name, raw)
             if reason is not None:
                 self.leave_out(name, reason)
-                reasons.add(_PROFILING if name.startswith(_PROFILED) else reason)
+                left.append((name, reason))
                 continue
             if raw is None or raw == "":
                 continue
@@ -128,8 +129,7 @@ class StepTable:
                 continue
             kept[name] = value
         if not kept:
-            why = next((_ROW_REASONS[r] for r in _ROW_REASONS if r in reasons), "no metrics")
-            self.skipped_rows[why] += 1
+            self.skipped_rows[_row_reason(left)] += 1
             return
         self._merge(number, kept)
 
@@ -203,14 +203,29 @@ class StepTable:
             self.preempted += len(row)
 
 
-_PROFILING = "profiling"
-_PROFILED = tuple(p + PROFILING_PREFIX for p in ("", *TRACKER_PREFIXES))
-"""A row of TRL's `profiling/Time taken: ...` alone (logged to W&B at each profiled call)."""
-_ROW_REASONS = {"eval": "eval", "summary": "summary", _PROFILING: _PROFILING,
-                "not a scalar": "media"}  # fmt: skip
-"""A reason of a row's names -> the row's, when it keeps no training metric: the first of them
-the row has (TRL logs each profiled call's seconds to W&B in a row of its own, several a step;
-a W&B medium, a table or an image, may be logged alone too); else `no metrics`."""
+def _left_out_as(name: str, raw: object) -> Skip | None:
+    """Why a logged value is left out (`skip_reason`, or a JSON object, W&B's media, as not a
+    scalar); None for a training metric's."""
+    reason = skip_reason(name)
+    return "not a scalar" if reason is None and isinstance(raw, dict) else reason
+
+
+def _row_reason(left: list[tuple[str, Skip]]) -> str:
+    """Why a row that keeps no training metric is skipped, from its names left out and why:
+    `eval`, `summary`, `profiling` (TRL logs each profiled call's seconds to W&B in a row of
+    its own, several a step), `media` (a W&B table or image logged alone), else `no
+    metrics`."""
+    reasons = {reason for _, reason in left}
+    for reason in ("eval", "summary"):
+        if reason in reasons:
+            return reason
+    if any(name.startswith(_PROFILED) for name, _ in left):
+        return "profiling"
+    return "media" if "not a scalar" in reasons else "no metrics"
+
+
+_PROFILED = tuple(prefix + PROFILING_PREFIX for prefix in ("", *TRACKER_PREFIXES))
+"""TRL's `profiling/Time taken: ...` names, as logged and under a tracker's prefix."""
 
 
 def skipped_text(skipped: Mapping[str, int]) -> str:

@@ -15,9 +15,11 @@ the tests compare with, and `export.jsonl` the history as W&B's public API gives
 run is synced, which offline it cannot be: `for row in run.scan_history(): f.write(
 json.dumps(row) + "\n")`, where each row is the record's items by key (`HistoryScan`, wandb
 0.31: `{item.key: json.loads(item.value_json)}`), a medium (a key group with a `_type`: TRL's
-`completions` table) one object under its key, as wandb-core uploads it. wandb writes
-offline (WANDB_MODE=offline) with system metrics, console capture and machine info off, so
-each file stays under 50 KB.
+`completions` table) one object under its key, as wandb-core uploads it; under `wandb-trl/`,
+`export.csv` those rows as `run.history().to_csv(PATH)` writes them (`history()` is
+`pd.DataFrame.from_records` of the rows, sampled to 500: all of these; needs pandas). wandb
+writes offline (WANDB_MODE=offline) with system metrics, console capture and machine info
+off, so each file stays under 50 KB.
 """
 
 from __future__ import annotations
@@ -120,6 +122,14 @@ def _export(history: str) -> str:
     return "".join(lines)
 
 
+def _export_csv(export: Path, target: Path) -> None:
+    """The rows of `export` (export.jsonl) as pandas writes `run.history()`'s DataFrame."""
+    import pandas as pd
+
+    rows = [json.loads(line) for line in export.open()]
+    pd.DataFrame.from_records(rows).to_csv(target)
+
+
 def make(target: Path, name: str, run_id: str) -> None:
     """Runs `name` (trl or verl) with W&B offline and copies its files to target/wandb-name."""
     import wandb
@@ -136,6 +146,8 @@ def make(target: Path, name: str, run_id: str) -> None:
         history = _history(wandb_file)
         (out / "history.jsonl").write_text(history)
         (out / "export.jsonl").write_text(_export(history))
+        if name == "trl":
+            _export_csv(out / "export.jsonl", out / "export.csv")
 
 
 if __name__ == "__main__":
