@@ -206,7 +206,8 @@ def test_a_verl_run_imports_as_its_file_log_does(tmp_path: Path) -> None:
 def test_a_run_directory_stands_for_its_wandb_file(tmp_path: Path) -> None:
     """`wandb/run-<date>-<id>/` and `wandb/latest-run` import their run file; `wandb/` itself
     is refused in one line naming latest-run (it listed every run, latest-run among them, in
-    224 columns for two runs), which is not taken: another run may have started since."""
+    224 columns for two runs), which is not taken: another run may have started since; a
+    folder without it names its newest run by the time in its name."""
     runs = tmp_path / "wandb"
     run = runs / "offline-run-20261206_074646-trltiny"
     (run / "files").mkdir(parents=True)
@@ -222,6 +223,12 @@ def test_a_run_directory_stands_for_its_wandb_file(tmp_path: Path) -> None:
             done.stderr
             == f"error: {runs}: 1 W&B run: import one ({run.parent / 'latest-run'} is the newest)\n"
         )
+    (runs / "latest-run").unlink()  # a folder copied without its links: the newest by name
+    newer = runs / "run-20261206_081500-abc12345"
+    shutil.copytree(run, newer)
+    done = runner.invoke(app, ["import", str(runs), "--out", str(tmp_path / "x")])
+    assert done.stderr == f"error: {runs}: 2 W&B runs: import one ({newer} is the newest)\n"
+    shutil.rmtree(newer)
     shutil.copyfile(TRL_FILE, run / "run-other.wandb")
     done = runner.invoke(app, ["import", str(run), "--out", str(tmp_path / "x")])
     assert done.exit_code == 3

@@ -119,6 +119,12 @@ def _console_format(path: Path, otherwise: ImportFormat | None = None) -> Import
     )
 
 
+def _started(run: str) -> str:
+    """When W&B run directory `run` (`run-20261206_074646-<id>`, `offline-run-...`) started,
+    as text that sorts as the times do."""
+    return run.partition("run-")[2]
+
+
 def transformers_console_refused(path: Path) -> InputError:
     """The refusal of transformers' (TRL's) console output, which no format reads: its lines
     carry no step number (the step goes to `log_history` alone), and its progress bar prints
@@ -133,17 +139,20 @@ def transformers_console_refused(path: Path) -> InputError:
 
 def directory_refused(path: Path, log_format: ImportFormat | None) -> InputError:
     """The refusal of directory `path` (after `log_path`) as a log of `log_format` (None: of
-    any), naming its subdirectories that hold a log; W&B's `wandb/` folder (a `latest-run`)
-    refused naming its newest run, as which run is meant is the user's to say."""
+    any), naming its subdirectories that hold a log; W&B's `wandb/` folder (of W&B runs alone)
+    naming its newest run (its `latest-run`), as which run is meant is the user's to say."""
     if log_format in ("jsonl", "csv", "tensorboard_json", "verl_console"):
         return InputError(f"{path}: a directory; a {log_format} log is one file")
     logs = subdirectories(
         path, lambda d: (d / TRAINER_STATE).is_file() or holds_events(d) or bool(wandb_files(d))
     )
-    if log_format in (None, "wandb") and LATEST_RUN in logs and wandb_files(path / LATEST_RUN):
+    runs = [n for n in logs if n != LATEST_RUN and wandb_files(path / n)]
+    if log_format in (None, "wandb") and runs and len(runs) == len(logs) - (LATEST_RUN in logs):
         # W&B's folder: its newest run is the likely one, not a sure one (another may start)
-        runs = counted(len(logs) - 1 or 1, "W&B run")
-        return InputError(f"{path}: {runs}: import one ({path / LATEST_RUN} is the newest)")
+        newest = LATEST_RUN if LATEST_RUN in logs else max(runs, key=_started)
+        return InputError(
+            f"{path}: {counted(len(runs), 'W&B run')}: import one ({path / newest} is the newest)"
+        )
     held = (
         "its subdirectory {} holds a log" if len(logs) == 1 else "its subdirectories {} hold logs"
     )
