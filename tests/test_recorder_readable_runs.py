@@ -56,6 +56,26 @@ def test_the_largest_world_size_the_readers_take_is_recorded_and_read(tmp_path):
     assert sd.open_run(path).manifest["world_size"] == WORLD_SIZE_LIMIT
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_close_mark_that_would_pass_the_size_bound_leaves_the_run_readable(tmp_path, world_size):
+    """A manifest within its readers' bound but for the few bytes of its close mark (of one
+    rank: recording_closed; of several: recording_closed_ranks too) was rewritten past it as
+    its Recorders closed: every reader refused the finished run. The mark is left out."""
+    small = sd.Recorder(tmp_path / "small", world_size=world_size, rank=0, meta={"notes": ""})
+    room = MANIFEST_LIMIT - (small.path / "manifest.json").stat().st_size
+    small.close()
+    path = tmp_path / "run"
+    ranks = [
+        sd.Recorder(path, world_size=world_size, rank=rank, meta={"notes": "x" * (room - 8)})
+        for rank in range(world_size)
+    ]
+    for rec in ranks:
+        rec.log_step(0, **_batch())
+        rec.close()
+    assert (path / "manifest.json").stat().st_size <= MANIFEST_LIMIT
+    assert sd.open_run(path).step_numbers == [0]
+
+
 def test_a_run_name_too_long_for_the_file_system_is_a_write_error(tmp_path):
     name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
     path = tmp_path / ("r" * (name_max + 1))

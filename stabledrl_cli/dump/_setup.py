@@ -62,6 +62,7 @@ from stabledrl_cli.dump._directory import (
 from stabledrl_cli.dump._integrity import StepReadError
 from stabledrl_cli.dump._policy import same_policy
 from stabledrl_cli.dump._schema import (
+    MANIFEST_LIMIT,
     MANIFEST_NAME,
     OS_FILE_RE,
     RECORDING_CLOSED,
@@ -325,11 +326,19 @@ def amend_manifest(path: Path, name: str, value: object | None) -> None:
 
 def _change_manifest(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
     """Rewrites the run's manifest (atomically) as `change` changes it in place, the manifest
-    as it is then (`amend_manifest`)."""
+    as it is then (`amend_manifest`); InputError, the manifest left as it was, for a change
+    that takes it past the `MANIFEST_LIMIT` bytes its readers take (a note on a manifest near
+    it): the run stays readable, without the note."""
     with _manifest_locked(path):
         manifest = manifest_now(path)
         change(manifest)
-        _write_manifest(path, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
+        text = (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode()
+        if len(text) > MANIFEST_LIMIT:
+            raise InputError(
+                f"{path / MANIFEST_NAME}: not changed: it would be {len(text)} bytes, larger "
+                f"than the {MANIFEST_LIMIT} its readers take"
+            )
+        _write_manifest(path, text)
 
 
 def _closed_ranks(manifest: dict[str, Any]) -> list[int]:
