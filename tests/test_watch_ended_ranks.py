@@ -181,6 +181,26 @@ def test_a_resumed_rank_that_lags_is_waited_for(tmp_path: Path) -> None:
     ]
 
 
+def test_a_resumed_ranks_stop_is_not_said_to_end_the_run(tmp_path: Path) -> None:
+    """A rank that stopped at step 5 and resumed, appending steps 5-9: inspect and watch said
+    of its note 'the training's later steps are not in the run', which holds them."""
+    run = tmp_path / "run"
+    recorder = Recorder(run, policy=None)
+    for n in range(5):
+        recorder.log_step(n, grad_norm=1.0, loss=0.5, lr=1e-3)
+    recorder.note_stop("training stopped by KeyboardInterrupt", 5)
+    recorder.close()
+    with Recorder(run, policy=None, resume=True) as recorder:
+        for n in range(5, 10):
+            recorder.log_step(n, grad_norm=1.0, loss=0.5, lr=1e-3)
+    shown = CliRunner().invoke(app, ["inspect", str(run)], env={"COLUMNS": "200"})
+    watched = CliRunner().invoke(app, ["watch", str(run), "--once", *GATE])
+    assert watched.exit_code == 0 == shown.exit_code, watched.output
+    for text in (shown.stdout, watched.stderr):
+        assert "KeyboardInterrupt; resumed since, its rank's later steps appended" in text
+        assert "later steps are not in the run" not in text
+
+
 def _fresh_state(run: Path) -> WatchState:
     """What a watch started now sees of `run` (as `--once` does)."""
     watcher = RunWatcher(run, ReplayConfig(device="cpu"))

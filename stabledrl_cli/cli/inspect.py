@@ -24,7 +24,7 @@ from rich.table import Table
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import out, print_json
 from stabledrl_cli.dump import open_run
-from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
+from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY, STOP_RESUMED
 from stabledrl_cli.errors import LINE_BREAKS, counted, one_line
 from stabledrl_cli.replay._format import format_number, format_steps
 from stabledrl_cli.replay.inspection import RunSummary, summarize
@@ -202,13 +202,17 @@ def _ranks(ranks: list[int]) -> str:
 def stopped_text(stopped: dict[str, object]) -> str:
     """The manifest's recording_stopped in one line: where, and why (its reason, an error's
     text that may name a path holding a newline, on one line). A note of no step (null: the
-    training stopped before its first step, as its reason says) names none."""
+    training stopped before its first step, as its reason says) names none; one a resume of
+    its rank marked (`STOP_RESUMED`) says so, the later steps that rank wrote being in the run."""
     step = stopped.get("step")
     where = "" if step is None else f"at step {step} "
-    return (
-        f"stopped {where}(rank {stopped.get('rank')}): "
-        f"{one_line(str(stopped.get('reason')))}; the training's later steps are not in the run"
+    after = (
+        "resumed since, its rank's later steps appended"
+        if stopped.get(STOP_RESUMED) is True
+        else "the training's later steps are not in the run"
     )
+    reason = one_line(str(stopped.get("reason")))
+    return f"stopped {where}(rank {stopped.get('rank')}): {reason}; {after}"
 
 
 def _source_text(source: dict[str, object]) -> str:
