@@ -399,6 +399,17 @@ def test_diff_breaks_a_long_own_policy_in_its_title_between_its_pairs(grpo_fixtu
     _broken_between_pairs(title, LONGER)
 
 
+def test_replay_breaks_the_runs_own_policy_between_its_pairs(grpo_fixture):
+    """replay's note that the run's own policy is not replayed split it at 60 columns inside a
+    pair, 'eps_high' over '=0.2': copied, it is another spec. It now breaks after a comma."""
+    own = sd.open_run(grpo_fixture).policy_spec
+    lines = _run(["replay", str(grpo_fixture), "-p", "dapo", "--device", "cpu"], 60).splitlines()
+    note = _lines_from(lines, "the run's own policy")
+    note = note[: next(i for i, line in enumerate(note) if "is not among" in line) + 1]
+    assert max(len(line) for line in note) <= 60, note
+    _broken_between_pairs(note, own)
+
+
 def test_replay_stacks_its_headers_to_fit_a_long_pair_in_60_columns(tmp_path):
     """At 60 columns replay's table was 65 wide: `agg=seq-mean-token-mean,` (24 characters)
     had 19 beside the headers on a line. Where a pair does not fit, the headers stack a word

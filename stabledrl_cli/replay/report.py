@@ -404,7 +404,7 @@ def print_summary(
             + (f" ({result.fidelity_gap})" if s.fidelity is None else "")
         )
     hidden = "" if wide else "  More columns: --wide."
-    for line in (note, FOOTER + hidden):
+    for line in (*wrap_line(note, console.width), FOOTER + hidden):  # a spec never split in a pair
         console.print(line, highlight=False, soft_wrap=False)
 
 
