@@ -298,3 +298,18 @@ def test_watch_shows_each_steps_training_step_reward_as_verl_logs_it(
     done = CliRunner().invoke(app, ["watch", str(tmp_path / "run"), "--once"])
     header = next(line for line in done.stdout.splitlines() if "reward" in line and "┃" in line)
     assert header.split("┃")[:3] == [" step ", " training step ", " reward "]
+
+
+def test_watch_stacks_its_headers_to_show_a_verl_recordings_table_whole_in_60_columns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training step column took watch's table of a verl recording to 66 columns: at 60
+    rich cut every header ('st…', 'training st…', 'rewa…', 'dri…'). The headers now stack a
+    word a line where the table does not fit, as replay's do."""
+    trained(tmp_path / "run", monkeypatch, [0.5, 0.25, 0.75, 0.6])
+    done = CliRunner().invoke(
+        app, ["watch", str(tmp_path / "run"), "--once"], env={"COLUMNS": "60"}
+    )
+    table = [line for line in done.stdout.splitlines() if "┃" in line or "│" in line]
+    assert max(map(len, table)) <= 60 and not any("…" in line for line in table), table
+    assert table[0].split("┃")[1] == " training "

@@ -67,6 +67,7 @@ from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.gate import GateResult, Gates, LostSteps, evaluate
 from stabledrl_cli.replay.inspection import group_findings
+from stabledrl_cli.replay.report import stack_headers
 from stabledrl_cli.replay.run_facts import (
     DAMAGED_KINDS,
     SKIPPED_KINDS,
@@ -327,6 +328,7 @@ def _view(state: WatchState, width: int) -> Group:
             format_cell(row.risk),
             format_cell(row.drift),
         )
+    stack_headers(table, Console(width=width))  # a verl recording's 7 columns in 60
     shown = [table] if state.recent else []  # --recent 0: no table, not a header alone
     return Group(*(plain_text(line, wrapped=True) for line in lines), *shown)
 
