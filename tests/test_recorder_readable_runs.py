@@ -5,6 +5,7 @@ the system cannot name (a name longer than the file system takes) is WriteError 
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -74,6 +75,25 @@ def test_a_close_mark_that_would_pass_the_size_bound_leaves_the_run_readable(tmp
         rec.close()
     assert (path / "manifest.json").stat().st_size <= MANIFEST_LIMIT
     assert sd.open_run(path).step_numbers == [0]
+
+
+def test_a_resume_of_a_stopped_run_at_the_size_bound_appends_without_its_resumed_mark(tmp_path):
+    """A killed run (no close mark) whose stop note has no room left for `resumed: true`: the
+    resume that appends records on, the note as it was, the run readable."""
+    path = tmp_path / "run"
+    rec = sd.Recorder(path, meta={"notes": ""})
+    rec.log_step(0, **_batch())
+    rec.note_stop("training interrupted (Ctrl-C) after step 0", 1)
+    rec.close()
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["recording_closed"]
+    room = MANIFEST_LIMIT - len(json.dumps(manifest, indent=2)) - 1
+    manifest["meta"]["notes"] = "x" * (room - 8)
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    with sd.Recorder(path, resume=True) as rec:
+        rec.log_step(1, **_batch())
+    run = sd.open_run(path)
+    assert run.step_numbers == [0, 1] and "resumed" not in run.manifest["recording_stopped"]
 
 
 def test_a_run_name_too_long_for_the_file_system_is_a_write_error(tmp_path):

@@ -519,8 +519,10 @@ def _resume(
         del existing[RECORDING_STOPPED]
         amend_manifest(path, RECORDING_STOPPED, None)
     elif is_stop_note(stopped) and stopped["rank"] == rank:
-        existing[RECORDING_STOPPED] = {**stopped, STOP_RESUMED: True}
-        amend_manifest(path, RECORDING_STOPPED, existing[RECORDING_STOPPED])
+        resumed = {**stopped, STOP_RESUMED: True}
+        with suppress(InputError):  # best effort: a manifest at its size bound keeps the note
+            amend_manifest(path, RECORDING_STOPPED, resumed)
+            existing[RECORDING_STOPPED] = resumed
     for note, note_rank, temporary in notes:
         kept = None if temporary else _stop_note_of(note, note_rank)
         if temporary or _records_again(kept, resume_from):
