@@ -6,11 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _corpus import tiny_run
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli import _output
 from stabledrl_cli.cli._output import ProgressLines, progress
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.dump import open_run
+from stabledrl_cli.replay.config import ReplayConfig
+from stabledrl_cli.replay.engine import resolve_policies
+from stabledrl_cli.replay.shards import shard_tasks
 
 
 @pytest.fixture
@@ -60,3 +65,32 @@ def test_pack_reports_progress_without_a_terminal(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("packing: ")]
     assert 1 <= len(lines) <= 11 and lines[-1] == "packing: 160/160 (100%)"
+
+
+def _lagging_run(path: Path, steps: int = 6, rank_1_steps: int = 4) -> Path:
+    """A grpo run of 2 ranks whose rank 1 stopped after `rank_1_steps` of `steps`."""
+    tiny_run(path, steps=steps, world_size=2)
+    for n in range(rank_1_steps, steps):
+        (path / "steps" / f"step-{n:08d}.rank-0001.safetensors").unlink()
+    return path
+
+
+def test_the_replay_total_counts_the_steps_every_rank_wrote(tmp_path: Path) -> None:
+    """Rank 1 of 2 stopped after 4 of 6 steps: replay showed 'replaying: 4/6' then '6/6'
+    beside 'replayed 4'. A step some rank lacks is never replayed: the total is 4."""
+    run = _lagging_run(tmp_path / "run")
+    result = CliRunner().invoke(app, ["replay", str(run), "-p", "grpo"])
+    assert result.exit_code == 0, result.stderr
+    shown = [line for line in result.stderr.splitlines() if line.startswith("replaying:")]
+    assert shown == ["replaying: 4/4 (100%)"], result.stderr
+    assert "replayed 4" in result.stderr
+
+
+def test_the_shards_of_a_replay_hold_only_the_steps_every_rank_wrote(tmp_path: Path) -> None:
+    """The process and Ray engines advance the bar by each shard's size: shards cut from the
+    whole listing took rank 1's missing steps in, 12/11 on a run of 16 steps of which rank 1
+    wrote 11."""
+    run = open_run(_lagging_run(tmp_path / "run"))
+    policies, own = resolve_policies(run, ["grpo"])
+    _, sizes = shard_tasks(run, policies, own, ReplayConfig(device="cpu"), 2)
+    assert sum(sizes) == 4

@@ -72,7 +72,7 @@ def command(
         )
     with (
         stopped_by_sigterm(),
-        progress("packing", opened.listed_whole_steps, complete=True) as advance,
+        progress("packing", len(opened.listed_whole_step_numbers), complete=True) as advance,
     ):
         summary = pack_run(opened, target, force=force, progress=advance, compression=compression)
     if "held" in (opened.recorder_states() or {}).values():

@@ -283,7 +283,7 @@ def replay_with_progress(
         option_names(),
         # SIGTERM stops a Ray replay as Ctrl-C does, so that the cluster it started is stopped
         stopped_by_sigterm(as_interrupt=True) if isinstance(engine, RayEngine) else nullcontext(),
-        progress("replaying", len(run.listed_step_numbers), complete=True) as report,
+        progress("replaying", len(run.listed_whole_step_numbers), complete=True) as report,
     ):
 
         def advance(n: int) -> None:

@@ -208,11 +208,13 @@ class Run(ABC):
         return self.step_numbers
 
     @property
-    def listed_whole_steps(self) -> int:
-        """How many steps of the run's listing (`listed_step_numbers`) every rank has a file
-        of: the most a pass over it reads (a step some rank lacks is skipped, never read)."""
+    def listed_whole_step_numbers(self) -> list[int]:
+        """The steps of the run's listing (`listed_step_numbers`) every rank has a file of,
+        ascending: the most a pass over it reads (a step some rank lacks is skipped, never
+        read)."""
         listed = self.listed_step_numbers  # lists first: the partial ones are of this listing
-        return len(listed) - len(self.listed_partial_step_numbers)
+        partial = set(self.listed_partial_step_numbers)
+        return [n for n in listed if n not in partial] if partial else listed
 
     @property
     def listed_partial_step_numbers(self) -> list[int]:

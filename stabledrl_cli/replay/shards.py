@@ -103,7 +103,8 @@ def shard_tasks(
 ) -> tuple[list[ShardTask], list[int]]:
     """The run's steps cut for `workers` workers (`plan_shards`, SHARDS_PER_WORKER each): ->
     a task a shard, and each shard's step count."""
-    shards = plan_shards(run.listed_step_numbers, workers * SHARDS_PER_WORKER, config.chunk_size)
+    whole = run.listed_whole_step_numbers  # a step some rank lacks is never read
+    shards = plan_shards(whole, workers * SHARDS_PER_WORKER, config.chunk_size)
     tasks = [
         ShardTask(
             source=run.source,

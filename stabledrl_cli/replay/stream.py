@@ -184,12 +184,12 @@ def _read_chunks(
 
 
 def expected_rows(run: Run, steps: Iterable[Step] | None, step_count: int | None) -> int:
-    """The rows the streaming pass makes room for at its start: one a step the run lists
-    when `steps` is None, else `step_count` when given (a shard's steps come one at a time),
-    else as many as `steps` holds (0 when it cannot tell). Scalar and rejected steps make
-    none."""
+    """The rows the streaming pass makes room for at its start: one a step of the run's listing
+    every rank wrote when `steps` is None, else `step_count` when given (a shard's steps come
+    one at a time), else as many as `steps` holds (0 when it cannot tell). Scalar and
+    rejected steps make none."""
     if steps is None:
-        return len(run.listed_step_numbers)
+        return len(run.listed_whole_step_numbers)
     if step_count is not None:
         return step_count
     return len(steps) if isinstance(steps, Sized) else 0
