@@ -149,8 +149,8 @@ def test_a_torn_step_at_a_url_is_packed_around_and_named_by_its_url(tmp_path):
     assert result.exit_code == 0, result.output
     warned = [line for line in result.stderr.splitlines() if not line.startswith("packing:")]
     assert warned == [
-        f"warning: {url} has 1 integrity finding(s) (torn); packed its 3 readable steps and "
-        "carried the findings into the archive (stabledrl inspect shows them)"
+        f"warning: {url} has 1 integrity finding(s) (torn); packed its 3 readable steps, left "
+        "out 1 damaged and carried the findings into the archive (stabledrl inspect shows them)"
     ]
     inspected = runner.invoke(app, ["inspect", str(out), "--format", "json"])
     (finding,) = json.loads(inspected.stdout)["integrity"]["findings"]

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli import _atomic
+from stabledrl_cli.cli import pack as pack_cli
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.cli.pack import _size_change
 from stabledrl_cli.dump import RunIntegrityWarning, _layout, _packer, open_run, pack_run
@@ -1190,3 +1191,54 @@ def test_the_progress_total_counts_the_steps_packed(tmp_path: Path) -> None:
     assert shown and all("/11 (" in line for line in shown), result.stderr
     assert shown[-1] == "packing: 11/11 (100%)"
     assert "packed its 11 readable steps" in result.stderr
+
+
+def test_a_live_run_is_packed_as_listed_when_the_pack_began(tmp_path, monkeypatch) -> None:
+    """2 ranks: 5 whole steps and step 5 of rank 0 when pack listed the run; rank 1 wrote
+    step 5 and both step 6 before the packing read its steps. The bar counted to 5, yet the
+    archive held 7 steps (a bar of 7/5) and the warning said 'the 7 steps listed when the
+    pack began'. The pack holds the listing counted and says what finished since."""
+    run, out = tmp_path / "run", tmp_path / "run.h5"
+    ranks = [sd.Recorder(run, policy=None, world_size=2, rank=rank) for rank in (0, 1)]
+    for n in range(6):
+        for recorder in ranks[: 1 if n == 5 else 2]:
+            recorder.log_step(n, grad_norm=1.0, loss=0.5)
+    packing = pack_cli.pack_run
+
+    def steps_land(*args, **kwargs):
+        ranks[1].log_step(5, grad_norm=1.0, loss=0.5)
+        for recorder in ranks:
+            recorder.log_step(6, grad_norm=1.0, loss=0.5)
+        return packing(*args, **kwargs)
+
+    monkeypatch.setattr(pack_cli, "pack_run", steps_land)
+    result = runner.invoke(app, ["pack", str(run), str(out), "--format", "json"])
+    for recorder in ranks:
+        recorder.close()
+    assert result.exit_code == 0, result.stderr
+    shown = [line for line in result.stderr.splitlines() if line.startswith("packing:")]
+    assert shown[-1] == "packing: 5/5 (100%)", result.stderr
+    assert json.loads(result.stdout)["steps"] == 5
+    assert open_run(out).step_numbers == [0, 1, 2, 3, 4]
+    said = " ".join(result.stderr.split())
+    assert "the archive holds the 5 steps listed when the pack began, not the 2 steps" in said
+
+
+def test_the_damaged_steps_left_out_are_counted_as_the_bar_counts_them(tmp_path) -> None:
+    """10 steps, 3 and 7 corrupt: the bar read 8/10 then jumped to 10/10 at the end beside
+    'packed 8 steps'. Each step read advances the bar, packed or left out, and the line and
+    the JSON count the 2 left out."""
+    run = tiny_run(tmp_path / "run", steps=10)
+    for n in (3, 7):
+        path = run / "steps" / f"step-{n:08d}.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0xFF
+        path.write_bytes(bytes(data))
+    result = runner.invoke(app, ["pack", str(run), str(tmp_path / "run.h5")])
+    assert result.exit_code == 0, result.stderr
+    shown = [line for line in result.stderr.splitlines() if line.startswith("packing:")]
+    assert shown == [f"packing: {n}/10 ({10 * n}%)" for n in range(1, 11)], result.stderr
+    assert "packed 8 steps (96 tokens; 2 damaged left out)" in result.stdout
+    assert "packed its 8 readable steps, left out 2 damaged" in " ".join(result.stderr.split())
+    again = runner.invoke(app, ["pack", str(run), str(tmp_path / "again.h5"), "-f", "json"])
+    assert json.loads(again.stdout)["damaged_steps"] == 2

@@ -70,15 +70,17 @@ def command(
             f"{archive} is the standard output, where --format json prints the summary; "
             "give a file name, or drop --format json (the summary then goes to stderr)"
         )
-    with (
-        stopped_by_sigterm(),
-        progress("packing", len(opened.listed_whole_step_numbers), complete=True) as advance,
-    ):
-        summary = pack_run(opened, target, force=force, progress=advance, compression=compression)
+    listed = opened.listed_whole_step_numbers  # what is packed, and the bar's total
+    with stopped_by_sigterm(), progress("packing", len(listed)) as advance:
+        summary = pack_run(
+            opened, target, force=force, progress=advance, compression=compression, listed=listed
+        )
     if "held" in (opened.recorder_states() or {}).values():
+        since = len(set(opened.listed_whole_step_numbers).difference(listed))
         err.print(
             f"warning: {redacted(run)} is being recorded now (a live Recorder holds it); the "
-            f"archive holds the {counted(summary.steps, 'step')} listed when the pack began",
+            f"archive holds the {counted(summary.steps, 'step')} listed when the pack began"
+            + (f", not the {counted(since, 'step')} finished since" if since else ""),
             highlight=False,
         )
     if summary.left_out:
@@ -105,8 +107,9 @@ def command(
         kinds = sorted({f.kind for f in summary.findings})
         err.print(
             f"warning: {redacted(run)} has {len(summary.findings)} integrity finding(s) "
-            f"({', '.join(kinds)}); packed its {summary.steps} readable steps and carried the "
-            "findings into the archive (stabledrl inspect shows them)",
+            f"({', '.join(kinds)}); packed its {summary.steps} readable steps"
+            + (f", left out {summary.damaged_steps} damaged" if summary.damaged_steps else "")
+            + " and carried the findings into the archive (stabledrl inspect shows them)",
             highlight=False,
         )
     if output_format == "json":
@@ -115,6 +118,8 @@ def command(
     change = _size_change(summary.source_bytes, summary.archive_bytes)
     # no token: steps of scalars only (a batch holds at least one), an imported log say
     held = counted(summary.tokens, opened.unit) if summary.tokens else "scalars only"
+    if summary.damaged_steps:
+        held += f"; {summary.damaged_steps} damaged left out"
     (err if piped else out).print(
         f"packed {counted(summary.steps, 'step')} ({held}) of "
         f"{summary.source} into "

@@ -7,7 +7,7 @@ import io
 import json
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -478,6 +478,9 @@ class PackSummary:
     unknown_fields: list[str] = field(default_factory=list)
     """Arrays of the run's step files that this format version does not know (a newer minor
     version's fields), sorted: the archive does not hold them."""
+    damaged_steps: int = 0
+    """Steps of the listing packed that every rank wrote but that could not be read (a torn or
+    corrupt file: a finding each), left out."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -489,6 +492,7 @@ class PackSummary:
             "archive_bytes": self.archive_bytes,
             "left_out": self.left_out,
             "unknown_fields": self.unknown_fields,
+            "damaged_steps": self.damaged_steps,
             "integrity": IntegrityReport(self.findings).to_dict(),
         }
 
@@ -551,24 +555,27 @@ def check_pack_target(
 def _write_archive(
     handle: h5py.File,
     run: Run,
+    numbers: Sequence[int],
     manifest_text: str,
     guarded: _GuardedFile,
     progress: Callable[[int], None] | None,
     compression: PackCompression,
 ) -> tuple[_Packer, IntegrityReport]:
-    """Every readable step of `run` (each checked in full as it is read), then the run's
-    integrity report as of the listing packed: its full check finds each step file checked
-    already, so a file is read once (a run at a URL is not fetched twice)."""
+    """Every readable step of `numbers` (each checked in full as it is read, `progress(1)`
+    after each, packed or not), then the run's integrity report as of the listing packed: its
+    full check finds each step file checked already, so a file is read once (a run at a URL is
+    not fetched twice)."""
     handle.attrs["kind"] = RUN_KIND
     handle.attrs["tool_version"] = __version__
     handle.attrs["source"] = unicode_text(run.location)  # h5py refuses a lone surrogate
     _text_dataset(handle, "manifest", manifest_text)
     packer = _Packer(handle, compression)
     with integrity_warnings_ignored():  # the integrity report names them
-        for step in run.steps():
+        for n in numbers:
             if guarded.error is not None:  # the disk is full: stop early, fail at the end
                 break
-            packer.add(step, run.location)
+            for step in run.steps_of((n,)):  # none when its file is damaged
+                packer.add(step, run.location)
             if progress is not None:
                 progress(1)
     packer.finish()
@@ -609,7 +616,7 @@ def _archive_manifest(run: Run) -> str:
     when the run has notes of its own beyond the manifest's (a run of several ranks), and the
     ranks a Recorder was recording or had died on as its `recording_when_packed`. The notes'
     reasons are cut (`REASON_SHOWN`, halved until the manifest fits its readers' bound)."""
-    manifest, stops = run.manifest, run.recording_stops
+    manifest, stops = run.manifest, run.listed_recording_stops  # of the listing packed
     live, died = run.recorder_ranks()
     if live or died:
         manifest = {**manifest, RECORDING_WHEN_PACKED: {"live": live, "died": died}}
@@ -667,13 +674,19 @@ def pack_run(
     force: bool = False,
     progress: Callable[[int], None] | None = None,
     compression: PackCompression = "fast",
+    listed: Sequence[int] | None = None,
 ) -> PackSummary:
     """Writes `run` (every readable step) into one HDF5 file at `out`, atomically (a symlink,
     device or FIFO named `out` is written in place: `_atomic.output_path`). run: a run
     directory, archive or URL, opened here and closed when it returns or raises, or an opened
     Run, left open.
 
-    progress: called with 1 after each step is packed. compression: "fast" (only the fields a
+    A run being recorded is packed as listed when the pack begins: `listed`, its
+    `listed_whole_step_numbers` taken by the caller (who counts them for a progress bar, say),
+    else taken here; the steps that land meanwhile, and their files' findings, are left out.
+
+    progress: called with 1 after each step of the listing is read (packed, or left out as
+    damaged). compression: "fast" (only the fields a
     deflate halves are compressed: a replay reads the archive near the directory's speed) or
     "small" (every field gzip, with shuffle where it helps: the smallest file, ~2.5x slower to
     read); readers
@@ -693,16 +706,20 @@ def pack_run(
     given = path_argument(out, "out", "the archive's file")
     force = switch_argument(force, "force")
     with opened_run(run) as source:
-        return _pack(source, check_pack_target(given, source, force), progress, compression)
+        target = check_pack_target(given, source, force)
+        numbers = source.listed_whole_step_numbers if listed is None else list(listed)
+        return _pack(source, target, numbers, progress, compression)
 
 
 def _pack(
     run: Run,
     target: Path,
+    numbers: list[int],
     progress: Callable[[int], None] | None,
     compression: PackCompression,
 ) -> PackSummary:
-    """`pack_run` of an opened run into a `target` checked already."""
+    """`pack_run` of the steps `numbers` of an opened run, its last listing's (not listed
+    again), into a `target` checked already."""
     try:
         manifest_text = _archive_manifest(run)
     except (TypeError, ValueError) as exc:
@@ -717,7 +734,7 @@ def _pack(
         try:
             with h5py.File(guarded, "w") as handle:
                 packer, integrity = _write_archive(
-                    handle, run, manifest_text, guarded, progress, compression
+                    handle, run, numbers, manifest_text, guarded, progress, compression
                 )
         finally:
             guarded.close()
@@ -736,4 +753,5 @@ def _pack(
         findings=list(integrity.findings),
         left_out=unpacked,
         unknown_fields=sorted(packer.unknown_fields),
+        damaged_steps=len(numbers) - len(packer.numbers),
     )
