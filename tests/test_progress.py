@@ -3,6 +3,7 @@ least every 30 s (a bounded rate a CI log can hold); nothing on stdout."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from stabledrl_cli.cli import _output
 from stabledrl_cli.cli._output import ProgressLines, progress
 from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import open_run
+from stabledrl_cli.replay import engine
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.engine import resolve_policies
 from stabledrl_cli.replay.shards import shard_tasks
@@ -94,3 +96,50 @@ def test_the_shards_of_a_replay_hold_only_the_steps_every_rank_wrote(tmp_path: P
     policies, own = resolve_policies(run, ["grpo"])
     _, sizes = shard_tasks(run, policies, own, ReplayConfig(device="cpu"), 2)
     assert sum(sizes) == 4
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_a_total_the_work_passes_grows_with_it(monkeypatch, capsys, terminal):
+    """Work that finds more units than it counted at its start (a run that grew as it was
+    read) raised the bar past its total: 'replaying: 7/5 (140%)'. The total grows to it."""
+    monkeypatch.setattr(_output, "progress_enabled", lambda: terminal)
+    bars: list[_output.Progress] = []
+
+    class Kept(_output.Progress):
+        def __enter__(self) -> _output.Progress:
+            bars.append(self)
+            return super().__enter__()
+
+    monkeypatch.setattr(_output, "Progress", Kept)
+    with progress("replaying", 5) as advance:
+        for _ in range(7):
+            advance(1)
+    if terminal:
+        (task,) = bars[0].tasks
+        assert (task.completed, task.total) == (7, 7)
+    else:
+        lines = capsys.readouterr().err.splitlines()
+        assert lines[-1] == "replaying: 5/5 (100%)" and not any("(1" in line for line in lines[:-1])
+
+
+def test_a_run_that_grows_as_it_is_replayed_keeps_the_bar_within_its_total(
+    tmp_path, monkeypatch
+) -> None:
+    """Replay counts the run's steps as it starts and reads the run's listing when it reads its
+    steps: 2 steps landing between showed 'replaying: 7/5 (140%)'."""
+    run = tiny_run(tmp_path / "run", steps=5)
+    extra = tiny_run(tmp_path / "extra", steps=7)
+    replaying = engine.replay_run
+
+    def steps_land(*args, **kwargs):
+        for n in (5, 6):
+            name = f"step-{n:08d}.safetensors"
+            (run / "steps" / name).write_bytes((extra / "steps" / name).read_bytes())
+        return replaying(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "replay_run", steps_land)
+    result = CliRunner().invoke(app, ["replay", str(run), "-p", "grpo", "-f", "json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 7
+    shown = [line for line in result.stderr.splitlines() if line.startswith("replaying:")]
+    assert shown == ["replaying: 7/7 (100%)"], result.stderr

@@ -181,7 +181,10 @@ class ProgressLines:
         self._last = time.monotonic()
 
     def update(self, done: int, note: str = "") -> None:
-        """`done` of `total` units finished; `note` is appended (e.g. "reward 0.61")."""
+        """`done` of `total` units finished (past it, the total grows to it: work that found
+        more than it counted at its start, a run that grew as it was read); `note` is appended
+        (e.g. "reward 0.61")."""
+        self.total = max(self.total, done)
         tenths = min(10, done * 10 // self.total)
         now = time.monotonic()
         if tenths <= self._tenths and now - self._last < self.every_seconds:
@@ -204,7 +207,8 @@ def progress(what: str, total: int | None, *, complete: bool = False) -> Iterato
     With `complete`, the units not reported when the block ends normally count as done (units
     the work skipped: a step file a reader found damaged, say).
 
-    In a terminal: a bar on stderr (a spinner when `total` is unknown), gone when done. Without
+    In a terminal: a bar on stderr (a spinner when `total` is unknown), gone when done, its
+    total raised to the units done should they pass it (as `ProgressLines`'). Without
     one (a pipe, CI): `ProgressLines`, a short stderr line per tenth and at least every 30 s
     (nothing when `total` is unknown: there is no fraction to report).
     """
@@ -230,7 +234,15 @@ def progress(what: str, total: int | None, *, complete: bool = False) -> Iterato
         )  # fmt: skip
         with Progress(*columns, console=err, transient=True) as bar:
             task = bar.add_task(what, total=total)
-            yield lambda n: bar.advance(task, n)
+            shown = 0
+
+            def step(n: int) -> None:
+                nonlocal shown
+                shown += n
+                grown = None if total is None else max(total, shown)  # None: left as it is
+                bar.update(task, completed=shown, total=grown)
+
+            yield step
         return
     if total is None:
         yield lambda n: None
