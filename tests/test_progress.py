@@ -4,12 +4,15 @@ least every 30 s (a bounded rate a CI log can hold); nothing on stdout."""
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import pytest
 from _corpus import tiny_run
 from typer.testing import CliRunner
 
+import stabledrl_cli as sd
 from stabledrl_cli.cli import _output
 from stabledrl_cli.cli._output import ProgressLines, progress
 from stabledrl_cli.cli.app import app
@@ -143,3 +146,18 @@ def test_a_run_that_grows_as_it_is_replayed_keeps_the_bar_within_its_total(
     assert json.loads(result.stdout)["steps"] == 7
     shown = [line for line in result.stderr.splitlines() if line.startswith("replaying:")]
     assert shown == ["replaying: 7/7 (100%)"], result.stderr
+
+
+def test_the_scalar_steps_of_a_mixed_run_advance_the_replay_as_they_pass(tmp_path) -> None:
+    """A run with a policy batch every 5th step: the scalar steps between, in no chunk, were
+    counted only at the end: of 100 steps, 'replaying: 20/100' then '100/100'."""
+    run, ones = tmp_path / "run", np.ones((2, 3), dtype=np.float32)
+    batch = {"logp": -ones, "logp_old": -ones, "advantages": ones[:, 0], "mask": ones}
+    with sd.Recorder(run, policy="grpo") as recorder:
+        for n in range(20):
+            recorder.log_step(n, grad_norm=1.0, **({} if n % 5 else batch))
+    result = CliRunner().invoke(app, ["replay", str(run), "-p", "grpo", "--chunk-size", "1"])
+    assert result.exit_code == 0, result.stderr
+    shown = [line for line in result.stderr.splitlines() if line.startswith("replaying:")]
+    done = [int(line.split()[1].split("/")[0]) for line in shown]
+    assert done[-1] == 20 and max(b - a for a, b in pairwise([0, *done])) <= 10, shown

@@ -234,6 +234,7 @@ def stream_run(
     )
     computed = widest = 0
     refused = 0  # steps rejected here (the others, by `_read_chunks`, are in no chunk)
+    scalars_reported = 0  # scalar steps are in no chunk: reported as the reader passes them
     outcome = partial(
         _step_row,
         policies=policies,
@@ -276,9 +277,13 @@ def stream_run(
                 release_freed_memory(keep=RELEASE_AFTER * memory_budget * threads)
                 computed = 0
             if progress is not None:
-                progress(done)
-    if progress is not None and len(rejected) > refused:
-        progress(len(rejected) - refused)
+                passed = len(scalar_steps)  # appended by the reading thread, a chunk ahead
+                progress(done + passed - scalars_reported)
+                scalars_reported = passed
+    # the scalar steps after the last chunk; none of a run refused for want of a batch step
+    tail = len(scalar_steps) - scalars_reported if numbers else 0
+    if progress is not None and tail + len(rejected) > refused:
+        progress(tail + len(rejected) - refused)
     return StreamedRun(
         step_numbers=np.array(numbers, dtype=np.int64),
         metrics=metrics.rows,
