@@ -686,11 +686,10 @@ def pack_run(
     else taken here; the steps that land meanwhile, and their files' findings, are left out.
 
     progress: called with 1 after each step of the listing is read (packed, or left out as
-    damaged). compression: "fast" (only the fields a
-    deflate halves are compressed: a replay reads the archive near the directory's speed) or
-    "small" (every field gzip, with shuffle where it helps: the smallest file, ~2.5x slower to
-    read); readers
-    read either (`_layout.FILTERS`).
+    damaged). compression: "fast" (only the fields a deflate halves are compressed: a replay
+    reads the archive near the directory's speed) or "small" (every field gzip, with shuffle
+    where it helps: the smallest file, ~2.5x slower to read); readers read either
+    (`_layout.FILTERS`).
 
     The source's integrity findings (torn, corrupt or temporary step files, gaps) are carried
     into the archive; the steps they name are not packed. InputError (exit 3) when no step is
