@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from _corpus import edit_header, tiny_run
+from _corpus import edit_header, flip_bit, step_path, tiny_run
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -1230,10 +1230,7 @@ def test_the_damaged_steps_left_out_are_counted_as_the_bar_counts_them(tmp_path)
     the JSON count the 2 left out."""
     run = tiny_run(tmp_path / "run", steps=10)
     for n in (3, 7):
-        path = run / "steps" / f"step-{n:08d}.safetensors"
-        data = bytearray(path.read_bytes())
-        data[-5] ^= 0xFF
-        path.write_bytes(bytes(data))
+        flip_bit(step_path(run, n), -5)
     result = runner.invoke(app, ["pack", str(run), str(tmp_path / "run.h5")])
     assert result.exit_code == 0, result.stderr
     shown = [line for line in result.stderr.splitlines() if line.startswith("packing:")]

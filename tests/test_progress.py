@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _corpus import tiny_run
+from _corpus import flip_bit, step_path, tiny_run
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -161,3 +161,16 @@ def test_the_scalar_steps_of_a_mixed_run_advance_the_replay_as_they_pass(tmp_pat
     shown = [line for line in result.stderr.splitlines() if line.startswith("replaying:")]
     done = [int(line.split()[1].split("/")[0]) for line in shown]
     assert done[-1] == 20 and max(b - a for a, b in pairwise([0, *done])) <= 10, shown
+
+
+def test_the_damaged_steps_advance_the_replay_as_they_are_passed(tmp_path) -> None:
+    """10 steps, 1 to 5 corrupt: the steps skipped were counted only at the end, the bar at
+    5/10 until it jumped to 10/10 beside 'skipped 5', 'replayed 5'."""
+    run = tiny_run(tmp_path / "run", steps=10)
+    for n in range(1, 6):
+        flip_bit(step_path(run, n), -5)
+    result = CliRunner().invoke(app, ["replay", str(run), "-p", "grpo", "--chunk-size", "1"])
+    assert result.exit_code == 0, result.stderr
+    shown = [line for line in result.stderr.splitlines() if line.startswith("replaying:")]
+    assert shown[-2:] == ["replaying: 9/10 (90%)", "replaying: 10/10 (100%)"], shown
+    assert "skipped 5 " in result.stderr and "replayed 5" in result.stderr

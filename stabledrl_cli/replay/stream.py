@@ -138,6 +138,16 @@ def step_row_bytes(policies: int) -> int:
     return policies * len(columns.device_metrics()) * np.dtype(np.float64).itemsize
 
 
+def _whole_steps(run: Run, damaged: list[int]) -> Iterator[Step]:
+    """The readable steps of the run's listing every rank wrote (`Run.steps`' steps), the
+    number of each that cannot be read appended to `damaged` as it is passed."""
+    for n in run.listed_whole_step_numbers:
+        read = list(run.steps_of((n,)))  # [] when damaged
+        if not read:
+            damaged.append(n)
+        yield from read
+
+
 def _read_chunks(
     run: Run,
     policies: Sequence[Policy],
@@ -146,6 +156,7 @@ def _read_chunks(
     scalar_steps: list[int],
     rejected: list[tuple[int, str]],
     shard: Iterable[Step] | None = None,
+    damaged: list[int] | None = None,
 ) -> Iterator[tuple[list[Step], list[Arrays], list[Measures], int]]:
     """The run's readable steps (or `shard`'s) that hold a policy batch, their arrays (CPU),
     their measures and the bytes of the arrays and of the rows they make (one row of device
@@ -153,8 +164,9 @@ def _read_chunks(
     `memory_budget`, or its steps to `chunk_size`. Runs on the read-ahead thread. Takes each
     step's collapse-warning measurement and noise-floor moments on the way (on the host, before
     any transfer; pooled by the caller once the step is prepared); appends the number of each
-    scalar step (no batch) to `scalar_steps`, and each step whose arrays it cannot read to
-    `rejected` (`rejection`); InputError for a step that lacks a field a policy needs
+    scalar step (no batch) to `scalar_steps`, each step whose arrays it cannot read to
+    `rejected` (`rejection`), and the run's each damaged one to `damaged` (`_whole_steps`,
+    skipped); InputError for a step that lacks a field a policy needs
     (`step_data.check_step`)."""
     where, unit, per_rank = run.location, run_unit(run), run_per_rank(run)
     row_bytes = step_row_bytes(len(policies))
@@ -162,7 +174,7 @@ def _read_chunks(
     arrays: list[Arrays] = []
     measures: list[Measures] = []
     held = 0
-    for step in run.steps() if shard is None else shard:
+    for step in _whole_steps(run, [] if damaged is None else damaged) if shard is None else shard:
         if step.is_scalar:
             scalar_steps.append(step.step)
             continue
@@ -226,15 +238,18 @@ def stream_run(
     approximate = np.zeros(len(policies), dtype=bool)
     floor, likelihood = NoiseFloor(), OwnLikelihood()
     scalar_steps: list[int] = []
+    damaged: list[int] = []
     rejected: list[tuple[int, str]] = []  # appended by both threads: sorted at the end
     # Half the budget a chunk: the chunk computed and the one read ahead share it.
     chunk_budget = max(1, memory_budget // 2)
     chunks = read_ahead(
-        _read_chunks(run, policies, chunk_size, chunk_budget, scalar_steps, rejected, steps)
+        _read_chunks(
+            run, policies, chunk_size, chunk_budget, scalar_steps, rejected, steps, damaged
+        )
     )
     computed = widest = 0
     refused = 0  # steps rejected here (the others, by `_read_chunks`, are in no chunk)
-    scalars_reported = 0  # scalar steps are in no chunk: reported as the reader passes them
+    passed_reported = 0  # scalar and damaged steps are in no chunk: reported as they are passed
     outcome = partial(
         _step_row,
         policies=policies,
@@ -277,11 +292,11 @@ def stream_run(
                 release_freed_memory(keep=RELEASE_AFTER * memory_budget * threads)
                 computed = 0
             if progress is not None:
-                passed = len(scalar_steps)  # appended by the reading thread, a chunk ahead
-                progress(done + passed - scalars_reported)
-                scalars_reported = passed
-    # the scalar steps after the last chunk; none of a run refused for want of a batch step
-    tail = len(scalar_steps) - scalars_reported if numbers else 0
+                passed = len(scalar_steps) + len(damaged)  # by the reading thread, a chunk ahead
+                progress(done + passed - passed_reported)
+                passed_reported = passed
+    # the steps passed after the last chunk; none of a run refused for want of a batch step
+    tail = len(scalar_steps) + len(damaged) - passed_reported if numbers else 0
     if progress is not None and tail + len(rejected) > refused:
         progress(tail + len(rejected) - refused)
     return StreamedRun(
