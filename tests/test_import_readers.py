@@ -395,6 +395,23 @@ def test_a_non_finite_value_in_verls_file_log_stays_non_finite(
     assert gate["figure"] == 2
 
 
+@pytest.mark.parametrize("as_array", [False, True], ids=["jsonl", "json-array"])
+def test_a_logs_own_step_key_holds_past_a_later_rows_step(tmp_path: Path, as_array: bool) -> None:
+    """A log keyed by `global_step` whose eval rows also hold `step` (their eval loop's count)
+    was re-keyed by `step` from the first such row on, as a W&B export's `_step` gives way to
+    `train/global_step`: of 100 steps, 50 were imported and 50 rows counted 'bad step'. Only
+    W&B's `_step` gives way now; a log's own key holds."""
+    rows = []
+    for n in range(1, 101):
+        rows.append({"global_step": n, "loss": 1 / n})
+        if n % 50 == 0:
+            rows.append({"global_step": n, "step": 8, "eval_loss": 0.5})
+    log = tmp_path / ("log.json" if as_array else "log.jsonl")
+    log.write_text(json.dumps(rows) if as_array else "\n".join(map(json.dumps, rows)) + "\n")
+    table = read_log(log)[2]
+    assert sorted(table.steps) == list(range(1, 101)) and table.skipped_rows == {"eval": 2}
+
+
 def test_jsonl_step_key_and_unfinished_last_line(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
     log.write_text('{"iteration": 4, "loss": 1}\n\n{"iteration": 5, "loss": 2}\n{"iteration": 6')

@@ -1,8 +1,8 @@
 """JSON lines: one object per line, each a logged row with a step key.
 
-The step key is the first of `STEP_KEYS` the first row has (or the one given), until a row
-holds one before it in them: that one from that row on (`step_key_from`: a W&B export's
-`train/global_step` after its `_step`). A row may hold
+The step key is the first of `STEP_KEYS` the first row has (or the one given); W&B's `_step`
+gives way to another from the row that first holds it on (`step_key_from`: a W&B export's
+`train/global_step`). A row may hold
 its metrics at the top level or, as verl's file logger writes them, under `data`
 (`{"step": 3, "data": {...}}`); there a `null` value is NaN: verl's metrics are numbers (its
 TensorBoard logger takes no other), and the orjson it writes them with spells NaN and the

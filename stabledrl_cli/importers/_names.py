@@ -66,11 +66,14 @@ so the trainer's own step is preferred)."""
 
 def step_key_from(row: Container[str], key: str | None, where: str) -> str:
     """The step key of a log from `row` on, `key` that of the rows before (None: `row` is the
-    first): the first of STEP_KEYS `row` holds that comes before `key` in them, else `key`. A
+    first): the first of STEP_KEYS `row` holds, else `key`, which only `_step` gives way to. A
     W&B history takes its step metric from the row that first holds it (a TRL run's
     `train/global_step`, in each row from its callback's `define_metric` on: the rows before,
-    a script's own, hold `_step` alone). InputError naming `where` when the first row holds
-    none."""
+    a script's own, hold `_step` alone); another log's key is its own (a later row's `step`
+    may count something else, and the rows after it hold none). InputError naming `where`
+    when the first row holds none."""
+    if key not in (None, "_step"):
+        return key
     better = STEP_KEYS if key is None else STEP_KEYS[: STEP_KEYS.index(key)]
     found = next((k for k in better if k in row), key)
     if found is None:

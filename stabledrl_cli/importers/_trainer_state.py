@@ -4,7 +4,8 @@ any JSON array of rows (pandas' `to_json(orient="records")` of a W&B history).
 
 Each entry of `log_history` is one logged row with its `step` (the optimizer step); an array's
 rows have theirs under the key given, else as JSON lines' rows (`step_key_from`: the first of
-`STEP_KEYS` its first row has, until a row holds one before it; `step` in a log_history).
+`STEP_KEYS` its first row has, W&B's `_step` giving way to another; `step` in a
+log_history).
 Evaluation rows (`eval_*` metrics) and the end-of-training summary (`train_runtime`,
 `train_loss`, ...) are skipped; NaN and Infinity, which Python's JSON writer emits, are read
 as such. The file's `logging_steps` (a whole number >= 1) says the rows were written every k
