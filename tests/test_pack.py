@@ -1224,6 +1224,18 @@ def test_a_live_run_is_packed_as_listed_when_the_pack_began(tmp_path, monkeypatc
     assert "the archive holds the 5 steps listed when the pack began, not the 2 steps" in said
 
 
+@pytest.mark.parametrize("listed", [[0, 0, 1], [3, 1, 2]], ids=["repeated", "unsorted"])
+def test_a_listing_given_out_of_order_is_refused(tmp_path, listed) -> None:
+    """pack_run(listed=[0, 0, 1]) said 3 steps packed of an archive whose reader found 1 (step
+    0 repeated: unreadable), and [3, 1, 2] 1 of 3 (steps 1..2 below an earlier step's). A
+    listing not ascending, each step once, is refused before anything is written."""
+    run, out = tiny_run(tmp_path / "run", steps=4), tmp_path / "run.h5"
+    with pytest.raises(UsageError, match="listed must be ascending, each step once"):
+        pack_run(run, out, listed=listed)
+    assert not out.exists()
+    assert pack_run(run, out, listed=[1, 3]).steps == len(open_run(out).step_numbers) == 2
+
+
 def test_the_damaged_steps_left_out_are_counted_as_the_bar_counts_them(tmp_path) -> None:
     """10 steps, 3 and 7 corrupt: the bar read 8/10 then jumped to 10/10 at the end beside
     'packed 8 steps'. Each step read advances the bar, packed or left out, and the line and

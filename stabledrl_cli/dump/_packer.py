@@ -55,6 +55,7 @@ from stabledrl_cli.dump._schema import (
     STEPS_DIR,
     manifest_stops,
     path_argument,
+    step_number,
     switch_argument,
     written_version,
 )
@@ -683,7 +684,8 @@ def pack_run(
 
     A run being recorded is packed as listed when the pack begins: `listed`, its
     `listed_whole_step_numbers` taken by the caller (who counts them for a progress bar, say),
-    else taken here; the steps that land meanwhile, and their files' findings, are left out.
+    else taken here (ascending, each step once, else UsageError); the steps that land
+    meanwhile, and their files' findings, are left out.
 
     progress: called with 1 after each step of the listing is read (packed, or left out as
     damaged). compression: "fast" (only the fields a deflate halves are compressed: a replay
@@ -704,10 +706,21 @@ def pack_run(
         raise UsageError(f"compression {compression!r}: expected one of {list(PACK_COMPRESSIONS)}")
     given = path_argument(out, "out", "the archive's file")
     force = switch_argument(force, "force")
+    chosen = None if listed is None else _listed_argument(listed)
     with opened_run(run) as source:
         target = check_pack_target(given, source, force)
-        numbers = source.listed_whole_step_numbers if listed is None else list(listed)
+        numbers = source.listed_whole_step_numbers if chosen is None else chosen
         return _pack(source, target, numbers, progress, compression)
+
+
+def _listed_argument(listed: Sequence[int]) -> list[int]:
+    """`pack_run`'s `listed`: step numbers, ascending, each once (an archive holds its steps
+    so), else UsageError."""
+    numbers = [step_number(n, "listed") for n in listed]
+    for before, after in pairwise(numbers):
+        if after <= before:
+            raise UsageError(f"listed must be ascending, each step once: {after} after {before}")
+    return numbers
 
 
 def _pack(
