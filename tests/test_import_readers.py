@@ -412,6 +412,28 @@ def test_a_logs_own_step_key_holds_past_a_later_rows_step(tmp_path: Path, as_arr
     assert sorted(table.steps) == list(range(1, 101)) and table.skipped_rows == {"eval": 2}
 
 
+@pytest.mark.parametrize("as_array", [False, True], ids=["jsonl", "json-array"])
+def test_steps_kept_by_wandbs_step_before_another_key_are_warned_of(tmp_path, as_array) -> None:
+    """A W&B export whose script logged 5 training rows (`_step` 0..4) before its trainer's
+    `train/global_step` 1..10 imported 11 steps, steps 1..4 holding both rows' metrics, without
+    a word. The import now says the key changed and the steps before may share numbers."""
+    rows = [{"_step": n, "loss": 9.0} for n in range(5)]
+    rows += [{"_step": 4 + n, "train/global_step": n, "train/loss": 1 / n} for n in range(1, 11)]
+    log = tmp_path / ("log.json" if as_array else "log.jsonl")
+
+    def write(rows: list[dict[str, float]]) -> None:
+        log.write_text(json.dumps(rows) if as_array else "\n".join(map(json.dumps, rows)))
+
+    write(rows)
+    table = read_log(log)[2]
+    assert sorted(table.steps) == list(range(11))
+    (said,) = table.warnings
+    assert "steps by train/global_step from here on, the 5 steps (0..4) before by _step" in said
+    rows[0]["eval/loss"] = rows[0].pop("loss")  # TRL's: a script's evaluation alone before
+    write(rows[:1] + rows[5:])
+    assert read_log(log)[2].warnings == []
+
+
 def test_jsonl_step_key_and_unfinished_last_line(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
     log.write_text('{"iteration": 4, "loss": 1}\n\n{"iteration": 5, "loss": 2}\n{"iteration": 6')

@@ -44,7 +44,10 @@ def read_jsonl(path: Path, step_key: str | None = None) -> StepTable:
             raise InputError(f"{where}: not a JSON object")
         values, verl = _flattened(row)
         table.nonfinite_null |= verl
-        key = step_key if step_key is not None else step_key_from(values, key, where)
+        if step_key is None:
+            key = table.keyed_by(key, step_key_from(values, key, where), where)
+        else:
+            key = step_key
         rows, keyed = rows + 1, keyed + (key in values)
         table.add(values.pop(key, None), values)
     if rows and not keyed:  # only a key given by --step-key can be missing from every row

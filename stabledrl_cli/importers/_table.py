@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from stabledrl_cli.dump._schema import STEP_LIMIT
-from stabledrl_cli.errors import InputError
+from stabledrl_cli.errors import InputError, counted
 from stabledrl_cli.importers._names import (
     NAME_LIMIT,
     PROFILING_PREFIX,
@@ -96,6 +96,18 @@ class StepTable:
     _made: list[int] = field(default_factory=list)
     """When `preempts`: the steps of the rows made, negated (a max-heap; a row's step may be
     there after the row is gone, or twice), for `restart`."""
+
+    def keyed_by(self, key: str | None, found: str, where: str) -> str:
+        """`found`, a log's step key from the row at `where` on (`step_key_from`), `key` the
+        rows' before; a warning when it gives way after steps were kept: numbered by `key`
+        (W&B's `_step`), they may share numbers with the steps after."""
+        if key is not None and found != key and self.steps:
+            kept = f"{counted(len(self.steps), 'step')} ({min(self.steps)}..{max(self.steps)})"
+            self.warnings.append(
+                f"{where}: steps by {found} from here on, the {kept} before by {key}: they "
+                "may share numbers"
+            )
+        return found
 
     def add(self, step: object, values: Mapping[str, object]) -> None:
         """Adds one logged row (its step as logged; its values as parsed by the reader)."""

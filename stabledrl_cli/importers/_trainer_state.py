@@ -87,6 +87,7 @@ def read_trainer_state(path: Path, step_key: str | None = None) -> StepTable:
             table.skipped_rows["not an object"] += 1
             continue
         if keyed_by_rows:
-            key = step_key_from(entry, key, f"{path}: entry {number}")
+            where = f"{path}: entry {number}"
+            key = table.keyed_by(key, step_key_from(entry, key, where), where)
         table.add(entry.get(key), {k: v for k, v in entry.items() if k != key})
     return table
