@@ -306,6 +306,23 @@ def test_damaged_and_crafted_files_are_refused_in_one_line(tmp_path: Path) -> No
     _refused(tmp_path, spanning, "out of order")
 
 
+def test_rows_keyed_by_step_before_the_step_metric_are_warned_of(tmp_path: Path) -> None:
+    """A run whose script logged 3 training rows (`_step` 0..2) before its trainer declared
+    `train/global_step` (1..3) imported 4 steps, 1 and 2 holding both rows' metrics, without a
+    word; so did one declaring none whose rows hold it from the 4th on. Each now says so."""
+    before = [_history(("_step", str(n)), ("loss", "9.0")) for n in range(3)]
+    after = [
+        _history(("_step", str(2 + n)), ("train/global_step", str(n)), ("train/loss", "0.5"))
+        for n in range(1, 4)
+    ]
+    declared = proto_field(12, proto_field(2, b"*") + proto_field(4, b"train/global_step"))
+    for records in ([*before, declared, *after], [*before, *after]):
+        summary = _import_raw(tmp_path, _file(*records))
+        assert (summary["first_step"], summary["last_step"]) == (0, 3)
+        (said,) = summary["warnings"]
+        assert "steps by train/global_step from here on, the 3 steps (0..2) before by _step" in said
+
+
 def _import_raw(tmp_path: Path, raw: bytes) -> dict[str, Any]:
     (tmp_path / "run-x.wandb").write_bytes(raw)
     return _import(str(tmp_path / "run-x.wandb"), "--out", str(tmp_path / "r"), "--force")

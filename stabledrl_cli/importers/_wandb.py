@@ -108,9 +108,12 @@ def read_wandb(path: Path, step_key: str | None = None) -> StepTable:
                 continue
             values, bad = found
             not_json += bad
-            key = step_key or declared
-            if key is None:
-                key = first = step_key_from(values, first, f"{path}: record at byte {offset}")
+            where = f"{path}: record at byte {offset}"
+            if step_key is not None:
+                key = step_key
+            else:  # the rows before, keyed by `first`, may share numbers with the rows after
+                found = declared or step_key_from(values, first, where)
+                key = first = table.keyed_by(first, found, where)
             rows, keyed = rows + 1, keyed + (key in values)
             table.add(values.pop(key, None), values)
     if rows and not keyed:  # only a key given by --step-key can be missing from every row
