@@ -339,10 +339,9 @@ def test_pack_cli_json_summary_and_refuses_overwrite(rich_run, tmp_path):
     # A small run's archive outgrows it (HDF5's fixed overhead): said as larger, never as a
     # ratio under 1 that reads as a shrink.
     assert data["archive_bytes"] > data["source_bytes"]
-    growth = data["archive_bytes"] / data["source_bytes"]
-    shown = f"{growth:.2g}" if growth < 10 else f"{growth:.0f}"
+    shown = _size_change(data["source_bytes"], data["archive_bytes"])
     line = " ".join(forced.stdout.split())  # wrapped at the console's width where it falls
-    assert f"({shown}x larger)" in line, forced.stdout
+    assert f"({shown})" in line and shown.endswith(" larger"), forced.stdout
     missing_dir = runner.invoke(app, ["pack", str(rich_run), str(tmp_path / "no" / "x.h5")])
     assert missing_dir.exit_code == 2 and "does not exist" in missing_dir.stderr
     to_dir = runner.invoke(app, ["pack", str(rich_run), str(tmp_path)])
@@ -1002,6 +1001,13 @@ def test_the_size_change_is_said_in_plain_digits():
     assert _size_change(6588, 47585) == "7.2x larger"
     assert _size_change(1025358, 328229) == "3.1x smaller"
     assert _size_change(10, 10) == "same size" and _size_change(0, 10) == "n/a"
+
+
+def test_a_small_size_change_is_said_as_a_percentage():
+    """An archive 1.5% larger than its run (50,718 -> 51,469 bytes) was said '1x larger'."""
+    assert _size_change(50718, 51469) == "1.5% larger"
+    assert _size_change(51469, 50718) == "1.5% smaller"
+    assert _size_change(1000, 1099) == "9.9% larger" and _size_change(1000, 1100) == "1.1x larger"
 
 
 def test_an_archive_name_the_file_system_takes_is_written_however_long(rich_run, tmp_path):
