@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from stabledrl_cli import errors
 from stabledrl_cli.errors import MissingExtraError, install_command
 from stabledrl_cli.integrations._trl_version import check_trl_version
 from stabledrl_cli.integrations.verl import check_verl_version
@@ -67,11 +68,21 @@ def _requirement(text: str) -> tuple[str, frozenset[str]]:
     return name, frozenset(bounds.replace(" ", "").split(","))
 
 
-def test_an_extra_is_named_when_no_metadata_says_its_packages(
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_checkout_run_without_installing_it_names_its_pyprojects_packages(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """A checkout run without installing it has no metadata to read: the extra by name."""
+    """A checkout run without installing it has no metadata to read: the message said `pip
+    install 'stabledrl[plot]'`, which looks the unpublished name up on an index. It names the
+    packages the checkout's pyproject.toml pins; the checkout itself where Python cannot read
+    TOML (3.10); the extra by name only outside any checkout."""
     monkeypatch.setattr(importlib.metadata, "requires", _absent_distribution)
+    assert install_command("plot") == "pip install 'matplotlib>=3.7,<4'"
+    pinned = _pyproject()["project"]["optional-dependencies"]["verl"]
+    assert install_command("verl") == "pip install " + " ".join(f"'{p}'" for p in pinned)
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14))
+    root = Path(errors.__file__).resolve().parent.parent
+    assert install_command("plot") == f"pip install -e '{root}[plot]'"
+    monkeypatch.setattr(errors, "__file__", str(tmp_path / "stabledrl_cli" / "errors.py"))
     assert install_command("plot") == "pip install 'stabledrl[plot]'"
 
 
