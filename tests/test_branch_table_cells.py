@@ -20,7 +20,7 @@ from rich.console import Console
 
 from stabledrl_cli.branching import BranchOutcome, BranchReport
 from stabledrl_cli.cli.branch import _HEADERS, _table
-from stabledrl_cli.replay.report import print_whole
+from stabledrl_cli.replay.report import print_fitted, print_whole
 
 SPECS = [
     "dapo:eps_low=0.15",
@@ -31,8 +31,8 @@ SPECS = [
 ]
 
 
-def _shown(width: int) -> list[list[str]]:
-    """The table at `width` columns: each row's cells, one list of lines a column."""
+def _report() -> BranchReport:
+    """Branches under SPECS, a step list of six numbers each."""
     branches = [
         BranchOutcome(
             policy=spec,
@@ -47,12 +47,16 @@ def _shown(width: int) -> list[list[str]]:
         )
         for spec in SPECS
     ]
-    report = BranchReport(
+    return BranchReport(
         run=Path("a"), requested_at=12, at=12, steps=2, original_first_reward_collapse=None,
         branches=branches, replayed=None,
     )  # fmt: skip
+
+
+def _shown(width: int) -> list[list[str]]:
+    """The table at `width` columns: each row's cells, one list of lines a column."""
     console = Console(width=width, record=True, file=io.StringIO())
-    print_whole(_table(report, width), console)
+    print_whole(_table(_report(), width), console)
     lines = console.export_text().splitlines()
     if width >= 80:
         assert max(len(line) for line in lines) <= width
@@ -74,3 +78,21 @@ def test_specs_and_step_numbers_are_never_broken_inside() -> None:
             assert line.endswith((",", ":")) or any(spec.endswith(line) for spec in SPECS), line
         steps = " ".join(row[2] for row in rows if row[2])
         assert re.findall(r"\d+", steps) == ["25", "26", "28", "29", "30", "31"] * 5, steps
+
+
+def test_a_table_too_wide_for_60_columns_is_a_block_a_branch() -> None:
+    """At 60 columns the table overflowed the terminal: 79 wide with a 28-character pair (63
+    with short specs). Each branch is now a block: its spec broken at its commas, then each
+    column's `header: cell`, never wider than 60 columns. At 80 the table is as before."""
+    console = Console(width=60, record=True, file=io.StringIO())
+    print_fitted(_table(_report(), 60), console)
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 60 and not any("│" in line for line in lines)
+    for spec in SPECS:
+        assert any(spec.startswith(line) for line in lines), spec
+    assert lines.count("  replay risk steps: 25, 26, 28, 29, 30, 31") == len(SPECS), lines
+    fitted, whole = (Console(width=80, record=True, file=io.StringIO()) for _ in range(2))
+    print_fitted(_table(_report(), 80), fitted)
+    print_whole(_table(_report(), 80), whole)
+    table = whole.export_text()
+    assert fitted.export_text() == table and "│" in table

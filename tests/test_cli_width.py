@@ -228,8 +228,8 @@ def test_diff_wraps_the_title_naming_both_own_policies(grpo_fixture, tmp_path):
     assert f"(A {specs['a']}," in " ".join(words) and f"B {specs['b']})" in " ".join(words)
 
 
-def _diff_of_own_policies(grpo_fixture, tmp_path, specs: dict[str, str]) -> str:
-    """diff's output at 80 columns of two runs that part, their own policies `specs` (a, b)."""
+def _diff_of_own_policies(grpo_fixture, tmp_path, specs: dict[str, str], width: int = 80) -> str:
+    """diff's output at `width` columns of two runs that part, their own policies `specs`."""
     for (name, spec), run in zip(
         specs.items(), (grpo_fixture, fixture_run("stabledrl")), strict=True
     ):
@@ -239,7 +239,7 @@ def _diff_of_own_policies(grpo_fixture, tmp_path, specs: dict[str, str]) -> str:
         data["policy"]["spec"] = spec
         manifest.write_text(json.dumps(data))
     result = runner.invoke(app, ["diff", str(tmp_path / "a"), str(tmp_path / "b")],
-                           env={"COLUMNS": "80"})  # fmt: skip
+                           env={"COLUMNS": str(width)})  # fmt: skip
     assert result.exit_code == 1, result.output  # they part
     return result.stdout
 
@@ -277,8 +277,8 @@ def test_tune_ranks_a_grid_of_two_keys_in_80_columns(tmp_path):
 def test_inspect_shows_each_recorded_series_name_whole(grpo_fixture, tmp_path):
     """inspect's recorded series at 80 columns folded a name inside its cell (grad_norm /
     _clipped, inner_ste / p). Each name is now whole on its line, the non-finite count wrapped
-    under the step count: 80 columns; a name too long for the width widens the table (it
-    overflows the terminal) rather than break."""
+    under the step count: 80 columns; where a name is too long for the table to fit the width,
+    each series is a block, its name whole on a line (the table overflowed the terminal)."""
     lines = _run(["inspect", str(grpo_fixture)], 80).splitlines()
     table = lines[lines.index("Recorded series (finite values)") :]
     assert max(len(line) for line in table) <= 80, "\n".join(table)
@@ -289,8 +289,8 @@ def test_inspect_shows_each_recorded_series_name_whole(grpo_fixture, tmp_path):
         for step in range(3):
             rec.log_step(step, grad_norm=float("nan"), scalars={long_name: 1.0})
     lines = _run(["inspect", str(tmp_path / "run")], 80).splitlines()
-    assert len([line for line in lines if line.startswith(f"│ {long_name} ")]) == 1
-    assert "│ grad_norm " in "\n".join(lines)
+    assert max(len(line) for line in lines) <= 80, "\n".join(lines)
+    assert lines.count(long_name) == 1 and lines.count("grad_norm") == 1
 
 
 LONG_SPECS = tuple(
@@ -435,3 +435,49 @@ def test_inspect_keeps_the_run_id_whole_in_60_columns(tmp_path):
     assert max(len(line) for line in run) <= 60, "\n".join(run)
     assert any(f"│ {run_id} " in line for line in run), "\n".join(run)
     _shown_whole(text[: text.index("Integrity")], 2, LONG_SPECS[:1])
+
+
+PAIR = "dapo:agg=seq-mean-token-mean"
+"""A spec with a 24-character pair: tables beside it ran past 60 columns."""
+
+
+def _fits_in_blocks(text: str, width: int) -> None:
+    """`text` fits `width` and holds no table line (its rows are blocks)."""
+    assert max(len(line) for line in text.splitlines()) <= width, text
+    assert not any(line[:1] in "┏┃│" for line in text.splitlines()), text
+
+
+def test_tune_and_check_figures_are_blocks_where_no_table_fits(tmp_path):
+    """At 60 columns, with a 24-character pair, tune's ranking was 69 wide and the figures of
+    check --write-baseline 76 (stacked headers and folded specs were not enough). Each row is
+    now a block: its spec whole on a line, then `header: cell` pairs."""
+    run = str(tiny_run(tmp_path / "run"))
+    args = ["tune", run, "-p", f"{PAIR},eps_high=0.2|0.28", "--device", "cpu"]
+    text = _run(args, 60)
+    _fits_in_blocks(text[: text.index("* recommended")], 60)
+    ranked = json.loads(_run([*args, "-f", "json"], 250))
+    for s in ranked["settings"]:
+        mark = "* " if s["spec"] == ranked["recommended"] else "f " if s["on_front"] else ""
+        heading = f"{mark}{s['spec']}{'' if s['tuned'] else ' (own)'}"
+        assert heading in text.splitlines(), (heading, text)
+    written = tmp_path / "base.json"
+    args = ["check", run, "-p", PAIR, "-p", "grpo", "--write-baseline", str(written)]
+    text = _run([*args, "--device", "cpu"], 60)
+    _fits_in_blocks(text[text.index("figures of") :], 60)
+    lines = text.splitlines()
+    for spec, metrics in json.loads(written.read_text())["policies"].items():
+        block = " ".join(lines[lines.index(spec) + 1 :][:3])
+        assert all(f"{key}: " in block for key in metrics), (spec, block)
+
+
+def test_inspect_series_and_diffs_around_step_table_fit_60_columns(grpo_fixture, tmp_path):
+    """At 60 columns inspect's recorded series were 70 wide, diff's nine columns around the
+    step where two runs part 71: a block a series (its name, then its figures), a step."""
+    text = _run(["inspect", str(grpo_fixture)], 60)
+    series = text[text.index("Recorded series") :]
+    _fits_in_blocks(series, 60)
+    assert "grad_norm_clipped" in series.splitlines() and "  steps: 160  first: " in series
+    text = _diff_of_own_policies(grpo_fixture, tmp_path, {"a": "grpo", "b": PAIR}, width=60)
+    around = text[text.index("around step") :]
+    _fits_in_blocks(around, 60)
+    assert re.search(r"^step: \d+\n  rew A: \S+  rew B: ", around, re.M), around

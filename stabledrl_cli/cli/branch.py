@@ -27,8 +27,8 @@ from stabledrl_cli.replay._format import format_steps
 from stabledrl_cli.replay.config import MAX_THREADS
 from stabledrl_cli.replay.report import (
     fold_specs,
+    print_fitted,
     print_legend,
-    print_whole,
     shared_widths,
     spec_room,
     stacked_width,
@@ -227,5 +227,5 @@ def command(
     if output_format == "json":
         print_json(report.to_dict())
         return
-    print_whole(_table(report, out.width), out)  # a long run path wraps, above the table
+    print_fitted(_table(report, out.width), out)  # a long run path wraps, above the table
     print_legend([LEGEND], out)

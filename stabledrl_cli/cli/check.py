@@ -99,11 +99,9 @@ from stabledrl_cli.replay.plot import plot_replay
 from stabledrl_cli.replay.recorded import RecordedRun, recorded_run
 from stabledrl_cli.replay.report import (
     fold_specs,
+    print_fitted,
     print_legend,
-    print_unbroken,
-    print_whole,
     spec_room,
-    stack_headers,
     stacked_width,
 )
 from stabledrl_cli.replay.result import ReplayResult
@@ -252,7 +250,7 @@ def _print_recorded(recorded: RecordedRun) -> None:
         f"non-finite steps: {nonfinite}",
         highlight=False,
     )
-    print_unbroken(series_table(recorded.series, f"recorded series of {recorded.run}"), out)
+    print_fitted(series_table(recorded.series, f"recorded series of {recorded.run}"), out)
 
 
 def _print_figures(result: ReplayResult) -> None:
@@ -274,8 +272,7 @@ def _print_figures(result: ReplayResult) -> None:
         table.add_column(name, justify="right", no_wrap=True)
     for spec, row in zip(specs, rows, strict=True):
         table.add_row(spec, *row)
-    stack_headers(table, out)
-    print_whole(table, out)
+    print_fitted(table, out)
 
 
 def _collapse_text(observed: Observed) -> str:

@@ -32,7 +32,7 @@ from stabledrl_cli.replay.diff import (
     Parting,
     diff_runs,
 )
-from stabledrl_cli.replay.report import print_whole, stack_headers
+from stabledrl_cli.replay.report import print_fitted
 from stabledrl_cli.vocab import DiffKind
 
 KIND_NAMES: dict[DiffKind, str] = {
@@ -165,8 +165,7 @@ def _print_table(result: DiffResult, until: int | None) -> None:
                     format_cell(side.get(name), percent=name == "discard_frac", yes="RISK", no="ok")
                 )
         table.add_row(*cells)
-    stack_headers(table, out)  # a figure is never cut, the table never wider than it must be
-    print_whole(table, out)
+    print_fitted(table, out, named=True)  # a figure is never cut, nor the terminal overflowed
     if unjudged:
         note = (
             f"n/j: not judged, the spike rule judges a step after {SPIKE_MIN_HISTORY} finite, "

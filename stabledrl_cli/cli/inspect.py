@@ -32,8 +32,8 @@ from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.replay.recorded import SeriesStats
 from stabledrl_cli.replay.report import (
     fold_specs,
+    print_fitted,
     print_title,
-    print_unbroken,
     spec_room,
     stacked_width,
 )
@@ -445,4 +445,4 @@ def command(run: RunSourceArg, output_format: FormatOpt = "table") -> None:
         _print_integrity(summary)
         out.print(_observed_table(summary))
         if summary.series:
-            print_unbroken(series_table(summary.series, "Recorded series (finite values)"), out)
+            print_fitted(series_table(summary.series, "Recorded series (finite values)"), out)

@@ -48,10 +48,9 @@ from stabledrl_cli.replay.config import (
 )
 from stabledrl_cli.replay.report import (
     fold_specs,
+    print_fitted,
     print_legend,
-    print_whole,
     spec_room,
-    stack_headers,
     stacked_width,
 )
 from stabledrl_cli.replay.run_facts import print_own_policy_note
@@ -119,8 +118,7 @@ def _print_table(report: TuneReport) -> None:
         table.add_column(name, justify="right")
     for row, setting in zip(rows, settings, strict=True):
         table.add_row(row[0], setting, *row[2:])
-    stack_headers(table, out)
-    print_whole(table, out)
+    print_fitted(table, out, lead=2)
     for line in report.unjudged:
         out.print(line, highlight=False, soft_wrap=False)
     own = [_OWN_LEGEND] if not all(s.tuned for s in report.settings) else []

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay import columns
@@ -277,6 +278,62 @@ def stack_headers(table: Table, console: Console) -> None:
         for column in table.columns:
             if isinstance(column.header, str):
                 column.header = column.header.translate(_HEADER_BREAKS)
+
+
+def print_fitted(table: Table, console: Console, *, lead: int = 1, named: bool = False) -> None:
+    """`table` with its headers stacked (`stack_headers`) as `print_unbroken` prints it where
+    that fits the console; else one block a row, as `policies` does: the row's first `lead`
+    cells (each `header: cell` when `named`), then each other column's `header: cell`, as many
+    on a line as fit and never one split. A figure is never cut, nor the terminal overflowed
+    (only by a pair wider than it). Its title above, its caption below, as lines of text."""
+    headers = [" ".join(str(column.header).split()) for column in table.columns]
+    stack_headers(table, console)
+    unbounded = console.options.update(width=_UNBOUNDED)
+    if Measurement.get(console, unbounded, table).minimum <= console.width:
+        print_unbroken(table, console)
+        return
+    print_title(table, console)
+    cells = [[_plain(cell) for cell in column.cells] for column in table.columns]
+    for row in zip(*cells, strict=True):
+        heads = [_unfolded(c) for c in row[:lead]]
+        if named:
+            heads = [f"{h}: {c}" for h, c in zip(headers, heads, strict=False)]
+        for line in wrap_line(" ".join(filter(None, heads)), console.width, whole=True):
+            console.print(line, highlight=False, soft_wrap=True)
+        pairs = [
+            f"{h}: {' '.join(c.split())}" for h, c in zip(headers[lead:], row[lead:], strict=True)
+        ]
+        for line in _packed(pairs, console.width - 2):
+            console.print(f"  {line}", highlight=False, soft_wrap=True)
+    if table.caption is not None:
+        console.print(str(table.caption), highlight=False)
+
+
+def _unfolded(cell: str) -> str:
+    """A cell's lines on one (a spec folded by `fold_specs` whole again: no space after its
+    colon or a comma)."""
+    lines = cell.strip().splitlines()
+    return "".join(
+        line if not i or lines[i - 1].endswith((":", ",")) else f" {line}"
+        for i, line in enumerate(lines)
+    )
+
+
+def _plain(cell: object) -> str:
+    """A table cell's text (a str, or a rich Text's plain text)."""
+    return cell.plain if isinstance(cell, Text) else str(cell)
+
+
+def _packed(pairs: Sequence[str], width: int) -> list[str]:
+    """`pairs` two spaces apart, as many on a line as fit `width`; a wider one on lines of its
+    own, wrapped at its spaces (`wrap_line`: a spec at its commas, never inside a key=value)."""
+    lines: list[str] = []
+    for pair in pairs:
+        if lines and len(lines[-1]) + 2 + len(pair) <= width:
+            lines[-1] += f"  {pair}"
+        else:
+            lines.extend(wrap_line(pair, width, whole=True))
+    return lines
 
 
 def stacked_width(header: str, cells: Iterable[str]) -> int:
