@@ -80,8 +80,8 @@ def install_command(extra: str) -> str:
     """The command that adds an optional extra, in any directory and with any pip: its pinned
     packages as the installed stabledrl's metadata names them (`pip install 'matplotlib<4,>=3.7'`),
     so that pip never looks the unpublished name `stabledrl` up on a package index; from a
-    checkout run without installing it, as its pyproject.toml names them; the checkout itself
-    when Python cannot read that file (3.10: no tomllib); the extra by name when neither says."""
+    checkout run without installing it, that checkout with the extra (`pip install -e
+    '/path/to/checkout[plot]'`); the extra by name when neither says."""
     import importlib.metadata  # not at start-up: only a missing extra's message reads it
 
     try:
@@ -90,45 +90,23 @@ def install_command(extra: str) -> str:
         declared = []
     marker = re.compile(rf"""extra\s*==\s*["']{re.escape(extra)}["']""")
     wanted = [r.split(";")[0].strip() for r in declared if marker.search(r.partition(";")[2])]
+    if wanted:
+        return "pip install " + " ".join(f"'{requirement}'" for requirement in wanted)
     checkout = _checkout_root()
-    if not wanted and checkout is not None:
-        pinned = _checkout_extra(checkout, extra)
-        if pinned is None:
-            return f"pip install -e {shlex.quote(f'{checkout}[{extra}]')}"
-        wanted = pinned
-    if not wanted:
-        return f"pip install 'stabledrl[{extra}]'"
-    return "pip install " + " ".join(f"'{requirement}'" for requirement in wanted)
+    if checkout is not None:
+        return f"pip install -e {shlex.quote(f'{checkout}[{extra}]')}"
+    return f"pip install 'stabledrl[{extra}]'"
 
 
 def _checkout_root() -> Path | None:
     """The checkout this module runs from (the directory whose pyproject.toml declares
     stabledrl beside the package), or None: an installed copy has none."""
     root = Path(__file__).resolve().parent.parent
-    pyproject = root / "pyproject.toml"
     try:
-        text = pyproject.read_text(encoding="utf-8")
+        text = (root / "pyproject.toml").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
     return root if re.search(r"""^name\s*=\s*["']stabledrl["']""", text, re.M) else None
-
-
-def _checkout_extra(root: Path, extra: str) -> list[str] | None:
-    """The requirements pyproject.toml in `root` lists for `extra` (empty when it lists none),
-    or None when this Python cannot read TOML (3.10) or the file does not parse."""
-    if sys.version_info < (3, 11):
-        return None
-    else:
-        import tomllib
-
-        try:
-            text = (root / "pyproject.toml").read_text(encoding="utf-8")
-            project = tomllib.loads(text)["project"]
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
-            return None
-        extras = project.get("optional-dependencies", {}) if isinstance(project, dict) else {}
-        listed = extras.get(extra, []) if isinstance(extras, dict) else []
-        return [str(requirement) for requirement in listed]
 
 
 REASON_LIMIT = 300
