@@ -96,3 +96,16 @@ def test_a_table_too_wide_for_60_columns_is_a_block_a_branch() -> None:
     print_whole(_table(_report(), 80), whole)
     table = whole.export_text()
     assert fitted.export_text() == table and "│" in table
+
+
+def test_a_pair_wider_than_the_line_has_its_lines_to_itself() -> None:
+    """At 40 columns `replay risk steps: 25, 26, 28, 29, 30, 31` (42 characters) wraps, and
+    the next pair went on its last line (`  31  replay drift steps: none`: step 31 read beside
+    the drift steps). A pair wider than the line has its lines to itself, the next ones
+    indented under its first."""
+    console = Console(width=40, record=True, file=io.StringIO())
+    print_fitted(_table(_report(), 40), console)
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 40
+    at = lines.index("  replay risk steps: 25, 26, 28, 29,")
+    assert lines[at + 1 : at + 3] == ["    30, 31", "  replay drift steps: none"], lines

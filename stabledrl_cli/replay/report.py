@@ -326,13 +326,20 @@ def _plain(cell: object) -> str:
 
 def _packed(pairs: Sequence[str], width: int) -> list[str]:
     """`pairs` two spaces apart, as many on a line as fit `width`; a wider one on lines of its
-    own, wrapped at its spaces (`wrap_line`: a spec at its commas, never inside a key=value)."""
+    own, wrapped at its spaces (`wrap_line`: a spec at its commas, never inside a key=value),
+    its next lines indented under its first."""
     lines: list[str] = []
+    shared = False  # whether the last line may take another pair
     for pair in pairs:
-        if lines and len(lines[-1]) + 2 + len(pair) <= width:
+        if shared and len(lines[-1]) + 2 + len(pair) <= width:
             lines[-1] += f"  {pair}"
+        elif len(pair) <= width:
+            lines.append(pair)
+            shared = True
         else:
-            lines.extend(wrap_line(pair, width, whole=True))
+            first, *rest = wrap_line(pair, width - 2, whole=True)
+            lines.extend([first, *(f"  {line}" for line in rest)])
+            shared = False
     return lines
 
 
