@@ -1010,6 +1010,12 @@ def test_a_small_size_change_is_said_as_a_percentage():
     assert _size_change(1000, 1099) == "9.9% larger" and _size_change(1000, 1100) == "1.1x larger"
 
 
+def test_a_tiny_size_change_is_said_in_plain_digits():
+    """A 1 GB run packed 5 bytes larger was said '5e-07% larger'."""
+    assert _size_change(10**9, 10**9 + 5) == "under 0.01% larger"
+    assert _size_change(10**6, 10**6 - 100) == "0.01% smaller"
+
+
 def test_an_archive_name_the_file_system_takes_is_written_however_long(rich_run, tmp_path):
     """A name of 253 bytes (the file system takes 255) failed, exit 4 '(File name too long)':
     the temporary name beside it, `.NAME.tmp-PID`, was the one too long. The temporary name is

@@ -132,15 +132,16 @@ def command(
 
 def _size_change(source_bytes: int, archive_bytes: int) -> str:
     """How the archive's size compares with the run's: `3.1x smaller`, `9.4x larger`, `110x
-    larger`, `1.5% larger` under 1.1x (`1x` hid the change), `same size` (a ratio alone read
-    both ways: 0.11x said an archive nine times the run's size)."""
+    larger`, `1.5% larger` under 1.1x (`1x` hid the change; `under 0.01% larger`), `same size`
+    (a ratio alone read both ways: 0.11x said an archive nine times the run's size)."""
     if source_bytes == archive_bytes:
         return "same size"
     if not source_bytes or not archive_bytes:
         return "n/a"
     if 10 * abs(archive_bytes - source_bytes) < source_bytes:
         change = 100 * abs(archive_bytes - source_bytes) / source_bytes
-        return f"{change:.2g}% {'smaller' if archive_bytes < source_bytes else 'larger'}"
+        shown = f"{change:.2g}%" if change >= 0.01 else "under 0.01%"  # never 5e-07%
+        return f"{shown} {'smaller' if archive_bytes < source_bytes else 'larger'}"
     if archive_bytes < source_bytes:
         return f"{_times(source_bytes / archive_bytes)} smaller"
     return f"{_times(archive_bytes / source_bytes)} larger"
