@@ -1248,6 +1248,16 @@ def test_a_listing_given_out_of_order_is_refused(tmp_path, listed) -> None:
     assert pack_run(run, out, listed=[1, 3]).steps == len(open_run(out).step_numbers) == 2
 
 
+@pytest.mark.parametrize("listed", [5, "12"], ids=["int", "str"])
+def test_a_listing_that_is_no_list_is_refused(tmp_path, listed) -> None:
+    """pack_run(listed=5) raised TypeError ('int' object is not iterable), and listed="12"
+    said 'listed must be an int ..., got '1''. Either is a UsageError naming what it got."""
+    run, out = tiny_run(tmp_path / "run", steps=4), tmp_path / "run.h5"
+    with pytest.raises(UsageError, match="listed must be a list of step numbers, not"):
+        pack_run(run, out, listed=listed)
+    assert not out.exists()
+
+
 def test_the_damaged_steps_left_out_are_counted_as_the_bar_counts_them(tmp_path) -> None:
     """10 steps, 3 and 7 corrupt: the bar read 8/10 then jumped to 10/10 at the end beside
     'packed 8 steps'. Each step read advances the bar, packed or left out, and the line and

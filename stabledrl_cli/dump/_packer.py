@@ -7,7 +7,7 @@ import io
 import json
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -60,7 +60,7 @@ from stabledrl_cli.dump._schema import (
     written_version,
 )
 from stabledrl_cli.dump._setup import os_file
-from stabledrl_cli.errors import InputError, UsageError, counted, quoted
+from stabledrl_cli.errors import InputError, UsageError, counted, quoted, type_name
 from stabledrl_cli.vocab import PACK_COMPRESSIONS, PackCompression
 
 
@@ -715,7 +715,9 @@ def pack_run(
 
 def _listed_argument(listed: Sequence[int]) -> list[int]:
     """`pack_run`'s `listed`: step numbers, ascending, each once (an archive holds its steps
-    so), else UsageError."""
+    so), else UsageError (for one number or str too, not their digits)."""
+    if isinstance(listed, (str, bytes)) or not isinstance(listed, Iterable):
+        raise UsageError(f"listed must be a list of step numbers, not {type_name(listed)}")
     numbers = [step_number(n, "listed") for n in listed]
     for before, after in pairwise(numbers):
         if after <= before:
