@@ -432,6 +432,10 @@ def test_steps_kept_by_wandbs_step_before_another_key_are_warned_of(tmp_path, as
     rows[0]["eval/loss"] = rows[0].pop("loss")  # TRL's: a script's evaluation alone before
     write(rows[:1] + rows[5:])
     assert read_log(log)[2].warnings == []
+    rows[0]["loss"] = rows[0].pop("eval/loss")  # one script row: its step, not 0..0
+    write(rows[:1] + rows[5:])
+    (said,) = read_log(log)[2].warnings
+    assert "the 1 step (0) before by _step: they may share numbers" in said, said
 
 
 def test_jsonl_step_key_and_unfinished_last_line(tmp_path: Path) -> None:

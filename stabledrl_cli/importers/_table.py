@@ -102,7 +102,9 @@ class StepTable:
         rows' before; a warning when it gives way after steps were kept: numbered by `key`
         (W&B's `_step`), they may share numbers with the steps after."""
         if key is not None and found != key and self.steps:
-            kept = f"{counted(len(self.steps), 'step')} ({min(self.steps)}..{max(self.steps)})"
+            first, last = min(self.steps), max(self.steps)
+            span = first if first == last else f"{first}..{last}"
+            kept = f"{counted(len(self.steps), 'step')} ({span})"
             self.warnings.append(
                 f"{where}: steps by {found} from here on, the {kept} before by {key}: they "
                 "may share numbers"
