@@ -3,6 +3,7 @@ nor a long line past the terminal (a table when it fits whole, one block a polic
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -10,12 +11,15 @@ import shutil
 import pytest
 from _corpus import tiny_run
 from conftest import fixture_run
-from rich.console import JUPYTER_DEFAULT_COLUMNS
+from rich.console import JUPYTER_DEFAULT_COLUMNS, Console
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
+from stabledrl_cli.cli.inspect import series_table
 from stabledrl_cli.replay.gate import GateResult
+from stabledrl_cli.replay.recorded import SeriesStats
+from stabledrl_cli.replay.report import print_fitted
 from stabledrl_cli.spec import format_value
 
 WIDTHS = (80, 120, 250)
@@ -291,6 +295,21 @@ def test_inspect_shows_each_recorded_series_name_whole(grpo_fixture, tmp_path):
     lines = _run(["inspect", str(tmp_path / "run")], 80).splitlines()
     assert max(len(line) for line in lines) <= 80, "\n".join(lines)
     assert lines.count(long_name) == 1 and lines.count("grad_norm") == 1
+
+
+def test_the_series_left_out_of_blocks_are_counted_within_the_width():
+    """Past the 200 series shown, the caption counting the rest ran to 50 columns at 40 (the
+    terminal broke it inside a word) where the series were blocks. It wraps at its spaces."""
+    stats = SeriesStats(
+        steps=3, nonfinite=0, first=1.0, last=2.0, min=1.0, max=2.0, mean=1.5, median=1.5,
+        tail=1.5,
+    )  # fmt: skip
+    series = {f"a_long_recorded_metric_name_number_{n}": stats for n in range(250)}
+    console = Console(width=40, record=True, file=io.StringIO(), soft_wrap=True)
+    print_fitted(series_table(series, "Recorded series (finite values)"), console)
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 40, lines[-2:]
+    assert " ".join(lines[-2:]) == "... and 50 more series: --format json has them all"
 
 
 LONG_SPECS = tuple(

@@ -306,7 +306,8 @@ def print_fitted(table: Table, console: Console, *, lead: int = 1, named: bool =
         for line in _packed(pairs, console.width - 2):
             console.print(f"  {line}", highlight=False, soft_wrap=True)
     if table.caption is not None:
-        console.print(str(table.caption), highlight=False)
+        for line in wrap_line(str(table.caption), console.width):
+            console.print(line, highlight=False, soft_wrap=True)
 
 
 def _unfolded(cell: str) -> str:
