@@ -12,6 +12,7 @@ import pytest
 from _corpus import tiny_run
 from conftest import fixture_run
 from rich.console import JUPYTER_DEFAULT_COLUMNS, Console
+from rich.table import Table
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -487,6 +488,23 @@ def test_tune_and_check_figures_are_blocks_where_no_table_fits(tmp_path):
     for spec, metrics in json.loads(written.read_text())["policies"].items():
         block = " ".join(lines[lines.index(spec) + 1 :][:3])
         assert all(f"{key}: " in block for key in metrics), (spec, block)
+
+
+def test_a_settings_mark_heads_its_spec_where_the_spec_is_broken():
+    """tune at 40 columns put a setting's mark on a line of its own ('*', then
+    'dapo:agg=seq-mean-token-mean,' and 'eps_high=0.25'): a spec wider than the line took
+    the whole of the next. The mark now starts the spec's first line."""
+    table = Table()
+    for header in ("", "setting", "risk", "disc. grad"):
+        table.add_column(header, no_wrap=True)
+    table.add_row("*", "dapo:agg=seq-mean-token-mean,eps_high=0.25", "6", "30.5%")
+    console = Console(width=40, record=True, file=io.StringIO(), soft_wrap=True)
+    print_fitted(table, console, lead=2)
+    assert console.export_text().splitlines() == [
+        "* dapo:agg=seq-mean-token-mean,",
+        "eps_high=0.25",
+        "  risk: 6  disc. grad: 30.5%",
+    ]
 
 
 def test_inspect_series_and_diffs_around_step_table_fit_60_columns(grpo_fixture, tmp_path):

@@ -298,7 +298,7 @@ def print_fitted(table: Table, console: Console, *, lead: int = 1, named: bool =
         heads = [_unfolded(c) for c in row[:lead]]
         if named:
             heads = [f"{h}: {c}" for h, c in zip(headers, heads, strict=False)]
-        for line in wrap_line(" ".join(filter(None, heads)), console.width, whole=True):
+        for line in _heading([h for h in heads if h], console.width):
             console.print(line, highlight=False, soft_wrap=True)
         pairs = [
             f"{h}: {' '.join(c.split())}" for h, c in zip(headers[lead:], row[lead:], strict=True)
@@ -308,6 +308,17 @@ def print_fitted(table: Table, console: Console, *, lead: int = 1, named: bool =
     if table.caption is not None:
         for line in wrap_line(str(table.caption), console.width):
             console.print(line, highlight=False, soft_wrap=True)
+
+
+def _heading(heads: Sequence[str], width: int) -> list[str]:
+    """A block's heading: its last head (a spec) wrapped to `width` (`wrap_line`), the heads
+    before it (a tune setting's mark) on its first line, never a line of their own."""
+    if not heads:
+        return []
+    before = " ".join(heads[:-1])
+    room = width - len(before) - 1 if before else width
+    first, *rest = wrap_line(heads[-1], room, whole=True) or [""]
+    return [" ".join(filter(None, (before, first))), *rest]
 
 
 def _unfolded(cell: str) -> str:
