@@ -126,12 +126,20 @@ def lookup_name(name: str) -> str:
     return name
 
 
+def is_profiling(name: str) -> bool:
+    """Whether a logged name is one of TRL's profiled calls (`PROFILING_PREFIX`), as logged or
+    under a tracker's prefix."""
+    return lookup_name(name).startswith(PROFILING_PREFIX)
+
+
 def skip_reason(name: str) -> Skip | None:
     """Why a logged name is not imported, or None when it is a training metric; looked up as
     `lookup_name` gives it (transformers' TensorBoard and W&B callbacks log the summary as
     `train/train_runtime`, ...)."""
+    if is_profiling(name):
+        return "bookkeeping"
     name = lookup_name(name)
-    if name in BOOKKEEPING or _ROW_INDEX.fullmatch(name) or name.startswith(PROFILING_PREFIX):
+    if name in BOOKKEEPING or _ROW_INDEX.fullmatch(name):
         return "bookkeeping"
     if name in SUMMARY:
         return "summary"

@@ -29,9 +29,8 @@ from stabledrl_cli.dump._schema import STEP_LIMIT
 from stabledrl_cli.errors import InputError, counted
 from stabledrl_cli.importers._names import (
     NAME_LIMIT,
-    PROFILING_PREFIX,
-    TRACKER_PREFIXES,
     Skip,
+    is_profiling,
     skip_reason,
 )
 from stabledrl_cli.spec import spec_float
@@ -233,13 +232,9 @@ def _row_reason(left: list[tuple[str, Skip]]) -> str:
     for reason in ("eval", "summary"):
         if reason in reasons:
             return reason
-    if any(name.startswith(_PROFILED) for name, _ in left):
+    if any(is_profiling(name) for name, _ in left):
         return "profiling"
     return "media" if "not a scalar" in reasons else "no metrics"
-
-
-_PROFILED = tuple(prefix + PROFILING_PREFIX for prefix in ("", *TRACKER_PREFIXES))
-"""TRL's `profiling/Time taken: ...` names, as logged and under a tracker's prefix."""
 
 
 def skipped_text(skipped: Mapping[str, int]) -> str:
