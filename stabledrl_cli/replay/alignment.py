@@ -150,7 +150,7 @@ steps (`TrainingSteps`)."""
 @dataclass(frozen=True)
 class TrainingSteps:
     """A verl recording (one step an optimizer step, numbered from 0) as verl's log holds it:
-    one step a training step (a rollout: `observed.training_step_starts`, each step's from its
+    one step a training step (a rollout: `detectors.training_step_starts`, each step's from its
     step minus its inner_step), numbered as the log's: the recording's k-th rollout (from
     0) is the log's step `first` + k, `first` the log's first row of an actor update (its
     `loss` or `grad_norm`: the rows before it are a critic's warmup or before a resume). At a

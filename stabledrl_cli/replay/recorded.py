@@ -112,7 +112,7 @@ class RecordedRun:
     scalar_steps: int
     """Steps without a policy batch (format 1.2)."""
     training_steps: int | None = None
-    """A verl recording's training steps (rollouts: `observed.training_step_starts`), a line
+    """A verl recording's training steps (rollouts: `detectors.training_step_starts`), a line
     each in verl's log; None for any other run."""
     observed: Observed
     series: dict[str, SeriesStats]
@@ -162,7 +162,7 @@ def training_step_means(
     weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The value verl's trainer logs for each training step of a verl run (a rollout:
-    `observed.training_step_starts`, so a rollout whose first step is unread keeps its own),
+    `detectors.training_step_starts`, so a rollout whose first step is unread keeps its own),
     at its first step: the plain mean of its optimizer steps' values, as verl's
     `reduce_metrics` (np.mean) takes it: NaN when one is, inf when one is inf. steps, values:
     [S] the series; inner_steps, inner_step: [I] the inner_step series; weights: [S] each
@@ -170,11 +170,9 @@ def training_step_means(
     starts = training_step_starts(steps, inner_steps, inner_step)
     held = np.searchsorted(starts, steps, side="right") - 1
     firsts, group = np.unique(starts[held], return_inverse=True)
-    if weights is None:
-        counts = np.bincount(group, minlength=firsts.size)
-        return firsts, np.bincount(group, weights=values, minlength=firsts.size) / counts
-    totals = np.bincount(group, weights=weights, minlength=firsts.size)
-    return firsts, np.bincount(group, weights=values * weights, minlength=firsts.size) / totals
+    totals = np.bincount(group, weights=weights, minlength=firsts.size)  # counts when None
+    weighted = values if weights is None else values * weights
+    return firsts, np.bincount(group, weights=weighted, minlength=firsts.size) / totals
 
 
 def observed_of(result: ReplayResult | None, recorded: RecordedRun | None) -> Observed:
