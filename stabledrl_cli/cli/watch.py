@@ -59,18 +59,15 @@ from stabledrl_cli.cli._signals import (
 from stabledrl_cli.cli.inspect import LIST_LIMIT, stopped_text
 from stabledrl_cli.cli.replay import missing_line, option_names
 from stabledrl_cli.dump import open_run
-from stabledrl_cli.dump._integrity import Finding, missing_count
 from stabledrl_cli.dump._open import run_to_come
-from stabledrl_cli.dump._schema import STOP_RESUMED
 from stabledrl_cli.errors import INTERRUPTED, InputError, UsageError, counted
 from stabledrl_cli.replay._format import format_cell, format_steps
 from stabledrl_cli.replay.config import ReplayConfig
-from stabledrl_cli.replay.gate import GateResult, Gates, LostSteps, evaluate
+from stabledrl_cli.replay.gate import GateResult, Gates, evaluate
 from stabledrl_cli.replay.inspection import group_findings
 from stabledrl_cli.replay.report import stack_headers
 from stabledrl_cli.replay.run_facts import (
     DAMAGED_KINDS,
-    SKIPPED_KINDS,
     print_own_policy_note,
     run_gaps,
     shown_reasons,
@@ -94,58 +91,13 @@ def _alert_line(alert: Alert) -> str:
     return f"alert: step {alert.step}: {alert.kind}: {alert.message}"
 
 
-def _lacking(watcher: RunWatcher) -> list[Finding]:
-    """The integrity findings of the step files the reader skipped that the run lacks: the
-    damaged ones (`DAMAGED_KINDS`), and a step some rank never wrote (`SKIPPED_KINDS`), as
-    `check` counts it, once the run gains no step (its recording closed, a packed archive, or
-    its Recorders ended) or every rank that may still write it is past it (`_writing_ranks`:
-    a rank's steps increase); before that such a step is not lacking: the ranks of a live run
-    lag."""
-    replay = watcher.replay
-    if replay is None:
-        return []
-    ranks = watcher.rank_progress()
-    writing = _writing_ranks(watcher, ranks)
-    ended = watcher.closed or watcher.writers_ended is not None or bool(ranks and not writing)
-    lasts = [rank.last_step for rank in writing if rank.last_step is not None]
-    passed = min(lasts) if lasts and len(lasts) == len(writing) else None
-    return [
-        f
-        for f in replay.run.header_findings()
-        if f.kind in DAMAGED_KINDS
-        or (
-            f.kind in SKIPPED_KINDS
-            and (ended or (passed is not None and f.step is not None and f.step <= passed))
-        )
-    ]
-
-
-def _writing_ranks(watcher: RunWatcher, ranks: list[RankProgress]) -> list[RankProgress]:
-    """The ranks of `ranks` that may still write a step: all but those whose recording
-    stopped after their last step file (their note, `recording_stops`, unless a resume of the
-    rank marked it `resumed`; a rank that wrote a step since was resumed)."""
-    stops = {
-        note["rank"]: note.get("step")
-        for note in watcher.recording_stops
-        if note.get(STOP_RESUMED) is not True
-    }
-
-    def stopped(rank: RankProgress) -> bool:
-        if rank.rank not in stops:
-            return False
-        step = stops[rank.rank]
-        return step is None or rank.last_step is None or rank.last_step < step
-
-    return [rank for rank in ranks if not stopped(rank)]
-
-
 def _damaged_line(watcher: RunWatcher) -> str | None:
     """The warning naming the step files the reader skipped that the run lacks
-    (`_lacking`), as `check` names them, consecutive steps alike as one
+    (`RunWatcher.lacking`), as `check` names them, consecutive steps alike as one
     (`group_findings`, as inspect's rows); None without one.
     From the headers the watch read: no file is read again for it."""
     replay = watcher.replay
-    damaged = _lacking(watcher)
+    damaged = watcher.lacking()
     if replay is None or not damaged:
         return None
     reasons = [row.message for row in group_findings(damaged, replay.seen)]
@@ -368,27 +320,17 @@ def _refuse_policy_gates(watcher: RunWatcher, gates: Gates) -> None:
     )
 
 
-def _lost(watcher: RunWatcher, replay: OwnReplay) -> LostSteps:
-    """The steps the run lacks so far, as the watch's warnings name them (`_warn_damaged`,
-    `_rejected_line`): skipped (`_lacking`: their file damaged, or some rank's never written
-    once the run gains no step or no rank may still write it) or their data unusable by the
-    own policy, and missing between the recorded ones."""
-    damaged = {f.step for f in _lacking(watcher) if f.step is not None}
-    skipped = damaged | {step for step, _ in replay.rejected}
-    return LostSteps(skipped=len(skipped), missing=missing_count(run_gaps(replay.run)))
-
-
 def _gates(watcher: RunWatcher, gates: Gates) -> list[GateResult]:
     """`check`'s absolute gates over the steps seen so far: the run-level ones on the recorded
-    run (and the steps it lacks, `_lost`), the policy ones on the own policy replayed
-    (`_refuse_policy_gates`)."""
+    run (and the steps it lacks, `RunWatcher.lost_steps`), the policy ones on the own policy
+    replayed (`_refuse_policy_gates`)."""
     replay = watcher.replay
     if not gates.any or replay is None or not replay.seen:
         return []
     _require_replayed(watcher)
     _refuse_policy_gates(watcher, gates)
     result = replay.result() if replay.policy is not None and replay.steps else None
-    return evaluate(result, gates, None, recorded=replay.recorded(), lost=_lost(watcher, replay))
+    return evaluate(result, gates, None, recorded=replay.recorded(), lost=watcher.lost_steps())
 
 
 def _report_gates(results: list[GateResult]) -> int:

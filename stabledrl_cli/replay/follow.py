@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stabledrl_cli.dump import Run, RunIntegrityWarning, open_run
+from stabledrl_cli.dump import Finding, Run, RunIntegrityWarning, open_run
+from stabledrl_cli.dump._integrity import missing_count
 from stabledrl_cli.dump._open import run_to_come
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
@@ -24,6 +25,7 @@ from stabledrl_cli.dump._schema import (
     RECORDING_CLOSED_RANKS,
     RECORDING_STOPPED,
     STEPS_DIR,
+    STOP_RESUMED,
     canonical_step,
     stops_by_rank,
 )
@@ -38,8 +40,10 @@ from stabledrl_cli.replay.detectors import (
     run_reward_draws,
     training_step_starts,
 )
+from stabledrl_cli.replay.gate import LostSteps
 from stabledrl_cli.replay.incremental import OwnReplay
 from stabledrl_cli.replay.observed import Observed, is_verl_recording
+from stabledrl_cli.replay.run_facts import DAMAGED_KINDS, SKIPPED_KINDS, run_gaps
 from stabledrl_cli.replay.summary import unjudged_rules
 from stabledrl_cli.vocab import ALERT_KINDS, AlertKind
 
@@ -598,6 +602,41 @@ class RunWatcher:
             self._rank_files = _RankFiles(world_size)
         return self._rank_files.progress(self.path / STEPS_DIR)
 
+    def lacking(self) -> list[Finding]:
+        """The integrity findings of the step files the reader skipped that the run lacks: the
+        damaged ones (`DAMAGED_KINDS`), and a step some rank never wrote (`SKIPPED_KINDS`), as
+        `check` counts it, once the run gains no step (its recording closed, a packed archive,
+        or its Recorders ended) or every rank that may still write it is past it
+        (`_writing_ranks`: a rank's steps increase); before that such a step is not lacking:
+        the ranks of a live run lag."""
+        if self.replay is None:
+            return []
+        ranks = self.rank_progress()
+        writing = _writing_ranks(self.recording_stops, ranks)
+        ended = self.closed or self.writers_ended is not None or bool(ranks and not writing)
+        lasts = [rank.last_step for rank in writing if rank.last_step is not None]
+        passed = min(lasts) if lasts and len(lasts) == len(writing) else None
+        return [
+            f
+            for f in self.replay.run.header_findings()
+            if f.kind in DAMAGED_KINDS
+            or (
+                f.kind in SKIPPED_KINDS
+                and (ended or (passed is not None and f.step is not None and f.step <= passed))
+            )
+        ]
+
+    def lost_steps(self) -> LostSteps:
+        """The steps the run lacks so far, as `watch` warns of them: skipped (`lacking`: their
+        file damaged, or some rank's never written once the run gains no step or no rank may
+        still write it) or their data unusable by the own policy, and missing between the
+        recorded ones; none before a step was read."""
+        if self.replay is None:
+            return LostSteps(skipped=0, missing=0)
+        damaged = {f.step for f in self.lacking() if f.step is not None}
+        skipped = damaged | {step for step, _ in self.replay.rejected}
+        return LostSteps(skipped=len(skipped), missing=missing_count(run_gaps(self.replay.run)))
+
     def state(self) -> WatchState:
         """What is known now."""
         replay = self.replay
@@ -681,3 +720,21 @@ class RunWatcher:
             packed_ranks=self.packed_ranks(),
             unjudged=unjudged,
         )
+
+
+def _writing_ranks(stops: list[dict[str, Any]], ranks: list[RankProgress]) -> list[RankProgress]:
+    """The ranks of `ranks` that may still write a step: all but those whose recording
+    stopped after their last step file (their note among `stops`, `Run.recording_stops`,
+    unless a resume of the rank marked it `resumed`; a rank that wrote a step since was
+    resumed)."""
+    stopped_at = {
+        note["rank"]: note.get("step") for note in stops if note.get(STOP_RESUMED) is not True
+    }
+
+    def stopped(rank: RankProgress) -> bool:
+        if rank.rank not in stopped_at:
+            return False
+        step = stopped_at[rank.rank]
+        return step is None or rank.last_step is None or rank.last_step < step
+
+    return [rank for rank in ranks if not stopped(rank)]
