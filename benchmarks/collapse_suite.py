@@ -20,8 +20,8 @@ on the recorded batches (from the branch point on) agree with the branch's outco
     python benchmarks/collapse_suite.py evaluate --json collapse_suite.json
     python benchmarks/collapse_suite.py branches --json branches.json   # ~10 min
 
-The README's figures are `benchmarks/results/collapse_suite.json` and
-`benchmarks/results/collapse_branches.json`, written by the last two commands.
+The figures of the README and docs/collapse.md are `benchmarks/results/collapse_suite.json`
+and `benchmarks/results/collapse_branches.json`, written by the last two commands.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Measure the built-in example's instability across seeds: the README's table.
+"""Measure the built-in example's instability across seeds: the table of docs/example.md.
 
 Runs {grpo, stabledrl, grpo --same-mask} x seeds x estimators with the example's defaults and
 prints, per run and as a mean over seeds:

@@ -1,6 +1,6 @@
 """A plain PyTorch GRPO loop that records itself with one call per optimizer step.
 
-The README's CI recipe runs it: `stabledrl record --out runs/ci --policy grpo -- python
+The CI recipe (docs/ci.md) runs it: `stabledrl record --out runs/ci --policy grpo -- python
 examples/train_logged.py --max-steps 100 --seed 0`. Outside `stabledrl record`,
 `log_policy_batch` does nothing and training runs as usual.
 

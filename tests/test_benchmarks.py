@@ -58,17 +58,17 @@ def test_trl_parity_aligns_its_columns_under_the_longest_configuration_name(
     assert ends == {header.index("worst rel") + len("worst rel")}, [header, *rows]
 
 
-def test_the_readme_counts_the_configurations_trl_parity_runs() -> None:
+def test_the_docs_count_the_configurations_trl_parity_runs() -> None:
     """`benchmarks/trl_parity.py --trainer grpo` (and `rloo`) run the configurations of
-    tests/trl_scripts/tiny_configs.py: the README says how many its figures cover."""
+    tests/trl_scripts/tiny_configs.py: docs/frameworks.md says how many its figures cover."""
     sys.path.insert(0, str(ROOT / "tests" / "trl_scripts"))
     try:
         from tiny_configs import PARITY, RLOO_PARITY  # type: ignore[import-not-found]
     finally:
         sys.path.remove(str(ROOT / "tests" / "trl_scripts"))
-    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
-    assert f"trl_parity.py --trainer grpo` records {len(PARITY)} TRL configurations" in readme
-    assert f"trl_parity.py --trainer rloo`: {len(RLOO_PARITY)} RLOO configurations" in readme
+    page = " ".join((ROOT / "docs" / "frameworks.md").read_text(encoding="utf-8").split())
+    assert f"trl_parity.py --trainer grpo` records {len(PARITY)} TRL configurations" in page
+    assert f"trl_parity.py --trainer rloo`: {len(RLOO_PARITY)} RLOO configurations" in page
 
 
 def test_calibrate_drift_refuses_runs_shorter_than_its_longest_window(

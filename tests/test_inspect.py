@@ -90,10 +90,11 @@ def test_inspect_json(run_dir):
     assert warning["steps"][0] == 40 and all(s % 2 == 0 for s in warning["steps"])
 
 
-def test_the_readme_documents_every_key_of_the_inspect_json():
-    """A script reads `inspect --format json`; the README documented `integrity` alone."""
+def test_the_docs_document_every_key_of_the_inspect_json():
+    """A script reads `inspect --format json`; docs/recording.md (once the README) documented
+    `integrity` alone."""
     data = _json(["inspect", str(ROOT / "fixtures" / "grpo"), "--format", "json"])
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "recording.md").read_text()
     section = text[text.index("The whole of `inspect --format json`") :]
     section = section[: section.index("\n\n", section.index("| key |"))]
     rows = {

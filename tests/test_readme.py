@@ -1,6 +1,7 @@
-"""The README's runnable blocks run as written: the TRL snippet is the one a test records
-with, and the CI recipe and the GitHub Actions steps (all but the install) pass, in order,
-with `examples/train_logged.py` as the user's `train.py` (the workflow's record step is the
+"""The runnable blocks of the README and docs/ run as written: the TRL snippet (in the README
+and docs/frameworks.md) is the one a test records with, and the CI recipe and the GitHub
+Actions steps of docs/ci.md (all but the install) pass, in order, with
+`examples/train_logged.py` as the user's `train.py` (the workflow's record step is the
 recipe's, run once)."""
 
 from __future__ import annotations
@@ -18,16 +19,25 @@ from stabledrl_cli.replay.report import BEST_RULE
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 SNIPPET_SCRIPT = ROOT / "tests" / "trl_scripts" / "snippet_train.py"
 TRAIN_SCRIPT = ROOT / "examples" / "train_logged.py"
 
 
+def blocks_after(marker: str) -> list[str]:
+    """Each fenced code block right after `<!-- test: MARKER -->` in the README and docs/."""
+    pattern = rf"<!-- test: {re.escape(marker)} -->\n```[a-z]*\n(.*?)\n```"
+    found = [
+        block for page in PAGES for block in re.findall(pattern, page.read_text("utf-8"), re.S)
+    ]
+    assert found, f"no page has a code block marked {marker!r}"
+    return found
+
+
 def block_after(marker: str) -> str:
-    """The fenced code block right after `<!-- test: MARKER -->` in the README."""
-    text = README.read_text(encoding="utf-8")
-    found = re.search(rf"<!-- test: {re.escape(marker)} -->\n```[a-z]*\n(.*?)\n```", text, re.S)
-    assert found, f"README has no code block marked {marker!r}"
-    return found.group(1)
+    """The one fenced code block marked `<!-- test: MARKER -->` in the README and docs/."""
+    (block,) = blocks_after(marker)
+    return block
 
 
 def workflow_steps(yaml_text: str) -> list[str]:
@@ -70,16 +80,17 @@ def run_shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_the_best_rule_reads_the_same_in_the_readme_as_in_the_tool() -> None:
-    readme = " ".join(README.read_text(encoding="utf-8").split())
-    assert " ".join(BEST_RULE.split()) in readme
+def test_the_best_rule_reads_the_same_in_the_docs_as_in_the_tool() -> None:
+    for page in (README, ROOT / "docs" / "replay.md"):
+        assert " ".join(BEST_RULE.split()) in " ".join(page.read_text(encoding="utf-8").split())
 
 
 def test_the_trl_snippet_is_the_one_a_test_records_with() -> None:
     script = SNIPPET_SCRIPT.read_text(encoding="utf-8")
     marked = re.search(r"# --- README snippet -+\n(.*?)\n# --- end of README snippet", script, re.S)
     assert marked, "the TRL snippet script lost its README markers"
-    assert block_after("trl-snippet").strip() == marked.group(1).strip()
+    for block in blocks_after("trl-snippet"):
+        assert block.strip() == marked.group(1).strip()
 
 
 def test_the_ci_recipe_and_the_github_workflow_run_as_written(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 Replays the run, then checks absolute gates (per policy: --max-collapsed, --max-discard-frac,
 --max-nonfinite; on the recorded run: --fail-on-collapse, --max-spikes, --max-nonfinite,
 --max-lost-steps) and
-regressions against a baseline file (--baseline; the format in replay/baseline.py and the
-README), whose `recorded` section gates the run's recorded scalar series. A scalar run (no
+regressions against a baseline file (--baseline; the format in replay/baseline.py and
+docs/ci.md), whose `recorded` section gates the run's recorded scalar series. A scalar run (no
 policy batch: an imported log, an optimizer-hook recording) is not replayed: its run-level
 gates and baseline sections are checked alone. Every gate is evaluated and printed, passed or
 tripped; then the exit code says whether any tripped. The run is a path or an fsspec URL, and

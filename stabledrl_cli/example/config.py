@@ -45,8 +45,8 @@ class EstimatorConfig:
 
 
 def default_estimator(unit: Unit) -> Estimator:
-    """llada shows the instability most clearly (README table) but scores whole sequences;
-    token units take the mean ELBO's per-token log-probs."""
+    """llada shows the instability most clearly (docs/example.md's table) but scores whole
+    sequences; token units take the mean ELBO's per-token log-probs."""
     return "llada" if unit == "sequence" else "elbo"
 
 

@@ -48,9 +48,9 @@ What is hooked, in the worker process:
 
 Engines: exercised on verl's FSDP2 engine (tests/verl_scripts). Megatron, torchtitan and
 automodel inherit `train_batch` and call the loss function and `optimizer_step()` the same
-way but are untested here (README "Record a verl job": where a Megatron job records). The
-recorded `loss` is verl's own `pg_loss`, before the micro-batch count Megatron multiplies it
-by and its pipeline schedule divides back out.
+way but are untested here (docs/frameworks.md, "Record a verl job": where a Megatron job
+records). The recorded `loss` is verl's own `pg_loss`, before the micro-batch count Megatron
+multiplies it by and its pipeline schedule divides back out.
 
 Each data-parallel rank writes its own step files (rank = verl's data-parallel rank); only
 the rank that holds a model-parallel group's outputs records (sequence-parallel local rank 0
