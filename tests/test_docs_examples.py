@@ -247,3 +247,15 @@ def test_the_scalar_watch_session_runs_on_the_script_the_page_shows(
     monkeypatch.chdir(tmp_path)
     differences = play(session)
     assert not differences, "\n".join(differences)
+
+
+def test_the_package_cites_pages_that_hold_what_it_cites() -> None:
+    """The package's messages and docstrings cite docs/NAME.md pages that exist, and no
+    section of the README, which is a summary (the caption of a per-rank Gram replay sent
+    users to 'README, Gradient geometry', a section the README never had)."""
+    cited = set()
+    for source in (ROOT / "stabledrl_cli").rglob("*.py"):
+        text = source.read_text(encoding="utf-8")
+        assert "README" not in text, source.relative_to(ROOT)
+        cited |= set(re.findall(r"docs/[\w-]+\.md", text))
+    assert cited and not [page for page in cited if not (ROOT / page).is_file()]

@@ -40,7 +40,7 @@ _CAPTIONS = {
     "gradient geometry",
     "per-rank gram": "* update norm = coefficient norm ||coef||, a proxy: the run's ranks "
     "recorded Gram matrices (unit_grad_gram), which do not combine across ranks; record a "
-    "sketch with the same seed on every rank (README, Gradient geometry)",
+    "sketch with the same seed on every rank (docs/geometry.md)",
     "mixed": "* on the {uncovered:.0%} of steps without gradient geometry, update norm = "
     "coefficient norm ||coef||, a proxy in other units (spikes compare each step with steps "
     "of its own kind)",
