@@ -38,7 +38,7 @@ def test_the_gpus_torch_sees_are_taken(one_gpu, device):
 )
 def test_the_cli_takes_a_gpu_by_its_index(one_gpu, command):
     """`--device cuda:1` was refused by the option itself ("'cuda:1' is not one of 'auto',
-    'cpu', 'cuda', 'mps'") on any machine, though the library takes it and the README says the
+    'cpu', 'cuda', 'mps'") on any machine, though the library takes it and docs/replay.md says the
     option does: now the option takes cuda:N and the command checks it against the GPUs torch
     sees (one here: cuda:1 is refused naming them); a name that is no device is refused by
     the option."""

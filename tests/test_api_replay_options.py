@@ -61,7 +61,8 @@ def test_a_bad_guard_is_refused_before_the_run_is_read(tmp_path, guards, message
 
 def test_a_memory_budget_is_a_size_as_the_command_line_takes_it(grpo_fixture):
     """Before: replay(memory_budget="256M") was refused ('memory_budget must be an integer
-    >= 1'), though README shows `--memory-budget 256M` and the two take the same settings."""
+    >= 1'), though docs/replay.md shows `--memory-budget 256M` and the two take the same
+    settings."""
     by_size = sd.replay(grpo_fixture, "grpo", device="cpu", memory_budget="1M", guards=[])
     by_bytes = sd.replay(grpo_fixture, "grpo", device="cpu", memory_budget=2**20, guards=[])
     assert by_size.to_json() == by_bytes.to_json()
@@ -165,7 +166,7 @@ def test_a_torch_device_is_checked_as_its_name_is(grpo_fixture, device, message)
     ],
 )
 def test_a_setting_of_the_wrong_type_is_refused_naming_the_type(tmp_path, name, value, message):
-    """README: a setting of the wrong type raises UsageError naming the setting and the type
+    """docs/replay.md: a setting of the wrong type raises UsageError naming the setting and the type
     given. The numbers did not name it: threads=2.0, memory_budget=b"16M" or chunk_size="8"
     read 'threads must be an integer in [1, 256]', as if 2.0 were out of range. They now end
     ', not float' (bytes, str, ...); a number of the right type out of range keeps its words."""

@@ -204,7 +204,7 @@ def test_a_run_step_count_of_a_wrong_type_exits_3_naming_it(tmp_path: Path, step
 
 def test_a_baseline_without_policies_is_refused_saying_it_is_missing(tmp_path: Path) -> None:
     """No 'policies' key was refused as "'policies' must be an object of spec -> metrics", a
-    line about a key the file does not have. It is required (the README's table says so): the
+    line about a key the file does not have. It is required (docs/ci.md's table says so): the
     line says it is missing and that {} gates no policy, which a check then takes."""
     data = _baseline_with(("observed", "spike_steps", "value"), 100)
     del data["policies"], data["recorded"]

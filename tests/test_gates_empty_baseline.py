@@ -59,7 +59,7 @@ def test_a_baseline_that_gates_nothing_exits_3_in_a_process(tmp_path):
 
 
 def test_a_baseline_gating_no_policy_replays_the_own_policy_and_the_catalogue(tmp_path):
-    """README: with no -p, check replays exactly the baseline's policies; a baseline with
+    """docs/ci.md: with no -p, check replays exactly the baseline's policies; a baseline with
     `"policies": {}` gates none, and check then replays what replay does with no -p (the
     run's own policy and the standard catalogue), the absolute gates evaluated on each."""
     observed = {"spike_steps": {"value": 0, "abs_tol": 100}}

@@ -1179,7 +1179,7 @@ def test_a_resume_the_run_cannot_take_warns_once_and_trains(
 def test_resume_under_stabledrl_record_with_force_keeps_the_earlier_steps(
     checkpointed: dict[str, Any], tmp_path: Path
 ) -> None:
-    """The README's resume under `stabledrl record`: the resumed command needs --force (the
+    """docs/frameworks.md's resume under `stabledrl record`: the resumed command needs --force (the
     run directory is not empty), and the run keeps steps 1-2 and continues with 3-4. The
     first training is the module's checkpointed run, which is resume_train.py's (the same
     config, checkpointed every 2 steps), trained once in this process."""
@@ -1203,7 +1203,7 @@ def test_resume_under_stabledrl_record_with_force_keeps_the_earlier_steps(
 def test_a_resume_with_other_advantage_settings_keeps_the_runs_meta(
     tiny: Any, checkpointed: dict[str, Any], tmp_path: Path
 ) -> None:
-    """What the README says of a resume whose trainer makes its advantages otherwise
+    """What docs/frameworks.md says of a resume whose trainer makes its advantages otherwise
     (scale_rewards="batch", the run's "group"): the policy spec is the same, so the run
     continues (steps 3-4 replaced), and its manifest's meta is still the first training's."""
     out = tmp_path / "run"
@@ -1238,7 +1238,7 @@ def test_a_new_training_into_an_existing_run_is_refused_before_it_trains(
 def test_a_resume_by_another_policy_under_stabledrl_record_trains_and_exits_2(
     checkpointed: dict[str, Any], tmp_path: Path
 ) -> None:
-    """The README's resume under `stabledrl record --force`, with another loss_type than the
+    """docs/frameworks.md's resume under `stabledrl record --force`, with another loss_type than the
     run's: one warning line, the training runs to its end (TRL saves checkpoint-4), the run's
     steps and manifest are as they were (the `recording_closed` mark too, which record
     --force removes while the command runs and puts back, the command having changed nothing

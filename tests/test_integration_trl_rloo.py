@@ -32,7 +32,7 @@ SNIPPET_PARTS = (
     "model, tokenizer, dataset, reward = tiny_model(), tiny_tokenizer(), tiny_dataset(), count_b\n"
     "config = tiny_rloo_config('trl_out')\n"
 )
-"""What the README's RLOO snippet takes as given: the tiny run's parts."""
+"""What docs/frameworks.md's RLOO snippet takes as given: the tiny run's parts."""
 
 
 @pytest.mark.parametrize("case", list(RLOO_PARITY))
@@ -84,7 +84,7 @@ def test_own_policy_reproduces_trl_rloo(tiny: Any, tmp_path: Path, case: str) ->
 
 
 def test_readme_rloo_snippet_records_under_stabledrl_record(tmp_path: Path) -> None:
-    """The README's RLOO snippet, as written, after the tiny run's parts, under `stabledrl
+    """docs/frameworks.md's RLOO snippet, as written, after the tiny run's parts, under `stabledrl
     record`: it records into the directory `record` gives it."""
     pytest.importorskip("trl")
     (tmp_path / "train.py").write_text(SNIPPET_PARTS + block_after("trl-rloo-snippet") + "\n")

@@ -1519,7 +1519,7 @@ def test_an_out_that_names_no_directory_is_refused_at_install(out: object, messa
 def test_a_resumed_job_recorded_with_force_replaces_the_earlier_steps(
     hooked: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """What the README says of a resumed verl job: each worker numbers its steps from 0, so
+    """What docs/frameworks.md says of a resumed verl job: each worker numbers its steps from 0, so
     recording it into the earlier run's directory is refused (one warning, training goes on),
     and with overwrite (`--force`) its steps replace the earlier ones, not continue them."""
     run_dir, _ = hooked

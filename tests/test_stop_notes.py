@@ -88,8 +88,8 @@ def test_both_ranks_that_stop_in_a_shared_directory_keep_their_notes(both_stoppe
 def test_a_node_directory_without_a_manifest_keeps_its_ranks_note(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each node records into its own directory, copied into one afterwards (README: several
-    nodes). Before, rank 1's note went to a manifest its directory does not have: lost, and
+    """Each node records into its own directory, copied into one afterwards (docs/recording.md:
+    several nodes). Before, rank 1's note went to a manifest its directory does not have: lost, and
     the merged run said nothing of rank 1's stop."""
     node0, node1, merged = tmp_path / "node0", tmp_path / "node1", tmp_path / "run"
     with sd.Recorder(node0, world_size=2, rank=0) as rec:
