@@ -77,6 +77,9 @@ class BranchOutcome:
     run's recorded batches, from the branch point on."""
     replay_drift_steps: list[int] = field(default_factory=list)
     """The one-step replay's drift steps, from the branch point on."""
+    replay_unjudged: dict[str, str] = field(default_factory=dict)
+    """The replay's rules (`spike`, `drift`) that judged no step of this policy, each with why
+    (`PolicySummary.unjudged`): its steps of them say nothing."""
     span: tuple[int, int] | None = None
     """The compared span: the branch's first and last recorded step (None: it recorded none)."""
     replayed_in_span: int = 0
@@ -138,6 +141,7 @@ class BranchOutcome:
                 "collapsed_steps": list(self.replay_collapsed_steps),
                 "drift_steps": list(self.replay_drift_steps),
                 "flagged": self.replay_flagged,
+                "unjudged": dict(self.replay_unjudged),
             },
             "compared": {
                 "first": None if self.span is None else self.span[0],
@@ -357,6 +361,7 @@ def run_branches(
                 final_reward=_final_reward(branch_rewards[1]),
                 replay_collapsed_steps=[s for s in summary.collapsed_steps if s >= at_step],
                 replay_drift_steps=[s for s in summary.drift_steps if s >= at_step],
+                replay_unjudged=dict(summary.unjudged),
                 diverged_at=training.diverged_at,
             )
         )

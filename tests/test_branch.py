@@ -72,7 +72,7 @@ def test_branch_records_each_policy_as_a_run_and_reports_it_beside_the_replay(re
             "policy", "run", "steps", "collapsed", "first_reward_collapse", "not_judged",
             "final_reward", "diverged_at", "replay", "compared", "agree",
         }  # fmt: skip
-        assert set(entry["replay"]) == {"collapsed_steps", "drift_steps", "flagged"}
+        assert set(entry["replay"]) == {"collapsed_steps", "drift_steps", "flagged", "unjudged"}
         assert all(step >= 8 for step in entry["replay"]["collapsed_steps"])
         assert entry["collapsed"] is None  # 4 reward draws: the rule judges no step
         assert entry["first_reward_collapse"] is None and entry["not_judged"] is not None
@@ -198,6 +198,25 @@ def test_the_table_and_its_legend_fit_80_columns(recorded, tmp_path):
         "branch point (the original's), as the two would judge different spans"
         in " ".join(result.stdout.split())
     )
+
+
+def test_a_replay_rule_that_judged_no_step_is_named_not_shown_as_none(recorded, tmp_path):
+    """The fixture's 24 steps are fewer than the drift rule's window of 50: the replay judged
+    no step's bias. The table said 'replay drift steps: none' (JSON `drift_steps: []`) and no
+    more, where replay and tune say the rule judged nothing and its 0 says nothing."""
+    args = ["branch", str(recorded), "--at", "8", "-p", "grpo", "--rl-steps", "2"]
+    args += ["--out", str(tmp_path), "--force"]
+    result = CliRunner().invoke(app, [*args, "-f", "json"])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(result.stdout)["branches"]
+    assert entry["replay"]["drift_steps"] == []
+    why = "the drift rule judges a step after 50 finite net_push values in a row"
+    assert entry["replay"]["unjudged"]["drift"].startswith(why), entry["replay"]
+    table = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
+    assert table.exit_code == 0, table.output
+    assert max(len(line) for line in table.stdout.splitlines()) <= 80, table.stdout
+    text = " ".join(table.stdout.split())
+    assert f"replay drift steps: not judged ({why}" in text, text
 
 
 def test_a_replay_that_covers_part_of_the_branch_says_so_and_does_not_judge(recorded, tmp_path):

@@ -32,6 +32,7 @@ from stabledrl_cli.replay.report import (
     shared_widths,
     spec_room,
     stacked_width,
+    unjudged_lines,
 )
 
 LIST_LIMIT = 8
@@ -41,6 +42,11 @@ SPEC_WIDTH = 24
 past this many characters a line (fewer where the width leaves less)."""
 _HEADERS = ("branch", "replay risk steps", "replay drift steps", "compared", "agree")
 """The columns beside the policy."""
+_UNJUDGED = {
+    "drift": ("replay drift steps", "not judged", "none there says nothing"),
+    "spike": ("replay risk steps", "spikes not judged", "they count non-finite updates only"),
+}
+"""The replay's rules that may judge no step (`report.unjudged_lines`), in this table's words."""
 
 
 def _table(report: BranchReport, width: int) -> Table:
@@ -228,4 +234,6 @@ def command(
         print_json(report.to_dict())
         return
     print_fitted(_table(report, out.width), out)  # a long run path wraps, above the table
+    for line in unjudged_lines(report.replayed, _UNJUDGED):
+        out.print(line, highlight=False, soft_wrap=False)
     print_legend([LEGEND], out)

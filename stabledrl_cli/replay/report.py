@@ -377,11 +377,15 @@ _UNJUDGED_COLUMNS = {
 not judged, and what that column then shows."""
 
 
-def unjudged_lines(result: ReplayResult) -> list[str]:
+def unjudged_lines(
+    result: ReplayResult,
+    names: Mapping[str, tuple[str, str, str]] = _UNJUDGED_COLUMNS,
+) -> list[str]:
     """A line for each rule that judged no step of some policy (`PolicySummary.unjudged`),
-    naming the policies unless it is all of them: a count of 0 there is not a clean bill."""
+    naming the policies unless it is all of them: a count of 0 there is not a clean bill.
+    names: as `_UNJUDGED_COLUMNS`, for a table whose columns are named otherwise."""
     lines = []
-    for rule, (column, judged, meaning) in _UNJUDGED_COLUMNS.items():
+    for rule, (column, judged, meaning) in names.items():
         reasons: dict[str, list[str]] = {}
         for p in result.policies:
             if rule in p.summary.unjudged:
