@@ -76,3 +76,24 @@ def test_a_finished_training_notes_nothing(tmp_path: Path) -> None:
     assert "recording_stopped" not in open_run(run).manifest
     replayed = CliRunner().invoke(app, ["replay", str(run), "-p", "grpo"])
     assert replayed.exit_code == 0 and "warning" not in replayed.stderr, replayed.stderr
+
+
+def test_a_branch_of_an_interrupted_run_warns_as_replay_does(tmp_path: Path) -> None:
+    """The original stopped at step 12 of the 16 asked: branch trained to its end, 4 steps,
+    and said nothing of it, where replay, check and tune of the same run warn that the
+    recording stopped."""
+    run = tmp_path / "run"
+    plan = CheckpointPlan(directory=checkpoints_dir(run), every=8)
+    with (
+        pytest.raises(KeyboardInterrupt),
+        Recorder(run, **recorder_kwargs(CONFIG, get_policy(CONFIG.policy))) as recorder,
+    ):
+        train(
+            CONFIG, recorder=recorder, checkpoints=plan, on_step=lambda i: _ctrl_c_after(11)(i.step)
+        )
+    args = ["branch", str(run), "--at", "8", "-p", "grpo", "--out", str(tmp_path / "b")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"warning: {run}: recording stopped at step 12 (rank 0): training interrupted" in (
+        result.stderr
+    ), result.stderr

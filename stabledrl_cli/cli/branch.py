@@ -20,7 +20,8 @@ from stabledrl_cli.capture.branch_protocol import BranchRequest
 from stabledrl_cli.cli._local import local_output, local_run
 from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, number_option
 from stabledrl_cli.cli._output import Advance, err, out, print_json, progress, progress_enabled
-from stabledrl_cli.cli.replay import note_skipped
+from stabledrl_cli.cli.replay import note_skipped, note_stopped
+from stabledrl_cli.dump import open_run
 from stabledrl_cli.errors import InputError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS
 from stabledrl_cli.replay._format import format_steps
@@ -229,6 +230,7 @@ def command(
             on_branch=branches.start,
             on_step=branches.advance,
         )
+    note_stopped(open_run(run), str(run))  # the default branch ends where it stopped
     note_skipped(report.replayed)
     if output_format == "json":
         print_json(report.to_dict())
