@@ -23,8 +23,10 @@ from stabledrl_cli.importers._files import text_lines
 from stabledrl_cli.importers._table import StepTable
 
 _COLOURS = re.compile(r"\x1b\[[0-9;]*m")
-_BAR = r"\[(?:\d+:)?\d\d:\d\d(?:<[^][]*)?, [^][]*\]"
-"""The end of a tqdm progress bar: `[elapsed<remaining, rate]` (`[00:01<00:02, 1.0it/s]`)."""
+_BAR = r"\[(?:\d+:)?\d\d:\d\d(?:<[^],[]*)?, [^][]*\]"
+"""The end of a tqdm progress bar: `[elapsed<remaining, rate]` (`[00:01<00:02, 1.0it/s]`).
+The remaining time holds no comma: the first `, ` ends it, so a line of many is not split
+at each in turn (quadratic time)."""
 _STEP_LINE = re.compile(rf"(?:\([^()]*\) +)?(?:.*{_BAR})?step:(\S*)(.*)")
 _FOLDED = re.compile(r"\[repeated \d+x across cluster\]$")
 _NUMPY_NUMBER = re.compile(r"np\.(?:float|int|uint)\d*\((.*)\)")
