@@ -95,12 +95,17 @@ class StepTable:
     _made: list[int] = field(default_factory=list)
     """When `preempts`: the steps of the rows made, negated (a max-heap; a row's step may be
     there after the row is gone, or twice), for `restart`."""
+    _rekeyed: bool = False
+    """Whether `keyed_by` warned of a step key giving way."""
 
     def keyed_by(self, key: str | None, found: str, where: str) -> str:
         """`found`, a log's step key from the row at `where` on (`step_key_from`), `key` the
-        rows' before; a warning when it gives way after steps were kept: numbered by `key`
-        (W&B's `_step`), they may share numbers with the steps after."""
-        if key is not None and found != key and self.steps:
+        rows' before; a warning when it first gives way after steps were kept: numbered by
+        `key` (W&B's `_step`), they may share numbers with the steps after. Once: a W&B run
+        file may declare another step metric at each row, each warning a line and a pass
+        over the steps kept (quadratic time)."""
+        if key is not None and found != key and self.steps and not self._rekeyed:
+            self._rekeyed = True
             first, last = min(self.steps), max(self.steps)
             span = first if first == last else f"{first}..{last}"
             kept = f"{counted(len(self.steps), 'step')} ({span})"
