@@ -358,6 +358,16 @@ def test_a_step_metric_declared_again_and_again_is_warned_of_once(tmp_path: Path
     assert "steps by b from here on, the 1 step (0) before by a" in said
 
 
+def test_a_step_metric_longer_than_a_metric_name_is_refused(tmp_path: Path) -> None:
+    """A step metric of 1,000,000 characters imported with a warning line of as many (rows by
+    `_step` before it), each row's step under that key; one past a name's 256 is refused."""
+    name = "k" * 257
+    declared = proto_field(12, proto_field(2, b"*") + proto_field(4, name.encode()))
+    before = _history(("_step", "0"), ("loss", "1"))
+    raw = _blocks(before, declared, _history((name, "1"), ("loss", "1")))
+    _refused(tmp_path, raw, "a step metric name longer than 256 characters")
+
+
 def _import_raw(tmp_path: Path, raw: bytes) -> dict[str, Any]:
     (tmp_path / "run-x.wandb").write_bytes(raw)
     return _import(str(tmp_path / "run-x.wandb"), "--out", str(tmp_path / "r"), "--force")

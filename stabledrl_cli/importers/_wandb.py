@@ -187,7 +187,7 @@ def _history_or_config(
         if number == _HISTORY:
             return _row(value, table)
         if number == _METRIC:
-            return _step_metric(value)
+            return _step_metric(value, table)
         if number == _CONFIG:
             _config(value, table)
         elif number == _RUN:
@@ -283,10 +283,15 @@ def _json(raw: int | memoryview) -> object:
         return _NOT_JSON
 
 
-def _step_metric(metric: memoryview) -> str | None:
-    """A MetricRecord's step_metric when its glob_name is `*` (every metric), else None."""
+def _step_metric(metric: memoryview, table: StepTable) -> str | None:
+    """A MetricRecord's step_metric when its glob_name is `*` (every metric), else None;
+    InputError for one longer than a metric name (each warning naming the step key would be
+    as long)."""
     found = {n: text(v) for n, w, v in fields(metric) if n in (2, 4) and w == LENGTH}
-    return found.get(4) or None if found.get(2) == "*" else None
+    step_metric = found.get(4) or None if found.get(2) == "*" else None
+    if step_metric is not None and len(step_metric) > NAME_LIMIT:
+        raise InputError(f"{table.where}: a step metric name longer than {NAME_LIMIT} characters")
+    return step_metric
 
 
 def _config(config: memoryview, table: StepTable) -> None:
