@@ -1,8 +1,12 @@
-"""A custom dLLM RL loop, recorded: StableDRL's or d1's loss on the built-in tiny model.
+r"""A custom dLLM RL loop, recorded: StableDRL's or d1's loss on the built-in tiny model.
 
-    stabledrl record --out runs/custom -- python examples/custom_dllm_loop.py
-    stabledrl record --out runs/d1 -- python examples/custom_dllm_loop.py --style d1
+    stabledrl record --out runs/custom --no-optimizer-hooks -- python examples/custom_dllm_loop.py
+    stabledrl record --out runs/d1 --no-optimizer-hooks -- \
+        python examples/custom_dllm_loop.py --style d1
     python examples/custom_dllm_loop.py --out runs/custom   # a Recorder, no `record`
+
+(Its pretraining steps another optimizer first, which the optimizer hooks would count as the
+run's steps: docs/custom-loops.md.)
 
 Both styles write their loss by hand, with the variable names of the public code, and log
 each optimizer step with `log_policy_batch` (or a `Recorder`):

@@ -88,6 +88,19 @@ def test_under_the_optimizer_hooks_pretraining_numbers_the_run_as_the_page_says(
     assert said in " ".join(result.output.split())
 
 
+def test_the_examples_own_usage_records_it_as_the_page_does() -> None:
+    """The example's docstring is the first usage a reader copies: its `stabledrl record`
+    lines gave no --no-optimizer-hooks, so they recorded nothing and exited 2 (the test
+    above), where docs/custom-loops.md's commands record."""
+    text = EXAMPLE.read_text().replace("\\\n", "")  # a command continued onto the next line
+    usage = [" ".join(line.split()) for line in text.splitlines()]
+    record = [line for line in usage if line.startswith("stabledrl record")]
+    page = (ROOT / "docs" / "custom-loops.md").read_text()
+    assert len(record) == 2
+    for line in record:
+        assert "--no-optimizer-hooks" in line and line in page, line
+
+
 def test_d1_style_with_a_recorder(tmp_path: Path) -> None:
     """A Recorder made by the loop itself: unit token, the same mask for old and new."""
     run = tmp_path / "run"
