@@ -95,7 +95,7 @@ def test_the_examples_own_usage_records_it_as_the_page_does() -> None:
     text = EXAMPLE.read_text().replace("\\\n", "")  # a command continued onto the next line
     usage = [" ".join(line.split()) for line in text.splitlines()]
     record = [line for line in usage if line.startswith("stabledrl record")]
-    page = (ROOT / "docs" / "custom-loops.md").read_text()
+    page = " ".join((ROOT / "docs" / "custom-loops.md").read_text().replace("\\\n", "").split())
     assert len(record) == 2
     for line in record:
         assert "--no-optimizer-hooks" in line and line in page, line
