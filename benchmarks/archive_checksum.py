@@ -86,7 +86,7 @@ def read_steps(path: Path, layout: list[tuple[str, np.ndarray]], crc: bool = Fal
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_options(parser)
     parser.set_defaults(shape=Shape.parse(DEFAULT_SHAPE))
     parser.add_argument("--repeats", type=int, default=5)

@@ -76,7 +76,7 @@ def _row(directory: Path, archive: Path, repeats: int, probe_times: list[float])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_options(parser)
     parser.set_defaults(shape=None)
     parser.add_argument("--repeats", type=int, default=41)

@@ -278,7 +278,7 @@ def corpus(steps: int, trl_steps: int, seeds: Sequence[int]) -> list[tuple[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("phase", choices=("record", "evaluate"))
     parser.add_argument("--cache", type=Path, default=Path("runs/collapse_real"))
     parser.add_argument("--steps", type=int, default=EXAMPLE_STEPS, help="example steps")

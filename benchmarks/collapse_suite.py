@@ -349,7 +349,7 @@ def print_branches(rows: Sequence[BranchRow], write: Callable[[str], None]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("phase", choices=("record", "evaluate", "branches"))
     parser.add_argument("--cache", type=Path, default=Path("runs/collapse_suite"))
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)

@@ -88,7 +88,7 @@ def row(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5, 2.0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--fall", type=float, default=1.0)

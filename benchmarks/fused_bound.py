@@ -237,7 +237,7 @@ def least_ms(work: Callable[[], object], steps: int, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_options(parser)
     parser.add_argument("--policies", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)

@@ -228,7 +228,7 @@ def damaged(arrays: Arrays) -> list[Arrays]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_options(parser)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()

@@ -222,7 +222,7 @@ def fuzz_atheris(target: Target, seconds: float, corpus: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", choices=(*TARGETS, "all"), default="all")
     parser.add_argument("--seconds", type=float, default=60.0, help="per target")
     parser.add_argument("--engine", choices=("auto", "atheris", "random"), default="auto")

@@ -34,7 +34,7 @@ def policy_specs(count: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=Shape.parse, default=Shape.parse("1600,8,32"))
     parser.add_argument("--policies", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)

@@ -38,7 +38,7 @@ from stabledrl_cli.replay.step_data import Arrays
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_options(parser)
     parser.add_argument("--policies", help="comma-separated specs (default: the catalogue)")
     parser.add_argument("--top", type=int, default=12)

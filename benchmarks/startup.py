@@ -54,7 +54,7 @@ def imports_torch(command: list[str]) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7, help="timed runs per command")
     args = parser.parse_args()
     print(f"{'command':<26} {'median s':>9} {'min s':>7} {'max s':>7}  torch")

@@ -93,7 +93,7 @@ def step_times(recorded: bool, steps: int, loss_type: str, work: Path) -> list[f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--loss-type", default="dapo")

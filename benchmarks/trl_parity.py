@@ -69,7 +69,7 @@ def parity(name: str, where: Path) -> tuple[str, float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS), help="these configurations")
     parser.add_argument(
         "--trainer", choices=["grpo", "rloo"], help="the configurations of this trainer only"

@@ -47,7 +47,7 @@ def seconds(run_path: Path, specs: list[str], *, lean: bool = False) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=HERE.parent / "fixtures" / "grpo")
     parser.add_argument("--shape", help="STEPS,SEQS,LEN: a synthetic run instead of --run")
     parser.add_argument("--repeats", type=int, default=5)

@@ -3,9 +3,11 @@ usage line (argparse's exit 2), instead of running and dying on an empty median.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
+import runpy
 import shlex
 import subprocess
 import sys
@@ -194,3 +196,26 @@ def test_collapse_real_records_and_evaluates_one_short_run_of_each_kind(
         "recorded_spikes", "nonfinite", "risk_steps", "bias_steps",
     }  # fmt: skip
     assert set(report["runs"][0]["label"]) == {"collapsed", "reason", "best", "last", "rollouts"}
+
+
+COMMANDS = sorted(
+    path for path in (ROOT / "benchmarks").glob("*.py") if "ArgumentParser(" in path.read_text()
+)
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=[path.stem for path in COMMANDS])
+def test_a_benchmarks_help_says_its_whole_first_paragraph(
+    path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--help` describes a benchmark by its docstring's first paragraph, not its first line
+    (flat_likelihood_warning.py's stopped at '... never fell, and')."""
+    monkeypatch.syspath_prepend(str(path.parent))
+    monkeypatch.setattr(sys, "argv", [path.name, "--help"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(path), run_name="__main__")
+    assert done.value.code == 0
+    docstring = ast.get_docstring(ast.parse(path.read_text()))
+    assert docstring
+    paragraph = " ".join(docstring.split("\n\n")[0].split())
+    shown = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
+    assert paragraph.replace("- ", "-") in shown
