@@ -101,6 +101,17 @@ def test_integer_keys_keep_the_values_written():
         expand("clip-cov:seed=1.4|2")
 
 
+def test_spaces_around_a_grids_parts_are_left_out_as_replay_leaves_them():
+    """`dapo:eps_high=0.2 .. 0.3:2` was refused ('expects a number, got '0.2 '') where
+    `replay -p 'dapo:eps_high= 0.3'` takes the value."""
+    assert grid_values(" 0.2 .. 0.3 : 2", "x") == ["0.2", "0.3"]
+    assert grid_values("0.1 ..10: log3", "x") == ["0.1", "1", "10"]
+    assert expand("dapo:eps_high=0.2 .. 0.3:2") == [
+        "dapo:eps_high=0.2",
+        "dapo:eps_high=0.3",
+    ]
+
+
 def test_integer_key_grids_are_exact_past_float_precision():
     """A range over an integer key was computed in floats: `seed=9007199254740993..
     9007199254740995:3` tuned seeds ...992, ...994 and ...996, neither end written, and

@@ -36,10 +36,12 @@ SWEEP_SYNTAX = "NAME:key=LOW..HIGH:N, key=LOW..HIGH:logN, key=A|B|C or key=VALUE
 
 def _range(text: str) -> tuple[str, str, bool, str] | None:
     """LOW..HIGH:N or LOW..HIGH:logN -> (LOW, HIGH, log, N); None for other text. LOW is the
-    text before the first `..` (`.1...5:3` is .1 to .5). Linear in the text's length (a
+    text before the first `..` (`.1...5:3` is .1 to .5); spaces around each part are left
+    out, as `replay -p` leaves them around a value. Linear in the text's length (a
     backtracking pattern took quadratic time on a value of many dots)."""
     head, colon, count = text.rpartition(":")
-    low, dots, high = head.partition("..")
+    low, dots, high = (part.strip() for part in head.partition(".."))
+    count = count.strip()
     log = count.startswith("log")
     digits = count.removeprefix("log")
     ok = colon and dots and low and high and ":" not in head
