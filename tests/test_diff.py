@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _cli import run_cli, run_cli_together
+from _cli import run_cli_together
 from _corpus import flip_bit, read_step, rewrite_step, step_path, tiny_run
 from conftest import fixture_run
 from typer.testing import CliRunner
@@ -220,8 +220,8 @@ def test_two_fresh_records_of_one_seed_are_identical(tmp_path):
         *(["record", "--rl-steps", 6, "--seed", 5, "--device", "cpu", "--out", o] for o in outs)
     )
     assert [done.returncode for done in records] == [0, 0], records[0].stderr
-    done = run_cli("diff", *outs, "--until", "6", "--format", "json")
-    assert done.returncode == 0
+    done = CliRunner().invoke(app, ["diff", *map(str, outs), "--until", "6", "--format", "json"])
+    assert done.exit_code == 0, done.stderr
     data = json.loads(done.stdout)
     assert data["identical"] and data["compared"] == 6
 
@@ -376,8 +376,8 @@ def test_a_run_whose_every_step_is_torn_names_them_beside_its_error(grpo_fixture
     shutil.copytree(grpo_fixture, torn)
     for path in (torn / "steps").iterdir():
         path.write_bytes(path.read_bytes()[:500])
-    result = run_cli("diff", torn, grpo_fixture, "--device", "cpu", timeout=120)
-    assert result.returncode == 3, result.stderr
+    result = CliRunner().invoke(app, ["diff", str(torn), str(grpo_fixture), "--device", "cpu"])
+    assert result.exit_code == 3, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"warning: {torn}: skipped 160 unreadable")
     assert lines[1].startswith("error: ") and "share no step" in lines[1]
@@ -395,8 +395,8 @@ def test_runs_of_different_units_are_not_compared(tmp_path):
     manifest = json.loads((b / "manifest.json").read_text())
     manifest["unit"] = "token"
     (b / "manifest.json").write_text(json.dumps(manifest))
-    done = run_cli("diff", a, b, "--device", "cpu")
-    assert done.returncode == 3, done.stderr
+    done = CliRunner().invoke(app, ["diff", str(a), str(b), "--device", "cpu"])
+    assert done.exit_code == 3, done.stderr
     assert done.stderr.splitlines() == [
         f"error: {a} records sequence entries, {b} token entries: their steps are not comparable"
     ]
@@ -499,8 +499,8 @@ def test_runs_that_share_no_readable_step_are_exit_3(tmp_path):
     for n in range(3):
         path = step_path(b, n)
         flip_bit(path, path.stat().st_size - 1)
-    done = run_cli("diff", a, b, "--device", "cpu")
-    assert done.returncode == 3, done.stderr
+    done = CliRunner().invoke(app, ["diff", str(a), str(b), "--device", "cpu"])
+    assert done.exit_code == 3, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 4 and all("checksum" in line for line in lines[:3])
     assert lines[3] == f"error: {a} and {b} share no step: nothing to compare"
