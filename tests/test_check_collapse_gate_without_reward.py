@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from _cli import run_cli
 from typer.testing import CliRunner
 
 from stabledrl_cli.cli.app import app
@@ -34,8 +33,8 @@ def test_a_run_without_a_reward_trips_the_collapse_gate(tmp_path):
     (gate,) = json.loads(result.stdout)["gates"]
     assert gate["gate"] == "reward_collapse" and not gate["ok"]
     assert "recorded no reward_mean" in gate["message"]
-    done = run_cli("check", run, "--fail-on-collapse")
-    assert done.returncode == 1, done.stderr
+    done = runner.invoke(app, ["check", str(run), "--fail-on-collapse"])
+    assert done.exit_code == 1, done.stderr
     assert "(run) reward_collapse: the run recorded no reward_mean" in done.stderr
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from _cli import run_cli
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -50,8 +49,8 @@ def test_max_discard_frac_trips_on_a_policy_whose_every_update_is_non_finite(tmp
         "every replayed step's update is non-finite (12 steps): there is no discard fraction "
         "to gate"
     )
-    done = run_cli("check", run, "-p", "grpo", "--max-discard-frac", "0")
-    assert done.returncode == 1, done.stderr
+    done = runner.invoke(app, ["check", str(run), "-p", "grpo", "--max-discard-frac", "0"])
+    assert done.exit_code == 1, done.stderr
     assert "grpo max_discard_frac: every replayed step's update is non-finite" in done.stderr
     finite = _run(tmp_path / "finite", logp_nan=False)
     code, (gate,) = _gates(str(finite), "-p", "grpo", "--max-discard-frac", "1")

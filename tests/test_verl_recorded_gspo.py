@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _cli import run_cli
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
@@ -97,7 +96,7 @@ def test_other_recordings_replay_their_own_spec_as_written(
 def test_the_recorded_spec_given_by_hand_is_replayed_as_written(tmp_path: Path) -> None:
     """-p names exactly what is replayed: the recorded spec, no longer the run's own."""
     run = recorded_run(tmp_path / "run", OLD_SPEC, VERL_META)
-    done = run_cli("replay", run, "-p", OLD_SPEC, "--format", "json")
-    assert done.returncode == 0, done.stderr
+    done = CliRunner().invoke(app, ["replay", str(run), "-p", OLD_SPEC, "--format", "json"])
+    assert done.exit_code == 0, done.stderr
     (row,) = json.loads(done.stdout)["policies"]
     assert (row["spec"], row["own"]) == (OLD_SPEC, False)
