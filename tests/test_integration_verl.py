@@ -24,7 +24,7 @@ import torch
 
 verl = pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
 
-from _cli import cli_environment, record_python, run_cli  # noqa: E402
+from _cli import cli_environment, record_python  # noqa: E402
 from _ports import free_port  # noqa: E402
 from _steps import policy_batch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
@@ -1370,7 +1370,7 @@ def test_a_baseline_from_verls_log_gates_the_recorded_run(
         tracking.log(data=metrics, step=step)
     tracking.logger["file"].finish()
     imported = tmp_path / "imported"
-    assert run_cli("import", log, "--out", imported).returncode == 0
+    assert CliRunner().invoke(app, ["import", str(log), "--out", str(imported)]).exit_code == 0
     series = [recorded_run(open_run(r), observe(open_run(r))).series for r in (run.path, imported)]
     for name in ("clip_frac", "kl", "grad_norm", "loss", "actor/pg_loss", "actor/ppo_kl"):
         mine, theirs = series[0][name], series[1][name]
@@ -1380,7 +1380,8 @@ def test_a_baseline_from_verls_log_gates_the_recorded_run(
             assert mine.stat(stat) == pytest.approx(theirs.stat(stat), rel=1e-6), (name, stat)
     for source, other in ((imported, run.path), (run.path, imported)):
         baseline = tmp_path / f"{source.name}.json"
-        assert run_cli("check", source, "--write-baseline", baseline).returncode == 0
+        written = CliRunner().invoke(app, ["check", str(source), "--write-baseline", str(baseline)])
+        assert written.exit_code == 0, written.stderr
         figures = json.loads(baseline.read_text())
         figures["policies"] = {}
         figures["observed"] = {"nonfinite_steps": figures["observed"]["nonfinite_steps"]}
@@ -1388,8 +1389,8 @@ def test_a_baseline_from_verls_log_gates_the_recorded_run(
             assert set(figures["recorded"]) >= {"clip_frac", "kl", "grad_norm"}
             figures["recorded"].pop("reward_mean")  # the log above has no score
         baseline.write_text(json.dumps(figures))
-        gated = run_cli("check", other, "-b", baseline)
-        assert gated.returncode == 0, gated.stdout + gated.stderr
+        gated = CliRunner().invoke(app, ["check", str(other), "-b", str(baseline)])
+        assert gated.exit_code == 0, gated.stdout + gated.stderr
 
 
 def test_verls_logged_lr_is_imported_as_the_lr_the_recorded_step_used(
@@ -1408,8 +1409,9 @@ def test_verls_logged_lr_is_imported_as_the_lr_the_recorded_step_used(
     for step, metrics in enumerate(logged, start=1):  # RayPPOTrainer.fit's steps
         tracking.log(data=metrics, step=step)
     tracking.logger["file"].finish()
-    done = run_cli("import", log, "--out", tmp_path / "imported", "--format", "json")
-    assert done.returncode == 0, done.stderr
+    imported_to = str(tmp_path / "imported")
+    done = CliRunner().invoke(app, ["import", str(log), "--out", imported_to, "--format", "json"])
+    assert done.exit_code == 0, done.stderr
     assert (
         "actor/lr logged at step s is the learning rate set after step s's update"
         in (json.loads(done.stdout)["warnings"][0])
