@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from typer.testing import CliRunner
+
+from stabledrl_cli.cli.app import app
+
 SCRIPT = """
 import sys, torch
 torch.manual_seed(0)
@@ -49,13 +53,7 @@ def test_a_script_that_exits_with_its_own_error_code_is_noted(tmp_path: Path) ->
         "rank": 0,
         "reason": "training command exited with code 3 after step 2",
     }
-    inspected = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "inspect", str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "400"},
-    )
+    inspected = CliRunner().invoke(app, ["inspect", str(tmp_path / "run")], env={"COLUMNS": "400"})
     assert "stopped at step 3 (rank 0): training command exited with code 3" in inspected.stdout
 
 
