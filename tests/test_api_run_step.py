@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 import stabledrl_cli as sd
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import RunIntegrityWarning, pack_run
 from stabledrl_cli.errors import InputError, UsageError
 
@@ -180,12 +180,8 @@ def test_inspect_counts_each_step_of_inner_step_once(tmp_path: Path) -> None:
     with sd.Recorder(tmp_path / "run", policy=None) as recorder:
         for n in range(12):
             recorder.log_step(n, loss=float(n), inner_step=n % 4)
-    done = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "inspect", str(tmp_path / "run"), "-f", "json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    done = CliRunner().invoke(app, ["inspect", str(tmp_path / "run"), "-f", "json"])
+    assert done.exit_code == 0, done.stderr
     inner = json.loads(done.stdout)["series"]["inner_step"]
     assert inner["steps"] == 12
     assert inner["tail"] == pytest.approx(np.mean([n % 4 for n in range(2, 12)]))

@@ -5,8 +5,6 @@ every gate: the JSON counted them and a warning named them, but nothing failed."
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from _corpus import step_path, tiny_run
@@ -78,11 +76,6 @@ def test_a_scalar_run_is_gated_too(tmp_path):
 
 def test_a_negative_limit_is_a_usage_error(tmp_path):
     run = tiny_run(tmp_path / "run", steps=4)
-    result = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "check", str(run), "--max-lost-steps", "-1"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 2, result.stderr
+    result = runner.invoke(app, ["check", str(run), "--max-lost-steps", "-1"])
+    assert result.exit_code == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith("must be >= 0, got -1"), result.stderr

@@ -5,11 +5,12 @@ user's file, never listed as a checkpoint (nor deleted as one by a run recorded 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
+from typer.testing import CliRunner
+
 from stabledrl_cli.capture.branch_protocol import CHECKPOINTS_DIR, list_checkpoints
+from stabledrl_cli.cli.app import app
 from stabledrl_cli.example.checkpoint import checkpoint_files
 
 ODD_NAMES = ("step-00000001.pt\n", "step-\u0660\u0660\u0660\u0660\u0660\u0660\u0660\u0663.pt",
@@ -29,10 +30,7 @@ def test_only_the_writers_names_are_checkpoints(tmp_path: Path) -> None:
 
 
 def test_a_gpu_index_in_other_digits_is_no_device() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "replay", "fixtures/grpo", "--device",
-         "cuda:\u0661"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
-    )  # fmt: skip
-    assert done.returncode == 2
+    grpo = Path(__file__).resolve().parents[1] / "fixtures" / "grpo"
+    done = CliRunner().invoke(app, ["replay", str(grpo), "--device", "cuda:\u0661"])
+    assert done.exit_code == 2
     assert "is not one of auto, cpu, cuda, cuda:N, mps" in done.stderr

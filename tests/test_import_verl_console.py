@@ -185,11 +185,8 @@ def test_a_line_that_was_read_in_quadratic_time_is_read_in_linear_time(tmp_path,
 def test_a_log_of_no_known_kind_names_what_was_looked_for(tmp_path):
     log = tmp_path / "train.log"
     log.write_text("epoch 1 loss 0.5\nepoch 2 loss 0.4\n", encoding="utf-8")
-    result = subprocess.run(
-        [sys.executable, "-m", "stabledrl_cli", "import", str(log), "--out", str(tmp_path / "r")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 3
+    result = CliRunner().invoke(app, ["import", str(log), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 3
     assert result.stderr.strip().splitlines() == [
         f"error: {log}: cannot tell what kind of log this is (no JSON, CSV or TensorBoard data, "
         "no verl console line `step:N - name:value` in its first 64 MiB); pass --format-in"
