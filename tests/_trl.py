@@ -47,12 +47,18 @@ def child_env() -> dict[str, str]:
 
 
 def train(
-    tiny: Any, out: Path, *, rloo: bool = False, callbacks: list[Any] | None = None, **config: Any
+    tiny: Any,
+    out: Path,
+    *,
+    rloo: bool = False,
+    callbacks: list[Any] | None = None,
+    peft_config: Any = None,
+    **config: Any,
 ) -> Any:
     """The tiny run recorded into `out` by RecordingGRPOTrainer (RecordingRLOOTrainer when
-    `rloo`) with these config overrides and the trainer's `callbacks`, trained; returns the
-    trainer. beta > 0 loads the model from a directory (TRL builds the reference model from
-    its path)."""
+    `rloo`) with these config overrides, the trainer's `callbacks` and `peft_config` (a LoRA
+    adapter), trained; returns the trainer. beta > 0 loads the model from a directory (TRL
+    builds the reference model from its path)."""
     from stabledrl_cli.integrations import trl as integration
 
     model = (
@@ -67,6 +73,7 @@ def train(
         train_dataset=tiny.tiny_dataset(),
         processing_class=tiny.tiny_tokenizer(),
         callbacks=callbacks,
+        peft_config=peft_config,
         stabledrl_out=out,
     )
     trainer.train()

@@ -516,6 +516,36 @@ def test_own_policy_reproduces_trl(tiny: Any, tmp_path: Path, case: str) -> None
     assert ("loss_weight" in step) == bool(weighted)
 
 
+def test_a_lora_run_with_beta_checkpointing_and_bf16_weights_replays_trls_log(
+    tiny: Any, tmp_path: Path
+) -> None:
+    """LoRA as most users train: a peft adapter on bf16 base weights, gradient checkpointing,
+    beta > 0 (TRL's reference log-probs from the model with its adapter disabled). The run
+    records logp_ref, TRL's grad norms and kl, and its own policy replays TRL's loss and
+    clip ratios."""
+    peft = pytest.importorskip("peft", reason="the LoRA test needs peft (pip install -e '.[dev]')")
+    out = tmp_path / "run"
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    config = {"gradient_checkpointing": True, "model_init_kwargs": {"dtype": "bfloat16"}}
+    trainer = train(tiny, out, peft_config=lora, loss_type="grpo", beta=0.1, **config)
+    trained = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
+    assert isinstance(trainer.model, peft.PeftModel)
+    assert trained == {torch.float32} and frozen == {torch.bfloat16}
+    spec = "grpo:beta=0.1,kl_is=token"
+    _assert_matches_trl(out, spec, trainer.state.log_history)
+    logged = logged_steps(trainer.state.log_history)
+    for step in sd.open_run(out):
+        assert "logp_ref" in step
+        assert step.scalars["kl"] == pytest.approx(logged[step.step]["kl"], rel=1e-6, abs=1e-9)
+    own = sd.replay(out, [spec], device="cpu").own
+    assert own is not None
+    for i, number in enumerate(own.series["step"].tolist()):
+        for column, name in TRL_METRICS.items():
+            assert own.series[column][i] == pytest.approx(logged[number][name], abs=1e-6)
+    assert max(logged[n]["kl"] for n in logged) > 0  # the adapter moved off the reference
+
+
 def test_inner_step_counts_the_updates_since_the_steps_oldest_rollout(
     tiny: Any, tmp_path: Path
 ) -> None:
