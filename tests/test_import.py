@@ -74,6 +74,18 @@ def test_the_docs_document_every_key_of_the_import_json(tmp_path: Path) -> None:
     assert documented == set(summary), documented ^ set(summary)
 
 
+def test_the_help_names_every_kind_of_log_import_reads() -> None:
+    """`stabledrl --help` and `import --help` (each one line) named four kinds of log,
+    stopping at TensorBoard, where import reads W&B's run file and verl's console too."""
+    kinds = ("trainer_state", "JSON", "CSV", "TensorBoard", "W&B", "verl")
+    for args in (["--help"], ["import", "--help"]):
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.stdout.split())
+        said = text[text.index("Import a log") :].split(". ")[0]
+        assert all(kind in said for kind in kinds), (args, said)
+
+
 def test_a_log_whose_file_name_is_not_utf8_imports_to_a_readable_run(tmp_path: Path) -> None:
     """The manifest's source.file names the log escaped. Before, the name's lone surrogate
     went into the manifest, which every reader then refused (exit 3: a string with a lone

@@ -55,7 +55,7 @@ COMMANDS: dict[str, CommandEntry] = {
     ),
     "import": CommandEntry(
         "stabledrl_cli.cli.import_",
-        "Import a logged run (trainer_state.json, JSONL, CSV, TensorBoard).",
+        "Import a log: trainer_state, JSONL, CSV, TensorBoard, W&B, verl.",
         (
             "stabledrl import outputs/trainer_state.json --out runs/logged",
             "stabledrl import runs/tb/ --out runs/tb-run --format json",

@@ -76,9 +76,9 @@ def command(
     ] = None,
     output_format: FormatOpt = "table",
 ) -> None:
-    """Import a logged run (TRL/transformers trainer_state.json, JSON lines, CSV, TensorBoard)
-    as a scalar run that inspect and check read: known metrics under the run's standard names,
-    the others kept as extra scalars."""
+    """Import a logged run (TRL/transformers trainer_state.json, JSON lines, CSV, TensorBoard,
+    a W&B run file, verl's console output) as a scalar run that inspect and check read: known
+    metrics under the run's standard names, the others kept as extra scalars."""
     span = None if reward_range is None else reward_range_text(reward_range, "--reward-range")
     run = local_output(out_arg, "import", "its run")
     if run.is_dir() and any(run.iterdir()):
