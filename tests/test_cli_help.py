@@ -94,6 +94,15 @@ def test_debug_is_accepted_anywhere_on_the_line():
         assert result.exit_code == 2 and "Traceback" in result.stderr
 
 
+def test_the_debug_help_says_where_the_flag_is_taken():
+    """After a bare `--` the flag is an argument (of `record`'s command): the help said
+    '(anywhere on the line)', which the README and docs/exit-codes.md no longer say."""
+    result = CliRunner().invoke(app, ["policies", "-p", "nope", "--", "--debug"])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert "unexpected extra argument(s) (--debug)" in result.stderr
+    assert "errors (anywhere on the line before a bare --)" in " ".join(_help([], 80).split())
+
+
 def test_record_groups_the_examples_options_in_their_own_panel():
     text = _help(["record"], 100)
     assert "\nBuilt-in example:\n" in text and "Example:" not in text

@@ -316,7 +316,8 @@ def create_app() -> typer.Typer:
             bool,
             typer.Option(
                 _DEBUG_FLAG,
-                help="Show tracebacks instead of one-line errors (anywhere on the line).",
+                help="Show tracebacks instead of one-line errors (anywhere on the line before a "
+                "bare --).",
             ),
         ] = False,
         version: Annotated[
