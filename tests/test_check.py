@@ -625,7 +625,7 @@ def test_tolerance_rule():
     ],
 )
 def test_a_figure_exactly_at_the_bound_passes(value, worse, abs_tol, rel_tol, bound):
-    """The bound is the decimal sum of the numbers the baseline writes, as the README states
+    """The bound is the decimal sum of the numbers the baseline writes, as docs/ci.md states
     it: a figure exactly there passes, and under --strict the mirror bound is no improvement."""
     tol = Tolerance(value=value, worse=worse, abs_tol=abs_tol, rel_tol=rel_tol)
     assert tol.limit() == bound and not tol.tripped(bound)
