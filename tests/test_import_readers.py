@@ -1182,19 +1182,24 @@ def test_a_log_newest_first_keeps_every_step(tmp_path: Path, suffix: str) -> Non
     assert table.preempted == 0 and table.replaced == 0
 
 
-@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "json"])
 def test_a_jsonl_or_csv_log_appended_across_a_restart_drops_the_dead_runs_later_steps(
     tmp_path: Path, suffix: str
 ) -> None:
     """A run that logged steps 1-4, restarted from a checkpoint at step 2 and appended steps
     2-3 to its log: the import kept the dead run's step 4 (loss 4.0, as if the restart had got
     there); as TensorBoard's reader does, a row going back in steps drops its metrics' later
-    steps (`preempted`). A metric the restart did not log again keeps its steps."""
+    steps (`preempted`). A metric the restart did not log again keeps its steps. The same
+    rows as a JSON array (a W&B history exported with pandas' to_json(orient="records")) kept
+    the dead run's step 4 too."""
     rows = [(1, 1.0, 0.5), (2, 2.0, 0.5), (3, 3.0, 0.5), (4, 4.0, 0.5), (2, 20.0, None)]
     rows += [(3, 30.0, None)]
     path = tmp_path / f"log.{suffix}"
+    objects = [{"step": s, "loss": v, **({"lr": lr} if lr else {})} for s, v, lr in rows]
     if suffix == "jsonl":
-        _jsonl(path, [{"step": s, "loss": v, **({"lr": lr} if lr else {})} for s, v, lr in rows])
+        _jsonl(path, objects)
+    elif suffix == "json":
+        path.write_text(json.dumps(objects))
     else:
         lines = ["step,loss,lr"] + [f"{s},{v},{'' if lr is None else lr}" for s, v, lr in rows]
         path.write_text("\n".join(lines) + "\n")

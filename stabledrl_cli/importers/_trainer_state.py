@@ -6,6 +6,9 @@ Each entry of `log_history` is one logged row with its `step` (the optimizer ste
 rows have theirs under the key given, else as JSON lines' rows (`step_key_from`: the first of
 `STEP_KEYS` its first row has, W&B's `_step` giving way to another; `step` in a
 log_history).
+An array's rows are JSON lines' in other framing: a row that goes back in steps is a restarted
+run's, dropping its metrics' later steps (`StepTable.preempts`); a trainer_state.json's
+log_history is restored from its checkpoint by a resumed run, so its later row of a step wins.
 Evaluation rows (`eval_*` metrics) and the end-of-training summary (`train_runtime`,
 `train_loss`, ...) are skipped; NaN and Infinity, which Python's JSON writer emits, are read
 as such. The file's `logging_steps` (a whole number >= 1) says the rows were written every k
@@ -71,7 +74,7 @@ def read_trainer_state(path: Path, step_key: str | None = None) -> StepTable:
         raise InputError(
             f"{path}: not a trainer_state.json (no log_history list, nor a list of its rows)"
         )
-    table = StepTable(str(path))
+    table = StepTable(str(path), preempts=history is document)  # an array: JSON lines' rows
     key: str | None = "step"
     if isinstance(document, dict):
         if step_key is not None:
