@@ -33,6 +33,7 @@ from stabledrl_cli.capture.branch_protocol import (
 )
 from stabledrl_cli.dump import Run, open_run
 from stabledrl_cli.dump._directory import symlink_refused
+from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.dump._setup import directory_or_nothing
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.example.config import MAX_RL_STEPS, refuse_untrainable
@@ -283,7 +284,8 @@ def run_branches(
     """
     if not policies:
         raise UsageError("name at least one policy to branch with")
-    original = open_run(run_dir)  # first: a folder that is no run is not a run without checkpoints
+    # first: a folder that is no run is not a run without checkpoints
+    original = open_snapshot(run_dir)
     at_step, checkpoint = checkpoint_for(run_dir, at)
     last = max(original.step_numbers, default=None)
     if last is not None and last < at_step:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from _corpus import step_path, tiny_run
 from typer.testing import CliRunner
 
@@ -140,3 +141,53 @@ def test_a_step_skipped_at_packing_is_not_also_missing(tmp_path):
         assert len(warnings) == 1 and "step 5: torn" in warnings[0], result.stderr
         data = json.loads(result.stdout)
         assert (data["skipped_steps"], data["missing_steps"]) == (1, 0)
+
+
+def _live_batch(step: int, collapsed_from: int) -> dict[str, torch.Tensor]:
+    reward = torch.zeros(2) if step >= collapsed_from else torch.tensor([1.0, 0.0])
+    ones = torch.ones(2, 3)
+    return {
+        "logp": -ones,
+        "logp_old": -ones,
+        "advantages": torch.tensor([1.0, -1.0]),
+        "mask": ones,
+        "reward": reward,
+    }
+
+
+def test_a_replay_of_a_live_run_reads_one_snapshot(tmp_path):
+    """Steps that landed while a replay ran were read by its observed rules only: 6 steps
+    replayed, yet 'first_reward_collapse' 35, a step it never read. Every figure now comes from
+    the steps listed when the replay began."""
+    from stabledrl_cli.dump import open_run
+    from stabledrl_cli.replay.engine import replay_run
+
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(6):
+            rec.log_step(step, **_live_batch(step, 30))
+
+        def record_more(_: int) -> None:
+            while rec.last_step < 40:
+                rec.log_step(rec.last_step + 1, **_live_batch(rec.last_step + 1, 30))
+
+        result = replay_run(open_run(run), ["grpo"], progress=record_more)
+    assert result.steps == 6 and result.observed.first_reward_collapse is None
+    data = json.loads(result.to_json())
+    assert data["steps"] == 6 and data["observed"]["first_reward_collapse"] is None
+
+
+def test_replay_of_a_live_run_says_up_to_which_step_it_read(tmp_path):
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(3):
+            rec.log_step(step, **_live_batch(step, 30))
+        live = runner.invoke(app, ["replay", str(run), "--policy", "grpo"])
+    closed = runner.invoke(app, ["replay", str(run), "--policy", "grpo"])
+    assert live.exit_code == closed.exit_code == 0, live.output
+    said = " ".join(live.stderr.split())
+    assert (
+        f"warning: {run} is being recorded now (a live Recorder holds it); the replay read the "
+        "3 steps listed when the replay began (to step 2)"
+    ) in said
+    assert "being recorded" not in closed.stderr

@@ -35,6 +35,7 @@ import typer
 from rich.table import Table
 
 from stabledrl_cli._url import redacted
+from stabledrl_cli.cli._live import note_live
 from stabledrl_cli.cli._options import (
     BaselineCollapseWindowOpt,
     BaselineDriftThresholdOpt,
@@ -72,8 +73,9 @@ from stabledrl_cli.cli.replay import (
     same_file,
     warn_damaged,
 )
-from stabledrl_cli.dump import Run, open_run
+from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._integrity import Gap, integrity_warnings_ignored, missing_count
+from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay._format import format_figure
@@ -471,7 +473,7 @@ def command(
     specs = list(policy or (baseline.policies if baseline else ())) or None
     chosen = replay_engine(engine, workers, ray_address)
 
-    opened = open_run(run)
+    opened = open_snapshot(run)
     started = time.perf_counter()
     result: ReplayResult | None = None
     if is_scalar_run(opened):
@@ -487,6 +489,7 @@ def command(
         print_own_policy_note(opened, err)
         note_skipped(result)
         observed, skipped, missing = result.observed, result.skipped, result.missing
+    note_live(opened, run, "the check read", "check")
     note_stopped(opened, redacted(run))  # a run cut short passes its gates on fewer steps
     with integrity_warnings_ignored():
         recorded = recorded_run(opened, observed)

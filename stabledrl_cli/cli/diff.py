@@ -20,7 +20,8 @@ from rich.table import Table
 from stabledrl_cli.cli._options import RUN_SOURCE_HELP, DeviceOpt, FormatOpt, number_option
 from stabledrl_cli.cli._output import err, out, plain_text, print_json
 from stabledrl_cli.cli.replay import option_names
-from stabledrl_cli.dump import RunIntegrityWarning, open_run
+from stabledrl_cli.dump import RunIntegrityWarning
+from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay._format import format_cell
 from stabledrl_cli.replay.config import SPIKE_MIN_HISTORY, ReplayConfig
@@ -216,7 +217,7 @@ def command(
     device: DeviceOpt = "auto",
 ) -> None:
     """Where two runs first part: inputs, log-probs, scalars, and the figures around it."""
-    first, second = open_run(run_a), open_run(run_b)
+    first, second = open_snapshot(run_a), open_snapshot(run_b)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RunIntegrityWarning)
         try:

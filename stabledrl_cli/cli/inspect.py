@@ -23,7 +23,7 @@ from rich.table import Table
 
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import out, print_json
-from stabledrl_cli.dump import open_run
+from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY, STOP_RESUMED
 from stabledrl_cli.errors import LINE_BREAKS, counted, one_line
 from stabledrl_cli.replay._format import format_number, format_steps
@@ -435,7 +435,7 @@ def _observed_table(s: RunSummary) -> Table:
 
 def command(run: RunSourceArg, output_format: FormatOpt = "table") -> None:
     """Show what a run recorded, its integrity, and its observed behaviour."""
-    summary = summarize(open_run(run))
+    summary = summarize(open_snapshot(run))
     if output_format == "json":
         print_json(summary.to_dict())
     else:

@@ -23,11 +23,13 @@ from typing import Annotated
 import typer
 
 from stabledrl_cli._url import redacted
+from stabledrl_cli.cli._live import note_live
 from stabledrl_cli.cli._local import local_output
 from stabledrl_cli.cli._options import FormatOpt, RunSourceArg
 from stabledrl_cli.cli._output import err, is_standard_output, out, print_json, progress
 from stabledrl_cli.cli._signals import stopped_by_sigterm
-from stabledrl_cli.dump import FORMAT_VERSION, open_run, pack_run
+from stabledrl_cli.dump import FORMAT_VERSION, pack_run
+from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.dump._packer import check_pack_target
 from stabledrl_cli.errors import UsageError, counted, quoted
 from stabledrl_cli.vocab import PackCompression
@@ -60,7 +62,7 @@ def command(
     """Pack a run (a path or a URL) into one HDF5 file (chunked, checksummed, compressed);
     open_run, replay and check read it."""
     local_output(archive, "pack", "OUT.h5")  # not a URL, not empty
-    opened = open_run(run)  # its manifest: a missing run is named first
+    opened = open_snapshot(run)  # its manifest: a missing run is named first
     # Before any step is read; from the name as given: a trailing / names a directory.
     target = check_pack_target(archive, opened, force, to_force="pass --force")
     # An archive piped on (`pack RUN /dev/stdout --force | ...`): its summary goes to stderr.
@@ -75,14 +77,7 @@ def command(
         summary = pack_run(
             opened, target, force=force, progress=advance, compression=compression, listed=listed
         )
-    if "held" in (opened.recorder_states() or {}).values():
-        since = len(set(opened.listed_whole_step_numbers).difference(listed))
-        err.print(
-            f"warning: {redacted(run)} is being recorded now (a live Recorder holds it); the "
-            f"archive holds the {counted(summary.steps, 'step')} listed when the pack began"
-            + (f", not the {counted(since, 'step')} finished since" if since else ""),
-            highlight=False,
-        )
+    note_live(opened, run, "the archive holds", "pack")
     if summary.left_out:
         branch = " (stabledrl branch reads checkpoints/ there)"
         branch = branch if "checkpoints/" in summary.left_out else ""

@@ -27,6 +27,7 @@ import typer
 
 from stabledrl_cli._atomic import missing_directory, write_error
 from stabledrl_cli._url import redacted
+from stabledrl_cli.cli._live import note_live
 from stabledrl_cli.cli._options import (
     ChunkSizeOpt,
     CollapseWindowOpt,
@@ -48,7 +49,8 @@ from stabledrl_cli.cli._options import (
 from stabledrl_cli.cli._output import err, is_standard_output, out, progress, stdout_written
 from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.cli._writes import raise_unwritten, write_outputs
-from stabledrl_cli.dump import Run, open_run
+from stabledrl_cli.dump import Run
+from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.dump._remote import inside_local_run
 from stabledrl_cli.errors import ConfigError, UsageError, counted
 from stabledrl_cli.policies._registry import resolve_spec
@@ -442,8 +444,9 @@ def command(
             guards=guard_specs(guard),
         )
     chosen = replay_engine(engine, workers, ray_address)
-    opened = open_run(run)
+    opened = open_snapshot(run)
     result = replay_with_progress(opened, policy, config, chosen)
+    note_live(opened, run, "the replay read", "replay")
     from stabledrl_cli.replay.run_facts import print_own_policy_note
 
     print_own_policy_note(opened, err)

@@ -19,6 +19,7 @@ import typer
 from rich.table import Table
 
 from stabledrl_cli._url import redacted
+from stabledrl_cli.cli._live import note_live
 from stabledrl_cli.cli._options import (
     DeviceOpt,
     EngineOpt,
@@ -38,7 +39,7 @@ from stabledrl_cli.cli.replay import (
     replay_engine,
     replay_with_progress,
 )
-from stabledrl_cli.dump import open_run
+from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.errors import WriteError, counted
 from stabledrl_cli.replay.config import (
     DEFAULT_MEMORY_BUDGET,
@@ -177,13 +178,14 @@ def command(
 
     resolve_device(config.device)  # refused before the header, as by replay
     chosen = replay_engine(engine, workers, ray_address)
-    opened = open_run(run)
+    opened = open_snapshot(run)
     specs = list(settings)
     own = own_policy(opened) if keep_own else None
     if own is not None and own.spec not in specs:
         specs.append(own.spec)
     header = f"tuning {counted(len(settings), 'setting')} over {redacted(run)}"
     result = replay_with_progress(opened, specs, config, chosen, header=header)
+    note_live(opened, run, "the tune read", "tune")
     if keep_own:
         print_own_policy_note(opened, err)
     note_stopped(opened, result.run)

@@ -516,9 +516,20 @@ class DirectoryRun(Run):
         self._listing = _Listing()
         self._listed_stamp: object | None = None
         """`_stamp` of the steps directory when `_listing` was made, if it can be reused."""
+        self._held_listing = 0
+        """How many `hold_listing` calls are not released: while one is not, `_listing` is
+        never made again."""
         self._entries_seen: dict[tuple[str, bool], _Entry] = {}
         """What each (name, regular) of the last listing is: a name listed again is not parsed
         again (a live run's listing grows by a few names a poll)."""
+
+    def hold_listing(self) -> None:
+        self._scan()
+        self._listed_stamp = self._listed_stamp or object()  # a listing that cannot be reused
+        self._held_listing += 1
+
+    def release_listing(self) -> None:
+        self._held_listing -= 1
 
     def recorder_states(self) -> dict[int, WriterState] | None:
         """Each rank's lock file in steps/, as this machine's locks show it (`writer_states`)."""
@@ -634,6 +645,8 @@ class DirectoryRun(Run):
     def _scan(self) -> _Listing:
         """The steps directory's files, sorted into finals, temporaries and unknown ones; the
         last listing again while the directory's `_stamp` is the same."""
+        if self._held_listing and self._listed_stamp is not None:
+            return self._listing
         steps_dir = self.path / STEPS_DIR
         stamp = self._stamp(steps_dir)
         if stamp is not None and stamp == self._listed_stamp:

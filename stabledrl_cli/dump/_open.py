@@ -83,3 +83,11 @@ def run_to_come(path: Path) -> bool:
         return False
     existing = next((p for p in path.absolute().parents if p.exists()), None)
     return existing is not None and existing.is_dir()
+
+
+def open_snapshot(given: str | os.PathLike[str]) -> Run:
+    """The run `given`, read for the rest of the command as listed now (`Run.snapshot`): every
+    figure of the command's output comes from the same steps."""
+    opened = open_run(given)
+    opened.hold_listing()
+    return opened

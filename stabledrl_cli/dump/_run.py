@@ -15,6 +15,7 @@ import warnings
 from abc import ABC, abstractmethod
 from array import array
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
@@ -175,6 +176,27 @@ class Run(ABC):
         after a failed write or `note_stop`, training going on), by rank; empty when no rank
         stopped. Here the manifest's (an archive keeps every rank's in it, `RECORDING_STOPS`)."""
         return manifest_stops(self.manifest)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Run]:
+        """The run for the block, its steps as listed when the block began: steps that land
+        meanwhile are not read, so every figure of a command comes from one listing (a run
+        still being recorded grows under it). Blocks nest. Here the run as it is (an archive
+        does not grow)."""
+        self.hold_listing()
+        try:
+            yield self
+        finally:
+            self.release_listing()
+
+    def hold_listing(self) -> None:
+        """From now on, read the run's steps as listed now (`snapshot`'s start), until
+        `release_listing`. Nothing here (an archive does not grow)."""
+        return None
+
+    def release_listing(self) -> None:
+        """Undo one `hold_listing`: once each is undone, the run is listed again as it grows."""
+        return None
 
     def recorder_states(self) -> dict[int, WriterState] | None:
         """What each rank's lock file left in the run says of its Recorder: "held" (recording

@@ -300,27 +300,29 @@ def replay_run(
     """Replays every step of `run` under each policy (None: own + the standard catalogue).
 
     progress: called with the number of steps done after each chunk (or shard).
+    A run still being recorded is read as listed when the replay began (`Run.snapshot`).
     engine: where the streaming pass runs (None: `LocalEngine`); the result does not depend on it.
     """
-    config = config or ReplayConfig()
-    resolved, own_index = resolve_policies(run, policies)
-    engine = engine or LocalEngine()
-    if not isinstance(engine, LocalEngine):
-        # Its workers read the steps: a request they cannot serve is refused before they start.
-        # The local pass checks each step as it reads it, the first before any is computed.
-        check_first_step(run, resolved)
-    with integrity_warnings_ignored():  # the skipped steps are counted below
-        with single_torch_thread():
-            stream = engine.stream(run, resolved, own_index, config, progress)
-        skipped = skipped_reasons(run) + [reason for _, reason in stream.rejected]
-        if stream.step_numbers.size == 0:
-            if stream.scalar_steps and not stream.rejected:  # no step held a batch
-                raise nothing_to_replay(run, stream.scalar_steps, skipped)
-            raise InputError(no_steps_message(run, skipped))
-        observed = observe(
-            run, config, noise_floor=stream.noise_floor, likelihood=stream.likelihood
-        )
-    return replay_result(run, resolved, own_index, stream, observed, skipped, config)
+    with run.snapshot():  # every figure from the steps listed now (`Run.snapshot`)
+        config = config or ReplayConfig()
+        resolved, own_index = resolve_policies(run, policies)
+        engine = engine or LocalEngine()
+        if not isinstance(engine, LocalEngine):
+            # Its workers read the steps: a request they cannot serve is refused before they start.
+            # The local pass checks each step as it reads it, the first before any is computed.
+            check_first_step(run, resolved)
+        with integrity_warnings_ignored():  # the skipped steps are counted below
+            with single_torch_thread():
+                stream = engine.stream(run, resolved, own_index, config, progress)
+            skipped = skipped_reasons(run) + [reason for _, reason in stream.rejected]
+            if stream.step_numbers.size == 0:
+                if stream.scalar_steps and not stream.rejected:  # no step held a batch
+                    raise nothing_to_replay(run, stream.scalar_steps, skipped)
+                raise InputError(no_steps_message(run, skipped))
+            observed = observe(
+                run, config, noise_floor=stream.noise_floor, likelihood=stream.likelihood
+            )
+        return replay_result(run, resolved, own_index, stream, observed, skipped, config)
 
 
 def replay_result(
