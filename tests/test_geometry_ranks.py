@@ -16,7 +16,7 @@ from stabledrl_cli.dump import _inputs
 from stabledrl_cli.errors import UsageError
 
 
-def _record(out: Path, *, gram: bool) -> None:
+def _record(out: Path, *, gram: bool, sketch_ranks: tuple[int, ...] = ()) -> None:
     rng = np.random.default_rng(0)
     recorders = [
         sd.Recorder(out, policy="grpo", world_size=2, rank=r, overwrite=True, unit="sequence")
@@ -27,6 +27,8 @@ def _record(out: Path, *, gram: bool) -> None:
             logp = rng.normal(-1.0, 0.1, 4).astype(np.float32)
             grads = rng.normal(size=(4, 6)).astype(np.float32)
             geometry = {"unit_grad_gram": grads @ grads.T} if gram else {}
+            if recorder.rank in sketch_ranks:
+                geometry = {"unit_grad_sketch": grads @ rng.normal(size=(6, 3)).astype(np.float32)}
             recorder.log_step(
                 step,
                 logp=logp,
@@ -57,6 +59,17 @@ def test_replay_of_per_rank_grams_says_they_do_not_combine(tmp_path: Path) -> No
     assert "the run recorded no gradient geometry" in none.output
     assert sd.replay(tmp_path / "gram").per_rank_grams
     assert not sd.replay(tmp_path / "none").per_rank_grams
+
+
+def test_replay_of_a_sketch_some_ranks_left_out_says_so(tmp_path: Path) -> None:
+    _record(tmp_path / "run", gram=False, sketch_ranks=(0,))
+    with sd.open_run(tmp_path / "run") as run:
+        assert run.step(0).unjoined == frozenset({"unit_grad_sketch"})
+    result = CliRunner().invoke(app, ["replay", str(tmp_path / "run")], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert "only some of the run's ranks recorded a sketch (unit_grad_sketch)" in result.output
+    assert "recorded no gradient geometry" not in result.output
+    assert sd.replay(tmp_path / "run").partial_sketches
 
 
 def _one_rank(out: Path, *, covered: float | None, gram_entry: float = 0.0) -> None:

@@ -20,7 +20,8 @@ holds as many members as the trainer generated for each prompt (the manifest's
 `meta.num_generations`): the join clears its mark.
 `unit_grad_sketch` rows are concatenated (float16 parts are scaled to float32 first); an
 [N, k] or [U, k] array whose k differs between ranks cannot be joined (InputError);
-`unit_grad_gram` is left out (the cross-rank entries were never recorded); `param_grad_norm`
+`unit_grad_gram` is left out (the cross-rank entries were never recorded), and so is a
+`unit_grad_sketch` some ranks did not record (a sketch of part of the step); `param_grad_norm`
 is rank 0's. Scalars: `nonfinite` sums the ranks' non-finite batch entries, plus the joined
 `loss` and `grad_norm` if not finite (one each, not one a rank), `reward_mean` weighted by the
 rewards each rank's mean is over (`_scored_rewards`: those not NaN; a file without the count,
@@ -58,6 +59,7 @@ from stabledrl_cli.dump._run import Run, Step
 from stabledrl_cli.dump._schema import (
     BATCH_FIELDS,
     FIELDS,
+    GRAM_KEY,
     LOSS_AUX,
     MANIFEST_LIMIT,
     MANIFEST_NAME,
@@ -72,6 +74,7 @@ from stabledrl_cli.dump._schema import (
     REWARD_COUNT,
     SCALAR_STEP_VERSION,
     SEQUENCE_LIMIT,
+    SKETCH_KEY,
     STEP_FILE_RE,
     STEP_LIMIT,
     STEPS_DIR,
@@ -858,7 +861,9 @@ class DirectoryRun(Run):
             return exc
         records = [record for record, _, _ in checked]
         fields = set(records[0].fields).intersection(*(r.fields for r in records[1:]))
-        unjoined = frozenset(fields & {"unit_grad_gram"} if len(records) > 1 else ())
+        held = set().union(*(r.fields for r in records)) & {GRAM_KEY, SKETCH_KEY}
+        # a Gram of each rank never combines; a sketch is the step's only with every rank's rows
+        unjoined = frozenset((held - fields) | (held & {GRAM_KEY}) if len(records) > 1 else ())
         fields -= unjoined
         # else a scalar step (module docstring)
         batch = "logp" in fields and any(r.num_tokens for r in records)

@@ -91,8 +91,9 @@ class Step(ABC):
     num_scored_tokens: int
     """Tokens with mask = 1."""
     unjoined: frozenset[str] = frozenset()
-    """Fields every rank's file holds that the step leaves out, since the ranks' parts do not
-    combine (`unit_grad_gram` of a multi-rank step)."""
+    """Geometry some rank's file holds that the step leaves out, since the ranks' parts do not
+    combine: `unit_grad_gram` of a multi-rank step, or a `unit_grad_sketch` not every rank
+    recorded."""
     rank_sequences: tuple[int, ...] = ()
     """The sequences of each rank's part, in rank order, of a step joined from several ranks'
     files (rank r's are the joined step's next ones, as `seq_id` numbers them); () for a step

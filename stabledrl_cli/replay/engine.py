@@ -173,16 +173,16 @@ def _run_geometry(kinds: tuple[StepGeometryKind, ...]) -> tuple[RunGeometryKind,
     return ("mixed" if distinct else "coef"), coverage
 
 
-def _per_rank_grams(run: Run, step_numbers: np.ndarray) -> bool:
-    """Whether the first replayed step of `run` had a Gram matrix on each of its ranks, which
-    the join left out (they do not combine: `Step.unjoined`). A one-rank run has none, and
-    its step is not looked up again after the streaming pass."""
+def _unjoined_geometry(run: Run, step_numbers: np.ndarray) -> frozenset[str]:
+    """The geometry the ranks of `run` recorded on its first replayed step that the join left
+    out (`Step.unjoined`: Grams, which do not combine, or a sketch of some ranks only). A
+    one-rank run has none, and its step is not looked up again after the streaming pass."""
     if not step_numbers.size or run_ranks(run) < 2:
-        return False
+        return frozenset()
     try:
-        return "unit_grad_gram" in run.step(int(step_numbers[0])).unjoined
+        return run.step(int(step_numbers[0])).unjoined
     except InputError:  # gone since the streaming pass read it
-        return False
+        return frozenset()
 
 
 def _flagged_steps(series: list[StepSeries], keep: np.ndarray) -> dict[int, list[int]]:
@@ -378,7 +378,9 @@ def replay_result(
     return ReplayResult(
         fidelity_gap=gap,
         loss_parity_gap=parity,
-        per_rank_grams=geometry == "coef" and _per_rank_grams(run, stream.step_numbers),
+        unjoined_geometry=(
+            _unjoined_geometry(run, stream.step_numbers) if geometry == "coef" else frozenset()
+        ),
         run=run.location,
         steps=int(stream.step_numbers.shape[0]),
         geometry=geometry,

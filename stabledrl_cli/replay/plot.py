@@ -303,6 +303,8 @@ def _footnote(result: ReplayResult) -> str:
     why = (
         "its ranks' Gram matrices do not combine across ranks"
         if result.per_rank_grams
+        else "only some of its ranks recorded a sketch"
+        if result.partial_sketches
         else "the run recorded no gradient geometry"
     )
     proxy = (

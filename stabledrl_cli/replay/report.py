@@ -41,6 +41,9 @@ _CAPTIONS = {
     "per-rank gram": "* update norm = coefficient norm ||coef||, a proxy: the run's ranks "
     "recorded Gram matrices (unit_grad_gram), which do not combine across ranks; record a "
     "sketch with the same seed on every rank (docs/geometry.md)",
+    "partial sketch": "* update norm = coefficient norm ||coef||, a proxy: only some of the "
+    "run's ranks recorded a sketch (unit_grad_sketch); the step's sketch needs every rank's "
+    "rows, with the same seed (docs/geometry.md)",
     "mixed": "* on the {uncovered:.0%} of steps without gradient geometry, update norm = "
     "coefficient norm ||coef||, a proxy in other units (spikes compare each step with steps "
     "of its own kind)",
@@ -414,7 +417,13 @@ def print_summary(
     column; `metrics`: the groups of on-request columns to add, in tables of their own where
     they would not fit the console beside the rest: `_table_parts`); under it, unless `legend`
     is False, one legend line per column shown and the rule that picks `best`."""
-    caption = _CAPTIONS.get("per-rank gram" if result.per_rank_grams else result.geometry)
+    caption = _CAPTIONS.get(
+        "per-rank gram"
+        if result.per_rank_grams
+        else "partial sketch"
+        if result.partial_sketches
+        else result.geometry
+    )
     if caption is not None:
         caption = caption.format(uncovered=1 - result.geometry_coverage)
     star = "*" if caption else ""

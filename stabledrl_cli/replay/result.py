@@ -24,6 +24,7 @@ import numpy as np
 from stabledrl_cli._json import json_safe, stand_in
 from stabledrl_cli._repr import compact_repr
 from stabledrl_cli.dump._integrity import Gap, missing_count
+from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.columns import ColumnArray
@@ -288,9 +289,21 @@ class ReplayResult:
     loss_parity_gap: str = ""
     """Why the own policy's loss_parity is None (`summary.parity_gap`; "" when it is not: not
     in the JSON, whose loss_parity is null)."""
-    per_rank_grams: bool = False
-    """The run's ranks recorded Gram matrices, which do not combine across ranks: its update
-    norms are coefficient norms all the same (not in the JSON, whose geometry is "coef")."""
+    unjoined_geometry: frozenset[str] = frozenset()
+    """Geometry the run's ranks recorded that their join leaves out (`Step.unjoined`): Gram
+    matrices, which do not combine across ranks, or a sketch some ranks did not record. Its
+    update norms are coefficient norms all the same (not in the JSON, whose geometry is
+    "coef")."""
+
+    @property
+    def per_rank_grams(self) -> bool:
+        """The run's ranks recorded Gram matrices, which do not combine across ranks."""
+        return GRAM_KEY in self.unjoined_geometry
+
+    @property
+    def partial_sketches(self) -> bool:
+        """Some of the run's ranks recorded no sketch: the others' rows are part of a step."""
+        return not self.per_rank_grams and SKETCH_KEY in self.unjoined_geometry
 
     def __repr__(self) -> str:
         """One line: the run, its steps and the policies (`.policies`, `.observed` and
