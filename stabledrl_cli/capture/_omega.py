@@ -26,6 +26,9 @@ OMEGA_BLOCK_ROWS = 16
 # Keep the whole of Omega in memory across steps when it is at most this large (it is the same
 # matrix every step; regenerating ~P*k normals each step would dominate a small model's cost).
 OMEGA_CACHE_BYTES = 256 << 20
+# Omega rows the exact sketch generates at a time when Omega is not kept whole: a parameter's
+# whole factor [k, n_i] is k / U times its per-unit gradients [U, n_i], and would set the peak.
+OMEGA_CHUNK_BYTES = 64 << 20
 
 _MASK64 = (1 << 64) - 1
 
@@ -72,13 +75,13 @@ class OmegaFactors:
 
     def __init__(self, seed: int, numels: Sequence[int], k: int, device: torch.device) -> None:
         self.seed, self.numels, self.k, self.device = seed, tuple(numels), k, device
-        self._keep = sum(self.numels) * k * 4 <= OMEGA_CACHE_BYTES
+        self.kept = sum(self.numels) * k * 4 <= OMEGA_CACHE_BYTES
         self._factors: dict[int, torch.Tensor] = {}
 
     def rows(self, param_index: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows start..stop (default all k) of Omega_i^T: `[stop - start, n_i]` float32."""
         stop = self.k if stop is None else stop
-        if self._keep:
+        if self.kept:
             factor = self._factors.get(param_index)
             if factor is None:
                 factor = omega_rows(
@@ -89,6 +92,13 @@ class OmegaFactors:
         return omega_rows(
             self.seed, param_index, self.numels[param_index], start, stop, self.device
         )
+
+
+def omega_chunk_rows(numel: int) -> int:
+    """Rows of Omega_i^T (sketch columns) to generate at a time for a parameter of `numel`
+    entries: whole blocks within `OMEGA_CHUNK_BYTES`, at least one block."""
+    blocks = OMEGA_CHUNK_BYTES // (4 * numel * OMEGA_BLOCK_ROWS)
+    return max(1, blocks) * OMEGA_BLOCK_ROWS
 
 
 @functools.lru_cache(maxsize=2)

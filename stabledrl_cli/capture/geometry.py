@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
-from stabledrl_cli.capture._omega import OMEGA_BLOCK_ROWS, omega_factors
+from stabledrl_cli.capture._omega import OMEGA_BLOCK_ROWS, omega_chunk_rows, omega_factors
 from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
 from stabledrl_cli.errors import ConfigError, UsageError
 from stabledrl_cli.vocab import (
@@ -416,12 +416,19 @@ def _batch_gradients(
 def sketch_from_gradients(
     grads: torch.Tensor, numels: Sequence[int], seed: int, k: int
 ) -> torch.Tensor:
-    """S = G Omega / sqrt(k) from exact per-unit gradients G: `[U, P]` -> `[U, k]` float32."""
+    """S = G Omega / sqrt(k) from exact per-unit gradients G: `[U, P]` -> `[U, k]` float32.
+
+    Omega's rows of a parameter come `omega_chunk_rows` at a time (all of them when Omega is
+    kept whole), so a parameter's whole factor [k, n_i] is never built."""
     factors = omega_factors(seed, tuple(numels), k, grads.device)
     sketch = torch.zeros(grads.shape[0], k, device=grads.device)
     offset = 0
     for i, numel in enumerate(numels):
-        sketch += grads[:, offset : offset + numel] @ factors.rows(i).T
+        block = grads[:, offset : offset + numel]
+        rows = k if factors.kept else omega_chunk_rows(numel)
+        for start in range(0, k, rows):
+            stop = min(start + rows, k)
+            sketch[:, start:stop] += block @ factors.rows(i, start, stop).T
         offset += numel
     return sketch / math.sqrt(k)
 
