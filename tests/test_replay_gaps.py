@@ -175,6 +175,7 @@ def test_a_replay_of_a_live_run_reads_one_snapshot(tmp_path):
     assert result.steps == 6 and result.observed.first_reward_collapse is None
     data = json.loads(result.to_json())
     assert data["steps"] == 6 and data["observed"]["first_reward_collapse"] is None
+    assert data["live"] == {"listed_steps": 6, "to_step": 5, "landed_steps": 35}
 
 
 def test_replay_of_a_live_run_says_up_to_which_step_it_read(tmp_path):
@@ -191,3 +192,26 @@ def test_replay_of_a_live_run_says_up_to_which_step_it_read(tmp_path):
         "3 steps listed when the replay began (to step 2)"
     ) in said
     assert "being recorded" not in closed.stderr
+
+
+def test_the_json_of_each_command_says_it_read_a_live_run(tmp_path):
+    """replay, check, tune and pack warned on stderr of a live run, yet their JSON (the
+    contract a CI job reads) had no word of it. Each now has "live", the warning's figures."""
+    run = tmp_path / "run"
+    commands = {
+        "replay": ["replay", str(run), "-p", "grpo", "--format", "json"],
+        "check": ["check", str(run), "-p", "grpo", "--max-nonfinite", "3", "--format", "json"],
+        "tune": ["tune", str(run), "-p", "dapo:eps_high=0.2..0.3:2", "--format", "json"],
+        "pack": ["pack", str(run), str(tmp_path / "run.h5"), "--force", "--format", "json"],
+    }
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(3):
+            rec.log_step(step, **_live_batch(step, 30))
+        live = {name: runner.invoke(app, argv) for name, argv in commands.items()}
+    closed = runner.invoke(app, commands["check"])
+    for name, result in live.items():
+        assert result.exit_code == 0, (name, result.output)
+        said = json.loads(result.stdout)["live"]
+        assert said == {"listed_steps": 3, "to_step": 2, "landed_steps": 0}, name
+        assert "the 3 steps listed when the" in " ".join(result.stderr.split()), name
+    assert closed.exit_code == 0 and json.loads(closed.stdout)["live"] is None

@@ -75,6 +75,7 @@ from stabledrl_cli.cli.replay import (
 )
 from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._integrity import Gap, integrity_warnings_ignored, missing_count
+from stabledrl_cli.dump._live import live_read
 from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.errors import InputError, UsageError, counted
 from stabledrl_cli.policies import get_policy
@@ -489,7 +490,8 @@ def command(
         print_own_policy_note(opened, err)
         note_skipped(result)
         observed, skipped, missing = result.observed, result.skipped, result.missing
-    note_live(opened, run, "the check read", "check")
+    live = result.live if result is not None else live_read(opened)
+    note_live(live, run, "the check read", "check")
     note_stopped(opened, redacted(run))  # a run cut short passes its gates on fewer steps
     with integrity_warnings_ignored():
         recorded = recorded_run(opened, observed)
@@ -547,6 +549,7 @@ def command(
             "steps": steps,
             "skipped_steps": lost.skipped,
             "missing_steps": lost.missing,
+            "live": None if live is None else live.to_dict(),
             "policies": [p.spec for p in policies],
             "gates": [r.to_dict() for r in results],
             "wrote": {name: None if path is None else str(path) for name, path in wrote.items()},

@@ -77,7 +77,7 @@ def command(
         summary = pack_run(
             opened, target, force=force, progress=advance, compression=compression, listed=listed
         )
-    note_live(opened, run, "the archive holds", "pack")
+    note_live(summary.live, run, "the archive holds", "pack")
     if summary.left_out:
         branch = " (stabledrl branch reads checkpoints/ there)"
         branch = branch if "checkpoints/" in summary.left_out else ""

@@ -446,7 +446,7 @@ def command(
     chosen = replay_engine(engine, workers, ray_address)
     opened = open_snapshot(run)
     result = replay_with_progress(opened, policy, config, chosen)
-    note_live(opened, run, "the replay read", "replay")
+    note_live(result.live, run, "the replay read", "replay")
     from stabledrl_cli.replay.run_facts import print_own_policy_note
 
     print_own_policy_note(opened, err)

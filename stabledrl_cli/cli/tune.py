@@ -185,7 +185,7 @@ def command(
         specs.append(own.spec)
     header = f"tuning {counted(len(settings), 'setting')} over {redacted(run)}"
     result = replay_with_progress(opened, specs, config, chosen, header=header)
-    note_live(opened, run, "the tune read", "tune")
+    note_live(result.live, run, "the tune read", "tune")
     if keep_own:
         print_own_policy_note(opened, err)
     note_stopped(opened, result.run)

@@ -40,6 +40,7 @@ from stabledrl_cli.dump._layout import (
     needs_escape,
     scalar_dataset_name,
 )
+from stabledrl_cli.dump._live import LiveRead, live_read
 from stabledrl_cli.dump._open import opened_run
 from stabledrl_cli.dump._remote import inside_local_run, local_path
 from stabledrl_cli.dump._run import Run, Step, size_on_disk
@@ -482,6 +483,9 @@ class PackSummary:
     damaged_steps: int = 0
     """Steps of the listing packed that every rank wrote but that could not be read (a torn or
     corrupt file: a finding each), left out."""
+    live: LiveRead | None = None
+    """A live Recorder held the run: the steps listed to pack, and those landed since
+    (`dump._live.live_read`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -495,6 +499,7 @@ class PackSummary:
             "unknown_fields": self.unknown_fields,
             "damaged_steps": self.damaged_steps,
             "integrity": IntegrityReport(self.findings).to_dict(),
+            "live": None if self.live is None else self.live.to_dict(),
         }
 
 
@@ -768,4 +773,5 @@ def _pack(
         left_out=unpacked,
         unknown_fields=sorted(packer.unknown_fields),
         damaged_steps=len(numbers) - len(packer.numbers),
+        live=live_read(run, numbers),
     )

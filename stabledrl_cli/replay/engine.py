@@ -27,6 +27,7 @@ from stabledrl_cli._device import resolve_device
 from stabledrl_cli._shared_setting import SharedSetting
 from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
+from stabledrl_cli.dump._live import live_read
 from stabledrl_cli.dump._open import opened_run
 from stabledrl_cli.errors import InputError, UsageError, counted, type_name
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
@@ -322,7 +323,9 @@ def replay_run(
             observed = observe(
                 run, config, noise_floor=stream.noise_floor, likelihood=stream.likelihood
             )
-        return replay_result(run, resolved, own_index, stream, observed, skipped, config)
+        result = replay_result(run, resolved, own_index, stream, observed, skipped, config)
+        result.live = live_read(run)  # of the listing read, before it is released
+        return result
 
 
 def replay_result(

@@ -33,6 +33,7 @@ from stabledrl_cli.replay.observed import Observed
 from stabledrl_cli.vocab import RunGeometryKind
 
 if TYPE_CHECKING:
+    from stabledrl_cli.dump._live import LiveRead
     from stabledrl_cli.policies import Policy
     from stabledrl_cli.replay.metrics import TopSequence
 
@@ -294,6 +295,9 @@ class ReplayResult:
     matrices, which do not combine across ranks, or a sketch some ranks did not record. Its
     update norms are coefficient norms all the same (not in the JSON, whose geometry is
     "coef")."""
+    live: LiveRead | None = None
+    """The run was being recorded when replayed: the steps listed when the replay began, and
+    the steps landed since (`dump._live.live_read`); None when no live Recorder held it."""
 
     @property
     def per_rank_grams(self) -> bool:
@@ -366,6 +370,7 @@ class ReplayResult:
                 "scalar_steps": self.scalar_steps,
                 "skipped_steps": self.skipped_steps,
                 "missing_steps": self.missing_steps,
+                "live": None if self.live is None else self.live.to_dict(),
             }
         )
         return data

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from stabledrl_cli.dump._live import LiveRead
 from stabledrl_cli.replay.report import unjudged_lines
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult, same_mass
 
@@ -107,6 +108,8 @@ class TuneReport:
     on it)."""
     unjudged: list[str] = field(default_factory=list)
     """A line for each rule that judged no step of some setting (`report.unjudged_lines`)."""
+    live: LiveRead | None = None
+    """The run was being recorded when replayed (`ReplayResult.live`)."""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -117,6 +120,7 @@ class TuneReport:
             "front": [s.spec for s in self.settings if s.on_front],
             "recommended": None if self.recommended is None else self.recommended.spec,
             "evidence": self.evidence,
+            "live": None if self.live is None else self.live.to_dict(),
         }
 
 
@@ -141,7 +145,14 @@ def rank(result: ReplayResult, tuned: list[str]) -> TuneReport:
         best = min(on_front, key=lambda f: (len(f.risk_steps), order[f.spec]))
         evidence = _evidence(best, candidates)
     return TuneReport(
-        result.run, result.steps, settings, best, evidence, result.threads, unjudged_lines(result)
+        result.run,
+        result.steps,
+        settings,
+        best,
+        evidence,
+        result.threads,
+        unjudged_lines(result),
+        result.live,
     )
 
 
