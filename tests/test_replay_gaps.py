@@ -215,3 +215,32 @@ def test_the_json_of_each_command_says_it_read_a_live_run(tmp_path):
         assert said == {"listed_steps": 3, "to_step": 2, "landed_steps": 0}, name
         assert "the 3 steps listed when the" in " ".join(result.stderr.split()), name
     assert closed.exit_code == 0 and json.loads(closed.stdout)["live"] is None
+
+
+@pytest.mark.parametrize("change", ["rewritten", "removed"])
+def test_a_replay_reads_the_last_step_as_it_read_it_first(tmp_path, change):
+    """The Recorder rewrites its last step (`record`'s optimizer hooks add its grad norm) or
+    removes it (a failed rewrite) while a replay reads: the replay's rows read step 11 as it
+    was, its observed rules the rewritten file (recorded_spike_steps [11] beside a row of the
+    old step), its skipped steps the removed one (12 steps replayed and 1 skipped). Each file
+    is now read as the replay first read it."""
+    from stabledrl_cli.dump import open_run
+    from stabledrl_cli.replay.engine import replay_run
+
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(12):
+            rec.log_step(step, grad_norm=1.0, **_live_batch(step, 30))
+
+        def change_last(done: int) -> None:
+            if done < 12:
+                return
+            if change == "rewritten":
+                rec.rewrite_step(11, grad_norm=1e9, **_live_batch(11, 0))
+            else:
+                step_path(run, 11).unlink()
+
+        result = replay_run(open_run(run), ["grpo"], progress=change_last)
+    assert result.steps == 12 and result.skipped_steps == 0
+    assert result.observed.recorded_spike_steps == []
+    assert result.observed.first_reward_collapse is None

@@ -522,6 +522,9 @@ class DirectoryRun(Run):
         self._held_listing = 0
         """How many `hold_listing` calls are not released: while one is not, `_listing` is
         never made again."""
+        self._held_checks: dict[str, _Checked] = {}
+        """Each file's check made while the listing is held, by name: while it is, a file is
+        read as checked then (`_check`), though a Recorder rewrote or removed it since."""
         self._entries_seen: dict[tuple[str, bool], _Entry] = {}
         """What each (name, regular) of the last listing is: a name listed again is not parsed
         again (a live run's listing grows by a few names a poll)."""
@@ -533,6 +536,8 @@ class DirectoryRun(Run):
 
     def release_listing(self) -> None:
         self._held_listing -= 1
+        if not self._held_listing:
+            self._held_checks = {}
 
     def recorder_states(self) -> dict[int, WriterState] | None:
         """Each rank's lock file in steps/, as this machine's locks show it (`writer_states`)."""
@@ -781,7 +786,25 @@ class DirectoryRun(Run):
         """The record and check of the file of `step` and `rank` (as the listing names it),
         checked (in full with `deep`) unless a check of the file as it is now is cached; with
         `keep`, the header and data read by a check made now (the step then never reads its
-        file again)."""
+        file again). While the listing is held, a file checked as far is not checked again:
+        its step reads the same (scalars, fields, counts) to every figure of a command, though
+        the Recorder rewrote its last step since (`rewrite_step`) or removed it; a full read
+        (`keep`) reads the file as it is."""
+        held = self._held_checks.get(path.name) if self._held_listing and not keep else None
+        if held is not None and (held.deep or not deep):
+            if isinstance(held.outcome, tuple):
+                raise StepReadError(*held.outcome)
+            return held.outcome, held, None
+        record, checked, header = self._checked_now(path, step, rank, deep=deep, keep=keep)
+        if self._held_listing:
+            self._held_checks[path.name] = checked
+        return record, checked, header
+
+    def _checked_now(
+        self, path: Path, step: int, rank: int, *, deep: bool, keep: bool
+    ) -> tuple[_HeaderRecord, _Checked, StepHeader | None]:
+        """`_check` of the file as it is now (its check cached while the file's key is the
+        same)."""
         try:
             key = self._file_key(path)
         except OSError as exc:
@@ -835,6 +858,8 @@ class DirectoryRun(Run):
                     ),
                 )
             self._checked[name] = _Checked(check.key, check.deep, outcome, check.header_crc)
+            if self._held_listing:  # read as the worker read it (`_check`)
+                self._held_checks[name] = self._checked[name]
 
     def _records(
         self, n: int, ranks: dict[int, Path], *, deep: bool, keep: bool = False
