@@ -175,7 +175,12 @@ def test_a_replay_of_a_live_run_reads_one_snapshot(tmp_path):
     assert result.steps == 6 and result.observed.first_reward_collapse is None
     data = json.loads(result.to_json())
     assert data["steps"] == 6 and data["observed"]["first_reward_collapse"] is None
-    assert data["live"] == {"listed_steps": 6, "to_step": 5, "landed_steps": 35}
+    assert data["live"] == {
+        "listed_steps": 6,
+        "to_step": 5,
+        "landed_steps": 35,
+        "held": True,
+    }
 
 
 def test_replay_of_a_live_run_says_up_to_which_step_it_read(tmp_path):
@@ -212,9 +217,35 @@ def test_the_json_of_each_command_says_it_read_a_live_run(tmp_path):
     for name, result in live.items():
         assert result.exit_code == 0, (name, result.output)
         said = json.loads(result.stdout)["live"]
-        assert said == {"listed_steps": 3, "to_step": 2, "landed_steps": 0}, name
+        assert said == {"listed_steps": 3, "to_step": 2, "landed_steps": 0, "held": True}, name
         assert "the 3 steps listed when the" in " ".join(result.stderr.split()), name
     assert closed.exit_code == 0 and json.loads(closed.stdout)["live"] is None
+
+
+def test_a_replay_says_a_recording_that_ended_while_it_read(tmp_path):
+    """The Recorder logged 14 more steps and closed while a replay read 6: the replay said
+    nothing of it, its JSON "live": null, as of a run read whole."""
+    from stabledrl_cli.dump import open_run
+    from stabledrl_cli.replay.engine import replay_run
+
+    run = tmp_path / "run"
+    rec = sd.Recorder(run, policy="grpo")
+    for step in range(6):
+        rec.log_step(step, **_live_batch(step, 30))
+
+    def finish(_: int) -> None:
+        while rec.last_step < 19:
+            rec.log_step(rec.last_step + 1, **_live_batch(rec.last_step + 1, 30))
+        rec.close()
+
+    result = replay_run(open_run(run), ["grpo"], progress=finish)
+    assert result.steps == 6
+    assert json.loads(result.to_json())["live"] == {
+        "listed_steps": 6,
+        "to_step": 5,
+        "landed_steps": 14,
+        "held": False,
+    }
 
 
 @pytest.mark.parametrize("change", ["rewritten", "removed"])
