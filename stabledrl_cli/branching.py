@@ -185,6 +185,7 @@ class BranchReport:
                 "first_reward_collapse": self.original_first_reward_collapse,
                 "not_judged": self.original_not_judged,
                 "skipped_steps": list(self.original_skipped_steps),
+                "live": None if self.replayed.live is None else self.replayed.live.to_dict(),
             },
             "branches": [b.to_dict() for b in self.branches],
         }

@@ -65,6 +65,7 @@ def test_branch_records_each_policy_as_a_run_and_reports_it_beside_the_replay(re
         "first_reward_collapse": report["original"]["first_reward_collapse"],
         "not_judged": report["original"]["not_judged"],
         "skipped_steps": [],
+        "live": None,
     }
     assert [b["policy"] for b in report["branches"]] == ["grpo", "stabledrl"]
     for entry in report["branches"]:
@@ -750,3 +751,37 @@ def test_record_force_removes_the_branches_of_the_run_it_replaces(recorded, tmp_
     assert note.read_text() == "mine"  # nothing changed
     assert sorted(p.name for p in (mine / "steps").iterdir()) == before
     assert (mine / "branches" / "grpo@8" / "manifest.json").is_file()
+
+
+def test_a_branch_of_a_live_run_says_up_to_which_step_it_read(recorded, tmp_path, monkeypatch):
+    """Steps landed on the original while a branch read it: the branch counted its default
+    steps from the listing and replayed that listing (`open_snapshot`), yet said nothing of
+    the steps it did not read, on stderr nor in its JSON."""
+    import stabledrl_cli.replay.engine as engine
+
+    run = tmp_path / "run"
+    shutil.copytree(recorded, run, ignore=shutil.ignore_patterns("branches"))
+    config = ExampleConfig(**open_run(run).manifest["meta"]["example_config"])
+    last = open_run(run).step(23)
+    batch = {name: torch.from_numpy(last.array(name).copy()) for name in last.fields}
+    replay = engine.replay
+    with Recorder(run, resume=True, **recorder_kwargs(config, get_policy("grpo"))) as rec:
+
+        def steps_land(*args, **kwargs):
+            for step in range(24, 28):
+                rec.log_step(step, **batch)
+            return replay(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "replay", steps_land)
+        args = ["branch", str(run), "--at", "16", "-p", "grpo", "--out", str(tmp_path / "b")]
+        result = CliRunner().invoke(app, [*args, "-f", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["steps"] == 8 and data["branches"][0]["compared"]["last"] == 23
+    live = {"listed_steps": 24, "to_step": 23, "landed_steps": 4, "held": True}
+    assert data["original"]["live"] == live
+    said = " ".join(result.stderr.split())
+    assert (
+        "the branch read the 24 steps listed when the branch began (to step 23), not the 4 "
+        "steps finished since"
+    ) in said

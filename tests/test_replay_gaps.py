@@ -275,3 +275,21 @@ def test_a_replay_reads_the_last_step_as_it_read_it_first(tmp_path, change):
     assert result.steps == 12 and result.skipped_steps == 0
     assert result.observed.recorded_spike_steps == []
     assert result.observed.first_reward_collapse is None
+
+
+def test_diff_of_a_live_run_says_up_to_which_step_it_read(tmp_path):
+    """diff read a live run as listed when it began (`open_snapshot`) and said nothing of it:
+    'the runs agree' over 3 steps of a run that had more by then."""
+    done, live = tmp_path / "done", tmp_path / "live"
+    with sd.Recorder(done, policy="grpo") as rec:
+        for step in range(5):
+            rec.log_step(step, **_live_batch(step, 30))
+    with sd.Recorder(live, policy="grpo") as rec:
+        for step in range(3):
+            rec.log_step(step, **_live_batch(step, 30))
+        result = runner.invoke(app, ["diff", str(done), str(live)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())
+    assert f"warning: {live} is being recorded now" in said
+    assert "the diff read the 3 steps listed when the diff began (to step 2)" in said
+    assert f"warning: {done} is being" not in said

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from stabledrl_cli.branching import BranchOutcome, BranchReport, run_branches
 from stabledrl_cli.capture.branch_protocol import BranchRequest
+from stabledrl_cli.cli._live import note_live
 from stabledrl_cli.cli._local import local_output, local_run
 from stabledrl_cli.cli._options import DeviceOpt, FormatOpt, number_option
 from stabledrl_cli.cli._output import Advance, err, out, print_json, progress, progress_enabled
@@ -230,6 +231,7 @@ def command(
             on_branch=branches.start,
             on_step=branches.advance,
         )
+    note_live(report.replayed.live, str(run), "the branch read", "branch")
     note_stopped(open_run(run), str(run))  # the default branch ends where it stopped
     note_skipped(report.replayed)
     if output_format == "json":

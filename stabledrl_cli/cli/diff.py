@@ -17,10 +17,12 @@ import typer
 from rich import box
 from rich.table import Table
 
+from stabledrl_cli.cli._live import note_live
 from stabledrl_cli.cli._options import RUN_SOURCE_HELP, DeviceOpt, FormatOpt, number_option
 from stabledrl_cli.cli._output import err, out, plain_text, print_json
 from stabledrl_cli.cli.replay import option_names
 from stabledrl_cli.dump import RunIntegrityWarning
+from stabledrl_cli.dump._live import live_read
 from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.errors import counted
 from stabledrl_cli.replay._format import format_cell
@@ -233,6 +235,8 @@ def command(
         finally:  # before an error too: skipped steps can be why the runs share none
             for warning in caught:
                 err.print(f"warning: {warning.message}", highlight=False)
+            for opened, given in ((first, run_a), (second, run_b)):
+                note_live(live_read(opened), given, "the diff read", "diff")
     parted = result.parted_before(until)
     if output_format == "json":
         data = result.to_dict()
