@@ -293,3 +293,24 @@ def test_diff_of_a_live_run_says_up_to_which_step_it_read(tmp_path):
     assert f"warning: {live} is being recorded now" in said
     assert "the diff read the 3 steps listed when the diff began (to step 2)" in said
     assert f"warning: {done} is being" not in said
+
+
+def test_a_step_some_live_rank_has_not_written_yet_is_not_lost(tmp_path):
+    """Two ranks recording, rank 1 a step behind: `check --max-lost-steps 0` failed the live
+    run (exit 1, 'step 7: incomplete, no file for rank(s) [1]', skipped_steps 1), though the
+    step was in flight. It is not lost while every rank's Recorder lives; it is once rank 1
+    closed without it."""
+    run = tmp_path / "run"
+    ranks = [sd.Recorder(run, policy="grpo", world_size=2, rank=rank) for rank in (0, 1)]
+    for step in range(8):
+        for rec in ranks[: 1 if step == 7 else 2]:
+            rec.log_step(step, **_live_batch(step, 30))
+    argv = ["check", str(run), "-p", "grpo", "--max-lost-steps", "0", "--format", "json"]
+    live = runner.invoke(app, argv)
+    ranks[1].close()
+    lost = runner.invoke(app, argv)
+    ranks[0].close()
+    assert live.exit_code == 0, live.output
+    assert json.loads(live.stdout)["skipped_steps"] == 0
+    assert "incomplete" not in live.stderr
+    assert lost.exit_code == 1 and json.loads(lost.stdout)["skipped_steps"] == 1

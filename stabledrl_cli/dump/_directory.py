@@ -939,6 +939,14 @@ class DirectoryRun(Run):
             n for n, ranks in sorted(self._listing.finals.items()) if len(ranks) < self.world_size
         ]
 
+    @property
+    def listed_last_steps(self) -> dict[int, int]:
+        lasts: dict[int, int] = {}
+        for n, ranks in self._listing.finals.items():
+            for rank in ranks:
+                lasts[rank] = max(n, lasts.get(rank, n))
+        return lasts
+
     def _has_step(self, n: int) -> bool:
         return n in self._listing.finals or n in self._scan().finals
 

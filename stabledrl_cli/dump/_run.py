@@ -247,6 +247,12 @@ class Run(ABC):
         return []
 
     @property
+    def listed_last_steps(self) -> dict[int, int]:
+        """Each rank's last step with a file in the run's last listing (`listed_step_numbers`'),
+        by rank; a rank with none is not there. {} here: no rank lags."""
+        return {}
+
+    @property
     @abstractmethod
     def integrity(self) -> IntegrityReport:
         """Every finding of a full check of the run (data checksums included)."""

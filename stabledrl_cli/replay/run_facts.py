@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from stabledrl_cli.dump import Finding, Run
 from stabledrl_cli.dump._integrity import Gap, gaps
+from stabledrl_cli.dump._schema import STOP_RESUMED
 from stabledrl_cli.errors import UsageError, counted, quoted_spec
 from stabledrl_cli.integrations._verl_facts import VERL_SEQ_LOG_RATIO_MAX, verl_gspo_config
 from stabledrl_cli.policies import resolve_spec
@@ -121,13 +122,30 @@ def run_gaps(run: Run) -> list[Gap]:
 def _skipped_findings(run: Run) -> list[Finding]:
     """The findings behind `skipped_reasons`."""
     findings = run.integrity.findings if run.verify else run.header_findings()
-    skipped, steps = [], set()
+    skipped, steps = [], _in_flight(run)
     for finding in findings:
         if finding.kind in SKIPPED_KINDS and finding.step not in steps:
             skipped.append(finding)
             if finding.step is not None:
                 steps.add(finding.step)
     return skipped
+
+
+def _in_flight(run: Run) -> set[int]:
+    """The steps of the run's listing some rank has not written yet while every rank's
+    Recorder is live (`Run.recorder_states`) and none noted a stop: those after the last step
+    of the rank furthest behind (its ranks lag; a rank's steps increase, so a step a rank went
+    past without it is lost, as `watch` judges it), not skipped but not finished yet."""
+    partial = run.listed_partial_step_numbers
+    states = run.recorder_states() if partial else None
+    ranks = range(run_ranks(run))
+    if not states or any(states.get(r) != "held" for r in ranks):
+        return set()
+    if any(note.get(STOP_RESUMED) is not True for note in run.listed_recording_stops):
+        return set()
+    lasts = run.listed_last_steps
+    passed = min(lasts.get(r, -1) for r in ranks)
+    return {n for n in partial if n > passed}
 
 
 def _whole_run(findings: list[Finding]) -> list[Finding]:
