@@ -314,3 +314,35 @@ def test_a_step_some_live_rank_has_not_written_yet_is_not_lost(tmp_path):
     assert json.loads(live.stdout)["skipped_steps"] == 0
     assert "incomplete" not in live.stderr
     assert lost.exit_code == 1 and json.loads(lost.stdout)["skipped_steps"] == 1
+
+
+def test_a_run_resumed_while_a_replay_read_it_is_refused(tmp_path):
+    """A run resumed from step 5 while a replay read its 10 steps: the result said 10 steps
+    replayed and 2 skipped (steps 8 and 9, which it had replayed, gone since), its observed
+    rules reading the resumed steps 5-7. The run is another recording now (a new run_id)."""
+    from stabledrl_cli.dump import open_run
+    from stabledrl_cli.errors import InputError
+    from stabledrl_cli.replay.engine import replay_run
+
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(10):
+            rec.log_step(step, **_live_batch(step, 30))
+
+    def resume(_: int) -> None:
+        with sd.Recorder(run, policy="grpo", resume=True, resume_from=5) as again:
+            for step in range(5, 8):
+                again.log_step(step, **_live_batch(step, 6))
+
+    with pytest.raises(InputError, match="recorded again while the replay read it"):
+        replay_run(open_run(run), ["grpo"], progress=resume)
+    appended = tmp_path / "appended"
+    with sd.Recorder(appended, policy="grpo") as rec:
+        for step in range(3):
+            rec.log_step(step, **_live_batch(step, 30))
+
+    def append(_: int) -> None:  # a resume after the last step keeps the run's identity
+        with sd.Recorder(appended, policy="grpo", resume=True, resume_from=3) as again:
+            again.log_step(3, **_live_batch(3, 30))
+
+    assert replay_run(open_run(appended), ["grpo"], progress=append).steps == 3

@@ -72,6 +72,7 @@ from stabledrl_cli.dump._schema import (
     META_WORLD_SIZE,
     OS_FILE_RE,
     REWARD_COUNT,
+    RUN_ID,
     SCALAR_STEP_VERSION,
     SEQUENCE_LIMIT,
     SKETCH_KEY,
@@ -538,6 +539,14 @@ class DirectoryRun(Run):
         self._held_listing -= 1
         if not self._held_listing:
             self._held_checks = {}
+
+    def recorded_again(self) -> bool:
+        path = self.path / MANIFEST_NAME
+        try:
+            now = parse_manifest(self._manifest_bytes(path), self.named(path))
+        except InputError:
+            return True
+        return now.get(RUN_ID) != self._manifest.get(RUN_ID)
 
     def recorder_states(self) -> dict[int, WriterState] | None:
         """Each rank's lock file in steps/, as this machine's locks show it (`writer_states`)."""

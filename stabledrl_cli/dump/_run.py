@@ -199,6 +199,12 @@ class Run(ABC):
         """Undo one `hold_listing`: once each is undone, the run is listed again as it grows."""
         return None
 
+    def recorded_again(self) -> bool:
+        """Whether the run was recorded again since it was opened (resumed from a step it held,
+        or recorded over): its manifest's `run_id` is another now, or the manifest is gone.
+        False here (an archive is never written while it is read)."""
+        return False
+
     def recorder_states(self) -> dict[int, WriterState] | None:
         """What each rank's lock file left in the run says of its Recorder: "held" (recording
         now), "released" (its process died without closing the run: killed, say), "unknown"

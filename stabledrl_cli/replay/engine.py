@@ -324,6 +324,11 @@ def replay_run(
                 run, config, noise_floor=stream.noise_floor, likelihood=stream.likelihood
             )
         result = replay_result(run, resolved, own_index, stream, observed, skipped, config)
+        if run.recorded_again():  # its steps read are of two recordings
+            raise InputError(
+                f"{run.location}: the run was recorded again while the replay read it (resumed "
+                "from a step it held, or recorded over: a new run_id); replay it again"
+            )
         result.live = live_read(run)  # of the listing read, before it is released
         return result
 
