@@ -346,3 +346,8 @@ def test_a_run_resumed_while_a_replay_read_it_is_refused(tmp_path):
             again.log_step(3, **_live_batch(3, 30))
 
     assert replay_run(open_run(appended), ["grpo"], progress=append).steps == 3
+    opened = open_run(appended)
+    (appended / "manifest.json").write_text("{")  # unreadable now: no sign of another recording
+    assert not opened.recorded_again()
+    (appended / "manifest.json").unlink()  # gone: being recorded over
+    assert opened.recorded_again()

@@ -544,8 +544,8 @@ class DirectoryRun(Run):
         path = self.path / MANIFEST_NAME
         try:
             now = parse_manifest(self._manifest_bytes(path), self.named(path))
-        except InputError:
-            return True
+        except InputError:  # gone: being recorded over; unreadable now: it cannot tell
+            return not self._exists(path)
         return now.get(RUN_ID) != self._manifest.get(RUN_ID)
 
     def recorder_states(self) -> dict[int, WriterState] | None:
