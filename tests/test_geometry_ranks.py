@@ -16,7 +16,7 @@ from stabledrl_cli.dump import _inputs
 from stabledrl_cli.errors import UsageError
 
 
-def _record(out: Path, *, gram: bool, sketch_ranks: tuple[int, ...] = ()) -> None:
+def _record(out: Path, *, gram: bool, sketch_ranks: tuple[int, ...] = (), every: int = 1) -> None:
     rng = np.random.default_rng(0)
     recorders = [
         sd.Recorder(out, policy="grpo", world_size=2, rank=r, overwrite=True, unit="sequence")
@@ -29,6 +29,8 @@ def _record(out: Path, *, gram: bool, sketch_ranks: tuple[int, ...] = ()) -> Non
             geometry = {"unit_grad_gram": grads @ grads.T} if gram else {}
             if recorder.rank in sketch_ranks:
                 geometry = {"unit_grad_sketch": grads @ rng.normal(size=(6, 3)).astype(np.float32)}
+            if step % every != every - 1:
+                geometry = {}
             recorder.log_step(
                 step,
                 logp=logp,
@@ -70,6 +72,18 @@ def test_replay_of_a_sketch_some_ranks_left_out_says_so(tmp_path: Path) -> None:
     assert "only some of the run's ranks recorded a sketch (unit_grad_sketch)" in result.output
     assert "recorded no gradient geometry" not in result.output
     assert sd.replay(tmp_path / "run").partial_sketches
+
+
+@pytest.mark.parametrize("gram", [True, False], ids=["grams", "sketch of rank 0"])
+def test_replay_of_unjoined_geometry_every_few_steps_says_so(tmp_path: Path, gram: bool) -> None:
+    """Geometry on step 2 of steps 0-2 (geometry every few steps of a run whose first replayed
+    step is no multiple of it: its steps start at 1, or its step 0 was skipped): only the
+    first replayed step was looked at, and the table said 'the run recorded no gradient
+    geometry' of per-rank Grams and of a sketch of rank 0 alike."""
+    _record(tmp_path / "run", gram=gram, sketch_ranks=() if gram else (0,), every=3)
+    result = sd.replay(tmp_path / "run", "grpo")
+    assert result.geometry == "coef"
+    assert (result.per_rank_grams, result.partial_sketches) == (gram, not gram)
 
 
 def _one_rank(out: Path, *, covered: float | None, gram_entry: float = 0.0) -> None:

@@ -29,6 +29,7 @@ from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._live import live_read
 from stabledrl_cli.dump._open import opened_run
+from stabledrl_cli.dump._views import StepSubset
 from stabledrl_cli.errors import InputError, UsageError, counted, type_name
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
 from stabledrl_cli.replay.columns import derive_series, device_metrics
@@ -175,15 +176,14 @@ def _run_geometry(kinds: tuple[StepGeometryKind, ...]) -> tuple[RunGeometryKind,
 
 
 def _unjoined_geometry(run: Run, step_numbers: np.ndarray) -> frozenset[str]:
-    """The geometry the ranks of `run` recorded on its first replayed step that the join left
-    out (`Step.unjoined`: Grams, which do not combine, or a sketch of some ranks only). A
-    one-rank run has none, and its step is not looked up again after the streaming pass."""
+    """The geometry the ranks of `run` recorded on the first replayed step with any that the
+    join left out (`Step.unjoined`: Grams, which do not combine, or a sketch of some ranks
+    only), from the steps' headers (geometry every few steps may skip the first). A one-rank
+    run has none, and its steps are not looked up again after the streaming pass."""
     if not step_numbers.size or run_ranks(run) < 2:
         return frozenset()
-    try:
-        return run.step(int(step_numbers[0])).unjoined
-    except InputError:  # gone since the streaming pass read it
-        return frozenset()
+    headers = StepSubset(run, step_numbers.tolist()).step_headers()  # gone since: left out
+    return next((step.unjoined for step in headers if step.unjoined), frozenset())
 
 
 def _flagged_steps(series: list[StepSeries], keep: np.ndarray) -> dict[int, list[int]]:
