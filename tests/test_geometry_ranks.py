@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 import stabledrl_cli as sd
 from stabledrl_cli.cli.app import app
-from stabledrl_cli.dump import _inputs
+from stabledrl_cli.dump import _inputs, pack_run
+from stabledrl_cli.dump._archive_checks import index_crc
 from stabledrl_cli.errors import UsageError
 
 
@@ -211,3 +215,69 @@ def test_recorder_refuses_a_matrix_that_is_no_gram(
 ) -> None:
     with pytest.raises(UsageError, match=r"unit_grad_gram is no Gram matrix: .*" + re.escape(said)):
         _crafted(tmp_path / "run", unit_grad_gram=gram)
+
+
+def _replay_json(source: Path) -> dict[str, object]:
+    result = CliRunner().invoke(app, ["replay", str(source), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    data.pop("run")
+    return data
+
+
+@pytest.mark.parametrize(
+    ("kind", "geometry", "warned"),
+    [
+        ("unit_grad_gram", {"gram": True}, "its ranks' Gram matrices (unit_grad_gram, 3 steps)"),
+        (
+            "unit_grad_sketch",
+            {"gram": False, "sketch_ranks": (0,)},
+            "only some of its ranks recorded a sketch (unit_grad_sketch, 3 steps)",
+        ),
+    ],
+    ids=["grams", "sketch of rank 0"],
+)
+def test_pack_keeps_which_geometry_the_join_left_out(
+    tmp_path: Path, kind: str, geometry: dict[str, Any], warned: str
+) -> None:
+    """The archive replays with the directory's caption and JSON, pack warning of what it
+    leaves out; an archive without `unjoined/` (packed before it) reads as before."""
+    _record(tmp_path / "run", **geometry)
+    archive = tmp_path / "run.h5"
+    packed = CliRunner().invoke(
+        app, ["pack", str(tmp_path / "run"), str(archive), "--format", "json"], terminal_width=400
+    )
+    assert packed.exit_code == 0, packed.output
+    assert warned in packed.stderr
+    assert json.loads(packed.stdout)["unjoined_geometry"] == {kind: 3}
+    with sd.open_run(archive) as run:
+        assert run.step(0).unjoined == frozenset({kind})
+    assert _replay_json(archive) == _replay_json(tmp_path / "run")
+    table = CliRunner().invoke(app, ["replay", str(archive)], terminal_width=400)
+    assert f"a proxy: {'the run' if 'gram' in kind else 'only some of the run'}'s ranks " in (
+        table.output
+    )
+    assert f"({kind})" in table.output and "no gradient geometry" not in table.output
+    with h5py.File(archive, "a") as handle:
+        del handle["unjoined"]
+    older = CliRunner().invoke(app, ["replay", str(archive)], terminal_width=400)
+    assert older.exit_code == 0, older.output
+    assert "the run recorded no gradient geometry" in older.output
+
+
+@pytest.mark.parametrize("where", ["a step that holds it", "a one-rank run"])
+def test_crafted_unjoined_flags_are_refused(tmp_path: Path, where: str) -> None:
+    if where == "a one-rank run":
+        _crafted(tmp_path / "run")
+    else:
+        _record(tmp_path / "run", gram=False, sketch_ranks=(0, 1))
+    archive = tmp_path / "run.h5"
+    pack_run(tmp_path / "run", archive)
+    with h5py.File(archive, "a") as handle:
+        flags = np.ones(len(handle["steps/step"]), dtype=np.uint8)
+        handle.create_dataset("unjoined/unit_grad_sketch", data=flags)
+        handle["unjoined/unit_grad_sketch"].attrs["crc32"] = index_crc(flags)
+    result = CliRunner().invoke(app, ["replay", str(archive)], terminal_width=400)
+    assert result.exit_code == 3, result.output
+    assert "corrupt run archive (unjoined/unit_grad_sketch flags a step" in result.stderr
+    assert "Traceback" not in result.output

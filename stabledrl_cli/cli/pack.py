@@ -31,6 +31,7 @@ from stabledrl_cli.cli._signals import stopped_by_sigterm
 from stabledrl_cli.dump import FORMAT_VERSION, pack_run
 from stabledrl_cli.dump._open import open_snapshot
 from stabledrl_cli.dump._packer import check_pack_target
+from stabledrl_cli.dump._schema import GRAM_KEY
 from stabledrl_cli.errors import UsageError, counted, quoted
 from stabledrl_cli.vocab import PackCompression
 
@@ -96,6 +97,16 @@ def command(
             f"that run format {FORMAT_VERSION}, the newest this stabledrl reads, does not name "
             f"({names}: a newer version's fields); the archive leaves them out: pack the run "
             "with the stabledrl that recorded it to keep them",
+            highlight=False,
+        )
+    for name, steps in summary.unjoined_geometry.items():
+        what = (
+            f"its ranks' Gram matrices ({name}, {counted(steps, 'step')}) do not combine"
+            if name == GRAM_KEY
+            else f"only some of its ranks recorded a sketch ({name}, {counted(steps, 'step')})"
+        )
+        err.print(
+            f"warning: {redacted(run)}: {what}; the archive leaves them out, as replay does",
             highlight=False,
         )
     if summary.findings:

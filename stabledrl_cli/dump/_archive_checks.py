@@ -33,14 +33,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from stabledrl_cli.dump._layout import CHECKSUMS, RANK_SEQUENCES
+from stabledrl_cli.dump._layout import CHECKSUMS, RANK_SEQUENCES, UNJOINED
 from stabledrl_cli.errors import InputError, quoted
 
 CRC_ATTR = "crc32"
 """The attribute holding an index dataset's checksum (`index_crc` of its values)."""
 TEXT_DATASETS = ("manifest", "integrity")
 """The archive's JSON string datasets."""
-INDEX_GROUPS = ("steps", "scalars", "scalars_recorded", "present", CHECKSUMS)
+INDEX_GROUPS = ("steps", "scalars", "scalars_recorded", "present", UNJOINED, CHECKSUMS)
 DEFLATE_RATIO = 1100
 """gzip's largest expansion is ~1032:1, so no honest dataset declares more than this many
 times the file's bytes."""
@@ -64,7 +64,7 @@ OBJECT_LIMIT = 100_000
 
 def is_index(name: str) -> bool:
     """Whether dataset `name` is read whole: `steps/*`, `scalars*/*`, `present/*`,
-    `checksums/*`, `*/step_offsets`, `ragged/*/shape`."""
+    `unjoined/*`, `checksums/*`, `*/step_offsets`, `ragged/*/shape`."""
     parts = name.split("/")
     return (
         parts[0] in INDEX_GROUPS
@@ -76,14 +76,15 @@ def is_index(name: str) -> bool:
 def index_type(name: str) -> tuple[str, int]:
     """The dtype (numpy's name) and number of dimensions `pack` writes index dataset `name`
     in (`is_index`; run-format.md's table): float64 `scalars/*`, uint8 flags (`present/*`,
-    `scalars_recorded/*`), uint32 per-step CRC-32s (`checksums/*`), int64 `[S, ndim]` ragged
-    shapes and `steps/rank_sequences` [S, R], int64 step numbers, counts and offsets."""
+    `unjoined/*`, `scalars_recorded/*`), uint32 per-step CRC-32s (`checksums/*`), int64
+    `[S, ndim]` ragged shapes and `steps/rank_sequences` [S, R], int64 step numbers, counts
+    and offsets."""
     group, last = name.split("/")[0], name.split("/")[-1]
     if group == "scalars":
         return "float64", 1
     if group == CHECKSUMS:
         return "uint32", 1
-    if group in ("present", "scalars_recorded"):
+    if group in ("present", UNJOINED, "scalars_recorded"):
         return "uint8", 1
     tables = (group == "ragged" and last == "shape") or name == f"steps/{RANK_SEQUENCES}"
     return "int64", 2 if tables else 1

@@ -42,6 +42,7 @@ from stabledrl_cli.dump._layout import (
     SEQUENCE_FIELDS,
     STEP_COUNTS,
     TOKEN_FIELDS,
+    UNJOINED,
     checksums_dataset,
     decode,
     decode_json_text,
@@ -51,8 +52,10 @@ from stabledrl_cli.dump._run import Run, Step, scalar_names
 from stabledrl_cli.dump._schema import (
     BATCH_FIELDS,
     FIELDS,
+    GRAM_KEY,
     MANIFEST_LIMIT,
     RUN_KIND,
+    SKETCH_KEY,
     check_manifest,
     check_readable_version,
     parse_manifest,
@@ -377,6 +380,11 @@ class ArchiveRun(Run):
         self._present = {
             name: self._index(f"present/{name}").astype(bool) for name in present if name in FIELDS
         }
+        self._unjoined = {
+            name: self._index(f"{UNJOINED}/{name}").astype(bool)
+            for name in self._members(UNJOINED)
+            if name in (GRAM_KEY, SKETCH_KEY)
+        }
         self.unknown_fields = frozenset(present).difference(FIELDS)
         """The fields of a newer minor version the archive holds (`present/NAME`): never read,
         each step's `unknown_fields` (a step's own `present/NAME` is not read either)."""
@@ -415,6 +423,7 @@ class ArchiveRun(Run):
             *self._counts.values(),
             *self._step_crcs.values(),
             *self._present.values(),
+            *self._unjoined.values(),
             *self._scalar_values.values(),
             *self._scalar_recorded.values(),
         ]
@@ -427,6 +436,7 @@ class ArchiveRun(Run):
                 f"{location}: corrupt run archive (index lengths do not match the steps)"
             )
         self._check_rank_sequences()
+        self._check_unjoined()
         self._index_of = {int(n): i for i, n in enumerate(self._numbers)}
         self._mark_inconsistent_steps()
 
@@ -460,6 +470,18 @@ class ArchiveRun(Run):
                 f"{self.location}: corrupt run archive (steps/{RANK_SEQUENCES} does not split "
                 f"each step's sequences over the run's {self.world_size} ranks)"
             )
+
+    def _check_unjoined(self) -> None:
+        """`unjoined/NAME` flags only steps of several ranks' batches that lack NAME (the join
+        left it out), else InputError."""
+        batch = self._present.get("logp", np.zeros(len(self._numbers), dtype=bool))
+        for name, flags in self._unjoined.items():
+            lacking = batch & ~self._present.get(name, np.zeros_like(flags))
+            if flags.any() and (self.world_size < 2 or (flags & ~lacking).any()):
+                raise InputError(
+                    f"{self.location}: corrupt run archive ({UNJOINED}/{name} flags a step "
+                    f"that holds {name} or no batch of {self.world_size} ranks)"
+                )
 
     def _ragged_shapes(self, name: str) -> np.ndarray:
         """ragged/NAME/shape ([S, ndim]: `_index`), its columns the field's dimensions, else
@@ -769,6 +791,7 @@ class ArchiveRun(Run):
             num_tokens=counts["num_tokens"],
             num_sequences=counts["num_sequences"],
             num_scored_tokens=counts["num_scored_tokens"],
+            unjoined=frozenset(name for name, flags in self._unjoined.items() if flags[index]),
             rank_sequences=self._ranks_of(index),
             archive=self,
             index=index,

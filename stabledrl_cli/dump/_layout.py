@@ -28,6 +28,10 @@ by its `crc32` attribute, `_archive_checks`):
     ragged/NAME/step_offsets int64 [S+1]     unit_grad_sketch [U, k], token_ids [N, k],
     ragged/NAME/shape        int64 [S, ndim] param_grad_norm [P]), each with its own index
     present/NAME             uint8 [S]       1 where the step has the field
+    unjoined/NAME            uint8 [S]       a run of several ranks: 1 where the ranks
+                             recorded geometry NAME (unit_grad_gram, unit_grad_sketch) that
+                             their join leaves out (`Step.unjoined`); absent when no step
+                             left any out, or in an older archive
     checksums/DATA           uint32 [S]      for each data dataset DATA written without
                              Fletcher32 (`tokens/NAME`, `sequences/NAME`,
                              `ragged/NAME/data`): the CRC-32 (`_crc.crc32`) of each step's
@@ -64,6 +68,8 @@ SEQUENCE_FIELDS = tuple(
 RAGGED_FIELDS = tuple(n for n in FIELDS if n not in TOKEN_FIELDS and n not in SEQUENCE_FIELDS)
 STEP_COUNTS = ("num_tokens", "num_sequences", "num_scored_tokens")
 RANK_SEQUENCES = "rank_sequences"
+UNJOINED = "unjoined"
+"""`unjoined/NAME`, [S]: the steps whose ranks' geometry NAME their join left out."""
 """`steps/rank_sequences`, [S, R]: each rank's sequences of each step of a multi-rank run."""
 
 CHUNK_ELEMENTS = 1 << 15

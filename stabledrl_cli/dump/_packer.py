@@ -36,6 +36,7 @@ from stabledrl_cli.dump._layout import (
     SEQUENCE_FIELDS,
     STEP_COUNTS,
     TOKEN_FIELDS,
+    UNJOINED,
     checksums_dataset,
     needs_escape,
     scalar_dataset_name,
@@ -327,6 +328,8 @@ class _Packer:
     scalars: list[dict[str, float]] = field(default_factory=list)
     fields: list[set[str]] = field(default_factory=list)
     rank_sequences: list[tuple[int, ...]] = field(default_factory=list)
+    unjoined: list[frozenset[str]] = field(default_factory=list)
+    """Each step's `Step.unjoined`: geometry of its ranks that the join left out."""
     unknown_fields: set[str] = field(default_factory=set)
     """Arrays of the packed steps that no field of this format version names: not packed."""
     offsets: dict[str, list[int]] = field(default_factory=lambda: {"tokens": [0], "sequences": [0]})
@@ -403,6 +406,7 @@ class _Packer:
         self.scalars.append(dict(step.scalars))
         self.fields.append(set(step.fields))
         self.rank_sequences.append(step.rank_sequences)
+        self.unjoined.append(step.unjoined)
         self.unknown_fields |= step.unknown_fields
 
     def finish(self) -> None:
@@ -438,6 +442,9 @@ class _Packer:
             flags = np.array([name in f for f in self.fields], dtype=np.uint8)
             if flags.any():
                 _index_dataset(present, name, flags)
+        for name in self.unjoined_steps:
+            flags = np.array([name in u for u in self.unjoined], dtype=np.uint8)
+            _index_dataset(handle.require_group(UNJOINED), name, flags)
         values, recorded = handle.require_group("scalars"), handle.require_group("scalars_recorded")
         for name in sorted(set().union(*self.scalars)):
             stored = scalar_dataset_name(name)
@@ -455,6 +462,12 @@ class _Packer:
                 _index_dataset(
                     handle.require_group(group), name, np.array(column.crcs, dtype=np.uint32)
                 )
+
+    @property
+    def unjoined_steps(self) -> dict[str, int]:
+        """Geometry the ranks' join left out, by name, with the steps that left it out."""
+        names = sorted(set().union(*self.unjoined))
+        return {name: sum(name in u for u in self.unjoined) for name in names}
 
     @property
     def checksummed(self) -> bool:
@@ -480,6 +493,10 @@ class PackSummary:
     unknown_fields: list[str] = field(default_factory=list)
     """Arrays of the run's step files that this format version does not know (a newer minor
     version's fields), sorted: the archive does not hold them."""
+    unjoined_geometry: dict[str, int] = field(default_factory=dict)
+    """Geometry the run's ranks recorded that their join leaves out (`Step.unjoined`: Grams,
+    which do not combine, or a sketch of some ranks only), by name, with its steps: as a
+    replay of the directory, the archive holds none of it, only which steps left it out."""
     damaged_steps: int = 0
     """Steps of the listing packed that every rank wrote but that could not be read (a torn or
     corrupt file: a finding each), left out."""
@@ -497,6 +514,7 @@ class PackSummary:
             "archive_bytes": self.archive_bytes,
             "left_out": self.left_out,
             "unknown_fields": self.unknown_fields,
+            "unjoined_geometry": self.unjoined_geometry,
             "damaged_steps": self.damaged_steps,
             "integrity": IntegrityReport(self.findings).to_dict(),
             "live": None if self.live is None else self.live.to_dict(),
@@ -772,6 +790,7 @@ def _pack(
         findings=list(integrity.findings),
         left_out=unpacked,
         unknown_fields=sorted(packer.unknown_fields),
+        unjoined_geometry=packer.unjoined_steps,
         damaged_steps=len(numbers) - len(packer.numbers),
         live=live_read(run, numbers),
     )
