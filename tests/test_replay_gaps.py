@@ -316,6 +316,31 @@ def test_a_step_some_live_rank_has_not_written_yet_is_not_lost(tmp_path):
     assert lost.exit_code == 1 and json.loads(lost.stdout)["skipped_steps"] == 1
 
 
+def test_a_step_finished_while_a_replay_read_it_is_not_lost(tmp_path):
+    """Rank 1 a step behind when the replay listed the run, then it wrote step 7 and both
+    ranks closed while the replay read: step 7 was skipped ('incomplete, no file for rank(s)
+    [1]', skipped_steps 1) though `live` counted it landed since."""
+    from stabledrl_cli.dump import open_run
+    from stabledrl_cli.replay.engine import replay_run
+
+    run = tmp_path / "run"
+    ranks = [sd.Recorder(run, policy="grpo", world_size=2, rank=rank) for rank in (0, 1)]
+    for step in range(8):
+        for rec in ranks[: 1 if step == 7 else 2]:
+            rec.log_step(step, **_live_batch(step, 30))
+
+    def finish(_: int) -> None:
+        if ranks:
+            ranks[1].log_step(7, **_live_batch(7, 30))
+            for rec in ranks:
+                rec.close()
+            ranks.clear()
+
+    result = replay_run(open_run(run), ["grpo"], progress=finish)
+    assert (result.steps, result.skipped_steps) == (7, 0), result.skipped
+    assert result.live is not None and result.live.landed_steps == 1
+
+
 def test_a_run_resumed_while_a_replay_read_it_is_refused(tmp_path):
     """A run resumed from step 5 while a replay read its 10 steps: the result said 10 steps
     replayed and 2 skipped (steps 8 and 9, which it had replayed, gone since), its observed

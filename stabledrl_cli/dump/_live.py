@@ -39,8 +39,14 @@ def live_read(run: Run, read: Sequence[int] | None = None) -> LiveRead | None:
     if states is None:
         return None
     read = run.listed_whole_step_numbers if read is None else read
-    since = set(open_run(run.path).listed_whole_step_numbers).difference(read)
+    since = whole_now(run).difference(read)
     held = "held" in states.values()
     if not held and not since:
         return None
     return LiveRead(len(read), max(read, default=None), len(since), held)
+
+
+def whole_now(run: Run) -> set[int]:
+    """The steps every rank of the local run `run` has finished now (listed afresh, its held
+    listing left as it is)."""
+    return set(open_run(run.path).listed_whole_step_numbers)
