@@ -351,3 +351,17 @@ def test_the_reward_s_rolling_mean_leaves_out_an_unscored_rollout(tmp_path, monk
     assert list(xs[drawn]) == [9, *range(11, 20)], (xs, ys)
     scored = [float(s) for s in range(20) if s != 10]
     assert ys[drawn] == pytest.approx([np.mean(scored[i - 9 : i + 1]) for i in range(9, 19)])
+
+
+def test_plot_without_its_run_draws_the_reward_of_the_steps_replayed(tmp_path, monkeypatch):
+    """A replay of a live run's 6 steps, drawn without its run once 4 more landed: the
+    run reopened with a fresh listing drew the reward of steps 0-9 beside rows of 0-5."""
+    run, ones = tmp_path / "run", torch.ones(2, 3)
+    batch = {"logp": -ones, "logp_old": -ones, "advantages": torch.tensor([1.0, -1.0])}
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(10):
+            rec.log_step(step, reward=torch.tensor([1.0, 0.0]), **batch)
+            if step == 5:
+                result = sd.replay(run, ["grpo"], device="cpu")
+    reward_ax = drawn_figure(monkeypatch, result, tmp_path / "live.png").axes[1]
+    assert result.steps == 6 and max(reward_ax.lines[0].get_xdata()) == 5

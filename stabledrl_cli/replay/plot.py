@@ -30,6 +30,7 @@ import numpy.typing as npt
 
 from stabledrl_cli._atomic import missing_directory, output_path
 from stabledrl_cli.dump import Run, open_run
+from stabledrl_cli.dump._views import StepSubset
 from stabledrl_cli.errors import MissingExtraError, UsageError, counted, install_command
 from stabledrl_cli.replay.config import format_step_range, in_range
 from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, rolling_mean, run_reward_draws
@@ -333,9 +334,20 @@ def _steps_range(result: ReplayResult, run_steps: Steps) -> tuple[float, float] 
     return float(every.min()) - 1.0, float(every.max()) + 1.0
 
 
+def _replayed_run(result: ReplayResult) -> Run:
+    """The run `result` replayed, reopened: of a live run (`ReplayResult.live`), its steps up
+    to the last the replay read, not those landed since."""
+    run = open_run(result.run)
+    if result.live is None or result.live.to_step is None:
+        return run
+    upto = result.live.to_step
+    return StepSubset(run, [n for n in run.listed_whole_step_numbers if n <= upto])
+
+
 def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | None = None) -> Path:
     """Draws `result` (and `run`'s recorded reward; default: reopened from result.run, which
-    names a URL without its credentials: pass the open `run` for a run read with them) to a PNG.
+    names a URL without its credentials: pass the open `run` for a run read with them; a live
+    run's to the last step replayed) to a PNG.
 
     Written atomically (WriteError when it cannot be). MissingExtraError (exit 2) without
     matplotlib.
@@ -346,7 +358,7 @@ def plot_replay(result: ReplayResult, path: str | os.PathLike[str], run: Run | N
     from matplotlib.ticker import MaxNLocator
 
     target = check_plot_path(path)
-    run = run if run is not None else open_run(result.run)
+    run = run if run is not None else _replayed_run(result)
     rows, columns = grid_shape(len(result.policies))
     height = _HEAD_IN + _LEGEND_IN + _REWARD_IN + _PANEL_IN * rows + _FOOT_IN
     fig = Figure(figsize=(_WIDTH_IN, height), dpi=_DPI, layout="constrained")
