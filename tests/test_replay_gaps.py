@@ -288,11 +288,15 @@ def test_diff_of_a_live_run_says_up_to_which_step_it_read(tmp_path):
         for step in range(3):
             rec.log_step(step, **_live_batch(step, 30))
         result = runner.invoke(app, ["diff", str(done), str(live)])
+        as_json = runner.invoke(app, ["diff", str(done), str(live), "--format", "json"])
     assert result.exit_code == 0, result.output
     said = " ".join(result.stderr.split())
     assert f"warning: {live} is being recorded now" in said
     assert "the diff read the 3 steps listed when the diff began (to step 2)" in said
     assert f"warning: {done} is being" not in said
+    data = json.loads(as_json.stdout)  # the JSON said nothing of it
+    assert data["live_a"] is None
+    assert data["live_b"] == {"listed_steps": 3, "to_step": 2, "landed_steps": 0, "held": True}
 
 
 def test_a_step_some_live_rank_has_not_written_yet_is_not_lost(tmp_path):

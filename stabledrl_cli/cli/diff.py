@@ -235,13 +235,16 @@ def command(
         finally:  # before an error too: skipped steps can be why the runs share none
             for warning in caught:
                 err.print(f"warning: {warning.message}", highlight=False)
-            for opened, given in ((first, run_a), (second, run_b)):
-                note_live(live_read(opened), given, "the diff read", "diff")
+    lives = [live_read(first), live_read(second)]
+    for live, given in zip(lives, (run_a, run_b), strict=True):
+        note_live(live, given, "the diff read", "diff")
     parted = result.parted_before(until)
     if output_format == "json":
         data = result.to_dict()
         data["until"] = until
         data["parted_before_until"] = parted
+        for key, live in zip(("live_a", "live_b"), lives, strict=True):
+            data[key] = None if live is None else live.to_dict()
         print_json(data)
     else:
         _print_table(result, until)
