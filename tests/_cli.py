@@ -5,6 +5,7 @@ command instead of their sum."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -64,6 +65,31 @@ for step in range({steps}):
     {each}
 print("trained")
 """
+
+
+def record_env() -> dict[str, str]:
+    """A wrapped command's environment: the package's root and the tests' helpers (such as
+    distributed_exit) on its path, no inherited run."""
+    here = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STABLEDRL_")}
+    paths = (str(here.parent), str(here), os.environ.get("PYTHONPATH"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    return {**env, "NO_COLOR": "1", "COLUMNS": "200"}
+
+
+def record(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """A real `stabledrl record ARGS` process, in `record_env`."""
+    return subprocess.run(
+        [*cli_command(), "record", *args],
+        capture_output=True, text=True, env=record_env(), timeout=TIMEOUT, cwd=cwd,
+    )  # fmt: skip
+
+
+def close(recorded: float, computed: float) -> bool:
+    """A recorded number equals the one the script computed, to 1e-6 relative (NaN: NaN)."""
+    return math.isclose(recorded, computed, rel_tol=1e-6) or (
+        math.isnan(recorded) and math.isnan(computed)
+    )
 
 
 def run_cli_together(

@@ -5,7 +5,7 @@ tensors, on one of its own worker threads. When that happens while the interpret
 the thread cannot take the GIL, is made to exit inside a destructor, and the process aborts
 (SIGABRT, "terminate called without an active exception") after its training has finished.
 With torch 2.13 it happened about once in 100 runs of the FSDP2 script of
-test_optimizer_hooks, recorded or not (a core dump showed the worker thread in
+test_optimizer_hooks_multi_rank, recorded or not (a core dump showed the worker thread in
 ~AsyncAllgatherCoalescedWork), often enough to fail CI. The scripts therefore run the exit
 handlers themselves (a recording's close is one of them, so what the tests check is what a
 normal exit does) and leave without finalizing.

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 import torch
-from test_optimizer_hooks import _record, close
+from _cli import close
+from _cli import record as _record
 
 from stabledrl_cli.capture._clip_records import grad_states, unchanged
 from stabledrl_cli.dump import Run, open_run

@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 from _cli import cli_command
-from test_optimizer_hooks import _env
+from _cli import record_env as _env
 
 from stabledrl_cli.dump import open_run
 
