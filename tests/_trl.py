@@ -18,6 +18,8 @@ import stabledrl_cli as sd
 SCRIPTS = Path(__file__).parent / "trl_scripts"
 sys.path.insert(0, str(SCRIPTS))
 SKIP_REASON = "the TRL integration tests need trl 1.16 (pip install -e '.[trl]')"
+TRAINERS = ["RecordingGRPOTrainer", "RecordingRLOOTrainer"]
+"""The recording trainers, by name (attributes of stabledrl_cli.integrations.trl)."""
 TRL_METRICS = {
     "trl_clip_ratio_low_mean": "clip_ratio/low_mean",
     "trl_clip_ratio_high_mean": "clip_ratio/high_mean",
