@@ -129,7 +129,8 @@ def test_a_run_that_grows_as_it_is_replayed_keeps_the_bar_within_its_total(
     tmp_path, monkeypatch
 ) -> None:
     """Replay counts the run's steps as it starts and reads the run's listing when it reads its
-    steps: 2 steps landing between showed 'replaying: 7/5 (140%)'."""
+    steps: 2 steps landing between showed 'replaying: 7/5 (140%)'. It reads the steps listed
+    when it began (`open_snapshot`), and its JSON counts the 2 that landed since."""
     run = tiny_run(tmp_path / "run", steps=5)
     extra = tiny_run(tmp_path / "extra", steps=7)
     replaying = engine.replay_run
@@ -143,9 +144,10 @@ def test_a_run_that_grows_as_it_is_replayed_keeps_the_bar_within_its_total(
     monkeypatch.setattr(engine, "replay_run", steps_land)
     result = CliRunner().invoke(app, ["replay", str(run), "-p", "grpo", "-f", "json"])
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["steps"] == 7
+    data = json.loads(result.stdout)
+    assert data["steps"] == 5 and data["live"]["landed_steps"] == 2
     shown = [line for line in result.stderr.splitlines() if line.startswith("replaying:")]
-    assert shown == ["replaying: 7/7 (100%)"], result.stderr
+    assert shown == ["replaying: 5/5 (100%)"], result.stderr
 
 
 def test_the_scalar_steps_of_a_mixed_run_advance_the_replay_as_they_pass(tmp_path) -> None:
