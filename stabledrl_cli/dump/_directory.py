@@ -532,7 +532,6 @@ class DirectoryRun(Run):
 
     def hold_listing(self) -> None:
         self._scan()
-        self._listed_stamp = self._listed_stamp or object()  # a listing that cannot be reused
         self._held_listing += 1
 
     def release_listing(self) -> None:
@@ -662,7 +661,7 @@ class DirectoryRun(Run):
     def _scan(self) -> _Listing:
         """The steps directory's files, sorted into finals, temporaries and unknown ones; the
         last listing again while the directory's `_stamp` is the same."""
-        if self._held_listing and self._listed_stamp is not None:
+        if self._held_listing:
             return self._listing
         steps_dir = self.path / STEPS_DIR
         stamp = self._stamp(steps_dir)
