@@ -86,6 +86,18 @@ def _row(text: str, spec: str) -> str:
     return rows[0]
 
 
+@pytest.mark.parametrize("width", (60, 80))
+@pytest.mark.parametrize("args", [["policies"], ["replay", "GRPO", "--detail"]])
+def test_no_output_line_ends_in_padding(grpo_fixture, args, width):
+    """Rich pads a table's last column and keeps the space a wrapped line broke at: piped to a
+    file, every such line carried invisible spaces (`policies` at 80 columns: 133 lines)."""
+    args = [str(grpo_fixture) if a == "GRPO" else a for a in args]
+    result = runner.invoke(app, args, env={"COLUMNS": str(width)})
+    assert result.exit_code == 0, result.output
+    padded = [line for line in result.output.splitlines() if line.endswith(" ")]
+    assert not padded, padded[:3]
+
+
 @pytest.mark.parametrize("width", WIDTHS)
 def test_replay_default_view_fits_one_line_a_policy(grpo_fixture, grpo_figures, width):
     text = _run(["replay", str(grpo_fixture), *POLICIES, "--device", "cpu"], width)

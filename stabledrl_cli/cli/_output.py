@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.segment import Segment
 from rich.text import Text
 
 from stabledrl_cli._atomic import write_error
@@ -36,6 +38,10 @@ ESCAPED_CONTROLS = {
 }
 """Control characters a console prints escaped (ESC as \\x1b): text from a run (a manifest's
 note, a scalar's name) never moves the cursor, clears, retitles or recolours the terminal."""
+
+_LINE_END_PADDING = re.compile(r" +((?:\x1b\[[0-9;]*m)*)(?=\n)")
+"""Spaces that end a line, before its closing style codes: rich pads a table's last column and
+leaves the space a wrap broke at."""
 
 
 def plain_text(text: str, *, wrapped: bool = False) -> Text:
@@ -68,6 +74,11 @@ class _LiveConsole(Console):
         """Every string printed (table cells and titles too) with its control characters
         escaped (`ESCAPED_CONTROLS`); rich's own styling is added after, not escaped."""
         return super().render_str(text.translate(ESCAPED_CONTROLS), **kwargs)
+
+    def _render_buffer(self, buffer: Iterable[Segment]) -> str:
+        """What a print writes, no line of it ending in spaces (`_LINE_END_PADDING`): output
+        piped to a file or compared with `diff` carries no invisible padding."""
+        return _LINE_END_PADDING.sub(r"\1", super()._render_buffer(buffer))
 
 
 def silence_stdout() -> None:
