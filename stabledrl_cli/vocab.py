@@ -46,6 +46,10 @@ SketchMethod = Literal["auto", "exact", "jvp"]
 """How a sketch is taken: from exact per-unit gradients, forward-mode JVPs, or auto."""
 SKETCH_METHODS: tuple[SketchMethod, ...] = get_args(SketchMethod)
 
+UnjoinedGeometry = Literal["per_rank_grams", "partial_sketches", "sketch_seeds_differ"]
+"""Why the geometry a multi-rank step's ranks recorded does not join: Gram matrices (which
+never combine across ranks), a sketch only some ranks recorded, or sketches of other seeds."""
+
 GeometryDtype = Literal["float32", "float16"]
 """Storage dtype of recorded geometry (float16: sketches only, with a per-step scale)."""
 GEOMETRY_DTYPES: tuple[GeometryDtype, ...] = get_args(GeometryDtype)

@@ -18,12 +18,32 @@ from stabledrl_cli.cli.app import app
 from stabledrl_cli.dump import _inputs, pack_run
 from stabledrl_cli.dump._archive_checks import index_crc
 from stabledrl_cli.errors import UsageError
+from stabledrl_cli.replay.plot import _footnote
+from stabledrl_cli.replay.report import proxy_reason
 
 
-def _record(out: Path, *, gram: bool, sketch_ranks: tuple[int, ...] = (), every: int = 1) -> None:
+def _record(
+    out: Path,
+    *,
+    gram: bool,
+    sketch_ranks: tuple[int, ...] = (),
+    every: int = 1,
+    seeds: tuple[int, int] | None = None,
+    bare: tuple[int, int] | None = None,
+) -> None:
+    """Two ranks' steps 0-2; `seeds`: each rank's Recorder declares a sketch of that seed;
+    `bare`: the (rank, step) that records no geometry."""
     rng = np.random.default_rng(0)
     recorders = [
-        sd.Recorder(out, policy="grpo", world_size=2, rank=r, overwrite=True, unit="sequence")
+        sd.Recorder(
+            out,
+            policy="grpo",
+            world_size=2,
+            rank=r,
+            overwrite=True,
+            unit="sequence",
+            geometry=None if seeds is None else {"kind": "sketch", "sketch": {"seed": seeds[r]}},
+        )
         for r in range(2)
     ]
     for step in range(3):
@@ -33,7 +53,7 @@ def _record(out: Path, *, gram: bool, sketch_ranks: tuple[int, ...] = (), every:
             geometry = {"unit_grad_gram": grads @ grads.T} if gram else {}
             if recorder.rank in sketch_ranks:
                 geometry = {"unit_grad_sketch": grads @ rng.normal(size=(6, 3)).astype(np.float32)}
-            if step % every != every - 1:
+            if step % every != every - 1 or (recorder.rank, step) == bare:
                 geometry = {}
             recorder.log_step(
                 step,
@@ -88,6 +108,85 @@ def test_replay_of_unjoined_geometry_every_few_steps_says_so(tmp_path: Path, gra
     result = sd.replay(tmp_path / "run", "grpo")
     assert result.geometry == "coef"
     assert (result.per_rank_grams, result.partial_sketches) == (gram, not gram)
+
+
+def _replay(run: Path) -> tuple[dict[str, Any], str, str]:
+    """`replay RUN --format json`'s JSON and stderr, and the table's output (its lines
+    joined)."""
+    runner = CliRunner()
+    data = runner.invoke(app, ["replay", str(run), "--format", "json"])
+    assert data.exit_code == 0, data.output
+    table = runner.invoke(app, ["replay", str(run)], terminal_width=400)
+    assert table.exit_code == 0, table.output
+    return json.loads(data.stdout), data.stderr, " ".join(table.output.split())
+
+
+def test_sketches_of_different_seeds_are_left_out_of_the_join(tmp_path: Path) -> None:
+    """Each rank's file records its sketch's seed; ranks of different seeds (two Omegas) were
+    joined all the same, and a run of two equal updates replayed 1.79 for 2.67 (-33%) with
+    no word. Their sketch is left out, said once on stderr, in the JSON and the caption."""
+    _record(tmp_path / "same", gram=False, sketch_ranks=(0, 1), seeds=(7, 7))
+    _record(tmp_path / "other", gram=False, sketch_ranks=(0, 1), seeds=(7, 8))
+    with sd.open_run(tmp_path / "other") as run:
+        step = run.step(0)
+        assert step.sketch_seeds == (7, 8)
+        assert step.unjoined == frozenset({"unit_grad_sketch"})
+        assert "unit_grad_sketch" not in step.fields
+    data, stderr, table = _replay(tmp_path / "other")
+    assert (data["geometry"], data["unjoined_geometry"]) == ("coef", "sketch_seeds_differ")
+    assert stderr.count("recorded sketches with 2 different seeds (7, 8), which do not") == 1
+    assert "the run's ranks recorded sketches (unit_grad_sketch) with different seeds" in table
+    assert "only some of the run's ranks" not in table
+    same, stderr, _ = _replay(tmp_path / "same")
+    assert (same["geometry"], same["unjoined_geometry"]) == ("sketch", None)
+    assert "different seeds" not in stderr
+    with sd.open_run(tmp_path / "same") as run:
+        assert run.step(0).sketch_seeds == (7, 7)
+
+
+def test_the_json_tells_unjoined_geometry_from_none(tmp_path: Path) -> None:
+    """Per-rank Grams, a sketch of some ranks and no geometry all replay as geometry "coef";
+    the JSON said nothing else (the caption alone told them apart)."""
+    _record(tmp_path / "grams", gram=True)
+    _record(tmp_path / "some", gram=False, sketch_ranks=(0,))
+    _record(tmp_path / "none", gram=False)
+    said = {name: _replay(tmp_path / name)[0] for name in ("grams", "some", "none")}
+    assert {name: data["geometry"] for name, data in said.items()} == dict.fromkeys(said, "coef")
+    assert {name: data["unjoined_geometry"] for name, data in said.items()} == {
+        "grams": "per_rank_grams",
+        "some": "partial_sketches",
+        "none": None,
+    }
+
+
+def test_a_rank_without_a_sketch_on_one_step_is_said_beside_mixed(tmp_path: Path) -> None:
+    """Rank 1 recorded no sketch on step 1 alone: that step is measured by coefficient norms
+    (geometry mixed), and the JSON and caption say why, not only that the step has none."""
+    _record(tmp_path / "run", gram=False, sketch_ranks=(0, 1), bare=(1, 1))
+    data, _, table = _replay(tmp_path / "run")
+    assert (data["geometry"], data["unjoined_geometry"]) == ("mixed", "partial_sketches")
+    assert "of steps without gradient geometry" in table
+    assert "only some of the run's ranks recorded a sketch" in table
+
+
+UNJOINED_RUNS: dict[str, dict[str, Any]] = {
+    "grams": {"gram": True},
+    "some": {"gram": False, "sketch_ranks": (0,)},
+    "seeds": {"gram": False, "sketch_ranks": (0, 1), "seeds": (0, 1)},
+    "none": {"gram": False},
+}
+
+
+@pytest.mark.parametrize("name", list(UNJOINED_RUNS))
+def test_the_table_and_the_plot_give_one_reason(tmp_path: Path, name: str) -> None:
+    """The table's caption and the plot's footnote say why norms are a proxy in one wording
+    (`report.proxy_reason`): the footnote had words of its own, the same choice made twice."""
+    _record(tmp_path / "run", **UNJOINED_RUNS[name])
+    result = sd.replay(tmp_path / "run", "grpo")
+    reason = proxy_reason(result)
+    assert reason is not None
+    assert reason in " ".join(_footnote(result).split())
+    assert reason in _replay(tmp_path / "run")[2]
 
 
 def _one_rank(out: Path, *, covered: float | None, gram_entry: float = 0.0) -> None:

@@ -55,7 +55,7 @@ import numpy as np
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError, gap_findings
-from stabledrl_cli.dump._run import Run, Step
+from stabledrl_cli.dump._run import Run, Step, seeds_differ
 from stabledrl_cli.dump._schema import (
     BATCH_FIELDS,
     FIELDS,
@@ -69,6 +69,7 @@ from stabledrl_cli.dump._schema import (
     META_RANK,
     META_SCORED_REWARDS,
     META_SCORED_TOKENS,
+    META_SKETCH_SEED,
     META_WORLD_SIZE,
     OS_FILE_RE,
     REWARD_COUNT,
@@ -215,6 +216,8 @@ class _HeaderRecord:
     """`_scored_rewards`; None for a file without it."""
     unknown_fields: frozenset[str] = frozenset()
     """The file's tensors that are no schema field (a newer minor version's)."""
+    sketch_seed: int | None = None
+    """`_sketch_seed`: the Omega seed of the file's sketch; None when it records none."""
 
     @property
     def scalars(self) -> dict[str, float]:
@@ -774,6 +777,7 @@ class DirectoryRun(Run):
         if rewards is not None and rewards > sequences:
             raise StepReadError("unreadable", f"{rewards} scored rewards of {sequences} sequences")
         _check_fields(header, tokens, sequences, scalar=scalar)
+        seed = _count(metadata, META_SKETCH_SEED) if META_SKETCH_SEED in metadata else None
         names = tuple(scalars)
         fields = frozenset(name for name in header.tensors if name in FIELDS)
         unknown = frozenset(header.tensors).difference(FIELDS)
@@ -784,6 +788,7 @@ class DirectoryRun(Run):
             scalar_values=tuple(scalars.values()),
             num_tokens=tokens,
             num_sequences=sequences,
+            sketch_seed=seed,
             num_scored_tokens=scored,
             num_scored_rewards=rewards,
         )
@@ -895,8 +900,12 @@ class DirectoryRun(Run):
         records = [record for record, _, _ in checked]
         fields = set(records[0].fields).intersection(*(r.fields for r in records[1:]))
         held = set().union(*(r.fields for r in records)) & {GRAM_KEY, SKETCH_KEY}
-        # a Gram of each rank never combines; a sketch is the step's only with every rank's rows
-        unjoined = frozenset((held - fields) | (held & {GRAM_KEY}) if len(records) > 1 else ())
+        seeds = tuple(r.sketch_seed for r in records) if SKETCH_KEY in fields else ()
+        # a Gram of each rank never combines; a sketch is the step's only with every rank's
+        # rows, drawn with one Omega
+        differ = {SKETCH_KEY} if seeds_differ(seeds) else set()
+        unjoined = frozenset((held - fields) | (held & {GRAM_KEY}) | differ)
+        unjoined = unjoined if len(records) > 1 else frozenset()
         fields -= unjoined
         # else a scalar step (module docstring)
         batch = "logp" in fields and any(r.num_tokens for r in records)
@@ -912,6 +921,7 @@ class DirectoryRun(Run):
             num_sequences=sum(sequences),
             num_scored_tokens=sum(r.num_scored_tokens for r in records) if batch else 0,
             unjoined=unjoined if batch else frozenset(),
+            sketch_seeds=seeds if len(records) > 1 and batch else (),
             rank_sequences=tuple(sequences) if len(records) > 1 and batch else (),
             paths=[ranks[r] for r in range(self.world_size)],
             records=records,

@@ -29,10 +29,10 @@ from stabledrl_cli.dump._integrity import (
     RunIntegrityWarning,
     StepReadError,
 )
-from stabledrl_cli.dump._schema import manifest_stops, step_number
+from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY, manifest_stops, step_number
 from stabledrl_cli.dump._writer_lock import WriterState
 from stabledrl_cli.errors import InputError, UsageError, type_name
-from stabledrl_cli.vocab import GroupIds, LossNorm, Unit
+from stabledrl_cli.vocab import GroupIds, LossNorm, Unit, UnjoinedGeometry
 
 if TYPE_CHECKING:
     import torch
@@ -77,6 +77,25 @@ def scalar_names(names: Iterable[str]) -> list[str]:
     return names
 
 
+def seeds_differ(seeds: Iterable[int | None]) -> bool:
+    """Whether the ranks' recorded sketch seeds (None: not recorded, taken as agreeing) name
+    two Omegas: their sketches do not join."""
+    return len({seed for seed in seeds if seed is not None}) > 1
+
+
+def unjoined_kind(
+    unjoined: frozenset[str], seeds: Iterable[int | None] = ()
+) -> UnjoinedGeometry | None:
+    """Why a step's (or a run's) ranks' geometry `unjoined` was left out of the join, None
+    when none was: `GRAM_KEY` first (a run of Grams never joins), then a sketch of other
+    seeds (`seeds`: the ranks' own), then a sketch some ranks did not record."""
+    if GRAM_KEY in unjoined:
+        return "per_rank_grams"
+    if SKETCH_KEY not in unjoined:
+        return None
+    return "sketch_seeds_differ" if seeds_differ(seeds) else "partial_sketches"
+
+
 @dataclass(eq=False, kw_only=True)
 class Step(ABC):
     """One optimizer step, read lazily: `step[name]` -> a CPU torch.Tensor read when indexed
@@ -94,6 +113,10 @@ class Step(ABC):
     """Geometry some rank's file holds that the step leaves out, since the ranks' parts do not
     combine: `unit_grad_gram` of a multi-rank step, or a `unit_grad_sketch` not every rank
     recorded."""
+    sketch_seeds: tuple[int | None, ...] = ()
+    """Each rank's Omega seed of its `unit_grad_sketch` (`_sketch_seed`; None: not recorded),
+    in rank order, of a step joined from several ranks' files that each hold a sketch; ()
+    otherwise. Seeds that differ leave the sketch out (`unjoined`)."""
     rank_sequences: tuple[int, ...] = ()
     """The sequences of each rank's part, in rank order, of a step joined from several ranks'
     files (rank r's are the joined step's next ones, as `seq_id` numbers them); () for a step

@@ -388,6 +388,11 @@ META_SCORED_REWARDS = "_scored_rewards"
 """How many of the step's rewards are scored (not NaN), what its reward_mean is a mean of: the
 weight of a rank's reward_mean in a multi-rank join. Written with every `reward` array; a file
 without it (no `reward`, an older recorder) is weighted by its sequences."""
+META_SKETCH_SEED = "_sketch_seed"
+"""The seed of the Omega a rank's `unit_grad_sketch` was drawn with (the Recorder's
+`geometry["sketch"]["seed"]`): written with each sketch whose seed the Recorder knows. Sketches
+of different seeds do not join across ranks; a file without it (an older recorder, a sketch of
+a seed not given) joins as before."""
 META_CRC_HEADER = "_crc32_header"
 META_CRC_DATA = "_crc32_data"
 

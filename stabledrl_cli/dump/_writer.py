@@ -102,6 +102,7 @@ from stabledrl_cli.dump._schema import (
     META_RANK,
     META_SCORED_REWARDS,
     META_SCORED_TOKENS,
+    META_SKETCH_SEED,
     META_WORLD_SIZE,
     RECORDING_CLOSED,
     RECORDING_STOPPED,
@@ -218,6 +219,17 @@ def _object(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise UsageError(f"{what} must be a dict, got {type(value).__name__}")
     return dict(value)
+
+
+def _sketch_seed(geometry: object) -> int | None:
+    """The Omega seed of a Recorder's `geometry` entry (`sketch.seed`, as
+    `GeometryConfig.to_manifest` writes it), None when it gives none: what each sketch of the
+    rank records as `_sketch_seed`."""
+    sketch = geometry.get("sketch") if isinstance(geometry, Mapping) else None
+    seed = sketch.get("seed") if isinstance(sketch, Mapping) else None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+        return None
+    return seed
 
 
 def resumed_before(last: int, step: int, keyword: str = "resume_from") -> str:
@@ -345,6 +357,7 @@ class Recorder:
         self.unit = unit
         self.world_size = world_size
         self.rank = rank
+        self._sketch_seed = _sketch_seed(geometry)
         manifest: dict[str, Any] = {
             "format": RUN_KIND,
             "format_version": written_version(
@@ -603,6 +616,8 @@ class Recorder:
             if "reward" in tensors:
                 scored = np.count_nonzero(~np.isnan(tensors["reward"]))
                 metadata[META_SCORED_REWARDS] = str(scored)
+            if "unit_grad_sketch" in tensors and self._sketch_seed is not None:
+                metadata[META_SKETCH_SEED] = str(self._sketch_seed)
             name = step_file_name(step, self.rank, self.world_size)
             item = StepWrite(
                 self._steps_dir, name, encode_step(tensors, metadata), step, self._rewriting

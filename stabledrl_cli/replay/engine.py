@@ -29,6 +29,7 @@ from stabledrl_cli.dump import Run
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
 from stabledrl_cli.dump._live import live_read
 from stabledrl_cli.dump._open import opened_run
+from stabledrl_cli.dump._run import seeds_differ
 from stabledrl_cli.dump._views import StepSubset
 from stabledrl_cli.errors import InputError, UsageError, counted, type_name
 from stabledrl_cli.policies import STANDARD_CATALOGUE, Policy, get_policy
@@ -175,15 +176,23 @@ def _run_geometry(kinds: tuple[StepGeometryKind, ...]) -> tuple[RunGeometryKind,
     return ("mixed" if distinct else "coef"), coverage
 
 
-def _unjoined_geometry(run: Run, step_numbers: np.ndarray) -> frozenset[str]:
-    """The geometry the ranks of `run` recorded on the first replayed step with any that the
-    join left out (`Step.unjoined`: Grams, which do not combine, or a sketch of some ranks
-    only), from the steps' headers (geometry every few steps may skip the first). A one-rank
-    run has none, and its steps are not looked up again after the streaming pass."""
+def _unjoined_geometry(
+    run: Run, step_numbers: np.ndarray
+) -> tuple[frozenset[str], tuple[int | None, ...]]:
+    """The geometry the ranks of `run` recorded on the replayed steps that the join left out
+    (`Step.unjoined`: Grams, which do not combine, or a sketch of some ranks only or of other
+    seeds), and the ranks' seeds on the first step whose seeds differ (() when none does),
+    from the steps' headers. A one-rank run has none, and its steps are not looked up again
+    after the streaming pass."""
     if not step_numbers.size or run_ranks(run) < 2:
-        return frozenset()
-    headers = StepSubset(run, step_numbers.tolist()).step_headers()  # gone since: left out
-    return next((step.unjoined for step in headers if step.unjoined), frozenset())
+        return frozenset(), ()
+    unjoined: frozenset[str] = frozenset()
+    seeds: tuple[int | None, ...] = ()
+    for step in StepSubset(run, step_numbers.tolist()).step_headers():  # gone since: left out
+        unjoined |= step.unjoined
+        if not seeds and seeds_differ(step.sketch_seeds):
+            seeds = step.sketch_seeds
+    return unjoined, seeds
 
 
 def _flagged_steps(series: list[StepSeries], keep: np.ndarray) -> dict[int, list[int]]:
@@ -377,6 +386,7 @@ def replay_result(
             with single_torch_thread():
                 details = [*detail_pass(run, resolved, flagged, device, config.top_k)]
     geometry, coverage = _run_geometry(stream.geometry)
+    unjoined, seeds = _unjoined_geometry(run, stream.step_numbers)
     gap = parity = ""
     if own_index is not None and summaries[own_index].fidelity is None:
         gap = fidelity_gap(stream, np.asarray(series[own_index]["update_norm"], dtype=np.float64))
@@ -386,9 +396,8 @@ def replay_result(
     return ReplayResult(
         fidelity_gap=gap,
         loss_parity_gap=parity,
-        unjoined_geometry=(
-            _unjoined_geometry(run, stream.step_numbers) if geometry == "coef" else frozenset()
-        ),
+        unjoined_geometry=unjoined,
+        sketch_seeds=seeds,
         run=run.location,
         steps=int(stream.step_numbers.shape[0]),
         geometry=geometry,

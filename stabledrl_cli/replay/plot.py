@@ -35,7 +35,7 @@ from stabledrl_cli.errors import MissingExtraError, UsageError, counted, install
 from stabledrl_cli.replay.config import format_step_range, in_range
 from stabledrl_cli.replay.detectors import REWARD_DRAW_SCALARS, rolling_mean, run_reward_draws
 from stabledrl_cli.replay.observed import is_verl_recording
-from stabledrl_cli.replay.report import BEST_RULE, percent
+from stabledrl_cli.replay.report import BEST_RULE, percent, proxy_reason
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.spec import wrap_spec
 
@@ -301,18 +301,9 @@ def _legend_handles(result: ReplayResult) -> list[Any]:
 
 
 def _footnote(result: ReplayResult) -> str:
-    why = (
-        "its ranks' Gram matrices do not combine across ranks"
-        if result.per_rank_grams
-        else "only some of its ranks recorded a sketch"
-        if result.partial_sketches
-        else "the run recorded no gradient geometry"
-    )
-    proxy = (
-        f"  Update norms are coefficient norms (a proxy): {why}."
-        if result.geometry == "coef"
-        else ""
-    )
+    why = proxy_reason(result)
+    where = "Update" if result.geometry == "coef" else "On steps without geometry, update"
+    proxy = f"  {where} norms are coefficient norms (a proxy): {why}." if why else ""
     text = f"step\n{OWN_NOTE} {BEST_RULE}.{proxy}"
     return "\n".join(textwrap.fill(line, 190) for line in text.splitlines())
 

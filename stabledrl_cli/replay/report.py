@@ -21,7 +21,7 @@ from stabledrl_cli.replay.guards import GuardAction, GuardReport
 from stabledrl_cli.replay.observed import CollapseWarning, Observed
 from stabledrl_cli.replay.result import PolicyResult, ReplayResult
 from stabledrl_cli.spec import wrap_line, wrap_spec
-from stabledrl_cli.vocab import MetricGroup
+from stabledrl_cli.vocab import MetricGroup, UnjoinedGeometry
 
 BEST_RULE = (
     "best: fewest bias steps, then the lowest discarded mass, among policies without risk "
@@ -35,19 +35,40 @@ FOOTER = (
     "A replay is a one-step counterfactual: each step's recorded batch and weights, scored by "
     "another policy. It does not simulate the trajectory that policy would have trained."
 )
-_CAPTIONS = {
-    "coef": "* update norm = coefficient norm ||coef||, a proxy: the run recorded no "
-    "gradient geometry",
-    "per-rank gram": "* update norm = coefficient norm ||coef||, a proxy: the run's ranks "
-    "recorded Gram matrices (unit_grad_gram), which do not combine across ranks; record a "
-    "sketch with the same seed on every rank (docs/geometry.md)",
-    "partial sketch": "* update norm = coefficient norm ||coef||, a proxy: only some of the "
-    "run's ranks recorded a sketch (unit_grad_sketch); the step's sketch needs every rank's "
-    "rows, with the same seed (docs/geometry.md)",
-    "mixed": "* on the {uncovered:.0%} of steps without gradient geometry, update norm = "
-    "coefficient norm ||coef||, a proxy in other units (spikes compare each step with steps "
-    "of its own kind)",
+PROXY_REASONS: dict[UnjoinedGeometry | None, str] = {
+    None: "the run recorded no gradient geometry",
+    "per_rank_grams": "the run's ranks recorded Gram matrices (unit_grad_gram), which do not "
+    "combine across ranks; record a sketch with the same seed on every rank (docs/geometry.md)",
+    "partial_sketches": "only some of the run's ranks recorded a sketch (unit_grad_sketch); "
+    "the step's sketch needs every rank's rows, with the same seed (docs/geometry.md)",
+    "sketch_seeds_differ": "the run's ranks recorded sketches (unit_grad_sketch) with "
+    "different seeds, which do not join; give every rank the same seed (docs/geometry.md)",
 }
+"""Why update norms are coefficient norms, by `ReplayResult.unjoined`."""
+
+
+def proxy_reason(result: ReplayResult) -> str | None:
+    """Why some of the replay's update norms are coefficient norms (a proxy): with no
+    geometry on any step (`coef`), or with steps of geometry the ranks' join left out; None
+    when every step's norm is measured from its geometry, or some steps simply have none."""
+    if result.geometry == "coef" or result.unjoined is not None:
+        return PROXY_REASONS[result.unjoined]
+    return None
+
+
+def _caption(result: ReplayResult) -> str | None:
+    """The line under the summary table, on the update norms that are a proxy; None when
+    none is."""
+    why = proxy_reason(result)
+    if result.geometry == "coef":
+        return f"* update norm = coefficient norm ||coef||, a proxy: {why}"
+    if result.geometry != "mixed":
+        return None
+    return (
+        f"* on the {1 - result.geometry_coverage:.0%} of steps without gradient geometry, "
+        "update norm = coefficient norm ||coef||, a proxy in other units (spikes compare each "
+        "step with steps of its own kind)" + (f"; {why}" if why else "")
+    )
 
 
 MARK_NOTES = {
@@ -417,15 +438,7 @@ def print_summary(
     column; `metrics`: the groups of on-request columns to add, in tables of their own where
     they would not fit the console beside the rest: `_table_parts`); under it, unless `legend`
     is False, one legend line per column shown and the rule that picks `best`."""
-    caption = _CAPTIONS.get(
-        "per-rank gram"
-        if result.per_rank_grams
-        else "partial sketch"
-        if result.partial_sketches
-        else result.geometry
-    )
-    if caption is not None:
-        caption = caption.format(uncovered=1 - result.geometry_coverage)
+    caption = _caption(result)
     star = "*" if caption else ""
     title = (
         f"Replay of {result.run}: {counted(result.steps, 'step')}, geometry {result.geometry} "

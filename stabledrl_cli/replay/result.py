@@ -24,13 +24,13 @@ import numpy as np
 from stabledrl_cli._json import json_safe, stand_in
 from stabledrl_cli._repr import compact_repr
 from stabledrl_cli.dump._integrity import Gap, missing_count
-from stabledrl_cli.dump._schema import GRAM_KEY, SKETCH_KEY
+from stabledrl_cli.dump._run import unjoined_kind
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.columns import ColumnArray
 from stabledrl_cli.replay.config import StepRange
 from stabledrl_cli.replay.observed import Observed
-from stabledrl_cli.vocab import RunGeometryKind
+from stabledrl_cli.vocab import RunGeometryKind, UnjoinedGeometry
 
 if TYPE_CHECKING:
     from stabledrl_cli.dump._live import LiveRead
@@ -291,23 +291,32 @@ class ReplayResult:
     """Why the own policy's loss_parity is None (`summary.parity_gap`; "" when it is not: not
     in the JSON, whose loss_parity is null)."""
     unjoined_geometry: frozenset[str] = frozenset()
-    """Geometry the run's ranks recorded that their join leaves out (`Step.unjoined`): Gram
-    matrices, which do not combine across ranks, or a sketch some ranks did not record. Its
-    update norms are coefficient norms all the same (not in the JSON, whose geometry is
-    "coef")."""
+    """Geometry the run's ranks recorded that their join leaves out on some replayed step
+    (`Step.unjoined`): Gram matrices, which do not combine across ranks, or a sketch some
+    ranks did not record, or recorded with other seeds. Those steps' update norms are
+    coefficient norms (the JSON's `unjoined_geometry` says why: `unjoined`)."""
+    sketch_seeds: tuple[int | None, ...] = ()
+    """The ranks' sketch seeds on the first step whose seeds differ, in rank order (None: a
+    rank that recorded none); () when they agree on every step."""
     live: LiveRead | None = None
     """The run was being recorded when replayed: the steps listed when the replay began, and
     the steps landed since (`dump._live.live_read`); None when no live Recorder held it."""
 
     @property
+    def unjoined(self) -> UnjoinedGeometry | None:
+        """Why some of the run's geometry did not join across its ranks (`unjoined_kind`),
+        None when all of it did."""
+        return unjoined_kind(self.unjoined_geometry, self.sketch_seeds)
+
+    @property
     def per_rank_grams(self) -> bool:
         """The run's ranks recorded Gram matrices, which do not combine across ranks."""
-        return GRAM_KEY in self.unjoined_geometry
+        return self.unjoined == "per_rank_grams"
 
     @property
     def partial_sketches(self) -> bool:
         """Some of the run's ranks recorded no sketch: the others' rows are part of a step."""
-        return not self.per_rank_grams and SKETCH_KEY in self.unjoined_geometry
+        return self.unjoined == "partial_sketches"
 
     def __repr__(self) -> str:
         """One line: the run, its steps and the policies (`.policies`, `.observed` and
@@ -371,6 +380,7 @@ class ReplayResult:
                 "skipped_steps": self.skipped_steps,
                 "missing_steps": self.missing_steps,
                 "live": None if self.live is None else self.live.to_dict(),
+                "unjoined_geometry": self.unjoined,
             }
         )
         return data
