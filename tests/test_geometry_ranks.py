@@ -177,6 +177,31 @@ UNJOINED_RUNS: dict[str, dict[str, Any]] = {
 }
 
 
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("grams", "the manifest declares none; on 3 steps the ranks recorded Gram matrices, which "
+         "do not combine across ranks (replay uses coefficient norms there)"),
+        ("some", "the manifest declares none; on 3 steps only some of the ranks recorded a "
+         "sketch (replay uses coefficient norms there)"),
+        ("seeds", "sketch; on 3 steps the ranks recorded sketches of different seeds, which do "
+         "not join (replay uses coefficient norms there)"),
+        ("none", "none"),
+    ],
+)  # fmt: skip
+def test_inspect_says_what_the_ranks_recorded(tmp_path: Path, name: str, said: str) -> None:
+    """`geometry none` was all inspect said of per-rank Grams and of a sketch of some ranks."""
+    _record(tmp_path / "run", **UNJOINED_RUNS[name])
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "run")], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "│ geometry " in line)
+    assert row.split("│")[2].strip() == said
+    data = CliRunner().invoke(app, ["inspect", str(tmp_path / "run"), "--format", "json"])
+    kinds = {"grams": "per_rank_grams", "some": "partial_sketches", "seeds": "sketch_seeds_differ"}
+    expected = {kinds[name]: 3} if name in kinds else {}
+    assert json.loads(data.stdout)["unjoined_geometry"] == expected
+
+
 @pytest.mark.parametrize("name", list(UNJOINED_RUNS))
 def test_the_table_and_the_plot_give_one_reason(tmp_path: Path, name: str) -> None:
     """The table's caption and the plot's footnote say why norms are a proxy in one wording

@@ -108,7 +108,7 @@ def _run_table(s: RunSummary) -> Table:
         ("estimator", ", ".join(f"{k}={v}" for k, v in s.estimator.items()) or "not given"),
         ("reward range", str(s.reward_range) if s.reward_range else "not given"),
         ("world size", _world_text(s)),
-        ("geometry", _geometry_text(s.geometry) if s.geometry else _logged_geometry(s.fields)),
+        ("geometry", _geometry_row(s)),
         ("steps", _steps_row(s)),
         (
             f"scored {s.unit}s / step",
@@ -300,6 +300,29 @@ def _logged_geometry(fields: list[str]) -> str:
     if not kinds:
         return "none"
     return f"{' and '.join(kinds)} on its steps (the manifest declares none)"
+
+
+UNJOINED_TEXT = {
+    "per_rank_grams": "the ranks recorded Gram matrices, which do not combine across ranks",
+    "partial_sketches": "only some of the ranks recorded a sketch",
+    "sketch_seeds_differ": "the ranks recorded sketches of different seeds, which do not join",
+}
+"""What the ranks recorded where their join leaves it out, by `RunSummary.unjoined_geometry`."""
+
+
+def _geometry_row(s: RunSummary) -> str:
+    """The run's geometry: the manifest's entry or what its steps hold, and the steps whose
+    ranks' geometry does not join (replay measures those with coefficient norms)."""
+    joined = _geometry_text(s.geometry) if s.geometry else _logged_geometry(s.fields)
+    unjoined = [
+        f"on {counted(steps, 'step')} {UNJOINED_TEXT[kind]}"
+        for kind, steps in s.unjoined_geometry.items()
+    ]
+    if not unjoined:
+        return joined
+    if joined == "none":
+        joined = "the manifest declares none"
+    return f"{joined}; {'; '.join(unjoined)} (replay uses coefficient norms there)"
 
 
 WHAT_WIDTH = 32

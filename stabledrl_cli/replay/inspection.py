@@ -4,6 +4,7 @@ A scalar run (no policy batch: an imported log, an optimizer-hook recording) rea
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from stabledrl_cli.dump import Finding, IntegrityReport, Run
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
+from stabledrl_cli.dump._run import Step, unjoined_kind
 from stabledrl_cli.dump._schema import (
     RECORDING_CLOSED,
     RECORDING_STOPPED,
@@ -88,6 +90,10 @@ class RunSummary:
     says none): what a replay of a step joined from several ranks normalises over."""
     geometry: dict[str, object] | None
     """The manifest's geometry entry; None without recorded geometry."""
+    unjoined_geometry: dict[str, int]
+    """Steps whose ranks recorded geometry their join leaves out, by why
+    (`dump.unjoined_kind`: per_rank_grams, partial_sketches, sketch_seeds_differ); empty when
+    none does."""
     steps: int
     """Readable steps."""
     scalar_steps: int
@@ -113,6 +119,12 @@ class RunSummary:
     def to_dict(self) -> dict[str, object]:
         """The `inspect --format json` object."""
         return asdict(self)
+
+
+def _unjoined_steps(headers: Iterable[Step]) -> dict[str, int]:
+    """`RunSummary.unjoined_geometry` of the run's steps `headers`."""
+    kinds = (unjoined_kind(step.unjoined, step.sketch_seeds) for step in headers)
+    return dict(sorted(Counter(kind for kind in kinds if kind is not None).items()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,6 +273,7 @@ def summarize(run: Run) -> RunSummary:
         world_size=manifest.get("world_size"),
         loss_norm=run.loss_norm,
         geometry=dict(geometry) if geometry else None,
+        unjoined_geometry=_unjoined_steps(headers),
         steps=len(headers),
         scalar_steps=recorded.scalar_steps,
         first_step=headers[0].step if headers else None,
