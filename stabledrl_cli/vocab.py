@@ -46,9 +46,12 @@ SketchMethod = Literal["auto", "exact", "jvp"]
 """How a sketch is taken: from exact per-unit gradients, forward-mode JVPs, or auto."""
 SKETCH_METHODS: tuple[SketchMethod, ...] = get_args(SketchMethod)
 
-UnjoinedGeometry = Literal["per_rank_grams", "partial_sketches", "sketch_seeds_differ"]
+UnjoinedGeometry = Literal[
+    "per_rank_grams", "partial_sketches", "sketch_seeds_differ", "sketch_widths_differ"
+]
 """Why the geometry a multi-rank step's ranks recorded does not join: Gram matrices (which
-never combine across ranks), a sketch only some ranks recorded, or sketches of other seeds."""
+never combine across ranks), a sketch only some ranks recorded, or sketches of other seeds or
+widths k."""
 
 GeometryDtype = Literal["float32", "float16"]
 """Storage dtype of recorded geometry (float16: sketches only, with a per-step scale)."""

@@ -30,9 +30,10 @@ def _record(
     every: int = 1,
     seeds: tuple[int, int] | None = None,
     bare: tuple[int, int] | None = None,
+    widths: tuple[int, int] = (3, 3),
 ) -> None:
     """Two ranks' steps 0-2; `seeds`: each rank's Recorder declares a sketch of that seed;
-    `bare`: the (rank, step) that records no geometry."""
+    `bare`: the (rank, step) that records no geometry; `widths`: each rank's sketch k."""
     rng = np.random.default_rng(0)
     recorders = [
         sd.Recorder(
@@ -52,7 +53,8 @@ def _record(
             grads = rng.normal(size=(4, 6)).astype(np.float32)
             geometry = {"unit_grad_gram": grads @ grads.T} if gram else {}
             if recorder.rank in sketch_ranks:
-                geometry = {"unit_grad_sketch": grads @ rng.normal(size=(6, 3)).astype(np.float32)}
+                omega = rng.normal(size=(6, widths[recorder.rank])).astype(np.float32)
+                geometry = {"unit_grad_sketch": grads @ omega}
             if step % every != every - 1 or (recorder.rank, step) == bare:
                 geometry = {}
             recorder.log_step(
@@ -144,6 +146,18 @@ def test_sketches_of_different_seeds_are_left_out_of_the_join(tmp_path: Path) ->
         assert run.step(0).sketch_seeds == (7, 7)
 
 
+def test_sketches_of_different_widths_are_left_out_of_the_join(tmp_path: Path) -> None:
+    """Ranks whose sketches have another k made every step unreadable (`cannot join the
+    ranks' unit_grad_sketch`: 3 of 3 steps skipped, exit 3), though only the sketch does not
+    join: it is left out as sketches of other seeds are, and the step replayed."""
+    _record(tmp_path / "run", gram=False, sketch_ranks=(0, 1), widths=(3, 4))
+    data, stderr, table = _replay(tmp_path / "run")
+    assert (data["steps"], data["skipped_steps"]) == (3, 0)
+    assert (data["geometry"], data["unjoined_geometry"]) == ("coef", "sketch_widths_differ")
+    assert stderr.count("recorded sketches with 2 different widths k (3, 4), which do not") == 1
+    assert "(unit_grad_sketch) of different widths k, which do not join" in table
+
+
 def test_the_json_tells_unjoined_geometry_from_none(tmp_path: Path) -> None:
     """Per-rank Grams, a sketch of some ranks and no geometry all replay as geometry "coef";
     the JSON said nothing else (the caption alone told them apart)."""
@@ -173,6 +187,7 @@ UNJOINED_RUNS: dict[str, dict[str, Any]] = {
     "grams": {"gram": True},
     "some": {"gram": False, "sketch_ranks": (0,)},
     "seeds": {"gram": False, "sketch_ranks": (0, 1), "seeds": (0, 1)},
+    "widths": {"gram": False, "sketch_ranks": (0, 1), "widths": (3, 4)},
     "none": {"gram": False},
 }
 
@@ -186,6 +201,8 @@ UNJOINED_RUNS: dict[str, dict[str, Any]] = {
          "sketch (replay uses coefficient norms there)"),
         ("seeds", "sketch; on 3 steps the ranks recorded sketches of different seeds, which do "
          "not join (replay uses coefficient norms there)"),
+        ("widths", "the manifest declares none; on 3 steps the ranks recorded sketches of "
+         "different widths k, which do not join (replay uses coefficient norms there)"),
         ("none", "none"),
     ],
 )  # fmt: skip
@@ -197,7 +214,12 @@ def test_inspect_says_what_the_ranks_recorded(tmp_path: Path, name: str, said: s
     row = next(line for line in result.output.splitlines() if "│ geometry " in line)
     assert row.split("│")[2].strip() == said
     data = CliRunner().invoke(app, ["inspect", str(tmp_path / "run"), "--format", "json"])
-    kinds = {"grams": "per_rank_grams", "some": "partial_sketches", "seeds": "sketch_seeds_differ"}
+    kinds = {
+        "grams": "per_rank_grams",
+        "some": "partial_sketches",
+        "seeds": "sketch_seeds_differ",
+        "widths": "sketch_widths_differ",
+    }
     expected = {kinds[name]: 3} if name in kinds else {}
     assert json.loads(data.stdout)["unjoined_geometry"] == expected
 
@@ -356,7 +378,7 @@ def _replay_json(source: Path) -> dict[str, object]:
         (
             "unit_grad_sketch",
             {"gram": False, "sketch_ranks": (0,)},
-            "only some of its ranks recorded a sketch (unit_grad_sketch, 3 steps)",
+            "its ranks' sketches (unit_grad_sketch, 3 steps) do not join (only some ranks",
         ),
     ],
     ids=["grams", "sketch of rank 0"],

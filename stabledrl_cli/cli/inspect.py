@@ -306,6 +306,7 @@ UNJOINED_TEXT = {
     "per_rank_grams": "the ranks recorded Gram matrices, which do not combine across ranks",
     "partial_sketches": "only some of the ranks recorded a sketch",
     "sketch_seeds_differ": "the ranks recorded sketches of different seeds, which do not join",
+    "sketch_widths_differ": "the ranks recorded sketches of different widths k, which do not join",
 }
 """What the ranks recorded where their join leaves it out, by `RunSummary.unjoined_geometry`."""
 

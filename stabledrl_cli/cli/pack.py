@@ -103,7 +103,8 @@ def command(
         what = (
             f"its ranks' Gram matrices ({name}, {counted(steps, 'step')}) do not combine"
             if name == GRAM_KEY
-            else f"only some of its ranks recorded a sketch ({name}, {counted(steps, 'step')})"
+            else f"its ranks' sketches ({name}, {counted(steps, 'step')}) do not join (only "
+            "some ranks recorded one, or with other seeds or widths k)"
         )
         err.print(
             f"warning: {redacted(run)}: {what}; the archive leaves them out, as replay does",

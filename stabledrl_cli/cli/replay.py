@@ -171,7 +171,7 @@ def note_stopped(run: Run, named: str) -> None:
 def note_skipped(result: ReplayResult) -> None:
     """A line on stderr when the run has scalar steps, which hold nothing to replay, the
     warnings of its skipped and missing steps (`warn_damaged`) and the one of sketches its
-    ranks recorded with different seeds (`warn_seeds`)."""
+    ranks recorded with different seeds or widths (`warn_sketches`)."""
     if result.scalar_steps:
         noun = "step has" if result.scalar_steps == 1 else "steps have"
         err.print(
@@ -181,27 +181,33 @@ def note_skipped(result: ReplayResult) -> None:
             highlight=False,
         )
     warn_damaged(result.run, result.skipped, result.missing, f"replayed {result.steps}")
-    warn_seeds(result)
+    warn_sketches(result)
 
 
-def warn_seeds(result: ReplayResult) -> None:
-    """A warning on stderr when the run's ranks recorded sketches with different seeds: they
-    do not join (a joined sketch of two Omegas misses the cross-rank terms of the update),
-    so those steps' update norms are coefficient norms."""
-    seeds = sorted({seed for seed in result.sketch_seeds if seed is not None})
-    if not seeds:
-        return
-    shown = ", ".join(map(str, seeds[:SEEDS_SHOWN])) + (", ..." if len(seeds) > SEEDS_SHOWN else "")
-    err.print(
-        f"warning: {result.run}: its ranks recorded sketches with {len(seeds)} different seeds "
-        f"({shown}), which do not join: update norms of those steps are coefficient norms; "
-        "give every rank the same --geometry-seed (docs/geometry.md)",
-        highlight=False,
-    )
+def warn_sketches(result: ReplayResult) -> None:
+    """A warning on stderr when the run's ranks recorded sketches with different seeds or
+    widths k (two Omegas): they do not join (a joined sketch of two Omegas misses the
+    cross-rank terms of the update), so those steps' update norms are coefficient norms."""
+    unjoined = result.unjoined
+    for values, what, option in (
+        (unjoined.seeds, "seeds", "--geometry-seed"),
+        (unjoined.widths, "widths k", "--geometry-k"),
+    ):
+        distinct = sorted({value for value in values if value is not None})
+        if not distinct:
+            continue
+        more = ", ..." if len(distinct) > VALUES_SHOWN else ""
+        shown = ", ".join(map(str, distinct[:VALUES_SHOWN])) + more
+        err.print(
+            f"warning: {result.run}: its ranks recorded sketches with {len(distinct)} different "
+            f"{what} ({shown}), which do not join: update norms of those steps are coefficient "
+            f"norms; give every rank the same {option} (docs/geometry.md)",
+            highlight=False,
+        )
 
 
-SEEDS_SHOWN = 4
-"""The ranks' different sketch seeds a warning names."""
+VALUES_SHOWN = 4
+"""The ranks' different sketch seeds (or widths) a warning names."""
 
 
 def warn_damaged(run: str, skipped: Sequence[str], missing: Sequence[Gap], done: str) -> None:

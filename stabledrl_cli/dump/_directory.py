@@ -18,10 +18,11 @@ range (a negative one, a seq_id past the rank's sequences) would be another rank
 With global ids, a group the ranks marked `group_split` is whole in the joined step when it
 holds as many members as the trainer generated for each prompt (the manifest's
 `meta.num_generations`): the join clears its mark.
-`unit_grad_sketch` rows are concatenated (float16 parts are scaled to float32 first); an
-[N, k] or [U, k] array whose k differs between ranks cannot be joined (InputError);
+`unit_grad_sketch` rows are concatenated (float16 parts are scaled to float32 first); a
+`token_ids` [N, k] whose k differs between ranks cannot be joined (InputError);
 `unit_grad_gram` is left out (the cross-rank entries were never recorded), and so is a
-`unit_grad_sketch` some ranks did not record (a sketch of part of the step); `param_grad_norm`
+`unit_grad_sketch` some ranks did not record (a sketch of part of the step), or recorded with
+another seed (`_sketch_seed`) or width k (another Omega); `param_grad_norm`
 is rank 0's. Scalars: `nonfinite` sums the ranks' non-finite batch entries, plus the joined
 `loss` and `grad_norm` if not finite (one each, not one a rank), `reward_mean` weighted by the
 rewards each rank's mean is over (`_scored_rewards`: those not NaN; a file without the count,
@@ -218,6 +219,8 @@ class _HeaderRecord:
     """The file's tensors that are no schema field (a newer minor version's)."""
     sketch_seed: int | None = None
     """`_sketch_seed`: the Omega seed of the file's sketch; None when it records none."""
+    sketch_width: int | None = None
+    """The k of the file's `unit_grad_sketch` [U, k]; None without one."""
 
     @property
     def scalars(self) -> dict[str, float]:
@@ -778,6 +781,7 @@ class DirectoryRun(Run):
             raise StepReadError("unreadable", f"{rewards} scored rewards of {sequences} sequences")
         _check_fields(header, tokens, sequences, scalar=scalar)
         seed = _count(metadata, META_SKETCH_SEED) if META_SKETCH_SEED in metadata else None
+        width = header.tensors[SKETCH_KEY][1][1] if SKETCH_KEY in header.tensors else None
         names = tuple(scalars)
         fields = frozenset(name for name in header.tensors if name in FIELDS)
         unknown = frozenset(header.tensors).difference(FIELDS)
@@ -789,6 +793,7 @@ class DirectoryRun(Run):
             num_tokens=tokens,
             num_sequences=sequences,
             sketch_seed=seed,
+            sketch_width=width,
             num_scored_tokens=scored,
             num_scored_rewards=rewards,
         )
@@ -900,10 +905,12 @@ class DirectoryRun(Run):
         records = [record for record, _, _ in checked]
         fields = set(records[0].fields).intersection(*(r.fields for r in records[1:]))
         held = set().union(*(r.fields for r in records)) & {GRAM_KEY, SKETCH_KEY}
-        seeds = tuple(r.sketch_seed for r in records) if SKETCH_KEY in fields else ()
+        sketched = SKETCH_KEY in fields
+        seeds = tuple(r.sketch_seed for r in records) if sketched else ()
+        widths = tuple(r.sketch_width or 0 for r in records) if sketched else ()
         # a Gram of each rank never combines; a sketch is the step's only with every rank's
-        # rows, drawn with one Omega
-        differ = {SKETCH_KEY} if seeds_differ(seeds) else set()
+        # rows, drawn with one Omega (one seed, one k)
+        differ = {SKETCH_KEY} if seeds_differ(seeds) or len(set(widths)) > 1 else set()
         unjoined = frozenset((held - fields) | (held & {GRAM_KEY}) | differ)
         unjoined = unjoined if len(records) > 1 else frozenset()
         fields -= unjoined
@@ -922,6 +929,7 @@ class DirectoryRun(Run):
             num_scored_tokens=sum(r.num_scored_tokens for r in records) if batch else 0,
             unjoined=unjoined if batch else frozenset(),
             sketch_seeds=seeds if len(records) > 1 and batch else (),
+            sketch_widths=widths if len(records) > 1 and batch else (),
             rank_sequences=tuple(sequences) if len(records) > 1 and batch else (),
             paths=[ranks[r] for r in range(self.world_size)],
             records=records,

@@ -84,15 +84,18 @@ def seeds_differ(seeds: Iterable[int | None]) -> bool:
 
 
 def unjoined_kind(
-    unjoined: frozenset[str], seeds: Iterable[int | None] = ()
+    unjoined: frozenset[str], seeds: Iterable[int | None] = (), widths: Iterable[int] = ()
 ) -> UnjoinedGeometry | None:
     """Why a step's (or a run's) ranks' geometry `unjoined` was left out of the join, None
     when none was: `GRAM_KEY` first (a run of Grams never joins), then a sketch of other
-    seeds (`seeds`: the ranks' own), then a sketch some ranks did not record."""
+    widths k or seeds (`widths`, `seeds`: the ranks' own), then a sketch some ranks did not
+    record."""
     if GRAM_KEY in unjoined:
         return "per_rank_grams"
     if SKETCH_KEY not in unjoined:
         return None
+    if len(set(widths)) > 1:
+        return "sketch_widths_differ"
     return "sketch_seeds_differ" if seeds_differ(seeds) else "partial_sketches"
 
 
@@ -117,6 +120,9 @@ class Step(ABC):
     """Each rank's Omega seed of its `unit_grad_sketch` (`_sketch_seed`; None: not recorded),
     in rank order, of a step joined from several ranks' files that each hold a sketch; ()
     otherwise. Seeds that differ leave the sketch out (`unjoined`)."""
+    sketch_widths: tuple[int, ...] = ()
+    """Each rank's k of its `unit_grad_sketch` [U, k], as `sketch_seeds`: widths that differ
+    (two Omegas) leave the sketch out too."""
     rank_sequences: tuple[int, ...] = ()
     """The sequences of each rank's part, in rank order, of a step joined from several ranks'
     files (rank r's are the joined step's next ones, as `seq_id` numbers them); () for a step

@@ -47,7 +47,7 @@ from stabledrl_cli.replay.config import (
 )
 from stabledrl_cli.replay.metrics import TopSequence
 from stabledrl_cli.replay.observed import Observed, observe
-from stabledrl_cli.replay.result import PolicyResult, ReplayResult, StepSeries
+from stabledrl_cli.replay.result import PolicyResult, ReplayResult, StepSeries, Unjoined
 from stabledrl_cli.replay.run_facts import (
     no_steps_message,
     own_spec,
@@ -176,23 +176,23 @@ def _run_geometry(kinds: tuple[StepGeometryKind, ...]) -> tuple[RunGeometryKind,
     return ("mixed" if distinct else "coef"), coverage
 
 
-def _unjoined_geometry(
-    run: Run, step_numbers: np.ndarray
-) -> tuple[frozenset[str], tuple[int | None, ...]]:
+def _unjoined_geometry(run: Run, step_numbers: np.ndarray) -> Unjoined:
     """The geometry the ranks of `run` recorded on the replayed steps that the join left out
     (`Step.unjoined`: Grams, which do not combine, or a sketch of some ranks only or of other
-    seeds), and the ranks' seeds on the first step whose seeds differ (() when none does),
-    from the steps' headers. A one-rank run has none, and its steps are not looked up again
-    after the streaming pass."""
+    seeds or widths), and the ranks' seeds and widths on the first step where they differ
+    (() where none does), from the steps' headers. A one-rank run has none, and its steps are
+    not looked up again after the streaming pass."""
     if not step_numbers.size or run_ranks(run) < 2:
-        return frozenset(), ()
-    unjoined: frozenset[str] = frozenset()
-    seeds: tuple[int | None, ...] = ()
+        return Unjoined()
+    unjoined = Unjoined()
     for step in StepSubset(run, step_numbers.tolist()).step_headers():  # gone since: left out
-        unjoined |= step.unjoined
-        if not seeds and seeds_differ(step.sketch_seeds):
-            seeds = step.sketch_seeds
-    return unjoined, seeds
+        seeds, widths = step.sketch_seeds, step.sketch_widths
+        unjoined = Unjoined(
+            unjoined.geometry | step.unjoined,
+            unjoined.seeds or (seeds if seeds_differ(seeds) else ()),
+            unjoined.widths or (widths if len(set(widths)) > 1 else ()),
+        )
+    return unjoined
 
 
 def _flagged_steps(series: list[StepSeries], keep: np.ndarray) -> dict[int, list[int]]:
@@ -386,7 +386,7 @@ def replay_result(
             with single_torch_thread():
                 details = [*detail_pass(run, resolved, flagged, device, config.top_k)]
     geometry, coverage = _run_geometry(stream.geometry)
-    unjoined, seeds = _unjoined_geometry(run, stream.step_numbers)
+    unjoined = _unjoined_geometry(run, stream.step_numbers)
     gap = parity = ""
     if own_index is not None and summaries[own_index].fidelity is None:
         gap = fidelity_gap(stream, np.asarray(series[own_index]["update_norm"], dtype=np.float64))
@@ -396,8 +396,7 @@ def replay_result(
     return ReplayResult(
         fidelity_gap=gap,
         loss_parity_gap=parity,
-        unjoined_geometry=unjoined,
-        sketch_seeds=seeds,
+        unjoined=unjoined,
         run=run.location,
         steps=int(stream.step_numbers.shape[0]),
         geometry=geometry,

@@ -46,7 +46,7 @@ def write_hdf5(result: ReplayResult, path: str | os.PathLike[str]) -> Path:
         handle.attrs["missing_steps"] = result.missing_steps
         handle.attrs["geometry"] = result.geometry
         handle.attrs["geometry_coverage"] = result.geometry_coverage
-        handle.attrs["unjoined_geometry"] = result.unjoined or ""
+        handle.attrs["unjoined_geometry"] = result.unjoined.kind or ""
         handle.attrs["observed"] = _json(result.observed.contract_dict())
         handle.attrs["collapse_warning"] = _json(result.observed.collapse_warning.to_dict())
         handle.attrs["guards"] = _json([g.to_dict() for g in result.observed.guards])

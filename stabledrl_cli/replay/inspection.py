@@ -92,7 +92,8 @@ class RunSummary:
     """The manifest's geometry entry; None without recorded geometry."""
     unjoined_geometry: dict[str, int]
     """Steps whose ranks recorded geometry their join leaves out, by why
-    (`dump.unjoined_kind`: per_rank_grams, partial_sketches, sketch_seeds_differ); empty when
+    (`dump.unjoined_kind`: per_rank_grams, partial_sketches, sketch_seeds_differ,
+    sketch_widths_differ); empty when
     none does."""
     steps: int
     """Readable steps."""
@@ -123,7 +124,7 @@ class RunSummary:
 
 def _unjoined_steps(headers: Iterable[Step]) -> dict[str, int]:
     """`RunSummary.unjoined_geometry` of the run's steps `headers`."""
-    kinds = (unjoined_kind(step.unjoined, step.sketch_seeds) for step in headers)
+    kinds = (unjoined_kind(s.unjoined, s.sketch_seeds, s.sketch_widths) for s in headers)
     return dict(sorted(Counter(kind for kind in kinds if kind is not None).items()))
 
 

@@ -43,16 +43,19 @@ PROXY_REASONS: dict[UnjoinedGeometry | None, str] = {
     "the step's sketch needs every rank's rows, with the same seed (docs/geometry.md)",
     "sketch_seeds_differ": "the run's ranks recorded sketches (unit_grad_sketch) with "
     "different seeds, which do not join; give every rank the same seed (docs/geometry.md)",
+    "sketch_widths_differ": "the run's ranks recorded sketches (unit_grad_sketch) of "
+    "different widths k, which do not join; give every rank the same k (docs/geometry.md)",
 }
-"""Why update norms are coefficient norms, by `ReplayResult.unjoined`."""
+"""Why update norms are coefficient norms, by `Unjoined.kind`."""
 
 
 def proxy_reason(result: ReplayResult) -> str | None:
     """Why some of the replay's update norms are coefficient norms (a proxy): with no
     geometry on any step (`coef`), or with steps of geometry the ranks' join left out; None
     when every step's norm is measured from its geometry, or some steps simply have none."""
-    if result.geometry == "coef" or result.unjoined is not None:
-        return PROXY_REASONS[result.unjoined]
+    kind = result.unjoined.kind
+    if result.geometry == "coef" or kind is not None:
+        return PROXY_REASONS[kind]
     return None
 
 

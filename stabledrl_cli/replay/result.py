@@ -44,6 +44,25 @@ JsonRow = dict[str, object]
 Columns = dict[str, ColumnArray]
 
 
+@dataclass(frozen=True)
+class Unjoined:
+    """The geometry a run's ranks recorded that their join left out on some step (not in the
+    JSON but for `kind`)."""
+
+    geometry: frozenset[str] = frozenset()
+    """The fields left out (`Step.unjoined`): `unit_grad_gram`, `unit_grad_sketch`."""
+    seeds: tuple[int | None, ...] = ()
+    """The ranks' sketch seeds on the first step where they differ (`Step.sketch_seeds`), ()
+    when they agree on every step."""
+    widths: tuple[int, ...] = ()
+    """The ranks' sketch widths k on the first step where they differ, as `seeds`."""
+
+    @property
+    def kind(self) -> UnjoinedGeometry | None:
+        """Why (`unjoined_kind`), None when nothing was left out."""
+        return unjoined_kind(self.geometry, self.seeds, self.widths)
+
+
 @dataclass(frozen=True, eq=False)
 class StepSeries:
     """One policy's per-step columns: name -> [S], the reported columns of `columns.COLUMNS`
@@ -290,33 +309,23 @@ class ReplayResult:
     loss_parity_gap: str = ""
     """Why the own policy's loss_parity is None (`summary.parity_gap`; "" when it is not: not
     in the JSON, whose loss_parity is null)."""
-    unjoined_geometry: frozenset[str] = frozenset()
-    """Geometry the run's ranks recorded that their join leaves out on some replayed step
-    (`Step.unjoined`): Gram matrices, which do not combine across ranks, or a sketch some
-    ranks did not record, or recorded with other seeds. Those steps' update norms are
-    coefficient norms (the JSON's `unjoined_geometry` says why: `unjoined`)."""
-    sketch_seeds: tuple[int | None, ...] = ()
-    """The ranks' sketch seeds on the first step whose seeds differ, in rank order (None: a
-    rank that recorded none); () when they agree on every step."""
+    unjoined: Unjoined = Unjoined()
+    """Geometry the run's ranks recorded that their join leaves out on some replayed step,
+    and why (`Unjoined.kind`: the JSON's `unjoined_geometry`). Those steps' update norms are
+    coefficient norms."""
     live: LiveRead | None = None
     """The run was being recorded when replayed: the steps listed when the replay began, and
     the steps landed since (`dump._live.live_read`); None when no live Recorder held it."""
 
     @property
-    def unjoined(self) -> UnjoinedGeometry | None:
-        """Why some of the run's geometry did not join across its ranks (`unjoined_kind`),
-        None when all of it did."""
-        return unjoined_kind(self.unjoined_geometry, self.sketch_seeds)
-
-    @property
     def per_rank_grams(self) -> bool:
         """The run's ranks recorded Gram matrices, which do not combine across ranks."""
-        return self.unjoined == "per_rank_grams"
+        return self.unjoined.kind == "per_rank_grams"
 
     @property
     def partial_sketches(self) -> bool:
         """Some of the run's ranks recorded no sketch: the others' rows are part of a step."""
-        return self.unjoined == "partial_sketches"
+        return self.unjoined.kind == "partial_sketches"
 
     def __repr__(self) -> str:
         """One line: the run, its steps and the policies (`.policies`, `.observed` and
@@ -380,7 +389,7 @@ class ReplayResult:
                 "skipped_steps": self.skipped_steps,
                 "missing_steps": self.missing_steps,
                 "live": None if self.live is None else self.live.to_dict(),
-                "unjoined_geometry": self.unjoined,
+                "unjoined_geometry": self.unjoined.kind,
             }
         )
         return data
