@@ -138,6 +138,7 @@ def test_sketches_of_different_seeds_are_left_out_of_the_join(tmp_path: Path) ->
     assert (data["geometry"], data["unjoined_geometry"]) == ("coef", "sketch_seeds_differ")
     assert stderr.count("recorded sketches with 2 different seeds (7, 8), which do not") == 1
     assert "the run's ranks recorded sketches (unit_grad_sketch) with different seeds" in table
+    assert "fidelity n/a (needs gradient geometry that joins across ranks)" in table
     assert "only some of the run's ranks" not in table
     same, stderr, _ = _replay(tmp_path / "same")
     assert (same["geometry"], same["unjoined_geometry"]) == ("sketch", None)

@@ -389,7 +389,8 @@ def replay_result(
     unjoined = _unjoined_geometry(run, stream.step_numbers)
     gap = parity = ""
     if own_index is not None and summaries[own_index].fidelity is None:
-        gap = fidelity_gap(stream, np.asarray(series[own_index]["update_norm"], dtype=np.float64))
+        norms = np.asarray(series[own_index]["update_norm"], dtype=np.float64)
+        gap = fidelity_gap(stream, norms, unjoined=unjoined.kind is not None)
     if own_index is not None and summaries[own_index].loss_parity is None:
         objective = np.asarray(series[own_index]["objective"], dtype=np.float64)
         parity = parity_gap(objective, stream.loss)

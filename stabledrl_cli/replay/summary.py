@@ -90,12 +90,13 @@ def unjudged_rules(
     return found
 
 
-def fidelity_gap(stream: StreamedRun, norms: np.ndarray) -> str:
+def fidelity_gap(stream: StreamedRun, norms: np.ndarray, *, unjoined: bool = False) -> str:
     """Why the own policy's `fidelity` is None, given its replayed update norms [S]: what the
-    run lacks for `_relative_error` to compare any step."""
+    run lacks for `_relative_error` to compare any step (`unjoined`: the ranks recorded
+    geometry that their join left out)."""
     measured = columns.measured_steps(stream.geometry)
     if not measured.any():
-        return "needs gradient geometry"
+        return "needs gradient geometry" + (" that joins across ranks" if unjoined else "")
     covered = stream.grad_norm_covered[measured]
     if not np.isfinite(covered).any():
         return "needs grad_norm_covered on the steps with geometry"
