@@ -47,11 +47,14 @@ SketchMethod = Literal["auto", "exact", "jvp"]
 SKETCH_METHODS: tuple[SketchMethod, ...] = get_args(SketchMethod)
 
 UnjoinedGeometry = Literal[
-    "per_rank_grams", "partial_sketches", "sketch_seeds_differ", "sketch_widths_differ"
+    "per_rank_grams", "sketch_widths_differ", "sketch_seeds_differ", "partial_sketches"
 ]
 """Why the geometry a multi-rank step's ranks recorded does not join: Gram matrices (which
-never combine across ranks), a sketch only some ranks recorded, or sketches of other seeds or
-widths k."""
+never combine across ranks), sketches of other widths k or seeds, or a sketch only some ranks
+recorded; a run's steps of several name the first of these."""
+UNJOINED_KINDS: tuple[UnjoinedGeometry, ...] = get_args(UnjoinedGeometry)
+OMEGA_KINDS: tuple[UnjoinedGeometry, ...] = ("sketch_widths_differ", "sketch_seeds_differ")
+"""The sketches left out though every rank recorded one: their Omegas differ."""
 
 GeometryDtype = Literal["float32", "float16"]
 """Storage dtype of recorded geometry (float16: sketches only, with a per-step scale)."""

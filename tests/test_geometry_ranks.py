@@ -373,22 +373,41 @@ def _replay_json(source: Path) -> dict[str, object]:
 
 
 @pytest.mark.parametrize(
-    ("kind", "geometry", "warned"),
+    ("kind", "geometry", "warned", "caption"),
     [
-        ("unit_grad_gram", {"gram": True}, "its ranks' Gram matrices (unit_grad_gram, 3 steps)"),
+        (
+            "unit_grad_gram",
+            {"gram": True},
+            "its ranks' Gram matrices (unit_grad_gram, 3 steps)",
+            "the run's ranks recorded Gram matrices (unit_grad_gram)",
+        ),
         (
             "unit_grad_sketch",
             {"gram": False, "sketch_ranks": (0,)},
             "its ranks' sketches (unit_grad_sketch, 3 steps) do not join (only some ranks",
+            "only some of the run's ranks recorded a sketch (unit_grad_sketch)",
+        ),
+        (
+            "unit_grad_sketch",
+            UNJOINED_RUNS["seeds"],
+            "its ranks' sketches (unit_grad_sketch, 3 steps) do not join",
+            "the run's ranks recorded sketches (unit_grad_sketch) with different seeds",
+        ),
+        (
+            "unit_grad_sketch",
+            UNJOINED_RUNS["widths"],
+            "its ranks' sketches (unit_grad_sketch, 3 steps) do not join",
+            "the run's ranks recorded sketches (unit_grad_sketch) of different widths k",
         ),
     ],
-    ids=["grams", "sketch of rank 0"],
+    ids=["grams", "sketch of rank 0", "seeds", "widths"],
 )
 def test_pack_keeps_which_geometry_the_join_left_out(
-    tmp_path: Path, kind: str, geometry: dict[str, Any], warned: str
+    tmp_path: Path, kind: str, geometry: dict[str, Any], warned: str, caption: str
 ) -> None:
     """The archive replays with the directory's caption and JSON, pack warning of what it
-    leaves out; an archive without `unjoined/` (packed before it) reads as before."""
+    leaves out (of sketches of other seeds or widths, why too: the archive said only some
+    ranks recorded one); an archive without `unjoined/` (packed before it) reads as before."""
     _record(tmp_path / "run", **geometry)
     archive = tmp_path / "run.h5"
     packed = CliRunner().invoke(
@@ -400,16 +419,30 @@ def test_pack_keeps_which_geometry_the_join_left_out(
     with sd.open_run(archive) as run:
         assert run.step(0).unjoined == frozenset({kind})
     assert _replay_json(archive) == _replay_json(tmp_path / "run")
-    table = CliRunner().invoke(app, ["replay", str(archive)], terminal_width=400)
-    assert f"a proxy: {'the run' if 'gram' in kind else 'only some of the run'}'s ranks " in (
-        table.output
-    )
-    assert f"({kind})" in table.output and "no gradient geometry" not in table.output
+    _, stderr, table = _replay(archive)
+    assert f"a proxy: {caption}" in table and "no gradient geometry" not in table
+    if "seeds" in geometry or "widths" in geometry:
+        assert "its ranks recorded sketches with different " in stderr
     with h5py.File(archive, "a") as handle:
         del handle["unjoined"]
     older = CliRunner().invoke(app, ["replay", str(archive)], terminal_width=400)
     assert older.exit_code == 0, older.output
     assert "the run recorded no gradient geometry" in older.output
+
+
+@pytest.mark.parametrize("kind", ["sketch_seeds_differ", "sketch_widths_differ"])
+def test_an_archive_flagging_why_of_a_sketch_it_holds_is_refused(tmp_path: Path, kind: str) -> None:
+    """`unjoined/sketch_*_differ` only flags steps whose sketch is flagged left out."""
+    _record(tmp_path / "run", gram=False, sketch_ranks=(0, 1))
+    archive = tmp_path / "run.h5"
+    pack_run(tmp_path / "run", archive)
+    with h5py.File(archive, "a") as handle:
+        flags = np.ones(len(handle["steps/step"]), dtype=np.uint8)
+        handle.create_dataset(f"unjoined/{kind}", data=flags)
+        handle[f"unjoined/{kind}"].attrs["crc32"] = index_crc(flags)
+    result = CliRunner().invoke(app, ["replay", str(archive)], terminal_width=400)
+    assert result.exit_code == 3, result.output
+    assert f"corrupt run archive (unjoined/{kind} flags a step" in result.stderr
 
 
 @pytest.mark.parametrize("where", ["a step that holds it", "a one-rank run"])

@@ -189,19 +189,20 @@ def warn_sketches(result: ReplayResult) -> None:
     widths k (two Omegas): they do not join (a joined sketch of two Omegas misses the
     cross-rank terms of the update), so those steps' update norms are coefficient norms."""
     unjoined = result.unjoined
-    for values, what, option in (
-        (unjoined.seeds, "seeds", "--geometry-seed"),
-        (unjoined.widths, "widths k", "--geometry-k"),
+    for kind, values, what, option in (
+        ("sketch_seeds_differ", unjoined.seeds, "seeds", "--geometry-seed"),
+        ("sketch_widths_differ", unjoined.widths, "widths k", "--geometry-k"),
     ):
-        distinct = sorted({value for value in values if value is not None})
-        if not distinct:
+        if kind not in unjoined.kinds:
             continue
+        distinct = sorted({value for value in values if value is not None})
         more = ", ..." if len(distinct) > VALUES_SHOWN else ""
         shown = ", ".join(map(str, distinct[:VALUES_SHOWN])) + more
+        differ = f"{len(distinct)} different {what} ({shown})" if distinct else f"different {what}"
         err.print(
-            f"warning: {result.run}: its ranks recorded sketches with {len(distinct)} different "
-            f"{what} ({shown}), which do not join: update norms of those steps are coefficient "
-            f"norms; give every rank the same {option} (docs/geometry.md)",
+            f"warning: {result.run}: its ranks recorded sketches with {differ}, which do not "
+            "join: update norms of those steps are coefficient norms; give every rank the same "
+            f"{option} (docs/geometry.md)",
             highlight=False,
         )
 

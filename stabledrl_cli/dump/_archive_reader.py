@@ -48,7 +48,7 @@ from stabledrl_cli.dump._layout import (
     decode_json_text,
     scalar_name,
 )
-from stabledrl_cli.dump._run import Run, Step, scalar_names
+from stabledrl_cli.dump._run import Run, Step, scalar_names, unjoined_kind
 from stabledrl_cli.dump._schema import (
     BATCH_FIELDS,
     FIELDS,
@@ -63,6 +63,7 @@ from stabledrl_cli.dump._schema import (
 from stabledrl_cli.dump._stfile import FileKey, file_key
 from stabledrl_cli.dump._store_file import StoreFile
 from stabledrl_cli.errors import InputError, UsageError, quoted
+from stabledrl_cli.vocab import OMEGA_KINDS
 
 # Each open dataset's chunk cache: steps are read in order, so consecutive steps share at most
 # the chunk on their boundary (up to 256 KiB: `_packer`); 1 MiB holds it with room to spare.
@@ -380,10 +381,16 @@ class ArchiveRun(Run):
         self._present = {
             name: self._index(f"present/{name}").astype(bool) for name in present if name in FIELDS
         }
+        members = self._members(UNJOINED)
         self._unjoined = {
             name: self._index(f"{UNJOINED}/{name}").astype(bool)
-            for name in self._members(UNJOINED)
+            for name in members
             if name in (GRAM_KEY, SKETCH_KEY)
+        }
+        self._omegas = {  # why a sketch every rank recorded was left out
+            kind: self._index(f"{UNJOINED}/{kind}").astype(bool)
+            for kind in OMEGA_KINDS
+            if kind in members
         }
         self.unknown_fields = frozenset(present).difference(FIELDS)
         """The fields of a newer minor version the archive holds (`present/NAME`): never read,
@@ -424,6 +431,7 @@ class ArchiveRun(Run):
             *self._step_crcs.values(),
             *self._present.values(),
             *self._unjoined.values(),
+            *self._omegas.values(),
             *self._scalar_values.values(),
             *self._scalar_recorded.values(),
         ]
@@ -481,6 +489,16 @@ class ArchiveRun(Run):
                 raise InputError(
                     f"{self.location}: corrupt run archive ({UNJOINED}/{name} flags a step "
                     f"that holds {name} or no batch of {self.world_size} ranks)"
+                )
+        left_out = self._unjoined.get(SKETCH_KEY, np.zeros(len(self._numbers), dtype=bool))
+        reasons = np.zeros(len(self._numbers), dtype=np.int64)
+        for kind, flags in self._omegas.items():
+            reasons += flags
+            if (flags & ~left_out).any() or (reasons > 1).any():
+                raise InputError(
+                    f"{self.location}: corrupt run archive ({UNJOINED}/{kind} flags a step "
+                    f"whose {SKETCH_KEY} is not flagged left out, or that another flag gives "
+                    "another reason for)"
                 )
 
     def _ragged_shapes(self, name: str) -> np.ndarray:
@@ -784,6 +802,8 @@ class ArchiveRun(Run):
         if index in self._bad:
             return self._bad[index]
         counts = {name: int(self._counts[name][index]) for name in STEP_COUNTS}
+        unjoined = frozenset(name for name, flags in self._unjoined.items() if flags[index])
+        omega = next((kind for kind, flags in self._omegas.items() if flags[index]), None)
         return ArchiveStep(
             step=n,
             scalars=self._scalars_of(index),
@@ -791,7 +811,8 @@ class ArchiveRun(Run):
             num_tokens=counts["num_tokens"],
             num_sequences=counts["num_sequences"],
             num_scored_tokens=counts["num_scored_tokens"],
-            unjoined=frozenset(name for name, flags in self._unjoined.items() if flags[index]),
+            unjoined=unjoined,
+            unjoined_why=unjoined_kind(unjoined, omega=omega),
             rank_sequences=self._ranks_of(index),
             archive=self,
             index=index,

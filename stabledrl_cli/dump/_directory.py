@@ -56,7 +56,7 @@ import numpy as np
 from stabledrl_cli._json import parse_strict
 from stabledrl_cli._regular import NotRegularFile, open_regular
 from stabledrl_cli.dump._integrity import Finding, IntegrityReport, StepReadError, gap_findings
-from stabledrl_cli.dump._run import Run, Step, seeds_differ
+from stabledrl_cli.dump._run import Run, Step, seeds_differ, unjoined_kind
 from stabledrl_cli.dump._schema import (
     BATCH_FIELDS,
     FIELDS,
@@ -930,6 +930,7 @@ class DirectoryRun(Run):
             unjoined=unjoined if batch else frozenset(),
             sketch_seeds=seeds if len(records) > 1 and batch else (),
             sketch_widths=widths if len(records) > 1 and batch else (),
+            unjoined_why=unjoined_kind(unjoined, seeds, widths) if batch else None,
             rank_sequences=tuple(sequences) if len(records) > 1 and batch else (),
             paths=[ranks[r] for r in range(self.world_size)],
             records=records,

@@ -31,7 +31,9 @@ by its `crc32` attribute, `_archive_checks`):
     unjoined/NAME            uint8 [S]       a run of several ranks: 1 where the ranks
                              recorded geometry NAME (unit_grad_gram, unit_grad_sketch) that
                              their join leaves out (`Step.unjoined`); absent when no step
-                             left any out, or in an older archive
+                             left any out, or in an older archive. NAME sketch_seeds_differ
+                             or sketch_widths_differ: 1 where a sketch every rank recorded
+                             was left out for that reason (`Step.unjoined_why`)
     checksums/DATA           uint32 [S]      for each data dataset DATA written without
                              Fletcher32 (`tokens/NAME`, `sequences/NAME`,
                              `ragged/NAME/data`): the CRC-32 (`_crc.crc32`) of each step's

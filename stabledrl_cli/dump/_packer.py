@@ -63,7 +63,7 @@ from stabledrl_cli.dump._schema import (
 )
 from stabledrl_cli.dump._setup import os_file
 from stabledrl_cli.errors import InputError, UsageError, counted, quoted, type_name
-from stabledrl_cli.vocab import PACK_COMPRESSIONS, PackCompression
+from stabledrl_cli.vocab import OMEGA_KINDS, PACK_COMPRESSIONS, PackCompression, UnjoinedGeometry
 
 
 class _GuardedFile(io.RawIOBase):
@@ -330,6 +330,8 @@ class _Packer:
     rank_sequences: list[tuple[int, ...]] = field(default_factory=list)
     unjoined: list[frozenset[str]] = field(default_factory=list)
     """Each step's `Step.unjoined`: geometry of its ranks that the join left out."""
+    unjoined_why: list[UnjoinedGeometry | None] = field(default_factory=list)
+    """Each step's `Step.unjoined_why`."""
     unknown_fields: set[str] = field(default_factory=set)
     """Arrays of the packed steps that no field of this format version names: not packed."""
     offsets: dict[str, list[int]] = field(default_factory=lambda: {"tokens": [0], "sequences": [0]})
@@ -407,6 +409,7 @@ class _Packer:
         self.fields.append(set(step.fields))
         self.rank_sequences.append(step.rank_sequences)
         self.unjoined.append(step.unjoined)
+        self.unjoined_why.append(step.unjoined_why)
         self.unknown_fields |= step.unknown_fields
 
     def finish(self) -> None:
@@ -445,6 +448,10 @@ class _Packer:
         for name in self.unjoined_steps:
             flags = np.array([name in u for u in self.unjoined], dtype=np.uint8)
             _index_dataset(handle.require_group(UNJOINED), name, flags)
+        for kind in OMEGA_KINDS:  # why a sketch every rank recorded was left out
+            flags = np.array([why == kind for why in self.unjoined_why], dtype=np.uint8)
+            if flags.any():
+                _index_dataset(handle.require_group(UNJOINED), kind, flags)
         values, recorded = handle.require_group("scalars"), handle.require_group("scalars_recorded")
         for name in sorted(set().union(*self.scalars)):
             stored = scalar_dataset_name(name)

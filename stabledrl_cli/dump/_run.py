@@ -84,16 +84,22 @@ def seeds_differ(seeds: Iterable[int | None]) -> bool:
 
 
 def unjoined_kind(
-    unjoined: frozenset[str], seeds: Iterable[int | None] = (), widths: Iterable[int] = ()
+    unjoined: frozenset[str],
+    seeds: Iterable[int | None] = (),
+    widths: Iterable[int] = (),
+    *,
+    omega: UnjoinedGeometry | None = None,
 ) -> UnjoinedGeometry | None:
-    """Why a step's (or a run's) ranks' geometry `unjoined` was left out of the join, None
-    when none was: `GRAM_KEY` first (a run of Grams never joins), then a sketch of other
-    widths k or seeds (`widths`, `seeds`: the ranks' own), then a sketch some ranks did not
-    record."""
+    """Why a step's ranks' geometry `unjoined` was left out of the join, None when none was:
+    `GRAM_KEY` first (Grams never join), then a sketch of other widths k or seeds (`widths`,
+    `seeds`: the ranks' own; `omega`: which of them, as an archive keeps it), then a sketch
+    some ranks did not record."""
     if GRAM_KEY in unjoined:
         return "per_rank_grams"
     if SKETCH_KEY not in unjoined:
         return None
+    if omega is not None:
+        return omega
     if len(set(widths)) > 1:
         return "sketch_widths_differ"
     return "sketch_seeds_differ" if seeds_differ(seeds) else "partial_sketches"
@@ -123,6 +129,8 @@ class Step(ABC):
     sketch_widths: tuple[int, ...] = ()
     """Each rank's k of its `unit_grad_sketch` [U, k], as `sketch_seeds`: widths that differ
     (two Omegas) leave the sketch out too."""
+    unjoined_why: UnjoinedGeometry | None = None
+    """Why `unjoined` was left out (`unjoined_kind`); None when nothing was."""
     rank_sequences: tuple[int, ...] = ()
     """The sequences of each rank's part, in rank order, of a step joined from several ranks'
     files (rank r's are the joined step's next ones, as `seq_id` numbers them); () for a step

@@ -186,9 +186,9 @@ def _unjoined_geometry(run: Run, step_numbers: np.ndarray) -> Unjoined:
         return Unjoined()
     unjoined = Unjoined()
     for step in StepSubset(run, step_numbers.tolist()).step_headers():  # gone since: left out
-        seeds, widths = step.sketch_seeds, step.sketch_widths
+        seeds, widths, why = step.sketch_seeds, step.sketch_widths, step.unjoined_why
         unjoined = Unjoined(
-            unjoined.geometry | step.unjoined,
+            unjoined.kinds | ({why} if why else set()),
             unjoined.seeds or (seeds if seeds_differ(seeds) else ()),
             unjoined.widths or (widths if len(set(widths)) > 1 else ()),
         )

@@ -12,7 +12,7 @@ import numpy as np
 
 from stabledrl_cli.dump import Finding, IntegrityReport, Run
 from stabledrl_cli.dump._integrity import integrity_warnings_ignored
-from stabledrl_cli.dump._run import Step, unjoined_kind
+from stabledrl_cli.dump._run import Step
 from stabledrl_cli.dump._schema import (
     RECORDING_CLOSED,
     RECORDING_STOPPED,
@@ -92,7 +92,7 @@ class RunSummary:
     """The manifest's geometry entry; None without recorded geometry."""
     unjoined_geometry: dict[str, int]
     """Steps whose ranks recorded geometry their join leaves out, by why
-    (`dump.unjoined_kind`: per_rank_grams, partial_sketches, sketch_seeds_differ,
+    (`Step.unjoined_why`: per_rank_grams, partial_sketches, sketch_seeds_differ,
     sketch_widths_differ); empty when
     none does."""
     steps: int
@@ -124,8 +124,7 @@ class RunSummary:
 
 def _unjoined_steps(headers: Iterable[Step]) -> dict[str, int]:
     """`RunSummary.unjoined_geometry` of the run's steps `headers`."""
-    kinds = (unjoined_kind(s.unjoined, s.sketch_seeds, s.sketch_widths) for s in headers)
-    return dict(sorted(Counter(kind for kind in kinds if kind is not None).items()))
+    return dict(sorted(Counter(s.unjoined_why for s in headers if s.unjoined_why).items()))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,13 +24,12 @@ import numpy as np
 from stabledrl_cli._json import json_safe, stand_in
 from stabledrl_cli._repr import compact_repr
 from stabledrl_cli.dump._integrity import Gap, missing_count
-from stabledrl_cli.dump._run import unjoined_kind
 from stabledrl_cli.errors import UsageError
 from stabledrl_cli.policies import get_policy
 from stabledrl_cli.replay.columns import ColumnArray
 from stabledrl_cli.replay.config import StepRange
 from stabledrl_cli.replay.observed import Observed
-from stabledrl_cli.vocab import RunGeometryKind, UnjoinedGeometry
+from stabledrl_cli.vocab import UNJOINED_KINDS, RunGeometryKind, UnjoinedGeometry
 
 if TYPE_CHECKING:
     from stabledrl_cli.dump._live import LiveRead
@@ -49,18 +48,18 @@ class Unjoined:
     """The geometry a run's ranks recorded that their join left out on some step (not in the
     JSON but for `kind`)."""
 
-    geometry: frozenset[str] = frozenset()
-    """The fields left out (`Step.unjoined`): `unit_grad_gram`, `unit_grad_sketch`."""
+    kinds: frozenset[UnjoinedGeometry] = frozenset()
+    """Why, on some step each (`Step.unjoined_why`)."""
     seeds: tuple[int | None, ...] = ()
     """The ranks' sketch seeds on the first step where they differ (`Step.sketch_seeds`), ()
-    when they agree on every step."""
+    when they agree on every step (or an archive, which keeps no seed)."""
     widths: tuple[int, ...] = ()
     """The ranks' sketch widths k on the first step where they differ, as `seeds`."""
 
     @property
     def kind(self) -> UnjoinedGeometry | None:
-        """Why (`unjoined_kind`), None when nothing was left out."""
-        return unjoined_kind(self.geometry, self.seeds, self.widths)
+        """The first of `kinds` in `UNJOINED_KINDS`' order, None when nothing was left out."""
+        return next((kind for kind in UNJOINED_KINDS if kind in self.kinds), None)
 
 
 @dataclass(frozen=True, eq=False)
