@@ -278,3 +278,47 @@ def test_a_rank_that_resumes_or_overwrites_reopens_the_closed_run(tmp_path: Path
     assert closed() == (None, False)  # a fresh manifest
     again.close()
     assert closed() == ([0], False)
+
+
+@pytest.mark.parametrize(
+    ("world_size", "steps", "stop", "closed", "lost"),
+    [  # check counted 2, 4, 0, 3 lost; watch 0, 0, 0, 1 (rank 0 lags in the first two)
+        (2, {0: range(6), 1: range(8)}, 8, False, 0),
+        (2, {0: range(6), 1: range(10)}, None, True, 0),
+        (2, {0: range(10), 1: range(6)}, None, True, 4),
+        (3, {0: range(10), 1: range(6), 2: [*range(7), 8, 9]}, None, False, 1),
+        (2, {0: [0, 1, 2, 4, 5], 1: range(8)}, 8, False, 1),
+    ],
+)
+def test_watch_and_check_tell_a_step_in_flight_from_a_lost_one_alike(
+    tmp_path: Path,
+    world_size: int,
+    steps: dict[int, list[int]],
+    stop: int | None,
+    closed: bool,
+    lost: int,
+) -> None:
+    """A step some rank lacks is in flight while every rank lacking it may still write it
+    (its Recorder live, its recording not stopped) and has not gone past it; rank 1 is the one
+    stopped or closed. check took every step for lost once any rank stopped or closed (a
+    lagging live rank's too), watch waited on a closed rank's steps and, of several lagging
+    ranks, went by the one furthest behind (step 7 that rank 2 went past)."""
+    run = tmp_path / "run"
+    ranks = [
+        Recorder(run, policy=None, world_size=world_size, rank=rank) for rank in range(world_size)
+    ]
+    for rank, recorder in enumerate(ranks):
+        for n in steps[rank]:
+            recorder.log_step(n, grad_norm=1.0 + 0.1 * (n % 3), loss=0.5, lr=1e-3)
+    if stop is not None:
+        ranks[1].note_stop("disk full", stop)
+    if closed:
+        ranks[1].close()
+    args = [*GATE, "-f", "json"]
+    watch = CliRunner().invoke(app, ["watch", str(run), "--once", *args])
+    check = CliRunner().invoke(app, ["check", str(run), *args])
+    for recorder in ranks:
+        recorder.close()
+    gates = json.loads(watch.stdout)["gates"]
+    assert gates == json.loads(check.stdout)["gates"], check.stderr
+    assert gates[0]["figure"] == lost and watch.exit_code == (1 if lost else 0), watch.stderr

@@ -46,7 +46,7 @@ import math
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -961,10 +961,12 @@ class DirectoryRun(Run):
         return sorted(self._scan().finals)
 
     @property
-    def listed_partial_step_numbers(self) -> list[int]:
-        return [
-            n for n, ranks in sorted(self._listing.finals.items()) if len(ranks) < self.world_size
-        ]
+    def listed_partial_steps(self) -> dict[int, Collection[int]]:
+        return {
+            n: ranks.keys()
+            for n, ranks in self._listing.finals.items()
+            if len(ranks) < self.world_size
+        }
 
     @property
     def listed_last_steps(self) -> dict[int, int]:

@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from stabledrl_cli.dump._open import open_run
 from stabledrl_cli.dump._run import Run
+from stabledrl_cli.dump._schema import STOP_RESUMED
 
 
 @dataclass(frozen=True)
@@ -50,3 +52,42 @@ def whole_now(run: Run) -> set[int]:
     """The steps every rank of the local run `run` has finished now (listed afresh, its held
     listing left as it is)."""
     return set(open_run(run.path).listed_whole_step_numbers)
+
+
+def in_flight(
+    partial: Mapping[int, Collection[int]],
+    world_size: int,
+    lasts: Mapping[int, int],
+    writing: Collection[int],
+) -> set[int]:
+    """The steps of `partial` (each -> the ranks with a file of it) still in flight: every rank
+    that lacks one may still write it (is among `writing`) and has not gone past it (its last
+    step, `lasts`, is before it: a rank's steps increase). Any other is lost."""
+    ended = [rank for rank in range(world_size) if rank not in writing]
+    latest = sorted(lasts.items(), key=lambda item: -item[1])
+    return {n for n, wrote in partial.items() if not _lost(n, wrote, ended, latest)}
+
+
+def _lost(n: int, wrote: Collection[int], ended: list[int], latest: list[tuple[int, int]]) -> bool:
+    """Whether a rank lacking step `n` (not among `wrote`) can no longer write it: it is among
+    `ended`, or went past it (`latest`: each rank's last step, the latest first)."""
+    if any(rank not in wrote for rank in ended):
+        return True
+    for rank, last in latest:
+        if last < n:
+            return False
+        if rank not in wrote:
+            return True
+    return False
+
+
+def stopped_ranks(stops: Iterable[dict[str, Any]], lasts: Mapping[int, int]) -> set[int]:
+    """The ranks whose recording stopped after their last step (`lasts`): a stop note among
+    `stops` (`Run.recording_stops`) that no resume of its rank marked `resumed`, and no step
+    written at or after the note's step since (a rank that did was resumed)."""
+    stopped = set()
+    for note in stops:
+        step, last = note.get("step"), lasts.get(note["rank"])
+        if note.get(STOP_RESUMED) is not True and (step is None or last is None or last < step):
+            stopped.add(note["rank"])
+    return stopped

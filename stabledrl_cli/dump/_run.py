@@ -14,7 +14,7 @@ import os
 import warnings
 from abc import ABC, abstractmethod
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,8 +286,14 @@ class Run(ABC):
     def listed_partial_step_numbers(self) -> list[int]:
         """The steps of the run's last listing (`listed_step_numbers`') some rank has no file
         of, ascending, not listed again: a step a reader following the run read is gone once
-        one of its files is. [] here: every step is whole."""
-        return []
+        one of its files is."""
+        return sorted(self.listed_partial_steps)
+
+    @property
+    def listed_partial_steps(self) -> dict[int, Collection[int]]:
+        """`listed_partial_step_numbers`, each -> the ranks that have a file of it. {} here:
+        every step is whole."""
+        return {}
 
     @property
     def listed_last_steps(self) -> dict[int, int]:

@@ -18,6 +18,7 @@ import numpy as np
 
 from stabledrl_cli.dump import Finding, Run, RunIntegrityWarning, open_run
 from stabledrl_cli.dump._integrity import missing_count
+from stabledrl_cli.dump._live import in_flight, stopped_ranks
 from stabledrl_cli.dump._open import run_to_come
 from stabledrl_cli.dump._schema import (
     MANIFEST_NAME,
@@ -25,7 +26,6 @@ from stabledrl_cli.dump._schema import (
     RECORDING_CLOSED_RANKS,
     RECORDING_STOPPED,
     STEPS_DIR,
-    STOP_RESUMED,
     canonical_step,
     stops_by_rank,
 )
@@ -43,7 +43,7 @@ from stabledrl_cli.replay.detectors import (
 from stabledrl_cli.replay.gate import LostSteps
 from stabledrl_cli.replay.incremental import OwnReplay
 from stabledrl_cli.replay.observed import Observed, is_verl_recording
-from stabledrl_cli.replay.run_facts import DAMAGED_KINDS, SKIPPED_KINDS, run_gaps
+from stabledrl_cli.replay.run_facts import DAMAGED_KINDS, SKIPPED_KINDS, run_gaps, run_ranks
 from stabledrl_cli.replay.summary import unjudged_rules
 from stabledrl_cli.vocab import ALERT_KINDS, AlertKind
 
@@ -195,6 +195,11 @@ def _stopped_note(manifest: dict[str, Any]) -> dict[str, Any] | None:
     return dict(note) if isinstance(note, dict) else None
 
 
+def _closed_ranks(manifest: dict[str, Any]) -> set[int]:
+    """The ranks the manifest marks closed (`recording_closed_ranks`)."""
+    return set(manifest.get(RECORDING_CLOSED_RANKS) or [])
+
+
 LISTING_SETTLED_NS = 2_000_000_000
 """How long before a listing a steps folder must have last changed for its count of each
 rank's files to be reused (as the run's reader reuses its listing: far above any file
@@ -309,6 +314,10 @@ class RunWatcher:
         """How the last poll found them ended (`_writers_now`)."""
         self._held: set[int] = set()
         """The ranks whose lock a live Recorder held at a poll of this run."""
+        self._holding: set[int] = set()
+        """Those of `_held` whose lock a live Recorder held at the last poll."""
+        self._closed_ranks: set[int] = set()
+        """The ranks the manifest marks closed (`recording_closed_ranks`), as last read."""
 
     @property
     def writers_ended(self) -> WritersEnd | None:
@@ -335,7 +344,8 @@ class RunWatcher:
         states = run.recorder_states()
         if states is None:  # an archive, or no locks to ask
             return None
-        self._held.update(rank for rank, state in states.items() if state == "held")
+        self._holding = {rank for rank, state in states.items() if state == "held"}
+        self._held.update(self._holding)
         left = set(states.values())
         if left == {"released"}:
             return "killed"
@@ -362,6 +372,7 @@ class RunWatcher:
                     return None
             self.replay = OwnReplay(open_run(self.path), self.config)
             self.recording_stopped = _stopped_note(self.replay.run.manifest)
+            self._closed_ranks = _closed_ranks(self.replay.run.manifest)
             # A packed archive holds every step it will ever have, marked or not.
             archive = self._manifest_key is None
             self._closed_mark = archive or self.replay.run.manifest.get(RECORDING_CLOSED) is True
@@ -390,6 +401,7 @@ class RunWatcher:
             return {k: v for k, v in manifest.items() if k not in notes}
 
         self.recording_stopped = _stopped_note(now)
+        self._closed_ranks = _closed_ranks(now)
         self._closed_mark = now.get(RECORDING_CLOSED) is True
         return run_of(now) != run_of(replay.run.manifest)
 
@@ -423,6 +435,7 @@ class RunWatcher:
         self.recording_stops = []
         self.closed = self._closed_mark = False
         self._ended_polls, self._writers_end, self._held = 0, None, set()
+        self._holding, self._closed_ranks = set(), set()
         self._waiting = self._reading()
         self._alerts, self._seen = [], set()
         self._alerted = None
@@ -605,26 +618,30 @@ class RunWatcher:
     def lacking(self) -> list[Finding]:
         """The integrity findings of the step files the reader skipped that the run lacks: the
         damaged ones (`DAMAGED_KINDS`), and a step some rank never wrote (`SKIPPED_KINDS`), as
-        `check` counts it, once the run gains no step (its recording closed, a packed archive,
-        or its Recorders ended) or every rank that may still write it is past it
-        (`_writing_ranks`: a rank's steps increase); before that such a step is not lacking:
-        the ranks of a live run lag."""
+        `check` counts it, unless it is in flight (`in_flight`: every rank lacking it may
+        still write it, `_writing`, and has not gone past it; the ranks of a live run lag)."""
         if self.replay is None:
             return []
-        ranks = self.rank_progress()
-        writing = _writing_ranks(self.recording_stops, ranks)
-        ended = self.closed or self.writers_ended is not None or bool(ranks and not writing)
-        lasts = [rank.last_step for rank in writing if rank.last_step is not None]
-        passed = min(lasts) if lasts and len(lasts) == len(writing) else None
+        run = self.replay.run
+        findings = run.header_findings()  # lists the run: what follows is of this listing
+        lasts = run.listed_last_steps
+        writing = self._writing(run, lasts)
+        flying = in_flight(run.listed_partial_steps, run_ranks(run), lasts, writing)
         return [
             f
-            for f in self.replay.run.header_findings()
-            if f.kind in DAMAGED_KINDS
-            or (
-                f.kind in SKIPPED_KINDS
-                and (ended or (passed is not None and f.step is not None and f.step <= passed))
-            )
+            for f in findings
+            if f.kind in DAMAGED_KINDS or (f.kind in SKIPPED_KINDS and f.step not in flying)
         ]
+
+    def _writing(self, run: Run, lasts: dict[int, int]) -> set[int]:
+        """The ranks that may still write a step, as far as the watch tells: none once the
+        recording closed or its Recorders ended (`writers_ended`); else all but those whose
+        recording stopped after their last step (`lasts`, `stopped_ranks`), those the manifest
+        marks closed, and those a poll found holding their lock that hold it no more."""
+        if self.closed or self.writers_ended is not None:
+            return set()
+        gone = stopped_ranks(self.recording_stops, lasts) | self._closed_ranks
+        return set(range(run_ranks(run))) - gone - (self._held - self._holding)
 
     def lost_steps(self) -> LostSteps:
         """The steps the run lacks so far, as `watch` warns of them: skipped (`lacking`: their
@@ -720,21 +737,3 @@ class RunWatcher:
             packed_ranks=self.packed_ranks(),
             unjudged=unjudged,
         )
-
-
-def _writing_ranks(stops: list[dict[str, Any]], ranks: list[RankProgress]) -> list[RankProgress]:
-    """The ranks of `ranks` that may still write a step: all but those whose recording
-    stopped after their last step file (their note among `stops`, `Run.recording_stops`,
-    unless a resume of the rank marked it `resumed`; a rank that wrote a step since was
-    resumed)."""
-    stopped_at = {
-        note["rank"]: note.get("step") for note in stops if note.get(STOP_RESUMED) is not True
-    }
-
-    def stopped(rank: RankProgress) -> bool:
-        if rank.rank not in stopped_at:
-            return False
-        step = stopped_at[rank.rank]
-        return step is None or rank.last_step is None or rank.last_step < step
-
-    return [rank for rank in ranks if not stopped(rank)]

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 
 from stabledrl_cli.dump import Finding, Run
 from stabledrl_cli.dump._integrity import Gap, gaps
-from stabledrl_cli.dump._live import whole_now
-from stabledrl_cli.dump._schema import STOP_RESUMED
+from stabledrl_cli.dump._live import in_flight, stopped_ranks, whole_now
 from stabledrl_cli.errors import UsageError, counted, quoted_spec
 from stabledrl_cli.integrations._verl_facts import VERL_SEQ_LOG_RATIO_MAX, verl_gspo_config
 from stabledrl_cli.policies import resolve_spec
@@ -133,22 +132,21 @@ def _skipped_findings(run: Run) -> list[Finding]:
 
 
 def _in_flight(run: Run) -> set[int]:
-    """The steps of the run's listing some rank has not written yet while every rank's
-    Recorder is live (`Run.recorder_states`) and none noted a stop: those after the last step
-    of the rank furthest behind (its ranks lag; a rank's steps increase, so a step a rank went
-    past without it is lost, as `watch` judges it), not skipped but not finished yet. Else
-    (a Recorder closed or died since the listing) those every rank has finished since."""
-    partial = run.listed_partial_step_numbers
+    """The steps of the run's listing some rank has not written yet that are in flight
+    (`in_flight`: every rank lacking one is a live Recorder's, `Run.recorder_states`, with no
+    stop noted after its last step, and has not gone past it), or that every rank has
+    finished since the listing: not skipped. The rest are lost, as `watch` judges them."""
+    partial = run.listed_partial_steps
     states = run.recorder_states() if partial else None
     if states is None:
         return set()
-    ranks = range(run_ranks(run))
-    stopped = any(note.get(STOP_RESUMED) is not True for note in run.listed_recording_stops)
-    if stopped or any(states.get(r) != "held" for r in ranks):
-        return whole_now(run).intersection(partial)  # by Recorders that closed since
     lasts = run.listed_last_steps
-    passed = min(lasts.get(r, -1) for r in ranks)
-    return {n for n in partial if n > passed}
+    live = {rank for rank, state in states.items() if state == "held"}
+    writing = live - stopped_ranks(run.listed_recording_stops, lasts)
+    flying = in_flight(partial, run_ranks(run), lasts, writing)
+    if len(flying) < len(partial):
+        flying |= whole_now(run).intersection(partial)  # finished since the listing
+    return flying
 
 
 def _whole_run(findings: list[Finding]) -> list[Finding]:
