@@ -380,3 +380,35 @@ def test_a_run_resumed_while_a_replay_read_it_is_refused(tmp_path):
     assert not opened.recorded_again()
     (appended / "manifest.json").unlink()  # gone: being recorded over
     assert opened.recorded_again()
+
+
+def test_steps_copied_in_while_a_replay_read_the_run_name_no_recorder(tmp_path, capsys):
+    """Steps 7-9 copied into a run (rsync from the training host) while a replay read it: the
+    warning said the run 'was recorded on while the replay read it (its Recorder has closed
+    since)', of a directory no Recorder ever wrote."""
+    import shutil
+
+    from stabledrl_cli.cli._live import note_live
+    from stabledrl_cli.dump import open_run
+    from stabledrl_cli.replay.engine import replay_run
+
+    source, run = tmp_path / "source", tmp_path / "run"
+    with sd.Recorder(source, policy="grpo") as rec:
+        for step in range(10):
+            rec.log_step(step, **_live_batch(step, 30))
+    (run / "steps").mkdir(parents=True)
+    shutil.copy(source / "manifest.json", run / "manifest.json")
+    files = sorted((source / "steps").glob("step-*"))
+    for path in files[:7]:
+        shutil.copy(path, run / "steps" / path.name)
+
+    def copy_rest(_: int) -> None:
+        for path in files[7:]:
+            shutil.copy(path, run / "steps" / path.name)
+
+    result = replay_run(open_run(run), ["grpo"], progress=copy_rest)
+    note_live(result.live, str(run), "the replay read", "replay")
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"warning: {run} was written to while the replay read it (no live Recorder" in said
+    assert "Recorder has closed" not in said
+    assert "the 7 steps listed when the replay began (to step 6), not the 3 steps" in said

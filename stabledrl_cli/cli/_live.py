@@ -21,7 +21,7 @@ def note_live(live: LiveRead | None, given: str, what: str, command: str) -> Non
     recorded = (
         "is being recorded now (a live Recorder holds it)"
         if live.held
-        else f"was recorded on while the {command} read it (its Recorder has closed since)"
+        else f"was written to while the {command} read it (no live Recorder holds it now)"
     )
     err.print(
         f"warning: {redacted(given)} {recorded}; {what} "

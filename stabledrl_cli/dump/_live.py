@@ -17,7 +17,7 @@ from stabledrl_cli.dump._schema import STOP_RESUMED
 class LiveRead:
     """A run recorded on while read: the steps listed when the read began, the last of them
     (None: none), the steps every rank finished since, and whether a live Recorder holds it
-    still (False: its Recorder closed since the read began)."""
+    still (False: its Recorder closed since the read began, or the steps were copied in)."""
 
     listed_steps: int
     to_step: int | None
@@ -36,7 +36,8 @@ class LiveRead:
 def live_read(run: Run, read: Sequence[int] | None = None) -> LiveRead | None:
     """`run` as read (the steps `read`, else its listing, held or not) when a live Recorder
     holds it (`Run.recorder_states`) or steps landed since (listed afresh: a Recorder that
-    closed meanwhile); None when neither, and where no lock can be asked (an archive, a URL)."""
+    closed meanwhile, or a copy); None when neither, and where no lock can be asked (an
+    archive, a URL)."""
     states = run.recorder_states()
     if states is None:
         return None
