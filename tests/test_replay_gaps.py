@@ -412,3 +412,34 @@ def test_steps_copied_in_while_a_replay_read_the_run_name_no_recorder(tmp_path, 
     assert f"warning: {run} was written to while the replay read it (no live Recorder" in said
     assert "Recorder has closed" not in said
     assert "the 7 steps listed when the replay began (to step 6), not the 3 steps" in said
+
+
+def test_a_resume_caught_while_it_removes_steps_is_refused(tmp_path, monkeypatch):
+    """A resume from step 5 killed (or still at work) after it removed step 5, before the
+    new run_id it wrote only once its step files were gone: a replay that listed the run
+    before said 9 steps replayed, 1 skipped ('step 5: unreadable: cannot stat'), and did not
+    refuse the run as recorded again; its steps 6-9 were about to be written again."""
+    from stabledrl_cli.dump import _setup, open_run
+    from stabledrl_cli.errors import InputError
+    from stabledrl_cli.replay.config import ReplayConfig
+    from stabledrl_cli.replay.engine import replay_run
+
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy="grpo") as rec:
+        for step in range(10):
+            rec.log_step(step, **_live_batch(step, 30))
+    remove = _setup._remove
+
+    def killed_after_one(path):
+        remove(path)
+        raise KeyboardInterrupt
+
+    def resume(done: int) -> None:
+        if done == 2:
+            monkeypatch.setattr(_setup, "_remove", killed_after_one)
+            with pytest.raises(KeyboardInterrupt):
+                sd.Recorder(run, policy="grpo", resume=True, resume_from=5)
+
+    config = ReplayConfig(chunk_size=2)
+    with pytest.raises(InputError, match="recorded again while the replay read it"):
+        replay_run(open_run(run), ["grpo"], config=config, progress=resume)

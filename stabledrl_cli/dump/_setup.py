@@ -24,12 +24,14 @@ another live Recorder of the rank records into the directory.
 
 The run identity (the manifest's `run_id`, `new_run_id`): rank 0 writes a new one into every
 fresh manifest (a new run, an overwritten one) and, when a resume removed any of its step
-files, into the kept manifest once they are gone; so does another rank's resume that removed
-its file of a step whole until then (every rank's file there): a reader that saw the old
-identity may have read such a step, which the resumed training writes again under the same
-name. A step that already lacked a rank's file no reader holds (`stabledrl watch` reads the run
-again once a step it read lacks one), so the ranks of a restart that all resume give the run
-one or two new identities, not one a rank. A resume that removes no step file (it appends)
+files, into the kept manifest before it removes them and again once they are gone (a reader
+that listed the run in between, or a resume cut short there, sees another one); so does
+another rank's resume that removed its file of a step whole until then (every rank's file
+there): a reader that saw the old identity may have read such a step, which the resumed
+training writes again under the same name. A step that already lacked a rank's file no reader
+holds (`stabledrl watch` reads the run again once a step it read lacks one), so of the ranks
+of a restart that all resume, rank 0 and at most one other renew the run's identity, not
+every rank. A resume that removes no step file (it appends)
 keeps the identity: every step a reader read is still as it was.
 
 Ranks change the manifest one at a time (`_manifest_locked`), each change made to the
@@ -531,10 +533,15 @@ def _resume(
             write_atomic(note, note_text({**kept, STOP_RESUMED: True}))
     rewritten = {step for _, step, temporary in replaced if not temporary}
     whole = _whole_steps(path / STEPS_DIR, world_size) if rank and rewritten else set()
+    # steps a reader may have read are written again (this rank's part): a new identity, before
+    # they are removed (a resume cut short there leaves it) and again once they are gone
+    renew = bool(rewritten) and (rank == 0 or not rewritten.isdisjoint(whole))
+    if renew:
+        existing[RUN_ID] = new_run_id()
+        amend_manifest(path, RUN_ID, existing[RUN_ID])
     for file, _, _ in replaced:
         _remove(file)
-    if rewritten and (rank == 0 or not rewritten.isdisjoint(whole)):
-        # steps a reader may have read are written again (this rank's part): a new identity
+    if renew:
         existing[RUN_ID] = new_run_id()
         amend_manifest(path, RUN_ID, existing[RUN_ID])
     return existing, last
