@@ -894,3 +894,29 @@ def test_no_garbage_collection_starts_while_the_store_is_read(tmp_path):
         assert handle.attrs["source"] == str(tmp_path / "run")
     assert collecting and not any(collecting)
     assert gc.isenabled()
+
+
+def test_a_last_step_rewritten_in_place_after_the_listing_is_read_as_it_is_now(tmp_path):
+    """The Recorder rewrites its last step in place (`record`'s optimizer hooks add to it)
+    after a reader at a `file://` URL listed the run: the step was read against its listed
+    size and skipped, 'step 4: torn: header cut at 288 of 312 bytes', where the local path
+    reads it."""
+    import shutil
+
+    import stabledrl_cli as sd
+
+    run, again = tmp_path / "run", tmp_path / "again"
+    for path, extra in ((run, {}), (again, {"reward_mean": 0.75})):
+        with sd.Recorder(path, policy=None) as rec:
+            for step in range(5):
+                rec.log_step(step, grad_norm=1.0, loss=0.5, **(extra if step == 4 else {}))
+    opened = open_run(run.as_uri())
+    with opened.snapshot():
+        assert opened.listed_step_numbers == [0, 1, 2, 3, 4]
+        last = "steps/step-00000004.safetensors"
+        shutil.copy(again / last, run / "steps" / ".rewritten")
+        os.replace(run / "steps" / ".rewritten", run / last)
+        assert [header.step for header in opened.step_headers()] == [0, 1, 2, 3, 4]
+        assert opened.header_findings() == []
+        steps, rewards = opened.scalar_series("reward_mean")
+        assert (steps.tolist(), rewards.tolist()) == ([4], [0.75])

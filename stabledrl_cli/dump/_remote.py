@@ -325,6 +325,30 @@ class RemoteRun(_AtUrl, DirectoryRun):
     def _header(
         self, path: Path, *, deep: bool, keep: bool = False, known: int | None = None
     ) -> StepHeader:
+        """`_listed_header`; a file that fails it is read again when its size changed since
+        the listing (a last step rewritten in place: read against its listed size it is torn)."""
+        try:
+            return self._listed_header(path, deep=deep, keep=keep, known=known)
+        except StepReadError:
+            if not self._changed(path):
+                raise
+            return self._listed_header(path, deep=deep, keep=keep, known=known)
+
+    def _changed(self, path: Path) -> bool:
+        """Whether the file at `path` is of another size than listed, its info then taken as
+        it is now (a store's listing and its info of a file may differ in their stamps)."""
+        try:
+            now = self.fs.info(str(path))
+        except OSError:
+            return False
+        if int(now.get("size") or 0) == int(self._info(path).get("size") or 0):
+            return False
+        self._infos[str(path)] = now
+        return True
+
+    def _listed_header(
+        self, path: Path, *, deep: bool, keep: bool = False, known: int | None = None
+    ) -> StepHeader:
         """The whole file in one read with `deep` or `keep` (a file of more than
         `UNCHECKED_WHOLE_READ` bytes only once its header, read first, says it holds that
         many), else its header by ranged reads; `key` is what the listing said of the file."""
