@@ -79,3 +79,31 @@ def test_a_negative_limit_is_a_usage_error(tmp_path):
     result = runner.invoke(app, ["check", str(run), "--max-lost-steps", "-1"])
     assert result.exit_code == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith("must be >= 0, got -1"), result.stderr
+
+
+def test_a_scalar_run_resumed_while_checked_is_refused(tmp_path, monkeypatch):
+    """A scalar run resumed from step 5 (steps 5-6 written again) after check listed its 10
+    steps: check read 10 steps of two recordings and failed the gate on '3 steps lost (3
+    skipped ...)', steps 7-9 removed by the resume, where a replayed run is refused."""
+    import stabledrl_cli.cli.check as check
+    from stabledrl_cli.dump import Run
+
+    run = tmp_path / "run"
+    with sd.Recorder(run, policy=None) as recorder:
+        for step in range(10):
+            recorder.log_step(step, grad_norm=1.0, loss=0.5)
+    listed = check.is_scalar_run
+
+    def resumed_meanwhile(opened: Run) -> bool:
+        with sd.Recorder(run, policy=None, resume=True, resume_from=5) as recorder:
+            for step in range(5, 7):
+                recorder.log_step(step, grad_norm=50.0, loss=0.5)
+        return listed(opened)
+
+    monkeypatch.setattr(check, "is_scalar_run", resumed_meanwhile)
+    result = runner.invoke(app, ["check", str(run), "--max-lost-steps", "0", "-f", "json"])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip() == (
+        f"error: {run}: the run was recorded again while the check read it (resumed from a "
+        "step it held, or recorded over: a new run_id); check it again"
+    )

@@ -112,6 +112,7 @@ from stabledrl_cli.replay.run_facts import (
     is_scalar_run,
     no_steps_message,
     print_own_policy_note,
+    refuse_recorded_again,
     replayed_loss_norm,
     run_gaps,
     skipped_reasons,
@@ -330,10 +331,12 @@ def _scalar_observed(
                 "--baseline, --max-spikes, --max-nonfinite, --max-lost-steps or --fail-on-collapse"
             )
         missing = run_gaps(run)
+        observed = observe(run, config) if run.step_numbers else None
+        refuse_recorded_again(run, "check")
         warn_damaged(run.location, skipped, missing, f"read {len(run.step_numbers)}")
-        if not run.step_numbers:
+        if observed is None:
             raise InputError(no_steps_message(run, skipped))
-        return observe(run, config), skipped, missing
+        return observed, skipped, missing
 
 
 def _baseline_policies_replayable(run: Run, baseline: Baseline) -> None:

@@ -51,6 +51,7 @@ from stabledrl_cli.replay.result import PolicyResult, ReplayResult, StepSeries, 
 from stabledrl_cli.replay.run_facts import (
     no_steps_message,
     own_spec,
+    refuse_recorded_again,
     run_gaps,
     run_ranks,
     skipped_reasons,
@@ -333,11 +334,7 @@ def replay_run(
                 run, config, noise_floor=stream.noise_floor, likelihood=stream.likelihood
             )
         result = replay_result(run, resolved, own_index, stream, observed, skipped, config)
-        if run.recorded_again():  # its steps read are of two recordings
-            raise InputError(
-                f"{run.location}: the run was recorded again while the replay read it (resumed "
-                "from a step it held, or recorded over: a new run_id); replay it again"
-            )
+        refuse_recorded_again(run, "replay")
         result.live = live_read(run)  # of the listing read, before it is released
         return result
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from stabledrl_cli.dump import Finding, Run
 from stabledrl_cli.dump._integrity import Gap, gaps
 from stabledrl_cli.dump._live import in_flight, stopped_ranks, whole_now
-from stabledrl_cli.errors import UsageError, counted, quoted_spec
+from stabledrl_cli.errors import InputError, UsageError, counted, quoted_spec
 from stabledrl_cli.integrations._verl_facts import VERL_SEQ_LOG_RATIO_MAX, verl_gspo_config
 from stabledrl_cli.policies import resolve_spec
 
@@ -147,6 +147,16 @@ def _in_flight(run: Run) -> set[int]:
     if len(flying) < len(partial):
         flying |= whole_now(run).intersection(partial)  # finished since the listing
     return flying
+
+
+def refuse_recorded_again(run: Run, command: str) -> None:
+    """InputError when the run was recorded again while the `command` read it
+    (`Run.recorded_again`): the steps read would be of two recordings."""
+    if run.recorded_again():
+        raise InputError(
+            f"{run.location}: the run was recorded again while the {command} read it (resumed "
+            f"from a step it held, or recorded over: a new run_id); {command} it again"
+        )
 
 
 def _whole_run(findings: list[Finding]) -> list[Finding]:
