@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,22 +65,17 @@ def in_flight(
     """The steps of `partial` (each -> the ranks with a file of it) still in flight: every rank
     that lacks one may still write it (is among `writing`) and has not gone past it (its last
     step, `lasts`, is before it: a rank's steps increase). Any other is lost."""
+    if not writing:
+        return set()
     ended = [rank for rank in range(world_size) if rank not in writing]
-    latest = sorted(lasts.items(), key=lambda item: -item[1])
-    return {n for n, wrote in partial.items() if not _lost(n, wrote, ended, latest)}
-
-
-def _lost(n: int, wrote: Collection[int], ended: list[int], latest: list[tuple[int, int]]) -> bool:
-    """Whether a rank lacking step `n` (not among `wrote`) can no longer write it: it is among
-    `ended`, or went past it (`latest`: each rank's last step, the latest first)."""
-    if any(rank not in wrote for rank in ended):
-        return True
-    for rank, last in latest:
-        if last < n:
-            return False
-        if rank not in wrote:
-            return True
-    return False
+    latest = sorted(lasts.values())
+    return {
+        n
+        for n, wrote in partial.items()
+        # every rank that wrote n has its last step at or after n: none other may have
+        if len(latest) - bisect_left(latest, n) == len(wrote)
+        and all(rank in wrote for rank in ended)
+    }
 
 
 def stopped_ranks(stops: Iterable[dict[str, Any]], lasts: Mapping[int, int]) -> set[int]:
