@@ -443,3 +443,23 @@ def test_a_resume_caught_while_it_removes_steps_is_refused(tmp_path, monkeypatch
     config = ReplayConfig(chunk_size=2)
     with pytest.raises(InputError, match="recorded again while the replay read it"):
         replay_run(open_run(run), ["grpo"], config=config, progress=resume)
+
+
+def test_diff_does_not_call_a_step_in_flight_unreadable(tmp_path):
+    """Two live 2-rank runs, rank 1 a step behind in each: diff warned 'skipped 1 incomplete
+    step (step 7: incomplete, no file for rank(s) [1])' and printed 'unreadable in A, not
+    compared: 7' of a step still being written, which check counts neither skipped nor
+    lost."""
+    recorders = []
+    for name in ("a", "b"):
+        ranks = [sd.Recorder(tmp_path / name, policy=None, world_size=2, rank=r) for r in (0, 1)]
+        for step in range(8):
+            for rec in ranks[: 1 if step == 7 else 2]:
+                rec.log_step(step, grad_norm=1.0 + step, loss=0.5)
+        recorders += ranks
+    result = runner.invoke(app, ["diff", str(tmp_path / "a"), str(tmp_path / "b")])
+    for rec in recorders:
+        rec.close()
+    assert result.exit_code == 0, result.output
+    assert "incomplete" not in result.stderr and "unreadable" not in result.stdout
+    assert "steps: A 7, B 7, both 7 (compared 7)" in result.stdout

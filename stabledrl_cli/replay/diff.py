@@ -67,6 +67,7 @@ from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.observed import is_verl_recording
 from stabledrl_cli.replay.run_facts import (
     SKIPPED_KINDS,
+    in_flight_steps,
     is_scalar_run,
     own_spec,
     replayed_loss_norm,
@@ -480,12 +481,14 @@ def _pairs(
 
 def _warn_skipped(run: Run, listed: list[int]) -> set[int]:
     """One warning naming the step files the run's reader skips at its header check (torn,
-    unreadable) and the steps a rank wrote no file of (incomplete): they are not among its
-    steps, so not compared. -> their steps."""
+    unreadable) and the steps a rank wrote no file of (incomplete; not one still in flight,
+    `in_flight_steps`): they are not among its steps, so not compared. -> their steps."""
     known = set(listed)
+    findings = run.header_findings()
+    known.update(in_flight_steps(run))
     skipped = [
         f
-        for f in run.header_findings()
+        for f in findings
         if f.kind in SKIPPED_KINDS and f.step is not None and f.step not in known
     ]
     reasons = [f.message for f in skipped]

@@ -122,7 +122,7 @@ def run_gaps(run: Run) -> list[Gap]:
 def _skipped_findings(run: Run) -> list[Finding]:
     """The findings behind `skipped_reasons`."""
     findings = run.integrity.findings if run.verify else run.header_findings()
-    skipped, steps = [], _in_flight(run)
+    skipped, steps = [], in_flight_steps(run)
     for finding in findings:
         if finding.kind in SKIPPED_KINDS and finding.step not in steps:
             skipped.append(finding)
@@ -131,7 +131,7 @@ def _skipped_findings(run: Run) -> list[Finding]:
     return skipped
 
 
-def _in_flight(run: Run) -> set[int]:
+def in_flight_steps(run: Run) -> set[int]:
     """The steps of the run's listing some rank has not written yet that are in flight
     (`in_flight`: every rank lacking one is a live Recorder's, `Run.recorder_states`, with no
     stop noted after its last step, and has not gone past it), or that every rank has
