@@ -375,17 +375,21 @@ def _import_raw(tmp_path: Path, raw: bytes) -> dict[str, Any]:
 
 def test_values_that_are_not_numbers(tmp_path: Path) -> None:
     """NaN and Infinity (bare JSON constants, as wandb writes them) are kept; a value_json that
-    is not JSON is dropped with a warning; text is not a number; nested keys join with `.`."""
+    is not JSON is dropped with a warning; text is not a number, text of digits neither:
+    `wandb.log({"tag": "0.5"}, step=s)` (wandb 0.31, offline) is `"tag":"0.5"` in what `wandb
+    leet inspect --json` prints of the run file, a label W&B charts leave out, and was
+    imported as the extra scalar tag = 0.5; nested keys join with `.`."""
     summary = _import_raw(
         tmp_path,
         _file(
             _history(("_step", "1"), ("loss", "NaN"), ("grad_norm", "Infinity"), ("x", "{oops")),
             _history(("_step", "2"), ("loss", "1.5"), ("note", '"text"'), ("a.b", "3")),
+            _history(("_step", "3"), ("loss", "1"), ("tag", '"0.5"'), ("x", '"NaN"')),
         ),
     )
     assert summary["nonfinite"] == {"loss": 1, "grad_norm": 1}
-    assert summary["extra"]["a.b"] == "a.b"
-    assert summary["non_numeric"] == {"x": 1, "note": 1}
+    assert summary["extra"]["a.b"] == "a.b" and "tag" not in summary["extra"]
+    assert summary["non_numeric"] == {"x": 2, "note": 1, "tag": 1}
     assert summary["warnings"] == [f"{tmp_path / 'run-x.wandb'}: 1 history value not JSON, dropped"]
     assert os.path.exists(tmp_path / "r" / "manifest.json")
 

@@ -63,6 +63,9 @@ _RUN_NAMES = {1: "id", 8: "name", 3: "project"}
 """RunRecord fields kept as the manifest's `source.tracker_run`."""
 _NOT_JSON = object()
 """A value_json that is not JSON: not a number."""
+_TEXT = object()
+"""A value_json that is a JSON string (`wandb.log({"phase": "0.5"})`): text, as wandb's own
+reader gives it back and its charts leave it unplotted, not a number."""
 _SHORT = 64
 _Groups = dict[str | None, "_Groups"]
 """Media key groups as a tree of their keys (`_group`)."""
@@ -229,7 +232,7 @@ def _row(history: memoryview, table: StepTable) -> tuple[dict[str, object], int]
             values[".".join(group)] = {}  # a JSON object: not a scalar (StepTable.add)
             continue
         not_json += value is _NOT_JSON
-        values[".".join(keys)] = value
+        values[".".join(keys)] = _TEXT if isinstance(value, str) else value
     return values, not_json
 
 
