@@ -163,6 +163,36 @@ def test_a_training_step_with_an_unreadable_step_file_is_unreadable_not_compared
     assert (result["unreadable_a"], result["only_b"], result["common"]) == ([[2, 2]], [[2, 2]], 3)
 
 
+@pytest.mark.parametrize("lost", ["torn", "deleted"])
+def test_a_rollout_whose_every_step_file_is_lost_keeps_the_training_steps_after_it_numbered(
+    job: tuple[Path, list[dict[str, Any]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    lost: str,
+) -> None:
+    """The second rollout's 4 step files (optimizer steps 4-7) deleted: the recording's
+    rollouts were numbered by their places in the list of those left, so its third rollout
+    (steps 8-11) was compared as verl's step 2 and its fourth as step 3: diff parted at step
+    2 (exit 1; loss 0.8145 against verl's 0.8358) and only_b named step 4. Torn, the 4 steps
+    were each a rollout of its own: training step 1 was listed unreadable and the diff parted
+    at step 2 too. A rollout is now numbered from its optimizer steps (4 a rollout here):
+    training step 2 is missing from the recording, or unreadable, and the others agree."""
+    run, lines = job
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged)
+    for n in range(4, 8):
+        step = damaged / "steps" / f"step-{n:08d}.safetensors"
+        if lost == "torn":
+            step.write_bytes(step.read_bytes()[:100])
+        else:
+            step.unlink()
+    code, result = diff(damaged, imported(tmp_path, lines, monkeypatch))
+    assert code == 0, result
+    assert (result["parted_at"], result["common"]) == (None, 3)
+    found = result["unreadable_a"] if lost == "torn" else result["only_b"]
+    assert found == [[2, 2]]
+
+
 def test_inspect_reads_a_reward_a_training_step_when_a_rollouts_first_step_is_unreadable(
     job: tuple[Path, list[dict[str, Any]]], tmp_path: Path
 ) -> None:

@@ -152,8 +152,10 @@ class TrainingSteps:
     """A verl recording (one step an optimizer step, numbered from 0) as verl's log holds it:
     one step a training step (a rollout: `detectors.training_step_starts`, each step's from its
     step minus its inner_step), numbered as the log's: the recording's k-th rollout (from
-    0) is the log's step `first` + k, `first` the log's first row of an actor update (its
-    `loss` or `grad_norm`: the rows before it are a critic's warmup or before a resume). At a
+    0, `rollout_indices`: counted in its optimizer steps, so a rollout whose every step file
+    is lost or unreadable still takes its number) is the log's step `first` + k, `first` the
+    log's first row of an actor update (its `loss` or `grad_norm`: the rows before it are a
+    critic's warmup or before a resume). At a
     training step its `TRAINING_STEP_SCALARS` are the means over the rollout's steps (NaN
     when one is, inf when one is inf, as verl's `reduce_metrics`), its reward_mean the mean of
     its steps' rewards that are not NaN (the rollout's draw), its `nonfinite` the non-finite
@@ -165,6 +167,8 @@ class TrainingSteps:
     """Training step -> the recording's step read for it (its rollout's first)."""
     window: WindowMeans
     """The scalars compared at each rollout's first step (`whole`)."""
+    numbers: dict[int, int]
+    """The recording's step -> its training step (where the recording establishes it)."""
 
     @classmethod
     def of(
@@ -197,14 +201,17 @@ class TrainingSteps:
             if nonfinite_null:
                 values.update({n: math.nan for n, v in values.items() if math.isinf(v)})
         first = int(actor[0])
-        read = {first + k: int(n) for k, n in enumerate(starts)}
-        return cls(read, WindowMeans(means, whole=True))
+        trained = {n: first + k for n, k in rollout_indices(steps, *inner).items()}
+        read: dict[int, int] = {}
+        for n in starts.tolist():  # a rollout's first step, then any unread step of it
+            if n in trained:
+                read.setdefault(trained[n], n)
+        return cls(read, WindowMeans(means, whole=True), trained)
 
     def number(self, step: int) -> int | None:
-        """The training step the recording's `step` belongs to; None before its first."""
-        numbers = list(self.read)
-        i = bisect.bisect_right(list(self.read.values()), step) - 1
-        return numbers[i] if i >= 0 else None
+        """The training step the recording's `step` belongs to; None where the recording does
+        not establish it (before its first rollout, or past a lost stretch of steps)."""
+        return self.numbers.get(step)
 
     def note(self, recording: str, log: str) -> str:
         """What the `notes` say of this alignment (`recording`, `log`: "A", "B")."""
@@ -217,6 +224,40 @@ class TrainingSteps:
             f"{', '.join(TRAINING_STEP_SCALARS)} as their means over the rollout's optimizer "
             "steps, as verl logs them, and reward_mean as the rollout's"
         )
+
+
+def rollout_indices(
+    steps: np.ndarray, inner_steps: np.ndarray, inner_step: np.ndarray
+) -> dict[int, int]:
+    """A verl recording's step -> its rollout's index (from 0), from its step numbers [S] and
+    inner_step series ([I] steps, values), not from the rollouts' places in a list: a rollout
+    whose every step is lost or unreadable leaves no start, and the rollouts after it would
+    each take the number of the one before. A rollout starts at a step minus its inner_step.
+    verl trains every rollout alike (its dataloader drops the last partial batch): where the
+    rollouts read whole, from one start to the next, are all k steps long and every start is
+    a multiple of k steps from the recording's first step, each step n up to the last read,
+    read or not, is in the rollout (n - first) // k. Otherwise rollouts are numbered in turn
+    up to the first stretch a step is missing from; from there on no step is numbered."""
+    counted = np.isfinite(inner_step)
+    read = np.sort(inner_steps[counted])
+    starts = np.unique(read - inner_step[counted].astype(np.int64)).tolist()
+    if not starts:
+        return {}
+    stretches = list(zip(starts, [*starts[1:], int(read[-1]) + 1], strict=True))
+    whole = [b - a == np.searchsorted(read, b) - np.searchsorted(read, a) for a, b in stretches]
+    lengths = {b - a for (a, b), w in zip(stretches[:-1], whole, strict=False) if w}
+    base = min(int(steps.min()), starts[0]) if steps.size else starts[0]
+    if len(lengths) == 1:
+        (k,) = lengths
+        if all((s - base) % k == 0 for s in starts):
+            return {n: (n - base) // k for n in range(base, int(read[-1]) + 1)}
+    indices: dict[int, int] = {}
+    for i, ((a, b), w) in enumerate(zip(stretches, whole, strict=True)):
+        last = b - 1 if w else int(read[np.searchsorted(read, b) - 1])
+        indices.update(dict.fromkeys(range(a, last + 1), i))
+        if not w:
+            break
+    return indices
 
 
 def log_windows(
