@@ -723,15 +723,23 @@ def test_tensorboard_per_tag_json_refusals(tmp_path: Path, content: bytes, messa
 
 
 def test_csv_wandb_chart_and_tensorboard_exports(tmp_path: Path) -> None:
+    """A W&B chart's export ("Export panel data as CSV") holds the line and its envelope,
+    `__MIN` and `__MAX`: the same numbers for one run's line, as W&B's staff say
+    (wandb/wandb#5349), the range of what the line's point averages where it does not (runs
+    grouped, or steps bucketed). The envelope was imported as two extra scalars, and a line
+    of means (0.5 at step 10, between 0.4 and 0.6) as the run's reward: the envelope is left
+    out, and a row where it parts from the line refused, naming it."""
     chart = tmp_path / "wandb.csv"
-    chart.write_text(
-        "Step,run-7 - train/reward,run-7 - train/reward__MIN,run-7 - train/reward__MAX\n"
-        "10,0.5,0.4,0.6\n"
-    )
+    header = "Step,run-7 - train/reward,run-7 - train/reward__MIN,run-7 - train/reward__MAX\n"
+    chart.write_text(header + "9,0.25,0.25,0.250\n10,0.5,0.4,0.6\n")
+    with pytest.raises(InputError, match=r"line 3: train/reward is 0.5 but its __MIN is 0.4"):
+        read_log(chart)
+    chart.write_text(header + "9,0.25,0.25,0.250\n10,0.5,0.5,0.5\n11,,,\n")
     _, _, table = read_log(chart)
-    assert table.steps == {
-        10: {"train/reward": 0.5, "train/reward__MIN": 0.4, "train/reward__MAX": 0.6}
-    }
+    assert table.steps == {9: {"train/reward": 0.25}, 10: {"train/reward": 0.5}}
+    assert table.not_imported == dict.fromkeys(
+        ["train/reward__MIN", "train/reward__MAX"], "bookkeeping"
+    )
     per_tag = tmp_path / "run-.-tag-kl.csv"
     per_tag.write_text("Wall time,Step,Value\n1700000000.5,3,0.25\n")
     _, _, table = read_log(per_tag)
@@ -754,12 +762,10 @@ def test_a_wandb_chart_of_a_run_whose_name_holds_a_dash_keeps_its_metric_names(
     chart = tmp_path / "wandb.csv"
     chart.write_text(
         f"Step,{run} - critic/score/mean,{run} - critic/score/mean__MIN,"
-        f"{run} - actor/grad_norm\n1,0.5,0.25,1.5\n"
+        f"{run} - actor/grad_norm\n1,0.5,0.5,1.5\n"
     )
     _, _, table = read_log(chart)
-    assert table.steps == {
-        1: {"critic/score/mean": 0.5, "critic/score/mean__MIN": 0.25, "actor/grad_norm": 1.5}
-    }
+    assert table.steps == {1: {"critic/score/mean": 0.5, "actor/grad_norm": 1.5}}
     chart.write_text("Step,a - seed 1 - loss,a - seed 2 - loss\n1,0.5,0.9\n")
     with pytest.raises(InputError, match=r"the columns of 2 runs \(a - seed 1, a - seed 2\)"):
         read_log(chart)

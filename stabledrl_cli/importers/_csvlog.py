@@ -6,15 +6,16 @@ The step column is the first of `STEP_KEYS` in the header (or the one given). W&
 export (`<run> - <metric>` columns, with `__MIN`/`__MAX` envelope columns) loses the
 `<run> - ` part (up to the last ` - `: a run's name may hold one, no framework's metric name
 does) when every metric column has the same one (a chart of several runs is refused: one
-import is one run). TensorBoard's per-tag export (`Wall time,Step,Value`) names its one
-metric after the file, which holds the tag with `_` for `/`: a leading `train_` is read as
-`train/` (`run-X-tag-train_loss.csv` -> `train/loss`), a leading evaluation prefix as that
-prefix (`val-core_` -> verl's `val-core/`, left out), and a name that maps to a standard
-scalar is read as that metric (`critic_score_mean` -> `critic/score/mean`). A row holding
-the step column's name and another of the header's is a header again (a restarted writer
-appending to the file writes its own, its columns maybe others or in another order): the rows
-after it are read under it. A row with more cells than its header is an InputError naming
-its line; a short row has empty trailing cells.
+import is one run); its envelope is left out, and a row where it is not the line's value (a
+mean over grouped runs or bucketed steps) refused. TensorBoard's per-tag export (`Wall
+time,Step,Value`) names its one metric after the file, which holds the tag with `_` for `/`: a
+leading `train_` is read as `train/` (`run-X-tag-train_loss.csv` -> `train/loss`), a leading
+evaluation prefix as that prefix (`val-core_` -> verl's `val-core/`, left out), and a name that
+maps to a standard scalar is read as that metric (`critic_score_mean` -> `critic/score/mean`).
+A row holding the step column's name and another of the header's is a header again (a restarted
+writer appending to the file writes its own, its columns maybe others or in another order):
+the rows after it are read under it. A row with more cells than its header is an InputError
+naming its line; a short row has empty trailing cells.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from stabledrl_cli.importers._table import ROW_NAME_LIMIT, StepTable
 from stabledrl_cli.spec import spec_float
 
 _DELIMITERS = (",", "\t", ";")
+_ENVELOPE = ("__MIN", "__MAX")
 _TENSORBOARD_HEADER = ["Wall time", "Step", "Value"]
 
 
@@ -57,6 +59,7 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
                 f"{path}: no step column (one of {', '.join(STEP_KEYS)}; or pass --step-key)"
             )
         column, named = _columns(names, key, table), set(names)
+        envelope = _envelope(names, table)
         for cells in rows:
             if _header_again(cells, column, key, named):  # a writer that restarted appending to
                 # the file, its columns maybe others, in another order
@@ -66,6 +69,7 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
                         f"{path}: line {rows.line_num}: a header without the step column {key}"
                     )
                 column, named = _columns(names, key, table), set(names)
+                envelope = _envelope(names, table)
                 continue
             if len(cells) > len(names):
                 raise InputError(
@@ -75,12 +79,50 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
             # not logged at the step, which would cost a lookup every row
             values = {names[i]: text for i, cell in enumerate(cells)
                       if cell and i != column and (text := cell.strip())}  # fmt: skip
+            for bound, line in envelope.items():
+                _within(values, bound, line, f"{path}: line {rows.line_num}")
             step = cells[column].strip() if column < len(cells) else ""
             if values or step:
                 table.add(step or None, values)
     except csv.Error as exc:
         raise InputError(f"{path}: line {rows.line_num}: not CSV ({exc})") from None
     return table
+
+
+def _envelope(names: list[str], table: StepTable) -> dict[str, str]:
+    """A W&B chart export's envelope columns (`<metric>__MIN`, `<metric>__MAX`) -> their
+    metric's, left out as bookkeeping in `table`."""
+    held = set(names)
+    found = {n: n[: -len(e)] for n in names for e in _ENVELOPE if n.endswith(e)}
+    found = {n: line for n, line in found.items() if line in held}
+    for name in found:
+        table.leave_out(name, "bookkeeping")
+    return found
+
+
+def _within(values: dict[str, str], bound: str, line: str, where: str) -> None:
+    """Takes envelope column `bound` out of a row's `values`; InputError where it is not its
+    metric's value: the chart's line is then a mean (over grouped runs, or over the steps of a
+    bucket) the run never logged."""
+    edge = values.pop(bound, None)
+    if edge is None or line not in values or _same(edge, values[line]):
+        return
+    raise InputError(
+        f"{where}: {line} is {values[line]} but its {bound[len(line) :]} is {edge}: the W&B "
+        "chart drew a mean over grouped runs or sampled steps, not the run's values; export "
+        "run.scan_history() or import the run's .wandb file"
+    )
+
+
+def _same(a: str, b: str) -> bool:
+    """Two cells of one number (text alike, or equal as numbers; NaN as NaN)."""
+    if a == b:
+        return True
+    try:
+        x, y = spec_float(a), spec_float(b)
+    except ValueError:
+        return False
+    return x == y or (x != x and y != y)
 
 
 def _header_again(cells: list[str], column: int, key: str, names: set[str]) -> bool:
