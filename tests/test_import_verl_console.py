@@ -221,3 +221,29 @@ def test_verls_lines_stuck_to_its_progress_bar_import(tmp_path, capsys):
     scalars = _scalars(tmp_path / "run")
     assert sorted(scalars) == [1, 2, 3]
     assert [scalars[s]["reward_mean"] for s in (1, 2, 3)] == [0.25, 0.5, 0.75]
+
+
+def test_a_step_line_cut_short_at_the_end_of_the_log_is_ignored_with_a_warning(tmp_path, capsys):
+    """verl's console log cut in its last line's last number (a job stopped as it printed,
+    or a log still being written): its step 3 was imported with the reward 0.5 where verl
+    printed 0.5700000000000001, without a word. verl prints whole lines: one without its
+    newline is ignored, with a warning naming it; a whole last line is read."""
+    from verl.utils.logger import LocalLogger
+
+    console = LocalLogger(print_to_console=True)
+    for step in range(1, 4):
+        console.log(
+            data={"actor/pg_loss": -0.5, "critic/score/mean": 0.5 + (step + 4) / 100}, step=step
+        )
+    printed = capsys.readouterr().out
+    assert printed.endswith("critic/score/mean:0.5700000000000001\n")
+    log = tmp_path / "slurm-1.out"
+    log.write_text(printed[: printed.rindex("0.57") + 3])
+    result = CliRunner().invoke(
+        app, ["import", str(log), "--out", str(tmp_path / "run"), "--format", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(_scalars(tmp_path / "run")) == [1, 2]
+    assert json.loads(result.stdout)["warnings"] == [f"{log}: line 3: unfinished last line ignored"]
+    log.write_text(printed)
+    assert sorted(read_log(log)[2].steps) == [1, 2, 3]

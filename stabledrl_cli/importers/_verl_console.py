@@ -11,7 +11,9 @@ before verl's (`\rTraining Progress:  33%|###  | 1/3 [00:01<00:02, 1.0it/s]step:
 what the terminal shows, the text after the last carriage return, is read, and the bar,
 which ends in tqdm's `[elapsed<remaining, rate]`, passed over. Every other line is not verl's
 and is passed over; a `step:` line whose metrics are not `name:value` pairs is skipped and
-counted.
+counted. A step line with no newline, the file's last, was cut short (a job stopped as it
+printed, or a log still being written), its last value maybe too (`0.5` of `0.57`): it is
+ignored with a warning.
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ STEP_PAIRS = "not name:value pairs"
 def read_verl_console(path: Path) -> StepTable:
     """The steps of a verl console log (InputError for a file that cannot be read as text)."""
     table = StepTable(str(path), preempts=True)
-    for _, text, _ in text_lines(path):
+    for number, text, ended in text_lines(path):
         shown = text.rpartition("\r")[2]  # what a terminal shows of a progress bar's line
         found = _STEP_LINE.fullmatch(_unfolded(_COLOURS.sub("", shown)))
         if found is None:
             continue
+        if not ended:  # verl prints a whole line: cut short, its last value may be too
+            table.warnings.append(f"{path}: line {number}: unfinished last line ignored")
+            break
         step, rest = found.groups()
         values = _metrics(rest)
         if values is None:
