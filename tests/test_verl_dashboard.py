@@ -343,3 +343,26 @@ def test_watch_stacks_its_headers_to_show_a_verl_recordings_table_whole_in_60_co
     table = [line for line in done.stdout.splitlines() if "┃" in line or "│" in line]
     assert max(map(len, table)) <= 60 and not any("…" in line for line in table), table
     assert table[0].split("┃")[1] == " training "
+
+
+def test_inspect_and_watch_number_training_steps_past_a_lost_rollout(
+    job: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The second rollout's step files (optimizer steps 4-7) deleted: the non-finite update
+    (optimizer step 12, training step 4 in verl's log) was named training step 3 by `inspect`
+    and `watch`, and watch's rows of steps 8-12 training steps 2 and 3: rollouts were
+    numbered by their places among those left. They are numbered from their optimizer steps,
+    as `diff` numbers them."""
+    run, _ = job
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged)
+    for n in range(4, 8):
+        (damaged / "steps" / f"step-{n:08d}.safetensors").unlink()
+    done = CliRunner().invoke(app, ["inspect", str(damaged), "--format", "json"])
+    observed = json.loads(done.stdout)["observed"]
+    assert (observed["nonfinite_steps"], observed["nonfinite_training_steps"]) == ([12], [4])
+    done = CliRunner().invoke(app, ["watch", str(damaged), "--once", "-f", "json"])
+    state = json.loads(done.stdout)
+    assert state["nonfinite_training_steps"] == [4]
+    recent = {row["step"]: row["training_step"] for row in state["recent"]}
+    assert recent == {n: 1 for n in range(4)} | {n: 3 for n in range(8, 12)} | {12: 4}

@@ -37,6 +37,7 @@ from stabledrl_cli.replay.columns import ColumnArray
 from stabledrl_cli.replay.config import ReplayConfig
 from stabledrl_cli.replay.detectors import (
     REWARD_DRAW_SCALARS,
+    rollout_indices,
     run_reward_draws,
     training_step_starts,
 )
@@ -76,19 +77,25 @@ class StepRow:
     them, whose reward `reward_mean` is then (`_training_rewards`); None for any other run."""
 
 
-def _training_rewards(replay: OwnReplay, steps: list[int]) -> dict[int, tuple[int, float | None]]:
+def _training_rewards(
+    replay: OwnReplay, steps: list[int]
+) -> dict[int, tuple[int | None, float | None]]:
     """Of a verl recording, each of `steps` -> (its training step, from 1 as verl's log
-    numbers them; that training step's reward as verl logs it, `critic/score/mean`: its
-    rollout's draw, `detectors.run_reward_draws`, None where it recorded no reward), over the
-    steps read so far."""
+    numbers them, None where the recording does not establish it (`rollout_indices`); that
+    training step's reward as verl logs it, `critic/score/mean`: its rollout's draw,
+    `detectors.run_reward_draws`, None where it recorded no reward), over the steps read so
+    far."""
     read = ReadSteps.of(replay.run, replay.headers(replay.seen))
     scalars = read.scalar_series_many(list(REWARD_DRAW_SCALARS))
-    starts = training_step_starts(np.asarray(replay.seen, np.int64), *scalars["inner_step"])
+    seen = np.asarray(replay.seen, np.int64)
+    starts = training_step_starts(seen, *scalars["inner_step"])
+    indices = rollout_indices(seen, *scalars["inner_step"])
     drawn = dict(zip(*(a.tolist() for a in run_reward_draws(scalars, verl=True)), strict=True))
-    rewards = {}
+    rewards: dict[int, tuple[int | None, float | None]] = {}
     for n in steps:
-        training = int(np.searchsorted(starts, n, side="right"))
-        rewards[n] = (training, drawn.get(int(starts[training - 1])))
+        start = int(starts[np.searchsorted(starts, n, side="right") - 1])
+        index = indices.get(n)
+        rewards[n] = (None if index is None else index + 1, drawn.get(start))
     return rewards
 
 

@@ -26,6 +26,7 @@ from stabledrl_cli.replay.detectors import (
     own_likelihood,
     own_likelihood_series,
     rolling_mean,
+    rollout_indices,
     run_reward_draws,
     spike_flags,
     training_step_starts,
@@ -227,9 +228,10 @@ class Observed:
     """Steps that recorded a `nonfinite` or `nonfinite_grads` count (0: `nonfinite_steps` says
     nothing)."""
     nonfinite_training_steps: list[int] | None = None
-    """A verl recording's training steps (`training_step_starts`, numbered from 1 as verl's log
-    numbers them) that hold any of `nonfinite_steps`: the non-finite steps verl's log shows, and
-    the count a baseline's `nonfinite_steps` gates; None for any other run."""
+    """A verl recording's training steps (`rollout_indices`, numbered from 1 as verl's log
+    numbers them; in turn where the recording does not establish one) that hold any of
+    `nonfinite_steps`: the non-finite steps verl's log shows, and the count a baseline's
+    `nonfinite_steps` gates; None for any other run."""
     noise_floor_logratio_std: float | None = None
     """std of logp - logp_old over the finite scored entries of steps with inner_step 0."""
     noise_floor_units: int = 0
@@ -478,8 +480,12 @@ def observe(
     )  # a NaN count counts as non-finite too
     training = None
     if verl:
-        starts = training_step_starts(bad, *series["inner_step"])
-        training = np.unique(np.searchsorted(starts, bad, side="right")).tolist()
+        indices = rollout_indices(np.asarray(run.step_numbers, np.int64), *series["inner_step"])
+        if all(int(n) in indices for n in bad):
+            training = sorted({indices[int(n)] + 1 for n in bad})
+        else:  # numbered in turn: their count is still the rollouts that hold them
+            starts = training_step_starts(bad, *series["inner_step"])
+            training = np.unique(np.searchsorted(starts, bad, side="right")).tolist()
     collapse = observed_reward_collapse(
         reward_steps, rewards, run.reward_range, window=config.collapse_window
     )
