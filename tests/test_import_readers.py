@@ -438,6 +438,22 @@ def test_steps_kept_by_wandbs_step_before_another_key_are_warned_of(tmp_path, as
     assert "the 1 step (0) before by _step: they may share numbers" in said, said
 
 
+def test_csv_unfinished_last_row(tmp_path: Path) -> None:
+    """A CSV log whose writer was stopped as it wrote its last row (`3,0.61,1.3` cut to
+    `3,0.6`, no newline) imported step 3's loss as 0.6. A last row with no newline and fewer
+    cells than its header is ignored with a warning; a whole last row with no newline (an
+    export that ends so) and a short row with one are read."""
+    log = tmp_path / "log.csv"
+    log.write_text("step,loss,grad_norm\n1,0.5,1.0\n2,0.57,1.2\n3,0.6")
+    _, _, table = read_log(log)
+    assert table.steps == {1: {"loss": 0.5, "grad_norm": 1.0}, 2: {"loss": 0.57, "grad_norm": 1.2}}
+    assert table.warnings == [f"{log}: line 4: unfinished last row ignored"]
+    log.write_text("step,loss,grad_norm\n1,0.5\n2,0.57,1.2")
+    _, _, table = read_log(log)
+    assert table.steps == {1: {"loss": 0.5}, 2: {"loss": 0.57, "grad_norm": 1.2}}
+    assert table.warnings == []
+
+
 def test_jsonl_step_key_and_unfinished_last_line(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
     log.write_text('{"iteration": 4, "loss": 1}\n\n{"iteration": 5, "loss": 2}\n{"iteration": 6')

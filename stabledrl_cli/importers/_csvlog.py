@@ -15,12 +15,14 @@ maps to a standard scalar is read as that metric (`critic_score_mean` -> `critic
 A row holding the step column's name and another of the header's is a header again (a restarted
 writer appending to the file writes its own, its columns maybe others or in another order):
 the rows after it are read under it. A row with more cells than its header is an InputError
-naming its line; a short row has empty trailing cells.
+naming its line; a short row has empty trailing cells, but for a last one with no newline: a
+writer stopped as it wrote it, its last cell maybe cut too, it is ignored with a warning.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,7 +51,8 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
     if first is None:
         raise InputError(f"{path}: empty file")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else max(_DELIMITERS, key=first[1].count)
-    rows = csv.reader(_joined(first, lines), delimiter=delimiter, strict=True)
+    ended = [True]  # whether the line read last ended in a newline
+    rows = csv.reader(_joined(first, lines, ended), delimiter=delimiter, strict=True)
     table = StepTable(str(path), preempts=True)
     try:
         names = _metric_names(_header(next(rows), path), path)
@@ -71,6 +74,10 @@ def read_csv(path: Path, step_key: str | None = None) -> StepTable:
                 column, named = _columns(names, key, table), set(names)
                 envelope = _envelope(names, table)
                 continue
+            if not ended[0] and len(cells) < len(names):  # a writer stopped as it wrote it:
+                # its last cell may be cut short too (`0.6` of `0.61`)
+                table.warnings.append(f"{path}: line {rows.line_num}: unfinished last row ignored")
+                break
             if len(cells) > len(names):
                 raise InputError(
                     f"{path}: line {rows.line_num}: {len(cells)} cells, the header has {len(names)}"
@@ -160,10 +167,13 @@ def _columns(names: list[str], key: str, table: StepTable) -> int:
     return column
 
 
-def _joined(first: tuple[int, str, bool], rest: Iterator[tuple[int, str, bool]]) -> Iterator[str]:
-    """Lines for the csv module, newline kept (a quoted cell may span lines)."""
-    yield first[1] + "\n"
-    for _, text, _ in rest:
+def _joined(
+    first: tuple[int, str, bool], rest: Iterator[tuple[int, str, bool]], ended: list[bool]
+) -> Iterator[str]:
+    """Lines for the csv module, newline kept (a quoted cell may span lines); `ended[0]` says
+    whether the line given last ended in one."""
+    for _, text, done in itertools.chain([first], rest):
+        ended[0] = done
         yield text + "\n"
 
 
