@@ -292,6 +292,28 @@ def test_inspect_says_whether_a_recorder_is_live_or_died(tmp_path):
         assert (summary["recording_live"], summary["recording_died"]) == ([], [])
 
 
+def test_inspect_tells_a_step_in_flight_from_a_lost_one(tmp_path):
+    """Rank 1 of a live 2-rank run is two steps behind rank 0 (steps 4, 5 in flight) and lost
+    step 1 (it went past it): inspect listed all three as integrity findings ("incomplete");
+    the steps a live rank may still write are in flight, not findings (JSON
+    `in_flight_steps`), and named so in the recording row."""
+    run = tmp_path / "run"
+    ranks = [sd.Recorder(run, policy=None, world_size=2, rank=rank) for rank in (0, 1)]
+    for rank, steps in enumerate(([0, 1, 2, 3, 4, 5], [0, 2, 3])):
+        for n in steps:
+            ranks[rank].log_step(n, grad_norm=1.0, loss=0.5)
+    summary = _json(["inspect", str(run), "--format", "json"])
+    table = runner.invoke(app, ["inspect", str(run)], env={"COLUMNS": "120"})
+    for recorder in ranks:
+        recorder.close()
+    assert summary["in_flight_steps"] == [4, 5]
+    assert [f["step"] for f in summary["integrity"]["findings"]] == [1]
+    assert "in flight: 2 steps (4, 5) a live rank has not written yet" in table.stdout
+    closed = _json(["inspect", str(run), "--format", "json"])
+    assert closed["in_flight_steps"] == []
+    assert [f["step"] for f in closed["integrity"]["findings"]] == [1, 4, 5]
+
+
 def test_inspect_shows_the_run_identity_a_pack_keeps(tmp_path, run_dir, grpo_fixture):
     """The manifest's run_id, in the table and the JSON, of the run and of its packed archive;
     a run recorded before run ids (the committed fixture) reads, its identity not recorded."""

@@ -171,6 +171,12 @@ def _recording_text(s: RunSummary) -> str:
     lines = []
     if s.recording_live:
         lines.append(f"under way: {_ranks(s.recording_live)} recording now")
+    if s.in_flight_steps:
+        flying = s.in_flight_steps
+        lines.append(
+            f"in flight: {counted(len(flying), 'step')} ({_steps_text(flying)}) a live rank has "
+            "not written yet (no integrity finding)"
+        )
     if s.recording_died:
         lines.append(f"ended unclosed: the process recording {_ranks(s.recording_died)} died")
     packed = s.recording_when_packed or {}

@@ -24,6 +24,7 @@ from stabledrl_cli.dump._schema import (
 from stabledrl_cli.dump._views import ReadSteps
 from stabledrl_cli.replay.observed import NoiseFloor, Observed, OwnLikelihood, observe
 from stabledrl_cli.replay.recorded import SeriesStats, recorded_run
+from stabledrl_cli.replay.run_facts import in_flight_steps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +112,12 @@ class RunSummary:
     integrity: dict[str, object]
     """{"ok": bool, "findings": [...], "groups": [...]}: the full check of every file, and an
     `invalid` finding for each step whose data a replay cannot use (it skips them), one a step
-    and file; `groups` are the findings as the table shows them (`group_findings`)."""
+    and file; `groups` are the findings as the table shows them (`group_findings`). A step in
+    flight (`in_flight_steps`) is no finding."""
+    in_flight_steps: list[int]
+    """The steps of a live run some rank has not written yet and may still write
+    (`run_facts.in_flight_steps`: its Recorder is live, has noted no stop and has not gone past
+    them): neither readable nor lost; empty once every rank's Recorder closed."""
     observed: Observed
     series: dict[str, SeriesStats]
     """Every recorded scalar (but step and wall_time) over the run: count, first, last, min,
@@ -232,7 +238,10 @@ def summarize(run: Run) -> RunSummary:
         read = ReadSteps.of(run, headers)
         observed = observe(read, noise_floor=floor, likelihood=likelihood)
         recorded = recorded_run(read, observed)
-    findings = [*report.findings, *invalid]
+    flying = in_flight_steps(run)
+    findings = [
+        f for f in [*report.findings, *invalid] if f.kind != "missing_rank" or f.step not in flying
+    ]
     integrity = IntegrityReport(findings).to_dict()
     integrity["groups"] = [asdict(g) for g in group_findings(findings, (s.step for s in headers))]
     manifest = run.manifest
@@ -283,6 +292,7 @@ def summarize(run: Run) -> RunSummary:
         scalars=sorted(set().union(*(s.scalars for s in headers))),
         size_bytes=run.size_bytes,
         integrity=integrity,
+        in_flight_steps=sorted(flying),
         observed=observed,
         series=recorded.series,
     )
