@@ -945,17 +945,20 @@ def test_a_declared_reward_range_is_the_runs(tiny: Any, tmp_path: Path, trainer:
     """A recording trainer could declare no reward range, so every TRL run's collapse floor was
     its own lowest reward (docs/collapse.md: a success rate stepping from 0.8 to 0.7 then
     reads as a collapse). stabledrl_reward_range=(0, 1) is the run's manifest's; a range
-    that is no (low, high) is refused at construction."""
+    that is no (low, high) is refused at construction. The meta's reward_weights are the
+    config's, 0.1 (was TRL's float32 tensor read as 0.10000000149011612)."""
     config = tiny.tiny_rloo_config if "RLOO" in trainer else tiny.tiny_config
     out = tmp_path / "run"
     recording = getattr(integration, trainer)(
         **tiny.tiny_parts(),
-        args=config(str(tmp_path / "trl_out")),
+        args=config(str(tmp_path / "trl_out"), reward_weights=[0.1]),
         stabledrl_out=out,
         stabledrl_reward_range=(0.0, 1.0),
     )
     recording.train()
-    assert sd.open_run(out).manifest["reward_range"] == [0.0, 1.0]
+    manifest = sd.open_run(out).manifest
+    assert manifest["reward_range"] == [0.0, 1.0]
+    assert manifest["meta"]["reward_weights"] == [0.1]
     with pytest.raises(UsageError) as refused:
         getattr(integration, trainer)(
             **tiny.tiny_parts(),

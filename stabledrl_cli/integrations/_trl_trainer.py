@@ -49,6 +49,7 @@ from stabledrl_cli.integrations._trl_capture import MicroBatch, StepBuffer
 from stabledrl_cli.integrations._trl_policy import policy_for_config, uses_loss_weight
 from stabledrl_cli.integrations._trl_version import check_trl_version
 from stabledrl_cli.policies import Policy, get_policy
+from stabledrl_cli.spec import plain_number
 from stabledrl_cli.vocab import Unit
 
 GROUP_KEY = "stabledrl_group_id"
@@ -230,7 +231,8 @@ class RecordingTrainer(_Untyped):  # type: ignore[misc]
             "steps_per_generation": args.steps_per_generation,
             "num_iterations": args.num_iterations,
             "max_completion_length": args.max_completion_length,
-            "reward_weights": [float(w) for w in self.reward_weights.tolist()],
+            # TRL's float32 weights, as the config wrote them (0.1, not 0.10000000149011612)
+            "reward_weights": [plain_number(w) for w in self.reward_weights.cpu().numpy()],
             **self._sd_router_meta(),
             **self._sd_meta(),
         }
