@@ -56,6 +56,15 @@ def test_policies_never_split_a_pair_and_fit_the_width(args, width):
         assert pair in words, f"{pair} is split at {width} columns"
 
 
+def test_piped_output_without_columns_keeps_whole_rows(monkeypatch):
+    """The README: piped with COLUMNS unset, a table keeps its natural width up to 250
+    columns (a file or a grep gets whole rows), not the 80 rich assumes of a non-terminal."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    text = runner.invoke(app, ["policies"]).stdout
+    assert "┃ name" in text
+    assert 80 < max(len(line) for line in text.splitlines()) <= 250
+
+
 def test_policies_is_a_table_when_wide_and_blocks_when_narrow():
     assert "┃ name" in _run(["policies"], 250)
     narrow = _run(["policies"], 80)
