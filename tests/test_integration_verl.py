@@ -1645,11 +1645,14 @@ def train(
     logp_dtype: torch.dtype = torch.float32,
     nested: bool = False,
     without_uid: bool = False,
+    rejected: list[tuple[int, int]] | None = None,
     **rollout_kw: Any,
 ) -> Any:
     """Two optimizer steps of the stub engine with verl's ppo_loss (or `loss`), over rows 0-5
     and 6-11 of the rollout; the rows in `unscored` have an all-zero response mask; the
-    model's log-probs come out in `logp_dtype`; `nested`: the responses come nested
+    (row, token) pairs in `rejected` are zeroed in response_mask alone, as verl's v1 trainer's
+    rollout rejection sampling zeroes them (its loss_mask kept as generated); the model's
+    log-probs come out in `logp_dtype`; `nested`: the responses come nested
     (`nested_responses`); `without_uid`: the batch has no `uid`."""
     engine = StubEngine(grad_norm, logp_dtype)
     loss = loss or functools.partial(ppo_loss, config=config)
@@ -1658,6 +1661,10 @@ def train(
         data = data.exclude("uid")
     for key in ("response_mask", "loss_mask"):
         data[key][unscored or []] = 0
+    if rejected:
+        data["response_mask"] = data["response_mask"].clone()
+        for row, token in rejected:
+            data["response_mask"][row, token] = 0
     if nested:
         data = nested_responses(data)
     outputs = []
@@ -1949,6 +1956,63 @@ def test_steps_and_micro_batches_without_a_scored_token_are_recorded_and_replaye
         assert -own.steps[step.step]["objective"] == pytest.approx(step.scalars["loss"], abs=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "rejected", "spec"),
+    [
+        ({}, [(0, 1), (8, 0)], "dual-clip:agg=recorded"),
+        ({}, [(0, 1), (2, 0), (2, 1)], "dual-clip:agg=recorded"),  # the second step rejects none
+        (
+            {"use_kl_loss": True, "kl_loss_coef": 0.1},
+            [(0, 1), (8, 0)],
+            "dual-clip:agg=recorded,beta=0.1,kl_max=10,kl_weight=none",
+        ),
+        (
+            {"loss_agg_mode": "seq-mean-token-mean"},
+            [(0, 1), (8, 0)],
+            "dual-clip:agg=seq-mean-token-mean,rows=all",
+        ),
+    ],
+    ids=["token-mean", "token-mean-first-step-only", "token-mean-kl", "seq-mean-token-mean"],
+)
+def test_rollout_rejection_of_verls_v1_trainer_replays_verls_loss(
+    hooked: Any,
+    overrides: dict[str, Any],
+    rejected: list[tuple[int, int]],
+    spec: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """verl's v1 trainer applies rollout rejection sampling to response_mask alone: token-mean
+    divides by the engine's loss_mask count, rejected tokens in it. The token-mean run was
+    recorded as `dual-clip`, whose count leaves them out: 0.3578 where verl's loss was 0.3435
+    (step 0; 0.6863 for 0.4941 with 3 of its 6 sequences rejected whole). It now records
+    verl's normaliser (agg=recorded); sequence means, which count response_mask's tokens and
+    global_batch_size's sequences, keep their spec."""
+    config = actor_config(**overrides)
+    run, own = trained_replay(hooked, capsys, config, spec, rejected=rejected, scale=0.9)
+    for step in run:
+        row = own.steps[step.step]
+        assert -row["objective"] == pytest.approx(step.scalars["loss"], abs=1e-6)
+        for name in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
+            assert row[f"verl_{name}"] == pytest.approx(step.scalars[f"actor/{name}"], abs=1e-6)
+
+
+def test_a_token_mean_run_whose_rejections_begin_after_its_first_step_stops_in_one_line(
+    hooked: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The spec is mapped at the first step: a token-mean run whose first step rejected no
+    token is `dual-clip`, which cannot replay a later step that rejects some."""
+    run_dir, status = hooked
+    assert len(train(actor_config(), rejected=[(8, 0)])) == 2  # training went on
+    stabledrl_verl.uninstall()
+    err = capsys.readouterr().err
+    assert err.count("stabledrl: warning:") == 1, err
+    assert "the step maps to dual-clip:agg=recorded, not the run's dual-clip" in err
+    assert "rejected tokens" in err
+    run = open_run(run_dir)
+    assert run.step_numbers == [0] and run.policy_spec == "dual-clip"
+    assert status.exists()
+
+
 class LosslessEngine(StubEngine):
     """A stub engine whose micro-batches never reach the loss function (verl's distillation
     loss needs a teacher's top-k log-probs the stub rollout has not)."""
@@ -2171,9 +2235,9 @@ def test_a_step_padded_to_another_width_stops_the_recording_in_one_line(
     assert warnings == [
         "stabledrl: warning: recording step 1: cannot record this verl run: the step maps to "
         "dual-clip:agg=seq-mean-token-sum-norm,max_len=9,rows=all, not the run's "
-        "dual-clip:agg=seq-mean-token-sum-norm,max_len=7,rows=all: its padded response width "
-        "or log-prob dtype changed (a fixed loss_scale_factor keeps seq-mean-token-sum-norm's "
-        "horizon); recording is off, training continues"
+        "dual-clip:agg=seq-mean-token-sum-norm,max_len=7,rows=all: its padded response "
+        "width, log-prob dtype or rejected tokens changed (a fixed loss_scale_factor keeps "
+        "seq-mean-token-sum-norm's horizon); recording is off, training continues"
     ]
     assert status.read_text().startswith("2\t")
     run = open_run(run_dir)

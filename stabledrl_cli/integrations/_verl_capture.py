@@ -74,6 +74,10 @@ class MicroBatch:
     """[B, L] loss_weight, logp_ref, logp_rollout, where the batch has them."""
     logp_dtype: torch.dtype = torch.float32
     """The dtype of the model's log-probs (`logp` holds them as float32)."""
+    rejected_tokens: bool = False
+    """Whether the engine's `loss_mask` (whose count is token-mean's batch_num_tokens) holds
+    tokens the response mask leaves out: verl's v1 trainer applies its rollout rejection
+    sampling to response_mask alone."""
 
 
 def _metric_value(value: Any) -> float:
@@ -149,9 +153,10 @@ def capture_micro_batch(
     micro-batch's TensorDict; metrics: what `ppo_loss` returned)."""
     log_prob = no_padding_2_padding(model_output["log_probs"].detach(), data)
     names = ["response_mask", "old_log_probs", "advantages"]
-    names += [key for key in (*_OPTIONAL.values(), *_SCORES) if key in data]
+    names += [key for key in ("loss_mask", *_OPTIONAL.values(), *_SCORES) if key in data]
     padded = data.select(*names).to_padded_tensor()
     mask = padded["response_mask"].to(torch.bool).cpu()
+    counted = padded.get("loss_mask", padded["response_mask"])
     loss_scale = token_loss_scale(
         agg_mode(config),
         mask,
@@ -189,6 +194,7 @@ def capture_micro_batch(
         },
         logp_dtype=log_prob.dtype,
         response_width=None if data["response_mask"].is_nested else mask.shape[-1],
+        rejected_tokens=int(counted.to(torch.bool).sum()) != int(mask.sum()),
     )
 
 

@@ -67,6 +67,10 @@ class Session:
     policy_spec: str = ""
     """The spec the run records, mapped from the actor's config and its first micro-batch;
     "" when the actor's loss is a user's (`unidentified_loss`: the run records no policy)."""
+    rejected_tokens: bool = False
+    """Whether the run's first step held tokens verl's rollout rejection sampling left out
+    of the loss but not of token-mean's count (`MicroBatch.rejected_tokens`): its spec then
+    takes verl's recorded normaliser, which replays every later step too."""
     step: int = 0
     """The next step number (this process's count of recorded optimizer steps)."""
     inner_step: int = 0
@@ -170,8 +174,12 @@ class Session:
             unidentified = unidentified_loss(config)
             policy = None
             if unidentified is None:
+                self.rejected_tokens = any(m.rejected_tokens for m in micro)
                 policy = policy_for_actor_config(
-                    config, response_width=micro[0].response_width, logp_dtype=micro[0].logp_dtype
+                    config,
+                    response_width=micro[0].response_width,
+                    logp_dtype=micro[0].logp_dtype,
+                    rejected_tokens=self.rejected_tokens,
                 )
                 self.policy_spec = policy.spec
             else:
@@ -209,10 +217,13 @@ class Session:
     def _same_policy(self, config: Any, micro: list[MicroBatch]) -> None:
         """UsageError when this step's micro-batches map to another policy than the run's:
         seq-mean-token-sum-norm without loss_scale_factor divides by each micro-batch's padded
-        response width, kl_cov and dppo compute in its log-probs' dtype, and the run's spec
-        holds the first step's."""
+        response width, kl_cov and dppo compute in its log-probs' dtype, token-mean counts
+        rejected tokens, and the run's spec holds the first step's."""
+        rejected = self.rejected_tokens or any(m.rejected_tokens for m in micro)
         for width, dtype in {(m.response_width, m.logp_dtype) for m in micro}:
-            spec = policy_for_actor_config(config, response_width=width, logp_dtype=dtype).spec
+            spec = policy_for_actor_config(
+                config, response_width=width, logp_dtype=dtype, rejected_tokens=rejected
+            ).spec
             if spec != self.policy_spec:
                 raise policy_changed(spec, self.policy_spec)
 

@@ -29,7 +29,10 @@ verl's trainer.use_v1, each micro-batch pads to its own longest response, a widt
 from one micro-batch to the next: agg=recorded, the normaliser recorded per token). verl
 divides by the mini-batch's global token count, or by its configured sequence count
 `global_batch_size`: the catalogue's Z, and N with rows=all (every sequence, scored or not),
-of the step's merged ranks. The normaliser verl used is also recorded per token
+of the step's merged ranks; token-mean's count is of the engine's loss_mask, which verl's v1
+trainer leaves as generated when its rollout rejection sampling zeroes tokens of response_mask
+(the tokens the loss scores): a step whose micro-batch shows such tokens maps token-mean to
+agg=recorded. The normaliser verl used is also recorded per token
 (`loss_scale`), so `agg=recorded` replays it exactly whatever the batch.
 verl clamps log r to [-20, 20] (vanilla, sapo, cispo, dppo): the catalogue agrees while the
 ratios stay inside that clamp; its clamp of GSPO's sequence log ratio at 10 is the spec's
@@ -137,11 +140,16 @@ def _clip_range(config: Any) -> tuple[float, float]:
 _SEQUENCE_MEANS = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
-def _aggregation(mode: str, config: Any, response_width: int | None) -> dict[str, SpecValue]:
+def _aggregation(
+    mode: str, config: Any, response_width: int | None, rejected_tokens: bool
+) -> dict[str, SpecValue]:
     """agg (and rows, max_len) of a verl loss_agg_mode: sequence means count every sequence
     of the mini-batch (verl's global_batch_size). seq-mean-token-sum-norm without
     loss_scale_factor over nested responses (response_width None) divides each micro-batch by
-    its own padded width, which no max_len expresses: agg=recorded, verl's normaliser."""
+    its own padded width, which no max_len expresses, and token-mean over rejected tokens
+    divides by a count that holds them: agg=recorded, verl's normaliser."""
+    if mode == "token-mean" and rejected_tokens:
+        return {"agg": "recorded"}
     params: dict[str, SpecValue] = {"agg": mode}
     if mode in _SEQUENCE_MEANS:
         params["rows"] = "all"
@@ -178,9 +186,9 @@ def custom_loss_refused(name: str) -> UsageError:
 def policy_changed(spec: str, run_spec: str) -> UsageError:
     """The refusal of a step whose micro-batches map to `spec`, not the run's `run_spec`."""
     return _refuse(
-        f"the step maps to {spec}, not the run's {run_spec}: its padded response width or "
-        "log-prob dtype changed (a fixed loss_scale_factor keeps seq-mean-token-sum-norm's "
-        "horizon)"
+        f"the step maps to {spec}, not the run's {run_spec}: its padded response width, "
+        "log-prob dtype or rejected tokens changed (a fixed loss_scale_factor keeps "
+        "seq-mean-token-sum-norm's horizon)"
     )
 
 
@@ -292,7 +300,10 @@ def _or(value: Any, fallback: float) -> float:
 
 
 def policy_for_actor_config(
-    config: Any, response_width: int | None, logp_dtype: torch.dtype = torch.float32
+    config: Any,
+    response_width: int | None,
+    logp_dtype: torch.dtype = torch.float32,
+    rejected_tokens: bool = False,
 ) -> Policy:
     """The catalogue policy reproducing a verl 0.9 `ActorConfig` (table in the module
     docstring). response_width: the padded response length (the horizon of
@@ -300,12 +311,19 @@ def policy_for_actor_config(
     only, so the padded width is not in the step), None when the responses come nested and
     each micro-batch pads them to its own longest (verl's trainer.use_v1). logp_dtype: the
     dtype of the model's log-probs, in which kl_cov centres them and dppo takes exp.
-    UsageError, one line, for a configuration the catalogue cannot express."""
+    rejected_tokens: the batch's loss_mask counts tokens its response_mask leaves out (verl's
+    v1 trainer applies rollout rejection sampling to response_mask alone), which token-mean's
+    batch_num_tokens counts. UsageError, one line, for a configuration the catalogue cannot
+    express."""
     _check_recordable(config)
     mode = loss_mode(config)
     eps_low, eps_high = _clip_range(config)
     # verl's GMPO term takes no loss_agg_mode (nor its loss_scale_factor): none to map
-    agg = {} if mode == "geo_mean" else _aggregation(agg_mode(config), config, response_width)
+    agg = (
+        {}
+        if mode == "geo_mean"
+        else _aggregation(agg_mode(config), config, response_width, rejected_tokens)
+    )
     params: dict[str, SpecValue]
     if mode == "vanilla":
         c = _dual_clip_c(config, 3.0)
