@@ -825,6 +825,37 @@ SCALER_OF_TWO = textwrap.dedent(
     """
 )
 
+# A warm-up of 3 steps, then 5 steps with a new trainer and its new optimizer (lr 0.2): each
+# trainer holds a bound method of its own, a reference cycle that only the cyclic collector
+# frees, so the warm-up's optimizer, dropped, is garbage still alive at the next one's steps.
+NEW_TRAINER = textwrap.dedent(
+    """
+    import torch
+
+    class Trainer:
+        def __init__(self, model, lr):
+            self.model = model
+            self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+            self.callbacks = [self.log]
+
+        def log(self):
+            pass
+
+        def train(self, steps):
+            for _ in range(steps):
+                self.optimizer.zero_grad()
+                self.model(torch.randn(4, 2)).sum().backward()
+                self.optimizer.step()
+                for callback in self.callbacks:
+                    callback()
+
+    model = torch.nn.Linear(2, 1)
+    Trainer(model, 0.1).train(3)
+    Trainer(model, 0.2).train(5)
+    print("trained")
+    """
+)
+
 # `torch.compile` of a function that calls optimizer.step() (the hooks run inside it).
 COMPILED_STEP = textwrap.dedent(
     """
@@ -850,7 +881,8 @@ COMPILED_STEP = textwrap.dedent(
 # own, one after the other in this one recorded process: it prints `== NAME` on stdout and
 # stderr before it, and frees its optimizers after it (its process group too), so that the
 # next phase's optimizer becomes the run's and the numbering goes on (docs/recording.md).
-# torch is imported first: a script that imported it first stayed alive, its optimizer too.
+# torch is imported first: a script that imported it first stayed alive, its optimizer too
+# (torch imports multiprocessing, which keeps the __main__ of its import as __mp_main__).
 PHASES_SCRIPT = textwrap.dedent(
     """
     import gc, json, runpy, sys
@@ -887,6 +919,7 @@ PHASES = {
     "wrapped bare named": (WRAPPED, ("bare", "named"), 2),
     "wrapped ddp parameters": (WRAPPED, ("ddp", "parameters"), 2),
     "wrapped ddp named": (WRAPPED, ("ddp", "named"), 2),
+    "new trainer": (NEW_TRAINER, (), 8),
     "compiled step": (COMPILED_STEP, (), 10),
 }
 
@@ -1047,6 +1080,20 @@ def test_a_compiled_optimizer_step_leaves_the_hooks_to_run_uncompiled(one_proces
     stderr = one_process["stderr"]
     assert "stabledrl_cli" not in stderr and "recompile" not in stderr, stderr
     assert phase.steps == list(range(10))
+
+
+def test_a_new_optimizer_whose_dropped_predecessor_awaits_collection_records_its_steps(
+    one_process,
+):
+    """A script that trains its next phase with a new optimizer, its first one dropped in a
+    reference cycle (a trainer holding a bound method of its own): the first one stayed the
+    run's until the cyclic collector ran, so the new one's steps went to no recorded step
+    (3 of 8 recorded, `record` exiting 0). The first step of a new optimizer collects
+    garbage when the run's optimizer is still there."""
+    phase = one_process["new trainer"]
+    assert phase.stdout == "trained\n"
+    assert phase.steps == list(range(8))
+    assert [phase.step(n).scalars["lr"] for n in range(8)] == [0.1] * 3 + [0.2] * 5
 
 
 def test_a_clip_by_get_total_norm_and_clip_grads_with_norm_records_the_norm_before_it(

@@ -137,6 +137,11 @@ class HookState:
     run_optimizer: weakref.ref[Optimizer] | None = None
     optimizers_seen: int = 0
     next_step: int = 0
+    installed_at: float = 0.0
+    """When (time.perf_counter) `install` last installed the hooks."""
+    collect_seconds: float = 0.0
+    """The time the garbage collections that looked for a dropped run optimizer took
+    (`optimizer_hooks._collected_run_optimizer`)."""
     clips: list[Clip] = field(default_factory=list)
     clip_wrapper: Callable[..., torch.Tensor] | None = None
     torch_clipping: int = 0

@@ -12,8 +12,9 @@ Which steps. The first optimizer that steps is the run's optimizer: each of its 
 is one recorded step, numbered 0, 1, 2, ... in this process (a run's steps, like a rank's).
 Another optimizer's steps since the run optimizer's previous step are summarised in the next
 recorded step as `optimizer_<i>/...` scalars (i: the order in which the optimizers first
-stepped; the run's is 0). When the run's optimizer is garbage-collected, the next optimizer
-that steps becomes the run's optimizer and the numbering goes on. A process started (forked,
+stepped; the run's is 0). When the run's optimizer is gone (garbage-collected, at the latest
+at another optimizer's first step: `_collected_run_optimizer`), the next optimizer that steps
+becomes the run's optimizer and the numbering goes on. A process started (forked,
 spawned) from the one whose optimizer became the run's records none of its steps: its first
 optimizer step turns recording off there and fails `record` (`_step_stats`).
 
@@ -126,6 +127,7 @@ def install() -> None:
             _watch_zero_grads()
             bootstrap.hooks_installed()
         state.on = True
+        state.installed_at = time.perf_counter()
     except Exception as exc:
         fail(exc, "installing the optimizer hooks")
 
@@ -458,13 +460,41 @@ def _measured(optimizer: Optimizer, closure: Callable[..., Any]) -> Callable[...
     return measured
 
 
-def _is_run_optimizer(optimizer: Optimizer) -> bool:
-    run = state.run_optimizer() if state.run_optimizer is not None else None
-    if run is None:
+def _run_optimizer() -> Optimizer | None:
+    return state.run_optimizer() if state.run_optimizer is not None else None
+
+
+def _is_run_optimizer(optimizer: Optimizer, view: OptimizerView) -> bool:
+    """Whether `optimizer` is the run's, which it becomes when there is none (or, at its
+    first step, the run's turns out to be garbage: `_collected_run_optimizer`)."""
+    if _run_optimizer() is None or (
+        _run_optimizer() is not optimizer and view.steps_taken <= 1 and _collected_run_optimizer()
+    ):
         state.run_optimizer = weakref.ref(optimizer)
         os.environ[bootstrap.ENV_HOOKS_RECORDER] = str(os.getpid())
         return True
-    return run is optimizer
+    return _run_optimizer() is optimizer
+
+
+COLLECT_SECONDS = 1.0
+COLLECT_SHARE = 0.01
+"""`_collected_run_optimizer`'s collections take at most COLLECT_SECONDS, plus COLLECT_SHARE
+of the wall time since the hooks were installed."""
+
+
+def _collected_run_optimizer() -> bool:
+    """At another optimizer's first step: whether the run's optimizer is garbage, collected
+    now. A script that makes a new optimizer for its next phase often drops the old one in a
+    reference cycle (a trainer object holding a bound method of its own), which only the
+    cyclic collector frees; until it ran, the new optimizer's steps were another optimizer's,
+    recorded only in a run step that never came. A collection takes 0.1 s in a process that
+    imported transformers: a script making an optimizer a step gets a few, then fewer."""
+    start = time.perf_counter()
+    if state.collect_seconds > COLLECT_SECONDS + COLLECT_SHARE * (start - state.installed_at):
+        return False
+    gc.collect()
+    state.collect_seconds += time.perf_counter() - start
+    return _run_optimizer() is None
 
 
 def _post_hook(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -524,7 +554,7 @@ def _finish_step(optimizer: Optimizer, *, skipped: bool, measured: bool = False)
         view.last_end = end
         if stats is None:
             return
-        if not _is_run_optimizer(optimizer):
+        if not _is_run_optimizer(optimizer, view):
             view.last = stats
             view.steps_since_run_step += 1
             return
@@ -605,7 +635,7 @@ def _skipped_before_zeroing(zeroing: Optimizer | None, params: Iterable[torch.Te
     numbering keeps pace with the loop's iterations. Before any optimizer has stepped, an
     optimizer's own zero_grad() makes it the run's. Never raises."""
     try:
-        run = state.run_optimizer() if state.run_optimizer is not None else None
+        run = _run_optimizer()
         optimizer = run if run is not None else zeroing
         if optimizer is None or (zeroing is not None and zeroing is not optimizer):
             return
@@ -634,7 +664,7 @@ def skipped_by_guard() -> None:
     stepped (which one would have is not known), a step of that scalar alone. Never raises."""
     if not state.on:
         return
-    run = state.run_optimizer() if state.run_optimizer is not None else None
+    run = _run_optimizer()
     if run is not None:
         _finish_step(run, skipped=True)
         return
