@@ -372,6 +372,10 @@ _integration = False
 _hooks_start = 0
 """The run's step of the hooks' optimizer step 0: in a run the script resumes, the first step
 it records again (or appends)."""
+_closed = False
+"""Whether `close` ran: a step logged after it (a daemon thread's, still training as the
+process exits) is left out, where it opened the run again, which the closing Recorder (or the
+run it closed) refused: a recording failure after a training that ended well."""
 
 
 _closed_at_child_end = False
@@ -749,7 +753,7 @@ def log_policy_batch(
     named, as the steps `log_step` refuses are. Never raises.
     """
     global _first_batch_logged
-    if _failure.off:
+    if _failure.off or _closed:
         return False
     held = None  # a held optimizer step before this one, written (and the run opened) first
     try:
@@ -794,7 +798,7 @@ def log_hook_step(step: int, fields: dict[str, Any]) -> None:
     """Records the optimizer hooks' step `step` (Recorder.log_step keywords), paired with a
     `log_policy_batch` of the same number (module docstring). Never raises."""
     global _held
-    if not hooks_wanted():
+    if not hooks_wanted() or _closed:
         return
     held = None  # the held first step, written (and the run opened) with this one
     try:
@@ -928,7 +932,7 @@ def close() -> None:
     close that a Ctrl-C cuts short while the Recorder's queue drains is finished before the
     KeyboardInterrupt goes on: at exit under `record` nothing closes the run after this
     (`closed_last`), and the steps still queued would be lost."""
-    global _recorder
+    global _recorder, _closed
     if not _failure.off:
         try:
             with _lock:
@@ -936,7 +940,7 @@ def close() -> None:
         except Exception as exc:
             _failure.fail(exc, "recording the last optimizer step")
     with _lock:
-        recorder, _recorder = _recorder, None
+        recorder, _recorder, _closed = _recorder, None, True
     if recorder is not None:
         if _interrupted is not None:  # after the held step: it is whole, and recorded
             recorder.note_interrupted(_interrupted)

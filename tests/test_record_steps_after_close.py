@@ -1,0 +1,35 @@
+"""A step logged after the process closed record's run at its exit: a daemon thread that still
+trains while the main thread ends steps on through the exit handlers. Before, such a step
+opened the run again, which the closing Recorder (or the run it closed) refused: `record`
+exited 2 with `recording failed: ... being recorded by another Recorder, still open in this
+process` after a script that exited 0 (5 of 5 runs of a daemon thread stepping every 2 ms,
+1,636 to 2,054 steps recorded). Such a step is left out now, the run as it was closed."""
+
+from __future__ import annotations
+
+from stabledrl_cli.capture import bootstrap
+from stabledrl_cli.dump import open_run
+from stabledrl_cli.dump._schema import RECORDING_CLOSED
+
+STATE = ("_recorder", "_interrupted", "_last", "_hooks_first", "_held", "_hooks_start", "_closed")
+"""The module's state that one recording changes (restored after the test)."""
+
+
+def test_an_optimizer_step_after_the_run_closed_is_left_out(tmp_path, monkeypatch):
+    status = tmp_path / "status"
+    status.touch()
+    monkeypatch.setenv(bootstrap.ENV_RUN_DIR, str(tmp_path / "run"))
+    monkeypatch.setenv(bootstrap.ENV_STATUS_FILE, str(status))
+    for name in STATE:
+        monkeypatch.setattr(bootstrap, name, getattr(bootstrap, name, False), raising=False)
+    monkeypatch.setattr(bootstrap, "_failure", bootstrap.RecordingFailure())
+    for step in range(3):
+        bootstrap.log_hook_step(step, {"grad_norm": 1.0, "scalars": {}})
+    bootstrap.close()
+    for step in range(3, 5):  # a daemon thread's, during the interpreter's exit
+        bootstrap.log_hook_step(step, {"grad_norm": 1.0, "scalars": {}})
+    assert not bootstrap.log_policy_batch(5, policy="grpo", logp=[-1.0], advantages=[1.0])
+    assert status.read_text() == ""
+    run = open_run(tmp_path / "run")
+    assert run.step_numbers == [0, 1, 2]
+    assert run.manifest[RECORDING_CLOSED] is True
