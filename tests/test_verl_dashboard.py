@@ -163,12 +163,14 @@ def test_a_training_step_with_an_unreadable_step_file_is_unreadable_not_compared
     assert (result["unreadable_a"], result["only_b"], result["common"]) == ([[2, 2]], [[2, 2]], 3)
 
 
+@pytest.mark.parametrize("rollout", [1, 0])
 @pytest.mark.parametrize("lost", ["torn", "deleted"])
 def test_a_rollout_whose_every_step_file_is_lost_keeps_the_training_steps_after_it_numbered(
     job: tuple[Path, list[dict[str, Any]]],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     lost: str,
+    rollout: int,
 ) -> None:
     """The second rollout's 4 step files (optimizer steps 4-7) deleted: the recording's
     rollouts were numbered by their places in the list of those left, so its third rollout
@@ -176,11 +178,13 @@ def test_a_rollout_whose_every_step_file_is_lost_keeps_the_training_steps_after_
     2 (exit 1; loss 0.8145 against verl's 0.8358) and only_b named step 4. Torn, the 4 steps
     were each a rollout of its own: training step 1 was listed unreadable and the diff parted
     at step 2 too. A rollout is now numbered from its optimizer steps (4 a rollout here):
-    training step 2 is missing from the recording, or unreadable, and the others agree."""
+    training step 2 is missing from the recording, or unreadable, and the others agree. The
+    first rollout's (steps 0-3) lost, they were numbered from the first step read: the diff
+    parted at step 1 (exit 1), verl's step 4 only in B; the recording numbers from step 0."""
     run, lines = job
     damaged = tmp_path / "run"
     shutil.copytree(run, damaged)
-    for n in range(4, 8):
+    for n in range(4 * rollout, 4 * rollout + 4):
         step = damaged / "steps" / f"step-{n:08d}.safetensors"
         if lost == "torn":
             step.write_bytes(step.read_bytes()[:100])
@@ -190,7 +194,7 @@ def test_a_rollout_whose_every_step_file_is_lost_keeps_the_training_steps_after_
     assert code == 0, result
     assert (result["parted_at"], result["common"]) == (None, 3)
     found = result["unreadable_a"] if lost == "torn" else result["only_b"]
-    assert found == [[2, 2]]
+    assert found == [[rollout + 1, rollout + 1]]
 
 
 def test_inspect_reads_a_reward_a_training_step_when_a_rollouts_first_step_is_unreadable(
@@ -345,18 +349,20 @@ def test_watch_stacks_its_headers_to_show_a_verl_recordings_table_whole_in_60_co
     assert table[0].split("┃")[1] == " training "
 
 
+@pytest.mark.parametrize("rollout", [1, 0])
 def test_inspect_and_watch_number_training_steps_past_a_lost_rollout(
-    job: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+    job: tuple[Path, list[dict[str, Any]]], tmp_path: Path, rollout: int
 ) -> None:
     """The second rollout's step files (optimizer steps 4-7) deleted: the non-finite update
     (optimizer step 12, training step 4 in verl's log) was named training step 3 by `inspect`
     and `watch`, and watch's rows of steps 8-12 training steps 2 and 3: rollouts were
     numbered by their places among those left. They are numbered from their optimizer steps,
-    as `diff` numbers them."""
+    as `diff` numbers them, from step 0 (the first rollout's deleted, from the first step
+    left, they were training step 3 too)."""
     run, _ = job
     damaged = tmp_path / "run"
     shutil.copytree(run, damaged)
-    for n in range(4, 8):
+    for n in range(4 * rollout, 4 * rollout + 4):
         (damaged / "steps" / f"step-{n:08d}.safetensors").unlink()
     done = CliRunner().invoke(app, ["inspect", str(damaged), "--format", "json"])
     observed = json.loads(done.stdout)["observed"]
@@ -365,4 +371,5 @@ def test_inspect_and_watch_number_training_steps_past_a_lost_rollout(
     state = json.loads(done.stdout)
     assert state["nonfinite_training_steps"] == [4]
     recent = {row["step"]: row["training_step"] for row in state["recent"]}
-    assert recent == {n: 1 for n in range(4)} | {n: 3 for n in range(8, 12)} | {12: 4}
+    kept = [n for n in range(12) if n // 4 != rollout]
+    assert recent == {n: n // 4 + 1 for n in kept} | {12: 4}

@@ -202,7 +202,7 @@ class TrainingSteps:
             if nonfinite_null:
                 values.update({n: math.nan for n, v in values.items() if math.isinf(v)})
         first = int(actor[0])
-        trained = {n: first + k for n, k in rollout_indices(steps, *inner).items()}
+        trained = {n: first + k for n, k in rollout_indices(*inner).items()}
         read: dict[int, int] = {}
         for n in starts.tolist():  # a rollout's first step, then any unread step of it
             if n in trained:

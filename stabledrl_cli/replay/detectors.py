@@ -220,18 +220,17 @@ def training_step_starts(
     return np.union1d(firsts, np.setdiff1d(steps, inner_steps[counted]))
 
 
-def rollout_indices(
-    steps: np.ndarray, inner_steps: np.ndarray, inner_step: np.ndarray
-) -> dict[int, int]:
-    """A verl recording's step -> its rollout's index (from 0), from its step numbers [S] and
-    inner_step series ([I] steps, values), not from the rollouts' places in a list: a rollout
-    whose every step is lost or unreadable leaves no start, and the rollouts after it would
-    each take the number of the one before. A rollout starts at a step minus its inner_step.
-    verl trains every rollout alike (its dataloader drops the last partial batch): where the
-    rollouts read whole, from one start to the next, are all k steps long and every start is
-    a multiple of k steps from the recording's first step, each step n up to the last read,
-    read or not, is in the rollout (n - first) // k. Otherwise rollouts are numbered in turn
-    up to the first stretch a step is missing from; from there on no step is numbered."""
+def rollout_indices(inner_steps: np.ndarray, inner_step: np.ndarray) -> dict[int, int]:
+    """A verl recording's step -> its rollout's index (from 0), from its inner_step series
+    ([I] steps, values), not from the rollouts' places in a list: a rollout whose every step is
+    lost or unreadable leaves no start, and the rollouts after it would each take the number of
+    the one before. A rollout starts at a step minus its inner_step; the recording's first at
+    step 0 (verl's hook numbers a process's steps from 0). verl trains every rollout alike (its
+    dataloader drops the last partial batch): where the rollouts read whole, from one start to
+    the next, are all k steps long and every start is a multiple of k, each step n up to the
+    last read, read or not, is in the rollout n // k. Otherwise rollouts are numbered in turn
+    from the first read up to the first stretch a step is missing from; from there on no step
+    is numbered."""
     counted = np.isfinite(inner_step)
     read = np.sort(inner_steps[counted])
     starts = np.unique(read - inner_step[counted].astype(np.int64)).tolist()
@@ -240,11 +239,10 @@ def rollout_indices(
     stretches = list(zip(starts, [*starts[1:], int(read[-1]) + 1], strict=True))
     whole = [b - a == np.searchsorted(read, b) - np.searchsorted(read, a) for a, b in stretches]
     lengths = {b - a for (a, b), w in zip(stretches[:-1], whole, strict=False) if w}
-    base = min(int(steps.min()), starts[0]) if steps.size else starts[0]
     if len(lengths) == 1:
         (k,) = lengths
-        if all((s - base) % k == 0 for s in starts):
-            return {n: (n - base) // k for n in range(base, int(read[-1]) + 1)}
+        if all(s % k == 0 for s in starts):
+            return {n: n // k for n in range(int(read[-1]) + 1)}
     indices: dict[int, int] = {}
     for i, ((a, b), w) in enumerate(zip(stretches, whole, strict=True)):
         last = b - 1 if w else int(read[np.searchsorted(read, b) - 1])

@@ -89,7 +89,7 @@ def _training_rewards(
     scalars = read.scalar_series_many(list(REWARD_DRAW_SCALARS))
     seen = np.asarray(replay.seen, np.int64)
     starts = training_step_starts(seen, *scalars["inner_step"])
-    indices = rollout_indices(seen, *scalars["inner_step"])
+    indices = rollout_indices(*scalars["inner_step"])
     drawn = dict(zip(*(a.tolist() for a in run_reward_draws(scalars, verl=True)), strict=True))
     rewards: dict[int, tuple[int | None, float | None]] = {}
     for n in steps:

@@ -480,7 +480,7 @@ def observe(
     )  # a NaN count counts as non-finite too
     training = None
     if verl:
-        indices = rollout_indices(np.asarray(run.step_numbers, np.int64), *series["inner_step"])
+        indices = rollout_indices(*series["inner_step"])
         if all(int(n) in indices for n in bad):
             training = sorted({indices[int(n)] + 1 for n in bad})
         else:  # numbered in turn: their count is still the rollouts that hold them
